@@ -1,0 +1,185 @@
+"""The compiler's typed input: an experiment with every preset expanded and every unit resolved.
+
+Input:  produced from the frozen AST by `nemoc.compiler.lower` (the only module that reads the AST).
+Output: consumed by the layout rules, the memory and cost models, the plan search and graph emission.
+Invariants: plain frozen data, no torch; sizes are integers in base units (bytes, tokens, samples,
+seconds); `None` in a `ParallelSpec` field means `auto` (the search chooses it). `spans` maps a dotted
+path of what the user wrote (`"parallel.tensor"`, `"stage.pretrain.global_batch"`, `"model.heads"`,
+`"cluster.nodes"`) to its source span, so a rule can anchor its diagnostic at the user's line; a field
+that came from a preset or a default has no entry (anchor at the enclosing block instead, e.g.
+`"model"` or `"stage.pretrain"`, which are always present).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from nemoc.dsl.diagnostics import Span
+
+EMPTY: Mapping = MappingProxyType({})
+
+
+def _empty() -> Mapping:
+    return EMPTY
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A decoder-only transformer. Dense when `experts == 0`."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    query_groups: int  # = heads for multi-head attention, 1 for multi-query, else grouped-query
+    ffn_hidden: int
+    vocab: int
+    seq_length: int
+    kv_channels: int | None = None  # head dim; None = hidden // heads
+    activation: str = "swiglu"  # swiglu | gelu | relu | squared_relu
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    position: str = "rope"  # rope | learned | none
+    rotary_base: float = 10000.0
+    tie_embeddings: bool = False
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False  # Qwen2/2.5 use a bias on the QKV projection only
+    qk_layernorm: bool = False  # Qwen3
+    experts: int = 0  # 0 = dense MLP
+    top_k: int = 0
+    moe_ffn_hidden: int | None = None
+    shared_expert_ffn_hidden: int = 0
+    norm_epsilon: float = 1e-5
+    source: str = ""  # citation for a preset (paper / model card)
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden // self.heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    gpu: str  # catalog id: A100-40GB, A100-80GB, H100, H200, B200, B300, GB200, GB300, CPU
+    nodes: int = 1
+    gpus_per_node: int = 8
+    usd_per_gpu_hour: float | None = None
+    scheduler: str = "local"  # local | slurm | k8s
+    scheduler_options: Mapping[str, object] = field(default_factory=_empty)  # slurm(partition=..., account=...)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelSpec:
+    """What the user asked for; `None` = auto."""
+
+    tensor: int | None = None
+    pipeline: int | None = None
+    virtual_pipeline: int | None = None
+    context: int | None = 1
+    expert: int | None = 1
+    expert_tensor: int | None = None
+    data: int | None = None
+    sequence_parallel: bool | None = None
+    distributed_optimizer: bool | None = True
+    recompute: str | None = None  # none | selective | full
+    micro_batch: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizerSpec:
+    name: str = "adam"  # adam | sgd
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleSpec:
+    name: str = "cosine"  # cosine | linear | constant | wsd
+    warmup: int = 0  # steps
+    min_lr: float = 0.0
+    decay_steps: int | None = None  # None = all remaining steps
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointSpec:
+    every: int | None = None  # steps; None = only at the end
+    keep: int = 3
+    async_save: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LoraSpec:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+
+
+@dataclass(frozen=True, slots=True)
+class DataSpec:
+    name: str
+    path: str  # glob, relative to the .nemo file's directory unless absolute
+    format: str = "text"  # text | jsonl | chat | preference | prompt_response
+    text_field: str = "text"
+    tokenizer: str | None = None  # path to tokenizer.json / *.model / "tiktoken:cl100k_base"; None = train a byte-level BPE
+    vocab_size: int | None = None  # for a locally trained tokenizer
+    weight: float = 1.0  # blending weight
+    split: tuple[float, float, float] = (0.98, 0.02, 0.0)  # train / validation / test
+    options: Mapping[str, object] = field(default_factory=_empty)
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    name: str
+    kind: str  # pretrain | sft | dpo | reward | ppo | eval | export
+    after: tuple[str, ...] = ()
+    data: tuple[str, ...] = ()
+    tokens: int | None = None  # total training tokens
+    steps: int | None = None
+    epochs: float | None = None
+    global_batch: int | None = None  # sequences per step
+    seq_length: int | None = None  # None = model.seq_length
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    peft: LoraSpec | None = None
+    parallel: ParallelSpec | None = None  # a stage-level override of the experiment's parallel block
+    log_every: int = 10
+    eval_every: int | None = None
+    seed: int = 1234
+    params: Mapping[str, object] = field(default_factory=_empty)  # kind-specific: beta, loss, format, prompts, ...
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentSpec:
+    name: str
+    model: ModelSpec
+    cluster: ClusterSpec
+    parallel: ParallelSpec
+    precision: str = "bf16"  # bf16 | fp16 | fp32 | fp8 | mxfp8
+    attention_backend: str = "auto"  # auto | flash | fused | unfused
+    data: tuple[DataSpec, ...] = ()
+    stages: tuple[StageSpec, ...] = ()
+    root: str = "."  # directory of the .nemo file; data paths are relative to it
+    spans: Mapping[str, Span] = field(default_factory=_empty, compare=False)
+
+    def span(self, *paths: str) -> Span | None:
+        """The span of the first path the user wrote, e.g. span("parallel.tensor", "parallel")."""
+        for path in paths:
+            if path in self.spans:
+                return self.spans[path]
+        return None
+
+    def stage(self, name: str) -> StageSpec:
+        return next(s for s in self.stages if s.name == name)

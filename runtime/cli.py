@@ -1,0 +1,62 @@
+"""The `nemoc` command line.
+
+The CLI lives in the runtime package because it is the top of the layering (dsl <- compiler <- runtime)
+and `run` needs all three. Commands are defined in their own modules and loaded lazily, so
+`nemoc check` / `nemoc plan` never import torch or Megatron-Core.
+
+Exit codes, for every command: 0 success, 1 diagnostics (the experiment is wrong, does not fit, or a
+task failed), 2 usage error or an unreadable file.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# command name -> "module:attribute" of a click.Command
+COMMANDS = {
+    "check": "nemoc.runtime.cmd_lang:check",
+    "fmt": "nemoc.runtime.cmd_lang:fmt",
+    "plan": "nemoc.runtime.cmd_plan:plan",
+    "graph": "nemoc.runtime.cmd_run:graph",
+    "run": "nemoc.runtime.cmd_run:run",
+    "status": "nemoc.runtime.cmd_run:status",
+    "logs": "nemoc.runtime.cmd_cluster:logs",
+    "cancel": "nemoc.runtime.cmd_cluster:cancel",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if self._load(name) is not None]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return self._load(name)
+
+    @staticmethod
+    def _load(name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ModuleNotFoundError, AttributeError) as exc:
+            if module in str(exc) or isinstance(exc, AttributeError):
+                return None  # command not built in this checkout
+            raise
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nemoc")
+def cli() -> None:
+    """nemoc: compile and run declarative LLM-training experiments (.nemo files)."""
+
+
+def main() -> None:
+    cli(prog_name="nemoc")
+
+
+if __name__ == "__main__":
+    main()
