@@ -1,0 +1,108 @@
+"""What every `nemoc` command shares: `--set` / `--json`, loading a spec, and failing with diagnostics.
+
+    @click.command()
+    @click.argument("file")
+    @common_options
+    def plan(file, sets, as_json):
+        spec, sources = load_spec(file, sets)      # raises DiagnosticError
+        ...
+
+`common_options` adds a repeatable `--set KEY=VALUE` (stored as the tuple `sets`) and `--json` (stored as
+`as_json`). Overrides are parsed with the same value grammar as `.nemo` files; each one is reported in a
+pseudo-file `<--set N>` whose text is the override itself, so its diagnostics get a caret like any other.
+
+`load_spec` returns the lowered `ExperimentSpec` and the sources map (path -> text) that `render` needs.
+It raises `DiagnosticError` for anything wrong with the experiment, and `UnreadableFile` (a subclass)
+when the root file itself cannot be read, which commands turn into exit code 2 via `fail`.
+
+This module imports neither torch nor Megatron-Core, so `check`/`plan` stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from typing import NoReturn
+
+import click
+
+from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, render_all, sort_key, to_json
+
+EXIT_OK, EXIT_DIAGNOSTICS, EXIT_USAGE = 0, 1, 2
+
+
+def common_options(command: Callable) -> Callable:
+    """Adds `--set KEY=VALUE` (repeatable; parameter `sets`) and `--json` (parameter `as_json`)."""
+
+    @click.option(
+        "--set",
+        "sets",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a field, e.g. --set parallel.tensor=8 --set stage.pretrain.steps=100 (repeatable).",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        return command(*args, **kwargs)
+
+    return wrapper
+
+
+def load_spec(path: str, sets: tuple[str, ...] = ()):
+    """Parse, check and lower `path` with the `--set` overrides applied.
+
+    Returns `(ExperimentSpec, sources)` where `sources` maps every path a span may name (the root file,
+    its imports, the `<--set N>` pseudo-files) to its text. Raises `DiagnosticError` with every
+    diagnostic found (its `sources` attribute carries the same map, for rendering).
+    """
+    from nemoc.compiler.lower import load_experiment  # the compiler pass that owns AST -> spec
+
+    return load_experiment(path, sets)
+
+
+def diagnostic_sources(error: DiagnosticError) -> Mapping[str, str]:
+    """The sources map a `DiagnosticError` raised by `load_spec` carries (empty if none)."""
+    return getattr(error, "sources", {}) or {}
+
+
+def is_usage_error(diagnostics: Iterable[Diagnostic]) -> bool:
+    """True when the root file could not be read at all (exit code 2 rather than 1)."""
+    from nemoc.dsl.loader import UNREADABLE_CODES
+
+    return any(d.code in UNREADABLE_CODES for d in diagnostics)
+
+
+def print_diagnostics(diagnostics: Iterable[Diagnostic], sources: Mapping[str, str], as_json: bool) -> None:
+    """Text to stderr (coloured when it is a terminal), or `{"diagnostics": [...]}` JSON to stdout."""
+    diagnostics = sorted(diagnostics, key=sort_key)
+    if as_json:
+        click.echo(json.dumps({"diagnostics": [to_json(d) for d in diagnostics]}, indent=2))
+        return
+    if not diagnostics:
+        return
+    text = render_all(diagnostics, sources)
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.markup import escape
+
+        console = Console(stderr=True, highlight=False)
+        for line in text.splitlines():
+            style = "bold red" if "error[" in line else "bold yellow" if "warning[" in line else None
+            console.print(escape(line), style=style)
+    else:
+        click.echo(text, err=True)
+
+
+def fail(diagnostics: Iterable[Diagnostic], sources: Mapping[str, str], as_json: bool) -> NoReturn:
+    """Print `diagnostics` and exit: 2 if the root file was unreadable, else 1."""
+    diagnostics = tuple(diagnostics)
+    print_diagnostics(diagnostics, sources, as_json)
+    sys.exit(EXIT_USAGE if is_usage_error(diagnostics) else EXIT_DIAGNOSTICS)
+
+
+def fail_on(error: DiagnosticError, as_json: bool) -> NoReturn:
+    """`fail` for a caught `DiagnosticError` from `load_spec`."""
+    fail(error.diagnostics, diagnostic_sources(error), as_json)
