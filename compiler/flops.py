@@ -1,0 +1,202 @@
+"""Parameter counts and FLOPs of a decoder-only transformer (dense, GQA, gated MLPs, MoE).
+
+Input:  a `ModelSpec` (and sequence length, batch, recompute mode where relevant).
+Output: breakdowns (frozen dataclasses) of parameters and FLOPs; no side effects, no torch.
+Invariants: counts are exact for Megatron-Core's GPT layer spec (fused QKV, optional biases, norms,
+optional QK-norm, router, shared expert); `padded_vocab` reproduces Megatron's vocabulary padding.
+
+FLOPs convention (stated because published "model TFLOP/s" differ by it, see docs/cost-model.md):
+a multiply-add is 2 FLOPs; backward = 2 x forward (input and weight gradients), so a training step
+is 3 x forward. Per token, forward:
+    2 x (matmul parameters touched by the token)                  [dense GEMMs, MoE: top_k experts]
+  + 2 x 2 x s x (heads x kv_channels) x c                         [QK^T and attention x V]
+  + 2 x h x V                                                     [logits]
+with c = 1 (undiscounted, NeMo <= 25.07 `flops_formulas.py`, Narayanan et al. 2021 eq. (2)) or
+c = 1/2 (causal discount: only the lower triangle of the s x s scores is computed by flash
+attention; Megatron-Core / Megatron-Bridge and NeMo >= 25.09). For GPT-3 with h = a x d this is
+exactly Narayanan et al.'s 72 B s l h^2 (1 + s/(6h) + V/(12 l h)) for 3 x forward; for Llama it is
+NeMo's `llama3()` formula (12 + 12 g/a + 18 f/h + 12 s/h + 6 V/(l h)) x B s l h^2.
+Model FLOPs never include recomputation; hardware FLOPs add the recomputed forward (full recompute:
+one more forward of every transformer layer; selective: the core attention forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from nemoc.compiler.spec import ModelSpec
+
+MEGATRON_VOCAB_DIVISOR = 128  # Megatron-LM `--make-vocab-size-divisible-by` default
+
+
+def padded_vocab(vocab: int, tp: int = 1, divisor: int = MEGATRON_VOCAB_DIVISOR) -> int:
+    """Megatron pads the vocabulary to a multiple of divisor x TP (megatron/training/tokenizer
+    `_vocab_size_with_padding`) so every TP rank holds an equal vocabulary shard."""
+    multiple = divisor * tp
+    return -(-vocab // multiple) * multiple
+
+
+def is_gated(model: ModelSpec) -> bool:
+    """SwiGLU (and GeGLU) MLPs have two input projections (gate and up): fc1 is h x 2f."""
+    return model.activation in ("swiglu", "geglu")
+
+
+@dataclass(frozen=True, slots=True)
+class ParamCounts:
+    """Parameters by component (exact, for the unpadded vocabulary)."""
+
+    embedding: int  # word (+ learned position) embeddings
+    output: int  # output projection (0 when tied to the input embedding)
+    attention: int  # per layer: QKV + output projection (+ biases, QK-norm)
+    mlp: int  # per layer: dense MLP, or all experts + router + shared expert
+    mlp_active: int  # per layer: what one token touches (top_k experts + shared + router)
+    expert: int  # per layer: the routed experts alone (sharded by EP x ETP)
+    norms: int  # per layer: the two pre-norms
+    final_norm: int
+    layers: int
+
+    @property
+    def per_layer(self) -> int:
+        return self.attention + self.mlp + self.norms
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.output + self.layers * self.per_layer + self.final_norm
+
+    @property
+    def active(self) -> int:
+        """Parameters a token touches (MoE: top_k experts); = total for a dense model."""
+        per_layer = self.attention + self.mlp_active + self.norms
+        return self.embedding + self.output + self.layers * per_layer + self.final_norm
+
+
+def _norm_params(model: ModelSpec, width: int) -> int:
+    return width * (2 if model.norm == "layernorm" else 1)  # LayerNorm has a bias, RMSNorm has not
+
+
+def _mlp_params(model: ModelSpec, ffn: int) -> int:
+    """One MLP (dense or one expert): fc1 h x (2f if gated else f), fc2 f x h, optional biases."""
+    fc1_out = ffn * (2 if is_gated(model) else 1)
+    weights = model.hidden * fc1_out + ffn * model.hidden
+    return weights + ((fc1_out + model.hidden) if model.add_bias_linear else 0)
+
+
+def _attention_params(model: ModelSpec) -> int:
+    d, a, g, h = model.head_dim, model.heads, model.query_groups, model.hidden
+    qkv_out = (a + 2 * g) * d
+    params = h * qkv_out + a * d * h
+    if model.add_bias_linear or model.add_qkv_bias:
+        params += qkv_out
+    if model.add_bias_linear:
+        params += h
+    if model.qk_layernorm:
+        params += 2 * _norm_params(model, d)
+    return params
+
+
+@lru_cache(maxsize=512)
+def param_counts(model: ModelSpec) -> ParamCounts:
+    """Exact parameter counts of Megatron-Core's GPT model for `model` (unpadded vocabulary)."""
+    h = model.hidden
+    embedding = model.vocab * h + (model.seq_length * h if model.position == "learned" else 0)
+    output = 0 if model.tie_embeddings else model.vocab * h
+    if model.is_moe:
+        ffn = model.moe_ffn_hidden or model.ffn_hidden
+        expert = _mlp_params(model, ffn)
+        shared = _mlp_params(model, model.shared_expert_ffn_hidden) if model.shared_expert_ffn_hidden else 0
+        router = h * model.experts
+        mlp = model.experts * expert + shared + router
+        mlp_active = model.top_k * expert + shared + router
+        experts_total = model.experts * expert
+    else:
+        mlp = mlp_active = _mlp_params(model, model.ffn_hidden)
+        experts_total = 0
+    return ParamCounts(
+        embedding=embedding, output=output, attention=_attention_params(model), mlp=mlp,
+        mlp_active=mlp_active, expert=experts_total, norms=2 * _norm_params(model, h),
+        final_norm=_norm_params(model, h), layers=model.layers,
+    )
+
+
+def layers_on_stage(layers: int, pp: int, stage: int) -> int:
+    """Transformer layers on pipeline stage `stage` (0-based): Megatron splits evenly
+    (`get_num_layers_to_build`); when `layers % pp != 0` the remainder goes to the first stages here,
+    so the most-loaded stage has ceil(layers / pp) layers (what a user-set uneven split must reach)."""
+    base, extra = divmod(layers, pp)
+    return base + (1 if stage < extra else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class StageParams:
+    """Parameters held by one pipeline stage, before TP/EP sharding, by sharding class."""
+
+    dense: int  # sharded by TP (attention, dense MLP, norms: replicated but small)
+    expert: int  # sharded by EP x ETP
+    embedding: int  # word embedding / output layer on this stage (vocab-parallel, sharded by TP)
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert + self.embedding
+
+
+def stage_params(model: ModelSpec, pp: int, stage: int) -> StageParams:
+    """Parameters on pipeline stage `stage`: its layers; the embedding on the first stage; the
+    output layer and final norm on the last (with tied embeddings and pp > 1 the last stage keeps its
+    own copy of the word embedding, which Megatron all-reduces with the first stage's)."""
+    counts = param_counts(model)
+    n = layers_on_stage(model.layers, pp, stage)
+    expert = n * counts.expert
+    dense = n * counts.per_layer - expert
+    embedding = 0
+    if stage == 0:
+        embedding += counts.embedding
+    if stage == pp - 1:
+        dense += counts.final_norm
+        embedding += model.vocab * model.hidden if (model.tie_embeddings and pp > 1) else counts.output
+    return StageParams(dense=dense, expert=expert, embedding=embedding)
+
+
+@dataclass(frozen=True, slots=True)
+class FlopsPerToken:
+    """Forward FLOPs per token, by term (training = 3 x forward)."""
+
+    dense_gemm: int  # attention projections + MLP (active experts) + router
+    attention_core: float  # QK^T and attention x V (causally discounted or not)
+    logits: int
+
+    @property
+    def forward(self) -> float:
+        return self.dense_gemm + self.attention_core + self.logits
+
+
+@lru_cache(maxsize=4096)
+def flops_per_token(model: ModelSpec, seq_length: int, causal_discount: bool) -> FlopsPerToken:
+    """Forward FLOPs per token (see module docstring for the formula and its sources)."""
+    counts = param_counts(model)
+    gemm_params = counts.attention + counts.mlp_active  # biases/norms are a rounding error (<0.01 %)
+    attn_width = model.heads * model.head_dim
+    core = 4.0 * seq_length * attn_width * (0.5 if causal_discount else 1.0)
+    return FlopsPerToken(
+        dense_gemm=2 * model.layers * gemm_params,
+        attention_core=model.layers * core,
+        logits=2 * model.hidden * model.vocab,
+    )
+
+
+def model_flops_per_step(model: ModelSpec, seq_length: int, global_batch: int, *, causal_discount: bool) -> float:
+    """Model FLOPs of one training step (3 x forward, no recompute): what MFU is measured against."""
+    return 3.0 * flops_per_token(model, seq_length, causal_discount).forward * seq_length * global_batch
+
+
+def hardware_flops_per_step(model: ModelSpec, seq_length: int, global_batch: int, *, recompute: str,
+                            causal_discount: bool, train: bool = True) -> float:
+    """FLOPs the GPUs execute in one step: model FLOPs plus the recomputed forward (full: every
+    transformer layer again, logits excluded, Narayanan et al. 2021 Sec. 5.1; selective: the core
+    attention, Korthikanti et al. 2022 Sec. 5). `train=False` (eval) is one forward pass."""
+    f = flops_per_token(model, seq_length, causal_discount)
+    tokens = seq_length * global_batch
+    if not train:
+        return f.forward * tokens
+    extra = {"full": f.dense_gemm + f.attention_core, "selective": f.attention_core}.get(recompute, 0.0)
+    return (3.0 * f.forward + extra) * tokens
