@@ -1,0 +1,316 @@
+"""The memory model: bytes per GPU on the most-loaded pipeline stage, as a named breakdown.
+
+Input:  a `ModelSpec`, a resolved `Layout`, the precision, attention backend, sequence length,
+stage kind (pretrain | sft | dpo | reward | ppo | eval | export), optional LoRA, and the GPU.
+Output: `MemoryBreakdown` (weights, gradients, optimizer, activations, other + named `parts`), so a
+diagnostic can say which term overflows and by how much.
+Invariants: pure; every term is a small function with its derivation and citation; more TP/PP/EP
+never increases a per-GPU term; recompute never increases activations.
+
+Model states (Megatron-Core `docs/source/api-guide/dist_optimizer.md`, "bf16 param, fp32 grads"):
+  weights 2 B/param (bf16/fp16; fp8 training keeps bf16 weights, Transformer Engine casts per GEMM),
+  gradients 4 B/param: Megatron DDP accumulates and reduces "main grads" in fp32
+  (`DistributedDataParallelConfig(grad_reduce_in_fp32=True)`, which the nemoc runtime sets and
+  Megatron-LM forces for bf16); the gradient buffer is also the DDP bucket storage,
+  optimizer 12 B/param: fp32 master weights, Adam m and v; the distributed optimizer shards them over
+  the data-parallel(-with-context-parallel) group: 2 + 4 + 12 = 18 B/param vs 6 + 12/DP.
+  fp32 training: 4 + 4 + 8 (no master copy) = 16 vs 8 + 8/DP.
+Activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+Models", Sec. 4, Table 2): per layer s b h (34 + 5 a s / h) bytes with 16-bit activations, dropout and
+an unfused softmax; we keep each of its terms and generalise them (GQA: K and V are g/a of Q; gated
+MLP: fc1 output is 2f wide; flash attention never materialises the s x s scores; no dropout masks
+when dropout is 0, as in every modern recipe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
+from nemoc.compiler.flops import is_gated, layers_on_stage, padded_vocab, param_counts
+from nemoc.compiler.plan import Layout, MemoryBreakdown
+from nemoc.compiler.spec import LoraSpec, ModelSpec
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+# CUDA context, cuBLAS/cuDNN workspaces and Transformer Engine workspaces: the driver-side memory a
+# training process holds before the first tensor (about 0.5-0.8 GiB on Hopper/Blackwell; we round up).
+CUDA_CONTEXT_BYTES = 1 * GIB
+# NCCL buffers per communicator that carries traffic: NCCL_BUFFSIZE (4 MiB) x up to 32 channels x
+# 2 ring peers, for the Simple protocol (plus LL/LL128) -> order 256 MiB per active group.
+NCCL_BYTES_PER_GROUP = 256 * MIB
+# PyTorch caching-allocator fragmentation of the dynamic (activation-like) memory: a documented
+# fraction, not fitted (Megatron-LM reports 5-10 % between reserved and allocated in long runs).
+FRAGMENTATION = 0.05
+
+TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
+
+
+# ----------------------------------------------------------------------------------- model states
+
+
+@dataclass(frozen=True, slots=True)
+class StateBytes:
+    """Bytes per trainable parameter: weights, gradients, optimizer (already divided by the shard)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer
+
+
+def weight_bytes(precision: str) -> int:
+    """Bytes per stored weight: fp32 training keeps fp32 weights, every other mode keeps 16-bit
+    weights (fp8/mxfp8 GEMMs cast from bf16; the fp8 copies are counted in `fp8_weight_cache`)."""
+    return 4 if precision == "fp32" else 2
+
+
+def state_bytes_per_param(precision: str, *, distributed_optimizer: bool, shard: int) -> StateBytes:
+    """Mixed-precision Adam (Megatron dist_optimizer.md table): 2 + 4 + 12 = 18 B/param, or with the
+    distributed optimizer 6 + 12/shard; fp32: 4 + 4 + 8 = 16, or 8 + 8/shard. `shard` is the size of
+    the group the optimizer state is sharded over (DP x CP for dense, expert-DP for experts)."""
+    w = weight_bytes(precision)
+    opt = 8 if precision == "fp32" else 12  # (master +) m + v, all fp32
+    return StateBytes(w, 4, opt / shard if distributed_optimizer else opt)
+
+
+def lora_params_per_layer(model: ModelSpec, lora: LoraSpec) -> int:
+    """LoRA adapter parameters per layer: rank x (in + out) for each targeted linear
+    (Hu et al. 2021; NeMo/Megatron-Bridge target names qkv (linear_qkv), proj, fc1, fc2)."""
+    h, d, r = model.hidden, model.head_dim, lora.rank
+    ffn = model.moe_ffn_hidden or model.ffn_hidden
+    fc1_out = ffn * (2 if is_gated(model) else 1)
+    shapes = {"qkv": (h, (model.heads + 2 * model.query_groups) * d), "proj": (model.heads * d, h),
+              "fc1": (h, fc1_out), "fc2": (ffn, h)}
+    experts = max(1, model.experts) if model.is_moe else 1
+    total = 0
+    for target in lora.targets:
+        if target in shapes:
+            n_in, n_out = shapes[target]
+            total += r * (n_in + n_out) * (experts if target in ("fc1", "fc2") else 1)
+    return total
+
+
+# ----------------------------------------------------------------------------------- activations
+
+
+@dataclass(frozen=True, slots=True)
+class LayerActivations:
+    """Bytes one transformer layer keeps for backward, for one micro batch, on one GPU."""
+
+    norms: float  # inputs of the two pre-norms
+    attention: float  # QKV input, Q/K/V, core-attention output (= output-projection input)
+    scores: float  # unfused attention: softmax output (+ dropout mask and output), a x s x s
+    mlp: float  # MLP input, fc1 output, activation output (MoE: routed tokens and expert tensors)
+    dropout: float  # 1-byte dropout masks after attention and MLP
+
+    @property
+    def total(self) -> float:
+        return self.norms + self.attention + self.scores + self.mlp + self.dropout
+
+
+def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, sp: bool, cp: int = 1,
+                      etp: int = 1, recompute: str = "none", attention_backend: str = "flash",
+                      dropout: bool = False, act_bytes: int = 2) -> LayerActivations:
+    """Korthikanti et al. 2022 Sec. 4.1, generalised (see module docstring). With SP every term is
+    divided by TP; without SP the norm/dropout inputs and the QKV/MLP inputs (10 sbh in Table 2)
+    are replicated and the rest divided (24 sbh / t). CP divides the sequence. Selective recompute
+    (Megatron `recompute_modules=["core_attn"]`) drops the s x s term; full recompute keeps only the
+    layer input (2 sbh, / t with SP)."""
+    s, b, h = seq / cp, micro_batch, model.hidden
+    a, g, d = model.heads, model.query_groups, model.head_dim
+    rep = tp if sp else 1  # divisor of the terms that live in the sequence-parallel region
+    if recompute == "full":
+        return LayerActivations(act_bytes * s * b * h / rep, 0.0, 0.0, 0.0, 0.0)
+    sbh = s * b * h
+    norms = 2 * act_bytes * sbh / rep
+    attention = act_bytes * sbh / rep + act_bytes * s * b * d * (2 * a + 2 * g) / tp
+    if attention_backend == "unfused" and recompute != "selective":
+        per_score = (act_bytes + (1 + act_bytes if dropout else 0))  # softmax out (+ mask + dropout out)
+        scores = per_score * a * s * (seq / cp) * b / tp
+    else:
+        scores = 4.0 * s * b * a / tp if attention_backend != "unfused" else 0.0  # flash: fp32 softmax stats
+    mlp = act_bytes * sbh / rep + _mlp_activations(model, s * b, tp=tp, rep=rep, etp=etp, act_bytes=act_bytes)
+    drop = 2.0 * sbh / rep if dropout else 0.0
+    return LayerActivations(norms, attention, scores, mlp, drop)
+
+
+def _mlp_activations(model: ModelSpec, tokens: float, *, tp: int, rep: int, etp: int, act_bytes: int) -> float:
+    """fc1 output (2f wide when gated) and activation output (fc2 input), Korthikanti's 16 sbh for a
+    4h GELU MLP. MoE (Megatron-Core MoELayer, alltoall dispatcher, dropless with balanced routing):
+    each GPU receives on average tokens x top_k / rep routed copies (SP-sharded tokens sent over EP),
+    all-gathered over ETP; it keeps the permuted expert input, the expert tensors (width / ETP), the
+    expert output for unpermute, and fp32 router logits."""
+    if not model.is_moe:
+        f = model.ffn_hidden / tp
+        return act_bytes * tokens * f * (3 if is_gated(model) else 2)
+    f = (model.moe_ffn_hidden or model.ffn_hidden) / etp
+    routed = tokens * model.top_k / rep * etp
+    experts = routed * (2 * act_bytes * model.hidden + act_bytes * f * (3 if is_gated(model) else 2))
+    router = 4.0 * tokens * model.experts / rep
+    shared = 0.0
+    if model.shared_expert_ffn_hidden:
+        shared = act_bytes * tokens * (model.shared_expert_ffn_hidden / tp) * (3 if is_gated(model) else 2)
+    return experts + router + shared
+
+
+def in_flight_microbatches(pp: int, vp: int | None, num_microbatches: int, stage: int = 0) -> float:
+    """Micro batches whose activations a pipeline stage holds at its peak. 1F1B: stage i holds
+    min(pp - i, m) (Narayanan et al. 2021 Sec. 2.2.1); the interleaved schedule multiplies the first
+    stage's by (1 + (pp - 1) / (pp x vp)) (Korthikanti et al. 2022 Sec. 4.2.3; Megatron-LM
+    `theoretical_memory_usage.py`)."""
+    held = float(min(pp - stage, num_microbatches))
+    if vp and vp > 1 and pp > 1 and stage == 0:
+        held *= 1 + (pp - 1) / (pp * vp)
+    return held
+
+
+# ------------------------------------------------------------------------------------ resident models
+
+
+def resident_models(stage_kind: str, params: object = None, *, peft: LoraSpec | None = None) -> tuple[str, ...]:
+    """Which models a stage keeps in GPU memory. DPO (Rafailov et al. 2023) needs a frozen reference
+    policy unless `reference_free`; with LoRA the reference is the base model with adapters
+    disabled (NeMo/Megatron-Bridge), so it costs nothing extra. PPO (Ouyang et al. 2022) keeps the
+    actor and critic (trained) and the reward and reference models (frozen), all resident."""
+    p = params or {}
+    if stage_kind == "dpo":
+        return ("policy",) if (p.get("reference_free") or peft is not None) else ("policy", "reference")
+    if stage_kind == "ppo":
+        return ("actor", "critic", "reward", "reference")
+    if stage_kind == "reward":
+        return ("reward",)
+    return ("policy",)
+
+
+# ----------------------------------------------------------------------------------- the estimate
+
+
+@dataclass(frozen=True, slots=True)
+class _Stage:
+    """One pipeline stage's local parameter counts (after TP / EP sharding)."""
+
+    dense: float
+    expert: float
+    layers: int
+    first: bool
+    last: bool
+
+
+def _local_stage(model: ModelSpec, layout: Layout, stage: int, vocab: int, scalar_head: bool) -> _Stage:
+    counts = param_counts(model)
+    n = layers_on_stage(model.layers, layout.pp, stage)
+    first, last = stage == 0, stage == layout.pp - 1
+    expert = n * counts.expert / (layout.ep * layout.etp)
+    dense = n * (counts.per_layer - counts.expert) / layout.tp
+    if first:
+        dense += vocab * model.hidden / layout.tp + (model.seq_length * model.hidden if model.position == "learned" else 0)
+    if last:
+        dense += counts.final_norm
+        if scalar_head:
+            dense += model.hidden
+        elif not model.tie_embeddings or layout.pp > 1:
+            dense += vocab * model.hidden / layout.tp
+    return _Stage(dense, expert, n, first, last)
+
+
+def _shards(layout: Layout) -> tuple[int, int]:
+    """(dense, expert) optimizer shard sizes: DP x CP, and expert-DP = TP x CP x DP / (EP x ETP)."""
+    return layout.dp * layout.cp, max(1, layout.tp * layout.cp * layout.dp // (layout.ep * layout.etp))
+
+
+def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", attention_backend: str = "flash",
+             seq_length: int | None = None, stage_kind: str = "pretrain", peft: LoraSpec | None = None,
+             gpu: HardwareSpec | str | None = None, params: object = None, dropout: bool = False) -> MemoryBreakdown:
+    """Per-GPU memory of the most-loaded pipeline stage (the max total over first and last stage;
+    middle stages hold fewer micro batches than the first and no embedding or logits)."""
+    hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
+    capacity = hw.hbm_bytes if hw else 0
+    seq = seq_length or model.seq_length
+    best = None
+    for stage in sorted({0, layout.pp - 1}):
+        m = _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout, capacity)
+        if best is None or m.total > best.total:
+            best = m
+    return best  # type: ignore[return-value]
+
+
+def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity) -> MemoryBreakdown:
+    resident = resident_models(kind, params, peft=peft)
+    scalar_head = kind == "reward"
+    vocab = padded_vocab(model.vocab, layout.tp)
+    st = _local_stage(model, layout, stage, vocab, scalar_head)
+    dense_shard, expert_shard = _shards(layout)
+    wb = weight_bytes(precision)
+    trains = kind in TRAINING_KINDS
+    params_local = st.dense + st.expert
+
+    # weights / gradients / optimizer: trainable models get full states, frozen ones weights only.
+    weights = gradients = optimizer = 0.0
+    trainable = (2 if kind == "ppo" else 1) if trains else 0  # PPO trains actor and critic
+    frozen = len(resident) - trainable if trains else 1  # references / reward model; eval, export
+    for _ in range(trainable):
+        weights += params_local * wb
+        if peft is not None:
+            adapter = st.layers * lora_params_per_layer(model, peft) / layout.tp
+            a_state = state_bytes_per_param(precision, distributed_optimizer=layout.distributed_optimizer, shard=dense_shard)
+            weights += adapter * a_state.weights
+            gradients += adapter * a_state.gradients
+            optimizer += adapter * a_state.optimizer
+        else:
+            for count, shard in ((st.dense, dense_shard), (st.expert, expert_shard)):
+                s = state_bytes_per_param(precision, distributed_optimizer=layout.distributed_optimizer, shard=shard)
+                gradients += count * s.gradients
+                optimizer += count * s.optimizer
+    weights += frozen * params_local * wb
+
+    parts: dict[str, float] = {"cuda_context": CUDA_CONTEXT_BYTES}
+    groups = sum(1 for n in (layout.tp, layout.pp, layout.cp, layout.dp, layout.ep) if n > 1)
+    parts["nccl"] = NCCL_BYTES_PER_GROUP * groups
+    if precision in ("fp8", "mxfp8"):
+        # Transformer Engine caches the quantised weight and its transpose across micro batches.
+        parts["fp8_weight_cache"] = 2.0 * (params_local - (vocab * model.hidden / layout.tp if st.first else 0))
+
+    activations = 0.0
+    if kind != "export":
+        b = layout.micro_batch * (2 if kind == "dpo" else 1)  # chosen + rejected
+        per_layer = layer_activations(
+            model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
+            etp=layout.etp, recompute=layout.recompute if trains else "none", attention_backend=backend,
+            dropout=dropout).total
+        rep = layout.tp if layout.sequence_parallel else 1
+        s_local = seq / layout.cp
+        if trains:
+            held = in_flight_microbatches(layout.pp, layout.vp, layout.num_microbatches, stage)
+            activations = per_layer * st.layers * held
+            if layout.recompute == "full":  # one layer is rematerialised at a time in backward
+                activations += layer_activations(
+                    model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
+                    etp=layout.etp, attention_backend=backend, dropout=dropout).total
+            if st.last:  # final norm input + output-layer input (Korthikanti: 4 sbh / t)
+                activations += 4.0 * s_local * b * model.hidden / rep
+        else:  # forward only: one layer's tensors live at a time
+            activations = per_layer
+        if st.last and not scalar_head:
+            # fp32 logits kept by vocab-parallel cross entropy for backward + the 16-bit logits
+            parts["logits"] = s_local * b * vocab / layout.tp * (4 + 2)
+        if layout.tp > 1 and layout.sequence_parallel:
+            parts["tp_comm_buffers"] = 2.0 * 2 * s_local * b * model.hidden  # all-gathered GEMM input (+ its grad)
+        if layout.pp > 1:
+            parts["pp_p2p_buffers"] = 2.0 * 2 * s_local * b * model.hidden / rep  # send + recv
+        if model.is_moe:
+            routed = s_local * b * model.top_k / rep * layout.etp
+            parts["moe_dispatch"] = 2.0 * 2 * routed * model.hidden  # all-to-all send + receive
+        dynamic = activations + parts.get("logits", 0.0) + parts.get("moe_dispatch", 0.0)
+        parts["fragmentation"] = FRAGMENTATION * dynamic
+
+    ints = {k: int(v) for k, v in parts.items()}
+    return MemoryBreakdown(
+        weights=int(weights), gradients=int(gradients), optimizer=int(optimizer), activations=int(activations),
+        other=sum(ints.values()), capacity=int(capacity), parts=MappingProxyType(ints),
+    )
