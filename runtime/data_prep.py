@@ -1,0 +1,402 @@
+"""Data preparation: JSONL and plain-text sources -> tokenizer -> a Megatron-Core indexed dataset.
+
+`prepare_dataset(...)` tokenizes every document of a data source in parallel worker processes (the files
+are cut into chunks at line boundaries; each worker writes its chunk with Megatron-Core's
+`IndexedDatasetBuilder`, and the chunks are concatenated in order with `add_index`, so the output is
+byte-identical for any number of workers), appends the end-of-document token to each document, and
+writes `<out>/<name>_text_document.{bin,idx}` through `*.tmp` files renamed only when complete. The
+train/validation/test split and the blending weights are applied at training time by
+`BlendedMegatronDatasetBuilder` / `GPTDataset` (the task.json carries them).
+
+`validate_records(...)` checks chat / preference / prompt_response files record by record (these are
+handed to the alignment stages as raw JSONL, see docs/data.md). `iter_texts(...)` yields the text of any
+format, for training a tokenizer on the corpus itself.
+
+Formats (a data source's `format`):
+  text             plain UTF-8; one document per blank-line-separated paragraph (`options.documents =
+                   "paragraph"`, the default), per line (`"line"`) or per file (`"file"`).
+  jsonl            one JSON object per line; the document is the string in `text_field`.
+  chat             {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  prompt_response  {"prompt": str, "response": str}
+  preference       {"prompt": str, "chosen": str, "rejected": str}
+Every bad input (no file matched, unreadable file, invalid UTF-8, malformed JSON, a missing or non-string
+field, an empty corpus) raises `DataError` whose message starts with `file:line:`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import multiprocessing
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nemoc.runtime.tokenizer import NemocTokenizer, TokenizerError, load_tokenizer
+
+TOKENIZED_FORMATS = ("text", "jsonl")
+RAW_FORMATS = ("chat", "prompt_response", "preference")
+FORMATS = TOKENIZED_FORMATS + RAW_FORMATS
+CHUNK_BYTES = 1 << 20  # ~1 MiB of source text per work item
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class DataError(ValueError):
+    """Bad input data; the message starts with `file:line:` (or `pattern:` when no file matched)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """What preparation needs from a `DataSpec` (plain values, so it pickles into worker processes)."""
+
+    name: str
+    pattern: str
+    format: str = "jsonl"
+    text_field: str = "text"
+    documents: str = "paragraph"  # text format only: paragraph | line | file
+
+    @classmethod
+    def from_spec(cls, data, root: str) -> Source:
+        pattern = data.path if os.path.isabs(data.path) else os.path.join(root, data.path)
+        options = dict(data.options)
+        return cls(name=data.name, pattern=pattern, format=data.format, text_field=data.text_field,
+                   documents=str(options.get("documents", "paragraph")))
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    index: int
+    path: str
+    offset: int
+    length: int
+    first_line: int  # 1-based line number of the chunk's first line
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareResult:
+    prefix: str
+    documents: int
+    tokens: int
+    skipped_empty: int
+    files: tuple[str, ...]
+    bytes: int
+    seconds: float
+    workers: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), files=list(self.files), tokens_per_s=round(self.tokens_per_s, 1))
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def resolve_files(source: Source) -> list[str]:
+    if source.format not in FORMATS:
+        raise DataError(f"{source.pattern}: unknown data format {source.format!r} (expected one of {', '.join(FORMATS)})")
+    files = sorted(p for p in glob.glob(os.path.expanduser(source.pattern), recursive=True) if os.path.isfile(p))
+    if not files:
+        what = "file not found" if not glob.has_magic(source.pattern) else "the pattern matches no file"
+        raise DataError(f"{source.pattern}: {what} (data {source.name!r})")
+    return [os.path.abspath(f) for f in files]
+
+
+def _decode(raw: bytes, path: str, line_no: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:{line_no}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})") from None
+
+
+def _lines(chunk: Chunk) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line without the newline) of a chunk."""
+    try:
+        with open(chunk.path, "rb") as f:
+            f.seek(chunk.offset)
+            data = f.read(chunk.length)
+    except OSError as exc:
+        raise DataError(f"{chunk.path}:{chunk.first_line}: cannot read ({exc.strerror})") from None
+    pieces = data.split(b"\n")
+    if pieces and pieces[-1] == b"":
+        pieces.pop()  # the chunk ends with a newline
+    for i, raw in enumerate(pieces):
+        yield chunk.first_line + i, _decode(raw.rstrip(b"\r"), chunk.path, chunk.first_line + i)
+
+
+def _json_object(line: str, path: str, line_no: int) -> dict | None:
+    if not line.strip():
+        return None  # blank lines in JSONL are tolerated
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _string_field(record: dict, key: str, path: str, line_no: int) -> str:
+    if key not in record:
+        present = ", ".join(sorted(record)) or "none"
+        raise DataError(f"{path}:{line_no}: missing field {key!r} (fields present: {present})")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{line_no}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def record_texts(record: dict, fmt: str, text_field: str, path: str, line_no: int) -> list[str]:
+    """Validate one JSON record of `fmt` and return its text pieces."""
+    if fmt == "jsonl":
+        return [_string_field(record, text_field, path, line_no)]
+    if fmt == "prompt_response":
+        return [_string_field(record, k, path, line_no) for k in ("prompt", "response")]
+    if fmt == "preference":
+        return [_string_field(record, k, path, line_no) for k in ("prompt", "chosen", "rejected")]
+    if fmt == "chat":
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{path}:{line_no}: field 'messages' must be a non-empty list of {{role, content}} objects")
+        texts = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise DataError(f"{path}:{line_no}: messages[{i}] must be an object with 'role' and 'content'")
+            role = _string_field(message, "role", path, line_no)
+            if role not in ROLES:
+                raise DataError(f"{path}:{line_no}: messages[{i}].role {role!r} is not one of {', '.join(ROLES)}")
+            texts.append(_string_field(message, "content", path, line_no))
+        if not any(m.get("role") == "assistant" for m in messages):
+            raise DataError(f"{path}:{line_no}: the conversation has no 'assistant' message to train on")
+        return texts
+    raise DataError(f"{path}:{line_no}: unknown data format {fmt!r}")
+
+
+def iter_documents(chunk: Chunk, source: Source) -> Iterator[tuple[int, str]]:
+    """(line number, document text) for every document that starts in `chunk`."""
+    if source.format != "text":
+        for line_no, line in _lines(chunk):
+            record = _json_object(line, chunk.path, line_no)
+            if record is not None:
+                yield line_no, "\n".join(record_texts(record, source.format, source.text_field, chunk.path, line_no))
+        return
+    if source.documents == "line":
+        yield from ((n, line) for n, line in _lines(chunk) if line.strip())
+        return
+    paragraph: list[str] = []
+    start = chunk.first_line
+    for line_no, line in _lines(chunk):
+        if source.documents == "paragraph" and not line.strip():
+            if paragraph:
+                yield start, "\n".join(paragraph)
+            paragraph = []
+            continue
+        if not paragraph:
+            start = line_no
+        paragraph.append(line)
+    if paragraph:
+        yield start, "\n".join(paragraph)
+
+
+def iter_texts(sources: Sequence[Source]) -> Iterator[str]:
+    """Every document's text (validated) of every source, in file order: a tokenizer-training corpus."""
+    for source in sources:
+        for chunk in make_chunks(resolve_files(source), source):
+            for _, text in iter_documents(chunk, source):
+                yield text
+
+
+def make_chunks(files: Sequence[str], source: Source, chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
+    """Cut files into ~`chunk_bytes` pieces at line boundaries (paragraph boundaries for paragraph text,
+    whole files for `documents = "file"`), remembering each piece's first line number."""
+    chunks: list[Chunk] = []
+    for path in files:
+        if source.format == "text" and source.documents == "file":
+            chunks.append(Chunk(len(chunks), path, 0, os.path.getsize(path), 1))
+            continue
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise DataError(f"{path}:1: cannot read ({exc.strerror})") from None
+        size = len(data)
+        separator = b"\n\n" if source.format == "text" and source.documents == "paragraph" else b"\n"
+        offset, line = 0, 1
+        while offset < size:
+            end = min(offset + chunk_bytes, size)
+            if end < size:
+                cut = data.find(separator, end)
+                end = size if cut < 0 else cut + len(separator)
+            chunks.append(Chunk(len(chunks), path, offset, end - offset, line))
+            line += data.count(b"\n", offset, end)
+            offset = end
+    return chunks
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+_worker_tokenizer: NemocTokenizer | None = None
+
+
+def _init_worker(tokenizer_spec: str) -> None:
+    global _worker_tokenizer
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per core already
+    _worker_tokenizer = load_tokenizer(tokenizer_spec)
+
+
+def _tokenize_chunk(args: tuple[Chunk, Source, str]) -> tuple[int, int, int, int]:
+    """Tokenize one chunk into `<tmp prefix>.bin/.idx`; returns (index, documents, tokens, empty)."""
+    import numpy as np
+    import torch
+
+    chunk, source, prefix = args
+    builder_cls, dtype = _builder(_worker_tokenizer.vocab_size)
+    builder = builder_cls(prefix + ".bin", dtype=dtype)
+    eod = _worker_tokenizer.eod
+    documents = tokens = empty = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal documents, tokens, empty
+        for ids in _worker_tokenizer.tokenize_batch(batch):
+            if not ids:
+                empty += 1
+                continue
+            ids.append(eod)
+            builder.add_document(torch.from_numpy(np.asarray(ids, dtype=np.int64)), [len(ids)])
+            documents += 1
+            tokens += len(ids)
+        batch.clear()
+
+    for _, text in iter_documents(chunk, source):
+        batch.append(text)
+        if len(batch) >= 256:
+            flush()
+    flush()
+    builder.finalize(prefix + ".idx")
+    return chunk.index, documents, tokens, empty
+
+
+def _builder(vocab_size: int):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed" on import
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    return IndexedDatasetBuilder, DType.optimal_dtype(vocab_size)
+
+
+def dataset_prefix(out_dir: str | os.PathLike, name: str) -> str:
+    return str(Path(out_dir) / f"{name}_text_document")
+
+
+def prepare_dataset(
+    source: Source,
+    tokenizer_spec: str,
+    out_dir: str | os.PathLike,
+    *,
+    workers: int | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+    progress: Callable[[int, int], None] | None = None,
+) -> PrepareResult:
+    """Tokenize `source` into `<out_dir>/<name>_text_document.{bin,idx}` (see the module docstring).
+
+    `progress(done_bytes, total_bytes)` is called after every chunk. Raises `DataError` / `TokenizerError`.
+    """
+    if source.format not in TOKENIZED_FORMATS:
+        raise DataError(f"{source.pattern}: format {source.format!r} is not tokenized at preparation time")
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(tokenizer_spec)  # fail here, in the parent, with a clear message
+    files = resolve_files(source)
+    chunks = make_chunks(files, source, chunk_bytes)
+    total = sum(c.length for c in chunks)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(chunks) or 1))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = out_dir / "parts.tmp"
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir()
+    jobs = [(c, source, str(parts / f"{c.index:06d}")) for c in chunks]
+    counts = [0, 0, 0]
+    done = 0
+    for index, docs, toks, empty in _run_jobs(jobs, tokenizer_spec, workers):
+        counts[0] += docs
+        counts[1] += toks
+        counts[2] += empty
+        done += chunks[index].length
+        if progress:
+            progress(done, total)
+    if counts[0] == 0:
+        shutil.rmtree(parts, ignore_errors=True)
+        raise DataError(f"{files[0]}:1: the corpus is empty: no non-empty document in {len(files)} file(s) of data "
+                        f"{source.name!r}")
+    prefix = dataset_prefix(out_dir, source.name)
+    _merge(parts, [j[2] for j in jobs], prefix, tokenizer.vocab_size)
+    shutil.rmtree(parts, ignore_errors=True)
+    return PrepareResult(prefix=prefix, documents=counts[0], tokens=counts[1], skipped_empty=counts[2],
+                         files=tuple(files), bytes=total, seconds=time.perf_counter() - started, workers=workers)
+
+
+def _run_jobs(jobs: list, tokenizer_spec: str, workers: int) -> Iterator[tuple[int, int, int, int]]:
+    """Results in chunk order, so the first bad line in file order is the error reported."""
+    if workers == 1:
+        _init_worker(tokenizer_spec)
+        yield from map(_tokenize_chunk, jobs)
+        return
+    context = multiprocessing.get_context("fork")  # workers inherit the imported modules: no 5 s re-import
+    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_spec,)) as pool:
+        yield from pool.imap(_tokenize_chunk, jobs)
+
+
+def _merge(parts: Path, part_prefixes: list[str], prefix: str, vocab_size: int) -> None:
+    """Concatenate the chunk datasets in order into `prefix.{bin,idx}` via `.tmp` files, then rename."""
+    builder_cls, dtype = _builder(vocab_size)
+    tmp = str(parts / "merged")
+    builder = builder_cls(tmp + ".bin", dtype=dtype)
+    for part in part_prefixes:
+        builder.add_index(part)
+    builder.finalize(tmp + ".idx")
+    for ext in (".idx", ".bin"):
+        os.replace(tmp + ext, prefix + ext + ".tmp")
+    for ext in (".bin", ".idx"):  # .idx last: a reader that sees the .idx sees a complete .bin
+        os.replace(prefix + ext + ".tmp", prefix + ext)
+
+
+def validate_records(source: Source) -> dict:
+    """Check every record of a chat / prompt_response / preference source; returns counts and paths."""
+    if source.format not in RAW_FORMATS:
+        raise DataError(f"{source.pattern}: format {source.format!r} is tokenized, not validated as raw records")
+    files = resolve_files(source)
+    records = 0
+    for chunk in make_chunks(files, source):
+        records += sum(1 for _ in iter_documents(chunk, source))
+    if records == 0:
+        raise DataError(f"{files[0]}:1: the data set is empty: no record in {len(files)} file(s) of data {source.name!r}")
+    return {"records": records, "files": files, "format": source.format}
+
+
+def train_tokenizer(sources: Sequence[Source], vocab_size: int, path: str | os.PathLike) -> NemocTokenizer:
+    """Train the local byte-level BPE on the sources' texts (validating them on the way)."""
+    from nemoc.runtime.tokenizer import train_byte_level_bpe
+
+    texts = iter_texts(sources)
+    first = next(texts, None)
+    if first is None:
+        names = ", ".join(s.name for s in sources)
+        raise DataError(f"{sources[0].pattern}: the corpus is empty: no text to train a tokenizer on (data {names})")
+
+    def all_texts() -> Iterator[str]:
+        yield first
+        yield from texts
+
+    return train_byte_level_bpe(all_texts(), vocab_size, path)
+
+
+__all__ = [
+    "DataError", "PrepareResult", "Source", "TokenizerError", "dataset_prefix", "iter_texts", "make_chunks",
+    "prepare_dataset", "record_texts", "resolve_files", "train_tokenizer", "validate_records",
+]
