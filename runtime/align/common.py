@@ -2,8 +2,9 @@
 
 Input:  a compiled `Plan` (its `ModelSpec`, precision and a `StagePlan`'s layout).
 Output: Megatron-Core objects: an initialised `parallel_state`, `GPTModel`s (policy, reference, reward,
-critic), per-token log-probabilities computed with Megatron's vocab-parallel cross entropy (so every
-function here is correct under tensor parallelism: logits stay sharded on the vocabulary).
+critic) built by the runtime's own adapters (`runtime.megatron_args`, `runtime.model`), and per-token
+log-probabilities computed with Megatron's vocab-parallel cross entropy (so every function here is
+correct under tensor parallelism: logits stay sharded on the vocabulary).
 Invariants: the CPU adaptation (`nemoc.runtime.mcore_cpu.apply`) is applied before any Megatron object
 is built when CUDA is absent; checkpoints are Megatron-Core `dist_checkpointing` directories, so a
 checkpoint written under one TP/PP layout loads under any other (this is how export gathers shards).
@@ -11,6 +12,7 @@ checkpoint written under one TP/PP layout loads under any other (this is how exp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -25,12 +27,15 @@ from nemoc.runtime import mcore_cpu
 mcore_cpu.apply()
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
-from megatron.core.models.gpt.gpt_model import GPTModel  # noqa: E402
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
+from nemoc.compiler.plan import Layout  # noqa: E402
+from nemoc.runtime import megatron_args as margs  # noqa: E402
+from nemoc.runtime import model as mmodel  # noqa: E402
+
 MODEL_KEY = "model"  # top-level key of the model's sharded state dict inside a checkpoint
+unwrap = mmodel.unwrap
 
 
 class AlignError(RuntimeError):
@@ -54,6 +59,10 @@ def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
             torch.distributed.init_process_group(backend)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    seed_all(seed)
+
+
+def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
@@ -71,18 +80,13 @@ def device() -> torch.device:
 
 # ------------------------------------------------------------------------------------------ models
 
-_ACTIVATIONS = {
-    "swiglu": (F.silu, True),
-    "gelu": (F.gelu, False),
-    "relu": (F.relu, False),
-    "squared_relu": (lambda x: torch.pow(F.relu(x), 2), False),
-}
-_POSITIONS = {"rope": "rope", "learned": "learned_absolute", "none": "none"}
-
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The slice of a `ModelSpec` that decides the GPTModel's architecture (and checkpoint compatibility)."""
+    """The slice of a `ModelSpec` that decides the GPTModel's architecture (and checkpoint compatibility).
+
+    `vocab` is the real vocabulary (what export keeps); Megatron holds it padded to 128 * tp rows.
+    """
 
     layers: int
     hidden: int
@@ -103,49 +107,60 @@ class ModelShape:
     norm_epsilon: float
 
     @classmethod
-    def of(cls, spec) -> "ModelShape":
+    def of(cls, spec, vocab: int | None = None) -> "ModelShape":
         if getattr(spec, "experts", 0):
             raise AlignError(f"model '{spec.name}': alignment stages support dense models only (experts={spec.experts})")
         return cls(
             layers=spec.layers, hidden=spec.hidden, heads=spec.heads, query_groups=spec.query_groups,
-            ffn_hidden=spec.ffn_hidden, vocab=spec.vocab, seq_length=spec.seq_length, head_dim=spec.head_dim,
-            activation=spec.activation, norm=spec.norm, position=spec.position, rotary_base=spec.rotary_base,
-            tie_embeddings=spec.tie_embeddings, add_bias_linear=spec.add_bias_linear,
+            ffn_hidden=spec.ffn_hidden, vocab=vocab or spec.vocab, seq_length=spec.seq_length,
+            head_dim=spec.head_dim, activation=spec.activation, norm=spec.norm, position=spec.position,
+            rotary_base=spec.rotary_base, tie_embeddings=spec.tie_embeddings, add_bias_linear=spec.add_bias_linear,
             add_qkv_bias=spec.add_qkv_bias, qk_layernorm=spec.qk_layernorm, norm_epsilon=spec.norm_epsilon,
         )
 
 
-def transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, precision: str = "fp32",
-                       sequence_parallel: bool = False) -> TransformerConfig:
-    """Megatron-Core's TransformerConfig for `shape` (dropout off: alignment runs are deterministic)."""
-    activation, gated = _ACTIVATIONS[shape.activation]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    return TransformerConfig(
-        num_layers=shape.layers, hidden_size=shape.hidden, num_attention_heads=shape.heads,
-        num_query_groups=shape.query_groups, ffn_hidden_size=shape.ffn_hidden, kv_channels=shape.head_dim,
-        normalization="RMSNorm" if shape.norm == "rmsnorm" else "LayerNorm", layernorm_epsilon=shape.norm_epsilon,
-        gated_linear_unit=gated, activation_func=activation, add_bias_linear=shape.add_bias_linear,
-        add_qkv_bias=shape.add_qkv_bias, qk_layernorm=shape.qk_layernorm,
-        hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=precision == "bf16", fp16=precision == "fp16",
-        use_cpu_initialization=not torch.cuda.is_available(), init_method_std=0.02,
-    )
+def single_layout(*, tp: int = 1, pp: int = 1, dp: int = 1, micro_batch: int = 1, global_batch: int = 1,
+                  sequence_parallel: bool = False) -> Layout:
+    """A resolved Layout for tests and one-process tools (export, evaluation)."""
+    return Layout(tp=tp, pp=pp, vp=None, cp=1, ep=1, etp=1, dp=dp, micro_batch=micro_batch,
+                  global_batch=global_batch, num_microbatches=max(1, global_batch // (micro_batch * dp)),
+                  sequence_parallel=sequence_parallel, distributed_optimizer=False, recompute="none")
 
 
-def build_gpt(shape: ModelShape, config: TransformerConfig, *, untie: bool = False) -> GPTModel:
-    """A GPTModel (local layer spec) for this pipeline rank. `untie` forces a separate output layer."""
-    spec = get_gpt_layer_local_spec(
-        normalization="RMSNorm" if shape.norm == "rmsnorm" else "LayerNorm", qk_layernorm=shape.qk_layernorm
+def machine_facts() -> margs.MachineFacts:
+    return margs.MachineFacts(cpu=mcore_cpu.is_applied(), have_te=mmodel.have_transformer_engine())
+
+
+def build_gpt(spec, layout: Layout, *, precision: str = "fp32", vocab: int | None = None,
+              attention_backend: str = "unfused", scalar_head: bool = False):
+    """One GPTModel chunk for this pipeline rank, built by the runtime's own adapters
+    (runtime.megatron_args, runtime.model), so parameters and checkpoints match the pretraining stage's.
+
+    `attention_backend="unfused"` (Megatron's DotProductAttention) is the default here because it
+    honours an explicit attention mask: packed SFT samples need a block-diagonal one. `scalar_head`
+    replaces the vocabulary output layer by a one-output head (reward model, critic).
+    Returns the chunk (Float16Module-wrapped for bf16/fp16); `unwrap(chunk)` is the GPTModel.
+    """
+    if layout.vp:
+        raise AlignError("alignment stages do not support virtual pipeline stages (vp); use vp = none")
+    shape = ModelShape.of(spec, vocab)
+    facts = machine_facts()
+    try:
+        config = margs.transformer_config(model=spec, layout=layout, precision=precision,
+                                          attention_backend=attention_backend, facts=facts)
+    except margs.UnsupportedPlan as exc:
+        raise AlignError(str(exc)) from None
+    if scalar_head:
+        spec = dataclasses.replace(spec, tie_embeddings=False)
+    (chunk,) = mmodel.build_model_chunks(
+        config=config, model=spec, vocab_size=margs.padded_vocab_size(shape.vocab, layout.tp),
+        seq_length=shape.seq_length, attention_backend=attention_backend, have_te=facts.have_te,
     )
-    model = GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=shape.vocab, max_sequence_length=shape.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=shape.tie_embeddings and not untie,
-        position_embedding_type=_POSITIONS[shape.position], rotary_base=int(shape.rotary_base),
-    )
-    model.nemoc_shape = shape  # checked against a checkpoint's nemoc_model.json on load
-    return model.to(device())
+    gpt = unwrap(chunk)
+    gpt.nemoc_shape = shape  # checked against a checkpoint's nemoc_model.json on load
+    if scalar_head and gpt.post_process:
+        gpt.output_layer = ScalarHead(config)
+    return chunk
 
 
 class ScalarHead(MegatronModule):
@@ -168,18 +183,11 @@ class ScalarHead(MegatronModule):
         return F.linear(hidden, self.weight, self.bias), None
 
 
-def attach_scalar_head(model: GPTModel) -> GPTModel:
-    """Turn a (post-process) GPTModel into a scalar model: forward(..., labels=None) -> [b, s, 1]."""
-    if model.post_process:
-        model.output_layer = ScalarHead(model.config)
-    return model
-
-
 # ------------------------------------------------------------------------------------- checkpoints
 
 
-def model_sharded_state_dict(model: GPTModel, *, skip_output: bool = False) -> dict:
-    state = model.sharded_state_dict(prefix=f"{MODEL_KEY}.")
+def model_sharded_state_dict(model, *, skip_output: bool = False) -> dict:
+    state = unwrap(model).sharded_state_dict(prefix=f"{MODEL_KEY}.")
     if skip_output:
         state = {k: v for k, v in state.items() if ".output_layer." not in k}
     return state
@@ -202,7 +210,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise AlignError(f"{path}: no Megatron-Core checkpoint (no metadata.json, `latest` marker or iter_* directory)")
 
 
-def load_model(model: GPTModel, checkpoint: str | os.PathLike, *, skip_output: bool = False) -> Path:
+def load_model(model, checkpoint: str | os.PathLike, *, skip_output: bool = False) -> Path:
     """Load the model weights of a dist_checkpointing directory into `model` (any TP/PP layout)."""
     ckpt = resolve_checkpoint(checkpoint)
     _check_shape(model, ckpt)
@@ -210,14 +218,14 @@ def load_model(model: GPTModel, checkpoint: str | os.PathLike, *, skip_output: b
     loaded = dist_checkpointing.load(state, str(ckpt))
     prefix = f"{MODEL_KEY}."
     weights = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
-    missing, _ = model.load_state_dict(weights, strict=False)
+    missing, _ = unwrap(model).load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state") and not (skip_output and "output_layer" in k)]
     if missing:
         raise AlignError(f"{ckpt}: checkpoint lacks {len(missing)} model tensors, e.g. {missing[:3]}")
     return ckpt
 
 
-def save_model(model: GPTModel, directory: str | os.PathLike, *, shape: ModelShape, extra: Mapping | None = None) -> Path:
+def save_model(model, directory: str | os.PathLike, *, shape: ModelShape, extra: Mapping | None = None) -> Path:
     """Save `model` with dist_checkpointing plus `nemoc_model.json` (architecture, for compatibility checks)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -229,9 +237,9 @@ def save_model(model: GPTModel, directory: str | os.PathLike, *, shape: ModelSha
     return directory
 
 
-def _check_shape(model: GPTModel, ckpt: Path) -> None:
+def _check_shape(model, ckpt: Path) -> None:
     info_path = ckpt / "nemoc_model.json"
-    shape = getattr(model, "nemoc_shape", None)
+    shape = getattr(unwrap(model), "nemoc_shape", None)
     if shape is None or not info_path.exists():
         return
     saved = json.loads(info_path.read_text()).get("shape", {})

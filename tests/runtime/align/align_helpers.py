@@ -20,3 +20,38 @@ def gpt2_spec(**overrides):
                 tie_embeddings=True)
     base.update(overrides)
     return ModelSpec(**base)
+
+
+def stage_settings(steps=100, lr=3e-3, **kw):
+    """Optimizer/schedule specs for a short CPU run."""
+    from nemoc.compiler.spec import OptimizerSpec, ScheduleSpec
+
+    return dict(optimizer=OptimizerSpec(lr=lr, weight_decay=0.0, grad_clip=1.0),
+                schedule=ScheduleSpec(name="constant", warmup=0), steps=steps, **kw)
+
+
+# A synthetic instruction task over token ids: prompt = [INSTR, a, b, SEP], response = [f(a), f(b), EOD]
+# with f a fixed permutation of 16 "letters". A model that ignores the prompt cannot beat the
+# response unigram entropy (~ln 16 on two of three tokens); learning the mapping drives it towards 0.
+INSTR, SEP, EOD = 1, 2, 3
+LETTERS = list(range(10, 26))
+
+
+def mapping(seed=0):
+    import random
+
+    perm = LETTERS[:]
+    random.Random(seed).shuffle(perm)
+    return dict(zip(LETTERS, perm))
+
+
+def instruction_samples(n, seed, f):
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.choice(LETTERS), rng.choice(LETTERS)
+        ids = [INSTR, a, b, SEP, f[a], f[b], EOD]
+        out.append((ids, [0, 0, 0, 0, 1, 1, 1]))
+    return out

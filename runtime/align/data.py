@@ -1,0 +1,218 @@
+"""Readers for the alignment data formats, and their tokenisation into (ids, loss weights) samples.
+
+Input:  JSONL files, one record per line:
+  chat            {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  prompt_response {"prompt": str, "response": str}
+  preference      {"prompt": str, "chosen": str, "rejected": str}   (also "chosen"/"rejected" as chat lists)
+  prompt          {"prompt": str}   (PPO rollouts, eval generations)
+Output: frozen records; `ChatTemplate.render` turns a conversation into token ids with a weight of 1 on
+the assistant tokens only (the SFT loss mask) and 0 on everything else.
+Invariants: a malformed record raises `DataError` whose message starts `file:line:` (blank lines are
+skipped); nothing is tokenised before the whole file has been read and validated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A malformed data file or record; the message is `file:line: what is wrong`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Preference:
+    prompt: tuple[Message, ...]  # the shared context (usually one user turn)
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    prompt: tuple[Message, ...]
+
+
+def _records(path: str | Path) -> Iterator[tuple[str, Mapping]]:
+    path = Path(path)
+    try:
+        handle = path.open("r", encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with handle:
+        line_no = 0
+        try:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_no}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                yield where, record
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{line_no + 1}: invalid UTF-8 ({exc.reason})") from None
+
+
+def _text(where: str, record: Mapping, key: str) -> str:
+    if key not in record:
+        raise DataError(f"{where}: missing field '{key}'")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: field '{key}' is empty")
+    return value
+
+
+def _messages(where: str, value: object, key: str) -> tuple[Message, ...]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{key}' must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: {key}[{i}].role is {m['role']!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: {key}[{i}].content must be a string")
+        out.append(Message(m["role"], m["content"]))
+    return tuple(out)
+
+
+def _conversation(where: str, record: Mapping) -> Conversation:
+    if "messages" not in record:
+        raise DataError(f"{where}: missing field 'messages'")
+    messages = _messages(where, record["messages"], "messages")
+    if not any(m.role == "assistant" for m in messages):
+        raise DataError(f"{where}: conversation has no assistant turn (nothing to train on)")
+    return Conversation(messages)
+
+
+def _prompt_messages(where: str, record: Mapping) -> tuple[Message, ...]:
+    if "prompt" in record and isinstance(record["prompt"], list):
+        return _messages(where, record["prompt"], "prompt")
+    return (Message("user", _text(where, record, "prompt")),)
+
+
+def _reply(where: str, record: Mapping, key: str) -> str:
+    value = record.get(key)
+    if isinstance(value, list):  # a chat list: take the last assistant turn
+        msgs = _messages(where, value, key)
+        if msgs[-1].role != "assistant":
+            raise DataError(f"{where}: the last message of '{key}' must be the assistant's")
+        return msgs[-1].content
+    return _text(where, record, key)
+
+
+def read_sft(path: str | Path, fmt: str = "chat") -> list[Conversation]:
+    """chat or prompt_response records -> conversations."""
+    out = []
+    for where, record in _records(path):
+        if fmt == "prompt_response":
+            out.append(Conversation((*_prompt_messages(where, record), Message("assistant", _text(where, record, "response")))))
+        elif fmt == "chat":
+            out.append(_conversation(where, record))
+        else:
+            raise DataError(f"{path}: format '{fmt}' cannot be used for SFT (chat | prompt_response)")
+    return _non_empty(path, out)
+
+
+def read_preferences(path: str | Path) -> list[Preference]:
+    out = []
+    for where, record in _records(path):
+        chosen, rejected = _reply(where, record, "chosen"), _reply(where, record, "rejected")
+        if chosen == rejected:
+            raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
+        out.append(Preference(_prompt_messages(where, record), chosen, rejected))
+    return _non_empty(path, out)
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts for rollouts/generation; any record with a 'prompt' (or 'messages' minus its reply) works."""
+    out = []
+    for where, record in _records(path):
+        if "prompt" in record:
+            out.append(Prompt(_prompt_messages(where, record)))
+        else:
+            conv = _conversation(where, record)
+            last = max(i for i, m in enumerate(conv.messages) if m.role == "assistant")
+            out.append(Prompt(conv.messages[:last]))
+    return _non_empty(path, out)
+
+
+def _non_empty(path, records: list) -> list:
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+# ------------------------------------------------------------------------------------ chat template
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTemplate:
+    """A plain-text chat template: each turn is `prefix[role] + content + suffix`, then tokenised.
+
+    The default is a simple role-tag template (`<|user|>\\n...\\n`); any prefixes/suffix can be given
+    in the stage (`template = {user = "...", assistant = "...", system = "...", end = "..."}`).
+    Only the assistant's content and its `end` suffix get loss weight 1.
+    """
+
+    system: str = "<|system|>\n"
+    user: str = "<|user|>\n"
+    assistant: str = "<|assistant|>\n"
+    end: str = "\n"
+
+    @classmethod
+    def from_params(cls, params: Mapping | None) -> "ChatTemplate":
+        given = dict((params or {}).get("template") or {})
+        unknown = set(given) - {"system", "user", "assistant", "end"}
+        if unknown:
+            raise DataError(f"chat template: unknown keys {sorted(unknown)} (system, user, assistant, end)")
+        return cls(**{k: str(v) for k, v in given.items()})
+
+    def prefix(self, role: str) -> str:
+        return getattr(self, role)
+
+    def render(self, tokenizer, messages: Sequence[Message], *, eod: bool = True) -> tuple[list[int], list[int]]:
+        """(token ids, weights): weights are 1 on assistant content+end tokens, 0 elsewhere."""
+        ids: list[int] = []
+        weights: list[int] = []
+        for m in messages:
+            head = tokenizer.tokenize(self.prefix(m.role))
+            ids += head
+            weights += [0] * len(head)
+            body = tokenizer.tokenize(m.content + self.end)
+            ids += body
+            weights += [1 if m.role == "assistant" else 0] * len(body)
+        if eod and messages and messages[-1].role == "assistant":
+            ids.append(tokenizer.eod)
+            weights.append(1)
+        return ids, weights
+
+    def prompt_ids(self, tokenizer, messages: Sequence[Message]) -> list[int]:
+        """The context followed by the assistant prefix: what generation continues from."""
+        ids, _ = self.render(tokenizer, messages, eod=False)
+        return ids + tokenizer.tokenize(self.assistant)
+
+    def reply_ids(self, tokenizer, reply: str) -> list[int]:
+        return tokenizer.tokenize(reply + self.end) + [tokenizer.eod]

@@ -1,0 +1,85 @@
+"""Supervised fine-tuning: next-token loss on the response tokens only, optionally with sequence packing.
+
+Input:  samples `(ids, weights)` from `data.ChatTemplate.render` (weight 1 on assistant tokens), a
+        policy chunk (full model, or LoRA-wrapped: the same code trains adapters only).
+Output: the trained chunk in place; per-step metrics; held-out response loss before and after.
+Invariants: the loss is the mean over response label tokens of a microbatch (prompt, template and
+padding tokens have weight 0). With `pack = true` several samples share one row of `seq_length` tokens
+with a block-diagonal causal attention mask and per-sample position ids (`common.pack_rows`), so a
+packed row computes exactly what the samples would compute alone (tested).
+
+Packing limitation: Megatron-Core's native packed path (`PackedSeqParams` with `cu_seqlens`, THD layout)
+needs Transformer Engine's fused attention. Without TE (the CPU runtime, or a GPU without TE) we pass
+an explicit [b, 1, s, s] block-diagonal mask to Megatron's `DotProductAttention` (the `unfused` core),
+which costs O(s^2) memory per row like unpacked attention does. With TE present the stage falls back to
+padding (one sample per row) rather than silently ignoring the mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from nemoc.runtime.align.common import AlignError, Batch, masked_mean_loss, pack_rows, unwrap
+from nemoc.runtime.align.trainer import chunks
+
+Sample = tuple[list[int], list[int]]
+
+
+def truncate(samples: Sequence[Sample], seq_length: int) -> list[Sample]:
+    """Cut each sample to seq_length + 1 tokens (inputs + the last label); drop those with no response left."""
+    out = []
+    for ids, w in samples:
+        ids, w = ids[: seq_length + 1], w[: seq_length + 1]
+        if sum(w[1:]) > 0:
+            out.append((ids, w))
+    if not out:
+        raise AlignError(f"no sample keeps a response token within seq_length={seq_length}")
+    return out
+
+
+def pack(samples: Sequence[Sample], seq_length: int, enabled: bool) -> list[list[Sample]]:
+    """First-fit-decreasing bins of at most seq_length + 1 tokens (or one sample per row)."""
+    if not enabled:
+        return [[s] for s in samples]
+    capacity = seq_length + 1
+    bins: list[list[Sample]] = []
+    room: list[int] = []
+    for s in sorted(samples, key=lambda x: -len(x[0])):
+        for i, free in enumerate(room):
+            if len(s[0]) <= free:
+                bins[i].append(s)
+                room[i] -= len(s[0])
+                break
+        else:
+            bins.append([s])
+            room.append(capacity - len(s[0]))
+    return bins
+
+
+def rows_to_batches(rows: Sequence[list[Sample]], seq_length: int, micro_batch: int, pad_id: int = 0) -> list[Batch]:
+    return [pack_rows(group, seq_length, pad_id) for group in chunks(rows, micro_batch)]
+
+
+def forward(model, batch: Batch):
+    """Megatron forward step: per-token loss from GPTModel, masked mean over response tokens."""
+    token_loss = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+
+    def loss_func(output):
+        loss = masked_mean_loss(output.float(), batch.loss_mask)
+        return loss, {"loss": loss.detach(), "response_tokens": batch.loss_mask.sum().detach()}
+
+    return token_loss, loss_func
+
+
+@torch.no_grad()
+def response_loss(chunk, batches: Sequence[Batch]) -> float:
+    """Mean per-token loss over all response tokens of `batches` (token-weighted, not batch-weighted)."""
+    unwrap(chunk).eval()
+    total, count = 0.0, 0.0
+    for batch in batches:
+        out = chunk(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels).float()
+        total += float((out * batch.loss_mask).sum())
+        count += float(batch.loss_mask.sum())
+    return total / max(count, 1.0)

@@ -1,0 +1,113 @@
+"""One optimizer step at a time on Megatron-Core: DDP, the Megatron optimizer, the LR scheduler, the schedules.
+
+Input:  a model chunk from `common.build_gpt` (parameters with `requires_grad=False` are frozen: DDP
+        gives them no gradient buffer and the optimizer never sees them), the stage plan's optimizer,
+        schedule, layout and steps, and per step a list of microbatches plus a `forward(model, mb)`
+        returning `(output, loss_func)` in Megatron's forward-step contract.
+Output: per step a dict of metrics (averaged over microbatches and data-parallel ranks), `lr`, `grad_norm`.
+Invariants: the gradient is that of the mean of the per-microbatch losses over all microbatches of all
+DP ranks (Megatron divides each microbatch loss by the number of microbatches; DDP averages over DP).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from nemoc.runtime import megatron_args as margs
+from nemoc.runtime import model as mmodel
+from nemoc.runtime.align.common import AlignError, unwrap
+
+
+class Trainer:
+    def __init__(self, chunk, *, layout, optimizer, schedule, steps: int, precision: str = "fp32"):
+        if layout.pp > 1:
+            raise AlignError(f"alignment stages run with pipeline parallelism 1 (got pp={layout.pp}); use tp/dp")
+        config = unwrap(chunk).config
+        trainable = [p for p in chunk.parameters() if p.requires_grad]
+        if not trainable:
+            raise AlignError("no trainable parameters")
+        (self.model,) = mmodel.wrap_ddp(chunks=[chunk], config=config, ddp_config=margs.ddp_config(layout=layout))
+        try:
+            opt_config = margs.optimizer_config(optimizer=optimizer, schedule=schedule, layout=layout, precision=precision)
+            sched_kwargs = margs.scheduler_kwargs(optimizer=optimizer, schedule=schedule, steps=max(steps, 1))
+        except margs.UnsupportedPlan as exc:
+            raise AlignError(str(exc)) from None
+        self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        self.scheduler = OptimizerParamScheduler(self.optimizer, **sched_kwargs)
+        self.step_count = 0
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def step(self, microbatches: Sequence, forward: Callable, *, seq_length: int) -> dict[str, float]:
+        """One optimizer step over `microbatches` (this DP rank's share of the global batch)."""
+        start = time.perf_counter()
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        it = iter(microbatches)
+        reports = get_forward_backward_func()(
+            forward_step_func=lambda data, model: forward(model, next(data)),
+            data_iterator=it, model=[self.model], num_microbatches=len(microbatches),
+            seq_length=seq_length, micro_batch_size=_rows(microbatches[0]), forward_only=False,
+        )
+        lr = self.lr
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        self.step_count += 1
+        metrics = average_reports(reports)
+        metrics.update(lr=lr, grad_norm=float(grad_norm or 0.0), step_time_s=time.perf_counter() - start)
+        return metrics
+
+
+def _rows(mb) -> int:
+    tokens = mb["batch"].tokens if isinstance(mb, dict) else mb.tokens
+    return int(tokens.shape[0])
+
+
+def average_reports(reports: Sequence[dict]) -> dict[str, float]:
+    """Mean of each reported scalar over microbatches, then over the data-parallel group."""
+    if not reports:
+        return {}
+    names = sorted(reports[0])
+    values = torch.stack([torch.stack([r[n].detach().float().reshape(()) for n in names]) for r in reports]).mean(0)
+    if parallel_state.get_data_parallel_world_size() > 1:
+        torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        values /= parallel_state.get_data_parallel_world_size()
+    return {n: float(v) for n, v in zip(names, values)}
+
+
+def dp_shard(items: Sequence, step: int, global_batch: int) -> list:
+    """This DP rank's share of step `step`'s global batch, cycling through `items` in order."""
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    start = step * global_batch
+    batch = [items[(start + i) % len(items)] for i in range(global_batch)]
+    return batch[rank::dp]
+
+
+def chunks(items: Sequence, size: int) -> list[list]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def run_steps(trainer: Trainer, *, items: Sequence, steps: int, global_batch: int, to_microbatches: Callable,
+              forward: Callable, seq_length: int, on_step: Callable | None = None) -> list[dict]:
+    """`steps` optimizer steps; each takes the next `global_batch` items, this DP rank's share of them,
+    turned into microbatches by `to_microbatches`. Returns every step's metrics."""
+    history = []
+    for step in range(steps):
+        microbatches = to_microbatches(dp_shard(items, step, global_batch))
+        metrics = trainer.step(microbatches, forward, seq_length=seq_length)
+        metrics["step"] = step + 1
+        history.append(metrics)
+        if on_step is not None:
+            on_step(metrics)
+    return history
