@@ -69,8 +69,9 @@ class Diagnostic:
 class DiagnosticError(Exception):
     """Raised once by a phase that found errors; carries every diagnostic it collected."""
 
-    def __init__(self, diagnostics: Iterable[Diagnostic]):
+    def __init__(self, diagnostics: Iterable[Diagnostic], sources: Mapping[str, str] | None = None):
         self.diagnostics = tuple(diagnostics)
+        self.sources = dict(sources or {})  # path -> text of every file a span may name, for `render`
         super().__init__("; ".join(d.message for d in self.diagnostics))
 
 

@@ -1,0 +1,424 @@
+"""AST -> `ExperimentSpec`: the only module of the compiler that reads the syntax tree.
+
+Input:  a `nemoc.dsl.loader.Program` (the root file and its imports, parsed) and `--set` overrides.
+Output: an `ExperimentSpec` with presets expanded, templates merged, units resolved and `spans` filled
+        with dotted paths (`model`, `model.heads`, `cluster.nodes`, `parallel.tensor`, `precision`,
+        `data.web`, `data.web.path`, `stage.pretrain`, `stage.pretrain.global_batch`,
+        `stage.pretrain.parallel.tensor`, `stage.pretrain.checkpoint.every`,
+        `stage.pretrain.optimizer.lr`, ...); or every diagnostic found (E020-E044, W001).
+Invariants: pure; collects all problems before raising once; the spec never holds AST nodes; a field
+the user did not write has no entry in `spans` except the always-present block anchors `experiment`,
+`cluster`, `model`, `parallel` (the experiment header when no parallel block is written) and
+`stage.NAME`.
+
+Semantics of top-level blocks: `cluster`, `model`, `parallel` and `data` blocks outside an experiment
+(in the root file or an imported one) are named templates. Inside the experiment, `cluster NAME { }`,
+`parallel NAME { }`, `model NAME { }` and `data NAME { }` start from the template of that name, and the
+fields written override it; `model NAME` falls back to the catalog's presets. A stage may reference a
+data template directly (`data = [web]`) without redeclaring it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+
+from nemoc.compiler.catalog.hardware import GPUS, get_gpu
+from nemoc.compiler.catalog.models import PRESETS, get_preset
+from nemoc.compiler.spec import (CheckpointSpec, ClusterSpec, DataSpec, ExperimentSpec, LoraSpec, ModelSpec,
+                                 OptimizerSpec, ParallelSpec, ScheduleSpec, StageSpec)
+from nemoc.dsl import ast
+from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Note, Severity, Span, has_errors
+from nemoc.dsl.loader import Program, load_program
+from nemoc.dsl.overrides import apply_overrides
+from nemoc.dsl.schema import (BLOCKS, DATA_OPTIONS, MODEL_FIELDS, STAGE_KINDS, STAGE_PARAMS, TEMPLATE_KINDS)
+from nemoc.dsl.typecheck import CallValue, Checked, Ref, check_block, did_you_mean, missing_required, suggest
+
+
+def load_experiment(path: str, sets: tuple[str, ...] = ()) -> tuple[ExperimentSpec, dict[str, str]]:
+    """Read, parse, check and lower `path`. Raises `DiagnosticError` (with `.sources`) on any error.
+
+    Warnings are not raised; call `lower_program` to see them.
+    """
+    spec, diags, sources = compile_file(path, sets)
+    if spec is None or has_errors(diags):
+        raise DiagnosticError(diags, sources)
+    return spec, sources
+
+
+def compile_file(path: str, sets: tuple[str, ...] = ()):
+    """(spec or None, every diagnostic incl. warnings, sources). Never raises for bad input."""
+    try:
+        program, diags = load_program(path)
+        sources = dict(program.sources)
+        if has_errors(diags) or not program.modules:
+            return None, tuple(diags), sources
+        spec, more, extra = lower_program(program, sets)
+        sources.update(extra)
+        return spec, tuple(diags) + tuple(more), sources
+    except RecursionError:
+        diag = Diagnostic("E004", "nesting is too deep to process", Span(path, 1, 1, 1, 2))
+        return None, (diag,), {}
+
+
+def lower_program(program: Program, sets: tuple[str, ...] = ()):
+    """(ExperimentSpec or None, diagnostics, override pseudo-sources)."""
+    diags: list[Diagnostic] = []
+    templates = _collect_templates(program, diags)
+    experiment = _the_experiment(program, diags)
+    if experiment is None:
+        return None, diags, {}
+    experiment, set_sources, set_diags = apply_overrides(experiment, sets)
+    diags.extend(set_diags)
+    if has_errors(set_diags):
+        return None, diags, set_sources
+    experiment = _merge_templates(experiment, templates, diags)
+    checked = check_block(experiment, diags)
+    spec = _Lowering(checked, templates, program, diags).spec()
+    return spec, diags, set_sources
+
+
+# --------------------------------------------------------------------------------------- templates
+
+
+def _collect_templates(program: Program, diags: list[Diagnostic]) -> dict[tuple[str, str], ast.Block]:
+    templates: dict[tuple[str, str], ast.Block] = {}
+    for path, module in program.modules.items():
+        for block in module.blocks:
+            kind = block.kind.value
+            if kind == "experiment":
+                if path != program.root:
+                    diags.append(Diagnostic("E026", "an imported file cannot declare an experiment", block.head,
+                                            hint="imported files hold templates: cluster, model, parallel, data"))
+                continue
+            if kind not in TEMPLATE_KINDS:
+                allowed = ("experiment",) + TEMPLATE_KINDS
+                hint = did_you_mean(kind, allowed) or "top-level blocks: " + ", ".join(f"`{k}`" for k in allowed)
+                if kind in BLOCKS:
+                    msg = f"a `{kind}` block must be inside an experiment"
+                else:
+                    msg = f"unknown top-level block `{kind}`"
+                diags.append(Diagnostic("E020", msg, block.kind.span, hint=hint))
+                continue
+            check_block(block, diags, where="top level")  # report template errors where they are written
+            if block.name is None:
+                continue
+            key = (kind, block.name.value)
+            if key in templates:
+                diags.append(Diagnostic("E023", f"duplicate template `{kind} {block.name.value}`", block.head,
+                                        notes=(Note("first declared here", templates[key].head),)))
+                continue
+            templates[key] = block
+    return templates
+
+
+def _the_experiment(program: Program, diags: list[Diagnostic]) -> ast.Block | None:
+    module = program.modules.get(program.root)
+    experiments = [b for b in module.blocks if b.kind.value == "experiment"] if module else []
+    if not experiments:
+        span = module.span if module else None
+        diags.append(Diagnostic("E026", "no `experiment` block in this file",
+                                Span(program.root, 1, 1, 1, 2) if span is None else Span(span.path, 1, 1, 1, 2),
+                                hint="write `experiment NAME { cluster { ... } model ... { } stage ... { } }`"))
+        return None
+    for extra in experiments[1:]:
+        diags.append(Diagnostic("E026", "a file holds exactly one experiment", extra.head,
+                                notes=(Note("the first experiment is declared here", experiments[0].head),),
+                                hint="move it to its own file; share blocks through `import`"))
+    return experiments[0]
+
+
+def _merge(template: ast.Block, block: ast.Block) -> ast.Block:
+    """The template's members, then the block's; a field the block writes replaces the template's."""
+    written = {f.key.value for f in block.fields}
+    inherited = tuple(m for m in template.members if not (isinstance(m, ast.Field) and m.key.value in written))
+    return dataclasses.replace(block, members=inherited + block.members)
+
+
+def _merge_templates(experiment: ast.Block, templates, diags: list[Diagnostic]) -> ast.Block:
+    members = []
+    for m in experiment.members:
+        if isinstance(m, ast.Block) and m.name is not None and m.kind.value in TEMPLATE_KINDS:
+            template = templates.get((m.kind.value, m.name.value))
+            if template is not None:
+                m = _merge(template, m)
+            elif m.kind.value in ("cluster", "parallel"):
+                names = [n for k, n in templates if k == m.kind.value]
+                diags.append(Diagnostic("E040", f"no `{m.kind.value}` template named `{m.name.value}`",
+                                        m.name.span, hint=did_you_mean(m.name.value, names) or
+                                        "declare it at top level (here or in an imported file)"))
+        members.append(m)
+    declared = {m.name.value for m in members if isinstance(m, ast.Block) and m.kind.value == "data" and m.name}
+    for name in _referenced_data(members):
+        template = templates.get(("data", name))
+        if name not in declared and template is not None:
+            members.append(template)
+            declared.add(name)
+    return dataclasses.replace(experiment, members=tuple(members))
+
+
+def _referenced_data(members) -> list[str]:
+    names = []
+    for m in members:
+        if isinstance(m, ast.Block) and m.kind.value == "stage":
+            for f in m.fields:
+                if f.key.value == "data" and isinstance(f.value, ast.ListValue):
+                    names += [i.value for i in f.value.items if isinstance(i, ast.Name)]
+    return names
+
+
+# ------------------------------------------------------------------------------------------ lowering
+
+
+class _Lowering:
+    def __init__(self, checked: Checked, templates, program: Program, diags: list[Diagnostic]):
+        self.exp = checked
+        self.templates = templates
+        self.program = program
+        self.diags = diags
+        self.spans: dict[str, Span] = {"experiment": checked.head}
+
+    def _record(self, prefix: str, block: Checked) -> None:
+        self.spans[prefix] = block.head
+        for key, span in block.spans.items():
+            self.spans[f"{prefix}.{key}"] = span
+            value = block.values.get(key)
+            if isinstance(value, CallValue):
+                for arg, arg_span in value.spans.items():
+                    self.spans[f"{prefix}.{key}.{arg}"] = arg_span
+
+    def _require(self, kind: str) -> Checked | None:
+        block = self.exp.sub(kind)
+        if block is None:
+            example = {"cluster": "cluster { gpu = H100  nodes = 1 }", "model": "model llama3_8b { }"}[kind]
+            self.diags.append(Diagnostic("E025", f"experiment `{self.exp.name}` has no `{kind}` block",
+                                         self.exp.head, hint=f"add e.g. `{example}`"))
+        return block
+
+    def spec(self) -> ExperimentSpec | None:
+        cluster = self._cluster(self._require("cluster"))
+        model = self._model(self._require("model"))
+        parallel = self._parallel(self.exp.sub("parallel"), ParallelSpec(), "parallel")
+        if "parallel" not in self.spans:
+            self.spans["parallel"] = self.exp.head
+        data = tuple(self._data(b) for b in self.exp.blocks if b.kind == "data")
+        stages = self._stages(parallel, {d.name for d in data if d})
+        self._unused_data(data, stages)
+        for key in ("precision", "attention_backend"):
+            if key in self.exp.spans:
+                self.spans[key] = self.exp.spans[key]
+        if has_errors(self.diags) or cluster is None or model is None:
+            return None
+        values = {k: v for k, v in self.exp.values.items() if k in ("precision", "attention_backend")}
+        return ExperimentSpec(
+            name=self.exp.name or "experiment", model=model, cluster=cluster, parallel=parallel,
+            data=tuple(d for d in data if d), stages=stages, root=self.program.root_dir,
+            spans=MappingProxyType(dict(self.spans)), **values)
+
+    # -- cluster
+
+    def _cluster(self, block: Checked | None) -> ClusterSpec | None:
+        if block is None:
+            return None
+        self._record("cluster", block)
+        missing_required(block, BLOCKS["cluster"].fields, self.diags, "cluster")
+        values = dict(block.values)
+        gpu = values.get("gpu")
+        hw = get_gpu(gpu) if gpu is not None else None
+        if gpu is not None and hw is None:
+            self.diags.append(Diagnostic("E043", f"unknown accelerator `{gpu}`", block.spans["gpu"],
+                                         hint=did_you_mean(gpu, GPUS) or "known: " + ", ".join(GPUS)))
+        if hw is None:
+            return None
+        values["gpu"] = hw.id
+        scheduler = values.pop("scheduler", None)
+        if scheduler is not None:
+            values["scheduler"] = scheduler.func
+            values["scheduler_options"] = MappingProxyType(dict(scheduler.args))
+        return ClusterSpec(**values)
+
+    # -- model
+
+    def _model(self, block: Checked | None) -> ModelSpec | None:
+        if block is None:
+            return None
+        self._record("model", block)
+        name = block.name or "model"
+        overrides = dict(block.values)
+        preset = get_preset(name) if ("model", name) not in self.templates else None
+        if preset is not None:
+            return dataclasses.replace(preset, **overrides)
+        missing = [f.name for f in MODEL_FIELDS if f.required and f.name not in block.written]
+        if missing:
+            self._unknown_model(block, name, missing)
+            return None
+        defaults = {f.name: f.default for f in MODEL_FIELDS if f.default is not None and f.name not in overrides}
+        values = {**defaults, **overrides}
+        values.setdefault("query_groups", values["heads"])
+        return ModelSpec(name=name, **values)
+
+    def _unknown_model(self, block: Checked, name: str, missing: list[str]) -> None:
+        close = suggest(name, PRESETS)
+        if close or not block.written:
+            families = sorted({p.split("_")[0] for p in PRESETS})
+            hint = (f"did you mean `{close}`?" if close else
+                    "presets: " + ", ".join(f"{f}_*" for f in families) + " (see docs/language.md)")
+            self.diags.append(Diagnostic("E042", f"unknown model preset `{name}`", block.head, hint=hint,
+                                         notes=(Note("a model that is not a preset must set " +
+                                                     ", ".join(f"`{m}`" for m in missing)),)))
+            return
+        self.diags.append(Diagnostic("E044", f"model `{name}` is not a preset, so it must set "
+                                     + ", ".join(f"`{m}`" for m in missing), block.head,
+                                     hint="spell out the architecture, or name a preset such as `llama3_8b`"))
+
+    # -- parallel
+
+    def _parallel(self, block: Checked | None, base: ParallelSpec, prefix: str) -> ParallelSpec:
+        if block is None:
+            return base
+        self._record(prefix, block)
+        return dataclasses.replace(base, **block.values)
+
+    # -- data
+
+    def _data(self, block: Checked) -> DataSpec | None:
+        prefix = f"data.{block.name}"
+        self._record(prefix, block)
+        missing_required(block, BLOCKS["data"].fields, self.diags, f"data {block.name}")
+        values = dict(block.values)
+        if "path" not in values:
+            return None
+        options = {k: values.pop(k) for k in DATA_OPTIONS if k in values}
+        if "split" in values:
+            self._check_split(values["split"], block.spans["split"])
+        return DataSpec(name=block.name, options=MappingProxyType(options), **values)
+
+    def _check_split(self, split: tuple[float, ...], span: Span) -> None:
+        total = sum(split)
+        if abs(total - 1.0) > 1e-9:
+            shown = " + ".join(f"{s:g}" for s in split)
+            self.diags.append(Diagnostic("E032", "the train / validation / test split must sum to 1", span,
+                                         equation=f"{shown} = {total:g} != 1"))
+
+    def _unused_data(self, data, stages) -> None:
+        used = {name for s in stages for name in s.data}
+        for d in data:
+            if d is not None and d.name not in used and stages:
+                self.diags.append(Diagnostic("W001", f"data set `{d.name}` is not used by any stage",
+                                             self.spans[f"data.{d.name}"], severity=Severity.WARNING))
+
+    # -- stages
+
+    def _stages(self, parallel: ParallelSpec, data_names: set[str]) -> tuple[StageSpec, ...]:
+        blocks = [b for b in self.exp.blocks if b.kind == "stage"]
+        names = {b.name for b in blocks}
+        stages = []
+        for b in blocks:
+            stage = self._stage(b, parallel, data_names, names)
+            if stage is not None:
+                stages.append(stage)
+        self._after_cycles(blocks)
+        if not blocks:
+            self.diags.append(Diagnostic("E025", f"experiment `{self.exp.name}` has no `stage`", self.exp.head,
+                                         hint="add e.g. `stage pretrain { data = [web]  steps = 1000 }`"))
+        return tuple(stages)
+
+    def _stage(self, b: Checked, parallel: ParallelSpec, data_names: set[str], names: set[str]) -> StageSpec | None:
+        prefix = f"stage.{b.name}"
+        self._record(prefix, b)
+        values = dict(b.values)
+        kind = values.pop("kind", b.name if b.name in STAGE_KINDS else None)
+        if kind is None:
+            if "kind" not in b.written:
+                self.diags.append(Diagnostic("E025", f"stage `{b.name}` needs a `kind`", b.head,
+                                             hint=f"add `kind = ...`, one of {', '.join(STAGE_KINDS)}"))
+            return None
+        self._check_refs(values.get("data", ()), data_names, "data set", "data")
+        self._check_refs(b.after, names, "stage", "stage")
+        params = {p.name: values.pop(p.name, p.default) for p in STAGE_PARAMS[kind]}
+        if isinstance(params.get("reward"), Ref):
+            self._check_refs((params["reward"],), names, "stage", "stage")
+        params = {k: (v.name if isinstance(v, Ref) else v) for k, v in params.items() if v is not None}
+        fields = dict(values)
+        fields["data"] = tuple(r.name for r in values.get("data", ()))
+        if "optimizer" in values:
+            fields["optimizer"] = OptimizerSpec(name=values["optimizer"].func, **values["optimizer"].args)
+        if "schedule" in values:
+            fields["schedule"] = ScheduleSpec(name=values["schedule"].func, **values["schedule"].args)
+        if "peft" in values:
+            peft = values["peft"]
+            fields["peft"] = LoraSpec(**peft.args) if peft.func == "lora" else None
+        fields["checkpoint"] = self._checkpoint(b.sub("checkpoint"), prefix)
+        stage_parallel = b.sub("parallel")
+        if stage_parallel is not None:
+            fields["parallel"] = self._parallel(stage_parallel, parallel, f"{prefix}.parallel")
+        return StageSpec(name=b.name, kind=kind, after=tuple(r.name for r in b.after),
+                         params=MappingProxyType(params), **fields)
+
+    def _checkpoint(self, block: Checked | None, prefix: str) -> CheckpointSpec:
+        if block is None:
+            return CheckpointSpec()
+        self._record(f"{prefix}.checkpoint", block)
+        values = dict(block.values)
+        if "async" in values:
+            values["async_save"] = values.pop("async")
+        return CheckpointSpec(**values)
+
+    def _check_refs(self, refs, names: set[str], what: str, kind: str) -> None:
+        for ref in refs:
+            if ref.name not in names:
+                declared = ", ".join(f"`{n}`" for n in sorted(names)) or "none"
+                self.diags.append(Diagnostic("E040", f"undefined {what} `{ref.name}`", ref.span,
+                                             hint=did_you_mean(ref.name, names) or f"declared {kind}s: {declared}"))
+
+    def _after_cycles(self, blocks: list[Checked]) -> None:
+        """E041 for every cycle of `after` edges, shown as `a -> b -> a`."""
+        after = {b.name: [r for r in b.after] for b in blocks}
+        state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+        reported: set[frozenset[str]] = set()
+
+        def visit(start: str) -> None:
+            stack = [(start, iter(after.get(start, ())))]
+            path = [start]
+            state[start] = 1
+            while stack:
+                node, edges = stack[-1]
+                ref = next(edges, None)
+                if ref is None:
+                    state[node] = 2
+                    stack.pop()
+                    path.pop()
+                    continue
+                if ref.name not in after:
+                    continue
+                if state.get(ref.name) == 1:
+                    self._report_cycle(path[path.index(ref.name):], after, reported)
+                elif ref.name not in state:
+                    state[ref.name] = 1
+                    stack.append((ref.name, iter(after[ref.name])))
+                    path.append(ref.name)
+
+        for b in blocks:
+            if b.name not in state:
+                visit(b.name)
+
+    def _report_cycle(self, cycle: list[str], after, reported: set) -> None:
+        key = frozenset(cycle)
+        if key in reported:
+            return
+        reported.add(key)
+        # `cycle` follows "runs after" edges; show it in execution order: a -> b means b runs after a.
+        order = list(reversed(cycle))
+        edges = []
+        for i, name in enumerate(order):
+            successor = order[(i + 1) % len(order)]
+            ref = next(r for r in after[successor] if r.name == name)
+            edges.append((name, successor, ref))
+        text = " -> ".join(order + [order[0]])
+        first = edges[-1][2]
+        notes = tuple(Note(f"`{succ}` runs after `{name}` here", ref.span) for name, succ, ref in edges[:-1])
+        self.diags.append(Diagnostic("E041", f"`after` cycle: {text}", first.span, notes=notes,
+                                     hint="remove one `after` so the stages form a chain"))
+
+
+__all__ = ["load_experiment", "compile_file", "lower_program"]

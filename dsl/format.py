@@ -1,0 +1,124 @@
+"""`nemoc fmt`: the canonical text of a parsed `.nemo` file.
+
+Input:  a `Module` and the source text it was parsed from (to place comments and blank lines).
+Output: text in canonical form: 2-space indent, one field per line, blocks and fields in source order,
+        `key = value` with single spaces, lists `[a, b]`, calls `f(k = v)`, minimal parentheses,
+        numbers exactly as written, at most one blank line where the source had one or more.
+Invariants: `parse(format_module(m, src)) == m` (AST equality ignores spans); formatting is idempotent;
+every comment survives (an own-line comment stays on its own line before what followed it; a comment
+after code stays at the end of that line).
+"""
+
+from __future__ import annotations
+
+from nemoc.dsl import ast
+
+INDENT = "  "
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+def format_expr(expr: ast.Expr) -> str:
+    """One value in canonical form (used by the formatter and by diagnostics)."""
+    if isinstance(expr, ast.Name):
+        return expr.value
+    if isinstance(expr, ast.Number):
+        return expr.text
+    if isinstance(expr, ast.String):
+        return quote(expr.value)
+    if isinstance(expr, ast.Bool):
+        return "true" if expr.value else "false"
+    if isinstance(expr, ast.Auto):
+        return "auto"
+    if isinstance(expr, ast.ListValue):
+        return "[" + ", ".join(format_expr(i) for i in expr.items) + "]"
+    if isinstance(expr, ast.Call):
+        args = ", ".join(f"{a.key.value} = {format_expr(a.value)}" for a in expr.args)
+        return f"{expr.func.value}({args})"
+    if isinstance(expr, ast.Neg):
+        inner = format_expr(expr.operand)
+        return f"-({inner})" if isinstance(expr.operand, ast.BinOp) else f"-{inner}"
+    if isinstance(expr, ast.BinOp):
+        prec = _PREC[expr.op]
+        left, right = format_expr(expr.left), format_expr(expr.right)
+        if isinstance(expr.left, ast.BinOp) and _PREC[expr.left.op] < prec:
+            left = f"({left})"
+        if isinstance(expr.right, ast.BinOp) and _PREC[expr.right.op] <= prec:
+            right = f"({right})"
+        return f"{left} {expr.op} {right}"
+    raise TypeError(f"not an expression: {expr!r}")
+
+
+def quote(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    return f'"{escaped}"'
+
+
+def format_module(module: ast.Module, source: str) -> str:
+    """The canonical text of `module`, which was parsed from `source`."""
+    printer = _Printer(module.comments, source.splitlines())
+    printer.items(module.items or (*module.imports, *module.blocks), depth=0)
+    printer.flush_comments(before_line=None, depth=0)
+    return "\n".join(printer.lines).rstrip("\n") + "\n" if printer.lines else ""
+
+
+class _Printer:
+    def __init__(self, comments: tuple[ast.Comment, ...], source_lines: list[str]):
+        self.lines: list[str] = []
+        self.pending = sorted(comments, key=lambda c: (c.span.line, c.span.col))
+        self.source_lines = source_lines
+        self.last_line = 0  # last source line emitted at the current level (for blank-line preservation)
+        self.fresh = True  # nothing emitted yet at the current level
+
+    # -- comments
+
+    def _own_line(self, c: ast.Comment) -> bool:
+        line = self.source_lines[c.span.line - 1] if c.span.line <= len(self.source_lines) else ""
+        return line[: c.span.col - 1].strip() == ""
+
+    def flush_comments(self, before_line: int | None, depth: int) -> None:
+        """Own-line comments that come before `before_line` (all, if None), at `depth`."""
+        while self.pending and (before_line is None or self.pending[0].span.line < before_line):
+            c = self.pending.pop(0)
+            self._gap(c.span.line)
+            self.lines.append(INDENT * depth + c.text.rstrip())
+            self.last_line, self.fresh = c.span.end_line, False
+
+    def trailing(self, first: int, last: int) -> str:
+        """Comments on source lines first..last, claimed as this line's trailing comment."""
+        texts = []
+        while self.pending and first <= self.pending[0].span.line <= last:
+            texts.append(self.pending.pop(0).text.rstrip())
+        return ("  " + "  ".join(texts)) if texts else ""
+
+    def _gap(self, line: int) -> None:
+        if not self.fresh and line > self.last_line + 1:
+            self.lines.append("")
+
+    # -- items
+
+    def items(self, items, depth: int) -> None:
+        for item in items:
+            self.flush_comments(item.span.line, depth)
+            self._gap(item.span.line)
+            if isinstance(item, ast.Block):
+                self.block(item, depth)
+            else:
+                text = f'import {quote(item.path.value)}' if isinstance(item, ast.Import) else \
+                    f"{item.key.value} = {format_expr(item.value)}"
+                self.lines.append(INDENT * depth + text + self.trailing(item.span.line, item.span.end_line))
+            self.last_line, self.fresh = item.span.end_line, False
+
+    def block(self, block: ast.Block, depth: int) -> None:
+        head = block.kind.value + (f" {block.name.value}" if block.name else "")
+        if block.after:
+            head += " after " + ", ".join(a.value for a in block.after)
+        end = block.span.end_line
+        inner_comments = any(block.head.end_line < c.span.line < end for c in self.pending)
+        if not block.members and not inner_comments:
+            self.lines.append(INDENT * depth + head + " {}" + self.trailing(block.head.line, end))
+            return
+        self.lines.append(INDENT * depth + head + " {" + self.trailing(block.head.line, block.head.end_line))
+        self.last_line, self.fresh = block.head.end_line, True
+        self.items(block.members, depth + 1)
+        self.flush_comments(end, depth + 1)
+        self.lines.append(INDENT * depth + "}" + self.trailing(end, end))

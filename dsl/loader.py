@@ -1,0 +1,121 @@
+"""Files -> parsed modules: reading, decoding, size limits and `import` resolution.
+
+Input:  the path of the root `.nemo` file, as the user typed it.
+Output: a `Program` (every module parsed, keyed by display path, imports before importers) and the
+        diagnostics found on the way: E001 root unreadable, E002 root not UTF-8, E003 too large,
+        E005 import unreadable, E006 import cycle, E007 import outside the project tree, plus every
+        syntax error of every file.
+Invariants: an import is resolved relative to the importing file and must stay inside the project
+tree (the root file's directory); each file is read and parsed once even when imported twice; no
+input escapes as anything but a diagnostic.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from nemoc.dsl import ast
+from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Note, Span
+from nemoc.dsl.parser import MAX_BYTES, parse
+
+# Diagnostics that mean "the root file could not be read at all": the CLI exits 2, not 1.
+UNREADABLE_CODES = frozenset({"E001", "E002"})
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    root: str  # display path of the root file
+    modules: Mapping[str, ast.Module]  # display path -> module; imports before the files importing them
+    sources: Mapping[str, str] = field(default_factory=dict)
+    root_dir: str = "."  # absolute directory of the root file (the project tree)
+
+
+def read_source(path: str, *, code: str = "E001", anchor: Span | None = None) -> tuple[str | None, Diagnostic | None]:
+    """The UTF-8 text of `path`, or a diagnostic saying why it cannot be had."""
+    what = "import" if anchor else "read"
+    try:
+        if os.path.isdir(path):
+            return None, Diagnostic(code, f"cannot {what} `{path}`: it is a directory", anchor,
+                                    hint="name a .nemo file")
+        size = os.path.getsize(path)
+        if size > MAX_BYTES:
+            return None, Diagnostic("E003", f"`{path}` is too large ({size:,} bytes; the limit is {MAX_BYTES:,})",
+                                    anchor, hint="an experiment file names data sets by path; it does not contain them")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_BYTES + 1)
+    except FileNotFoundError:
+        return None, Diagnostic(code, f"cannot {what} `{path}`: no such file", anchor)
+    except PermissionError:
+        return None, Diagnostic(code, f"cannot {what} `{path}`: permission denied", anchor)
+    except (OSError, ValueError) as exc:
+        return None, Diagnostic(code, f"cannot {what} `{path}`: {exc.strerror if isinstance(exc, OSError) else exc}",
+                                anchor)
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        where = anchor or Span(path, line, col, line, col + 1)
+        return None, Diagnostic("E002" if code == "E001" else code,
+                                f"`{path}` is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at {line}:{col})", where)
+
+
+def load_program(path: str) -> tuple[Program, tuple[Diagnostic, ...]]:
+    """Read and parse `path` and everything it imports, transitively."""
+    loader = _Loader(os.path.dirname(os.path.abspath(path)))
+    text, problem = read_source(path)
+    if problem:
+        return Program(path, MappingProxyType({}), {}, loader.root_dir), (problem,)
+    loader.visit(path, text, None, ())
+    modules = MappingProxyType(dict(loader.modules))
+    return Program(path, modules, dict(loader.sources), loader.root_dir), tuple(loader.diags)
+
+
+class _Loader:
+    def __init__(self, root_dir: str):
+        self.root_dir = root_dir
+        self.modules: dict[str, ast.Module] = {}
+        self.sources: dict[str, str] = {}
+        self.diags: list[Diagnostic] = []
+        self.done: set[str] = set()  # real paths parsed
+
+    def visit(self, path: str, text: str, reached_by: Span | None, stack: tuple) -> None:
+        """Parse `path`, then its imports; `stack` holds (real path, display path, import span) frames."""
+        real = os.path.realpath(path)
+        self.sources[path] = text
+        self.done.add(real)
+        try:
+            module = parse(text, path)
+        except DiagnosticError as err:
+            self.diags.extend(err.diagnostics)
+            return
+        chain = stack + ((real, path, reached_by),)
+        for imp in module.imports:
+            self._import(path, imp, chain)
+        self.modules[path] = module
+
+    def _import(self, importer: str, imp: ast.Import, chain: tuple) -> None:
+        rel = imp.path.value
+        target = os.path.normpath(os.path.join(os.path.dirname(importer), rel))
+        real = os.path.realpath(target)
+        if os.path.isabs(rel) or os.path.commonpath([real, self.root_dir]) != self.root_dir:
+            self.diags.append(Diagnostic("E007", f"import `{rel}` leaves the project tree", imp.path.span,
+                                         hint=f"imports are relative to the importing file and must stay "
+                                              f"inside {self.root_dir}"))
+            return
+        first = next((i for i, frame in enumerate(chain) if frame[0] == real), None)
+        if first is not None:
+            cycle = [display for _, display, _ in chain[first:]] + [target]
+            notes = tuple(Note(f"`{display}` is imported here", span) for _, display, span in chain[first + 1:] if span)
+            self.diags.append(Diagnostic("E006", "import cycle: " + " -> ".join(cycle), imp.path.span, notes=notes))
+            return
+        if real in self.done:
+            return
+        text, problem = read_source(target, code="E005", anchor=imp.path.span)
+        if problem:
+            self.diags.append(problem)
+            return
+        self.visit(target, text, imp.path.span, chain)
