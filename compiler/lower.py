@@ -69,9 +69,7 @@ def lower_program(program: Program, sets: tuple[str, ...] = ()):
     if experiment is None:
         return None, diags, {}
     experiment, set_sources, set_diags = apply_overrides(experiment, sets)
-    diags.extend(set_diags)
-    if has_errors(set_diags):
-        return None, diags, set_sources
+    diags.extend(set_diags)  # a malformed override is skipped; the others still apply
     experiment = _merge_templates(experiment, templates, diags)
     checked = check_block(experiment, diags)
     spec = _Lowering(checked, templates, program, diags).spec()

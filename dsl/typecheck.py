@@ -216,6 +216,8 @@ def _wrong_type(expr: ast.Expr, t: Type, key: str) -> Diagnostic:
 def check_value(expr: ast.Expr, t: Type, key: str, diags: list[Diagnostic], *, auto: bool = False) -> object:
     """The Python value of `expr` as type `t`, or INVALID after appending a diagnostic."""
     if isinstance(expr, ast.Auto):
+        if t.name == "enum" and "auto" in t.choices:
+            return "auto"
         if auto:
             return None
         diags.append(Diagnostic("E030", f"`{key}` cannot be `auto`; it expects {t.describe()}", expr.span))
