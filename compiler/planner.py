@@ -1,0 +1,330 @@
+"""The planner: an `ExperimentSpec` in, a compiled `Plan` (every `auto` resolved) out.
+
+Input:  an `ExperimentSpec` (from `nemoc.compiler.lower`), the memory headroom.
+Output: a `PlanResult`: the `Plan` the runtime consumes, and per stage the runner-up layouts and why
+        the other candidates lost, plus every warning (rules Megatron would rewrite, estimates made).
+Invariants: pure (reads only the data files' sizes, to estimate epoch-based step counts); raises
+        `DiagnosticError` once with every error: broken rules (anchored at the user's spans), or a
+        stage that fits nowhere (naming the overflowing term and the cheapest change that fits).
+
+Per stage: the stage's `parallel` block overrides the experiment's (`rules.stage_parallel`); training
+stages (pretrain, sft, dpo, reward, ppo) are searched (`nemoc.compiler.search`); eval and export do
+not train: they get the least model parallelism that fits (tp = pp = 1 unless the model needs more)
+and, for eval, a forward-only estimate; export gets no time estimate (it runs no steps).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+
+from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
+from nemoc.compiler.memory import resident_models
+from nemoc.compiler.plan import Estimate, Plan, StagePlan
+from nemoc.compiler.rules import (
+    TRAINING_KINDS,
+    WARNING_RULES,
+    check_spec,
+    env_of,
+    stage_parallel,
+    stage_seq_length,
+    to_diagnostic,
+    violations,
+)
+from nemoc.compiler.search import (
+    DEFAULT_HEADROOM,
+    MEMORY_TERMS,
+    Candidate,
+    Problem,
+    SearchResult,
+    _sizes,
+    describe,
+    divisors,
+    evaluate_time,
+    gib,
+    search,
+)
+from nemoc.compiler.spec import ExperimentSpec, ParallelSpec, StageSpec
+from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Note, Severity
+
+BYTES_PER_TOKEN = 4.0  # ~4 bytes of UTF-8 text per BPE token (GPT-2/Llama tokenizers on English)
+SPLIT_KEYS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
+
+
+@dataclass(frozen=True, slots=True)
+class StageResult:
+    name: str
+    kind: str
+    search: SearchResult | None  # None for a stage that needs no search
+    chosen: Candidate
+    notes: tuple[str, ...] = ()  # how steps / estimates were derived
+
+    @property
+    def runner_ups(self) -> tuple[Candidate, ...]:
+        if self.search is None:
+            return ()
+        return tuple(c for c in self.search.ranked if c.layout != self.chosen.layout)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanResult:
+    plan: Plan
+    stages: tuple[StageResult, ...]
+    warnings: tuple[Diagnostic, ...]
+    elapsed_s: float = 0.0
+
+    def stage(self, name: str) -> StageResult:
+        return next(s for s in self.stages if s.name == name)
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def resolve_attention_backend(spec: ExperimentSpec) -> str:
+    """`auto` -> flash: Transformer Engine flash attention on GPUs; on the CPU quickstart "flash"
+    means torch scaled_dot_product_attention, which does not materialise the s x s scores either."""
+    return "flash" if spec.attention_backend == "auto" else spec.attention_backend
+
+
+def _error(code: str, message: str, spec: ExperimentSpec, stage: StageSpec | None, *paths: str,
+           equation: str | None = None, hint: str | None = None, notes: tuple[Note, ...] = ()) -> Diagnostic:
+    anchors = [f"stage.{stage.name}.{p}" for p in paths] if stage else []
+    anchors += list(paths) + ([f"stage.{stage.name}"] if stage else []) + ["parallel", "model"]
+    return Diagnostic(code, message, spec.span(*anchors), Severity.ERROR, equation, hint, notes)
+
+
+def _dataset_bytes(spec: ExperimentSpec, stage: StageSpec) -> int | None:
+    names = stage.data or tuple(d.name for d in spec.data)
+    total, found = 0, False
+    for d in spec.data:
+        if d.name not in names:
+            continue
+        pattern = d.path if os.path.isabs(d.path) else os.path.join(spec.root, d.path)
+        for f in glob.glob(pattern, recursive=True):
+            if os.path.isfile(f):
+                total += os.path.getsize(f)
+                found = True
+    return total if found else None
+
+
+def stage_steps(spec: ExperimentSpec, stage: StageSpec, global_batch: int, seq: int) -> tuple[int, str | None]:
+    """Optimizer steps of a stage, and a note when it is an estimate.
+
+    `steps` as written; else ceil(tokens / (global_batch x seq_length)); else epochs x samples /
+    global_batch where samples = `params.samples` if given, else the data files' bytes / 4 bytes per
+    token / seq_length (packed sequences): an estimate, since the data is not tokenized at plan time.
+    """
+    if stage.steps is not None:
+        return stage.steps, None
+    if stage.tokens is not None:
+        steps = max(1, math.ceil(stage.tokens / (global_batch * seq)))
+        return steps, None
+    if stage.epochs is not None:
+        samples = stage.params.get("samples") if stage.params else None
+        if isinstance(samples, int) and samples > 0:
+            return max(1, math.ceil(stage.epochs * samples / global_batch)), (
+                f"steps = ceil(epochs({stage.epochs}) x samples({samples}) / global_batch({global_batch}))")
+        size = _dataset_bytes(spec, stage)
+        if size:
+            samples = max(1, int(size / BYTES_PER_TOKEN / seq))
+            return max(1, math.ceil(stage.epochs * samples / global_batch)), (
+                f"steps estimated: data {size} bytes / {BYTES_PER_TOKEN:g} bytes per token / seq_length({seq}) "
+                f"~= {samples} samples x epochs({stage.epochs}) / global_batch({global_batch}); "
+                "set `steps` or params `samples` for an exact count")
+        return 0, "epochs given but the dataset size is unknown at plan time: time and cost exclude this stage"
+    return 0, "no tokens, steps or epochs: time and cost exclude this stage"
+
+
+def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend: str, headroom: float,
+             parallel: ParallelSpec, steps: int) -> Problem:
+    return Problem(
+        model=spec.model, cluster=spec.cluster, gpu=gpu, fixed=parallel, global_batch=stage.global_batch,
+        seq_length=stage_seq_length(spec, stage), precision=spec.precision, attention_backend=backend,
+        stage_kind=stage.kind, peft=stage.peft, params=stage.params, headroom=headroom, steps=steps,
+    )
+
+
+def _inference_parallel(parallel: ParallelSpec) -> ParallelSpec:
+    """Eval/export: no optimizer, no recompute, no context split; the user's TP/PP/EP stay fixed."""
+    return replace(parallel, context=parallel.context if parallel.context is not None else 1,
+                   distributed_optimizer=False, recompute="none", virtual_pipeline=1,
+                   micro_batch=parallel.micro_batch or 1)
+
+
+# ------------------------------------------------------------------------------- not fitting: why
+
+
+_RELAX_ORDER = ("recompute", "micro_batch", "sequence_parallel", "distributed_optimizer", "tensor", "pipeline",
+                "virtual_pipeline", "context", "expert", "expert_tensor", "data")
+_FIELD_OF = {"tensor": "tp", "pipeline": "pp", "virtual_pipeline": "vp", "context": "cp", "expert": "ep",
+             "expert_tensor": "etp", "data": "dp", "micro_batch": "micro_batch", "recompute": "recompute",
+             "sequence_parallel": "sequence_parallel", "distributed_optimizer": "distributed_optimizer"}
+
+
+def _value(v: object) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def cheapest_fix(problem: Problem) -> str | None:
+    """The cheapest change that makes `problem` fit: free one setting the user fixed (each alone,
+    in `_RELAX_ORDER`), else the fewest extra nodes (up to 8x the cluster)."""
+    for name in _RELAX_ORDER:
+        if getattr(problem.fixed, name) is None:
+            continue
+        freed = replace(problem, fixed=replace(problem.fixed, **{name: None}))
+        best = search(freed).best
+        if best is not None:
+            value = getattr(best.layout, _FIELD_OF[name])
+            value = "none" if name == "virtual_pipeline" and value is None else value
+            return f"set {name} = {_value(value)} (instead of {_value(getattr(problem.fixed, name))})"
+    c = problem.cluster
+    fixed = replace(problem.fixed, data=None)
+    tries = list(range(c.nodes + 1, c.nodes + 9)) + [c.nodes * k for k in (2, 3, 4, 6, 8) if c.nodes * k > c.nodes + 8]
+    for nodes in tries:
+        bigger = replace(problem, cluster=replace(c, nodes=nodes), fixed=fixed)
+        best = search(bigger).best
+        if best is not None:
+            extra = nodes - c.nodes
+            return (f"needs {extra} more node{'s' * (extra != 1)} (nodes = {nodes}): "
+                    f"{describe(best.layout)} uses {gib(best.memory.total)}")
+    return None
+
+
+def not_fit_diagnostic(spec: ExperimentSpec, stage: StageSpec, problem: Problem, result: SearchResult) -> Diagnostic:
+    """E130 (memory) or E131 (no layout passes the rules), with the failing equation and the cheapest fix."""
+    notes = tuple(Note(f"{r.count} candidate{'s' * (r.count != 1)}: {r.reason} (e.g. {r.layout}: {r.example})")
+                  for r in result.rejections[:4])
+    if result.closest is None:
+        return _error("E131", f"no parallel layout of stage `{stage.name}` satisfies Megatron-Core's rules",
+                      spec, stage, "parallel", equation=result.rejections[0].example if result.rejections else None,
+                      hint="leave more of the parallel sizes `auto`", notes=notes)
+    o = result.closest
+    m = o.memory
+    terms = " + ".join(f"{t} {gib(getattr(m, t))}" for t in MEMORY_TERMS)
+    cap = problem.gpu.hbm_bytes
+    budget = f"{gib(o.budget)} ({problem.gpu.id} {gib(cap)} x (1 - {problem.headroom:.0%} headroom))"
+    fix = cheapest_fix(problem)
+    return _error(
+        "E130",
+        f"stage `{stage.name}` does not fit in GPU memory: {o.largest_term} is the largest term "
+        f"({gib(getattr(m, o.largest_term))}); the closest layout overflows by {gib(o.over_bytes)}",
+        spec, stage, "parallel", "model",
+        equation=f"{terms} = {gib(m.total)} > budget {budget} [closest: {describe(o.layout)}]",
+        hint=fix or "use a larger GPU or a smaller model", notes=notes,
+    )
+
+
+# ------------------------------------------------------------------------------------- the planner
+
+
+def _stage_warnings(spec: ExperimentSpec, stage: StageSpec, problem: Problem, chosen: Candidate) -> list[Diagnostic]:
+    env = env_of(spec, stage.kind, problem.attention_backend)
+    return [to_diagnostic(v, spec, stage) for v in violations(env, _sizes(problem, chosen.layout), WARNING_RULES)]
+
+
+def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps: int, seq: int, estimate: Estimate) -> StagePlan:
+    params = dict(stage.params)
+    if not chosen.split.even:
+        params.update(zip(SPLIT_KEYS, (chosen.split.first, chosen.split.last)))
+    return StagePlan(
+        name=stage.name, kind=stage.kind, after=stage.after, data=stage.data, layout=chosen.layout,
+        memory=chosen.memory, estimate=estimate, seq_length=seq, steps=steps, optimizer=stage.optimizer,
+        schedule=stage.schedule, checkpoint=stage.checkpoint, peft=stage.peft, log_every=stage.log_every,
+        eval_every=stage.eval_every, seed=stage.seed, params=MappingProxyType(params),
+        resident_models=resident_models(stage.kind, stage.params, peft=stage.peft),
+    )
+
+
+def _inference_search(probe: Problem) -> SearchResult:
+    """Eval / export: the least model parallelism that fits. Model-parallel sizes (tp, pp) are
+    tried in increasing tp x pp (the user's fixed values stay fixed); the first that fits wins,
+    and inside it the fastest layout. Returns the last search when nothing fits (for diagnostics)."""
+    f = probe.fixed
+    world = probe.cluster.world_size
+    tps = [f.tensor] if f.tensor is not None else [t for t in divisors(world) if probe.model.heads % t == 0]
+    pps = [f.pipeline] if f.pipeline is not None else [q for q in divisors(world) if q <= probe.model.layers]
+    result = None
+    for tp, pp in sorted(((t, q) for t in tps for q in pps if world % (t * q) == 0), key=lambda x: (x[0] * x[1], x[0])):
+        result = search(replace(probe, fixed=replace(f, tensor=tp, pipeline=pp)))
+        if result.best is not None:
+            return result
+    return result if result is not None else search(probe)
+
+
+def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend: str, headroom: float):
+    """(StageResult, StagePlan, warnings) for one stage, or raises DiagnosticError."""
+    parallel = stage_parallel(spec, stage)
+    trains = stage.kind in TRAINING_KINDS
+    if not trains:
+        parallel = _inference_parallel(parallel)
+    seq = stage_seq_length(spec, stage)
+    probe = _problem(spec, stage, gpu, backend, headroom, parallel, steps=1)
+    result = search(probe) if trains else _inference_search(probe)
+    if result.best is None:
+        raise DiagnosticError([not_fit_diagnostic(spec, stage, probe, search(probe) if not trains else result)])
+    chosen = result.best
+    notes: list[str] = []
+    gb = chosen.layout.global_batch
+    if stage.kind == "export":
+        steps = 0
+        notes.append("export runs no training steps: no time estimate")
+    else:
+        steps, note = stage_steps(spec, stage, gb, seq)
+        if note:
+            notes.append(note)
+        if stage.kind == "eval":
+            notes.append("eval: forward-only time estimate")
+    # The search ranked with steps = 1; the chosen layout's estimate is redone with the real steps.
+    chosen = replace(chosen, estimate=evaluate_time(replace(probe, steps=steps), chosen.layout))
+    if stage.global_batch is None and trains:
+        notes.append(f"global_batch not set: Megatron uses micro_batch x dp = {gb}")
+    warnings = _stage_warnings(spec, stage, probe, chosen)
+    for n in notes:
+        warnings.append(Diagnostic("W140", f"stage `{stage.name}`: {n}", spec.span(f"stage.{stage.name}"),
+                                   Severity.NOTE))
+    plan = _stage_plan(spec, stage, chosen, steps, seq, chosen.estimate)
+    return StageResult(stage.name, stage.kind, result, chosen, tuple(notes)), plan, warnings
+
+
+def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM) -> PlanResult:
+    """Resolve every `auto` of every stage; raise DiagnosticError (all errors at once) if impossible."""
+    t0 = time.perf_counter()
+    diagnostics = list(check_spec(spec))
+    gpu = get_gpu(spec.cluster.gpu)
+    if gpu is None:
+        diagnostics.append(Diagnostic("E132", f"unknown GPU `{spec.cluster.gpu}`", spec.span("cluster.gpu", "cluster"),
+                                      hint="use one of A100-40GB, A100-80GB, H100, H200, B200, B300, GB200, GB300, CPU"))
+    if not 0.0 <= headroom < 1.0:
+        diagnostics.append(Diagnostic("E133", f"headroom {headroom:.0%} must be in [0 %, 100 %)"))
+    if any(d.is_error for d in diagnostics):
+        raise DiagnosticError(diagnostics)
+    backend = resolve_attention_backend(spec)
+    results, plans, warnings, errors = [], [], [d for d in diagnostics], []
+    for stage in spec.stages:
+        try:
+            r, p, w = plan_stage(spec, stage, gpu, backend, headroom)
+        except DiagnosticError as e:
+            errors += e.diagnostics
+            continue
+        results.append(r)
+        plans.append(p)
+        warnings += w
+    if errors:
+        raise DiagnosticError(errors + warnings)
+    plan = Plan(experiment=spec.name, model=spec.model, cluster=spec.cluster, precision=spec.precision,
+                attention_backend=backend, data=spec.data, stages=tuple(plans), root=spec.root)
+    return PlanResult(plan, tuple(results), _dedupe(warnings), time.perf_counter() - t0)
+
+
+def _dedupe(diagnostics: list[Diagnostic]) -> tuple[Diagnostic, ...]:
+    seen, out = set(), []
+    for d in diagnostics:
+        key = (d.code, d.equation) if d.equation else (d.code, d.message)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return tuple(out)

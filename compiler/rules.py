@@ -1,0 +1,768 @@
+"""Layout rules: every check Megatron-Core 0.16.1 would make after launch, made before launch.
+
+Input:  the model, the cluster, the precision/attention settings of the experiment and a `Sizes`
+        (the parallel sizes of one stage; `None` = auto, not yet chosen).
+Output: `Violation`s (pure data) -> `Diagnostic`s anchored at the user's span (`check_spec`) or a
+        short reason string for the search (`layout_violations`).
+Invariants: pure functions, no torch / megatron import; a rule whose operands are still `auto`
+        says nothing (the search decides them and re-checks the complete layout); every message
+        shows the whole equation with every operand; errors are exactly the conditions under which
+        Megatron-Core raises (each rule cites the source line it mirrors), warnings are the settings
+        Megatron silently rewrites, stating what it would do.
+
+The rule table `RULES` is ordered cheapest / most decisive first, because `layout_violations`
+stops at the first error it finds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+
+from nemoc.compiler.catalog.hardware import get_gpu
+from nemoc.compiler.spec import ClusterSpec, ExperimentSpec, ModelSpec, ParallelSpec, StageSpec
+from nemoc.dsl.diagnostics import Diagnostic, Severity
+
+TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
+RECOMPUTE = ("none", "selective", "full")
+VOCAB_DIVISOR = 128  # Megatron-LM --make-vocab-size-divisible-by default
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """The parallel sizes of one stage as the rules see them; `None` = auto (unknown yet)."""
+
+    tp: int | None = None
+    pp: int | None = None
+    vp: int | None = None  # None = auto or no interleaving (see `interleaved`)
+    cp: int | None = 1
+    ep: int | None = 1
+    etp: int | None = None
+    dp: int | None = None
+    micro_batch: int | None = None
+    global_batch: int | None = None
+    sequence_parallel: bool | None = None
+    distributed_optimizer: bool | None = True
+    recompute: str | None = None
+    seq_length: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Env:
+    """What the rules need besides the sizes: model, cluster and experiment-wide settings."""
+
+    model: ModelSpec
+    cluster: ClusterSpec
+    precision: str = "bf16"
+    attention_backend: str = "flash"  # resolved or "auto"
+    gpu_arch: str | None = None  # ampere | hopper | blackwell | cpu (HardwareSpec.generation)
+    gpu_precisions: tuple[str, ...] | None = None  # precisions the GPU runs (None = GPU unknown)
+    stage_kind: str = "pretrain"
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """One broken rule, as plain data; `anchors` are spec span paths, most specific first."""
+
+    code: str
+    message: str
+    equation: str
+    hint: str | None = None
+    anchors: tuple[str, ...] = ()
+    severity: Severity = Severity.ERROR
+    source: str = ""  # the Megatron source it mirrors
+
+    @property
+    def short(self) -> str:
+        return f"{self.code} {self.equation}"
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSplit:
+    """How `layers` decoder layers are spread over `pp` stages (x `vp` model chunks each).
+
+    Megatron-Core 0.16.1 builds `layers / pp` layers per stage, or, when
+    `num_layers_in_first_pipeline_stage` / `num_layers_in_last_pipeline_stage` are set, those on
+    the first / last stage and the rest evenly on the middle stages (transformer_block.py
+    get_num_layers_to_build; transformer_config.py __post_init__ "Uneven PP").
+    """
+
+    first: int | None  # num_layers_in_first_pipeline_stage (None = even split)
+    last: int | None  # num_layers_in_last_pipeline_stage
+    per_stage: int  # layers on every middle (or every, when even) stage
+
+    @property
+    def even(self) -> bool:
+        return self.first is None and self.last is None
+
+    @property
+    def max_layers(self) -> int:
+        """Layers on the most-loaded stage: it bounds both memory and the pipeline's step time."""
+        return max(self.per_stage, self.first or 0, self.last or 0)
+
+    def describe(self, pp: int) -> str:
+        if self.even:
+            return f"{pp} x {self.per_stage}"
+        middle = f" + {pp - 2} x {self.per_stage}" if pp > 2 else ""
+        return f"first {self.first}{middle} + last {self.last}"
+
+
+def pipeline_split(layers: int, pp: int, vp: int | None = None) -> PipelineSplit | None:
+    """The split nemoc gives Megatron for `layers` over `pp` stages, or None when none is valid.
+
+    Even when `layers % pp == 0` (and the per-stage count divides by `vp`); otherwise the uneven
+    split with the fewest layers on the most-loaded stage: middle stages get `m` (a multiple of
+    `vp`), first and last share the rest (each a positive multiple of `vp`, at most `m`), which
+    satisfies every check of transformer_config.py __post_init__ ("Uneven PP").
+    """
+    v = vp or 1
+    if pp < 1 or layers < pp * v or layers % v:
+        return None
+    if layers % pp == 0 and (layers // pp) % v == 0:
+        return PipelineSplit(None, None, layers // pp)
+    if pp == 1:
+        return None
+    middle_stages = pp - 2
+    m = _round_up(math.ceil(layers / pp), v)
+    while True:
+        rest = layers - middle_stages * m
+        if rest < 2 * v:
+            return None
+        first = (rest // 2) // v * v
+        last = rest - first
+        if last <= m and last % v == 0 and first >= v:
+            return PipelineSplit(first, last, m if middle_stages else last)
+        m += v
+
+
+def _round_up(x: int, k: int) -> int:
+    return -(-x // k) * k
+
+
+def padded_vocab(vocab: int, tp: int) -> int:
+    """Megatron-LM `_vocab_size_with_padding`: round up to a multiple of 128 x tp."""
+    return _round_up(vocab, VOCAB_DIVISOR * tp)
+
+
+def expert_tp(sizes: Sizes) -> int | None:
+    """Megatron-Core's default: expert_tensor_parallel_size = tensor_model_parallel_size when unset
+    (model_parallel_config.py __post_init__)."""
+    return sizes.etp if sizes.etp is not None else sizes.tp
+
+
+# ------------------------------------------------------------------------------------------ rules
+# Each rule: (Env, Sizes) -> Violation | None. A rule returns None when an operand is still auto.
+
+Rule = Callable[[Env, Sizes], "Violation | None"]
+
+_P = "parallel."
+
+
+def rule_world_size(env: Env, s: Sizes) -> Violation | None:
+    """parallel_state.py initialize_model_parallel: world % (tp*pp*cp) == 0, dp = world / (tp*pp*cp)."""
+    if None in (s.tp, s.pp, s.cp):
+        return None
+    c = env.cluster
+    world = c.world_size
+    model = s.tp * s.pp * s.cp
+    where = f"world size {world} ({c.nodes} node{'s' * (c.nodes != 1)} x {c.gpus_per_node} GPUs)"
+    if s.dp is not None and model * s.dp != world:
+        return Violation(
+            "E101", "the parallel sizes do not multiply to the number of GPUs",
+            f"tp({s.tp}) * pp({s.pp}) * cp({s.cp}) * dp({s.dp}) = {model * s.dp} != {where}",
+            _world_hint(world, model, s.dp, c),
+            anchors=(_P + "data", _P + "tensor", _P + "pipeline", "cluster.nodes", "cluster"),
+            source="megatron/core/parallel_state.py initialize_model_parallel (world_size % model_size)",
+        )
+    if world % model:
+        return Violation(
+            "E101", "the model-parallel size does not divide the number of GPUs",
+            f"{where} % (tp({s.tp}) * pp({s.pp}) * cp({s.cp}) = {model}) = {world % model} != 0",
+            _world_hint(world, model, None, c),
+            anchors=(_P + "tensor", _P + "pipeline", _P + "context", "cluster.nodes", "cluster"),
+            source="megatron/core/parallel_state.py initialize_model_parallel (world_size % model_size)",
+        )
+    return None
+
+
+def _world_hint(world: int, model: int, dp: int | None, c: ClusterSpec) -> str:
+    if dp is not None and world % model == 0:
+        return f"set data = {world // model} (or leave it auto)"
+    nodes = next(n for n in range(c.nodes, c.nodes * model + 1) if (n * c.gpus_per_node) % model == 0)
+    return f"use a model-parallel size that divides {world}, or nodes = {nodes}"
+
+
+def rule_heads_tp(env: Env, s: Sizes) -> Violation | None:
+    """transformer_config.py __post_init__: num_attention_heads % tensor_model_parallel_size == 0."""
+    h = env.model.heads
+    if s.tp is None or h % s.tp == 0:
+        return None
+    return Violation(
+        "E102", "attention heads are not divisible by the tensor-parallel size",
+        f"heads({h}) % tp({s.tp}) = {h % s.tp} != 0",
+        f"use tensor = one of {_divisors_upto(h, env.cluster.gpus_per_node)}",
+        anchors=(_P + "tensor", "model.heads", "model"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (num_attention_heads)",
+    )
+
+
+def rule_query_groups_tp(env: Env, s: Sizes) -> Violation | None:
+    """transformer_config.py __post_init__: query_groups % tp == 0 or tp % query_groups == 0."""
+    g = env.model.query_groups
+    if s.tp is None or g % s.tp == 0 or s.tp % g == 0:
+        return None
+    return Violation(
+        "E103", "query groups and the tensor-parallel size must divide one another",
+        f"query_groups({g}) % tp({s.tp}) = {g % s.tp} != 0 and tp({s.tp}) % query_groups({g}) = {s.tp % g} != 0",
+        f"use tensor = a divisor or a multiple of {g}",
+        anchors=(_P + "tensor", "model.query_groups", "model"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (num_query_groups)",
+    )
+
+
+def rule_ffn_tp(env: Env, s: Sizes) -> Violation | None:
+    """tensor_parallel/layers.py RowParallelLinear: divide(input_size, tp) asserts ffn % tp == 0 (fc2)."""
+    f = env.model.ffn_hidden
+    if s.tp is None or f % s.tp == 0:
+        return None
+    return Violation(
+        "E104", "the MLP hidden size is not divisible by the tensor-parallel size",
+        f"ffn_hidden({f}) % tp({s.tp}) = {f % s.tp} != 0",
+        f"use tensor = a divisor of {f}",
+        anchors=(_P + "tensor", "model.ffn_hidden", "model"),
+        source="megatron/core/tensor_parallel/layers.py RowParallelLinear (divide(input_size, world_size))",
+    )
+
+
+def rule_layers_pipeline(env: Env, s: Sizes) -> Violation | None:
+    """transformer_block.py get_num_layers_to_build + transformer_config.py "Uneven PP" checks."""
+    L = env.model.layers
+    if s.pp is None:
+        return None
+    vp = s.vp if (s.vp or 1) > 1 else None
+    if pipeline_split(L, s.pp, vp) is not None:
+        return None
+    v = vp or 1
+    eq = f"layers({L}) < pp({s.pp}) * vp({v}) = {s.pp * v}" if L < s.pp * v else (
+        f"no split of layers({L}) over pp({s.pp}) stages has first, last and per-middle-stage counts divisible by vp({v})"
+    )
+    return Violation(
+        "E105", "the decoder layers cannot be split over the pipeline stages",
+        eq,
+        "use a pipeline size (x virtual stages) that divides the layer count",
+        anchors=(_P + "pipeline", _P + "virtual_pipeline", "model.layers", "model"),
+        source="megatron/core/transformer/transformer_block.py get_num_layers_to_build; transformer_config.py (Uneven PP)",
+    )
+
+
+def rule_interleave_needs_pp(env: Env, s: Sizes) -> Violation | None:
+    """parallel_state.py initialize_model_parallel: interleaved schedule needs pp > 1."""
+    if s.vp is None or s.vp <= 1 or s.pp is None or s.pp > 1:
+        return None
+    return Violation(
+        "E106", "the interleaved (virtual pipeline) schedule needs pipeline parallelism",
+        f"virtual_pipeline({s.vp}) > 1 requires pp({s.pp}) > 1",
+        "remove `virtual_pipeline` or set pipeline >= 2",
+        anchors=(_P + "virtual_pipeline", _P + "pipeline"),
+        source="megatron/core/parallel_state.py initialize_model_parallel (interleaved schedule)",
+    )
+
+
+def rule_interleave_microbatches(env: Env, s: Sizes) -> Violation | None:
+    """schedules.py forward_backward_pipelining_with_interleaving: with the default
+    microbatch_group_size_per_vp_stage = pp, need pp <= M and M % pp == 0 (else 0 < M % pp < pp)."""
+    if s.vp is None or s.vp <= 1 or None in (s.pp, s.dp, s.micro_batch, s.global_batch) or s.pp <= 1:
+        return None
+    if s.global_batch % (s.micro_batch * s.dp):
+        return None  # rule_global_batch reports it
+    m = s.global_batch // (s.micro_batch * s.dp)
+    if m >= s.pp and m % s.pp == 0:
+        return None
+    return Violation(
+        "E108", "the interleaved schedule needs the number of microbatches to be a multiple of the pipeline size",
+        f"num_microbatches = global_batch({s.global_batch}) / (micro_batch({s.micro_batch}) * dp({s.dp})) = {m}; "
+        f"{m} % pp({s.pp}) = {m % s.pp} != 0" if m >= s.pp else
+        f"num_microbatches = global_batch({s.global_batch}) / (micro_batch({s.micro_batch}) * dp({s.dp})) = {m} < pp({s.pp})",
+        "use a global batch that is a multiple of micro_batch x data x pipeline, or drop virtual_pipeline",
+        anchors=(_P + "virtual_pipeline", "stage.global_batch", _P + "micro_batch"),
+        source="megatron/core/pipeline_parallel/schedules.py forward_backward_pipelining_with_interleaving",
+    )
+
+
+def rule_sequence_parallel(env: Env, s: Sizes) -> Violation | None:
+    """model_parallel_config.py __post_init__: sequence parallelism needs tp > 1."""
+    if not s.sequence_parallel or s.tp is None or s.tp > 1:
+        return None
+    return Violation(
+        "E109", "sequence parallelism needs tensor parallelism",
+        f"sequence_parallel = true requires tp({s.tp}) > 1",
+        "set sequence_parallel = false, or tensor >= 2",
+        anchors=(_P + "sequence_parallel", _P + "tensor"),
+        source="megatron/core/model_parallel_config.py __post_init__ (Cannot use sequence parallelism without tensor parallelism)",
+    )
+
+
+def rule_sequence_parallel_split(env: Env, s: Sizes) -> Violation | None:
+    """tensor_parallel/mappings.py _split_along_first_dim: (seq / cp) % tp == 0 under sequence parallel."""
+    if not s.sequence_parallel or None in (s.tp, s.cp) or s.tp <= 1 or not s.seq_length:
+        return None
+    local = s.seq_length // s.cp
+    if local % s.tp == 0:
+        return None
+    return Violation(
+        "E110", "the sequence cannot be split evenly over the tensor-parallel ranks",
+        f"(seq_length({s.seq_length}) / cp({s.cp}) = {local}) % tp({s.tp}) = {local % s.tp} != 0",
+        "use a sequence length that is a multiple of tensor x context (x 2)",
+        anchors=(_P + "sequence_parallel", "stage.seq_length", "model.seq_length", _P + "tensor"),
+        source="megatron/core/tensor_parallel/mappings.py _split_along_first_dim",
+    )
+
+
+def rule_global_batch(env: Env, s: Sizes) -> Violation | None:
+    """num_microbatches_calculator.py ConstantNumMicroBatchesCalculator: gb % (mb * dp) == 0."""
+    if None in (s.global_batch, s.micro_batch, s.dp):
+        return None
+    unit = s.micro_batch * s.dp
+    if s.global_batch % unit == 0:
+        return None
+    lo, hi = s.global_batch // unit * unit, _round_up(s.global_batch, unit)
+    return Violation(
+        "E111", "the global batch is not a multiple of micro batch x data-parallel size",
+        f"global_batch({s.global_batch}) % (micro_batch({s.micro_batch}) * dp({s.dp}) = {unit}) = {s.global_batch % unit} != 0",
+        f"use global_batch = {hi}" + (f" or {lo}" if lo else ""),
+        anchors=("stage.global_batch", _P + "micro_batch", _P + "data"),
+        source="megatron/core/num_microbatches_calculator.py ConstantNumMicroBatchesCalculator",
+    )
+
+
+def rule_context_seq(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-LM arguments.py validate_args: seq_length % (2 * cp) == 0 when cp > 1 (load balancing)."""
+    if s.cp is None or s.cp <= 1 or not s.seq_length or s.seq_length % (2 * s.cp) == 0:
+        return None
+    return Violation(
+        "E112", "context parallelism needs the sequence length to be a multiple of 2 x cp",
+        f"seq_length({s.seq_length}) % (2 * cp({s.cp})) = {s.seq_length % (2 * s.cp)} != 0",
+        f"use seq_length = {_round_up(s.seq_length, 2 * s.cp)}",
+        anchors=(_P + "context", "stage.seq_length", "model.seq_length"),
+        source="megatron/training/arguments.py validate_args (seq-length multiple of 2 * context-parallel-size)",
+    )
+
+
+def rule_context_backend(env: Env, s: Sizes) -> Violation | None:
+    """transformer/dot_product_attention.py: the local (unfused) attention asserts cp == 1; only
+    Transformer Engine attention (flash/fused, GPU only) implements the ring exchange."""
+    if s.cp is None or s.cp <= 1:
+        return None
+    cpu = env.gpu_arch == "cpu"
+    if not cpu and env.attention_backend not in ("unfused",):
+        return None
+    why = "the CPU has no Transformer Engine attention" if cpu else "attention_backend = unfused"
+    return Violation(
+        "E113", "context parallelism needs Transformer Engine attention (flash or fused)",
+        f"cp({s.cp}) > 1 but {why}",
+        "set context = 1" if cpu else "set attention_backend = flash (or fused)",
+        anchors=(_P + "context", "attention_backend"),
+        source="megatron/core/transformer/dot_product_attention.py DotProductAttention (context_parallel_size == 1)",
+    )
+
+
+def rule_dense_expert(env: Env, s: Sizes) -> Violation | None:
+    """transformer_config.py __post_init__: expert parallelism needs num_moe_experts."""
+    if env.model.is_moe or s.ep is None or s.ep <= 1:
+        return None
+    return Violation(
+        "E114", "expert parallelism on a dense model",
+        f"expert({s.ep}) > 1 but model.experts = 0",
+        "set expert = 1",
+        anchors=(_P + "expert", "model"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (num_moe_experts must be non None)",
+    )
+
+
+def rule_experts_ep(env: Env, s: Sizes) -> Violation | None:
+    """transformer/moe/moe_layer.py: num_moe_experts % ep == 0."""
+    e = env.model.experts
+    if not env.model.is_moe or s.ep is None or e % s.ep == 0:
+        return None
+    return Violation(
+        "E115", "the experts are not divisible by the expert-parallel size",
+        f"experts({e}) % ep({s.ep}) = {e % s.ep} != 0",
+        f"use expert = one of {_divisors_upto(e, 64)}",
+        anchors=(_P + "expert", "model.experts", "model"),
+        source="megatron/core/transformer/moe/moe_layer.py BaseMoELayer (num_moe_experts % ep_size)",
+    )
+
+
+def rule_expert_grid(env: Env, s: Sizes) -> Violation | None:
+    """parallel_state.py: world % (etp * ep * pp) == 0 (the expert rank grid)."""
+    etp = expert_tp(s)
+    if not env.model.is_moe or None in (etp, s.ep, s.pp):
+        return None
+    grid = etp * s.ep * s.pp
+    world = env.cluster.world_size
+    if world % grid == 0:
+        return None
+    return Violation(
+        "E116", "the expert grid does not divide the number of GPUs",
+        f"world size {world} % (etp({etp}) * ep({s.ep}) * pp({s.pp}) = {grid}) = {world % grid} != 0",
+        "choose expert / expert_tensor so that etp x ep x pp divides the GPU count",
+        anchors=(_P + "expert", _P + "expert_tensor", _P + "pipeline"),
+        source="megatron/core/parallel_state.py initialize_model_parallel (expert_tensor_model_pipeline_parallel size)",
+    )
+
+
+def rule_top_k(env: Env, s: Sizes) -> Violation | None:
+    """moe/router.py: topk selects top_k of num_moe_experts."""
+    m = env.model
+    if not m.is_moe or 1 <= m.top_k <= m.experts:
+        return None
+    return Violation(
+        "E117", "the router's top_k must be between 1 and the number of experts",
+        f"1 <= top_k({m.top_k}) <= experts({m.experts}) is false",
+        f"set top_k <= {m.experts}",
+        anchors=("model.top_k", "model"),
+        source="megatron/core/transformer/moe/router.py TopKRouter (torch.topk over num_moe_experts)",
+    )
+
+
+def rule_moe_ffn_etp(env: Env, s: Sizes) -> Violation | None:
+    """moe/experts.py: expert fc2 input divide(moe_ffn_hidden, etp)."""
+    m = env.model
+    etp = expert_tp(s)
+    f = m.moe_ffn_hidden or m.ffn_hidden
+    if not m.is_moe or etp is None or f % etp == 0:
+        return None
+    return Violation(
+        "E118", "the expert MLP hidden size is not divisible by the expert tensor-parallel size",
+        f"moe_ffn_hidden({f}) % etp({etp}) = {f % etp} != 0",
+        "set expert_tensor = a divisor of the expert hidden size (1 is common)",
+        anchors=(_P + "expert_tensor", _P + "tensor", "model.moe_ffn_hidden", "model"),
+        source="megatron/core/transformer/moe/experts.py (expert linear layers use divide(size, etp))",
+    )
+
+
+def rule_ep_fp16(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-LM arguments.py validate_args: expert parallelism is not supported with fp16."""
+    if env.precision != "fp16" or s.ep is None or s.ep <= 1:
+        return None
+    return Violation(
+        "E119", "expert parallelism is not supported with fp16",
+        f"expert({s.ep}) > 1 with precision = fp16",
+        "use precision = bf16",
+        anchors=("precision", _P + "expert"),
+        source="megatron/training/arguments.py validate_args (Expert parallelism is not supported with fp16 training)",
+    )
+
+
+def rule_moe_bias_etp(env: Env, s: Sizes) -> Violation | None:
+    """transformer_config.py __post_init__: bias in MoE only with expert_tensor_parallel_size == 1."""
+    etp = expert_tp(s)
+    if not env.model.is_moe or not env.model.add_bias_linear or etp is None or etp == 1:
+        return None
+    return Violation(
+        "E120", "MoE experts with biases need expert tensor parallelism 1",
+        f"add_bias_linear = true requires etp({etp}) == 1",
+        "set expert_tensor = 1",
+        anchors=(_P + "expert_tensor", _P + "tensor", "model.add_bias_linear", "model"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (Bias in Moe is only supported when ETP==1)",
+    )
+
+
+_PRECISION_NEEDS = {"fp8": "Hopper or newer", "mxfp8": "Blackwell", "fp4": "Blackwell"}
+
+
+def rule_precision_hardware(env: Env, s: Sizes) -> Violation | None:
+    """Transformer Engine: fp8 GEMMs need Hopper (sm_90) or newer; MXFP8 block scaling needs
+    Blackwell (sm_100); the catalog lists the precisions each GPU runs (`HardwareSpec.supports`)."""
+    p = env.precision
+    if env.gpu_precisions is None or p in env.gpu_precisions:
+        return None
+    need = _PRECISION_NEEDS.get(p, "a GPU that supports it")
+    return Violation(
+        "E121", f"precision = {p} is not supported on {env.cluster.gpu}",
+        f"{p} needs {need}; {env.cluster.gpu} ({env.gpu_arch}) supports {', '.join(env.gpu_precisions)}",
+        "use precision = bf16" + (", or a Hopper/Blackwell GPU" if p == "fp8" else ", or a Blackwell GPU"),
+        anchors=("precision", "cluster.gpu", "cluster"),
+        source="transformer_engine/pytorch/fp8.py check_fp8_support (sm >= 8.9) / check_mxfp8_support (sm >= 10.0)",
+    )
+
+
+def rule_seq_length_positions(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-LM arguments.py validate_args: max_position_embeddings >= seq_length."""
+    if not s.seq_length or s.seq_length <= env.model.seq_length:
+        return None
+    return Violation(
+        "E122", "the stage's sequence length exceeds the model's position embeddings",
+        f"seq_length({s.seq_length}) > model.seq_length({env.model.seq_length}) (max_position_embeddings)",
+        f"set seq_length <= {env.model.seq_length}, or raise model.seq_length",
+        anchors=("stage.seq_length", "model.seq_length", "model"),
+        source="megatron/training/arguments.py validate_args (max_position_embeddings >= seq_length)",
+    )
+
+
+# ---- warnings: settings Megatron accepts but silently rewrites or that cost performance
+
+
+def warn_tp_crosses_node(env: Env, s: Sizes) -> Violation | None:
+    """Topology: TP all-reduces every layer; across nodes they leave NVLink for the network."""
+    g = env.cluster.gpus_per_node
+    if s.tp is None or s.tp == 1 or (s.tp <= g and g % s.tp == 0):
+        return None
+    eq = (f"tp({s.tp}) > gpus_per_node({g})" if s.tp > g else f"gpus_per_node({g}) % tp({s.tp}) = {g % s.tp} != 0")
+    return Violation(
+        "W101", "tensor-parallel groups cross the node boundary (TP collectives go over the network)",
+        eq, f"keep tensor <= {g} and a divisor of {g}",
+        anchors=(_P + "tensor", "cluster.gpus_per_node"), severity=Severity.WARNING,
+        source="megatron/core/parallel_state.py RankGenerator (tp is the fastest-varying rank dimension)",
+    )
+
+
+def warn_padded_vocab(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-LM tokenizer.py _vocab_size_with_padding: vocab rounded up to 128 x tp."""
+    if s.tp is None:
+        return None
+    v = env.model.vocab
+    padded = padded_vocab(v, s.tp)
+    if padded == v:
+        return None
+    return Violation(
+        "W102", f"Megatron pads the vocabulary from {v} to {padded} rows",
+        f"padded_vocab = ceil(vocab({v}) / (128 * tp({s.tp}))) * {VOCAB_DIVISOR * s.tp} = {padded} (+{padded - v} rows)",
+        None,
+        anchors=("model.vocab", "model"), severity=Severity.WARNING,
+        source="megatron/training/tokenizer/tokenizer.py _vocab_size_with_padding (make_vocab_size_divisible_by=128)",
+    )
+
+
+def warn_ep_without_sp(env: Env, s: Sizes) -> Violation | None:
+    """model_parallel_config.py __post_init__ warns: EP with TP in training needs sequence parallelism."""
+    if s.sequence_parallel is not False or None in (s.ep, s.tp) or s.ep <= 1 or s.tp <= 1:
+        return None
+    return Violation(
+        "W103", "expert parallelism with tensor parallelism should use sequence parallelism",
+        f"ep({s.ep}) > 1 and tp({s.tp}) > 1 with sequence_parallel = false",
+        "set sequence_parallel = true",
+        anchors=(_P + "sequence_parallel", _P + "expert"), severity=Severity.WARNING,
+        source="megatron/core/model_parallel_config.py __post_init__ (sequence parallelism must be used)",
+    )
+
+
+def warn_useless_distributed_optimizer(env: Env, s: Sizes) -> Violation | None:
+    """optimizer/distrib_optimizer.py shards over the data-parallel (with CP) group; of size 1 it
+    shards nothing."""
+    if not s.distributed_optimizer or None in (s.dp, s.cp) or s.dp * s.cp > 1:
+        return None
+    return Violation(
+        "W104", "the distributed optimizer has nothing to shard over",
+        f"dp({s.dp}) * cp({s.cp}) = 1: optimizer states are not sharded",
+        None, anchors=(_P + "distributed_optimizer", _P + "data"), severity=Severity.NOTE,
+        source="megatron/core/optimizer/distrib_optimizer.py (shards over the data-parallel-with-CP group)",
+    )
+
+
+def warn_fp16_loss_scaling(env: Env, s: Sizes) -> Violation | None:
+    """Megatron uses dynamic loss scaling with fp16 and then stops checking for NaN in loss/grads."""
+    if env.precision != "fp16":
+        return None
+    return Violation(
+        "W105", "fp16 trains with dynamic loss scaling",
+        "precision = fp16 -> loss_scale = dynamic (initial 2**32, hysteresis 2)",
+        "prefer bf16 on Ampere or newer",
+        anchors=("precision",), severity=Severity.WARNING,
+        source="megatron/core/optimizer/grad_scaler.py DynamicGradScaler; megatron/training/arguments.py (check_for_nan_in_loss_and_grad = False)",
+    )
+
+
+def warn_moe_ffn_default(env: Env, s: Sizes) -> Violation | None:
+    """transformer_config.py __post_init__ warns and uses ffn_hidden_size when moe_ffn_hidden_size is unset."""
+    m = env.model
+    if not m.is_moe or m.moe_ffn_hidden is not None:
+        return None
+    return Violation(
+        "W106", "moe_ffn_hidden is not set: Megatron uses ffn_hidden for every expert",
+        f"moe_ffn_hidden = ffn_hidden({m.ffn_hidden})",
+        None, anchors=("model.moe_ffn_hidden", "model"), severity=Severity.WARNING,
+        source="megatron/core/transformer/transformer_config.py __post_init__ (moe_ffn_hidden_size is not set)",
+    )
+
+
+def warn_top1_router(env: Env, s: Sizes) -> Violation | None:
+    """transformer_config.py __post_init__ raises for top-1 softmax routing unless pre-softmax is on."""
+    m = env.model
+    if not m.is_moe or m.top_k != 1:
+        return None
+    return Violation(
+        "W107", "top-1 routing: nemoc enables moe_router_pre_softmax (Megatron raises without it)",
+        "top_k(1) with softmax scores -> moe_router_pre_softmax = true",
+        None, anchors=("model.top_k", "model"), severity=Severity.NOTE,
+        source="megatron/core/transformer/transformer_config.py __post_init__ (Please use --moe-router-pre-softmax when topk is 1)",
+    )
+
+
+def warn_uneven_pipeline(env: Env, s: Sizes) -> Violation | None:
+    """transformer_config.py "Uneven PP": nemoc sets num_layers_in_first/last_pipeline_stage."""
+    if s.pp is None:
+        return None
+    vp = s.vp if (s.vp or 1) > 1 else None
+    split = pipeline_split(env.model.layers, s.pp, vp)
+    if split is None or split.even:
+        return None
+    return Violation(
+        "W108", "the layers do not divide evenly over the pipeline: nemoc uses an uneven split",
+        f"layers({env.model.layers}) % pp({s.pp}) = {env.model.layers % s.pp} != 0 -> {split.describe(s.pp)} "
+        f"(num_layers_in_first_pipeline_stage={split.first}, num_layers_in_last_pipeline_stage={split.last})",
+        None, anchors=(_P + "pipeline", "model.layers"), severity=Severity.NOTE,
+        source="megatron/core/transformer/transformer_config.py __post_init__ (Uneven PP)",
+    )
+
+
+def warn_vp_one(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-LM arguments.py: virtual_pipeline_model_parallel_size == 1 is reset to None."""
+    if s.vp != 1:
+        return None
+    return Violation(
+        "W109", "virtual_pipeline = 1 means no interleaving",
+        "virtual_pipeline(1) -> virtual_pipeline_model_parallel_size = None",
+        None, anchors=(_P + "virtual_pipeline",), severity=Severity.NOTE,
+        source="megatron/training/arguments.py validate_args (virtual_pipeline_model_parallel_size == 1 -> None)",
+    )
+
+
+# Ordered: cheapest and most decisive first (layout_violations stops at the first error).
+ERROR_RULES: tuple[Rule, ...] = (
+    rule_world_size, rule_heads_tp, rule_query_groups_tp, rule_ffn_tp, rule_layers_pipeline,
+    rule_interleave_needs_pp, rule_sequence_parallel, rule_global_batch, rule_interleave_microbatches,
+    rule_context_seq, rule_context_backend, rule_sequence_parallel_split, rule_dense_expert,
+    rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp,
+    rule_precision_hardware, rule_seq_length_positions,
+)
+WARNING_RULES: tuple[Rule, ...] = (
+    warn_tp_crosses_node, warn_padded_vocab, warn_ep_without_sp, warn_useless_distributed_optimizer,
+    warn_fp16_loss_scaling, warn_moe_ffn_default, warn_top1_router, warn_uneven_pipeline, warn_vp_one,
+)
+RULES: tuple[Rule, ...] = ERROR_RULES + WARNING_RULES
+
+
+def violations(env: Env, sizes: Sizes, rules: Iterable[Rule] = RULES) -> Iterator[Violation]:
+    for rule in rules:
+        v = rule(env, sizes)
+        if v is not None:
+            yield v
+
+
+def _divisors_upto(n: int, limit: int) -> str:
+    return ", ".join(str(d) for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+# ------------------------------------------------------------------------------ public entry points
+
+
+def gpu_facts(gpu_name: str) -> tuple[str | None, tuple[str, ...] | None]:
+    """(generation, supported training precisions) of a catalog GPU; (None, None) if unknown
+    (the schema check reports an unknown GPU; the rules then skip hardware checks)."""
+    hw = get_gpu(gpu_name)
+    if hw is None:
+        return None, None
+    return hw.generation, tuple(p for p in ("bf16", "fp16", "fp32", "fp8", "mxfp8") if hw.supports(p))
+
+
+def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: int) -> Sizes:
+    """The rules' view of what the user fixed (None = auto)."""
+    vp = parallel.virtual_pipeline
+    return Sizes(
+        tp=parallel.tensor, pp=parallel.pipeline, vp=vp, cp=parallel.context, ep=parallel.expert,
+        etp=parallel.expert_tensor, dp=parallel.data, micro_batch=parallel.micro_batch,
+        global_batch=global_batch, sequence_parallel=parallel.sequence_parallel,
+        distributed_optimizer=parallel.distributed_optimizer, recompute=parallel.recompute,
+        seq_length=seq_length,
+    )
+
+
+_PARALLEL_FIELDS = (
+    "tensor", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor", "data",
+    "sequence_parallel", "distributed_optimizer", "recompute", "micro_batch",
+)
+
+
+def stage_parallel(spec: ExperimentSpec, stage: StageSpec) -> ParallelSpec:
+    """The parallel block a stage runs with: the stage-level block overrides the experiment's.
+
+    When the spans say which fields the stage block wrote (`stage.<name>.parallel.<field>`), only
+    those override (field by field); otherwise the stage block replaces the experiment's whole.
+    """
+    if stage.parallel is None:
+        return spec.parallel
+    prefix = f"stage.{stage.name}.parallel."
+    written = {k[len(prefix):] for k in spec.spans if k.startswith(prefix)}
+    if not written:
+        return stage.parallel
+    return replace(spec.parallel, **{f: getattr(stage.parallel, f) for f in _PARALLEL_FIELDS if f in written})
+
+
+def stage_seq_length(spec: ExperimentSpec, stage: StageSpec) -> int:
+    return stage.seq_length or spec.model.seq_length
+
+
+def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend: str | None = None) -> Env:
+    arch, precisions = gpu_facts(spec.cluster.gpu)
+    return Env(
+        model=spec.model, cluster=spec.cluster, precision=spec.precision,
+        attention_backend=attention_backend or spec.attention_backend,
+        gpu_arch=arch, gpu_precisions=precisions, stage_kind=stage_kind,
+    )
+
+
+def to_diagnostic(v: Violation, spec: ExperimentSpec, stage: StageSpec | None = None) -> Diagnostic:
+    """Anchor a violation at the most specific span the user wrote (stage-level first)."""
+    paths: list[str] = []
+    for a in v.anchors:
+        if stage is not None and a.startswith("stage."):
+            paths.append(f"stage.{stage.name}.{a[len('stage.'):]}")
+        elif stage is not None and a.startswith(_P):
+            paths += [f"stage.{stage.name}.{a}", a]
+        else:
+            paths.append(a)
+    fallback = ([f"stage.{stage.name}.parallel", f"stage.{stage.name}"] if stage else []) + ["parallel", "model"]
+    where = f" (stage `{stage.name}`)" if stage is not None else ""
+    return Diagnostic(
+        code=v.code, message=v.message + where, span=spec.span(*paths, *fallback), severity=v.severity,
+        equation=v.equation, hint=v.hint,
+    )
+
+
+def check_spec(spec: ExperimentSpec) -> tuple[Diagnostic, ...]:
+    """Validate what the user fixed (no search): every rule over every training stage's sizes.
+
+    Auto sizes are skipped by each rule; a violation that several stages share (because they run
+    with the same experiment-level block) is reported once, at the experiment-level span.
+    """
+    out: list[Diagnostic] = []
+    seen: set[tuple[str, str]] = set()
+    stages = [s for s in spec.stages if s.kind in TRAINING_KINDS] or [None]
+    for stage in stages:
+        parallel = spec.parallel if stage is None else stage_parallel(spec, stage)
+        seq = spec.model.seq_length if stage is None else stage_seq_length(spec, stage)
+        gb = None if stage is None else stage.global_batch
+        env = env_of(spec, stage.kind if stage else "pretrain")
+        own = stage is not None and stage.parallel is not None
+        for v in violations(env, sizes_of(parallel, global_batch=gb, seq_length=seq)):
+            key = (v.code, v.equation)
+            if key in seen:
+                continue
+            seen.add(key)
+            uses_stage = own or any(a.startswith("stage.") for a in v.anchors)
+            out.append(to_diagnostic(v, spec, stage if uses_stage else None))
+    return tuple(out)
+
+
+def layout_violations(env: Env, sizes: Sizes) -> Violation | None:
+    """The first error rule a complete layout breaks, or None (the search's fast path)."""
+    for rule in ERROR_RULES:
+        v = rule(env, sizes)
+        if v is not None:
+            return v
+    return None

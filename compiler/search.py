@@ -1,0 +1,486 @@
+"""Plan search: resolve every `auto` of one stage into the fastest layout that is valid and fits.
+
+Input:  a `Problem` (model, cluster, GPU, precision, attention backend, sequence length, global
+        batch, stage kind, LoRA, what the user fixed in the stage's `parallel` block, the memory
+        headroom, the step count).
+Output: a `SearchResult`: the candidates that fit, fastest first (ties: less memory, then a fixed
+        order of the sizes, so the answer is deterministic), and a summary of why every other
+        candidate lost (which rule it broke, or by how much it overflowed memory and which term is
+        largest).
+Invariants: pure; every returned candidate satisfies tp*pp*cp*dp = world, every rule of
+        `nemoc.compiler.rules`, and memory.total <= capacity x (1 - headroom).
+
+Search space: TP x PP x VP x CP x EP x ETP x micro batch x recompute x distributed optimizer x
+sequence parallel. `search` enumerates it by divisors (only sizes that divide the world, the
+heads, the layers, the global batch are generated) and prunes with two monotone memory bounds
+taken from the memory model's invariants (`nemoc.compiler.memory`: recompute never increases
+activations, nor does a smaller micro batch): (1) a whole (TP, PP, VP, CP, EP, ETP, SP, DO) group
+is rejected when even its smallest micro batch with its strongest recompute does not fit;
+(2) inside a group, a micro batch that does not fit with the strongest recompute ends the micro
+batch loop, and a recompute level that does not fit ends the recompute loop (weaker levels use
+more memory). Only candidates that fit reach the cost model. `enumerate_all` is the brute-force
+oracle: the raw product of every size from 1 to its bound, each checked by the rules and the
+memory model; tests assert both return the same ranking.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from nemoc.compiler import cost, memory
+from nemoc.compiler.catalog.hardware import HardwareSpec
+from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown
+from nemoc.compiler.rules import (
+    RECOMPUTE,
+    Env,
+    PipelineSplit,
+    Sizes,
+    layout_violations,
+    pipeline_split,
+    rule_ffn_tp,
+    rule_global_batch,
+    rule_interleave_microbatches,
+    rule_heads_tp,
+    rule_query_groups_tp,
+)
+from nemoc.compiler.spec import ClusterSpec, LoraSpec, ModelSpec, ParallelSpec
+
+GIB = 1 << 30
+DEFAULT_TOP = 5  # candidates kept (the best and its runner-ups)
+DEFAULT_HEADROOM = 0.10  # 10 % of HBM kept free for allocator spikes and what no model sees
+MEMORY_TERMS = ("weights", "gradients", "optimizer", "activations", "other")
+# Strongest memory saving first: the pruning relies on this order.
+RECOMPUTE_ORDER = ("full", "selective", "none")
+
+
+# ------------------------------------------------------------------------------------------ types
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    model: ModelSpec
+    cluster: ClusterSpec
+    gpu: HardwareSpec
+    fixed: ParallelSpec  # None fields are auto
+    global_batch: int | None  # None: Megatron's default, micro_batch x dp
+    seq_length: int
+    precision: str = "bf16"
+    attention_backend: str = "flash"  # resolved
+    stage_kind: str = "pretrain"
+    peft: LoraSpec | None = None
+    params: object = None  # stage params (DPO reference_free, ...)
+    headroom: float = DEFAULT_HEADROOM
+    steps: int = 1
+
+    @property
+    def env(self) -> Env:
+        arch = self.gpu.generation
+        precisions = tuple(p for p in ("bf16", "fp16", "fp32", "fp8", "mxfp8") if self.gpu.supports(p))
+        return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind)
+
+    @property
+    def budget(self) -> int:
+        """Bytes a GPU may use: capacity x (1 - headroom)."""
+        return int(self.gpu.hbm_bytes * (1.0 - self.headroom))
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    layout: Layout
+    split: PipelineSplit
+    memory: MemoryBreakdown
+    estimate: Estimate
+
+    @property
+    def rank_key(self) -> tuple:
+        return (self.estimate.step_time_s, self.memory.total, layout_key(self.layout))
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why candidates lost, aggregated: `count` candidates lost for `reason`; `example` is the
+    closest one (for memory: the smallest overflow)."""
+
+    reason: str
+    count: int
+    example: str
+    layout: str
+    over_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Overflow:
+    """The candidate that came closest to fitting, for the "nothing fits" diagnostic."""
+
+    layout: Layout
+    memory: MemoryBreakdown
+    budget: int
+
+    @property
+    def over_bytes(self) -> int:
+        return self.memory.total - self.budget
+
+    @property
+    def largest_term(self) -> str:
+        return max(MEMORY_TERMS, key=lambda t: getattr(self.memory, t))
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    ranked: tuple[Candidate, ...]  # the best fitting candidates, fastest first
+    rejections: tuple[Rejection, ...]  # most frequent reason first
+    closest: Overflow | None  # best non-fitting candidate (smallest overflow)
+    evaluated: int  # memory-model evaluations
+    space: int  # candidates the search covered (evaluated, or rejected / pruned as a block)
+    fitting: int = 0  # fitting candidates whose time was estimated
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.ranked[0] if self.ranked else None
+
+
+def layout_key(layout: Layout) -> tuple:
+    """A fixed total order on layouts, the last tie-break of the ranking."""
+    return (layout.tp, layout.pp, layout.vp or 0, layout.cp, layout.ep, layout.etp, layout.micro_batch,
+            RECOMPUTE_ORDER.index(layout.recompute), not layout.distributed_optimizer, not layout.sequence_parallel)
+
+
+def describe(layout: Layout) -> str:
+    vp = f" vp={layout.vp}" if layout.vp else ""
+    ep = f" ep={layout.ep} etp={layout.etp}" if layout.ep > 1 or layout.etp != layout.tp else ""
+    return (f"tp={layout.tp} pp={layout.pp}{vp} cp={layout.cp}{ep} dp={layout.dp} mb={layout.micro_batch} "
+            f"sp={'on' if layout.sequence_parallel else 'off'} dopt={'on' if layout.distributed_optimizer else 'off'} "
+            f"recompute={layout.recompute}")
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+# -------------------------------------------------------------------------------- the evaluation
+
+
+def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
+    return memory.estimate(
+        p.model, layout, precision=p.precision, attention_backend=p.attention_backend, seq_length=p.seq_length,
+        stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params,
+    )
+
+
+def evaluate_time(p: Problem, layout: Layout) -> Estimate:
+    return cost.estimate(
+        p.model, layout, cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.attention_backend,
+        seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
+    )
+
+
+class _Recorder:
+    """Aggregates rejections by reason and remembers the closest non-fitting candidate."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.by_reason: dict[str, list] = {}
+        self.closest: Overflow | None = None
+        self.evaluated = 0
+        self.space = 0
+
+    def rule(self, short: str, reason: str, layout_text: str, count: int = 1) -> None:
+        self.space += count
+        entry = self.by_reason.setdefault(reason, [0, short, layout_text, 0])
+        entry[0] += count
+
+    def memory(self, layout: Layout, mem: MemoryBreakdown, count: int = 1) -> None:
+        self.space += count
+        over = mem.total - self.budget
+        term = max(MEMORY_TERMS, key=lambda t: getattr(mem, t))
+        reason = f"out of memory (largest term: {term})"
+        example = f"total {gib(mem.total)} > budget {gib(self.budget)} by {gib(over)}; {term} {gib(getattr(mem, term))}"
+        entry = self.by_reason.get(reason)
+        if entry is None:
+            self.by_reason[reason] = [count, example, describe(layout), over]
+        else:
+            entry[0] += count
+            if over < entry[3]:
+                entry[1:] = [example, describe(layout), over]
+        if self.closest is None or over < self.closest.over_bytes or (
+                over == self.closest.over_bytes and layout_key(layout) < layout_key(self.closest.layout)):
+            self.closest = Overflow(layout, mem, self.budget)
+
+    def result(self, top: "_Top") -> SearchResult:
+        rej = sorted((Rejection(r, e[0], e[1], e[2], e[3]) for r, e in self.by_reason.items()),
+                     key=lambda r: (-r.count, r.reason))
+        return SearchResult(tuple(top.items), tuple(rej), self.closest, self.evaluated, self.space + top.seen, top.seen)
+
+
+def _make_layout(p: Problem, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc) -> Layout:
+    gb = p.global_batch if p.global_batch is not None else mb * dp
+    return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
+                  num_microbatches=max(1, gb // (mb * dp)), sequence_parallel=sp, distributed_optimizer=do,
+                  recompute=rc)
+
+
+def _sizes(p: Problem, layout: Layout) -> Sizes:
+    return Sizes(tp=layout.tp, pp=layout.pp, vp=layout.vp, cp=layout.cp, ep=layout.ep, etp=layout.etp,
+                 dp=layout.dp, micro_batch=layout.micro_batch, global_batch=layout.global_batch,
+                 sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
+                 recompute=layout.recompute, seq_length=p.seq_length)
+
+
+# ------------------------------------------------------------------------------------ the domains
+
+
+def divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _pick(fixed, auto: list) -> list:
+    return [fixed] if fixed is not None else auto
+
+
+def _tp_domain(p: Problem, env: Env) -> list[int]:
+    world = p.cluster.world_size
+    ok = [t for t in divisors(world)
+          if all(r(env, Sizes(tp=t)) is None for r in (rule_heads_tp, rule_query_groups_tp, rule_ffn_tp))]
+    return _pick(p.fixed.tensor, ok)
+
+
+def _vp_domain(p: Problem, pp: int) -> list[int | None]:
+    v = p.fixed.virtual_pipeline
+    if v is not None:
+        return [None] if v <= 1 else [v]
+    if pp == 1:
+        return [None]
+    return [None] + [v for v in range(2, p.model.layers // pp + 1) if pipeline_split(p.model.layers, pp, v)]
+
+
+def _expert_domain(p: Problem, tp: int, pp: int, rest: int) -> list[tuple[int, int]]:
+    """(ep, etp) pairs. Dense: (1, tp), Megatron's default etp = tp. MoE: ep divides the experts
+    and the expert grid etp x ep x pp divides the world; auto etp tries 1 and tp."""
+    world = p.cluster.world_size
+    if not p.model.is_moe:
+        return [(p.fixed.expert or 1, p.fixed.expert_tensor or tp)]
+    eps = _pick(p.fixed.expert, [e for e in divisors(p.model.experts) if world % (e * pp) == 0])
+    etps = _pick(p.fixed.expert_tensor, sorted({1, tp}))
+    return [(e, t) for e in eps for t in etps if world % (e * t * pp) == 0]
+
+
+def _micro_batches(p: Problem, dp: int) -> list[int]:
+    if p.global_batch is None:
+        return _pick(p.fixed.micro_batch, [1])
+    if p.global_batch % dp:
+        return []
+    return _pick(p.fixed.micro_batch, divisors(p.global_batch // dp))
+
+
+def _recomputes(p: Problem) -> list[str]:
+    return _pick(p.fixed.recompute, list(RECOMPUTE_ORDER))
+
+
+def _bools(fixed: bool | None, allowed: bool = True) -> list[bool]:
+    if fixed is not None:
+        return [fixed]
+    return [True, False] if allowed else [False]
+
+
+# ------------------------------------------------------------------------------------ fast search
+
+
+class _Top:
+    """The `n` best candidates seen so far (by `rank_key`), and how many fitting ones were seen."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.items: list[Candidate] = []
+        self.seen = 0
+
+    def threshold(self) -> tuple | None:
+        return self.items[-1].rank_key if len(self.items) >= self.n else None
+
+    def push(self, c: Candidate) -> None:
+        self.seen += 1
+        bisect.insort(self.items, c, key=lambda x: x.rank_key)
+        del self.items[self.n:]
+
+
+def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
+    """The `top` fastest fitting candidates, with pruning (see module docstring).
+
+    Exact with respect to `enumerate_all` for the best candidate, given three properties of the
+    memory and cost models that tests assert: memory is monotone in micro batch and recompute;
+    time is monotone in recompute; with `distributed_optimizer` / `sequence_parallel` auto, the
+    distributed optimizer is never slower nor larger, and sequence parallelism is never slower.
+    """
+    env = p.env
+    rec = _Recorder(p.budget)
+    best = _Top(max(1, top))
+    world = p.cluster.world_size
+    for tp in _tp_domain(p, env):
+        pps = _pick(p.fixed.pipeline, [d for d in divisors(world // tp) if d <= p.model.layers] if world % tp == 0 else [])
+        for pp in pps:
+            rest = world // (tp * pp) if world % (tp * pp) == 0 else 0
+            cps = _pick(p.fixed.context, [c for c in divisors(rest) if c == 1 or p.seq_length % (2 * c) == 0] if rest else [])
+            for cp in cps:
+                if world % (tp * pp * cp):
+                    rec.rule(f"world size {world} % (tp({tp}) * pp({pp}) * cp({cp})) != 0", "E101 world size",
+                             f"tp={tp} pp={pp} cp={cp}")
+                    continue
+                dp = world // (tp * pp * cp)
+                if p.fixed.data is not None and p.fixed.data != dp:
+                    rec.rule(f"tp({tp}) * pp({pp}) * cp({cp}) * dp({p.fixed.data}) != world size {world}",
+                             "E101 world size", f"tp={tp} pp={pp} cp={cp}")
+                    continue
+                # Dominance: auto distributed optimizer -> on (same traffic, 1/(dp*cp) of the states).
+                do = p.fixed.distributed_optimizer if p.fixed.distributed_optimizer is not None else True
+                for vp in _vp_domain(p, pp):
+                    for ep, etp in _expert_domain(p, tp, pp, dp):
+                        _search_group(p, env, rec, best, tp, pp, vp, cp, ep, etp, dp, do)
+    return rec.result(best)
+
+
+def _sp_domain(p: Problem, tp: int) -> list[bool]:
+    """Sequence parallelism to try, preferred first: auto tries on (never slower: same TP traffic,
+    1/tp of the elementwise and all-to-all work) and falls back to off where on does not fit."""
+    return _bools(p.fixed.sequence_parallel, tp > 1)
+
+
+def _group_rules(p: Problem, env: Env, rec: _Recorder, layout: Layout, count: int) -> bool:
+    """Rules of the group (everything except the micro-batch-dependent E108 / E111)."""
+    v = layout_violations(env, _sizes(p, layout))
+    if v is not None and v.code not in ("E108", "E111"):
+        rec.rule(v.short, f"{v.code} {v.message}", describe(layout), count)
+        return False
+    return True
+
+
+def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, do) -> None:
+    mbs, rcs = _micro_batches(p, dp), _recomputes(p)
+    if not mbs:
+        rec.rule(f"global_batch({p.global_batch}) % dp({dp}) != 0", "E111 global batch % (micro_batch x dp)",
+                 f"tp={tp} pp={pp} cp={cp} dp={dp}", len(rcs))
+        return
+    sps = []
+    for sp in _sp_domain(p, tp):
+        # Bound (1): the smallest micro batch with the strongest recompute must fit.
+        bound = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, do, rcs[0])
+        if not _group_rules(p, env, rec, bound, len(mbs) * len(rcs)):
+            continue
+        if _rules_mb(env, p, bound) is None:
+            rec.evaluated += 1
+            mem = evaluate_memory(p, bound)
+            if mem.total > p.budget:
+                rec.memory(bound, mem, len(mbs) * len(rcs))
+                continue
+        sps.append(sp)
+    for i, mb in enumerate(mbs):
+        any_fit = False
+        for sp in sps:
+            layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[0])
+            v = _rules_mb(env, p, layout)
+            if v is not None:
+                rec.rule(v.short, f"{v.code} {v.message}", describe(layout), len(rcs))
+                any_fit = True  # a rule, not memory, stopped this micro batch: larger ones may pass
+                break
+            fitted = _search_recompute(p, rec, best, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs)
+            any_fit = any_fit or fitted
+            if fitted and p.fixed.sequence_parallel is None and sp and len(sps) > 1:
+                rec.rule("sequence_parallel = off is never faster", "dominated: sequence_parallel = off "
+                         "(on fits and is never slower)", describe(layout), len(rcs))
+                break
+        if not any_fit:
+            rest = len(mbs) - i - 1
+            if rest:
+                rec.rule("larger micro batches need more memory", "out of memory (a larger micro batch than "
+                         "one that already overflows)", f"tp={tp} pp={pp} cp={cp} dp={dp} mb>{mb}", rest * len(rcs))
+            return
+
+
+def _rules_mb(env: Env, p: Problem, layout: Layout):
+    """The micro-batch-dependent rules (global batch divisibility, interleaved microbatch count)."""
+    s = _sizes(p, layout)
+    return rule_global_batch(env, s) or rule_interleave_microbatches(env, s)
+
+
+def _search_recompute(p: Problem, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs) -> bool:
+    """Recompute levels of one (group, micro batch), weakest first: the first that fits is the
+    fastest (time is monotone in recompute) and every stronger one fits too (memory is monotone);
+    a stronger one is evaluated only if it could still enter the top list (its time is at least
+    the weaker one's). Returns whether the strongest level fits."""
+    for k in range(len(rcs) - 1, -1, -1):
+        layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[k])
+        rec.evaluated += 1
+        mem = evaluate_memory(p, layout)
+        if mem.total > p.budget:
+            rec.memory(layout, mem)
+            continue
+        first = Candidate(layout, _split(p, pp, vp), mem, evaluate_time(p, layout))
+        best.push(first)
+        for j in range(k - 1, -1, -1):
+            threshold = best.threshold()
+            if threshold is not None and (first.estimate.step_time_s, ) > threshold[:1]:
+                rec.rule("slower than the top list", "slower: stronger recompute of a layout already too slow",
+                         describe(layout), j + 1)
+                break
+            stronger = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[j])
+            rec.evaluated += 1
+            best.push(Candidate(stronger, first.split, evaluate_memory(p, stronger), evaluate_time(p, stronger)))
+        return True
+    return False
+
+
+def _split(p: Problem, pp: int, vp: int | None) -> PipelineSplit:
+    split = pipeline_split(p.model.layers, pp, vp)
+    assert split is not None  # the rules guarantee it
+    return split
+
+
+# --------------------------------------------------------------------------------- brute force
+
+
+def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
+                  max_micro_batch: int | None = None) -> SearchResult:
+    """The oracle: every size from 1 to its bound (no divisor generation, no pruning), each
+    candidate checked by every rule and the memory model; same result type as `search`.
+
+    Only two policies of the search's domains are shared (they are choices, not pruning): auto
+    sequence parallelism is tried only with tp > 1, and auto expert-TP only takes 1 or tp.
+    """
+    env = p.env
+    rec = _Recorder(p.budget)
+    fits = _Top(top)
+    world = p.cluster.world_size
+    f = p.fixed
+    rng = lambda fixed, hi: [fixed] if fixed is not None else list(range(1, hi + 1))  # noqa: E731
+    vps = ([f.virtual_pipeline if f.virtual_pipeline > 1 else None] if f.virtual_pipeline is not None
+           else [None] + list(range(2, (max_vp or p.model.layers) + 1)))
+    mb_hi = max_micro_batch or p.global_batch or 1
+    experts = p.model.experts if p.model.is_moe else 1
+    for tp, pp, cp, vp, ep, mb in itertools.product(
+            rng(f.tensor, world), rng(f.pipeline, world), rng(f.context, world), vps,
+            rng(f.expert, max(experts, 1)), rng(f.micro_batch, mb_hi)):
+        dp = f.data if f.data is not None else (world // (tp * pp * cp) if world % (tp * pp * cp) == 0 else None)
+        etps = rng(f.expert_tensor, world) if p.model.is_moe else [f.expert_tensor or tp]
+        for etp, sp, do, rc in itertools.product(etps, _bools(f.sequence_parallel), _bools(f.distributed_optimizer),
+                                                 _recomputes(p)):
+            if p.model.is_moe and f.expert_tensor is None and etp not in (1, tp):
+                continue  # policy: auto expert-TP is 1 or tp
+            if f.sequence_parallel is None and tp == 1 and sp:
+                continue  # policy: auto sequence parallelism only with tp > 1
+            gb = p.global_batch if p.global_batch is not None else mb * (dp or 1)
+            sizes = Sizes(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
+                          sequence_parallel=sp, distributed_optimizer=do, recompute=rc, seq_length=p.seq_length)
+            v = layout_violations(env, sizes)
+            layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp or 1, mb, sp, do, rc)
+            if v is not None:
+                rec.rule(v.short, f"{v.code} {v.message}", describe(layout))
+                continue
+            rec.evaluated += 1
+            mem = evaluate_memory(p, layout)
+            if mem.total > p.budget:
+                rec.memory(layout, mem)
+                continue
+            fits.push(Candidate(layout, _split(p, pp, vp), mem, evaluate_time(p, layout)))
+    return rec.result(fits)
