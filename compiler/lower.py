@@ -73,7 +73,18 @@ def lower_program(program: Program, sets: tuple[str, ...] = ()):
     experiment = _merge_templates(experiment, templates, diags)
     checked = check_block(experiment, diags)
     spec = _Lowering(checked, templates, program, diags).spec()
-    return spec, diags, set_sources
+    return spec, _unique(diags), set_sources
+
+
+def _unique(diags: list[Diagnostic]) -> list[Diagnostic]:
+    """A template's error is found both where it is declared and where it is merged: report it once."""
+    seen, out = set(), []
+    for d in diags:
+        key = (d.code, d.span, d.message)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
 
 
 # --------------------------------------------------------------------------------------- templates
@@ -199,7 +210,7 @@ class _Lowering:
         parallel = self._parallel(self.exp.sub("parallel"), ParallelSpec(), "parallel")
         if "parallel" not in self.spans:
             self.spans["parallel"] = self.exp.head
-        data = tuple(self._data(b) for b in self.exp.blocks if b.kind == "data")
+        data = tuple(self._data(b) for b in self.exp.blocks if b.kind == "data" and b.name)
         stages = self._stages(parallel, {d.name for d in data if d})
         self._unused_data(data, stages)
         for key in ("precision", "attention_backend"):
@@ -308,7 +319,7 @@ class _Lowering:
     # -- stages
 
     def _stages(self, parallel: ParallelSpec, data_names: set[str]) -> tuple[StageSpec, ...]:
-        blocks = [b for b in self.exp.blocks if b.kind == "stage"]
+        blocks = [b for b in self.exp.blocks if b.kind == "stage" and b.name]
         names = {b.name for b in blocks}
         stages = []
         for b in blocks:
@@ -372,6 +383,7 @@ class _Lowering:
     def _after_cycles(self, blocks: list[Checked]) -> None:
         """E041 for every cycle of `after` edges, shown as `a -> b -> a`."""
         after = {b.name: [r for r in b.after] for b in blocks}
+        self._declared = [b.name for b in blocks]
         state: dict[str, int] = {}  # 1 = on the stack, 2 = done
         reported: set[frozenset[str]] = set()
 
@@ -407,6 +419,8 @@ class _Lowering:
         reported.add(key)
         # `cycle` follows "runs after" edges; show it in execution order: a -> b means b runs after a.
         order = list(reversed(cycle))
+        first_declared = min(range(len(order)), key=lambda i: self._declared.index(order[i]))
+        order = order[first_declared:] + order[:first_declared]
         edges = []
         for i, name in enumerate(order):
             successor = order[(i + 1) % len(order)]

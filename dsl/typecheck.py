@@ -387,6 +387,8 @@ def _evaluate(expr, t: Type, key: str) -> tuple[Fraction, str]:
 def _literal(expr: ast.Number, t: Type, key: str) -> tuple[Fraction, str]:
     magnitude, suffix = Fraction(expr.magnitude), expr.unit
     table = UNITS[t.unit] if t.unit in UNITS else UNITS[""]
+    if suffix == "":
+        return magnitude, ""  # a plain number; a dimensional field then says it needs a unit
     if suffix in table:
         dim = t.unit if (t.unit in DIMENSIONAL and suffix) else ""
         return magnitude * Fraction(table[suffix]), dim
