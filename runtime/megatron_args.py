@@ -1,0 +1,264 @@
+"""The one adapter from the compiled plan to Megatron-Core arguments.
+
+Input:  slices of a `nemoc.compiler.plan.Plan` (ModelSpec, a StagePlan's Layout / OptimizerSpec /
+ScheduleSpec, the precision and the resolved attention backend) plus two facts about the machine
+(`cpu`: the gloo/CPU adaptation is active; `have_te`: Transformer Engine imports).
+Output: plain Megatron-Core objects and keyword dicts: `initialize_model_parallel` kwargs,
+`TransformerConfig`, `DistributedDataParallelConfig`, `OptimizerConfig`, `OptimizerParamScheduler`
+kwargs, the padded vocabulary size. Nothing else in the runtime turns plan fields into Megatron
+arguments.
+Invariants: pure functions (no process groups touched); a plan this machine cannot run (fp8 without
+TE, context parallelism with the local attention, an unknown activation) raises `UnsupportedPlan`
+with the reason, never a Megatron assertion later.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nemoc.compiler.plan import Layout
+from nemoc.compiler.spec import ModelSpec, OptimizerSpec, ScheduleSpec
+
+# Megatron-LM's --make-vocab-size-divisible-by default: the embedding is padded to a multiple of
+# 128 * tp so that every TP shard of the vocabulary is the same size and GEMM-friendly.
+VOCAB_DIVISIBLE_BY = 128
+
+_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class UnsupportedPlan(ValueError):
+    """The plan asks for something this runtime/machine cannot execute; the message says why."""
+
+
+@dataclass(frozen=True)
+class MachineFacts:
+    cpu: bool  # gloo on CPU (runtime.mcore_cpu applied)
+    have_te: bool  # transformer_engine imports
+
+
+def padded_vocab_size(vocab: int, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
+    """Megatron-LM `_vocab_size_with_padding`: round up to a multiple of divisible_by * tp."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab / multiple) * multiple)
+
+
+def params_dtype(precision: str) -> torch.dtype:
+    if precision in ("fp8", "mxfp8"):
+        return torch.bfloat16  # fp8 training keeps bf16 master weights; TE casts inside the GEMMs
+    try:
+        return _PRECISION_DTYPES[precision]
+    except KeyError:
+        raise UnsupportedPlan(f"unknown precision {precision!r} (bf16 | fp16 | fp32 | fp8 | mxfp8)") from None
+
+
+def parallel_kwargs(*, layout: Layout, timeout_minutes: int = 5) -> dict:
+    """Keyword arguments for `parallel_state.initialize_model_parallel`."""
+    return dict(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        distributed_timeout_minutes=max(1, int(timeout_minutes)),
+    )
+
+
+def _activation(model: ModelSpec) -> tuple[object, bool]:
+    """(activation_func, gated_linear_unit). SwiGLU = SiLU-gated GLU (Shazeer 2020)."""
+    if model.activation == "swiglu":
+        return F.silu, True
+    if model.activation == "gelu":
+        return F.gelu, False
+    if model.activation == "relu":
+        return F.relu, False
+    if model.activation == "squared_relu":
+        from megatron.core.activations import squared_relu
+
+        return squared_relu, False
+    raise UnsupportedPlan(f"activation {model.activation!r} is not supported (swiglu | gelu | relu | squared_relu)")
+
+
+def _recompute_kwargs(recompute: str) -> dict:
+    if recompute in ("none", "", None):
+        return {}
+    if recompute == "selective":  # recompute only the attention core (Korthikanti et al. 2022, sec. 5)
+        return dict(recompute_granularity="selective")
+    if recompute == "full":  # checkpoint every layer's input, replay the layer in backward
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    raise UnsupportedPlan(f"recompute {recompute!r} is not supported (none | selective | full)")
+
+
+def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts: MachineFacts) -> None:
+    if precision in ("fp8", "mxfp8") and not facts.have_te:
+        raise UnsupportedPlan(f"precision {precision} needs Transformer Engine, which is not installed here")
+    if layout.cp > 1 and not facts.have_te:
+        raise UnsupportedPlan(
+            f"context parallelism (cp={layout.cp}) needs Transformer Engine's attention "
+            "(TEDotProductAttention); Megatron-Core's local attention supports cp=1 only"
+        )
+    if model.is_moe and layout.tp > 1 and not layout.sequence_parallel:
+        raise UnsupportedPlan(f"MoE with tp={layout.tp} needs sequence_parallel (Megatron-Core rejects it otherwise)")
+    if layout.sequence_parallel and layout.tp == 1:
+        raise UnsupportedPlan("sequence_parallel needs tp > 1")
+
+
+def transformer_config(
+    *,
+    model: ModelSpec,
+    layout: Layout,
+    precision: str,
+    attention_backend: str,
+    facts: MachineFacts,
+    dropout: float = 0.0,
+    deterministic: bool = False,
+):
+    """The TransformerConfig for one stage. `attention_backend` is the plan's resolved value."""
+    from megatron.core.transformer.enums import AttnBackend
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    _check_supported(model=model, layout=layout, precision=precision, facts=facts)
+    activation, glu = _activation(model)
+    dtype = params_dtype(precision)
+    kwargs = dict(
+        num_layers=model.layers,
+        hidden_size=model.hidden,
+        num_attention_heads=model.heads,
+        num_query_groups=model.query_groups,
+        kv_channels=model.head_dim,
+        ffn_hidden_size=model.ffn_hidden,
+        activation_func=activation,
+        gated_linear_unit=glu,
+        normalization="RMSNorm" if model.norm == "rmsnorm" else "LayerNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        init_method_std=0.02,
+        # parallelism (validation inside TransformerConfig reads these too)
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        sequence_parallel=layout.sequence_parallel,
+        # precision
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        # Initialise on the CPU with the global RNG: the weights are then independent of the TP/PP
+        # layout, so differently parallelised runs start from the same model (and it is required on CPU).
+        use_cpu_initialization=facts.cpu,
+        # gloo pairs the two messages of a batched isend/irecv wrongly when the previous and the next
+        # pipeline rank are the same peer (pp=2 with VPP): gradients silently wrong. Unbatched is exact.
+        batch_p2p_comm=not facts.cpu,
+        deterministic_mode=deterministic,
+        attention_backend=_megatron_attention_backend(attention_backend, facts, AttnBackend),
+        **_recompute_kwargs(layout.recompute),
+    )
+    if model.is_moe:
+        kwargs.update(
+            num_moe_experts=model.experts,
+            moe_router_topk=model.top_k,
+            moe_ffn_hidden_size=model.moe_ffn_hidden or model.ffn_hidden,
+            moe_shared_expert_intermediate_size=model.shared_expert_ffn_hidden or None,
+            moe_token_dispatcher_type="alltoall" if layout.ep > 1 else "allgather",
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=1e-2,  # Switch Transformer's alpha (Fedus et al. 2021, sec. 2.2)
+            moe_grouped_gemm=False,  # grouped GEMM needs the CUDA grouped_gemm/TE kernels
+            # Expert MLPs with a bias hit an autograd view+inplace error in 0.16.1 (mlp.py) and
+            # production MoE models (Mixtral, Qwen-MoE) have none.
+            add_bias_linear=False,
+        )
+    if precision in ("fp8", "mxfp8"):
+        kwargs.update(fp8="hybrid", fp8_recipe="mxfp8" if precision == "mxfp8" else "delayed")
+    return TransformerConfig(**kwargs)
+
+
+def _megatron_attention_backend(backend: str, facts: MachineFacts, AttnBackend):
+    """With TE the choice goes to TE (flash/fused/unfused). Without it the layer spec decides
+    (runtime.model picks our SDPA core for `flash`), and Megatron must not steer TE: `local`."""
+    if not facts.have_te:
+        return AttnBackend.local
+    return {"flash": AttnBackend.flash, "fused": AttnBackend.fused, "unfused": AttnBackend.unfused}.get(
+        backend, AttnBackend.auto
+    )
+
+
+def ddp_config(*, layout: Layout):
+    """Megatron DDP: fp32 gradient reduction; overlap the DP all-reduce with backward when dp > 1."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=layout.dp > 1,
+        overlap_param_gather=False,
+        use_distributed_optimizer=layout.distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+
+
+def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout: Layout, precision: str):
+    """Adam(W) or SGD with grad clipping; bf16/fp16 keep fp32 main params; fp16 uses dynamic loss
+    scaling (Micikevicius et al. 2018): start 2^16, halve on overflow, double after 1000 clean steps."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    if optimizer.name not in ("adam", "sgd"):
+        raise UnsupportedPlan(f"optimizer {optimizer.name!r} is not supported (adam | sgd)")
+    dtype = params_dtype(precision)
+    return OptimizerConfig(
+        optimizer=optimizer.name,
+        lr=optimizer.lr,
+        min_lr=schedule.min_lr,
+        weight_decay=optimizer.weight_decay,
+        adam_beta1=optimizer.betas[0],
+        adam_beta2=optimizer.betas[1],
+        adam_eps=optimizer.eps,
+        clip_grad=optimizer.grad_clip,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        params_dtype=dtype,
+        loss_scale=None,  # dynamic
+        initial_loss_scale=2.0**16,
+        min_loss_scale=1.0,
+        loss_scale_window=1000,
+        hysteresis=2,
+        use_distributed_optimizer=layout.distributed_optimizer,
+    )
+
+
+def scheduler_kwargs(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, steps: int) -> dict:
+    """OptimizerParamScheduler kwargs (minus the optimizer). Steps are optimizer steps: the scheduler
+    is stepped with increment=1 per iteration. Warmup is linear from 0; decay runs to min_lr over
+    `decay_steps` (default: everything after warmup); WSD decays over the last 10 % linearly."""
+    styles = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}
+    if schedule.name not in styles:
+        raise UnsupportedPlan(f"lr schedule {schedule.name!r} is not supported (cosine | linear | constant | wsd)")
+    warmup = min(schedule.warmup, max(steps - 1, 0))
+    decay = schedule.decay_steps if schedule.decay_steps is not None else steps
+    decay = max(decay, warmup + 1)
+    kwargs = dict(
+        init_lr=0.0,
+        max_lr=optimizer.lr,
+        min_lr=schedule.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=decay,
+        lr_decay_style=styles[schedule.name],
+        start_wd=optimizer.weight_decay,
+        end_wd=optimizer.weight_decay,
+        wd_incr_steps=max(steps, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+    )
+    if schedule.name == "wsd":
+        kwargs.update(wsd_decay_steps=max(1, decay // 10), lr_wsd_decay_style="linear")
+    return kwargs

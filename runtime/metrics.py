@@ -1,0 +1,165 @@
+"""Training metrics sinks, rank 0 only: JSON lines, TensorBoard, and console progress with ETA.
+
+Input:  one dict per logged step (`step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, `step_time_s`,
+optionally `val_loss`, `tflops_per_gpu`, `mfu`, `peak_mem_gib`, ...), from runtime.train.
+Output: `metrics.jsonl` (one JSON object per line, flushed and fsync'd per record so a killed run
+keeps every logged step), TensorBoard scalars under `tensorboard_dir`, and a progress display:
+rich.progress when stdout is a TTY, plain `step N/M | loss ... | ETA ...` lines otherwise (logs).
+Invariants: ranks other than 0 get a `NullMetrics` that does nothing; a sink that fails to open
+(no TensorBoard) is reported once and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+class NullMetrics:
+    """The sink on ranks != 0."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def event(self, name: str, **fields: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class Metrics(NullMetrics):
+    """JSON lines + TensorBoard + console progress for `total_steps` steps starting at `start_step`."""
+
+    def __init__(self, *, metrics_path: str | None, tensorboard_dir: str | None, total_steps: int,
+                 start_step: int = 0, title: str = "train", console: TextIO | None = None,
+                 use_rich: bool | None = None):
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.start_time = time.monotonic()
+        self.console = console or sys.stdout
+        self._jsonl = None
+        if metrics_path:
+            os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
+            self._jsonl = open(metrics_path, "a", encoding="utf-8")
+        self._tb = _open_tensorboard(tensorboard_dir, self.console)
+        if use_rich is None:
+            use_rich = bool(getattr(self.console, "isatty", lambda: False)())
+        self._progress = _RichProgress(title, total_steps, start_step) if use_rich else None
+
+    def eta_s(self, step: int) -> float:
+        done = step - self.start_step
+        if done <= 0:
+            return float("nan")
+        elapsed = time.monotonic() - self.start_time
+        return elapsed / done * (self.total_steps - step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record, sort_keys=True, allow_nan=True) + "\n")
+            self._jsonl.flush()
+            os.fsync(self._jsonl.fileno())
+        if self._tb is not None and "step" in record:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"train/{key}" if not key.startswith("val_") else f"val/{key[4:]}",
+                                        value, record["step"])
+            self._tb.flush()
+        if "step" in record:
+            self._console_line(record)
+
+    def event(self, name: str, **fields: Any) -> None:
+        """A one-off event (checkpoint saved, resumed, preempted): JSON line + console line."""
+        record = {"time": round(time.time(), 3), "event": name, **fields}
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
+            self._jsonl.flush()
+        text = f"[nemoc] {name}: " + ", ".join(f"{k}={v}" for k, v in fields.items())
+        if self._progress is not None:
+            self._progress.print(text)
+        else:
+            print(text, file=self.console, flush=True)
+
+    def _console_line(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        parts = [f"step {step}/{self.total_steps}"]
+        for key, fmt in (("loss", ".4f"), ("val_loss", ".4f"), ("lr", ".3e"), ("grad_norm", ".3f"),
+                         ("tokens_per_s", ".0f"), ("step_time_s", ".3f"), ("mfu", ".1%"), ("peak_mem_gib", ".1f")):
+            value = record.get(key)
+            if isinstance(value, (int, float)) and value is not None:
+                parts.append(f"{key} {value:{fmt}}")
+        eta = format_duration(self.eta_s(step))
+        if self._progress is not None:
+            self._progress.update(step, " | ".join(parts[1:]) + f" | ETA {eta}")
+        else:
+            print(" | ".join(parts) + f" | ETA {eta}", file=self.console, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _open_tensorboard(directory: str | None, console: TextIO):
+    if not directory:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=directory)
+    except Exception as exc:  # tensorboard missing or unwritable: metrics.jsonl still has everything
+        print(f"[nemoc] warning: TensorBoard disabled ({type(exc).__name__}: {exc})", file=console, flush=True)
+        return None
+
+
+class _RichProgress:
+    def __init__(self, title: str, total: int, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(title, total=total, completed=start, info="")
+
+    def update(self, step: int, info: str) -> None:
+        self._progress.update(self._task, completed=step, info=info)
+
+    def print(self, text: str) -> None:
+        self._progress.console.print(text, markup=False, highlight=False)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def open_metrics(*, rank: int, **kwargs) -> NullMetrics:
+    """Metrics on rank 0, NullMetrics elsewhere."""
+    return Metrics(**kwargs) if rank == 0 else NullMetrics()

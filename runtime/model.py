@@ -1,0 +1,177 @@
+"""GPTModel construction on Megatron-Core's public API.
+
+Input:  a TransformerConfig (from runtime.megatron_args), the plan's ModelSpec, the padded vocabulary,
+the sequence length, the resolved attention backend.
+Output: a list of model chunks (one per virtual pipeline stage; Float16Module-wrapped for bf16/fp16),
+then Megatron DDP wrappers with the schedule hooks wired as Megatron-LM's training.py does.
+
+Layer spec: Transformer Engine's when `transformer_engine` imports (TE then owns attention: flash,
+fused or unfused per TransformerConfig.attention_backend); Megatron-Core's local spec otherwise, in
+which attention is either
+  * `unfused`: Megatron's DotProductAttention (materialises the [b, n, s, s] score matrix), or
+  * `flash` (also `fused`/`auto` without TE): `SDPAttention` below, torch's
+    scaled_dot_product_attention (FlashAttention-2 / memory-efficient kernels on GPU, a fused math
+    kernel on CPU): O(s) activation memory instead of O(s^2).
+Both honour TP (each rank holds num_heads/tp heads and num_query_groups/tp KV groups), GQA (KV heads
+repeated to the query heads, as DotProductAttention does), the causal mask and attention dropout under
+the TP RNG tracker. Limitation: neither local core supports context parallelism (cp > 1 needs TE's
+attention, which runs ring attention across the CP group); megatron_args rejects that plan.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import Float16Module
+
+from nemoc.compiler.spec import ModelSpec
+
+_POSITION = {"rope": "rope", "learned": "learned_absolute", "none": "none"}
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a broken install (missing CUDA libs) -> treat as absent
+        return False
+    return True
+
+
+class SDPAttention(DotProductAttention):
+    """DotProductAttention with the core replaced by torch.nn.functional.scaled_dot_product_attention.
+
+    Inherits the head bookkeeping (heads / query groups per TP partition, softmax scale) and the
+    sharded-state-dict behaviour, so checkpoints are interchangeable with the `unfused` core.
+    Shapes follow Megatron: query [sq, b, np, hn], key/value [sk, b, ng, hn] -> [sq, b, np * hn].
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, **kwargs):
+        super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
+        if config.window_size is not None or config.softmax_type != "vanilla":
+            raise NotImplementedError("SDPAttention supports vanilla softmax without sliding windows")
+        # DotProductAttention folds the layer-number coefficient into softmax_scale and multiplies it
+        # back inside the softmax; SDPA has one scale, so use the product.
+        self.sdpa_scale = self.softmax_scale * (self.layer_number if config.apply_query_key_layer_scaling else 1)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention does not take packed sequences or an attention bias")
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups > 1:  # GQA: each KV group serves `groups` consecutive query heads
+            key = key.repeat_interleave(groups, dim=2)
+            value = value.repeat_interleave(groups, dim=2)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, np, s, hn]
+        mask_type = attn_mask_type or self.attn_mask_type
+        causal = mask_type == AttnMaskType.causal
+        mask = None
+        if attention_mask is not None and not causal:
+            mask = ~attention_mask  # Megatron: True = masked out; SDPA: True = attend
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if dropout > 0 and not self.config.sequence_parallel:
+            # Per-TP-rank dropout streams, as DotProductAttention does.
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                context = self._sdpa(q, k, v, mask, causal, dropout)
+        else:
+            context = self._sdpa(q, k, v, mask, causal, dropout)
+        sq, b = query.shape[0], query.shape[1]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _sdpa(self, q, k, v, mask, causal, dropout):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and q.shape[2] > 1,
+            scale=self.sdpa_scale,
+        )
+
+
+def layer_spec(*, config, model: ModelSpec, attention_backend: str, have_te: bool):
+    """The transformer-layer ModuleSpec for this machine and backend."""
+    experts = model.experts or None
+    if have_te:
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=False, qk_layernorm=model.qk_layernorm
+        )
+    spec = get_gpt_layer_local_spec(
+        num_experts=experts,
+        moe_grouped_gemm=False,
+        qk_layernorm=model.qk_layernorm,
+        normalization=config.normalization,
+    )
+    if attention_backend != "unfused":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def attention_core_name(*, attention_backend: str, have_te: bool) -> str:
+    """What actually computes attention, for logs and bench results."""
+    if have_te:
+        return f"transformer_engine:{attention_backend}"
+    return "megatron:DotProductAttention" if attention_backend == "unfused" else "torch:scaled_dot_product_attention"
+
+
+def build_model_chunks(*, config, model: ModelSpec, vocab_size: int, seq_length: int, attention_backend: str,
+                       have_te: bool) -> list[torch.nn.Module]:
+    """One GPTModel per virtual pipeline stage held by this rank (Megatron-LM's get_model)."""
+    spec = layer_spec(config=config, model=model, attention_backend=attention_backend, have_te=have_te)
+    vp = config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for i in range(vp or 1):
+        vp_stage = i if vp else None
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=model.tie_embeddings,
+            position_embedding_type=_POSITION[model.position],
+            rotary_base=int(model.rotary_base),
+            vp_stage=vp_stage,
+        )
+        if not config.use_cpu_initialization:
+            chunk = chunk.to(torch.cuda.current_device())
+        if config.bf16 or config.fp16:
+            # Casts the parameters to the half dtype and the fp32 inputs/outputs at the chunk edges.
+            chunk = Float16Module(config, chunk)
+        chunks.append(chunk)
+    return chunks
+
+
+def wrap_ddp(*, chunks: list[torch.nn.Module], config, ddp_config) -> list[torch.nn.Module]:
+    """Megatron DDP per chunk, and the hooks the schedules call (Megatron-LM training.py)."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    wrapped = [
+        # Only the first chunk buckets its gradients; later chunks reduce in one go (as get_model()).
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    config.finalize_model_grads_func = finalize_model_grads
+    if ddp_config.overlap_grad_reduce:
+        one = len(wrapped) == 1
+        config.no_sync_func = wrapped[0].no_sync if one else [m.no_sync for m in wrapped]
+        config.grad_sync_func = wrapped[0].start_grad_sync if one else [m.start_grad_sync for m in wrapped]
+    return wrapped
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def count_parameters(chunks: list[torch.nn.Module]) -> int:
+    """Parameters held by this rank (all chunks)."""
+    return sum(p.numel() for chunk in chunks for p in chunk.parameters())
+
