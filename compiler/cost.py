@@ -1,0 +1,381 @@
+"""The cost model: step time, throughput, MFU and cost of one stage under a resolved layout.
+
+Input:  a `ModelSpec`, a resolved `Layout`, the `ClusterSpec` and its `HardwareSpec`, precision,
+attention backend, sequence length, number of steps, stage kind and optional LoRA.
+Output: `Estimate` with `parts` (seconds per step): compute, elementwise, tp_comm, cp_comm, ep_comm,
+pp_bubble, pp_imbalance, pp_p2p, dp_comm_exposed, optimizer.
+Invariants: pure, no torch; a few tens of microseconds per call (the planner calls it thousands of
+times); every term is a small function with its physics stated; the few efficiency parameters live
+in `EfficiencyParams` (docs/cost-model.md) and are per GPU generation, never per row.
+
+Time of one step on the slowest pipeline stage (Narayanan et al. 2021, Sec. 2-3):
+    t_step = m x t_mb(slowest stage) + (pp - 1) / vp x t_mb(mean stage)          [1F1B / interleaved]
+           + pp_p2p + dp_comm_exposed + optimizer
+    t_mb   = GEMMs (roofline: max(FLOPs / (peak x e_gemm), bytes / HBM bw))
+           + attention core (FLOPs / (bf16 peak x e_attn); flash skips the masked half)
+           + elementwise (kappa x activation bytes / HBM bw)
+           + exposed TP / CP / EP communication.
+MFU = model FLOPs (3 x forward, no recompute) / (step time x GPUs x dense peak of the precision).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from types import MappingProxyType
+
+from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
+from nemoc.compiler.flops import (
+    flops_per_token,
+    is_gated,
+    layers_on_stage,
+    model_flops_per_step,
+    padded_vocab,
+    param_counts,
+)
+from nemoc.compiler.memory import layer_activations, lora_params_per_layer
+from nemoc.compiler.plan import Estimate, Layout
+from nemoc.compiler.spec import ClusterSpec, LoraSpec, ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class EfficiencyParams:
+    """The cost model's only tunable numbers, each a physical quantity (docs/cost-model.md).
+
+    gemm_*:   achievable fraction of the dense datasheet peak for large GEMMs, per GPU generation
+              and precision class (16-bit / 8-bit). There are no Blackwell 16-bit rows in the
+              calibration set; Blackwell 16-bit takes the Hopper 16-bit value (stated assumption).
+    attn:     achievable fraction of the 16-bit peak for flash / fused attention, forward + backward
+              (backward does 2.5x the forward FLOPs; Transformer Engine runs attention in 16-bit
+              even in FP8 recipes).
+    kappa:    HBM passes over the stored activation bytes per training step: bytes moved by the
+              memory-bound kernels (norms, residual adds, activation functions, RoPE, FP8 casts,
+              the optimizer-free rest) = kappa x activation bytes of the layer.
+    link:     fraction of the link bandwidth NCCL achieves (bus bandwidth / link bandwidth).
+    tp_exposed: fraction of TP collective time not hidden behind GEMMs on Hopper and newer
+              (Transformer Engine userbuffer TP-communication overlap, on in NeMo/Megatron-Bridge
+              recipes); Ampere-era Megatron (2021-22) did not overlap TP communication: 1.0.
+    gemm_n_half: GEMM tile-quantisation penalty: a GEMM whose smaller of N, K (per GPU, after TP)
+              is n runs at e_gemm / (1 + n_half / n) (half a 128-wide tensor-core tile).
+
+    Values: chosen once, globally, by a coordinate search over these nine numbers on the calibration
+    set (bench/calibrate.py, docs/calibration.md), kept inside physically plausible ranges; they are
+    end-to-end achieved fractions (clock throttling under the power cap, kernel tails, FP8 scaling
+    bookkeeping included), hence below single-GEMM microbenchmarks.
+    """
+
+    gemm_ampere_16: float = 0.62
+    gemm_hopper_16: float = 0.64
+    gemm_hopper_8: float = 0.46
+    gemm_blackwell_8: float = 0.37
+    attn: float = 0.37
+    kappa: float = 4.8
+    link: float = 0.75
+    tp_exposed: float = 0.05
+    gemm_n_half: float = 64.0
+
+    def gemm_eff(self, generation: str, precision: str) -> float:
+        low = precision in ("fp8", "mxfp8")
+        if generation == "ampere":
+            return self.gemm_ampere_16
+        if generation == "hopper":
+            return self.gemm_hopper_8 if low else self.gemm_hopper_16
+        if generation == "blackwell":
+            return self.gemm_blackwell_8 if low else self.gemm_hopper_16
+        return 0.5  # CPU quickstart: illustrative
+
+    def attn_eff(self, generation: str) -> float:
+        return self.attn
+
+    def tp_exposure(self, generation: str) -> float:
+        return 1.0 if generation in ("ampere", "cpu") else self.tp_exposed
+
+
+DEFAULT_PARAMS = EfficiencyParams()
+
+
+# ----------------------------------------------------------------------------------- per-layer terms
+
+
+@dataclass(frozen=True, slots=True)
+class LayerTimes:
+    """Seconds for one transformer layer and one micro batch on one GPU (forward + backward)."""
+
+    gemm: float
+    attention: float
+    elementwise: float
+    tp_comm: float
+    cp_comm: float
+    ep_comm: float
+    forward_fraction: float  # share of the layer's compute that is forward (for recompute / overlap windows)
+
+    @property
+    def total(self) -> float:
+        return self.gemm + self.attention + self.elementwise + self.tp_comm + self.cp_comm + self.ep_comm
+
+
+def gemm_time(m: float, n: float, k: float, *, flops_per_s: float, bytes_per_s: float, in_bytes: float,
+              n_half: float = 0.0) -> float:
+    """Roofline time of an (m x k) @ (k x n) GEMM: the larger of its FLOPs at the achievable rate and
+    its operand/result traffic at HBM bandwidth (Williams et al. 2009). Small or skinny GEMMs
+    (small hidden / TP, small micro batch) become memory bound: that is the shape penalty."""
+    flops = 2.0 * m * n * k
+    traffic = in_bytes * (m * k + k * n) + 2.0 * m * n
+    return max(flops / flops_per_s * (1.0 + n_half / min(n, k)), traffic / bytes_per_s)
+
+
+@lru_cache(maxsize=256)
+def _layer_gemm_shapes(model: ModelSpec, tp: int, ep: int, etp: int) -> tuple[tuple[float, float, float], ...]:
+    """(n, k, m_multiplier) of every forward GEMM of one layer on one GPU, per token of the micro
+    batch: QKV, output projection, MLP fc1/fc2 (MoE: grouped GEMMs over the local experts)."""
+    h, d = model.hidden, model.head_dim
+    attn = ((((model.heads + 2 * model.query_groups) * d) / tp, h, 1.0), (h, model.heads * d / tp, 1.0))
+    gate = 2 if is_gated(model) else 1
+    if model.is_moe:
+        f = (model.moe_ffn_hidden or model.ffn_hidden) / etp
+        # each GPU receives tokens x top_k routed copies (balanced), grouped over E/ep local experts
+        share = model.top_k / tp * etp
+        mlp = ((gate * f, h, share), (h, f, share))
+        if model.shared_expert_ffn_hidden:
+            fs = model.shared_expert_ffn_hidden / tp
+            mlp += ((gate * fs, h, 1.0), (h, fs, 1.0))
+    else:
+        f = model.ffn_hidden / tp
+        mlp = ((gate * f, h, 1.0), (h, f, 1.0))
+    return attn + mlp
+
+
+def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int, precision: str,
+                attention_backend: str, micro_batch: int, backward: float = 2.0,
+                params: EfficiencyParams = DEFAULT_PARAMS) -> LayerTimes:
+    """Forward + backward time of one layer for one micro batch. `backward` is the backward/forward
+    GEMM ratio: 2 (input and weight gradients), 1 for a frozen base under LoRA (input gradients
+    only), 0 for forward-only stages."""
+    tokens = micro_batch * seq / layout.cp  # GEMM rows on this GPU (SP re-gathers the sequence)
+    gen = hw.generation
+    low = precision in ("fp8", "mxfp8")
+    rate = hw.peak(precision if hw.supports(precision) else "bf16") * params.gemm_eff(gen, precision)
+    in_bytes = 1.0 if low else (4.0 if precision == "fp32" else 2.0)
+    passes = 1.0 + backward
+    gemm = 0.0
+    for n, k, share in _layer_gemm_shapes(model, layout.tp, layout.ep, layout.etp):
+        gemm += passes * gemm_time(tokens * share, n, k, flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=in_bytes,
+                                   n_half=params.gemm_n_half)
+    # attention core: flash kernels skip the masked upper triangle (causal), 2.5x forward for backward
+    attn_flops = 4.0 * tokens * seq * model.heads * model.head_dim / layout.tp
+    attn_flops *= 0.5 if attention_backend != "unfused" else 1.0
+    attn_rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.attn_eff(gen)
+    attention = attn_flops * (1.0 + (2.5 if backward else 0.0)) / attn_rate
+    act = layer_activations(model, seq=seq, micro_batch=micro_batch, tp=layout.tp, sp=layout.sequence_parallel,
+                            cp=layout.cp, etp=layout.etp, attention_backend=attention_backend).total
+    elementwise = params.kappa * act * (passes / 3.0) / hw.hbm_bw
+    if layout.recompute == "full":
+        gemm *= (passes + 1.0) / passes
+        attention *= (3.5 + 1.0) / 3.5 if backward else 1.0
+        elementwise *= 4.0 / 3.0
+    elif layout.recompute == "selective":
+        attention *= (3.5 + 1.0) / 3.5 if backward else 1.0
+    tp_comm = _tp_comm(model, layout, hw, tokens, passes, params)
+    cp_comm = _cp_comm(model, layout, hw, tokens, passes, attention, params)
+    ep_comm = _ep_comm(model, layout, hw, tokens, passes, params)
+    return LayerTimes(gemm, attention, elementwise, tp_comm, cp_comm, ep_comm, 1.0 / passes)
+
+
+def _link_bw(hw: HardwareSpec, size: int, stride: int, params: EfficiencyParams) -> float:
+    """Per-GPU bus bandwidth of a ring over `size` ranks spaced `stride` apart (Megatron rank order
+    tp-cp-ep-dp-pp). Inside one NVLink domain: NVLink. Across domains, NCCL runs one ring per NIC
+    and every GPU has its own NIC (rail-optimised HGX / NVL72), so a group with k members per domain
+    crosses domains over k NICs in parallel: min(NVLink, k x NIC) (NCCL ring algorithm)."""
+    if size * stride <= hw.nvlink_domain or size == 1:
+        return hw.nvlink_bw * params.link
+    members = max(1, min(size, hw.nvlink_domain // stride))
+    return min(hw.nvlink_bw, members * hw.net_bw) * params.link
+
+
+def _tp_comm(model, layout, hw, tokens, passes, params) -> float:
+    """Megatron TP (with or without SP) moves, per layer, 2 all-gathers + 2 reduce-scatters (or the
+    equivalent 2 all-reduces) of the s x b x h activation forward and as many backward (Korthikanti
+    et al. 2022 Sec. 4.2.2); a ring collective moves (tp - 1)/tp of the tensor per GPU."""
+    if layout.tp == 1:
+        return 0.0
+    size = tokens * model.hidden * 2.0
+    volume = 4.0 * passes / 1.5 * size * (layout.tp - 1) / layout.tp  # 4 fwd, 4 bwd (passes = 3)
+    return volume / _link_bw(hw, layout.tp, 1, params) * params.tp_exposure(hw.generation)
+
+
+def _cp_comm(model, layout, hw, tokens, passes, attention, params) -> float:
+    """Ring context parallelism (Megatron-Core / Transformer Engine `cp_comm_type="p2p"`): cp - 1
+    steps each pass this rank's K and V chunk forward, and K, V, dK, dV backward; each step overlaps
+    with the attention of the previous chunk, so only the excess over attention compute is exposed."""
+    if layout.cp == 1:
+        return 0.0
+    kv = 2.0 * tokens * model.query_groups * model.head_dim / layout.tp * 2.0
+    volume = (layout.cp - 1) * kv * (1.0 + (2.0 if passes > 1 else 0.0))
+    comm = volume / _link_bw(hw, layout.cp, layout.tp, params)
+    return max(0.0, comm - attention)
+
+
+def _ep_comm(model, layout, hw, tokens, passes, params) -> float:
+    """MoE all-to-all (alltoall dispatcher): dispatch and combine of tokens x top_k hidden vectors
+    forward, the same backward; (ep - 1)/ep of it leaves the GPU; not overlapped (Megatron-Core
+    0.16 overlaps it only with the optional 1F1B A2A overlap, which nemoc does not enable)."""
+    if not model.is_moe or layout.ep == 1:
+        return 0.0
+    rep = layout.tp if layout.sequence_parallel else 1
+    size = tokens * model.top_k / rep * model.hidden * 2.0
+    volume = 2.0 * (passes / 1.5) * size * (layout.ep - 1) / layout.ep
+    return volume / _link_bw(hw, layout.ep, layout.tp, params)
+
+
+# ----------------------------------------------------------------------------------- the estimate
+
+
+def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, precision, micro_batch, backward, params) -> tuple[float, float]:
+    """(slowest, mean) micro-batch time over pipeline stages: layers plus, on the last stage, the
+    output GEMM (h x V / TP, never recomputed) and its cross entropy."""
+    vocab = padded_vocab(model.vocab, layout.tp)
+    tokens = micro_batch * seq / layout.cp
+    # the output layer stays in 16-bit in FP8 recipes (Transformer Engine / NeMo keep the first and
+    # last layers out of FP8)
+    rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.gemm_eff(hw.generation, "bf16")
+    logits = (1.0 + backward) * gemm_time(tokens, vocab / layout.tp, model.hidden, flops_per_s=rate,
+                                          bytes_per_s=hw.hbm_bw, in_bytes=2.0)
+    logits += 3.0 * tokens * vocab / layout.tp * 4.0 * 2.0 / hw.hbm_bw  # fp32 softmax read/write fwd+bwd
+    per_layer = lt.total
+    if layout.pp == 1:
+        t = model.layers * per_layer + logits
+        return t, t
+    first = layers_on_stage(model.layers, layout.pp, 0) * per_layer
+    last = layers_on_stage(model.layers, layout.pp, layout.pp - 1) * per_layer + logits
+    mean = (model.layers * per_layer + logits) / layout.pp
+    return max(first, last), mean
+
+
+def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, params, trainable_params: float) -> float:
+    """Data-parallel gradient reduce-scatter (fp32 main grads) + parameter all-gather (bf16) with the
+    distributed optimizer, or an fp32 all-reduce without it. Megatron overlaps them with the last
+    micro batch's backward and the first micro batch's forward (`overlap_grad_reduce`,
+    `overlap_param_gather`); what exceeds those windows is exposed. The group spans TP x CP x DP
+    consecutive ranks (rank order tp-cp-ep-dp-pp)."""
+    shard = layout.dp * layout.cp
+    if shard == 1 or trainable_params == 0:
+        return 0.0
+    frac = (shard - 1) / shard
+    bw = _link_bw(hw, shard, layout.tp, params)
+    if layout.distributed_optimizer:
+        rs, ag = trainable_params * 4.0 * frac / bw, trainable_params * 2.0 * frac / bw
+    else:
+        rs, ag = 2.0 * trainable_params * 4.0 * frac / bw, 0.0
+    # Grad sync is enabled only for the last micro batch (`no_sync` before it), so the window is its
+    # backward. With vp model chunks, chunk c's reduce-scatter starts when its last backward ends
+    # and the remaining chunks' cool-down work (pp/vp micro-batch backwards apart) hides it; the
+    # parameter all-gathers mirror this in the warm-up forwards.
+    vp = layout.vp or 1
+    spread = 1.0 + (vp - 1) / vp * (layout.pp - 1)
+    bwd_window = t_mb_stage * (1.0 - fwd_fraction) * spread
+    fwd_window = t_mb_stage * fwd_fraction * spread
+    bucket = min(rs, 40e6 * 4.0 * frac / bw)  # the last 40M-parameter bucket cannot overlap
+    return max(0.0, rs - bwd_window) + max(0.0, ag - fwd_window) + bucket
+
+
+def _local_params(model: ModelSpec, layout: Layout) -> float:
+    """Parameters on one GPU of the most-loaded stage (after TP, EP x ETP sharding)."""
+    counts = param_counts(model)
+    n = layers_on_stage(model.layers, layout.pp, 0)
+    dense = n * (counts.per_layer - counts.expert) / layout.tp
+    experts = n * counts.expert / (layout.ep * layout.etp)
+    embed = padded_vocab(model.vocab, layout.tp) * model.hidden / layout.tp
+    return dense + experts + embed * (2 if layout.pp == 1 and not model.tie_embeddings else 1)
+
+
+def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = None,
+             gpu: HardwareSpec | str | None = None, precision: str = "bf16", attention_backend: str = "flash",
+             seq_length: int | None = None, steps: int = 1, stage_kind: str = "pretrain",
+             peft: LoraSpec | None = None, params: EfficiencyParams = DEFAULT_PARAMS,
+             causal_discount: bool = True, stage_params: object = None) -> Estimate:
+    """Step time and derived figures of one stage (see module docstring). `causal_discount` selects
+    the FLOPs formula behind `model_tflops_per_gpu` and `mfu` (True: Megatron-Core / Megatron-Bridge
+    form; False: NeMo <= 25.07 `flops_formulas.py`); it does not change the step time."""
+    hw = gpu if isinstance(gpu, HardwareSpec) else get_gpu(gpu or (cluster.gpu if cluster else "H100"))
+    seq = seq_length or model.seq_length
+    world = layout.world_size
+    if stage_kind == "export":
+        return Estimate(0.0, 0.0, 0.0, 0.0, steps, 0.0, 0.0, 0.0 if _price(cluster) else None)
+    train = stage_kind != "eval"
+    backward = (1.0 if peft is not None else 2.0) if train else 0.0
+    mb = layout.micro_batch * (2 if stage_kind == "dpo" else 1)  # chosen + rejected
+    lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
+                     micro_batch=mb, backward=backward, params=params)
+    slow, mean = _stage_times(model, layout, hw, lt, seq=seq, precision=precision, micro_batch=mb,
+                              backward=backward, params=params)
+    m = layout.num_microbatches
+    vp = layout.vp or 1
+    parts: dict[str, float] = {}
+    scale = m * (mean / (lt.total * model.layers / layout.pp + 1e-30)) if lt.total else 0.0
+    for name, value in (("compute", lt.gemm + lt.attention), ("elementwise", lt.elementwise),
+                        ("tp_comm", lt.tp_comm), ("cp_comm", lt.cp_comm), ("ep_comm", lt.ep_comm)):
+        parts[name] = value * model.layers / layout.pp * scale
+    parts["compute"] += max(0.0, m * mean - sum(parts.values()))  # output layer and loss
+    parts["pp_imbalance"] = m * (slow - mean)
+    parts["pp_bubble"] = (layout.pp - 1) / vp * mean if layout.pp > 1 else 0.0
+    parts["pp_p2p"] = _pp_p2p(model, layout, hw, seq, mb, m, vp, params)
+    extra = _extra_models_time(stage_kind, model, layout, hw, seq, precision, attention_backend, mb, params)
+    if extra:
+        parts["reference_and_rollout"] = extra
+    if train:
+        trainable = _local_params(model, layout)
+        if peft is not None:
+            trainable = layers_on_stage(model.layers, layout.pp, 0) * lora_params_per_layer(model, peft) / layout.tp
+        parts["dp_comm_exposed"] = _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params, trainable)
+        shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
+        parts["optimizer"] = (trainable / shard * 30.0 + trainable * 4.0) / hw.hbm_bw  # Adam + grad norm
+    step = sum(parts.values())
+    tokens = layout.global_batch * seq
+    model_flops = model_flops_per_step(model, seq, layout.global_batch, causal_discount=causal_discount)
+    if not train:
+        model_flops /= 3.0
+    tflops = model_flops / step / world / 1e12 if step else 0.0
+    peak = hw.peak(precision if hw.supports(precision) else "bf16")
+    wall = step * steps
+    gpu_hours = wall * world / 3600.0
+    price = _price(cluster)
+    return Estimate(
+        step_time_s=step, tokens_per_s_per_gpu=tokens / step / world if step else 0.0,
+        model_tflops_per_gpu=tflops, mfu=tflops * 1e12 / peak, steps=steps, wall_time_s=wall,
+        gpu_hours=gpu_hours, cost_usd=gpu_hours * price if price is not None else None,
+        parts=MappingProxyType(parts),
+    )
+
+
+def _price(cluster: ClusterSpec | None) -> float | None:
+    return cluster.usd_per_gpu_hour if cluster is not None else None
+
+
+def _pp_p2p(model, layout, hw, seq, mb, m, vp, params) -> float:
+    """Pipeline point-to-point: each micro batch sends its s x b x h activation forward and its
+    gradient backward across each of the vp x ... stage boundaries of this GPU; with interleaving
+    there are vp times more boundaries (Narayanan et al. 2021 Sec. 2.2.2). Stages usually sit on
+    different nodes (rank order puts PP outermost), hence the network bandwidth; Megatron overlaps
+    the steady-state sends with compute, so only warm-up/cool-down transfers are exposed."""
+    if layout.pp == 1:
+        return 0.0
+    size = mb * seq / layout.cp * model.hidden * 2.0 / (layout.tp if layout.sequence_parallel else 1)
+    bw = _link_bw(hw, layout.pp, layout.tp * layout.cp * layout.dp, params)
+    return 2.0 * size * (layout.pp - 1) * vp / bw
+
+
+def _extra_models_time(kind, model, layout, hw, seq, precision, backend, mb, params) -> float:
+    """DPO: one forward of the frozen reference policy per step; PPO: reference + reward forwards,
+    a critic training pass and the rollout (decode is memory bound: every generated token reads the
+    local weights once per micro batch; response length = seq / 2)."""
+    if kind not in ("dpo", "ppo"):
+        return 0.0
+    fwd = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
+                      micro_batch=mb, backward=0.0, params=params).total * model.layers / layout.pp
+    m = layout.num_microbatches
+    if kind == "dpo":
+        return m * fwd
+    train = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
+                        micro_batch=mb, params=params).total * model.layers / layout.pp
+    decode = (seq / 2) * _local_params(model, layout) * 2.0 / hw.hbm_bw * m
+    return m * (2 * fwd + train) + decode
