@@ -253,7 +253,6 @@ def _init_worker(tokenizer_spec: str) -> None:
 def _tokenize_chunk(args: tuple[Chunk, Source, str]) -> tuple[int, int, int, int]:
     """Tokenize one chunk into `<tmp prefix>.bin/.idx`; returns (index, documents, tokens, empty)."""
     import numpy as np
-    import torch
 
     chunk, source, prefix = args
     builder_cls, dtype = _builder(_worker_tokenizer.vocab_size)
@@ -269,7 +268,7 @@ def _tokenize_chunk(args: tuple[Chunk, Source, str]) -> tuple[int, int, int, int
                 empty += 1
                 continue
             ids.append(eod)
-            builder.add_document(torch.from_numpy(np.asarray(ids, dtype=np.int64)), [len(ids)])
+            builder.add_document(np.asarray(ids, dtype=np.int64), [len(ids)])
             documents += 1
             tokens += len(ids)
         batch.clear()

@@ -1,0 +1,171 @@
+"""`nemoc graph`, `nemoc run` and `nemoc status`.
+
+    nemoc graph FILE [--format json|dot|mermaid]
+    nemoc run FILE [--workdir DIR] [--launcher local|slurm|k8s] [--dry-run] [--workers N]
+    nemoc status RUN_DIR [--json]
+
+Exit codes (as every command): 0 success; 1 diagnostics, a graph error or a failed / preempted task;
+2 usage error or an unreadable file; 130 interrupted with Ctrl-C (every started process is torn down).
+Heavy modules (torch, Megatron-Core) are imported only by the tasks that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from nemoc.runtime.cli_common import EXIT_DIAGNOSTICS, EXIT_USAGE, common_options, fail_on, load_spec
+
+EXIT_INTERRUPTED = 130
+
+
+def _compile(file: str, sets: tuple[str, ...], as_json: bool):
+    """FILE -> (Plan, RuntimeGraph); diagnostics and graph errors exit here."""
+    from nemoc.compiler.graph import GraphError, build_graph
+    from nemoc.compiler.planner import plan_experiment
+    from nemoc.dsl.diagnostics import DiagnosticError
+
+    try:
+        spec, _ = load_spec(file, sets)
+        plan = plan_experiment(spec).plan
+    except DiagnosticError as error:
+        fail_on(error, as_json)
+    try:
+        return plan, build_graph(plan)
+    except GraphError as error:
+        _die(f"error: {error}", as_json)
+
+
+def _die(message: str, as_json: bool, code: int = EXIT_DIAGNOSTICS):
+    if as_json:
+        click.echo(json.dumps({"error": message}))
+    else:
+        click.echo(message, err=True)
+    sys.exit(code)
+
+
+@click.command()
+@click.argument("file")
+@click.option("--format", "fmt", type=click.Choice(["json", "dot", "mermaid"]), default="json", show_default=True)
+@common_options
+def graph(file: str, fmt: str, sets: tuple[str, ...], as_json: bool) -> None:
+    """Print the runtime graph of FILE: tasks, the artifacts between them, and their content hashes."""
+    _, runtime_graph = _compile(file, sets, as_json)
+    fmt = "json" if as_json else fmt
+    text = {"json": runtime_graph.to_json, "dot": runtime_graph.to_dot, "mermaid": runtime_graph.to_mermaid}[fmt]()
+    click.echo(text, nl=False)
+
+
+@click.command()
+@click.argument("file")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default: runs/<experiment> under the current directory).")
+@click.option("--launcher", "launcher_name", default=None,
+              help="local | slurm | k8s (default: the cluster block's scheduler).")
+@click.option("--dry-run", is_flag=True, help="Show which tasks would run and which are cached; start nothing.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Data-preparation worker processes (default: one per CPU core).")
+@common_options
+def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool, workers: int | None,
+        sets: tuple[str, ...], as_json: bool) -> None:
+    """Compile FILE and execute its runtime graph; finished tasks with unchanged inputs are cached."""
+    from nemoc.runtime.executor import Executor
+    from nemoc.runtime.launchers import LauncherError, get_launcher
+    from nemoc.runtime.rundir import RunDir, default_run_dir
+
+    plan, runtime_graph = _compile(file, sets, as_json)
+    run_dir = RunDir(workdir if workdir else default_run_dir(plan.experiment))
+    echo = (lambda line: click.echo(line, err=True)) if as_json else click.echo
+    launcher = None
+    if not dry_run:
+        try:
+            launcher = get_launcher(launcher_name or plan.cluster.scheduler, cluster=plan.cluster)
+        except LauncherError as error:
+            _die(f"error: {error}", as_json, EXIT_USAGE)
+    executor = Executor(plan, runtime_graph, run_dir, launcher=launcher, echo=echo, options={"workers": workers})
+    echo(f"run directory: {run_dir.root}")
+    started = time.time()
+    try:
+        outcome = executor.dry_run() if dry_run else executor.run()
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: every started process was stopped; `nemoc run` again resumes", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if as_json:
+        click.echo(json.dumps({"run_dir": str(run_dir.root), "ok": outcome.ok, "tasks": [
+            {"id": t.task_id, "state": t.state, "hash": t.hash, "elapsed_s": round(t.elapsed_s, 3), "error": t.error}
+            for t in outcome.tasks]}, indent=2))
+    elif not dry_run:
+        counts = {}
+        for t in outcome.tasks:
+            counts[t.state] = counts.get(t.state, 0) + 1
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        click.echo(f"{'ok' if outcome.ok else 'FAILED'}: {summary} in {time.time() - started:.1f} s "
+                   f"(nemoc status {run_dir.root})")
+    if not dry_run and not outcome.ok:
+        sys.exit(EXIT_DIAGNOSTICS)
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+def status(run_dir: str, as_json: bool) -> None:
+    """Summarise a run directory: each task's state, hash, steps, last loss and timings."""
+    rows = status_rows(run_dir)
+    if rows is None:
+        _die(f"error: {run_dir}: not a nemoc run directory (no readable status.json)", as_json, EXIT_USAGE)
+    if as_json:
+        click.echo(json.dumps({"run_dir": str(Path(run_dir).resolve()), "tasks": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=str(Path(run_dir).resolve()), title_justify="left")
+    for column in ("task", "state", "hash", "steps", "last loss", "tokens/s", "elapsed"):
+        table.add_column(column, justify="right" if column in ("steps", "last loss", "tokens/s", "elapsed") else "left")
+    for row in rows:
+        steps = "" if row["steps_total"] is None else f"{row['steps_done'] or 0}/{row['steps_total']}"
+        table.add_row(row["id"], row["state"], row["hash"][:8], steps, _fmt(row["last_loss"], "{:.4f}"),
+                      _fmt(row["tokens_per_s"], "{:,.0f}"), _fmt(row["elapsed_s"], "{:.1f} s"))
+    Console(width=max(100, Console().width)).print(table)
+    for row in rows:
+        if row["error"]:
+            click.echo(f"\n{row['id']} failed:\n{row['error']}")
+
+
+def _fmt(value, pattern: str) -> str:
+    return "" if value is None else pattern.format(value)
+
+
+def status_rows(run_dir: str | Path) -> list[dict] | None:
+    """One row per task of a run directory's status.json, with progress from its metrics.jsonl."""
+    from nemoc.runtime.executor import last_metrics, load_status
+    from nemoc.runtime.rundir import RunDir
+
+    data = load_status(run_dir)
+    if data is None or not isinstance(data.get("tasks"), dict):
+        return None
+    rd = RunDir(run_dir)
+    rows = []
+    for task_id, rec in data["tasks"].items():
+        task_dir = rd.task_dir(task_id)
+        metrics = last_metrics(task_dir / "metrics.jsonl") or {}
+        done = rd.done_record(task_id) or {}
+        steps_done = metrics.get("step")
+        if done.get("hash") == rec.get("hash") and done.get("steps") is not None:
+            steps_done = done["steps"]
+        rows.append({
+            "id": task_id,
+            "state": rec.get("state", "?"),
+            "hash": rec.get("hash", ""),
+            "steps_done": steps_done,
+            "steps_total": rec.get("steps_total"),
+            "last_loss": metrics.get("loss", done.get("final_loss")),
+            "tokens_per_s": metrics.get("tokens_per_s"),
+            "elapsed_s": rec.get("elapsed_s"),
+            "error": rec.get("error", ""),
+        })
+    return rows

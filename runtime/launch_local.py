@@ -1,0 +1,159 @@
+"""The local launcher: torchrun as a subprocess on this machine.
+
+    python -m torch.distributed.run --nproc-per-node N --master-port <free port> --tee 3
+        --log-dir <task>/ranks -m MODULE task.json
+
+* One process per rank (N = the stage layout's world size: on CPU, N gloo processes).
+* `OMP_NUM_THREADS = max(1, cpus // N)`, so N ranks do not oversubscribe the cores.
+* Output of every rank goes to `<task>/log.txt` (prefixed `[rankK]:` by torchrun's tee) and to the
+  console (rank 0 only, plus every line of a failing rank's traceback afterwards); each rank's own
+  stdout/stderr is kept under `<task>/ranks/`.
+* torchrun runs in its own process group: Ctrl-C (or any exception here) sends SIGTERM to the group,
+  waits, then SIGKILLs it, so no rank outlives `nemoc run`.
+* A failing rank fails the task: torchrun stops the other ranks, and the result carries the failing
+  rank (from torchrun's error summary, else the first rank whose stderr ends in an error) and its last lines.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections import deque
+from pathlib import Path
+
+from nemoc.runtime.launchers import EXIT_PREEMPTED, LaunchResult, LaunchSpec
+
+TAIL_LINES = 25
+TERM_GRACE_S = 15.0
+_RANK_PREFIX = re.compile(r"^\[(?:[a-z]*)(\d+)\]:")
+_SUMMARY_RANK = re.compile(r"rank\s*:\s*(\d+)")
+_SUMMARY_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
+
+
+def free_port() -> int:
+    """A TCP port free right now on localhost (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(spec: LaunchSpec, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc-per-node", str(spec.nproc),
+        "--master-addr", "127.0.0.1",
+        "--master-port", str(port),
+        "--tee", "3",
+        "--log-dir", str(spec.out_dir / "ranks"),
+        "-m", spec.module, *spec.args,
+    ]
+
+
+def worker_env(spec: LaunchSpec) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(spec.env)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, spec.nproc))))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TORCHELASTIC_ERROR_FILE", str(spec.out_dir / "ranks" / "error.json"))
+    return env
+
+
+class LocalLauncher:
+    name = "local"
+
+    def __init__(self, *, cluster=None, echo=None) -> None:
+        self.cluster = cluster
+        self.echo = echo if echo is not None else _echo_rank0
+
+    def launch(self, spec: LaunchSpec) -> LaunchResult:
+        spec.out_dir.mkdir(parents=True, exist_ok=True)
+        ranks_dir = spec.out_dir / "ranks"
+        before = set(ranks_dir.iterdir()) if ranks_dir.is_dir() else set()
+        command = torchrun_command(spec, free_port())
+        with open(spec.log_path, "a", encoding="utf-8") as log:
+            log.write("$ " + " ".join(command) + "\n")
+            log.flush()
+            proc = subprocess.Popen(command, cwd=spec.out_dir, env=worker_env(spec), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True, text=True,
+                                    errors="replace", bufsize=1)
+            try:
+                tail = self._pump(proc, log)
+                returncode = proc.wait()
+            except BaseException:  # Ctrl-C or anything else: never leave ranks behind
+                _terminate_group(proc)
+                raise
+        if returncode == 0:
+            return LaunchResult(0)
+        new = sorted(set(ranks_dir.iterdir()) - before) if ranks_dir.is_dir() else []
+        root_exit = root_cause_exitcode(list(tail))
+        if root_exit == EXIT_PREEMPTED:  # a rank saved and stopped; torchrun then SIGTERMed the others
+            return LaunchResult(EXIT_PREEMPTED)
+        rank, error_tail = failing_rank(new[-1] if new else ranks_dir, list(tail))
+        return LaunchResult(returncode, rank, error_tail)
+
+    def _pump(self, proc: subprocess.Popen, log) -> deque:
+        tail: deque = deque(maxlen=400)
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            tail.append(line.rstrip("\n"))
+            self.echo(line)
+        return tail
+
+
+def _echo_rank0(line: str) -> None:
+    match = _RANK_PREFIX.match(line)
+    if match is None or match.group(1) == "0":
+        sys.stdout.write(line[match.end():].lstrip() if match else line)
+        sys.stdout.flush()
+
+
+def _terminate_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def root_cause_exitcode(combined_tail: list[str]) -> int | None:
+    """The exit code torchrun's error summary gives for the root-cause (first failed) rank."""
+    summary = "\n".join(combined_tail)
+    if "Root Cause" not in summary:
+        return None
+    codes = _SUMMARY_EXIT.findall(summary.split("Root Cause", 1)[1])
+    return int(codes[0]) if codes else None
+
+
+def failing_rank(ranks_dir: Path, combined_tail: list[str]) -> tuple[int | None, str]:
+    """(rank, its last lines) of the rank that failed, read from torchrun's summary and the rank logs."""
+    summary = "\n".join(combined_tail)
+    ranks = [int(r) for r in _SUMMARY_RANK.findall(summary.split("Root Cause", 1)[-1])] if "Root Cause" in summary else []
+    stderr_files = {int(Path(p).parent.name): p for p in glob.glob(str(ranks_dir / "**" / "*" / "stderr.log"), recursive=True)
+                    if Path(p).parent.name.isdigit()}
+    if not ranks:  # no summary: the first rank whose stderr shows an error
+        ranks = [r for r, p in sorted(stderr_files.items()) if _has_error(p)]
+    rank = ranks[0] if ranks else None
+    if rank is not None and rank in stderr_files:
+        lines = Path(stderr_files[rank]).read_text(errors="replace").splitlines()
+        return rank, "\n".join(lines[-TAIL_LINES:])
+    lines = [ln for ln in combined_tail if rank is None or ln.startswith(f"[default{rank}]") or not _RANK_PREFIX.match(ln)]
+    return rank, "\n".join(lines[-TAIL_LINES:])
+
+
+def _has_error(path: str) -> bool:
+    text = Path(path).read_text(errors="replace")
+    return "Traceback" in text or "Error" in text

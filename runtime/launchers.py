@@ -1,0 +1,79 @@
+"""Launchers: how a distributed task's processes are started. Selected by name; see docs/graph.md, section 4.
+
+`LAUNCHERS` maps a name to "module:Class"; the class is built as `cls(cluster=<ClusterSpec>)` and must
+offer `name` and `launch(spec: LaunchSpec) -> LaunchResult` (blocking; Ctrl-C tears the job down).
+The cluster engineer's `nemoc.runtime.launch_slurm` / `nemoc.runtime.launch_k8s` plug in by defining
+`SlurmLauncher` / `K8sLauncher`; until a module exists, asking for it is a clear error.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+LAUNCHERS: dict[str, str] = {
+    "local": "nemoc.runtime.launch_local:LocalLauncher",
+    "slurm": "nemoc.runtime.launch_slurm:SlurmLauncher",
+    "k8s": "nemoc.runtime.launch_k8s:K8sLauncher",
+}
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the task saved a checkpoint and stopped; it resumes on the next run
+
+
+class LauncherError(RuntimeError):
+    """The launcher is unknown or unavailable; the message is for the user."""
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    task_id: str
+    module: str  # python -m module *args
+    args: tuple[str, ...]
+    nproc: int  # processes in total (the stage layout's world size)
+    out_dir: Path
+    log_path: Path  # the combined log of every rank
+    nodes: int = 1
+    gpus_per_node: int = 1
+    env: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, object] = field(default_factory=dict)  # cluster.scheduler_options
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    returncode: int  # 0 success, EXIT_PREEMPTED, anything else failure
+    failed_rank: int | None = None
+    error_tail: str = ""  # the failing rank's last log lines
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    @property
+    def preempted(self) -> bool:
+        return self.returncode == EXIT_PREEMPTED
+
+
+class Launcher(Protocol):
+    name: str
+
+    def launch(self, spec: LaunchSpec) -> LaunchResult: ...
+
+
+def get_launcher(name: str, *, cluster) -> Launcher:
+    """Build the launcher called `name` for `cluster` (a ClusterSpec)."""
+    target = LAUNCHERS.get(name)
+    if target is None:
+        raise LauncherError(f"unknown launcher {name!r} (known: {', '.join(sorted(LAUNCHERS))})")
+    module_name, attr = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise LauncherError(f"launcher {name!r} is not available in this installation ({module_name} is missing)") from None
+        raise
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise LauncherError(f"launcher {name!r} is not available yet ({module_name} has no {attr})")
+    return cls(cluster=cluster)

@@ -1,0 +1,118 @@
+"""The run directory: where a run's plan, graph, status, data, logs, metrics and checkpoints live.
+
+    runs/<experiment>/                 (default under the cwd; `--workdir DIR` replaces it)
+      plan.json  graph.json  status.json
+      data/tokenizer/                  tokenizer:local
+      data/<name>/                     prepare:<name>
+      tasks/<task id, ':' -> '_'>/     task.json log.txt ranks/ metrics.jsonl tensorboard/ checkpoints/ DONE.json
+
+Every JSON file is written atomically (`*.tmp` then `os.replace`), so a reader never sees half a file and
+a crash never leaves a truncated marker. A task is done iff its directory has a `DONE.json` whose `hash`
+is the task's current hash (docs/graph.md, section 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+DONE = "DONE.json"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | os.PathLike, data: object) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """The JSON object in `path`, or None if it is missing or unreadable (e.g. written by a crashed run)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def safe_name(task_id: str) -> str:
+    """A task id as a directory name: `train:pretrain` -> `train_pretrain`."""
+    return _UNSAFE.sub("_", task_id)
+
+
+def default_run_dir(experiment: str, cwd: str | os.PathLike | None = None) -> Path:
+    return Path(cwd or os.getcwd()) / "runs" / safe_name(experiment)
+
+
+class RunDir:
+    """Paths inside one run directory (absolute)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).resolve()
+
+    @property
+    def plan_path(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def graph_path(self) -> Path:
+        return self.root / "graph.json"
+
+    @property
+    def status_path(self) -> Path:
+        return self.root / "status.json"
+
+    def task_dir(self, task_id: str) -> Path:
+        """Where a task writes. Data tasks live under data/ so they read as the run's datasets."""
+        kind, _, name = task_id.partition(":")
+        if kind == "tokenizer":
+            return self.root / "data" / ("tokenizer" if name == "local" else safe_name(task_id))
+        if kind == "prepare":
+            return self.root / "data" / safe_name(name)
+        return self.root / "tasks" / safe_name(task_id)
+
+    def done_record(self, task_id: str) -> dict | None:
+        return read_json(self.task_dir(task_id) / DONE)
+
+    def is_done(self, task_id: str, task_hash: str) -> bool:
+        record = self.done_record(task_id)
+        return record is not None and record.get("hash") == task_hash
+
+    def mark_done(self, task_id: str, task_hash: str, payload: dict) -> dict:
+        record = dict(payload, hash=task_hash, task=task_id, finished=time.time())
+        atomic_write_json(self.task_dir(task_id) / DONE, record)
+        return record
+
+    def claim(self, task_id: str, task_hash: str) -> tuple[Path, str | None]:
+        """Prepare a task's directory for a (re-)run with `task_hash`.
+
+        A directory left by the same hash (an interrupted run) is kept, so training resumes from its
+        checkpoints; one left by another hash is moved to `<dir>.prev` (replacing an older one).
+        Returns (directory, the previous hash if it was moved aside).
+        """
+        directory = self.task_dir(task_id)
+        owner = directory / "HASH"
+        previous = owner.read_text().strip() if owner.is_file() else None
+        moved = None
+        if directory.exists() and previous != task_hash and any(directory.iterdir()):
+            prev = directory.with_name(directory.name + ".prev")
+            shutil.rmtree(prev, ignore_errors=True)
+            os.replace(directory, prev)
+            moved = previous or "unknown"
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(owner, task_hash + "\n")
+        return directory, moved

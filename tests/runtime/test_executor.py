@@ -1,0 +1,121 @@
+"""runtime/executor.py with the local launcher: order, caching by hash, partial re-runs, failure, preemption.
+
+Distributed tasks run `tests/runtime/fake_train.py` under real torchrun (2 gloo processes), registered
+as the test-only task kind `faketrain`; data tasks are the real tokenizer training and data preparation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from plan_factory import make_layout, make_plan, make_stage, with_stage
+
+from nemoc.compiler.graph import build_graph
+from nemoc.runtime.executor import Executor
+from nemoc.runtime.launch_local import LocalLauncher
+from nemoc.runtime.rundir import RunDir, read_json
+from nemoc.runtime.tasks import TaskKind, register
+
+HERE = Path(__file__).resolve().parent
+register(TaskKind(name="faketrain", module="fake_train"), replace=True)
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delenv("FAKE_FAIL_RANK", raising=False)
+    monkeypatch.delenv("FAKE_PREEMPT_AT", raising=False)
+    lines = [json.dumps({"text": f"Document {i}: the cat sat on the mat number {i % 7}."}) for i in range(200)]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def two_stage_plan(root, sft_steps=4):
+    dp2 = make_layout(dp=2, micro_batch=1, global_batch=2)
+    return make_plan(root, stages=(make_stage("pretrain", "faketrain", steps=6, layout=dp2),
+                                   make_stage("sft", "faketrain", after=("pretrain",), steps=sft_steps, layout=dp2)))
+
+
+def execute(plan, run_root, lines=None):
+    lines = lines if lines is not None else []
+    executor = Executor(plan, build_graph(plan), RunDir(run_root), launcher=LocalLauncher(echo=lambda _: None),
+                        echo=lines.append, options={"workers": 1})
+    return executor.run(), lines
+
+
+def test_runs_in_order_then_everything_is_cached_then_only_the_edited_stage_reruns(workspace):
+    run_root = workspace / "run"
+    outcome, lines = execute(two_stage_plan(workspace), run_root)
+    assert outcome.ok, lines
+    assert list(outcome.states()) == ["tokenizer:local", "prepare:web", "train:pretrain", "train:sft"]
+    rd = RunDir(run_root)
+    pre, sft = rd.done_record("train:pretrain"), rd.done_record("train:sft")
+    assert pre["world_size"] == 2 and pre["steps"] == 6 and pre["hash"] == outcome.tasks[2].hash
+    assert sft["init_checkpoint"] == pre["checkpoint"]  # the parent's final checkpoint is handed on
+    task = read_json(rd.task_dir("train:sft") / "task.json")
+    assert task["datasets"][0]["prefix"].endswith("data/web/web_text_document") and task["split"] == "98,2,0"
+    assert task["tokenizer"].endswith("data/tokenizer/tokenizer.json") and task["vocab_size"] <= 512
+    assert read_json(rd.status_path)["tasks"]["train:sft"]["state"] == "done"
+
+    outcome, lines = execute(two_stage_plan(workspace), run_root)
+    assert set(outcome.states().values()) == {"cached"}
+    assert sum("cached (hash" in line for line in lines) == 4
+
+    outcome, lines = execute(two_stage_plan(workspace, sft_steps=5), run_root)
+    assert outcome.states() == {"tokenizer:local": "cached", "prepare:web": "cached", "train:pretrain": "cached",
+                                "train:sft": "done"}
+    assert any("previous output moved" in line for line in lines)
+    assert (rd.task_dir("train:sft").parent / "train_sft.prev" / "DONE.json").exists()
+
+
+def test_a_failing_rank_fails_the_task_with_its_error_and_skips_the_rest(workspace, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL_RANK", "1")
+    outcome, lines = execute(two_stage_plan(workspace), workspace / "run")
+    assert outcome.states()["train:pretrain"] == "failed" and outcome.states()["train:sft"] == "skipped"
+    error = outcome.tasks[2].error
+    assert "rank 1" in error and "fake failure on rank 1" in error
+    status = read_json(workspace / "run" / "status.json")
+    assert status["tasks"]["train:pretrain"]["state"] == "failed" and "fake failure" in status["tasks"]["train:pretrain"]["error"]
+    assert not (RunDir(workspace / "run").task_dir("train:pretrain") / "DONE.json").exists()
+
+
+def test_preempted_training_resumes_from_its_checkpoint(workspace, monkeypatch):
+    plan = make_plan(workspace, stages=(make_stage("pretrain", "faketrain", steps=6,
+                                                   layout=make_layout(dp=2, micro_batch=1, global_batch=2)),))
+    monkeypatch.setenv("FAKE_PREEMPT_AT", "3")
+    outcome, _ = execute(plan, workspace / "run")
+    assert outcome.states()["train:pretrain"] == "preempted"
+    outcome, lines = execute(plan, workspace / "run")
+    assert outcome.ok and any("(resuming)" in line for line in lines)
+    assert RunDir(workspace / "run").done_record("train:pretrain")["resumed_from"] == 3
+
+
+def test_bad_data_stops_with_file_and_line(workspace):
+    with open(workspace / "corpus.jsonl", "a") as f:
+        f.write('{"text": "fine"}\n{"text": broken}\n')
+    outcome, lines = execute(make_plan(workspace, stages=(make_stage("pretrain", "faketrain"),)), workspace / "run")
+    assert outcome.states()["tokenizer:local"] == "failed"
+    assert f"{workspace / 'corpus.jsonl'}:202: malformed JSON" in outcome.tasks[0].error
+    assert outcome.states()["train:pretrain"] == "skipped"
+
+
+def test_dry_run_starts_nothing(workspace):
+    plan = make_plan(workspace, stages=(make_stage("pretrain", "faketrain"),))
+    lines: list[str] = []
+    executor = Executor(plan, build_graph(plan), RunDir(workspace / "run"), echo=lines.append)
+    outcome = executor.dry_run()
+    assert set(outcome.states().values()) == {"pending"} and not (workspace / "run" / "data").exists()
+    assert all("would run" in line for line in lines)
+
+
+def test_vocab_larger_than_the_model_is_a_clear_error(workspace):
+    plan = with_stage(make_plan(workspace, stages=(make_stage("pretrain", "faketrain"),)), "pretrain")
+    from dataclasses import replace
+
+    plan = replace(plan, model=replace(plan.model, vocab=260))
+    outcome, _ = execute(plan, workspace / "run")
+    assert outcome.states()["train:pretrain"] == "failed"
+    assert "but the model's vocabulary is 260" in outcome.tasks[2].error
