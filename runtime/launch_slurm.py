@@ -1,0 +1,404 @@
+"""The Slurm launcher: each task of the runtime graph becomes one sbatch job, chained along the graph.
+
+Input:  `SlurmJob`s (one per task, built from the compiled plan's cluster and the task's command) and the
+        `SlurmOptions` parsed from `cluster { scheduler = slurm(partition = "...", account = "...",
+        time = 4h, extra = ["--exclusive"]) }`.
+Output: one batch script per task in `tasks/<id>/job.sbatch`, submitted with `sbatch --parsable` and
+        `--dependency=afterok:<upstream ids>`; job ids recorded in `<run dir>/slurm.json`.
+Invariants:
+- Every value that reaches a generated script goes through `shlex.quote`; values that would end a
+  `#SBATCH` line (newlines, control characters) are rejected, because a directive is a shell comment
+  and a newline inside it would start a command line. sbatch's own directive parser honours the same
+  quotes and backslashes as the shell (Slurm's `_get_argument`), so a quoted value reaches Slurm intact.
+- Multi-node: `srun` starts one `torchrun` per node; the rendezvous endpoint is the first node's
+  `NodeAddr` from `scontrol show node` (node names need not resolve, e.g. several slurmd on one host) and
+  a port derived from the job id, so concurrent jobs on one node do not collide.
+- Preemption and time limits: `--signal=B:USR1@<lead>` asks Slurm to warn the batch shell before the
+  limit; the shell forwards SIGTERM to the training processes (which checkpoint and exit 143) and then
+  requeues the job (`scontrol requeue`), which resumes from `checkpoints/latest`. A job whose training
+  fails without a signal is requeued too, at most `max_failures` times (a killed node or rank); a task
+  that wrote its DONE marker is never requeued.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RECORD_FILE = "slurm.json"
+DEFAULT_SIGNAL_LEAD_S = 300  # time to finish a step and write a checkpoint before the limit
+DEFAULT_PORT_BASE = 29500
+PORT_SPAN = 20000  # rendezvous port = base + job id % span
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_KNOWN_OPTIONS = {
+    "partition", "account", "qos", "time", "extra", "signal_lead", "max_failures", "port_base",
+    "cpus_per_task", "mem", "reservation", "constraint", "torchrun_restarts",
+}
+
+
+class SlurmError(Exception):
+    """A problem with the Slurm options, the scheduler or a submission; the message is for the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class SlurmOptions:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    reservation: str | None = None
+    constraint: str | None = None
+    time_s: int | None = None  # None = the partition's default limit
+    mem: str | None = None
+    cpus_per_task: int | None = None
+    extra: tuple[str, ...] = ()  # verbatim sbatch options, one option per element
+    signal_lead_s: int = DEFAULT_SIGNAL_LEAD_S
+    max_failures: int = 2  # requeues after a failure that was not a preemption
+    torchrun_restarts: int = 0  # torchrun --max-restarts inside one allocation
+    port_base: int = DEFAULT_PORT_BASE
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, object]) -> "SlurmOptions":
+        """Parse `ClusterSpec.scheduler_options`; raises `SlurmError` listing every bad option."""
+        problems = [f"unknown slurm option `{k}` (known: {', '.join(sorted(_KNOWN_OPTIONS))})"
+                    for k in options if k not in _KNOWN_OPTIONS]
+        values: dict[str, object] = {}
+        for key in ("partition", "account", "qos", "reservation", "constraint", "mem"):
+            if options.get(key) is not None:
+                values[key] = _text(key, options[key], problems)
+        for key, name in (("cpus_per_task", "cpus_per_task"), ("max_failures", "max_failures"),
+                          ("torchrun_restarts", "torchrun_restarts"), ("port_base", "port_base")):
+            if options.get(key) is not None:
+                values[name] = _count(key, options[key], problems)
+        if options.get("time") is not None:
+            values["time_s"] = parse_duration("time", options["time"], problems)
+        if options.get("signal_lead") is not None:
+            values["signal_lead_s"] = parse_duration("signal_lead", options["signal_lead"], problems)
+        extra = options.get("extra", ())
+        if isinstance(extra, str):
+            extra = (extra,)
+        if not isinstance(extra, (list, tuple)):
+            problems.append(f"slurm option `extra` must be a list of strings, got {extra!r}")
+            extra = ()
+        values["extra"] = tuple(_text("extra", e, problems) for e in extra)
+        for item in values["extra"]:  # type: ignore[union-attr]
+            if not str(item).startswith("-"):
+                problems.append(f"slurm option `extra` entry {item!r} is not an sbatch option (must start with `-`)")
+        if problems:
+            raise SlurmError("; ".join(problems))
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _text(key: str, value: object, problems: list[str]) -> str:
+    text = str(value)
+    if not isinstance(value, (str, int, float)) or _CONTROL.search(text):
+        problems.append(f"slurm option `{key}` = {value!r} contains a newline or control character")
+        return _CONTROL.sub(" ", text)
+    return text
+
+
+def _count(key: str, value: object, problems: list[str]) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        problems.append(f"slurm option `{key}` must be a non-negative integer, got {value!r}")
+        return 0
+    return value
+
+
+_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(key: str, value: object, problems: list[str]) -> int:
+    """Seconds from an int (already seconds, as the compiler lowers `4h`), `"4h"`, `"90m"` or `"HH:MM:SS"`."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)\s*", value)
+        if m:
+            return int(float(m.group(1)) * _UNITS[m.group(2)])
+        m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)", value.strip())
+        if m:
+            d, h, mi, s = (int(g or 0) for g in m.groups())
+            return ((d * 24 + h) * 60 + mi) * 60 + s
+    problems.append(f"slurm option `{key}` = {value!r} is not a duration (e.g. 4h, 90m, 01:30:00)")
+    return 0
+
+
+def slurm_time(seconds: int) -> str:
+    """Slurm's `--time` format: D-HH:MM:SS (minutes are rounded up by Slurm itself)."""
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}" if days else f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+@dataclass(frozen=True, slots=True)
+class SlurmJob:
+    """One task as a batch job. `program` follows `torchrun`'s options (e.g. `-m nemoc.runtime.train
+    TASK_JSON`) when `distributed`, else it is the whole command run once on the first node."""
+
+    task_id: str
+    name: str  # the Slurm job name
+    nodes: int
+    procs_per_node: int
+    gpus_per_node: int  # 0 = CPU: no --gpus-per-node
+    program: tuple[str, ...]
+    run_dir: str
+    log_path: str  # stdout+stderr of every attempt, appended (requeues keep the same file)
+    done_path: str  # written by the task when it has finished; a job with it is never requeued
+    distributed: bool = True
+    env: Mapping[str, str] = field(default_factory=dict)
+    python: str = sys.executable
+    workdir: str | None = None
+
+
+def _directive(option: str, value: object | None = None) -> str:
+    text = option if value is None else f"{option}={value}"
+    if _CONTROL.search(text):  # a newline would end the comment and start a command line
+        raise SlurmError(f"sbatch option {text!r} contains a newline or control character")
+    return f"#SBATCH {shlex.quote(text)}"
+
+
+def directives(job: SlurmJob, opts: SlurmOptions) -> list[str]:
+    lines = [
+        _directive("--job-name", job.name),
+        _directive("--nodes", job.nodes),
+        _directive("--ntasks-per-node", 1),
+        _directive("--output", job.log_path),
+        _directive("--open-mode", "append"),
+        _directive("--requeue"),
+        _directive("--signal", f"B:USR1@{opts.signal_lead_s}"),
+        _directive("--kill-on-invalid-dep", "yes"),
+    ]
+    if job.gpus_per_node > 0:
+        lines.append(_directive("--gpus-per-node", job.gpus_per_node))
+    if opts.cpus_per_task:
+        lines.append(_directive("--cpus-per-task", opts.cpus_per_task))
+    if opts.time_s:
+        lines.append(_directive("--time", slurm_time(opts.time_s)))
+    for option, value in (("--partition", opts.partition), ("--account", opts.account), ("--qos", opts.qos),
+                          ("--reservation", opts.reservation), ("--constraint", opts.constraint),
+                          ("--mem", opts.mem)):
+        if value:
+            lines.append(_directive(option, value))
+    if job.workdir:
+        lines.append(_directive("--chdir", job.workdir))
+    lines.extend(_directive(item) for item in opts.extra)
+    return lines
+
+
+# The per-node wrapper is a constant string: the node rank is read on the node, every other value
+# arrives as a separate, already-quoted argument ("$@"), so nothing user-written is ever re-parsed.
+_NODE_WRAPPER = 'exec "$0" -m torch.distributed.run --node-rank="$SLURM_NODEID" "$@"'
+
+_BODY = r"""
+set -u
+q() {{ printf '[nemoc %(%H:%M:%S)T] %s\n' -1 "$*"; }}
+{env}
+FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# NodeAddr, not the node name: emulated nodes (several slurmd on one host) do not resolve by name.
+MASTER_ADDR=$(scontrol show node -o "$FIRST_NODE" | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p')
+MASTER_ADDR=${{MASTER_ADDR:-$FIRST_NODE}}
+MASTER_PORT=$(( {port_base} + SLURM_JOB_ID % {port_span} ))
+export MASTER_ADDR MASTER_PORT
+TASK_ID={task}
+RESTARTS=${{SLURM_RESTART_COUNT:-0}}
+q "job $SLURM_JOB_ID (attempt $((RESTARTS + 1))) task $TASK_ID on $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"
+
+PREEMPTED=0
+on_signal() {{
+  # Slurm's warning before the time limit (USR1) or a preemption (TERM): let training checkpoint.
+  PREEMPTED=1
+  q "signal $1: asking training to checkpoint and stop"
+  # Signals every process of the job's steps (torchrun and its workers) on every node, not the batch
+  # shell; training finishes its step, saves a checkpoint and exits 143.
+  scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || true
+}}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+
+{launch} &
+STEP_PID=$!
+# `wait` returns early when a trapped signal arrives: keep waiting until the step itself has ended
+# (bash keeps the status of a finished background job, so the last `wait` returns the step's own code).
+while kill -0 "$STEP_PID" 2>/dev/null; do wait "$STEP_PID"; done
+wait "$STEP_PID"; RC=$?
+q "training step exited with $RC"
+
+if [ -e {done} ]; then
+  q "task finished"
+  exit 0
+fi
+FAILURES_FILE={failures}
+if [ "$PREEMPTED" = 1 ] || [ "$RC" = 143 ]; then
+  q "preempted: requeueing job $SLURM_JOB_ID to resume from the last checkpoint"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+FAILURES=$(cat "$FAILURES_FILE" 2>/dev/null || echo 0)
+if [ "$RC" != 0 ] && [ "$FAILURES" -lt {max_failures} ]; then
+  echo $((FAILURES + 1)) > "$FAILURES_FILE"
+  q "failure $((FAILURES + 1)) of {max_failures} allowed: requeueing job $SLURM_JOB_ID to resume from the last checkpoint"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$RC"
+"""
+
+
+def launch_command(job: SlurmJob, opts: SlurmOptions) -> str:
+    q = shlex.quote
+    program = " ".join(q(a) for a in job.program)
+    if not job.distributed:
+        return f"srun --nodes=1 --ntasks=1 {q(job.python)} {program}"
+    torchrun = " ".join([
+        '--nnodes="$SLURM_NNODES"',
+        f"--nproc-per-node={job.procs_per_node}",
+        "--rdzv-backend=c10d",
+        '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"',
+        '--rdzv-id="$SLURM_JOB_ID"',
+        f"--max-restarts={opts.torchrun_restarts}",
+    ])
+    return (f"srun --ntasks-per-node=1 --kill-on-bad-exit=0 bash -c {q(_NODE_WRAPPER)} "
+            f"{q(job.python)} {torchrun} {program}")
+
+
+def render_sbatch(job: SlurmJob, opts: SlurmOptions) -> str:
+    """The batch script for `job`: directives, rendezvous, signal handling and the requeue policy."""
+    env = "\n".join(f"export {_env_name(k)}={shlex.quote(str(v))}" for k, v in sorted(job.env.items()))
+    failures = str(Path(job.done_path).parent / "slurm_failures")
+    body = _BODY.format(
+        env=env,
+        port_base=int(opts.port_base),
+        port_span=PORT_SPAN,
+        task=shlex.quote(job.task_id),
+        launch=launch_command(job, opts),
+        done=shlex.quote(job.done_path),
+        failures=shlex.quote(failures),
+        max_failures=int(opts.max_failures),
+    )
+    header = ["#!/bin/bash", f"# generated by nemoc for task {shlex.quote(job.task_id)}"]
+    return "\n".join(header + directives(job, opts)) + "\n" + body
+
+
+def _env_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise SlurmError(f"environment variable name {name!r} is not valid")
+    return name
+
+
+# ----------------------------------------------------------------------------------- submission
+
+
+def require_slurm() -> None:
+    missing = [tool for tool in ("sbatch", "scontrol", "scancel") if shutil.which(tool) is None]
+    if missing:
+        raise SlurmError(f"Slurm is not reachable from this machine: {', '.join(missing)} not on PATH")
+
+
+def sbatch(script_path: str, dependencies: Sequence[str] = ()) -> str:
+    """Submit one script; returns the job id. Arguments go as a list, never through a shell."""
+    argv = ["sbatch", "--parsable"]
+    if dependencies:
+        argv.append("--dependency=afterok:" + ":".join(dependencies))
+    argv.append(script_path)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise SlurmError(f"sbatch {script_path} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    job_id = proc.stdout.strip().split(";")[0]  # "<id>" or "<id>;<cluster>"
+    if not job_id.isdigit():
+        raise SlurmError(f"sbatch printed no job id: {proc.stdout!r}")
+    return job_id
+
+
+def submit_jobs(jobs: Sequence[SlurmJob], after: Mapping[str, Iterable[str]], opts: SlurmOptions,
+                run_dir: str | os.PathLike) -> dict[str, str]:
+    """Write and submit every job in order (`jobs` is topologically sorted; `after[task]` names the
+    tasks it waits for). Returns task id -> job id and records it in `<run_dir>/slurm.json`."""
+    require_slurm()
+    job_ids: dict[str, str] = {}
+    record = read_record(run_dir)
+    for job in jobs:
+        script = Path(job.done_path).parent / "job.sbatch"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(render_sbatch(job, opts))
+        deps = [job_ids[t] for t in after.get(job.task_id, ()) if t in job_ids]
+        job_ids[job.task_id] = sbatch(str(script), deps)
+        record["jobs"][job.task_id] = {"job_id": job_ids[job.task_id], "script": str(script),
+                                       "after": deps, "submitted_at": time.time()}
+        write_record(run_dir, record)
+    return job_ids
+
+
+def read_record(run_dir: str | os.PathLike) -> dict:
+    path = Path(run_dir) / RECORD_FILE
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"launcher": "slurm", "jobs": {}}
+
+
+def write_record(run_dir: str | os.PathLike, record: Mapping) -> None:
+    path = Path(run_dir) / RECORD_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------- queries
+
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+            "DEADLINE", "PREEMPTED"}
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    """`scontrol show job -o` as a dict (no accounting database is needed); {} once Slurm forgot it."""
+    proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                          timeout=60)
+    if proc.returncode != 0:
+        return {}
+    info: dict[str, str] = {}
+    for token in proc.stdout.split():
+        key, sep, value = token.partition("=")
+        if sep and key not in info:
+            info[key] = value
+    return info
+
+
+def job_state(job_id: str) -> str:
+    return job_info(job_id).get("JobState", "UNKNOWN")
+
+
+def wait_jobs(job_ids: Iterable[str], timeout_s: float, poll_s: float = 1.0) -> dict[str, str]:
+    """Poll until every job reaches a terminal state (or timeout); returns job id -> state."""
+    pending = list(job_ids)
+    states: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        for job_id in list(pending):
+            states[job_id] = job_state(job_id)
+            if states[job_id] in TERMINAL:
+                pending.remove(job_id)
+        if pending:
+            time.sleep(poll_s)
+    return states
+
+
+def cancel(job_ids: Iterable[str]) -> list[str]:
+    """scancel every job id; returns the ids Slurm accepted."""
+    ids = [str(j) for j in job_ids]
+    if not ids:
+        return []
+    require_slurm()
+    proc = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise SlurmError(f"scancel {' '.join(ids)} failed: {proc.stderr.strip()}")
+    return ids
