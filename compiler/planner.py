@@ -37,6 +37,7 @@ from nemoc.compiler.rules import (
 )
 from nemoc.compiler.search import (
     DEFAULT_HEADROOM,
+    DEFAULT_TOP,
     MEMORY_TERMS,
     Candidate,
     Problem,
@@ -239,7 +240,7 @@ def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps
     )
 
 
-def _inference_search(probe: Problem) -> SearchResult:
+def _inference_search(probe: Problem, top: int = DEFAULT_TOP) -> SearchResult:
     """Eval / export: the least model parallelism that fits. Model-parallel sizes (tp, pp) are
     tried in increasing tp x pp (the user's fixed values stay fixed); the first that fits wins,
     and inside it the fastest layout. Returns the last search when nothing fits (for diagnostics)."""
@@ -249,13 +250,14 @@ def _inference_search(probe: Problem) -> SearchResult:
     pps = [f.pipeline] if f.pipeline is not None else [q for q in divisors(world) if q <= probe.model.layers]
     result = None
     for tp, pp in sorted(((t, q) for t in tps for q in pps if world % (t * q) == 0), key=lambda x: (x[0] * x[1], x[0])):
-        result = search(replace(probe, fixed=replace(f, tensor=tp, pipeline=pp)))
+        result = search(replace(probe, fixed=replace(f, tensor=tp, pipeline=pp)), top=top)
         if result.best is not None:
             return result
     return result if result is not None else search(probe)
 
 
-def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend: str, headroom: float):
+def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend: str, headroom: float,
+               top: int = DEFAULT_TOP):
     """(StageResult, StagePlan, warnings) for one stage, or raises DiagnosticError."""
     parallel = stage_parallel(spec, stage)
     trains = stage.kind in TRAINING_KINDS
@@ -263,7 +265,7 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
         parallel = _inference_parallel(parallel)
     seq = stage_seq_length(spec, stage)
     probe = _problem(spec, stage, gpu, backend, headroom, parallel, steps=1)
-    result = search(probe) if trains else _inference_search(probe)
+    result = search(probe, top=top) if trains else _inference_search(probe, top)
     if result.best is None:
         raise DiagnosticError([not_fit_diagnostic(spec, stage, probe, search(probe) if not trains else result)])
     chosen = result.best
@@ -290,7 +292,7 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
     return StageResult(stage.name, stage.kind, result, chosen, tuple(notes)), plan, warnings
 
 
-def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM) -> PlanResult:
+def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM, top: int = DEFAULT_TOP) -> PlanResult:
     """Resolve every `auto` of every stage; raise DiagnosticError (all errors at once) if impossible."""
     t0 = time.perf_counter()
     diagnostics = list(check_spec(spec))
@@ -306,7 +308,7 @@ def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM)
     results, plans, warnings, errors = [], [], [d for d in diagnostics], []
     for stage in spec.stages:
         try:
-            r, p, w = plan_stage(spec, stage, gpu, backend, headroom)
+            r, p, w = plan_stage(spec, stage, gpu, backend, headroom, top)
         except DiagnosticError as e:
             errors += e.diagnostics
             continue

@@ -115,9 +115,9 @@ def pipeline_split(layers: int, pp: int, vp: int | None = None) -> PipelineSplit
     """The split nemoc gives Megatron for `layers` over `pp` stages, or None when none is valid.
 
     Even when `layers % pp == 0` (and the per-stage count divides by `vp`); otherwise the uneven
-    split with the fewest layers on the most-loaded stage: middle stages get `m` (a multiple of
-    `vp`), first and last share the rest (each a positive multiple of `vp`, at most `m`), which
-    satisfies every check of transformer_config.py __post_init__ ("Uneven PP").
+    split with the fewest layers on the most-loaded stage: middle stages get `m` each (a multiple
+    of `vp`), first and last share the rest (each a positive multiple of `vp`), which satisfies every
+    check of transformer_config.py __post_init__ ("Uneven PP"). Ties: the larger middle count.
     """
     v = vp or 1
     if pp < 1 or layers < pp * v or layers % v:
@@ -127,16 +127,17 @@ def pipeline_split(layers: int, pp: int, vp: int | None = None) -> PipelineSplit
     if pp == 1:
         return None
     middle_stages = pp - 2
-    m = _round_up(math.ceil(layers / pp), v)
-    while True:
+    best: PipelineSplit | None = None
+    middles = range(v, layers // middle_stages + 1, v) if middle_stages else (0,)
+    for m in middles:
         rest = layers - middle_stages * m
         if rest < 2 * v:
-            return None
+            continue
         first = (rest // 2) // v * v
-        last = rest - first
-        if last <= m and last % v == 0 and first >= v:
-            return PipelineSplit(first, last, m if middle_stages else last)
-        m += v
+        split = PipelineSplit(first, rest - first, m if middle_stages else rest - first)
+        if best is None or split.max_layers <= best.max_layers:
+            best = split
+    return best
 
 
 def _round_up(x: int, k: int) -> int:

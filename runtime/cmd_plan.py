@@ -1,0 +1,312 @@
+"""`nemoc plan FILE`: resolve every `auto`, prove the layout fits, estimate time and cost (no GPU).
+
+Prints a readable report (layout, a memory bar against capacity with the breakdown, time and cost
+per stage and in total, the runner-up layouts and why the other candidates lost), or with `--json`
+the contract other tools rely on:
+
+    {"experiment": str,
+     "stages": [{"name", "kind",
+                 "layout": {"tp","pp","vp","cp","ep","etp","dp","micro_batch","global_batch",
+                            "num_microbatches","sequence_parallel","distributed_optimizer","recompute"},
+                 "memory": {"weights","gradients","optimizer","activations","other","total","capacity"},
+                 "estimate": {"step_time_s","tokens_per_s_per_gpu","model_tflops_per_gpu","mfu",
+                              "steps","wall_time_s","gpu_hours","cost_usd"}}],
+     "total": {"wall_time_s","gpu_hours","cost_usd"}}
+
+(memory in bytes per GPU; extra keys may be added, none renamed). `--emit PATH` writes the full
+`Plan` (plan.to_json) that `nemoc run` consumes. Exit 0: planned; 1: diagnostics (a broken rule,
+or a stage that fits nowhere); 2: usage error. Imports neither torch nor Megatron-Core.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from nemoc.runtime.cli_common import EXIT_OK, common_options, fail, load_spec, print_diagnostics
+
+GIB = 1 << 30
+TERMS = ("weights", "gradients", "optimizer", "activations", "other")
+TERM_STYLE = {"weights": ("W", "blue"), "gradients": ("G", "magenta"), "optimizer": ("O", "yellow"),
+              "activations": ("A", "green"), "other": ("x", "cyan")}
+LAYOUT_KEYS = ("tp", "pp", "vp", "cp", "ep", "etp", "dp", "micro_batch", "global_batch", "num_microbatches",
+               "sequence_parallel", "distributed_optimizer", "recompute")
+ESTIMATE_KEYS = ("step_time_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu", "mfu", "steps", "wall_time_s",
+                 "gpu_hours", "cost_usd")
+
+
+class Headroom(click.ParamType):
+    """`10%`, `10 %` or `0.1` -> 0.1."""
+
+    name = "PERCENT"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        try:
+            frac = float(text.rstrip("%").strip()) / 100.0 if text.endswith("%") else float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a percentage (e.g. 10% or 0.1)", param, ctx)
+        if not 0.0 <= frac < 1.0:
+            self.fail(f"{value!r} must be between 0% and 100%", param, ctx)
+        return frac
+
+
+# ------------------------------------------------------------------------------------------- JSON
+
+
+def _memory_json(m) -> dict:
+    out = {t: getattr(m, t) for t in TERMS}
+    out.update(total=m.total, capacity=m.capacity, parts=dict(m.parts))
+    return out
+
+
+def _estimate_json(e) -> dict:
+    out = {k: getattr(e, k) for k in ESTIMATE_KEYS}
+    out["parts"] = dict(e.parts)
+    return out
+
+
+def _candidate_json(c) -> dict:
+    return {"layout": {k: getattr(c.layout, k) for k in LAYOUT_KEYS}, "step_time_s": c.estimate.step_time_s,
+            "memory_total": c.memory.total, "mfu": c.estimate.mfu}
+
+
+def _sum_cost(values) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def report_json(result, headroom: float, top: int) -> dict:
+    """The `--json` document (see module docstring)."""
+    from nemoc.dsl.diagnostics import to_json
+
+    stages = []
+    for sp, sr in zip(result.plan.stages, result.stages):
+        split = {k: sp.params[k] for k in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
+                 if k in sp.params}
+        search = sr.search
+        stages.append({
+            "name": sp.name, "kind": sp.kind,
+            "layout": {k: getattr(sp.layout, k) for k in LAYOUT_KEYS} | ({"pipeline_split": split} if split else {}),
+            "memory": _memory_json(sp.memory) | {"budget": int(sp.memory.capacity * (1 - headroom))},
+            "estimate": _estimate_json(sp.estimate),
+            "seq_length": sp.seq_length, "resident_models": list(sp.resident_models),
+            "runner_ups": [_candidate_json(c) for c in sr.runner_ups[:top]],
+            "rejections": [{"reason": r.reason, "count": r.count, "example": r.example, "layout": r.layout}
+                           for r in (search.rejections if search else ())],
+            "search": {"evaluated": search.evaluated, "space": search.space, "fitting": search.fitting} if search else None,
+            "notes": list(sr.notes),
+        })
+    return {
+        "experiment": result.plan.experiment,
+        "cluster": {"gpu": result.plan.cluster.gpu, "nodes": result.plan.cluster.nodes,
+                    "gpus_per_node": result.plan.cluster.gpus_per_node},
+        "precision": result.plan.precision, "attention_backend": result.plan.attention_backend,
+        "headroom": headroom,
+        "stages": stages,
+        "total": report_json_total(result.plan),
+        "warnings": [to_json(d) for d in result.warnings],
+        "elapsed_s": result.elapsed_s,
+    }
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def memory_bar(m, budget: int, width: int = 60):
+    """A rich Text bar: one letter per term (W G O A x), '.' free, '|' the headroom budget."""
+    from rich.text import Text
+
+    cap = max(m.capacity, m.total, 1)
+    bar = Text()
+    used = 0
+    for t in TERMS:
+        n = round(getattr(m, t) / cap * width)
+        letter, style = TERM_STYLE[t]
+        bar.append(letter * n, style=style)
+        used += n
+    mark = min(width - 1, round(budget / cap * width))
+    free = max(0, width - used)
+    tail = "".join("|" if used + i == mark else "." for i in range(free))
+    bar.append(tail, style="dim")
+    over = m.total > budget
+    bar.append(f"  {_gib(m.total)} / {_gib(m.capacity)} GiB", style="bold red" if over else "bold")
+    return bar
+
+
+def _layout_table(sp, split):
+    from rich.table import Table
+
+    lay = sp.layout
+    t = Table(title=None, show_edge=False, pad_edge=False, box=None, header_style="bold")
+    cols = ["TP", "PP", "VP", "CP", "EP", "ETP", "DP", "micro", "global", "microbatches", "SP", "dist-opt", "recompute"]
+    for c in cols:
+        t.add_column(c, justify="right")
+    yn = lambda b: "on" if b else "off"  # noqa: E731
+    t.add_row(*map(str, (lay.tp, lay.pp, lay.vp or "-", lay.cp, lay.ep, lay.etp, lay.dp, lay.micro_batch,
+                         lay.global_batch, lay.num_microbatches, yn(lay.sequence_parallel),
+                         yn(lay.distributed_optimizer), lay.recompute)))
+    return t
+
+
+def _memory_table(m, budget: int):
+    from rich.table import Table
+
+    t = Table(show_edge=False, box=None, header_style="bold", pad_edge=False)
+    for c in ("term", "GiB", "share"):
+        t.add_column(c, justify="right" if c != "term" else "left")
+    for term in TERMS:
+        letter, style = TERM_STYLE[term]
+        v = getattr(m, term)
+        t.add_row(f"[{style}]{letter}[/] {term}", _gib(v), f"{v / max(m.total, 1):.0%}")
+    for name, v in sorted(m.parts.items(), key=lambda kv: -kv[1]):
+        t.add_row(f"    {name}", _gib(v), "")
+    t.add_row("[bold]total[/]", f"[bold]{_gib(m.total)}[/]", "")
+    t.add_row("budget", _gib(budget), f"{budget / max(m.capacity, 1):.0%} of {_gib(m.capacity)}")
+    return t
+
+
+def _time_table(e):
+    from rich.table import Table
+
+    t = Table(show_edge=False, box=None, header_style="bold", pad_edge=False)
+    for c in ("step", "tokens/s/GPU", "TFLOP/s/GPU", "MFU", "steps", "wall time", "GPU-hours", "cost"):
+        t.add_column(c, justify="right")
+    cost = f"${e.cost_usd:,.0f}" if e.cost_usd is not None else "-"
+    t.add_row(f"{e.step_time_s:.3g} s", f"{e.tokens_per_s_per_gpu:,.0f}", f"{e.model_tflops_per_gpu:.0f}",
+              f"{e.mfu:.1%}", f"{e.steps:,}", duration(e.wall_time_s), f"{e.gpu_hours:,.0f}", cost)
+    parts = "  ".join(f"{k} {v:.3g}s" for k, v in sorted(e.parts.items(), key=lambda kv: -kv[1]) if v > 0)
+    return t, parts
+
+
+def _runner_ups_table(sr, top: int):
+    from rich.table import Table
+
+    from nemoc.compiler.search import describe
+
+    t = Table(show_edge=False, box=None, header_style="bold", pad_edge=False)
+    for c in ("#", "layout", "step", "vs best", "memory GiB"):
+        t.add_column(c, justify="left" if c == "layout" else "right")
+    best = sr.chosen.estimate.step_time_s
+    for i, c in enumerate(sr.runner_ups[:top], 2):
+        d = c.estimate.step_time_s / best - 1 if best else 0.0
+        t.add_row(str(i), describe(c.layout), f"{c.estimate.step_time_s:.3g} s", f"+{d:.1%}", _gib(c.memory.total))
+    return t
+
+
+def _rejections_table(search):
+    from rich.table import Table
+
+    t = Table(show_edge=False, box=None, header_style="bold", pad_edge=False)
+    for c in ("candidates", "why they lost", "closest example"):
+        t.add_column(c, justify="right" if c == "candidates" else "left", overflow="fold")
+    for r in search.rejections[:8]:
+        t.add_row(f"{r.count:,}", r.reason, f"{r.layout}: {r.example}")
+    return t
+
+
+def render_report(result, headroom: float, top: int, console) -> None:
+    from rich.rule import Rule
+
+    plan = result.plan
+    c = plan.cluster
+    console.print(f"[bold]experiment {plan.experiment}[/]: {c.nodes} node{'s' * (c.nodes != 1)} x {c.gpus_per_node} "
+                  f"{c.gpu} = {c.world_size} GPUs, {plan.precision}, attention {plan.attention_backend}, "
+                  f"headroom {headroom:.0%}")
+    for sp, sr in zip(plan.stages, result.stages):
+        console.print(Rule(f"stage {sp.name} ({sp.kind})", style="dim"))
+        split = "" if "num_layers_in_first_pipeline_stage" not in sp.params else (
+            f"  uneven pipeline: first stage {sp.params['num_layers_in_first_pipeline_stage']} layers, "
+            f"last {sp.params['num_layers_in_last_pipeline_stage']}")
+        console.print(_layout_table(sp, split))
+        if split:
+            console.print(split)
+        budget = int(sp.memory.capacity * (1 - headroom))
+        console.print("memory per GPU (most-loaded pipeline stage):")
+        console.print(memory_bar(sp.memory, budget))
+        console.print(_memory_table(sp.memory, budget))
+        table, parts = _time_table(sp.estimate)
+        console.print(table)
+        if parts:
+            console.print(f"[dim]step time terms: {parts}[/]")
+        for note in sr.notes:
+            console.print(f"[dim]note: {note}[/]")
+        if sr.search is not None:
+            if sr.runner_ups[:top]:
+                console.print("runner-ups:")
+                console.print(_runner_ups_table(sr, top))
+            if sr.search.rejections:
+                console.print(f"search: {sr.search.space:,} candidates, {sr.search.evaluated:,} memory evaluations; "
+                              "why the others lost:")
+                console.print(_rejections_table(sr.search))
+    total = report_json_total(plan)
+    cost = f"${total['cost_usd']:,.0f}" if total["cost_usd"] is not None else "- (set cluster usd_per_gpu_hour)"
+    console.print(Rule("total", style="dim"))
+    console.print(f"[bold]wall time {duration(total['wall_time_s'])}, {total['gpu_hours']:,.0f} GPU-hours, cost {cost}[/]"
+                  f"  [dim](planned in {result.elapsed_s * 1000:.0f} ms)[/]")
+
+
+def report_json_total(plan) -> dict:
+    es = [s.estimate for s in plan.stages]
+    return {"wall_time_s": sum(e.wall_time_s for e in es), "gpu_hours": sum(e.gpu_hours for e in es),
+            "cost_usd": _sum_cost(e.cost_usd for e in es)}
+
+
+# ---------------------------------------------------------------------------------------- command
+
+
+@click.command()
+@click.argument("file")
+@click.option("--headroom", type=Headroom(), default="10%", show_default=True,
+              help="Fraction of GPU memory kept free (allocator spikes, what no model sees), e.g. 10% or 0.1.")
+@click.option("--top", "top", type=click.IntRange(0, 100), default=3, show_default=True,
+              help="Runner-up layouts to show per stage.")
+@click.option("--emit", "emit", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the compiled plan (JSON) that `nemoc run` consumes.")
+@common_options
+def plan(file: str, headroom: float, top: int, emit: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+    """Resolve every `auto` into the best Megatron-Core layout, prove it fits, estimate time and cost."""
+    from nemoc.compiler.plan import to_json
+    from nemoc.compiler.planner import plan_experiment
+    from nemoc.dsl.diagnostics import DiagnosticError
+
+    try:
+        spec, sources = load_spec(file, sets)
+    except DiagnosticError as err:
+        fail(err.diagnostics, getattr(err, "sources", {}) or {}, as_json)
+    try:
+        result = plan_experiment(spec, headroom=headroom, top=max(top + 1, 2))
+    except DiagnosticError as err:
+        fail(err.diagnostics, sources, as_json)
+    if emit:
+        with open(emit, "w", encoding="utf-8") as f:
+            f.write(to_json(result.plan))
+    if as_json:
+        click.echo(json.dumps(report_json(result, headroom, top), indent=2))
+    else:
+        from rich.console import Console
+
+        print_diagnostics(result.warnings, sources, as_json=False)
+        console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+        render_report(result, headroom, top, console)
+        if emit:
+            console.print(f"plan written to {emit}")
+    sys.exit(EXIT_OK)

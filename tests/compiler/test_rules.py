@@ -1,0 +1,228 @@
+"""Layout rules: each rule fires exactly on the condition Megatron-Core 0.16.1 checks, with the whole
+equation, and is silent otherwise; the pipeline split is checked against an independent
+re-implementation of Megatron's own "Uneven PP" validation."""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import replace
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from nemoc.compiler import rules
+from nemoc.compiler.catalog.models import get_preset
+from nemoc.compiler.rules import Env, Sizes, check_spec, layout_violations, padded_vocab, pipeline_split
+from nemoc.compiler.spec import ClusterSpec, ExperimentSpec, ModelSpec, ParallelSpec, StageSpec
+from nemoc.dsl.diagnostics import Severity, Span
+
+LLAMA8B = get_preset("llama3_8b")
+MIXTRAL = get_preset("mixtral_8x7b")
+H100x2 = ClusterSpec(gpu="H100", nodes=2, gpus_per_node=8)
+
+
+def env(model=LLAMA8B, cluster=H100x2, **kw) -> Env:
+    arch, precisions = rules.gpu_facts(cluster.gpu)
+    return Env(model=model, cluster=cluster, gpu_arch=arch, gpu_precisions=precisions, **kw)
+
+
+def codes(e: Env, s: Sizes) -> set[str]:
+    return {v.code for v in rules.violations(e, s)}
+
+
+VALID = Sizes(tp=4, pp=2, cp=1, dp=2, micro_batch=1, global_batch=64, sequence_parallel=True, seq_length=8192)
+
+
+def test_a_valid_layout_breaks_no_error_rule():
+    assert layout_violations(env(), VALID) is None
+
+
+@pytest.mark.parametrize("change, code, equation", [
+    (dict(dp=3), "E101", "tp(4) * pp(2) * cp(1) * dp(3) = 24 != world size 16 (2 nodes x 8 GPUs)"),
+    (dict(tp=3, dp=None), "E102", "heads(32) % tp(3) = 2 != 0"),
+    (dict(tp=16, pp=1, dp=1), "E103", None),  # 8 groups vs tp 16 is fine (tp % groups == 0)
+    (dict(pp=64, dp=None, tp=1), "E105", "layers(32) < pp(64) * vp(1) = 64"),
+    (dict(vp=2, pp=1, dp=4), "E106", "virtual_pipeline(2) > 1 requires pp(1) > 1"),
+    (dict(vp=2, micro_batch=4, global_batch=24, dp=2), "E108", None),
+    (dict(tp=1, dp=8), "E109", "sequence_parallel = true requires tp(1) > 1"),
+    (dict(global_batch=63), "E111", "global_batch(63) % (micro_batch(1) * dp(2) = 2) = 1 != 0"),
+    (dict(cp=2, dp=1, seq_length=8190), "E112", "seq_length(8190) % (2 * cp(2)) = 2 != 0"),
+    (dict(ep=2), "E114", "expert(2) > 1 but model.experts = 0"),
+    (dict(seq_length=16384), "E122", "seq_length(16384) > model.seq_length(8192) (max_position_embeddings)"),
+])
+def test_each_rule_shows_its_equation(change, code, equation):
+    s = replace(VALID, **change)
+    found = {v.code: v for v in rules.violations(env(), s)}
+    if equation is None and code == "E103":
+        assert "E103" not in found  # Megatron 0.16.1 accepts tp a multiple of the query groups
+        return
+    assert code in found, found
+    if equation:
+        assert found[code].equation == equation
+
+
+def test_query_groups_neither_divides():
+    m = replace(LLAMA8B, query_groups=6, heads=24, ffn_hidden=12288)
+    v = rules.rule_query_groups_tp(env(m), Sizes(tp=4))
+    assert v is not None and v.equation == "query_groups(6) % tp(4) = 2 != 0 and tp(4) % query_groups(6) = 4 != 0"
+
+
+def test_interleaved_microbatches_mirror_schedules_py():
+    e = env()
+    # M = 64 / (1 * 2) = 32 microbatches, pp = 2: 32 % 2 == 0 -> fine; pp = 4 with M = 6 -> 6 % 4 = 2
+    assert rules.rule_interleave_microbatches(e, replace(VALID, vp=2)) is None
+    bad = Sizes(tp=1, pp=4, vp=2, cp=1, dp=4, micro_batch=1, global_batch=24, seq_length=8192)
+    v = rules.rule_interleave_microbatches(e, bad)
+    assert v.code == "E108" and "6 % pp(4) = 2 != 0" in v.equation
+    few = replace(bad, global_batch=8)
+    assert "= 2 < pp(4)" in rules.rule_interleave_microbatches(e, few).equation
+
+
+def test_sequence_parallel_needs_the_local_sequence_divisible_by_tp():
+    v = rules.rule_sequence_parallel_split(env(), replace(VALID, tp=8, cp=4, dp=None, seq_length=8200))
+    assert v.code == "E110" and v.equation == "(seq_length(8200) / cp(4) = 2050) % tp(8) = 2 != 0"
+
+
+def test_context_parallel_needs_te_attention():
+    cpu = ClusterSpec(gpu="CPU", nodes=1, gpus_per_node=4)
+    assert "E113" in codes(env(cluster=cpu), Sizes(tp=1, pp=1, cp=2, dp=2, seq_length=64))
+    assert "E113" in codes(env(attention_backend="unfused"), replace(VALID, cp=2, dp=1))
+    assert "E113" not in codes(env(attention_backend="flash"), replace(VALID, cp=2, dp=1))
+
+
+def test_moe_rules():
+    e = env(MIXTRAL, ClusterSpec(gpu="H100", nodes=4, gpus_per_node=8))
+    base = Sizes(tp=2, pp=2, cp=1, dp=8, ep=8, etp=1, micro_batch=1, global_batch=64, sequence_parallel=True,
+                 seq_length=4096)
+    assert layout_violations(e, base) is None
+    assert rules.rule_experts_ep(e, replace(base, ep=3)).equation == "experts(8) % ep(3) = 2 != 0"
+    grid = rules.rule_expert_grid(e, replace(base, ep=8, etp=4, pp=2))
+    assert grid.equation == "world size 32 % (etp(4) * ep(8) * pp(2) = 64) = 32 != 0"
+    assert rules.rule_expert_grid(e, replace(base, etp=None, tp=2)) is None  # etp defaults to tp (2*8*2 = 32)
+    bad_k = env(replace(MIXTRAL, top_k=9), e.cluster)
+    assert rules.rule_top_k(bad_k, base).code == "E117"
+    assert rules.rule_ep_fp16(env(MIXTRAL, e.cluster, precision="fp16"), base).code == "E119"
+    biased = env(replace(MIXTRAL, add_bias_linear=True), e.cluster)
+    assert rules.rule_moe_bias_etp(biased, replace(base, etp=2)).code == "E120"
+    assert rules.rule_moe_bias_etp(biased, base) is None
+
+
+def test_precision_needs_the_right_generation():
+    a100 = ClusterSpec(gpu="A100-80GB", nodes=1)
+    assert rules.rule_precision_hardware(env(cluster=a100, precision="fp8"), VALID).code == "E121"
+    assert rules.rule_precision_hardware(env(precision="fp8"), VALID) is None  # H100
+    assert rules.rule_precision_hardware(env(precision="mxfp8"), VALID).code == "E121"
+    assert rules.rule_precision_hardware(env(cluster=ClusterSpec(gpu="B200"), precision="mxfp8"), VALID) is None
+
+
+def test_warnings_say_what_megatron_does():
+    e = env()
+    vocab = rules.warn_padded_vocab(e, Sizes(tp=8))
+    assert vocab.severity is Severity.WARNING
+    assert vocab.equation == "padded_vocab = ceil(vocab(128256) / (128 * tp(8))) * 1024 = 129024 (+768 rows)"
+    assert rules.warn_tp_crosses_node(e, Sizes(tp=16)).equation == "tp(16) > gpus_per_node(8)"
+    assert rules.warn_tp_crosses_node(e, Sizes(tp=8)) is None
+    assert rules.warn_ep_without_sp(env(MIXTRAL), Sizes(tp=2, ep=2, sequence_parallel=False)).code == "W103"
+    assert rules.warn_fp16_loss_scaling(env(precision="fp16"), VALID).code == "W105"
+    uneven = rules.warn_uneven_pipeline(env(get_preset("llama31_405b")), Sizes(pp=16))
+    assert "num_layers_in_first_pipeline_stage=7, num_layers_in_last_pipeline_stage=7" in uneven.equation
+
+
+@pytest.mark.parametrize("vocab, tp, padded", [(50257, 1, 50304), (50257, 8, 51200), (128256, 1, 128256),
+                                               (128256, 8, 129024), (32000, 4, 32256)])
+def test_padded_vocab_matches_megatron(vocab, tp, padded):
+    assert padded_vocab(vocab, tp) == padded
+
+
+# ------------------------------------------------------------------------------- pipeline split
+
+
+def megatron_accepts(layers: int, pp: int, vp: int | None, first: int | None, last: int | None) -> bool:
+    """Independent transcription of Megatron-Core 0.16.1's checks (transformer_config.py "Uneven PP"
+    and transformer_block.py get_num_layers_to_build) for a given split."""
+    if first is None and last is None:
+        if layers % pp:
+            return False
+        return vp is None or pp == 1 or (layers // pp) % vp == 0
+    rest, stages = layers, pp
+    for n in (first, last):
+        if n is not None:
+            if n <= 0 or (vp is not None and n % vp):
+                return False
+            rest -= n
+            stages -= 1
+    if bool(rest) != bool(stages) or rest < 0:
+        return False
+    if stages and rest % stages:
+        return False
+    return not (stages and vp is not None and (rest // stages) % vp)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 140), st.integers(1, 40), st.sampled_from([None, 2, 3, 4]))
+def test_pipeline_split_is_valid_and_optimal(layers, pp, vp):
+    assume(pp > 1 or vp is None)  # interleaving with one stage is E106, not a split question
+    split = pipeline_split(layers, pp, vp)
+    uneven = range(1, layers + 1) if pp > 1 else ()  # with one stage, first and last are the same stage
+    valid_splits = [(f, l) for f in [None, *uneven] for l in [None, *uneven]
+                    if (f is None) == (l is None) and megatron_accepts(layers, pp, vp, f, l)]
+    if split is None:
+        assert not valid_splits
+        return
+    assert megatron_accepts(layers, pp, vp, split.first, split.last)
+    total = (split.first + split.last + (pp - 2) * split.per_stage) if not split.even else pp * split.per_stage
+    assert total == layers
+
+    def most_loaded(f, l):
+        if f is None:
+            return layers // pp
+        middle = (layers - f - l) // (pp - 2) if pp > 2 else 0
+        return max(f, l, middle)
+
+    assert split.max_layers == min(most_loaded(f, l) for f, l in valid_splits)
+
+
+def test_405b_on_16_stages_is_split_like_meta():
+    split = pipeline_split(126, 16)
+    assert (split.first, split.last, split.per_stage, split.max_layers) == (7, 7, 8, 8)
+
+
+# -------------------------------------------------------------------------------------- check_spec
+
+
+def _spec(**parallel) -> ExperimentSpec:
+    span = Span("x.nemo", 5, 3, 5, 15)
+    return ExperimentSpec(
+        name="t", model=LLAMA8B, cluster=ClusterSpec(gpu="H100", nodes=1), parallel=ParallelSpec(**parallel),
+        stages=(StageSpec(name="pretrain", kind="pretrain", global_batch=64, tokens=10**9),),
+        spans={"parallel.tensor": span, "parallel": Span("x.nemo", 4, 1, 4, 9), "model": Span("x.nemo", 2, 1, 2, 6),
+               "stage.pretrain": Span("x.nemo", 9, 1, 9, 6)},
+    )
+
+
+def test_check_spec_anchors_at_the_users_line():
+    diags = check_spec(_spec(tensor=3))
+    e102 = next(d for d in diags if d.code == "E102")
+    assert e102.span.line == 5 and e102.equation == "heads(32) % tp(3) = 2 != 0"
+    assert check_spec(_spec()) == () or not any(d.is_error for d in check_spec(_spec()))
+
+
+def test_stage_parallel_overrides_field_by_field_when_spans_say_so():
+    spec = _spec(tensor=4)
+    stage = replace(spec.stages[0], parallel=ParallelSpec(pipeline=2))
+    spans = dict(spec.spans) | {"stage.pretrain.parallel.pipeline": Span("x.nemo", 10, 1, 10, 5)}
+    spec = replace(spec, stages=(stage,), spans=spans)
+    merged = rules.stage_parallel(spec, stage)
+    assert (merged.tensor, merged.pipeline) == (4, 2)
+    whole = rules.stage_parallel(replace(spec, spans={}), stage)
+    assert (whole.tensor, whole.pipeline) == (None, 2)
+
+
+def test_every_example_passes_the_rules():
+    from nemoc.runtime.cli_common import load_spec
+
+    for path in sorted(glob.glob("examples/*.nemo")):
+        spec, _ = load_spec(path)
+        errors = [d for d in check_spec(spec) if d.is_error]
+        assert not errors, (path, errors)
