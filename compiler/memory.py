@@ -288,10 +288,12 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         if trains:
             held = in_flight_microbatches(layout.pp, layout.vp, layout.num_microbatches, stage)
             activations = per_layer * st.layers * held
-            if layout.recompute == "full":  # one layer is rematerialised at a time in backward
-                activations += layer_activations(
-                    model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
-                    etp=layout.etp, attention_backend=backend, dropout=dropout).total
+            # Backward works on one layer at a time: it rematerialises that layer (full recompute) or
+            # allocates gradients of its activations (otherwise), about one layer's activations
+            # without the s x s scores, for every recompute mode (so memory stays monotone in it).
+            parts["backward_working"] = layer_activations(
+                model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
+                etp=layout.etp, recompute="selective", attention_backend=backend, dropout=dropout).total
             if st.last:  # final norm input + output-layer input (Korthikanti: 4 sbh / t)
                 activations += 4.0 * s_local * b * model.hidden / rep
         else:  # forward only: one layer's tensors live at a time
@@ -306,7 +308,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         if model.is_moe:
             routed = s_local * b * model.top_k / rep * layout.etp
             parts["moe_dispatch"] = 2.0 * 2 * routed * model.hidden  # all-to-all send + receive
-        dynamic = activations + parts.get("logits", 0.0) + parts.get("moe_dispatch", 0.0)
+        dynamic = activations + sum(parts.get(k, 0.0) for k in ("logits", "moe_dispatch", "backward_working"))
         parts["fragmentation"] = FRAGMENTATION * dynamic
 
     ints = {k: int(v) for k, v in parts.items()}

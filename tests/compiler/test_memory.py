@@ -1,0 +1,163 @@
+"""The memory model: exact model-state bytes, Korthikanti's activation formula, monotonicity."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nemoc.compiler.catalog import PRESETS
+from nemoc.compiler.flops import padded_vocab, param_counts
+from nemoc.compiler.memory import (
+    estimate,
+    in_flight_microbatches,
+    layer_activations,
+    resident_models,
+    state_bytes_per_param,
+)
+from nemoc.compiler.plan import Layout
+from nemoc.compiler.spec import LoraSpec, ModelSpec
+
+
+def layout(**kw) -> Layout:
+    base = dict(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=1, global_batch=8, num_microbatches=8,
+                sequence_parallel=False, distributed_optimizer=False, recompute="none")
+    base.update(kw)
+    return Layout(**base)
+
+
+def test_mixed_precision_adam_is_18_bytes_and_6_plus_12_over_dp() -> None:
+    assert state_bytes_per_param("bf16", distributed_optimizer=False, shard=8).total == 18
+    for dp in (1, 2, 8, 64, 1024):
+        s = state_bytes_per_param("bf16", distributed_optimizer=True, shard=dp)
+        assert (s.weights, s.gradients) == (2, 4)
+        assert s.total == pytest.approx(6 + 12 / dp)
+    assert state_bytes_per_param("fp32", distributed_optimizer=False, shard=1).total == 16
+    assert state_bytes_per_param("fp32", distributed_optimizer=True, shard=4).total == pytest.approx(8 + 8 / 4)
+
+
+def test_single_gpu_model_states_are_18_bytes_per_parameter() -> None:
+    model = PRESETS["llama2_7b"]
+    mem = estimate(model, layout(), precision="bf16", gpu="H100")
+    counts = param_counts(model)
+    params = counts.total + (padded_vocab(model.vocab) - model.vocab) * model.hidden * 2  # both tables padded
+    assert mem.weights + mem.gradients + mem.optimizer == pytest.approx(18 * params, rel=1e-6)
+    dist = estimate(model, layout(dp=8, global_batch=64, distributed_optimizer=True), gpu="H100")
+    assert dist.weights + dist.gradients + dist.optimizer == pytest.approx((6 + 12 / 8) * params, rel=1e-6)
+
+
+# Korthikanti et al. 2022 Table 3 models (heads, hidden), s = 2048, 16-bit, dropout, unfused softmax.
+KORTHIKANTI = [(64, 6144, 4), (96, 12288, 1), (128, 20480, 1), (160, 25600, 1)]
+
+
+def _gpt(a: int, h: int) -> ModelSpec:
+    return ModelSpec(name="gpt", layers=8, hidden=h, heads=a, query_groups=a, ffn_hidden=4 * h, vocab=51200,
+                     seq_length=2048, activation="gelu", norm="layernorm", position="learned", add_bias_linear=True)
+
+
+@pytest.mark.parametrize("a,h,b", KORTHIKANTI)
+@pytest.mark.parametrize("t", [1, 2, 8])
+def test_korthikanti_table2(a: int, h: int, b: int, t: int) -> None:
+    s, model = 2048, _gpt(a, h)
+    sbh = s * b * h
+
+    def act(sp: bool, recompute: str) -> float:
+        return layer_activations(model, seq=s, micro_batch=b, tp=t, sp=sp, recompute=recompute,
+                                 attention_backend="unfused", dropout=True).total
+
+    assert act(False, "none") == pytest.approx(sbh * (10 + 24 / t + 5 * a * s / (h * t)))
+    assert act(True, "none") == pytest.approx(sbh / t * (34 + 5 * a * s / h))
+    assert act(True, "selective") == pytest.approx(sbh / t * 34)
+    assert act(False, "selective") == pytest.approx(sbh * (10 + 24 / t))
+    assert act(True, "full") == pytest.approx(2 * sbh / t)
+    assert act(False, "full") == pytest.approx(2 * sbh)
+
+
+def test_flash_attention_never_materialises_scores() -> None:
+    model = PRESETS["llama3_8b"]
+    flash = layer_activations(model, seq=8192, micro_batch=1, tp=1, sp=False, attention_backend="flash")
+    unfused = layer_activations(model, seq=8192, micro_batch=1, tp=1, sp=False, attention_backend="unfused")
+    assert unfused.scores == pytest.approx(2 * model.heads * 8192 * 8192)  # bf16 softmax output, no dropout
+    assert flash.scores < unfused.scores / 1000
+
+
+def test_pipeline_in_flight_and_interleaving_penalty() -> None:
+    assert in_flight_microbatches(4, None, 32) == 4
+    assert in_flight_microbatches(4, None, 32, stage=3) == 1
+    assert in_flight_microbatches(8, None, 2) == 2
+    assert in_flight_microbatches(4, 2, 32) == pytest.approx(4 * (1 + 3 / 8))
+
+
+def test_resident_models() -> None:
+    assert resident_models("pretrain") == ("policy",)
+    assert resident_models("dpo") == ("policy", "reference")
+    assert resident_models("dpo", {"reference_free": True}) == ("policy",)
+    assert resident_models("dpo", peft=LoraSpec()) == ("policy",)
+    assert resident_models("ppo") == ("actor", "critic", "reward", "reference")
+
+
+def test_lora_dpo_ppo_states() -> None:
+    model, lay = PRESETS["llama3_8b"], layout(tp=2, dp=4, global_batch=32, distributed_optimizer=True)
+    full = estimate(model, lay, gpu="H100")
+    lora = estimate(model, lay, gpu="H100", peft=LoraSpec(rank=16))
+    assert lora.gradients < full.gradients / 100 and lora.optimizer < full.optimizer / 100
+    assert lora.weights >= full.weights
+    dpo = estimate(model, lay, gpu="H100", stage_kind="dpo")
+    assert dpo.weights == pytest.approx(2 * full.weights, rel=1e-6)  # + frozen reference
+    assert dpo.activations > full.activations  # chosen + rejected
+    ppo = estimate(model, lay, gpu="H100", stage_kind="ppo")
+    assert ppo.weights == pytest.approx(4 * full.weights, rel=1e-6)
+    assert ppo.gradients == pytest.approx(2 * full.gradients, rel=1e-6)
+    assert "logits" not in estimate(model, lay, gpu="H100", stage_kind="reward").parts
+
+
+def test_breakdown_names_its_parts() -> None:
+    model = PRESETS["mixtral_8x7b"]
+    mem = estimate(model, layout(tp=2, pp=1, ep=4, dp=4, global_batch=64, sequence_parallel=True,
+                                 distributed_optimizer=True), precision="fp8", gpu="H100")
+    assert mem.other == sum(mem.parts.values())
+    assert {"cuda_context", "nccl", "logits", "moe_dispatch", "fragmentation", "fp8_weight_cache"} <= set(mem.parts)
+    assert mem.capacity == 81_559 * 2**20
+
+
+layouts = st.builds(
+    lambda tp, pp, cp, dp, mb, sp, do, rc, name: (PRESETS[name], layout(
+        tp=tp, pp=pp, cp=cp, dp=dp, micro_batch=mb, global_batch=mb * dp * 8, num_microbatches=8,
+        sequence_parallel=sp and tp > 1, distributed_optimizer=do, recompute=rc)),
+    st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 2, 4]), st.sampled_from([1, 2]), st.sampled_from([1, 2, 8]),
+    st.sampled_from([1, 2, 4]), st.booleans(), st.booleans(), st.sampled_from(["none", "selective", "full"]),
+    st.sampled_from(["llama3_8b", "gpt3_6p7b", "mixtral_8x7b", "qwen3_8b"]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layouts)
+def test_more_tp_never_increases_per_gpu_weights(case) -> None:
+    model, lay = case
+    if lay.tp >= 8:
+        return
+    more = dataclasses.replace(lay, tp=lay.tp * 2)
+    assert estimate(model, more).weights <= estimate(model, lay).weights
+
+
+@settings(max_examples=60, deadline=None)
+@given(layouts)
+def test_recompute_never_increases_memory(case) -> None:
+    model, lay = case
+    by_level = [estimate(model, dataclasses.replace(lay, recompute=r)) for r in ("none", "selective", "full")]
+    assert by_level[0].activations >= by_level[1].activations >= by_level[2].activations
+    assert by_level[0].total >= by_level[1].total >= by_level[2].total
+
+
+@settings(max_examples=60, deadline=None)
+@given(layouts)
+def test_monotone_in_micro_batch_and_sharding(case) -> None:
+    model, lay = case
+    base = estimate(model, lay)
+    assert estimate(model, dataclasses.replace(lay, micro_batch=lay.micro_batch * 2)).total >= base.total
+    assert estimate(model, dataclasses.replace(lay, distributed_optimizer=True)).total <= base.total
+    if lay.tp > 1:
+        assert estimate(model, dataclasses.replace(lay, sequence_parallel=True)).total <= base.total
+    assert estimate(model, dataclasses.replace(lay, pp=lay.pp * 2)).weights <= base.weights
