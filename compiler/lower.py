@@ -261,6 +261,8 @@ class _Lowering:
         if missing:
             self._unknown_model(block, name, missing)
             return None
+        if any(f.required and f.name not in overrides for f in MODEL_FIELDS):
+            return None  # written but invalid: already reported
         defaults = {f.name: f.default for f in MODEL_FIELDS if f.default is not None and f.name not in overrides}
         values = {**defaults, **overrides}
         values.setdefault("query_groups", values["heads"])

@@ -55,25 +55,50 @@ def quote(value: str) -> str:
 
 def format_module(module: ast.Module, source: str) -> str:
     """The canonical text of `module`, which was parsed from `source`."""
-    printer = _Printer(module.comments, source.splitlines())
-    printer.items(module.items or (*module.imports, *module.blocks), depth=0)
+    items = module.items or (*module.imports, *module.blocks)
+    printer = _Printer(module.comments, items)
+    printer.items(items, depth=0)
     printer.flush_comments(before_line=None, depth=0)
     return "\n".join(printer.lines).rstrip("\n") + "\n" if printer.lines else ""
 
 
+def _ends(items) -> list[tuple[tuple[int, int], tuple[str, int]]]:
+    """(end position, owner key) of everything a trailing comment can follow: import, field, `{`, `}`."""
+    out, stack = [], list(items)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Block):
+            out.append(((node.head.end_line, node.head.end_col), ("head", id(node))))
+            out.append(((node.span.end_line, node.span.end_col), ("close", id(node))))
+            stack.extend(node.members)
+        else:
+            out.append(((node.span.end_line, node.span.end_col), ("item", id(node))))
+    return out
+
+
 class _Printer:
-    def __init__(self, comments: tuple[ast.Comment, ...], source_lines: list[str]):
+    """Emits lines; a comment that follows code on its line belongs to the last thing ending before it
+    there (`owned`), any other comment is printed on its own line before what followed it (`pending`)."""
+
+    def __init__(self, comments: tuple[ast.Comment, ...], items):
+        ends = _ends(items)
+        self.owned: dict[tuple[str, int], list[str]] = {}
+        self.pending: list[ast.Comment] = []
+        for c in sorted(comments, key=lambda c: (c.span.line, c.span.col)):
+            start = (c.span.line, c.span.col)
+            before = [e for e in ends if e[0][0] == c.span.line and e[0] <= start]
+            if before:
+                owner = max(before, key=lambda e: e[0])[1]
+                self.owned.setdefault(owner, []).append(c.text.rstrip())
+            else:
+                self.pending.append(c)
         self.lines: list[str] = []
-        self.pending = sorted(comments, key=lambda c: (c.span.line, c.span.col))
-        self.source_lines = source_lines
         self.last_line = 0  # last source line emitted at the current level (for blank-line preservation)
         self.fresh = True  # nothing emitted yet at the current level
 
-    # -- comments
-
-    def _own_line(self, c: ast.Comment) -> bool:
-        line = self.source_lines[c.span.line - 1] if c.span.line <= len(self.source_lines) else ""
-        return line[: c.span.col - 1].strip() == ""
+    def trailing(self, *owners: tuple[str, int]) -> str:
+        texts = [t for o in owners for t in self.owned.pop(o, ())]
+        return ("  " + "  ".join(texts)) if texts else ""
 
     def flush_comments(self, before_line: int | None, depth: int) -> None:
         """Own-line comments that come before `before_line` (all, if None), at `depth`."""
@@ -83,18 +108,9 @@ class _Printer:
             self.lines.append(INDENT * depth + c.text.rstrip())
             self.last_line, self.fresh = c.span.end_line, False
 
-    def trailing(self, first: int, last: int) -> str:
-        """Comments on source lines first..last, claimed as this line's trailing comment."""
-        texts = []
-        while self.pending and first <= self.pending[0].span.line <= last:
-            texts.append(self.pending.pop(0).text.rstrip())
-        return ("  " + "  ".join(texts)) if texts else ""
-
     def _gap(self, line: int) -> None:
         if not self.fresh and line > self.last_line + 1:
             self.lines.append("")
-
-    # -- items
 
     def items(self, items, depth: int) -> None:
         for item in items:
@@ -103,9 +119,9 @@ class _Printer:
             if isinstance(item, ast.Block):
                 self.block(item, depth)
             else:
-                text = f'import {quote(item.path.value)}' if isinstance(item, ast.Import) else \
+                text = f"import {quote(item.path.value)}" if isinstance(item, ast.Import) else \
                     f"{item.key.value} = {format_expr(item.value)}"
-                self.lines.append(INDENT * depth + text + self.trailing(item.span.line, item.span.end_line))
+                self.lines.append(INDENT * depth + text + self.trailing(("item", id(item))))
             self.last_line, self.fresh = item.span.end_line, False
 
     def block(self, block: ast.Block, depth: int) -> None:
@@ -115,10 +131,10 @@ class _Printer:
         end = block.span.end_line
         inner_comments = any(block.head.end_line < c.span.line < end for c in self.pending)
         if not block.members and not inner_comments:
-            self.lines.append(INDENT * depth + head + " {}" + self.trailing(block.head.line, end))
+            self.lines.append(INDENT * depth + head + " {}" + self.trailing(("head", id(block)), ("close", id(block))))
             return
-        self.lines.append(INDENT * depth + head + " {" + self.trailing(block.head.line, block.head.end_line))
+        self.lines.append(INDENT * depth + head + " {" + self.trailing(("head", id(block))))
         self.last_line, self.fresh = block.head.end_line, True
         self.items(block.members, depth + 1)
         self.flush_comments(end, depth + 1)
-        self.lines.append(INDENT * depth + "}" + self.trailing(end, end))
+        self.lines.append(INDENT * depth + "}" + self.trailing(("close", id(block))))
