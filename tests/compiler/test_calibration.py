@@ -1,0 +1,69 @@
+"""Regression bounds on the calibration against published runs (bench/calibrate.py).
+
+The bounds are what the model reaches today (docs/calibration.md); a change that makes the cost
+or memory model worse on the published measurements fails here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def calibrate():
+    spec = importlib.util.spec_from_file_location("nemoc_bench_calibrate", ROOT / "bench" / "calibrate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+@pytest.fixture(scope="module")
+def results(calibrate):
+    rows = calibrate.load_rows()
+    return rows, [r for r in calibrate.throughput_errors(rows) if "error" in r]
+
+
+def test_rows_are_sourced(calibrate) -> None:
+    for row in calibrate.load_rows():
+        assert row["source"] and row["source_ref"] and row["tokens_per_sec_per_gpu"] > 0
+
+
+def test_throughput_error_bounds(results) -> None:
+    _, used = results
+    errors = [abs(r["error"]) for r in used]
+    assert len(errors) >= 100
+    assert statistics.median(errors) <= 0.05
+    assert max(errors) <= 0.30
+    assert sum(e <= 0.15 for e in errors) >= 88
+
+
+def test_pretraining_rows_error_bounds(results) -> None:
+    _, used = results
+    errors = [abs(r["error"]) for r in used if r["task"] == "pretrain"]
+    assert statistics.median(errors) <= 0.04
+    assert sum(e <= 0.15 for e in errors) >= 75
+
+
+def test_no_systematic_bias(results) -> None:
+    """Signed errors straddle zero: the model neither always over- nor under-predicts."""
+    _, used = results
+    signed = [r["error"] for r in used]
+    assert abs(statistics.median(signed)) <= 0.03
+
+
+def test_memory_against_korthikanti_figure_1(calibrate, results) -> None:
+    rows, _ = results
+    mem = calibrate.memory_errors(rows)
+    assert len(mem) == 12
+    acts = [abs(r["error"]) for r in mem if "activations" in r["label"]]
+    states = [abs(r["error"]) for r in mem if "states" in r["label"]]
+    assert max(acts) <= 0.01
+    assert max(states) <= 0.12

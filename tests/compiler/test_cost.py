@@ -1,0 +1,166 @@
+"""FLOPs formulas against their published forms; cost-model invariants the planner relies on; speed."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nemoc.compiler.catalog import PRESETS, get_gpu
+from nemoc.compiler.cost import estimate, gemm_time
+from nemoc.compiler.flops import (
+    flops_per_token,
+    hardware_flops_per_step,
+    layers_on_stage,
+    model_flops_per_step,
+    padded_vocab,
+    stage_params,
+)
+from nemoc.compiler.plan import Layout
+from nemoc.compiler.spec import ClusterSpec, LoraSpec, ModelSpec
+
+
+def layout(**kw) -> Layout:
+    base = dict(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=8, micro_batch=1, global_batch=64, num_microbatches=8,
+                sequence_parallel=False, distributed_optimizer=True, recompute="none")
+    base.update(kw)
+    return Layout(**base)
+
+
+def test_llama_flops_match_nemo_formula() -> None:
+    """NeMo `flops_formulas.llama3`: B s l h^2 (12 + 12 g/a + 18 f/h + 12 s/h + 6 V/(l h)), no causal discount."""
+    m, s, B = PRESETS["llama3_8b"], 8192, 128
+    l, h, g, a, f, V = m.layers, m.hidden, m.query_groups, m.heads, m.ffn_hidden, m.vocab
+    nemo = B * s * l * h * h * (12 + 12 * g / a + 18 * f / h + 12 * s / h + 6 * V / (l * h))
+    assert model_flops_per_step(m, s, B, causal_discount=False) == pytest.approx(nemo, rel=1e-6)
+    # the published Llama 3 8B figure: 57.9 GFLOP per token at 8K (calibration README)
+    assert 3 * flops_per_token(m, s, False).forward == pytest.approx(57.91e9, rel=1e-3)
+
+
+def test_gpt_flops_match_narayanan() -> None:
+    """Narayanan et al. 2021: 72 B s l h^2 (1 + s/(6h) + V/(12 l h)) without recompute and
+    96 B s l h^2 (1 + s/(6h) + V/(16 l h)) with full recompute (biases are a < 0.05 % extra)."""
+    h, l, s, V, B = 12288, 96, 2048, 51200, 1536
+    m = ModelSpec(name="gpt", layers=l, hidden=h, heads=96, query_groups=96, ffn_hidden=4 * h, vocab=V, seq_length=s,
+                  activation="gelu", norm="layernorm", position="learned", tie_embeddings=True)
+    f72 = 72 * B * s * l * h * h * (1 + s / (6 * h) + V / (12 * l * h))
+    f96 = 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
+    assert model_flops_per_step(m, s, B, causal_discount=False) == pytest.approx(f72, rel=1e-9)
+    assert hardware_flops_per_step(m, s, B, recompute="full", causal_discount=False) == pytest.approx(f96, rel=1e-9)
+    assert hardware_flops_per_step(m, s, B, recompute="none", causal_discount=False) == pytest.approx(f72, rel=1e-9)
+
+
+def test_causal_discount_halves_attention_only() -> None:
+    m = PRESETS["llama31_405b"]
+    full, causal = flops_per_token(m, 8192, False), flops_per_token(m, 8192, True)
+    assert causal.attention_core == pytest.approx(full.attention_core / 2)
+    assert causal.dense_gemm == full.dense_gemm and causal.logits == full.logits
+
+
+def test_moe_flops_use_active_experts() -> None:
+    m = PRESETS["mixtral_8x7b"]
+    dense_like = dataclasses.replace(m, experts=0, top_k=0)
+    assert flops_per_token(m, 4096, True).dense_gemm < 2 * flops_per_token(dense_like, 4096, True).dense_gemm + 1e12
+
+
+def test_pipeline_stage_params_and_padding() -> None:
+    m = PRESETS["llama3_8b"]
+    first, last = stage_params(m, 4, 0), stage_params(m, 4, 3)
+    assert first.embedding == m.vocab * m.hidden and last.embedding == m.vocab * m.hidden
+    assert layers_on_stage(126, 8, 0) == 16 and layers_on_stage(126, 8, 7) == 15
+    assert padded_vocab(50257, 1) == 50304 and padded_vocab(50257, 8) == 51200
+
+
+def test_gemm_roofline_is_memory_bound_for_skinny_gemms() -> None:
+    big = gemm_time(8192, 8192, 8192, flops_per_s=1e15, bytes_per_s=3e12, in_bytes=2)
+    skinny = gemm_time(8192, 8, 8192, flops_per_s=1e15, bytes_per_s=3e12, in_bytes=2)
+    assert big == pytest.approx(2 * 8192**3 / 1e15)
+    assert skinny == pytest.approx((2 * (8192 * 8192 + 8192 * 8) + 2 * 8192 * 8) / 3e12)
+
+
+def test_estimate_outputs_are_consistent() -> None:
+    m, lay = PRESETS["llama3_70b"], layout(tp=4, pp=4, vp=5, dp=4, global_batch=128, num_microbatches=32,
+                                           sequence_parallel=True)
+    cluster = ClusterSpec(gpu="H100", nodes=8, usd_per_gpu_hour=2.5)
+    e = estimate(m, lay, cluster=cluster, precision="bf16", seq_length=8192, steps=1000)
+    assert e.step_time_s == pytest.approx(sum(e.parts.values()))
+    assert e.tokens_per_s_per_gpu * 64 * e.step_time_s == pytest.approx(128 * 8192)
+    assert 0.2 < e.mfu < 0.7
+    assert e.wall_time_s == pytest.approx(1000 * e.step_time_s)
+    assert e.gpu_hours == pytest.approx(e.wall_time_s * 64 / 3600)
+    assert e.cost_usd == pytest.approx(e.gpu_hours * 2.5)
+    assert estimate(m, lay, gpu="H100", seq_length=8192).cost_usd is None
+    assert {"compute", "tp_comm", "pp_bubble", "pp_p2p", "dp_comm_exposed", "optimizer"} <= set(e.parts)
+
+
+def test_mfu_formula_choice_does_not_change_time() -> None:
+    m, lay = PRESETS["llama3_8b"], layout()
+    a = estimate(m, lay, gpu="H100", causal_discount=True)
+    b = estimate(m, lay, gpu="H100", causal_discount=False)
+    assert a.step_time_s == b.step_time_s and b.model_tflops_per_gpu > a.model_tflops_per_gpu
+
+
+def test_lora_and_forward_only_are_cheaper() -> None:
+    m, lay = PRESETS["llama2_7b"], layout()
+    full = estimate(m, lay, gpu="H100", seq_length=4096)
+    lora = estimate(m, lay, gpu="H100", seq_length=4096, peft=LoraSpec())
+    evaluation = estimate(m, lay, gpu="H100", seq_length=4096, stage_kind="eval")
+    dpo = estimate(m, lay, gpu="H100", seq_length=4096, stage_kind="dpo")
+    assert evaluation.step_time_s < lora.step_time_s < full.step_time_s < dpo.step_time_s
+    assert estimate(m, lay, gpu="H100", stage_kind="export").step_time_s == 0
+
+
+def test_tp_across_nodes_is_slower_than_inside() -> None:
+    m = PRESETS["llama31_70b"]
+    inside = estimate(m, layout(tp=8, dp=2, global_batch=16, sequence_parallel=True), gpu="H100")
+    across = estimate(m, layout(tp=16, dp=1, global_batch=16, sequence_parallel=True), gpu="H100")
+    # 16 ranks over 2 nodes: the ring crosses nodes over 8 NICs (8 x 50 GB/s < NVLink 450 GB/s)
+    assert across.parts["tp_comm"] > 1.1 * inside.parts["tp_comm"]
+
+
+cases = st.builds(
+    lambda tp, pp, vp, dp, mb, sp, name, gpu, prec: (PRESETS[name], layout(
+        tp=tp, pp=pp, vp=vp if pp > 1 else None, dp=dp, micro_batch=mb, global_batch=mb * dp * 8 * pp,
+        num_microbatches=8 * pp, sequence_parallel=sp and tp > 1), gpu, prec),
+    st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 2, 4]), st.sampled_from([None, 2]), st.sampled_from([1, 4, 32]),
+    st.sampled_from([1, 2]), st.booleans(), st.sampled_from(["llama3_8b", "gpt3_13b", "mixtral_8x7b"]),
+    st.sampled_from(["A100-80GB", "H100", "B200", "GB200"]), st.sampled_from(["bf16", "fp8"]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases)
+def test_planner_monotonicity_properties(case) -> None:
+    """What `nemoc.compiler.search` relies on: recompute never makes a step faster, the distributed
+    optimizer and sequence parallelism never make it slower."""
+    model, lay, gpu, prec = case
+    if prec == "fp8" and gpu == "A100-80GB":
+        prec = "bf16"
+    t = {r: estimate(model, dataclasses.replace(lay, recompute=r), gpu=gpu, precision=prec).step_time_s
+         for r in ("none", "selective", "full")}
+    assert t["none"] <= t["selective"] <= t["full"]
+    plain = estimate(model, dataclasses.replace(lay, distributed_optimizer=False), gpu=gpu, precision=prec)
+    dist = estimate(model, dataclasses.replace(lay, distributed_optimizer=True), gpu=gpu, precision=prec)
+    assert dist.step_time_s <= plain.step_time_s * (1 + 1e-12)
+    if lay.tp > 1:
+        no_sp = estimate(model, dataclasses.replace(lay, sequence_parallel=False), gpu=gpu, precision=prec)
+        sp = estimate(model, dataclasses.replace(lay, sequence_parallel=True), gpu=gpu, precision=prec)
+        assert sp.step_time_s <= no_sp.step_time_s * (1 + 1e-12)
+    assert 0 < dist.mfu < 1
+
+
+def test_estimate_is_fast() -> None:
+    """The planner evaluates thousands of candidates: each call must stay in the tens of microseconds."""
+    m, gpu = PRESETS["llama31_405b"], get_gpu("H100")
+    layouts = [layout(tp=8, pp=pp, vp=vp, cp=2, dp=1024 // (8 * pp * 2) or 1, global_batch=2048,
+                      num_microbatches=64, sequence_parallel=True) for pp in (8, 16) for vp in (None, 2, 4)]
+    estimate(m, layouts[0], gpu=gpu)
+    n = 300
+    start = time.perf_counter()
+    for i in range(n):
+        estimate(m, layouts[i % len(layouts)], gpu=gpu, precision="bf16", seq_length=8192)
+    per_call = (time.perf_counter() - start) / n
+    assert per_call < 300e-6, f"{per_call * 1e6:.0f} us per call"
