@@ -59,6 +59,8 @@ def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
             torch.distributed.init_process_group(backend)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if mcore_cpu.is_applied():
+        mcore_cpu.fork_checkpoint_results_queue()  # first torch_dist save: 0.25 s instead of ~7 s
     seed_all(seed)
 
 

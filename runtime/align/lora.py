@@ -1,0 +1,209 @@
+"""LoRA adapters (Hu et al. 2021) on Megatron-Core's tensor-parallel linear layers.
+
+Input:  a GPTModel (local layer spec) whose base weights are already loaded; a `LoraSpec` (rank r,
+        alpha, dropout, targets among qkv, proj, fc1, fc2).
+Output: the same model with `linear_qkv` / `linear_proj` / `linear_fc1` / `linear_fc2` wrapped in
+        `LoraLinear`; every base parameter frozen (`requires_grad=False`, so Megatron DDP gives it no
+        gradient buffer and `get_megatron_optimizer` never sees it); adapter-only checkpoints; `merge`
+        folds `B @ A * alpha / r` into the base weights and removes the wrappers.
+
+How the adapter matrices follow tensor parallelism (y = base(x) + B A dropout(x) * alpha / r):
+  * column-parallel base (linear_qkv, linear_fc1; W sharded on the output dim): A [r, in] is
+    replicated, B [out/tp, r] is sharded on the output dim like W. `copy_to_tensor_model_parallel_region`
+    between A and B all-reduces the gradient of A x in backward, so A's gradient (and the input's) is
+    the full sum over the B shards, identical on every rank. Under sequence parallelism the input is
+    all-gathered first (its gradient split back, not reduce-scattered, since it is already complete).
+  * row-parallel base (linear_proj, linear_fc2; W sharded on the input dim, x arrives sharded): A
+    [r, in/tp] is sharded on the input dim like W, B [out, r] is replicated. The rank-r partial sums
+    A_i x_i are all-reduced (r numbers per token instead of `out`), then B is applied on every rank;
+    under sequence parallelism the result is scattered along the sequence like the base output.
+  * SwiGLU fc1 rows are [gate; up] per rank, so B's rows are too; its checkpoint uses Megatron's
+    swiglu sharded factory, exactly like the base weight, so adapter checkpoints reshard across TP.
+A is initialised from a generator seeded by (seed, layer name) over the *full* [r, in] matrix and then
+sliced, so the initial adapters are identical for any TP size; B starts at zero (the wrapped model
+initially computes exactly the base model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_tp_sharded_tensor_for_checkpoint
+
+from nemoc.runtime.align.common import AlignError, unwrap
+
+TARGETS = {"qkv": "linear_qkv", "proj": "linear_proj", "fc1": "linear_fc1", "fc2": "linear_fc2"}
+COLUMN = {"linear_qkv", "linear_fc1"}
+ROW = {"linear_proj", "linear_fc2"}
+ADAPTER_MARK = ".lora_"
+
+
+class LoraLinear(torch.nn.Module):
+    """A frozen Column/RowParallelLinear plus a trainable low-rank update (see the module docstring)."""
+
+    def __init__(self, base, *, name: str, rank: int, alpha: float, dropout: float, seed: int, gated: bool):
+        super().__init__()
+        self.base = base
+        self.name = name.rsplit(".", 1)[-1]
+        if self.name not in COLUMN | ROW:
+            raise AlignError(f"LoRA: no adapter rule for {name}")
+        self.column = self.name in COLUMN
+        self.gated = gated and self.name == "linear_fc1"
+        self.scale = alpha / rank
+        self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
+        self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
+        tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+        weight = base.weight
+        out_local, in_local = weight.shape
+        in_full = in_local if self.column else in_local * tp
+        gen = torch.Generator().manual_seed(seed + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
+        a_full = torch.empty(rank, in_full)
+        torch.nn.init.kaiming_uniform_(a_full, a=math.sqrt(5), generator=gen)  # nn.Linear's default, as in peft
+        if not self.column:
+            a_full = a_full[:, tp_rank * in_local:(tp_rank + 1) * in_local]
+        b_rows = out_local  # column: the local output shard; row: the full output
+        kw = dict(dtype=weight.dtype, device=weight.device)
+        self.lora_a = torch.nn.Parameter(a_full.to(**kw).contiguous())
+        self.lora_b = torch.nn.Parameter(torch.zeros(b_rows, rank, **kw))
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    # -------------------------------------------------------------------------------------- forward
+
+    def forward(self, x, *args, **kwargs):
+        out, bias = self.base(x, *args, **kwargs)
+        return out + self._delta(x).to(out.dtype), bias
+
+    def _delta(self, x):
+        x = self.dropout(x)
+        if self.column:
+            if self.sequence_parallel:
+                x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+            h = torch.nn.functional.linear(x, self.lora_a)
+            h = tensor_parallel.copy_to_tensor_model_parallel_region(h)
+            return torch.nn.functional.linear(h, self.lora_b) * self.scale
+        h = tensor_parallel.reduce_from_tensor_model_parallel_region(torch.nn.functional.linear(x, self.lora_a))
+        delta = torch.nn.functional.linear(h, self.lora_b) * self.scale
+        if self.sequence_parallel:
+            delta = tensor_parallel.scatter_to_sequence_parallel_region(delta)
+        return delta
+
+    # ---------------------------------------------------------------------------------- checkpoints
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        state = self.base.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets, metadata=metadata)
+        state.update(self.adapter_sharded_state_dict(prefix, sharded_offsets))
+        return state
+
+    def adapter_sharded_state_dict(self, prefix, sharded_offsets=()):
+        a_key, b_key = f"{prefix}lora_a", f"{prefix}lora_b"
+        if self.column:
+            a = make_sharded_tensor_for_checkpoint(self.lora_a, a_key, prepend_offsets=sharded_offsets)
+            b = make_tp_sharded_tensor_for_checkpoint(self.lora_b, b_key, tp_axis=0, prepend_offsets=sharded_offsets)
+            if self.gated:
+                b = apply_swiglu_sharded_factory(b, sharded_offsets)
+        else:
+            a = make_tp_sharded_tensor_for_checkpoint(self.lora_a, a_key, tp_axis=1, prepend_offsets=sharded_offsets)
+            b = make_sharded_tensor_for_checkpoint(self.lora_b, b_key, prepend_offsets=sharded_offsets)
+        return {a_key: a, b_key: b}
+
+    # ---------------------------------------------------------------------------------------- merge
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """This rank's shard of W + B A * alpha / r (column: B_i A; row: B A_i)."""
+        delta = (self.lora_b.float() @ self.lora_a.float()) * self.scale
+        return (self.base.weight.float() + delta).to(self.base.weight.dtype)
+
+
+# ------------------------------------------------------------------------------------------ apply
+
+
+def _layers(model):
+    gpt = unwrap(model)
+    return gpt.decoder.layers
+
+
+def apply_lora(model, peft, *, seed: int = 1234) -> list[str]:
+    """Wrap the target projections of every layer, freeze everything else. Returns the wrapped names."""
+    if peft.rank <= 0:
+        raise AlignError(f"LoRA rank must be positive (got {peft.rank})")
+    unknown = [t for t in peft.targets if t not in TARGETS]
+    if unknown:
+        raise AlignError(f"LoRA targets {unknown} are unknown (choose from {', '.join(TARGETS)})")
+    gpt = unwrap(model)
+    for p in gpt.parameters():
+        p.requires_grad_(False)
+    gated = bool(gpt.config.gated_linear_unit)
+    wrapped = []
+    for layer in _layers(model):
+        for target in peft.targets:
+            attr = TARGETS[target]
+            parent = layer.self_attention if attr in ("linear_qkv", "linear_proj") else layer.mlp
+            base = getattr(parent, attr, None)
+            if base is None or isinstance(base, LoraLinear):
+                continue
+            if not hasattr(base, "weight") or base.weight is None or base.weight.dim() != 2:
+                raise AlignError(f"LoRA: layer {layer.layer_number} {attr} is not a plain linear layer (MoE?)")
+            name = f"decoder.layers.{layer.layer_number - 1}.{'self_attention' if parent is layer.self_attention else 'mlp'}.{attr}"
+            setattr(parent, attr, LoraLinear(base, name=name, rank=peft.rank, alpha=peft.alpha,
+                                             dropout=peft.dropout, seed=seed, gated=gated))
+            wrapped.append(name)
+    if not wrapped:
+        raise AlignError("LoRA: no layer was wrapped")
+    return wrapped
+
+
+def adapters(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in unwrap(model).named_parameters() if ADAPTER_MARK in n}
+
+
+def adapter_sharded_state_dict(model, prefix: str = "model.") -> dict:
+    """Only the adapters (what an adapter checkpoint holds)."""
+    state = unwrap(model).sharded_state_dict(prefix=prefix)
+    return {k: v for k, v in state.items() if ADAPTER_MARK in k}
+
+
+def save_adapters(model, directory, *, info: dict) -> None:
+    from pathlib import Path
+
+    from megatron.core import dist_checkpointing
+
+    from nemoc.runtime.align.common import write_json
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(adapter_sharded_state_dict(model), str(directory))
+    write_json(Path(directory) / "nemoc_adapter.json", info)
+    torch.distributed.barrier()
+
+
+def load_adapters(model, directory) -> None:
+    from megatron.core import dist_checkpointing
+
+    state = adapter_sharded_state_dict(model)
+    loaded = dist_checkpointing.load(state, str(directory))
+    params = {f"model.{n}": p for n, p in unwrap(model).named_parameters() if ADAPTER_MARK in n}
+    with torch.no_grad():
+        for key, value in loaded.items():
+            params[key].copy_(value)
+
+
+@torch.no_grad()
+def merge(model) -> int:
+    """Fold every adapter into its base weight and unwrap it; returns the number of merged layers."""
+    merged = 0
+    for layer in _layers(model):
+        for parent in (layer.self_attention, layer.mlp):
+            for attr in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"):
+                module = getattr(parent, attr, None)
+                if isinstance(module, LoraLinear):
+                    module.base.weight.copy_(module.merged_weight())
+                    setattr(parent, attr, module.base)
+                    merged += 1
+    for p in unwrap(model).parameters():
+        p.requires_grad_(True)
+    return merged
