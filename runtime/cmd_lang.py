@@ -24,10 +24,19 @@ def check_file(path: str, sets: tuple[str, ...] = ()) -> tuple[tuple[Diagnostic,
     """Every diagnostic for `path` (language, then layout rules when the language is clean)."""
     from nemoc.compiler.lower import compile_file
 
-    spec, diags, sources = compile_file(path, sets)
-    if spec is not None and not has_errors(diags):
-        diags = tuple(diags) + _layout_rules(spec)
+    try:
+        spec, diags, sources = compile_file(path, sets)
+        if spec is not None and not has_errors(diags):
+            diags = tuple(diags) + _layout_rules(spec)
+    except Exception as exc:  # noqa: BLE001 - the boundary: a bug in nemoc is still reported, not dumped
+        diags, sources = (internal_error(path, exc),), {}
     return tuple(sorted(diags, key=sort_key)), sources
+
+
+def internal_error(path: str, exc: BaseException) -> Diagnostic:
+    """E000: nemoc itself failed on this input (a bug to report, never the user's fault)."""
+    return Diagnostic("E000", f"internal compiler error while checking `{path}`: {type(exc).__name__}: {exc}",
+                      hint="please report this with the input file; the test suite fuzzes for exactly this")
 
 
 def _layout_rules(spec) -> tuple[Diagnostic, ...]:
@@ -71,9 +80,11 @@ def format_file(path: str) -> tuple[str | None, tuple[Diagnostic, ...], dict[str
         return None, (problem,), {}
     try:
         module = parse(text, path)
+        return format_module(module, text), (), {path: text}
     except DiagnosticError as err:
         return None, err.diagnostics, {path: text}
-    return format_module(module, text), (), {path: text}
+    except Exception as exc:  # noqa: BLE001 - see check_file
+        return None, (internal_error(path, exc),), {path: text}
 
 
 @click.command()
