@@ -34,6 +34,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nemoc.runtime.launchers import EXIT_PREEMPTED, LaunchResult, LaunchSpec, LauncherError
+
 RECORD_FILE = "slurm.json"
 DEFAULT_SIGNAL_LEAD_S = 300  # time to finish a step and write a checkpoint before the limit
 DEFAULT_PORT_BASE = 29500
@@ -42,11 +44,11 @@ PORT_SPAN = 20000  # rendezvous port = base + job id % span
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _KNOWN_OPTIONS = {
     "partition", "account", "qos", "time", "extra", "signal_lead", "max_failures", "port_base",
-    "cpus_per_task", "mem", "reservation", "constraint", "torchrun_restarts",
+    "cpus_per_task", "mem", "reservation", "constraint", "torchrun_restarts", "container",
 }
 
 
-class SlurmError(Exception):
+class SlurmError(LauncherError):
     """A problem with the Slurm options, the scheduler or a submission; the message is for the user."""
 
 
@@ -57,6 +59,7 @@ class SlurmOptions:
     qos: str | None = None
     reservation: str | None = None
     constraint: str | None = None
+    container: str | None = None  # srun --container-image (pyxis/enroot)
     time_s: int | None = None  # None = the partition's default limit
     mem: str | None = None
     cpus_per_task: int | None = None
@@ -72,7 +75,7 @@ class SlurmOptions:
         problems = [f"unknown slurm option `{k}` (known: {', '.join(sorted(_KNOWN_OPTIONS))})"
                     for k in options if k not in _KNOWN_OPTIONS]
         values: dict[str, object] = {}
-        for key in ("partition", "account", "qos", "reservation", "constraint", "mem"):
+        for key in ("partition", "account", "qos", "reservation", "constraint", "mem", "container"):
             if options.get(key) is not None:
                 values[key] = _text(key, options[key], problems)
         for key, name in (("cpus_per_task", "cpus_per_task"), ("max_failures", "max_failures"),
@@ -257,8 +260,9 @@ exit "$RC"
 def launch_command(job: SlurmJob, opts: SlurmOptions) -> str:
     q = shlex.quote
     program = " ".join(q(a) for a in job.program)
+    container = f" --container-image={q(opts.container)}" if opts.container else ""
     if not job.distributed:
-        return f"srun --nodes=1 --ntasks=1 {q(job.python)} {program}"
+        return f"srun --nodes=1 --ntasks=1{container} {q(job.python)} {program}"
     torchrun = " ".join([
         '--nnodes="$SLURM_NNODES"',
         f"--nproc-per-node={job.procs_per_node}",
@@ -267,7 +271,9 @@ def launch_command(job: SlurmJob, opts: SlurmOptions) -> str:
         '--rdzv-id="$SLURM_JOB_ID"',
         f"--max-restarts={opts.torchrun_restarts}",
     ])
-    return (f"srun --ntasks-per-node=1 --kill-on-bad-exit=0 bash -c {q(_NODE_WRAPPER)} "
+    # --kill-on-bad-exit=0: a rank that stops with 143 after checkpointing must not get the others killed
+    # before they have written their shards.
+    return (f"srun --ntasks-per-node=1 --kill-on-bad-exit=0 --label{container} bash -c {q(_NODE_WRAPPER)} "
             f"{q(job.python)} {torchrun} {program}")
 
 
@@ -402,3 +408,123 @@ def cancel(job_ids: Iterable[str]) -> list[str]:
     if proc.returncode != 0:
         raise SlurmError(f"scancel {' '.join(ids)} failed: {proc.stderr.strip()}")
     return ids
+
+
+# ----------------------------------------------------------------------------------- the launcher
+
+
+TAIL_LINES = 25
+
+
+def job_from_spec(spec: LaunchSpec, cluster=None) -> SlurmJob:
+    """A `LaunchSpec` from the executor as a batch job: `nproc` processes over `spec.nodes` nodes."""
+    nodes = max(1, spec.nodes)
+    if spec.nproc % nodes:
+        raise SlurmError(f"{spec.task_id}: {spec.nproc} processes do not split evenly over {nodes} nodes")
+    per_node = spec.nproc // nodes
+    on_cpu = cluster is not None and str(getattr(cluster, "gpu", "")).upper() == "CPU"
+    cpus = os.cpu_count() or 1
+    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(max(1, cpus // per_node))}
+    env.update({k: str(v) for k, v in spec.env.items()})
+    out = Path(spec.out_dir).resolve()
+    return SlurmJob(
+        task_id=spec.task_id,
+        name=f"nemoc-{spec.task_id}",
+        nodes=nodes,
+        procs_per_node=per_node,
+        gpus_per_node=0 if on_cpu else per_node,
+        program=("-m", spec.module, *spec.args),
+        run_dir=str(out.parent.parent),
+        log_path=str(Path(spec.log_path).resolve()),
+        done_path=str(out / "DONE.json"),
+        env=env,
+        workdir=str(out),
+    )
+
+
+class SlurmLauncher:
+    """`launch(spec)` submits one batch job for the task and follows it to the end (docs/graph.md, 4).
+
+    The executor blocks on each task, so a job is submitted once its inputs exist; requeues after a
+    preemption or a failure happen inside Slurm and are followed transparently. Ctrl-C cancels the job.
+    """
+
+    name = "slurm"
+
+    def __init__(self, *, cluster=None, echo=None, poll_s: float = 1.0, timeout_s: float | None = None) -> None:
+        self.cluster = cluster
+        self.options = SlurmOptions.from_mapping(dict(getattr(cluster, "scheduler_options", {}) or {}))
+        self.echo = echo if echo is not None else _echo
+        self.poll_s = poll_s
+        self.timeout_s = timeout_s
+
+    def launch(self, spec: LaunchSpec) -> LaunchResult:
+        require_slurm()
+        opts = SlurmOptions.from_mapping(dict(spec.options)) if spec.options else self.options
+        job = job_from_spec(spec, self.cluster)
+        Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
+        job_id = submit_jobs([job], {}, opts, job.run_dir)[job.task_id]
+        self.echo(f"submitted Slurm job {job_id} ({job.nodes} node(s) x {job.procs_per_node} process(es)); "
+                  f"log: {job.log_path}\n")
+        try:
+            info = self._follow(job_id, Path(job.log_path))
+        except BaseException:
+            subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+            self.echo(f"cancelled Slurm job {job_id}\n")
+            raise
+        return self._result(job, job_id, info)
+
+    def _follow(self, job_id: str, log_path: Path) -> dict[str, str]:
+        """Poll the job until it ends, echoing new log lines and state changes."""
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        last_state, info = "", {}
+        while True:
+            info = job_info(job_id) or info
+            state = info.get("JobState", "UNKNOWN")
+            if state != last_state:
+                self.echo(f"Slurm job {job_id}: {state} (restarts {info.get('Restarts', '0')})\n")
+                last_state = state
+            offset = self._echo_new(log_path, offset)
+            if state in TERMINAL or not info:
+                return info
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"Slurm job {job_id} did not finish within {self.timeout_s} s")
+            time.sleep(self.poll_s)
+
+    def _echo_new(self, log_path: Path, offset: int) -> int:
+        try:
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except OSError:
+            return offset
+        end = data.rfind(b"\n") + 1  # only whole lines
+        if end:
+            for line in data[:end].decode("utf-8", "replace").splitlines(keepends=True):
+                self.echo(line)
+        return offset + end
+
+    def _result(self, job: SlurmJob, job_id: str, info: Mapping[str, str]) -> LaunchResult:
+        state = info.get("JobState", "UNKNOWN")
+        code, _, sig = info.get("ExitCode", "1:0").partition(":")
+        if state == "COMPLETED" and Path(job.done_path).exists():
+            return LaunchResult(0)
+        if state in ("PREEMPTED", "TIMEOUT") or code == str(EXIT_PREEMPTED):
+            return LaunchResult(EXIT_PREEMPTED)
+        tail = _tail(Path(job.log_path))
+        returncode = int(code) if code.isdigit() and int(code) else 1
+        return LaunchResult(returncode, None, f"Slurm job {job_id} ended {state} (exit {code}:{sig or 0})\n{tail}")
+
+
+def _tail(path: Path, lines: int = TAIL_LINES) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _echo(line: str) -> None:
+    sys.stdout.write(line)
+    sys.stdout.flush()
