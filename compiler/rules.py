@@ -17,6 +17,7 @@ stops at the first error it finds.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -111,6 +112,7 @@ class PipelineSplit:
         return f"first {self.first}{middle} + last {self.last}"
 
 
+@lru_cache(maxsize=4096)
 def pipeline_split(layers: int, pp: int, vp: int | None = None) -> PipelineSplit | None:
     """The split nemoc gives Megatron for `layers` over `pp` stages, or None when none is valid.
 

@@ -12,15 +12,23 @@ Invariants: pure; every returned candidate satisfies tp*pp*cp*dp = world, every 
 
 Search space: TP x PP x VP x CP x EP x ETP x micro batch x recompute x distributed optimizer x
 sequence parallel. `search` enumerates it by divisors (only sizes that divide the world, the
-heads, the layers, the global batch are generated) and prunes with two monotone memory bounds
-taken from the memory model's invariants (`nemoc.compiler.memory`: recompute never increases
-activations, nor does a smaller micro batch): (1) a whole (TP, PP, VP, CP, EP, ETP, SP, DO) group
-is rejected when even its smallest micro batch with its strongest recompute does not fit;
-(2) inside a group, a micro batch that does not fit with the strongest recompute ends the micro
-batch loop, and a recompute level that does not fit ends the recompute loop (weaker levels use
-more memory). Only candidates that fit reach the cost model. `enumerate_all` is the brute-force
-oracle: the raw product of every size from 1 to its bound, each checked by the rules and the
-memory model; tests assert both return the same ranking.
+heads, the layers, the global batch are generated), checks a group's rules once, and prunes with
+properties of the memory and cost models that tests/compiler/test_search.py asserts:
+  (1) memory is monotone in micro batch and recompute: a (TP, PP, VP, CP, EP, ETP, SP, DO) group
+      is rejected when its smallest micro batch with its strongest recompute does not fit; a micro
+      batch that does not fit with the strongest recompute ends the micro-batch loop;
+  (2) interleaving never saves memory: when no layout of (TP, PP, CP, EP, ETP) fits without it,
+      no virtual-pipeline variant is tried;
+  (3) time is monotone in recompute: recompute levels are tried weakest first; the first that fits
+      is that micro batch's fastest, and a stronger one is only costed while it could still enter
+      the top list;
+  (4) dominance of auto settings: the distributed optimizer is never slower nor larger (same
+      gradient traffic, 1/(dp x cp) of the optimizer states), so auto resolves to on; sequence
+      parallelism is never slower (same TP traffic, 1/tp of the elementwise work), so auto tries
+      on first and off only where on does not fit.
+Only candidates that fit reach the cost model. `enumerate_all` is the brute-force oracle: the raw
+product of every size from 1 to its bound, each checked by every rule and the memory model, every
+fitting one costed; tests assert both find the same best plan.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nemoc.compiler import cost, memory
 from nemoc.compiler.catalog.hardware import HardwareSpec
@@ -49,6 +57,7 @@ from nemoc.compiler.rules import (
 from nemoc.compiler.spec import ClusterSpec, LoraSpec, ModelSpec, ParallelSpec
 
 GIB = 1 << 30
+REL_TOL = 1e-9  # time monotonicity is exact in the model up to float rounding
 DEFAULT_TOP = 5  # candidates kept (the best and its runner-ups)
 DEFAULT_HEADROOM = 0.10  # 10 % of HBM kept free for allocator spikes and what no model sees
 MEMORY_TERMS = ("weights", "gradients", "optimizer", "activations", "other")
@@ -194,17 +203,18 @@ class _Recorder:
 
     def memory(self, layout: Layout, mem: MemoryBreakdown, count: int = 1) -> None:
         self.space += count
-        over = mem.total - self.budget
-        term = max(MEMORY_TERMS, key=lambda t: getattr(mem, t))
+        total = mem.total
+        over = total - self.budget
+        terms = (mem.weights, mem.gradients, mem.optimizer, mem.activations, mem.other)
+        term = MEMORY_TERMS[terms.index(max(terms))]
         reason = f"out of memory (largest term: {term})"
-        example = f"total {gib(mem.total)} > budget {gib(self.budget)} by {gib(over)}; {term} {gib(getattr(mem, term))}"
         entry = self.by_reason.get(reason)
         if entry is None:
-            self.by_reason[reason] = [count, example, describe(layout), over]
-        else:
-            entry[0] += count
-            if over < entry[3]:
-                entry[1:] = [example, describe(layout), over]
+            entry = self.by_reason[reason] = [0, "", "", None]
+        entry[0] += count
+        if entry[3] is None or over < entry[3]:  # format only the closest example
+            example = f"total {gib(total)} > budget {gib(self.budget)} by {gib(over)}; {term} {gib(getattr(mem, term))}"
+            entry[1:] = [example, describe(layout), over]
         if self.closest is None or over < self.closest.over_bytes or (
                 over == self.closest.over_bytes and layout_key(layout) < layout_key(self.closest.layout)):
             self.closest = Overflow(layout, mem, self.budget)
@@ -335,9 +345,17 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
                     continue
                 # Dominance: auto distributed optimizer -> on (same traffic, 1/(dp*cp) of the states).
                 do = p.fixed.distributed_optimizer if p.fixed.distributed_optimizer is not None else True
-                for vp in _vp_domain(p, pp):
-                    for ep, etp in _expert_domain(p, tp, pp, dp):
-                        _search_group(p, env, rec, best, tp, pp, vp, cp, ep, etp, dp, do)
+                for ep, etp in _expert_domain(p, tp, pp, dp):
+                    vps = _vp_domain(p, pp)
+                    for k, vp in enumerate(vps):
+                        if not _search_group(p, env, rec, best, tp, pp, vp, cp, ep, etp, dp, do) and vp is None:
+                            # Interleaving only adds memory (the first stage holds (1 + (pp-1)/(pp*vp)) x
+                            # the microbatches): when no layout fits without it, none fits with it.
+                            if len(vps) > 1:
+                                rec.rule("interleaving only adds activation memory", "out of memory (interleaved "
+                                         "variant of a layout that already overflows)", f"tp={tp} pp={pp} cp={cp} vp>1",
+                                         (len(vps) - 1) * len(_micro_batches(p, dp)) * len(_recomputes(p)))
+                            break
     return rec.result(best)
 
 
@@ -356,25 +374,16 @@ def _group_rules(p: Problem, env: Env, rec: _Recorder, layout: Layout, count: in
     return True
 
 
-def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, do) -> None:
+def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, do) -> bool:
+    """Search one (tp, pp, vp, cp, ep, etp, do) group; False when its memory bound (or a rule) rules
+    out every member."""
     mbs, rcs = _micro_batches(p, dp), _recomputes(p)
     if not mbs:
         rec.rule(f"global_batch({p.global_batch}) % dp({dp}) != 0", "E111 global batch % (micro_batch x dp)",
                  f"tp={tp} pp={pp} cp={cp} dp={dp}", len(rcs))
-        return
-    sps = []
-    for sp in _sp_domain(p, tp):
-        # Bound (1): the smallest micro batch with the strongest recompute must fit.
-        bound = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, do, rcs[0])
-        if not _group_rules(p, env, rec, bound, len(mbs) * len(rcs)):
-            continue
-        if _rules_mb(env, p, bound) is None:
-            rec.evaluated += 1
-            mem = evaluate_memory(p, bound)
-            if mem.total > p.budget:
-                rec.memory(bound, mem, len(mbs) * len(rcs))
-                continue
-        sps.append(sp)
+        return False
+    sps = [sp for sp in _sp_domain(p, tp)
+           if _group_fits(p, env, rec, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs))]
     for i, mb in enumerate(mbs):
         any_fit = False
         for sp in sps:
@@ -387,15 +396,31 @@ def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, 
             fitted = _search_recompute(p, rec, best, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs)
             any_fit = any_fit or fitted
             if fitted and p.fixed.sequence_parallel is None and sp and len(sps) > 1:
-                rec.rule("sequence_parallel = off is never faster", "dominated: sequence_parallel = off "
-                         "(on fits and is never slower)", describe(layout), len(rcs))
+                rec.rule("sequence_parallel = on fits and is never slower", "dominated: sequence_parallel = off "
+                         "(on fits and is never slower)", describe(replace(layout, sequence_parallel=False)), len(rcs))
                 break
         if not any_fit:
             rest = len(mbs) - i - 1
             if rest:
                 rec.rule("larger micro batches need more memory", "out of memory (a larger micro batch than "
                          "one that already overflows)", f"tp={tp} pp={pp} cp={cp} dp={dp} mb>{mb}", rest * len(rcs))
-            return
+            break
+    return bool(sps)
+
+
+def _group_fits(p: Problem, env: Env, rec: _Recorder, bound: Layout, count: int) -> bool:
+    """Bound (1): the group's rules hold and its smallest micro batch with its strongest recompute
+    fits (otherwise no member fits: memory is monotone in both)."""
+    if not _group_rules(p, env, rec, bound, count):
+        return False
+    if _rules_mb(env, p, bound) is not None:
+        return True  # the smallest micro batch breaks a micro-batch rule: the bound says nothing
+    rec.evaluated += 1
+    mem = evaluate_memory(p, bound)
+    if mem.total > p.budget:
+        rec.memory(bound, mem, count)
+        return False
+    return True
 
 
 def _rules_mb(env: Env, p: Problem, layout: Layout):
@@ -420,9 +445,10 @@ def _search_recompute(p: Problem, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep
         best.push(first)
         for j in range(k - 1, -1, -1):
             threshold = best.threshold()
-            if threshold is not None and (first.estimate.step_time_s, ) > threshold[:1]:
-                rec.rule("slower than the top list", "slower: stronger recompute of a layout already too slow",
-                         describe(layout), j + 1)
+            if threshold is not None and first.estimate.step_time_s > threshold[0] * (1 + REL_TOL):
+                rec.rule(f"{first.estimate.step_time_s:.3g} s with recompute = {rcs[k]} is already slower than "
+                         f"the top {best.n}", "slower: more recompute of a layout already outside the top list",
+                         describe(replace(layout, recompute=rcs[j])), j + 1)
                 break
             stronger = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[j])
             rec.evaluated += 1

@@ -15,6 +15,7 @@ from nemoc.compiler.catalog.models import get_preset
 from nemoc.compiler.plan import Layout
 from nemoc.compiler.rules import layout_violations
 from nemoc.compiler.search import (
+    REL_TOL,
     Problem,
     _sizes,
     enumerate_all,
@@ -95,20 +96,24 @@ def _layouts(p: Problem, n: int = 40):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(small_problems())
 def test_model_properties_the_pruning_relies_on(p: Problem):
-    """Memory monotone in recompute and micro batch, time monotone in recompute, the distributed
-    optimizer never slower nor larger, sequence parallelism never slower (search.py docstring)."""
+    """Memory monotone in recompute and micro batch, interleaving never saves memory, time monotone
+    in recompute, the distributed optimizer never slower nor larger, sequence parallelism never
+    slower (search.py docstring)."""
     p = replace(p, gpu=replace(p.gpu, hbm_bytes=200 * GIB),
                 fixed=replace(p.fixed, recompute=None, distributed_optimizer=None, sequence_parallel=None))
     for layout in _layouts(p):
         mems = [evaluate_memory(p, replace(layout, recompute=r)).total for r in ("full", "selective", "none")]
         times = [evaluate_time(p, replace(layout, recompute=r)).step_time_s for r in ("none", "selective", "full")]
-        assert mems == sorted(mems) and times == sorted(times)
+        assert mems == sorted(mems)
+        assert all(a <= b * (1 + REL_TOL) for a, b in zip(times, times[1:]))
         on, off = replace(layout, distributed_optimizer=True), replace(layout, distributed_optimizer=False)
         assert evaluate_memory(p, on).total <= evaluate_memory(p, off).total
-        assert evaluate_time(p, on).step_time_s <= evaluate_time(p, off).step_time_s
+        assert evaluate_time(p, on).step_time_s <= evaluate_time(p, off).step_time_s * (1 + REL_TOL)
         if layout.tp > 1:
             sp, nosp = replace(layout, sequence_parallel=True), replace(layout, sequence_parallel=False)
-            assert evaluate_time(p, sp).step_time_s <= evaluate_time(p, nosp).step_time_s
+            assert evaluate_time(p, sp).step_time_s <= evaluate_time(p, nosp).step_time_s * (1 + REL_TOL)
+        if layout.vp:
+            assert evaluate_memory(p, replace(layout, vp=None)).total <= evaluate_memory(p, layout).total
         if p.global_batch:
             rows = layout.global_batch // layout.dp
             mbs = [m for m in range(1, rows + 1) if rows % m == 0]
