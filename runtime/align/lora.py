@@ -26,6 +26,7 @@ initially computes exactly the base model).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 
@@ -71,11 +72,14 @@ class LoraLinear(torch.nn.Module):
         self.lora_b = torch.nn.Parameter(torch.zeros(b_rows, rank, **kw))
         for p in base.parameters():
             p.requires_grad_(False)
+        self.enabled = True
 
     # -------------------------------------------------------------------------------------- forward
 
     def forward(self, x, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)
+        if not self.enabled:
+            return out, bias
         return out + self._delta(x).to(out.dtype), bias
 
     def _delta(self, x):
@@ -156,6 +160,19 @@ def apply_lora(model, peft, *, seed: int = 1234) -> list[str]:
     if not wrapped:
         raise AlignError("LoRA: no layer was wrapped")
     return wrapped
+
+
+@contextlib.contextmanager
+def disabled(model):
+    """The base model: adapters switched off (DPO's reference policy under LoRA costs no extra memory)."""
+    wrappers = [m for m in unwrap(model).modules() if isinstance(m, LoraLinear)]
+    for m in wrappers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in wrappers:
+            m.enabled = True
 
 
 def adapters(model) -> dict[str, torch.nn.Parameter]:

@@ -55,3 +55,27 @@ def instruction_samples(n, seed, f):
         ids = [INSTR, a, b, SEP, f[a], f[b], EOD]
         out.append((ids, [0, 0, 0, 0, 1, 1, 1]))
     return out
+
+
+def preference_pairs(n, seed, f):
+    """prompt [INSTR, a, SEP]; chosen [f(a), f(a), EOD]; rejected [g, g, EOD] with g != f(a) random."""
+    import random
+
+    from nemoc.runtime.align.dpo import Pair
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a = rng.choice(LETTERS)
+        g = rng.choice([x for x in LETTERS if x != f[a]])
+        out.append(Pair(prompt=[INSTR, a, SEP], chosen=[f[a], f[a], EOD], rejected=[g, g, EOD]))
+    return out
+
+
+def clone_model(mcore, spec, chunk, **kw):
+    """A second model with the same weights (e.g. DPO's frozen reference)."""
+    other = mcore.build_gpt(spec, mcore.single_layout(), **kw)
+    other.load_state_dict(chunk.state_dict())
+    for p in other.parameters():
+        p.requires_grad_(False)
+    return other

@@ -12,3 +12,14 @@ def mcore():
 
     common.init_distributed(tp=1, pp=1, seed=1234)
     return common
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The test machine has 2 cores shared by many processes: oversubscribed intra-op threads only slow down.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

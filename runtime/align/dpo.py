@@ -1,0 +1,178 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) and its IPO variant (Azar et al. 2023).
+
+Input:  preference samples (prompt ids, chosen ids, rejected ids), a policy chunk, and the reference
+        log-probabilities of every pair, from one of
+          * a frozen reference model (a second GPTModel loaded from the same checkpoint), or
+          * the policy itself with its LoRA adapters switched off (`lora.disabled`: no extra memory), or
+          * `reference = "precomputed"`: computed once with the initial policy before the first step
+            and stored, so only the policy stays resident while training.
+Output: per-step loss, reward accuracy and margin; held-out preference accuracy.
+Invariants: a microbatch holds the chosen rows then the rejected rows of the same pairs (so a pair is
+never split across microbatches or DP ranks); sequence log-probs sum over the reply tokens only.
+
+Losses, with h = (log pi(y_w|x) - log pi(y_l|x)) - (log ref(y_w|x) - log ref(y_l|x)):
+  dpo: -log sigmoid(beta * h)                      (Rafailov et al. 2023, eq. 7)
+  ipo: (h - 1 / (2 beta))^2 with per-token *mean* log-probs (Azar et al. 2023, eq. 17; as TRL does)
+Implicit rewards r = beta * (log pi - log ref); reward accuracy = mean[r_w > r_l], margin = mean[r_w - r_l].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nemoc.runtime.align.common import AlignError, Batch, make_batch, token_logprobs, unwrap
+from nemoc.runtime.align.trainer import chunks
+
+LOSSES = ("dpo", "ipo")
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def _row(prompt: list[int], reply: list[int], seq_length: int) -> tuple[list[int], list[int]]:
+    ids = (prompt + reply)[: seq_length + 1]
+    weights = ([0] * len(prompt) + [1] * len(reply))[: seq_length + 1]
+    return ids, weights
+
+
+def pair_batch(pairs: Sequence[Pair], seq_length: int, pad_id: int = 0) -> Batch:
+    """2n rows: the chosen replies of `pairs`, then their rejected replies."""
+    rows = [_row(p.prompt, p.chosen, seq_length) for p in pairs] + [_row(p.prompt, p.rejected, seq_length) for p in pairs]
+    for ids, w in rows:
+        if sum(w[1:]) == 0:
+            raise AlignError(f"a preference pair's prompt fills seq_length={seq_length}: no reply token is left")
+    return make_batch(rows, seq_length, pad_id)
+
+
+def sequence_scores(token_lp: torch.Tensor, mask: torch.Tensor, loss: str) -> torch.Tensor:
+    """Sum (dpo) or mean (ipo) of reply-token log-probs per row."""
+    total = (token_lp * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if loss == "ipo" else total
+
+
+def preference_loss(policy: torch.Tensor, reference: torch.Tensor, *, beta: float, loss: str = "dpo",
+                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """policy/reference: [2n] sequence scores (chosen first). Returns (mean loss, metrics)."""
+    n = policy.shape[0] // 2
+    pi_c, pi_r, ref_c, ref_r = policy[:n], policy[n:], reference[:n], reference[n:]
+    h = (pi_c - pi_r) - (ref_c - ref_r)
+    if loss == "dpo":
+        # conservative DPO (label smoothing eps): (1-eps) * -logsig(beta h) + eps * -logsig(-beta h)
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise AlignError(f"unknown preference loss {loss!r} ({' | '.join(LOSSES)})")
+    r_c, r_r = beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
+    metrics = {
+        "loss": losses.mean().detach(),
+        "reward_accuracy": (r_c > r_r).float().mean(),
+        "reward_margin": (r_c - r_r).mean(),
+        "reward_chosen": r_c.mean(),
+        "reward_rejected": r_r.mean(),
+    }
+    return losses.mean(), metrics
+
+
+class ReferenceScores:
+    """Reference sequence scores for a microbatch: from a frozen model, a LoRA-disabled policy, or a table."""
+
+    def __init__(self, *, model=None, policy=None, lora_disabled: bool = False, loss: str = "dpo"):
+        self.model, self.policy, self.lora_disabled, self.loss = model, policy, lora_disabled, loss
+        self.table: dict[int, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        if self.lora_disabled:
+            from nemoc.runtime.align import lora
+
+            was_training = self.policy.training
+            self.policy.eval()
+            with lora.disabled(self.policy):
+                scores = sequence_scores(token_logprobs(self.policy, batch), batch.loss_mask, self.loss)
+            self.policy.train(was_training)
+            return scores
+        self.model.eval()
+        return sequence_scores(token_logprobs(self.model, batch), batch.loss_mask, self.loss)
+
+
+def precompute(reference: ReferenceScores, pairs: Sequence[Pair], seq_length: int, micro_batch: int,
+               pad_id: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Reference (chosen, rejected) scores for every pair index, computed once."""
+    table = {}
+    for start in range(0, len(pairs), micro_batch):
+        group = pairs[start:start + micro_batch]
+        scores = reference(pair_batch(group, seq_length, pad_id))
+        n = len(group)
+        for i in range(n):
+            table[start + i] = (scores[i], scores[n + i])
+    return table
+
+
+def microbatches(indexed_pairs: Sequence[tuple[int, Pair]], *, seq_length: int, micro_batch: int,
+                 reference: ReferenceScores | None, table: dict | None, pad_id: int = 0) -> list[dict]:
+    """Microbatches of `micro_batch` pairs: {"batch": 2n rows, "ref": [2n] reference scores}."""
+    out = []
+    for group in chunks(indexed_pairs, micro_batch):
+        batch = pair_batch([p for _, p in group], seq_length, pad_id)
+        if table is not None:
+            ref = torch.stack([table[i][0] for i, _ in group] + [table[i][1] for i, _ in group])
+        else:
+            ref = reference(batch)
+        out.append({"batch": batch, "ref": ref})
+    return out
+
+
+def make_forward(*, beta: float, loss: str, label_smoothing: float = 0.0):
+    if loss not in LOSSES:
+        raise AlignError(f"unknown preference loss {loss!r} ({' | '.join(LOSSES)})")
+    if beta <= 0:
+        raise AlignError(f"dpo beta must be positive (got {beta})")
+
+    def forward(model, mb):
+        batch = mb["batch"]
+        token_loss = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+
+        def loss_func(output):
+            scores = sequence_scores(-output.float(), batch.loss_mask, loss)
+            return preference_loss(scores, mb["ref"], beta=beta, loss=loss, label_smoothing=label_smoothing)
+
+        return token_loss, loss_func
+
+    return forward
+
+
+@torch.no_grad()
+def preference_accuracy(chunk, pairs: Sequence[Pair], *, seq_length: int, micro_batch: int = 32,
+                        reference: ReferenceScores | None = None, table: dict | None = None,
+                        loss: str = "dpo", pad_id: int = 0) -> dict[str, float]:
+    """Held-out pairs: `likelihood_accuracy` = P[log pi(y_w) > log pi(y_l)] and, with a reference,
+    `reward_accuracy` = P[r_w > r_l] (ties count 1/2, so an untrained policy scores exactly 0.5)."""
+    unwrap(chunk).eval()
+    wins, reward_wins, margin = 0.0, 0.0, 0.0
+    for start in range(0, len(pairs), micro_batch):
+        group = list(pairs[start:start + micro_batch])
+        batch = pair_batch(group, seq_length, pad_id)
+        pi = sequence_scores(token_logprobs(chunk, batch), batch.loss_mask, loss)
+        n = len(group)
+        wins += float((pi[:n] > pi[n:]).float().sum() + 0.5 * (pi[:n] == pi[n:]).float().sum())
+        if reference is not None or table is not None:
+            if table is not None:
+                ref = torch.stack([table[start + i][0] for i in range(n)] + [table[start + i][1] for i in range(n)])
+            else:
+                ref = reference(batch)
+            d = (pi[:n] - ref[:n]) - (pi[n:] - ref[n:])
+            reward_wins += float((d > 0).float().sum() + 0.5 * (d == 0).float().sum())
+            margin += float(d.sum())
+    result = {"likelihood_accuracy": wins / len(pairs)}
+    if reference is not None or table is not None:
+        result.update(reward_accuracy=reward_wins / len(pairs), log_ratio_margin=margin / len(pairs))
+    return result
