@@ -1,0 +1,45 @@
+"""The stable diagnostic codes of the language front end (tests and tools match on these)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+CODES: Mapping[str, str] = MappingProxyType({
+    "E000": "internal compiler error (a bug in nemoc; please report it with the input)",
+    "E001": "the file cannot be read (missing, a directory, permission denied) - exit code 2",
+    "E002": "the file is not valid UTF-8 - exit code 2",
+    "E003": "the file is too large (over 1 MiB)",
+    "E004": "nesting is too deep (over 64 levels of brackets)",
+    "E005": "an imported file cannot be read",
+    "E006": "import cycle",
+    "E007": "an import leaves the project tree (the root file's directory)",
+    "E010": "syntax error: unexpected token",
+    "E011": "syntax error: missing `}` to close a block",
+    "E012": "syntax error: missing `=` or missing value",
+    "E013": "syntax error: unterminated string",
+    "E014": "syntax error: unexpected character",
+    "E015": "syntax error: missing `]` or `)`",
+    "E016": "syntax error: unmatched closing bracket",
+    "E020": "unknown block, or a block in the wrong place",
+    "E021": "unknown field (with a suggestion)",
+    "E022": "duplicate field or call argument",
+    "E023": "duplicate block or template",
+    "E024": "block header: a missing or unexpected name, or `after` outside a stage",
+    "E025": "missing required field or block",
+    "E026": "not exactly one experiment in the root file, or an experiment in an imported file",
+    "E030": "wrong type",
+    "E031": "wrong or unknown unit",
+    "E032": "value out of range",
+    "E033": "not one of the allowed words",
+    "E034": "unknown function or argument in a call value",
+    "E035": "arithmetic error (units that do not combine, division by zero)",
+    "E036": "an integer field got a fractional value",
+    "E040": "undefined reference (data set, stage, template)",
+    "E041": "`after` cycle between stages",
+    "E042": "unknown model preset",
+    "E043": "unknown accelerator id",
+    "E044": "a model that is not a preset lacks required architecture fields",
+    "E050": "malformed `--set` override or unknown override path",
+    "W001": "a data set no stage uses",
+})

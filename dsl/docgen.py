@@ -1,0 +1,164 @@
+"""Generates docs/language.md from the schema, so the reference cannot drift from the checker.
+
+    python -m nemoc.dsl.docgen > docs/language.md
+
+Input:  `nemoc.dsl.schema` and `nemoc.dsl.codes`. Output: Markdown text. A test compares the file.
+"""
+
+from __future__ import annotations
+
+from nemoc.dsl.codes import CODES
+from nemoc.dsl.schema import BLOCKS, CALLS, STAGE_PARAMS, UNITS, FieldDef
+
+INTRO = """\
+# The `.nemo` language
+
+One `.nemo` file describes one training experiment: where it runs, the model, the parallel layout,
+the precision, the data, and a chain of stages. `nemoc check FILE` validates it; `nemoc fmt FILE`
+prints it in canonical form; `nemoc plan FILE` resolves every `auto`.
+
+This reference is generated from the checker's schema (`dsl/schema.py`) by
+`python -m nemoc.dsl.docgen > docs/language.md`; a test fails when the two disagree. The grammar
+itself is `grammar/nemo.lark`.
+
+```
+import "common/hardware.nemo"            # templates shared between experiments
+
+experiment llama3_8b_chat {
+  cluster dgx_h100 { nodes = 4 }          # a template from the import, with an override
+  model llama3_8b { seq_length = 8192 }   # a preset, with an override
+  parallel { tensor = auto  pipeline = auto  micro_batch = auto }
+  precision = bf16
+  data web { path = "data/web/*.jsonl"  format = jsonl  tokenizer = "tokenizer.json" }
+  data chat { path = "data/chat.jsonl"  format = chat }
+  stage pretrain {
+    data = [web]  tokens = 1.2T  global_batch = 1024
+    optimizer = adam(lr = 3e-4, betas = [0.9, 0.95], weight_decay = 0.1)
+    schedule = cosine(warmup = 2000, min_lr = 3e-5)
+    checkpoint { every = 1000  keep = 3  async = true }
+  }
+  stage sft after pretrain { data = [chat]  epochs = 2  peft = lora(rank = 16, alpha = 32) }
+}
+```
+
+## Syntax
+
+- A file holds `import "relative/path.nemo"` statements and blocks. A block is
+  `KIND [NAME] [after A, B] { members }`; a member is a field `name = value` or a nested block.
+  Fields are separated by whitespace (several may share a line). `#` starts a comment.
+- Words such as `model`, `stage` or `data` are not reserved: the schema decides what is valid where.
+  The only keywords are `import` (at the start of an item) and `after` (in a block header).
+- Values:
+  - numbers: `8`, `0.5`, `.5`, `3e-4`, optionally followed by a unit: `1.2T`, `80GiB`, `900GB/s`,
+    `4h`, `90%` (what a unit means depends on the field's unit kind, below);
+  - strings: `"data/web/*.jsonl"` (one line; escapes `\\"`, `\\\\`, `\\n`, `\\t`);
+  - words: enum values (`bf16`), catalog ids (`H100`, `A100-80GB`; words may contain inner `-`),
+    references to declarations (`web`), `true`, `false`, `auto`;
+  - lists `[a, b, c]` (a trailing comma is allowed), calls `adam(lr = 3e-4, betas = [0.9, 0.95])`;
+  - arithmetic on numbers: `4 * 128`, `(1 + 3) * 2`, `1h + 30min`, `-(2 * 3)`, with the usual precedence.
+    It is exact (rational) arithmetic; units must agree (`80GiB / 2` is a size, `80GiB * 80GiB` an error).
+- `auto` lets the planner choose; only fields marked *auto* below accept it.
+
+### Units
+
+| unit kind | suffixes | base unit | notes |
+|---|---|---|---|
+"""
+
+UNIT_NOTES = {
+    "count": ("tokens / samples / steps", "decimal SI: `1.2T` = 1.2e12; `B` = billion here; a plain number is a count"),
+    "size": ("bytes", "SI (`GB` = 1e9) and IEC (`GiB` = 2^30); a plain number is an error"),
+    "bandwidth": ("bytes/s", "`Gb/s` is bits"),
+    "duration": ("seconds", "a plain number is an error"),
+    "percent": ("fraction", "`90%` = 0.9; a plain number is a fraction"),
+}
+
+
+def _default(f: FieldDef) -> str:
+    if f.required:
+        return "**required**"
+    if f.default is None:
+        return "auto" if f.auto else "-"
+    if isinstance(f.default, bool):
+        return f"`{str(f.default).lower()}`"
+    if isinstance(f.default, tuple):
+        return "`[" + ", ".join(str(x) for x in f.default) + "]`"
+    if isinstance(f.default, str):
+        return f"`{f.default}`"
+    return f"`{f.default:g}`" if isinstance(f.default, float) else f"`{f.default}`"
+
+
+def _type(f: FieldDef) -> str:
+    text = f.type.describe()
+    return text + ("; or `auto`" if f.auto else "")
+
+
+def _table(fields: tuple[FieldDef, ...]) -> list[str]:
+    if not fields:
+        return ["(no fields)", ""]
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for f in fields:
+        rows.append(f"| `{f.name}` | {_type(f)} | {_default(f)} | {f.doc} |")
+    return rows + [""]
+
+
+def render() -> str:
+    """The whole of docs/language.md."""
+    out = [INTRO.rstrip("\n")]
+    for kind, (base, note) in UNIT_NOTES.items():
+        suffixes = ", ".join(f"`{s}`" for s in UNITS[kind] if s)
+        out.append(f"| {kind} | {suffixes} | {base} | {note} |")
+    out += ["", "## Blocks", ""]
+    for kind, b in BLOCKS.items():
+        header = f"### `{kind}`"
+        out += [header, "", b.doc, ""]
+        traits = []
+        if b.name != "forbidden":
+            traits.append(f"name: {b.name}")
+        if b.repeat:
+            traits.append("may repeat (distinct names)")
+        if b.after:
+            traits.append("takes `after A, B`")
+        if b.template:
+            traits.append("may be declared at top level as a named template")
+        if b.blocks:
+            traits.append("nested blocks: " + ", ".join(f"`{x}`" for x in b.blocks))
+        if traits:
+            out += ["- " + t for t in traits] + [""]
+        out += _table(b.fields)
+    out += ["## Stage kinds and their fields", "",
+            "A stage's `kind` defaults to its name when the name is a kind (`stage pretrain { }`). Besides the",
+            "common stage fields above, each kind accepts its own fields (they land in `StageSpec.params`,",
+            "with the defaults below filled in):", ""]
+    for kind, params in STAGE_PARAMS.items():
+        out += [f"### `kind = {kind}`", ""] + _table(params)
+    out += ["## Call values", "", "Arguments are written `name = value`; omitted ones take the default.", ""]
+    for func, args in CALLS.items():
+        out += [f"### `{func}(...)`", ""] + _table(args)
+    out += [
+        "## Imports and templates", "",
+        "`import \"path\"` is resolved relative to the importing file and must stay inside the project tree",
+        "(the directory of the file given to `nemoc`). Imported files hold templates only. A top-level",
+        "`cluster NAME { }`, `model NAME { }`, `parallel NAME { }` or `data NAME { }` block is a template; inside",
+        "the experiment, `cluster NAME { fields }` starts from it and the fields written override it.",
+        "`model NAME` falls back to the catalog's presets (`nemoc.compiler.catalog.models`). A stage may",
+        "name a data template directly (`data = [web]`) without redeclaring it.", "",
+        "## Overrides", "",
+        "Every command accepts `--set KEY=VALUE` (repeatable). `KEY` is a dotted path: `parallel.tensor`,",
+        "`model.layers`, `cluster.nodes`, `precision`, `data.web.path`, `stage.pretrain.steps`,",
+        "`stage.pretrain.checkpoint.every`, `stage.sft.parallel.tensor`. `VALUE` uses the same value syntax",
+        "as the file (`--set stage.pretrain.optimizer='adam(lr = 1e-4)'`), and errors in it are reported",
+        "against a pseudo-file `<--set N>` with a caret. A missing `parallel` or `checkpoint` block is created.",
+        "", "## Diagnostics", "",
+        "`path:line:col: error[E0xx]: message`, the source line with a caret, then `= equation`, `= hint`",
+        "and `note:` lines. All errors are reported, not only the first. `nemoc check` exits 0 when clean",
+        "(warnings allowed), 1 on errors, 2 when the file cannot be read or the command line is wrong;",
+        "`--json` prints the diagnostics as JSON. Layout rules (`nemoc.compiler.rules`) add their own codes.", "",
+        "| code | meaning |", "|---|---|",
+    ]
+    out += [f"| {code} | {text} |" for code, text in CODES.items()]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")

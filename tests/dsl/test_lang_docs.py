@@ -1,0 +1,46 @@
+"""docs/language.md is generated from the schema; it must not drift, and must cover every field."""
+
+from __future__ import annotations
+
+from lang_helpers import REPO
+
+from nemoc.dsl.docgen import render
+from nemoc.dsl.schema import BLOCKS, CALLS, STAGE_PARAMS
+
+
+def test_language_reference_is_up_to_date():
+    text = (REPO / "docs" / "language.md").read_text()
+    assert text == render(), "run: python -m nemoc.dsl.docgen > docs/language.md"
+
+
+def test_every_field_is_documented():
+    text = render()
+    everything = [f for b in BLOCKS.values() for f in b.fields] + \
+                 [f for p in STAGE_PARAMS.values() for f in p] + [f for a in CALLS.values() for f in a]
+    for f in everything:
+        assert f"| `{f.name}` |" in text
+        assert f.doc, f"field {f.name} has no doc"
+
+
+def test_schema_matches_the_spec():
+    """Every spec field is settable from the language (names equal, except async -> async_save)."""
+    from dataclasses import fields
+
+    from nemoc.compiler.spec import CheckpointSpec, ClusterSpec, DataSpec, LoraSpec, ModelSpec, OptimizerSpec, \
+        ParallelSpec, ScheduleSpec, StageSpec
+
+    def names(cls, skip=()):
+        return {f.name for f in fields(cls)} - set(skip)
+
+    def schema(kind):
+        return {f.name for f in BLOCKS[kind].fields}
+
+    assert names(ModelSpec, ("name", "source")) == schema("model")
+    assert names(ClusterSpec, ("scheduler_options",)) == schema("cluster")
+    assert names(ParallelSpec) == schema("parallel")
+    assert names(DataSpec, ("name", "options")) <= schema("data")
+    assert names(StageSpec, ("name", "after", "params", "checkpoint", "parallel")) == schema("stage")
+    assert names(CheckpointSpec, ("async_save",)) | {"async"} == {f.name for f in BLOCKS["checkpoint"].fields}
+    assert names(OptimizerSpec, ("name",)) == {f.name for f in CALLS["adam"]}
+    assert names(ScheduleSpec, ("name",)) == {f.name for f in CALLS["cosine"]}
+    assert names(LoraSpec) == {f.name for f in CALLS["lora"]}
