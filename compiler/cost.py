@@ -230,9 +230,9 @@ def _ep_comm(model, layout, hw, tokens, passes, params) -> float:
 # ----------------------------------------------------------------------------------- the estimate
 
 
-def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, precision, micro_batch, backward, params) -> tuple[float, float]:
-    """(slowest, mean) micro-batch time over pipeline stages: layers plus, on the last stage, the
-    output GEMM (h x V / TP, never recomputed) and its cross entropy."""
+def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, precision, micro_batch, backward, params) -> tuple[float, float, float]:
+    """(slowest, mean, output) micro-batch times over pipeline stages: layers plus, on the last
+    stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`)."""
     vocab = padded_vocab(model.vocab, layout.tp)
     tokens = micro_batch * seq / layout.cp
     # the output layer stays in 16-bit in FP8 recipes (Transformer Engine / NeMo keep the first and
@@ -244,11 +244,11 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, precision, micro_bat
     per_layer = lt.total
     if layout.pp == 1:
         t = model.layers * per_layer + logits
-        return t, t
+        return t, t, logits
     first = layers_on_stage(model.layers, layout.pp, 0) * per_layer
     last = layers_on_stage(model.layers, layout.pp, layout.pp - 1) * per_layer + logits
     mean = (model.layers * per_layer + logits) / layout.pp
-    return max(first, last), mean
+    return max(first, last, mean), mean, logits
 
 
 def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, params, trainable_params: float) -> float:
@@ -306,16 +306,18 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     mb = layout.micro_batch * (2 if stage_kind == "dpo" else 1)  # chosen + rejected
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
                      micro_batch=mb, backward=backward, params=params)
-    slow, mean = _stage_times(model, layout, hw, lt, seq=seq, precision=precision, micro_batch=mb,
-                              backward=backward, params=params)
+    slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, precision=precision, micro_batch=mb,
+                                      backward=backward, params=params)
     m = layout.num_microbatches
     vp = layout.vp or 1
-    parts: dict[str, float] = {}
-    scale = m * (mean / (lt.total * model.layers / layout.pp + 1e-30)) if lt.total else 0.0
-    for name, value in (("compute", lt.gemm + lt.attention), ("elementwise", lt.elementwise),
-                        ("tp_comm", lt.tp_comm), ("cp_comm", lt.cp_comm), ("ep_comm", lt.ep_comm)):
-        parts[name] = value * model.layers / layout.pp * scale
-    parts["compute"] += max(0.0, m * mean - sum(parts.values()))  # output layer and loss
+    per_stage = m * model.layers / layout.pp  # layer passes per step on a mean stage
+    parts: dict[str, float] = {
+        "compute": per_stage * (lt.gemm + lt.attention) + m * output / layout.pp,
+        "elementwise": per_stage * lt.elementwise,
+        "tp_comm": per_stage * lt.tp_comm,
+        "cp_comm": per_stage * lt.cp_comm,
+        "ep_comm": per_stage * lt.ep_comm,
+    }
     parts["pp_imbalance"] = m * (slow - mean)
     parts["pp_bubble"] = (layout.pp - 1) / vp * mean if layout.pp > 1 else 0.0
     parts["pp_p2p"] = _pp_p2p(model, layout, hw, seq, mb, m, vp, params)
