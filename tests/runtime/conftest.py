@@ -58,7 +58,6 @@ def make_plan(stage: StagePlan, *, model: ModelSpec = TINY, precision="fp32", at
 
 def write_indexed_dataset(prefix: Path, *, docs=300, seed=0, vocab=VOCAB) -> Path:
     """A learnable synthetic corpus: each document repeats a short random motif, so loss falls."""
-    import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     rng = np.random.default_rng(seed)
@@ -68,7 +67,7 @@ def write_indexed_dataset(prefix: Path, *, docs=300, seed=0, vocab=VOCAB) -> Pat
         length = int(rng.integers(20, 90))
         doc = np.resize(motif, length).astype(np.int32)
         doc[-1] = vocab - 1  # end of document
-        builder.add_document(torch.from_numpy(doc), [len(doc)])
+        builder.add_document(doc, [len(doc)])
     builder.finalize(str(prefix) + ".idx")
     return prefix
 
@@ -167,3 +166,13 @@ def baseline(tmp_path_factory, train_data, reference_weights) -> RunResult:
                           init_checkpoint=reference_weights)
     assert result.returncode == 0, result.explain()
     return result
+
+
+@pytest.fixture(scope="session")
+def kit():
+    """The helpers above, for test modules (importing `conftest` by name is ambiguous: tests/ has one too)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(layout=layout, stage_plan=stage_plan, make_plan=make_plan, run_training=run_training,
+                           write_task=write_task, launch=launch, write_indexed_dataset=write_indexed_dataset,
+                           torchrun_env=torchrun_env, TINY=TINY, VOCAB=VOCAB, SEQ=SEQ, REPO=REPO, VENV_BIN=VENV_BIN)
