@@ -76,6 +76,7 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
     from nemoc.runtime.executor import Executor
     from nemoc.runtime.launchers import LauncherError, get_launcher
     from nemoc.runtime.rundir import RunDir, default_run_dir
+    from nemoc.runtime.tasks import TaskError
 
     plan, runtime_graph = _compile(file, sets, as_json)
     run_dir = RunDir(workdir if workdir else default_run_dir(plan.experiment))
@@ -91,6 +92,8 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
     started = time.time()
     try:
         outcome = executor.dry_run() if dry_run else executor.run()
+    except TaskError as error:
+        _die(f"error: {error}", as_json)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: every started process was stopped; `nemoc run` again resumes", err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -105,7 +108,7 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
         summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
         click.echo(f"{'ok' if outcome.ok else 'FAILED'}: {summary} in {time.time() - started:.1f} s "
                    f"(nemoc status {run_dir.root})")
-    if not dry_run and not outcome.ok:
+    if not outcome.ok:
         sys.exit(EXIT_DIAGNOSTICS)
 
 
@@ -150,7 +153,10 @@ def status_rows(run_dir: str | Path) -> list[dict] | None:
         return None
     rd = RunDir(run_dir)
     rows = []
-    for task_id, rec in data["tasks"].items():
+    order = [t for t in data.get("order", []) if t in data["tasks"]]
+    order += sorted(t for t in data["tasks"] if t not in order)
+    for task_id in order:
+        rec = data["tasks"][task_id]
         task_dir = rd.task_dir(task_id)
         metrics = last_metrics(task_dir / "metrics.jsonl") or {}
         done = rd.done_record(task_id) or {}

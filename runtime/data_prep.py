@@ -310,6 +310,7 @@ def prepare_dataset(
         raise DataError(f"{source.pattern}: format {source.format!r} is not tokenized at preparation time")
     started = time.perf_counter()
     tokenizer = load_tokenizer(tokenizer_spec)  # fail here, in the parent, with a clear message
+    _builder(tokenizer.vocab_size)  # import Megatron-Core once, before the workers fork and inherit it
     files = resolve_files(source)
     chunks = make_chunks(files, source, chunk_bytes)
     total = sum(c.length for c in chunks)

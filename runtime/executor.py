@@ -62,6 +62,7 @@ class Status:
             "experiment": plan.experiment,
             "started": time.time(),
             "finished": None,
+            "order": [t.id for t in graph.tasks()],  # the JSON keys are sorted; this keeps execution order
             "tasks": {},
         }
         for task in graph.tasks():
@@ -117,14 +118,30 @@ class Executor:
     def dry_run(self) -> RunOutcome:
         """What `run` would do, without doing it: cached tasks and tasks that would run."""
         outcome = RunOutcome(self.run_dir.root)
+        missing = set(self.missing_kinds())
         for task in self.graph.tasks():
+            if task.kind in missing:
+                self.echo(f"✗ {task.id:<24} no runner for task kind {task.kind!r} in this installation")
+                outcome.tasks.append(TaskOutcome(task.id, "failed", task.hash, error=f"no runner for {task.kind!r}"))
+                continue
             cached = self.run_dir.is_done(task.id, task.hash)
             state = "cached" if cached else "pending"
             self.echo(f"{'✓' if cached else '·'} {task.id:<24} {'cached' if cached else 'would run'} (hash {task.short_hash})")
             outcome.tasks.append(TaskOutcome(task.id, state, task.hash))
         return outcome
 
+    def missing_kinds(self) -> list[str]:
+        """Task kinds of this graph that no registered runner handles (checked before anything starts)."""
+        from nemoc.runtime.tasks import known_kinds
+
+        known = set(known_kinds())
+        return sorted({t.kind for t in self.graph.tasks() if t.kind not in known})
+
     def run(self) -> RunOutcome:
+        missing = self.missing_kinds()
+        if missing:
+            raise TaskError(f"this installation has no runner for task kind(s) {', '.join(missing)} "
+                            f"(known: {', '.join(sorted(set(known_kinds_list())))}); nothing was started")
         self.write_artifacts()
         status = Status(self.run_dir, self.plan, self.graph)
         outcome = RunOutcome(self.run_dir.root)
@@ -225,6 +242,12 @@ class Executor:
         return "done", done, ""
 
 
+def known_kinds_list() -> list[str]:
+    from nemoc.runtime.tasks import known_kinds
+
+    return known_kinds()
+
+
 def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
 
@@ -234,7 +257,7 @@ def load_status(run_dir: str | Path) -> dict | None:
 
 
 def last_metrics(path: str | Path) -> dict | None:
-    """The last complete JSON line of a metrics.jsonl (None if there is none)."""
+    """The last complete per-step record of a metrics.jsonl (event lines such as checkpoints are skipped)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
@@ -248,6 +271,6 @@ def last_metrics(path: str | Path) -> dict | None:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict):
+        if isinstance(record, dict) and "step" in record and "event" not in record:
             return record
     return None

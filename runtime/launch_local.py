@@ -70,7 +70,7 @@ class LocalLauncher:
 
     def __init__(self, *, cluster=None, echo=None) -> None:
         self.cluster = cluster
-        self.echo = echo if echo is not None else _echo_rank0
+        self.echo = echo if echo is not None else Rank0Echo()
 
     def launch(self, spec: LaunchSpec) -> LaunchResult:
         spec.out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,10 +108,27 @@ class LocalLauncher:
         return tail
 
 
-def _echo_rank0(line: str) -> None:
-    match = _RANK_PREFIX.match(line)
-    if match is None or match.group(1) == "0":
-        sys.stdout.write(line[match.end():].lstrip() if match else line)
+_WARNING = re.compile(r"^\S+:\d+: \w*Warning: ")
+
+
+class Rank0Echo:
+    """Echo rank 0's lines (and torchrun's own) to the console, minus Python warnings (the log keeps all)."""
+
+    def __init__(self) -> None:
+        self._in_warning = False
+
+    def __call__(self, line: str) -> None:
+        match = _RANK_PREFIX.match(line)
+        if match is not None and match.group(1) != "0":
+            return
+        text = line[match.end():] if match else line
+        if _WARNING.match(text):
+            self._in_warning = True
+            return
+        if self._in_warning and text.startswith(" "):  # the warning's source line
+            return
+        self._in_warning = False
+        sys.stdout.write(text)
         sys.stdout.flush()
 
 
