@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from functools import lru_cache
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from nemoc.compiler import cost, memory
+from nemoc.compiler.flops import model_flops_per_step
 from nemoc.compiler.catalog.hardware import HardwareSpec
 from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown
 from nemoc.compiler.rules import (
@@ -172,18 +174,41 @@ def gib(n: float) -> str:
 # -------------------------------------------------------------------------------- the evaluation
 
 
+@lru_cache(maxsize=1024)
+def _balanced_model(model: ModelSpec, pp: int, vp: int | None) -> ModelSpec:
+    """The model as the memory and cost models must see it for this pipeline split.
+
+    Both models place ceil(layers / pp) layers on the most-loaded stage (flops.layers_on_stage).
+    When Megatron's split must put more there (an uneven split whose first/last/middle counts
+    are multiples of vp), they are given a model with max_layers x pp layers, so the most-loaded
+    stage (memory) and the slowest stage (time) are those of the real split: conservative for the
+    other stages. Model FLOPs are corrected back to the real model in `evaluate_time`.
+    """
+    split = pipeline_split(model.layers, pp, vp)
+    if split is None or split.max_layers <= -(-model.layers // pp):
+        return model
+    return replace(model, layers=split.max_layers * pp)
+
+
 def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
     return memory.estimate(
-        p.model, layout, precision=p.precision, attention_backend=p.attention_backend, seq_length=p.seq_length,
-        stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params,
+        _balanced_model(p.model, layout.pp, layout.vp), layout, precision=p.precision,
+        attention_backend=p.attention_backend, seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft,
+        gpu=p.gpu, params=p.params,
     )
 
 
 def evaluate_time(p: Problem, layout: Layout) -> Estimate:
-    return cost.estimate(
-        p.model, layout, cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.attention_backend,
+    model = _balanced_model(p.model, layout.pp, layout.vp)
+    est = cost.estimate(
+        model, layout, cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.attention_backend,
         seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
     )
+    if model is p.model:
+        return est
+    real = model_flops_per_step(p.model, p.seq_length, layout.global_batch, causal_discount=True)
+    ratio = real / model_flops_per_step(model, p.seq_length, layout.global_batch, causal_discount=True)
+    return replace(est, model_tflops_per_gpu=est.model_tflops_per_gpu * ratio, mfu=est.mfu * ratio)
 
 
 class _Recorder:

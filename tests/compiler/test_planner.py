@@ -1,0 +1,145 @@
+"""The planner: every example plans into a valid, fitting, serializable Plan; step counts; not-fitting
+diagnostics name the overflowing term and the cheapest fix; inference stages get the least model
+parallelism."""
+
+from __future__ import annotations
+
+import glob
+import math
+import sys
+from dataclasses import replace
+
+import pytest
+
+from nemoc.compiler.catalog.models import get_preset
+from nemoc.compiler.plan import from_json, to_json
+from nemoc.compiler.planner import plan_experiment, stage_steps
+from nemoc.compiler.rules import TRAINING_KINDS
+from nemoc.compiler.spec import ClusterSpec, DataSpec, ExperimentSpec, LoraSpec, ParallelSpec, StageSpec
+from nemoc.dsl.diagnostics import DiagnosticError, Span
+from nemoc.runtime.cli_common import load_spec
+
+EXAMPLES = sorted(glob.glob("examples/*.nemo"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES)
+def test_every_example_plans_into_a_valid_plan(path):
+    spec, _ = load_spec(path)
+    result = plan_experiment(spec)
+    plan = result.plan
+    assert from_json(to_json(plan)) == plan
+    assert [s.name for s in plan.stages] == [s.name for s in spec.stages]
+    for sp in plan.stages:
+        lay = sp.layout
+        assert lay.tp * lay.pp * lay.cp * lay.dp == spec.cluster.world_size
+        assert sp.memory.total <= sp.memory.capacity * 0.9
+        assert lay.global_batch == lay.micro_batch * lay.dp * lay.num_microbatches
+        assert sp.resident_models
+        if sp.kind in TRAINING_KINDS and sp.steps:
+            assert sp.estimate.wall_time_s == pytest.approx(sp.estimate.step_time_s * sp.steps)
+    assert result.elapsed_s < 5.0
+
+
+def _spec(model="llama3_8b", nodes=1, gpu="H100", stages=None, **parallel) -> ExperimentSpec:
+    return ExperimentSpec(
+        name="t", model=get_preset(model), cluster=ClusterSpec(gpu=gpu, nodes=nodes, usd_per_gpu_hour=2.5),
+        parallel=ParallelSpec(**parallel),
+        stages=stages or (StageSpec(name="pretrain", kind="pretrain", global_batch=128, tokens=10**10),),
+        spans={"parallel": Span("t.nemo", 3, 1, 3, 9), "model": Span("t.nemo", 2, 1, 2, 6),
+               "stage.pretrain": Span("t.nemo", 8, 1, 8, 6)},
+    )
+
+
+def test_steps_from_tokens_and_cost_from_price():
+    result = plan_experiment(_spec())
+    sp = result.plan.stage("pretrain")
+    assert sp.steps == math.ceil(10**10 / (128 * 8192))
+    assert sp.estimate.cost_usd == pytest.approx(sp.estimate.gpu_hours * 2.5)
+    assert sp.estimate.gpu_hours == pytest.approx(sp.estimate.wall_time_s * 8 / 3600)
+
+
+def test_steps_from_epochs_use_samples_or_the_data_size(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b"x" * 4_000_000)
+    spec = replace(_spec(), root=str(tmp_path), data=(DataSpec(name="web", path="*.jsonl"),))
+    stage = StageSpec(name="sft", kind="sft", data=("web",), epochs=2.0, global_batch=8)
+    steps, note = stage_steps(spec, stage, 8, 1000)
+    assert steps == math.ceil(2.0 * (4_000_000 / 4 / 1000) / 8) and "estimated" in note
+    exact = replace(stage, params={"samples": 800})
+    assert stage_steps(spec, exact, 8, 1000) == (200, "steps = ceil(epochs(2.0) x samples(800) / global_batch(8))")
+    unknown = replace(spec, data=(DataSpec(name="web", path="missing/*.jsonl"),))
+    assert stage_steps(unknown, stage, 8, 1000)[0] == 0
+
+
+def test_a_broken_rule_raises_with_every_error_at_the_users_span():
+    with pytest.raises(DiagnosticError) as err:
+        plan_experiment(_spec(tensor=3))
+    codes = {d.code for d in err.value.diagnostics if d.is_error}
+    assert {"E102", "E103", "E104"} <= codes
+
+
+def test_nothing_fits_names_the_term_and_the_cheapest_setting_change():
+    with pytest.raises(DiagnosticError) as err:
+        plan_experiment(_spec(tensor=1, pipeline=1, recompute="none"))
+    d = next(d for d in err.value.diagnostics if d.code == "E130")
+    assert "activations is the largest term" in d.message
+    assert d.equation.startswith("weights ") and "> budget" in d.equation
+    assert d.hint == "set recompute = full (instead of none)"
+    assert d.span == Span("t.nemo", 3, 1, 3, 9)
+
+
+def test_nothing_fits_suggests_more_nodes_when_no_setting_helps():
+    with pytest.raises(DiagnosticError) as err:
+        plan_experiment(_spec(model="llama31_70b", nodes=1, gpu="A100-40GB"))
+    d = next(d for d in err.value.diagnostics if d.code == "E130")
+    assert d.hint.startswith("needs ") and "more node" in d.hint
+
+
+def test_inference_stages_use_the_least_model_parallelism():
+    stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=128, steps=10),
+              StageSpec(name="eval", kind="eval", after=("pretrain",), steps=5, global_batch=8),
+              StageSpec(name="export", kind="export", after=("eval",)))
+    result = plan_experiment(_spec(stages=stages))
+    for name in ("eval", "export"):
+        lay = result.plan.stage(name).layout
+        assert (lay.tp, lay.pp, lay.recompute, lay.distributed_optimizer) == (1, 1, "none", False)
+    assert result.plan.stage("export").estimate.wall_time_s == 0.0
+    assert result.plan.stage("eval").estimate.step_time_s > 0
+
+
+def test_uneven_pipeline_split_is_recorded_for_the_runtime():
+    spec = _spec(model="llama31_405b", nodes=16, tensor=8, pipeline=16, context=1, virtual_pipeline=1)
+    spec = replace(spec, stages=(StageSpec(name="pretrain", kind="pretrain", global_batch=64, steps=10),))
+    sp = plan_experiment(spec).plan.stage("pretrain")
+    assert (sp.params["num_layers_in_first_pipeline_stage"], sp.params["num_layers_in_last_pipeline_stage"]) == (7, 7)
+
+
+def test_a_split_heavier_than_even_is_costed_with_its_heaviest_stage():
+    from nemoc.compiler.search import _balanced_model
+
+    model = get_preset("llama31_405b")
+    assert _balanced_model(model, 16, None) is model  # first 7, 14 x 8, last 7: max 8 = ceil(126 / 16)
+    heavy = _balanced_model(model, 16, 7)  # multiples of 7: first 14, 14 x 7, last 14
+    assert heavy.layers == 14 * 16
+
+
+def test_dpo_and_lora_stages_record_resident_models():
+    stages = (StageSpec(name="dpo", kind="dpo", global_batch=64, steps=10),
+              StageSpec(name="lora", kind="sft", global_batch=64, steps=10, peft=LoraSpec()))
+    plan = plan_experiment(_spec(stages=stages)).plan
+    assert plan.stage("dpo").resident_models == ("policy", "reference")
+    assert plan.stage("lora").resident_models == ("policy",)
+
+
+def test_attention_backend_auto_resolves_to_flash():
+    assert plan_experiment(_spec()).plan.attention_backend == "flash"
+    assert plan_experiment(replace(_spec(), attention_backend="unfused")).plan.attention_backend == "unfused"
+
+
+def test_the_compiler_never_imports_torch():
+    import subprocess
+
+    code = ("import sys, glob\nfrom nemoc.runtime.cli_common import load_spec\n"
+            "from nemoc.compiler.planner import plan_experiment\n"
+            "plan_experiment(load_spec('examples/llama3_8b_pretrain.nemo')[0])\n"
+            "assert 'torch' not in sys.modules and 'megatron' not in sys.modules, 'torch imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

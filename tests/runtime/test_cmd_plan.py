@@ -1,0 +1,110 @@
+"""`nemoc plan`: the --json contract, --emit, --headroom, --top, the readable report, exit codes."""
+
+from __future__ import annotations
+
+import glob
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from nemoc.compiler.plan import from_json
+from nemoc.runtime.cli import cli
+
+EXAMPLE = "examples/llama3_8b_pretrain.nemo"
+LAYOUT = {"tp", "pp", "vp", "cp", "ep", "etp", "dp", "micro_batch", "global_batch", "num_microbatches",
+          "sequence_parallel", "distributed_optimizer", "recompute"}
+MEMORY = {"weights", "gradients", "optimizer", "activations", "other", "total", "capacity"}
+ESTIMATE = {"step_time_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu", "mfu", "steps", "wall_time_s",
+            "gpu_hours", "cost_usd"}
+
+
+def run(*args):
+    return CliRunner().invoke(cli, ["plan", *args])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("examples/*.nemo")))
+def test_json_contract_for_every_example(path):
+    res = run(path, "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert isinstance(doc["experiment"], str)
+    assert set(doc["total"]) >= {"wall_time_s", "gpu_hours", "cost_usd"}
+    for st in doc["stages"]:
+        assert {"name", "kind", "layout", "memory", "estimate"} <= set(st)
+        assert LAYOUT <= set(st["layout"]) and MEMORY <= set(st["memory"]) and ESTIMATE <= set(st["estimate"])
+        m = st["memory"]
+        assert m["total"] == sum(m[k] for k in ("weights", "gradients", "optimizer", "activations", "other"))
+        assert all(isinstance(m[k], int) for k in MEMORY)
+        lay = st["layout"]
+        assert lay["tp"] * lay["pp"] * lay["cp"] * lay["dp"] == doc["cluster"]["nodes"] * doc["cluster"]["gpus_per_node"]
+    assert doc["total"]["wall_time_s"] == pytest.approx(sum(s["estimate"]["wall_time_s"] for s in doc["stages"]))
+
+
+def test_emit_writes_the_plan_the_runtime_reads(tmp_path):
+    out = tmp_path / "plan.json"
+    res = run(EXAMPLE, "--emit", str(out), "--json")
+    assert res.exit_code == 0
+    plan = from_json(out.read_text())
+    doc = json.loads(res.stdout)
+    assert plan.experiment == doc["experiment"] == "llama3_8b_pretrain"
+    assert plan.stages[0].layout.tp == doc["stages"][0]["layout"]["tp"]
+
+
+def test_headroom_changes_the_budget_and_can_make_a_layout_not_fit():
+    tight = json.loads(run(EXAMPLE, "--json", "--headroom", "40%").stdout)
+    loose = json.loads(run(EXAMPLE, "--json", "--headroom", "0.05").stdout)
+    assert tight["headroom"] == pytest.approx(0.4) and loose["headroom"] == pytest.approx(0.05)
+    assert tight["stages"][0]["memory"]["total"] <= tight["stages"][0]["memory"]["budget"]
+    assert tight["stages"][0]["memory"]["budget"] < loose["stages"][0]["memory"]["budget"]
+    assert run(EXAMPLE, "--headroom", "150%").exit_code == 2
+
+
+def test_top_limits_the_runner_ups():
+    doc = json.loads(run(EXAMPLE, "--json", "--top", "2").stdout)
+    assert len(doc["stages"][0]["runner_ups"]) == 2
+    assert doc["stages"][0]["rejections"]
+
+
+def test_readable_report():
+    res = run(EXAMPLE)
+    assert res.exit_code == 0, res.output
+    for text in ("experiment llama3_8b_pretrain", "memory per GPU", "runner-ups", "why the others lost", "total",
+                 "GPU-hours", "step time terms"):
+        assert text in res.stdout
+
+
+def test_not_fitting_exits_1_with_the_term_and_the_fix():
+    res = run(EXAMPLE, "--set", "parallel.tensor=1", "--set", "parallel.pipeline=1", "--set", "parallel.recompute=none")
+    assert res.exit_code == 1
+    assert "error[E130]" in res.stderr and "activations is the largest term" in res.stderr
+    assert "hint: set recompute = full" in res.stderr
+    as_json = run(EXAMPLE, "--json", "--set", "parallel.tensor=1", "--set", "parallel.pipeline=1",
+                  "--set", "parallel.recompute=none")
+    assert as_json.exit_code == 1 and json.loads(as_json.stdout)["diagnostics"][0]["code"] == "E130"
+
+
+def test_a_broken_rule_points_at_the_users_text():
+    res = run(EXAMPLE, "--set", "parallel.tensor=3")
+    assert res.exit_code == 1
+    assert "error[E102]" in res.stderr and "heads(32) % tp(3) = 2 != 0" in res.stderr
+
+
+def test_unreadable_file_is_a_usage_error(tmp_path):
+    assert run(str(tmp_path / "missing.nemo")).exit_code == 2
+
+
+def test_plan_runs_well_under_a_second_without_torch():
+    code = ("import sys, time\nfrom nemoc.runtime.cli import cli\nt = time.process_time()\n"
+            "try:\n    cli(['plan', 'examples/mixtral_8x7b_pretrain.nemo', '--json'], standalone_mode=False)\n"
+            "except SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "print(time.process_time() - t, file=sys.stderr)\n")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stderr.strip().splitlines()[-1]) < 1.0
+    assert time.perf_counter() - t0 < 30
