@@ -1,0 +1,279 @@
+"""`nemoc logs RUN_DIR [TASK] [-f]` and `nemoc cancel RUN_DIR`, whatever launched the run.
+
+The run directory says which launcher ran it: `slurm.json` (job ids, written by the Slurm launcher),
+`k8s.json` (PyTorchJob names, written by the k8s launcher), else the local launcher. Logs are
+`tasks/<id>/log.txt` for every launcher (Slurm appends every attempt of a job to it); for a k8s task
+whose log is not on this machine, `kubectl logs` of its pods.
+
+Cancelling:
+- local: every process whose command line names one of the run's `task.json` files (torchrun and its
+  ranks) gets SIGTERM on its process group (training saves a checkpoint and exits 143), then SIGKILL
+  after a grace period;
+- slurm: `scancel` of every recorded job that has not ended (a running job gets SIGTERM and KillWait);
+- k8s: `kubectl delete pytorchjob` of every recorded job.
+Exit codes: 0 done, 1 something could not be cancelled, 2 not a run directory / unknown task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from nemoc.runtime.cli_common import EXIT_DIAGNOSTICS, EXIT_USAGE
+
+TERM_GRACE_S = 30.0
+RUNNING_STATES = ("running", "pending")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _run_dir(path: str) -> Path:
+    root = Path(path).resolve()
+    if not any((root / name).is_file() for name in ("status.json", "plan.json", "graph.json")):
+        click.echo(f"error: {path} is not a nemoc run directory (no status.json, plan.json or graph.json)", err=True)
+        sys.exit(EXIT_USAGE)
+    return root
+
+
+def launcher_of(root: Path) -> str:
+    if (root / "slurm.json").is_file():
+        return "slurm"
+    if (root / "k8s.json").is_file():
+        return "k8s"
+    return "local"
+
+
+def _task_ids(root: Path) -> list[str]:
+    status = _read_json(root / "status.json") or {}
+    ids = list((status.get("tasks") or {}).keys())
+    if not ids:
+        graph = _read_json(root / "graph.json") or {}
+        ids = [t["id"] for t in graph.get("tasks", []) if isinstance(t, dict) and "id" in t]
+    return ids
+
+
+def task_dir(root: Path, task_id: str) -> Path:
+    from nemoc.runtime.rundir import RunDir
+
+    return RunDir(root).task_dir(task_id)
+
+
+def resolve_task(root: Path, task: str | None) -> str:
+    """TASK as given (`train:pretrain`, `pretrain` or the directory name `train_pretrain`); by default
+    the running task, else the last one that has a log."""
+    ids = _task_ids(root)
+    if task is None:
+        status = (_read_json(root / "status.json") or {}).get("tasks") or {}
+        running = [t for t, rec in status.items() if rec.get("state") == "running"]
+        logged = [t for t in ids if (task_dir(root, t) / "log.txt").exists()]
+        if running or logged:
+            return (running or logged)[-1]
+        click.echo(f"error: no task of {root} has a log yet", err=True)
+        sys.exit(EXIT_USAGE)
+    from nemoc.runtime.rundir import safe_name
+
+    for candidate in ids:
+        if task in (candidate, safe_name(candidate), candidate.partition(":")[2]):
+            return candidate
+    click.echo(f"error: no task {task!r} in {root} (tasks: {', '.join(ids) or 'none'})", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _task_running(root: Path, task_id: str) -> bool:
+    status = (_read_json(root / "status.json") or {}).get("tasks") or {}
+    return (status.get(task_id) or {}).get("state") in RUNNING_STATES and (root / "status.json").exists() \
+        and not (_read_json(root / "status.json") or {}).get("finished")
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("task", required=False)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the task stops running.")
+@click.option("-n", "--lines", type=click.IntRange(min=0), default=None, help="Only the last N lines.")
+def logs(run_dir: str, task: str | None, follow: bool, lines: int | None) -> None:
+    """Print the log of TASK (default: the running task) of RUN_DIR, whatever the launcher."""
+    root = _run_dir(run_dir)
+    task_id = resolve_task(root, task)
+    log = task_dir(root, task_id) / "log.txt"
+    if not log.exists() and launcher_of(root) == "k8s":
+        sys.exit(_k8s_logs(root, task_id, follow, lines))
+    if not log.exists():
+        click.echo(f"{task_id}: no log yet ({log})", err=True)
+        if not follow:
+            return
+    offset = _print_from(log, 0, lines)
+    while follow:
+        if not _task_running(root, task_id) and not _slurm_job_active(root, task_id):
+            _print_from(log, offset, None)
+            return
+        time.sleep(0.5)
+        offset = _print_from(log, offset, None)
+
+
+def _print_from(log: Path, offset: int, last: int | None) -> int:
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return offset
+    end = len(data) if last is not None else data.rfind(b"\n") + 1
+    text = data[:end].decode("utf-8", "replace")
+    if last is not None:
+        text = "".join(text.splitlines(keepends=True)[-last:]) if last else ""
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    return offset + end
+
+
+def _slurm_job_active(root: Path, task_id: str) -> bool:
+    if launcher_of(root) != "slurm":
+        return False
+    from nemoc.runtime import launch_slurm
+
+    job = (launch_slurm.read_record(root).get("jobs") or {}).get(task_id)
+    if not job:
+        return False
+    try:
+        return launch_slurm.job_state(job["job_id"]) not in launch_slurm.TERMINAL | {"UNKNOWN"}
+    except (OSError, launch_slurm.SlurmError):
+        return False
+
+
+def _k8s_logs(root: Path, task_id: str, follow: bool, lines: int | None) -> int:
+    from nemoc.runtime import launch_k8s
+
+    job = (launch_k8s.read_record(root).get("jobs") or {}).get(task_id)
+    if not job:
+        click.echo(f"error: {task_id} has no log and no recorded PyTorchJob", err=True)
+        return EXIT_USAGE
+    args = ["logs", "-n", job["namespace"], "-l", f"training.kubeflow.org/job-name={job['name']}", "--prefix"]
+    args += ["-f"] if follow else []
+    args += ["--tail", str(lines)] if lines is not None else []
+    try:
+        proc = launch_k8s.kubectl(*args, timeout=None if follow else 120)
+    except launch_k8s.K8sError as error:
+        click.echo(f"error: {error}", err=True)
+        return EXIT_DIAGNOSTICS
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    return 0 if proc.returncode == 0 else EXIT_DIAGNOSTICS
+
+
+# ----------------------------------------------------------------------------------- cancel
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path())
+def cancel(run_dir: str) -> None:
+    """Stop every running task of RUN_DIR (local processes, Slurm jobs or PyTorchJobs)."""
+    root = _run_dir(run_dir)
+    launcher = launcher_of(root)
+    try:
+        stopped = {"slurm": cancel_slurm, "k8s": cancel_k8s, "local": cancel_local}[launcher](root)
+    except Exception as error:  # noqa: BLE001 - a LauncherError or OSError: reported, not a traceback
+        click.echo(f"error: could not cancel {root}: {error}", err=True)
+        sys.exit(EXIT_DIAGNOSTICS)
+    if stopped:
+        for line in stopped:
+            click.echo(f"cancelled {line}")
+    else:
+        click.echo(f"nothing to cancel in {root} ({launcher} run: nothing is running)")
+
+
+def cancel_slurm(root: Path) -> list[str]:
+    from nemoc.runtime import launch_slurm
+
+    jobs = launch_slurm.read_record(root).get("jobs") or {}
+    active = {task: rec["job_id"] for task, rec in jobs.items()
+              if launch_slurm.job_state(rec["job_id"]) not in launch_slurm.TERMINAL | {"UNKNOWN"}}
+    launch_slurm.cancel(active.values())
+    return [f"{task}: Slurm job {job_id}" for task, job_id in active.items()]
+
+
+def cancel_k8s(root: Path) -> list[str]:
+    from nemoc.runtime import launch_k8s
+
+    done = []
+    for task, rec in (launch_k8s.read_record(root).get("jobs") or {}).items():
+        proc = launch_k8s.kubectl("delete", "pytorchjob", rec["name"], "-n", rec["namespace"], "--ignore-not-found")
+        if proc.returncode != 0:
+            raise launch_k8s.K8sError(f"kubectl delete pytorchjob {rec['name']}: {proc.stderr.strip()}")
+        if proc.stdout.strip():
+            done.append(f"{task}: PyTorchJob {rec['namespace']}/{rec['name']}")
+    return done
+
+
+def local_processes(root: Path) -> dict[int, list[int]]:
+    """Process groups running one of this run's tasks: {pgid: [pids]} (ranks name their task.json)."""
+    import psutil
+
+    markers = [str(p) for p in root.glob("tasks/*/task.json")] + [str(p) for p in root.glob("data/*/task.json")]
+    groups: dict[int, list[int]] = {}
+    if not markers:
+        return groups
+    me = os.getpid()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if proc.info["pid"] == me or not any(m in cmdline for m in markers):
+            continue
+        try:
+            groups.setdefault(os.getpgid(proc.info["pid"]), []).append(proc.info["pid"])
+        except ProcessLookupError:
+            continue
+    return groups
+
+
+def cancel_local(root: Path, grace_s: float = TERM_GRACE_S) -> list[str]:
+    groups = local_processes(root)
+    if not groups:
+        return []
+    own = os.getpgid(0)
+    for pgid, pids in groups.items():
+        _signal(pgid, pids, signal.SIGTERM, whole_group=pgid != own)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(p) for pids in groups.values() for p in pids):
+        time.sleep(0.2)
+    for pgid, pids in groups.items():
+        if any(_alive(p) for p in pids):
+            _signal(pgid, pids, signal.SIGKILL, whole_group=pgid != own)
+    return [f"process group {pgid} ({len(pids)} processes)" for pgid, pids in groups.items()]
+
+
+def _signal(pgid: int, pids: list[int], sig: int, *, whole_group: bool) -> None:
+    """The whole group (torchrun runs in its own session), or only `pids` when the group is ours."""
+    try:
+        if whole_group:
+            os.killpg(pgid, sig)
+            return
+        for pid in pids:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is gone for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
