@@ -268,6 +268,101 @@ def _describe(tok_text: str) -> str:
     return f"`{tok_text}`" if len(tok_text) <= 20 else f"`{tok_text[:17]}...`"
 
 
+# Syntax errors named by example (lark's `match_examples`): a parser state reached by one of these
+# snippets gets the message and hint of its label instead of the generic "unexpected X".
+NAMED_ERRORS: dict[str, tuple[list[str], str, str]] = {
+    "field_outside_block": (
+        ["a = 1", 'import "x.nemo"\na = 1', "x { }\na = 1"],
+        "a field must be inside a block",
+        "put it inside `experiment NAME { ... }` (or a template block)"),
+    "after_without_name": (
+        ["x y after { }", "x after { }", "x y after a, { }"],
+        "`after` needs the name of a stage",
+        "write e.g. `stage sft after pretrain { ... }`"),
+    "positional_argument": (
+        ["x { a = f(1) }", "x { a = f(b = 1, 2) }", 'x { a = f("s") }', "x { a = f([1]) }", "x { a = f(-1) }",
+         "x { a = f((1)) }"],
+        "call arguments are named",
+        "write e.g. `adam(lr = 3e-4)`"),
+    "comma_between_fields": (
+        ["x { a = 1, }", "x { a = b, }", 'x { a = "s", }', "x { a = [1], }", "x { a = f(), }", "x { a = (1), }"],
+        "fields are separated by spaces or newlines, not `,`",
+        "remove the `,`"),
+    "missing_block_brace": (
+        ["x { y b = 1 }", "x y = 1 }", "x { y z b = 1 }"],
+        "missing `{` after a block header",
+        "a block is written `kind [name] { fields }`; a field `name = value`"),
+    "import_needs_string": (
+        ["import a", "import 1", "import a/b"],
+        "an import path is a string",
+        'write e.g. `import "common/hardware.nemo"`'),
+    "two_values": (
+        ["x { a = 1 2 }", "x { a = b 2 }", 'x { a = "s" 2 }', "x { a = [1] 2 }", "x { a = f() 2 }", "x { a = (1) 2 }",
+         'x { a = 1 "s" }', 'x { a = b "s" }', 'x { a = "s" "t" }', "x { a = 1 [1] }", "x { a = b [1] }",
+         'x { a = "s" [1] }', "x { a = [1] [1] }", "x { a = (1) [1] }", "x { a = f() [1] }"],
+        "two values in a row",
+        "each field holds one value: use a list `[a, b]`, an operator, or start a new field `name = value`"),
+    "field_name_not_word": (
+        ["x { 1 = 2 }", 'x { "a" = 2 }', "x { [a] = 1 }", "x { (a) = 1 }", "x { -a = 1 }"],
+        "a field name must be a word",
+        "names are letters, digits, `_` and inner `-`, starting with a letter"),
+    "block_as_value": (
+        ["x { a = { } }", "x { a = f(b = { }) }", "x { a = [{ }] }"],
+        "a block cannot be a value",
+        "write the block as `a { ... }` (no `=`), or use a call value `f(k = v)`"),
+    "double_equals": (
+        ["x { a = = 1 }", "x { a == 1 }"],
+        "`=` appears twice",
+        "a field is written `name = value`"),
+}
+_CHAR_HINTS = {
+    ":": "write `=` between a name and its value: `tensor = 8`, `adam(lr = 3e-4)`",
+    ";": "fields are separated by spaces or newlines; remove the `;`",
+    "'": 'strings use double quotes: "like this"',
+}
+
+
+_HEADERS = ("x {", "x y {", "x after z {", "x y after z {")
+_BEFORE = ("", "a = 1 ", "b { } ")
+
+
+def _variants(example: str) -> list[str]:
+    """An example written as `x { body }`, under every block-header form and after each member kind
+    (the LALR state at a member's start depends on both)."""
+    if not example.startswith("x { "):
+        return [example]
+    body = example[len("x { "):]
+    return [f"{head} {before}{body}" for head in _HEADERS for before in _BEFORE]
+
+
+def _position(exc: UnexpectedInput):
+    state = getattr(exc, "state", None)
+    return getattr(state, "position", state)
+
+
+@functools.lru_cache(maxsize=1)
+def _example_states() -> dict[tuple[object, str], str]:
+    """(parser state, offending token type) -> label, from parsing every example once.
+
+    Like lark's `match_examples`, but matched on the LALR state alone rather than also on the stack
+    depth, so an example written at one nesting level names the same mistake at any level.
+    """
+    table: dict[tuple[object, str], str] = {}
+    for label, (examples, _message, _hint) in NAMED_ERRORS.items():
+        for example in (v for e in examples for v in _variants(e)):
+            try:
+                grammar().parse(example, start="start")
+            except UnexpectedInput as ut:
+                token = getattr(ut, "token", None)
+                table.setdefault((_position(ut), getattr(token, "type", "$END")), label)
+    return table
+
+
+def _named(exc: UnexpectedInput) -> str | None:
+    token = getattr(exc, "token", None)
+    return _example_states().get((_position(exc), getattr(token, "type", "$END")))
+
+
 def explain(exc: UnexpectedInput, text: str, path: str) -> Diagnostic:
     """Name a lark syntax error the way a person would (see the module docstring)."""
     tokens = _scan(text)
@@ -295,6 +390,13 @@ def explain(exc: UnexpectedInput, text: str, path: str) -> Diagnostic:
             return _missing_value(before[:-1], text, path)
     if at_end and before and before[-1].text == "=":
         return _missing_value(before, text, path)
+    label = _named(exc) if here is not None else None
+    if label == "two_values" and before and text.count("\n", before[-1].offset, here.offset):
+        label = "field_name_not_word"  # the value ended its line: this starts a (bad) field
+    if label is not None:
+        _examples, message, hint = NAMED_ERRORS[label]
+        found = f"unexpected {_describe(here.text)}: {message}"
+        return Diagnostic("E010", found, _offset_span(text, here.offset, path, len(here.text)), hint=hint)
     if before and before[-1].kind == "name" and "EQUAL" in expected and here is not None:
         word = before[-1].text
         return Diagnostic("E012", f"expected `=` or `{{` after `{word}`, found {_describe(here.text)}",
@@ -324,7 +426,7 @@ def _bad_character(exc: UnexpectedCharacters, text: str, path: str) -> Diagnosti
                           hint='close it with `"` on the same line (strings cannot span lines)')
     shown = repr(char)[1:-1] if not char.isprintable() or char.isspace() else char
     return Diagnostic("E014", f"unexpected character `{shown}`", _offset_span(text, pos, path),
-                      hint="names are letters, digits, `_` and inner `-`; comments start with `#`")
+                      hint=_CHAR_HINTS.get(char, "names are letters, digits, `_` and inner `-`; comments start with `#`"))
 
 
 def _unclosed(tokens: list[_Tok], text: str) -> list[tuple[_Tok, _Tok | None]]:

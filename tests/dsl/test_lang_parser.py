@@ -102,3 +102,35 @@ def test_long_arithmetic_chain_is_a_diagnostic_not_a_crash():
 def test_binary_garbage():
     d = _error("\x00\x01\x02 experiment")
     assert d.code == "E014" and "\\x00" in d.message
+
+
+@pytest.mark.parametrize("text, message", [
+    ("precision = bf16\nexperiment x { }\n", "a field must be inside a block"),
+    ("experiment x {\n  stage sft after { }\n}\n", "`after` needs the name of a stage"),
+    ("experiment x {\n  a = adam(3e-4)\n}\n", "call arguments are named"),
+    ("experiment x {\n  a = 8,\n  b = 2\n}\n", "fields are separated by spaces or newlines, not `,`"),
+    ("experiment x {\n  tensor == 8\n}\n", "`=` appears twice"),
+    ("experiment x {\n  cluster\n    gpu = H100\n  }\n}\n", "missing `{` after a block header"),
+    ("import common/x.nemo\n", "an import path is a string"),
+    ("experiment x {\n  a = 1\n  8 = 3\n}\n", "a field name must be a word"),
+    ("experiment x {\n  a = f(b = { })\n}\n", "a block cannot be a value"),
+    ("experiment x {\n  a = 1 2\n}\n", "two values in a row"),
+    ("experiment x {\n  stage s {\n    parallel { a = [1] 2 }\n  }\n}\n", "two values in a row"),
+])
+def test_syntax_errors_are_named_by_example(text, message):
+    d = _error(text)
+    assert d.code == "E010" and message in d.message and d.hint
+
+
+def test_every_named_example_is_named_as_its_label():
+    from nemoc.dsl.parser import NAMED_ERRORS
+
+    for label, (examples, message, _hint) in NAMED_ERRORS.items():
+        for example in examples:
+            assert message in _error(example).message, (label, example)
+
+
+@pytest.mark.parametrize("char, hint", [(":", "write `=`"), (";", "remove the `;`"), ("'", "double quotes")])
+def test_common_wrong_characters_get_a_hint(char, hint):
+    d = _error(f"experiment x {{ a {char} 1 }}")
+    assert d.code == "E014" and hint in d.hint
