@@ -1,0 +1,63 @@
+"""The checkpoint directory protocol: manifest verification, `latest`, candidates, keep-last-N."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from nemoc.runtime import checkpoint as ckpt
+
+
+def make_ckpt(root, iteration, *, files=None, manifest=True):
+    path = root / ckpt.iteration_name(iteration)
+    path.mkdir(parents=True)
+    files = files or {"__0_0.distcp": b"x" * 10, "common.pt": b"y" * 3, "metadata.json": b"{}"}
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    if manifest:
+        sizes = {name: len(data) for name, data in files.items()}
+        (path / ckpt.MANIFEST).write_text(json.dumps({"iteration": iteration, "files": sizes}))
+    return path
+
+
+def test_verify_detects_missing_manifest_missing_file_and_truncation(tmp_path):
+    good = make_ckpt(tmp_path, 10)
+    assert ckpt.verify(str(good)) is None
+    assert "missing" in ckpt.verify(str(make_ckpt(tmp_path, 20, manifest=False)))
+    truncated = make_ckpt(tmp_path, 30)
+    (truncated / "__0_0.distcp").write_bytes(b"x")
+    assert "manifest says 10" in ckpt.verify(str(truncated))
+    gone = make_ckpt(tmp_path, 40)
+    os.remove(gone / "common.pt")
+    assert "common.pt is missing" in ckpt.verify(str(gone))
+
+
+def test_latest_first_then_newest_and_tmp_dirs_are_never_candidates(tmp_path):
+    for it in (5, 10, 15):
+        make_ckpt(tmp_path, it)
+    (tmp_path / "iter_0000020.tmp").mkdir()  # a save that never finished
+    assert ckpt.read_latest(str(tmp_path)) is None
+    assert [os.path.basename(p) for p in ckpt.resume_candidates(str(tmp_path))] == [
+        "iter_0000015", "iter_0000010", "iter_0000005"]
+    ckpt.write_text_atomic(str(tmp_path / "latest"), "iter_0000010\n")
+    assert ckpt.read_latest(str(tmp_path)).endswith("iter_0000010")
+    assert [os.path.basename(p) for p in ckpt.resume_candidates(str(tmp_path))] == [
+        "iter_0000010", "iter_0000015", "iter_0000005"]
+    (tmp_path / "latest").write_text("../../etc\n")  # garbage marker is ignored, not followed
+    assert ckpt.read_latest(str(tmp_path)) is None
+
+
+def test_prune_keeps_newest_n_and_the_latest_and_removes_tmp(tmp_path):
+    for it in (1, 2, 3, 4, 5):
+        make_ckpt(tmp_path, it)
+    (tmp_path / "iter_0000006.tmp").mkdir()
+    ckpt.write_text_atomic(str(tmp_path / "latest"), "iter_0000001\n")  # e.g. after a fallback
+    ckpt.prune(str(tmp_path), keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", "iter_0000004", "iter_0000005", "latest"]
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    target = tmp_path / "latest"
+    ckpt.write_text_atomic(str(target), "iter_0000001\n")
+    ckpt.write_text_atomic(str(target), "iter_0000002\n")
+    assert target.read_text() == "iter_0000002\n" and os.listdir(tmp_path) == ["latest"]

@@ -1,0 +1,101 @@
+"""runtime.megatron_args: the one place plan fields become Megatron-Core arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nemoc.compiler.plan import Layout
+from nemoc.compiler.spec import ModelSpec, OptimizerSpec, ScheduleSpec
+from nemoc.runtime import megatron_args as margs
+
+CPU = margs.MachineFacts(cpu=True, have_te=False)
+GPU_TE = margs.MachineFacts(cpu=False, have_te=True)
+LLAMA_ISH = ModelSpec(name="m", layers=4, hidden=256, heads=8, query_groups=2, ffn_hidden=688, vocab=1000,
+                      seq_length=128, activation="swiglu", norm="rmsnorm", norm_epsilon=1e-6, qk_layernorm=True)
+
+
+def lay(**kw) -> Layout:
+    base = dict(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=1, global_batch=4, num_microbatches=4,
+                sequence_parallel=False, distributed_optimizer=False, recompute="none")
+    base.update(kw)
+    return Layout(**base)
+
+
+def config(model=LLAMA_ISH, layout=None, precision="bf16", backend="flash", facts=CPU):
+    return margs.transformer_config(model=model, layout=layout or lay(), precision=precision,
+                                    attention_backend=backend, facts=facts)
+
+
+def test_architecture_fields_map_one_to_one():
+    c = config()
+    assert (c.num_layers, c.hidden_size, c.num_attention_heads, c.num_query_groups) == (4, 256, 8, 2)
+    assert c.ffn_hidden_size == 688 and c.kv_channels == 32
+    assert c.gated_linear_unit and c.activation_func is F.silu  # SwiGLU
+    assert c.normalization == "RMSNorm" and c.layernorm_epsilon == 1e-6 and c.qk_layernorm
+    assert c.bf16 and c.params_dtype is torch.bfloat16 and c.pipeline_dtype is torch.bfloat16
+    gelu = config(model=dataclasses.replace(LLAMA_ISH, activation="gelu", norm="layernorm"), precision="fp32")
+    assert not gelu.gated_linear_unit and gelu.activation_func is F.gelu and gelu.normalization == "LayerNorm"
+    assert gelu.params_dtype is torch.float32 and not gelu.bf16
+
+
+def test_parallel_fields_and_cpu_specifics():
+    c = config(layout=lay(tp=2, pp=2, vp=2, sequence_parallel=True, recompute="full"))
+    assert (c.tensor_model_parallel_size, c.pipeline_model_parallel_size) == (2, 2)
+    assert c.virtual_pipeline_model_parallel_size == 2 and c.sequence_parallel
+    assert c.recompute_granularity == "full" and c.recompute_method == "uniform" and c.recompute_num_layers == 1
+    # gloo: batched p2p is silently wrong for pp=2 + VPP; CPU init makes weights layout-independent
+    assert c.batch_p2p_comm is False and c.use_cpu_initialization is True
+    g = config(layout=lay(tp=2, sequence_parallel=True, recompute="selective"), facts=GPU_TE)
+    assert g.batch_p2p_comm is True and g.use_cpu_initialization is False and g.recompute_granularity == "selective"
+    kw = margs.parallel_kwargs(layout=lay(tp=2, pp=4, vp=2, cp=2, ep=4, etp=1), timeout_minutes=5)
+    assert kw["tensor_model_parallel_size"] == 2 and kw["pipeline_model_parallel_size"] == 4
+    assert kw["virtual_pipeline_model_parallel_size"] == 2 and kw["context_parallel_size"] == 2
+    assert kw["expert_model_parallel_size"] == 4 and kw["distributed_timeout_minutes"] == 5
+
+
+def test_moe_forces_bias_free_experts_and_picks_dispatcher():
+    moe = dataclasses.replace(LLAMA_ISH, experts=8, top_k=2, moe_ffn_hidden=128, add_bias_linear=True)
+    c = config(model=moe, layout=lay(ep=2))
+    assert c.num_moe_experts == 8 and c.moe_router_topk == 2 and c.moe_ffn_hidden_size == 128
+    assert c.add_bias_linear is False and c.moe_token_dispatcher_type == "alltoall" and not c.moe_grouped_gemm
+    assert config(model=moe).moe_token_dispatcher_type == "allgather"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(layout=lay(cp=2)), "context parallelism"),
+    (dict(precision="fp8"), "Transformer Engine"),
+    (dict(layout=lay(sequence_parallel=True)), "sequence_parallel needs tp > 1"),
+    (dict(model=dataclasses.replace(LLAMA_ISH, experts=4, top_k=1), layout=lay(tp=2)), "MoE"),
+    (dict(model=dataclasses.replace(LLAMA_ISH, activation="tanh")), "activation"),
+])
+def test_unsupported_plans_are_refused_with_a_reason(kwargs, message):
+    with pytest.raises(margs.UnsupportedPlan, match=message):
+        config(**kwargs)
+
+
+def test_vocab_padding_follows_megatron():
+    assert margs.padded_vocab_size(1000, 1) == 1024
+    assert margs.padded_vocab_size(50257, 1) == 50304  # GPT-2's famous padded size
+    assert margs.padded_vocab_size(50257, 8) == 51200
+    assert margs.padded_vocab_size(256, 2) == 256
+
+
+def test_optimizer_and_scheduler():
+    opt = OptimizerSpec(lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=1.0)
+    sched = ScheduleSpec(name="cosine", warmup=100, min_lr=6e-5)
+    oc = margs.optimizer_config(optimizer=opt, schedule=sched, layout=lay(distributed_optimizer=True),
+                                precision="fp16")
+    assert oc.lr == 6e-4 and oc.min_lr == 6e-5 and oc.adam_beta2 == 0.95 and oc.clip_grad == 1.0
+    assert oc.fp16 and oc.loss_scale is None and oc.use_distributed_optimizer  # dynamic loss scaling
+    kw = margs.scheduler_kwargs(optimizer=opt, schedule=sched, steps=1000)
+    assert kw["lr_warmup_steps"] == 100 and kw["lr_decay_steps"] == 1000 and kw["lr_decay_style"] == "cosine"
+    assert margs.scheduler_kwargs(optimizer=opt, schedule=ScheduleSpec(name="wsd"), steps=1000)["wsd_decay_steps"] == 100
+    # warmup longer than the run is clipped so Megatron's warmup < decay assertion holds
+    short = margs.scheduler_kwargs(optimizer=opt, schedule=sched, steps=10)
+    assert short["lr_warmup_steps"] < short["lr_decay_steps"]
+    with pytest.raises(margs.UnsupportedPlan, match="optimizer"):
+        margs.optimizer_config(optimizer=OptimizerSpec(name="lion"), schedule=sched, layout=lay(), precision="bf16")
