@@ -19,6 +19,7 @@ softmax (pre-flash), no distributed optimizer; F: full recompute, micro batch 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -180,11 +181,158 @@ def summarize(results: list[dict]) -> dict:
             "within_5pct": sum(e <= 0.05 for e in errs), "within_15pct": sum(e <= 0.15 for e in errs)}
 
 
+# ------------------------------------------------------------------------- bare Megatron-Core check
+
+# Small single-GPU configurations for `--measure-megatron` (fit an 80 GB H100): (name, model, seq,
+# micro batch, recompute, attention backend). Built through nemoc's own plan->Megatron adapter
+# (runtime.megatron_args / runtime.model) with Megatron-Core's local layer spec (no Transformer
+# Engine on the lent machine): torch SDPA (flash kernel) for "flash", Megatron's unfused softmax
+# attention for "unfused".
+def _measure_configs() -> list[tuple[str, ModelSpec, int, int, str, str]]:
+    from nemoc.compiler.catalog import PRESETS
+
+    llama1b = ModelSpec(name="llama_1b", layers=16, hidden=2048, heads=16, query_groups=4, ffn_hidden=5632,
+                        vocab=32000, seq_length=4096)
+    gpt1b = ModelSpec(name="gpt_1b", layers=12, hidden=2048, heads=16, query_groups=16, ffn_hidden=8192,
+                      vocab=50257, seq_length=2048, activation="gelu", norm="layernorm", position="learned",
+                      tie_embeddings=True, add_bias_linear=True)
+    llama8b_6l = dataclasses.replace(PRESETS["llama3_8b"], name="llama3_8b_6layers", layers=6)
+    return [
+        ("llama_1b mb1", llama1b, 4096, 1, "none", "flash"),
+        ("llama_1b mb2", llama1b, 4096, 2, "none", "flash"),
+        ("llama_1b mb2 full", llama1b, 4096, 2, "full", "flash"),
+        ("llama_1b mb2 unfused", llama1b, 4096, 2, "none", "unfused"),
+        ("gpt_1b mb4", gpt1b, 2048, 4, "none", "flash"),
+        ("gpt_1b mb4 selective unfused", gpt1b, 2048, 4, "selective", "unfused"),
+        ("llama3_8b 6 layers mb1", llama8b_6l, 8192, 1, "none", "flash"),
+    ]
+
+
+def measure_megatron(out: Path, *, smoke: bool = False, steps: int = 5, microbatches: int = 2) -> list[dict]:
+    """Peak allocated memory and step time of small configurations on one GPU with bare
+    Megatron-Core (DDP with fp32 grads, distributed optimizer, Adam), next to the model's prediction.
+    `smoke=True` runs two tiny configurations on the CPU (gloo) to check this code path."""
+    import time
+
+    import torch
+
+    from nemoc.runtime import mcore_cpu
+
+    if smoke:
+        mcore_cpu.apply(force=True)
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from nemoc.compiler.spec import OptimizerSpec, ScheduleSpec
+    from nemoc.runtime import megatron_args as margs
+    from nemoc.runtime import model as mdl
+
+    cuda = torch.cuda.is_available() and not smoke
+    if cuda:
+        torch.cuda.set_device(0)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo", store=torch.distributed.HashStore(),
+                                             rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    gpu_name = torch.cuda.get_device_name(0) if cuda else "cpu"
+    gpu_id = "H200" if "H200" in gpu_name else ("H100" if "H100" in gpu_name else "CPU")
+    facts = margs.MachineFacts(cpu=not cuda, have_te=mdl.have_transformer_engine())
+    configs = _measure_configs()
+    if smoke:
+        tiny = ModelSpec(name="tiny", layers=2, hidden=64, heads=4, query_groups=2, ffn_hidden=128, vocab=256,
+                         seq_length=64)
+        configs = [("tiny", tiny, 64, 2, "none", "flash"), ("tiny full", tiny, 64, 2, "full", "unfused")]
+        steps = 2
+    dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    results = []
+    for name, model, seq, mb, rec, backend in configs:
+        layout = Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=mb, global_batch=mb * microbatches,
+                        num_microbatches=microbatches, sequence_parallel=False, distributed_optimizer=True,
+                        recompute=rec)
+        row: dict = {"name": name, "gpu": gpu_name, "seq": seq, "micro_batch": mb, "recompute": rec,
+                     "attention": mdl.attention_core_name(attention_backend=backend, have_te=facts.have_te)}
+        try:
+            config = margs.transformer_config(model=model, layout=layout, precision="bf16",
+                                              attention_backend=backend, facts=facts)
+            vocab = margs.padded_vocab_size(model.vocab, 1)
+            chunks = mdl.build_model_chunks(config=config, model=model, vocab_size=vocab, seq_length=seq,
+                                            attention_backend=backend, have_te=facts.have_te)
+            ddp = mdl.wrap_ddp(chunks=chunks, config=config, ddp_config=margs.ddp_config(layout=layout))
+            opt = get_megatron_optimizer(margs.optimizer_config(optimizer=OptimizerSpec(), schedule=ScheduleSpec(),
+                                                                layout=layout, precision="bf16"), ddp)
+            tokens = torch.randint(0, model.vocab, (mb, seq), device=dev)
+            positions = torch.arange(seq, device=dev).unsqueeze(0).expand(mb, seq)
+            mask = torch.ones(mb, seq, device=dev)
+
+            def forward_step(data_iterator, module):
+                output = module(tokens, positions, None, labels=tokens)
+
+                def loss_func(out):
+                    loss = (out.float() * mask).sum() / mask.sum()
+                    return loss, {"loss": loss.detach()}
+
+                return output, loss_func
+
+            fb = get_forward_backward_func()
+            times = []
+            for step in range(steps):
+                if step == 2 and cuda:
+                    torch.cuda.reset_peak_memory_stats()  # after the optimizer states exist
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for m in ddp:
+                    m.zero_grad_buffer()
+                opt.zero_grad()
+                fb(forward_step_func=forward_step, data_iterator=iter(range(microbatches)), model=ddp,
+                   num_microbatches=microbatches, seq_length=seq, micro_batch_size=mb, forward_only=False)
+                opt.step()
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            measured_peak = torch.cuda.max_memory_allocated() if cuda else 0
+            reserved = torch.cuda.max_memory_reserved() if cuda else 0
+            mem = memory.estimate(model, layout, precision="bf16", attention_backend=backend, seq_length=seq,
+                                  gpu=gpu_id)
+            allocator = mem.total - sum(mem.parts.get(k, 0) for k in ("cuda_context", "nccl", "fragmentation"))
+            est = cost.estimate(model, layout, gpu=gpu_id, precision="bf16", attention_backend=backend,
+                                seq_length=seq)
+            step_time = statistics.median(times[2:]) if len(times) > 2 else times[-1]
+            row.update({
+                "measured_peak_allocated": measured_peak, "measured_peak_reserved": reserved,
+                "predicted_allocated": allocator, "predicted_total": mem.total,
+                "predicted_terms": {"weights": mem.weights, "gradients": mem.gradients, "optimizer": mem.optimizer,
+                                    "activations": mem.activations, **dict(mem.parts)},
+                "memory_error": allocator / measured_peak - 1.0 if measured_peak else None,
+                "measured_step_s": step_time, "predicted_step_s": est.step_time_s,
+                "time_error": est.step_time_s / step_time - 1.0,
+            })
+            del ddp, opt, chunks
+        except Exception as exc:  # noqa: BLE001 - report the failure of one configuration, go on
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        if cuda:
+            torch.cuda.empty_cache()
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "calibrate.json"))
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--measure-megatron", metavar="OUT.json",
+                    help="measure small configs with bare Megatron-Core on this machine's GPU and compare")
+    ap.add_argument("--smoke", action="store_true", help="with --measure-megatron: tiny CPU (gloo) check")
     args = ap.parse_args(argv)
+    if args.measure_megatron:
+        measure_megatron(Path(args.measure_megatron), smoke=args.smoke)
+        return 0
     rows = load_rows()
     tput = throughput_errors(rows)
     mem = memory_errors(rows)
