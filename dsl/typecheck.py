@@ -354,7 +354,12 @@ def _finish(expr, t, key, value: Fraction, diags):
         bound = f"> {t.minimum:g}" if t.exclusive_min else f">= {t.minimum:g}"
         diags.append(Diagnostic("E032", f"`{key}` must be {bound}, found {float(value):g}", expr.span))
         return INVALID
-    return int(value) if t.name == "int" else float(value)
+    if abs(value) > MAX_MAGNITUDE:
+        diags.append(_out_of_range(expr, key))
+        return INVALID
+    if t.name == "int" or (t.unit == "duration" and value.denominator == 1):
+        return int(value)  # durations in whole seconds stay integers (Slurm --time)
+    return float(value)
 
 
 def _show(expr) -> str:
@@ -384,7 +389,14 @@ def _evaluate(expr, t: Type, key: str) -> tuple[Fraction, str]:
                                   f"found {describe_found(expr)}", expr.span))
 
 
+MAX_MAGNITUDE = 10**18  # larger than any count, size or rate an experiment needs; keeps floats finite
+_MAX_EXPONENT = 30
+
+
 def _literal(expr: ast.Number, t: Type, key: str) -> tuple[Fraction, str]:
+    mantissa, _, exponent = expr.magnitude.lower().partition("e")
+    if exponent and abs(int(exponent)) > _MAX_EXPONENT:
+        raise _NumberError(_out_of_range(expr, key))
     magnitude, suffix = Fraction(expr.magnitude), expr.unit
     table = UNITS[t.unit] if t.unit in UNITS else UNITS[""]
     if suffix == "":
@@ -403,12 +415,23 @@ def _literal(expr: ast.Number, t: Type, key: str) -> tuple[Fraction, str]:
                                   expr.span, hint=_unit_hint(t)))
 
 
+def _out_of_range(expr, key: str) -> Diagnostic:
+    return Diagnostic("E032", f"`{key}`: `{_show(expr)}` is out of range (magnitudes run from 1e-18 to 1e18)", expr.span)
+
+
 def _unit_hint(t: Type) -> str:
     units = [s for s in (UNITS.get(t.unit) or {}) if s]
     return f"allowed units: {', '.join(units)}" if units else "write a plain number"
 
 
 def _binop(expr: ast.BinOp, t: Type, key: str) -> tuple[Fraction, str]:
+    value, dim = _binop_unchecked(expr, t, key)
+    if abs(value) > MAX_MAGNITUDE or (value and abs(value) < Fraction(1, MAX_MAGNITUDE)):
+        raise _NumberError(_out_of_range(expr, key))
+    return value, dim
+
+
+def _binop_unchecked(expr: ast.BinOp, t: Type, key: str) -> tuple[Fraction, str]:
     (a, da), (b, db) = _evaluate(expr.left, t, key), _evaluate(expr.right, t, key)
     if expr.op in "+-":
         if da != db:

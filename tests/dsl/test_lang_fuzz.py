@@ -18,7 +18,7 @@ from nemoc.dsl.parser import _scan
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 VOCAB = ["{", "}", "[", "]", "(", ")", "=", ",", "+", "-", "*", "/", "after", "import", "auto", "true", "stage",
          "model", "cluster", "parallel", "data", "experiment", "x", "8", "1.2T", "80GiB", '"s"', '"', "#", "\n",
-         "\x00", "\xff", "é", "llama3_8b", "H100", "kind", "pretrain", "sft"]
+         "\x00", "\xff", "é", "llama3_8b", "H100", "kind", "pretrain", "sft", "1e99999999", "9" * 40, "1e-30"]
 
 
 def compile_text(data: bytes | str, sets: tuple[str, ...] = ()):
