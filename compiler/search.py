@@ -221,9 +221,14 @@ class _Recorder:
         self.evaluated = 0
         self.space = 0
 
-    def rule(self, short: str, reason: str, layout_text: str, count: int = 1) -> None:
+    def rule(self, short, reason: str, layout, count: int = 1) -> None:
+        """Count `count` candidates lost for `reason`; `short` / `layout` (text, or a Layout / a
+        callable giving the text) are formatted only for a reason's first example."""
         self.space += count
-        entry = self.by_reason.setdefault(reason, [0, short, layout_text, 0])
+        entry = self.by_reason.get(reason)
+        if entry is None:
+            text = describe(layout) if isinstance(layout, Layout) else layout() if callable(layout) else layout
+            entry = self.by_reason[reason] = [0, short() if callable(short) else short, text, 0]
         entry[0] += count
 
     def memory(self, layout: Layout, mem: MemoryBreakdown, count: int = 1) -> None:
@@ -394,7 +399,7 @@ def _group_rules(p: Problem, env: Env, rec: _Recorder, layout: Layout, count: in
     """Rules of the group (everything except the micro-batch-dependent E108 / E111)."""
     v = layout_violations(env, _sizes(p, layout))
     if v is not None and v.code not in ("E108", "E111"):
-        rec.rule(v.short, f"{v.code} {v.message}", describe(layout), count)
+        rec.rule(v.short, f"{v.code} {v.message}", layout, count)
         return False
     return True
 
@@ -415,14 +420,14 @@ def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, 
             layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[0])
             v = _rules_mb(env, p, layout)
             if v is not None:
-                rec.rule(v.short, f"{v.code} {v.message}", describe(layout), len(rcs))
+                rec.rule(v.short, f"{v.code} {v.message}", layout, len(rcs))
                 any_fit = True  # a rule, not memory, stopped this micro batch: larger ones may pass
                 break
             fitted = _search_recompute(p, rec, best, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs)
             any_fit = any_fit or fitted
             if fitted and p.fixed.sequence_parallel is None and sp and len(sps) > 1:
                 rec.rule("sequence_parallel = on fits and is never slower", "dominated: sequence_parallel = off "
-                         "(on fits and is never slower)", describe(replace(layout, sequence_parallel=False)), len(rcs))
+                         "(on fits and is never slower)", lambda: describe(replace(layout, sequence_parallel=False)), len(rcs))
                 break
         if not any_fit:
             rest = len(mbs) - i - 1
@@ -471,9 +476,9 @@ def _search_recompute(p: Problem, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep
         for j in range(k - 1, -1, -1):
             threshold = best.threshold()
             if threshold is not None and first.estimate.step_time_s > threshold[0] * (1 + REL_TOL):
-                rec.rule(f"{first.estimate.step_time_s:.3g} s with recompute = {rcs[k]} is already slower than "
-                         f"the top {best.n}", "slower: more recompute of a layout already outside the top list",
-                         describe(replace(layout, recompute=rcs[j])), j + 1)
+                rec.rule(lambda: f"{first.estimate.step_time_s:.3g} s with recompute = {rcs[k]} is already slower "
+                         f"than the top {best.n}", "slower: more recompute of a layout already outside the top list",
+                         lambda: describe(replace(layout, recompute=rcs[j])), j + 1)
                 break
             stronger = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[j])
             rec.evaluated += 1
@@ -526,7 +531,7 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
             v = layout_violations(env, sizes)
             layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp or 1, mb, sp, do, rc)
             if v is not None:
-                rec.rule(v.short, f"{v.code} {v.message}", describe(layout))
+                rec.rule(v.short, f"{v.code} {v.message}", layout)
                 continue
             rec.evaluated += 1
             mem = evaluate_memory(p, layout)

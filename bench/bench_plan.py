@@ -1,0 +1,130 @@
+"""Benchmark the plan search: the full search for Llama 3.1 405B on 16,384 H100 and every example.
+
+For each case: CPU time (time.process_time: what the search costs, insensitive to other processes
+on a shared machine) and wall time, median and best of N repeats; the candidates the search
+covered, the memory-model evaluations it made, and the best layout. The 405B case searches every
+size (TP, PP, VP, CP, EP, micro batch, recompute, distributed optimizer, sequence parallel: all
+auto) at global batch 2048 x 8192 tokens (Llama 3 paper, Table 4). With `--oracle` it also runs
+the brute-force enumerator on a small case and reports both times.
+
+    python bench/bench_plan.py [--repeat 5] [--oracle]
+
+Prints a table and writes bench/results/bench_plan.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _time(fn, repeat: int) -> tuple[dict, object]:
+    cpu, wall, out = [], [], None
+    for _ in range(repeat):
+        c0, w0 = time.process_time(), time.perf_counter()
+        out = fn()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return {"cpu_s_median": statistics.median(cpu), "cpu_s_best": min(cpu), "wall_s_median": statistics.median(wall),
+            "wall_s_best": min(wall), "repeat": repeat}, out
+
+
+def problem_405b():
+    from nemoc.compiler.catalog.hardware import get_gpu
+    from nemoc.compiler.catalog.models import get_preset
+    from nemoc.compiler.search import Problem
+    from nemoc.compiler.spec import ClusterSpec, ParallelSpec
+
+    auto = ParallelSpec(tensor=None, pipeline=None, virtual_pipeline=None, context=None, expert=None,
+                        expert_tensor=None, data=None, sequence_parallel=None, distributed_optimizer=None,
+                        recompute=None, micro_batch=None)
+    return Problem(model=get_preset("llama31_405b"), cluster=ClusterSpec(gpu="H100", nodes=2048, gpus_per_node=8),
+                   gpu=get_gpu("H100"), fixed=auto, global_batch=2048, seq_length=8192)
+
+
+def bench_405b(repeat: int) -> dict:
+    from nemoc.compiler.search import describe, search
+
+    p = problem_405b()
+    timing, result = _time(lambda: search(p), repeat)
+    best = result.best
+    return {"case": "llama31_405b on 16384 x H100 (full search)", **timing, "space": result.space,
+            "memory_evaluations": result.evaluated, "costed": result.fitting,
+            "best": describe(best.layout), "step_time_s": best.estimate.step_time_s, "mfu": best.estimate.mfu,
+            "memory_gib": best.memory.total / 2**30}
+
+
+def bench_example(path: str, repeat: int) -> dict:
+    from nemoc.compiler.planner import plan_experiment
+    from nemoc.compiler.search import describe
+    from nemoc.runtime.cli_common import load_spec
+
+    spec, _ = load_spec(path)
+    timing, result = _time(lambda: plan_experiment(spec), repeat)
+    space = sum(s.search.space for s in result.stages if s.search)
+    evaluated = sum(s.search.evaluated for s in result.stages if s.search)
+    first = result.stages[0].chosen
+    return {"case": Path(path).name, **timing, "space": space, "memory_evaluations": evaluated,
+            "costed": sum(s.search.fitting for s in result.stages if s.search),
+            "best": describe(first.layout) + (f" (+{len(result.stages) - 1} stages)" if len(result.stages) > 1 else ""),
+            "step_time_s": first.estimate.step_time_s, "mfu": first.estimate.mfu, "memory_gib": first.memory.total / 2**30}
+
+
+def bench_oracle() -> dict:
+    from dataclasses import replace
+
+    from nemoc.compiler.catalog.hardware import get_gpu
+    from nemoc.compiler.search import Problem, enumerate_all, search
+    from nemoc.compiler.spec import ClusterSpec, ModelSpec, ParallelSpec
+
+    model = ModelSpec(name="small", layers=4, hidden=512, heads=8, query_groups=2, ffn_hidden=1536, vocab=32000,
+                      seq_length=2048)
+    p = Problem(model=model, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=8),
+                gpu=replace(get_gpu("H100"), hbm_bytes=int(1.6 * 2**30)),
+                fixed=ParallelSpec(context=None, distributed_optimizer=None), global_batch=16, seq_length=2048)
+    fast, f = _time(lambda: search(p), 1)
+    brute, b = _time(lambda: enumerate_all(p), 1)
+    assert f.best.estimate.step_time_s == b.best.estimate.step_time_s
+    return {"case": "oracle: 4-layer model, 8 GPUs, 1.6 GiB", "fast_cpu_s": fast["cpu_s_best"],
+            "brute_cpu_s": brute["cpu_s_best"], "fast_space": f.space, "brute_space": b.space,
+            "same_best": f.best.layout == b.best.layout}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--oracle", action="store_true", help="also time the brute-force oracle on a small case")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+
+    rows = [bench_405b(args.repeat)]
+    rows += [bench_example(p, args.repeat) for p in sorted(glob.glob(str(REPO / "examples" / "*.nemo")))]
+    header = f"{'case':44} {'cpu med':>8} {'cpu best':>8} {'wall med':>8} {'space':>8} {'mem evals':>9}  best layout"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['case'][:44]:44} {r['cpu_s_median']:8.3f} {r['cpu_s_best']:8.3f} {r['wall_s_median']:8.3f} "
+              f"{r['space']:8,} {r['memory_evaluations']:9,}  {r['best']}")
+    out = {"machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()},
+           "results": rows}
+    if args.oracle:
+        out["oracle"] = bench_oracle()
+        o = out["oracle"]
+        print(f"\noracle ({o['case']}): fast {o['fast_cpu_s']:.3f} s over {o['fast_space']:,} candidates, brute force "
+              f"{o['brute_cpu_s']:.3f} s over {o['brute_space']:,}; same best layout: {o['same_best']}")
+    path = REPO / "bench" / "results" / "bench_plan.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\nwrote {path.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
