@@ -70,7 +70,9 @@ class Trainer:
 
 
 def _rows(mb) -> int:
-    tokens = mb["batch"].tokens if isinstance(mb, dict) else mb.tokens
+    if isinstance(mb, dict):
+        mb = mb["batch"]
+    tokens = mb.batch.tokens if hasattr(mb, "batch") else mb.tokens
     return int(tokens.shape[0])
 
 
