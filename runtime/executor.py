@@ -44,7 +44,7 @@ class RunOutcome:
 
     @property
     def ok(self) -> bool:
-        return all(t.state in TERMINAL for t in self.tasks)
+        return all(t.state in TERMINAL or t.state == "pending" for t in self.tasks)  # pending: dry run
 
     def states(self) -> dict[str, str]:
         return {t.task_id: t.state for t in self.tasks}

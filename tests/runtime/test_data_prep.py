@@ -107,7 +107,7 @@ def test_plain_text_documents(corpus, tmp_path):
     (tmp_path / "big.txt").write_text(big)
     source = Source("t", str(tmp_path / "big.txt"), format="text")
     one = prepare_dataset(source, tok.source, tmp_path / "1", workers=1)
-    two = prepare_dataset(source, tok.source, tmp_path / "2", workers=2, chunk_bytes=500)
+    two = prepare_dataset(source, tok.source, tmp_path / "2", workers=2, chunk_bytes=3000)
     assert one.documents == two.documents == 500
     assert filecmp.cmp(one.prefix + ".bin", two.prefix + ".bin", shallow=False)
 

@@ -1,0 +1,106 @@
+"""`nemoc graph`, `nemoc run`, `nemoc status` through the real CLI (language + planner + graph + executor)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from nemoc.runtime.cli import cli
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def invoke(*args, cwd=None):
+    runner = CliRunner()
+    if cwd is None:
+        return runner.invoke(cli, list(args), catch_exceptions=False)
+    import os
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return runner.invoke(cli, list(args), catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture
+def quickstart(tmp_path):
+    """A copy of the quickstart with its corpus next to it (so tests may edit the data)."""
+    shutil.copy(EXAMPLES / "quickstart.nemo", tmp_path / "quickstart.nemo")
+    (tmp_path / "data" / "quickstart").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "data" / "quickstart" / "corpus.jsonl", tmp_path / "data" / "quickstart" / "corpus.jsonl")
+    return tmp_path
+
+
+def test_graph_formats_are_deterministic():
+    first = invoke("graph", str(EXAMPLES / "quickstart.nemo"))
+    assert first.exit_code == 0, first.output
+    data = json.loads(first.output)
+    assert data["version"] == 1 and [t["id"] for t in data["tasks"]] == ["tokenizer:local", "prepare:corpus", "train:pretrain"]
+    assert invoke("graph", str(EXAMPLES / "quickstart.nemo")).output == first.output
+    dot = invoke("graph", str(EXAMPLES / "quickstart.nemo"), "--format", "dot").output
+    assert '"prepare:corpus" -> "train:pretrain" [label="dataset"];' in dot
+    assert invoke("graph", str(EXAMPLES / "quickstart.nemo"), "--format", "mermaid").output.startswith("flowchart LR")
+
+
+def test_graph_follows_set_overrides():
+    base = json.loads(invoke("graph", str(EXAMPLES / "quickstart.nemo")).output)
+    edited = json.loads(invoke("graph", str(EXAMPLES / "quickstart.nemo"), "--set", "stage.pretrain.steps=50").output)
+    changed = {t["id"] for t, u in zip(base["tasks"], edited["tasks"]) if t["hash"] != u["hash"]}
+    assert changed == {"train:pretrain"}
+
+
+def test_graph_of_a_broken_file_is_a_diagnostic_not_a_traceback(tmp_path):
+    (tmp_path / "bad.nemo").write_text("experiment x { model m { layers = } }\n")
+    result = invoke("graph", str(tmp_path / "bad.nemo"))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_dry_run_starts_nothing(quickstart):
+    result = invoke("run", str(quickstart / "quickstart.nemo"), "--dry-run", cwd=quickstart)
+    assert result.exit_code == 0, result.output
+    assert "would run" in result.output and str(quickstart / "runs" / "quickstart") in result.output
+    assert not (quickstart / "runs" / "quickstart" / "data").exists()
+
+
+def test_bad_data_fails_with_file_line_and_status_shows_it(quickstart):
+    corpus = quickstart / "data" / "quickstart" / "corpus.jsonl"
+    with open(corpus, "a") as f:
+        f.write('{"txt": "wrong field"}\n')
+    result = invoke("run", str(quickstart / "quickstart.nemo"), "--workdir", str(quickstart / "w"))
+    assert result.exit_code == 1
+    assert f"{corpus}:4001: missing field 'text' (fields present: txt)" in result.output
+    assert "Traceback" not in result.output
+    status = invoke("status", str(quickstart / "w"))
+    assert status.exit_code == 0 and "failed" in status.output and "skipped" in status.output
+    rows = json.loads(invoke("status", str(quickstart / "w"), "--json").output)["tasks"]
+    assert [(r["id"], r["state"]) for r in rows] == [
+        ("tokenizer:local", "failed"), ("prepare:corpus", "skipped"), ("train:pretrain", "skipped")]
+
+
+def test_status_of_a_non_run_directory_and_unknown_launcher(tmp_path, quickstart):
+    result = invoke("status", str(tmp_path))
+    assert result.exit_code == 2 and "not a nemoc run directory" in result.output
+    result = invoke("run", str(quickstart / "quickstart.nemo"), "--launcher", "nope", "--workdir", str(tmp_path / "w"))
+    assert result.exit_code == 2 and "unknown launcher 'nope'" in result.output
+
+
+@pytest.mark.slow
+def test_quickstart_trains_with_falling_loss_then_is_cached(quickstart):
+    """The end-to-end goal on 2 CPU processes, shortened to 60 steps (about 1-2 minutes)."""
+    workdir = str(quickstart / "w")
+    args = ("run", str(quickstart / "quickstart.nemo"), "--workdir", workdir, "--set", "stage.pretrain.steps=60")
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (quickstart / "w" / "tasks" / "train_pretrain" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m and "event" not in m]
+    assert losses[-1] < 0.6 * losses[0], losses
+    again = invoke(*args)
+    assert again.exit_code == 0 and again.output.count("cached (hash") == 3
+    rows = json.loads(invoke("status", workdir, "--json").output)["tasks"]
+    assert rows[-1]["steps_done"] == 60 and rows[-1]["last_loss"] == pytest.approx(losses[-1])
