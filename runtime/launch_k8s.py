@@ -111,7 +111,8 @@ def pytorchjob(*, name: str, task_id: str, module: str, args: tuple[str, ...], n
         labels["kueue.x-k8s.io/queue-name"] = opts.queue
     resources: dict[str, dict[str, object]] = {}
     if gpus_per_node:
-        resources = {"limits": {"nvidia.com/gpu": gpus_per_node}, "requests": {"nvidia.com/gpu": gpus_per_node}}
+        gpus = str(gpus_per_node)  # a quantity: the API takes a string
+        resources = {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}}
     requests = {k: v for k, v in (("cpu", opts.cpu), ("memory", opts.memory)) if v}
     if requests:
         resources.setdefault("requests", {}).update(requests)
@@ -255,7 +256,13 @@ def write_manifests(plan, graph, run_dir) -> list[Path]:
     """`--dry-run` for k8s: the manifest of every distributed task of `graph`, written to
     `tasks/<id>/pytorchjob.yaml` (and all of them to `k8s/manifests.yaml`), validated, not applied.
     Tasks run in the graph's topological order; `nemoc.dev/after` annotations record the edges."""
-    from nemoc.runtime.tasks import get_kind
+    from nemoc.runtime.tasks import TaskError, get_kind as _get_kind
+
+    def get_kind(name: str):
+        try:
+            return _get_kind(name)
+        except TaskError as error:
+            raise K8sError(str(error)) from None
 
     opts = K8sOptions.from_mapping(dict(plan.cluster.scheduler_options))
     root = Path(run_dir.root)
