@@ -374,6 +374,8 @@ def explain(exc: UnexpectedInput, text: str, path: str) -> Diagnostic:
     before = [t for t in tokens if t.offset < offset]
     here = next((t for t in tokens if t.offset >= offset), None)
     unclosed = _unclosed(tokens, text)
+    if at_end and before and before[-1].text == "=":
+        return _missing_value(before, text, path)
     if at_end and unclosed:
         return _missing_closer(unclosed, tokens, text, path)
     if here is not None and here.text in "}])" and here.kind == "punct":

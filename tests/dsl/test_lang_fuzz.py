@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from lang_helpers import EXAMPLES
 
 from nemoc.compiler.lower import compile_file
-from nemoc.dsl.diagnostics import render_all
-from nemoc.dsl.parser import _scan
+from nemoc.dsl.diagnostics import DiagnosticError, render_all
+from nemoc.dsl.format import format_module
+from nemoc.dsl.parser import _scan, parse
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 VOCAB = ["{", "}", "[", "]", "(", ")", "=", ",", "+", "-", "*", "/", "after", "import", "auto", "true", "stage",
@@ -75,6 +76,12 @@ def mutated_examples(draw) -> str:
 @given(mutated_examples())
 def test_mutated_examples(text):
     compile_text(text)
+    try:
+        module = parse(text, "m.nemo")
+    except DiagnosticError:
+        return
+    out = format_module(module, text)  # whatever parses also formats, and round-trips
+    assert parse(out, "m.nemo") == module and format_module(parse(out, "m.nemo"), out) == out
 
 
 @SETTINGS

@@ -134,3 +134,13 @@ def test_every_named_example_is_named_as_its_label():
 def test_common_wrong_characters_get_a_hint(char, hint):
     d = _error(f"experiment x {{ a {char} 1 }}")
     assert d.code == "E014" and hint in d.hint
+
+
+def test_missing_value_at_end_of_file_is_named_as_such():
+    d = _error("experiment x {\n  a =")
+    assert d.code == "E012" and d.message == "missing value after `a =`"
+
+
+def test_forgotten_brace_of_the_last_block_is_found_by_indentation():
+    d = _error("experiment x {\n  stage s {\n    a = 1\n}\n")
+    assert d.message == "missing `}` to close `stage s` opened at 2:11"
