@@ -226,3 +226,15 @@ def test_every_example_passes_the_rules():
         spec, _ = load_spec(path)
         errors = [d for d in check_spec(spec) if d.is_error]
         assert not errors, (path, errors)
+
+
+def test_every_rule_code_is_documented():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    source = (root / "compiler" / "rules.py").read_text() + (root / "compiler" / "planner.py").read_text()
+    documented = (root / "docs" / "planning.md").read_text()
+    used = set(re.findall(r'"([EW]1\d\d)"', source))
+    missing = sorted(c for c in used if c not in documented)
+    assert used and not missing, missing
