@@ -54,7 +54,7 @@ def read_source(path: str, *, code: str = "E001", anchor: Span | None = None) ->
         return None, Diagnostic(code, f"cannot {what} `{path}`: {exc.strerror if isinstance(exc, OSError) else exc}",
                                 anchor)
     try:
-        return raw.decode("utf-8"), None
+        return raw.decode("utf-8-sig"), None  # a byte-order mark some editors write is not content
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1

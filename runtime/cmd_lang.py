@@ -1,7 +1,7 @@
 """`nemoc check` and `nemoc fmt`: the language front end on the command line.
 
-check FILE...: parse, check the schema, references, `after` cycles, presets and catalog ids, then the
-layout rules (`nemoc.compiler.rules.check_spec`); exit 0 clean (warnings allowed), 1 diagnostics,
+check FILE...: parse, check the schema, references, `after` cycles, presets and catalog ids, then (when
+the language is clean) the layout rules (`nemoc.compiler.rules.check_spec`); exit 0 clean (warnings allowed), 1 diagnostics,
 2 usage error or an unreadable file. `--json` prints `{"files": [{"path", "ok", "diagnostics"}]}`.
 
 fmt FILE...: print the canonical form; `--check` exits 1 (listing the files) when a file is not
@@ -40,10 +40,8 @@ def internal_error(path: str, exc: BaseException) -> Diagnostic:
 
 
 def _layout_rules(spec) -> tuple[Diagnostic, ...]:
-    try:
-        from nemoc.compiler.rules import check_spec
-    except ImportError:  # the layout rules are not part of this checkout yet
-        return ()
+    from nemoc.compiler.rules import check_spec  # the plan engineer's layout rules (tp divides heads, ...)
+
     return tuple(check_spec(spec))
 
 

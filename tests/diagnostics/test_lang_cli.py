@@ -79,3 +79,17 @@ def test_fmt_prints_checks_and_writes(tmp_path):
 def test_fmt_reports_syntax_errors():
     result = run("fmt", str(HERE / "syntax_missing_brace.nemo"))
     assert result.exit_code == 1 and "error[E011]" in result.output
+
+
+def test_check_runs_the_layout_rules_after_the_language(tmp_path):
+    path = tmp_path / "tp.nemo"
+    path.write_text((REPO / "examples" / "quickstart.nemo").read_text())
+    result = run("check", str(path), "--set", "parallel.tensor=3")  # 4 heads are not divisible by 3
+    assert result.exit_code == 1 and "<--set 1>" in result.output and "heads" in result.output
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.nemo"
+    path.write_bytes(b"\xef\xbb\xbf" + (REPO / "examples" / "quickstart.nemo").read_bytes())
+    assert run("check", str(path)).exit_code == 0
+    assert run("fmt", "--check", str(path)).exit_code == 0
