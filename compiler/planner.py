@@ -172,7 +172,8 @@ def _value(v: object) -> str:
 
 def cheapest_fix(problem: Problem) -> str | None:
     """The cheapest change that makes `problem` fit: free one setting the user fixed (each alone,
-    in `_RELAX_ORDER`), else the fewest extra nodes (up to 8x the cluster)."""
+    in `_RELAX_ORDER`), else the fewest extra nodes found (every count up to +16, in steps of
+    nodes/16 beyond 16 nodes, then 2x, 3x, 4x, 6x, 8x)."""
     for name in _RELAX_ORDER:
         if getattr(problem.fixed, name) is None:
             continue
@@ -184,7 +185,8 @@ def cheapest_fix(problem: Problem) -> str | None:
             return f"set {name} = {_value(value)} (instead of {_value(getattr(problem.fixed, name))})"
     c = problem.cluster
     fixed = replace(problem.fixed, data=None)
-    tries = list(range(c.nodes + 1, c.nodes + 9)) + [c.nodes * k for k in (2, 3, 4, 6, 8) if c.nodes * k > c.nodes + 8]
+    step = max(1, c.nodes // 16)  # 16 evenly spaced tries, then multiples: bounded work at any scale
+    tries = sorted({c.nodes + k * step for k in range(1, 17)} | {c.nodes * k for k in (2, 3, 4, 6, 8)})
     for nodes in tries:
         bigger = replace(problem, cluster=replace(c, nodes=nodes), fixed=fixed)
         best = search(bigger).best

@@ -193,10 +193,17 @@ def rule_world_size(env: Env, s: Sizes) -> Violation | None:
 
 
 def _world_hint(world: int, model: int, dp: int | None, c: ClusterSpec) -> str:
+    options = []
     if dp is not None and world % model == 0:
-        return f"set data = {world // model} (or leave it auto)"
-    nodes = next(n for n in range(c.nodes, c.nodes * model + 1) if (n * c.gpus_per_node) % model == 0)
-    return f"use a model-parallel size that divides {world}, or nodes = {nodes}"
+        options.append(f"set data = {world // model} (or leave it auto)")
+    if dp is not None and (model * dp) % c.gpus_per_node == 0:
+        options.append(f"nodes = {model * dp // c.gpus_per_node} for data = {dp}")
+    if dp is None or world % model:
+        nodes = next(n for n in range(c.nodes, c.nodes * model + 1) if (n * c.gpus_per_node) % model == 0)
+        options.insert(0, f"use a model-parallel size that divides {world}")
+        if nodes != c.nodes and dp is None:
+            options.append(f"nodes = {nodes}")
+    return ", or ".join(options)
 
 
 def rule_heads_tp(env: Env, s: Sizes) -> Violation | None:
@@ -461,6 +468,21 @@ def rule_ep_fp16(env: Env, s: Sizes) -> Violation | None:
     )
 
 
+def rule_moe_tp_needs_sp(env: Env, s: Sizes) -> Violation | None:
+    """moe/moe_layer.py MoELayer.forward raises in training when tp > 1 without sequence parallelism."""
+    if (not env.model.is_moe or env.stage_kind not in TRAINING_KINDS or s.sequence_parallel is not False
+            or s.tp is None or s.tp <= 1):
+        return None
+    return Violation(
+        "E123", "training an MoE model with tensor parallelism needs sequence parallelism",
+        f"tp({s.tp}) > 1 with experts({env.model.experts}) and sequence_parallel = false",
+        "set sequence_parallel = true (or leave it auto)",
+        anchors=(_P + "sequence_parallel", _P + "tensor"),
+        source="megatron/core/transformer/moe/moe_layer.py MoELayer.forward (MoE and tensor parallelism without "
+               "sequence parallelism)",
+    )
+
+
 def rule_moe_bias_etp(env: Env, s: Sizes) -> Violation | None:
     """transformer_config.py __post_init__: bias in MoE only with expert_tensor_parallel_size == 1."""
     etp = expert_tp(s)
@@ -542,8 +564,10 @@ def warn_padded_vocab(env: Env, s: Sizes) -> Violation | None:
 
 
 def warn_ep_without_sp(env: Env, s: Sizes) -> Violation | None:
-    """model_parallel_config.py __post_init__ warns: EP with TP in training needs sequence parallelism."""
-    if s.sequence_parallel is not False or None in (s.ep, s.tp) or s.ep <= 1 or s.tp <= 1:
+    """model_parallel_config.py __post_init__ warns: EP with TP needs sequence parallelism (training
+    MoE stages are E123 errors; this warning is for the forward-only stages)."""
+    if (s.sequence_parallel is not False or None in (s.ep, s.tp) or s.ep <= 1 or s.tp <= 1
+            or env.stage_kind in TRAINING_KINDS):
         return None
     return Violation(
         "W103", "expert parallelism with tensor parallelism should use sequence parallelism",
@@ -640,7 +664,7 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_world_size, rule_heads_tp, rule_query_groups_tp, rule_ffn_tp, rule_layers_pipeline,
     rule_interleave_needs_pp, rule_sequence_parallel, rule_global_batch, rule_interleave_microbatches,
     rule_context_seq, rule_context_backend, rule_sequence_parallel_split, rule_dense_expert,
-    rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp,
+    rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp, rule_moe_tp_needs_sp,
     rule_precision_hardware, rule_seq_length_positions,
 )
 WARNING_RULES: tuple[Rule, ...] = (

@@ -103,6 +103,9 @@ def test_moe_rules():
     bad_k = env(replace(MIXTRAL, top_k=9), e.cluster)
     assert rules.rule_top_k(bad_k, base).code == "E117"
     assert rules.rule_ep_fp16(env(MIXTRAL, e.cluster, precision="fp16"), base).code == "E119"
+    no_sp = rules.rule_moe_tp_needs_sp(e, replace(base, sequence_parallel=False))
+    assert no_sp.code == "E123" and no_sp.equation == "tp(2) > 1 with experts(8) and sequence_parallel = false"
+    assert rules.rule_moe_tp_needs_sp(env(MIXTRAL, e.cluster, stage_kind="eval"), replace(base, sequence_parallel=False)) is None
     biased = env(replace(MIXTRAL, add_bias_linear=True), e.cluster)
     assert rules.rule_moe_bias_etp(biased, replace(base, etp=2)).code == "E120"
     assert rules.rule_moe_bias_etp(biased, base) is None
@@ -123,7 +126,7 @@ def test_warnings_say_what_megatron_does():
     assert vocab.equation == "padded_vocab = ceil(vocab(128256) / (128 * tp(8))) * 1024 = 129024 (+768 rows)"
     assert rules.warn_tp_crosses_node(e, Sizes(tp=16)).equation == "tp(16) > gpus_per_node(8)"
     assert rules.warn_tp_crosses_node(e, Sizes(tp=8)) is None
-    assert rules.warn_ep_without_sp(env(MIXTRAL), Sizes(tp=2, ep=2, sequence_parallel=False)).code == "W103"
+    assert rules.warn_ep_without_sp(env(MIXTRAL, stage_kind="eval"), Sizes(tp=2, ep=2, sequence_parallel=False)).code == "W103"
     assert rules.warn_fp16_loss_scaling(env(precision="fp16"), VALID).code == "W105"
     uneven = rules.warn_uneven_pipeline(env(get_preset("llama31_405b")), Sizes(pp=16))
     assert "num_layers_in_first_pipeline_stage=7, num_layers_in_last_pipeline_stage=7" in uneven.equation
