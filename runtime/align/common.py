@@ -31,6 +31,7 @@ from megatron.core.transformer.module import MegatronModule  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 from nemoc.compiler.plan import Layout  # noqa: E402
+from nemoc.runtime import checkpoint as ckpt  # noqa: E402
 from nemoc.runtime import megatron_args as margs  # noqa: E402
 from nemoc.runtime import model as mmodel  # noqa: E402
 
@@ -109,12 +110,12 @@ class ModelShape:
     norm_epsilon: float
 
     @classmethod
-    def of(cls, spec, vocab: int | None = None) -> "ModelShape":
+    def of(cls, spec, vocab: int | None = None, seq_length: int | None = None) -> "ModelShape":
         if getattr(spec, "experts", 0):
             raise AlignError(f"model '{spec.name}': alignment stages support dense models only (experts={spec.experts})")
         return cls(
             layers=spec.layers, hidden=spec.hidden, heads=spec.heads, query_groups=spec.query_groups,
-            ffn_hidden=spec.ffn_hidden, vocab=vocab or spec.vocab, seq_length=spec.seq_length,
+            ffn_hidden=spec.ffn_hidden, vocab=vocab or spec.vocab, seq_length=seq_length or spec.seq_length,
             head_dim=spec.head_dim, activation=spec.activation, norm=spec.norm, position=spec.position,
             rotary_base=spec.rotary_base, tie_embeddings=spec.tie_embeddings, add_bias_linear=spec.add_bias_linear,
             add_qkv_bias=spec.add_qkv_bias, qk_layernorm=spec.qk_layernorm, norm_epsilon=spec.norm_epsilon,
@@ -134,7 +135,7 @@ def machine_facts() -> margs.MachineFacts:
 
 
 def build_gpt(spec, layout: Layout, *, precision: str = "fp32", vocab: int | None = None,
-              attention_backend: str = "unfused", scalar_head: bool = False):
+              seq_length: int | None = None, attention_backend: str = "unfused", scalar_head: bool = False):
     """One GPTModel chunk for this pipeline rank, built by the runtime's own adapters
     (runtime.megatron_args, runtime.model), so parameters and checkpoints match the pretraining stage's.
 
@@ -142,10 +143,12 @@ def build_gpt(spec, layout: Layout, *, precision: str = "fp32", vocab: int | Non
     honours an explicit attention mask: packed SFT samples need a block-diagonal one. `scalar_head`
     replaces the vocabulary output layer by a one-output head (reward model, critic).
     Returns the chunk (Float16Module-wrapped for bf16/fp16); `unwrap(chunk)` is the GPTModel.
+    `vocab` is the tokenizer's vocabulary (padded like pretraining: 128 * tp); `seq_length` sizes the
+    learned position table exactly as runtime.train does (the stage's sequence length).
     """
     if layout.vp:
         raise AlignError("alignment stages do not support virtual pipeline stages (vp); use vp = none")
-    shape = ModelShape.of(spec, vocab)
+    shape = ModelShape.of(spec, vocab, seq_length)
     facts = machine_facts()
     try:
         config = margs.transformer_config(model=spec, layout=layout, precision=precision,
@@ -189,66 +192,65 @@ class ScalarHead(MegatronModule):
 
 
 def model_sharded_state_dict(model, *, skip_output: bool = False) -> dict:
-    state = unwrap(model).sharded_state_dict(prefix=f"{MODEL_KEY}.")
+    """{"model": GPTModel sharded state dict}: the layout `runtime.checkpoint` saves for pretraining."""
+    state = unwrap(model).sharded_state_dict()
     if skip_output:
-        state = {k: v for k, v in state.items() if ".output_layer." not in k}
-    return state
+        state = {k: v for k, v in state.items() if not k.startswith("output_layer.")}
+    return {MODEL_KEY: state}
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory holding a `latest` marker / `iter_*` subdirectories."""
+    """A checkpoint directory (dist_checkpointing `metadata.json`), or a root with a `latest` marker."""
     path = Path(path)
     if (path / "metadata.json").exists():
         return path
-    marker = path / "latest"
-    if marker.exists():
-        name = marker.read_text().strip()
-        candidate = path / name if not name.isdigit() else path / f"iter_{int(name):07d}"
-        if (candidate / "metadata.json").exists():
-            return candidate
-    iters = sorted(p for p in path.glob("iter_*") if (p / "metadata.json").exists())
-    if iters:
-        return iters[-1]
-    raise AlignError(f"{path}: no Megatron-Core checkpoint (no metadata.json, `latest` marker or iter_* directory)")
+    latest = ckpt.read_latest(str(path))
+    if latest and (Path(latest) / "metadata.json").exists():
+        return Path(latest)
+    if not path.exists():
+        raise AlignError(f"checkpoint {path} does not exist")
+    raise AlignError(f"{path}: not a Megatron-Core checkpoint (no metadata.json and no `latest` marker)")
 
 
 def load_model(model, checkpoint: str | os.PathLike, *, skip_output: bool = False) -> Path:
-    """Load the model weights of a dist_checkpointing directory into `model` (any TP/PP layout)."""
-    ckpt = resolve_checkpoint(checkpoint)
-    _check_shape(model, ckpt)
-    state = model_sharded_state_dict(model, skip_output=skip_output)
-    loaded = dist_checkpointing.load(state, str(ckpt))
-    prefix = f"{MODEL_KEY}."
-    weights = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
-    missing, _ = unwrap(model).load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state") and not (skip_output and "output_layer" in k)]
+    """Load the model weights of a dist_checkpointing directory into `model`, whatever TP/PP layout wrote
+    it. `skip_output` keeps this model's own output layer (a scalar head on a language-model trunk)."""
+    path = resolve_checkpoint(checkpoint)
+    if (path / ckpt.MANIFEST).exists():
+        reason = ckpt.verify(str(path))
+        if reason is not None:
+            raise AlignError(f"checkpoint {path} is incomplete: {reason}")
+    _check_shape(model, path)
+    loaded = dist_checkpointing.load(model_sharded_state_dict(model, skip_output=skip_output), str(path))
+    missing, _ = unwrap(model).load_state_dict(loaded[MODEL_KEY], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state") and not (skip_output and k.startswith("output_layer."))]
     if missing:
-        raise AlignError(f"{ckpt}: checkpoint lacks {len(missing)} model tensors, e.g. {missing[:3]}")
-    return ckpt
+        raise AlignError(f"checkpoint {path} lacks {len(missing)} model tensors, e.g. {missing[:3]}")
+    return path
 
 
-def save_model(model, directory: str | os.PathLike, *, shape: ModelShape, extra: Mapping | None = None) -> Path:
-    """Save `model` with dist_checkpointing plus `nemoc_model.json` (architecture, for compatibility checks)."""
+def save_model(model, directory: str | os.PathLike, *, extra: Mapping | None = None) -> Path:
+    """Model-only checkpoint (runtime.checkpoint.save_weights' layout) plus `nemoc_model.json`, which
+    records the architecture so a later stage can refuse an incompatible checkpoint with a clear message."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model_sharded_state_dict(model), str(directory))
+    ckpt.save_weights(str(directory), chunks=[model])
     if torch.distributed.get_rank() == 0:
-        info = {"shape": shape.__dict__, **(extra or {})}
+        info = {"shape": dataclasses.asdict(unwrap(model).nemoc_shape), **(extra or {})}
         (directory / "nemoc_model.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     torch.distributed.barrier()
     return directory
 
 
-def _check_shape(model, ckpt: Path) -> None:
-    info_path = ckpt / "nemoc_model.json"
+def _check_shape(model, path: Path) -> None:
+    info_path = path / "nemoc_model.json"
     shape = getattr(unwrap(model), "nemoc_shape", None)
     if shape is None or not info_path.exists():
         return
     saved = json.loads(info_path.read_text()).get("shape", {})
-    diffs = [f"{k}: checkpoint {saved[k]!r} != model {v!r}" for k, v in shape.__dict__.items()
-             if k in saved and k not in ("seq_length",) and saved[k] != v]
+    diffs = [f"{k}: checkpoint {saved[k]!r} != model {v!r}" for k, v in dataclasses.asdict(shape).items()
+             if k in saved and saved[k] != v]
     if diffs:
-        raise AlignError(f"{ckpt}: incompatible architecture ({'; '.join(diffs)})")
+        raise AlignError(f"{path}: incompatible architecture ({'; '.join(diffs)})")
 
 
 # ------------------------------------------------------------------------------------------ batches

@@ -1,0 +1,256 @@
+"""One runner per stage kind: sft (and lora), dpo, reward, ppo (rlhf), eval, export.
+
+Each takes the parsed `StageTask` inside an initialised process group and returns the DONE payload.
+The algorithms live in their own modules (sft.py, lora.py, dpo.py, reward.py, ppo.py, evaluate.py,
+export.py); this module only wires data, models, the trainer, metrics and checkpoints together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nemoc.runtime.align import common, dpo, lora, ppo, reward, sft, stage, trainer
+from nemoc.runtime.align.common import AlignError
+from nemoc.runtime.align.data import ChatTemplate, read_preferences, read_prompts, read_sft
+from nemoc.runtime.align.stage import StageTask
+
+
+def _template(task: StageTask) -> ChatTemplate:
+    return ChatTemplate.from_params(task.params)
+
+
+def _sft_samples(task: StageTask, tok):
+    template = _template(task)
+    train, val = [], []
+    for entry in stage.raw_datasets(task, stage.SFT_FORMATS):
+        convs = read_sft(entry["path"], entry["format"])
+        t, v = stage.split_held_out(convs, stage.validation_fraction(entry), task.stage.seed)
+        train += [template.render(tok, c.messages) for c in t]
+        val += [template.render(tok, c.messages) for c in v]
+    return train, val
+
+
+def _pairs(task: StageTask, tok, records):
+    template = _template(task)
+    return [dpo.Pair(prompt=template.prompt_ids(tok, r.prompt), chosen=template.reply_ids(tok, r.chosen),
+                     rejected=template.reply_ids(tok, r.rejected)) for r in records]
+
+
+def _preference_pairs(task: StageTask, tok):
+    train, val = [], []
+    for entry in stage.raw_datasets(task, ("preference",)):
+        recs = read_preferences(entry["path"])
+        t, v = stage.split_held_out(recs, stage.validation_fraction(entry), task.stage.seed)
+        train += _pairs(task, tok, t)
+        val += _pairs(task, tok, v)
+    return train, val
+
+
+def _policy(task: StageTask, checkpoint: str):
+    """The trained model: full weights, or LoRA adapters on a frozen base when the stage has `peft`."""
+    chunk = stage.build(task, checkpoint=checkpoint)
+    if task.stage.peft is not None:
+        lora.apply_lora(chunk, task.stage.peft, seed=task.stage.seed)
+    return chunk
+
+
+def _trainer(task: StageTask, chunk, steps: int | None = None):
+    s = task.stage
+    return trainer.Trainer(chunk, layout=s.layout, optimizer=s.optimizer, schedule=s.schedule,
+                           steps=steps or s.steps, precision=task.plan.precision)
+
+
+def _finish_policy(task: StageTask, chunk, payload: dict) -> dict:
+    """Save adapters (LoRA), merge, save the full final checkpoint."""
+    if task.stage.peft is not None:
+        adapter_dir = task.checkpoint_dir / "adapters"
+        peft = task.stage.peft
+        lora.save_adapters(chunk, adapter_dir, info={"rank": peft.rank, "alpha": peft.alpha, "targets": list(peft.targets),
+                                                     "base_checkpoint": stage.parent_checkpoint(task)})
+        payload["adapter_checkpoint"] = str(adapter_dir)
+        payload["adapter_parameters"] = sum(p.numel() for p in lora.adapters(chunk).values())
+        lora.merge(chunk)
+    payload["checkpoint"] = stage.save_final(task, chunk)
+    return payload
+
+
+def _count_tokens(batches) -> int:
+    return int(sum(int(b.tokens.numel()) for b in batches))
+
+
+def run_sft(task: StageTask) -> dict:
+    tok = stage.tokenizer_of(task)
+    train, val = _sft_samples(task, tok)
+    s, seq = task.stage, task.stage.seq_length
+    packing = bool(task.params.get("pack", True)) and not common.machine_facts().have_te
+    rows = sft.pack(sft.truncate(train, seq), seq, packing)
+    chunk = _policy(task, stage.parent_checkpoint(task))
+    val_batches = sft.rows_to_batches([[x] for x in sft.truncate(val, seq)], seq, s.layout.micro_batch, tok.pad) if val else []
+    before = sft.response_loss(chunk, val_batches) if val_batches else None
+    tr = _trainer(task, chunk)
+    total = task.steps
+    with stage.open_stage_metrics(task, total) as metrics:
+        def to_mb(share):
+            return sft.rows_to_batches(share, seq, s.layout.micro_batch, tok.pad)
+
+        def on_step(m):
+            stage.log_step(metrics, m, tokens=s.layout.global_batch * seq, log_every=s.log_every, total=total)
+
+        history = trainer.run_steps(tr, items=rows, steps=total, global_batch=s.layout.global_batch,
+                                    to_microbatches=to_mb, forward=sft.forward, seq_length=seq, on_step=on_step)
+        after = sft.response_loss(chunk, val_batches) if val_batches else None
+        if after is not None:
+            metrics.log({"step": total, "val_loss": after})
+    payload = {"final_loss": history[-1]["loss"], "steps": total, "val_response_loss_before": before,
+               "val_response_loss": after, "packing": packing, "rows": len(rows), "train_samples": len(train),
+               "resident_models": ["policy"]}
+    return _finish_policy(task, chunk, payload)
+
+
+def run_dpo(task: StageTask) -> dict:
+    tok = stage.tokenizer_of(task)
+    train, val = _preference_pairs(task, tok)
+    p, s, seq = task.params, task.stage, task.stage.seq_length
+    beta, loss = float(p.get("beta", 0.1)), str(p.get("loss", "dpo"))
+    reference_mode = str(p.get("reference", "model"))
+    if reference_mode not in ("model", "precomputed"):
+        raise AlignError(f"dpo: reference = {reference_mode!r}; expected model | precomputed")
+    parent = stage.parent_checkpoint(task)
+    chunk = _policy(task, parent)
+    resident = ["policy"]
+    if s.peft is not None:
+        reference = dpo.ReferenceScores(policy=chunk, lora_disabled=True, loss=loss)
+    else:
+        reference = dpo.ReferenceScores(model=stage.freeze(stage.build(task, checkpoint=parent)), loss=loss)
+        resident.append("reference")
+    table = val_table = None
+    if reference_mode == "precomputed":
+        table = dpo.precompute(reference, train, seq, s.layout.micro_batch, tok.pad)
+        val_table = dpo.precompute(reference, val, seq, s.layout.micro_batch, tok.pad) if val else None
+        if reference.model is not None:
+            reference.model = None  # freed: only the policy stays resident while training
+            resident = ["policy"]
+    before = dpo.preference_accuracy(chunk, val, seq_length=seq, reference=reference if table is None else None,
+                                     table=val_table, loss=loss, pad_id=tok.pad) if val else {}
+    tr = _trainer(task, chunk)
+    total = task.steps
+    with stage.open_stage_metrics(task, total) as metrics:
+        def to_mb(share):
+            return dpo.microbatches(share, seq_length=seq, micro_batch=s.layout.micro_batch,
+                                    reference=reference, table=table, pad_id=tok.pad)
+
+        def on_step(m):
+            stage.log_step(metrics, m, tokens=2 * s.layout.global_batch * seq, log_every=s.log_every, total=total)
+
+        history = trainer.run_steps(tr, items=list(enumerate(train)), steps=total, global_batch=s.layout.global_batch,
+                                    to_microbatches=to_mb, forward=dpo.make_forward(beta=beta, loss=loss,
+                                    label_smoothing=float(p.get("label_smoothing", 0.0))), seq_length=seq, on_step=on_step)
+        after = dpo.preference_accuracy(chunk, val, seq_length=seq, reference=reference if table is None else None,
+                                        table=val_table, loss=loss, pad_id=tok.pad) if val else {}
+        if after:
+            metrics.log({"step": total, **{f"val_{k}": v for k, v in after.items()}})
+    last = history[-1]
+    payload = {"final_loss": last["loss"], "steps": total, "loss_type": loss, "beta": beta,
+               "reward_accuracy": last["reward_accuracy"], "reward_margin": last["reward_margin"],
+               "val_before": before, "val": after, "reference": reference_mode, "resident_models": resident}
+    return _finish_policy(task, chunk, payload)
+
+
+def run_reward(task: StageTask) -> dict:
+    tok = stage.tokenizer_of(task)
+    train, val = _preference_pairs(task, tok)
+    s, seq = task.stage, task.stage.seq_length
+    chunk = stage.build(task, checkpoint=stage.parent_checkpoint(task), scalar_head=True, skip_output=True)
+    before = reward.accuracy(chunk, val, seq_length=seq, pad_id=tok.pad) if val else {}
+    tr = _trainer(task, chunk)
+    total = task.steps
+    with stage.open_stage_metrics(task, total) as metrics:
+        def to_mb(share):
+            return reward.pair_microbatches(share, seq_length=seq, micro_batch=s.layout.micro_batch, pad_id=tok.pad)
+
+        def on_step(m):
+            stage.log_step(metrics, m, tokens=2 * s.layout.global_batch * seq, log_every=s.log_every, total=total)
+
+        history = trainer.run_steps(tr, items=train, steps=total, global_batch=s.layout.global_batch,
+                                    to_microbatches=to_mb, forward=reward.forward, seq_length=seq, on_step=on_step)
+        after = reward.accuracy(chunk, val, seq_length=seq, pad_id=tok.pad) if val else {}
+        if after:
+            metrics.log({"step": total, "val_accuracy": after["accuracy"]})
+    payload = {"final_loss": history[-1]["loss"], "steps": total, "train_accuracy": history[-1]["accuracy"],
+               "val_before": before, "val": after, "scalar_head": True, "resident_models": ["reward"]}
+    payload["checkpoint"] = stage.save_final(task, chunk, extra={"scalar_head": True})
+    return payload
+
+
+def run_ppo(task: StageTask) -> dict:
+    tok = stage.tokenizer_of(task)
+    s, seq = task.stage, task.stage.seq_length
+    cfg = ppo.PPOConfig.from_params(task.params)
+    template = _template(task)
+    prompts = []
+    for entry in stage.raw_datasets(task, ("prompt", "chat", "prompt_response", "preference")):
+        prompts += [template.prompt_ids(tok, r.prompt) for r in read_prompts(entry["path"])]
+    prompts = [p for p in prompts if len(p) + 1 < seq]
+    if not prompts:
+        raise AlignError(f"ppo: no prompt leaves room for a response within seq_length={seq}")
+    reward_ckpt = stage.parent_checkpoint(task, kind="reward")
+    actor_ckpt = next((task.parents[n] for n in s.after if task.plan.stage(n).kind != "reward" and n in task.parents), None)
+    if actor_ckpt is None:
+        raise AlignError(f"ppo stage {s.name} needs a policy parent (e.g. an sft stage) besides the reward stage")
+    actor = _policy(task, actor_ckpt)
+    critic = stage.build(task, checkpoint=reward_ckpt, scalar_head=True)  # critic starts from the reward model
+    reward_model = stage.freeze(stage.build(task, checkpoint=reward_ckpt, scalar_head=True))
+    if s.peft is not None:
+        reference = ppo.reference_logprobs(actor=actor, lora_disabled=True)
+    else:
+        reference = ppo.reference_logprobs(stage.freeze(stage.build(task, checkpoint=actor_ckpt)))
+    scorer = ppo.ModelScorer(reward_model, seq)
+    total = task.steps
+    actor_tr = _trainer(task, actor, steps=total * cfg.ppo_epochs)
+    critic_tr = _trainer(task, critic, steps=total * cfg.ppo_epochs)
+    dp_rank, _ = stage.dp_info()
+    gen = torch.Generator().manual_seed(s.seed + 1000 * dp_rank)  # same on TP peers, different across DP
+    history = []
+    with stage.open_stage_metrics(task, total) as metrics:
+        for it in range(total):
+            share = trainer.dp_shard(prompts, it, s.layout.global_batch)
+            m = ppo.iteration(actor_trainer=actor_tr, critic_trainer=critic_tr, actor=actor, critic=critic,
+                              reference=reference, scorer=scorer, prompts=share, seq_length=seq,
+                              vocab=task.vocab_size, eod=tok.eod, cfg=cfg, micro_batch=s.layout.micro_batch,
+                              generator=gen)
+            m["step"] = it + 1
+            history.append(m)
+            stage.log_step(metrics, m, tokens=0, log_every=s.log_every, total=total)
+    first, last = history[0], history[-1]
+    payload = {"final_loss": last["policy_loss"], "steps": total, "reward_first": first["reward"],
+               "reward": last["reward"], "kl": last["kl"], "entropy": last["entropy"],
+               "resident_models": ["actor", "critic", "reward", "reference"] if s.peft is None
+               else ["actor", "critic", "reward"]}
+    return _finish_policy(task, actor, payload)
+
+
+def run_eval(task: StageTask) -> dict:
+    from nemoc.runtime.align import evaluate
+
+    return evaluate.run(task)
+
+
+def run_export(task: StageTask) -> dict:
+    from nemoc.runtime.align import export
+
+    checkpoint = stage.parent_checkpoint(task)
+    chunk = stage.build(task, checkpoint=checkpoint, single=True, precision="fp32")
+    shape = common.unwrap(chunk).nemoc_shape
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        str(task.params.get("dtype", "float32")))
+    if dtype is None:
+        raise AlignError(f"export: dtype {task.params.get('dtype')!r}; expected float32 | bfloat16 | float16")
+    out = task.output_dir / "hf"
+    export.write_hf_checkpoint(common.unwrap(chunk).state_dict(), shape, out, dtype=dtype, tokenizer=task.tokenizer)
+    return {"export": str(out), "format": "huggingface", "architecture": export.style_of(shape),
+            "source_checkpoint": checkpoint, "steps": 0, "final_loss": None, "resident_models": ["policy"]}
+
+
+RUNNERS = {"sft": run_sft, "lora": run_sft, "dpo": run_dpo, "reward": run_reward, "ppo": run_ppo,
+           "rlhf": run_ppo, "eval": run_eval, "export": run_export}
+SINGLE_PROCESS = ("eval", "export")

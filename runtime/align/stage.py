@@ -1,0 +1,209 @@
+"""The stage entrypoint's plumbing: task.json -> data, models, metrics, checkpoints, DONE.json.
+
+Input:  a task.json (docs/graph.md, section 3) whose `stage` names an sft / lora / dpo / reward / ppo /
+        rlhf / eval / export stage of the compiled plan; raw JSONL datasets (`path` + `format`), the
+        tokenizer, the parents' final checkpoints.
+Output: `output_dir/DONE.json` (`checkpoint`, `final_loss`, `steps`, stage metrics, `resident_models`)
+        written only on success; metrics.jsonl + TensorBoard; `results.json` for eval; a Hugging Face
+        directory for export.
+Invariants: every user-facing failure is an `AlignError`/`DataError` message (no traceback), exit 2;
+        held-out examples are never trained on (split by the dataset's validation fraction, seeded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from nemoc.compiler.plan import Plan, StagePlan, from_json
+from nemoc.runtime.align import common
+from nemoc.runtime.align.common import AlignError
+from nemoc.runtime.align.data import ChatTemplate, DataError, read_preferences, read_prompts, read_sft
+from nemoc.runtime.metrics import open_metrics
+
+TASK_VERSION = 1
+SFT_FORMATS = ("chat", "prompt_response")
+
+
+@dataclass
+class StageTask:
+    path: str
+    plan: Plan
+    stage: StagePlan
+    datasets: list[dict]
+    tokenizer: str | None
+    vocab_size: int
+    init_checkpoint: str | None
+    parents: dict[str, str]
+    output_dir: Path
+    checkpoint_dir: Path
+    metrics_path: str | None
+    tensorboard_dir: str | None
+    max_steps: int | None
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return min(self.stage.steps, self.max_steps) if self.max_steps is not None else self.stage.steps
+
+    @property
+    def params(self) -> dict:
+        return dict(self.stage.params)
+
+
+def load_task(path: str) -> StageTask:
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AlignError(f"{path}: task file not found") from None
+    except (OSError, ValueError) as exc:
+        raise AlignError(f"{path}: not a readable JSON task ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("version") != TASK_VERSION:
+        raise AlignError(f"{path}: task version is not {TASK_VERSION}")
+    for key in ("plan", "stage", "output_dir", "vocab_size"):
+        if raw.get(key) in (None, ""):
+            raise AlignError(f"{path}: field `{key}` is missing")
+    try:
+        plan = from_json(Path(raw["plan"]).read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AlignError(f"{path}: plan {raw['plan']} is unreadable: {exc}") from None
+    names = [s.name for s in plan.stages]
+    if raw["stage"] not in names:
+        raise AlignError(f"{path}: stage {raw['stage']!r} is not in the plan (stages: {', '.join(names)})")
+    out = Path(raw["output_dir"])
+    max_steps = raw.get("max_steps")
+    return StageTask(
+        path=os.path.abspath(path), plan=plan, stage=plan.stage(raw["stage"]), datasets=list(raw.get("datasets") or []),
+        tokenizer=raw.get("tokenizer"), vocab_size=int(raw["vocab_size"]), init_checkpoint=raw.get("init_checkpoint"),
+        parents=dict(raw.get("parents") or {}), output_dir=out,
+        checkpoint_dir=Path(raw.get("checkpoint_dir") or out / "checkpoints"),
+        metrics_path=raw.get("metrics_path"), tensorboard_dir=raw.get("tensorboard_dir"),
+        max_steps=int(max_steps) if max_steps is not None else None, raw=raw,
+    )
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def tokenizer_of(task: StageTask):
+    from nemoc.runtime.tokenizer import TokenizerError, load_tokenizer
+
+    if not task.tokenizer:
+        raise AlignError(f"stage {task.stage.name}: no tokenizer was handed to this stage (task.json `tokenizer`)")
+    try:
+        return load_tokenizer(task.tokenizer)
+    except TokenizerError as exc:
+        raise AlignError(str(exc)) from None
+
+
+def raw_datasets(task: StageTask, formats: tuple[str, ...]) -> list[dict]:
+    found = [d for d in task.datasets if d.get("path") and d.get("format") in formats]
+    if not found:
+        given = ", ".join(f"{d.get('name')} ({d.get('format', 'text')})" for d in task.datasets) or "none"
+        raise AlignError(f"stage {task.stage.name} ({task.stage.kind}) needs a dataset of format "
+                         f"{' | '.join(formats)}; it was given: {given}")
+    return found
+
+
+def validation_fraction(entry: dict) -> float:
+    """The validation share of a dataset's "train,valid,test" split weights."""
+    try:
+        weights = [float(x) for x in str(entry.get("split") or "98,2,0").split(",")]
+    except ValueError:
+        return 0.02
+    total = sum(weights) or 1.0
+    return weights[1] / total if len(weights) > 1 else 0.0
+
+
+def split_held_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded shuffle, then the first ceil(fraction * n) records (at least 1 when n >= 2) are held out."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(records) - 1, max(1 if len(records) >= 2 and fraction > 0 else 0, round(fraction * len(records))))
+    val = [records[i] for i in order[:n_val]]
+    train = [records[i] for i in order[n_val:]]
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+def init_process_group(task: StageTask, *, single: bool = False) -> None:
+    layout = task.stage.layout
+    tp, pp = (1, 1) if single else (layout.tp, layout.pp)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp * pp * (1 if single else layout.dp):
+        if single:
+            raise AlignError(f"stage {task.stage.name}: runs in one process, started with {world}")
+        raise AlignError(f"stage {task.stage.name}: world size {world} != tp({tp}) * pp({pp}) * dp({layout.dp})")
+    common.init_distributed(tp=tp, pp=pp, seed=task.stage.seed)
+
+
+def build(task: StageTask, *, checkpoint: str | None, scalar_head: bool = False, skip_output: bool = False,
+          single: bool = False, precision: str | None = None):
+    """A chunk for this stage's layout (or TP=1 for single-process kinds), loaded from `checkpoint`."""
+    layout = common.single_layout() if single else task.stage.layout
+    chunk = common.build_gpt(task.plan.model, layout, precision=precision or task.plan.precision,
+                             vocab=task.vocab_size, seq_length=task.stage.seq_length, scalar_head=scalar_head)
+    if checkpoint:
+        common.load_model(chunk, checkpoint, skip_output=skip_output)
+    return chunk
+
+
+def parent_checkpoint(task: StageTask, *, kind: str | None = None) -> str:
+    """The checkpoint of the first parent (or of the first parent stage of `kind`)."""
+    for name in task.stage.after:
+        if kind is None or task.plan.stage(name).kind == kind:
+            path = task.parents.get(name) or (task.init_checkpoint if kind is None else None)
+            if path:
+                return path
+    what = f"a parent stage of kind {kind}" if kind else "a parent stage (`after`)"
+    raise AlignError(f"stage {task.stage.name} ({task.stage.kind}) needs {what} with a checkpoint")
+
+
+def freeze(chunk):
+    for p in chunk.parameters():
+        p.requires_grad_(False)
+    common.unwrap(chunk).eval()
+    return chunk
+
+
+def open_stage_metrics(task: StageTask, total: int):
+    return open_metrics(rank=torch.distributed.get_rank(), metrics_path=task.metrics_path,
+                        tensorboard_dir=task.tensorboard_dir, total_steps=total, title=task.stage.name)
+
+
+def log_step(metrics, record: dict, *, tokens: int, log_every: int, total: int) -> None:
+    step = record["step"]
+    if step % max(log_every, 1) and step != total and step != 1:
+        return
+    rec = dict(record)
+    rec.setdefault("loss", rec.get("policy_loss", float("nan")))
+    rec["tokens_per_s"] = tokens / max(rec.get("step_time_s", 0.0), 1e-9) if tokens else 0.0
+    metrics.log(rec)
+
+
+def save_final(task: StageTask, chunk, *, extra: dict | None = None) -> str:
+    """The stage's final model-only checkpoint (what downstream stages and export load)."""
+    path = task.checkpoint_dir / "final"
+    common.save_model(chunk, path, extra={"stage": task.stage.name, "kind": task.stage.kind, **(extra or {})})
+    return str(path)
+
+
+def write_done(task: StageTask, payload: dict) -> None:
+    payload = {"stage": task.stage.name, "kind": task.stage.kind, **payload}
+    common.write_json(task.output_dir / "DONE.json", payload)
+
+
+def dp_info() -> tuple[int, int]:
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+__all__ = ["StageTask", "load_task", "AlignError", "DataError", "ChatTemplate", "read_sft", "read_preferences",
+           "read_prompts", "SFT_FORMATS"]
