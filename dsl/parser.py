@@ -470,7 +470,7 @@ def _missing_closer(unclosed, tokens: list[_Tok], text: str, path: str) -> Diagn
     where = f"{span.line}:{span.col}"
     if what:
         head = _header_span(tokens, opener, text, path)
-        return Diagnostic("E011", f"missing `{closer}` to close `{what}` opened at {where}", head,
+        return Diagnostic("E011", f"missing `{closer}` to close `{what}` opened at {head.line}:{head.col}", head,
                           hint=f"add `{closer}` after the last field of `{what}`")
     return Diagnostic("E015", f"missing `{closer}` to close the `{opener.text}` opened at {where}", span,
                       hint=f"add `{closer}`")

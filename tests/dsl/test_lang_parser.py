@@ -72,7 +72,7 @@ def _error(text: str):
 def test_missing_brace_names_the_block_and_where_it_opened():
     d = _error("experiment x {\n  parallel {\n    tensor = 8\n  stage s { }\n}\n")
     assert d.code == "E011"
-    assert d.message == "missing `}` to close `parallel` opened at 2:12"
+    assert d.message == "missing `}` to close `parallel` opened at 2:3"
     assert (d.span.line, d.span.col) == (2, 3)
 
 
@@ -143,4 +143,4 @@ def test_missing_value_at_end_of_file_is_named_as_such():
 
 def test_forgotten_brace_of_the_last_block_is_found_by_indentation():
     d = _error("experiment x {\n  stage s {\n    a = 1\n}\n")
-    assert d.message == "missing `}` to close `stage s` opened at 2:11"
+    assert d.message == "missing `}` to close `stage s` opened at 2:3"
