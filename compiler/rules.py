@@ -282,6 +282,21 @@ def rule_interleave_needs_pp(env: Env, s: Sizes) -> Violation | None:
     )
 
 
+def rule_interleave_pp2(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-LM arguments.py validate_args: without overlapped p2p communication (nemoc's runtime
+    batches p2p: batch_p2p_comm=True, overlap_p2p_comm=False), the interleaved schedule needs pp > 2,
+    "to avoid having multiple p2p sends and recvs between same 2 ranks per communication batch"."""
+    if s.vp is None or s.vp <= 1 or s.pp != 2:
+        return None
+    return Violation(
+        "E124", "the interleaved schedule with two pipeline stages needs overlapped p2p communication",
+        f"virtual_pipeline({s.vp}) > 1 requires pp({s.pp}) > 2 with batched p2p communication",
+        "use pipeline >= 3, or drop virtual_pipeline",
+        anchors=(_P + "virtual_pipeline", _P + "pipeline"),
+        source="megatron/training/arguments.py validate_args (interleaved schedule, p2p overlap disabled: pp > 2)",
+    )
+
+
 def rule_interleave_microbatches(env: Env, s: Sizes) -> Violation | None:
     """schedules.py forward_backward_pipelining_with_interleaving: with the default
     microbatch_group_size_per_vp_stage = pp, need pp <= M and M % pp == 0 (else 0 < M % pp < pp)."""
@@ -662,7 +677,7 @@ def warn_vp_one(env: Env, s: Sizes) -> Violation | None:
 # Ordered: cheapest and most decisive first (layout_violations stops at the first error).
 ERROR_RULES: tuple[Rule, ...] = (
     rule_world_size, rule_heads_tp, rule_query_groups_tp, rule_ffn_tp, rule_layers_pipeline,
-    rule_interleave_needs_pp, rule_sequence_parallel, rule_global_batch, rule_interleave_microbatches,
+    rule_interleave_needs_pp, rule_interleave_pp2, rule_sequence_parallel, rule_global_batch, rule_interleave_microbatches,
     rule_context_seq, rule_context_backend, rule_sequence_parallel_split, rule_dense_expert,
     rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp, rule_moe_tp_needs_sp,
     rule_precision_hardware, rule_seq_length_positions,
