@@ -305,7 +305,7 @@ def _env_name(name: str) -> str:
 
 
 def require_slurm() -> None:
-    missing = [tool for tool in ("sbatch", "scontrol", "scancel") if shutil.which(tool) is None]
+    missing = [tool for tool in ("sbatch", "scontrol", "scancel", "squeue") if shutil.which(tool) is None]
     if missing:
         raise SlurmError(f"Slurm is not reachable from this machine: {', '.join(missing)} not on PATH")
 
@@ -365,17 +365,24 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "DEADLINE", "PREEMPTED"}
 
 
+_COUNTERS = re.compile(r" Requeue=(\d+) Restarts=(\d+) BatchFlag=\d+ Reboot=\d+ ExitCode=(\d+):(\d+)")
+
+
 def job_info(job_id: str) -> dict[str, str]:
-    """`scontrol show job -o` as a dict (no accounting database is needed); {} once Slurm forgot it."""
-    proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
-                          timeout=60)
-    if proc.returncode != 0:
+    """JobState, Reason, Restarts and ExitCode of a job without an accounting database; {} once Slurm
+    has forgotten it. The state comes from `squeue -o %T` and the counters from one anchored pattern of
+    `scontrol show job -o`, so a job name or comment that contains `JobState=...` cannot spoof them."""
+    squeue = subprocess.run(["squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T|%r"], capture_output=True,
+                            text=True, timeout=60)
+    line = squeue.stdout.strip().splitlines()[0] if squeue.returncode == 0 and squeue.stdout.strip() else ""
+    if not line:
         return {}
-    info: dict[str, str] = {}
-    for token in proc.stdout.split():
-        key, sep, value = token.partition("=")
-        if sep and key not in info:
-            info[key] = value
+    state, _, reason = line.partition("|")
+    info = {"JobState": state.strip(), "Reason": reason.strip()}
+    proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=60)
+    match = _COUNTERS.search(proc.stdout) if proc.returncode == 0 else None
+    if match:
+        info.update(Requeue=match.group(1), Restarts=match.group(2), ExitCode=f"{match.group(3)}:{match.group(4)}")
     return info
 
 
@@ -503,7 +510,8 @@ class SlurmLauncher:
         end = data.rfind(b"\n") + 1  # only whole lines
         if end:
             for line in data[:end].decode("utf-8", "replace").splitlines(keepends=True):
-                self.echo(line)
+                if line.startswith(("0: ", "[nemoc ")):  # node 0's output (srun --label) and the script's
+                    self.echo(line[3:] if line.startswith("0: ") else line)
         return offset + end
 
     def _result(self, job: SlurmJob, job_id: str, info: Mapping[str, str]) -> LaunchResult:
