@@ -21,10 +21,10 @@ from importlib import resources
 
 import lark
 from lark import Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from nemoc.dsl import ast
-from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Note, Span
+from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Span
 
 MAX_BYTES = 1 << 20  # 1 MiB: an experiment is a page, not a data set
 MAX_NESTING = 64  # brackets of any kind; the transformer and evaluator recurse on depth
@@ -547,5 +547,4 @@ def _missing_value(before: list[_Tok], text: str, path: str) -> Diagnostic:
     span = _offset_span(text, start.offset, path, eq.offset + 1 - start.offset)
     what = f"`{key} =`" if key else "`=`"
     return Diagnostic("E012", f"missing value after {what}", span,
-                      hint="write a value: a number, a string, a name, a list `[...]` or `auto`",
-                      notes=() if not key else (Note(f"`{key}` needs a value", span),)[:0])
+                      hint="write a value: a number, a string, a name, a list `[...]` or `auto`")
