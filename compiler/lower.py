@@ -211,7 +211,8 @@ class _Lowering:
         if "parallel" not in self.spans:
             self.spans["parallel"] = self.exp.head
         data = tuple(self._data(b) for b in self.exp.blocks if b.kind == "data" and b.name)
-        stages = self._stages(parallel, {d.name for d in data if d})
+        declared = {b.name for b in self.exp.blocks if b.kind == "data" and b.name}  # invalid ones too
+        stages = self._stages(parallel, declared)
         self._unused_data(data, stages)
         for key in ("precision", "attention_backend"):
             if key in self.exp.spans:

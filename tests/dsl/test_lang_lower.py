@@ -124,3 +124,9 @@ def test_all_errors_are_reported_at_once(tmp_path):
     text = BASE.replace("nodes = 2", "nodes = 2GiB  gpu_per_node = 8").replace("steps = 10", "steps = x")
     codes = sorted(d.code for d in errors_of(text, tmp_path))
     assert codes == ["E021", "E030", "E031"]
+
+
+def test_an_invalid_data_block_is_still_declared(tmp_path):
+    """No cascade: a data set with a bad field is reported once, not again as an undefined reference."""
+    codes = [d.code for d in errors_of(BASE.replace('path = "web.jsonl"', "path = web"), tmp_path)]
+    assert codes == ["E030"]
