@@ -113,7 +113,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['case'][:44]:44} {r['cpu_s_median']:8.3f} {r['cpu_s_best']:8.3f} {r['wall_s_median']:8.3f} "
               f"{r['space']:8,} {r['memory_evaluations']:9,}  {r['best']}")
-    out = {"machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()},
+    import os
+
+    out = {"machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
+                       "cpus": os.cpu_count(), "load_average": list(os.getloadavg())},
            "results": rows}
     if args.oracle:
         out["oracle"] = bench_oracle()

@@ -414,6 +414,7 @@ def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, 
         return False
     sps = [sp for sp in _sp_domain(p, tp)
            if _group_fits(p, env, rec, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs))]
+    weakest = {sp: len(rcs) - 1 for sp in sps}  # per SP: the weakest recompute that can still fit
     for i, mb in enumerate(mbs):
         any_fit = False
         for sp in sps:
@@ -423,7 +424,10 @@ def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, 
                 rec.rule(v.short, f"{v.code} {v.message}", layout, len(rcs))
                 any_fit = True  # a rule, not memory, stopped this micro batch: larger ones may pass
                 break
-            fitted = _search_recompute(p, rec, best, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs)
+            k = _search_recompute(p, rec, best, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs, weakest[sp])
+            fitted = k >= 0
+            if fitted:
+                weakest[sp] = k
             any_fit = any_fit or fitted
             if fitted and p.fixed.sequence_parallel is None and sp and len(sps) > 1:
                 rec.rule("sequence_parallel = on fits and is never slower", "dominated: sequence_parallel = off "
@@ -459,12 +463,14 @@ def _rules_mb(env: Env, p: Problem, layout: Layout):
     return rule_global_batch(env, s) or rule_interleave_microbatches(env, s)
 
 
-def _search_recompute(p: Problem, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs) -> bool:
-    """Recompute levels of one (group, micro batch), weakest first: the first that fits is the
-    fastest (time is monotone in recompute) and every stronger one fits too (memory is monotone);
-    a stronger one is evaluated only if it could still enter the top list (its time is at least
-    the weaker one's). Returns whether the strongest level fits."""
-    for k in range(len(rcs) - 1, -1, -1):
+def _search_recompute(p: Problem, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs,
+                      weakest: int) -> int:
+    """Recompute levels of one (group, micro batch), weakest first, starting at index `weakest`
+    (levels weaker than the weakest that fitted a smaller micro batch cannot fit: memory is
+    monotone in the micro batch). The first that fits is the fastest (time is monotone in
+    recompute) and every stronger one fits too; a stronger one is costed only while it could still
+    enter the top list. Returns the index of the weakest level that fits, or -1."""
+    for k in range(weakest, -1, -1):
         layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[k])
         rec.evaluated += 1
         mem = evaluate_memory(p, layout)
@@ -483,8 +489,12 @@ def _search_recompute(p: Problem, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep
             stronger = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[j])
             rec.evaluated += 1
             best.push(Candidate(stronger, first.split, evaluate_memory(p, stronger), evaluate_time(p, stronger)))
-        return True
-    return False
+        if weakest < len(rcs) - 1:
+            rec.rule("a smaller micro batch already needed this much recompute", "out of memory (less recompute "
+                     "than a smaller micro batch needed)", lambda: describe(replace(layout, recompute=rcs[-1])),
+                     len(rcs) - 1 - weakest)
+        return k
+    return -1
 
 
 def _split(p: Problem, pp: int, vp: int | None) -> PipelineSplit:
