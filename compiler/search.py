@@ -44,6 +44,7 @@ from nemoc.compiler.flops import model_flops_per_step
 from nemoc.compiler.catalog.hardware import HardwareSpec
 from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown
 from nemoc.compiler.rules import (
+    ERROR_RULES,
     RECOMPUTE,
     Env,
     PipelineSplit,
@@ -382,8 +383,9 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
                             # Interleaving only adds memory (the first stage holds (1 + (pp-1)/(pp*vp)) x
                             # the microbatches): when no layout fits without it, none fits with it.
                             if len(vps) > 1:
-                                rec.rule("interleaving only adds activation memory", "out of memory (interleaved "
-                                         "variant of a layout that already overflows)", f"tp={tp} pp={pp} cp={cp} vp>1",
+                                rec.rule("interleaving only adds activation memory (and the failed rules do not "
+                                         "depend on it)", "rejected: interleaved variant of a layout that fails "
+                                         "memory or rules without interleaving", f"tp={tp} pp={pp} cp={cp} vp>1",
                                          (len(vps) - 1) * len(_micro_batches(p, dp)) * len(_recomputes(p)))
                             break
     return rec.result(best)
@@ -395,12 +397,19 @@ def _sp_domain(p: Problem, tp: int) -> list[bool]:
     return _bools(p.fixed.sequence_parallel, tp > 1)
 
 
+_MB_RULES = (rule_global_batch, rule_interleave_microbatches)
+_GROUP_RULES = tuple(r for r in ERROR_RULES if r not in _MB_RULES)
+
+
 def _group_rules(p: Problem, env: Env, rec: _Recorder, layout: Layout, count: int) -> bool:
-    """Rules of the group (everything except the micro-batch-dependent E108 / E111)."""
-    v = layout_violations(env, _sizes(p, layout))
-    if v is not None and v.code not in ("E108", "E111"):
-        rec.rule(v.short, f"{v.code} {v.message}", layout, count)
-        return False
+    """Every rule that does not depend on the micro batch (all but E108 / E111, checked per micro
+    batch by `_rules_mb`): together they are exactly `layout_violations`."""
+    sizes = _sizes(p, layout)
+    for rule in _GROUP_RULES:
+        v = rule(env, sizes)
+        if v is not None:
+            rec.rule(v.short, f"{v.code} {v.message}", layout, count)
+            return False
     return True
 
 
