@@ -31,7 +31,10 @@ from nemoc.dsl import ast
 from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Note, Severity, Span, has_errors
 from nemoc.dsl.loader import Program, load_program
 from nemoc.dsl.overrides import apply_overrides
-from nemoc.dsl.schema import (BLOCKS, DATA_OPTIONS, MODEL_FIELDS, STAGE_KINDS, STAGE_PARAMS, TEMPLATE_KINDS)
+from nemoc.dsl.schema import (BLOCKS, DATA_OPTIONS, MODEL_FIELDS, STAGE_KINDS, STAGE_PARAMS, TEMPLATE_KINDS,
+                              TRAINING_KINDS)
+
+LENGTH_FIELDS = ("steps", "tokens", "epochs")
 from nemoc.dsl.typecheck import CallValue, Checked, Ref, check_block, did_you_mean, missing_required, suggest
 
 
@@ -345,6 +348,7 @@ class _Lowering:
                 self.diags.append(Diagnostic("E025", f"stage `{b.name}` needs a `kind`", b.head,
                                              hint=f"add `kind = ...`, one of {', '.join(STAGE_KINDS)}"))
             return None
+        self._check_length(b, kind)
         self._check_refs(values.get("data", ()), data_names, "data set", "data")
         self._check_refs(b.after, names, "stage", "stage")
         params = {p.name: values.pop(p.name, p.default) for p in STAGE_PARAMS[kind]}
@@ -366,6 +370,20 @@ class _Lowering:
             fields["parallel"] = self._parallel(stage_parallel, parallel, f"{prefix}.parallel")
         return StageSpec(name=b.name, kind=kind, after=tuple(r.name for r in b.after),
                          params=MappingProxyType(params), **fields)
+
+    def _check_length(self, b: Checked, kind: str) -> None:
+        """Exactly one of steps / tokens / epochs sizes a training stage."""
+        given = [k for k in b.values if k in LENGTH_FIELDS]  # in the order written
+        if len(given) > 1:
+            first, *others = given
+            self.diags.append(Diagnostic(
+                "E027", f"stage `{b.name}` sets both " + " and ".join(f"`{k}`" for k in given), b.spans[others[0]],
+                notes=(Note(f"`{first}` set here", b.spans[first]),),
+                hint="keep one: steps = tokens / (global_batch x seq_length)"))
+        elif not given and kind in TRAINING_KINDS and not (set(LENGTH_FIELDS) & b.written):
+            self.diags.append(Diagnostic(
+                "W002", f"{kind} stage `{b.name}` has no length", b.head, severity=Severity.WARNING,
+                hint="set one of `steps`, `tokens` or `epochs`"))
 
     def _checkpoint(self, block: Checked | None, prefix: str) -> CheckpointSpec:
         if block is None:

@@ -28,6 +28,7 @@ CODES: Mapping[str, str] = MappingProxyType({
     "E024": "block header: a missing or unexpected name, or `after` outside a stage",
     "E025": "missing required field or block",
     "E026": "not exactly one experiment in the root file, or an experiment in an imported file",
+    "E027": "a stage's length is given twice (more than one of `steps`, `tokens`, `epochs`)",
     "E030": "wrong type",
     "E031": "wrong or unknown unit",
     "E032": "value out of range",
@@ -42,4 +43,5 @@ CODES: Mapping[str, str] = MappingProxyType({
     "E044": "a model that is not a preset lacks required architecture fields",
     "E050": "malformed `--set` override or unknown override path",
     "W001": "a data set no stage uses",
+    "W002": "a training stage without a length (`steps`, `tokens` or `epochs`): plan and run cannot size it",
 })

@@ -242,18 +242,24 @@ STAGE_FIELDS = (
 )
 
 # Kind-specific stage fields; they land in `StageSpec.params`.
+_SAMPLES = _f("samples", POSITIVE_COUNT, None, "Records in the stage's data, so `nemoc plan` can turn `epochs` "
+             "into steps when the data is not on this machine.")
+TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
+
 STAGE_PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
-    "pretrain": (),
+    "pretrain": (_SAMPLES,),
     "sft": (
+        _SAMPLES,
         _f("packing", BOOL, False, "Pack several samples into one sequence."),
         _f("loss_on_prompt", BOOL, False, "Also train on prompt tokens."),
     ),
     "dpo": (
+        _SAMPLES,
         _f("beta", POSITIVE_FLOAT, 0.1, "DPO temperature beta (Rafailov et al. 2023)."),
         _f("loss", enum("dpo", "ipo"), "dpo", "Preference loss: sigmoid DPO or IPO (Azar et al. 2023)."),
         _f("label_smoothing", FRACTION, 0.0, "Conservative-DPO label smoothing."),
     ),
-    "reward": (),
+    "reward": (_SAMPLES,),
     "ppo": (
         _f("reward", ref("stage"), None, "The `reward` stage that scores rollouts.", required=True),
         _f("kl_coef", NONNEG_FLOAT, 0.05, "KL penalty coefficient against the reference policy."),
