@@ -235,16 +235,33 @@ def rule_query_groups_tp(env: Env, s: Sizes) -> Violation | None:
 
 
 def rule_ffn_tp(env: Env, s: Sizes) -> Violation | None:
-    """tensor_parallel/layers.py RowParallelLinear: divide(input_size, tp) asserts ffn % tp == 0 (fc2)."""
-    f = env.model.ffn_hidden
-    if s.tp is None or f % s.tp == 0:
+    """tensor_parallel/layers.py RowParallelLinear: divide(input_size, tp) asserts that fc2's input
+    (the dense MLP's ffn_hidden; in an MoE model the shared expert's, the routed experts use etp)
+    splits evenly over the tensor-parallel ranks."""
+    m = env.model
+    f, name = (m.shared_expert_ffn_hidden, "shared_expert_ffn_hidden") if m.is_moe else (m.ffn_hidden, "ffn_hidden")
+    if s.tp is None or not f or f % s.tp == 0:
         return None
     return Violation(
         "E104", "the MLP hidden size is not divisible by the tensor-parallel size",
-        f"ffn_hidden({f}) % tp({s.tp}) = {f % s.tp} != 0",
+        f"{name}({f}) % tp({s.tp}) = {f % s.tp} != 0",
         f"use tensor = a divisor of {f}",
-        anchors=(_P + "tensor", "model.ffn_hidden", "model"),
+        anchors=(_P + "tensor", f"model.{name}", "model"),
         source="megatron/core/tensor_parallel/layers.py RowParallelLinear (divide(input_size, world_size))",
+    )
+
+
+def rule_head_dim(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-LM arguments.py validate_args: without kv_channels, hidden % heads == 0."""
+    m = env.model
+    if m.kv_channels is not None or m.hidden % m.heads == 0:
+        return None
+    return Violation(
+        "E125", "the hidden size is not divisible by the attention heads (and kv_channels is not set)",
+        f"hidden({m.hidden}) % heads({m.heads}) = {m.hidden % m.heads} != 0",
+        "set kv_channels (the head dimension), or a hidden size that is a multiple of heads",
+        anchors=("model.hidden", "model.heads", "model"),
+        source="megatron/training/arguments.py validate_args (hidden_size % num_attention_heads when kv_channels is None)",
     )
 
 
@@ -676,7 +693,7 @@ def warn_vp_one(env: Env, s: Sizes) -> Violation | None:
 
 # Ordered: cheapest and most decisive first (layout_violations stops at the first error).
 ERROR_RULES: tuple[Rule, ...] = (
-    rule_world_size, rule_heads_tp, rule_query_groups_tp, rule_ffn_tp, rule_layers_pipeline,
+    rule_world_size, rule_heads_tp, rule_query_groups_tp, rule_ffn_tp, rule_head_dim, rule_layers_pipeline,
     rule_interleave_needs_pp, rule_interleave_pp2, rule_sequence_parallel, rule_global_batch, rule_interleave_microbatches,
     rule_context_seq, rule_context_backend, rule_sequence_parallel_split, rule_dense_expert,
     rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp, rule_moe_tp_needs_sp,

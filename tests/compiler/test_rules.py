@@ -69,6 +69,16 @@ def test_query_groups_neither_divides():
     assert v is not None and v.equation == "query_groups(6) % tp(4) = 2 != 0 and tp(4) % query_groups(6) = 4 != 0"
 
 
+def test_ffn_rule_uses_the_shared_expert_for_moe_and_head_dim_rule():
+    moe = env(replace(MIXTRAL, shared_expert_ffn_hidden=1000))
+    assert rules.rule_ffn_tp(moe, Sizes(tp=8)) is None
+    assert rules.rule_ffn_tp(moe, Sizes(tp=16)).equation == "shared_expert_ffn_hidden(1000) % tp(16) = 8 != 0"
+    assert rules.rule_ffn_tp(env(MIXTRAL), Sizes(tp=3)) is None  # routed experts are split by etp (E118)
+    odd = env(replace(LLAMA8B, hidden=4100))
+    assert rules.rule_head_dim(odd, VALID).equation == "hidden(4100) % heads(32) = 4 != 0"
+    assert rules.rule_head_dim(env(replace(LLAMA8B, hidden=4100, kv_channels=128)), VALID) is None
+
+
 def test_interleaved_microbatches_mirror_schedules_py():
     e = env()
     # M = 64 / (1 * 2) = 32 microbatches, pp = 2: 32 % 2 == 0 -> fine; pp = 4 with M = 6 -> 6 % 4 = 2
