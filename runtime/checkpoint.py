@@ -160,13 +160,6 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _merge_model_sd(model_sd: dict) -> dict:
-    merged = {}
-    for value in model_sd.values():
-        merged.update(value)
-    return merged
-
-
 def _rng_state() -> dict:
     state = dict(
         random=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
@@ -228,12 +221,12 @@ def training_state(*, chunks, optimizer, scheduler, iteration: int, consumed_sam
                    extra: dict | None = None) -> dict:
     """The sharded state dict of a training run (what is saved, and the template a load fills)."""
     model_sd = model_sharded_state_dict(chunks)
-    state = dict(model_sd)
+    state = dict(model_sd)  # the optimizer maps its params to these (nested walk over all chunks)
     if include_optimizer and optimizer is not None:
         if is_loading:
             _prime_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
-            _merge_model_sd(model_sd), is_loading=is_loading, metadata=dict(_OPTIM_METADATA)
+            model_sd, is_loading=is_loading, metadata=dict(_OPTIM_METADATA)
         )
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()

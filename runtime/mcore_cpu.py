@@ -50,6 +50,7 @@ def apply(*, force: bool = False) -> bool:
     _patch_uneven_collectives()
     apply_no_te_fixes()
     _enter_device_mode()
+    _patch_recompute_backward()
     return True
 
 
@@ -169,6 +170,26 @@ def _enter_device_mode() -> None:
     global _mode
     _mode = _CudaToCpu()
     _mode.__enter__()
+
+
+def _patch_recompute_backward() -> None:
+    """Activation recompute replays the forward inside an autograd Function's backward, which the
+    autograd engine runs without the Python TorchFunctionMode stack: a literal `device="cuda"` met
+    there (e.g. transformer.utils.get_default_causal_mask) would escape the rewrite. Re-enter the
+    mode for the duration of those backwards."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    for cls in (mrandom.CheckpointFunction, getattr(mrandom, "CheckpointWithoutOutputFunction", None)):
+        if cls is None or getattr(cls.backward, "_nemoc_cpu", False):
+            continue
+        original = cls.backward
+
+        def backward(ctx, *args, _original=original):
+            with _CudaToCpu():
+                return _original(ctx, *args)
+
+        backward._nemoc_cpu = True
+        cls.backward = staticmethod(backward)
 
 
 # ------------------------------------------------------------------------------------------ MoE
