@@ -90,6 +90,7 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
     executor = Executor(plan, runtime_graph, run_dir, launcher=launcher, echo=echo, options={"workers": workers})
     echo(f"run directory: {run_dir.root}")
     started = time.time()
+    _sigterm_as_interrupt()
     try:
         outcome = executor.dry_run() if dry_run else executor.run()
     except TaskError as error:
@@ -110,6 +111,20 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
                    f"(nemoc status {run_dir.root})")
     if not outcome.ok:
         sys.exit(EXIT_DIAGNOSTICS)
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (kill, a scheduler's time limit) takes the Ctrl-C path, so launched processes are torn down."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 @click.command()

@@ -3,7 +3,8 @@
 Run under torchrun by the local launcher in tests: every rank joins a gloo process group and all-reduces
 a "loss"; rank 0 writes metrics.jsonl, a checkpoint with a `latest` marker and, on success, DONE.json.
 Behaviour switches (environment): FAKE_FAIL_RANK=<r> makes rank r raise; FAKE_PREEMPT_AT=<step> saves
-and exits 143 at that step (once: the next run resumes from `latest`).
+and exits 143 at that step (once: the next run resumes from `latest`); FAKE_HANG=1 writes `pid.<rank>`
+and blocks forever (to test Ctrl-C teardown).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def main() -> int:
         raise RuntimeError(f"fake failure on rank {rank}")
     for dataset in task["datasets"]:
         assert os.path.exists(dataset.get("prefix", "") + ".idx") or os.path.exists(dataset.get("path", "")), dataset
+    if os.environ.get("FAKE_HANG"):  # for the interrupt test: block until killed
+        Path(task["output_dir"], f"pid.{rank}").write_text(str(os.getpid()))
+        import time
+
+        while True:
+            time.sleep(0.2)
     preempt_at = int(os.environ.get("FAKE_PREEMPT_AT", "-1"))
     loss = torch.tensor([10.0])
     for step in range(start + 1, steps + 1):

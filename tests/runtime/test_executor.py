@@ -119,3 +119,47 @@ def test_vocab_larger_than_the_model_is_a_clear_error(workspace):
     outcome, _ = execute(plan, workspace / "run")
     assert outcome.states()["train:pretrain"] == "failed"
     assert "but the model's vocabulary is 260" in outcome.tasks[2].error
+
+
+INTERRUPT_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from plan_factory import make_layout, make_plan, make_stage
+from nemoc.compiler.graph import build_graph
+from nemoc.runtime.executor import Executor
+from nemoc.runtime.launch_local import LocalLauncher
+from nemoc.runtime.rundir import RunDir
+from nemoc.runtime.tasks import TaskKind, register
+register(TaskKind(name="faketrain", module="fake_train"))
+plan = make_plan({root!r}, stages=(make_stage("pretrain", "faketrain", layout=make_layout(dp=2, global_batch=4)),))
+try:
+    Executor(plan, build_graph(plan), RunDir({run!r}), launcher=LocalLauncher(echo=lambda _: None),
+             echo=print, options={{"workers": 1}}).run()
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_tears_down_every_rank(workspace, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    monkeypatch.setenv("FAKE_HANG", "1")
+    script = INTERRUPT_SCRIPT.format(tests=str(HERE.parent), root=str(workspace), run=str(workspace / "run"))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    task_dir = RunDir(workspace / "run").task_dir("train:pretrain")
+    deadline = time.time() + 120
+    while len(list(task_dir.glob("pid.*"))) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    pids = [int(p.read_text()) for p in task_dir.glob("pid.*")]
+    assert len(pids) == 2, proc.stdout.read().decode() if proc.poll() is not None else "ranks did not start"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    time.sleep(0.5)
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    status = read_json(workspace / "run" / "status.json")
+    assert status["tasks"]["train:pretrain"]["state"] == "interrupted"
