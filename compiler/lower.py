@@ -35,7 +35,7 @@ from nemoc.dsl.schema import (BLOCKS, DATA_OPTIONS, MODEL_FIELDS, STAGE_KINDS, S
                               TRAINING_KINDS)
 
 LENGTH_FIELDS = ("steps", "tokens", "epochs")
-from nemoc.dsl.typecheck import CallValue, Checked, Ref, check_block, did_you_mean, missing_required, suggest
+from nemoc.dsl.typecheck import CallValue, Checked, check_block, did_you_mean, missing_required, suggest
 
 
 def load_experiment(path: str, sets: tuple[str, ...] = ()) -> tuple[ExperimentSpec, dict[str, str]]:
@@ -77,6 +77,13 @@ def lower_program(program: Program, sets: tuple[str, ...] = ()):
     checked = check_block(experiment, diags)
     spec = _Lowering(checked, templates, program, diags).spec()
     return spec, _unique(diags), set_sources
+
+
+def _plain(value: object) -> object:
+    """A param value as plain data: a call value (`template(...)`) becomes its argument mapping."""
+    if isinstance(value, CallValue):
+        return MappingProxyType(dict(value.args))
+    return value
 
 
 def _unique(diags: list[Diagnostic]) -> list[Diagnostic]:
@@ -333,6 +340,7 @@ class _Lowering:
             if stage is not None:
                 stages.append(stage)
         self._after_cycles(blocks)
+        self._check_ppo(blocks)
         if not blocks:
             self.diags.append(Diagnostic("E025", f"experiment `{self.exp.name}` has no `stage`", self.exp.head,
                                          hint="add e.g. `stage pretrain { data = [web]  steps = 1000 }`"))
@@ -351,10 +359,7 @@ class _Lowering:
         self._check_length(b, kind)
         self._check_refs(values.get("data", ()), data_names, "data set", "data")
         self._check_refs(b.after, names, "stage", "stage")
-        params = {p.name: values.pop(p.name, p.default) for p in STAGE_PARAMS[kind]}
-        if isinstance(params.get("reward"), Ref):
-            self._check_refs((params["reward"],), names, "stage", "stage")
-        params = {k: (v.name if isinstance(v, Ref) else v) for k, v in params.items() if v is not None}
+        params = {p.name: _plain(values.pop(p.name)) for p in STAGE_PARAMS[kind] if p.name in values}
         fields = dict(values)
         fields["data"] = tuple(r.name for r in values.get("data", ()))
         if "optimizer" in values:
@@ -384,6 +389,19 @@ class _Lowering:
             self.diags.append(Diagnostic(
                 "W002", f"{kind} stage `{b.name}` has no length", b.head, severity=Severity.WARNING,
                 hint="set one of `steps`, `tokens` or `epochs`"))
+
+    def _check_ppo(self, blocks: list[Checked]) -> None:
+        """A ppo stage runs after a reward stage (reward model and critic) and a policy stage."""
+        kinds = {b.name: b.values.get("kind", b.name if b.name in STAGE_KINDS else None) for b in blocks}
+        for b in blocks:
+            if kinds[b.name] != "ppo":
+                continue
+            parents = [kinds.get(r.name) for r in b.after]
+            if "reward" not in parents or all(k == "reward" for k in parents):
+                self.diags.append(Diagnostic(
+                    "E028", f"ppo stage `{b.name}` must run after a `reward` stage and a policy stage", b.head,
+                    equation="after kinds: [" + ", ".join(str(k) for k in parents) + "]",
+                    hint="write e.g. `stage rl after sft, rm { kind = ppo ... }` with `rm` a reward stage"))
 
     def _checkpoint(self, block: Checked | None, prefix: str) -> CheckpointSpec:
         if block is None:

@@ -29,6 +29,7 @@ CODES: Mapping[str, str] = MappingProxyType({
     "E025": "missing required field or block",
     "E026": "not exactly one experiment in the root file, or an experiment in an imported file",
     "E027": "a stage's length is given twice (more than one of `steps`, `tokens`, `epochs`)",
+    "E028": "a ppo stage does not run after both a reward stage and a policy stage",
     "E030": "wrong type",
     "E031": "wrong or unknown unit",
     "E032": "value out of range",

@@ -205,21 +205,19 @@ PARALLEL_FIELDS = (
 DATA_FIELDS = (
     _f("path", STR, None, "File glob, relative to the .nemo file's directory unless absolute.", required=True),
     _f("format", enum("text", "jsonl", "chat", "preference", "prompt_response"), "text",
-       "Record format: plain text, JSON lines with a text field, chat messages, preference pairs "
-       "(prompt/chosen/rejected), prompt/response pairs."),
+       "Record format: plain text; JSON lines with a `text_field`; chat (`{\"messages\": [{\"role\", "
+       "\"content\"}]}`); preference (`{\"prompt\", \"chosen\", \"rejected\"}`); prompt_response "
+       "(`{\"prompt\", \"response\"}`)."),
     _f("text_field", STR, "text", "JSON field holding the text (format jsonl)."),
     _f("tokenizer", STR, None, "tokenizer.json, a SentencePiece *.model, a Hugging Face directory or "
        "`tiktoken:NAME`. Omitted: train a byte-level BPE of `vocab_size` on this data."),
     _f("vocab_size", POSITIVE_COUNT, None, "Vocabulary of a locally trained tokenizer. Default: model.vocab."),
     _f("weight", NONNEG_FLOAT, 1.0, "Blending weight among a stage's data sets."),
     _f("split", list_of(FRACTION, 3), (0.98, 0.02, 0.0), "Train / validation / test fractions."),
-    _f("prompt_field", STR, None, "JSON field of the prompt (prompt_response, preference).", ),
-    _f("response_field", STR, None, "JSON field of the response (prompt_response)."),
-    _f("chosen_field", STR, None, "JSON field of the preferred response (preference)."),
-    _f("rejected_field", STR, None, "JSON field of the rejected response (preference)."),
-    _f("messages_field", STR, None, "JSON field of the message list (chat)."),
+    _f("documents", enum("paragraph", "line", "file"), "paragraph",
+       "format text: one document per blank-line-separated paragraph, per line, or per file."),
 )
-DATA_OPTIONS = ("prompt_field", "response_field", "chosen_field", "rejected_field", "messages_field")
+DATA_OPTIONS = ("documents",)  # DataSpec.options
 
 STAGE_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo", "eval", "export")
 
@@ -242,43 +240,54 @@ STAGE_FIELDS = (
 )
 
 # Kind-specific stage fields; they land in `StageSpec.params`.
+# Kind-specific stage fields land in `StageSpec.params` (only those written; the defaults shown are the
+# runtime's, nemoc.runtime.align / nemoc.runtime.train, which read them with these names).
 _SAMPLES = _f("samples", POSITIVE_COUNT, None, "Records in the stage's data, so `nemoc plan` can turn `epochs` "
              "into steps when the data is not on this machine.")
+_DROPOUT = _f("dropout", FRACTION, 0.0, "Dropout on attention and hidden states while training.")
+_EVAL_ITERS = _f("eval_iters", POSITIVE, 10, "Validation micro-batches per evaluation.")
+_TEMPLATE = _f("template", call("template"), None,
+               "Chat template: `template(system = \"...\", user = \"...\", assistant = \"...\", end = \"...\")`; "
+               "omitted arguments keep the built-in `<|user|>` style markers.")
 TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
 
 STAGE_PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
-    "pretrain": (_SAMPLES,),
+    "pretrain": (_SAMPLES, _DROPOUT, _EVAL_ITERS),
     "sft": (
-        _SAMPLES,
-        _f("packing", BOOL, False, "Pack several samples into one sequence."),
-        _f("loss_on_prompt", BOOL, False, "Also train on prompt tokens."),
+        _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE,
+        _f("pack", BOOL, True, "Pack several samples into one sequence (the runtime packs only without "
+           "Transformer Engine)."),
     ),
     "dpo": (
-        _SAMPLES,
+        _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE,
         _f("beta", POSITIVE_FLOAT, 0.1, "DPO temperature beta (Rafailov et al. 2023)."),
         _f("loss", enum("dpo", "ipo"), "dpo", "Preference loss: sigmoid DPO or IPO (Azar et al. 2023)."),
         _f("label_smoothing", FRACTION, 0.0, "Conservative-DPO label smoothing."),
+        _f("reference", enum("model", "precomputed"), "model",
+           "Reference log-probabilities from a resident frozen model, or computed once before training."),
     ),
-    "reward": (_SAMPLES,),
+    "reward": (_SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE),
     "ppo": (
-        _f("reward", ref("stage"), None, "The `reward` stage that scores rollouts.", required=True),
+        _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE,
+        _f("max_new_tokens", POSITIVE_COUNT, 16, "Tokens generated per rollout."),
+        _f("temperature", POSITIVE_FLOAT, 1.0, "Rollout sampling temperature."),
         _f("kl_coef", NONNEG_FLOAT, 0.05, "KL penalty coefficient against the reference policy."),
-        _f("rollout_batch", POSITIVE, 64, "Prompts per rollout."),
-        _f("rollout_max_tokens", POSITIVE_COUNT, 256, "Generated tokens per rollout sample."),
-        _f("rollout_temperature", NONNEG_FLOAT, 1.0, "Sampling temperature of rollouts."),
-        _f("ppo_epochs", POSITIVE, 1, "PPO epochs per rollout batch."),
-        _f("clip", POSITIVE_FLOAT, 0.2, "PPO ratio clip."),
+        _f("clip", POSITIVE_FLOAT, 0.2, "PPO policy-ratio clip (Schulman et al. 2017)."),
+        _f("value_clip", POSITIVE_FLOAT, 0.2, "Critic value clip."),
+        _f("gamma", FRACTION, 1.0, "Discount factor."),
+        _f("lam", FRACTION, 0.95, "GAE lambda (Schulman et al. 2016)."),
+        _f("ppo_epochs", POSITIVE, 2, "Optimization epochs per rollout batch."),
     ),
     "eval": (
+        _TEMPLATE,
         _f("prompts", list_of(STR), (), "Prompts to generate from."),
-        _f("max_new_tokens", POSITIVE_COUNT, 64, "Tokens generated per prompt."),
-        _f("temperature", NONNEG_FLOAT, 0.0, "Sampling temperature (0 = greedy)."),
-        _f("metrics", list_of(enum("perplexity", "loss", "generate")), ("perplexity",), "What to measure."),
+        _f("max_new_tokens", POSITIVE_COUNT, 32, "Tokens generated per prompt."),
+        _f("temperature", POSITIVE_FLOAT, None, "Sampling temperature. Default: greedy decoding."),
+        _f("max_windows", POSITIVE, 64, "Sequence windows scored per text data set (validation loss / perplexity)."),
     ),
     "export": (
-        _f("format", enum("huggingface", "megatron"), "huggingface", "Output format."),
-        _f("path", STR, None, "Output directory. Default: <run dir>/export/<stage>."),
-        _f("merge_lora", BOOL, True, "Fold LoRA adapters into the base weights."),
+        _f("format", enum("huggingface"), "huggingface", "Output format (a Hugging Face checkpoint directory)."),
+        _f("dtype", enum("float32", "bfloat16", "float16"), "float32", "Weight dtype written."),
     ),
 })
 
@@ -335,6 +344,12 @@ CALLS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
            "Linear layers that get adapters."),
     ),
     "none": (),
+    "template": (
+        _f("system", STR, "<|system|>\n", "Marker before a system message."),
+        _f("user", STR, "<|user|>\n", "Marker before a user message."),
+        _f("assistant", STR, "<|assistant|>\n", "Marker before an assistant message."),
+        _f("end", STR, "\n", "Marker after every message."),
+    ),
     "local": (),
     "slurm": (
         _f("partition", STR, None, "Slurm partition."),

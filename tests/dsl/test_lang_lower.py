@@ -83,30 +83,34 @@ def test_every_stage_field_lands_in_the_spec(tmp_path):
       model tiny { layers = 2  hidden = 64  heads = 4  query_groups = 2  ffn_hidden = 128  vocab = 1K
                    seq_length = 128  kv_channels = 16  experts = 4  top_k = 2  moe_ffn_hidden = 64 }
       parallel { tensor = 2  pipeline = auto  recompute = selective  sequence_parallel = true }
-      data prefs { path = "p.jsonl"  format = preference  chosen_field = "c"  weight = 2 }
+      data prefs { path = "p.jsonl"  format = preference  weight = 2 }
+      data notes { path = "n.txt"  documents = line }
       stage dpo {
         data = [prefs]  epochs = 1.5  global_batch = 16  seq_length = 64  beta = 0.2  loss = ipo
+        template = template(user = "U: ", assistant = "A: ")
         optimizer = sgd(lr = 0.1)  schedule = wsd(warmup = 10)  peft = lora(rank = 4, targets = [qkv])
         log_every = 5  eval_every = 50  seed = 7
         checkpoint { every = 10  keep = 1  async = true }
         parallel { tensor = 1 }
       }
-      stage out after dpo { kind = export  format = megatron }
+      stage check after dpo { kind = eval  data = [notes]  prompts = ["hi"] }
+      stage out after dpo { kind = export  dtype = bfloat16 }
     }
     """
     spec = spec_of(text, tmp_path=tmp_path)
     dpo = spec.stage("dpo")
     assert spec.model.query_groups == 2 and spec.model.vocab == 1000 and spec.model.experts == 4
     assert spec.parallel.tensor == 2 and spec.parallel.pipeline is None and spec.parallel.recompute == "selective"
-    assert dpo.kind == "dpo" and dpo.epochs == 1.5 and dpo.params == {"beta": 0.2, "loss": "ipo", "label_smoothing": 0.0}
+    assert dpo.kind == "dpo" and dpo.epochs == 1.5 and dpo.params == {"beta": 0.2, "loss": "ipo", "template": {"user": "U: ", "assistant": "A: "}}
     assert dpo.optimizer.name == "sgd" and dpo.optimizer.lr == 0.1 and dpo.schedule.name == "wsd"
     assert dpo.peft.rank == 4 and dpo.peft.targets == ("qkv",)
     assert dpo.checkpoint.async_save and dpo.checkpoint.keep == 1
     assert dpo.parallel.tensor == 1 and dpo.parallel.recompute == "selective"  # inherits the experiment's
-    assert spec.data[0].options == {"chosen_field": "c"} and spec.data[0].weight == 2.0
-    assert spec.stage("out").after == ("dpo",) and spec.stage("out").params["format"] == "megatron"
-    assert spec.spans["stage.dpo.parallel.tensor"].line == 13
-    assert spec.spans["stage.dpo.optimizer.lr"].line == 10
+    assert spec.data[0].weight == 2.0 and spec.data[1].options == {"documents": "line"}
+    assert spec.stage("out").after == ("dpo",) and spec.stage("out").params == {"dtype": "bfloat16"}
+    assert spec.stage("check").params == {"prompts": ("hi",)}
+    assert spec.spans["stage.dpo.parallel.tensor"].line == 15
+    assert spec.spans["stage.dpo.optimizer.lr"].line == 12
 
 
 def test_templates_from_an_import(tmp_path):
