@@ -252,3 +252,71 @@ def test_every_rule_code_is_documented():
     used = set(re.findall(r'"([EW]1\d\d)"', source))
     missing = sorted(c for c in used if c not in documented)
     assert used and not missing, missing
+
+
+# ------------------------------------------------------- agreement with Megatron-Core 0.16.1 itself
+
+
+@st.composite
+def _megatron_cases(draw):
+    heads = draw(st.sampled_from([1, 2, 3, 4, 6, 8, 12, 16]))
+    groups = draw(st.sampled_from([g for g in range(1, heads + 1) if heads % g == 0]))
+    pp = draw(st.integers(1, 8))
+    return dict(heads=heads, groups=groups, layers=draw(st.integers(1, 40)), tp=draw(st.integers(1, 16)), pp=pp,
+                vp=draw(st.sampled_from([None, 2, 3])) if pp > 1 else None, sp=draw(st.booleans()))
+
+
+@settings(max_examples=120, deadline=None)
+@given(_megatron_cases())
+def test_rules_agree_with_megatron_core(case):
+    """Build Megatron-Core's own TransformerConfig (and ask get_num_layers_to_build for every stage)
+    for random sizes: it raises exactly when our rules report E102 / E103 / E109, and for every
+    layout our rules accept, it builds the split we recorded."""
+    torch = pytest.importorskip("torch")
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    heads, groups, layers, tp, pp, vp, sp = (case[k] for k in ("heads", "groups", "layers", "tp", "pp", "vp", "sp"))
+    model = ModelSpec(name="m", layers=layers, hidden=heads * 16, heads=heads, query_groups=groups,
+                      ffn_hidden=tp * 32, vocab=1000, seq_length=64)
+    sizes = Sizes(tp=tp, pp=pp, vp=vp, sequence_parallel=sp, seq_length=64)
+    e = env(model, ClusterSpec(gpu="H100", nodes=1))
+    ours = {v.code for v in rules.violations(e, sizes, rules.ERROR_RULES)} & {"E102", "E103", "E105", "E109"}
+    split = pipeline_split(layers, pp, vp)
+    kwargs = dict(num_layers=layers, hidden_size=heads * 16, num_attention_heads=heads, num_query_groups=groups,
+                  ffn_hidden_size=tp * 32, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                  virtual_pipeline_model_parallel_size=vp, sequence_parallel=sp, pipeline_dtype=torch.bfloat16)
+    if split is not None and not split.even:
+        kwargs.update(num_layers_in_first_pipeline_stage=split.first, num_layers_in_last_pipeline_stage=split.last)
+    try:
+        config = TransformerConfig(**kwargs)
+        per_stage = [sum(get_num_layers_to_build(config, vp_stage=v, pp_rank=r) for v in range(vp or 1))
+                     for r in range(pp)]
+        megatron_error = None
+    except (ValueError, AssertionError) as err:
+        megatron_error = err
+    if ours & {"E102", "E103", "E109"}:
+        assert megatron_error is not None, (ours, case)
+        return
+    if "E105" in ours:
+        assert megatron_error is not None, case  # the even split Megatron would default to is rejected
+        return
+    assert megatron_error is None, (megatron_error, case)
+    assert sum(per_stage) == layers and max(per_stage) == split.max_layers
+
+
+@pytest.mark.parametrize("etp, bias, raises", [(1, True, False), (2, True, True), (2, False, False)])
+def test_moe_bias_rule_agrees_with_megatron_core(etp, bias, raises):
+    torch = pytest.importorskip("torch")
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    model = replace(MIXTRAL, add_bias_linear=bias)
+    ours = rules.rule_moe_bias_etp(env(model), Sizes(tp=2, etp=etp)) is not None
+    try:
+        TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_moe_experts=4, moe_router_topk=2,
+                          moe_ffn_hidden_size=64, add_bias_linear=bias, tensor_model_parallel_size=2,
+                          expert_tensor_parallel_size=etp, sequence_parallel=True, pipeline_dtype=torch.bfloat16)
+        megatron = False
+    except (ValueError, AssertionError):
+        megatron = True
+    assert ours == megatron == raises
