@@ -44,3 +44,11 @@ def test_schema_matches_the_spec():
     assert names(OptimizerSpec, ("name",)) == {f.name for f in CALLS["adam"]}
     assert names(ScheduleSpec, ("name",)) == {f.name for f in CALLS["cosine"]}
     assert names(LoraSpec) == {f.name for f in CALLS["lora"]}
+
+
+def test_scheduler_arguments_match_the_launchers():
+    """The language accepts exactly the options the Slurm and Kubernetes launchers understand."""
+    from nemoc.runtime import launch_k8s, launch_slurm
+
+    assert {f.name for f in CALLS["slurm"]} == set(launch_slurm._KNOWN_OPTIONS)
+    assert {f.name for f in CALLS["k8s"]} == set(launch_k8s._KNOWN)
