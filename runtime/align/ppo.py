@@ -163,7 +163,7 @@ def actor_forward(cfg: PPOConfig):
             n = mask.sum().clamp(min=1)
             loss = -(surrogate * mask).sum() / n
             clipped = ((ratio - 1).abs() > cfg.clip).float()
-            return loss, {"policy_loss": loss.detach(), "clip_fraction": (clipped * mask).sum() / n}
+            return loss, {"policy_loss": loss.detach().clone(), "clip_fraction": (clipped * mask).sum() / n}
 
         return out, loss_func
 
@@ -181,7 +181,7 @@ def critic_forward(cfg: PPOConfig):
             v_clip = exp.values + torch.clamp(v - exp.values, -cfg.value_clip, cfg.value_clip)
             loss_v = torch.max((v - exp.returns) ** 2, (v_clip - exp.returns) ** 2)
             loss = 0.5 * (loss_v * mask).sum() / mask.sum().clamp(min=1)
-            return loss, {"value_loss": loss.detach()}
+            return loss, {"value_loss": loss.detach().clone()}
 
         return out, loss_func
 

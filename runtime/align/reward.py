@@ -69,7 +69,7 @@ def bradley_terry(scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.T
     n = scores.shape[0] // 2
     diff = scores[:n] - scores[n:]
     loss = -F.logsigmoid(diff).mean()
-    return loss, {"loss": loss.detach(), "accuracy": (diff > 0).float().mean(), "margin": diff.mean().detach()}
+    return loss, {"loss": loss.detach().clone(), "accuracy": (diff > 0).float().mean(), "margin": diff.mean().detach()}
 
 
 def forward(model, mb):

@@ -68,7 +68,7 @@ def forward(model, batch: Batch):
 
     def loss_func(output):
         loss = masked_mean_loss(output.float(), batch.loss_mask)
-        return loss, {"loss": loss.detach(), "response_tokens": batch.loss_mask.sum().detach()}
+        return loss, {"loss": loss.detach().clone(), "response_tokens": batch.loss_mask.sum().detach()}
 
     return token_loss, loss_func
 

@@ -77,7 +77,11 @@ def _rows(mb) -> int:
 
 
 def average_reports(reports: Sequence[dict]) -> dict[str, float]:
-    """Mean of each reported scalar over microbatches, then over the data-parallel group."""
+    """Mean of each reported scalar over microbatches, then over the data-parallel group.
+
+    Reported tensors must not share storage with the returned loss: Megatron's schedule divides that
+    loss by the number of microbatches in place (hence the `.detach().clone()` in every loss_func).
+    """
     if not reports:
         return {}
     names = sorted(reports[0])

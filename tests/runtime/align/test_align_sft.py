@@ -67,3 +67,21 @@ def test_sft_lowers_held_out_response_loss(mcore):
     # ln 16 on 2 of 3 response tokens ~= 1.85 is the best a prompt-blind model can do
     assert after < 0.8, (before, after)
     assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_reported_step_loss_is_the_forward_loss_with_several_microbatches(mcore):
+    # Megatron divides the returned loss by the number of microbatches *in place*; the logged value
+    # must still be the mean per-microbatch loss (a regression: it was reported 4x too small).
+    from nemoc.runtime.align import sft, trainer
+
+    spec = llama_spec(seq_length=16)
+    mcore.seed_all(4)
+    chunk = mcore.build_gpt(spec, mcore.single_layout())
+    samples = instruction_samples(8, seed=5, f=mapping(0))
+    batches = sft.rows_to_batches([[s] for s in samples], 16, 2)
+    expected = sum(sft.response_loss(chunk, [b]) for b in batches) / len(batches)
+    tr = trainer.Trainer(chunk, layout=mcore.single_layout(global_batch=8, micro_batch=2), **stage_settings(steps=1))
+    (step,) = trainer.run_steps(tr, items=[[s] for s in samples], steps=1, global_batch=8,
+                                to_microbatches=lambda share: sft.rows_to_batches(share, 16, 2),
+                                forward=sft.forward, seq_length=16)
+    assert abs(step["loss"] - expected) < 1e-4, (step["loss"], expected)
