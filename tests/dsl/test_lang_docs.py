@@ -52,3 +52,28 @@ def test_scheduler_arguments_match_the_launchers():
 
     assert {f.name for f in CALLS["slurm"]} == set(launch_slurm._KNOWN_OPTIONS)
     assert {f.name for f in CALLS["k8s"]} == set(launch_k8s._KNOWN)
+
+
+def _names_read_by(paths) -> set[str]:
+    """Stage-param names the runtime / planner read: `params.get("x"` style calls and PPOConfig fields."""
+    import ast as pyast
+    import re
+
+    names = set()
+    for path in paths:
+        text = path.read_text()
+        names |= set(re.findall(r'(?:\bp|params|params or \{\}\))\.get\("(\w+)"', text))
+        for node in pyast.walk(pyast.parse(text)):
+            if isinstance(node, pyast.ClassDef) and node.name == "PPOConfig":
+                names |= {n.target.id for n in node.body if isinstance(n, pyast.AnnAssign)}
+    return names
+
+
+def test_stage_params_are_the_ones_the_runtime_reads():
+    sources = sorted((REPO / "runtime" / "align").glob("*.py")) + [REPO / "runtime" / "train.py",
+                                                                    REPO / "compiler" / "planner.py"]
+    read = _names_read_by(sources)
+    declared = {f.name for params in STAGE_PARAMS.values() for f in params}
+    # export `format` has one value, huggingface, which is what the export runner always writes
+    assert declared - read == {"format"}, "declared but never read"
+    assert read - declared == set(), "read by the runtime but not settable from the language"
