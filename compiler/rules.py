@@ -22,12 +22,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 from nemoc.compiler.catalog.hardware import get_gpu
+from nemoc.compiler.flops import padded_vocab  # Megatron-LM `_vocab_size_with_padding` (128 x tp)
 from nemoc.compiler.spec import ClusterSpec, ExperimentSpec, ModelSpec, ParallelSpec, StageSpec
 from nemoc.dsl.diagnostics import Diagnostic, Severity
 
 TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
 RECOMPUTE = ("none", "selective", "full")
-VOCAB_DIVISOR = 128  # Megatron-LM --make-vocab-size-divisible-by default
+from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR as VOCAB_DIVISOR  # noqa: E402 (128)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -144,11 +145,6 @@ def pipeline_split(layers: int, pp: int, vp: int | None = None) -> PipelineSplit
 
 def _round_up(x: int, k: int) -> int:
     return -(-x // k) * k
-
-
-def padded_vocab(vocab: int, tp: int) -> int:
-    """Megatron-LM `_vocab_size_with_padding`: round up to a multiple of 128 x tp."""
-    return _round_up(vocab, VOCAB_DIVISOR * tp)
 
 
 def expert_tp(sizes: Sizes) -> int | None:

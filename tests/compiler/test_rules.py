@@ -320,3 +320,17 @@ def test_moe_bias_rule_agrees_with_megatron_core(etp, bias, raises):
     except (ValueError, AssertionError):
         megatron = True
     assert ours == megatron == raises
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 64), st.integers(1, 64), st.integers(1, 8))
+def test_global_batch_rule_agrees_with_megatron_core(gb, mb, dp):
+    from megatron.core.num_microbatches_calculator import ConstantNumMicroBatchesCalculator
+
+    ours = rules.rule_global_batch(env(), Sizes(global_batch=gb, micro_batch=mb, dp=dp)) is not None
+    try:
+        ConstantNumMicroBatchesCalculator(gb, mb, dp, decrease_batch_size_if_needed=False, rank=1)
+        megatron = False
+    except AssertionError:
+        megatron = True
+    assert ours == megatron
