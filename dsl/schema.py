@@ -156,10 +156,11 @@ MODEL_FIELDS = (
     _f("heads", POSITIVE, None, "Attention heads.", required=True),
     _f("query_groups", POSITIVE, None, "Key/value head groups: = heads for MHA, 1 for MQA, else GQA. "
        "Default: heads."),
-    _f("ffn_hidden", POSITIVE, None, "MLP intermediate size (per expert for a dense MLP).", required=True),
-    _f("vocab", POSITIVE_COUNT, None, "Vocabulary size (padded by the runtime to a multiple of 128 x TP).",
+    _f("ffn_hidden", POSITIVE, None, "MLP intermediate size of dense layers (experts: `moe_ffn_hidden`).",
        required=True),
-    _f("seq_length", POSITIVE_COUNT, None, "Sequence length in tokens.", required=True),
+    # vocab and sequence lengths are plain integers: `8K` would be 8000 (decimal), never 8192
+    _f("vocab", POSITIVE, None, "Vocabulary size (Megatron pads it to a multiple of 128 x TP).", required=True),
+    _f("seq_length", POSITIVE, None, "Sequence length in tokens.", required=True),
     _f("kv_channels", POSITIVE, None, "Head dimension. Default: hidden / heads."),
     _f("activation", enum("swiglu", "gelu", "relu", "squared_relu"), "swiglu", "MLP activation."),
     _f("norm", enum("rmsnorm", "layernorm"), "rmsnorm", "Normalization layer."),
@@ -211,7 +212,7 @@ DATA_FIELDS = (
     _f("text_field", STR, "text", "JSON field holding the text (format jsonl)."),
     _f("tokenizer", STR, None, "tokenizer.json, a SentencePiece *.model, a Hugging Face directory or "
        "`tiktoken:NAME`. Omitted: train a byte-level BPE of `vocab_size` on this data."),
-    _f("vocab_size", POSITIVE_COUNT, None, "Vocabulary of a locally trained tokenizer. Default: model.vocab."),
+    _f("vocab_size", POSITIVE, None, "Vocabulary of a locally trained tokenizer. Default: model.vocab."),
     _f("weight", NONNEG_FLOAT, 1.0, "Blending weight among a stage's data sets."),
     _f("split", list_of(FRACTION, 3), (0.98, 0.02, 0.0), "Train / validation / test fractions."),
     _f("documents", enum("paragraph", "line", "file"), "paragraph",
@@ -228,7 +229,7 @@ STAGE_FIELDS = (
     _f("steps", POSITIVE_COUNT, None, "Optimizer steps."),
     _f("epochs", POSITIVE_FLOAT, None, "Passes over the data."),
     _f("global_batch", POSITIVE_COUNT, None, "Sequences per optimizer step.", ),
-    _f("seq_length", POSITIVE_COUNT, None, "Sequence length. Default: model.seq_length."),
+    _f("seq_length", POSITIVE, None, "Sequence length. Default: model.seq_length."),
     _f("optimizer", call("adam", "sgd"), None, "`adam(lr, betas, eps, weight_decay, grad_clip)` or `sgd(...)`."),
     _f("schedule", call("cosine", "linear", "constant", "wsd"), None,
        "Learning-rate schedule `cosine(warmup, min_lr, decay_steps)`; also linear, constant, wsd."),

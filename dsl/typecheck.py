@@ -411,8 +411,11 @@ def _literal(expr: ast.Number, t: Type, key: str) -> tuple[Fraction, str]:
                                       hint=f"`{key}` expects {t.describe()}; its units: {units}"))
     noun = {"count": "a count", "size": "a size", "bandwidth": "a bandwidth", "duration": "a duration",
             "percent": "a percentage"}[kind]
+    hint = _unit_hint(t)
+    if kind == "count" and t.unit == "":
+        hint = f"write the exact number (`{expr.magnitude}{suffix}` would be decimal, e.g. 8K = 8000, not 8192)"
     raise _NumberError(Diagnostic("E031", f"`{key}` expects {t.describe()}, but `{expr.text}` is {noun}",
-                                  expr.span, hint=_unit_hint(t)))
+                                  expr.span, hint=hint))
 
 
 def _out_of_range(expr, key: str) -> Diagnostic:

@@ -80,7 +80,7 @@ def test_every_stage_field_lands_in_the_spec(tmp_path):
     text = """
     experiment t {
       cluster { gpu = A100-80GB }
-      model tiny { layers = 2  hidden = 64  heads = 4  query_groups = 2  ffn_hidden = 128  vocab = 1K
+      model tiny { layers = 2  hidden = 64  heads = 4  query_groups = 2  ffn_hidden = 128  vocab = 1000
                    seq_length = 128  kv_channels = 16  experts = 4  top_k = 2  moe_ffn_hidden = 64 }
       parallel { tensor = 2  pipeline = auto  recompute = selective  sequence_parallel = true }
       data prefs { path = "p.jsonl"  format = preference  weight = 2 }
