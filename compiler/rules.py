@@ -16,19 +16,18 @@ stops at the first error it finds.
 
 from __future__ import annotations
 
-import math
-from functools import lru_cache
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from nemoc.compiler.catalog.hardware import get_gpu
+from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR as VOCAB_DIVISOR
 from nemoc.compiler.flops import padded_vocab  # Megatron-LM `_vocab_size_with_padding` (128 x tp)
 from nemoc.compiler.spec import ClusterSpec, ExperimentSpec, ModelSpec, ParallelSpec, StageSpec
 from nemoc.dsl.diagnostics import Diagnostic, Severity
 
 TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
 RECOMPUTE = ("none", "selective", "full")
-from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR as VOCAB_DIVISOR  # noqa: E402 (128)
 
 
 # ------------------------------------------------------------------------------------------- data

@@ -36,8 +36,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from functools import lru_cache
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from nemoc.compiler import cost, memory
 from nemoc.compiler.flops import model_flops_per_step
@@ -45,7 +44,6 @@ from nemoc.compiler.catalog.hardware import HardwareSpec
 from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown
 from nemoc.compiler.rules import (
     ERROR_RULES,
-    RECOMPUTE,
     Env,
     PipelineSplit,
     Sizes,
