@@ -108,3 +108,15 @@ def test_plan_runs_well_under_a_second_without_torch():
     assert proc.returncode == 0, proc.stderr
     assert float(proc.stderr.strip().splitlines()[-1]) < 1.0
     assert time.perf_counter() - t0 < 30
+
+
+@pytest.mark.parametrize("path", ["examples/pipeline.nemo", "examples/quickstart.nemo"])
+def test_emitted_plan_builds_the_runtime_graph(path, tmp_path):
+    from nemoc.compiler.graph import build_graph, iter_stage_tasks
+
+    out = tmp_path / "plan.json"
+    assert run(path, "--emit", str(out), "--json").exit_code == 0
+    plan = from_json(out.read_text())
+    graph = build_graph(plan)
+    assert {t.id for t in iter_stage_tasks(graph)}  # every stage became a task
+    assert len(list(iter_stage_tasks(graph))) == len(plan.stages)
