@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 from dataclasses import dataclass
@@ -188,7 +189,7 @@ def summarize(results: list[dict]) -> dict:
 # (runtime.megatron_args / runtime.model) with Megatron-Core's local layer spec (no Transformer
 # Engine on the lent machine): torch SDPA (flash kernel) for "flash", Megatron's unfused softmax
 # attention for "unfused".
-def _measure_configs() -> list[tuple[str, ModelSpec, int, int, str, str]]:
+def _measure_configs(probe: bool | None = None) -> list[tuple[str, ModelSpec, int, int, str, str]]:
     from nemoc.compiler.catalog import PRESETS
 
     llama1b = ModelSpec(name="llama_1b", layers=16, hidden=2048, heads=16, query_groups=4, ffn_hidden=5632,
@@ -197,7 +198,11 @@ def _measure_configs() -> list[tuple[str, ModelSpec, int, int, str, str]]:
                       vocab=50257, seq_length=2048, activation="gelu", norm="layernorm", position="learned",
                       tie_embeddings=True, add_bias_linear=True)
     llama8b_6l = dataclasses.replace(PRESETS["llama3_8b"], name="llama3_8b_6layers", layers=6)
-    return [
+    probes = [(f"llama_1b mb{b} {r}", llama1b, 4096, b, r, "flash") for r in ("none", "full") for b in (1, 2, 4)] + [
+        ("llama_1b v4096 mb2 none", dataclasses.replace(llama1b, vocab=4096), 4096, 2, "none", "flash")]
+    if probe is None and os.environ.get("NEMOC_MEASURE_SET") == "probe":  # memory slope per micro batch
+        return probes
+    return (probes if probe else []) + [
         ("llama_1b mb1", llama1b, 4096, 1, "none", "flash"),
         ("llama_1b mb2", llama1b, 4096, 2, "none", "flash"),
         ("llama_1b mb2 full", llama1b, 4096, 2, "full", "flash"),
@@ -208,7 +213,33 @@ def _measure_configs() -> list[tuple[str, ModelSpec, int, int, str, str]]:
     ]
 
 
-def measure_megatron(out: Path, *, smoke: bool = False, steps: int = 5, microbatches: int = 2) -> list[dict]:
+def measure_megatron(out: Path, *, smoke: bool = False) -> list[dict]:
+    """Runs every configuration of `_measure_configs` in its own process (Megatron-Core keeps
+    references to built models in module-level state, so sequential builds in one process leak
+    GPU memory into the next measurement) and collects the rows into `out`."""
+    import subprocess
+    import tempfile
+
+    n = 2 if smoke else len(_measure_configs())
+    results = []
+    for index in range(n):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+            part = Path(tmp.name)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-megatron", str(part), "--measure-index",
+               str(index)] + (["--smoke"] if smoke else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            rows = json.loads(part.read_text())
+        except (OSError, ValueError):
+            rows = [{"index": index, "error": f"process exited {proc.returncode}: {proc.stderr[-2000:]}"}]
+        results.extend(rows)
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def measure_one(out: Path, index: int, *, smoke: bool = False, steps: int = 5, microbatches: int = 2) -> list[dict]:
     """Peak allocated memory and step time of small configurations on one GPU with bare
     Megatron-Core (DDP with fp32 grads, distributed optimizer, Adam), next to the model's prediction.
     `smoke=True` runs two tiny configurations on the CPU (gloo) to check this code path."""
@@ -247,7 +278,7 @@ def measure_megatron(out: Path, *, smoke: bool = False, steps: int = 5, microbat
         steps = 2
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
     results = []
-    for name, model, seq, mb, rec, backend in configs:
+    for name, model, seq, mb, rec, backend in configs[index:index + 1]:
         layout = Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=mb, global_batch=mb * microbatches,
                         num_microbatches=microbatches, sequence_parallel=False, distributed_optimizer=True,
                         recompute=rec)
@@ -276,24 +307,33 @@ def measure_megatron(out: Path, *, smoke: bool = False, steps: int = 5, microbat
                 return output, loss_func
 
             fb = get_forward_backward_func()
-            times = []
+            times, static, peak_fb, peak_step = [], 0, 0, 0
             for step in range(steps):
-                if step == 2 and cuda:
-                    torch.cuda.reset_peak_memory_stats()  # after the optimizer states exist
                 if cuda:
                     torch.cuda.synchronize()
+                    if step >= 2:  # after the optimizer states exist: static, then each phase's peak
+                        static = torch.cuda.memory_allocated()
+                        torch.cuda.reset_peak_memory_stats()
                 start = time.perf_counter()
                 for m in ddp:
                     m.zero_grad_buffer()
                 opt.zero_grad()
                 fb(forward_step_func=forward_step, data_iterator=iter(range(microbatches)), model=ddp,
                    num_microbatches=microbatches, seq_length=seq, micro_batch_size=mb, forward_only=False)
+                if cuda and step >= 2:
+                    torch.cuda.synchronize()
+                    peak_fb = max(peak_fb, torch.cuda.max_memory_allocated())
+                    torch.cuda.reset_peak_memory_stats()
                 opt.step()
                 if cuda:
                     torch.cuda.synchronize()
+                    if step >= 2:
+                        peak_step = max(peak_step, torch.cuda.max_memory_allocated())
                 times.append(time.perf_counter() - start)
-            measured_peak = torch.cuda.max_memory_allocated() if cuda else 0
+            measured_peak = max(peak_fb, peak_step)
+            dynamic = peak_fb - static
             reserved = torch.cuda.max_memory_reserved() if cuda else 0
+            row.update({"static_allocated": static, "peak_forward_backward": peak_fb, "peak_optimizer_step": peak_step})
             mem = memory.estimate(model, layout, precision="bf16", attention_backend=backend, seq_length=seq,
                                   gpu=gpu_id)
             allocator = mem.total - sum(mem.parts.get(k, 0) for k in ("cuda_context", "nccl", "fragmentation"))
@@ -306,6 +346,12 @@ def measure_megatron(out: Path, *, smoke: bool = False, steps: int = 5, microbat
                 "predicted_terms": {"weights": mem.weights, "gradients": mem.gradients, "optimizer": mem.optimizer,
                                     "activations": mem.activations, **dict(mem.parts)},
                 "memory_error": allocator / measured_peak - 1.0 if measured_peak else None,
+                "predicted_static": mem.weights + mem.gradients + mem.optimizer,
+                "static_error": (mem.weights + mem.gradients + mem.optimizer) / static - 1.0 if static else None,
+                "measured_dynamic": dynamic,
+                "predicted_dynamic": allocator - (mem.weights + mem.gradients + mem.optimizer),
+                "dynamic_error": ((allocator - mem.weights - mem.gradients - mem.optimizer) / dynamic - 1.0
+                                  if cuda and dynamic > 0 else None),
                 "measured_step_s": step_time, "predicted_step_s": est.step_time_s,
                 "time_error": est.step_time_s / step_time - 1.0,
             })
@@ -315,11 +361,49 @@ def measure_megatron(out: Path, *, smoke: bool = False, steps: int = 5, microbat
         if cuda:
             torch.cuda.empty_cache()
         results.append(row)
-        print(json.dumps(row), flush=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
     return results
+
+
+MEGATRON_RESULTS = ROOT / "bench" / "results" / "megatron_h200.json"
+
+
+def megatron_errors(path: Path = MEGATRON_RESULTS) -> list[dict]:
+    """Re-predict the stored bare Megatron-Core measurements (`--measure-megatron`) with today's
+    model: static (weights + fp32 grads + Adam states) and dynamic (activations, logits, working
+    set) peak memory, and step time. The lent machine had no Transformer Engine, so the memory
+    model runs with kernels="local"; the cost model's efficiencies are those calibrated on NeMo
+    (Transformer Engine) runs, so the local-spec step times are expected to be slower."""
+    if not path.exists():
+        return []
+    configs = {name: (model, seq, mb, rec, backend) for name, model, seq, mb, rec, backend in _measure_configs(probe=True)}
+    out = []
+    for row in json.loads(path.read_text())["rows"]:
+        if "error" in row or row["name"] not in configs:
+            continue
+        model, seq, mb, rec, backend = configs[row["name"]]
+        layout = Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=mb, global_batch=2 * mb,
+                        num_microbatches=2, sequence_parallel=False, distributed_optimizer=True, recompute=rec)
+        gpu = "H200" if "H200" in row["gpu"] else "H100"
+        mem = memory.estimate(model, layout, precision="bf16", attention_backend=backend, seq_length=seq, gpu=gpu,
+                              kernels="local")
+        static = mem.weights + mem.gradients + mem.optimizer
+        dynamic = mem.activations + sum(mem.parts.get(k, 0) for k in ("logits", "backward_working"))
+        est = cost.estimate(model, layout, gpu=gpu, precision="bf16", attention_backend=backend, seq_length=seq)
+        out.append({
+            "name": row["name"], "gpu": row["gpu"],
+            "static_measured_gib": row["static_allocated"] / GIB, "static_predicted_gib": static / GIB,
+            "static_error": static / row["static_allocated"] - 1.0,
+            "dynamic_measured_gib": row["measured_dynamic"] / GIB, "dynamic_predicted_gib": dynamic / GIB,
+            "dynamic_error": dynamic / row["measured_dynamic"] - 1.0,
+            "peak_measured_gib": row["peak_forward_backward"] / GIB, "peak_predicted_gib": (static + dynamic) / GIB,
+            "peak_error": (static + dynamic) / row["peak_forward_backward"] - 1.0,
+            "step_measured_s": row["measured_step_s"], "step_predicted_s": est.step_time_s,
+            "step_error": est.step_time_s / row["measured_step_s"] - 1.0,
+        })
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,9 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure-megatron", metavar="OUT.json",
                     help="measure small configs with bare Megatron-Core on this machine's GPU and compare")
     ap.add_argument("--smoke", action="store_true", help="with --measure-megatron: tiny CPU (gloo) check")
+    ap.add_argument("--measure-index", type=int, help=argparse.SUPPRESS)  # one configuration, in a child
     args = ap.parse_args(argv)
     if args.measure_megatron:
-        measure_megatron(Path(args.measure_megatron), smoke=args.smoke)
+        if args.measure_index is not None:
+            measure_one(Path(args.measure_megatron), args.measure_index, smoke=args.smoke)
+        else:
+            measure_megatron(Path(args.measure_megatron), smoke=args.smoke)
         return 0
     rows = load_rows()
     tput = throughput_errors(rows)
@@ -356,15 +444,27 @@ def main(argv: list[str] | None = None) -> int:
         for r in mem:
             print(f"{r['id']:5s} {r['label'][:52]:52s} {r['measured_gib']:10.2f} {r['predicted_gib']:10.2f} "
                   f"{100 * r['error']:+7.1f}%")
+    mega = megatron_errors()
+    if mega and not args.quiet:
+        print("\nbare Megatron-Core on one H200 (local spec, no TE): GiB and seconds, measured / predicted")
+        for r in mega:
+            print(f"  {r['name'][:30]:30s} static {r['static_measured_gib']:6.2f}/{r['static_predicted_gib']:6.2f} "
+                  f"({100 * r['static_error']:+5.1f}%)  dynamic {r['dynamic_measured_gib']:6.2f}/"
+                  f"{r['dynamic_predicted_gib']:6.2f} ({100 * r['dynamic_error']:+5.1f}%)  peak "
+                  f"{100 * r['peak_error']:+5.1f}%  step {r['step_measured_s']:.3f}/{r['step_predicted_s']:.3f} "
+                  f"({100 * r['step_error']:+5.1f}%)")
     summary = {name: summarize(g) for name, g in groups.items()}
     summary["memory"] = summarize(mem)
+    summary["megatron_peak_memory"] = summarize([{"error": r["peak_error"]} for r in mega])
+    summary["megatron_step_time"] = summarize([{"error": r["step_error"]} for r in mega])
     for name, s in summary.items():
         if s["rows"]:
             print(f"{name:24s} rows {s['rows']:3d}  median |err| {100 * s['median_abs_error']:5.1f}%  "
                   f"max |err| {100 * s['max_abs_error']:5.1f}%  within 5%: {s['within_5pct']}  "
                   f"within 15%: {s['within_15pct']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"summary": summary, "throughput": tput, "memory": mem}, indent=1) + "\n")
+    Path(args.json).write_text(json.dumps({"summary": summary, "throughput": tput, "memory": mem, "megatron": mega},
+                                          indent=1) + "\n")
     return 0
 
 

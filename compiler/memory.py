@@ -114,28 +114,46 @@ class LayerActivations:
         return self.norms + self.attention + self.scores + self.mlp + self.dropout
 
 
+KERNELS = ("te", "local")
+
+
 def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, sp: bool, cp: int = 1,
                       etp: int = 1, recompute: str = "none", attention_backend: str = "flash",
-                      dropout: bool = False, act_bytes: int = 2) -> LayerActivations:
+                      dropout: bool = False, act_bytes: int = 2, kernels: str = "te") -> LayerActivations:
     """Korthikanti et al. 2022 Sec. 4.1, generalised (see module docstring). With SP every term is
     divided by TP; without SP the norm/dropout inputs and the QKV/MLP inputs (10 sbh in Table 2)
     are replicated and the rest divided (24 sbh / t). CP divides the sequence. Selective recompute
     (Megatron `recompute_modules=["core_attn"]`) drops the s x s term; full recompute keeps only the
-    layer input (2 sbh, / t with SP)."""
+    layer input (2 sbh, / t with SP).
+
+    `kernels`: "te" = Transformer Engine's fused kernels (what NeMo / Megatron-Bridge run, and what
+    Korthikanti's formula assumes); "local" = Megatron-Core's local layer spec on plain PyTorch (the
+    nemoc runtime where TE is not installed), which keeps more, as measured on an H200
+    (docs/calibration.md): the unfused GLU also keeps act(x1) (+f), GQA expands K and V to every
+    head before the attention kernel (+2 (a - g) d), torch's RMSNorm keeps an fp32 copy of its input
+    (+4 h per norm), and the unfused softmax keeps fp32 probabilities and their 16-bit copy (6 B per
+    score instead of 2)."""
     s, b, h = seq / cp, micro_batch, model.hidden
     a, g, d = model.heads, model.query_groups, model.head_dim
     rep = tp if sp else 1  # divisor of the terms that live in the sequence-parallel region
     if recompute == "full":
         return LayerActivations(act_bytes * s * b * h / rep, 0.0, 0.0, 0.0, 0.0)
+    local = kernels == "local"
     sbh = s * b * h
     norms = 2 * act_bytes * sbh / rep
     attention = act_bytes * sbh / rep + act_bytes * s * b * d * (2 * a + 2 * g) / tp
+    if local:
+        norms += 2 * 4.0 * sbh / rep if model.norm == "rmsnorm" else 0.0
+        attention += act_bytes * s * b * d * 2 * (a - g) / tp
     if attention_backend == "unfused" and recompute != "selective":
-        per_score = (act_bytes + (1 + act_bytes if dropout else 0))  # softmax out (+ mask + dropout out)
+        softmax = 3 * act_bytes if local else act_bytes
+        per_score = softmax + (1 + act_bytes if dropout else 0)  # softmax out (+ mask + dropout out)
         scores = per_score * a * s * (seq / cp) * b / tp
     else:
         scores = 4.0 * s * b * a / tp if attention_backend != "unfused" else 0.0  # flash: fp32 softmax stats
     mlp = act_bytes * sbh / rep + _mlp_activations(model, s * b, tp=tp, rep=rep, etp=etp, act_bytes=act_bytes)
+    if local and is_gated(model) and not model.is_moe:
+        mlp += act_bytes * s * b * model.ffn_hidden / tp
     drop = 2.0 * sbh / rep if dropout else 0.0
     return LayerActivations(norms, attention, scores, mlp, drop)
 
@@ -226,21 +244,25 @@ def _shards(layout: Layout) -> tuple[int, int]:
 
 def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", attention_backend: str = "flash",
              seq_length: int | None = None, stage_kind: str = "pretrain", peft: LoraSpec | None = None,
-             gpu: HardwareSpec | str | None = None, params: object = None, dropout: bool = False) -> MemoryBreakdown:
+             gpu: HardwareSpec | str | None = None, params: object = None, dropout: bool = False,
+             kernels: str = "te") -> MemoryBreakdown:
     """Per-GPU memory of the most-loaded pipeline stage (the max total over first and last stage;
-    middle stages hold fewer micro batches than the first and no embedding or logits)."""
+    middle stages hold fewer micro batches than the first and no embedding or logits). `kernels`:
+    see `layer_activations` ("te" unless the runtime has no Transformer Engine)."""
     hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
     capacity = hw.hbm_bytes if hw else 0
     seq = seq_length or model.seq_length
     best = None
     for stage in sorted({0, layout.pp - 1}):
-        m = _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout, capacity)
+        m = _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
+                          capacity, kernels)
         if best is None or m.total > best.total:
             best = m
     return best  # type: ignore[return-value]
 
 
-def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity) -> MemoryBreakdown:
+def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
+                  kernels) -> MemoryBreakdown:
     resident = resident_models(kind, params, peft=peft)
     scalar_head = kind == "reward"
     vocab = padded_vocab(model.vocab, layout.tp)
@@ -282,7 +304,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         per_layer = layer_activations(
             model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
             etp=layout.etp, recompute=layout.recompute if trains else "none", attention_backend=backend,
-            dropout=dropout).total
+            dropout=dropout, kernels=kernels).total
         rep = layout.tp if layout.sequence_parallel else 1
         s_local = seq / layout.cp
         if trains:
@@ -290,17 +312,22 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
             activations = per_layer * st.layers * held
             # Backward works on one layer at a time: it rematerialises that layer (full recompute) or
             # allocates gradients of its activations (otherwise), about one layer's activations
-            # without the s x s scores, for every recompute mode (so memory stays monotone in it).
-            parts["backward_working"] = layer_activations(
+            # without the s x s scores, plus (unfused attention) the scores of the layer whose core
+            # attention is being recomputed or differentiated; the same for every recompute mode,
+            # so memory stays monotone in it.
+            working = layer_activations(
                 model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
-                etp=layout.etp, recompute="selective", attention_backend=backend, dropout=dropout).total
+                etp=layout.etp, recompute="none", attention_backend=backend, dropout=dropout, kernels=kernels)
+            parts["backward_working"] = working.total - (working.scores if backend != "unfused" else 0.0)
             if st.last:  # final norm input + output-layer input (Korthikanti: 4 sbh / t)
                 activations += 4.0 * s_local * b * model.hidden / rep
         else:  # forward only: one layer's tensors live at a time
             activations = per_layer
         if st.last and not scalar_head:
-            # fp32 logits kept by vocab-parallel cross entropy for backward + the 16-bit logits
-            parts["logits"] = s_local * b * vocab / layout.tp * (4 + 2)
+            # vocab-parallel cross entropy keeps the fp32 softmax (exp logits) for backward; the 16-bit
+            # logits are freed once cast. Measured on H200 with Megatron-Core 0.16.1: the dynamic
+            # memory of a fully recomputed model is inputs + 4 B x s x b x V (docs/calibration.md).
+            parts["logits"] = s_local * b * vocab / layout.tp * 4
         if layout.tp > 1 and layout.sequence_parallel:
             parts["tp_comm_buffers"] = 2.0 * 2 * s_local * b * model.hidden  # all-gathered GEMM input (+ its grad)
         if layout.pp > 1:
