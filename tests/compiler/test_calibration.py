@@ -67,3 +67,14 @@ def test_memory_against_korthikanti_figure_1(calibrate, results) -> None:
     states = [abs(r["error"]) for r in mem if "states" in r["label"]]
     assert max(acts) <= 0.01
     assert max(states) <= 0.12
+
+
+def test_memory_against_bare_megatron_on_h200(calibrate) -> None:
+    """Stored single-H200 measurements of bare Megatron-Core (bench/results/megatron_h200.json):
+    weights + fp32 grads + Adam states within 1 %, the forward-backward peak within 6 %."""
+    rows = calibrate.megatron_errors()
+    assert len(rows) >= 10
+    for r in rows:
+        if "unfused" not in r["name"]:
+            assert abs(r["static_error"]) <= 0.01, r
+        assert abs(r["peak_error"]) <= 0.06, r
