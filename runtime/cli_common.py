@@ -63,6 +63,18 @@ def load_spec(path: str, sets: tuple[str, ...] = ()):
     return load_experiment(path, sets)
 
 
+def load_spec_with_warnings(path: str, sets: tuple[str, ...] = ()):
+    """Like `load_spec`, but also returns the language's warnings (W001 unused data set, W002 stage
+    without a length): `(spec, sources, warnings)`. Print them with `print_diagnostics`."""
+    from nemoc.compiler.lower import compile_file
+    from nemoc.dsl.diagnostics import has_errors
+
+    spec, diags, sources = compile_file(path, sets)
+    if spec is None or has_errors(diags):
+        raise DiagnosticError(diags, sources)
+    return spec, sources, tuple(diags)
+
+
 def diagnostic_sources(error: DiagnosticError) -> Mapping[str, str]:
     """The sources map a `DiagnosticError` raised by `load_spec` carries (empty if none)."""
     return getattr(error, "sources", {}) or {}

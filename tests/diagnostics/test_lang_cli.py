@@ -93,3 +93,21 @@ def test_byte_order_mark_is_accepted(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + (REPO / "examples" / "quickstart.nemo").read_bytes())
     assert run("check", str(path)).exit_code == 0
     assert run("fmt", "--check", str(path)).exit_code == 0
+
+
+def test_load_spec_helpers(tmp_path):
+    from nemoc.dsl.diagnostics import DiagnosticError
+    from nemoc.runtime.cli_common import load_spec, load_spec_with_warnings
+
+    spec, sources = load_spec(QUICKSTART, ("parallel.tensor=1",))
+    assert spec.parallel.tensor == 1 and QUICKSTART in sources and "<--set 1>" in sources
+    assert load_spec_with_warnings(QUICKSTART)[2] == ()
+    path = tmp_path / "spare.nemo"
+    path.write_text(Path(QUICKSTART).read_text().replace("  stage pretrain {", 'data spare { path = "x" }\nstage pretrain {'))
+    assert [w.code for w in load_spec_with_warnings(str(path))[2]] == ["W001"]
+    try:
+        load_spec(str(HERE / "presets.nemo"))
+    except DiagnosticError as err:
+        assert {d.code for d in err.diagnostics} == {"E042", "E043"} and err.sources
+    else:
+        raise AssertionError("expected DiagnosticError")
