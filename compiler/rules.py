@@ -209,7 +209,7 @@ def rule_heads_tp(env: Env, s: Sizes) -> Violation | None:
     return Violation(
         "E102", "attention heads are not divisible by the tensor-parallel size",
         f"heads({h}) % tp({s.tp}) = {h % s.tp} != 0",
-        f"use tensor = one of {_divisors_upto(h, env.cluster.gpus_per_node)}",
+        _tp_hint(env),
         anchors=(_P + "tensor", "model.heads", "model"),
         source="megatron/core/transformer/transformer_config.py __post_init__ (num_attention_heads)",
     )
@@ -223,7 +223,7 @@ def rule_query_groups_tp(env: Env, s: Sizes) -> Violation | None:
     return Violation(
         "E103", "query groups and the tensor-parallel size must divide one another",
         f"query_groups({g}) % tp({s.tp}) = {g % s.tp} != 0 and tp({s.tp}) % query_groups({g}) = {s.tp % g} != 0",
-        f"use tensor = a divisor or a multiple of {g}",
+        _tp_hint(env),
         anchors=(_P + "tensor", "model.query_groups", "model"),
         source="megatron/core/transformer/transformer_config.py __post_init__ (num_query_groups)",
     )
@@ -240,7 +240,7 @@ def rule_ffn_tp(env: Env, s: Sizes) -> Violation | None:
     return Violation(
         "E104", "the MLP hidden size is not divisible by the tensor-parallel size",
         f"{name}({f}) % tp({s.tp}) = {f % s.tp} != 0",
-        f"use tensor = a divisor of {f}",
+        _tp_hint(env),
         anchors=(_P + "tensor", f"model.{name}", "model"),
         source="megatron/core/tensor_parallel/layers.py RowParallelLinear (divide(input_size, world_size))",
     )
@@ -706,6 +706,15 @@ def violations(env: Env, sizes: Sizes, rules: Iterable[Rule] = RULES) -> Iterato
         v = rule(env, sizes)
         if v is not None:
             yield v
+
+
+def _tp_hint(env: Env) -> str:
+    """Tensor-parallel sizes within one node that pass E102, E103 and E104 together."""
+    m = env.model
+    f = m.shared_expert_ffn_hidden if m.is_moe else m.ffn_hidden
+    ok = [t for t in range(1, env.cluster.gpus_per_node + 1)
+          if m.heads % t == 0 and (m.query_groups % t == 0 or t % m.query_groups == 0) and (not f or f % t == 0)]
+    return f"use tensor = one of {', '.join(map(str, ok))} (they divide heads, query groups and the MLP, within a node)"
 
 
 def _divisors_upto(n: int, limit: int) -> str:
