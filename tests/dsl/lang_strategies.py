@@ -9,7 +9,7 @@ NUMBERS = st.sampled_from(["8", "0", "3e-4", "1.2T", "500M", "4K", "80GiB", "900
                            "0.5", ".5", "1e9", "12"])
 STRINGS = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=8).map(
     lambda s: '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"')
-SPACE = st.sampled_from([" ", "  ", "\n", " \n  ", "\t"])
+SPACE = st.sampled_from([" ", "  ", "\n", " \n  ", "\t", "\r\n"])
 COMMENT = st.sampled_from(["", "", "", " # note\n", "  # another: comment {\n", "\n# own line\n"])
 
 
