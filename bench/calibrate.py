@@ -11,7 +11,8 @@ error for the rows with published memory figures (Korthikanti et al. 2022, Fig. 
 
 Assumptions applied to every row of a source (never per row), stated in docs/calibration.md:
 NeMo/Megatron-Bridge rows (A, C): sequence parallel when TP > 1, distributed optimizer, flash
-attention, no recompute (recipes not in the summary tables). Megatron-LM README rows (E): BF16,
+attention, no recompute (recipes not in the summary tables), bf16 gradient reduction in FP8 runs
+(NeMo scripts/performance/helpers.py). Megatron-LM README rows (E): BF16,
 micro batch 1, flash attention, SP. Narayanan 2021 (F) and Korthikanti 2022 (G): 16-bit, unfused
 softmax (pre-flash), no distributed optimizer; F: full recompute, micro batch 1.
 """
@@ -51,6 +52,7 @@ class Case:
     backend: str
     measured: float
     derived: bool
+    grad_bytes: int = 4
 
 
 def load_rows(path: Path = DATA) -> list[dict]:
@@ -116,14 +118,18 @@ def row_case(row: dict) -> Case | str:
     kind, peft = ("sft", LoraSpec(rank=16)) if task == "lora" else (("sft", None) if task == "sft" else ("pretrain", None))
     backend = "unfused" if src in "FG" else "flash"
     label = f"{row['model']} {row['gpu'].split()[0]} x{n} {_precision(row)} {task}"
+    # NeMo's FP8 performance recipes reduce gradients in bf16 (scripts/performance/helpers.py,
+    # set_precision_configs: `grad_reduce_in_fp32 = False`); everything else reduces fp32 main grads.
+    grad_bytes = 2 if (src in "AC" and _precision(row) == "fp8") else 4
     return Case(row["id"], label, row_model(row), layout, _gpu(row["gpu"]), _precision(row), row["seq_len"], kind,
-                peft, backend, float(row["tokens_per_sec_per_gpu"]), bool(row.get("tokens_derived_from_published_tflops")))
+                peft, backend, float(row["tokens_per_sec_per_gpu"]), bool(row.get("tokens_derived_from_published_tflops")),
+                grad_bytes)
 
 
 def predict(case: Case, params: cost.EfficiencyParams = cost.DEFAULT_PARAMS) -> float:
     est = cost.estimate(case.model, case.layout, gpu=get_gpu(case.gpu), precision=case.precision,
                         attention_backend=case.backend, seq_length=case.seq, stage_kind=case.kind, peft=case.peft,
-                        params=params)
+                        params=params, grad_bytes=case.grad_bytes)
     return est.tokens_per_s_per_gpu
 
 

@@ -251,7 +251,8 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, precision, micro_bat
     return max(first, last, mean), mean, logits
 
 
-def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, params, trainable_params: float) -> float:
+def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, params, trainable_params: float,
+                grad_bytes: int = 4) -> float:
     """Data-parallel gradient reduce-scatter (fp32 main grads) + parameter all-gather (bf16) with the
     distributed optimizer, or an fp32 all-reduce without it. Megatron overlaps them with the last
     micro batch's backward and the first micro batch's forward (`overlap_grad_reduce`,
@@ -263,9 +264,9 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
     frac = (shard - 1) / shard
     bw = _link_bw(hw, shard, layout.tp, params)
     if layout.distributed_optimizer:
-        rs, ag = trainable_params * 4.0 * frac / bw, trainable_params * 2.0 * frac / bw
+        rs, ag = trainable_params * grad_bytes * frac / bw, trainable_params * 2.0 * frac / bw
     else:
-        rs, ag = 2.0 * trainable_params * 4.0 * frac / bw, 0.0
+        rs, ag = 2.0 * trainable_params * grad_bytes * frac / bw, 0.0
     # Grad sync is enabled only for the last micro batch (`no_sync` before it), so the window is its
     # backward. With vp model chunks, chunk c's reduce-scatter starts when its last backward ends
     # and the remaining chunks' cool-down work (pp/vp micro-batch backwards apart) hides it; the
@@ -274,7 +275,7 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
     spread = 1.0 + (vp - 1) / vp * (layout.pp - 1)
     bwd_window = t_mb_stage * (1.0 - fwd_fraction) * spread
     fwd_window = t_mb_stage * fwd_fraction * spread
-    bucket = min(rs, 40e6 * 4.0 * frac / bw)  # the last 40M-parameter bucket cannot overlap
+    bucket = min(rs, 40e6 * grad_bytes * frac / bw)  # the last 40M-parameter bucket cannot overlap
     return max(0.0, rs - bwd_window) + max(0.0, ag - fwd_window) + bucket
 
 
@@ -292,10 +293,11 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              gpu: HardwareSpec | str | None = None, precision: str = "bf16", attention_backend: str = "flash",
              seq_length: int | None = None, steps: int = 1, stage_kind: str = "pretrain",
              peft: LoraSpec | None = None, params: EfficiencyParams = DEFAULT_PARAMS,
-             causal_discount: bool = True, stage_params: object = None) -> Estimate:
+             causal_discount: bool = True, stage_params: object = None, grad_bytes: int = 4) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `causal_discount` selects
     the FLOPs formula behind `model_tflops_per_gpu` and `mfu` (True: Megatron-Core / Megatron-Bridge
-    form; False: NeMo <= 25.07 `flops_formulas.py`); it does not change the step time."""
+    form; False: NeMo <= 25.07 `flops_formulas.py`); it does not change the step time. `grad_bytes`:
+    the data-parallel gradient dtype (4: fp32, what the nemoc runtime reduces; 2: 16-bit)."""
     hw = gpu if isinstance(gpu, HardwareSpec) else get_gpu(gpu or (cluster.gpu if cluster else "H100"))
     seq = seq_length or model.seq_length
     world = layout.world_size
@@ -328,7 +330,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
         trainable = _local_params(model, layout)
         if peft is not None:
             trainable = layers_on_stage(model.layers, layout.pp, 0) * lora_params_per_layer(model, peft) / layout.tp
-        parts["dp_comm_exposed"] = _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params, trainable)
+        parts["dp_comm_exposed"] = _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params, trainable,
+                                               grad_bytes)
         shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
         parts["optimizer"] = (trainable / shard * 30.0 + trainable * 4.0) / hw.hbm_bw  # Adam + grad norm
     step = sum(parts.values())

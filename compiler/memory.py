@@ -70,13 +70,19 @@ def weight_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def state_bytes_per_param(precision: str, *, distributed_optimizer: bool, shard: int) -> StateBytes:
+def state_bytes_per_param(precision: str, *, distributed_optimizer: bool, shard: int,
+                          grad_bytes: int = 4) -> StateBytes:
     """Mixed-precision Adam (Megatron dist_optimizer.md table): 2 + 4 + 12 = 18 B/param, or with the
     distributed optimizer 6 + 12/shard; fp32: 4 + 4 + 8 = 16, or 8 + 8/shard. `shard` is the size of
-    the group the optimizer state is sharded over (DP x CP for dense, expert-DP for experts)."""
+    the group the optimizer state is sharded over (DP x CP for dense, expert-DP for experts).
+    `grad_bytes=2` (16-bit gradient buffer, `grad_reduce_in_fp32=False`, as NeMo's FP8 performance
+    recipes set): the optimizer then keeps an fp32 copy of its gradient shard, 2 + 2 + 16 = 20 B/param,
+    or 4 + 16/shard (the table's "fp16 param, fp16 grads" row)."""
     w = weight_bytes(precision)
-    opt = 8 if precision == "fp32" else 12  # (master +) m + v, all fp32
-    return StateBytes(w, 4, opt / shard if distributed_optimizer else opt)
+    if precision == "fp32":
+        return StateBytes(w, 4, 8 / shard if distributed_optimizer else 8)  # m + v, no master copy
+    opt = 12 if grad_bytes == 4 else 16  # master + m + v (+ fp32 main-grad copy), all fp32
+    return StateBytes(w, grad_bytes, opt / shard if distributed_optimizer else opt)
 
 
 def lora_params_per_layer(model: ModelSpec, lora: LoraSpec) -> int:
@@ -193,12 +199,13 @@ def in_flight_microbatches(pp: int, vp: int | None, num_microbatches: int, stage
 
 def resident_models(stage_kind: str, params: object = None, *, peft: LoraSpec | None = None) -> tuple[str, ...]:
     """Which models a stage keeps in GPU memory. DPO (Rafailov et al. 2023) needs a frozen reference
-    policy unless `reference_free`; with LoRA the reference is the base model with adapters
+    policy unless its log-probabilities are precomputed (`reference = precomputed`); with LoRA the reference is the base model with adapters
     disabled (NeMo/Megatron-Bridge), so it costs nothing extra. PPO (Ouyang et al. 2022) keeps the
     actor and critic (trained) and the reward and reference models (frozen), all resident."""
     p = params or {}
     if stage_kind == "dpo":
-        return ("policy",) if (p.get("reference_free") or peft is not None) else ("policy", "reference")
+        precomputed = p.get("reference") == "precomputed" or p.get("reference_free")
+        return ("policy",) if (precomputed or peft is not None) else ("policy", "reference")
     if stage_kind == "ppo":
         return ("actor", "critic", "reward", "reference")
     if stage_kind == "reward":
@@ -245,7 +252,7 @@ def _shards(layout: Layout) -> tuple[int, int]:
 def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", attention_backend: str = "flash",
              seq_length: int | None = None, stage_kind: str = "pretrain", peft: LoraSpec | None = None,
              gpu: HardwareSpec | str | None = None, params: object = None, dropout: bool = False,
-             kernels: str = "te") -> MemoryBreakdown:
+             kernels: str = "te", grad_bytes: int = 4) -> MemoryBreakdown:
     """Per-GPU memory of the most-loaded pipeline stage (the max total over first and last stage;
     middle stages hold fewer micro batches than the first and no embedding or logits). `kernels`:
     see `layer_activations` ("te" unless the runtime has no Transformer Engine)."""
@@ -255,14 +262,14 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
     best = None
     for stage in sorted({0, layout.pp - 1}):
         m = _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
-                          capacity, kernels)
+                          capacity, kernels, grad_bytes)
         if best is None or m.total > best.total:
             best = m
     return best  # type: ignore[return-value]
 
 
 def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
-                  kernels) -> MemoryBreakdown:
+                  kernels, grad_bytes) -> MemoryBreakdown:
     resident = resident_models(kind, params, peft=peft)
     scalar_head = kind == "reward"
     vocab = padded_vocab(model.vocab, layout.tp)
@@ -280,13 +287,15 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         weights += params_local * wb
         if peft is not None:
             adapter = st.layers * lora_params_per_layer(model, peft) / layout.tp
-            a_state = state_bytes_per_param(precision, distributed_optimizer=layout.distributed_optimizer, shard=dense_shard)
+            a_state = state_bytes_per_param(precision, distributed_optimizer=layout.distributed_optimizer, shard=dense_shard,
+                                            grad_bytes=grad_bytes)
             weights += adapter * a_state.weights
             gradients += adapter * a_state.gradients
             optimizer += adapter * a_state.optimizer
         else:
             for count, shard in ((st.dense, dense_shard), (st.expert, expert_shard)):
-                s = state_bytes_per_param(precision, distributed_optimizer=layout.distributed_optimizer, shard=shard)
+                s = state_bytes_per_param(precision, distributed_optimizer=layout.distributed_optimizer, shard=shard,
+                                          grad_bytes=grad_bytes)
                 gradients += count * s.gradients
                 optimizer += count * s.optimizer
     weights += frozen * params_local * wb

@@ -161,3 +161,9 @@ def test_monotone_in_micro_batch_and_sharding(case) -> None:
     if lay.tp > 1:
         assert estimate(model, dataclasses.replace(lay, sequence_parallel=True)).total <= base.total
     assert estimate(model, dataclasses.replace(lay, pp=lay.pp * 2)).weights <= base.weights
+
+
+def test_sixteen_bit_gradients_follow_megatrons_fp16_grads_row() -> None:
+    """grad_reduce_in_fp32=False (NeMo FP8 recipes): 2 + 2 + 16 = 20 B/param, 4 + 16/DP distributed."""
+    assert state_bytes_per_param("bf16", distributed_optimizer=False, shard=8, grad_bytes=2).total == 20
+    assert state_bytes_per_param("bf16", distributed_optimizer=True, shard=8, grad_bytes=2).total == pytest.approx(4 + 2)
