@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from nemoc.compiler.catalog.hardware import get_gpu
@@ -119,6 +119,53 @@ def test_model_properties_the_pruning_relies_on(p: Problem):
             mbs = [m for m in range(1, rows + 1) if rows % m == 0]
             by_mb = [evaluate_memory(p, replace(layout, micro_batch=m, num_microbatches=rows // m)).total for m in mbs]
             assert by_mb == sorted(by_mb)
+
+
+@st.composite
+def large_layouts(draw):
+    """A valid layout of a production-size model on a large cluster (the pruning runs at this scale)."""
+    name, nodes = draw(st.sampled_from([("llama31_405b", 2048), ("llama31_70b", 64), ("mixtral_8x7b", 32),
+                                        ("nemotron4_340b", 768), ("qwen25_72b", 16)]))
+    p = Problem(model=get_preset(name), cluster=ClusterSpec(gpu="H100", nodes=nodes), gpu=replace(H100, hbm_bytes=10**15),
+                fixed=ParallelSpec(), global_batch=draw(st.sampled_from([512, 1024, 2048])), seq_length=4096)
+    world = p.cluster.world_size
+    tp = draw(st.sampled_from([1, 2, 4, 8, 16]))
+    pp = draw(st.sampled_from([d for d in (1, 2, 4, 8, 16) if world % (tp * d) == 0]))
+    cp = draw(st.sampled_from([c for c in (1, 2, 4) if world % (tp * pp * c) == 0]))
+    dp = world // (tp * pp * cp)
+    experts = p.model.experts
+    ep = draw(st.sampled_from([e for e in (1, 2, 4, 8) if (not experts and e == 1) or (experts and experts % e == 0)]))
+    rows = p.global_batch // dp if p.global_batch % dp == 0 else 0
+    assume(rows)
+    mb = draw(st.sampled_from([m for m in (1, 2, 4) if rows % m == 0]))
+    vp = draw(st.sampled_from([None, 2])) if pp > 2 else None
+    layout = Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=1 if experts else tp, dp=dp, micro_batch=mb,
+                    global_batch=p.global_batch, num_microbatches=rows // mb, sequence_parallel=tp > 1,
+                    distributed_optimizer=True, recompute="none")
+    assume(layout_violations(p.env, _sizes(p, layout)) is None)
+    return p, layout
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(large_layouts())
+def test_model_properties_hold_at_production_scale(case):
+    p, layout = case
+    mems = [evaluate_memory(p, replace(layout, recompute=r)).total for r in ("full", "selective", "none")]
+    times = [evaluate_time(p, replace(layout, recompute=r)).step_time_s for r in ("none", "selective", "full")]
+    assert mems == sorted(mems)
+    assert all(a <= b * (1 + REL_TOL) for a, b in zip(times, times[1:]))
+    off = replace(layout, distributed_optimizer=False)
+    assert evaluate_memory(p, layout).total <= evaluate_memory(p, off).total
+    assert evaluate_time(p, layout).step_time_s <= evaluate_time(p, off).step_time_s * (1 + REL_TOL)
+    if layout.tp > 1 and not p.model.is_moe:
+        nosp = replace(layout, sequence_parallel=False)
+        assert evaluate_time(p, layout).step_time_s <= evaluate_time(p, nosp).step_time_s * (1 + REL_TOL)
+    if layout.vp:
+        assert evaluate_memory(p, replace(layout, vp=None)).total <= evaluate_memory(p, layout).total
+    rows = layout.global_batch // layout.dp
+    by_mb = [evaluate_memory(p, replace(layout, micro_batch=m, num_microbatches=rows // m)).total
+             for m in (1, 2, 4, 8) if rows % m == 0]
+    assert by_mb == sorted(by_mb)
 
 
 def _problem_405b(**fixed) -> Problem:
