@@ -91,8 +91,13 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
     echo(f"run directory: {run_dir.root}")
     started = time.time()
     _sigterm_as_interrupt()
+    import contextlib
+
+    # With --json, stdout carries only the final JSON: progress (ours, the ranks') goes to stderr.
+    quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:
-        outcome = executor.dry_run() if dry_run else executor.run()
+        with quiet:
+            outcome = executor.dry_run() if dry_run else executor.run()
     except TaskError as error:
         _die(f"error: {error}", as_json)
     except KeyboardInterrupt:

@@ -142,6 +142,10 @@ class Executor:
         if missing:
             raise TaskError(f"this installation has no runner for task kind(s) {', '.join(missing)} "
                             f"(known: {', '.join(sorted(set(known_kinds_list())))}); nothing was started")
+        with self.run_dir.lock():
+            return self._run_locked()
+
+    def _run_locked(self) -> RunOutcome:
         self.write_artifacts()
         status = Status(self.run_dir, self.plan, self.graph)
         outcome = RunOutcome(self.run_dir.root)

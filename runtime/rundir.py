@@ -13,6 +13,8 @@ is the task's current hash (docs/graph.md, section 2).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -75,6 +77,28 @@ class RunDir:
     @property
     def status_path(self) -> Path:
         return self.root / "status.json"
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run directory for one `nemoc run` at a time (an flock, released if the process dies)."""
+        from nemoc.runtime.tasks import TaskError
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "?"
+                raise TaskError(f"another `nemoc run` (pid {holder}) is using {self.root}; wait for it or use --workdir") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def task_dir(self, task_id: str) -> Path:
         """Where a task writes. Data tasks live under data/ so they read as the run's datasets."""
