@@ -53,6 +53,7 @@ class Case:
     measured: float
     derived: bool
     grad_bytes: int = 4
+    recompute_published: bool = True
 
 
 def load_rows(path: Path = DATA) -> list[dict]:
@@ -123,7 +124,7 @@ def row_case(row: dict) -> Case | str:
     grad_bytes = 2 if (src in "AC" and _precision(row) == "fp8") else 4
     return Case(row["id"], label, row_model(row), layout, _gpu(row["gpu"]), _precision(row), row["seq_len"], kind,
                 peft, backend, float(row["tokens_per_sec_per_gpu"]), bool(row.get("tokens_derived_from_published_tflops")),
-                grad_bytes)
+                grad_bytes, src in "FG" or bool(row["recompute"]))
 
 
 def predict(case: Case, params: cost.EfficiencyParams = cost.DEFAULT_PARAMS) -> float:
@@ -412,6 +413,95 @@ def megatron_errors(path: Path = MEGATRON_RESULTS) -> list[dict]:
     return out
 
 
+# ------------------------------------------------------------------------ through the language + planner
+
+
+def row_nemo(case: Case, num_gpus: int) -> str:
+    """The row as a `.nemo` experiment with every published parallel setting fixed; recompute is
+    `auto` where the source does not publish it (NeMo tables: it lives in the recipe scripts)."""
+    m, lay = case.model, case.layout
+    per_node = 4 if case.gpu in ("GB200", "GB300") else min(8, num_gpus)
+    model_fields = [f"layers = {m.layers}", f"hidden = {m.hidden}", f"heads = {m.heads}",
+                    f"query_groups = {m.query_groups}", f"ffn_hidden = {m.ffn_hidden}", f"vocab = {m.vocab}",
+                    f"seq_length = {case.seq}", f"activation = {m.activation}", f"norm = {m.norm}",
+                    f"position = {m.position}", f"tie_embeddings = {str(m.tie_embeddings).lower()}",
+                    f"add_bias_linear = {str(m.add_bias_linear).lower()}"]
+    if m.is_moe:
+        model_fields += [f"experts = {m.experts}", f"top_k = {m.top_k}"]
+    parallel = [f"tensor = {lay.tp}", f"pipeline = {lay.pp}", f"virtual_pipeline = {lay.vp or 1}",
+                f"context = {lay.cp}", f"expert = {lay.ep}", f"data = {lay.dp}",
+                f"sequence_parallel = {str(lay.sequence_parallel).lower()}",
+                f"distributed_optimizer = {str(lay.distributed_optimizer).lower()}",
+                f"recompute = {lay.recompute if case.recompute_published else 'auto'}",
+                f"micro_batch = {lay.micro_batch}"]
+    if m.is_moe:
+        parallel.append("expert_tensor = 1")
+    stage = "pretrain" if case.kind == "pretrain" else "sft"
+    peft = "\n    peft = lora(rank = 16)" if case.peft is not None else ""
+    ind = "\n    "
+    return f"""experiment calib_{case.id.lower()} {{
+  cluster {{
+    gpu = {case.gpu}
+    nodes = {num_gpus // per_node}
+    gpus_per_node = {per_node}
+  }}
+  model row_{case.id.lower()} {{
+    {ind.join(model_fields)}
+  }}
+  parallel {{
+    {ind.join(parallel)}
+  }}
+  precision = {case.precision}
+  attention_backend = {case.backend}
+  data corpus {{
+    path = "calibration/*.jsonl"
+  }}
+  stage {stage} {{
+    data = [corpus]
+    steps = 100
+    global_batch = {lay.global_batch}
+    seq_length = {case.seq}{peft}
+  }}
+}}
+"""
+
+
+def planner_errors(rows: list[dict]) -> list[dict]:
+    """Every usable row written as `.nemo`, loaded by the language front end and planned by
+    `nemoc.compiler.planner` with the layout fixed and no headroom: the tokens/s of the chosen plan,
+    or the planner's diagnostics when it rejects the published layout (rule or memory)."""
+    import tempfile
+
+    from nemoc.compiler.planner import plan_experiment
+    from nemoc.dsl.diagnostics import DiagnosticError
+    from nemoc.runtime.cli_common import load_spec
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in rows:
+            case = row_case(row)
+            if isinstance(case, str):
+                continue
+            path = Path(tmp) / f"{case.id}.nemo"
+            path.write_text(row_nemo(case, row["num_gpus"]))
+            try:
+                spec, _ = load_spec(str(path))
+                result = plan_experiment(spec, headroom=0.0)
+            except DiagnosticError as err:
+                errs = [d for d in err.diagnostics if d.is_error]
+                out.append({"id": case.id, "label": case.label, "rejected": "; ".join(
+                    f"{d.code} {d.message}" + (f" [{d.equation}]" if d.equation else "") for d in errs)[:600]})
+                continue
+            st = result.plan.stages[0]
+            pred = st.estimate.tokens_per_s_per_gpu
+            chosen = dataclasses.replace(st.layout, etp=case.layout.etp, recompute=case.layout.recompute)
+            same = chosen == case.layout  # (ETP is moot for dense models; recompute may be auto)
+            out.append({"id": case.id, "label": case.label, "measured": case.measured, "predicted": pred,
+                        "error": pred / case.measured - 1.0, "layout_kept": same, "recompute": st.layout.recompute,
+                        "memory_gib": st.memory.total / GIB, "plan_s": result.elapsed_s})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "calibrate.json"))
@@ -419,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure-megatron", metavar="OUT.json",
                     help="measure small configs with bare Megatron-Core on this machine's GPU and compare")
     ap.add_argument("--smoke", action="store_true", help="with --measure-megatron: tiny CPU (gloo) check")
+    ap.add_argument("--via-planner", action="store_true",
+                    help="also write every row as .nemo and plan it through the language front end and planner")
     ap.add_argument("--measure-index", type=int, help=argparse.SUPPRESS)  # one configuration, in a child
     args = ap.parse_args(argv)
     if args.measure_megatron:
@@ -459,7 +551,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['dynamic_predicted_gib']:6.2f} ({100 * r['dynamic_error']:+5.1f}%)  peak "
                   f"{100 * r['peak_error']:+5.1f}%  step {r['step_measured_s']:.3f}/{r['step_predicted_s']:.3f} "
                   f"({100 * r['step_error']:+5.1f}%)")
+    planned = planner_errors(rows) if args.via_planner else []
+    if planned and not args.quiet:
+        print("\nthrough .nemo + nemoc.compiler.planner (published layout fixed, recompute auto where unpublished, "
+              "fp32 grad reduction as the nemoc runtime)")
+        for r in planned:
+            if "rejected" in r:
+                print(f"{r['id']:5s} {r['label'][:44]:44s} REJECTED: {r['rejected'][:150]}")
+            else:
+                print(f"{r['id']:5s} {r['label'][:44]:44s} {r['measured']:10.1f} {r['predicted']:10.1f} "
+                      f"{100 * r['error']:+7.1f}%  layout kept: {r['layout_kept']}  recompute {r['recompute']}  "
+                      f"{r['memory_gib']:.1f} GiB")
     summary = {name: summarize(g) for name, g in groups.items()}
+    if planned:
+        summary["via_planner"] = summarize([r for r in planned if "error" in r])
+        summary["via_planner"]["rejected"] = sum("rejected" in r for r in planned)
     summary["memory"] = summarize(mem)
     summary["megatron_peak_memory"] = summarize([{"error": r["peak_error"]} for r in mega])
     summary["megatron_step_time"] = summarize([{"error": r["step_error"]} for r in mega])
@@ -469,8 +575,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"max |err| {100 * s['max_abs_error']:5.1f}%  within 5%: {s['within_5pct']}  "
                   f"within 15%: {s['within_15pct']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"summary": summary, "throughput": tput, "memory": mem, "megatron": mega},
-                                          indent=1) + "\n")
+    Path(args.json).write_text(json.dumps({"summary": summary, "throughput": tput, "memory": mem, "megatron": mega,
+                                           "via_planner": planned}, indent=1) + "\n")
     return 0
 
 

@@ -78,3 +78,17 @@ def test_memory_against_bare_megatron_on_h200(calibrate) -> None:
         if "unfused" not in r["name"]:
             assert abs(r["static_error"]) <= 0.01, r
         assert abs(r["peak_error"]) <= 0.06, r
+
+
+def test_planner_route_reproduces_the_direct_estimate(calibrate, results) -> None:
+    """A published row written as `.nemo` and planned with its layout fixed gives the same tokens/s
+    as calling the cost model directly (rows whose recompute is published and grads are fp32)."""
+    rows, used = results
+    direct = {r["id"]: r["predicted"] for r in used}
+    picked = [r for r in rows if r["id"] in ("G02", "F03", "E05")]
+    planned = calibrate.planner_errors(picked)
+    assert len(planned) == 3
+    for r in planned:
+        assert "rejected" not in r, r
+        assert r["layout_kept"]
+        assert r["predicted"] == pytest.approx(direct[r["id"]], rel=1e-9)
