@@ -202,9 +202,11 @@ def not_fit_diagnostic(spec: ExperimentSpec, stage: StageSpec, problem: Problem,
     notes = tuple(Note(f"{r.count} candidate{'s' * (r.count != 1)}: {r.reason} (e.g. {r.layout}: {r.example})")
                   for r in result.rejections[:4])
     if result.closest is None:
-        return _error("E131", f"no parallel layout of stage `{stage.name}` satisfies Megatron-Core's rules",
-                      spec, stage, "parallel", equation=result.rejections[0].example if result.rejections else None,
-                      hint="leave more of the parallel sizes `auto`", notes=notes)
+        top = result.rejections[0] if result.rejections else None
+        return _error("E131", f"no parallel layout of stage `{stage.name}` satisfies Megatron-Core's rules"
+                      + (f" (most often: {top.reason})" if top else ""),
+                      spec, stage, "parallel", equation=top.example if top else None,
+                      hint=(top.hint if top and top.hint else "leave more of the parallel sizes `auto`"), notes=notes)
     o = result.closest
     m = o.memory
     terms = " + ".join(f"{t} {gib(getattr(m, t))}" for t in MEMORY_TERMS)

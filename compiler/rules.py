@@ -16,6 +16,7 @@ stops at the first error it finds.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -161,9 +162,10 @@ _P = "parallel."
 
 
 def rule_world_size(env: Env, s: Sizes) -> Violation | None:
-    """parallel_state.py initialize_model_parallel: world % (tp*pp*cp) == 0, dp = world / (tp*pp*cp)."""
+    """parallel_state.py initialize_model_parallel: world % (tp*pp*cp) == 0, dp = world / (tp*pp*cp).
+    With some sizes still auto, the fixed ones must already divide the world."""
     if None in (s.tp, s.pp, s.cp):
-        return None
+        return _partial_world_size(env, s)
     c = env.cluster
     world = c.world_size
     model = s.tp * s.pp * s.cp
@@ -185,6 +187,24 @@ def rule_world_size(env: Env, s: Sizes) -> Violation | None:
             source="megatron/core/parallel_state.py initialize_model_parallel (world_size % model_size)",
         )
     return None
+
+
+def _partial_world_size(env: Env, s: Sizes) -> Violation | None:
+    c = env.cluster
+    known = [(n, v) for n, v in (("tp", s.tp), ("pp", s.pp), ("cp", s.cp), ("dp", s.dp)) if v is not None]
+    product = math.prod(v for _, v in known)
+    if not known or c.world_size % product == 0:
+        return None
+    where = f"world size {c.world_size} ({c.nodes} node{'s' * (c.nodes != 1)} x {c.gpus_per_node} GPUs)"
+    factors = " * ".join(f"{n}({v})" for n, v in known)
+    return Violation(
+        "E101", "the fixed parallel sizes do not divide the number of GPUs",
+        f"{where} % ({factors} = {product}) = {c.world_size % product} != 0" if len(known) > 1 else
+        f"{where} % {factors} = {c.world_size % product} != 0",
+        "use sizes whose product divides the GPU count, or more nodes",
+        anchors=(_P + "tensor", _P + "pipeline", _P + "context", _P + "data", "cluster.nodes", "cluster"),
+        source="megatron/core/parallel_state.py initialize_model_parallel (world_size % model_size)",
+    )
 
 
 def _world_hint(world: int, model: int, dp: int | None, c: ClusterSpec) -> str:
@@ -798,21 +818,27 @@ def to_diagnostic(v: Violation, spec: ExperimentSpec, stage: StageSpec | None = 
 
 
 def check_spec(spec: ExperimentSpec) -> tuple[Diagnostic, ...]:
-    """Validate what the user fixed (no search): every rule over every training stage's sizes.
+    """Validate what the user fixed (no search): every rule over every training stage's sizes (for
+    eval / export stages, the rules that do not depend on the parallel sizes).
 
     Auto sizes are skipped by each rule; a violation that several stages share (because they run
     with the same experiment-level block) is reported once, at the experiment-level span.
     """
     out: list[Diagnostic] = []
     seen: set[tuple[str, str]] = set()
-    stages = [s for s in spec.stages if s.kind in TRAINING_KINDS] or [None]
+    stages = list(spec.stages) or [None]
     for stage in stages:
         parallel = spec.parallel if stage is None else stage_parallel(spec, stage)
         seq = spec.model.seq_length if stage is None else stage_seq_length(spec, stage)
         gb = None if stage is None else stage.global_batch
         env = env_of(spec, stage.kind if stage else "pretrain")
         own = stage is not None and stage.parallel is not None
-        for v in violations(env, sizes_of(parallel, global_batch=gb, seq_length=seq)):
+        sizes = sizes_of(parallel, global_batch=gb, seq_length=seq)
+        if stage is not None and stage.kind not in TRAINING_KINDS:
+            # eval / export run with their own layout (the planner picks it): only the rules on the
+            # model, the precision and the sequence length apply here.
+            sizes = Sizes(tp=None, pp=None, cp=None, ep=None, distributed_optimizer=None, seq_length=seq)
+        for v in violations(env, sizes):
             key = (v.code, v.equation)
             if key in seen:
                 continue

@@ -119,6 +119,7 @@ class Rejection:
     example: str
     layout: str
     over_bytes: int = 0
+    hint: str | None = None  # for a rule: the rule's own hint
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,14 +221,14 @@ class _Recorder:
         self.evaluated = 0
         self.space = 0
 
-    def rule(self, short, reason: str, layout, count: int = 1) -> None:
+    def rule(self, short, reason: str, layout, count: int = 1, hint: str | None = None) -> None:
         """Count `count` candidates lost for `reason`; `short` / `layout` (text, or a Layout / a
         callable giving the text) are formatted only for a reason's first example."""
         self.space += count
         entry = self.by_reason.get(reason)
         if entry is None:
             text = describe(layout) if isinstance(layout, Layout) else layout() if callable(layout) else layout
-            entry = self.by_reason[reason] = [0, short() if callable(short) else short, text, 0]
+            entry = self.by_reason[reason] = [0, short() if callable(short) else short, text, 0, hint]
         entry[0] += count
 
     def memory(self, layout: Layout, mem: MemoryBreakdown, count: int = 1) -> None:
@@ -239,17 +240,17 @@ class _Recorder:
         reason = f"out of memory (largest term: {term})"
         entry = self.by_reason.get(reason)
         if entry is None:
-            entry = self.by_reason[reason] = [0, "", "", None]
+            entry = self.by_reason[reason] = [0, "", "", None, None]
         entry[0] += count
         if entry[3] is None or over < entry[3]:  # format only the closest example
             example = f"total {gib(total)} > budget {gib(self.budget)} by {gib(over)}; {term} {gib(getattr(mem, term))}"
-            entry[1:] = [example, describe(layout), over]
+            entry[1:4] = [example, describe(layout), over]
         if self.closest is None or over < self.closest.over_bytes or (
                 over == self.closest.over_bytes and layout_key(layout) < layout_key(self.closest.layout)):
             self.closest = Overflow(layout, mem, self.budget)
 
     def result(self, top: "_Top") -> SearchResult:
-        rej = sorted((Rejection(r, e[0], e[1], e[2], e[3]) for r, e in self.by_reason.items()),
+        rej = sorted((Rejection(r, e[0], e[1], e[2], e[3] or 0, e[4]) for r, e in self.by_reason.items()),
                      key=lambda r: (-r.count, r.reason))
         return SearchResult(tuple(top.items), tuple(rej), self.closest, self.evaluated, self.space + top.seen, top.seen)
 
@@ -358,7 +359,10 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
     best = _Top(max(1, top))
     world = p.cluster.world_size
     for tp in _tp_domain(p, env):
-        pps = _pick(p.fixed.pipeline, [d for d in divisors(world // tp) if d <= p.model.layers] if world % tp == 0 else [])
+        if world % tp:
+            rec.rule(f"world size {world} % tp({tp}) = {world % tp} != 0", "E101 world size", f"tp={tp}")
+            continue
+        pps = _pick(p.fixed.pipeline, [d for d in divisors(world // tp) if d <= p.model.layers])
         for pp in pps:
             rest = world // (tp * pp) if world % (tp * pp) == 0 else 0
             cps = _pick(p.fixed.context, [c for c in divisors(rest) if c == 1 or p.seq_length % (2 * c) == 0] if rest else [])
@@ -406,7 +410,7 @@ def _group_rules(p: Problem, env: Env, rec: _Recorder, layout: Layout, count: in
     for rule in _GROUP_RULES:
         v = rule(env, sizes)
         if v is not None:
-            rec.rule(v.short, f"{v.code} {v.message}", layout, count)
+            rec.rule(v.short, f"{v.code} {v.message}", layout, count, v.hint)
             return False
     return True
 
@@ -428,7 +432,7 @@ def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, 
             layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[0])
             v = _rules_mb(env, p, layout)
             if v is not None:
-                rec.rule(v.short, f"{v.code} {v.message}", layout, len(rcs))
+                rec.rule(v.short, f"{v.code} {v.message}", layout, len(rcs), v.hint)
                 any_fit = True  # a rule, not memory, stopped this micro batch: larger ones may pass
                 break
             k = _search_recompute(p, rec, best, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs, weakest[sp])
@@ -548,7 +552,7 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
             v = layout_violations(env, sizes)
             layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp or 1, mb, sp, do, rc)
             if v is not None:
-                rec.rule(v.short, f"{v.code} {v.message}", layout)
+                rec.rule(v.short, f"{v.code} {v.message}", layout, 1, v.hint)
                 continue
             rec.evaluated += 1
             mem = evaluate_memory(p, layout)

@@ -10,12 +10,14 @@ import sys
 from dataclasses import replace
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nemoc.compiler.catalog.models import get_preset
 from nemoc.compiler.plan import from_json, to_json
 from nemoc.compiler.planner import plan_experiment, stage_steps
 from nemoc.compiler.rules import TRAINING_KINDS
-from nemoc.compiler.spec import ClusterSpec, DataSpec, ExperimentSpec, LoraSpec, ParallelSpec, StageSpec
+from nemoc.compiler.spec import ClusterSpec, DataSpec, ExperimentSpec, LoraSpec, ModelSpec, ParallelSpec, StageSpec
 from nemoc.dsl.diagnostics import DiagnosticError, Span
 from nemoc.runtime.cli_common import load_spec
 
@@ -143,3 +145,47 @@ def test_the_compiler_never_imports_torch():
             "plan_experiment(load_spec('examples/llama3_8b_pretrain.nemo')[0])\n"
             "assert 'torch' not in sys.modules and 'megatron' not in sys.modules, 'torch imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@st.composite
+def random_specs(draw) -> ExperimentSpec:
+    heads = draw(st.sampled_from([1, 2, 3, 4, 8, 12]))
+    model = ModelSpec(name="r", layers=draw(st.integers(1, 12)), hidden=heads * draw(st.sampled_from([16, 64, 128])),
+                      heads=heads, query_groups=draw(st.sampled_from([g for g in (1, 2, 3, 4, heads) if heads % g == 0])),
+                      ffn_hidden=draw(st.sampled_from([96, 256, 1000, 4096])), vocab=draw(st.integers(100, 60000)),
+                      seq_length=draw(st.sampled_from([128, 1024, 4096])),
+                      experts=(e := draw(st.sampled_from([0, 0, 4, 6]))), top_k=min(2, e),
+                      moe_ffn_hidden=512 if e else None)
+    small = st.one_of(st.none(), st.integers(1, 9))
+    parallel = ParallelSpec(tensor=draw(small), pipeline=draw(small), virtual_pipeline=draw(st.sampled_from([None, 1, 2, 3])),
+                            context=draw(st.sampled_from([None, 1, 2])), expert=draw(st.sampled_from([None, 1, 2, 3])),
+                            data=draw(st.sampled_from([None, None, 1, 2, 5])), micro_batch=draw(small),
+                            sequence_parallel=draw(st.sampled_from([None, True, False])),
+                            distributed_optimizer=draw(st.sampled_from([None, True, False])),
+                            recompute=draw(st.sampled_from([None, "none", "selective", "full"])))
+    kinds = draw(st.lists(st.sampled_from(["pretrain", "sft", "dpo", "reward", "ppo", "eval", "export"]),
+                          min_size=1, max_size=3))
+    stages = tuple(StageSpec(name=f"s{i}", kind=k, global_batch=draw(st.sampled_from([None, 1, 6, 16, 64])),
+                             steps=draw(st.sampled_from([None, 10])), tokens=draw(st.sampled_from([None, 10**8])),
+                             seq_length=draw(st.sampled_from([None, 64, 100, 8192])))
+                   for i, k in enumerate(kinds))
+    cluster = ClusterSpec(gpu=draw(st.sampled_from(["H100", "A100-40GB", "B200", "CPU"])), nodes=draw(st.integers(1, 3)),
+                          gpus_per_node=draw(st.sampled_from([1, 2, 4, 8])))
+    return ExperimentSpec(name="fuzz", model=model, cluster=cluster, parallel=parallel, stages=stages,
+                          precision=draw(st.sampled_from(["bf16", "fp16", "fp32", "fp8", "mxfp8"])),
+                          attention_backend=draw(st.sampled_from(["auto", "flash", "unfused"])))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_specs())
+def test_any_spec_plans_or_fails_with_diagnostics_never_a_traceback(spec):
+    try:
+        result = plan_experiment(spec)
+    except DiagnosticError as err:
+        assert err.diagnostics and any(d.is_error for d in err.diagnostics)
+        assert all(d.equation or d.hint or d.message for d in err.diagnostics)
+        return
+    for sp in result.plan.stages:
+        assert sp.layout.tp * sp.layout.pp * sp.layout.cp * sp.layout.dp == spec.cluster.world_size
+        assert sp.memory.total <= sp.memory.capacity
+    assert from_json(to_json(result.plan)) == result.plan
