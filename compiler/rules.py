@@ -191,7 +191,7 @@ def rule_world_size(env: Env, s: Sizes) -> Violation | None:
 
 def _partial_world_size(env: Env, s: Sizes) -> Violation | None:
     c = env.cluster
-    known = [(n, v) for n, v in (("tp", s.tp), ("pp", s.pp), ("cp", s.cp), ("dp", s.dp)) if v is not None]
+    known = [(n, v) for n, v in (("tp", s.tp), ("pp", s.pp), ("cp", s.cp), ("dp", s.dp)) if v is not None and v > 1]
     product = math.prod(v for _, v in known)
     if not known or c.world_size % product == 0:
         return None

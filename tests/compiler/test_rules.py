@@ -340,5 +340,5 @@ def test_fixed_sizes_must_divide_the_world_even_with_others_auto():
     v = rules.rule_world_size(env(), Sizes(tp=3, pp=None))
     assert v.code == "E101" and v.equation == "world size 16 (2 nodes x 8 GPUs) % tp(3) = 1 != 0"
     v = rules.rule_world_size(env(), Sizes(tp=2, pp=None, cp=1, dp=3))
-    assert v.equation == "world size 16 (2 nodes x 8 GPUs) % (tp(2) * cp(1) * dp(3) = 6) = 4 != 0"
+    assert v.equation == "world size 16 (2 nodes x 8 GPUs) % (tp(2) * dp(3) = 6) = 4 != 0"
     assert rules.rule_world_size(env(), Sizes(tp=4, pp=None, cp=2)) is None
