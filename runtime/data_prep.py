@@ -31,6 +31,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -251,6 +252,14 @@ def _init_worker(tokenizer_spec: str) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_spec)
 
 
+def _init_pool_worker(tokenizer_spec: str) -> None:
+    """A forked worker: default SIGTERM (the pool's terminate) and no SIGINT (the parent handles Ctrl-C and
+    stops the pool), so neither prints a traceback; handlers set by the parent are not inherited."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(tokenizer_spec)
+
+
 def _tokenize_chunk(args: tuple[Chunk, Source, str]) -> tuple[int, int, int, int]:
     """Tokenize one chunk into `<tmp prefix>.bin/.idx`; returns (index, documents, tokens, empty)."""
     import numpy as np
@@ -349,7 +358,7 @@ def _run_jobs(jobs: list, tokenizer_spec: str, workers: int) -> Iterator[tuple[i
         yield from map(_tokenize_chunk, jobs)
         return
     context = multiprocessing.get_context("fork")  # workers inherit the imported modules: no 5 s re-import
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_spec,)) as pool:
+    with context.Pool(workers, initializer=_init_pool_worker, initargs=(tokenizer_spec,)) as pool:
         yield from pool.imap(_tokenize_chunk, jobs)
 
 

@@ -142,3 +142,21 @@ def test_shipped_example_data_is_valid():
     corpus = data / "quickstart" / "corpus.jsonl"
     assert corpus.stat().st_size < 5_000_000
     assert sum(1 for _ in iter_texts([Source("web", str(corpus))])) == 4000
+
+
+def test_pool_workers_do_not_inherit_the_parents_signal_handlers(corpus, tmp_path, capfd):
+    """`nemoc run` turns SIGTERM into KeyboardInterrupt; the pool's own SIGTERM at shutdown must not print
+    a traceback from every worker."""
+    import signal
+
+    root, tok = corpus
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        prepare_dataset(Source("web", str(root / "a.jsonl")), tok.source, tmp_path, workers=2, chunk_bytes=4000)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "Traceback" not in capfd.readouterr().err
