@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import click
 
-from nemoc.runtime.cli_common import EXIT_OK, common_options, fail, load_spec, print_diagnostics
+from nemoc.runtime.cli_common import EXIT_OK, common_options, fail, load_spec_with_warnings, print_diagnostics
 
 GIB = 1 << 30
 TERMS = ("weights", "gradients", "optimizer", "activations", "other")
@@ -289,13 +290,14 @@ def plan(file: str, headroom: float, top: int, emit: str | None, sets: tuple[str
     from nemoc.dsl.diagnostics import DiagnosticError
 
     try:
-        spec, sources = load_spec(file, sets)
+        spec, sources, language_warnings = load_spec_with_warnings(file, sets)
     except DiagnosticError as err:
         fail(err.diagnostics, getattr(err, "sources", {}) or {}, as_json)
     try:
         result = plan_experiment(spec, headroom=headroom, top=max(top + 1, 2))
     except DiagnosticError as err:
-        fail(err.diagnostics, sources, as_json)
+        fail(tuple(language_warnings) + tuple(err.diagnostics), sources, as_json)
+    result = replace(result, warnings=tuple(language_warnings) + result.warnings)
     if emit:
         with open(emit, "w", encoding="utf-8") as f:
             f.write(to_json(result.plan))

@@ -120,3 +120,14 @@ def test_emitted_plan_builds_the_runtime_graph(path, tmp_path):
     graph = build_graph(plan)
     assert {t.id for t in iter_stage_tasks(graph)}  # every stage became a task
     assert len(list(iter_stage_tasks(graph))) == len(plan.stages)
+
+
+def test_language_warnings_are_reported_with_the_plan(tmp_path):
+    src = tmp_path / "w.nemo"
+    src.write_text('experiment w {\n  cluster {\n    gpu = H100\n  }\n  model llama3_8b {}\n'
+                   '  data web {\n    path = "web.jsonl"\n  }\n  data unused {\n    path = "x.jsonl"\n  }\n'
+                   '  stage pretrain {\n    data = [web]\n    tokens = 1B\n    global_batch = 64\n  }\n}\n')
+    res = run(str(src))
+    assert res.exit_code == 0 and "warning[W001]" in res.stderr
+    doc = json.loads(run(str(src), "--json").stdout)
+    assert any(w["code"] == "W001" for w in doc["warnings"])
