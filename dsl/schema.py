@@ -253,7 +253,11 @@ _TEMPLATE = _f("template", call("template"), None,
 TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
 
 STAGE_PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
-    "pretrain": (_SAMPLES, _DROPOUT, _EVAL_ITERS),
+    "pretrain": (
+        _SAMPLES, _DROPOUT, _EVAL_ITERS,
+        _f("save_checkpoints", BOOL, True, "Write checkpoints; `false` only for benchmark runs (no periodic or "
+           "final checkpoint, so later stages cannot start from this one)."),
+    ),
     "sft": (
         _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE,
         _f("pack", BOOL, True, "Pack several samples into one sequence (the runtime packs only without "
