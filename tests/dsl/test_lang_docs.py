@@ -76,4 +76,5 @@ def test_stage_params_are_the_ones_the_runtime_reads():
     declared = {f.name for params in STAGE_PARAMS.values() for f in params}
     # export `format` has one value, huggingface, which is what the export runner always writes
     assert declared - read == {"format"}, "declared but never read"
-    assert read - declared == set(), "read by the runtime but not settable from the language"
+    assert read - declared == set(), ("read by the runtime but not settable from the language: add it to "
+                                      "STAGE_PARAMS in dsl/schema.py, then `python -m nemoc.dsl.docgen > docs/language.md`")
