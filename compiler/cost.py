@@ -57,6 +57,9 @@ class EfficiencyParams:
               recipes); Ampere-era Megatron (2021-22) did not overlap TP communication: 1.0.
     gemm_n_half: GEMM tile-quantisation penalty: a GEMM whose smaller of N, K (per GPU, after TP)
               is n runs at e_gemm / (1 + n_half / n) (half a 128-wide tensor-core tile).
+    layer_overhead: seconds per layer per micro batch (forward + backward) that no kernel's
+              FLOPs or bytes explain: launch gaps, synchronisation, small kernels (tens of kernels
+              per layer and pass).
 
     Values: chosen once, globally, by a coordinate search over these nine numbers on the calibration
     set (bench/calibrate.py, docs/calibration.md), kept inside physically plausible ranges; they are
@@ -65,14 +68,15 @@ class EfficiencyParams:
     """
 
     gemm_ampere_16: float = 0.62
-    gemm_hopper_16: float = 0.64
+    gemm_hopper_16: float = 0.67
     gemm_hopper_8: float = 0.46
-    gemm_blackwell_8: float = 0.37
+    gemm_blackwell_8: float = 0.38
     attn: float = 0.37
-    kappa: float = 4.8
-    link: float = 0.75
-    tp_exposed: float = 0.05
+    kappa: float = 4.6
+    link: float = 0.72
+    tp_exposed: float = 0.07
     gemm_n_half: float = 64.0
+    layer_overhead: float = 65e-6
 
     def gemm_eff(self, generation: str, precision: str) -> float:
         low = precision in ("fp8", "mxfp8")
@@ -175,6 +179,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         elementwise *= 4.0 / 3.0
     elif layout.recompute == "selective":
         attention *= (3.5 + 1.0) / 3.5 if backward else 1.0
+    gemm += params.layer_overhead * passes / 3.0
     tp_comm = _tp_comm(model, layout, hw, tokens, passes, params)
     cp_comm = _cp_comm(model, layout, hw, tokens, passes, attention, params)
     ep_comm = _ep_comm(model, layout, hw, tokens, passes, params)
@@ -200,7 +205,10 @@ def _tp_comm(model, layout, hw, tokens, passes, params) -> float:
         return 0.0
     size = tokens * model.hidden * 2.0
     volume = 4.0 * passes / 1.5 * size * (layout.tp - 1) / layout.tp  # 4 fwd, 4 bwd (passes = 3)
-    return volume / _link_bw(hw, layout.tp, 1, params) * params.tp_exposure(hw.generation)
+    # Transformer Engine's userbuffer overlap needs the TP group inside one NVLink domain (CUDA IPC /
+    # NVLink SHARP); a TP group that spans domains runs NCCL collectives on the critical path.
+    exposure = params.tp_exposure(hw.generation) if layout.tp <= hw.nvlink_domain else 1.0
+    return volume / _link_bw(hw, layout.tp, 1, params) * exposure
 
 
 def _cp_comm(model, layout, hw, tokens, passes, attention, params) -> float:
