@@ -150,7 +150,7 @@ def status(run_dir: str, as_json: bool) -> None:
     for column in ("task", "state", "hash", "steps", "last loss", "tokens/s", "elapsed"):
         table.add_column(column, justify="right" if column in ("steps", "last loss", "tokens/s", "elapsed") else "left")
     for row in rows:
-        steps = "" if row["steps_total"] is None else f"{row['steps_done'] or 0}/{row['steps_total']}"
+        steps = "" if not row["steps_total"] else f"{row['steps_done'] or 0}/{row['steps_total']}"
         table.add_row(row["id"], row["state"], row["hash"][:8], steps, _fmt(row["last_loss"], "{:.4f}"),
                       _fmt(row["tokens_per_s"], "{:,.0f}"), _fmt(row["elapsed_s"], "{:.1f} s"))
     Console(width=max(100, Console().width)).print(table)

@@ -231,7 +231,12 @@ class Executor:
                           out_dir=ctx.out_dir, log_path=ctx.out_dir / "log.txt", nodes=cluster.nodes,
                           gpus_per_node=cluster.gpus_per_node, env=dict(self.options.get("env", {})),
                           options=dict(cluster.scheduler_options))
-        result = self.launcher.launch(spec)
+        try:
+            result = self.launcher.launch(spec)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a scheduler/cluster problem (sbatch, kubectl, ...) fails the task
+            return "failed", None, f"launcher {getattr(self.launcher, 'name', '?')!r} could not run the task: {exc}"
         if result.preempted:
             return "preempted", None, "preempted (exit 143); resumable"
         if not result.ok:

@@ -187,3 +187,18 @@ def test_one_run_at_a_time_per_run_directory(workspace):
         assert other.returncode != 0 and f"another `nemoc run` (pid {__import__('os').getpid()})" in other.stderr
     with run_dir.lock():  # released: it can be taken again
         pass
+
+
+def test_a_launcher_that_raises_fails_the_task_without_a_traceback(workspace):
+    class Broken:
+        name = "broken"
+
+        def launch(self, spec):
+            raise RuntimeError("kubectl: connection refused")
+
+    plan = make_plan(workspace, stages=(make_stage("pretrain", "faketrain"),))
+    lines: list[str] = []
+    outcome = Executor(plan, build_graph(plan), RunDir(workspace / "run"), launcher=Broken(), echo=lines.append,
+                       options={"workers": 1}).run()
+    assert outcome.states()["train:pretrain"] == "failed"
+    assert outcome.tasks[2].error == "launcher 'broken' could not run the task: kubectl: connection refused"
