@@ -23,6 +23,11 @@ def _has_slurm() -> bool:
     return shutil.which("sinfo") is not None and bool(os.environ.get("SLURM_CONF"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite golden files (ASTs, plans, graphs) from the current code; review the diff")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     need_gpu = any("gpu" in item.keywords for item in items)
     need_slurm = any("slurm" in item.keywords for item in items)
