@@ -246,8 +246,8 @@ class Executor:
         done = read_json(ctx.out_dir / "DONE.json")
         if done is None:
             return "failed", None, f"the task exited 0 but wrote no DONE.json in {ctx.out_dir}"
-        for key in ("tokenizer", "vocab_size"):  # downstream stages without datasets inherit them
-            done.setdefault(key, task_json.get(key))
+        for key, source in (("tokenizer", "tokenizer"), ("vocab_size", "vocab_size"), ("eod", "eod_id")):
+            done.setdefault(key, task_json.get(source))  # downstream stages without datasets inherit them
         return "done", done, ""
 
 

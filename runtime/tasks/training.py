@@ -31,19 +31,19 @@ def _datasets(ctx: TaskContext) -> list[dict]:
     return out
 
 
-def _tokenizer(ctx: TaskContext) -> tuple[str | None, int | None]:
+def _tokenizer(ctx: TaskContext) -> tuple[str | None, int | None, int | None]:
     """The one tokenizer of the stage's inputs (datasets, else parents); two different ones is an error."""
     records = [r for _, r in ctx.inputs_of("dataset")] or [r for _, r in ctx.inputs_of("checkpoint")]
-    found = {(r.get("tokenizer"), r.get("vocab_size")) for r in records if r.get("tokenizer")}
+    found = {(r.get("tokenizer"), r.get("vocab_size"), r.get("eod")) for r in records if r.get("tokenizer")}
     if len(found) > 1:
-        names = ", ".join(sorted(str(t) for t, _ in found))
+        names = ", ".join(sorted(str(t) for t, _, _ in found))
         raise TaskError(f"{ctx.task.id}: the stage's inputs use different tokenizers ({names}); one model needs one")
-    return next(iter(found), (None, None))
+    return next(iter(found), (None, None, None))
 
 
 def base_task_json(ctx: TaskContext) -> dict:
     stage = ctx.stage
-    tokenizer, vocab_size = _tokenizer(ctx)
+    tokenizer, vocab_size, eod = _tokenizer(ctx)
     if vocab_size is not None and vocab_size > ctx.plan.model.vocab:
         raise TaskError(f"{ctx.task.id}: the tokenizer has {vocab_size} tokens but the model's vocabulary is "
                         f"{ctx.plan.model.vocab}; raise model.vocab or use a smaller tokenizer ({tokenizer})")
@@ -62,6 +62,7 @@ def base_task_json(ctx: TaskContext) -> dict:
         "split": datasets[0]["split"] if datasets else None,
         "tokenizer": tokenizer,
         "vocab_size": vocab_size if vocab_size is not None else ctx.plan.model.vocab,
+        "eod_id": eod,
         "init_checkpoint": parents.get(first_parent) if first_parent else None,
         "parents": parents,
         "output_dir": str(out),

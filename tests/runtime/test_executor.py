@@ -58,7 +58,7 @@ def test_runs_in_order_then_everything_is_cached(workspace):
     task = read_json(rd.task_dir("train:pretrain") / "task.json")
     assert task["datasets"][0]["prefix"].endswith("data/web/web_text_document") and task["split"] == "98,2,0"
     assert task["tokenizer"].endswith("data/tokenizer/tokenizer.json") and task["vocab_size"] <= 512
-    assert task["init_checkpoint"] is None and task["output_dir"].endswith("tasks/train_pretrain")
+    assert task["eod_id"] == 0 and task["init_checkpoint"] is None and task["output_dir"].endswith("tasks/train_pretrain")
     assert read_json(rd.status_path)["tasks"]["train:pretrain"]["state"] == "done"
 
     outcome, lines = execute(plan, run_root)
