@@ -125,7 +125,8 @@ KERNELS = ("te", "local")
 
 def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, sp: bool, cp: int = 1,
                       etp: int = 1, recompute: str = "none", attention_backend: str = "flash",
-                      dropout: bool = False, act_bytes: int = 2, kernels: str = "te") -> LayerActivations:
+                      dropout: bool = False, act_bytes: int = 2, kernels: str = "te",
+                      fp8: bool = False) -> LayerActivations:
     """Korthikanti et al. 2022 Sec. 4.1, generalised (see module docstring). With SP every term is
     divided by TP; without SP the norm/dropout inputs and the QKV/MLP inputs (10 sbh in Table 2)
     are replicated and the rest divided (24 sbh / t). CP divides the sequence. Selective recompute
@@ -138,16 +139,25 @@ def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, 
     (docs/calibration.md): the unfused GLU also keeps act(x1) (+f), GQA expands K and V to every
     head before the attention kernel (+2 (a - g) d), torch's RMSNorm keeps an fp32 copy of its input
     (+4 h per norm), and the unfused softmax keeps fp32 probabilities and their 16-bit copy (6 B per
-    score instead of 2)."""
+    score instead of 2).
+
+    `fp8` (FP8/MXFP8 with Transformer Engine): a linear layer keeps the quantised copy of its input
+    for the weight gradient (1 byte; TE `Linear`/`LayerNormLinear`/`LayerNormMLP` save the FP8 input
+    or its transpose), so the QKV input, the MLP input and the fc2 input take 1 byte per element;
+    the attention output is kept twice, 16-bit by the attention kernel and FP8 by the projection."""
     s, b, h = seq / cp, micro_batch, model.hidden
     a, g, d = model.heads, model.query_groups, model.head_dim
     rep = tp if sp else 1  # divisor of the terms that live in the sequence-parallel region
     if recompute == "full":
         return LayerActivations(act_bytes * s * b * h / rep, 0.0, 0.0, 0.0, 0.0)
     local = kernels == "local"
+    fp8 = fp8 and not local
+    gemm_in = 1 if fp8 else act_bytes  # bytes of a saved linear-layer input
     sbh = s * b * h
     norms = 2 * act_bytes * sbh / rep
-    attention = act_bytes * sbh / rep + act_bytes * s * b * d * (2 * a + 2 * g) / tp
+    attention = gemm_in * sbh / rep + act_bytes * s * b * d * (2 * a + 2 * g) / tp
+    if fp8:
+        attention += s * b * a * d / tp  # the projection's FP8 copy of the attention output
     if local:
         norms += 2 * 4.0 * sbh / rep if model.norm == "rmsnorm" else 0.0
         attention += act_bytes * s * b * d * 2 * (a - g) / tp
@@ -157,7 +167,9 @@ def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, 
         scores = per_score * a * s * (seq / cp) * b / tp
     else:
         scores = 4.0 * s * b * a / tp if attention_backend != "unfused" else 0.0  # flash: fp32 softmax stats
-    mlp = act_bytes * sbh / rep + _mlp_activations(model, s * b, tp=tp, rep=rep, etp=etp, act_bytes=act_bytes)
+    mlp = gemm_in * sbh / rep + _mlp_activations(model, s * b, tp=tp, rep=rep, etp=etp, act_bytes=act_bytes)
+    if fp8 and not model.is_moe:  # fc2 input (activation output) kept in FP8
+        mlp -= (act_bytes - 1) * s * b * model.ffn_hidden / tp
     if local and is_gated(model) and not model.is_moe:
         mlp += act_bytes * s * b * model.ffn_hidden / tp
     drop = 2.0 * sbh / rep if dropout else 0.0
@@ -313,7 +325,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         per_layer = layer_activations(
             model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
             etp=layout.etp, recompute=layout.recompute if trains else "none", attention_backend=backend,
-            dropout=dropout, kernels=kernels).total
+            dropout=dropout, kernels=kernels, fp8=precision in ("fp8", "mxfp8")).total
         rep = layout.tp if layout.sequence_parallel else 1
         s_local = seq / layout.cp
         if trains:
@@ -326,7 +338,8 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
             # so memory stays monotone in it.
             working = layer_activations(
                 model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
-                etp=layout.etp, recompute="none", attention_backend=backend, dropout=dropout, kernels=kernels)
+                etp=layout.etp, recompute="none", attention_backend=backend, dropout=dropout, kernels=kernels,
+                fp8=precision in ("fp8", "mxfp8"))
             parts["backward_working"] = working.total - (working.scores if backend != "unfused" else 0.0)
             if st.last:  # final norm input + output-layer input (Korthikanti: 4 sbh / t)
                 activations += 4.0 * s_local * b * model.hidden / rep

@@ -167,3 +167,16 @@ def test_sixteen_bit_gradients_follow_megatrons_fp16_grads_row() -> None:
     """grad_reduce_in_fp32=False (NeMo FP8 recipes): 2 + 2 + 16 = 20 B/param, 4 + 16/DP distributed."""
     assert state_bytes_per_param("bf16", distributed_optimizer=False, shard=8, grad_bytes=2).total == 20
     assert state_bytes_per_param("bf16", distributed_optimizer=True, shard=8, grad_bytes=2).total == pytest.approx(4 + 2)
+
+
+def test_fp8_keeps_one_byte_linear_inputs() -> None:
+    """GPT (h = a d, f = 4h), SP + selective, no dropout: Korthikanti's 34 s b h / t minus the two
+    dropout masks is 32; with TE FP8 it is 27 (QKV and MLP inputs 2 -> 1, fc2 input 8 -> 4, + 1 for
+    the projection's FP8 copy of the attention output)."""
+    a, h, s, b, t = 96, 12288, 2048, 1, 8
+    model = _gpt(a, h)
+    kw = dict(seq=s, micro_batch=b, tp=t, sp=True, recompute="selective", attention_backend="flash")
+    bf16 = layer_activations(model, **kw).total - 4 * s * b * a / t  # minus the flash softmax stats
+    fp8 = layer_activations(model, fp8=True, **kw).total - 4 * s * b * a / t
+    assert bf16 == pytest.approx(32 * s * b * h / t)
+    assert fp8 == pytest.approx(27 * s * b * h / t)
