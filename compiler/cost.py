@@ -3,7 +3,8 @@
 Input:  a `ModelSpec`, a resolved `Layout`, the `ClusterSpec` and its `HardwareSpec`, precision,
 attention backend, sequence length, number of steps, stage kind and optional LoRA.
 Output: `Estimate` with `parts` (seconds per step): compute, elementwise, tp_comm, cp_comm, ep_comm,
-pp_bubble, pp_imbalance, pp_p2p, dp_comm_exposed, optimizer.
+pp_imbalance, pp_bubble, pp_p2p, dp_comm_exposed, optimizer (+ reference_and_rollout for DPO/PPO);
+`step_time_s == sum(parts)`.
 Invariants: pure, no torch; a few tens of microseconds per call (the planner calls it thousands of
 times); every term is a small function with its physics stated; the few efficiency parameters live
 in `EfficiencyParams` (docs/cost-model.md) and are per GPU generation, never per row.
@@ -26,7 +27,6 @@ from types import MappingProxyType
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.flops import (
-    flops_per_token,
     is_gated,
     layers_on_stage,
     model_flops_per_step,
