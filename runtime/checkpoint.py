@@ -334,7 +334,8 @@ class Restored:
 def _all_ranks_ok(ok: bool) -> bool:
     if not torch.distributed.is_initialized():
         return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+    on_gpu = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device="cuda" if on_gpu else "cpu")
     torch.distributed.all_reduce(flag)
     return int(flag.item()) == 0
 

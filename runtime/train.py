@@ -436,10 +436,10 @@ class Throughput:
 def throughput_for(*, plan: Plan, stage: StagePlan) -> Throughput:
     tokens = stage.layout.global_batch * stage.seq_length
     flops = peak = None
-    try:  # the compiler's formula (Narayanan et al. 2021), no causal discount
+    try:  # the compiler's formula, with the causal discount as `nemoc plan` reports MFU (Megatron-Core form)
         from nemoc.compiler.flops import model_flops_per_step
 
-        flops = model_flops_per_step(plan.model, stage.seq_length, stage.layout.global_batch, causal_discount=False)
+        flops = model_flops_per_step(plan.model, stage.seq_length, stage.layout.global_batch, causal_discount=True)
     except Exception:
         flops = None
     if torch.cuda.is_available() and not mcore_cpu.is_applied():
@@ -651,8 +651,10 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
             metrics.event("checkpoint", path=record.path, iteration=record.iteration, seconds=round(seconds, 3),
                           async_save=record.async_save)
 
+        # params.save_checkpoints = false: benchmarks only (no periodic or final checkpoint, DONE has none)
+        saving = bool(stage.params.get("save_checkpoints", True))
         checkpointer = ckpt.Checkpointer(root=task.checkpoint_dir, keep=stage.checkpoint.keep,
-                                         async_save=stage.checkpoint.async_save, on_saved=on_saved)
+                                         async_save=stage.checkpoint.async_save, on_saved=on_saved) if saving else None
 
         def checkpoint_state(loop_state: LoopState) -> dict:
             return ckpt.training_state(chunks=model, optimizer=optimizer, scheduler=scheduler,
@@ -671,7 +673,7 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
                            end_iteration=task.steps, checkpointer=checkpointer, make_checkpoint_state=checkpoint_state,
                            metrics=metrics, make_valid_iterators=make_valid,
                            throughput=throughput_for(plan=plan, stage=stage), stop=stop)
-        final = _save_final(checkpointer, checkpoint_state, state)
+        final = _save_final(checkpointer, checkpoint_state, state) if checkpointer is not None else None
         set_phase("finish")
         if rank == 0:
             if state.preempted_by:

@@ -1,0 +1,64 @@
+"""Runtime overhead per step on CPU: nemoc's training stage vs a bare Megatron-Core loop, same config.
+
+Both sides build the identical TransformerConfig / GPTModel / DDP / optimizer (through
+runtime.megatron_args and runtime.model); the runtime side runs `python -m nemoc.runtime.train`
+under torchrun with the GPTDataset pipeline, logging, signal checks and metrics files, the bare side
+a minimal get_forward_backward_func loop on pre-generated tensors (bench/gpu_1b.py --bare). Each
+side runs `--rounds` times, alternating, in fresh processes (OMP_NUM_THREADS=1); the ratio uses the
+median per-step time over the logged intervals after the first (warm-up) one. JSON to
+bench/results/runtime_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_1b  # noqa: E402  (shared runtime/bare runners)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "runtime_overhead.json"))
+    parser.add_argument("--work", default="/tmp/nemoc_bench_overhead")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    plan = gpu_1b.build_plan(smoke=True, backend="unfused", steps=args.steps, log_every=4, micro_batch=2,
+                             num_micro=2, gpu="CPU")
+    prefix = work / "synthetic_text_document"
+    gpu_1b.write_dataset(prefix, vocab=plan.model.vocab, tokens=(args.steps + 2) * 4 * (plan.model.seq_length + 1) * 2)
+    runtime, bare = [], []
+    for r in range(args.rounds):
+        bare.append(gpu_1b.run_bare_subprocess(plan, work=work / f"bare{r}", timeout_s=600, smoke=True))
+        runtime.append(gpu_1b.run_runtime(plan, work=work / f"runtime{r}", prefix=prefix, timeout_s=600, smoke=True))
+    rt = statistics.median(t for x in runtime for t in x["step_time_s_intervals"])
+    br = statistics.median(t for x in bare for t in x["step_time_s_intervals"])
+    result = {
+        "description": __doc__.splitlines()[0],
+        "machine": f"{platform.machine()} {platform.processor() or ''} CPU, gloo, OMP_NUM_THREADS=1 (shared host)",
+        "model": gpu_1b.MODEL_SMOKE, "global_batch": 4, "micro_batch": 2, "steps": args.steps,
+        "rounds": args.rounds, "runtime_step_s_median": rt, "bare_step_s_median": br,
+        "ratio_runtime_over_bare": rt / br, "overhead": rt / br - 1.0,
+        "runtime_runs": runtime, "bare_runs": bare, "wall_s": time.monotonic() - started,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"runtime {rt * 1e3:.1f} ms/step, bare {br * 1e3:.1f} ms/step, ratio {rt / br:.3f}  -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
