@@ -278,8 +278,9 @@ def _add_prepare_task(graph: RuntimeGraph, data: DataSpec, digest: object, root:
 
 def _stage_settings(plan: Plan, stage: StagePlan, data_by_name: Mapping[str, DataSpec]) -> dict:
     """What changes a stage's result. The parallel layout and intervals are left out on purpose."""
+    model = {k: v for k, v in to_dict(plan.model).items() if k not in ("name", "source")}  # labels, not maths
     return {
-        "model": plan.model,
+        "model": model,
         "precision": plan.precision,
         "kind": stage.kind,
         "after": list(stage.after),

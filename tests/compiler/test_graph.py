@@ -112,3 +112,13 @@ def test_dot_and_mermaid(root):
 def test_graph_module_imports_no_torch():
     code = "import sys, nemoc.compiler.graph; sys.exit('torch' in sys.modules or 'megatron' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_model_labels_do_not_change_the_hash(root):
+    from dataclasses import replace
+
+    plan = make_plan(root)
+    relabelled = replace(plan, model=replace(plan.model, name="renamed", source="another citation"))
+    assert hashes(build_graph(relabelled)) == hashes(build_graph(plan))
+    wider = replace(plan, model=replace(plan.model, hidden=128))
+    assert hashes(build_graph(wider))["train:pretrain"] != hashes(build_graph(plan))["train:pretrain"]
