@@ -3,7 +3,8 @@
 Input:  a `ModelSpec`, a resolved `Layout`, the `ClusterSpec` and its `HardwareSpec`, precision,
 attention backend, sequence length, number of steps, stage kind and optional LoRA.
 Output: `Estimate` with `parts` (seconds per step): compute, elementwise, tp_comm, cp_comm, ep_comm,
-pp_imbalance, pp_bubble, pp_p2p, dp_comm_exposed, optimizer (+ reference_and_rollout for DPO/PPO);
+pp_imbalance, pp_bubble, pp_p2p, dp_comm_exposed, optimizer (+ other_passes: DPO reference, PPO critic
+and experience forwards; rollout: PPO generation);
 `step_time_s == sum(parts)`.
 Invariants: pure, no torch; a few tens of microseconds per call (the planner calls it thousands of
 times); every term is a small function with its physics stated; the few efficiency parameters live
@@ -16,7 +17,8 @@ Time of one step on the slowest pipeline stage (Narayanan et al. 2021, Sec. 2-3)
            + attention core (FLOPs / (bf16 peak x e_attn); flash skips the masked half)
            + elementwise (kappa x activation bytes / HBM bw)
            + exposed TP / CP / EP communication.
-MFU = model FLOPs (3 x forward, no recompute) / (step time x GPUs x dense peak of the precision).
+MFU = model FLOPs (what the stage needs, no recompute: `flops.stage_model_flops_per_step`)
+      / (step time x GPUs x dense peak of the precision).
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ from types import MappingProxyType
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.flops import (
+    FORWARD,
+    ModelPass,
     is_gated,
     layers_on_stage,
-    model_flops_per_step,
+    lora_params_per_layer,
     padded_vocab,
     param_counts,
+    stage_model_flops_per_step,
+    stage_work,
 )
-from nemoc.compiler.memory import layer_activations, lora_params_per_layer
+from nemoc.compiler.memory import layer_activations
 from nemoc.compiler.plan import Estimate, Layout
 from nemoc.compiler.spec import ClusterSpec, LoraSpec, ModelSpec
 
@@ -238,17 +244,20 @@ def _ep_comm(model, layout, hw, tokens, passes, params) -> float:
 # ----------------------------------------------------------------------------------- the estimate
 
 
-def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, precision, micro_batch, backward, params) -> tuple[float, float, float]:
+def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backward, params,
+                 scalar_head: bool = False) -> tuple[float, float, float]:
     """(slowest, mean, output) micro-batch times over pipeline stages: layers plus, on the last
-    stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`)."""
-    vocab = padded_vocab(model.vocab, layout.tp)
+    stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`); a
+    scalar (reward / value) head costs nothing next to a layer."""
+    vocab = 0 if scalar_head else padded_vocab(model.vocab, layout.tp)
     tokens = micro_batch * seq / layout.cp
     # the output layer stays in 16-bit in FP8 recipes (Transformer Engine / NeMo keep the first and
     # last layers out of FP8)
     rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.gemm_eff(hw.generation, "bf16")
     logits = (1.0 + backward) * gemm_time(tokens, vocab / layout.tp, model.hidden, flops_per_s=rate,
-                                          bytes_per_s=hw.hbm_bw, in_bytes=2.0)
-    logits += 3.0 * tokens * vocab / layout.tp * 4.0 * 2.0 / hw.hbm_bw  # fp32 softmax read/write fwd+bwd
+                                          bytes_per_s=hw.hbm_bw, in_bytes=2.0) if vocab else 0.0
+    softmax_passes = 3.0 if backward else 1.0  # fp32 softmax read + write, forward (and backward)
+    logits += softmax_passes * tokens * vocab / layout.tp * 4.0 * 2.0 / hw.hbm_bw
     per_layer = lt.total
     if layout.pp == 1:
         t = model.layers * per_layer + logits
@@ -305,48 +314,58 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     """Step time and derived figures of one stage (see module docstring). `causal_discount` selects
     the FLOPs formula behind `model_tflops_per_gpu` and `mfu` (True: Megatron-Core / Megatron-Bridge
     form; False: NeMo <= 25.07 `flops_formulas.py`); it does not change the step time. `grad_bytes`:
-    the data-parallel gradient dtype (4: fp32, what the nemoc runtime reduces; 2: 16-bit)."""
+    the data-parallel gradient dtype (4: fp32, what the nemoc runtime reduces; 2: 16-bit).
+
+    The stage's model passes come from `flops.stage_work`: the first (the model the optimizer
+    updates) is costed term by term; the others (DPO reference, PPO critic, experience forwards)
+    as whole pipelined passes in `other_passes`, the PPO rollout in `rollout`. Model FLOPs (for
+    `mfu`) are `flops.stage_model_flops_per_step`: what the stage needs, without recompute."""
     hw = gpu if isinstance(gpu, HardwareSpec) else get_gpu(gpu or (cluster.gpu if cluster else "H100"))
     seq = seq_length or model.seq_length
     world = layout.world_size
-    if stage_kind == "export":
+    work = stage_work(stage_kind, stage_params, peft)
+    if not work.passes:  # export
         return Estimate(0.0, 0.0, 0.0, 0.0, steps, 0.0, 0.0, 0.0 if _price(cluster) else None)
-    train = stage_kind != "eval"
-    backward = (1.0 if peft is not None else 2.0) if train else 0.0
-    mb = layout.micro_batch * (2 if stage_kind == "dpo" else 1)  # chosen + rejected
+    main = work.passes[0]
+    train = main.backward != FORWARD
+    mb = layout.micro_batch * work.rows  # preference pairs: chosen + rejected rows
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
-                     micro_batch=mb, backward=backward, params=params)
-    slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, precision=precision, micro_batch=mb,
-                                      backward=backward, params=params)
+                     micro_batch=mb, backward=main.backward, params=params)
+    slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
+                                      params=params, scalar_head=main.scalar_head)
     m = layout.num_microbatches
     vp = layout.vp or 1
-    per_stage = m * model.layers / layout.pp  # layer passes per step on a mean stage
+    per_stage = main.count * m * model.layers / layout.pp  # layer passes per step on a mean stage
     parts: dict[str, float] = {
-        "compute": per_stage * (lt.gemm + lt.attention) + m * output / layout.pp,
+        "compute": per_stage * (lt.gemm + lt.attention) + main.count * m * output / layout.pp,
         "elementwise": per_stage * lt.elementwise,
         "tp_comm": per_stage * lt.tp_comm,
         "cp_comm": per_stage * lt.cp_comm,
         "ep_comm": per_stage * lt.ep_comm,
     }
-    parts["pp_imbalance"] = m * (slow - mean)
-    parts["pp_bubble"] = (layout.pp - 1) / vp * mean if layout.pp > 1 else 0.0
-    parts["pp_p2p"] = _pp_p2p(model, layout, hw, seq, mb, m, vp, params)
-    extra = _extra_models_time(stage_kind, model, layout, hw, seq, precision, attention_backend, mb, params)
-    if extra:
-        parts["reference_and_rollout"] = extra
+    parts["pp_imbalance"] = main.count * m * (slow - mean)
+    parts["pp_bubble"] = main.count * (layout.pp - 1) / vp * mean if layout.pp > 1 else 0.0
+    parts["pp_p2p"] = main.count * _pp_p2p(model, layout, hw, seq, mb, m, vp, params)
+    other = sum(p.count * _pass_time(model, layout, hw, p, seq=seq, precision=precision, backend=attention_backend,
+                                     micro_batch=mb, params=params) for p in work.passes[1:])
+    if other:
+        parts["other_passes"] = other
+    if work.generated:
+        parts["rollout"] = _rollout_time(model, layout, hw, seq=seq, precision=precision, backend=attention_backend,
+                                         micro_batch=mb, new_tokens=work.generated, params=params)
     if train:
         trainable = _local_params(model, layout)
         if peft is not None:
             trainable = layers_on_stage(model.layers, layout.pp, 0) * lora_params_per_layer(model, peft) / layout.tp
-        parts["dp_comm_exposed"] = _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params, trainable,
-                                               grad_bytes)
+        updates = work.trained * main.count  # PPO: actor and critic, ppo_epochs times
+        parts["dp_comm_exposed"] = updates * _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params,
+                                                         trainable, grad_bytes)
         shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
-        parts["optimizer"] = (trainable / shard * 30.0 + trainable * 4.0) / hw.hbm_bw  # Adam + grad norm
+        parts["optimizer"] = updates * (trainable / shard * 30.0 + trainable * 4.0) / hw.hbm_bw  # Adam + grad norm
     step = sum(parts.values())
-    tokens = layout.global_batch * seq
-    model_flops = model_flops_per_step(model, seq, layout.global_batch, causal_discount=causal_discount)
-    if not train:
-        model_flops /= 3.0
+    tokens = layout.global_batch * seq * work.rows
+    model_flops = stage_model_flops_per_step(model, seq, layout.global_batch, stage_kind=stage_kind, peft=peft,
+                                             params=stage_params, causal_discount=causal_discount)
     tflops = model_flops / step / world / 1e12 if step else 0.0
     peak = hw.peak(precision if hw.supports(precision) else "bf16")
     wall = step * steps
@@ -377,18 +396,36 @@ def _pp_p2p(model, layout, hw, seq, mb, m, vp, params) -> float:
     return 2.0 * size * (layout.pp - 1) * vp / bw
 
 
-def _extra_models_time(kind, model, layout, hw, seq, precision, backend, mb, params) -> float:
-    """DPO: one forward of the frozen reference policy per step; PPO: reference + reward forwards,
-    a critic training pass and the rollout (decode is memory bound: every generated token reads the
-    local weights once per micro batch; response length = seq / 2)."""
-    if kind not in ("dpo", "ppo"):
-        return 0.0
-    fwd = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
-                      micro_batch=mb, backward=0.0, params=params).total * model.layers / layout.pp
-    m = layout.num_microbatches
-    if kind == "dpo":
-        return m * fwd
-    train = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
-                        micro_batch=mb, params=params).total * model.layers / layout.pp
-    decode = (seq / 2) * _local_params(model, layout) * 2.0 / hw.hbm_bw * m
-    return m * (2 * fwd + train) + decode
+def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micro_batch, params) -> float:
+    """One pipelined pass of a secondary model over the step's micro batches (1F1B or forward-only
+    schedule): m micro batches on the slowest stage plus the bubble, TP/CP/EP communication
+    included. A secondary model shares the policy's layout (the nemoc runtime builds it so)."""
+    lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
+                     micro_batch=micro_batch, backward=p.backward, params=params)
+    slow, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=p.backward,
+                                 params=params, scalar_head=p.scalar_head)
+    bubble = (layout.pp - 1) / (layout.vp or 1) * mean if layout.pp > 1 else 0.0
+    return layout.num_microbatches * slow + bubble
+
+
+def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, new_tokens, params) -> float:
+    """PPO rollout with a KV cache: a prefill of the prompts (a forward pass, compute bound) and
+    `new_tokens` decode steps. A decode step generates one token for every sequence of the DP rank
+    (m x micro batch of them) and is memory-bandwidth bound: each GPU reads its weights and the KV
+    cache of its heads once (Pope et al. 2022, "Efficiently Scaling Transformer Inference", Sec. 2);
+    the pipeline stages run one after the other for a single batch, so a step costs the whole
+    model's reads / TP; plus the per-layer launch overhead of a forward (decode kernels are tiny)."""
+    prefill = _pass_time(model, layout, hw, ModelPass("prefill", 1.0, FORWARD), seq=seq, precision=precision,
+                         backend=backend, micro_batch=micro_batch, params=params)
+    batch = layout.num_microbatches * micro_batch
+    counts = param_counts(model)
+    gemm_params = model.layers * (counts.attention + counts.mlp_active) + model.hidden * model.vocab
+    weight_bytes = (model.layers * (counts.per_layer - counts.expert) + model.hidden * model.vocab) / layout.tp * 2.0
+    weight_bytes += model.layers * counts.expert / (layout.ep * layout.etp) * 2.0
+    context = seq - new_tokens / 2.0  # mean context length while decoding (prompt fills the rest)
+    kv_heads = max(1.0, model.query_groups / layout.tp)
+    kv_bytes = batch * context / layout.cp * model.layers * 2.0 * kv_heads * model.head_dim * 2.0
+    rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.gemm_eff(hw.generation, "bf16")
+    flops = 2.0 * batch * gemm_params / layout.tp
+    step = max(flops / rate, (weight_bytes + kv_bytes) / hw.hbm_bw) + model.layers * params.layer_overhead / 3.0
+    return prefill + new_tokens * step

@@ -18,6 +18,15 @@ exactly Narayanan et al.'s 72 B s l h^2 (1 + s/(6h) + V/(12 l h)) for 3 x forwar
 NeMo's `llama3()` formula (12 + 12 g/a + 18 f/h + 12 s/h + 6 V/(l h)) x B s l h^2.
 Model FLOPs never include recomputation; hardware FLOPs add the recomputed forward (full recompute:
 one more forward of every transformer layer; selective: the core attention forward).
+
+Stages other than pretraining (`stage_work`, `stage_model_flops_per_step`): model FLOPs are the FLOPs
+the stage's algorithm needs, without recompute, summed over every model pass it makes per step:
+a LoRA-frozen base skips its weight-gradient GEMMs (forward + input gradients = 2 x forward for the
+GEMMs, the attention core's backward is still 2 x its forward, plus 6 x adapter parameters per
+token); preference stages (DPO, reward) run every pair as two sequences; DPO adds one reference
+forward; PPO counts the rollout (with a KV cache, generating a response computes exactly a causal
+forward of the sequence), the experience forwards and `ppo_epochs` actor and critic updates; eval is
+one forward.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from nemoc.compiler.spec import ModelSpec
+from nemoc.compiler.spec import LoraSpec, ModelSpec
 
 MEGATRON_VOCAB_DIVISOR = 128  # Megatron-LM `--make-vocab-size-divisible-by` default
 
@@ -40,6 +49,23 @@ def padded_vocab(vocab: int, tp: int = 1, divisor: int = MEGATRON_VOCAB_DIVISOR)
 def is_gated(model: ModelSpec) -> bool:
     """SwiGLU (and GeGLU) MLPs have two input projections (gate and up): fc1 is h x 2f."""
     return model.activation in ("swiglu", "geglu")
+
+
+def lora_params_per_layer(model: ModelSpec, lora: LoraSpec) -> int:
+    """LoRA adapter parameters per layer: rank x (in + out) for each targeted linear
+    (Hu et al. 2021; NeMo/Megatron-Bridge target names qkv (linear_qkv), proj, fc1, fc2)."""
+    h, d, r = model.hidden, model.head_dim, lora.rank
+    ffn = model.moe_ffn_hidden or model.ffn_hidden
+    fc1_out = ffn * (2 if is_gated(model) else 1)
+    shapes = {"qkv": (h, (model.heads + 2 * model.query_groups) * d), "proj": (model.heads * d, h),
+              "fc1": (h, fc1_out), "fc2": (ffn, h)}
+    experts = max(1, model.experts) if model.is_moe else 1
+    total = 0
+    for target in lora.targets:
+        if target in shapes:
+            n_in, n_out = shapes[target]
+            total += r * (n_in + n_out) * (experts if target in ("fc1", "fc2") else 1)
+    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,3 +226,110 @@ def hardware_flops_per_step(model: ModelSpec, seq_length: int, global_batch: int
         return f.forward * tokens
     extra = {"full": f.dense_gemm + f.attention_core, "selective": f.attention_core}.get(recompute, 0.0)
     return (3.0 * f.forward + extra) * tokens
+
+
+# ------------------------------------------------------------------------- what a stage computes
+
+
+FULL, FROZEN, FORWARD = 2.0, 1.0, 0.0  # backward / forward GEMM ratio of a pass
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPass:
+    """`count` passes of one model over every sequence of the global batch, per step.
+    `backward`: FULL (input and weight gradients), FROZEN (LoRA: the frozen base computes input
+    gradients only), FORWARD (no backward). `scalar_head`: a value/reward head (h x 1) replaces the
+    output layer (no logits, no vocabulary softmax)."""
+
+    model: str
+    count: float
+    backward: float
+    scalar_head: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StageWork:
+    """The model passes of one step of a stage. `rows`: sequences per global-batch sample (2 for
+    preference pairs: chosen and rejected). `passes[0]` is the pass the optimizer step follows (the
+    policy / actor / reward model being trained). `generated`: tokens decoded per sample (PPO
+    rollout, 0 otherwise); `trained`: models updated by an optimizer each step."""
+
+    rows: int
+    passes: tuple[ModelPass, ...]
+    generated: int = 0
+    trained: int = 1
+
+
+PPO_DEFAULTS = {"max_new_tokens": 16, "ppo_epochs": 2}  # runtime/align/ppo.py PPOConfig defaults
+
+
+def _param(params: object, key: str, default):
+    """A stage parameter (`params` is the stage's mapping), or `default` when absent or of another type."""
+    value = params.get(key, default) if hasattr(params, "get") else default  # type: ignore[union-attr]
+    return value if isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int)) else default
+
+
+def stage_work(stage_kind: str, params: object = None, peft: LoraSpec | None = None) -> StageWork:
+    """What one step of a stage computes (the nemoc runtime's algorithms, runtime/align):
+      pretrain / sft: the policy, forward + backward (FROZEN under LoRA);
+      dpo (Rafailov et al. 2023): pairs as 2 rows; the policy forward + backward and one forward of
+          the frozen reference (with LoRA: the base with adapters off). `reference = precomputed`
+          runs that forward once per pair before training instead of inside the step: the same work,
+          amortised over one epoch's steps; `reference_free` has none;
+      reward (Ouyang et al. 2022, eq. 1): pairs as 2 rows through a scalar-head model;
+      ppo: rollout of `max_new_tokens` per prompt, experience forwards of actor, reference,
+          critic and reward model, then `ppo_epochs` updates of actor and critic;
+      eval: one forward; export: nothing."""
+    train = FROZEN if peft is not None else FULL
+    if stage_kind == "export":
+        return StageWork(1, (), trained=0)
+    if stage_kind == "eval":
+        return StageWork(1, (ModelPass("policy", 1.0, FORWARD),), trained=0)
+    if stage_kind == "dpo":
+        passes = (ModelPass("policy", 1.0, train),)
+        if not _param(params, "reference_free", False):
+            passes += (ModelPass("reference", 1.0, FORWARD),)
+        return StageWork(2, passes)
+    if stage_kind == "reward":
+        return StageWork(2, (ModelPass("reward", 1.0, train, scalar_head=True),))
+    if stage_kind == "ppo":
+        epochs = float(_param(params, "ppo_epochs", PPO_DEFAULTS["ppo_epochs"]))
+        new = _param(params, "max_new_tokens", PPO_DEFAULTS["max_new_tokens"])
+        return StageWork(1, (
+            ModelPass("actor", epochs, train), ModelPass("critic", epochs, train, scalar_head=True),
+            ModelPass("actor (old log-probs)", 1.0, FORWARD), ModelPass("reference", 1.0, FORWARD),
+            ModelPass("critic (values)", 1.0, FORWARD, scalar_head=True),
+            ModelPass("reward", 1.0, FORWARD, scalar_head=True),
+        ), generated=new, trained=2)
+    return StageWork(1, (ModelPass("policy", 1.0, train),))
+
+
+def pass_flops_per_token(model: ModelSpec, seq_length: int, p: ModelPass, peft: LoraSpec | None = None, *,
+                         causal_discount: bool = True) -> float:
+    """Model FLOPs of one pass per token (no recompute). FULL: 3 x forward. FROZEN (LoRA): the base
+    GEMMs run forward and input gradient (2 x), the attention core forward and its full backward
+    (3 x: it has no weights, its backward is all input gradients), the adapters 6 x their
+    parameters. FORWARD: 1 x. A scalar head costs 2h instead of the logits' 2hV."""
+    f = flops_per_token(model, seq_length, causal_discount)
+    head = 2.0 * model.hidden if p.scalar_head else f.logits
+    if p.backward == FORWARD:
+        return f.dense_gemm + f.attention_core + head
+    if p.backward == FULL:
+        return 3.0 * (f.dense_gemm + f.attention_core + head)
+    adapters = 2.0 * model.layers * lora_params_per_layer(model, peft) if peft is not None else 0.0
+    return 2.0 * (f.dense_gemm + head) + 3.0 * f.attention_core + 3.0 * adapters
+
+
+def stage_model_flops_per_step(model: ModelSpec, seq_length: int, global_batch: int, *, stage_kind: str = "pretrain",
+                               peft: LoraSpec | None = None, params: object = None,
+                               causal_discount: bool = True) -> float:
+    """Model FLOPs of one step of a stage: what `mfu` divides (see the module docstring). For
+    pretraining (and full SFT) this is `model_flops_per_step`. The PPO rollout adds one causal
+    forward per prompt: with a KV cache, prefill + decode compute exactly that."""
+    work = stage_work(stage_kind, params, peft)
+    tokens = float(seq_length) * global_batch * work.rows
+    total = sum(p.count * pass_flops_per_token(model, seq_length, p, peft, causal_discount=causal_discount)
+                for p in work.passes)
+    if work.generated:
+        total += flops_per_token(model, seq_length, causal_discount).forward
+    return total * tokens

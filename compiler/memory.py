@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
-from nemoc.compiler.flops import is_gated, layers_on_stage, padded_vocab, param_counts
+from nemoc.compiler.flops import (  # noqa: F401 - lora_params_per_layer is re-exported
+    is_gated,
+    layers_on_stage,
+    lora_params_per_layer,
+    padded_vocab,
+    param_counts,
+    stage_work,
+)
 from nemoc.compiler.plan import Layout, MemoryBreakdown
 from nemoc.compiler.spec import LoraSpec, ModelSpec
 
@@ -83,23 +90,6 @@ def state_bytes_per_param(precision: str, *, distributed_optimizer: bool, shard:
         return StateBytes(w, 4, 8 / shard if distributed_optimizer else 8)  # m + v, no master copy
     opt = 12 if grad_bytes == 4 else 16  # master + m + v (+ fp32 main-grad copy), all fp32
     return StateBytes(w, grad_bytes, opt / shard if distributed_optimizer else opt)
-
-
-def lora_params_per_layer(model: ModelSpec, lora: LoraSpec) -> int:
-    """LoRA adapter parameters per layer: rank x (in + out) for each targeted linear
-    (Hu et al. 2021; NeMo/Megatron-Bridge target names qkv (linear_qkv), proj, fc1, fc2)."""
-    h, d, r = model.hidden, model.head_dim, lora.rank
-    ffn = model.moe_ffn_hidden or model.ffn_hidden
-    fc1_out = ffn * (2 if is_gated(model) else 1)
-    shapes = {"qkv": (h, (model.heads + 2 * model.query_groups) * d), "proj": (model.heads * d, h),
-              "fc1": (h, fc1_out), "fc2": (ffn, h)}
-    experts = max(1, model.experts) if model.is_moe else 1
-    total = 0
-    for target in lora.targets:
-        if target in shapes:
-            n_in, n_out = shapes[target]
-            total += r * (n_in + n_out) * (experts if target in ("fc1", "fc2") else 1)
-    return total
 
 
 # ----------------------------------------------------------------------------------- activations
@@ -321,7 +311,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
 
     activations = 0.0
     if kind != "export":
-        b = layout.micro_batch * (2 if kind == "dpo" else 1)  # chosen + rejected
+        b = layout.micro_batch * stage_work(kind, params, peft).rows  # preference pairs: chosen + rejected
         per_layer = layer_activations(
             model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
             etp=layout.etp, recompute=layout.recompute if trains else "none", attention_backend=backend,

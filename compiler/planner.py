@@ -284,6 +284,10 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
             notes.append(note)
         if stage.kind == "eval":
             notes.append("eval: forward-only time estimate")
+        if stage.kind == "ppo":
+            notes.append("ppo: the rollout is estimated as KV-cached decoding (memory-bandwidth bound); "
+                         "the nemoc runtime's sampler recomputes the whole sequence for every new token, "
+                         "so `nemoc run` spends up to max_new_tokens forward passes there instead")
     # The search ranked with steps = 1; the chosen layout's estimate is redone with the real steps.
     chosen = replace(chosen, estimate=evaluate_time(replace(probe, steps=steps), chosen.layout))
     if stage.global_batch is None and trains:

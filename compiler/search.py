@@ -39,7 +39,7 @@ from functools import lru_cache
 from dataclasses import dataclass, replace
 
 from nemoc.compiler import cost, memory
-from nemoc.compiler.flops import model_flops_per_step
+from nemoc.compiler.flops import stage_model_flops_per_step
 from nemoc.compiler.catalog.hardware import HardwareSpec
 from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown
 from nemoc.compiler.rules import (
@@ -204,10 +204,11 @@ def evaluate_time(p: Problem, layout: Layout) -> Estimate:
         model, layout, cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.attention_backend,
         seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
     )
-    if model is p.model:
+    if model is p.model or not est.model_tflops_per_gpu:
         return est
-    real = model_flops_per_step(p.model, p.seq_length, layout.global_batch, causal_discount=True)
-    ratio = real / model_flops_per_step(model, p.seq_length, layout.global_batch, causal_discount=True)
+    kw = dict(stage_kind=p.stage_kind, peft=p.peft, params=p.params)
+    real = stage_model_flops_per_step(p.model, p.seq_length, layout.global_batch, **kw)
+    ratio = real / stage_model_flops_per_step(model, p.seq_length, layout.global_batch, **kw)
     return replace(est, model_tflops_per_gpu=est.model_tflops_per_gpu * ratio, mfu=est.mfu * ratio)
 
 

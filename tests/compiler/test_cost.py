@@ -17,6 +17,7 @@ from nemoc.compiler.flops import (
     layers_on_stage,
     model_flops_per_step,
     padded_vocab,
+    stage_model_flops_per_step,
     stage_params,
 )
 from nemoc.compiler.plan import Layout
@@ -111,6 +112,46 @@ def test_lora_and_forward_only_are_cheaper() -> None:
     dpo = estimate(m, lay, gpu="H100", seq_length=4096, stage_kind="dpo")
     assert evaluation.step_time_s < lora.step_time_s < full.step_time_s < dpo.step_time_s
     assert estimate(m, lay, gpu="H100", stage_kind="export").step_time_s == 0
+
+
+def test_stage_model_flops_count_what_each_stage_computes() -> None:
+    """LoRA: forward + input gradients of the frozen base (GEMMs 2x, attention core 3x) + adapters;
+    DPO: pairs as 2 rows, policy 3x + reference 1x; eval 1x; PPO includes the rollout forward."""
+    m, s = PRESETS["llama3_70b"], 4096
+    f = flops_per_token(m, s, True)
+    base = model_flops_per_step(m, s, 1, causal_discount=True)
+    lora = stage_model_flops_per_step(m, s, 1, stage_kind="sft", peft=LoraSpec(rank=16))
+    frozen = (2 * (f.dense_gemm + f.logits) + 3 * f.attention_core) * s
+    assert frozen < lora < 1.01 * frozen  # adapters add < 1 % at rank 16
+    assert stage_model_flops_per_step(m, s, 1, stage_kind="dpo") == pytest.approx(base * 2 * 4 / 3)
+    assert stage_model_flops_per_step(m, s, 1, stage_kind="dpo", params={"reference_free": True}) == pytest.approx(2 * base)
+    assert stage_model_flops_per_step(m, s, 1, stage_kind="eval") == pytest.approx(base / 3)
+    # PPO (2 epochs): actor + critic 2 x 3 x, 4 experience forwards, 1 rollout forward (heads aside)
+    ppo = stage_model_flops_per_step(m, s, 1, stage_kind="ppo")
+    assert 10.5 * base / 3 < ppo < 17 * base / 3
+
+
+def test_no_stage_reports_an_mfu_above_what_hardware_reaches() -> None:
+    """MFU counts the FLOPs a stage needs: with a frozen base it is not inflated by the skipped
+    weight gradients (6N would report ~85 % for a LoRA step that runs at ~57 %)."""
+    m = PRESETS["llama3_70b"]
+    lay = layout(tp=4, dp=16, global_batch=128, sequence_parallel=True)
+    for kind, peft in (("pretrain", None), ("sft", LoraSpec()), ("dpo", None), ("dpo", LoraSpec()), ("reward", None),
+                       ("ppo", None), ("eval", None)):
+        est = estimate(m, lay, gpu="H100", seq_length=4096, stage_kind=kind, peft=peft)
+        assert 0.2 < est.mfu < 0.62, (kind, peft, est.mfu)
+
+
+def test_rollout_is_memory_bound_decode() -> None:
+    """PPO rollout: each decoded token reads the weights and the KV cache (bandwidth bound), so
+    doubling the response length roughly doubles the decode time, not the FLOPs' share."""
+    m, lay = PRESETS["llama3_8b"], layout(tp=2, dp=4, global_batch=64, num_microbatches=16, sequence_parallel=True)
+    short = estimate(m, lay, gpu="H100", seq_length=4096, stage_kind="ppo", stage_params={"max_new_tokens": 256})
+    long = estimate(m, lay, gpu="H100", seq_length=4096, stage_kind="ppo", stage_params={"max_new_tokens": 512})
+    decode_step = (long.parts["rollout"] - short.parts["rollout"]) / 256
+    weights = 8.03e9 * 2 / 2 / get_gpu("H100").hbm_bw  # bf16 weights / TP 2 at HBM bandwidth
+    assert weights < decode_step < 3 * weights
+    assert long.mfu < short.mfu
 
 
 def test_tp_across_nodes_is_slower_than_inside() -> None:
