@@ -28,6 +28,7 @@ from __future__ import annotations
 import gc
 import glob
 import json
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -224,21 +225,28 @@ def make_chunks(files: Sequence[str], source: Source, chunk_bytes: int = CHUNK_B
             continue
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    continue
+                # mmap: boundaries are found without reading a large file into memory
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    _cut(chunks, path, data, size, source, chunk_bytes)
         except OSError as exc:
             raise DataError(f"{path}:1: cannot read ({exc.strerror})") from None
-        size = len(data)
-        separator = b"\n\n" if source.format == "text" and source.documents == "paragraph" else b"\n"
-        offset, line = 0, 1
-        while offset < size:
-            end = min(offset + chunk_bytes, size)
-            if end < size:
-                cut = data.find(separator, end)
-                end = size if cut < 0 else cut + len(separator)
-            chunks.append(Chunk(len(chunks), path, offset, end - offset, line))
-            line += data.count(b"\n", offset, end)
-            offset = end
     return chunks
+
+
+def _cut(chunks: list[Chunk], path: str, data, size: int, source: Source, chunk_bytes: int) -> None:
+    separator = b"\n\n" if source.format == "text" and source.documents == "paragraph" else b"\n"
+    offset, line = 0, 1
+    while offset < size:
+        end = min(offset + chunk_bytes, size)
+        if end < size:
+            cut = data.find(separator, end)
+            end = size if cut < 0 else cut + len(separator)
+        chunks.append(Chunk(len(chunks), path, offset, end - offset, line))
+        line += data[offset:end].count(b"\n")
+        offset = end
 
 
 # ------------------------------------------------------------------------------------------ writing
