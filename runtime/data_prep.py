@@ -44,6 +44,7 @@ from nemoc.runtime.tokenizer import NemocTokenizer, TokenizerError, load_tokeniz
 TOKENIZED_FORMATS = ("text", "jsonl")
 RAW_FORMATS = ("chat", "prompt_response", "preference")
 FORMATS = TOKENIZED_FORMATS + RAW_FORMATS
+TEXT_DOCUMENTS = ("paragraph", "line", "file")  # what one document of a plain-text file is
 CHUNK_BYTES = 1 << 20  # ~1 MiB of source text per work item
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -104,6 +105,9 @@ class PrepareResult:
 def resolve_files(source: Source) -> list[str]:
     if source.format not in FORMATS:
         raise DataError(f"{source.pattern}: unknown data format {source.format!r} (expected one of {', '.join(FORMATS)})")
+    if source.format == "text" and source.documents not in TEXT_DOCUMENTS:
+        raise DataError(f"{source.pattern}: options documents = {source.documents!r} is not one of "
+                        f"{', '.join(TEXT_DOCUMENTS)} (data {source.name!r})")
     files = sorted(p for p in glob.glob(os.path.expanduser(source.pattern), recursive=True) if os.path.isfile(p))
     if not files:
         what = "file not found" if not glob.has_magic(source.pattern) else "the pattern matches no file"

@@ -92,6 +92,10 @@ def test_missing_files(tmp_path):
         resolve_files(Source("x", str(tmp_path / "nope.jsonl")))
     with pytest.raises(DataError, match=r"\*\.jsonl: the pattern matches no file"):
         resolve_files(Source("x", str(tmp_path / "*.jsonl")))
+    with pytest.raises(DataError, match=r"options documents = 'sentence' is not one of paragraph, line, file"):
+        resolve_files(Source("x", str(tmp_path / "*.txt"), format="text", documents="sentence"))
+    with pytest.raises(DataError, match=r"unknown data format 'csv'"):
+        resolve_files(Source("x", str(tmp_path / "*.csv"), format="csv"))
 
 
 def test_plain_text_documents(corpus, tmp_path):
