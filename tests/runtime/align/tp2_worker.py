@@ -1,0 +1,57 @@
+"""Run under `torchrun --nproc-per-node 2`: a TP=2 model's logits + checkpoint (for export), and two LoRA
+SFT steps under TP=2 (losses, adapters, merged checkpoint), compared at TP=1 by test_align_tp2.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from align_helpers import instruction_samples, llama_spec, mapping, stage_settings  # noqa: E402
+
+from nemoc.compiler.spec import LoraSpec  # noqa: E402
+from nemoc.runtime.align import common, lora, sft, trainer  # noqa: E402
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    common.init_distributed(tp=2, pp=1, seed=0)
+    rank = torch.distributed.get_rank()
+    spec = llama_spec(seq_length=16, vocab=256)  # no vocabulary padding at tp=1 or tp=2: same softmax
+    layout = common.single_layout(tp=2)
+    common.seed_all(21)
+    model = common.build_gpt(spec, layout)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for name, p in model.named_parameters():
+            if "layernorm" in name:  # same perturbation on both ranks (norms are replicated)
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    tokens = torch.randint(0, spec.vocab, (2, 13), generator=torch.Generator().manual_seed(4))
+    batch = common.make_batch([(t, [1] * len(t)) for t in tokens.tolist()], 12)
+    with torch.no_grad():
+        logits = common.gather_logits(model, batch)[..., : spec.vocab]
+    common.save_model(model, out / "base")
+    if rank == 0:
+        torch.save({"tokens": tokens, "logits": logits}, out / "logits_tp2.pt")
+
+    lora.apply_lora(model, LoraSpec(rank=4, alpha=8.0, dropout=0.0), seed=7)
+    samples = instruction_samples(16, seed=1, f=mapping(0))
+    tr = trainer.Trainer(model, layout=common.single_layout(tp=2, global_batch=8, micro_batch=4),
+                         **stage_settings(steps=3, lr=1e-2))
+    history = trainer.run_steps(tr, items=[[s] for s in samples], steps=3, global_batch=8,
+                                to_microbatches=lambda share: sft.rows_to_batches(share, 16, 4),
+                                forward=sft.forward, seq_length=16)
+    lora.save_adapters(model, out / "adapters", info={})
+    lora.merge(model)
+    common.save_model(model, out / "merged")
+    if rank == 0:
+        (out / "lora_tp2.json").write_text(json.dumps([h["loss"] for h in history]))
+    common.teardown_distributed()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
