@@ -202,9 +202,13 @@ class Executor:
         for artifact in self.graph.inputs(task.id):
             record = self.run_dir.done_record(artifact.src) or {}
             inputs[artifact.src] = dict(record, artifact=artifact.type, name=artifact.name)
+        def log(line: str) -> None:  # the console, and the task's own log.txt
+            self.echo(f"  {line}")
+            with open(out_dir / "log.txt", "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
         return TaskContext(task=task, plan=self.plan, plan_path=self.run_dir.plan_path, run_dir=self.run_dir,
-                           out_dir=out_dir, inputs=inputs, launcher=self.launcher,
-                           log=lambda line: self.echo(f"  {line}"), options=self.options)
+                           out_dir=out_dir, inputs=inputs, launcher=self.launcher, log=log, options=self.options)
 
     def _execute(self, task: Task, out_dir: Path) -> tuple[str, dict | None, str]:
         kind = get_kind(task.kind)

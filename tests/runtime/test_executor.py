@@ -60,6 +60,7 @@ def test_runs_in_order_then_everything_is_cached(workspace):
     assert task["tokenizer"].endswith("data/tokenizer/tokenizer.json") and task["vocab_size"] <= 512
     assert task["eod_id"] == 0 and task["init_checkpoint"] is None and task["output_dir"].endswith("tasks/train_pretrain")
     assert read_json(rd.status_path)["tasks"]["train:pretrain"]["state"] == "done"
+    assert "documents" in (rd.task_dir("prepare:web") / "log.txt").read_text()
 
     outcome, lines = execute(plan, run_root)
     assert set(outcome.states().values()) == {"cached"}
