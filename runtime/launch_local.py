@@ -27,7 +27,7 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from nemoc.runtime.launchers import EXIT_PREEMPTED, LaunchResult, LaunchSpec
+from nemoc.runtime.launchers import EXIT_PREEMPTED, LaunchResult, LauncherError, LaunchSpec
 
 TAIL_LINES = 25
 TERM_GRACE_S = 15.0
@@ -65,6 +65,39 @@ def worker_env(spec: LaunchSpec) -> dict[str, str]:
     return env
 
 
+MAX_PROCS_PER_CPU = 4  # CPU ranks beyond this only thrash (gloo ranks are whole processes)
+
+
+def check_fits_this_machine(spec: LaunchSpec, *, cpus: int | None = None, gpus: int | None = None) -> None:
+    """The local launcher starts every rank on this one machine; say so when the stage cannot fit it."""
+    if spec.nodes > 1:
+        raise LauncherError(f"{spec.task_id}: the stage spans {spec.nodes} nodes x {spec.gpus_per_node} GPUs, but the "
+                            "local launcher runs on this machine only; use --launcher slurm or k8s")
+    if gpus is None:
+        gpus = _cuda_devices()
+    cpus = cpus or os.cpu_count() or 1
+    if gpus and spec.nproc > gpus:
+        raise LauncherError(f"{spec.task_id}: {spec.nproc} ranks need {spec.nproc} GPUs, this machine has {gpus}")
+    if not gpus and spec.nproc > MAX_PROCS_PER_CPU * cpus:
+        raise LauncherError(f"{spec.task_id}: {spec.nproc} CPU ranks on {cpus} cores is more than "
+                            f"{MAX_PROCS_PER_CPU} per core; lower the stage's world size (tp*pp*cp*dp)")
+
+
+def _cuda_devices() -> int:
+    """GPUs visible here, without importing torch in this process (nvidia-smi -L), 0 if none."""
+    import shutil
+
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    return min(count, len([d for d in visible.split(",") if d.strip()])) if visible else count
+
+
 class LocalLauncher:
     name = "local"
 
@@ -73,6 +106,7 @@ class LocalLauncher:
         self.echo = echo if echo is not None else Rank0Echo()
 
     def launch(self, spec: LaunchSpec) -> LaunchResult:
+        check_fits_this_machine(spec)
         spec.out_dir.mkdir(parents=True, exist_ok=True)
         ranks_dir = spec.out_dir / "ranks"
         before = set(ranks_dir.iterdir()) if ranks_dir.is_dir() else set()

@@ -1,0 +1,85 @@
+"""runtime/launch_local.py pieces that need no processes: the command line, the environment, the
+machine-fit guard and reading torchrun's failure summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nemoc.runtime.launch_local import (
+    Rank0Echo,
+    check_fits_this_machine,
+    failing_rank,
+    root_cause_exitcode,
+    torchrun_command,
+    worker_env,
+)
+from nemoc.runtime.launchers import LauncherError, LaunchSpec, get_launcher
+
+
+def spec(tmp_path, **kw) -> LaunchSpec:
+    return LaunchSpec(task_id="train:pretrain", module="nemoc.runtime.train", args=(str(tmp_path / "task.json"),),
+                      nproc=kw.pop("nproc", 2), out_dir=tmp_path, log_path=tmp_path / "log.txt", **kw)
+
+
+def test_command_and_environment(tmp_path, monkeypatch):
+    command = torchrun_command(spec(tmp_path), 29511)
+    assert command[1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                           "--master-port", "29511", "--tee", "3", "--log-dir", str(tmp_path / "ranks"),
+                           "-m", "nemoc.runtime.train", str(tmp_path / "task.json")]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert worker_env(spec(tmp_path, nproc=4))["OMP_NUM_THREADS"] == "2"
+    assert worker_env(spec(tmp_path, nproc=16))["OMP_NUM_THREADS"] == "1"
+
+
+def test_stages_that_cannot_fit_this_machine_are_refused(tmp_path):
+    with pytest.raises(LauncherError, match="spans 2 nodes x 8 GPUs.*--launcher slurm or k8s"):
+        check_fits_this_machine(spec(tmp_path, nodes=2, gpus_per_node=8), cpus=2, gpus=0)
+    with pytest.raises(LauncherError, match="16 ranks need 16 GPUs, this machine has 8"):
+        check_fits_this_machine(spec(tmp_path, nproc=16), cpus=64, gpus=8)
+    with pytest.raises(LauncherError, match="64 CPU ranks on 2 cores"):
+        check_fits_this_machine(spec(tmp_path, nproc=64), cpus=2, gpus=0)
+    check_fits_this_machine(spec(tmp_path, nproc=8), cpus=2, gpus=0)
+
+
+SUMMARY = """[default1]:RuntimeError: boom
+Traceback (most recent call last):
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+Failures:
+[1]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 11)  (SIGTERM)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : {code} (pid: 12)
+============================================================"""
+
+
+def test_failure_summary_names_the_root_cause_rank_and_its_stderr(tmp_path):
+    rank1 = tmp_path / "ranks" / "none_abc" / "attempt_0" / "1"
+    rank1.mkdir(parents=True)
+    (rank1 / "stderr.log").write_text("line\n" * 40 + "RuntimeError: boom on rank 1\n")
+    lines = SUMMARY.format(code=1).splitlines()
+    assert root_cause_exitcode(lines) == 1
+    assert root_cause_exitcode(SUMMARY.format(code=143).splitlines()) == 143
+    rank, tail = failing_rank(tmp_path / "ranks" / "none_abc", lines)
+    assert rank == 1 and tail.endswith("RuntimeError: boom on rank 1") and len(tail.splitlines()) == 25
+
+
+def test_console_echo_shows_rank0_without_warnings(capsys):
+    echo = Rank0Echo()
+    for line in ["[default0]:/x/y.py:3: UserWarning: Apex is not installed\n", "[default0]:  warnings.warn(\n",
+                 "[default1]:step 1 from rank 1\n", "[default0]:step 1 | loss 4.2\n", "torchrun says hi\n"]:
+        echo(line)
+    assert capsys.readouterr().out == "step 1 | loss 4.2\ntorchrun says hi\n"
+
+
+def test_get_launcher(tmp_path):
+    assert get_launcher("local", cluster=None).name == "local"
+    with pytest.raises(LauncherError, match="unknown launcher 'pbs'"):
+        get_launcher("pbs", cluster=None)
