@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from nemoc.runtime.launch_slurm import RESTART_SAFE_ENV
 from nemoc.runtime.launchers import LaunchResult, LaunchSpec, LauncherError
 
 API_VERSION = "kubeflow.org/v1"
@@ -124,7 +125,7 @@ def pytorchjob(*, name: str, task_id: str, module: str, args: tuple[str, ...], n
     if opts.data_pvc and data_root:
         mounts.append({"name": "data", "mountPath": data_root, "readOnly": True})
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": opts.data_pvc, "readOnly": True}})
-    environment = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    environment = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **RESTART_SAFE_ENV, **(env or {})}
     container = {
         "name": CONTAINER,
         "image": opts.image,

@@ -41,6 +41,11 @@ DEFAULT_SIGNAL_LEAD_S = 300  # time to finish a step and write a checkpoint befo
 DEFAULT_PORT_BASE = 29500
 PORT_SPAN = 20000  # rendezvous port = base + job id % span
 
+# torchrun restarts (--max-restarts) with the agent-shared store reuse the previous attempt's gloo/nccl
+# keys, so restarted ranks connect to dead peers (pytorch/pytorch#167288); with this set, rank 0 hosts a
+# fresh store for every attempt.
+RESTART_SAFE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _KNOWN_OPTIONS = {
     "partition", "account", "qos", "time", "extra", "signal_lead", "max_failures", "port_base",
@@ -432,7 +437,7 @@ def job_from_spec(spec: LaunchSpec, cluster=None) -> SlurmJob:
     on_cpu = cluster is not None and str(getattr(cluster, "gpu", "")).upper() == "CPU"
     cpus = os.cpu_count() or 1
     env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(max(1, cpus // per_node))}
+           "OMP_NUM_THREADS": str(max(1, cpus // per_node)), **RESTART_SAFE_ENV}
     env.update({k: str(v) for k, v in spec.env.items()})
     out = Path(spec.out_dir).resolve()
     return SlurmJob(
