@@ -66,6 +66,10 @@ class EfficiencyParams:
     layer_overhead: seconds per layer per micro batch (forward + backward) that no kernel's
               FLOPs or bytes explain: launch gaps, synchronisation, small kernels (tens of kernels
               per layer and pass).
+    ring_step_latency: seconds per step of the context-parallel ring that overlap cannot hide: a
+              dependent NCCL send/recv (~5-10 us small-message latency over InfiniBand, nccl-tests
+              sendrecv) plus the launch and synchronisation of that step's attention kernel (~5 us).
+              Not fitted: no calibration row constrains it (their CP rings have 2-8 long steps).
 
     Values: chosen once, globally, by a coordinate search over these nine numbers on the calibration
     set (bench/calibrate.py, docs/calibration.md), kept inside physically plausible ranges; they are
@@ -83,6 +87,7 @@ class EfficiencyParams:
     tp_exposed: float = 0.07
     gemm_n_half: float = 64.0
     layer_overhead: float = 65e-6
+    ring_step_latency: float = 15e-6
 
     def gemm_eff(self, generation: str, precision: str) -> float:
         low = precision in ("fp8", "mxfp8")
@@ -226,7 +231,10 @@ def _cp_comm(model, layout, hw, tokens, passes, attention, params) -> float:
     kv = 2.0 * tokens * model.query_groups * model.head_dim / layout.tp * 2.0
     volume = (layout.cp - 1) * kv * (1.0 + (2.0 if passes > 1 else 0.0))
     comm = volume / _link_bw(hw, layout.cp, layout.tp, params)
-    return max(0.0, comm - attention)
+    # Every ring step is a dependent P2P exchange plus its own attention kernel: a fixed latency
+    # that no overlap hides (forward, backward, and the recomputed forward).
+    rings = 1.0 + (1.0 if passes > 1 else 0.0) + (1.0 if passes > 1 and layout.recompute != "none" else 0.0)
+    return max(0.0, comm - attention) + rings * (layout.cp - 1) * params.ring_step_latency
 
 
 def _ep_comm(model, layout, hw, tokens, passes, params) -> float:

@@ -162,6 +162,16 @@ def test_tp_across_nodes_is_slower_than_inside() -> None:
     assert across.parts["tp_comm"] > 1.1 * inside.parts["tp_comm"]
 
 
+def test_context_parallel_ring_steps_are_not_free() -> None:
+    """A CP ring of c ranks runs c - 1 dependent steps per attention pass; slicing an 8K sequence
+    into 256-token pieces (CP 32) costs ring latency that overlap cannot hide."""
+    m = PRESETS["llama31_70b"]
+    base = dict(tp=8, dp=1, global_batch=8, num_microbatches=8, sequence_parallel=True)
+    cp2 = estimate(m, layout(cp=2, **base), gpu="H100", seq_length=8192)
+    cp32 = estimate(m, layout(cp=32, **base), gpu="H100", seq_length=8192)
+    assert cp32.parts["cp_comm"] > 10 * cp2.parts["cp_comm"] > 0
+
+
 cases = st.builds(
     lambda tp, pp, vp, dp, mb, sp, name, gpu, prec: (PRESETS[name], layout(
         tp=tp, pp=pp, vp=vp if pp > 1 else None, dp=dp, micro_batch=mb, global_batch=mb * dp * 8 * pp,
