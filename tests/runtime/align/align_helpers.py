@@ -79,3 +79,40 @@ def clone_model(mcore, spec, chunk, **kw):
     for p in other.parameters():
         p.requires_grad_(False)
     return other
+
+
+def make_plan(model, stages, *, data=(), precision="fp32"):
+    """A compiled Plan for hand-written stages: stages = [(name, kind, after, params, peft, steps)]."""
+    from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown, Plan, StagePlan
+    from nemoc.compiler.spec import CheckpointSpec, ClusterSpec, OptimizerSpec, ScheduleSpec
+
+    layout = Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=4, global_batch=8, num_microbatches=2,
+                    sequence_parallel=False, distributed_optimizer=False, recompute="none")
+    memory = MemoryBreakdown(weights=0, gradients=0, optimizer=0, activations=0, other=0, capacity=1)
+    estimate = Estimate(step_time_s=0.0, tokens_per_s_per_gpu=0.0, model_tflops_per_gpu=0.0, mfu=0.0, steps=0,
+                        wall_time_s=0.0, gpu_hours=0.0, cost_usd=None)
+    plans = tuple(StagePlan(name=name, kind=kind, after=tuple(after), data=(), layout=layout, memory=memory,
+                            estimate=estimate, seq_length=model.seq_length, steps=steps,
+                            optimizer=OptimizerSpec(lr=3e-3, weight_decay=0.0), schedule=ScheduleSpec(name="constant"),
+                            checkpoint=CheckpointSpec(), peft=peft, log_every=5, params=params)
+                  for name, kind, after, params, peft, steps in stages)
+    return Plan(experiment="t", model=model, cluster=ClusterSpec(gpu="CPU", gpus_per_node=1), precision=precision,
+                attention_backend="unfused", data=tuple(data), stages=plans)
+
+
+def write_task(tmp_path, plan, stage, *, datasets, tokenizer, vocab_size, parents):
+    """plan.json + task.json as the executor writes them; returns the task path."""
+    import json
+
+    from nemoc.compiler.plan import to_json
+
+    (tmp_path / "plan.json").write_text(to_json(plan))
+    out = tmp_path / "tasks" / stage
+    task = {"version": 1, "plan": str(tmp_path / "plan.json"), "stage": stage, "datasets": datasets,
+            "tokenizer": tokenizer, "vocab_size": vocab_size,
+            "init_checkpoint": next(iter(parents.values()), None), "parents": parents, "output_dir": str(out),
+            "checkpoint_dir": str(out / "checkpoints"), "metrics_path": str(out / "metrics.jsonl"),
+            "tensorboard_dir": None, "max_steps": None}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "task.json").write_text(json.dumps(task))
+    return out / "task.json"
