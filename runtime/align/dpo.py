@@ -5,7 +5,8 @@ Input:  preference samples (prompt ids, chosen ids, rejected ids), a policy chun
           * a frozen reference model (a second GPTModel loaded from the same checkpoint), or
           * the policy itself with its LoRA adapters switched off (`lora.disabled`: no extra memory), or
           * `reference = "precomputed"`: computed once with the initial policy before the first step
-            and stored, so only the policy stays resident while training.
+            and stored, so only the policy stays resident while training, or
+          * `reference_free = true`: no reference (log ref = 0).
 Output: per-step loss, reward accuracy and margin; held-out preference accuracy.
 Invariants: a microbatch holds the chosen rows then the rejected rows of the same pairs (so a pair is
 never split across microbatches or DP ranks); sequence log-probs sum over the reply tokens only.
@@ -85,12 +86,13 @@ def preference_loss(policy: torch.Tensor, reference: torch.Tensor, *, beta: floa
 class ReferenceScores:
     """Reference sequence scores for a microbatch: from a frozen model, a LoRA-disabled policy, or a table."""
 
-    def __init__(self, *, model=None, policy=None, lora_disabled: bool = False, loss: str = "dpo"):
-        self.model, self.policy, self.lora_disabled, self.loss = model, policy, lora_disabled, loss
-        self.table: dict[int, torch.Tensor] | None = None
+    def __init__(self, *, model=None, policy=None, lora_disabled: bool = False, zero: bool = False, loss: str = "dpo"):
+        self.model, self.policy, self.lora_disabled, self.zero, self.loss = model, policy, lora_disabled, zero, loss
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> torch.Tensor:
+        if self.zero:  # reference-free DPO: log ref = 0 (a uniform reference)
+            return torch.zeros(batch.tokens.shape[0])
         if self.lora_disabled:
             from nemoc.runtime.align import lora
 

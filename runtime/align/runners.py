@@ -15,6 +15,25 @@ from nemoc.runtime.align.data import ChatTemplate, read_preferences, read_prompt
 from nemoc.runtime.align.stage import StageTask
 
 
+def resident_models(kind: str, params, peft) -> list[str]:
+    """The models a stage keeps in memory while it trains, as the runners below build them.
+
+    Agrees with `nemoc.compiler.memory.resident_models` (tested) except in two cases where the runtime
+    holds less: DPO with `reference = "precomputed"` frees the reference after one scoring pass, and PPO
+    with LoRA takes the reference policy from the actor with its adapters off.
+    """
+    p = dict(params or {})
+    if kind == "dpo":
+        if peft is not None or p.get("reference_free") or p.get("reference") == "precomputed":
+            return ["policy"]
+        return ["policy", "reference"]
+    if kind in ("ppo", "rlhf"):
+        return ["actor", "critic", "reward"] + ([] if peft is not None else ["reference"])
+    if kind == "reward":
+        return ["reward"]
+    return ["policy"]
+
+
 def _template(task: StageTask) -> ChatTemplate:
     return ChatTemplate.from_params(task.params)
 
@@ -103,7 +122,7 @@ def run_sft(task: StageTask) -> dict:
             metrics.log({"step": total, "val_loss": after})
     payload = {"final_loss": history[-1]["loss"], "steps": total, "val_response_loss_before": before,
                "val_response_loss": after, "packing": packing, "rows": len(rows), "train_samples": len(train),
-               "resident_models": ["policy"]}
+               "resident_models": resident_models("sft", task.params, s.peft)}
     return _finish_policy(task, chunk, payload)
 
 
@@ -112,24 +131,23 @@ def run_dpo(task: StageTask) -> dict:
     train, val = _preference_pairs(task, tok)
     p, s, seq = task.params, task.stage, task.stage.seq_length
     beta, loss = float(p.get("beta", 0.1)), str(p.get("loss", "dpo"))
-    reference_mode = str(p.get("reference", "model"))
-    if reference_mode not in ("model", "precomputed"):
-        raise AlignError(f"dpo: reference = {reference_mode!r}; expected model | precomputed")
+    reference_mode = "none" if p.get("reference_free") else str(p.get("reference", "model"))
+    if reference_mode not in ("model", "precomputed", "none"):
+        raise AlignError(f"dpo: reference = {reference_mode!r}; expected model | precomputed (or reference_free = true)")
     parent = stage.parent_checkpoint(task)
     chunk = _policy(task, parent)
-    resident = ["policy"]
-    if s.peft is not None:
+    resident = resident_models("dpo", p, s.peft)
+    if reference_mode == "none":
+        reference = dpo.ReferenceScores(zero=True, loss=loss)
+    elif s.peft is not None:
         reference = dpo.ReferenceScores(policy=chunk, lora_disabled=True, loss=loss)
     else:
         reference = dpo.ReferenceScores(model=stage.freeze(stage.build(task, checkpoint=parent)), loss=loss)
-        resident.append("reference")
     table = val_table = None
     if reference_mode == "precomputed":
         table = dpo.precompute(reference, train, seq, s.layout.micro_batch, tok.pad)
         val_table = dpo.precompute(reference, val, seq, s.layout.micro_batch, tok.pad) if val else None
-        if reference.model is not None:
-            reference.model = None  # freed: only the policy stays resident while training
-            resident = ["policy"]
+        reference.model = None  # freed: only the policy stays resident while training
     before = dpo.preference_accuracy(chunk, val, seq_length=seq, reference=reference if table is None else None,
                                      table=val_table, loss=loss, pad_id=tok.pad) if val else {}
     tr = _trainer(task, chunk)
@@ -177,7 +195,8 @@ def run_reward(task: StageTask) -> dict:
         if after:
             metrics.log({"step": total, "val_accuracy": after["accuracy"]})
     payload = {"final_loss": history[-1]["loss"], "steps": total, "train_accuracy": history[-1]["accuracy"],
-               "val_before": before, "val": after, "scalar_head": True, "resident_models": ["reward"]}
+               "val_before": before, "val": after, "scalar_head": True,
+               "resident_models": resident_models("reward", task.params, None)}
     payload["checkpoint"] = stage.save_final(task, chunk, extra={"scalar_head": True})
     return payload
 
@@ -224,8 +243,7 @@ def run_ppo(task: StageTask) -> dict:
     first, last = history[0], history[-1]
     payload = {"final_loss": last["policy_loss"], "steps": total, "reward_first": first["reward"],
                "reward": last["reward"], "kl": last["kl"], "entropy": last["entropy"],
-               "resident_models": ["actor", "critic", "reward", "reference"] if s.peft is None
-               else ["actor", "critic", "reward"]}
+               "resident_models": resident_models(s.kind, task.params, s.peft)}
     return _finish_policy(task, actor, payload)
 
 

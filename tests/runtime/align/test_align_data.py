@@ -85,3 +85,16 @@ def test_chat_template_masks_everything_but_the_assistant():
     with pytest.raises(DataError, match="unknown keys"):
         ChatTemplate.from_params({"template": {"bot": "x"}})
     assert ChatTemplate.from_params({"template": {"user": "[INST]"}}).user == "[INST]"
+
+
+@pytest.mark.parametrize("kind, params, lora", [
+    ("sft", {}, False), ("sft", {}, True), ("reward", {}, False), ("dpo", {}, False), ("dpo", {}, True),
+    ("dpo", {"reference_free": True}, False), ("ppo", {}, False),
+])
+def test_runtime_and_memory_model_agree_on_resident_models(kind, params, lora):
+    from nemoc.compiler.memory import resident_models as planned
+    from nemoc.compiler.spec import LoraSpec
+    from nemoc.runtime.align.runners import resident_models as held
+
+    peft = LoraSpec() if lora else None
+    assert tuple(held(kind, params, peft)) == tuple(planned(kind, params, peft=peft))
