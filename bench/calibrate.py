@@ -31,6 +31,7 @@ from pathlib import Path
 from nemoc.compiler import cost, memory
 from nemoc.compiler.catalog.hardware import get_gpu
 from nemoc.compiler.plan import Layout
+from nemoc.compiler.rules import pipeline_split
 from nemoc.compiler.spec import LoraSpec, ModelSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,10 +128,16 @@ def row_case(row: dict) -> Case | str:
                 grad_bytes, src in "FG" or bool(row["recompute"]))
 
 
+def split_of(case: Case) -> tuple[int, int, int] | None:
+    """(first, middle, last) layers of the pipeline split nemoc would give Megatron (None: even)."""
+    split = pipeline_split(case.model.layers, case.layout.pp, case.layout.vp)
+    return None if split is None or split.even else split.stage_layers(case.layout.pp)
+
+
 def predict(case: Case, params: cost.EfficiencyParams = cost.DEFAULT_PARAMS) -> float:
     est = cost.estimate(case.model, case.layout, gpu=get_gpu(case.gpu), precision=case.precision,
                         attention_backend=case.backend, seq_length=case.seq, stage_kind=case.kind, peft=case.peft,
-                        params=params, grad_bytes=case.grad_bytes)
+                        params=params, grad_bytes=case.grad_bytes, split=split_of(case))
     return est.tokens_per_s_per_gpu
 
 

@@ -253,7 +253,7 @@ def _ep_comm(model, layout, hw, tokens, passes, params) -> float:
 
 
 def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backward, params,
-                 scalar_head: bool = False) -> tuple[float, float, float]:
+                 scalar_head: bool = False, split: tuple[int, int, int] | None = None) -> tuple[float, float, float]:
     """(slowest, mean, output) micro-batch times over pipeline stages: layers plus, on the last
     stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`); a
     scalar (reward / value) head costs nothing next to a layer."""
@@ -270,10 +270,11 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     if layout.pp == 1:
         t = model.layers * per_layer + logits
         return t, t, logits
-    first = layers_on_stage(model.layers, layout.pp, 0) * per_layer
-    last = layers_on_stage(model.layers, layout.pp, layout.pp - 1) * per_layer + logits
+    first = layers_on_stage(model.layers, layout.pp, 0, split) * per_layer
+    last = layers_on_stage(model.layers, layout.pp, layout.pp - 1, split) * per_layer + logits
+    middle = layers_on_stage(model.layers, layout.pp, 1, split) * per_layer if layout.pp > 2 else 0.0
     mean = (model.layers * per_layer + logits) / layout.pp
-    return max(first, last, mean), mean, logits
+    return max(first, last, middle, mean), mean, logits
 
 
 def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, params, trainable_params: float,
@@ -304,10 +305,10 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
     return max(0.0, rs - bwd_window) + max(0.0, ag - fwd_window) + bucket
 
 
-def _local_params(model: ModelSpec, layout: Layout) -> float:
+def _local_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None = None) -> float:
     """Parameters on one GPU of the most-loaded stage (after TP, EP x ETP sharding)."""
     counts = param_counts(model)
-    n = layers_on_stage(model.layers, layout.pp, 0)
+    n = max(layers_on_stage(model.layers, layout.pp, i, split) for i in {0, min(1, layout.pp - 1)})
     dense = n * (counts.per_layer - counts.expert) / layout.tp
     experts = n * counts.expert / (layout.ep * layout.etp)
     embed = padded_vocab(model.vocab, layout.tp) * model.hidden / layout.tp
@@ -318,8 +319,10 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              gpu: HardwareSpec | str | None = None, precision: str = "bf16", attention_backend: str = "flash",
              seq_length: int | None = None, steps: int = 1, stage_kind: str = "pretrain",
              peft: LoraSpec | None = None, params: EfficiencyParams = DEFAULT_PARAMS,
-             causal_discount: bool = True, stage_params: object = None, grad_bytes: int = 4) -> Estimate:
-    """Step time and derived figures of one stage (see module docstring). `causal_discount` selects
+             causal_discount: bool = True, stage_params: object = None, grad_bytes: int = 4,
+             split: tuple[int, int, int] | None = None) -> Estimate:
+    """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
+    last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`). `causal_discount` selects
     the FLOPs formula behind `model_tflops_per_gpu` and `mfu` (True: Megatron-Core / Megatron-Bridge
     form; False: NeMo <= 25.07 `flops_formulas.py`); it does not change the step time. `grad_bytes`:
     the data-parallel gradient dtype (4: fp32, what the nemoc runtime reduces; 2: 16-bit).
@@ -340,7 +343,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
                      micro_batch=mb, backward=main.backward, params=params)
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
-                                      params=params, scalar_head=main.scalar_head)
+                                      params=params, scalar_head=main.scalar_head, split=split)
     m = layout.num_microbatches
     vp = layout.vp or 1
     per_stage = main.count * m * model.layers / layout.pp  # layer passes per step on a mean stage
@@ -355,16 +358,17 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     parts["pp_bubble"] = main.count * (layout.pp - 1) / vp * mean if layout.pp > 1 else 0.0
     parts["pp_p2p"] = main.count * _pp_p2p(model, layout, hw, seq, mb, m, vp, params)
     other = sum(p.count * _pass_time(model, layout, hw, p, seq=seq, precision=precision, backend=attention_backend,
-                                     micro_batch=mb, params=params) for p in work.passes[1:])
+                                     micro_batch=mb, params=params, split=split) for p in work.passes[1:])
     if other:
         parts["other_passes"] = other
     if work.generated:
         parts["rollout"] = _rollout_time(model, layout, hw, seq=seq, precision=precision, backend=attention_backend,
                                          micro_batch=mb, new_tokens=work.generated, params=params)
     if train:
-        trainable = _local_params(model, layout)
+        trainable = _local_params(model, layout, split)
         if peft is not None:
-            trainable = layers_on_stage(model.layers, layout.pp, 0) * lora_params_per_layer(model, peft) / layout.tp
+            n = max(layers_on_stage(model.layers, layout.pp, i, split) for i in {0, min(1, layout.pp - 1)})
+            trainable = n * lora_params_per_layer(model, peft) / layout.tp
         updates = work.trained * main.count  # PPO: actor and critic, ppo_epochs times
         parts["dp_comm_exposed"] = updates * _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params,
                                                          trainable, grad_bytes)
@@ -404,14 +408,15 @@ def _pp_p2p(model, layout, hw, seq, mb, m, vp, params) -> float:
     return 2.0 * size * (layout.pp - 1) * vp / bw
 
 
-def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micro_batch, params) -> float:
+def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micro_batch, params,
+               split=None) -> float:
     """One pipelined pass of a secondary model over the step's micro batches (1F1B or forward-only
     schedule): m micro batches on the slowest stage plus the bubble, TP/CP/EP communication
     included. A secondary model shares the policy's layout (the nemoc runtime builds it so)."""
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
                      micro_batch=micro_batch, backward=p.backward, params=params)
     slow, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=p.backward,
-                                 params=params, scalar_head=p.scalar_head)
+                                 params=params, scalar_head=p.scalar_head, split=split)
     bubble = (layout.pp - 1) / (layout.vp or 1) * mean if layout.pp > 1 else 0.0
     return layout.num_microbatches * slow + bubble
 

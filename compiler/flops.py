@@ -145,10 +145,14 @@ def param_counts(model: ModelSpec) -> ParamCounts:
     )
 
 
-def layers_on_stage(layers: int, pp: int, stage: int) -> int:
-    """Transformer layers on pipeline stage `stage` (0-based): Megatron splits evenly
-    (`get_num_layers_to_build`); when `layers % pp != 0` the remainder goes to the first stages here,
-    so the most-loaded stage has ceil(layers / pp) layers (what a user-set uneven split must reach)."""
+def layers_on_stage(layers: int, pp: int, stage: int, split: tuple[int, int, int] | None = None) -> int:
+    """Transformer layers on pipeline stage `stage` (0-based). `split` = (first, middle, last): the
+    counts of the split nemoc gives Megatron (`rules.PipelineSplit.stage_layers`: even, uneven
+    first/last, or with the embedding / loss counted as layers). Without it: Megatron's even split
+    (`get_num_layers_to_build`); when `layers % pp != 0` the remainder goes to the first stages, so
+    the most-loaded stage has ceil(layers / pp) layers."""
+    if split is not None and pp > 1:
+        return split[0] if stage == 0 else split[2] if stage == pp - 1 else split[1]
     base, extra = divmod(layers, pp)
     return base + (1 if stage < extra else 0)
 

@@ -229,9 +229,10 @@ class _Stage:
     last: bool
 
 
-def _local_stage(model: ModelSpec, layout: Layout, stage: int, vocab: int, scalar_head: bool) -> _Stage:
+def _local_stage(model: ModelSpec, layout: Layout, stage: int, vocab: int, scalar_head: bool,
+                 split: tuple[int, int, int] | None = None) -> _Stage:
     counts = param_counts(model)
-    n = layers_on_stage(model.layers, layout.pp, stage)
+    n = layers_on_stage(model.layers, layout.pp, stage, split)
     first, last = stage == 0, stage == layout.pp - 1
     expert = n * counts.expert / (layout.ep * layout.etp)
     dense = n * (counts.per_layer - counts.expert) / layout.tp
@@ -254,28 +255,31 @@ def _shards(layout: Layout) -> tuple[int, int]:
 def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", attention_backend: str = "flash",
              seq_length: int | None = None, stage_kind: str = "pretrain", peft: LoraSpec | None = None,
              gpu: HardwareSpec | str | None = None, params: object = None, dropout: bool = False,
-             kernels: str = "te", grad_bytes: int = 4) -> MemoryBreakdown:
+             kernels: str = "te", grad_bytes: int = 4, split: tuple[int, int, int] | None = None) -> MemoryBreakdown:
     """Per-GPU memory of the most-loaded pipeline stage (the max total over first and last stage;
-    middle stages hold fewer micro batches than the first and no embedding or logits). `kernels`:
-    see `layer_activations` ("te" unless the runtime has no Transformer Engine)."""
+    middle stages hold fewer micro batches than the first and no embedding or logits; with an
+    uneven `split` = (first, middle, last) layer counts, the second stage too, which may hold more
+    layers than the first). `kernels`: see `layer_activations` ("te" unless the runtime has no
+    Transformer Engine)."""
     hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
     capacity = hw.hbm_bytes if hw else 0
     seq = seq_length or model.seq_length
     best = None
-    for stage in sorted({0, layout.pp - 1}):
+    stages = {0, layout.pp - 1} | ({1} if split is not None and layout.pp > 2 and split[1] > split[0] else set())
+    for stage in sorted(stages):
         m = _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
-                          capacity, kernels, grad_bytes)
+                          capacity, kernels, grad_bytes, split)
         if best is None or m.total > best.total:
             best = m
     return best  # type: ignore[return-value]
 
 
 def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
-                  kernels, grad_bytes) -> MemoryBreakdown:
+                  kernels, grad_bytes, split=None) -> MemoryBreakdown:
     resident = resident_models(kind, params, peft=peft)
     scalar_head = kind == "reward"
     vocab = padded_vocab(model.vocab, layout.tp)
-    st = _local_stage(model, layout, stage, vocab, scalar_head)
+    st = _local_stage(model, layout, stage, vocab, scalar_head, split)
     dense_shard, expert_shard = _shards(layout)
     wb = weight_bytes(precision)
     trains = kind in TRAINING_KINDS

@@ -53,7 +53,8 @@ from nemoc.compiler.spec import ExperimentSpec, ParallelSpec, StageSpec
 from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Note, Severity
 
 BYTES_PER_TOKEN = 4.0  # ~4 bytes of UTF-8 text per BPE token (GPT-2/Llama tokenizers on English)
-SPLIT_KEYS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
+SPLIT_KEYS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+              "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split")
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,8 +234,7 @@ def _stage_warnings(spec: ExperimentSpec, stage: StageSpec, problem: Problem, ch
 
 def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps: int, seq: int, estimate: Estimate) -> StagePlan:
     params = dict(stage.params)
-    if not chosen.split.even:
-        params.update(zip(SPLIT_KEYS, (chosen.split.first, chosen.split.last)))
+    params.update(chosen.split.params())  # the TransformerConfig settings of an uneven split
     return StagePlan(
         name=stage.name, kind=stage.kind, after=stage.after, data=stage.data, layout=chosen.layout,
         memory=chosen.memory, estimate=estimate, seq_length=seq, steps=steps, optimizer=stage.optimizer,

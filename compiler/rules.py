@@ -90,25 +90,52 @@ class PipelineSplit:
     Megatron-Core 0.16.1 builds `layers / pp` layers per stage, or, when
     `num_layers_in_first_pipeline_stage` / `num_layers_in_last_pipeline_stage` are set, those on
     the first / last stage and the rest evenly on the middle stages (transformer_block.py
-    get_num_layers_to_build; transformer_config.py __post_init__ "Uneven PP").
+    get_num_layers_to_build; transformer_config.py __post_init__ "Uneven PP"), or, with
+    `account_for_embedding_in_pipeline_split` / `account_for_loss_in_pipeline_split`, counts the
+    embedding / the loss as one more layer: (layers + e + l) / pp per stage (a multiple of vp), one
+    fewer transformer layer in the first model chunk of the first stage / the last chunk of the last
+    (NeMo's Llama 3.1 405B recipes: 126 + 2 = 128 = 8 stages x 8 chunks x 2). The two mechanisms
+    exclude each other (transformer_config.py raises).
     """
 
     first: int | None  # num_layers_in_first_pipeline_stage (None = even split)
     last: int | None  # num_layers_in_last_pipeline_stage
     per_stage: int  # layers on every middle (or every, when even) stage
+    embedding: bool = False  # account_for_embedding_in_pipeline_split
+    loss: bool = False  # account_for_loss_in_pipeline_split
 
     @property
     def even(self) -> bool:
-        return self.first is None and self.last is None
+        return self.first is None and self.last is None and not self.embedding and not self.loss
 
     @property
     def max_layers(self) -> int:
         """Layers on the most-loaded stage: it bounds both memory and the pipeline's step time."""
         return max(self.per_stage, self.first or 0, self.last or 0)
 
+    def stage_layers(self, pp: int) -> tuple[int, int, int]:
+        """Transformer layers on the (first, middle, last) stage (what the memory and cost models take)."""
+        if self.embedding or self.loss:
+            return self.per_stage - self.embedding, self.per_stage, self.per_stage - self.loss
+        return (self.first if self.first is not None else self.per_stage, self.per_stage,
+                self.last if self.last is not None else self.per_stage)
+
+    def params(self) -> dict[str, object]:
+        """The TransformerConfig settings that produce this split (empty when even)."""
+        if self.embedding or self.loss:
+            return {k: True for k, on in (("account_for_embedding_in_pipeline_split", self.embedding),
+                                          ("account_for_loss_in_pipeline_split", self.loss)) if on}
+        if self.first is None:
+            return {}
+        return {"num_layers_in_first_pipeline_stage": self.first, "num_layers_in_last_pipeline_stage": self.last}
+
     def describe(self, pp: int) -> str:
         if self.even:
             return f"{pp} x {self.per_stage}"
+        if self.embedding or self.loss:
+            what = " and ".join(n for n, on in (("embedding", self.embedding), ("loss", self.loss)) if on)
+            first, _, last = self.stage_layers(pp)
+            return f"{pp} x {self.per_stage} counting the {what} as layers (first {first}, last {last})"
         middle = f" + {pp - 2} x {self.per_stage}" if pp > 2 else ""
         return f"first {self.first}{middle} + last {self.last}"
 
@@ -120,11 +147,13 @@ def pipeline_split(layers: int, pp: int, vp: int | None = None) -> PipelineSplit
     Even when `layers % pp == 0` (and the per-stage count divides by `vp`); otherwise the uneven
     split with the fewest layers on the most-loaded stage: middle stages get `m` each (a multiple
     of `vp`), first and last share the rest (each a positive multiple of `vp`), which satisfies every
-    check of transformer_config.py __post_init__ ("Uneven PP"). Ties: the larger middle count.
+    check of transformer_config.py __post_init__ ("Uneven PP"); or, where that is worse or
+    impossible, the embedding and/or the loss counted as pipeline layers (`_accounted_split`).
+    Ties: the larger middle count, then first/last counts over accounting.
     """
     v = vp or 1
     if pp < 1 or layers < pp * v or layers % v:
-        return None
+        return _accounted_split(layers, pp, vp) if pp > 1 else None
     if layers % pp == 0 and (layers // pp) % v == 0:
         return PipelineSplit(None, None, layers // pp)
     if pp == 1:
@@ -140,7 +169,28 @@ def pipeline_split(layers: int, pp: int, vp: int | None = None) -> PipelineSplit
         split = PipelineSplit(first, rest - first, m if middle_stages else rest - first)
         if best is None or split.max_layers <= best.max_layers:
             best = split
+    accounted = _accounted_split(layers, pp, vp)
+    if accounted is not None and (best is None or accounted.max_layers < best.max_layers):
+        return accounted
     return best
+
+
+def _accounted_split(layers: int, pp: int, vp: int | None) -> PipelineSplit | None:
+    """The split with the embedding and/or the loss counted as layers (transformer_config.py
+    __post_init__: (layers + e + l) % pp == 0 and, interleaved, ((layers + e + l) / pp) % vp == 0;
+    transformer_block.py get_num_layers_to_build: the first / last model chunk keeps at least one
+    transformer layer here, so it is never empty). Both counted first (embedding and loss are the
+    ends of the pipeline), then embedding only, then loss only."""
+    v = vp or 1
+    for embedding, loss in ((True, True), (True, False), (False, True)):
+        total = layers + embedding + loss
+        if total % pp or (total // pp) % v:
+            continue
+        chunk = total // pp // v  # layers per model chunk, counting the embedding / loss
+        if chunk - max(embedding, loss) < 1:
+            continue
+        return PipelineSplit(None, None, total // pp, embedding=embedding, loss=loss)
+    return None
 
 
 def _round_up(x: int, k: int) -> int:
@@ -685,10 +735,10 @@ def warn_uneven_pipeline(env: Env, s: Sizes) -> Violation | None:
     split = pipeline_split(env.model.layers, s.pp, vp)
     if split is None or split.even:
         return None
+    settings = ", ".join(f"{k}={v}" for k, v in split.params().items())
     return Violation(
         "W108", "the layers do not divide evenly over the pipeline: nemoc uses an uneven split",
-        f"layers({env.model.layers}) % pp({s.pp}) = {env.model.layers % s.pp} != 0 -> {split.describe(s.pp)} "
-        f"(num_layers_in_first_pipeline_stage={split.first}, num_layers_in_last_pipeline_stage={split.last})",
+        f"layers({env.model.layers}) over pp({s.pp}) x vp({vp or 1}) -> {split.describe(s.pp)} ({settings})",
         None, anchors=(_P + "pipeline", "model.layers"), severity=Severity.NOTE,
         source="megatron/core/transformer/transformer_config.py __post_init__ (Uneven PP)",
     )

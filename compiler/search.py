@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from functools import lru_cache
 from dataclasses import dataclass, replace
 
 from nemoc.compiler import cost, memory
-from nemoc.compiler.flops import stage_model_flops_per_step
 from nemoc.compiler.catalog.hardware import HardwareSpec
 from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown
 from nemoc.compiler.rules import (
@@ -174,42 +172,27 @@ def gib(n: float) -> str:
 # -------------------------------------------------------------------------------- the evaluation
 
 
-@lru_cache(maxsize=1024)
-def _balanced_model(model: ModelSpec, pp: int, vp: int | None) -> ModelSpec:
-    """The model as the memory and cost models must see it for this pipeline split.
-
-    Both models place ceil(layers / pp) layers on the most-loaded stage (flops.layers_on_stage).
-    When Megatron's split must put more there (an uneven split whose first/last/middle counts
-    are multiples of vp), they are given a model with max_layers x pp layers, so the most-loaded
-    stage (memory) and the slowest stage (time) are those of the real split: conservative for the
-    other stages. Model FLOPs are corrected back to the real model in `evaluate_time`.
-    """
-    split = pipeline_split(model.layers, pp, vp)
-    if split is None or split.max_layers <= -(-model.layers // pp):
-        return model
-    return replace(model, layers=split.max_layers * pp)
+def _stage_layers(p: Problem, layout: Layout) -> tuple[int, int, int] | None:
+    """(first, middle, last) transformer layers of the split nemoc gives Megatron for this layout
+    (None when even): the memory model then sizes each stage by its own layers (and embedding or
+    loss), the cost model the slowest stage."""
+    split = pipeline_split(p.model.layers, layout.pp, layout.vp)
+    return None if split is None or split.even else split.stage_layers(layout.pp)
 
 
 def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
     return memory.estimate(
-        _balanced_model(p.model, layout.pp, layout.vp), layout, precision=p.precision,
-        attention_backend=p.attention_backend, seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft,
-        gpu=p.gpu, params=p.params,
+        p.model, layout, precision=p.precision, attention_backend=p.attention_backend, seq_length=p.seq_length,
+        stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
     )
 
 
 def evaluate_time(p: Problem, layout: Layout) -> Estimate:
-    model = _balanced_model(p.model, layout.pp, layout.vp)
-    est = cost.estimate(
-        model, layout, cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.attention_backend,
+    return cost.estimate(
+        p.model, layout, cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.attention_backend,
         seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
+        split=_stage_layers(p, layout),
     )
-    if model is p.model or not est.model_tflops_per_gpu:
-        return est
-    kw = dict(stage_kind=p.stage_kind, peft=p.peft, params=p.params)
-    real = stage_model_flops_per_step(p.model, p.seq_length, layout.global_batch, **kw)
-    ratio = real / stage_model_flops_per_step(model, p.seq_length, layout.global_batch, **kw)
-    return replace(est, model_tflops_per_gpu=est.model_tflops_per_gpu * ratio, mfu=est.mfu * ratio)
 
 
 class _Recorder:

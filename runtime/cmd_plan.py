@@ -26,6 +26,7 @@ from dataclasses import replace
 
 import click
 
+from nemoc.compiler.planner import SPLIT_KEYS
 from nemoc.runtime.cli_common import EXIT_OK, common_options, fail, load_spec_with_warnings, print_diagnostics
 
 GIB = 1 << 30
@@ -59,6 +60,19 @@ class Headroom(click.ParamType):
 # ------------------------------------------------------------------------------------------- JSON
 
 
+def _split_line(sp) -> str:
+    """One line for an uneven pipeline split (the TransformerConfig settings the plan carries)."""
+    p = sp.params
+    if "num_layers_in_first_pipeline_stage" in p:
+        return (f"  uneven pipeline: first stage {p['num_layers_in_first_pipeline_stage']} layers, "
+                f"last {p['num_layers_in_last_pipeline_stage']}")
+    counted = [n for n, k in (("embedding", SPLIT_KEYS[2]), ("loss", SPLIT_KEYS[3])) if p.get(k)]
+    if not counted:
+        return ""
+    return (f"  uneven pipeline: the {' and '.join(counted)} counted as pipeline layers "
+            f"({', '.join(f'{k} = true' for k in SPLIT_KEYS[2:] if p.get(k))})")
+
+
 def _memory_json(m) -> dict:
     out = {t: getattr(m, t) for t in TERMS}
     out.update(total=m.total, capacity=m.capacity, parts=dict(m.parts))
@@ -87,8 +101,7 @@ def report_json(result, headroom: float, top: int) -> dict:
 
     stages = []
     for sp, sr in zip(result.plan.stages, result.stages):
-        split = {k: sp.params[k] for k in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
-                 if k in sp.params}
+        split = {k: sp.params[k] for k in SPLIT_KEYS if k in sp.params}
         search = sr.search
         stages.append({
             "name": sp.name, "kind": sp.kind,
@@ -234,9 +247,7 @@ def render_report(result, headroom: float, top: int, console) -> None:
                   f"headroom {headroom:.0%}")
     for sp, sr in zip(plan.stages, result.stages):
         console.print(Rule(f"stage {sp.name} ({sp.kind})", style="dim"))
-        split = "" if "num_layers_in_first_pipeline_stage" not in sp.params else (
-            f"  uneven pipeline: first stage {sp.params['num_layers_in_first_pipeline_stage']} layers, "
-            f"last {sp.params['num_layers_in_last_pipeline_stage']}")
+        split = _split_line(sp)
         console.print(_layout_table(sp, split))
         if split:
             console.print(split)

@@ -116,12 +116,34 @@ def test_uneven_pipeline_split_is_recorded_for_the_runtime():
 
 
 def test_a_split_heavier_than_even_is_costed_with_its_heaviest_stage():
-    from nemoc.compiler.search import _balanced_model
+    from nemoc.compiler import cost
+    from nemoc.compiler.catalog.hardware import get_gpu
+    from nemoc.compiler.plan import Layout
+    from nemoc.compiler.search import Problem, _stage_layers
 
-    model = get_preset("llama31_405b")
-    assert _balanced_model(model, 16, None) is model  # first 7, 14 x 8, last 7: max 8 = ceil(126 / 16)
-    heavy = _balanced_model(model, 16, 7)  # multiples of 7: first 14, 14 x 7, last 14
-    assert heavy.layers == 14 * 16
+    auto = ParallelSpec(*(None,) * len(ParallelSpec.__dataclass_fields__))
+    p = Problem(model=get_preset("llama31_405b"), cluster=ClusterSpec(gpu="H100", nodes=16), gpu=get_gpu("H100"),
+                fixed=auto, global_batch=64, seq_length=8192)
+    even = Layout(tp=8, pp=16, vp=None, cp=1, ep=1, etp=8, dp=1, micro_batch=1, global_batch=64, num_microbatches=64,
+                  sequence_parallel=True, distributed_optimizer=True, recompute="full")
+    assert _stage_layers(p, even) == (7, 8, 7)  # first 7, 14 x 8, last 7: max 8 = ceil(126 / 16)
+    assert _stage_layers(p, replace(even, vp=7)) == (14, 7, 14)  # multiples of 7: first 14, 14 x 7, last 14
+    assert _stage_layers(p, replace(even, pp=8, vp=8)) == (15, 16, 15)  # embedding and loss counted as layers
+    light, heavy = (cost.estimate(p.model, replace(even, vp=7), gpu="H100", split=s) for s in ((7, 8, 7), (14, 7, 14)))
+    assert heavy.step_time_s > light.step_time_s and heavy.parts["pp_imbalance"] > light.parts["pp_imbalance"]
+
+
+def test_405b_on_pp8_vp8_plans_with_embedding_and_loss_counted_like_nemo():
+    """NeMo's Llama 3.1 405B layout (TP 8, PP 8, VP 8, CP 2): 126 layers are not a multiple of
+    8 x 8, but 126 + embedding + loss = 128 are; the plan carries the two TransformerConfig flags."""
+    spec = _spec(model="llama31_405b", nodes=16, gpu="B200", tensor=8, pipeline=8, context=2, virtual_pipeline=8)
+    spec = replace(spec, stages=(StageSpec(name="pretrain", kind="pretrain", global_batch=64, steps=10),),
+                   precision="fp8")
+    sp = plan_experiment(spec).plan.stage("pretrain")
+    assert sp.params["account_for_embedding_in_pipeline_split"] is True
+    assert sp.params["account_for_loss_in_pipeline_split"] is True
+    assert "num_layers_in_first_pipeline_stage" not in sp.params
+    assert (sp.layout.pp, sp.layout.vp) == (8, 8)
 
 
 def test_dpo_and_lora_stages_record_resident_models():

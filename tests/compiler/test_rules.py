@@ -141,6 +141,17 @@ def test_warnings_say_what_megatron_does():
     assert rules.warn_fp16_loss_scaling(env(precision="fp16"), VALID).code == "W105"
     uneven = rules.warn_uneven_pipeline(env(get_preset("llama31_405b")), Sizes(pp=16))
     assert "num_layers_in_first_pipeline_stage=7, num_layers_in_last_pipeline_stage=7" in uneven.equation
+    nemo = rules.warn_uneven_pipeline(env(get_preset("llama31_405b")), Sizes(pp=8, vp=8))
+    assert "account_for_embedding_in_pipeline_split=True, account_for_loss_in_pipeline_split=True" in nemo.equation
+
+
+def test_405b_with_pp8_vp8_counts_embedding_and_loss_like_nemo():
+    """NeMo's Llama 3.1 405B recipe (PP 8, VP 8): 126 + embedding + loss = 128 = 8 x 8 x 2."""
+    split = pipeline_split(126, 8, 8)
+    assert split.params() == {"account_for_embedding_in_pipeline_split": True, "account_for_loss_in_pipeline_split": True}
+    assert split.stage_layers(8) == (15, 16, 15) and split.max_layers == 16
+    e = env(get_preset("llama31_405b"), ClusterSpec(gpu="H100", nodes=16))
+    assert layout_violations(e, Sizes(tp=8, pp=8, vp=8, cp=2, dp=1, seq_length=8192)) is None
 
 
 @pytest.mark.parametrize("vocab, tp, padded", [(50257, 1, 50304), (50257, 8, 51200), (128256, 1, 128256),
@@ -173,6 +184,16 @@ def megatron_accepts(layers: int, pp: int, vp: int | None, first: int | None, la
     return not (stages and vp is not None and (rest // stages) % vp)
 
 
+def megatron_accepts_accounted(layers: int, pp: int, vp: int | None, embedding: bool, loss: bool) -> bool:
+    """Megatron-Core 0.16.1 with account_for_embedding/loss_in_pipeline_split (transformer_config.py
+    __post_init__; get_num_layers_to_build), and nemoc's own stricter condition: the first / last
+    model chunk keeps at least one transformer layer."""
+    total = layers + embedding + loss
+    if total % pp or (vp is not None and pp > 1 and (total // pp) % vp):
+        return False
+    return total // pp // (vp or 1) - max(embedding, loss) >= 1
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.integers(1, 140), st.integers(1, 40), st.sampled_from([None, 2, 3, 4]))
 def test_pipeline_split_is_valid_and_optimal(layers, pp, vp):
@@ -181,8 +202,17 @@ def test_pipeline_split_is_valid_and_optimal(layers, pp, vp):
     uneven = range(1, layers + 1) if pp > 1 else ()  # with one stage, first and last are the same stage
     valid_splits = [(f, l) for f in [None, *uneven] for l in [None, *uneven]
                     if (f is None) == (l is None) and megatron_accepts(layers, pp, vp, f, l)]
+    accounted = [(e, lo) for e, lo in ((True, True), (True, False), (False, True))
+                 if pp > 1 and megatron_accepts_accounted(layers, pp, vp, e, lo)]
     if split is None:
-        assert not valid_splits
+        assert not valid_splits and not accounted
+        return
+    if split.embedding or split.loss:
+        assert megatron_accepts_accounted(layers, pp, vp, split.embedding, split.loss)
+        first, middle, last = split.stage_layers(pp)
+        assert first + last + (pp - 2) * middle == layers
+        assert all(split.max_layers < max(f or 0, l or 0, (layers - (f or 0) - (l or 0)) // max(1, pp - 2))
+                   for f, l in valid_splits if f is not None)
         return
     assert megatron_accepts(layers, pp, vp, split.first, split.last)
     total = (split.first + split.last + (pp - 2) * split.per_stage) if not split.even else pp * split.per_stage
@@ -286,8 +316,8 @@ def test_rules_agree_with_megatron_core(case):
     kwargs = dict(num_layers=layers, hidden_size=heads * 16, num_attention_heads=heads, num_query_groups=groups,
                   ffn_hidden_size=tp * 32, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                   virtual_pipeline_model_parallel_size=vp, sequence_parallel=sp, pipeline_dtype=torch.bfloat16)
-    if split is not None and not split.even:
-        kwargs.update(num_layers_in_first_pipeline_stage=split.first, num_layers_in_last_pipeline_stage=split.last)
+    if split is not None:
+        kwargs.update(split.params())
     try:
         config = TransformerConfig(**kwargs)
         per_stage = [sum(get_num_layers_to_build(config, vp_stage=v, pp_rank=r) for v in range(vp or 1))
