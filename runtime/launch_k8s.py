@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from nemoc.runtime.launch_slurm import RESTART_SAFE_ENV
+from nemoc.runtime.faults import RESTART_SAFE_ENV
 from nemoc.runtime.launchers import LaunchResult, LaunchSpec, LauncherError
 
 API_VERSION = "kubeflow.org/v1"

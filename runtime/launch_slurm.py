@@ -34,17 +34,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nemoc.runtime.faults import RESTART_SAFE_ENV
 from nemoc.runtime.launchers import EXIT_PREEMPTED, LaunchResult, LaunchSpec, LauncherError
 
 RECORD_FILE = "slurm.json"
 DEFAULT_SIGNAL_LEAD_S = 300  # time to finish a step and write a checkpoint before the limit
 DEFAULT_PORT_BASE = 29500
 PORT_SPAN = 20000  # rendezvous port = base + job id % span
-
-# torchrun restarts (--max-restarts) with the agent-shared store reuse the previous attempt's gloo/nccl
-# keys, so restarted ranks connect to dead peers (pytorch/pytorch#167288); with this set, rank 0 hosts a
-# fresh store for every attempt.
-RESTART_SAFE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _KNOWN_OPTIONS = {

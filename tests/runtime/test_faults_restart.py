@@ -23,13 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from nemoc.runtime.faults import RESTART_SAFE_ENV, checkpoint_tensors, differing_tensors
+
 pytestmark = pytest.mark.slow
 
 STEPS = 8
 EVERY = 2
-# torch 2.13's agent-shared store keeps the previous attempt's gloo keys, so restarted ranks connect to
-# dead peers (pytorch/pytorch#167288); rank 0 hosting a fresh store per attempt avoids it.
-RESTART_SAFE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def _plan(kit):
@@ -80,26 +79,10 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
     return log.read_text(errors="replace")
 
 
-def tensors(checkpoint: str | Path) -> dict:
-    """Every tensor of a torch_dist checkpoint, read without a process group."""
-    import tempfile
-
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(str(checkpoint), os.path.join(tmp, "c.pt"))
-        state = torch.load(os.path.join(tmp, "c.pt"), weights_only=False)
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
 def assert_bit_identical(a: str | Path, b: str | Path) -> None:
-    import torch
-
-    ta, tb = tensors(a), tensors(b)
-    assert ta.keys() == tb.keys()
-    assert any(k.startswith("decoder.") for k in ta) and any("exp_avg" in k for k in ta)
-    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    keys = checkpoint_tensors(a).keys()
+    assert any(k.startswith("decoder.") for k in keys) and any("exp_avg" in k for k in keys)
+    different = differing_tensors(a, b)
     assert not different, f"tensors differ: {different[:5]}"
 
 
