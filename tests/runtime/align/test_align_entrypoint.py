@@ -104,3 +104,35 @@ def test_incompatible_parent_checkpoint_is_refused(world, tmp_path):
     proc = _run(task)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "incompatible architecture (hidden: checkpoint 64 != model 32" in proc.stderr
+
+
+@pytest.mark.slow
+def test_reward_dpo_ppo_eval_stages_through_the_entrypoint(world, tmp_path):
+    root, spec, tok = world
+    prefs = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"What is {a} plus {b}?", "chosen": f"{a} plus {b} is {a + b}.",
+             "rejected": f"{a} plus {b} is {a + b + 1}."} for a in range(6) for b in range(6)]
+    prefs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pref_ds = [{"name": "p", "path": str(prefs), "format": "preference", "split": "80,20,0"}]
+    plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1),
+                            ("rm", "reward", ("base",), {}, None, 4),
+                            ("dpo", "dpo", ("base",), {"beta": 0.1, "reference": "precomputed"}, None, 4),
+                            ("ppo", "ppo", ("dpo", "rm"), {"max_new_tokens": 4, "ppo_epochs": 1}, None, 2),
+                            ("eval", "eval", ("ppo",), {"prompts": ["What is 1 plus 1?"], "max_new_tokens": 4}, None, 0)])
+    common = dict(tokenizer=str(root / "tokenizer.json"), vocab_size=tok.vocab_size)
+    done = {}
+    for name, parents, datasets in (("rm", {"base": str(root / "base")}, pref_ds),
+                                    ("dpo", {"base": str(root / "base")}, pref_ds),
+                                    ("ppo", None, pref_ds),
+                                    ("eval", None, pref_ds)):
+        if parents is None:
+            parents = {"dpo": done["dpo"]["checkpoint"], "rm": done["rm"]["checkpoint"]} if name == "ppo" \
+                else {"ppo": done["ppo"]["checkpoint"]}
+        task = write_task(tmp_path, plan, name, datasets=datasets, parents=parents, **common)
+        proc = _run(task)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+        done[name] = json.loads((tmp_path / "tasks" / name / "DONE.json").read_text())
+    assert done["rm"]["resident_models"] == ["reward"] and "accuracy" in done["rm"]["val"]
+    assert done["dpo"]["resident_models"] == ["policy"] and done["dpo"]["reference"] == "precomputed"
+    assert set(done["ppo"]) >= {"reward", "kl", "entropy"} and len(done["ppo"]["resident_models"]) == 4
+    assert done["eval"]["datasets"]["p"]["pairs"] == len(rows) and len(done["eval"]["generations"]) == 1
