@@ -41,7 +41,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 MANIFEST = "nemoc_checkpoint.json"
 LATEST = "latest"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# DistributedOptimizer formats that load without TE/Apex in 0.16.1 (Megatron-LM's default is the first)
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 
 
 def iteration_name(iteration: int) -> str:
@@ -216,18 +217,54 @@ def _restore_adam_steps(optimizer) -> None:
                         inner.state[p]["step"] = torch.tensor(float(group["step"]))
 
 
+def _load_optimizer_state(optimizer, state) -> None:
+    """optimizer.load_state_dict, except for a `fully_reshardable` DistributedOptimizer without
+    TE/Apex: 0.16.1 copies every key of the torch Adam state, including the `step` it put there
+    itself, from the loaded tensors, which never carry `step` -> KeyError. Load the non-parameter
+    part first, then the parameter state with the `step` entries set aside (restored afterwards)."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = [state] if len(subs) == 1 else [v for _, v in sorted(state.items())]
+    for sub, part in zip(subs, parts):
+        special = (isinstance(sub, dopt.DistributedOptimizer) and not dopt.HAVE_APEX_OR_TE
+                   and isinstance(part, dict) and part.get("param_state_sharding_type") == "fully_reshardable")
+        if not special:
+            sub.load_state_dict(part)
+            continue
+        part = dict(part)
+        param_state = part.pop("param_state")
+        part.pop("param_state_sharding_type")
+        sub.load_state_dict(part)
+        steps = {p: st.pop("step") for p, st in sub.optimizer.state.items() if "step" in st}
+        try:
+            sub.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for p, step in steps.items():
+                sub.optimizer.state[p]["step"] = step
+    if len(subs) > 1 and hasattr(optimizer, "_synchronize_steps"):
+        optimizer._synchronize_steps()
+
+
 def training_state(*, chunks, optimizer, scheduler, iteration: int, consumed_samples: int,
                    is_loading: bool = False, include_optimizer: bool = True, include_rng: bool = True,
-                   extra: dict | None = None) -> dict:
-    """The sharded state dict of a training run (what is saved, and the template a load fills)."""
+                   extra: dict | None = None, optimizer_format: str = "dp_reshardable") -> dict:
+    """The sharded state dict of a training run (what is saved, and the template a load fills).
+
+    `optimizer_format` (distributed optimizer only): `dp_reshardable` writes each rank's flat buffer
+    shard in parallel and reshards across DP only; `fully_reshardable` gathers the state into
+    model-parameter shape (more memory and communication at save) and reshards across TP/PP too."""
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise ValueError(f"optimizer checkpoint format {optimizer_format!r} is not one of {OPTIMIZER_FORMATS}")
     model_sd = model_sharded_state_dict(chunks)
     state = dict(model_sd)  # the optimizer maps its params to these (nested walk over all chunks)
     if include_optimizer and optimizer is not None:
         if is_loading:
             _prime_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=dict(_OPTIM_METADATA)
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format}
         )
+        state["optimizer_format"] = optimizer_format
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     if include_rng:
@@ -348,15 +385,18 @@ def load_training_state(path: str, *, chunks, optimizer, scheduler, distributed_
     same_layout = saved_layout == here
     model_parallel_same = all(saved_layout.get(k) == here[k] for k in ("tp", "pp", "vp", "cp", "ep"))
     with_optimizer = optimizer is not None and "optimizer" in common_keys(common, path)
-    if with_optimizer and distributed_optimizer and not model_parallel_same:
+    saved_format = common.get("optimizer_format", "dp_reshardable")
+    if with_optimizer and distributed_optimizer and saved_format == "dp_reshardable" and not model_parallel_same:
         warn(f"checkpoint {path} was saved with layout {saved_layout}, now {here}: the distributed "
              "optimizer's dp_reshardable state reshards across DP only; loading the model, scheduler and "
-             "data position, and restarting the Adam moments")
+             "data position, and restarting the Adam moments (save with params.optimizer_checkpoint_format"
+             " = fully_reshardable to carry them across TP/PP changes)")
         with_optimizer = False
     template = training_state(chunks=chunks, optimizer=optimizer, scheduler=None, iteration=0, consumed_samples=0,
-                              is_loading=True, include_optimizer=with_optimizer, include_rng=same_layout)
-    for key in ("iteration", "consumed_samples", "layout", "nemoc"):
-        template.pop(key)
+                              is_loading=True, include_optimizer=with_optimizer, include_rng=same_layout,
+                              optimizer_format=saved_format if saved_format in OPTIMIZER_FORMATS else "dp_reshardable")
+    for key in ("iteration", "consumed_samples", "layout", "nemoc", "optimizer_format"):
+        template.pop(key, None)
     loaded = dist_checkpointing.load(template, path)
     from nemoc.runtime.model import unwrap
 
@@ -367,7 +407,7 @@ def load_training_state(path: str, *, chunks, optimizer, scheduler, distributed_
             unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     if with_optimizer:
         with torch.no_grad():  # fp32 DistributedOptimizer main params are views of leaf params
-            optimizer.load_state_dict(loaded["optimizer"])
+            _load_optimizer_state(optimizer, loaded["optimizer"])
         _restore_adam_steps(optimizer)
     elif optimizer is not None:
         # Only the model was loaded: refresh the fp32 main params (bf16/fp16) from it, otherwise the

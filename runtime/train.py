@@ -659,7 +659,9 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
         def checkpoint_state(loop_state: LoopState) -> dict:
             return ckpt.training_state(chunks=model, optimizer=optimizer, scheduler=scheduler,
                                        iteration=loop_state.iteration, consumed_samples=loop_state.consumed_samples,
-                                       extra={"stage": stage.name, "experiment": plan.experiment})
+                                       extra={"stage": stage.name, "experiment": plan.experiment},
+                                       optimizer_format=str(stage.params.get("optimizer_checkpoint_format",
+                                                                             "dp_reshardable")))
 
         if rank == 0:
             _rank0_print(f"stage {stage.name}: {plan.model.name} layout tp={layout.tp} pp={layout.pp} vp={layout.vp} "

@@ -153,3 +153,20 @@ def test_a_killed_rank_fails_the_job_promptly(tmp_path, kit, train_data):
     assert proc.returncode != 0
     assert elapsed < 90, f"the job took {elapsed:.0f} s to fail after rank 1 died"
     assert not (out / "DONE.json").exists()
+
+
+def test_fully_reshardable_distributed_optimizer_resumes_under_tp2(tmp_path, kit, train_data, reference_weights,
+                                                                   baseline):
+    """params.optimizer_checkpoint_format = fully_reshardable: the distributed optimizer's Adam state
+    follows a TP=1 -> TP=2 change (the dp_reshardable default would restart the moments)."""
+    params = {"eval_iters": 2, "optimizer_checkpoint_format": "fully_reshardable"}
+    lay1 = kit.layout(dist_opt=True)
+    first = kit.run_training(tmp_path / "tp1", kit.make_plan(kit.stage_plan(lay=lay1, every=3, params=params)), 1,
+                             data_prefix=train_data, init_checkpoint=reference_weights, max_steps=3)
+    _same(first, baseline, steps=(1, 2, 3))
+    lay2 = kit.layout(tp=2, dist_opt=True)
+    second = kit.run_training(tmp_path / "tp2", kit.make_plan(kit.stage_plan(lay=lay2, every=3, params=params)), 2,
+                              data_prefix=train_data, checkpoint_dir=first.out / "checkpoints")
+    event = next(r for r in second.records if r.get("event") == "resumed")
+    assert event["iteration"] == 3 and event["optimizer_restored"], second.explain()
+    _same(second, baseline, steps=(4, 5, 6))
