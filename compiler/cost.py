@@ -88,6 +88,7 @@ class EfficiencyParams:
     gemm_n_half: float = 64.0
     layer_overhead: float = 65e-6
     ring_step_latency: float = 15e-6
+    step_overhead: float = 0.02
 
     def gemm_eff(self, generation: str, precision: str) -> float:
         low = precision in ("fp8", "mxfp8")
@@ -162,10 +163,12 @@ def _layer_gemm_shapes(model: ModelSpec, tp: int, ep: int, etp: int) -> tuple[tu
 
 def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int, precision: str,
                 attention_backend: str, micro_batch: int, backward: float = 2.0,
-                params: EfficiencyParams = DEFAULT_PARAMS) -> LayerTimes:
+                params: EfficiencyParams = DEFAULT_PARAMS, attention_span: float | None = None) -> LayerTimes:
     """Forward + backward time of one layer for one micro batch. `backward` is the backward/forward
     GEMM ratio: 2 (input and weight gradients), 1 for a frozen base under LoRA (input gradients
-    only), 0 for forward-only stages."""
+    only), 0 for forward-only stages. `attention_span`: the mean length of the samples packed into
+    one sequence (THD packing: each token attends only within its own sample, Megatron-Core
+    `PackedSeqParams` / TE `cu_seqlens`), None when every row is one sample of `seq` tokens."""
     tokens = micro_batch * seq / layout.cp  # GEMM rows on this GPU (SP re-gathers the sequence)
     gen = hw.generation
     low = precision in ("fp8", "mxfp8")
@@ -177,7 +180,8 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         gemm += passes * gemm_time(tokens * share, n, k, flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=in_bytes,
                                    n_half=params.gemm_n_half)
     # attention core: flash kernels skip the masked upper triangle (causal), 2.5x forward for backward
-    attn_flops = 4.0 * tokens * seq * model.heads * model.head_dim / layout.tp
+    span = min(seq, attention_span) if attention_span else seq
+    attn_flops = 4.0 * tokens * span * model.heads * model.head_dim / layout.tp
     attn_flops *= 0.5 if attention_backend != "unfused" else 1.0
     attn_rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.attn_eff(gen)
     attention = attn_flops * (1.0 + (2.5 if backward else 0.0)) / attn_rate
@@ -320,9 +324,11 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              seq_length: int | None = None, steps: int = 1, stage_kind: str = "pretrain",
              peft: LoraSpec | None = None, params: EfficiencyParams = DEFAULT_PARAMS,
              causal_discount: bool = True, stage_params: object = None, grad_bytes: int = 4,
-             split: tuple[int, int, int] | None = None) -> Estimate:
+             split: tuple[int, int, int] | None = None, attention_span: float | None = None) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
-    last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`). `causal_discount` selects
+    last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
+    `attention_span`: mean packed-sample length (see `layer_times`; the nemoc runtime pads every
+    sample to `seq`, so the planner never sets it; calibration rows with packed data do). `causal_discount` selects
     the FLOPs formula behind `model_tflops_per_gpu` and `mfu` (True: Megatron-Core / Megatron-Bridge
     form; False: NeMo <= 25.07 `flops_formulas.py`); it does not change the step time. `grad_bytes`:
     the data-parallel gradient dtype (4: fp32, what the nemoc runtime reduces; 2: 16-bit).
@@ -341,7 +347,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     train = main.backward != FORWARD
     mb = layout.micro_batch * work.rows  # preference pairs: chosen + rejected rows
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
-                     micro_batch=mb, backward=main.backward, params=params)
+                     micro_batch=mb, backward=main.backward, params=params, attention_span=attention_span)
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                       params=params, scalar_head=main.scalar_head, split=split)
     m = layout.num_microbatches
@@ -374,6 +380,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                                                          trainable, grad_bytes)
         shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
         parts["optimizer"] = updates * (trainable / shard * 30.0 + trainable * 4.0) / hw.hbm_bw  # Adam + grad norm
+    parts["step_overhead"] = params.step_overhead
     step = sum(parts.values())
     tokens = layout.global_batch * seq * work.rows
     model_flops = stage_model_flops_per_step(model, seq, layout.global_batch, stage_kind=stage_kind, peft=peft,

@@ -40,9 +40,24 @@ def test_throughput_error_bounds(results) -> None:
     _, used = results
     errors = [abs(r["error"]) for r in used]
     assert len(errors) >= 100
-    assert statistics.median(errors) <= 0.05
-    assert max(errors) <= 0.31
-    assert sum(e <= 0.15 for e in errors) >= 88
+    assert statistics.median(errors) <= 0.04
+    assert max(errors) <= 0.29
+    assert sum(e <= 0.15 for e in errors) >= 90
+
+
+def test_reliable_rows_error_bounds(calibrate, results) -> None:
+    """Rows with a complete, self-consistent layout and measured (or exactly derived) tokens/s:
+    docs/calibration.md explains the three just above 15 % (G07, G08 1T on 64 stages; C11)."""
+    _, used = results
+    errors = [abs(r["error"]) for r in used if calibrate.reliable(r)]
+    assert len(errors) >= 85
+    assert statistics.median(errors) <= 0.04
+    assert max(errors) <= 0.17
+    assert sum(e <= 0.15 for e in errors) >= 85
+
+
+def test_unreliable_rows_are_few_and_explained(calibrate) -> None:
+    assert len(calibrate.UNRELIABLE) <= 4 and all(len(why) > 40 for why in calibrate.UNRELIABLE.values())
 
 
 def test_pretraining_rows_error_bounds(results) -> None:
