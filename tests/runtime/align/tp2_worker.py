@@ -50,6 +50,18 @@ def main(out: Path) -> None:
     common.save_model(model, out / "merged")
     if rank == 0:
         (out / "lora_tp2.json").write_text(json.dumps([h["loss"] for h in history]))
+
+    # the same LoRA run with sequence parallelism (adapters gather / scatter along the sequence)
+    sp_layout = common.single_layout(tp=2, global_batch=8, micro_batch=4, sequence_parallel=True)
+    sp_model = common.build_gpt(spec, sp_layout)
+    common.load_model(sp_model, out / "base")
+    lora.apply_lora(sp_model, LoraSpec(rank=4, alpha=8.0, dropout=0.0), seed=7)
+    tr = trainer.Trainer(sp_model, layout=sp_layout, **stage_settings(steps=3, lr=1e-2))
+    history = trainer.run_steps(tr, items=[[s] for s in samples], steps=3, global_batch=8,
+                                to_microbatches=lambda share: sft.rows_to_batches(share, 16, 4),
+                                forward=sft.forward, seq_length=16)
+    if rank == 0:
+        (out / "lora_tp2_sp.json").write_text(json.dumps([h["loss"] for h in history]))
     common.teardown_distributed()
 
 
