@@ -55,6 +55,7 @@ TASK_VERSION = 1
 EXIT_OK, EXIT_FAILED, EXIT_BAD_TASK, EXIT_PREEMPTED = 0, 1, 2, 143
 DEFAULT_TIMEOUT_S = 300
 
+_control_group = [None]  # a gloo group for host-side agreement (stop signal) when the backend is nccl
 _phase = ["startup"]  # what this rank is doing, for error reports (a hang shows up as a timeout here)
 
 
@@ -171,6 +172,9 @@ def init_distributed(*, layout, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
     if world != layout.world_size:
         raise TaskError(f"tp({layout.tp}) * pp({layout.pp}) * cp({layout.cp}) * dp({layout.dp}) = "
                         f"{layout.world_size} != world size {world} (processes launched)")
+    if backend == "nccl":
+        # The per-step stop-signal agreement runs on the host over gloo: no GPU synchronisation.
+        _control_group[0] = torch.distributed.new_group(backend="gloo", timeout=timeout)
     set_phase("initialize_model_parallel")
     parallel_state.initialize_model_parallel(**margs.parallel_kwargs(layout=layout,
                                                                      timeout_minutes=math.ceil(timeout_s / 60)))
@@ -188,6 +192,7 @@ def set_seed(seed: int) -> None:
 
 def teardown() -> None:
     set_phase("teardown")
+    _control_group[0] = None
     try:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
@@ -363,21 +368,22 @@ def gpt_forward_step(data_iterator, model):
 
 
 def _loss_sums(losses: list[dict], key: str = "lm loss") -> torch.Tensor:
-    """[sum, count] over this rank's micro-batches (zeros off the last pipeline stage)."""
-    total = torch.zeros(2, dtype=torch.float64)
+    """[sum, count] over this rank's micro-batches (zeros off the last pipeline stage). Stays on the
+    device: no host synchronisation per step (it is read at log steps only)."""
+    total = torch.zeros(2, dtype=torch.float64, device=device())
     for entry in losses or []:
         if key in entry:
-            total += entry[key].detach().to("cpu", torch.float64)
+            total += entry[key].detach().to(total.device, torch.float64)
     return total
 
 
 def _global_mean(sums: torch.Tensor) -> float:
     """Mean loss over the whole job from per-rank [sum, count]. Every last-stage rank of a TP/CP
     group holds the same (or its CP share of the) sums, so the ratio of world sums is exact."""
+    sums = sums.to(device(), torch.float64)
     if torch.distributed.is_initialized():
-        sums = sums.to(device(), torch.float64)
         torch.distributed.all_reduce(sums)
-        sums = sums.cpu()
+    sums = sums.cpu()
     return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
 
 
@@ -404,9 +410,9 @@ class StopSignal:
 
     def agreed(self) -> int:
         """The signal seen by any rank (ranks may receive it at different steps)."""
-        flag = torch.tensor([self.signum], dtype=torch.int32, device=device())
+        flag = torch.tensor([self.signum], dtype=torch.int32)  # host tensor: gloo (default or control group)
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=_control_group[0])
         return int(flag.item())
 
 
@@ -477,7 +483,7 @@ def evaluate(*, forward_step, make_iterators, model, layout, seq_length: int, it
     """Mean validation loss over `iters` global batches (forward only, all ranks)."""
     for chunk in model:
         chunk.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device())
     iterators = make_iterators()
     with torch.no_grad():
         for _ in range(iters):
@@ -515,7 +521,7 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
     stage.checkpoint.every steps, and stops early (after saving) on SIGTERM/SIGUSR1."""
     metrics = metrics or NullMetrics()
     layout = stage.layout
-    interval_sums = torch.zeros(2, dtype=torch.float64)
+    interval_sums = torch.zeros(2, dtype=torch.float64, device=device())
     interval_start, interval_steps, skipped = time.perf_counter(), 0, 0
     every = stage.checkpoint.every
     while state.iteration < end_iteration:
