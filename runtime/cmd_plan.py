@@ -60,6 +60,20 @@ class Headroom(click.ParamType):
 # ------------------------------------------------------------------------------------------- JSON
 
 
+def _mfu_basis(sp) -> str:
+    """What the stage's model FLOPs (the MFU numerator) count (docs/cost-model.md, MFU convention)."""
+    from nemoc.compiler.flops import FORWARD, FROZEN, stage_work
+
+    work = stage_work(sp.kind, sp.params, sp.peft)
+    how = {FORWARD: "forward", FROZEN: "forward + input gradients (frozen base, LoRA adapters trained)"}
+    terms = [f"{p.model} {'' if p.count == 1 else f'{p.count:g} x '}{how.get(p.backward, 'forward + backward')}"
+             for p in work.passes]
+    if work.generated:
+        terms.insert(0, f"rollout of {work.generated} tokens (one causal forward)")
+    rows = " per sequence, 2 sequences per pair" if work.rows == 2 else " per sequence"
+    return "; ".join(terms) + rows + "; recompute excluded"
+
+
 def _split_line(sp) -> str:
     """One line for an uneven pipeline split (the TransformerConfig settings the plan carries)."""
     p = sp.params
@@ -259,6 +273,8 @@ def render_report(result, headroom: float, top: int, console) -> None:
         console.print(table)
         if parts:
             console.print(f"[dim]step time terms: {parts}[/]")
+        if sp.estimate.step_time_s:
+            console.print(f"[dim]MFU counts: {_mfu_basis(sp)}[/]")
         for note in sr.notes:
             console.print(f"[dim]note: {note}[/]")
         if sr.search is not None:
