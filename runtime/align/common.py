@@ -319,8 +319,9 @@ def pack_rows(packs: Iterable[list[tuple[list[int], list[int]]]], seq_length: in
     # the label at t is token t+1, and it counts only inside the same segment
     same_segment = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)
     loss_mask = weights[:, 1:] * same_segment
-    return Batch(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), loss_mask=loss_mask,
-                 position_ids=positions[:, :-1].contiguous(), attention_mask=causal_mask(segments[:, :-1]))
+    batch = Batch(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), loss_mask=loss_mask,
+                  position_ids=positions[:, :-1].contiguous(), attention_mask=causal_mask(segments[:, :-1]))
+    return batch.to(device())
 
 
 def token_logprobs(model, batch: Batch) -> torch.Tensor:

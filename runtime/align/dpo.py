@@ -92,7 +92,7 @@ class ReferenceScores:
     @torch.no_grad()
     def __call__(self, batch: Batch) -> torch.Tensor:
         if self.zero:  # reference-free DPO: log ref = 0 (a uniform reference)
-            return torch.zeros(batch.tokens.shape[0])
+            return torch.zeros(batch.tokens.shape[0], device=batch.tokens.device)
         if self.lora_disabled:
             from nemoc.runtime.align import lora
 

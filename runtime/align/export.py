@@ -184,7 +184,7 @@ def write_hf_checkpoint(state: Mapping[str, torch.Tensor], shape: ModelShape, ou
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared storage; clone every tensor into its own contiguous buffer
-    tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in tensors.items()}
+    tensors = {k: v.detach().to(device="cpu", dtype=dtype).contiguous().clone() for k, v in tensors.items()}
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -68,8 +68,8 @@ def generate(model, prompts: Sequence[list[int]], *, max_new_tokens: int, temper
             break
         batch, last = sequence_batch([seqs[i] for i in rows], seq_length)
         logits = model(batch.tokens, batch.position_ids, batch.attention_mask, runtime_gather_output=True)
-        logits = logits[torch.arange(len(rows)), last, :vocab].float() / temperature
-        probs = torch.softmax(logits, -1)
+        logits = logits[torch.arange(len(rows), device=last.device), last, :vocab].float().cpu() / temperature
+        probs = torch.softmax(logits, -1)  # sampled on the CPU with a CPU generator: identical on every TP rank
         entropy = -(probs * torch.log_softmax(logits, -1)).sum(-1)
         nxt = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator).squeeze(1)
         for j, i in enumerate(rows):
@@ -96,8 +96,8 @@ def _rows(prompts, responses, seq_length):
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016) along the last dim over masked tokens."""
     adv = torch.zeros_like(rewards)
-    next_value = torch.zeros(rewards.shape[0])
-    next_adv = torch.zeros(rewards.shape[0])
+    next_value = torch.zeros(rewards.shape[0], device=rewards.device)
+    next_adv = torch.zeros(rewards.shape[0], device=rewards.device)
     for t in reversed(range(rewards.shape[1])):
         m = mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
@@ -135,8 +135,8 @@ def make_experience(*, actor, critic, reference: Callable[[Batch], torch.Tensor]
     values = critic_values(critic, batch) * mask
     kl = (old - ref) * mask
     rewards = -cfg.kl_coef * kl
-    last = (mask * torch.arange(mask.shape[1])).argmax(-1)  # index of each row's last response label
-    rewards[torch.arange(mask.shape[0]), last] += scores
+    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # each row's last response label
+    rewards[torch.arange(mask.shape[0], device=mask.device), last] += scores.to(mask.device)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     n = mask.sum().clamp(min=1)
     mean = (advantages * mask).sum() / n

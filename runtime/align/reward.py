@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from nemoc.runtime.align.common import AlignError, Batch, causal_mask, unwrap
+from nemoc.runtime.align.common import AlignError, Batch, causal_mask, device, unwrap
 from nemoc.runtime.align.dpo import Pair
 from nemoc.runtime.align.trainer import chunks
 
@@ -38,7 +38,7 @@ def sequence_batch(sequences: Sequence[list[int]], seq_length: int, pad_id: int 
     positions = torch.arange(seq_length).expand(b, -1).contiguous()
     batch = Batch(tokens=tokens, labels=tokens, loss_mask=segments.float(), position_ids=positions,
                   attention_mask=causal_mask(segments))
-    return batch, last
+    return batch.to(device()), last.to(device())
 
 
 def _scores(model, batch: Batch, last: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,7 @@ def test_sft_lora_then_export_through_the_entrypoint(world, mcore, tmp_path):
     ids = torch.tensor([tok.tokenize("What is 2 plus 3?")])
     batch = mcore.make_batch([(ids[0].tolist(), [1] * ids.shape[1])], ids.shape[1] - 1)
     with torch.no_grad():
-        mine = mcore.gather_logits(ours, batch)[..., : tok.vocab_size]
+        mine = mcore.gather_logits(ours, batch)[..., : tok.vocab_size].cpu()
         theirs = hf(ids[:, :-1]).logits
     torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=1e-4)
     assert (tmp_path / "tasks" / "export" / "hf" / "tokenizer.json").exists()

@@ -48,7 +48,7 @@ def test_hf_logits_match(mcore, tmp_path, make_spec, arch):
     with torch.no_grad():
         theirs = hf(tokens[:, :-1]).logits
     assert theirs.shape == ours.shape
-    torch.testing.assert_close(theirs, ours.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(theirs, ours.float().cpu(), atol=1e-4, rtol=1e-4)
 
 
 def test_export_rejects_an_architecture_without_hf_equivalent(mcore):

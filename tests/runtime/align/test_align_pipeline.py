@@ -56,7 +56,7 @@ def test_pipeline_runs_end_to_end_and_reruns_only_what_changed(mcore, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(export["export"], torch_dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(torch.tensor([ids[:-1]])).logits,
-                                   mcore.gather_logits(ours, batch)[..., : tok.vocab_size], atol=1e-4, rtol=1e-4)
+                                   mcore.gather_logits(ours, batch)[..., : tok.vocab_size].cpu(), atol=1e-4, rtol=1e-4)
 
     second = _nemoc("run", str(REPO / "examples" / "pipeline.nemo"), "--workdir", str(workdir), *SHORT,
                     "--set", "stage.dpo.beta=0.2", cwd=tmp_path)

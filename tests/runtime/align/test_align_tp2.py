@@ -41,7 +41,7 @@ def test_export_from_tp2_checkpoint_matches_tp2_logits(mcore, tp2_run, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = hf(ref["tokens"][:, :-1]).logits
-    torch.testing.assert_close(theirs, ref["logits"].float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(theirs, ref["logits"].float().cpu(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
