@@ -201,6 +201,25 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     return LayerTimes(gemm, attention, elementwise, tp_comm, cp_comm, ep_comm, 1.0 / passes)
 
 
+_DOMAINS: dict[tuple[str, int], HardwareSpec] = {}
+HGX_DOMAIN = 8  # NVLink domains up to one HGX board live inside one node; larger ones are racks (NVL72)
+
+
+def _node_domain(hw: HardwareSpec, gpus_per_node: int | None) -> HardwareSpec:
+    """The NVLink domain as this cluster has it: on HGX-class systems (domain <= 8) NVLink never
+    leaves the node, so a cluster built with fewer GPUs per node (4 x H100 per node, or PCIe
+    pairs) has a domain of `gpus_per_node`; rack-scale domains (GB200/GB300 NVL72: 4 GPUs per
+    compute tray, 72 per NVLink domain) span nodes and stay as catalogued."""
+    if gpus_per_node is None or hw.nvlink_domain > HGX_DOMAIN or gpus_per_node >= hw.nvlink_domain:
+        return hw
+    key = (hw.id, gpus_per_node)
+    if key not in _DOMAINS:
+        import dataclasses
+
+        _DOMAINS[key] = dataclasses.replace(hw, nvlink_domain=gpus_per_node)
+    return _DOMAINS[key]
+
+
 def _link_bw(hw: HardwareSpec, size: int, stride: int, params: EfficiencyParams) -> float:
     """Per-GPU bus bandwidth of a ring over `size` ranks spaced `stride` apart (Megatron rank order
     tp-cp-ep-dp-pp). Inside one NVLink domain: NVLink. Across domains, NCCL runs one ring per NIC
@@ -338,6 +357,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     as whole pipelined passes in `other_passes`, the PPO rollout in `rollout`. Model FLOPs (for
     `mfu`) are `flops.stage_model_flops_per_step`: what the stage needs, without recompute."""
     hw = gpu if isinstance(gpu, HardwareSpec) else get_gpu(gpu or (cluster.gpu if cluster else "H100"))
+    hw = _node_domain(hw, cluster.gpus_per_node if cluster is not None else None)
     seq = seq_length or model.seq_length
     world = layout.world_size
     work = stage_work(stage_kind, stage_params, peft)

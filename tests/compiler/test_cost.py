@@ -162,6 +162,18 @@ def test_tp_across_nodes_is_slower_than_inside() -> None:
     assert across.parts["tp_comm"] > 1.1 * inside.parts["tp_comm"]
 
 
+def test_nvlink_never_leaves_an_hgx_node() -> None:
+    """TP 8 over two 4-GPU H100 nodes crosses the network (fully exposed, 4 NICs), while on one
+    8-GPU node it stays on NVLink; NVL72 racks keep their 72-GPU domain across 4-GPU trays."""
+    m = PRESETS["llama3_70b"]
+    lay = layout(tp=8, dp=2, global_batch=16, sequence_parallel=True)
+    one_node = estimate(m, lay, cluster=ClusterSpec(gpu="H100", nodes=2, gpus_per_node=8), seq_length=4096)
+    two_nodes = estimate(m, lay, cluster=ClusterSpec(gpu="H100", nodes=4, gpus_per_node=4), seq_length=4096)
+    assert two_nodes.parts["tp_comm"] > 10 * one_node.parts["tp_comm"]
+    rack = estimate(m, lay, cluster=ClusterSpec(gpu="GB200", nodes=4, gpus_per_node=4), seq_length=4096)
+    assert rack.parts["tp_comm"] < 0.1 * two_nodes.parts["tp_comm"]
+
+
 def test_context_parallel_ring_steps_are_not_free() -> None:
     """A CP ring of c ranks runs c - 1 dependent steps per attention pass; slicing an 8K sequence
     into 256-token pieces (CP 32) costs ring latency that overlap cannot hide."""
