@@ -3,8 +3,8 @@
 Input:  a `ModelSpec`, a resolved `Layout`, the `ClusterSpec` and its `HardwareSpec`, precision,
 attention backend, sequence length, number of steps, stage kind and optional LoRA.
 Output: `Estimate` with `parts` (seconds per step): compute, elementwise, tp_comm, cp_comm, ep_comm,
-pp_imbalance, pp_bubble, pp_p2p, dp_comm_exposed, optimizer (+ other_passes: DPO reference, PPO critic
-and experience forwards; rollout: PPO generation);
+pp_imbalance, pp_bubble, pp_p2p, dp_comm_exposed, optimizer, step_overhead (+ other_passes: DPO
+reference, PPO critic and experience forwards; rollout: PPO generation);
 `step_time_s == sum(parts)`.
 Invariants: pure, no torch; a few tens of microseconds per call (the planner calls it thousands of
 times); every term is a small function with its physics stated; the few efficiency parameters live
@@ -12,11 +12,11 @@ in `EfficiencyParams` (docs/cost-model.md) and are per GPU generation, never per
 
 Time of one step on the slowest pipeline stage (Narayanan et al. 2021, Sec. 2-3):
     t_step = m x t_mb(slowest stage) + (pp - 1) / vp x t_mb(mean stage)          [1F1B / interleaved]
-           + pp_p2p + dp_comm_exposed + optimizer
+           + pp_p2p + dp_comm_exposed + optimizer + step_overhead (+ other passes, rollout)
     t_mb   = GEMMs (roofline: max(FLOPs / (peak x e_gemm), bytes / HBM bw))
            + attention core (FLOPs / (bf16 peak x e_attn); flash skips the masked half)
            + elementwise (kappa x activation bytes / HBM bw)
-           + exposed TP / CP / EP communication.
+           + exposed TP / CP / EP communication (+ CP ring-step latency).
 MFU = model FLOPs (what the stage needs, no recompute: `flops.stage_model_flops_per_step`)
       / (step time x GPUs x dense peak of the precision).
 """
@@ -70,8 +70,11 @@ class EfficiencyParams:
               dependent NCCL send/recv (~5-10 us small-message latency over InfiniBand, nccl-tests
               sendrecv) plus the launch and synchronisation of that step's attention kernel (~5 us).
               Not fitted: no calibration row constrains it (their CP rings have 2-8 long steps).
+    step_overhead: seconds per optimizer step of host-side work no kernel explains: the optimizer's
+              launch loop, gradient-norm and loss all-reduces, timers (~40 ms measured with the
+              unfused optimizer on bare Megatron-Core, docs/calibration.md; fused optimizers less).
 
-    Values: chosen once, globally, by a coordinate search over these nine numbers on the calibration
+    Values: chosen once, globally, by a coordinate search over these numbers on the calibration
     set (bench/calibrate.py, docs/calibration.md), kept inside physically plausible ranges; they are
     end-to-end achieved fractions (clock throttling under the power cap, kernel tails, FP8 scaling
     bookkeeping included), hence below single-GEMM microbenchmarks.
