@@ -60,6 +60,7 @@ class Case:
     grad_bytes: int = 4
     recompute_published: bool = True
     attention_span: int | None = None  # mean packed-sample length (None: one sample per sequence)
+    overlap_p2p: bool = False  # interleaved schedule overlaps pipeline transfers (overlap_p2p_comm)
 
 
 # Rows kept in every table but not held to the error target, each with the reason read from its own
@@ -147,13 +148,16 @@ def row_case(row: dict) -> Case | str:
     # NeMo's FP8 performance recipes reduce gradients in bf16 (scripts/performance/helpers.py,
     # set_precision_configs: `grad_reduce_in_fp32 = False`); everything else reduces fp32 main grads.
     grad_bytes = 2 if (src in "AC" and _precision(row) == "fp8") else 4
+    # NeMo / Megatron-Bridge recipes (A, C) and the Megatron-LM README runs (E: "DP/TP/PP comm overlap")
+    # overlap the interleaved schedule's pipeline transfers (overlap_p2p_comm); the 2021-22 papers' Megatron-LM
+    # (F, G) did not, but sent 1/tp of each pipeline tensor (scatter/gather, Narayanan et al. 2021 Sec. 4.1).
     # NeMo's fine-tuning rows pack SQuAD v1.1 samples into each 4096-token sequence (the rows' notes);
     # attention then spans one sample (THD packing). Their published TFLOP/s confirm it: they equal
     # the pretraining formula without its s-dependent attention term (README: SFT 0.86-0.93).
     span = SQUAD_PACKED_SPAN if "packed" in (row.get("notes") or "").lower() else None
     return Case(row["id"], label, row_model(row), layout, _gpu(row["gpu"]), _precision(row), row["seq_len"], kind,
                 peft, backend, float(row["tokens_per_sec_per_gpu"]), bool(row.get("tokens_derived_from_published_tflops")),
-                grad_bytes, src in "FG" or bool(row["recompute"]), span)
+                grad_bytes, src in "FG" or bool(row["recompute"]), span, src in "ACE")
 
 
 def split_of(case: Case) -> tuple[int, int, int] | None:
@@ -166,7 +170,8 @@ def predict(case: Case, params: cost.EfficiencyParams = cost.DEFAULT_PARAMS) -> 
     est = cost.estimate(case.model, case.layout, gpu=get_gpu(case.gpu), precision=case.precision,
                         attention_backend=case.backend, seq_length=case.seq, stage_kind=case.kind, peft=case.peft,
                         params=params, grad_bytes=case.grad_bytes, split=split_of(case),
-                        attention_span=case.attention_span)
+                        attention_span=case.attention_span, overlap_p2p=case.overlap_p2p,
+                        p2p_scatter_gather=case.id[0] in "FG")
     return est.tokens_per_s_per_gpu
 
 

@@ -346,10 +346,13 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              seq_length: int | None = None, steps: int = 1, stage_kind: str = "pretrain",
              peft: LoraSpec | None = None, params: EfficiencyParams = DEFAULT_PARAMS,
              causal_discount: bool = True, stage_params: object = None, grad_bytes: int = 4,
-             split: tuple[int, int, int] | None = None, attention_span: float | None = None) -> Estimate:
+             split: tuple[int, int, int] | None = None, attention_span: float | None = None,
+             overlap_p2p: bool = False, p2p_scatter_gather: bool = False) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
-    `attention_span`: mean packed-sample length (see `layer_times`; the nemoc runtime pads every
+    `overlap_p2p`: the interleaved schedule overlaps its pipeline transfers (`overlap_p2p_comm`, NeMo's
+    recipes); False is what the nemoc runtime configures (`batch_p2p_comm`). `p2p_scatter_gather`:
+    Megatron-LM 2021-22 sent 1/tp of each pipeline tensor without SP (calibration rows of that era). `attention_span`: mean packed-sample length (see `layer_times`; the nemoc runtime pads every
     sample to `seq`, so the planner never sets it; calibration rows with packed data do). `causal_discount` selects
     the FLOPs formula behind `model_tflops_per_gpu` and `mfu` (True: Megatron-Core / Megatron-Bridge
     form; False: NeMo <= 25.07 `flops_formulas.py`); it does not change the step time. `grad_bytes`:
@@ -385,7 +388,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     }
     parts["pp_imbalance"] = main.count * m * (slow - mean)
     parts["pp_bubble"] = main.count * (layout.pp - 1) / vp * mean if layout.pp > 1 else 0.0
-    parts["pp_p2p"] = main.count * _pp_p2p(model, layout, hw, seq, mb, m, vp, params)
+    parts["pp_p2p"] = main.count * _pp_p2p(model, layout, hw, seq, mb, m, vp, params, overlap_p2p,
+                                           p2p_scatter_gather)
     other = sum(p.count * _pass_time(model, layout, hw, p, seq=seq, precision=precision, backend=attention_backend,
                                      micro_batch=mb, params=params, split=split) for p in work.passes[1:])
     if other:
@@ -425,17 +429,25 @@ def _price(cluster: ClusterSpec | None) -> float | None:
     return cluster.usd_per_gpu_hour if cluster is not None else None
 
 
-def _pp_p2p(model, layout, hw, seq, mb, m, vp, params) -> float:
+def _pp_p2p(model, layout, hw, seq, mb, m, vp, params, overlap: bool = False, scatter_gather: bool = False) -> float:
     """Pipeline point-to-point: each micro batch sends its s x b x h activation forward and its
-    gradient backward across each of the vp x ... stage boundaries of this GPU; with interleaving
-    there are vp times more boundaries (Narayanan et al. 2021 Sec. 2.2.2). Stages usually sit on
-    different nodes (rank order puts PP outermost), hence the network bandwidth; Megatron overlaps
-    the steady-state sends with compute, so only warm-up/cool-down transfers are exposed."""
+    gradient backward across each of the vp stage boundaries of this GPU (Narayanan et al. 2021
+    Sec. 2.2.2). Stages usually sit on different nodes (rank order puts PP outermost), hence the
+    network bandwidth. Megatron-Core overlaps the steady-state transfers with compute only in the
+    interleaved schedule with `overlap_p2p_comm` (NeMo / Megatron-Bridge recipes; it excludes
+    `batch_p2p_comm`): then only the warm-up / cool-down transfers are exposed. Otherwise (the 1F1B
+    schedule, or batched p2p as the nemoc runtime configures it) every transfer is a blocking
+    send/recv on the critical path (schedules.py send_forward_recv_backward), each paying its
+    latency too. With sequence parallelism each TP rank sends its 1/tp slice; so did Megatron-LM's
+    2021-22 scatter/gather optimisation without it (Narayanan et al. 2021 Sec. 4.1, `scatter_gather`)."""
     if layout.pp == 1:
         return 0.0
-    size = mb * seq / layout.cp * model.hidden * 2.0 / (layout.tp if layout.sequence_parallel else 1)
+    sliced = layout.sequence_parallel or scatter_gather
+    size = mb * seq / layout.cp * model.hidden * 2.0 / (layout.tp if sliced else 1)
     bw = _link_bw(hw, layout.pp, layout.tp * layout.cp * layout.dp, params)
-    return 2.0 * size * (layout.pp - 1) * vp / bw
+    warmup = 2.0 * (layout.pp - 1) * vp
+    transfers = warmup if (overlap and vp > 1) else max(warmup, 2.0 * m * vp)
+    return transfers * (size / bw + params.ring_step_latency)
 
 
 def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micro_batch, params,
