@@ -217,17 +217,18 @@ TASK_ID={task}
 RESTARTS=${{SLURM_RESTART_COUNT:-0}}
 q "job $SLURM_JOB_ID (attempt $((RESTARTS + 1))) task $TASK_ID on $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"
 
-PREEMPTED=0
-on_signal() {{
-  # Slurm's warning before the time limit (USR1) or a preemption (TERM): let training checkpoint.
-  PREEMPTED=1
-  q "signal $1: asking training to checkpoint and stop"
+WARNED=0
+STOPPED=0
+ask_training_to_stop() {{
   # Signals every process of the job's steps (torchrun and its workers) on every node, not the batch
   # shell; training finishes its step, saves a checkpoint and exits 143.
   scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || true
 }}
-trap 'on_signal USR1' USR1
-trap 'on_signal TERM' TERM
+# USR1: Slurm's warning before the time limit (--signal=B:USR1@...): checkpoint, then requeue ourselves.
+trap 'WARNED=1; q "signal USR1 (time limit near): asking training to checkpoint and stop"; ask_training_to_stop' USR1
+# TERM: scancel, preemption or `scontrol requeue`: Slurm decides whether the job comes back; training
+# still gets the chance to checkpoint within KillWait.
+trap 'STOPPED=1; q "signal TERM: asking training to checkpoint and stop"; ask_training_to_stop' TERM
 
 {launch} &
 STEP_PID=$!
@@ -241,8 +242,12 @@ if [ -e {done} ]; then
   q "task finished"
   exit 0
 fi
+if [ "$STOPPED" = 1 ]; then
+  q "stopped by Slurm (cancel, preemption or requeue); Slurm decides whether the job runs again"
+  exit "$RC"
+fi
 FAILURES_FILE={failures}
-if [ "$PREEMPTED" = 1 ] || [ "$RC" = 143 ]; then
+if [ "$WARNED" = 1 ] || [ "$RC" = 143 ]; then
   q "preempted: requeueing job $SLURM_JOB_ID to resume from the last checkpoint"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0

@@ -248,3 +248,24 @@ def test_a_rank_killed_with_sigkill_is_requeued_and_resumes_from_the_last_checkp
     resumed = [r for r in metrics(run_dir) if r.get("event") == "resumed"]
     assert resumed and resumed[0]["iteration"] >= 10
     assert json.loads((run_dir / "tasks" / "train_pretrain" / "DONE.json").read_text())["steps"] == steps
+
+
+def test_nemoc_logs_and_cancel_work_on_a_slurm_run(tmp_path):
+    from click.testing import CliRunner
+
+    from nemoc.runtime.cmd_cluster import cancel, logs
+
+    state = tmp_path / "state.json"
+    job = _job(tmp_path, "train:pretrain", ("-c", STEPPER, str(state), str(tmp_path / "never"), "1000"))
+    (tmp_path / "status.json").write_text(json.dumps({"tasks": {"train:pretrain": {"state": "running"}}}))
+    ids = ls.submit_jobs([job], {}, ls.SlurmOptions(max_failures=0), tmp_path)
+    deadline = time.monotonic() + 60
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    result = CliRunner().invoke(logs, [str(tmp_path), "pretrain"])
+    assert result.exit_code == 0 and "stepper start at 0" in result.output, result.output
+    result = CliRunner().invoke(cancel, [str(tmp_path)])
+    assert result.exit_code == 0 and f"Slurm job {ids['train:pretrain']}" in result.output, result.output
+    assert _wait(ids.values(), timeout=60)[ids["train:pretrain"]] == "CANCELLED"
+    result = CliRunner().invoke(cancel, [str(tmp_path)])
+    assert "nothing to cancel" in result.output

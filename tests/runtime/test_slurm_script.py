@@ -264,3 +264,18 @@ def test_scripts_are_the_same_for_the_same_job(tmp_path):
     job = make_job(tmp_path)
     assert render_sbatch(job, SlurmOptions()) == render_sbatch(job, SlurmOptions())
     assert os.path.basename(job.done_path) == "DONE.json"
+
+
+def test_a_cancel_or_preemption_is_left_to_slurm_and_never_requeued_by_the_script(sandbox):
+    """TERM reaches the batch shell on `scancel`, on preemption and on `scontrol requeue`: training is
+    asked to checkpoint, but the script must not requeue (that would resurrect a cancelled job)."""
+    proc = run_script(sandbox, make_job(sandbox), SlurmOptions(), "wait", background=True)
+    ready = sandbox / "log" / "ready"
+    deadline = time.monotonic() + 20
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=20)
+    assert (sandbox / "log" / "scancel").read_text().split() == ["--signal=TERM", "42"]
+    assert proc.returncode == 143, out
+    assert requeues(sandbox) == [] and "Slurm decides" in out
