@@ -103,6 +103,7 @@ class PipelineSplit:
     per_stage: int  # layers on every middle (or every, when even) stage
     embedding: bool = False  # account_for_embedding_in_pipeline_split
     loss: bool = False  # account_for_loss_in_pipeline_split
+    stages: int = 0  # pp, for an accounted split (with pp = 2 there is no middle stage)
 
     @property
     def even(self) -> bool:
@@ -110,7 +111,10 @@ class PipelineSplit:
 
     @property
     def max_layers(self) -> int:
-        """Layers on the most-loaded stage: it bounds both memory and the pipeline's step time."""
+        """Transformer layers on the most-loaded stage: it bounds both memory and the step time."""
+        if self.embedding or self.loss:
+            first, middle, last = self.stage_layers(self.stages)
+            return max(first, last, middle if self.stages > 2 else 0)
         return max(self.per_stage, self.first or 0, self.last or 0)
 
     def stage_layers(self, pp: int) -> tuple[int, int, int]:
@@ -189,7 +193,7 @@ def _accounted_split(layers: int, pp: int, vp: int | None) -> PipelineSplit | No
         chunk = total // pp // v  # layers per model chunk, counting the embedding / loss
         if chunk - max(embedding, loss) < 1:
             continue
-        return PipelineSplit(None, None, total // pp, embedding=embedding, loss=loss)
+        return PipelineSplit(None, None, total // pp, embedding=embedding, loss=loss, stages=pp)
     return None
 
 
