@@ -2,7 +2,9 @@
 
 Dispatches on the stage's kind in the compiled plan. Exit status: 0 success (DONE.json written),
 1 failure (the error, and the traceback for unexpected errors, on stderr), 2 a bad task or bad input
-(bad data, incompatible checkpoint: one `file:line`-style message, no traceback).
+(bad data, incompatible checkpoint: one `file:line`-style message, no traceback), 143 preempted
+(SIGTERM/SIGUSR1: the sft / dpo / reward stages save their training state first and resume from it
+when re-run; ppo restarts its iterations).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import sys
 import traceback
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 143
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m nemoc.runtime.align TASK_JSON", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from nemoc.runtime.align import common, runners, stage
+    from nemoc.runtime.align import common, runners, stage, trainer
     from nemoc.runtime.align.data import DataError
 
     try:
@@ -28,9 +30,13 @@ def main(argv: list[str] | None = None) -> int:
             raise common.AlignError(f"stage {task.stage.name}: kind {kind!r} is not an alignment stage "
                                     f"({', '.join(sorted(runners.RUNNERS))})")
         stage.init_process_group(task, single=kind in runners.SINGLE_PROCESS)
+        runners.STOP.install()
         payload = runners.RUNNERS[kind](task)
         stage.write_done(task, payload)
         return EXIT_OK
+    except trainer.Preempted as exc:
+        print(f"nemoc {_what(args[0])}: {exc}; re-run to resume", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     except (common.AlignError, DataError) as exc:
         print(f"nemoc {_what(args[0])}: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT

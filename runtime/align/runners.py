@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from nemoc.runtime import checkpoint as ckpt
 from nemoc.runtime.align import common, dpo, lora, ppo, reward, sft, stage, trainer
 from nemoc.runtime.align.common import AlignError
 from nemoc.runtime.align.data import ChatTemplate, read_preferences, read_prompts, read_sft
@@ -93,8 +94,44 @@ def _finish_policy(task: StageTask, chunk, payload: dict) -> dict:
     return payload
 
 
-def _count_tokens(batches) -> int:
-    return int(sum(int(b.tokens.numel()) for b in batches))
+STOP = trainer.StopSignal()  # installed by __main__: SIGTERM/SIGUSR1 -> save, exit 143
+
+
+def _fit(task: StageTask, tr, metrics, *, items, to_microbatches, forward, tokens_per_step: int):
+    """Train to the stage's steps, resuming from `checkpoint_dir/latest` (model, optimizer, scheduler,
+    data position) and saving every `checkpoint.every` steps and on a stop signal. Returns
+    (history, first step of this invocation)."""
+    s = task.stage
+    restored = ckpt.resume(root=str(task.checkpoint_dir), chunks=[tr.model], optimizer=tr.optimizer,
+                           scheduler=tr.scheduler, distributed_optimizer=s.layout.distributed_optimizer,
+                           warn=lambda line: metrics.event("warning", message=line))
+    start = restored.iteration if restored is not None else 0
+    if restored is not None:
+        metrics.event("resumed", path=restored.path, iteration=start)
+    checkpointer = ckpt.Checkpointer(root=str(task.checkpoint_dir), keep=s.checkpoint.keep, async_save=False)
+
+    def save(step: int) -> None:
+        state = ckpt.training_state(chunks=[tr.model], optimizer=tr.optimizer, scheduler=tr.scheduler,
+                                    iteration=step, consumed_samples=step * s.layout.global_batch,
+                                    extra={"stage": s.name, "kind": s.kind})
+        checkpointer.save(state, iteration=step)
+        metrics.event("checkpoint", iteration=step)
+
+    def on_step(m):
+        stage.log_step(metrics, m, tokens=tokens_per_step, log_every=s.log_every, total=task.steps)
+
+    try:
+        history = trainer.run_steps(tr, items=items, steps=task.steps, global_batch=s.layout.global_batch,
+                                    to_microbatches=to_microbatches, forward=forward, seq_length=s.seq_length,
+                                    on_step=on_step, start=start, save=save, save_every=s.checkpoint.every,
+                                    stop=STOP)
+    finally:
+        checkpointer.close()
+    return history, start
+
+
+def _last(history, key):
+    return history[-1][key] if history else None
 
 
 def run_sft(task: StageTask) -> dict:
@@ -109,18 +146,14 @@ def run_sft(task: StageTask) -> dict:
     tr = _trainer(task, chunk)
     total = task.steps
     with stage.open_stage_metrics(task, total) as metrics:
-        def to_mb(share):
-            return sft.rows_to_batches(share, seq, s.layout.micro_batch, tok.pad)
-
-        def on_step(m):
-            stage.log_step(metrics, m, tokens=s.layout.global_batch * seq, log_every=s.log_every, total=total)
-
-        history = trainer.run_steps(tr, items=rows, steps=total, global_batch=s.layout.global_batch,
-                                    to_microbatches=to_mb, forward=sft.forward, seq_length=seq, on_step=on_step)
+        history, start = _fit(task, tr, metrics, items=rows, forward=sft.forward,
+                              to_microbatches=lambda share: sft.rows_to_batches(share, seq, s.layout.micro_batch, tok.pad),
+                              tokens_per_step=s.layout.global_batch * seq)
         after = sft.response_loss(chunk, val_batches) if val_batches else None
         if after is not None:
             metrics.log({"step": total, "val_loss": after})
-    payload = {"final_loss": history[-1]["loss"], "steps": total, "val_response_loss_before": before,
+    payload = {"final_loss": _last(history, "loss"), "steps": total, "resumed_from": start or None,
+               "val_response_loss_before": before if not start else None,
                "val_response_loss": after, "packing": packing, "rows": len(rows), "train_samples": len(train),
                "resident_models": resident_models("sft", task.params, s.peft)}
     return _finish_policy(task, chunk, payload)
@@ -157,20 +190,16 @@ def run_dpo(task: StageTask) -> dict:
             return dpo.microbatches(share, seq_length=seq, micro_batch=s.layout.micro_batch,
                                     reference=reference, table=table, pad_id=tok.pad)
 
-        def on_step(m):
-            stage.log_step(metrics, m, tokens=2 * s.layout.global_batch * seq, log_every=s.log_every, total=total)
-
-        history = trainer.run_steps(tr, items=list(enumerate(train)), steps=total, global_batch=s.layout.global_batch,
-                                    to_microbatches=to_mb, forward=dpo.make_forward(beta=beta, loss=loss,
-                                    label_smoothing=float(p.get("label_smoothing", 0.0))), seq_length=seq, on_step=on_step)
+        forward = dpo.make_forward(beta=beta, loss=loss, label_smoothing=float(p.get("label_smoothing", 0.0)))
+        history, start = _fit(task, tr, metrics, items=list(enumerate(train)), to_microbatches=to_mb,
+                              forward=forward, tokens_per_step=2 * s.layout.global_batch * seq)
         after = dpo.preference_accuracy(chunk, val, seq_length=seq, reference=reference if table is None else None,
                                         table=val_table, loss=loss, pad_id=tok.pad) if val else {}
         if after:
             metrics.log({"step": total, **{f"val_{k}": v for k, v in after.items()}})
-    last = history[-1]
-    payload = {"final_loss": last["loss"], "steps": total, "loss_type": loss, "beta": beta,
-               "reward_accuracy": last["reward_accuracy"], "reward_margin": last["reward_margin"],
-               "val_before": before, "val": after, "reference": reference_mode, "resident_models": resident}
+    payload = {"final_loss": _last(history, "loss"), "steps": total, "loss_type": loss, "beta": beta,
+               "reward_accuracy": _last(history, "reward_accuracy"), "reward_margin": _last(history, "reward_margin"),
+               "resumed_from": start or None, "val_before": before if not start else None, "val": after, "reference": reference_mode, "resident_models": resident}
     return _finish_policy(task, chunk, payload)
 
 
@@ -186,16 +215,13 @@ def run_reward(task: StageTask) -> dict:
         def to_mb(share):
             return reward.pair_microbatches(share, seq_length=seq, micro_batch=s.layout.micro_batch, pad_id=tok.pad)
 
-        def on_step(m):
-            stage.log_step(metrics, m, tokens=2 * s.layout.global_batch * seq, log_every=s.log_every, total=total)
-
-        history = trainer.run_steps(tr, items=train, steps=total, global_batch=s.layout.global_batch,
-                                    to_microbatches=to_mb, forward=reward.forward, seq_length=seq, on_step=on_step)
+        history, start = _fit(task, tr, metrics, items=train, to_microbatches=to_mb, forward=reward.forward,
+                              tokens_per_step=2 * s.layout.global_batch * seq)
         after = reward.accuracy(chunk, val, seq_length=seq, pad_id=tok.pad) if val else {}
         if after:
             metrics.log({"step": total, "val_accuracy": after["accuracy"]})
-    payload = {"final_loss": history[-1]["loss"], "steps": total, "train_accuracy": history[-1]["accuracy"],
-               "val_before": before, "val": after, "scalar_head": True,
+    payload = {"final_loss": _last(history, "loss"), "steps": total, "train_accuracy": _last(history, "accuracy"),
+               "resumed_from": start or None, "val_before": before if not start else None, "val": after, "scalar_head": True,
                "resident_models": resident_models("reward", task.params, None)}
     payload["checkpoint"] = stage.save_final(task, chunk, extra={"scalar_head": True})
     return payload

@@ -104,16 +104,58 @@ def chunks(items: Sequence, size: int) -> list[list]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived: the stage saved at `step` and exits 143 (resumable)."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"preempted by signal {signum} after step {step} (checkpoint saved)")
+        self.step, self.signum = step, signum
+
+
+class StopSignal:
+    """Records SIGTERM / SIGUSR1; `agreed()` is the signal any rank saw (ranks may see it at different steps)."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def install(self) -> "StopSignal":
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def agreed(self) -> int:
+        from nemoc.runtime.align.common import device
+
+        flag = torch.tensor([self.signum], dtype=torch.int32, device=device())
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+
 def run_steps(trainer: Trainer, *, items: Sequence, steps: int, global_batch: int, to_microbatches: Callable,
-              forward: Callable, seq_length: int, on_step: Callable | None = None) -> list[dict]:
-    """`steps` optimizer steps; each takes the next `global_batch` items, this DP rank's share of them,
-    turned into microbatches by `to_microbatches`. Returns every step's metrics."""
+              forward: Callable, seq_length: int, on_step: Callable | None = None, start: int = 0,
+              save: Callable[[int], None] | None = None, save_every: int | None = None,
+              stop: StopSignal | None = None) -> list[dict]:
+    """Steps `start+1 .. steps`; each takes the next `global_batch` items (a pure function of the step, so
+    a resumed run sees the same data), this DP rank's share of them, turned into microbatches by
+    `to_microbatches`. `save(step)` runs every `save_every` steps; a stop signal saves and raises
+    `Preempted`. Returns every step's metrics."""
     history = []
-    for step in range(steps):
+    for step in range(start, steps):
         microbatches = to_microbatches(dp_shard(items, step, global_batch))
         metrics = trainer.step(microbatches, forward, seq_length=seq_length)
         metrics["step"] = step + 1
         history.append(metrics)
         if on_step is not None:
             on_step(metrics)
+        signum = stop.agreed() if stop is not None else 0
+        if save is not None and step + 1 < steps and (signum or (save_every and (step + 1) % save_every == 0)):
+            save(step + 1)
+        if signum:
+            raise Preempted(step + 1, signum)
     return history

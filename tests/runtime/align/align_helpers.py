@@ -81,7 +81,7 @@ def clone_model(mcore, spec, chunk, **kw):
     return other
 
 
-def make_plan(model, stages, *, data=(), precision="fp32"):
+def make_plan(model, stages, *, data=(), precision="fp32", checkpoint_every=None, log_every=5):
     """A compiled Plan for hand-written stages: stages = [(name, kind, after, params, peft, steps)]."""
     from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown, Plan, StagePlan
     from nemoc.compiler.spec import CheckpointSpec, ClusterSpec, OptimizerSpec, ScheduleSpec
@@ -94,25 +94,26 @@ def make_plan(model, stages, *, data=(), precision="fp32"):
     plans = tuple(StagePlan(name=name, kind=kind, after=tuple(after), data=(), layout=layout, memory=memory,
                             estimate=estimate, seq_length=model.seq_length, steps=steps,
                             optimizer=OptimizerSpec(lr=3e-3, weight_decay=0.0), schedule=ScheduleSpec(name="constant"),
-                            checkpoint=CheckpointSpec(), peft=peft, log_every=5, params=params)
+                            checkpoint=CheckpointSpec(every=checkpoint_every), peft=peft, log_every=log_every,
+                            params=params)
                   for name, kind, after, params, peft, steps in stages)
     return Plan(experiment="t", model=model, cluster=ClusterSpec(gpu="CPU", gpus_per_node=1), precision=precision,
                 attention_backend="unfused", data=tuple(data), stages=plans)
 
 
-def write_task(tmp_path, plan, stage, *, datasets, tokenizer, vocab_size, parents):
+def write_task(tmp_path, plan, stage, *, datasets, tokenizer, vocab_size, parents, out=None, max_steps=None):
     """plan.json + task.json as the executor writes them; returns the task path."""
     import json
 
     from nemoc.compiler.plan import to_json
 
     (tmp_path / "plan.json").write_text(to_json(plan))
-    out = tmp_path / "tasks" / stage
+    out = out or tmp_path / "tasks" / stage
     task = {"version": 1, "plan": str(tmp_path / "plan.json"), "stage": stage, "datasets": datasets,
             "tokenizer": tokenizer, "vocab_size": vocab_size,
             "init_checkpoint": next(iter(parents.values()), None), "parents": parents, "output_dir": str(out),
             "checkpoint_dir": str(out / "checkpoints"), "metrics_path": str(out / "metrics.jsonl"),
-            "tensorboard_dir": None, "max_steps": None}
+            "tensorboard_dir": None, "max_steps": max_steps}
     out.mkdir(parents=True, exist_ok=True)
     (out / "task.json").write_text(json.dumps(task))
     return out / "task.json"

@@ -136,3 +136,30 @@ def test_reward_dpo_ppo_eval_stages_through_the_entrypoint(world, tmp_path):
     assert done["dpo"]["resident_models"] == ["policy"] and done["dpo"]["reference"] == "precomputed"
     assert set(done["ppo"]) >= {"reward", "kl", "entropy"} and len(done["ppo"]["resident_models"]) == 4
     assert done["eval"]["datasets"]["p"]["pairs"] == len(rows) and len(done["eval"]["generations"]) == 1
+
+
+def test_sft_resumes_from_its_checkpoint_and_reproduces_the_uninterrupted_losses(world, mcore, tmp_path):
+    from nemoc.runtime.align import runners, stage
+
+    root, spec, tok = world
+    plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1), ("sft", "sft", ("base",), {"pack": False}, None, 8)],
+                     checkpoint_every=3, log_every=1)
+    data = [{"name": "chat", "path": str(root / "chat.jsonl"), "format": "chat", "split": "90,10,0"}]
+    common = dict(datasets=data, tokenizer=str(root / "tokenizer.json"), vocab_size=tok.vocab_size,
+                  parents={"base": str(root / "base")})
+
+    def losses(out):
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+    full = tmp_path / "full"
+    runners.run_sft(stage.load_task(write_task(tmp_path, plan, "sft", out=full, **common)))
+    part = tmp_path / "part"
+    first = runners.run_sft(stage.load_task(write_task(tmp_path, plan, "sft", out=part, max_steps=5, **common)))
+    assert first["steps"] == 5 and (part / "checkpoints" / "iter_0000003").is_dir()
+    second = runners.run_sft(stage.load_task(write_task(tmp_path, plan, "sft", out=part, **common)))
+    assert second["resumed_from"] == 3
+    expected, resumed = losses(full), losses(part)  # part's log holds steps 1-5, then 4-8 after the resume
+    assert sorted(expected) == list(range(1, 9))
+    for step in range(4, 9):
+        assert resumed[step] == expected[step], (step, resumed[step], expected[step])
