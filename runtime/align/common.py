@@ -131,7 +131,12 @@ def single_layout(*, tp: int = 1, pp: int = 1, dp: int = 1, micro_batch: int = 1
 
 
 def machine_facts() -> margs.MachineFacts:
-    return margs.MachineFacts(cpu=mcore_cpu.is_applied(), have_te=mmodel.have_transformer_engine())
+    """The facts the alignment stages build with: Megatron-Core's local layer spec even where Transformer
+    Engine is installed. TE's fused LayerNorm-linear would put the norm inside linear_qkv/linear_fc1, where
+    a LoRA adapter must not see un-normalised input, and TE's attention ignores an arbitrary mask (packed
+    samples). The local spec's sharded-state-dict key map (`input_layernorm.` <->
+    `self_attention.linear_qkv.layer_norm_`) keeps checkpoints interchangeable with TE-trained ones."""
+    return margs.MachineFacts(cpu=mcore_cpu.is_applied(), have_te=False)
 
 
 def build_gpt(spec, layout: Layout, *, precision: str = "fp32", vocab: int | None = None,

@@ -138,7 +138,7 @@ def run_sft(task: StageTask) -> dict:
     tok = stage.tokenizer_of(task)
     train, val = _sft_samples(task, tok)
     s, seq = task.stage, task.stage.seq_length
-    packing = bool(task.params.get("pack", True)) and not common.machine_facts().have_te
+    packing = bool(task.params.get("pack", True))
     rows = sft.pack(sft.truncate(train, seq), seq, packing)
     chunk = _policy(task, stage.parent_checkpoint(task))
     val_batches = sft.rows_to_batches([[x] for x in sft.truncate(val, seq)], seq, s.layout.micro_batch, tok.pad) if val else []

@@ -9,10 +9,10 @@ with a block-diagonal causal attention mask and per-sample position ids (`common
 packed row computes exactly what the samples would compute alone (tested).
 
 Packing limitation: Megatron-Core's native packed path (`PackedSeqParams` with `cu_seqlens`, THD layout)
-needs Transformer Engine's fused attention. Without TE (the CPU runtime, or a GPU without TE) we pass
-an explicit [b, 1, s, s] block-diagonal mask to Megatron's `DotProductAttention` (the `unfused` core),
-which costs O(s^2) memory per row like unpacked attention does. With TE present the stage falls back to
-padding (one sample per row) rather than silently ignoring the mask.
+needs Transformer Engine's fused attention. The alignment stages build Megatron's local layer spec
+(see common.machine_facts), so we pass an explicit [b, 1, s, s] block-diagonal mask to Megatron's
+`DotProductAttention` (the `unfused` core), which costs O(s^2) memory per row like unpacked attention
+does; the THD path with TE is not implemented.
 """
 
 from __future__ import annotations
