@@ -69,9 +69,19 @@ def _preference_pairs(task: StageTask, tok):
 def _policy(task: StageTask, checkpoint: str):
     """The trained model: full weights, or LoRA adapters on a frozen base when the stage has `peft`."""
     chunk = stage.build(task, checkpoint=checkpoint)
-    if task.stage.peft is not None:
-        lora.apply_lora(chunk, task.stage.peft, seed=task.stage.seed)
+    peft = _peft(task)
+    if peft is not None:
+        lora.apply_lora(chunk, peft, seed=task.stage.seed)
     return chunk
+
+
+def _peft(task: StageTask):
+    """The stage's LoRA settings; a stage of kind `lora` without a `peft` block gets the defaults."""
+    if task.stage.peft is None and task.stage.kind == "lora":
+        from nemoc.compiler.spec import LoraSpec
+
+        return LoraSpec()
+    return task.stage.peft
 
 
 def _trainer(task: StageTask, chunk, steps: int | None = None):
@@ -82,9 +92,9 @@ def _trainer(task: StageTask, chunk, steps: int | None = None):
 
 def _finish_policy(task: StageTask, chunk, payload: dict) -> dict:
     """Save adapters (LoRA), merge, save the full final checkpoint."""
-    if task.stage.peft is not None:
+    peft = _peft(task)
+    if peft is not None:
         adapter_dir = task.checkpoint_dir / "adapters"
-        peft = task.stage.peft
         lora.save_adapters(chunk, adapter_dir, info={"rank": peft.rank, "alpha": peft.alpha, "targets": list(peft.targets),
                                                      "base_checkpoint": stage.parent_checkpoint(task)})
         payload["adapter_checkpoint"] = str(adapter_dir)
