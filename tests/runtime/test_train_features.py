@@ -68,6 +68,10 @@ def test_bf16_and_the_sdpa_core_track_the_fp32_curve(tmp_path, kit, train_data, 
     bf16 = kit.run_training(tmp_path / "bf16", kit.make_plan(stage, precision="bf16"), 1, data_prefix=train_data,
                             init_checkpoint=reference_weights)
     _same(bf16, baseline, rel=2e-2)
+    fp16 = kit.run_training(tmp_path / "fp16", kit.make_plan(stage, precision="fp16"), 1, data_prefix=train_data,
+                            init_checkpoint=reference_weights)
+    _same(fp16, baseline, rel=5e-3)
+    assert all(r["loss_scale"] == 2.0**16 for r in fp16.records if "loss" in r)  # dynamic scaler, no overflow
     flash_tp2 = kit.run_training(tmp_path / "flash_tp2", kit.make_plan(kit.stage_plan(lay=kit.layout(tp=2), every=3),
                                                                         attention="flash"),
                                  2, data_prefix=train_data, init_checkpoint=reference_weights)
@@ -170,3 +174,27 @@ def test_fully_reshardable_distributed_optimizer_resumes_under_tp2(tmp_path, kit
     event = next(r for r in second.records if r.get("event") == "resumed")
     assert event["iteration"] == 3 and event["optimizer_restored"], second.explain()
     _same(second, baseline, steps=(4, 5, 6))
+
+
+def test_sigterm_to_torchrun_reaches_every_rank_and_saves(tmp_path, kit, train_data):
+    """The real launcher path: torchrun re-sends SIGTERM to its workers; they agree on the step, save
+    one checkpoint and write PREEMPTED.json (torchrun's own status is 1: the launcher reads the file)."""
+    plan = kit.make_plan(kit.stage_plan(lay=kit.layout(dp=2), steps=400))
+    out = tmp_path / "run"
+    task = kit.write_task(out, plan, data_prefix=train_data)
+    proc = subprocess.Popen([str(kit.VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m",
+                             "nemoc.runtime.train", str(task)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=kit.torchrun_env(), cwd=str(kit.REPO))
+    try:
+        _wait_for_step(out / "metrics.jsonl", 3, proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    preempted = json.loads((out / "PREEMPTED.json").read_text())
+    assert preempted["signal"] == "SIGTERM" and preempted["steps"] >= 3
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"iter_{preempted['steps']:07d}"
+    from nemoc.runtime import checkpoint as ckpt
+
+    assert ckpt.verify(preempted["checkpoint"]) is None
