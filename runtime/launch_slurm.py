@@ -542,3 +542,31 @@ def _tail(path: Path, lines: int = TAIL_LINES) -> str:
 def _echo(line: str) -> None:
     sys.stdout.write(line)
     sys.stdout.flush()
+
+
+def write_scripts(plan, graph, run_dir) -> list[Path]:
+    """`--dry-run` for Slurm: the batch script of every distributed task of `graph`, written to
+    `tasks/<id>/job.sbatch` and not submitted (for review, or for `sbatch` by hand in graph order)."""
+    from nemoc.runtime.tasks import TaskError, get_kind
+
+    opts = SlurmOptions.from_mapping(dict(plan.cluster.scheduler_options))
+    written = []
+    for task in graph.tasks():
+        try:
+            kind = get_kind(task.kind)
+        except TaskError as error:
+            raise SlurmError(str(error)) from None
+        if kind.run_inline is not None:
+            continue  # tokenizer / prepare run where `nemoc run` runs
+        out_dir = run_dir.task_dir(task.id)
+        stage = plan.stage(task.stage) if task.stage else None
+        nproc = stage.layout.world_size if stage is not None else plan.cluster.world_size
+        spec = LaunchSpec(task_id=task.id, module=kind.module, args=(str(out_dir / "task.json"),), nproc=nproc,
+                          out_dir=out_dir, log_path=out_dir / "log.txt", nodes=plan.cluster.nodes,
+                          gpus_per_node=plan.cluster.gpus_per_node)
+        job = job_from_spec(spec, plan.cluster)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "job.sbatch"
+        path.write_text(render_sbatch(job, opts))
+        written.append(path)
+    return written

@@ -279,3 +279,28 @@ def test_a_cancel_or_preemption_is_left_to_slurm_and_never_requeued_by_the_scrip
     assert (sandbox / "log" / "scancel").read_text().split() == ["--signal=TERM", "42"]
     assert proc.returncode == 143, out
     assert requeues(sandbox) == [] and "Slurm decides" in out
+
+
+def test_write_scripts_renders_every_training_task_of_a_graph(tmp_path):
+    from dataclasses import replace
+    from types import MappingProxyType
+
+    from plan_factory import make_plan, make_stage
+
+    from nemoc.compiler.graph import build_graph
+    from nemoc.compiler.spec import ClusterSpec
+    from nemoc.runtime.launch_slurm import write_scripts
+    from nemoc.runtime.rundir import RunDir
+
+    (tmp_path / "corpus.jsonl").write_text('{"text": "hello world"}\n' * 20)
+    plan = make_plan(tmp_path, stages=(make_stage("pretrain"), make_stage("anneal", after=("pretrain",))))
+    plan = replace(plan, cluster=ClusterSpec(gpu="H100", nodes=2, gpus_per_node=1, scheduler="slurm",
+                                             scheduler_options=MappingProxyType({"partition": "gpu", "time": 7200})))
+    plan = replace(plan, stages=tuple(replace(s, layout=replace(s.layout, dp=2)) for s in plan.stages))
+    paths = write_scripts(plan, build_graph(plan), RunDir(tmp_path / "run"))
+    assert [p.parent.name for p in paths] == ["train_pretrain", "train_anneal"]
+    text = paths[0].read_text()
+    assert "#SBATCH --partition=gpu" in text and "#SBATCH --time=02:00:00" in text
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --gpus-per-node=1" in text
+    assert str(paths[0].parent / "task.json") in text
+    subprocess.run(["bash", "-n", str(paths[0])], check=True)
