@@ -282,6 +282,9 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the code paths)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--backends", default="flash,unfused")
+    parser.add_argument("--budget", type=float, default=330.0,
+                        help="seconds for all sub-runs; a sub-run that cannot start with 40 s left is skipped "
+                             "(order: flash runtime, flash bare, unfused runtime, unfused bare)")
     parser.add_argument("--bare", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
@@ -325,7 +328,7 @@ def main() -> int:
         save()
         return 1
     save()
-    budget = 330 if not args.smoke else 600
+    budget = args.budget if not args.smoke else max(args.budget, 600)
     for backend in args.backends.split(","):
         plan = build_plan(smoke=args.smoke, backend=backend, steps=steps, log_every=log_every,
                           micro_batch=micro_batch, num_micro=num_micro, gpu=gpu)
