@@ -427,6 +427,7 @@ def cancel(job_ids: Iterable[str]) -> list[str]:
 
 
 TAIL_LINES = 25
+PREEMPT_SETTLE_S = 15.0  # a PREEMPTED job that is being requeued turns PENDING within this time
 
 
 def job_from_spec(spec: LaunchSpec, cluster=None) -> SlurmJob:
@@ -493,6 +494,7 @@ class SlurmLauncher:
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         offset = log_path.stat().st_size if log_path.exists() else 0
         last_state, info = "", {}
+        preempted_since: float | None = None
         while True:
             info = job_info(job_id) or info
             state = info.get("JobState", "UNKNOWN")
@@ -500,6 +502,13 @@ class SlurmLauncher:
                 self.echo(f"Slurm job {job_id}: {state} (restarts {info.get('Restarts', '0')})\n")
                 last_state = state
             offset = self._echo_new(log_path, offset)
+            if state == "PREEMPTED":  # with PreemptMode=REQUEUE the job passes through it and comes back
+                preempted_since = preempted_since or time.monotonic()
+                if time.monotonic() - preempted_since < PREEMPT_SETTLE_S:
+                    time.sleep(self.poll_s)
+                    continue
+            else:
+                preempted_since = None
             if state in TERMINAL or not info:
                 return info
             if deadline is not None and time.monotonic() > deadline:
