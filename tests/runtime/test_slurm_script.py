@@ -6,6 +6,7 @@ preemption/requeue policy, executed by bash with recording stand-ins for srun/sc
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -304,3 +305,82 @@ def test_write_scripts_renders_every_training_task_of_a_graph(tmp_path):
     assert "#SBATCH --nodes=2" in text and "#SBATCH --gpus-per-node=1" in text
     assert str(paths[0].parent / "task.json") in text
     subprocess.run(["bash", "-n", str(paths[0])], check=True)
+
+
+# ----------------------------------------------------------------------------------- SlurmLauncher.launch
+
+FAKE_SBATCH = r"""#!/bin/bash
+echo "$*" >> "$FAKE_LOG/sbatch"
+echo "77;localci"
+"""
+# squeue answers the next state of FAKE_STATES on every call (the last one sticks)
+FAKE_SQUEUE = r"""#!/bin/bash
+n=$(cat "$FAKE_LOG/n" 2>/dev/null || echo 0); echo $((n + 1)) > "$FAKE_LOG/n"
+read -r -a states <<< "$FAKE_STATES"
+i=$(( n < ${#states[@]} ? n : ${#states[@]} - 1 ))
+echo "${states[$i]}|None"
+"""
+FAKE_SCONTROL_JOB = r"""#!/bin/bash
+echo "JobId=77 JobName=x UserId=root(0) JobState=X Reason=None Dependency=(null) Requeue=1 Restarts=1 BatchFlag=1 Reboot=0 ExitCode=$FAKE_EXIT StartTime=now"
+"""
+
+
+def fake_slurm(sandbox, monkeypatch, states: str, exit_code: str = "0:0"):
+    for name, text in (("sbatch", FAKE_SBATCH), ("squeue", FAKE_SQUEUE), ("scontrol", FAKE_SCONTROL_JOB)):
+        (sandbox / "bin" / name).write_text(text)
+        (sandbox / "bin" / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{sandbox / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LOG", str(sandbox / "log"))
+    monkeypatch.setenv("FAKE_STATES", states)
+    monkeypatch.setenv("FAKE_EXIT", exit_code)
+
+
+def launch_spec(sandbox) -> LaunchSpec:
+    out = sandbox / "run" / "tasks" / "train_pretrain"
+    out.mkdir(parents=True)
+    return LaunchSpec(task_id="train:pretrain", module="nemoc.runtime.train", args=(str(out / "task.json"),), nproc=2,
+                      out_dir=out, log_path=out / "log.txt", nodes=2, gpus_per_node=1)
+
+
+def test_launch_follows_a_requeued_job_to_the_end(sandbox, monkeypatch):
+    import nemoc.runtime.launch_slurm as ls
+    from nemoc.compiler.spec import ClusterSpec
+
+    fake_slurm(sandbox, monkeypatch, "PENDING RUNNING PREEMPTED PENDING RUNNING COMPLETED")
+    monkeypatch.setattr(ls, "PREEMPT_SETTLE_S", 0.5)
+    spec = launch_spec(sandbox)
+    (spec.out_dir / "DONE.json").write_text("{}")  # what the trainer writes at the end
+    lines: list[str] = []
+    launcher = ls.SlurmLauncher(cluster=ClusterSpec(gpu="CPU", nodes=2, gpus_per_node=1), echo=lines.append, poll_s=0.01)
+    result = launcher.launch(spec)
+    assert result.ok, result
+    states = [line.split(": ")[1].split()[0] for line in lines if line.startswith("Slurm job 77:")]
+    assert states == ["PENDING", "RUNNING", "PREEMPTED", "PENDING", "RUNNING", "COMPLETED"]
+    assert (sandbox / "log" / "sbatch").read_text().strip() == f"--parsable {spec.out_dir / 'job.sbatch'}"
+    record = json.loads((sandbox / "run" / "slurm.json").read_text())
+    assert record["jobs"]["train:pretrain"]["job_id"] == "77"
+
+
+def test_launch_reports_a_failed_job_with_its_logs_last_lines(sandbox, monkeypatch):
+    import nemoc.runtime.launch_slurm as ls
+    from nemoc.compiler.spec import ClusterSpec
+
+    fake_slurm(sandbox, monkeypatch, "RUNNING FAILED", exit_code="1:0")
+    spec = launch_spec(sandbox)
+    spec.log_path.write_text("0: Traceback\n0: ValueError: boom\n")
+    launcher = ls.SlurmLauncher(cluster=ClusterSpec(gpu="CPU", nodes=2, gpus_per_node=1), echo=lambda _: None,
+                                poll_s=0.01)
+    result = launcher.launch(spec)
+    assert result.returncode == 1 and "ended FAILED (exit 1:0)" in result.error_tail
+    assert "ValueError: boom" in result.error_tail
+
+
+def test_a_preempted_job_that_slurm_does_not_requeue_is_resumable(sandbox, monkeypatch):
+    import nemoc.runtime.launch_slurm as ls
+    from nemoc.compiler.spec import ClusterSpec
+
+    fake_slurm(sandbox, monkeypatch, "RUNNING PREEMPTED", exit_code="0:15")
+    monkeypatch.setattr(ls, "PREEMPT_SETTLE_S", 0.2)
+    launcher = ls.SlurmLauncher(cluster=ClusterSpec(gpu="CPU", nodes=2, gpus_per_node=1), echo=lambda _: None,
+                                poll_s=0.01)
+    assert launcher.launch(launch_spec(sandbox)).preempted
