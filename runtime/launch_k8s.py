@@ -36,6 +36,9 @@ API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
 CONTAINER = "pytorch"  # the training operator finds the training container by this name
 RECORD_FILE = "k8s.json"
+KUBECTL_MISSING = ("kubectl is not on PATH: install it and point it at the cluster, or write the manifests "
+                   "without applying them (`nemoc run --dry-run --launcher k8s`, launch_k8s.write_manifests) "
+                   "and apply tasks/*/pytorchjob.yaml yourself")
 DEFAULT_IMAGE = "nemoc:latest"
 _KNOWN = {"namespace", "image", "queue", "data_pvc", "checkpoint_pvc", "max_restarts", "backoff_limit",
           "service_account", "priority_class", "shm_size", "cpu", "memory"}
@@ -309,8 +312,7 @@ def _check(manifest: Mapping) -> None:
 
 def kubectl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     if shutil.which("kubectl") is None:
-        raise K8sError("kubectl is not on PATH: install it and point it at the cluster, or use "
-                       "`nemoc run --dry-run --launcher k8s` and apply tasks/*/pytorchjob.yaml yourself")
+        raise K8sError(KUBECTL_MISSING)
     return subprocess.run(["kubectl", *args], capture_output=True, text=True, timeout=timeout)
 
 
@@ -347,12 +349,21 @@ class K8sLauncher:
 
     def __init__(self, *, cluster=None, echo=None, poll_s: float = 5.0, timeout_s: float | None = None,
                  experiment: str = "run") -> None:
+        if shutil.which("kubectl") is None:  # checked here: `nemoc run` stops before any task runs
+            raise K8sError(KUBECTL_MISSING)
         self.cluster = cluster
         self.options = K8sOptions.from_mapping(dict(getattr(cluster, "scheduler_options", {}) or {}))
         self.echo = echo if echo is not None else (lambda line: (sys.stdout.write(line), sys.stdout.flush()))
         self.poll_s, self.timeout_s, self.experiment = poll_s, timeout_s, experiment
 
     def launch(self, spec: LaunchSpec) -> LaunchResult:
+        """Apply and follow; a problem applying is a failed task with the reason, not a traceback."""
+        try:
+            return self._launch(spec)
+        except (K8sError, OSError, subprocess.TimeoutExpired, ValueError) as error:
+            return LaunchResult(1, None, f"{spec.task_id} on Kubernetes: {error}")
+
+    def _launch(self, spec: LaunchSpec) -> LaunchResult:
         out = Path(spec.out_dir).resolve()
         run_root = out.parent.parent
         experiment = _experiment_of(run_root) or self.experiment

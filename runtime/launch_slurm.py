@@ -467,6 +467,7 @@ class SlurmLauncher:
     name = "slurm"
 
     def __init__(self, *, cluster=None, echo=None, poll_s: float = 1.0, timeout_s: float | None = None) -> None:
+        require_slurm()  # here, so that `nemoc run` stops with a clear message before any task runs
         self.cluster = cluster
         self.options = SlurmOptions.from_mapping(dict(getattr(cluster, "scheduler_options", {}) or {}))
         self.echo = echo if echo is not None else _echo
@@ -474,11 +475,14 @@ class SlurmLauncher:
         self.timeout_s = timeout_s
 
     def launch(self, spec: LaunchSpec) -> LaunchResult:
-        require_slurm()
-        opts = SlurmOptions.from_mapping(dict(spec.options)) if spec.options else self.options
-        job = job_from_spec(spec, self.cluster)
-        Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
-        job_id = submit_jobs([job], {}, opts, job.run_dir)[job.task_id]
+        """Submit and follow; a submission problem is a failed task with the reason, not a traceback."""
+        try:
+            opts = SlurmOptions.from_mapping(dict(spec.options)) if spec.options else self.options
+            job = job_from_spec(spec, self.cluster)
+            Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
+            job_id = submit_jobs([job], {}, opts, job.run_dir)[job.task_id]
+        except (SlurmError, OSError, subprocess.TimeoutExpired) as error:
+            return LaunchResult(1, None, f"could not submit {spec.task_id} to Slurm: {error}")
         self.echo(f"submitted Slurm job {job_id} ({job.nodes} node(s) x {job.procs_per_node} process(es)); "
                   f"log: {job.log_path}\n")
         try:

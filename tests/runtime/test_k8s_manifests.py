@@ -211,10 +211,19 @@ def test_without_kubectl_the_error_says_what_to_do(tmp_path, monkeypatch):
     from nemoc.compiler.spec import ClusterSpec
 
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
-    launcher = K8sLauncher(cluster=ClusterSpec(gpu="CPU", nodes=2, gpus_per_node=1), echo=lambda line: None)
     with pytest.raises(K8sError, match="kubectl is not on PATH.*--dry-run"):
-        launcher.launch(_spec(tmp_path))
-    # the manifest was still written for the user to apply
+        K8sLauncher(cluster=ClusterSpec(gpu="CPU", nodes=2, gpus_per_node=1), echo=lambda line: None)
+
+
+def test_a_kubectl_apply_error_fails_the_task_with_its_message(tmp_path, fake_kubectl, monkeypatch):
+    from nemoc.compiler.spec import ClusterSpec
+
+    bad = tmp_path / "kbin" / "kubectl"
+    bad.write_text('#!/bin/bash\necho "error: the server doesn\'t have a resource type pytorchjob" >&2\nexit 1\n')
+    launcher = K8sLauncher(cluster=ClusterSpec(gpu="CPU", nodes=2, gpus_per_node=1), echo=lambda line: None)
+    result = launcher.launch(_spec(tmp_path))
+    assert result.returncode == 1 and "doesn't have a resource type pytorchjob" in result.error_tail
+    # the manifest was written, for the user to inspect or apply
     assert (tmp_path / "run" / "tasks" / "train_pretrain" / "pytorchjob.yaml").exists()
 
 

@@ -384,3 +384,23 @@ def test_a_preempted_job_that_slurm_does_not_requeue_is_resumable(sandbox, monke
     launcher = ls.SlurmLauncher(cluster=ClusterSpec(gpu="CPU", nodes=2, gpus_per_node=1), echo=lambda _: None,
                                 poll_s=0.01)
     assert launcher.launch(launch_spec(sandbox)).preempted
+
+
+def test_without_slurm_the_launcher_cannot_be_built_and_says_why(tmp_path, monkeypatch):
+    from nemoc.compiler.spec import ClusterSpec
+    from nemoc.runtime.launch_slurm import SlurmLauncher
+
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    with pytest.raises(SlurmError, match="Slurm is not reachable.*sbatch"):
+        SlurmLauncher(cluster=ClusterSpec(gpu="CPU", nodes=2, gpus_per_node=1))
+
+
+def test_an_sbatch_error_fails_the_task_with_its_message(sandbox, monkeypatch):
+    import nemoc.runtime.launch_slurm as ls
+    from nemoc.compiler.spec import ClusterSpec
+
+    fake_slurm(sandbox, monkeypatch, "RUNNING")
+    (sandbox / "bin" / "sbatch").write_text("#!/bin/bash\necho 'sbatch: error: invalid partition specified: gpu' >&2\nexit 1\n")
+    launcher = ls.SlurmLauncher(cluster=ClusterSpec(gpu="CPU", nodes=2, gpus_per_node=1), echo=lambda _: None)
+    result = launcher.launch(launch_spec(sandbox))
+    assert result.returncode == 1 and "invalid partition specified: gpu" in result.error_tail
