@@ -524,6 +524,17 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
     interval_sums = torch.zeros(2, dtype=torch.float64, device=device())
     interval_start, interval_steps, skipped = time.perf_counter(), 0, 0
     every = stage.checkpoint.every
+
+    def validate_now(last: bool) -> bool:
+        return make_valid_iterators is not None and bool(stage.eval_every) and (
+            state.iteration % stage.eval_every == 0 or last)
+
+    def validate() -> float:
+        set_phase(f"validation at step {state.iteration}")
+        state.last_val_loss = evaluate(forward_step=forward_step, make_iterators=make_valid_iterators, model=model,
+                                       layout=layout, seq_length=stage.seq_length, iters=eval_iters(stage))
+        return state.last_val_loss
+
     while state.iteration < end_iteration:
         set_phase(f"train step {state.iteration + 1}")
         sums, grad_norm, ok = train_step(forward_step=forward_step, iterators=train_iterators, model=model,
@@ -542,22 +553,16 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
             state.last_loss = _global_mean(interval_sums)
             state.losses.append(state.last_loss)
             record = _step_record(state, interval_steps, elapsed, grad_norm, optimizer, skipped, throughput)
-            if make_valid_iterators is not None and stage.eval_every and (
-                    state.iteration % stage.eval_every == 0 or last):
-                set_phase(f"validation at step {state.iteration}")
-                state.last_val_loss = evaluate(forward_step=forward_step, make_iterators=make_valid_iterators,
-                                               model=model, layout=layout, seq_length=stage.seq_length,
-                                               iters=eval_iters(stage))
-                record["val_loss"] = state.last_val_loss
+            if validate_now(last):
+                record["val_loss"] = validate()
             metrics.log(record)
             interval_sums.zero_()
             interval_steps, skipped = 0, 0
             interval_start = time.perf_counter()
-        elif make_valid_iterators is not None and stage.eval_every and state.iteration % stage.eval_every == 0:
-            state.last_val_loss = evaluate(forward_step=forward_step, make_iterators=make_valid_iterators,
-                                           model=model, layout=layout, seq_length=stage.seq_length,
-                                           iters=eval_iters(stage))
-            metrics.log({"step": state.iteration, "val_loss": state.last_val_loss})
+        elif validate_now(last):
+            started = time.perf_counter()
+            metrics.log({"step": state.iteration, "val_loss": validate()})
+            interval_start += time.perf_counter() - started  # validation is not training step time
         if checkpointer is not None:
             checkpointer.maybe_finalize()
         signum = stop.agreed() if stop is not None else 0
