@@ -1,10 +1,10 @@
 """Data preparation: JSONL and plain-text sources -> tokenizer -> a Megatron-Core indexed dataset.
 
 `prepare_dataset(...)` tokenizes every document of a data source in parallel worker processes (the files
-are cut into chunks at line boundaries; each worker writes its chunk with Megatron-Core's
-`IndexedDatasetBuilder`, and the chunks are concatenated in order with `add_index`, so the output is
-byte-identical for any number of workers), appends the end-of-document token to each document, and
-writes `<out>/<name>_text_document.{bin,idx}` through `*.tmp` files renamed only when complete. The
+are cut into chunks at line boundaries; spawned workers tokenize a chunk each into a numpy part file,
+appending the end-of-document token to each document), then writes the parts' documents in order with
+Megatron-Core's `IndexedDatasetBuilder` to `<out>/<name>_text_document.{bin,idx}` through `*.tmp` files
+renamed only when complete; the output is byte-identical for any number of workers. The
 train/validation/test split and the blending weights are applied at training time by
 `BlendedMegatronDatasetBuilder` / `GPTDataset` (the task.json carries them).
 
@@ -25,7 +25,6 @@ field, an empty corpus) raises `DataError` whose message starts with `file:line:
 
 from __future__ import annotations
 
-import gc
 import glob
 import json
 import mmap
@@ -265,34 +264,32 @@ def _init_worker(tokenizer_spec: str) -> None:
 
 
 def _init_pool_worker(tokenizer_spec: str) -> None:
-    """A forked worker: default SIGTERM (the pool's terminate) and no SIGINT (the parent handles Ctrl-C and
-    stops the pool), so neither prints a traceback; handlers set by the parent are not inherited."""
+    """A pool worker: default SIGTERM (the pool's terminate) and no SIGINT (the parent handles Ctrl-C and
+    stops the pool), so neither prints a traceback."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _init_worker(tokenizer_spec)
 
 
-def _tokenize_chunk(args: tuple[Chunk, Source, str]) -> tuple[int, int, int, int]:
-    """Tokenize one chunk into `<tmp prefix>.bin/.idx`; returns (index, documents, tokens, empty)."""
+def _tokenize_chunk(args: tuple[Chunk, Source, str, str]) -> tuple[int, int, int, int]:
+    """Tokenize one chunk into `<part>.tokens.npy` (every document + EOD, concatenated) and
+    `<part>.lengths.npy`; returns (index, documents, tokens, empty documents dropped)."""
     import numpy as np
 
-    chunk, source, prefix = args
-    builder_cls, dtype = _builder(_worker_tokenizer.vocab_size)
-    builder = builder_cls(prefix + ".bin", dtype=dtype)
+    chunk, source, part, dtype = args
     eod = _worker_tokenizer.eod
-    documents = tokens = empty = 0
+    pieces: list[list[int]] = []
+    empty = 0
     batch: list[str] = []
 
     def flush() -> None:
-        nonlocal documents, tokens, empty
+        nonlocal empty
         for ids in _worker_tokenizer.tokenize_batch(batch):
-            if not ids:
+            if ids:
+                ids.append(eod)
+                pieces.append(ids)
+            else:
                 empty += 1
-                continue
-            ids.append(eod)
-            builder.add_document(np.asarray(ids, dtype=np.int64), [len(ids)])
-            documents += 1
-            tokens += len(ids)
         batch.clear()
 
     for _, text in iter_documents(chunk, source):
@@ -300,11 +297,15 @@ def _tokenize_chunk(args: tuple[Chunk, Source, str]) -> tuple[int, int, int, int
         if len(batch) >= 256:
             flush()
     flush()
-    builder.finalize(prefix + ".idx")
-    return chunk.index, documents, tokens, empty
+    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+    flat = np.fromiter((t for p in pieces for t in p), dtype=np.dtype(dtype), count=int(lengths.sum()))
+    np.save(part + ".tokens.npy", flat)
+    np.save(part + ".lengths.npy", lengths)
+    return chunk.index, len(pieces), int(lengths.sum()), empty
 
 
 def _builder(vocab_size: int):
+    """Megatron-Core's IndexedDatasetBuilder and the token dtype for `vocab_size` (imported on first use)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed" on import
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
@@ -332,7 +333,7 @@ def prepare_dataset(
         raise DataError(f"{source.pattern}: format {source.format!r} is not tokenized at preparation time")
     started = time.perf_counter()
     tokenizer = load_tokenizer(tokenizer_spec)  # fail here, in the parent, with a clear message
-    _builder(tokenizer.vocab_size)  # import Megatron-Core once, before the workers fork and inherit it
+    _, dtype = _builder(tokenizer.vocab_size)
     files = resolve_files(source)
     chunks = make_chunks(files, source, chunk_bytes)
     total = sum(c.length for c in chunks)
@@ -342,7 +343,7 @@ def prepare_dataset(
     parts = out_dir / "parts.tmp"
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir()
-    jobs = [(c, source, str(parts / f"{c.index:06d}")) for c in chunks]
+    jobs = [(c, source, str(parts / f"{c.index:06d}"), dtype.__name__) for c in chunks]
     counts = [0, 0, 0]
     done = 0
     for index, docs, toks, empty in _run_jobs(jobs, tokenizer_spec, workers):
@@ -369,24 +370,27 @@ def _run_jobs(jobs: list, tokenizer_spec: str, workers: int) -> Iterator[tuple[i
         _init_worker(tokenizer_spec)
         yield from map(_tokenize_chunk, jobs)
         return
-    context = multiprocessing.get_context("fork")  # workers inherit the imported modules: no 5 s re-import
+    # spawn, not fork: this process holds torch / Megatron-Core / tokenizer threads, and forking a
+    # threaded process can deadlock the child. Workers import only this module, numpy and tokenizers.
+    context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_init_pool_worker, initargs=(tokenizer_spec,)) as pool:
         yield from pool.imap(_tokenize_chunk, jobs)
 
 
 def _merge(parts: Path, part_prefixes: list[str], prefix: str, vocab_size: int) -> None:
-    """Concatenate the chunk datasets in order into `prefix.{bin,idx}` via `.tmp` files, then rename."""
+    """Write the chunks' documents in order into `prefix.{bin,idx}` with Megatron-Core's
+    IndexedDatasetBuilder, via `.tmp` files renamed when complete."""
+    import numpy as np
+
     builder_cls, dtype = _builder(vocab_size)
     tmp = str(parts / "merged")
     builder = builder_cls(tmp + ".bin", dtype=dtype)
-    # add_index runs gc.collect() per part; over torch + Megatron-Core's heap that is ~1 s each. Freezing
-    # the existing objects (CPython's permanent generation) makes each collection see only new ones.
-    gc.freeze()
-    try:
-        for part in part_prefixes:
-            builder.add_index(part)
-    finally:
-        gc.unfreeze()
+    for part in part_prefixes:
+        flat = np.load(part + ".tokens.npy", mmap_mode="r")
+        lengths = np.load(part + ".lengths.npy")
+        ends = np.cumsum(lengths)
+        for start, end in zip(ends - lengths, ends):
+            builder.add_document(flat[start:end], [int(end - start)])
     builder.finalize(tmp + ".idx")
     for ext in (".idx", ".bin"):
         os.replace(tmp + ext, prefix + ext + ".tmp")
