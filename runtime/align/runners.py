@@ -163,7 +163,7 @@ def run_sft(task: StageTask) -> dict:
         if after is not None:
             metrics.log({"step": total, "val_loss": after})
     payload = {"final_loss": _last(history, "loss"), "steps": total, "resumed_from": start or None,
-               "val_response_loss_before": before if not start else None,
+               "val_response_loss_before": before,  # the parent model, even when resumed
                "val_response_loss": after, "packing": packing, "rows": len(rows), "train_samples": len(train),
                "resident_models": resident_models("sft", task.params, s.peft)}
     return _finish_policy(task, chunk, payload)
@@ -209,7 +209,8 @@ def run_dpo(task: StageTask) -> dict:
             metrics.log({"step": total, **{f"val_{k}": v for k, v in after.items()}})
     payload = {"final_loss": _last(history, "loss"), "steps": total, "loss_type": loss, "beta": beta,
                "reward_accuracy": _last(history, "reward_accuracy"), "reward_margin": _last(history, "reward_margin"),
-               "resumed_from": start or None, "val_before": before if not start else None, "val": after, "reference": reference_mode, "resident_models": resident}
+               "resumed_from": start or None, "val_before": before, "val": after, "reference": reference_mode,
+               "resident_models": resident}
     return _finish_policy(task, chunk, payload)
 
 
@@ -231,7 +232,7 @@ def run_reward(task: StageTask) -> dict:
         if after:
             metrics.log({"step": total, "val_accuracy": after["accuracy"]})
     payload = {"final_loss": _last(history, "loss"), "steps": total, "train_accuracy": _last(history, "accuracy"),
-               "resumed_from": start or None, "val_before": before if not start else None, "val": after, "scalar_head": True,
+               "resumed_from": start or None, "val_before": before, "val": after, "scalar_head": True,
                "resident_models": resident_models("reward", task.params, None)}
     payload["checkpoint"] = stage.save_final(task, chunk, extra={"scalar_head": True})
     return payload
