@@ -2,7 +2,7 @@
 # .ci/slurm.sh — a real Slurm 22.05 (Debian's packages) on localhost for the Slurm launcher's tests:
 # a controller and SLURM_NODES node daemons ("nodes" n1..nN on this one host).
 # Adapted from the project's shared recipe (shared/tools/slurm-local.sh), whose pitfalls list applies.
-# Differences: CRED_EXPIRE (default 10 s) shortens the delay before a requeued job may start again
+# Differences: CRED_EXPIRE (default 5 s) shortens the delay before a requeued job may start again
 # (Slurm holds a requeued job for cred_expire seconds, 120 by default: AuthInfo in slurm.conf(5)),
 # SLURM_NODES defaults to 2, and `smoke` runs without a second torch venv.
 #
@@ -33,7 +33,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VENV:-$REPO/.venv}
 SKIP_TORCH=${SKIP_TORCH:-0}
 SLURM_NODES=${SLURM_NODES:-2}
-CRED_EXPIRE=${CRED_EXPIRE:-10}
+CRED_EXPIRE=${CRED_EXPIRE:-5}
 export SLURM_CONF="$SLURM_DIR/slurm.conf"
 NODE=$(hostname -s)
 

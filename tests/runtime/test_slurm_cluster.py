@@ -102,7 +102,7 @@ def test_jobs_chain_along_the_graph_with_afterok(tmp_path):
 
 def test_the_time_limit_warning_stops_the_step_and_requeues_the_job(tmp_path):
     state = tmp_path / "state.json"
-    job = _job(tmp_path, "stepper", ("-c", STEPPER, str(state), str(tmp_path / "tasks" / "stepper" / "DONE.json"), "40"))
+    job = _job(tmp_path, "stepper", ("-c", STEPPER, str(state), str(tmp_path / "tasks" / "stepper" / "DONE.json"), "25"))
     ids = ls.submit_jobs([job], {}, ls.SlurmOptions(time_s=600, signal_lead_s=60), tmp_path)
     job_id = ids["stepper"]
     deadline = time.monotonic() + 60
@@ -116,7 +116,7 @@ def test_the_time_limit_warning_stops_the_step_and_requeues_the_job(tmp_path):
     assert "signal USR1" in log and "requeueing job" in log
     stopped = int(re.search(r"stepper stopped at (\d+)", log).group(1))
     assert f"stepper start at {stopped} restart 1" in log  # resumed where it stopped, in the requeued job
-    assert json.loads(Path(job.done_path).read_text())["steps"] == 40
+    assert json.loads(Path(job.done_path).read_text())["steps"] == 25
     assert ls.job_info(job_id)["Restarts"] == "1"
 
 
