@@ -24,7 +24,6 @@ from megatron.core import parallel_state
 from nemoc.compiler.plan import Plan, StagePlan, from_json
 from nemoc.runtime.align import common
 from nemoc.runtime.align.common import AlignError
-from nemoc.runtime.align.data import ChatTemplate, DataError, read_preferences, read_prompts, read_sft
 from nemoc.runtime.metrics import open_metrics
 
 TASK_VERSION = 1
@@ -203,7 +202,3 @@ def write_done(task: StageTask, payload: dict) -> None:
 
 def dp_info() -> tuple[int, int]:
     return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-
-
-__all__ = ["StageTask", "load_task", "AlignError", "DataError", "ChatTemplate", "read_sft", "read_preferences",
-           "read_prompts", "SFT_FORMATS"]
