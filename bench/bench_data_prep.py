@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_data_prep.py [--copies 4] [--repeats 3]
 
+Workers are spawned processes (see runtime/data_prep.py), so 2 workers pay two interpreter start-ups.
 Corpus: the quickstart corpus (examples/data/quickstart/corpus.jsonl) concatenated `--copies` times;
 tokenizer: the byte-level BPE trained on it (as `nemoc run` does). Megatron-Core is imported before
 timing (a one-off ~5 s per process, reported separately). Each configuration is run `--repeats` times and
@@ -25,13 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--copies", type=int, default=4)
+    parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data_prep.json")
     args = parser.parse_args()
 
     from nemoc.runtime.data_prep import Source, _builder, prepare_dataset, train_tokenizer
 
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     _builder(1000)
     import_s = time.perf_counter() - t0
@@ -67,7 +69,9 @@ def main() -> None:
             "megatron_import_s": round(import_s, 2),
             "results": results,
             "speedup_2_workers": round(results["workers_1"]["seconds_best"] / results["workers_2"]["seconds_best"], 2),
+            "speedup_2_workers_median": round(results["workers_1"]["seconds_median"] / results["workers_2"]["seconds_median"], 2),
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
+                        "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                         "note": "shared machine: other processes compete for the cores"},
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
