@@ -227,12 +227,27 @@ def iteration(*, actor_trainer, critic_trainer, actor, critic, reference, scorer
         exps.append(exp)
         for k, v in s.items():
             stats[k] = stats.get(k, 0.0) + v * len(prompts[sl]) / len(prompts)
+    stats = _dp_mean(stats)  # rollout statistics of every data-parallel rank's prompts
     for _ in range(cfg.ppo_epochs):
         stats.update(actor_trainer.step(exps, actor_forward(cfg), seq_length=seq_length))
         stats.update(critic_trainer.step(exps, critic_forward(cfg), seq_length=seq_length))
     stats.pop("lr", None)
     stats.pop("grad_norm", None)
     return stats
+
+
+def _dp_mean(stats: dict[str, float]) -> dict[str, float]:
+    from megatron.core import parallel_state
+
+    from nemoc.runtime.align.common import device
+
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp == 1:
+        return stats
+    names = sorted(stats)
+    values = torch.tensor([stats[n] for n in names], dtype=torch.float64, device=device())
+    torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
+    return {n: float(v) / dp for n, v in zip(names, values)}
 
 
 def reference_logprobs(model=None, *, actor=None, lora_disabled: bool = False):
