@@ -279,6 +279,39 @@ def training_state(*, chunks, optimizer, scheduler, iteration: int, consumed_sam
 # ------------------------------------------------------------------------------------------ save
 
 
+def _dp_group():
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return group if torch.distributed.get_world_size(group) > 1 else None
+
+
+def _save_strategy():
+    """torch_dist, with the writing of DP-replicated shards spread over the DP ranks (Megatron-LM's
+    --ckpt-fully-parallel-save, its default) instead of all on DP rank 0."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    group = _dp_group()
+    if group is None:
+        return strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(strategy, group)
+
+
+def _load_strategy(path: str):
+    """Fully parallel load: each DP rank reads a slice of the replicated shards and they exchange
+    them (Megatron-LM's --ckpt-fully-parallel-load), instead of every rank reading everything."""
+    group = _dp_group()
+    if group is None:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path), group)
+
+
 @dataclass
 class SaveRecord:
     iteration: int
@@ -316,13 +349,14 @@ class Checkpointer:
             os.makedirs(tmp)
         _barrier()
         record = SaveRecord(iteration, final, time.monotonic(), self.async_save)
+        strategy = _save_strategy()
         if self._queue is not None:
             self.maybe_finalize(blocking=True)  # at most one save in flight
-            request = dist_checkpointing.save(state, tmp, async_sharded_save=True)
+            request = dist_checkpointing.save(state, tmp, sharded_strategy=strategy, async_sharded_save=True)
             request.add_finalize_fn(lambda: self._publish(tmp, record))
             self._queue.schedule_async_request(request)
         else:
-            dist_checkpointing.save(state, tmp)
+            dist_checkpointing.save(state, tmp, sharded_strategy=strategy)
             self._publish(tmp, record)
         return record
 
@@ -397,7 +431,7 @@ def load_training_state(path: str, *, chunks, optimizer, scheduler, distributed_
                               optimizer_format=saved_format if saved_format in OPTIMIZER_FORMATS else "dp_reshardable")
     for key in ("iteration", "consumed_samples", "layout", "nemoc", "optimizer_format"):
         template.pop(key, None)
-    loaded = dist_checkpointing.load(template, path)
+    loaded = dist_checkpointing.load(template, path, sharded_strategy=_load_strategy(path))
     from nemoc.runtime.model import unwrap
 
     if len(chunks) == 1:
