@@ -213,6 +213,10 @@ MASTER_ADDR=$(scontrol show node -o "$FIRST_NODE" | sed -n 's/.* NodeAddr=\([^ ]
 MASTER_ADDR=${{MASTER_ADDR:-$FIRST_NODE}}
 MASTER_PORT=$(( {port_base} + SLURM_JOB_ID % {port_span} ))
 export MASTER_ADDR MASTER_PORT
+if [ -z "${{OMP_NUM_THREADS:-}}" ]; then  # the node's CPUs shared by its ranks, so they do not oversubscribe
+  OMP_NUM_THREADS=$(( ${{SLURM_CPUS_ON_NODE:-1}} / {procs} )); [ "$OMP_NUM_THREADS" -ge 1 ] || OMP_NUM_THREADS=1
+  export OMP_NUM_THREADS
+fi
 TASK_ID={task}
 RESTARTS=${{SLURM_RESTART_COUNT:-0}}
 q "job $SLURM_JOB_ID (attempt $((RESTARTS + 1))) task $TASK_ID on $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT"
@@ -291,6 +295,7 @@ def render_sbatch(job: SlurmJob, opts: SlurmOptions) -> str:
         env=env,
         port_base=int(opts.port_base),
         port_span=PORT_SPAN,
+        procs=max(1, int(job.procs_per_node)),
         task=shlex.quote(job.task_id),
         launch=launch_command(job, opts),
         done=shlex.quote(job.done_path),
@@ -437,9 +442,7 @@ def job_from_spec(spec: LaunchSpec, cluster=None) -> SlurmJob:
         raise SlurmError(f"{spec.task_id}: {spec.nproc} processes do not split evenly over {nodes} nodes")
     per_node = spec.nproc // nodes
     on_cpu = cluster is not None and str(getattr(cluster, "gpu", "")).upper() == "CPU"
-    cpus = os.cpu_count() or 1
-    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(max(1, cpus // per_node)), **RESTART_SAFE_ENV}
+    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **RESTART_SAFE_ENV}
     env.update({k: str(v) for k, v in spec.env.items()})
     out = Path(spec.out_dir).resolve()
     return SlurmJob(

@@ -47,6 +47,7 @@ exit 0
 # srun records its argv (NUL-separated, so any character survives), then behaves as FAKE_SRUN says.
 FAKE_SRUN = r"""#!/bin/bash
 printf '%s\0' "$@" > "$FAKE_LOG/srun.argv"
+echo "${OMP_NUM_THREADS:-unset}" > "$FAKE_LOG/omp"
 case "$FAKE_SRUN" in
   done) echo '{}' > "$FAKE_DONE"; exit 0 ;;
   wait) trap 'exit 143' TERM; echo $$ > "$FAKE_LOG/srun.pid"; echo ready > "$FAKE_LOG/ready"
@@ -81,7 +82,7 @@ def run_script(sandbox: Path, job: SlurmJob, opts: SlurmOptions, srun: str, *, b
     script.write_text(render_sbatch(job, opts))
     env = {"PATH": f"{sandbox / 'bin'}:/usr/bin:/bin", "FAKE_LOG": str(sandbox / "log"), "FAKE_SRUN": srun,
            "FAKE_DONE": job.done_path, "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2",
-           "HOME": str(sandbox)}
+           "HOME": str(sandbox), "SLURM_CPUS_ON_NODE": "8"}
     if restarts is not None:
         env["SLURM_RESTART_COUNT"] = str(restarts)
     popen = subprocess.Popen(["bash", str(script)], cwd=sandbox, env=env, stdout=subprocess.PIPE,
@@ -404,3 +405,13 @@ def test_an_sbatch_error_fails_the_task_with_its_message(sandbox, monkeypatch):
     launcher = ls.SlurmLauncher(cluster=ClusterSpec(gpu="CPU", nodes=2, gpus_per_node=1), echo=lambda _: None)
     result = launcher.launch(launch_spec(sandbox))
     assert result.returncode == 1 and "invalid partition specified: gpu" in result.error_tail
+
+
+def test_ranks_share_the_nodes_cpus_unless_the_user_set_omp_threads(sandbox):
+    job = make_job(sandbox, env={"NEMOC_X": "1"})
+    job = SlurmJob(**{**{f: getattr(job, f) for f in job.__slots__}, "procs_per_node": 4})
+    code, out = run_script(sandbox, job, SlurmOptions(), "done")
+    assert code == 0, out
+    assert (sandbox / "log" / "omp").read_text().strip() == "2"  # 8 CPUs on the node / 4 ranks
+    code, out = run_script(sandbox, make_job(sandbox, env={"OMP_NUM_THREADS": "3"}), SlurmOptions(), "done")
+    assert (sandbox / "log" / "omp").read_text().strip() == "3"
