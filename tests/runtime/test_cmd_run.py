@@ -104,3 +104,33 @@ def test_quickstart_trains_with_falling_loss_then_is_cached(quickstart):
     assert again.exit_code == 0 and again.output.count("cached (hash") == 3
     rows = json.loads(invoke("status", workdir, "--json").output)["tasks"]
     assert rows[-1]["steps_done"] == 60 and rows[-1]["last_loss"] == pytest.approx(losses[-1])
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_real_training_then_run_again_resumes(quickstart):
+    """Ctrl-C mid-training: the ranks save and stop, nothing is left running; `nemoc run` again resumes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    workdir = quickstart / "w"
+    command = [sys.executable, "-m", "nemoc.runtime.cli", "run", str(quickstart / "quickstart.nemo"),
+               "--workdir", str(workdir), "--set", "stage.pretrain.steps=40"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = workdir / "tasks" / "train_pretrain" / "log.txt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and "step 10/40" in log.read_text(errors="replace"):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    status = json.loads((workdir / "status.json").read_text())
+    assert status["tasks"]["train:pretrain"]["state"] == "interrupted"
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "(resuming)" in again.stdout and "[nemoc] resumed:" in again.stdout
+    done = json.loads((workdir / "tasks" / "train_pretrain" / "DONE.json").read_text())
+    assert done["steps"] == 40
