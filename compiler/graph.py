@@ -19,7 +19,6 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import networkx as nx
 
@@ -30,8 +29,6 @@ GRAPH_VERSION = 1
 # Bumped when what a task produces changes shape, so old outputs are not taken for new ones.
 HASH_SALT = "nemoc-task-v1"
 LOCAL_TOKENIZER = "tokenizer:local"
-RAW_FORMATS = frozenset({"chat", "preference", "prompt_response"})  # passed to the stage as validated JSONL
-TOKENIZED_FORMATS = frozenset({"text", "jsonl"})  # turned into a Megatron-Core indexed dataset
 # stage kind -> task id prefix; every other (training) kind is `train:`.
 PREFIX_BY_KIND = {"eval": "eval", "export": "export"}
 

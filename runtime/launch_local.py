@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections import deque
 from pathlib import Path
 

@@ -73,8 +73,4 @@ def base_task_json(ctx: TaskContext) -> dict:
     }
 
 
-def stage_world_size(ctx: TaskContext) -> int:
-    return ctx.stage.layout.world_size
-
-
 register(TaskKind(name="pretrain", module="nemoc.runtime.train"))

@@ -3,8 +3,6 @@ machine-fit guard and reading torchrun's failure summary."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from nemoc.runtime.launch_local import (
