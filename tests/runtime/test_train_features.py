@@ -200,16 +200,18 @@ def test_sigterm_to_torchrun_reaches_every_rank_and_saves(tmp_path, kit, train_d
     assert ckpt.verify(preempted["checkpoint"]) is None
 
 
-def test_resume_with_data_parallel_uses_the_fully_parallel_load(tmp_path, kit, train_data, baseline):
-    """A single-process checkpoint resumed with DP=2: the DP ranks split the reads of replicated
-    shards (FullyParallelLoadStrategyWrapper) and exchange them; the curve continues."""
+@pytest.mark.parametrize("sizes", [dict(dp=2), dict(pp=2)], ids=["dp2", "pp2"])
+def test_single_process_checkpoint_resumes_under_dp2_and_pp2(tmp_path, kit, train_data, baseline, sizes):
+    """A single-process checkpoint resumed with DP=2 (the DP ranks split the reads of replicated
+    shards, FullyParallelLoadStrategyWrapper, and exchange them) or PP=2 (layers resharded over
+    stages): the curve continues."""
     ckdir = tmp_path / "ck"
     ckdir.mkdir()
     import shutil
 
     shutil.copytree(baseline.out / "checkpoints" / "iter_0000003", ckdir / "iter_0000003")
     (ckdir / "latest").write_text("iter_0000003\n")
-    lay = kit.layout(dp=2)
+    lay = kit.layout(**sizes)
     result = kit.run_training(tmp_path / "run", kit.make_plan(kit.stage_plan(lay=lay, every=3)), 2,
                               data_prefix=train_data, checkpoint_dir=ckdir)
     event = next(r for r in result.records if r.get("event") == "resumed")
