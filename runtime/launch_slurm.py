@@ -13,11 +13,14 @@ Invariants:
 - Multi-node: `srun` starts one `torchrun` per node; the rendezvous endpoint is the first node's
   `NodeAddr` from `scontrol show node` (node names need not resolve, e.g. several slurmd on one host) and
   a port derived from the job id, so concurrent jobs on one node do not collide.
-- Preemption and time limits: `--signal=B:USR1@<lead>` asks Slurm to warn the batch shell before the
-  limit; the shell forwards SIGTERM to the training processes (which checkpoint and exit 143) and then
-  requeues the job (`scontrol requeue`), which resumes from `checkpoints/latest`. A job whose training
-  fails without a signal is requeued too, at most `max_failures` times (a killed node or rank); a task
-  that wrote its DONE marker is never requeued.
+- Time limits: `--signal=B:USR1@<lead>` asks Slurm to warn the batch shell before the limit; the shell
+  forwards SIGTERM to the training processes (which checkpoint and exit 143) and then requeues the job
+  (`scontrol requeue`), which resumes from `checkpoints/latest`. SIGTERM to the batch shell (scancel,
+  preemption, `scontrol requeue`) is forwarded too, but requeueing is left to Slurm, so a cancelled job
+  stays cancelled. A job whose training fails without a signal is requeued at most `max_failures` times
+  (a killed node or rank); a task that wrote its DONE marker is never requeued.
+- `SlurmLauncher.launch` (the executor's blocking contract, docs/graph.md section 4) submits one task
+  once its inputs exist; `submit_jobs` submits a whole chain with afterok dependencies at once.
 """
 
 from __future__ import annotations
