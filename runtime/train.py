@@ -31,9 +31,14 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
-import torch
 
-from nemoc.runtime import mcore_cpu
+# Megatron-Core's TP/SP communication overlap relies on kernels being issued in order: one hardware
+# queue per device (read when the CUDA context is created, so it must be set before that).
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+import torch  # noqa: E402
+
+from nemoc.runtime import mcore_cpu  # noqa: E402
 
 # Applied at import time (not in main): the first torch_dist save starts a multiprocessing Manager
 # that re-imports this module, and that process must be patched too. No-op when CUDA is available.
