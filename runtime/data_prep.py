@@ -4,7 +4,9 @@
 are cut into chunks at line boundaries; spawned workers tokenize a chunk each into a numpy part file,
 appending the end-of-document token to each document), then writes the parts' documents in order with
 Megatron-Core's `IndexedDatasetBuilder` to `<out>/<name>_text_document.{bin,idx}` through `*.tmp` files
-renamed only when complete; the output is byte-identical for any number of workers. The
+renamed only when complete; the output is byte-identical for any number of workers. Workers are
+spawned (see `_run_jobs`), so a script that calls `prepare_dataset(workers=2+)` needs the usual
+`if __name__ == "__main__":` guard of Python multiprocessing (the `nemoc` command has it). The
 train/validation/test split and the blending weights are applied at training time by
 `BlendedMegatronDatasetBuilder` / `GPTDataset` (the task.json carries them).
 
@@ -45,6 +47,7 @@ RAW_FORMATS = ("chat", "prompt_response", "preference")
 FORMATS = TOKENIZED_FORMATS + RAW_FORMATS
 TEXT_DOCUMENTS = ("paragraph", "line", "file")  # what one document of a plain-text file is
 CHUNK_BYTES = 1 << 20  # ~1 MiB of source text per work item
+BYTES_PER_AUTO_WORKER = 4 << 20  # `workers=None`: one worker per 4 MiB of text, up to one per core
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -337,7 +340,9 @@ def prepare_dataset(
     files = resolve_files(source)
     chunks = make_chunks(files, source, chunk_bytes)
     total = sum(c.length for c in chunks)
-    workers = max(1, min(workers or os.cpu_count() or 1, len(chunks) or 1))
+    if workers is None:  # a spawned worker costs ~1 s to start: only worth it for a few MiB each
+        workers = min(os.cpu_count() or 1, -(-total // BYTES_PER_AUTO_WORKER))
+    workers = max(1, min(workers, len(chunks) or 1))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = out_dir / "parts.tmp"
