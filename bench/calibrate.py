@@ -149,7 +149,7 @@ def row_case(row: dict) -> Case | str:
     # set_precision_configs: `grad_reduce_in_fp32 = False`); everything else reduces fp32 main grads.
     grad_bytes = 2 if (src in "AC" and _precision(row) == "fp8") else 4
     # NeMo / Megatron-Bridge recipes (A, C) and the Megatron-LM README runs (E: "DP/TP/PP comm overlap")
-    # overlap the interleaved schedule's pipeline transfers (overlap_p2p_comm); the 2021-22 papers' Megatron-LM
+    # overlap TP collectives (tp_comm_overlap) and the interleaved schedule's pipeline transfers (overlap_p2p_comm); the 2021-22 papers' Megatron-LM
     # (F, G) did not, but sent 1/tp of each pipeline tensor (scatter/gather, Narayanan et al. 2021 Sec. 4.1).
     # NeMo's fine-tuning rows pack SQuAD v1.1 samples into each 4096-token sequence (the rows' notes);
     # attention then spans one sample (THD packing). Their published TFLOP/s confirm it: they equal
@@ -171,7 +171,7 @@ def predict(case: Case, params: cost.EfficiencyParams = cost.DEFAULT_PARAMS) -> 
                         attention_backend=case.backend, seq_length=case.seq, stage_kind=case.kind, peft=case.peft,
                         params=params, grad_bytes=case.grad_bytes, split=split_of(case),
                         attention_span=case.attention_span, overlap_p2p=case.overlap_p2p,
-                        p2p_scatter_gather=case.id[0] in "FG")
+                        p2p_scatter_gather=case.id[0] in "FG", overlap_tp=case.overlap_p2p)
     return est.tokens_per_s_per_gpu
 
 

@@ -112,6 +112,14 @@ class EfficiencyParams:
 
 DEFAULT_PARAMS = EfficiencyParams()
 
+# What the nemoc runtime configures (runtime/megatron_args.py): no Transformer Engine userbuffer TP
+# overlap (`tp_comm_overlap` unset) and batched, blocking pipeline transfers (`batch_p2p_comm=True`,
+# which Megatron-Core does not combine with `overlap_p2p_comm`). Plans are for `nemoc run`, so these
+# are the defaults; the calibration passes what each published run used. Flip them when the
+# runtime enables the overlaps.
+RUNTIME_OVERLAPS_TP = False
+RUNTIME_OVERLAPS_P2P = False
+
 
 # ----------------------------------------------------------------------------------- per-layer terms
 
@@ -166,7 +174,8 @@ def _layer_gemm_shapes(model: ModelSpec, tp: int, ep: int, etp: int) -> tuple[tu
 
 def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int, precision: str,
                 attention_backend: str, micro_batch: int, backward: float = 2.0,
-                params: EfficiencyParams = DEFAULT_PARAMS, attention_span: float | None = None) -> LayerTimes:
+                params: EfficiencyParams = DEFAULT_PARAMS, attention_span: float | None = None,
+                overlap_tp: bool = False) -> LayerTimes:
     """Forward + backward time of one layer for one micro batch. `backward` is the backward/forward
     GEMM ratio: 2 (input and weight gradients), 1 for a frozen base under LoRA (input gradients
     only), 0 for forward-only stages. `attention_span`: the mean length of the samples packed into
@@ -198,7 +207,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     elif layout.recompute == "selective":
         attention *= (3.5 + 1.0) / 3.5 if backward else 1.0
     gemm += params.layer_overhead * passes / 3.0
-    tp_comm = _tp_comm(model, layout, hw, tokens, passes, params)
+    tp_comm = _tp_comm(model, layout, hw, tokens, passes, params, overlap_tp)
     cp_comm = _cp_comm(model, layout, hw, tokens, passes, attention, params)
     ep_comm = _ep_comm(model, layout, hw, tokens, passes, params)
     return LayerTimes(gemm, attention, elementwise, tp_comm, cp_comm, ep_comm, 1.0 / passes)
@@ -234,7 +243,7 @@ def _link_bw(hw: HardwareSpec, size: int, stride: int, params: EfficiencyParams)
     return min(hw.nvlink_bw, members * hw.net_bw) * params.link
 
 
-def _tp_comm(model, layout, hw, tokens, passes, params) -> float:
+def _tp_comm(model, layout, hw, tokens, passes, params, overlap: bool = False) -> float:
     """Megatron TP (with or without SP) moves, per layer, 2 all-gathers + 2 reduce-scatters (or the
     equivalent 2 all-reduces) of the s x b x h activation forward and as many backward (Korthikanti
     et al. 2022 Sec. 4.2.2); a ring collective moves (tp - 1)/tp of the tensor per GPU."""
@@ -244,7 +253,8 @@ def _tp_comm(model, layout, hw, tokens, passes, params) -> float:
     volume = 4.0 * passes / 1.5 * size * (layout.tp - 1) / layout.tp  # 4 fwd, 4 bwd (passes = 3)
     # Transformer Engine's userbuffer overlap needs the TP group inside one NVLink domain (CUDA IPC /
     # NVLink SHARP); a TP group that spans domains runs NCCL collectives on the critical path.
-    exposure = params.tp_exposure(hw.generation) if layout.tp <= hw.nvlink_domain else 1.0
+    # Without `tp_comm_overlap` (the nemoc runtime today) every collective is on the critical path.
+    exposure = params.tp_exposure(hw.generation) if overlap and layout.tp <= hw.nvlink_domain else 1.0
     return volume / _link_bw(hw, layout.tp, 1, params) * exposure
 
 
@@ -347,9 +357,11 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              peft: LoraSpec | None = None, params: EfficiencyParams = DEFAULT_PARAMS,
              causal_discount: bool = True, stage_params: object = None, grad_bytes: int = 4,
              split: tuple[int, int, int] | None = None, attention_span: float | None = None,
-             overlap_p2p: bool = False, p2p_scatter_gather: bool = False) -> Estimate:
+             overlap_p2p: bool = RUNTIME_OVERLAPS_P2P, p2p_scatter_gather: bool = False,
+             overlap_tp: bool = RUNTIME_OVERLAPS_TP) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
+    `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
     `overlap_p2p`: the interleaved schedule overlaps its pipeline transfers (`overlap_p2p_comm`, NeMo's
     recipes); False is what the nemoc runtime configures (`batch_p2p_comm`). `p2p_scatter_gather`:
     Megatron-LM 2021-22 sent 1/tp of each pipeline tensor without SP (calibration rows of that era). `attention_span`: mean packed-sample length (see `layer_times`; the nemoc runtime pads every
@@ -373,7 +385,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     train = main.backward != FORWARD
     mb = layout.micro_batch * work.rows  # preference pairs: chosen + rejected rows
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
-                     micro_batch=mb, backward=main.backward, params=params, attention_span=attention_span)
+                     micro_batch=mb, backward=main.backward, params=params, attention_span=attention_span,
+                     overlap_tp=overlap_tp)
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                       params=params, scalar_head=main.scalar_head, split=split)
     m = layout.num_microbatches
@@ -391,12 +404,14 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     parts["pp_p2p"] = main.count * _pp_p2p(model, layout, hw, seq, mb, m, vp, params, overlap_p2p,
                                            p2p_scatter_gather)
     other = sum(p.count * _pass_time(model, layout, hw, p, seq=seq, precision=precision, backend=attention_backend,
-                                     micro_batch=mb, params=params, split=split) for p in work.passes[1:])
+                                     micro_batch=mb, params=params, split=split, overlap_tp=overlap_tp)
+                for p in work.passes[1:])
     if other:
         parts["other_passes"] = other
     if work.generated:
         parts["rollout"] = _rollout_time(model, layout, hw, seq=seq, precision=precision, backend=attention_backend,
-                                         micro_batch=mb, new_tokens=work.generated, params=params)
+                                         micro_batch=mb, new_tokens=work.generated, params=params,
+                                         overlap_tp=overlap_tp)
     if train:
         trainable = _local_params(model, layout, split)
         if peft is not None:
@@ -451,19 +466,20 @@ def _pp_p2p(model, layout, hw, seq, mb, m, vp, params, overlap: bool = False, sc
 
 
 def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micro_batch, params,
-               split=None) -> float:
+               split=None, overlap_tp: bool = False) -> float:
     """One pipelined pass of a secondary model over the step's micro batches (1F1B or forward-only
     schedule): m micro batches on the slowest stage plus the bubble, TP/CP/EP communication
     included. A secondary model shares the policy's layout (the nemoc runtime builds it so)."""
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
-                     micro_batch=micro_batch, backward=p.backward, params=params)
+                     micro_batch=micro_batch, backward=p.backward, params=params, overlap_tp=overlap_tp)
     slow, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=p.backward,
                                  params=params, scalar_head=p.scalar_head, split=split)
     bubble = (layout.pp - 1) / (layout.vp or 1) * mean if layout.pp > 1 else 0.0
     return layout.num_microbatches * slow + bubble
 
 
-def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, new_tokens, params) -> float:
+def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, new_tokens, params,
+                  overlap_tp: bool = False) -> float:
     """PPO rollout with a KV cache: a prefill of the prompts (a forward pass, compute bound) and
     `new_tokens` decode steps. A decode step generates one token for every sequence of the DP rank
     (m x micro batch of them) and is memory-bandwidth bound: each GPU reads its weights and the KV
@@ -471,7 +487,7 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     the pipeline stages run one after the other for a single batch, so a step costs the whole
     model's reads / TP; plus the per-layer launch overhead of a forward (decode kernels are tiny)."""
     prefill = _pass_time(model, layout, hw, ModelPass("prefill", 1.0, FORWARD), seq=seq, precision=precision,
-                         backend=backend, micro_batch=micro_batch, params=params)
+                         backend=backend, micro_batch=micro_batch, params=params, overlap_tp=overlap_tp)
     batch = layout.num_microbatches * micro_batch
     counts = param_counts(model)
     gemm_params = model.layers * (counts.attention + counts.mlp_active) + model.hidden * model.vocab
