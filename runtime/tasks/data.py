@@ -54,7 +54,7 @@ def run_prepare(ctx: TaskContext) -> dict:
     result = prepare_dataset(source, spec, ctx.out_dir, workers=ctx.options.get("workers"),
                              progress=_progress_printer(ctx, data.name))
     ctx.log(f"{result.documents} documents, {result.tokens} tokens from {len(result.files)} file(s) in "
-            f"{result.seconds:.1f} s ({result.tokens_per_s:,.0f} tokens/s, {result.workers} workers)")
+            f"{result.seconds:.1f} s ({result.tokens_per_s:,.0f} tokens/s, {result.workers} worker{'s' if result.workers > 1 else ''})")
     return dict(common, prefix=result.prefix, **{k: v for k, v in result.to_dict().items() if k != "prefix"})
 
 
