@@ -257,6 +257,9 @@ STAGE_PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
         _SAMPLES, _DROPOUT, _EVAL_ITERS,
         _f("save_checkpoints", BOOL, True, "Write checkpoints; `false` only for benchmark runs (no periodic or "
            "final checkpoint, so later stages cannot start from this one)."),
+        _f("optimizer_checkpoint_format", enum("dp_reshardable", "fully_reshardable"), "dp_reshardable",
+           "How the distributed optimizer's state is saved: `dp_reshardable` (fast; a resume under a new "
+           "TP/PP layout restarts the Adam moments) or `fully_reshardable` (reshards across any layout)."),
     ),
     "sft": (
         _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE,
@@ -270,6 +273,8 @@ STAGE_PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
         _f("label_smoothing", FRACTION, 0.0, "Conservative-DPO label smoothing."),
         _f("reference", enum("model", "precomputed"), "model",
            "Reference log-probabilities from a resident frozen model, or computed once before training."),
+        _f("reference_free", BOOL, False, "No reference model at all (log-probabilities of the reference "
+           "taken as 0), as in reference-free preference optimisation."),
     ),
     "reward": (_SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE),
     "ppo": (
