@@ -30,6 +30,7 @@ from nemoc.compiler.rules import (
     WARNING_RULES,
     check_spec,
     env_of,
+    runtime_caps,
     stage_parallel,
     stage_seq_length,
     to_diagnostic,
@@ -150,10 +151,13 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
     )
 
 
-def _inference_parallel(parallel: ParallelSpec) -> ParallelSpec:
-    """Eval/export: no optimizer, no recompute, no context split; the user's TP/PP/EP stay fixed."""
+def _inference_parallel(parallel: ParallelSpec, kind: str) -> ParallelSpec:
+    """Eval/export: no optimizer, no recompute, no context split; the user's TP/EP stay fixed. The
+    runtime runs them without a pipeline (`rules.RUNTIME_CAPS`): a pipeline size inherited from the
+    experiment's block is dropped (one the stage's own block fixes is an E126 error of check_spec)."""
+    pipeline = parallel.pipeline if runtime_caps(kind).pipeline else 1
     return replace(parallel, context=parallel.context if parallel.context is not None else 1,
-                   distributed_optimizer=False, recompute="none", virtual_pipeline=1,
+                   distributed_optimizer=False, recompute="none", virtual_pipeline=1, pipeline=pipeline,
                    micro_batch=parallel.micro_batch or 1)
 
 
@@ -251,7 +255,8 @@ def _inference_search(probe: Problem, top: int = DEFAULT_TOP) -> SearchResult:
     f = probe.fixed
     world = probe.cluster.world_size
     tps = [f.tensor] if f.tensor is not None else [t for t in divisors(world) if probe.model.heads % t == 0]
-    pps = [f.pipeline] if f.pipeline is not None else [q for q in divisors(world) if q <= probe.model.layers]
+    pps = [f.pipeline] if f.pipeline is not None else [q for q in divisors(world) if q <= probe.model.layers
+                                                       and (q == 1 or runtime_caps(probe.stage_kind).pipeline)]
     result = None
     for tp, pp in sorted(((t, q) for t in tps for q in pps if world % (t * q) == 0), key=lambda x: (x[0] * x[1], x[0])):
         result = search(replace(probe, fixed=replace(f, tensor=tp, pipeline=pp)), top=top)
@@ -266,7 +271,7 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
     parallel = stage_parallel(spec, stage)
     trains = stage.kind in TRAINING_KINDS
     if not trains:
-        parallel = _inference_parallel(parallel)
+        parallel = _inference_parallel(parallel, stage.kind)
     seq = stage_seq_length(spec, stage)
     probe = _problem(spec, stage, gpu, backend, headroom, parallel, steps=1)
     result = search(probe, top=top) if trains else _inference_search(probe, top)

@@ -31,6 +31,32 @@ TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
 RECOMPUTE = ("none", "selective", "full")
 
 
+@dataclass(frozen=True, slots=True)
+class RuntimeCaps:
+    """What nemoc's own runtime runs for one stage kind (not what Megatron-Core could run)."""
+
+    pipeline: bool  # pp > 1 (and so virtual pipeline stages)
+    runs: str  # how the runtime runs the kind, for messages
+
+
+# The one place that says which stage kinds the nemoc runtime runs pipeline-parallel. pretrain is
+# runtime/train.py (Megatron's full schedules: PP, VP). The alignment kinds run in runtime/align/:
+# trainer.py `Trainer` refuses pp > 1 and common.py `build_gpt` refuses vp (docs/alignment.md,
+# "Parallelism"); eval and export run in one process (runtime/tasks/align.py `_one_process`).
+_ALIGN = RuntimeCaps(pipeline=False, runs="the nemoc runtime's alignment stages (runtime/align) run TP/DP only")
+_ONE_PROCESS = RuntimeCaps(pipeline=False, runs="the nemoc runtime runs eval and export in one process (runtime/align)")
+RUNTIME_CAPS = {
+    "pretrain": RuntimeCaps(pipeline=True, runs="runtime/train.py runs every Megatron-Core schedule"),
+    "sft": _ALIGN, "dpo": _ALIGN, "reward": _ALIGN, "ppo": _ALIGN,
+    "eval": _ONE_PROCESS, "export": _ONE_PROCESS,
+}
+
+
+def runtime_caps(stage_kind: str) -> RuntimeCaps:
+    """The runtime capabilities of a stage kind (unknown kinds: pretrain's, the typecheck reports them)."""
+    return RUNTIME_CAPS.get(stage_kind, RUNTIME_CAPS["pretrain"])
+
+
 # ------------------------------------------------------------------------------------------- data
 
 
@@ -365,6 +391,23 @@ def rule_interleave_needs_pp(env: Env, s: Sizes) -> Violation | None:
         "remove `virtual_pipeline` or set pipeline >= 2",
         anchors=(_P + "virtual_pipeline", _P + "pipeline"),
         source="megatron/core/parallel_state.py initialize_model_parallel (interleaved schedule)",
+    )
+
+
+def rule_runtime_pipeline(env: Env, s: Sizes) -> Violation | None:
+    """nemoc's runtime, not Megatron: `RUNTIME_CAPS` (alignment stages refuse pp > 1 and vp)."""
+    caps = runtime_caps(env.stage_kind)
+    pp, vp = s.pp or 1, s.vp or 1
+    if caps.pipeline or (pp <= 1 and vp <= 1):
+        return None
+    field, size = ("pipeline", f"pp({pp})") if pp > 1 else ("virtual_pipeline", f"vp({vp})")
+    return Violation(
+        "E126", f"`{env.stage_kind}` stages cannot run pipeline-parallel: {caps.runs}",
+        f"{size} > 1, but stage kind {env.stage_kind} runs with pp(1) and no virtual pipeline",
+        "set pipeline = 1 (or auto) and no virtual_pipeline for this stage (its own `parallel { pipeline = 1 }` "
+        "block overrides the experiment's); split the model with tensor parallelism instead",
+        anchors=(_P + field, _P + "pipeline"),
+        source="nemoc runtime/align/trainer.py Trainer (pp > 1), runtime/align/common.py build_gpt (vp)",
     )
 
 
@@ -763,7 +806,8 @@ def warn_vp_one(env: Env, s: Sizes) -> Violation | None:
 # Ordered: cheapest and most decisive first (layout_violations stops at the first error).
 ERROR_RULES: tuple[Rule, ...] = (
     rule_world_size, rule_heads_tp, rule_query_groups_tp, rule_ffn_tp, rule_head_dim, rule_layers_pipeline,
-    rule_interleave_needs_pp, rule_interleave_pp2, rule_sequence_parallel, rule_global_batch, rule_interleave_microbatches,
+    rule_runtime_pipeline, rule_interleave_needs_pp, rule_interleave_pp2, rule_sequence_parallel, rule_global_batch,
+    rule_interleave_microbatches,
     rule_context_seq, rule_context_backend, rule_sequence_parallel_split, rule_dense_expert,
     rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp, rule_moe_tp_needs_sp,
     rule_precision_hardware, rule_seq_length_positions,
@@ -891,7 +935,12 @@ def check_spec(spec: ExperimentSpec) -> tuple[Diagnostic, ...]:
         if stage is not None and stage.kind not in TRAINING_KINDS:
             # eval / export run with their own layout (the planner picks it): only the rules on the
             # model, the precision and the sequence length apply here.
-            sizes = Sizes(tp=None, pp=None, cp=None, ep=None, distributed_optimizer=None, seq_length=seq)
+            # A pipeline the stage's own block writes is checked against what the runtime runs.
+            own_pp = own and f"stage.{stage.name}.parallel.pipeline" in spec.spans
+            own_vp = own and f"stage.{stage.name}.parallel.virtual_pipeline" in spec.spans
+            sizes = Sizes(tp=None, pp=parallel.pipeline if own_pp else None,
+                          vp=parallel.virtual_pipeline if own_vp else None, cp=None, ep=None,
+                          distributed_optimizer=None, seq_length=seq)
         for v in violations(env, sizes):
             key = (v.code, v.equation)
             if key in seen:

@@ -52,6 +52,7 @@ from nemoc.compiler.rules import (
     rule_interleave_microbatches,
     rule_heads_tp,
     rule_query_groups_tp,
+    runtime_caps,
 )
 from nemoc.compiler.spec import ClusterSpec, LoraSpec, ModelSpec, ParallelSpec
 
@@ -272,11 +273,19 @@ def _tp_domain(p: Problem, env: Env) -> list[int]:
     return _pick(p.fixed.tensor, ok)
 
 
+def _pp_domain(p: Problem, tp: int) -> list[int]:
+    """Auto PP: divisors of world / tp up to the layer count, or only 1 for a stage kind the
+    runtime runs without a pipeline (`rules.RUNTIME_CAPS`); a fixed PP is kept (the rules judge it)."""
+    if not runtime_caps(p.stage_kind).pipeline:
+        return _pick(p.fixed.pipeline, [1])
+    return _pick(p.fixed.pipeline, [d for d in divisors(p.cluster.world_size // tp) if d <= p.model.layers])
+
+
 def _vp_domain(p: Problem, pp: int) -> list[int | None]:
     v = p.fixed.virtual_pipeline
     if v is not None:
         return [None] if v <= 1 else [v]
-    if pp == 1:
+    if pp == 1 or not runtime_caps(p.stage_kind).pipeline:
         return [None]
     return [None] + [v for v in range(2, p.model.layers // pp + 1) if pipeline_split(p.model.layers, pp, v)]
 
@@ -346,8 +355,7 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
         if world % tp:
             rec.rule(f"world size {world} % tp({tp}) = {world % tp} != 0", "E101 world size", f"tp={tp}")
             continue
-        pps = _pick(p.fixed.pipeline, [d for d in divisors(world // tp) if d <= p.model.layers])
-        for pp in pps:
+        for pp in _pp_domain(p, tp):
             rest = world // (tp * pp) if world % (tp * pp) == 0 else 0
             cps = _pick(p.fixed.context, [c for c in divisors(rest) if c == 1 or p.seq_length % (2 * c) == 0] if rest else [])
             for cp in cps:
@@ -506,8 +514,9 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
     """The oracle: every size from 1 to its bound (no divisor generation, no pruning), each
     candidate checked by every rule and the memory model; same result type as `search`.
 
-    Only two policies of the search's domains are shared (they are choices, not pruning): auto
-    sequence parallelism is tried only with tp > 1, and auto expert-TP only takes 1 or tp.
+    Only three policies of the search's domains are shared (they are choices, not pruning): auto
+    sequence parallelism is tried only with tp > 1, auto expert-TP only takes 1 or tp, and auto
+    PP / VP stay 1 / none for stage kinds the runtime does not pipeline (`rules.RUNTIME_CAPS`).
     """
     env = p.env
     rec = _Recorder(p.budget)
@@ -515,12 +524,13 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
     world = p.cluster.world_size
     f = p.fixed
     rng = lambda fixed, hi: [fixed] if fixed is not None else list(range(1, hi + 1))  # noqa: E731
+    piped = runtime_caps(p.stage_kind).pipeline  # policy: auto PP / VP only where the runtime pipelines
     vps = ([f.virtual_pipeline if f.virtual_pipeline > 1 else None] if f.virtual_pipeline is not None
-           else [None] + list(range(2, (max_vp or p.model.layers) + 1)))
+           else [None] + list(range(2, (max_vp or p.model.layers) + 1)) if piped else [None])
     mb_hi = max_micro_batch or p.global_batch or 1
     experts = p.model.experts if p.model.is_moe else 1
     for tp, pp, cp, vp, ep, mb in itertools.product(
-            rng(f.tensor, world), rng(f.pipeline, world), rng(f.context, world), vps,
+            rng(f.tensor, world), rng(f.pipeline, world if piped else 1), rng(f.context, world), vps,
             rng(f.expert, max(experts, 1)), rng(f.micro_batch, mb_hi)):
         dp = f.data if f.data is not None else (world // (tp * pp * cp) if world % (tp * pp * cp) == 0 else None)
         etps = rng(f.expert_tensor, world) if p.model.is_moe else [f.expert_tensor or tp]

@@ -211,3 +211,17 @@ def test_any_spec_plans_or_fails_with_diagnostics_never_a_traceback(spec):
         assert sp.layout.tp * sp.layout.pp * sp.layout.cp * sp.layout.dp == spec.cluster.world_size
         assert sp.memory.total <= sp.memory.capacity
     assert from_json(to_json(result.plan)) == result.plan
+
+
+def test_an_inherited_pipeline_is_dropped_for_eval_and_export_and_alignment_stages_plan_without_one():
+    """rules.RUNTIME_CAPS: eval / export run in one process, so the experiment's pipeline = 2 (for
+    pretrain) does not reach them; an auto pipeline of a dpo stage resolves to 1."""
+    stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=128, steps=10),
+              StageSpec(name="dpo", kind="dpo", after=("pretrain",), global_batch=64, steps=10,
+                        parallel=ParallelSpec(tensor=None, pipeline=None)),
+              StageSpec(name="eval", kind="eval", after=("dpo",), steps=5, global_batch=8),
+              StageSpec(name="export", kind="export", after=("eval",)))
+    plan = plan_experiment(_spec(stages=stages, pipeline=2)).plan
+    assert plan.stage("pretrain").layout.pp == 2
+    for name in ("dpo", "eval", "export"):
+        assert (plan.stage(name).layout.pp, plan.stage(name).layout.vp) == (1, None), name

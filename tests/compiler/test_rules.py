@@ -372,3 +372,58 @@ def test_fixed_sizes_must_divide_the_world_even_with_others_auto():
     v = rules.rule_world_size(env(), Sizes(tp=2, pp=None, cp=1, dp=3))
     assert v.equation == "world size 16 (2 nodes x 8 GPUs) % (tp(2) * dp(3) = 6) = 4 != 0"
     assert rules.rule_world_size(env(), Sizes(tp=4, pp=None, cp=2)) is None
+
+
+# ------------------------------------------------------------- what the nemoc runtime itself runs
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "reward", "ppo", "eval", "export"])
+def test_runtime_pipeline_rule_fires_for_kinds_the_runtime_runs_without_a_pipeline(kind):
+    assert not rules.runtime_caps(kind).pipeline
+    v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2))
+    assert v.code == "E126" and v.anchors[0] == "parallel.pipeline"
+    assert f"pp(2) > 1, but stage kind {kind} runs with pp(1)" in v.equation
+    assert "pipeline = 1" in v.hint
+    vp = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=1, dp=4, vp=2))
+    assert vp.code == "E126" and vp.anchors[0] == "parallel.virtual_pipeline"
+    assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=1, dp=4)) is None
+    assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=None)) is None  # auto: the search's
+
+
+def test_pretrain_may_pipeline_and_every_stage_kind_has_capabilities():
+    from nemoc.dsl.schema import STAGE_KINDS
+
+    assert set(rules.RUNTIME_CAPS) == set(STAGE_KINDS)
+    assert rules.runtime_caps("pretrain").pipeline
+    assert rules.rule_runtime_pipeline(env(stage_kind="pretrain"), replace(VALID, vp=3)) is None
+
+
+def _aligned_spec(kind: str, *, own: bool):
+    """A pretrain stage and a `kind` stage; pipeline = 2 fixed in the stage's own block or the experiment's."""
+    line = Span("x.nemo", 14, 7, 14, 19)
+    pipelined = ParallelSpec(tensor=4, pipeline=2)
+    stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=64, tokens=10**9),
+              StageSpec(name="align", kind=kind, after=("pretrain",), global_batch=64, steps=10,
+                        parallel=pipelined if own else None))
+    spans = {"parallel": Span("x.nemo", 4, 1, 4, 9), "model": Span("x.nemo", 2, 1, 2, 6),
+             "stage.pretrain": Span("x.nemo", 9, 1, 9, 6), "stage.align": Span("x.nemo", 12, 3, 12, 9)}
+    spans |= ({"stage.align.parallel": Span("x.nemo", 13, 5, 13, 13), "stage.align.parallel.pipeline": line,
+               "stage.align.parallel.tensor": Span("x.nemo", 15, 7, 15, 17)} if own
+              else {"parallel.pipeline": line, "parallel.tensor": Span("x.nemo", 15, 7, 15, 17)})
+    return ExperimentSpec(name="t", model=LLAMA8B, cluster=ClusterSpec(gpu="H100", nodes=1),
+                          parallel=ParallelSpec() if own else pipelined, stages=stages, spans=spans)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "eval"])
+@pytest.mark.parametrize("own", [True, False])
+def test_a_fixed_pipeline_on_an_alignment_stage_is_an_error_at_the_users_line(kind, own):
+    if kind == "eval" and not own:
+        # eval / export run in one process: an inherited pipeline is dropped, not an error
+        assert not [d for d in check_spec(_aligned_spec(kind, own=own)) if d.code == "E126"]
+        return
+    errors = [d for d in check_spec(_aligned_spec(kind, own=own)) if d.code == "E126"]
+    assert len(errors) == 1, errors
+    e = errors[0]
+    assert e.is_error and e.span == Span("x.nemo", 14, 7, 14, 19)
+    assert "TP/DP only" in e.message or "one process" in e.message
+    assert e.equation.startswith(f"pp(2) > 1, but stage kind {kind}") and e.hint

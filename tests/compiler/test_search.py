@@ -215,3 +215,26 @@ def test_nothing_fits_reports_the_closest_candidate():
     result = search(p)
     assert result.best is None and result.closest is not None
     assert result.closest.over_bytes > 0 and result.closest.largest_term in ("weights", "gradients", "optimizer")
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_problems(), st.sampled_from(["sft", "dpo", "reward", "ppo", "eval", "export"]))
+def test_auto_never_pipelines_a_stage_kind_the_runtime_runs_without_a_pipeline(p: Problem, kind: str):
+    """rules.RUNTIME_CAPS: alignment / inference kinds get pp = 1 and no vp from `auto`, in the fast
+    search and the oracle alike (which still agree on the best plan)."""
+    p = replace(p, stage_kind=kind, fixed=replace(p.fixed, pipeline=None, virtual_pipeline=None))
+    fast, brute = search(p, top=5), enumerate_all(p)
+    for c in fast.ranked + brute.ranked:
+        assert (c.layout.pp, c.layout.vp) == (1, None)
+    assert (fast.best is None) == (brute.best is None)
+    if fast.best is not None:
+        assert fast.best.estimate.step_time_s == brute.best.estimate.step_time_s
+
+
+def test_a_70b_alignment_stage_searches_tp_and_dp_only():
+    auto = ParallelSpec(*(None,) * len(ParallelSpec.__dataclass_fields__))
+    p = Problem(model=get_preset("llama3_70b"), cluster=ClusterSpec(gpu="H100", nodes=8), gpu=H100, fixed=auto,
+                global_batch=128, seq_length=4096, stage_kind="pretrain")
+    assert any(c.layout.pp > 1 for c in search(p, top=20).ranked)  # pretrain would pipeline
+    sft = search(replace(p, stage_kind="sft"), top=20)
+    assert sft.best is not None and all((c.layout.pp, c.layout.vp) == (1, None) for c in sft.ranked)
