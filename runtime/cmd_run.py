@@ -65,8 +65,15 @@ def graph(file: str, fmt: str, sets: tuple[str, ...], as_json: bool) -> None:
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Run directory (default: runs/<experiment> under the current directory).")
 @click.option("--launcher", "launcher_name", default=None,
-              help="local | slurm | k8s (default: the cluster block's scheduler).")
-@click.option("--dry-run", is_flag=True, help="Show which tasks would run and which are cached; start nothing.")
+              help="local | slurm | k8s (default: the cluster block's scheduler). With slurm, `nemoc run` submits "
+                   "one batch job per task, in graph order, and must stay alive until the last one ends "
+                   "(run it inside tmux/screen or a small batch job of its own); with k8s likewise, one job at "
+                   "a time.")
+@click.option("--dry-run", is_flag=True,
+              help="Show which tasks would run and which are cached; start nothing. With the slurm or k8s "
+                   "launcher, also write each distributed task's sbatch script (tasks/<id>/job.sbatch) or "
+                   "PyTorchJob manifest (tasks/<id>/pytorchjob.yaml, all in k8s/manifests.yaml) into the run "
+                   "directory and print their paths; nothing is submitted.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Data-preparation worker processes (default: one per CPU core).")
 @common_options
@@ -81,12 +88,15 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
     plan, runtime_graph = _compile(file, sets, as_json)
     run_dir = RunDir(workdir if workdir else default_run_dir(plan.experiment))
     echo = (lambda line: click.echo(line, err=True)) if as_json else click.echo
-    launcher = None
-    if not dry_run:
-        try:
-            launcher = get_launcher(launcher_name or plan.cluster.scheduler, cluster=plan.cluster)
-        except LauncherError as error:
-            _die(f"error: {error}", as_json, EXIT_USAGE)
+    name = launcher_name or plan.cluster.scheduler
+    launcher, written = None, None
+    try:
+        if dry_run:
+            written = _write_cluster_files(name, plan, runtime_graph, run_dir)
+        else:
+            launcher = get_launcher(name, cluster=plan.cluster)
+    except LauncherError as error:
+        _die(f"error: {error}", as_json, EXIT_USAGE)
     executor = Executor(plan, runtime_graph, run_dir, launcher=launcher, echo=echo, options={"workers": workers})
     echo(f"run directory: {run_dir.root}")
     started = time.time()
@@ -103,10 +113,18 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
     except KeyboardInterrupt:
         click.echo("\ninterrupted: every started process was stopped; `nemoc run` again resumes", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    if written is not None:
+        what = "sbatch script" if name == "slurm" else "PyTorchJob manifest"
+        echo(f"wrote {len(written)} {what}{'s' * (len(written) != 1)} (nothing submitted):")
+        for path in written:
+            echo(f"  {path}")
     if as_json:
-        click.echo(json.dumps({"run_dir": str(run_dir.root), "ok": outcome.ok, "tasks": [
+        result = {"run_dir": str(run_dir.root), "ok": outcome.ok, "tasks": [
             {"id": t.task_id, "state": t.state, "hash": t.hash, "elapsed_s": round(t.elapsed_s, 3), "error": t.error}
-            for t in outcome.tasks]}, indent=2))
+            for t in outcome.tasks]}
+        if written is not None:
+            result["written"] = [str(p) for p in written]
+        click.echo(json.dumps(result, indent=2))
     elif not dry_run:
         counts = {}
         for t in outcome.tasks:
@@ -116,6 +134,24 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
                    f"(nemoc status {run_dir.root})")
     if not outcome.ok:
         sys.exit(EXIT_DIAGNOSTICS)
+
+
+def _write_cluster_files(name: str, plan, runtime_graph, run_dir) -> list[Path] | None:
+    """`--dry-run` on a cluster launcher: the files it would submit, written (not submitted); None for
+    `local`. Raises LauncherError for an unknown launcher or bad scheduler options."""
+    from nemoc.runtime.launchers import LAUNCHERS, LauncherError
+
+    if name == "slurm":
+        from nemoc.runtime.launch_slurm import write_scripts
+
+        return write_scripts(plan, runtime_graph, run_dir)
+    if name == "k8s":
+        from nemoc.runtime.launch_k8s import write_manifests
+
+        return write_manifests(plan, runtime_graph, run_dir)
+    if name not in LAUNCHERS:
+        raise LauncherError(f"unknown launcher {name!r} (known: {', '.join(sorted(LAUNCHERS))})")
+    return None
 
 
 def _sigterm_as_interrupt() -> None:

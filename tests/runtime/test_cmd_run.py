@@ -68,6 +68,49 @@ def test_dry_run_starts_nothing(quickstart):
     assert not (quickstart / "runs" / "quickstart" / "data").exists()
 
 
+def _with_scheduler(quickstart, scheduler: str):
+    path = quickstart / "quickstart.nemo"
+    text = path.read_text()
+    assert "gpus_per_node = 2\n" in text
+    path.write_text(text.replace("gpus_per_node = 2\n", f"gpus_per_node = 2\n    scheduler = {scheduler}\n", 1))
+    return path
+
+
+def test_dry_run_on_slurm_writes_the_batch_scripts_and_submits_nothing(quickstart, monkeypatch):
+    monkeypatch.setenv("PATH", str(quickstart))  # no sbatch/squeue reachable: a submission would fail
+    path = _with_scheduler(quickstart, 'slurm(partition = "batch", extra = ["--exclusive"], time = 2h)')
+    result = invoke("run", str(path), "--dry-run", "--workdir", str(quickstart / "w"))
+    assert result.exit_code == 0, result.output
+    script = quickstart / "w" / "tasks" / "train_pretrain" / "job.sbatch"
+    assert "wrote 1 sbatch script (nothing submitted):" in result.output and str(script) in result.output
+    text = script.read_text()
+    assert "#SBATCH --partition=batch" in text and "#SBATCH --exclusive" in text
+    assert not (quickstart / "w" / "tasks" / "tokenizer_local").exists()  # inline tasks run where nemoc runs
+    assert not (quickstart / "w" / "data").exists() and not (quickstart / "w" / "slurm.json").exists()
+
+
+def test_dry_run_on_k8s_writes_the_manifests_and_applies_nothing(quickstart, monkeypatch):
+    monkeypatch.setenv("PATH", str(quickstart))  # no kubectl
+    path = _with_scheduler(quickstart, 'k8s(namespace = "ml", image = "registry.example/nemoc:0.1")')
+    result = invoke("run", str(path), "--dry-run", "--json", "--workdir", str(quickstart / "w"))
+    assert result.exit_code == 0, result.output
+    manifest = quickstart / "w" / "tasks" / "train_pretrain" / "pytorchjob.yaml"
+    payload = json.loads(result.stdout)
+    assert payload["written"] == [str(manifest)]
+    assert "namespace: ml" in manifest.read_text() and "registry.example/nemoc:0.1" in manifest.read_text()
+    assert (quickstart / "w" / "k8s" / "manifests.yaml").exists()
+
+
+def test_dry_run_with_a_launcher_override_and_bad_options(quickstart):
+    path = _with_scheduler(quickstart, 'slurm(partition = "batch")')
+    result = invoke("run", str(path), "--dry-run", "--launcher", "k8s", "--workdir", str(quickstart / "w"))
+    assert result.exit_code == 2 and "unknown k8s option `partition`" in result.output
+    result = invoke("run", str(path), "--dry-run", "--launcher", "local", "--workdir", str(quickstart / "w"))
+    assert result.exit_code == 0 and "wrote" not in result.output
+    result = invoke("run", str(path), "--dry-run", "--launcher", "nope", "--workdir", str(quickstart / "w"))
+    assert result.exit_code == 2 and "unknown launcher 'nope'" in result.output
+
+
 def test_bad_data_fails_with_file_line_and_status_shows_it(quickstart):
     corpus = quickstart / "data" / "quickstart" / "corpus.jsonl"
     with open(corpus, "a") as f:
