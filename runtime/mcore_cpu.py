@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -307,14 +309,36 @@ def fork_checkpoint_results_queue() -> None:
         return
     _state["fork_queue"] = True
     import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
 
     def results_queue(*args, **kwargs):
         if fa._results_queue is None:
-            fa._results_queue = mp.get_context("fork").Manager().Queue()
+            manager = SyncManager(ctx=mp.get_context("fork"))
+            manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+            fa._results_queue = manager.Queue()
+            fa._nemoc_manager = manager  # keep it referenced: its finalizer shuts the server down at exit
         return fa._results_queue
 
     for name in ("_get_write_results_queue", "get_write_results_queue"):  # 0.16 / 0.19 names
         if hasattr(fa, name):
             setattr(fa, name, results_queue)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the queue-server process: a trainer killed with SIGKILL (preemption, a fault test)
+    cannot shut its Manager down, so ask the kernel to SIGTERM the server when the parent dies.
+    The fork inherited the trainer's SIGTERM/SIGUSR1 handlers (which only set a stop flag): restore
+    the defaults first, or the death signal would be swallowed."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
