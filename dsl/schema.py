@@ -71,6 +71,7 @@ NONNEG_FLOAT = Type("float", minimum=0)
 POSITIVE_FLOAT = Type("float", minimum=0, exclusive_min=True)
 FRACTION = Type("float", unit="percent", minimum=0)
 DURATION = Type("float", unit="duration", minimum=0)
+POSITIVE_DURATION = Type("float", unit="duration", minimum=0, exclusive_min=True)
 BOOL = Type("bool")
 STR = Type("str")
 
@@ -366,13 +367,13 @@ CALLS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
         _f("partition", STR, None, "Slurm partition (sbatch --partition)."),
         _f("account", STR, None, "Slurm account."),
         _f("qos", STR, None, "Quality of service."),
-        _f("time", DURATION, None, "Wall-clock limit. Default: the partition's."),
+        _f("time", POSITIVE_DURATION, None, "Wall-clock limit. Default: the partition's."),
         _f("reservation", STR, None, "Slurm reservation."),
         _f("constraint", STR, None, "Node features (sbatch --constraint)."),
         _f("container", STR, None, "Container image (pyxis/enroot srun --container-image)."),
         _f("mem", STR, None, "Memory per node as sbatch takes it (\"0\" = all)."),
         _f("cpus_per_task", POSITIVE, None, "CPUs per task."),
-        _f("signal_lead", DURATION, 300, "Warning before the time limit, to checkpoint and requeue."),
+        _f("signal_lead", POSITIVE_DURATION, 300, "Warning before the time limit, to checkpoint and requeue."),
         _f("max_failures", INT, 2, "Requeues after a failure that was not a preemption."),
         _f("torchrun_restarts", INT, 0, "torchrun --max-restarts inside one allocation."),
         _f("port_base", POSITIVE, 29500, "Rendezvous port base (plus job id modulo 20000)."),

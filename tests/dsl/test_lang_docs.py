@@ -78,3 +78,56 @@ def test_stage_params_are_the_ones_the_runtime_reads():
     assert declared - read == {"format"}, "declared but never read"
     assert read - declared == set(), ("read by the runtime but not settable from the language: add it to "
                                       "STAGE_PARAMS in dsl/schema.py, then `python -m nemoc.dsl.docgen > docs/language.md`")
+
+
+# A value of every scheduler argument as a user writes it, and what the launcher must then hold.
+_SLURM_USE = {
+    "partition": ('"batch"', "batch"), "account": ('"llm"', "llm"), "qos": ('"high"', "high"),
+    "time": ("4h", ("time_s", 14400)), "reservation": ('"r1"', "r1"), "constraint": ('"h100"', "h100"),
+    "container": ('"nvcr.io/x:1"', "nvcr.io/x:1"), "mem": ('"0"', "0"), "cpus_per_task": ("16", 16),
+    "signal_lead": ("10min", ("signal_lead_s", 600)), "max_failures": ("3", 3), "torchrun_restarts": ("1", 1),
+    "port_base": ("30000", 30000), "extra": ('["--exclusive", "--gres=gpu:8"]', ("--exclusive", "--gres=gpu:8")),
+}
+_K8S_USE = {
+    "namespace": ('"ml"', "ml"), "image": ('"reg/nemoc:1"', "reg/nemoc:1"), "queue": ('"team-a"', "team-a"),
+    "data_pvc": ('"data"', "data"), "checkpoint_pvc": ('"ckpt"', "ckpt"), "max_restarts": ("5", 5),
+    "backoff_limit": ("2", 2), "service_account": ('"trainer"', "trainer"), "priority_class": ('"high"', "high"),
+    "shm_size": ('"32Gi"', "32Gi"), "cpu": ('"8"', "8"), "memory": ('"64Gi"', "64Gi"),
+}
+
+
+def _lowered_options(tmp_path, function: str, uses: dict) -> dict:
+    from nemoc.runtime.cli_common import load_spec
+
+    args = ", ".join(f"{k} = {text}" for k, (text, _) in uses.items())
+    (tmp_path / "x.nemo").write_text(f"""experiment x {{
+  cluster {{ gpu = H100  scheduler = {function}({args}) }}
+  model llama3_8b {{}}
+  data d {{ path = "d.jsonl" }}
+  stage pretrain {{ data = [d]  steps = 10  global_batch = 8 }}
+}}
+""")
+    spec, _ = load_spec(str(tmp_path / "x.nemo"))
+    return dict(spec.cluster.scheduler_options)
+
+
+def test_every_scheduler_argument_written_in_the_language_reaches_the_launcher(tmp_path):
+    """Each `slurm(...)` / `k8s(...)` argument, written as the docs show, type-checks, lowers, and
+    is parsed by the launcher into the value meant; the schema's defaults are the launchers'."""
+    from dataclasses import fields as dc_fields
+
+    from nemoc.runtime.launch_k8s import K8sOptions
+    from nemoc.runtime.launch_slurm import SlurmOptions
+
+    for function, uses, cls in (("slurm", _SLURM_USE, SlurmOptions), ("k8s", _K8S_USE, K8sOptions)):
+        assert set(uses) == {f.name for f in CALLS[function]}, function  # every argument is exercised
+        options = cls.from_mapping(_lowered_options(tmp_path, function, uses))
+        for key, (_, want) in uses.items():
+            attr, value = want if isinstance(want, tuple) and len(want) == 2 and isinstance(want[0], str) \
+                and want[0].endswith("_s") else (key, want)
+            assert getattr(options, attr) == value, (function, key)
+        defaults = {f.name: f.default for f in dc_fields(cls)}
+        for f in CALLS[function]:
+            attr = {"time": "time_s", "signal_lead": "signal_lead_s"}.get(f.name, f.name)
+            launcher_default = defaults[attr]
+            assert f.default == launcher_default or (f.default == () and launcher_default == ()), (function, f.name)
