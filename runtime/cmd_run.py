@@ -65,10 +65,10 @@ def graph(file: str, fmt: str, sets: tuple[str, ...], as_json: bool) -> None:
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Run directory (default: runs/<experiment> under the current directory).")
 @click.option("--launcher", "launcher_name", default=None,
-              help="local | slurm | k8s (default: the cluster block's scheduler). With slurm, `nemoc run` submits "
-                   "one batch job per task, in graph order, and must stay alive until the last one ends "
-                   "(run it inside tmux/screen or a small batch job of its own); with k8s likewise, one job at "
-                   "a time.")
+              help="local | slurm | k8s (default: the cluster block's scheduler). With slurm or k8s, `nemoc run` "
+                   "submits one job per training task, one at a time in graph order, and must stay alive until "
+                   "the last one ends (run it inside tmux/screen or a small batch job of its own); Ctrl-C "
+                   "cancels the running job, and running again resumes with finished tasks cached.")
 @click.option("--dry-run", is_flag=True,
               help="Show which tasks would run and which are cached; start nothing. With the slurm or k8s "
                    "launcher, also write each distributed task's sbatch script (tasks/<id>/job.sbatch) or "
