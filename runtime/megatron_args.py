@@ -14,6 +14,8 @@ with the reason, never a Megatron assertion later.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import math
 from dataclasses import dataclass
 
@@ -107,6 +109,23 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
         raise UnsupportedPlan("sequence_parallel needs tp > 1")
 
 
+# The planner's uneven pipeline split (compiler/rules.py, compiler/planner.py) travels in
+# StagePlan.params under TransformerConfig's own names; Megatron-Core 0.16.1 validates and applies them
+# (transformer_config.py __post_init__, transformer_block.get_num_layers_to_build).
+PIPELINE_SPLIT_FIELDS = (
+    "num_layers_in_first_pipeline_stage",
+    "num_layers_in_last_pipeline_stage",
+    "account_for_embedding_in_pipeline_split",
+    "account_for_loss_in_pipeline_split",
+)
+
+
+def pipeline_split_kwargs(stage_params: Mapping[str, object] | None) -> dict:
+    """The TransformerConfig fields of an uneven pipeline split present in `stage_params`."""
+    params = stage_params or {}
+    return {name: params[name] for name in PIPELINE_SPLIT_FIELDS if params.get(name) is not None}
+
+
 def transformer_config(
     *,
     model: ModelSpec,
@@ -116,8 +135,10 @@ def transformer_config(
     facts: MachineFacts,
     dropout: float = 0.0,
     deterministic: bool = False,
+    stage_params: Mapping[str, object] | None = None,
 ):
-    """The TransformerConfig for one stage. `attention_backend` is the plan's resolved value."""
+    """The TransformerConfig for one stage. `attention_backend` is the plan's resolved value;
+    `stage_params` (StagePlan.params) may carry the planner's uneven pipeline split."""
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -163,6 +184,7 @@ def transformer_config(
         deterministic_mode=deterministic,
         attention_backend=_megatron_attention_backend(attention_backend, facts, AttnBackend),
         **_recompute_kwargs(layout.recompute),
+        **pipeline_split_kwargs(stage_params),
     )
     if model.is_moe:
         kwargs.update(

@@ -222,7 +222,7 @@ def build_model(*, plan: Plan, stage: StagePlan, vocab_size: int, facts: margs.M
         model=plan.model, layout=stage.layout, precision=plan.precision,
         attention_backend=plan.attention_backend, facts=facts,
         dropout=float(stage.params.get("dropout", 0.0)) if dropout is None else dropout,
-        deterministic=facts.cpu,
+        deterministic=facts.cpu, stage_params=stage.params,
     )
     padded = margs.padded_vocab_size(vocab_size, stage.layout.tp)
     chunks = mdl.build_model_chunks(config=config, model=plan.model, vocab_size=padded,
@@ -447,10 +447,12 @@ class Throughput:
 def throughput_for(*, plan: Plan, stage: StagePlan) -> Throughput:
     tokens = stage.layout.global_batch * stage.seq_length
     flops = peak = None
-    try:  # the compiler's formula, with the causal discount as `nemoc plan` reports MFU (Megatron-Core form)
-        from nemoc.compiler.flops import model_flops_per_step
+    try:  # the compiler's formula for this stage kind, with the causal discount, as `nemoc plan` reports MFU
+        from nemoc.compiler.flops import stage_model_flops_per_step
 
-        flops = model_flops_per_step(plan.model, stage.seq_length, stage.layout.global_batch, causal_discount=True)
+        flops = stage_model_flops_per_step(plan.model, stage.seq_length, stage.layout.global_batch,
+                                           stage_kind=stage.kind, peft=stage.peft, params=stage.params,
+                                           causal_discount=True)
     except Exception:
         flops = None
     if torch.cuda.is_available() and not mcore_cpu.is_applied():

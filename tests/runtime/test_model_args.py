@@ -99,3 +99,15 @@ def test_optimizer_and_scheduler():
     assert short["lr_warmup_steps"] < short["lr_decay_steps"]
     with pytest.raises(margs.UnsupportedPlan, match="optimizer"):
         margs.optimizer_config(optimizer=OptimizerSpec(name="lion"), schedule=sched, layout=lay(), precision="bf16")
+
+
+def test_uneven_pipeline_split_from_stage_params():
+    """The planner's uneven split travels in StagePlan.params under TransformerConfig's names."""
+    split = {"num_layers_in_first_pipeline_stage": 1, "num_layers_in_last_pipeline_stage": 1, "eval_iters": 2}
+    c = margs.transformer_config(model=LLAMA_ISH, layout=lay(pp=3), precision="bf16", attention_backend="flash",
+                                 facts=CPU, stage_params=split)
+    assert (c.num_layers_in_first_pipeline_stage, c.num_layers_in_last_pipeline_stage) == (1, 1)
+    assert margs.pipeline_split_kwargs({"eval_iters": 2}) == {}
+    accounted = margs.pipeline_split_kwargs({"account_for_embedding_in_pipeline_split": True,
+                                             "account_for_loss_in_pipeline_split": True})
+    assert accounted == {"account_for_embedding_in_pipeline_split": True, "account_for_loss_in_pipeline_split": True}

@@ -43,3 +43,12 @@ def test_layout_reproduces_single_process(tmp_path, kit, train_data, reference_w
     grad = {r["step"]: r["grad_norm"] for r in result.records if "grad_norm" in r}
     base_grad = {r["step"]: r["grad_norm"] for r in baseline.records if "grad_norm" in r}
     assert grad[1] == pytest.approx(base_grad[1], rel=1e-4)
+
+
+def test_uneven_pipeline_split_reproduces_single_process(tmp_path, kit, train_data, reference_weights, baseline):
+    """pp=2 with 1 + 3 layers (the planner's num_layers_in_first_pipeline_stage) trains the same model."""
+    lay = kit.layout(pp=2)
+    stage = kit.stage_plan(lay=lay, every=3, params={"eval_iters": 2, "num_layers_in_first_pipeline_stage": 1})
+    result = kit.run_training(tmp_path / "run", kit.make_plan(stage), lay.world_size,
+                              data_prefix=train_data, init_checkpoint=reference_weights)
+    assert_same_curve(result, baseline)
