@@ -8,45 +8,24 @@ reached through an import.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
+
+from annotated import markers, mismatches
 
 from nemoc.compiler.lower import compile_file
 from nemoc.dsl.diagnostics import render_all
 
 HERE = Path(__file__).parent
 CASES = sorted(p for p in HERE.glob("*.nemo"))
-MARKER = re.compile(r"#\s*(error|warning):\s*([EW]\d{3})\s*(.*?)\s*(?=#\s*(?:error|warning):|$)")
-
-
-def expected_markers(sources: dict[str, str]) -> list[tuple[str, int, str, str, str]]:
-    out = []
-    for path, text in sources.items():
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            for m in MARKER.finditer(line):
-                out.append((path, lineno, m.group(1), m.group(2), m.group(3)))
-    return out
-
-
 @pytest.mark.parametrize("case", CASES, ids=[p.stem for p in CASES])
 def test_annotated_file(case: Path, monkeypatch):
     monkeypatch.chdir(HERE.parent.parent)
     path = str(case.relative_to(HERE.parent.parent))
     _spec, diags, sources = compile_file(path)
-    expected = expected_markers(sources)
-    assert expected, f"{path} has no markers"
-    unmatched = list(diags)
-    problems = []
-    for mpath, line, severity, code, regex in expected:
-        hit = next((d for d in unmatched if d.span and d.span.path == mpath and d.span.line == line
-                    and d.code == code and d.severity.value == severity and re.search(regex, d.message)), None)
-        if hit is None:
-            problems.append(f"missing {severity} {code} /{regex}/ at {mpath}:{line}")
-        else:
-            unmatched.remove(hit)
-    problems += [f"unexpected {d.span}: {d.code} {d.message}" for d in unmatched]
+    assert markers(sources), f"{path} has no markers"
+    problems = mismatches(diags, sources)
     assert not problems, "\n".join(problems) + "\n\n" + render_all(diags, sources)
 
 
@@ -54,7 +33,7 @@ def test_every_code_is_exercised():
     """The annotated files cover every error code the front end can emit from a file."""
     files = CASES + sorted((HERE / "imports").glob("*.nemo"))
     sources = {str(p): p.read_text() for p in files}
-    seen = {code for _path, _line, _sev, code, _regex in expected_markers(sources)}
+    seen = {code for _path, _line, _sev, code, _regex in markers(sources)}
     wanted = {"E005", "E006", "E007", "E010", "E011", "E012", "E013", "E014", "E015", "E016", "E020", "E021",
               "E022", "E023", "E024", "E025", "E026", "E030", "E031", "E032", "E033", "E034", "E035", "E036",
               "E027", "E028", "E040", "E041", "E042", "E043", "E044", "W001", "W002"}
