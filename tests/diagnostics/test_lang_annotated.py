@@ -19,6 +19,8 @@ from nemoc.dsl.diagnostics import render_all
 
 HERE = Path(__file__).parent
 CASES = sorted(p for p in HERE.glob("*.nemo"))
+
+
 @pytest.mark.parametrize("case", CASES, ids=[p.stem for p in CASES])
 def test_annotated_file(case: Path, monkeypatch):
     monkeypatch.chdir(HERE.parent.parent)
