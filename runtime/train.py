@@ -316,8 +316,32 @@ def build_gpt_datasets(*, task: Task, stage: StagePlan, seed: int):
         create_attention_mask=False,  # causal masking is done by the attention kernel
         mid_level_dataset_surplus=0.005,
     )
+    check_splits_have_tokens(task.datasets, config.split_matrix, sizes, split)
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     return train, (valid if valid_needed else None)
+
+
+def check_splits_have_tokens(datasets, split_matrix, sizes, split: str) -> None:
+    """Every split that must yield samples holds at least one token of every dataset; raises TaskError.
+
+    Megatron cuts each dataset's documents by `split` (rounding) and, for a part with no tokens, loops
+    forever computing how many epochs it needs; a corpus of a handful of documents gets there."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    names = ("training", "validation", "test")
+    for ref in datasets:
+        indexed = IndexedDataset(ref.prefix)  # kept alive while `lengths` (a view of its mmap) is read
+        lengths = indexed.sequence_lengths
+        count = len(lengths)
+        for i, bounds in enumerate(split_matrix):
+            if bounds is None or not sizes[i]:
+                continue
+            begin, end = int(round(bounds[0] * count)), int(round(bounds[1] * count))
+            if not np.any(lengths[begin:end]):
+                raise TaskError(
+                    f"dataset {ref.name!r} ({ref.prefix}) is too small: the {names[i]} part of the split "
+                    f"{split} gets {end - begin} of its {count} document(s) and no tokens; add documents, "
+                    f"or change the data's `split`" + (" or drop the stage's eval_every" if i == 1 else ""))
 
 
 def collate(samples: list[dict], dev: torch.device) -> dict:

@@ -49,3 +49,16 @@ def test_world_size_mismatch_and_missing_data_exit_2(tmp_path, kit, train_data):
     proc = run_task_file(nodata, kit)
     assert proc.returncode == 2 and "missing_text_document.bin does not exist" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_corpus_too_small_for_its_validation_split_exits_2_instead_of_hanging(tmp_path, kit):
+    """One document, split 0.9/0.1: the validation part gets no token, on which Megatron's epoch count
+    loops forever; the task names the dataset and the split instead."""
+    prefix = kit.write_indexed_dataset(tmp_path / "one_doc_text_document", docs=1)
+    task = kit.write_task(tmp_path / "tiny", kit.make_plan(kit.stage_plan(lay=kit.layout(), eval_every=3)),
+                          data_prefix=prefix)
+    proc = subprocess.run([sys.executable, "-m", "nemoc.runtime.train", str(task)], capture_output=True, text=True,
+                          timeout=120, env=kit.torchrun_env(), cwd=str(kit.REPO))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "dataset 'web'" in proc.stderr and "validation part of the split 0.9,0.1,0" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
