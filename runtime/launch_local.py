@@ -166,17 +166,36 @@ class Rank0Echo:
 
 
 def _terminate_group(proc: subprocess.Popen) -> None:
+    """SIGTERM torchrun's group (torchrun passes it on to the ranks), then SIGKILL. torchrun starts every
+    rank in a session of its own, out of reach of killpg: a rank still alive once torchrun is gone (one
+    that ignored SIGTERM, torchrun killed before it could escalate) is SIGKILLed here by pid."""
+    ranks = _descendants(proc.pid)
     for sig, wait in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5.0)):
         if proc.poll() is not None:
-            return
+            break
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
+            break
         try:
             proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             continue
+    ranks += [p for p in _descendants(proc.pid) if p not in ranks]
+    for rank in ranks:
+        try:
+            rank.kill()  # psutil checks that the pid still names the same process
+        except Exception:  # noqa: BLE001 - gone already (NoSuchProcess) or not ours
+            pass
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 def root_cause_exitcode(combined_tail: list[str]) -> int | None:

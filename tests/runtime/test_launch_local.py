@@ -1,5 +1,6 @@
 """runtime/launch_local.py pieces that need no processes: the command line, the environment, the
-machine-fit guard and reading torchrun's failure summary."""
+machine-fit guard and reading torchrun's failure summary; and, with two plain processes, the teardown of a rank that
+outlives torchrun."""
 
 from __future__ import annotations
 
@@ -81,3 +82,41 @@ def test_get_launcher(tmp_path):
     assert get_launcher("local", cluster=None).name == "local"
     with pytest.raises(LauncherError, match="unknown launcher 'pbs'"):
         get_launcher("pbs", cluster=None)
+
+
+# A stand-in for torchrun: it dies on SIGTERM, its "rank" runs in a session of its own (as torchrun
+# starts ranks) and ignores SIGTERM (a rank stuck where its handler never runs).
+FAKE_TORCHRUN = """
+import subprocess, sys, time
+rank = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                         "print('ready', flush=True); time.sleep(600)"], start_new_session=True)
+print(rank.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_teardown_kills_a_rank_that_outlives_torchrun(monkeypatch):
+    import subprocess
+    import sys
+
+    import psutil
+
+    from nemoc.runtime import launch_local
+
+    monkeypatch.setattr(launch_local, "TERM_GRACE_S", 1.0)
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_TORCHRUN], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    rank = None
+    try:
+        rank = psutil.Process(int(proc.stdout.readline()))
+        assert proc.stdout.readline().strip() == "ready"
+        launch_local._terminate_group(proc)
+        assert proc.poll() is not None
+        rank.wait(timeout=10)  # raises TimeoutExpired if the rank was left behind
+    finally:
+        for p in (proc, rank):
+            try:
+                p.kill()
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        proc.stdout.close()
