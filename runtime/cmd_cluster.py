@@ -55,12 +55,20 @@ def launcher_of(root: Path) -> str:
     return "local"
 
 
+def _status_tasks(root: Path) -> dict[str, dict]:
+    """status.json's task records; a damaged file (wrong shapes) reads as the records still usable."""
+    tasks = (_read_json(root / "status.json") or {}).get("tasks")
+    if not isinstance(tasks, dict):
+        return {}
+    return {task: rec for task, rec in tasks.items() if isinstance(rec, dict)}
+
+
 def _task_ids(root: Path) -> list[str]:
-    status = _read_json(root / "status.json") or {}
-    ids = list((status.get("tasks") or {}).keys())
+    ids = list(_status_tasks(root))
     if not ids:
-        graph = _read_json(root / "graph.json") or {}
-        ids = [t["id"] for t in graph.get("tasks", []) if isinstance(t, dict) and "id" in t]
+        tasks = (_read_json(root / "graph.json") or {}).get("tasks")
+        ids = [t["id"] for t in tasks if isinstance(t, dict) and isinstance(t.get("id"), str)] \
+            if isinstance(tasks, list) else []
     return ids
 
 
@@ -75,8 +83,7 @@ def resolve_task(root: Path, task: str | None) -> str:
     the running task, else the last one that has a log."""
     ids = _task_ids(root)
     if task is None:
-        status = (_read_json(root / "status.json") or {}).get("tasks") or {}
-        running = [t for t, rec in status.items() if rec.get("state") == "running"]
+        running = [t for t, rec in _status_tasks(root).items() if rec.get("state") == "running"]
         logged = [t for t in ids if (task_dir(root, t) / "log.txt").exists()]
         if running or logged:
             return (running or logged)[-1]
@@ -92,8 +99,7 @@ def resolve_task(root: Path, task: str | None) -> str:
 
 
 def _task_running(root: Path, task_id: str) -> bool:
-    status = (_read_json(root / "status.json") or {}).get("tasks") or {}
-    return (status.get(task_id) or {}).get("state") in RUNNING_STATES and (root / "status.json").exists() \
+    return (_status_tasks(root).get(task_id) or {}).get("state") in RUNNING_STATES \
         and not (_read_json(root / "status.json") or {}).get("finished")
 
 

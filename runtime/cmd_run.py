@@ -175,7 +175,8 @@ def status(run_dir: str, as_json: bool) -> None:
     """Summarise a run directory: each task's state, hash, steps, last loss and timings."""
     rows = status_rows(run_dir)
     if rows is None:
-        _die(f"error: {run_dir}: not a nemoc run directory (no readable status.json)", as_json, EXIT_USAGE)
+        _die(f"error: {run_dir}: not a nemoc run directory (no readable status.json, or not one nemoc wrote)",
+             as_json, EXIT_USAGE)
     if as_json:
         click.echo(json.dumps({"run_dir": str(Path(run_dir).resolve()), "tasks": rows}, indent=2))
         return
@@ -187,7 +188,7 @@ def status(run_dir: str, as_json: bool) -> None:
         table.add_column(column, justify="right" if column in ("steps", "last loss", "tokens/s", "elapsed") else "left")
     for row in rows:
         steps = "" if not row["steps_total"] else f"{row['steps_done'] or 0}/{row['steps_total']}"
-        table.add_row(row["id"], row["state"], row["hash"][:8], steps, _fmt(row["last_loss"], "{:.4f}"),
+        table.add_row(row["id"], str(row["state"]), str(row["hash"])[:8], steps, _fmt(row["last_loss"], "{:.4f}"),
                       _fmt(row["tokens_per_s"], "{:,.0f}"), _fmt(row["elapsed_s"], "{:.1f} s"))
     Console(width=max(100, Console().width)).print(table)
     for row in rows:
@@ -196,7 +197,12 @@ def status(run_dir: str, as_json: bool) -> None:
 
 
 def _fmt(value, pattern: str) -> str:
-    return "" if value is None else pattern.format(value)
+    if value is None:
+        return ""
+    try:
+        return pattern.format(value)
+    except (TypeError, ValueError):  # a hand-edited or damaged file: show the value as it is
+        return str(value)
 
 
 def status_rows(run_dir: str | Path) -> list[dict] | None:
@@ -205,12 +211,14 @@ def status_rows(run_dir: str | Path) -> list[dict] | None:
     from nemoc.runtime.rundir import RunDir
 
     data = load_status(run_dir)
-    if data is None or not isinstance(data.get("tasks"), dict):
-        return None
+    tasks = data.get("tasks") if data is not None else None
+    if not isinstance(tasks, dict) or not all(isinstance(rec, dict) for rec in tasks.values()):
+        return None  # missing, or damaged past reading: not the shape the executor writes
     rd = RunDir(run_dir)
     rows = []
-    order = [t for t in data.get("order", []) if t in data["tasks"]]
-    order += sorted(t for t in data["tasks"] if t not in order)
+    order = data.get("order")
+    order = [t for t in order if isinstance(t, str) and t in tasks] if isinstance(order, list) else []
+    order += sorted(t for t in tasks if t not in order)
     for task_id in order:
         rec = data["tasks"][task_id]
         task_dir = rd.task_dir(task_id)

@@ -67,8 +67,8 @@ class Status:
         }
         for task in graph.tasks():
             stage = plan.stage(task.stage) if task.stage else None
-            previous = old_tasks.get(task.id, {})
-            keep = previous if previous.get("hash") == task.hash else {}
+            previous = old_tasks.get(task.id)
+            keep = previous if isinstance(previous, dict) and previous.get("hash") == task.hash else {}
             self.data["tasks"][task.id] = {
                 "state": "pending",
                 "hash": task.hash,

@@ -133,6 +133,23 @@ def test_status_of_a_non_run_directory_and_unknown_launcher(tmp_path, quickstart
     assert result.exit_code == 2 and "unknown launcher 'nope'" in result.output
 
 
+def test_status_of_a_damaged_status_json_is_a_message_not_a_traceback(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    unreadable = ({"tasks": [1]}, {"tasks": {"train:pretrain": None}}, ["not", "an", "object"])
+    for data in unreadable:
+        (run / "status.json").write_text(json.dumps(data))
+        for extra in ((), ("--json",)):
+            result = invoke("status", str(run), *extra)
+            assert result.exit_code == 2 and "not a nemoc run directory" in result.output, result.output
+    (run / "status.json").write_text(json.dumps({"order": [["x"], 3], "tasks": {
+        "train:pretrain": {"state": 5, "hash": 7, "elapsed_s": "x", "steps_total": "y"}}}))
+    result = invoke("status", str(run))
+    assert result.exit_code == 0 and "train:pretrain" in result.output, result.output
+    (run / "status.json").write_text(json.dumps({"order": 3, "tasks": {"train:pretrain": {}}}))
+    assert json.loads(invoke("status", str(run), "--json").output)["tasks"][0]["id"] == "train:pretrain"
+
+
 @pytest.mark.slow
 def test_quickstart_trains_with_falling_loss_then_is_cached(quickstart):
     """The end-to-end goal on 2 CPU processes, shortened to 60 steps (about 1-2 minutes)."""

@@ -122,6 +122,18 @@ def test_dry_run_starts_nothing(workspace):
     assert all("would run" in line for line in lines)
 
 
+def test_a_damaged_status_json_is_rewritten_not_a_traceback(workspace):
+    from nemoc.runtime.executor import Status
+
+    plan = make_plan(workspace, stages=(make_stage("pretrain", "faketrain"),))
+    run_dir = RunDir(workspace / "run")
+    run_dir.root.mkdir(parents=True)
+    run_dir.status_path.write_text(json.dumps({"tasks": {"train:pretrain": 5, "tokenizer:local": None}}))
+    status = Status(run_dir, plan, build_graph(plan))
+    assert status.data["tasks"]["train:pretrain"]["state"] == "pending"
+    assert read_json(run_dir.status_path)["tasks"]["tokenizer:local"]["state"] == "pending"
+
+
 def test_vocab_larger_than_the_model_is_a_clear_error(workspace):
     plan = with_stage(make_plan(workspace, stages=(make_stage("pretrain", "faketrain"),)), "pretrain")
     from dataclasses import replace

@@ -123,3 +123,21 @@ def test_logs_follow_prints_new_lines_until_the_task_stops_running(tmp_path):
     assert result.exit_code == 0
     assert result.output == "start\nstep 0\nstep 1\nstep 2\n"
     assert time.monotonic() - started < 15
+
+
+def test_logs_and_cancel_read_a_damaged_status_json_without_a_traceback(tmp_path):
+    run = make_run(tmp_path, state="done")
+    (run / "tasks" / "train_pretrain" / "log.txt").write_text("the log\n")
+    damaged = ({"tasks": {"train:pretrain": None, "other": 5}}, {"tasks": [1, 2]}, {"tasks": {"train:pretrain": {}}})
+    for status in damaged:
+        (run / "status.json").write_text(json.dumps(status))
+        result = CliRunner().invoke(logs, [str(run)], catch_exceptions=False)
+        assert result.exit_code in (0, 2) and "Traceback" not in result.output, result.output
+        result = CliRunner().invoke(logs, [str(run), "pretrain"], catch_exceptions=False)
+        assert result.exit_code in (0, 2), result.output
+        result = CliRunner().invoke(cancel, [str(run)], catch_exceptions=False)
+        assert result.exit_code == 0 and "nothing to cancel" in result.output
+    (run / "status.json").unlink()
+    (run / "graph.json").write_text(json.dumps({"tasks": [{"id": 5}, {"id": None}, "x"]}))
+    result = CliRunner().invoke(logs, [str(run), "pretrain"], catch_exceptions=False)
+    assert result.exit_code == 2 and "no task 'pretrain'" in result.output
