@@ -89,6 +89,8 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
     run_dir = RunDir(workdir if workdir else default_run_dir(plan.experiment))
     echo = (lambda line: click.echo(line, err=True)) if as_json else click.echo
     name = launcher_name or plan.cluster.scheduler
+    if not dry_run or name in ("slurm", "k8s"):  # a dry run writes only the cluster launchers' files
+        _make_run_dir(run_dir.root, as_json)
     launcher, written = None, None
     try:
         if dry_run:
@@ -97,6 +99,8 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
             launcher = get_launcher(name, cluster=plan.cluster)
     except LauncherError as error:
         _die(f"error: {error}", as_json, EXIT_USAGE)
+    except OSError as error:  # the sbatch scripts / manifests could not be written
+        _die(f"error: {_os_error(error)}", as_json)
     executor = Executor(plan, runtime_graph, run_dir, launcher=launcher, echo=echo, options={"workers": workers})
     echo(f"run directory: {run_dir.root}")
     started = time.time()
@@ -110,6 +114,8 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
             outcome = executor.dry_run() if dry_run else executor.run()
     except TaskError as error:
         _die(f"error: {error}", as_json)
+    except OSError as error:  # the run directory itself (status.json, a task's directory): full, gone, read-only
+        _die(f"error: {_os_error(error)}", as_json)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: every started process was stopped; `nemoc run` again resumes", err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -134,6 +140,26 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
                    f"(nemoc status {run_dir.root})")
     if not outcome.ok:
         sys.exit(EXIT_DIAGNOSTICS)
+
+
+def _make_run_dir(root: Path, as_json: bool) -> None:
+    """Create the run directory up front: a --workdir that cannot be one is a usage error (exit 2)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocker = next((p for p in (root, *root.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            reason = f"{blocker} is a file, not a directory"
+        else:
+            reason = error.strerror if error.filename == str(root) and error.strerror else _os_error(error)
+        _die(f"error: cannot create the run directory {root}: {reason} (--workdir)", as_json, EXIT_USAGE)
+
+
+def _os_error(error: OSError) -> str:
+    """`Not a directory: /a/b` rather than `[Errno 20] Not a directory: '/a/b'`."""
+    if error.strerror and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    return error.strerror or str(error)
 
 
 def _write_cluster_files(name: str, plan, runtime_graph, run_dir) -> list[Path] | None:

@@ -133,6 +133,16 @@ def test_status_of_a_non_run_directory_and_unknown_launcher(tmp_path, quickstart
     assert result.exit_code == 2 and "unknown launcher 'nope'" in result.output
 
 
+def test_a_workdir_that_cannot_be_created_is_a_usage_error(quickstart):
+    blocker = quickstart / "a_file"
+    blocker.write_text("not a directory")
+    for extra in ((), ("--dry-run", "--launcher", "slurm")):
+        result = invoke("run", str(quickstart / "quickstart.nemo"), "--workdir", str(blocker / "run"), *extra)
+        assert result.exit_code == 2, result.output
+        assert f"cannot create the run directory {blocker / 'run'}: {blocker} is a file" in result.output
+    assert blocker.read_text() == "not a directory"
+
+
 def test_status_of_a_damaged_status_json_is_a_message_not_a_traceback(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
