@@ -77,11 +77,12 @@ def write_text_atomic(path: str, text: str) -> None:
 
 
 def read_latest(root: str) -> str | None:
-    """Absolute path of the checkpoint named by `root/latest`, or None."""
+    """Absolute path of the checkpoint named by `root/latest`, or None (also when the marker is damaged:
+    not UTF-8, not a file; resuming then falls back to the newest complete checkpoint)."""
     try:
         with open(os.path.join(root, LATEST), encoding="utf-8") as handle:
             name = handle.read().strip()
-    except FileNotFoundError:
+    except (OSError, ValueError):
         return None
     return os.path.join(root, name) if _ITER_RE.match(name) else None
 

@@ -45,6 +45,12 @@ def test_latest_first_then_newest_and_tmp_dirs_are_never_candidates(tmp_path):
         "iter_0000010", "iter_0000015", "iter_0000005"]
     (tmp_path / "latest").write_text("../../etc\n")  # garbage marker is ignored, not followed
     assert ckpt.read_latest(str(tmp_path)) is None
+    (tmp_path / "latest").write_bytes(b"\xff\xfe\x00garbage")  # not even text: ignored too, no UnicodeDecodeError
+    assert ckpt.read_latest(str(tmp_path)) is None
+    assert os.path.basename(ckpt.resume_candidates(str(tmp_path))[0]) == "iter_0000015"
+    (tmp_path / "latest").unlink()
+    (tmp_path / "latest").mkdir()  # not a file
+    assert ckpt.read_latest(str(tmp_path)) is None
 
 
 def test_prune_keeps_newest_n_and_the_latest_and_removes_tmp(tmp_path):
