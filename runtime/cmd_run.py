@@ -157,8 +157,8 @@ def _make_run_dir(root: Path, as_json: bool) -> None:
 
 def _os_error(error: OSError) -> str:
     """`Not a directory: /a/b` rather than `[Errno 20] Not a directory: '/a/b'`."""
-    if error.strerror and error.filename:
-        return f"{error.strerror}: {error.filename}"
+    if error.strerror and error.filename:  # filename2: the target of a failed rename (status.json, not its .tmp)
+        return f"{error.strerror}: {error.filename2 or error.filename}"
     return error.strerror or str(error)
 
 

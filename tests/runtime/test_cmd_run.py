@@ -143,6 +143,12 @@ def test_a_workdir_that_cannot_be_created_is_a_usage_error(quickstart):
     assert blocker.read_text() == "not a directory"
 
 
+def test_a_run_directory_that_cannot_be_written_is_a_message_not_a_traceback(quickstart):
+    (quickstart / "w" / "status.json").mkdir(parents=True)  # status.json cannot be replaced
+    result = invoke("run", str(quickstart / "quickstart.nemo"), "--workdir", str(quickstart / "w"))
+    assert result.exit_code == 1 and f"error: Is a directory: {quickstart / 'w' / 'status.json'}" in result.output
+
+
 def test_status_of_a_damaged_status_json_is_a_message_not_a_traceback(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
