@@ -113,6 +113,8 @@ def resolve_files(source: Source) -> list[str]:
     files = sorted(p for p in glob.glob(os.path.expanduser(source.pattern), recursive=True) if os.path.isfile(p))
     if not files:
         what = "file not found" if not glob.has_magic(source.pattern) else "the pattern matches no file"
+        if os.path.isdir(os.path.expanduser(source.pattern)):
+            what = f"is a directory: name its files, e.g. with the pattern {os.path.join(source.pattern, '*')}"
         raise DataError(f"{source.pattern}: {what} (data {source.name!r})")
     return [os.path.abspath(f) for f in files]
 

@@ -92,6 +92,9 @@ def test_missing_files(tmp_path):
         resolve_files(Source("x", str(tmp_path / "nope.jsonl")))
     with pytest.raises(DataError, match=r"\*\.jsonl: the pattern matches no file"):
         resolve_files(Source("x", str(tmp_path / "*.jsonl")))
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(DataError, match=r"shards: is a directory: name its files, e.g. with the pattern .*shards/\*"):
+        resolve_files(Source("x", str(tmp_path / "shards")))
     with pytest.raises(DataError, match=r"options documents = 'sentence' is not one of paragraph, line, file"):
         resolve_files(Source("x", str(tmp_path / "*.txt"), format="text", documents="sentence"))
     with pytest.raises(DataError, match=r"unknown data format 'csv'"):
