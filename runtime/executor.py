@@ -244,7 +244,8 @@ class Executor:
         if result.preempted:
             return "preempted", None, "preempted (exit 143); resumable"
         if not result.ok:
-            who = f"rank {result.failed_rank}" if result.failed_rank is not None else "a rank"
+            # no rank named: a cluster launcher's submission / job failure, or a rank torchrun did not name
+            who = f"rank {result.failed_rank}" if result.failed_rank is not None else "the task"
             return "failed", None, (f"{who} failed (exit {result.returncode}); last lines:\n{result.error_tail}\n"
                                     f"full log: {spec.log_path}")
         done = read_json(ctx.out_dir / "DONE.json")

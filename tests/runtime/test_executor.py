@@ -215,3 +215,19 @@ def test_a_launcher_that_raises_fails_the_task_without_a_traceback(workspace):
                        options={"workers": 1}).run()
     assert outcome.states()["train:pretrain"] == "failed"
     assert outcome.tasks[2].error == "launcher 'broken' could not run the task: kubectl: connection refused"
+
+
+def test_a_submission_failure_is_not_blamed_on_a_rank(workspace):
+    from nemoc.runtime.launchers import LaunchResult
+
+    class Unreachable:
+        name = "slurm"
+
+        def launch(self, spec):
+            return LaunchResult(1, None, "could not submit train:pretrain to Slurm: sbatch: fatal: no config")
+
+    plan = make_plan(workspace, stages=(make_stage("pretrain", "faketrain"),))
+    outcome = Executor(plan, build_graph(plan), RunDir(workspace / "run"), launcher=Unreachable(),
+                       echo=lambda _: None, options={"workers": 1}).run()
+    error = outcome.tasks[2].error
+    assert error.startswith("the task failed (exit 1)") and "sbatch: fatal: no config" in error and "rank" not in error
