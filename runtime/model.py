@@ -56,7 +56,8 @@ class SDPAttention(DotProductAttention):
     def __init__(self, config, layer_number, attn_mask_type, attention_type, **kwargs):
         super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
         if config.window_size is not None or config.softmax_type != "vanilla":
-            raise NotImplementedError("SDPAttention supports vanilla softmax without sliding windows")
+            raise ValueError("the flash (SDPA) attention core supports vanilla softmax without sliding windows; "
+                             "use attention_backend = unfused")
         # DotProductAttention folds the layer-number coefficient into softmax_scale and multiplies it
         # back inside the softmax; SDPA has one scale, so use the product.
         self.sdpa_scale = self.softmax_scale * (self.layer_number if config.apply_query_key_layer_scaling else 1)
@@ -64,7 +65,8 @@ class SDPAttention(DotProductAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPAttention does not take packed sequences or an attention bias")
+            raise ValueError("the flash (SDPA) attention core takes neither packed sequences nor an attention bias; "
+                             "use attention_backend = unfused")
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         if groups > 1:  # GQA: each KV group serves `groups` consecutive query heads
             key = key.repeat_interleave(groups, dim=2)

@@ -16,6 +16,7 @@ and `detokenize(ids) -> str`, plus `tokenize_batch`. This module imports neither
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from collections import OrderedDict
@@ -33,7 +34,7 @@ class TokenizerError(ValueError):
     """A tokenizer cannot be loaded or trained; the message says which file and why."""
 
 
-class NemocTokenizer:
+class NemocTokenizer(abc.ABC):
     """The shared interface (see the module docstring). Subclasses set `_eod`, `_pad`, `_ids`."""
 
     kind = "base"
@@ -55,25 +56,29 @@ class NemocTokenizer:
         return self._pad
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """Implemented by each tokenizer kind."""
 
     @property
+    @abc.abstractmethod
     def vocab(self) -> dict[str, int]:
-        raise NotImplementedError
+        """Implemented by each tokenizer kind."""
 
     @property
     def inv_vocab(self) -> dict[int, str]:
         return {i: t for t, i in self.vocab.items()}
 
+    @abc.abstractmethod
     def tokenize(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Implemented by each tokenizer kind."""
 
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.tokenize(t) for t in texts]
 
+    @abc.abstractmethod
     def detokenize(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+        """Implemented by each tokenizer kind."""
 
     def describe(self) -> dict:
         return {"kind": self.kind, "source": self.source, "vocab_size": self.vocab_size, "eod": self.eod, "pad": self.pad}
