@@ -415,6 +415,15 @@ def validate_records(source: Source) -> dict:
         records += sum(1 for _ in iter_documents(chunk, source))
     if records == 0:
         raise DataError(f"{files[0]}:1: the data set is empty: no record in {len(files)} file(s) of data {source.name!r}")
+    # and what the SFT / DPO trainers will refuse (an empty reply, chosen == rejected), now rather than after
+    # the stages before them have trained
+    from nemoc.runtime.align.data import read_preferences, read_sft
+
+    for path in files:
+        try:
+            read_preferences(path) if source.format == "preference" else read_sft(path, source.format)
+        except ValueError as exc:
+            raise DataError(f"{exc} (data {source.name!r})") from None
     return {"records": records, "files": files, "format": source.format}
 
 

@@ -138,6 +138,16 @@ def test_raw_formats_are_validated_record_by_record(tmp_path):
     (tmp_path / "na.jsonl").write_text(json.dumps(no_assistant) + "\n")
     with pytest.raises(DataError, match=r"na\.jsonl:1: the conversation has no 'assistant' message"):
         validate_records(Source("c", str(tmp_path / "na.jsonl"), format="chat"))
+    # what the DPO / SFT trainers refuse is refused here too, before any stage trains
+    trainer_cases = {
+        "preference": ({"prompt": "p", "chosen": "same", "rejected": "same"}, r":2: 'chosen' and 'rejected' are identical"),
+        "prompt_response": ({"prompt": "p", "response": "  "}, r":2: field 'response' is empty"),
+    }
+    for fmt, (bad, message) in trainer_cases.items():
+        ok = {"preference": {"prompt": "p", "chosen": "c", "rejected": "r"}, "prompt_response": {"prompt": "p", "response": "r"}}[fmt]
+        (tmp_path / f"{fmt}.jsonl").write_text(json.dumps(ok) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(DataError, match=message + r".*\(data 'x'\)"):
+            validate_records(Source("x", str(tmp_path / f"{fmt}.jsonl"), format=fmt))
 
 
 def test_shipped_example_data_is_valid():
