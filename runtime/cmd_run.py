@@ -181,7 +181,9 @@ def _write_cluster_files(name: str, plan, runtime_graph, run_dir) -> list[Path] 
 
 
 def _sigterm_as_interrupt() -> None:
-    """SIGTERM (kill, a scheduler's time limit) takes the Ctrl-C path, so launched processes are torn down."""
+    """SIGTERM (kill, a scheduler's time limit) and SIGHUP (the terminal closed, an ssh session dropped) take
+    the Ctrl-C path, so launched processes are torn down: by default SIGHUP would end `nemoc run` alone and
+    leave torchrun (a session of its own) training, unseen, while a second `nemoc run` could start."""
     import signal
     import threading
 
@@ -192,6 +194,8 @@ def _sigterm_as_interrupt() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup it stays ignored
+        signal.signal(signal.SIGHUP, handler)
 
 
 @click.command()

@@ -149,6 +149,29 @@ def test_a_run_directory_that_cannot_be_written_is_a_message_not_a_traceback(qui
     assert result.exit_code == 1 and f"error: Is a directory: {quickstart / 'w' / 'status.json'}" in result.output
 
 
+def test_sigterm_and_sighup_take_the_ctrl_c_path():
+    """A closed terminal (SIGHUP) must tear the ranks down like Ctrl-C, not end `nemoc run` alone."""
+    import os
+    import signal
+    import time
+
+    from nemoc.runtime.cmd_run import _sigterm_as_interrupt
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        _sigterm_as_interrupt()
+        for sig in saved:
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)
+                time.sleep(2)  # the handler raises before this ends
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup nemoc run ...: stays ignored
+        _sigterm_as_interrupt()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_status_of_a_damaged_status_json_is_a_message_not_a_traceback(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
