@@ -100,7 +100,13 @@ def resolve_task(root: Path, task: str | None) -> str:
 
 def _task_running(root: Path, task_id: str) -> bool:
     return (_status_tasks(root).get(task_id) or {}).get("state") in RUNNING_STATES \
-        and not (_read_json(root / "status.json") or {}).get("finished")
+        and not (_read_json(root / "status.json") or {}).get("finished") and _run_alive(root)
+
+
+def _run_alive(root: Path) -> bool:
+    from nemoc.runtime.rundir import RunDir
+
+    return RunDir(root).holder_alive()
 
 
 @click.command()

@@ -224,6 +224,14 @@ def status(run_dir: str, as_json: bool) -> None:
     for row in rows:
         if row["error"]:
             click.echo(f"\n{row['id']} failed:\n{row['error']}")
+    from nemoc.runtime.executor import load_status
+    from nemoc.runtime.rundir import RunDir
+
+    stale = [row["id"] for row in rows if row["state"] == "running"]
+    if stale and not (load_status(run_dir) or {}).get("finished") and not RunDir(run_dir).holder_alive():
+        click.echo(f"\nnote: the `nemoc run` that wrote this status is gone (killed?), so 'running' is stale for "
+                   f"{', '.join(stale)}: `nemoc cancel {run_dir}` stops any leftover processes, `nemoc run` again "
+                   f"resumes")
 
 
 def _fmt(value, pattern: str) -> str:

@@ -100,6 +100,22 @@ class RunDir:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def holder_alive(self) -> bool:
+        """False when the `nemoc run` that last held this directory (its pid is in `.lock`) is gone, e.g.
+        killed with SIGKILL: its status.json may still say running, but nothing will update it. True
+        while it runs, and when unknown (no readable `.lock`)."""
+        import psutil
+
+        try:
+            pid = int((self.root / ".lock").read_text().strip())
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except (OSError, ValueError):
+            return True
+        except psutil.NoSuchProcess:  # gone (a zombie included)
+            return False
+        except psutil.Error:  # AccessDenied: it exists
+            return True
+
     def task_dir(self, task_id: str) -> Path:
         """Where a task writes. Data tasks live under data/ so they read as the run's datasets."""
         kind, _, name = task_id.partition(":")

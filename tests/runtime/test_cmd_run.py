@@ -172,6 +172,23 @@ def test_sigterm_and_sighup_take_the_ctrl_c_path():
             signal.signal(sig, handler)
 
 
+def test_status_says_when_running_is_stale(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"finished": None, "tasks": {"train:pretrain": {"state": "running"}}}))
+    (run / ".lock").write_text(str(os.getpid()))
+    assert "stale" not in invoke("status", str(run)).output
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / ".lock").write_text(str(dead.pid))  # `nemoc run` SIGKILLed: its pid stays in the lock file
+    result = invoke("status", str(run))
+    assert result.exit_code == 0 and "'running' is stale for train:pretrain" in result.output, result.output
+
+
 def test_status_of_a_damaged_status_json_is_a_message_not_a_traceback(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

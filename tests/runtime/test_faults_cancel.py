@@ -125,6 +125,26 @@ def test_logs_follow_prints_new_lines_until_the_task_stops_running(tmp_path):
     assert time.monotonic() - started < 15
 
 
+def test_logs_follow_stops_when_the_nemoc_run_that_wrote_running_is_gone(tmp_path):
+    """`nemoc run` SIGKILLed: status.json says running forever; -f must not follow it forever."""
+    run = make_run(tmp_path, state="running")
+    (run / "tasks" / "train_pretrain" / "log.txt").write_text("last words\n")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / ".lock").write_text(str(dead.pid))  # the pid `nemoc run` leaves in its lock file
+    outcome = {}
+    follower = threading.Thread(target=lambda: outcome.update(result=CliRunner().invoke(logs, [str(run), "-f"])),
+                                daemon=True)
+    follower.start()
+    follower.join(timeout=20)
+    assert not follower.is_alive(), "logs -f kept following a run nobody is running"
+    assert outcome["result"].exit_code == 0 and outcome["result"].output == "last words\n"
+    (run / ".lock").write_text(str(os.getpid()))  # alive: still followed (the test above covers the end)
+    from nemoc.runtime.cmd_cluster import _run_alive
+
+    assert _run_alive(run.resolve())
+
+
 def test_logs_and_cancel_read_a_damaged_status_json_without_a_traceback(tmp_path):
     run = make_run(tmp_path, state="done")
     (run / "tasks" / "train_pretrain" / "log.txt").write_text("the log\n")
