@@ -82,6 +82,26 @@ def check_fits_this_machine(spec: LaunchSpec, *, cpus: int | None = None, gpus: 
                             f"{MAX_PROCS_PER_CPU} per core; lower the stage's world size (tp*pp*cp*dp)")
 
 
+def check_no_leftover_ranks(spec: LaunchSpec) -> None:
+    """Ranks of an earlier `nemoc run` that was SIGKILLed (it cannot tear them down) may still be training
+    this very task: a second torchrun would write the same checkpoints. They name its task.json."""
+    import psutil
+
+    markers = {str(a) for a in spec.args if str(a).endswith("task.json")}
+    if not markers:
+        return
+    me, found = os.getpid(), []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if proc.info["pid"] != me and any(m in cmdline for m in markers):
+            found.append(proc.info["pid"])
+    if found:
+        run_dir = Path(spec.out_dir).resolve().parent.parent
+        raise LauncherError(f"{spec.task_id}: processes of an earlier run are still running this task (pid "
+                            f"{', '.join(map(str, sorted(found)))}); stop them with `nemoc cancel {run_dir}`, "
+                            "then run again")
+
+
 def _cuda_devices() -> int:
     """GPUs visible here, without importing torch in this process (nvidia-smi -L), 0 if none."""
     import shutil
@@ -106,6 +126,7 @@ class LocalLauncher:
 
     def launch(self, spec: LaunchSpec) -> LaunchResult:
         check_fits_this_machine(spec)
+        check_no_leftover_ranks(spec)
         spec.out_dir.mkdir(parents=True, exist_ok=True)
         ranks_dir = spec.out_dir / "ranks"
         before = set(ranks_dir.iterdir()) if ranks_dir.is_dir() else set()

@@ -120,3 +120,21 @@ def test_teardown_kills_a_rank_that_outlives_torchrun(monkeypatch):
             except Exception:  # noqa: BLE001 - already gone
                 pass
         proc.stdout.close()
+
+
+def test_a_task_still_run_by_leftover_ranks_is_not_started_twice(tmp_path):
+    """`nemoc run` SIGKILLed leaves its ranks training; the next run must not start a second torchrun
+    on the same task directory (both would write its checkpoints)."""
+    import subprocess
+    import sys
+
+    from nemoc.runtime.launch_local import LocalLauncher
+
+    task = tmp_path / "task.json"
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(task)])
+    try:
+        with pytest.raises(LauncherError, match=rf"still running this task \(pid {leftover.pid}\).*nemoc cancel"):
+            LocalLauncher(echo=lambda _: None).launch(spec(tmp_path, nproc=1))
+    finally:
+        leftover.kill()
+        leftover.wait()
