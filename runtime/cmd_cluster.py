@@ -156,10 +156,10 @@ def _slurm_job_active(root: Path, task_id: str) -> bool:
         return False
     from nemoc.runtime import launch_slurm
 
-    job = (launch_slurm.read_record(root).get("jobs") or {}).get(task_id)
-    if not job:
-        return False
     try:
+        job = (launch_slurm.read_record(root).get("jobs") or {}).get(task_id)
+        if not job:
+            return False
         return launch_slurm.job_state(job["job_id"]) not in launch_slurm.TERMINAL | {"UNKNOWN"}
     except (OSError, launch_slurm.SlurmError):
         return False
@@ -168,7 +168,11 @@ def _slurm_job_active(root: Path, task_id: str) -> bool:
 def _k8s_logs(root: Path, task_id: str, follow: bool, lines: int | None) -> int:
     from nemoc.runtime import launch_k8s
 
-    job = (launch_k8s.read_record(root).get("jobs") or {}).get(task_id)
+    try:
+        job = (launch_k8s.read_record(root).get("jobs") or {}).get(task_id)
+    except launch_k8s.K8sError as error:
+        click.echo(f"error: {error}", err=True)
+        return EXIT_DIAGNOSTICS
     if not job:
         click.echo(f"error: {task_id} has no log and no recorded PyTorchJob", err=True)
         return EXIT_USAGE

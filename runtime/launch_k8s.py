@@ -331,8 +331,21 @@ def job_conditions(name: str, namespace: str) -> dict[str, str]:
 
 
 def read_record(run_root: str | Path) -> dict:
+    """`k8s.json`; raises K8sError naming it when it is damaged (it holds the run's PyTorchJob names)."""
     path = Path(run_root) / RECORD_FILE
-    return json.loads(path.read_text()) if path.exists() else {"launcher": "k8s", "jobs": {}}
+    if not path.exists():
+        return {"launcher": "k8s", "jobs": {}}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise K8sError(f"{path} is unreadable ({exc}); it records this run's PyTorchJobs: repair or remove it "
+                       "(then check `kubectl get pytorchjobs` for jobs of this run)") from None
+    jobs = record.get("jobs") if isinstance(record, dict) else None
+    if not isinstance(jobs, dict) or not all(isinstance(j, dict) and {"name", "namespace"} <= set(j)
+                                             for j in jobs.values()):
+        raise K8sError(f"{path} is damaged: not the record nemoc writes ({{\"jobs\": {{TASK: {{\"name\": ..., "
+                       "\"namespace\": ...}}}); repair or remove it (then check `kubectl get pytorchjobs`)")
+    return record
 
 
 def write_record(run_root: str | Path, record: Mapping) -> None:
@@ -374,8 +387,8 @@ class K8sLauncher:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(to_yaml(manifest))
         name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
+        record = read_record(run_root)  # before applying: a damaged record must not leave an untracked job
         _kubectl_ok("apply", "-f", str(path))
-        record = read_record(run_root)
         record["jobs"][spec.task_id] = {"name": name, "namespace": namespace, "manifest": str(path),
                                         "submitted_at": time.time()}
         write_record(run_root, record)

@@ -359,10 +359,20 @@ def submit_jobs(jobs: Sequence[SlurmJob], after: Mapping[str, Iterable[str]], op
 
 
 def read_record(run_dir: str | os.PathLike) -> dict:
+    """`slurm.json`; raises SlurmError naming it when it is damaged (it holds the run's job ids)."""
     path = Path(run_dir) / RECORD_FILE
-    if path.exists():
-        return json.loads(path.read_text())
-    return {"launcher": "slurm", "jobs": {}}
+    if not path.exists():
+        return {"launcher": "slurm", "jobs": {}}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SlurmError(f"{path} is unreadable ({exc}); it records this run's Slurm job ids: repair or "
+                         "remove it (then check squeue for jobs of this run)") from None
+    jobs = record.get("jobs") if isinstance(record, dict) else None
+    if not isinstance(jobs, dict) or not all(isinstance(j, dict) and "job_id" in j for j in jobs.values()):
+        raise SlurmError(f"{path} is damaged: not the record nemoc writes ({{\"jobs\": {{TASK: {{\"job_id\": ...}}}}}}); "
+                         "repair or remove it (then check squeue for jobs of this run)")
+    return record
 
 
 def write_record(run_dir: str | os.PathLike, record: Mapping) -> None:

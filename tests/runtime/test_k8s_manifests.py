@@ -250,6 +250,29 @@ def test_cancel_and_logs_of_a_k8s_run_use_kubectl(tmp_path, fake_kubectl, monkey
     assert calls[1] == "logs -n ml -l training.kubeflow.org/job-name=x --prefix"
 
 
+def test_a_damaged_k8s_record_is_named_and_no_job_is_applied_untracked(tmp_path, fake_kubectl, monkeypatch):
+    from click.testing import CliRunner
+
+    from nemoc.compiler.spec import ClusterSpec
+    from nemoc.runtime.cmd_cluster import cancel, logs
+    from nemoc.runtime.launch_k8s import K8sError, read_record
+
+    spec = _spec(tmp_path)
+    run = tmp_path / "run"
+    (run / "status.json").write_text(json.dumps({"tasks": {"train:pretrain": {"state": "running"}}}))
+    for damaged in ("{garbage", "[1]", json.dumps({"jobs": {"train:pretrain": 5}})):
+        (run / "k8s.json").write_text(damaged)
+        with pytest.raises(K8sError, match=r"k8s\.json is (unreadable|damaged).*repair or remove it"):
+            read_record(run)
+        for command, args in ((cancel, [str(run)]), (logs, [str(run), "pretrain"])):
+            result = CliRunner().invoke(command, args, catch_exceptions=False)
+            assert result.exit_code == 1 and "k8s.json is" in result.output, result.output
+    launcher = K8sLauncher(cluster=ClusterSpec(gpu="CPU", nodes=2, gpus_per_node=1), echo=lambda line: None)
+    result = launcher.launch(spec)
+    assert result.returncode == 1 and "k8s.json is damaged" in result.error_tail
+    assert not fake_kubectl.exists() or "apply" not in fake_kubectl.read_text()  # nothing applied
+
+
 def test_manifest_for_spec_splits_processes_over_nodes(tmp_path):
     from nemoc.compiler.spec import ClusterSpec
 

@@ -387,6 +387,21 @@ def test_a_preempted_job_that_slurm_does_not_requeue_is_resumable(sandbox, monke
     assert launcher.launch(launch_spec(sandbox)).preempted
 
 
+def test_a_damaged_slurm_record_is_named_not_a_traceback(tmp_path):
+    from click.testing import CliRunner
+
+    from nemoc.runtime.cmd_cluster import cancel
+    from nemoc.runtime.launch_slurm import read_record
+
+    (tmp_path / "status.json").write_text(json.dumps({"tasks": {"train:pretrain": {"state": "running"}}}))
+    for damaged in ("{garbage", "[1]", json.dumps({"jobs": {"train:pretrain": {"script": "x"}}})):
+        (tmp_path / "slurm.json").write_text(damaged)
+        with pytest.raises(SlurmError, match=r"slurm\.json is (unreadable|damaged).*repair or remove it"):
+            read_record(tmp_path)
+        result = CliRunner().invoke(cancel, [str(tmp_path)], catch_exceptions=False)
+        assert result.exit_code == 1 and "slurm.json is" in result.output, result.output
+
+
 def test_without_slurm_the_launcher_cannot_be_built_and_says_why(tmp_path, monkeypatch):
     from nemoc.compiler.spec import ClusterSpec
     from nemoc.runtime.launch_slurm import SlurmLauncher
