@@ -6,7 +6,7 @@ Behaviour (docs/graph.md, section 5):
 * A task whose directory has `DONE.json` for the same hash is skipped and says so:
   `✓ prepare:web  cached (hash 3f2a1b0c)`.
 * A task runs in its own directory, kept across re-runs of the same hash (training resumes from its
-  checkpoints) and moved to `<dir>.prev` when the hash changed.
+  checkpoints) and moved aside to `<dir>.prev-<old hash>` (never deleted) when the hash changed.
 * The first failure stops the run: the task is marked `failed` with the failing rank's last lines; the
   tasks after it are `skipped`. Exit status 143 of a distributed task is `preempted` (resumable).
 """
@@ -175,7 +175,7 @@ class Executor:
             status.set(task.id, state="cached")
             return TaskOutcome(task.id, "cached", task.hash)
         out_dir, moved = self.run_dir.claim(task.id, task.hash)
-        note = f"  (settings changed since hash {moved[:8]}: previous output moved to {out_dir.name}.prev)" if moved else ""
+        note = f"  (settings changed: previous output moved to {moved.name})" if moved else ""
         resumed = "  (resuming)" if (out_dir / "checkpoints" / "latest").exists() else ""
         self.echo(f"▶ {task.id:<24} running (hash {task.short_hash}){note}{resumed}")
         started = time.time()

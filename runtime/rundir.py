@@ -137,22 +137,30 @@ class RunDir:
         atomic_write_json(self.task_dir(task_id) / DONE, record)
         return record
 
-    def claim(self, task_id: str, task_hash: str) -> tuple[Path, str | None]:
+    def claim(self, task_id: str, task_hash: str) -> tuple[Path, Path | None]:
         """Prepare a task's directory for a (re-)run with `task_hash`.
 
         A directory left by the same hash (an interrupted run) is kept, so training resumes from its
-        checkpoints; one left by another hash is moved to `<dir>.prev` (replacing an older one).
-        Returns (directory, the previous hash if it was moved aside).
+        checkpoints; one left by another hash is moved aside to `<dir>.prev-<its hash>` (never
+        deleted: finished work survives any number of setting changes). Returns (directory, where the
+        previous output was moved, or None).
         """
         directory = self.task_dir(task_id)
         owner = directory / "HASH"
         previous = owner.read_text().strip() if owner.is_file() else None
         moved = None
         if directory.exists() and previous != task_hash and any(directory.iterdir()):
-            prev = directory.with_name(directory.name + ".prev")
-            shutil.rmtree(prev, ignore_errors=True)
-            os.replace(directory, prev)
-            moved = previous or "unknown"
+            moved = _free_name(directory.with_name(f"{directory.name}.prev-{previous or 'unknown'}"))
+            os.replace(directory, moved)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(owner, task_hash + "\n")
         return directory, moved
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.2`, `path.3`, ... : the first that does not exist yet."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate

@@ -79,7 +79,13 @@ def test_editing_a_later_stage_reruns_only_it(workspace):
     assert outcome.states() == {"tokenizer:local": "cached", "prepare:web": "cached", "train:pretrain": "cached",
                                 "train:sft": "done"}
     assert any("previous output moved" in line for line in lines)
-    assert (rd.task_dir("train:sft").parent / "train_sft.prev" / "DONE.json").exists()
+    first = rd.task_dir("train:sft").parent / f"train_sft.prev-{sft['hash']}"
+    assert (first / "DONE.json").exists()
+    second_hash = rd.done_record("train:sft")["hash"]
+    outcome, lines = execute(two_stage_plan(workspace, sft_steps=6), run_root)  # a second change loses nothing
+    assert outcome.states()["train:sft"] == "done"
+    assert (first / "DONE.json").exists()
+    assert (rd.task_dir("train:sft").parent / f"train_sft.prev-{second_hash}" / "DONE.json").exists()
 
 
 def test_a_failing_rank_fails_the_task_with_its_error_and_skips_the_rest(workspace, monkeypatch):
