@@ -30,6 +30,7 @@ class Type:
     length: int | None = None  # fixed list length
     minimum: float | None = None  # inclusive lower bound of numbers
     exclusive_min: bool = False
+    maximum: float | None = None  # inclusive upper bound: keeps the plan search finite and fast
 
     def describe(self) -> str:
         """How a diagnostic or the docs name this type: `an integer`, `a size (e.g. 80GiB)`."""
@@ -66,6 +67,13 @@ INT = Type("int", minimum=0)
 POSITIVE = Type("int", minimum=1)
 COUNT = Type("int", unit="count", minimum=0)
 POSITIVE_COUNT = Type("int", unit="count", minimum=1)
+# Upper bounds far beyond any real experiment (the deepest published LLMs have ~200 layers, the largest
+# clusters ~10^5 GPUs); without them an absurd value makes the divisor enumeration of the plan search
+# run for minutes.
+LAYERS = Type("int", minimum=1, maximum=10_000)
+NODES = Type("int", minimum=1, maximum=100_000)
+GPUS_PER_NODE = Type("int", minimum=1, maximum=1_024)
+GLOBAL_BATCH = Type("int", unit="count", minimum=1, maximum=2**30)
 FLOAT = Type("float")
 NONNEG_FLOAT = Type("float", minimum=0)
 POSITIVE_FLOAT = Type("float", minimum=0, exclusive_min=True)
@@ -152,7 +160,7 @@ def _f(name: str, type_: Type, default: object = None, doc: str = "", **kw) -> F
 
 
 MODEL_FIELDS = (
-    _f("layers", POSITIVE, None, "Transformer layers.", required=True),
+    _f("layers", LAYERS, None, "Transformer layers.", required=True),
     _f("hidden", POSITIVE, None, "Hidden size (d_model).", required=True),
     _f("heads", POSITIVE, None, "Attention heads.", required=True),
     _f("query_groups", POSITIVE, None, "Key/value head groups: = heads for MHA, 1 for MQA, else GQA. "
@@ -181,8 +189,8 @@ MODEL_FIELDS = (
 CLUSTER_FIELDS = (
     _f("gpu", GPU_ID, None, "Accelerator catalog id: A100-40GB, A100-80GB, H100, H200, B200, B300, GB200, GB300, "
        "CPU (a name or a string).", required=True),
-    _f("nodes", POSITIVE, 1, "Nodes."),
-    _f("gpus_per_node", POSITIVE, 8, "Accelerators per node (CPU: worker processes per node)."),
+    _f("nodes", NODES, 1, "Nodes."),
+    _f("gpus_per_node", GPUS_PER_NODE, 8, "Accelerators per node (CPU: worker processes per node)."),
     _f("usd_per_gpu_hour", NONNEG_FLOAT, None, "Price per accelerator-hour for the cost estimate."),
     _f("scheduler", call("local", "slurm", "k8s"), "local",
        "Where `nemoc run` launches: `local`, `slurm(partition = \"batch\", account = \"x\", time = 4h)` or "
@@ -229,7 +237,7 @@ STAGE_FIELDS = (
     _f("tokens", POSITIVE_COUNT, None, "Training tokens (steps = tokens / (global_batch x seq_length))."),
     _f("steps", POSITIVE_COUNT, None, "Optimizer steps."),
     _f("epochs", POSITIVE_FLOAT, None, "Passes over the data."),
-    _f("global_batch", POSITIVE_COUNT, None, "Sequences per optimizer step.", ),
+    _f("global_batch", GLOBAL_BATCH, None, "Sequences per optimizer step.", ),
     _f("seq_length", POSITIVE, None, "Sequence length. Default: model.seq_length."),
     _f("optimizer", call("adam", "sgd"), None, "`adam(lr, betas, eps, weight_decay, grad_clip)` or `sgd(...)`."),
     _f("schedule", call("cosine", "linear", "constant", "wsd"), None,
