@@ -48,7 +48,9 @@ FORMATS = TOKENIZED_FORMATS + RAW_FORMATS
 TEXT_DOCUMENTS = ("paragraph", "line", "file")  # what one document of a plain-text file is
 CHUNK_BYTES = 1 << 20  # ~1 MiB of source text per work item
 BYTES_PER_AUTO_WORKER = 4 << 20  # `workers=None`: one worker per 4 MiB of text, up to one per core
-ROLES = ("system", "user", "assistant", "tool")
+
+
+CHAT_ROLES = ("system", "user", "assistant")  # the roles the chat template renders (runtime/align/sft.py)
 
 
 class DataError(ValueError):
@@ -180,8 +182,8 @@ def record_texts(record: dict, fmt: str, text_field: str, path: str, line_no: in
             if not isinstance(message, dict):
                 raise DataError(f"{path}:{line_no}: messages[{i}] must be an object with 'role' and 'content'")
             role = _string_field(message, "role", path, line_no)
-            if role not in ROLES:
-                raise DataError(f"{path}:{line_no}: messages[{i}].role {role!r} is not one of {', '.join(ROLES)}")
+            if role not in CHAT_ROLES:
+                raise DataError(f"{path}:{line_no}: messages[{i}].role {role!r} is not one of {', '.join(CHAT_ROLES)}")
             texts.append(_string_field(message, "content", path, line_no))
         if not any(m.get("role") == "assistant" for m in messages):
             raise DataError(f"{path}:{line_no}: the conversation has no 'assistant' message to train on")

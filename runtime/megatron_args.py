@@ -59,6 +59,11 @@ def params_dtype(precision: str) -> torch.dtype:
 
 def parallel_kwargs(*, layout: Layout, timeout_minutes: int = 5) -> dict:
     """Keyword arguments for `parallel_state.initialize_model_parallel`."""
+    return dict(_parallel_sizes(layout), distributed_timeout_minutes=max(1, int(timeout_minutes)))
+
+
+def _parallel_sizes(layout: Layout) -> dict:
+    """The six parallel sizes, named as initialize_model_parallel and TransformerConfig both name them."""
     return dict(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
@@ -66,7 +71,6 @@ def parallel_kwargs(*, layout: Layout, timeout_minutes: int = 5) -> dict:
         context_parallel_size=layout.cp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
-        distributed_timeout_minutes=max(1, int(timeout_minutes)),
     )
 
 
@@ -163,12 +167,7 @@ def transformer_config(
         attention_dropout=dropout,
         init_method_std=0.02,
         # parallelism (validation inside TransformerConfig reads these too)
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vp,
-        context_parallel_size=layout.cp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
+        **_parallel_sizes(layout),
         sequence_parallel=layout.sequence_parallel,
         # precision
         params_dtype=dtype,

@@ -18,11 +18,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A malformed data file or record; the message is `file:line: what is wrong`."""
+# One error type and one list of chat roles for bad data, whether found at prepare time or by a trainer.
+from nemoc.runtime.data_prep import CHAT_ROLES as ROLES
+from nemoc.runtime.data_prep import DataError
 
 
 @dataclass(frozen=True, slots=True)
