@@ -14,8 +14,10 @@ Time of one step on the slowest pipeline stage (Narayanan et al. 2021, Sec. 2-3)
     t_step = m x t_mb(slowest stage) + (pp - 1) / vp x t_mb(mean stage)          [1F1B / interleaved]
            + pp_p2p + dp_comm_exposed + optimizer + step_overhead (+ other passes, rollout)
     t_mb   = GEMMs (roofline: max(FLOPs / (peak x e_gemm), bytes / HBM bw))
-           + attention core (FLOPs / (bf16 peak x e_attn); flash skips the masked half)
-           + elementwise (kappa x activation bytes / HBM bw)
+           + attention core (flash: FLOPs / (bf16 peak x e_attn), the masked half skipped; unfused:
+             batched GEMMs at the GEMM rate + the s x s score matrix's traffic / HBM bw)
+           + elementwise (kappa x activation bytes / HBM bw; the local spec's unfused kernels'
+             extra bytes / HBM bw)
            + exposed TP / CP / EP communication (+ CP ring-step latency).
 MFU = model FLOPs (what the stage needs, no recompute: `flops.stage_model_flops_per_step`)
       / (step time x GPUs x dense peak of the precision).
@@ -74,22 +76,24 @@ class EfficiencyParams:
               launch loop, gradient-norm and loss all-reduces, timers (~40 ms measured with the
               unfused optimizer on bare Megatron-Core, docs/calibration.md; fused optimizers less).
 
-    Values: chosen once, globally, by a coordinate search over these numbers on the calibration
-    set (bench/calibrate.py, docs/calibration.md), kept inside physically plausible ranges; they are
+    Values: chosen once, globally, by a coordinate search over these numbers on the reliable rows of
+    the calibration set (bench/calibrate.py `fit_parameters`, docs/calibration.md), kept inside
+    physically plausible ranges and rounded; the byte counts of the memory-bound kernels
+    (SCORE_BYTES, LOCAL_*, ADAM_BYTES below) are counted from the kernels, not fitted. They are
     end-to-end achieved fractions (clock throttling under the power cap, kernel tails, FP8 scaling
     bookkeeping included), hence below single-GEMM microbenchmarks.
     """
 
-    gemm_ampere_16: float = 0.62
-    gemm_hopper_16: float = 0.67
+    gemm_ampere_16: float = 0.71
+    gemm_hopper_16: float = 0.64
     gemm_hopper_8: float = 0.46
     gemm_blackwell_8: float = 0.38
-    attn: float = 0.37
-    kappa: float = 4.6
-    link: float = 0.72
-    tp_exposed: float = 0.07
-    gemm_n_half: float = 64.0
-    layer_overhead: float = 65e-6
+    attn: float = 0.375
+    kappa: float = 4.8
+    link: float = 0.74
+    tp_exposed: float = 0.06
+    gemm_n_half: float = 80.0
+    layer_overhead: float = 55e-6
     ring_step_latency: float = 15e-6
     step_overhead: float = 0.02
 
@@ -119,6 +123,94 @@ DEFAULT_PARAMS = EfficiencyParams()
 # runtime enables the overlaps.
 RUNTIME_OVERLAPS_TP = False
 RUNTIME_OVERLAPS_P2P = False
+
+# ------------------------------------------------------------------ memory-bound kernel traffic
+# HBM bytes moved per element by the kernels around the GEMMs, counted read by read and write by
+# write from the kernel sequence each code path launches (16-bit tensors 2 B, fp32 4 B). These are
+# not fitted: they are what the kernels must move; time = bytes / HBM bandwidth.
+KERNELS = ("te", "local")
+
+# Unfused attention core (materialises the b x heads x s x s score matrix; docs/cost-model.md):
+# (forward, backward) bytes per score element, the batched GEMMs' own reads and writes of the
+# scores included (their FLOPs are charged separately, at the GEMM rate).
+#  "te":    one fused scale-mask-softmax kernel (Megatron `ScaledUpperTriangMaskedSoftmax`, the
+#           Megatron-LM 2021-22 runs; TE's UnfusedDotProductAttention): forward QK^T writes 2,
+#           softmax reads 2 writes 2, PV reads 2 (8); backward dP written 2, P read for dV 2,
+#           softmax backward reads P and dP writes dS (6), dQ and dK read dS (4) (14).
+#  "local": Megatron-Core's torch fallback (`FusedScaleMaskSoftmax.forward_torch_softmax`, no
+#           apex/TE kernel): baddbmm writes 2; .float() reads 2 writes 4; masked_fill_ reads 4
+#           writes 4; fp32 softmax reads 4 writes 4; .bfloat16() reads 4 writes 2; PV reads 2 (32).
+#           Backward: dP written 2, P read 2; cast back to fp32 reads 2 writes 4; softmax backward
+#           reads 8 writes 4; masked_fill backward reads 4 writes 4; cast to 16-bit reads 4 writes
+#           2; dQ, dK read dS 4 (40). The causal mask (bool, s x s, broadcast over batch and heads)
+#           is re-read by masked_fill_ and its backward for every head: each head's fp32 scores
+#           (64 MiB at s = 4096) evict it from L2: +1 each way (33, 41).
+SCORE_BYTES = {"te": (8.0, 14.0), "local": (33.0, 41.0)}
+# Attention dropout on the probabilities (Megatron-LM's GPT-3-era default 0.1, outside the fused
+# softmax kernel): forward reads 2, writes the 1-byte mask and the 2-byte output (5); backward reads
+# the gradient 2 and the mask 1, writes 2 (5).
+DROPOUT_SCORE_BYTES = (5.0, 5.0)
+
+# Megatron-Core's local layer spec on plain PyTorch (no Transformer Engine / apex; the nemoc runtime
+# where TE is not installed): extra bytes per element, forward + backward, over TE's fused kernels.
+#  RMSNorm: torch's composite rms_norm (fp32 upcast; cast, pow, mean, mul, cast back, weight mul:
+#           36 B forward, ~64 B through autograd backward) vs TE's fused kernel (4 + 6): +90 per
+#           hidden element, two norms per layer. LayerNorm is torch's fused native kernel: +0.
+#  SwiGLU:  chunk, silu, mul (10 B forward; 26 B backward with the chunk's concatenated gradient) vs
+#           Megatron's fused bias-SwiGLU (6 + 10): +20 per FFN element.
+#  RoPE:    Megatron's `_apply_rotary_pos_emb_bshd` in torch (mul, rotate_half = neg + cat, mul,
+#           add, cat: 24 B forward, 20 B backward) vs TE's fused RoPE (4 + 4): +36 per query and
+#           key element.
+#  GQA:     K and V repeated to every query head before the attention core (repeat_interleave,
+#           read g writes a heads; backward sums them back): 4 (a + g) d forward and backward.
+LOCAL_NORM_BYTES = (32.0, 58.0)
+LOCAL_GLU_BYTES = (4.0, 16.0)
+LOCAL_ROPE_BYTES = (20.0, 16.0)
+# Without gradient-accumulation fusion (apex/TE `fused_weight_gradient_mlp_cuda`) every weight
+# gradient GEMM writes a 16-bit .grad that Megatron's DDP hook adds into the fp32 main_grad:
+# reads 2 + 4, writes 4 per local parameter and micro batch.
+LOCAL_GRAD_ACCUM_BYTES = 10.0
+# Adam, bytes per (sharded) parameter. Fused (TE / apex FusedAdam, what NeMo runs): fp32 master, m,
+# v read and written (24), fp32 gradient read (4), 16-bit parameter written (2) = 30. Torch's
+# foreach AdamW (Megatron's fallback without TE / apex) runs one pass per operation: weight decay
+# mul_ 8, lerp_ (m) 12, mul_ + addcmul_ (v) 20, sqrt 8, div_ 8, add_ (eps) 8, addcdiv_ 16 = 80, plus
+# Megatron's fp32 -> 16-bit parameter copy 6 = 86.
+ADAM_BYTES = {"te": 30.0, "local": 86.0}
+# Kernel launches per layer and micro batch (forward + backward) beyond TE's: composite RMSNorm
+# (7 forward, ~12 backward kernels, x2 norms, vs 2 + 2 fused), torch RoPE on q and k (7 + 6 each vs
+# 2 + 2), unfused SwiGLU (3 + 5 vs 1 + 1), the GQA repeat and its reduction (4), one main_grad add
+# per weight (6). Each costs the per-kernel gap implied by `layer_overhead` (~30 kernels per layer).
+TE_KERNELS_PER_LAYER = 30.0
+
+
+def _local_extra_kernels(model: ModelSpec) -> float:
+    n = 6.0  # main_grad adds
+    n += 2 * (7 + 12 - 4) if model.norm == "rmsnorm" else 0.0
+    n += 2 * (7 + 6 - 4) if model.position == "rope" else 0.0
+    n += (3 + 5 - 2) if is_gated(model) else 0.0
+    n += 4.0 if model.query_groups < model.heads else 0.0
+    return n
+
+
+def _local_traffic(model: ModelSpec, tokens: float, tp: int, rep: int) -> tuple[float, float]:
+    """(forward, backward) extra HBM bytes of one layer and micro batch on the local spec over TE's
+    fused kernels (constants above); `rep` divides the sequence-parallel region (norms)."""
+    h, d, a, g = model.hidden, model.head_dim, model.heads, model.query_groups
+    fwd = bwd = 0.0
+    if model.norm == "rmsnorm":
+        fwd += 2 * LOCAL_NORM_BYTES[0] * tokens * h / rep
+        bwd += 2 * LOCAL_NORM_BYTES[1] * tokens * h / rep
+    if is_gated(model) and not model.is_moe:
+        fwd += LOCAL_GLU_BYTES[0] * tokens * model.ffn_hidden / tp
+        bwd += LOCAL_GLU_BYTES[1] * tokens * model.ffn_hidden / tp
+    if model.position == "rope":
+        fwd += LOCAL_ROPE_BYTES[0] * tokens * (a + g) * d / tp
+        bwd += LOCAL_ROPE_BYTES[1] * tokens * (a + g) * d / tp
+    if g < a:
+        fwd += 4.0 * tokens * (a + g) * d / tp
+        bwd += 4.0 * tokens * (a + g) * d / tp
+    return fwd, bwd
+
 
 
 # ----------------------------------------------------------------------------------- per-layer terms
@@ -175,12 +267,16 @@ def _layer_gemm_shapes(model: ModelSpec, tp: int, ep: int, etp: int) -> tuple[tu
 def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int, precision: str,
                 attention_backend: str, micro_batch: int, backward: float = 2.0,
                 params: EfficiencyParams = DEFAULT_PARAMS, attention_span: float | None = None,
-                overlap_tp: bool = False) -> LayerTimes:
+                overlap_tp: bool = False, kernels: str = "te", dropout: bool = False) -> LayerTimes:
     """Forward + backward time of one layer for one micro batch. `backward` is the backward/forward
     GEMM ratio: 2 (input and weight gradients), 1 for a frozen base under LoRA (input gradients
     only), 0 for forward-only stages. `attention_span`: the mean length of the samples packed into
     one sequence (THD packing: each token attends only within its own sample, Megatron-Core
-    `PackedSeqParams` / TE `cu_seqlens`), None when every row is one sample of `seq` tokens."""
+    `PackedSeqParams` / TE `cu_seqlens`), None when every row is one sample of `seq` tokens.
+    `kernels`: "te" (Transformer Engine's / Megatron's fused kernels) or "local" (Megatron-Core's
+    local spec on plain PyTorch: the extra memory-bound traffic and launches of its unfused kernels).
+    `dropout`: hidden and attention dropout are on (GPT-3-era training; the nemoc runtime sets 0):
+    their masks join the stored activations, and the unfused core drops out every score."""
     tokens = micro_batch * seq / layout.cp  # GEMM rows on this GPU (SP re-gathers the sequence)
     gen = hw.generation
     low = precision in ("fp8", "mxfp8")
@@ -191,22 +287,44 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     for n, k, share in _layer_gemm_shapes(model, layout.tp, layout.ep, layout.etp):
         gemm += passes * gemm_time(tokens * share, n, k, flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=in_bytes,
                                    n_half=params.gemm_n_half)
-    # attention core: flash kernels skip the masked upper triangle (causal), 2.5x forward for backward
     span = min(seq, attention_span) if attention_span else seq
     attn_flops = 4.0 * tokens * span * model.heads * model.head_dim / layout.tp
-    attn_flops *= 0.5 if attention_backend != "unfused" else 1.0
-    attn_rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.attn_eff(gen)
-    attention = attn_flops * (1.0 + (2.5 if backward else 0.0)) / attn_rate
-    act = layer_activations(model, seq=seq, micro_batch=micro_batch, tp=layout.tp, sp=layout.sequence_parallel,
-                            cp=layout.cp, etp=layout.etp, attention_backend=attention_backend).total
+    recomputed = layout.recompute != "none" and backward  # the core's forward runs again
+    acts = layer_activations(model, seq=seq, micro_batch=micro_batch, tp=layout.tp, sp=layout.sequence_parallel,
+                             cp=layout.cp, etp=layout.etp, attention_backend=attention_backend, dropout=dropout)
+    act = acts.total
+    if attention_backend == "unfused":
+        # Batched GEMMs (QK^T, PV; backward dP, dV, dQ, dK: 2x forward) over the full s x s matrix
+        # at the 16-bit GEMM rate, each with the head dimension as its smaller of N, K (the same
+        # tile-quantisation penalty as every GEMM), plus the score matrix's memory-bound traffic
+        # (SCORE_BYTES, which includes these GEMMs' reads and writes of the scores).
+        rate16 = hw.peak("bf16" if hw.supports("bf16") else precision) * params.gemm_eff(gen, "bf16")
+        rate16 /= 1.0 + params.gemm_n_half / model.head_dim
+        scores = tokens * span * model.heads / layout.tp
+        fwd_b, bwd_b = SCORE_BYTES[kernels]
+        if dropout:  # torch dropout on the 16-bit probabilities: mask and output written, read back
+            fwd_b, bwd_b = fwd_b + DROPOUT_SCORE_BYTES[0], bwd_b + DROPOUT_SCORE_BYTES[1]
+        fwd = attn_flops / rate16 + fwd_b * scores / hw.hbm_bw
+        bwd = 2.0 * attn_flops / rate16 + bwd_b * scores / hw.hbm_bw
+        attention = fwd * (1.0 + (1.0 if recomputed else 0.0)) + (bwd if backward else 0.0)
+        act -= acts.scores  # charged explicitly above
+    else:
+        # flash / fused: the kernel skips the masked upper triangle (causal), 2.5x forward for backward
+        attn_rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.attn_eff(gen)
+        attention = 0.5 * attn_flops * (1.0 + (2.5 if backward else 0.0)) / attn_rate
+        attention *= (3.5 + 1.0) / 3.5 if recomputed else 1.0
     elementwise = params.kappa * act * (passes / 3.0) / hw.hbm_bw
     if layout.recompute == "full":
         gemm *= (passes + 1.0) / passes
-        attention *= (3.5 + 1.0) / 3.5 if backward else 1.0
         elementwise *= 4.0 / 3.0
-    elif layout.recompute == "selective":
-        attention *= (3.5 + 1.0) / 3.5 if backward else 1.0
-    gemm += params.layer_overhead * passes / 3.0
+    overhead = params.layer_overhead * passes / 3.0
+    if kernels == "local":
+        rep = layout.tp if layout.sequence_parallel else 1
+        fwd_x, bwd_x = _local_traffic(model, tokens, layout.tp, rep)
+        elementwise += (fwd_x * (2.0 if layout.recompute == "full" and backward else 1.0)
+                        + (bwd_x if backward else 0.0)) / hw.hbm_bw
+        overhead += params.layer_overhead / TE_KERNELS_PER_LAYER * _local_extra_kernels(model) * passes / 3.0
+    gemm += overhead
     tp_comm = _tp_comm(model, layout, hw, tokens, passes, params, overlap_tp)
     cp_comm = _cp_comm(model, layout, hw, tokens, passes, attention, params)
     ep_comm = _ep_comm(model, layout, hw, tokens, passes, params)
@@ -314,12 +432,14 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
 
 
 def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, params, trainable_params: float,
-                grad_bytes: int = 4) -> float:
+                grad_bytes: int = 4, overlap: bool = True) -> float:
     """Data-parallel gradient reduce-scatter (fp32 main grads) + parameter all-gather (bf16) with the
     distributed optimizer, or an fp32 all-reduce without it. Megatron overlaps them with the last
     micro batch's backward and the first micro batch's forward (`overlap_grad_reduce`,
     `overlap_param_gather`); what exceeds those windows is exposed. The group spans TP x CP x DP
-    consecutive ranks (rank order tp-cp-ep-dp-pp)."""
+    consecutive ranks (rank order tp-cp-ep-dp-pp). `overlap=False`: the reduction runs after the
+    backward, fully exposed (Megatron-LM before its 2023 `overlap_grad_reduce`: the 2021 runs
+    all-reduced the gradients after the pipeline flush, Narayanan et al. 2021 Sec. 2.2)."""
     shard = layout.dp * layout.cp
     if shard == 1 or trainable_params == 0:
         return 0.0
@@ -329,6 +449,8 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
         rs, ag = trainable_params * grad_bytes * frac / bw, trainable_params * 2.0 * frac / bw
     else:
         rs, ag = 2.0 * trainable_params * grad_bytes * frac / bw, 0.0
+    if not overlap:
+        return rs + ag
     # Grad sync is enabled only for the last micro batch (`no_sync` before it), so the window is its
     # backward. With vp model chunks, chunk c's reduce-scatter starts when its last backward ends
     # and the remaining chunks' cool-down work (pp/vp micro-batch backwards apart) hides it; the
@@ -358,7 +480,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              causal_discount: bool = True, stage_params: object = None, grad_bytes: int = 4,
              split: tuple[int, int, int] | None = None, attention_span: float | None = None,
              overlap_p2p: bool = RUNTIME_OVERLAPS_P2P, p2p_scatter_gather: bool = False,
-             overlap_tp: bool = RUNTIME_OVERLAPS_TP) -> Estimate:
+             overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
+             overlap_grad_reduce: bool = True, dropout: bool = False) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
@@ -368,7 +491,13 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     sample to `seq`, so the planner never sets it; calibration rows with packed data do). `causal_discount` selects
     the FLOPs formula behind `model_tflops_per_gpu` and `mfu` (True: Megatron-Core / Megatron-Bridge
     form; False: NeMo <= 25.07 `flops_formulas.py`); it does not change the step time. `grad_bytes`:
-    the data-parallel gradient dtype (4: fp32, what the nemoc runtime reduces; 2: 16-bit).
+    the data-parallel gradient dtype (4: fp32, what the nemoc runtime reduces; 2: 16-bit). `kernels`:
+    "te" (Transformer Engine's fused kernels and fused Adam, the default) or "local" (Megatron-Core's
+    local spec on plain PyTorch: unfused norms, RoPE, SwiGLU, softmax, no gradient-accumulation
+    fusion, torch's foreach Adam; see the traffic constants above). `overlap_grad_reduce`: the
+    data-parallel reduction overlaps the last backward (Megatron-Core DDP, the nemoc runtime);
+    False for Megatron-LM 2021, which reduced after the flush. `dropout`: hidden and attention dropout
+    on (see `layer_times`; the nemoc runtime trains without).
 
     The stage's model passes come from `flops.stage_work`: the first (the model the optimizer
     updates) is costed term by term; the others (DPO reference, PPO critic, experience forwards)
@@ -386,7 +515,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     mb = layout.micro_batch * work.rows  # preference pairs: chosen + rejected rows
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
                      micro_batch=mb, backward=main.backward, params=params, attention_span=attention_span,
-                     overlap_tp=overlap_tp)
+                     overlap_tp=overlap_tp, kernels=kernels, dropout=dropout)
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                       params=params, scalar_head=main.scalar_head, split=split)
     m = layout.num_microbatches
@@ -404,14 +533,15 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     parts["pp_p2p"] = main.count * _pp_p2p(model, layout, hw, seq, mb, m, vp, params, overlap_p2p,
                                            p2p_scatter_gather)
     other = sum(p.count * _pass_time(model, layout, hw, p, seq=seq, precision=precision, backend=attention_backend,
-                                     micro_batch=mb, params=params, split=split, overlap_tp=overlap_tp)
+                                     micro_batch=mb, params=params, split=split, overlap_tp=overlap_tp,
+                                     kernels=kernels)
                 for p in work.passes[1:])
     if other:
         parts["other_passes"] = other
     if work.generated:
         parts["rollout"] = _rollout_time(model, layout, hw, seq=seq, precision=precision, backend=attention_backend,
                                          micro_batch=mb, new_tokens=work.generated, params=params,
-                                         overlap_tp=overlap_tp)
+                                         overlap_tp=overlap_tp, kernels=kernels)
     if train:
         trainable = _local_params(model, layout, split)
         if peft is not None:
@@ -419,9 +549,12 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
             trainable = n * lora_params_per_layer(model, peft) / layout.tp
         updates = work.trained * main.count  # PPO: actor and critic, ppo_epochs times
         parts["dp_comm_exposed"] = updates * _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params,
-                                                         trainable, grad_bytes)
+                                                         trainable, grad_bytes, overlap_grad_reduce)
         shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
-        parts["optimizer"] = updates * (trainable / shard * 30.0 + trainable * 4.0) / hw.hbm_bw  # Adam + grad norm
+        # Adam over the sharded parameters (ADAM_BYTES) + the gradient-norm pass over the local ones
+        parts["optimizer"] = updates * (trainable / shard * ADAM_BYTES[kernels] + trainable * 4.0) / hw.hbm_bw
+        if kernels == "local":  # no gradient-accumulation fusion: a main_grad add per micro batch
+            parts["optimizer"] += main.count * m * trainable * LOCAL_GRAD_ACCUM_BYTES / hw.hbm_bw
     parts["step_overhead"] = params.step_overhead
     step = sum(parts.values())
     tokens = layout.global_batch * seq * work.rows
@@ -466,12 +599,13 @@ def _pp_p2p(model, layout, hw, seq, mb, m, vp, params, overlap: bool = False, sc
 
 
 def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micro_batch, params,
-               split=None, overlap_tp: bool = False) -> float:
+               split=None, overlap_tp: bool = False, kernels: str = "te") -> float:
     """One pipelined pass of a secondary model over the step's micro batches (1F1B or forward-only
     schedule): m micro batches on the slowest stage plus the bubble, TP/CP/EP communication
     included. A secondary model shares the policy's layout (the nemoc runtime builds it so)."""
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
-                     micro_batch=micro_batch, backward=p.backward, params=params, overlap_tp=overlap_tp)
+                     micro_batch=micro_batch, backward=p.backward, params=params, overlap_tp=overlap_tp,
+                     kernels=kernels)
     slow, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=p.backward,
                                  params=params, scalar_head=p.scalar_head, split=split)
     bubble = (layout.pp - 1) / (layout.vp or 1) * mean if layout.pp > 1 else 0.0
@@ -479,7 +613,7 @@ def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micr
 
 
 def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, new_tokens, params,
-                  overlap_tp: bool = False) -> float:
+                  overlap_tp: bool = False, kernels: str = "te") -> float:
     """PPO rollout with a KV cache: a prefill of the prompts (a forward pass, compute bound) and
     `new_tokens` decode steps. A decode step generates one token for every sequence of the DP rank
     (m x micro batch of them) and is memory-bandwidth bound: each GPU reads its weights and the KV
@@ -487,7 +621,8 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     the pipeline stages run one after the other for a single batch, so a step costs the whole
     model's reads / TP; plus the per-layer launch overhead of a forward (decode kernels are tiny)."""
     prefill = _pass_time(model, layout, hw, ModelPass("prefill", 1.0, FORWARD), seq=seq, precision=precision,
-                         backend=backend, micro_batch=micro_batch, params=params, overlap_tp=overlap_tp)
+                         backend=backend, micro_batch=micro_batch, params=params, overlap_tp=overlap_tp,
+                         kernels=kernels)
     batch = layout.num_microbatches * micro_batch
     counts = param_counts(model)
     gemm_params = model.layers * (counts.attention + counts.mlp_active) + model.hidden * model.vocab

@@ -40,20 +40,21 @@ def test_throughput_error_bounds(results) -> None:
     _, used = results
     errors = [abs(r["error"]) for r in used]
     assert len(errors) >= 100
-    assert statistics.median(errors) <= 0.045
-    assert max(errors) <= 0.29
-    assert sum(e <= 0.15 for e in errors) >= 90
+    assert statistics.median(errors) <= 0.035
+    assert max(errors) <= 0.28
+    assert sum(e <= 0.15 for e in errors) >= 93
 
 
 def test_reliable_rows_error_bounds(calibrate, results) -> None:
     """Rows with a complete, self-consistent layout and measured (or exactly derived) tokens/s:
-    docs/calibration.md explains the three just above 15 % (G07, G08 1T on 64 stages; C11)."""
+    docs/calibration.md explains the one just above 15 % (C11: GB200 vs B200, and its own siblings'
+    spread)."""
     _, used = results
     errors = [abs(r["error"]) for r in used if calibrate.reliable(r)]
     assert len(errors) >= 85
-    assert statistics.median(errors) <= 0.04
-    assert max(errors) <= 0.17
-    assert sum(e <= 0.15 for e in errors) >= 85
+    assert statistics.median(errors) <= 0.035
+    assert max(errors) <= 0.16
+    assert sum(e <= 0.15 for e in errors) >= 87
 
 
 def test_unreliable_rows_are_few_and_explained(calibrate) -> None:
@@ -63,15 +64,15 @@ def test_unreliable_rows_are_few_and_explained(calibrate) -> None:
 def test_pretraining_rows_error_bounds(results) -> None:
     _, used = results
     errors = [abs(r["error"]) for r in used if r["task"] == "pretrain"]
-    assert statistics.median(errors) <= 0.04
-    assert sum(e <= 0.15 for e in errors) >= 75
+    assert statistics.median(errors) <= 0.035
+    assert sum(e <= 0.15 for e in errors) >= 78
 
 
 def test_no_systematic_bias(results) -> None:
     """Signed errors straddle zero: the model neither always over- nor under-predicts."""
     _, used = results
     signed = [r["error"] for r in used]
-    assert abs(statistics.median(signed)) <= 0.03
+    assert abs(statistics.median(signed)) <= 0.02
 
 
 def test_memory_against_korthikanti_figure_1(calibrate, results) -> None:
@@ -95,13 +96,32 @@ def test_memory_against_bare_megatron_on_h200(calibrate) -> None:
         assert abs(r["peak_error"]) <= 0.06, r
 
 
+def test_step_time_against_bare_megatron_on_h200(calibrate) -> None:
+    """The local-spec path (kernels="local": unfused norms, RoPE, SwiGLU, torch softmax, foreach
+    Adam) against the stored single-H200 step times: flash configurations within 10 %, the
+    unfused-attention ones within 22 % (under-predicted: docs/calibration.md)."""
+    rows = calibrate.megatron_errors()
+    errors = [abs(r["step_error"]) for r in rows]
+    assert len(rows) >= 10
+    assert statistics.median(errors) <= 0.06
+    assert max(errors) <= 0.22
+    for r in rows:
+        if "unfused" not in r["name"]:
+            assert abs(r["step_error"]) <= 0.10, r
+
+
 def test_planner_route_reproduces_the_direct_estimate(calibrate, results) -> None:
     """A published row written as `.nemo` and planned with its layout fixed gives the same tokens/s
     as calling the cost model directly (rows whose recompute is published, grads are fp32 and whose
-    communication overlaps are those of the nemoc runtime: Ampere rows without TP overlap)."""
-    rows, used = results
-    direct = {r["id"]: r["predicted"] for r in used}
+    communication overlaps are those of the nemoc runtime: Ampere rows without TP overlap), with
+    the runtime's settings where a `.nemo` file cannot state the source's: no dropout, gradient
+    reduction overlapped with the backward."""
+    import dataclasses
+
+    rows, _ = results
     picked = [r for r in rows if r["id"] in ("G02", "F03", "G01")]
+    direct = {r["id"]: calibrate.predict(dataclasses.replace(calibrate.row_case(r), dropout=False,
+                                                             overlap_grad_reduce=True)) for r in picked}
     planned = calibrate.planner_errors(picked)
     assert len(planned) == 3
     for r in planned:

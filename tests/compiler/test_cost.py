@@ -195,13 +195,60 @@ def test_context_parallel_ring_steps_are_not_free() -> None:
     assert cp32.parts["cp_comm"] > 10 * cp2.parts["cp_comm"] > 0
 
 
+def test_unfused_attention_charges_the_score_matrix() -> None:
+    """The unfused core materialises b x heads x s x s scores: its extra time over flash grows with s^2
+    (per token, linearly in s), the local torch softmax chain moves ~4x the bytes of the fused
+    kernel, and attention dropout adds to it."""
+    m = PRESETS["llama3_8b"]
+    lay = layout(dp=1, global_batch=2, num_microbatches=2)
+
+    def extra(seq: int, kernels: str = "te", dropout: bool = False) -> float:
+        args = dict(gpu="H200", seq_length=seq, kernels=kernels, dropout=dropout)
+        return (estimate(m, lay, attention_backend="unfused", **args).parts["compute"]
+                - estimate(m, lay, attention_backend="flash", **args).parts["compute"])
+
+    assert extra(8192) > 3.5 * extra(4096) > 0
+    assert extra(4096, "local") > 2.5 * extra(4096, "te")
+    assert extra(4096, dropout=True) > extra(4096)
+
+
+def test_local_spec_pays_its_unfused_kernels() -> None:
+    """Megatron-Core's local spec without TE / apex: unfused RMSNorm, RoPE, SwiGLU (elementwise),
+    torch's foreach Adam and a main_grad add per micro batch (optimizer) cost time; GELU/LayerNorm
+    models lose less than SwiGLU/RMSNorm/RoPE ones."""
+    lay = layout(dp=1, global_batch=4, num_microbatches=4)
+    llama, gpt = PRESETS["llama3_8b"], PRESETS["gpt3_13b"]
+    for m in (llama, gpt):
+        te = estimate(m, lay, gpu="H200", seq_length=4096)
+        local = estimate(m, lay, gpu="H200", seq_length=4096, kernels="local")
+        assert local.step_time_s == pytest.approx(sum(local.parts.values()))
+        assert local.parts["optimizer"] > 2 * te.parts["optimizer"]
+        assert local.parts["elementwise"] >= te.parts["elementwise"]
+
+    def slowdown(m):
+        return (estimate(m, lay, gpu="H200", seq_length=4096, kernels="local").parts["elementwise"]
+                / estimate(m, lay, gpu="H200", seq_length=4096).parts["elementwise"])
+
+    assert slowdown(llama) > slowdown(gpt)
+
+
+def test_unoverlapped_gradient_reduction_is_exposed() -> None:
+    """Megatron-LM 2021 reduced gradients after the flush: never faster than the overlapped reduction."""
+    m = PRESETS["gpt3_13b"]
+    lay = layout(tp=2, dp=32, global_batch=512, num_microbatches=16, sequence_parallel=True)
+    on = estimate(m, lay, gpu="A100-80GB", seq_length=2048)
+    off = estimate(m, lay, gpu="A100-80GB", seq_length=2048, overlap_grad_reduce=False)
+    assert off.parts["dp_comm_exposed"] > on.parts["dp_comm_exposed"]
+
+
 cases = st.builds(
-    lambda tp, pp, vp, dp, mb, sp, name, gpu, prec: (PRESETS[name], layout(
+    lambda tp, pp, vp, dp, mb, sp, name, gpu, prec, kernels, backend: (PRESETS[name], layout(
         tp=tp, pp=pp, vp=vp if pp > 1 else None, dp=dp, micro_batch=mb, global_batch=mb * dp * 8 * pp,
-        num_microbatches=8 * pp, sequence_parallel=sp and tp > 1), gpu, prec),
+        num_microbatches=8 * pp, sequence_parallel=sp and tp > 1), gpu, prec, kernels, backend),
     st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 2, 4]), st.sampled_from([None, 2]), st.sampled_from([1, 4, 32]),
     st.sampled_from([1, 2]), st.booleans(), st.sampled_from(["llama3_8b", "gpt3_13b", "mixtral_8x7b"]),
     st.sampled_from(["A100-80GB", "H100", "B200", "GB200"]), st.sampled_from(["bf16", "fp8"]),
+    st.sampled_from(["te", "local"]), st.sampled_from(["flash", "unfused"]),
 )
 
 
@@ -210,18 +257,19 @@ cases = st.builds(
 def test_planner_monotonicity_properties(case) -> None:
     """What `nemoc.compiler.search` relies on: recompute never makes a step faster, the distributed
     optimizer and sequence parallelism never make it slower."""
-    model, lay, gpu, prec = case
+    model, lay, gpu, prec, kernels, backend = case
     if prec == "fp8" and gpu == "A100-80GB":
         prec = "bf16"
-    t = {r: estimate(model, dataclasses.replace(lay, recompute=r), gpu=gpu, precision=prec).step_time_s
+    kw = dict(gpu=gpu, precision=prec, kernels=kernels, attention_backend=backend)
+    t = {r: estimate(model, dataclasses.replace(lay, recompute=r), **kw).step_time_s
          for r in ("none", "selective", "full")}
     assert t["none"] <= t["selective"] <= t["full"]
-    plain = estimate(model, dataclasses.replace(lay, distributed_optimizer=False), gpu=gpu, precision=prec)
-    dist = estimate(model, dataclasses.replace(lay, distributed_optimizer=True), gpu=gpu, precision=prec)
+    plain = estimate(model, dataclasses.replace(lay, distributed_optimizer=False), **kw)
+    dist = estimate(model, dataclasses.replace(lay, distributed_optimizer=True), **kw)
     assert dist.step_time_s <= plain.step_time_s * (1 + 1e-12)
     if lay.tp > 1:
-        no_sp = estimate(model, dataclasses.replace(lay, sequence_parallel=False), gpu=gpu, precision=prec)
-        sp = estimate(model, dataclasses.replace(lay, sequence_parallel=True), gpu=gpu, precision=prec)
+        no_sp = estimate(model, dataclasses.replace(lay, sequence_parallel=False), **kw)
+        sp = estimate(model, dataclasses.replace(lay, sequence_parallel=True), **kw)
         assert sp.step_time_s <= no_sp.step_time_s * (1 + 1e-12)
     assert 0 < dist.mfu < 1
 
