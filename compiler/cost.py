@@ -505,6 +505,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     updates) is costed term by term; the others (DPO reference, PPO critic, experience forwards)
     as whole pipelined passes in `other_passes`, the PPO rollout in `rollout`. Model FLOPs (for
     `mfu`) are `flops.stage_model_flops_per_step`: what the stage needs, without recompute."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, not {kernels!r}")
     hw = gpu if isinstance(gpu, HardwareSpec) else get_gpu(gpu or (cluster.gpu if cluster else "H100"))
     hw = _node_domain(hw, cluster.gpus_per_node if cluster is not None else None)
     seq = seq_length or model.seq_length

@@ -230,6 +230,8 @@ def test_local_spec_pays_its_unfused_kernels() -> None:
                 / estimate(m, lay, gpu="H200", seq_length=4096).parts["elementwise"])
 
     assert slowdown(llama) > slowdown(gpt)
+    with pytest.raises(ValueError, match="kernels"):
+        estimate(llama, lay, gpu="H200", kernels="apex")
 
 
 def test_unoverlapped_gradient_reduction_is_exposed() -> None:
