@@ -1,30 +1,50 @@
 """~1B GPT on one GPU: nemoc's runtime vs a bare Megatron-Core loop, flash (SDPA) vs unfused attention.
 
 Run once on a lent H100/H200 through `bench/gpu_run.sh` (installs the carried megatron-core wheel,
-maps `nemoc.*` onto the repository folders, writes everything under $OUT). Locally:
-`python bench/gpu_1b.py --smoke --out /tmp/x` runs the same code paths on the CPU with a tiny model.
+maps `nemoc.*` onto the repository folders, writes everything under $OUT). On a CPU-only machine
+`python bench/gpu_1b.py --cpu-smoke --out /tmp/x` runs the very same code paths (gloo, a tiny fp32
+model, 3 steps per sub-run) so that a crash shows up here and not on the device.
 
-For attention_backend in (flash, unfused), each in its own process (Megatron keeps module-level
-state, and a fresh process gives a clean peak-memory reading):
-  * runtime: `torchrun --nproc-per-node 1 -m nemoc.runtime.train task.json` on a synthetic indexed
-    dataset (Megatron's GPTDataset pipeline, logging, signal checks: everything a user gets), no
-    checkpoints; per-step time = mean over the logged intervals after the first (warm-up) one.
-  * bare: the same TransformerConfig/GPTModel/DDP/optimizer (built by the same adapter, so the
-    configuration is identical) driven by a minimal get_forward_backward_func loop on
-    pre-generated device tensors (Megatron's examples/run_simple_mcore_train_loop.py style), timed
-    over the same intervals.
-Results: tokens/s, step time, TFLOP/s and MFU (compiler formula, causal discount, the `nemoc plan`
-convention), peak allocated memory, the runtime's overhead ratio, and the compiler's predictions
-(nemoc.compiler.memory.estimate / cost.estimate) with their errors. Every sub-run is in its own
-try/except and the JSON is rewritten after each, so a partial run still leaves results.
+Four variants, each in its own fresh process, all launched the same way (`torchrun --standalone
+--nproc-per-node 1`, same environment: OMP_NUM_THREADS=1, CUDA_DEVICE_MAX_CONNECTIONS=1):
+  * runtime/flash, runtime/unfused: `nemoc.runtime.train.main(task.json)` on a synthetic indexed
+    dataset (GPTDataset pipeline, logging, signal checks: everything a user gets), no checkpoints,
+    log_every = 1 so that every step is timed (the runtime synchronises at a log step and excludes
+    the logging itself from `step_time_s`). The only addition is read-only: the worker wraps
+    `train.build_model` / `train.build_optimizer` to record the settings they produced.
+  * bare/flash, bare/unfused: a minimal Megatron-Core loop (GPTModel, Float16Module, DDP,
+    get_megatron_optimizer, get_forward_backward_func, OptimizerParamScheduler) whose
+    TransformerConfig / DDP config / OptimizerConfig / scheduler kwargs come from the same adapter
+    (runtime.megatron_args), whose layer spec names the attention core explicitly (flash =
+    Megatron's local spec with the runtime's `SDPAttention` core, unfused = the local spec's
+    `DotProductAttention`; with Transformer Engine installed, TE's spec and TE's backend), fed with
+    pre-generated device tensors, synchronised and timed at the end of every step.
+Both sides record a settings fingerprint (every TransformerConfig field, DDP config, optimizer
+config and class, the attention core class of every layer, parameter count and dtypes, the CUDA /
+threading environment); the parent diffs runtime vs bare per backend (`settings_diff`, expected
+empty). Per variant: step time = median of the steps after `--warmup`, tokens/s, model TFLOP/s and
+MFU (the compiler's formula with the causal discount, the `nemoc plan` convention, against the
+catalog's dense bf16 peak), peak allocated/reserved memory, and `nemoc plan`'s predictions
+(compiler.memory / compiler.cost) with their errors; runtime overhead = runtime / bare - 1 per backend.
+
+Order (time-boxed by --budget; a sub-run that cannot start in time is skipped and says so):
+bare/flash, runtime/flash, runtime/unfused, bare/unfused, then (--repeat) runtime/flash and
+bare/flash again in the reverse order, so that an order or drift effect is visible. Each bare run
+ends with a few extra steps fed like the runtime feeds (pageable host tensors copied per micro-batch,
+which blocks the host until the stream drains): `host_batches_step_time_s` isolates that effect.
+The JSON is rewritten after each sub-run, so a partial run still leaves results.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 import os
+import random
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +58,11 @@ MODEL_1B = dict(name="gpt-1b", layers=24, hidden=2048, heads=16, query_groups=16
                 seq_length=2048, activation="swiglu", norm="rmsnorm", position="rope")
 MODEL_SMOKE = dict(name="gpt-smoke", layers=2, hidden=64, heads=4, query_groups=2, ffn_hidden=128, vocab=256,
                    seq_length=64, activation="swiglu", norm="rmsnorm", position="rope")
+
+# The environment every worker gets (the runtime would set CUDA_DEVICE_MAX_CONNECTIONS=1 itself at
+# import; the bare side must not run with a different value).
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHONUNBUFFERED": "1"}
+_POSITION = {"rope": "rope", "learned": "learned_absolute", "none": "none"}
 
 
 def build_plan(*, smoke: bool, backend: str, steps: int, log_every: int, micro_batch: int, num_micro: int,
@@ -75,34 +100,209 @@ def write_dataset(prefix: Path, *, vocab: int, tokens: int) -> None:
     builder.finalize(str(prefix) + ".idx")
 
 
-def gpu_id() -> str:
-    import torch
+def device_name() -> str:
+    """The GPU's name from nvidia-smi (no CUDA context in the parent: it would hold GPU memory
+    during every sub-run), or "cpu"."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "cpu"
 
-    if not torch.cuda.is_available():
+
+def gpu_id(name: str) -> str:
+    """The hardware catalog's id for a device name (CPU when there is no GPU)."""
+    if name == "cpu":
         return "CPU"
-    name = torch.cuda.get_device_name(0)
     return next((g for g in ("B200", "H200", "H100") if g in name), "H100")
 
 
-def interval_stats(step_times: list[float], tokens_per_step: int, flops_per_step: float | None,
-                   peak_flops: float | None) -> dict:
-    step = statistics.mean(step_times) if step_times else float("nan")
-    out = {"step_time_s": step, "step_time_s_intervals": step_times, "tokens_per_s": tokens_per_step / step}
+def summarise(samples: list[float]) -> dict:
+    """Median and spread of per-step times (seconds)."""
+    if not samples:
+        return {"step_time_s": float("nan"), "step_times_s": []}
+    ordered = sorted(samples)
+    return {"step_time_s": statistics.median(samples), "step_time_s_min": ordered[0],
+            "step_time_s_max": ordered[-1], "step_time_s_mean": statistics.mean(samples),
+            "measured_steps": len(samples), "step_times_s": samples,
+            "step_time_s_intervals": samples}  # the key bench_runtime_overhead.py reads
+
+
+def rates(step_time_s: float, *, tokens_per_step: int, flops_per_step: float | None,
+          peak_flops: float | None) -> dict:
+    out = {"tokens_per_s": tokens_per_step / step_time_s}
     if flops_per_step:
-        out["tflops_per_gpu"] = flops_per_step / step / 1e12
+        out["tflops_per_gpu"] = flops_per_step / step_time_s / 1e12
         if peak_flops:
-            out["mfu"] = flops_per_step / step / peak_flops
+            out["mfu"] = flops_per_step / step_time_s / peak_flops
     return out
+
+
+# ------------------------------------------------------------------------- processes and settings
+
+
+_current_worker: list = [None]  # the running torchrun (own session), killed with us on SIGTERM/SIGINT
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own, so killing
+    torchrun's process group does not reach them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_current_worker() -> None:
+    """SIGKILL the running torchrun and everything it started."""
+    proc = _current_worker[0]
+    if proc is None or proc.poll() is not None:
+        return
+    for pid in [proc.pid] + _descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def _run_worker(args: list[str], *, work: Path, timeout_s: float) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 1 <this script> ARGS` in its own session; on timeout
+    the whole process group (torchrun and its worker) is killed, so no orphan keeps the GPU."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+           str(Path(__file__).resolve())] + args
+    env = dict(os.environ, **WORKER_ENV)
+    with open(work / "stdout.txt", "w") as out, open(work / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=str(REPO), env=env, start_new_session=True)
+        _current_worker[0] = proc
+        try:
+            rc = proc.wait(timeout=max(1.0, timeout_s))
+        except subprocess.TimeoutExpired:
+            _kill_current_worker()
+            raise RuntimeError(f"timed out after {timeout_s:.0f} s: {' '.join(args[:2])}") from None
+        finally:
+            _current_worker[0] = None
+    return subprocess.CompletedProcess(cmd, rc, (work / "stdout.txt").read_text(), (work / "stderr.txt").read_text())
+
+
+def _plain(value):
+    """A JSON-comparable rendering of a config value (callables by name, dtypes and enums by str)."""
+    import torch
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
+    if isinstance(value, (list, tuple)):
+        return [_plain(x) for x in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if callable(value):
+        return getattr(value, "__qualname__", None) or type(value).__name__
+    return type(value).__name__
+
+
+def _dataclass_fields(obj) -> dict:
+    if obj is None or not dataclasses.is_dataclass(obj):
+        return {"value": _plain(obj)}
+    return {f.name: _plain(getattr(obj, f.name, None)) for f in dataclasses.fields(obj)}
+
+
+def settings_fingerprint(*, model, config, optimizer) -> dict:
+    """Everything that decides what a training step computes and how: recorded identically by the
+    runtime worker and the bare loop, diffed by the parent."""
+    import torch
+
+    chunks = list(model)
+    cores = sorted({type(m).__module__ + "." + type(m).__name__ for c in chunks
+                    for n, m in c.named_modules() if n.endswith("core_attention")})
+    wrappers, inner = [], chunks[0]
+    while True:
+        wrappers.append(type(inner).__name__)
+        if not hasattr(inner, "module"):
+            break
+        inner = inner.module
+    params = [p for c in chunks for p in c.parameters()]
+    opts = list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+    optim = []
+    for o in opts:
+        torch_opt = getattr(o, "optimizer", None)
+        defaults = {k: _plain(v) for k, v in (getattr(torch_opt, "defaults", None) or {}).items()
+                    if k not in ("lr", "params")}
+        optim.append({"class": type(o).__name__, "torch_class": type(torch_opt).__name__, "torch_defaults": defaults,
+                      "config": _dataclass_fields(getattr(o, "config", None))})
+    cuda = torch.cuda.is_available()
+    sdpa = {}
+    if cuda:
+        for key in ("flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled", "cudnn_sdp_enabled"):
+            fn = getattr(torch.backends.cuda, key, None)
+            sdpa[key] = bool(fn()) if fn else None
+    env = {k: os.environ.get(k) for k in ("CUDA_DEVICE_MAX_CONNECTIONS", "OMP_NUM_THREADS", "CUDA_LAUNCH_BLOCKING",
+                                          "NCCL_ALGO", "NCCL_PROTO", "TORCH_NCCL_AVOID_RECORD_STREAMS")}
+    env.update(launcher="torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "python",
+               torch_threads=torch.get_num_threads(), matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+               cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+               float32_matmul_precision=torch.get_float32_matmul_precision(),
+               deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
+               grad_enabled=torch.is_grad_enabled(), **sdpa)
+    return {
+        "transformer_config": _dataclass_fields(config),
+        "ddp_config": _dataclass_fields(getattr(chunks[0], "ddp_config", None)),
+        "optimizer": optim,
+        "model": {"wrappers": wrappers, "chunks": len(chunks), "parameters": sum(p.numel() for p in params),
+                  "param_dtypes": sorted({str(p.dtype) for p in params}), "core_attention": cores,
+                  "training": all(c.training for c in chunks)},
+        "environment": env,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch": torch.__version__,
+    }
+
+
+def settings_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """`key: a != b` for every leaf that differs between two fingerprints."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += settings_diff(x, y, f"{prefix}{key}.")
+        elif json.dumps(x, sort_keys=True, default=str) != json.dumps(y, sort_keys=True, default=str):
+            out.append(f"{prefix}{key}: {json.dumps(x, default=str)} != {json.dumps(y, default=str)}")
+    return out
+
+
+def _memory_stats() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
 # ------------------------------------------------------------------------------------- the runtime
 
 
-def run_runtime(plan, *, work: Path, prefix: Path, timeout_s: int, smoke: bool) -> dict:
-    import shutil
-
+def run_runtime(plan, *, work: Path, prefix: Path, timeout_s: float, smoke: bool, warmup: int | None = None) -> dict:
+    """The runtime on `plan` in a fresh torchrun process; per-step times from its metrics.jsonl,
+    dropping the steps up to `warmup` (default: the first logged interval)."""
     from nemoc.compiler.plan import to_json
 
+    stage = plan.stages[0]
+    warmup = stage.log_every if warmup is None else warmup
     shutil.rmtree(work, ignore_errors=True)  # metrics.jsonl appends (resume semantics): start clean
     work.mkdir(parents=True, exist_ok=True)
     (work / "plan.json").write_text(to_json(plan))
@@ -112,139 +312,245 @@ def run_runtime(plan, *, work: Path, prefix: Path, timeout_s: int, smoke: bool) 
             "checkpoint_dir": str(work / "checkpoints"), "metrics_path": str(work / "metrics.jsonl"),
             "tensorboard_dir": None, "max_steps": None, "timeout_s": 300}
     (work / "task.json").write_text(json.dumps(task))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1")
     started = time.monotonic()
-    proc = subprocess.run(torchrun + ["-m", "nemoc.runtime.train", str(work / "task.json")], capture_output=True,
-                          text=True, timeout=timeout_s, env=env, cwd=str(REPO))
-    (work / "stdout.txt").write_text(proc.stdout)
-    (work / "stderr.txt").write_text(proc.stderr)
+    proc = _run_worker(["--runtime-worker", str(work / "task.json"), "--out", str(work)], work=work,
+                       timeout_s=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"runtime exited {proc.returncode}: {proc.stderr[-3000:]}")
     records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    steps = [r for r in records if "loss" in r and "step_time_s" in r]
-    measured = steps[1:] or steps  # the first interval holds warm-up (allocator, kernels)
-    out = {"wall_s": time.monotonic() - started, "final_loss": steps[-1]["loss"],
-           "step_time_s": statistics.mean(r["step_time_s"] for r in measured),
-           "step_time_s_intervals": [r["step_time_s"] for r in measured],
-           "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in measured)}
-    for key in ("tflops_per_gpu", "mfu"):
+    steps = sorted((r for r in records if "loss" in r and "step_time_s" in r), key=lambda r: r["step"])
+    measured, previous = [], 0
+    for r in steps:  # a record covers the steps (previous, step]
+        if previous >= warmup:
+            measured.append(r)
+        previous = r["step"]
+    measured = measured or steps[-1:]
+    out = {"wall_s": time.monotonic() - started, "final_loss": steps[-1]["loss"], "warmup_steps": warmup,
+           "all_step_times_s": [r["step_time_s"] for r in steps], **summarise([r["step_time_s"] for r in measured])}
+    for key in ("tflops_per_gpu", "mfu"):  # the runtime's own metrics, as a cross-check of the parent's
         if key in measured[-1]:
-            out[key] = statistics.mean(r[key] for r in measured)
-    if "peak_mem_gib" in steps[-1]:
+            out[f"runtime_reported_{key}"] = statistics.median(r[key] for r in measured)
+    worker = work / "worker.json"
+    if worker.exists():
+        out.update(json.loads(worker.read_text()))
+    if "peak_mem_gib" not in out and "peak_mem_gib" in steps[-1]:
         out["peak_mem_gib"] = max(r.get("peak_mem_gib", 0.0) for r in steps)
+    shutil.rmtree(work / "dataset_cache", ignore_errors=True)
     return out
+
+
+def runtime_worker(task_path: str, out_dir: str) -> int:
+    """`nemoc.runtime.train.main(task)` with read-only wrappers that record the settings the runtime
+    built (model, TransformerConfig, DDP and optimizer config) and, at the end, the CUDA memory peaks."""
+    from nemoc.runtime import train as T
+
+    built, info = {}, {}
+    original_model, original_optimizer = T.build_model, T.build_optimizer
+
+    def build_model(*args, **kwargs):
+        result = original_model(*args, **kwargs)
+        built["model"], built["config"] = result[0], result[1]
+        return result
+
+    def build_optimizer(*args, **kwargs):
+        result = original_optimizer(*args, **kwargs)
+        try:
+            info["settings"] = settings_fingerprint(model=built["model"], config=built["config"], optimizer=result[0])
+        except Exception:
+            info["settings_error"] = traceback.format_exc()[-2000:]
+        return result
+
+    T.build_model, T.build_optimizer = build_model, build_optimizer
+    rc = T.main([task_path])
+    info.update(_memory_stats())
+    Path(out_dir, "worker.json").write_text(json.dumps(info, sort_keys=True))
+    return rc
 
 
 # ---------------------------------------------------------------------------------------- the bare
 
 
-def run_bare_subprocess(plan, *, work: Path, timeout_s: int, smoke: bool) -> dict:
+def run_bare_subprocess(plan, *, work: Path, timeout_s: float, smoke: bool, warmup: int | None = None,
+                        diag_steps: int = 0) -> dict:
+    """The bare Megatron-Core loop on `plan` in a fresh torchrun process (see bare_main)."""
     from nemoc.compiler.plan import to_json
 
+    stage = plan.stages[0]
+    warmup = stage.log_every if warmup is None else warmup
+    shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     (work / "plan.json").write_text(to_json(plan))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--bare", str(work / "plan.json"), "--out", str(work)]
-    proc = subprocess.run(cmd + (["--smoke"] if smoke else []), capture_output=True, text=True, timeout=timeout_s,
-                          cwd=str(REPO), env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1"))
-    (work / "stdout.txt").write_text(proc.stdout)
-    (work / "stderr.txt").write_text(proc.stderr)
+    started = time.monotonic()
+    args = ["--bare", str(work / "plan.json"), "--out", str(work), "--warmup", str(warmup),
+            "--diag-steps", str(diag_steps)]
+    proc = _run_worker(args + (["--smoke"] if smoke else []), work=work, timeout_s=timeout_s)
     result = work / "bare.json"
     if proc.returncode != 0 or not result.exists():
         raise RuntimeError(f"bare loop exited {proc.returncode}: {proc.stderr[-3000:]}")
-    return json.loads(result.read_text())
+    out = json.loads(result.read_text())
+    out["wall_s"] = time.monotonic() - started
+    return out
 
 
-def bare_main(plan_path: str, out_dir: str, smoke: bool) -> None:
-    """A minimal Megatron-Core loop on exactly the runtime's model/optimizer configuration."""
+def bare_main(plan_path: str, out_dir: str, smoke: bool, warmup: int, diag_steps: int) -> None:
+    """A minimal Megatron-Core training loop with exactly the runtime's Megatron settings.
+
+    Settings: TransformerConfig, DDP config, OptimizerConfig and scheduler kwargs from
+    runtime.megatron_args (the runtime's one adapter); the model is built here with Megatron's API and
+    an explicit attention core. Data: pre-generated contiguous device tensors (tokens, labels,
+    loss_mask, position_ids as the runtime's batches). Every step ends with a device synchronisation
+    and is timed from the previous one."""
+    import numpy as np
     import torch
 
     from nemoc.runtime import mcore_cpu
 
-    if smoke:
+    if smoke or not torch.cuda.is_available():
         mcore_cpu.apply()
     from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.module import Float16Module
 
     from nemoc.compiler.plan import from_json
     from nemoc.runtime import megatron_args as margs
-    from nemoc.runtime import model as mdl
+    from nemoc.runtime.model import SDPAttention, have_transformer_engine
 
     plan = from_json(Path(plan_path).read_text())
-    stage = plan.stages[0]
+    stage, spec_model = plan.stages[0], plan.model
     lay = stage.layout
     cuda = torch.cuda.is_available() and not mcore_cpu.is_applied()
     if cuda:
-        torch.cuda.set_device(0)
-    torch.distributed.init_process_group("nccl" if cuda else "gloo", store=torch.distributed.HashStore(), rank=0,
-                                         world_size=1)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "RANK" in os.environ:
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    else:
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", store=torch.distributed.HashStore(),
+                                             rank=0, world_size=1)
     parallel_state.initialize_model_parallel(**margs.parallel_kwargs(layout=lay))
-    torch.manual_seed(stage.seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(stage.seed)
-    facts = margs.MachineFacts(cpu=mcore_cpu.is_applied(), have_te=mdl.have_transformer_engine())
-    config = margs.transformer_config(model=plan.model, layout=lay, precision=plan.precision,
-                                      attention_backend=plan.attention_backend, facts=facts, deterministic=facts.cpu)
-    vocab = margs.padded_vocab_size(plan.model.vocab, lay.tp)
-    chunks = mdl.build_model_chunks(config=config, model=plan.model, vocab_size=vocab, seq_length=stage.seq_length,
-                                    attention_backend=plan.attention_backend, have_te=facts.have_te)
-    model = mdl.wrap_ddp(chunks=chunks, config=config, ddp_config=margs.ddp_config(layout=lay))
+    seed = stage.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()  # as runtime.train.set_seed
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    have_te = have_transformer_engine()
+    facts = margs.MachineFacts(cpu=mcore_cpu.is_applied(), have_te=have_te)
+    config = margs.transformer_config(model=spec_model, layout=lay, precision=plan.precision,
+                                      attention_backend=plan.attention_backend, facts=facts,
+                                      dropout=float(stage.params.get("dropout", 0.0)), deterministic=facts.cpu,
+                                      stage_params=stage.params)
+    # The attention core, explicitly: TE decides from config.attention_backend when TE is installed;
+    # otherwise Megatron's local spec, whose core is DotProductAttention (`unfused`), or our SDPA core.
+    if have_te:
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=spec_model.experts or None,
+                                                          moe_grouped_gemm=False, qk_layernorm=spec_model.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(num_experts=spec_model.experts or None, moe_grouped_gemm=False,
+                                        qk_layernorm=spec_model.qk_layernorm, normalization=config.normalization)
+        if plan.attention_backend != "unfused":
+            spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    vocab = margs.padded_vocab_size(spec_model.vocab, lay.tp)
+    gpt = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab,
+                   max_sequence_length=stage.seq_length, pre_process=True, post_process=True,
+                   share_embeddings_and_output_weights=spec_model.tie_embeddings,
+                   position_embedding_type=_POSITION[spec_model.position], rotary_base=int(spec_model.rotary_base))
+    if not config.use_cpu_initialization:
+        gpt = gpt.to(torch.cuda.current_device())
+    if config.bf16 or config.fp16:
+        gpt = Float16Module(config, gpt)
+    ddp_cfg = margs.ddp_config(layout=lay)
+    model = [DistributedDataParallel(config=config, ddp_config=ddp_cfg, module=gpt)]
+    config.finalize_model_grads_func = finalize_model_grads
+    if ddp_cfg.overlap_grad_reduce:
+        config.no_sync_func, config.grad_sync_func = model[0].no_sync, model[0].start_grad_sync
     optimizer = get_megatron_optimizer(margs.optimizer_config(optimizer=stage.optimizer, schedule=stage.schedule,
                                                               layout=lay, precision=plan.precision), model)
     scheduler = OptimizerParamScheduler(optimizer, **margs.scheduler_kwargs(
         optimizer=stage.optimizer, schedule=stage.schedule, steps=stage.steps))
-    dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    seq, mb = stage.seq_length, lay.micro_batch
+    settings = settings_fingerprint(model=model, config=config, optimizer=optimizer)
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    seq, mb, n_micro = stage.seq_length, lay.micro_batch, lay.num_microbatches
     gen = torch.Generator().manual_seed(0)
-    # fresh tokens for every micro-batch, as the runtime reads (repeating one batch lets the model
-    # memorise it, and on CPU the shrinking values hit denormal slow paths)
-    batches = [torch.randint(0, plan.model.vocab, (mb, seq + 1), generator=gen).to(dev)
-               for _ in range(stage.steps * lay.num_microbatches)]
-    positions = torch.arange(seq, device=dev).unsqueeze(0).expand(mb, seq)
-    loss_mask = torch.ones(mb, seq, device=dev)
 
-    def forward_step(data_iterator, module):
-        tokens = next(data_iterator)
-        output = module(tokens[:, :-1], positions, None, labels=tokens[:, 1:])
+    def host_batch() -> dict:
+        """One micro-batch as the runtime's collate builds it (CPU tensors, before the device copy)."""
+        tokens = torch.randint(0, spec_model.vocab, (mb, seq + 1), generator=gen)
+        return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+                "loss_mask": torch.ones(mb, seq, dtype=torch.float32),
+                "position_ids": torch.arange(seq, dtype=torch.int64).unsqueeze(0).expand(mb, seq).contiguous()}
 
-        def loss_func(out):
-            loss = (out.float() * loss_mask).sum()
-            n = loss_mask.sum()
-            return loss, n.to(torch.int), {"lm loss": torch.stack([loss.detach(), n])}
+    def to_device(batch: dict) -> dict:
+        return {k: v.to(dev, non_blocking=True) for k, v in batch.items()} if cuda else batch
 
-        return output, loss_func
+    # Fresh tokens for every micro-batch, as the runtime reads (repeating one batch lets the model
+    # memorise it, and on CPU the shrinking values hit denormal slow paths); on the device up front.
+    device_batches = [to_device(host_batch()) for _ in range(stage.steps * n_micro)]
+
+    def loss_func(loss_mask, output_tensor):  # = runtime.train.masked_lm_loss
+        losses = output_tensor.float().view(-1)
+        mask = loss_mask.view(-1).float()
+        loss = torch.sum(losses * mask)
+        tokens = mask.sum()
+        return loss, tokens.to(torch.int), {"lm loss": torch.stack([loss.detach(), tokens.detach()])}
+
+    def forward_step(data_iterator, module):  # = runtime.train.gpt_forward_step (cp = 1)
+        batch = next(data_iterator)
+        output = module(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, lambda out, mask=batch["loss_mask"]: loss_func(mask, out)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     fwd_bwd = get_forward_backward_func()
-    interval_times, interval_start, last_loss = [], None, float("nan")
-    peak = 0
-    for step in range(1, stage.steps + 1):
-        if interval_start is None:
-            interval_start = time.perf_counter()
+
+    def train_step(batches) -> torch.Tensor:  # = runtime.train.train_step, minus the metrics
         for m in model:
             m.zero_grad_buffer()
         optimizer.zero_grad()
-        step_batches = iter(batches[(step - 1) * lay.num_microbatches: step * lay.num_microbatches])
-        losses = fwd_bwd(forward_step_func=forward_step, data_iterator=step_batches, model=model,
-                         num_microbatches=lay.num_microbatches, seq_length=seq, micro_batch_size=mb,
-                         decoder_seq_length=seq, forward_only=False)
+        losses = fwd_bwd(forward_step_func=forward_step, data_iterator=batches, model=model,
+                         num_microbatches=n_micro, seq_length=seq, micro_batch_size=mb, decoder_seq_length=seq,
+                         forward_only=False)
         ok, _, _ = optimizer.step()
         if ok:
             scheduler.step(increment=1)
-        if step % stage.log_every == 0 or step == stage.steps:
-            if cuda:
-                torch.cuda.synchronize()
-            total = sum(x["lm loss"] for x in losses)
-            last_loss = float(total[0] / total[1])
-            interval_times.append((time.perf_counter() - interval_start) / stage.log_every)
-            interval_start = None
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    measured = interval_times[1:] or interval_times
-    result = {"step_time_s": statistics.mean(measured), "step_time_s_intervals": measured, "final_loss": last_loss}
-    if cuda:
-        result["peak_mem_gib"] = peak
-    Path(out_dir, "bare.json").write_text(json.dumps(result))
+        return sum(x["lm loss"] for x in losses)
+
+    sync()
+    times, last = [], None
+    for step in range(1, stage.steps + 1):
+        start = time.perf_counter()
+        last = train_step(iter(device_batches[(step - 1) * n_micro: step * n_micro]))
+        sync()
+        times.append(time.perf_counter() - start)
+    result = {"final_loss": float(last[0] / last[1]), "warmup_steps": warmup, "settings": settings,
+              "all_step_times_s": times, **summarise(times[warmup:] or times[-1:]), **_memory_stats()}
+
+    if diag_steps > 0:  # the same loop fed as the runtime feeds: host tensors copied per micro-batch
+        def host_iterator():
+            while True:
+                yield to_device(host_batch())
+
+        diag = []
+        for _ in range(diag_steps):
+            iterator = host_iterator()
+            start = time.perf_counter()
+            train_step(iterator)
+            sync()
+            diag.append(time.perf_counter() - start)
+        kept = diag[1:] or diag  # the first pays for the new host-tensor path
+        result.update(host_batches_step_time_s=statistics.median(kept), host_batches_step_times_s=diag)
+    Path(out_dir, "bare.json").write_text(json.dumps(result, sort_keys=True))
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
 
@@ -276,40 +582,112 @@ def predictions(plan) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------- main
+
+
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+    return format(value * scale, spec) if isinstance(value, (int, float)) else "-"
+
+
+def table(results: dict) -> list[str]:
+    """The side-by-side table (markdown), one row per variant, then the comparisons."""
+    rows = ["| variant | attention core | step time (median) | tokens/s | TFLOP/s | MFU | peak alloc | "
+            "pred. step | pred. MFU | pred. memory |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for backend, entry in results["runs"].items():
+        pred = entry.get("predicted", {})
+        for kind in ("bare", "runtime", "runtime_repeat", "bare_repeat"):
+            r = entry.get(kind)
+            if r is None:
+                continue
+            name = f"{kind.split('_')[0]}/{backend}{' (repeat)' if kind.endswith('repeat') else ''}"
+            if "step_time_s" not in r:
+                rows.append(f"| {name} | - | {str(r.get('error', '?')).strip().splitlines()[-1][:60]} "
+                            "| | | | | | | |")
+                continue
+            core = ",".join(c.rsplit(".", 1)[-1] for c in r.get("settings", {}).get("model", {}).get("core_attention", []))
+            rows.append(f"| {name} | {core or '?'} | {_fmt(r['step_time_s'], '.4f')} s | {_fmt(r.get('tokens_per_s'), ',.0f')} "
+                        f"| {_fmt(r.get('tflops_per_gpu'), '.1f')} | {_fmt(r.get('mfu'), '.1f', 100)} % "
+                        f"| {_fmt(r.get('peak_mem_gib'), '.2f')} GiB | {_fmt(pred.get('step_time_s'), '.3f')} s "
+                        f"| {_fmt(pred.get('mfu'), '.1f', 100)} % | {_fmt(pred.get('memory_total_gib'), '.2f')} GiB |")
+    lines = rows + [""]
+    for backend, entry in results["runs"].items():
+        if "runtime_overhead" in entry:
+            lines.append(f"runtime overhead ({backend}): {entry['runtime_overhead'] * 100:+.2f} % "
+                         f"(runtime/bare median step time; settings_diff: {len(entry.get('settings_diff', []))} "
+                         f"difference(s))")
+        if "runtime_overhead_repeat" in entry:
+            lines.append(f"runtime overhead ({backend}, repeat round, runtime first): "
+                         f"{entry['runtime_overhead_repeat'] * 100:+.2f} %")
+        bare = entry.get("bare", {})
+        if "host_batches_step_time_s" in bare and "step_time_s" in bare:
+            lines.append(f"bare ({backend}) fed with host batches as the runtime feeds: "
+                         f"{bare['host_batches_step_time_s']:.4f} s/step vs {bare['step_time_s']:.4f} s/step "
+                         "on device-resident batches")
+    for kind, fu in results.get("flash_vs_unfused", {}).items():
+        lines.append(f"flash vs unfused ({kind}): unfused/flash step time {fu['speedup']:.3f}x, "
+                     f"peak memory saved by flash {_fmt(fu.get('peak_mem_gib_saved'), '.2f')} GiB")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", str(REPO / "bench" / "results" / "gpu")))
-    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the code paths)")
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--smoke", "--cpu-smoke", dest="smoke", action="store_true",
+                        help="tiny fp32 model, 3 steps per sub-run, gloo on the CPU: checks every code path")
+    parser.add_argument("--steps", type=int, default=None, help="steps per sub-run (default 20; smoke 3)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="leading steps left out of the median (default 4; smoke 1)")
+    parser.add_argument("--diag-steps", type=int, default=None,
+                        help="extra bare steps fed with host batches as the runtime feeds (default 6; smoke 2; 0 = off)")
+    parser.add_argument("--no-repeat", dest="repeat", action="store_false",
+                        help="skip the second (reverse-order) runtime/bare flash round")
     parser.add_argument("--backends", default="flash,unfused")
-    parser.add_argument("--budget", type=float, default=330.0,
-                        help="seconds for all sub-runs; a sub-run that cannot start with 40 s left is skipped "
-                             "(order: flash runtime, flash bare, unfused runtime, unfused bare)")
+    parser.add_argument("--budget", type=float, default=270.0,
+                        help="seconds for all sub-runs; a sub-run is not started with less than 60 s left "
+                             "(order: bare/flash, runtime/flash, runtime/unfused, bare/unfused, runtime/flash, "
+                             "bare/flash)")
     parser.add_argument("--bare", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--runtime-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.runtime_worker:
+        return runtime_worker(args.runtime_worker, args.out)
     if args.bare:
-        bare_main(args.bare, args.out, args.smoke)
+        bare_main(args.bare, args.out, args.smoke, args.warmup or 0, args.diag_steps or 0)
         return 0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / ("gpu_1b_smoke.json" if args.smoke else "gpu_1b.json")
-    steps = args.steps or (10 if args.smoke else 25)
-    log_every = 2 if args.smoke else 5
+    steps = args.steps or (3 if args.smoke else 20)
+    warmup = min(args.warmup if args.warmup is not None else (1 if args.smoke else 4), steps - 1)
+    diag_steps = args.diag_steps if args.diag_steps is not None else (2 if args.smoke else 6)
     micro_batch, num_micro = (2, 2) if args.smoke else (1, 8)
+    model_cfg = MODEL_SMOKE if args.smoke else MODEL_1B
     started = time.monotonic()
-    results: dict = {"config": {"steps": steps, "log_every": log_every, "micro_batch": micro_batch,
-                                "num_microbatches": num_micro, "model": MODEL_SMOKE if args.smoke else MODEL_1B,
-                                "precision": "fp32" if args.smoke else "bf16"}, "runs": {}}
+    results: dict = {"config": {"steps": steps, "warmup_steps": warmup, "log_every": 1, "micro_batch": micro_batch,
+                                "num_microbatches": num_micro, "model": model_cfg, "diag_steps": diag_steps,
+                                "precision": "fp32" if args.smoke else "bf16", "worker_env": WORKER_ENV,
+                                "statistic": "median of the per-step times after the warm-up steps"},
+                     "runs": {}}
 
     def save():
         results["wall_s"] = time.monotonic() - started
         results_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
 
+    def interrupted(signum, frame):  # `timeout` in gpu_run.sh: end the worker too, keep what was measured
+        _kill_current_worker()
+        results["interrupted"] = f"{signal.Signals(signum).name} after {time.monotonic() - started:.0f} s"
+        save()
+        sys.exit(124)
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
+
     try:
         import torch
 
-        results["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        results["device"] = "cpu" if args.smoke else device_name()
         results["torch"] = torch.__version__
         import megatron.core
 
@@ -317,71 +695,119 @@ def main() -> int:
         from nemoc.runtime.model import have_transformer_engine
 
         results["transformer_engine"] = have_transformer_engine()
-        gpu = "CPU" if args.smoke else gpu_id()
+        gpu = gpu_id(results["device"])
         prefix = out / "data" / "synthetic_text_document"
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        model_cfg = MODEL_SMOKE if args.smoke else MODEL_1B
         write_dataset(prefix, vocab=model_cfg["vocab"],
                       tokens=(steps + 2) * micro_batch * num_micro * (model_cfg["seq_length"] + 1) * 2)
+        from nemoc.compiler.flops import model_flops_per_step
+
+        flops = model_flops_per_step(_model_spec(model_cfg), model_cfg["seq_length"], micro_batch * num_micro,
+                                     causal_discount=True)
+        peak = None
+        if gpu != "CPU":
+            from nemoc.compiler.catalog.hardware import get_gpu
+
+            hw = get_gpu(gpu)
+            peak = hw.peak("bf16") if hw is not None else None
+        results["config"].update(model_flops_per_step=flops, peak_flops_bf16=peak, gpu_catalog_id=gpu)
     except Exception:
         results["setup_error"] = traceback.format_exc()
         save()
         return 1
     save()
-    budget = args.budget if not args.smoke else max(args.budget, 600)
-    for backend in args.backends.split(","):
-        plan = build_plan(smoke=args.smoke, backend=backend, steps=steps, log_every=log_every,
-                          micro_batch=micro_batch, num_micro=num_micro, gpu=gpu)
-        tokens_per_step = micro_batch * num_micro * plan.model.seq_length
-        entry = results["runs"].setdefault(backend, {})
+
+    backends = [b for b in args.backends.split(",") if b]
+    plans = {b: build_plan(smoke=args.smoke, backend=b, steps=steps, log_every=1, micro_batch=micro_batch,
+                           num_micro=num_micro, gpu=gpu) for b in backends}
+    tokens_per_step = micro_batch * num_micro * model_cfg["seq_length"]
+    for b in backends:
+        entry = results["runs"].setdefault(b, {})
         try:
-            entry["predicted"] = predictions(plan)
+            entry["predicted"] = predictions(plans[b])
         except Exception:
             entry["predicted"] = {"error": traceback.format_exc()}
-        for kind in ("runtime", "bare"):
-            left = budget - (time.monotonic() - started)
-            if left < 40:
-                entry[kind] = {"error": f"skipped: {left:.0f} s left of the {budget} s budget"}
-                save()
-                continue
-            try:
-                work = out / f"{backend}_{kind}"
-                if kind == "runtime":
-                    entry[kind] = run_runtime(plan, work=work, prefix=prefix, timeout_s=int(left), smoke=args.smoke)
-                else:
-                    bare = run_bare_subprocess(plan, work=work, timeout_s=int(left), smoke=args.smoke)
-                    from nemoc.compiler.flops import model_flops_per_step
-
-                    flops = model_flops_per_step(plan.model, plan.model.seq_length, micro_batch * num_micro,
-                                                 causal_discount=True)
-                    peak = None
-                    if not args.smoke:
-                        from nemoc.compiler.catalog.hardware import get_gpu
-
-                        peak = get_gpu(gpu).peak("bf16")
-                    bare.update({k: v for k, v in interval_stats(bare["step_time_s_intervals"], tokens_per_step,
-                                                                  flops, peak).items() if k != "step_time_s_intervals"})
-                    entry[kind] = bare
-            except Exception:
-                entry[kind] = {"error": traceback.format_exc()[-4000:]}
+    order = []
+    if "flash" in backends:
+        order += [("flash", "bare"), ("flash", "runtime")]
+    for b in backends:
+        if b != "flash":
+            order += [(b, "runtime"), (b, "bare")]
+    if args.repeat and "flash" in backends:
+        order += [("flash", "runtime_repeat"), ("flash", "bare_repeat")]
+    budget = max(args.budget, 900) if args.smoke else args.budget
+    min_start = 0 if args.smoke else 60
+    for backend, kind in order:
+        entry = results["runs"][backend]
+        left = budget - (time.monotonic() - started)
+        if left < min_start:
+            entry[kind] = {"error": f"skipped: {left:.0f} s left of the {budget:.0f} s budget"}
             save()
-        rt, bare = entry.get("runtime", {}), entry.get("bare", {})
-        if "step_time_s" in rt and "step_time_s" in bare:
-            entry["runtime_overhead"] = rt["step_time_s"] / bare["step_time_s"] - 1.0
-        pred = entry.get("predicted", {})
-        if "peak_mem_gib" in rt and "memory_total_gib" in pred:
-            entry["memory_prediction_error"] = pred["memory_total_gib"] / rt["peak_mem_gib"] - 1.0
-        if "step_time_s" in rt and "step_time_s" in pred:
-            entry["step_time_prediction_error"] = pred["step_time_s"] / rt["step_time_s"] - 1.0
+            continue
+        timeout = left + 30 if args.smoke else min(150.0, left + 30)
+        work = out / f"{backend}_{kind}"
+        try:
+            if kind.startswith("runtime"):
+                r = run_runtime(plans[backend], work=work, prefix=prefix, timeout_s=timeout, smoke=args.smoke,
+                                warmup=warmup)
+            else:
+                r = run_bare_subprocess(plans[backend], work=work, timeout_s=timeout, smoke=args.smoke,
+                                        warmup=warmup, diag_steps=diag_steps)
+            r.update(rates(r["step_time_s"], tokens_per_step=tokens_per_step, flops_per_step=flops, peak_flops=peak))
+            pred = entry.get("predicted", {})
+            if "step_time_s" in pred:
+                r["step_time_prediction_error"] = pred["step_time_s"] / r["step_time_s"] - 1.0
+            if "memory_total_gib" in pred and r.get("peak_mem_gib"):
+                r["memory_prediction_error"] = pred["memory_total_gib"] / r["peak_mem_gib"] - 1.0
+            entry[kind] = r
+        except Exception:
+            entry[kind] = {"error": traceback.format_exc()[-4000:]}
+        finalise(entry)
         save()
     runs = results["runs"]
-    if all("step_time_s" in runs.get(b, {}).get("runtime", {}) for b in ("flash", "unfused")):
-        f, u = runs["flash"]["runtime"], runs["unfused"]["runtime"]
-        results["flash_vs_unfused"] = {"speedup": u["step_time_s"] / f["step_time_s"],
-                                       "peak_mem_gib_saved": u.get("peak_mem_gib", 0) - f.get("peak_mem_gib", 0)}
+    fu = {}
+    for kind in ("runtime", "bare"):
+        f, u = runs.get("flash", {}).get(kind, {}), runs.get("unfused", {}).get(kind, {})
+        if "step_time_s" in f and "step_time_s" in u:
+            fu[kind] = {"speedup": u["step_time_s"] / f["step_time_s"]}
+            if f.get("peak_mem_gib") is not None and u.get("peak_mem_gib") is not None:
+                fu[kind]["peak_mem_gib_saved"] = u["peak_mem_gib"] - f["peak_mem_gib"]
+    if fu:
+        results["flash_vs_unfused"] = fu
+    shutil.rmtree(out / "data", ignore_errors=True)  # synthetic tokens: not worth keeping
+    lines = table(results)
+    results["table"] = lines
     save()
-    print(json.dumps(results, indent=1, sort_keys=True))
-    return 0
+    (out / ("gpu_1b_smoke_table.md" if args.smoke else "gpu_1b_table.md")).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"-> {results_path} ({results['wall_s']:.0f} s)")
+    failed = [f"{b}/{k}" for b, e in runs.items() for k in ("runtime", "bare") if "step_time_s" not in e.get(k, {})]
+    return 1 if failed and args.smoke else 0
+
+
+def finalise(entry: dict) -> None:
+    """Overheads and the settings diff of one backend's runs, from whatever has finished."""
+    rt, bare = entry.get("runtime", {}), entry.get("bare", {})
+    if "step_time_s" in rt and "step_time_s" in bare:
+        entry["runtime_overhead"] = rt["step_time_s"] / bare["step_time_s"] - 1.0
+        entry["runtime_overhead_within_2_percent"] = entry["runtime_overhead"] <= 0.02
+    rt2, bare2 = entry.get("runtime_repeat", {}), entry.get("bare_repeat", {})
+    if "step_time_s" in rt2 and "step_time_s" in bare2:
+        entry["runtime_overhead_repeat"] = rt2["step_time_s"] / bare2["step_time_s"] - 1.0
+        pooled_rt = rt.get("step_times_s", []) + rt2.get("step_times_s", [])
+        pooled_bare = bare.get("step_times_s", []) + bare2.get("step_times_s", [])
+        if pooled_rt and pooled_bare:
+            entry["runtime_overhead_pooled"] = statistics.median(pooled_rt) / statistics.median(pooled_bare) - 1.0
+    if "settings" in rt and "settings" in bare:
+        entry["settings_diff"] = settings_diff(rt["settings"], bare["settings"])
+    elif "step_time_s" in rt and "step_time_s" in bare:
+        entry["settings_diff"] = ["fingerprint missing: " + (rt.get("settings_error") or "runtime/bare has none")]
+
+
+def _model_spec(cfg: dict):
+    from nemoc.compiler.spec import ModelSpec
+
+    return ModelSpec(**cfg)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# One-shot GPU check for the training core: ~1B GPT, nemoc runtime vs bare Megatron-Core loop,
-# flash (SDPA) vs unfused attention, measured vs `nemoc plan`'s predictions.
+# One-shot GPU check for the training core: ~1B GPT, nemoc runtime vs a bare Megatron-Core loop built
+# from the same Megatron settings, flash (SDPA) vs unfused attention on both sides, measured vs
+# `nemoc plan`'s predictions (bench/gpu_1b.py; its docstring says what is measured and how).
 #
-#   bash bench/gpu_run.sh            # on the lent machine, from the repository root (<= ~6 min)
-#   BUDGET=150 bash bench/gpu_run.sh # shorter: the flash runs first, later sub-runs skipped if no time
+#   OUT=$OUT bash bench/gpu_run.sh      # on the lent machine, from the repository root: ~4 min of work
+#   BUDGET=150 bash bench/gpu_run.sh    # shorter: the flash pair first, later sub-runs skipped if no time
+#
+# From a nemoc session: the `run` tool with carry [".wheels"] (the wheels are git-ignored) and
+# timeout_s 480; the script stops starting sub-runs after BUDGET s and is killed at BUDGET + 90 s.
+# Check it first on the CPU: `.venv/bin/python bench/gpu_1b.py --cpu-smoke --out /tmp/gpu_1b_smoke`.
 #
 # The machine has python3.12 + a CUDA torch, no megatron-core and no network: missing packages are
 # unpacked from the carried wheels in .wheels/ (a wheel is a zip; no pip, setuptools or index
 # needed) into a private site dir, and `nemoc.*` is mapped onto the repository folders by symlinks
-# (no `pip install -e .`). Results: $OUT/gpu_1b.json (+ per-run logs); OUT defaults to
-# bench/results/gpu.
+# (no `pip install -e .`). Results: $OUT/gpu_1b.json, $OUT/gpu_1b_table.md (+ per-run logs and
+# metrics in $OUT/<backend>_<runtime|bare>[_repeat]/); OUT defaults to bench/results/gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -37,16 +42,23 @@ need_wheel megatron.core 'megatron_core-0.16.1-cp312-*.whl'
 mkdir -p "$SITE/nemoc"
 for pkg in grammar dsl compiler runtime; do ln -sfn "$REPO/$pkg" "$SITE/nemoc/$pkg"; done
 
+gpu_state() {  # clocks, temperature, power and throttling: a slow sub-run may be the GPU's, not the code's
+  nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit,clocks_event_reasons.active \
+    --format=csv 2>&1 | tail -n 2
+}
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  echo "host: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), load $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "GPU before:"; gpu_state
   "$PY" -c "import sys, torch, megatron.core as m; print(sys.version.split()[0], torch.__version__, torch.version.cuda, 'megatron-core', m.__version__)" 2>&1
   "$PY" -c "import nemoc.runtime.train" 2>&1 | tail -n 3 && echo "nemoc.runtime.train imports"
 } | tee "$OUT/environment.txt"
 
-# 3. the measurements (the script keeps its own 330 s budget and writes partial results as it goes)
-BUDGET=${BUDGET:-330}  # seconds for the sub-runs; e.g. BUDGET=150 for flash only when device time is short
-timeout $((BUDGET + 90)) "$PY" bench/gpu_1b.py --out "$OUT" --budget "$BUDGET" 2>&1 | tail -n 80 | tee "$OUT/gpu_1b.log"
+# 3. the measurements (the script keeps its own budget and rewrites its JSON after every sub-run)
+BUDGET=${BUDGET:-270}  # seconds for the sub-runs (six expected to take ~200 s on an H100/H200)
+timeout $((BUDGET + 90)) "$PY" bench/gpu_1b.py --out "$OUT" --budget "$BUDGET" 2>&1 | grep -v -i "warn" | tail -n 60 | tee "$OUT/gpu_1b.log"
 status=${PIPESTATUS[0]}
-rm -rf "$OUT/data"  # synthetic tokens: not worth carrying back
+{ echo "GPU after:"; gpu_state; } | tee -a "$OUT/environment.txt"
+rm -rf "$OUT/data" "$OUT"/*/dataset_cache  # synthetic tokens and their index: not worth carrying back
 echo "gpu_1b.py exit status $status; results in $OUT"
 exit "$status"
