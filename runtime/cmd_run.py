@@ -1,7 +1,7 @@
 """`nemoc graph`, `nemoc run` and `nemoc status`.
 
     nemoc graph FILE [--format json|dot|mermaid]
-    nemoc run FILE [--workdir DIR] [--launcher local|slurm|k8s] [--dry-run] [--workers N]
+    nemoc run FILE [--workdir DIR] [--launcher local|slurm|k8s] [--dry-run] [--workers N] [--detach]
     nemoc status RUN_DIR [--json]
 
 Exit codes (as every command): 0 success; 1 diagnostics, a graph error or a failed / preempted task;
@@ -65,10 +65,11 @@ def graph(file: str, fmt: str, sets: tuple[str, ...], as_json: bool) -> None:
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Run directory (default: runs/<experiment> under the current directory).")
 @click.option("--launcher", "launcher_name", default=None,
-              help="local | slurm | k8s (default: the cluster block's scheduler). With slurm or k8s, `nemoc run` "
-                   "submits one job per training task, one at a time in graph order, and must stay alive until "
-                   "the last one ends (run it inside tmux/screen or a small batch job of its own); Ctrl-C "
-                   "cancels the running job, and running again resumes with finished tasks cached.")
+              help="local | slurm | k8s (default: the cluster block's scheduler). With slurm, data preparation "
+                   "runs here, then every training task is submitted at once as sbatch jobs chained with afterok, "
+                   "and `nemoc run` follows them to the end (Ctrl-C cancels them; --detach leaves them to Slurm). "
+                   "With k8s, one PyTorchJob per task, one at a time in graph order. Running again caches "
+                   "finished tasks and attaches to jobs still queued or running.")
 @click.option("--dry-run", is_flag=True,
               help="Show which tasks would run and which are cached; start nothing. With the slurm or k8s "
                    "launcher, also write each distributed task's sbatch script (tasks/<id>/job.sbatch) or "
@@ -76,9 +77,13 @@ def graph(file: str, fmt: str, sets: tuple[str, ...], as_json: bool) -> None:
                    "directory and print their paths; nothing is submitted.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Data-preparation worker processes (default: one per CPU core).")
+@click.option("--detach", is_flag=True,
+              help="slurm: return once the chain of jobs is submitted, without following it; `nemoc status`, "
+                   "`nemoc logs` and `nemoc cancel` work on the run directory, and the jobs need no `nemoc run` "
+                   "alive.")
 @common_options
 def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool, workers: int | None,
-        sets: tuple[str, ...], as_json: bool) -> None:
+        detach: bool, sets: tuple[str, ...], as_json: bool) -> None:
     """Compile FILE and execute its runtime graph; finished tasks with unchanged inputs are cached."""
     from nemoc.runtime.executor import Executor
     from nemoc.runtime.launchers import LauncherError, get_launcher
@@ -89,6 +94,9 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
     run_dir = RunDir(workdir if workdir else default_run_dir(plan.experiment))
     echo = (lambda line: click.echo(line, err=True)) if as_json else click.echo
     name = launcher_name or plan.cluster.scheduler
+    if detach and name != "slurm":
+        _die(f"error: --detach needs the slurm launcher (this run uses {name!r}): a {name} run is followed by "
+             "`nemoc run` itself", as_json, EXIT_USAGE)
     if not dry_run or name in ("slurm", "k8s"):  # a dry run writes only the cluster launchers' files
         _make_run_dir(run_dir.root, as_json)
     launcher, written = None, None
@@ -101,7 +109,7 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
         _die(f"error: {error}", as_json, EXIT_USAGE)
     except OSError as error:  # the sbatch scripts / manifests could not be written
         _die(f"error: {_os_error(error)}", as_json)
-    executor = Executor(plan, runtime_graph, run_dir, launcher=launcher, echo=echo, options={"workers": workers})
+    executor = Executor(plan, runtime_graph, run_dir, launcher=launcher, echo=echo, options={"workers": workers, "detach": detach})
     echo(f"run directory: {run_dir.root}")
     started = time.time()
     _sigterm_as_interrupt()
@@ -138,6 +146,9 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
         summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
         click.echo(f"{'ok' if outcome.ok else 'FAILED'}: {summary} in {time.time() - started:.1f} s "
                    f"(nemoc status {run_dir.root})")
+        if counts.get("queued"):
+            click.echo(f"detached: the queued jobs run without this command; `nemoc status {run_dir.root}` shows "
+                       f"their progress, `nemoc logs` their output, `nemoc cancel` stops them")
     if not outcome.ok:
         sys.exit(EXIT_DIAGNOSTICS)
 
@@ -214,11 +225,13 @@ def status(run_dir: str, as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(title=str(Path(run_dir).resolve()), title_justify="left")
-    for column in ("task", "state", "hash", "steps", "last loss", "tokens/s", "elapsed"):
+    jobs = any(row.get("job_id") for row in rows)
+    for column in ("task", "state", "hash", *(("job",) if jobs else ()), "steps", "last loss", "tokens/s", "elapsed"):
         table.add_column(column, justify="right" if column in ("steps", "last loss", "tokens/s", "elapsed") else "left")
     for row in rows:
         steps = "" if not row["steps_total"] else f"{row['steps_done'] or 0}/{row['steps_total']}"
-        table.add_row(row["id"], str(row["state"]), str(row["hash"])[:8], steps, _fmt(row["last_loss"], "{:.4f}"),
+        job = (row.get("job_id") or "",) if jobs else ()
+        table.add_row(row["id"], str(row["state"]), str(row["hash"])[:8], *job, steps, _fmt(row["last_loss"], "{:.4f}"),
                       _fmt(row["tokens_per_s"], "{:,.0f}"), _fmt(row["elapsed_s"], "{:.1f} s"))
     Console(width=max(100, Console().width)).print(table)
     for row in rows:
@@ -227,7 +240,7 @@ def status(run_dir: str, as_json: bool) -> None:
     from nemoc.runtime.executor import load_status
     from nemoc.runtime.rundir import RunDir
 
-    stale = [row["id"] for row in rows if row["state"] == "running"]
+    stale = [row["id"] for row in rows if row["state"] == "running" and not row.get("job_id")]
     if stale and not (load_status(run_dir) or {}).get("finished") and not RunDir(run_dir).holder_alive():
         click.echo(f"\nnote: the `nemoc run` that wrote this status is gone (killed?), so 'running' is stale for "
                    f"{', '.join(stale)}: `nemoc cancel {run_dir}` stops any leftover processes, `nemoc run` again "
@@ -253,6 +266,7 @@ def status_rows(run_dir: str | Path) -> list[dict] | None:
     if not isinstance(tasks, dict) or not all(isinstance(rec, dict) for rec in tasks.values()):
         return None  # missing, or damaged past reading: not the shape the executor writes
     rd = RunDir(run_dir)
+    jobs = _slurm_jobs(Path(run_dir))
     rows = []
     order = data.get("order")
     order = [t for t in order if isinstance(t, str) and t in tasks] if isinstance(order, list) else []
@@ -265,9 +279,14 @@ def status_rows(run_dir: str | Path) -> list[dict] | None:
         steps_done = metrics.get("step")
         if done.get("hash") == rec.get("hash") and done.get("steps") is not None:
             steps_done = done["steps"]
+        state, job_id = rec.get("state", "?"), None
+        if task_id in jobs and jobs[task_id].get("hash") in ("", rec.get("hash")):
+            job_id = jobs[task_id]["job_id"]
+            state = _live_state(state, job_id, done.get("hash") == rec.get("hash"))
         rows.append({
             "id": task_id,
-            "state": rec.get("state", "?"),
+            "state": state,
+            "job_id": job_id,
             "hash": rec.get("hash", ""),
             "steps_done": steps_done,
             "steps_total": rec.get("steps_total"),
@@ -277,3 +296,51 @@ def status_rows(run_dir: str | Path) -> list[dict] | None:
             "error": rec.get("error", ""),
         })
     return rows
+
+
+# Slurm job states as task states (squeue's long names; `nemoc status` of a run whose jobs outlive `nemoc run`)
+_SLURM_QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD", "SUSPENDED",
+                 "PREEMPTED", "RESIZING", "SIGNALING", "STAGE_OUT"}
+_SLURM_RUNNING = {"RUNNING", "COMPLETING"}
+
+
+def _slurm_jobs(root: Path) -> dict[str, dict]:
+    """slurm.json's task -> {"job_id", "hash"}; {} when there is none or Slurm is not reachable from here."""
+    import shutil
+
+    if not (root / "slurm.json").is_file() or shutil.which("squeue") is None:
+        return {}
+    from nemoc.runtime import launch_slurm
+
+    try:
+        jobs = launch_slurm.read_record(root).get("jobs") or {}
+    except launch_slurm.SlurmError:
+        return {}
+    return {task: {"job_id": str(rec["job_id"]), "hash": str(rec.get("hash", ""))} for task, rec in jobs.items()}
+
+
+def _live_state(recorded: str, job_id: str, done: bool) -> str:
+    """The task's state from its job when `nemoc run` is not following it (detached, or killed)."""
+    import subprocess
+
+    from nemoc.runtime import launch_slurm
+
+    if done:
+        return recorded if recorded in ("done", "cached") else "done"
+    if recorded not in ("queued", "running", "pending", "interrupted"):
+        return recorded
+    try:
+        info = launch_slurm.job_info(job_id)
+    except (OSError, subprocess.SubprocessError):
+        return recorded
+    state = info.get("JobState", "")
+    if state in _SLURM_QUEUED:
+        reason = info.get("Reason", "")
+        return f"queued ({reason})" if reason not in ("", "None") else "queued"
+    if state in _SLURM_RUNNING:
+        return "running"
+    if state == "COMPLETED":
+        return "failed (job completed without DONE.json)"
+    if state:
+        return f"failed ({state.lower()})" if state != "CANCELLED" else "cancelled"
+    return recorded

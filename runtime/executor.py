@@ -9,6 +9,10 @@ Behaviour (docs/graph.md, section 5):
   checkpoints) and moved aside to `<dir>.prev-<old hash>` (never deleted) when the hash changed.
 * The first failure stops the run: the task is marked `failed` with the failing rank's last lines; the
   tasks after it are `skipped`. Exit status 143 of a distributed task is `preempted` (resumable).
+* With a chain launcher (Slurm) the inline tasks run here first, then every distributed task is
+  submitted at once, chained along the graph (`_run_chain`); task.json of a task whose parents have not
+  run yet names them under `upstream` (runtime/taskfile.py). With `detach`, `run` returns once the
+  chain is submitted (tasks `queued`); otherwise it follows the jobs to their end.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ from nemoc.runtime.tasks import TaskContext, TaskError, get_kind
 
 STATUS_VERSION = 1
 TERMINAL = ("done", "cached")
+SUBMITTED = ("pending", "queued")  # not failed: a dry run's "would run", a detached chain's queued job
 
 
 @dataclass
 class TaskOutcome:
     task_id: str
-    state: str  # done | cached | failed | preempted | skipped | pending (dry run: would run)
+    state: str  # done | cached | failed | preempted | skipped | pending (dry run: would run) | queued (detached)
     hash: str
     elapsed_s: float = 0.0
     error: str = ""
@@ -44,7 +49,7 @@ class RunOutcome:
 
     @property
     def ok(self) -> bool:
-        return all(t.state in TERMINAL or t.state == "pending" for t in self.tasks)  # pending: dry run
+        return all(t.state in TERMINAL or t.state in SUBMITTED for t in self.tasks)
 
     def states(self) -> dict[str, str]:
         return {t.task_id: t.state for t in self.tasks}
@@ -148,60 +153,72 @@ class Executor:
     def _run_locked(self) -> RunOutcome:
         self.write_artifacts()
         status = Status(self.run_dir, self.plan, self.graph)
-        outcome = RunOutcome(self.run_dir.root)
-        failed = False
         try:
-            for task in self.graph.tasks():
-                if failed:
-                    status.set(task.id, state="skipped")
-                    outcome.tasks.append(TaskOutcome(task.id, "skipped", task.hash))
-                    continue
-                result = self._run_task(task, status)
-                outcome.tasks.append(result)
-                failed = result.state not in TERMINAL
+            if callable(getattr(self.launcher, "submit_chain", None)):
+                return self._run_chain(status)
+            return self._run_in_turn(status)
         except KeyboardInterrupt:
-            running = [t for t, rec in status.data["tasks"].items() if rec["state"] == "running"]
+            running = [t for t, rec in status.data["tasks"].items() if rec["state"] in ("running", "queued")]
             for task_id in running:
                 status.set(task_id, state="interrupted", error="interrupted (Ctrl-C)")
             raise
         finally:
             status.finish()
+
+    def _run_in_turn(self, status: Status) -> RunOutcome:
+        """One task at a time in topological order; the first failure skips the rest."""
+        outcome = RunOutcome(self.run_dir.root)
+        for task in self.graph.tasks():
+            if outcome.tasks and outcome.tasks[-1].state not in TERMINAL:
+                return self._skip_rest(outcome, status, outcome.tasks[-1].task_id)
+            outcome.tasks.append(self._run_task(task, status))
         return outcome
 
     # ----------------------------------------------------------------------------------- one task
     def _run_task(self, task: Task, status: Status) -> TaskOutcome:
         if self.run_dir.is_done(task.id, task.hash):
-            self.echo(f"✓ {task.id:<24} cached (hash {task.short_hash})")
-            status.set(task.id, state="cached")
-            return TaskOutcome(task.id, "cached", task.hash)
-        out_dir, moved = self.run_dir.claim(task.id, task.hash)
-        note = f"  (settings changed: previous output moved to {moved.name})" if moved else ""
-        resumed = "  (resuming)" if (out_dir / "checkpoints" / "latest").exists() else ""
-        self.echo(f"▶ {task.id:<24} running (hash {task.short_hash}){note}{resumed}")
+            return self._cached(task, status)
+        out_dir = self._start(task, status)
         started = time.time()
-        status.set(task.id, state="running", started=started, finished=None, error="")
         try:
             state, payload, error = self._execute(task, out_dir)
         except TaskError as exc:
             state, payload, error = "failed", None, str(exc)
         except (ValueError, OSError) as exc:  # DataError / TokenizerError / unreadable files: user-facing
             state, payload, error = "failed", None, str(exc)
-        elapsed = time.time() - started
+        return self._end(task, status, state, payload, error, time.time() - started)
+
+    def _cached(self, task: Task, status: Status) -> TaskOutcome:
+        self.echo(f"✓ {task.id:<24} cached (hash {task.short_hash})")
+        status.set(task.id, state="cached")
+        return TaskOutcome(task.id, "cached", task.hash)
+
+    def _start(self, task: Task, status: Status, *, verb: str = "running") -> Path:
+        """Claim the task's directory (moving another hash's output aside), say so, mark it `verb`."""
+        out_dir, moved = self.run_dir.claim(task.id, task.hash)
+        note = f"  (settings changed: previous output moved to {moved.name})" if moved else ""
+        resumed = "  (resuming)" if (out_dir / "checkpoints" / "latest").exists() else ""
+        self.echo(f"▶ {task.id:<24} {verb} (hash {task.short_hash}){note}{resumed}")
+        status.set(task.id, state=verb, started=time.time(), finished=None, error="")
+        return out_dir
+
+    def _end(self, task: Task, status: Status, state: str, payload: dict | None, error: str,
+             elapsed: float) -> TaskOutcome:
         if state == "done":
             self.run_dir.mark_done(task.id, task.hash, payload)
             self.echo(f"✓ {task.id:<24} done in {elapsed:.1f} s")
         elif state == "preempted":
             self.echo(f"⏸ {task.id:<24} preempted after {elapsed:.1f} s; its checkpoint is kept, `nemoc run` again resumes it")
+        elif state == "skipped":
+            self.echo(f"- {task.id:<24} skipped: {error}")
         else:
             self.echo(f"✗ {task.id:<24} failed after {elapsed:.1f} s\n{_indent(error)}")
         status.set(task.id, state=state, finished=time.time(), elapsed_s=round(elapsed, 3), error=error)
         return TaskOutcome(task.id, state, task.hash, elapsed, error)
 
-    def _context(self, task: Task, out_dir: Path) -> TaskContext:
-        inputs = {}
-        for artifact in self.graph.inputs(task.id):
-            record = self.run_dir.done_record(artifact.src) or {}
-            inputs[artifact.src] = dict(record, artifact=artifact.type, name=artifact.name)
+    def _context(self, task: Task, out_dir: Path, inputs: Mapping[str, dict] | None = None) -> TaskContext:
+        if inputs is None:
+            inputs = dict(self._upstream_inputs(task, {}))
         def log(line: str) -> None:  # the console, and the task's own log.txt
             self.echo(f"  {line}")
             with open(out_dir / "log.txt", "a", encoding="utf-8") as f:
@@ -218,29 +235,43 @@ class Executor:
         return self._launch(kind, ctx)
 
     def _launch(self, kind, ctx: TaskContext) -> tuple[str, dict | None, str]:
-        from nemoc.runtime.launchers import LaunchSpec
-        from nemoc.runtime.tasks.training import base_task_json
-
         if self.launcher is None:
             raise TaskError(f"{ctx.task.id}: no launcher to start a distributed task")
-        task_json = base_task_json(ctx)
-        if kind.build_task is not None:
-            task_json = kind.build_task(ctx, task_json)
-        task_path = ctx.out_dir / "task.json"
-        atomic_write_json(task_path, task_json)
-        (ctx.out_dir / "DONE.json").unlink(missing_ok=True)  # only the task itself may write it, on success
-        nproc = kind.nproc(ctx) if kind.nproc else ctx.stage.layout.world_size
-        cluster = self.plan.cluster
-        spec = LaunchSpec(task_id=ctx.task.id, module=kind.module, args=(str(task_path),), nproc=nproc,
-                          out_dir=ctx.out_dir, log_path=ctx.out_dir / "log.txt", nodes=cluster.nodes,
-                          gpus_per_node=cluster.gpus_per_node, env=dict(self.options.get("env", {})),
-                          options=dict(cluster.scheduler_options))
+        spec, task_json = self._prepare_launch(kind, ctx)
         try:
             result = self.launcher.launch(spec)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - a scheduler/cluster problem (sbatch, kubectl, ...) fails the task
             return "failed", None, f"launcher {getattr(self.launcher, 'name', '?')!r} could not run the task: {exc}"
+        return self._launch_outcome(spec, task_json, result)
+
+    def _prepare_launch(self, kind, ctx: TaskContext, upstream: Mapping[str, dict] | None = None):
+        """Write the task's task.json (with `upstream`: parents that have not run yet, see
+        runtime/taskfile.py) and build its LaunchSpec."""
+        from nemoc.runtime.tasks.training import base_task_json
+
+        task_json = base_task_json(ctx)
+        if kind.build_task is not None:
+            task_json = kind.build_task(ctx, task_json)
+        if upstream:
+            task_json["upstream"] = dict(upstream)
+        task_path = ctx.out_dir / "task.json"
+        atomic_write_json(task_path, task_json)
+        (ctx.out_dir / "DONE.json").unlink(missing_ok=True)  # only the task itself may write it, on success
+        return self._spec(kind, ctx), task_json
+
+    def _spec(self, kind, ctx: TaskContext):
+        from nemoc.runtime.launchers import LaunchSpec
+
+        nproc = kind.nproc(ctx) if kind.nproc else ctx.stage.layout.world_size
+        cluster = self.plan.cluster
+        return LaunchSpec(task_id=ctx.task.id, module=kind.module, args=(str(ctx.out_dir / "task.json"),), nproc=nproc,
+                          out_dir=ctx.out_dir, log_path=ctx.out_dir / "log.txt", nodes=cluster.nodes,
+                          gpus_per_node=cluster.gpus_per_node, env=dict(self.options.get("env", {})),
+                          options=dict(cluster.scheduler_options), task_hash=ctx.task.hash)
+
+    def _launch_outcome(self, spec, task_json: Mapping, result) -> tuple[str, dict | None, str]:
         if result.preempted:
             return "preempted", None, "preempted (exit 143); resumable"
         if not result.ok:
@@ -248,12 +279,152 @@ class Executor:
             who = f"rank {result.failed_rank}" if result.failed_rank is not None else "the task"
             return "failed", None, (f"{who} failed (exit {result.returncode}); last lines:\n{result.error_tail}\n"
                                     f"full log: {spec.log_path}")
-        done = read_json(ctx.out_dir / "DONE.json")
+        done = read_json(Path(spec.out_dir) / "DONE.json")
         if done is None:
-            return "failed", None, f"the task exited 0 but wrote no DONE.json in {ctx.out_dir}"
+            return "failed", None, f"the task exited 0 but wrote no DONE.json in {spec.out_dir}"
         for key, source in (("tokenizer", "tokenizer"), ("vocab_size", "vocab_size"), ("eod", "eod_id")):
             done.setdefault(key, task_json.get(source))  # downstream stages without datasets inherit them
         return "done", done, ""
+
+    # ----------------------------------------------------------------------------------- a whole chain
+    def _run_chain(self, status: Status) -> RunOutcome:
+        """Inline tasks here, then every distributed task submitted at once (afterok along the graph's
+        edges), then followed to the end unless `detach`. A task whose job of the same hash is still
+        queued or running is attached to, not submitted again."""
+        outcome = RunOutcome(self.run_dir.root)
+        launcher = self.launcher
+        try:
+            active = launcher.active_jobs(self.run_dir.root)
+        except Exception as exc:  # noqa: BLE001 - an unreadable record or scheduler: reported, nothing started
+            raise TaskError(f"cannot read this run's jobs from the scheduler: {exc}") from None
+        for task in self.graph.tasks():
+            job = active.get(task.id)
+            if job and job["hash"] != task.hash:
+                raise TaskError(f"{task.id}: {launcher.name} job {job['job_id']} of an earlier submission (hash "
+                                f"{job['hash'][:8] or '?'}) is still queued or running with other settings; wait for "
+                                f"it or `nemoc cancel {self.run_dir.root}`, then run again; nothing was started")
+        chained: dict[str, dict] = {}  # task id -> what a downstream task.json may know before it runs
+        specs, task_jsons, attached = [], {}, {}
+        for task in self.graph.tasks():
+            kind = get_kind(task.kind)
+            waits_for = [a.src for a in self.graph.inputs(task.id) if a.src in chained]
+            if self.run_dir.is_done(task.id, task.hash):
+                outcome.tasks.append(self._cached(task, status))
+            elif kind.run_inline is not None:
+                if waits_for:
+                    raise TaskError(f"{task.id} runs in this process but needs {', '.join(waits_for)}, which "
+                                    f"{launcher.name} runs; this graph cannot be submitted as one chain")
+                result = self._run_task(task, status)
+                outcome.tasks.append(result)
+                if result.state not in TERMINAL:
+                    return self._skip_rest(outcome, status, result.task_id)
+            elif task.id in active:
+                out_dir = self.run_dir.task_dir(task.id)
+                self.echo(f"▶ {task.id:<24} already submitted as {launcher.name} job {active[task.id]['job_id']} "
+                          f"(hash {task.short_hash}); following it")
+                status.set(task.id, state="queued", error="")
+                ctx = self._context(task, out_dir, dict(self._upstream_inputs(task, chained)))
+                attached[task.id] = active[task.id]["job_id"]
+                specs.append(self._spec(kind, ctx))
+                task_jsons[task.id] = read_json(out_dir / "task.json") or {}
+                chained[task.id] = task_jsons[task.id]
+            else:
+                out_dir = self._start(task, status, verb="queued")
+                try:
+                    inputs = self._upstream_inputs(task, chained)
+                    ctx = self._context(task, out_dir, {src: rec for src, rec in inputs})
+                    upstream = {rec["name"]: {"task": src, "hash": self.graph.task(src).hash, "init": False,
+                                              "done": str(self.run_dir.task_dir(src) / "DONE.json")}
+                                for src, rec in inputs if src in chained and rec.get("artifact") == "checkpoint"}
+                    first = ctx.stage.after[0] if ctx.stage is not None and ctx.stage.after else None
+                    if first in upstream:
+                        upstream[first]["init"] = True
+                    spec, task_jsons[task.id] = self._prepare_launch(kind, ctx, upstream)
+                except (TaskError, ValueError, OSError) as exc:
+                    outcome.tasks.append(self._end(task, status, "failed", None, str(exc), 0.0))
+                    return self._skip_rest(outcome, status, task.id)
+                specs.append(spec)
+                chained[task.id] = task_jsons[task.id]
+        if not specs:
+            return outcome
+        new = [spec for spec in specs if spec.task_id not in attached]
+        after = {spec.task_id: [a.src for a in self.graph.inputs(spec.task_id) if a.src in chained] for spec in specs}
+        try:
+            job_ids = {**attached, **launcher.submit_chain(new, after, attached, self.run_dir.root)} if new else dict(attached)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - sbatch refused (bad partition, ...): nothing stays submitted
+            first = self.graph.task(getattr(exc, "task_id", None) or new[0].task_id)
+            outcome.tasks.append(self._end(first, status, "failed", None,
+                                           f"could not submit to {launcher.name}: {exc}", 0.0))
+            return self._skip_rest(outcome, status, first.id)
+        for task_id, job_id in job_ids.items():
+            status.set(task_id, state="queued", job_id=job_id)
+        if self.options.get("detach"):
+            outcome.tasks += [TaskOutcome(spec.task_id, "queued", self.graph.task(spec.task_id).hash) for spec in specs]
+            return outcome
+        return self._follow_chain(outcome, status, specs, job_ids, task_jsons)
+
+    def _follow_chain(self, outcome: RunOutcome, status: Status, specs, job_ids, task_jsons) -> RunOutcome:
+        by_id = {spec.task_id: spec for spec in specs}
+        started = {task_id: time.time() for task_id in by_id}
+        ended: dict[str, TaskOutcome] = {}
+        failed: list[str] = []
+
+        def on_end(task_id: str, result) -> None:
+            task = self.graph.task(task_id)
+            state, payload, error = self._launch_outcome(by_id[task_id], task_jsons[task_id], result)
+            blocked = [t for t in failed if t in self._ancestors(task_id)]
+            if state != "done" and blocked:
+                state, error = "skipped", f"{', '.join(blocked)} did not finish"
+            if state not in TERMINAL:
+                failed.append(task_id)
+            ended[task_id] = self._end(task, status, state, payload, error, time.time() - started[task_id])
+
+        try:
+            self.launcher.follow_chain(specs, job_ids, on_end)  # Ctrl-C: the launcher cancels what has not ended
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the scheduler stopped answering (or a follow timeout)
+            for spec in specs:
+                if spec.task_id not in ended:
+                    ended[spec.task_id] = self._end(self.graph.task(spec.task_id), status, "failed", None,
+                                                    f"lost track of {self.launcher.name} job {job_ids[spec.task_id]}: "
+                                                    f"{exc} (it may still run: `nemoc status`, `nemoc cancel`)",
+                                                    time.time() - started[spec.task_id])
+        outcome.tasks += [ended[spec.task_id] for spec in specs if spec.task_id in ended]
+        return outcome
+
+    def _ancestors(self, task_id: str) -> set[str]:
+        seen, todo = set(), [task_id]
+        while todo:
+            for artifact in self.graph.inputs(todo.pop()):
+                if artifact.src not in seen:
+                    seen.add(artifact.src)
+                    todo.append(artifact.src)
+        return seen
+
+    def _upstream_inputs(self, task: Task, chained: Mapping[str, dict]) -> list[tuple[str, dict]]:
+        """The task's inputs: DONE records of finished tasks; for a task of this chain that has not run,
+        what its task.json promises (tokenizer, vocabulary; the checkpoint comes from `upstream`)."""
+        inputs = []
+        for artifact in self.graph.inputs(task.id):
+            if artifact.src in chained:
+                promised = chained[artifact.src]
+                record = {"tokenizer": promised.get("tokenizer"), "vocab_size": promised.get("vocab_size"),
+                          "eod": promised.get("eod_id"), "checkpoint": None}
+            else:
+                record = self.run_dir.done_record(artifact.src) or {}
+            inputs.append((artifact.src, dict(record, artifact=artifact.type, name=artifact.name)))
+        return inputs
+
+    def _skip_rest(self, outcome: RunOutcome, status: Status, after: str) -> RunOutcome:
+        seen = {t.task_id for t in outcome.tasks}
+        for task in self.graph.tasks():
+            if task.id not in seen:
+                status.set(task.id, state="skipped")
+                outcome.tasks.append(TaskOutcome(task.id, "skipped", task.hash, error=f"{after} did not finish"))
+        return outcome
 
 
 def known_kinds_list() -> list[str]:

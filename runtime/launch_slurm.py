@@ -19,8 +19,11 @@ Invariants:
   preemption, `scontrol requeue`) is forwarded too, but requeueing is left to Slurm, so a cancelled job
   stays cancelled. A job whose training fails without a signal is requeued at most `max_failures` times
   (a killed node or rank); a task that wrote its DONE marker is never requeued.
-- `SlurmLauncher.launch` (the executor's blocking contract, docs/graph.md section 4) submits one task
-  once its inputs exist; `submit_jobs` submits a whole chain with afterok dependencies at once.
+- The executor hands `SlurmLauncher.submit_chain` every distributed task of a run at once: one sbatch
+  per task, `afterok` on the jobs of its upstream tasks, `--kill-on-invalid-dep=yes` so a failed
+  upstream cancels its dependants. `follow_chain` then watches the jobs (or `nemoc run --detach` leaves
+  them to Slurm). A task whose job is still queued or running with the same hash is never submitted
+  twice; `active_jobs` tells the executor which those are.
 """
 
 from __future__ import annotations
@@ -165,6 +168,7 @@ class SlurmJob:
     env: Mapping[str, str] = field(default_factory=dict)
     python: str = sys.executable
     workdir: str | None = None
+    task_hash: str = ""
 
 
 def _directive(option: str, value: object | None = None) -> str:
@@ -340,11 +344,12 @@ def sbatch(script_path: str, dependencies: Sequence[str] = ()) -> str:
 
 
 def submit_jobs(jobs: Sequence[SlurmJob], after: Mapping[str, Iterable[str]], opts: SlurmOptions,
-                run_dir: str | os.PathLike) -> dict[str, str]:
+                run_dir: str | os.PathLike, existing: Mapping[str, str] | None = None) -> dict[str, str]:
     """Write and submit every job in order (`jobs` is topologically sorted; `after[task]` names the
-    tasks it waits for). Returns task id -> job id and records it in `<run_dir>/slurm.json`."""
+    tasks it waits for, among `jobs` or `existing`: task id -> the job id of an already submitted task).
+    Returns task id -> job id of `jobs` and records it in `<run_dir>/slurm.json`."""
     require_slurm()
-    job_ids: dict[str, str] = {}
+    job_ids: dict[str, str] = dict(existing or {})
     record = read_record(run_dir)
     for job in jobs:
         script = Path(job.done_path).parent / "job.sbatch"
@@ -352,10 +357,10 @@ def submit_jobs(jobs: Sequence[SlurmJob], after: Mapping[str, Iterable[str]], op
         script.write_text(render_sbatch(job, opts))
         deps = [job_ids[t] for t in after.get(job.task_id, ()) if t in job_ids]
         job_ids[job.task_id] = sbatch(str(script), deps)
-        record["jobs"][job.task_id] = {"job_id": job_ids[job.task_id], "script": str(script),
+        record["jobs"][job.task_id] = {"job_id": job_ids[job.task_id], "script": str(script), "hash": job.task_hash,
                                        "after": deps, "submitted_at": time.time()}
         write_record(run_dir, record)
-    return job_ids
+    return {job.task_id: job_ids[job.task_id] for job in jobs}
 
 
 def read_record(run_dir: str | os.PathLike) -> dict:
@@ -450,7 +455,9 @@ PREEMPT_SETTLE_S = 15.0  # a PREEMPTED job that is being requeued turns PENDING 
 
 def job_from_spec(spec: LaunchSpec, cluster=None) -> SlurmJob:
     """A `LaunchSpec` from the executor as a batch job: `nproc` processes over `spec.nodes` nodes."""
-    nodes = max(1, spec.nodes)
+    # a task with fewer processes than the cluster has GPUs (eval, export: one process) takes only the
+    # nodes it fills
+    nodes = max(1, min(spec.nodes, -(-spec.nproc // max(1, spec.gpus_per_node))))
     if spec.nproc % nodes:
         raise SlurmError(f"{spec.task_id}: {spec.nproc} processes do not split evenly over {nodes} nodes")
     per_node = spec.nproc // nodes
@@ -470,15 +477,16 @@ def job_from_spec(spec: LaunchSpec, cluster=None) -> SlurmJob:
         done_path=str(out / "DONE.json"),
         env=env,
         workdir=str(out),
+        task_hash=spec.task_hash,
     )
 
 
 class SlurmLauncher:
-    """`launch(spec)` submits one batch job for the task and follows it to the end (docs/graph.md, 4).
-
-    The executor blocks on each task, so a job is submitted once its inputs exist; requeues after a
-    preemption or a failure happen inside Slurm and are followed transparently. Ctrl-C cancels the job.
-    """
+    """The Slurm side of the executor (docs/graph.md, section 4): `submit_chain` submits every distributed
+    task of a run at once, chained with afterok; `follow_chain` watches the jobs to their end, echoing the
+    first node's log lines and state changes (requeues after a preemption or a failure happen inside
+    Slurm, under the same job id, and are followed transparently); Ctrl-C while following cancels the
+    jobs that have not ended. `launch` is the one-task form of the same two steps."""
 
     name = "slurm"
 
@@ -491,51 +499,97 @@ class SlurmLauncher:
         self.timeout_s = timeout_s
 
     def launch(self, spec: LaunchSpec) -> LaunchResult:
-        """Submit and follow; a submission problem is a failed task with the reason, not a traceback."""
+        """Submit one task and follow it; a submission problem is a failed task with the reason."""
         try:
-            opts = SlurmOptions.from_mapping(dict(spec.options)) if spec.options else self.options
-            job = job_from_spec(spec, self.cluster)
-            Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
-            job_id = submit_jobs([job], {}, opts, job.run_dir)[job.task_id]
+            job_ids = self.submit_chain([spec], {}, {}, Path(job_from_spec(spec, self.cluster).run_dir))
         except (SlurmError, OSError, subprocess.TimeoutExpired) as error:
             return LaunchResult(1, None, f"could not submit {spec.task_id} to Slurm: {error}")
-        self.echo(f"submitted Slurm job {job_id} ({job.nodes} node(s) x {job.procs_per_node} process(es)); "
-                  f"log: {job.log_path}\n")
-        try:
-            info = self._follow(job_id, Path(job.log_path))
-        except BaseException:
-            subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
-            self.echo(f"cancelled Slurm job {job_id}\n")
-            raise
-        return self._result(job, job_id, info)
+        results: dict[str, LaunchResult] = {}
+        self.follow_chain([spec], job_ids, lambda task_id, result: results.__setitem__(task_id, result))
+        return results[spec.task_id]
 
-    def _follow(self, job_id: str, log_path: Path) -> dict[str, str]:
-        """Poll the job until it ends, echoing new log lines and state changes."""
+    def active_jobs(self, run_dir: Path) -> dict[str, dict]:
+        """The run's recorded jobs that Slurm has not finished: task id -> {"job_id", "hash"}."""
+        active = {}
+        for task_id, rec in (read_record(run_dir).get("jobs") or {}).items():
+            if job_state(rec["job_id"]) not in TERMINAL | {"UNKNOWN"}:
+                active[task_id] = {"job_id": str(rec["job_id"]), "hash": str(rec.get("hash", ""))}
+        return active
+
+    def submit_chain(self, specs: Sequence[LaunchSpec], after: Mapping[str, Sequence[str]],
+                     existing: Mapping[str, str], run_dir: Path) -> dict[str, str]:
+        """sbatch every spec (topological order), each with afterok on the jobs of `after[task]` (tasks
+        of `specs` or of `existing`, task id -> job id). Raises SlurmError / OSError."""
+        jobs = []
+        for spec in specs:
+            try:
+                job = job_from_spec(spec, self.cluster)
+                opts = SlurmOptions.from_mapping(dict(spec.options)) if spec.options else self.options
+            except SlurmError as error:
+                error.task_id = spec.task_id
+                raise
+            Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
+            jobs.append((job, opts))
+        job_ids: dict[str, str] = {}
+        for job, opts in jobs:  # one call per job: options may differ per task
+            try:
+                job_ids.update(submit_jobs([job], after, opts, run_dir, existing={**existing, **job_ids}))
+            except (SlurmError, OSError, subprocess.TimeoutExpired) as error:
+                if job_ids:  # all or nothing: a half-submitted chain would train without its tail
+                    subprocess.run(["scancel", *job_ids.values()], capture_output=True, timeout=60)
+                    self.echo(f"cancelled the jobs already submitted: {', '.join(job_ids.values())}\n")
+                error.task_id = job.task_id
+                raise
+            deps = [f"{t} (job {({**existing, **job_ids})[t]})" for t in after.get(job.task_id, ())]
+            self.echo(f"submitted Slurm job {job_ids[job.task_id]} for {job.task_id} ({job.nodes} node(s) x "
+                      f"{job.procs_per_node} process(es)){'; after ' + ', '.join(deps) if deps else ''}\n")
+        return job_ids
+
+    def follow_chain(self, specs: Sequence[LaunchSpec], job_ids: Mapping[str, str], on_end) -> None:
+        """Poll every job until it ends; `on_end(task_id, LaunchResult)` as each one does."""
+        jobs = {spec.task_id: job_from_spec(spec, self.cluster) for spec in specs}
+        watch = {task_id: _Watch(job_ids[task_id], Path(job.log_path)) for task_id, job in jobs.items()}
+        label = len(watch) > 1
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-        offset = log_path.stat().st_size if log_path.exists() else 0
-        last_state, info = "", {}
-        preempted_since: float | None = None
-        while True:
-            info = job_info(job_id) or info
-            state = info.get("JobState", "UNKNOWN")
-            if state != last_state:
-                self.echo(f"Slurm job {job_id}: {state} (restarts {info.get('Restarts', '0')})\n")
-                last_state = state
-            offset = self._echo_new(log_path, offset)
-            if state == "PREEMPTED":  # with PreemptMode=REQUEUE the job passes through it and comes back
-                preempted_since = preempted_since or time.monotonic()
-                if time.monotonic() - preempted_since < PREEMPT_SETTLE_S:
-                    time.sleep(self.poll_s)
-                    continue
-            else:
-                preempted_since = None
-            if state in TERMINAL or not info:
-                return info
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"Slurm job {job_id} did not finish within {self.timeout_s} s")
-            time.sleep(self.poll_s)
+        try:
+            while watch:
+                for task_id, w in list(watch.items()):
+                    info = self._poll(task_id, w, label)
+                    if info is not None:
+                        del watch[task_id]
+                        on_end(task_id, self._result(jobs[task_id], w.job_id, info))
+                if not watch:
+                    return
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"Slurm job(s) {', '.join(w.job_id for w in watch.values())} did not "
+                                       f"finish within {self.timeout_s} s")
+                time.sleep(self.poll_s)
+        except BaseException:
+            left = [w.job_id for w in watch.values()]
+            if left:
+                subprocess.run(["scancel", *left], capture_output=True, timeout=60)
+                self.echo(f"cancelled Slurm job(s) {', '.join(left)}\n")
+            raise
 
-    def _echo_new(self, log_path: Path, offset: int) -> int:
+    def _poll(self, task_id: str, w: "_Watch", label: bool) -> dict[str, str] | None:
+        """One look at a job: echo what is new; its last info once it has ended, else None."""
+        w.info = job_info(w.job_id) or w.info
+        state = w.info.get("JobState", "UNKNOWN")
+        w.offset = self._echo_new(w.log_path, w.offset, f"[{task_id}] " if label else "")  # then the state it led to
+        if state != w.state:
+            reason = w.info.get("Reason", "")
+            why = f", {reason}" if state == "PENDING" and reason not in ("", "None") else ""
+            self.echo(f"Slurm job {w.job_id} ({task_id}): {state} (restarts {w.info.get('Restarts', '0')}{why})\n")
+            w.state = state
+        if state == "PREEMPTED":  # with PreemptMode=REQUEUE the job passes through it and comes back
+            w.preempted_since = w.preempted_since or time.monotonic()
+            if time.monotonic() - w.preempted_since < PREEMPT_SETTLE_S:
+                return None
+        else:
+            w.preempted_since = None
+        return w.info if state in TERMINAL or not w.info else None
+
+    def _echo_new(self, log_path: Path, offset: int, prefix: str = "") -> int:
         try:
             with open(log_path, "rb") as f:
                 f.seek(offset)
@@ -546,7 +600,7 @@ class SlurmLauncher:
         if end:
             for line in data[:end].decode("utf-8", "replace").splitlines(keepends=True):
                 if line.startswith(("0: ", "[nemoc ")):  # node 0's output (srun --label) and the script's
-                    self.echo(line[3:] if line.startswith("0: ") else line)
+                    self.echo(prefix + (line[3:] if line.startswith("0: ") else line))
         return offset + end
 
     def _result(self, job: SlurmJob, job_id: str, info: Mapping[str, str]) -> LaunchResult:
@@ -556,9 +610,24 @@ class SlurmLauncher:
             return LaunchResult(0)
         if state in ("PREEMPTED", "TIMEOUT") or code == str(EXIT_PREEMPTED):
             return LaunchResult(EXIT_PREEMPTED)
+        if state == "CANCELLED" and info.get("Reason") == "DependencyNeverSatisfied":
+            return LaunchResult(1, None, f"Slurm job {job_id} was cancelled: an upstream job did not succeed")
         tail = _tail(Path(job.log_path))
         returncode = int(code) if code.isdigit() and int(code) else 1
         return LaunchResult(returncode, None, f"Slurm job {job_id} ended {state} (exit {code}:{sig or 0})\n{tail}")
+
+
+@dataclass
+class _Watch:
+    job_id: str
+    log_path: Path
+    offset: int = 0
+    state: str = ""
+    info: dict = field(default_factory=dict)
+    preempted_since: float | None = None
+
+    def __post_init__(self) -> None:
+        self.offset = self.log_path.stat().st_size if self.log_path.exists() else 0
 
 
 def _tail(path: Path, lines: int = TAIL_LINES) -> str:

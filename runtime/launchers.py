@@ -2,6 +2,7 @@
 
 `LAUNCHERS` maps a name to "module:Class"; the class is built as `cls(cluster=<ClusterSpec>)` and must
 offer `name` and `launch(spec: LaunchSpec) -> LaunchResult` (blocking; Ctrl-C tears the job down).
+A `ChainLauncher` (Slurm) also takes a run's whole chain of distributed tasks at once.
 The cluster engineer's `nemoc.runtime.launch_slurm` / `nemoc.runtime.launch_k8s` plug in by defining
 `SlurmLauncher` / `K8sLauncher`; until a module exists, asking for it is a clear error.
 """
@@ -38,6 +39,7 @@ class LaunchSpec:
     gpus_per_node: int = 1
     env: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, object] = field(default_factory=dict)  # cluster.scheduler_options
+    task_hash: str = ""  # the task's content hash (a cluster launcher records it with the job)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,18 @@ class Launcher(Protocol):
     name: str
 
     def launch(self, spec: LaunchSpec) -> LaunchResult: ...
+
+
+class ChainLauncher(Launcher, Protocol):
+    """A launcher whose scheduler chains jobs itself (Slurm's afterok): the executor hands it every
+    distributed task of the run at once instead of one at a time (docs/graph.md, section 4)."""
+
+    def active_jobs(self, run_dir: Path) -> dict[str, dict]: ...  # task id -> {"job_id", "hash"}, not ended
+
+    def submit_chain(self, specs: list[LaunchSpec], after: Mapping[str, list[str]], existing: Mapping[str, str],
+                     run_dir: Path) -> dict[str, str]: ...  # task id -> job id
+
+    def follow_chain(self, specs: list[LaunchSpec], job_ids: Mapping[str, str], on_end) -> None: ...
 
 
 def get_launcher(name: str, *, cluster) -> Launcher:

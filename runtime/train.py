@@ -54,6 +54,7 @@ from nemoc.compiler.plan import Plan, StagePlan, from_json  # noqa: E402
 from nemoc.runtime import checkpoint as ckpt  # noqa: E402
 from nemoc.runtime import megatron_args as margs  # noqa: E402
 from nemoc.runtime import model as mdl  # noqa: E402
+from nemoc.runtime import taskfile  # noqa: E402
 from nemoc.runtime.metrics import NullMetrics, open_metrics  # noqa: E402
 
 TASK_VERSION = 1
@@ -99,6 +100,7 @@ class Task:
     split: str | None = None  # "98,2,0"; None = the plan's DataSpec.split
     timeout_s: int = DEFAULT_TIMEOUT_S
     path: str = ""
+    raw: dict = field(default_factory=dict, compare=False, repr=False)  # task.json as resolved (DONE identity)
 
     @property
     def steps(self) -> int:
@@ -120,6 +122,10 @@ def load_task(path: str) -> Task:
     for key in ("plan", "stage", "datasets", "vocab_size", "output_dir", "checkpoint_dir"):
         if raw.get(key) in (None, ""):
             raise TaskError(f"{path}: field `{key}` is missing")
+    try:
+        raw = taskfile.resolve_upstream(raw)
+    except taskfile.TaskFileError as exc:
+        raise TaskError(f"{path}: {exc}") from None
     try:
         with open(raw["plan"], encoding="utf-8") as handle:
             plan = from_json(handle.read())
@@ -148,7 +154,7 @@ def load_task(path: str) -> Task:
         metrics_path=raw.get("metrics_path"), tensorboard_dir=raw.get("tensorboard_dir"),
         tokenizer=raw.get("tokenizer"), eod_id=raw.get("eod_id"), init_checkpoint=raw.get("init_checkpoint"),
         max_steps=int(max_steps) if max_steps is not None else None, split=raw.get("split") or None,
-        timeout_s=int(raw.get("timeout_s") or DEFAULT_TIMEOUT_S), path=os.path.abspath(path),
+        timeout_s=int(raw.get("timeout_s") or DEFAULT_TIMEOUT_S), path=os.path.abspath(path), raw=raw,
     )
 
 
@@ -726,7 +732,7 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
             else:
                 done = dict(checkpoint=final, final_loss=state.last_loss, steps=state.iteration,
                             stage=stage.name, val_loss=state.last_val_loss, consumed_samples=state.consumed_samples)
-                _write_json_atomic(os.path.join(task.output_dir, "DONE.json"), done)
+                _write_json_atomic(os.path.join(task.output_dir, "DONE.json"), taskfile.done_payload(task.raw, done))
         if state.preempted_by:
             metrics.event("preempted", signal=signal.Signals(state.preempted_by).name, checkpoint=final)
             return EXIT_PREEMPTED

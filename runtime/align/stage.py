@@ -22,6 +22,7 @@ import torch
 from megatron.core import parallel_state
 
 from nemoc.compiler.plan import Plan, StagePlan, from_json
+from nemoc.runtime import taskfile
 from nemoc.runtime.align import common
 from nemoc.runtime.align.common import AlignError
 from nemoc.runtime.metrics import open_metrics
@@ -68,6 +69,10 @@ def load_task(path: str) -> StageTask:
     for key in ("plan", "stage", "output_dir", "vocab_size"):
         if raw.get(key) in (None, ""):
             raise AlignError(f"{path}: field `{key}` is missing")
+    try:
+        raw = taskfile.resolve_upstream(raw)
+    except taskfile.TaskFileError as exc:
+        raise AlignError(f"{path}: {exc}") from None
     try:
         plan = from_json(Path(raw["plan"]).read_text(encoding="utf-8"))
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -197,7 +202,7 @@ def save_final(task: StageTask, chunk, *, extra: dict | None = None) -> str:
 
 def write_done(task: StageTask, payload: dict) -> None:
     payload = {"stage": task.stage.name, "kind": task.stage.kind, **payload}
-    common.write_json(task.output_dir / "DONE.json", payload)
+    common.write_json(task.output_dir / "DONE.json", taskfile.done_payload(task.raw, payload))
 
 
 def dp_info() -> tuple[int, int]:

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nemoc.runtime import taskfile
+
 
 def main() -> int:
-    task = json.loads(Path(sys.argv[1]).read_text())
+    task = taskfile.resolve_upstream(json.loads(Path(sys.argv[1]).read_text()))  # parents of a chained run
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     stage = json.loads(Path(task["plan"]).read_text())
@@ -53,7 +55,7 @@ def main() -> int:
     if rank == 0:
         done = {"checkpoint": str(ckpt / f"iter_{steps:07d}"), "final_loss": float(loss), "steps": steps,
                 "resumed_from": start, "world_size": dist.get_world_size(), "init_checkpoint": task["init_checkpoint"]}
-        Path(task["output_dir"], "DONE.json").write_text(json.dumps(done))
+        Path(task["output_dir"], "DONE.json").write_text(json.dumps(taskfile.done_payload(task, done)))
     dist.destroy_process_group()
     return 0
 

@@ -6,7 +6,10 @@ two slurmd "nodes" on this host. Skipped when no Slurm is reachable (tests/conft
 * the time-limit warning (USR1 to the batch shell) makes the step stop and the job requeue itself;
 * the quickstart trains through `nemoc run --launcher slurm` on 2 nodes x 1 process (gloo), is
   preempted by `scontrol requeue` in the middle, resumes from its checkpoint and finishes (slow);
-* a rank killed with SIGKILL makes the job requeue itself and resume from the last checkpoint (slow).
+* a rank killed with SIGKILL makes the job requeue itself and resume from the last checkpoint (slow);
+* `nemoc run --detach` submits a pretrain -> anneal -> eval chain at once (afterok) and returns; the jobs
+  run with no nemoc process alive, each stage starting from its parent's checkpoint; `nemoc status` reads
+  their states from Slurm, and a second `nemoc run` finds everything cached (slow).
 """
 
 from __future__ import annotations
@@ -123,13 +126,15 @@ def test_the_time_limit_warning_stops_the_step_and_requeues_the_job(tmp_path):
 # ----------------------------------------------------------------------------------- the quickstart
 
 
-def quickstart_on_slurm(tmp_path: Path) -> Path:
+def quickstart_on_slurm(tmp_path: Path, extra_stages: str = "") -> Path:
     text = (REPO / "examples" / "quickstart.nemo").read_text()
     data = REPO / "examples" / "data" / "quickstart"
     text = text.replace('"data/quickstart/', f'"{data}/')
     text = re.sub(r"nodes = 1\n", "nodes = 2\n", text, count=1)
     text = re.sub(r"gpus_per_node = 2\n",
                   'gpus_per_node = 1\n    scheduler = slurm(partition = "debug", time = 20min)\n', text, count=1)
+    if extra_stages:
+        text = text.rstrip().removesuffix("}") + extra_stages + "}\n"
     path = tmp_path / "quickstart_slurm.nemo"
     path.write_text(text)
     return path
@@ -269,3 +274,61 @@ def test_nemoc_logs_and_cancel_work_on_a_slurm_run(tmp_path):
     assert _wait(ids.values(), timeout=60)[ids["train:pretrain"]] == "CANCELLED"
     result = CliRunner().invoke(cancel, [str(tmp_path)])
     assert "nothing to cancel" in result.output
+
+
+CHAIN = """
+  stage anneal after pretrain {
+    kind = pretrain
+    data = [corpus]
+    steps = 4
+    global_batch = 8
+    optimizer = adam(lr = 1e-4)
+    log_every = 1
+  }
+
+  stage eval after anneal {
+    data = [corpus]
+    prompts = ["Once upon a time"]
+    max_new_tokens = 4
+  }
+"""
+
+
+@pytest.mark.slow
+def test_a_detached_chain_runs_on_slurm_without_nemoc_and_is_then_cached(tmp_path):
+    nemo, run_dir = quickstart_on_slurm(tmp_path, CHAIN), tmp_path / "run"
+    nemoc = str(Path(sys.executable).parent / "nemoc")
+    args = [nemoc, "run", str(nemo), "--workdir", str(run_dir), "--set", "stage.pretrain.steps=6",
+            "--set", "stage.pretrain.eval_every=1000"]
+    started = time.monotonic()
+    try:
+        _detached_chain(args, nemoc, run_dir, tmp_path, started)
+    finally:  # a failed assertion must not leave jobs holding the two nodes for the tests after it
+        if (run_dir / "slurm.json").exists():
+            ls.cancel(job["job_id"] for job in json.loads((run_dir / "slurm.json").read_text())["jobs"].values()
+                      if ls.job_state(job["job_id"]) not in ls.TERMINAL | {"UNKNOWN"})
+
+
+def _detached_chain(args, nemoc, run_dir, tmp_path, started):
+    submit = subprocess.run([*args, "--detach"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    assert "2 done, 3 queued" in submit.stdout and "detached" in submit.stdout
+    assert time.monotonic() - started < 60  # data preparation and sbatch only: nothing waits for training
+    jobs = json.loads((run_dir / "slurm.json").read_text())["jobs"]
+    ids = {task: jobs[task]["job_id"] for task in ("train:pretrain", "train:anneal", "eval:eval")}
+    assert jobs["train:anneal"]["after"] == [ids["train:pretrain"]] and jobs["eval:eval"]["after"] == [ids["train:anneal"]]
+    shown = subprocess.run(["scontrol", "show", "job", "-o", ids["eval:eval"]], capture_output=True, text=True).stdout
+    assert f"Dependency=afterok:{ids['train:anneal']}" in shown and re.search(r" NumNodes=1(-1)? ", shown)  # one process: one node
+    status = subprocess.run([nemoc, "status", str(run_dir), "--json"], capture_output=True, text=True)
+    rows = {row["id"]: row for row in json.loads(status.stdout)["tasks"]}
+    assert rows["eval:eval"]["state"].startswith("queued") and rows["eval:eval"]["job_id"] == ids["eval:eval"]
+    assert _wait(ids.values(), timeout=420)[ids["eval:eval"]] == "COMPLETED"
+    anneal = run_dir / "tasks" / "train_anneal"
+    initialized = [json.loads(line) for line in (anneal / "metrics.jsonl").read_text().splitlines()
+                   if '"initialized"' in line]
+    pretrain_done = json.loads((run_dir / "tasks" / "train_pretrain" / "DONE.json").read_text())
+    assert initialized[0]["checkpoint"] == pretrain_done["checkpoint"]  # resolved when the job started
+    status = subprocess.run([nemoc, "status", str(run_dir), "--json"], capture_output=True, text=True)
+    assert {row["state"] for row in json.loads(status.stdout)["tasks"]} == {"done"}, status.stdout
+    again = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert again.returncode == 0 and "5 cached" in again.stdout, again.stdout + again.stderr

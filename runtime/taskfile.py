@@ -1,0 +1,61 @@
+"""task.json helpers shared by every distributed entry point (`nemoc.runtime.train`, `nemoc.runtime.align`).
+
+Input:  the raw task.json of docs/graph.md, section 3.
+Output:
+* `resolve_upstream(raw)`: the parents' checkpoints filled in from their DONE records. When a cluster
+  launcher submits a whole chain at once (Slurm: one sbatch per task, `afterok` dependencies), a task's
+  task.json is written before its parents have run, so their checkpoints are not known yet: task.json
+  names each such parent under `upstream` (`{stage: {"task", "hash", "done", "init"}}`) and the task
+  reads the parent's DONE.json when it starts, after Slurm has let it run.
+* `identity(raw)`: the keys a task stamps into its own DONE.json (task id, hash, tokenizer, vocabulary,
+  end-of-document id), so a run whose jobs finished with no `nemoc run` watching them (`--detach`) is
+  recognised as finished by the next `nemoc run` and by `nemoc status`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+
+class TaskFileError(RuntimeError):
+    """task.json cannot be completed (a parent has not finished, or finished with other settings)."""
+
+
+def resolve_upstream(raw: dict) -> dict:
+    """`raw` with `parents` (and `init_checkpoint`) completed from the DONE records under `upstream`."""
+    upstream = raw.get("upstream") or {}
+    if not upstream:
+        return raw
+    raw = dict(raw, parents=dict(raw.get("parents") or {}))
+    for name, entry in sorted(upstream.items()):
+        path = entry["done"]
+        try:
+            with open(path, encoding="utf-8") as handle:
+                record = json.load(handle)
+        except FileNotFoundError:
+            raise TaskFileError(f"stage {raw.get('stage')}: its parent {entry['task']} has not finished "
+                                f"(no {path}); it must finish first") from None
+        except (OSError, ValueError) as exc:
+            raise TaskFileError(f"stage {raw.get('stage')}: the DONE record of its parent {entry['task']} is "
+                                f"unreadable ({path}: {exc})") from None
+        if not isinstance(record, dict) or record.get("hash") != entry["hash"]:
+            found = record.get("hash") if isinstance(record, dict) else None
+            raise TaskFileError(f"stage {raw.get('stage')}: its parent {entry['task']} finished with other settings "
+                                f"(hash {str(found)[:8]}, expected {entry['hash'][:8]}; {path}); run `nemoc run` "
+                                "again to rebuild the chain")
+        raw["parents"][name] = record.get("checkpoint")
+        if entry.get("init") and not raw.get("init_checkpoint"):
+            raw["init_checkpoint"] = record.get("checkpoint")
+    return raw
+
+
+def identity(raw: dict) -> dict:
+    """What the task writes into its DONE.json besides its results."""
+    return {"task": raw.get("task"), "hash": raw.get("hash"), "tokenizer": raw.get("tokenizer"),
+            "vocab_size": raw.get("vocab_size"), "eod": raw.get("eod_id")}
+
+
+def done_payload(raw: dict, payload: dict) -> dict:
+    """The DONE.json a task writes on success: its identity, its results, the time."""
+    return {**identity(raw), **payload, "finished": time.time()}

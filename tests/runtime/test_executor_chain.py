@@ -1,0 +1,141 @@
+"""runtime/executor.py with a chain launcher (the Slurm launcher's contract, without Slurm): every
+distributed task is submitted at once with its dependencies; task.json of a task whose parent has not
+run names the parent under `upstream`; `detach` returns with the jobs queued; a job still queued with
+the same hash is attached to, never submitted twice; one with other settings stops the run.
+
+`ChainDouble` plays Slurm: `follow_chain` runs the submitted tasks in order with the real local launcher
+(torchrun, gloo) and cancels the dependants of a failed one, as `--kill-on-invalid-dep=yes` does.
+"""
+
+from __future__ import annotations
+
+import pytest
+from plan_factory import make_layout, make_plan, make_stage
+from test_executor import workspace  # noqa: F401 - the fixture
+
+from nemoc.compiler.graph import build_graph
+from nemoc.runtime.executor import Executor
+from nemoc.runtime.launch_local import LocalLauncher
+from nemoc.runtime.launchers import LaunchResult
+from nemoc.runtime.rundir import RunDir, read_json
+from nemoc.runtime.tasks import TaskError
+
+
+class ChainDouble:
+    name = "slurm"
+
+    def __init__(self, active=None):
+        self.submitted: list[tuple[list[str], dict, dict]] = []
+        self.active = dict(active or {})
+        self.local = LocalLauncher(echo=lambda _: None)
+        self.next_id = 100
+
+    def launch(self, spec):  # pragma: no cover - the executor must not use it for a chain launcher
+        raise AssertionError("a chain launcher's tasks are submitted with submit_chain")
+
+    def active_jobs(self, run_dir):
+        return dict(self.active)
+
+    def submit_chain(self, specs, after, existing, run_dir):
+        self.submitted.append(([s.task_id for s in specs], {k: list(v) for k, v in after.items()}, dict(existing)))
+        ids = {}
+        for spec in specs:
+            self.next_id += 1
+            ids[spec.task_id] = str(self.next_id)
+        return ids
+
+    def follow_chain(self, specs, job_ids, on_end):
+        failed = set()
+        after = self.submitted[-1][1] if self.submitted else {}
+        for spec in specs:
+            if failed & set(after.get(spec.task_id, ())):
+                result = LaunchResult(1, None, "cancelled: an upstream job did not succeed")
+            else:
+                result = self.local.launch(spec)
+            if not result.ok:
+                failed.add(spec.task_id)
+            on_end(spec.task_id, result)
+
+
+def chain_plan(root, sft_steps=4):
+    layout = make_layout(dp=1, micro_batch=1, global_batch=2)
+    return make_plan(root, stages=(make_stage("pretrain", "faketrain", steps=6, layout=layout),
+                                   make_stage("sft", "faketrain", after=("pretrain",), steps=sft_steps, layout=layout)))
+
+
+def execute(plan, run_root, launcher, **options):
+    lines: list[str] = []
+    executor = Executor(plan, build_graph(plan), RunDir(run_root), launcher=launcher, echo=lines.append,
+                        options={"workers": 1, **options})
+    return executor.run(), lines
+
+
+def test_the_whole_chain_is_submitted_at_once_and_parents_resolve_when_a_task_starts(workspace):  # noqa: F811
+    plan, run_root = chain_plan(workspace), workspace / "run"
+    launcher = ChainDouble()
+    outcome, lines = execute(plan, run_root, launcher)
+    assert outcome.ok, lines
+    assert launcher.submitted == [(["train:pretrain", "train:sft"], {"train:pretrain": [], "train:sft": ["train:pretrain"]}, {})]
+    rd = RunDir(run_root)
+    task = read_json(rd.task_dir("train:sft") / "task.json")
+    assert task["init_checkpoint"] is None and task["parents"] == {"pretrain": None}  # not known at submission
+    assert task["upstream"]["pretrain"] == {"task": "train:pretrain", "hash": outcome.tasks[2].hash, "init": True,
+                                            "done": str(rd.task_dir("train:pretrain") / "DONE.json")}
+    assert task["tokenizer"].endswith("tokenizer.json") and task["vocab_size"] <= 512  # known: data ran first
+    pretrain = rd.done_record("train:pretrain")
+    assert rd.done_record("train:sft")["init_checkpoint"] == pretrain["checkpoint"]  # resolved at start
+    status = read_json(rd.status_path)["tasks"]
+    assert status["train:sft"]["state"] == "done" and status["train:sft"]["job_id"] == "102"
+
+
+def test_detach_leaves_the_jobs_queued_and_a_later_run_finds_them_done(workspace):  # noqa: F811
+    plan, run_root = chain_plan(workspace), workspace / "run"
+    launcher = ChainDouble()
+    outcome, _ = execute(plan, run_root, launcher, detach=True)
+    assert outcome.ok and outcome.states() == {"tokenizer:local": "done", "prepare:web": "done",
+                                               "train:pretrain": "queued", "train:sft": "queued"}
+    rd = RunDir(run_root)
+    assert read_json(rd.status_path)["tasks"]["train:sft"]["state"] == "queued"
+    assert rd.done_record("train:pretrain") is None
+    # "Slurm" runs the jobs with no nemoc process watching; each task stamps its own DONE.json
+    specs = [Executor(plan, build_graph(plan), rd)._spec(*_kind_ctx(plan, rd, t)) for t in ("train:pretrain", "train:sft")]
+    for spec in specs:
+        assert LocalLauncher(echo=lambda _: None).launch(spec).ok
+    assert rd.done_record("train:sft")["hash"] == outcome.tasks[3].hash
+    outcome, lines = execute(plan, run_root, ChainDouble())
+    assert set(outcome.states().values()) == {"cached"}, lines
+
+
+def _kind_ctx(plan, rd, task_id):
+    from nemoc.runtime.tasks import get_kind
+
+    executor = Executor(plan, build_graph(plan), rd)
+    task = executor.graph.task(task_id)
+    return get_kind(task.kind), executor._context(task, rd.task_dir(task_id))
+
+
+def test_a_job_still_queued_with_the_same_hash_is_attached_to_not_submitted_again(workspace):  # noqa: F811
+    plan, run_root = chain_plan(workspace), workspace / "run"
+    outcome, _ = execute(plan, run_root, ChainDouble(), detach=True)
+    hashes = {t.task_id: t.hash for t in outcome.tasks}
+    launcher = ChainDouble(active={"train:pretrain": {"job_id": "101", "hash": hashes["train:pretrain"]}})
+    outcome, lines = execute(plan, run_root, launcher)
+    assert outcome.ok, lines
+    assert launcher.submitted == [(["train:sft"], {"train:pretrain": [], "train:sft": ["train:pretrain"]},
+                                   {"train:pretrain": "101"})]
+    assert any("already submitted as slurm job 101" in line for line in lines)
+
+
+def test_a_job_still_queued_with_other_settings_stops_the_run_before_anything_starts(workspace):  # noqa: F811
+    plan, run_root = chain_plan(workspace), workspace / "run"
+    launcher = ChainDouble(active={"train:sft": {"job_id": "55", "hash": "0ld0ld0ld"}})
+    with pytest.raises(TaskError, match=r"train:sft: slurm job 55 of an earlier submission \(hash 0ld0ld0l\).*nemoc cancel"):
+        execute(plan, run_root, launcher)
+    assert launcher.submitted == [] and not (run_root / "data").exists()
+
+
+def test_a_failed_parent_skips_its_children(workspace, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("FAKE_FAIL_RANK", "0")
+    outcome, lines = execute(chain_plan(workspace), workspace / "run", ChainDouble())
+    assert outcome.states()["train:pretrain"] == "failed" and outcome.states()["train:sft"] == "skipped"
+    assert "fake failure on rank 0" in outcome.tasks[2].error and "train:pretrain" in outcome.tasks[3].error
