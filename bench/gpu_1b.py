@@ -737,6 +737,7 @@ def main() -> int:
         order += [("flash", "runtime_repeat"), ("flash", "bare_repeat")]
     budget = max(args.budget, 900) if args.smoke else args.budget
     min_start = 0 if args.smoke else 60
+    retries = [2]  # at most two retries in the whole script: a deterministic failure must not eat the budget
     for backend, kind in order:
         entry = results["runs"][backend]
         left = budget - (time.monotonic() - started)
@@ -744,24 +745,41 @@ def main() -> int:
             entry[kind] = {"error": f"skipped: {left:.0f} s left of the {budget:.0f} s budget"}
             save()
             continue
-        timeout = left + 30 if args.smoke else min(150.0, left + 30)
         work = out / f"{backend}_{kind}"
-        try:
-            if kind.startswith("runtime"):
-                r = run_runtime(plans[backend], work=work, prefix=prefix, timeout_s=timeout, smoke=args.smoke,
-                                warmup=warmup)
-            else:
-                r = run_bare_subprocess(plans[backend], work=work, timeout_s=timeout, smoke=args.smoke,
-                                        warmup=warmup, diag_steps=diag_steps)
-            r.update(rates(r["step_time_s"], tokens_per_step=tokens_per_step, flops_per_step=flops, peak_flops=peak))
-            pred = entry.get("predicted", {})
-            if "step_time_s" in pred:
-                r["step_time_prediction_error"] = pred["step_time_s"] / r["step_time_s"] - 1.0
-            if "memory_total_gib" in pred and r.get("peak_mem_gib"):
-                r["memory_prediction_error"] = pred["memory_total_gib"] / r["peak_mem_gib"] - 1.0
-            entry[kind] = r
-        except Exception:
-            entry[kind] = {"error": traceback.format_exc()[-4000:]}
+        first_error = None
+        for attempt in (1, 2):  # one retry of a failed (not timed-out) sub-run if time allows
+            left = budget - (time.monotonic() - started)
+            timeout = left + 30 if args.smoke else min(150.0, left + 30)
+            try:
+                if kind.startswith("runtime"):
+                    r = run_runtime(plans[backend], work=work, prefix=prefix, timeout_s=timeout, smoke=args.smoke,
+                                    warmup=warmup)
+                else:
+                    r = run_bare_subprocess(plans[backend], work=work, timeout_s=timeout, smoke=args.smoke,
+                                            warmup=warmup, diag_steps=diag_steps)
+                r.update(rates(r["step_time_s"], tokens_per_step=tokens_per_step, flops_per_step=flops,
+                               peak_flops=peak))
+                pred = entry.get("predicted", {})
+                if "step_time_s" in pred:
+                    r["step_time_prediction_error"] = pred["step_time_s"] / r["step_time_s"] - 1.0
+                if "memory_total_gib" in pred and r.get("peak_mem_gib"):
+                    r["memory_prediction_error"] = pred["memory_total_gib"] / r["peak_mem_gib"] - 1.0
+                if first_error:
+                    r["first_attempt_error"] = first_error
+                entry[kind] = r
+                break
+            except Exception:
+                error = traceback.format_exc()[-4000:]
+                entry[kind] = {"error": error, **({"first_attempt_error": first_error} if first_error else {})}
+                save()
+                timed_out = "timed out after" in error
+                if (attempt == 2 or timed_out or not retries[0]
+                        or budget - (time.monotonic() - started) < min_start + 30):
+                    break
+                retries[0] -= 1
+                first_error = error
+                print(f"[gpu_1b] {backend}/{kind} failed, retrying once: {error.strip().splitlines()[-1][:200]}",
+                      flush=True)
         finalise(entry)
         save()
     runs = results["runs"]
