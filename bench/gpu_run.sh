@@ -56,7 +56,10 @@ gpu_state() {  # clocks, temperature, power and throttling: a slow sub-run may b
 
 # 3. the measurements (the script keeps its own budget and rewrites its JSON after every sub-run)
 BUDGET=${BUDGET:-270}  # seconds for the sub-runs (six expected to take ~200 s on an H100/H200)
-timeout $((BUDGET + 90)) "$PY" bench/gpu_1b.py --out "$OUT" --budget "$BUDGET" 2>&1 | grep -v -i "warn" | tail -n 60 | tee "$OUT/gpu_1b.log"
+# GPU1B_ARGS: extra arguments, e.g. "--cpu-smoke" to try this whole script on a CPU-only machine
+# (PYTHON=.venv/bin/python GPU1B_ARGS=--cpu-smoke OUT=/tmp/gpu_run_smoke bash bench/gpu_run.sh)
+# shellcheck disable=SC2086
+timeout $((BUDGET + 90)) "$PY" bench/gpu_1b.py --out "$OUT" --budget "$BUDGET" ${GPU1B_ARGS:-} 2>&1 | grep -v -i "warn" | tail -n 60 | tee "$OUT/gpu_1b.log"
 status=${PIPESTATUS[0]}
 { echo "GPU after:"; gpu_state; } | tee -a "$OUT/environment.txt"
 rm -rf "$OUT/data" "$OUT"/*/dataset_cache  # synthetic tokens and their index: not worth carrying back
