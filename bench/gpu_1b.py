@@ -300,13 +300,14 @@ def run_runtime(plan, *, work: Path, prefix: Path, timeout_s: float, smoke: bool
     """The runtime on `plan` in a fresh torchrun process; per-step times from its metrics.jsonl,
     dropping the steps up to `warmup` (default: the first logged interval)."""
     from nemoc.compiler.plan import to_json
+    from nemoc.runtime.taskfile import TASK_JSON_VERSION
 
     stage = plan.stages[0]
     warmup = stage.log_every if warmup is None else warmup
     shutil.rmtree(work, ignore_errors=True)  # metrics.jsonl appends (resume semantics): start clean
     work.mkdir(parents=True, exist_ok=True)
     (work / "plan.json").write_text(to_json(plan))
-    task = {"version": 1, "plan": str(work / "plan.json"), "stage": "pretrain",
+    task = {"version": TASK_JSON_VERSION, "plan": str(work / "plan.json"), "stage": "pretrain",
             "datasets": [{"name": "synthetic", "prefix": str(prefix), "weight": 1.0}], "tokenizer": None,
             "vocab_size": plan.model.vocab, "init_checkpoint": None, "output_dir": str(work),
             "checkpoint_dir": str(work / "checkpoints"), "metrics_path": str(work / "metrics.jsonl"),

@@ -160,7 +160,7 @@ def _slurm_job_active(root: Path, task_id: str) -> bool:
         job = (launch_slurm.read_record(root).get("jobs") or {}).get(task_id)
         if not job:
             return False
-        return launch_slurm.job_state(job["job_id"]) not in launch_slurm.TERMINAL | {"UNKNOWN"}
+        return launch_slurm.is_alive(launch_slurm.job_state(job["job_id"]))
     except (OSError, launch_slurm.SlurmError):
         return False
 
@@ -214,8 +214,9 @@ def cancel_slurm(root: Path) -> list[str]:
     from nemoc.runtime import launch_slurm
 
     jobs = launch_slurm.read_record(root).get("jobs") or {}
-    active = {task: rec["job_id"] for task, rec in jobs.items()
-              if launch_slurm.job_state(rec["job_id"]) not in launch_slurm.TERMINAL | {"UNKNOWN"}}
+    states = launch_slurm.job_states(str(rec["job_id"]) for rec in jobs.values())  # one squeue for the run
+    active = {task: str(rec["job_id"]) for task, rec in jobs.items()  # PREEMPTED too: it may come back
+              if launch_slurm.is_alive(states.get(str(rec["job_id"]), {}).get("JobState", "UNKNOWN"))}
     launch_slurm.cancel(active.values())
     return [f"{task}: Slurm job {job_id}" for task, job_id in active.items()]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
@@ -124,8 +125,17 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
         _die(f"error: {error}", as_json)
     except OSError as error:  # the run directory itself (status.json, a task's directory): full, gone, read-only
         _die(f"error: {_os_error(error)}", as_json)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted: every started process was stopped; `nemoc run` again resumes", err=True)
+    except KeyboardInterrupt as interrupt:
+        from nemoc.runtime.launchers import Hangup
+
+        if isinstance(interrupt, Hangup) and name == "slurm":
+            click.echo(f"\nhangup: stopped following; the submitted Slurm jobs keep running (`nemoc status "
+                       f"{run_dir.root}`, `nemoc run` again follows them)", err=True)
+        elif name == "slurm":
+            click.echo("\ninterrupted: the Slurm jobs this command submitted were cancelled (jobs it only followed "
+                       "keep running); `nemoc run` again resumes", err=True)
+        else:
+            click.echo("\ninterrupted: every started process was stopped; `nemoc run` again resumes", err=True)
         sys.exit(EXIT_INTERRUPTED)
     if written is not None:
         what = "sbatch script" if name == "slurm" else "PyTorchJob manifest"
@@ -134,8 +144,8 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
             echo(f"  {path}")
     if as_json:
         result = {"run_dir": str(run_dir.root), "ok": outcome.ok, "tasks": [
-            {"id": t.task_id, "state": t.state, "hash": t.hash, "elapsed_s": round(t.elapsed_s, 3), "error": t.error}
-            for t in outcome.tasks]}
+            {"id": t.task_id, "state": t.state, "hash": t.hash, "elapsed_s": round(t.elapsed_s, 3), "error": t.error,
+             **({"job_id": t.job_id} if t.job_id else {})} for t in outcome.tasks]}
         if written is not None:
             result["written"] = [str(p) for p in written]
         click.echo(json.dumps(result, indent=2))
@@ -201,12 +211,17 @@ def _sigterm_as_interrupt() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
 
+    from nemoc.runtime.launchers import Hangup
+
     def handler(signum, frame):
         raise KeyboardInterrupt
 
+    def hangup(signum, frame):  # local processes stop as on Ctrl-C; Slurm jobs keep running
+        raise Hangup
+
     signal.signal(signal.SIGTERM, handler)
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup it stays ignored
-        signal.signal(signal.SIGHUP, handler)
+        signal.signal(signal.SIGHUP, hangup)
 
 
 @click.command()
@@ -266,7 +281,7 @@ def status_rows(run_dir: str | Path) -> list[dict] | None:
     if not isinstance(tasks, dict) or not all(isinstance(rec, dict) for rec in tasks.values()):
         return None  # missing, or damaged past reading: not the shape the executor writes
     rd = RunDir(run_dir)
-    jobs = _slurm_jobs(Path(run_dir))
+    jobs = _slurm_jobs(Path(run_dir), tasks)
     rows = []
     order = data.get("order")
     order = [t for t in order if isinstance(t, str) and t in tasks] if isinstance(order, list) else []
@@ -280,9 +295,9 @@ def status_rows(run_dir: str | Path) -> list[dict] | None:
         if done.get("hash") == rec.get("hash") and done.get("steps") is not None:
             steps_done = done["steps"]
         state, job_id = rec.get("state", "?"), None
-        if task_id in jobs and jobs[task_id].get("hash") in ("", rec.get("hash")):
+        if task_id in jobs:
             job_id = jobs[task_id]["job_id"]
-            state = _live_state(state, job_id, done.get("hash") == rec.get("hash"))
+            state = _live_state(state, jobs[task_id], done.get("hash") == rec.get("hash"))
         rows.append({
             "id": task_id,
             "state": state,
@@ -304,8 +319,10 @@ _SLURM_QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGUR
 _SLURM_RUNNING = {"RUNNING", "COMPLETING"}
 
 
-def _slurm_jobs(root: Path) -> dict[str, dict]:
-    """slurm.json's task -> {"job_id", "hash"}; {} when there is none or Slurm is not reachable from here."""
+def _slurm_jobs(root: Path, tasks: Mapping[str, dict]) -> dict[str, dict]:
+    """slurm.json's task -> {"job_id", "hash", "live": squeue's {"JobState", "Reason"} or None}, for the
+    tasks recorded with the job's hash; {} when there is none or Slurm is not reachable from here. One
+    squeue call for the whole run; if it fails, the recorded states are shown."""
     import shutil
 
     if not (root / "slurm.json").is_file() or shutil.which("squeue") is None:
@@ -316,26 +333,23 @@ def _slurm_jobs(root: Path) -> dict[str, dict]:
         jobs = launch_slurm.read_record(root).get("jobs") or {}
     except launch_slurm.SlurmError:
         return {}
-    return {task: {"job_id": str(rec["job_id"]), "hash": str(rec.get("hash", ""))} for task, rec in jobs.items()}
+    jobs = {task: {"job_id": str(rec["job_id"]), "hash": str(rec.get("hash", ""))} for task, rec in jobs.items()
+            if task in tasks and str(rec.get("hash", "")) in ("", tasks[task].get("hash"))}
+    try:
+        live = launch_slurm.job_states(job["job_id"] for job in jobs.values())
+    except launch_slurm.SlurmError:
+        return {task: dict(job, live=None, unanswered=True) for task, job in jobs.items()}
+    return {task: dict(job, live=live.get(job["job_id"], {})) for task, job in jobs.items()}
 
 
-def _live_state(recorded: str, job_id: str, done: bool) -> str:
+def _live_state(recorded: str, job: Mapping, done: bool) -> str:
     """The task's state from its job when `nemoc run` is not following it (detached, or killed)."""
-    import subprocess
-
-    from nemoc.runtime import launch_slurm
-
     if done:
         return recorded if recorded in ("done", "cached") else "done"
-    if recorded not in ("queued", "running", "pending", "interrupted"):
+    if recorded not in ("queued", "running", "pending", "interrupted") or job.get("unanswered"):
         return recorded
-    try:
-        info = launch_slurm.job_info(job_id)
-    except (OSError, subprocess.SubprocessError):
-        return recorded
-    state = info.get("JobState", "")
+    state, reason = job["live"].get("JobState", ""), job["live"].get("Reason", "")
     if state in _SLURM_QUEUED:
-        reason = info.get("Reason", "")
         return f"queued ({reason})" if reason not in ("", "None") else "queued"
     if state in _SLURM_RUNNING:
         return "running"
@@ -343,4 +357,4 @@ def _live_state(recorded: str, job_id: str, done: bool) -> str:
         return "failed (job completed without DONE.json)"
     if state:
         return f"failed ({state.lower()})" if state != "CANCELLED" else "cancelled"
-    return recorded
+    return recorded if recorded != "queued" else "failed (job gone from Slurm without DONE.json)"

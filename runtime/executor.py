@@ -40,6 +40,7 @@ class TaskOutcome:
     hash: str
     elapsed_s: float = 0.0
     error: str = ""
+    job_id: str | None = None  # the scheduler's job (chain launchers)
 
 
 @dataclass
@@ -113,12 +114,16 @@ class Executor:
         self.launcher = launcher
         self.echo = echo
         self.options = dict(options or {})
+        self.plan_text = to_json(plan)
+        self.plan_file, self.plan_digest = run_dir.plan_path, ""  # the snapshot, once written
 
     # ----------------------------------------------------------------------------------- public
     def write_artifacts(self) -> None:
-        """plan.json and graph.json, so the run directory describes itself."""
-        atomic_write_text(self.run_dir.plan_path, to_json(self.plan))
+        """plan.json and graph.json, so the run directory describes itself, and the plan snapshot that
+        this run's task.json files name (`RunDir.plan_snapshot`)."""
+        atomic_write_text(self.run_dir.plan_path, self.plan_text)
         atomic_write_text(self.run_dir.graph_path, self.graph.to_json())
+        self.plan_file, self.plan_digest = self.run_dir.plan_snapshot(self.plan_text)
 
     def dry_run(self) -> RunOutcome:
         """What `run` would do, without doing it: cached tasks and tasks that would run."""
@@ -151,16 +156,21 @@ class Executor:
             return self._run_locked()
 
     def _run_locked(self) -> RunOutcome:
+        chain = callable(getattr(self.launcher, "submit_chain", None))
+        active = self._chain_preflight() if chain else {}  # before anything in the run directory changes
         self.write_artifacts()
         status = Status(self.run_dir, self.plan, self.graph)
         try:
-            if callable(getattr(self.launcher, "submit_chain", None)):
-                return self._run_chain(status)
+            if chain:
+                return self._run_chain(status, active)
             return self._run_in_turn(status)
-        except KeyboardInterrupt:
-            running = [t for t, rec in status.data["tasks"].items() if rec["state"] in ("running", "queued")]
-            for task_id in running:
-                status.set(task_id, state="interrupted", error="interrupted (Ctrl-C)")
+        except KeyboardInterrupt as interrupt:
+            from nemoc.runtime.launchers import Hangup
+
+            if not (chain and isinstance(interrupt, Hangup)):  # a hangup leaves the cluster's jobs running
+                running = [t for t, rec in status.data["tasks"].items() if rec["state"] in ("running", "queued")]
+                for task_id in running:
+                    status.set(task_id, state="interrupted", error="interrupted (Ctrl-C)")
             raise
         finally:
             status.finish()
@@ -170,7 +180,7 @@ class Executor:
         outcome = RunOutcome(self.run_dir.root)
         for task in self.graph.tasks():
             if outcome.tasks and outcome.tasks[-1].state not in TERMINAL:
-                return self._skip_rest(outcome, status, outcome.tasks[-1].task_id)
+                return self._skip_rest(outcome, status)
             outcome.tasks.append(self._run_task(task, status))
         return outcome
 
@@ -203,7 +213,7 @@ class Executor:
         return out_dir
 
     def _end(self, task: Task, status: Status, state: str, payload: dict | None, error: str,
-             elapsed: float) -> TaskOutcome:
+             elapsed: float, job_id: str | None = None) -> TaskOutcome:
         if state == "done":
             self.run_dir.mark_done(task.id, task.hash, payload)
             self.echo(f"✓ {task.id:<24} done in {elapsed:.1f} s")
@@ -214,7 +224,7 @@ class Executor:
         else:
             self.echo(f"✗ {task.id:<24} failed after {elapsed:.1f} s\n{_indent(error)}")
         status.set(task.id, state=state, finished=time.time(), elapsed_s=round(elapsed, 3), error=error)
-        return TaskOutcome(task.id, state, task.hash, elapsed, error)
+        return TaskOutcome(task.id, state, task.hash, elapsed, error, job_id)
 
     def _context(self, task: Task, out_dir: Path, inputs: Mapping[str, dict] | None = None) -> TaskContext:
         if inputs is None:
@@ -224,7 +234,7 @@ class Executor:
             with open(out_dir / "log.txt", "a", encoding="utf-8") as f:
                 f.write(line + "\n")
 
-        return TaskContext(task=task, plan=self.plan, plan_path=self.run_dir.plan_path, run_dir=self.run_dir,
+        return TaskContext(task=task, plan=self.plan, plan_path=self.plan_file, run_dir=self.run_dir,
                            out_dir=out_dir, inputs=inputs, launcher=self.launcher, log=log, options=self.options)
 
     def _execute(self, task: Task, out_dir: Path) -> tuple[str, dict | None, str]:
@@ -269,7 +279,8 @@ class Executor:
         return LaunchSpec(task_id=ctx.task.id, module=kind.module, args=(str(ctx.out_dir / "task.json"),), nproc=nproc,
                           out_dir=ctx.out_dir, log_path=ctx.out_dir / "log.txt", nodes=cluster.nodes,
                           gpus_per_node=cluster.gpus_per_node, env=dict(self.options.get("env", {})),
-                          options=dict(cluster.scheduler_options), task_hash=ctx.task.hash)
+                          options=dict(cluster.scheduler_options), task_hash=ctx.task.hash,
+                          plan_digest=self.plan_digest)
 
     def _launch_outcome(self, spec, task_json: Mapping, result) -> tuple[str, dict | None, str]:
         if result.preempted:
@@ -287,24 +298,42 @@ class Executor:
         return "done", done, ""
 
     # ----------------------------------------------------------------------------------- a whole chain
-    def _run_chain(self, status: Status) -> RunOutcome:
-        """Inline tasks here, then every distributed task submitted at once (afterok along the graph's
-        edges), then followed to the end unless `detach`. A task whose job of the same hash is still
-        queued or running is attached to, not submitted again."""
-        outcome = RunOutcome(self.run_dir.root)
-        launcher = self.launcher
+    def _active_jobs(self) -> dict[str, dict]:
         try:
-            active = launcher.active_jobs(self.run_dir.root)
+            return self.launcher.active_jobs(self.run_dir.root)
         except Exception as exc:  # noqa: BLE001 - an unreadable record or scheduler: reported, nothing started
-            raise TaskError(f"cannot read this run's jobs from the scheduler: {exc}") from None
-        for task in self.graph.tasks():
-            job = active.get(task.id)
-            if job and job["hash"] != task.hash:
-                raise TaskError(f"{task.id}: {launcher.name} job {job['job_id']} of an earlier submission (hash "
-                                f"{job['hash'][:8] or '?'}) is still queued or running with other settings; wait for "
-                                f"it or `nemoc cancel {self.run_dir.root}`, then run again; nothing was started")
-        chained: dict[str, dict] = {}  # task id -> what a downstream task.json may know before it runs
-        specs, task_jsons, attached = [], {}, {}
+            raise TaskError(f"cannot read this run's jobs from {self.launcher.name}: {exc}; nothing was started") from None
+
+    def _chain_preflight(self) -> dict[str, dict]:
+        """The run's jobs that may still run, checked before anything changes: a job of a task whose
+        settings (hash) or plan changed since it was submitted stops the run (it would otherwise run
+        later with files this run rewrites); jobs of tasks no longer in the graph are named."""
+        active = self._active_jobs()
+        ids = {task.id: task for task in self.graph.tasks()}
+        plan_digest = self.run_dir.plan_snapshot_digest(self.plan_text)
+        stale = {t: job for t, job in active.items() if t in ids and
+                 (job["hash"] != ids[t].hash or (job.get("plan") and job["plan"] != plan_digest))}
+        if stale:
+            jobs = ", ".join(f"{t} (job {job['job_id']}, {job['state'].lower()})" for t, job in sorted(stale.items()))
+            raise TaskError(f"{self.launcher.name} still holds jobs submitted with other settings: {jobs}; they would "
+                            f"run with this run's files. Stop them (`scancel "
+                            f"{' '.join(job['job_id'] for job in stale.values())}`) or wait for them to end, then run "
+                            "again; nothing was started")
+        for task_id, job in sorted(active.items()):
+            if task_id not in ids:
+                self.echo(f"note: {self.launcher.name} job {job['job_id']} of {task_id}, a task no longer in this "
+                          f"graph, is still {job['state'].lower()} (`scancel {job['job_id']}` stops it)")
+        return {t: job for t, job in active.items() if t in ids}
+
+    def _run_chain(self, status: Status, active: dict[str, dict]) -> RunOutcome:
+        """Inline tasks here, then every distributed task submitted at once (afterok along the graph's
+        edges), then followed to the end unless `detach`. A task whose job (same hash, same plan) is
+        still queued or running is attached to, not submitted again, if it still waits for the right
+        parents; a stale one (its parent is resubmitted, or its dependency can never be met) is
+        cancelled and submitted again."""
+        outcome = RunOutcome(self.run_dir.root)
+        chained: dict[str, dict] = {}  # task id -> its task.json (what a downstream task may know before it runs)
+        specs, attached, fresh = [], {}, set()
         for task in self.graph.tasks():
             kind = get_kind(task.kind)
             waits_for = [a.src for a in self.graph.inputs(task.id) if a.src in chained]
@@ -313,63 +342,112 @@ class Executor:
             elif kind.run_inline is not None:
                 if waits_for:
                     raise TaskError(f"{task.id} runs in this process but needs {', '.join(waits_for)}, which "
-                                    f"{launcher.name} runs; this graph cannot be submitted as one chain")
+                                    f"{self.launcher.name} runs; this graph cannot be submitted as one chain")
                 result = self._run_task(task, status)
                 outcome.tasks.append(result)
                 if result.state not in TERMINAL:
-                    return self._skip_rest(outcome, status, result.task_id)
-            elif task.id in active:
+                    return self._skip_rest(outcome, status)
+            elif task.id in active and self._attachable(task, active, attached, fresh):
+                job_id = active[task.id]["job_id"]
+                self.echo(f"▶ {task.id:<24} already submitted as {self.launcher.name} job {job_id} "
+                          f"(hash {task.short_hash}, {active[task.id]['state'].lower()}); following it")
+                status.set(task.id, state="queued", error="", job_id=job_id)
                 out_dir = self.run_dir.task_dir(task.id)
-                self.echo(f"▶ {task.id:<24} already submitted as {launcher.name} job {active[task.id]['job_id']} "
-                          f"(hash {task.short_hash}); following it")
-                status.set(task.id, state="queued", error="")
-                ctx = self._context(task, out_dir, dict(self._upstream_inputs(task, chained)))
-                attached[task.id] = active[task.id]["job_id"]
-                specs.append(self._spec(kind, ctx))
-                task_jsons[task.id] = read_json(out_dir / "task.json") or {}
-                chained[task.id] = task_jsons[task.id]
+                attached[task.id] = job_id
+                specs.append(self._spec(kind, self._context(task, out_dir, dict(self._upstream_inputs(task, chained)))))
+                chained[task.id] = read_json(out_dir / "task.json") or {}
             else:
                 out_dir = self._start(task, status, verb="queued")
                 try:
                     inputs = self._upstream_inputs(task, chained)
-                    ctx = self._context(task, out_dir, {src: rec for src, rec in inputs})
+                    ctx = self._context(task, out_dir, dict(inputs))
                     upstream = {rec["name"]: {"task": src, "hash": self.graph.task(src).hash, "init": False,
                                               "done": str(self.run_dir.task_dir(src) / "DONE.json")}
                                 for src, rec in inputs if src in chained and rec.get("artifact") == "checkpoint"}
                     first = ctx.stage.after[0] if ctx.stage is not None and ctx.stage.after else None
                     if first in upstream:
                         upstream[first]["init"] = True
-                    spec, task_jsons[task.id] = self._prepare_launch(kind, ctx, upstream)
+                    spec, chained[task.id] = self._prepare_launch(kind, ctx, upstream)
                 except (TaskError, ValueError, OSError) as exc:
                     outcome.tasks.append(self._end(task, status, "failed", None, str(exc), 0.0))
-                    return self._skip_rest(outcome, status, task.id)
+                    return self._skip_rest(outcome, status)
                 specs.append(spec)
-                chained[task.id] = task_jsons[task.id]
+                fresh.add(task.id)
+        try:
+            still = self._still_attached(attached)
+        except _ChainBroken as broken:
+            outcome.tasks.append(self._end(self.graph.task(broken.task_id), status, "failed", None, str(broken), 0.0))
+            return self._skip_rest(outcome, status)
+        for task_id in attached.keys() - still.keys():  # finished while data was prepared
+            outcome.tasks.append(self._end(self.graph.task(task_id), status, "done", self.run_dir.done_record(task_id),
+                                           "", 0.0, job_id=attached[task_id]))
+        specs = [spec for spec in specs if spec.task_id in still or spec.task_id not in attached]
+        attached = still
         if not specs:
             return outcome
         new = [spec for spec in specs if spec.task_id not in attached]
-        after = {spec.task_id: [a.src for a in self.graph.inputs(spec.task_id) if a.src in chained] for spec in specs}
+        after = {spec.task_id: [a.src for a in self.graph.inputs(spec.task_id) if a.src in chained] for spec in new}
         try:
-            job_ids = {**attached, **launcher.submit_chain(new, after, attached, self.run_dir.root)} if new else dict(attached)
+            submitted = self.launcher.submit_chain(new, after, attached, self.run_dir.root) if new else {}
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - sbatch refused (bad partition, ...): nothing stays submitted
             first = self.graph.task(getattr(exc, "task_id", None) or new[0].task_id)
             outcome.tasks.append(self._end(first, status, "failed", None,
-                                           f"could not submit to {launcher.name}: {exc}", 0.0))
-            return self._skip_rest(outcome, status, first.id)
-        for task_id, job_id in job_ids.items():
+                                           f"could not submit to {self.launcher.name}: {exc}", 0.0))
+            return self._skip_rest(outcome, status)
+        job_ids = {**attached, **submitted}
+        for task_id, job_id in submitted.items():
             status.set(task_id, state="queued", job_id=job_id)
         if self.options.get("detach"):
-            outcome.tasks += [TaskOutcome(spec.task_id, "queued", self.graph.task(spec.task_id).hash) for spec in specs]
+            outcome.tasks += [TaskOutcome(spec.task_id, "queued", self.graph.task(spec.task_id).hash,
+                                          job_id=job_ids[spec.task_id]) for spec in specs]
             return outcome
-        return self._follow_chain(outcome, status, specs, job_ids, task_jsons)
+        return self._follow_chain(outcome, status, specs, job_ids, chained, owned=set(submitted.values()))
 
-    def _follow_chain(self, outcome: RunOutcome, status: Status, specs, job_ids, task_jsons) -> RunOutcome:
+    def _attachable(self, task: Task, active: Mapping[str, dict], attached: Mapping[str, str], fresh: set) -> bool:
+        """May the task's still-active job be followed as it is? Not if a parent is submitted anew in this
+        run (the job waits for the parent's old job) or its dependency can never be met: then a queued
+        job is cancelled here (it could never run) and the task is submitted again."""
+        job = active[task.id]
+        parents = [a.src for a in self.graph.inputs(task.id)]
+        waits_right = all(attached.get(p) in job["after"] for p in parents if p in attached) and \
+            not any(p in fresh for p in parents)
+        if waits_right and job.get("reason") != "DependencyNeverSatisfied":
+            return True
+        if job["state"] not in ("PENDING", "REQUEUE_HOLD", "REQUEUED"):
+            raise TaskError(f"{task.id}: {self.launcher.name} job {job['job_id']} is {job['state'].lower()} although "
+                            f"its parent is being submitted again; stop it (`scancel {job['job_id']}`) and run again")
+        self.launcher.cancel([job["job_id"]])
+        self.echo(f"  {task.id}: cancelled its queued {self.launcher.name} job {job['job_id']}, which waited for "
+                  "a parent job that will not succeed; submitting it again")
+        return False
+
+    def _still_attached(self, attached: Mapping[str, str]) -> dict[str, str]:
+        """Attached jobs asked again just before submission (data preparation may have taken hours):
+        one that has ended meanwhile with its DONE.json is finished (no dependency on a job Slurm may
+        have purged); one that ended without it breaks the chain."""
+        if not attached:
+            return {}
+        now = self._active_jobs()
+        still = {}
+        for task_id, job_id in attached.items():
+            if task_id in now and now[task_id]["job_id"] == job_id:
+                still[task_id] = job_id
+            elif not (self.run_dir.task_dir(task_id) / "DONE.json").exists():
+                raise _ChainBroken(task_id, f"its {self.launcher.name} job {job_id} ended without finishing the task "
+                                            f"(`nemoc logs {self.run_dir.root} {task_id}`); run again to resubmit it")
+        return still
+
+    def _follow_chain(self, outcome: RunOutcome, status: Status, specs, job_ids, task_jsons, *, owned) -> RunOutcome:
         by_id = {spec.task_id: spec for spec in specs}
-        started = {task_id: time.time() for task_id in by_id}
+        started = {task_id: time.time() for task_id in by_id}  # reset when the job starts running
         ended: dict[str, TaskOutcome] = {}
         failed: list[str] = []
+
+        def on_start(task_id: str) -> None:
+            started[task_id] = time.time()
+            status.set(task_id, state="running", started=started[task_id])
 
         def on_end(task_id: str, result) -> None:
             task = self.graph.task(task_id)
@@ -379,19 +457,21 @@ class Executor:
                 state, error = "skipped", f"{', '.join(blocked)} did not finish"
             if state not in TERMINAL:
                 failed.append(task_id)
-            ended[task_id] = self._end(task, status, state, payload, error, time.time() - started[task_id])
+            ended[task_id] = self._end(task, status, state, payload, error, time.time() - started[task_id],
+                                       job_id=job_ids[task_id])
 
         try:
-            self.launcher.follow_chain(specs, job_ids, on_end)  # Ctrl-C: the launcher cancels what has not ended
+            self.launcher.follow_chain(specs, job_ids, on_end, on_start=on_start, owned=owned)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - the scheduler stopped answering (or a follow timeout)
             for spec in specs:
                 if spec.task_id not in ended:
                     ended[spec.task_id] = self._end(self.graph.task(spec.task_id), status, "failed", None,
-                                                    f"lost track of {self.launcher.name} job {job_ids[spec.task_id]}: "
-                                                    f"{exc} (it may still run: `nemoc status`, `nemoc cancel`)",
-                                                    time.time() - started[spec.task_id])
+                                                    f"stopped following {self.launcher.name} job {job_ids[spec.task_id]}: "
+                                                    f"{exc}; the job was not cancelled (`nemoc status`, `nemoc run` "
+                                                    "again follows it)", time.time() - started[spec.task_id],
+                                                    job_id=job_ids[spec.task_id])
         outcome.tasks += [ended[spec.task_id] for spec in specs if spec.task_id in ended]
         return outcome
 
@@ -418,13 +498,19 @@ class Executor:
             inputs.append((artifact.src, dict(record, artifact=artifact.type, name=artifact.name)))
         return inputs
 
-    def _skip_rest(self, outcome: RunOutcome, status: Status, after: str) -> RunOutcome:
+    def _skip_rest(self, outcome: RunOutcome, status: Status) -> RunOutcome:
         seen = {t.task_id for t in outcome.tasks}
         for task in self.graph.tasks():
             if task.id not in seen:
                 status.set(task.id, state="skipped")
-                outcome.tasks.append(TaskOutcome(task.id, "skipped", task.hash, error=f"{after} did not finish"))
+                outcome.tasks.append(TaskOutcome(task.id, "skipped", task.hash))
         return outcome
+
+
+class _ChainBroken(Exception):
+    def __init__(self, task_id: str, message: str) -> None:
+        super().__init__(message)
+        self.task_id = task_id
 
 
 def known_kinds_list() -> list[str]:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemoc.runtime.faults import RESTART_SAFE_ENV
-from nemoc.runtime.launchers import EXIT_PREEMPTED, LaunchResult, LaunchSpec, LauncherError
+from nemoc.runtime.launchers import EXIT_PREEMPTED, Hangup, LaunchResult, LaunchSpec, LauncherError
 
 RECORD_FILE = "slurm.json"
 DEFAULT_SIGNAL_LEAD_S = 300  # time to finish a step and write a checkpoint before the limit
@@ -169,6 +169,7 @@ class SlurmJob:
     python: str = sys.executable
     workdir: str | None = None
     task_hash: str = ""
+    plan_digest: str = ""  # of the plan file its task.json names (a re-run attaches only to the same plan)
 
 
 def _directive(option: str, value: object | None = None) -> str:
@@ -260,14 +261,15 @@ fi
 FAILURES_FILE={failures}
 if [ "$WARNED" = 1 ] || [ "$RC" = 143 ]; then
   q "preempted: requeueing job $SLURM_JOB_ID to resume from the last checkpoint"
-  scontrol requeue "$SLURM_JOB_ID"
+  # a job that could not requeue itself must not end COMPLETED: that would satisfy its dependants' afterok
+  scontrol requeue "$SLURM_JOB_ID" || {{ q "requeue failed: the job ends here (nemoc run resumes it)"; exit 1; }}
   exit 0
 fi
 FAILURES=$(cat "$FAILURES_FILE" 2>/dev/null || echo 0)
 if [ "$RC" != 0 ] && [ "$FAILURES" -lt {max_failures} ]; then
   echo $((FAILURES + 1)) > "$FAILURES_FILE"
   q "failure $((FAILURES + 1)) of {max_failures} allowed: requeueing job $SLURM_JOB_ID to resume from the last checkpoint"
-  scontrol requeue "$SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" || {{ q "requeue failed: the job ends here"; exit "$RC"; }}
   exit 0
 fi
 exit "$RC"
@@ -358,7 +360,7 @@ def submit_jobs(jobs: Sequence[SlurmJob], after: Mapping[str, Iterable[str]], op
         deps = [job_ids[t] for t in after.get(job.task_id, ()) if t in job_ids]
         job_ids[job.task_id] = sbatch(str(script), deps)
         record["jobs"][job.task_id] = {"job_id": job_ids[job.task_id], "script": str(script), "hash": job.task_hash,
-                                       "after": deps, "submitted_at": time.time()}
+                                       "plan": job.plan_digest, "after": deps, "submitted_at": time.time()}
         write_record(run_dir, record)
     return {job.task_id: job_ids[job.task_id] for job in jobs}
 
@@ -392,27 +394,64 @@ def write_record(run_dir: str | os.PathLike, record: Mapping) -> None:
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE", "PREEMPTED"}
+# PREEMPTED is where a job ends *or* passes through on its way back to the queue (PreemptMode=REQUEUE):
+# for "may it still run?" it counts as alive, so a re-run never submits a second copy of it.
+ENDED = TERMINAL - {"PREEMPTED"}
+
+
+def is_alive(state: str) -> bool:
+    """The job may still run (queued, running, requeueing); "UNKNOWN" (forgotten by Slurm) has ended."""
+    return state not in ENDED and state != "UNKNOWN"
 
 
 _COUNTERS = re.compile(r" Requeue=(\d+) Restarts=(\d+) BatchFlag=\d+ Reboot=\d+ ExitCode=(\d+):(\d+)")
+_FORGOTTEN = "Invalid job id"  # squeue's answer for one job id that slurmctld no longer knows
+
+
+def job_states(job_ids: Iterable[str]) -> dict[str, dict[str, str]]:
+    """JobState and Reason of many jobs in one `squeue` call (one RPC, whatever the chain's length);
+    a job Slurm has forgotten is absent. Raises SlurmError when squeue fails for another reason (the
+    controller is busy or down): "unknown" must not be taken for "ended"."""
+    ids = [str(j) for j in job_ids]
+    if not ids:
+        return {}
+    try:
+        proc = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%r"],
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise SlurmError("squeue did not answer within 60 s (slurmctld busy?)") from None
+    if proc.returncode != 0:
+        if _FORGOTTEN in proc.stderr:
+            return {}
+        raise SlurmError(f"squeue failed: {proc.stderr.strip() or proc.stdout.strip() or f'exit {proc.returncode}'}")
+    out = {}
+    for line in proc.stdout.splitlines():
+        job_id, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        if job_id in ids:
+            out[job_id] = {"JobState": state.strip(), "Reason": reason.strip()}
+    return out
+
+
+def job_counters(job_id: str) -> dict[str, str]:
+    """Requeue, Restarts and ExitCode from one anchored pattern of `scontrol show job -o`, so a job name
+    or comment that contains `JobState=...` cannot spoof them; {} when unavailable."""
+    try:
+        proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                              timeout=60)
+    except subprocess.TimeoutExpired:
+        return {}
+    match = _COUNTERS.search(proc.stdout) if proc.returncode == 0 else None
+    if not match:
+        return {}
+    return {"Requeue": match.group(1), "Restarts": match.group(2), "ExitCode": f"{match.group(3)}:{match.group(4)}"}
 
 
 def job_info(job_id: str) -> dict[str, str]:
     """JobState, Reason, Restarts and ExitCode of a job without an accounting database; {} once Slurm
-    has forgotten it. The state comes from `squeue -o %T` and the counters from one anchored pattern of
-    `scontrol show job -o`, so a job name or comment that contains `JobState=...` cannot spoof them."""
-    squeue = subprocess.run(["squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T|%r"], capture_output=True,
-                            text=True, timeout=60)
-    line = squeue.stdout.strip().splitlines()[0] if squeue.returncode == 0 and squeue.stdout.strip() else ""
-    if not line:
-        return {}
-    state, _, reason = line.partition("|")
-    info = {"JobState": state.strip(), "Reason": reason.strip()}
-    proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=60)
-    match = _COUNTERS.search(proc.stdout) if proc.returncode == 0 else None
-    if match:
-        info.update(Requeue=match.group(1), Restarts=match.group(2), ExitCode=f"{match.group(3)}:{match.group(4)}")
-    return info
+    has forgotten it."""
+    info = job_states([job_id]).get(str(job_id))
+    return {**info, **job_counters(job_id)} if info else {}
 
 
 def job_state(job_id: str) -> str:
@@ -421,13 +460,14 @@ def job_state(job_id: str) -> str:
 
 def wait_jobs(job_ids: Iterable[str], timeout_s: float, poll_s: float = 1.0) -> dict[str, str]:
     """Poll until every job reaches a terminal state (or timeout); returns job id -> state."""
-    pending = list(job_ids)
+    pending = [str(j) for j in job_ids]
     states: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
     while pending and time.monotonic() < deadline:
+        found = job_states(pending)
         for job_id in list(pending):
-            states[job_id] = job_state(job_id)
-            if states[job_id] in TERMINAL:
+            states[job_id] = found.get(job_id, {}).get("JobState", "UNKNOWN")
+            if states[job_id] in TERMINAL | {"UNKNOWN"}:
                 pending.remove(job_id)
         if pending:
             time.sleep(poll_s)
@@ -435,14 +475,16 @@ def wait_jobs(job_ids: Iterable[str], timeout_s: float, poll_s: float = 1.0) -> 
 
 
 def cancel(job_ids: Iterable[str]) -> list[str]:
-    """scancel every job id; returns the ids Slurm accepted."""
+    """scancel every job id; returns the ids. A job that ended meanwhile is not an error."""
     ids = [str(j) for j in job_ids]
     if not ids:
         return []
     require_slurm()
     proc = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        raise SlurmError(f"scancel {' '.join(ids)} failed: {proc.stderr.strip()}")
+    errors = [line for line in proc.stderr.splitlines()
+              if "error" in line.lower() and "already completing or completed" not in line and _FORGOTTEN not in line]
+    if proc.returncode != 0 and errors:
+        raise SlurmError(f"scancel {' '.join(ids)} failed: {'; '.join(errors)}")
     return ids
 
 
@@ -478,17 +520,22 @@ def job_from_spec(spec: LaunchSpec, cluster=None) -> SlurmJob:
         env=env,
         workdir=str(out),
         task_hash=spec.task_hash,
+        plan_digest=spec.plan_digest,
     )
 
 
 class SlurmLauncher:
     """The Slurm side of the executor (docs/graph.md, section 4): `submit_chain` submits every distributed
-    task of a run at once, chained with afterok; `follow_chain` watches the jobs to their end, echoing the
-    first node's log lines and state changes (requeues after a preemption or a failure happen inside
-    Slurm, under the same job id, and are followed transparently); Ctrl-C while following cancels the
-    jobs that have not ended. `launch` is the one-task form of the same two steps."""
+    task of a run at once, chained with afterok, all or nothing; `follow_chain` watches the jobs to their
+    end with one `squeue` per poll (backing off while nothing changes), echoing the first node's log lines
+    and state changes (requeues after a preemption or a failure happen inside Slurm, under the same job
+    id, and are followed transparently). Ctrl-C or SIGTERM while following cancels the jobs this
+    invocation submitted; a hangup (SIGHUP: the terminal closed) or a scheduler that stops answering
+    only stops the following. `launch` is the one-task form of the same steps."""
 
     name = "slurm"
+    MAX_QUERY_S = 10.0  # the longest pause between two squeue calls while nothing changes
+    QUERY_FAILURES = 30  # consecutive squeue failures (about 5 minutes with the pauses) before giving up
 
     def __init__(self, *, cluster=None, echo=None, poll_s: float = 1.0, timeout_s: float | None = None) -> None:
         require_slurm()  # here, so that `nemoc run` stops with a clear message before any task runs
@@ -505,21 +552,32 @@ class SlurmLauncher:
         except (SlurmError, OSError, subprocess.TimeoutExpired) as error:
             return LaunchResult(1, None, f"could not submit {spec.task_id} to Slurm: {error}")
         results: dict[str, LaunchResult] = {}
-        self.follow_chain([spec], job_ids, lambda task_id, result: results.__setitem__(task_id, result))
+        self.follow_chain([spec], job_ids, lambda task_id, result: results.__setitem__(task_id, result),
+                          owned=set(job_ids.values()))
         return results[spec.task_id]
 
     def active_jobs(self, run_dir: Path) -> dict[str, dict]:
-        """The run's recorded jobs that Slurm has not finished: task id -> {"job_id", "hash"}."""
+        """The run's recorded jobs that may still run: task id -> {"job_id", "hash", "plan", "after",
+        "state", "reason"}. Raises SlurmError when Slurm cannot be asked."""
+        jobs = read_record(run_dir).get("jobs") or {}
+        states = job_states(str(rec["job_id"]) for rec in jobs.values())
         active = {}
-        for task_id, rec in (read_record(run_dir).get("jobs") or {}).items():
-            if job_state(rec["job_id"]) not in TERMINAL | {"UNKNOWN"}:
-                active[task_id] = {"job_id": str(rec["job_id"]), "hash": str(rec.get("hash", ""))}
+        for task_id, rec in jobs.items():
+            info = states.get(str(rec["job_id"]), {})
+            if is_alive(info.get("JobState", "UNKNOWN")):
+                active[task_id] = {"job_id": str(rec["job_id"]), "hash": str(rec.get("hash", "")),
+                                   "plan": str(rec.get("plan", "")), "after": [str(a) for a in rec.get("after", [])],
+                                   "state": info["JobState"], "reason": info.get("Reason", "")}
         return active
+
+    def cancel(self, job_ids: Iterable[str]) -> list[str]:
+        return cancel(job_ids)
 
     def submit_chain(self, specs: Sequence[LaunchSpec], after: Mapping[str, Sequence[str]],
                      existing: Mapping[str, str], run_dir: Path) -> dict[str, str]:
         """sbatch every spec (topological order), each with afterok on the jobs of `after[task]` (tasks
-        of `specs` or of `existing`, task id -> job id). Raises SlurmError / OSError."""
+        of `specs` or of `existing`, task id -> job id). All or nothing: on any failure (or Ctrl-C) the
+        jobs already submitted are cancelled before the error propagates (with `task_id` set on it)."""
         jobs = []
         for spec in specs:
             try:
@@ -534,52 +592,85 @@ class SlurmLauncher:
         for job, opts in jobs:  # one call per job: options may differ per task
             try:
                 job_ids.update(submit_jobs([job], after, opts, run_dir, existing={**existing, **job_ids}))
-            except (SlurmError, OSError, subprocess.TimeoutExpired) as error:
-                if job_ids:  # all or nothing: a half-submitted chain would train without its tail
+            except BaseException as error:
+                if job_ids:  # a half-submitted chain would train without its tail
                     subprocess.run(["scancel", *job_ids.values()], capture_output=True, timeout=60)
                     self.echo(f"cancelled the jobs already submitted: {', '.join(job_ids.values())}\n")
-                error.task_id = job.task_id
+                if isinstance(error, subprocess.TimeoutExpired):
+                    self.echo(f"sbatch did not answer for {job.task_id}: check `squeue --name={job.name}` for a "
+                              f"job it may still have queued\n")
+                if isinstance(error, Exception):
+                    error.task_id = job.task_id
                 raise
             deps = [f"{t} (job {({**existing, **job_ids})[t]})" for t in after.get(job.task_id, ())]
             self.echo(f"submitted Slurm job {job_ids[job.task_id]} for {job.task_id} ({job.nodes} node(s) x "
                       f"{job.procs_per_node} process(es)){'; after ' + ', '.join(deps) if deps else ''}\n")
         return job_ids
 
-    def follow_chain(self, specs: Sequence[LaunchSpec], job_ids: Mapping[str, str], on_end) -> None:
-        """Poll every job until it ends; `on_end(task_id, LaunchResult)` as each one does."""
+    def follow_chain(self, specs: Sequence[LaunchSpec], job_ids: Mapping[str, str], on_end, *,
+                     on_start=None, owned: Iterable[str] = ()) -> None:
+        """Watch every job until it ends: `on_start(task_id)` when it first runs, `on_end(task_id,
+        LaunchResult)` when it ends. Ctrl-C / SIGTERM cancels the `owned` jobs that have not ended."""
         jobs = {spec.task_id: job_from_spec(spec, self.cluster) for spec in specs}
         watch = {task_id: _Watch(job_ids[task_id], Path(job.log_path)) for task_id, job in jobs.items()}
         label = len(watch) > 1
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        pause, failures, next_query = self.poll_s, 0, 0.0
         try:
             while watch:
-                for task_id, w in list(watch.items()):
-                    info = self._poll(task_id, w, label)
-                    if info is not None:
-                        del watch[task_id]
-                        on_end(task_id, self._result(jobs[task_id], w.job_id, info))
+                changed = False
+                for task_id, w in watch.items():  # local files: every poll
+                    offset = self._echo_new(w.log_path, w.offset, f"[{task_id}] " if label else "")
+                    changed |= offset != w.offset
+                    w.offset = offset
+                if time.monotonic() >= next_query:
+                    try:
+                        states = job_states(w.job_id for w in watch.values())
+                        failures = 0
+                    except SlurmError as error:
+                        failures += 1
+                        if failures >= self.QUERY_FAILURES:
+                            raise
+                        self.echo(f"Slurm did not answer ({error}); asking again\n")
+                        states = None
+                    if states is not None:
+                        for task_id, w in list(watch.items()):
+                            info = self._update(task_id, w, states.get(w.job_id), on_start)
+                            changed |= w.changed
+                            if info is not None:
+                                del watch[task_id]
+                                on_end(task_id, self._result(jobs[task_id], w.job_id, info))
+                    pause = self.poll_s if changed else min(pause * 1.5, max(self.poll_s, self.MAX_QUERY_S))
+                    next_query = time.monotonic() + pause
                 if not watch:
                     return
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"Slurm job(s) {', '.join(w.job_id for w in watch.values())} did not "
                                        f"finish within {self.timeout_s} s")
-                time.sleep(self.poll_s)
-        except BaseException:
-            left = [w.job_id for w in watch.values()]
-            if left:
+                time.sleep(min(self.poll_s, max(0.0, next_query - time.monotonic())) or self.poll_s)
+        except KeyboardInterrupt as interrupt:
+            left = [w.job_id for w in watch.values() if w.job_id in set(owned)]
+            if left and not isinstance(interrupt, Hangup):
                 subprocess.run(["scancel", *left], capture_output=True, timeout=60)
                 self.echo(f"cancelled Slurm job(s) {', '.join(left)}\n")
             raise
 
-    def _poll(self, task_id: str, w: "_Watch", label: bool) -> dict[str, str] | None:
-        """One look at a job: echo what is new; its last info once it has ended, else None."""
-        w.info = job_info(w.job_id) or w.info
-        state = w.info.get("JobState", "UNKNOWN")
-        w.offset = self._echo_new(w.log_path, w.offset, f"[{task_id}] " if label else "")  # then the state it led to
+    def _update(self, task_id: str, w: "_Watch", found: dict | None, on_start) -> dict[str, str] | None:
+        """Apply one squeue answer to a watched job: say what changed; its final info once it has ended."""
+        w.changed = False
+        if found is None:  # forgotten by Slurm (purged after MinJobAge): it has ended; counters if still there
+            return {**w.info, **job_counters(w.job_id), "JobState": "UNKNOWN"}
+        state = found["JobState"]
+        if state != w.state or found.get("Reason") != w.info.get("Reason"):
+            w.info = {**w.info, **found, **job_counters(w.job_id)}  # scontrol only when something changed
+            w.changed = True
         if state != w.state:
             reason = w.info.get("Reason", "")
             why = f", {reason}" if state == "PENDING" and reason not in ("", "None") else ""
             self.echo(f"Slurm job {w.job_id} ({task_id}): {state} (restarts {w.info.get('Restarts', '0')}{why})\n")
+            if state == "RUNNING" and not w.started and on_start is not None:
+                on_start(task_id)
+            w.started |= state == "RUNNING"
             w.state = state
         if state == "PREEMPTED":  # with PreemptMode=REQUEUE the job passes through it and comes back
             w.preempted_since = w.preempted_since or time.monotonic()
@@ -587,7 +678,7 @@ class SlurmLauncher:
                 return None
         else:
             w.preempted_since = None
-        return w.info if state in TERMINAL or not w.info else None
+        return w.info if state in TERMINAL else None
 
     def _echo_new(self, log_path: Path, offset: int, prefix: str = "") -> int:
         try:
@@ -606,7 +697,7 @@ class SlurmLauncher:
     def _result(self, job: SlurmJob, job_id: str, info: Mapping[str, str]) -> LaunchResult:
         state = info.get("JobState", "UNKNOWN")
         code, _, sig = info.get("ExitCode", "1:0").partition(":")
-        if state == "COMPLETED" and Path(job.done_path).exists():
+        if state in ("COMPLETED", "UNKNOWN") and Path(job.done_path).exists():
             return LaunchResult(0)
         if state in ("PREEMPTED", "TIMEOUT") or code == str(EXIT_PREEMPTED):
             return LaunchResult(EXIT_PREEMPTED)
@@ -625,6 +716,8 @@ class _Watch:
     state: str = ""
     info: dict = field(default_factory=dict)
     preempted_since: float | None = None
+    started: bool = False
+    changed: bool = False
 
     def __post_init__(self) -> None:
         self.offset = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -645,7 +738,7 @@ def _echo(line: str) -> None:
 def write_scripts(plan, graph, run_dir) -> list[Path]:
     """`--dry-run` for Slurm: the batch script of every distributed task of `graph`, written to
     `tasks/<id>/job.sbatch` and not submitted (for review, or for `sbatch` by hand in graph order)."""
-    from nemoc.runtime.tasks import TaskError, get_kind
+    from nemoc.runtime.tasks import TaskContext, TaskError, get_kind
 
     opts = SlurmOptions.from_mapping(dict(plan.cluster.scheduler_options))
     written = []
@@ -658,7 +751,11 @@ def write_scripts(plan, graph, run_dir) -> list[Path]:
             continue  # tokenizer / prepare run where `nemoc run` runs
         out_dir = run_dir.task_dir(task.id)
         stage = plan.stage(task.stage) if task.stage else None
-        nproc = stage.layout.world_size if stage is not None else plan.cluster.world_size
+        if kind.nproc is not None:  # eval, export: one process, as the executor starts them
+            nproc = kind.nproc(TaskContext(task=task, plan=plan, plan_path=run_dir.plan_path, run_dir=run_dir,
+                                           out_dir=out_dir, inputs={}))
+        else:
+            nproc = stage.layout.world_size if stage is not None else plan.cluster.world_size
         spec = LaunchSpec(task_id=task.id, module=kind.module, args=(str(out_dir / "task.json"),), nproc=nproc,
                           out_dir=out_dir, log_path=out_dir / "log.txt", nodes=plan.cluster.nodes,
                           gpus_per_node=plan.cluster.gpus_per_node)

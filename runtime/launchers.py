@@ -27,6 +27,11 @@ class LauncherError(RuntimeError):
     """The launcher is unknown or unavailable; the message is for the user."""
 
 
+class Hangup(KeyboardInterrupt):
+    """SIGHUP (the terminal closed): local processes are torn down like on Ctrl-C, but jobs a cluster
+    scheduler runs are left running, since they need no terminal."""
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     task_id: str
@@ -40,6 +45,7 @@ class LaunchSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, object] = field(default_factory=dict)  # cluster.scheduler_options
     task_hash: str = ""  # the task's content hash (a cluster launcher records it with the job)
+    plan_digest: str = ""  # the digest of the plan snapshot its task.json names (recorded likewise)
 
 
 @dataclass(frozen=True)
@@ -67,12 +73,15 @@ class ChainLauncher(Launcher, Protocol):
     """A launcher whose scheduler chains jobs itself (Slurm's afterok): the executor hands it every
     distributed task of the run at once instead of one at a time (docs/graph.md, section 4)."""
 
-    def active_jobs(self, run_dir: Path) -> dict[str, dict]: ...  # task id -> {"job_id", "hash"}, not ended
+    def active_jobs(self, run_dir: Path) -> dict[str, dict]: ...  # task id -> {"job_id", "hash", "plan", "after", "state", "reason"}
 
     def submit_chain(self, specs: list[LaunchSpec], after: Mapping[str, list[str]], existing: Mapping[str, str],
                      run_dir: Path) -> dict[str, str]: ...  # task id -> job id
 
-    def follow_chain(self, specs: list[LaunchSpec], job_ids: Mapping[str, str], on_end) -> None: ...
+    def follow_chain(self, specs: list[LaunchSpec], job_ids: Mapping[str, str], on_end, *, on_start=None,
+                     owned=()) -> None: ...  # on_end(task_id, LaunchResult); Ctrl-C cancels `owned` job ids
+
+    def cancel(self, job_ids) -> list[str]: ...
 
 
 def get_launcher(name: str, *, cluster) -> Launcher:

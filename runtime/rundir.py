@@ -2,6 +2,7 @@
 
     runs/<experiment>/                 (default under the cwd; `--workdir DIR` replaces it)
       plan.json  graph.json  status.json
+      plans/plan-<digest>.json         the plan as each task was started with (task.json names it)
       data/tokenizer/                  tokenizer:local
       data/<name>/                     prepare:<name>
       tasks/<task id, ':' -> '_'>/     task.json log.txt ranks/ metrics.jsonl tensorboard/ checkpoints/ DONE.json
@@ -77,6 +78,22 @@ class RunDir:
     @property
     def status_path(self) -> Path:
         return self.root / "status.json"
+
+    def plan_snapshot(self, text: str) -> tuple[Path, str]:
+        """The plan `text` under `plans/plan-<digest>.json` (written once, never changed) and its digest.
+        task.json names this file, not plan.json: a job queued by Slurm reads the plan it was submitted
+        with even after a later `nemoc run` rewrote plan.json."""
+        digest = self.plan_snapshot_digest(text)
+        path = self.root / "plans" / f"plan-{digest}.json"
+        if not path.exists():
+            atomic_write_text(path, text)
+        return path, digest
+
+    @staticmethod
+    def plan_snapshot_digest(text: str) -> str:
+        import hashlib
+
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     @contextlib.contextmanager
     def lock(self):

@@ -18,6 +18,10 @@ import json
 import time
 
 
+# 2: `upstream` (parents resolved when the task starts) and the identity a task stamps into DONE.json
+TASK_JSON_VERSION = 2
+
+
 class TaskFileError(RuntimeError):
     """task.json cannot be completed (a parent has not finished, or finished with other settings)."""
 

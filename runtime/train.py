@@ -57,7 +57,7 @@ from nemoc.runtime import model as mdl  # noqa: E402
 from nemoc.runtime import taskfile  # noqa: E402
 from nemoc.runtime.metrics import NullMetrics, open_metrics  # noqa: E402
 
-TASK_VERSION = 1
+TASK_VERSION = taskfile.TASK_JSON_VERSION
 EXIT_OK, EXIT_FAILED, EXIT_BAD_TASK, EXIT_PREEMPTED = 0, 1, 2, 143
 DEFAULT_TIMEOUT_S = 300
 

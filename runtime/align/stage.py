@@ -27,7 +27,7 @@ from nemoc.runtime.align import common
 from nemoc.runtime.align.common import AlignError
 from nemoc.runtime.metrics import open_metrics
 
-TASK_VERSION = 1
+TASK_VERSION = taskfile.TASK_JSON_VERSION
 SFT_FORMATS = ("chat", "prompt_response")
 
 

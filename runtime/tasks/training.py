@@ -7,9 +7,8 @@ the parents' final checkpoints, and the output locations inside the task's direc
 
 from __future__ import annotations
 
+from nemoc.runtime.taskfile import TASK_JSON_VERSION
 from nemoc.runtime.tasks import TaskContext, TaskError, TaskKind, register
-
-TASK_JSON_VERSION = 1
 
 
 def _split_string(split) -> str:

@@ -19,6 +19,7 @@ import pytest
 
 from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown, Plan, StagePlan, to_json
 from nemoc.compiler.spec import CheckpointSpec, ClusterSpec, DataSpec, ModelSpec, OptimizerSpec, ScheduleSpec
+from nemoc.runtime.taskfile import TASK_JSON_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -106,7 +107,7 @@ def write_task(out: Path, plan: Plan, *, data_prefix: Path, init_checkpoint=None
     plan_path = out / "plan.json"
     plan_path.write_text(to_json(plan))
     task = {
-        "version": 1, "plan": str(plan_path), "stage": plan.stages[0].name,
+        "version": TASK_JSON_VERSION, "plan": str(plan_path), "stage": plan.stages[0].name,
         "datasets": [{"name": "web", "prefix": str(data_prefix), "weight": 1.0}],
         "tokenizer": None, "vocab_size": VOCAB, "eod_id": VOCAB - 1,
         "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,

@@ -24,9 +24,14 @@ from nemoc.runtime.tasks import TaskError
 class ChainDouble:
     name = "slurm"
 
-    def __init__(self, active=None):
+    def __init__(self, active=None, ended=(), meanwhile=None):
         self.submitted: list[tuple[list[str], dict, dict]] = []
-        self.active = dict(active or {})
+        self.active = {t: {"plan": "", "after": [], "state": "PENDING", "reason": "", **job}
+                       for t, job in (active or {}).items()}
+        self.ended_by_submission = set(ended)  # tasks whose active job ends before submission (2nd look)
+        self.meanwhile = meanwhile  # what happens between the first and the second look
+        self.looks = 0
+        self.cancelled: list[str] = []
         self.local = LocalLauncher(echo=lambda _: None)
         self.next_id = 100
 
@@ -34,7 +39,16 @@ class ChainDouble:
         raise AssertionError("a chain launcher's tasks are submitted with submit_chain")
 
     def active_jobs(self, run_dir):
+        self.looks += 1
+        if self.looks == 2 and self.meanwhile is not None:
+            self.meanwhile()
+        if self.looks > 1:
+            return {t: job for t, job in self.active.items() if t not in self.ended_by_submission}
         return dict(self.active)
+
+    def cancel(self, job_ids):
+        self.cancelled += list(job_ids)
+        return list(job_ids)
 
     def submit_chain(self, specs, after, existing, run_dir):
         self.submitted.append(([s.task_id for s in specs], {k: list(v) for k, v in after.items()}, dict(existing)))
@@ -44,13 +58,15 @@ class ChainDouble:
             ids[spec.task_id] = str(self.next_id)
         return ids
 
-    def follow_chain(self, specs, job_ids, on_end):
+    def follow_chain(self, specs, job_ids, on_end, *, on_start=None, owned=()):
         failed = set()
         after = self.submitted[-1][1] if self.submitted else {}
         for spec in specs:
             if failed & set(after.get(spec.task_id, ())):
                 result = LaunchResult(1, None, "cancelled: an upstream job did not succeed")
             else:
+                if on_start is not None:
+                    on_start(spec.task_id)
                 result = self.local.launch(spec)
             if not result.ok:
                 failed.add(spec.task_id)
@@ -78,6 +94,7 @@ def test_the_whole_chain_is_submitted_at_once_and_parents_resolve_when_a_task_st
     assert launcher.submitted == [(["train:pretrain", "train:sft"], {"train:pretrain": [], "train:sft": ["train:pretrain"]}, {})]
     rd = RunDir(run_root)
     task = read_json(rd.task_dir("train:sft") / "task.json")
+    assert task["version"] == 2 and task["plan"].startswith(str(run_root / "plans" / "plan-"))
     assert task["init_checkpoint"] is None and task["parents"] == {"pretrain": None}  # not known at submission
     assert task["upstream"]["pretrain"] == {"task": "train:pretrain", "hash": outcome.tasks[2].hash, "init": True,
                                             "done": str(rd.task_dir("train:pretrain") / "DONE.json")}
@@ -121,17 +138,74 @@ def test_a_job_still_queued_with_the_same_hash_is_attached_to_not_submitted_agai
     launcher = ChainDouble(active={"train:pretrain": {"job_id": "101", "hash": hashes["train:pretrain"]}})
     outcome, lines = execute(plan, run_root, launcher)
     assert outcome.ok, lines
-    assert launcher.submitted == [(["train:sft"], {"train:pretrain": [], "train:sft": ["train:pretrain"]},
-                                   {"train:pretrain": "101"})]
+    assert launcher.submitted == [(["train:sft"], {"train:sft": ["train:pretrain"]}, {"train:pretrain": "101"})]
     assert any("already submitted as slurm job 101" in line for line in lines)
 
 
-def test_a_job_still_queued_with_other_settings_stops_the_run_before_anything_starts(workspace):  # noqa: F811
+def test_a_job_still_queued_with_other_settings_stops_the_run_before_anything_changes(workspace):  # noqa: F811
     plan, run_root = chain_plan(workspace), workspace / "run"
-    launcher = ChainDouble(active={"train:sft": {"job_id": "55", "hash": "0ld0ld0ld"}})
-    with pytest.raises(TaskError, match=r"train:sft: slurm job 55 of an earlier submission \(hash 0ld0ld0l\).*nemoc cancel"):
-        execute(plan, run_root, launcher)
-    assert launcher.submitted == [] and not (run_root / "data").exists()
+    outcome, _ = execute(plan, run_root, ChainDouble(), detach=True)
+    rd = RunDir(run_root)
+    before = {p: p.read_bytes() for p in (rd.plan_path, rd.status_path, rd.task_dir("train:sft") / "task.json")}
+    launcher = ChainDouble(active={"train:pretrain": {"job_id": "101", "hash": outcome.tasks[2].hash},
+                                   "train:sft": {"job_id": "102", "hash": outcome.tasks[3].hash}})
+    with pytest.raises(TaskError, match=r"still holds jobs submitted with other settings: train:sft \(job 102, "
+                                        r"pending\).*`scancel 102`.*nothing was started"):
+        execute(chain_plan(workspace, sft_steps=9), run_root, launcher)
+    assert launcher.submitted == [] and launcher.cancelled == []
+    assert {p: p.read_bytes() for p in before} == before  # the queued job still reads what it was submitted with
+
+
+def test_a_queued_job_whose_plan_changed_is_refused_even_with_the_same_hash(workspace):  # noqa: F811
+    from dataclasses import replace
+
+    plan, run_root = chain_plan(workspace), workspace / "run"
+    execute(plan, run_root, ChainDouble(), detach=True)
+    slurm_jobs = {}
+    for task in build_graph(plan).tasks():
+        task_json = read_json(RunDir(run_root).task_dir(task.id) / "task.json")
+        if task_json:
+            slurm_jobs[task.id] = {"job_id": str(len(slurm_jobs) + 101), "hash": task.hash,
+                                   "after": [job["job_id"] for job in slurm_jobs.values()],
+                                   "plan": task_json["plan"].rsplit("plan-", 1)[1].removesuffix(".json")}
+    wider = replace(plan, stages=tuple(replace(s, layout=replace(s.layout, micro_batch=2, num_microbatches=1))
+                                       for s in plan.stages))  # a layout change keeps the task hash
+    assert [t.hash for t in build_graph(wider).tasks()] == [t.hash for t in build_graph(plan).tasks()]
+    with pytest.raises(TaskError, match="other settings: train:pretrain"):
+        execute(wider, run_root, ChainDouble(active=slurm_jobs))
+    outcome, lines = execute(plan, run_root, ChainDouble(active=slurm_jobs))  # the same plan attaches
+    assert outcome.ok and sum("already submitted" in line for line in lines) == 2, lines
+
+
+def test_a_queued_child_of_a_resubmitted_parent_is_cancelled_and_submitted_again(workspace):  # noqa: F811
+    plan, run_root = chain_plan(workspace), workspace / "run"
+    outcome, _ = execute(plan, run_root, ChainDouble(), detach=True)
+    sft = outcome.tasks[3]
+    # pretrain's job 101 failed; sft's job 102 still waits for it (Slurm has not cancelled it yet)
+    launcher = ChainDouble(active={"train:sft": {"job_id": "102", "hash": sft.hash, "after": ["101"],
+                                                 "reason": "DependencyNeverSatisfied"}})
+    outcome, lines = execute(plan, run_root, launcher)
+    assert outcome.ok, lines
+    assert launcher.cancelled == ["102"]
+    assert launcher.submitted[0][0] == ["train:pretrain", "train:sft"]
+
+
+def test_an_attached_job_that_finished_during_data_preparation_is_done_not_a_dependency(workspace):  # noqa: F811
+    plan, run_root = chain_plan(workspace), workspace / "run"
+    outcome, _ = execute(plan, run_root, ChainDouble(), detach=True)
+    pretrain = outcome.tasks[2]
+    rd = RunDir(run_root)
+    spec = Executor(plan, build_graph(plan), rd)._spec(*_kind_ctx(plan, rd, "train:pretrain"))
+
+    def job_finishes():
+        assert LocalLauncher(echo=lambda _: None).launch(spec).ok
+
+    launcher = ChainDouble(active={"train:pretrain": {"job_id": "101", "hash": pretrain.hash}},
+                           ended={"train:pretrain"}, meanwhile=job_finishes)  # Slurm no longer lists it
+    outcome, lines = execute(plan, run_root, launcher)
+    assert outcome.ok, lines
+    assert outcome.states()["train:pretrain"] == "done" and any("already submitted" in line for line in lines)
+    assert launcher.submitted == [(["train:sft"], {"train:sft": ["train:pretrain"]}, {})]
 
 
 def test_a_failed_parent_skips_its_children(workspace, monkeypatch):  # noqa: F811

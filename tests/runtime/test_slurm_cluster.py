@@ -306,7 +306,7 @@ def test_a_detached_chain_runs_on_slurm_without_nemoc_and_is_then_cached(tmp_pat
     finally:  # a failed assertion must not leave jobs holding the two nodes for the tests after it
         if (run_dir / "slurm.json").exists():
             ls.cancel(job["job_id"] for job in json.loads((run_dir / "slurm.json").read_text())["jobs"].values()
-                      if ls.job_state(job["job_id"]) not in ls.TERMINAL | {"UNKNOWN"})
+                      if ls.is_alive(ls.job_state(job["job_id"])))
 
 
 def _detached_chain(args, nemoc, run_dir, tmp_path, started):
@@ -321,14 +321,21 @@ def _detached_chain(args, nemoc, run_dir, tmp_path, started):
     assert f"Dependency=afterok:{ids['train:anneal']}" in shown and re.search(r" NumNodes=1(-1)? ", shown)  # one process: one node
     status = subprocess.run([nemoc, "status", str(run_dir), "--json"], capture_output=True, text=True)
     rows = {row["id"]: row for row in json.loads(status.stdout)["tasks"]}
-    assert rows["eval:eval"]["state"].startswith("queued") and rows["eval:eval"]["job_id"] == ids["eval:eval"]
-    assert _wait(ids.values(), timeout=420)[ids["eval:eval"]] == "COMPLETED"
+    assert rows["eval:eval"]["state"] == "queued (Dependency)"  # Slurm's reason: read live, not recorded
+    assert rows["eval:eval"]["job_id"] == ids["eval:eval"]
+    # a second `nemoc run` while the chain is queued attaches to the three jobs and follows them
+    follow = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=420)
+    assert follow.returncode == 0, follow.stdout[-3000:] + follow.stderr[-3000:]
+    assert follow.stdout.count("already submitted as slurm job") == 3 and "submitted Slurm job" not in follow.stdout
+    assert "2 cached, 3 done" in follow.stdout
+    assert _wait(ids.values(), timeout=60)[ids["eval:eval"]] == "COMPLETED"
     anneal = run_dir / "tasks" / "train_anneal"
     initialized = [json.loads(line) for line in (anneal / "metrics.jsonl").read_text().splitlines()
                    if '"initialized"' in line]
     pretrain_done = json.loads((run_dir / "tasks" / "train_pretrain" / "DONE.json").read_text())
     assert initialized[0]["checkpoint"] == pretrain_done["checkpoint"]  # resolved when the job started
     status = subprocess.run([nemoc, "status", str(run_dir), "--json"], capture_output=True, text=True)
-    assert {row["state"] for row in json.loads(status.stdout)["tasks"]} == {"done"}, status.stdout
+    states = {row["id"]: row["state"] for row in json.loads(status.stdout)["tasks"]}
+    assert [states[t] for t in ("train:pretrain", "train:anneal", "eval:eval")] == ["done"] * 3, status.stdout
     again = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert again.returncode == 0 and "5 cached" in again.stdout, again.stdout + again.stderr

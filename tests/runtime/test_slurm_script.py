@@ -319,7 +319,7 @@ FAKE_SQUEUE = r"""#!/bin/bash
 n=$(cat "$FAKE_LOG/n" 2>/dev/null || echo 0); echo $((n + 1)) > "$FAKE_LOG/n"
 read -r -a states <<< "$FAKE_STATES"
 i=$(( n < ${#states[@]} ? n : ${#states[@]} - 1 ))
-echo "${states[$i]}|None"
+echo "77|${states[$i]}|None"
 """
 FAKE_SCONTROL_JOB = r"""#!/bin/bash
 echo "JobId=77 JobName=x UserId=root(0) JobState=X Reason=None Dependency=(null) Requeue=1 Restarts=1 BatchFlag=1 Reboot=0 ExitCode=$FAKE_EXIT StartTime=now"

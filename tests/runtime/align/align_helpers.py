@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from nemoc.runtime.taskfile import TASK_JSON_VERSION
+
 
 def llama_spec(**overrides):
     from nemoc.compiler.spec import ModelSpec
@@ -109,7 +111,7 @@ def write_task(tmp_path, plan, stage, *, datasets, tokenizer, vocab_size, parent
 
     (tmp_path / "plan.json").write_text(to_json(plan))
     out = out or tmp_path / "tasks" / stage
-    task = {"version": 1, "plan": str(tmp_path / "plan.json"), "stage": stage, "datasets": datasets,
+    task = {"version": TASK_JSON_VERSION, "plan": str(tmp_path / "plan.json"), "stage": stage, "datasets": datasets,
             "tokenizer": tokenizer, "vocab_size": vocab_size,
             "init_checkpoint": next(iter(parents.values()), None), "parents": parents, "output_dir": str(out),
             "checkpoint_dir": str(out / "checkpoints"), "metrics_path": str(out / "metrics.jsonl"),
