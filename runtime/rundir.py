@@ -19,7 +19,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 

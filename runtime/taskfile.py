@@ -26,13 +26,50 @@ class TaskFileError(RuntimeError):
     """task.json cannot be completed (a parent has not finished, or finished with other settings)."""
 
 
+def load(path: str, required: tuple[str, ...]):
+    """Read task.json at `path`: (the raw dict with `upstream` resolved, the plan it names, its stage).
+    Every problem is a TaskFileError whose message starts with `path`."""
+    from nemoc.compiler.plan import from_json
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except FileNotFoundError:
+        raise TaskFileError(f"{path}: task file not found") from None
+    except (OSError, ValueError) as exc:
+        raise TaskFileError(f"{path}: not a readable JSON task ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("version") != TASK_JSON_VERSION:
+        raise TaskFileError(f"{path}: task version {raw.get('version') if isinstance(raw, dict) else '?'} "
+                            f"is not supported (this runtime reads version {TASK_JSON_VERSION})")
+    for key in required:
+        if raw.get(key) in (None, ""):
+            raise TaskFileError(f"{path}: field `{key}` is missing")
+    try:
+        raw = resolve_upstream(raw)
+    except TaskFileError as exc:
+        raise TaskFileError(f"{path}: {exc}") from None
+    try:
+        with open(raw["plan"], encoding="utf-8") as handle:
+            plan = from_json(handle.read())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TaskFileError(f"{path}: plan {raw['plan']} is unreadable: {exc}") from None
+    names = [s.name for s in plan.stages]
+    if raw["stage"] not in names:
+        raise TaskFileError(f"{path}: stage {raw['stage']!r} is not in the plan (stages: {', '.join(names)})")
+    return raw, plan, plan.stage(raw["stage"])
+
+
 def resolve_upstream(raw: dict) -> dict:
     """`raw` with `parents` (and `init_checkpoint`) completed from the DONE records under `upstream`."""
     upstream = raw.get("upstream") or {}
     if not upstream:
         return raw
     raw = dict(raw, parents=dict(raw.get("parents") or {}))
+    if not isinstance(upstream, dict):
+        raise TaskFileError("`upstream` is not an object of parent stages")
     for name, entry in sorted(upstream.items()):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("task", "hash", "done")):
+            raise TaskFileError(f"`upstream.{name}` needs the strings `task`, `hash` and `done`")
         path = entry["done"]
         try:
             with open(path, encoding="utf-8") as handle:

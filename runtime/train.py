@@ -50,14 +50,13 @@ from megatron.core.optimizer import get_megatron_optimizer  # noqa: E402
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
-from nemoc.compiler.plan import Plan, StagePlan, from_json  # noqa: E402
+from nemoc.compiler.plan import Plan, StagePlan  # noqa: E402
 from nemoc.runtime import checkpoint as ckpt  # noqa: E402
 from nemoc.runtime import megatron_args as margs  # noqa: E402
 from nemoc.runtime import model as mdl  # noqa: E402
 from nemoc.runtime import taskfile  # noqa: E402
 from nemoc.runtime.metrics import NullMetrics, open_metrics  # noqa: E402
 
-TASK_VERSION = taskfile.TASK_JSON_VERSION
 EXIT_OK, EXIT_FAILED, EXIT_BAD_TASK, EXIT_PREEMPTED = 0, 1, 2, 143
 DEFAULT_TIMEOUT_S = 300
 
@@ -110,31 +109,10 @@ class Task:
 
 def load_task(path: str) -> Task:
     try:
-        with open(path, encoding="utf-8") as handle:
-            raw = json.load(handle)
-    except FileNotFoundError:
-        raise TaskError(f"{path}: task file not found") from None
-    except (OSError, ValueError) as exc:
-        raise TaskError(f"{path}: not a readable JSON task ({exc})") from None
-    if not isinstance(raw, dict) or raw.get("version") != TASK_VERSION:
-        raise TaskError(f"{path}: task version {raw.get('version') if isinstance(raw, dict) else '?'} "
-                        f"is not supported (this runtime reads version {TASK_VERSION})")
-    for key in ("plan", "stage", "datasets", "vocab_size", "output_dir", "checkpoint_dir"):
-        if raw.get(key) in (None, ""):
-            raise TaskError(f"{path}: field `{key}` is missing")
-    try:
-        raw = taskfile.resolve_upstream(raw)
+        raw, plan, stage = taskfile.load(path, ("plan", "stage", "datasets", "vocab_size", "output_dir",
+                                                "checkpoint_dir"))
     except taskfile.TaskFileError as exc:
-        raise TaskError(f"{path}: {exc}") from None
-    try:
-        with open(raw["plan"], encoding="utf-8") as handle:
-            plan = from_json(handle.read())
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TaskError(f"{path}: plan {raw['plan']} is unreadable: {exc}") from None
-    names = [s.name for s in plan.stages]
-    if raw["stage"] not in names:
-        raise TaskError(f"{path}: stage {raw['stage']!r} is not in the plan (stages: {', '.join(names)})")
-    stage = plan.stage(raw["stage"])
+        raise TaskError(str(exc)) from None
     layout = stage.layout
     if layout.micro_batch * layout.num_microbatches * layout.dp != layout.global_batch:
         raise TaskError(f"{path}: micro_batch({layout.micro_batch}) * num_microbatches({layout.num_microbatches})"

@@ -12,7 +12,6 @@ Invariants: every user-facing failure is an `AlignError`/`DataError` message (no
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -21,13 +20,12 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from nemoc.compiler.plan import Plan, StagePlan, from_json
+from nemoc.compiler.plan import Plan, StagePlan
 from nemoc.runtime import taskfile
 from nemoc.runtime.align import common
 from nemoc.runtime.align.common import AlignError
 from nemoc.runtime.metrics import open_metrics
 
-TASK_VERSION = taskfile.TASK_JSON_VERSION
 SFT_FORMATS = ("chat", "prompt_response")
 
 
@@ -59,27 +57,9 @@ class StageTask:
 
 def load_task(path: str) -> StageTask:
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AlignError(f"{path}: task file not found") from None
-    except (OSError, ValueError) as exc:
-        raise AlignError(f"{path}: not a readable JSON task ({exc})") from None
-    if not isinstance(raw, dict) or raw.get("version") != TASK_VERSION:
-        raise AlignError(f"{path}: task version is not {TASK_VERSION}")
-    for key in ("plan", "stage", "output_dir", "vocab_size"):
-        if raw.get(key) in (None, ""):
-            raise AlignError(f"{path}: field `{key}` is missing")
-    try:
-        raw = taskfile.resolve_upstream(raw)
+        raw, plan, _ = taskfile.load(path, ("plan", "stage", "output_dir", "vocab_size"))
     except taskfile.TaskFileError as exc:
-        raise AlignError(f"{path}: {exc}") from None
-    try:
-        plan = from_json(Path(raw["plan"]).read_text(encoding="utf-8"))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise AlignError(f"{path}: plan {raw['plan']} is unreadable: {exc}") from None
-    names = [s.name for s in plan.stages]
-    if raw["stage"] not in names:
-        raise AlignError(f"{path}: stage {raw['stage']!r} is not in the plan (stages: {', '.join(names)})")
+        raise AlignError(str(exc)) from None
     out = Path(raw["output_dir"])
     max_steps = raw.get("max_steps")
     return StageTask(

@@ -144,6 +144,19 @@ def run_training(out: Path, plan: Plan, nproc: int, *, data_prefix: Path, **task
     return RunResult(proc.returncode, proc.stdout, proc.stderr, out, task_path)
 
 
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """The executor tests' project: a 200-document corpus, and `fake_train.py` (the test-only task kind
+    `faketrain`, registered by test_executor.py / test_executor_chain.py) importable by torchrun's ranks."""
+    here = Path(__file__).resolve().parent
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delenv("FAKE_FAIL_RANK", raising=False)
+    monkeypatch.delenv("FAKE_PREEMPT_AT", raising=False)
+    lines = [json.dumps({"text": f"Document {i}: the cat sat on the mat number {i % 7}."}) for i in range(200)]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def train_data(tmp_path_factory) -> Path:
     return write_indexed_dataset(tmp_path_factory.mktemp("data") / "web_text_document")

@@ -7,7 +7,6 @@ as the test-only task kind `faketrain`; data tasks are the real tokenizer traini
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,6 @@ from nemoc.runtime.tasks import TaskKind, register
 
 HERE = Path(__file__).resolve().parent
 register(TaskKind(name="faketrain", module="fake_train"), replace=True)
-
-
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.delenv("FAKE_FAIL_RANK", raising=False)
-    monkeypatch.delenv("FAKE_PREEMPT_AT", raising=False)
-    lines = [json.dumps({"text": f"Document {i}: the cat sat on the mat number {i % 7}."}) for i in range(200)]
-    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
-    return tmp_path
 
 
 def two_stage_plan(root, sft_steps=4, dp=1):

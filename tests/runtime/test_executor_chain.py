@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import pytest
 from plan_factory import make_layout, make_plan, make_stage
-from test_executor import workspace  # noqa: F401 - the fixture
 
 from nemoc.compiler.graph import build_graph
 from nemoc.runtime.executor import Executor
 from nemoc.runtime.launch_local import LocalLauncher
 from nemoc.runtime.launchers import LaunchResult
 from nemoc.runtime.rundir import RunDir, read_json
-from nemoc.runtime.tasks import TaskError
+from nemoc.runtime.tasks import TaskError, TaskKind, register
+
+register(TaskKind(name="faketrain", module="fake_train"), replace=True)  # tests/runtime/fake_train.py
 
 
 class ChainDouble:
@@ -86,7 +87,7 @@ def execute(plan, run_root, launcher, **options):
     return executor.run(), lines
 
 
-def test_the_whole_chain_is_submitted_at_once_and_parents_resolve_when_a_task_starts(workspace):  # noqa: F811
+def test_the_whole_chain_is_submitted_at_once_and_parents_resolve_when_a_task_starts(workspace):
     plan, run_root = chain_plan(workspace), workspace / "run"
     launcher = ChainDouble()
     outcome, lines = execute(plan, run_root, launcher)
@@ -105,7 +106,7 @@ def test_the_whole_chain_is_submitted_at_once_and_parents_resolve_when_a_task_st
     assert status["train:sft"]["state"] == "done" and status["train:sft"]["job_id"] == "102"
 
 
-def test_detach_leaves_the_jobs_queued_and_a_later_run_finds_them_done(workspace):  # noqa: F811
+def test_detach_leaves_the_jobs_queued_and_a_later_run_finds_them_done(workspace):
     plan, run_root = chain_plan(workspace), workspace / "run"
     launcher = ChainDouble()
     outcome, _ = execute(plan, run_root, launcher, detach=True)
@@ -131,7 +132,7 @@ def _kind_ctx(plan, rd, task_id):
     return get_kind(task.kind), executor._context(task, rd.task_dir(task_id))
 
 
-def test_a_job_still_queued_with_the_same_hash_is_attached_to_not_submitted_again(workspace):  # noqa: F811
+def test_a_job_still_queued_with_the_same_hash_is_attached_to_not_submitted_again(workspace):
     plan, run_root = chain_plan(workspace), workspace / "run"
     outcome, _ = execute(plan, run_root, ChainDouble(), detach=True)
     hashes = {t.task_id: t.hash for t in outcome.tasks}
@@ -142,7 +143,7 @@ def test_a_job_still_queued_with_the_same_hash_is_attached_to_not_submitted_agai
     assert any("already submitted as slurm job 101" in line for line in lines)
 
 
-def test_a_job_still_queued_with_other_settings_stops_the_run_before_anything_changes(workspace):  # noqa: F811
+def test_a_job_still_queued_with_other_settings_stops_the_run_before_anything_changes(workspace):
     plan, run_root = chain_plan(workspace), workspace / "run"
     outcome, _ = execute(plan, run_root, ChainDouble(), detach=True)
     rd = RunDir(run_root)
@@ -156,7 +157,7 @@ def test_a_job_still_queued_with_other_settings_stops_the_run_before_anything_ch
     assert {p: p.read_bytes() for p in before} == before  # the queued job still reads what it was submitted with
 
 
-def test_a_queued_job_whose_plan_changed_is_refused_even_with_the_same_hash(workspace):  # noqa: F811
+def test_a_queued_job_whose_plan_changed_is_refused_even_with_the_same_hash(workspace):
     from dataclasses import replace
 
     plan, run_root = chain_plan(workspace), workspace / "run"
@@ -177,7 +178,7 @@ def test_a_queued_job_whose_plan_changed_is_refused_even_with_the_same_hash(work
     assert outcome.ok and sum("already submitted" in line for line in lines) == 2, lines
 
 
-def test_a_queued_child_of_a_resubmitted_parent_is_cancelled_and_submitted_again(workspace):  # noqa: F811
+def test_a_queued_child_of_a_resubmitted_parent_is_cancelled_and_submitted_again(workspace):
     plan, run_root = chain_plan(workspace), workspace / "run"
     outcome, _ = execute(plan, run_root, ChainDouble(), detach=True)
     sft = outcome.tasks[3]
@@ -190,7 +191,7 @@ def test_a_queued_child_of_a_resubmitted_parent_is_cancelled_and_submitted_again
     assert launcher.submitted[0][0] == ["train:pretrain", "train:sft"]
 
 
-def test_an_attached_job_that_finished_during_data_preparation_is_done_not_a_dependency(workspace):  # noqa: F811
+def test_an_attached_job_that_finished_during_data_preparation_is_done_not_a_dependency(workspace):
     plan, run_root = chain_plan(workspace), workspace / "run"
     outcome, _ = execute(plan, run_root, ChainDouble(), detach=True)
     pretrain = outcome.tasks[2]
@@ -208,7 +209,7 @@ def test_an_attached_job_that_finished_during_data_preparation_is_done_not_a_dep
     assert launcher.submitted == [(["train:sft"], {"train:sft": ["train:pretrain"]}, {})]
 
 
-def test_a_failed_parent_skips_its_children(workspace, monkeypatch):  # noqa: F811
+def test_a_failed_parent_skips_its_children(workspace, monkeypatch):
     monkeypatch.setenv("FAKE_FAIL_RANK", "0")
     outcome, lines = execute(chain_plan(workspace), workspace / "run", ChainDouble())
     assert outcome.states()["train:pretrain"] == "failed" and outcome.states()["train:sft"] == "skipped"

@@ -4,7 +4,6 @@ rank, the phase and the operation (runtime/train.py), and torchrun ends the job.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 
