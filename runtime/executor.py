@@ -25,6 +25,7 @@ from pathlib import Path
 
 from nemoc.compiler.graph import RuntimeGraph, Task
 from nemoc.compiler.plan import Plan, to_json
+from nemoc.runtime import taskfile
 from nemoc.runtime.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
 from nemoc.runtime.tasks import TaskContext, TaskError, get_kind
 
@@ -269,6 +270,7 @@ class Executor:
         task_path = ctx.out_dir / "task.json"
         atomic_write_json(task_path, task_json)
         (ctx.out_dir / "DONE.json").unlink(missing_ok=True)  # only the task itself may write it, on success
+        (ctx.out_dir / taskfile.FATAL).unlink(missing_ok=True)  # a previous attempt's "cannot succeed"
         return self._spec(kind, ctx), task_json
 
     def _spec(self, kind, ctx: TaskContext):

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from nemoc.runtime.faults import RESTART_SAFE_ENV
 from nemoc.runtime.launchers import EXIT_PREEMPTED, Hangup, LaunchResult, LaunchSpec, LauncherError
+from nemoc.runtime.taskfile import FATAL
 
 RECORD_FILE = "slurm.json"
 DEFAULT_SIGNAL_LEAD_S = 300  # time to finish a step and write a checkpoint before the limit
@@ -254,6 +255,10 @@ if [ -e {done} ]; then
   q "task finished"
   exit 0
 fi
+if [ -e {fatal} ]; then
+  q "the task cannot succeed as configured ({fatal_name}): not requeued"
+  exit 1
+fi
 if [ "$STOPPED" = 1 ]; then
   q "stopped by Slurm (cancel, preemption or requeue); Slurm decides whether the job runs again"
   exit "$RC"
@@ -308,6 +313,8 @@ def render_sbatch(job: SlurmJob, opts: SlurmOptions) -> str:
         task=shlex.quote(job.task_id),
         launch=launch_command(job, opts),
         done=shlex.quote(job.done_path),
+        fatal=shlex.quote(str(Path(job.done_path).parent / FATAL)),
+        fatal_name=FATAL,
         failures=shlex.quote(failures),
         max_failures=int(opts.max_failures),
     )

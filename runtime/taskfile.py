@@ -97,6 +97,25 @@ def identity(raw: dict) -> dict:
             "vocab_size": raw.get("vocab_size"), "eod": raw.get("eod_id")}
 
 
+FATAL = "FATAL.json"
+
+
+def mark_fatal(task_path: str, message: str) -> None:
+    """Record next to task.json that the task cannot succeed as configured (a bad task file, data too
+    small, a missing parent): a scheduler's failure policy must not requeue it (the Slurm script reads
+    it; under torchrun the entry point's exit status does not reach the script). Best effort."""
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(task_path)), FATAL)
+    try:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump({"error": message, "time": time.time()}, handle)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def done_payload(raw: dict, payload: dict) -> dict:
     """The DONE.json a task writes on success: its identity, its results, the time."""
     return {**identity(raw), **payload, "finished": time.time()}

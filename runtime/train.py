@@ -752,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         task = load_task(args[0])
     except TaskError as exc:
         print(f"nemoc train: {exc}", file=sys.stderr)
+        taskfile.mark_fatal(args[0], str(exc))
         return EXIT_BAD_TASK
     stop = StopSignal()
     stop.install()
@@ -760,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_task(task, stop=stop)
     except TaskError as exc:
         print(f"[nemoc rank {os.environ.get('RANK', '0')}] {exc}", file=sys.stderr, flush=True)
+        taskfile.mark_fatal(args[0], str(exc))
         return EXIT_BAD_TASK
     except margs.UnsupportedPlan as exc:
         print(f"[nemoc rank {os.environ.get('RANK', '0')}] unsupported plan: {exc}", file=sys.stderr, flush=True)

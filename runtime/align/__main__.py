@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PREEMPTED
     except (common.AlignError, DataError) as exc:
         print(f"nemoc {_what(args[0])}: error: {exc}", file=sys.stderr, flush=True)
+        from nemoc.runtime import taskfile
+
+        taskfile.mark_fatal(args[0], str(exc))
         return EXIT_BAD_INPUT
     except Exception as exc:  # noqa: BLE001 - reported with its traceback, the run fails cleanly
         print(f"nemoc {_what(args[0])}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}", file=sys.stderr, flush=True)

@@ -240,6 +240,19 @@ def test_failures_are_requeued_up_to_max_failures_then_fail(sandbox):
     assert len(requeues(sandbox)) == 2
 
 
+def test_a_task_that_cannot_succeed_as_configured_is_not_requeued(sandbox):
+    job = make_job(sandbox)
+    (Path(job.done_path).parent / "FATAL.json").write_text('{"error": "dataset too small"}')  # the entry point's mark
+    code, out = run_script(sandbox, job, SlurmOptions(max_failures=2), "1")
+    assert code == 1 and requeues(sandbox) == [] and "cannot succeed as configured (FATAL.json)" in out
+
+
+def test_a_job_that_cannot_requeue_itself_fails_instead_of_completing(sandbox):
+    (sandbox / "bin" / "scontrol").write_text(FAKE_SCONTROL.replace("requeue*)", "requeue*) exit 1 ;;\n  never)", 1))
+    code, out = run_script(sandbox, make_job(sandbox), SlurmOptions(), "143")
+    assert code == 1 and "requeue failed" in out  # COMPLETED would satisfy the dependants' afterok
+
+
 def test_the_time_limit_warning_is_forwarded_to_training_and_the_job_requeued(sandbox):
     proc = run_script(sandbox, make_job(sandbox), SlurmOptions(), "wait", background=True)
     ready = sandbox / "log" / "ready"

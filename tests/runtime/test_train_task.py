@@ -49,6 +49,23 @@ def test_world_size_mismatch_and_missing_data_exit_2(tmp_path, kit, train_data):
     proc = run_task_file(nodata, kit)
     assert proc.returncode == 2 and "missing_text_document.bin does not exist" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    # next to task.json: "cannot succeed as configured", so Slurm's failure policy does not requeue it
+    fatal = json.loads((nodata.parent / "FATAL.json").read_text())
+    assert "missing_text_document.bin does not exist" in fatal["error"]
+
+
+def test_a_parent_that_has_not_finished_is_named_when_the_task_starts(tmp_path, kit, train_data):
+    task = kit.write_task(tmp_path / "child", kit.make_plan(kit.stage_plan(lay=kit.layout())), data_prefix=train_data)
+    raw = json.loads(task.read_text())
+    done = tmp_path / "parent" / "DONE.json"
+    raw["upstream"] = {"pretrain": {"task": "train:pretrain", "hash": "abc123", "init": True, "done": str(done)}}
+    task.write_text(json.dumps(raw))
+    proc = run_task_file(task, kit)
+    assert proc.returncode == 2 and "its parent train:pretrain has not finished" in proc.stderr, proc.stderr[-2000:]
+    done.parent.mkdir()
+    done.write_text(json.dumps({"hash": "other", "checkpoint": "/x"}))
+    proc = run_task_file(task, kit)
+    assert proc.returncode == 2 and "finished with other settings (hash other" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_a_corpus_too_small_for_its_validation_split_exits_2_instead_of_hanging(tmp_path, kit):
