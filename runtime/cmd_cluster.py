@@ -152,17 +152,23 @@ def _print_from(log: Path, offset: int, last: int | None) -> int:
 
 
 def _slurm_job_active(root: Path, task_id: str) -> bool:
+    """Whether the task's recorded Slurm job may still run; an squeue that does not answer counts as
+    yes (`logs -f` keeps following rather than stop on one hiccup)."""
     if launcher_of(root) != "slurm":
         return False
     from nemoc.runtime import launch_slurm
 
     try:
         job = (launch_slurm.read_record(root).get("jobs") or {}).get(task_id)
-        if not job:
-            return False
-        return launch_slurm.is_alive(launch_slurm.job_state(job["job_id"]))
     except (OSError, launch_slurm.SlurmError):
         return False
+    if not job:
+        return False
+    try:
+        info = launch_slurm.job_states([str(job["job_id"])]).get(str(job["job_id"]), {})
+    except launch_slurm.SlurmError:
+        return True
+    return launch_slurm.is_alive(info.get("JobState", "UNKNOWN"), info.get("EndTime"))
 
 
 def _k8s_logs(root: Path, task_id: str, follow: bool, lines: int | None) -> int:
@@ -215,8 +221,9 @@ def cancel_slurm(root: Path) -> list[str]:
 
     jobs = launch_slurm.read_record(root).get("jobs") or {}
     states = launch_slurm.job_states(str(rec["job_id"]) for rec in jobs.values())  # one squeue for the run
+    found = {task: states.get(str(rec["job_id"]), {}) for task, rec in jobs.items()}
     active = {task: str(rec["job_id"]) for task, rec in jobs.items()  # PREEMPTED too: it may come back
-              if launch_slurm.is_alive(states.get(str(rec["job_id"]), {}).get("JobState", "UNKNOWN"))}
+              if launch_slurm.is_alive(found[task].get("JobState", "UNKNOWN"), found[task].get("EndTime"))}
     launch_slurm.cancel(active.values())
     return [f"{task}: Slurm job {job_id}" for task, job_id in active.items()]
 

@@ -129,8 +129,8 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
         from nemoc.runtime.launchers import Hangup
 
         if isinstance(interrupt, Hangup) and name == "slurm":
-            click.echo(f"\nhangup: stopped following; the submitted Slurm jobs keep running (`nemoc status "
-                       f"{run_dir.root}`, `nemoc run` again follows them)", err=True)
+            click.echo(f"\nhangup: stopped; Slurm jobs already submitted keep running (`nemoc status "
+                       f"{run_dir.root}`; `nemoc run` again follows them)", err=True)
         elif name == "slurm":
             click.echo("\ninterrupted: the Slurm jobs this command submitted were cancelled (jobs it only followed "
                        "keep running); `nemoc run` again resumes", err=True)
@@ -343,16 +343,19 @@ def _slurm_jobs(root: Path, tasks: Mapping[str, dict]) -> dict[str, dict]:
 
 
 def _live_state(recorded: str, job: Mapping, done: bool) -> str:
-    """The task's state from its job when `nemoc run` is not following it (detached, or killed)."""
+    """The task's state from its job when `nemoc run` is not following it (detached, killed, or it gave
+    up following): a job that is queued or running is shown so whatever status.json recorded."""
     if done:
         return recorded if recorded in ("done", "cached") else "done"
-    if recorded not in ("queued", "running", "pending", "interrupted") or job.get("unanswered"):
+    if job.get("unanswered"):
         return recorded
     state, reason = job["live"].get("JobState", ""), job["live"].get("Reason", "")
     if state in _SLURM_QUEUED:
         return f"queued ({reason})" if reason not in ("", "None") else "queued"
     if state in _SLURM_RUNNING:
         return "running"
+    if recorded not in ("queued", "running", "pending", "interrupted"):
+        return recorded
     if state == "COMPLETED":
         return "failed (job completed without DONE.json)"
     if state:

@@ -116,7 +116,9 @@ class Executor:
         self.echo = echo
         self.options = dict(options or {})
         self.plan_text = to_json(plan)
-        self.plan_file, self.plan_digest = run_dir.plan_path, ""  # the snapshot, once written
+        self.plan_file = run_dir.plan_path  # the snapshot, once written
+        self._digests: dict[str | None, str] = {}
+        self._live: dict[str, str] = {}  # chain: task id -> job id of a job that runs whatever this command does
 
     # ----------------------------------------------------------------------------------- public
     def write_artifacts(self) -> None:
@@ -124,7 +126,7 @@ class Executor:
         this run's task.json files name (`RunDir.plan_snapshot`)."""
         atomic_write_text(self.run_dir.plan_path, self.plan_text)
         atomic_write_text(self.run_dir.graph_path, self.graph.to_json())
-        self.plan_file, self.plan_digest = self.run_dir.plan_snapshot(self.plan_text)
+        self.plan_file, _ = self.run_dir.plan_snapshot(self.plan_text)
 
     def dry_run(self) -> RunOutcome:
         """What `run` would do, without doing it: cached tasks and tasks that would run."""
@@ -168,9 +170,9 @@ class Executor:
         except KeyboardInterrupt as interrupt:
             from nemoc.runtime.launchers import Hangup
 
-            if not (chain and isinstance(interrupt, Hangup)):  # a hangup leaves the cluster's jobs running
-                running = [t for t, rec in status.data["tasks"].items() if rec["state"] in ("running", "queued")]
-                for task_id in running:
+            keep_jobs = chain and isinstance(interrupt, Hangup)  # a hangup leaves the cluster's jobs running
+            for task_id, rec in list(status.data["tasks"].items()):
+                if rec["state"] in ("running", "queued") and not (keep_jobs and rec.get("job_id")):
                     status.set(task_id, state="interrupted", error="interrupted (Ctrl-C)")
             raise
         finally:
@@ -282,7 +284,7 @@ class Executor:
                           out_dir=ctx.out_dir, log_path=ctx.out_dir / "log.txt", nodes=cluster.nodes,
                           gpus_per_node=cluster.gpus_per_node, env=dict(self.options.get("env", {})),
                           options=dict(cluster.scheduler_options), task_hash=ctx.task.hash,
-                          plan_digest=self.plan_digest)
+                          plan_digest=self._plan_digest(ctx.task))
 
     def _launch_outcome(self, spec, task_json: Mapping, result) -> tuple[str, dict | None, str]:
         if result.preempted:
@@ -312,20 +314,35 @@ class Executor:
         later with files this run rewrites); jobs of tasks no longer in the graph are named."""
         active = self._active_jobs()
         ids = {task.id: task for task in self.graph.tasks()}
-        plan_digest = self.run_dir.plan_snapshot_digest(self.plan_text)
         stale = {t: job for t, job in active.items() if t in ids and
-                 (job["hash"] != ids[t].hash or (job.get("plan") and job["plan"] != plan_digest))}
+                 (job["hash"] != ids[t].hash or self._recorded_digest(job, ids[t]) != self._plan_digest(ids[t]))}
         if stale:
             jobs = ", ".join(f"{t} (job {job['job_id']}, {job['state'].lower()})" for t, job in sorted(stale.items()))
-            raise TaskError(f"{self.launcher.name} still holds jobs submitted with other settings: {jobs}; they would "
-                            f"run with this run's files. Stop them (`scancel "
-                            f"{' '.join(job['job_id'] for job in stale.values())}`) or wait for them to end, then run "
-                            "again; nothing was started")
+            raise TaskError(f"the settings or layout of {', '.join(sorted(stale))} changed while {self.launcher.name} "
+                            f"still holds their jobs: {jobs}; each would run as submitted, not as edited. Stop them "
+                            f"(`scancel {' '.join(job['job_id'] for job in stale.values())}`) or wait for them to "
+                            "end, then run again; nothing was started")
         for task_id, job in sorted(active.items()):
             if task_id not in ids:
                 self.echo(f"note: {self.launcher.name} job {job['job_id']} of {task_id}, a task no longer in this "
                           f"graph, is still {job['state'].lower()} (`scancel {job['job_id']}` stops it)")
         return {t: job for t, job in active.items() if t in ids}
+
+    def _plan_digest(self, task: Task) -> str:
+        """What `task` reads of the plan (runtime/taskfile.py: plan_digest), recorded with its job."""
+        if task.stage not in self._digests:
+            self._digests[task.stage] = taskfile.plan_digest(self.plan_text, task.stage)
+        return self._digests[task.stage]
+
+    def _recorded_digest(self, job: Mapping, task: Task) -> str:
+        """The plan digest a job was submitted with; a job recorded without one (submitted before nemoc
+        recorded it) reads plan.json, which is what this run would replace."""
+        if job.get("plan"):
+            return job["plan"]
+        try:
+            return taskfile.plan_digest(self.run_dir.plan_path.read_text(encoding="utf-8"), task.stage)
+        except (OSError, ValueError):
+            return ""
 
     def _run_chain(self, status: Status, active: dict[str, dict]) -> RunOutcome:
         """Inline tasks here, then every distributed task submitted at once (afterok along the graph's
@@ -334,6 +351,17 @@ class Executor:
         parents; a stale one (its parent is resubmitted, or its dependency can never be met) is
         cancelled and submitted again."""
         outcome = RunOutcome(self.run_dir.root)
+        try:
+            return self._submit_chain(outcome, status, active)
+        except TaskError as exc:  # after the run directory changed: recorded on the task, not "nothing started"
+            task_id = getattr(exc, "task_id", None) or next(
+                (t.id for t in self.graph.tasks() if t.id not in {o.task_id for o in outcome.tasks}), None)
+            if task_id is None:
+                raise
+            outcome.tasks.append(self._end(self.graph.task(task_id), status, "failed", None, str(exc), 0.0))
+            return self._skip_rest(outcome, status)
+
+    def _submit_chain(self, outcome: RunOutcome, status: Status, active: dict[str, dict]) -> RunOutcome:
         chained: dict[str, dict] = {}  # task id -> its task.json (what a downstream task may know before it runs)
         specs, attached, fresh = [], {}, set()
         for task in self.graph.tasks():
@@ -355,7 +383,7 @@ class Executor:
                           f"(hash {task.short_hash}, {active[task.id]['state'].lower()}); following it")
                 status.set(task.id, state="queued", error="", job_id=job_id)
                 out_dir = self.run_dir.task_dir(task.id)
-                attached[task.id] = job_id
+                attached[task.id] = self._live[task.id] = job_id
                 specs.append(self._spec(kind, self._context(task, out_dir, dict(self._upstream_inputs(task, chained)))))
                 chained[task.id] = read_json(out_dir / "task.json") or {}
             else:
@@ -384,11 +412,12 @@ class Executor:
             outcome.tasks.append(self._end(self.graph.task(task_id), status, "done", self.run_dir.done_record(task_id),
                                            "", 0.0, job_id=attached[task_id]))
         specs = [spec for spec in specs if spec.task_id in still or spec.task_id not in attached]
-        attached = still
+        attached = self._live = still
         if not specs:
             return outcome
         new = [spec for spec in specs if spec.task_id not in attached]
-        after = {spec.task_id: [a.src for a in self.graph.inputs(spec.task_id) if a.src in chained] for spec in new}
+        waiting = {spec.task_id for spec in specs}  # a parent that has finished meanwhile is no dependency
+        after = {spec.task_id: [a.src for a in self.graph.inputs(spec.task_id) if a.src in waiting] for spec in new}
         try:
             submitted = self.launcher.submit_chain(new, after, attached, self.run_dir.root) if new else {}
         except (KeyboardInterrupt, SystemExit):
@@ -413,14 +442,21 @@ class Executor:
         job is cancelled here (it could never run) and the task is submitted again."""
         job = active[task.id]
         parents = [a.src for a in self.graph.inputs(task.id)]
-        waits_right = all(attached.get(p) in job["after"] for p in parents if p in attached) and \
-            not any(p in fresh for p in parents)
+        recorded = job.get("after")  # None: a record from before nemoc kept dependencies (not checkable)
+        waits_right = not any(p in fresh for p in parents) and \
+            (recorded is None or all(attached.get(p) in recorded for p in parents if p in attached))
         if waits_right and job.get("reason") != "DependencyNeverSatisfied":
             return True
         if job["state"] not in ("PENDING", "REQUEUE_HOLD", "REQUEUED"):
             raise TaskError(f"{task.id}: {self.launcher.name} job {job['job_id']} is {job['state'].lower()} although "
                             f"its parent is being submitted again; stop it (`scancel {job['job_id']}`) and run again")
-        self.launcher.cancel([job["job_id"]])
+        try:
+            self.launcher.cancel([job["job_id"]])
+        except Exception as exc:  # noqa: BLE001 - permission denied, a controller timeout
+            error = TaskError(f"{task.id}: could not cancel its stale {self.launcher.name} job {job['job_id']} ({exc}); "
+                              f"cancel it by hand (`scancel {job['job_id']}`) and run again")
+            error.task_id = task.id
+            raise error from None
         self.echo(f"  {task.id}: cancelled its queued {self.launcher.name} job {job['job_id']}, which waited for "
                   "a parent job that will not succeed; submitting it again")
         return False
@@ -436,7 +472,7 @@ class Executor:
         for task_id, job_id in attached.items():
             if task_id in now and now[task_id]["job_id"] == job_id:
                 still[task_id] = job_id
-            elif not (self.run_dir.task_dir(task_id) / "DONE.json").exists():
+            elif not self.run_dir.is_done(task_id, self.graph.task(task_id).hash):
                 raise _ChainBroken(task_id, f"its {self.launcher.name} job {job_id} ended without finishing the task "
                                             f"(`nemoc logs {self.run_dir.root} {task_id}`); run again to resubmit it")
         return still
@@ -501,9 +537,17 @@ class Executor:
         return inputs
 
     def _skip_rest(self, outcome: RunOutcome, status: Status) -> RunOutcome:
+        """Every task without an outcome yet is skipped, except one whose job runs anyway (attached):
+        it stays `queued` with its job id, for `nemoc status` to follow."""
         seen = {t.task_id for t in outcome.tasks}
+        live = self._live
         for task in self.graph.tasks():
-            if task.id not in seen:
+            if task.id in seen:
+                continue
+            if task.id in live:
+                status.set(task.id, state="queued", job_id=live[task.id])
+                outcome.tasks.append(TaskOutcome(task.id, "queued", task.hash, job_id=live[task.id]))
+            else:
                 status.set(task.id, state="skipped")
                 outcome.tasks.append(TaskOutcome(task.id, "skipped", task.hash))
         return outcome

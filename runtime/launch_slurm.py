@@ -406,8 +406,16 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 ENDED = TERMINAL - {"PREEMPTED"}
 
 
-def is_alive(state: str) -> bool:
-    """The job may still run (queued, running, requeueing); "UNKNOWN" (forgotten by Slurm) has ended."""
+def is_alive(state: str, end_time: str | None = None) -> bool:
+    """The job may still run (queued, running, requeueing); "UNKNOWN" (forgotten by Slurm) has ended.
+    PREEMPTED counts as alive until PREEMPT_SETTLE_S after its end time (squeue's %e): a job requeued
+    on preemption is PENDING again by then; one still PREEMPTED was cancelled (PreemptMode=CANCEL)."""
+    if state == "PREEMPTED" and end_time:
+        try:
+            ended = time.mktime(time.strptime(end_time, "%Y-%m-%dT%H:%M:%S"))
+        except ValueError:
+            return True
+        return time.time() - ended < PREEMPT_SETTLE_S
     return state not in ENDED and state != "UNKNOWN"
 
 
@@ -423,7 +431,7 @@ def job_states(job_ids: Iterable[str]) -> dict[str, dict[str, str]]:
     if not ids:
         return {}
     try:
-        proc = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%r"],
+        proc = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%r|%e"],
                               capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         raise SlurmError("squeue did not answer within 60 s (slurmctld busy?)") from None
@@ -433,10 +441,9 @@ def job_states(job_ids: Iterable[str]) -> dict[str, dict[str, str]]:
         raise SlurmError(f"squeue failed: {proc.stderr.strip() or proc.stdout.strip() or f'exit {proc.returncode}'}")
     out = {}
     for line in proc.stdout.splitlines():
-        job_id, _, rest = line.strip().partition("|")
-        state, _, reason = rest.partition("|")
+        job_id, state, reason, end = (line.strip().split("|") + ["", "", ""])[:4]
         if job_id in ids:
-            out[job_id] = {"JobState": state.strip(), "Reason": reason.strip()}
+            out[job_id] = {"JobState": state.strip(), "Reason": reason.strip(), "EndTime": end.strip()}
     return out
 
 
@@ -542,7 +549,7 @@ class SlurmLauncher:
 
     name = "slurm"
     MAX_QUERY_S = 10.0  # the longest pause between two squeue calls while nothing changes
-    QUERY_FAILURES = 30  # consecutive squeue failures (about 5 minutes with the pauses) before giving up
+    GIVE_UP_S = 300.0  # no answer from squeue for this long: stop following (the jobs are not cancelled)
 
     def __init__(self, *, cluster=None, echo=None, poll_s: float = 1.0, timeout_s: float | None = None) -> None:
         require_slurm()  # here, so that `nemoc run` stops with a clear message before any task runs
@@ -571,9 +578,10 @@ class SlurmLauncher:
         active = {}
         for task_id, rec in jobs.items():
             info = states.get(str(rec["job_id"]), {})
-            if is_alive(info.get("JobState", "UNKNOWN")):
+            if is_alive(info.get("JobState", "UNKNOWN"), info.get("EndTime")):
                 active[task_id] = {"job_id": str(rec["job_id"]), "hash": str(rec.get("hash", "")),
-                                   "plan": str(rec.get("plan", "")), "after": [str(a) for a in rec.get("after", [])],
+                                   "plan": str(rec.get("plan", "")),
+                                   "after": [str(a) for a in rec["after"]] if isinstance(rec.get("after"), list) else None,
                                    "state": info["JobState"], "reason": info.get("Reason", "")}
         return active
 
@@ -599,6 +607,10 @@ class SlurmLauncher:
         for job, opts in jobs:  # one call per job: options may differ per task
             try:
                 job_ids.update(submit_jobs([job], after, opts, run_dir, existing={**existing, **job_ids}))
+                known = {**existing, **job_ids}
+                deps = [f"{t} (job {known[t]})" for t in after.get(job.task_id, ()) if t in known]
+                self.echo(f"submitted Slurm job {job_ids[job.task_id]} for {job.task_id} ({job.nodes} node(s) x "
+                          f"{job.procs_per_node} process(es)){'; after ' + ', '.join(deps) if deps else ''}\n")
             except BaseException as error:
                 if job_ids:  # a half-submitted chain would train without its tail
                     subprocess.run(["scancel", *job_ids.values()], capture_output=True, timeout=60)
@@ -609,9 +621,6 @@ class SlurmLauncher:
                 if isinstance(error, Exception):
                     error.task_id = job.task_id
                 raise
-            deps = [f"{t} (job {({**existing, **job_ids})[t]})" for t in after.get(job.task_id, ())]
-            self.echo(f"submitted Slurm job {job_ids[job.task_id]} for {job.task_id} ({job.nodes} node(s) x "
-                      f"{job.procs_per_node} process(es)){'; after ' + ', '.join(deps) if deps else ''}\n")
         return job_ids
 
     def follow_chain(self, specs: Sequence[LaunchSpec], job_ids: Mapping[str, str], on_end, *,
@@ -622,7 +631,7 @@ class SlurmLauncher:
         watch = {task_id: _Watch(job_ids[task_id], Path(job.log_path)) for task_id, job in jobs.items()}
         label = len(watch) > 1
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-        pause, failures, next_query = self.poll_s, 0, 0.0
+        pause, next_query, answered = self.poll_s, 0.0, time.monotonic()
         try:
             while watch:
                 changed = False
@@ -633,13 +642,12 @@ class SlurmLauncher:
                 if time.monotonic() >= next_query:
                     try:
                         states = job_states(w.job_id for w in watch.values())
-                        failures = 0
+                        answered = time.monotonic()
                     except SlurmError as error:
-                        failures += 1
-                        if failures >= self.QUERY_FAILURES:
-                            raise
+                        if time.monotonic() - answered > self.GIVE_UP_S:
+                            raise SlurmError(f"no answer from Slurm for {self.GIVE_UP_S:.0f} s ({error})") from None
                         self.echo(f"Slurm did not answer ({error}); asking again\n")
-                        states = None
+                        states, changed = None, False  # back off whatever the logs do
                     if states is not None:
                         for task_id, w in list(watch.items()):
                             info = self._update(task_id, w, states.get(w.job_id), on_start)
@@ -658,8 +666,11 @@ class SlurmLauncher:
         except KeyboardInterrupt as interrupt:
             left = [w.job_id for w in watch.values() if w.job_id in set(owned)]
             if left and not isinstance(interrupt, Hangup):
-                subprocess.run(["scancel", *left], capture_output=True, timeout=60)
-                self.echo(f"cancelled Slurm job(s) {', '.join(left)}\n")
+                try:
+                    subprocess.run(["scancel", *left], capture_output=True, timeout=60)
+                    self.echo(f"cancelled Slurm job(s) {', '.join(left)}\n")
+                except (OSError, subprocess.TimeoutExpired):
+                    self.echo(f"could not cancel Slurm job(s) {', '.join(left)}: `nemoc cancel` or scancel them\n")
             raise
 
     def _update(self, task_id: str, w: "_Watch", found: dict | None, on_start) -> dict[str, str] | None:

@@ -18,8 +18,10 @@ import json
 import time
 
 
-# 2: `upstream` (parents resolved when the task starts) and the identity a task stamps into DONE.json
+# 2: `upstream` (parents resolved when the task starts) and the identity a task stamps into DONE.json.
+# Version 1 files (no `upstream`) read the same way, so jobs queued before an upgrade still run.
 TASK_JSON_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class TaskFileError(RuntimeError):
@@ -38,9 +40,10 @@ def load(path: str, required: tuple[str, ...]):
         raise TaskFileError(f"{path}: task file not found") from None
     except (OSError, ValueError) as exc:
         raise TaskFileError(f"{path}: not a readable JSON task ({exc})") from None
-    if not isinstance(raw, dict) or raw.get("version") != TASK_JSON_VERSION:
+    if not isinstance(raw, dict) or raw.get("version") not in READABLE_VERSIONS:
         raise TaskFileError(f"{path}: task version {raw.get('version') if isinstance(raw, dict) else '?'} "
-                            f"is not supported (this runtime reads version {TASK_JSON_VERSION})")
+                            f"is not supported (this runtime reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))})")
     for key in required:
         if raw.get(key) in (None, ""):
             raise TaskFileError(f"{path}: field `{key}` is missing")
@@ -95,6 +98,21 @@ def identity(raw: dict) -> dict:
     """What the task writes into its DONE.json besides its results."""
     return {"task": raw.get("task"), "hash": raw.get("hash"), "tokenizer": raw.get("tokenizer"),
             "vocab_size": raw.get("vocab_size"), "eod": raw.get("eod_id")}
+
+
+def plan_digest(plan_text: str, stage: str | None) -> str:
+    """What a task reads of the plan, as a digest: everything but the other stages (its own stage, with
+    its layout, and the stages it runs after). A queued job is attached to only if this is unchanged, so
+    editing one stage never disturbs the jobs of the others."""
+    import hashlib
+
+    data = json.loads(plan_text)
+    if stage is not None:
+        stages = {s["name"]: s for s in data.get("stages", [])}
+        own = stages.get(stage, {})
+        keep = {stage, *own.get("after", [])}
+        data["stages"] = [s for s in data.get("stages", []) if s["name"] in keep]
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 FATAL = "FATAL.json"

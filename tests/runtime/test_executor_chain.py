@@ -17,6 +17,8 @@ from nemoc.runtime.executor import Executor
 from nemoc.runtime.launch_local import LocalLauncher
 from nemoc.runtime.launchers import LaunchResult
 from nemoc.runtime.rundir import RunDir, read_json
+from nemoc.compiler.plan import to_json
+from nemoc.runtime.taskfile import plan_digest
 from nemoc.runtime.tasks import TaskError, TaskKind, register
 
 register(TaskKind(name="faketrain", module="fake_train"), replace=True)  # tests/runtime/fake_train.py
@@ -25,12 +27,13 @@ register(TaskKind(name="faketrain", module="fake_train"), replace=True)  # tests
 class ChainDouble:
     name = "slurm"
 
-    def __init__(self, active=None, ended=(), meanwhile=None):
+    def __init__(self, active=None, ended=(), meanwhile=None, refuse=False):
         self.submitted: list[tuple[list[str], dict, dict]] = []
         self.active = {t: {"plan": "", "after": [], "state": "PENDING", "reason": "", **job}
                        for t, job in (active or {}).items()}
         self.ended_by_submission = set(ended)  # tasks whose active job ends before submission (2nd look)
         self.meanwhile = meanwhile  # what happens between the first and the second look
+        self.refuse = refuse  # sbatch refuses the submission
         self.looks = 0
         self.cancelled: list[str] = []
         self.local = LocalLauncher(echo=lambda _: None)
@@ -53,6 +56,8 @@ class ChainDouble:
 
     def submit_chain(self, specs, after, existing, run_dir):
         self.submitted.append(([s.task_id for s in specs], {k: list(v) for k, v in after.items()}, dict(existing)))
+        if self.refuse:
+            raise RuntimeError("sbatch: error: Socket timed out on send/recv operation")
         ids = {}
         for spec in specs:
             self.next_id += 1
@@ -150,9 +155,9 @@ def test_a_job_still_queued_with_other_settings_stops_the_run_before_anything_ch
     before = {p: p.read_bytes() for p in (rd.plan_path, rd.status_path, rd.task_dir("train:sft") / "task.json")}
     launcher = ChainDouble(active={"train:pretrain": {"job_id": "101", "hash": outcome.tasks[2].hash},
                                    "train:sft": {"job_id": "102", "hash": outcome.tasks[3].hash}})
-    with pytest.raises(TaskError, match=r"still holds jobs submitted with other settings: train:sft \(job 102, "
-                                        r"pending\).*`scancel 102`.*nothing was started"):
-        execute(chain_plan(workspace, sft_steps=9), run_root, launcher)
+    with pytest.raises(TaskError, match=r"settings or layout of train:sft changed while slurm still holds their "
+                                        r"jobs: train:sft \(job 102, pending\).*`scancel 102`.*nothing was started"):
+        execute(chain_plan(workspace, sft_steps=9), run_root, launcher)  # pretrain's job is left alone
     assert launcher.submitted == [] and launcher.cancelled == []
     assert {p: p.read_bytes() for p in before} == before  # the queued job still reads what it was submitted with
 
@@ -164,15 +169,14 @@ def test_a_queued_job_whose_plan_changed_is_refused_even_with_the_same_hash(work
     execute(plan, run_root, ChainDouble(), detach=True)
     slurm_jobs = {}
     for task in build_graph(plan).tasks():
-        task_json = read_json(RunDir(run_root).task_dir(task.id) / "task.json")
-        if task_json:
+        if task.kind == "faketrain":  # what the launcher recorded: the digest of what the task reads
             slurm_jobs[task.id] = {"job_id": str(len(slurm_jobs) + 101), "hash": task.hash,
                                    "after": [job["job_id"] for job in slurm_jobs.values()],
-                                   "plan": task_json["plan"].rsplit("plan-", 1)[1].removesuffix(".json")}
+                                   "plan": plan_digest(to_json(plan), task.stage)}
     wider = replace(plan, stages=tuple(replace(s, layout=replace(s.layout, micro_batch=2, num_microbatches=1))
                                        for s in plan.stages))  # a layout change keeps the task hash
     assert [t.hash for t in build_graph(wider).tasks()] == [t.hash for t in build_graph(plan).tasks()]
-    with pytest.raises(TaskError, match="other settings: train:pretrain"):
+    with pytest.raises(TaskError, match="layout of train:pretrain, train:sft changed"):
         execute(wider, run_root, ChainDouble(active=slurm_jobs))
     outcome, lines = execute(plan, run_root, ChainDouble(active=slurm_jobs))  # the same plan attaches
     assert outcome.ok and sum("already submitted" in line for line in lines) == 2, lines
@@ -206,7 +210,7 @@ def test_an_attached_job_that_finished_during_data_preparation_is_done_not_a_dep
     outcome, lines = execute(plan, run_root, launcher)
     assert outcome.ok, lines
     assert outcome.states()["train:pretrain"] == "done" and any("already submitted" in line for line in lines)
-    assert launcher.submitted == [(["train:sft"], {"train:sft": ["train:pretrain"]}, {})]
+    assert launcher.submitted == [(["train:sft"], {"train:sft": []}, {})]  # no dependency on a finished job
 
 
 def test_a_failed_parent_skips_its_children(workspace, monkeypatch):
@@ -214,3 +218,15 @@ def test_a_failed_parent_skips_its_children(workspace, monkeypatch):
     outcome, lines = execute(chain_plan(workspace), workspace / "run", ChainDouble())
     assert outcome.states()["train:pretrain"] == "failed" and outcome.states()["train:sft"] == "skipped"
     assert "fake failure on rank 0" in outcome.tasks[2].error and "train:pretrain" in outcome.tasks[3].error
+
+
+def test_a_failed_submission_leaves_an_attached_job_queued_not_skipped(workspace):
+    plan, run_root = chain_plan(workspace, sft_steps=4), workspace / "run"
+    outcome, _ = execute(plan, run_root, ChainDouble(), detach=True)
+    launcher = ChainDouble(active={"train:pretrain": {"job_id": "101", "hash": outcome.tasks[2].hash}}, refuse=True)
+    outcome, lines = execute(chain_plan(workspace, sft_steps=9), run_root, launcher)  # sft edited, pretrain running
+    errors = {t.task_id: t.error for t in outcome.tasks}
+    assert outcome.states()["train:sft"] == "failed" and "Socket timed out" in errors["train:sft"]
+    assert outcome.states()["train:pretrain"] == "queued"  # its job runs on: `nemoc status` follows it
+    status = read_json(RunDir(run_root).status_path)["tasks"]["train:pretrain"]
+    assert status["state"] == "queued" and status["job_id"] == "101"

@@ -195,3 +195,40 @@ def test_dry_run_scripts_start_eval_as_the_executor_does(tmp_path):
     paths = ls.write_scripts(plan, build_graph(plan), RunDir(tmp_path / "run"))
     by_task = {p.parent.name: p.read_text() for p in paths}
     assert "#SBATCH --nodes=2" in by_task["train_pretrain"] and "#SBATCH --nodes=1" in by_task["eval_eval"]
+
+
+def test_a_dependency_on_a_task_that_is_not_submitted_is_dropped_not_a_crash(fake, tmp_path):
+    """A parent that finished while data was prepared is in `after` but neither submitted nor attached."""
+    ids = launcher().submit_chain([spec(tmp_path, "train:b")], {"train:b": ["train:a"]}, {}, tmp_path / "run")
+    assert ids == {"train:b": "101"} and calls(fake, "sbatch")[0].startswith("--parsable ")
+    assert "--dependency" not in calls(fake, "sbatch")[0] and calls(fake, "scancel") == []
+
+
+def test_following_gives_up_after_a_time_without_answers_not_a_count_and_cancels_nothing(fake, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    a = spec(tmp_path, "train:a")
+    jobs(fake, {"101": ["RUNNING"]})
+    monkeypatch.setenv("FAKE_SQUEUE_FAIL", "100000")
+    monkeypatch.setattr(ls.SlurmLauncher, "GIVE_UP_S", 1.5)
+    stop = threading.Event()
+
+    def training_logs():  # new log lines all the time must not keep squeue at full rate
+        with open(a.log_path, "a") as f:
+            while not stop.is_set():
+                f.write("0: step\n")
+                f.flush()
+                time.sleep(0.01)
+
+    writer = threading.Thread(target=training_logs)
+    writer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ls.SlurmError, match="no answer from Slurm for 2 s"):
+            launcher().follow_chain([a], {"train:a": "101"}, lambda *_: None, owned={"101"})
+    finally:
+        stop.set()
+        writer.join()
+    assert time.monotonic() - started >= 1.5
+    assert len(calls(fake, "squeue")) < 30 and calls(fake, "scancel") == []  # backed off (poll 0.01 s)

@@ -20,6 +20,8 @@ def test_task_errors_are_one_line_messages(tmp_path, kit, train_data):
     good = kit.write_task(tmp_path / "ok", kit.make_plan(kit.stage_plan(lay=kit.layout())), data_prefix=train_data)
     assert load_task(str(good)).steps == 6
     raw = json.loads(good.read_text())
+    (tmp_path / "v1.json").write_text(json.dumps(dict(raw, version=1)))  # queued before task.json version 2
+    assert load_task(str(tmp_path / "v1.json")).steps == 6
     cases = {
         "missing": (None, "task file not found"),
         "version": (dict(raw, version=7), "task version 7 is not supported"),
