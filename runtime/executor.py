@@ -445,7 +445,8 @@ class Executor:
         recorded = job.get("after")  # None: a record from before nemoc kept dependencies (not checkable)
         waits_right = not any(p in fresh for p in parents) and \
             (recorded is None or all(attached.get(p) in recorded for p in parents if p in attached))
-        if waits_right and job.get("reason") != "DependencyNeverSatisfied":
+        # JobHeldUser: left held by a submission that was killed before it released the chain
+        if waits_right and job.get("reason") not in ("DependencyNeverSatisfied", "JobHeldUser"):
             return True
         if job["state"] not in ("PENDING", "REQUEUE_HOLD", "REQUEUED"):
             raise TaskError(f"{task.id}: {self.launcher.name} job {job['job_id']} is {job['state'].lower()} although "
@@ -457,8 +458,10 @@ class Executor:
                               f"cancel it by hand (`scancel {job['job_id']}`) and run again")
             error.task_id = task.id
             raise error from None
-        self.echo(f"  {task.id}: cancelled its queued {self.launcher.name} job {job['job_id']}, which waited for "
-                  "a parent job that will not succeed; submitting it again")
+        why = ("was left held by an interrupted submission" if job.get("reason") == "JobHeldUser" else
+               "waited for a parent job that will not succeed")
+        self.echo(f"  {task.id}: cancelled its queued {self.launcher.name} job {job['job_id']}, which {why}; "
+                  "submitting it again")
         return False
 
     def _still_attached(self, attached: Mapping[str, str]) -> dict[str, str]:

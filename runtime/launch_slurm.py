@@ -337,9 +337,9 @@ def require_slurm() -> None:
         raise SlurmError(f"Slurm is not reachable from this machine: {', '.join(missing)} not on PATH")
 
 
-def sbatch(script_path: str, dependencies: Sequence[str] = ()) -> str:
+def sbatch(script_path: str, dependencies: Sequence[str] = (), *, hold: bool = False) -> str:
     """Submit one script; returns the job id. Arguments go as a list, never through a shell."""
-    argv = ["sbatch", "--parsable"]
+    argv = ["sbatch", "--parsable", *(["--hold"] if hold else [])]
     if dependencies:
         argv.append("--dependency=afterok:" + ":".join(dependencies))
     argv.append(script_path)
@@ -353,7 +353,8 @@ def sbatch(script_path: str, dependencies: Sequence[str] = ()) -> str:
 
 
 def submit_jobs(jobs: Sequence[SlurmJob], after: Mapping[str, Iterable[str]], opts: SlurmOptions,
-                run_dir: str | os.PathLike, existing: Mapping[str, str] | None = None) -> dict[str, str]:
+                run_dir: str | os.PathLike, existing: Mapping[str, str] | None = None, *,
+                hold: bool = False) -> dict[str, str]:
     """Write and submit every job in order (`jobs` is topologically sorted; `after[task]` names the
     tasks it waits for, among `jobs` or `existing`: task id -> the job id of an already submitted task).
     Returns task id -> job id of `jobs` and records it in `<run_dir>/slurm.json`."""
@@ -365,7 +366,7 @@ def submit_jobs(jobs: Sequence[SlurmJob], after: Mapping[str, Iterable[str]], op
         script.parent.mkdir(parents=True, exist_ok=True)
         script.write_text(render_sbatch(job, opts))
         deps = [job_ids[t] for t in after.get(job.task_id, ()) if t in job_ids]
-        job_ids[job.task_id] = sbatch(str(script), deps)
+        job_ids[job.task_id] = sbatch(str(script), deps, hold=hold)
         record["jobs"][job.task_id] = {"job_id": job_ids[job.task_id], "script": str(script), "hash": job.task_hash,
                                        "plan": job.plan_digest, "after": deps, "submitted_at": time.time()}
         write_record(run_dir, record)
@@ -488,6 +489,19 @@ def wait_jobs(job_ids: Iterable[str], timeout_s: float, poll_s: float = 1.0) -> 
     return states
 
 
+def release(job_ids: Iterable[str]) -> None:
+    """`scontrol release` of held jobs (a chain is submitted held, then released whole)."""
+    ids = [str(j) for j in job_ids]
+    if not ids:
+        return
+    try:
+        proc = subprocess.run(["scontrol", "release", ",".join(ids)], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"scontrol release {','.join(ids)} did not answer within 60 s") from None
+    if proc.returncode != 0:
+        raise SlurmError(f"scontrol release {','.join(ids)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
 def cancel(job_ids: Iterable[str]) -> list[str]:
     """scancel every job id; returns the ids. A job that ended meanwhile is not an error."""
     ids = [str(j) for j in job_ids]
@@ -591,8 +605,10 @@ class SlurmLauncher:
     def submit_chain(self, specs: Sequence[LaunchSpec], after: Mapping[str, Sequence[str]],
                      existing: Mapping[str, str], run_dir: Path) -> dict[str, str]:
         """sbatch every spec (topological order), each with afterok on the jobs of `after[task]` (tasks
-        of `specs` or of `existing`, task id -> job id). All or nothing: on any failure (or Ctrl-C) the
-        jobs already submitted are cancelled before the error propagates (with `task_id` set on it)."""
+        of `specs` or of `existing`, task id -> job id). All or nothing: every job is submitted held and
+        the whole chain released at the end; on any failure (or Ctrl-C) the jobs already submitted are
+        cancelled before the error propagates (with `task_id` set on it). A job whose sbatch was cut
+        short after Slurm took it (killed nemoc) stays held: it never runs unseen."""
         jobs = []
         for spec in specs:
             try:
@@ -606,7 +622,7 @@ class SlurmLauncher:
         job_ids: dict[str, str] = {}
         for job, opts in jobs:  # one call per job: options may differ per task
             try:
-                job_ids.update(submit_jobs([job], after, opts, run_dir, existing={**existing, **job_ids}))
+                job_ids.update(submit_jobs([job], after, opts, run_dir, existing={**existing, **job_ids}, hold=True))
                 known = {**existing, **job_ids}
                 deps = [f"{t} (job {known[t]})" for t in after.get(job.task_id, ()) if t in known]
                 self.echo(f"submitted Slurm job {job_ids[job.task_id]} for {job.task_id} ({job.nodes} node(s) x "
@@ -621,6 +637,12 @@ class SlurmLauncher:
                 if isinstance(error, Exception):
                     error.task_id = job.task_id
                 raise
+        try:
+            release(job_ids.values())
+        except BaseException:
+            subprocess.run(["scancel", *job_ids.values()], capture_output=True, timeout=60)
+            self.echo(f"cancelled the held jobs: {', '.join(job_ids.values())}\n")
+            raise
         return job_ids
 
     def follow_chain(self, specs: Sequence[LaunchSpec], job_ids: Mapping[str, str], on_end, *,

@@ -230,3 +230,14 @@ def test_a_failed_submission_leaves_an_attached_job_queued_not_skipped(workspace
     assert outcome.states()["train:pretrain"] == "queued"  # its job runs on: `nemoc status` follows it
     status = read_json(RunDir(run_root).status_path)["tasks"]["train:pretrain"]
     assert status["state"] == "queued" and status["job_id"] == "101"
+
+
+def test_a_job_left_held_by_an_interrupted_submission_is_cancelled_and_submitted_again(workspace):
+    plan, run_root = chain_plan(workspace), workspace / "run"
+    outcome, _ = execute(plan, run_root, ChainDouble(), detach=True)
+    launcher = ChainDouble(active={"train:pretrain": {"job_id": "101", "hash": outcome.tasks[2].hash,
+                                                      "reason": "JobHeldUser"}})
+    outcome, lines = execute(plan, run_root, launcher)
+    assert outcome.ok and launcher.cancelled == ["101"], lines
+    assert any("left held by an interrupted submission" in line for line in lines)
+    assert launcher.submitted[0][0] == ["train:pretrain", "train:sft"]

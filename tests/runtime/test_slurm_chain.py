@@ -53,6 +53,7 @@ if str(n) == os.environ.get("FAKE_SBATCH_FAIL_AT"):
 print(100 + n)
 """
 SCONTROL = r"""#!/bin/bash
+echo "$*" >> "$FAKE/scontrol.calls"
 echo "JobId=$3 JobName=x JobState=X Reason=None Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=${FAKE_EXIT:-0:0} StartTime=now"
 """
 SCANCEL = r"""#!/bin/bash
@@ -167,13 +168,22 @@ def test_a_chain_is_submitted_whole_or_not_at_all(fake, tmp_path, monkeypatch):
     assert raised.value.task_id == "eval:c"
     assert calls(fake, "scancel") == ["101 102"]
     submitted = calls(fake, "sbatch")
-    assert submitted[1].startswith("--parsable --dependency=afterok:101 ")
+    assert submitted[1].startswith("--parsable --hold --dependency=afterok:101 ")
+    assert not [c for c in calls(fake, "scontrol") if c.startswith("release")]  # held jobs never ran
+
+
+def test_the_chain_is_submitted_held_and_released_whole(fake, tmp_path):
+    specs = [spec(tmp_path, "train:a"), spec(tmp_path, "train:b")]
+    ids = launcher().submit_chain(specs, {"train:b": ["train:a"]}, {}, tmp_path / "run")
+    assert ids == {"train:a": "101", "train:b": "102"}
+    assert all(c.startswith("--parsable --hold ") for c in calls(fake, "sbatch"))
+    assert [c for c in calls(fake, "scontrol") if c.startswith("release")] == ["release 101,102"]
 
 
 def test_a_one_process_task_asks_for_one_node_and_its_dependency_on_an_attached_job(fake, tmp_path):
     ids = launcher().submit_chain([spec(tmp_path, "eval:c", nproc=1)], {"eval:c": ["train:b"]}, {"train:b": "77"},
                                   tmp_path / "run")
-    assert ids == {"eval:c": "101"} and calls(fake, "sbatch")[0].startswith("--parsable --dependency=afterok:77 ")
+    assert ids == {"eval:c": "101"} and calls(fake, "sbatch")[0].startswith("--parsable --hold --dependency=afterok:77 ")
     script = (tmp_path / "run" / "tasks" / "eval_c" / "job.sbatch").read_text()
     assert "#SBATCH --nodes=1" in script
     record = json.loads((tmp_path / "run" / "slurm.json").read_text())["jobs"]["eval:c"]

@@ -370,7 +370,7 @@ def test_launch_follows_a_requeued_job_to_the_end(sandbox, monkeypatch):
     assert result.ok, result
     states = [line.split(": ")[1].split()[0] for line in lines if line.startswith("Slurm job 77 (train:pretrain):")]
     assert states == ["PENDING", "RUNNING", "PREEMPTED", "PENDING", "RUNNING", "COMPLETED"]
-    assert (sandbox / "log" / "sbatch").read_text().strip() == f"--parsable {spec.out_dir / 'job.sbatch'}"
+    assert (sandbox / "log" / "sbatch").read_text().strip() == f"--parsable --hold {spec.out_dir / 'job.sbatch'}"
     record = json.loads((sandbox / "run" / "slurm.json").read_text())
     assert record["jobs"]["train:pretrain"]["job_id"] == "77"
 
