@@ -417,7 +417,7 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     tokens = micro_batch * seq / layout.cp
     # the output layer stays in 16-bit in FP8 recipes (Transformer Engine / NeMo keep the first and
     # last layers out of FP8)
-    rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.gemm_eff(hw.generation, "bf16")
+    rate = hw.peak("bf16" if hw.supports("bf16") else "fp32") * params.gemm_eff(hw.generation, "bf16")
     logits = (1.0 + backward) * gemm_time(tokens, vocab / layout.tp, model.hidden, flops_per_s=rate,
                                           bytes_per_s=hw.hbm_bw, in_bytes=2.0) if vocab else 0.0
     softmax_passes = 3.0 if backward else 1.0  # fp32 softmax read + write, forward (and backward)

@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
-from nemoc.compiler.memory import resident_models
+from nemoc.compiler.flops import param_counts
+from nemoc.compiler.memory import resident_models, weight_bytes
 from nemoc.compiler.plan import Estimate, Plan, StagePlan
 from nemoc.compiler.rules import (
     TRAINING_KINDS,
@@ -283,12 +284,21 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
     if stage.kind == "export":
         steps = 0
         notes.append("export runs no training steps: no time estimate")
+        fp32 = param_counts(spec.model).total * 4
+        notes.append(f"the nemoc runtime exports in one process on the host CPU (runtime/align: the whole model "
+                     f"at TP=1 in fp32): about {fp32 / 2**30:,.1f} GiB of host memory; the GPU layout and memory "
+                     "above do not apply to it")
     else:
         steps, note = stage_steps(spec, stage, gb, seq)
         if note:
             notes.append(note)
         if stage.kind == "eval":
             notes.append("eval: forward-only time estimate")
+            one = param_counts(spec.model).total * weight_bytes(spec.precision)
+            fits = "" if one < gpu.hbm_bytes else (f", more than one {gpu.id}'s {gpu.hbm_bytes / 2**30:.0f} GiB: "
+                                                   "`nemoc run` would run out of memory at this stage")
+            notes.append(f"the nemoc runtime evaluates in one process on one GPU (runtime/align: TP=1, not the "
+                         f"layout above): the weights alone take {one / 2**30:,.1f} GiB{fits}")
         if stage.kind == "ppo":
             notes.append("ppo: the rollout is estimated as KV-cached decoding (memory-bandwidth bound); "
                          "the nemoc runtime's sampler recomputes the whole sequence for every new token, "

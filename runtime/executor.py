@@ -278,11 +278,13 @@ class Executor:
     def _spec(self, kind, ctx: TaskContext):
         from nemoc.runtime.launchers import LaunchSpec
 
-        nproc = kind.nproc(ctx) if kind.nproc else ctx.stage.layout.world_size
+        from nemoc.runtime.tasks import launch_shape
+
+        nproc, gpus, env = launch_shape(kind, ctx)
         cluster = self.plan.cluster
         return LaunchSpec(task_id=ctx.task.id, module=kind.module, args=(str(ctx.out_dir / "task.json"),), nproc=nproc,
                           out_dir=ctx.out_dir, log_path=ctx.out_dir / "log.txt", nodes=cluster.nodes,
-                          gpus_per_node=cluster.gpus_per_node, env=dict(self.options.get("env", {})),
+                          gpus_per_node=gpus, env={**self.options.get("env", {}), **env},
                           options=dict(cluster.scheduler_options), task_hash=ctx.task.hash,
                           plan_digest=self._plan_digest(ctx.task))
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from nemoc.runtime.faults import RESTART_SAFE_ENV
-from nemoc.runtime.launchers import LaunchResult, LaunchSpec, LauncherError
+from nemoc.runtime.launchers import LaunchResult, LaunchSpec, LauncherError, nodes_for
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
@@ -244,10 +244,10 @@ def _walk(value: object, type_name: str, path: str, models, problems: list[str])
 
 def manifest_for_spec(spec: LaunchSpec, *, cluster, experiment: str, run_root: str, data_root: str | None,
                       task_hash: str = "", opts: K8sOptions | None = None) -> dict:
-    nodes = max(1, spec.nodes)
+    nodes = nodes_for(spec)
     if spec.nproc % nodes:
         raise K8sError(f"{spec.task_id}: {spec.nproc} processes do not split evenly over {nodes} nodes")
-    on_cpu = str(getattr(cluster, "gpu", "")).upper() == "CPU"
+    on_cpu = spec.gpus_per_node == 0 or str(getattr(cluster, "gpu", "")).upper() == "CPU"
     per_node = spec.nproc // nodes
     opts = opts or K8sOptions.from_mapping(dict(spec.options))
     return pytorchjob(name=job_name(experiment, spec.task_id, task_hash), task_id=spec.task_id, module=spec.module,
@@ -260,7 +260,8 @@ def write_manifests(plan, graph, run_dir) -> list[Path]:
     """`--dry-run` for k8s: the manifest of every distributed task of `graph`, written to
     `tasks/<id>/pytorchjob.yaml` (and all of them to `k8s/manifests.yaml`), validated, not applied.
     Tasks run in the graph's topological order; `nemoc.dev/after` annotations record the edges."""
-    from nemoc.runtime.tasks import TaskError, get_kind as _get_kind
+    from nemoc.runtime.tasks import TaskContext, TaskError, launch_shape
+    from nemoc.runtime.tasks import get_kind as _get_kind
 
     def get_kind(name: str):
         try:
@@ -276,11 +277,11 @@ def write_manifests(plan, graph, run_dir) -> list[Path]:
         if kind.run_inline is not None:
             continue  # tokenizer / prepare run where `nemoc run` runs, into the shared run directory
         out_dir = run_dir.task_dir(task.id)
-        stage = plan.stage(task.stage) if task.stage else None
-        nproc = stage.layout.world_size if stage is not None else plan.cluster.world_size
+        ctx = TaskContext(task=task, plan=plan, plan_path=run_dir.plan_path, run_dir=run_dir, out_dir=out_dir, inputs={})
+        nproc, gpus, env = launch_shape(kind, ctx)  # as the executor starts it
         spec = LaunchSpec(task_id=task.id, module=kind.module, args=(str(out_dir / "task.json"),), nproc=nproc,
                           out_dir=out_dir, log_path=out_dir / "log.txt", nodes=plan.cluster.nodes,
-                          gpus_per_node=plan.cluster.gpus_per_node, options=dict(plan.cluster.scheduler_options))
+                          gpus_per_node=gpus, env=env, options=dict(plan.cluster.scheduler_options))
         manifest = manifest_for_spec(spec, cluster=plan.cluster, experiment=plan.experiment, run_root=str(root),
                                      data_root=str(Path(plan.root).resolve()), task_hash=task.hash, opts=opts)
         after = [a.src for a in graph.inputs(task.id) if get_kind(graph.task(a.src).kind).run_inline is None]

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemoc.runtime.faults import RESTART_SAFE_ENV
-from nemoc.runtime.launchers import EXIT_PREEMPTED, Hangup, LaunchResult, LaunchSpec, LauncherError
+from nemoc.runtime.launchers import EXIT_PREEMPTED, Hangup, LaunchResult, LaunchSpec, LauncherError, nodes_for
 from nemoc.runtime.taskfile import FATAL
 
 RECORD_FILE = "slurm.json"
@@ -525,13 +525,11 @@ PREEMPT_SETTLE_S = 15.0  # a PREEMPTED job that is being requeued turns PENDING 
 
 def job_from_spec(spec: LaunchSpec, cluster=None) -> SlurmJob:
     """A `LaunchSpec` from the executor as a batch job: `nproc` processes over `spec.nodes` nodes."""
-    # a task with fewer processes than the cluster has GPUs (eval, export: one process) takes only the
-    # nodes it fills
-    nodes = max(1, min(spec.nodes, -(-spec.nproc // max(1, spec.gpus_per_node))))
+    nodes = nodes_for(spec)
     if spec.nproc % nodes:
         raise SlurmError(f"{spec.task_id}: {spec.nproc} processes do not split evenly over {nodes} nodes")
     per_node = spec.nproc // nodes
-    on_cpu = cluster is not None and str(getattr(cluster, "gpu", "")).upper() == "CPU"
+    on_cpu = spec.gpus_per_node == 0 or (cluster is not None and str(getattr(cluster, "gpu", "")).upper() == "CPU")
     env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **RESTART_SAFE_ENV}
     env.update({k: str(v) for k, v in spec.env.items()})
     out = Path(spec.out_dir).resolve()
@@ -778,7 +776,7 @@ def _echo(line: str) -> None:
 def write_scripts(plan, graph, run_dir) -> list[Path]:
     """`--dry-run` for Slurm: the batch script of every distributed task of `graph`, written to
     `tasks/<id>/job.sbatch` and not submitted (for review, or for `sbatch` by hand in graph order)."""
-    from nemoc.runtime.tasks import TaskContext, TaskError, get_kind
+    from nemoc.runtime.tasks import TaskContext, TaskError, get_kind, launch_shape
 
     opts = SlurmOptions.from_mapping(dict(plan.cluster.scheduler_options))
     written = []
@@ -790,15 +788,11 @@ def write_scripts(plan, graph, run_dir) -> list[Path]:
         if kind.run_inline is not None:
             continue  # tokenizer / prepare run where `nemoc run` runs
         out_dir = run_dir.task_dir(task.id)
-        stage = plan.stage(task.stage) if task.stage else None
-        if kind.nproc is not None:  # eval, export: one process, as the executor starts them
-            nproc = kind.nproc(TaskContext(task=task, plan=plan, plan_path=run_dir.plan_path, run_dir=run_dir,
-                                           out_dir=out_dir, inputs={}))
-        else:
-            nproc = stage.layout.world_size if stage is not None else plan.cluster.world_size
+        ctx = TaskContext(task=task, plan=plan, plan_path=run_dir.plan_path, run_dir=run_dir, out_dir=out_dir, inputs={})
+        nproc, gpus, env = launch_shape(kind, ctx)  # as the executor starts it
         spec = LaunchSpec(task_id=task.id, module=kind.module, args=(str(out_dir / "task.json"),), nproc=nproc,
                           out_dir=out_dir, log_path=out_dir / "log.txt", nodes=plan.cluster.nodes,
-                          gpus_per_node=plan.cluster.gpus_per_node)
+                          gpus_per_node=gpus, env=env)
         job = job_from_spec(spec, plan.cluster)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "job.sbatch"

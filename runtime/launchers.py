@@ -63,6 +63,12 @@ class LaunchResult:
         return self.returncode == EXIT_PREEMPTED
 
 
+def nodes_for(spec: LaunchSpec) -> int:
+    """The nodes a task takes: the cluster's, or fewer when its processes fill fewer (eval and export
+    run one process: one node)."""
+    return max(1, min(spec.nodes, -(-spec.nproc // max(1, spec.gpus_per_node))))
+
+
 class Launcher(Protocol):
     name: str
 

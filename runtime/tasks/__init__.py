@@ -55,10 +55,21 @@ class TaskKind:
     run_inline: Callable[[TaskContext], dict] | None = None
     build_task: Callable[[TaskContext, dict], dict] | None = None
     nproc: Callable[[TaskContext], int] | None = None
+    host_only: bool = False  # runs on the host CPU even where GPUs are (no GPU asked for, CUDA hidden)
 
     def __post_init__(self) -> None:
         if (self.module is None) == (self.run_inline is None):
             raise ValueError(f"task kind {self.name!r}: give exactly one of `module` or `run_inline`")
+
+
+def launch_shape(kind: TaskKind, ctx: TaskContext) -> tuple[int, int, dict[str, str]]:
+    """(processes, GPUs per node, extra environment) a distributed kind is started with: the stage
+    layout's world size unless the kind says otherwise (eval, export: one); a host-only kind asks for
+    no GPU and hides CUDA (the runtime's CPU path)."""
+    nproc = kind.nproc(ctx) if kind.nproc else ctx.stage.layout.world_size
+    if kind.host_only:
+        return nproc, 0, {"CUDA_VISIBLE_DEVICES": ""}
+    return nproc, ctx.plan.cluster.gpus_per_node, {}
 
 
 _REGISTRY: dict[str, TaskKind] = {}

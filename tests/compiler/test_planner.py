@@ -225,3 +225,16 @@ def test_an_inherited_pipeline_is_dropped_for_eval_and_export_and_alignment_stag
     assert plan.stage("pretrain").layout.pp == 2
     for name in ("dpo", "eval", "export"):
         assert (plan.stage(name).layout.pp, plan.stage(name).layout.vp) == (1, None), name
+
+
+def test_eval_and_export_say_how_the_runtime_runs_them():
+    """The runtime runs eval on one GPU at TP=1 and exports on the host in fp32 (runtime/tasks/align.py):
+    the plan says so, with the memory that takes, instead of implying the searched layout is used."""
+    spec, _ = load_spec("examples/llama3_70b_sft_dpo.nemo")
+    export = plan_experiment(spec).stage("export")
+    note = next(n for n in export.notes if "host CPU" in n)
+    gib = float(note.split("about ")[1].split(" GiB")[0].replace(",", ""))
+    assert 255 < gib < 270  # 70.6e9 parameters x 4 bytes
+    as_eval = replace(spec, stages=(*spec.stages[:-1], replace(spec.stages[-1], kind="eval")))
+    eval_notes = plan_experiment(as_eval).stage("export").notes
+    assert any("one GPU" in n and "would run out of memory" in n for n in eval_notes), eval_notes

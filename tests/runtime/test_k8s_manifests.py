@@ -281,3 +281,31 @@ def test_manifest_for_spec_splits_processes_over_nodes(tmp_path):
                           run_root="/r", data_root=None)
     assert worker(m)["replicas"] == 2 and m["spec"]["nprocPerNode"] == "8"
     assert worker(m)["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+def test_export_runs_on_the_host_and_eval_on_one_node_in_the_manifests(compiled):
+    from plan_factory import make_stage
+
+    plan, _, run_dir = compiled
+    from nemoc.compiler.graph import build_graph
+
+    plan = replace(plan, cluster=replace(plan.cluster, nodes=2, gpus_per_node=1),
+                   stages=(*plan.stages, make_stage("eval", "eval", after=("pretrain",)),
+                           make_stage("export", "export", after=("pretrain",))))
+    plan = replace(plan, stages=tuple(replace(s, layout=replace(s.layout, dp=2)) for s in plan.stages))
+    write_manifests(plan, build_graph(plan), run_dir)
+    docs = {d["metadata"]["annotations"]["nemoc.dev/task-id"]: d
+            for d in yaml.safe_load_all((run_dir.root / "k8s" / "manifests.yaml").read_text())}
+
+    def worker(task):
+        return docs[task]["spec"]["pytorchReplicaSpecs"]["Worker"]
+
+    def limits(task):
+        return worker(task)["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+
+    assert worker("train:pretrain")["replicas"] == 2 and limits("train:pretrain").get("nvidia.com/gpu") == "1"
+    assert worker("eval:eval")["replicas"] == 1 and limits("eval:eval").get("nvidia.com/gpu") == "1"
+    assert worker("export:export")["replicas"] == 1 and "nvidia.com/gpu" not in limits("export:export")
+    env = {e["name"]: e["value"] for e in worker("export:export")["template"]["spec"]["containers"][0]["env"]}
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
+    assert all(check(doc) == [] for doc in docs.values())

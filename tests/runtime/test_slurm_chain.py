@@ -199,12 +199,18 @@ def test_dry_run_scripts_start_eval_as_the_executor_does(tmp_path):
     from nemoc.runtime.rundir import RunDir
 
     (tmp_path / "corpus.jsonl").write_text('{"text": "hello world"}\n' * 20)
-    plan = make_plan(tmp_path, stages=(make_stage("pretrain"), make_stage("eval", "eval", after=("pretrain",))))
-    plan = replace(plan, cluster=ClusterSpec(gpu="CPU", nodes=2, gpus_per_node=1, scheduler="slurm"))
+    plan = make_plan(tmp_path, stages=(make_stage("pretrain"), make_stage("eval", "eval", after=("pretrain",)),
+                                       make_stage("export", "export", after=("pretrain",))))
+    plan = replace(plan, cluster=ClusterSpec(gpu="H100", nodes=2, gpus_per_node=1, scheduler="slurm"))
     plan = replace(plan, stages=tuple(replace(s, layout=replace(s.layout, dp=2)) for s in plan.stages))
     paths = ls.write_scripts(plan, build_graph(plan), RunDir(tmp_path / "run"))
     by_task = {p.parent.name: p.read_text() for p in paths}
     assert "#SBATCH --nodes=2" in by_task["train_pretrain"] and "#SBATCH --nodes=1" in by_task["eval_eval"]
+    assert "#SBATCH --gpus-per-node=1" in by_task["train_pretrain"] and "#SBATCH --gpus-per-node=1" in by_task["eval_eval"]
+    # export holds the whole model in fp32: on the host, no GPU asked for, CUDA hidden
+    export = by_task["export_export"]
+    assert "#SBATCH --nodes=1" in export and "--gpus-per-node" not in export
+    assert "export CUDA_VISIBLE_DEVICES=''" in export
 
 
 def test_a_dependency_on_a_task_that_is_not_submitted_is_dropped_not_a_crash(fake, tmp_path):
