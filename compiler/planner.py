@@ -286,8 +286,8 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
         notes.append("export runs no training steps: no time estimate")
         fp32 = param_counts(spec.model).total * 4
         notes.append(f"the nemoc runtime exports in one process on the host CPU (runtime/align: the whole model "
-                     f"at TP=1 in fp32): about {fp32 / 2**30:,.1f} GiB of host memory; the GPU layout and memory "
-                     "above do not apply to it")
+                     f"at TP=1 in fp32): about {fp32 / 2**30:,.1f} GiB of host memory; the stage's GPU layout and memory "
+                     "do not apply to it")
     else:
         steps, note = stage_steps(spec, stage, gb, seq)
         if note:
@@ -297,8 +297,8 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
             one = param_counts(spec.model).total * weight_bytes(spec.precision)
             fits = "" if one < gpu.hbm_bytes else (f", more than one {gpu.id}'s {gpu.hbm_bytes / 2**30:.0f} GiB: "
                                                    "`nemoc run` would run out of memory at this stage")
-            notes.append(f"the nemoc runtime evaluates in one process on one GPU (runtime/align: TP=1, not the "
-                         f"layout above): the weights alone take {one / 2**30:,.1f} GiB{fits}")
+            notes.append(f"the nemoc runtime evaluates in one process on one GPU (runtime/align: TP=1, not the stage's "
+                         f"layout): the weights alone take {one / 2**30:,.1f} GiB{fits}")
         if stage.kind == "ppo":
             notes.append("ppo: the rollout is estimated as KV-cached decoding (memory-bandwidth bound); "
                          "the nemoc runtime's sampler recomputes the whole sequence for every new token, "
