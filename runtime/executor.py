@@ -368,10 +368,10 @@ class Executor:
         specs, attached, fresh = [], {}, set()
         for task in self.graph.tasks():
             kind = get_kind(task.kind)
-            waits_for = [a.src for a in self.graph.inputs(task.id) if a.src in chained]
             if self.run_dir.is_done(task.id, task.hash):
                 outcome.tasks.append(self._cached(task, status))
             elif kind.run_inline is not None:
+                waits_for = [a.src for a in self.graph.inputs(task.id) if a.src in chained]
                 if waits_for:
                     raise TaskError(f"{task.id} runs in this process but needs {', '.join(waits_for)}, which "
                                     f"{self.launcher.name} runs; this graph cannot be submitted as one chain")
@@ -401,15 +401,10 @@ class Executor:
                         upstream[first]["init"] = True
                     spec, chained[task.id] = self._prepare_launch(kind, ctx, upstream)
                 except (TaskError, ValueError, OSError) as exc:
-                    outcome.tasks.append(self._end(task, status, "failed", None, str(exc), 0.0))
-                    return self._skip_rest(outcome, status)
+                    raise _task_failed(task.id, str(exc)) from None
                 specs.append(spec)
                 fresh.add(task.id)
-        try:
-            still = self._still_attached(attached)
-        except _ChainBroken as broken:
-            outcome.tasks.append(self._end(self.graph.task(broken.task_id), status, "failed", None, str(broken), 0.0))
-            return self._skip_rest(outcome, status)
+        still = self._still_attached(attached)
         for task_id in attached.keys() - still.keys():  # finished while data was prepared
             outcome.tasks.append(self._end(self.graph.task(task_id), status, "done", self.run_dir.done_record(task_id),
                                            "", 0.0, job_id=attached[task_id]))
@@ -425,10 +420,8 @@ class Executor:
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - sbatch refused (bad partition, ...): nothing stays submitted
-            first = self.graph.task(getattr(exc, "task_id", None) or new[0].task_id)
-            outcome.tasks.append(self._end(first, status, "failed", None,
-                                           f"could not submit to {self.launcher.name}: {exc}", 0.0))
-            return self._skip_rest(outcome, status)
+            raise _task_failed(getattr(exc, "task_id", None) or new[0].task_id,
+                               f"could not submit to {self.launcher.name}: {exc}") from None
         job_ids = {**attached, **submitted}
         for task_id, job_id in submitted.items():
             status.set(task_id, state="queued", job_id=job_id)
@@ -456,10 +449,9 @@ class Executor:
         try:
             self.launcher.cancel([job["job_id"]])
         except Exception as exc:  # noqa: BLE001 - permission denied, a controller timeout
-            error = TaskError(f"{task.id}: could not cancel its stale {self.launcher.name} job {job['job_id']} ({exc}); "
-                              f"cancel it by hand (`scancel {job['job_id']}`) and run again")
-            error.task_id = task.id
-            raise error from None
+            raise _task_failed(task.id, f"{task.id}: could not cancel its stale {self.launcher.name} job "
+                                        f"{job['job_id']} ({exc}); cancel it by hand (`scancel {job['job_id']}`) "
+                                        "and run again") from None
         why = ("was left held by an interrupted submission" if job.get("reason") == "JobHeldUser" else
                "waited for a parent job that will not succeed")
         self.echo(f"  {task.id}: cancelled its queued {self.launcher.name} job {job['job_id']}, which {why}; "
@@ -478,7 +470,7 @@ class Executor:
             if task_id in now and now[task_id]["job_id"] == job_id:
                 still[task_id] = job_id
             elif not self.run_dir.is_done(task_id, self.graph.task(task_id).hash):
-                raise _ChainBroken(task_id, f"its {self.launcher.name} job {job_id} ended without finishing the task "
+                raise _task_failed(task_id, f"its {self.launcher.name} job {job_id} ended without finishing the task "
                                             f"(`nemoc logs {self.run_dir.root} {task_id}`); run again to resubmit it")
         return still
 
@@ -558,10 +550,12 @@ class Executor:
         return outcome
 
 
-class _ChainBroken(Exception):
-    def __init__(self, task_id: str, message: str) -> None:
-        super().__init__(message)
-        self.task_id = task_id
+def _task_failed(task_id: str, message: str) -> TaskError:
+    """A TaskError that fails `task_id` (the chain's one failure path: `_run_chain` records it on the
+    task and skips the rest)."""
+    error = TaskError(message)
+    error.task_id = task_id
+    return error
 
 
 def known_kinds_list() -> list[str]:
