@@ -43,16 +43,6 @@ def _quickstart(tmp: Path, slurm: bool) -> Path:
     return path
 
 
-def _records(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
-
-
 def _slurm_start(job_id: str) -> float | None:
     shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
     match = re.search(r" StartTime=(\S+)", shown)
@@ -72,8 +62,10 @@ def run_quickstart(tmp: Path, slurm: bool) -> tuple[Path, dict]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp)
     if proc.returncode != 0:
         raise SystemExit(f"nemoc run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    from nemoc.runtime.metrics import read_records
+
     task_dir = run_dir / "tasks" / "train_pretrain"
-    records = _records(task_dir / "metrics.jsonl")
+    records = read_records(task_dir / "metrics.jsonl")
     saves = [r["seconds"] for r in records if r.get("event") == "checkpoint"]
     result = {"launcher": "slurm" if slurm else "local", "steps": STEPS, "run_wall_s": round(time.time() - started, 1),
               "checkpoint_save_s_logged": saves}

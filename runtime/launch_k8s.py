@@ -30,7 +30,8 @@ from pathlib import Path
 import yaml
 
 from nemoc.runtime.faults import RESTART_SAFE_ENV
-from nemoc.runtime.launchers import LaunchResult, LaunchSpec, LauncherError, nodes_for
+from nemoc.runtime.launchers import LaunchResult, LaunchSpec, LauncherError, nodes_for, read_job_record
+from nemoc.runtime.rundir import atomic_write_json
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
@@ -333,27 +334,12 @@ def job_conditions(name: str, namespace: str) -> dict[str, str]:
 
 def read_record(run_root: str | Path) -> dict:
     """`k8s.json`; raises K8sError naming it when it is damaged (it holds the run's PyTorchJob names)."""
-    path = Path(run_root) / RECORD_FILE
-    if not path.exists():
-        return {"launcher": "k8s", "jobs": {}}
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise K8sError(f"{path} is unreadable ({exc}); it records this run's PyTorchJobs: repair or remove it "
-                       "(then check `kubectl get pytorchjobs` for jobs of this run)") from None
-    jobs = record.get("jobs") if isinstance(record, dict) else None
-    if not isinstance(jobs, dict) or not all(isinstance(j, dict) and {"name", "namespace"} <= set(j)
-                                             for j in jobs.values()):
-        raise K8sError(f"{path} is damaged: not the record nemoc writes ({{\"jobs\": {{TASK: {{\"name\": ..., "
-                       "\"namespace\": ...}}}); repair or remove it (then check `kubectl get pytorchjobs`)")
-    return record
+    return read_job_record(Path(run_root) / RECORD_FILE, launcher="k8s", keys={"name", "namespace"}, error=K8sError,
+                           holds="PyTorchJobs", check="check `kubectl get pytorchjobs` for jobs of this run")
 
 
 def write_record(run_root: str | Path, record: Mapping) -> None:
-    path = Path(run_root) / RECORD_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_json(Path(run_root) / RECORD_FILE, record)
 
 
 class K8sLauncher:

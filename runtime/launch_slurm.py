@@ -28,7 +28,6 @@ Invariants:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -41,7 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemoc.runtime.faults import RESTART_SAFE_ENV
-from nemoc.runtime.launchers import EXIT_PREEMPTED, Hangup, LaunchResult, LaunchSpec, LauncherError, nodes_for
+from nemoc.runtime.launchers import (EXIT_PREEMPTED, Hangup, LaunchResult, LaunchSpec, LauncherError, nodes_for,
+                                     read_job_record)
+from nemoc.runtime.rundir import atomic_write_json
 from nemoc.runtime.taskfile import FATAL
 
 RECORD_FILE = "slurm.json"
@@ -375,26 +376,12 @@ def submit_jobs(jobs: Sequence[SlurmJob], after: Mapping[str, Iterable[str]], op
 
 def read_record(run_dir: str | os.PathLike) -> dict:
     """`slurm.json`; raises SlurmError naming it when it is damaged (it holds the run's job ids)."""
-    path = Path(run_dir) / RECORD_FILE
-    if not path.exists():
-        return {"launcher": "slurm", "jobs": {}}
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SlurmError(f"{path} is unreadable ({exc}); it records this run's Slurm job ids: repair or "
-                         "remove it (then check squeue for jobs of this run)") from None
-    jobs = record.get("jobs") if isinstance(record, dict) else None
-    if not isinstance(jobs, dict) or not all(isinstance(j, dict) and "job_id" in j for j in jobs.values()):
-        raise SlurmError(f"{path} is damaged: not the record nemoc writes ({{\"jobs\": {{TASK: {{\"job_id\": ...}}}}}}); "
-                         "repair or remove it (then check squeue for jobs of this run)")
-    return record
+    return read_job_record(Path(run_dir) / RECORD_FILE, launcher="slurm", keys={"job_id"}, error=SlurmError,
+                           holds="Slurm job ids", check="check squeue for jobs of this run")
 
 
 def write_record(run_dir: str | os.PathLike, record: Mapping) -> None:
-    path = Path(run_dir) / RECORD_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(Path(run_dir) / RECORD_FILE, record)
 
 
 # ----------------------------------------------------------------------------------- queries

@@ -10,6 +10,7 @@ The cluster engineer's `nemoc.runtime.launch_slurm` / `nemoc.runtime.launch_k8s`
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,27 @@ class LaunchResult:
     @property
     def preempted(self) -> bool:
         return self.returncode == EXIT_PREEMPTED
+
+
+def read_job_record(path: Path, *, launcher: str, keys: set[str], error: type[Exception], holds: str,
+                    check: str) -> dict:
+    """A cluster launcher's record of a run's jobs (`slurm.json`, `k8s.json`: {"launcher", "jobs":
+    {task: {...}}}), or an empty one. A damaged record raises `error` naming the file, what it holds
+    and `check` (where to look for the run's jobs): it is never silently replaced, since it is the
+    only list of jobs `nemoc cancel` can reach."""
+    if not path.exists():
+        return {"launcher": launcher, "jobs": {}}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise error(f"{path} is unreadable ({exc}); it records this run's {holds}: repair or remove it "
+                    f"(then {check})") from None
+    jobs = record.get("jobs") if isinstance(record, dict) else None
+    if not isinstance(jobs, dict) or not all(isinstance(j, dict) and keys <= set(j) for j in jobs.values()):
+        shape = ", ".join(f'"{k}": ...' for k in sorted(keys))
+        raise error(f"{path} is damaged: not the record nemoc writes ({{\"jobs\": {{TASK: {{{shape}}}}}}}); "
+                    f"repair or remove it (then {check})")
+    return record
 
 
 def nodes_for(spec: LaunchSpec) -> int:

@@ -19,6 +19,25 @@ import time
 from typing import Any, TextIO
 
 
+def read_records(path) -> list[dict]:
+    """Every complete JSON record of a metrics.jsonl (a line cut short by a crash, or still being
+    written, is skipped); [] when the file does not exist yet."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "?"

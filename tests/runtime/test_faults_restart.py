@@ -56,18 +56,9 @@ def _ranks(proc: subprocess.Popen) -> list:
 
 
 def _steps_logged(out: Path) -> list[int]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    steps = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if "loss" in record:
-            steps.append(record["step"])
-    return steps
+    from nemoc.runtime.metrics import read_records
+
+    return [record["step"] for record in read_records(out / "metrics.jsonl") if "loss" in record]
 
 
 def _finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from nemoc.runtime import launch_slurm as ls
+from nemoc.runtime.metrics import read_records
 
 pytestmark = pytest.mark.slurm
 
@@ -152,16 +153,7 @@ def start_run(tmp_path: Path, steps: int) -> tuple[subprocess.Popen, Path]:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "tasks" / "train_pretrain" / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
+    return read_records(run_dir / "tasks" / "train_pretrain" / "metrics.jsonl")
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str, log: Path):
