@@ -126,7 +126,7 @@ class Executor:
         this run's task.json files name (`RunDir.plan_snapshot`)."""
         atomic_write_text(self.run_dir.plan_path, self.plan_text)
         atomic_write_text(self.run_dir.graph_path, self.graph.to_json())
-        self.plan_file, _ = self.run_dir.plan_snapshot(self.plan_text)
+        self.plan_file = self.run_dir.plan_snapshot(self.plan_text)
 
     def dry_run(self) -> RunOutcome:
         """What `run` would do, without doing it: cached tasks and tasks that would run."""

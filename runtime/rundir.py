@@ -78,21 +78,17 @@ class RunDir:
     def status_path(self) -> Path:
         return self.root / "status.json"
 
-    def plan_snapshot(self, text: str) -> tuple[Path, str]:
-        """The plan `text` under `plans/plan-<digest>.json` (written once, never changed) and its digest.
+    def plan_snapshot(self, text: str) -> Path:
+        """The plan `text` under `plans/plan-<digest>.json` (written once, never changed).
         task.json names this file, not plan.json: a job queued by Slurm reads the plan it was submitted
         with even after a later `nemoc run` rewrote plan.json."""
-        digest = self.plan_snapshot_digest(text)
+        import hashlib
+
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
         path = self.root / "plans" / f"plan-{digest}.json"
         if not path.exists():
             atomic_write_text(path, text)
-        return path, digest
-
-    @staticmethod
-    def plan_snapshot_digest(text: str) -> str:
-        import hashlib
-
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return path
 
     @contextlib.contextmanager
     def lock(self):
