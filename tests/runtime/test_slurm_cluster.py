@@ -6,7 +6,8 @@ two slurmd "nodes" on this host. Skipped when no Slurm is reachable (tests/conft
 * the time-limit warning (USR1 to the batch shell) makes the step stop and the job requeue itself;
 * the quickstart trains through `nemoc run --launcher slurm` on 2 nodes x 1 process (gloo), is
   preempted by `scontrol requeue` in the middle, resumes from its checkpoint and finishes (slow);
-* a rank killed with SIGKILL makes the job requeue itself and resume from the last checkpoint (slow);
+* a rank killed with SIGKILL makes the job requeue itself and resume from the last checkpoint, and the
+  final weights and optimizer state equal an uninterrupted run's bit for bit (slow);
 * `nemoc run --detach` submits a pretrain -> anneal -> eval chain at once (afterok) and returns; the jobs
   run with no nemoc process alive, each stage starting from its parent's checkpoint; `nemoc status` reads
   their states from Slurm, and a second `nemoc run` finds everything cached (slow).
@@ -244,7 +245,24 @@ def test_a_rank_killed_with_sigkill_is_requeued_and_resumes_from_the_last_checkp
     assert "failure 1 of 2 allowed" in slurm_log
     resumed = [r for r in metrics(run_dir) if r.get("event") == "resumed"]
     assert resumed and resumed[0]["iteration"] >= 10
-    assert json.loads((run_dir / "tasks" / "train_pretrain" / "DONE.json").read_text())["steps"] == steps
+    done = json.loads((run_dir / "tasks" / "train_pretrain" / "DONE.json").read_text())
+    assert done["steps"] == steps
+    # the same run uninterrupted, through the same Slurm: the final weights and optimizer state are equal bit
+    # for bit (the requeued job resumed exactly; CPU, fp32, gloo)
+    reference_root = tmp_path / "uninterrupted"
+    reference_root.mkdir()
+    proc, reference = start_run(reference_root, steps)
+    try:
+        output = finish(proc, reference_root / "nemoc-run.log")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-4000:]
+    expected = json.loads((reference / "tasks" / "train_pretrain" / "DONE.json").read_text())["checkpoint"]
+    from nemoc.runtime.faults import checkpoint_tensors, differing_tensors
+
+    assert any("exp_avg" in k for k in checkpoint_tensors(expected))
+    assert differing_tensors(done["checkpoint"], expected) == []
 
 
 def test_nemoc_logs_and_cancel_work_on_a_slurm_run(tmp_path):
