@@ -30,6 +30,7 @@ from pathlib import Path
 
 from nemoc.compiler import cost, memory
 from nemoc.compiler.catalog.hardware import get_gpu
+from nemoc.compiler.flops import layers_on_stage, param_counts
 from nemoc.compiler.plan import Layout
 from nemoc.compiler.rules import pipeline_split
 from nemoc.compiler.spec import LoraSpec, ModelSpec
@@ -214,10 +215,15 @@ def memory_errors(rows: list[dict]) -> list[dict]:
             pred = mem.activations / GIB
             out.append({"id": case.id, "label": f"{row['model']} {variant}", "measured_gib": measured,
                         "predicted_gib": pred, "error": pred / measured - 1.0})
-        mem = memory.estimate(case.model, base, precision="bf16", attention_backend="unfused", seq_length=case.seq,
-                              gpu=case.gpu)
-        pred = (mem.weights + mem.gradients + mem.optimizer) / GIB
-        out.append({"id": case.id, "label": f"{row['model']} model states", "measured_gib": states,
+        # Fig. 1's model-state bars count the transformer layers only (18 B x 12 l h^2 / (t p): 45.56 GiB
+        # for 22B and 175B alike), not the embedding the first stage also holds (which `memory.estimate`
+        # and every plan include): compare the same thing, our per-layer parameters (biases and norms
+        # included) at our bytes per parameter.
+        layer_params = layers_on_stage(case.model.layers, base.pp, 0) * param_counts(case.model).per_layer / base.tp
+        s = memory.state_bytes_per_param("bf16", distributed_optimizer=base.distributed_optimizer,
+                                         shard=base.dp * base.cp)
+        pred = layer_params * (s.weights + s.gradients + s.optimizer) / GIB
+        out.append({"id": case.id, "label": f"{row['model']} model states (layers)", "measured_gib": states,
                     "predicted_gib": pred, "error": pred / states - 1.0})
     return out
 

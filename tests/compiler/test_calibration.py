@@ -82,7 +82,8 @@ def test_memory_against_korthikanti_figure_1(calibrate, results) -> None:
     acts = [abs(r["error"]) for r in mem if "activations" in r["label"]]
     states = [abs(r["error"]) for r in mem if "states" in r["label"]]
     assert max(acts) <= 0.01
-    assert max(states) <= 0.12
+    # the figure's states are 18 B x 12 l h^2 / (t p): transformer layers at our bytes per parameter
+    assert max(states) <= 0.005
 
 
 def test_memory_against_bare_megatron_on_h200(calibrate) -> None:
