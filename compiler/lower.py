@@ -35,6 +35,7 @@ from nemoc.dsl.schema import (BLOCKS, DATA_OPTIONS, MODEL_FIELDS, STAGE_KINDS, S
                               TRAINING_KINDS)
 
 LENGTH_FIELDS = ("steps", "tokens", "epochs")
+EXPERIMENT_KEYS = ("precision", "attention_backend", "kernels")  # the experiment's own fields
 from nemoc.dsl.typecheck import CallValue, Checked, check_block, did_you_mean, missing_required, suggest
 
 
@@ -224,12 +225,12 @@ class _Lowering:
         declared = {b.name for b in self.exp.blocks if b.kind == "data" and b.name}  # invalid ones too
         stages = self._stages(parallel, declared)
         self._unused_data(data, stages)
-        for key in ("precision", "attention_backend"):
+        for key in EXPERIMENT_KEYS:
             if key in self.exp.spans:
                 self.spans[key] = self.exp.spans[key]
         if has_errors(self.diags) or cluster is None or model is None:
             return None
-        values = {k: v for k, v in self.exp.values.items() if k in ("precision", "attention_backend")}
+        values = {k: v for k, v in self.exp.values.items() if k in EXPERIMENT_KEYS}
         return ExperimentSpec(
             name=self.exp.name or "experiment", model=model, cluster=cluster, parallel=parallel,
             data=tuple(d for d in data if d), stages=stages, root=self.program.root_dir,

@@ -17,6 +17,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from nemoc.compiler.rules import stage_kernels
 from nemoc.compiler.spec import (
     _empty,
     CheckpointSpec,
@@ -26,6 +27,7 @@ from nemoc.compiler.spec import (
     ModelSpec,
     OptimizerSpec,
     ScheduleSpec,
+    resolve_kernels,
 )
 
 PLAN_VERSION = 1
@@ -102,6 +104,8 @@ class StagePlan:
     seed: int = 1234
     params: Mapping[str, object] = field(default_factory=_empty)
     resident_models: tuple[str, ...] = ("policy",)  # which models the stage keeps in memory
+    # The layer kernels the stage was costed with and the runtime builds: te | local (rules.stage_kernels).
+    kernels: str = "te"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,7 @@ class Plan:
     stages: tuple[StagePlan, ...]
     root: str = "."
     version: int = PLAN_VERSION
+    kernels: str = "te"  # the experiment's `kernels`, resolved: te | local (what pretraining runs)
 
     def stage(self, name: str) -> StagePlan:
         return next(s for s in self.stages if s.name == name)
@@ -170,7 +175,18 @@ def from_dict(data: Mapping) -> Plan:
     version = data.get("version")
     if version != PLAN_VERSION:
         raise ValueError(f"plan version {version} is not supported (this nemoc reads version {PLAN_VERSION})")
-    return _build(Plan, data)  # type: ignore[return-value]
+    return _build(Plan, _with_kernels(data))  # type: ignore[return-value]
+
+
+def _with_kernels(data: Mapping) -> Mapping:
+    """Plans written before `kernels` existed: the default the planner would have resolved (`auto`:
+    Transformer Engine on GPUs, local on the CPU) and, per stage, what the runtime runs that kind with."""
+    if "kernels" in data and all("kernels" in s for s in data.get("stages", ())):
+        return data
+    kernels = data.get("kernels") or resolve_kernels("auto", (data.get("cluster") or {}).get("gpu", ""))
+    stages = [s if "kernels" in s else dict(s, kernels=stage_kernels(s.get("kind", "pretrain"), kernels))
+              for s in data.get("stages", ())]
+    return dict(data, kernels=kernels, stages=stages)
 
 
 def from_json(text: str) -> Plan:

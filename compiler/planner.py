@@ -51,7 +51,7 @@ from nemoc.compiler.search import (
     gib,
     search,
 )
-from nemoc.compiler.spec import ExperimentSpec, ParallelSpec, StageSpec
+from nemoc.compiler.spec import ExperimentSpec, ParallelSpec, StageSpec, resolve_kernels
 from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Note, Severity
 
 BYTES_PER_TOKEN = 4.0  # ~4 bytes of UTF-8 text per BPE token (GPT-2/Llama tokenizers on English)
@@ -149,6 +149,7 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
         model=spec.model, cluster=spec.cluster, gpu=gpu, fixed=parallel, global_batch=stage.global_batch,
         seq_length=stage_seq_length(spec, stage), precision=spec.precision, attention_backend=backend,
         stage_kind=stage.kind, peft=stage.peft, params=stage.params, headroom=headroom, steps=steps,
+        kernels=resolve_kernels(spec.kernels, spec.cluster.gpu),
     )
 
 
@@ -237,7 +238,8 @@ def _stage_warnings(spec: ExperimentSpec, stage: StageSpec, problem: Problem, ch
     return [to_diagnostic(v, spec, stage) for v in violations(env, _sizes(problem, chosen.layout), WARNING_RULES)]
 
 
-def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps: int, seq: int, estimate: Estimate) -> StagePlan:
+def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps: int, seq: int, estimate: Estimate,
+                kernels: str) -> StagePlan:
     params = dict(stage.params)
     params.update(chosen.split.params())  # the TransformerConfig settings of an uneven split
     return StagePlan(
@@ -245,7 +247,7 @@ def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps
         memory=chosen.memory, estimate=estimate, seq_length=seq, steps=steps, optimizer=stage.optimizer,
         schedule=stage.schedule, checkpoint=stage.checkpoint, peft=stage.peft, log_every=stage.log_every,
         eval_every=stage.eval_every, seed=stage.seed, params=MappingProxyType(params),
-        resident_models=resident_models(stage.kind, stage.params, peft=stage.peft),
+        resident_models=resident_models(stage.kind, stage.params, peft=stage.peft), kernels=kernels,
     )
 
 
@@ -311,7 +313,7 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
     for n in notes:
         warnings.append(Diagnostic("W140", f"stage `{stage.name}`: {n}", spec.span(f"stage.{stage.name}"),
                                    Severity.NOTE))
-    plan = _stage_plan(spec, stage, chosen, steps, seq, chosen.estimate)
+    plan = _stage_plan(spec, stage, chosen, steps, seq, chosen.estimate, probe.stage_kernels)
     return StageResult(stage.name, stage.kind, result, chosen, tuple(notes)), plan, warnings
 
 
@@ -341,7 +343,8 @@ def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM,
     if errors:
         raise DiagnosticError(errors + warnings)
     plan = Plan(experiment=spec.name, model=spec.model, cluster=spec.cluster, precision=spec.precision,
-                attention_backend=backend, data=spec.data, stages=tuple(plans), root=spec.root)
+                attention_backend=backend, data=spec.data, stages=tuple(plans), root=spec.root,
+                kernels=resolve_kernels(spec.kernels, spec.cluster.gpu))
     return PlanResult(plan, tuple(results), _dedupe(warnings), time.perf_counter() - t0)
 
 

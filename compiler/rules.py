@@ -24,7 +24,7 @@ from functools import lru_cache
 from nemoc.compiler.catalog.hardware import get_gpu
 from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR as VOCAB_DIVISOR
 from nemoc.compiler.flops import padded_vocab  # Megatron-LM `_vocab_size_with_padding` (128 x tp)
-from nemoc.compiler.spec import ClusterSpec, ExperimentSpec, ModelSpec, ParallelSpec, StageSpec
+from nemoc.compiler.spec import ClusterSpec, ExperimentSpec, ModelSpec, ParallelSpec, StageSpec, resolve_kernels
 from nemoc.dsl.diagnostics import Diagnostic, Severity
 
 TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
@@ -37,14 +37,19 @@ class RuntimeCaps:
 
     pipeline: bool  # pp > 1 (and so virtual pipeline stages)
     runs: str  # how the runtime runs the kind, for messages
+    te: bool = True  # builds Transformer Engine's layer spec when the plan says kernels = te
 
 
 # The one place that says which stage kinds the nemoc runtime runs pipeline-parallel. pretrain is
 # runtime/train.py (Megatron's full schedules: PP, VP). The alignment kinds run in runtime/align/:
 # trainer.py `Trainer` refuses pp > 1 and common.py `build_gpt` refuses vp (docs/alignment.md,
 # "Parallelism"); eval and export run in one process (runtime/tasks/align.py `_one_process`).
-_ALIGN = RuntimeCaps(pipeline=False, runs="the nemoc runtime's alignment stages (runtime/align) run TP/DP only")
-_ONE_PROCESS = RuntimeCaps(pipeline=False, runs="the nemoc runtime runs eval and export in one process (runtime/align)")
+# All of runtime/align builds Megatron-Core's local layer spec, with or without Transformer Engine
+# (common.py `machine_facts`: LoRA must see normalised inputs, packed samples need an explicit mask).
+_ALIGN = RuntimeCaps(pipeline=False, runs="the nemoc runtime's alignment stages (runtime/align) run TP/DP only",
+                     te=False)
+_ONE_PROCESS = RuntimeCaps(pipeline=False, runs="the nemoc runtime runs eval and export in one process (runtime/align)",
+                           te=False)
 RUNTIME_CAPS = {
     "pretrain": RuntimeCaps(pipeline=True, runs="runtime/train.py runs every Megatron-Core schedule"),
     "sft": _ALIGN, "dpo": _ALIGN, "reward": _ALIGN, "ppo": _ALIGN,
@@ -55,6 +60,13 @@ RUNTIME_CAPS = {
 def runtime_caps(stage_kind: str) -> RuntimeCaps:
     """The runtime capabilities of a stage kind (unknown kinds: pretrain's, the typecheck reports them)."""
     return RUNTIME_CAPS.get(stage_kind, RUNTIME_CAPS["pretrain"])
+
+
+def stage_kernels(stage_kind: str, kernels: str) -> str:
+    """The kernels a stage runs with (and is costed with): the experiment's resolved `kernels`
+    (te | local), except that the runtime's alignment, eval and export stages always build the local
+    spec."""
+    return kernels if runtime_caps(stage_kind).te else "local"
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -90,6 +102,7 @@ class Env:
     gpu_arch: str | None = None  # ampere | hopper | blackwell | cpu (HardwareSpec.generation)
     gpu_precisions: tuple[str, ...] | None = None  # precisions the GPU runs (None = GPU unknown)
     stage_kind: str = "pretrain"
+    kernels: str = "te"  # the experiment's resolved `kernels`: te | local
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,18 +521,26 @@ def rule_context_seq(env: Env, s: Sizes) -> Violation | None:
 
 def rule_context_backend(env: Env, s: Sizes) -> Violation | None:
     """transformer/dot_product_attention.py: the local (unfused) attention asserts cp == 1; only
-    Transformer Engine attention (flash/fused, GPU only) implements the ring exchange."""
+    Transformer Engine attention (flash/fused, GPU only) implements the ring exchange. Without TE
+    (`kernels = local`) the nemoc runtime's attention cores are local ones (runtime/model.py), and
+    runtime/megatron_args.py refuses cp > 1."""
     if s.cp is None or s.cp <= 1:
         return None
     cpu = env.gpu_arch == "cpu"
-    if not cpu and env.attention_backend not in ("unfused",):
+    local = _local_why(env)
+    if not cpu and not local and env.attention_backend not in ("unfused",):
         return None
-    why = "the CPU has no Transformer Engine attention" if cpu else "attention_backend = unfused"
+    if cpu:
+        why, hint = "the CPU has no Transformer Engine attention", "set context = 1"
+    elif local:
+        why, hint = local, "set context = 1" + (", or kernels = te where Transformer Engine is installed"
+                                                 if env.kernels == "local" else "")
+    else:
+        why, hint = "attention_backend = unfused", "set attention_backend = flash (or fused)"
     return Violation(
         "E113", "context parallelism needs Transformer Engine attention (flash or fused)",
-        f"cp({s.cp}) > 1 but {why}",
-        "set context = 1" if cpu else "set attention_backend = flash (or fused)",
-        anchors=(_P + "context", "attention_backend"),
+        f"cp({s.cp}) > 1 but {why}", hint,
+        anchors=(_P + "context", "kernels" if local else "attention_backend"),
         source="megatron/core/transformer/dot_product_attention.py DotProductAttention (context_parallel_size == 1)",
     )
 
@@ -638,6 +659,47 @@ def rule_moe_bias_etp(env: Env, s: Sizes) -> Violation | None:
         "set expert_tensor = 1",
         anchors=(_P + "expert_tensor", _P + "tensor", "model.add_bias_linear", "model"),
         source="megatron/core/transformer/transformer_config.py __post_init__ (Bias in Moe is only supported when ETP==1)",
+    )
+
+
+def _local_why(env: Env) -> str | None:
+    """Why a training stage runs without Transformer Engine (None when it runs with it)."""
+    if stage_kernels(env.stage_kind, env.kernels) != "local" or env.stage_kind not in TRAINING_KINDS:
+        return None
+    if env.kernels == "local":
+        return "kernels = local (no Transformer Engine)"
+    return f"the nemoc runtime builds {env.stage_kind} stages with Megatron-Core's local spec (runtime/align)"
+
+
+def rule_fp8_needs_te(env: Env, s: Sizes) -> Violation | None:
+    """runtime/megatron_args.py `_check_supported`: fp8 / mxfp8 GEMMs are Transformer Engine's
+    (TransformerConfig.fp8 needs TE's layers); with the local spec the runtime refuses the plan.
+    A GPU that cannot run the precision at all is E121's."""
+    local = _local_why(env)
+    p = env.precision
+    if p not in ("fp8", "mxfp8") or not local or env.gpu_arch == "cpu" or (
+            env.gpu_precisions is not None and p not in env.gpu_precisions):
+        return None
+    return Violation(
+        "E127", f"precision = {p} needs Transformer Engine",
+        f"precision({p}) but {local}",
+        "use precision = bf16" + (", or kernels = te where Transformer Engine is installed"
+                                  if env.kernels == "local" else ""),
+        anchors=("kernels", "precision") if env.kernels == "local" else ("precision",),
+        source="runtime/megatron_args.py _check_supported (fp8 without Transformer Engine)",
+    )
+
+
+def rule_te_needs_gpu(env: Env, s: Sizes) -> Violation | None:
+    """Transformer Engine is CUDA-only; the CPU runtime (runtime/mcore_cpu.py) builds the local spec."""
+    if env.gpu_arch != "cpu" or env.kernels != "te":
+        return None
+    return Violation(
+        "E128", "Transformer Engine kernels need a GPU",
+        f"kernels = te but cluster.gpu = {env.cluster.gpu}",
+        "set kernels = local (or auto)",
+        anchors=("kernels", "cluster.gpu", "cluster"),
+        source="runtime/mcore_cpu.py (the gloo/CPU runtime has no Transformer Engine)",
     )
 
 
@@ -810,7 +872,7 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_interleave_microbatches,
     rule_context_seq, rule_context_backend, rule_sequence_parallel_split, rule_dense_expert,
     rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp, rule_moe_tp_needs_sp,
-    rule_precision_hardware, rule_seq_length_positions,
+    rule_precision_hardware, rule_fp8_needs_te, rule_te_needs_gpu, rule_seq_length_positions,
 )
 WARNING_RULES: tuple[Rule, ...] = (
     warn_tp_crosses_node, warn_padded_vocab, warn_ep_without_sp, warn_useless_distributed_optimizer,
@@ -894,6 +956,7 @@ def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend
         model=spec.model, cluster=spec.cluster, precision=spec.precision,
         attention_backend=attention_backend or spec.attention_backend,
         gpu_arch=arch, gpu_precisions=precisions, stage_kind=stage_kind,
+        kernels=resolve_kernels(spec.kernels, spec.cluster.gpu),
     )
 
 

@@ -1,8 +1,8 @@
 """Plan search: resolve every `auto` of one stage into the fastest layout that is valid and fits.
 
-Input:  a `Problem` (model, cluster, GPU, precision, attention backend, sequence length, global
-        batch, stage kind, LoRA, what the user fixed in the stage's `parallel` block, the memory
-        headroom, the step count).
+Input:  a `Problem` (model, cluster, GPU, precision, attention backend, layer kernels (te | local),
+        sequence length, global batch, stage kind, LoRA, what the user fixed in the stage's
+        `parallel` block, the memory headroom, the step count).
 Output: a `SearchResult`: the candidates that fit, fastest first (ties: less memory, then a fixed
         order of the sizes, so the answer is deterministic), and a summary of why every other
         candidate lost (which rule it broke, or by how much it overflowed memory and which term is
@@ -53,6 +53,7 @@ from nemoc.compiler.rules import (
     rule_heads_tp,
     rule_query_groups_tp,
     runtime_caps,
+    stage_kernels,
 )
 from nemoc.compiler.spec import ClusterSpec, LoraSpec, ModelSpec, ParallelSpec
 
@@ -83,12 +84,19 @@ class Problem:
     params: object = None  # stage params (DPO reference_free, ...)
     headroom: float = DEFAULT_HEADROOM
     steps: int = 1
+    kernels: str = "te"  # the experiment's resolved `kernels` (te | local); the stage's own: `stage_kernels`
 
     @property
     def env(self) -> Env:
         arch = self.gpu.generation
         precisions = tuple(p for p in ("bf16", "fp16", "fp32", "fp8", "mxfp8") if self.gpu.supports(p))
-        return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind)
+        return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind,
+                   self.kernels)
+
+    @property
+    def stage_kernels(self) -> str:
+        """What the memory and cost models price: the kernels the runtime builds this stage with."""
+        return stage_kernels(self.stage_kind, self.kernels)
 
     @property
     def budget(self) -> int:
@@ -185,6 +193,7 @@ def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
     return memory.estimate(
         p.model, layout, precision=p.precision, attention_backend=p.attention_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
+        kernels=p.stage_kernels,
     )
 
 
@@ -192,7 +201,7 @@ def evaluate_time(p: Problem, layout: Layout) -> Estimate:
     return cost.estimate(
         p.model, layout, cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.attention_backend,
         seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
-        split=_stage_layers(p, layout),
+        split=_stage_layers(p, layout), kernels=p.stage_kernels,
     )
 
 

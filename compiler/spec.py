@@ -169,6 +169,7 @@ class ExperimentSpec:
     parallel: ParallelSpec
     precision: str = "bf16"  # bf16 | fp16 | fp32 | fp8 | mxfp8
     attention_backend: str = "auto"  # auto | flash | fused | unfused
+    kernels: str = "auto"  # auto | te | local (resolve_kernels)
     data: tuple[DataSpec, ...] = ()
     stages: tuple[StageSpec, ...] = ()
     root: str = "."  # directory of the .nemo file; data paths are relative to it
@@ -183,3 +184,17 @@ class ExperimentSpec:
 
     def stage(self, name: str) -> StageSpec:
         return next(s for s in self.stages if s.name == name)
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+KERNELS = ("te", "local")  # the layer kernel sets the cost / memory models and the runtime know
+
+
+def resolve_kernels(kernels: str, gpu: str) -> str:
+    """The experiment's `kernels` setting resolved for the cluster's accelerator: `auto` is
+    Transformer Engine (`te`) on GPUs, where NGC / NeMo containers ship it, and Megatron-Core's
+    local spec (`local`) on the CPU (the gloo runtime has no Transformer Engine)."""
+    if kernels != "auto":
+        return kernels
+    return "local" if gpu == "CPU" else "te"

@@ -102,6 +102,28 @@ def _table(fields: tuple[FieldDef, ...]) -> list[str]:
     return rows + [""]
 
 
+KERNELS_SECTION = [
+    "## Layer kernels (`kernels`)", "",
+    "`kernels` (an experiment field, next to `precision`) says which layer kernels `nemoc run` builds and",
+    "`nemoc plan` costs. Write it when the machine that runs the plan differs from the default, e.g. a GPU",
+    "cluster whose Python has no Transformer Engine: `kernels = local` (or `--set kernels=local`).", "",
+    "| value | the runtime builds | the plan assumes |",
+    "|---|---|---|",
+    "| `te` | Transformer Engine's layer spec: fused norms, RoPE and SwiGLU, TE attention, fused Adam, "
+    "gradient-accumulation fusion | the cost and memory models' defaults |",
+    "| `local` | Megatron-Core's local spec on plain PyTorch: torch norms, RoPE and SwiGLU; torch SDPA "
+    "(`flash`) or Megatron's DotProductAttention (`unfused`) | their unfused kernels: more HBM traffic and "
+    "launches per layer, torch's foreach Adam, more activation memory (docs/cost-model.md, \"The local spec\") |",
+    "| `auto` (default) | `te` on a GPU cluster, `local` with `gpu = CPU` | the same |", "",
+    "fp8 and mxfp8 need Transformer Engine (E127 with `local`), so does `context` > 1 (E113); `te` with",
+    "`gpu = CPU` is E128. Alignment, eval and export stages always build the local spec (`runtime/align`), so",
+    "the plan costs them with `local` whatever `kernels` says. The plan records the choice (`Plan.kernels`,",
+    "`StagePlan.kernels`; `nemoc plan` prints it, `--json` has `kernels` at the top and per stage). A `te`",
+    "plan run where `transformer_engine` does not import falls back to the local spec and warns once at task",
+    "start; a `local` plan builds the local spec even where Transformer Engine is installed.", "",
+]
+
+
 def render() -> str:
     """The whole of docs/language.md."""
     out = [INTRO.rstrip("\n")]
@@ -136,6 +158,7 @@ def render() -> str:
     out += ["## Call values", "", "Arguments are written `name = value`; omitted ones take the default.", ""]
     for func, args in CALLS.items():
         out += [f"### `{func}(...)`", ""] + _table(args)
+    out += KERNELS_SECTION
     out += [
         "## Imports and templates", "",
         "`import \"path\"` is resolved relative to the importing file and must stay inside the project tree",
@@ -146,7 +169,7 @@ def render() -> str:
         "name a data template directly (`data = [web]`) without redeclaring it.", "",
         "## Overrides", "",
         "Every command accepts `--set KEY=VALUE` (repeatable). `KEY` is a dotted path: `parallel.tensor`,",
-        "`model.layers`, `cluster.nodes`, `precision`, `data.web.path`, `stage.pretrain.steps`,",
+        "`model.layers`, `cluster.nodes`, `precision`, `kernels`, `data.web.path`, `stage.pretrain.steps`,",
         "`stage.pretrain.checkpoint.every`, `stage.sft.parallel.tensor`. `VALUE` uses the same value syntax",
         "as the file (`--set stage.pretrain.optimizer='adam(lr = 1e-4)'`), and errors in it are reported",
         "against a pseudo-file `<--set N>` with a caret. A missing `parallel` or `checkpoint` block is created.",

@@ -319,6 +319,11 @@ CHECKPOINT_FIELDS = (
 EXPERIMENT_FIELDS = (
     _f("precision", enum("bf16", "fp16", "fp32", "fp8", "mxfp8"), "bf16", "Training precision."),
     _f("attention_backend", enum("auto", "flash", "fused", "unfused"), "auto", "Attention kernel."),
+    _f("kernels", enum("auto", "te", "local"), "auto",
+       "Layer kernels the run uses and the plan is costed with: `te` (Transformer Engine's fused kernels, "
+       "what NGC / NeMo containers ship), `local` (Megatron-Core's local spec on plain PyTorch: no Transformer "
+       "Engine installed; slower, more activation memory, no fp8, no context parallelism). `auto`: `te` on "
+       "GPUs, `local` on the CPU. Alignment, eval and export stages always run `local`."),
 )
 
 BLOCKS: Mapping[str, BlockDef] = MappingProxyType({

@@ -13,7 +13,8 @@ the contract other tools rely on:
                               "steps","wall_time_s","gpu_hours","cost_usd"}}],
      "total": {"wall_time_s","gpu_hours","cost_usd"}}
 
-(memory in bytes per GPU; extra keys may be added, none renamed). `--emit PATH` writes the full
+(memory in bytes per GPU; extra keys may be added, none renamed; `kernels`, top level and per stage,
+says which layer kernels the estimates assume: `te` or `local`). `--emit PATH` writes the full
 `Plan` (plan.to_json) that `nemoc run` consumes. Exit 0: planned; 1: diagnostics (a broken rule,
 or a stage that fits nowhere); 2: usage error. Imports neither torch nor Megatron-Core.
 """
@@ -35,6 +36,7 @@ TERM_STYLE = {"weights": ("W", "blue"), "gradients": ("G", "magenta"), "optimize
               "activations": ("A", "green"), "other": ("x", "cyan")}
 LAYOUT_KEYS = ("tp", "pp", "vp", "cp", "ep", "etp", "dp", "micro_batch", "global_batch", "num_microbatches",
                "sequence_parallel", "distributed_optimizer", "recompute")
+KERNELS_LABEL = {"te": "Transformer Engine", "local": "Megatron-Core local spec"}
 ESTIMATE_KEYS = ("step_time_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu", "mfu", "steps", "wall_time_s",
                  "gpu_hours", "cost_usd")
 
@@ -122,7 +124,7 @@ def report_json(result, headroom: float, top: int) -> dict:
             "layout": {k: getattr(sp.layout, k) for k in LAYOUT_KEYS} | ({"pipeline_split": split} if split else {}),
             "memory": _memory_json(sp.memory) | {"budget": int(sp.memory.capacity * (1 - headroom))},
             "estimate": _estimate_json(sp.estimate),
-            "seq_length": sp.seq_length, "resident_models": list(sp.resident_models),
+            "seq_length": sp.seq_length, "resident_models": list(sp.resident_models), "kernels": sp.kernels,
             "runner_ups": [_candidate_json(c) for c in sr.runner_ups[:top]],
             "rejections": [{"reason": r.reason, "count": r.count, "example": r.example, "layout": r.layout}
                            for r in (search.rejections if search else ())],
@@ -134,7 +136,7 @@ def report_json(result, headroom: float, top: int) -> dict:
         "cluster": {"gpu": result.plan.cluster.gpu, "nodes": result.plan.cluster.nodes,
                     "gpus_per_node": result.plan.cluster.gpus_per_node},
         "precision": result.plan.precision, "attention_backend": result.plan.attention_backend,
-        "headroom": headroom,
+        "kernels": result.plan.kernels, "headroom": headroom,
         "stages": stages,
         "total": report_json_total(result.plan),
         "warnings": [to_json(d) for d in result.warnings],
@@ -258,9 +260,12 @@ def render_report(result, headroom: float, top: int, console) -> None:
     c = plan.cluster
     console.print(f"[bold]experiment {plan.experiment}[/]: {c.nodes} node{'s' * (c.nodes != 1)} x {c.gpus_per_node} "
                   f"{c.gpu} = {c.world_size} GPUs, {plan.precision}, attention {plan.attention_backend}, "
-                  f"headroom {headroom:.0%}")
+                  f"kernels {plan.kernels} ({KERNELS_LABEL[plan.kernels]}), headroom {headroom:.0%}")
     for sp, sr in zip(plan.stages, result.stages):
         console.print(Rule(f"stage {sp.name} ({sp.kind})", style="dim"))
+        if sp.kernels != plan.kernels:
+            console.print(f"[dim]kernels {sp.kernels}: the nemoc runtime builds {sp.kind} stages with "
+                          "Megatron-Core's local spec (runtime/align); the estimates below assume it[/]")
         split = _split_line(sp)
         console.print(_layout_table(sp, split))
         if split:

@@ -28,14 +28,15 @@ def make_stage(name="pretrain", kind="pretrain", *, after=(), data=("web",), ste
         estimate=Estimate(step_time_s=0.1, tokens_per_s_per_gpu=1.0, model_tflops_per_gpu=0.0, mfu=0.0,
                           steps=steps, wall_time_s=1.0, gpu_hours=0.0, cost_usd=None),
         seq_length=kw.pop("seq_length", 64), steps=steps, optimizer=kw.pop("optimizer", OptimizerSpec()),
-        schedule=kw.pop("schedule", ScheduleSpec()), checkpoint=kw.pop("checkpoint", CheckpointSpec()), **kw)
+        schedule=kw.pop("schedule", ScheduleSpec()), checkpoint=kw.pop("checkpoint", CheckpointSpec()),
+        kernels=kw.pop("kernels", "local"), **kw)
 
 
 def make_plan(root, *, data=None, stages=None, experiment="exp", model=TINY_MODEL) -> Plan:
     data = data if data is not None else (DataSpec(name="web", path="corpus.jsonl", format="jsonl", vocab_size=300),)
     return Plan(experiment=experiment, model=model, cluster=ClusterSpec(gpu="CPU", nodes=1, gpus_per_node=2),
                 precision="fp32", attention_backend="unfused", data=tuple(data),
-                stages=tuple(stages if stages is not None else (make_stage(),)), root=str(root))
+                stages=tuple(stages if stages is not None else (make_stage(),)), root=str(root), kernels="local")
 
 
 def with_stage(plan: Plan, name: str, **changes) -> Plan:

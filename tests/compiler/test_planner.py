@@ -195,7 +195,8 @@ def random_specs(draw) -> ExperimentSpec:
                           gpus_per_node=draw(st.sampled_from([1, 2, 4, 8])))
     return ExperimentSpec(name="fuzz", model=model, cluster=cluster, parallel=parallel, stages=stages,
                           precision=draw(st.sampled_from(["bf16", "fp16", "fp32", "fp8", "mxfp8"])),
-                          attention_backend=draw(st.sampled_from(["auto", "flash", "unfused"])))
+                          attention_backend=draw(st.sampled_from(["auto", "flash", "unfused"])),
+                          kernels=draw(st.sampled_from(["auto", "te", "local"])))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -210,6 +211,7 @@ def test_any_spec_plans_or_fails_with_diagnostics_never_a_traceback(spec):
     for sp in result.plan.stages:
         assert sp.layout.tp * sp.layout.pp * sp.layout.cp * sp.layout.dp == spec.cluster.world_size
         assert sp.memory.total <= sp.memory.capacity
+        assert sp.kernels in ("te", "local") and (sp.kernels == "local" or spec.cluster.gpu != "CPU")
     assert from_json(to_json(result.plan)) == result.plan
 
 

@@ -58,7 +58,8 @@ def small_problems(draw) -> Problem:
     )
     return Problem(model=model, cluster=cluster, gpu=gpu, fixed=fixed,
                    global_batch=draw(st.sampled_from([None, 4, 8])),
-                   seq_length=draw(st.sampled_from([512, 1024, 2048])), headroom=draw(st.sampled_from([0.0, 0.1])))
+                   seq_length=draw(st.sampled_from([512, 1024, 2048])), headroom=draw(st.sampled_from([0.0, 0.1])),
+                   kernels=draw(st.sampled_from(["te", "local"])))
 
 
 def _valid_and_fits(p: Problem, layout: Layout) -> None:
@@ -127,7 +128,8 @@ def large_layouts(draw):
     name, nodes = draw(st.sampled_from([("llama31_405b", 2048), ("llama31_70b", 64), ("mixtral_8x7b", 32),
                                         ("nemotron4_340b", 768), ("qwen25_72b", 16)]))
     p = Problem(model=get_preset(name), cluster=ClusterSpec(gpu="H100", nodes=nodes), gpu=replace(H100, hbm_bytes=10**15),
-                fixed=ParallelSpec(), global_batch=draw(st.sampled_from([512, 1024, 2048])), seq_length=4096)
+                fixed=ParallelSpec(), global_batch=draw(st.sampled_from([512, 1024, 2048])), seq_length=4096,
+                kernels=draw(st.sampled_from(["te", "local"])))
     world = p.cluster.world_size
     tp = draw(st.sampled_from([1, 2, 4, 8, 16]))
     pp = draw(st.sampled_from([d for d in (1, 2, 4, 8, 16) if world % (tp * d) == 0]))

@@ -77,6 +77,46 @@ def test_readable_report():
         assert text in res.stdout
 
 
+def _same_layout(doc: dict) -> list[str]:
+    """--set arguments that fix every size of the first stage's chosen layout."""
+    lay = doc["stages"][0]["layout"]
+    fixed = {"tensor": lay["tp"], "pipeline": lay["pp"], "virtual_pipeline": lay["vp"] or 1, "context": lay["cp"],
+             "data": lay["dp"], "micro_batch": lay["micro_batch"], "recompute": lay["recompute"],
+             "sequence_parallel": str(lay["sequence_parallel"]).lower(),
+             "distributed_optimizer": str(lay["distributed_optimizer"]).lower()}
+    return [arg for k, v in fixed.items() for arg in ("--set", f"parallel.{k}={v}")]
+
+
+def test_json_says_which_kernels_and_local_kernels_are_slower_and_larger_for_the_same_layout():
+    te = json.loads(run(EXAMPLE, "--json").stdout)
+    assert te["kernels"] == "te" and te["stages"][0]["kernels"] == "te"
+    res = run(EXAMPLE, "--json", "--set", "kernels=local", *_same_layout(te))
+    assert res.exit_code == 0, res.output
+    local = json.loads(res.stdout)
+    assert local["kernels"] == "local" and local["stages"][0]["kernels"] == "local"
+    (a,), (b,) = te["stages"], local["stages"]
+    assert b["layout"] == a["layout"]
+    step_ratio = b["estimate"]["step_time_s"] / a["estimate"]["step_time_s"]
+    activation_ratio = b["memory"]["activations"] / a["memory"]["activations"]
+    assert step_ratio > 1.05 and activation_ratio > 1.2, (step_ratio, activation_ratio)
+    assert b["estimate"]["tokens_per_s_per_gpu"] < a["estimate"]["tokens_per_s_per_gpu"]
+
+
+def test_the_report_names_the_kernels():
+    assert "kernels te (Transformer Engine)" in run(EXAMPLE).stdout
+    assert "kernels local (Megatron-Core local spec)" in run(EXAMPLE, "--set", "kernels=local").stdout
+    assert "kernels local (Megatron-Core local spec)" in run("examples/quickstart.nemo").stdout
+    sft = run("examples/llama3_70b_sft_dpo.nemo").stdout
+    assert "kernels te (Transformer Engine)" in sft and "builds sft stages with Megatron-Core's local spec" in sft
+
+
+def test_fp8_with_local_kernels_is_an_error_at_the_line():
+    res = run(EXAMPLE, "--set", "cluster.gpu=B200", "--set", "precision=fp8", "--set", "kernels=local")
+    assert res.exit_code == 1
+    assert "error[E127]: precision = fp8 needs Transformer Engine" in res.stderr
+    assert "<--set 3>" in res.stderr and "hint: use precision = bf16" in res.stderr
+
+
 def test_not_fitting_exits_1_with_the_term_and_the_fix():
     res = run(EXAMPLE, "--set", "parallel.tensor=1", "--set", "parallel.pipeline=1", "--set", "parallel.recompute=none")
     assert res.exit_code == 1

@@ -97,10 +97,10 @@ def make_plan(model, stages, *, data=(), precision="fp32", checkpoint_every=None
                             estimate=estimate, seq_length=model.seq_length, steps=steps,
                             optimizer=OptimizerSpec(lr=3e-3, weight_decay=0.0), schedule=ScheduleSpec(name="constant"),
                             checkpoint=CheckpointSpec(every=checkpoint_every), peft=peft, log_every=log_every,
-                            params=params)
+                            params=params, kernels="local")
                   for name, kind, after, params, peft, steps in stages)
     return Plan(experiment="t", model=model, cluster=ClusterSpec(gpu="CPU", gpus_per_node=1), precision=precision,
-                attention_backend="unfused", data=tuple(data), stages=plans)
+                attention_backend="unfused", data=tuple(data), stages=plans, kernels="local")
 
 
 def write_task(tmp_path, plan, stage, *, datasets, tokenizer, vocab_size, parents, out=None, max_steps=None):

@@ -1,0 +1,142 @@
+"""The experiment's `kernels` setting (te | local | auto): parsing, its default per cluster kind, the
+rules that need Transformer Engine, how the planner threads it into the cost and memory models, and
+plans written before the field existed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from nemoc.compiler.lower import compile_file
+from nemoc.compiler.plan import from_dict, from_json, to_json
+from nemoc.compiler.planner import plan_experiment
+from nemoc.compiler.rules import check_spec, stage_kernels
+from nemoc.compiler.spec import ParallelSpec, StageSpec, resolve_kernels
+from nemoc.dsl.diagnostics import render_all
+from nemoc.runtime.cli_common import load_spec
+
+GPU_EXAMPLE = "examples/llama3_8b_pretrain.nemo"
+CPU_EXAMPLE = "examples/quickstart.nemo"
+
+SOURCE = """experiment k {{
+  cluster {{ gpu = {gpu}  nodes = 1  gpus_per_node = 8 }}
+  model llama3_8b {{ seq_length = 4096 }}
+  {setting}
+  stage pretrain {{ steps = 10  global_batch = 64 }}
+}}
+"""
+
+
+def _compile(tmp_path, setting: str, gpu: str = "H100"):
+    path = tmp_path / "k.nemo"
+    path.write_text(SOURCE.format(gpu=gpu, setting=setting))
+    return compile_file(str(path))
+
+
+@pytest.mark.parametrize("setting, expected", [("kernels = te", "te"), ("kernels = local", "local"),
+                                               ("kernels = auto", "auto"), ("", "auto")])
+def test_the_setting_parses_and_defaults_to_auto(tmp_path, setting, expected):
+    spec, diags, _ = _compile(tmp_path, setting)
+    assert not [d for d in diags if d.is_error]
+    assert spec.kernels == expected
+    if setting:
+        assert spec.span("kernels").line == 4
+
+
+def test_a_bad_value_is_an_error_at_the_value_with_a_suggestion(tmp_path):
+    spec, diags, sources = _compile(tmp_path, "kernels = tee")
+    (d,) = [d for d in diags if d.is_error]
+    assert spec is None and d.code == "E033"
+    assert (d.span.line, d.span.col) == (4, 13)
+    text = render_all([d], sources)
+    assert "k.nemo:4:13: error[E033]" in text and "^^^" in text and "did you mean `te`?" in text
+
+
+def test_auto_is_te_on_gpus_and_local_on_the_cpu():
+    assert resolve_kernels("auto", "H100") == "te" and resolve_kernels("auto", "CPU") == "local"
+    assert resolve_kernels("local", "H100") == "local" and resolve_kernels("te", "B200") == "te"
+    gpu = plan_experiment(load_spec(GPU_EXAMPLE)[0]).plan
+    cpu = plan_experiment(load_spec(CPU_EXAMPLE)[0]).plan
+    assert gpu.kernels == "te" and [s.kernels for s in gpu.stages] == ["te"]
+    assert cpu.kernels == "local" and [s.kernels for s in cpu.stages] == ["local"]
+
+
+def test_alignment_eval_and_export_stages_are_planned_with_the_local_spec():
+    """runtime/align builds the local spec whatever `kernels` says (rules.RUNTIME_CAPS)."""
+    plan = plan_experiment(load_spec("examples/llama3_70b_sft_dpo.nemo")[0]).plan
+    assert plan.kernels == "te"
+    assert {s.kind: s.kernels for s in plan.stages} == {"sft": "local", "dpo": "local", "export": "local"}
+    assert [stage_kernels(k, "te") for k in ("pretrain", "sft", "eval")] == ["te", "local", "local"]
+
+
+def test_local_kernels_cost_more_time_and_activation_memory_for_the_same_layout():
+    spec, _ = load_spec(GPU_EXAMPLE)
+    te = plan_experiment(replace(spec, kernels="te")).plan.stages[0]
+    fixed = ParallelSpec(tensor=te.layout.tp, pipeline=te.layout.pp, virtual_pipeline=te.layout.vp or 1,
+                         context=1, expert=1, data=te.layout.dp, micro_batch=te.layout.micro_batch,
+                         recompute=te.layout.recompute, sequence_parallel=te.layout.sequence_parallel,
+                         distributed_optimizer=te.layout.distributed_optimizer)
+    te_fixed = plan_experiment(replace(spec, kernels="te", parallel=fixed)).plan.stages[0]
+    local = plan_experiment(replace(spec, kernels="local", parallel=fixed)).plan.stages[0]
+    assert local.layout == te_fixed.layout == te.layout
+    assert local.kernels == "local" and te_fixed.kernels == "te"
+    assert local.estimate.step_time_s / te_fixed.estimate.step_time_s > 1.05
+    assert local.memory.activations / te_fixed.memory.activations > 1.2
+
+
+@pytest.mark.parametrize("precision", ["fp8", "mxfp8"])
+def test_fp8_with_local_kernels_is_refused(precision):
+    spec, _ = load_spec(GPU_EXAMPLE)
+    spec = replace(spec, precision=precision, cluster=replace(spec.cluster, gpu="B200"), kernels="local")
+    assert "E127" in {d.code for d in check_spec(spec)}
+    assert "E127" not in {d.code for d in check_spec(replace(spec, kernels="te"))}
+
+
+def test_context_parallelism_with_local_kernels_is_refused():
+    spec, _ = load_spec(GPU_EXAMPLE)
+    spec = replace(spec, parallel=replace(spec.parallel, context=2), kernels="local")
+    (d,) = [d for d in check_spec(spec) if d.code == "E113"]
+    assert "kernels = local" in d.equation and "kernels = te" in d.hint
+    assert d.span.line == spec.span("parallel.context").line
+    assert "E113" not in {d.code for d in check_spec(replace(spec, kernels="auto"))}
+
+
+def test_te_kernels_on_the_cpu_are_refused():
+    spec, _ = load_spec(CPU_EXAMPLE)
+    assert "E128" in {d.code for d in check_spec(replace(spec, kernels="te"))}
+    assert "E128" not in {d.code for d in check_spec(spec)}
+
+
+def _strip_kernels(plan) -> dict:
+    data = json.loads(to_json(plan))
+    data.pop("kernels")
+    for s in data["stages"]:
+        s.pop("kernels")
+    return data
+
+
+@pytest.mark.parametrize("example, plan_kernels, stage_kernels_", [
+    (GPU_EXAMPLE, "te", ["te"]), (CPU_EXAMPLE, "local", ["local"]),
+    ("examples/llama3_70b_sft_dpo.nemo", "te", ["local", "local", "local"]),
+])
+def test_a_plan_written_before_the_field_existed_still_loads(example, plan_kernels, stage_kernels_):
+    plan = plan_experiment(load_spec(example)[0]).plan
+    old = from_dict(_strip_kernels(plan))
+    assert old.kernels == plan_kernels and [s.kernels for s in old.stages] == stage_kernels_
+    assert old == plan
+    assert from_json(to_json(plan)) == plan
+
+
+def test_a_local_plan_on_a_gpu_round_trips_and_keeps_its_setting():
+    spec, _ = load_spec(GPU_EXAMPLE)
+    plan = plan_experiment(replace(spec, kernels="local")).plan
+    assert from_json(to_json(plan)).kernels == "local" and from_json(to_json(plan)).stages[0].kernels == "local"
+
+
+def test_a_stage_level_kind_does_not_change_the_experiment_setting():
+    spec, _ = load_spec(GPU_EXAMPLE)
+    stages = spec.stages + (StageSpec(name="sft", kind="sft", after=("pretrain",), steps=10, global_batch=128),)
+    plan = plan_experiment(replace(spec, stages=stages, kernels="te")).plan
+    assert plan.kernels == "te" and [s.kernels for s in plan.stages] == ["te", "local"]
