@@ -2,7 +2,8 @@
 
 Input:  slices of a `nemoc.compiler.plan.Plan` (ModelSpec, a StagePlan's Layout / OptimizerSpec /
 ScheduleSpec, the precision and the resolved attention backend) plus two facts about the machine
-(`cpu`: the gloo/CPU adaptation is active; `have_te`: Transformer Engine imports).
+(`cpu`: the gloo/CPU adaptation is active; `have_te`: build with Transformer Engine, which
+`choose_kernels` decides from the plan's `kernels` and whether TE imports).
 Output: plain Megatron-Core objects and keyword dicts: `initialize_model_parallel` kwargs,
 `TransformerConfig`, `DistributedDataParallelConfig`, `OptimizerConfig`, `OptimizerParamScheduler`
 kwargs, the padded vocabulary size. Nothing else in the runtime turns plan fields into Megatron
@@ -39,7 +40,40 @@ class UnsupportedPlan(ValueError):
 @dataclass(frozen=True)
 class MachineFacts:
     cpu: bool  # gloo on CPU (runtime.mcore_cpu applied)
-    have_te: bool  # transformer_engine imports
+    have_te: bool  # build with Transformer Engine: it imports and the plan asks for it (`choose_kernels`)
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """What the runtime builds for a stage: `use_te` (Transformer Engine's layer spec) or Megatron-Core's
+    local spec, and a warning to print once at task start when that is not what the plan assumed."""
+
+    use_te: bool
+    warning: str | None = None
+
+    @property
+    def kernels(self) -> str:
+        return "te" if self.use_te else "local"
+
+
+def choose_kernels(*, planned: str, te_importable: bool, cpu: bool) -> KernelChoice:
+    """The plan's kernels (StagePlan.kernels: te | local) x whether transformer_engine imports x the
+    CPU adaptation -> what to build. `local` is always honoured (a valid choice even where TE is
+    installed). `te` without TE, or on the CPU, falls back to the local spec with a warning: the plan's
+    step time and activation memory assumed TE's fused kernels."""
+    if planned == "local":
+        return KernelChoice(use_te=False)
+    if planned != "te":
+        raise UnsupportedPlan(f"unknown kernels {planned!r} in the plan (te | local)")
+    if te_importable and not cpu:
+        return KernelChoice(use_te=True)
+    why = "this run is on the CPU (gloo)" if cpu else "transformer_engine does not import here"
+    return KernelChoice(use_te=False, warning=(
+        f"warning: the plan assumed Transformer Engine kernels (kernels = te) but {why}: building "
+        "Megatron-Core's local spec instead; expect a slower step and more activation memory than "
+        "`nemoc plan` predicted (up to 2-3x). Re-plan with `--set kernels=local` (or write "
+        "`kernels = local` in the experiment) for estimates that match this machine, or install "
+        "Transformer Engine."))
 
 
 def padded_vocab_size(vocab: int, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:

@@ -139,8 +139,19 @@ def load_task(path: str) -> Task:
 # ------------------------------------------------------------------------------------ distributed
 
 
-def machine_facts() -> margs.MachineFacts:
-    return margs.MachineFacts(cpu=mcore_cpu.is_applied(), have_te=mdl.have_transformer_engine())
+def kernel_setup(kernels: str) -> tuple[margs.MachineFacts, str | None]:
+    """(the facts a stage builds with, a warning for task start or None) for the plan's `kernels`
+    (StagePlan.kernels): margs.choose_kernels decides; the local spec gets its workarounds on a GPU too."""
+    cpu = mcore_cpu.is_applied()
+    importable = kernels == "te" and not cpu and mdl.have_transformer_engine()  # TE is imported only if wanted
+    choice = margs.choose_kernels(planned=kernels, te_importable=importable, cpu=cpu)
+    if not choice.use_te:
+        mcore_cpu.apply_no_te_fixes()  # idempotent; the CPU adaptation has applied them already
+    return margs.MachineFacts(cpu=cpu, have_te=choice.use_te), choice.warning
+
+
+def machine_facts(kernels: str = "te") -> margs.MachineFacts:
+    return kernel_setup(kernels)[0]
 
 
 def init_distributed(*, layout, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
@@ -200,7 +211,7 @@ def device() -> torch.device:
 def build_model(*, plan: Plan, stage: StagePlan, vocab_size: int, facts: margs.MachineFacts | None = None,
                 dropout: float | None = None):
     """(model chunks wrapped in Megatron DDP, TransformerConfig, padded vocab) for a stage."""
-    facts = facts or machine_facts()
+    facts = facts or machine_facts(stage.kernels)
     set_phase("build model")
     config = margs.transformer_config(
         model=plan.model, layout=stage.layout, precision=plan.precision,
@@ -654,7 +665,10 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
     stage, plan = task.stage, task.plan
     rank = torch.distributed.get_rank()
     set_seed(stage.seed)
-    model, config, padded_vocab = build_model(plan=plan, stage=stage, vocab_size=task.vocab_size)
+    facts, warning = kernel_setup(stage.kernels)
+    if warning:
+        _rank0_print(warning)
+    model, config, padded_vocab = build_model(plan=plan, stage=stage, vocab_size=task.vocab_size, facts=facts)
     optimizer, scheduler = build_optimizer(model=model, stage=stage, precision=plan.precision)
     metrics = open_metrics(rank=rank, metrics_path=task.metrics_path, tensorboard_dir=task.tensorboard_dir,
                            total_steps=task.steps, title=stage.name)
@@ -693,7 +707,8 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
             _rank0_print(f"stage {stage.name}: {plan.model.name} layout tp={layout.tp} pp={layout.pp} vp={layout.vp} "
                          f"cp={layout.cp} ep={layout.ep} dp={layout.dp} mbs={layout.micro_batch} "
                          f"gbs={layout.global_batch} seq={stage.seq_length} precision={plan.precision} "
-                         f"attention={mdl.attention_core_name(attention_backend=plan.attention_backend, have_te=mdl.have_transformer_engine())} "
+                         f"kernels={'te' if facts.have_te else 'local'} "
+                         f"attention={mdl.attention_core_name(attention_backend=plan.attention_backend, have_te=facts.have_te)} "
                          f"vocab={task.vocab_size}->{padded_vocab} steps {state.iteration}->{task.steps}"
                          f"{' (CPU/gloo)' if mcore_cpu.is_applied() else ''}")
         state = train_loop(model=model, optimizer=optimizer, scheduler=scheduler, stage=stage,

@@ -135,7 +135,9 @@ def machine_facts() -> margs.MachineFacts:
     Engine is installed. TE's fused LayerNorm-linear would put the norm inside linear_qkv/linear_fc1, where
     a LoRA adapter must not see un-normalised input, and TE's attention ignores an arbitrary mask (packed
     samples). The local spec's sharded-state-dict key map (`input_layernorm.` <->
-    `self_attention.linear_qkv.layer_norm_`) keeps checkpoints interchangeable with TE-trained ones."""
+    `self_attention.linear_qkv.layer_norm_`) keeps checkpoints interchangeable with TE-trained ones.
+    The planner knows it: these stage kinds are planned and costed with `kernels = local`
+    (compiler/rules.py `RUNTIME_CAPS`, `stage_kernels`), whatever the experiment's `kernels` says."""
     return margs.MachineFacts(cpu=mcore_cpu.is_applied(), have_te=False)
 
 
