@@ -10,7 +10,9 @@ Invariants: pure (reads only the data files' sizes, to estimate epoch-based step
 Per stage: the stage's `parallel` block overrides the experiment's (`rules.stage_parallel`); training
 stages (pretrain, sft, dpo, reward, ppo) are searched (`nemoc.compiler.search`); eval and export do
 not train: they get the least model parallelism that fits (tp = pp = 1 unless the model needs more)
-and, for eval, a forward-only estimate; export gets no time estimate (it runs no steps).
+and, for eval, a forward-only estimate; export gets no time estimate (it runs no steps). Every stage
+is costed with the layer kernels the runtime builds it with (`rules.stage_kernels`: the experiment's
+`kernels`, `auto` -> te on GPUs / local on the CPU; always local for the runtime/align kinds).
 """
 
 from __future__ import annotations
