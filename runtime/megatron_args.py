@@ -145,6 +145,10 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
         raise UnsupportedPlan(f"MoE with tp={layout.tp} needs sequence_parallel (Megatron-Core rejects it otherwise)")
     if layout.sequence_parallel and layout.tp == 1:
         raise UnsupportedPlan("sequence_parallel needs tp > 1")
+    if model.is_moe and model.add_bias_linear:
+        # `nemoc check` refuses this spec (E140): the MoE build below has no linear biases.
+        raise UnsupportedPlan("MoE models are built without linear biases (add_bias_linear = false); "
+                              "expert MLPs with a bias fail in Megatron-Core 0.16.1 (mlp.py)")
 
 
 # The planner's uneven pipeline split (compiler/rules.py, compiler/planner.py) travels in
@@ -229,8 +233,15 @@ def transformer_config(
             moe_router_load_balancing_type="aux_loss",
             moe_aux_loss_coeff=1e-2,  # Switch Transformer's alpha (Fedus et al. 2021, sec. 2.2)
             moe_grouped_gemm=False,  # grouped GEMM needs the CUDA grouped_gemm/TE kernels
+            # Top-1 softmax routing raises unless the softmax comes before the top-k
+            # (transformer_config.py __post_init__: "Please use --moe-router-pre-softmax when topk is 1").
+            moe_router_pre_softmax=model.top_k == 1,
+            # Megatron warns from 32 experts on without fp32 routing (numerical stability of the
+            # router's softmax and aux loss; transformer_config.py __post_init__); below, the default.
+            moe_router_dtype="fp32" if model.experts >= 32 else None,
             # Expert MLPs with a bias hit an autograd view+inplace error in 0.16.1 (mlp.py) and
-            # production MoE models (Mixtral, Qwen-MoE) have none.
+            # production MoE models (Mixtral, Qwen-MoE) have none; _check_supported refuses a MoE
+            # model with add_bias_linear (E140 in `nemoc check`).
             add_bias_linear=False,
         )
     if precision in ("fp8", "mxfp8"):
@@ -238,14 +249,21 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
+_TE_ATTENTION = {"auto": "auto", "flash": "flash", "fused": "fused", "unfused": "unfused"}
+
+
 def _megatron_attention_backend(backend: str, facts: MachineFacts, AttnBackend):
-    """With TE the choice goes to TE (flash/fused/unfused). Without it the layer spec decides
-    (runtime.model picks our SDPA core for `flash`), and Megatron must not steer TE: `local`."""
+    """With TE the plan's choice goes to TE: `auto` -> AttnBackend.auto (TE picks flash-attn or cuDNN
+    fused attention per call; Megatron leaves NVTE_*_ATTN alone), an explicit `flash` / `fused` /
+    `unfused` -> that backend only (language_module.py sets NVTE_FLASH_ATTN / NVTE_FUSED_ATTN /
+    NVTE_UNFUSED_ATTN). Without TE the layer spec decides (runtime.model: our SDPA core for auto,
+    flash and fused; Megatron's DotProductAttention for unfused), and Megatron must not steer TE:
+    `local`."""
     if not facts.have_te:
         return AttnBackend.local
-    return {"flash": AttnBackend.flash, "fused": AttnBackend.fused, "unfused": AttnBackend.unfused}.get(
-        backend, AttnBackend.auto
-    )
+    if backend not in _TE_ATTENTION:
+        raise UnsupportedPlan(f"unknown attention backend {backend!r} in the plan (auto | flash | fused | unfused)")
+    return getattr(AttnBackend, _TE_ATTENTION[backend])
 
 
 def ddp_config(*, layout: Layout):
@@ -268,6 +286,10 @@ def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout
 
     if optimizer.name not in ("adam", "sgd"):
         raise UnsupportedPlan(f"optimizer {optimizer.name!r} is not supported (adam | sgd)")
+    if optimizer.name == "sgd" and layout.distributed_optimizer:
+        # distrib_optimizer.py asserts Adam (`nemoc check`: E129; an auto setting plans off for SGD).
+        raise UnsupportedPlan("Megatron-Core's distributed optimizer supports Adam only: "
+                              "plan SGD with distributed_optimizer = false")
     dtype = params_dtype(precision)
     return OptimizerConfig(
         optimizer=optimizer.name,

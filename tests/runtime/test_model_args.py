@@ -57,12 +57,38 @@ def test_parallel_fields_and_cpu_specifics():
     assert kw["expert_model_parallel_size"] == 4 and kw["distributed_timeout_minutes"] == 5
 
 
-def test_moe_forces_bias_free_experts_and_picks_dispatcher():
-    moe = dataclasses.replace(LLAMA_ISH, experts=8, top_k=2, moe_ffn_hidden=128, add_bias_linear=True)
+def test_moe_builds_bias_free_experts_and_picks_dispatcher():
+    moe = dataclasses.replace(LLAMA_ISH, experts=8, top_k=2, moe_ffn_hidden=128)
     c = config(model=moe, layout=lay(ep=2))
     assert c.num_moe_experts == 8 and c.moe_router_topk == 2 and c.moe_ffn_hidden_size == 128
     assert c.add_bias_linear is False and c.moe_token_dispatcher_type == "alltoall" and not c.moe_grouped_gemm
     assert config(model=moe).moe_token_dispatcher_type == "allgather"
+    assert not c.moe_router_pre_softmax and c.moe_router_dtype is None
+
+
+def test_top1_routing_builds_with_pre_softmax():
+    """Megatron raises for top-1 softmax routing without moe_router_pre_softmax (W107 promises nemoc sets it)."""
+    top1 = dataclasses.replace(LLAMA_ISH, experts=4, top_k=1, moe_ffn_hidden=128)
+    c = config(model=top1)
+    assert c.moe_router_topk == 1 and c.moe_router_pre_softmax
+
+
+def test_many_experts_route_in_fp32():
+    """transformer_config.py warns from 32 experts on without moe_router_dtype: the runtime sets fp32."""
+    many = dataclasses.replace(LLAMA_ISH, experts=32, top_k=2, moe_ffn_hidden=64)
+    assert config(model=many, layout=lay(ep=1)).moe_router_dtype == "fp32"
+
+
+@pytest.mark.parametrize("backend", ["auto", "flash", "fused", "unfused"])
+def test_attention_backend_reaches_transformer_engine_as_planned(backend):
+    """With TE, `auto` stays Megatron's AttnBackend.auto (TE picks flash-attn or cuDNN fused attention);
+    an explicit choice pins it. Without TE the local spec decides (AttnBackend.local, SDPA for auto)."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    assert config(backend=backend, facts=GPU_TE).attention_backend == getattr(AttnBackend, backend)
+    assert config(backend=backend).attention_backend == AttnBackend.local
+    with pytest.raises(margs.UnsupportedPlan, match="attention backend"):
+        config(backend="sdpa", facts=GPU_TE)
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -70,6 +96,7 @@ def test_moe_forces_bias_free_experts_and_picks_dispatcher():
     (dict(precision="fp8"), "Transformer Engine"),
     (dict(layout=lay(sequence_parallel=True)), "sequence_parallel needs tp > 1"),
     (dict(model=dataclasses.replace(LLAMA_ISH, experts=4, top_k=1), layout=lay(tp=2)), "MoE"),
+    (dict(model=dataclasses.replace(LLAMA_ISH, experts=4, top_k=2, add_bias_linear=True)), "without linear biases"),
     (dict(model=dataclasses.replace(LLAMA_ISH, activation="tanh")), "activation"),
 ])
 def test_unsupported_plans_are_refused_with_a_reason(kwargs, message):
@@ -99,6 +126,11 @@ def test_optimizer_and_scheduler():
     assert short["lr_warmup_steps"] < short["lr_decay_steps"]
     with pytest.raises(margs.UnsupportedPlan, match="optimizer"):
         margs.optimizer_config(optimizer=OptimizerSpec(name="lion"), schedule=sched, layout=lay(), precision="bf16")
+    # Megatron's DistributedOptimizer wraps Adam only (E129 in `nemoc check`)
+    sgd = OptimizerSpec(name="sgd", lr=1e-2)
+    assert margs.optimizer_config(optimizer=sgd, schedule=sched, layout=lay(), precision="bf16").optimizer == "sgd"
+    with pytest.raises(margs.UnsupportedPlan, match="Adam only"):
+        margs.optimizer_config(optimizer=sgd, schedule=sched, layout=lay(distributed_optimizer=True), precision="bf16")
 
 
 def test_uneven_pipeline_split_from_stage_params():
