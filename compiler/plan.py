@@ -114,7 +114,7 @@ class Plan:
     model: ModelSpec
     cluster: ClusterSpec
     precision: str
-    attention_backend: str  # resolved: flash | fused | unfused
+    attention_backend: str  # auto | flash | fused | unfused (auto: TE picks flash or cuDNN fused; SDPA without TE)
     data: tuple[DataSpec, ...]
     stages: tuple[StagePlan, ...]
     root: str = "."

@@ -103,6 +103,7 @@ class Env:
     gpu_precisions: tuple[str, ...] | None = None  # precisions the GPU runs (None = GPU unknown)
     stage_kind: str = "pretrain"
     kernels: str = "te"  # the experiment's resolved `kernels`: te | local
+    optimizer: str = "adam"  # the stage's optimizer: adam | sgd
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,14 +237,37 @@ def _accounted_split(layers: int, pp: int, vp: int | None) -> PipelineSplit | No
     return None
 
 
+def _empty_chunk_split(layers: int, pp: int, vp: int | None) -> str | None:
+    """What Megatron would count as layers (embedding / loss) in a split that `_accounted_split`
+    refuses only because a first or last model chunk would hold no transformer layer; None otherwise."""
+    v = vp or 1
+    if pp < 2:
+        return None
+    for embedding, loss in ((True, True), (True, False), (False, True)):
+        total = layers + embedding + loss
+        if total % pp == 0 and (total // pp) % v == 0 and total // pp // v - max(embedding, loss) < 1:
+            return " and ".join(n for n, on in (("embedding", embedding), ("loss", loss)) if on)
+    return None
+
+
 def _round_up(x: int, k: int) -> int:
     return -(-x // k) * k
 
 
 def expert_tp(sizes: Sizes) -> int | None:
     """Megatron-Core's default: expert_tensor_parallel_size = tensor_model_parallel_size when unset
-    (model_parallel_config.py __post_init__)."""
+    (model_parallel_config.py __post_init__). nemoc always resolves ETP itself; for an auto ETP the
+    rules use `expert_tp_options`."""
     return sizes.etp if sizes.etp is not None else sizes.tp
+
+
+def expert_tp_options(sizes: Sizes) -> tuple[int, ...]:
+    """The expert-TP sizes a rule must consider: the fixed one, or, when `expert_tensor` is auto,
+    what the search tries (1 and tp; only 1 while tp is auto too). A rule on ETP says nothing when
+    one of them satisfies it."""
+    if sizes.etp is not None:
+        return (sizes.etp,)
+    return (1,) if sizes.tp is None or sizes.tp == 1 else (1, sizes.tp)
 
 
 # ------------------------------------------------------------------------------------------ rules
@@ -385,10 +409,17 @@ def rule_layers_pipeline(env: Env, s: Sizes) -> Violation | None:
     eq = f"layers({L}) < pp({s.pp}) * vp({v}) = {s.pp * v}" if L < s.pp * v else (
         f"no split of layers({L}) over pp({s.pp}) stages has first, last and per-middle-stage counts divisible by vp({v})"
     )
+    hint = "use a pipeline size (x virtual stages) that divides the layer count"
+    empty = _empty_chunk_split(L, s.pp, vp)
+    if empty:
+        eq += (f"; counting the {empty} as layers would leave a model chunk with 0 transformer layers: Megatron "
+               "accepts that (get_num_layers_to_build >= 0), nemoc requires >= 1 (its runtime and memory model are "
+               "not validated on empty chunks)")
+        hint = "use fewer pipeline stages or virtual stages, so that every model chunk holds a transformer layer"
     return Violation(
         "E105", "the decoder layers cannot be split over the pipeline stages",
         eq,
-        "use a pipeline size (x virtual stages) that divides the layer count",
+        hint,
         anchors=(_P + "pipeline", _P + "virtual_pipeline", "model.layers", "model"),
         source="megatron/core/transformer/transformer_block.py get_num_layers_to_build; transformer_config.py (Uneven PP)",
     )
@@ -536,7 +567,10 @@ def rule_context_backend(env: Env, s: Sizes) -> Violation | None:
         why, hint = local, "set context = 1" + (", or kernels = te where Transformer Engine is installed"
                                                  if env.kernels == "local" else "")
     else:
-        why, hint = "attention_backend = unfused", "set attention_backend = flash (or fused)"
+        why, hint = "attention_backend = unfused", ("set context = 1 (Transformer Engine has no fp32 attention with "
+                                                    "context parallelism), or precision = bf16 with attention_backend "
+                                                    "= auto" if env.precision == "fp32"
+                                                    else "set attention_backend = auto, flash or fused")
     return Violation(
         "E113", "context parallelism needs Transformer Engine attention (flash or fused)",
         f"cp({s.cp}) > 1 but {why}", hint,
@@ -573,17 +607,20 @@ def rule_experts_ep(env: Env, s: Sizes) -> Violation | None:
 
 
 def rule_expert_grid(env: Env, s: Sizes) -> Violation | None:
-    """parallel_state.py: world % (etp * ep * pp) == 0 (the expert rank grid)."""
-    etp = expert_tp(s)
-    if not env.model.is_moe or None in (etp, s.ep, s.pp):
+    """parallel_state.py: world % (etp * ep * pp) == 0 (the expert rank grid). With `expert_tensor`
+    auto, silent when ETP = 1 or ETP = tp satisfies it (the search tries both)."""
+    if not env.model.is_moe or None in (s.ep, s.pp):
         return None
-    grid = etp * s.ep * s.pp
     world = env.cluster.world_size
-    if world % grid == 0:
+    options = expert_tp_options(s)
+    if any(world % (etp * s.ep * s.pp) == 0 for etp in options):
         return None
+    etp = options[0]
+    grid = etp * s.ep * s.pp
+    label = f"etp({etp})" if s.etp is not None else f"etp({etp}, the smallest auto choice)"
     return Violation(
         "E116", "the expert grid does not divide the number of GPUs",
-        f"world size {world} % (etp({etp}) * ep({s.ep}) * pp({s.pp}) = {grid}) = {world % grid} != 0",
+        f"world size {world} % ({label} * ep({s.ep}) * pp({s.pp}) = {grid}) = {world % grid} != 0",
         "choose expert / expert_tensor so that etp x ep x pp divides the GPU count",
         anchors=(_P + "expert", _P + "expert_tensor", _P + "pipeline"),
         source="megatron/core/parallel_state.py initialize_model_parallel (expert_tensor_model_pipeline_parallel size)",
@@ -605,16 +642,17 @@ def rule_top_k(env: Env, s: Sizes) -> Violation | None:
 
 
 def rule_moe_ffn_etp(env: Env, s: Sizes) -> Violation | None:
-    """moe/experts.py: expert fc2 input divide(moe_ffn_hidden, etp)."""
+    """moe/experts.py: expert fc2 input divide(moe_ffn_hidden, etp). With `expert_tensor` auto, silent
+    when ETP = 1 or ETP = tp divides it (ETP = 1 always does: the search then picks it)."""
     m = env.model
-    etp = expert_tp(s)
     f = m.moe_ffn_hidden or m.ffn_hidden
-    if not m.is_moe or etp is None or f % etp == 0:
+    if not m.is_moe or any(f % etp == 0 for etp in expert_tp_options(s)):
         return None
+    etp = s.etp
     return Violation(
         "E118", "the expert MLP hidden size is not divisible by the expert tensor-parallel size",
         f"moe_ffn_hidden({f}) % etp({etp}) = {f % etp} != 0",
-        "set expert_tensor = a divisor of the expert hidden size (1 is common)",
+        "set expert_tensor = a divisor of the expert hidden size (1 is common), or auto",
         anchors=(_P + "expert_tensor", _P + "tensor", "model.moe_ffn_hidden", "model"),
         source="megatron/core/transformer/moe/experts.py (expert linear layers use divide(size, etp))",
     )
@@ -649,8 +687,9 @@ def rule_moe_tp_needs_sp(env: Env, s: Sizes) -> Violation | None:
 
 
 def rule_moe_bias_etp(env: Env, s: Sizes) -> Violation | None:
-    """transformer_config.py __post_init__: bias in MoE only with expert_tensor_parallel_size == 1."""
-    etp = expert_tp(s)
+    """transformer_config.py __post_init__: bias in MoE only with expert_tensor_parallel_size == 1
+    (an auto ETP can always be 1). The nemoc runtime refuses MoE biases altogether (E140)."""
+    etp = s.etp
     if not env.model.is_moe or not env.model.add_bias_linear or etp is None or etp == 1:
         return None
     return Violation(
@@ -659,6 +698,22 @@ def rule_moe_bias_etp(env: Env, s: Sizes) -> Violation | None:
         "set expert_tensor = 1",
         anchors=(_P + "expert_tensor", _P + "tensor", "model.add_bias_linear", "model"),
         source="megatron/core/transformer/transformer_config.py __post_init__ (Bias in Moe is only supported when ETP==1)",
+    )
+
+
+def rule_moe_bias_runtime(env: Env, s: Sizes) -> Violation | None:
+    """nemoc's runtime builds MoE models without any linear bias (runtime/megatron_args.py
+    transformer_config: expert MLPs with a bias hit an autograd view+inplace error in Megatron-Core
+    0.16.1 mlp.py), so a MoE spec with `add_bias_linear = true` would train another model."""
+    m = env.model
+    if not m.is_moe or not m.add_bias_linear:
+        return None
+    return Violation(
+        "E140", "the nemoc runtime does not support linear biases in MoE models",
+        f"add_bias_linear = true with experts({m.experts}) > 0",
+        "set add_bias_linear = false (add_qkv_bias is supported)",
+        anchors=("model.add_bias_linear", "model"),
+        source="runtime/megatron_args.py transformer_config (MoE: add_bias_linear=False); _check_supported",
     )
 
 
@@ -735,6 +790,195 @@ def rule_seq_length_positions(env: Env, s: Sizes) -> Violation | None:
     )
 
 
+def rule_heads_query_groups(env: Env, s: Sizes) -> Violation | None:
+    """attention.py get_query_key_value_tensors: num_query_heads_per_group = heads_per_partition //
+    groups_per_partition, then a reshape that fails unless the groups divide the heads
+    (Transformer Engine's DotProductAttention asserts the same); TransformerConfig checks only TP."""
+    m = env.model
+    h, g = m.heads, m.query_groups
+    if 0 < g <= h and h % g == 0:
+        return None
+    eq = f"query_groups({g}) > heads({h})" if g > h else f"heads({h}) % query_groups({g}) = {h % g} != 0"
+    ok = [d for d in range(1, h + 1) if h % d == 0]
+    return Violation(
+        "E134", "the query groups must divide the attention heads",
+        eq, f"use query_groups = one of {', '.join(map(str, ok[-8:]))} (a divisor of heads; = heads for MHA, 1 for MQA)",
+        anchors=("model.query_groups", "model.heads", "model"),
+        source="megatron/core/transformer/attention.py get_query_key_value_tensors (reshape by heads per group); "
+               "transformer_engine DotProductAttention (heads % gqa groups)",
+    )
+
+
+def rule_qkv_split(env: Env, s: Sizes) -> Violation | None:
+    """tensor_parallel/layers.py ColumnParallelLinear: output_size_per_partition = divide(output_size,
+    tp), with the fused QKV projection's output head_dim * (heads + 2 * query_groups). E102/E103 do not
+    imply it when tp exceeds the query groups (MQA with an odd head dim)."""
+    m = env.model
+    if s.tp is None or s.tp == 1:
+        return None
+    out = m.head_dim * (m.heads + 2 * m.query_groups)
+    if out % s.tp == 0:
+        return None
+    return Violation(
+        "E139", "the fused QKV projection cannot be split over the tensor-parallel ranks",
+        f"head_dim({m.head_dim}) * (heads({m.heads}) + 2 * query_groups({m.query_groups})) = {out}; "
+        f"{out} % tp({s.tp}) = {out % s.tp} != 0",
+        "use a tensor size that divides the QKV width, or a head dimension (kv_channels) that is a multiple of 8",
+        anchors=(_P + "tensor", "model.kv_channels", "model.query_groups", "model"),
+        source="megatron/core/tensor_parallel/layers.py ColumnParallelLinear (divide(output_size, world_size))",
+    )
+
+
+def rule_sgd_distributed_optimizer(env: Env, s: Sizes) -> Violation | None:
+    """optimizer/distrib_optimizer.py DistributedOptimizer.__init__ asserts the wrapped optimizer is
+    Adam (or HybridDeviceOptimizer), "due to checkpointing requirements"; optimizer/__init__.py wraps
+    the SGD it builds whenever use_distributed_optimizer is set."""
+    if (env.optimizer != "sgd" or not s.distributed_optimizer or env.stage_kind not in TRAINING_KINDS):
+        return None
+    return Violation(
+        "E129", "the distributed optimizer supports Adam only",
+        "optimizer = sgd with distributed_optimizer = true",
+        "set distributed_optimizer = false (or auto), or use optimizer = adam(...)",
+        anchors=(_P + "distributed_optimizer", "stage.optimizer", "stage"),
+        source="megatron/core/optimizer/distrib_optimizer.py DistributedOptimizer.__init__ "
+               "(Only Adam and HybridDeviceOptimizer currently supported)",
+    )
+
+
+def uses_te(env: Env) -> bool:
+    """The stage runs Transformer Engine's layers (its attention included): kernels te on a GPU."""
+    return stage_kernels(env.stage_kind, env.kernels) == "te" and env.gpu_arch != "cpu"
+
+
+_FLASH_CLASS = ("auto", "flash", "fused")  # TE's flash-attn / cuDNN fused attention (auto: TE picks)
+
+
+def rule_fp32_attention(env: Env, s: Sizes) -> Violation | None:
+    """Transformer Engine dot_product_attention/utils.py get_attention_backend: a qkv dtype other than
+    bf16 / fp16 disables both flash and fused attention; `flash` / `fused` then leave no backend
+    (DotProductAttention.forward raises "No dot product attention backend is available"), and `auto`
+    falls back to the unfused core, which the plan does not cost and which has no context parallelism."""
+    if env.precision != "fp32" or not uses_te(env) or env.attention_backend not in _FLASH_CLASS:
+        return None
+    cp = s.cp if s.cp is not None else 1
+    eq = (f"precision(fp32) with attention_backend({env.attention_backend}) and kernels te: TE's flash and "
+          "cuDNN fused attention take bf16 / fp16 only")
+    if cp > 1:
+        eq += f"; cp({cp}) > 1 rules out TE's unfused core too"
+    return Violation(
+        "E135", "Transformer Engine has no fp32 flash or fused attention",
+        eq, "set precision = bf16" + ("" if cp > 1 else ", or attention_backend = unfused"),
+        anchors=("attention_backend", "precision", _P + "context") if env.attention_backend != "auto"
+        else ("precision", "attention_backend"),
+        source="transformer_engine/pytorch/attention/dot_product_attention/utils.py get_attention_backend "
+               "(qkv_dtype not in [bf16, fp16])",
+    )
+
+
+def rule_attention_head_dim(env: Env, s: Sizes) -> Violation | None:
+    """Transformer Engine get_attention_backend: flash-attn needs head_dim <= 256 and head_dim % 8 == 0;
+    cuDNN fused attention needs head_dim % 8 == 0 too. Explicit `flash` / `fused` then have no backend;
+    `auto` would fall back to the unfused core, which the plan does not cost (so it is refused too)."""
+    b = env.attention_backend
+    if not uses_te(env) or b not in _FLASH_CLASS:
+        return None
+    d = env.model.head_dim
+    if d % 8:
+        eq = f"head_dim({d}) % 8 = {d % 8} != 0 with attention_backend({b}) and kernels te"
+    elif d > 256 and b == "flash":
+        eq = f"head_dim({d}) > 256 with attention_backend(flash) and kernels te"
+    else:
+        return None
+    return Violation(
+        "E136", "Transformer Engine's flash / fused attention does not support this head dimension",
+        eq, "set attention_backend = unfused, or a head dimension (kv_channels, or hidden / heads) that is a "
+        "multiple of 8" + (" and at most 256" if b == "flash" else ""),
+        anchors=("attention_backend", "model.kv_channels", "model.heads", "model.hidden", "model"),
+        source="transformer_engine/pytorch/attention/dot_product_attention/utils.py get_attention_backend "
+               "(head_dim_qk > 256 or head_dim_qk % 8 != 0)",
+    )
+
+
+_FP8 = ("fp8", "mxfp8")
+
+
+def _fp8_gemm_dims(env: Env, s: Sizes) -> list[str]:
+    """The per-rank GEMM dimensions Transformer Engine's fp8 check rejects, as equations
+    (transformer_engine/pytorch/utils.py assert_dim_for_fp8_exec: the input's and the weight's last
+    dimension % 16 == 0, their other dimensions' product % 8 == 0)."""
+    m = env.model
+    bad: list[str] = []
+    if m.hidden % 16:
+        bad.append(f"hidden({m.hidden}) % 16 = {m.hidden % 16} != 0")
+    tp = s.tp
+    if tp is not None:
+        attn = m.heads * m.head_dim
+        if attn % tp == 0 and (attn // tp) % 16:
+            bad.append(f"(heads({m.heads}) * head_dim({m.head_dim}) / tp({tp}) = {attn // tp}) % 16 = {attn // tp % 16} != 0")
+        qkv = m.head_dim * (m.heads + 2 * m.query_groups)
+        if qkv % tp == 0 and (qkv // tp) % 8:
+            bad.append(f"(head_dim({m.head_dim}) * (heads({m.heads}) + 2 * query_groups({m.query_groups})) / tp({tp}) "
+                       f"= {qkv // tp}) % 8 = {qkv // tp % 8} != 0")
+        f, name = (m.shared_expert_ffn_hidden, "shared_expert_ffn_hidden") if m.is_moe else (m.ffn_hidden, "ffn_hidden")
+        if f and f % tp == 0 and (f // tp) % 16:
+            bad.append(f"({name}({f}) / tp({tp}) = {f // tp}) % 16 = {f // tp % 16} != 0")
+    if m.is_moe:
+        f = m.moe_ffn_hidden or m.ffn_hidden
+        options = [e for e in expert_tp_options(s) if f % e == 0]
+        if options and all((f // e) % 16 for e in options):
+            e = options[0]
+            bad.append(f"(moe_ffn_hidden({f}) / etp({e}) = {f // e}) % 16 = {f // e % 16} != 0")
+    return bad
+
+
+def rule_fp8_dims(env: Env, s: Sizes) -> Violation | None:
+    """Transformer Engine fp8 / mxfp8 GEMMs (TransformerConfig.fp8 = "hybrid"): Linear and
+    LayerNormLinear call assert_dim_for_fp8_exec(input, weight) per tensor-parallel rank: hidden, the
+    attention projection's input heads x head_dim / tp, fc2's input ffn_hidden / tp (experts:
+    moe_ffn_hidden / etp) % 16, the QKV weight rows / tp % 8."""
+    if env.precision not in _FP8 or not uses_te(env):
+        return None
+    bad = _fp8_gemm_dims(env, s)
+    if not bad:
+        return None
+    return Violation(
+        "E137", f"{env.precision} GEMMs need every per-rank matrix dimension to be a multiple of 16 (rows: 8)",
+        "; ".join(bad),
+        "use sizes whose per-tensor-parallel-rank shares are multiples of 16 (a smaller tensor size often works), "
+        "or precision = bf16",
+        anchors=(_P + "tensor", _P + "expert_tensor", "model.ffn_hidden", "model.moe_ffn_hidden", "model.hidden",
+                 "precision", "model"),
+        source="transformer_engine/pytorch/utils.py assert_dim_for_fp8_exec (module/linear.py, layernorm_linear.py)",
+    )
+
+
+def rule_fp8_tokens(env: Env, s: Sizes) -> Violation | None:
+    """assert_dim_for_fp8_exec on a GEMM's input [s, b, h]: s x b % 8 == 0, with s the rank's local
+    sequence: seq / cp, and / tp under sequence parallelism (TE checks the shard before the all-gather).
+    Depends on the micro batch: the search checks it per micro batch."""
+    if (env.precision not in _FP8 or not uses_te(env) or not s.seq_length
+            or None in (s.micro_batch, s.cp, s.tp, s.sequence_parallel)):
+        return None
+    local = s.seq_length // s.cp
+    sp = s.sequence_parallel and s.tp > 1
+    if sp:
+        if local % s.tp:
+            return None  # E110 reports it
+        local //= s.tp
+    tokens = s.micro_batch * local
+    if tokens % 8 == 0:
+        return None
+    split = f" / tp({s.tp}) (sequence parallel)" if sp else ""
+    return Violation(
+        "E138", f"{env.precision} GEMMs need the tokens per GEMM to be a multiple of 8",
+        f"micro_batch({s.micro_batch}) * seq_length({s.seq_length}) / cp({s.cp}){split} = {tokens}; "
+        f"{tokens} % 8 = {tokens % 8} != 0",
+        "use a sequence length (or micro batch) that makes the tokens per rank a multiple of 8, or precision = bf16",
+        anchors=(_P + "micro_batch", "stage.seq_length", "model.seq_length", _P + "sequence_parallel", "precision"),
+        source="transformer_engine/pytorch/utils.py assert_dim_for_fp8_exec (prod(shape[:-1]) % 8)",
+    )
+
+
 # ---- warnings: settings Megatron accepts but silently rewrites or that cost performance
 
 
@@ -803,10 +1047,11 @@ def warn_fp16_loss_scaling(env: Env, s: Sizes) -> Violation | None:
         return None
     return Violation(
         "W105", "fp16 trains with dynamic loss scaling",
-        "precision = fp16 -> loss_scale = dynamic (initial 2**32, hysteresis 2)",
+        "precision = fp16 -> loss_scale = dynamic (initial 2**16, halved on overflow after hysteresis 2, doubled after 1000 clean steps, min 1)",
         "prefer bf16 on Ampere or newer",
         anchors=("precision",), severity=Severity.WARNING,
-        source="megatron/core/optimizer/grad_scaler.py DynamicGradScaler; megatron/training/arguments.py (check_for_nan_in_loss_and_grad = False)",
+        source="megatron/core/optimizer/grad_scaler.py DynamicGradScaler; runtime/megatron_args.py optimizer_config "
+               "(initial_loss_scale=2**16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1)",
     )
 
 
@@ -865,18 +1110,40 @@ def warn_vp_one(env: Env, s: Sizes) -> Violation | None:
     )
 
 
+def warn_selective_recompute_flash(env: Env, s: Sizes) -> Violation | None:
+    """transformer_config.py __post_init__ warns that with Transformer Engine's fused / flash core
+    attention there is "no need to set 'core_attn' to recompute": it keeps no s x s scores, so
+    selective recompute (Megatron's recompute_modules = ["core_attn"]) frees almost nothing and adds an
+    attention forward to every backward (the cost model charges it; memory.py gives the same scores
+    term whichever recompute is set)."""
+    if s.recompute != "selective" or not uses_te(env) or env.attention_backend not in _FLASH_CLASS:
+        return None
+    return Violation(
+        "W110", "selective recompute with flash-class attention recomputes almost nothing",
+        f"recompute = selective with attention_backend({env.attention_backend}) and kernels te: the core attention "
+        "keeps no s x s scores; the plan charges one more attention forward per layer and saves ~0 bytes",
+        "set recompute = none (or auto), or full to save memory",
+        anchors=(_P + "recompute", "attention_backend"), severity=Severity.WARNING,
+        source="megatron/core/transformer/transformer_config.py __post_init__ (no need to set 'core_attn' to recompute)",
+    )
+
+
 # Ordered: cheapest and most decisive first (layout_violations stops at the first error).
 ERROR_RULES: tuple[Rule, ...] = (
-    rule_world_size, rule_heads_tp, rule_query_groups_tp, rule_ffn_tp, rule_head_dim, rule_layers_pipeline,
+    rule_world_size, rule_heads_tp, rule_query_groups_tp, rule_heads_query_groups, rule_ffn_tp, rule_qkv_split,
+    rule_head_dim, rule_layers_pipeline,
     rule_runtime_pipeline, rule_interleave_needs_pp, rule_interleave_pp2, rule_sequence_parallel, rule_global_batch,
     rule_interleave_microbatches,
     rule_context_seq, rule_context_backend, rule_sequence_parallel_split, rule_dense_expert,
-    rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp, rule_moe_tp_needs_sp,
-    rule_precision_hardware, rule_fp8_needs_te, rule_te_needs_gpu, rule_seq_length_positions,
+    rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp,
+    rule_moe_bias_runtime, rule_moe_tp_needs_sp, rule_sgd_distributed_optimizer,
+    rule_precision_hardware, rule_fp8_needs_te, rule_te_needs_gpu, rule_fp32_attention, rule_attention_head_dim,
+    rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions,
 )
 WARNING_RULES: tuple[Rule, ...] = (
     warn_tp_crosses_node, warn_padded_vocab, warn_ep_without_sp, warn_useless_distributed_optimizer,
     warn_fp16_loss_scaling, warn_moe_ffn_default, warn_top1_router, warn_uneven_pipeline, warn_vp_one,
+    warn_selective_recompute_flash,
 )
 RULES: tuple[Rule, ...] = ERROR_RULES + WARNING_RULES
 
@@ -950,13 +1217,14 @@ def stage_seq_length(spec: ExperimentSpec, stage: StageSpec) -> int:
     return stage.seq_length or spec.model.seq_length
 
 
-def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend: str | None = None) -> Env:
+def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend: str | None = None,
+           optimizer: str = "adam") -> Env:
     arch, precisions = gpu_facts(spec.cluster.gpu)
     return Env(
         model=spec.model, cluster=spec.cluster, precision=spec.precision,
         attention_backend=attention_backend or spec.attention_backend,
         gpu_arch=arch, gpu_precisions=precisions, stage_kind=stage_kind,
-        kernels=resolve_kernels(spec.kernels, spec.cluster.gpu),
+        kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=optimizer,
     )
 
 
@@ -992,7 +1260,7 @@ def check_spec(spec: ExperimentSpec) -> tuple[Diagnostic, ...]:
         parallel = spec.parallel if stage is None else stage_parallel(spec, stage)
         seq = spec.model.seq_length if stage is None else stage_seq_length(spec, stage)
         gb = None if stage is None else stage.global_batch
-        env = env_of(spec, stage.kind if stage else "pretrain")
+        env = env_of(spec, stage.kind if stage else "pretrain", optimizer=stage.optimizer.name if stage else "adam")
         own = stage is not None and stage.parallel is not None
         sizes = sizes_of(parallel, global_batch=gb, seq_length=seq)
         if stage is not None and stage.kind not in TRAINING_KINDS:

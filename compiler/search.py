@@ -23,7 +23,8 @@ properties of the memory and cost models that tests/compiler/test_search.py asse
       is that micro batch's fastest, and a stronger one is only costed while it could still enter
       the top list;
   (4) dominance of auto settings: the distributed optimizer is never slower nor larger (same
-      gradient traffic, 1/(dp x cp) of the optimizer states), so auto resolves to on; sequence
+      gradient traffic, 1/(dp x cp) of the optimizer states), so auto resolves to on (off for SGD,
+      which Megatron's DistributedOptimizer refuses: E129); sequence
       parallelism is never slower (same TP traffic, 1/tp of the elementwise work), so auto tries
       on first and off only where on does not fit.
 Only candidates that fit reach the cost model. `enumerate_all` is the brute-force oracle: the raw
@@ -48,6 +49,7 @@ from nemoc.compiler.rules import (
     layout_violations,
     pipeline_split,
     rule_ffn_tp,
+    rule_fp8_tokens,
     rule_global_batch,
     rule_interleave_microbatches,
     rule_heads_tp,
@@ -78,20 +80,34 @@ class Problem:
     global_batch: int | None  # None: Megatron's default, micro_batch x dp
     seq_length: int
     precision: str = "bf16"
-    attention_backend: str = "flash"  # resolved
+    attention_backend: str = "flash"  # the plan's: auto | flash | fused | unfused (auto is costed as flash)
     stage_kind: str = "pretrain"
     peft: LoraSpec | None = None
     params: object = None  # stage params (DPO reference_free, ...)
     headroom: float = DEFAULT_HEADROOM
     steps: int = 1
     kernels: str = "te"  # the experiment's resolved `kernels` (te | local); the stage's own: `stage_kernels`
+    optimizer: str = "adam"  # the stage's optimizer (adam | sgd): the distributed optimizer wraps Adam only
 
     @property
     def env(self) -> Env:
         arch = self.gpu.generation
         precisions = tuple(p for p in ("bf16", "fp16", "fp32", "fp8", "mxfp8") if self.gpu.supports(p))
         return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind,
-                   self.kernels)
+                   self.kernels, self.optimizer)
+
+    @property
+    def costed_backend(self) -> str:
+        """The attention class the memory and cost models price: `auto` is Transformer Engine's choice
+        between flash-attn and cuDNN fused attention (both flash-class: no s x s scores, the masked half
+        skipped) or torch SDPA without TE, so it is costed as `flash`."""
+        return "flash" if self.attention_backend == "auto" else self.attention_backend
+
+    @property
+    def auto_distributed_optimizer(self) -> bool:
+        """What an auto `distributed_optimizer` resolves to: on (dominance, below) except for SGD, which
+        Megatron's DistributedOptimizer refuses (E129)."""
+        return self.optimizer != "sgd"
 
     @property
     def stage_kernels(self) -> str:
@@ -191,7 +207,7 @@ def _stage_layers(p: Problem, layout: Layout) -> tuple[int, int, int] | None:
 
 def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
     return memory.estimate(
-        p.model, layout, precision=p.precision, attention_backend=p.attention_backend, seq_length=p.seq_length,
+        p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
         kernels=p.stage_kernels,
     )
@@ -199,7 +215,7 @@ def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
 
 def evaluate_time(p: Problem, layout: Layout) -> Estimate:
     return cost.estimate(
-        p.model, layout, cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.attention_backend,
+        p.model, layout, cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.costed_backend,
         seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
         split=_stage_layers(p, layout), kernels=p.stage_kernels,
     )
@@ -377,8 +393,10 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
                     rec.rule(f"tp({tp}) * pp({pp}) * cp({cp}) * dp({p.fixed.data}) != world size {world}",
                              "E101 world size", f"tp={tp} pp={pp} cp={cp}")
                     continue
-                # Dominance: auto distributed optimizer -> on (same traffic, 1/(dp*cp) of the states).
-                do = p.fixed.distributed_optimizer if p.fixed.distributed_optimizer is not None else True
+                # Dominance: auto distributed optimizer -> on (same traffic, 1/(dp*cp) of the states);
+                # off for SGD, which Megatron's DistributedOptimizer refuses (E129).
+                do = (p.fixed.distributed_optimizer if p.fixed.distributed_optimizer is not None
+                      else p.auto_distributed_optimizer)
                 for ep, etp in _expert_domain(p, tp, pp, dp):
                     vps = _vp_domain(p, pp)
                     for k, vp in enumerate(vps):
@@ -400,7 +418,7 @@ def _sp_domain(p: Problem, tp: int) -> list[bool]:
     return _bools(p.fixed.sequence_parallel, tp > 1)
 
 
-_MB_RULES = (rule_global_batch, rule_interleave_microbatches)
+_MB_RULES = (rule_global_batch, rule_interleave_microbatches, rule_fp8_tokens)
 _GROUP_RULES = tuple(r for r in ERROR_RULES if r not in _MB_RULES)
 
 
@@ -435,7 +453,7 @@ def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, 
             if v is not None:
                 rec.rule(v.short, f"{v.code} {v.message}", layout, len(rcs), v.hint)
                 any_fit = True  # a rule, not memory, stopped this micro batch: larger ones may pass
-                break
+                continue  # the fp8 token rule (E138) depends on sequence parallelism: try the other value
             k = _search_recompute(p, rec, best, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs, weakest[sp])
             fitted = k >= 0
             if fitted:
@@ -470,9 +488,10 @@ def _group_fits(p: Problem, env: Env, rec: _Recorder, bound: Layout, count: int)
 
 
 def _rules_mb(env: Env, p: Problem, layout: Layout):
-    """The micro-batch-dependent rules (global batch divisibility, interleaved microbatch count)."""
+    """The micro-batch-dependent rules (global batch divisibility, interleaved microbatch count, fp8
+    tokens per GEMM)."""
     s = _sizes(p, layout)
-    return rule_global_batch(env, s) or rule_interleave_microbatches(env, s)
+    return rule_global_batch(env, s) or rule_interleave_microbatches(env, s) or rule_fp8_tokens(env, s)
 
 
 def _search_recompute(p: Problem, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs,

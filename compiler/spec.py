@@ -88,7 +88,7 @@ class ParallelSpec:
     expert_tensor: int | None = None
     data: int | None = None
     sequence_parallel: bool | None = None
-    distributed_optimizer: bool | None = True
+    distributed_optimizer: bool | None = None  # auto: on with adam, off with sgd (search)
     recompute: str | None = None  # none | selective | full
     micro_batch: int | None = None
 

@@ -206,8 +206,9 @@ PARALLEL_FIELDS = (
     _f("expert_tensor", POSITIVE, None, "Tensor-parallel size inside experts (ETP).", auto=True),
     _f("data", POSITIVE, None, "Data-parallel size (DP); world size / (TP x PP x CP).", auto=True),
     _f("sequence_parallel", BOOL, None, "Megatron sequence parallelism (needs TP > 1).", auto=True),
-    _f("distributed_optimizer", BOOL, True, "Shard optimizer state across data-parallel ranks (ZeRO-1).",
-       auto=True),
+    _f("distributed_optimizer", BOOL, None, "Shard optimizer state across data-parallel ranks (ZeRO-1). "
+       "Default `auto`: on with Adam (never slower nor larger), off with SGD (Megatron's distributed "
+       "optimizer wraps Adam only).", auto=True),
     _f("recompute", enum("none", "selective", "full"), None, "Activation recomputation.", auto=True),
     _f("micro_batch", POSITIVE, None, "Sequences per micro-batch per data-parallel rank.", auto=True),
 )
@@ -318,7 +319,11 @@ CHECKPOINT_FIELDS = (
 
 EXPERIMENT_FIELDS = (
     _f("precision", enum("bf16", "fp16", "fp32", "fp8", "mxfp8"), "bf16", "Training precision."),
-    _f("attention_backend", enum("auto", "flash", "fused", "unfused"), "auto", "Attention kernel."),
+    _f("attention_backend", enum("auto", "flash", "fused", "unfused"), "auto",
+       "Attention kernel. With Transformer Engine: `auto` lets TE pick flash-attn or cuDNN fused attention, "
+       "`flash` / `fused` pin one (bf16 / fp16 only, head dim a multiple of 8; flash: at most 256), `unfused` "
+       "materialises the scores (no context parallelism). Without TE (`kernels = local`): torch SDPA for all "
+       "but `unfused`. The plan costs auto, flash and fused alike."),
     _f("kernels", enum("auto", "te", "local"), "auto",
        "Layer kernels the run uses and the plan is costed with: `te` (Transformer Engine's fused kernels, "
        "what NGC / NeMo containers ship), `local` (Megatron-Core's local spec on plain PyTorch: no Transformer "

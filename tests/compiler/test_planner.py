@@ -96,6 +96,30 @@ def test_nothing_fits_suggests_more_nodes_when_no_setting_helps():
     assert d.hint.startswith("needs ") and "more node" in d.hint
 
 
+def test_nothing_fits_frees_the_model_parallel_sizes_and_adds_nodes():
+    """Llama 3 70B on 8 H100 with tensor = 2, pipeline = 1, recompute = none: no single relaxation
+    fits, nor more nodes at TP 2 x PP 1; the hint frees the fixed sizes, adds nodes and names what
+    must change, and that layout fits there."""
+    import re
+
+    stage = (StageSpec(name="pretrain", kind="pretrain", global_batch=64, steps=100, seq_length=4096),)
+    spec = _spec(model="llama3_70b", stages=stage, tensor=2, pipeline=1, recompute="none")
+    with pytest.raises(DiagnosticError) as err:
+        plan_experiment(spec)
+    d = next(d for d in err.value.diagnostics if d.code == "E130")
+    hint = re.match(r"add (\d+) nodes? \(nodes = (\d+)\) and set (.*): (tp=.*) uses ([\d.]+) GiB$", d.hint)
+    assert hint, d.hint
+    nodes = int(hint.group(2))
+    assert int(hint.group(1)) == nodes - 1 and "tensor = " in hint.group(3) and "(instead of 2)" in hint.group(3)
+    assert "recompute" not in hint.group(3)  # kept: the user's recompute = none still fits
+    planned = plan_experiment(replace(spec, cluster=replace(spec.cluster, nodes=nodes),
+                                      parallel=ParallelSpec(recompute="none"))).plan.stages[0]
+    assert planned.layout.tp * planned.layout.pp > 2
+    smaller = replace(spec, cluster=replace(spec.cluster, nodes=nodes - 1), parallel=ParallelSpec())
+    with pytest.raises(DiagnosticError):
+        plan_experiment(smaller)  # the fewest nodes: one fewer fits nothing, whatever the layout
+
+
 def test_inference_stages_use_the_least_model_parallelism():
     stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=128, steps=10),
               StageSpec(name="eval", kind="eval", after=("pretrain",), steps=5, global_batch=8),
@@ -154,8 +178,15 @@ def test_dpo_and_lora_stages_record_resident_models():
     assert plan.stage("lora").resident_models == ("policy",)
 
 
-def test_attention_backend_auto_resolves_to_flash():
-    assert plan_experiment(_spec()).plan.attention_backend == "flash"
+def test_attention_backend_auto_stays_auto_and_is_costed_as_flash():
+    """`auto` reaches the runtime as Megatron's AttnBackend.auto (TE picks flash-attn or cuDNN fused
+    attention), while the memory and cost models price it as the flash class: same layout, memory and
+    step time as an explicit `flash`."""
+    auto = plan_experiment(_spec()).plan
+    flash = plan_experiment(replace(_spec(), attention_backend="flash")).plan
+    assert auto.attention_backend == "auto" and flash.attention_backend == "flash"
+    assert auto.stages[0].layout == flash.stages[0].layout and auto.stages[0].memory == flash.stages[0].memory
+    assert auto.stages[0].estimate == flash.stages[0].estimate
     assert plan_experiment(replace(_spec(), attention_backend="unfused")).plan.attention_backend == "unfused"
 
 

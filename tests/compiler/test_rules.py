@@ -427,3 +427,157 @@ def test_a_fixed_pipeline_on_an_alignment_stage_is_an_error_at_the_users_line(ki
     assert e.is_error and e.span == Span("x.nemo", 14, 7, 14, 19)
     assert "TP/DP only" in e.message or "one process" in e.message
     assert e.equation.startswith(f"pp(2) > 1, but stage kind {kind}") and e.hint
+
+
+# ---------------------------------------------------- rules from the Megatron-Core 0.16.1 review
+
+
+def test_query_groups_must_divide_the_heads():
+    """attention.py reshapes by heads per group (and TE asserts heads % gqa groups): E134."""
+    v = rules.rule_heads_query_groups(env(replace(LLAMA8B, query_groups=6)), Sizes())
+    assert v.code == "E134" and v.equation == "heads(32) % query_groups(6) = 2 != 0"
+    assert v.anchors[0] == "model.query_groups"
+    assert rules.rule_heads_query_groups(env(replace(LLAMA8B, query_groups=64)), Sizes()).equation == \
+        "query_groups(64) > heads(32)"
+    assert rules.rule_heads_query_groups(env(), Sizes()) is None
+
+
+def test_the_fused_qkv_projection_splits_over_tp():
+    """ColumnParallelLinear divides head_dim x (heads + 2 groups) by tp: E139 (MQA, kv_channels 98, TP 8)."""
+    mqa = env(replace(LLAMA8B, query_groups=1, kv_channels=98))
+    v = rules.rule_qkv_split(mqa, Sizes(tp=8))
+    assert v.code == "E139" and v.equation == "head_dim(98) * (heads(32) + 2 * query_groups(1)) = 3332; 3332 % tp(8) = 4 != 0"
+    assert rules.rule_qkv_split(mqa, Sizes(tp=2)) is None and rules.rule_qkv_split(env(), Sizes(tp=8)) is None
+
+
+def test_sgd_with_the_distributed_optimizer_is_an_error():
+    sgd = env(optimizer="sgd")
+    v = rules.rule_sgd_distributed_optimizer(sgd, replace(VALID, distributed_optimizer=True))
+    assert v.code == "E129" and v.equation == "optimizer = sgd with distributed_optimizer = true"
+    assert v.anchors[:2] == ("parallel.distributed_optimizer", "stage.optimizer")
+    assert rules.rule_sgd_distributed_optimizer(sgd, replace(VALID, distributed_optimizer=None)) is None
+    assert rules.rule_sgd_distributed_optimizer(sgd, replace(VALID, distributed_optimizer=False)) is None
+    assert rules.rule_sgd_distributed_optimizer(env(), VALID) is None
+    # alignment stages run Megatron's optimizer too (runtime/align/trainer.py)
+    assert rules.rule_sgd_distributed_optimizer(env(optimizer="sgd", stage_kind="sft"), VALID).code == "E129"
+
+
+@pytest.mark.parametrize("backend", ["auto", "flash", "fused"])
+def test_fp32_has_no_transformer_engine_flash_or_fused_attention(backend):
+    fp32 = env(precision="fp32", attention_backend=backend)
+    v = rules.rule_fp32_attention(fp32, VALID)
+    assert v.code == "E135" and "bf16 / fp16 only" in v.equation and "unfused" in v.hint
+    with_cp = rules.rule_fp32_attention(fp32, replace(VALID, cp=2, dp=1))
+    assert "cp(2) > 1 rules out TE's unfused core too" in with_cp.equation and "unfused" not in with_cp.hint
+    assert rules.rule_fp32_attention(env(precision="fp32", attention_backend="unfused"), VALID) is None
+    assert rules.rule_fp32_attention(env(precision="bf16", attention_backend=backend), VALID) is None
+    # without TE (local spec, the CPU, alignment stages) attention is torch SDPA, which runs fp32
+    assert rules.rule_fp32_attention(env(precision="fp32", attention_backend=backend, kernels="local"), VALID) is None
+    assert rules.rule_fp32_attention(env(precision="fp32", attention_backend=backend, stage_kind="sft"), VALID) is None
+    cpu = ClusterSpec(gpu="CPU", nodes=1, gpus_per_node=2)
+    assert rules.rule_fp32_attention(env(cluster=cpu, precision="fp32", attention_backend=backend,
+                                         kernels="local"), VALID) is None
+
+
+def test_fp32_unfused_context_parallel_hint_does_not_suggest_flash():
+    v = rules.rule_context_backend(env(precision="fp32", attention_backend="unfused"), replace(VALID, cp=2, dp=1))
+    assert v.code == "E113" and "no fp32 attention with context parallelism" in v.hint
+
+
+def test_flash_attention_head_dim_limits():
+    """TE: flash-attn needs head_dim <= 256 and % 8; cuDNN fused needs % 8 (auto too, or TE falls back
+    to the unfused core the plan does not cost)."""
+    big = replace(LLAMA8B, hidden=8192, heads=16, query_groups=8)  # head_dim 512
+    v = rules.rule_attention_head_dim(env(big, attention_backend="flash"), VALID)
+    assert v.code == "E136" and v.equation == "head_dim(512) > 256 with attention_backend(flash) and kernels te"
+    assert rules.rule_attention_head_dim(env(big, attention_backend="auto"), VALID) is None
+    assert rules.rule_attention_head_dim(env(big, attention_backend="fused"), VALID) is None
+    odd = replace(LLAMA8B, kv_channels=100)
+    for backend in ("auto", "flash", "fused"):
+        v = rules.rule_attention_head_dim(env(odd, attention_backend=backend), VALID)
+        assert v.code == "E136" and v.equation.startswith("head_dim(100) % 8 = 4 != 0")
+    assert rules.rule_attention_head_dim(env(odd, attention_backend="unfused"), VALID) is None
+    assert rules.rule_attention_head_dim(env(odd, attention_backend="flash", kernels="local"), VALID) is None
+
+
+def test_fp8_gemm_dimensions():
+    """TE assert_dim_for_fp8_exec per TP rank (E137); the review's repro: ffn 14000 at TP 2 = 7000."""
+    m = replace(LLAMA8B, ffn_hidden=14000)
+    v = rules.rule_fp8_dims(env(m, precision="fp8"), replace(VALID, tp=2, dp=4))
+    assert v.code == "E137" and v.equation == "(ffn_hidden(14000) / tp(2) = 7000) % 16 = 8 != 0"
+    assert rules.rule_fp8_dims(env(m, precision="bf16"), replace(VALID, tp=2, dp=4)) is None
+    assert rules.rule_fp8_dims(env(m, precision="fp8", kernels="local"), replace(VALID, tp=2, dp=4)) is None
+    assert rules.rule_fp8_dims(env(precision="fp8"), VALID) is None  # Llama 3 8B at TP 4
+    assert rules.rule_fp8_dims(env(m, precision="fp8"), Sizes()) is None  # tp auto: only hidden is known
+    assert rules.rule_fp8_dims(env(replace(LLAMA8B, hidden=4104, kv_channels=128), precision="mxfp8"),
+                               Sizes()).equation == "hidden(4104) % 16 = 8 != 0"
+    mqa = replace(LLAMA8B, kv_channels=72, query_groups=1)  # heads x 72 / 8 = 288 is fine, the QKV rows are not
+    rows = rules.rule_fp8_dims(env(mqa, precision="fp8"), replace(VALID, tp=8, dp=1))
+    assert rows.equation == "(head_dim(72) * (heads(32) + 2 * query_groups(1)) / tp(8) = 306) % 8 = 2 != 0"
+    proj = rules.rule_fp8_dims(env(replace(LLAMA8B, kv_channels=36), precision="fp8"), replace(VALID, tp=16, pp=1, dp=1))
+    assert proj.equation.startswith("(heads(32) * head_dim(36) / tp(16) = 72) % 16 = 8 != 0; ")
+    # MoE experts: moe_ffn_hidden / etp; an auto etp is fine when etp = 1 (or tp) works
+    moe = replace(MIXTRAL, moe_ffn_hidden=14000)
+    assert rules.rule_fp8_dims(env(moe, precision="fp8"), replace(VALID, tp=2, etp=None, dp=4)) is None
+    v = rules.rule_fp8_dims(env(moe, precision="fp8"), replace(VALID, tp=2, etp=2, dp=4))
+    assert v.equation == "(moe_ffn_hidden(14000) / etp(2) = 7000) % 16 = 8 != 0"
+
+
+def test_fp8_tokens_per_gemm():
+    """E138: micro_batch x seq / cp (/ tp with SP) % 8; the review's repro: 2052 / 2 = 1026 with SP."""
+    s = replace(VALID, tp=2, dp=8, seq_length=2052, sequence_parallel=True)
+    e = env(replace(LLAMA8B, seq_length=4096), precision="fp8")
+    v = rules.rule_fp8_tokens(e, s)
+    assert v.code == "E138"
+    assert v.equation == "micro_batch(1) * seq_length(2052) / cp(1) / tp(2) (sequence parallel) = 1026; 1026 % 8 = 2 != 0"
+    assert rules.rule_fp8_tokens(e, replace(s, micro_batch=4)) is None
+    assert rules.rule_fp8_tokens(e, replace(s, sequence_parallel=False)) is not None  # 2052 % 8 = 4
+    assert rules.rule_fp8_tokens(e, replace(s, micro_batch=None)) is None  # auto: the search decides
+    assert rules.rule_fp8_tokens(env(precision="bf16"), s) is None
+
+
+def test_auto_expert_tensor_is_not_assumed_to_be_tp():
+    """E116 / E118 / E120 with expert_tensor auto: silent when ETP = 1 (or tp) satisfies the rule."""
+    c8 = ClusterSpec(gpu="H100", nodes=1, gpus_per_node=8)
+    grid = Sizes(tp=4, pp=1, ep=4, etp=None)
+    assert rules.rule_expert_grid(env(MIXTRAL, c8), grid) is None
+    assert rules.rule_expert_grid(env(MIXTRAL, c8), replace(grid, etp=4)).code == "E116"
+    v = rules.rule_expert_grid(env(MIXTRAL, c8), Sizes(tp=1, pp=2, ep=8, etp=None))
+    assert v.equation == "world size 8 % (etp(1, the smallest auto choice) * ep(8) * pp(2) = 16) = 8 != 0"
+    odd = replace(MIXTRAL, moe_ffn_hidden=1004)
+    assert rules.rule_moe_ffn_etp(env(odd, c8), Sizes(tp=8, etp=None)) is None
+    assert rules.rule_moe_ffn_etp(env(odd, c8), Sizes(tp=8, etp=8)).equation == "moe_ffn_hidden(1004) % etp(8) = 4 != 0"
+    biased = replace(MIXTRAL, add_bias_linear=True)
+    assert rules.rule_moe_bias_etp(env(biased, c8), Sizes(tp=8, etp=None)) is None
+    assert rules.rule_moe_bias_etp(env(biased, c8), Sizes(tp=8, etp=8)).code == "E120"
+
+
+def test_moe_with_linear_biases_is_refused():
+    v = rules.rule_moe_bias_runtime(env(replace(MIXTRAL, add_bias_linear=True)), Sizes())
+    assert v.code == "E140" and v.anchors[0] == "model.add_bias_linear" and "add_bias_linear = false" in v.hint
+    assert rules.rule_moe_bias_runtime(env(replace(LLAMA8B, add_bias_linear=True)), Sizes()) is None
+    assert rules.rule_moe_bias_runtime(env(replace(MIXTRAL, add_qkv_bias=True)), Sizes()) is None
+
+
+def test_selective_recompute_with_flash_class_attention_warns():
+    s = replace(VALID, recompute="selective")
+    for backend in ("auto", "flash", "fused"):
+        v = rules.warn_selective_recompute_flash(env(attention_backend=backend), s)
+        assert v.code == "W110" and v.severity is Severity.WARNING and "extra" not in v.message
+    assert rules.warn_selective_recompute_flash(env(attention_backend="unfused"), s) is None
+    assert rules.warn_selective_recompute_flash(env(kernels="local"), s) is None
+    assert rules.warn_selective_recompute_flash(env(), replace(s, recompute="full")) is None
+
+
+def test_fp16_loss_scale_note_matches_the_runtime():
+    assert "initial 2**16" in rules.warn_fp16_loss_scaling(env(precision="fp16"), VALID).equation
+
+
+def test_e105_says_when_only_an_empty_model_chunk_stands_in_the_way():
+    """7 layers on PP 4 x VP 2: Megatron builds [[0, 1], [1, 1], [1, 1], [1, 1]] with the embedding
+    counted as a layer; nemoc refuses the empty first chunk and says so (not just layers < pp x vp)."""
+    v = rules.rule_layers_pipeline(env(replace(LLAMA8B, layers=7)), Sizes(pp=4, vp=2))
+    assert v.code == "E105" and v.equation.startswith("layers(7) < pp(4) * vp(2) = 8; counting the embedding as layers")
+    assert "0 transformer layers" in v.equation and "every model chunk" in v.hint
+    plain = rules.rule_layers_pipeline(env(replace(LLAMA8B, layers=3)), Sizes(pp=8))
+    assert plain.equation == "layers(3) < pp(8) * vp(1) = 8"

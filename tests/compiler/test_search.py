@@ -58,8 +58,13 @@ def small_problems(draw) -> Problem:
     )
     return Problem(model=model, cluster=cluster, gpu=gpu, fixed=fixed,
                    global_batch=draw(st.sampled_from([None, 4, 8])),
-                   seq_length=draw(st.sampled_from([512, 1024, 2048])), headroom=draw(st.sampled_from([0.0, 0.1])),
-                   kernels=draw(st.sampled_from(["te", "local"])))
+                   seq_length=draw(st.sampled_from([512, 1000, 1024, 2048])),
+                   headroom=draw(st.sampled_from([0.0, 0.1])), kernels=draw(st.sampled_from(["te", "local"])),
+                   # sgd: auto distributed optimizer -> off (E129); fp8: the TE shape rules E137 / E138
+                   # (seq 1000: 500 tokens per rank at cp = 2 or with SP at tp = 2 is not a multiple of 8)
+                   optimizer=draw(st.sampled_from(["adam", "adam", "sgd"])),
+                   precision=draw(st.sampled_from(["bf16", "bf16", "fp8"])),
+                   attention_backend=draw(st.sampled_from(["auto", "flash"])))
 
 
 def _valid_and_fits(p: Problem, layout: Layout) -> None:
@@ -240,3 +245,39 @@ def test_a_70b_alignment_stage_searches_tp_and_dp_only():
     assert any(c.layout.pp > 1 for c in search(p, top=20).ranked)  # pretrain would pipeline
     sft = search(replace(p, stage_kind="sft"), top=20)
     assert sft.best is not None and all((c.layout.pp, c.layout.vp) == (1, None) for c in sft.ranked)
+
+
+def test_sgd_resolves_an_auto_distributed_optimizer_to_off():
+    """Megatron's DistributedOptimizer wraps Adam only (E129): for SGD the dominance argument does not
+    hold and auto resolves to off, in the search and the oracle alike; a fixed `true` fits nothing."""
+    model = ModelSpec(name="s", layers=2, hidden=256, heads=4, query_groups=4, ffn_hidden=512, vocab=1000,
+                      seq_length=1024)
+    p = Problem(model=model, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=4), gpu=H100,
+                fixed=ParallelSpec(distributed_optimizer=None), global_batch=8, seq_length=1024, optimizer="sgd")
+    fast, brute = search(p, top=50), enumerate_all(p)
+    assert fast.best is not None and not any(c.layout.distributed_optimizer for c in fast.ranked + brute.ranked)
+    assert fast.best.estimate.step_time_s == brute.best.estimate.step_time_s
+    assert search(replace(p, optimizer="adam")).best.layout.distributed_optimizer
+    fixed_on = search(replace(p, fixed=ParallelSpec(distributed_optimizer=True)))
+    assert fixed_on.best is None and fixed_on.rejections[0].reason.startswith("E129")
+
+
+def test_fp8_search_only_returns_layouts_transformer_engine_accepts():
+    """fp8 GEMMs need 16-multiples per rank (E137) and tokens per GEMM % 8 (E138): with seq 1000,
+    sequence parallelism at tp 2 leaves 500 tokens per rank, so the search turns SP off (or takes a
+    micro batch that makes it a multiple of 8), and agrees with the oracle."""
+    model = ModelSpec(name="f", layers=2, hidden=512, heads=8, query_groups=8, ffn_hidden=1376, vocab=1000,
+                      seq_length=1000)  # 1376 / 2 = 688 = 16 x 43; 1376 / 4 = 344 = 8 x 43: tp 4 fails E137
+    p = Problem(model=model, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=4), gpu=H100,
+                fixed=ParallelSpec(pipeline=1), global_batch=8, seq_length=1000, precision="fp8")
+    fast, brute = search(p, top=50), enumerate_all(p, top=50)
+    assert fast.best is not None
+    assert fast.best.estimate.step_time_s == brute.best.estimate.step_time_s
+    for c in fast.ranked:
+        _valid_and_fits(p, c.layout)
+        lay = c.layout
+        assert lay.tp != 4
+        tokens = lay.micro_batch * 1000 // lay.cp // (lay.tp if lay.sequence_parallel else 1)
+        assert tokens % 8 == 0
+    assert any(c.layout.tp == 2 for c in fast.ranked)
+    assert any(c.layout.tp == 4 for c in search(replace(p, precision="bf16"), top=50).ranked)
