@@ -899,6 +899,32 @@ def rule_attention_head_dim(env: Env, s: Sizes) -> Violation | None:
     )
 
 
+def te_auto_unfused(env: Env) -> str | None:
+    """Why Transformer Engine may run `attention_backend = auto` on its unfused core (None when it
+    will not): flash-attn takes head_dim <= 256 only, and cuDNN fused attention's limit depends on the
+    cuDNN version (256 for training in cuDNN 9 on Hopper). The plan then costs the unfused core (the
+    s x s scores in memory), the safe side of TE's choice (`search.Problem.costed_backend`)."""
+    d = env.model.head_dim
+    if env.attention_backend != "auto" or not uses_te(env) or d <= 256:
+        return None
+    return f"head_dim({d}) > 256: flash-attn takes at most 256, cuDNN fused attention may not take it either"
+
+
+def warn_auto_attention_unfused(env: Env, s: Sizes) -> Violation | None:
+    """See `te_auto_unfused`."""
+    why = te_auto_unfused(env)
+    if why is None:
+        return None
+    return Violation(
+        "W111", "attention_backend = auto may run Transformer Engine's unfused attention here",
+        f"{why}; planned with the unfused core (s x s scores kept)",
+        "set attention_backend = fused if your cuDNN supports this head dimension, to plan it flash-class",
+        anchors=("attention_backend", "model.kv_channels", "model"), severity=Severity.NOTE,
+        source="transformer_engine/pytorch/attention/dot_product_attention/utils.py get_attention_backend "
+               "(head_dim_qk > 256 disables flash-attn)",
+    )
+
+
 _FP8 = ("fp8", "mxfp8")
 
 
@@ -1143,7 +1169,7 @@ ERROR_RULES: tuple[Rule, ...] = (
 WARNING_RULES: tuple[Rule, ...] = (
     warn_tp_crosses_node, warn_padded_vocab, warn_ep_without_sp, warn_useless_distributed_optimizer,
     warn_fp16_loss_scaling, warn_moe_ffn_default, warn_top1_router, warn_uneven_pipeline, warn_vp_one,
-    warn_selective_recompute_flash,
+    warn_selective_recompute_flash, warn_auto_attention_unfused,
 )
 RULES: tuple[Rule, ...] = ERROR_RULES + WARNING_RULES
 

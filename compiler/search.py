@@ -56,6 +56,7 @@ from nemoc.compiler.rules import (
     rule_query_groups_tp,
     runtime_caps,
     stage_kernels,
+    te_auto_unfused,
 )
 from nemoc.compiler.spec import ClusterSpec, LoraSpec, ModelSpec, ParallelSpec
 
@@ -100,8 +101,11 @@ class Problem:
     def costed_backend(self) -> str:
         """The attention class the memory and cost models price: `auto` is Transformer Engine's choice
         between flash-attn and cuDNN fused attention (both flash-class: no s x s scores, the masked half
-        skipped) or torch SDPA without TE, so it is costed as `flash`."""
-        return "flash" if self.attention_backend == "auto" else self.attention_backend
+        skipped) or torch SDPA without TE, so it is costed as `flash`; where TE may fall back to its
+        unfused core (`rules.te_auto_unfused`: head_dim > 256), as `unfused`."""
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "unfused" if self.model.head_dim > 256 and te_auto_unfused(self.env) else "flash"
 
     @property
     def auto_distributed_optimizer(self) -> bool:

@@ -500,6 +500,29 @@ def test_flash_attention_head_dim_limits():
     assert rules.rule_attention_head_dim(env(odd, attention_backend="flash", kernels="local"), VALID) is None
 
 
+def test_auto_attention_beyond_flash_head_dim_is_planned_unfused():
+    """head_dim > 256 with `auto` under TE: flash-attn cannot take it and cuDNN may not, so TE may run
+    its unfused core: W111 says so and the search prices the unfused core (s x s scores kept)."""
+    from nemoc.compiler.catalog.hardware import get_gpu
+    from nemoc.compiler.search import Problem
+
+    big = replace(LLAMA8B, hidden=8192, heads=16, query_groups=8)  # head_dim 512
+    v = rules.warn_auto_attention_unfused(env(big, attention_backend="auto"), VALID)
+    assert v.code == "W111" and v.equation.startswith("head_dim(512) > 256")
+    assert rules.warn_auto_attention_unfused(env(LLAMA8B, attention_backend="auto"), VALID) is None
+    assert rules.warn_auto_attention_unfused(env(big, attention_backend="fused"), VALID) is None
+    assert rules.warn_auto_attention_unfused(env(big, attention_backend="auto", kernels="local"), VALID) is None
+
+    def costed(model, kernels="te"):
+        return Problem(model=model, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=8), gpu=get_gpu("H100"),
+                       fixed=ParallelSpec(), global_batch=64, seq_length=4096, attention_backend="auto",
+                       kernels=kernels).costed_backend
+
+    assert costed(big) == "unfused"
+    assert costed(LLAMA8B) == "flash"
+    assert costed(big, kernels="local") == "flash"  # torch SDPA: no head-dim limit that materialises scores
+
+
 def test_fp8_gemm_dimensions():
     """TE assert_dim_for_fp8_exec per TP rank (E137); the review's repro: ffn 14000 at TP 2 = 7000."""
     m = replace(LLAMA8B, ffn_hidden=14000)
