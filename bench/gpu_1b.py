@@ -65,6 +65,11 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHO
 _POSITION = {"rope": "rope", "learned": "learned_absolute", "none": "none"}
 
 
+# Megatron-Core's local layer spec on both sides (the lent GPU machines have no Transformer Engine;
+# with a plan saying `local` the runtime builds it even where TE imports, and so does the bare loop).
+KERNELS = "local"
+
+
 def build_plan(*, smoke: bool, backend: str, steps: int, log_every: int, micro_batch: int, num_micro: int,
                gpu: str):
     from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown, Plan, StagePlan
@@ -79,11 +84,12 @@ def build_plan(*, smoke: bool, backend: str, steps: int, log_every: int, micro_b
         memory=MemoryBreakdown(0, 0, 0, 0, 0, 0), estimate=Estimate(0, 0, 0, 0, steps, 0, 0, None),
         seq_length=model.seq_length, steps=steps, optimizer=OptimizerSpec(lr=3e-4),
         schedule=ScheduleSpec(name="cosine", warmup=2, min_lr=3e-5), checkpoint=CheckpointSpec(every=None),
-        log_every=log_every, eval_every=None, seed=1234, params={"save_checkpoints": False},
+        log_every=log_every, eval_every=None, seed=1234, params={"save_checkpoints": False}, kernels=KERNELS,
     )
     return Plan(experiment="gpu_1b", model=model, cluster=ClusterSpec(gpu=gpu, nodes=1, gpus_per_node=1),
                 precision="fp32" if smoke else "bf16", attention_backend=backend,
-                data=(DataSpec(name="synthetic", path="synthetic", split=(1.0, 0.0, 0.0)),), stages=(stage,))
+                data=(DataSpec(name="synthetic", path="synthetic", split=(1.0, 0.0, 0.0)),), stages=(stage,),
+                kernels=KERNELS)
 
 
 def write_dataset(prefix: Path, *, vocab: int, tokens: int) -> None:
@@ -423,7 +429,8 @@ def bare_main(plan_path: str, out_dir: str, smoke: bool, warmup: int, diag_steps
 
     from nemoc.compiler.plan import from_json
     from nemoc.runtime import megatron_args as margs
-    from nemoc.runtime.model import SDPAttention, have_transformer_engine
+    from nemoc.runtime.model import SDPAttention
+    from nemoc.runtime.train import kernel_setup
 
     plan = from_json(Path(plan_path).read_text())
     stage, spec_model = plan.stages[0], plan.model
@@ -443,8 +450,8 @@ def bare_main(plan_path: str, out_dir: str, smoke: bool, warmup: int, diag_steps
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
-    have_te = have_transformer_engine()
-    facts = margs.MachineFacts(cpu=mcore_cpu.is_applied(), have_te=have_te)
+    facts, _ = kernel_setup(stage.kernels)  # what the runtime builds for the plan's kernels (runtime/train.py)
+    have_te = facts.have_te
     config = margs.transformer_config(model=spec_model, layout=lay, precision=plan.precision,
                                       attention_backend=plan.attention_backend, facts=facts,
                                       dropout=float(stage.params.get("dropout", 0.0)), deterministic=facts.cpu,
@@ -567,7 +574,7 @@ def predictions(plan) -> dict:
     try:
         mem = memory.estimate(plan.model, stage.layout, precision=plan.precision,
                               attention_backend=plan.attention_backend, seq_length=stage.seq_length,
-                              gpu=plan.cluster.gpu, kernels="local")
+                              gpu=plan.cluster.gpu, kernels=stage.kernels)
         out["memory_total_gib"] = mem.total / 2**30
         out["memory_terms_gib"] = {k: getattr(mem, k) / 2**30 for k in ("weights", "gradients", "optimizer",
                                                                         "activations", "other")}
@@ -575,7 +582,8 @@ def predictions(plan) -> dict:
         out["memory_error"] = f"{type(exc).__name__}: {exc}"
     try:
         est = cost.estimate(plan.model, stage.layout, gpu=plan.cluster.gpu, precision=plan.precision,
-                            attention_backend=plan.attention_backend, seq_length=stage.seq_length)
+                            attention_backend=plan.attention_backend, seq_length=stage.seq_length,
+                            kernels=stage.kernels)
         out.update(step_time_s=est.step_time_s, tokens_per_s=est.tokens_per_s_per_gpu, mfu=est.mfu,
                    tflops_per_gpu=est.model_tflops_per_gpu)
     except Exception as exc:
