@@ -30,8 +30,8 @@ catalog's dense bf16 peak), peak allocated/reserved memory, and `nemoc plan`'s p
 Order (time-boxed by --budget; a sub-run that cannot start in time is skipped and says so):
 bare/flash, runtime/flash, runtime/unfused, bare/unfused, then (--repeat) runtime/flash and
 bare/flash again in the reverse order, so that an order or drift effect is visible. Each bare run
-ends with a few extra steps fed like the runtime feeds (pageable host tensors copied per micro-batch,
-which blocks the host until the stream drains): `host_batches_step_time_s` isolates that effect.
+ends with a few extra steps fed as the runtime feeds (its own `collate`: host tensors stacked, pinned
+and copied per micro-batch): `host_batches_step_time_s` isolates that effect.
 The JSON is rewritten after each sub-run, so a partial run still leaves results.
 """
 
@@ -544,10 +544,13 @@ def bare_main(plan_path: str, out_dir: str, smoke: bool, warmup: int, diag_steps
     result = {"final_loss": float(last[0] / last[1]), "warmup_steps": warmup, "settings": settings,
               "all_step_times_s": times, **summarise(times[warmup:] or times[-1:]), **_memory_stats()}
 
-    if diag_steps > 0:  # the same loop fed as the runtime feeds: host tensors copied per micro-batch
+    if diag_steps > 0:  # the same loop fed as the runtime feeds: its own collate, per micro-batch
+        from nemoc.runtime.train import collate
+
         def host_iterator():
             while True:
-                yield to_device(host_batch())
+                batch = host_batch()
+                yield collate([{k: v[i] for k, v in batch.items()} for i in range(mb)], dev)
 
         diag = []
         for _ in range(diag_steps):
