@@ -38,6 +38,7 @@ class RuntimeCaps:
     pipeline: bool  # pp > 1 (and so virtual pipeline stages)
     runs: str  # how the runtime runs the kind, for messages
     te: bool = True  # builds Transformer Engine's layer spec when the plan says kernels = te
+    moe: bool = True  # builds MoE models (runtime/align builds dense models only: common.ModelShape.of)
 
 
 # The one place that says which stage kinds the nemoc runtime runs pipeline-parallel. pretrain is
@@ -47,9 +48,9 @@ class RuntimeCaps:
 # All of runtime/align builds Megatron-Core's local layer spec, with or without Transformer Engine
 # (common.py `machine_facts`: LoRA must see normalised inputs, packed samples need an explicit mask).
 _ALIGN = RuntimeCaps(pipeline=False, runs="the nemoc runtime's alignment stages (runtime/align) run TP/DP only",
-                     te=False)
+                     te=False, moe=False)
 _ONE_PROCESS = RuntimeCaps(pipeline=False, runs="the nemoc runtime runs eval and export in one process (runtime/align)",
-                           te=False)
+                           te=False, moe=False)
 RUNTIME_CAPS = {
     "pretrain": RuntimeCaps(pipeline=True, runs="runtime/train.py runs every Megatron-Core schedule"),
     "sft": _ALIGN, "dpo": _ALIGN, "reward": _ALIGN, "ppo": _ALIGN,
@@ -452,6 +453,21 @@ def rule_runtime_pipeline(env: Env, s: Sizes) -> Violation | None:
         "block overrides the experiment's); split the model with tensor parallelism instead",
         anchors=(_P + field, _P + "pipeline"),
         source="nemoc runtime/align/trainer.py Trainer (pp > 1), runtime/align/common.py build_gpt (vp)",
+    )
+
+
+def rule_runtime_moe(env: Env, s: Sizes) -> Violation | None:
+    """nemoc's runtime, not Megatron: `RUNTIME_CAPS` (runtime/align builds dense models only)."""
+    m = env.model
+    if not m.is_moe or runtime_caps(env.stage_kind).moe:
+        return None
+    return Violation(
+        "E141", f"`{env.stage_kind}` stages cannot run MoE models: the nemoc runtime's alignment, eval and export "
+        "stages (runtime/align) build dense models only",
+        f"experts({m.experts}) > 0, but stage kind {env.stage_kind} runs dense models only",
+        "run this stage on a dense model, or train the MoE model with `pretrain` stages only",
+        anchors=("model.experts", "model"),
+        source="nemoc runtime/align/common.py ModelShape.of (\"alignment stages support dense models only\")",
     )
 
 
@@ -1158,7 +1174,7 @@ def warn_selective_recompute_flash(env: Env, s: Sizes) -> Violation | None:
 ERROR_RULES: tuple[Rule, ...] = (
     rule_world_size, rule_heads_tp, rule_query_groups_tp, rule_heads_query_groups, rule_ffn_tp, rule_qkv_split,
     rule_head_dim, rule_layers_pipeline,
-    rule_runtime_pipeline, rule_interleave_needs_pp, rule_interleave_pp2, rule_sequence_parallel, rule_global_batch,
+    rule_runtime_pipeline, rule_runtime_moe, rule_interleave_needs_pp, rule_interleave_pp2, rule_sequence_parallel, rule_global_batch,
     rule_interleave_microbatches,
     rule_context_seq, rule_context_backend, rule_sequence_parallel_split, rule_dense_expert,
     rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp,
