@@ -471,6 +471,25 @@ def rule_runtime_moe(env: Env, s: Sizes) -> Violation | None:
     )
 
 
+def rule_rope_head_dim(env: Env, s: Sizes) -> Violation | None:
+    """Rotary embeddings rotate pairs of channels: RotaryEmbedding builds 2 * ceil(head_dim / 2)
+    frequencies (inv_freq over arange(0, dim, 2)), and applying them to a head with an odd dimension
+    fails in the first forward pass (rope_utils.py _apply_rotary_pos_emb_bshd: t * cos with
+    t[..., :rot_dim] of head_dim channels against rot_dim = head_dim + 1)."""
+    m = env.model
+    if m.position != "rope" or m.head_dim % 2 == 0:
+        return None
+    d = m.head_dim
+    return Violation(
+        "E142", "rotary position embeddings need an even head dimension",
+        f"head_dim({d}) % 2 = 1 with position = rope (RotaryEmbedding builds 2 * ceil({d} / 2) = {d + 1} frequencies)",
+        "use an even head dimension (kv_channels, or hidden / heads), e.g. a multiple of 8; or position = learned",
+        anchors=("model.kv_channels", "model.hidden", "model.position", "model"),
+        source="megatron/core/models/common/embeddings/rotary_pos_embedding.py RotaryEmbedding; rope_utils.py "
+               "_apply_rotary_pos_emb_bshd",
+    )
+
+
 def rule_interleave_pp2(env: Env, s: Sizes) -> Violation | None:
     """Megatron-LM arguments.py validate_args: without overlapped p2p communication (nemoc's runtime
     batches p2p: batch_p2p_comm=True, overlap_p2p_comm=False), the interleaved schedule needs pp > 2,
@@ -1173,7 +1192,7 @@ def warn_selective_recompute_flash(env: Env, s: Sizes) -> Violation | None:
 # Ordered: cheapest and most decisive first (layout_violations stops at the first error).
 ERROR_RULES: tuple[Rule, ...] = (
     rule_world_size, rule_heads_tp, rule_query_groups_tp, rule_heads_query_groups, rule_ffn_tp, rule_qkv_split,
-    rule_head_dim, rule_layers_pipeline,
+    rule_head_dim, rule_rope_head_dim, rule_layers_pipeline,
     rule_runtime_pipeline, rule_runtime_moe, rule_interleave_needs_pp, rule_interleave_pp2, rule_sequence_parallel, rule_global_batch,
     rule_interleave_microbatches,
     rule_context_seq, rule_context_backend, rule_sequence_parallel_split, rule_dense_expert,
