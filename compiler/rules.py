@@ -643,21 +643,28 @@ def rule_experts_ep(env: Env, s: Sizes) -> Violation | None:
 
 def rule_expert_grid(env: Env, s: Sizes) -> Violation | None:
     """parallel_state.py: world % (etp * ep * pp) == 0 (the expert rank grid). With `expert_tensor`
-    auto, silent when ETP = 1 or ETP = tp satisfies it (the search tries both)."""
-    if not env.model.is_moe or None in (s.ep, s.pp):
+    auto, silent when ETP = 1 or ETP = tp satisfies it (the search tries both). Megatron builds the
+    expert grid for dense models too: there an auto ETP is tp (tp x pp divides the world, E101), a
+    fixed `expert_tensor` must satisfy it."""
+    dense = not env.model.is_moe
+    if s.pp is None or (dense and s.etp is None) or (not dense and s.ep is None):
         return None
+    ep = s.ep if s.ep is not None else 1
     world = env.cluster.world_size
     options = expert_tp_options(s)
-    if any(world % (etp * s.ep * s.pp) == 0 for etp in options):
+    if any(world % (etp * ep * s.pp) == 0 for etp in options):
         return None
     etp = options[0]
-    grid = etp * s.ep * s.pp
+    grid = etp * ep * s.pp
     label = f"etp({etp})" if s.etp is not None else f"etp({etp}, the smallest auto choice)"
+    hint = ("choose expert / expert_tensor so that etp x ep x pp divides the GPU count" if not dense else
+            "remove expert_tensor (or auto): a dense model has no experts, but Megatron still builds its expert "
+            "rank grid with that size")
     return Violation(
         "E116", "the expert grid does not divide the number of GPUs",
-        f"world size {world} % ({label} * ep({s.ep}) * pp({s.pp}) = {grid}) = {world % grid} != 0",
-        "choose expert / expert_tensor so that etp x ep x pp divides the GPU count",
-        anchors=(_P + "expert", _P + "expert_tensor", _P + "pipeline"),
+        f"world size {world} % ({label} * ep({ep}) * pp({s.pp}) = {grid}) = {world % grid} != 0",
+        hint,
+        anchors=(_P + "expert_tensor", "model") if dense else (_P + "expert", _P + "expert_tensor", _P + "pipeline"),
         source="megatron/core/parallel_state.py initialize_model_parallel (expert_tensor_model_pipeline_parallel size)",
     )
 
