@@ -1,0 +1,484 @@
+"""Differential test: every layout nemoc accepts, Megatron-Core 0.16.1 accepts.
+
+For random small experiments (dense and MoE models, GQA/MHA/MQA, every cluster kind, precision,
+attention backend, kernels, stage kind, optimizer, fixed or auto parallel settings) nemoc's own
+planner (`rules.check_spec`, then `planner.plan_stage`, which runs `search.search`) picks a layout
+and its runner-ups. For each of them this test builds exactly what the runtime builds from the plan
+(`runtime/megatron_args`: TransformerConfig, DistributedDataParallelConfig, OptimizerConfig, the
+scheduler kwargs) and runs Megatron-Core's pure-Python parallel checks on it:
+
+* `parallel_state.initialize_model_parallel`'s arithmetic (world % (tp*pp*cp), vp needs pp > 1,
+  world % (etp*ep*pp), the pp groups of the dense and the expert grid equal) with its own
+  `RankGenerator`s (order tp-cp-ep-dp-pp);
+* `ConstantNumMicroBatchesCalculator` (global batch = micro batch x dp x microbatches);
+* `schedules.forward_backward_pipelining_with_interleaving`'s preconditions on num_microbatches;
+* `transformer_block.get_num_layers_to_build` for every pipeline rank and virtual stage;
+* the `divide()` calls the model's layers make (attention heads / query groups per TP rank, the
+  QKV / proj / fc1 / fc2 / expert / shared-expert / vocabulary splits), the experts per EP rank,
+  the sequence-parallel split;
+* the runtime's own refusals (`UnsupportedPlan`; for alignment stages runtime/align's checks).
+
+Memory never decides (the GPU gets 1 PB of HBM): this test is about layout rules. Each failure is a
+missing nemoc rule or an adapter bug. The converse is checked for rules that mirror one Megatron
+check 1:1 (E102, E109, E114, E142, E116 on a dense model): when `nemoc check` reports them, Megatron
+raises too.
+
+What it found (each now a rule, with a unit test at the end of this file): E141 (runtime/align builds
+dense models only), E142 (rope with an odd head dimension fails in the first forward pass), E116 for
+dense models (Megatron builds the expert grid with a fixed `expert_tensor` even without experts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import replace
+from unittest import mock
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("megatron.core")
+
+from megatron.core.num_microbatches_calculator import ConstantNumMicroBatchesCalculator  # noqa: E402
+from megatron.core.parallel_state import RankGenerator  # noqa: E402
+from megatron.core.transformer.transformer_block import get_num_layers_to_build  # noqa: E402
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+from megatron.core.utils import divide  # noqa: E402
+
+from nemoc.compiler.catalog.hardware import get_gpu  # noqa: E402
+from nemoc.compiler.plan import Layout  # noqa: E402
+from nemoc.compiler.planner import plan_stage  # noqa: E402
+from nemoc.compiler.rules import check_spec, pipeline_split  # noqa: E402
+from nemoc.compiler.spec import (  # noqa: E402
+    ClusterSpec,
+    ExperimentSpec,
+    ModelSpec,
+    OptimizerSpec,
+    ParallelSpec,
+    StageSpec,
+)
+from nemoc.dsl.diagnostics import DiagnosticError  # noqa: E402
+from nemoc.runtime import megatron_args as margs  # noqa: E402
+
+ORDER = "tp-cp-ep-dp-pp"  # initialize_model_parallel's default order, which the runtime keeps
+ALIGN_KINDS = ("sft", "dpo", "reward", "ppo")
+HUGE_HBM = 10**15
+
+
+# ------------------------------------------------------------------------------------- strategies
+
+
+@st.composite
+def experiments(draw) -> ExperimentSpec:
+    """Mostly settings the rules should accept (auto sizes, a precision the GPU has, dense models in
+    alignment stages), and now and then anything the language can express."""
+    wild = draw(st.integers(0, 4)) == 0  # one in five: no care to stay valid
+    heads = draw(st.sampled_from([1, 2, 3, 4, 6, 8, 12, 16]))
+    divisors = [g for g in range(1, heads + 1) if heads % g == 0]
+    groups = draw(st.sampled_from(divisors + [heads, heads, 1]))
+    head_dim = draw(st.sampled_from([8, 9, 12, 16, 24, 25, 32, 40, 64, 96, 128, 160, 320]))
+    if draw(st.integers(0, 4)) == 0:  # an explicit kv_channels: hidden need not be heads x head_dim
+        kv_channels, hidden = head_dim, draw(st.sampled_from([64, 96, 128, 192, 256, 320]))
+    else:
+        kv_channels, hidden = None, heads * head_dim
+    kind = draw(st.sampled_from(["pretrain"] * 6 + ["sft", "dpo"]))
+    experts = draw(st.sampled_from([0, 0, 2, 4, 6, 8, 16, 32])) if kind == "pretrain" or wild else 0
+    moe = dict(experts=experts)
+    if experts:
+        moe.update(top_k=draw(st.integers(1, min(experts, 4))),
+                   moe_ffn_hidden=draw(st.sampled_from([None, 48, 64, 96, 100, 128])),
+                   shared_expert_ffn_hidden=draw(st.sampled_from([0, 0, 64, 96, 100])))
+    model = ModelSpec(
+        name="rand", layers=draw(st.integers(1, 16)), hidden=hidden, heads=heads, query_groups=groups,
+        kv_channels=kv_channels,
+        ffn_hidden=draw(st.sampled_from([hidden * 4, hidden * 2, hidden * 3, 96, 100, 344, 512])),
+        vocab=draw(st.sampled_from([1000, 32000, 50257])),
+        seq_length=draw(st.sampled_from([256, 512, 1024, 2048])),
+        activation=draw(st.sampled_from(["swiglu", "swiglu", "gelu", "relu", "squared_relu"])),
+        norm=draw(st.sampled_from(["rmsnorm", "layernorm"])),
+        position=draw(st.sampled_from(["rope", "rope", "learned", "none"])),
+        tie_embeddings=draw(st.booleans()),
+        add_bias_linear=draw(st.sampled_from([False, False, True])) if wild or not experts else False,
+        add_qkv_bias=draw(st.booleans()),
+        qk_layernorm=draw(st.booleans()),
+        **moe,
+    )
+    gpu_id = draw(st.sampled_from(["H100", "H100", "B200", "GB200", "A100-80GB", "CPU"]))
+    gpu = get_gpu(gpu_id)
+    gpn = draw(st.sampled_from([1, 2, 4, 8]))
+    cluster = ClusterSpec(gpu=gpu_id, nodes=draw(st.sampled_from([1, 1, 2, 3, 4] if gpn <= 4 else [1, 1, 2])),
+                          gpus_per_node=gpn)
+    precisions = ["bf16", "bf16", "fp16", "fp32", "fp8", "fp8", "mxfp8"]
+    if not wild:
+        precisions = [p for p in precisions if gpu.supports(p) and (kind == "pretrain" or p not in ("fp8", "mxfp8"))]
+    precision = draw(st.sampled_from(precisions))
+    kernels = draw(st.sampled_from(["auto", "auto", "te", "local"] if wild or gpu_id != "CPU" else ["auto", "local"]))
+    fixed = 1 if wild else 6  # auto weight per field
+
+    def maybe(*values):
+        return draw(st.sampled_from([None] * fixed + list(values)))
+
+    pipelined = kind == "pretrain" or wild
+    parallel = ParallelSpec(
+        tensor=maybe(1, 2, 4), pipeline=maybe(1, 2, 3, 4) if pipelined else None,
+        virtual_pipeline=maybe(2, 3) if pipelined else None,
+        context=draw(st.sampled_from([1, 1, 1, None, 2] if wild or kind == "pretrain" else [1])),
+        expert=maybe(1, 2, 4) if experts or wild else 1, expert_tensor=maybe(1, 2),
+        data=maybe(1, 2) if wild else None, sequence_parallel=maybe(True, False),
+        distributed_optimizer=maybe(True, False), recompute=maybe("none", "selective", "full"),
+        micro_batch=maybe(1, 2, 3),
+    )
+    seq = draw(st.sampled_from([None, None, 128, 250, 256, 512, 1000]))
+    stage = StageSpec(name="s", kind=kind, global_batch=draw(st.sampled_from([None, 1, 4, 8, 12, 16, 32, 64])),
+                      seq_length=min(seq, model.seq_length) if seq else None, steps=10,
+                      optimizer=OptimizerSpec(name=draw(st.sampled_from(["adam", "adam", "sgd"]))))
+    return ExperimentSpec(
+        name="diff", model=model, cluster=cluster, parallel=parallel, precision=precision,
+        attention_backend=draw(st.sampled_from(["auto", "auto", "flash", "fused", "unfused"])),
+        kernels=kernels, stages=(stage,),
+    )
+
+
+# ---------------------------------------------------------------------- what Megatron would check
+
+
+def megatron_parallel_state(world: int, layout) -> None:
+    """The arithmetic of parallel_state.initialize_model_parallel (core/parallel_state.py, 0.16.1,
+    lines ~711-790) for the sizes `margs.parallel_kwargs` passes, with Megatron's RankGenerator."""
+    kw = margs.parallel_kwargs(layout=layout)
+    tp, pp, cp = kw["tensor_model_parallel_size"], kw["pipeline_model_parallel_size"], kw["context_parallel_size"]
+    vp, ep, etp = (kw["virtual_pipeline_model_parallel_size"], kw["expert_model_parallel_size"],
+                   kw["expert_tensor_parallel_size"])
+    model_size = tp * pp * cp
+    if world % model_size != 0:
+        raise RuntimeError(f"world_size ({world}) is not divisible by {model_size}")
+    dp = world // model_size
+    if vp is not None and not pp > 1:
+        raise RuntimeError("pipeline-model-parallel size should be greater than 1 with interleaved schedule")
+    dense = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=cp, order=ORDER, rank_offset=0)
+    if etp is None:
+        etp = tp
+    if world % (etp * ep * pp) != 0:
+        raise RuntimeError(f"world_size ({world}) is not divisible by expert_tensor_model_pipeline_parallel size "
+                           f"({etp * ep * pp})")
+    expert = RankGenerator(tp=etp, ep=ep, dp=world // (etp * ep * pp), pp=pp, cp=1, order=ORDER, rank_offset=0)
+    assert dense.get_ranks("pp") == expert.get_ranks("pp"), "pipeline groups differ between the dense and expert grids"
+    for token in ("tp", "cp", "dp", "dp-cp", "tp-pp"):
+        groups = dense.get_ranks(token)
+        assert sorted(r for g in groups for r in g) == list(range(world)), token
+    for token in ("tp", "ep", "dp"):
+        groups = expert.get_ranks(token)
+        assert sorted(r for g in groups for r in g) == list(range(world)), token
+    assert dp == layout.dp, (dp, layout.dp)
+
+
+def megatron_interleaving(config, num_microbatches: int) -> None:
+    """core/pipeline_parallel/schedules.py forward_backward_pipelining_with_interleaving (0.16.1,
+    lines 921-1015): the p2p flags and the micro-batch group checks, with pp from the config."""
+    if config.overlap_p2p_comm and config.batch_p2p_comm:
+        raise ValueError("Can not use both overlap_p2p_comm and batch_p2p_comm")
+    pp = config.pipeline_model_parallel_size
+    group = config.microbatch_group_size_per_vp_stage
+    if group > num_microbatches or group < pp:
+        raise ValueError(f"microbatch group {group} not in [PP={pp}, M={num_microbatches}]")
+    final = num_microbatches % group
+    if 0 < final < pp:
+        raise RuntimeError(f"final micro-batch group {final} < pp {pp}")
+
+
+def megatron_rope(model: ModelSpec, config) -> None:
+    """Rotary embeddings as GPTModel builds them (rotary_pos_embedding.py RotaryEmbedding with
+    kv_channels, rotary_percent 1.0: 2 * ceil(d / 2) frequencies) applied to one head the way the
+    unfused path does (rope_utils.py _apply_rotary_pos_emb_bshd: t * cos + rotate_half(t) * sin)."""
+    if model.position != "rope":
+        return
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    with mock.patch("torch.cuda.current_device", lambda: "cpu"):  # get_emb moves inv_freq to the GPU
+        rope = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
+                               rotary_base=int(model.rotary_base), use_cpu_initialization=True)
+        emb = rope.get_emb(4)
+    _apply_rotary_pos_emb_bshd(torch.zeros(4, 1, 1, config.kv_channels), emb)
+
+
+def megatron_layer_splits(config, layout, seq: int, padded_vocab: int, local_attention: bool) -> None:
+    """The divide() calls the model's layers make (core/utils.py divide asserts divisibility):
+    attention.py Attention.__init__ (lines 285-303), ColumnParallelLinear (layers.py 842) for the
+    fused QKV and fc1, RowParallelLinear (layers.py 1166) for proj and fc2, the MoE layer's experts
+    per EP rank (moe_layer.py 101), the expert MLPs over the expert-TP group (experts.py 133-136, and
+    SequentialMLP's MLP), the shared expert over TP, the vocabulary over TP (VocabParallelEmbedding),
+    the sequence-parallel split (mappings.py _split_along_first_dim)."""
+    tp, heads, groups = layout.tp, config.num_attention_heads, config.num_query_groups
+    query_projection = config.kv_channels * heads
+    kv_projection = config.kv_channels * groups
+    divide(query_projection, heads)
+    if groups < tp:
+        divide(heads, groups)
+    else:
+        divide(groups, tp)
+        divide(heads, tp)
+    # get_query_key_value_tensors: [sq, b, ng, (np/ng + 2) * hn]
+    divide(heads, groups)
+    if local_attention:
+        # the local core (Megatron's DotProductAttention, or nemoc's SDPAttention, its subclass) is
+        # built with num_query_groups = tp when the groups are fewer (attention.py 310-315);
+        # dot_product_attention.py 78-81 divides the projection, the heads and the groups over TP
+        divide(query_projection, tp)
+        divide(heads, tp)
+        divide(max(groups, tp), tp)
+    divide(query_projection + 2 * kv_projection, tp)  # linear_qkv
+    divide(query_projection, tp)  # linear_proj
+    glu = 2 if config.gated_linear_unit else 1
+    if config.num_moe_experts:
+        local = divide(config.num_moe_experts, layout.ep)
+        assert local > 0
+        divide(config.moe_ffn_hidden_size * glu, layout.etp)  # SequentialMLP: one MLP per expert
+        divide(config.moe_ffn_hidden_size, layout.etp)
+        divide(config.moe_ffn_hidden_size * local * glu, layout.etp)  # experts.py (grouped)
+        if config.moe_shared_expert_intermediate_size:
+            divide(config.moe_shared_expert_intermediate_size * glu, tp)
+            divide(config.moe_shared_expert_intermediate_size, tp)
+        assert 1 <= config.moe_router_topk <= config.num_moe_experts
+    else:
+        divide(config.ffn_hidden_size * glu, tp)
+        divide(config.ffn_hidden_size, tp)
+    divide(padded_vocab, tp)
+    if config.sequence_parallel:
+        divide(divide(seq, layout.cp), tp)
+
+
+def _te_present():
+    """Transformer Engine is not installed here: TransformerConfig's TE version gates (MoE with fp8,
+    transformer_config.py ~1599) see a current TE, as on the machines the te path runs on."""
+    return mock.patch("megatron.core.transformer.transformer_config.is_te_min_version", lambda *a, **k: True)
+
+
+def check_layout(spec: ExperimentSpec, stage: StageSpec, kernels: str, seq: int, layout, params) -> None:
+    """Build what the runtime builds for `layout` and run Megatron-Core's checks on it."""
+    model = spec.model
+    world = spec.cluster.world_size
+    cpu = spec.cluster.gpu == "CPU"
+    align = stage.kind in ALIGN_KINDS
+    assert layout.tp * layout.pp * layout.cp * layout.dp == world
+    if align:
+        # runtime/align: common.ModelShape.of (dense only), common.build_gpt (no vp), trainer.Trainer
+        # (pp == 1), stage.init_process_group (world == tp * pp * dp) and the local spec with Megatron's
+        # DotProductAttention (context_parallel_size == 1).
+        assert not model.is_moe, "alignment stages support dense models only (runtime/align/common.py)"
+        assert layout.vp is None and layout.pp == 1 and layout.cp == 1, layout
+        facts = margs.MachineFacts(cpu=cpu, have_te=False)
+        config = margs.transformer_config(model=model, layout=layout, precision=spec.precision,
+                                          attention_backend="unfused", facts=facts)
+    else:
+        choice = margs.choose_kernels(planned=kernels, te_importable=True, cpu=cpu)
+        facts = margs.MachineFacts(cpu=cpu, have_te=choice.use_te)
+        with _te_present() if facts.have_te else contextlib.nullcontext():
+            config = margs.transformer_config(model=model, layout=layout, precision=spec.precision,
+                                              attention_backend=spec.attention_backend, facts=facts,
+                                              stage_params=params)
+        if not facts.have_te:
+            # the local spec: Megatron's DotProductAttention (unfused) or nemoc's SDPA core; neither has CP
+            assert config.context_parallel_size == 1
+    margs.ddp_config(layout=layout)
+    margs.optimizer_config(optimizer=stage.optimizer, schedule=stage.schedule, layout=layout, precision=spec.precision)
+    margs.scheduler_kwargs(optimizer=stage.optimizer, schedule=stage.schedule, steps=10)
+
+    megatron_parallel_state(world, layout)
+    calc = ConstantNumMicroBatchesCalculator(layout.global_batch, layout.micro_batch, layout.dp,
+                                             decrease_batch_size_if_needed=False, rank=1)
+    assert calc.get() == layout.num_microbatches
+    if layout.vp is not None:
+        megatron_interleaving(config, calc.get())
+    per_stage = [sum(get_num_layers_to_build(config, vp_stage=v if layout.vp else None, pp_rank=r)
+                     for v in range(layout.vp or 1)) for r in range(layout.pp)]
+    assert sum(per_stage) == model.layers, per_stage
+    split = pipeline_split(model.layers, layout.pp, layout.vp)
+    assert split is not None and max(per_stage) == split.max_layers, (per_stage, split)
+    megatron_rope(model, config)
+    megatron_layer_splits(config, layout, seq, margs.padded_vocab_size(model.vocab, layout.tp),
+                          local_attention=not facts.have_te)
+
+
+# ------------------------------------------------------------------------------- converse checks
+
+
+def _fixed_config(spec: ExperimentSpec, **override):
+    """A TransformerConfig with the model's sizes and the user's fixed parallel sizes (auto -> 1)."""
+    m, p = spec.model, spec.parallel
+    kw = dict(num_layers=m.layers, hidden_size=m.hidden, num_attention_heads=m.heads, num_query_groups=m.query_groups,
+              kv_channels=m.head_dim, ffn_hidden_size=m.ffn_hidden, tensor_model_parallel_size=p.tensor or 1,
+              expert_model_parallel_size=p.expert or 1, sequence_parallel=bool(p.sequence_parallel),
+              pipeline_dtype=torch.bfloat16)
+    if m.is_moe:
+        kw.update(num_moe_experts=m.experts, moe_router_topk=m.top_k, moe_ffn_hidden_size=m.moe_ffn_hidden or m.ffn_hidden,
+                  moe_router_pre_softmax=m.top_k == 1)
+    kw.update(override)
+    return TransformerConfig(**kw)
+
+
+def _rope_of(spec: ExperimentSpec) -> None:
+    m = spec.model
+    megatron_rope(m, _fixed_config(spec, tensor_model_parallel_size=1, sequence_parallel=False,
+                                   expert_model_parallel_size=1, num_query_groups=m.heads, kv_channels=m.head_dim))
+
+
+def _grid_of(spec: ExperimentSpec) -> None:
+    """initialize_model_parallel's expert-grid check with the fixed sizes (auto pp -> 1, ep -> 1)."""
+    p = spec.parallel
+    etp, ep, pp = p.expert_tensor, p.expert or 1, p.pipeline or 1
+    if spec.cluster.world_size % (etp * ep * pp):
+        raise RuntimeError("world_size is not divisible by expert_tensor_model_pipeline_parallel size "
+                           "(parallel_state.py initialize_model_parallel)")
+
+
+CONVERSE = {
+    # code: (what to build, the message Megatron raises with). E102 heads % tp (transformer_config.py
+    # 924), E109 SP without TP (model_parallel_config.py 411), E114 EP on a dense model
+    # (transformer_config.py 1049), E142 rope on an odd head dimension (rope_utils.py
+    # _apply_rotary_pos_emb_bshd); E116 on a dense model with a fixed expert_tensor (parallel_state.py) below
+    "E102": (lambda spec: _fixed_config(spec, sequence_parallel=False, expert_model_parallel_size=1),
+             "must be a multiple of tensor_model_parallel_size"),
+    "E109": (lambda spec: _fixed_config(spec, tensor_model_parallel_size=1, expert_model_parallel_size=1),
+             "Cannot use sequence parallelism without tensor parallelism"),
+    "E114": (lambda spec: _fixed_config(spec, tensor_model_parallel_size=1, sequence_parallel=False),
+             "num_moe_experts must be non None to use expert-parallel"),
+    "E142": (_rope_of, "must match the size of tensor"),
+}
+
+
+def converse(spec: ExperimentSpec, codes: set[str]) -> None:
+    """A spec nemoc rejects with a code that mirrors one Megatron check: Megatron raises that check."""
+    for code in sorted(codes & set(CONVERSE)):
+        build, message = CONVERSE[code]
+        event(f"converse {code}")
+        with pytest.raises((ValueError, AssertionError, RuntimeError), match=message):
+            build(spec)
+    if "E116" in codes and not spec.model.is_moe and spec.parallel.pipeline is not None:
+        with pytest.raises(RuntimeError, match="expert_tensor_model_pipeline_parallel"):
+            _grid_of(spec)
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+STATS: dict[str, int] = {}
+
+
+def run_case(spec: ExperimentSpec, top: int = 4) -> None:
+    diagnostics = check_spec(spec)
+    errors = {d.code for d in diagnostics if d.is_error}
+    if errors:
+        STATS["rejected by check"] = STATS.get("rejected by check", 0) + 1
+        event("nemoc check rejects")
+        converse(spec, errors)
+        return
+    stage = spec.stages[0]
+    gpu = replace(get_gpu(spec.cluster.gpu), hbm_bytes=HUGE_HBM)
+    try:
+        result, stage_plan, _ = plan_stage(spec, stage, gpu, spec.attention_backend, 0.1, top)
+    except DiagnosticError as e:
+        codes = {d.code for d in e.diagnostics}
+        assert "E130" not in codes, "memory must never decide here"
+        STATS["no valid layout"] = STATS.get("no valid layout", 0) + 1
+        event("the search finds no valid layout")
+        return
+    STATS["planned"] = STATS.get("planned", 0) + 1
+    event(f"planned ({stage.kind}, {'moe' if spec.model.is_moe else 'dense'}, {stage_plan.kernels})")
+    layouts = [(stage_plan.layout, dict(stage_plan.params))]
+    layouts += [(c.layout, {**stage.params, **c.split.params()}) for c in result.runner_ups]
+    for layout, params in layouts:
+        STATS["layouts"] = STATS.get("layouts", 0) + 1
+        try:
+            check_layout(spec, stage, stage_plan.kernels, stage_plan.seq_length, layout, params)
+        except Exception as exc:  # noqa: BLE001 - report the layout with whatever Megatron raised
+            raise AssertionError(f"nemoc accepted, Megatron-Core / the runtime refused: {type(exc).__name__}: {exc}\n"
+                                 f"  layout={layout}\n  params={params}\n  kernels={stage_plan.kernels}\n"
+                                 f"  spec.model={spec.model}\n  cluster={spec.cluster} precision={spec.precision} "
+                                 f"attention={spec.attention_backend} kind={stage.kind} "
+                                 f"optimizer={stage.optimizer.name}") from exc
+
+
+def _run(spec: ExperimentSpec) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TransformerConfig warns a lot (deprecations, MoE advice)
+        run_case(spec)
+
+
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+                derandomize=False)
+
+
+@settings(max_examples=1000, **SETTINGS)
+@given(experiments())
+def test_every_layout_nemoc_accepts_megatron_core_accepts(spec):
+    _run(spec)
+
+
+@pytest.mark.slow
+@settings(max_examples=20000, **SETTINGS)
+@given(experiments())
+def test_every_layout_nemoc_accepts_megatron_core_accepts_many(spec):
+    _run(spec)
+
+
+
+# ------------------------------------------------------------------ the rules this test turned up
+
+
+def _env(model, cluster=ClusterSpec(gpu="H100", nodes=1), kind="pretrain"):
+    from nemoc.compiler import rules
+
+    arch, precisions = rules.gpu_facts(cluster.gpu)
+    return rules.Env(model=model, cluster=cluster, gpu_arch=arch, gpu_precisions=precisions, stage_kind=kind)
+
+
+_LAYOUT = Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=1, global_batch=1, num_microbatches=1,
+                 sequence_parallel=False, distributed_optimizer=False, recompute="none")
+DENSE = ModelSpec(name="d", layers=4, hidden=256, heads=4, query_groups=4, ffn_hidden=512, vocab=1000, seq_length=512)
+MOE = replace(DENSE, experts=4, top_k=2, moe_ffn_hidden=128)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "reward", "ppo", "eval", "export"])
+def test_alignment_stages_refuse_moe_models(kind):
+    from nemoc.compiler import rules
+
+    v = rules.rule_runtime_moe(_env(MOE, kind=kind), rules.Sizes())
+    assert v.code == "E141" and v.equation == f"experts(4) > 0, but stage kind {kind} runs dense models only"
+    assert rules.rule_runtime_moe(_env(MOE), rules.Sizes()) is None
+    assert rules.rule_runtime_moe(_env(DENSE, kind=kind), rules.Sizes()) is None
+
+
+def test_rope_needs_an_even_head_dim_and_megatron_agrees():
+    from nemoc.compiler import rules
+
+    odd = replace(DENSE, kv_channels=25)
+    v = rules.rule_rope_head_dim(_env(odd), rules.Sizes())
+    assert v.code == "E142" and "head_dim(25) % 2 = 1" in v.equation
+    assert rules.rule_rope_head_dim(_env(replace(odd, position="learned")), rules.Sizes()) is None
+    assert rules.rule_rope_head_dim(_env(replace(DENSE, kv_channels=26)), rules.Sizes()) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = TransformerConfig(num_layers=1, hidden_size=100, num_attention_heads=4, kv_channels=25)
+        with pytest.raises(RuntimeError):
+            megatron_rope(odd, config)
+        even = TransformerConfig(num_layers=1, hidden_size=104, num_attention_heads=4, kv_channels=26)
+        megatron_rope(replace(DENSE, kv_channels=26), even)
+
+
+def test_a_fixed_expert_tensor_on_a_dense_model_must_fit_the_expert_grid():
+    from nemoc.compiler import rules
+
+    one = ClusterSpec(gpu="H100", nodes=1, gpus_per_node=1)
+    v = rules.rule_expert_grid(_env(DENSE, one), rules.Sizes(tp=1, pp=1, etp=2))
+    assert v.code == "E116" and v.equation == "world size 1 % (etp(2) * ep(1) * pp(1) = 2) = 1 != 0"
+    assert rules.rule_expert_grid(_env(DENSE, one), rules.Sizes(tp=1, pp=1)) is None  # auto etp = tp
+    eight = ClusterSpec(gpu="H100", nodes=1, gpus_per_node=8)
+    assert rules.rule_expert_grid(_env(DENSE, eight), rules.Sizes(tp=1, pp=2, etp=2)) is None
+    layout = replace(_LAYOUT, etp=2)
+    with pytest.raises(RuntimeError, match="expert_tensor_model_pipeline_parallel"):
+        megatron_parallel_state(1, layout)
+
