@@ -319,15 +319,26 @@ def _vp_domain(p: Problem, pp: int) -> list[int | None]:
     return [None] + [v for v in range(2, p.model.layers // pp + 1) if pipeline_split(p.model.layers, pp, v)]
 
 
-def _expert_domain(p: Problem, tp: int, pp: int, rest: int) -> list[tuple[int, int]]:
+def _expert_domain(p: Problem, tp: int, pp: int, rest: int, rec: _Recorder | None = None) -> list[tuple[int, int]]:
     """(ep, etp) pairs. Dense: (1, tp), Megatron's default etp = tp. MoE: ep divides the experts
-    and the expert grid etp x ep x pp divides the world; auto etp tries 1 and tp."""
+    and the expert grid etp x ep x pp divides the world (E116; each pair that does not is recorded
+    in `rec`, so a search that finds nothing says why); auto etp tries 1 and tp."""
     world = p.cluster.world_size
     if not p.model.is_moe:
         return [(p.fixed.expert or 1, p.fixed.expert_tensor or tp)]
-    eps = _pick(p.fixed.expert, [e for e in divisors(p.model.experts) if world % (e * pp) == 0])
+    eps = _pick(p.fixed.expert, divisors(p.model.experts))
     etps = _pick(p.fixed.expert_tensor, sorted({1, tp}))
-    return [(e, t) for e in eps for t in etps if world % (e * t * pp) == 0]
+    pairs = []
+    for e in eps:
+        for t in etps:
+            if world % (e * t * pp) == 0:
+                pairs.append((e, t))
+            elif rec is not None:
+                rec.rule(f"world size {world} % (etp({t}) * ep({e}) * pp({pp})) = {world % (e * t * pp)} != 0",
+                         "E116 the expert grid etp x ep x pp does not divide the world size",
+                         f"tp={tp} pp={pp} ep={e} etp={t}", hint="choose expert (and expert_tensor) so that "
+                         "etp x ep x pp divides the number of GPUs")
+    return pairs
 
 
 def _micro_batches(p: Problem, dp: int) -> list[int]:
@@ -401,7 +412,7 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
                 # off for SGD, which Megatron's DistributedOptimizer refuses (E129).
                 do = (p.fixed.distributed_optimizer if p.fixed.distributed_optimizer is not None
                       else p.auto_distributed_optimizer)
-                for ep, etp in _expert_domain(p, tp, pp, dp):
+                for ep, etp in _expert_domain(p, tp, pp, dp, rec):
                     vps = _vp_domain(p, pp)
                     for k, vp in enumerate(vps):
                         if not _search_group(p, env, rec, best, tp, pp, vp, cp, ep, etp, dp, do) and vp is None:
@@ -448,6 +459,8 @@ def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, 
         return False
     sps = [sp for sp in _sp_domain(p, tp)
            if _group_fits(p, env, rec, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs))]
+    if not sps:  # every sequence-parallel value failed a rule or memory, recorded by _group_fits for the whole group
+        return False
     weakest = {sp: len(rcs) - 1 for sp in sps}  # per SP: the weakest recompute that can still fit
     for i, mb in enumerate(mbs):
         any_fit = False

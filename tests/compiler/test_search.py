@@ -281,3 +281,31 @@ def test_fp8_search_only_returns_layouts_transformer_engine_accepts():
         assert tokens % 8 == 0
     assert any(c.layout.tp == 2 for c in fast.ranked)
     assert any(c.layout.tp == 4 for c in search(replace(p, precision="bf16"), top=50).ranked)
+
+
+MOE = ModelSpec(name="moe", layers=2, hidden=256, heads=4, query_groups=4, ffn_hidden=512, vocab=1000,
+                seq_length=512, experts=4, top_k=2, moe_ffn_hidden=256)
+HUGE = replace(H100, hbm_bytes=10**15)
+
+
+def test_an_expert_grid_that_never_fits_says_why():
+    """A fixed expert size whose grid etp x ep x pp divides no world split: the search finds nothing
+    and names E116 (the pairs used to be dropped silently)."""
+    fixed = ParallelSpec(tensor=None, pipeline=None, expert=4, expert_tensor=1, context=1)
+    p = Problem(model=MOE, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=6), gpu=HUGE, fixed=fixed,
+                global_batch=12, seq_length=512)
+    result = search(p)
+    assert result.best is None
+    assert any(r.reason.startswith("E116") for r in result.rejections), [r.reason for r in result.rejections]
+
+
+def test_a_group_that_fails_rules_with_every_sequence_parallel_value_is_not_called_out_of_memory():
+    """MoE at TP 4 with a sequence of 514 tokens: SP on fails E110 (514 % 4), SP off fails E123 (MoE
+    with TP needs SP in training): rules, not memory, and memory is unlimited here."""
+    fixed = ParallelSpec(tensor=4, pipeline=1, expert=1, expert_tensor=1, context=1)
+    p = Problem(model=replace(MOE, seq_length=514), cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=4),
+                gpu=HUGE, fixed=fixed, global_batch=4, seq_length=514)
+    result = search(p)
+    assert result.best is None
+    reasons = [r.reason for r in result.rejections]
+    assert reasons and not any("out of memory" in r for r in reasons), reasons
