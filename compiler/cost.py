@@ -117,12 +117,12 @@ class EfficiencyParams:
 DEFAULT_PARAMS = EfficiencyParams()
 
 # What the nemoc runtime configures (runtime/megatron_args.py): no Transformer Engine userbuffer TP
-# overlap (`tp_comm_overlap` unset) and batched, blocking pipeline transfers (`batch_p2p_comm=True`,
-# which Megatron-Core does not combine with `overlap_p2p_comm`). Plans are for `nemoc run`, so these
-# are the defaults; the calibration passes what each published run used. Flip them when the
-# runtime enables the overlaps.
+# overlap (`tp_comm_overlap` unset), and the interleaved schedule's steady-state pipeline transfers
+# overlapped with compute (`overlap_p2p_comm`, unbatched; the 1F1B schedule has no such overlap and
+# `_pp_p2p` charges all of its transfers either way). Plans are for `nemoc run`, so these are the
+# defaults; the calibration passes what each published run used.
 RUNTIME_OVERLAPS_TP = False
-RUNTIME_OVERLAPS_P2P = False
+RUNTIME_OVERLAPS_P2P = True
 
 # ------------------------------------------------------------------ memory-bound kernel traffic
 # HBM bytes moved per element by the kernels around the GEMMs, counted read by read and write by

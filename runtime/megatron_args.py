@@ -215,9 +215,13 @@ def transformer_config(
         # Initialise on the CPU with the global RNG: the weights are then independent of the TP/PP
         # layout, so differently parallelised runs start from the same model (and it is required on CPU).
         use_cpu_initialization=facts.cpu,
-        # gloo pairs the two messages of a batched isend/irecv wrongly when the previous and the next
-        # pipeline rank are the same peer (pp=2 with VPP): gradients silently wrong. Unbatched is exact.
-        batch_p2p_comm=not facts.cpu,
+        # The interleaved schedule overlaps its steady-state pipeline transfers with compute
+        # (`overlap_p2p_comm`, as NeMo's recipes run it; the cost model's RUNTIME_OVERLAPS_P2P), which
+        # needs unbatched isend/irecv. Otherwise batched on GPUs; on gloo never batched: it pairs the
+        # two messages of a batched isend/irecv wrongly when the previous and the next pipeline rank
+        # are the same peer (pp=2 with VPP): gradients silently wrong. Unbatched is exact.
+        overlap_p2p_comm=_interleaved(layout),
+        batch_p2p_comm=not facts.cpu and not _interleaved(layout),
         deterministic_mode=deterministic,
         attention_backend=_megatron_attention_backend(attention_backend, facts, AttnBackend),
         **_recompute_kwargs(layout.recompute),
@@ -264,6 +268,10 @@ def _megatron_attention_backend(backend: str, facts: MachineFacts, AttnBackend):
     if backend not in _TE_ATTENTION:
         raise UnsupportedPlan(f"unknown attention backend {backend!r} in the plan (auto | flash | fused | unfused)")
     return getattr(AttnBackend, _TE_ATTENTION[backend])
+
+
+def _interleaved(layout: Layout) -> bool:
+    return layout.pp > 1 and (layout.vp or 1) > 1
 
 
 def ddp_config(*, layout: Layout):

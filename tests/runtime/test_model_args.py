@@ -51,6 +51,9 @@ def test_parallel_fields_and_cpu_specifics():
     assert c.batch_p2p_comm is False and c.use_cpu_initialization is True
     g = config(layout=lay(tp=2, sequence_parallel=True, recompute="selective"), facts=GPU_TE)
     assert g.batch_p2p_comm is True and g.use_cpu_initialization is False and g.recompute_granularity == "selective"
+    assert not g.overlap_p2p_comm and c.overlap_p2p_comm  # overlap: the interleaved schedule only (c: pp 2 x vp 2)
+    i = config(layout=lay(pp=2, vp=2, num_microbatches=4), facts=GPU_TE)  # overlapped transfers are unbatched
+    assert i.overlap_p2p_comm and not i.batch_p2p_comm
     kw = margs.parallel_kwargs(layout=lay(tp=2, pp=4, vp=2, cp=2, ep=4, etp=1), timeout_minutes=5)
     assert kw["tensor_model_parallel_size"] == 2 and kw["pipeline_model_parallel_size"] == 4
     assert kw["virtual_pipeline_model_parallel_size"] == 2 and kw["context_parallel_size"] == 2
