@@ -587,9 +587,9 @@ def _pp_p2p(model, layout, hw, seq, mb, m, vp, params, overlap: bool = False, sc
     Sec. 2.2.2). Stages usually sit on different nodes (rank order puts PP outermost), hence the
     network bandwidth. Megatron-Core overlaps the steady-state transfers with compute only in the
     interleaved schedule with `overlap_p2p_comm` (NeMo / Megatron-Bridge recipes; it excludes
-    `batch_p2p_comm`): then only the warm-up / cool-down transfers are exposed. Otherwise (the 1F1B
-    schedule, or batched p2p as the nemoc runtime configures it) every transfer is a blocking
-    send/recv on the critical path (schedules.py send_forward_recv_backward), each paying its
+    `batch_p2p_comm`; the nemoc runtime sets it for interleaved layouts): then only the warm-up /
+    cool-down transfers are exposed. Otherwise (the 1F1B schedule, or interleaving without the
+    overlap) every transfer is a blocking send/recv on the critical path (schedules.py send_forward_recv_backward), each paying its
     latency too. With sequence parallelism each TP rank sends its 1/tp slice; so did Megatron-LM's
     2021-22 scatter/gather optimisation without it (Narayanan et al. 2021 Sec. 4.1, `scatter_gather`)."""
     if layout.pp == 1:

@@ -39,6 +39,7 @@ class RuntimeCaps:
     runs: str  # how the runtime runs the kind, for messages
     te: bool = True  # builds Transformer Engine's layer spec when the plan says kernels = te
     moe: bool = True  # builds MoE models (runtime/align builds dense models only: common.ModelShape.of)
+    attention: str | None = None  # the attention core it always builds (None: the plan's attention_backend)
 
 
 # The one place that says which stage kinds the nemoc runtime runs pipeline-parallel. pretrain is
@@ -46,11 +47,13 @@ class RuntimeCaps:
 # trainer.py `Trainer` refuses pp > 1 and common.py `build_gpt` refuses vp (docs/alignment.md,
 # "Parallelism"); eval and export run in one process (runtime/tasks/align.py `_one_process`).
 # All of runtime/align builds Megatron-Core's local layer spec, with or without Transformer Engine
-# (common.py `machine_facts`: LoRA must see normalised inputs, packed samples need an explicit mask).
+# (common.py `machine_facts`: LoRA must see normalised inputs, packed samples need an explicit mask),
+# and Megatron's unfused attention core (common.py `build_gpt`: the explicit packing mask, which the
+# SDPA core ignores; docs/alignment.md), which keeps the s x s scores.
 _ALIGN = RuntimeCaps(pipeline=False, runs="the nemoc runtime's alignment stages (runtime/align) run TP/DP only",
-                     te=False, moe=False)
+                     te=False, moe=False, attention="unfused")
 _ONE_PROCESS = RuntimeCaps(pipeline=False, runs="the nemoc runtime runs eval and export in one process (runtime/align)",
-                           te=False, moe=False)
+                           te=False, moe=False, attention="unfused")
 RUNTIME_CAPS = {
     "pretrain": RuntimeCaps(pipeline=True, runs="runtime/train.py runs every Megatron-Core schedule"),
     "sft": _ALIGN, "dpo": _ALIGN, "reward": _ALIGN, "ppo": _ALIGN,
@@ -61,6 +64,12 @@ RUNTIME_CAPS = {
 def runtime_caps(stage_kind: str) -> RuntimeCaps:
     """The runtime capabilities of a stage kind (unknown kinds: pretrain's, the typecheck reports them)."""
     return RUNTIME_CAPS.get(stage_kind, RUNTIME_CAPS["pretrain"])
+
+
+def stage_attention(stage_kind: str, attention_backend: str) -> str:
+    """The attention core a stage runs with (and is costed with): the plan's `attention_backend`,
+    except that the runtime's alignment, eval and export stages always build the unfused core."""
+    return runtime_caps(stage_kind).attention or attention_backend
 
 
 def stage_kernels(stage_kind: str, kernels: str) -> str:
@@ -487,21 +496,6 @@ def rule_rope_head_dim(env: Env, s: Sizes) -> Violation | None:
         anchors=("model.kv_channels", "model.hidden", "model.position", "model"),
         source="megatron/core/models/common/embeddings/rotary_pos_embedding.py RotaryEmbedding; rope_utils.py "
                "_apply_rotary_pos_emb_bshd",
-    )
-
-
-def rule_interleave_pp2(env: Env, s: Sizes) -> Violation | None:
-    """Megatron-LM arguments.py validate_args: without overlapped p2p communication (nemoc's runtime
-    batches p2p: batch_p2p_comm=True, overlap_p2p_comm=False), the interleaved schedule needs pp > 2,
-    "to avoid having multiple p2p sends and recvs between same 2 ranks per communication batch"."""
-    if s.vp is None or s.vp <= 1 or s.pp != 2:
-        return None
-    return Violation(
-        "E124", "the interleaved schedule with two pipeline stages needs overlapped p2p communication",
-        f"virtual_pipeline({s.vp}) > 1 requires pp({s.pp}) > 2 with batched p2p communication",
-        "use pipeline >= 3, or drop virtual_pipeline",
-        anchors=(_P + "virtual_pipeline", _P + "pipeline"),
-        source="megatron/training/arguments.py validate_args (interleaved schedule, p2p overlap disabled: pp > 2)",
     )
 
 
@@ -1200,7 +1194,7 @@ def warn_selective_recompute_flash(env: Env, s: Sizes) -> Violation | None:
 ERROR_RULES: tuple[Rule, ...] = (
     rule_world_size, rule_heads_tp, rule_query_groups_tp, rule_heads_query_groups, rule_ffn_tp, rule_qkv_split,
     rule_head_dim, rule_rope_head_dim, rule_layers_pipeline,
-    rule_runtime_pipeline, rule_runtime_moe, rule_interleave_needs_pp, rule_interleave_pp2, rule_sequence_parallel, rule_global_batch,
+    rule_runtime_pipeline, rule_runtime_moe, rule_interleave_needs_pp, rule_sequence_parallel, rule_global_batch,
     rule_interleave_microbatches,
     rule_context_seq, rule_context_backend, rule_sequence_parallel_split, rule_dense_expert,
     rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp,

@@ -55,6 +55,7 @@ from nemoc.compiler.rules import (
     rule_heads_tp,
     rule_query_groups_tp,
     runtime_caps,
+    stage_attention,
     stage_kernels,
     te_auto_unfused,
 )
@@ -102,9 +103,11 @@ class Problem:
         """The attention class the memory and cost models price: `auto` is Transformer Engine's choice
         between flash-attn and cuDNN fused attention (both flash-class: no s x s scores, the masked half
         skipped) or torch SDPA without TE, so it is costed as `flash`; where TE may fall back to its
-        unfused core (`rules.te_auto_unfused`: head_dim > 256), as `unfused`."""
-        if self.attention_backend != "auto":
-            return self.attention_backend
+        unfused core (`rules.te_auto_unfused`: head_dim > 256), as `unfused`. Stages the runtime always
+        runs on the unfused core (runtime/align: `rules.stage_attention`) are costed as `unfused`."""
+        backend = stage_attention(self.stage_kind, self.attention_backend)  # runtime/align: unfused
+        if backend != "auto":
+            return backend
         return "unfused" if self.model.head_dim > 256 and te_auto_unfused(self.env) else "flash"
 
     @property

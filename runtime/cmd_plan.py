@@ -265,7 +265,8 @@ def render_report(result, headroom: float, top: int, console) -> None:
         console.print(Rule(f"stage {sp.name} ({sp.kind})", style="dim"))
         if sp.kernels != plan.kernels:
             console.print(f"[dim]kernels {sp.kernels}: the nemoc runtime builds {sp.kind} stages with "
-                          "Megatron-Core's local spec (runtime/align); the estimates below assume it[/]")
+                          "Megatron-Core's local spec and its unfused attention core (s x s scores; "
+                          "runtime/align); the estimates below assume it[/]")
         split = _split_line(sp)
         console.print(_layout_table(sp, split))
         if split:

@@ -45,7 +45,6 @@ def test_a_valid_layout_breaks_no_error_rule():
     (dict(pp=64, dp=None, tp=1), "E105", "layers(32) < pp(64) * vp(1) = 64"),
     (dict(vp=2, pp=1, dp=4), "E106", "virtual_pipeline(2) > 1 requires pp(1) > 1"),
     (dict(vp=2, micro_batch=4, global_batch=24, dp=2), "E108", None),
-    (dict(vp=2, pp=2, dp=2), "E124", "virtual_pipeline(2) > 1 requires pp(2) > 2 with batched p2p communication"),
     (dict(tp=1, dp=8), "E109", "sequence_parallel = true requires tp(1) > 1"),
     (dict(global_batch=63), "E111", "global_batch(63) % (micro_batch(1) * dp(2) = 2) = 1 != 0"),
     (dict(cp=2, dp=1, seq_length=8190), "E112", "seq_length(8190) % (2 * cp(2)) = 2 != 0"),
