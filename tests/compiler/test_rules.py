@@ -603,3 +603,17 @@ def test_e105_says_when_only_an_empty_model_chunk_stands_in_the_way():
     assert "0 transformer layers" in v.equation and "every model chunk" in v.hint
     plain = rules.rule_layers_pipeline(env(replace(LLAMA8B, layers=3)), Sizes(pp=8))
     assert plain.equation == "layers(3) < pp(8) * vp(1) = 8"
+
+
+@pytest.mark.parametrize("kind, costed", [("pretrain", "flash"), ("sft", "unfused"), ("dpo", "unfused"),
+                                          ("eval", "unfused")])
+def test_stages_are_costed_with_the_attention_core_the_runtime_builds(kind, costed):
+    """runtime/align (sft, dpo, reward, ppo, eval, export) always builds Megatron's unfused core
+    (common.build_gpt): those stages are priced with the s x s scores whatever the plan's backend."""
+    from nemoc.compiler.catalog.hardware import get_gpu
+    from nemoc.compiler.search import Problem
+
+    assert rules.stage_attention(kind, "flash") == costed
+    p = Problem(model=LLAMA8B, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=8), gpu=get_gpu("H100"),
+                fixed=ParallelSpec(), global_batch=64, seq_length=4096, attention_backend="auto", stage_kind=kind)
+    assert p.costed_backend == costed
