@@ -892,11 +892,14 @@ _FLASH_CLASS = ("auto", "flash", "fused")  # TE's flash-attn / cuDNN fused atten
 def rule_fp32_attention(env: Env, s: Sizes) -> Violation | None:
     """Transformer Engine dot_product_attention/utils.py get_attention_backend: a qkv dtype other than
     bf16 / fp16 disables both flash and fused attention; `flash` / `fused` then leave no backend
-    (DotProductAttention.forward raises "No dot product attention backend is available"), and `auto`
-    falls back to the unfused core, which the plan does not cost and which has no context parallelism."""
+    (DotProductAttention.forward raises "No dot product attention backend is available"); `auto`
+    falls back to TE's unfused core, which the plan then prices (W111), but which has no context
+    parallelism: an error only with cp > 1."""
     if env.precision != "fp32" or not uses_te(env) or env.attention_backend not in _FLASH_CLASS:
         return None
     cp = s.cp if s.cp is not None else 1
+    if env.attention_backend == "auto" and cp <= 1:
+        return None
     eq = (f"precision(fp32) with attention_backend({env.attention_backend}) and kernels te: TE's flash and "
           "cuDNN fused attention take bf16 / fp16 only")
     if cp > 1:
@@ -914,12 +917,19 @@ def rule_fp32_attention(env: Env, s: Sizes) -> Violation | None:
 def rule_attention_head_dim(env: Env, s: Sizes) -> Violation | None:
     """Transformer Engine get_attention_backend: flash-attn needs head_dim <= 256 and head_dim % 8 == 0;
     cuDNN fused attention needs head_dim % 8 == 0 too. Explicit `flash` / `fused` then have no backend;
-    `auto` would fall back to the unfused core, which the plan does not cost (so it is refused too)."""
+    `auto` falls back to TE's unfused core, which the plan then prices (W111), but which has no
+    context parallelism: an error only with cp > 1."""
     b = env.attention_backend
     if not uses_te(env) or b not in _FLASH_CLASS:
         return None
     d = env.model.head_dim
-    if d % 8:
+    cp = s.cp if s.cp is not None else 1
+    if b == "auto":
+        if cp <= 1 or not (d % 8 or d > 256):
+            return None
+        eq = (f"head_dim({d}) {'% 8 = ' + str(d % 8) + ' != 0' if d % 8 else '> 256'} with attention_backend(auto) "
+              f"and kernels te: TE falls back to its unfused core, which has no context parallelism (cp({cp}) > 1)")
+    elif d % 8:
         eq = f"head_dim({d}) % 8 = {d % 8} != 0 with attention_backend({b}) and kernels te"
     elif d > 256 and b == "flash":
         eq = f"head_dim({d}) > 256 with attention_backend(flash) and kernels te"
@@ -937,13 +947,21 @@ def rule_attention_head_dim(env: Env, s: Sizes) -> Violation | None:
 
 def te_auto_unfused(env: Env) -> str | None:
     """Why Transformer Engine may run `attention_backend = auto` on its unfused core (None when it
-    will not): flash-attn takes head_dim <= 256 only, and cuDNN fused attention's limit depends on the
-    cuDNN version (256 for training in cuDNN 9 on Hopper). The plan then costs the unfused core (the
-    s x s scores in memory), the safe side of TE's choice (`search.Problem.costed_backend`)."""
+    will not): its flash and fused attention take bf16 / fp16 only and head_dim % 8 == 0; flash-attn
+    takes head_dim <= 256 only, and cuDNN fused attention's limit depends on the cuDNN version (256
+    for training in cuDNN 9 on Hopper). The plan then costs the unfused core (the s x s scores in
+    memory), the safe side of TE's choice (`search.Problem.costed_backend`); with cp > 1 it is an
+    error (E135 / E136: the unfused core has no context parallelism)."""
     d = env.model.head_dim
-    if env.attention_backend != "auto" or not uses_te(env) or d <= 256:
+    if env.attention_backend != "auto" or not uses_te(env):
         return None
-    return f"head_dim({d}) > 256: flash-attn takes at most 256, cuDNN fused attention may not take it either"
+    if env.precision == "fp32":
+        return "precision(fp32): TE's flash and cuDNN fused attention take bf16 / fp16 only"
+    if d % 8:
+        return f"head_dim({d}) % 8 = {d % 8} != 0: flash-attn and cuDNN fused attention need a multiple of 8"
+    if d > 256:
+        return f"head_dim({d}) > 256: flash-attn takes at most 256, cuDNN fused attention may not take it either"
+    return None
 
 
 def warn_auto_attention_unfused(env: Env, s: Sizes) -> Violation | None:
@@ -951,13 +969,19 @@ def warn_auto_attention_unfused(env: Env, s: Sizes) -> Violation | None:
     why = te_auto_unfused(env)
     if why is None:
         return None
+    if why.startswith("precision"):
+        verb, hint, anchors = "runs", "set precision = bf16 to keep flash-class attention", ("precision",)
+    elif "% 8" in why:
+        verb, hint = "runs", "a head dimension (kv_channels, or hidden / heads) that is a multiple of 8 keeps it flash-class"
+        anchors = ("model.kv_channels", "model.heads", "model")
+    else:
+        verb, hint = "may run", "set attention_backend = fused if your cuDNN supports this head dimension, to plan it flash-class"
+        anchors = ("attention_backend", "model.kv_channels", "model")
     return Violation(
-        "W111", "attention_backend = auto may run Transformer Engine's unfused attention here",
-        f"{why}; planned with the unfused core (s x s scores kept)",
-        "set attention_backend = fused if your cuDNN supports this head dimension, to plan it flash-class",
-        anchors=("attention_backend", "model.kv_channels", "model"), severity=Severity.NOTE,
+        "W111", f"attention_backend = auto {verb} Transformer Engine's unfused attention here",
+        f"{why}; planned with the unfused core (s x s scores kept)", hint, anchors=anchors, severity=Severity.NOTE,
         source="transformer_engine/pytorch/attention/dot_product_attention/utils.py get_attention_backend "
-               "(head_dim_qk > 256 disables flash-attn)",
+               "(qkv dtype, head_dim_qk > 256 or head_dim_qk % 8 != 0)",
     )
 
 

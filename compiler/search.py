@@ -103,12 +103,14 @@ class Problem:
         """The attention class the memory and cost models price: `auto` is Transformer Engine's choice
         between flash-attn and cuDNN fused attention (both flash-class: no s x s scores, the masked half
         skipped) or torch SDPA without TE, so it is costed as `flash`; where TE may fall back to its
-        unfused core (`rules.te_auto_unfused`: head_dim > 256), as `unfused`. Stages the runtime always
+        unfused core (`rules.te_auto_unfused`: fp32, head_dim % 8, head_dim > 256), as `unfused`. Stages the runtime always
         runs on the unfused core (runtime/align: `rules.stage_attention`) are costed as `unfused`."""
         backend = stage_attention(self.stage_kind, self.attention_backend)  # runtime/align: unfused
         if backend != "auto":
             return backend
-        return "unfused" if self.model.head_dim > 256 and te_auto_unfused(self.env) else "flash"
+        d = self.model.head_dim
+        maybe = d > 256 or d % 8 or self.precision == "fp32"  # cheap pre-check (this runs per candidate)
+        return "unfused" if maybe and te_auto_unfused(self.env) else "flash"
 
     @property
     def auto_distributed_optimizer(self) -> bool:

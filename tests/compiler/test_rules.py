@@ -465,7 +465,10 @@ def test_sgd_with_the_distributed_optimizer_is_an_error():
 def test_fp32_has_no_transformer_engine_flash_or_fused_attention(backend):
     fp32 = env(precision="fp32", attention_backend=backend)
     v = rules.rule_fp32_attention(fp32, VALID)
-    assert v.code == "E135" and "bf16 / fp16 only" in v.equation and "unfused" in v.hint
+    if backend == "auto":  # TE falls back to its unfused core: priced so (W111), an error only with cp > 1
+        assert v is None and rules.warn_auto_attention_unfused(fp32, VALID).code == "W111"
+    else:
+        assert v.code == "E135" and "bf16 / fp16 only" in v.equation and "unfused" in v.hint
     with_cp = rules.rule_fp32_attention(fp32, replace(VALID, cp=2, dp=1))
     assert "cp(2) > 1 rules out TE's unfused core too" in with_cp.equation and "unfused" not in with_cp.hint
     assert rules.rule_fp32_attention(env(precision="fp32", attention_backend="unfused"), VALID) is None
@@ -492,9 +495,14 @@ def test_flash_attention_head_dim_limits():
     assert rules.rule_attention_head_dim(env(big, attention_backend="auto"), VALID) is None
     assert rules.rule_attention_head_dim(env(big, attention_backend="fused"), VALID) is None
     odd = replace(LLAMA8B, kv_channels=100)
-    for backend in ("auto", "flash", "fused"):
+    for backend in ("flash", "fused"):
         v = rules.rule_attention_head_dim(env(odd, attention_backend=backend), VALID)
         assert v.code == "E136" and v.equation.startswith("head_dim(100) % 8 = 4 != 0")
+    # auto: TE falls back to its unfused core (priced so, W111); with cp > 1 that core cannot run
+    assert rules.rule_attention_head_dim(env(odd, attention_backend="auto"), VALID) is None
+    assert rules.warn_auto_attention_unfused(env(odd, attention_backend="auto"), VALID).code == "W111"
+    v = rules.rule_attention_head_dim(env(odd, attention_backend="auto"), replace(VALID, cp=2, dp=1))
+    assert v.code == "E136" and "no context parallelism (cp(2) > 1)" in v.equation
     assert rules.rule_attention_head_dim(env(odd, attention_backend="unfused"), VALID) is None
     assert rules.rule_attention_head_dim(env(odd, attention_backend="flash", kernels="local"), VALID) is None
 
