@@ -35,6 +35,7 @@ from nemoc.compiler.rules import (
     env_of,
     runtime_caps,
     stage_parallel,
+    stage_precision,
     stage_seq_length,
     to_diagnostic,
     violations,
@@ -153,7 +154,8 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
              parallel: ParallelSpec, steps: int) -> Problem:
     return Problem(
         model=spec.model, cluster=spec.cluster, gpu=gpu, fixed=parallel, global_batch=stage.global_batch,
-        seq_length=stage_seq_length(spec, stage), precision=spec.precision, attention_backend=backend,
+        seq_length=stage_seq_length(spec, stage), precision=stage_precision(stage.kind, spec.precision),
+        attention_backend=backend,
         stage_kind=stage.kind, peft=stage.peft, params=stage.params, headroom=headroom, steps=steps,
         kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=stage.optimizer.name,
     )

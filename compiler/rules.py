@@ -72,6 +72,13 @@ def stage_attention(stage_kind: str, attention_backend: str) -> str:
     return runtime_caps(stage_kind).attention or attention_backend
 
 
+def stage_precision(stage_kind: str, precision: str) -> str:
+    """The precision a stage runs (and is costed) in: the experiment's, except that eval runs on
+    runtime/align's local spec, which has no FP8 GEMMs: an fp8 / mxfp8 model (its weights are 16-bit)
+    is evaluated in bf16 (runtime/align/evaluate.py)."""
+    return "bf16" if stage_kind == "eval" and precision in ("fp8", "mxfp8") else precision
+
+
 def stage_kernels(stage_kind: str, kernels: str) -> str:
     """The kernels a stage runs with (and is costed with): the experiment's resolved `kernels`
     (te | local), except that the runtime's alignment, eval and export stages always build the local

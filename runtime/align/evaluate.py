@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from nemoc.compiler.rules import stage_precision
 from nemoc.runtime.align import common, dpo, ppo, sft, stage
 from nemoc.runtime.align.data import ChatTemplate, Message, read_preferences, read_sft
 
@@ -61,7 +62,10 @@ def _loss_entry(loss: float, tokens: int) -> dict:
 
 def run(task: stage.StageTask) -> dict:
     tok = stage.tokenizer_of(task)
-    chunk = stage.build(task, checkpoint=stage.parent_checkpoint(task), single=True)
+    # runtime/align's local spec has no FP8 GEMMs: an fp8 model (16-bit weights) is evaluated in bf16,
+    # as the plan costs it (compiler.rules.stage_precision)
+    chunk = stage.build(task, checkpoint=stage.parent_checkpoint(task), single=True,
+                        precision=stage_precision("eval", task.plan.precision))
     p, seq = task.params, task.stage.seq_length
     micro = max(task.stage.layout.micro_batch, 1)
     template = ChatTemplate.from_params(p)

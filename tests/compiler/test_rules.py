@@ -625,3 +625,9 @@ def test_stages_are_costed_with_the_attention_core_the_runtime_builds(kind, cost
     p = Problem(model=LLAMA8B, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=8), gpu=get_gpu("H100"),
                 fixed=ParallelSpec(), global_batch=64, seq_length=4096, attention_backend="auto", stage_kind=kind)
     assert p.costed_backend == costed
+
+
+def test_an_fp8_experiment_evaluates_in_bf16():
+    """eval runs on runtime/align's local spec (no FP8 GEMMs): planned and run in bf16, not refused."""
+    assert rules.stage_precision("eval", "fp8") == "bf16" and rules.stage_precision("eval", "mxfp8") == "bf16"
+    assert rules.stage_precision("pretrain", "fp8") == "fp8" and rules.stage_precision("eval", "fp32") == "fp32"
