@@ -108,6 +108,26 @@ def _parallel_sizes(layout: Layout) -> dict:
     )
 
 
+def _te_fusions(model: ModelSpec, facts: MachineFacts, activation, glu: bool) -> dict:
+    """The fused kernels NeMo / Megatron-LM switch on with Transformer Engine on a GPU, and that the
+    cost and memory models' `kernels = te` path prices (compiler/cost.py: no `LOCAL_*` traffic):
+    TE's fused RoPE, Megatron's fused bias-SwiGLU / bias-GELU (TransformerConfig allows it for SwiGLU,
+    GeGLU, and GELU with biases), the fused bias-dropout-add, and the weight-gradient accumulation
+    into main_grad inside the GEMM (TE's own for its layers; the output layer needs apex's
+    fused_weight_gradient_mlp_cuda, so only where it imports). Megatron-Core leaves all of them off
+    by default. Nothing on the local spec (its unfused kernels are what `kernels = local` prices)."""
+    if not facts.have_te or facts.cpu:
+        return {}
+    import torch.nn.functional as F
+    from megatron.core.tensor_parallel import layers
+
+    fusions = dict(apply_rope_fusion=model.position == "rope", bias_dropout_fusion=True,
+                   gradient_accumulation_fusion=bool(layers._grad_accum_fusion_available))
+    if activation is F.silu and glu or activation is F.gelu and (glu or model.add_bias_linear):
+        fusions["bias_activation_fusion"] = True
+    return fusions
+
+
 def _activation(model: ModelSpec) -> tuple[object, bool]:
     """(activation_func, gated_linear_unit). SwiGLU = SiLU-gated GLU (Shazeer 2020)."""
     if model.activation == "swiglu":
@@ -226,6 +246,7 @@ def transformer_config(
         attention_backend=_megatron_attention_backend(attention_backend, facts, AttnBackend),
         **_recompute_kwargs(layout.recompute),
         **pipeline_split_kwargs(stage_params),
+        **_te_fusions(model, facts, activation, glu),
     )
     if model.is_moe:
         kwargs.update(

@@ -253,8 +253,14 @@ def megatron_layer_splits(config, layout, seq: int, padded_vocab: int, local_att
 
 def _te_present():
     """Transformer Engine is not installed here: TransformerConfig's TE version gates (MoE with fp8,
-    transformer_config.py ~1599) see a current TE, as on the machines the te path runs on."""
-    return mock.patch("megatron.core.transformer.transformer_config.is_te_min_version", lambda *a, **k: True)
+    transformer_config.py ~1599) see a current TE, and its apply_rope_fusion check finds TE's fused
+    RoPE, as on the machines the te path runs on."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch("megatron.core.transformer.transformer_config.is_te_min_version",
+                                   lambda *a, **k: True))
+    stack.enter_context(mock.patch("megatron.core.models.common.embeddings.rope_utils.fused_apply_rotary_pos_emb",
+                                   lambda *a, **k: None))
+    return stack
 
 
 def check_layout(spec: ExperimentSpec, stage: StageSpec, kernels: str, seq: int, layout, params) -> None:

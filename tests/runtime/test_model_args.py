@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import pytest
 import torch
@@ -26,6 +27,14 @@ def lay(**kw) -> Layout:
 
 
 def config(model=LLAMA_ISH, layout=None, precision="bf16", backend="flash", facts=CPU):
+    if facts.have_te:  # TE is not installed here: its fused RoPE is what apply_rope_fusion looks for
+        with mock.patch("megatron.core.models.common.embeddings.rope_utils.fused_apply_rotary_pos_emb",
+                        lambda *a, **k: None):
+            return _config(model, layout, precision, backend, facts)
+    return _config(model, layout, precision, backend, facts)
+
+
+def _config(model, layout, precision, backend, facts):
     return margs.transformer_config(model=model, layout=layout or lay(), precision=precision,
                                     attention_backend=backend, facts=facts)
 
@@ -146,3 +155,20 @@ def test_uneven_pipeline_split_from_stage_params():
     accounted = margs.pipeline_split_kwargs({"account_for_embedding_in_pipeline_split": True,
                                              "account_for_loss_in_pipeline_split": True})
     assert accounted == {"account_for_embedding_in_pipeline_split": True, "account_for_loss_in_pipeline_split": True}
+
+
+def test_transformer_engine_runs_get_the_fused_kernels_the_plan_prices():
+    """kernels = te is priced with fused RoPE, SwiGLU, bias-dropout-add (cost.py charges the unfused
+    ones to `local` only): Megatron-Core leaves them off unless asked; the local spec never gets them."""
+    te = config(facts=GPU_TE)
+    assert te.apply_rope_fusion and te.bias_activation_fusion and te.bias_dropout_fusion
+    local = config(facts=margs.MachineFacts(cpu=False, have_te=False))
+    assert not (local.apply_rope_fusion or local.bias_activation_fusion or local.bias_dropout_fusion)
+    assert not config(facts=CPU).apply_rope_fusion
+    # TransformerConfig allows the fused bias-activation for SwiGLU / GeGLU and for GELU with biases only
+    relu2 = config(model=dataclasses.replace(LLAMA_ISH, activation="squared_relu"), facts=GPU_TE)
+    gelu = config(model=dataclasses.replace(LLAMA_ISH, activation="gelu", position="learned"), facts=GPU_TE)
+    assert not relu2.bias_activation_fusion and not gelu.bias_activation_fusion and not gelu.apply_rope_fusion
+    # the output layer's fused weight-gradient accumulation needs apex's extension: only where it imports
+    from megatron.core.tensor_parallel import layers
+    assert te.gradient_accumulation_fusion == bool(layers._grad_accum_fusion_available)
