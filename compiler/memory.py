@@ -25,6 +25,7 @@ when dropout is 0, as in every modern recipe).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from types import MappingProxyType
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
@@ -113,6 +114,7 @@ class LayerActivations:
 KERNELS = ("te", "local")
 
 
+@lru_cache(maxsize=4096)  # pure; the plan search asks for the same layer many times (memory.estimate)
 def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, sp: bool, cp: int = 1,
                       etp: int = 1, recompute: str = "none", attention_backend: str = "flash",
                       dropout: bool = False, act_bytes: int = 2, kernels: str = "te",
@@ -266,45 +268,71 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
     seq = seq_length or model.seq_length
     best = None
     stages = {0, layout.pp - 1} | ({1} if split is not None and layout.pp > 2 and split[1] > split[0] else set())
+    resident = len(resident_models(stage_kind, params, peft=peft))
+    rows = stage_work(stage_kind, params, peft).rows  # preference pairs: chosen + rejected
     for stage in sorted(stages):
         m = _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
-                          capacity, kernels, grad_bytes, split)
+                          capacity, kernels, grad_bytes, split, resident, rows)
         if best is None or m.total > best.total:
             best = m
     return best  # type: ignore[return-value]
 
 
-def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
-                  kernels, grad_bytes, split=None) -> MemoryBreakdown:
-    resident = resident_models(kind, params, peft=peft)
-    scalar_head = kind == "reward"
-    vocab = padded_vocab(model.vocab, layout.tp)
+@lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
+def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, vocab, scalar_head, split, precision,
+                  peft, trainable, frozen, grad_bytes) -> tuple[_Stage, float, float, float]:
+    """(the stage's local parameters, weights, gradients, optimizer bytes): trainable models get full
+    states, frozen ones weights only; LoRA trains the adapters only."""
+    layout = _StatesLayout(tp, pp, cp, dp, ep, etp)
     st = _local_stage(model, layout, stage, vocab, scalar_head, split)
     dense_shard, expert_shard = _shards(layout)
     wb = weight_bytes(precision)
-    trains = kind in TRAINING_KINDS
     params_local = st.dense + st.expert
-
-    # weights / gradients / optimizer: trainable models get full states, frozen ones weights only.
     weights = gradients = optimizer = 0.0
-    trainable = (2 if kind == "ppo" else 1) if trains else 0  # PPO trains actor and critic
-    frozen = len(resident) - trainable if trains else 1  # references / reward model; eval, export
     for _ in range(trainable):
         weights += params_local * wb
         if peft is not None:
-            adapter = st.layers * lora_params_per_layer(model, peft) / layout.tp
-            a_state = state_bytes_per_param(precision, distributed_optimizer=layout.distributed_optimizer, shard=dense_shard,
+            adapter = st.layers * lora_params_per_layer(model, peft) / tp
+            a_state = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=dense_shard,
                                             grad_bytes=grad_bytes)
             weights += adapter * a_state.weights
             gradients += adapter * a_state.gradients
             optimizer += adapter * a_state.optimizer
         else:
             for count, shard in ((st.dense, dense_shard), (st.expert, expert_shard)):
-                s = state_bytes_per_param(precision, distributed_optimizer=layout.distributed_optimizer, shard=shard,
+                s = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=shard,
                                           grad_bytes=grad_bytes)
                 gradients += count * s.gradients
                 optimizer += count * s.optimizer
     weights += frozen * params_local * wb
+    return st, weights, gradients, optimizer
+
+
+@dataclass(frozen=True, slots=True)
+class _StatesLayout:
+    """The layout fields `_local_stage` and `_shards` read."""
+
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    ep: int
+    etp: int
+
+
+def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
+                  kernels, grad_bytes, split, resident: int, rows: int) -> MemoryBreakdown:
+    """One pipeline stage's breakdown; `resident`: how many models the stage keeps (`resident_models`),
+    `rows`: sequences per micro-batch sample (`flops.stage_work`)."""
+    scalar_head = kind == "reward"
+    vocab = padded_vocab(model.vocab, layout.tp)
+    trains = kind in TRAINING_KINDS
+    trainable = (2 if kind == "ppo" else 1) if trains else 0  # PPO trains actor and critic
+    frozen = resident - trainable if trains else 1  # references / reward model; eval, export
+    st, weights, gradients, optimizer = _model_states(
+        model, layout.tp, layout.pp, layout.cp, layout.dp, layout.ep, layout.etp, layout.distributed_optimizer,
+        stage, vocab, scalar_head, split, precision, peft, trainable, frozen, grad_bytes)
+    params_local = st.dense + st.expert
 
     parts: dict[str, float] = {"cuda_context": CUDA_CONTEXT_BYTES}
     groups = sum(1 for n in (layout.tp, layout.pp, layout.cp, layout.dp, layout.ep) if n > 1)
@@ -315,7 +343,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
 
     activations = 0.0
     if kind != "export":
-        b = layout.micro_batch * stage_work(kind, params, peft).rows  # preference pairs: chosen + rejected
+        b = layout.micro_batch * rows
         per_layer = layer_activations(
             model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
             etp=layout.etp, recompute=layout.recompute if trains else "none", attention_backend=backend,
