@@ -488,7 +488,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
     `overlap_p2p`: the interleaved schedule overlaps its pipeline transfers (`overlap_p2p_comm`, NeMo's
-    recipes); False is what the nemoc runtime configures (`batch_p2p_comm`). `p2p_scatter_gather`:
+    recipes and the nemoc runtime for every interleaved layout: RUNTIME_OVERLAPS_P2P). `p2p_scatter_gather`:
     Megatron-LM 2021-22 sent 1/tp of each pipeline tensor without SP (calibration rows of that era). `attention_span`: mean packed-sample length (see `layer_times`; the nemoc runtime pads every
     sample to `seq`, so the planner never sets it; calibration rows with packed data do). `causal_discount` selects
     the FLOPs formula behind `model_tflops_per_gpu` and `mfu` (True: Megatron-Core / Megatron-Bridge

@@ -907,15 +907,20 @@ def rule_fp32_attention(env: Env, s: Sizes) -> Violation | None:
     cp = s.cp if s.cp is not None else 1
     if env.attention_backend == "auto" and cp <= 1:
         return None
+    auto = env.attention_backend == "auto"
     eq = (f"precision(fp32) with attention_backend({env.attention_backend}) and kernels te: TE's flash and "
           "cuDNN fused attention take bf16 / fp16 only")
     if cp > 1:
         eq += f"; cp({cp}) > 1 rules out TE's unfused core too"
+    if auto:  # cp > 1 here: TE's unfused fallback would run fp32 with cp = 1 (priced so, W111)
+        hint = "set context = 1 (TE then runs its unfused core in fp32), or precision = bf16"
+    else:
+        hint = "set precision = bf16" + ("" if cp > 1 else ", or attention_backend = unfused")
     return Violation(
         "E135", "Transformer Engine has no fp32 flash or fused attention",
-        eq, "set precision = bf16" + ("" if cp > 1 else ", or attention_backend = unfused"),
-        anchors=("attention_backend", "precision", _P + "context") if env.attention_backend != "auto"
-        else ("precision", "attention_backend"),
+        eq, hint,
+        anchors=("attention_backend", "precision", _P + "context") if not auto
+        else ("precision", _P + "context", "attention_backend"),
         source="transformer_engine/pytorch/attention/dot_product_attention/utils.py get_attention_backend "
                "(qkv_dtype not in [bf16, fp16])",
     )
@@ -932,11 +937,25 @@ def rule_attention_head_dim(env: Env, s: Sizes) -> Violation | None:
     d = env.model.head_dim
     cp = s.cp if s.cp is not None else 1
     if b == "auto":
-        if cp <= 1 or not (d % 8 or d > 256):
+        # cp > 1 with a head dimension TE's flash-class kernels may not take: the unfused fallback has no
+        # context parallelism. fp32 is E135's (one error for one cause).
+        if cp <= 1 or not (d % 8 or d > 256) or env.precision == "fp32":
             return None
-        eq = (f"head_dim({d}) {'% 8 = ' + str(d % 8) + ' != 0' if d % 8 else '> 256'} with attention_backend(auto) "
-              f"and kernels te: TE falls back to its unfused core, which has no context parallelism (cp({cp}) > 1)")
-    elif d % 8:
+        if d % 8:
+            eq = (f"head_dim({d}) % 8 = {d % 8} != 0 with attention_backend(auto), kernels te and cp({cp}) > 1: "
+                  "TE falls back to its unfused core, which has no context parallelism")
+            hint = "set context = 1, or a head dimension (kv_channels, or hidden / heads) that is a multiple of 8"
+        else:
+            eq = (f"head_dim({d}) > 256 with attention_backend(auto), kernels te and cp({cp}) > 1: flash-attn cannot "
+                  "take it and TE's unfused fallback has no context parallelism")
+            hint = f"set context = 1, or attention_backend = fused if your cuDNN supports head_dim({d})"
+        return Violation(
+            "E136", "Transformer Engine's flash / fused attention does not support this head dimension",
+            eq, hint, anchors=(_P + "context", "attention_backend", "model.kv_channels", "model"),
+            source="transformer_engine/pytorch/attention/dot_product_attention/utils.py get_attention_backend "
+                   "(head_dim_qk > 256 or head_dim_qk % 8 != 0)",
+        )
+    if d % 8:
         eq = f"head_dim({d}) % 8 = {d % 8} != 0 with attention_backend({b}) and kernels te"
     elif d > 256 and b == "flash":
         eq = f"head_dim({d}) > 256 with attention_backend(flash) and kernels te"
@@ -974,7 +993,7 @@ def te_auto_unfused(env: Env) -> str | None:
 def warn_auto_attention_unfused(env: Env, s: Sizes) -> Violation | None:
     """See `te_auto_unfused`."""
     why = te_auto_unfused(env)
-    if why is None:
+    if why is None or (s.cp is not None and s.cp > 1):  # with cp > 1 it is an error (E135 / E136)
         return None
     if why.startswith("precision"):
         verb, hint, anchors = "runs", "set precision = bf16 to keep flash-class attention", ("precision",)
@@ -1210,6 +1229,8 @@ def warn_selective_recompute_flash(env: Env, s: Sizes) -> Violation | None:
     attention forward to every backward (the cost model charges it; memory.py gives the same scores
     term whichever recompute is set)."""
     if s.recompute != "selective" or not uses_te(env) or env.attention_backend not in _FLASH_CLASS:
+        return None
+    if te_auto_unfused(env):  # `auto` that TE runs (and the plan prices) on its unfused core keeps the scores
         return None
     return Violation(
         "W110", "selective recompute with flash-class attention recomputes almost nothing",

@@ -113,9 +113,11 @@ def _te_fusions(model: ModelSpec, facts: MachineFacts, activation, glu: bool) ->
     cost and memory models' `kernels = te` path prices (compiler/cost.py: no `LOCAL_*` traffic):
     TE's fused RoPE, Megatron's fused bias-SwiGLU / bias-GELU (TransformerConfig allows it for SwiGLU,
     GeGLU, and GELU with biases), the fused bias-dropout-add, and the weight-gradient accumulation
-    into main_grad inside the GEMM (TE's own for its layers; the output layer needs apex's
-    fused_weight_gradient_mlp_cuda, so only where it imports). Megatron-Core leaves all of them off
-    by default. Nothing on the local spec (its unfused kernels are what `kernels = local` prices)."""
+    into main_grad inside the GEMM. That last one is a single Megatron flag for TE's layers (TE's own
+    `fuse_wgrad_accumulation`) and for the output layer (apex's fused_weight_gradient_mlp_cuda, which
+    raises without apex), so without apex it is off for every layer (docs/runtime.md: ~10 B per
+    parameter and micro batch the `te` cost model does not charge). Megatron-Core leaves all of them
+    off by default. Nothing on the local spec (its unfused kernels are what `kernels = local` prices)."""
     if not facts.have_te or facts.cpu:
         return {}
     import torch.nn.functional as F

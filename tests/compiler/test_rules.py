@@ -470,7 +470,10 @@ def test_fp32_has_no_transformer_engine_flash_or_fused_attention(backend):
     else:
         assert v.code == "E135" and "bf16 / fp16 only" in v.equation and "unfused" in v.hint
     with_cp = rules.rule_fp32_attention(fp32, replace(VALID, cp=2, dp=1))
-    assert "cp(2) > 1 rules out TE's unfused core too" in with_cp.equation and "unfused" not in with_cp.hint
+    assert "cp(2) > 1 rules out TE's unfused core too" in with_cp.equation
+    # the hint never sends the user to the unfused core with cp > 1 (E113 would refuse it)
+    assert "attention_backend = unfused" not in with_cp.hint
+    assert ("set context = 1" in with_cp.hint) == (backend == "auto")
     assert rules.rule_fp32_attention(env(precision="fp32", attention_backend="unfused"), VALID) is None
     assert rules.rule_fp32_attention(env(precision="bf16", attention_backend=backend), VALID) is None
     # without TE (local spec, the CPU, alignment stages) attention is torch SDPA, which runs fp32
@@ -502,7 +505,30 @@ def test_flash_attention_head_dim_limits():
     assert rules.rule_attention_head_dim(env(odd, attention_backend="auto"), VALID) is None
     assert rules.warn_auto_attention_unfused(env(odd, attention_backend="auto"), VALID).code == "W111"
     v = rules.rule_attention_head_dim(env(odd, attention_backend="auto"), replace(VALID, cp=2, dp=1))
-    assert v.code == "E136" and "no context parallelism (cp(2) > 1)" in v.equation
+    assert v.code == "E136" and "cp(2) > 1" in v.equation and "no context parallelism" in v.equation
+    assert v.hint.startswith("set context = 1") and "unfused" not in v.hint
+    big_cp = rules.rule_attention_head_dim(env(big, attention_backend="auto"), replace(VALID, cp=2, dp=1))
+    assert big_cp.code == "E136" and "attention_backend = fused" in big_cp.hint
+
+
+def test_attention_fallback_diagnostics_agree():
+    """One cause, one diagnostic: with auto under TE, fp32 / head_dim % 8 / head_dim > 256 are a note
+    (W111, priced unfused) at cp = 1 and one error at cp > 1 (E135 for fp32, else E136), never a
+    note and an error together; W110 (selective recompute saves nothing) stays quiet where the core
+    keeps its scores."""
+    odd = replace(LLAMA8B, kv_channels=100)
+    cp1, cp2 = VALID, replace(VALID, cp=2, dp=1)
+    for model, precision, error in ((odd, "fp32", "E135"), (odd, "bf16", "E136"), (LLAMA8B, "fp32", "E135")):
+        e = env(model, precision=precision, attention_backend="auto")
+        at_cp1 = [r(e, cp1) for r in (rules.rule_fp32_attention, rules.rule_attention_head_dim,
+                                      rules.warn_auto_attention_unfused)]
+        at_cp2 = [r(e, cp2) for r in (rules.rule_fp32_attention, rules.rule_attention_head_dim,
+                                      rules.warn_auto_attention_unfused)]
+        assert [v.code for v in at_cp1 if v] == ["W111"], (model.head_dim, precision)
+        assert [v.code for v in at_cp2 if v] == [error], (model.head_dim, precision)
+    selective = replace(VALID, recompute="selective")
+    assert rules.warn_selective_recompute_flash(env(precision="fp32", attention_backend="auto"), selective) is None
+    assert rules.warn_selective_recompute_flash(env(attention_backend="auto"), selective).code == "W110"
     assert rules.rule_attention_head_dim(env(odd, attention_backend="unfused"), VALID) is None
     assert rules.rule_attention_head_dim(env(odd, attention_backend="flash", kernels="local"), VALID) is None
 

@@ -169,6 +169,13 @@ def test_transformer_engine_runs_get_the_fused_kernels_the_plan_prices():
     relu2 = config(model=dataclasses.replace(LLAMA_ISH, activation="squared_relu"), facts=GPU_TE)
     gelu = config(model=dataclasses.replace(LLAMA_ISH, activation="gelu", position="learned"), facts=GPU_TE)
     assert not relu2.bias_activation_fusion and not gelu.bias_activation_fusion and not gelu.apply_rope_fusion
-    # the output layer's fused weight-gradient accumulation needs apex's extension: only where it imports
+    # MoE SwiGLU experts (weighted_bias_swiglu_impl) and GELU with linear biases (bias_gelu_impl) are valid
+    moe = dataclasses.replace(LLAMA_ISH, experts=4, top_k=2, moe_ffn_hidden=64)
+    assert config(model=moe, layout=lay(ep=1), facts=GPU_TE).bias_activation_fusion
+    gelu_bias = dataclasses.replace(LLAMA_ISH, activation="gelu", add_bias_linear=True)
+    assert config(model=gelu_bias, facts=GPU_TE).bias_activation_fusion
+    # the output layer's fused weight-gradient accumulation needs apex's extension: on only where it imports
     from megatron.core.tensor_parallel import layers
-    assert te.gradient_accumulation_fusion == bool(layers._grad_accum_fusion_available)
+    for available in (True, False):
+        with mock.patch.object(layers, "_grad_accum_fusion_available", available):
+            assert config(facts=GPU_TE).gradient_accumulation_fusion is available
