@@ -91,16 +91,6 @@ class PlanResult:
 # --------------------------------------------------------------------------------------- helpers
 
 
-def resolve_attention_backend(spec: ExperimentSpec) -> str:
-    """The plan's attention backend: the user's setting, `auto` included. With Transformer Engine the
-    runtime passes `auto` on as Megatron's `AttnBackend.auto` (TE picks flash-attn or cuDNN fused
-    attention per call), an explicit `flash` as `AttnBackend.flash`; without TE `auto`, `flash` and
-    `fused` are torch scaled_dot_product_attention (runtime/model.py). The memory and cost models
-    price `auto` as the flash class (`search.Problem.costed_backend`): none of these materialises the
-    s x s scores."""
-    return spec.attention_backend
-
-
 def _error(code: str, message: str, spec: ExperimentSpec, stage: StageSpec | None, *paths: str,
            equation: str | None = None, hint: str | None = None, notes: tuple[Note, ...] = ()) -> Diagnostic:
     anchors = [f"stage.{stage.name}.{p}" for p in paths] if stage else []
@@ -388,7 +378,11 @@ def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM,
         diagnostics.append(Diagnostic("E133", f"headroom {headroom:.0%} must be in [0 %, 100 %)"))
     if any(d.is_error for d in diagnostics):
         raise DiagnosticError(diagnostics)
-    backend = resolve_attention_backend(spec)
+    # The plan keeps the user's attention backend, `auto` included: with Transformer Engine the runtime
+    # passes `auto` on as Megatron's `AttnBackend.auto` (TE picks flash-attn or cuDNN fused attention),
+    # without TE `auto`, `flash` and `fused` are torch SDPA (runtime/model.py). What the models price
+    # per stage is `search.Problem.costed_backend`.
+    backend = spec.attention_backend
     results, plans, warnings, errors = [], [], [d for d in diagnostics], []
     for stage in spec.stages:
         try:

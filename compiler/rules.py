@@ -271,17 +271,11 @@ def _round_up(x: int, k: int) -> int:
     return -(-x // k) * k
 
 
-def expert_tp(sizes: Sizes) -> int | None:
-    """Megatron-Core's default: expert_tensor_parallel_size = tensor_model_parallel_size when unset
-    (model_parallel_config.py __post_init__). nemoc always resolves ETP itself; for an auto ETP the
-    rules use `expert_tp_options`."""
-    return sizes.etp if sizes.etp is not None else sizes.tp
-
-
 def expert_tp_options(sizes: Sizes) -> tuple[int, ...]:
     """The expert-TP sizes a rule must consider: the fixed one, or, when `expert_tensor` is auto,
     what the search tries (1 and tp; only 1 while tp is auto too). A rule on ETP says nothing when
-    one of them satisfies it."""
+    one of them satisfies it. (Megatron-Core would default an unset ETP to tp, model_parallel_config.py
+    __post_init__; nemoc always resolves it itself.)"""
     if sizes.etp is not None:
         return (sizes.etp,)
     return (1,) if sizes.tp is None or sizes.tp == 1 else (1, sizes.tp)
@@ -937,9 +931,9 @@ def rule_attention_head_dim(env: Env, s: Sizes) -> Violation | None:
     d = env.model.head_dim
     cp = s.cp if s.cp is not None else 1
     if b == "auto":
-        # cp > 1 with a head dimension TE's flash-class kernels may not take: the unfused fallback has no
-        # context parallelism. fp32 is E135's (one error for one cause).
-        if cp <= 1 or not (d % 8 or d > 256) or env.precision == "fp32":
+        # cp > 1 where TE falls back to its unfused core (`te_auto_unfused`), which has no context
+        # parallelism. fp32 is E135's (one error for one cause).
+        if cp <= 1 or env.precision == "fp32" or te_auto_unfused(env) is None:
             return None
         if d % 8:
             eq = (f"head_dim({d}) % 8 = {d % 8} != 0 with attention_backend(auto), kernels te and cp({cp}) > 1: "

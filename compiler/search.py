@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from nemoc.compiler import cost, memory
 from nemoc.compiler.catalog.hardware import HardwareSpec
@@ -90,6 +90,19 @@ class Problem:
     steps: int = 1
     kernels: str = "te"  # the experiment's resolved `kernels` (te | local); the stage's own: `stage_kernels`
     optimizer: str = "adam"  # the stage's optimizer (adam | sgd): the distributed optimizer wraps Adam only
+    costed_backend: str = field(init=False, repr=False, compare=False, default="")  # see __post_init__
+
+    def __post_init__(self) -> None:
+        """`costed_backend`, the attention class the memory and cost models price, once per problem
+        (every candidate asks for it): the stage's attention core (`rules.stage_attention`: runtime/align
+        always runs the unfused one); `auto` is Transformer Engine's choice between flash-attn and cuDNN
+        fused attention (both flash-class: no s x s scores, the masked half skipped) or torch SDPA
+        without TE, so it is costed as `flash`, except where TE falls back to its unfused core
+        (`rules.te_auto_unfused`: fp32, head_dim % 8, head_dim > 256)."""
+        backend = stage_attention(self.stage_kind, self.attention_backend)
+        if backend == "auto":
+            backend = "unfused" if te_auto_unfused(self.env) else "flash"
+        object.__setattr__(self, "costed_backend", backend)
 
     @property
     def env(self) -> Env:
@@ -97,20 +110,6 @@ class Problem:
         precisions = tuple(p for p in ("bf16", "fp16", "fp32", "fp8", "mxfp8") if self.gpu.supports(p))
         return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind,
                    self.kernels, self.optimizer)
-
-    @property
-    def costed_backend(self) -> str:
-        """The attention class the memory and cost models price: `auto` is Transformer Engine's choice
-        between flash-attn and cuDNN fused attention (both flash-class: no s x s scores, the masked half
-        skipped) or torch SDPA without TE, so it is costed as `flash`; where TE may fall back to its
-        unfused core (`rules.te_auto_unfused`: fp32, head_dim % 8, head_dim > 256), as `unfused`. Stages the runtime always
-        runs on the unfused core (runtime/align: `rules.stage_attention`) are costed as `unfused`."""
-        backend = stage_attention(self.stage_kind, self.attention_backend)  # runtime/align: unfused
-        if backend != "auto":
-            return backend
-        d = self.model.head_dim
-        maybe = d > 256 or d % 8 or self.precision == "fp32"  # cheap pre-check (this runs per candidate)
-        return "unfused" if maybe and te_auto_unfused(self.env) else "flash"
 
     @property
     def auto_distributed_optimizer(self) -> bool:

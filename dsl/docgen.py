@@ -110,14 +110,15 @@ KERNELS_SECTION = [
     "| value | the runtime builds | the plan assumes |",
     "|---|---|---|",
     "| `te` | Transformer Engine's layer spec: fused norms, RoPE and SwiGLU, TE attention, fused Adam, "
-    "gradient-accumulation fusion | the cost and memory models' defaults |",
+    "gradient-accumulation fusion (where apex is installed) | the cost and memory models' defaults |",
     "| `local` | Megatron-Core's local spec on plain PyTorch: torch norms, RoPE and SwiGLU; torch SDPA "
     "(`flash`) or Megatron's DotProductAttention (`unfused`) | their unfused kernels: more HBM traffic and "
     "launches per layer, torch's foreach Adam, more activation memory (docs/cost-model.md, \"The local spec\") |",
     "| `auto` (default) | `te` on a GPU cluster, `local` with `gpu = CPU` | the same |", "",
     "fp8 and mxfp8 need Transformer Engine (E127 with `local`), so does `context` > 1 (E113); `te` with",
-    "`gpu = CPU` is E128. Alignment, eval and export stages always build the local spec (`runtime/align`), so",
-    "the plan costs them with `local` whatever `kernels` says. The plan records the choice (`Plan.kernels`,",
+    "`gpu = CPU` is E128. Alignment, eval and export stages always build the local spec and Megatron's",
+    "unfused attention core (`runtime/align`), so the plan costs them so whatever `kernels` and",
+    "`attention_backend` say. The plan records the choice (`Plan.kernels`,",
     "`StagePlan.kernels`; `nemoc plan` prints it, `--json` has `kernels` at the top and per stage). A `te`",
     "plan run where `transformer_engine` does not import falls back to the local spec and warns once at task",
     "start; a `local` plan builds the local spec even where Transformer Engine is installed.", "",

@@ -28,6 +28,7 @@ from dataclasses import replace
 import click
 
 from nemoc.compiler.planner import SPLIT_KEYS
+from nemoc.compiler.rules import runtime_caps
 from nemoc.runtime.cli_common import EXIT_OK, common_options, fail, load_spec_with_warnings, print_diagnostics
 
 GIB = 1 << 30
@@ -263,7 +264,7 @@ def render_report(result, headroom: float, top: int, console) -> None:
                   f"kernels {plan.kernels} ({KERNELS_LABEL[plan.kernels]}), headroom {headroom:.0%}")
     for sp, sr in zip(plan.stages, result.stages):
         console.print(Rule(f"stage {sp.name} ({sp.kind})", style="dim"))
-        if sp.kernels != plan.kernels:
+        if runtime_caps(sp.kind).attention:  # runtime/align: the local spec and the unfused core, always
             console.print(f"[dim]kernels {sp.kernels}: the nemoc runtime builds {sp.kind} stages with "
                           "Megatron-Core's local spec and its unfused attention core (s x s scores; "
                           "runtime/align); the estimates below assume it[/]")

@@ -276,7 +276,7 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
-_TE_ATTENTION = {"auto": "auto", "flash": "flash", "fused": "fused", "unfused": "unfused"}
+_TE_ATTENTION = ("auto", "flash", "fused", "unfused")  # the plan's values, named as Megatron's AttnBackend
 
 
 def _megatron_attention_backend(backend: str, facts: MachineFacts, AttnBackend):
@@ -290,7 +290,7 @@ def _megatron_attention_backend(backend: str, facts: MachineFacts, AttnBackend):
         return AttnBackend.local
     if backend not in _TE_ATTENTION:
         raise UnsupportedPlan(f"unknown attention backend {backend!r} in the plan (auto | flash | fused | unfused)")
-    return getattr(AttnBackend, _TE_ATTENTION[backend])
+    return getattr(AttnBackend, backend)
 
 
 def _interleaved(layout: Layout) -> bool:
