@@ -22,23 +22,10 @@ import re
 import time
 from pathlib import Path
 
+from nemoc.runtime.atomic import atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
+
 DONE = "DONE.json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, data: object) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> dict | None:

@@ -126,10 +126,9 @@ def mark_fatal(task_path: str, message: str) -> None:
 
     path = os.path.join(os.path.dirname(os.path.abspath(task_path)), FATAL)
     try:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump({"error": message, "time": time.time()}, handle)
-        os.replace(tmp, path)
+        from nemoc.runtime.atomic import atomic_write_json
+
+        atomic_write_json(path, {"error": message, "time": time.time()})
     except OSError:
         pass
 

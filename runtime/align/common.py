@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from nemoc.runtime import mcore_cpu
+from nemoc.runtime.atomic import atomic_write_json
 
 mcore_cpu.apply()
 
@@ -354,8 +355,4 @@ def write_json(path: str | os.PathLike, data: Mapping) -> None:
     """Atomic JSON write (rank 0 only)."""
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
