@@ -19,7 +19,8 @@ from pathlib import Path
 
 import click
 
-from nemoc.runtime.cli_common import EXIT_DIAGNOSTICS, EXIT_USAGE, common_options, fail_on, load_spec
+from nemoc.runtime.cli_common import EXIT_DIAGNOSTICS, EXIT_USAGE, common_options, fail_on, load_spec, \
+    missing_train_modules
 
 EXIT_INTERRUPTED = 130
 
@@ -92,6 +93,11 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
     from nemoc.runtime.tasks import TaskError
 
     plan, runtime_graph = _compile(file, sets, as_json)
+    missing = [] if dry_run else missing_train_modules()
+    if missing:
+        _die(f"error: `nemoc run` executes the graph on Megatron-Core, which this installation lacks "
+             f"({', '.join(missing)} not importable)\n  = hint: pip install 'nemoc[train]' (on a CPU machine, "
+             "`pip install torch==2.13.0` first)", as_json, EXIT_USAGE)
     run_dir = RunDir(workdir if workdir else default_run_dir(plan.experiment))
     echo = (lambda line: click.echo(line, err=True)) if as_json else click.echo
     name = launcher_name or plan.cluster.scheduler
