@@ -72,7 +72,7 @@ def lower_program(program: Program, sets: tuple[str, ...] = ()):
     experiment = _the_experiment(program, diags)
     if experiment is None:
         return None, diags, {}
-    experiment, set_sources, set_diags = apply_overrides(experiment, sets)
+    experiment, set_sources, set_diags = apply_overrides(experiment, sets, templates)
     diags.extend(set_diags)  # a malformed override is skipped; the others still apply
     experiment = _merge_templates(experiment, templates, diags)
     checked = check_block(experiment, diags)
