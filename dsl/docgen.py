@@ -93,6 +93,11 @@ def _type(f: FieldDef) -> str:
     return text + ("; or `auto`" if f.auto else "")
 
 
+def field_markdown(f: FieldDef, owner: str) -> str:
+    """One field as the reference documents it (its type, default and meaning), for `nemoc lsp` hovers."""
+    return f"**`{f.name}`** in `{owner}`: {_type(f)}; default {_default(f)}\n\n{f.doc}"
+
+
 def _table(fields: tuple[FieldDef, ...]) -> list[str]:
     if not fields:
         return ["(no fields)", ""]
