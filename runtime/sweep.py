@@ -348,8 +348,11 @@ def _run_point(argv: list[str], as_json: bool) -> tuple[int, object]:
             forwarded[signum] = True
             proc.send_signal(signum)
 
+    import threading
+
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.signal(s, forward) for s in handled}
+    main = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    old = {s: signal.signal(s, forward) for s in handled} if main else {}
     try:
         out, _ = proc.communicate()
     finally:
