@@ -201,11 +201,18 @@ def complete(text: str, offset: int) -> list[Item]:
     if block is None:
         return [Item(k, "block", "top-level block", BLOCKS[k].doc, f"{k} ") for k in ("experiment",) +
                 tuple(k for k, b in BLOCKS.items() if b.template)] + [Item("import", "keyword", "import a file")]
-    owner = block.kind + (f" {block.name}" if block.name else "")
+    owner = _title(block)
     items = [Item(f.name, "field", f.type.describe(), field_markdown(f, owner), f"{f.name} = ")
              for f in block_fields(block)]
     subs = BLOCKS[block.kind].blocks if block.kind in BLOCKS else ()
     return items + [Item(k, "block", "block", BLOCKS[k].doc) for k in subs]
+
+
+def _title(frame: Frame | None) -> str:
+    """`stage sft`, `parallel` (as diagnostics name a block)."""
+    if frame is None or frame.kind is None:
+        return "?"
+    return frame.kind + (f" {frame.name}" if frame.name else "")
 
 
 def _in_after(ctx: Context) -> bool:
@@ -271,8 +278,7 @@ def hover(text: str, offset: int) -> str | None:
         return field_markdown(fdef, f"{inner.func}(...)") if fdef else None
     if nxt == "=":
         fdef = _field(block, word)
-        owner = block.kind + (f" {block.name}" if block and block.name else "") if block else ""
-        return field_markdown(fdef, owner) if fdef else None
+        return field_markdown(fdef, _title(block)) if fdef else None
     if nxt == "(" and word in CALLS:
         return _call_markdown(word)
     if prev == "model" and (inner is None or inner.bracket == "{"):

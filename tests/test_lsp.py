@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("pygls")
 pytest.importorskip("lsprotocol")
@@ -205,3 +207,18 @@ def test_the_server_shuts_down_cleanly(tmp_path):
     client.request("initialize", {"processId": None, "rootUri": None, "capabilities": {}})
     client.notify("initialized", {})
     assert client.close() == 0
+
+
+_PIECES = list('{}[](),=" \n#ab_-.09%') + ["stage ", "model ", "after ", "adam(", "data = [", "kind = dpo ",
+                                           "parallel {", "lr = ", "tensor = ", "x(", "experiment e {"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=40).map("".join), st.floats(0, 1), st.integers(0, 50))
+def test_hover_and_completion_never_fail_on_any_text(text, where, line):
+    from nemoc.runtime.lsp import complete, hover, offset_of
+
+    offset = round(where * len(text))
+    complete(text, offset)
+    hover(text, offset)
+    assert 0 <= offset_of(text, line, line) <= len(text)
