@@ -188,7 +188,8 @@ def complete(text: str, offset: int) -> list[Item]:
     if prev is not None and prev.text == "model" and (inner is None or inner.bracket == "{"):
         return _presets()
     if prev is not None and (prev.text == "after" or (prev.text == "," and _in_after(ctx))):
-        return [Item(n, "reference", "stage") for n in declared_names(text, "stage")]
+        own = _declaring(ctx)  # a stage does not run after itself
+        return [Item(n, "reference", "stage") for n in declared_names(text, "stage") if n != own]
     if inner is not None and inner.bracket == "[" and inner.key == "data":
         return [Item(n, "reference", "data set") for n in declared_names(text, "data")]
     if inner is not None and inner.bracket == "(" and inner.func in CALLS:
@@ -213,6 +214,14 @@ def _title(frame: Frame | None) -> str:
     if frame is None or frame.kind is None:
         return "?"
     return frame.kind + (f" {frame.name}" if frame.name else "")
+
+
+def _declaring(ctx: Context) -> str | None:
+    """The name of the block whose `after` clause the cursor is in (`sft` in `stage sft after a, `)."""
+    for tok, before in zip(ctx.previous, ctx.previous[1:]):
+        if tok.text == "after":
+            return before.text if before.kind == "name" else None
+    return None
 
 
 def _in_after(ctx: Context) -> bool:

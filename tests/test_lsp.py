@@ -197,7 +197,7 @@ def test_completion_offers_fields_presets_arguments_and_stage_names(server, tmp_
     assert {"llama3_8b", "llama3_70b", "mixtral_8x7b"} <= set(labels("model "))
     assert labels("adam(") == ["lr", "betas", "eps", "weight_decay", "grad_clip"]
     assert labels("data = [") == ["web"]
-    assert labels("stage sft after ") == ["pretrain", "sft"]
+    assert labels("stage sft after ") == ["pretrain"]  # not itself
     assert {"pack", "template", "optimizer", "checkpoint", "parallel"} <= set(labels("kind = sft", 1))
     assert "beta" not in labels("kind = sft", 1)  # a dpo field, not an sft one
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nemoc.compiler.lower import compile_file, load_experiment
 from nemoc.dsl.diagnostics import DiagnosticError
@@ -124,3 +126,18 @@ def test_cli_renders_the_argument_error_at_the_override():
     assert "<--set 1>:1:21: error[E050]: `adam` (the `optimizer`) has no argument `lrr`" in result.output
     ok = CliRunner().invoke(cli, ["check", EXAMPLE, "--set", "stage.sft.optimizer.lr=2e-5"])
     assert ok.exit_code == 0, ok.output
+
+
+_SEGMENTS = ["stage", "sft", "optimizer", "schedule", "peft", "template", "lr", "rank", "warmup", "user", "cluster",
+             "scheduler", "partition", "time", "parallel", "tensor", "x", "checkpoint", "every"]
+_VALUES = ["2e-5", "8", "adam(lr = 1)", "sgd", "none", "lora(rank = 4)", '"p"', "1h", "[1, 2]", "auto", "slurm()", "x(y = 1)"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.lists(st.sampled_from(_SEGMENTS), min_size=1, max_size=5), st.sampled_from(_VALUES)),
+                max_size=4))
+def test_any_override_of_calls_is_a_result_or_diagnostics(tmp_path, overrides):
+    sets = tuple(".".join(path) + "=" + value for path, value in overrides)
+    spec, diags, _ = compile_file(_write(tmp_path, BASE), sets)
+    assert spec is not None or diags
+    assert all(d.span is not None and d.code != "E000" for d in diags)  # every problem placed; no internal error
