@@ -295,6 +295,10 @@ def run_sweep(file: str, sweeps: tuple[str, ...], sets: tuple[str, ...], workdir
         if code == 130:
             click.echo(f"interrupted at sweep point {label}; the points after it were not started", err=True)
             sys.exit(130)
+        if code == 2:  # a usage error (--detach without slurm, an unusable --workdir) fails every point alike
+            click.echo(f"error: sweep point {label} was refused (exit 2); the points after it were not started",
+                       err=True)
+            sys.exit(2)
     failed = [o for o in outcomes if o["exit_code"] != 0]
     if as_json:
         click.echo(json.dumps({"sweep_dir": str(root.resolve()), "ok": not failed, "points": outcomes}, indent=2))

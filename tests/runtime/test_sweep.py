@@ -162,3 +162,12 @@ def test_run_sweep_trains_each_point_and_status_lists_them(quickstart):
     assert all(p["states"] == {"done": 3} and p["exit_code"] == 0 for p in data["points"])
     steps = [next(t for t in p["tasks"] if t["id"] == "train:pretrain")["steps_done"] for p in data["points"]]
     assert steps == [2, 3]
+
+
+def test_a_point_refused_as_a_usage_error_stops_the_sweep(quickstart):
+    result = invoke("run", str(quickstart / "quickstart.nemo"), "--sweep", "stage.pretrain.steps=1,2", "--detach",
+                    "--workdir", str(quickstart / "sw"))
+    assert result.exit_code == 2  # the point's own message goes to the terminal (its stderr is not captured here)
+    assert "sweep point steps=1 was refused (exit 2); the points after it were not started" in result.output
+    index = json.loads((quickstart / "sw" / "sweep.json").read_text())
+    assert [p.get("exit_code") for p in index["points"]] == [2, None]
