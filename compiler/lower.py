@@ -50,10 +50,11 @@ def load_experiment(path: str, sets: tuple[str, ...] = ()) -> tuple[ExperimentSp
     return spec, sources
 
 
-def compile_file(path: str, sets: tuple[str, ...] = ()):
-    """(spec or None, every diagnostic incl. warnings, sources). Never raises for bad input."""
+def compile_file(path: str, sets: tuple[str, ...] = (), text: str | None = None):
+    """(spec or None, every diagnostic incl. warnings, sources). Never raises for bad input. `text`: the
+    root file's contents when the caller has them (the language server's buffer)."""
     try:
-        program, diags = load_program(path)
+        program, diags = load_program(path, text)
         sources = dict(program.sources)
         if has_errors(diags) or not program.modules:
             return None, tuple(diags), sources
@@ -72,7 +73,7 @@ def lower_program(program: Program, sets: tuple[str, ...] = ()):
     experiment = _the_experiment(program, diags)
     if experiment is None:
         return None, diags, {}
-    experiment, set_sources, set_diags = apply_overrides(experiment, sets)
+    experiment, set_sources, set_diags = apply_overrides(experiment, sets, templates)
     diags.extend(set_diags)  # a malformed override is skipped; the others still apply
     experiment = _merge_templates(experiment, templates, diags)
     checked = check_block(experiment, diags)

@@ -63,12 +63,14 @@ def read_source(path: str, *, code: str = "E001", anchor: Span | None = None) ->
                                 f"`{path}` is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at {line}:{col})", where)
 
 
-def load_program(path: str) -> tuple[Program, tuple[Diagnostic, ...]]:
-    """Read and parse `path` and everything it imports, transitively."""
+def load_program(path: str, text: str | None = None) -> tuple[Program, tuple[Diagnostic, ...]]:
+    """Read and parse `path` and everything it imports, transitively. `text`: the root file's contents
+    when the caller already has them (an editor's unsaved buffer); imports are still read from disk."""
     loader = _Loader(os.path.dirname(os.path.abspath(path)))
-    text, problem = read_source(path)
-    if problem:
-        return Program(path, MappingProxyType({}), {}, loader.root_dir), (problem,)
+    if text is None:
+        text, problem = read_source(path)
+        if problem:
+            return Program(path, MappingProxyType({}), {}, loader.root_dir), (problem,)
     loader.visit(path, text, None, ())
     modules = MappingProxyType(dict(loader.modules))
     return Program(path, modules, dict(loader.sources), loader.root_dir), tuple(loader.diags)
