@@ -459,6 +459,8 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
     args += [f"--log-interval {stage.log_every}", f"--seed {stage.seed}"]
     if stage.eval_every:
         args += [f"--eval-interval {stage.eval_every}", f"--eval-iters {stage.params.get('eval_iters', 10)}"]
+    else:
+        args.append("--eval-iters 0")  # nemoc evaluates only with eval_every; Megatron-LM every 1000 steps
     if stage.checkpoint.every:
         args.append(f"--save-interval {stage.checkpoint.every}")
     if stage.kind != "pretrain":

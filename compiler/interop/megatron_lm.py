@@ -292,8 +292,9 @@ def _stage(f: _Flags, d: Draft) -> None:
     if not (f.has("--hidden-dropout") or f.has("--attention-dropout")):
         c[("stage", "dropout")] = "Megatron-LM's default"
     s["log_every"] = f.int("--log-interval", 100)
-    s["eval_every"] = f.int("--eval-interval", 1000)
-    s["eval_iters"] = f.int("--eval-iters", 100)
+    if f.int("--eval-iters", 100) > 0:  # --eval-iters 0: no evaluation
+        s["eval_every"] = f.int("--eval-interval", 1000)
+        s["eval_iters"] = f.int("--eval-iters", 100)
     s["seed"] = f.int("--seed", 1234)
     if f.has("--save-interval"):
         d.checkpoint["every"] = f.int("--save-interval")

@@ -22,6 +22,10 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(\+?)=")
 
 
+# Compound commands read as straight-line code (a warning says so): launch scripts rarely loop.
+_UNEVALUATED = ("for", "while", "until", "case", "function", "do", "done", "esac", "select")
+
+
 class ShellError(ValueError):
     """The script cannot be read (no launch line, unbalanced quotes); the message names the line."""
 
@@ -359,7 +363,7 @@ def read_launch(text: str) -> Launch:
     """The Megatron-LM launch in a shell script (see the module docstring). Raises ShellError."""
     sh = _Shell()
     branch: list[list[bool | None]] = []  # per open `if`: [this branch active, some earlier branch taken]
-    launch = None
+    launch = bare = None
     for stmt in _statements(_lex(text)):
         line = stmt[0].line
         head = stmt[0].text if stmt[0].kind == "word" else ""
@@ -388,6 +392,11 @@ def read_launch(text: str) -> Launch:
                 continue
         if not all(b[0] for b in branch):
             continue
+        if head in _UNEVALUATED:
+            sh.warnings.append(f"line {line}: `{head}` is not evaluated: the lines inside it are read once, in order")
+            stmt = stmt[1:] if head in ("do", "done", "esac") else []
+            if not stmt:
+                continue
         if stmt[0].text == "export":
             stmt = stmt[1:]
             if not stmt:
@@ -399,8 +408,17 @@ def read_launch(text: str) -> Launch:
             if SCRIPT_RE.search(w):
                 launch = Launch(tuple(words[:k]), w, tuple(words[k + 1:]), line)
                 break
+        else:
+            if launch is None and "--num-layers" in words:  # bare arguments, no launcher
+                bare = Launch((), "pretrain_gpt.py", tuple(words[words.index("--num-layers"):]), line)
+    if launch is None and bare is not None:
+        launch = bare
+        sh.warnings.append(f"line {bare.line}: no launcher line (torchrun ... pretrain_gpt.py): read the arguments "
+                           "there; the cluster is nemoc's default")
     if launch is None:
-        raise ShellError("no Megatron-LM launch found (a line running pretrain_gpt.py)")
+        raise ShellError("no Megatron-LM launch found (a line running pretrain_gpt.py, or Megatron-LM arguments "
+                         "starting at --num-layers); nemoc import reads Megatron-LM launch scripts, NeMo 1 YAML "
+                         "(trainer: and model:) and Megatron-Bridge config dumps")
     return Launch(launch.launcher, launch.script, launch.args, launch.line, tuple(sh.warnings))
 
 

@@ -127,6 +127,10 @@ torchrun --nproc_per_node $A pretrain_gpt.py ${ARGS[@]} $S "${UNSET:-dflt}" $1
     assert launch.args == ("--x", "8", "--y", "q", "r", "--z", "--yes", "--s1", "1", "--s2", "2", "dflt", "$1")
     with pytest.raises(ShellError, match="no Megatron-LM launch"):
         read_launch("echo hello\n")
+    bare = read_launch("# pasted flags\n--num-layers 2 \\\n  --hidden-size 8\n")
+    assert bare.args == ("--num-layers", "2", "--hidden-size", "8") and "no launcher line" in bare.warnings[0]
+    looped = read_launch("for n in 1 2; do\n  X=$n\ndone\ntorchrun pretrain_gpt.py --x $X\n")
+    assert looped.args == ("--x", "$X") and any("`for` is not evaluated" in w for w in looped.warnings)
     with pytest.raises(ShellError, match="line 2: unterminated"):
         read_launch('A=1\nB="oops\n')
 
