@@ -57,7 +57,7 @@ def import_(file: str, gpu: str | None, name: str | None, output: str | None, as
         _die(str(exc), EXIT_DIAGNOSTICS)
     if not as_json:
         for w in result.warnings:
-            click.echo(f"warning: {w}", err=True)
+            click.echo(f"warning: {file}: {w}", err=True)
         if result.dropped:
             click.echo(f"warning: {file}: {len(result.dropped)} settings not carried over (listed in the header "
                        f"comment): " + ", ".join(d.split(" ")[0] for d in result.dropped), err=True)

@@ -100,7 +100,7 @@ def import_launch(launch: Launch, path: str) -> Draft:
     flags, stray = parse_flags(launch.args)
     f = _Flags(flags)
     d = Draft(source="a Megatron-LM command line", path=path)
-    d.warnings += [f"{path}: {w}" for w in launch.warnings]
+    d.warnings += list(launch.warnings)
     d.cluster.update(_launcher_sizes(launch.launcher))
     if "gpus_per_node" not in d.cluster:
         d.note("the launcher gives no --nproc_per_node: cluster.gpus_per_node is nemoc's default (8)", warn=True)

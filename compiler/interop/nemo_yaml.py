@@ -75,7 +75,7 @@ class _Reader:
                         continue
                     walk(v, f"{prefix}.{k}" if prefix else str(k))
             elif node is not None and node != [] and node != {}:
-                text = " ".join(str(node).split())
+                text = " ".join((("true" if node else "false") if isinstance(node, bool) else str(node)).split())
                 out.append(f"{prefix} = {text[:80]}{'...' if len(text) > 80 else ''}")
 
         walk(self.root, "")

@@ -56,7 +56,9 @@ def test_import_checks_and_plans(path, tmp_path):
     assert result.exit_code == 0, result.output
     text = (tmp_path / "x.nemo").read_text()
     assert format_module(parse(text, "x"), text) == text  # canonical: `nemoc fmt --check` would pass
-    assert "warning:" in result.stderr  # the not-carried-over settings and assumptions are named on stderr
+    # the not-carried-over settings and the assumptions are named on stderr, each line naming the file
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("wrote ")]
+    assert lines and all(line.startswith(f"warning: {path}: ") for line in lines), result.stderr
     check = CliRunner().invoke(cli, ["check", str(tmp_path / "x.nemo")])
     assert check.exit_code == 0, check.output
     spec, _ = load_experiment(str(tmp_path / "x.nemo"))
@@ -97,7 +99,7 @@ def test_every_setting_not_carried_over_is_named():
     # the if-branch bash takes ($DTYPE == fp8): fp8 flags are in, and the mock-data branch was taken
     assert "precision = fp8" in imported.text and "vocab = 128256" in imported.text
     nemo = import_text((DATA / "nemo_launcher_llama2_7b.yaml").read_text(), "llama2.yaml")
-    assert "model.use_flash_attention = True" in nemo.dropped and "exp_manager.name = megatron_llama" in nemo.dropped
+    assert "model.use_flash_attention = true" in nemo.dropped and "exp_manager.name = megatron_llama" in nemo.dropped
 
 
 def test_interpolations_and_presets_in_nemo_yaml():
