@@ -4,6 +4,7 @@ reader evaluates what bash would; nothing of the source is dropped unnamed."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,9 @@ def test_import_checks_and_plans(path, tmp_path):
         # where the script asks --grad-reduce-in-bf16; SFT on the local spec's unfused attention): the
         # plan says so at the parallel block, with the change that fits.
         assert plan.exit_code == 1 and "error[E130]" in plan.output and "hint: set" in plan.output, plan.output
+        key, value = re.search(r"hint: set (\w+) = (\w+)", plan.output).groups()
+        fixed = CliRunner().invoke(cli, ["plan", str(tmp_path / "x.nemo"), "--set", f"parallel.{key}={value}"])
+        assert fixed.exit_code == 0, fixed.output  # and the hint's change fits
 
 
 def test_megatron_defaults_fill_what_the_command_line_leaves_out():
