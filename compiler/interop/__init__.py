@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from nemoc.compiler.interop.draft import emit, infer_gpu
+from nemoc.dsl.diagnostics import DiagnosticError
 
 FORMATS = ("megatron-lm", "nemo1", "bridge")
 
@@ -44,6 +45,8 @@ def detect_format(text: str) -> str:
 def import_text(text: str, path: str, gpu: str | None = None, name: str | None = None) -> Imported:
     """See the module docstring. Raises ImportProblem."""
     fmt = detect_format(text)
+    if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ImportProblem(f"--name {name!r}: an experiment name is a letter or `_` followed by letters, digits, `_`")
     try:
         if fmt == "megatron-lm":
             from nemoc.compiler.interop.megatron_lm import import_launch
@@ -62,6 +65,9 @@ def import_text(text: str, path: str, gpu: str | None = None, name: str | None =
         out = emit(draft)
     except ImportProblem:
         raise
+    except DiagnosticError as exc:  # the generated text does not parse: a bug here, said so, never a traceback
+        raise ImportProblem(f"{path}: internal error in nemoc import (please report it with the input): "
+                            f"the generated .nemo does not parse: {exc}") from None
     except ValueError as exc:
         raise ImportProblem(str(exc) if str(exc).startswith(path) else f"{path}: {exc}") from None
     return Imported(out, fmt, tuple(draft.warnings), tuple(draft.dropped))

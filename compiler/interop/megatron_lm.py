@@ -132,6 +132,8 @@ def _model(f: _Flags, d: Draft) -> None:
         d.note(f"position embedding {position} has no nemoc equivalent: imported as rope", warn=True)
         position = "rope"
     norm = (f.str("--normalization") or "LayerNorm").lower()
+    if norm not in ("layernorm", "rmsnorm"):
+        raise ValueError(f"--normalization {f.str('--normalization')}: nemoc has LayerNorm and RMSNorm")
     vocab = f.int("--vocab-size")
     if vocab is None:
         vocab = _TOKENIZER_VOCAB.get(f.str("--tokenizer-type") or ("GPT2BPETokenizer" if f.has("--vocab-file") else ""))

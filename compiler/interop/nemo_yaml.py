@@ -149,6 +149,8 @@ def _nemo1(r: _Reader, d: Draft) -> None:
     if norm == "layernorm1p":
         d.note("model.normalization = layernorm1p (zero-centred gamma): imported as layernorm", warn=True)
         norm = "layernorm"
+    if norm not in ("layernorm", "rmsnorm"):
+        raise ValueError(f"model.normalization = {norm}: nemoc has layernorm and rmsnorm")
     tokenizer_type = r.get(m + "tokenizer.type")
     vocab = _GPT2_VOCAB if tokenizer_type == "GPT2BPETokenizer" else None
     heads = r.int(m + "num_attention_heads")
@@ -276,7 +278,7 @@ def _bridge(r: _Reader, d: Draft) -> None:
         query_groups=r.int(m + "num_query_groups", heads), ffn_hidden=r.int(m + "ffn_hidden_size"),
         vocab=r.int(m + "vocab_size", r.int("tokenizer.vocab_size")), seq_length=train_seq or model_seq,
         kv_channels=r.int(m + "kv_channels"), activation=Word(act),
-        norm=Word("rmsnorm" if str(r.get(m + "normalization", "LayerNorm")) == "RMSNorm" else "layernorm"),
+        norm=Word(_bridge_norm(r)),
         position=Word(position), rotary_base=r.num(m + "rotary_base", 10000.0),
         tie_embeddings=bool(r.get(m + "share_embeddings_and_output_weights", True)),
         add_bias_linear=bool(r.get(m + "add_bias_linear", True)), add_qkv_bias=bool(r.get(m + "add_qkv_bias", False)),
@@ -311,6 +313,13 @@ def _bridge(r: _Reader, d: Draft) -> None:
            eval_every=eval_every, eval_iters=eval_iters, seed=r.int("rng.seed"))
     if r.get("checkpoint.save_interval") is not None:
         d.checkpoint["every"] = r.int("checkpoint.save_interval")
+
+
+def _bridge_norm(r: _Reader) -> str:
+    norm = str(r.get("model.normalization", "LayerNorm"))
+    if norm not in ("LayerNorm", "RMSNorm"):
+        raise ValueError(f"model.normalization = {norm}: nemoc has LayerNorm and RMSNorm")
+    return norm.lower()
 
 
 def _bridge_precision(r: _Reader, d: Draft) -> None:

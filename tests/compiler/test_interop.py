@@ -154,6 +154,11 @@ def test_bad_inputs_are_one_line_errors_not_tracebacks(tmp_path):
     with pytest.raises(ImportProblem, match="--gpu V100"):
         import_text("torchrun pretrain_gpt.py --num-layers 2 --hidden-size 8 --num-attention-heads 2 "
                     "--seq-length 8 --lr 1\n", "x.sh", gpu="V100")
+    with pytest.raises(ImportProblem, match="--name 'my run'"):
+        import_text("torchrun pretrain_gpt.py --num-layers 2\n", "x.sh", name="my run")
+    with pytest.raises(ImportProblem, match="x.sh: --normalization Weird: nemoc has LayerNorm and RMSNorm"):
+        import_text("torchrun pretrain_gpt.py --num-layers 2 --hidden-size 8 --num-attention-heads 2 "
+                    "--normalization Weird\n", "x.sh")
     with pytest.raises(ImportProblem, match="x.sh: --hidden-size 8x: not a number"):
         import_text("torchrun pretrain_gpt.py --num-layers 2 --hidden-size 8x\n", "x.sh")
 
