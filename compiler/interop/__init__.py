@@ -70,6 +70,9 @@ def import_text(text: str, path: str, gpu: str | None = None, name: str | None =
                             f"the generated .nemo does not parse: {exc}") from None
     except ValueError as exc:
         raise ImportProblem(str(exc) if str(exc).startswith(path) else f"{path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the boundary: a bug in nemoc is reported, not dumped (as check's E000)
+        raise ImportProblem(f"{path}: internal error in nemoc import (please report it with the input): "
+                            f"{type(exc).__name__}: {exc}") from None
     return Imported(out, fmt, tuple(draft.warnings), tuple(draft.dropped))
 
 

@@ -201,12 +201,12 @@ def emit(draft: Draft) -> str:
     if "nodes" not in draft.cluster and "gpus_per_node" not in draft.cluster:
         draft.note("the source names no world size: the cluster is nemoc's default, 1 node x 8 GPUs; set yours",
                    warn=True)
-    lines = [f"# Imported by `nemoc import` from {draft.source}: {draft.path}"]
-    lines += [f"# {n}" for n in draft.notes]
+    lines = [f"# Imported by `nemoc import` from {draft.source}: {_one_line(draft.path)}"]
+    lines += [f"# {_one_line(n)}" for n in draft.notes]
     if draft.dropped:
         lines.append("#")
         lines.append(f"# Not carried over ({len(draft.dropped)} settings of the source with no nemoc field here):")
-        lines += [f"#   {d}" for d in draft.dropped]
+        lines += [f"#   {_one_line(d)}" for d in draft.dropped]
     lines.append("")
     lines.append(f"experiment {draft.name} {{")
     cluster = {k: draft.cluster[k] for k in ("gpu", "nodes", "gpus_per_node") if k in draft.cluster}
@@ -217,6 +217,9 @@ def emit(draft: Draft) -> str:
         draft.comments.setdefault(("model", None), f"the source's architecture is exactly the {preset} preset")
         lines += _block("model", preset, overrides, draft, 1, key="model")
     else:
+        missing = [k for k in _REQUIRED if k != "vocab" and draft.model.get(k) is None]
+        if missing:
+            raise ValueError(f"the source gives no {', '.join(missing)} for the model")
         lines += _block("model", f"{draft.name}_model", explicit_model(draft.model), draft, 1, key="model")
     lines += _block("parallel", None, draft.parallel, draft, 1)
     for k, v in draft.top.items():
@@ -227,6 +230,8 @@ def emit(draft: Draft) -> str:
     head = f"stage {draft.stage_name}"
     lines.append(f"  {head} {{")
     for k, v in stage.items():
+        if v is None:
+            continue
         lines.append(f"    {k} = {value_text(v)}" + _trailing(draft, "stage", k))
     if draft.checkpoint:
         lines += _block("checkpoint", None, draft.checkpoint, draft, 2)
@@ -262,7 +267,12 @@ def _reconcile(draft: Draft) -> None:
 
 def _trailing(draft: Draft, block: str, key) -> str:
     c = draft.comments.get((block, key))
-    return f"  # {c}" if c else ""
+    return f"  # {_one_line(c)}" if c else ""
+
+
+def _one_line(text: str) -> str:
+    """Comment text: a value from the source may span lines (a quoted multi-line shell word)."""
+    return " ".join(str(text).split())
 
 
 def _block(kind: str, name, values: dict, draft: Draft, depth: int, key: str | None = None) -> list[str]:
@@ -270,5 +280,5 @@ def _block(kind: str, name, values: dict, draft: Draft, depth: int, key: str | N
     pad = "  " * depth
     head = f"{kind} {name}" if name else kind
     out = [f"{pad}{head} {{" + _trailing(draft, key, None)]
-    out += [f"{pad}  {k} = {value_text(v)}" + _trailing(draft, key, k) for k, v in values.items()]
+    out += [f"{pad}  {k} = {value_text(v)}" + _trailing(draft, key, k) for k, v in values.items() if v is not None]
     return out + [f"{pad}}}"]

@@ -185,6 +185,8 @@ def _parallel(f: _Flags, d: Draft) -> None:
         granularity = "selective"
     if f.has("--checkpoint-activations"):
         granularity = "full"
+    if granularity not in (None, "full", "selective"):
+        raise ValueError(f"--recompute-granularity {granularity}: full or selective")
     p["recompute"] = Word(granularity or "none")
     if granularity == "full" and (f.str("--recompute-method", "uniform") != "uniform" or f.int("--recompute-num-layers", 1) != 1):
         d.note(f"recompute method {f.str('--recompute-method')} x {f.int('--recompute-num-layers', 1)} layers: "

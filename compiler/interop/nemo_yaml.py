@@ -82,6 +82,14 @@ class _Reader:
         return out
 
 
+def _is_num(value) -> bool:
+    try:
+        float(value)
+        return not isinstance(value, bool)
+    except (TypeError, ValueError):
+        return False
+
+
 def load_yaml(text: str, path: str) -> dict:
     try:
         data = yaml.safe_load(text)
@@ -222,7 +230,9 @@ def _nemo1_optim(r: _Reader, d: Draft) -> Call:
     args = {"lr": r.num(o + "lr")}
     if kind == "adam":
         betas = r.get(o + "betas")
-        if betas:
+        if betas is not None:
+            if not (isinstance(betas, list) and len(betas) == 2 and all(_is_num(b) for b in betas)):
+                raise ValueError(f"model.optim.betas = {betas!r}: two numbers expected")
             args["betas"] = [float(b) for b in betas]
         if r.get(o + "eps") is not None:
             args["eps"] = r.num(o + "eps")

@@ -268,6 +268,9 @@ class _Shell:
         """Bash word expansion: parameter expansion, then word splitting of unquoted results, then quote removal."""
         out: list[str] = []
         for tok in words:
+            if tok.kind == "array":  # `NAME=(...)` outside an assignment (bash: a syntax error): its words
+                out.extend(self.expand(list(tok.parts), line, split))
+                continue
             fields: list[str] = [""]
             started = False
             for kind, text, quoted in tok.parts:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nemoc.compiler.interop import ImportProblem, detect_format, import_text
 from nemoc.compiler.interop.megatron_lm import split_fractions
@@ -188,3 +190,31 @@ def _spec(text: str):
         path = Path(d) / "x.nemo"
         path.write_text(text)
         return load_experiment(str(path))[0]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_inputs_import_or_fail_with_a_message(data):
+    """Deleted, repeated or corrupted lines of the real inputs: a .nemo that parses, or an ImportProblem
+    that is not an internal error; never a traceback."""
+    path = data.draw(st.sampled_from(INPUTS))
+    lines = path.read_text().splitlines(True)
+    for _ in range(data.draw(st.integers(1, 3))):
+        k = data.draw(st.integers(0, len(lines) - 1))
+        op = data.draw(st.sampled_from(["delete", "repeat", "corrupt"]))
+        if op == "delete":
+            del lines[k:k + data.draw(st.integers(1, 5))]
+        elif op == "repeat":
+            lines.insert(k, lines[data.draw(st.integers(0, len(lines) - 1))])
+        elif lines[k]:
+            j = data.draw(st.integers(0, len(lines[k]) - 1))
+            lines[k] = lines[k][:j] + data.draw(st.sampled_from(list("\"'$(){}:[ \\`\t") + ["${", "$((", "-1"])) + \
+                lines[k][j + 1:]
+        if not lines:
+            break
+    try:
+        imported = import_text("".join(lines), path.name)
+    except ImportProblem as exc:
+        assert "internal error" not in str(exc), str(exc)
+        return
+    parse(imported.text, "x.nemo")
