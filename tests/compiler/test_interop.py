@@ -218,3 +218,17 @@ def test_mutated_inputs_import_or_fail_with_a_message(data):
         assert "internal error" not in str(exc), str(exc)
         return
     parse(imported.text, "x.nemo")
+
+
+def test_virtual_stages_blends_and_recompute_flags():
+    text = import_text("torchrun --nproc_per_node 8 pretrain_gpt.py --num-layers 32 --hidden-size 1024 "
+                       "--num-attention-heads 16 --seq-length 2048 --vocab-size 32000 --lr 1e-4 --train-iters 10 "
+                       "--global-batch-size 64 --pipeline-model-parallel-size 4 --num-layers-per-virtual-pipeline-stage 2 "
+                       "--recompute-activations --data-path 0.3 /d/a_text_document 0.7 /d/b_text_document "
+                       "--lr-decay-style WSD --eval-iters 0\n", "b200_x.sh").text
+    assert "virtual_pipeline = 4" in text and "layers(32) / (pp(4) x 2 layers per virtual stage)" in text
+    assert "recompute = selective" in text and "schedule = wsd(" in text
+    assert 'path = "/d/a_text_document"' in text and "weight = 0.3" in text and "data = [part0, part1]" in text
+    assert "eval_every" not in text  # --eval-iters 0: Megatron-LM does not evaluate
+    spec = _spec(text)
+    assert spec.cluster.gpu == "B200" and spec.parallel.virtual_pipeline == 4 and len(spec.data) == 2
