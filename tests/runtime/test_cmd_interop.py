@@ -126,3 +126,12 @@ def test_completion_offers_the_commands():
     out = subprocess.run([sys.executable, "-c", "from nemoc.runtime.cli import main; main()"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert "plain,presets" in out.stdout.split() and "plain,plan" not in out.stdout.split()
+
+
+def test_import_and_presets_stay_off_torch():
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom nemoc.runtime.cli import cli\n"
+            f"assert CliRunner().invoke(cli, ['import', {str(REPO / 'tests/data/interop/megatron_gpt3_175b.sh')!r}]).exit_code == 0\n"
+            "assert CliRunner().invoke(cli, ['presets']).exit_code == 0\n"
+            "assert 'torch' not in sys.modules and 'megatron' not in sys.modules, 'imported torch'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
