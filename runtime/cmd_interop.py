@@ -11,7 +11,8 @@ export --megatron-args FILE [--stage NAME]: plan FILE, then print the Megatron-L
 presets [--json]: every model preset with its key sizes and its source.
 
 Exit codes: 0 done, 1 the input cannot be imported / the experiment has errors, 2 usage error or an
-unreadable file. `import` and `presets` import neither torch nor Megatron-Core; `export` does (the
+unreadable file. A one-line error goes to stderr as `error: ...`, or with `--json` to stdout as
+`{"error": "error: ..."}` (as `nemoc run` / `nemoc status` do). `import` and `presets` import neither torch nor Megatron-Core; `export` does (the
 one plan -> Megatron translation lives in the runtime).
 """
 
@@ -28,8 +29,12 @@ from nemoc.runtime.cli_common import EXIT_DIAGNOSTICS, EXIT_OK, EXIT_USAGE, comm
 TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
 
 
-def _die(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
+def _die(message: str, code: int, as_json: bool = False) -> None:
+    """A one-line error: on stderr, or with --json as {"error": "error: ..."} on stdout (as `nemoc run`)."""
+    if as_json:
+        click.echo(json.dumps({"error": f"error: {message}"}))
+    else:
+        click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 
@@ -50,11 +55,11 @@ def import_(file: str, gpu: str | None, name: str | None, output: str | None, as
         with open(file, encoding="utf-8") as fh:
             text = fh.read()
     except (OSError, UnicodeDecodeError) as exc:
-        _die(f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}", EXIT_USAGE)
+        _die(f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}", EXIT_USAGE, as_json)
     try:
         result = import_text(text, file, gpu=gpu, name=name)
     except ImportProblem as exc:
-        _die(str(exc), EXIT_DIAGNOSTICS)
+        _die(str(exc), EXIT_DIAGNOSTICS, as_json)
     if not as_json:
         for w in result.warnings:
             click.echo(f"warning: {file}: {w}", err=True)
@@ -97,13 +102,13 @@ def export(file: str, megatron_args: bool, stage_name: str | None, sets: tuple[s
     if stage_name is None:
         stage_name = next((s.name for s in plan.stages if s.kind in TRAINING_KINDS), None)
         if stage_name is None:
-            _die(f"{file}: no training stage to export (stages: {', '.join(names)})", EXIT_DIAGNOSTICS)
+            _die(f"{file}: no training stage to export (stages: {', '.join(names)})", EXIT_DIAGNOSTICS, as_json)
     elif stage_name not in names:
-        _die(f"{file}: no stage `{stage_name}` (stages: {', '.join(names)})", EXIT_USAGE)
+        _die(f"{file}: no stage `{stage_name}` (stages: {', '.join(names)})", EXIT_USAGE, as_json)
     elif plan.stage(stage_name).kind not in TRAINING_KINDS:
         _die(f"{file}: stage `{stage_name}` is a {plan.stage(stage_name).kind} stage; Megatron-LM's pretrain_gpt.py "
              f"trains (export a training stage: {', '.join(s.name for s in plan.stages if s.kind in TRAINING_KINDS)})",
-             EXIT_DIAGNOSTICS)
+             EXIT_DIAGNOSTICS, as_json)
     from nemoc.runtime.megatron_args import megatron_lm_arguments, megatron_lm_command
 
     command = megatron_lm_command(plan, stage_name)

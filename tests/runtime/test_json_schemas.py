@@ -66,8 +66,12 @@ def test_diagnostics_and_errors(tmp_path):
     assert diags["diagnostics"] and any(d["severity"] == "error" for d in diags["diagnostics"])
     check = invoke_json("check", str(bad), str(tmp_path / "missing.nemo"), "--json", code=2)
     validate("check", check)
-    error = invoke_json("status", str(tmp_path), "--json", code=2)
-    validate("error", error)
+    validate("error", invoke_json("status", str(tmp_path), "--json", code=2))
+    validate("error", invoke_json("import", str(tmp_path / "missing.sh"), "--json", code=2))
+    (tmp_path / "echo.sh").write_text("echo no launch here\n")
+    validate("error", invoke_json("import", str(tmp_path / "echo.sh"), "--json", code=1))
+    validate("error", invoke_json("export", "--megatron-args", str(REPO / "examples" / "quickstart.nemo"),
+                                  "--stage", "nope", "--json", code=2))
     with pytest.raises(jsonschema.ValidationError):
         validate("diagnostics", {"diagnostics": [{"code": "X1", "severity": "error", "message": "m"}]})
 
