@@ -232,3 +232,66 @@ def test_virtual_stages_blends_and_recompute_flags():
     assert "eval_every" not in text  # --eval-iters 0: Megatron-LM does not evaluate
     spec = _spec(text)
     assert spec.cluster.gpu == "B200" and spec.parallel.virtual_pipeline == 4 and len(spec.data) == 2
+
+
+def test_bridge_pretraining_dump_with_a_blend():
+    dump = """_target_: megatron.bridge.training.config.ConfigContainer
+model:
+  _target_: megatron.bridge.models.llama.llama_provider.Llama31ModelProvider
+  activation_func:
+    _call_: false
+    _target_: torch.nn.functional.silu
+  gated_linear_unit: true
+  add_bias_linear: false
+  normalization: RMSNorm
+  num_layers: 16
+  hidden_size: 2048
+  ffn_hidden_size: 8192
+  num_attention_heads: 32
+  num_query_groups: 8
+  kv_channels: 64
+  position_embedding_type: rope
+  rotary_base: 500000.0
+  share_embeddings_and_output_weights: true
+  seq_length: 8192
+  vocab_size: 128256
+  tensor_model_parallel_size: 2
+  pipeline_model_parallel_size: 2
+  virtual_pipeline_model_parallel_size: 2
+  sequence_parallel: true
+  recompute_granularity: full
+  num_moe_experts: null
+train:
+  global_batch_size: 512
+  micro_batch_size: 2
+  train_samples: 5120
+optimizer:
+  optimizer: adam
+  lr: 0.0003
+  min_lr: 3.0e-05
+  use_distributed_optimizer: true
+scheduler:
+  lr_decay_style: cosine
+  lr_warmup_iters: 2
+mixed_precision:
+  bf16: true
+dataset:
+  _target_: megatron.bridge.training.config.GPTDatasetConfig
+  blend:
+  - - /data/a_text_document
+    - /data/b_text_document
+  - - 0.3
+    - 0.7
+  split: 99,1,0
+  sequence_length: 8192
+"""
+    imported = import_text(dump, "llama32_1b.yaml", gpu="H100")
+    assert imported.format == "bridge"
+    text = imported.text
+    assert "model llama32_1b_model {" in text and "tie_embeddings = true" in text  # no Llama 3.2 preset
+    assert "virtual_pipeline = 2" in text and "sequence_parallel = true" in text and "recompute = full" in text
+    assert "steps = 10  # train.train_samples / global batch 512" in text
+    assert 'path = "/data/b_text_document"' in text and "weight = 0.7" in text and "split = [0.99, 0.01, 0]" in text
+    assert "distributed_optimizer = true" in text and "precision = bf16" in text and "stage pretrain {" in text
+    spec = _spec(text)
+    assert spec.parallel.tensor == 2 and spec.model.kv_channels in (None, 64) and spec.model.head_dim == 64
