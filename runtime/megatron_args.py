@@ -463,6 +463,9 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
         args.append("--eval-iters 0")  # nemoc evaluates only with eval_every; Megatron-LM every 1000 steps
     if stage.checkpoint.every:
         args.append(f"--save-interval {stage.checkpoint.every}")
+    if stage.peft is not None:
+        notes.append(f"LoRA (rank {stage.peft.rank}, alpha {stage.peft.alpha:g}) has no pretrain_gpt.py flag: these "
+                     "arguments train every weight")
     if stage.kind != "pretrain":
         notes.append(f"stage {stage.name} is a {stage.kind} stage: pretrain_gpt.py trains on next-token loss over "
                      "every token; nemoc's runtime/align runs this kind with its own loss")

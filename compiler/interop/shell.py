@@ -44,7 +44,7 @@ class Launch:
 
 @dataclass
 class _Token:
-    kind: str  # word | sep | lparen | rparen
+    kind: str  # word | sep | lparen | rparen | array (`NAME=( ... )`, parts = the words inside)
     parts: tuple = ()
     line: int = 0
     text: str = ""
