@@ -25,6 +25,9 @@ COMMANDS = {
     "logs": "nemoc.runtime.cmd_cluster:logs",
     "cancel": "nemoc.runtime.cmd_cluster:cancel",
     "lsp": "nemoc.runtime.lsp:lsp",
+    "import": "nemoc.runtime.cmd_interop:import_",
+    "export": "nemoc.runtime.cmd_interop:export",
+    "presets": "nemoc.runtime.cmd_interop:presets",
 }
 
 
