@@ -42,6 +42,7 @@ def measure(case, repeat: int) -> dict:
     torch.manual_seed(0)
     chunk = common.build_gpt(spec, common.single_layout(), seq_length=seq)
     prompts = [torch.randint(1, 4096, (prompt - (i % 4) * 4,)).tolist() for i in range(batch)]
+    generation.generate(chunk, prompts, max_new_tokens=2, vocab=4096, eod=-1, seq_length=seq, greedy=True)  # warm-up
     out = {}
     tokens = {}
     for use_cache in (True, False):
