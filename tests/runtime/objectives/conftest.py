@@ -1,0 +1,28 @@
+"""A 1-process gloo group and tiny GPTModels for the objectives learning-signal tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "align"))  # align_helpers: the tiny model specs
+
+
+@pytest.fixture(scope="session")
+def mcore():
+    from nemoc.runtime.align import common
+
+    common.init_distributed(tp=1, pp=1, seed=1234)
+    return common
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
