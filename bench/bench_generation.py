@@ -13,7 +13,7 @@ Prints a table and writes bench/results/generation.json.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
 import sys
 import time
@@ -87,7 +87,7 @@ def main() -> None:
               f"{r['cached']['tokens_per_s']:>14.1f}{r['recompute']['tokens_per_s']:>17.1f}{r['speedup']:>8.1f}x")
     result = {"benchmark": "generation", "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
               "threads": args.threads, "python": sys.version.split()[0], "torch": torch.__version__,
-              "machine": platform.machine(), "rows": rows}
+              "machine": platform.machine(), "load_average": list(os.getloadavg()), "rows": rows}
     out = REPO / "bench" / "results" / "generation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     from nemoc.runtime.atomic import atomic_write_json
