@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "pipeline_learns.nemo"
 PREFS = REPO / "examples" / "data" / "pipeline" / "prefs_heldout.jsonl"
+# the answer form SFT trains for each kind of question (examples/data/make_data.py, sft_example)
+FORMS = {"What is 3 plus 2?": r"\d plus \d is \d+\.", "What is the capital of France?": r"The capital of \w+ is \w+\.",
+         "Which day comes after Monday?": r"The day after \w+ is \w+\."}
+
+
+def _replies(results_path: Path) -> dict[str, str]:
+    return {g["prompt"]: g["completion"].strip() for g in json.loads(results_path.read_text())["generations"]}
 
 
 def test_its_held_out_pairs_are_never_training_pairs():
@@ -39,7 +47,6 @@ def test_pipeline_learns(tmp_path):
     dpo = json.loads((tasks / "train_dpo" / "DONE.json").read_text())
     assert dpo["val_before"]["reward_accuracy"] == 0.5  # policy == reference: every held-out pair ties
     assert dpo["val"]["reward_accuracy"] >= 0.75, dpo["val"]
-    results = json.loads((tasks / "eval_eval" / "results.json").read_text())
-    replies = {g["prompt"]: g["completion"] for g in results["generations"]}
-    assert replies["What is 3 plus 2?"].startswith("3 plus 2 is"), replies
-    assert replies["What is the capital of France?"].startswith("The capital of France is"), replies
+    for stage in ("eval_sft", "eval"):  # after SFT, and still after DPO: each question gets its kind's form
+        replies = _replies(tasks / f"eval_{stage}" / "results.json")
+        assert all(re.fullmatch(FORMS[q], replies[q]) for q in FORMS), (stage, replies)
