@@ -381,25 +381,37 @@ def _unit_mismatch(expr, t, key, dim, want) -> Diagnostic:
 
 
 def _evaluate(expr, t: Type, key: str) -> tuple[Fraction, str]:
-    """Exact value and dimension ("" or size/bandwidth/duration) of a numeric expression."""
+    """Exact value and dimension ("" or size/bandwidth/duration) of a numeric expression.
+
+    A chain of left-associative operators (`1 + 2 + ... + n`, any length) is walked in a loop along
+    its left spine; only brackets and unary `-` recurse, and the parser bounds those (MAX_NESTING)."""
     if isinstance(expr, ast.Number):
         return _literal(expr, t, key)
     if isinstance(expr, ast.Neg):
         value, dim = _evaluate(expr.operand, t, key)
         return -value, dim
     if isinstance(expr, ast.BinOp):
-        return _binop(expr, t, key)
+        spine = []
+        while isinstance(expr, ast.BinOp):
+            spine.append(expr)
+            expr = expr.left
+        acc = _evaluate(expr, t, key)
+        for node in reversed(spine):
+            acc = _binop(node, acc, _evaluate(node.right, t, key), key)
+        return acc
     raise _NumberError(Diagnostic("E030", f"`{key}` expects {t.describe()}; arithmetic works on numbers only, "
                                   f"found {describe_found(expr)}", expr.span))
 
 
 MAX_MAGNITUDE = 10**18  # larger than any count, size or rate an experiment needs; keeps floats finite
 _MAX_EXPONENT = 30
+_MAX_DIGITS = 64  # digits in one literal: far beyond 1e18 at full precision, far below int()'s 4,300
 
 
 def _literal(expr: ast.Number, t: Type, key: str) -> tuple[Fraction, str]:
     mantissa, _, exponent = expr.magnitude.lower().partition("e")
-    if exponent and abs(int(exponent)) > _MAX_EXPONENT:
+    # Lengths first: int() and Fraction() refuse strings over 4,300 digits (and are slow near it).
+    if len(mantissa) > _MAX_DIGITS or len(exponent) > 8 or (exponent and abs(int(exponent)) > _MAX_EXPONENT):
         raise _NumberError(_out_of_range(expr, key))
     magnitude, suffix = Fraction(expr.magnitude), expr.unit
     table = UNITS[t.unit] if t.unit in UNITS else UNITS[""]
@@ -423,7 +435,10 @@ def _literal(expr: ast.Number, t: Type, key: str) -> tuple[Fraction, str]:
 
 
 def _out_of_range(expr, key: str) -> Diagnostic:
-    return Diagnostic("E032", f"`{key}`: `{_show(expr)}` is out of range (magnitudes run from 1e-18 to 1e18)", expr.span)
+    shown = _show(expr)
+    shown = f"`{shown}`" if len(shown) <= 40 else f"`{shown[:20]}...` ({len(shown):,} characters)"  # not 5,000 digits
+    return Diagnostic("E032", f"`{key}`: {shown} is out of range: number too large or too small "
+                      "(magnitudes run from 1e-18 to 1e18)", expr.span)
 
 
 def _unit_hint(t: Type) -> str:
@@ -431,15 +446,16 @@ def _unit_hint(t: Type) -> str:
     return f"allowed units: {', '.join(units)}" if units else "write a plain number"
 
 
-def _binop(expr: ast.BinOp, t: Type, key: str) -> tuple[Fraction, str]:
-    value, dim = _binop_unchecked(expr, t, key)
+def _binop(expr: ast.BinOp, left: tuple[Fraction, str], right: tuple[Fraction, str], key: str) -> tuple[Fraction, str]:
+    """`left op right` (both already evaluated), range-checked like every intermediate value."""
+    value, dim = _binop_unchecked(expr, left, right)
     if abs(value) > MAX_MAGNITUDE or (value and abs(value) < Fraction(1, MAX_MAGNITUDE)):
         raise _NumberError(_out_of_range(expr, key))
     return value, dim
 
 
-def _binop_unchecked(expr: ast.BinOp, t: Type, key: str) -> tuple[Fraction, str]:
-    (a, da), (b, db) = _evaluate(expr.left, t, key), _evaluate(expr.right, t, key)
+def _binop_unchecked(expr: ast.BinOp, left, right) -> tuple[Fraction, str]:
+    (a, da), (b, db) = left, right
     if expr.op in "+-":
         if da != db:
             raise _NumberError(Diagnostic("E035", f"cannot {'add' if expr.op == '+' else 'subtract'} "
