@@ -101,6 +101,7 @@ def sort_key(d: Diagnostic) -> tuple:
 MAX_PER_FILE = 50  # diagnostics printed per file; the rest are counted ("... and N more")
 MAX_LINE_WIDTH = 160  # characters of one source line shown; a longer line is windowed around the span
 _CONTEXT = 60  # characters shown before the span in a windowed line
+_UNPRINTABLE = {c: "\ufffd" for c in (*range(0x20), 0x7F) if c != 0x09}  # one cell each, so carets still line up
 
 
 class _Lines:
@@ -151,7 +152,7 @@ def _excerpt(span: Span, index: _SourceIndex, label: str = "") -> list[str]:
         lead, tail = ("..." if first else ""), ("..." if first + MAX_LINE_WIDTH < len(src) else "")
         col, end = col - first + len(lead), min(end - first, len(shown) + 1) + len(lead)
         src = lead + shown + tail
-    src = src.expandtabs(1)
+    src = src.translate(_UNPRINTABLE).expandtabs(1)
     width = len(str(span.line))
     carets = "^" * max(1, min(end, len(src) + 1) - col)
     gutter = " " * width

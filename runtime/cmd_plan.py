@@ -29,7 +29,8 @@ import click
 
 from nemoc.compiler.planner import SPLIT_KEYS
 from nemoc.compiler.rules import runtime_caps
-from nemoc.runtime.cli_common import EXIT_OK, common_options, fail, load_spec_with_warnings, print_diagnostics
+from nemoc.runtime.cli_common import EXIT_OK, EXIT_USAGE, common_options, fail, load_spec_with_warnings, \
+    print_diagnostics, write_output
 
 GIB = 1 << 30
 TERMS = ("weights", "gradients", "optimizer", "activations", "other")
@@ -333,8 +334,10 @@ def plan(file: str, headroom: float, top: int, emit: str | None, sets: tuple[str
         fail(tuple(language_warnings) + tuple(err.diagnostics), sources, as_json)
     result = replace(result, warnings=tuple(language_warnings) + result.warnings)
     if emit:
-        with open(emit, "w", encoding="utf-8") as f:
-            f.write(to_json(result.plan))
+        problem = write_output(emit, to_json(result.plan))
+        if problem:
+            click.echo(f"error: cannot write the plan to {emit}: {problem}", err=True)
+            sys.exit(EXIT_USAGE)
     if as_json:
         click.echo(json.dumps(report_json(result, headroom, top), indent=2))
     else:
