@@ -7,6 +7,10 @@ size (TP, PP, VP, CP, EP, micro batch, recompute, distributed optimizer, sequenc
 auto) at global batch 2048 x 8192 tokens (Llama 3 paper, Table 4). With `--oracle` it also runs
 the brute-force enumerator on a small case and reports both times.
 
+The 405B search has a speed target of TARGET_405B_CPU_S of CPU (best of N); the table says whether it
+is met. This was a timed assertion in tests/compiler/test_search.py until a loaded CI machine failed
+it: the test keeps the validity checks, the speed is measured here.
+
     python bench/bench_plan.py [--repeat 5] [--oracle]
 
 Prints a table and writes bench/results/bench_plan.json.
@@ -24,6 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+TARGET_405B_CPU_S = 1.0
 
 
 def _time(fn, repeat: int) -> tuple[dict, object]:
@@ -59,7 +64,8 @@ def bench_405b(repeat: int) -> dict:
     return {"case": "llama31_405b on 16384 x H100 (full search)", **timing, "space": result.space,
             "memory_evaluations": result.evaluated, "costed": result.fitting,
             "best": describe(best.layout), "step_time_s": best.estimate.step_time_s, "mfu": best.estimate.mfu,
-            "memory_gib": best.memory.total / 2**30}
+            "memory_gib": best.memory.total / 2**30, "target_cpu_s": TARGET_405B_CPU_S,
+            "meets_target": timing["cpu_s_best"] < TARGET_405B_CPU_S}
 
 
 def bench_example(path: str, repeat: int) -> dict:
@@ -113,6 +119,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['case'][:44]:44} {r['cpu_s_median']:8.3f} {r['cpu_s_best']:8.3f} {r['wall_s_median']:8.3f} "
               f"{r['space']:8,} {r['memory_evaluations']:9,}  {r['best']}")
+    r = rows[0]
+    print(f"\n405B search: {r['cpu_s_best']:.3f} s of CPU (best of {args.repeat}); target < {TARGET_405B_CPU_S:.1f} s: "
+          f"{'met' if r['meets_target'] else 'MISSED'}")
     import os
 
     out = {"machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),

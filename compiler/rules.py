@@ -307,11 +307,12 @@ def rule_world_size(env: Env, s: Sizes) -> Violation | None:
             source="megatron/core/parallel_state.py initialize_model_parallel (world_size % model_size)",
         )
     if world % model:
+        sizes = (("tp", s.tp), ("pp", s.pp), ("cp", s.cp))
         return Violation(
             "E101", "the model-parallel size does not divide the number of GPUs",
             f"{where} % (tp({s.tp}) * pp({s.pp}) * cp({s.cp}) = {model}) = {world % model} != 0",
             _world_hint(world, model, None, c),
-            anchors=(_P + "tensor", _P + "pipeline", _P + "context", "cluster.nodes", "cluster"),
+            anchors=_breaking_first(world, sizes) + ("cluster.nodes", "cluster"),
             source="megatron/core/parallel_state.py initialize_model_parallel (world_size % model_size)",
         )
     return None
@@ -330,9 +331,25 @@ def _partial_world_size(env: Env, s: Sizes) -> Violation | None:
         f"{where} % ({factors} = {product}) = {c.world_size % product} != 0" if len(known) > 1 else
         f"{where} % {factors} = {c.world_size % product} != 0",
         "use sizes whose product divides the GPU count, or more nodes",
-        anchors=(_P + "tensor", _P + "pipeline", _P + "context", _P + "data", "cluster.nodes", "cluster"),
+        anchors=_breaking_first(c.world_size, known) + ("cluster.nodes", "cluster"),
         source="megatron/core/parallel_state.py initialize_model_parallel (world_size % model_size)",
     )
+
+
+_SIZE_FIELDS = {"tp": "tensor", "pp": "pipeline", "cp": "context", "dp": "data"}
+
+
+def _breaking_first(world: int, sizes) -> tuple[str, ...]:
+    """Anchors for a product of sizes that does not divide `world`: first the size that breaks it (the
+    first whose running product, in tp, pp, cp, dp order, stops dividing), then the others."""
+    product, breaker = 1, None
+    for name, value in sizes:
+        product *= value or 1
+        if world % product:
+            breaker = name
+            break
+    ordered = [n for n, _ in sizes if n == breaker] + [n for n, _ in sizes if n != breaker]
+    return tuple(_P + _SIZE_FIELDS[n] for n in ordered)
 
 
 def _world_hint(world: int, model: int, dp: int | None, c: ClusterSpec) -> str:

@@ -373,6 +373,31 @@ def test_fixed_sizes_must_divide_the_world_even_with_others_auto():
     assert rules.rule_world_size(env(), Sizes(tp=4, pp=None, cp=2)) is None
 
 
+@pytest.mark.parametrize("sizes, breaker", [
+    (Sizes(tp=None, pp=3), "parallel.pipeline"),  # tensor = auto, pipeline = 3: pipeline breaks it
+    (Sizes(tp=8, pp=None, cp=3), "parallel.context"),
+    (Sizes(tp=2, pp=None, cp=1, dp=3), "parallel.data"),
+    (Sizes(tp=8, pp=3, cp=1), "parallel.pipeline"),  # all fixed: tp 8 divides 16, tp * pp = 24 does not
+    (Sizes(tp=3, pp=2, cp=1), "parallel.tensor"),
+])
+def test_e101_is_anchored_at_the_size_that_breaks_divisibility(sizes, breaker):
+    v = rules.rule_world_size(env(), sizes)
+    assert v.code == "E101" and v.anchors[0] == breaker
+
+
+def test_e101_diagnostic_points_at_the_breaking_field(tmp_path):
+    from nemoc.compiler.lower import compile_file
+
+    src = tmp_path / "x.nemo"
+    src.write_text("experiment x {\n  cluster {\n    gpu = H100\n    nodes = 2\n  }\n  model llama3_8b {}\n"
+                   "  parallel {\n    tensor = auto\n    pipeline = 3\n  }\n"
+                   '  data web {\n    path = "w.jsonl"\n  }\n  stage pretrain {\n    data = [web]\n    steps = 10\n  }\n}\n')
+    spec, diags, _ = compile_file(str(src))
+    assert not diags
+    e101 = [d for d in check_spec(spec) if d.code == "E101"]
+    assert len(e101) == 1 and e101[0].span.line == 9, e101  # `pipeline = 3`, not `tensor = auto` on line 8
+
+
 # ------------------------------------------------------------- what the nemoc runtime itself runs
 
 
