@@ -50,13 +50,18 @@ def load_experiment(path: str, sets: tuple[str, ...] = ()) -> tuple[ExperimentSp
     return spec, sources
 
 
-def compile_file(path: str, sets: tuple[str, ...] = ()):
-    """(spec or None, every diagnostic incl. warnings, sources). Never raises for bad input."""
+def compile_file(path: str, sets: tuple[str, ...] = (), *, module_ok: bool = False):
+    """(spec or None, every diagnostic incl. warnings, sources). Never raises for bad input.
+
+    With `module_ok` (`nemoc check`), a root file without an experiment is checked as a module (see
+    `check_module`): the result is then (None, its diagnostics, sources), clean when none is an error."""
     try:
         program, diags = load_program(path)
         sources = dict(program.sources)
         if has_errors(diags) or not program.modules:
             return None, tuple(diags), sources
+        if module_ok and is_module(program):
+            return None, tuple(diags) + tuple(check_module(program)), sources
         spec, more, extra = lower_program(program, sets)
         sources.update(extra)
         return spec, tuple(diags) + tuple(more), sources
@@ -132,6 +137,26 @@ def _collect_templates(program: Program, diags: list[Diagnostic]) -> dict[tuple[
     return templates
 
 
+def is_module(program: Program) -> bool:
+    """The root file declares no experiment: a library of templates that experiments import."""
+    module = program.modules.get(program.root)
+    return module is not None and not any(b.kind.value == "experiment" for b in module.blocks)
+
+
+def check_module(program: Program) -> list[Diagnostic]:
+    """A file without an experiment, checked on its own: its imports (already loaded), every template's
+    fields, types and units, duplicate templates, blocks that belong inside an experiment, and the
+    catalog ids its cluster templates name (E043)."""
+    diags: list[Diagnostic] = []
+    templates = _collect_templates(program, diags)
+    for (kind, _name), block in templates.items():
+        gpu = next((f.value for f in block.fields if f.key.value == "gpu"), None) if kind == "cluster" else None
+        if isinstance(gpu, (ast.Name, ast.String)) and get_gpu(gpu.value) is None:
+            diags.append(Diagnostic("E043", f"unknown accelerator `{gpu.value}`", gpu.span,
+                                    hint=did_you_mean(gpu.value, GPUS) or "known: " + ", ".join(GPUS)))
+    return _unique(diags)
+
+
 def _the_experiment(program: Program, diags: list[Diagnostic]) -> ast.Block | None:
     module = program.modules.get(program.root)
     experiments = [b for b in module.blocks if b.kind.value == "experiment"] if module else []
@@ -139,7 +164,9 @@ def _the_experiment(program: Program, diags: list[Diagnostic]) -> ast.Block | No
         span = module.span if module else None
         diags.append(Diagnostic("E026", "no `experiment` block in this file",
                                 Span(program.root, 1, 1, 1, 2) if span is None else Span(span.path, 1, 1, 1, 2),
-                                hint="write `experiment NAME { cluster { ... } model ... { } stage ... { } }`"))
+                                hint="write `experiment NAME { cluster { ... } model ... { } stage ... { } }`; "
+                                     "a file of templates that experiments import is a module: "
+                                     f"check it with `nemoc check {program.root}`"))
         return None
     for extra in experiments[1:]:
         diags.append(Diagnostic("E026", "a file holds exactly one experiment", extra.head,

@@ -354,9 +354,11 @@ def _finish(expr, t, key, value: Fraction, diags):
         bound = f"> {t.minimum:g}" if t.exclusive_min else f">= {t.minimum:g}"
         diags.append(Diagnostic("E032", f"`{key}` must be {bound}, found {float(value):g}", expr.span))
         return INVALID
-    if t.maximum is not None and value > t.maximum:
-        diags.append(Diagnostic("E032", f"`{key}` must be <= {int(t.maximum):,}, found {float(value):g}", expr.span,
-                                hint="this bound is far beyond any real experiment; check the value"))
+    if t.maximum is not None and (value > t.maximum or (t.exclusive_max and value == t.maximum)):
+        bound = f"< {t.maximum:g}" if t.exclusive_max else f"<= {int(t.maximum):,}" if t.maximum >= 1000 \
+            else f"<= {t.maximum:g}"
+        diags.append(Diagnostic("E032", f"`{key}` must be {bound}, found {float(value):g}", expr.span,
+                                hint=t.range_hint or "this bound is far beyond any real experiment; check the value"))
         return INVALID
     if abs(value) > MAX_MAGNITUDE:
         diags.append(_out_of_range(expr, key))

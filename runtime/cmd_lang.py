@@ -3,6 +3,8 @@
 check FILE...: parse, check the schema, references, `after` cycles, presets and catalog ids, then (when
 the language is clean) the layout rules (`nemoc.compiler.rules.check_spec`); exit 0 clean (warnings allowed), 1 diagnostics,
 2 usage error or an unreadable file. `--json` prints `{"files": [{"path", "ok", "diagnostics"}]}`.
+A file without an `experiment` (a module of templates, like examples/common/hardware.nemo) is checked
+as a module: its imports, its templates' fields and types, duplicates and catalog ids.
 
 fmt FILE...: print the canonical form; `--check` exits 1 (listing the files) when a file is not
 canonical, `--write` rewrites files in place, atomically (a full disk or a read-only directory leaves
@@ -27,7 +29,7 @@ def check_file(path: str, sets: tuple[str, ...] = ()) -> tuple[tuple[Diagnostic,
     from nemoc.compiler.lower import compile_file
 
     try:
-        spec, diags, sources = compile_file(path, sets)
+        spec, diags, sources = compile_file(path, sets, module_ok=True)
         if spec is not None and not has_errors(diags):
             diags = tuple(diags) + _layout_rules(spec)
     except Exception as exc:  # noqa: BLE001 - the boundary: a bug in nemoc is still reported, not dumped
