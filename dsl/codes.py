@@ -9,7 +9,7 @@ CODES: Mapping[str, str] = MappingProxyType({
     "E000": "internal compiler error (a bug in nemoc; please report it with the input)",
     "E001": "the file cannot be read (missing, a directory, a FIFO or device, permission denied) - exit code 2",
     "E002": "the file is not valid UTF-8 - exit code 2",
-    "E003": "the file is too large (over 1 MiB)",
+    "E003": "the file is too large (over 1 MiB, or over 50,000 tokens counting comments)",
     "E004": "nesting is too deep (over 64 levels of brackets and chained unary `-`), at the place it is exceeded",
     "E005": "an imported file cannot be read (missing, not a regular file, a NUL or control character in its path)",
     "E006": "import cycle",

@@ -32,6 +32,10 @@ from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Span
 
 MAX_BYTES = 1 << 20  # 1 MiB: an experiment is a page, not a data set
 MAX_NESTING = 64  # brackets of any kind plus chained unary `-`; the evaluator recurses on depth
+# Tokens per file, comments included. lark's pure-Python LALR parser handles ~20k-50k tokens a second
+# (bench/bench_check.py), so a 1 MiB file of one-character tokens would take most of a minute; an
+# experiment is a few hundred to a few thousand tokens. The cap bounds check/fmt/plan on any input.
+MAX_TOKENS = 50_000
 
 _COMMENT_SINK: list[lark.Token] = []
 
@@ -102,9 +106,16 @@ def _check_limits(text: str, path: str) -> None:
             "E003", f"file is too large ({len(text):,} characters; the limit is {MAX_BYTES:,})",
             Span(path, 1, 1, 1, 2), hint="an experiment file describes data sets by path; it does not contain them",
         )])
-    deepest = _too_deep_offset(text)
-    if deepest is not None:
-        raise DiagnosticError([_too_deep(_offset_span(text, deepest, path))])
+    limit = _limit_exceeded(text)
+    if limit is not None:
+        what, offset = limit
+        span = _offset_span(text, offset, path)
+        raise DiagnosticError([_too_deep(span) if what == "depth" else _too_many_tokens(span)])
+
+
+def _too_many_tokens(span: Span) -> Diagnostic:
+    return Diagnostic("E003", f"file is too large: more than {MAX_TOKENS:,} tokens (counted to here)", span,
+                      hint="an experiment file is a page: share templates through `import`, name data sets by path")
 
 
 def _too_deep(span: Span) -> Diagnostic:
@@ -115,24 +126,29 @@ def _too_deep(span: Span) -> Diagnostic:
 _UNARY_AFTER = frozenset("=([{,+-*/")  # a `-` after one of these (or first) negates; after an operand it subtracts
 
 
-def _too_deep_offset(text: str) -> int | None:
-    """Offset of the first bracket or unary `-` nested deeper than MAX_NESTING (strings and comments
-    skipped). `- - 4` nests like `-(-(4))`; `1 + 1 + 1` is flat however long it is."""
+def _limit_exceeded(text: str) -> tuple[str, int] | None:
+    """("tokens", offset) of the first token past MAX_TOKENS, or ("depth", offset) of the first bracket
+    or unary `-` nested deeper than MAX_NESTING, whichever comes first; None within the limits. One pass
+    that stops there. `- - 4` nests like `-(-(4))`; `1 + 1 + 1` is flat however long it is."""
     opened: list[int] = []  # per open bracket: the levels it added (itself + the unary `-` before it)
     depth = unary = 0  # depth: levels of the open brackets; unary: `-` chained before the current operand
     prev = None
-    for tok in _scan(text):
+    for count, tok in enumerate(_tokens(text), start=1):
+        if count > MAX_TOKENS:
+            return "tokens", tok.offset
+        if tok.kind == "comment":
+            continue
         if tok.kind == "punct" and tok.text in "{[(":
             opened.append(1 + unary)
             depth, unary = depth + 1 + unary, 0
             if depth > MAX_NESTING:
-                return tok.offset
+                return "depth", tok.offset
         elif tok.kind == "punct" and tok.text in "}])":
             depth, unary = depth - (opened.pop() if opened else 0), 0
         elif tok.text == "-" and (prev is None or (prev.kind == "punct" and prev.text in _UNARY_AFTER)):
             unary += 1
             if depth + unary > MAX_NESTING:
-                return tok.offset
+                return "depth", tok.offset
         else:
             unary = 0
         prev = tok
@@ -252,14 +268,17 @@ _SCAN = re.compile(r'(?P<ws>\s+)|(?P<comment>#[^\n]*)|(?P<string>"([^"\\\n]|\\[^
                    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*(-[A-Za-z0-9_]+)*)|(?P<punct>.)", re.S | re.ASCII)
 
 
-def _scan(text: str) -> list[_Tok]:
-    """A forgiving tokenizer for error analysis only (never fails, skips comments and spaces)."""
-    out = []
+def _tokens(text: str):
+    """A forgiving tokenizer (never fails): every token and comment, lazily, spaces skipped."""
     for m in _SCAN.finditer(text):
         kind = m.lastgroup
-        if kind not in ("ws", "comment"):
-            out.append(_Tok(m.group(), m.start(), kind))
-    return out
+        if kind != "ws":
+            yield _Tok(m.group(), m.start(), kind)
+
+
+def _scan(text: str) -> list[_Tok]:
+    """The tokens, comments skipped, for error analysis."""
+    return [t for t in _tokens(text) if t.kind != "comment"]
 
 
 _PHRASES = {

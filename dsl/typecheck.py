@@ -63,7 +63,12 @@ INVALID = object()
 
 def suggest(word: str, candidates) -> str | None:
     """`did you mean` candidate (difflib, cutoff 0.6), or None."""
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    candidates = list(candidates)
+    # ratio = 2 * matches / (len(word) + len(candidate)) < 0.6 whenever len(word) > 2.4 x len(candidate):
+    # skip difflib then (on a 1 MB string it builds index tables of hundreds of MB for nothing).
+    if not candidates or len(word) > 3 * max(len(c) for c in candidates):
+        return None
+    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return match[0] if match else None
 
 

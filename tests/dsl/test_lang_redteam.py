@@ -401,3 +401,19 @@ def test_plan_and_run_of_a_module_say_there_is_no_experiment(command):
     result = run(command, HARDWARE)
     assert result.exit_code == 1 and "E026" in result.output and "no `experiment` block" in result.output
     assert f"check it with `nemoc check {HARDWARE}`" in result.output
+
+
+# ------------------------------------------------------------------ 3 and 14. the token limit
+
+
+def test_more_than_max_tokens_is_e003_where_the_limit_is_crossed(tmp_path):
+    from nemoc.dsl.parser import MAX_TOKENS
+
+    fields = "".join(f"    f{i} = 1\n" for i in range(MAX_TOKENS // 3 + 10))  # 3 tokens a line
+    path = write(tmp_path, BASE.replace("    log_every = VALUE\n", fields))
+    _spec, diags, _ = compile_file(path)
+    (d,) = diags
+    assert d.code == "E003" and f"more than {MAX_TOKENS:,} tokens" in d.message
+    assert d.span.line > VALUE_LINE  # at the token that crosses it, not at 1:1
+    under = write(tmp_path, BASE.replace("    log_every = VALUE\n", fields[: len(fields) // 2]), "under.nemo")
+    assert {d.code for d in compile_file(under)[1]} == {"E021"}  # half as many: parsed and checked
