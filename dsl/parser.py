@@ -263,7 +263,7 @@ class _Tok:
     kind: str  # name | number | string | punct
 
 
-_SCAN = re.compile(r'(?P<ws>\s+)|(?P<comment>#[^\n]*)|(?P<string>"([^"\\\n]|\\[^\n])*"?)'
+_SCAN = re.compile(r'(?P<ws>\s+)|(?P<comment>#[^\n]*)|(?P<string>"[^"\\\n]*(\\[^\n][^"\\\n]*)*"?)'
                    r"|(?P<number>(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?([A-Za-z]+(/[A-Za-z]+)?|%)?)"
                    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*(-[A-Za-z0-9_]+)*)|(?P<punct>.)", re.S | re.ASCII)
 

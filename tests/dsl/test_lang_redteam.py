@@ -417,3 +417,17 @@ def test_more_than_max_tokens_is_e003_where_the_limit_is_crossed(tmp_path):
     assert d.span.line > VALUE_LINE  # at the token that crosses it, not at 1:1
     under = write(tmp_path, BASE.replace("    log_every = VALUE\n", fields[: len(fields) // 2]), "under.nemo")
     assert {d.code for d in compile_file(under)[1]} == {"E021"}  # half as many: parsed and checked
+
+
+def test_a_one_mebibyte_string_lexes_in_bounded_memory():
+    from nemoc.dsl.parser import MAX_BYTES
+
+    text = with_value("1").replace('"web.jsonl"', '"' + "x" * (MAX_BYTES - 1000) + '\\"y"')
+    tracemalloc.start()
+    try:
+        module = parse(text, "s.nemo")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert module.blocks[0].members[3].fields[0].value.value.endswith('x"y')
+    assert peak < 64 * MAX_BYTES, f"{peak / 2**20:.0f} MiB"  # was ~460 MiB: a backtracking mark per character
