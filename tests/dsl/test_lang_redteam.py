@@ -79,7 +79,10 @@ def with_value(value: str) -> str:
 
 
 def run(*args: str):
-    return CliRunner().invoke(cli, list(args))
+    result = CliRunner().invoke(cli, list(args))
+    # CliRunner keeps an escaping exception aside instead of printing its traceback: none may escape
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result
 
 
 def write(tmp_path: Path, text: str, name: str = "x.nemo") -> str:
