@@ -1443,15 +1443,14 @@ def rule_data_format(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | Non
     wanted = STAGE_DATA_FORMATS.get(stage.kind)
     formats = {d.name: d.format for d in spec.data}
     given = [(name, formats.get(name, "text")) for name in stage.data]
-    if wanted is None or any(fmt in wanted for _, fmt in given):
-        return None
-    shown = ", ".join(f"{name} ({fmt})" for name, fmt in given) or "none"
-    first = given[0][0] if given else None
+    if wanted is None or not given or any(fmt in wanted for _, fmt in given):
+        return None  # (a stage that names no data at all is not this rule's: nothing was misdeclared)
+    shown = ", ".join(f"{name} ({fmt})" for name, fmt in given)
     example = f"`format = {wanted[0]}` ({_RECORDS[wanted[0]]} records)"
     return _stage_diagnostic(Violation(
         "E151", f"a `{stage.kind}` stage needs data in format {' | '.join(wanted)}",
         f"data = [{shown}]; {stage.kind} reads {' | '.join(wanted)}",
-        f"declare `data {first}` with {example}" if first else f"give the stage a data set with {example}",
+        f"declare `data {given[0][0]}` with {example}, or give the stage such a data set",
         anchors=("stage.data", "stage")), spec, stage)
 
 
