@@ -682,3 +682,103 @@ def test_an_fp8_experiment_evaluates_in_bf16():
     """eval runs on runtime/align's local spec (no FP8 GEMMs): planned and run in bf16, not refused."""
     assert rules.stage_precision("eval", "fp8") == "bf16" and rules.stage_precision("eval", "mxfp8") == "bf16"
     assert rules.stage_precision("pretrain", "fp8") == "fp8" and rules.stage_precision("eval", "fp32") == "fp32"
+
+
+# ------------------------------------------------------------------------------ stage rules (E15x)
+
+_STAGE_EXPERIMENT = """experiment stages {{
+  cluster {{
+    gpu = CPU
+    nodes = 1
+    gpus_per_node = 2
+  }}
+  model tiny {{
+    layers = 2
+    hidden = 64
+    heads = 2
+    ffn_hidden = 256
+    vocab = 256
+    seq_length = 64
+  }}
+  precision = fp32
+  data text {{
+    path = "t.jsonl"
+    format = jsonl
+  }}
+  data chat {{
+    path = "c.jsonl"
+    format = chat
+  }}
+  data prefs {{
+    path = "p.jsonl"
+    format = preference
+  }}
+{stages}
+}}
+"""
+
+
+def stage_codes(tmp_path, stages: str) -> list[tuple[str, str]]:
+    from nemoc.compiler.lower import compile_file
+
+    path = tmp_path / "stages.nemo"
+    path.write_text(_STAGE_EXPERIMENT.format(stages=stages))
+    spec, diags, _ = compile_file(str(path))
+    assert spec is not None, diags
+    return sorted((d.code, d.equation) for d in rules.stage_diagnostics(spec))
+
+
+PRE = "  stage pre {\n    kind = pretrain\n    data = [text]\n    steps = 10\n    global_batch = 4\n  }\n"
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("cosine(min_lr = 1e-3)", [("E150", "min_lr(0.001) > lr(0.0001)")]),
+    ("cosine(min_lr = 1e-4)", []),  # equal: a constant tail, as Megatron allows
+    ("linear(min_lr = 2e-4)", [("E150", "min_lr(0.0002) > lr(0.0001)")]),
+])
+def test_min_lr_above_lr_is_e150(tmp_path, schedule, expected):
+    stage = PRE.replace("steps = 10", f"steps = 10\n    optimizer = adam(lr = 1e-4)\n    schedule = {schedule}")
+    assert stage_codes(tmp_path, stage) == expected
+
+
+@pytest.mark.parametrize("kind, data, bad", [
+    ("sft", "[chat]", False), ("sft", "[text, chat]", False), ("sft", "[prefs]", True), ("sft", "[text]", True),
+    ("dpo", "[prefs]", False), ("dpo", "[chat]", True), ("reward", "[text]", True), ("reward", "[prefs]", False),
+    ("ppo", "[chat]", False), ("ppo", "[text]", True), ("eval", "[text]", False), ("pretrain", "[text]", False),
+])
+def test_alignment_data_formats_are_e151(tmp_path, kind, data, bad):
+    after = " after pre" if kind != "pretrain" else ""
+    extra = "  stage rm after pre {\n    kind = reward\n    data = [prefs]\n    steps = 5\n    global_batch = 4\n  }\n"
+    stage = f"  stage s{after}{', rm' if kind == 'ppo' else ''} {{\n    kind = {kind}\n    data = {data}\n" \
+            f"    steps = 5\n    global_batch = 4\n  }}\n"
+    codes = [c for c, _ in stage_codes(tmp_path, PRE + (extra if kind == "ppo" else "") + stage)]
+    assert codes == (["E151"] if bad else [])
+
+
+def test_export_without_after_is_e152(tmp_path):
+    assert stage_codes(tmp_path, PRE + "  stage out {\n    kind = export\n  }\n") == [("E152", "after = []")]
+    assert stage_codes(tmp_path, PRE + "  stage out after pre {\n    kind = export\n  }\n") == []
+
+
+@pytest.mark.parametrize("parents, kind, bad", [
+    ("pre", "sft", True), ("pre, keep", "sft", False), ("pre", "export", True), ("pre", "eval", True),
+    ("keep", "sft", False),
+])
+def test_a_stage_after_parents_that_save_no_checkpoint_is_e153(tmp_path, parents, kind, bad):
+    pre = PRE.replace("steps = 10", "steps = 10\n    save_checkpoints = false")
+    keep = PRE.replace("stage pre", "stage keep")
+    data = {"sft": "    data = [chat]\n    steps = 5\n    global_batch = 4\n", "export": "", "eval": "    data = [text]\n"}[kind]
+    stage = f"  stage s after {parents} {{\n    kind = {kind}\n{data}  }}\n"
+    codes = stage_codes(tmp_path, pre + keep + stage)
+    assert codes == ([("E153", "pre.save_checkpoints = false")] if bad else [])
+
+
+@pytest.mark.parametrize("length, warmup, warned", [
+    ("steps = 6", 100, True), ("steps = 100", 100, False), ("steps = 99", 100, True),
+    ("tokens = 1536", 7, True),  # 1536 / (4 x 64) = 6 steps
+    ("tokens = 1536", 6, False), ("epochs = 1\n    samples = 10", 100, False),  # steps unknown here: silent
+])
+def test_a_warmup_longer_than_the_stage_is_w150(tmp_path, length, warmup, warned):
+    stage = PRE.replace("steps = 10", f"{length}\n    schedule = cosine(warmup = {warmup})")
+    codes = stage_codes(tmp_path, stage)
+    assert [c for c, _ in codes] == (["W150"] if warned else [])
