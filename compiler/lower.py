@@ -50,13 +50,14 @@ def load_experiment(path: str, sets: tuple[str, ...] = ()) -> tuple[ExperimentSp
     return spec, sources
 
 
-def compile_file(path: str, sets: tuple[str, ...] = (), *, module_ok: bool = False):
-    """(spec or None, every diagnostic incl. warnings, sources). Never raises for bad input.
+def compile_file(path: str, sets: tuple[str, ...] = (), text: str | None = None, *, module_ok: bool = False):
+    """(spec or None, every diagnostic incl. warnings, sources). Never raises for bad input. `text`: the
+    root file's contents when the caller has them (the language server's buffer).
 
     With `module_ok` (`nemoc check`), a root file without an experiment is checked as a module (see
     `check_module`): the result is then (None, its diagnostics, sources), clean when none is an error."""
     try:
-        program, diags = load_program(path)
+        program, diags = load_program(path, text)
         sources = dict(program.sources)
         if has_errors(diags) or not program.modules:
             return None, tuple(diags), sources
@@ -77,7 +78,7 @@ def lower_program(program: Program, sets: tuple[str, ...] = ()):
     experiment = _the_experiment(program, diags)
     if experiment is None:
         return None, diags, {}
-    experiment, set_sources, set_diags = apply_overrides(experiment, sets)
+    experiment, set_sources, set_diags = apply_overrides(experiment, sets, templates)
     diags.extend(set_diags)  # a malformed override is skipped; the others still apply
     experiment = _merge_templates(experiment, templates, diags)
     checked = check_block(experiment, diags)

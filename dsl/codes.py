@@ -42,7 +42,8 @@ CODES: Mapping[str, str] = MappingProxyType({
     "E042": "unknown model preset",
     "E043": "unknown accelerator id",
     "E044": "a model that is not a preset lacks required architecture fields",
-    "E050": "malformed `--set` override or unknown override path",
+    "E050": "malformed `--set` override, unknown override path or unknown call argument",
     "W001": "a data set no stage uses",
     "W002": "a training stage without a length (`steps`, `tokens` or `epochs`): plan and run cannot size it",
+    "W050": "a `--set` call of another function replaces the file's call (its arguments are dropped)",
 })

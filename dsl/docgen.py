@@ -102,6 +102,11 @@ def _type(f: FieldDef) -> str:
     return text + ("; or `auto`" if f.auto else "")
 
 
+def field_markdown(f: FieldDef, owner: str) -> str:
+    """One field as the reference documents it (its type, default and meaning), for `nemoc lsp` hovers."""
+    return f"**`{f.name}`** in `{owner}`: {_type(f)}; default {_default(f)}\n\n{f.doc}"
+
+
 def _table(fields: tuple[FieldDef, ...]) -> list[str]:
     if not fields:
         return ["(no fields)", ""]
@@ -190,7 +195,39 @@ def render() -> str:
         "`stage.pretrain.checkpoint.every`, `stage.sft.parallel.tensor`. `VALUE` uses the same value syntax",
         "as the file (`--set stage.pretrain.optimizer='adam(lr = 1e-4)'`), and errors in it are reported",
         "against a pseudo-file `<--set N>` with a caret. A missing `parallel` or `checkpoint` block is created.",
-        "", "## Diagnostics", "",
+        "",
+        "An override never resets the arguments of a call. `--set stage.sft.optimizer.lr=2e-5` sets one",
+        "argument and keeps the others the file (or the template the block extends) wrote; a whole call of the",
+        "same function, `--set \"stage.sft.optimizer=adam(lr = 2e-5)\"`, is merged the same way: the arguments",
+        "it names win, the others stay. When the file writes no call there, `FIELD.ARG` starts from the first of",
+        "the field's functions that takes `ARG` (`adam`, `cosine`, `lora`, `slurm` for `partition`, `k8s` for",
+        "`namespace`). Only a call of another function (`sgd(...)` over the file's `adam(...)`) replaces the",
+        "file's call, with a warning (W050) naming the arguments dropped; to reset an argument, give its value.",
+        "An unknown argument is an error (E050) naming it and listing the ones the function takes.",
+        "",
+        "## Sweeps", "",
+        "`nemoc plan` and `nemoc run` take `--sweep KEY=V1,V2,...` (repeatable): `KEY` is any `--set` path,",
+        "the values are written as in the file and separated by commas outside brackets and strings",
+        "(`--sweep \"stage.sft.optimizer=adam(lr = 1e-4),adam(lr = 3e-4)\"`). Several `--sweep`s give their",
+        "cartesian product (at most 1,000 points); each point is compiled exactly as the same `--set`s after",
+        "the command's own would be.", "",
+        "- `nemoc plan FILE --sweep parallel.tensor=2,4,8` plans every point and prints them side by side:",
+        "  the point's settings, each stage's chosen layout, memory per GPU against capacity, step time,",
+        "  tokens/s per GPU, MFU and cost, then the fastest point. A point that breaks a layout rule, does not",
+        "  fit or has a bad value is a row with the first error (code, message, equation, hint). `--json`",
+        "  prints a list: `{\"point\": {KEY: VALUE}, \"sets\", \"ok\", \"plan\": the nemoc plan --json document",
+        "  or null, \"diagnostics\"}`. Exit 0 when at least one point planned, 1 when none did.",
+        "- `nemoc run FILE --sweep ...` first compiles and plans every point (one that fails stops the sweep",
+        "  before anything starts), then runs each point as its own `nemoc run` in its own run directory under",
+        "  `--workdir` (default `runs/<experiment>`): `sweep-tensor=2/`, `sweep-tensor=4/`, ... (a key by its",
+        "  last segment unless two share it; a value unfit for a path gets a digest). `sweep.json` there indexes",
+        "  the points (settings, `--set`s, exit code). Each point caches, resumes and logs on its own (data",
+        "  preparation too). A failed point does not stop the others (exit 1 at the end); Ctrl-C, or a point",
+        "  refused as a usage error (exit 2, e.g. `--detach` without Slurm), stops the sweep there.",
+        "  `nemoc status runs/<experiment>` lists the points with their task states and last loss;",
+        "  `nemoc status runs/<experiment>/sweep-tensor=2` shows one point.", "",
+        "Sweeps are given on the command line only: a list in the file would be a second meaning for list",
+        "values (`betas = [0.9, 0.95]` is already a list), so the language keeps one value per field.", "", "## Diagnostics", "",
         "`path:line:col: error[E0xx]: message`, the source line with a caret, then `= equation`, `= hint`",
         "and `note:` lines. All errors are reported, not only the first. `nemoc check` exits 0 when clean",
         "(warnings allowed), 1 on errors, 2 when the file cannot be read or the command line is wrong;",

@@ -120,12 +120,16 @@ def _read_regular(fd: int, shown: str, what: str, code: str, anchor: Span | None
         return None, Diagnostic(code, f"cannot {what} `{shown}`: {exc.strerror or exc}", anchor)
 
 
-def load_program(path: str) -> tuple[Program, tuple[Diagnostic, ...]]:
-    """Read and parse `path` and everything it imports, transitively."""
+def load_program(path: str, text: str | None = None) -> tuple[Program, tuple[Diagnostic, ...]]:
+    """Read and parse `path` and everything it imports, transitively. `text`: the root file's contents
+    when the caller already has them (an editor's unsaved buffer); imports are still read from disk."""
     loader = _Loader(os.path.dirname(os.path.abspath(path)))
-    text, problem = read_source(path)
-    if problem:
-        return Program(path, MappingProxyType({}), {}, loader.root_dir), (problem,)
+    if text is None:
+        text, problem = read_source(path)
+        if problem:
+            return Program(path, MappingProxyType({}), {}, loader.root_dir), (problem,)
+    else:
+        text = normalize_newlines(text)  # as read_source does: the sources map matches the spans
     loader.visit(path, text, None, ())
     modules = MappingProxyType(dict(loader.modules))
     return Program(path, modules, dict(loader.sources), loader.root_dir), tuple(loader.diags)

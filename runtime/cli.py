@@ -24,6 +24,10 @@ COMMANDS = {
     "status": "nemoc.runtime.cmd_run:status",
     "logs": "nemoc.runtime.cmd_cluster:logs",
     "cancel": "nemoc.runtime.cmd_cluster:cancel",
+    "lsp": "nemoc.runtime.lsp:lsp",
+    "import": "nemoc.runtime.cmd_interop:import_",
+    "export": "nemoc.runtime.cmd_interop:export",
+    "presets": "nemoc.runtime.cmd_interop:presets",
 }
 
 

@@ -120,6 +120,26 @@ def fail_on(error: DiagnosticError, as_json: bool) -> NoReturn:
     fail(error.diagnostics, diagnostic_sources(error), as_json)
 
 
+# What `nemoc run` needs beyond `pip install nemoc`: the `train` extra (import name -> distribution).
+TRAIN_MODULES = {"torch": "torch", "megatron.core": "megatron-core", "numpy": "numpy", "tokenizers": "tokenizers",
+                 "safetensors": "safetensors"}
+
+
+def missing_train_modules() -> list[str]:
+    """Distributions of the `train` extra that cannot be imported here (without importing them)."""
+    import importlib.util
+
+    missing = []
+    for module, distribution in TRAIN_MODULES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a broken install
+            found = False
+        if not found:
+            missing.append(distribution)
+    return missing
+
+
 def write_output(path: str, text: str) -> str | None:
     """Write `text` to the file a user named (`fmt --write`, `plan --emit`): None when written, else the
     reason it was not, for a one-line `error:` (exit 2) and never a traceback.

@@ -24,12 +24,13 @@ from nemoc.runtime.cli_common import EXIT_DIAGNOSTICS, EXIT_OK, EXIT_USAGE, comm
     print_diagnostics, write_output
 
 
-def check_file(path: str, sets: tuple[str, ...] = ()) -> tuple[tuple[Diagnostic, ...], dict[str, str]]:
-    """Every diagnostic for `path` (language, then layout rules when the language is clean)."""
+def check_file(path: str, sets: tuple[str, ...] = (), text: str | None = None) -> tuple[tuple[Diagnostic, ...], dict[str, str]]:
+    """Every diagnostic for `path` (language, then layout rules when the language is clean); `text`: the
+    file's contents when the caller has them unsaved (`nemoc lsp`)."""
     from nemoc.compiler.lower import compile_file
 
     try:
-        spec, diags, sources = compile_file(path, sets, module_ok=True)
+        spec, diags, sources = compile_file(path, sets, text, module_ok=True)
         if spec is not None and not has_errors(diags):
             diags = tuple(diags) + _layout_rules(spec)
     except Exception as exc:  # noqa: BLE001 - the boundary: a bug in nemoc is still reported, not dumped

@@ -317,9 +317,19 @@ def report_json_total(plan) -> dict:
               help="Runner-up layouts to show per stage.")
 @click.option("--emit", "emit", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the compiled plan (JSON) that `nemoc run` consumes.")
+@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
+              help="Plan every point of a sweep and print them side by side, e.g. --sweep parallel.tensor=2,4,8 "
+                   "(repeatable: the cartesian product); --json gives a list (runtime/sweep.py).")
 @common_options
-def plan(file: str, headroom: float, top: int, emit: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+def plan(file: str, headroom: float, top: int, emit: str | None, sweeps: tuple[str, ...], sets: tuple[str, ...],
+         as_json: bool) -> None:
     """Resolve every `auto` into the best Megatron-Core layout, prove it fits, estimate time and cost."""
+    if sweeps:
+        if emit:
+            raise click.UsageError("--emit writes one plan; it cannot be combined with --sweep")
+        from nemoc.runtime.sweep import plan_sweep
+
+        plan_sweep(file, sweeps, sets, headroom, top, as_json)
     from nemoc.compiler.plan import to_json
     from nemoc.compiler.planner import plan_experiment
     from nemoc.dsl.diagnostics import DiagnosticError

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import click
 
-from nemoc.runtime.cli_common import EXIT_DIAGNOSTICS, EXIT_USAGE, common_options, fail_on, load_spec
+from nemoc.runtime.cli_common import EXIT_DIAGNOSTICS, EXIT_USAGE, common_options, fail_on, load_spec, \
+    missing_train_modules
 
 EXIT_INTERRUPTED = 130
 
@@ -82,16 +83,32 @@ def graph(file: str, fmt: str, sets: tuple[str, ...], as_json: bool) -> None:
               help="slurm: return once the chain of jobs is submitted, without following it; `nemoc status`, "
                    "`nemoc logs` and `nemoc cancel` work on the run directory, and the jobs need no `nemoc run` "
                    "alive.")
+@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
+              help="Run every point of a sweep (repeatable: the cartesian product), each in its own run directory "
+                   "under --workdir (default runs/<experiment>): sweep-tensor=2/, ... indexed by sweep.json, "
+                   "which `nemoc status` lists.")
 @common_options
 def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool, workers: int | None,
-        detach: bool, sets: tuple[str, ...], as_json: bool) -> None:
+        detach: bool, sweeps: tuple[str, ...], sets: tuple[str, ...], as_json: bool) -> None:
     """Compile FILE and execute its runtime graph; finished tasks with unchanged inputs are cached."""
+    if sweeps:
+        from nemoc.runtime.sweep import run_sweep
+
+        passthrough = [*(("--launcher", launcher_name) if launcher_name else ()),
+                       *(("--workers", str(workers)) if workers else ()), *(("--detach",) if detach else ())]
+        run_sweep(file, sweeps, sets, workdir, passthrough, dry_run, as_json)
+        return
     from nemoc.runtime.executor import Executor
     from nemoc.runtime.launchers import LauncherError, get_launcher
     from nemoc.runtime.rundir import RunDir, default_run_dir
     from nemoc.runtime.tasks import TaskError
 
     plan, runtime_graph = _compile(file, sets, as_json)
+    missing = [] if dry_run else missing_train_modules()
+    if missing:
+        _die(f"error: `nemoc run` executes the graph on Megatron-Core, which this installation lacks "
+             f"({', '.join(missing)} not importable)\n  = hint: pip install 'nemoc[train]' (on a CPU machine, "
+             "`pip install torch==2.13.0` first)", as_json, EXIT_USAGE)
     run_dir = RunDir(workdir if workdir else default_run_dir(plan.experiment))
     echo = (lambda line: click.echo(line, err=True)) if as_json else click.echo
     name = launcher_name or plan.cluster.scheduler
@@ -228,7 +245,13 @@ def _sigterm_as_interrupt() -> None:
 @click.argument("run_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 def status(run_dir: str, as_json: bool) -> None:
-    """Summarise a run directory: each task's state, hash, steps, last loss and timings."""
+    """Summarise a run directory: each task's state, hash, steps, last loss and timings (of a sweep: its points)."""
+    from nemoc.runtime.sweep import load_index, print_sweep_status
+
+    sweep_index = load_index(run_dir)
+    if sweep_index is not None:
+        print_sweep_status(run_dir, sweep_index, as_json)
+        return
     rows = status_rows(run_dir)
     if rows is None:
         _die(f"error: {run_dir}: not a nemoc run directory (no readable status.json, or not one nemoc wrote)",

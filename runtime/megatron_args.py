@@ -6,8 +6,9 @@ ScheduleSpec, the precision and the resolved attention backend) plus two facts a
 `choose_kernels` decides from the plan's `kernels` and whether TE imports).
 Output: plain Megatron-Core objects and keyword dicts: `initialize_model_parallel` kwargs,
 `TransformerConfig`, `DistributedDataParallelConfig`, `OptimizerConfig`, `OptimizerParamScheduler`
-kwargs, the padded vocabulary size. Nothing else in the runtime turns plan fields into Megatron
-arguments.
+kwargs, the padded vocabulary size; and the same settings as a Megatron-LM `pretrain_gpt.py` command
+line (`megatron_lm_arguments`, `megatron_lm_command`: `nemoc export --megatron-args`). Nothing else in
+the runtime turns plan fields into Megatron arguments.
 Invariants: pure functions (no process groups touched); a plan this machine cannot run (fp8 without
 TE, context parallelism with the local attention, an unknown activation) raises `UnsupportedPlan`
 with the reason, never a Megatron assertion later.
@@ -251,29 +252,39 @@ def transformer_config(
         **_te_fusions(model, facts, activation, glu),
     )
     if model.is_moe:
-        kwargs.update(
-            num_moe_experts=model.experts,
-            moe_router_topk=model.top_k,
-            moe_ffn_hidden_size=model.moe_ffn_hidden or model.ffn_hidden,
-            moe_shared_expert_intermediate_size=model.shared_expert_ffn_hidden or None,
-            moe_token_dispatcher_type="alltoall" if layout.ep > 1 else "allgather",
-            moe_router_load_balancing_type="aux_loss",
-            moe_aux_loss_coeff=1e-2,  # Switch Transformer's alpha (Fedus et al. 2021, sec. 2.2)
-            moe_grouped_gemm=False,  # grouped GEMM needs the CUDA grouped_gemm/TE kernels
-            # Top-1 softmax routing raises unless the softmax comes before the top-k
-            # (transformer_config.py __post_init__: "Please use --moe-router-pre-softmax when topk is 1").
-            moe_router_pre_softmax=model.top_k == 1,
-            # Megatron warns from 32 experts on without fp32 routing (numerical stability of the
-            # router's softmax and aux loss; transformer_config.py __post_init__); below, the default.
-            moe_router_dtype="fp32" if model.experts >= 32 else None,
-            # Expert MLPs with a bias hit an autograd view+inplace error in 0.16.1 (mlp.py) and
-            # production MoE models (Mixtral, Qwen-MoE) have none; _check_supported refuses a MoE
-            # model with add_bias_linear (E140 in `nemoc check`).
-            add_bias_linear=False,
-        )
-    if precision in ("fp8", "mxfp8"):
-        kwargs.update(fp8="hybrid", fp8_recipe="mxfp8" if precision == "mxfp8" else "delayed")
+        kwargs.update(_moe_kwargs(model, layout))
+    kwargs.update(_fp8_kwargs(precision))
     return TransformerConfig(**kwargs)
+
+
+def _moe_kwargs(model: ModelSpec, layout: Layout) -> dict:
+    """The TransformerConfig fields of a mixture-of-experts model (also exported as Megatron-LM flags)."""
+    return dict(
+        num_moe_experts=model.experts,
+        moe_router_topk=model.top_k,
+        moe_ffn_hidden_size=model.moe_ffn_hidden or model.ffn_hidden,
+        moe_shared_expert_intermediate_size=model.shared_expert_ffn_hidden or None,
+        moe_token_dispatcher_type="alltoall" if layout.ep > 1 else "allgather",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=1e-2,  # Switch Transformer's alpha (Fedus et al. 2021, sec. 2.2)
+        moe_grouped_gemm=False,  # grouped GEMM needs the CUDA grouped_gemm/TE kernels
+        # Top-1 softmax routing raises unless the softmax comes before the top-k
+        # (transformer_config.py __post_init__: "Please use --moe-router-pre-softmax when topk is 1").
+        moe_router_pre_softmax=model.top_k == 1,
+        # Megatron warns from 32 experts on without fp32 routing (numerical stability of the
+        # router's softmax and aux loss; transformer_config.py __post_init__); below, the default.
+        moe_router_dtype="fp32" if model.experts >= 32 else None,
+        # Expert MLPs with a bias hit an autograd view+inplace error in 0.16.1 (mlp.py) and
+        # production MoE models (Mixtral, Qwen-MoE) have none; _check_supported refuses a MoE
+        # model with add_bias_linear (E140 in `nemoc check`).
+        add_bias_linear=False,
+    )
+
+
+def _fp8_kwargs(precision: str) -> dict:
+    if precision in ("fp8", "mxfp8"):
+        return dict(fp8="hybrid", fp8_recipe="mxfp8" if precision == "mxfp8" else "delayed")
+    return {}
 
 
 _TE_ATTENTION = ("auto", "flash", "fused", "unfused")  # the plan's values, named as Megatron's AttnBackend
@@ -301,13 +312,17 @@ def ddp_config(*, layout: Layout):
     """Megatron DDP: fp32 gradient reduction; overlap the DP all-reduce with backward when dp > 1."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=layout.dp > 1,
-        overlap_param_gather=False,
-        use_distributed_optimizer=layout.distributed_optimizer,
-        check_for_nan_in_grad=False,
-    )
+    return DistributedDataParallelConfig(**_ddp_kwargs(layout), check_for_nan_in_grad=False)
+
+
+def _ddp_kwargs(layout: Layout) -> dict:
+    return dict(grad_reduce_in_fp32=True, overlap_grad_reduce=layout.dp > 1, overlap_param_gather=False,
+                use_distributed_optimizer=layout.distributed_optimizer)
+
+
+# fp16's dynamic loss scaling (Micikevicius et al. 2018): start 2^16, halve on overflow, double after
+# 1000 clean steps; a scale is lowered only after `hysteresis` overflows in a row.
+LOSS_SCALING = dict(initial_loss_scale=2.0**16, min_loss_scale=1.0, loss_scale_window=1000, hysteresis=2)
 
 
 def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout: Layout, precision: str):
@@ -335,10 +350,7 @@ def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout
         fp16=dtype is torch.float16,
         params_dtype=dtype,
         loss_scale=None,  # dynamic
-        initial_loss_scale=2.0**16,
-        min_loss_scale=1.0,
-        loss_scale_window=1000,
-        hysteresis=2,
+        **LOSS_SCALING,
         use_distributed_optimizer=layout.distributed_optimizer,
     )
 
@@ -370,3 +382,178 @@ def scheduler_kwargs(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, steps:
     if schedule.name == "wsd":
         kwargs.update(wsd_decay_steps=max(1, decay // 10), lr_wsd_decay_style="linear")
     return kwargs
+
+
+# ------------------------------------------------------------------ the plan as a Megatron-LM command line
+
+# TransformerConfig / initialize_model_parallel names whose Megatron-LM flag is not `--` + the name.
+_LM_FLAG = {
+    "virtual_pipeline_model_parallel_size": "--num-virtual-stages-per-pipeline-rank",
+    "num_layers_in_first_pipeline_stage": "--decoder-first-pipeline-num-layers",
+    "num_layers_in_last_pipeline_stage": "--decoder-last-pipeline-num-layers",
+    "num_moe_experts": "--num-experts",
+    "grad_reduce_in_fp32": "--accumulate-allreduce-grads-in-fp32",
+    "fp8": "--fp8-format",
+}
+# Settings Megatron-LM has no flag for, or that are its default; left out of the command line.
+_LM_SKIP = {"moe_grouped_gemm", "moe_router_dtype", "add_bias_linear", "overlap_param_gather",
+            "use_distributed_optimizer"}
+
+
+def _flags(kwargs: Mapping[str, object]) -> list[str]:
+    """Megatron-Core keyword arguments -> Megatron-LM flags (`True` -> a bare flag; False/None left out)."""
+    out = []
+    for name, value in kwargs.items():
+        if name in _LM_SKIP or value is None or value is False:
+            continue
+        flag = _LM_FLAG.get(name, "--" + name.replace("_", "-"))
+        out.append(flag if value is True else f"{flag} {_shell_word(value)}")
+    return out
+
+
+def _shell_word(value: object) -> str:
+    import shlex
+
+    if isinstance(value, float):
+        return repr(value) if value != int(value) else str(int(value))
+    return shlex.quote(str(value))
+
+
+def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
+    """The Megatron-LM `pretrain_gpt.py` arguments that run `stage_name` of `plan` as planned:
+    (one `--flag value` per item, notes). Built from the same keyword sets as `transformer_config`,
+    `ddp_config`, `optimizer_config` and `scheduler_kwargs`, so the command line and nemoc's own runtime
+    cannot disagree. `notes` say what does not translate (a tokenizer nemoc trains, raw data paths)."""
+    stage = plan.stage(stage_name)
+    model, lay = plan.model, stage.layout
+    notes: list[str] = []
+    args = [f"--num-layers {model.layers}", f"--hidden-size {model.hidden}", f"--ffn-hidden-size {model.ffn_hidden}",
+            f"--num-attention-heads {model.heads}"]
+    if model.query_groups != model.heads:
+        args += ["--group-query-attention", f"--num-query-groups {model.query_groups}"]
+    if model.kv_channels:
+        args.append(f"--kv-channels {model.kv_channels}")
+    args += [f"--seq-length {stage.seq_length}", f"--max-position-embeddings {stage.seq_length}",
+             f"--vocab-size {model.vocab}", f"--make-vocab-size-divisible-by {VOCAB_DIVISIBLE_BY}"]
+    args += _lm_architecture(model, notes)
+    dropout = float(stage.params.get("dropout", 0.0) or 0.0)
+    args += [f"--hidden-dropout {_shell_word(dropout)}", f"--attention-dropout {_shell_word(dropout)}"]
+    sizes = _parallel_sizes(lay)
+    sizes["virtual_pipeline_model_parallel_size"] = lay.vp if _interleaved(lay) else None
+    if not model.is_moe:
+        sizes.pop("expert_tensor_parallel_size")
+    args += _flags(sizes)
+    args += _flags(dict(sequence_parallel=lay.sequence_parallel))
+    if lay.distributed_optimizer:
+        args.append("--use-distributed-optimizer")
+    args += _flags(_recompute_kwargs(lay.recompute))
+    args += _flags(pipeline_split_kwargs(stage.params))
+    args += _flags({k: v for k, v in _ddp_kwargs(lay).items() if k != "use_distributed_optimizer"})
+    if model.is_moe:
+        args += _flags(_moe_kwargs(model, lay))
+    args += [f"--micro-batch-size {lay.micro_batch}", f"--global-batch-size {lay.global_batch}",
+             f"--train-iters {stage.steps}"]
+    args += _lm_precision(plan, stage)
+    args += _lm_optimizer(stage)
+    args += _lm_data(plan, stage, notes)
+    args += [f"--log-interval {stage.log_every}", f"--seed {stage.seed}"]
+    if stage.eval_every:
+        args += [f"--eval-interval {stage.eval_every}", f"--eval-iters {stage.params.get('eval_iters', 10)}"]
+    else:
+        args.append("--eval-iters 0")  # nemoc evaluates only with eval_every; Megatron-LM every 1000 steps
+    if stage.checkpoint.every:
+        args.append(f"--save-interval {stage.checkpoint.every}")
+    if stage.peft is not None:
+        notes.append(f"LoRA (rank {stage.peft.rank}, alpha {stage.peft.alpha:g}) has no pretrain_gpt.py flag: these "
+                     "arguments train every weight")
+    if stage.kind != "pretrain":
+        notes.append(f"stage {stage.name} is a {stage.kind} stage: pretrain_gpt.py trains on next-token loss over "
+                     "every token; nemoc's runtime/align runs this kind with its own loss")
+    return args, notes
+
+
+def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:
+    out = {"swiglu": ["--swiglu"], "squared_relu": ["--squared-relu"], "gelu": []}.get(model.activation)
+    if out is None:
+        notes.append(f"activation {model.activation}: Megatron-LM has no flag for it (GELU is its default)")
+        out = []
+    out += [f"--normalization {'RMSNorm' if model.norm == 'rmsnorm' else 'LayerNorm'}",
+            f"--norm-epsilon {_shell_word(model.norm_epsilon)}"]
+    position = {"rope": "rope", "learned": "learned_absolute", "none": "none"}[model.position]
+    out.append(f"--position-embedding-type {position}")
+    if model.position == "rope":
+        out.append(f"--rotary-base {_shell_word(model.rotary_base)}")
+    if not model.tie_embeddings:
+        out.append("--untie-embeddings-and-output-weights")
+    if not model.add_bias_linear or model.is_moe:
+        out.append("--disable-bias-linear")
+        if model.add_qkv_bias:
+            out.append("--add-qkv-bias")
+    if model.qk_layernorm:
+        out.append("--qk-layernorm")
+    return out
+
+
+def _lm_precision(plan, stage) -> list[str]:
+    precision = plan.precision
+    dtype = {"bf16": "--bf16", "fp16": "--fp16", "fp32": None, "fp8": "--bf16", "mxfp8": "--bf16"}[precision]
+    out = [dtype] if dtype else []
+    out += _flags(_fp8_kwargs(precision))
+    if precision == "fp16":
+        out += _flags(LOSS_SCALING)
+    out.append(f"--transformer-impl {'transformer_engine' if stage.kernels == 'te' else 'local'}")
+    if stage.kernels == "te":
+        out.append(f"--attention-backend {plan.attention_backend}")
+    return out
+
+
+def _lm_optimizer(stage) -> list[str]:
+    opt, sched = stage.optimizer, stage.schedule
+    out = [f"--optimizer {opt.name}", f"--lr {_shell_word(opt.lr)}", f"--min-lr {_shell_word(sched.min_lr)}"]
+    if opt.name == "adam":
+        out += [f"--adam-beta1 {_shell_word(opt.betas[0])}", f"--adam-beta2 {_shell_word(opt.betas[1])}",
+                f"--adam-eps {_shell_word(opt.eps)}"]
+    out += [f"--weight-decay {_shell_word(opt.weight_decay)}", f"--clip-grad {_shell_word(opt.grad_clip)}"]
+    kw = scheduler_kwargs(optimizer=opt, schedule=sched, steps=stage.steps)
+    out += [f"--lr-decay-style {kw['lr_decay_style']}", f"--lr-warmup-iters {kw['lr_warmup_steps']}",
+            f"--lr-decay-iters {kw['lr_decay_steps']}"]
+    if "wsd_decay_steps" in kw:
+        out += [f"--lr-wsd-decay-iters {kw['wsd_decay_steps']}", f"--lr-wsd-decay-style {kw['lr_wsd_decay_style']}"]
+    return out
+
+
+def _lm_data(plan, stage, notes: list[str]) -> list[str]:
+    data = [d for d in plan.data if d.name in stage.data]
+    if not data:
+        return ["--mock-data"]
+    words = []
+    for d in data:
+        words += ([_shell_word(d.weight)] if len(data) > 1 else []) + [_shell_word(d.path)]
+    out = ["--data-path " + " ".join(words)]
+    notes.append("--data-path: Megatron-LM reads indexed datasets (.bin/.idx prefixes); these are the raw files "
+                 "nemoc's prepare task tokenizes (`nemoc run` writes the prefixes under its run directory)")
+    split = data[0].split
+    out.append("--split " + ",".join(_shell_word(x) for x in split))
+    tok = data[0].tokenizer
+    if tok is None:
+        notes.append("no tokenizer: nemoc trains a byte-level BPE on the data first; pass its tokenizer.json "
+                     "(--tokenizer-type HuggingFaceTokenizer --tokenizer-model PATH)")
+    elif tok.startswith("tiktoken:"):
+        out += ["--tokenizer-type TikTokenizer", f"--tiktoken-pattern {_shell_word(tok.split(':', 1)[1])}"]
+    else:
+        kind = "SentencePieceTokenizer" if tok.endswith(".model") else "HuggingFaceTokenizer"
+        out += [f"--tokenizer-type {kind}", f"--tokenizer-model {_shell_word(tok)}"]
+    return out
+
+
+def megatron_lm_command(plan, stage_name: str) -> str:
+    """A runnable shell command: torchrun over the plan's cluster, then `megatron_lm_arguments`, one flag
+    per line with `\\`, after a comment header (experiment, stage, cluster, notes)."""
+    stage = plan.stage(stage_name)
+    c = plan.cluster
+    args, notes = megatron_lm_arguments(plan, stage_name)
+    head = [f"# nemoc export --megatron-args: experiment {plan.experiment}, stage {stage.name} ({stage.kind}),",
+            f"# planned for {c.nodes} node(s) x {c.gpus_per_node} {c.gpu}; Megatron-LM's pretrain_gpt.py arguments"]
+    head += [f"# note: {n}" for n in notes]
+    launch = [f"torchrun --nproc_per_node {c.gpus_per_node} --nnodes {c.nodes} pretrain_gpt.py"] + args
+    return "\n".join(head) + "\n" + " \\\n    ".join(launch) + "\n"
