@@ -686,35 +686,23 @@ def test_an_fp8_experiment_evaluates_in_bf16():
 
 # ------------------------------------------------------------------------------ stage rules (E15x)
 
-_STAGE_EXPERIMENT = """experiment stages {{
-  cluster {{
-    gpu = CPU
-    nodes = 1
-    gpus_per_node = 2
-  }}
-  model tiny {{
-    layers = 2
-    hidden = 64
-    heads = 2
-    ffn_hidden = 256
-    vocab = 256
-    seq_length = 64
-  }}
-  precision = fp32
-  data text {{
+from tiny_experiment import TINY_CPU  # noqa: E402
+
+_STAGE_EXPERIMENT = "experiment stages {\n" + TINY_CPU + """\
+  data text {
     path = "t.jsonl"
     format = jsonl
-  }}
-  data chat {{
+  }
+  data chat {
     path = "c.jsonl"
     format = chat
-  }}
-  data prefs {{
+  }
+  data prefs {
     path = "p.jsonl"
     format = preference
-  }}
-{stages}
-}}
+  }
+STAGES
+}
 """
 
 
@@ -722,7 +710,7 @@ def stage_codes(tmp_path, stages: str) -> list[tuple[str, str]]:
     from nemoc.compiler.lower import compile_file
 
     path = tmp_path / "stages.nemo"
-    path.write_text(_STAGE_EXPERIMENT.format(stages=stages))
+    path.write_text(_STAGE_EXPERIMENT.replace("STAGES", stages))
     spec, diags, _ = compile_file(str(path))
     assert spec is not None, diags
     return sorted((d.code, d.equation) for d in rules.stage_diagnostics(spec))

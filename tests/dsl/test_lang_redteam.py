@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from annotated import markers, mismatches
+from tiny_experiment import TINY_CPU
 
 from nemoc.compiler.lower import compile_file
 from nemoc.dsl.diagnostics import MAX_PER_FILE, render_all
@@ -42,23 +43,7 @@ CASES = sorted(REDTEAM.glob("*.nemo"))
 QUICKSTART = str(REPO / "examples" / "quickstart.nemo")
 HARDWARE = str(REPO / "examples" / "common" / "hardware.nemo")
 
-BASE = textwrap.dedent("""\
-    # a red-team case
-    experiment redteam {
-      cluster {
-        gpu = CPU
-        nodes = 1
-        gpus_per_node = 2
-      }
-      model tiny {
-        layers = 2
-        hidden = 64
-        heads = 2
-        ffn_hidden = 256
-        vocab = 256
-        seq_length = 64
-      }
-      precision = fp32
+BASE = "# a red-team case\nexperiment redteam {\n" + TINY_CPU + textwrap.dedent("""\
       data web {
         path = "web.jsonl"
       }
