@@ -241,7 +241,7 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = dict(
         random=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
         tracker=tensor_parallel.get_cuda_rng_tracker().get_states(),
@@ -251,7 +251,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -348,7 +348,7 @@ def training_state(*, chunks, optimizer, scheduler, iteration: int, consumed_sam
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     if include_rng:
-        state["rng_state"] = _rng_sharded_object(_rng_state())
+        state["rng_state"] = _rng_sharded_object(rng_state())
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
     state["layout"] = layout_key()
@@ -595,7 +595,7 @@ def load_training_state(path: str, *, chunks, optimizer, scheduler, distributed_
     if scheduler is not None and "opt_param_scheduler" in common:
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if same_layout and "rng_state" in loaded:
-        _set_rng_state(loaded["rng_state"])
+        set_rng_state(loaded["rng_state"])
     return Restored(path, int(common.get("iteration", 0)), int(common.get("consumed_samples", 0)),
                     with_optimizer, same_layout and "rng_state" in loaded)
 

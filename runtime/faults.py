@@ -74,3 +74,62 @@ def differing_tensors(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
     ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
     keys = sorted(set(ta) | set(tb))
     return [k for k in keys if k not in ta or k not in tb or not torch.equal(ta[k], tb[k])]
+
+
+# ------------------------------------------------------------------------------ stopping, divergence
+
+
+class StopSignal:
+    """SIGTERM (torchrun, `nemoc cancel`, Kubernetes), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's warning)
+    only set a flag: the training loop finishes its step, the ranks agree (`agreed`), save a checkpoint
+    and exit 143. A repeated signal changes nothing (Ctrl-C reaches a rank twice under torchrun: from
+    the terminal and forwarded by torchrun); a stop that must not wait is SIGKILL."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n))
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict = {}
+
+    def install(self) -> "StopSignal":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def agreed(self, *, group=None, device=None) -> int:
+        """The signal any rank saw (ranks may see it at different steps); all ranks call it."""
+        import torch
+
+        flag = torch.tensor([self.signum], dtype=torch.int32, device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+        return int(flag.item())
+
+
+class LossDiverged(RuntimeError):
+    """The loss was NaN/Inf twice at the same step from the same state: the step fails, the task too."""
+
+
+def nonfinite_name(value: float) -> str | None:
+    """'NaN' / 'Inf' / '-Inf' for a non-finite value, None for a finite one."""
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "Inf" if value > 0 else "-Inf"
+    return None
+
+
+def divergence_message(*, what: str, step: int, first: float, second: float, lr: float) -> str:
+    """Megatron-LM's rerun state machine's verdict, for a user: detected, retried, reported."""
+    return (f"{what} became {nonfinite_name(first)} at step {step} (learning rate {lr:.3g} at that step) and "
+            f"was {nonfinite_name(second) or second} again when the step was rerun from the same state: "
+            f"training diverged; lower the learning rate, lengthen the warmup or clip gradients "
+            f"(optimizer grad_clip)")

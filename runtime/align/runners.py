@@ -104,7 +104,7 @@ def _finish_policy(task: StageTask, chunk, payload: dict) -> dict:
     return payload
 
 
-STOP = trainer.StopSignal()  # installed by __main__: SIGTERM/SIGUSR1 -> save, exit 143
+STOP = trainer.StopSignal()  # installed by __main__: SIGTERM/SIGINT/SIGUSR1 -> save, exit 143
 
 
 def _fit(task: StageTask, tr, metrics, *, items, to_microbatches, forward, tokens_per_step: int):
@@ -116,7 +116,9 @@ def _fit(task: StageTask, tr, metrics, *, items, to_microbatches, forward, token
                            scheduler=tr.scheduler, distributed_optimizer=s.layout.distributed_optimizer,
                            warn=lambda line: metrics.event("warning", message=line))
     start = restored.iteration if restored is not None else 0
+    tr.warn = lambda line: metrics.event("transient_fault", message=line)
     if restored is not None:
+        metrics.rewind(start)  # the steps after the checkpoint are logged again: one record per step
         metrics.event("resumed", path=restored.path, iteration=start)
     checkpointer = ckpt.Checkpointer(root=str(task.checkpoint_dir), keep=s.checkpoint.keep, async_save=False)
 
