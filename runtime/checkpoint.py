@@ -400,9 +400,11 @@ class SaveRecord:
     async_save: bool
 
 
-def save_failure_reason(exc: BaseException) -> str:
+def save_failure_reason(exc: BaseException, directory: str | None = None) -> str:
     """"No space left on device (path)" for the OSError behind a failed save (dist_checkpointing wraps
-    the writer's exception in RuntimeError / CheckpointException), else "Type: message"."""
+    the writer's exception in RuntimeError / CheckpointException). torch's zip writer turns a short
+    write into "[enforce fail ...] unexpected pos": then the file system and the file size limit of
+    `directory` are asked. Else "Type: message"."""
     seen, todo = set(), [exc]
     while todo:
         current = todo.pop(0)
@@ -416,7 +418,32 @@ def save_failure_reason(exc: BaseException) -> str:
         todo += [a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]
         for failure in (getattr(current, "failures", None) or {}).values():  # DCP CheckpointException
             todo.append(failure[0] if isinstance(failure, tuple) else failure)
+    if directory is not None:
+        probed = _probe_space(directory)
+        if probed is not None:
+            return probed
     return f"{type(exc).__name__}: {exc}"
+
+
+def _probe_space(directory: str) -> str | None:
+    """Why writes under `directory` fail, if the disk is full or a file size limit is set."""
+    existing = directory
+    while existing and not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    try:
+        if shutil.disk_usage(existing or ".").free < (1 << 20):
+            return f"No space left on device ({directory})"
+    except OSError:
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY:
+            return f"File too large: the file size limit (RLIMIT_FSIZE, ulimit -f) is {soft} bytes ({directory})"
+    except (ImportError, OSError, ValueError):
+        pass
+    return None
 
 
 def guard_helper_processes() -> None:
@@ -501,14 +528,14 @@ class Checkpointer:
         """A failed save: remove its `.tmp` (rank 0), keep `latest`, raise CheckpointSaveError."""
         try:
             yield
-        except CheckpointSaveError:
+        except (CheckpointSaveError, KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
-        except Exception as exc:
+        except BaseException as exc:  # torch's CheckpointException derives from BaseException
             self._in_flight = None
             if _rank() == 0:
                 shutil.rmtree(record.path + ".tmp", ignore_errors=True)
             raise CheckpointSaveError(f"checkpoint save failed at step {record.iteration}: "
-                                      f"{save_failure_reason(exc)}") from exc
+                                      f"{save_failure_reason(exc, record.path + '.tmp')}") from exc
 
     def _publish(self, tmp: str, record: SaveRecord) -> None:
         _barrier()  # every rank's shards and rank 0's metadata are on disk
@@ -525,6 +552,10 @@ class Checkpointer:
         self._in_flight = None
         if self.on_saved is not None:
             self.on_saved(record, time.monotonic() - record.started)
+
+    def has_saved(self, path: str) -> bool:
+        """This checkpointer saved `path` (or its async save is in flight)."""
+        return any(r is not None and r.path == path for r in (self.last_saved, self._in_flight))
 
     def maybe_finalize(self, blocking: bool = False) -> None:
         if self._queue is not None and self._in_flight is not None:

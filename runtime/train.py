@@ -771,7 +771,7 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
                            end_iteration=task.steps, checkpointer=checkpointer, make_checkpoint_state=checkpoint_state,
                            metrics=metrics, make_valid_iterators=make_valid,
                            throughput=throughput_for(plan=plan, stage=stage), stop=stop)
-        final = _save_final(checkpointer, checkpoint_state, state) if checkpointer is not None else None
+        final = _save_final(checkpointer, checkpoint_state, state, restored) if checkpointer is not None else None
         set_phase("finish")
         if rank == 0:
             if state.preempted_by:
@@ -791,13 +791,16 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
         metrics.close()
 
 
-def _save_final(checkpointer: ckpt.Checkpointer, checkpoint_state, state: LoopState) -> str:
-    """Save at the current iteration unless that checkpoint already exists; wait for it to land."""
+def _save_final(checkpointer: ckpt.Checkpointer, checkpoint_state, state: LoopState,
+                restored: ckpt.Restored | None) -> str:
+    """Save at the current iteration unless this run saved that checkpoint or resumed from it (both
+    verified); wait for it to land. A checkpoint of that name that `latest` names but the resume
+    skipped as damaged is replaced, never handed on."""
     set_phase(f"final checkpoint at step {state.iteration}")
-    latest = ckpt.read_latest(checkpointer.root)
     target = os.path.join(checkpointer.root, ckpt.iteration_name(state.iteration))
-    pending = checkpointer.last_saved is not None and checkpointer.last_saved.path == target
-    if latest != target and not pending:
+    saved = checkpointer.has_saved(target)
+    resumed_there = restored is not None and restored.path == target
+    if not saved and not resumed_there:
         checkpointer.save(checkpoint_state(state), iteration=state.iteration)
     checkpointer.close()
     return target
