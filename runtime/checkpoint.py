@@ -400,6 +400,9 @@ class SaveRecord:
     async_save: bool
 
 
+_OS_ERROR_TEXT = re.compile(r"\[Errno \d+\] ([^:'\n]+): '([^'\n]+)'")
+
+
 def save_failure_reason(exc: BaseException, directory: str | None = None) -> str:
     """"No space left on device (path)" for the OSError behind a failed save (dist_checkpointing wraps
     the writer's exception in RuntimeError / CheckpointException). torch's zip writer turns a short
@@ -418,6 +421,10 @@ def save_failure_reason(exc: BaseException, directory: str | None = None) -> str
         todo += [a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]
         for failure in (getattr(current, "failures", None) or {}).values():  # DCP CheckpointException
             todo.append(failure[0] if isinstance(failure, tuple) else failure)
+    # gathered across ranks (pickled), a wrapper keeps only the text: "[Errno 28] No space ...: 'path'"
+    found = _OS_ERROR_TEXT.search("\n".join(str(e) for e in [exc, *(getattr(exc, "failures", None) or {}).values()]))
+    if found:
+        return f"{found.group(1)} ({found.group(2)})"
     if directory is not None:
         probed = _probe_space(directory)
         if probed is not None:
@@ -673,7 +680,8 @@ def common_keys(common: dict, path: str) -> set[str]:
     return keys
 
 
-def resume(*, root: str, chunks, optimizer, scheduler, distributed_optimizer: bool, warn=print) -> Restored | None:
+def resume(*, root: str, chunks, optimizer, scheduler, distributed_optimizer: bool, warn=print,
+           iterations: set[int] | None = None) -> Restored | None:
     """Restore from `latest` (or the newest loadable checkpoint). None if there is none; raises
     CheckpointError naming every damaged one if checkpoints exist but none is usable.
 
@@ -681,6 +689,8 @@ def resume(*, root: str, chunks, optimizer, scheduler, distributed_optimizer: bo
     (all-reduce) so that they all use the same checkpoint."""
     skipped = []
     for path in resume_candidates(root):
+        if iterations is not None and int(os.path.basename(path)[5:]) not in iterations:
+            continue  # a state saved in parts (PPO's actor and critic) resumes where every part has one
         reason = verify_on_all_ranks(path)
         if reason is None:
             try:
