@@ -171,21 +171,44 @@ def verify_on_all_ranks(path: str) -> str | None:
     return next((r for r in reasons if r is not None), None)
 
 
+_SIDECAR = ".nemoc_digests.{rank}.json"  # digests an async writer computed of its rank's files
+
+
 def _digest_on_all_ranks(directory: str) -> dict:
-    """{file: {size, digest}} of every file in `directory`, each rank digesting a share (all ranks)."""
+    """{file: {size, digest}} of every file in `directory` (all ranks call): the entries the async
+    writers left in sidecar files, and the rest digested here, each rank a share."""
     names = sorted(n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n)) and n != MANIFEST)
+    known = {}
+    for name in [n for n in names if n.startswith(".nemoc_digests.")]:
+        with open(os.path.join(directory, name), encoding="utf-8") as handle:
+            known.update(json.load(handle))
+    todo = [n for n in names if n not in known and not n.startswith(".nemoc_digests.")]
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return _file_entries(directory, names)
+        return {**known, **_file_entries(directory, todo)}
     world = torch.distributed.get_world_size()
     parts = [None] * world
-    torch.distributed.all_gather_object(parts, _file_entries(directory, names[_rank()::world]))
-    return {name: entry for part in parts for name, entry in part.items()}
+    torch.distributed.all_gather_object(parts, _file_entries(directory, todo[_rank()::world]))
+    return {**known, **{name: entry for part in parts for name, entry in part.items()}}
+
+
+def write_then_digest(write, directory: str, rank: int, *args, **kwargs) -> None:
+    """The async writer's work: `write(*args, **kwargs)` (this rank's shards), then the digests of the
+    files it wrote (`__{rank}_*`, torch_dist's naming) into a sidecar the finalize step reads, so the
+    training ranks do not read their own shards back."""
+    write(*args, **kwargs)
+    prefix = f"__{rank}_"
+    names = sorted(n for n in os.listdir(directory) if n.startswith(prefix))
+    write_text_atomic(os.path.join(directory, _SIDECAR.format(rank=rank)), json.dumps(_file_entries(directory, names)))
 
 
 def write_manifest(directory: str, **fields) -> None:
     """Digest every file of a finished checkpoint directory and write its manifest (all ranks call)."""
     files = _digest_on_all_ranks(directory)
+    _barrier()  # every rank has read the sidecars
     if _rank() == 0:
+        for name in os.listdir(directory):
+            if name.startswith(".nemoc_digests."):
+                os.unlink(os.path.join(directory, name))
         manifest = dict(fields, files=files, digest=DIGEST, time=time.time())
         write_text_atomic(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
 
@@ -521,7 +544,8 @@ class Checkpointer:
                 if request.async_fn is not None:  # the forked writer is a helper process (runtime.faults)
                     from nemoc.runtime.faults import run_as_helper
 
-                    request = request._replace(async_fn=partial(run_as_helper, os.getpid(), request.async_fn))
+                    request = request._replace(async_fn=partial(run_as_helper, os.getpid(), write_then_digest,
+                                                                request.async_fn, tmp, _rank()))
                 request.add_finalize_fn(lambda: self._publish(tmp, record))
                 self._in_flight = record
                 self._queue.schedule_async_request(request)

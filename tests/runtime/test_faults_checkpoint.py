@@ -1,8 +1,6 @@
-"""Faults around checkpoints, losses and stops, end to end through `python -m nemoc.runtime.train`:
+"""Faults around checkpoints, losses and stops, end to end through `python -m nemoc.runtime.train`
+(damaged checkpoints: test_train_resume.py):
 
-* a shard corrupted in place (same size) is caught by its digest: the run falls back to the previous
-  checkpoint and ends bit-identical to an uninterrupted run; if every checkpoint is damaged it stops
-  with an error naming the file (never a silent restart, never NaN losses and "done");
 * `lr = 1e6` makes the loss NaN/Inf: the step is rerun once from the same state, then the task fails
   with "loss became ... at step N ... lower the learning rate", no DONE.json;
 * a full disk (RLIMIT_FSIZE) at a checkpoint: "checkpoint save failed at step N: ...", the temporary
@@ -15,7 +13,6 @@ from __future__ import annotations
 
 import json
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,62 +22,6 @@ from pathlib import Path
 import pytest
 
 from nemoc.runtime.faults import differing_tensors
-
-
-def _copy_checkpoints(baseline, dest: Path, iterations, latest: int) -> Path:
-    src = baseline.out / "checkpoints"
-    dest.mkdir(parents=True)
-    for it in iterations:
-        shutil.copytree(src / f"iter_{it:07d}", dest / f"iter_{it:07d}")
-    (dest / "latest").write_text(f"iter_{latest:07d}\n")
-    return dest
-
-
-def _flip_bytes(path: Path) -> None:
-    """Damage a file in place without changing its size (a bad disk, a bit rot)."""
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    for i in range(middle, min(middle + 64, len(data))):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def _shard(checkpoint: Path) -> Path:
-    return max((p for p in checkpoint.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
-
-
-def test_a_corrupted_shard_of_unchanged_size_is_skipped_and_the_result_is_bit_identical(
-        tmp_path, kit, train_data, reference_weights, baseline):
-    ckdir = _copy_checkpoints(baseline, tmp_path / "ck", (3, 6), latest=6)
-    shard = _shard(ckdir / "iter_0000006")
-    size = shard.stat().st_size
-    _flip_bytes(shard)
-    assert shard.stat().st_size == size
-    plan = kit.make_plan(kit.stage_plan(lay=kit.layout(), every=3))
-    result = kit.run_training(tmp_path / "run", plan, 1, data_prefix=train_data, checkpoint_dir=ckdir,
-                              init_checkpoint=reference_weights)
-    assert result.returncode == 0, result.explain()
-    assert f"skipping checkpoint {ckdir / 'iter_0000006'}" in result.stdout, result.explain()
-    assert str(shard) in result.stdout and "corrupted" in result.stdout
-    resumed = [r for r in result.records if r.get("event") == "resumed"]
-    assert resumed and resumed[0]["iteration"] == 3
-    assert not differing_tensors(result.done["checkpoint"], baseline.done["checkpoint"])
-
-
-def test_when_every_checkpoint_is_damaged_the_run_stops_naming_the_file(tmp_path, kit, train_data,
-                                                                          reference_weights, baseline):
-    ckdir = _copy_checkpoints(baseline, tmp_path / "ck", (3, 6), latest=6)
-    _flip_bytes(_shard(ckdir / "iter_0000006"))
-    truncated = _shard(ckdir / "iter_0000003")
-    with open(truncated, "r+b") as handle:
-        handle.truncate(truncated.stat().st_size // 2)
-    plan = kit.make_plan(kit.stage_plan(lay=kit.layout(), every=3))
-    result = kit.run_training(tmp_path / "run", plan, 1, data_prefix=train_data, checkpoint_dir=ckdir,
-                              init_checkpoint=reference_weights)
-    assert result.returncode == 1, result.explain()
-    assert "error: no usable checkpoint under" in result.stderr and str(truncated) in result.stderr
-    assert "Traceback" not in result.stderr, result.explain()
-    assert result.done is None and not [r for r in result.records if "loss" in r]
 
 
 def test_a_diverging_loss_fails_the_task_with_the_step_and_a_hint(tmp_path, kit, train_data, reference_weights):
@@ -176,3 +117,81 @@ def test_a_stop_signal_saves_the_step_reached_exits_143_and_the_rerun_is_bit_ide
              if "loss" in r]
     assert steps == list(range(1, STEPS + 1))  # one record per step in the file itself
     assert [r["step"] for r in read_records(out / "metrics.jsonl") if "loss" in r] == steps
+
+
+# --------------------------------------------------- Ctrl-C to a torchrun job, kill -9 during a save
+
+
+def _torchrun(kit, task: Path, log: Path) -> subprocess.Popen:
+    cmd = [str(kit.VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "nemoc.runtime.train", str(task)]
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=kit.torchrun_env(),
+                            cwd=str(kit.REPO), start_new_session=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_a_torchrun_job_saves_every_rank_and_resumes_bit_identically(tmp_path, kit, train_data,
+                                                                               reference_weights):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C delivers it: torchrun, both ranks and
+    the checkpoint helper processes. The helpers ignore it; the ranks finish the step and save."""
+    import os
+
+    plan = kit.make_plan(kit.stage_plan(lay=kit.layout(dp=2), steps=STEPS, every=EVERY, async_save=True))
+    whole = tmp_path / "whole"
+    task = kit.write_task(whole, plan, data_prefix=train_data, init_checkpoint=reference_weights)
+    proc = _torchrun(kit, task, whole / "log")
+    assert proc.wait(timeout=300) == 0, (whole / "log").read_text()[-3000:]
+
+    out = tmp_path / "run"
+    task = kit.write_task(out, plan, data_prefix=train_data, init_checkpoint=reference_weights)
+    proc = _torchrun(kit, task, out / "log")
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and _logged_steps(out) < 3:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (out / "log").read_text(errors="replace")
+    preempted = json.loads((out / "PREEMPTED.json").read_text())
+    assert preempted["signal"] == "SIGINT" and 3 <= preempted["steps"] < STEPS, log[-3000:]
+    root = out / "checkpoints"
+    assert (root / "latest").read_text().strip() == f"iter_{preempted['steps']:07d}"
+    assert not list(root.glob("*.tmp")) and "BrokenPipeError" not in log and "error during" not in log, log[-3000:]
+    rerun = _torchrun(kit, task, out / "log2")
+    assert rerun.wait(timeout=300) == 0, (out / "log2").read_text()[-3000:]
+    done = json.loads((out / "DONE.json").read_text())
+    assert not differing_tensors(done["checkpoint"], json.loads((whole / "DONE.json").read_text())["checkpoint"])
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_async_save_leaves_no_helper_and_the_rerun_cleans_up(tmp_path, kit, train_data,
+                                                                             reference_weights):
+    import psutil
+
+    plan = kit.make_plan(kit.stage_plan(lay=kit.layout(), steps=400, every=2, async_save=True))
+    out = tmp_path / "run"
+    task = kit.write_task(out, plan, data_prefix=train_data, init_checkpoint=reference_weights, max_steps=None)
+    proc = subprocess.Popen([sys.executable, "-m", "nemoc.runtime.train", str(task)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=kit.torchrun_env(), cwd=str(kit.REPO))
+    root = out / "checkpoints"
+    helpers = []
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        if list(root.glob("iter_*.tmp")) and len(children) >= 2:  # the results-queue manager and a writer
+            helpers = children
+            proc.kill()
+            break
+        time.sleep(0.002)
+    proc.wait(timeout=30)
+    assert helpers, "never caught an async save in flight"
+    gone, alive = psutil.wait_procs(helpers, timeout=20)
+    assert not alive, [p.cmdline() for p in alive]
+    assert list(root.glob("iter_*.tmp"))  # the save in flight was cut off
+    rerun = kit.launch(kit.write_task(out, kit.make_plan(kit.stage_plan(lay=kit.layout(), steps=400, every=2,
+                                                                         async_save=True)),
+                                      data_prefix=train_data, init_checkpoint=reference_weights, max_steps=1), 1)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert not list(root.glob("iter_*.tmp"))

@@ -11,30 +11,22 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 
 import pytest
 import torch
 
-from align_helpers import llama_spec, make_plan, write_task
+from align_helpers import arithmetic_world, make_plan, write_task
 
 STEPS, EVERY, STOP_AT = 7, 3, 5
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, mcore):
-    """A tokenizer, a tiny base checkpoint, chat and preference files."""
-    from nemoc.runtime.tokenizer import train_byte_level_bpe
-
-    root = tmp_path_factory.mktemp("resume")
-    qa = [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a in range(6) for b in range(6)]
-    chat = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r}]} for q, r in qa]
-    (root / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chat) + "\n")
+    """A tokenizer, a tiny base checkpoint and a reward model (scalar head), chat and preference files."""
+    root, spec, tok, qa = arithmetic_world(tmp_path_factory.mktemp("resume"), mcore, seed=7)
     prefs = [{"prompt": q, "chosen": r, "rejected": r.replace(" is ", " is not ")} for q, r in qa]
     (root / "prefs.jsonl").write_text("\n".join(json.dumps(p) for p in prefs) + "\n")
-    tok = train_byte_level_bpe([q + " " + r for q, r in qa] * 4, 300, root / "tokenizer.json")
-    spec = llama_spec(vocab=tok.vocab_size, seq_length=48)
-    mcore.seed_all(7)
-    mcore.save_model(mcore.build_gpt(spec, mcore.single_layout(), vocab=tok.vocab_size, seq_length=48), root / "base")
     mcore.save_model(mcore.build_gpt(spec, mcore.single_layout(), vocab=tok.vocab_size, seq_length=48, scalar_head=True),
                      root / "rm")
     return root, spec, tok
@@ -147,3 +139,31 @@ def test_a_save_that_hits_a_full_disk_removes_its_temporary_and_keeps_latest(wor
     assert ckpt.read_latest(str(tmp_path / "ck")).endswith("iter_0000001")
     assert ckpt.verify(ckpt.read_latest(str(tmp_path / "ck"))) is None
     saver.close()
+
+
+def test_an_async_save_is_digested_by_its_writer_before_latest_moves(world, mcore, tmp_path, monkeypatch):
+    """The forked writer digests the shards it wrote (a sidecar file); the finalize step only digests
+    the metadata rank 0 writes, then publishes the manifest and moves `latest`."""
+    from nemoc.runtime import checkpoint as ckpt
+
+    root, spec, tok = world
+    model = mcore.build_gpt(spec, mcore.single_layout(), vocab=tok.vocab_size, seq_length=48)
+    digested_here = []
+    original = ckpt._file_entries
+
+    def recording(directory, names):
+        digested_here.extend(names)
+        return original(directory, names)
+
+    monkeypatch.setattr(ckpt, "_file_entries", recording)  # the forked writer records into its own copy
+    saver = ckpt.Checkpointer(root=str(tmp_path / "ck"), keep=3, async_save=True)
+    saver.save(ckpt.training_state(chunks=[model], optimizer=None, scheduler=None, iteration=1, consumed_samples=0),
+               iteration=1)
+    saver.close()
+    path = ckpt.read_latest(str(tmp_path / "ck"))
+    assert path is not None and ckpt.verify(path) is None
+    files = ckpt.read_manifest(path)["files"]
+    shards = [n for n in files if n.startswith("__0_")]
+    assert shards and not [n for n in digested_here if n.startswith("__0_")], digested_here
+    assert not [n for n in files if n.startswith(".nemoc_digests")]
+    assert not [n for n in os.listdir(path) if n.startswith(".nemoc_digests")]
