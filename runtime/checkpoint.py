@@ -52,7 +52,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from nemoc.runtime.atomic import atomic_write_text as write_text_atomic, fsync_dir as _fsync_dir  # noqa: E402
 
 MANIFEST = "nemoc_checkpoint.json"
-DIGEST = "blake2b"  # hashlib.blake2b(digest_size=32) of each file's bytes, hex; stdlib and ~1 GB/s per core
+DIGEST = "blake2b"  # hashlib.blake2b(digest_size=32) of each file's bytes, hex (stdlib)
 LATEST = "latest"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 # DistributedOptimizer formats that load without TE/Apex in 0.16.1 (Megatron-LM's default is the first)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 
 import torch
 from torch.overrides import TorchFunctionMode
