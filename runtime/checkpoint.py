@@ -731,7 +731,7 @@ def resume(*, root: str, chunks, optimizer, scheduler, distributed_optimizer: bo
         skipped.append(f"{path}: {reason}")
     if skipped:
         raise CheckpointError(f"no usable checkpoint under {root}: " + "; ".join(skipped)
-                              + " (move the damaged checkpoints away to start this stage from scratch)")
+                              + " (repair them, or move them away to start this stage from scratch)")
     return None
 
 

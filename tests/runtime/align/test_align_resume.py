@@ -113,17 +113,20 @@ def test_a_load_that_fails_half_way_leaves_the_model_untouched(world, mcore, tmp
     assert not changed, changed[:5]
 
 
-def test_a_save_that_hits_a_full_disk_removes_its_temporary_and_keeps_latest(world, mcore, tmp_path, monkeypatch):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_save_that_hits_a_full_disk_removes_its_temporary_and_keeps_latest(world, mcore, tmp_path, monkeypatch,
+                                                                            async_save):
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from nemoc.runtime import checkpoint as ckpt
 
     root, spec, tok = world
     model = mcore.build_gpt(spec, mcore.single_layout(), vocab=tok.vocab_size, seq_length=48)
-    saver = ckpt.Checkpointer(root=str(tmp_path / "ck"), keep=3, async_save=False)
+    saver = ckpt.Checkpointer(root=str(tmp_path / "ck"), keep=3, async_save=async_save)
     state = lambda it: ckpt.training_state(chunks=[model], optimizer=None, scheduler=None, iteration=it,  # noqa: E731
                                            consumed_samples=0)
     saver.save(state(1), iteration=1)
+    saver.maybe_finalize(blocking=True)
 
     def full_disk(*args, **kwargs):  # torch's _write_item(transforms, stream, data, write_item, storage_key, ...)
         stream = next((a for a in args if hasattr(a, "write") and hasattr(a, "name")), None)
@@ -132,6 +135,7 @@ def test_a_save_that_hits_a_full_disk_removes_its_temporary_and_keeps_latest(wor
     monkeypatch.setattr(filesystem_async, "_write_item", full_disk)  # the forked writers inherit it
     with pytest.raises(ckpt.CheckpointSaveError) as caught:
         saver.save(state(2), iteration=2)
+        saver.maybe_finalize(blocking=True)  # an async save's failure surfaces when it is finalized
     message = str(caught.value)
     assert message.startswith("checkpoint save failed at step 2: No space left on device (")
     assert str(tmp_path / "ck" / "iter_0000002.tmp") in message
