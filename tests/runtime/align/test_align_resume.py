@@ -171,3 +171,54 @@ def test_an_async_save_is_digested_by_its_writer_before_latest_moves(world, mcor
     assert shards and not [n for n in digested_here if n.startswith("__0_")], digested_here
     assert not [n for n in files if n.startswith(".nemoc_digests")]
     assert not [n for n in os.listdir(path) if n.startswith(".nemoc_digests")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_to_an_sft_stage_saves_exits_143_and_the_rerun_is_bit_identical(world, tmp_path, sig):
+    """`python -m nemoc.runtime.align`: Ctrl-C / SIGTERM mid-run finishes the step, saves, exits 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from nemoc.runtime.faults import differing_tensors
+    from nemoc.runtime.metrics import read_records
+
+    root, spec, tok = world
+    plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1), ("s", "lora", ("base",), {"pack": False}, _lora(), 60)],
+                     checkpoint_every=25, log_every=1)
+    data = [{"name": "d", "path": str(root / "chat.jsonl"), "format": "chat", "split": "90,10,0"}]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    env.pop("MASTER_ADDR", None)
+
+    def task(out):
+        return write_task(tmp_path, plan, "s", out=out, datasets=data, tokenizer=str(root / "tokenizer.json"),
+                          vocab_size=tok.vocab_size, parents={"base": str(root / "base")})
+
+    def start(path):
+        return subprocess.Popen([sys.executable, "-m", "nemoc.runtime.align", str(path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+
+    whole = start(task(tmp_path / "whole"))
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()[-3000:]
+    out = tmp_path / "part"
+    path = task(out)
+    proc = start(path)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if max((r["step"] for r in read_records(out / "metrics.jsonl") if "loss" in r), default=0) >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(getattr(signal, sig))
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "re-run to resume" in stderr
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert 3 <= int(latest[5:]) < 60 and not list((out / "checkpoints").glob("*.tmp"))
+    rerun = start(path)
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()[-3000:]
+    done = json.loads((out / "DONE.json").read_text())
+    assert done["resumed_from"] == int(latest[5:])
+    assert not differing_tensors(done["checkpoint"], json.loads((tmp_path / "whole" / "DONE.json").read_text())["checkpoint"])
