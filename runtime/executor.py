@@ -155,7 +155,7 @@ class Executor:
         if missing:
             raise TaskError(f"this installation has no runner for task kind(s) {', '.join(missing)} "
                             f"(known: {', '.join(sorted(set(known_kinds_list())))}); nothing was started")
-        with self.run_dir.lock():
+        with self.run_dir.lock(echo=self.echo):
             return self._run_locked()
 
     def _run_locked(self) -> RunOutcome:

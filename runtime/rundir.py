@@ -78,31 +78,55 @@ class RunDir:
         return path
 
     @contextlib.contextmanager
-    def lock(self):
-        """Hold the run directory for one `nemoc run` at a time (an flock, released if the process dies)."""
+    def lock(self, *, echo=None):
+        """Hold the run directory for one `nemoc run` at a time (an flock, released if the process dies),
+        and record this process under `procs/` (runtime/procs.py) for `nemoc status` and `nemoc cancel`.
+
+        A lock still held although the `nemoc run` named in it is gone (a process it forked inherited
+        the open file and outlives it) is stale: it is cleared (the file replaced) with a message on
+        `echo`. A lock whose holder runs refuses with its pid."""
+        from nemoc.runtime import procs
         from nemoc.runtime.tasks import TaskError
 
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as handle:
+        path = self.root / ".lock"
+        for attempt in range(2):
+            handle = open(path, "a+")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
             except BlockingIOError:
                 handle.seek(0)
                 holder = handle.read().strip() or "?"
-                raise TaskError(f"another `nemoc run` (pid {holder}) is using {self.root}; wait for it or use --workdir") from None
+                handle.close()
+                if attempt or self.holder_alive():
+                    raise TaskError(f"another `nemoc run` (pid {holder}) is using {self.root}; wait for it or "
+                                    "use --workdir") from None
+                (echo or print)(f"note: the `nemoc run` (pid {holder}) that locked {self.root} is gone, but a "
+                                "process it started still holds the lock; clearing the stale lock")
+                path.unlink(missing_ok=True)
+        with handle:
             handle.seek(0)
             handle.truncate()
             handle.write(str(os.getpid()))
             handle.flush()
+            mine = procs.record(self.root, "launcher")
             try:
                 yield
             finally:
+                mine.unlink(missing_ok=True)
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def holder_alive(self) -> bool:
-        """False when the `nemoc run` that last held this directory (its pid is in `.lock`) is gone, e.g.
-        killed with SIGKILL: its status.json may still say running, but nothing will update it. True
-        while it runs, and when unknown (no readable `.lock`)."""
+        """False when the `nemoc run` that last held this directory is gone, e.g. killed with SIGKILL: its
+        status.json may still say running, but nothing will update it. Read from its process record
+        (pid and start time, runtime/procs.py); for a run directory without one, from the pid in `.lock`.
+        True while it runs, and when unknown (no record, no readable `.lock`)."""
+        from nemoc.runtime import procs
+
+        recorded = procs.launcher_alive(self.root)
+        if recorded is not None:
+            return recorded
         import psutil
 
         try:
