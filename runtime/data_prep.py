@@ -32,8 +32,10 @@ import json
 import mmap
 import multiprocessing
 import os
+import re
 import shutil
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -143,6 +145,10 @@ def _lines(chunk: Chunk) -> Iterator[tuple[int, str]]:
         yield chunk.first_line + i, _decode(raw.rstrip(b"\r"), chunk.path, chunk.first_line + i)
 
 
+_LONE_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+                             r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
 def _json_object(line: str, path: str, line_no: int) -> dict | None:
     if not line.strip():
         return None  # blank lines in JSONL are tolerated
@@ -150,9 +156,26 @@ def _json_object(line: str, path: str, line_no: int) -> dict | None:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:  # the C decoder's depth limit (Python's recursion limit)
+        raise DataError(f"{path}:{line_no}: JSON nested too deeply (the reader stops near {sys.getrecursionlimit()} "
+                        "levels of arrays / objects); a record is one object with string fields") from None
     if not isinstance(record, dict):
         raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+    if "\\u" in line:  # only an escape can make a lone surrogate (raw ones are invalid UTF-8, caught earlier)
+        _check_surrogates(record, line, path, line_no)
     return record
+
+
+def _check_surrogates(record: dict, line: str, path: str, line_no: int) -> None:
+    """A `\\ud800` escape without its pair decodes to a string no UTF-8 encoder accepts: the tokenizer
+    would fail later without naming the line."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        match = _LONE_SURROGATE.search(line)
+        where = f" {match.group(0)} at column {match.start() + 1}" if match else ""
+        raise DataError(f"{path}:{line_no}: lone surrogate escape{where}: half of a UTF-16 pair is not a "
+                        "character (invalid Unicode text)") from None
 
 
 def _string_field(record: dict, key: str, path: str, line_no: int) -> str:

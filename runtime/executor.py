@@ -175,8 +175,16 @@ class Executor:
                 if rec["state"] in ("running", "queued") and not (keep_jobs and rec.get("job_id")):
                     status.set(task_id, state="interrupted", error="interrupted (Ctrl-C)")
             raise
+        except BaseException as exc:  # the run directory itself failed (disk full), or a bug: no task stays "running"
+            for task_id, rec in list(status.data["tasks"].items()):
+                if rec["state"] == "running":
+                    rec.update(state="failed", error=f"stopped by {type(exc).__name__}: {exc}")
+            raise
         finally:
-            status.finish()
+            try:
+                status.finish()
+            except OSError:  # disk full: `nemoc status` reads the dead launcher's "running" as "interrupted"
+                pass
 
     def _run_in_turn(self, status: Status) -> RunOutcome:
         """One task at a time in topological order; the first failure skips the rest."""
@@ -199,6 +207,8 @@ class Executor:
             state, payload, error = "failed", None, str(exc)
         except (ValueError, OSError) as exc:  # DataError / TokenizerError / unreadable files: user-facing
             state, payload, error = "failed", None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug or an input nobody foresaw: the task fails, never "running"
+            state, payload, error = "failed", None, _internal_error(exc, out_dir)
         return self._end(task, status, state, payload, error, time.time() - started)
 
     def _cached(self, task: Task, status: Status) -> TaskOutcome:
@@ -562,6 +572,21 @@ def known_kinds_list() -> list[str]:
     from nemoc.runtime.tasks import known_kinds
 
     return known_kinds()
+
+
+def _internal_error(exc: BaseException, out_dir: Path) -> str:
+    """The one-line message of an unexpected exception; its traceback goes to the task's log.txt."""
+    import traceback
+
+    where = out_dir / "log.txt"
+    try:
+        with open(where, "a", encoding="utf-8") as f:
+            f.write("".join(traceback.format_exception(exc)))
+    except OSError:
+        where = None
+    detail = str(exc)[:500] or type(exc).__name__
+    return (f"internal error ({type(exc).__name__}): {detail}" +
+            (f" (traceback in {where}); please report it" if where else ""))
 
 
 def _indent(text: str) -> str:

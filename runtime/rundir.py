@@ -3,8 +3,8 @@
     runs/<experiment>/                 (default under the cwd; `--workdir DIR` replaces it)
       plan.json  graph.json  status.json
       plans/plan-<digest>.json         the plan as each task was started with (task.json names it)
-      data/tokenizer/                  tokenizer:local
-      data/<name>/                     prepare:<name>
+      tokenizers/local/                tokenizer:local (the BPE trained on the corpus)
+      data/<name>/                     prepare:<name> (any data name: data/ holds nothing else)
       tasks/<task id, ':' -> '_'>/     task.json log.txt ranks/ metrics.jsonl tensorboard/ checkpoints/ DONE.json
 
 Every JSON file is written atomically (`*.tmp` then `os.replace`), so a reader never sees half a file and
@@ -140,10 +140,17 @@ class RunDir:
             return True
 
     def task_dir(self, task_id: str) -> Path:
-        """Where a task writes. Data tasks live under data/ so they read as the run's datasets."""
+        """Where a task writes. Prepared data sets live under data/, one directory per data name and
+        nothing else there, so any data name (`tokenizer` included) is free; the run's tokenizer has
+        its own tokenizers/<name>/. A run directory from before this layout keeps its trained tokenizer
+        in data/tokenizer/ (recognised by the task its DONE.json names) and goes on using it."""
         kind, _, name = task_id.partition(":")
         if kind == "tokenizer":
-            return self.root / "data" / ("tokenizer" if name == "local" else safe_name(task_id))
+            directory = self.root / "tokenizers" / safe_name(name)
+            legacy = self.root / "data" / "tokenizer"
+            if name == "local" and not directory.exists() and (read_json(legacy / DONE) or {}).get("task") == task_id:
+                return legacy
+            return directory
         if kind == "prepare":
             return self.root / "data" / safe_name(name)
         return self.root / "tasks" / safe_name(task_id)
