@@ -199,6 +199,7 @@ class Executor:
     def _run_task(self, task: Task, status: Status) -> TaskOutcome:
         if self.run_dir.is_done(task.id, task.hash):
             return self._cached(task, status)
+        self._say_why_not_cached(task)
         out_dir = self._start(task, status)
         started = time.time()
         try:
@@ -210,6 +211,13 @@ class Executor:
         except Exception as exc:  # noqa: BLE001 - a bug or an input nobody foresaw: the task fails, never "running"
             state, payload, error = "failed", None, _internal_error(exc, out_dir)
         return self._end(task, status, state, payload, error, time.time() - started)
+
+    def _say_why_not_cached(self, task: Task) -> None:
+        """A task finished with this hash whose recorded outputs are gone or changed runs again: say so."""
+        record = self.run_dir.done_record(task.id)
+        problem = self.run_dir.outputs_problem(task.id) if record and record.get("hash") == task.hash else None
+        if problem:
+            self.echo(f"↻ {task.id:<24} finished before, but {problem}: running it again")
 
     def _cached(self, task: Task, status: Status) -> TaskOutcome:
         self.echo(f"✓ {task.id:<24} cached (hash {task.short_hash})")

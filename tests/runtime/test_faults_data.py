@@ -22,7 +22,11 @@ FAULTS = Path(__file__).resolve().parent / "faults"
 
 
 def _inline_train(ctx):
-    return {"steps": ctx.stage.steps, "checkpoint": None}
+    """A stand-in training stage: a "checkpoint" directory, and the data set it was handed."""
+    (ctx.out_dir / "ckpt").mkdir(exist_ok=True)
+    (ctx.out_dir / "ckpt" / "weights.bin").write_bytes(b"w" * 1000)
+    prefix = next(rec["prefix"] for _, rec in ctx.inputs_of("dataset"))
+    return {"steps": ctx.stage.steps, "checkpoint": str(ctx.out_dir / "ckpt"), "data_prefix": prefix}
 
 
 def _broken_train(ctx):
@@ -137,3 +141,46 @@ def test_a_run_directory_from_before_keeps_its_trained_tokenizer(workspace):
     assert rd.task_dir("tokenizer:local") == rd.root / "data" / "tokenizer"
     outcome, lines = execute(plan, workspace / "run")
     assert outcome.states()["tokenizer:local"] == "cached", lines
+
+
+def test_deleted_or_changed_outputs_are_not_cached(workspace):
+    plan = make_plan(workspace, stages=(make_stage("pretrain", "inlinetrain", steps=2),))
+    outcome, lines = execute(plan, workspace / "run")
+    assert outcome.ok, lines
+    rd = RunDir(workspace / "run")
+    record = read_json(rd.task_dir("prepare:web") / "DONE.json")
+    assert set(record["outputs"]) == {"web_text_document.bin", "web_text_document.idx"}
+    assert record["relative"]["prefix"] == "data/web/web_text_document"
+    assert set(read_json(rd.task_dir("train:pretrain") / "DONE.json")["outputs"]) == {"ckpt/weights.bin"}
+    bin_path = rd.task_dir("prepare:web") / "web_text_document.bin"
+    original = bin_path.read_bytes()
+    bin_path.unlink()
+    outcome, lines = execute(plan, workspace / "run")
+    assert outcome.states() == {"tokenizer:local": "cached", "prepare:web": "done", "train:pretrain": "cached"}
+    assert any(f"{bin_path} is missing: running it again" in line for line in lines), lines
+    assert bin_path.read_bytes() == original
+    idx = rd.task_dir("prepare:web") / "web_text_document.idx"
+    data = bytearray(idx.read_bytes())
+    data[-1] ^= 0xFF  # same size, other content
+    idx.write_bytes(bytes(data))
+    weights = rd.task_dir("train:pretrain") / "ckpt" / "weights.bin"
+    weights.write_bytes(b"w" * 999)
+    outcome, lines = execute(plan, workspace / "run")
+    assert outcome.states() == {"tokenizer:local": "cached", "prepare:web": "done", "train:pretrain": "done"}
+    assert any("content digest differs" in line for line in lines) and any("size 999 bytes" in line for line in lines)
+    outcome, lines = execute(plan, workspace / "run")
+    assert set(outcome.states().values()) == {"cached"}, lines
+
+
+def test_a_moved_run_directory_reads_its_own_files(workspace):
+    plan = make_plan(workspace, stages=(make_stage("pretrain", "inlinetrain", steps=2),))
+    execute(plan, workspace / "run")
+    shutil.move(workspace / "run", workspace / "moved")
+    rd = RunDir(workspace / "moved")
+    assert rd.done_record("prepare:web")["prefix"] == str(rd.root / "data" / "web" / "web_text_document")
+    assert rd.done_record("train:pretrain")["checkpoint"] == str(rd.root / "tasks" / "train_pretrain" / "ckpt")
+    (rd.task_dir("train:pretrain") / "DONE.json").unlink()
+    outcome, lines = execute(plan, workspace / "moved")
+    assert outcome.states() == {"tokenizer:local": "cached", "prepare:web": "cached", "train:pretrain": "done"}
+    assert rd.done_record("train:pretrain")["data_prefix"].startswith(str(rd.root) + "/")
+    assert not (workspace / "run").exists()
