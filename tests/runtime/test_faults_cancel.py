@@ -92,6 +92,21 @@ def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_pat
             proc.kill()
 
 
+def test_cancel_while_the_run_prepares_data_stops_the_recorded_nemoc_run(tmp_path):
+    """No torchrun yet (the run tokenizes): the recorded `nemoc run` itself gets SIGTERM (its Ctrl-C path)."""
+    run = make_run(tmp_path)
+    proc = start_rank(run, "save", role="launcher")
+    (run / "tasks" / "train_pretrain" / "procs").rename(run / "procs")  # a launcher is recorded at the run's root
+    try:
+        result = CliRunner().invoke(cancel, [str(run)])
+        assert result.exit_code == 0 and f"cancelled launcher pid {proc.pid}" in result.output, result.output
+        assert proc.wait(timeout=10) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_cancel_with_nothing_running_says_so(tmp_path):
     run = make_run(tmp_path, state="done")
     result = CliRunner().invoke(cancel, [str(run)])

@@ -184,3 +184,19 @@ def test_a_moved_run_directory_reads_its_own_files(workspace):
     assert outcome.states() == {"tokenizer:local": "cached", "prepare:web": "cached", "train:pretrain": "done"}
     assert rd.done_record("train:pretrain")["data_prefix"].startswith(str(rd.root) + "/")
     assert not (workspace / "run").exists()
+
+
+def test_a_full_disk_at_the_end_of_a_task_leaves_no_task_running(workspace, monkeypatch):
+    import errno
+
+    def full(self, task_id, task_hash, payload):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.task_dir(task_id) / "DONE.json"))
+
+    monkeypatch.setattr(RunDir, "mark_done", full)
+    plan = make_plan(workspace, stages=(make_stage("pretrain", "inlinetrain", steps=2),))
+    with pytest.raises(OSError, match="No space left"):
+        execute(plan, workspace / "run")
+    status = read_json(workspace / "run" / "status.json")
+    assert status["tasks"]["tokenizer:local"]["state"] == "failed"
+    assert "No space left on device" in status["tasks"]["tokenizer:local"]["error"] and status["finished"]
+    assert "running" not in {rec["state"] for rec in status["tasks"].values()}
