@@ -318,9 +318,12 @@ def _init_worker(tokenizer_spec: str) -> None:
 
 def _init_pool_worker(tokenizer_spec: str) -> None:
     """A pool worker: default SIGTERM (the pool's terminate) and no SIGINT (the parent handles Ctrl-C and
-    stops the pool), so neither prints a traceback."""
+    stops the pool), so neither prints a traceback; SIGKILL when the parent dies (even by SIGKILL)."""
+    from nemoc.runtime.procs import set_parent_death_signal
+
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    set_parent_death_signal(signal.SIGKILL)
     _init_worker(tokenizer_spec)
 
 

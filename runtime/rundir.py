@@ -114,6 +114,7 @@ class RunDir:
             handle.truncate()
             handle.write(str(os.getpid()))
             handle.flush()
+            procs.clear_dead(self.root)  # a killed predecessor's record: read by `nemoc status` until now
             mine = procs.record(self.root, "launcher")
             try:
                 yield
