@@ -159,6 +159,8 @@ def _json_object(line: str, path: str, line_no: int) -> dict | None:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except ValueError as exc:  # an integer of more than 4,300 digits (Python's int-from-string limit)
+        raise DataError(f"{path}:{line_no}: unreadable JSON value ({str(exc).split(':')[0]})") from None
     except RecursionError:  # the C decoder's depth limit (Python's recursion limit)
         raise DataError(f"{path}:{line_no}: JSON nested too deeply (the reader stops near {sys.getrecursionlimit()} "
                         "levels of arrays / objects); a record is one object with string fields") from None

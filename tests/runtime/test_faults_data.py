@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from plan_factory import make_plan, make_stage
 
 from nemoc.compiler.graph import build_graph
@@ -65,6 +67,7 @@ CASES = [
     ("deep_nesting.jsonl", r"nested too deeply"),
     ("lone_surrogate.jsonl", r"lone surrogate escape \\ud800 at column 11"),
     ("lone_low_surrogate.jsonl", r"lone surrogate escape \\udc00"),
+    ("huge_integer.jsonl", r"unreadable JSON value \(Exceeds the limit \(4300 digits\)"),
 ]
 
 
@@ -200,3 +203,22 @@ def test_a_full_disk_at_the_end_of_a_task_leaves_no_task_running(workspace, monk
     assert status["tasks"]["tokenizer:local"]["state"] == "failed"
     assert "No space left on device" in status["tasks"]["tokenizer:local"]["error"] and status["finished"]
     assert "running" not in {rec["state"] for rec in status["tasks"].values()}
+
+
+_FRAGMENTS = st.sampled_from(['{"text": ', '"', "\\ud800", "\\udc00", "\\u0041", "[", "]", "{", "}", ",", ":",
+                              "1" * 5000, "1e999", "NaN", "null", "\\", "\x00", "é", "\n", "\r", " ", "text", '"text"'])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(line=st.one_of(st.lists(_FRAGMENTS, max_size=40).map("".join).map(str.encode), st.binary(max_size=200),
+                      st.integers(1, 5000).map(lambda n: b'{"text": ' + b"[" * n)))
+def test_any_line_is_a_document_or_an_error_at_its_file_and_line(tmp_path, line):
+    path = tmp_path / "any.jsonl"
+    path.write_bytes(b'{"text": "first"}\n' + line.replace(b"\n", b" ") + b"\n")
+    try:
+        texts = list(iter_texts([Source("web", str(path))]))
+    except DataError as exc:
+        assert str(exc).startswith(f"{path}:2: ") or str(exc).startswith(f"{path}:1: the corpus"), str(exc)
+        return
+    for text in texts:
+        text.encode("utf-8")  # every text the tokenizer gets is valid Unicode
