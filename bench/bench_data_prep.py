@@ -8,7 +8,8 @@ and 2.8 GB to train a tokenizer on, 132 s and 9.2 GB to prepare). Tokenizer trai
 (1 worker, with the tokenizer just trained) each run in a fresh child process; their wall time and
 peak resident memory (the child's ru_maxrss; `baseline`: a child that only imports what preparation
 imports, Megatron-Core and torch) are written to bench/results/data_prep_big_doc.json
-under `--label` (so a run before and after a change sit side by side).
+under `--label` (so a run before and after a change sit side by side), with the child's CPU time
+(user + system, including the import), which a loaded machine disturbs less than the wall time.
 
 Workers are spawned processes (see runtime/data_prep.py), so 2 workers pay two interpreter start-ups.
 Corpus: the quickstart corpus (examples/data/quickstart/corpus.jsonl) concatenated `--copies` times;
@@ -107,8 +108,9 @@ else:
     result = prepare_dataset(Source("big", corpus), out + "/tokenizer.json", out + "/prepared", workers=1)
     extra = {"tokens": result.tokens, "documents": result.documents}
 seconds = time.perf_counter() - t0
-print(json.dumps(dict(extra, seconds=round(seconds, 2),
-                      peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps(dict(extra, seconds=round(seconds, 2), cpu_s=round(usage.ru_utime + usage.ru_stime, 2),
+                      peak_rss_mb=round(usage.ru_maxrss / 1024))))
 """
 
 
@@ -136,7 +138,8 @@ def big_document(megabytes: float, label: str) -> None:
             if proc.returncode != 0:
                 raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
             row[what] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"{label:>8} {what:<16} {row[what]['seconds']:>8.1f} s {row[what]['peak_rss_mb']:>7} MB", flush=True)
+            print(f"{label:>8} {what:<16} {row[what]['seconds']:>8.1f} s wall {row[what]['cpu_s']:>8.1f} s CPU "
+                  f"{row[what]['peak_rss_mb']:>7} MB", flush=True)
     out = ROOT / "bench" / "results" / "data_prep_big_doc.json"
     report = json.loads(out.read_text()) if out.exists() else {"benchmark": "data_prep_big_doc", "runs": {}}
     report["runs"][label] = dict(row, machine={"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
