@@ -24,6 +24,7 @@ COMMANDS = {
     "status": "nemoc.runtime.cmd_run:status",
     "logs": "nemoc.runtime.cmd_cluster:logs",
     "cancel": "nemoc.runtime.cmd_cluster:cancel",
+    "report": "nemoc.runtime.cmd_report:report",
 }
 
 

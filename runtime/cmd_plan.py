@@ -316,8 +316,12 @@ def report_json_total(plan) -> dict:
               help="Runner-up layouts to show per stage.")
 @click.option("--emit", "emit", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the compiled plan (JSON) that `nemoc run` consumes.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write a self-contained HTML report (memory per pipeline stage, schedule, step time, "
+                   "runner-ups, cost; docs/reports.md).")
 @common_options
-def plan(file: str, headroom: float, top: int, emit: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+def plan(file: str, headroom: float, top: int, emit: str | None, html_path: str | None, sets: tuple[str, ...],
+         as_json: bool) -> None:
     """Resolve every `auto` into the best Megatron-Core layout, prove it fits, estimate time and cost."""
     from nemoc.compiler.plan import to_json
     from nemoc.compiler.planner import plan_experiment
@@ -335,6 +339,10 @@ def plan(file: str, headroom: float, top: int, emit: str | None, sets: tuple[str
     if emit:
         with open(emit, "w", encoding="utf-8") as f:
             f.write(to_json(result.plan))
+    if html_path:
+        from nemoc.runtime.cmd_report import write_html
+
+        write_html(html_path, result.plan, headroom=headroom, results=result.stages, top=top)
     if as_json:
         click.echo(json.dumps(report_json(result, headroom, top), indent=2))
     else:
@@ -345,4 +353,6 @@ def plan(file: str, headroom: float, top: int, emit: str | None, sets: tuple[str
         render_report(result, headroom, top, console)
         if emit:
             console.print(f"plan written to {emit}")
+        if html_path:
+            console.print(f"HTML report written to {html_path}")
     sys.exit(EXIT_OK)
