@@ -95,7 +95,8 @@ CHART_BOXES = """JSON.stringify(Array.from(document.querySelectorAll('div.plotly
   const r = d.getBoundingClientRect();
   return {id: d.id, x: r.left + window.scrollX, y: r.top + window.scrollY, w: r.width, h: r.height};
 }))"""
-CHARTS_DRAWN = """Array.from(document.querySelectorAll('div.plotly-graph-div')).every(d => d.querySelector('svg.main-svg'))"""
+CHARTS_DRAWN = """Array.from(document.querySelectorAll('div.plotly-graph-div')).every(
+  d => d._fullLayout && d.querySelector('svg.main-svg') && d.querySelectorAll('g.trace').length > 0)"""
 
 
 def render(html_path: str | os.PathLike, *, chromium: str | None = None, timeout: float = 120.0,
@@ -119,8 +120,13 @@ def render(html_path: str | os.PathLike, *, chromium: str | None = None, timeout
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{html_path}: the charts did not draw in {timeout} s")
                 time.sleep(0.2)
-            time.sleep(0.3)  # let plotly finish its last relayout
-            for box in json.loads(session.evaluate(CHART_BOXES)):
+            boxes, previous = session.evaluate(CHART_BOXES), None
+            while boxes != previous:  # plotly relayouts (responsive sizing) after its first draw: wait it out
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{html_path}: the charts kept moving for {timeout} s")
+                time.sleep(0.5)
+                previous, boxes = boxes, session.evaluate(CHART_BOXES)
+            for box in json.loads(boxes):
                 clip = {"x": box["x"], "y": box["y"], "width": max(1, box["w"]), "height": max(1, box["h"]),
                         "scale": scale}
                 shot = session.call("Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True)
