@@ -329,6 +329,9 @@ def stage_section(plan, sp, index: int, headroom: float, sr=None, top: int = 3, 
             out += [f"<h3>why the other candidates lost ({sr.search.space:,} candidates)</h3>",
                     _table(("candidates", "reason", "closest example"),
                            [[f"{r.count:,}", r.reason, f"{r.layout}: {r.example}"] for r in sr.search.rejections[:8]])]
+    elif run is not None:
+        out.append(_p("runner-ups: a run directory keeps the chosen plan only; `nemoc plan FILE --html` shows "
+                      "the runner-ups and why each lost"))
     if run is not None:
         out += run_section(plan, sp, run, index)
     return out

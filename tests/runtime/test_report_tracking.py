@@ -188,3 +188,20 @@ def test_nemoc_run_logs_to_wandb_and_mlflow(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("nemoc-test").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
     assert (task / "tensorboard").is_dir()
+
+
+def test_tensorboard_false_leaves_it_out_of_the_task(tmp_path):
+    from nemoc.compiler.graph import build_graph
+    from nemoc.runtime.rundir import RunDir
+    from nemoc.runtime.tasks import TaskContext
+    from nemoc.runtime.tasks.training import base_task_json
+
+    for block, want in (("  tracking { tensorboard = false }\n", None), ("", "tensorboard")):
+        root = tmp_path / f"case{bool(block)}"
+        root.mkdir()
+        plan = _plan(with_tracking(root, block))
+        task = next(t for t in build_graph(plan).tasks() if t.stage == "pretrain")
+        ctx = TaskContext(task=task, plan=plan, plan_path=root / "plan.json", run_dir=RunDir(root),
+                          out_dir=root / "out", inputs={})
+        got = base_task_json(ctx)["tensorboard_dir"]
+        assert got == want or Path(got).name == want
