@@ -55,6 +55,8 @@ def test_the_block_reaches_the_plan_and_round_trips(tmp_path):
     del old["tracking"]  # a plan written before the block existed
     assert from_json(json.dumps(old)).tracking == TrackingSpec()
     assert _plan(QUICKSTART).tracking == TrackingSpec()
+    spec, _ = load_experiment(str(QUICKSTART), ("tracking.wandb=true", 'tracking.project="sweep"'))
+    assert spec.tracking == TrackingSpec(wandb=True, project="sweep")  # --set creates the block
 
 
 def test_a_misspelt_field_is_a_diagnostic_at_its_line(tmp_path):
