@@ -97,7 +97,12 @@ class WandbSink:
             self.run.log(values, step=int(record["step"]))
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() returns once the run is marked done; the wandb-core service may still hold the
+        # run file's last writes. teardown() stops the service, which flushes and closes them.
+        wandb.teardown()
 
 
 class MlflowSink:
