@@ -55,8 +55,11 @@ class RunData:
 
 def _figure(fig, div_id: str) -> str:
     fig.update_layout(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), font=dict(size=12))
+    # Not `responsive`: its window-resize redraw, racing the first draw of a long page, left axis
+    # titles at y = -Infinity (a console error in Chromium, seen under load); each chart still takes
+    # its container's width when drawn.
     return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id,
-                       config={"displaylogo": False, "responsive": True})
+                       config={"displaylogo": False, "responsive": False})
 
 
 def memory_figure(breakdowns: Sequence, capacity: int, budget: int, title: str):
