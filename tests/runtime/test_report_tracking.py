@@ -171,7 +171,8 @@ def test_a_sink_failing_while_logging_is_dropped_not_fatal(capsys):
 
 @pytest.mark.slow
 def test_nemoc_run_logs_to_wandb_and_mlflow(tmp_path):
-    """End to end: `nemoc run` of the quickstart (a few steps) with both sinks; no network."""
+    """End to end: `nemoc run` of the quickstart (a few steps) with both sinks, no network; then
+    `nemoc report` of that run directory, rendered in headless Chromium."""
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
     path = with_tracking(tmp_path, steps=6)
@@ -190,6 +191,17 @@ def test_nemoc_run_logs_to_wandb_and_mlflow(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("nemoc-test").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
     assert (task / "tensorboard").is_dir()
+    # the run's HTML report, from the real run directory, as rendered
+    res = CliRunner().invoke(cli, ["report", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert 'id="curves-0"' in page and 'id="predicted-0"' in page and "done" in page
+    from nemoc.runtime.browser import find_chromium, png_is_blank, render
+
+    if find_chromium() is not None:
+        shot = render(tmp_path / "run" / "report.html", timeout=180)
+        assert shot.errors == [] and {"curves-0", "predicted-0", "memory-0"} <= set(shot.charts)
+        assert not any(png_is_blank(png) for png in shot.charts.values())
 
 
 def test_tensorboard_false_leaves_it_out_of_the_task(tmp_path):
