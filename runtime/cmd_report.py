@@ -32,7 +32,8 @@ def write_html(path: str | Path, plan, *, headroom: float = 0.10, results=None, 
 
 def read_run(run_dir: str | Path, plan):
     """`RunData` of a run directory: task states in graph order, and per stage of `plan` its task's
-    metrics records, DONE payload and eval results (whatever exists so far)."""
+    metrics records, DONE payload and eval results (whatever exists so far). Without a readable
+    status.json (a damaged or hand-copied run), the task directories themselves are read."""
     from nemoc.runtime.cmd_run import status_rows
     from nemoc.runtime.html_report import RunData, StageRun
     from nemoc.runtime.metrics import read_records
@@ -40,17 +41,21 @@ def read_run(run_dir: str | Path, plan):
 
     rd = RunDir(run_dir)
     rows = status_rows(run_dir) or []
+    found = [(rd.task_dir(r["id"]), r["id"], str(r["state"])) for r in rows]
+    known = {d.name for d, _, _ in found}
+    tasks_root = rd.root / "tasks"
+    if tasks_root.is_dir():
+        found += [(d, d.name, "unknown (not in status.json)") for d in sorted(tasks_root.iterdir())
+                  if d.is_dir() and d.name not in known]
     stages: dict[str, StageRun] = {}
     names = {s.name for s in plan.stages}
-    for row in rows:
-        task_dir = rd.task_dir(row["id"])
+    for task_dir, task_id, state in found:
         task = read_json(task_dir / "task.json") or {}
-        stage = task.get("stage") or row["id"].partition(":")[2]
+        stage = task.get("stage") or task_id.partition(":")[2]
         if stage not in names or stage in stages:
             continue
-        results = read_json(task_dir / "results.json")
-        stages[stage] = StageRun(task=row["id"], state=str(row["state"]), records=tuple(read_records(task_dir / "metrics.jsonl")),
-                                 results=results, done=read_json(task_dir / "DONE.json"))
+        stages[stage] = StageRun(task=task_id, state=state, records=tuple(read_records(task_dir / "metrics.jsonl")),
+                                 results=read_json(task_dir / "results.json"), done=read_json(task_dir / "DONE.json"))
     return RunData(root=str(rd.root), stages=stages, tasks=tuple((r["id"], str(r["state"])) for r in rows))
 
 

@@ -309,8 +309,9 @@ def stage_section(plan, sp, index: int, headroom: float, sr=None, top: int = 3, 
     budget = int(sp.memory.capacity * (1 - headroom))
     stages_mem = pipeline_memory(plan, sp) or (sp.memory,)
     out.append(_chart(memory_figure(stages_mem, sp.memory.capacity, budget,
-                                    f"memory per GPU by pipeline stage: {sp.memory.total / GIB:.1f} GiB on the "
-                                    f"most-loaded of {sp.layout.pp}"), f"memory-{index}"))
+                                    f"memory per GPU: {sp.memory.total / GIB:.1f} GiB"
+                                    + (f" on the most-loaded of {sp.layout.pp} pipeline stages" if sp.layout.pp > 1
+                                       else " (no pipeline)")), f"memory-{index}"))
     try:
         schedule = stage_schedule(sp)
     except ValueError as exc:  # a plan written by hand with a layout Megatron-Core would refuse
@@ -353,7 +354,7 @@ def plan_html(plan, *, headroom: float = 0.10, results: Sequence | None = None, 
                f"{plan.precision}, attention {plan.attention_backend}, kernels {plan.kernels}, headroom {headroom:.0%}")]
     if run is not None:
         body += [_p(f"run directory {run.root}"),
-                 _table(("task", "state"), run.tasks) if run.tasks else _p("no status.json yet", "warn")]
+                 _table(("task", "state"), run.tasks) if run.tasks else _p("no readable status.json (task states unknown)", "warn")]
     timed = [s for s in plan.stages if s.estimate.step_time_s]
     if timed:
         body.append(_chart(cost_figure(timed, "cost and wall time per stage"), "cost"))

@@ -128,6 +128,15 @@ def test_report_without_metrics_and_with_a_failed_task(tmp_path):
     assert "evaluation results" in page and "corpus.perplexity" in page and "12.18" in page
 
 
+def test_report_without_status_reads_the_task_directories(tmp_path):
+    run = make_run(tmp_path, records={"pretrain": curve(3)})
+    (run / "status.json").write_text("{damaged")
+    res = invoke("report", str(run))
+    assert res.exit_code == 0, res.output
+    page = (run / "report.html").read_text()
+    assert "no readable status.json" in page and 'id="curves-0"' in page and "not in status.json" in page
+
+
 def test_report_of_a_directory_without_plan_is_a_one_line_error(tmp_path):
     res = invoke("report", str(tmp_path))
     assert res.exit_code == 2 and "Traceback" not in res.output
