@@ -354,7 +354,8 @@ def plan_html(plan, *, headroom: float = 0.10, results: Sequence | None = None, 
                f"{plan.precision}, attention {plan.attention_backend}, kernels {plan.kernels}, headroom {headroom:.0%}")]
     if run is not None:
         body += [_p(f"run directory {run.root}"),
-                 _table(("task", "state"), run.tasks) if run.tasks else _p("no readable status.json (task states unknown)", "warn")]
+                 _table(("task", "state"), run.tasks) if run.tasks
+                 else _p("no readable status.json (task states unknown)", "warn")]
     timed = [s for s in plan.stages if s.estimate.step_time_s]
     if timed:
         body.append(_chart(cost_figure(timed, "cost and wall time per stage"), "cost"))
