@@ -427,8 +427,15 @@ def run_section(plan, sp, run: StageRun, index: int) -> list[str]:
     if events:
         out.append(_p("events: " + "; ".join(f"{r.get('event')}" + (f" at {r['iteration']}" if "iteration" in r else "")
                                              for r in events[-12:])))
+    if run.done and _number(run.done.get("final_loss")):
+        out.append(_p(f"finished: final loss {run.done['final_loss']:.4g} after {run.done.get('steps', '?')} steps"))
     if run.results:
-        out += ["<h3>evaluation results</h3>", _table(("result", "value"), _flatten(run.results))]
+        results = dict(run.results)
+        generated = results.pop("generations", None)
+        out += ["<h3>evaluation results</h3>", _table(("result", "value"), _flatten(results))]
+        if isinstance(generated, list) and generated:
+            out.append(_table(("prompt", "completion"), [
+                [str(g.get("prompt", "")), str(g.get("completion", ""))] for g in generated if isinstance(g, Mapping)]))
     return out
 
 

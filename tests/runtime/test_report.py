@@ -119,13 +119,15 @@ def test_predicted_vs_measured_uses_per_gpu_throughput_and_skips_warmup():
 
 def test_report_without_metrics_and_with_a_failed_task(tmp_path):
     run = make_run(tmp_path / "r", "examples/pipeline.nemo", states={"pretrain": "failed", "sft": "pending"},
-                   records={"pretrain": curve(2)}, results={"eval": {"corpus": {"loss": 2.5, "perplexity": 12.18}}})
+                   records={"pretrain": curve(2)}, results={"eval": {"stage": "eval", "datasets": {"corpus": {"loss": 2.5, "perplexity": 12.18}},
+                                     "generations": [{"prompt": "Once upon", "completion": " a <time>", "tokens": 3}]}})
     out = tmp_path / "out.html"
     res = invoke("report", str(run), "-o", str(out))
     assert res.exit_code == 0, res.output
     page = out.read_text()
     assert "failed" in page and "no metrics logged yet" in page
-    assert "evaluation results" in page and "corpus.perplexity" in page and "12.18" in page
+    assert "evaluation results" in page and "datasets.corpus.perplexity" in page and "12.18" in page
+    assert "<td>Once upon</td><td> a &lt;time&gt;</td>" in page  # generations, escaped
 
 
 def test_report_without_status_reads_the_task_directories(tmp_path):
