@@ -106,9 +106,10 @@ def render(html_path: str | os.PathLike, *, chromium: str | None = None, timeout
     if chromium is None:
         raise FileNotFoundError("chromium is not installed (apt-get install chromium)")
     out = Rendered()
-    with tempfile.TemporaryDirectory(prefix="nemoc-chromium-") as profile:
+    # ignore_cleanup_errors: a chromium helper may still be closing a profile file during the removal
+    with tempfile.TemporaryDirectory(prefix="nemoc-chromium-", ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([chromium, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             port = _devtools_port(Path(profile), proc, timeout)
             session = _Session(_page_socket(port, timeout), timeout)
@@ -135,13 +136,31 @@ def render(html_path: str | os.PathLike, *, chromium: str | None = None, timeout
             out.errors = _errors(session.events)
             session.ws.close()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
     return out
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End the chromium we started and its helpers (its own session: renderer, GPU, zygote)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=20)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the helpers leave after the browser; wait for the group to empty
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 def _errors(events: list[dict]) -> list[str]:
