@@ -112,6 +112,11 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
     run_dir = RunDir(workdir if workdir else default_run_dir(plan.experiment))
     echo = (lambda line: click.echo(line, err=True)) if as_json else click.echo
     name = launcher_name or plan.cluster.scheduler
+    if name == "local" and not dry_run:  # the tasks run here: a sink they cannot open fails now, not mid-run
+        from nemoc.runtime.tracking import missing
+
+        if (problem := missing(plan.tracking)) is not None:
+            _die(f"error: {file}: {problem}", as_json, EXIT_USAGE)
     if detach and name != "slurm":
         _die(f"error: --detach needs the slurm launcher (this run uses {name!r}): a {name} run is followed by "
              "`nemoc run` itself", as_json, EXIT_USAGE)

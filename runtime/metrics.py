@@ -97,7 +97,7 @@ class Metrics(NullMetrics):
 
     def __init__(self, *, metrics_path: str | None, tensorboard_dir: str | None, total_steps: int,
                  start_step: int = 0, title: str = "train", console: TextIO | None = None,
-                 use_rich: bool | None = None):
+                 use_rich: bool | None = None, tracking=None):
         self.total_steps = total_steps
         self.start_step = start_step
         self.start_time = time.monotonic()
@@ -109,6 +109,11 @@ class Metrics(NullMetrics):
             os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
             self._jsonl = open(metrics_path, "a", encoding="utf-8")
         self._tb = _open_tensorboard(tensorboard_dir, self.console)
+        self._sinks = None  # W&B / MLflow (runtime.tracking), when the experiment's tracking block asks
+        if tracking is not None:
+            from nemoc.runtime.tracking import Sinks, open_sinks
+
+            self._sinks = Sinks(open_sinks(tracking, self.console), self.console)
         if use_rich is None:
             use_rich = bool(getattr(self.console, "isatty", lambda: False)())
         self._progress = _RichProgress(title, total_steps, start_step) if use_rich else None
@@ -132,6 +137,8 @@ class Metrics(NullMetrics):
                     self._tb.add_scalar(f"train/{key}" if not key.startswith("val_") else f"val/{key[4:]}",
                                         value, record["step"])
             self._tb.flush()
+        if self._sinks is not None:
+            self._sinks.log(record)
         if "step" in record:
             self._console_line(record)
 
@@ -184,6 +191,9 @@ class Metrics(NullMetrics):
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._sinks is not None:
+            self._sinks.close()
+            self._sinks = None
 
 
 def _open_tensorboard(directory: str | None, console: TextIO, purge_step: int | None = None):

@@ -60,6 +60,7 @@ from nemoc.runtime import megatron_args as margs  # noqa: E402
 from nemoc.runtime import model as mdl  # noqa: E402
 from nemoc.runtime import taskfile  # noqa: E402
 from nemoc.runtime.metrics import NullMetrics, open_metrics  # noqa: E402
+from nemoc.runtime.tracking import target as tracking_target  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_TASK, EXIT_PREEMPTED = 0, 1, 2, 143
 DEFAULT_TIMEOUT_S = 300
@@ -725,7 +726,7 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
     model, config, padded_vocab = build_model(plan=plan, stage=stage, vocab_size=task.vocab_size, facts=facts)
     optimizer, scheduler = build_optimizer(model=model, stage=stage, precision=plan.precision)
     metrics = open_metrics(rank=rank, metrics_path=task.metrics_path, tensorboard_dir=task.tensorboard_dir,
-                           total_steps=task.steps, title=stage.name)
+                           total_steps=task.steps, title=stage.name, tracking=tracking_target(plan, stage, task.output_dir))
     checkpointer = None
     try:
         restored = restore_or_initialize(task=task, model=model, optimizer=optimizer, scheduler=scheduler,
