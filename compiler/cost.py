@@ -25,7 +25,7 @@ MFU = model FLOPs (what the stage needs, no recompute: `flops.stage_model_flops_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from types import MappingProxyType
 
@@ -475,6 +475,26 @@ def _local_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int] 
     return dense + experts + embed * (2 if layout.pp == 1 and not model.tie_embeddings else 1)
 
 
+def _trainable_params(model: ModelSpec, layout: Layout, split, peft: LoraSpec | None) -> float:
+    """Parameters the optimizer updates on one GPU of the most-loaded stage (LoRA: the adapters)."""
+    if peft is None:
+        return _local_params(model, layout, split)
+    n = max(layers_on_stage(model.layers, layout.pp, i, split) for i in {0, min(1, layout.pp - 1)})
+    return n * lora_params_per_layer(model, peft) / layout.tp
+
+
+def _optimizer_time(layout: Layout, hw: HardwareSpec, trainable: float, updates: float, micro_batches: float,
+                    kernels: str) -> float:
+    """Adam over the sharded parameters (ADAM_BYTES) + the gradient-norm pass over the local ones,
+    `updates` times; on the local spec (no gradient-accumulation fusion) a main_grad add per micro
+    batch (`micro_batches` of them per step). Independent of the micro batch size and recompute."""
+    shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
+    t = updates * (trainable / shard * ADAM_BYTES[kernels] + trainable * 4.0) / hw.hbm_bw
+    if kernels == "local":
+        t += micro_batches * trainable * LOCAL_GRAD_ACCUM_BYTES / hw.hbm_bw
+    return t
+
+
 def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = None,
              gpu: HardwareSpec | str | None = None, precision: str = "bf16", attention_backend: str = "flash",
              seq_length: int | None = None, steps: int = 1, stage_kind: str = "pretrain",
@@ -547,18 +567,11 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                                          micro_batch=mb, new_tokens=work.generated, params=params,
                                          overlap_tp=overlap_tp, kernels=kernels)
     if train:
-        trainable = _local_params(model, layout, split)
-        if peft is not None:
-            n = max(layers_on_stage(model.layers, layout.pp, i, split) for i in {0, min(1, layout.pp - 1)})
-            trainable = n * lora_params_per_layer(model, peft) / layout.tp
+        trainable = _trainable_params(model, layout, split, peft)
         updates = work.trained * main.count  # PPO: actor and critic, ppo_epochs times
         parts["dp_comm_exposed"] = updates * _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params,
                                                          trainable, grad_bytes, overlap_grad_reduce)
-        shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
-        # Adam over the sharded parameters (ADAM_BYTES) + the gradient-norm pass over the local ones
-        parts["optimizer"] = updates * (trainable / shard * ADAM_BYTES[kernels] + trainable * 4.0) / hw.hbm_bw
-        if kernels == "local":  # no gradient-accumulation fusion: a main_grad add per micro batch
-            parts["optimizer"] += main.count * m * trainable * LOCAL_GRAD_ACCUM_BYTES / hw.hbm_bw
+        parts["optimizer"] = _optimizer_time(layout, hw, trainable, updates, main.count * m, kernels)
     parts["step_overhead"] = params.step_overhead
     step = sum(parts.values())
     tokens = layout.global_batch * seq * work.rows
@@ -575,6 +588,54 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
         gpu_hours=gpu_hours, cost_usd=gpu_hours * price if price is not None else None,
         parts=MappingProxyType(parts),
     )
+
+
+def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tuple[int, int],
+                          cluster: ClusterSpec | None = None, gpu: HardwareSpec | str | None = None,
+                          precision: str = "bf16", attention_backend: str = "flash", seq_length: int | None = None,
+                          stage_kind: str = "pretrain", peft: LoraSpec | None = None,
+                          params: EfficiencyParams = DEFAULT_PARAMS, stage_params: object = None,
+                          split: tuple[int, int, int] | None = None, overlap_p2p: bool = RUNTIME_OVERLAPS_P2P,
+                          overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te") -> float:
+    """A lower bound of `estimate(...).step_time_s` over every micro batch in the range
+    `micro_batches` = (smallest, largest) and every recompute level, for the other sizes of `layout`
+    (its micro batch and recompute are ignored; `layout.num_microbatches x layout.micro_batch` is the
+    rows per data-parallel rank, the same for every micro batch E111 admits). The search uses it to
+    skip a whole layout group whose bound is already slower than its top list (branch and bound).
+
+    Why it bounds: every per-micro-batch term of `layer_times` and the output layer is a roofline
+    max(a x mb, b x mb + c), a linear term, or a constant per micro batch, so its time per row never
+    grows with the micro batch: m x t(mb) >= rows x t(largest) / largest; the slowest stage is no
+    faster than the mean one (pp_imbalance >= 0); the bubble (pp - 1) / vp x t_mean(mb) is at least
+    that of the smallest micro batch; the pipeline transfers at least the warm-up ones of the
+    smallest; recompute only adds time term by term (so recompute = none bounds every level); the
+    data-parallel exposure, other passes and rollout are >= 0; optimizer and step overhead do not
+    depend on either. tests/compiler/test_search.py checks the bound against `estimate`."""
+    hw = gpu if isinstance(gpu, HardwareSpec) else get_gpu(gpu or (cluster.gpu if cluster else "H100"))
+    hw = _node_domain(hw, cluster.gpus_per_node if cluster is not None else None)
+    seq = seq_length or model.seq_length
+    work = stage_work(stage_kind, stage_params, peft)
+    if not work.passes:
+        return 0.0
+    main = work.passes[0]
+    smallest, largest = micro_batches
+    rows = layout.num_microbatches * layout.micro_batch
+    layout = replace(layout, recompute="none")
+    lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
+                     micro_batch=largest * work.rows, backward=main.backward, params=params, overlap_tp=overlap_tp,
+                     kernels=kernels)
+    _, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows,
+                              backward=main.backward, params=params, scalar_head=main.scalar_head, split=split)
+    per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest
+    vp = layout.vp or 1
+    t = main.count * rows * per_row + params.step_overhead
+    if layout.pp > 1:
+        t += main.count * ((layout.pp - 1) / vp * smallest * per_row
+                           + _pp_p2p(model, layout, hw, seq, smallest * work.rows, 1, vp, params, overlap_p2p))
+    if main.backward != FORWARD:
+        t += _optimizer_time(layout, hw, _trainable_params(model, layout, split, peft), work.trained * main.count,
+                             main.count * rows / largest, kernels)
+    return t
 
 
 def _price(cluster: ClusterSpec | None) -> float | None:

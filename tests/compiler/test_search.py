@@ -1,10 +1,9 @@
 """Plan search: the fast search agrees with the brute-force oracle on random small problems, every
 returned plan is valid and fits, the model properties the pruning relies on hold, and the full
-405B / 16,384-GPU search is fast."""
+405B / 16,384-GPU search is valid (its speed: bench/bench_plan.py)."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 from hypothesis import HealthCheck, assume, given, settings
@@ -17,7 +16,9 @@ from nemoc.compiler.rules import layout_violations
 from nemoc.compiler.search import (
     REL_TOL,
     Problem,
+    _micro_batches,
     _sizes,
+    bound_time,
     enumerate_all,
     evaluate_memory,
     evaluate_time,
@@ -127,6 +128,31 @@ def test_model_properties_the_pruning_relies_on(p: Problem):
             assert by_mb == sorted(by_mb)
 
 
+def _assert_bound_holds(p: Problem, layout: Layout) -> None:
+    """`bound_time` of the layout's group (every micro batch of its domain, every recompute) is no
+    more than the step time of any member: the branch and bound of `search` relies on it."""
+    mbs = _micro_batches(p, layout.dp)
+    rows = layout.global_batch // layout.dp if p.global_batch else None
+    bound = bound_time(p, replace(layout, micro_batch=mbs[-1], num_microbatches=(rows or mbs[-1]) // mbs[-1]),
+                       (mbs[0], mbs[-1]))
+    for mb in mbs:
+        if rows is not None and rows % mb:
+            continue
+        for rc in ("none", "selective", "full"):
+            member = replace(layout, micro_batch=mb, num_microbatches=(rows or mb) // mb, recompute=rc,
+                             global_batch=p.global_batch or mb * layout.dp)
+            t = evaluate_time(p, member).step_time_s
+            assert bound <= t * (1 + REL_TOL), (member, bound, t)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_problems())
+def test_the_step_time_lower_bound_holds_for_every_member_of_a_group(p: Problem):
+    p = replace(p, gpu=replace(p.gpu, hbm_bytes=200 * GIB), fixed=replace(p.fixed, micro_batch=None))
+    for layout in _layouts(p, 12):
+        _assert_bound_holds(p, layout)
+
+
 @st.composite
 def large_layouts(draw):
     """A valid layout of a production-size model on a large cluster (the pruning runs at this scale)."""
@@ -169,6 +195,7 @@ def test_model_properties_hold_at_production_scale(case):
         assert evaluate_time(p, layout).step_time_s <= evaluate_time(p, nosp).step_time_s * (1 + REL_TOL)
     if layout.vp:
         assert evaluate_memory(p, replace(layout, vp=None)).total <= evaluate_memory(p, layout).total
+    _assert_bound_holds(p, layout)
     rows = layout.global_batch // layout.dp
     by_mb = [evaluate_memory(p, replace(layout, micro_batch=m, num_microbatches=rows // m)).total
              for m in (1, 2, 4, 8) if rows % m == 0]
@@ -182,12 +209,9 @@ def _problem_405b(**fixed) -> Problem:
                    global_batch=2048, seq_length=8192)
 
 
-def test_full_405b_search_on_16384_h100_is_fast_and_valid():
+def test_full_405b_search_on_16384_h100_is_valid():
     p = _problem_405b()
-    t0 = time.process_time()
     result = search(p)
-    cpu = time.process_time() - t0
-    assert cpu < 2.0, f"full search took {cpu:.2f} s of CPU (target < 1 s; see bench/bench_plan.py)"
     assert result.best is not None and result.space > 50_000
     for c in result.ranked:
         _valid_and_fits(p, c.layout)
