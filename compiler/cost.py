@@ -68,6 +68,10 @@ class EfficiencyParams:
     layer_overhead: seconds per layer per micro batch (forward + backward) that no kernel's
               FLOPs or bytes explain: launch gaps, synchronisation, small kernels (tens of kernels
               per layer and pass).
+    attn_kv_half: keys per query tile at which a flash-class attention kernel runs at half its
+              long-sequence rate (`attn_kernel_eff`): the fixed per-tile cost of loading the query
+              tile and writing the output, read off FlashAttention-3's throughput-vs-length curve.
+              It is what makes context parallelism's short ring steps (s / 2cp keys each) slow.
     ring_step_latency: seconds per step of the context-parallel ring that overlap cannot hide: a
               dependent NCCL send/recv (~5-10 us small-message latency over InfiniBand, nccl-tests
               sendrecv) plus the launch and synchronisation of that step's attention kernel (~5 us).
@@ -85,17 +89,28 @@ class EfficiencyParams:
     """
 
     gemm_ampere_16: float = 0.71
-    gemm_hopper_16: float = 0.64
-    gemm_hopper_8: float = 0.46
+    gemm_hopper_16: float = 0.67
+    gemm_hopper_8: float = 0.465
     gemm_blackwell_8: float = 0.38
-    attn: float = 0.375
-    kappa: float = 4.8
-    link: float = 0.74
-    tp_exposed: float = 0.06
+    attn: float = 0.44
+    kappa: float = 4.6
+    link: float = 0.75
+    tp_exposed: float = 0.0625
     gemm_n_half: float = 80.0
     layer_overhead: float = 55e-6
     ring_step_latency: float = 15e-6
     step_overhead: float = 0.02
+    attn_kv_half: float = 512.0
+
+    def attn_kernel_eff(self, generation: str, kv_tokens: float) -> float:
+        """Achievable fraction of the 16-bit peak for a flash-class attention kernel whose query
+        tiles each sweep `kv_tokens` keys (mean): `attn` x L / (L + attn_kv_half). A CTA loads its
+        128-row query tile, sweeps the keys in 128-token blocks, then rescales and writes its output
+        and log-sum-exp: the prologue / epilogue cost about four key blocks, so a kernel over 512
+        keys runs at half its long-sequence rate (FlashAttention-3, Shah et al. 2024, Fig. 5: BF16
+        head dim 128, non-causal forward on H100, ~330 TFLOP/s at 512 tokens vs ~650 at 16k; ~0.7 at
+        1k, ~0.85 at 2k, ~0.95 at 8k). `attn` is the asymptotic value."""
+        return self.attn * kv_tokens / (kv_tokens + self.attn_kv_half)
 
     def gemm_eff(self, generation: str, precision: str) -> float:
         low = precision in ("fp8", "mxfp8")
@@ -106,9 +121,6 @@ class EfficiencyParams:
         if generation == "blackwell":
             return self.gemm_blackwell_8 if low else self.gemm_hopper_16
         return 0.5  # CPU quickstart: illustrative
-
-    def attn_eff(self, generation: str) -> float:
-        return self.attn
 
     def tp_exposure(self, generation: str) -> float:
         return 1.0 if generation in ("ampere", "cpu") else self.tp_exposed
@@ -148,6 +160,16 @@ KERNELS = ("te", "local")
 # Checks (docs/calibration.md): a public Nsight profile of this local path on an A40 measures ~119 B
 # per score where these counts give 100 for its configuration; the H200 runs measure ~140 vs 74.
 SCORE_BYTES = {"te": (8.0, 14.0), "local": (33.0, 41.0)}
+# The local spec rebuilds the causal mask in every layer's forward (`get_default_causal_mask` is not
+# cached in Megatron-Core 0.16.1: torch.ones(s, s) in fp32 written 4, triu read 4 written 4, .bool()
+# read 4 written 1): 17 bytes per s x s element per layer forward, shared by the batch and heads.
+LOCAL_CAUSAL_MASK_BYTES = 17.0
+# Megatron-Core's vocab-parallel cross entropy (`tensor_parallel/cross_entropy.py`; the nemoc runtime
+# does not set `cross_entropy_loss_fusion`), bytes per logit: forward, the 16-bit logits cast to fp32
+# (read 2 write 4), max (read 4), subtract the max in place (4 + 4), exp in place (4 + 4), sum
+# (read 4), divide in place (4 + 4) = 38; backward, the saved softmax scaled in place by the loss
+# gradient (4 + 4) and autograd's cast of that fp32 gradient to the logits' 16-bit dtype (4 + 2) = 14.
+CROSS_ENTROPY_BYTES = (38.0, 14.0)
 # Attention dropout on the probabilities (Megatron-LM's GPT-3-era default 0.1, outside the fused
 # softmax kernel): forward reads 2, writes the 1-byte mask and the 2-byte output (5); backward reads
 # the gradient 2 and the mask 1, writes 2 (5).
@@ -307,12 +329,18 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         if dropout:  # torch dropout on the 16-bit probabilities: mask and output written, read back
             fwd_b, bwd_b = fwd_b + DROPOUT_SCORE_BYTES[0], bwd_b + DROPOUT_SCORE_BYTES[1]
         fwd = attn_flops / rate16 + fwd_b * scores / hw.hbm_bw
+        if kernels == "local":  # the causal mask, rebuilt once per layer forward
+            fwd += LOCAL_CAUSAL_MASK_BYTES * span * seq / layout.cp / hw.hbm_bw
         bwd = 2.0 * attn_flops / rate16 + bwd_b * scores / hw.hbm_bw
         attention = fwd * (1.0 + (1.0 if recomputed else 0.0)) + (bwd if backward else 0.0)
         act -= acts.scores  # charged explicitly above
     else:
-        # flash / fused: the kernel skips the masked upper triangle (causal), 2.5x forward for backward
-        attn_rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.attn_eff(gen)
+        # flash / fused: the kernel skips the masked upper triangle (causal), 2.5x forward for backward;
+        # each query tile sweeps span / 2 keys on average (causal), and with context parallelism each
+        # ring step's kernel covers one load-balanced chunk of s / 2cp keys (Megatron-Core / TE
+        # `cp_comm_type="p2p"` splits the sequence into 2cp chunks): short kernels, lower efficiency.
+        kv = span / 2.0 if layout.cp == 1 else min(span, seq / (2.0 * layout.cp))
+        attn_rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.attn_kernel_eff(gen, kv)
         attention = 0.5 * attn_flops * (1.0 + (2.5 if backward else 0.0)) / attn_rate
         attention *= (3.5 + 1.0) / 3.5 if recomputed else 1.0
     elementwise = params.kappa * act * (passes / 3.0) / hw.hbm_bw
@@ -378,19 +406,37 @@ def _tp_comm(model, layout, hw, tokens, passes, params, overlap: bool = False) -
     return volume / _link_bw(hw, layout.tp, 1, params) * exposure
 
 
+# Context-parallel ring (Transformer Engine `AttnFuncWithCPAndKVP2P`): every ring step's partial
+# output is merged into the running result with its log-sum-exp correction, a memory-bound pass per
+# step: forward, the step's 16-bit output written by the kernel and read back (2 + 2) and the fp32
+# accumulator read and written (4 + 4): 12 B per query-side element (tokens x heads x head_dim);
+# backward, the step's dQ partial (2 + 2) accumulated in fp32 (4 + 4) and the dK / dV partials
+# accumulated and passed on with the ring (the same 12 B per key/value element).
+CP_MERGE_BYTES = 12.0
+
+
 def _cp_comm(model, layout, hw, tokens, passes, attention, params) -> float:
     """Ring context parallelism (Megatron-Core / Transformer Engine `cp_comm_type="p2p"`): cp - 1
     steps each pass this rank's K and V chunk forward, and K, V, dK, dV backward; each step overlaps
-    with the attention of the previous chunk, so only the excess over attention compute is exposed."""
+    with the attention of the previous chunk, so only the excess over attention compute is exposed.
+    Each transfer is a point-to-point send to one neighbour: across nodes it runs over one NIC (the
+    sender's rail; NCCL's p2p does not stripe one send over the node's other NICs), unlike a ring
+    collective that runs one ring per NIC. Not hidden either: a fixed latency per dependent ring step
+    and the per-step merge of partial outputs (CP_MERGE_BYTES)."""
     if layout.cp == 1:
         return 0.0
-    kv = 2.0 * tokens * model.query_groups * model.head_dim / layout.tp * 2.0
-    volume = (layout.cp - 1) * kv * (1.0 + (2.0 if passes > 1 else 0.0))
-    comm = volume / _link_bw(hw, layout.cp, layout.tp, params)
+    kv_elems = 2.0 * tokens * model.query_groups * model.head_dim / layout.tp
+    volume = (layout.cp - 1) * kv_elems * 2.0 * (1.0 + (2.0 if passes > 1 else 0.0))
+    crosses = layout.cp * layout.tp > hw.nvlink_domain
+    bw = (hw.net_bw if crosses else hw.nvlink_bw) * params.link
+    comm = volume / bw
     # Every ring step is a dependent P2P exchange plus its own attention kernel: a fixed latency
     # that no overlap hides (forward, backward, and the recomputed forward).
-    rings = 1.0 + (1.0 if passes > 1 else 0.0) + (1.0 if passes > 1 and layout.recompute != "none" else 0.0)
-    return max(0.0, comm - attention) + rings * (layout.cp - 1) * params.ring_step_latency
+    forwards = 1.0 + (1.0 if passes > 1 and layout.recompute != "none" else 0.0)
+    rings = forwards + (1.0 if passes > 1 else 0.0)
+    q_elems = tokens * model.heads * model.head_dim / layout.tp
+    merge = layout.cp * CP_MERGE_BYTES * (forwards * q_elems + (q_elems + kv_elems if passes > 1 else 0.0)) / hw.hbm_bw
+    return max(0.0, comm - attention) + rings * (layout.cp - 1) * params.ring_step_latency + merge
 
 
 def _ep_comm(model, layout, hw, tokens, passes, params) -> float:
@@ -420,8 +466,8 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     rate = hw.peak("bf16" if hw.supports("bf16") else "fp32") * params.gemm_eff(hw.generation, "bf16")
     logits = (1.0 + backward) * gemm_time(tokens, vocab / layout.tp, model.hidden, flops_per_s=rate,
                                           bytes_per_s=hw.hbm_bw, in_bytes=2.0) if vocab else 0.0
-    softmax_passes = 3.0 if backward else 1.0  # fp32 softmax read + write, forward (and backward)
-    logits += softmax_passes * tokens * vocab / layout.tp * 4.0 * 2.0 / hw.hbm_bw
+    ce = CROSS_ENTROPY_BYTES[0] + (CROSS_ENTROPY_BYTES[1] if backward else 0.0)
+    logits += ce * tokens * vocab / layout.tp / hw.hbm_bw
     per_layer = lt.total
     if layout.pp == 1:
         t = model.layers * per_layer + logits
