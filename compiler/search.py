@@ -217,11 +217,16 @@ def _stage_layers(p: Problem, layout: Layout) -> tuple[int, int, int] | None:
     return None if split is None or split.even else split.stage_layers(layout.pp)
 
 
+def _grad_bytes(layout: Layout) -> int:
+    """Bytes per element of the DDP gradient buffer: fp32 main grads, or 16-bit (grad_reduce_in_fp32 = false)."""
+    return 4 if layout.grad_reduce_in_fp32 else 2
+
+
 def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
     return memory.estimate(
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
-        kernels=p.stage_kernels,
+        kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
     )
 
 
@@ -229,7 +234,8 @@ def evaluate_time(p: Problem, layout: Layout) -> Estimate:
     return cost.estimate(
         p.model, layout, cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.costed_backend,
         seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
-        split=_stage_layers(p, layout), kernels=p.stage_kernels,
+        split=_stage_layers(p, layout), kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
+        overlap_tp=layout.tp_comm_overlap,
     )
 
 
@@ -239,6 +245,7 @@ def bound_time(p: Problem, layout: Layout, micro_batches: tuple[int, int]) -> fl
         p.model, layout, micro_batches=micro_batches, cluster=p.cluster, gpu=p.gpu, precision=p.precision,
         attention_backend=p.costed_backend, seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft,
         stage_params=p.params, split=_stage_layers(p, layout), kernels=p.stage_kernels,
+        overlap_tp=layout.tp_comm_overlap,
     )
 
 
@@ -290,14 +297,15 @@ def _make_layout(p: Problem, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc) -> Lay
     gb = p.global_batch if p.global_batch is not None else mb * dp
     return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
                   num_microbatches=max(1, gb // (mb * dp)), sequence_parallel=sp, distributed_optimizer=do,
-                  recompute=rc)
+                  recompute=rc, tp_comm_overlap=p.fixed.tp_comm_overlap,
+                  grad_reduce_in_fp32=p.fixed.grad_reduce_in_fp32)
 
 
 def _sizes(p: Problem, layout: Layout) -> Sizes:
     return Sizes(tp=layout.tp, pp=layout.pp, vp=layout.vp, cp=layout.cp, ep=layout.ep, etp=layout.etp,
                  dp=layout.dp, micro_batch=layout.micro_batch, global_batch=layout.global_batch,
                  sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
-                 recompute=layout.recompute, seq_length=p.seq_length)
+                 recompute=layout.recompute, seq_length=p.seq_length, tp_comm_overlap=layout.tp_comm_overlap)
 
 
 # ------------------------------------------------------------------------------------ the domains
@@ -636,7 +644,8 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
                 continue  # policy: auto sequence parallelism only with tp > 1
             gb = p.global_batch if p.global_batch is not None else mb * (dp or 1)
             sizes = Sizes(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
-                          sequence_parallel=sp, distributed_optimizer=do, recompute=rc, seq_length=p.seq_length)
+                          sequence_parallel=sp, distributed_optimizer=do, recompute=rc, seq_length=p.seq_length,
+                          tp_comm_overlap=f.tp_comm_overlap)
             v = layout_violations(env, sizes)
             layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp or 1, mb, sp, do, rc)
             if v is not None:

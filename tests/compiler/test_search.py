@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -333,3 +334,27 @@ def test_a_group_that_fails_rules_with_every_sequence_parallel_value_is_not_call
     assert result.best is None
     reasons = [r.reason for r in result.rejections]
     assert reasons and not any("out of memory" in r for r in reasons), reasons
+
+
+def test_recipe_settings_reach_the_plan_and_its_costs():
+    """`grad_reduce_in_fp32 = false` halves the gradient buffer (the optimizer keeps an fp32 copy of
+    its shard: 4 + 16 / shard bytes per parameter) and lets a layout fit without recompute;
+    `tp_comm_overlap = true` hides all but `tp_exposed` of the TP traffic inside an NVLink domain, and
+    its rule (E160) turns an auto sequence parallelism on."""
+    from nemoc.compiler.cost import DEFAULT_PARAMS
+
+    p = Problem(model=get_preset("llama3_8b"), cluster=ClusterSpec(gpu="H100", nodes=1), gpu=H100,
+                fixed=ParallelSpec(tensor=2, pipeline=1, context=1, micro_batch=1, distributed_optimizer=True,
+                                   recompute="none"), global_batch=128, seq_length=8192)
+    base = search(p).best
+    bf16 = search(replace(p, fixed=replace(p.fixed, grad_reduce_in_fp32=False))).best
+    assert not bf16.layout.grad_reduce_in_fp32 and base.layout.grad_reduce_in_fp32
+    assert bf16.memory.gradients * 2 == pytest.approx(base.memory.gradients, rel=1e-6)
+    assert bf16.memory.optimizer > base.memory.optimizer and bf16.memory.total < base.memory.total
+    overlap = search(replace(p, fixed=replace(p.fixed, tp_comm_overlap=True, sequence_parallel=None))).best
+    assert overlap.layout.tp_comm_overlap and overlap.layout.sequence_parallel
+    assert overlap.estimate.parts["tp_comm"] == pytest.approx(base.estimate.parts["tp_comm"] * DEFAULT_PARAMS.tp_exposed)
+    refused = search(replace(p, fixed=replace(p.fixed, tp_comm_overlap=True, sequence_parallel=False)))
+    assert refused.best is None and refused.rejections[0].reason.startswith("E160")
+    local = search(replace(p, kernels="local", fixed=replace(p.fixed, tp_comm_overlap=True)))
+    assert local.best is None and local.rejections[0].reason.startswith("E160")
