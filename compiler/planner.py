@@ -69,6 +69,7 @@ class StageResult:
     search: SearchResult | None  # None for a stage that needs no search
     chosen: Candidate
     notes: tuple[str, ...] = ()  # how steps / estimates were derived
+    problem: Problem | None = None  # what the search solved (bench/calibrate.py re-costs the chosen layout)
 
     @property
     def runner_ups(self) -> tuple[Candidate, ...]:
@@ -363,7 +364,7 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
         warnings.append(Diagnostic("W140", f"stage `{stage.name}`: {n}", spec.span(f"stage.{stage.name}"),
                                    Severity.NOTE))
     plan = _stage_plan(spec, stage, chosen, steps, seq, chosen.estimate, probe.stage_kernels)
-    return StageResult(stage.name, stage.kind, result, chosen, tuple(notes)), plan, warnings
+    return StageResult(stage.name, stage.kind, result, chosen, tuple(notes), replace(probe, steps=steps)), plan, warnings
 
 
 def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM, top: int = DEFAULT_TOP) -> PlanResult:

@@ -230,12 +230,13 @@ def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
     )
 
 
-def evaluate_time(p: Problem, layout: Layout) -> Estimate:
+def evaluate_time(p: Problem, layout: Layout, params: cost.EfficiencyParams = cost.DEFAULT_PARAMS) -> Estimate:
+    """`cost.estimate` of `layout` under `p`; `params`: the efficiencies (bench/calibrate.py --fit varies them)."""
     return cost.estimate(
         p.model, layout, cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.costed_backend,
         seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
         split=_stage_layers(p, layout), kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
-        overlap_tp=layout.tp_comm_overlap,
+        overlap_tp=layout.tp_comm_overlap, params=params,
     )
 
 
