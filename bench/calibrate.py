@@ -476,12 +476,15 @@ def row_nemo(case: Case, num_gpus: int) -> str:
                 f"recompute = {lay.recompute if case.recompute_published else 'auto'}",
                 f"micro_batch = {lay.micro_batch}"]
     # The recipe's performance settings the language states: TE's TP communication overlap (NeMo /
-    # Megatron-Bridge recipes and the Megatron-LM README runs; needs TP > 1 with SP) and the bf16
-    # gradient reduction of NeMo's FP8 recipes.
+    # Megatron-Bridge recipes and the Megatron-LM README runs; needs TP > 1 with SP), the bf16
+    # gradient reduction of NeMo's FP8 recipes, and the distributed optimizer's overlapped parameter
+    # all-gather (the same recipes and runs).
     if case.overlap_p2p and lay.tp > 1 and lay.sequence_parallel:
         parallel.append("tp_comm_overlap = true")
     if case.grad_bytes == 2:
         parallel.append("grad_reduce_in_fp32 = false")
+    if case.overlap_p2p and lay.distributed_optimizer and lay.dp * lay.cp > 1:  # NeMo: overlap_param_gather
+        parallel.append("overlap_param_gather = true")
     if m.is_moe:
         parallel.append("expert_tensor = 1")
     stage = "pretrain" if case.kind == "pretrain" else "sft"
@@ -550,7 +553,7 @@ def planned(rows: list[dict]) -> list[dict]:
             st = result.plan.stages[0]
             pred = st.estimate.tokens_per_s_per_gpu
             chosen = dataclasses.replace(st.layout, etp=case.layout.etp, recompute=case.layout.recompute,
-                                         tp_comm_overlap=False, grad_reduce_in_fp32=True)
+                                         tp_comm_overlap=False, grad_reduce_in_fp32=True, overlap_param_gather=False)
             same = chosen == case.layout  # (ETP is moot for dense models; recompute may be auto)
             out.append({**base, "predicted": pred, "error": pred / case.measured - 1.0, "layout_kept": same,
                         "recompute": st.layout.recompute, "memory_gib": st.memory.total / GIB,

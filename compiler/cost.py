@@ -135,6 +135,10 @@ DEFAULT_PARAMS = EfficiencyParams()
 # defaults; the calibration passes what each published run used.
 RUNTIME_OVERLAPS_TP = False
 RUNTIME_OVERLAPS_P2P = True
+# The runtime's DDP overlaps the gradient reduce-scatter with the backward (`overlap_grad_reduce`)
+# but not the distributed optimizer's parameter all-gather (`overlap_param_gather` unset: it runs
+# after the optimizer step); a plan states the latter in `parallel.overlap_param_gather`.
+RUNTIME_OVERLAPS_PARAM_GATHER = False
 
 # ------------------------------------------------------------------ memory-bound kernel traffic
 # HBM bytes moved per element by the kernels around the GEMMs, counted read by read and write by
@@ -480,14 +484,16 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
 
 
 def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, params, trainable_params: float,
-                grad_bytes: int = 4, overlap: bool = True) -> float:
+                grad_bytes: int = 4, overlap: bool = True, overlap_gather: bool = True) -> float:
     """Data-parallel gradient reduce-scatter (fp32 main grads) + parameter all-gather (bf16) with the
     distributed optimizer, or an fp32 all-reduce without it. Megatron overlaps them with the last
     micro batch's backward and the first micro batch's forward (`overlap_grad_reduce`,
     `overlap_param_gather`); what exceeds those windows is exposed. The group spans TP x CP x DP
     consecutive ranks (rank order tp-cp-ep-dp-pp). `overlap=False`: the reduction runs after the
     backward, fully exposed (Megatron-LM before its 2023 `overlap_grad_reduce`: the 2021 runs
-    all-reduced the gradients after the pipeline flush, Narayanan et al. 2021 Sec. 2.2)."""
+    all-reduced the gradients after the pipeline flush, Narayanan et al. 2021 Sec. 2.2).
+    `overlap_gather=False`: the parameter all-gather runs after the optimizer step (Megatron DDP
+    without `overlap_param_gather`, the nemoc runtime's default), fully exposed."""
     shard = layout.dp * layout.cp
     if shard == 1 or trainable_params == 0:
         return 0.0
@@ -508,7 +514,8 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
     bwd_window = t_mb_stage * (1.0 - fwd_fraction) * spread
     fwd_window = t_mb_stage * fwd_fraction * spread
     bucket = min(rs, 40e6 * grad_bytes * frac / bw)  # the last 40M-parameter bucket cannot overlap
-    return max(0.0, rs - bwd_window) + max(0.0, ag - fwd_window) + bucket
+    gather = max(0.0, ag - fwd_window) if overlap_gather else ag
+    return max(0.0, rs - bwd_window) + gather + bucket
 
 
 def _local_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None = None) -> float:
@@ -549,7 +556,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              split: tuple[int, int, int] | None = None, attention_span: float | None = None,
              overlap_p2p: bool = RUNTIME_OVERLAPS_P2P, p2p_scatter_gather: bool = False,
              overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
-             overlap_grad_reduce: bool = True, dropout: bool = False) -> Estimate:
+             overlap_grad_reduce: bool = True, dropout: bool = False,
+             overlap_param_gather: bool = RUNTIME_OVERLAPS_PARAM_GATHER) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
@@ -616,7 +624,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
         trainable = _trainable_params(model, layout, split, peft)
         updates = work.trained * main.count  # PPO: actor and critic, ppo_epochs times
         parts["dp_comm_exposed"] = updates * _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params,
-                                                         trainable, grad_bytes, overlap_grad_reduce)
+                                                         trainable, grad_bytes, overlap_grad_reduce,
+                                                         overlap_param_gather)
         parts["optimizer"] = _optimizer_time(layout, hw, trainable, updates, main.count * m, kernels)
     parts["step_overhead"] = params.step_overhead
     step = sum(parts.values())
@@ -666,7 +675,8 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     main = work.passes[0]
     smallest, largest = micro_batches
     rows = layout.num_microbatches * layout.micro_batch
-    layout = replace(layout, recompute="none")
+    if layout.recompute != "none":
+        layout = replace(layout, recompute="none")
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
                      micro_batch=largest * work.rows, backward=main.backward, params=params, overlap_tp=overlap_tp,
                      kernels=kernels)

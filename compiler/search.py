@@ -22,15 +22,17 @@ properties of the memory and cost models that tests/compiler/test_search.py asse
   (3) time is monotone in recompute: recompute levels are tried weakest first; the first that fits
       is that micro batch's fastest, and a stronger one is only costed while it could still enter
       the top list;
-  (4) dominance of auto settings: the distributed optimizer is never slower nor larger (same
-      gradient traffic, 1/(dp x cp) of the optimizer states), so auto resolves to on (off for SGD,
-      which Megatron's DistributedOptimizer refuses: E129); sequence
+  (4) dominance of auto settings: with the parameter all-gather overlapped (`overlap_param_gather`)
+      the distributed optimizer is never slower nor larger (same gradient traffic, 1/(dp x cp) of
+      the optimizer states), so auto resolves to on (off for SGD, which Megatron's
+      DistributedOptimizer refuses: E129); without it (the nemoc runtime's default) the all-gather
+      after the step is exposed, so auto tries both (`_do_domain`); sequence
       parallelism is never slower (same TP traffic, 1/tp of the elementwise work), so auto tries
       on first and off only where on does not fit;
   (5) branch and bound: `cost.step_time_lower_bound` bounds the step time of every micro batch and
       recompute of a group; groups are searched in the order of their bound, and one whose bound is
       slower than the top list's last entry is skipped whole (for Llama 3.1 405B on 16,384 GPUs it
-      leaves ~1,600 of ~16,000 memory evaluations: bench/bench_plan.py).
+      leaves ~2,400 memory evaluations where the search without it made ~16,000: bench/bench_plan.py).
 Only candidates that fit reach the cost model. `enumerate_all` is the brute-force oracle: the raw
 product of every size from 1 to its bound, each checked by every rule and the memory model, every
 fitting one costed; tests assert both find the same best plan.
@@ -236,7 +238,7 @@ def evaluate_time(p: Problem, layout: Layout, params: cost.EfficiencyParams = co
         p.model, layout, cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.costed_backend,
         seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
         split=_stage_layers(p, layout), kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
-        overlap_tp=layout.tp_comm_overlap, params=params,
+        overlap_tp=layout.tp_comm_overlap, overlap_param_gather=layout.overlap_param_gather, params=params,
     )
 
 
@@ -299,14 +301,16 @@ def _make_layout(p: Problem, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc) -> Lay
     return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
                   num_microbatches=max(1, gb // (mb * dp)), sequence_parallel=sp, distributed_optimizer=do,
                   recompute=rc, tp_comm_overlap=p.fixed.tp_comm_overlap,
-                  grad_reduce_in_fp32=p.fixed.grad_reduce_in_fp32)
+                  grad_reduce_in_fp32=p.fixed.grad_reduce_in_fp32,
+                  overlap_param_gather=p.fixed.overlap_param_gather)
 
 
 def _sizes(p: Problem, layout: Layout) -> Sizes:
     return Sizes(tp=layout.tp, pp=layout.pp, vp=layout.vp, cp=layout.cp, ep=layout.ep, etp=layout.etp,
                  dp=layout.dp, micro_batch=layout.micro_batch, global_batch=layout.global_batch,
                  sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
-                 recompute=layout.recompute, seq_length=p.seq_length, tp_comm_overlap=layout.tp_comm_overlap)
+                 recompute=layout.recompute, seq_length=p.seq_length, tp_comm_overlap=layout.tp_comm_overlap,
+                 overlap_param_gather=layout.overlap_param_gather)
 
 
 # ------------------------------------------------------------------------------------ the domains
@@ -420,10 +424,10 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
     rec = _Recorder(p.budget)
     best = _Top(max(1, top))
     groups = sorted(_groups(p, env, rec), key=lambda g: g[0])
-    failed: set[tuple] = set()  # (tp, pp, cp, ep, etp) whose non-interleaved group has no fitting member
+    failed: set[tuple] = set()  # (tp, pp, cp, ep, etp, do) whose non-interleaved group has no fitting member
     for bound, _, args, sps, n_vps in groups:
         tp, pp, vp, cp, ep, etp, dp, do = args
-        base = (tp, pp, cp, ep, etp)
+        base = (tp, pp, cp, ep, etp, do)
         count = len(_micro_batches(p, dp)) * len(_recomputes(p))
         if vp is not None and base in failed:
             # Interleaving only adds memory (the first stage holds (1 + (pp-1)/(pp*vp)) x the
@@ -467,28 +471,42 @@ def _groups(p: Problem, env: Env, rec: _Recorder) -> list[tuple]:
                     rec.rule(f"tp({tp}) * pp({pp}) * cp({cp}) * dp({p.fixed.data}) != world size {world}",
                              "E101 world size", f"tp={tp} pp={pp} cp={cp}")
                     continue
-                # Dominance: auto distributed optimizer -> on (same traffic, 1/(dp*cp) of the states);
-                # off for SGD, which Megatron's DistributedOptimizer refuses (E129).
-                do = (p.fixed.distributed_optimizer if p.fixed.distributed_optimizer is not None
-                      else p.auto_distributed_optimizer)
-                mbs, rcs = _micro_batches(p, dp), _recomputes(p)
+                mbs, rcs, dos = _micro_batches(p, dp), _recomputes(p), _do_domain(p)
                 for ep, etp in _expert_domain(p, tp, pp, dp, rec):
                     vps = _vp_domain(p, pp)
                     for vp in vps:
                         if not mbs:
                             rec.rule(f"global_batch({p.global_batch}) % dp({dp}) != 0", "E111 global batch % "
-                                     "(micro_batch x dp)", f"tp={tp} pp={pp} cp={cp} dp={dp}", len(rcs))
+                                     "(micro_batch x dp)", f"tp={tp} pp={pp} cp={cp} dp={dp}", len(rcs) * len(dos))
                             continue
-                        args = (tp, pp, vp, cp, ep, etp, dp, do)
+                        # With two DO values neither DO rule can fire (E129 is SGD's, which tries off
+                        # only; E161 needs overlap_param_gather, which tries on only): one check serves both.
                         sps = [sp for sp in _sp_domain(p, tp) if _group_rules(
-                            p, env, rec, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]),
-                            len(mbs) * len(rcs))]
+                            p, env, rec, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, dos[0], rcs[0]),
+                            len(mbs) * len(rcs) * len(dos))]
                         if not sps:
                             continue
-                        bound = min(bound_time(p, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[-1], sp, do, "none"),
-                                               (mbs[0], mbs[-1])) for sp in sps)
-                        out.append((bound, len(out), args, sps, len(vps)))
+                        # One bound serves every DO and SP value of the group: the distributed optimizer's
+                        # sharded step is the smaller optimizer term (the bound leaves DP traffic out), and
+                        # sequence parallelism, preferred first, is never slower.
+                        bound = bound_time(p, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, "none"),
+                                           (mbs[0], mbs[-1]))
+                        for do in dos:
+                            out.append((bound, len(out), (tp, pp, vp, cp, ep, etp, dp, do), sps, len(vps)))
     return out
+
+
+def _do_domain(p: Problem) -> list[bool]:
+    """Distributed-optimizer values to try. Fixed: that one. Auto: off for SGD, which Megatron's
+    DistributedOptimizer refuses (E129); on alone when the parameter all-gather overlaps the forward
+    (`overlap_param_gather`; dominance: the reduce-scatter + all-gather move what the all-reduce
+    moves, as hidden, and the states shrink by dp x cp); otherwise both, on first: an all-gather
+    after the optimizer step is exposed, so plain DDP's overlapped all-reduce can be faster."""
+    if p.fixed.distributed_optimizer is not None:
+        return [p.fixed.distributed_optimizer]
+    if not p.auto_distributed_optimizer:
+        return [False]
+    return [True] if p.fixed.overlap_param_gather else [True, False]
 
 
 def _sp_domain(p: Problem, tp: int) -> list[bool]:
@@ -646,7 +664,7 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
             gb = p.global_batch if p.global_batch is not None else mb * (dp or 1)
             sizes = Sizes(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
                           sequence_parallel=sp, distributed_optimizer=do, recompute=rc, seq_length=p.seq_length,
-                          tp_comm_overlap=f.tp_comm_overlap)
+                          tp_comm_overlap=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather)
             v = layout_violations(env, sizes)
             layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp or 1, mb, sp, do, rc)
             if v is not None:

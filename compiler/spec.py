@@ -96,6 +96,7 @@ class ParallelSpec:
     # parameters' 16-bit dtype as NeMo's FP8 performance recipes reduce).
     tp_comm_overlap: bool = False
     grad_reduce_in_fp32: bool = True
+    overlap_param_gather: bool = False  # the distributed optimizer's parameter all-gather in the forward
 
 
 @dataclass(frozen=True, slots=True)

@@ -216,6 +216,9 @@ PARALLEL_FIELDS = (
     _f("grad_reduce_in_fp32", BOOL, True, "Reduce data-parallel gradients in fp32 main grads (true) or in "
        "the 16-bit parameter dtype (false: half the DDP traffic and gradient buffer; the optimizer keeps an "
        "fp32 copy of its shard)."),
+    _f("overlap_param_gather", BOOL, False, "Overlap the distributed optimizer's parameter all-gather with the "
+       "next step's forward (Megatron DDP `overlap_param_gather`, on in NeMo's recipes); false: the all-gather "
+       "runs after the optimizer step, exposed. Needs distributed_optimizer."),
 )
 
 DATA_FIELDS = (

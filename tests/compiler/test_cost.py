@@ -258,7 +258,8 @@ cases = st.builds(
 @given(cases)
 def test_planner_monotonicity_properties(case) -> None:
     """What `nemoc.compiler.search` relies on: recompute never makes a step faster, the distributed
-    optimizer and sequence parallelism never make it slower."""
+    optimizer with its parameter all-gather overlapped (`overlap_param_gather`) and sequence
+    parallelism never make it slower."""
     model, lay, gpu, prec, kernels, backend = case
     if prec == "fp8" and gpu == "A100-80GB":
         prec = "bf16"
@@ -267,7 +268,7 @@ def test_planner_monotonicity_properties(case) -> None:
          for r in ("none", "selective", "full")}
     assert t["none"] <= t["selective"] <= t["full"]
     plain = estimate(model, dataclasses.replace(lay, distributed_optimizer=False), **kw)
-    dist = estimate(model, dataclasses.replace(lay, distributed_optimizer=True), **kw)
+    dist = estimate(model, dataclasses.replace(lay, distributed_optimizer=True), overlap_param_gather=True, **kw)
     assert dist.step_time_s <= plain.step_time_s * (1 + 1e-12)
     if lay.tp > 1:
         no_sp = estimate(model, dataclasses.replace(lay, sequence_parallel=False), **kw)

@@ -193,3 +193,8 @@ def test_tp_comm_overlap_is_refused_not_ignored():
     so it refuses the plan with a message rather than training without the overlap it promised."""
     with pytest.raises(margs.UnsupportedPlan, match="tp_comm_overlap"):
         config(layout=lay(tp=2, sequence_parallel=True, tp_comm_overlap=True), facts=GPU_TE)
+
+
+def test_overlap_param_gather_is_refused_not_ignored():
+    with pytest.raises(margs.UnsupportedPlan, match="overlap_param_gather"):
+        config(layout=lay(dp=2, distributed_optimizer=True, overlap_param_gather=True))
