@@ -57,6 +57,11 @@ def small_problems(draw) -> Problem:
         distributed_optimizer=draw(st.sampled_from([None, True, False])),
         recompute=draw(st.sampled_from([None, None, "selective"])),
         micro_batch=draw(st.sampled_from([None, None, 1])),
+        # recipe settings: E160 / E161 paths, the bf16 gradient buffer, and (overlap_param_gather
+        # off) an auto distributed optimizer searched over both values
+        tp_comm_overlap=draw(st.sampled_from([False, False, True])),
+        grad_reduce_in_fp32=draw(st.sampled_from([True, False])),
+        overlap_param_gather=draw(st.sampled_from([False, True])),
     )
     return Problem(model=model, cluster=cluster, gpu=gpu, fixed=fixed,
                    global_batch=draw(st.sampled_from([None, 4, 8])),
