@@ -112,6 +112,8 @@ class Sizes:
     distributed_optimizer: bool | None = True
     recompute: str | None = None
     seq_length: int = 0
+    tp_comm_overlap: bool = False
+    overlap_param_gather: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -805,6 +807,39 @@ def rule_fp8_needs_te(env: Env, s: Sizes) -> Violation | None:
     )
 
 
+def rule_tp_comm_overlap(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-LM `validate_args`: "Tensor parallel communication/GEMM overlap can happen only when
+    sequence parallelism is enabled"; it is Transformer Engine's (userbuffers), so not on the local
+    spec; with tp = 1 there is nothing to overlap. Auto sizes are judged once resolved."""
+    if not s.tp_comm_overlap:
+        return None
+    local = _local_why(env)
+    if local:
+        why, hint = f"tp_comm_overlap = true but {local}", "set tp_comm_overlap = false, or kernels = te"
+    elif s.tp == 1:
+        why, hint = "tp_comm_overlap = true with tp(1): nothing to overlap", "set tp_comm_overlap = false"
+    elif s.tp is not None and s.tp > 1 and s.sequence_parallel is False:
+        why, hint = f"tp_comm_overlap = true with tp({s.tp}) and sequence_parallel = false", \
+            "set sequence_parallel = true (or leave it auto)"
+    else:
+        return None
+    return Violation("E160", "TP communication overlap needs Transformer Engine, TP > 1 and sequence parallelism",
+                     why, hint, anchors=(_P + "tp_comm_overlap", _P + "sequence_parallel", "kernels"),
+                     source="megatron/training/arguments.py validate_args (tp_comm_overlap needs sequence_parallel)")
+
+
+def rule_overlap_param_gather(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-Core `DistributedDataParallelConfig`: the overlapped parameter all-gather is the
+    distributed optimizer's ("overlap_param_gather only supported with distributed optimizer")."""
+    if not s.overlap_param_gather or s.distributed_optimizer is not False:
+        return None
+    return Violation("E161", "overlap_param_gather needs the distributed optimizer",
+                     "overlap_param_gather = true with distributed_optimizer = false",
+                     "set distributed_optimizer = true (or auto), or overlap_param_gather = false",
+                     anchors=(_P + "overlap_param_gather", _P + "distributed_optimizer"),
+                     source="megatron/core/distributed/distributed_data_parallel_config.py (__post_init__)")
+
+
 def rule_te_needs_gpu(env: Env, s: Sizes) -> Violation | None:
     """Transformer Engine is CUDA-only; the CPU runtime (runtime/mcore_cpu.py) builds the local spec."""
     if env.gpu_arch != "cpu" or env.kernels != "te":
@@ -1269,7 +1304,8 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp,
     rule_moe_bias_runtime, rule_moe_tp_needs_sp, rule_sgd_distributed_optimizer,
     rule_precision_hardware, rule_fp8_needs_te, rule_te_needs_gpu, rule_fp32_attention, rule_attention_head_dim,
-    rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions,
+    rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions, rule_tp_comm_overlap,
+    rule_overlap_param_gather,
 )
 WARNING_RULES: tuple[Rule, ...] = (
     warn_tp_crosses_node, warn_padded_vocab, warn_ep_without_sp, warn_useless_distributed_optimizer,
@@ -1319,13 +1355,15 @@ def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: in
         etp=parallel.expert_tensor, dp=parallel.data, micro_batch=parallel.micro_batch,
         global_batch=global_batch, sequence_parallel=parallel.sequence_parallel,
         distributed_optimizer=parallel.distributed_optimizer, recompute=parallel.recompute,
-        seq_length=seq_length,
+        seq_length=seq_length, tp_comm_overlap=parallel.tp_comm_overlap,
+        overlap_param_gather=parallel.overlap_param_gather,
     )
 
 
 _PARALLEL_FIELDS = (
     "tensor", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor", "data",
-    "sequence_parallel", "distributed_optimizer", "recompute", "micro_batch",
+    "sequence_parallel", "distributed_optimizer", "recompute", "micro_batch", "tp_comm_overlap",
+    "grad_reduce_in_fp32", "overlap_param_gather",
 )
 
 
