@@ -597,9 +597,15 @@ def _pp_p2p(model, layout, hw, seq, mb, m, vp, params, overlap: bool = False, sc
     sliced = layout.sequence_parallel or scatter_gather
     size = mb * seq / layout.cp * model.hidden * 2.0 / (layout.tp if sliced else 1)
     bw = _link_bw(hw, layout.pp, layout.tp * layout.cp * layout.dp, params)
-    warmup = 2.0 * (layout.pp - 1) * vp
-    transfers = warmup if (overlap and vp > 1) else max(warmup, 2.0 * m * vp)
-    return transfers * (size / bw + params.ring_step_latency)
+    return p2p_transfers(layout.pp, vp, m, overlap) * (size / bw + params.ring_step_latency)
+
+
+def p2p_transfers(pp: int, vp: int, m: int, overlap: bool = RUNTIME_OVERLAPS_P2P) -> float:
+    """Pipeline transfers on the critical path of one step (see `_pp_p2p`): the warm-up / cool-down
+    ones, 2 (pp - 1) vp, when the interleaved schedule overlaps the rest; every send and receive,
+    2 m vp, otherwise."""
+    warmup = 2.0 * (pp - 1) * vp
+    return warmup if (overlap and vp > 1) else max(warmup, 2.0 * m * vp)
 
 
 def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micro_batch, params,

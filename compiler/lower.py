@@ -26,7 +26,7 @@ from types import MappingProxyType
 from nemoc.compiler.catalog.hardware import GPUS, get_gpu
 from nemoc.compiler.catalog.models import PRESETS, get_preset
 from nemoc.compiler.spec import (CheckpointSpec, ClusterSpec, DataSpec, ExperimentSpec, LoraSpec, ModelSpec,
-                                 OptimizerSpec, ParallelSpec, ScheduleSpec, StageSpec)
+                                 OptimizerSpec, ParallelSpec, ScheduleSpec, StageSpec, TrackingSpec)
 from nemoc.dsl import ast
 from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Note, Severity, Span, has_errors
 from nemoc.dsl.loader import Program, load_program
@@ -262,7 +262,7 @@ class _Lowering:
         return ExperimentSpec(
             name=self.exp.name or "experiment", model=model, cluster=cluster, parallel=parallel,
             data=tuple(d for d in data if d), stages=stages, root=self.program.root_dir,
-            spans=MappingProxyType(dict(self.spans)), **values)
+            tracking=self._tracking(self.exp.sub("tracking")), spans=MappingProxyType(dict(self.spans)), **values)
 
     # -- cluster
 
@@ -440,6 +440,12 @@ class _Lowering:
         if "async" in values:
             values["async_save"] = values.pop("async")
         return CheckpointSpec(**values)
+
+    def _tracking(self, block: Checked | None) -> TrackingSpec:
+        if block is None:
+            return TrackingSpec()
+        self._record("tracking", block)
+        return TrackingSpec(**block.values)
 
     def _check_refs(self, refs, names: set[str], what: str, kind: str) -> None:
         for ref in refs:

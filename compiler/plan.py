@@ -27,6 +27,7 @@ from nemoc.compiler.spec import (
     ModelSpec,
     OptimizerSpec,
     ScheduleSpec,
+    TrackingSpec,
     resolve_kernels,
 )
 
@@ -120,6 +121,7 @@ class Plan:
     root: str = "."
     version: int = PLAN_VERSION
     kernels: str = "te"  # the experiment's `kernels`, resolved: te | local (what pretraining runs)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)  # metric sinks (runtime/tracking.py)
 
     def stage(self, name: str) -> StagePlan:
         return next(s for s in self.stages if s.name == name)

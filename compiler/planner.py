@@ -397,7 +397,7 @@ def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM,
         raise DiagnosticError(errors + warnings)
     plan = Plan(experiment=spec.name, model=spec.model, cluster=spec.cluster, precision=spec.precision,
                 attention_backend=backend, data=spec.data, stages=tuple(plans), root=spec.root,
-                kernels=resolve_kernels(spec.kernels, spec.cluster.gpu))
+                kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), tracking=spec.tracking)
     return PlanResult(plan, tuple(results), _dedupe(warnings), time.perf_counter() - t0)
 
 

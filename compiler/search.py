@@ -213,6 +213,15 @@ def _stage_layers(p: Problem, layout: Layout) -> tuple[int, int, int] | None:
     return None if split is None or split.even else split.stage_layers(layout.pp)
 
 
+def pipeline_memory(p: Problem, layout: Layout) -> tuple[MemoryBreakdown, ...]:
+    """`evaluate_memory` for every pipeline stage (its largest total is `evaluate_memory`'s)."""
+    return memory.pipeline_stages(
+        p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
+        stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
+        kernels=p.stage_kernels,
+    )
+
+
 def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
     return memory.estimate(
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,

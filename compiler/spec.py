@@ -119,6 +119,16 @@ class CheckpointSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class TrackingSpec:
+    """Where the runtime sends metrics besides metrics.jsonl (runtime/tracking.py)."""
+
+    wandb: bool = False
+    mlflow: str | None = None  # a directory (file store, relative to the .nemo file) or a tracking URI
+    project: str | None = None  # None: the experiment's name
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class LoraSpec:
     rank: int = 16
     alpha: float = 32.0
@@ -173,6 +183,7 @@ class ExperimentSpec:
     data: tuple[DataSpec, ...] = ()
     stages: tuple[StageSpec, ...] = ()
     root: str = "."  # directory of the .nemo file; data paths are relative to it
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
     spans: Mapping[str, Span] = field(default_factory=_empty, compare=False)
 
     def span(self, *paths: str) -> Span | None:

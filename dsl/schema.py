@@ -334,6 +334,15 @@ CHECKPOINT_FIELDS = (
     _f("async", BOOL, False, "Save asynchronously (Megatron-Core dist_checkpointing)."),
 )
 
+TRACKING_FIELDS = (
+    _f("wandb", BOOL, False, "Log every metric to Weights & Biases (`pip install wandb`; offline unless "
+       "`WANDB_MODE` says otherwise; the run's files under the task's `wandb/`)."),
+    _f("mlflow", STR, None, "Log every metric to MLflow: a directory (a local file store, relative to the "
+       ".nemo file's directory) or a tracking URI (`sqlite:///mlflow.db`, `http://...`); `pip install mlflow-skinny`."),
+    _f("project", STR, None, "W&B project and MLflow experiment name. Default: the experiment's name."),
+    _f("tensorboard", BOOL, True, "TensorBoard event files under the task's `tensorboard/`."),
+)
+
 EXPERIMENT_FIELDS = (
     _f("precision", enum("bf16", "fp16", "fp32", "fp8", "mxfp8"), "bf16", "Training precision."),
     _f("attention_backend", enum("auto", "flash", "fused", "unfused"), "auto",
@@ -351,7 +360,7 @@ EXPERIMENT_FIELDS = (
 
 BLOCKS: Mapping[str, BlockDef] = MappingProxyType({
     "experiment": BlockDef("experiment", "One experiment; a file holds exactly one.", EXPERIMENT_FIELDS,
-                           ("cluster", "model", "parallel", "data", "stage"), name="required"),
+                           ("cluster", "model", "parallel", "data", "stage", "tracking"), name="required"),
     "cluster": BlockDef("cluster", "Where it runs. `cluster NAME { }` extends a top-level template.",
                         CLUSTER_FIELDS, name="optional", template=True),
     "model": BlockDef("model", "`model PRESET { overrides }` or `model NAME { every required field }`.",
@@ -362,6 +371,8 @@ BLOCKS: Mapping[str, BlockDef] = MappingProxyType({
     "stage": BlockDef("stage", "A training / evaluation / export step; `after` orders stages.", STAGE_FIELDS,
                       ("checkpoint", "parallel"), name="required", repeat=True, after=True),
     "checkpoint": BlockDef("checkpoint", "When a stage saves checkpoints.", CHECKPOINT_FIELDS),
+    "tracking": BlockDef("tracking", "Metric sinks beside metrics.jsonl: TensorBoard, Weights & Biases, MLflow.",
+                         TRACKING_FIELDS),
 })
 
 # Call-like values: function -> its arguments (FieldDefs: type, default, doc).

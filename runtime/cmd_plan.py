@@ -320,13 +320,17 @@ def report_json_total(plan) -> dict:
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
               help="Plan every point of a sweep and print them side by side, e.g. --sweep parallel.tensor=2,4,8 "
                    "(repeatable: the cartesian product); --json gives a list (runtime/sweep.py).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write a self-contained HTML report (memory per pipeline stage, schedule, step time, "
+                   "runner-ups, cost; docs/reports.md).")
 @common_options
-def plan(file: str, headroom: float, top: int, emit: str | None, sweeps: tuple[str, ...], sets: tuple[str, ...],
+def plan(file: str, headroom: float, top: int, emit: str | None, sweeps: tuple[str, ...], html_path: str | None,
+         sets: tuple[str, ...],
          as_json: bool) -> None:
     """Resolve every `auto` into the best Megatron-Core layout, prove it fits, estimate time and cost."""
     if sweeps:
-        if emit:
-            raise click.UsageError("--emit writes one plan; it cannot be combined with --sweep")
+        if emit or html_path:
+            raise click.UsageError("--emit and --html write one plan; they cannot be combined with --sweep")
         from nemoc.runtime.sweep import plan_sweep
 
         plan_sweep(file, sweeps, sets, headroom, top, as_json)
@@ -348,6 +352,10 @@ def plan(file: str, headroom: float, top: int, emit: str | None, sweeps: tuple[s
         if problem:
             click.echo(f"error: cannot write the plan to {emit}: {problem}", err=True)
             sys.exit(EXIT_USAGE)
+    if html_path:
+        from nemoc.runtime.cmd_report import write_html
+
+        write_html(html_path, result.plan, headroom=headroom, results=result.stages, top=top)
     if as_json:
         click.echo(json.dumps(report_json(result, headroom, top), indent=2))
     else:
@@ -358,4 +366,6 @@ def plan(file: str, headroom: float, top: int, emit: str | None, sweeps: tuple[s
         render_report(result, headroom, top, console)
         if emit:
             console.print(f"plan written to {emit}")
+        if html_path:
+            console.print(f"HTML report written to {html_path}")
     sys.exit(EXIT_OK)
