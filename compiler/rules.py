@@ -13,10 +13,11 @@ Invariants: pure functions, no torch / megatron import; a rule whose operands ar
 The rule table `RULES` is ordered cheapest / most decisive first, because `layout_violations`
 stops at the first error it finds.
 
-`STAGE_RULES` (E150-E153, W150) are the stage settings that would otherwise fail only at run time, in a
+`STAGE_RULES` (E150-E154, W150) are the stage settings that would otherwise fail only at run time, in a
 torch or Megatron traceback or an alignment error after data preparation: `min_lr` above `lr`, an
 alignment stage without data in a format its records need, an export with no `after`, a stage that
-starts from a parent checkpoint its parent never saves, and a warm-up longer than the stage.
+starts from a parent checkpoint its parent never saves, a warm-up longer than the stage, and more
+stages than any real experiment has (MAX_STAGES: the planner searches each one).
 """
 
 from __future__ import annotations
@@ -1424,6 +1425,8 @@ def check_spec(spec: ExperimentSpec) -> tuple[Diagnostic, ...]:
     """
     out: list[Diagnostic] = []
     seen: set[tuple[str, str]] = set()
+    if len(spec.stages) > MAX_STAGES:
+        return stage_diagnostics(spec)
     stages = list(spec.stages) or [None]
     for stage in stages:
         parallel = spec.parallel if stage is None else stage_parallel(spec, stage)
@@ -1547,8 +1550,26 @@ def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
 STAGE_RULES = (rule_min_lr, rule_data_format, rule_export_after, rule_parent_saves, warn_warmup_longer_than_stage)
 
 
+MAX_STAGES = 100  # real chains have a handful; the planner searches each stage (~5 ms), so 2,500 would take 15 s
+
+
+def rule_stage_count(spec: ExperimentSpec) -> Diagnostic | None:
+    """An experiment is a page: at most MAX_STAGES stages, so `plan` stays within seconds on any file."""
+    if len(spec.stages) <= MAX_STAGES:
+        return None
+    first_over = spec.stages[MAX_STAGES]
+    return _stage_diagnostic(Violation(
+        "E154", f"too many stages: {len(spec.stages):,} (the limit is {MAX_STAGES})",
+        f"stages({len(spec.stages):,}) > {MAX_STAGES}",
+        "an experiment is a short chain of stages: split it into several experiments",
+        anchors=("stage",)), spec, first_over)
+
+
 def stage_diagnostics(spec: ExperimentSpec) -> tuple[Diagnostic, ...]:
-    """Every stage rule over every stage."""
+    """Every stage rule over every stage (none when there are too many stages to be a real experiment)."""
+    too_many = rule_stage_count(spec)
+    if too_many is not None:
+        return (too_many,)
     return tuple(d for stage in spec.stages for rule in STAGE_RULES if (d := rule(spec, stage)) is not None)
 
 

@@ -706,14 +706,18 @@ STAGES
 """
 
 
-def stage_codes(tmp_path, stages: str) -> list[tuple[str, str]]:
+def _stage_spec(tmp_path, stages: str):
     from nemoc.compiler.lower import compile_file
 
     path = tmp_path / "stages.nemo"
     path.write_text(_STAGE_EXPERIMENT.replace("STAGES", stages))
     spec, diags, _ = compile_file(str(path))
     assert spec is not None, diags
-    return sorted((d.code, d.equation) for d in rules.stage_diagnostics(spec))
+    return spec
+
+
+def stage_codes(tmp_path, stages: str) -> list[tuple[str, str]]:
+    return sorted((d.code, d.equation) for d in rules.stage_diagnostics(_stage_spec(tmp_path, stages)))
 
 
 PRE = "  stage pre {\n    kind = pretrain\n    data = [text]\n    steps = 10\n    global_batch = 4\n  }\n"
@@ -770,3 +774,19 @@ def test_a_warmup_longer_than_the_stage_is_w150(tmp_path, length, warmup, warned
     stage = PRE.replace("steps = 10", f"{length}\n    schedule = cosine(warmup = {warmup})")
     codes = stage_codes(tmp_path, stage)
     assert [c for c, _ in codes] == (["W150"] if warned else [])
+
+
+def test_more_stages_than_any_experiment_has_is_e154_before_any_search(tmp_path):
+    from nemoc.compiler.planner import plan_experiment
+    from nemoc.dsl.diagnostics import DiagnosticError
+
+    chain = "".join(PRE.replace("stage pre", f"stage s{i}" + (f" after s{i - 1}" if i else ""))
+                    for i in range(rules.MAX_STAGES + 1))
+    assert stage_codes(tmp_path, chain) == [("E154", f"stages({rules.MAX_STAGES + 1}) > {rules.MAX_STAGES}")]
+    spec = _stage_spec(tmp_path, chain)
+    assert [d.code for d in check_spec(spec)] == ["E154"]
+    assert check_spec(spec)[0].span == spec.span(f"stage.s{rules.MAX_STAGES}")  # the first stage over the limit
+    with pytest.raises(DiagnosticError):
+        plan_experiment(spec)
+    at_limit = "".join(PRE.replace("stage pre", f"stage s{i}") for i in range(rules.MAX_STAGES))
+    assert stage_codes(tmp_path, at_limit) == []
