@@ -1,6 +1,15 @@
 """Data-preparation throughput: tokens/s of `prepare_dataset` with 1 and 2 worker processes.
 
     .venv/bin/python bench/bench_data_prep.py [--copies 4] [--repeats 3]
+    .venv/bin/python bench/bench_data_prep.py --big-doc-mb 10 [--label after]
+
+`--big-doc-mb N`: one JSONL line whose document is N MB of text (issue 16: a 50 MB line took 11 minutes
+and 2.8 GB to train a tokenizer on, 132 s and 9.2 GB to prepare). Tokenizer training and preparation
+(1 worker, with the tokenizer just trained) each run in a fresh child process; their wall time and
+peak resident memory (the child's ru_maxrss; `baseline`: a child that only imports what preparation
+imports, Megatron-Core and torch) are written to bench/results/data_prep_big_doc.json
+under `--label` (so a run before and after a change sit side by side), with the child's CPU time
+(user + system, including the import), which a loaded machine disturbs less than the wall time.
 
 Workers are spawned processes (see runtime/data_prep.py), so 2 workers pay two interpreter start-ups.
 Corpus: the quickstart corpus (examples/data/quickstart/corpus.jsonl) concatenated `--copies` times;
@@ -29,7 +38,11 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data_prep.json")
+    parser.add_argument("--big-doc-mb", type=float, default=None)
+    parser.add_argument("--label", default="current")
     args = parser.parse_args()
+    if args.big_doc_mb:
+        return big_document(args.big_doc_mb, args.label)
 
     from nemoc.runtime.data_prep import Source, _builder, prepare_dataset, train_tokenizer
 
@@ -77,6 +90,61 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     print(json.dumps(report, indent=2, sort_keys=True))
+
+
+_CHILD = r"""
+import json, resource, sys, time
+from nemoc.runtime.data_prep import Source, prepare_dataset, train_tokenizer
+what, corpus, out = sys.argv[1:4]
+t0 = time.perf_counter()
+if what == "baseline":  # what preparation costs before any data: Megatron-Core (and torch) imported
+    from nemoc.runtime.data_prep import _builder
+    _builder(1000)
+    extra = {}
+elif what == "train_tokenizer":
+    tok = train_tokenizer([Source("big", corpus)], 4096, out + "/tokenizer.json")
+    extra = {"vocab_size": tok.vocab_size}
+else:
+    result = prepare_dataset(Source("big", corpus), out + "/tokenizer.json", out + "/prepared", workers=1)
+    extra = {"tokens": result.tokens, "documents": result.documents}
+seconds = time.perf_counter() - t0
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps(dict(extra, seconds=round(seconds, 2), cpu_s=round(usage.ru_utime + usage.ru_stime, 2),
+                      peak_rss_mb=round(usage.ru_maxrss / 1024))))
+"""
+
+
+def big_document(megabytes: float, label: str) -> None:
+    """One document of `megabytes` MB on one JSONL line: time and peak memory of each step."""
+    import random
+    import subprocess
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(5000)]
+    target = int(megabytes * 1e6)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "big.jsonl"
+        pieces, size = [], 0
+        while size < target:
+            sentence = " ".join(rng.choice(words) for _ in range(12)) + ". "
+            pieces.append(sentence)
+            size += len(sentence)
+        small = "".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(30))}) + "\n" for _ in range(200))
+        corpus.write_text(small + json.dumps({"text": "".join(pieces)}) + "\n")
+        row = {"document_mb": megabytes, "corpus_bytes": corpus.stat().st_size}
+        for what in ("baseline", "train_tokenizer", "prepare"):
+            proc = subprocess.run([sys.executable, "-c", _CHILD, what, str(corpus), tmp], capture_output=True,
+                                  text=True, cwd=ROOT)
+            if proc.returncode != 0:
+                raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
+            row[what] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{label:>8} {what:<16} {row[what]['seconds']:>8.1f} s wall {row[what]['cpu_s']:>8.1f} s CPU "
+                  f"{row[what]['peak_rss_mb']:>7} MB", flush=True)
+    out = ROOT / "bench" / "results" / "data_prep_big_doc.json"
+    report = json.loads(out.read_text()) if out.exists() else {"benchmark": "data_prep_big_doc", "runs": {}}
+    report["runs"][label] = dict(row, machine={"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
+                                               "note": "shared machine: other processes compete for the cores"})
+    out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

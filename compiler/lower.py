@@ -26,7 +26,7 @@ from types import MappingProxyType
 from nemoc.compiler.catalog.hardware import GPUS, get_gpu
 from nemoc.compiler.catalog.models import PRESETS, get_preset
 from nemoc.compiler.spec import (CheckpointSpec, ClusterSpec, DataSpec, ExperimentSpec, LoraSpec, ModelSpec,
-                                 OptimizerSpec, ParallelSpec, ScheduleSpec, StageSpec)
+                                 OptimizerSpec, ParallelSpec, ScheduleSpec, StageSpec, TrackingSpec)
 from nemoc.dsl import ast
 from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Note, Severity, Span, has_errors
 from nemoc.dsl.loader import Program, load_program
@@ -50,14 +50,19 @@ def load_experiment(path: str, sets: tuple[str, ...] = ()) -> tuple[ExperimentSp
     return spec, sources
 
 
-def compile_file(path: str, sets: tuple[str, ...] = (), text: str | None = None):
+def compile_file(path: str, sets: tuple[str, ...] = (), text: str | None = None, *, module_ok: bool = False):
     """(spec or None, every diagnostic incl. warnings, sources). Never raises for bad input. `text`: the
-    root file's contents when the caller has them (the language server's buffer)."""
+    root file's contents when the caller has them (the language server's buffer).
+
+    With `module_ok` (`nemoc check`), a root file without an experiment is checked as a module (see
+    `check_module`): the result is then (None, its diagnostics, sources), clean when none is an error."""
     try:
         program, diags = load_program(path, text)
         sources = dict(program.sources)
         if has_errors(diags) or not program.modules:
             return None, tuple(diags), sources
+        if module_ok and is_module(program):
+            return None, tuple(diags) + tuple(check_module(program)), sources
         spec, more, extra = lower_program(program, sets)
         sources.update(extra)
         return spec, tuple(diags) + tuple(more), sources
@@ -133,6 +138,26 @@ def _collect_templates(program: Program, diags: list[Diagnostic]) -> dict[tuple[
     return templates
 
 
+def is_module(program: Program) -> bool:
+    """The root file declares no experiment: a library of templates that experiments import."""
+    module = program.modules.get(program.root)
+    return module is not None and not any(b.kind.value == "experiment" for b in module.blocks)
+
+
+def check_module(program: Program) -> list[Diagnostic]:
+    """A file without an experiment, checked on its own: its imports (already loaded), every template's
+    fields, types and units, duplicate templates, blocks that belong inside an experiment, and the
+    catalog ids its cluster templates name (E043)."""
+    diags: list[Diagnostic] = []
+    templates = _collect_templates(program, diags)
+    for (kind, _name), block in templates.items():
+        gpu = next((f.value for f in block.fields if f.key.value == "gpu"), None) if kind == "cluster" else None
+        if isinstance(gpu, (ast.Name, ast.String)) and get_gpu(gpu.value) is None:
+            diags.append(Diagnostic("E043", f"unknown accelerator `{gpu.value}`", gpu.span,
+                                    hint=did_you_mean(gpu.value, GPUS) or "known: " + ", ".join(GPUS)))
+    return _unique(diags)
+
+
 def _the_experiment(program: Program, diags: list[Diagnostic]) -> ast.Block | None:
     module = program.modules.get(program.root)
     experiments = [b for b in module.blocks if b.kind.value == "experiment"] if module else []
@@ -140,7 +165,9 @@ def _the_experiment(program: Program, diags: list[Diagnostic]) -> ast.Block | No
         span = module.span if module else None
         diags.append(Diagnostic("E026", "no `experiment` block in this file",
                                 Span(program.root, 1, 1, 1, 2) if span is None else Span(span.path, 1, 1, 1, 2),
-                                hint="write `experiment NAME { cluster { ... } model ... { } stage ... { } }`"))
+                                hint="write `experiment NAME { cluster { ... } model ... { } stage ... { } }`; "
+                                     "a file of templates that experiments import is a module: "
+                                     f"check it with `nemoc check {program.root}`"))
         return None
     for extra in experiments[1:]:
         diags.append(Diagnostic("E026", "a file holds exactly one experiment", extra.head,
@@ -235,7 +262,7 @@ class _Lowering:
         return ExperimentSpec(
             name=self.exp.name or "experiment", model=model, cluster=cluster, parallel=parallel,
             data=tuple(d for d in data if d), stages=stages, root=self.program.root_dir,
-            spans=MappingProxyType(dict(self.spans)), **values)
+            tracking=self._tracking(self.exp.sub("tracking")), spans=MappingProxyType(dict(self.spans)), **values)
 
     # -- cluster
 
@@ -413,6 +440,12 @@ class _Lowering:
         if "async" in values:
             values["async_save"] = values.pop("async")
         return CheckpointSpec(**values)
+
+    def _tracking(self, block: Checked | None) -> TrackingSpec:
+        if block is None:
+            return TrackingSpec()
+        self._record("tracking", block)
+        return TrackingSpec(**block.values)
 
     def _check_refs(self, refs, names: set[str], what: str, kind: str) -> None:
         for ref in refs:

@@ -263,19 +263,35 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
     uneven `split` = (first, middle, last) layer counts, the second stage too, which may hold more
     layers than the first). `kernels`: see `layer_activations` ("te" unless the runtime has no
     Transformer Engine)."""
-    hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
-    capacity = hw.hbm_bytes if hw else 0
-    seq = seq_length or model.seq_length
-    best = None
     stages = {0, layout.pp - 1} | ({1} if split is not None and layout.pp > 2 and split[1] > split[0] else set())
-    resident = len(resident_models(stage_kind, params, peft=peft))
-    rows = stage_work(stage_kind, params, peft).rows  # preference pairs: chosen + rejected
-    for stage in sorted(stages):
-        m = _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
-                          capacity, kernels, grad_bytes, split, resident, rows)
+    best = None
+    for m in _breakdowns(sorted(stages), model, layout, precision, attention_backend, seq_length, stage_kind, peft,
+                         gpu, params, dropout, kernels, grad_bytes, split):
         if best is None or m.total > best.total:
             best = m
     return best  # type: ignore[return-value]
+
+
+def pipeline_stages(model: ModelSpec, layout: Layout, *, precision: str = "bf16", attention_backend: str = "flash",
+                    seq_length: int | None = None, stage_kind: str = "pretrain", peft: LoraSpec | None = None,
+                    gpu: HardwareSpec | str | None = None, params: object = None, dropout: bool = False,
+                    kernels: str = "te", grad_bytes: int = 4,
+                    split: tuple[int, int, int] | None = None) -> tuple[MemoryBreakdown, ...]:
+    """Per-GPU memory of every pipeline stage 0 .. pp - 1 (`estimate` is the largest of them)."""
+    return tuple(_breakdowns(range(layout.pp), model, layout, precision, attention_backend, seq_length, stage_kind,
+                             peft, gpu, params, dropout, kernels, grad_bytes, split))
+
+
+def _breakdowns(stages, model, layout, precision, attention_backend, seq_length, stage_kind, peft, gpu, params,
+                dropout, kernels, grad_bytes, split):
+    hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
+    capacity = hw.hbm_bytes if hw else 0
+    seq = seq_length or model.seq_length
+    resident = len(resident_models(stage_kind, params, peft=peft))
+    rows = stage_work(stage_kind, params, peft).rows  # preference pairs: chosen + rejected
+    for stage in stages:
+        yield _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
+                            capacity, kernels, grad_bytes, split, resident, rows)
 
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most

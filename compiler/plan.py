@@ -27,6 +27,7 @@ from nemoc.compiler.spec import (
     ModelSpec,
     OptimizerSpec,
     ScheduleSpec,
+    TrackingSpec,
     resolve_kernels,
 )
 
@@ -48,6 +49,9 @@ class Layout:
     sequence_parallel: bool
     distributed_optimizer: bool
     recompute: str  # none | selective | full
+    tp_comm_overlap: bool = False  # TE userbuffer TP overlap (`TransformerConfig.tp_comm_overlap`)
+    grad_reduce_in_fp32: bool = True  # `DistributedDataParallelConfig.grad_reduce_in_fp32`
+    overlap_param_gather: bool = False  # `DistributedDataParallelConfig.overlap_param_gather`
 
     @property
     def world_size(self) -> int:
@@ -120,6 +124,7 @@ class Plan:
     root: str = "."
     version: int = PLAN_VERSION
     kernels: str = "te"  # the experiment's `kernels`, resolved: te | local (what pretraining runs)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)  # metric sinks (runtime/tracking.py)
 
     def stage(self, name: str) -> StagePlan:
         return next(s for s in self.stages if s.name == name)

@@ -12,6 +12,12 @@ Invariants: pure functions, no torch / megatron import; a rule whose operands ar
 
 The rule table `RULES` is ordered cheapest / most decisive first, because `layout_violations`
 stops at the first error it finds.
+
+`STAGE_RULES` (E150-E154, W150) are the stage settings that would otherwise fail only at run time, in a
+torch or Megatron traceback or an alignment error after data preparation: `min_lr` above `lr`, an
+alignment stage without data in a format its records need, an export with no `after`, a stage that
+starts from a parent checkpoint its parent never saves, a warm-up longer than the stage, and more
+stages than any real experiment has (MAX_STAGES: the planner searches each one).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from nemoc.compiler.catalog.hardware import get_gpu
 from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR as VOCAB_DIVISOR
 from nemoc.compiler.flops import padded_vocab  # Megatron-LM `_vocab_size_with_padding` (128 x tp)
 from nemoc.compiler.spec import ClusterSpec, ExperimentSpec, ModelSpec, ParallelSpec, StageSpec, resolve_kernels
-from nemoc.dsl.diagnostics import Diagnostic, Severity
+from nemoc.dsl.diagnostics import Diagnostic, Note, Severity
+from nemoc.dsl.schema import PARENT_CHECKPOINT_KINDS, STAGE_DATA_FORMATS
 
 TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
 RECOMPUTE = ("none", "selective", "full")
@@ -106,6 +113,8 @@ class Sizes:
     distributed_optimizer: bool | None = True
     recompute: str | None = None
     seq_length: int = 0
+    tp_comm_overlap: bool = False
+    overlap_param_gather: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,11 +316,12 @@ def rule_world_size(env: Env, s: Sizes) -> Violation | None:
             source="megatron/core/parallel_state.py initialize_model_parallel (world_size % model_size)",
         )
     if world % model:
+        sizes = (("tp", s.tp), ("pp", s.pp), ("cp", s.cp))
         return Violation(
             "E101", "the model-parallel size does not divide the number of GPUs",
             f"{where} % (tp({s.tp}) * pp({s.pp}) * cp({s.cp}) = {model}) = {world % model} != 0",
             _world_hint(world, model, None, c),
-            anchors=(_P + "tensor", _P + "pipeline", _P + "context", "cluster.nodes", "cluster"),
+            anchors=_breaking_first(world, sizes) + ("cluster.nodes", "cluster"),
             source="megatron/core/parallel_state.py initialize_model_parallel (world_size % model_size)",
         )
     return None
@@ -330,9 +340,25 @@ def _partial_world_size(env: Env, s: Sizes) -> Violation | None:
         f"{where} % ({factors} = {product}) = {c.world_size % product} != 0" if len(known) > 1 else
         f"{where} % {factors} = {c.world_size % product} != 0",
         "use sizes whose product divides the GPU count, or more nodes",
-        anchors=(_P + "tensor", _P + "pipeline", _P + "context", _P + "data", "cluster.nodes", "cluster"),
+        anchors=_breaking_first(c.world_size, known) + ("cluster.nodes", "cluster"),
         source="megatron/core/parallel_state.py initialize_model_parallel (world_size % model_size)",
     )
+
+
+_SIZE_FIELDS = {"tp": "tensor", "pp": "pipeline", "cp": "context", "dp": "data"}
+
+
+def _breaking_first(world: int, sizes) -> tuple[str, ...]:
+    """Anchors for a product of sizes that does not divide `world`: first the size that breaks it (the
+    first whose running product, in tp, pp, cp, dp order, stops dividing), then the others."""
+    product, breaker = 1, None
+    for name, value in sizes:
+        product *= value or 1
+        if world % product:
+            breaker = name
+            break
+    ordered = [n for n, _ in sizes if n == breaker] + [n for n, _ in sizes if n != breaker]
+    return tuple(_P + _SIZE_FIELDS[n] for n in ordered)
 
 
 def _world_hint(world: int, model: int, dp: int | None, c: ClusterSpec) -> str:
@@ -780,6 +806,39 @@ def rule_fp8_needs_te(env: Env, s: Sizes) -> Violation | None:
         anchors=("kernels", "precision") if env.kernels == "local" else ("precision",),
         source="runtime/megatron_args.py _check_supported (fp8 without Transformer Engine)",
     )
+
+
+def rule_tp_comm_overlap(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-LM `validate_args`: "Tensor parallel communication/GEMM overlap can happen only when
+    sequence parallelism is enabled"; it is Transformer Engine's (userbuffers), so not on the local
+    spec; with tp = 1 there is nothing to overlap. Auto sizes are judged once resolved."""
+    if not s.tp_comm_overlap:
+        return None
+    local = _local_why(env)
+    if local:
+        why, hint = f"tp_comm_overlap = true but {local}", "set tp_comm_overlap = false, or kernels = te"
+    elif s.tp == 1:
+        why, hint = "tp_comm_overlap = true with tp(1): nothing to overlap", "set tp_comm_overlap = false"
+    elif s.tp is not None and s.tp > 1 and s.sequence_parallel is False:
+        why, hint = f"tp_comm_overlap = true with tp({s.tp}) and sequence_parallel = false", \
+            "set sequence_parallel = true (or leave it auto)"
+    else:
+        return None
+    return Violation("E160", "TP communication overlap needs Transformer Engine, TP > 1 and sequence parallelism",
+                     why, hint, anchors=(_P + "tp_comm_overlap", _P + "sequence_parallel", "kernels"),
+                     source="megatron/training/arguments.py validate_args (tp_comm_overlap needs sequence_parallel)")
+
+
+def rule_overlap_param_gather(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-Core `DistributedDataParallelConfig`: the overlapped parameter all-gather is the
+    distributed optimizer's ("overlap_param_gather only supported with distributed optimizer")."""
+    if not s.overlap_param_gather or s.distributed_optimizer is not False:
+        return None
+    return Violation("E161", "overlap_param_gather needs the distributed optimizer",
+                     "overlap_param_gather = true with distributed_optimizer = false",
+                     "set distributed_optimizer = true (or auto), or overlap_param_gather = false",
+                     anchors=(_P + "overlap_param_gather", _P + "distributed_optimizer"),
+                     source="megatron/core/distributed/distributed_data_parallel_config.py (__post_init__)")
 
 
 def rule_te_needs_gpu(env: Env, s: Sizes) -> Violation | None:
@@ -1246,7 +1305,8 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp,
     rule_moe_bias_runtime, rule_moe_tp_needs_sp, rule_sgd_distributed_optimizer,
     rule_precision_hardware, rule_fp8_needs_te, rule_te_needs_gpu, rule_fp32_attention, rule_attention_head_dim,
-    rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions,
+    rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions, rule_tp_comm_overlap,
+    rule_overlap_param_gather,
 )
 WARNING_RULES: tuple[Rule, ...] = (
     warn_tp_crosses_node, warn_padded_vocab, warn_ep_without_sp, warn_useless_distributed_optimizer,
@@ -1296,13 +1356,15 @@ def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: in
         etp=parallel.expert_tensor, dp=parallel.data, micro_batch=parallel.micro_batch,
         global_batch=global_batch, sequence_parallel=parallel.sequence_parallel,
         distributed_optimizer=parallel.distributed_optimizer, recompute=parallel.recompute,
-        seq_length=seq_length,
+        seq_length=seq_length, tp_comm_overlap=parallel.tp_comm_overlap,
+        overlap_param_gather=parallel.overlap_param_gather,
     )
 
 
 _PARALLEL_FIELDS = (
     "tensor", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor", "data",
-    "sequence_parallel", "distributed_optimizer", "recompute", "micro_batch",
+    "sequence_parallel", "distributed_optimizer", "recompute", "micro_batch", "tp_comm_overlap",
+    "grad_reduce_in_fp32", "overlap_param_gather",
 )
 
 
@@ -1363,6 +1425,8 @@ def check_spec(spec: ExperimentSpec) -> tuple[Diagnostic, ...]:
     """
     out: list[Diagnostic] = []
     seen: set[tuple[str, str]] = set()
+    if len(spec.stages) > MAX_STAGES:
+        return stage_diagnostics(spec)
     stages = list(spec.stages) or [None]
     for stage in stages:
         parallel = spec.parallel if stage is None else stage_parallel(spec, stage)
@@ -1387,7 +1451,126 @@ def check_spec(spec: ExperimentSpec) -> tuple[Diagnostic, ...]:
             seen.add(key)
             uses_stage = own or any(a.startswith("stage.") for a in v.anchors)
             out.append(to_diagnostic(v, spec, stage if uses_stage else None))
-    return tuple(out)
+    return tuple(out) + stage_diagnostics(spec)
+
+
+# ------------------------------------------------------------------------------------ stage rules
+# Each rule: (spec, stage) -> Diagnostic | None, for the settings of one stage and its parents.
+
+_RECORDS = {"chat": '{"messages": [{"role", "content"}, ...]}', "prompt_response": '{"prompt", "response"}',
+            "preference": '{"prompt", "chosen", "rejected"}'}
+
+
+def _stage_diagnostic(v: Violation, spec: ExperimentSpec, stage: StageSpec, notes=()) -> Diagnostic:
+    d = to_diagnostic(v, spec, stage)
+    return replace(d, notes=tuple(notes)) if notes else d
+
+
+def rule_min_lr(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """megatron/core/optimizer_param_scheduler.py OptimizerParamScheduler.__init__: `assert max_lr >= min_lr`."""
+    lr, min_lr = stage.optimizer.lr, stage.schedule.min_lr
+    if stage.kind not in TRAINING_KINDS or min_lr <= lr:
+        return None
+    return _stage_diagnostic(Violation(
+        "E150", "the schedule's `min_lr` is above the optimizer's peak `lr`",
+        f"min_lr({min_lr:g}) > lr({lr:g})",
+        f"the schedule decays from lr to min_lr: use min_lr <= {lr:g} (often lr / 10 = {lr / 10:g})",
+        anchors=("stage.schedule.min_lr", "stage.optimizer.lr", "stage.schedule"),
+        source="megatron/core/optimizer_param_scheduler.py (assert self.max_lr >= self.min_lr)"), spec, stage)
+
+
+def rule_data_format(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """runtime/align/stage.py raw_datasets: an alignment stage reads only data sets of its formats."""
+    wanted = STAGE_DATA_FORMATS.get(stage.kind)
+    formats = {d.name: d.format for d in spec.data}
+    given = [(name, formats.get(name, "text")) for name in stage.data]
+    if wanted is None or not given or any(fmt in wanted for _, fmt in given):
+        return None  # (a stage that names no data at all is not this rule's: nothing was misdeclared)
+    shown = ", ".join(f"{name} ({fmt})" for name, fmt in given)
+    example = f"`format = {wanted[0]}` ({_RECORDS[wanted[0]]} records)"
+    return _stage_diagnostic(Violation(
+        "E151", f"a `{stage.kind}` stage needs data in format {' | '.join(wanted)}",
+        f"data = [{shown}]; {stage.kind} reads {' | '.join(wanted)}",
+        f"declare `data {given[0][0]}` with {example}, or give the stage such a data set",
+        anchors=("stage.data", "stage")), spec, stage)
+
+
+def rule_export_after(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """runtime/align/stage.py parent_checkpoint: an export writes the checkpoint of the stage it follows."""
+    if stage.kind != "export" or stage.after:
+        return None
+    trained = [s.name for s in spec.stages if s.kind in TRAINING_KINDS]
+    return _stage_diagnostic(Violation(
+        "E152", f"export stage `{stage.name}` has no `after`: there is no checkpoint to export",
+        "after = []", f"write `stage {stage.name} after {trained[-1] if trained else 'NAME'} {{ ... }}`",
+        anchors=("stage",)), spec, stage)
+
+
+def rule_parent_saves(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """runtime/align/stage.py parent_checkpoint: the first parent with a checkpoint (ppo: every parent:
+    the reward model and the policy)."""
+    if stage.kind not in PARENT_CHECKPOINT_KINDS or not stage.after:
+        return None
+    names = {s.name for s in spec.stages}
+    parents = [spec.stage(n) for n in stage.after if n in names]
+    silent = [p for p in parents if p.params.get("save_checkpoints", True) is False]
+    if not silent or (stage.kind != "ppo" and len(silent) < len(parents)):
+        return None
+    parent = silent[0]
+    notes = [Note(f"`{parent.name}` saves no checkpoints here", spec.span(f"stage.{parent.name}.save_checkpoints"))]
+    return _stage_diagnostic(Violation(
+        "E153", f"stage `{stage.name}` starts from the checkpoint of `{parent.name}`, which saves none",
+        f"{parent.name}.save_checkpoints = false",
+        f"remove `save_checkpoints = false` from `{parent.name}` (it is meant for benchmark runs)",
+        anchors=("stage",)), spec, stage, notes)
+
+
+def warn_warmup_longer_than_stage(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """Megatron's scheduler clamps: a warm-up longer than the stage never reaches the peak `lr`."""
+    warmup, steps = stage.schedule.warmup, _stage_steps(spec, stage)
+    if stage.kind not in TRAINING_KINDS or steps is None or warmup <= steps:
+        return None
+    return _stage_diagnostic(Violation(
+        "W150", "the warm-up is longer than the stage: the learning rate never reaches its peak",
+        f"warmup({warmup:,}) > steps({steps:,})" + ("" if stage.steps else
+                                                     f" = tokens({stage.tokens:,}) / (global_batch x seq_length)"),
+        f"use a warm-up shorter than the stage, e.g. warmup = {max(1, steps // 10):,} (10%)",
+        anchors=("stage.schedule.warmup", "stage.schedule", "stage"), severity=Severity.WARNING), spec, stage)
+
+
+def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
+    """The stage's optimizer steps when known without the data: `steps`, or `tokens` with a batch."""
+    if stage.steps is not None:
+        return stage.steps
+    if stage.tokens is not None and stage.global_batch:
+        return max(1, stage.tokens // (stage.global_batch * stage_seq_length(spec, stage)))
+    return None
+
+
+STAGE_RULES = (rule_min_lr, rule_data_format, rule_export_after, rule_parent_saves, warn_warmup_longer_than_stage)
+
+
+MAX_STAGES = 100  # real chains have a handful; the planner searches each stage (~5 ms), so 2,500 would take 15 s
+
+
+def rule_stage_count(spec: ExperimentSpec) -> Diagnostic | None:
+    """An experiment is a page: at most MAX_STAGES stages, so `plan` stays within seconds on any file."""
+    if len(spec.stages) <= MAX_STAGES:
+        return None
+    first_over = spec.stages[MAX_STAGES]
+    return _stage_diagnostic(Violation(
+        "E154", f"too many stages: {len(spec.stages):,} (the limit is {MAX_STAGES})",
+        f"stages({len(spec.stages):,}) > {MAX_STAGES}",
+        "an experiment is a short chain of stages: split it into several experiments",
+        anchors=("stage",)), spec, first_over)
+
+
+def stage_diagnostics(spec: ExperimentSpec) -> tuple[Diagnostic, ...]:
+    """Every stage rule over every stage (none when there are too many stages to be a real experiment)."""
+    too_many = rule_stage_count(spec)
+    if too_many is not None:
+        return (too_many,)
+    return tuple(d for stage in spec.stages for rule in STAGE_RULES if (d := rule(spec, stage)) is not None)
 
 
 def layout_violations(env: Env, sizes: Sizes) -> Violation | None:

@@ -91,6 +91,12 @@ class ParallelSpec:
     distributed_optimizer: bool | None = None  # auto: on with adam, off with sgd (search)
     recompute: str | None = None  # none | selective | full
     micro_batch: int | None = None
+    # Recipe performance settings (fixed, not searched): Transformer Engine's userbuffer TP
+    # communication overlap, and Megatron DDP's gradient reduction dtype (fp32 main grads, or the
+    # parameters' 16-bit dtype as NeMo's FP8 performance recipes reduce).
+    tp_comm_overlap: bool = False
+    grad_reduce_in_fp32: bool = True
+    overlap_param_gather: bool = False  # the distributed optimizer's parameter all-gather in the forward
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +122,16 @@ class CheckpointSpec:
     every: int | None = None  # steps; None = only at the end
     keep: int = 3
     async_save: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TrackingSpec:
+    """Where the runtime sends metrics besides metrics.jsonl (runtime/tracking.py)."""
+
+    wandb: bool = False
+    mlflow: str | None = None  # a directory (file store, relative to the .nemo file) or a tracking URI
+    project: str | None = None  # None: the experiment's name
+    tensorboard: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +189,7 @@ class ExperimentSpec:
     data: tuple[DataSpec, ...] = ()
     stages: tuple[StageSpec, ...] = ()
     root: str = "."  # directory of the .nemo file; data paths are relative to it
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
     spans: Mapping[str, Span] = field(default_factory=_empty, compare=False)
 
     def span(self, *paths: str) -> Span | None:

@@ -16,7 +16,7 @@ from typing import Union
 
 from nemoc.dsl.diagnostics import Span
 
-_NUMBER = re.compile(r"^((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)(.*)$")
+_NUMBER = re.compile(r"^((?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)(.*)$", re.S)
 
 
 def _span() -> Span:

@@ -14,6 +14,11 @@ text themselves: `render` turns diagnostics into the compiler-style text
 
 and `to_json` into plain data for `--json`. Checks collect diagnostics and a phase raises
 `DiagnosticError` once, with all of them.
+
+Rendering is linear in the input: each source's line starts are indexed once per `render_all` (not
+re-split per diagnostic), a source line longer than MAX_LINE_WIDTH is shown as a window around the
+span, and at most MAX_PER_FILE diagnostics are printed per file, then "... and N more" (the count line
+and `--json` still cover all of them).
 """
 
 from __future__ import annotations
@@ -93,30 +98,75 @@ def sort_key(d: Diagnostic) -> tuple:
 # --------------------------------------------------------------------------------------------- render
 
 
-def _source_lines(span: Span, sources: Mapping[str, str]) -> list[str] | None:
-    text = sources.get(span.path)
-    return None if text is None else text.splitlines()
+MAX_PER_FILE = 50  # diagnostics printed per file; the rest are counted ("... and N more")
+MAX_LINE_WIDTH = 160  # characters of one source line shown; a longer line is windowed around the span
+_CONTEXT = 60  # characters shown before the span in a windowed line
+_UNPRINTABLE = {c: "\ufffd" for c in (*range(0x20), 0x7F) if c != 0x09}  # one cell each, so carets still line up
 
 
-def _excerpt(span: Span, sources: Mapping[str, str], label: str = "") -> list[str]:
-    lines = _source_lines(span, sources)
-    if not lines or not 1 <= span.line <= len(lines):
+class _Lines:
+    """The line starts of one source, found once; `line(n)` is then a slice, not a re-split."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.starts = [0]
+        find = text.find
+        at = find("\n")
+        while at >= 0:
+            self.starts.append(at + 1)
+            at = find("\n", at + 1)
+
+    def line(self, n: int) -> str | None:
+        if not 1 <= n <= len(self.starts) or (n == len(self.starts) and self.starts[-1] == len(self.text)):
+            return None  # past the end (a final newline starts no line, as with str.splitlines)
+        start = self.starts[n - 1]
+        end = self.starts[n] - 1 if n < len(self.starts) else len(self.text)
+        return self.text[start:end].rstrip("\r")
+
+
+class _SourceIndex:
+    """`_Lines` per path of a sources map, built on first use and shared by every diagnostic."""
+
+    def __init__(self, sources: Mapping[str, str]):
+        self.sources = sources
+        self.lines: dict[str, _Lines] = {}
+
+    def line(self, path: str, n: int) -> str | None:
+        if path not in self.lines:
+            text = self.sources.get(path)
+            if text is None:
+                return None
+            self.lines[path] = _Lines(text)
+        return self.lines[path].line(n)
+
+
+def _excerpt(span: Span, index: _SourceIndex, label: str = "") -> list[str]:
+    src = index.line(span.path, span.line)
+    if src is None:
         return []
-    src = lines[span.line - 1].expandtabs(1)
-    width = len(str(span.line))
     end = span.end_col if span.end_line == span.line and span.end_col > span.col else len(src) + 1
-    carets = "^" * max(1, min(end, len(src) + 1) - span.col)
+    col, end = max(1, span.col), min(end, len(src) + 1)
+    if len(src) > MAX_LINE_WIDTH:  # a window around the span, so one 1 MB line is not printed per diagnostic
+        first = max(0, col - 1 - _CONTEXT)
+        shown = src[first:first + MAX_LINE_WIDTH]
+        lead, tail = ("..." if first else ""), ("..." if first + MAX_LINE_WIDTH < len(src) else "")
+        col, end = col - first + len(lead), min(end - first, len(shown) + 1) + len(lead)
+        src = lead + shown + tail
+    src = src.translate(_UNPRINTABLE).expandtabs(1)
+    width = len(str(span.line))
+    carets = "^" * max(1, min(end, len(src) + 1) - col)
     gutter = " " * width
-    underline = " " * (span.col - 1) + carets + (f" {label}" if label else "")
+    underline = " " * (col - 1) + carets + (f" {label}" if label else "")
     return [f"{gutter} |", f"{span.line} | {src}", f"{gutter} | {underline}"]
 
 
-def render(diagnostic: Diagnostic, sources: Mapping[str, str]) -> str:
+def render(diagnostic: Diagnostic, sources: Mapping[str, str] | _SourceIndex) -> str:
     """Compiler-style text for one diagnostic; `sources` maps a span's path to the file's text."""
+    index = sources if isinstance(sources, _SourceIndex) else _SourceIndex(sources)
     where = f"{diagnostic.span}: " if diagnostic.span else ""
     out = [f"{where}{diagnostic.severity.value}[{diagnostic.code}]: {diagnostic.message}"]
     if diagnostic.span:
-        out += _excerpt(diagnostic.span, sources)
+        out += _excerpt(diagnostic.span, index)
     if diagnostic.equation:
         out.append(f"  = equation: {diagnostic.equation}")
     if diagnostic.hint:
@@ -125,13 +175,26 @@ def render(diagnostic: Diagnostic, sources: Mapping[str, str]) -> str:
         where = f"{note.span}: " if note.span else ""
         out.append(f"{where}note: {note.message}")
         if note.span:
-            out += _excerpt(note.span, sources)
+            out += _excerpt(note.span, index)
     return "\n".join(out)
 
 
 def render_all(diagnostics: Iterable[Diagnostic], sources: Mapping[str, str]) -> str:
+    """Every diagnostic (at most MAX_PER_FILE per file, then a count of the rest) and a summary line."""
     diagnostics = sorted(diagnostics, key=sort_key)
-    text = "\n\n".join(render(d, sources) for d in diagnostics)
+    index, shown, hidden, parts = _SourceIndex(sources), {}, {}, []
+    for d in diagnostics:
+        path = d.span.path if d.span else ""
+        shown[path] = shown.get(path, 0) + 1
+        if shown[path] > MAX_PER_FILE:
+            hidden[path] = hidden.get(path, 0) + 1
+        else:
+            parts.append(render(d, index))
+    for path, count in hidden.items():
+        where = f" in {path}" if path else ""
+        parts.append(f"... and {count:,} more diagnostic{'s' * (count != 1)}{where} (the first {MAX_PER_FILE} "
+                     "are shown; fix these, or use --json for all)")
+    text = "\n\n".join(parts)
     errors = sum(d.is_error for d in diagnostics)
     warnings = sum(d.severity is Severity.WARNING for d in diagnostics)
     if errors or warnings:

@@ -58,6 +58,17 @@ experiment llama3_8b_chat {
   - arithmetic on numbers: `4 * 128`, `(1 + 3) * 2`, `1h + 30min`, `-(2 * 3)`, with the usual precedence.
     It is exact (rational) arithmetic; units must agree (`80GiB / 2` is a size, `80GiB * 80GiB` an error).
 - `auto` lets the planner choose; only fields marked *auto* below accept it.
+- Lines end with LF, CRLF or a lone CR (old Mac editors), mixed freely: lines, columns and comments
+  (which end at any of them) come out the same. Outside strings and comments the text is ASCII:
+  digits are `0`-`9` only, so `layers = ４` (fullwidth) or `٤` (Arabic-Indic) is E014, naming the
+  character (`U+FF14 FULLWIDTH DIGIT FOUR`) and the ASCII digit to write.
+- Limits (each a diagnostic at the place it is exceeded, never a crash): a file is at most 1 MiB and
+  50,000 tokens, comments included (E003, at the first token past it: `check`, `fmt` and `plan` then stay
+  within a 10 s budget on any input, which `bench/bench_check.py` measures on adversarial files at both
+  limits: at most ~7 s on a 2-core machine at load 8, most under 3 s);
+  brackets and chained unary minus nest at most 64 deep (`- - 4` nests like `-(-(4))`; E004), while a
+  flat `1 + 1 + ... + 1` may be as long as the file; a number literal has at most 64 digits and an
+  exponent of at most 30, and every value lies between 1e-18 and 1e18 ("number too large", E032).
 
 ### Units
 
@@ -173,6 +184,13 @@ def render() -> str:
         "the experiment, `cluster NAME { fields }` starts from it and the fields written override it.",
         "`model NAME` falls back to the catalog's presets (`nemoc.compiler.catalog.models`). A stage may",
         "name a data template directly (`data = [web]`) without redeclaring it.", "",
+        "Only regular files are imported: a directory, a FIFO or a device is E005 at the import (never a",
+        "hang), as is a path holding a NUL byte or another control character. The project tree is compared",
+        "by real paths, so a project reached through a symlinked directory imports normally.", "",
+        "A file without an `experiment` (such as `examples/common/hardware.nemo`) is a *module*: `nemoc",
+        "check` checks it on its own (its imports, every template's fields, types and units, duplicate",
+        "templates, blocks that belong inside an experiment, the accelerator ids of its cluster templates)",
+        "and exits 0 when it is clean. `plan` and `run` need an experiment and say so (E026).", "",
         "## Overrides", "",
         "Every command accepts `--set KEY=VALUE` (repeatable). `KEY` is a dotted path: `parallel.tensor`,",
         "`model.layers`, `cluster.nodes`, `precision`, `kernels`, `data.web.path`, `stage.pretrain.steps`,",
@@ -215,7 +233,10 @@ def render() -> str:
         "`path:line:col: error[E0xx]: message`, the source line with a caret, then `= equation`, `= hint`",
         "and `note:` lines. All errors are reported, not only the first. `nemoc check` exits 0 when clean",
         "(warnings allowed), 1 on errors, 2 when the file cannot be read or the command line is wrong;",
-        "`--json` prints the diagnostics as JSON. Layout rules (`nemoc.compiler.rules`) add their own codes.", "",
+        "`--json` prints the diagnostics as JSON. Layout rules (`nemoc.compiler.rules`) add their own codes.",
+        "Rendering is linear in the input: at most 50 diagnostics are printed per file, then `... and N",
+        "more` (the summary line and `--json` count and list all of them), and a source line longer than",
+        "160 characters is shown as a window around the caret.", "",
         "| code | meaning |", "|---|---|",
     ]
     out += [f"| {code} | {text} |" for code, text in CODES.items()]

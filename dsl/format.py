@@ -11,6 +11,9 @@ after code stays at the end of that line).
 
 from __future__ import annotations
 
+import bisect
+from collections import deque
+
 from nemoc.dsl import ast
 
 INDENT = "  "
@@ -38,14 +41,28 @@ def format_expr(expr: ast.Expr) -> str:
         inner = format_expr(expr.operand)
         return f"-({inner})" if isinstance(expr.operand, ast.BinOp) else f"-{inner}"
     if isinstance(expr, ast.BinOp):
-        prec = _PREC[expr.op]
-        left, right = format_expr(expr.left), format_expr(expr.right)
-        if isinstance(expr.left, ast.BinOp) and _PREC[expr.left.op] < prec:
-            left = f"({left})"
-        if isinstance(expr.right, ast.BinOp) and _PREC[expr.right.op] <= prec:
-            right = f"({right})"
-        return f"{left} {expr.op} {right}"
+        return _format_binop(expr)
     raise TypeError(f"not an expression: {expr!r}")
+
+
+def _format_binop(expr: ast.BinOp) -> str:
+    """A left-associative chain `a + b + ... + z` in a loop along its left spine (any length; only the
+    brackets the parser bounds recurse)."""
+    spine = []
+    while isinstance(expr, ast.BinOp):
+        spine.append(expr)
+        expr = expr.left
+    parts, left = [format_expr(expr)], expr
+    for node in reversed(spine):
+        prec = _PREC[node.op]
+        if isinstance(left, ast.BinOp) and _PREC[left.op] < prec:
+            parts = ["(", *parts, ")"]  # as deep as the source's brackets, which the parser bounds
+        right = format_expr(node.right)
+        if isinstance(node.right, ast.BinOp) and _PREC[node.right.op] <= prec:
+            right = f"({right})"
+        parts += [f" {node.op} ", right]
+        left = node
+    return "".join(parts)
 
 
 def quote(value: str) -> str:
@@ -81,17 +98,20 @@ class _Printer:
     there (`owned`), any other comment is printed on its own line before what followed it (`pending`)."""
 
     def __init__(self, comments: tuple[ast.Comment, ...], items):
-        ends = _ends(items)
+        ends_by_line: dict[int, list[tuple[tuple[int, int], tuple[str, int]]]] = {}
+        for end in _ends(items):  # indexed by line: linear, however many comments and fields
+            ends_by_line.setdefault(end[0][0], []).append(end)
         self.owned: dict[tuple[str, int], list[str]] = {}
-        self.pending: list[ast.Comment] = []
+        self.pending: deque[ast.Comment] = deque()
         for c in sorted(comments, key=lambda c: (c.span.line, c.span.col)):
             start = (c.span.line, c.span.col)
-            before = [e for e in ends if e[0][0] == c.span.line and e[0] <= start]
+            before = [e for e in ends_by_line.get(c.span.line, ()) if e[0] <= start]
             if before:
                 owner = max(before, key=lambda e: e[0])[1]
                 self.owned.setdefault(owner, []).append(c.text.rstrip())
             else:
                 self.pending.append(c)
+        self.pending_lines = [c.span.line for c in self.pending]  # sorted: which lines hold own-line comments
         self.lines: list[str] = []
         self.last_line = 0  # last source line emitted at the current level (for blank-line preservation)
         self.fresh = True  # nothing emitted yet at the current level
@@ -103,7 +123,7 @@ class _Printer:
     def flush_comments(self, before_line: int | None, depth: int) -> None:
         """Own-line comments that come before `before_line` (all, if None), at `depth`."""
         while self.pending and (before_line is None or self.pending[0].span.line < before_line):
-            c = self.pending.pop(0)
+            c = self.pending.popleft()
             self._gap(c.span.line)
             self.lines.append(INDENT * depth + c.text.rstrip())
             self.last_line, self.fresh = c.span.end_line, False
@@ -129,7 +149,10 @@ class _Printer:
         if block.after:
             head += " after " + ", ".join(a.value for a in block.after)
         end = block.span.end_line
-        inner_comments = any(block.head.end_line < c.span.line < end for c in self.pending)
+        # An own-line comment strictly inside the block? (none inside has been flushed yet, so the static,
+        # sorted list of own-line comment lines answers it in O(log n))
+        first = bisect.bisect_right(self.pending_lines, block.head.end_line)
+        inner_comments = first < len(self.pending_lines) and self.pending_lines[first] < end
         if not block.members and not inner_comments:
             self.lines.append(INDENT * depth + head + " {}" + self.trailing(("head", id(block)), ("close", id(block))))
             return

@@ -5,7 +5,10 @@ Output: a frozen `Module` (or one `Expr`); raises `DiagnosticError` with exactly
         (E010-E016) or a limit diagnostic (E003 too large, E004 too deeply nested).
 Invariants: the lark parser is built once per process (`grammar()` is cached, and lark's own grammar
 cache makes the first build cheap); the lark tree never leaves this module; no input, however
-malformed, escapes as anything but `DiagnosticError`.
+malformed, escapes as anything but `DiagnosticError`. Line endings (LF, CRLF, a lone CR) are normalized
+to LF before lexing (`normalize_newlines`), so lines and columns agree with every editor. The tree is
+turned into the AST without recursion, so a flat `1 + 1 + ... + 1` of any length is not "deep"; real
+nesting (brackets and chains of unary `-`) is limited to MAX_NESTING and reported where it is exceeded.
 
 Syntax errors are explained from the parser's expected-token set and a small bracket scanner: an
 unclosed `{` becomes "missing `}` to close `parallel` opened at 3:3", `tensor 8` becomes "expected
@@ -16,18 +19,23 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 
 import lark
-from lark import Transformer, v_args
+from lark import Transformer_NonRecursive, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from nemoc.dsl import ast
 from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Span
 
 MAX_BYTES = 1 << 20  # 1 MiB: an experiment is a page, not a data set
-MAX_NESTING = 64  # brackets of any kind; the transformer and evaluator recurse on depth
+MAX_NESTING = 64  # brackets of any kind plus chained unary `-`; the evaluator recurses on depth
+# Tokens per file, comments included. lark's pure-Python LALR parser handles ~20k-50k tokens a second
+# (bench/bench_check.py), so a 1 MiB file of one-character tokens would take most of a minute; an
+# experiment is a few hundred to a few thousand tokens. The cap bounds check/fmt/plan on any input.
+MAX_TOKENS = 50_000
 
 _COMMENT_SINK: list[lark.Token] = []
 
@@ -48,8 +56,14 @@ def grammar() -> lark.Lark:
     )
 
 
+def normalize_newlines(text: str) -> str:
+    """CRLF and a lone CR become LF: the one line ending the lexer, the spans and the renderer know."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
 def parse(text: str, path: str) -> ast.Module:
     """Parse a whole file. Raises `DiagnosticError` on a syntax error or a limit."""
+    text = normalize_newlines(text)
     _check_limits(text, path)
     _COMMENT_SINK.clear()
     try:
@@ -65,6 +79,7 @@ def parse(text: str, path: str) -> ast.Module:
 
 def parse_value(text: str, path: str) -> ast.Expr:
     """Parse one value (the right-hand side of a `--set`)."""
+    text = normalize_newlines(text)
     _check_limits(text, path)
     try:
         tree = grammar().parse(text, start="value_start")
@@ -78,7 +93,7 @@ def parse_value(text: str, path: str) -> ast.Expr:
 def _guard(build, text: str, path: str):
     try:
         return build()
-    except RecursionError:
+    except RecursionError:  # a backstop: `_check_limits` bounds every recursive shape first
         raise DiagnosticError([_too_deep(Span(path, 1, 1, 1, 2))]) from None
 
 
@@ -91,26 +106,52 @@ def _check_limits(text: str, path: str) -> None:
             "E003", f"file is too large ({len(text):,} characters; the limit is {MAX_BYTES:,})",
             Span(path, 1, 1, 1, 2), hint="an experiment file describes data sets by path; it does not contain them",
         )])
-    deepest = _deepest_bracket(text)
-    if deepest is not None:
-        raise DiagnosticError([_too_deep(_offset_span(text, deepest, path))])
+    limit = _limit_exceeded(text)
+    if limit is not None:
+        what, offset = limit
+        span = _offset_span(text, offset, path)
+        raise DiagnosticError([_too_deep(span) if what == "depth" else _too_many_tokens(span)])
+
+
+def _too_many_tokens(span: Span) -> Diagnostic:
+    return Diagnostic("E003", f"file is too large: more than {MAX_TOKENS:,} tokens (counted to here)", span,
+                      hint="an experiment file is a page: share templates through `import`, name data sets by path")
 
 
 def _too_deep(span: Span) -> Diagnostic:
-    return Diagnostic("E004", f"nesting is too deep (the limit is {MAX_NESTING} levels)", span,
-                      hint="flatten the expression or split the block")
+    return Diagnostic("E004", f"nesting is too deep (the limit is {MAX_NESTING} levels of brackets and unary `-`)",
+                      span, hint="flatten the expression or split the block")
 
 
-def _deepest_bracket(text: str) -> int | None:
-    """Offset of the first bracket nested deeper than MAX_NESTING (strings and comments skipped)."""
-    depth = 0
-    for tok in _scan(text):
-        if tok.text in "{[(":
-            depth += 1
+_UNARY_AFTER = frozenset("=([{,+-*/")  # a `-` after one of these (or first) negates; after an operand it subtracts
+
+
+def _limit_exceeded(text: str) -> tuple[str, int] | None:
+    """("tokens", offset) of the first token past MAX_TOKENS, or ("depth", offset) of the first bracket
+    or unary `-` nested deeper than MAX_NESTING, whichever comes first; None within the limits. One pass
+    that stops there. `- - 4` nests like `-(-(4))`; `1 + 1 + 1` is flat however long it is."""
+    opened: list[int] = []  # per open bracket: the levels it added (itself + the unary `-` before it)
+    depth = unary = 0  # depth: levels of the open brackets; unary: `-` chained before the current operand
+    prev = None
+    for count, tok in enumerate(_tokens(text), start=1):
+        if count > MAX_TOKENS:
+            return "tokens", tok.offset
+        if tok.kind == "comment":
+            continue
+        if tok.kind == "punct" and tok.text in "{[(":
+            opened.append(1 + unary)
+            depth, unary = depth + 1 + unary, 0
             if depth > MAX_NESTING:
-                return tok.offset
-        elif tok.text in "}])":
-            depth = max(0, depth - 1)
+                return "depth", tok.offset
+        elif tok.kind == "punct" and tok.text in "}])":
+            depth, unary = depth - (opened.pop() if opened else 0), 0
+        elif tok.text == "-" and (prev is None or (prev.kind == "punct" and prev.text in _UNARY_AFTER)):
+            unary += 1
+            if depth + unary > MAX_NESTING:
+                return "depth", tok.offset
+        else:
+            unary = 0
+        prev = tok
     return None
 
 
@@ -136,7 +177,7 @@ def unquote(literal: str) -> str:
 
 
 @v_args(meta=True)
-class _ToAst(Transformer):
+class _ToAst(Transformer_NonRecursive):  # iterative: a long flat sum is long, not deep
     def __init__(self, path: str):
         super().__init__()
         self.path = path
@@ -222,19 +263,22 @@ class _Tok:
     kind: str  # name | number | string | punct
 
 
-_SCAN = re.compile(r'(?P<ws>\s+)|(?P<comment>#[^\n]*)|(?P<string>"([^"\\\n]|\\[^\n])*"?)'
+_SCAN = re.compile(r'(?P<ws>\s+)|(?P<comment>#[^\n]*)|(?P<string>"[^"\\\n]*(\\[^\n][^"\\\n]*)*"?)'
                    r"|(?P<number>(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?([A-Za-z]+(/[A-Za-z]+)?|%)?)"
-                   r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*(-[A-Za-z0-9_]+)*)|(?P<punct>.)", re.S)
+                   r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*(-[A-Za-z0-9_]+)*)|(?P<punct>.)", re.S | re.ASCII)
+
+
+def _tokens(text: str):
+    """A forgiving tokenizer (never fails): every token and comment, lazily, spaces skipped."""
+    for m in _SCAN.finditer(text):
+        kind = m.lastgroup
+        if kind != "ws":
+            yield _Tok(m.group(), m.start(), kind)
 
 
 def _scan(text: str) -> list[_Tok]:
-    """A forgiving tokenizer for error analysis only (never fails, skips comments and spaces)."""
-    out = []
-    for m in _SCAN.finditer(text):
-        kind = m.lastgroup
-        if kind not in ("ws", "comment"):
-            out.append(_Tok(m.group(), m.start(), kind))
-    return out
+    """The tokens, comments skipped, for error analysis."""
+    return [t for t in _tokens(text) if t.kind != "comment"]
 
 
 _PHRASES = {
@@ -427,8 +471,20 @@ def _bad_character(exc: UnexpectedCharacters, text: str, path: str) -> Diagnosti
         return Diagnostic("E013", "unterminated string", _offset_span(text, pos, path, end - pos),
                           hint='close it with `"` on the same line (strings cannot span lines)')
     shown = repr(char)[1:-1] if not char.isprintable() or char.isspace() else char
+    if char and not char.isascii():
+        name = unicodedata.name(char, "unnamed character")
+        return Diagnostic("E014", f"unexpected character `{shown}` (U+{ord(char):04X} {name})",
+                          _offset_span(text, pos, path),
+                          hint=_non_ascii_hint(char))
     return Diagnostic("E014", f"unexpected character `{shown}`", _offset_span(text, pos, path),
                       hint=_CHAR_HINTS.get(char, "names are letters, digits, `_` and inner `-`; comments start with `#`"))
+
+
+def _non_ascii_hint(char: str) -> str:
+    digit = unicodedata.digit(char, None)
+    if digit is not None:
+        return f"numbers are written with the ASCII digits 0-9: write `{digit}`"
+    return "outside strings and comments only ASCII is allowed: names are letters, digits, `_` and inner `-`"
 
 
 def _unclosed(tokens: list[_Tok], text: str) -> list[tuple[_Tok, _Tok | None]]:

@@ -31,6 +31,8 @@ class Type:
     minimum: float | None = None  # inclusive lower bound of numbers
     exclusive_min: bool = False
     maximum: float | None = None  # inclusive upper bound: keeps the plan search finite and fast
+    exclusive_max: bool = False
+    range_hint: str | None = None  # what an out-of-range value is told (e.g. "a probability: 0.1 or 10%")
 
     def describe(self) -> str:
         """How a diagnostic or the docs name this type: `an integer`, `a size (e.g. 80GiB)`."""
@@ -78,6 +80,11 @@ FLOAT = Type("float")
 NONNEG_FLOAT = Type("float", minimum=0)
 POSITIVE_FLOAT = Type("float", minimum=0, exclusive_min=True)
 FRACTION = Type("float", unit="percent", minimum=0)
+# Probabilities and decay rates: outside these ranges torch raises at run time (nn.Dropout, Adam).
+PROBABILITY = Type("float", unit="percent", minimum=0, maximum=1,
+                   range_hint="a probability between 0 and 1: e.g. 0.1 or 10%")
+DECAY_RATE = Type("float", minimum=0, maximum=1, exclusive_max=True,
+                  range_hint="Adam's betas are decay rates in [0, 1): e.g. [0.9, 0.95]")
 DURATION = Type("float", unit="duration", minimum=0)
 POSITIVE_DURATION = Type("float", unit="duration", minimum=0, exclusive_min=True)
 BOOL = Type("bool")
@@ -211,6 +218,14 @@ PARALLEL_FIELDS = (
        "optimizer wraps Adam only).", auto=True),
     _f("recompute", enum("none", "selective", "full"), None, "Activation recomputation.", auto=True),
     _f("micro_batch", POSITIVE, None, "Sequences per micro-batch per data-parallel rank.", auto=True),
+    _f("tp_comm_overlap", BOOL, False, "Overlap tensor-parallel communication with the GEMMs (Transformer "
+       "Engine userbuffers, `tp_comm_overlap`); needs kernels te, tensor > 1 and sequence parallelism."),
+    _f("grad_reduce_in_fp32", BOOL, True, "Reduce data-parallel gradients in fp32 main grads (true) or in "
+       "the 16-bit parameter dtype (false: half the DDP traffic and gradient buffer; the optimizer keeps an "
+       "fp32 copy of its shard)."),
+    _f("overlap_param_gather", BOOL, False, "Overlap the distributed optimizer's parameter all-gather with the "
+       "next step's forward (Megatron DDP `overlap_param_gather`, on in NeMo's recipes); false: the all-gather "
+       "runs after the optimizer step, exposed. Needs distributed_optimizer."),
 )
 
 DATA_FIELDS = (
@@ -255,12 +270,22 @@ STAGE_FIELDS = (
 # runtime's, nemoc.runtime.align / nemoc.runtime.train, which read them with these names).
 _SAMPLES = _f("samples", POSITIVE_COUNT, None, "Records in the stage's data, so `nemoc plan` can turn `epochs` "
              "into steps when the data is not on this machine.")
-_DROPOUT = _f("dropout", FRACTION, 0.0, "Dropout on attention and hidden states while training.")
+_DROPOUT = _f("dropout", PROBABILITY, 0.0, "Dropout on attention and hidden states while training.")
 _EVAL_ITERS = _f("eval_iters", POSITIVE, 10, "Validation micro-batches per evaluation.")
 _TEMPLATE = _f("template", call("template"), None,
                "Chat template: `template(system = \"...\", user = \"...\", assistant = \"...\", end = \"...\")`; "
                "omitted arguments keep the built-in `<|user|>` style markers.")
 TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
+# The data formats whose records each alignment kind reads (runtime/align/stage.py raw_datasets takes the
+# stage's data sets of these formats and stops when there is none); kinds not listed read any format.
+STAGE_DATA_FORMATS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "sft": ("chat", "prompt_response"),
+    "dpo": ("preference",),
+    "reward": ("preference",),
+    "ppo": ("chat", "prompt_response", "preference"),
+})
+# Kinds that start from the checkpoint of a stage they run `after` (runtime/align/stage.py parent_checkpoint).
+PARENT_CHECKPOINT_KINDS = ("sft", "dpo", "reward", "ppo", "eval", "export")
 
 STAGE_PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
     "pretrain": (
@@ -317,6 +342,15 @@ CHECKPOINT_FIELDS = (
     _f("async", BOOL, False, "Save asynchronously (Megatron-Core dist_checkpointing)."),
 )
 
+TRACKING_FIELDS = (
+    _f("wandb", BOOL, False, "Log every metric to Weights & Biases (`pip install wandb`; offline unless "
+       "`WANDB_MODE` says otherwise; the run's files under the task's `wandb/`)."),
+    _f("mlflow", STR, None, "Log every metric to MLflow: a directory (a local file store, relative to the "
+       ".nemo file's directory) or a tracking URI (`sqlite:///mlflow.db`, `http://...`); `pip install mlflow-skinny`."),
+    _f("project", STR, None, "W&B project and MLflow experiment name. Default: the experiment's name."),
+    _f("tensorboard", BOOL, True, "TensorBoard event files under the task's `tensorboard/`."),
+)
+
 EXPERIMENT_FIELDS = (
     _f("precision", enum("bf16", "fp16", "fp32", "fp8", "mxfp8"), "bf16", "Training precision."),
     _f("attention_backend", enum("auto", "flash", "fused", "unfused"), "auto",
@@ -334,7 +368,7 @@ EXPERIMENT_FIELDS = (
 
 BLOCKS: Mapping[str, BlockDef] = MappingProxyType({
     "experiment": BlockDef("experiment", "One experiment; a file holds exactly one.", EXPERIMENT_FIELDS,
-                           ("cluster", "model", "parallel", "data", "stage"), name="required"),
+                           ("cluster", "model", "parallel", "data", "stage", "tracking"), name="required"),
     "cluster": BlockDef("cluster", "Where it runs. `cluster NAME { }` extends a top-level template.",
                         CLUSTER_FIELDS, name="optional", template=True),
     "model": BlockDef("model", "`model PRESET { overrides }` or `model NAME { every required field }`.",
@@ -345,13 +379,15 @@ BLOCKS: Mapping[str, BlockDef] = MappingProxyType({
     "stage": BlockDef("stage", "A training / evaluation / export step; `after` orders stages.", STAGE_FIELDS,
                       ("checkpoint", "parallel"), name="required", repeat=True, after=True),
     "checkpoint": BlockDef("checkpoint", "When a stage saves checkpoints.", CHECKPOINT_FIELDS),
+    "tracking": BlockDef("tracking", "Metric sinks beside metrics.jsonl: TensorBoard, Weights & Biases, MLflow.",
+                         TRACKING_FIELDS),
 })
 
 # Call-like values: function -> its arguments (FieldDefs: type, default, doc).
 CALLS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
     "adam": (
         _f("lr", POSITIVE_FLOAT, 3e-4, "Peak learning rate."),
-        _f("betas", list_of(FLOAT, 2), (0.9, 0.95), "Adam betas."),
+        _f("betas", list_of(DECAY_RATE, 2), (0.9, 0.95), "Adam betas, each in [0, 1)."),
         _f("eps", POSITIVE_FLOAT, 1e-8, "Adam epsilon."),
         _f("weight_decay", NONNEG_FLOAT, 0.1, "Decoupled weight decay."),
         _f("grad_clip", NONNEG_FLOAT, 1.0, "Gradient-norm clip (0 = off)."),
@@ -369,7 +405,7 @@ CALLS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
     "lora": (
         _f("rank", POSITIVE, 16, "LoRA rank r (Hu et al. 2021)."),
         _f("alpha", POSITIVE_FLOAT, 32.0, "LoRA alpha (scale = alpha / rank)."),
-        _f("dropout", FRACTION, 0.0, "Dropout on the LoRA input."),
+        _f("dropout", PROBABILITY, 0.0, "Dropout on the LoRA input."),
         _f("targets", list_of(enum("qkv", "proj", "fc1", "fc2")), ("qkv", "proj", "fc1", "fc2"),
            "Linear layers that get adapters."),
     ),

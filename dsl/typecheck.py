@@ -63,7 +63,12 @@ INVALID = object()
 
 def suggest(word: str, candidates) -> str | None:
     """`did you mean` candidate (difflib, cutoff 0.6), or None."""
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    candidates = list(candidates)
+    # ratio = 2 * matches / (len(word) + len(candidate)) < 0.6 whenever len(word) > 2.4 x len(candidate):
+    # skip difflib then (on a 1 MB string it builds index tables of hundreds of MB for nothing).
+    if not candidates or len(word) > 3 * max(len(c) for c in candidates):
+        return None
+    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return match[0] if match else None
 
 
@@ -205,7 +210,7 @@ def describe_found(expr: ast.Expr) -> str:
     if isinstance(expr, ast.Call):
         return f"the call `{expr.func.value}(...)`"
     if isinstance(expr, ast.Number):
-        return f"`{expr.text}`"
+        return f"`{_show(expr)}`"
     return "an expression"
 
 
@@ -354,9 +359,11 @@ def _finish(expr, t, key, value: Fraction, diags):
         bound = f"> {t.minimum:g}" if t.exclusive_min else f">= {t.minimum:g}"
         diags.append(Diagnostic("E032", f"`{key}` must be {bound}, found {float(value):g}", expr.span))
         return INVALID
-    if t.maximum is not None and value > t.maximum:
-        diags.append(Diagnostic("E032", f"`{key}` must be <= {int(t.maximum):,}, found {float(value):g}", expr.span,
-                                hint="this bound is far beyond any real experiment; check the value"))
+    if t.maximum is not None and (value > t.maximum or (t.exclusive_max and value == t.maximum)):
+        bound = f"< {t.maximum:g}" if t.exclusive_max else f"<= {int(t.maximum):,}" if t.maximum >= 1000 \
+            else f"<= {t.maximum:g}"
+        diags.append(Diagnostic("E032", f"`{key}` must be {bound}, found {float(value):g}", expr.span,
+                                hint=t.range_hint or "this bound is far beyond any real experiment; check the value"))
         return INVALID
     if abs(value) > MAX_MAGNITUDE:
         diags.append(_out_of_range(expr, key))
@@ -367,9 +374,12 @@ def _finish(expr, t, key, value: Fraction, diags):
 
 
 def _show(expr) -> str:
+    """`expr` as written, for a message between backticks: a 5,000-digit literal or a 20,000-term sum is
+    named by its start and length, not printed whole."""
     from nemoc.dsl.format import format_expr
 
-    return format_expr(expr)
+    text = format_expr(expr)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text):,} characters)"
 
 
 def _unit_mismatch(expr, t, key, dim, want) -> Diagnostic:
@@ -381,25 +391,37 @@ def _unit_mismatch(expr, t, key, dim, want) -> Diagnostic:
 
 
 def _evaluate(expr, t: Type, key: str) -> tuple[Fraction, str]:
-    """Exact value and dimension ("" or size/bandwidth/duration) of a numeric expression."""
+    """Exact value and dimension ("" or size/bandwidth/duration) of a numeric expression.
+
+    A chain of left-associative operators (`1 + 2 + ... + n`, any length) is walked in a loop along
+    its left spine; only brackets and unary `-` recurse, and the parser bounds those (MAX_NESTING)."""
     if isinstance(expr, ast.Number):
         return _literal(expr, t, key)
     if isinstance(expr, ast.Neg):
         value, dim = _evaluate(expr.operand, t, key)
         return -value, dim
     if isinstance(expr, ast.BinOp):
-        return _binop(expr, t, key)
+        spine = []
+        while isinstance(expr, ast.BinOp):
+            spine.append(expr)
+            expr = expr.left
+        acc = _evaluate(expr, t, key)
+        for node in reversed(spine):
+            acc = _binop(node, acc, _evaluate(node.right, t, key), key)
+        return acc
     raise _NumberError(Diagnostic("E030", f"`{key}` expects {t.describe()}; arithmetic works on numbers only, "
                                   f"found {describe_found(expr)}", expr.span))
 
 
 MAX_MAGNITUDE = 10**18  # larger than any count, size or rate an experiment needs; keeps floats finite
 _MAX_EXPONENT = 30
+_MAX_DIGITS = 64  # digits in one literal: far beyond 1e18 at full precision, far below int()'s 4,300
 
 
 def _literal(expr: ast.Number, t: Type, key: str) -> tuple[Fraction, str]:
     mantissa, _, exponent = expr.magnitude.lower().partition("e")
-    if exponent and abs(int(exponent)) > _MAX_EXPONENT:
+    # Lengths first: int() and Fraction() refuse strings over 4,300 digits (and are slow near it).
+    if len(mantissa) > _MAX_DIGITS or len(exponent) > 8 or (exponent and abs(int(exponent)) > _MAX_EXPONENT):
         raise _NumberError(_out_of_range(expr, key))
     magnitude, suffix = Fraction(expr.magnitude), expr.unit
     table = UNITS[t.unit] if t.unit in UNITS else UNITS[""]
@@ -423,7 +445,8 @@ def _literal(expr: ast.Number, t: Type, key: str) -> tuple[Fraction, str]:
 
 
 def _out_of_range(expr, key: str) -> Diagnostic:
-    return Diagnostic("E032", f"`{key}`: `{_show(expr)}` is out of range (magnitudes run from 1e-18 to 1e18)", expr.span)
+    return Diagnostic("E032", f"`{key}`: `{_show(expr)}` is out of range: number too large or too small "
+                      "(magnitudes run from 1e-18 to 1e18)", expr.span)
 
 
 def _unit_hint(t: Type) -> str:
@@ -431,15 +454,16 @@ def _unit_hint(t: Type) -> str:
     return f"allowed units: {', '.join(units)}" if units else "write a plain number"
 
 
-def _binop(expr: ast.BinOp, t: Type, key: str) -> tuple[Fraction, str]:
-    value, dim = _binop_unchecked(expr, t, key)
+def _binop(expr: ast.BinOp, left: tuple[Fraction, str], right: tuple[Fraction, str], key: str) -> tuple[Fraction, str]:
+    """`left op right` (both already evaluated), range-checked like every intermediate value."""
+    value, dim = _binop_unchecked(expr, left, right)
     if abs(value) > MAX_MAGNITUDE or (value and abs(value) < Fraction(1, MAX_MAGNITUDE)):
         raise _NumberError(_out_of_range(expr, key))
     return value, dim
 
 
-def _binop_unchecked(expr: ast.BinOp, t: Type, key: str) -> tuple[Fraction, str]:
-    (a, da), (b, db) = _evaluate(expr.left, t, key), _evaluate(expr.right, t, key)
+def _binop_unchecked(expr: ast.BinOp, left, right) -> tuple[Fraction, str]:
+    (a, da), (b, db) = left, right
     if expr.op in "+-":
         if da != db:
             raise _NumberError(Diagnostic("E035", f"cannot {'add' if expr.op == '+' else 'subtract'} "

@@ -5,15 +5,23 @@ Layout under a stage's `checkpoint_dir`:
     iter_0000200.tmp/      a save in progress (never read; removed on the next save or prune)
     latest                 text file naming the newest complete iter_* directory
 A save writes into `iter_N.tmp`; once every rank's shards are on disk (for async saves: in the
-finalize step of Megatron's AsyncCallsQueue, after all ranks report done) rank 0 writes the manifest
-(file names + sizes), renames the directory to `iter_N` and replaces `latest` atomically (tmp file +
-os.replace), then prunes to the newest `keep` checkpoints. A crash at any point leaves either the
-previous `latest` or the new one, never a half-written checkpoint named as finished.
+finalize step of Megatron's AsyncCallsQueue, after all ranks report done) the ranks digest the files
+(BLAKE2b, each rank a share), rank 0 writes the manifest (file names, sizes, digests), renames the
+directory to `iter_N` and replaces `latest` atomically (tmp file + os.replace), then prunes to the
+newest `keep` checkpoints. A crash at any point leaves either the previous `latest` or the new one,
+never a half-written checkpoint named as finished; a save that fails (disk full) removes its
+`iter_N.tmp` and raises `CheckpointSaveError` ("checkpoint save failed at step N: No space left on
+device (path)"), leaving the previous `latest`. A `.tmp` left by a killed process is removed when the
+next `Checkpointer` starts.
 
 State saved: model chunks (sharded tensors; dist_checkpointing reshards them to any TP/PP/VP layout),
 optimizer (incl. the fp16 loss scaler), scheduler, iteration, consumed samples (the data position),
 the layout, and per-rank RNG states (restored only under the same layout). Resume walks `latest` and
-then older checkpoints, skipping (with a warning) any that fails verification or loading.
+then older checkpoints, skipping (with a warning naming the file) any whose files do not match the
+manifest's sizes and digests (a corrupted shard of unchanged size included) or that fails to load; if
+checkpoints exist but none is usable it raises `CheckpointError` naming them instead of silently
+starting over. A load is all or nothing: the checkpoint is read into fresh tensors and copied into
+the model and optimizer only once every tensor has been read.
 
 Without Transformer Engine / Apex, megatron-core 0.16.1's DistributedOptimizer needs three loading
 workarounds (see /work/shared/notes/megatron-core-on-cpu.md section 4), applied here: the
@@ -25,13 +33,16 @@ scheduler and the data position, and restarts the Adam moments (logged as a warn
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -41,6 +52,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from nemoc.runtime.atomic import atomic_write_text as write_text_atomic, fsync_dir as _fsync_dir  # noqa: E402
 
 MANIFEST = "nemoc_checkpoint.json"
+DIGEST = "blake2b"  # hashlib.blake2b(digest_size=32) of each file's bytes, hex (stdlib)
 LATEST = "latest"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 # DistributedOptimizer formats that load without TE/Apex in 0.16.1 (Megatron-LM's default is the first)
@@ -86,23 +98,119 @@ def resume_candidates(root: str) -> list[str]:
     return ([latest] if latest else []) + rest
 
 
-def verify(path: str) -> str | None:
-    """None if `path` is a complete checkpoint per its manifest, else the reason it is not."""
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where some exist (every one damaged): the message names the files."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed (disk full, I/O error); its temporary directory is removed, `latest` unchanged."""
+
+
+def file_digest(path: str) -> str:
+    digest = hashlib.blake2b(digest_size=32)
+    buffer = bytearray(1 << 22)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _file_entries(directory: str, names: list[str]) -> dict:
+    return {n: {"size": os.path.getsize(os.path.join(directory, n)), DIGEST: file_digest(os.path.join(directory, n))}
+            for n in names}
+
+
+def _check_file(path: str, name: str, entry) -> str | None:
+    """Why `name` does not match its manifest entry ({size, blake2b}, or a bare size from older
+    manifests), or None."""
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        return f"{file} is missing"
+    size = entry.get("size") if isinstance(entry, dict) else entry
+    actual = os.path.getsize(file)
+    if actual != size:
+        return f"{file} has {actual} bytes, manifest says {size} (truncated or overwritten)"
+    expected = entry.get(DIGEST) if isinstance(entry, dict) else None
+    if expected is not None and file_digest(file) != expected:
+        return f"{file} is corrupted: its {DIGEST} digest does not match the one in {MANIFEST}"
+    return None
+
+
+def verify(path: str, *, share: tuple[int, int] = (0, 1)) -> str | None:
+    """None if `path` is a complete checkpoint per its manifest (every file present, of the recorded
+    size and digest), else the reason it is not. `share=(i, n)` checks every n-th file from the i-th
+    (one rank's part of a parallel verification)."""
     manifest_path = os.path.join(path, MANIFEST)
     try:
         with open(manifest_path, encoding="utf-8") as handle:
             manifest = json.load(handle)
+        files = sorted(manifest["files"].items())
     except FileNotFoundError:
         return f"{manifest_path} is missing (save did not complete)"
-    except (OSError, ValueError) as exc:
-        return f"{manifest_path} is unreadable: {exc}"
-    for name, size in manifest.get("files", {}).items():
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            return f"{file} is missing"
-        if os.path.getsize(file) != size:
-            return f"{file} has {os.path.getsize(file)} bytes, manifest says {size}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"{manifest_path} is unreadable: {type(exc).__name__}: {exc}"
+    index, count = share
+    for name, entry in files[index::count]:
+        try:
+            reason = _check_file(path, name, entry)
+        except OSError as exc:
+            reason = f"{os.path.join(path, name)} is unreadable: {exc}"
+        if reason is not None:
+            return reason
     return None
+
+
+def verify_on_all_ranks(path: str) -> str | None:
+    """`verify` with the files shared out over the ranks; every rank gets the same answer."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return verify(path)
+    world = torch.distributed.get_world_size()
+    reasons = [None] * world
+    torch.distributed.all_gather_object(reasons, verify(path, share=(_rank(), world)))
+    return next((r for r in reasons if r is not None), None)
+
+
+_SIDECAR = ".nemoc_digests.{rank}.json"  # digests an async writer computed of its rank's files
+
+
+def _digest_on_all_ranks(directory: str) -> dict:
+    """{file: {size, digest}} of every file in `directory` (all ranks call): the entries the async
+    writers left in sidecar files, and the rest digested here, each rank a share."""
+    names = sorted(n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n)) and n != MANIFEST)
+    known = {}
+    for name in [n for n in names if n.startswith(".nemoc_digests.")]:
+        with open(os.path.join(directory, name), encoding="utf-8") as handle:
+            known.update(json.load(handle))
+    todo = [n for n in names if n not in known and not n.startswith(".nemoc_digests.")]
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return {**known, **_file_entries(directory, todo)}
+    world = torch.distributed.get_world_size()
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, _file_entries(directory, todo[_rank()::world]))
+    return {**known, **{name: entry for part in parts for name, entry in part.items()}}
+
+
+def write_then_digest(write, directory: str, rank: int, *args, **kwargs) -> None:
+    """The async writer's work: `write(*args, **kwargs)` (this rank's shards), then the digests of the
+    files it wrote (`__{rank}_*`, torch_dist's naming) into a sidecar the finalize step reads, so the
+    training ranks do not read their own shards back."""
+    write(*args, **kwargs)
+    prefix = f"__{rank}_"
+    names = sorted(n for n in os.listdir(directory) if n.startswith(prefix))
+    write_text_atomic(os.path.join(directory, _SIDECAR.format(rank=rank)), json.dumps(_file_entries(directory, names)))
+
+
+def write_manifest(directory: str, **fields) -> None:
+    """Digest every file of a finished checkpoint directory and write its manifest (all ranks call)."""
+    files = _digest_on_all_ranks(directory)
+    _barrier()  # every rank has read the sidecars
+    if _rank() == 0:
+        for name in os.listdir(directory):
+            if name.startswith(".nemoc_digests."):
+                os.unlink(os.path.join(directory, name))
+        manifest = dict(fields, files=files, digest=DIGEST, time=time.time())
+        write_text_atomic(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def read_manifest(path: str) -> dict:
@@ -116,7 +224,17 @@ def prune(root: str, keep: int) -> list[str]:
     latest = read_latest(root)
     complete = complete_checkpoints(root)
     doomed = [c for c in complete[max(keep, 1):] if c != latest]
-    doomed += [os.path.join(root, n) for n in os.listdir(root) if n.startswith("iter_") and n.endswith(".tmp")]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed + remove_partial_saves(root)
+
+
+def remove_partial_saves(root: str) -> list[str]:
+    """Delete the `iter_N.tmp` directories of saves that never finished (a killed process, a failed
+    save). Rank 0 only, while no save is in flight. Returns the removed paths."""
+    if not os.path.isdir(root):
+        return []
+    doomed = [os.path.join(root, n) for n in os.listdir(root) if n.startswith("iter_") and n.endswith(".tmp")]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -146,7 +264,7 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = dict(
         random=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
         tracker=tensor_parallel.get_cuda_rng_tracker().get_states(),
@@ -156,7 +274,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -253,7 +371,7 @@ def training_state(*, chunks, optimizer, scheduler, iteration: int, consumed_sam
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     if include_rng:
-        state["rng_state"] = _rng_sharded_object(_rng_state())
+        state["rng_state"] = _rng_sharded_object(rng_state())
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
     state["layout"] = layout_key()
@@ -305,12 +423,90 @@ class SaveRecord:
     async_save: bool
 
 
+_OS_ERROR_TEXT = re.compile(r"\[Errno \d+\] ([^:'\n]+): '([^'\n]+)'")
+
+
+def save_failure_reason(exc: BaseException, directory: str | None = None) -> str:
+    """"No space left on device (path)" for the OSError behind a failed save (dist_checkpointing wraps
+    the writer's exception in RuntimeError / CheckpointException). torch's zip writer turns a short
+    write into "[enforce fail ...] unexpected pos": then the file system and the file size limit of
+    `directory` are asked. Else "Type: message"."""
+    seen, todo = set(), [exc]
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            where = f" ({current.filename})" if current.filename else ""
+            return f"{current.strerror or os.strerror(current.errno)}{where}"
+        todo += [current.__cause__, current.__context__]
+        todo += [a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]
+        for failure in (getattr(current, "failures", None) or {}).values():  # DCP CheckpointException
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+    # gathered across ranks (pickled), a wrapper keeps only the text: "[Errno 28] No space ...: 'path'"
+    found = _OS_ERROR_TEXT.search("\n".join(str(e) for e in [exc, *(getattr(exc, "failures", None) or {}).values()]))
+    if found:
+        return f"{found.group(1)} ({found.group(2)})"
+    if directory is not None:
+        probed = _probe_space(directory)
+        if probed is not None:
+            return probed
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _probe_space(directory: str) -> str | None:
+    """Why writes under `directory` fail, if the disk is full or a file size limit is set."""
+    existing = directory
+    while existing and not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    try:
+        if shutil.disk_usage(existing or ".").free < (1 << 20):
+            return f"No space left on device ({directory})"
+    except OSError:
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY:
+            return f"File too large: the file size limit (RLIMIT_FSIZE, ulimit -f) is {soft} bytes ({directory})"
+    except (ImportError, OSError, ValueError):
+        pass
+    return None
+
+
+def guard_helper_processes() -> None:
+    """Make the checkpoint results-queue Manager a helper process (runtime.faults): deaf to the
+    group's SIGINT/SIGTERM, SIGKILLed when the rank dies. On CPU mcore_cpu forks it already so."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    name = next((n for n in ("_get_write_results_queue", "get_write_results_queue") if hasattr(fa, n)), None)
+    if name is None or getattr(getattr(fa, name), "__module__", "").startswith("nemoc"):
+        return
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from nemoc.runtime.faults import become_helper_process
+
+    def results_queue(*args, **kwargs):
+        if fa._results_queue is None:
+            manager = SyncManager(ctx=mp.get_context("spawn"))
+            manager.start(initializer=become_helper_process, initargs=(os.getpid(),))
+            fa._results_queue = manager.Queue()
+            fa._nemoc_manager = manager
+        return fa._results_queue
+
+    setattr(fa, name, results_queue)
+
+
 class Checkpointer:
     """Saves training state under `root`, synchronously or through Megatron's AsyncCallsQueue.
 
-    Call `maybe_finalize()` once per step (all ranks): it completes finished async saves (rename +
-    `latest` + prune). `close()` waits for any save in flight. `on_saved(record)` runs on every rank
-    after a checkpoint becomes `latest`.
+    Call `maybe_finalize()` once per step (all ranks): it completes finished async saves (digests,
+    manifest, rename + `latest` + prune). `close()` waits for any save in flight. `on_saved(record)`
+    runs on every rank after a checkpoint becomes `latest`. A failed save raises CheckpointSaveError
+    after removing its temporary directory. Creating one removes the `.tmp` debris of killed saves.
     """
 
     def __init__(self, *, root: str, keep: int, async_save: bool, on_saved=None):
@@ -319,39 +515,63 @@ class Checkpointer:
         self.async_save = async_save
         self.on_saved = on_saved
         self.last_saved: SaveRecord | None = None
+        self._in_flight: SaveRecord | None = None
         self._queue = None
+        guard_helper_processes()
+        if _rank() == 0:
+            remove_partial_saves(root)
+        _barrier()
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             self._queue = AsyncCallsQueue(persistent=False)
 
     def save(self, state: dict, *, iteration: int) -> SaveRecord:
-        final = os.path.join(self.root, iteration_name(iteration))
-        tmp = final + ".tmp"
-        if _rank() == 0:
-            os.makedirs(self.root, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        _barrier()
-        record = SaveRecord(iteration, final, time.monotonic(), self.async_save)
-        strategy = _save_strategy()
         if self._queue is not None:
             self.maybe_finalize(blocking=True)  # at most one save in flight
-            request = dist_checkpointing.save(state, tmp, sharded_strategy=strategy, async_sharded_save=True)
-            request.add_finalize_fn(lambda: self._publish(tmp, record))
-            self._queue.schedule_async_request(request)
-        else:
-            dist_checkpointing.save(state, tmp, sharded_strategy=strategy)
-            self._publish(tmp, record)
+        final = os.path.join(self.root, iteration_name(iteration))
+        tmp = final + ".tmp"
+        record = SaveRecord(iteration, final, time.monotonic(), self.async_save)
+        with self._cleanup_on_failure(record):
+            if _rank() == 0:
+                os.makedirs(self.root, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+            _barrier()
+            strategy = _save_strategy()
+            if self._queue is not None:
+                request = dist_checkpointing.save(state, tmp, sharded_strategy=strategy, async_sharded_save=True)
+                if request.async_fn is not None:  # the forked writer is a helper process (runtime.faults)
+                    from nemoc.runtime.faults import run_as_helper
+
+                    request = request._replace(async_fn=partial(run_as_helper, os.getpid(), write_then_digest,
+                                                                request.async_fn, tmp, _rank()))
+                request.add_finalize_fn(lambda: self._publish(tmp, record))
+                self._in_flight = record
+                self._queue.schedule_async_request(request)
+            else:
+                dist_checkpointing.save(state, tmp, sharded_strategy=strategy)
+                self._publish(tmp, record)
         return record
+
+    @contextmanager
+    def _cleanup_on_failure(self, record: SaveRecord):
+        """A failed save: remove its `.tmp` (rank 0), keep `latest`, raise CheckpointSaveError."""
+        try:
+            yield
+        except (CheckpointSaveError, KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # torch's CheckpointException derives from BaseException
+            self._in_flight = None
+            if _rank() == 0:
+                shutil.rmtree(record.path + ".tmp", ignore_errors=True)
+            raise CheckpointSaveError(f"checkpoint save failed at step {record.iteration}: "
+                                      f"{save_failure_reason(exc, record.path + '.tmp')}") from exc
 
     def _publish(self, tmp: str, record: SaveRecord) -> None:
         _barrier()  # every rank's shards and rank 0's metadata are on disk
+        write_manifest(tmp, iteration=record.iteration, layout=layout_key())
         if _rank() == 0:
-            files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))
-                     if os.path.isfile(os.path.join(tmp, n))}
-            manifest = dict(iteration=record.iteration, files=files, layout=layout_key(), time=time.time())
-            write_text_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
             if os.path.exists(record.path):
                 shutil.rmtree(record.path)
             os.rename(tmp, record.path)
@@ -360,18 +580,26 @@ class Checkpointer:
             prune(self.root, self.keep)
         _barrier()
         self.last_saved = record
+        self._in_flight = None
         if self.on_saved is not None:
             self.on_saved(record, time.monotonic() - record.started)
 
+    def has_saved(self, path: str) -> bool:
+        """This checkpointer saved `path` (or its async save is in flight)."""
+        return any(r is not None and r.path == path for r in (self.last_saved, self._in_flight))
+
     def maybe_finalize(self, blocking: bool = False) -> None:
-        if self._queue is not None:
-            self._queue.maybe_finalize_async_calls(blocking=blocking)
+        if self._queue is not None and self._in_flight is not None:
+            with self._cleanup_on_failure(self._in_flight):
+                self._queue.maybe_finalize_async_calls(blocking=blocking)
 
     def close(self) -> None:
         if self._queue is not None:
-            self._queue.maybe_finalize_async_calls(blocking=True)
-            self._queue.close()
-            self._queue = None
+            try:
+                self.maybe_finalize(blocking=True)
+            finally:
+                self._queue.close()
+                self._queue = None
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -416,14 +644,8 @@ def load_training_state(path: str, *, chunks, optimizer, scheduler, distributed_
                               optimizer_format=saved_format if saved_format in OPTIMIZER_FORMATS else "dp_reshardable")
     for key in ("iteration", "consumed_samples", "layout", "nemoc", "optimizer_format"):
         template.pop(key, None)
-    loaded = dist_checkpointing.load(template, path, sharded_strategy=_load_strategy(path))
-    from nemoc.runtime.model import unwrap
-
-    if len(chunks) == 1:
-        unwrap(chunks[0]).load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(chunks):
-            unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+    loaded = dist_checkpointing.load(fresh_tensors(template), path, sharded_strategy=_load_strategy(path))
+    _load_model_state(chunks, loaded)
     if with_optimizer:
         with torch.no_grad():  # fp32 DistributedOptimizer main params are views of leaf params
             _load_optimizer_state(optimizer, loaded["optimizer"])
@@ -435,9 +657,38 @@ def load_training_state(path: str, *, chunks, optimizer, scheduler, distributed_
     if scheduler is not None and "opt_param_scheduler" in common:
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if same_layout and "rng_state" in loaded:
-        _set_rng_state(loaded["rng_state"])
+        set_rng_state(loaded["rng_state"])
     return Restored(path, int(common.get("iteration", 0)), int(common.get("consumed_samples", 0)),
                     with_optimizer, same_layout and "rng_state" in loaded)
+
+
+def fresh_tensors(template: dict) -> dict:
+    """The loading template with every sharded tensor's storage replaced by a new, empty one.
+
+    dist_checkpointing loads in place into the template's tensors, which are the model's parameters
+    and the optimizer's state: a load that fails half-way (a corrupt shard, a missing key) would leave
+    the model partly overwritten. Loading into fresh tensors and copying them in only afterwards
+    (`_load_model_state`, the optimizer's load_state_dict) makes a load all or nothing. Call it after
+    the optimizer's part is built: the optimizer maps its parameters to the model's tensors by id."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    def fresh(value):
+        if isinstance(value, (ShardedTensor, ShardedTensorFactory)) and torch.is_tensor(value.data):
+            value.data = torch.empty_like(value.data)
+        return value
+
+    return dict_list_map_inplace(fresh, template)
+
+
+def _load_model_state(chunks, loaded: dict) -> None:
+    from nemoc.runtime.model import unwrap
+
+    if len(chunks) == 1:
+        unwrap(chunks[0]).load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(chunks):
+            unwrap(chunk).load_state_dict(loaded[f"model{i}"])
 
 
 def common_keys(common: dict, path: str) -> set[str]:
@@ -453,15 +704,19 @@ def common_keys(common: dict, path: str) -> set[str]:
     return keys
 
 
-def resume(*, root: str, chunks, optimizer, scheduler, distributed_optimizer: bool, warn=print) -> Restored | None:
-    """Restore from `latest` (or the newest loadable checkpoint). None if there is none.
+def resume(*, root: str, chunks, optimizer, scheduler, distributed_optimizer: bool, warn=print,
+           iterations: set[int] | None = None) -> Restored | None:
+    """Restore from `latest` (or the newest loadable checkpoint). None if there is none; raises
+    CheckpointError naming every damaged one if checkpoints exist but none is usable.
 
     Every rank walks the same candidates (same filesystem); after each attempt the ranks agree
     (all-reduce) so that they all use the same checkpoint."""
     skipped = []
     for path in resume_candidates(root):
-        reason = verify(path)
-        if _all_ranks_ok(reason is None):
+        if iterations is not None and int(os.path.basename(path)[5:]) not in iterations:
+            continue  # a state saved in parts (PPO's actor and critic) resumes where every part has one
+        reason = verify_on_all_ranks(path)
+        if reason is None:
             try:
                 restored = load_training_state(path, chunks=chunks, optimizer=optimizer, scheduler=scheduler,
                                                distributed_optimizer=distributed_optimizer, warn=warn)
@@ -472,31 +727,24 @@ def resume(*, root: str, chunks, optimizer, scheduler, distributed_optimizer: bo
                 restored.skipped = skipped
                 return restored
             reason = error or "failed to load on another rank"
-        reason = reason or "failed verification on another rank"
         warn(f"warning: skipping checkpoint {path}: {reason}")
         skipped.append(f"{path}: {reason}")
     if skipped:
-        warn(f"warning: no loadable checkpoint under {root}; starting from scratch")
+        raise CheckpointError(f"no usable checkpoint under {root}: " + "; ".join(skipped)
+                              + " (repair them, or move them away to start this stage from scratch)")
     return None
 
 
 def load_weights(path: str, *, chunks, optimizer=None) -> None:
     """Initialise model weights from a checkpoint (fine-tuning): model only, any layout. Pass the
     optimizer if it already exists, so that its fp32 main copy is refreshed from the loaded weights."""
-    reason = verify(path) if os.path.exists(os.path.join(path, MANIFEST)) else None
-    if reason is not None:
-        raise RuntimeError(f"init checkpoint {path} is incomplete: {reason}")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"init checkpoint {path} does not exist")
-    from nemoc.runtime.model import unwrap
-
-    template = model_sharded_state_dict(chunks)
-    loaded = dist_checkpointing.load(template, path)
-    if len(chunks) == 1:
-        unwrap(chunks[0]).load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(chunks):
-            unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+        raise CheckpointError(f"init checkpoint {path} does not exist")
+    reason = verify_on_all_ranks(path) if os.path.exists(os.path.join(path, MANIFEST)) else None
+    if reason is not None:
+        raise CheckpointError(f"init checkpoint {path} is unusable: {reason}")
+    loaded = dist_checkpointing.load(fresh_tensors(model_sharded_state_dict(chunks)), path)
+    _load_model_state(chunks, loaded)
     if optimizer is not None:
         optimizer.reload_model_params()
 
@@ -508,4 +756,6 @@ def save_weights(path: str, *, chunks) -> None:
         os.makedirs(path)
     _barrier()
     dist_checkpointing.save(model_sharded_state_dict(chunks), path)
+    _barrier()
+    write_manifest(path, iteration=None, layout=layout_key())
     _barrier()

@@ -28,6 +28,7 @@ COMMANDS = {
     "import": "nemoc.runtime.cmd_interop:import_",
     "export": "nemoc.runtime.cmd_interop:export",
     "presets": "nemoc.runtime.cmd_interop:presets",
+    "report": "nemoc.runtime.cmd_report:report",
 }
 
 

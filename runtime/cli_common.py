@@ -138,3 +138,33 @@ def missing_train_modules() -> list[str]:
         if not found:
             missing.append(distribution)
     return missing
+
+
+def write_output(path: str, text: str) -> str | None:
+    """Write `text` to the file a user named (`fmt --write`, `plan --emit`): None when written, else the
+    reason it was not, for a one-line `error:` (exit 2) and never a traceback.
+
+    A regular file (or a new one) is replaced through `nemoc.runtime.atomic`: on a full disk, over
+    RLIMIT_FSIZE or in a read-only directory the original is untouched, and its permissions are kept;
+    a symlink's target is replaced, not the link. An existing non-regular path (`/dev/stdout`,
+    `/dev/full`) cannot be renamed over, so it is written directly, its errors caught the same way.
+    """
+    import os
+
+    from nemoc.runtime.atomic import atomic_write_text
+
+    try:
+        real = os.path.realpath(path)
+        if os.path.isdir(real):
+            return "it is a directory"
+        if os.path.exists(real) and not os.path.isfile(real):
+            with open(real, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            return None
+        parent = os.path.dirname(real)
+        if not os.path.isdir(parent):
+            return f"directory {parent} does not exist"
+        atomic_write_text(real, text)
+    except (OSError, ValueError) as exc:
+        return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return None

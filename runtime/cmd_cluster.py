@@ -6,9 +6,11 @@ The run directory says which launcher ran it: `slurm.json` (job ids, written by 
 whose log is not on this machine, `kubectl logs` of its pods.
 
 Cancelling:
-- local: every process whose command line names one of the run's `task.json` files (torchrun and its
-  ranks) gets SIGTERM on its process group (training saves a checkpoint and exits 143), then SIGKILL
-  after a grace period;
+- local: the processes the run recorded when it started them (`procs/` of the run and of each task,
+  runtime/procs.py), each verified by pid, start time and owner before it is signalled: every torchrun
+  gets SIGTERM (its ranks save a checkpoint and exit 143; `nemoc run` then marks the task preempted),
+  or the `nemoc run` itself while it prepares data; SIGKILL after a grace period to whatever recorded
+  process is left. No other process is ever signalled, whatever its command line names;
 - slurm: `scancel` of every recorded job that has not ended (a running job gets SIGTERM and KillWait);
 - k8s: `kubectl delete pytorchjob` of every recorded job.
 Exit codes: 0 done, 1 something could not be cancelled, 2 not a run directory / unknown task.
@@ -17,7 +19,6 @@ Exit codes: 0 done, 1 something could not be cancelled, 2 not a run directory / 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -241,63 +242,37 @@ def cancel_k8s(root: Path) -> list[str]:
     return done
 
 
-def local_processes(root: Path) -> dict[int, list[int]]:
-    """Process groups running one of this run's tasks: {pgid: [pids]} (ranks name their task.json)."""
-    import psutil
+def local_processes(root: Path) -> list:
+    """The processes this run started that still run, from their records (runtime/procs.py): the
+    `nemoc run` holding the directory, and each task's torchrun and ranks. Verified by pid, start time
+    and owner; nothing else (not a process that merely names the run's files) is ever returned."""
+    from nemoc.runtime import procs
 
-    markers = [str(p) for p in root.glob("tasks/*/task.json")] + [str(p) for p in root.glob("data/*/task.json")]
-    groups: dict[int, list[int]] = {}
-    if not markers:
-        return groups
-    me = os.getpid()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = proc.info.get("cmdline") or []
-        if proc.info["pid"] == me or not any(m in cmdline for m in markers):
-            continue
-        try:
-            groups.setdefault(os.getpgid(proc.info["pid"]), []).append(proc.info["pid"])
-        except ProcessLookupError:
-            continue
-    return groups
+    found = procs.live(root)
+    for directory in procs.task_dirs(root):
+        found += procs.live(directory)
+    return found
 
 
 def cancel_local(root: Path, grace_s: float = TERM_GRACE_S) -> list[str]:
-    groups = local_processes(root)
-    if not groups:
+    """SIGTERM to each live torchrun (it stops its ranks; training saves and exits 143), to ranks whose
+    torchrun is gone, and to the `nemoc run` itself when no torchrun runs (it is preparing data: it stops
+    as on Ctrl-C); SIGKILL after `grace_s` to whatever recorded process is left, with its process group
+    when it leads one it was started to lead (torchrun, a rank: their forked helpers)."""
+    found = local_processes(root)
+    if not found:
         return []
-    own = os.getpgid(0)
-    for pgid, pids in groups.items():
-        _signal(pgid, pids, signal.SIGTERM, whole_group=pgid != own)
+    torchruns = [r for r in found if r.role == "torchrun"]
+    targets = torchruns or [r for r in found if r.role == "rank"] or [r for r in found if r.role == "launcher"]
+    if torchruns:  # a task directory whose torchrun died: its ranks
+        with_torchrun = {r.path.parent for r in torchruns}
+        targets += [r for r in found if r.role == "rank" and r.path.parent not in with_torchrun]
+    for rec in targets:
+        rec.signal(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for pids in groups.values() for p in pids):
+    while time.monotonic() < deadline and any(r.live() for r in found):
         time.sleep(0.2)
-    for pgid, pids in groups.items():
-        if any(_alive(p) for p in pids):
-            _signal(pgid, pids, signal.SIGKILL, whole_group=pgid != own)
-    return [f"process group {pgid} ({len(pids)} processes)" for pgid, pids in groups.items()]
-
-
-def _signal(pgid: int, pids: list[int], sig: int, *, whole_group: bool) -> None:
-    """The whole group (torchrun runs in its own session), or only `pids` when the group is ours."""
-    try:
-        if whole_group:
-            os.killpg(pgid, sig)
-            return
-        for pid in pids:
-            os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is gone for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
+    for rec in found:
+        if rec.role != "launcher":  # the launcher tears down what it started; its children are recorded here
+            rec.signal(signal.SIGKILL, group=True)
+    return [f"{rec.role} pid {rec.pid}" for rec in targets]

@@ -3,9 +3,13 @@
 check FILE...: parse, check the schema, references, `after` cycles, presets and catalog ids, then (when
 the language is clean) the layout rules (`nemoc.compiler.rules.check_spec`); exit 0 clean (warnings allowed), 1 diagnostics,
 2 usage error or an unreadable file. `--json` prints `{"files": [{"path", "ok", "diagnostics"}]}`.
+A file without an `experiment` (a module of templates, like examples/common/hardware.nemo) is checked
+as a module: its imports, its templates' fields and types, duplicates and catalog ids.
 
 fmt FILE...: print the canonical form; `--check` exits 1 (listing the files) when a file is not
-canonical, `--write` rewrites files in place. A file that does not parse is reported like `check`.
+canonical, `--write` rewrites files in place, atomically (a full disk or a read-only directory leaves
+the original untouched and prints `error: cannot write FILE: ...`, exit 2). A file that does not parse
+is reported like `check`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import click
 
 from nemoc.dsl.diagnostics import Diagnostic, has_errors, sort_key, to_json
 from nemoc.runtime.cli_common import EXIT_DIAGNOSTICS, EXIT_OK, EXIT_USAGE, common_options, is_usage_error, \
-    print_diagnostics
+    print_diagnostics, write_output
 
 
 def check_file(path: str, sets: tuple[str, ...] = (), text: str | None = None) -> tuple[tuple[Diagnostic, ...], dict[str, str]]:
@@ -26,7 +30,7 @@ def check_file(path: str, sets: tuple[str, ...] = (), text: str | None = None) -
     from nemoc.compiler.lower import compile_file
 
     try:
-        spec, diags, sources = compile_file(path, sets, text)
+        spec, diags, sources = compile_file(path, sets, text, module_ok=True)
         if spec is not None and not has_errors(diags):
             diags = tuple(diags) + _layout_rules(spec)
     except Exception as exc:  # noqa: BLE001 - the boundary: a bug in nemoc is still reported, not dumped
@@ -108,8 +112,11 @@ def fmt(files: tuple[str, ...], check_only: bool, write: bool) -> None:
                 worst = max(worst, EXIT_DIAGNOSTICS)
         elif write:
             if formatted != original:
-                with open(path, "w", encoding="utf-8") as fh:
-                    fh.write(formatted)
+                problem = write_output(path, formatted)
+                if problem:
+                    click.echo(f"error: cannot write {path}: {problem} (the file is unchanged)", err=True)
+                    worst = max(worst, EXIT_USAGE)
+                    continue
                 click.echo(f"formatted {path}", err=True)
         else:
             click.echo(formatted, nl=False)

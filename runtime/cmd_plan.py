@@ -29,7 +29,8 @@ import click
 
 from nemoc.compiler.planner import SPLIT_KEYS
 from nemoc.compiler.rules import runtime_caps
-from nemoc.runtime.cli_common import EXIT_OK, common_options, fail, load_spec_with_warnings, print_diagnostics
+from nemoc.runtime.cli_common import EXIT_OK, EXIT_USAGE, common_options, fail, load_spec_with_warnings, \
+    print_diagnostics, write_output
 
 GIB = 1 << 30
 TERMS = ("weights", "gradients", "optimizer", "activations", "other")
@@ -319,13 +320,17 @@ def report_json_total(plan) -> dict:
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
               help="Plan every point of a sweep and print them side by side, e.g. --sweep parallel.tensor=2,4,8 "
                    "(repeatable: the cartesian product); --json gives a list (runtime/sweep.py).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write a self-contained HTML report (memory per pipeline stage, schedule, step time, "
+                   "runner-ups, cost; docs/reports.md).")
 @common_options
-def plan(file: str, headroom: float, top: int, emit: str | None, sweeps: tuple[str, ...], sets: tuple[str, ...],
+def plan(file: str, headroom: float, top: int, emit: str | None, sweeps: tuple[str, ...], html_path: str | None,
+         sets: tuple[str, ...],
          as_json: bool) -> None:
     """Resolve every `auto` into the best Megatron-Core layout, prove it fits, estimate time and cost."""
     if sweeps:
-        if emit:
-            raise click.UsageError("--emit writes one plan; it cannot be combined with --sweep")
+        if emit or html_path:
+            raise click.UsageError("--emit and --html write one plan; they cannot be combined with --sweep")
         from nemoc.runtime.sweep import plan_sweep
 
         plan_sweep(file, sweeps, sets, headroom, top, as_json)
@@ -343,8 +348,14 @@ def plan(file: str, headroom: float, top: int, emit: str | None, sweeps: tuple[s
         fail(tuple(language_warnings) + tuple(err.diagnostics), sources, as_json)
     result = replace(result, warnings=tuple(language_warnings) + result.warnings)
     if emit:
-        with open(emit, "w", encoding="utf-8") as f:
-            f.write(to_json(result.plan))
+        problem = write_output(emit, to_json(result.plan))
+        if problem:
+            click.echo(f"error: cannot write the plan to {emit}: {problem}", err=True)
+            sys.exit(EXIT_USAGE)
+    if html_path:
+        from nemoc.runtime.cmd_report import write_html
+
+        write_html(html_path, result.plan, headroom=headroom, results=result.stages, top=top)
     if as_json:
         click.echo(json.dumps(report_json(result, headroom, top), indent=2))
     else:
@@ -355,4 +366,6 @@ def plan(file: str, headroom: float, top: int, emit: str | None, sweeps: tuple[s
         render_report(result, headroom, top, console)
         if emit:
             console.print(f"plan written to {emit}")
+        if html_path:
+            console.print(f"HTML report written to {html_path}")
     sys.exit(EXIT_OK)

@@ -112,6 +112,11 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
     run_dir = RunDir(workdir if workdir else default_run_dir(plan.experiment))
     echo = (lambda line: click.echo(line, err=True)) if as_json else click.echo
     name = launcher_name or plan.cluster.scheduler
+    if name == "local" and not dry_run:  # the tasks run here: a sink they cannot open fails now, not mid-run
+        from nemoc.runtime.tracking import missing
+
+        if (problem := missing(plan.tracking)) is not None:
+            _die(f"error: {file}: {problem}", as_json, EXIT_USAGE)
     if detach and name != "slurm":
         _die(f"error: --detach needs the slurm launcher (this run uses {name!r}): a {name} run is followed by "
              "`nemoc run` itself", as_json, EXIT_USAGE)
@@ -280,14 +285,11 @@ def status(run_dir: str, as_json: bool) -> None:
             for row in rows if row.get("held_out")]
     if held:
         click.echo("\nheld-out metrics (before -> after the stage):\n" + "\n".join(held))
-    from nemoc.runtime.executor import load_status
-    from nemoc.runtime.rundir import RunDir
-
-    stale = [row["id"] for row in rows if row["state"] == "running" and not row.get("job_id")]
-    if stale and not (load_status(run_dir) or {}).get("finished") and not RunDir(run_dir).holder_alive():
-        click.echo(f"\nnote: the `nemoc run` that wrote this status is gone (killed?), so 'running' is stale for "
-                   f"{', '.join(stale)}: `nemoc cancel {run_dir}` stops any leftover processes, `nemoc run` again "
-                   f"resumes")
+    stale = [row["id"] for row in rows if row.get("stale")]
+    if stale:
+        click.echo(f"\nnote: the `nemoc run` that was running {', '.join(stale)} is gone (killed?), so "
+                   f"{'it is' if len(stale) == 1 else 'they are'} shown as interrupted: `nemoc cancel {run_dir}` "
+                   "stops any leftover process, `nemoc run` again resumes")
 
 
 def _fmt(value, pattern: str) -> str:
@@ -310,6 +312,10 @@ def status_rows(run_dir: str | Path) -> list[dict] | None:
         return None  # missing, or damaged past reading: not the shape the executor writes
     rd = RunDir(run_dir)
     jobs = _slurm_jobs(Path(run_dir), tasks)
+    # status.json says "running" but the `nemoc run` that writes it is gone (SIGKILL, a crash, disk full):
+    # nothing runs that task any more (runtime/procs.py: its recorded pid and start time)
+    orphaned = not data.get("finished") and any(rec.get("state") == "running" for rec in tasks.values()) \
+        and not rd.holder_alive()
     rows = []
     order = data.get("order")
     order = [t for t in order if isinstance(t, str) and t in tasks] if isinstance(order, list) else []
@@ -323,9 +329,12 @@ def status_rows(run_dir: str | Path) -> list[dict] | None:
         if done.get("hash") == rec.get("hash") and done.get("steps") is not None:
             steps_done = done["steps"]
         state, job_id = rec.get("state", "?"), None
+        stale = False
         if task_id in jobs:
             job_id = jobs[task_id]["job_id"]
             state = _live_state(state, jobs[task_id], done.get("hash") == rec.get("hash"))
+        elif state == "running" and orphaned:
+            state, stale = "interrupted", True
         rows.append({
             "id": task_id,
             "state": state,
@@ -338,6 +347,7 @@ def status_rows(run_dir: str | Path) -> list[dict] | None:
             "elapsed_s": rec.get("elapsed_s"),
             "error": rec.get("error", ""),
             "held_out": held_out_metrics(done) if done.get("hash") == rec.get("hash") else None,
+            **({"stale": True} if stale else {}),
         })
     return rows
 

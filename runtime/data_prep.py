@@ -28,12 +28,15 @@ field, an empty corpus) raises `DataError` whose message starts with `file:line:
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import mmap
 import multiprocessing
 import os
+import re
 import shutil
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +50,7 @@ RAW_FORMATS = ("chat", "prompt_response", "preference")
 FORMATS = TOKENIZED_FORMATS + RAW_FORMATS
 TEXT_DOCUMENTS = ("paragraph", "line", "file")  # what one document of a plain-text file is
 CHUNK_BYTES = 1 << 20  # ~1 MiB of source text per work item
+PIECE_CHARS = 1 << 20  # a longer document is tokenized in pieces of about this many characters
 BYTES_PER_AUTO_WORKER = 4 << 20  # `workers=None`: one worker per 4 MiB of text, up to one per core
 
 
@@ -136,11 +140,16 @@ def _lines(chunk: Chunk) -> Iterator[tuple[int, str]]:
             data = f.read(chunk.length)
     except OSError as exc:
         raise DataError(f"{chunk.path}:{chunk.first_line}: cannot read ({exc.strerror})") from None
-    pieces = data.split(b"\n")
-    if pieces and pieces[-1] == b"":
-        pieces.pop()  # the chunk ends with a newline
-    for i, raw in enumerate(pieces):
-        yield chunk.first_line + i, _decode(raw.rstrip(b"\r"), chunk.path, chunk.first_line + i)
+    start, line_no = 0, chunk.first_line
+    while start < len(data):  # one line at a time: a huge line is not copied with all the others
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        yield line_no, _decode(data[start:end].rstrip(b"\r"), chunk.path, line_no)
+        start, line_no = end + 1, line_no + 1
+
+
+_LONE_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+                             r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 def _json_object(line: str, path: str, line_no: int) -> dict | None:
@@ -150,9 +159,28 @@ def _json_object(line: str, path: str, line_no: int) -> dict | None:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except ValueError as exc:  # an integer of more than 4,300 digits (Python's int-from-string limit)
+        raise DataError(f"{path}:{line_no}: unreadable JSON value ({str(exc).split(':')[0]})") from None
+    except RecursionError:  # the C decoder's depth limit (Python's recursion limit)
+        raise DataError(f"{path}:{line_no}: JSON nested too deeply (the reader stops near {sys.getrecursionlimit()} "
+                        "levels of arrays / objects); a record is one object with string fields") from None
     if not isinstance(record, dict):
         raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+    if "\\u" in line:  # only an escape can make a lone surrogate (raw ones are invalid UTF-8, caught earlier)
+        _check_surrogates(record, line, path, line_no)
     return record
+
+
+def _check_surrogates(record: dict, line: str, path: str, line_no: int) -> None:
+    """A `\\ud800` escape without its pair decodes to a string no UTF-8 encoder accepts: the tokenizer
+    would fail later without naming the line."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        match = _LONE_SURROGATE.search(line)
+        where = f" {match.group(0)} at column {match.start() + 1}" if match else ""
+        raise DataError(f"{path}:{line_no}: lone surrogate escape{where}: half of a UTF-16 pair is not a "
+                        "character (invalid Unicode text)") from None
 
 
 def _string_field(record: dict, key: str, path: str, line_no: int) -> str:
@@ -217,12 +245,32 @@ def iter_documents(chunk: Chunk, source: Source) -> Iterator[tuple[int, str]]:
         yield start, "\n".join(paragraph)
 
 
+def text_pieces(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in pieces of about `piece_chars` characters, each cut just before a space that follows a
+    non-space character (the whole text when there is no such space). A byte-level BPE pre-tokenizer
+    (GPT-2's, tiktoken's, the local tokenizer's) never puts a non-space and the space after it in one
+    pre-token, so tokenizing the pieces one by one gives exactly the ids of the whole text, and a
+    tokenizer trained on the pieces is the one trained on the whole; memory and the time between two
+    returns to Python (where Ctrl-C is handled) stay bounded by the piece, not the document."""
+    start = 0
+    while len(text) - start > piece_chars:
+        cut = text.find(" ", start + piece_chars)
+        while cut > 0 and text[cut - 1].isspace():
+            cut = text.find(" ", cut + 1)
+        if cut < 0:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:] if start else text
+
+
 def iter_texts(sources: Sequence[Source]) -> Iterator[str]:
-    """Every document's text (validated) of every source, in file order: a tokenizer-training corpus."""
+    """Every document's text (validated) of every source, in file order, long documents in pieces
+    (`text_pieces`): a tokenizer-training corpus."""
     for source in sources:
         for chunk in make_chunks(resolve_files(source), source):
             for _, text in iter_documents(chunk, source):
-                yield text
+                yield from text_pieces(text)
 
 
 def make_chunks(files: Sequence[str], source: Source, chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
@@ -272,43 +320,57 @@ def _init_worker(tokenizer_spec: str) -> None:
 
 def _init_pool_worker(tokenizer_spec: str) -> None:
     """A pool worker: default SIGTERM (the pool's terminate) and no SIGINT (the parent handles Ctrl-C and
-    stops the pool), so neither prints a traceback."""
+    stops the pool), so neither prints a traceback; SIGKILL when the parent dies (even by SIGKILL)."""
+    from nemoc.runtime.procs import set_parent_death_signal
+
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    set_parent_death_signal(signal.SIGKILL)
     _init_worker(tokenizer_spec)
 
 
 def _tokenize_chunk(args: tuple[Chunk, Source, str, str]) -> tuple[int, int, int, int]:
-    """Tokenize one chunk into `<part>.tokens.npy` (every document + EOD, concatenated) and
-    `<part>.lengths.npy`; returns (index, documents, tokens, empty documents dropped)."""
+    """Tokenize one chunk into `<part>.tokens.bin` (every document + EOD, concatenated, raw `dtype`,
+    written as it goes) and `<part>.lengths.npy`; returns (index, documents, tokens, empty documents
+    dropped). Memory: a batch of small documents, or one piece of a long one (`text_pieces`), as ids."""
     import numpy as np
 
     chunk, source, part, dtype = args
+    dtype = np.dtype(dtype)
     eod = _worker_tokenizer.eod
-    pieces: list[list[int]] = []
+    lengths: list[int] = []
     empty = 0
     batch: list[str] = []
 
-    def flush() -> None:
-        nonlocal empty
-        for ids in _worker_tokenizer.tokenize_batch(batch):
-            if ids:
-                ids.append(eod)
-                pieces.append(ids)
-            else:
-                empty += 1
-        batch.clear()
+    with open(part + ".tokens.bin", "wb") as out:
+        def flush() -> None:
+            nonlocal empty
+            for ids in _worker_tokenizer.tokenize_batch(batch):
+                if ids:
+                    ids.append(eod)
+                    out.write(np.asarray(ids, dtype=dtype).tobytes())
+                    lengths.append(len(ids))
+                else:
+                    empty += 1
+            batch.clear()
 
-    for _, text in iter_documents(chunk, source):
-        batch.append(text)
-        if len(batch) >= 256:
-            flush()
-    flush()
-    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-    flat = np.fromiter((t for p in pieces for t in p), dtype=np.dtype(dtype), count=int(lengths.sum()))
-    np.save(part + ".tokens.npy", flat)
-    np.save(part + ".lengths.npy", lengths)
-    return chunk.index, len(pieces), int(lengths.sum()), empty
+        for _, text in iter_documents(chunk, source):
+            if len(text) <= PIECE_CHARS:
+                batch.append(text)
+                if len(batch) >= 256:
+                    flush()
+                continue
+            flush()  # documents stay in order
+            count = 0
+            for piece in text_pieces(text):
+                ids = _worker_tokenizer.tokenize(piece)
+                out.write(np.asarray(ids, dtype=dtype).tobytes())
+                count += len(ids)
+            out.write(np.asarray([eod], dtype=dtype).tobytes())
+            lengths.append(count + 1)
+        flush()
+    np.save(part + ".lengths.npy", np.asarray(lengths, dtype=np.int64))
+    return chunk.index, len(lengths), int(sum(lengths)), empty
 
 
 def _builder(vocab_size: int):
@@ -395,8 +457,10 @@ def _merge(parts: Path, part_prefixes: list[str], prefix: str, vocab_size: int) 
     tmp = str(parts / "merged")
     builder = builder_cls(tmp + ".bin", dtype=dtype)
     for part in part_prefixes:
-        flat = np.load(part + ".tokens.npy", mmap_mode="r")
         lengths = np.load(part + ".lengths.npy")
+        if not len(lengths):
+            continue
+        flat = np.memmap(part + ".tokens.bin", dtype=dtype, mode="r")
         ends = np.cumsum(lengths)
         for start, end in zip(ends - lengths, ends):
             builder.add_document(flat[start:end], [int(end - start)])
@@ -429,8 +493,74 @@ def validate_records(source: Source) -> dict:
     return {"records": records, "files": files, "format": source.format}
 
 
-def train_tokenizer(sources: Sequence[Source], vocab_size: int, path: str | os.PathLike) -> NemocTokenizer:
-    """Train the local byte-level BPE on the sources' texts (validating them on the way)."""
+def train_tokenizer(sources: Sequence[Source], vocab_size: int, path: str | os.PathLike, *, in_worker: bool = False,
+                    progress: Callable[[int, int], None] | None = None) -> NemocTokenizer:
+    """Train the local byte-level BPE on the sources' texts (validating them on the way; long documents
+    in pieces, `text_pieces`). With `in_worker`, the training (native code that holds on to the thread
+    for a long time and does not see Ctrl-C) runs in a spawned child process that this one waits on:
+    Ctrl-C or SIGTERM here terminates it at once, and it dies with this process even by SIGKILL;
+    `progress(text_bytes_read, source_bytes)` is called about five times a second meanwhile."""
+    if not in_worker:
+        return _train_tokenizer_here(sources, vocab_size, path)
+    context = multiprocessing.get_context("spawn")  # see _run_jobs: never fork a threaded process
+    receiver, sender = context.Pipe(duplex=False)
+    seen = context.Value("q", 0, lock=False)
+    total = sum(os.path.getsize(f) for source in sources for f in resolve_files(source))
+    worker = context.Process(target=_tokenizer_worker, daemon=True, name="nemoc-tokenizer",
+                             args=(sender, list(sources), vocab_size, str(path), seen, os.getpid()))
+    worker.start()
+    sender.close()
+    try:
+        while not receiver.poll(0.2):
+            if progress is not None:
+                progress(min(seen.value, total), total)
+            if not worker.is_alive() and not receiver.poll(0):
+                raise TokenizerError(f"{path}: the tokenizer-training process ended without a result "
+                                     f"(exit code {worker.exitcode}; out of memory?)")
+        outcome, kind, message = receiver.recv()
+        worker.join()
+    except BaseException:
+        _stop(worker)
+        raise
+    finally:
+        receiver.close()
+    if outcome != "ok":
+        raise {"DataError": DataError, "TokenizerError": TokenizerError}.get(kind, RuntimeError)(message)
+    if progress is not None:
+        progress(total, total)
+    from nemoc.runtime.tokenizer import HFTokenizer
+
+    return HFTokenizer(str(path))
+
+
+def _stop(worker) -> None:
+    worker.terminate()
+    worker.join(5)
+    if worker.is_alive():
+        worker.kill()
+        worker.join()
+
+
+def _tokenizer_worker(sender, sources, vocab_size: int, path: str, seen, parent: int) -> None:
+    """The child of `train_tokenizer(in_worker=True)`: ignores SIGINT (the parent stops it), dies with
+    the parent, sends ("ok" | "error", exception class, message)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from nemoc.runtime.procs import set_parent_death_signal
+
+    set_parent_death_signal(signal.SIGKILL, parent=parent)
+    try:
+        _train_tokenizer_here(sources, vocab_size, path, seen)
+        sender.send(("ok", "", ""))
+    except (DataError, TokenizerError) as exc:
+        sender.send(("error", type(exc).__name__, str(exc)))
+    except Exception as exc:  # noqa: BLE001 - reported by the parent as an internal error
+        import traceback
+
+        sender.send(("error", type(exc).__name__, "".join(traceback.format_exception(exc))[-4000:]))
+
+
+def _train_tokenizer_here(sources: Sequence[Source], vocab_size: int, path: str | os.PathLike, seen=None):
     from nemoc.runtime.tokenizer import train_byte_level_bpe
 
     texts = iter_texts(sources)
@@ -440,13 +570,15 @@ def train_tokenizer(sources: Sequence[Source], vocab_size: int, path: str | os.P
         raise DataError(f"{sources[0].pattern}: the corpus is empty: no text to train a tokenizer on (data {names})")
 
     def all_texts() -> Iterator[str]:
-        yield first
-        yield from texts
+        for text in itertools.chain((first,), texts):
+            if seen is not None:
+                seen.value += len(text)
+            yield text
 
     return train_byte_level_bpe(all_texts(), vocab_size, path)
 
 
 __all__ = [
     "DataError", "PrepareResult", "Source", "TokenizerError", "dataset_prefix", "iter_texts", "make_chunks",
-    "prepare_dataset", "record_texts", "resolve_files", "train_tokenizer", "validate_records",
+    "prepare_dataset", "record_texts", "resolve_files", "text_pieces", "train_tokenizer", "validate_records",
 ]

@@ -155,7 +155,7 @@ class Executor:
         if missing:
             raise TaskError(f"this installation has no runner for task kind(s) {', '.join(missing)} "
                             f"(known: {', '.join(sorted(set(known_kinds_list())))}); nothing was started")
-        with self.run_dir.lock():
+        with self.run_dir.lock(echo=self.echo):
             return self._run_locked()
 
     def _run_locked(self) -> RunOutcome:
@@ -175,8 +175,16 @@ class Executor:
                 if rec["state"] in ("running", "queued") and not (keep_jobs and rec.get("job_id")):
                     status.set(task_id, state="interrupted", error="interrupted (Ctrl-C)")
             raise
+        except BaseException as exc:  # the run directory itself failed (disk full), or a bug: no task stays "running"
+            for task_id, rec in list(status.data["tasks"].items()):
+                if rec["state"] == "running":
+                    rec.update(state="failed", error=f"stopped by {type(exc).__name__}: {exc}")
+            raise
         finally:
-            status.finish()
+            try:
+                status.finish()
+            except OSError:  # disk full: `nemoc status` reads the dead launcher's "running" as "interrupted"
+                pass
 
     def _run_in_turn(self, status: Status) -> RunOutcome:
         """One task at a time in topological order; the first failure skips the rest."""
@@ -191,15 +199,32 @@ class Executor:
     def _run_task(self, task: Task, status: Status) -> TaskOutcome:
         if self.run_dir.is_done(task.id, task.hash):
             return self._cached(task, status)
+        damaged = self._say_why_not_cached(task)
         out_dir = self._start(task, status)
         started = time.time()
         try:
             state, payload, error = self._execute(task, out_dir)
+            if state == "done" and damaged and not damaged.exists():
+                state, payload, error = "failed", None, (
+                    f"{task.id} ran again because {damaged} was missing, but finished without writing it again: "
+                    "its output is still incomplete, so it is not marked done")
         except TaskError as exc:
             state, payload, error = "failed", None, str(exc)
         except (ValueError, OSError) as exc:  # DataError / TokenizerError / unreadable files: user-facing
             state, payload, error = "failed", None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug or an input nobody foresaw: the task fails, never "running"
+            state, payload, error = "failed", None, _internal_error(exc, out_dir)
         return self._end(task, status, state, payload, error, time.time() - started)
+
+    def _say_why_not_cached(self, task: Task) -> Path | None:
+        """A task finished with this hash whose recorded outputs are gone or changed runs again: say so.
+        Returns the missing output, which the re-run must write again (else it is not done)."""
+        record = self.run_dir.done_record(task.id)
+        problem = self.run_dir.outputs_problem(task.id) if record and record.get("hash") == task.hash else None
+        if not problem:
+            return None
+        self.echo(f"↻ {task.id:<24} finished before, but {problem}: running it again")
+        return Path(problem[:-len(" is missing")]) if problem.endswith(" is missing") else None
 
     def _cached(self, task: Task, status: Status) -> TaskOutcome:
         self.echo(f"✓ {task.id:<24} cached (hash {task.short_hash})")
@@ -562,6 +587,21 @@ def known_kinds_list() -> list[str]:
     from nemoc.runtime.tasks import known_kinds
 
     return known_kinds()
+
+
+def _internal_error(exc: BaseException, out_dir: Path) -> str:
+    """The one-line message of an unexpected exception; its traceback goes to the task's log.txt."""
+    import traceback
+
+    where = out_dir / "log.txt"
+    try:
+        with open(where, "a", encoding="utf-8") as f:
+            f.write("".join(traceback.format_exception(exc)))
+    except OSError:
+        where = None
+    detail = str(exc)[:500] or type(exc).__name__
+    return (f"internal error ({type(exc).__name__}): {detail}" +
+            (f" (traceback in {where}); please report it" if where else ""))
 
 
 def _indent(text: str) -> str:

@@ -9,7 +9,11 @@
   console (rank 0 only, plus every line of a failing rank's traceback afterwards); each rank's own
   stdout/stderr is kept under `<task>/ranks/`.
 * torchrun runs in its own process group: Ctrl-C (or any exception here) sends SIGTERM to the group,
-  waits, then SIGKILLs it, so no rank outlives `nemoc run`.
+  waits, then SIGKILLs it, so no rank outlives `nemoc run`. Even a SIGKILLed `nemoc run` leaves nothing:
+  torchrun gets SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG) and each rank, started through
+  runtime/rank_guard.py, gets SIGKILL when torchrun dies.
+* torchrun and every rank are recorded under `<task>/procs/` (pid, start time: runtime/procs.py); that
+  record, not a search of command lines, is what `nemoc cancel` and the leftover-rank check read.
 * A failing rank fails the task: torchrun stops the other ranks, and the result carries the failing
   rank (from torchrun's error summary, else the first rank whose stderr ends in an error) and its last lines.
 """
@@ -50,7 +54,7 @@ def torchrun_command(spec: LaunchSpec, port: int) -> list[str]:
         "--master-port", str(port),
         "--tee", "3",
         "--log-dir", str(spec.out_dir / "ranks"),
-        "-m", spec.module, *spec.args,
+        "-m", "nemoc.runtime.rank_guard", spec.module, *spec.args,  # records the rank, dies with torchrun
     ]
 
 
@@ -83,23 +87,18 @@ def check_fits_this_machine(spec: LaunchSpec, *, cpus: int | None = None, gpus: 
 
 
 def check_no_leftover_ranks(spec: LaunchSpec) -> None:
-    """Ranks of an earlier `nemoc run` that was SIGKILLed (it cannot tear them down) may still be training
-    this very task: a second torchrun would write the same checkpoints. They name its task.json."""
-    import psutil
+    """Processes an earlier `nemoc run` started for this very task directory and that still run (recorded
+    under `<task>/procs/`, verified by pid and start time: runtime/procs.py) would write the same
+    checkpoints as a second torchrun. Records of processes that have ended are cleared."""
+    from nemoc.runtime import procs
 
-    markers = {str(a) for a in spec.args if str(a).endswith("task.json")}
-    if not markers:
-        return
-    me, found = os.getpid(), []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = proc.info.get("cmdline") or []
-        if proc.info["pid"] != me and any(m in cmdline for m in markers):
-            found.append(proc.info["pid"])
+    found = procs.live(spec.out_dir)
     if found:
         run_dir = Path(spec.out_dir).resolve().parent.parent
         raise LauncherError(f"{spec.task_id}: processes of an earlier run are still running this task (pid "
-                            f"{', '.join(map(str, sorted(found)))}); stop them with `nemoc cancel {run_dir}`, "
-                            "then run again")
+                            f"{', '.join(str(r.pid) for r in sorted(found, key=lambda r: r.pid))}); stop them with "
+                            f"`nemoc cancel {run_dir}`, then run again")
+    procs.clear_dead(spec.out_dir)
 
 
 def _cuda_devices() -> int:
@@ -125,6 +124,8 @@ class LocalLauncher:
         self.echo = echo if echo is not None else Rank0Echo()
 
     def launch(self, spec: LaunchSpec) -> LaunchResult:
+        from nemoc.runtime import procs
+
         check_fits_this_machine(spec)
         check_no_leftover_ranks(spec)
         spec.out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,8 +137,9 @@ class LocalLauncher:
             log.flush()
             proc = subprocess.Popen(command, cwd=spec.out_dir, env=worker_env(spec), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, start_new_session=True, text=True,
-                                    errors="replace", bufsize=1)
+                                    errors="replace", bufsize=1, preexec_fn=_dies_with(os.getpid()))
             try:
+                procs.record(spec.out_dir, "torchrun", proc.pid)
                 tail = self._pump(proc, log)
                 returncode = proc.wait()
             except BaseException:  # Ctrl-C or anything else: never leave ranks behind
@@ -184,6 +186,17 @@ class Rank0Echo:
         self._in_warning = False
         sys.stdout.write(text)
         sys.stdout.flush()
+
+
+def _dies_with(launcher: int):
+    """torchrun's preexec_fn: SIGTERM when `nemoc run` dies, even by SIGKILL (torchrun then stops the
+    ranks; a rank whose torchrun dies gets SIGKILL: runtime/rank_guard.py)."""
+    from nemoc.runtime.procs import set_parent_death_signal  # imported here: the child only calls it
+
+    def preexec() -> None:
+        set_parent_death_signal(signal.SIGTERM, parent=launcher)
+
+    return preexec
 
 
 def _terminate_group(proc: subprocess.Popen) -> None:

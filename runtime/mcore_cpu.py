@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -327,18 +326,9 @@ def fork_checkpoint_results_queue() -> None:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Runs in the queue-server process: a trainer killed with SIGKILL (preemption, a fault test)
-    cannot shut its Manager down, so ask the kernel to SIGTERM the server when the parent dies.
-    The fork inherited the trainer's SIGTERM/SIGUSR1 handlers (which only set a stop flag): restore
-    the defaults first, or the death signal would be swallowed."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
-    try:
-        import ctypes
+    """Runs in the queue-server process: it ignores the stop signals a Ctrl-C or a group SIGTERM
+    delivers (the trainer is still saving through it) and is SIGKILLed by the kernel when the trainer
+    dies (a SIGKILLed trainer cannot shut its Manager down). See runtime.faults.become_helper_process."""
+    from nemoc.runtime.faults import become_helper_process
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(0)
+    become_helper_process(parent_pid)

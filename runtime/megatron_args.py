@@ -168,6 +168,17 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
         raise UnsupportedPlan(f"MoE with tp={layout.tp} needs sequence_parallel (Megatron-Core rejects it otherwise)")
     if layout.sequence_parallel and layout.tp == 1:
         raise UnsupportedPlan("sequence_parallel needs tp > 1")
+    if layout.tp_comm_overlap:
+        # `nemoc check` refuses it without TE, TP or SP (E160); with TE the userbuffers that
+        # `TransformerConfig(tp_comm_overlap=True)` needs (TE `initialize_ub`, Megatron-LM's
+        # `_initialize_tp_communicators`) are not set up by this runtime yet: refused, not ignored.
+        raise UnsupportedPlan("tp_comm_overlap = true: the nemoc runtime does not initialise Transformer Engine's "
+                              "userbuffers yet; plan it to compare, run with tp_comm_overlap = false")
+    if layout.overlap_param_gather:
+        # Megatron-LM wires it through `config.param_sync_func` (each model chunk's start_param_sync
+        # in the forward pre-hooks); the nemoc training loop does not yet: refused, not ignored.
+        raise UnsupportedPlan("overlap_param_gather = true: the nemoc runtime does not yet start the parameter "
+                              "all-gathers in the forward; run with overlap_param_gather = false")
     if model.is_moe and model.add_bias_linear:
         # `nemoc check` refuses this spec (E140): the MoE build below has no linear biases.
         raise UnsupportedPlan("MoE models are built without linear biases (add_bias_linear = false); "
@@ -309,14 +320,15 @@ def _interleaved(layout: Layout) -> bool:
 
 
 def ddp_config(*, layout: Layout):
-    """Megatron DDP: fp32 gradient reduction; overlap the DP all-reduce with backward when dp > 1."""
+    """Megatron DDP: gradient reduction in fp32 main grads or the 16-bit parameter dtype, as planned
+    (`grad_reduce_in_fp32`); overlap the DP all-reduce with backward when dp > 1."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
     return DistributedDataParallelConfig(**_ddp_kwargs(layout), check_for_nan_in_grad=False)
 
 
 def _ddp_kwargs(layout: Layout) -> dict:
-    return dict(grad_reduce_in_fp32=True, overlap_grad_reduce=layout.dp > 1, overlap_param_gather=False,
+    return dict(grad_reduce_in_fp32=layout.grad_reduce_in_fp32, overlap_grad_reduce=layout.dp > 1, overlap_param_gather=False,
                 use_distributed_optimizer=layout.distributed_optimizer)
 
 

@@ -6,7 +6,10 @@ Output: `metrics.jsonl` (one JSON object per line, flushed and fsync'd per recor
 keeps every logged step), TensorBoard scalars under `tensorboard_dir`, and a progress display:
 rich.progress when stdout is a TTY, plain `step N/M | loss ... | ETA ...` lines otherwise (logs).
 Invariants: ranks other than 0 get a `NullMetrics` that does nothing; a sink that fails to open
-(no TensorBoard) is reported once and skipped, never fatal.
+(no TensorBoard) is reported once and skipped, never fatal; one record per step: a resumed run calls
+`rewind(step)`, which drops the records after the checkpoint's step (metrics.jsonl rewritten atomically,
+TensorBoard events purged) before the steps are logged again, and `read_records` keeps the last of
+any records that still repeat (files written before this rule).
 """
 
 from __future__ import annotations
@@ -18,24 +21,43 @@ import sys
 import time
 from typing import Any, TextIO
 
+from nemoc.runtime.atomic import atomic_write_text
+
 
 def read_records(path) -> list[dict]:
     """Every complete JSON record of a metrics.jsonl (a line cut short by a crash, or still being
-    written, is skipped); [] when the file does not exist yet."""
+    written, is skipped); [] when the file does not exist yet. A step record repeated with the same
+    fields (a resume that logged a step again) appears once, as its last version, in its last place."""
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
             lines = handle.read().splitlines()
     except FileNotFoundError:
         return []
-    out = []
-    for line in lines:
+    out = {}
+    for i, line in enumerate(lines):
         try:
             record = json.loads(line)
         except ValueError:
             continue
         if isinstance(record, dict):
-            out.append(record)
-    return out
+            key = (record["step"], tuple(sorted(k for k in record if k != "time"))) if "step" in record else i
+            out.pop(key, None)
+            out[key] = record
+    return list(out.values())
+
+
+def _records_up_to(text: str, step: int) -> str:
+    """The lines of a metrics.jsonl without step records after `step` (and without a torn last line)."""
+    kept = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and record["step"] > step:
+            continue
+        kept.append(line + "\n")
+    return "".join(kept)
 
 
 def format_duration(seconds: float) -> str:
@@ -51,6 +73,9 @@ class NullMetrics:
     """The sink on ranks != 0."""
 
     def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
         pass
 
     def event(self, name: str, **fields: Any) -> None:
@@ -72,16 +97,23 @@ class Metrics(NullMetrics):
 
     def __init__(self, *, metrics_path: str | None, tensorboard_dir: str | None, total_steps: int,
                  start_step: int = 0, title: str = "train", console: TextIO | None = None,
-                 use_rich: bool | None = None):
+                 use_rich: bool | None = None, tracking=None):
         self.total_steps = total_steps
         self.start_step = start_step
         self.start_time = time.monotonic()
         self.console = console or sys.stdout
         self._jsonl = None
+        self._metrics_path = metrics_path
+        self._tensorboard_dir = tensorboard_dir
         if metrics_path:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
             self._jsonl = open(metrics_path, "a", encoding="utf-8")
         self._tb = _open_tensorboard(tensorboard_dir, self.console)
+        self._sinks = None  # W&B / MLflow (runtime.tracking), when the experiment's tracking block asks
+        if tracking is not None:
+            from nemoc.runtime.tracking import Sinks, open_sinks
+
+            self._sinks = Sinks(open_sinks(tracking, self.console), self.console)
         if use_rich is None:
             use_rich = bool(getattr(self.console, "isatty", lambda: False)())
         self._progress = _RichProgress(title, total_steps, start_step) if use_rich else None
@@ -105,8 +137,23 @@ class Metrics(NullMetrics):
                     self._tb.add_scalar(f"train/{key}" if not key.startswith("val_") else f"val/{key[4:]}",
                                         value, record["step"])
             self._tb.flush()
+        if self._sinks is not None:
+            self._sinks.log(record)
         if "step" in record:
             self._console_line(record)
+
+    def rewind(self, step: int) -> None:
+        """A run resumed from the checkpoint of `step`: drop the records of later steps (an earlier
+        attempt logged them; this one logs them again), so that readers see one record per step."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            with open(self._metrics_path, encoding="utf-8", errors="replace") as handle:
+                text = handle.read()
+            atomic_write_text(self._metrics_path, _records_up_to(text, step))
+            self._jsonl = open(self._metrics_path, "a", encoding="utf-8")
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = _open_tensorboard(self._tensorboard_dir, self.console, purge_step=step + 1)
 
     def event(self, name: str, **fields: Any) -> None:
         """A one-off event (checkpoint saved, resumed, preempted): JSON line + console line."""
@@ -144,15 +191,18 @@ class Metrics(NullMetrics):
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._sinks is not None:
+            self._sinks.close()
+            self._sinks = None
 
 
-def _open_tensorboard(directory: str | None, console: TextIO):
+def _open_tensorboard(directory: str | None, console: TextIO, purge_step: int | None = None):
     if not directory:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(log_dir=directory)
+        return SummaryWriter(log_dir=directory, purge_step=purge_step)
     except Exception as exc:  # tensorboard missing or unwritable: metrics.jsonl still has everything
         print(f"[nemoc] warning: TensorBoard disabled ({type(exc).__name__}: {exc})", file=console, flush=True)
         return None

@@ -5,8 +5,11 @@ datasets (Megatron .bin/.idx prefixes + weights), vocabulary size, optional init
 checkpoint, metrics and TensorBoard paths, optional `max_steps`.
 Output: checkpoints (runtime.checkpoint), metrics.jsonl + TensorBoard + console progress
 (runtime.metrics), `output_dir/DONE.json` on success. Exit status: 0 done; 143 stopped by
-SIGTERM/SIGUSR1 after saving a checkpoint (`output_dir/PREEMPTED.json` says which); 1 failure (the
-failing rank prints `[nemoc rank R] error during <phase>: ...`); 2 unreadable task.
+SIGTERM/SIGINT/SIGUSR1 after finishing the step and saving a checkpoint (`output_dir/PREEMPTED.json`
+says which); 1 failure (the failing rank prints `[nemoc rank R] error during <phase>: ...`, or a
+one-line `[nemoc rank R] error: ...` for a diverged loss, "loss became NaN at step N ...", no usable
+checkpoint, or a failed save, "checkpoint save failed at step N: No space left on device (path)");
+2 unreadable task.
 
 Everything Megatron-Core sees comes from runtime.megatron_args; the loop is Megatron-Core's
 get_forward_backward_func + get_megatron_optimizer + OptimizerParamScheduler. The pieces are public
@@ -52,10 +55,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E
 
 from nemoc.compiler.plan import Plan, StagePlan  # noqa: E402
 from nemoc.runtime import checkpoint as ckpt  # noqa: E402
+from nemoc.runtime import faults  # noqa: E402
 from nemoc.runtime import megatron_args as margs  # noqa: E402
 from nemoc.runtime import model as mdl  # noqa: E402
 from nemoc.runtime import taskfile  # noqa: E402
 from nemoc.runtime.metrics import NullMetrics, open_metrics  # noqa: E402
+from nemoc.runtime.tracking import target as tracking_target  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_TASK, EXIT_PREEMPTED = 0, 1, 2, 143
 DEFAULT_TIMEOUT_S = 300
@@ -418,30 +423,41 @@ def _global_mean(sums: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------- stopping
 
 
-class StopSignal:
-    """SIGTERM / SIGUSR1 -> finish the current step, save, exit 143 (Slurm requeue, K8s preemption)."""
-
-    def __init__(self):
-        self.signum = 0
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+class StopSignal(faults.StopSignal):
+    """SIGTERM / SIGINT / SIGUSR1 -> finish the current step, save, exit 143 (Ctrl-C, `nemoc cancel`,
+    Slurm requeue, K8s preemption)."""
 
     def agreed(self) -> int:
-        """The signal seen by any rank (ranks may receive it at different steps)."""
-        flag = torch.tensor([self.signum], dtype=torch.int32)  # host tensor: gloo (default or control group)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=_control_group[0])
-        return int(flag.item())
+        return super().agreed(group=_control_group[0])  # host tensor: gloo (default or control group)
+
+
+class ReplayableIterator:
+    """Wraps a micro-batch iterator and remembers what the current step took, so that the step can be
+    run again on the same micro-batches (the rerun of a step whose loss was NaN/Inf)."""
+
+    def __init__(self, iterator: Iterator):
+        self._iterator = iterator
+        self._taken: list = []
+        self._replay: list = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._replay.pop(0) if self._replay else next(self._iterator)
+        self._taken.append(item)
+        return item
+
+    def begin_step(self) -> None:
+        self._taken = []
+
+    def rewind(self) -> None:
+        self._replay = self._taken + self._replay
+        self._taken = []
+
+
+def _each_iterator(iterators) -> list:
+    return list(iterators) if isinstance(iterators, list) else [iterators]
 
 
 # ------------------------------------------------------------------------------------- train loop
@@ -493,8 +509,44 @@ def throughput_for(*, plan: Plan, stage: StagePlan) -> Throughput:
     return Throughput(tokens, flops, peak, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
 
 
-def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, seq_length: int):
-    """One optimizer step over num_microbatches micro-batches. Returns ([loss sum, count], grad_norm, ok)."""
+def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, seq_length: int,
+               step: int = 0, warn: Callable[[str], None] = print):
+    """One optimizer step over num_microbatches micro-batches. Returns ([loss sum, count], grad_norm, ok).
+
+    The loss is checked before the optimizer steps (Megatron-LM's rerun state machine): if it is NaN or
+    Inf on any rank, the gradients are dropped and the step is run again from the same state (same
+    parameters, micro-batches and RNG state). A finite rerun is a transient fault (warned, training
+    goes on); a second non-finite loss raises LossDiverged. Wrap `iterators` in ReplayableIterator for
+    the rerun to see the same micro-batches."""
+    replayable = [it for it in _each_iterator(iterators) if isinstance(it, ReplayableIterator)]
+    for it in replayable:
+        it.begin_step()
+    rng = ckpt.rng_state()
+    first = None
+    while True:
+        sums = _forward_backward(forward_step=forward_step, iterators=iterators, model=model, optimizer=optimizer,
+                                 layout=layout, seq_length=seq_length)
+        loss = _global_mean(sums.clone())
+        if faults.nonfinite_name(loss) is None:
+            if first is not None:
+                warn(f"warning: the loss was {faults.nonfinite_name(first)} at step {step}; the rerun of the step "
+                     f"from the same state gave {loss:.6g}: a transient fault, training goes on")
+            break
+        lr = float(optimizer.param_groups[0]["lr"])
+        if first is not None or not replayable:
+            raise faults.LossDiverged(faults.divergence_message(what="loss", step=step, first=first if first is not None else loss,
+                                                               second=loss, lr=lr))
+        first = loss
+        for it in replayable:
+            it.rewind()
+        ckpt.set_rng_state(rng)
+    ok, grad_norm, _ = optimizer.step()
+    if ok:
+        scheduler.step(increment=1)
+    return sums, (float(grad_norm) if grad_norm is not None else float("nan")), bool(ok)
+
+
+def _forward_backward(*, forward_step, iterators, model, optimizer, layout, seq_length: int) -> torch.Tensor:
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -503,10 +555,7 @@ def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, 
         num_microbatches=layout.num_microbatches, seq_length=seq_length, micro_batch_size=layout.micro_batch,
         decoder_seq_length=seq_length, forward_only=False,
     )
-    ok, grad_norm, _ = optimizer.step()
-    if ok:
-        scheduler.step(increment=1)
-    return _loss_sums(losses), (float(grad_norm) if grad_norm is not None else float("nan")), bool(ok)
+    return _loss_sums(losses)
 
 
 def evaluate(*, forward_step, make_iterators, model, layout, seq_length: int, iters: int) -> float:
@@ -569,7 +618,8 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
         set_phase(f"train step {state.iteration + 1}")
         sums, grad_norm, ok = train_step(forward_step=forward_step, iterators=train_iterators, model=model,
                                          optimizer=optimizer, scheduler=scheduler, layout=layout,
-                                         seq_length=stage.seq_length)
+                                         seq_length=stage.seq_length, step=state.iteration + 1,
+                                         warn=lambda text: metrics.event("transient_fault", message=text))
         state.iteration += 1
         state.consumed_samples += layout.global_batch
         interval_sums += sums
@@ -644,6 +694,7 @@ def restore_or_initialize(*, task: Task, model, optimizer, scheduler, metrics) -
     restored = ckpt.resume(root=task.checkpoint_dir, chunks=model, optimizer=optimizer, scheduler=scheduler,
                            distributed_optimizer=task.stage.layout.distributed_optimizer, warn=warn)
     if restored is not None:
+        metrics.rewind(restored.iteration)  # steps after the checkpoint are logged again: one record per step
         metrics.event("resumed", checkpoint=restored.path, iteration=restored.iteration,
                       optimizer_restored=restored.optimizer_restored, rng_restored=restored.rng_restored)
         return restored
@@ -675,7 +726,7 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
     model, config, padded_vocab = build_model(plan=plan, stage=stage, vocab_size=task.vocab_size, facts=facts)
     optimizer, scheduler = build_optimizer(model=model, stage=stage, precision=plan.precision)
     metrics = open_metrics(rank=rank, metrics_path=task.metrics_path, tensorboard_dir=task.tensorboard_dir,
-                           total_steps=task.steps, title=stage.name)
+                           total_steps=task.steps, title=stage.name, tracking=tracking_target(plan, stage, task.output_dir))
     checkpointer = None
     try:
         restored = restore_or_initialize(task=task, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -688,7 +739,8 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
         layout = stage.layout
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         batches = partial(micro_batches, micro_batch=layout.micro_batch, dp_rank=dp_rank, dp_size=dp_size)
-        train_iterators = chunk_iterators(lambda: batches(train_ds, start_sample=state.consumed_samples), len(model))
+        train_iterators = chunk_iterators(
+            lambda: ReplayableIterator(batches(train_ds, start_sample=state.consumed_samples)), len(model))
         make_valid = (lambda: chunk_iterators(lambda: batches(valid_ds, start_sample=0), len(model))) if valid_ds else None
 
         def on_saved(record, seconds):
@@ -720,7 +772,7 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
                            end_iteration=task.steps, checkpointer=checkpointer, make_checkpoint_state=checkpoint_state,
                            metrics=metrics, make_valid_iterators=make_valid,
                            throughput=throughput_for(plan=plan, stage=stage), stop=stop)
-        final = _save_final(checkpointer, checkpoint_state, state) if checkpointer is not None else None
+        final = _save_final(checkpointer, checkpoint_state, state, restored) if checkpointer is not None else None
         set_phase("finish")
         if rank == 0:
             if state.preempted_by:
@@ -740,13 +792,16 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
         metrics.close()
 
 
-def _save_final(checkpointer: ckpt.Checkpointer, checkpoint_state, state: LoopState) -> str:
-    """Save at the current iteration unless that checkpoint already exists; wait for it to land."""
+def _save_final(checkpointer: ckpt.Checkpointer, checkpoint_state, state: LoopState,
+                restored: ckpt.Restored | None) -> str:
+    """Save at the current iteration unless this run saved that checkpoint or resumed from it (both
+    verified); wait for it to land. A checkpoint of that name that `latest` names but the resume
+    skipped as damaged is replaced, never handed on."""
     set_phase(f"final checkpoint at step {state.iteration}")
-    latest = ckpt.read_latest(checkpointer.root)
     target = os.path.join(checkpointer.root, ckpt.iteration_name(state.iteration))
-    pending = checkpointer.last_saved is not None and checkpointer.last_saved.path == target
-    if latest != target and not pending:
+    saved = checkpointer.has_saved(target)
+    resumed_there = restored is not None and restored.path == target
+    if not saved and not resumed_there:
         checkpointer.save(checkpoint_state(state), iteration=state.iteration)
     checkpointer.close()
     return target
@@ -784,6 +839,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_TASK
     except margs.UnsupportedPlan as exc:
         print(f"[nemoc rank {os.environ.get('RANK', '0')}] unsupported plan: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    except (faults.LossDiverged, ckpt.CheckpointError, ckpt.CheckpointSaveError) as exc:
+        # a clear one-line verdict, no traceback; divergence and damaged checkpoints need a person
+        print(f"[nemoc rank {os.environ.get('RANK', '0')}] error: {exc}", file=sys.stderr, flush=True)
+        if not isinstance(exc, ckpt.CheckpointSaveError):
+            taskfile.mark_fatal(args[0], str(exc))
         return EXIT_FAILED
     except Exception as exc:  # noqa: BLE001 -- every failure is reported with rank and phase
         _report_failure(exc)

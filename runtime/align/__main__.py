@@ -1,10 +1,11 @@
 """`python -m nemoc.runtime.align TASK_JSON`: run one sft / lora / dpo / reward / ppo / eval / export stage.
 
 Dispatches on the stage's kind in the compiled plan. Exit status: 0 success (DONE.json written),
-1 failure (the error, and the traceback for unexpected errors, on stderr), 2 a bad task or bad input
-(bad data, incompatible checkpoint: one `file:line`-style message, no traceback), 143 preempted
-(SIGTERM/SIGUSR1: the sft / dpo / reward stages save their training state first and resume from it
-when re-run; ppo restarts its iterations).
+1 failure (the error, and the traceback for unexpected errors, on stderr; one line, no traceback, for
+a diverged loss "loss became NaN at step N ...", checkpoints that are all damaged, or a failed save
+"checkpoint save failed at step N: ..."), 2 a bad task or bad input (bad data, incompatible
+checkpoint: one `file:line`-style message, no traceback), 143 preempted (SIGTERM/SIGINT/SIGUSR1: the
+stage finishes its step, saves its training state and resumes from it when re-run).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m nemoc.runtime.align TASK_JSON", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from nemoc.runtime import checkpoint as ckpt
+    from nemoc.runtime import faults
     from nemoc.runtime.align import common, runners, stage, trainer
     from nemoc.runtime.align.data import DataError
 
@@ -37,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     except trainer.Preempted as exc:
         print(f"nemoc {_what(args[0])}: {exc}; re-run to resume", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
+    except (faults.LossDiverged, ckpt.CheckpointError, ckpt.CheckpointSaveError) as exc:
+        print(f"nemoc {_what(args[0])}: error: {exc}", file=sys.stderr, flush=True)
+        if not isinstance(exc, ckpt.CheckpointSaveError):  # a person must act; a requeue cannot help
+            from nemoc.runtime import taskfile
+
+            taskfile.mark_fatal(args[0], str(exc))
+        return EXIT_FAILED
     except (common.AlignError, DataError) as exc:
         print(f"nemoc {_what(args[0])}: error: {exc}", file=sys.stderr, flush=True)
         from nemoc.runtime import taskfile

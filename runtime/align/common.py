@@ -225,11 +225,12 @@ def load_model(model, checkpoint: str | os.PathLike, *, skip_output: bool = Fals
     it. `skip_output` keeps this model's own output layer (a scalar head on a language-model trunk)."""
     path = resolve_checkpoint(checkpoint)
     if (path / ckpt.MANIFEST).exists():
-        reason = ckpt.verify(str(path))
+        reason = ckpt.verify_on_all_ranks(str(path))
         if reason is not None:
-            raise AlignError(f"checkpoint {path} is incomplete: {reason}")
+            raise AlignError(f"checkpoint {path} is unusable: {reason}")
     _check_shape(model, path)
-    loaded = dist_checkpointing.load(model_sharded_state_dict(model, skip_output=skip_output), str(path))
+    loaded = dist_checkpointing.load(ckpt.fresh_tensors(model_sharded_state_dict(model, skip_output=skip_output)),
+                                     str(path))
     missing, _ = unwrap(model).load_state_dict(loaded[MODEL_KEY], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state") and not (skip_output and k.startswith("output_layer."))]
     if missing:

@@ -99,7 +99,12 @@ class LoraLinear(torch.nn.Module):
     # ---------------------------------------------------------------------------------- checkpoints
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        state = self.base.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets, metadata=metadata)
+        """The base layer's tensors under their plain checkpoint keys (`...linear_proj.weight`, so a
+        LoRA model loads a base checkpoint and its own training checkpoints alike) but under this
+        module's state-dict names (`...linear_proj.base.weight`), so that `load_state_dict` of a
+        loaded training checkpoint matches `state_dict()`; plus the adapters."""
+        base = self.base.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets, metadata=metadata)
+        state = {f"{prefix}base.{key[len(prefix):]}": value for key, value in base.items()}
         state.update(self.adapter_sharded_state_dict(prefix, sharded_offsets))
         return state
 

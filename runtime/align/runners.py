@@ -7,6 +7,8 @@ export.py); this module only wires data, models, the trainer, metrics and checkp
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from nemoc.runtime import checkpoint as ckpt
@@ -104,7 +106,7 @@ def _finish_policy(task: StageTask, chunk, payload: dict) -> dict:
     return payload
 
 
-STOP = trainer.StopSignal()  # installed by __main__: SIGTERM/SIGUSR1 -> save, exit 143
+STOP = trainer.StopSignal()  # installed by __main__: SIGTERM/SIGINT/SIGUSR1 -> save, exit 143
 
 
 def _fit(task: StageTask, tr, metrics, *, items, to_microbatches, forward, tokens_per_step: int):
@@ -116,7 +118,9 @@ def _fit(task: StageTask, tr, metrics, *, items, to_microbatches, forward, token
                            scheduler=tr.scheduler, distributed_optimizer=s.layout.distributed_optimizer,
                            warn=lambda line: metrics.event("warning", message=line))
     start = restored.iteration if restored is not None else 0
+    tr.warn = lambda line: metrics.event("transient_fault", message=line)
     if restored is not None:
+        metrics.rewind(start)  # the steps after the checkpoint are logged again: one record per step
         metrics.event("resumed", path=restored.path, iteration=start)
     checkpointer = ckpt.Checkpointer(root=str(task.checkpoint_dir), keep=s.checkpoint.keep, async_save=False)
 
@@ -265,23 +269,81 @@ def run_ppo(task: StageTask) -> dict:
     actor_tr = _trainer(task, actor, steps=total * cfg.ppo_epochs)
     critic_tr = _trainer(task, critic, steps=total * cfg.ppo_epochs)
     dp_rank, _ = stage.dp_info()
-    gen = torch.Generator().manual_seed(s.seed + 1000 * dp_rank)  # same on TP peers, different across DP
     history = []
     with stage.open_stage_metrics(task, total) as metrics:
-        for it in range(total):
-            share = trainer.dp_shard(prompts, it, s.layout.global_batch)
-            m = ppo.iteration(actor_trainer=actor_tr, critic_trainer=critic_tr, actor=actor, critic=critic,
-                              reference=reference, scorer=scorer, prompts=share, seq_length=seq,
-                              vocab=task.vocab_size, eod=tok.eod, cfg=cfg, micro_batch=s.layout.micro_batch,
-                              generator=gen)
-            m["step"] = it + 1
-            history.append(m)
-            stage.log_step(metrics, m, tokens=0, log_every=s.log_every, total=total)
-    first, last = history[0], history[-1]
-    payload = {"final_loss": last["policy_loss"], "steps": total, "reward_first": first["reward"],
-               "reward": last["reward"], "kl": last["kl"], "entropy": last["entropy"],
-               "resident_models": resident_models(s.kind, task.params, s.peft)}
+        saver = _PPOCheckpoints(task, actor_tr, critic_tr, metrics, epochs=cfg.ppo_epochs)
+        start = saver.resume()
+        try:
+            for it in range(start, total):
+                # the sampling generator is a pure function of (seed, DP rank, iteration), like the prompts:
+                # a resumed run samples what the uninterrupted one did
+                gen = torch.Generator().manual_seed(s.seed + 1000 * dp_rank + 1_000_003 * it)  # same on TP peers
+                share = trainer.dp_shard(prompts, it, s.layout.global_batch)
+                m = ppo.iteration(actor_trainer=actor_tr, critic_trainer=critic_tr, actor=actor, critic=critic,
+                                  reference=reference, scorer=scorer, prompts=share, seq_length=seq,
+                                  vocab=task.vocab_size, eod=tok.eod, cfg=cfg, micro_batch=s.layout.micro_batch,
+                                  generator=gen)
+                m["step"] = it + 1
+                history.append(m)
+                stage.log_step(metrics, m, tokens=0, log_every=s.log_every, total=total)
+                signum = STOP.agreed()
+                every = s.checkpoint.every
+                if it + 1 < total and (signum or (every and (it + 1) % every == 0)):
+                    saver.save(it + 1)
+                if signum:
+                    raise trainer.Preempted(it + 1, signum)
+        finally:
+            saver.close()
+    first, last = (history[0], history[-1]) if history else ({}, {})
+    payload = {"final_loss": last.get("policy_loss"), "steps": total, "reward_first": first.get("reward"),
+               "reward": last.get("reward"), "kl": last.get("kl"), "entropy": last.get("entropy"),
+               "resumed_from": start or None, "resident_models": resident_models(s.kind, task.params, s.peft)}
     return _finish_policy(task, actor, payload)
+
+
+class _PPOCheckpoints:
+    """PPO's training state: the actor's and the critic's (model, optimizer, scheduler, RNG) under
+    `checkpoint_dir/actor` and `checkpoint_dir/critic`, saved at the same iteration; a resume takes the
+    newest iteration both hold (a kill between the two saves leaves the actor one ahead)."""
+
+    def __init__(self, task: StageTask, actor_tr, critic_tr, metrics, *, epochs: int):
+        self.task, self.metrics, self.epochs = task, metrics, epochs
+        self.parts = {"actor": actor_tr, "critic": critic_tr}
+        self.savers = {name: ckpt.Checkpointer(root=self._root(name), keep=task.stage.checkpoint.keep, async_save=False)
+                       for name in self.parts}
+
+    def _root(self, name: str) -> str:
+        return str(self.task.checkpoint_dir / name)
+
+    def resume(self) -> int:
+        s = self.task.stage
+        both = set.intersection(*({int(os.path.basename(p)[5:]) for p in ckpt.complete_checkpoints(self._root(n))}
+                                  for n in self.parts))
+        restored = None
+        for name, tr in self.parts.items():
+            wanted = both if restored is None else {restored.iteration}
+            restored = ckpt.resume(root=self._root(name), chunks=[tr.model], optimizer=tr.optimizer,
+                                   scheduler=tr.scheduler, distributed_optimizer=s.layout.distributed_optimizer,
+                                   warn=lambda line: self.metrics.event("warning", message=line), iterations=wanted)
+            if restored is None:
+                return 0
+            tr.step_count = restored.iteration * self.epochs
+        self.metrics.rewind(restored.iteration)
+        self.metrics.event("resumed", path=str(self.task.checkpoint_dir), iteration=restored.iteration)
+        return restored.iteration
+
+    def save(self, iteration: int) -> None:
+        s = self.task.stage
+        for name, tr in self.parts.items():
+            state = ckpt.training_state(chunks=[tr.model], optimizer=tr.optimizer, scheduler=tr.scheduler,
+                                        iteration=iteration, consumed_samples=iteration * s.layout.global_batch,
+                                        extra={"stage": s.name, "kind": s.kind, "part": name})
+            self.savers[name].save(state, iteration=iteration)
+        self.metrics.event("checkpoint", iteration=iteration)
+
+    def close(self) -> None:
+        for saver in self.savers.values():
+            saver.close()
 
 
 def run_eval(task: StageTask) -> dict:

@@ -159,8 +159,14 @@ def freeze(chunk):
 
 
 def open_stage_metrics(task: StageTask, total: int):
-    return open_metrics(rank=torch.distributed.get_rank(), metrics_path=task.metrics_path,
-                        tensorboard_dir=task.tensorboard_dir, total_steps=total, title=task.stage.name)
+    from nemoc.runtime.tracking import TrackingError, target
+
+    try:
+        return open_metrics(rank=torch.distributed.get_rank(), metrics_path=task.metrics_path,
+                            tensorboard_dir=task.tensorboard_dir, total_steps=total, title=task.stage.name,
+                            tracking=target(task.plan, task.stage, task.output_dir))
+    except TrackingError as exc:
+        raise AlignError(str(exc)) from None
 
 
 def log_step(metrics, record: dict, *, tokens: int, log_every: int, total: int) -> None:

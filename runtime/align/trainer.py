@@ -20,6 +20,8 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from nemoc.runtime import checkpoint as ckpt
+from nemoc.runtime import faults
 from nemoc.runtime import megatron_args as margs
 from nemoc.runtime import model as mmodel
 from nemoc.runtime.align.common import AlignError, unwrap
@@ -42,15 +44,46 @@ class Trainer:
         self.optimizer = get_megatron_optimizer(opt_config, [self.model])
         self.scheduler = OptimizerParamScheduler(self.optimizer, **sched_kwargs)
         self.step_count = 0
+        self.warn: Callable[[str], None] = print  # a transient NaN/Inf loss (see `step`)
 
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def step(self, microbatches: Sequence, forward: Callable, *, seq_length: int) -> dict[str, float]:
-        """One optimizer step over `microbatches` (this DP rank's share of the global batch)."""
+        """One optimizer step over `microbatches` (this DP rank's share of the global batch).
+
+        A NaN/Inf loss (any reported `*loss`, agreed over the DP group) stops the step before the
+        optimizer moves: it is run again from the same state (same parameters, micro-batches and RNG
+        state). Finite the second time: a transient fault, warned through `self.warn`; non-finite
+        again: LossDiverged ("loss became NaN at step N ... lower the learning rate")."""
         start = time.perf_counter()
         self.model.train()
+        rng = ckpt.rng_state()
+        first = None
+        while True:
+            metrics = self._forward_backward(microbatches, forward, seq_length=seq_length)
+            bad = next(((k, v) for k, v in sorted(metrics.items()) if k.endswith("loss") and faults.nonfinite_name(v)),
+                       None)
+            if bad is None:
+                break
+            if first is not None:
+                raise faults.LossDiverged(faults.divergence_message(what=bad[0], step=self.step_count + 1,
+                                                                   first=first, second=bad[1], lr=self.lr))
+            first = bad[1]
+            ckpt.set_rng_state(rng)
+        if first is not None:
+            self.warn(f"warning: the loss was {faults.nonfinite_name(first)} at step {self.step_count + 1}; the rerun "
+                      "of the step from the same state was finite: a transient fault, training goes on")
+        lr = self.lr
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        self.step_count += 1
+        metrics.update(lr=lr, grad_norm=float(grad_norm or 0.0), step_time_s=time.perf_counter() - start)
+        return metrics
+
+    def _forward_backward(self, microbatches: Sequence, forward: Callable, *, seq_length: int) -> dict[str, float]:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         it = iter(microbatches)
@@ -59,14 +92,7 @@ class Trainer:
             data_iterator=it, model=[self.model], num_microbatches=len(microbatches),
             seq_length=seq_length, micro_batch_size=_rows(microbatches[0]), forward_only=False,
         )
-        lr = self.lr
-        ok, grad_norm, _ = self.optimizer.step()
-        if ok:
-            self.scheduler.step(increment=1)
-        self.step_count += 1
-        metrics = average_reports(reports)
-        metrics.update(lr=lr, grad_norm=float(grad_norm or 0.0), step_time_s=time.perf_counter() - start)
-        return metrics
+        return average_reports(reports)
 
 
 def _rows(mb) -> int:
@@ -105,36 +131,20 @@ def chunks(items: Sequence, size: int) -> list[list]:
 
 
 class Preempted(Exception):
-    """SIGTERM/SIGUSR1 arrived: the stage saved at `step` and exits 143 (resumable)."""
+    """SIGTERM/SIGINT/SIGUSR1 arrived: the stage saved at `step` and exits 143 (resumable)."""
 
     def __init__(self, step: int, signum: int):
         super().__init__(f"preempted by signal {signum} after step {step} (checkpoint saved)")
         self.step, self.signum = step, signum
 
 
-class StopSignal:
-    """Records SIGTERM / SIGUSR1; `agreed()` is the signal any rank saw (ranks may see it at different steps)."""
-
-    def __init__(self):
-        self.signum = 0
-
-    def install(self) -> "StopSignal":
-        import signal
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
+class StopSignal(faults.StopSignal):
+    """SIGTERM / SIGINT / SIGUSR1 -> finish the step, save, raise Preempted (exit 143)."""
 
     def agreed(self) -> int:
         from nemoc.runtime.align.common import device
 
-        flag = torch.tensor([self.signum], dtype=torch.int32, device=device())
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item())
+        return super().agreed(device=device())
 
 
 def run_steps(trainer: Trainer, *, items: Sequence, steps: int, global_batch: int, to_microbatches: Callable,

@@ -25,7 +25,8 @@ def run_tokenizer(ctx: TaskContext) -> dict:
     root = os.path.abspath(ctx.plan.root)
     sources = [Source.from_spec(_data(ctx, s["name"]), root) for s in settings["sources"]]
     path = ctx.out_dir / "tokenizer.json"
-    tokenizer = train_tokenizer(sources, int(settings["vocab_size"]), path)
+    tokenizer = train_tokenizer(sources, int(settings["vocab_size"]), path, in_worker=True,
+                                progress=_progress_printer(ctx, "training the tokenizer on", "corpus"))
     ctx.log(f"trained a byte-level BPE: {tokenizer.vocab_size} tokens (asked for {settings['vocab_size']})")
     return {"tokenizer": str(path), "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod}
 
@@ -52,13 +53,13 @@ def run_prepare(ctx: TaskContext) -> dict:
         ctx.log(f"validated {checked['records']} {data.format} records in {len(checked['files'])} file(s)")
         return dict(common, path=checked["files"][0], paths=checked["files"], records=checked["records"])
     result = prepare_dataset(source, spec, ctx.out_dir, workers=ctx.options.get("workers"),
-                             progress=_progress_printer(ctx, data.name))
+                             progress=_progress_printer(ctx, "tokenizing", data.name))
     ctx.log(f"{result.documents} documents, {result.tokens} tokens from {len(result.files)} file(s) in "
             f"{result.seconds:.1f} s ({result.tokens_per_s:,.0f} tokens/s, {result.workers} worker{'s' if result.workers > 1 else ''})")
     return dict(common, prefix=result.prefix, **{k: v for k, v in result.to_dict().items() if k != "prefix"})
 
 
-def _progress_printer(ctx: TaskContext, name: str):
+def _progress_printer(ctx: TaskContext, verb: str, name: str):
     """A rich progress bar over the source bytes when stderr is a terminal, else nothing."""
     if not sys.stderr.isatty():
         return None
@@ -68,7 +69,7 @@ def _progress_printer(ctx: TaskContext, name: str):
 
     def update(done: int, total: int) -> None:
         if "bar" not in state:
-            state["bar"] = Progress("  tokenizing " + name, BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+            state["bar"] = Progress(f"  {verb} {name}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                                     transient=True)
             state["bar"].start()
             state["id"] = state["bar"].add_task(name, total=total)

@@ -67,7 +67,7 @@ def base_task_json(ctx: TaskContext) -> dict:
         "output_dir": str(out),
         "checkpoint_dir": str(out / "checkpoints"),
         "metrics_path": str(out / "metrics.jsonl"),
-        "tensorboard_dir": str(out / "tensorboard"),
+        "tensorboard_dir": str(out / "tensorboard") if ctx.plan.tracking.tensorboard else None,
         "max_steps": ctx.options.get("max_steps"),
     }
 

@@ -373,6 +373,31 @@ def test_fixed_sizes_must_divide_the_world_even_with_others_auto():
     assert rules.rule_world_size(env(), Sizes(tp=4, pp=None, cp=2)) is None
 
 
+@pytest.mark.parametrize("sizes, breaker", [
+    (Sizes(tp=None, pp=3), "parallel.pipeline"),  # tensor = auto, pipeline = 3: pipeline breaks it
+    (Sizes(tp=8, pp=None, cp=3), "parallel.context"),
+    (Sizes(tp=2, pp=None, cp=1, dp=3), "parallel.data"),
+    (Sizes(tp=8, pp=3, cp=1), "parallel.pipeline"),  # all fixed: tp 8 divides 16, tp * pp = 24 does not
+    (Sizes(tp=3, pp=2, cp=1), "parallel.tensor"),
+])
+def test_e101_is_anchored_at_the_size_that_breaks_divisibility(sizes, breaker):
+    v = rules.rule_world_size(env(), sizes)
+    assert v.code == "E101" and v.anchors[0] == breaker
+
+
+def test_e101_diagnostic_points_at_the_breaking_field(tmp_path):
+    from nemoc.compiler.lower import compile_file
+
+    src = tmp_path / "x.nemo"
+    src.write_text("experiment x {\n  cluster {\n    gpu = H100\n    nodes = 2\n  }\n  model llama3_8b {}\n"
+                   "  parallel {\n    tensor = auto\n    pipeline = 3\n  }\n"
+                   '  data web {\n    path = "w.jsonl"\n  }\n  stage pretrain {\n    data = [web]\n    steps = 10\n  }\n}\n')
+    spec, diags, _ = compile_file(str(src))
+    assert not diags
+    e101 = [d for d in check_spec(spec) if d.code == "E101"]
+    assert len(e101) == 1 and e101[0].span.line == 9, e101  # `pipeline = 3`, not `tensor = auto` on line 8
+
+
 # ------------------------------------------------------------- what the nemoc runtime itself runs
 
 
@@ -657,3 +682,111 @@ def test_an_fp8_experiment_evaluates_in_bf16():
     """eval runs on runtime/align's local spec (no FP8 GEMMs): planned and run in bf16, not refused."""
     assert rules.stage_precision("eval", "fp8") == "bf16" and rules.stage_precision("eval", "mxfp8") == "bf16"
     assert rules.stage_precision("pretrain", "fp8") == "fp8" and rules.stage_precision("eval", "fp32") == "fp32"
+
+
+# ------------------------------------------------------------------------------ stage rules (E15x)
+
+from tiny_experiment import TINY_CPU  # noqa: E402
+
+_STAGE_EXPERIMENT = "experiment stages {\n" + TINY_CPU + """\
+  data text {
+    path = "t.jsonl"
+    format = jsonl
+  }
+  data chat {
+    path = "c.jsonl"
+    format = chat
+  }
+  data prefs {
+    path = "p.jsonl"
+    format = preference
+  }
+STAGES
+}
+"""
+
+
+def _stage_spec(tmp_path, stages: str):
+    from nemoc.compiler.lower import compile_file
+
+    path = tmp_path / "stages.nemo"
+    path.write_text(_STAGE_EXPERIMENT.replace("STAGES", stages))
+    spec, diags, _ = compile_file(str(path))
+    assert spec is not None, diags
+    return spec
+
+
+def stage_codes(tmp_path, stages: str) -> list[tuple[str, str]]:
+    return sorted((d.code, d.equation) for d in rules.stage_diagnostics(_stage_spec(tmp_path, stages)))
+
+
+PRE = "  stage pre {\n    kind = pretrain\n    data = [text]\n    steps = 10\n    global_batch = 4\n  }\n"
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("cosine(min_lr = 1e-3)", [("E150", "min_lr(0.001) > lr(0.0001)")]),
+    ("cosine(min_lr = 1e-4)", []),  # equal: a constant tail, as Megatron allows
+    ("linear(min_lr = 2e-4)", [("E150", "min_lr(0.0002) > lr(0.0001)")]),
+])
+def test_min_lr_above_lr_is_e150(tmp_path, schedule, expected):
+    stage = PRE.replace("steps = 10", f"steps = 10\n    optimizer = adam(lr = 1e-4)\n    schedule = {schedule}")
+    assert stage_codes(tmp_path, stage) == expected
+
+
+@pytest.mark.parametrize("kind, data, bad", [
+    ("sft", "[chat]", False), ("sft", "[text, chat]", False), ("sft", "[prefs]", True), ("sft", "[text]", True),
+    ("dpo", "[prefs]", False), ("dpo", "[chat]", True), ("reward", "[text]", True), ("reward", "[prefs]", False),
+    ("ppo", "[chat]", False), ("ppo", "[text]", True), ("eval", "[text]", False), ("pretrain", "[text]", False),
+])
+def test_alignment_data_formats_are_e151(tmp_path, kind, data, bad):
+    after = " after pre" if kind != "pretrain" else ""
+    extra = "  stage rm after pre {\n    kind = reward\n    data = [prefs]\n    steps = 5\n    global_batch = 4\n  }\n"
+    stage = f"  stage s{after}{', rm' if kind == 'ppo' else ''} {{\n    kind = {kind}\n    data = {data}\n" \
+            f"    steps = 5\n    global_batch = 4\n  }}\n"
+    codes = [c for c, _ in stage_codes(tmp_path, PRE + (extra if kind == "ppo" else "") + stage)]
+    assert codes == (["E151"] if bad else [])
+
+
+def test_export_without_after_is_e152(tmp_path):
+    assert stage_codes(tmp_path, PRE + "  stage out {\n    kind = export\n  }\n") == [("E152", "after = []")]
+    assert stage_codes(tmp_path, PRE + "  stage out after pre {\n    kind = export\n  }\n") == []
+
+
+@pytest.mark.parametrize("parents, kind, bad", [
+    ("pre", "sft", True), ("pre, keep", "sft", False), ("pre", "export", True), ("pre", "eval", True),
+    ("keep", "sft", False),
+])
+def test_a_stage_after_parents_that_save_no_checkpoint_is_e153(tmp_path, parents, kind, bad):
+    pre = PRE.replace("steps = 10", "steps = 10\n    save_checkpoints = false")
+    keep = PRE.replace("stage pre", "stage keep")
+    data = {"sft": "    data = [chat]\n    steps = 5\n    global_batch = 4\n", "export": "", "eval": "    data = [text]\n"}[kind]
+    stage = f"  stage s after {parents} {{\n    kind = {kind}\n{data}  }}\n"
+    codes = stage_codes(tmp_path, pre + keep + stage)
+    assert codes == ([("E153", "pre.save_checkpoints = false")] if bad else [])
+
+
+@pytest.mark.parametrize("length, warmup, warned", [
+    ("steps = 6", 100, True), ("steps = 100", 100, False), ("steps = 99", 100, True),
+    ("tokens = 1536", 7, True),  # 1536 / (4 x 64) = 6 steps
+    ("tokens = 1536", 6, False), ("epochs = 1\n    samples = 10", 100, False),  # steps unknown here: silent
+])
+def test_a_warmup_longer_than_the_stage_is_w150(tmp_path, length, warmup, warned):
+    stage = PRE.replace("steps = 10", f"{length}\n    schedule = cosine(warmup = {warmup})")
+    codes = stage_codes(tmp_path, stage)
+    assert [c for c, _ in codes] == (["W150"] if warned else [])
+
+
+def test_more_stages_than_any_experiment_has_is_e154_before_any_search(tmp_path):
+    from nemoc.compiler.planner import plan_experiment
+    from nemoc.dsl.diagnostics import DiagnosticError
+
+    chain = "".join(PRE.replace("stage pre", f"stage s{i}" + (f" after s{i - 1}" if i else ""))
+                    for i in range(rules.MAX_STAGES + 1))
+    assert stage_codes(tmp_path, chain) == [("E154", f"stages({rules.MAX_STAGES + 1}) > {rules.MAX_STAGES}")]
+    spec = _stage_spec(tmp_path, chain)
+    assert [d.code for d in check_spec(spec)] == ["E154"]
+    assert check_spec(spec)[0].span == spec.span(f"stage.s{rules.MAX_STAGES}")  # the first stage over the limit
+    with pytest.raises(DiagnosticError):
+        plan_experiment(spec)
+    at_limit = "".join(PRE.replace("stage pre", f"stage s{i}") for i in range(rules.MAX_STAGES))
+    assert stage_codes(tmp_path, at_limit) == []

@@ -67,3 +67,52 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     ckpt.write_text_atomic(str(target), "iter_0000001\n")
     ckpt.write_text_atomic(str(target), "iter_0000002\n")
     assert target.read_text() == "iter_0000002\n" and os.listdir(tmp_path) == ["latest"]
+
+
+def test_digests_catch_a_corrupted_file_of_unchanged_size_and_older_manifests_still_verify(tmp_path):
+    path = make_ckpt(tmp_path, 10, manifest=False)
+    ckpt.write_manifest(str(path), iteration=10)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    assert manifest["digest"] == ckpt.DIGEST and set(manifest["files"]) == {"__0_0.distcp", "common.pt", "metadata.json"}
+    assert ckpt.verify(str(path)) is None
+    (path / "__0_0.distcp").write_bytes(b"x" * 4 + b"\x00" + b"x" * 5)  # one byte flipped, same size
+    reason = ckpt.verify(str(path))
+    assert reason is not None and str(path / "__0_0.distcp") in reason and "corrupted" in reason
+    (path / "__0_0.distcp").write_bytes(b"x" * 7)
+    assert "has 7 bytes, manifest says 10" in ckpt.verify(str(path))
+    # each rank checks a share: together the shares cover every file
+    assert [ckpt.verify(str(path), share=(i, 3)) is None for i in range(3)].count(False) == 1
+    assert ckpt.verify(str(make_ckpt(tmp_path, 20))) is None  # {name: size} manifests of older versions
+    (path / ckpt.MANIFEST).write_text('{"files": [1, 2]}')
+    assert "unreadable" in ckpt.verify(str(path))
+
+
+def test_a_failed_save_names_the_os_error_behind_the_wrappers():
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/ck/iter_0000004.tmp/__0_1.distcp")
+    try:
+        try:
+            raise full
+        except OSError as inner:
+            raise RuntimeError(f"Worker failure: {inner}") from inner
+    except RuntimeError as wrapped:
+        reason = ckpt.save_failure_reason(wrapped)
+    assert reason == "No space left on device (/ck/iter_0000004.tmp/__0_1.distcp)"
+
+    class CheckpointException(Exception):  # torch.distributed.checkpoint's: failures per rank
+        def __init__(self, failures):
+            super().__init__("failed")
+            self.failures = failures
+
+    assert ckpt.save_failure_reason(CheckpointException({1: (full, "tb")})).startswith("No space left")
+    assert ckpt.save_failure_reason(ValueError("x")) == "ValueError: x"
+
+
+def test_remove_partial_saves_removes_only_tmp_directories(tmp_path):
+    make_ckpt(tmp_path, 5)
+    (tmp_path / "iter_0000010.tmp").mkdir()
+    (tmp_path / "iter_0000010.tmp" / "__0_0.distcp").write_bytes(b"")
+    removed = ckpt.remove_partial_saves(str(tmp_path))
+    assert [os.path.basename(p) for p in removed] == ["iter_0000010.tmp"]
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000005"]

@@ -172,21 +172,32 @@ def test_sigterm_and_sighup_take_the_ctrl_c_path():
             signal.signal(sig, handler)
 
 
-def test_status_says_when_running_is_stale(tmp_path):
+def test_status_shows_a_dead_launchers_running_task_as_interrupted(tmp_path):
     import os
     import subprocess
     import sys
+
+    from nemoc.runtime import procs
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "status.json").write_text(json.dumps({"finished": None, "tasks": {"train:pretrain": {"state": "running"}}}))
     (run / ".lock").write_text(str(os.getpid()))
-    assert "stale" not in invoke("status", str(run)).output
+    assert "interrupted" not in invoke("status", str(run)).output
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (run / ".lock").write_text(str(dead.pid))  # `nemoc run` SIGKILLed: its pid stays in the lock file
+    (run / ".lock").write_text(str(dead.pid))  # a run directory from before procs/: the pid in the lock file
     result = invoke("status", str(run))
-    assert result.exit_code == 0 and "'running' is stale for train:pretrain" in result.output, result.output
+    assert result.exit_code == 0 and "interrupted" in result.output and "is gone" in result.output, result.output
+    # the recorded launcher (pid + start time) decides when there is one: a live pid with another start
+    # time (a recycled pid) is not the launcher
+    (run / ".lock").write_text(str(os.getpid()))
+    record = procs.record(run, "launcher")
+    assert "interrupted" not in invoke("status", str(run)).output
+    data = json.loads(record.read_text())
+    record.write_text(json.dumps(dict(data, start=data["start"] - 1)))
+    rows = json.loads(invoke("status", str(run), "--json").output)["tasks"]
+    assert rows[0]["state"] == "interrupted"
 
 
 def test_status_of_a_damaged_status_json_is_a_message_not_a_traceback(tmp_path):

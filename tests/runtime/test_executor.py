@@ -46,7 +46,7 @@ def test_runs_in_order_then_everything_is_cached(workspace):
     assert done["world_size"] == 1 and done["steps"] == 6 and done["hash"] == outcome.tasks[2].hash
     task = read_json(rd.task_dir("train:pretrain") / "task.json")
     assert task["datasets"][0]["prefix"].endswith("data/web/web_text_document") and task["split"] == "98,2,0"
-    assert task["tokenizer"].endswith("data/tokenizer/tokenizer.json") and task["vocab_size"] <= 512
+    assert task["tokenizer"].endswith("tokenizers/local/tokenizer.json") and task["vocab_size"] <= 512
     assert task["eod_id"] == 0 and task["init_checkpoint"] is None and task["output_dir"].endswith("tasks/train_pretrain")
     assert read_json(rd.status_path)["tasks"]["train:pretrain"]["state"] == "done"
     assert "documents" in (rd.task_dir("prepare:web") / "log.txt").read_text()

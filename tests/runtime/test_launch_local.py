@@ -9,6 +9,7 @@ import pytest
 from nemoc.runtime.launch_local import (
     Rank0Echo,
     check_fits_this_machine,
+    check_no_leftover_ranks,
     failing_rank,
     root_cause_exitcode,
     torchrun_command,
@@ -26,7 +27,7 @@ def test_command_and_environment(tmp_path, monkeypatch):
     command = torchrun_command(spec(tmp_path), 29511)
     assert command[1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                            "--master-port", "29511", "--tee", "3", "--log-dir", str(tmp_path / "ranks"),
-                           "-m", "nemoc.runtime.train", str(tmp_path / "task.json")]
+                           "-m", "nemoc.runtime.rank_guard", "nemoc.runtime.train", str(tmp_path / "task.json")]
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert worker_env(spec(tmp_path, nproc=4))["OMP_NUM_THREADS"] == "2"
@@ -130,11 +131,22 @@ def test_a_task_still_run_by_leftover_ranks_is_not_started_twice(tmp_path):
 
     from nemoc.runtime.launch_local import LocalLauncher
 
+    from nemoc.runtime import procs
+
     task = tmp_path / "task.json"
-    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(task)])
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    decoy = subprocess.Popen(["tail", "-f", str(task)], stdout=subprocess.DEVNULL)  # names it, is not ours
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
     try:
+        procs.record(tmp_path, "rank", leftover.pid)
         with pytest.raises(LauncherError, match=rf"still running this task \(pid {leftover.pid}\).*nemoc cancel"):
             LocalLauncher(echo=lambda _: None).launch(spec(tmp_path, nproc=1))
-    finally:
         leftover.kill()
         leftover.wait()
+        check_no_leftover_ranks(spec(tmp_path, nproc=1))  # only ended records and a decoy: free to start
+        assert procs.read(tmp_path) == []  # the ended records are cleared
+    finally:
+        for p in (leftover, decoy):
+            p.kill()
+            p.wait()

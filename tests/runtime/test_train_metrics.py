@@ -40,3 +40,40 @@ def test_other_ranks_get_a_null_sink_and_durations_format(tmp_path):
     assert not (tmp_path / "x.jsonl").exists()
     assert format_duration(59) == "00:59" and format_duration(3725) == "1:02:05"
     assert format_duration(float("nan")) == "?"
+
+
+def test_a_resume_rewinds_the_log_so_each_step_has_one_record(tmp_path):
+    """A run logged steps 1-5 (and a torn line) and was killed; the rerun resumes from step 3's
+    checkpoint: steps 4-5 are dropped before they are logged again; events are kept."""
+    from nemoc.runtime.metrics import read_records
+
+    path = tmp_path / "metrics.jsonl"
+    with Metrics(metrics_path=str(path), tensorboard_dir=str(tmp_path / "tb"), total_steps=6,
+                 console=io.StringIO(), use_rich=False) as metrics:
+        for step in range(1, 6):
+            metrics.log({"step": step, "loss": float(step)})
+        metrics.event("checkpoint", iteration=3)
+    with open(path, "a") as handle:
+        handle.write('{"step": 6, "lo')  # killed mid-write
+    with Metrics(metrics_path=str(path), tensorboard_dir=str(tmp_path / "tb"), total_steps=6,
+                 console=io.StringIO(), use_rich=False) as metrics:
+        metrics.rewind(3)
+        for step in range(4, 7):
+            metrics.log({"step": step, "loss": 10.0 + step})
+    records = read_records(path)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in records if "loss" in r][3:] == [14.0, 15.0, 16.0]
+    assert any(r.get("event") == "checkpoint" for r in records)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines() if '"loss"' in x] == [1, 2, 3, 4, 5, 6]
+
+
+def test_read_records_keeps_the_last_of_a_repeated_step_and_distinct_records_of_one_step(tmp_path):
+    from nemoc.runtime.metrics import read_records
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 2, "val_loss": 4.5},
+            {"event": "resumed", "iteration": 1}, {"step": 2, "loss": 3.9}, {"step": 3, "loss": 3.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_records(path)
+    assert [(r.get("step"), r.get("loss"), r.get("val_loss")) for r in records if "step" in r] == [
+        (1, 5.0, None), (2, None, 4.5), (2, 3.9, None), (3, 3.0, None)]

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from align_helpers import llama_spec, make_plan, write_task
+from align_helpers import arithmetic_world, make_plan, write_task
 
 
 def _run(task_path):
@@ -24,17 +24,7 @@ def _run(task_path):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, mcore):
     """A tokenizer trained on the chat data, a tiny model checkpoint, chat + preference files."""
-    from nemoc.runtime.tokenizer import train_byte_level_bpe
-
-    root = tmp_path_factory.mktemp("entry")
-    questions = [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a in range(6) for b in range(6)]
-    chat = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r}]} for q, r in questions]
-    (root / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chat) + "\n")
-    tok = train_byte_level_bpe([q + " " + r for q, r in questions] * 4, 300, root / "tokenizer.json")
-    spec = llama_spec(vocab=tok.vocab_size, seq_length=48)
-    mcore.seed_all(31)
-    model = mcore.build_gpt(spec, mcore.single_layout(), vocab=tok.vocab_size, seq_length=48)
-    mcore.save_model(model, root / "base")
+    root, spec, tok, _ = arithmetic_world(tmp_path_factory.mktemp("entry"), mcore, seed=31)
     return root, spec, tok
 
 
