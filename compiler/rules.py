@@ -1455,14 +1455,33 @@ def rule_data_format(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | Non
 
 
 def rule_export_after(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
-    """runtime/align/stage.py parent_checkpoint: an export writes the checkpoint of the stage it follows."""
-    if stage.kind != "export" or stage.after:
+    """runtime/align/stage.py parent_checkpoint: an export writes the checkpoint of the stage it follows
+    (or, with `init = hf(DIR)`, converts that checkpoint: docs/huggingface.md)."""
+    if stage.kind != "export" or stage.after or _initial_checkpoint(spec, stage):
         return None
     trained = [s.name for s in spec.stages if s.kind in TRAINING_KINDS]
     return _stage_diagnostic(Violation(
         "E152", f"export stage `{stage.name}` has no `after`: there is no checkpoint to export",
         "after = []", f"write `stage {stage.name} after {trained[-1] if trained else 'NAME'} {{ ... }}`",
         anchors=("stage",)), spec, stage)
+
+
+def _initial_checkpoint(spec: ExperimentSpec, stage: StageSpec) -> str | None:
+    """The Hugging Face checkpoint a stage starts from: its own `init`, else the model's."""
+    return stage.params.get("init") or spec.model.init
+
+
+def rule_starting_checkpoint(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """runtime/align/stage.py parent_checkpoint: a fine-tuning or eval stage starts from a checkpoint."""
+    if stage.kind not in PARENT_CHECKPOINT_KINDS or stage.kind == "export" or stage.after:
+        return None
+    if _initial_checkpoint(spec, stage):
+        return None
+    return _stage_diagnostic(Violation(
+        "E154", f"{stage.kind} stage `{stage.name}` has neither a parent stage nor an initial checkpoint",
+        "after = [], init = none",
+        f"write `stage {stage.name} after PARENT {{ ... }}`, or start from a Hugging Face checkpoint: "
+        "`init = hf(\"DIR\")` in the model block or the stage", anchors=("stage",)), spec, stage)
 
 
 def rule_parent_saves(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
@@ -1506,7 +1525,7 @@ def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
     return None
 
 
-STAGE_RULES = (rule_min_lr, rule_data_format, rule_export_after, rule_parent_saves, warn_warmup_longer_than_stage)
+STAGE_RULES = (rule_min_lr, rule_data_format, rule_export_after, rule_starting_checkpoint, rule_parent_saves, warn_warmup_longer_than_stage)
 
 
 def stage_diagnostics(spec: ExperimentSpec) -> tuple[Diagnostic, ...]:
