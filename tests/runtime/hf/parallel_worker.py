@@ -9,9 +9,9 @@ import torch
 
 def main(converted: str, mode: str, out: str) -> None:
     from nemoc.compiler.spec import ModelSpec
-    from nemoc.runtime import megatron_args
     from nemoc.runtime.align import common
     from nemoc.runtime.hf import convert
+    from nemoc.runtime.hf.load import load_converted
     from nemoc.runtime.model import unwrap
 
     torch.set_num_threads(1)
@@ -23,12 +23,7 @@ def main(converted: str, mode: str, out: str) -> None:
     spec = ModelSpec(name="hf", **arch)
     model = common.build_gpt(spec, common.single_layout(tp=tp, pp=pp))
     gpt = unwrap(model)
-    state = convert.rank_state_dict(converted, tp=tp, tp_rank=ps.get_tensor_model_parallel_rank(), pp=pp,
-                                    pp_rank=ps.get_pipeline_model_parallel_rank(),
-                                    padded_vocab=megatron_args.padded_vocab_size(arch["vocab"], tp),
-                                    pre_process=gpt.pre_process, post_process=gpt.post_process)
-    result = gpt.load_state_dict(state, strict=False)
-    assert not result.missing_keys and not result.unexpected_keys, result
+    load_converted(model, converted, vocab=arch["vocab"])  # what a stage starting from `init` calls
     tokens = torch.load(out + "/tokens.pt")
     batch = common.make_batch([(t, [1] * len(t)) for t in tokens.tolist()], tokens.shape[1] - 1)
     model.eval()
