@@ -5,7 +5,8 @@ Input:  a Hugging Face checkpoint directory (config.json, model.safetensors or s
 Output: `import_checkpoint` writes a *converted directory*: the full (TP=1, PP=1, unpadded vocabulary)
         Megatron-Core tensors as safetensors shards (one per worker's layer range, plus one for the
         embeddings / final norm / output layer), `model.safetensors.index.json`, and `nemoc_hf.json`
-        (family, architecture, the source digest, the source config). `rank_state_dict` reads from it
+        (family, architecture, the source directory and its config.json; the graph task content-hashes
+        the source). `rank_state_dict` reads from it
         exactly the slices one TP/PP rank's GPTModel chunk holds (vocabulary padded for that TP), so any
         layout loads the same conversion. `export_checkpoint` streams Megatron tensors (from a converted
         directory or an in-memory state dict) back to sharded Hugging Face safetensors in a chosen dtype.
@@ -17,7 +18,6 @@ Invariants: tensors are read one at a time with safetensors' `safe_open` (memory
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -77,19 +77,6 @@ class SafetensorsReader:
         return self._open[file].get_tensor(name)
 
 
-def source_digest(directory: str | Path) -> str:
-    """BLAKE2b over config.json and every weight file (name + bytes): the conversion's cache key."""
-    directory = Path(directory)
-    h = hashlib.blake2b(digest_size=16)
-    files = [directory / "config.json"] + sorted(p for p in directory.iterdir() if p.suffix == ".safetensors")
-    for path in files:
-        h.update(path.name.encode() + b"\0")
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def _strict(get: Callable[[str], torch.Tensor], where: str) -> Callable[[str], torch.Tensor]:
     def checked(name: str) -> torch.Tensor:
         try:
@@ -140,14 +127,14 @@ def import_checkpoint(src: str | Path, out: str | Path, *, workers: int = 1) -> 
                    for name, layers in shards.items()}
     get = _strict(SafetensorsReader(src).get, str(src))
     results["edges.safetensors"] = _write_shard(out / "edges.safetensors",
-                                                mapping.hf_to_mcore_edges(arch.family, arch.fields, get, set()))
+                                                mapping.hf_to_mcore_edges(arch.family, arch.fields, get))
     for file, names in results.items():
         for name, size in names.items():
             sizes[name] = (file, size)
     atomic_write_json(out / INDEX, {"metadata": {"total_size": sum(s for _, s in sizes.values())},
                                     "weight_map": {k: f for k, (f, _) in sorted(sizes.items())}})
     manifest = {"family": arch.family, "architecture": arch.fields, "special_ids": arch.special_ids,
-                "dtype": arch.dtype, "source": str(src), "source_digest": source_digest(src), "config": config}
+                "dtype": arch.dtype, "source": str(src), "config": config}
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
 

@@ -106,7 +106,7 @@ def hf_to_mcore_layer(family: str, i: int, arch: dict, get: Getter) -> Iterator[
     return _gpt2_layer(i, arch, get) if family == "gpt2" else _llama_layer(i, arch, get)
 
 
-def hf_to_mcore_edges(family: str, arch: dict, get: Getter, names: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_to_mcore_edges(family: str, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
     """Embeddings, final norm and output layer (everything outside the decoder layers)."""
     if family == "gpt2":
         yield "embedding.word_embeddings.weight", get("transformer.wte.weight")

@@ -1,29 +1,17 @@
-"""Fixtures for the Hugging Face conversion tests: one 1-process gloo group (shared with the alignment
-tests' helpers) and one intra-op thread (2 shared cores)."""
+"""Fixtures for the Hugging Face conversion tests: the alignment tests' own (one 1-process gloo group,
+`mcore`; one intra-op thread), loaded from tests/runtime/align/conftest.py, and `hf_models` importable."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
-import pytest
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-
-@pytest.fixture(scope="session")
-def mcore():
-    from nemoc.runtime.align import common
-
-    common.init_distributed(tp=1, pp=1, seed=1234)
-    return common
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_spec = importlib.util.spec_from_file_location("_align_conftest", HERE.parent / "align" / "conftest.py")
+_align = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_align)
+mcore = _align.mcore
+_one_thread = _align._one_thread

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 COMMON = dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -37,3 +39,14 @@ def make_hf_model(family: str, directory, *, seed: int = 0, max_shard_size: str 
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
     return model
+
+
+def read_tensors(directory) -> dict:
+    """Every tensor of every safetensors file in `directory`."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from hf_models import FAMILIES, make_hf_model
+from hf_models import FAMILIES, make_hf_model, read_tensors
 
 HERE = Path(__file__).parent
 VOCAB = 200
@@ -37,12 +36,6 @@ def _import(tmp_path, family, **kw):
     return hf, manifest
 
 
-def _tensors(directory):
-    out = {}
-    for path in sorted(Path(directory).glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -68,7 +61,7 @@ def test_round_trip_is_bit_identical(tmp_path, family):
 
     _import(tmp_path, family, max_shard_size="100KB")
     convert.export_converted(tmp_path / "conv", tmp_path / "out", max_shard_bytes=150_000)
-    before, after = _tensors(tmp_path / "hf"), _tensors(tmp_path / "out")
+    before, after = read_tensors(tmp_path / "hf"), read_tensors(tmp_path / "out")
     assert sorted(before) == sorted(after)
     for name, t in before.items():
         assert t.dtype == after[name].dtype and torch.equal(t, after[name]), name
@@ -87,20 +80,20 @@ def test_bf16_checkpoint_exports_in_bf16_and_loads_in_transformers(tmp_path):
 
     hf, _ = _import(tmp_path, "qwen2", dtype=torch.bfloat16)
     convert.export_converted(tmp_path / "conv", tmp_path / "out")
-    assert all(t.dtype == torch.bfloat16 for t in _tensors(tmp_path / "out").values())
+    assert all(t.dtype == torch.bfloat16 for t in read_tensors(tmp_path / "out").values())
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tokens = torch.randint(0, VOCAB, (1, 9))
     with torch.no_grad():
         assert torch.equal(again(tokens).logits, hf(tokens).logits)
 
 
-def test_two_workers_write_the_same_tensors(tmp_path):
+def test_two_workers_write_the_sameread_tensors(tmp_path):
     from nemoc.runtime.hf import convert
 
     make_hf_model("llama", tmp_path / "hf")
     convert.import_checkpoint(tmp_path / "hf", tmp_path / "one", workers=1)
     convert.import_checkpoint(tmp_path / "hf", tmp_path / "two", workers=2)
-    one, two = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    one, two = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")
     assert sorted(one) == sorted(two) and all(torch.equal(one[k], two[k]) for k in one)
     assert len(list((tmp_path / "two").glob("layers-*.safetensors"))) == 2
 
@@ -122,7 +115,7 @@ def test_missing_tensor_names_the_checkpoint_and_tensor(tmp_path):
     from nemoc.runtime.hf import convert
 
     make_hf_model("llama", tmp_path / "hf")
-    tensors = _tensors(tmp_path / "hf")
+    tensors = read_tensors(tmp_path / "hf")
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(tmp_path / "hf" / "model.safetensors"))
     with pytest.raises(convert.ConversionError, match="model.layers.1.mlp.up_proj.weight"):

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from hf_models import make_hf_model
+from hf_models import make_hf_model, read_tensors
 
 NEMOC = str(Path(sys.executable).parent / "nemoc")
 
@@ -29,12 +28,6 @@ EXPERIMENT = """experiment roundtrip {
 """
 
 
-def _tensors(directory):
-    out = {}
-    for path in sorted(Path(directory).glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def test_export_only_experiment_round_trips_bit_identically(tmp_path):
@@ -45,7 +38,7 @@ def test_export_only_experiment_round_trips_bit_identically(tmp_path):
     first = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     out = tmp_path / "runs" / "tasks" / "export_export" / "hf"
-    before, after = _tensors(tmp_path / "ckpt"), _tensors(out)
+    before, after = read_tensors(tmp_path / "ckpt"), read_tensors(out)
     assert sorted(before) == sorted(after)
     assert all(after[k].dtype == torch.bfloat16 and torch.equal(before[k], after[k]) for k in before)
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == "{{ messages }}"
@@ -56,7 +49,7 @@ def test_export_only_experiment_round_trips_bit_identically(tmp_path):
 
 def test_a_broken_checkpoint_fails_the_import_task_with_one_line(tmp_path):
     make_hf_model("llama", tmp_path / "ckpt")
-    tensors = _tensors(tmp_path / "ckpt")
+    tensors = read_tensors(tmp_path / "ckpt")
     del tensors["model.norm.weight"]
     from safetensors.torch import save_file
 
