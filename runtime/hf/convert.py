@@ -3,7 +3,7 @@
 Input:  a Hugging Face checkpoint directory (config.json, model.safetensors or sharded
         model-0000i-of-0000n.safetensors + model.safetensors.index.json).
 Output: `import_checkpoint` writes a *converted directory*: the full (TP=1, PP=1, unpadded vocabulary)
-        Megatron-Core tensors as safetensors shards (one per worker's layer range, plus one for the
+        Megatron-Core tensors as safetensors shards (one per decoder layer, plus one for the
         embeddings / final norm / output layer), `model.safetensors.index.json`, and `nemoc_hf.json`
         (family, architecture, the source directory and its config.json; the graph task content-hashes
         the source). `rank_state_dict` reads from it
@@ -92,12 +92,14 @@ def _write_shard(path: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> dic
     return {name: t.numel() * t.element_size() for name, t in data.items()}
 
 
-def _convert_layers(src: str, family: str, arch: dict, layers: list[int], out: str) -> dict[str, int]:
-    """A worker: the layers `layers` of `src` -> one safetensors shard `out` (returns name -> bytes)."""
+def _convert_layers(src: str, family: str, arch: dict, layers: list[int], out: str) -> dict[str, dict[str, int]]:
+    """A worker: each layer of `layers` -> its own shard `layer-NNNNN.safetensors` under `out`, so one
+    layer's tensors are resident at a time (returns file -> tensor name -> bytes)."""
     torch.set_num_threads(1)
     get = _strict(SafetensorsReader(src).get, src)
-    tensors = (pair for i in layers for pair in mapping.hf_to_mcore_layer(family, i, arch, get))
-    return _write_shard(Path(out), tensors)
+    return {f"layer-{i:05d}.safetensors": _write_shard(Path(out) / f"layer-{i:05d}.safetensors",
+                                                       mapping.hf_to_mcore_layer(family, i, arch, get))
+            for i in layers}
 
 
 def _ranges(n: int, parts: int) -> list[list[int]]:
@@ -115,16 +117,17 @@ def import_checkpoint(src: str | Path, out: str | Path, *, workers: int = 1) -> 
     arch = architecture(config)
     out.mkdir(parents=True, exist_ok=True)
     layer_sets = [sorted(s) for s in _ranges(arch.fields["layers"], workers)]
-    shards = {f"layers-{k:05d}.safetensors": s for k, s in enumerate(layer_sets)}
     sizes: dict[str, tuple[str, int]] = {}
-    if workers > 1 and len(shards) > 1:
-        with ProcessPoolExecutor(len(shards), mp_context=get_context("spawn")) as pool:
-            futures = {name: pool.submit(_convert_layers, str(src), arch.family, arch.fields, layers, str(out / name))
-                       for name, layers in shards.items()}
-            results = {name: f.result() for name, f in futures.items()}
+    results: dict[str, dict[str, int]] = {}
+    if workers > 1 and len(layer_sets) > 1:
+        with ProcessPoolExecutor(len(layer_sets), mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_convert_layers, str(src), arch.family, arch.fields, layers, str(out))
+                       for layers in layer_sets]
+            for f in futures:
+                results.update(f.result())
     else:
-        results = {name: _convert_layers(str(src), arch.family, arch.fields, layers, str(out / name))
-                   for name, layers in shards.items()}
+        for layers in layer_sets:
+            results.update(_convert_layers(str(src), arch.family, arch.fields, layers, str(out)))
     get = _strict(SafetensorsReader(src).get, str(src))
     results["edges.safetensors"] = _write_shard(out / "edges.safetensors",
                                                 mapping.hf_to_mcore_edges(arch.family, arch.fields, get))

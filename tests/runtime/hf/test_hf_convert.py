@@ -95,7 +95,7 @@ def test_two_workers_write_the_sameread_tensors(tmp_path):
     convert.import_checkpoint(tmp_path / "hf", tmp_path / "two", workers=2)
     one, two = read_tensors(tmp_path / "one"), read_tensors(tmp_path / "two")
     assert sorted(one) == sorted(two) and all(torch.equal(one[k], two[k]) for k in one)
-    assert len(list((tmp_path / "two").glob("layers-*.safetensors"))) == 2
+    assert len(list((tmp_path / "two").glob("layer-*.safetensors"))) == 2  # one shard per layer
 
 
 def test_tp_shards_reassemble_and_swiglu_halves_interleave():
