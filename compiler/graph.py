@@ -3,8 +3,11 @@
 Input:  a `nemoc.compiler.plan.Plan` (every `auto` resolved) and the data files it names (read only to
         hash their bytes).
 Output: a `RuntimeGraph`: a small wrapper over `networkx.DiGraph` keyed by string task ids
-        (`tokenizer:local`, `prepare:<data>`, `train:<stage>`, `eval:<stage>`, `export:<stage>`); edges
-        are artifacts (`tokenizer`, `dataset`, `checkpoint`). Deterministic, versioned JSON; DOT; mermaid.
+        (`tokenizer:local`, `prepare:<data>`, `hf_import:<dir>`, `train:<stage>`, `eval:<stage>`,
+        `export:<stage>`); edges are artifacts (`tokenizer`, `dataset`, `checkpoint`). A stage that starts
+        from a Hugging Face checkpoint (`init = hf(DIR)` on the stage, or on the model for a stage without
+        `after`) gets the checkpoint edge from the `hf_import` task converting DIR; an export stage whose
+        only input is that import runs as kind `hf_export` (HF -> Megatron-Core -> HF, docs/huggingface.md). Deterministic, versioned JSON; DOT; mermaid.
 Invariants: pure (the plan is not mutated; the same plan and files give byte-identical JSON); acyclic
 (a cycle raises `GraphError("a -> b -> a")`); every task's `hash` covers its settings slice of the plan,
 its input files' content and its upstream tasks' hashes, so editing a later stage changes only the
@@ -210,6 +213,10 @@ def _tokenizer_digest(name: str, root: str) -> str:
     if name.startswith("tiktoken:"):
         return name
     path = name if os.path.isabs(name) else os.path.join(root, name)
+    if os.path.isdir(path):  # a Hugging Face tokenizer directory: its tokenizer files and chat template
+        files = [f for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+                 if os.path.isfile(os.path.join(path, f))]
+        return content_hash([[f, file_digest(os.path.join(path, f))] for f in files]) if files else f"missing: {name}"
     return file_digest(path) if os.path.isfile(path) else f"missing: {name}"
 
 
@@ -236,7 +243,8 @@ def build_graph(plan: Plan, *, root: str | None = None) -> RuntimeGraph:
     if local:
         _add_tokenizer_task(graph, plan, local, digests)
     prepare_hashes = {name: _add_prepare_task(graph, data_by_name[name], digests[name], root) for name in used}
-    _add_stage_tasks(graph, plan, data_by_name, prepare_hashes)
+    imports = _add_hf_import_tasks(graph, plan, root)
+    _add_stage_tasks(graph, plan, data_by_name, prepare_hashes, imports, root)
     graph.check_acyclic()
     return graph
 
@@ -275,7 +283,8 @@ def _add_prepare_task(graph: RuntimeGraph, data: DataSpec, digest: object, root:
 
 def _stage_settings(plan: Plan, stage: StagePlan, data_by_name: Mapping[str, DataSpec]) -> dict:
     """What changes a stage's result. The parallel layout and intervals are left out on purpose."""
-    model = {k: v for k, v in to_dict(plan.model).items() if k not in ("name", "source")}  # labels, not maths
+    # name/source are labels, not maths; `init` (a path) enters as the hf_import task's content hash instead
+    model = {k: v for k, v in to_dict(plan.model).items() if k not in ("name", "source", "init")}
     return {
         "model": model,
         "precision": plan.precision,
@@ -293,7 +302,47 @@ def _stage_settings(plan: Plan, stage: StagePlan, data_by_name: Mapping[str, Dat
     }
 
 
-def _add_stage_tasks(graph: RuntimeGraph, plan: Plan, data_by_name: dict, prepare_hashes: dict) -> None:
+HF_WEIGHT_SUFFIXES = (".safetensors", ".json")
+
+
+def stage_init(plan: Plan, stage: StagePlan, root: str | None = None) -> str | None:
+    """The Hugging Face checkpoint directory a stage starts from (absolute): its own `init`, else the
+    model's (for a stage with no parent; a stage `after` another starts from its parent's checkpoint).
+    Relative paths are relative to the experiment's root (`root`, default `plan.root`)."""
+    found = stage.params.get("init") or (plan.model.init if not stage.after else None)
+    if not found:
+        return None
+    return os.path.abspath(os.path.join(root if root is not None else plan.root, str(found)))
+
+
+def hf_checkpoint_digest(directory: str) -> list[list[str]] | str:
+    """sha256 of config.json, the index and every safetensors file (reads every byte: a 16 GB
+    checkpoint takes ~10 s per graph build on one core)."""
+    if not os.path.isdir(directory):
+        return f"missing: {directory}"
+    files = sorted(f for f in os.listdir(directory) if f.endswith(HF_WEIGHT_SUFFIXES) and f != "nemoc_hf.json")
+    return [[f, file_digest(os.path.join(directory, f))] for f in files]
+
+
+def _add_hf_import_tasks(graph: RuntimeGraph, plan: Plan, root: str) -> dict[str, tuple[str, str]]:
+    """One `hf_import` task per distinct checkpoint directory: directory -> (task id, hash)."""
+    out: dict[str, tuple[str, str]] = {}
+    for directory in sorted({d for s in plan.stages if (d := stage_init(plan, s, root))}):
+        base = os.path.basename(os.path.normpath(directory)) or "checkpoint"
+        task_id, n = f"hf_import:{base}", 2
+        while task_id in graph:
+            task_id, n = f"hf_import:{base}-{n}", n + 1
+        settings = {"path": os.path.relpath(directory, root) if directory.startswith(root + os.sep) else directory}
+        task = Task(id=task_id, kind="hf_import", hash=content_hash({"files": hf_checkpoint_digest(directory)}),
+                    settings=settings)
+        graph.add_task(task)
+        out[directory] = (task.id, task.hash)
+    return out
+
+
+def _add_stage_tasks(graph: RuntimeGraph, plan: Plan, data_by_name: dict, prepare_hashes: dict,
+                     imports: Mapping[str, tuple[str, str]] | None = None, root: str = ".") -> None:
+    imports = imports or {}
     stages = {s.name: s for s in plan.stages}
     for s in plan.stages:
         for parent in s.after:
@@ -306,9 +355,15 @@ def _add_stage_tasks(graph: RuntimeGraph, plan: Plan, data_by_name: dict, prepar
         settings = _stage_settings(plan, stage, data_by_name)
         upstream = {f"prepare:{d}": prepare_hashes[d] for d in stage.data}
         upstream.update({task_id_for_stage(stages[p]): hashes[p] for p in stage.after})
+        init = stage_init(plan, stage, root)
+        if init:
+            upstream[imports[init][0]] = imports[init][1]
         hashes[name] = content_hash({"settings": settings, "inputs": upstream})
         task_id = task_id_for_stage(stage)
-        graph.add_task(Task(id=task_id, kind=stage.kind, hash=hashes[name], stage=name, settings=settings))
+        kind = "hf_export" if stage.kind == "export" and init and not stage.after else stage.kind
+        graph.add_task(Task(id=task_id, kind=kind, hash=hashes[name], stage=name, settings=settings))
+        if init:
+            graph.add_artifact(Artifact(imports[init][0], task_id, "checkpoint", "hf"))
         for d in stage.data:
             graph.add_artifact(Artifact(f"prepare:{d}", task_id, "dataset", d))
         for p in stage.after:

@@ -21,8 +21,11 @@ data template directly (`data = [web]`) without redeclaring it.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from types import MappingProxyType
 
+from nemoc.compiler import hfconfig
+from nemoc.compiler.hfconfig import HfArchitecture
 from nemoc.compiler.catalog.hardware import GPUS, get_gpu
 from nemoc.compiler.catalog.models import PRESETS, get_preset
 from nemoc.compiler.spec import (CheckpointSpec, ClusterSpec, DataSpec, ExperimentSpec, LoraSpec, ModelSpec,
@@ -294,7 +297,12 @@ class _Lowering:
         self._record("model", block)
         name = block.name or "model"
         overrides = dict(block.values)
+        init = self._hf_init(overrides.pop("init", None), block.spans.get("init"))
+        if "init" in block.written and init is None:
+            return None  # reported
         preset = get_preset(name) if ("model", name) not in self.templates else None
+        if init is not None:
+            return self._model_from_hf(block, name, preset, overrides, init)
         if preset is not None:
             return dataclasses.replace(preset, **overrides)
         missing = [f.name for f in MODEL_FIELDS if f.required and f.name not in block.written]
@@ -307,6 +315,50 @@ class _Lowering:
         values = {**defaults, **overrides}
         values.setdefault("query_groups", values["heads"])
         return ModelSpec(name=name, **values)
+
+    def _hf_init(self, value: CallValue | None, span: Span | None) -> tuple[str, HfArchitecture] | None:
+        """`hf("DIR")` -> (absolute directory, its architecture), or E045 at the `init` line."""
+        if value is None or span is None:
+            return None
+        raw = str(value.args.get("path", ""))
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = Path(span.path).resolve().parent / path
+        try:
+            arch = hfconfig.load_architecture(path)
+            # relative to the experiment's root (as data paths are), so plans and graphs do not depend on
+            # where the project is checked out; absolute when the directory lies outside it
+            root = Path(self.program.root_dir).resolve()
+            resolved = path.resolve()
+            return (str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(resolved)), arch
+        except hfconfig.HfConfigError as exc:
+            self.diags.append(Diagnostic("E045", f"init = hf({raw!r}): {exc}", value.spans.get("path", span),
+                                         hint="a Hugging Face checkpoint directory: config.json, *.safetensors, "
+                                              "tokenizer files (docs/huggingface.md)"))
+            return None
+
+    def _model_from_hf(self, block: Checked, name: str, preset: ModelSpec | None, overrides: dict,
+                       init: tuple[str, HfArchitecture]) -> ModelSpec | None:
+        """The architecture of config.json; a preset's or written field that disagrees is E046 at its line."""
+        path, arch = init
+        fields = dict(arch.fields)
+        given = {**({f.name: getattr(preset, f.name) for f in MODEL_FIELDS if f.name != "init"} if preset else {}),
+                 **overrides}
+        bad = hfconfig.mismatches(arch, {k: v for k, v in given.items() if v is not None})
+        for field_name, ours, theirs in bad:
+            where = block.spans.get(field_name, block.head)
+            origin = "written" if field_name in overrides else f"preset `{name}`"
+            self.diags.append(Diagnostic("E046", f"model.{field_name} = {ours} ({origin}) but {path}/config.json "
+                                         f"says {theirs}", where,
+                                         hint=f"remove `{field_name}` (the checkpoint decides it) or fix it"))
+        if bad:
+            return None
+        if preset is not None:  # equal to config.json where it matters (checked above)
+            return dataclasses.replace(preset, init=path, **overrides)
+        values = {**fields, **overrides}
+        if values.get("kv_channels") is None:
+            values.pop("kv_channels", None)
+        return ModelSpec(name=name, init=path, **values)
 
     def _unknown_model(self, block: Checked, name: str, missing: list[str]) -> None:
         close = suggest(name, PRESETS)
@@ -388,7 +440,10 @@ class _Lowering:
         self._check_length(b, kind)
         self._check_refs(values.get("data", ()), data_names, "data set", "data")
         self._check_refs(b.after, names, "stage", "stage")
+        stage_init = self._hf_init(values.pop("init", None), b.spans.get("init"))
         params = {p.name: _plain(values.pop(p.name)) for p in STAGE_PARAMS[kind] if p.name in values}
+        if stage_init is not None:
+            params["init"] = stage_init[0]
         fields = dict(values)
         fields["data"] = tuple(r.name for r in values.get("data", ()))
         if "optimizer" in values:

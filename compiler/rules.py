@@ -13,7 +13,7 @@ Invariants: pure functions, no torch / megatron import; a rule whose operands ar
 The rule table `RULES` is ordered cheapest / most decisive first, because `layout_violations`
 stops at the first error it finds.
 
-`STAGE_RULES` (E150-E154, W150) are the stage settings that would otherwise fail only at run time, in a
+`STAGE_RULES` (E150-E155, W150) are the stage settings that would otherwise fail only at run time, in a
 torch or Megatron traceback or an alignment error after data preparation: `min_lr` above `lr`, an
 alignment stage without data in a format its records need, an export with no `after`, a stage that
 starts from a parent checkpoint its parent never saves, a warm-up longer than the stage, and more
@@ -1496,14 +1496,33 @@ def rule_data_format(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | Non
 
 
 def rule_export_after(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
-    """runtime/align/stage.py parent_checkpoint: an export writes the checkpoint of the stage it follows."""
-    if stage.kind != "export" or stage.after:
+    """runtime/align/stage.py parent_checkpoint: an export writes the checkpoint of the stage it follows
+    (or, with `init = hf(DIR)`, converts that checkpoint: docs/huggingface.md)."""
+    if stage.kind != "export" or stage.after or _initial_checkpoint(spec, stage):
         return None
     trained = [s.name for s in spec.stages if s.kind in TRAINING_KINDS]
     return _stage_diagnostic(Violation(
         "E152", f"export stage `{stage.name}` has no `after`: there is no checkpoint to export",
         "after = []", f"write `stage {stage.name} after {trained[-1] if trained else 'NAME'} {{ ... }}`",
         anchors=("stage",)), spec, stage)
+
+
+def _initial_checkpoint(spec: ExperimentSpec, stage: StageSpec) -> str | None:
+    """The Hugging Face checkpoint a stage starts from: its own `init`, else the model's."""
+    return stage.params.get("init") or spec.model.init
+
+
+def rule_starting_checkpoint(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """runtime/align/stage.py parent_checkpoint: a fine-tuning or eval stage starts from a checkpoint."""
+    if stage.kind not in PARENT_CHECKPOINT_KINDS or stage.kind == "export" or stage.after:
+        return None
+    if _initial_checkpoint(spec, stage):
+        return None
+    return _stage_diagnostic(Violation(
+        "E155", f"{stage.kind} stage `{stage.name}` has neither a parent stage nor an initial checkpoint",
+        "after = [], init = none",
+        f"write `stage {stage.name} after PARENT {{ ... }}`, or start from a Hugging Face checkpoint: "
+        "`init = hf(\"DIR\")` in the model block or the stage", anchors=("stage",)), spec, stage)
 
 
 def rule_parent_saves(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
@@ -1547,7 +1566,7 @@ def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
     return None
 
 
-STAGE_RULES = (rule_min_lr, rule_data_format, rule_export_after, rule_parent_saves, warn_warmup_longer_than_stage)
+STAGE_RULES = (rule_min_lr, rule_data_format, rule_export_after, rule_starting_checkpoint, rule_parent_saves, warn_warmup_longer_than_stage)
 
 
 MAX_STAGES = 100  # real chains have a handful; the planner searches each stage (~5 ms), so 2,500 would take 15 s

@@ -52,6 +52,7 @@ class ModelSpec:
     shared_expert_ffn_hidden: int = 0
     norm_epsilon: float = 1e-5
     source: str = ""  # citation for a preset (paper / model card)
+    init: str | None = None  # a Hugging Face checkpoint directory every stage starts from (absolute path)
 
     @property
     def head_dim(self) -> int:

@@ -42,6 +42,9 @@ CODES: Mapping[str, str] = MappingProxyType({
     "E042": "unknown model preset",
     "E043": "unknown accelerator id",
     "E044": "a model that is not a preset lacks required architecture fields",
+    "E045": "`init = hf(DIR)`: the directory does not exist, has no readable config.json, or its architecture "
+            "has no exact Megatron-Core equivalent",
+    "E046": "a model field disagrees with the `init` checkpoint's config.json (both values shown)",
     "E050": "malformed `--set` override, unknown override path or unknown call argument",
     "W001": "a data set no stage uses",
     "W002": "a training stage without a length (`steps`, `tokens` or `epochs`): plan and run cannot size it",

@@ -35,7 +35,8 @@ def format_expr(expr: ast.Expr) -> str:
     if isinstance(expr, ast.ListValue):
         return "[" + ", ".join(format_expr(i) for i in expr.items) + "]"
     if isinstance(expr, ast.Call):
-        args = ", ".join(f"{a.key.value} = {format_expr(a.value)}" for a in expr.args)
+        args = ", ".join(format_expr(a.value) if a.key.value == "" else f"{a.key.value} = {format_expr(a.value)}"
+                         for a in expr.args)
         return f"{expr.func.value}({args})"
     if isinstance(expr, ast.Neg):
         inner = format_expr(expr.operand)

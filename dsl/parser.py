@@ -219,6 +219,11 @@ class _ToAst(Transformer_NonRecursive):  # iterative: a long flat sum is long, n
         key, _eq, value = children
         return ast.Arg(self._name(key), value, self._span(meta))
 
+    def positional_arg(self, meta, children):
+        # key "" = the call's first parameter (typecheck binds it; only string arguments may be positional)
+        span = self._span(meta)
+        return ast.Arg(ast.Name("", span), self.string(meta, children), span)
+
     def binop(self, meta, children):
         left, op, right = children
         return ast.BinOp(str(op), left, right, self._span(meta))
@@ -324,7 +329,7 @@ NAMED_ERRORS: dict[str, tuple[list[str], str, str]] = {
         "`after` needs the name of a stage",
         "write e.g. `stage sft after pretrain { ... }`"),
     "positional_argument": (
-        ["x { a = f(1) }", "x { a = f(b = 1, 2) }", 'x { a = f("s") }', "x { a = f([1]) }", "x { a = f(-1) }",
+        ["x { a = f(1) }", "x { a = f(b = 1, 2) }", "x { a = f([1]) }", "x { a = f(-1) }",
          "x { a = f((1)) }"],
         "call arguments are named",
         "write e.g. `adam(lr = 3e-4)`"),

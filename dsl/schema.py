@@ -191,6 +191,9 @@ MODEL_FIELDS = (
     _f("moe_ffn_hidden", POSITIVE, None, "Expert MLP intermediate size. Default: ffn_hidden."),
     _f("shared_expert_ffn_hidden", INT, 0, "Shared-expert MLP size; 0 = none."),
     _f("norm_epsilon", POSITIVE_FLOAT, 1e-5, "Normalization epsilon."),
+    _f("init", call("hf"), None, "Start every stage from a Hugging Face checkpoint: `hf(\"DIR\")` (config.json + "
+       "safetensors). A model block holding only `init` takes its whole architecture from config.json; fields "
+       "written beside it must agree with it (docs/huggingface.md)."),
 )
 
 CLUSTER_FIELDS = (
@@ -284,6 +287,8 @@ STAGE_DATA_FORMATS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "reward": ("preference",),
     "ppo": ("chat", "prompt_response", "preference"),
 })
+_INIT = _f("init", call("hf"), None, "Start this stage from a Hugging Face checkpoint `hf(\"DIR\")` instead of a "
+           "parent stage's checkpoint (docs/huggingface.md).")
 # Kinds that start from the checkpoint of a stage they run `after` (runtime/align/stage.py parent_checkpoint).
 PARENT_CHECKPOINT_KINDS = ("sft", "dpo", "reward", "ppo", "eval", "export")
 
@@ -297,12 +302,12 @@ STAGE_PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
            "TP/PP layout restarts the Adam moments) or `fully_reshardable` (reshards across any layout)."),
     ),
     "sft": (
-        _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE,
+        _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE, _INIT,
         _f("pack", BOOL, True, "Pack several samples into one sequence (the runtime packs only without "
            "Transformer Engine)."),
     ),
     "dpo": (
-        _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE,
+        _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE, _INIT,
         _f("beta", POSITIVE_FLOAT, 0.1, "DPO temperature beta (Rafailov et al. 2023)."),
         _f("loss", enum("dpo", "ipo"), "dpo", "Preference loss: sigmoid DPO or IPO (Azar et al. 2023)."),
         _f("label_smoothing", FRACTION, 0.0, "Conservative-DPO label smoothing."),
@@ -311,9 +316,9 @@ STAGE_PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
         _f("reference_free", BOOL, False, "No reference model at all (log-probabilities of the reference "
            "taken as 0), as in reference-free preference optimisation."),
     ),
-    "reward": (_SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE),
+    "reward": (_SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE, _INIT),
     "ppo": (
-        _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE,
+        _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE, _INIT,
         _f("max_new_tokens", POSITIVE_COUNT, 16, "Tokens generated per rollout."),
         _f("temperature", POSITIVE_FLOAT, 1.0, "Rollout sampling temperature."),
         _f("kl_coef", NONNEG_FLOAT, 0.05, "KL penalty coefficient against the reference policy."),
@@ -324,13 +329,14 @@ STAGE_PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
         _f("ppo_epochs", POSITIVE, 2, "Optimization epochs per rollout batch."),
     ),
     "eval": (
-        _TEMPLATE,
+        _TEMPLATE, _INIT,
         _f("prompts", list_of(STR), (), "Prompts to generate from."),
         _f("max_new_tokens", POSITIVE_COUNT, 32, "Tokens generated per prompt."),
         _f("temperature", POSITIVE_FLOAT, None, "Sampling temperature. Default: greedy decoding."),
         _f("max_windows", POSITIVE, 64, "Sequence windows scored per text data set (validation loss / perplexity)."),
     ),
     "export": (
+        _INIT,
         _f("format", enum("huggingface"), "huggingface", "Output format (a Hugging Face checkpoint directory)."),
         _f("dtype", enum("float32", "bfloat16", "float16"), "float32", "Weight dtype written."),
     ),
@@ -410,6 +416,10 @@ CALLS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
            "Linear layers that get adapters."),
     ),
     "none": (),
+    "hf": (
+        _f("path", STR, None, "A Hugging Face checkpoint directory (config.json, safetensors, tokenizer files); "
+           "relative to the .nemo file's directory.", required=True),
+    ),
     "template": (
         _f("system", STR, "<|system|>\n", "Marker before a system message."),
         _f("user", STR, "<|user|>\n", "Marker before a user message."),

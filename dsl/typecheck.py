@@ -305,6 +305,17 @@ def _check_call(expr, t, key, diags):
     args, spans, seen, ok = {}, {}, {}, True
     for arg in expr.args:
         name = arg.key.value
+        if name == "" and arg is not expr.args[0]:
+            diags.append(Diagnostic("E034", f"only the first argument to `{func}` may be written without a name",
+                                    arg.span, hint="write `NAME = value`"))
+            ok = False
+            continue
+        if name == "":  # `hf("DIR")`: the first parameter
+            if not defs:
+                diags.append(Diagnostic("E034", f"`{func}` takes no arguments", arg.span))
+                ok = False
+                continue
+            name = next(iter(defs))
         if name in seen:
             diags.append(Diagnostic("E022", f"duplicate argument `{name}` to `{func}`", arg.key.span,
                                     notes=(Note(f"`{name}` first given here", seen[name]),)))
@@ -323,6 +334,11 @@ def _check_call(expr, t, key, diags):
             ok = False
         else:
             args[name], spans[name] = value, arg.span
+    missing = [d.name for d in CALLS[func] if d.required and d.name not in seen]
+    if ok and missing:
+        diags.append(Diagnostic("E025", f"`{func}` needs " + ", ".join(f"`{m}`" for m in missing), expr.span,
+                                hint=f"write e.g. `{func}(\"...\")`"))
+        ok = False
     return CallValue(func, MappingProxyType(args), MappingProxyType(spans)) if ok else INVALID
 
 

@@ -1,7 +1,8 @@
 """Tokenizers for data preparation and training, all behind one small Megatron-compatible interface.
 
 `load_tokenizer(spec)` accepts what a data source's `tokenizer` field may name:
-  * a Hugging Face `tokenizer.json` (the `tokenizers` library),
+  * a Hugging Face `tokenizer.json` (the `tokenizers` library), or a Hugging Face checkpoint / tokenizer
+    directory holding one (else its SentencePiece `tokenizer.model`),
   * a SentencePiece `*.model` (the `sentencepiece` library),
   * `tiktoken:<encoding>` (e.g. `tiktoken:cl100k_base`; tiktoken downloads its BPE file once, so offline
     it must already be in tiktoken's cache, else a clear `TokenizerError`),
@@ -218,11 +219,19 @@ def _first_id(lookup, names: Iterable[str]) -> int | None:
     return None
 
 
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
 def load_tokenizer(spec: str, *, root: str | os.PathLike | None = None) -> NemocTokenizer:
     """The tokenizer named by `spec` (see the module docstring); relative paths are taken from `root`."""
     if spec.startswith("tiktoken:"):
         return TiktokenTokenizer.from_name(spec.split(":", 1)[1])
     path = Path(spec) if root is None or os.path.isabs(spec) else Path(root) / spec
+    if path.is_dir():  # a Hugging Face checkpoint / tokenizer directory
+        found = [path / n for n in HF_TOKENIZER_FILES if (path / n).is_file()]
+        if not found:
+            raise TokenizerError(f"{path}: a directory without {' or '.join(HF_TOKENIZER_FILES)}")
+        path = found[0]
     if not path.is_file():
         raise TokenizerError(f"{path}: tokenizer file not found")
     if path.suffix == ".model":

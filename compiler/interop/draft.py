@@ -75,7 +75,9 @@ def value_text(value) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(value_text(v) for v in value) + "]"
     if isinstance(value, Call):
-        return f"{value.name}(" + ", ".join(f"{k} = {value_text(v)}" for k, v in value.args.items()) + ")"
+        # a key "" is the call's leading positional argument: `hf("DIR")`
+        return f"{value.name}(" + ", ".join(value_text(v) if k == "" else f"{k} = {value_text(v)}"
+                                            for k, v in value.args.items()) + ")"
     raise TypeError(f"cannot print {value!r}")
 
 

@@ -364,6 +364,11 @@ def _bridge_data(r: _Reader, d: Draft) -> None:
                "path, or change `format` to chat for conversations", warn=True)
         pairs = [(1.0, str(name))]
         data_format = "prompt_response"
+        base = r.get("model.hf_model_id") or r.get("checkpoint.pretrained_checkpoint")
+        if base:
+            d.stage["init"] = Call("hf", {"": str(base)})
+            d.note(f"the source fine-tunes `{base}`: download it to a local Hugging Face directory and point "
+                   "`init = hf(...)` at it (nemoc check reports E045 until it exists)", warn=True)
     elif isinstance(blend, list) and blend and isinstance(blend[0], list):
         paths, weights = blend[0], (blend[1] if len(blend) > 1 and blend[1] else [1.0] * len(blend[0]))
         pairs = [(float(w), str(p)) for w, p in zip(weights, paths)]

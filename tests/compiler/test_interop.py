@@ -4,10 +4,14 @@ reader evaluates what bash would; nothing of the source is dropped unnamed."""
 
 from __future__ import annotations
 
+import json
+
 import re
 from pathlib import Path
 
 import pytest
+
+from hf_configs import LLAMA3_8B_CONFIG
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -39,8 +43,10 @@ EXPECTED = {
     "nemo_launcher_llama2_7b.yaml": dict(format="nemo1", preset="llama2_7b", tp=1, pp=1, world=128,
                                          precision="bf16", global_batch=2048, steps=300000, plans=True),
     "bridge_llama3_8b_sft_gb200_fp8_mx.yaml": dict(format="bridge", preset="llama3_8b", tp=1, pp=1, world=8,
-                                                   precision="bf16", global_batch=8, steps=50, plans=False),
+                                                   precision="bf16", global_batch=8, steps=50, plans=False,
+                                                   init="meta-llama/Meta-Llama-3-8B"),
 }
+
 
 
 def test_every_stored_input_has_an_expectation_and_a_source():
@@ -63,6 +69,15 @@ def test_import_checks_and_plans(path, tmp_path):
     lines = [line for line in result.stderr.splitlines() if not line.startswith("wrote ")]
     assert lines and all(line.startswith(f"warning: {path}: ") for line in lines), result.stderr
     check = CliRunner().invoke(cli, ["check", str(tmp_path / "x.nemo")])
+    if want.get("init"):
+        # the source fine-tunes a hub checkpoint: check says E045 until it is a local directory, then passes
+        assert check.exit_code == 1 and "E045" in check.output and f'hf("{want["init"]}")' in text, check.output
+        local = tmp_path / "hf"
+        local.mkdir()
+        (local / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG))
+        text = text.replace(f'hf("{want["init"]}")', f'hf("{local}")')
+        (tmp_path / "x.nemo").write_text(text)
+        check = CliRunner().invoke(cli, ["check", str(tmp_path / "x.nemo")])
     assert check.exit_code == 0, check.output
     spec, _ = load_experiment(str(tmp_path / "x.nemo"))
     assert detect_format(path.read_text()) == want["format"]

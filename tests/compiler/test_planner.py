@@ -171,8 +171,9 @@ def test_405b_on_pp8_vp8_plans_with_embedding_and_loss_counted_like_nemo():
 
 
 def test_dpo_and_lora_stages_record_resident_models():
-    stages = (StageSpec(name="dpo", kind="dpo", global_batch=64, steps=10),
-              StageSpec(name="lora", kind="sft", global_batch=64, steps=10, peft=LoraSpec()))
+    start = {"init": "checkpoints/hf"}  # a fine-tuning stage starts from a checkpoint (E155)
+    stages = (StageSpec(name="dpo", kind="dpo", global_batch=64, steps=10, params=start),
+              StageSpec(name="lora", kind="sft", global_batch=64, steps=10, peft=LoraSpec(), params=start))
     plan = plan_experiment(_spec(stages=stages)).plan
     assert plan.stage("dpo").resident_models == ("policy", "reference")
     assert plan.stage("lora").resident_models == ("policy",)

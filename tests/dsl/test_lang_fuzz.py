@@ -26,6 +26,7 @@ def compile_text(data: bytes | str, sets: tuple[str, ...] = ()):
     """compile_file on a temporary file; asserts it returns (never raises) and renders cleanly."""
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(EXAMPLES[0].parent / "common", os.path.join(tmp, "common"))  # so imports resolve
+        shutil.copytree(EXAMPLES[0].parent / "checkpoints", os.path.join(tmp, "checkpoints"))  # init = hf(...)
         path = os.path.join(tmp, "fuzz.nemo")
         with open(path, "wb") as fh:
             fh.write(data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass"))

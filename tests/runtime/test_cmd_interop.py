@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import re
+
+import json
+
 import os
 import subprocess
 import sys
@@ -60,13 +64,13 @@ def test_import_of_the_export_plans_the_same_layout(path, tmp_path):
         if stage.kind != "pretrain":
             # pretrain_gpt.py has no SFT / DPO / LoRA: the command line carries everything but the stage's
             # kind and its kind-specific settings, which the test puts back before planning.
-            # The data's record format (chat, preference...) is the stage's too.
+            # The data's record format (chat, preference...) and the checkpoint it starts from are the stage's too.
             source = original.stage(stage.name)
             formats = {d.name: d.format for d in original.data}
             data = spec.data
             if source.data:
                 data = tuple(replace(d, format=formats[source.data[0]]) for d in spec.data)
-            spec = replace(spec, data=data, stages=(replace(spec.stages[0], kind=source.kind, peft=source.peft,
+            spec = replace(spec, data=data, model=replace(spec.model, init=original.model.init or str(tmp_path)), stages=(replace(spec.stages[0], kind=source.kind, peft=source.peft,
                                                             params={**spec.stages[0].params, **source.params}),))
         again = plan_experiment(spec).plan
         assert again.stages[0].layout == stage.layout, (stage.name, imported.text)
@@ -75,8 +79,8 @@ def test_import_of_the_export_plans_the_same_layout(path, tmp_path):
             (plan.cluster.nodes, plan.cluster.gpus_per_node, plan.cluster.gpu)
         assert again.stages[0].steps == stage.steps and again.stages[0].optimizer == stage.optimizer
         # the model round-trips exactly (a preset stays that preset)
-        assert {k: v for k, v in vars_of(again.model).items() if k not in ("name", "source")} == \
-            {k: v for k, v in vars_of(plan.model).items() if k not in ("name", "source")}, imported.text
+        assert {k: v for k, v in vars_of(again.model).items() if k not in ("name", "source", "init")} == \
+            {k: v for k, v in vars_of(plan.model).items() if k not in ("name", "source", "init")}, imported.text
 
 
 def vars_of(model) -> dict:
@@ -150,7 +154,15 @@ INTEROP = sorted(p for p in (REPO / "tests" / "data" / "interop").iterdir() if p
 def test_published_input_round_trips_through_export(path, tmp_path):
     """plan(import(X)) == plan(import(export(plan(import(X))))) for every published input that plans as written."""
     first = tmp_path / "first.nemo"
-    first.write_text(import_text(path.read_text(), path.name).text)
+    text = import_text(path.read_text(), path.name).text
+    if 'init = hf("' in text:  # a hub checkpoint: a local directory with its config.json stands in for it
+        from hf_configs import LLAMA3_8B_CONFIG
+
+        local = tmp_path / "hf"
+        local.mkdir()
+        (local / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG))
+        text = re.sub(r'init = hf\("[^"]*"\)', f'init = hf("{local}")', text)
+    first.write_text(text)
     spec, _ = load_experiment(str(first))
     try:
         plan = plan_experiment(spec).plan

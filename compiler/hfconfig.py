@@ -1,0 +1,173 @@
+"""A Hugging Face `config.json` -> the fields of nemoc's `ModelSpec` (no torch, no transformers).
+
+Input:  the parsed `config.json` of a Hugging Face causal-LM checkpoint directory.
+Output: `HfArchitecture`: the family, the `ModelSpec` field values it implies, and the special ids
+        (bos/eos/pad) export writes back into `generation_config.json`.
+Invariants: pure; every config the mapping cannot express exactly raises `HfConfigError` naming the
+        key and why (never a silently different model). transformers' configuration classes are the
+        source of truth for key names and defaults (`LlamaConfig`, `MistralConfig`, `Qwen2Config`,
+        `Qwen3Config`, `GPT2Config`, transformers 5.x): a key absent from config.json takes the
+        default of that class.
+
+Families and what each needs of Megatron-Core's GPT model (local or TE layer spec):
+  llama, mistral   rmsnorm + SwiGLU + RoPE, GQA, no biases          (LlamaForCausalLM, MistralForCausalLM)
+  qwen2            as llama, plus a bias on the QKV projection only  (Qwen2ForCausalLM; also Qwen2.5)
+  qwen3            as llama, plus RMSNorm on queries and keys per head (Qwen3ForCausalLM)
+  gpt2             layernorm + GELU + learned positions, biases everywhere, MHA (GPT2LMHeadModel)
+Not expressible (an error says so): Llama 3.1/3.2 `rope_scaling` (Megatron-Core's GPTModel has the
+llama3 frequency scaling, but nemoc's ModelSpec does not carry it yet), Mistral's sliding window shorter
+than the sequence, GPT-2's `gelu_new` (tanh) activation (Megatron-Core's `gelu` is the exact erf GELU),
+MoE families (Mixtral, Qwen3-MoE: expert weights are not mapped yet) and Gemma (embedding scale and
+the `1 + w` norm offset have no Megatron-Core GPTModel switch).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.json"
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = LLAMA_LIKE + ("gpt2",)
+
+
+class HfConfigError(ValueError):
+    """A config.json nemoc cannot map; the message names the key."""
+
+
+@dataclass(frozen=True)
+class HfArchitecture:
+    family: str  # one of FAMILIES
+    fields: dict[str, Any]  # ModelSpec field -> value
+    special_ids: dict[str, Any] = field(default_factory=dict)  # bos_token_id / eos_token_id / pad_token_id
+    dtype: str = "float32"  # the checkpoint's torch dtype name
+
+
+def read_config(directory: str | Path) -> dict:
+    """config.json of a checkpoint directory, or HfConfigError naming what is missing."""
+    path = Path(directory) / CONFIG_FILE
+    if not Path(directory).is_dir():
+        raise HfConfigError(f"Hugging Face checkpoint directory {str(directory)!r} does not exist")
+    if not path.is_file():
+        raise HfConfigError(f"{str(directory)!r} has no {CONFIG_FILE} (not a Hugging Face checkpoint directory)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise HfConfigError(f"{path}: unreadable JSON ({exc})") from None
+
+
+def _rope_theta(config: dict, default: float) -> float:
+    # transformers >= 5 nests it in rope_parameters; older configs carry rope_theta at the top level.
+    params = config.get("rope_parameters") or {}
+    return float(params.get("rope_theta", config.get("rope_theta", default)))
+
+
+def _rope_type(config: dict) -> str:
+    for key in ("rope_scaling", "rope_parameters"):
+        params = config.get(key) or {}
+        kind = params.get("rope_type") or params.get("type")
+        if kind:
+            return kind
+    return "default"
+
+
+def _llama_like(config: dict, family: str) -> dict[str, Any]:
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise HfConfigError(f"hidden_act {act!r}: nemoc maps {family} only with silu (SwiGLU)")
+    rope = _rope_type(config)
+    if rope != "default":
+        raise HfConfigError(f"rope_scaling of type {rope!r} is not supported yet (nemoc's model spec has no "
+                            "RoPE scaling field); only unscaled RoPE imports")
+    if config.get("mlp_bias"):
+        raise HfConfigError("mlp_bias = true: nemoc has no bias-on-MLP-only switch")
+    attention_bias = bool(config.get("attention_bias", family == "qwen2"))
+    if family in ("llama", "mistral") and attention_bias:
+        raise HfConfigError("attention_bias = true puts a bias on o_proj too; nemoc's add_qkv_bias covers q/k/v only")
+    window = config.get("sliding_window") if family != "qwen2" or config.get("use_sliding_window") else None
+    if window is not None and int(window) < int(config.get("max_position_embeddings", 0)):
+        raise HfConfigError(f"sliding_window {window} < max_position_embeddings: sliding-window attention "
+                            "is not supported")
+    default_theta = 1000000.0 if family in ("qwen2", "qwen3") else 10000.0
+    return {
+        "layers": int(config["num_hidden_layers"]), "hidden": hidden, "heads": heads,
+        "query_groups": int(config.get("num_key_value_heads") or heads),
+        "ffn_hidden": int(config["intermediate_size"]), "vocab": int(config["vocab_size"]),
+        "seq_length": int(config.get("max_position_embeddings", 2048)),
+        "kv_channels": int(config.get("head_dim") or hidden // heads),
+        "activation": "swiglu", "norm": "rmsnorm", "position": "rope",
+        "rotary_base": _rope_theta(config, default_theta),
+        "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "add_bias_linear": False, "add_qkv_bias": attention_bias, "qk_layernorm": family == "qwen3",
+        "norm_epsilon": float(config.get("rms_norm_eps", 1e-6)),
+    }
+
+
+def _gpt2(config: dict) -> dict[str, Any]:
+    act = config.get("activation_function", "gelu_new")
+    if act != "gelu":
+        raise HfConfigError(f"activation_function {act!r}: Megatron-Core's gelu is the exact (erf) GELU; "
+                            "only GPT-2 configs with activation_function = \"gelu\" import exactly")
+    hidden = int(config.get("n_embd", 768))
+    return {
+        "layers": int(config.get("n_layer", 12)), "hidden": hidden, "heads": int(config.get("n_head", 12)),
+        "query_groups": int(config.get("n_head", 12)), "ffn_hidden": int(config.get("n_inner") or 4 * hidden),
+        "vocab": int(config.get("vocab_size", 50257)), "seq_length": int(config.get("n_positions", 1024)),
+        "kv_channels": None, "activation": "gelu", "norm": "layernorm", "position": "learned",
+        "rotary_base": 10000.0, "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
+        "add_bias_linear": True, "add_qkv_bias": False, "qk_layernorm": False,
+        "norm_epsilon": float(config.get("layer_norm_epsilon", 1e-5)),
+    }
+
+
+_UNSUPPORTED = {
+    "mixtral": "MoE expert weights are not mapped yet",
+    "qwen3_moe": "MoE expert weights are not mapped yet",
+    "gemma": "Gemma's embedding scale (sqrt(hidden)) and (1 + w) RMSNorm offset have no Megatron-Core GPTModel switch",
+    "gemma2": "Gemma 2's logit soft-capping, embedding scale and (1 + w) norm offset have no Megatron-Core GPTModel switch",
+    "gemma3_text": "Gemma 3's embedding scale, (1 + w) norm offset and sliding layers have no Megatron-Core GPTModel switch",
+}
+
+
+def architecture(config: dict) -> HfArchitecture:
+    """The family and ModelSpec fields of a parsed config.json (HfConfigError when not expressible)."""
+    family = config.get("model_type")
+    if family in _UNSUPPORTED:
+        raise HfConfigError(f"model_type {family!r} is not supported: {_UNSUPPORTED[family]}")
+    if family not in FAMILIES:
+        raise HfConfigError(f"model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
+    try:
+        fields = _gpt2(config) if family == "gpt2" else _llama_like(config, family)
+    except KeyError as exc:
+        raise HfConfigError(f"config.json has no {exc.args[0]!r}") from None
+    special = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return HfArchitecture(family=family, fields=fields, special_ids=special, dtype=str(dtype))
+
+
+def load_architecture(directory: str | Path) -> HfArchitecture:
+    return architecture(read_config(directory))
+
+
+def mismatches(arch: HfArchitecture, written: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(field, value written in the .nemo file, value from config.json) for every disagreement.
+
+    `seq_length` is exempt for RoPE models: training on sequences shorter than max_position_embeddings
+    is normal; a learned position table (GPT-2) must have the checkpoint's length.
+    """
+    out = []
+    for name, value in written.items():
+        if name not in arch.fields or (name == "seq_length" and arch.fields["position"] != "learned"):
+            continue
+        theirs = arch.fields[name]
+        if theirs is None and name == "kv_channels":
+            theirs = arch.fields["hidden"] // arch.fields["heads"]
+        if isinstance(theirs, float) or isinstance(value, float):
+            if abs(float(value) - float(theirs)) > 1e-9 * max(1.0, abs(float(theirs))):
+                out.append((name, value, theirs))
+        elif value != theirs:
+            out.append((name, value, theirs))
+    return out

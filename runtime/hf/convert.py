@@ -1,0 +1,290 @@
+"""Streamed conversion: Hugging Face safetensors <-> Megatron-Core GPTModel tensors.
+
+Input:  a Hugging Face checkpoint directory (config.json, model.safetensors or sharded
+        model-0000i-of-0000n.safetensors + model.safetensors.index.json).
+Output: `import_checkpoint` writes a *converted directory*: the full (TP=1, PP=1, unpadded vocabulary)
+        Megatron-Core tensors as safetensors shards (one per decoder layer, plus one for the
+        embeddings / final norm / output layer), `model.safetensors.index.json`, and `nemoc_hf.json`
+        (family, architecture, the source directory and its config.json; the graph task content-hashes
+        the source). `rank_state_dict` reads from it
+        exactly the slices one TP/PP rank's GPTModel chunk holds (vocabulary padded for that TP), so any
+        layout loads the same conversion. `export_checkpoint` streams Megatron tensors (from a converted
+        directory or an in-memory state dict) back to sharded Hugging Face safetensors in a chosen dtype.
+Invariants: tensors are read one at a time with safetensors' `safe_open` (memory-mapped; one decoder
+        layer's tensors are resident at a time per worker), never the whole model; every output file is
+        written to a temporary name and renamed (nemoc.runtime.atomic); HF -> converted -> HF is
+        bit-identical (the transforms are permutations, concatenations and transposes in the stored dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+from nemoc.compiler.hfconfig import HfArchitecture, architecture, read_config
+from nemoc.runtime.atomic import atomic_write_bytes, atomic_write_json
+from nemoc.runtime.hf import mapping
+
+INDEX = "model.safetensors.index.json"
+MANIFEST = "nemoc_hf.json"
+# Files export copies from the source checkpoint / tokenizer directory when present.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
+
+
+class ConversionError(RuntimeError):
+    """A checkpoint that cannot be converted; the message names the file or tensor."""
+
+
+class SafetensorsReader:
+    """`get(name)` over a single-file or sharded safetensors checkpoint, one tensor at a time."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = self.directory / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.directory / "model.safetensors").is_file():
+            with safe_open(self.directory / "model.safetensors", framework="pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise ConversionError(f"{self.directory}: no model.safetensors and no {INDEX}")
+        self.weight_map: dict[str, str] = weight_map
+        self._open: dict[str, Any] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.weight_map.get(name)
+        if file is None:
+            raise KeyError(name)
+        if file not in self._open:
+            path = self.directory / file
+            if not path.is_file():
+                raise ConversionError(f"{path}: listed in {INDEX} but missing")
+            self._open[file] = safe_open(path, framework="pt")
+        return self._open[file].get_tensor(name)
+
+
+def _strict(get: Callable[[str], torch.Tensor], where: str) -> Callable[[str], torch.Tensor]:
+    def checked(name: str) -> torch.Tensor:
+        try:
+            return get(name)
+        except KeyError:
+            raise ConversionError(f"{where}: checkpoint has no tensor {name!r}") from None
+    return checked
+
+
+def _write_shard(path: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, int]:
+    data = {name: t.contiguous() for name, t in tensors}
+    atomic_write_bytes(path, st_save(data, metadata={"format": "pt"}))
+    return {name: t.numel() * t.element_size() for name, t in data.items()}
+
+
+def _convert_layers(src: str, family: str, arch: dict, layers: list[int], out: str) -> dict[str, dict[str, int]]:
+    """A worker: each layer of `layers` -> its own shard `layer-NNNNN.safetensors` under `out`, so one
+    layer's tensors are resident at a time (returns file -> tensor name -> bytes)."""
+    torch.set_num_threads(1)
+    get = _strict(SafetensorsReader(src).get, src)
+    return {f"layer-{i:05d}.safetensors": _write_shard(Path(out) / f"layer-{i:05d}.safetensors",
+                                                       mapping.hf_to_mcore_layer(family, i, arch, get))
+            for i in layers}
+
+
+def _ranges(n: int, parts: int) -> list[list[int]]:
+    parts = max(1, min(parts, n))
+    return [list(range(n))[k::parts] for k in range(parts)] if n else []
+
+
+def import_checkpoint(src: str | Path, out: str | Path, *, workers: int = 1) -> dict[str, Any]:
+    """Convert a Hugging Face checkpoint directory into a converted directory (see module doc).
+
+    Returns the manifest. `workers` processes convert disjoint layer sets in parallel.
+    """
+    src, out = Path(src), Path(out)
+    config = read_config(src)
+    arch = architecture(config)
+    out.mkdir(parents=True, exist_ok=True)
+    layer_sets = [sorted(s) for s in _ranges(arch.fields["layers"], workers)]
+    sizes: dict[str, tuple[str, int]] = {}
+    results: dict[str, dict[str, int]] = {}
+    if workers > 1 and len(layer_sets) > 1:
+        with ProcessPoolExecutor(len(layer_sets), mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_convert_layers, str(src), arch.family, arch.fields, layers, str(out))
+                       for layers in layer_sets]
+            for f in futures:
+                results.update(f.result())
+    else:
+        for layers in layer_sets:
+            results.update(_convert_layers(str(src), arch.family, arch.fields, layers, str(out)))
+    get = _strict(SafetensorsReader(src).get, str(src))
+    results["edges.safetensors"] = _write_shard(out / "edges.safetensors",
+                                                mapping.hf_to_mcore_edges(arch.family, arch.fields, get))
+    for file, names in results.items():
+        for name, size in names.items():
+            sizes[name] = (file, size)
+    atomic_write_json(out / INDEX, {"metadata": {"total_size": sum(s for _, s in sizes.values())},
+                                    "weight_map": {k: f for k, (f, _) in sorted(sizes.items())}})
+    manifest = {"family": arch.family, "architecture": arch.fields, "special_ids": arch.special_ids,
+                "dtype": arch.dtype, "source": str(src), "config": config}
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(converted: str | Path) -> dict[str, Any]:
+    path = Path(converted) / MANIFEST
+    if not path.is_file():
+        raise ConversionError(f"{converted}: no {MANIFEST} (not a converted Hugging Face checkpoint)")
+    return json.loads(path.read_text())
+
+
+def rank_state_dict(converted: str | Path, *, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0,
+                    padded_vocab: int, pre_process: bool = True, post_process: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict of the GPTModel chunk held by (tp_rank, pp_rank), read slice by slice."""
+    manifest = read_manifest(converted)
+    arch = manifest["architecture"]
+    swiglu = arch["activation"] == "swiglu"
+    reader = SafetensorsReader(converted)
+    first, count = mapping.layer_offset(arch["layers"], pp, pp_rank)
+    state: dict[str, torch.Tensor] = {}
+    for name in reader.names():
+        key = name
+        if name.startswith(mapping.L + "."):
+            i = int(name.split(".")[2])
+            if not first <= i < first + count:
+                continue
+            key = f"{mapping.L}.{i - first}." + name.split(".", 3)[3]
+        elif name.startswith("embedding.") and not pre_process:
+            continue
+        elif name.startswith(("decoder.final_layernorm", "output_layer")) and not post_process:
+            continue
+        t = reader.get(name)
+        if name.endswith(("word_embeddings.weight", "output_layer.weight")):
+            t = mapping.pad_vocab(t, padded_vocab)
+        state[key] = mapping.shard_for_rank(name, t, tp=tp, rank=tp_rank, swiglu=swiglu)
+    if arch["tie_embeddings"] and post_process and not pre_process:
+        # Megatron's last pipeline stage holds its own copy of the tied embedding as output_layer
+        emb = mapping.pad_vocab(reader.get("embedding.word_embeddings.weight"), padded_vocab)
+        state["output_layer.weight"] = mapping.shard_for_rank("output_layer.weight", emb, tp=tp, rank=tp_rank,
+                                                              swiglu=swiglu)
+    return state
+
+
+def _hf_tensors(family: str, arch: dict, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    for i in range(arch["layers"]):
+        yield from mapping.mcore_to_hf_layer(family, i, arch, get)
+    yield from mapping.mcore_to_hf_edges(family, arch, get)
+
+
+def hf_config(manifest: Mapping[str, Any], dtype: str) -> dict[str, Any]:
+    """config.json for export: the source's own config (every key it had), with the dtype it is written in."""
+    config = dict(manifest["config"])
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = dtype
+    return config
+
+
+def generation_config(manifest: Mapping[str, Any], source: str | Path | None) -> dict[str, Any]:
+    """generation_config.json: the source's own when it has one, else bos/eos/pad from config.json."""
+    if source and (Path(source) / "generation_config.json").is_file():
+        return json.loads((Path(source) / "generation_config.json").read_text())
+    ids = dict(manifest.get("special_ids") or {})
+    return {"_from_model_config": True, **ids}
+
+
+def export_checkpoint(get: Callable[[str], torch.Tensor], manifest: Mapping[str, Any], out: str | Path, *,
+                      dtype: str | None = None, max_shard_bytes: int = 2 << 30,
+                      tokenizer_dir: str | Path | None = None) -> Path:
+    """Stream full Megatron tensors (`get`) to a sharded Hugging Face checkpoint in `out`.
+
+    `dtype` defaults to the source checkpoint's; shards hold at most `max_shard_bytes` each (one tensor
+    larger than that gets a shard of its own), named like transformers' `save_pretrained`.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or manifest.get("dtype", "float32")
+    torch_dtype = getattr(torch, dtype)
+    family, arch = manifest["family"], manifest["architecture"]
+    get = _strict(get, "export")
+    shards: list[list[str]] = [[]]
+    pending: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    written, total = 0, 0
+    tmp_names: list[str] = []
+
+    def flush() -> None:
+        nonlocal pending, written
+        if not pending:
+            return
+        name = f"part-{len(tmp_names):05d}.safetensors"
+        _write_shard(out / name, pending.items())
+        tmp_names.append(name)
+        for k in pending:
+            weight_map[k] = name
+        pending, written = {}, 0
+
+    for name, t in _hf_tensors(family, arch, get):
+        t = t.to(torch_dtype).contiguous().clone()  # own storage: safetensors refuses shared buffers
+        size = t.numel() * t.element_size()
+        if pending and written + size > max_shard_bytes:
+            flush()
+        pending[name] = t
+        written += size
+        total += size
+    flush()
+    final = _final_names(out, tmp_names, weight_map)
+    atomic_write_json(out / INDEX, {"metadata": {"total_size": total},
+                                    "weight_map": dict(sorted((k, final[v]) for k, v in weight_map.items()))})
+    atomic_write_json(out / "config.json", hf_config(manifest, dtype))
+    atomic_write_json(out / "generation_config.json", generation_config(manifest, manifest.get("source")))
+    copy_tokenizer_files(tokenizer_dir or manifest.get("source"), out)
+    return out
+
+
+def _final_names(out: Path, tmp_names: list[str], weight_map: dict[str, str]) -> dict[str, str]:
+    n = len(tmp_names)
+    final = {t: f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k, t in enumerate(tmp_names)}
+    for tmp, name in final.items():
+        os.replace(out / tmp, out / name)
+    return final
+
+
+def copy_tokenizer_files(source: str | Path | None, out: Path) -> list[str]:
+    """Copy the tokenizer files (incl. the chat template in tokenizer_config.json) next to the weights."""
+    if not source or not Path(source).is_dir():
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = Path(source) / name
+        if path.is_file() and path.resolve() != (out / name).resolve():
+            shutil.copyfile(path, out / name)
+            copied.append(name)
+    return copied
+
+
+def export_converted(converted: str | Path, out: str | Path, **kw) -> Path:
+    """A converted directory back to Hugging Face (the export-only experiment's round trip)."""
+    return export_checkpoint(SafetensorsReader(converted).get, read_manifest(converted), out, **kw)
+
+
+def full_state_getter(state: Mapping[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """`get` over an in-memory full (TP=1, PP=1) GPTModel state dict (e.g. a trained stage's)."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return tensors.__getitem__
+
+
+def architecture_of(manifest: Mapping[str, Any]) -> HfArchitecture:
+    return HfArchitecture(family=manifest["family"], fields=dict(manifest["architecture"]),
+                          special_ids=dict(manifest.get("special_ids") or {}), dtype=manifest.get("dtype", "float32"))

@@ -1,0 +1,230 @@
+"""Tensor-name and layout mapping between Hugging Face checkpoints and Megatron-Core's GPTModel.
+
+Input:  a family (compiler.hfconfig.FAMILIES), the architecture fields of its config.json, and a
+        `get(name) -> tensor` reader (streaming: each tensor is read when its target needs it).
+Output: generators of (name, tensor) pairs, one layer at a time, in the *full* Megatron-Core naming
+        (TP=1, PP=1, unpadded vocabulary; `shard_for_rank` slices to a rank's layout) or back in the
+        Hugging Face naming. The transforms are exact permutations and concatenations, so
+        HF -> Megatron -> HF is bit-identical.
+
+Megatron-Core GPTModel (local and TE specs alike, TE's fused norm names are accepted on the way out):
+  embedding.word_embeddings.weight                   <- model.embed_tokens.weight (rows padded per TP)
+  decoder.layers.i.input_layernorm.weight            <- model.layers.i.input_layernorm.weight
+  decoder.layers.i.self_attention.linear_qkv.weight  <- q_proj, k_proj, v_proj interleaved per query
+       group: [q heads of group 0; k_0; v_0; q heads of group 1; k_1; v_1; ...] (so a TP split of dim 0
+       hands each rank whole groups); the same for Qwen2's biases
+  decoder.layers.i.self_attention.{q,k}_layernorm.weight <- self_attn.{q,k}_norm.weight (Qwen3)
+  decoder.layers.i.self_attention.linear_proj.weight <- self_attn.o_proj.weight
+  decoder.layers.i.pre_mlp_layernorm.weight          <- post_attention_layernorm.weight
+  decoder.layers.i.mlp.linear_fc1.weight             <- [gate_proj; up_proj] (SwiGLU: first half gated)
+  decoder.layers.i.mlp.linear_fc2.weight             <- mlp.down_proj.weight
+  decoder.final_layernorm.weight                     <- model.norm.weight
+  output_layer.weight                                <- lm_head.weight (absent when tied)
+GPT-2 stores Conv1D weights as [in, out] (transposed) and c_attn as [q; k; v] with heads contiguous.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+Getter = Callable[[str], torch.Tensor]
+L = "decoder.layers"
+
+
+class MappingError(ValueError):
+    """A checkpoint whose tensors do not fit its config (missing name, wrong shape)."""
+
+
+def _heads(arch: dict[str, Any]) -> tuple[int, int, int]:
+    heads, groups = arch["heads"], arch["query_groups"]
+    return heads, groups, arch["kv_channels"] or arch["hidden"] // heads
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: dict[str, Any]) -> torch.Tensor:
+    """[q; k; v] in head order -> Megatron's per-query-group interleaving (weights and biases)."""
+    heads, groups, d = _heads(arch)
+    rest = q.shape[1:]
+    q = q.reshape(groups, heads // groups * d, *rest)
+    k = k.reshape(groups, d, *rest)
+    v = v.reshape(groups, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, arch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of fuse_qkv."""
+    heads, groups, d = _heads(arch)
+    per = heads // groups
+    rest = qkv.shape[1:]
+    g = qkv.reshape(groups, (per + 2) * d, *rest)
+    return (g[:, : per * d].reshape(-1, *rest), g[:, per * d:(per + 1) * d].reshape(-1, *rest),
+            g[:, (per + 1) * d:].reshape(-1, *rest))
+
+
+# ------------------------------------------------------------------------------ Hugging Face -> Megatron
+
+
+def _llama_layer(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    src, dst = f"model.layers.{i}", f"{L}.{i}"
+    a = f"{src}.self_attn"
+    yield f"{dst}.input_layernorm.weight", get(f"{src}.input_layernorm.weight")
+    yield f"{dst}.self_attention.linear_qkv.weight", fuse_qkv(
+        get(f"{a}.q_proj.weight"), get(f"{a}.k_proj.weight"), get(f"{a}.v_proj.weight"), arch)
+    if arch["add_qkv_bias"]:
+        yield f"{dst}.self_attention.linear_qkv.bias", fuse_qkv(
+            get(f"{a}.q_proj.bias"), get(f"{a}.k_proj.bias"), get(f"{a}.v_proj.bias"), arch)
+    if arch["qk_layernorm"]:
+        yield f"{dst}.self_attention.q_layernorm.weight", get(f"{a}.q_norm.weight")
+        yield f"{dst}.self_attention.k_layernorm.weight", get(f"{a}.k_norm.weight")
+    yield f"{dst}.self_attention.linear_proj.weight", get(f"{a}.o_proj.weight")
+    yield f"{dst}.pre_mlp_layernorm.weight", get(f"{src}.post_attention_layernorm.weight")
+    yield f"{dst}.mlp.linear_fc1.weight", torch.cat([get(f"{src}.mlp.gate_proj.weight"),
+                                                     get(f"{src}.mlp.up_proj.weight")], 0)
+    yield f"{dst}.mlp.linear_fc2.weight", get(f"{src}.mlp.down_proj.weight")
+
+
+def _gpt2_layer(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    src, dst = f"transformer.h.{i}", f"{L}.{i}"
+    for ln, ours in (("ln_1", "input_layernorm"), ("ln_2", "pre_mlp_layernorm")):
+        yield f"{dst}.{ours}.weight", get(f"{src}.{ln}.weight")
+        yield f"{dst}.{ours}.bias", get(f"{src}.{ln}.bias")
+    w = get(f"{src}.attn.c_attn.weight").t()
+    b = get(f"{src}.attn.c_attn.bias")
+    yield f"{dst}.self_attention.linear_qkv.weight", fuse_qkv(*torch.chunk(w, 3, 0), arch)
+    yield f"{dst}.self_attention.linear_qkv.bias", fuse_qkv(*torch.chunk(b, 3, 0), arch)
+    yield f"{dst}.self_attention.linear_proj.weight", get(f"{src}.attn.c_proj.weight").t()
+    yield f"{dst}.self_attention.linear_proj.bias", get(f"{src}.attn.c_proj.bias")
+    yield f"{dst}.mlp.linear_fc1.weight", get(f"{src}.mlp.c_fc.weight").t()
+    yield f"{dst}.mlp.linear_fc1.bias", get(f"{src}.mlp.c_fc.bias")
+    yield f"{dst}.mlp.linear_fc2.weight", get(f"{src}.mlp.c_proj.weight").t()
+    yield f"{dst}.mlp.linear_fc2.bias", get(f"{src}.mlp.c_proj.bias")
+
+
+def hf_to_mcore_layer(family: str, i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    return _gpt2_layer(i, arch, get) if family == "gpt2" else _llama_layer(i, arch, get)
+
+
+def hf_to_mcore_edges(family: str, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    """Embeddings, final norm and output layer (everything outside the decoder layers)."""
+    if family == "gpt2":
+        yield "embedding.word_embeddings.weight", get("transformer.wte.weight")
+        yield "embedding.position_embeddings.weight", get("transformer.wpe.weight")
+        yield "decoder.final_layernorm.weight", get("transformer.ln_f.weight")
+        yield "decoder.final_layernorm.bias", get("transformer.ln_f.bias")
+    else:
+        yield "embedding.word_embeddings.weight", get("model.embed_tokens.weight")
+        yield "decoder.final_layernorm.weight", get("model.norm.weight")
+    if not arch["tie_embeddings"]:
+        yield "output_layer.weight", get("lm_head.weight")
+
+
+# ------------------------------------------------------------------------------ Megatron -> Hugging Face
+
+
+def _pick(get: Getter, *names: str) -> torch.Tensor:
+    for name in names[:-1]:
+        try:
+            return get(name)
+        except KeyError:
+            continue
+    return get(names[-1])
+
+
+def _llama_layer_out(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    src, dst = f"{L}.{i}", f"model.layers.{i}"
+    a, m = f"{src}.self_attention", f"{src}.mlp"
+    yield f"{dst}.input_layernorm.weight", _pick(get, f"{src}.input_layernorm.weight", f"{a}.linear_qkv.layer_norm_weight")
+    for name, t in zip("qkv", split_qkv(get(f"{a}.linear_qkv.weight"), arch)):
+        yield f"{dst}.self_attn.{name}_proj.weight", t
+    if arch["add_qkv_bias"]:
+        for name, t in zip("qkv", split_qkv(get(f"{a}.linear_qkv.bias"), arch)):
+            yield f"{dst}.self_attn.{name}_proj.bias", t
+    if arch["qk_layernorm"]:
+        yield f"{dst}.self_attn.q_norm.weight", get(f"{a}.q_layernorm.weight")
+        yield f"{dst}.self_attn.k_norm.weight", get(f"{a}.k_layernorm.weight")
+    yield f"{dst}.self_attn.o_proj.weight", get(f"{a}.linear_proj.weight")
+    yield f"{dst}.post_attention_layernorm.weight", _pick(get, f"{src}.pre_mlp_layernorm.weight", f"{m}.linear_fc1.layer_norm_weight")
+    gate, up = torch.chunk(get(f"{m}.linear_fc1.weight"), 2, 0)
+    yield f"{dst}.mlp.gate_proj.weight", gate
+    yield f"{dst}.mlp.up_proj.weight", up
+    yield f"{dst}.mlp.down_proj.weight", get(f"{m}.linear_fc2.weight")
+
+
+def _gpt2_layer_out(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    src, dst = f"{L}.{i}", f"transformer.h.{i}"
+    a, m = f"{src}.self_attention", f"{src}.mlp"
+    for ln, ours, te in (("ln_1", "input_layernorm", f"{a}.linear_qkv.layer_norm_"),
+                         ("ln_2", "pre_mlp_layernorm", f"{m}.linear_fc1.layer_norm_")):
+        yield f"{dst}.{ln}.weight", _pick(get, f"{src}.{ours}.weight", te + "weight")
+        yield f"{dst}.{ln}.bias", _pick(get, f"{src}.{ours}.bias", te + "bias")
+    yield f"{dst}.attn.c_attn.weight", torch.cat(split_qkv(get(f"{a}.linear_qkv.weight"), arch), 0).t()
+    yield f"{dst}.attn.c_attn.bias", torch.cat(split_qkv(get(f"{a}.linear_qkv.bias"), arch), 0)
+    yield f"{dst}.attn.c_proj.weight", get(f"{a}.linear_proj.weight").t()
+    yield f"{dst}.attn.c_proj.bias", get(f"{a}.linear_proj.bias")
+    yield f"{dst}.mlp.c_fc.weight", get(f"{m}.linear_fc1.weight").t()
+    yield f"{dst}.mlp.c_fc.bias", get(f"{m}.linear_fc1.bias")
+    yield f"{dst}.mlp.c_proj.weight", get(f"{m}.linear_fc2.weight").t()
+    yield f"{dst}.mlp.c_proj.bias", get(f"{m}.linear_fc2.bias")
+
+
+def mcore_to_hf_layer(family: str, i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    return _gpt2_layer_out(i, arch, get) if family == "gpt2" else _llama_layer_out(i, arch, get)
+
+
+def mcore_to_hf_edges(family: str, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    vocab = arch["vocab"]
+    emb = get("embedding.word_embeddings.weight")[:vocab]
+    if family == "gpt2":
+        yield "transformer.wte.weight", emb
+        yield "transformer.wpe.weight", get("embedding.position_embeddings.weight")
+        yield "transformer.ln_f.weight", get("decoder.final_layernorm.weight")
+        yield "transformer.ln_f.bias", get("decoder.final_layernorm.bias")
+    else:
+        yield "model.embed_tokens.weight", emb
+        yield "model.norm.weight", get("decoder.final_layernorm.weight")
+    if not arch["tie_embeddings"]:
+        yield "lm_head.weight", get("output_layer.weight")[:vocab]
+
+
+# ------------------------------------------------------------------------------ tensor/pipeline sharding
+
+# Column-parallel (split dim 0) and row-parallel (split dim 1) Megatron linear layers.
+_COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias",
+           "word_embeddings.weight", "output_layer.weight")
+_ROW = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
+    """Megatron pads the vocabulary to a multiple of 128 * TP; the extra rows are zeros (never sampled
+    by a real token id; their logits are cut off on export)."""
+    if t.shape[0] >= padded:
+        return t
+    return torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])], 0)
+
+
+def shard_for_rank(name: str, full: torch.Tensor, *, tp: int, rank: int, swiglu: bool) -> torch.Tensor:
+    """The slice of a full Megatron tensor that tensor-parallel rank `rank` of `tp` holds.
+
+    SwiGLU's fc1 is [gate; up]; each rank holds [gate_r; up_r] (Megatron's ColumnParallelLinear over
+    the two halves separately), not the r-th contiguous chunk.
+    """
+    if tp == 1:
+        return full
+    if name.endswith(("linear_fc1.weight", "linear_fc1.bias")) and swiglu:
+        gate, up = torch.chunk(full, 2, 0)
+        return torch.cat([torch.chunk(gate, tp, 0)[rank], torch.chunk(up, tp, 0)[rank]], 0)
+    if name.endswith(_COLUMN):
+        return torch.chunk(full, tp, 0)[rank]
+    if name.endswith(_ROW):
+        return torch.chunk(full, tp, 1)[rank]
+    return full  # norms, row-parallel biases, position embeddings: replicated
+
+
+def layer_offset(layers: int, pp: int, pp_rank: int) -> tuple[int, int]:
+    """(first global layer, layer count) of pipeline stage pp_rank with Megatron's even split."""
+    if layers % pp:
+        raise MappingError(f"layers({layers}) is not divisible by pp({pp})")
+    per = layers // pp
+    return pp_rank * per, per

@@ -1,0 +1,143 @@
+"""`init = hf("DIR")`: the architecture from config.json, check-time errors at the user's line, the
+conversion as a task of the runtime graph."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nemoc.compiler.lower import compile_file
+from nemoc.dsl.diagnostics import Severity
+
+LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 200, "max_position_embeddings": 64,
+         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+
+
+def _experiment(model_body: str, stages: str) -> str:
+    return f"""experiment ft {{
+  cluster {{
+    gpu = CPU
+    gpus_per_node = 1
+  }}
+  model tiny {{
+{model_body}
+  }}
+  precision = fp32
+  data chat {{
+    path = "chat.jsonl"
+    format = chat
+    tokenizer = "ckpt"
+  }}
+{stages}
+}}
+"""
+
+
+SFT = """  stage sft {
+    data = [chat]
+    steps = 4
+    global_batch = 2
+    seq_length = 32
+  }"""
+
+
+def _compile(tmp_path, text: str, config=LLAMA):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir(exist_ok=True)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    (ckpt / "model.safetensors").write_bytes(b"weights-1")
+    path = tmp_path / "ft.nemo"
+    path.write_text(text)
+    spec, diags, _sources = compile_file(str(path))
+    return spec, [d for d in diags if d.severity == Severity.ERROR], text.splitlines()
+
+
+def test_a_model_block_holding_only_init_takes_config_json(tmp_path):
+    spec, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT))
+    assert errors == []
+    m = spec.model
+    assert (m.layers, m.hidden, m.heads, m.query_groups, m.ffn_hidden, m.vocab, m.seq_length) == (2, 64, 4, 2, 96, 200, 64)
+    assert m.init == "ckpt"  # relative to the experiment root, like data paths
+
+
+def test_named_argument_and_qwen3_family(tmp_path):
+    qwen3 = dict(LLAMA, model_type="qwen3", head_dim=32)
+    spec, errors, _ = _compile(tmp_path, _experiment('    init = hf(path = "ckpt")', SFT), qwen3)
+    assert errors == [] and spec.model.qk_layernorm and spec.model.kv_channels == 32
+
+
+def test_a_field_that_disagrees_is_an_error_at_its_line_with_both_values(tmp_path):
+    _, errors, lines = _compile(tmp_path, _experiment('    init = hf("ckpt")\n    heads = 8\n    layers = 2', SFT))
+    assert [e.code for e in errors] == ["E046"]
+    assert "heads = 8" in lines[errors[0].span.line - 1]
+    assert "8" in errors[0].message and "says 4" in errors[0].message
+
+
+def test_a_missing_directory_is_an_error_at_the_init_line(tmp_path):
+    _, errors, lines = _compile(tmp_path, _experiment('    init = hf("nowhere")', SFT))
+    assert [e.code for e in errors] == ["E045"]
+    assert "nowhere" in lines[errors[0].span.line - 1] and "does not exist" in errors[0].message
+
+
+def test_an_unsupported_architecture_names_the_key(tmp_path):
+    scaled = dict(LLAMA, rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    _, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), scaled)
+    assert [e.code for e in errors] == ["E045"] and "rope_scaling" in errors[0].message
+    _, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), dict(LLAMA, model_type="gemma2"))
+    assert "gemma2" in errors[0].message
+
+
+def _rule_errors(spec):
+    from nemoc.compiler.rules import check_spec
+
+    return [d for d in check_spec(spec) if d.severity == Severity.ERROR]
+
+
+def test_a_fine_tuning_stage_without_parent_or_init_is_an_error_at_its_line(tmp_path):
+    body = "    layers = 2\n    hidden = 64\n    heads = 4\n    ffn_hidden = 96\n    vocab = 200\n    seq_length = 64"
+    spec, errors, lines = _compile(tmp_path, _experiment(body, SFT))
+    errors += _rule_errors(spec)
+    assert [e.code for e in errors] == ["E155"]
+    assert lines[errors[0].span.line - 1].strip().startswith("stage sft")
+    # the stage's own init is enough
+    stage_init = SFT.replace("    steps = 4", '    steps = 4\n    init = hf("ckpt")')
+    spec, errors, _ = _compile(tmp_path, _experiment(body, stage_init))
+    assert errors + _rule_errors(spec) == []
+    assert spec.stage("sft").params["init"] == "ckpt"
+
+
+def test_an_export_only_experiment_converts_the_checkpoint(tmp_path):
+    from nemoc.compiler.graph import build_graph
+    from nemoc.compiler.planner import plan_experiment
+
+    spec, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', "  stage export {\n  }"))
+    assert errors == []
+    plan = plan_experiment(spec).plan
+    graph = build_graph(plan, root=str(tmp_path))
+    kinds = {t.id: t.kind for t in graph.tasks()}
+    assert kinds == {"hf_import:ckpt": "hf_import", "export:export": "hf_export"}
+    assert [(a.src, a.dst, a.type) for a in graph.artifacts()] == [("hf_import:ckpt", "export:export", "checkpoint")]
+
+
+def test_the_import_task_is_content_hashed_on_the_checkpoint_files(tmp_path):
+    from nemoc.compiler.graph import build_graph
+    from nemoc.compiler.planner import plan_experiment
+
+    spec, _, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT))
+    before = build_graph(plan_experiment(spec).plan, root=str(tmp_path))
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"weights-2")
+    after = build_graph(plan_experiment(spec).plan, root=str(tmp_path))
+    assert before.task("hf_import:ckpt").hash != after.task("hf_import:ckpt").hash
+    assert before.task("train:sft").hash != after.task("train:sft").hash
+    assert ("hf_import:ckpt", "train:sft") in [(a.src, a.dst) for a in after.artifacts()]
+
+
+def test_fmt_keeps_the_positional_argument(tmp_path):
+    from nemoc.dsl.format import format_module
+    from nemoc.dsl.parser import parse
+
+    text = _experiment('    init = hf("ckpt")', SFT)
+    assert 'init = hf("ckpt")' in format_module(parse(text, "ft.nemo"), text)

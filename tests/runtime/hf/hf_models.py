@@ -1,0 +1,52 @@
+"""Tiny random Hugging Face models per family (transformers' own configs), saved into a directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+
+FAMILIES = {
+    "llama": dict(model_type="llama", tie_word_embeddings=False, rms_norm_eps=1e-5),
+    "llama_tied": dict(model_type="llama", tie_word_embeddings=True),  # Llama 3.2 1B/3B tie embeddings
+    "mistral": dict(model_type="mistral", sliding_window=None, tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=False),  # QKV bias
+    "qwen3": dict(model_type="qwen3", head_dim=32, tie_word_embeddings=False),  # QK norm, head_dim != h/n
+    "gpt2": dict(model_type="gpt2", vocab_size=200, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                 activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                 bos_token_id=1, eos_token_id=2),
+}
+
+
+def make_hf_model(family: str, directory, *, seed: int = 0, max_shard_size: str | None = None, dtype=torch.float32):
+    """Build a random model of `family` with transformers, perturb its norms/biases, save_pretrained."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(FAMILIES[family])
+    model_type = kw.pop("model_type")
+    base = {} if model_type == "gpt2" else dict(COMMON)
+    base.update(kw)
+    config = AutoConfig.for_model(model_type, **base)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with torch.no_grad():  # norms start at 1 and biases at 0: perturb so a dropped or swapped one shows
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    return model
+
+
+def read_tensors(directory) -> dict:
+    """Every tensor of every safetensors file in `directory`."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
