@@ -16,6 +16,7 @@ from nemoc.runtime.align import common, dpo, lora, ppo, reward, sft, stage, trai
 from nemoc.runtime.align.common import AlignError
 from nemoc.runtime.align.data import ChatTemplate, read_preferences, read_prompts, read_sft
 from nemoc.runtime.align.stage import StageTask
+from nemoc.runtime.core import dist
 
 
 def resident_models(kind: str, params, peft) -> list[str]:
@@ -106,7 +107,7 @@ def _finish_policy(task: StageTask, chunk, payload: dict) -> dict:
     return payload
 
 
-STOP = trainer.StopSignal()  # installed by __main__: SIGTERM/SIGINT/SIGUSR1 -> save, exit 143
+STOP = dist.StopSignal()  # the core's, installed by __main__: SIGTERM/SIGINT/SIGUSR1 -> save, exit 143
 
 
 def _fit(task: StageTask, tr, metrics, *, items, to_microbatches, forward, tokens_per_step: int):

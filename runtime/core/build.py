@@ -40,18 +40,22 @@ def build_model(*, plan: Plan, stage: StagePlan, vocab_size: int, facts: margs.M
     return model, config, padded
 
 
-def build_optimizer(*, model, stage: StagePlan, precision: str):
-    """(Megatron optimizer, OptimizerParamScheduler) for a stage."""
+def build_optimizer(*, model, stage: StagePlan, precision: str, steps: int | None = None):
+    """(Megatron optimizer, OptimizerParamScheduler) for a stage's model chunks; `steps` sizes the LR
+    schedule (default: the stage's steps)."""
+    return optimizer_for(model=model, optimizer=stage.optimizer, schedule=stage.schedule, layout=stage.layout,
+                         precision=precision, steps=stage.steps if steps is None else steps)
+
+
+def optimizer_for(*, model, optimizer, schedule, layout, precision: str, steps: int):
+    """(Megatron optimizer, OptimizerParamScheduler) from a stage plan's optimizer, schedule and layout
+    (frozen parameters, requires_grad False, get no gradient buffer and are not optimised)."""
     set_phase("build optimizer")
-    optimizer = get_megatron_optimizer(
-        margs.optimizer_config(optimizer=stage.optimizer, schedule=stage.schedule, layout=stage.layout,
-                               precision=precision),
-        model,
-    )
+    megatron_optimizer = get_megatron_optimizer(
+        margs.optimizer_config(optimizer=optimizer, schedule=schedule, layout=layout, precision=precision), model)
     scheduler = OptimizerParamScheduler(
-        optimizer, **margs.scheduler_kwargs(optimizer=stage.optimizer, schedule=stage.schedule, steps=stage.steps)
-    )
-    return optimizer, scheduler
+        megatron_optimizer, **margs.scheduler_kwargs(optimizer=optimizer, schedule=schedule, steps=max(steps, 1)))
+    return megatron_optimizer, scheduler
 
 
 def restore_or_initialize(*, root: str, init_checkpoint: str | None, distributed_optimizer: bool, model, optimizer,

@@ -138,6 +138,30 @@ def throughput_for(*, plan: Plan, stage: StagePlan) -> Throughput:
     return Throughput(tokens, flops, peak, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
 
 
+def rerun_nonfinite(attempt: Callable[[], tuple], *, step: int, lr: Callable[[], float],
+                    warn: Callable[[str], None], rewind: Callable[[], None] | None):
+    """Megatron-LM's rerun state machine for one step, before the optimizer moves. `attempt()` runs the
+    forward and backward passes and returns (result, name of the checked value, its value agreed over
+    the ranks). A NaN/Inf value reruns the step from the same state (RNG restored, `rewind()` replays
+    the micro-batches): finite the second time is a transient fault (warned, training goes on); not
+    finite again, or no way to replay (`rewind` None), raises LossDiverged. Returns the result."""
+    rng = ckpt.rng_state()
+    first = None
+    while True:
+        result, what, value = attempt()
+        if faults.nonfinite_name(value) is None:
+            if first is not None:
+                warn(f"warning: the {what} was {faults.nonfinite_name(first)} at step {step}; the rerun of the "
+                     f"step from the same state gave {value:.6g}: a transient fault, training goes on")
+            return result
+        if first is not None or rewind is None:
+            raise faults.LossDiverged(faults.divergence_message(
+                what=what, step=step, first=first if first is not None else value, second=value, lr=lr()))
+        first = value
+        rewind()
+        ckpt.set_rng_state(rng)
+
+
 def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, seq_length: int,
                step: int = 0, warn: Callable[[str], None] = print):
     """One optimizer step over num_microbatches micro-batches. Returns ([loss sum, count], grad_norm, ok).
@@ -150,25 +174,18 @@ def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, 
     replayable = [it for it in _each_iterator(iterators) if isinstance(it, ReplayableIterator)]
     for it in replayable:
         it.begin_step()
-    rng = ckpt.rng_state()
-    first = None
-    while True:
+
+    def attempt():
         sums = _forward_backward(forward_step=forward_step, iterators=iterators, model=model, optimizer=optimizer,
                                  layout=layout, seq_length=seq_length)
-        loss = _global_mean(sums.clone())
-        if faults.nonfinite_name(loss) is None:
-            if first is not None:
-                warn(f"warning: the loss was {faults.nonfinite_name(first)} at step {step}; the rerun of the step "
-                     f"from the same state gave {loss:.6g}: a transient fault, training goes on")
-            break
-        lr = float(optimizer.param_groups[0]["lr"])
-        if first is not None or not replayable:
-            raise faults.LossDiverged(faults.divergence_message(what="loss", step=step, first=first if first is not None else loss,
-                                                               second=loss, lr=lr))
-        first = loss
+        return sums, "loss", _global_mean(sums.clone())
+
+    def rewind():
         for it in replayable:
             it.rewind()
-        ckpt.set_rng_state(rng)
+
+    sums = rerun_nonfinite(attempt, step=step, lr=lambda: float(optimizer.param_groups[0]["lr"]), warn=warn,
+                           rewind=rewind if replayable else None)
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)
