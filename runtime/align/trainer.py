@@ -29,8 +29,6 @@ from nemoc.runtime.core.dist import StopSignal
 
 class Trainer:
     def __init__(self, chunk, *, layout, optimizer, schedule, steps: int, precision: str = "fp32"):
-        if layout.pp > 1:
-            raise AlignError(f"alignment stages run with pipeline parallelism 1 (got pp={layout.pp}); use tp/dp")
         config = unwrap(chunk).config
         trainable = [p for p in chunk.parameters() if p.requires_grad]
         if not trainable:
@@ -100,6 +98,12 @@ def average_reports(reports: Sequence[dict]) -> dict[str, float]:
     Reported tensors must not share storage with the returned loss: Megatron's schedule divides that
     loss by the number of microbatches in place (hence the `.detach().clone()` in every loss_func).
     """
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        return _from_last_pipeline_stage(_average(reports))
+    return _average(reports)
+
+
+def _average(reports: Sequence[dict]) -> dict[str, float]:
     if not reports:
         return {}
     names = sorted(reports[0])
@@ -108,6 +112,15 @@ def average_reports(reports: Sequence[dict]) -> dict[str, float]:
         torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
         values /= parallel_state.get_data_parallel_world_size()
     return {n: float(v) for n, v in zip(names, values)}
+
+
+def _from_last_pipeline_stage(metrics: dict[str, float]) -> dict[str, float]:
+    """Under pipeline parallelism only the last stage computes the losses; every stage needs them (the
+    NaN/Inf rerun is decided by all ranks alike, rank 0 logs)."""
+    box = [metrics]
+    torch.distributed.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                            group=parallel_state.get_pipeline_model_parallel_group())
+    return box[0]
 
 
 def dp_shard(items: Sequence, step: int, global_batch: int) -> list:
