@@ -90,7 +90,7 @@ def _peft(task: StageTask):
 def _trainer(task: StageTask, chunk, steps: int | None = None):
     s = task.stage
     if s.layout.pp > 1:
-        # The trainer's step runs under pipeline parallelism (test_align_pp2.py), but the stages' other
+        # The trainer's step runs under pipeline parallelism (test_align_parallel.py), but the stages' other
         # passes (validation, reference log-probs, rollouts, reward scores) call the whole model directly.
         raise AlignError(f"stage {s.name} ({s.kind}): alignment stages run with pipeline parallelism 1 "
                          f"(got pp={s.layout.pp}); use tp/dp")

@@ -1,5 +1,6 @@
-"""Pipeline parallelism (2 processes) for an alignment stage: SFT at PP=2 (1F1B over 4 micro-batches,
-losses from the last stage) reproduces the single-process losses from the same weights."""
+"""Pipeline and data parallelism (2 processes) for an alignment stage's step: SFT at PP=2 (1F1B over 4
+micro-batches, losses from the last stage) and at DP=2 (each rank 2 micro-batches of its share, DDP)
+reproduces the single-process losses from the same weights. (TP=2: test_align_tp2.py.)"""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ HERE = Path(__file__).parent
 
 
 @pytest.mark.slow
-def test_sft_under_pp2_matches_one_process(mcore, tmp_path):
+@pytest.mark.parametrize("mode", ["pp2", "dp2"])
+def test_sft_under_two_processes_matches_one_process(mcore, tmp_path, mode):
     from nemoc.runtime.align import sft, trainer
 
     spec = llama_spec(seq_length=16, vocab=256)
@@ -33,10 +35,10 @@ def test_sft_under_pp2_matches_one_process(mcore, tmp_path):
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(HERE / "pp2_worker.py"), str(tmp_path)]
+           str(HERE / "parallel_worker.py"), str(tmp_path), mode]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    two = json.loads((tmp_path / "sft_pp2.json").read_text())
+    two = json.loads((tmp_path / f"sft_{mode}.json").read_text())
     assert len(two) == 3 and one[0] > one[-1]
     for a, b in zip(one, two):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (one, two)
