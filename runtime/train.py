@@ -11,11 +11,11 @@ one-line `[nemoc rank R] error: ...` for a diverged loss, "loss became NaN at st
 checkpoint, or a failed save, "checkpoint save failed at step N: No space left on device (path)");
 2 unreadable task.
 
-Everything Megatron-Core sees comes from runtime.megatron_args; the loop is Megatron-Core's
-get_forward_backward_func + get_megatron_optimizer + OptimizerParamScheduler. The pieces are public
-functions with keyword-only arguments so that other stages (SFT, DPO, ...) reuse them with their own
-forward step and batches: `init_distributed`, `build_model`, `build_optimizer`,
-`restore_or_initialize`, `train_loop` (pluggable `forward_step` and iterators), `evaluate`.
+Everything Megatron-Core sees comes from runtime.megatron_args; the process group, model, optimizer
+and the loop on Megatron-Core's schedules are the training core's (runtime/core/: `init_distributed`,
+`build_model`, `build_optimizer`, `restore_or_initialize`, `train_loop`, `evaluate`, re-exported here
+for existing callers). This module adds what is pretraining's own: the task file, GPTDataset batches
+(`micro_batches`) and the next-token forward step (`gpt_forward_step`).
 """
 
 from __future__ import annotations
