@@ -6,7 +6,9 @@ under torchrun with the GPTDataset pipeline, logging, signal checks and metrics 
 a minimal get_forward_backward_func loop on pre-generated tensors (bench/gpu_1b.py --bare). Each
 side runs `--rounds` times, alternating, in fresh processes (OMP_NUM_THREADS=1); per-step times are
 those of the logged intervals after the first (warm-up) one; ratios of the medians and of the fastest
-intervals are reported (the host is shared, so the load average is recorded too). JSON to
+intervals are reported (the host is shared, so the load average is recorded too). The same run then
+measures SFT side by side (bench_sft_overhead.py, in a fresh process: the alignment runtime's step loop
+vs a bare get_forward_backward_func loop on the same model and batches) under the key `sft`. JSON to
 bench/results/runtime_overhead.json.
 """
 
@@ -16,6 +18,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,13 +62,25 @@ def main() -> int:
         "ratio_runtime_over_bare": rt / br, "overhead": rt / br - 1.0,
         "runtime_step_s_min": rt_min, "bare_step_s_min": br_min, "ratio_min_intervals": rt_min / br_min,
         "load_average_1min": __import__("os").getloadavg()[0],
-        "runtime_runs": runtime, "bare_runs": bare, "wall_s": time.monotonic() - started,
+        "runtime_runs": runtime, "bare_runs": bare,
     }
+    sft = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_sft_overhead.py")), str(args.steps),
+                          str(args.rounds)], capture_output=True, text=True, timeout=900,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    if sft.returncode != 0:
+        print(sft.stderr[-4000:], file=sys.stderr)
+        return 1
+    result["sft"] = json.loads(sft.stdout[sft.stdout.index("{"):])
+    result["wall_s"] = time.monotonic() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"median: runtime {rt * 1e3:.1f} ms/step, bare {br * 1e3:.1f} ms/step, ratio {rt / br:.3f}; "
           f"fastest interval: runtime {rt_min * 1e3:.1f}, bare {br_min * 1e3:.1f}, ratio {rt_min / br_min:.3f}"
           f"  -> {args.out}")
+    s = result["sft"]
+    print(f"sft median: runtime {s['runtime_step_s_median'] * 1e3:.1f} ms/step, bare "
+          f"{s['bare_step_s_median'] * 1e3:.1f} ms/step, ratio {s['ratio_runtime_over_bare']:.3f}; fastest step "
+          f"ratio {s['ratio_min_steps']:.3f}")
     return 0
 
 

@@ -11,70 +11,50 @@ one-line `[nemoc rank R] error: ...` for a diverged loss, "loss became NaN at st
 checkpoint, or a failed save, "checkpoint save failed at step N: No space left on device (path)");
 2 unreadable task.
 
-Everything Megatron-Core sees comes from runtime.megatron_args; the loop is Megatron-Core's
-get_forward_backward_func + get_megatron_optimizer + OptimizerParamScheduler. The pieces are public
-functions with keyword-only arguments so that other stages (SFT, DPO, ...) reuse them with their own
-forward step and batches: `init_distributed`, `build_model`, `build_optimizer`,
-`restore_or_initialize`, `train_loop` (pluggable `forward_step` and iterators), `evaluate`.
+Everything Megatron-Core sees comes from runtime.megatron_args; the process group, model, optimizer
+and the loop on Megatron-Core's schedules are the training core's (runtime/core/: `init_distributed`,
+`build_model`, `build_optimizer`, `restore_or_initialize`, `train_loop`, `evaluate`, re-exported here
+for existing callers). This module adds what is pretraining's own: the task file, GPTDataset batches
+(`micro_batches`) and the next-token forward step (`gpt_forward_step`).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
-import math
 import os
-import random
 import signal
 import sys
-import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
+import torch
 
-# Megatron-Core's TP/SP communication overlap relies on kernels being issued in order: one hardware
-# queue per device (read when the CUDA context is created, so it must be set before that).
-os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+from nemoc.runtime import core  # noqa: F401  (the CPU adaptation, before any Megatron import)
+from nemoc.runtime.core.build import build_model, build_optimizer, restore_or_initialize, save_final
+from nemoc.runtime.core.dist import (  # noqa: F401  (re-exported: the pieces other tools import from here)
+    DEFAULT_TIMEOUT_S, StopSignal, TaskError, device, init_distributed, kernel_setup, machine_facts, rank0_print,
+    report_failure, set_phase, set_seed, teardown,
+)
+from nemoc.runtime.core.loop import (  # noqa: F401
+    LoopState, ReplayableIterator, Throughput, chunk_iterators, eval_iters, evaluate, throughput_for, train_loop,
+    train_step,
+)
 
-import torch  # noqa: E402
-
-from nemoc.runtime import mcore_cpu  # noqa: E402
-
-# Applied at import time (not in main): the first torch_dist save starts a multiprocessing Manager
-# that re-imports this module, and that process must be patched too. No-op when CUDA is available.
-if mcore_cpu.apply():
-    mcore_cpu.fork_checkpoint_results_queue()
-
-from megatron.core import parallel_state, tensor_parallel  # noqa: E402
-from megatron.core.optimizer import get_megatron_optimizer  # noqa: E402
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
 
 from nemoc.compiler.plan import Plan, StagePlan  # noqa: E402
 from nemoc.runtime import checkpoint as ckpt  # noqa: E402
 from nemoc.runtime import faults  # noqa: E402
 from nemoc.runtime import megatron_args as margs  # noqa: E402
 from nemoc.runtime import model as mdl  # noqa: E402
+from nemoc.runtime import mcore_cpu  # noqa: E402
 from nemoc.runtime import taskfile  # noqa: E402
-from nemoc.runtime.metrics import NullMetrics, open_metrics  # noqa: E402
+from nemoc.runtime.metrics import open_metrics  # noqa: E402
 from nemoc.runtime.tracking import target as tracking_target  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_TASK, EXIT_PREEMPTED = 0, 1, 2, 143
-DEFAULT_TIMEOUT_S = 300
-
-_control_group = [None]  # a gloo group for host-side agreement (stop signal) when the backend is nccl
-_phase = ["startup"]  # what this rank is doing, for error reports (a hang shows up as a timeout here)
-
-
-def set_phase(text: str) -> None:
-    _phase[0] = text
-
-
-class TaskError(ValueError):
-    """The task file is unreadable or inconsistent; the message says what and where."""
 
 
 # ------------------------------------------------------------------------------------------- task
@@ -141,111 +121,6 @@ def load_task(path: str) -> Task:
     )
 
 
-# ------------------------------------------------------------------------------------ distributed
-
-
-def kernel_setup(kernels: str) -> tuple[margs.MachineFacts, str | None]:
-    """(the facts a stage builds with, a warning for task start or None) for the plan's `kernels`
-    (StagePlan.kernels): margs.choose_kernels decides; the local spec gets its workarounds on a GPU too."""
-    cpu = mcore_cpu.is_applied()
-    importable = kernels == "te" and not cpu and mdl.have_transformer_engine()  # TE is imported only if wanted
-    choice = margs.choose_kernels(planned=kernels, te_importable=importable, cpu=cpu)
-    if not choice.use_te:
-        mcore_cpu.apply_no_te_fixes()  # idempotent; the CPU adaptation has applied them already
-    return margs.MachineFacts(cpu=cpu, have_te=choice.use_te), choice.warning
-
-
-def machine_facts(kernels: str = "te") -> margs.MachineFacts:
-    return kernel_setup(kernels)[0]
-
-
-def init_distributed(*, layout, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
-    """Process group (nccl on GPU, gloo on CPU; env:// under torchrun, in-process store otherwise)
-    and Megatron's model-parallel groups for `layout`."""
-    set_phase("init_process_group")
-    timeout = datetime.timedelta(seconds=timeout_s)
-    backend = "nccl" if torch.cuda.is_available() and not mcore_cpu.is_applied() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not torch.distributed.is_initialized():
-        if "RANK" in os.environ:
-            torch.distributed.init_process_group(backend=backend, timeout=timeout)
-        else:  # a single process without torchrun
-            store = torch.distributed.HashStore()
-            torch.distributed.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
-    world = torch.distributed.get_world_size()
-    if world != layout.world_size:
-        raise TaskError(f"tp({layout.tp}) * pp({layout.pp}) * cp({layout.cp}) * dp({layout.dp}) = "
-                        f"{layout.world_size} != world size {world} (processes launched)")
-    if backend == "nccl":
-        # The per-step stop-signal agreement runs on the host over gloo: no GPU synchronisation.
-        _control_group[0] = torch.distributed.new_group(backend="gloo", timeout=timeout)
-    set_phase("initialize_model_parallel")
-    parallel_state.initialize_model_parallel(**margs.parallel_kwargs(layout=layout,
-                                                                     timeout_minutes=math.ceil(timeout_s / 60)))
-
-
-def set_seed(seed: int) -> None:
-    """Megatron-LM's _set_random_seed: a different seed per pipeline stage, and the tensor-parallel
-    RNG tracker (per-TP-rank streams for dropout and TP-sharded init)."""
-    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
-def teardown() -> None:
-    set_phase("teardown")
-    _control_group[0] = None
-    try:
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if not mcore_cpu.is_applied() else torch.device("cpu")
-
-
-# ------------------------------------------------------------------------------- model, optimizer
-
-
-def build_model(*, plan: Plan, stage: StagePlan, vocab_size: int, facts: margs.MachineFacts | None = None,
-                dropout: float | None = None):
-    """(model chunks wrapped in Megatron DDP, TransformerConfig, padded vocab) for a stage."""
-    facts = facts or machine_facts(stage.kernels)
-    set_phase("build model")
-    config = margs.transformer_config(
-        model=plan.model, layout=stage.layout, precision=plan.precision,
-        attention_backend=plan.attention_backend, facts=facts,
-        dropout=float(stage.params.get("dropout", 0.0)) if dropout is None else dropout,
-        deterministic=facts.cpu, stage_params=stage.params,
-    )
-    padded = margs.padded_vocab_size(vocab_size, stage.layout.tp)
-    chunks = mdl.build_model_chunks(config=config, model=plan.model, vocab_size=padded,
-                                    seq_length=stage.seq_length, attention_backend=plan.attention_backend,
-                                    have_te=facts.have_te)
-    model = mdl.wrap_ddp(chunks=chunks, config=config, ddp_config=margs.ddp_config(layout=stage.layout))
-    return model, config, padded
-
-
-def build_optimizer(*, model, stage: StagePlan, precision: str):
-    """(Megatron optimizer, OptimizerParamScheduler) for a stage."""
-    set_phase("build optimizer")
-    optimizer = get_megatron_optimizer(
-        margs.optimizer_config(optimizer=stage.optimizer, schedule=stage.schedule, layout=stage.layout,
-                               precision=precision),
-        model,
-    )
-    scheduler = OptimizerParamScheduler(
-        optimizer, **margs.scheduler_kwargs(optimizer=stage.optimizer, schedule=stage.schedule, steps=stage.steps)
-    )
-    return optimizer, scheduler
-
-
 # ------------------------------------------------------------------------------------------- data
 
 
@@ -284,9 +159,6 @@ def split_string(plan: Plan, stage: StagePlan) -> str:
     split = spec.split if spec is not None else (0.98, 0.02, 0.0)
     return ",".join(f"{x:g}" for x in split)
 
-
-def eval_iters(stage: StagePlan) -> int:
-    return int(stage.params.get("eval_iters", 10))
 
 
 def build_gpt_datasets(*, task: Task, stage: StagePlan, seed: int):
@@ -372,11 +244,6 @@ def micro_batches(dataset, *, start_sample: int, micro_batch: int, dp_rank: int,
         index += micro_batch * dp_size
 
 
-def chunk_iterators(make: Callable[[], Iterator], n_chunks: int):
-    """The schedules want one iterator per virtual-pipeline chunk, each yielding the same batches."""
-    return make() if n_chunks == 1 else [make() for _ in range(n_chunks)]
-
-
 # ------------------------------------------------------------------------------- forward and loss
 
 
@@ -400,314 +267,7 @@ def gpt_forward_step(data_iterator, model):
     return output, partial(masked_lm_loss, batch["loss_mask"])
 
 
-def _loss_sums(losses: list[dict], key: str = "lm loss") -> torch.Tensor:
-    """[sum, count] over this rank's micro-batches (zeros off the last pipeline stage). Stays on the
-    device: no host synchronisation per step (it is read at log steps only)."""
-    total = torch.zeros(2, dtype=torch.float64, device=device())
-    for entry in losses or []:
-        if key in entry:
-            total += entry[key].detach().to(total.device, torch.float64)
-    return total
-
-
-def _global_mean(sums: torch.Tensor) -> float:
-    """Mean loss over the whole job from per-rank [sum, count]. Every last-stage rank of a TP/CP
-    group holds the same (or its CP share of the) sums, so the ratio of world sums is exact."""
-    sums = sums.to(device(), torch.float64)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)
-    sums = sums.cpu()
-    return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
-
-
-# ----------------------------------------------------------------------------------------- stopping
-
-
-class StopSignal(faults.StopSignal):
-    """SIGTERM / SIGINT / SIGUSR1 -> finish the current step, save, exit 143 (Ctrl-C, `nemoc cancel`,
-    Slurm requeue, K8s preemption)."""
-
-    def agreed(self) -> int:
-        return super().agreed(group=_control_group[0])  # host tensor: gloo (default or control group)
-
-
-class ReplayableIterator:
-    """Wraps a micro-batch iterator and remembers what the current step took, so that the step can be
-    run again on the same micro-batches (the rerun of a step whose loss was NaN/Inf)."""
-
-    def __init__(self, iterator: Iterator):
-        self._iterator = iterator
-        self._taken: list = []
-        self._replay: list = []
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = self._replay.pop(0) if self._replay else next(self._iterator)
-        self._taken.append(item)
-        return item
-
-    def begin_step(self) -> None:
-        self._taken = []
-
-    def rewind(self) -> None:
-        self._replay = self._taken + self._replay
-        self._taken = []
-
-
-def _each_iterator(iterators) -> list:
-    return list(iterators) if isinstance(iterators, list) else [iterators]
-
-
-# ------------------------------------------------------------------------------------- train loop
-
-
-@dataclass
-class LoopState:
-    iteration: int = 0
-    consumed_samples: int = 0
-    last_loss: float = float("nan")
-    last_val_loss: float | None = None
-    preempted_by: int = 0
-    losses: list[float] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Throughput:
-    """Constants for the per-step rates: tokens per step and (if known) model FLOPs per step."""
-
-    tokens_per_step: int
-    model_flops_per_step: float | None
-    peak_flops_per_gpu: float | None
-    world_size: int
-
-
-def throughput_for(*, plan: Plan, stage: StagePlan) -> Throughput:
-    tokens = stage.layout.global_batch * stage.seq_length
-    flops = peak = None
-    try:  # the compiler's formula for this stage kind, with the causal discount, as `nemoc plan` reports MFU
-        from nemoc.compiler.flops import stage_model_flops_per_step
-
-        flops = stage_model_flops_per_step(plan.model, stage.seq_length, stage.layout.global_batch,
-                                           stage_kind=stage.kind, peft=stage.peft, params=stage.params,
-                                           causal_discount=True)
-    except Exception:
-        flops = None
-    if torch.cuda.is_available() and not mcore_cpu.is_applied():
-        try:
-            from nemoc.compiler.catalog.hardware import get_gpu
-
-            name = torch.cuda.get_device_name()
-            gpu_id = next((g for g in ("B300", "B200", "H200", "H100", "A100") if g in name), plan.cluster.gpu)
-            if gpu_id == "A100":
-                gpu_id = "A100-80GB" if torch.cuda.get_device_properties(0).total_memory > 50e9 else "A100-40GB"
-            hw = get_gpu(gpu_id)
-            peak = hw.peak(plan.precision) if hw is not None and hw.supports(plan.precision) else None
-        except Exception:
-            peak = None
-    return Throughput(tokens, flops, peak, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
-
-
-def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, seq_length: int,
-               step: int = 0, warn: Callable[[str], None] = print):
-    """One optimizer step over num_microbatches micro-batches. Returns ([loss sum, count], grad_norm, ok).
-
-    The loss is checked before the optimizer steps (Megatron-LM's rerun state machine): if it is NaN or
-    Inf on any rank, the gradients are dropped and the step is run again from the same state (same
-    parameters, micro-batches and RNG state). A finite rerun is a transient fault (warned, training
-    goes on); a second non-finite loss raises LossDiverged. Wrap `iterators` in ReplayableIterator for
-    the rerun to see the same micro-batches."""
-    replayable = [it for it in _each_iterator(iterators) if isinstance(it, ReplayableIterator)]
-    for it in replayable:
-        it.begin_step()
-    rng = ckpt.rng_state()
-    first = None
-    while True:
-        sums = _forward_backward(forward_step=forward_step, iterators=iterators, model=model, optimizer=optimizer,
-                                 layout=layout, seq_length=seq_length)
-        loss = _global_mean(sums.clone())
-        if faults.nonfinite_name(loss) is None:
-            if first is not None:
-                warn(f"warning: the loss was {faults.nonfinite_name(first)} at step {step}; the rerun of the step "
-                     f"from the same state gave {loss:.6g}: a transient fault, training goes on")
-            break
-        lr = float(optimizer.param_groups[0]["lr"])
-        if first is not None or not replayable:
-            raise faults.LossDiverged(faults.divergence_message(what="loss", step=step, first=first if first is not None else loss,
-                                                               second=loss, lr=lr))
-        first = loss
-        for it in replayable:
-            it.rewind()
-        ckpt.set_rng_state(rng)
-    ok, grad_norm, _ = optimizer.step()
-    if ok:
-        scheduler.step(increment=1)
-    return sums, (float(grad_norm) if grad_norm is not None else float("nan")), bool(ok)
-
-
-def _forward_backward(*, forward_step, iterators, model, optimizer, layout, seq_length: int) -> torch.Tensor:
-    for chunk in model:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iterators, model=model,
-        num_microbatches=layout.num_microbatches, seq_length=seq_length, micro_batch_size=layout.micro_batch,
-        decoder_seq_length=seq_length, forward_only=False,
-    )
-    return _loss_sums(losses)
-
-
-def evaluate(*, forward_step, make_iterators, model, layout, seq_length: int, iters: int) -> float:
-    """Mean validation loss over `iters` global batches (forward only, all ranks)."""
-    for chunk in model:
-        chunk.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device())
-    iterators = make_iterators()
-    with torch.no_grad():
-        for _ in range(iters):
-            losses = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iterators, model=model,
-                num_microbatches=layout.num_microbatches, seq_length=seq_length,
-                micro_batch_size=layout.micro_batch, decoder_seq_length=seq_length, forward_only=True,
-            )
-            total += _loss_sums(losses)
-    for chunk in model:
-        chunk.train()
-    return _global_mean(total)
-
-
-def _sync() -> None:
-    if torch.cuda.is_available() and not mcore_cpu.is_applied():
-        torch.cuda.synchronize()
-
-
-def _peak_memory_gib() -> float | None:
-    if not torch.cuda.is_available() or mcore_cpu.is_applied():
-        return None
-    peak = torch.tensor([torch.cuda.max_memory_allocated()], dtype=torch.float64, device=device())
-    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-    return float(peak.item()) / 2**30
-
-
-def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, train_iterators,
-               state: LoopState, end_iteration: int, checkpointer: ckpt.Checkpointer | None,
-               make_checkpoint_state: Callable[[LoopState], dict] | None, metrics=None,
-               make_valid_iterators: Callable | None = None, throughput: Throughput | None = None,
-               stop: StopSignal | None = None) -> LoopState:
-    """Train from state.iteration to end_iteration. Logs every stage.log_every steps (loss averaged
-    over the interval), validates every stage.eval_every steps, checkpoints every
-    stage.checkpoint.every steps, and stops early (after saving) on SIGTERM/SIGUSR1."""
-    metrics = metrics or NullMetrics()
-    layout = stage.layout
-    interval_sums = torch.zeros(2, dtype=torch.float64, device=device())
-    interval_start, interval_steps, skipped = time.perf_counter(), 0, 0
-    every = stage.checkpoint.every
-
-    def validate_now(last: bool) -> bool:
-        return make_valid_iterators is not None and bool(stage.eval_every) and (
-            state.iteration % stage.eval_every == 0 or last)
-
-    def validate() -> float:
-        set_phase(f"validation at step {state.iteration}")
-        state.last_val_loss = evaluate(forward_step=forward_step, make_iterators=make_valid_iterators, model=model,
-                                       layout=layout, seq_length=stage.seq_length, iters=eval_iters(stage))
-        return state.last_val_loss
-
-    while state.iteration < end_iteration:
-        set_phase(f"train step {state.iteration + 1}")
-        sums, grad_norm, ok = train_step(forward_step=forward_step, iterators=train_iterators, model=model,
-                                         optimizer=optimizer, scheduler=scheduler, layout=layout,
-                                         seq_length=stage.seq_length, step=state.iteration + 1,
-                                         warn=lambda text: metrics.event("transient_fault", message=text))
-        state.iteration += 1
-        state.consumed_samples += layout.global_batch
-        interval_sums += sums
-        interval_steps += 1
-        skipped += 0 if ok else 1
-        last = state.iteration == end_iteration
-        if state.iteration % max(stage.log_every, 1) == 0 or last:
-            set_phase(f"log step {state.iteration}")
-            _sync()
-            elapsed = time.perf_counter() - interval_start
-            state.last_loss = _global_mean(interval_sums)
-            state.losses.append(state.last_loss)
-            record = _step_record(state, interval_steps, elapsed, grad_norm, optimizer, skipped, throughput)
-            if validate_now(last):
-                record["val_loss"] = validate()
-            metrics.log(record)
-            interval_sums.zero_()
-            interval_steps, skipped = 0, 0
-            interval_start = time.perf_counter()
-        elif validate_now(last):
-            started = time.perf_counter()
-            metrics.log({"step": state.iteration, "val_loss": validate()})
-            interval_start += time.perf_counter() - started  # validation is not training step time
-        if checkpointer is not None:
-            checkpointer.maybe_finalize()
-        signum = stop.agreed() if stop is not None else 0
-        if signum:
-            state.preempted_by = signum
-            break
-        if checkpointer is not None and every and state.iteration % every == 0 and not last:
-            set_phase(f"checkpoint save at step {state.iteration}")
-            checkpointer.save(make_checkpoint_state(state), iteration=state.iteration)
-            interval_start = time.perf_counter()  # do not bill the save to the next interval
-    return state
-
-
-def _step_record(state: LoopState, steps: int, elapsed: float, grad_norm: float, optimizer, skipped: int,
-                 throughput: Throughput | None) -> dict:
-    step_time = elapsed / max(steps, 1)
-    record = {
-        "step": state.iteration,
-        "loss": state.last_loss,
-        "lr": float(optimizer.param_groups[0]["lr"]),
-        "grad_norm": grad_norm,
-        "step_time_s": step_time,
-        "consumed_samples": state.consumed_samples,
-        "skipped_steps": skipped,
-    }
-    if hasattr(optimizer, "get_loss_scale"):
-        scale = optimizer.get_loss_scale()
-        record["loss_scale"] = float(scale.item() if torch.is_tensor(scale) else scale)
-    if throughput is not None:
-        record["tokens_per_s"] = throughput.tokens_per_step / step_time
-        if throughput.model_flops_per_step:
-            tflops = throughput.model_flops_per_step / step_time / throughput.world_size / 1e12
-            record["tflops_per_gpu"] = tflops
-            if throughput.peak_flops_per_gpu:
-                record["mfu"] = tflops * 1e12 / throughput.peak_flops_per_gpu
-    peak = _peak_memory_gib()
-    if peak is not None:
-        record["peak_mem_gib"] = peak
-    return record
-
-
 # ------------------------------------------------------------------------------------ the stage
-
-
-def restore_or_initialize(*, task: Task, model, optimizer, scheduler, metrics) -> ckpt.Restored | None:
-    """Resume from the stage's own checkpoints if any; otherwise load `init_checkpoint` weights."""
-    set_phase("restore checkpoint")
-    warn = _rank0_print
-    restored = ckpt.resume(root=task.checkpoint_dir, chunks=model, optimizer=optimizer, scheduler=scheduler,
-                           distributed_optimizer=task.stage.layout.distributed_optimizer, warn=warn)
-    if restored is not None:
-        metrics.rewind(restored.iteration)  # steps after the checkpoint are logged again: one record per step
-        metrics.event("resumed", checkpoint=restored.path, iteration=restored.iteration,
-                      optimizer_restored=restored.optimizer_restored, rng_restored=restored.rng_restored)
-        return restored
-    if task.init_checkpoint:
-        set_phase(f"load init checkpoint {task.init_checkpoint}")
-        ckpt.load_weights(task.init_checkpoint, chunks=model, optimizer=optimizer)
-        metrics.event("initialized", checkpoint=task.init_checkpoint)
-    return None
-
-
-def _rank0_print(text: str) -> None:
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(f"[nemoc] {text}", flush=True)
 
 
 def _write_json_atomic(path: str, payload: dict) -> None:
@@ -722,14 +282,15 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
     set_seed(stage.seed)
     facts, warning = kernel_setup(stage.kernels)
     if warning:
-        _rank0_print(warning)
+        rank0_print(warning)
     model, config, padded_vocab = build_model(plan=plan, stage=stage, vocab_size=task.vocab_size, facts=facts)
     optimizer, scheduler = build_optimizer(model=model, stage=stage, precision=plan.precision)
     metrics = open_metrics(rank=rank, metrics_path=task.metrics_path, tensorboard_dir=task.tensorboard_dir,
                            total_steps=task.steps, title=stage.name, tracking=tracking_target(plan, stage, task.output_dir))
     checkpointer = None
     try:
-        restored = restore_or_initialize(task=task, model=model, optimizer=optimizer, scheduler=scheduler,
+        restored = restore_or_initialize(root=task.checkpoint_dir, init_checkpoint=task.init_checkpoint,
+                                         distributed_optimizer=stage.layout.distributed_optimizer, model=model, optimizer=optimizer, scheduler=scheduler,
                                          metrics=metrics)
         state = LoopState()
         if restored is not None:
@@ -760,7 +321,7 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
                                                                              "dp_reshardable")))
 
         if rank == 0:
-            _rank0_print(f"stage {stage.name}: {plan.model.name} layout tp={layout.tp} pp={layout.pp} vp={layout.vp} "
+            rank0_print(f"stage {stage.name}: {plan.model.name} layout tp={layout.tp} pp={layout.pp} vp={layout.vp} "
                          f"cp={layout.cp} ep={layout.ep} dp={layout.dp} mbs={layout.micro_batch} "
                          f"gbs={layout.global_batch} seq={stage.seq_length} precision={plan.precision} "
                          f"kernels={'te' if facts.have_te else 'local'} "
@@ -772,7 +333,7 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
                            end_iteration=task.steps, checkpointer=checkpointer, make_checkpoint_state=checkpoint_state,
                            metrics=metrics, make_valid_iterators=make_valid,
                            throughput=throughput_for(plan=plan, stage=stage), stop=stop)
-        final = _save_final(checkpointer, checkpoint_state, state, restored) if checkpointer is not None else None
+        final = save_final(checkpointer, checkpoint_state, state, restored) if checkpointer is not None else None
         set_phase("finish")
         if rank == 0:
             if state.preempted_by:
@@ -790,31 +351,6 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
         if checkpointer is not None:
             checkpointer.close()
         metrics.close()
-
-
-def _save_final(checkpointer: ckpt.Checkpointer, checkpoint_state, state: LoopState,
-                restored: ckpt.Restored | None) -> str:
-    """Save at the current iteration unless this run saved that checkpoint or resumed from it (both
-    verified); wait for it to land. A checkpoint of that name that `latest` names but the resume
-    skipped as damaged is replaced, never handed on."""
-    set_phase(f"final checkpoint at step {state.iteration}")
-    target = os.path.join(checkpointer.root, ckpt.iteration_name(state.iteration))
-    saved = checkpointer.has_saved(target)
-    resumed_there = restored is not None and restored.path == target
-    if not saved and not resumed_there:
-        checkpointer.save(checkpoint_state(state), iteration=state.iteration)
-    checkpointer.close()
-    return target
-
-
-def _report_failure(exc: BaseException) -> None:
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", "0"))
-    text = "".join(traceback.format_exception(exc))
-    hint = ""
-    if "timed out" in str(exc).lower() or "timeout" in type(exc).__name__.lower():
-        hint = " (a collective timed out: another rank probably failed or hangs; see its log)"
-    print(f"[nemoc rank {rank}] error during {_phase[0]}{hint}: {type(exc).__name__}: {exc}\n{text}",
-          file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -847,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             taskfile.mark_fatal(args[0], str(exc))
         return EXIT_FAILED
     except Exception as exc:  # noqa: BLE001 -- every failure is reported with rank and phase
-        _report_failure(exc)
+        report_failure(exc)
         return EXIT_FAILED
     finally:
         stop.uninstall()

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nemoc.runtime import core  # noqa: F401  (the CPU adaptation, before any Megatron import)
 from nemoc.runtime import mcore_cpu
 from nemoc.runtime.atomic import atomic_write_json
-
-mcore_cpu.apply()
+from nemoc.runtime.core import dist
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
@@ -48,38 +48,26 @@ class AlignError(RuntimeError):
 
 
 def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
-    """Initialise torch.distributed (torchrun env, or a 1-process HashStore group) and parallel_state."""
-    if not torch.distributed.is_initialized():
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if world == 1 and "MASTER_ADDR" not in os.environ:
-            store = torch.distributed.HashStore()
-            torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1)
-        else:
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            torch.distributed.init_process_group(backend)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    if mcore_cpu.is_applied():
-        mcore_cpu.fork_checkpoint_results_queue()  # first torch_dist save: 0.25 s instead of ~7 s
-    seed_all(seed)
+    """The training core's process group and model-parallel groups (runtime.core.dist, the one caller of
+    initialize_model_parallel) for tp x pp x (the rest: data parallel), then the core's seeding."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % (tp * pp):
+        raise AlignError(f"world size {world} is not a multiple of tp({tp}) * pp({pp})")
+    dp = world // (tp * pp)
+    try:
+        dist.init_distributed(layout=single_layout(tp=tp, pp=pp, dp=dp, global_batch=dp))
+    except dist.TaskError as exc:
+        raise AlignError(str(exc)) from None
+    dist.set_seed(seed)
 
 
 def seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    """The core's seeding (Python, NumPy, torch, the tensor-parallel RNG tracker)."""
+    dist.set_seed(seed)
 
 
-def teardown_distributed() -> None:
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+teardown_distributed = dist.teardown
+device = dist.device
 
 
 # ------------------------------------------------------------------------------------------ models

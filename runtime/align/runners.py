@@ -16,6 +16,7 @@ from nemoc.runtime.align import common, dpo, lora, ppo, reward, sft, stage, trai
 from nemoc.runtime.align.common import AlignError
 from nemoc.runtime.align.data import ChatTemplate, read_preferences, read_prompts, read_sft
 from nemoc.runtime.align.stage import StageTask
+from nemoc.runtime.core import dist
 
 
 def resident_models(kind: str, params, peft) -> list[str]:
@@ -88,6 +89,11 @@ def _peft(task: StageTask):
 
 def _trainer(task: StageTask, chunk, steps: int | None = None):
     s = task.stage
+    if s.layout.pp > 1:
+        # The trainer's step runs under pipeline parallelism (test_align_parallel.py), but the stages' other
+        # passes (validation, reference log-probs, rollouts, reward scores) call the whole model directly.
+        raise AlignError(f"stage {s.name} ({s.kind}): alignment stages run with pipeline parallelism 1 "
+                         f"(got pp={s.layout.pp}); use tp/dp")
     return trainer.Trainer(chunk, layout=s.layout, optimizer=s.optimizer, schedule=s.schedule,
                            steps=steps or s.steps, precision=task.plan.precision)
 
@@ -106,7 +112,7 @@ def _finish_policy(task: StageTask, chunk, payload: dict) -> dict:
     return payload
 
 
-STOP = trainer.StopSignal()  # installed by __main__: SIGTERM/SIGINT/SIGUSR1 -> save, exit 143
+STOP = dist.StopSignal()  # the core's, installed by __main__: SIGTERM/SIGINT/SIGUSR1 -> save, exit 143
 
 
 def _fit(task: StageTask, tr, metrics, *, items, to_microbatches, forward, tokens_per_step: int):

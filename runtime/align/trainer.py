@@ -16,33 +16,30 @@ from collections.abc import Callable, Sequence
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.optimizer import get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from nemoc.runtime import checkpoint as ckpt
 from nemoc.runtime import faults
 from nemoc.runtime import megatron_args as margs
 from nemoc.runtime import model as mmodel
 from nemoc.runtime.align.common import AlignError, unwrap
+from nemoc.runtime.core import build as core_build
+from nemoc.runtime.core import loop as core_loop
+from nemoc.runtime.core.dist import StopSignal
 
 
 class Trainer:
     def __init__(self, chunk, *, layout, optimizer, schedule, steps: int, precision: str = "fp32"):
-        if layout.pp > 1:
-            raise AlignError(f"alignment stages run with pipeline parallelism 1 (got pp={layout.pp}); use tp/dp")
         config = unwrap(chunk).config
         trainable = [p for p in chunk.parameters() if p.requires_grad]
         if not trainable:
             raise AlignError("no trainable parameters")
         (self.model,) = mmodel.wrap_ddp(chunks=[chunk], config=config, ddp_config=margs.ddp_config(layout=layout))
         try:
-            opt_config = margs.optimizer_config(optimizer=optimizer, schedule=schedule, layout=layout, precision=precision)
-            sched_kwargs = margs.scheduler_kwargs(optimizer=optimizer, schedule=schedule, steps=max(steps, 1))
+            self.optimizer, self.scheduler = core_build.optimizer_for(
+                model=[self.model], optimizer=optimizer, schedule=schedule, layout=layout, precision=precision,
+                steps=steps)
         except margs.UnsupportedPlan as exc:
             raise AlignError(str(exc)) from None
-        self.optimizer = get_megatron_optimizer(opt_config, [self.model])
-        self.scheduler = OptimizerParamScheduler(self.optimizer, **sched_kwargs)
         self.step_count = 0
         self.warn: Callable[[str], None] = print  # a transient NaN/Inf loss (see `step`)
 
@@ -59,22 +56,15 @@ class Trainer:
         again: LossDiverged ("loss became NaN at step N ... lower the learning rate")."""
         start = time.perf_counter()
         self.model.train()
-        rng = ckpt.rng_state()
-        first = None
-        while True:
+
+        def attempt():
             metrics = self._forward_backward(microbatches, forward, seq_length=seq_length)
             bad = next(((k, v) for k, v in sorted(metrics.items()) if k.endswith("loss") and faults.nonfinite_name(v)),
                        None)
-            if bad is None:
-                break
-            if first is not None:
-                raise faults.LossDiverged(faults.divergence_message(what=bad[0], step=self.step_count + 1,
-                                                                   first=first, second=bad[1], lr=self.lr))
-            first = bad[1]
-            ckpt.set_rng_state(rng)
-        if first is not None:
-            self.warn(f"warning: the loss was {faults.nonfinite_name(first)} at step {self.step_count + 1}; the rerun "
-                      "of the step from the same state was finite: a transient fault, training goes on")
+            return (metrics, *(bad or ("loss", 0.0)))
+
+        metrics = core_loop.rerun_nonfinite(attempt, step=self.step_count + 1, lr=lambda: self.lr,
+                                            warn=self.warn, rewind=lambda: None)
         lr = self.lr
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
@@ -108,6 +98,12 @@ def average_reports(reports: Sequence[dict]) -> dict[str, float]:
     Reported tensors must not share storage with the returned loss: Megatron's schedule divides that
     loss by the number of microbatches in place (hence the `.detach().clone()` in every loss_func).
     """
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        return _from_last_pipeline_stage(_average(reports))
+    return _average(reports)
+
+
+def _average(reports: Sequence[dict]) -> dict[str, float]:
     if not reports:
         return {}
     names = sorted(reports[0])
@@ -116,6 +112,15 @@ def average_reports(reports: Sequence[dict]) -> dict[str, float]:
         torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
         values /= parallel_state.get_data_parallel_world_size()
     return {n: float(v) for n, v in zip(names, values)}
+
+
+def _from_last_pipeline_stage(metrics: dict[str, float]) -> dict[str, float]:
+    """Under pipeline parallelism only the last stage computes the losses; every stage needs them (the
+    NaN/Inf rerun is decided by all ranks alike, rank 0 logs)."""
+    box = [metrics]
+    torch.distributed.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                            group=parallel_state.get_pipeline_model_parallel_group())
+    return box[0]
 
 
 def dp_shard(items: Sequence, step: int, global_batch: int) -> list:
@@ -136,15 +141,6 @@ class Preempted(Exception):
     def __init__(self, step: int, signum: int):
         super().__init__(f"preempted by signal {signum} after step {step} (checkpoint saved)")
         self.step, self.signum = step, signum
-
-
-class StopSignal(faults.StopSignal):
-    """SIGTERM / SIGINT / SIGUSR1 -> finish the step, save, raise Preempted (exit 143)."""
-
-    def agreed(self) -> int:
-        from nemoc.runtime.align.common import device
-
-        return super().agreed(device=device())
 
 
 def run_steps(trainer: Trainer, *, items: Sequence, steps: int, global_batch: int, to_microbatches: Callable,

@@ -136,3 +136,32 @@ def arithmetic_world(root, mcore, *, seed: int):
     mcore.seed_all(seed)
     mcore.save_model(mcore.build_gpt(spec, mcore.single_layout(), vocab=tok.vocab_size, seq_length=48), root / "base")
     return root, spec, tok, qa
+
+
+def train_kind(common, kind: str, base, layout, *, steps: int = 3) -> list[float]:
+    """`steps` steps of an alignment kind ("sft", "dpo", "reward") on tiny synthetic data from the
+    checkpoint `base`, at `layout` (the caller's process group); the logged loss of every step.
+    test_align_parallel.py runs it in one process and under torchrun (parallel_worker.py)."""
+    from nemoc.runtime.align import dpo, reward, sft, trainer
+
+    spec = llama_spec(seq_length=16, vocab=256)
+    model = common.build_gpt(spec, layout, scalar_head=kind == "reward")
+    common.load_model(model, base, skip_output=kind == "reward")  # zero-initialised scalar head
+    tr = trainer.Trainer(model, layout=layout, **stage_settings(steps=steps, lr=1e-2))
+    mb = layout.micro_batch
+    if kind == "sft":
+        items = [[s] for s in instruction_samples(16, seed=1, f=mapping(0))]
+        to_mb, forward = (lambda share: sft.rows_to_batches(share, 16, mb)), sft.forward
+    elif kind == "dpo":
+        reference = common.build_gpt(spec, layout)
+        common.load_model(reference, base)
+        scores = dpo.ReferenceScores(model=reference, loss="dpo")
+        items = list(enumerate(preference_pairs(16, 1, mapping(2))))
+        to_mb = lambda share: dpo.microbatches(share, seq_length=8, micro_batch=mb, reference=scores, table=None)  # noqa: E731
+        forward = dpo.make_forward(beta=0.1, loss="dpo")
+    else:
+        items = preference_pairs(16, 1, mapping(3))
+        to_mb, forward = (lambda share: reward.pair_microbatches(share, seq_length=8, micro_batch=mb)), reward.forward
+    history = trainer.run_steps(tr, items=items, steps=steps, global_batch=layout.global_batch,
+                                to_microbatches=to_mb, forward=forward, seq_length=16 if kind == "sft" else 8)
+    return [h["loss"] for h in history]

@@ -1,0 +1,113 @@
+"""SFT runtime overhead per step on CPU, side by side in one process: the alignment runtime's SFT step
+(runtime.align.trainer.run_steps: the step's data-parallel share, packed rows -> micro-batches, the core's
+NaN/Inf rerun, report averaging, the agreed stop signal, the step record) vs a bare Megatron-Core loop
+(get_forward_backward_func + optimizer + scheduler on pre-built micro-batches) on the same model,
+optimizer and batches. Imported by bench_runtime_overhead.py (the `sft` section of its JSON)."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import torch
+
+
+def _rows(n: int, seq: int, vocab: int, seed: int):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        length = rng.randint(seq // 2, seq)  # one sample per row, prompt half masked out
+        ids = [rng.randrange(4, vocab) for _ in range(length)]
+        rows.append([(ids, [0] * (length // 2) + [1] * (length - length // 2))])
+    return rows
+
+
+def _spec(seq: int, vocab: int):
+    from nemoc.compiler.spec import ModelSpec
+
+    return ModelSpec(name="gpt-smoke", layers=2, hidden=64, heads=4, query_groups=2, ffn_hidden=128, vocab=vocab,
+                     seq_length=seq, activation="swiglu", norm="rmsnorm", position="rope", rotary_base=10000.0)
+
+
+def _settings(steps: int):
+    from nemoc.compiler.spec import OptimizerSpec, ScheduleSpec
+
+    return dict(optimizer=OptimizerSpec(lr=1e-3, weight_decay=0.0, grad_clip=1.0),
+                schedule=ScheduleSpec(name="constant", warmup=0), steps=steps)
+
+
+def measure(*, steps: int = 24, rounds: int = 2, seq: int = 64, vocab: int = 256, micro_batch: int = 2,
+            global_batch: int = 4, warmup: int = 4) -> dict:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from nemoc.runtime.align import common, sft, stage, trainer
+    from nemoc.runtime.core.dist import StopSignal
+    from nemoc.runtime.metrics import NullMetrics
+
+    torch.set_num_threads(1)
+    common.init_distributed(tp=1, pp=1, seed=1234)
+    spec = _spec(seq, vocab)
+    layout = common.single_layout(micro_batch=micro_batch, global_batch=global_batch)
+    rows = _rows(steps * global_batch, seq, vocab, seed=0)
+    batches = sft.rows_to_batches(rows, seq, micro_batch)  # the bare loop's pre-built micro-batches
+    per_step = global_batch // micro_batch
+
+    def fresh():
+        common.seed_all(1234)
+        return trainer.Trainer(common.build_gpt(spec, layout), layout=layout, **_settings(steps))
+
+    def runtime_side() -> list[float]:
+        tr, metrics = fresh(), NullMetrics()
+        stamps = [time.perf_counter()]
+
+        def on_step(record):  # a whole loop iteration: data share, batches, step, record, stop agreement
+            stage.log_step(metrics, record, tokens=global_batch * seq, log_every=4, total=steps)
+            stamps.append(time.perf_counter())
+
+        trainer.run_steps(tr, items=rows, steps=steps, global_batch=global_batch,
+                          to_microbatches=lambda share: sft.rows_to_batches(share, seq, micro_batch),
+                          forward=sft.forward, seq_length=seq, on_step=on_step, stop=StopSignal())
+        return [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
+
+    def bare_side() -> list[float]:
+        tr, times = fresh(), []
+        model, optimizer, scheduler = tr.model, tr.optimizer, tr.scheduler
+        fb = get_forward_backward_func()
+        for step in range(steps):
+            start = time.perf_counter()
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            fb(forward_step_func=lambda it, m: sft.forward(m, next(it)),
+               data_iterator=iter(batches[step * per_step:(step + 1) * per_step]), model=[model],
+               num_microbatches=per_step, seq_length=seq, micro_batch_size=micro_batch, forward_only=False)
+            ok, _, _ = optimizer.step()
+            if ok:
+                scheduler.step(increment=1)
+            times.append(time.perf_counter() - start)
+        return times[warmup:]
+
+    runtime, bare = [], []
+    for _ in range(rounds):
+        bare += bare_side()
+        runtime += runtime_side()
+    rt, br = statistics.median(runtime), statistics.median(bare)
+    return {"what": "sft", "model": "gpt-smoke (2 x 64, seq %d, vocab %d)" % (seq, vocab),
+            "global_batch": global_batch, "micro_batch": micro_batch, "steps": steps, "rounds": rounds,
+            "warmup_steps_dropped": warmup, "runtime_step_s_median": rt, "bare_step_s_median": br,
+            "ratio_runtime_over_bare": rt / br, "overhead": rt / br - 1.0,
+            "runtime_step_s_min": min(runtime), "bare_step_s_min": min(bare),
+            "ratio_min_steps": min(runtime) / min(bare)}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    steps, rounds = (int(x) for x in (sys.argv[1:3] if len(sys.argv) > 2 else (24, 2)))
+    try:
+        print(json.dumps(measure(steps=steps, rounds=rounds), indent=1))
+    finally:
+        from nemoc.runtime.align import common
+
+        common.teardown_distributed()

@@ -1,0 +1,92 @@
+"""Model chunks, optimizer, and the checkpoint around a stage: restore or initialise, final save.
+
+`build_model` builds the stage's GPTModel chunks with runtime.model (TE or local spec per the plan's
+kernels) wrapped in Megatron DDP; `build_optimizer` Megatron's optimizer and scheduler from the
+stage's plan; `restore_or_initialize` resumes from the stage's own checkpoints (model, optimizer,
+scheduler, RNG, data position) or loads `init_checkpoint` weights; `save_final` writes the last one.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nemoc.runtime.core.dist import machine_facts, rank0_print, set_phase
+
+from megatron.core.optimizer import get_megatron_optimizer  # noqa: E402
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
+
+from nemoc.compiler.plan import Plan, StagePlan  # noqa: E402
+from nemoc.runtime import checkpoint as ckpt  # noqa: E402
+from nemoc.runtime import megatron_args as margs  # noqa: E402
+from nemoc.runtime import model as mdl  # noqa: E402
+
+
+def build_model(*, plan: Plan, stage: StagePlan, vocab_size: int, facts: margs.MachineFacts | None = None,
+                dropout: float | None = None):
+    """(model chunks wrapped in Megatron DDP, TransformerConfig, padded vocab) for a stage."""
+    facts = facts or machine_facts(stage.kernels)
+    set_phase("build model")
+    config = margs.transformer_config(
+        model=plan.model, layout=stage.layout, precision=plan.precision,
+        attention_backend=plan.attention_backend, facts=facts,
+        dropout=float(stage.params.get("dropout", 0.0)) if dropout is None else dropout,
+        deterministic=facts.cpu, stage_params=stage.params,
+    )
+    padded = margs.padded_vocab_size(vocab_size, stage.layout.tp)
+    chunks = mdl.build_model_chunks(config=config, model=plan.model, vocab_size=padded,
+                                    seq_length=stage.seq_length, attention_backend=plan.attention_backend,
+                                    have_te=facts.have_te)
+    model = mdl.wrap_ddp(chunks=chunks, config=config, ddp_config=margs.ddp_config(layout=stage.layout))
+    return model, config, padded
+
+
+def build_optimizer(*, model, stage: StagePlan, precision: str, steps: int | None = None):
+    """(Megatron optimizer, OptimizerParamScheduler) for a stage's model chunks; `steps` sizes the LR
+    schedule (default: the stage's steps)."""
+    return optimizer_for(model=model, optimizer=stage.optimizer, schedule=stage.schedule, layout=stage.layout,
+                         precision=precision, steps=stage.steps if steps is None else steps)
+
+
+def optimizer_for(*, model, optimizer, schedule, layout, precision: str, steps: int):
+    """(Megatron optimizer, OptimizerParamScheduler) from a stage plan's optimizer, schedule and layout
+    (frozen parameters, requires_grad False, get no gradient buffer and are not optimised)."""
+    set_phase("build optimizer")
+    megatron_optimizer = get_megatron_optimizer(
+        margs.optimizer_config(optimizer=optimizer, schedule=schedule, layout=layout, precision=precision), model)
+    scheduler = OptimizerParamScheduler(
+        megatron_optimizer, **margs.scheduler_kwargs(optimizer=optimizer, schedule=schedule, steps=max(steps, 1)))
+    return megatron_optimizer, scheduler
+
+
+def restore_or_initialize(*, root: str, init_checkpoint: str | None, distributed_optimizer: bool, model, optimizer,
+                          scheduler, metrics) -> ckpt.Restored | None:
+    """Resume from the stage's own checkpoints if any; otherwise load `init_checkpoint` weights."""
+    set_phase("restore checkpoint")
+    warn = rank0_print
+    restored = ckpt.resume(root=root, chunks=model, optimizer=optimizer, scheduler=scheduler,
+                           distributed_optimizer=distributed_optimizer, warn=warn)
+    if restored is not None:
+        metrics.rewind(restored.iteration)  # steps after the checkpoint are logged again: one record per step
+        metrics.event("resumed", checkpoint=restored.path, iteration=restored.iteration,
+                      optimizer_restored=restored.optimizer_restored, rng_restored=restored.rng_restored)
+        return restored
+    if init_checkpoint:
+        set_phase(f"load init checkpoint {init_checkpoint}")
+        ckpt.load_weights(init_checkpoint, chunks=model, optimizer=optimizer)
+        metrics.event("initialized", checkpoint=init_checkpoint)
+    return None
+
+
+def save_final(checkpointer: ckpt.Checkpointer, checkpoint_state, state,
+                restored: ckpt.Restored | None) -> str:
+    """Save at the current iteration unless this run saved that checkpoint or resumed from it (both
+    verified); wait for it to land. A checkpoint of that name that `latest` names but the resume
+    skipped as damaged is replaced, never handed on."""
+    set_phase(f"final checkpoint at step {state.iteration}")
+    target = os.path.join(checkpointer.root, ckpt.iteration_name(state.iteration))
+    saved = checkpointer.has_saved(target)
+    resumed_there = restored is not None and restored.path == target
+    if not saved and not resumed_there:
+        checkpointer.save(checkpoint_state(state), iteration=state.iteration)
+    checkpointer.close()
+    return target

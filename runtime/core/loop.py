@@ -1,0 +1,330 @@
+"""The training loop on Megatron-Core's schedules, for every stage kind.
+
+`train_loop` runs steps from `state.iteration` to `end_iteration`: each step is
+`get_forward_backward_func()` (no pipelining, 1F1B or interleaved, as parallel_state says) over the
+stage kind's `forward_step` and the layout's micro-batches, then the Megatron optimizer and scheduler.
+A NaN/Inf loss reruns the step from the same state (ReplayableIterator); a second one raises
+LossDiverged. Logging (loss averaged over the interval, rates, memory), validation at the stage's
+layout, periodic checkpoints and the agreed stop signal happen between steps.
+
+A forward step's loss function returns `(loss, count, {name: tensor([sum, count]), ...})`: the
+first report (`loss_key`, "lm loss" for pretraining) is the loss the loop logs and checks; every
+other report is averaged the same way and logged under its own name (DPO's accuracy, PPO's value loss).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from nemoc.runtime import mcore_cpu
+from nemoc.runtime.core.dist import StopSignal, device, set_phase
+
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+
+from nemoc.compiler.plan import Plan, StagePlan  # noqa: E402
+from nemoc.runtime import checkpoint as ckpt  # noqa: E402
+from nemoc.runtime import faults  # noqa: E402
+from nemoc.runtime.metrics import NullMetrics  # noqa: E402
+
+
+def chunk_iterators(make: Callable[[], Iterator], n_chunks: int):
+    """The schedules want one iterator per virtual-pipeline chunk, each yielding the same batches."""
+    return make() if n_chunks == 1 else [make() for _ in range(n_chunks)]
+
+
+def eval_iters(stage: StagePlan) -> int:
+    return int(stage.params.get("eval_iters", 10))
+
+
+def _loss_sums(losses: list[dict], key: str = "lm loss") -> torch.Tensor:
+    """[sum, count] over this rank's micro-batches (zeros off the last pipeline stage). Stays on the
+    device: no host synchronisation per step (it is read at log steps only)."""
+    total = torch.zeros(2, dtype=torch.float64, device=device())
+    for entry in losses or []:
+        if key in entry:
+            total += entry[key].detach().to(total.device, torch.float64)
+    return total
+
+
+def _global_mean(sums: torch.Tensor) -> float:
+    """Mean loss over the whole job from per-rank [sum, count]. Every last-stage rank of a TP/CP
+    group holds the same (or its CP share of the) sums, so the ratio of world sums is exact."""
+    sums = sums.to(device(), torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    sums = sums.cpu()
+    return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+
+
+class ReplayableIterator:
+    """Wraps a micro-batch iterator and remembers what the current step took, so that the step can be
+    run again on the same micro-batches (the rerun of a step whose loss was NaN/Inf)."""
+
+    def __init__(self, iterator: Iterator):
+        self._iterator = iterator
+        self._taken: list = []
+        self._replay: list = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._replay.pop(0) if self._replay else next(self._iterator)
+        self._taken.append(item)
+        return item
+
+    def begin_step(self) -> None:
+        self._taken = []
+
+    def rewind(self) -> None:
+        self._replay = self._taken + self._replay
+        self._taken = []
+
+
+def _each_iterator(iterators) -> list:
+    return list(iterators) if isinstance(iterators, list) else [iterators]
+
+
+# ------------------------------------------------------------------------------------- train loop
+
+
+@dataclass
+class LoopState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    last_loss: float = float("nan")
+    last_val_loss: float | None = None
+    preempted_by: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Constants for the per-step rates: tokens per step and (if known) model FLOPs per step."""
+
+    tokens_per_step: int
+    model_flops_per_step: float | None
+    peak_flops_per_gpu: float | None
+    world_size: int
+
+
+def throughput_for(*, plan: Plan, stage: StagePlan) -> Throughput:
+    tokens = stage.layout.global_batch * stage.seq_length
+    flops = peak = None
+    try:  # the compiler's formula for this stage kind, with the causal discount, as `nemoc plan` reports MFU
+        from nemoc.compiler.flops import stage_model_flops_per_step
+
+        flops = stage_model_flops_per_step(plan.model, stage.seq_length, stage.layout.global_batch,
+                                           stage_kind=stage.kind, peft=stage.peft, params=stage.params,
+                                           causal_discount=True)
+    except Exception:
+        flops = None
+    if torch.cuda.is_available() and not mcore_cpu.is_applied():
+        try:
+            from nemoc.compiler.catalog.hardware import get_gpu
+
+            name = torch.cuda.get_device_name()
+            gpu_id = next((g for g in ("B300", "B200", "H200", "H100", "A100") if g in name), plan.cluster.gpu)
+            if gpu_id == "A100":
+                gpu_id = "A100-80GB" if torch.cuda.get_device_properties(0).total_memory > 50e9 else "A100-40GB"
+            hw = get_gpu(gpu_id)
+            peak = hw.peak(plan.precision) if hw is not None and hw.supports(plan.precision) else None
+        except Exception:
+            peak = None
+    return Throughput(tokens, flops, peak, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+
+
+def rerun_nonfinite(attempt: Callable[[], tuple], *, step: int, lr: Callable[[], float],
+                    warn: Callable[[str], None], rewind: Callable[[], None] | None):
+    """Megatron-LM's rerun state machine for one step, before the optimizer moves. `attempt()` runs the
+    forward and backward passes and returns (result, name of the checked value, its value agreed over
+    the ranks). A NaN/Inf value reruns the step from the same state (RNG restored, `rewind()` replays
+    the micro-batches): finite the second time is a transient fault (warned, training goes on); not
+    finite again, or no way to replay (`rewind` None), raises LossDiverged. Returns the result."""
+    rng = ckpt.rng_state()
+    first = None
+    while True:
+        result, what, value = attempt()
+        if faults.nonfinite_name(value) is None:
+            if first is not None:
+                warn(f"warning: the {what} was {faults.nonfinite_name(first)} at step {step}; the rerun of the "
+                     f"step from the same state gave {value:.6g}: a transient fault, training goes on")
+            return result
+        if first is not None or rewind is None:
+            raise faults.LossDiverged(faults.divergence_message(
+                what=what, step=step, first=first if first is not None else value, second=value, lr=lr()))
+        first = value
+        rewind()
+        ckpt.set_rng_state(rng)
+
+
+def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, seq_length: int,
+               step: int = 0, warn: Callable[[str], None] = print):
+    """One optimizer step over num_microbatches micro-batches. Returns ([loss sum, count], grad_norm, ok).
+
+    The loss is checked before the optimizer steps (Megatron-LM's rerun state machine): if it is NaN or
+    Inf on any rank, the gradients are dropped and the step is run again from the same state (same
+    parameters, micro-batches and RNG state). A finite rerun is a transient fault (warned, training
+    goes on); a second non-finite loss raises LossDiverged. Wrap `iterators` in ReplayableIterator for
+    the rerun to see the same micro-batches."""
+    replayable = [it for it in _each_iterator(iterators) if isinstance(it, ReplayableIterator)]
+    for it in replayable:
+        it.begin_step()
+
+    def attempt():
+        sums = _forward_backward(forward_step=forward_step, iterators=iterators, model=model, optimizer=optimizer,
+                                 layout=layout, seq_length=seq_length)
+        return sums, "loss", _global_mean(sums.clone())
+
+    def rewind():
+        for it in replayable:
+            it.rewind()
+
+    sums = rerun_nonfinite(attempt, step=step, lr=lambda: float(optimizer.param_groups[0]["lr"]), warn=warn,
+                           rewind=rewind if replayable else None)
+    ok, grad_norm, _ = optimizer.step()
+    if ok:
+        scheduler.step(increment=1)
+    return sums, (float(grad_norm) if grad_norm is not None else float("nan")), bool(ok)
+
+
+def _forward_backward(*, forward_step, iterators, model, optimizer, layout, seq_length: int) -> torch.Tensor:
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterators, model=model,
+        num_microbatches=layout.num_microbatches, seq_length=seq_length, micro_batch_size=layout.micro_batch,
+        decoder_seq_length=seq_length, forward_only=False,
+    )
+    return _loss_sums(losses)
+
+
+def evaluate(*, forward_step, make_iterators, model, layout, seq_length: int, iters: int) -> float:
+    """Mean validation loss over `iters` global batches (forward only, all ranks)."""
+    for chunk in model:
+        chunk.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device())
+    iterators = make_iterators()
+    with torch.no_grad():
+        for _ in range(iters):
+            losses = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iterators, model=model,
+                num_microbatches=layout.num_microbatches, seq_length=seq_length,
+                micro_batch_size=layout.micro_batch, decoder_seq_length=seq_length, forward_only=True,
+            )
+            total += _loss_sums(losses)
+    for chunk in model:
+        chunk.train()
+    return _global_mean(total)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and not mcore_cpu.is_applied():
+        torch.cuda.synchronize()
+
+
+def _peak_memory_gib() -> float | None:
+    if not torch.cuda.is_available() or mcore_cpu.is_applied():
+        return None
+    peak = torch.tensor([torch.cuda.max_memory_allocated()], dtype=torch.float64, device=device())
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return float(peak.item()) / 2**30
+
+
+def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, train_iterators,
+               state: LoopState, end_iteration: int, checkpointer: ckpt.Checkpointer | None,
+               make_checkpoint_state: Callable[[LoopState], dict] | None, metrics=None,
+               make_valid_iterators: Callable | None = None, throughput: Throughput | None = None,
+               stop: StopSignal | None = None) -> LoopState:
+    """Train from state.iteration to end_iteration. Logs every stage.log_every steps (loss averaged
+    over the interval), validates every stage.eval_every steps, checkpoints every
+    stage.checkpoint.every steps, and stops early (after saving) on SIGTERM/SIGUSR1."""
+    metrics = metrics or NullMetrics()
+    layout = stage.layout
+    interval_sums = torch.zeros(2, dtype=torch.float64, device=device())
+    interval_start, interval_steps, skipped = time.perf_counter(), 0, 0
+    every = stage.checkpoint.every
+
+    def validate_now(last: bool) -> bool:
+        return make_valid_iterators is not None and bool(stage.eval_every) and (
+            state.iteration % stage.eval_every == 0 or last)
+
+    def validate() -> float:
+        set_phase(f"validation at step {state.iteration}")
+        state.last_val_loss = evaluate(forward_step=forward_step, make_iterators=make_valid_iterators, model=model,
+                                       layout=layout, seq_length=stage.seq_length, iters=eval_iters(stage))
+        return state.last_val_loss
+
+    while state.iteration < end_iteration:
+        set_phase(f"train step {state.iteration + 1}")
+        sums, grad_norm, ok = train_step(forward_step=forward_step, iterators=train_iterators, model=model,
+                                         optimizer=optimizer, scheduler=scheduler, layout=layout,
+                                         seq_length=stage.seq_length, step=state.iteration + 1,
+                                         warn=lambda text: metrics.event("transient_fault", message=text))
+        state.iteration += 1
+        state.consumed_samples += layout.global_batch
+        interval_sums += sums
+        interval_steps += 1
+        skipped += 0 if ok else 1
+        last = state.iteration == end_iteration
+        if state.iteration % max(stage.log_every, 1) == 0 or last:
+            set_phase(f"log step {state.iteration}")
+            _sync()
+            elapsed = time.perf_counter() - interval_start
+            state.last_loss = _global_mean(interval_sums)
+            state.losses.append(state.last_loss)
+            record = _step_record(state, interval_steps, elapsed, grad_norm, optimizer, skipped, throughput)
+            if validate_now(last):
+                record["val_loss"] = validate()
+            metrics.log(record)
+            interval_sums.zero_()
+            interval_steps, skipped = 0, 0
+            interval_start = time.perf_counter()
+        elif validate_now(last):
+            started = time.perf_counter()
+            metrics.log({"step": state.iteration, "val_loss": validate()})
+            interval_start += time.perf_counter() - started  # validation is not training step time
+        if checkpointer is not None:
+            checkpointer.maybe_finalize()
+        signum = stop.agreed() if stop is not None else 0
+        if signum:
+            state.preempted_by = signum
+            break
+        if checkpointer is not None and every and state.iteration % every == 0 and not last:
+            set_phase(f"checkpoint save at step {state.iteration}")
+            checkpointer.save(make_checkpoint_state(state), iteration=state.iteration)
+            interval_start = time.perf_counter()  # do not bill the save to the next interval
+    return state
+
+
+def _step_record(state: LoopState, steps: int, elapsed: float, grad_norm: float, optimizer, skipped: int,
+                 throughput: Throughput | None) -> dict:
+    step_time = elapsed / max(steps, 1)
+    record = {
+        "step": state.iteration,
+        "loss": state.last_loss,
+        "lr": float(optimizer.param_groups[0]["lr"]),
+        "grad_norm": grad_norm,
+        "step_time_s": step_time,
+        "consumed_samples": state.consumed_samples,
+        "skipped_steps": skipped,
+    }
+    if hasattr(optimizer, "get_loss_scale"):
+        scale = optimizer.get_loss_scale()
+        record["loss_scale"] = float(scale.item() if torch.is_tensor(scale) else scale)
+    if throughput is not None:
+        record["tokens_per_s"] = throughput.tokens_per_step / step_time
+        if throughput.model_flops_per_step:
+            tflops = throughput.model_flops_per_step / step_time / throughput.world_size / 1e12
+            record["tflops_per_gpu"] = tflops
+            if throughput.peak_flops_per_gpu:
+                record["mfu"] = tflops * 1e12 / throughput.peak_flops_per_gpu
+    peak = _peak_memory_gib()
+    if peak is not None:
+        record["peak_mem_gib"] = peak
+    return record

@@ -1,0 +1,31 @@
+"""Run under `torchrun --nproc-per-node 2`: three steps of an alignment kind at pipeline parallelism 2
+(`sft pp2`) or data parallelism 2 (`sft|dpo|reward dp2`) from the checkpoint `OUT/base`, losses to
+`OUT/KIND_MODE.json` (compared with one process by test_align_parallel.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from align_helpers import train_kind  # noqa: E402
+
+from nemoc.runtime.align import common  # noqa: E402
+
+
+def main(out: Path, kind: str, mode: str) -> None:
+    torch.set_num_threads(1)
+    pp, dp = (2, 1) if mode == "pp2" else (1, 2)
+    common.init_distributed(tp=1, pp=pp, seed=0)
+    losses = train_kind(common, kind, out / "base", common.single_layout(pp=pp, dp=dp, global_batch=8, micro_batch=2))
+    if torch.distributed.get_rank() == 0:
+        (out / f"{kind}_{mode}.json").write_text(json.dumps(losses))
+    common.teardown_distributed()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])

@@ -1,0 +1,36 @@
+"""Pipeline and data parallelism (2 processes) for the alignment stages' step: SFT at PP=2 (1F1B over 4
+micro-batches, losses from the last stage), SFT, DPO (chosen and rejected in one micro-batch, a frozen
+reference) and the reward model at DP=2 (each rank 2 micro-batches of its share, DDP) reproduce the
+single-process losses from the same weights. (TP=2: test_align_tp2.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from align_helpers import llama_spec, train_kind
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, mode", [("sft", "pp2"), ("sft", "dp2"), ("dpo", "dp2"), ("reward", "dp2")])
+def test_two_processes_reproduce_one_process(mcore, tmp_path, kind, mode):
+    mcore.seed_all(5)
+    mcore.save_model(mcore.build_gpt(llama_spec(seq_length=16, vocab=256), mcore.single_layout()), tmp_path / "base")
+    one = train_kind(mcore, kind, tmp_path / "base", mcore.single_layout(global_batch=8, micro_batch=2))
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(HERE / "parallel_worker.py"), str(tmp_path), kind, mode]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = json.loads((tmp_path / f"{kind}_{mode}.json").read_text())
+    assert len(two) == 3 and one[0] != one[-1]  # it trained
+    for a, b in zip(one, two):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (one, two)
