@@ -29,67 +29,14 @@ from functools import lru_cache
 from nemoc.compiler.catalog.hardware import get_gpu
 from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR as VOCAB_DIVISOR
 from nemoc.compiler.flops import padded_vocab  # Megatron-LM `_vocab_size_with_padding` (128 x tp)
+from nemoc.compiler.plan import PipelineSplit
 from nemoc.compiler.spec import ClusterSpec, ExperimentSpec, ModelSpec, ParallelSpec, StageSpec, resolve_kernels
+from nemoc.compiler.target import MEGATRON_CORE, Target
 from nemoc.dsl.diagnostics import Diagnostic, Note, Severity
 from nemoc.dsl.schema import PARENT_CHECKPOINT_KINDS, STAGE_DATA_FORMATS
 
 TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
 RECOMPUTE = ("none", "selective", "full")
-
-
-@dataclass(frozen=True, slots=True)
-class RuntimeCaps:
-    """What nemoc's own runtime runs for one stage kind (not what Megatron-Core could run)."""
-
-    pipeline: bool  # pp > 1 (and so virtual pipeline stages)
-    runs: str  # how the runtime runs the kind, for messages
-    te: bool = True  # builds Transformer Engine's layer spec when the plan says kernels = te
-    moe: bool = True  # builds MoE models (runtime/align builds dense models only: common.ModelShape.of)
-    attention: str | None = None  # the attention core it always builds (None: the plan's attention_backend)
-
-
-# The one place that says which stage kinds the nemoc runtime runs pipeline-parallel. pretrain is
-# runtime/train.py (Megatron's full schedules: PP, VP). The alignment kinds run in runtime/align/:
-# trainer.py `Trainer` refuses pp > 1 and common.py `build_gpt` refuses vp (docs/alignment.md,
-# "Parallelism"); eval and export run in one process (runtime/tasks/align.py `_one_process`).
-# All of runtime/align builds Megatron-Core's local layer spec, with or without Transformer Engine
-# (common.py `machine_facts`: LoRA must see normalised inputs, packed samples need an explicit mask),
-# and Megatron's unfused attention core (common.py `build_gpt`: the explicit packing mask, which the
-# SDPA core ignores; docs/alignment.md), which keeps the s x s scores.
-_ALIGN = RuntimeCaps(pipeline=False, runs="the nemoc runtime's alignment stages (runtime/align) run TP/DP only",
-                     te=False, moe=False, attention="unfused")
-_ONE_PROCESS = RuntimeCaps(pipeline=False, runs="the nemoc runtime runs eval and export in one process (runtime/align)",
-                           te=False, moe=False, attention="unfused")
-RUNTIME_CAPS = {
-    "pretrain": RuntimeCaps(pipeline=True, runs="runtime/train.py runs every Megatron-Core schedule"),
-    "sft": _ALIGN, "dpo": _ALIGN, "reward": _ALIGN, "ppo": _ALIGN,
-    "eval": _ONE_PROCESS, "export": _ONE_PROCESS,
-}
-
-
-def runtime_caps(stage_kind: str) -> RuntimeCaps:
-    """The runtime capabilities of a stage kind (unknown kinds: pretrain's, the typecheck reports them)."""
-    return RUNTIME_CAPS.get(stage_kind, RUNTIME_CAPS["pretrain"])
-
-
-def stage_attention(stage_kind: str, attention_backend: str) -> str:
-    """The attention core a stage runs with (and is costed with): the plan's `attention_backend`,
-    except that the runtime's alignment, eval and export stages always build the unfused core."""
-    return runtime_caps(stage_kind).attention or attention_backend
-
-
-def stage_precision(stage_kind: str, precision: str) -> str:
-    """The precision a stage runs (and is costed) in: the experiment's, except that eval runs on
-    runtime/align's local spec, which has no FP8 GEMMs: an fp8 / mxfp8 model (its weights are 16-bit)
-    is evaluated in bf16 (runtime/align/evaluate.py)."""
-    return "bf16" if stage_kind == "eval" and precision in ("fp8", "mxfp8") else precision
-
-
-def stage_kernels(stage_kind: str, kernels: str) -> str:
-    """The kernels a stage runs with (and is costed with): the experiment's resolved `kernels`
-    (te | local), except that the runtime's alignment, eval and export stages always build the local
-    spec."""
-    return kernels if runtime_caps(stage_kind).te else "local"
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -127,6 +74,12 @@ class Env:
     stage_kind: str = "pretrain"
     kernels: str = "te"  # the experiment's resolved `kernels`: te | local
     optimizer: str = "adam"  # the stage's optimizer: adam | sgd
+    target: Target = MEGATRON_CORE  # what the runtime that executes the plan can run
+
+    @property
+    def stage_kernels(self) -> str:
+        """The kernels this stage runs with on the target."""
+        return self.target.stage_kernels(self.stage_kind, self.kernels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,67 +97,6 @@ class Violation:
     @property
     def short(self) -> str:
         return f"{self.code} {self.equation}"
-
-
-@dataclass(frozen=True, slots=True)
-class PipelineSplit:
-    """How `layers` decoder layers are spread over `pp` stages (x `vp` model chunks each).
-
-    Megatron-Core 0.16.1 builds `layers / pp` layers per stage, or, when
-    `num_layers_in_first_pipeline_stage` / `num_layers_in_last_pipeline_stage` are set, those on
-    the first / last stage and the rest evenly on the middle stages (transformer_block.py
-    get_num_layers_to_build; transformer_config.py __post_init__ "Uneven PP"), or, with
-    `account_for_embedding_in_pipeline_split` / `account_for_loss_in_pipeline_split`, counts the
-    embedding / the loss as one more layer: (layers + e + l) / pp per stage (a multiple of vp), one
-    fewer transformer layer in the first model chunk of the first stage / the last chunk of the last
-    (NeMo's Llama 3.1 405B recipes: 126 + 2 = 128 = 8 stages x 8 chunks x 2). The two mechanisms
-    exclude each other (transformer_config.py raises).
-    """
-
-    first: int | None  # num_layers_in_first_pipeline_stage (None = even split)
-    last: int | None  # num_layers_in_last_pipeline_stage
-    per_stage: int  # layers on every middle (or every, when even) stage
-    embedding: bool = False  # account_for_embedding_in_pipeline_split
-    loss: bool = False  # account_for_loss_in_pipeline_split
-    stages: int = 0  # pp, for an accounted split (with pp = 2 there is no middle stage)
-
-    @property
-    def even(self) -> bool:
-        return self.first is None and self.last is None and not self.embedding and not self.loss
-
-    @property
-    def max_layers(self) -> int:
-        """Transformer layers on the most-loaded stage: it bounds both memory and the step time."""
-        if self.embedding or self.loss:
-            first, middle, last = self.stage_layers(self.stages)
-            return max(first, last, middle if self.stages > 2 else 0)
-        return max(self.per_stage, self.first or 0, self.last or 0)
-
-    def stage_layers(self, pp: int) -> tuple[int, int, int]:
-        """Transformer layers on the (first, middle, last) stage (what the memory and cost models take)."""
-        if self.embedding or self.loss:
-            return self.per_stage - self.embedding, self.per_stage, self.per_stage - self.loss
-        return (self.first if self.first is not None else self.per_stage, self.per_stage,
-                self.last if self.last is not None else self.per_stage)
-
-    def params(self) -> dict[str, object]:
-        """The TransformerConfig settings that produce this split (empty when even)."""
-        if self.embedding or self.loss:
-            return {k: True for k, on in (("account_for_embedding_in_pipeline_split", self.embedding),
-                                          ("account_for_loss_in_pipeline_split", self.loss)) if on}
-        if self.first is None:
-            return {}
-        return {"num_layers_in_first_pipeline_stage": self.first, "num_layers_in_last_pipeline_stage": self.last}
-
-    def describe(self, pp: int) -> str:
-        if self.even:
-            return f"{pp} x {self.per_stage}"
-        if self.embedding or self.loss:
-            what = " and ".join(n for n, on in (("embedding", self.embedding), ("loss", self.loss)) if on)
-            first, _, last = self.stage_layers(pp)
-            return f"{pp} x {self.per_stage} counting the {what} as layers (first {first}, last {last})"
-        middle = f" + {pp - 2} x {self.per_stage}" if pp > 2 else ""
-        return f"first {self.first}{middle} + last {self.last}"
 
 
 @lru_cache(maxsize=4096)
@@ -473,8 +365,8 @@ def rule_interleave_needs_pp(env: Env, s: Sizes) -> Violation | None:
 
 
 def rule_runtime_pipeline(env: Env, s: Sizes) -> Violation | None:
-    """nemoc's runtime, not Megatron: `RUNTIME_CAPS` (alignment stages refuse pp > 1 and vp)."""
-    caps = runtime_caps(env.stage_kind)
+    """The target, not Megatron: a stage kind it runs without a pipeline refuses pp > 1 and vp."""
+    caps = env.target.caps(env.stage_kind)
     pp, vp = s.pp or 1, s.vp or 1
     if caps.pipeline or (pp <= 1 and vp <= 1):
         return None
@@ -485,22 +377,22 @@ def rule_runtime_pipeline(env: Env, s: Sizes) -> Violation | None:
         "set pipeline = 1 (or auto) and no virtual_pipeline for this stage (its own `parallel { pipeline = 1 }` "
         "block overrides the experiment's); split the model with tensor parallelism instead",
         anchors=(_P + field, _P + "pipeline"),
-        source="nemoc runtime/align/trainer.py Trainer (pp > 1), runtime/align/common.py build_gpt (vp)",
+        source=caps.source or f"the target `{env.target.name}`",
     )
 
 
 def rule_runtime_moe(env: Env, s: Sizes) -> Violation | None:
-    """nemoc's runtime, not Megatron: `RUNTIME_CAPS` (runtime/align builds dense models only)."""
+    """The target, not Megatron: a stage kind it builds dense models for only refuses a MoE model."""
     m = env.model
-    if not m.is_moe or runtime_caps(env.stage_kind).moe:
+    caps = env.target.caps(env.stage_kind)
+    if not m.is_moe or caps.moe:
         return None
     return Violation(
-        "E141", f"`{env.stage_kind}` stages cannot run MoE models: the nemoc runtime's alignment, eval and export "
-        "stages (runtime/align) build dense models only",
+        "E141", f"`{env.stage_kind}` stages cannot run MoE models: {caps.runs}, with dense models only",
         f"experts({m.experts}) > 0, but stage kind {env.stage_kind} runs dense models only",
         "run this stage on a dense model, or train the MoE model with `pretrain` stages only",
         anchors=("model.experts", "model"),
-        source="nemoc runtime/align/common.py ModelShape.of (\"alignment stages support dense models only\")",
+        source=caps.source or f"the target `{env.target.name}`",
     )
 
 
@@ -606,8 +498,8 @@ def rule_context_seq(env: Env, s: Sizes) -> Violation | None:
 def rule_context_backend(env: Env, s: Sizes) -> Violation | None:
     """transformer/dot_product_attention.py: the local (unfused) attention asserts cp == 1; only
     Transformer Engine attention (flash/fused, GPU only) implements the ring exchange. Without TE
-    (`kernels = local`) the nemoc runtime's attention cores are local ones (runtime/model.py), and
-    runtime/megatron_args.py refuses cp > 1."""
+    (`kernels = local`) the runtime's attention cores are local ones, and its Megatron adapter refuses
+    cp > 1."""
     if s.cp is None or s.cp <= 1:
         return None
     cpu = env.gpu_arch == "cpu"
@@ -762,33 +654,33 @@ def rule_moe_bias_etp(env: Env, s: Sizes) -> Violation | None:
 
 
 def rule_moe_bias_runtime(env: Env, s: Sizes) -> Violation | None:
-    """nemoc's runtime builds MoE models without any linear bias (runtime/megatron_args.py
-    transformer_config: expert MLPs with a bias hit an autograd view+inplace error in Megatron-Core
+    """The target builds MoE models without any linear bias unless it says otherwise
+    (`Target.moe_linear_bias`; the nemoc runtime's Megatron adapter: expert MLPs with a bias hit an autograd view+inplace error in Megatron-Core
     0.16.1 mlp.py), so a MoE spec with `add_bias_linear = true` would train another model."""
     m = env.model
-    if not m.is_moe or not m.add_bias_linear:
+    if not m.is_moe or not m.add_bias_linear or env.target.moe_linear_bias:
         return None
     return Violation(
-        "E140", "the nemoc runtime does not support linear biases in MoE models",
+        "E140", f"the target `{env.target.name}` does not support linear biases in MoE models",
         f"add_bias_linear = true with experts({m.experts}) > 0",
         "set add_bias_linear = false (add_qkv_bias is supported)",
         anchors=("model.add_bias_linear", "model"),
-        source="runtime/megatron_args.py transformer_config (MoE: add_bias_linear=False); _check_supported",
+        source=f"the target `{env.target.name}` (moe_linear_bias = false); megatron/core/transformer/mlp.py",
     )
 
 
 def _local_why(env: Env) -> str | None:
     """Why a training stage runs without Transformer Engine (None when it runs with it)."""
-    if stage_kernels(env.stage_kind, env.kernels) != "local" or env.stage_kind not in TRAINING_KINDS:
+    if env.stage_kernels != "local" or env.stage_kind not in TRAINING_KINDS:
         return None
     if env.kernels == "local":
         return "kernels = local (no Transformer Engine)"
-    return f"the nemoc runtime builds {env.stage_kind} stages with Megatron-Core's local spec (runtime/align)"
+    return f"{env.target.caps(env.stage_kind).runs}, with Megatron-Core's local spec"
 
 
 def rule_fp8_needs_te(env: Env, s: Sizes) -> Violation | None:
-    """runtime/megatron_args.py `_check_supported`: fp8 / mxfp8 GEMMs are Transformer Engine's
-    (TransformerConfig.fp8 needs TE's layers); with the local spec the runtime refuses the plan.
+    """fp8 / mxfp8 GEMMs are Transformer Engine's (TransformerConfig.fp8 needs TE's layers); with the
+    local spec the runtime's Megatron adapter refuses the plan.
     A GPU that cannot run the precision at all is E121's."""
     local = _local_why(env)
     p = env.precision
@@ -801,12 +693,12 @@ def rule_fp8_needs_te(env: Env, s: Sizes) -> Violation | None:
         "use precision = bf16" + (", or kernels = te where Transformer Engine is installed"
                                   if env.kernels == "local" else ""),
         anchors=("kernels", "precision") if env.kernels == "local" else ("precision",),
-        source="runtime/megatron_args.py _check_supported (fp8 without Transformer Engine)",
+        source="megatron/core/transformer/transformer_config.py (fp8 needs Transformer Engine's layers)",
     )
 
 
 def rule_te_needs_gpu(env: Env, s: Sizes) -> Violation | None:
-    """Transformer Engine is CUDA-only; the CPU runtime (runtime/mcore_cpu.py) builds the local spec."""
+    """Transformer Engine is CUDA-only; on the CPU (gloo) the runtime builds the local spec."""
     if env.gpu_arch != "cpu" or env.kernels != "te":
         return None
     return Violation(
@@ -814,7 +706,7 @@ def rule_te_needs_gpu(env: Env, s: Sizes) -> Violation | None:
         f"kernels = te but cluster.gpu = {env.cluster.gpu}",
         "set kernels = local (or auto)",
         anchors=("kernels", "cluster.gpu", "cluster"),
-        source="runtime/mcore_cpu.py (the gloo/CPU runtime has no Transformer Engine)",
+        source="transformer_engine (CUDA only): the gloo/CPU runtime has no Transformer Engine",
     )
 
 
@@ -907,7 +799,7 @@ def rule_sgd_distributed_optimizer(env: Env, s: Sizes) -> Violation | None:
 
 def uses_te(env: Env) -> bool:
     """The stage runs Transformer Engine's layers (its attention included): kernels te on a GPU."""
-    return stage_kernels(env.stage_kind, env.kernels) == "te" and env.gpu_arch != "cpu"
+    return env.stage_kernels == "te" and env.gpu_arch != "cpu"
 
 
 _FLASH_CLASS = ("auto", "flash", "fused")  # TE's flash-attn / cuDNN fused attention (auto: TE picks)
@@ -1179,7 +1071,7 @@ def warn_fp16_loss_scaling(env: Env, s: Sizes) -> Violation | None:
         "precision = fp16 -> loss_scale = dynamic (initial 2**16, halved on overflow after hysteresis 2, doubled after 1000 clean steps, min 1)",
         "prefer bf16 on Ampere or newer",
         anchors=("precision",), severity=Severity.WARNING,
-        source="megatron/core/optimizer/grad_scaler.py DynamicGradScaler; runtime/megatron_args.py optimizer_config "
+        source="megatron/core/optimizer/grad_scaler.py DynamicGradScaler; the runtime's optimizer_config "
                "(initial_loss_scale=2**16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1)",
     )
 
@@ -1349,13 +1241,13 @@ def stage_seq_length(spec: ExperimentSpec, stage: StageSpec) -> int:
 
 
 def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend: str | None = None,
-           optimizer: str = "adam") -> Env:
+           optimizer: str = "adam", target: Target = MEGATRON_CORE) -> Env:
     arch, precisions = gpu_facts(spec.cluster.gpu)
     return Env(
         model=spec.model, cluster=spec.cluster, precision=spec.precision,
         attention_backend=attention_backend or spec.attention_backend,
         gpu_arch=arch, gpu_precisions=precisions, stage_kind=stage_kind,
-        kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=optimizer,
+        kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=optimizer, target=target,
     )
 
 
@@ -1377,7 +1269,7 @@ def to_diagnostic(v: Violation, spec: ExperimentSpec, stage: StageSpec | None = 
     )
 
 
-def check_spec(spec: ExperimentSpec) -> tuple[Diagnostic, ...]:
+def check_spec(spec: ExperimentSpec, target: Target = MEGATRON_CORE) -> tuple[Diagnostic, ...]:
     """Validate what the user fixed (no search): every rule over every training stage's sizes (for
     eval / export stages, the rules that do not depend on the parallel sizes).
 
@@ -1391,7 +1283,8 @@ def check_spec(spec: ExperimentSpec) -> tuple[Diagnostic, ...]:
         parallel = spec.parallel if stage is None else stage_parallel(spec, stage)
         seq = spec.model.seq_length if stage is None else stage_seq_length(spec, stage)
         gb = None if stage is None else stage.global_batch
-        env = env_of(spec, stage.kind if stage else "pretrain", optimizer=stage.optimizer.name if stage else "adam")
+        env = env_of(spec, stage.kind if stage else "pretrain", optimizer=stage.optimizer.name if stage else "adam",
+                     target=target)
         own = stage is not None and stage.parallel is not None
         sizes = sizes_of(parallel, global_batch=gb, seq_length=seq)
         if stage is not None and stage.kind not in TRAINING_KINDS:
@@ -1439,7 +1332,7 @@ def rule_min_lr(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
 
 
 def rule_data_format(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
-    """runtime/align/stage.py raw_datasets: an alignment stage reads only data sets of its formats."""
+    """An alignment stage reads only data sets of its record formats (the runtime's data loader)."""
     wanted = STAGE_DATA_FORMATS.get(stage.kind)
     formats = {d.name: d.format for d in spec.data}
     given = [(name, formats.get(name, "text")) for name in stage.data]
@@ -1455,7 +1348,7 @@ def rule_data_format(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | Non
 
 
 def rule_export_after(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
-    """runtime/align/stage.py parent_checkpoint: an export writes the checkpoint of the stage it follows."""
+    """An export writes the checkpoint of the stage it follows (the runtime's parent checkpoint lookup)."""
     if stage.kind != "export" or stage.after:
         return None
     trained = [s.name for s in spec.stages if s.kind in TRAINING_KINDS]
@@ -1466,7 +1359,7 @@ def rule_export_after(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | No
 
 
 def rule_parent_saves(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
-    """runtime/align/stage.py parent_checkpoint: the first parent with a checkpoint (ppo: every parent:
+    """The runtime's parent checkpoint lookup: the first parent with a checkpoint (ppo: every parent:
     the reward model and the policy)."""
     if stage.kind not in PARENT_CHECKPOINT_KINDS or not stage.after:
         return None

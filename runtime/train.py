@@ -218,17 +218,18 @@ def build_model(*, plan: Plan, stage: StagePlan, vocab_size: int, facts: margs.M
     """(model chunks wrapped in Megatron DDP, TransformerConfig, padded vocab) for a stage."""
     facts = facts or machine_facts(stage.kernels)
     set_phase("build model")
+    ex = stage.execution
     config = margs.transformer_config(
-        model=plan.model, layout=stage.layout, precision=plan.precision,
-        attention_backend=plan.attention_backend, facts=facts,
+        model=plan.model, layout=stage.layout, execution=ex, facts=facts,
         dropout=float(stage.params.get("dropout", 0.0)) if dropout is None else dropout,
-        deterministic=facts.cpu, stage_params=stage.params,
+        deterministic=facts.cpu,
     )
-    padded = margs.padded_vocab_size(vocab_size, stage.layout.tp)
+    padded = margs.padded_vocab_size(vocab_size, multiple=ex.vocab_multiple)
     chunks = mdl.build_model_chunks(config=config, model=plan.model, vocab_size=padded,
-                                    seq_length=stage.seq_length, attention_backend=plan.attention_backend,
+                                    seq_length=stage.seq_length, attention_backend=ex.attention,
                                     have_te=facts.have_te)
-    model = mdl.wrap_ddp(chunks=chunks, config=config, ddp_config=margs.ddp_config(layout=stage.layout))
+    model = mdl.wrap_ddp(chunks=chunks, config=config,
+                         ddp_config=margs.ddp_config(layout=stage.layout, overlaps=ex.overlaps))
     return model, config, padded
 
 
@@ -484,29 +485,13 @@ class Throughput:
 
 
 def throughput_for(*, plan: Plan, stage: StagePlan) -> Throughput:
+    """The plan's FLOPs per step and the planned GPU's peak (`StagePlan.execution`), as `nemoc plan`
+    computed them; no peak on the CPU (MFU is a GPU figure)."""
     tokens = stage.layout.global_batch * stage.seq_length
-    flops = peak = None
-    try:  # the compiler's formula for this stage kind, with the causal discount, as `nemoc plan` reports MFU
-        from nemoc.compiler.flops import stage_model_flops_per_step
-
-        flops = stage_model_flops_per_step(plan.model, stage.seq_length, stage.layout.global_batch,
-                                           stage_kind=stage.kind, peft=stage.peft, params=stage.params,
-                                           causal_discount=True)
-    except Exception:
-        flops = None
-    if torch.cuda.is_available() and not mcore_cpu.is_applied():
-        try:
-            from nemoc.compiler.catalog.hardware import get_gpu
-
-            name = torch.cuda.get_device_name()
-            gpu_id = next((g for g in ("B300", "B200", "H200", "H100", "A100") if g in name), plan.cluster.gpu)
-            if gpu_id == "A100":
-                gpu_id = "A100-80GB" if torch.cuda.get_device_properties(0).total_memory > 50e9 else "A100-40GB"
-            hw = get_gpu(gpu_id)
-            peak = hw.peak(plan.precision) if hw is not None and hw.supports(plan.precision) else None
-        except Exception:
-            peak = None
-    return Throughput(tokens, flops, peak, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+    ex = stage.execution
+    peak = ex.peak_flops_per_gpu if torch.cuda.is_available() and not mcore_cpu.is_applied() else None
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return Throughput(tokens, ex.model_flops_per_step, peak, world)
 
 
 def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, seq_length: int,
@@ -724,7 +709,7 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
     if warning:
         _rank0_print(warning)
     model, config, padded_vocab = build_model(plan=plan, stage=stage, vocab_size=task.vocab_size, facts=facts)
-    optimizer, scheduler = build_optimizer(model=model, stage=stage, precision=plan.precision)
+    optimizer, scheduler = build_optimizer(model=model, stage=stage, precision=stage.execution.precision)
     metrics = open_metrics(rank=rank, metrics_path=task.metrics_path, tensorboard_dir=task.tensorboard_dir,
                            total_steps=task.steps, title=stage.name, tracking=tracking_target(plan, stage, task.output_dir))
     checkpointer = None
@@ -762,9 +747,9 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
         if rank == 0:
             _rank0_print(f"stage {stage.name}: {plan.model.name} layout tp={layout.tp} pp={layout.pp} vp={layout.vp} "
                          f"cp={layout.cp} ep={layout.ep} dp={layout.dp} mbs={layout.micro_batch} "
-                         f"gbs={layout.global_batch} seq={stage.seq_length} precision={plan.precision} "
+                         f"gbs={layout.global_batch} seq={stage.seq_length} precision={stage.execution.precision} "
                          f"kernels={'te' if facts.have_te else 'local'} "
-                         f"attention={mdl.attention_core_name(attention_backend=plan.attention_backend, have_te=facts.have_te)} "
+                         f"attention={mdl.attention_core_name(attention_backend=stage.execution.attention, have_te=facts.have_te)} "
                          f"vocab={task.vocab_size}->{padded_vocab} steps {state.iteration}->{task.steps}"
                          f"{' (CPU/gloo)' if mcore_cpu.is_applied() else ''}")
         state = train_loop(model=model, optimizer=optimizer, scheduler=scheduler, stage=stage,

@@ -89,7 +89,7 @@ def _peft(task: StageTask):
 def _trainer(task: StageTask, chunk, steps: int | None = None):
     s = task.stage
     return trainer.Trainer(chunk, layout=s.layout, optimizer=s.optimizer, schedule=s.schedule,
-                           steps=steps or s.steps, precision=task.plan.precision)
+                           steps=steps or s.steps, precision=s.execution.precision, overlaps=s.execution.overlaps)
 
 
 def _finish_policy(task: StageTask, chunk, payload: dict) -> dict:

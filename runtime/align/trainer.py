@@ -28,14 +28,14 @@ from nemoc.runtime.align.common import AlignError, unwrap
 
 
 class Trainer:
-    def __init__(self, chunk, *, layout, optimizer, schedule, steps: int, precision: str = "fp32"):
+    def __init__(self, chunk, *, layout, optimizer, schedule, steps: int, precision: str = "fp32", overlaps=None):
         if layout.pp > 1:
             raise AlignError(f"alignment stages run with pipeline parallelism 1 (got pp={layout.pp}); use tp/dp")
         config = unwrap(chunk).config
         trainable = [p for p in chunk.parameters() if p.requires_grad]
         if not trainable:
             raise AlignError("no trainable parameters")
-        (self.model,) = mmodel.wrap_ddp(chunks=[chunk], config=config, ddp_config=margs.ddp_config(layout=layout))
+        (self.model,) = mmodel.wrap_ddp(chunks=[chunk], config=config, ddp_config=margs.ddp_config(layout=layout, overlaps=overlaps))
         try:
             opt_config = margs.optimizer_config(optimizer=optimizer, schedule=schedule, layout=layout, precision=precision)
             sched_kwargs = margs.scheduler_kwargs(optimizer=optimizer, schedule=schedule, steps=max(steps, 1))
