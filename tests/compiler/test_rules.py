@@ -277,11 +277,21 @@ def test_every_rule_code_is_documented():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    source = (root / "compiler" / "rules.py").read_text() + (root / "compiler" / "planner.py").read_text()
+    source = "".join(p.read_text() for p in sorted((root / "compiler" / "rules").glob("*.py")))
+    source += (root / "compiler" / "planner.py").read_text()
     documented = (root / "docs" / "planning.md").read_text()
     used = set(re.findall(r'"([EW]1\d\d)"', source))
     missing = sorted(c for c in used if c not in documented)
     assert used and not missing, missing
+
+
+def test_the_code_table_names_the_rule_that_emits_each_code():
+    """rules.CODES / STAGE_CODES: every registered rule has its code, and the code is the one it emits."""
+    table = {**rules.CODES, **rules.STAGE_CODES}
+    assert set(table.values()) == set(rules.RULES) | set(rules.STAGE_RULES)
+    assert len(table) == len(set(table.values()))  # one code per rule
+    assert rules.CODES["E126"] is rules.rule_runtime_pipeline
+    assert rules.CODES["E102"](env(), replace(VALID, tp=3)).code == "E102"
 
 
 # ------------------------------------------------------- agreement with Megatron-Core 0.16.1 itself
