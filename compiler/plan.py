@@ -5,7 +5,10 @@ Output: `to_json` gives deterministic, sorted JSON; `from_json(to_json(p)) == p`
 only this (never the AST, never the spec's spans); one function in the runtime turns a `StagePlan`
 into Megatron-Core arguments.
 Invariants: every parallel size is resolved (no `auto` left); `tp*pp*cp*dp == world size`;
-memory figures are bytes per GPU on the most-loaded pipeline stage.
+memory figures are bytes per GPU on the most-loaded pipeline stage; each `StagePlan.execution` holds
+every decision about how the stage runs (kernels, attention core, precision recipe, pipeline split,
+vocabulary padding, overlaps, fusions, FLOPs per step), `params` only the user's stage parameters;
+`from_dict` refuses a plan of another `PLAN_VERSION`, naming both versions.
 """
 
 from __future__ import annotations

@@ -137,3 +137,15 @@ def test_layers_import_only_downwards():
     bad = [(m, t) for m, targets in import_graph().items() for t in targets
            for layer, forbidden in below.items() if m.startswith(f"nemoc.{layer}.") and t.startswith(forbidden)]
     assert bad == []
+
+
+def test_the_training_runtime_reads_only_the_plan_from_the_compiler():
+    """The runtime translates the plan and re-derives nothing: the modules that build and train models
+    import only the plan's types from the compiler (no rules, cost, FLOPs or catalog at run time)."""
+    training = ("nemoc.runtime.train", "nemoc.runtime.align", "nemoc.runtime.megatron_args", "nemoc.runtime.model",
+                "nemoc.runtime.checkpoint", "nemoc.runtime.metrics", "nemoc.runtime.mcore_cpu", "nemoc.runtime.tasks")
+    allowed = {"nemoc.compiler.plan", "nemoc.compiler.spec", "nemoc.compiler.graph"}
+    graph = import_graph()
+    seen = [m for m in graph if m.startswith(training)]
+    bad = sorted((m, t) for m in seen for t in graph[m] if t.startswith("nemoc.compiler") and t not in allowed)
+    assert len(seen) > 10 and bad == []
