@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from nemoc.compiler.spec import ClusterSpec, ExperimentSpec, ModelSpec, StageSpec
 from nemoc.compiler.target import MEGATRON_CORE, Target
 from nemoc.dsl.diagnostics import Diagnostic, Severity
+from nemoc.dsl.schema import TRAINING_KINDS as SCHEMA_TRAINING_KINDS
 
 
-TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
+TRAINING_KINDS = SCHEMA_TRAINING_KINDS  # the stage kinds that train (dsl.schema.STAGE_KIND_TABLE)
 
 
 RECOMPUTE = ("none", "selective", "full")
