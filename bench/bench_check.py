@@ -8,7 +8,7 @@ process (Python start-up and imports included) for reference.
 Adversarial inputs (issue 16): files under the size limits built to be slow or to allocate: thousands
 of unknown or duplicate fields (one per line, or all on one line), a flat sum, chained unary minus,
 brackets nested to the limit, 64-digit literals, one long string, a sea of comments, many unused data
-blocks; each at about 1 MiB (MAX_BYTES) and again just under MAX_TOKENS. For each: `check` (compile +
+blocks, thousands of stages; each at about 1 MiB (MAX_BYTES) and again just under MAX_TOKENS. For each: `check` (compile +
 layout rules + render every diagnostic, as the CLI prints them), `fmt`, and `plan` where the input is
 clean; the peak of traced Python memory (tracemalloc) against the input size; and whether it meets
 the budget: BUDGET_S seconds and BUDGET_BYTES_PER_CHAR x input + BUDGET_CONSTANT_MIB.
@@ -79,6 +79,8 @@ SHAPES = {
     "64-digit literals": ("    seed = " + "9" * 64 + "\n", 3, "", ""),
     "comments": ("    # a comment line\n", 1, "", ""),
     "unused data blocks": ("  }\n  data d{i} {\n    path = \"x\"\n", 7, "", ""),
+    "many stages": ("  }\n  stage s{i} {\n    kind = pretrain\n    data = [web]\n    steps = 10\n    global_batch = 4\n",
+                    18, "", ""),
 }
 
 

@@ -25,7 +25,7 @@ MFU = model FLOPs (what the stage needs, no recompute: `flops.stage_model_flops_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from types import MappingProxyType
 
@@ -68,6 +68,10 @@ class EfficiencyParams:
     layer_overhead: seconds per layer per micro batch (forward + backward) that no kernel's
               FLOPs or bytes explain: launch gaps, synchronisation, small kernels (tens of kernels
               per layer and pass).
+    attn_kv_half: keys per query tile at which a flash-class attention kernel runs at half its
+              long-sequence rate (`attn_kernel_eff`): the fixed per-tile cost of loading the query
+              tile and writing the output, read off FlashAttention-3's throughput-vs-length curve.
+              It is what makes context parallelism's short ring steps (s / 2cp keys each) slow.
     ring_step_latency: seconds per step of the context-parallel ring that overlap cannot hide: a
               dependent NCCL send/recv (~5-10 us small-message latency over InfiniBand, nccl-tests
               sendrecv) plus the launch and synchronisation of that step's attention kernel (~5 us).
@@ -85,17 +89,28 @@ class EfficiencyParams:
     """
 
     gemm_ampere_16: float = 0.71
-    gemm_hopper_16: float = 0.64
-    gemm_hopper_8: float = 0.46
+    gemm_hopper_16: float = 0.67
+    gemm_hopper_8: float = 0.465
     gemm_blackwell_8: float = 0.38
-    attn: float = 0.375
-    kappa: float = 4.8
-    link: float = 0.74
-    tp_exposed: float = 0.06
+    attn: float = 0.44
+    kappa: float = 4.6
+    link: float = 0.75
+    tp_exposed: float = 0.0625
     gemm_n_half: float = 80.0
     layer_overhead: float = 55e-6
     ring_step_latency: float = 15e-6
     step_overhead: float = 0.02
+    attn_kv_half: float = 512.0
+
+    def attn_kernel_eff(self, generation: str, kv_tokens: float) -> float:
+        """Achievable fraction of the 16-bit peak for a flash-class attention kernel whose query
+        tiles each sweep `kv_tokens` keys (mean): `attn` x L / (L + attn_kv_half). A CTA loads its
+        128-row query tile, sweeps the keys in 128-token blocks, then rescales and writes its output
+        and log-sum-exp: the prologue / epilogue cost about four key blocks, so a kernel over 512
+        keys runs at half its long-sequence rate (FlashAttention-3, Shah et al. 2024, Fig. 5: BF16
+        head dim 128, non-causal forward on H100, ~330 TFLOP/s at 512 tokens vs ~650 at 16k; ~0.7 at
+        1k, ~0.85 at 2k, ~0.95 at 8k). `attn` is the asymptotic value."""
+        return self.attn * kv_tokens / (kv_tokens + self.attn_kv_half)
 
     def gemm_eff(self, generation: str, precision: str) -> float:
         low = precision in ("fp8", "mxfp8")
@@ -106,9 +121,6 @@ class EfficiencyParams:
         if generation == "blackwell":
             return self.gemm_blackwell_8 if low else self.gemm_hopper_16
         return 0.5  # CPU quickstart: illustrative
-
-    def attn_eff(self, generation: str) -> float:
-        return self.attn
 
     def tp_exposure(self, generation: str) -> float:
         return 1.0 if generation in ("ampere", "cpu") else self.tp_exposed
@@ -123,6 +135,10 @@ DEFAULT_PARAMS = EfficiencyParams()
 # defaults; the calibration passes what each published run used.
 RUNTIME_OVERLAPS_TP = False
 RUNTIME_OVERLAPS_P2P = True
+# The runtime's DDP overlaps the gradient reduce-scatter with the backward (`overlap_grad_reduce`)
+# but not the distributed optimizer's parameter all-gather (`overlap_param_gather` unset: it runs
+# after the optimizer step); a plan states the latter in `parallel.overlap_param_gather`.
+RUNTIME_OVERLAPS_PARAM_GATHER = False
 
 # ------------------------------------------------------------------ memory-bound kernel traffic
 # HBM bytes moved per element by the kernels around the GEMMs, counted read by read and write by
@@ -148,6 +164,16 @@ KERNELS = ("te", "local")
 # Checks (docs/calibration.md): a public Nsight profile of this local path on an A40 measures ~119 B
 # per score where these counts give 100 for its configuration; the H200 runs measure ~140 vs 74.
 SCORE_BYTES = {"te": (8.0, 14.0), "local": (33.0, 41.0)}
+# The local spec rebuilds the causal mask in every layer's forward (`get_default_causal_mask` is not
+# cached in Megatron-Core 0.16.1: torch.ones(s, s) in fp32 written 4, triu read 4 written 4, .bool()
+# read 4 written 1): 17 bytes per s x s element per layer forward, shared by the batch and heads.
+LOCAL_CAUSAL_MASK_BYTES = 17.0
+# Megatron-Core's vocab-parallel cross entropy (`tensor_parallel/cross_entropy.py`; the nemoc runtime
+# does not set `cross_entropy_loss_fusion`), bytes per logit: forward, the 16-bit logits cast to fp32
+# (read 2 write 4), max (read 4), subtract the max in place (4 + 4), exp in place (4 + 4), sum
+# (read 4), divide in place (4 + 4) = 38; backward, the saved softmax scaled in place by the loss
+# gradient (4 + 4) and autograd's cast of that fp32 gradient to the logits' 16-bit dtype (4 + 2) = 14.
+CROSS_ENTROPY_BYTES = (38.0, 14.0)
 # Attention dropout on the probabilities (Megatron-LM's GPT-3-era default 0.1, outside the fused
 # softmax kernel): forward reads 2, writes the 1-byte mask and the 2-byte output (5); backward reads
 # the gradient 2 and the mask 1, writes 2 (5).
@@ -307,12 +333,18 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         if dropout:  # torch dropout on the 16-bit probabilities: mask and output written, read back
             fwd_b, bwd_b = fwd_b + DROPOUT_SCORE_BYTES[0], bwd_b + DROPOUT_SCORE_BYTES[1]
         fwd = attn_flops / rate16 + fwd_b * scores / hw.hbm_bw
+        if kernels == "local":  # the causal mask, rebuilt once per layer forward
+            fwd += LOCAL_CAUSAL_MASK_BYTES * span * seq / layout.cp / hw.hbm_bw
         bwd = 2.0 * attn_flops / rate16 + bwd_b * scores / hw.hbm_bw
         attention = fwd * (1.0 + (1.0 if recomputed else 0.0)) + (bwd if backward else 0.0)
         act -= acts.scores  # charged explicitly above
     else:
-        # flash / fused: the kernel skips the masked upper triangle (causal), 2.5x forward for backward
-        attn_rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.attn_eff(gen)
+        # flash / fused: the kernel skips the masked upper triangle (causal), 2.5x forward for backward;
+        # each query tile sweeps span / 2 keys on average (causal), and with context parallelism each
+        # ring step's kernel covers one load-balanced chunk of s / 2cp keys (Megatron-Core / TE
+        # `cp_comm_type="p2p"` splits the sequence into 2cp chunks): short kernels, lower efficiency.
+        kv = span / 2.0 if layout.cp == 1 else min(span, seq / (2.0 * layout.cp))
+        attn_rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.attn_kernel_eff(gen, kv)
         attention = 0.5 * attn_flops * (1.0 + (2.5 if backward else 0.0)) / attn_rate
         attention *= (3.5 + 1.0) / 3.5 if recomputed else 1.0
     elementwise = params.kappa * act * (passes / 3.0) / hw.hbm_bw
@@ -378,19 +410,37 @@ def _tp_comm(model, layout, hw, tokens, passes, params, overlap: bool = False) -
     return volume / _link_bw(hw, layout.tp, 1, params) * exposure
 
 
+# Context-parallel ring (Transformer Engine `AttnFuncWithCPAndKVP2P`): every ring step's partial
+# output is merged into the running result with its log-sum-exp correction, a memory-bound pass per
+# step: forward, the step's 16-bit output written by the kernel and read back (2 + 2) and the fp32
+# accumulator read and written (4 + 4): 12 B per query-side element (tokens x heads x head_dim);
+# backward, the step's dQ partial (2 + 2) accumulated in fp32 (4 + 4) and the dK / dV partials
+# accumulated and passed on with the ring (the same 12 B per key/value element).
+CP_MERGE_BYTES = 12.0
+
+
 def _cp_comm(model, layout, hw, tokens, passes, attention, params) -> float:
     """Ring context parallelism (Megatron-Core / Transformer Engine `cp_comm_type="p2p"`): cp - 1
     steps each pass this rank's K and V chunk forward, and K, V, dK, dV backward; each step overlaps
-    with the attention of the previous chunk, so only the excess over attention compute is exposed."""
+    with the attention of the previous chunk, so only the excess over attention compute is exposed.
+    Each transfer is a point-to-point send to one neighbour: across nodes it runs over one NIC (the
+    sender's rail; NCCL's p2p does not stripe one send over the node's other NICs), unlike a ring
+    collective that runs one ring per NIC. Not hidden either: a fixed latency per dependent ring step
+    and the per-step merge of partial outputs (CP_MERGE_BYTES)."""
     if layout.cp == 1:
         return 0.0
-    kv = 2.0 * tokens * model.query_groups * model.head_dim / layout.tp * 2.0
-    volume = (layout.cp - 1) * kv * (1.0 + (2.0 if passes > 1 else 0.0))
-    comm = volume / _link_bw(hw, layout.cp, layout.tp, params)
+    kv_elems = 2.0 * tokens * model.query_groups * model.head_dim / layout.tp
+    volume = (layout.cp - 1) * kv_elems * 2.0 * (1.0 + (2.0 if passes > 1 else 0.0))
+    crosses = layout.cp * layout.tp > hw.nvlink_domain
+    bw = (hw.net_bw if crosses else hw.nvlink_bw) * params.link
+    comm = volume / bw
     # Every ring step is a dependent P2P exchange plus its own attention kernel: a fixed latency
     # that no overlap hides (forward, backward, and the recomputed forward).
-    rings = 1.0 + (1.0 if passes > 1 else 0.0) + (1.0 if passes > 1 and layout.recompute != "none" else 0.0)
-    return max(0.0, comm - attention) + rings * (layout.cp - 1) * params.ring_step_latency
+    forwards = 1.0 + (1.0 if passes > 1 and layout.recompute != "none" else 0.0)
+    rings = forwards + (1.0 if passes > 1 else 0.0)
+    q_elems = tokens * model.heads * model.head_dim / layout.tp
+    merge = layout.cp * CP_MERGE_BYTES * (forwards * q_elems + (q_elems + kv_elems if passes > 1 else 0.0)) / hw.hbm_bw
+    return max(0.0, comm - attention) + rings * (layout.cp - 1) * params.ring_step_latency + merge
 
 
 def _ep_comm(model, layout, hw, tokens, passes, params) -> float:
@@ -420,8 +470,8 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     rate = hw.peak("bf16" if hw.supports("bf16") else "fp32") * params.gemm_eff(hw.generation, "bf16")
     logits = (1.0 + backward) * gemm_time(tokens, vocab / layout.tp, model.hidden, flops_per_s=rate,
                                           bytes_per_s=hw.hbm_bw, in_bytes=2.0) if vocab else 0.0
-    softmax_passes = 3.0 if backward else 1.0  # fp32 softmax read + write, forward (and backward)
-    logits += softmax_passes * tokens * vocab / layout.tp * 4.0 * 2.0 / hw.hbm_bw
+    ce = CROSS_ENTROPY_BYTES[0] + (CROSS_ENTROPY_BYTES[1] if backward else 0.0)
+    logits += ce * tokens * vocab / layout.tp / hw.hbm_bw
     per_layer = lt.total
     if layout.pp == 1:
         t = model.layers * per_layer + logits
@@ -434,14 +484,16 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
 
 
 def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, params, trainable_params: float,
-                grad_bytes: int = 4, overlap: bool = True) -> float:
+                grad_bytes: int = 4, overlap: bool = True, overlap_gather: bool = True) -> float:
     """Data-parallel gradient reduce-scatter (fp32 main grads) + parameter all-gather (bf16) with the
     distributed optimizer, or an fp32 all-reduce without it. Megatron overlaps them with the last
     micro batch's backward and the first micro batch's forward (`overlap_grad_reduce`,
     `overlap_param_gather`); what exceeds those windows is exposed. The group spans TP x CP x DP
     consecutive ranks (rank order tp-cp-ep-dp-pp). `overlap=False`: the reduction runs after the
     backward, fully exposed (Megatron-LM before its 2023 `overlap_grad_reduce`: the 2021 runs
-    all-reduced the gradients after the pipeline flush, Narayanan et al. 2021 Sec. 2.2)."""
+    all-reduced the gradients after the pipeline flush, Narayanan et al. 2021 Sec. 2.2).
+    `overlap_gather=False`: the parameter all-gather runs after the optimizer step (Megatron DDP
+    without `overlap_param_gather`, the nemoc runtime's default), fully exposed."""
     shard = layout.dp * layout.cp
     if shard == 1 or trainable_params == 0:
         return 0.0
@@ -462,7 +514,8 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
     bwd_window = t_mb_stage * (1.0 - fwd_fraction) * spread
     fwd_window = t_mb_stage * fwd_fraction * spread
     bucket = min(rs, 40e6 * grad_bytes * frac / bw)  # the last 40M-parameter bucket cannot overlap
-    return max(0.0, rs - bwd_window) + max(0.0, ag - fwd_window) + bucket
+    gather = max(0.0, ag - fwd_window) if overlap_gather else ag
+    return max(0.0, rs - bwd_window) + gather + bucket
 
 
 def _local_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None = None) -> float:
@@ -475,6 +528,26 @@ def _local_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int] 
     return dense + experts + embed * (2 if layout.pp == 1 and not model.tie_embeddings else 1)
 
 
+def _trainable_params(model: ModelSpec, layout: Layout, split, peft: LoraSpec | None) -> float:
+    """Parameters the optimizer updates on one GPU of the most-loaded stage (LoRA: the adapters)."""
+    if peft is None:
+        return _local_params(model, layout, split)
+    n = max(layers_on_stage(model.layers, layout.pp, i, split) for i in {0, min(1, layout.pp - 1)})
+    return n * lora_params_per_layer(model, peft) / layout.tp
+
+
+def _optimizer_time(layout: Layout, hw: HardwareSpec, trainable: float, updates: float, micro_batches: float,
+                    kernels: str) -> float:
+    """Adam over the sharded parameters (ADAM_BYTES) + the gradient-norm pass over the local ones,
+    `updates` times; on the local spec (no gradient-accumulation fusion) a main_grad add per micro
+    batch (`micro_batches` of them per step). Independent of the micro batch size and recompute."""
+    shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
+    t = updates * (trainable / shard * ADAM_BYTES[kernels] + trainable * 4.0) / hw.hbm_bw
+    if kernels == "local":
+        t += micro_batches * trainable * LOCAL_GRAD_ACCUM_BYTES / hw.hbm_bw
+    return t
+
+
 def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = None,
              gpu: HardwareSpec | str | None = None, precision: str = "bf16", attention_backend: str = "flash",
              seq_length: int | None = None, steps: int = 1, stage_kind: str = "pretrain",
@@ -483,7 +556,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              split: tuple[int, int, int] | None = None, attention_span: float | None = None,
              overlap_p2p: bool = RUNTIME_OVERLAPS_P2P, p2p_scatter_gather: bool = False,
              overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
-             overlap_grad_reduce: bool = True, dropout: bool = False) -> Estimate:
+             overlap_grad_reduce: bool = True, dropout: bool = False,
+             overlap_param_gather: bool = RUNTIME_OVERLAPS_PARAM_GATHER) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
@@ -547,18 +621,12 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                                          micro_batch=mb, new_tokens=work.generated, params=params,
                                          overlap_tp=overlap_tp, kernels=kernels)
     if train:
-        trainable = _local_params(model, layout, split)
-        if peft is not None:
-            n = max(layers_on_stage(model.layers, layout.pp, i, split) for i in {0, min(1, layout.pp - 1)})
-            trainable = n * lora_params_per_layer(model, peft) / layout.tp
+        trainable = _trainable_params(model, layout, split, peft)
         updates = work.trained * main.count  # PPO: actor and critic, ppo_epochs times
         parts["dp_comm_exposed"] = updates * _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params,
-                                                         trainable, grad_bytes, overlap_grad_reduce)
-        shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
-        # Adam over the sharded parameters (ADAM_BYTES) + the gradient-norm pass over the local ones
-        parts["optimizer"] = updates * (trainable / shard * ADAM_BYTES[kernels] + trainable * 4.0) / hw.hbm_bw
-        if kernels == "local":  # no gradient-accumulation fusion: a main_grad add per micro batch
-            parts["optimizer"] += main.count * m * trainable * LOCAL_GRAD_ACCUM_BYTES / hw.hbm_bw
+                                                         trainable, grad_bytes, overlap_grad_reduce,
+                                                         overlap_param_gather)
+        parts["optimizer"] = _optimizer_time(layout, hw, trainable, updates, main.count * m, kernels)
     parts["step_overhead"] = params.step_overhead
     step = sum(parts.values())
     tokens = layout.global_batch * seq * work.rows
@@ -575,6 +643,55 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
         gpu_hours=gpu_hours, cost_usd=gpu_hours * price if price is not None else None,
         parts=MappingProxyType(parts),
     )
+
+
+def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tuple[int, int],
+                          cluster: ClusterSpec | None = None, gpu: HardwareSpec | str | None = None,
+                          precision: str = "bf16", attention_backend: str = "flash", seq_length: int | None = None,
+                          stage_kind: str = "pretrain", peft: LoraSpec | None = None,
+                          params: EfficiencyParams = DEFAULT_PARAMS, stage_params: object = None,
+                          split: tuple[int, int, int] | None = None, overlap_p2p: bool = RUNTIME_OVERLAPS_P2P,
+                          overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te") -> float:
+    """A lower bound of `estimate(...).step_time_s` over every micro batch in the range
+    `micro_batches` = (smallest, largest) and every recompute level, for the other sizes of `layout`
+    (its micro batch and recompute are ignored; `layout.num_microbatches x layout.micro_batch` is the
+    rows per data-parallel rank, the same for every micro batch E111 admits). The search uses it to
+    skip a whole layout group whose bound is already slower than its top list (branch and bound).
+
+    Why it bounds: every per-micro-batch term of `layer_times` and the output layer is a roofline
+    max(a x mb, b x mb + c), a linear term, or a constant per micro batch, so its time per row never
+    grows with the micro batch: m x t(mb) >= rows x t(largest) / largest; the slowest stage is no
+    faster than the mean one (pp_imbalance >= 0); the bubble (pp - 1) / vp x t_mean(mb) is at least
+    that of the smallest micro batch; the pipeline transfers at least the warm-up ones of the
+    smallest; recompute only adds time term by term (so recompute = none bounds every level); the
+    data-parallel exposure, other passes and rollout are >= 0; optimizer and step overhead do not
+    depend on either. tests/compiler/test_search.py checks the bound against `estimate`."""
+    hw = gpu if isinstance(gpu, HardwareSpec) else get_gpu(gpu or (cluster.gpu if cluster else "H100"))
+    hw = _node_domain(hw, cluster.gpus_per_node if cluster is not None else None)
+    seq = seq_length or model.seq_length
+    work = stage_work(stage_kind, stage_params, peft)
+    if not work.passes:
+        return 0.0
+    main = work.passes[0]
+    smallest, largest = micro_batches
+    rows = layout.num_microbatches * layout.micro_batch
+    if layout.recompute != "none":
+        layout = replace(layout, recompute="none")
+    lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
+                     micro_batch=largest * work.rows, backward=main.backward, params=params, overlap_tp=overlap_tp,
+                     kernels=kernels)
+    _, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows,
+                              backward=main.backward, params=params, scalar_head=main.scalar_head, split=split)
+    per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest
+    vp = layout.vp or 1
+    t = main.count * rows * per_row + params.step_overhead
+    if layout.pp > 1:
+        t += main.count * ((layout.pp - 1) / vp * smallest * per_row
+                           + _pp_p2p(model, layout, hw, seq, smallest * work.rows, 1, vp, params, overlap_p2p))
+    if main.backward != FORWARD:
+        t += _optimizer_time(layout, hw, _trainable_params(model, layout, split, peft), work.trained * main.count,
+                             main.count * rows / largest, kernels)
+    return t
 
 
 def _price(cluster: ClusterSpec | None) -> float | None:

@@ -153,6 +153,9 @@ class Layout:
     sequence_parallel: bool
     distributed_optimizer: bool
     recompute: str  # none | selective | full
+    tp_comm_overlap: bool = False  # TE userbuffer TP overlap (`TransformerConfig.tp_comm_overlap`)
+    grad_reduce_in_fp32: bool = True  # `DistributedDataParallelConfig.grad_reduce_in_fp32`
+    overlap_param_gather: bool = False  # `DistributedDataParallelConfig.overlap_param_gather`
 
     @property
     def world_size(self) -> int:

@@ -69,6 +69,7 @@ class StageResult:
     search: SearchResult | None  # None for a stage that needs no search
     chosen: Candidate
     notes: tuple[str, ...] = ()  # how steps / estimates were derived
+    problem: Problem | None = None  # what the search solved (bench/calibrate.py re-costs the chosen layout)
 
     @property
     def runner_ups(self) -> tuple[Candidate, ...]:
@@ -152,13 +153,15 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
 
 
 def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> ParallelSpec:
-    """Eval/export: no optimizer, no recompute, no context split; the user's TP/EP stay fixed. Where
-    the target runs them without a pipeline (`Target.caps`) a pipeline size inherited from the
+    """Eval/export: no optimizer (so no gradient or parameter-gather settings), no recompute, no
+    context split, no TP overlap; the user's TP/EP stay fixed. Where the target runs them without a
+    pipeline (`Target.caps`) a pipeline size inherited from the
     experiment's block is dropped (one the stage's own block fixes is an E126 error of check_spec)."""
     pipeline = parallel.pipeline if target.caps(kind).pipeline else 1
     return replace(parallel, context=parallel.context if parallel.context is not None else 1,
                    distributed_optimizer=False, recompute="none", virtual_pipeline=1, pipeline=pipeline,
-                   micro_batch=parallel.micro_batch or 1)
+                   micro_batch=parallel.micro_batch or 1, tp_comm_overlap=False, overlap_param_gather=False,
+                   grad_reduce_in_fp32=True)
 
 
 # ------------------------------------------------------------------------------- not fitting: why
@@ -369,7 +372,7 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
         warnings.append(Diagnostic("W140", f"stage `{stage.name}`: {n}", spec.span(f"stage.{stage.name}"),
                                    Severity.NOTE))
     plan = _stage_plan(spec, stage, chosen, steps, seq, chosen.estimate, probe)
-    return StageResult(stage.name, stage.kind, result, chosen, tuple(notes)), plan, warnings
+    return StageResult(stage.name, stage.kind, result, chosen, tuple(notes), replace(probe, steps=steps)), plan, warnings
 
 
 def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM, top: int = DEFAULT_TOP,

@@ -22,11 +22,17 @@ properties of the memory and cost models that tests/compiler/test_search.py asse
   (3) time is monotone in recompute: recompute levels are tried weakest first; the first that fits
       is that micro batch's fastest, and a stronger one is only costed while it could still enter
       the top list;
-  (4) dominance of auto settings: the distributed optimizer is never slower nor larger (same
-      gradient traffic, 1/(dp x cp) of the optimizer states), so auto resolves to on (off for SGD,
-      which Megatron's DistributedOptimizer refuses: E129); sequence
+  (4) dominance of auto settings: with the parameter all-gather overlapped (`overlap_param_gather`)
+      the distributed optimizer is never slower nor larger (same gradient traffic, 1/(dp x cp) of
+      the optimizer states), so auto resolves to on (off for SGD, which Megatron's
+      DistributedOptimizer refuses: E129); without it (the nemoc runtime's default) the all-gather
+      after the step is exposed, so auto tries both (`_do_domain`); sequence
       parallelism is never slower (same TP traffic, 1/tp of the elementwise work), so auto tries
-      on first and off only where on does not fit.
+      on first and off only where on does not fit;
+  (5) branch and bound: `cost.step_time_lower_bound` bounds the step time of every micro batch and
+      recompute of a group; groups are searched in the order of their bound, and one whose bound is
+      slower than the top list's last entry is skipped whole (for Llama 3.1 405B on 16,384 GPUs it
+      leaves ~2,400 memory evaluations where the search without it made ~16,000: bench/bench_plan.py).
 Only candidates that fit reach the cost model. `enumerate_all` is the brute-force oracle: the raw
 product of every size from 1 to its bound, each checked by every rule and the memory model, every
 fitting one costed; tests assert both find the same best plan.
@@ -217,24 +223,41 @@ def pipeline_memory(p: Problem, layout: Layout) -> tuple[MemoryBreakdown, ...]:
     return memory.pipeline_stages(
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
-        kernels=p.stage_kernels,
+        kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
     )
+
+
+def _grad_bytes(layout: Layout) -> int:
+    """Bytes per element of the DDP gradient buffer: fp32 main grads, or 16-bit (grad_reduce_in_fp32 = false)."""
+    return 4 if layout.grad_reduce_in_fp32 else 2
 
 
 def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
     return memory.estimate(
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
-        kernels=p.stage_kernels,
+        kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
     )
 
 
-def evaluate_time(p: Problem, layout: Layout) -> Estimate:
+def evaluate_time(p: Problem, layout: Layout, params: cost.EfficiencyParams = cost.DEFAULT_PARAMS) -> Estimate:
+    """`cost.estimate` of `layout` under `p`; `params`: the efficiencies (bench/calibrate.py --fit varies them)."""
     return cost.estimate(
         p.model, layout, cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.costed_backend,
         seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
-        split=_stage_layers(p, layout), kernels=p.stage_kernels, overlap_p2p=p.target.overlap_p2p,
-        overlap_tp=p.target.overlap_tp,
+        split=_stage_layers(p, layout), kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
+        overlap_tp=layout.tp_comm_overlap, overlap_param_gather=layout.overlap_param_gather, params=params,
+        overlap_p2p=p.target.overlap_p2p,
+    )
+
+
+def bound_time(p: Problem, layout: Layout, micro_batches: tuple[int, int]) -> float:
+    """`cost.step_time_lower_bound` of `layout`'s group over the micro batches (smallest, largest)."""
+    return cost.step_time_lower_bound(
+        p.model, layout, micro_batches=micro_batches, cluster=p.cluster, gpu=p.gpu, precision=p.precision,
+        attention_backend=p.costed_backend, seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft,
+        stage_params=p.params, split=_stage_layers(p, layout), kernels=p.stage_kernels,
+        overlap_tp=layout.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p,
     )
 
 
@@ -286,14 +309,17 @@ def _make_layout(p: Problem, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc) -> Lay
     gb = p.global_batch if p.global_batch is not None else mb * dp
     return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
                   num_microbatches=max(1, gb // (mb * dp)), sequence_parallel=sp, distributed_optimizer=do,
-                  recompute=rc)
+                  recompute=rc, tp_comm_overlap=p.fixed.tp_comm_overlap,
+                  grad_reduce_in_fp32=p.fixed.grad_reduce_in_fp32,
+                  overlap_param_gather=p.fixed.overlap_param_gather)
 
 
 def _sizes(p: Problem, layout: Layout) -> Sizes:
     return Sizes(tp=layout.tp, pp=layout.pp, vp=layout.vp, cp=layout.cp, ep=layout.ep, etp=layout.etp,
                  dp=layout.dp, micro_batch=layout.micro_batch, global_batch=layout.global_batch,
                  sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
-                 recompute=layout.recompute, seq_length=p.seq_length)
+                 recompute=layout.recompute, seq_length=p.seq_length, tp_comm_overlap=layout.tp_comm_overlap,
+                 overlap_param_gather=layout.overlap_param_gather)
 
 
 # ------------------------------------------------------------------------------------ the domains
@@ -399,11 +425,44 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
     memory and cost models that tests assert: memory is monotone in micro batch and recompute;
     time is monotone in recompute; with `distributed_optimizer` / `sequence_parallel` auto, the
     distributed optimizer is never slower nor larger, and sequence parallelism is never slower.
+    Branch and bound (5): groups are searched in the order of `cost.step_time_lower_bound`, and a
+    group whose bound is slower than the top list's last entry is skipped whole; the bound holds
+    for every micro batch and recompute of the group (tested), so the top list is exact.
     """
     env = p.env
     rec = _Recorder(p.budget)
     best = _Top(max(1, top))
+    groups = sorted(_groups(p, env, rec), key=lambda g: g[0])
+    failed: set[tuple] = set()  # (tp, pp, cp, ep, etp, do) whose non-interleaved group has no fitting member
+    for bound, _, args, sps, n_vps in groups:
+        tp, pp, vp, cp, ep, etp, dp, do = args
+        base = (tp, pp, cp, ep, etp, do)
+        count = len(_micro_batches(p, dp)) * len(_recomputes(p))
+        if vp is not None and base in failed:
+            # Interleaving only adds memory (the first stage holds (1 + (pp-1)/(pp*vp)) x the
+            # microbatches): when no layout fits without it, none fits with it.
+            rec.rule("interleaving only adds activation memory (and the failed rules do not depend on it)",
+                     "rejected: interleaved variant of a layout that fails memory or rules without interleaving",
+                     f"tp={tp} pp={pp} cp={cp} vp>1", count)
+            continue
+        threshold = best.threshold()
+        if threshold is not None and bound > threshold[0] * (1 + REL_TOL):
+            rec.rule(lambda: f"its step time is at least {bound:.3g} s, slower than the top {best.n} "
+                     f"({threshold[0]:.3g} s and faster)", "slower: a lower bound of the step time is "
+                     "already above the top list", f"tp={tp} pp={pp}{f' vp={vp}' if vp else ''} cp={cp} dp={dp}",
+                     count * len(sps))
+            continue
+        if not _search_group(p, env, rec, best, tp, pp, vp, cp, ep, etp, dp, do, sps) and vp is None and n_vps > 1:
+            failed.add(base)
+    return rec.result(best)
+
+
+def _groups(p: Problem, env: Env, rec: _Recorder) -> list[tuple]:
+    """Every (tp, pp, vp, cp, ep, etp, dp, do) group whose micro-batch-independent rules hold for
+    some sequence-parallel value, as (lower bound, order, sizes, SP values, VP values of its base);
+    the groups that break the world size or a rule are recorded in `rec`."""
     world = p.cluster.world_size
+    out = []
     for tp in _tp_domain(p, env):
         if world % tp:
             rec.rule(f"world size {world} % tp({tp}) = {world % tp} != 0", "E101 world size", f"tp={tp}")
@@ -421,23 +480,42 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
                     rec.rule(f"tp({tp}) * pp({pp}) * cp({cp}) * dp({p.fixed.data}) != world size {world}",
                              "E101 world size", f"tp={tp} pp={pp} cp={cp}")
                     continue
-                # Dominance: auto distributed optimizer -> on (same traffic, 1/(dp*cp) of the states);
-                # off for SGD, which Megatron's DistributedOptimizer refuses (E129).
-                do = (p.fixed.distributed_optimizer if p.fixed.distributed_optimizer is not None
-                      else p.auto_distributed_optimizer)
+                mbs, rcs, dos = _micro_batches(p, dp), _recomputes(p), _do_domain(p)
                 for ep, etp in _expert_domain(p, tp, pp, dp, rec):
                     vps = _vp_domain(p, pp)
-                    for k, vp in enumerate(vps):
-                        if not _search_group(p, env, rec, best, tp, pp, vp, cp, ep, etp, dp, do) and vp is None:
-                            # Interleaving only adds memory (the first stage holds (1 + (pp-1)/(pp*vp)) x
-                            # the microbatches): when no layout fits without it, none fits with it.
-                            if len(vps) > 1:
-                                rec.rule("interleaving only adds activation memory (and the failed rules do not "
-                                         "depend on it)", "rejected: interleaved variant of a layout that fails "
-                                         "memory or rules without interleaving", f"tp={tp} pp={pp} cp={cp} vp>1",
-                                         (len(vps) - 1) * len(_micro_batches(p, dp)) * len(_recomputes(p)))
-                            break
-    return rec.result(best)
+                    for vp in vps:
+                        if not mbs:
+                            rec.rule(f"global_batch({p.global_batch}) % dp({dp}) != 0", "E111 global batch % "
+                                     "(micro_batch x dp)", f"tp={tp} pp={pp} cp={cp} dp={dp}", len(rcs) * len(dos))
+                            continue
+                        # With two DO values neither DO rule can fire (E129 is SGD's, which tries off
+                        # only; E161 needs overlap_param_gather, which tries on only): one check serves both.
+                        sps = [sp for sp in _sp_domain(p, tp) if _group_rules(
+                            p, env, rec, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, dos[0], rcs[0]),
+                            len(mbs) * len(rcs) * len(dos))]
+                        if not sps:
+                            continue
+                        # One bound serves every DO and SP value of the group: the distributed optimizer's
+                        # sharded step is the smaller optimizer term (the bound leaves DP traffic out), and
+                        # sequence parallelism, preferred first, is never slower.
+                        bound = bound_time(p, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, "none"),
+                                           (mbs[0], mbs[-1]))
+                        for do in dos:
+                            out.append((bound, len(out), (tp, pp, vp, cp, ep, etp, dp, do), sps, len(vps)))
+    return out
+
+
+def _do_domain(p: Problem) -> list[bool]:
+    """Distributed-optimizer values to try. Fixed: that one. Auto: off for SGD, which Megatron's
+    DistributedOptimizer refuses (E129); on alone when the parameter all-gather overlaps the forward
+    (`overlap_param_gather`; dominance: the reduce-scatter + all-gather move what the all-reduce
+    moves, as hidden, and the states shrink by dp x cp); otherwise both, on first: an all-gather
+    after the optimizer step is exposed, so plain DDP's overlapped all-reduce can be faster."""
+    if p.fixed.distributed_optimizer is not None:
+        return [p.fixed.distributed_optimizer]
+    if not p.auto_distributed_optimizer:
+        return [False]
+    return [True] if p.fixed.overlap_param_gather else [True, False]
 
 
 def _sp_domain(p: Problem, tp: int) -> list[bool]:
@@ -462,17 +540,13 @@ def _group_rules(p: Problem, env: Env, rec: _Recorder, layout: Layout, count: in
     return True
 
 
-def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, do) -> bool:
-    """Search one (tp, pp, vp, cp, ep, etp, do) group; False when its memory bound (or a rule) rules
-    out every member."""
+def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, do, sps) -> bool:
+    """Search one (tp, pp, vp, cp, ep, etp, do) group whose rules hold for the sequence-parallel
+    values `sps`; False when its memory bound rules out every member."""
     mbs, rcs = _micro_batches(p, dp), _recomputes(p)
-    if not mbs:
-        rec.rule(f"global_batch({p.global_batch}) % dp({dp}) != 0", "E111 global batch % (micro_batch x dp)",
-                 f"tp={tp} pp={pp} cp={cp} dp={dp}", len(rcs))
-        return False
-    sps = [sp for sp in _sp_domain(p, tp)
+    sps = [sp for sp in sps
            if _group_fits(p, env, rec, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs))]
-    if not sps:  # every sequence-parallel value failed a rule or memory, recorded by _group_fits for the whole group
+    if not sps:  # every sequence-parallel value failed memory, recorded by _group_fits for the whole group
         return False
     weakest = {sp: len(rcs) - 1 for sp in sps}  # per SP: the weakest recompute that can still fit
     for i, mb in enumerate(mbs):
@@ -503,10 +577,8 @@ def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, 
 
 
 def _group_fits(p: Problem, env: Env, rec: _Recorder, bound: Layout, count: int) -> bool:
-    """Bound (1): the group's rules hold and its smallest micro batch with its strongest recompute
-    fits (otherwise no member fits: memory is monotone in both)."""
-    if not _group_rules(p, env, rec, bound, count):
-        return False
+    """Bound (1): its smallest micro batch with its strongest recompute fits (otherwise no member
+    fits: memory is monotone in both); the group's rules were checked by `_groups`."""
     if _rules_mb(env, p, bound) is not None:
         return True  # the smallest micro batch breaks a micro-batch rule: the bound says nothing
     rec.evaluated += 1
@@ -600,7 +672,8 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
                 continue  # policy: auto sequence parallelism only with tp > 1
             gb = p.global_batch if p.global_batch is not None else mb * (dp or 1)
             sizes = Sizes(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
-                          sequence_parallel=sp, distributed_optimizer=do, recompute=rc, seq_length=p.seq_length)
+                          sequence_parallel=sp, distributed_optimizer=do, recompute=rc, seq_length=p.seq_length,
+                          tp_comm_overlap=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather)
             v = layout_violations(env, sizes)
             layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp or 1, mb, sp, do, rc)
             if v is not None:

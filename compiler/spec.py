@@ -91,6 +91,12 @@ class ParallelSpec:
     distributed_optimizer: bool | None = None  # auto: on with adam, off with sgd (search)
     recompute: str | None = None  # none | selective | full
     micro_batch: int | None = None
+    # Recipe performance settings (fixed, not searched): Transformer Engine's userbuffer TP
+    # communication overlap, and Megatron DDP's gradient reduction dtype (fp32 main grads, or the
+    # parameters' 16-bit dtype as NeMo's FP8 performance recipes reduce).
+    tp_comm_overlap: bool = False
+    grad_reduce_in_fp32: bool = True
+    overlap_param_gather: bool = False  # the distributed optimizer's parameter all-gather in the forward
 
 
 @dataclass(frozen=True, slots=True)

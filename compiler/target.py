@@ -38,7 +38,6 @@ class Target:
     name: str
     stages: Mapping[str, StageCaps] = field(default_factory=lambda: MappingProxyType({}))
     overlap_p2p: bool = True  # the interleaved schedule overlaps its pipeline transfers (overlap_p2p_comm)
-    overlap_tp: bool = False  # Transformer Engine's userbuffer tensor-parallel overlap
     moe_linear_bias: bool = False  # builds MoE models with linear biases (Megatron-Core 0.16.1 mlp.py fails)
 
     def caps(self, stage_kind: str) -> StageCaps:

@@ -218,6 +218,14 @@ PARALLEL_FIELDS = (
        "optimizer wraps Adam only).", auto=True),
     _f("recompute", enum("none", "selective", "full"), None, "Activation recomputation.", auto=True),
     _f("micro_batch", POSITIVE, None, "Sequences per micro-batch per data-parallel rank.", auto=True),
+    _f("tp_comm_overlap", BOOL, False, "Overlap tensor-parallel communication with the GEMMs (Transformer "
+       "Engine userbuffers, `tp_comm_overlap`); needs kernels te, tensor > 1 and sequence parallelism."),
+    _f("grad_reduce_in_fp32", BOOL, True, "Reduce data-parallel gradients in fp32 main grads (true) or in "
+       "the 16-bit parameter dtype (false: half the DDP traffic and gradient buffer; the optimizer keeps an "
+       "fp32 copy of its shard)."),
+    _f("overlap_param_gather", BOOL, False, "Overlap the distributed optimizer's parameter all-gather with the "
+       "next step's forward (Megatron DDP `overlap_param_gather`, on in NeMo's recipes); false: the all-gather "
+       "runs after the optimizer step, exposed. Needs distributed_optimizer."),
 )
 
 DATA_FIELDS = (

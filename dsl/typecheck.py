@@ -210,7 +210,7 @@ def describe_found(expr: ast.Expr) -> str:
     if isinstance(expr, ast.Call):
         return f"the call `{expr.func.value}(...)`"
     if isinstance(expr, ast.Number):
-        return f"`{expr.text}`"
+        return f"`{_show(expr)}`"
     return "an expression"
 
 
@@ -374,9 +374,12 @@ def _finish(expr, t, key, value: Fraction, diags):
 
 
 def _show(expr) -> str:
+    """`expr` as written, for a message between backticks: a 5,000-digit literal or a 20,000-term sum is
+    named by its start and length, not printed whole."""
     from nemoc.dsl.format import format_expr
 
-    return format_expr(expr)
+    text = format_expr(expr)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text):,} characters)"
 
 
 def _unit_mismatch(expr, t, key, dim, want) -> Diagnostic:
@@ -442,9 +445,7 @@ def _literal(expr: ast.Number, t: Type, key: str) -> tuple[Fraction, str]:
 
 
 def _out_of_range(expr, key: str) -> Diagnostic:
-    shown = _show(expr)
-    shown = f"`{shown}`" if len(shown) <= 40 else f"`{shown[:20]}...` ({len(shown):,} characters)"  # not 5,000 digits
-    return Diagnostic("E032", f"`{key}`: {shown} is out of range: number too large or too small "
+    return Diagnostic("E032", f"`{key}`: `{_show(expr)}` is out of range: number too large or too small "
                       "(magnitudes run from 1e-18 to 1e18)", expr.span)
 
 

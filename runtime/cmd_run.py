@@ -281,6 +281,11 @@ def status(run_dir: str, as_json: bool) -> None:
     for row in rows:
         if row["error"]:
             click.echo(f"\n{row['id']} failed:\n{row['error']}")
+    held = [f"  {row['id']}: " + ", ".join(f"{k} {_fmt(v.get('before'), '{:.4g}') + ' -> ' if v.get('before') is not None else ''}"
+                                          f"{_fmt(v['after'], '{:.4g}')}" for k, v in row["held_out"].items())
+            for row in rows if row.get("held_out")]
+    if held:
+        click.echo("\nheld-out metrics (before -> after the stage):\n" + "\n".join(held))
     stale = [row["id"] for row in rows if row.get("stale")]
     if stale:
         click.echo(f"\nnote: the `nemoc run` that was running {', '.join(stale)} is gone (killed?), so "
@@ -342,9 +347,33 @@ def status_rows(run_dir: str | Path) -> list[dict] | None:
             "tokens_per_s": metrics.get("tokens_per_s"),
             "elapsed_s": rec.get("elapsed_s"),
             "error": rec.get("error", ""),
+            "held_out": held_out_metrics(done) if done.get("hash") == rec.get("hash") else None,
             **({"stale": True} if stale else {}),
         })
     return rows
+
+
+def held_out_metrics(done: Mapping) -> dict | None:
+    """The held-out metrics an alignment stage's DONE.json reports, as {name: {"before", "after"}}: SFT's
+    response loss, DPO's preference (implicit-reward) and likelihood accuracy, a reward model's pair
+    accuracy, eval's per-dataset perplexity and preference accuracy."""
+    out: dict[str, dict] = {}
+    if isinstance(done.get("val_response_loss"), (int, float)):
+        out["response_loss"] = {"before": done.get("val_response_loss_before"), "after": done["val_response_loss"]}
+    val, before = done.get("val"), done.get("val_before")
+    before = before if isinstance(before, dict) else {}
+    if isinstance(val, dict):
+        for key, name in (("reward_accuracy", "preference_accuracy"), ("accuracy", "pair_accuracy"),
+                          ("likelihood_accuracy", "likelihood_accuracy")):
+            if isinstance(val.get(key), (int, float)):
+                out[name] = {"before": before.get(key), "after": val[key]}
+    datasets = done.get("datasets")
+    if isinstance(datasets, dict):
+        for name, m in sorted(datasets.items()):
+            for key in ("perplexity", "likelihood_accuracy", "preference_accuracy"):
+                if isinstance(m, dict) and isinstance(m.get(key), (int, float)):
+                    out[f"{name}.{key}"] = {"before": None, "after": m[key]}
+    return out or None
 
 
 # Slurm job states as task states (squeue's long names; `nemoc status` of a run whose jobs outlive `nemoc run`)

@@ -199,11 +199,15 @@ class Executor:
     def _run_task(self, task: Task, status: Status) -> TaskOutcome:
         if self.run_dir.is_done(task.id, task.hash):
             return self._cached(task, status)
-        self._say_why_not_cached(task)
+        damaged = self._say_why_not_cached(task)
         out_dir = self._start(task, status)
         started = time.time()
         try:
             state, payload, error = self._execute(task, out_dir)
+            if state == "done" and damaged and not damaged.exists():
+                state, payload, error = "failed", None, (
+                    f"{task.id} ran again because {damaged} was missing, but finished without writing it again: "
+                    "its output is still incomplete, so it is not marked done")
         except TaskError as exc:
             state, payload, error = "failed", None, str(exc)
         except (ValueError, OSError) as exc:  # DataError / TokenizerError / unreadable files: user-facing
@@ -212,12 +216,15 @@ class Executor:
             state, payload, error = "failed", None, _internal_error(exc, out_dir)
         return self._end(task, status, state, payload, error, time.time() - started)
 
-    def _say_why_not_cached(self, task: Task) -> None:
-        """A task finished with this hash whose recorded outputs are gone or changed runs again: say so."""
+    def _say_why_not_cached(self, task: Task) -> Path | None:
+        """A task finished with this hash whose recorded outputs are gone or changed runs again: say so.
+        Returns the missing output, which the re-run must write again (else it is not done)."""
         record = self.run_dir.done_record(task.id)
         problem = self.run_dir.outputs_problem(task.id) if record and record.get("hash") == task.hash else None
-        if problem:
-            self.echo(f"↻ {task.id:<24} finished before, but {problem}: running it again")
+        if not problem:
+            return None
+        self.echo(f"↻ {task.id:<24} finished before, but {problem}: running it again")
+        return Path(problem[:-len(" is missing")]) if problem.endswith(" is missing") else None
 
     def _cached(self, task: Task, status: Status) -> TaskOutcome:
         self.echo(f"✓ {task.id:<24} cached (hash {task.short_hash})")

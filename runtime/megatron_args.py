@@ -168,6 +168,17 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
         raise UnsupportedPlan(f"MoE with tp={layout.tp} needs sequence_parallel (Megatron-Core rejects it otherwise)")
     if layout.sequence_parallel and layout.tp == 1:
         raise UnsupportedPlan("sequence_parallel needs tp > 1")
+    if layout.tp_comm_overlap:
+        # `nemoc check` refuses it without TE, TP or SP (E160); with TE the userbuffers that
+        # `TransformerConfig(tp_comm_overlap=True)` needs (TE `initialize_ub`, Megatron-LM's
+        # `_initialize_tp_communicators`) are not set up by this runtime yet: refused, not ignored.
+        raise UnsupportedPlan("tp_comm_overlap = true: the nemoc runtime does not initialise Transformer Engine's "
+                              "userbuffers yet; plan it to compare, run with tp_comm_overlap = false")
+    if layout.overlap_param_gather:
+        # Megatron-LM wires it through `config.param_sync_func` (each model chunk's start_param_sync
+        # in the forward pre-hooks); the nemoc training loop does not yet: refused, not ignored.
+        raise UnsupportedPlan("overlap_param_gather = true: the nemoc runtime does not yet start the parameter "
+                              "all-gathers in the forward; run with overlap_param_gather = false")
     if model.is_moe and model.add_bias_linear:
         # `nemoc check` refuses this spec (E140): the MoE build below has no linear biases.
         raise UnsupportedPlan("MoE models are built without linear biases (add_bias_linear = false); "
@@ -307,15 +318,16 @@ def _interleaved(layout: Layout) -> bool:
 
 
 def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None):
-    """Megatron DDP: fp32 gradient reduction; the plan's overlaps of the gradient reduce and the
-    parameter gather (`Execution.overlaps`; none for a model built outside a stage plan)."""
+    """Megatron DDP: gradient reduction in fp32 main grads or the 16-bit parameter dtype, as planned
+    (`grad_reduce_in_fp32`); the plan's overlaps of the gradient reduce and the parameter gather
+    (`Execution.overlaps`; none for a model built outside a stage plan)."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
     return DistributedDataParallelConfig(**_ddp_kwargs(layout, overlaps), check_for_nan_in_grad=False)
 
 
 def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None) -> dict:
-    return dict(grad_reduce_in_fp32=True, overlap_grad_reduce=bool(overlaps and overlaps.grad_reduce),
+    return dict(grad_reduce_in_fp32=layout.grad_reduce_in_fp32, overlap_grad_reduce=bool(overlaps and overlaps.grad_reduce),
                 overlap_param_gather=bool(overlaps and overlaps.param_gather),
                 use_distributed_optimizer=layout.distributed_optimizer)
 

@@ -43,10 +43,9 @@ NEMOC_RUNTIME = Target(
         "eval": _EVAL, "export": _EXPORT,
     }),
     # runtime/megatron_args.py: the interleaved schedule overlaps its pipeline transfers
-    # (overlap_p2p_comm, unbatched); no Transformer Engine userbuffer TP overlap (tp_comm_overlap unset);
+    # (overlap_p2p_comm, unbatched);
     # MoE models are built without linear biases (Megatron-Core 0.16.1 mlp.py fails with them).
     overlap_p2p=True,
-    overlap_tp=False,
     moe_linear_bias=False,
 )
 

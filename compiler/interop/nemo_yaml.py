@@ -355,12 +355,15 @@ def _bridge_data(r: _Reader, d: Draft) -> None:
     tokenizer = r.get("tokenizer.tokenizer_model")
     r.get("tokenizer.vocab_size"), r.get("tokenizer.tokenizer_type")
     blend = r.get("dataset.blend")
+    data_format = None
     if r.get("dataset.dataset_name"):
         name = r.get("dataset.dataset_name")
         d.stage_name = "sft"
         d.note(f"the source fine-tunes on the Hugging Face dataset `{name}` (dataset.dataset_name): export it to "
-               "JSONL and set the data path (and `format`) accordingly", warn=True)
+               "JSONL records {\"prompt\", \"response\"} (Megatron-Bridge's SFT input/output pairs) and set the data "
+               "path, or change `format` to chat for conversations", warn=True)
         pairs = [(1.0, str(name))]
+        data_format = "prompt_response"
     elif isinstance(blend, list) and blend and isinstance(blend[0], list):
         paths, weights = blend[0], (blend[1] if len(blend) > 1 and blend[1] else [1.0] * len(blend[0]))
         pairs = [(float(w), str(p)) for w, p in zip(weights, paths)]
@@ -369,7 +372,7 @@ def _bridge_data(r: _Reader, d: Draft) -> None:
         d.note(f"the source {why}: set the data path to your corpus (raw JSONL/text; nemoc prepares it)", warn=True)
         pairs = [(1.0, "CHANGE-ME")]
     split = r.get("dataset.split")
-    _data_blocks(d, pairs, tokenizer, split_fractions(str(split)) if isinstance(split, str) else None)
+    _data_blocks(d, pairs, tokenizer, split_fractions(str(split)) if isinstance(split, str) else None, data_format)
 
 
 def _bridge_optim(r: _Reader) -> Call:
@@ -418,7 +421,7 @@ def _parallel(d: Draft, *, tp, pp, vp, cp, ep, sp, dist_opt, recompute, micro, e
                       micro_batch=micro)
 
 
-def _data_blocks(d: Draft, pairs, tokenizer, split) -> None:
+def _data_blocks(d: Draft, pairs, tokenizer, split, data_format: str | None = None) -> None:
     if any("${" in p for _, p in pairs):
         d.note("a data path keeps an unresolved interpolation (`${...}`): replace it with the real path", warn=True)
     d.note("data paths name Megatron indexed datasets (.bin/.idx prefixes) or a dataset id; nemoc prepares its "
@@ -431,6 +434,8 @@ def _data_blocks(d: Draft, pairs, tokenizer, split) -> None:
             values["tokenizer"] = str(tokenizer)
         if split:
             values["split"] = split
+        if data_format:
+            values["format"] = Word(data_format)
         d.data.append(("main" if len(pairs) == 1 else f"part{i}", values))
 
 

@@ -18,7 +18,7 @@ The package is split by concern: `base` (Sizes, Env, Violation), `parallel` (par
 The rule table `RULES` is ordered cheapest / most decisive first, because `layout_violations`
 stops at the first error it finds.
 
-`STAGE_RULES` (E150-E153, W150) are the stage settings that would otherwise fail only at run time, in a
+`STAGE_RULES` (E150-E154, W150) are the stage settings that would otherwise fail only at run time, in a
 torch or Megatron traceback or an alignment error after data preparation: `min_lr` above `lr`, an
 alignment stage without data in a format its records need, an export with no `after`, a stage that
 starts from a parent checkpoint its parent never saves, and a warm-up longer than the stage.
@@ -77,6 +77,7 @@ from nemoc.compiler.rules.parallel import (  # noqa: F401
     warn_tp_crosses_node,
     warn_padded_vocab,
     warn_useless_distributed_optimizer,
+    rule_overlap_param_gather,
 )
 from nemoc.compiler.rules.moe import (  # noqa: F401
     expert_tp_options,
@@ -112,6 +113,7 @@ from nemoc.compiler.rules.precision import (  # noqa: F401
     rule_fp8_tokens,
     warn_fp16_loss_scaling,
     warn_selective_recompute_flash,
+    rule_tp_comm_overlap,
 )
 from nemoc.compiler.rules.registry import (  # noqa: F401
     ERROR_RULES,
@@ -131,6 +133,8 @@ from nemoc.compiler.rules.stages import (  # noqa: F401
     warn_warmup_longer_than_stage,
     _stage_steps,
     STAGE_RULES,
+    MAX_STAGES,
+    rule_stage_count,
     stage_diagnostics,
     STAGE_CODES,
 )

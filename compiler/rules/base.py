@@ -36,6 +36,8 @@ class Sizes:
     distributed_optimizer: bool | None = True
     recompute: str | None = None
     seq_length: int = 0
+    tp_comm_overlap: bool = False
+    overlap_param_gather: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from nemoc.compiler.target import MEGATRON_CORE, Target
 from nemoc.dsl.diagnostics import Diagnostic
 from nemoc.compiler.rules.base import Env, Sizes, TRAINING_KINDS, stage_seq_length, to_diagnostic
 from nemoc.compiler.rules.registry import violations
-from nemoc.compiler.rules.stages import stage_diagnostics
+from nemoc.compiler.rules.stages import MAX_STAGES, stage_diagnostics
 
 
 def gpu_facts(gpu_name: str) -> tuple[str | None, tuple[str, ...] | None]:
@@ -32,13 +32,15 @@ def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: in
         etp=parallel.expert_tensor, dp=parallel.data, micro_batch=parallel.micro_batch,
         global_batch=global_batch, sequence_parallel=parallel.sequence_parallel,
         distributed_optimizer=parallel.distributed_optimizer, recompute=parallel.recompute,
-        seq_length=seq_length,
+        seq_length=seq_length, tp_comm_overlap=parallel.tp_comm_overlap,
+        overlap_param_gather=parallel.overlap_param_gather,
     )
 
 
 _PARALLEL_FIELDS = (
     "tensor", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor", "data",
-    "sequence_parallel", "distributed_optimizer", "recompute", "micro_batch",
+    "sequence_parallel", "distributed_optimizer", "recompute", "micro_batch", "tp_comm_overlap",
+    "grad_reduce_in_fp32", "overlap_param_gather",
 )
 
 
@@ -77,6 +79,8 @@ def check_spec(spec: ExperimentSpec, target: Target = MEGATRON_CORE) -> tuple[Di
     """
     out: list[Diagnostic] = []
     seen: set[tuple[str, str]] = set()
+    if len(spec.stages) > MAX_STAGES:
+        return stage_diagnostics(spec)
     stages = list(spec.stages) or [None]
     for stage in stages:
         parallel = spec.parallel if stage is None else stage_parallel(spec, stage)

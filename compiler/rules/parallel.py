@@ -367,3 +367,15 @@ def warn_useless_distributed_optimizer(env: Env, s: Sizes) -> Violation | None:
         None, anchors=(_P + "distributed_optimizer", _P + "data"), severity=Severity.NOTE,
         source="megatron/core/optimizer/distrib_optimizer.py (shards over the data-parallel-with-CP group)",
     )
+
+
+def rule_overlap_param_gather(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-Core `DistributedDataParallelConfig`: the overlapped parameter all-gather is the
+    distributed optimizer's ("overlap_param_gather only supported with distributed optimizer")."""
+    if not s.overlap_param_gather or s.distributed_optimizer is not False:
+        return None
+    return Violation("E161", "overlap_param_gather needs the distributed optimizer",
+                     "overlap_param_gather = true with distributed_optimizer = false",
+                     "set distributed_optimizer = true (or auto), or overlap_param_gather = false",
+                     anchors=(_P + "overlap_param_gather", _P + "distributed_optimizer"),
+                     source="megatron/core/distributed/distributed_data_parallel_config.py (__post_init__)")

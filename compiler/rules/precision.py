@@ -304,3 +304,24 @@ def warn_selective_recompute_flash(env: Env, s: Sizes) -> Violation | None:
         anchors=(_P + "recompute", "attention_backend"), severity=Severity.WARNING,
         source="megatron/core/transformer/transformer_config.py __post_init__ (no need to set 'core_attn' to recompute)",
     )
+
+
+def rule_tp_comm_overlap(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-LM `validate_args`: "Tensor parallel communication/GEMM overlap can happen only when
+    sequence parallelism is enabled"; it is Transformer Engine's (userbuffers), so not on the local
+    spec; with tp = 1 there is nothing to overlap. Auto sizes are judged once resolved."""
+    if not s.tp_comm_overlap:
+        return None
+    local = _local_why(env)
+    if local:
+        why, hint = f"tp_comm_overlap = true but {local}", "set tp_comm_overlap = false, or kernels = te"
+    elif s.tp == 1:
+        why, hint = "tp_comm_overlap = true with tp(1): nothing to overlap", "set tp_comm_overlap = false"
+    elif s.tp is not None and s.tp > 1 and s.sequence_parallel is False:
+        why, hint = f"tp_comm_overlap = true with tp({s.tp}) and sequence_parallel = false", \
+            "set sequence_parallel = true (or leave it auto)"
+    else:
+        return None
+    return Violation("E160", "TP communication overlap needs Transformer Engine, TP > 1 and sequence parallelism",
+                     why, hint, anchors=(_P + "tp_comm_overlap", _P + "sequence_parallel", "kernels"),
+                     source="megatron/training/arguments.py validate_args (tp_comm_overlap needs sequence_parallel)")

@@ -24,6 +24,7 @@ from nemoc.compiler.rules.moe import (
     warn_top1_router,
 )
 from nemoc.compiler.rules.parallel import (
+    rule_overlap_param_gather,
     rule_context_backend,
     rule_context_seq,
     rule_ffn_tp,
@@ -52,6 +53,7 @@ from nemoc.compiler.rules.pipeline import (
     warn_vp_one,
 )
 from nemoc.compiler.rules.precision import (
+    rule_tp_comm_overlap,
     rule_attention_head_dim,
     rule_fp32_attention,
     rule_fp8_dims,
@@ -75,7 +77,8 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp,
     rule_moe_bias_runtime, rule_moe_tp_needs_sp, rule_sgd_distributed_optimizer,
     rule_precision_hardware, rule_fp8_needs_te, rule_te_needs_gpu, rule_fp32_attention, rule_attention_head_dim,
-    rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions,
+    rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions, rule_tp_comm_overlap,
+    rule_overlap_param_gather,
 )
 
 
@@ -108,6 +111,8 @@ def layout_violations(env: Env, sizes: Sizes) -> Violation | None:
 # Every diagnostic code of the layout rules with the rule that emits it (docs/planning.md lists each
 # with the Megatron-Core source it mirrors). The stage rules' codes are `stages.STAGE_CODES`.
 CODES: dict[str, Rule] = {
+    "E160": rule_tp_comm_overlap,
+    "E161": rule_overlap_param_gather,
     "E101": rule_world_size,
     "E102": rule_heads_tp,
     "E103": rule_query_groups_tp,

@@ -106,12 +106,31 @@ def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
 STAGE_RULES = (rule_min_lr, rule_data_format, rule_export_after, rule_parent_saves, warn_warmup_longer_than_stage)
 
 
+MAX_STAGES = 100  # real chains have a handful; the planner searches each stage (~5 ms), so 2,500 would take 15 s
+
+
+def rule_stage_count(spec: ExperimentSpec) -> Diagnostic | None:
+    """An experiment is a page: at most MAX_STAGES stages, so `plan` stays within seconds on any file."""
+    if len(spec.stages) <= MAX_STAGES:
+        return None
+    first_over = spec.stages[MAX_STAGES]
+    return _stage_diagnostic(Violation(
+        "E154", f"too many stages: {len(spec.stages):,} (the limit is {MAX_STAGES})",
+        f"stages({len(spec.stages):,}) > {MAX_STAGES}",
+        "an experiment is a short chain of stages: split it into several experiments",
+        anchors=("stage",)), spec, first_over)
+
+
 def stage_diagnostics(spec: ExperimentSpec) -> tuple[Diagnostic, ...]:
-    """Every stage rule over every stage."""
+    """Every stage rule over every stage (none when there are too many stages to be a real experiment)."""
+    too_many = rule_stage_count(spec)
+    if too_many is not None:
+        return (too_many,)
     return tuple(d for stage in spec.stages for rule in STAGE_RULES if (d := rule(spec, stage)) is not None)
 
 
 STAGE_CODES = {
+    "E154": rule_stage_count,
     "E150": rule_min_lr,
     "E151": rule_data_format,
     "E152": rule_export_after,

@@ -113,6 +113,35 @@ def preference_example(rng: random.Random) -> dict:
             "rejected": f"The capital of {country} is {other}."}
 
 
+def degenerate_preferences(rng: random.Random) -> list[dict]:
+    """Correct answers (chosen) against the degenerate replies small LMs produce (rejected): echoing the
+    question's entity, repeating the question, stopping before the answer. Every triple once, shuffled.
+
+    Why not wrong facts (prefs.jsonl): there every wrong answer is another prompt's right answer, so with a
+    held-out split a model that learns which *answers* are preferred, rather than which answer fits *this*
+    prompt, is pushed towards each held-out pair's rejected answer (its held-out chosen lost a "chosen"
+    count, its rejected a "rejected" one): the tiny example model scored 0.34-0.43 on held-out pairs."""
+    pairs = []
+
+    def add(prompt, chosen, rejected):
+        pairs.extend({"prompt": prompt, "chosen": chosen, "rejected": r} for r in rejected)
+
+    for a in range(7):
+        for b in range(7):
+            add(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.",
+                [f"{a} plus {b} is {a} plus {b}.", f"{a} plus {b} is plus.", f"{a} plus {b} is what?"])
+    for country, capital in CAPITALS:
+        add(f"What is the capital of {country}?", f"The capital of {country} is {capital}.",
+            [f"The capital of {country} is {country}.", f"The capital of {country} is the capital of {country}.",
+             f"The capital of {country} is what?"])
+    for i, day in enumerate(DAYS):
+        add(f"Which day comes after {day}?", f"The day after {day} is {DAYS[(i + 1) % 7]}.",
+            [f"The day after {day} is {day}.", f"The day after {day} is the day after {day}.",
+             f"The day after {day} is what?"])
+    rng.shuffle(pairs)
+    return pairs
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -131,6 +160,8 @@ def main() -> None:
     sft = [sft_example(rng, chat=True) for _ in range(600)]
     write_jsonl(args.out / "pipeline" / "sft.jsonl", sft)
     write_jsonl(args.out / "pipeline" / "prefs.jsonl", [preference_example(rng) for _ in range(400)])
+    # its own generator, so adding it left the files above byte-identical
+    write_jsonl(args.out / "pipeline" / "prefs_heldout.jsonl", degenerate_preferences(random.Random(args.seed + 1)))
 
 
 if __name__ == "__main__":

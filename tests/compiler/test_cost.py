@@ -1,16 +1,16 @@
-"""FLOPs formulas against their published forms; cost-model invariants the planner relies on; speed."""
+"""FLOPs formulas against their published forms; cost-model invariants the planner relies on (speed:
+bench/bench_plan.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nemoc.compiler.catalog import PRESETS, get_gpu
-from nemoc.compiler.cost import estimate, gemm_time
+from nemoc.compiler.cost import DEFAULT_PARAMS, _cp_comm, estimate, gemm_time, layer_times
 from nemoc.compiler.flops import (
     flops_per_token,
     hardware_flops_per_step,
@@ -258,7 +258,8 @@ cases = st.builds(
 @given(cases)
 def test_planner_monotonicity_properties(case) -> None:
     """What `nemoc.compiler.search` relies on: recompute never makes a step faster, the distributed
-    optimizer and sequence parallelism never make it slower."""
+    optimizer with its parameter all-gather overlapped (`overlap_param_gather`) and sequence
+    parallelism never make it slower."""
     model, lay, gpu, prec, kernels, backend = case
     if prec == "fp8" and gpu == "A100-80GB":
         prec = "bf16"
@@ -267,7 +268,7 @@ def test_planner_monotonicity_properties(case) -> None:
          for r in ("none", "selective", "full")}
     assert t["none"] <= t["selective"] <= t["full"]
     plain = estimate(model, dataclasses.replace(lay, distributed_optimizer=False), **kw)
-    dist = estimate(model, dataclasses.replace(lay, distributed_optimizer=True), **kw)
+    dist = estimate(model, dataclasses.replace(lay, distributed_optimizer=True), overlap_param_gather=True, **kw)
     assert dist.step_time_s <= plain.step_time_s * (1 + 1e-12)
     if lay.tp > 1:
         no_sp = estimate(model, dataclasses.replace(lay, sequence_parallel=False), **kw)
@@ -276,15 +277,63 @@ def test_planner_monotonicity_properties(case) -> None:
     assert 0 < dist.mfu < 1
 
 
-def test_estimate_is_fast() -> None:
-    """The planner evaluates thousands of candidates: each call must stay in the tens of microseconds."""
-    m, gpu = PRESETS["llama31_405b"], get_gpu("H100")
-    layouts = [layout(tp=8, pp=pp, vp=vp, cp=2, dp=1024 // (8 * pp * 2) or 1, global_batch=2048,
-                      num_microbatches=64, sequence_parallel=True) for pp in (8, 16) for vp in (None, 2, 4)]
-    estimate(m, layouts[0], gpu=gpu)
-    n = 300
-    start = time.perf_counter()
-    for i in range(n):
-        estimate(m, layouts[i % len(layouts)], gpu=gpu, precision="bf16", seq_length=8192)
-    per_call = (time.perf_counter() - start) / n
-    assert per_call < 300e-6, f"{per_call * 1e6:.0f} us per call"
+
+def test_short_context_parallel_chunks_slow_the_attention_kernel() -> None:
+    """Ring CP runs one flash kernel per ring step over s / 2cp keys: at 8K tokens and CP 8 each
+    kernel sweeps 512 keys, where FlashAttention-3 runs at about half its long-sequence rate, so the
+    attention time per token is ~1.8x that of CP 1 (4,096 keys per query tile on average)."""
+    m, hw = PRESETS["llama31_405b"], get_gpu("H100")
+    kw = dict(seq=8192, precision="bf16", attention_backend="flash", micro_batch=1)
+    cp1 = layer_times(m, layout(tp=4, cp=1, sequence_parallel=True), hw, **kw)
+    cp8 = layer_times(m, layout(tp=4, cp=8, sequence_parallel=True), hw, **kw)
+    per_token = (cp8.attention * 8) / cp1.attention
+    expected = (4096 / (4096 + 512)) / (512 / (512 + 512))
+    assert per_token == pytest.approx(expected, rel=1e-9)
+    assert DEFAULT_PARAMS.attn_kernel_eff("hopper", 512) == pytest.approx(DEFAULT_PARAMS.attn / 2)
+
+
+def test_a_context_parallel_ring_across_nodes_sends_over_one_nic() -> None:
+    """Each ring step is a point-to-point send to one neighbour: across nodes one NIC carries it
+    (not the k NICs a ring collective stripes over), inside the node NVLink; the per-step merge of
+    partial outputs is charged at HBM bandwidth whether or not the transfer hides."""
+    m, hw = PRESETS["llama31_70b"], get_gpu("H100")
+    params = dataclasses.replace(DEFAULT_PARAMS, ring_step_latency=0.0)
+    tokens = 1024.0
+    inside = layout(tp=1, cp=8, sequence_parallel=False)
+    across = layout(tp=2, cp=8, sequence_parallel=True)
+    merge = lambda lay: _cp_comm(m, lay, hw, tokens, 3.0, 1e9, params)  # noqa: E731 - all transfer hidden
+    kv = 2.0 * tokens * m.query_groups * m.head_dim / across.tp
+    volume = 7 * kv * 2.0 * 3.0
+    assert _cp_comm(m, across, hw, tokens, 3.0, 0.0, params) - merge(across) == pytest.approx(
+        volume / (hw.net_bw * params.link))
+    kv1 = 2.0 * tokens * m.query_groups * m.head_dim
+    assert _cp_comm(m, inside, hw, tokens, 3.0, 0.0, params) - merge(inside) == pytest.approx(
+        7 * kv1 * 2.0 * 3.0 / (hw.nvlink_bw * params.link))
+    assert merge(across) > 0
+
+
+def test_405b_on_16k_h100_best_plan_beats_the_published_layout_for_stated_reasons() -> None:
+    """Llama 3.1 405B, 8K tokens, 16,384 H100 (Llama 3 paper, Table 4: TP 8, CP 1, PP 16, DP 128,
+    41 % BF16 MFU at 16K GPUs, 43 % at 8K GPUs). Costed by the same model, the published layout
+    with 4 virtual stages comes out at ~40 % / ~45 %; the planner's best is faster because context
+    parallelism lets DP shrink, so each pipeline runs 4x the micro batches (bubble), and TP 4 halves
+    the exposed TP traffic; it pays for short ring-attention kernels and the CP ring. Its MFU stays
+    below 50 %."""
+    from nemoc.compiler.search import Problem, evaluate_time, search
+    from nemoc.compiler.spec import ParallelSpec
+
+    auto = ParallelSpec(*(None,) * len(ParallelSpec.__dataclass_fields__))
+    p = Problem(model=PRESETS["llama31_405b"], cluster=ClusterSpec(gpu="H100", nodes=2048), gpu=get_gpu("H100"),
+                fixed=auto, global_batch=2048, seq_length=8192)
+    best = search(p, top=1).best
+    meta = layout(tp=8, pp=16, vp=4, cp=1, etp=8, dp=128, global_batch=2048, num_microbatches=16,
+                  sequence_parallel=True)
+    published = evaluate_time(p, meta)
+    assert 0.38 <= published.mfu <= 0.43
+    b, pub = best.estimate.parts, published.parts
+    assert best.estimate.mfu < 0.5
+    assert best.layout.cp > 1 and best.layout.num_microbatches > meta.num_microbatches
+    assert b["pp_bubble"] < pub["pp_bubble"] and b["tp_comm"] < pub["tp_comm"]
+    assert b["cp_comm"] > pub["cp_comm"] == 0 and b["compute"] > pub["compute"]
+    gain = (pub["pp_bubble"] - b["pp_bubble"]) + (pub["tp_comm"] - b["tp_comm"])
+    assert gain > published.step_time_s - best.estimate.step_time_s

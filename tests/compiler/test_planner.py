@@ -274,3 +274,14 @@ def test_eval_and_export_say_how_the_runtime_runs_them():
     as_eval = replace(spec, stages=(*spec.stages[:-1], replace(spec.stages[-1], kind="eval")))
     eval_notes = plan_experiment(as_eval, target=NEMOC_RUNTIME).stage("export").notes
     assert any("one GPU" in n and "would run out of memory" in n for n in eval_notes), eval_notes
+
+
+def test_recipe_overlaps_apply_to_training_stages_only():
+    """`tp_comm_overlap` / `overlap_param_gather` set for the experiment: the pretraining stage plans
+    with them; an eval stage (no optimizer, local spec in the runtime) plans without."""
+    stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=128, tokens=10**10),
+              StageSpec(name="eval", kind="eval", global_batch=8, after=("pretrain",)))
+    result = plan_experiment(_spec(stages=stages, tensor=2, tp_comm_overlap=True, overlap_param_gather=True))
+    train, ev = result.plan.stage("pretrain").layout, result.plan.stage("eval").layout
+    assert train.tp_comm_overlap and train.overlap_param_gather and train.sequence_parallel
+    assert not ev.tp_comm_overlap and not ev.overlap_param_gather

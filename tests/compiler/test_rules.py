@@ -288,7 +288,7 @@ def test_every_rule_code_is_documented():
 def test_the_code_table_names_the_rule_that_emits_each_code():
     """rules.CODES / STAGE_CODES: every registered rule has its code, and the code is the one it emits."""
     table = {**rules.CODES, **rules.STAGE_CODES}
-    assert set(table.values()) == set(rules.RULES) | set(rules.STAGE_RULES)
+    assert set(table.values()) == set(rules.RULES) | set(rules.STAGE_RULES) | {rules.rule_stage_count}
     assert len(table) == len(set(table.values()))  # one code per rule
     assert rules.CODES["E126"] is rules.rule_runtime_pipeline
     assert rules.CODES["E102"](env(), replace(VALID, tp=3)).code == "E102"
@@ -718,14 +718,18 @@ STAGES
 """
 
 
-def stage_codes(tmp_path, stages: str) -> list[tuple[str, str]]:
+def _stage_spec(tmp_path, stages: str):
     from nemoc.compiler.lower import compile_file
 
     path = tmp_path / "stages.nemo"
     path.write_text(_STAGE_EXPERIMENT.replace("STAGES", stages))
     spec, diags, _ = compile_file(str(path))
     assert spec is not None, diags
-    return sorted((d.code, d.equation) for d in rules.stage_diagnostics(spec))
+    return spec
+
+
+def stage_codes(tmp_path, stages: str) -> list[tuple[str, str]]:
+    return sorted((d.code, d.equation) for d in rules.stage_diagnostics(_stage_spec(tmp_path, stages)))
 
 
 PRE = "  stage pre {\n    kind = pretrain\n    data = [text]\n    steps = 10\n    global_batch = 4\n  }\n"
@@ -782,3 +786,19 @@ def test_a_warmup_longer_than_the_stage_is_w150(tmp_path, length, warmup, warned
     stage = PRE.replace("steps = 10", f"{length}\n    schedule = cosine(warmup = {warmup})")
     codes = stage_codes(tmp_path, stage)
     assert [c for c, _ in codes] == (["W150"] if warned else [])
+
+
+def test_more_stages_than_any_experiment_has_is_e154_before_any_search(tmp_path):
+    from nemoc.compiler.planner import plan_experiment
+    from nemoc.dsl.diagnostics import DiagnosticError
+
+    chain = "".join(PRE.replace("stage pre", f"stage s{i}" + (f" after s{i - 1}" if i else ""))
+                    for i in range(rules.MAX_STAGES + 1))
+    assert stage_codes(tmp_path, chain) == [("E154", f"stages({rules.MAX_STAGES + 1}) > {rules.MAX_STAGES}")]
+    spec = _stage_spec(tmp_path, chain)
+    assert [d.code for d in check_spec(spec)] == ["E154"]
+    assert check_spec(spec)[0].span == spec.span(f"stage.s{rules.MAX_STAGES}")  # the first stage over the limit
+    with pytest.raises(DiagnosticError):
+        plan_experiment(spec)
+    at_limit = "".join(PRE.replace("stage pre", f"stage s{i}") for i in range(rules.MAX_STAGES))
+    assert stage_codes(tmp_path, at_limit) == []

@@ -1,11 +1,12 @@
 """Plan search: the fast search agrees with the brute-force oracle on random small problems, every
 returned plan is valid and fits, the model properties the pruning relies on hold, and the full
-405B / 16,384-GPU search is fast."""
+405B / 16,384-GPU search is valid (its speed: bench/bench_plan.py)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +17,9 @@ from nemoc.compiler.rules import layout_violations
 from nemoc.compiler.search import (
     REL_TOL,
     Problem,
+    _micro_batches,
     _sizes,
+    bound_time,
     enumerate_all,
     evaluate_memory,
     evaluate_time,
@@ -55,6 +58,11 @@ def small_problems(draw) -> Problem:
         distributed_optimizer=draw(st.sampled_from([None, True, False])),
         recompute=draw(st.sampled_from([None, None, "selective"])),
         micro_batch=draw(st.sampled_from([None, None, 1])),
+        # recipe settings: E160 / E161 paths, the bf16 gradient buffer, and (overlap_param_gather
+        # off) an auto distributed optimizer searched over both values
+        tp_comm_overlap=draw(st.sampled_from([False, False, True])),
+        grad_reduce_in_fp32=draw(st.sampled_from([True, False])),
+        overlap_param_gather=draw(st.sampled_from([False, True])),
     )
     return Problem(model=model, cluster=cluster, gpu=gpu, fixed=fixed,
                    global_batch=draw(st.sampled_from([None, 4, 8])),
@@ -114,7 +122,8 @@ def test_model_properties_the_pruning_relies_on(p: Problem):
         assert all(a <= b * (1 + REL_TOL) for a, b in zip(times, times[1:]))
         on, off = replace(layout, distributed_optimizer=True), replace(layout, distributed_optimizer=False)
         assert evaluate_memory(p, on).total <= evaluate_memory(p, off).total
-        assert evaluate_time(p, on).step_time_s <= evaluate_time(p, off).step_time_s * (1 + REL_TOL)
+        gathered = replace(on, overlap_param_gather=True)  # dominance holds with the all-gather overlapped
+        assert evaluate_time(p, gathered).step_time_s <= evaluate_time(p, off).step_time_s * (1 + REL_TOL)
         if layout.tp > 1:
             sp, nosp = replace(layout, sequence_parallel=True), replace(layout, sequence_parallel=False)
             assert evaluate_time(p, sp).step_time_s <= evaluate_time(p, nosp).step_time_s * (1 + REL_TOL)
@@ -125,6 +134,31 @@ def test_model_properties_the_pruning_relies_on(p: Problem):
             mbs = [m for m in range(1, rows + 1) if rows % m == 0]
             by_mb = [evaluate_memory(p, replace(layout, micro_batch=m, num_microbatches=rows // m)).total for m in mbs]
             assert by_mb == sorted(by_mb)
+
+
+def _assert_bound_holds(p: Problem, layout: Layout) -> None:
+    """`bound_time` of the layout's group (every micro batch of its domain, every recompute) is no
+    more than the step time of any member: the branch and bound of `search` relies on it."""
+    mbs = _micro_batches(p, layout.dp)
+    rows = layout.global_batch // layout.dp if p.global_batch else None
+    bound = bound_time(p, replace(layout, micro_batch=mbs[-1], num_microbatches=(rows or mbs[-1]) // mbs[-1]),
+                       (mbs[0], mbs[-1]))
+    for mb in mbs:
+        if rows is not None and rows % mb:
+            continue
+        for rc in ("none", "selective", "full"):
+            member = replace(layout, micro_batch=mb, num_microbatches=(rows or mb) // mb, recompute=rc,
+                             global_batch=p.global_batch or mb * layout.dp)
+            t = evaluate_time(p, member).step_time_s
+            assert bound <= t * (1 + REL_TOL), (member, bound, t)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_problems())
+def test_the_step_time_lower_bound_holds_for_every_member_of_a_group(p: Problem):
+    p = replace(p, gpu=replace(p.gpu, hbm_bytes=200 * GIB), fixed=replace(p.fixed, micro_batch=None))
+    for layout in _layouts(p, 12):
+        _assert_bound_holds(p, layout)
 
 
 @st.composite
@@ -163,12 +197,14 @@ def test_model_properties_hold_at_production_scale(case):
     assert all(a <= b * (1 + REL_TOL) for a, b in zip(times, times[1:]))
     off = replace(layout, distributed_optimizer=False)
     assert evaluate_memory(p, layout).total <= evaluate_memory(p, off).total
-    assert evaluate_time(p, layout).step_time_s <= evaluate_time(p, off).step_time_s * (1 + REL_TOL)
+    gathered = replace(layout, overlap_param_gather=True)
+    assert evaluate_time(p, gathered).step_time_s <= evaluate_time(p, off).step_time_s * (1 + REL_TOL)
     if layout.tp > 1 and not p.model.is_moe:
         nosp = replace(layout, sequence_parallel=False)
         assert evaluate_time(p, layout).step_time_s <= evaluate_time(p, nosp).step_time_s * (1 + REL_TOL)
     if layout.vp:
         assert evaluate_memory(p, replace(layout, vp=None)).total <= evaluate_memory(p, layout).total
+    _assert_bound_holds(p, layout)
     rows = layout.global_batch // layout.dp
     by_mb = [evaluate_memory(p, replace(layout, micro_batch=m, num_microbatches=rows // m)).total
              for m in (1, 2, 4, 8) if rows % m == 0]
@@ -308,3 +344,43 @@ def test_a_group_that_fails_rules_with_every_sequence_parallel_value_is_not_call
     assert result.best is None
     reasons = [r.reason for r in result.rejections]
     assert reasons and not any("out of memory" in r for r in reasons), reasons
+
+
+def test_recipe_settings_reach_the_plan_and_its_costs():
+    """`grad_reduce_in_fp32 = false` halves the gradient buffer (the optimizer keeps an fp32 copy of
+    its shard: 4 + 16 / shard bytes per parameter) and lets a layout fit without recompute;
+    `tp_comm_overlap = true` hides all but `tp_exposed` of the TP traffic inside an NVLink domain, and
+    its rule (E160) turns an auto sequence parallelism on."""
+    from nemoc.compiler.cost import DEFAULT_PARAMS
+
+    p = Problem(model=get_preset("llama3_8b"), cluster=ClusterSpec(gpu="H100", nodes=1), gpu=H100,
+                fixed=ParallelSpec(tensor=2, pipeline=1, context=1, micro_batch=1, distributed_optimizer=True,
+                                   recompute="none"), global_batch=128, seq_length=8192)
+    base = search(p).best
+    bf16 = search(replace(p, fixed=replace(p.fixed, grad_reduce_in_fp32=False))).best
+    assert not bf16.layout.grad_reduce_in_fp32 and base.layout.grad_reduce_in_fp32
+    assert bf16.memory.gradients * 2 == pytest.approx(base.memory.gradients, rel=1e-6)
+    assert bf16.memory.optimizer > base.memory.optimizer and bf16.memory.total < base.memory.total
+    overlap = search(replace(p, fixed=replace(p.fixed, tp_comm_overlap=True, sequence_parallel=None))).best
+    assert overlap.layout.tp_comm_overlap and overlap.layout.sequence_parallel
+    assert overlap.estimate.parts["tp_comm"] == pytest.approx(base.estimate.parts["tp_comm"] * DEFAULT_PARAMS.tp_exposed)
+    refused = search(replace(p, fixed=replace(p.fixed, tp_comm_overlap=True, sequence_parallel=False)))
+    assert refused.best is None and refused.rejections[0].reason.startswith("E160")
+    local = search(replace(p, kernels="local", fixed=replace(p.fixed, tp_comm_overlap=True)))
+    assert local.best is None and local.rejections[0].reason.startswith("E160")
+
+
+def test_an_unoverlapped_parameter_gather_is_exposed_and_auto_tries_plain_ddp():
+    """Without `overlap_param_gather` (the runtime's default) the distributed optimizer's all-gather
+    runs after the step, fully exposed, so auto `distributed_optimizer` tries both values (the search
+    and the oracle agree on random problems above); with it, the gather hides in the forward and the
+    distributed optimizer is never slower. E161: the overlap needs the distributed optimizer."""
+    p = Problem(model=get_preset("llama3_8b"), cluster=ClusterSpec(gpu="H100", nodes=4), gpu=H100,
+                fixed=ParallelSpec(tensor=2, pipeline=1, context=1, micro_batch=1, recompute="none",
+                                   distributed_optimizer=True), global_batch=128, seq_length=8192)
+    exposed = search(p).best
+    hidden = search(replace(p, fixed=replace(p.fixed, overlap_param_gather=True))).best
+    assert hidden.layout.overlap_param_gather and not exposed.layout.overlap_param_gather
+    assert hidden.estimate.parts["dp_comm_exposed"] < exposed.estimate.parts["dp_comm_exposed"]
+    refused = search(replace(p, fixed=replace(p.fixed, overlap_param_gather=True, distributed_optimizer=False)))
+    assert refused.best is None and refused.rejections[0].reason.startswith("E161")

@@ -61,9 +61,14 @@ def test_import_of_the_export_plans_the_same_layout(path, tmp_path):
         if stage.kind != "pretrain":
             # pretrain_gpt.py has no SFT / DPO / LoRA: the command line carries everything but the stage's
             # kind and its kind-specific settings, which the test puts back before planning.
+            # The data's record format (chat, preference...) is the stage's too.
             source = original.stage(stage.name)
-            spec = replace(spec, stages=(replace(spec.stages[0], kind=source.kind, peft=source.peft,
-                                                 params={**spec.stages[0].params, **source.params}),))
+            formats = {d.name: d.format for d in original.data}
+            data = spec.data
+            if source.data:
+                data = tuple(replace(d, format=formats[source.data[0]]) for d in spec.data)
+            spec = replace(spec, data=data, stages=(replace(spec.stages[0], kind=source.kind, peft=source.peft,
+                                                            params={**spec.stages[0].params, **source.params}),))
         again = plan_experiment(spec, target=NEMOC_RUNTIME).plan
         assert again.stages[0].layout == stage.layout, (stage.name, imported.text)
         assert again.model.layers == plan.model.layers and again.model.vocab == plan.model.vocab

@@ -5,6 +5,7 @@ in for training, so no torchrun is started: fast."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,9 +25,12 @@ FAULTS = Path(__file__).resolve().parent / "faults"
 
 
 def _inline_train(ctx):
-    """A stand-in training stage: a "checkpoint" directory, and the data set it was handed."""
+    """A stand-in training stage: a "checkpoint" directory, and the data set it was handed. Like a trainer
+    that finds its final checkpoint there already, it writes only what is not there (or all with FULL)."""
     (ctx.out_dir / "ckpt").mkdir(exist_ok=True)
-    (ctx.out_dir / "ckpt" / "weights.bin").write_bytes(b"w" * 1000)
+    if os.environ.get("FAKE_WRITE_ALL") or not (ctx.out_dir / "ckpt" / "extra.bin").exists():
+        (ctx.out_dir / "ckpt" / "weights.bin").write_bytes(b"w" * 1000)
+    (ctx.out_dir / "ckpt" / "extra.bin").write_bytes(b"x")
     prefix = next(rec["prefix"] for _, rec in ctx.inputs_of("dataset"))
     return {"steps": ctx.stage.steps, "checkpoint": str(ctx.out_dir / "ckpt"), "data_prefix": prefix}
 
@@ -146,7 +150,8 @@ def test_a_run_directory_from_before_keeps_its_trained_tokenizer(workspace):
     assert outcome.states()["tokenizer:local"] == "cached", lines
 
 
-def test_deleted_or_changed_outputs_are_not_cached(workspace):
+def test_deleted_or_changed_outputs_are_not_cached(workspace, monkeypatch):
+    monkeypatch.setenv("FAKE_WRITE_ALL", "1")
     plan = make_plan(workspace, stages=(make_stage("pretrain", "inlinetrain", steps=2),))
     outcome, lines = execute(plan, workspace / "run")
     assert outcome.ok, lines
@@ -154,7 +159,7 @@ def test_deleted_or_changed_outputs_are_not_cached(workspace):
     record = read_json(rd.task_dir("prepare:web") / "DONE.json")
     assert set(record["outputs"]) == {"web_text_document.bin", "web_text_document.idx"}
     assert record["relative"]["prefix"] == "data/web/web_text_document"
-    assert set(read_json(rd.task_dir("train:pretrain") / "DONE.json")["outputs"]) == {"ckpt/weights.bin"}
+    assert set(read_json(rd.task_dir("train:pretrain") / "DONE.json")["outputs"]) == {"ckpt/extra.bin", "ckpt/weights.bin"}
     bin_path = rd.task_dir("prepare:web") / "web_text_document.bin"
     original = bin_path.read_bytes()
     bin_path.unlink()
@@ -222,3 +227,17 @@ def test_any_line_is_a_document_or_an_error_at_its_file_and_line(tmp_path, line)
         return
     for text in texts:
         text.encode("utf-8")  # every text the tokenizer gets is valid Unicode
+
+
+def test_a_rerun_that_does_not_write_the_missing_output_again_is_not_done(workspace):
+    """A task re-run for a missing output that it then does not write (a trainer that takes its final
+    checkpoint for existing) must not be recorded done with the hole in it."""
+    plan = make_plan(workspace, stages=(make_stage("pretrain", "inlinetrain", steps=2),))
+    execute(plan, workspace / "run")
+    rd = RunDir(workspace / "run")
+    weights = rd.task_dir("train:pretrain") / "ckpt" / "weights.bin"
+    weights.unlink()
+    outcome, lines = execute(plan, workspace / "run")
+    assert outcome.states()["train:pretrain"] == "failed"
+    assert f"because {weights} was missing, but finished without writing it again" in outcome.tasks[-1].error
+    assert not rd.is_done("train:pretrain", outcome.tasks[-1].hash)

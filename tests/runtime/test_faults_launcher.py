@@ -125,3 +125,28 @@ def test_a_fault_leaves_nothing_running_and_the_rerun_is_bit_identical(project, 
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     different = differing_tensors(final_checkpoint(workdir), uninterrupted)
     assert not different, f"tensors differ after {sig} to the {target} at step {step}: {different[:5]}"
+
+
+
+def test_a_copied_run_directory_with_a_deleted_data_set_reruns_what_is_missing(project, uninterrupted, tmp_path):
+    """The uninterrupted run directory copied elsewhere (the original out of reach) with its prepared .bin
+    deleted: the copy reads its own files, prepares the data set again (the same bytes, so training stays
+    cached) and its final checkpoint is its own, the uninterrupted weights."""
+    original = Path(uninterrupted).parents[3]  # w/tasks/train_pretrain/checkpoints/iter_N
+    workdir = tmp_path / "copy"
+    shutil.copytree(original, workdir, symlinks=True)
+    (workdir / "data" / "corpus" / "corpus_text_document.bin").unlink()
+    moved_away = tmp_path / "original-gone"
+    original.rename(moved_away)  # nothing may read the original any more
+    try:
+        again = subprocess.run(command(project, workdir), capture_output=True, text=True, timeout=900)
+    finally:
+        moved_away.rename(original)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "corpus_text_document.bin is missing: running it again" in again.stdout
+    assert "train:pretrain           cached" in again.stdout
+    from nemoc.runtime.rundir import RunDir
+
+    checkpoint = RunDir(workdir).done_record("train:pretrain")["checkpoint"]  # resolved in the copy
+    assert checkpoint.startswith(str(workdir.resolve()) + "/")
+    assert not differing_tensors(checkpoint, uninterrupted)

@@ -198,3 +198,22 @@ def test_transformer_engine_runs_get_the_fused_kernels_the_plan_prices():
     for available in (True, False):
         with mock.patch.object(layers, "_grad_accum_fusion_available", available):
             assert config(facts=GPU_TE).gradient_accumulation_fusion is available
+
+
+def test_gradient_reduction_dtype_is_what_the_plan_says():
+    """`grad_reduce_in_fp32 = false` (NeMo's FP8 recipes): Megatron-Core 0.16.1's DDP config takes it
+    and keeps the gradient buffer in the parameter dtype; the default stays fp32 main grads."""
+    assert margs.ddp_config(layout=lay()).grad_reduce_in_fp32 is True
+    assert margs.ddp_config(layout=lay(grad_reduce_in_fp32=False)).grad_reduce_in_fp32 is False
+
+
+def test_tp_comm_overlap_is_refused_not_ignored():
+    """The plan can cost TE's userbuffer overlap; this runtime does not initialise the userbuffers,
+    so it refuses the plan with a message rather than training without the overlap it promised."""
+    with pytest.raises(margs.UnsupportedPlan, match="tp_comm_overlap"):
+        config(layout=lay(tp=2, sequence_parallel=True, tp_comm_overlap=True), facts=GPU_TE)
+
+
+def test_overlap_param_gather_is_refused_not_ignored():
+    with pytest.raises(margs.UnsupportedPlan, match="overlap_param_gather"):
+        config(layout=lay(dp=2, distributed_optimizer=True, overlap_param_gather=True))
