@@ -527,6 +527,7 @@ def planned(rows: list[dict]) -> list[dict]:
     import tempfile
 
     from nemoc.compiler.planner import plan_experiment
+    from nemoc.runtime.target import NEMOC_RUNTIME
     from nemoc.dsl.diagnostics import DiagnosticError
     from nemoc.runtime.cli_common import load_spec
 
@@ -543,7 +544,7 @@ def planned(rows: list[dict]) -> list[dict]:
                     "task": case.kind, "peft": case.peft is not None, "unstated": unstated(case)}
             try:
                 spec, _ = load_spec(str(path))
-                result = plan_experiment(spec, headroom=0.0)
+                result = plan_experiment(spec, headroom=0.0, target=NEMOC_RUNTIME)
             except DiagnosticError as err:
                 errs = [d for d in err.diagnostics if d.is_error]
                 out.append({**base, "rejected": "; ".join(

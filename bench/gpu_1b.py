@@ -72,6 +72,7 @@ KERNELS = "local"
 
 def build_plan(*, smoke: bool, backend: str, steps: int, log_every: int, micro_batch: int, num_micro: int,
                gpu: str):
+    from nemoc.compiler.execution import stage_execution
     from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown, Plan, StagePlan
     from nemoc.compiler.spec import CheckpointSpec, ClusterSpec, DataSpec, ModelSpec, OptimizerSpec, ScheduleSpec
 
@@ -79,15 +80,19 @@ def build_plan(*, smoke: bool, backend: str, steps: int, log_every: int, micro_b
     layout = Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=micro_batch,
                     global_batch=micro_batch * num_micro, num_microbatches=num_micro, sequence_parallel=False,
                     distributed_optimizer=False, recompute="none")
+    precision = "fp32" if smoke else "bf16"
+    execution = stage_execution(model=model, gpu=gpu, layout=layout, split=None, stage_kind="pretrain",
+                                precision=precision, attention_backend=backend, kernels=KERNELS,
+                                seq_length=model.seq_length)
     stage = StagePlan(
         name="pretrain", kind="pretrain", after=(), data=("synthetic",), layout=layout,
         memory=MemoryBreakdown(0, 0, 0, 0, 0, 0), estimate=Estimate(0, 0, 0, 0, steps, 0, 0, None),
         seq_length=model.seq_length, steps=steps, optimizer=OptimizerSpec(lr=3e-4),
         schedule=ScheduleSpec(name="cosine", warmup=2, min_lr=3e-5), checkpoint=CheckpointSpec(every=None),
-        log_every=log_every, eval_every=None, seed=1234, params={"save_checkpoints": False}, kernels=KERNELS,
+        log_every=log_every, eval_every=None, seed=1234, params={"save_checkpoints": False}, execution=execution,
     )
     return Plan(experiment="gpu_1b", model=model, cluster=ClusterSpec(gpu=gpu, nodes=1, gpus_per_node=1),
-                precision="fp32" if smoke else "bf16", attention_backend=backend,
+                precision=precision, attention_backend=backend,
                 data=(DataSpec(name="synthetic", path="synthetic", split=(1.0, 0.0, 0.0)),), stages=(stage,),
                 kernels=KERNELS)
 
@@ -452,10 +457,8 @@ def bare_main(plan_path: str, out_dir: str, smoke: bool, warmup: int, diag_steps
 
     facts, _ = kernel_setup(stage.kernels)  # what the runtime builds for the plan's kernels (runtime/train.py)
     have_te = facts.have_te
-    config = margs.transformer_config(model=spec_model, layout=lay, precision=plan.precision,
-                                      attention_backend=plan.attention_backend, facts=facts,
-                                      dropout=float(stage.params.get("dropout", 0.0)), deterministic=facts.cpu,
-                                      stage_params=stage.params)
+    config = margs.transformer_config(model=spec_model, layout=lay, execution=stage.execution, facts=facts,
+                                      dropout=float(stage.params.get("dropout", 0.0)), deterministic=facts.cpu)
     # The attention core, explicitly: TE decides from config.attention_backend when TE is installed;
     # otherwise Megatron's local spec, whose core is DotProductAttention (`unfused`), or our SDPA core.
     if have_te:
@@ -466,7 +469,7 @@ def bare_main(plan_path: str, out_dir: str, smoke: bool, warmup: int, diag_steps
                                         qk_layernorm=spec_model.qk_layernorm, normalization=config.normalization)
         if plan.attention_backend != "unfused":
             spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    vocab = margs.padded_vocab_size(spec_model.vocab, lay.tp)
+    vocab = margs.padded_vocab_size(spec_model.vocab, multiple=stage.execution.vocab_multiple)
     gpt = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab,
                    max_sequence_length=stage.seq_length, pre_process=True, post_process=True,
                    share_embeddings_and_output_weights=spec_model.tie_embeddings,
@@ -475,7 +478,7 @@ def bare_main(plan_path: str, out_dir: str, smoke: bool, warmup: int, diag_steps
         gpt = gpt.to(torch.cuda.current_device())
     if config.bf16 or config.fp16:
         gpt = Float16Module(config, gpt)
-    ddp_cfg = margs.ddp_config(layout=lay)
+    ddp_cfg = margs.ddp_config(layout=lay, overlaps=stage.execution.overlaps)
     model = [DistributedDataParallel(config=config, ddp_config=ddp_cfg, module=gpt)]
     config.finalize_model_grads_func = finalize_model_grads
     if ddp_cfg.overlap_grad_reduce:

@@ -128,7 +128,7 @@ class EfficiencyParams:
 
 DEFAULT_PARAMS = EfficiencyParams()
 
-# What the nemoc runtime configures (runtime/megatron_args.py): no Transformer Engine userbuffer TP
+# The defaults of `estimate` (the planner passes its `Target`'s overlap_tp / overlap_p2p): no Transformer Engine userbuffer TP
 # overlap (`tp_comm_overlap` unset), and the interleaved schedule's steady-state pipeline transfers
 # overlapped with compute (`overlap_p2p_comm`, unbatched; the 1F1B schedule has no such overlap and
 # `_pp_p2p` charges all of its transfers either way). Plans are for `nemoc run`, so these are the

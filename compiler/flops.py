@@ -264,7 +264,7 @@ class StageWork:
     trained: int = 1
 
 
-PPO_DEFAULTS = {"max_new_tokens": 16, "ppo_epochs": 2}  # runtime/align/ppo.py PPOConfig defaults
+PPO_DEFAULTS = {"max_new_tokens": 16, "ppo_epochs": 2}  # the PPO stage parameters' defaults (max_new_tokens, ppo_epochs)
 
 
 def _param(params: object, key: str, default):
@@ -274,7 +274,7 @@ def _param(params: object, key: str, default):
 
 
 def stage_work(stage_kind: str, params: object = None, peft: LoraSpec | None = None) -> StageWork:
-    """What one step of a stage computes (the nemoc runtime's algorithms, runtime/align):
+    """What one step of a stage computes (the nemoc runtime's algorithms for each stage kind):
       pretrain / sft: the policy, forward + backward (FROZEN under LoRA);
       dpo (Rafailov et al. 2023): pairs as 2 rows; the policy forward + backward and one forward of
           the frozen reference (with LoRA: the base with adapters off). `reference = precomputed`

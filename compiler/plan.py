@@ -5,7 +5,10 @@ Output: `to_json` gives deterministic, sorted JSON; `from_json(to_json(p)) == p`
 only this (never the AST, never the spec's spans); one function in the runtime turns a `StagePlan`
 into Megatron-Core arguments.
 Invariants: every parallel size is resolved (no `auto` left); `tp*pp*cp*dp == world size`;
-memory figures are bytes per GPU on the most-loaded pipeline stage.
+memory figures are bytes per GPU on the most-loaded pipeline stage; each `StagePlan.execution` holds
+every decision about how the stage runs (kernels, attention core, precision recipe, pipeline split,
+vocabulary padding, overlaps, fusions, FLOPs per step), `params` only the user's stage parameters;
+`from_dict` refuses a plan of another `PLAN_VERSION`, naming both versions.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from nemoc.compiler.rules import stage_kernels
 from nemoc.compiler.spec import (
     _empty,
     CheckpointSpec,
@@ -28,10 +30,112 @@ from nemoc.compiler.spec import (
     OptimizerSpec,
     ScheduleSpec,
     TrackingSpec,
-    resolve_kernels,
 )
 
-PLAN_VERSION = 1
+# 2: every StagePlan carries its `Execution` (kernels, attention core, precision, pipeline split, padded
+# vocabulary, overlaps, fusions, FLOPs per step); `params` holds only the user's stage parameters.
+PLAN_VERSION = 2
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSplit:
+    """How `layers` decoder layers are spread over `pp` stages (x `vp` model chunks each).
+
+    Megatron-Core 0.16.1 builds `layers / pp` layers per stage, or, when
+    `num_layers_in_first_pipeline_stage` / `num_layers_in_last_pipeline_stage` are set, those on
+    the first / last stage and the rest evenly on the middle stages (transformer_block.py
+    get_num_layers_to_build; transformer_config.py __post_init__ "Uneven PP"), or, with
+    `account_for_embedding_in_pipeline_split` / `account_for_loss_in_pipeline_split`, counts the
+    embedding / the loss as one more layer: (layers + e + l) / pp per stage (a multiple of vp), one
+    fewer transformer layer in the first model chunk of the first stage / the last chunk of the last
+    (NeMo's Llama 3.1 405B recipes: 126 + 2 = 128 = 8 stages x 8 chunks x 2). The two mechanisms
+    exclude each other (transformer_config.py raises).
+    """
+
+    first: int | None  # num_layers_in_first_pipeline_stage (None = even split)
+    last: int | None  # num_layers_in_last_pipeline_stage
+    per_stage: int  # layers on every middle (or every, when even) stage
+    embedding: bool = False  # account_for_embedding_in_pipeline_split
+    loss: bool = False  # account_for_loss_in_pipeline_split
+    stages: int = 0  # pp, for an accounted split (with pp = 2 there is no middle stage)
+
+    @property
+    def even(self) -> bool:
+        return self.first is None and self.last is None and not self.embedding and not self.loss
+
+    @property
+    def max_layers(self) -> int:
+        """Transformer layers on the most-loaded stage: it bounds both memory and the step time."""
+        if self.embedding or self.loss:
+            first, middle, last = self.stage_layers(self.stages)
+            return max(first, last, middle if self.stages > 2 else 0)
+        return max(self.per_stage, self.first or 0, self.last or 0)
+
+    def stage_layers(self, pp: int) -> tuple[int, int, int]:
+        """Transformer layers on the (first, middle, last) stage (what the memory and cost models take)."""
+        if self.embedding or self.loss:
+            return self.per_stage - self.embedding, self.per_stage, self.per_stage - self.loss
+        return (self.first if self.first is not None else self.per_stage, self.per_stage,
+                self.last if self.last is not None else self.per_stage)
+
+    def params(self) -> dict[str, object]:
+        """The TransformerConfig settings that produce this split (empty when even)."""
+        if self.embedding or self.loss:
+            return {k: True for k, on in (("account_for_embedding_in_pipeline_split", self.embedding),
+                                          ("account_for_loss_in_pipeline_split", self.loss)) if on}
+        if self.first is None:
+            return {}
+        return {"num_layers_in_first_pipeline_stage": self.first, "num_layers_in_last_pipeline_stage": self.last}
+
+    def describe(self, pp: int) -> str:
+        if self.even:
+            return f"{pp} x {self.per_stage}"
+        if self.embedding or self.loss:
+            what = " and ".join(n for n, on in (("embedding", self.embedding), ("loss", self.loss)) if on)
+            first, _, last = self.stage_layers(pp)
+            return f"{pp} x {self.per_stage} counting the {what} as layers (first {first}, last {last})"
+        middle = f" + {pp - 2} x {self.per_stage}" if pp > 2 else ""
+        return f"first {self.first}{middle} + last {self.last}"
+
+
+
+@dataclass(frozen=True, slots=True)
+class Overlaps:
+    """The communication the stage overlaps with compute (each a Megatron-Core switch)."""
+
+    grad_reduce: bool  # the data-parallel gradient reduce with the backward pass (DDP overlap_grad_reduce)
+    param_gather: bool  # the distributed optimizer's parameter all-gather with the forward pass
+    p2p: bool  # the interleaved schedule's steady-state pipeline transfers (overlap_p2p_comm)
+    tp_comm: bool  # Transformer Engine's tensor-parallel communication overlap (userbuffers)
+
+
+@dataclass(frozen=True, slots=True)
+class Fusions:
+    """The fused kernels the stage was costed with (all off on the local layer spec)."""
+
+    rope: bool  # TE's fused rotary embedding
+    bias_activation: bool  # Megatron's fused bias-SwiGLU / bias-GELU
+    bias_dropout_add: bool
+    grad_accumulation: bool  # weight-gradient accumulation into main_grad inside the GEMM (apex at run time)
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """Everything the planner decided about how a stage executes; the runtime translates it and
+    re-derives none of it. Built by `nemoc.compiler.execution.stage_execution`."""
+
+    kernels: str  # layer kernels: te | local
+    attention: str  # the attention core built: auto | flash | fused | unfused
+    precision: str  # the stage's precision recipe: bf16 | fp16 | fp32 | fp8 | mxfp8 (eval never fp8)
+    params_dtype: str  # bf16 | fp16 | fp32: weights and activations (fp8 keeps bf16 master weights)
+    fp8_recipe: str | None  # delayed | mxfp8 | None
+    pipeline: PipelineSplit  # decoder layers per pipeline stage
+    vocab_multiple: int  # the embedding is padded to a multiple of this (128 x tp)
+    padded_vocab: int  # the model's vocabulary padded so
+    overlaps: Overlaps
+    fusions: Fusions
+    model_flops_per_step: float  # what measured MFU divides (causal discount, the stage kind's work)
+    peak_flops_per_gpu: float | None  # the planned GPU's dense peak at `precision` (None: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,14 +206,18 @@ class StagePlan:
     optimizer: OptimizerSpec
     schedule: ScheduleSpec
     checkpoint: CheckpointSpec
+    execution: Execution
     peft: LoraSpec | None = None
     log_every: int = 10
     eval_every: int | None = None
     seed: int = 1234
-    params: Mapping[str, object] = field(default_factory=_empty)
+    params: Mapping[str, object] = field(default_factory=_empty)  # the user's stage parameters only
     resident_models: tuple[str, ...] = ("policy",)  # which models the stage keeps in memory
-    # The layer kernels the stage was costed with and the runtime builds: te | local (rules.stage_kernels).
-    kernels: str = "te"
+
+    @property
+    def kernels(self) -> str:
+        """The layer kernels the stage was costed with and the runtime builds: te | local."""
+        return self.execution.kernels
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +232,7 @@ class Plan:
     root: str = "."
     version: int = PLAN_VERSION
     kernels: str = "te"  # the experiment's `kernels`, resolved: te | local (what pretraining runs)
-    tracking: TrackingSpec = field(default_factory=TrackingSpec)  # metric sinks (runtime/tracking.py)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)  # metric sinks (W&B, MLflow, TensorBoard)
 
     def stage(self, name: str) -> StagePlan:
         return next(s for s in self.stages if s.name == name)
@@ -179,19 +287,11 @@ def _build(tp: object, value: object) -> object:
 def from_dict(data: Mapping) -> Plan:
     version = data.get("version")
     if version != PLAN_VERSION:
-        raise ValueError(f"plan version {version} is not supported (this nemoc reads version {PLAN_VERSION})")
-    return _build(Plan, _with_kernels(data))  # type: ignore[return-value]
-
-
-def _with_kernels(data: Mapping) -> Mapping:
-    """Plans written before `kernels` existed: the default the planner would have resolved (`auto`:
-    Transformer Engine on GPUs, local on the CPU) and, per stage, what the runtime runs that kind with."""
-    if "kernels" in data and all("kernels" in s for s in data.get("stages", ())):
-        return data
-    kernels = data.get("kernels") or resolve_kernels("auto", (data.get("cluster") or {}).get("gpu", ""))
-    stages = [s if "kernels" in s else dict(s, kernels=stage_kernels(s.get("kind", "pretrain"), kernels))
-              for s in data.get("stages", ())]
-    return dict(data, kernels=kernels, stages=stages)
+        older = isinstance(version, int) and version < PLAN_VERSION
+        raise ValueError(f"plan version {version} is not supported: this nemoc reads plan version {PLAN_VERSION}"
+                         + ("; re-plan the experiment (`nemoc plan` / `nemoc run` write a new plan.json)"
+                            if older else "; use the nemoc that wrote it"))
+    return _build(Plan, data)  # type: ignore[return-value]
 
 
 def from_json(text: str) -> Plan:

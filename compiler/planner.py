@@ -11,8 +11,10 @@ Per stage: the stage's `parallel` block overrides the experiment's (`rules.stage
 stages (pretrain, sft, dpo, reward, ppo) are searched (`nemoc.compiler.search`); eval and export do
 not train: they get the least model parallelism that fits (tp = pp = 1 unless the model needs more)
 and, for eval, a forward-only estimate; export gets no time estimate (it runs no steps). Every stage
-is costed with the layer kernels the runtime builds it with (`rules.stage_kernels`: the experiment's
-`kernels`, `auto` -> te on GPUs / local on the CPU; always local for the runtime/align kinds).
+is costed with the layer kernels the target builds it with (`Target.stage_kernels`: the experiment's
+`kernels`, `auto` -> te on GPUs / local on the CPU; local where the target has no TE path for the kind).
+The `Target` (what the runtime can execute) is data handed in by the caller (the CLI passes the nemoc
+runtime's); each stage plan records what was decided in its `Execution` (`nemoc.compiler.execution`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
+from nemoc.compiler.execution import stage_execution
 from nemoc.compiler.flops import param_counts
 from nemoc.compiler.memory import resident_models, weight_bytes
 from nemoc.compiler.plan import Estimate, Plan, StagePlan
@@ -33,9 +36,7 @@ from nemoc.compiler.rules import (
     WARNING_RULES,
     check_spec,
     env_of,
-    runtime_caps,
     stage_parallel,
-    stage_precision,
     stage_seq_length,
     to_diagnostic,
     violations,
@@ -55,11 +56,10 @@ from nemoc.compiler.search import (
     search,
 )
 from nemoc.compiler.spec import ExperimentSpec, ParallelSpec, StageSpec, resolve_kernels
+from nemoc.compiler.target import MEGATRON_CORE, Target
 from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Note, Severity
 
 BYTES_PER_TOKEN = 4.0  # ~4 bytes of UTF-8 text per BPE token (GPT-2/Llama tokenizers on English)
-SPLIT_KEYS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
-              "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split")
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,22 +142,22 @@ def stage_steps(spec: ExperimentSpec, stage: StageSpec, global_batch: int, seq: 
 
 
 def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend: str, headroom: float,
-             parallel: ParallelSpec, steps: int) -> Problem:
+             parallel: ParallelSpec, steps: int, target: Target = MEGATRON_CORE) -> Problem:
     return Problem(
         model=spec.model, cluster=spec.cluster, gpu=gpu, fixed=parallel, global_batch=stage.global_batch,
-        seq_length=stage_seq_length(spec, stage), precision=stage_precision(stage.kind, spec.precision),
+        seq_length=stage_seq_length(spec, stage), precision=target.stage_precision(stage.kind, spec.precision),
         attention_backend=backend,
         stage_kind=stage.kind, peft=stage.peft, params=stage.params, headroom=headroom, steps=steps,
-        kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=stage.optimizer.name,
+        kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=stage.optimizer.name, target=target,
     )
 
 
-def _inference_parallel(parallel: ParallelSpec, kind: str) -> ParallelSpec:
+def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> ParallelSpec:
     """Eval/export: no optimizer (so no gradient or parameter-gather settings), no recompute, no
-    context split, no TP overlap (the runtime evaluates with the local spec); the user's TP/EP stay fixed. The
-    runtime runs them without a pipeline (`rules.RUNTIME_CAPS`): a pipeline size inherited from the
+    context split, no TP overlap; the user's TP/EP stay fixed. Where the target runs them without a
+    pipeline (`Target.caps`) a pipeline size inherited from the
     experiment's block is dropped (one the stage's own block fixes is an E126 error of check_spec)."""
-    pipeline = parallel.pipeline if runtime_caps(kind).pipeline else 1
+    pipeline = parallel.pipeline if target.caps(kind).pipeline else 1
     return replace(parallel, context=parallel.context if parallel.context is not None else 1,
                    distributed_optimizer=False, recompute="none", virtual_pipeline=1, pipeline=pipeline,
                    micro_batch=parallel.micro_batch or 1, tp_comm_overlap=False, overlap_param_gather=False,
@@ -286,20 +286,23 @@ def not_fit_diagnostic(spec: ExperimentSpec, stage: StageSpec, problem: Problem,
 
 
 def _stage_warnings(spec: ExperimentSpec, stage: StageSpec, problem: Problem, chosen: Candidate) -> list[Diagnostic]:
-    env = env_of(spec, stage.kind, problem.attention_backend, problem.optimizer)
+    env = env_of(spec, stage.kind, problem.attention_backend, problem.optimizer, problem.target)
     return [to_diagnostic(v, spec, stage) for v in violations(env, _sizes(problem, chosen.layout), WARNING_RULES)]
 
 
 def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps: int, seq: int, estimate: Estimate,
-                kernels: str) -> StagePlan:
-    params = dict(stage.params)
-    params.update(chosen.split.params())  # the TransformerConfig settings of an uneven split
+                problem: Problem) -> StagePlan:
+    execution = stage_execution(
+        model=spec.model, gpu=spec.cluster.gpu, layout=chosen.layout, split=chosen.split, stage_kind=stage.kind,
+        precision=spec.precision, attention_backend=problem.attention_backend, kernels=problem.kernels,
+        seq_length=seq, peft=stage.peft, params=stage.params, target=problem.target)
     return StagePlan(
         name=stage.name, kind=stage.kind, after=stage.after, data=stage.data, layout=chosen.layout,
         memory=chosen.memory, estimate=estimate, seq_length=seq, steps=steps, optimizer=stage.optimizer,
-        schedule=stage.schedule, checkpoint=stage.checkpoint, peft=stage.peft, log_every=stage.log_every,
-        eval_every=stage.eval_every, seed=stage.seed, params=MappingProxyType(params),
-        resident_models=resident_models(stage.kind, stage.params, peft=stage.peft), kernels=kernels,
+        schedule=stage.schedule, checkpoint=stage.checkpoint, execution=execution, peft=stage.peft,
+        log_every=stage.log_every, eval_every=stage.eval_every, seed=stage.seed,
+        params=MappingProxyType(dict(stage.params)),
+        resident_models=resident_models(stage.kind, stage.params, peft=stage.peft),
     )
 
 
@@ -311,7 +314,7 @@ def _inference_search(probe: Problem, top: int = DEFAULT_TOP) -> SearchResult:
     world = probe.cluster.world_size
     tps = [f.tensor] if f.tensor is not None else [t for t in divisors(world) if probe.model.heads % t == 0]
     pps = [f.pipeline] if f.pipeline is not None else [q for q in divisors(world) if q <= probe.model.layers
-                                                       and (q == 1 or runtime_caps(probe.stage_kind).pipeline)]
+                                                       and (q == 1 or probe.target.caps(probe.stage_kind).pipeline)]
     result = None
     for tp, pp in sorted(((t, q) for t in tps for q in pps if world % (t * q) == 0), key=lambda x: (x[0] * x[1], x[0])):
         result = search(replace(probe, fixed=replace(f, tensor=tp, pipeline=pp)), top=top)
@@ -321,14 +324,15 @@ def _inference_search(probe: Problem, top: int = DEFAULT_TOP) -> SearchResult:
 
 
 def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend: str, headroom: float,
-               top: int = DEFAULT_TOP):
+               top: int = DEFAULT_TOP, target: Target = MEGATRON_CORE):
     """(StageResult, StagePlan, warnings) for one stage, or raises DiagnosticError."""
     parallel = stage_parallel(spec, stage)
     trains = stage.kind in TRAINING_KINDS
+    caps = target.caps(stage.kind)
     if not trains:
-        parallel = _inference_parallel(parallel, stage.kind)
+        parallel = _inference_parallel(parallel, stage.kind, target)
     seq = stage_seq_length(spec, stage)
-    probe = _problem(spec, stage, gpu, backend, headroom, parallel, steps=1)
+    probe = _problem(spec, stage, gpu, backend, headroom, parallel, steps=1, target=target)
     result = search(probe, top=top) if trains else _inference_search(probe, top)
     if result.best is None:
         raise DiagnosticError([not_fit_diagnostic(spec, stage, probe, search(probe) if not trains else result)])
@@ -338,10 +342,11 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
     if stage.kind == "export":
         steps = 0
         notes.append("export runs no training steps: no time estimate")
-        fp32 = param_counts(spec.model).total * 4
-        notes.append(f"the nemoc runtime exports in one process on the host CPU (runtime/align: the whole model "
-                     f"at TP=1 in fp32): about {fp32 / 2**30:,.1f} GiB of host memory; the stage's GPU layout and memory "
-                     "do not apply to it")
+        if caps.one_process:
+            fp32 = param_counts(spec.model).total * 4
+            notes.append(f"the target `{target.name}` exports in one process on the host CPU (the whole model at "
+                         f"TP=1 in fp32): about {fp32 / 2**30:,.1f} GiB of host memory; the stage's GPU layout and "
+                         "memory do not apply to it")
     else:
         steps, note = stage_steps(spec, stage, gb, seq)
         if note:
@@ -351,11 +356,12 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
             one = param_counts(spec.model).total * weight_bytes(spec.precision)
             fits = "" if one < gpu.hbm_bytes else (f", more than one {gpu.id}'s {gpu.hbm_bytes / 2**30:.0f} GiB: "
                                                    "`nemoc run` would run out of memory at this stage")
-            notes.append(f"the nemoc runtime evaluates in one process on one GPU (runtime/align: TP=1, not the stage's "
-                         f"layout): the weights alone take {one / 2**30:,.1f} GiB{fits}")
-        if stage.kind == "ppo":
-            notes.append("ppo: the rollout is estimated as KV-cached decoding (memory-bandwidth bound); "
-                         "the nemoc runtime's sampler recomputes the whole sequence for every new token, "
+            if caps.one_process:
+                notes.append(f"the target `{target.name}` evaluates in one process on one GPU (TP=1, not the "
+                             f"stage's layout): the weights alone take {one / 2**30:,.1f} GiB{fits}")
+        if stage.kind == "ppo" and not caps.kv_cache_rollout:
+            notes.append(f"ppo: the rollout is estimated as KV-cached decoding (memory-bandwidth bound); "
+                         f"the target `{target.name}` recomputes the whole sequence for every new token, "
                          "so `nemoc run` spends up to max_new_tokens forward passes there instead")
     # The search ranked with steps = 1; the chosen layout's estimate is redone with the real steps.
     chosen = replace(chosen, estimate=evaluate_time(replace(probe, steps=steps), chosen.layout))
@@ -365,14 +371,16 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
     for n in notes:
         warnings.append(Diagnostic("W140", f"stage `{stage.name}`: {n}", spec.span(f"stage.{stage.name}"),
                                    Severity.NOTE))
-    plan = _stage_plan(spec, stage, chosen, steps, seq, chosen.estimate, probe.stage_kernels)
+    plan = _stage_plan(spec, stage, chosen, steps, seq, chosen.estimate, probe)
     return StageResult(stage.name, stage.kind, result, chosen, tuple(notes), replace(probe, steps=steps)), plan, warnings
 
 
-def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM, top: int = DEFAULT_TOP) -> PlanResult:
-    """Resolve every `auto` of every stage; raise DiagnosticError (all errors at once) if impossible."""
+def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM, top: int = DEFAULT_TOP,
+                    target: Target = MEGATRON_CORE) -> PlanResult:
+    """Resolve every `auto` of every stage for `target`; raise DiagnosticError (all errors at once) if
+    impossible."""
     t0 = time.perf_counter()
-    diagnostics = list(check_spec(spec))
+    diagnostics = list(check_spec(spec, target))
     gpu = get_gpu(spec.cluster.gpu)
     if gpu is None:
         diagnostics.append(Diagnostic("E132", f"unknown GPU `{spec.cluster.gpu}`", spec.span("cluster.gpu", "cluster"),
@@ -383,13 +391,13 @@ def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM,
         raise DiagnosticError(diagnostics)
     # The plan keeps the user's attention backend, `auto` included: with Transformer Engine the runtime
     # passes `auto` on as Megatron's `AttnBackend.auto` (TE picks flash-attn or cuDNN fused attention),
-    # without TE `auto`, `flash` and `fused` are torch SDPA (runtime/model.py). What the models price
+    # without TE `auto`, `flash` and `fused` are torch SDPA. What the models price
     # per stage is `search.Problem.costed_backend`.
     backend = spec.attention_backend
     results, plans, warnings, errors = [], [], [d for d in diagnostics], []
     for stage in spec.stages:
         try:
-            r, p, w = plan_stage(spec, stage, gpu, backend, headroom, top)
+            r, p, w = plan_stage(spec, stage, gpu, backend, headroom, top, target)
         except DiagnosticError as e:
             errors += e.diagnostics
             continue

@@ -231,7 +231,6 @@ def pipeline_memory(plan, stage) -> tuple:
     planner priced the stage (`search.pipeline_memory` on the same problem); the largest total is the
     stage's `memory`. Empty for a stage whose GPU is not in the catalog."""
     from nemoc.compiler.catalog.hardware import get_gpu
-    from nemoc.compiler.rules import stage_precision
     from nemoc.compiler.search import Problem, pipeline_memory as search_pipeline_memory
     from nemoc.compiler.spec import ParallelSpec
 
@@ -240,7 +239,7 @@ def pipeline_memory(plan, stage) -> tuple:
         return ()
     problem = Problem(model=plan.model, cluster=plan.cluster, gpu=gpu, fixed=ParallelSpec(),
                       global_batch=stage.layout.global_batch, seq_length=stage.seq_length,
-                      precision=stage_precision(stage.kind, plan.precision), attention_backend=plan.attention_backend,
-                      stage_kind=stage.kind, peft=stage.peft, params=stage.params, kernels=plan.kernels,
+                      precision=stage.execution.precision, attention_backend=stage.execution.attention,
+                      stage_kind=stage.kind, peft=stage.peft, params=stage.params, kernels=stage.execution.kernels,
                       optimizer=stage.optimizer.name)
     return search_pipeline_memory(problem, stage.layout)

@@ -60,12 +60,10 @@ from nemoc.compiler.rules import (
     rule_interleave_microbatches,
     rule_heads_tp,
     rule_query_groups_tp,
-    runtime_caps,
-    stage_attention,
-    stage_kernels,
     te_auto_unfused,
 )
 from nemoc.compiler.spec import ClusterSpec, LoraSpec, ModelSpec, ParallelSpec
+from nemoc.compiler.target import MEGATRON_CORE, Target
 
 GIB = 1 << 30
 REL_TOL = 1e-9  # time monotonicity is exact in the model up to float rounding
@@ -96,16 +94,17 @@ class Problem:
     steps: int = 1
     kernels: str = "te"  # the experiment's resolved `kernels` (te | local); the stage's own: `stage_kernels`
     optimizer: str = "adam"  # the stage's optimizer (adam | sgd): the distributed optimizer wraps Adam only
+    target: Target = MEGATRON_CORE  # what the runtime executing the plan can run
     costed_backend: str = field(init=False, repr=False, compare=False, default="")  # see __post_init__
 
     def __post_init__(self) -> None:
         """`costed_backend`, the attention class the memory and cost models price, once per problem
-        (every candidate asks for it): the stage's attention core (`rules.stage_attention`: runtime/align
-        always runs the unfused one); `auto` is Transformer Engine's choice between flash-attn and cuDNN
+        (every candidate asks for it): the stage's attention core (`Target.stage_attention`: a target may
+        force one for a stage kind); `auto` is Transformer Engine's choice between flash-attn and cuDNN
         fused attention (both flash-class: no s x s scores, the masked half skipped) or torch SDPA
         without TE, so it is costed as `flash`, except where TE falls back to its unfused core
         (`rules.te_auto_unfused`: fp32, head_dim % 8, head_dim > 256)."""
-        backend = stage_attention(self.stage_kind, self.attention_backend)
+        backend = self.target.stage_attention(self.stage_kind, self.attention_backend)
         if backend == "auto":
             backend = "unfused" if te_auto_unfused(self.env) else "flash"
         object.__setattr__(self, "costed_backend", backend)
@@ -115,7 +114,7 @@ class Problem:
         arch = self.gpu.generation
         precisions = tuple(p for p in ("bf16", "fp16", "fp32", "fp8", "mxfp8") if self.gpu.supports(p))
         return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind,
-                   self.kernels, self.optimizer)
+                   self.kernels, self.optimizer, self.target)
 
     @property
     def auto_distributed_optimizer(self) -> bool:
@@ -126,7 +125,7 @@ class Problem:
     @property
     def stage_kernels(self) -> str:
         """What the memory and cost models price: the kernels the runtime builds this stage with."""
-        return stage_kernels(self.stage_kind, self.kernels)
+        return self.target.stage_kernels(self.stage_kind, self.kernels)
 
     @property
     def budget(self) -> int:
@@ -248,6 +247,7 @@ def evaluate_time(p: Problem, layout: Layout, params: cost.EfficiencyParams = co
         seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
         split=_stage_layers(p, layout), kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
         overlap_tp=layout.tp_comm_overlap, overlap_param_gather=layout.overlap_param_gather, params=params,
+        overlap_p2p=p.target.overlap_p2p,
     )
 
 
@@ -257,7 +257,7 @@ def bound_time(p: Problem, layout: Layout, micro_batches: tuple[int, int]) -> fl
         p.model, layout, micro_batches=micro_batches, cluster=p.cluster, gpu=p.gpu, precision=p.precision,
         attention_backend=p.costed_backend, seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft,
         stage_params=p.params, split=_stage_layers(p, layout), kernels=p.stage_kernels,
-        overlap_tp=layout.tp_comm_overlap,
+        overlap_tp=layout.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p,
     )
 
 
@@ -343,8 +343,8 @@ def _tp_domain(p: Problem, env: Env) -> list[int]:
 
 def _pp_domain(p: Problem, tp: int) -> list[int]:
     """Auto PP: divisors of world / tp up to the layer count, or only 1 for a stage kind the
-    runtime runs without a pipeline (`rules.RUNTIME_CAPS`); a fixed PP is kept (the rules judge it)."""
-    if not runtime_caps(p.stage_kind).pipeline:
+    target runs without a pipeline (`Target.caps`); a fixed PP is kept (the rules judge it)."""
+    if not p.target.caps(p.stage_kind).pipeline:
         return _pick(p.fixed.pipeline, [1])
     return _pick(p.fixed.pipeline, [d for d in divisors(p.cluster.world_size // tp) if d <= p.model.layers])
 
@@ -353,7 +353,7 @@ def _vp_domain(p: Problem, pp: int) -> list[int | None]:
     v = p.fixed.virtual_pipeline
     if v is not None:
         return [None] if v <= 1 else [v]
-    if pp == 1 or not runtime_caps(p.stage_kind).pipeline:
+    if pp == 1 or not p.target.caps(p.stage_kind).pipeline:
         return [None]
     return [None] + [v for v in range(2, p.model.layers // pp + 1) if pipeline_split(p.model.layers, pp, v)]
 
@@ -646,7 +646,7 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
 
     Only three policies of the search's domains are shared (they are choices, not pruning): auto
     sequence parallelism is tried only with tp > 1, auto expert-TP only takes 1 or tp, and auto
-    PP / VP stay 1 / none for stage kinds the runtime does not pipeline (`rules.RUNTIME_CAPS`).
+    PP / VP stay 1 / none for stage kinds the target does not pipeline (`Target.caps`).
     """
     env = p.env
     rec = _Recorder(p.budget)
@@ -654,7 +654,7 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
     world = p.cluster.world_size
     f = p.fixed
     rng = lambda fixed, hi: [fixed] if fixed is not None else list(range(1, hi + 1))  # noqa: E731
-    piped = runtime_caps(p.stage_kind).pipeline  # policy: auto PP / VP only where the runtime pipelines
+    piped = p.target.caps(p.stage_kind).pipeline  # policy: auto PP / VP only where the target pipelines
     vps = ([f.virtual_pipeline if f.virtual_pipeline > 1 else None] if f.virtual_pipeline is not None
            else [None] + list(range(2, (max_vp or p.model.layers) + 1)) if piped else [None])
     mb_hi = max_micro_batch or p.global_batch or 1

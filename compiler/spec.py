@@ -127,7 +127,7 @@ class CheckpointSpec:
 
 @dataclass(frozen=True, slots=True)
 class TrackingSpec:
-    """Where the runtime sends metrics besides metrics.jsonl (runtime/tracking.py)."""
+    """Where the runtime sends metrics besides metrics.jsonl (the runtime's tracking sinks)."""
 
     wandb: bool = False
     mlflow: str | None = None  # a directory (file store, relative to the .nemo file) or a tracking URI

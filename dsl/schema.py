@@ -278,21 +278,9 @@ _EVAL_ITERS = _f("eval_iters", POSITIVE, 10, "Validation micro-batches per evalu
 _TEMPLATE = _f("template", call("template"), None,
                "Chat template: `template(system = \"...\", user = \"...\", assistant = \"...\", end = \"...\")`; "
                "omitted arguments keep the built-in `<|user|>` style markers.")
-TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
-# The data formats whose records each alignment kind reads (runtime/align/stage.py raw_datasets takes the
-# stage's data sets of these formats and stops when there is none); kinds not listed read any format.
-STAGE_DATA_FORMATS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "sft": ("chat", "prompt_response"),
-    "dpo": ("preference",),
-    "reward": ("preference",),
-    "ppo": ("chat", "prompt_response", "preference"),
-})
 _INIT = _f("init", call("hf"), None, "Start this stage from a Hugging Face checkpoint `hf(\"DIR\")` instead of a "
            "parent stage's checkpoint (docs/huggingface.md).")
-# Kinds that start from the checkpoint of a stage they run `after` (runtime/align/stage.py parent_checkpoint).
-PARENT_CHECKPOINT_KINDS = ("sft", "dpo", "reward", "ppo", "eval", "export")
-
-STAGE_PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
+_PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
     "pretrain": (
         _SAMPLES, _DROPOUT, _EVAL_ITERS,
         _f("save_checkpoints", BOOL, True, "Write checkpoints; `false` only for benchmark runs (no periodic or "
@@ -341,6 +329,42 @@ STAGE_PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
         _f("dtype", enum("float32", "bfloat16", "float16"), "float32", "Weight dtype written."),
     ),
 })
+
+
+@dataclass(frozen=True, slots=True)
+class StageKind:
+    """One stage kind, in one entry: its kind-specific fields (with their defaults), whether it trains,
+    the record formats it reads, and whether it starts from a parent stage's checkpoint."""
+
+    name: str
+    params: tuple[FieldDef, ...]
+    trains: bool
+    data_formats: tuple[str, ...] = ()  # the data formats whose records it reads (empty: any format)
+    parent_checkpoint: bool = False  # starts from the checkpoint of a stage it runs `after`
+
+
+# The one table of stage kinds; every per-kind table below is derived from it.
+STAGE_KIND_TABLE: Mapping[str, StageKind] = MappingProxyType({k.name: k for k in (
+    StageKind("pretrain", _PARAMS["pretrain"], trains=True),
+    StageKind("sft", _PARAMS["sft"], trains=True, data_formats=("chat", "prompt_response"), parent_checkpoint=True),
+    StageKind("dpo", _PARAMS["dpo"], trains=True, data_formats=("preference",), parent_checkpoint=True),
+    StageKind("reward", _PARAMS["reward"], trains=True, data_formats=("preference",), parent_checkpoint=True),
+    StageKind("ppo", _PARAMS["ppo"], trains=True, data_formats=("chat", "prompt_response", "preference"),
+              parent_checkpoint=True),
+    StageKind("eval", _PARAMS["eval"], trains=False, parent_checkpoint=True),
+    StageKind("export", _PARAMS["export"], trains=False, parent_checkpoint=True),
+)})
+if tuple(STAGE_KIND_TABLE) != STAGE_KINDS:  # the `kind` field's enum lists the same kinds, in order
+    raise RuntimeError(f"STAGE_KIND_TABLE {tuple(STAGE_KIND_TABLE)} != STAGE_KINDS {STAGE_KINDS}")
+TRAINING_KINDS = tuple(k.name for k in STAGE_KIND_TABLE.values() if k.trains)
+# The data formats whose records each alignment kind reads (the runtime takes the stage's data sets of
+# these formats and stops when there is none); kinds not listed read any format.
+STAGE_DATA_FORMATS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {k.name: k.data_formats for k in STAGE_KIND_TABLE.values() if k.data_formats})
+# Kinds that start from the checkpoint of a stage they run `after`.
+PARENT_CHECKPOINT_KINDS = tuple(k.name for k in STAGE_KIND_TABLE.values() if k.parent_checkpoint)
+STAGE_PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType(
+    {k.name: k.params for k in STAGE_KIND_TABLE.values()})
 
 CHECKPOINT_FIELDS = (
     _f("every", POSITIVE_COUNT, None, "Steps between checkpoints. Default: only at the end."),
@@ -485,5 +509,5 @@ def all_stage_param_names() -> Mapping[str, tuple[str, ...]]:
 
 __all__ = [
     "Type", "FieldDef", "BlockDef", "BLOCKS", "CALLS", "STAGE_PARAMS", "STAGE_KINDS", "UNITS", "fields_of",
-    "TEMPLATE_KINDS", "DATA_OPTIONS",
+    "TEMPLATE_KINDS", "DATA_OPTIONS", "StageKind", "STAGE_KIND_TABLE", "TRAINING_KINDS",
 ]

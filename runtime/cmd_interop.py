@@ -90,11 +90,12 @@ def import_(file: str, gpu: str | None, name: str | None, output: str | None, as
 def export(file: str, megatron_args: bool, stage_name: str | None, sets: tuple[str, ...], as_json: bool) -> None:
     """Export a stage's plan: the equivalent Megatron-LM command line (--megatron-args)."""
     from nemoc.compiler.planner import plan_experiment
+    from nemoc.runtime.target import default_target
     from nemoc.dsl.diagnostics import DiagnosticError
 
     try:
         spec, sources, _ = load_spec_with_warnings(file, sets)
-        result = plan_experiment(spec)
+        result = plan_experiment(spec, target=default_target())
     except DiagnosticError as err:
         fail(err.diagnostics, getattr(err, "sources", {}) or {}, as_json)
     plan = result.plan

@@ -46,8 +46,9 @@ def internal_error(path: str, exc: BaseException) -> Diagnostic:
 
 def _layout_rules(spec) -> tuple[Diagnostic, ...]:
     from nemoc.compiler.rules import check_spec  # the plan engineer's layout rules (tp divides heads, ...)
+    from nemoc.runtime.target import default_target
 
-    return tuple(check_spec(spec))
+    return tuple(check_spec(spec, default_target()))
 
 
 @click.command()

@@ -27,8 +27,6 @@ from dataclasses import replace
 
 import click
 
-from nemoc.compiler.planner import SPLIT_KEYS
-from nemoc.compiler.rules import runtime_caps
 from nemoc.runtime.cli_common import EXIT_OK, EXIT_USAGE, common_options, fail, load_spec_with_warnings, \
     print_diagnostics, write_output
 
@@ -79,16 +77,15 @@ def _mfu_basis(sp) -> str:
 
 
 def _split_line(sp) -> str:
-    """One line for an uneven pipeline split (the TransformerConfig settings the plan carries)."""
-    p = sp.params
-    if "num_layers_in_first_pipeline_stage" in p:
-        return (f"  uneven pipeline: first stage {p['num_layers_in_first_pipeline_stage']} layers, "
-                f"last {p['num_layers_in_last_pipeline_stage']}")
-    counted = [n for n, k in (("embedding", SPLIT_KEYS[2]), ("loss", SPLIT_KEYS[3])) if p.get(k)]
+    """One line for an uneven pipeline split (the plan's `Execution.pipeline`, as TransformerConfig sets it)."""
+    split = sp.execution.pipeline
+    if split.first is not None:
+        return f"  uneven pipeline: first stage {split.first} layers, last {split.last}"
+    counted = [n for n, on in (("embedding", split.embedding), ("loss", split.loss)) if on]
     if not counted:
         return ""
     return (f"  uneven pipeline: the {' and '.join(counted)} counted as pipeline layers "
-            f"({', '.join(f'{k} = true' for k in SPLIT_KEYS[2:] if p.get(k))})")
+            f"({', '.join(f'{k} = true' for k in split.params())})")
 
 
 def _memory_json(m) -> dict:
@@ -115,11 +112,12 @@ def _sum_cost(values) -> float | None:
 
 def report_json(result, headroom: float, top: int) -> dict:
     """The `--json` document (see module docstring)."""
+    from nemoc.compiler.plan import to_dict as plan_dict
     from nemoc.dsl.diagnostics import to_json
 
     stages = []
     for sp, sr in zip(result.plan.stages, result.stages):
-        split = {k: sp.params[k] for k in SPLIT_KEYS if k in sp.params}
+        split = sp.execution.pipeline.params()
         search = sr.search
         stages.append({
             "name": sp.name, "kind": sp.kind,
@@ -127,6 +125,7 @@ def report_json(result, headroom: float, top: int) -> dict:
             "memory": _memory_json(sp.memory) | {"budget": int(sp.memory.capacity * (1 - headroom))},
             "estimate": _estimate_json(sp.estimate),
             "seq_length": sp.seq_length, "resident_models": list(sp.resident_models), "kernels": sp.kernels,
+            "execution": plan_dict(sp.execution),
             "runner_ups": [_candidate_json(c) for c in sr.runner_ups[:top]],
             "rejections": [{"reason": r.reason, "count": r.count, "example": r.example, "layout": r.layout}
                            for r in (search.rejections if search else ())],
@@ -265,10 +264,12 @@ def render_report(result, headroom: float, top: int, console) -> None:
                   f"kernels {plan.kernels} ({KERNELS_LABEL[plan.kernels]}), headroom {headroom:.0%}")
     for sp, sr in zip(plan.stages, result.stages):
         console.print(Rule(f"stage {sp.name} ({sp.kind})", style="dim"))
-        if runtime_caps(sp.kind).attention:  # runtime/align: the local spec and the unfused core, always
-            console.print(f"[dim]kernels {sp.kernels}: the nemoc runtime builds {sp.kind} stages with "
-                          "Megatron-Core's local spec and its unfused attention core (s x s scores; "
-                          "runtime/align); the estimates below assume it[/]")
+        ex = sp.execution
+        if ex.kernels != plan.kernels or ex.attention != plan.attention_backend:  # what the target runs this kind with
+            spec = "Megatron-Core's local spec" if ex.kernels == "local" else "Transformer Engine's layers"
+            scores = " (s x s scores)" if ex.attention == "unfused" else ""
+            console.print(f"[dim]kernels {ex.kernels}: the nemoc runtime builds {sp.kind} stages with {spec} and "
+                          f"its {ex.attention} attention core{scores}; the estimates below assume it[/]")
         split = _split_line(sp)
         console.print(_layout_table(sp, split))
         if split:
@@ -336,6 +337,7 @@ def plan(file: str, headroom: float, top: int, emit: str | None, sweeps: tuple[s
         plan_sweep(file, sweeps, sets, headroom, top, as_json)
     from nemoc.compiler.plan import to_json
     from nemoc.compiler.planner import plan_experiment
+    from nemoc.runtime.target import default_target
     from nemoc.dsl.diagnostics import DiagnosticError
 
     try:
@@ -343,7 +345,7 @@ def plan(file: str, headroom: float, top: int, emit: str | None, sweeps: tuple[s
     except DiagnosticError as err:
         fail(err.diagnostics, getattr(err, "sources", {}) or {}, as_json)
     try:
-        result = plan_experiment(spec, headroom=headroom, top=max(top + 1, 2))
+        result = plan_experiment(spec, headroom=headroom, top=max(top + 1, 2), target=default_target())
     except DiagnosticError as err:
         fail(tuple(language_warnings) + tuple(err.diagnostics), sources, as_json)
     result = replace(result, warnings=tuple(language_warnings) + result.warnings)

@@ -29,11 +29,12 @@ def _compile(file: str, sets: tuple[str, ...], as_json: bool):
     """FILE -> (Plan, RuntimeGraph); diagnostics and graph errors exit here."""
     from nemoc.compiler.graph import GraphError, build_graph
     from nemoc.compiler.planner import plan_experiment
+    from nemoc.runtime.target import default_target
     from nemoc.dsl.diagnostics import DiagnosticError
 
     try:
         spec, _ = load_spec(file, sets)
-        plan = plan_experiment(spec).plan
+        plan = plan_experiment(spec, target=default_target()).plan
     except DiagnosticError as error:
         fail_on(error, as_json)
     try:

@@ -1,7 +1,8 @@
 """The one adapter from the compiled plan to Megatron-Core arguments.
 
 Input:  slices of a `nemoc.compiler.plan.Plan` (ModelSpec, a StagePlan's Layout / OptimizerSpec /
-ScheduleSpec, the precision and the resolved attention backend) plus two facts about the machine
+ScheduleSpec and its `Execution`: precision recipe, attention core, pipeline split, vocabulary
+padding, overlaps and fusions, all decided by the planner) plus two facts about the machine
 (`cpu`: the gloo/CPU adaptation is active; `have_te`: build with Transformer Engine, which
 `choose_kernels` decides from the plan's `kernels` and whether TE imports).
 Output: plain Megatron-Core objects and keyword dicts: `initialize_model_parallel` kwargs,
@@ -9,7 +10,8 @@ Output: plain Megatron-Core objects and keyword dicts: `initialize_model_paralle
 kwargs, the padded vocabulary size; and the same settings as a Megatron-LM `pretrain_gpt.py` command
 line (`megatron_lm_arguments`, `megatron_lm_command`: `nemoc export --megatron-args`). Nothing else in
 the runtime turns plan fields into Megatron arguments.
-Invariants: pure functions (no process groups touched); a plan this machine cannot run (fp8 without
+Invariants: pure functions (no process groups touched); the plan's decisions are translated, never
+re-derived (no compiler rule, cost or catalog call); a plan this machine cannot run (fp8 without
 TE, context parallelism with the local attention, an unknown activation) raises `UnsupportedPlan`
 with the reason, never a Megatron assertion later.
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nemoc.compiler.plan import Layout
+from nemoc.compiler.plan import Execution, Fusions, Layout, Overlaps, PipelineSplit
 from nemoc.compiler.spec import ModelSpec, OptimizerSpec, ScheduleSpec
 
 # Megatron-LM's --make-vocab-size-divisible-by default: the embedding is padded to a multiple of
@@ -77,9 +79,10 @@ def choose_kernels(*, planned: str, te_importable: bool, cpu: bool) -> KernelCho
         "Transformer Engine."))
 
 
-def padded_vocab_size(vocab: int, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
-    """Megatron-LM `_vocab_size_with_padding`: round up to a multiple of divisible_by * tp."""
-    multiple = divisible_by * tp
+def padded_vocab_size(vocab: int, tp: int = 1, *, multiple: int | None = None) -> int:
+    """Megatron-LM `_vocab_size_with_padding`: round the tokenizer's vocabulary up to the plan's
+    `Execution.vocab_multiple` (`multiple`), or to 128 x tp for a model built outside a stage plan."""
+    multiple = multiple or VOCAB_DIVISIBLE_BY * tp
     return int(math.ceil(vocab / multiple) * multiple)
 
 
@@ -109,26 +112,23 @@ def _parallel_sizes(layout: Layout) -> dict:
     )
 
 
-def _te_fusions(model: ModelSpec, facts: MachineFacts, activation, glu: bool) -> dict:
-    """The fused kernels NeMo / Megatron-LM switch on with Transformer Engine on a GPU, and that the
-    cost and memory models' `kernels = te` path prices (compiler/cost.py: no `LOCAL_*` traffic):
-    TE's fused RoPE, Megatron's fused bias-SwiGLU / bias-GELU (TransformerConfig allows it for SwiGLU,
-    GeGLU, and GELU with biases), the fused bias-dropout-add, and the weight-gradient accumulation
-    into main_grad inside the GEMM. That last one is a single Megatron flag for TE's layers (TE's own
+def _te_fusions(fusions: Fusions | None, facts: MachineFacts) -> dict:
+    """The plan's fused kernels (`Execution.fusions`, which the `te` cost and memory models price) as
+    TransformerConfig flags, when this machine builds Transformer Engine's layers. The weight-gradient
+    accumulation into main_grad is a single Megatron flag for TE's layers (TE's own
     `fuse_wgrad_accumulation`) and for the output layer (apex's fused_weight_gradient_mlp_cuda, which
     raises without apex), so without apex it is off for every layer (docs/runtime.md: ~10 B per
     parameter and micro batch the `te` cost model does not charge). Megatron-Core leaves all of them
-    off by default. Nothing on the local spec (its unfused kernels are what `kernels = local` prices)."""
-    if not facts.have_te or facts.cpu:
+    off by default; nothing on the local spec."""
+    if fusions is None or not facts.have_te or facts.cpu:
         return {}
-    import torch.nn.functional as F
     from megatron.core.tensor_parallel import layers
 
-    fusions = dict(apply_rope_fusion=model.position == "rope", bias_dropout_fusion=True,
-                   gradient_accumulation_fusion=bool(layers._grad_accum_fusion_available))
-    if activation is F.silu and glu or activation is F.gelu and (glu or model.add_bias_linear):
-        fusions["bias_activation_fusion"] = True
-    return fusions
+    out = dict(apply_rope_fusion=fusions.rope, bias_dropout_fusion=fusions.bias_dropout_add,
+               gradient_accumulation_fusion=fusions.grad_accumulation and bool(layers._grad_accum_fusion_available))
+    if fusions.bias_activation:
+        out["bias_activation_fusion"] = True
+    return out
 
 
 def _activation(model: ModelSpec) -> tuple[object, bool]:
@@ -185,40 +185,37 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
                               "expert MLPs with a bias fail in Megatron-Core 0.16.1 (mlp.py)")
 
 
-# The planner's uneven pipeline split (compiler/rules.py, compiler/planner.py) travels in
-# StagePlan.params under TransformerConfig's own names; Megatron-Core 0.16.1 validates and applies them
-# (transformer_config.py __post_init__, transformer_block.get_num_layers_to_build).
-PIPELINE_SPLIT_FIELDS = (
-    "num_layers_in_first_pipeline_stage",
-    "num_layers_in_last_pipeline_stage",
-    "account_for_embedding_in_pipeline_split",
-    "account_for_loss_in_pipeline_split",
-)
-
-
-def pipeline_split_kwargs(stage_params: Mapping[str, object] | None) -> dict:
-    """The TransformerConfig fields of an uneven pipeline split present in `stage_params`."""
-    params = stage_params or {}
-    return {name: params[name] for name in PIPELINE_SPLIT_FIELDS if params.get(name) is not None}
+def pipeline_split_kwargs(split: PipelineSplit | None) -> dict:
+    """The TransformerConfig fields of the plan's pipeline split (`Execution.pipeline`; none when even).
+    Megatron-Core 0.16.1 validates and applies them (transformer_config.py __post_init__,
+    transformer_block.get_num_layers_to_build)."""
+    return split.params() if split is not None else {}
 
 
 def transformer_config(
     *,
     model: ModelSpec,
     layout: Layout,
-    precision: str,
-    attention_backend: str,
     facts: MachineFacts,
+    execution: Execution | None = None,
+    precision: str | None = None,
+    attention_backend: str | None = None,
     dropout: float = 0.0,
     deterministic: bool = False,
-    stage_params: Mapping[str, object] | None = None,
 ):
-    """The TransformerConfig for one stage. `attention_backend` is the plan's resolved value;
-    `stage_params` (StagePlan.params) may carry the planner's uneven pipeline split."""
+    """The TransformerConfig for one stage: the plan's `execution` (precision recipe, attention core,
+    pipeline split, p2p overlap, fusions) translated. Models built outside a stage plan (the
+    alignment runtime's own copies, tests) pass `precision` and `attention_backend` instead: an even
+    split, no overlap, no fusions."""
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    if execution is not None:
+        precision, attention_backend = execution.precision, execution.attention
+    if precision is None or attention_backend is None:
+        raise TypeError("transformer_config needs the stage's execution, or precision and attention_backend")
     _check_supported(model=model, layout=layout, precision=precision, facts=facts)
+    overlap_p2p = execution.overlaps.p2p if execution is not None else False
     activation, glu = _activation(model)
     dtype = params_dtype(precision)
     kwargs = dict(
@@ -249,22 +246,22 @@ def transformer_config(
         # Initialise on the CPU with the global RNG: the weights are then independent of the TP/PP
         # layout, so differently parallelised runs start from the same model (and it is required on CPU).
         use_cpu_initialization=facts.cpu,
-        # The interleaved schedule overlaps its steady-state pipeline transfers with compute
-        # (`overlap_p2p_comm`, as NeMo's recipes run it; the cost model's RUNTIME_OVERLAPS_P2P), which
-        # needs unbatched isend/irecv. Otherwise batched on GPUs; on gloo never batched: it pairs the
-        # two messages of a batched isend/irecv wrongly when the previous and the next pipeline rank
-        # are the same peer (pp=2 with VPP): gradients silently wrong. Unbatched is exact.
-        overlap_p2p_comm=_interleaved(layout),
-        batch_p2p_comm=not facts.cpu and not _interleaved(layout),
+        # The plan's `overlaps.p2p`: the interleaved schedule overlaps its steady-state pipeline
+        # transfers with compute (`overlap_p2p_comm`, as NeMo's recipes run it), which needs unbatched
+        # isend/irecv. Otherwise batched on GPUs; on gloo never batched: it pairs the two messages of a
+        # batched isend/irecv wrongly when the previous and the next pipeline rank are the same peer
+        # (pp=2 with VPP): gradients silently wrong. Unbatched is exact.
+        overlap_p2p_comm=overlap_p2p,
+        batch_p2p_comm=not facts.cpu and not overlap_p2p and not _interleaved(layout),
         deterministic_mode=deterministic,
         attention_backend=_megatron_attention_backend(attention_backend, facts, AttnBackend),
         **_recompute_kwargs(layout.recompute),
-        **pipeline_split_kwargs(stage_params),
-        **_te_fusions(model, facts, activation, glu),
+        **pipeline_split_kwargs(execution.pipeline if execution is not None else None),
+        **_te_fusions(execution.fusions if execution is not None else None, facts),
     )
     if model.is_moe:
         kwargs.update(_moe_kwargs(model, layout))
-    kwargs.update(_fp8_kwargs(precision))
+    kwargs.update(_fp8_kwargs(precision, execution.fp8_recipe if execution is not None else None))
     return TransformerConfig(**kwargs)
 
 
@@ -292,9 +289,10 @@ def _moe_kwargs(model: ModelSpec, layout: Layout) -> dict:
     )
 
 
-def _fp8_kwargs(precision: str) -> dict:
+def _fp8_kwargs(precision: str, recipe: str | None = None) -> dict:
+    """The plan's fp8 recipe (`Execution.fp8_recipe`) as TransformerConfig fields."""
     if precision in ("fp8", "mxfp8"):
-        return dict(fp8="hybrid", fp8_recipe="mxfp8" if precision == "mxfp8" else "delayed")
+        return dict(fp8="hybrid", fp8_recipe=recipe or ("mxfp8" if precision == "mxfp8" else "delayed"))
     return {}
 
 
@@ -319,16 +317,18 @@ def _interleaved(layout: Layout) -> bool:
     return layout.pp > 1 and (layout.vp or 1) > 1
 
 
-def ddp_config(*, layout: Layout):
+def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None):
     """Megatron DDP: gradient reduction in fp32 main grads or the 16-bit parameter dtype, as planned
-    (`grad_reduce_in_fp32`); overlap the DP all-reduce with backward when dp > 1."""
+    (`grad_reduce_in_fp32`); the plan's overlaps of the gradient reduce and the parameter gather
+    (`Execution.overlaps`; none for a model built outside a stage plan)."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    return DistributedDataParallelConfig(**_ddp_kwargs(layout), check_for_nan_in_grad=False)
+    return DistributedDataParallelConfig(**_ddp_kwargs(layout, overlaps), check_for_nan_in_grad=False)
 
 
-def _ddp_kwargs(layout: Layout) -> dict:
-    return dict(grad_reduce_in_fp32=layout.grad_reduce_in_fp32, overlap_grad_reduce=layout.dp > 1, overlap_param_gather=False,
+def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None) -> dict:
+    return dict(grad_reduce_in_fp32=layout.grad_reduce_in_fp32, overlap_grad_reduce=bool(overlaps and overlaps.grad_reduce),
+                overlap_param_gather=bool(overlaps and overlaps.param_gather),
                 use_distributed_optimizer=layout.distributed_optimizer)
 
 
@@ -459,8 +459,9 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
     if lay.distributed_optimizer:
         args.append("--use-distributed-optimizer")
     args += _flags(_recompute_kwargs(lay.recompute))
-    args += _flags(pipeline_split_kwargs(stage.params))
-    args += _flags({k: v for k, v in _ddp_kwargs(lay).items() if k != "use_distributed_optimizer"})
+    args += _flags(pipeline_split_kwargs(stage.execution.pipeline))
+    args += _flags({k: v for k, v in _ddp_kwargs(lay, stage.execution.overlaps).items()
+                    if k != "use_distributed_optimizer"})
     if model.is_moe:
         args += _flags(_moe_kwargs(model, lay))
     args += [f"--micro-batch-size {lay.micro_batch}", f"--global-batch-size {lay.global_batch}",
@@ -507,15 +508,15 @@ def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:
 
 
 def _lm_precision(plan, stage) -> list[str]:
-    precision = plan.precision
+    precision = stage.execution.precision
     dtype = {"bf16": "--bf16", "fp16": "--fp16", "fp32": None, "fp8": "--bf16", "mxfp8": "--bf16"}[precision]
     out = [dtype] if dtype else []
-    out += _flags(_fp8_kwargs(precision))
+    out += _flags(_fp8_kwargs(precision, stage.execution.fp8_recipe))
     if precision == "fp16":
         out += _flags(LOSS_SCALING)
     out.append(f"--transformer-impl {'transformer_engine' if stage.kernels == 'te' else 'local'}")
     if stage.kernels == "te":
-        out.append(f"--attention-backend {plan.attention_backend}")
+        out.append(f"--attention-backend {stage.execution.attention}")
     return out
 
 

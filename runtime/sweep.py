@@ -149,6 +149,7 @@ def plan_point(file: str, sets: tuple[str, ...], point: Point, headroom: float, 
     from dataclasses import replace
 
     from nemoc.compiler.planner import plan_experiment
+    from nemoc.runtime.target import default_target
     from nemoc.dsl.diagnostics import DiagnosticError
     from nemoc.runtime.cli_common import load_spec_with_warnings
 
@@ -157,7 +158,7 @@ def plan_point(file: str, sets: tuple[str, ...], point: Point, headroom: float, 
     except DiagnosticError as err:
         return Planned(point, None, err.diagnostics, err.sources)
     try:
-        result = plan_experiment(spec, headroom=headroom, top=top)
+        result = plan_experiment(spec, headroom=headroom, top=top, target=default_target())
     except DiagnosticError as err:
         return Planned(point, None, tuple(err.diagnostics), sources)
     return Planned(point, replace(result, warnings=tuple(warnings) + result.warnings), (), sources)
@@ -314,13 +315,14 @@ def _compile_point(file: str, sets: tuple[str, ...], point: Point):
     (diagnostics, sources) or an error line, None)."""
     from nemoc.compiler.graph import GraphError, build_graph
     from nemoc.compiler.planner import plan_experiment
+    from nemoc.runtime.target import default_target
     from nemoc.dsl.diagnostics import DiagnosticError
     from nemoc.runtime.cli_common import load_spec
 
     sources = {}
     try:
         spec, sources = load_spec(file, sets + point.sets)
-        plan = plan_experiment(spec).plan
+        plan = plan_experiment(spec, target=default_target()).plan
         build_graph(plan)
     except DiagnosticError as err:
         return (err.diagnostics, err.sources or sources), None

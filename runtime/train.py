@@ -284,7 +284,7 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
     if warning:
         rank0_print(warning)
     model, config, padded_vocab = build_model(plan=plan, stage=stage, vocab_size=task.vocab_size, facts=facts)
-    optimizer, scheduler = build_optimizer(model=model, stage=stage, precision=plan.precision)
+    optimizer, scheduler = build_optimizer(model=model, stage=stage, precision=stage.execution.precision)
     metrics = open_metrics(rank=rank, metrics_path=task.metrics_path, tensorboard_dir=task.tensorboard_dir,
                            total_steps=task.steps, title=stage.name, tracking=tracking_target(plan, stage, task.output_dir))
     checkpointer = None
@@ -323,9 +323,9 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
         if rank == 0:
             rank0_print(f"stage {stage.name}: {plan.model.name} layout tp={layout.tp} pp={layout.pp} vp={layout.vp} "
                          f"cp={layout.cp} ep={layout.ep} dp={layout.dp} mbs={layout.micro_batch} "
-                         f"gbs={layout.global_batch} seq={stage.seq_length} precision={plan.precision} "
+                         f"gbs={layout.global_batch} seq={stage.seq_length} precision={stage.execution.precision} "
                          f"kernels={'te' if facts.have_te else 'local'} "
-                         f"attention={mdl.attention_core_name(attention_backend=plan.attention_backend, have_te=facts.have_te)} "
+                         f"attention={mdl.attention_core_name(attention_backend=stage.execution.attention, have_te=facts.have_te)} "
                          f"vocab={task.vocab_size}->{padded_vocab} steps {state.iteration}->{task.steps}"
                          f"{' (CPU/gloo)' if mcore_cpu.is_applied() else ''}")
         state = train_loop(model=model, optimizer=optimizer, scheduler=scheduler, stage=stage,

@@ -6,7 +6,7 @@ Megatron-Bridge `ConfigContainer` dump (`model:` / `train:` / `optimizer:` / `dd
 `Imported`: the canonical `.nemo` text and the warnings to print. Modules: `shell` (the script reader),
 `megatron_lm` and `nemo_yaml` (source -> `draft.Draft`), `draft` (Draft -> `.nemo` text through
 dsl/format.py). The reverse direction, plan -> Megatron-LM arguments, lives in the runtime's one
-plan -> Megatron adapter (`nemoc.runtime.megatron_args.megatron_lm_arguments`).
+plan -> Megatron adapter (`nemoc export --megatron-args`).
 """
 
 from __future__ import annotations

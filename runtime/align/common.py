@@ -126,7 +126,7 @@ def machine_facts() -> margs.MachineFacts:
     samples). The local spec's sharded-state-dict key map (`input_layernorm.` <->
     `self_attention.linear_qkv.layer_norm_`) keeps checkpoints interchangeable with TE-trained ones.
     The planner knows it: these stage kinds are planned and costed with `kernels = local`
-    (compiler/rules.py `RUNTIME_CAPS`, `stage_kernels`), whatever the experiment's `kernels` says."""
+    (runtime/target.py `NEMOC_RUNTIME`: te = False for these kinds), whatever the experiment's `kernels` says."""
     return margs.MachineFacts(cpu=mcore_cpu.is_applied(), have_te=False)
 
 

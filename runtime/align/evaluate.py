@@ -17,7 +17,6 @@ import math
 
 import torch
 
-from nemoc.compiler.rules import stage_precision
 from nemoc.runtime.align import common, dpo, ppo, sft, stage
 from nemoc.runtime.align.data import ChatTemplate, Message, read_preferences, read_sft
 
@@ -62,10 +61,9 @@ def _loss_entry(loss: float, tokens: int) -> dict:
 
 def run(task: stage.StageTask) -> dict:
     tok = stage.tokenizer_of(task)
-    # runtime/align's local spec has no FP8 GEMMs: an fp8 model (16-bit weights) is evaluated in bf16,
-    # as the plan costs it (compiler.rules.stage_precision)
-    chunk = stage.build(task, checkpoint=stage.parent_checkpoint(task), single=True,
-                        precision=stage_precision("eval", task.plan.precision))
+    # the stage's precision as planned (`Execution.precision`: the local spec has no FP8 GEMMs, so the
+    # nemoc runtime's target plans an fp8 model's eval in bf16)
+    chunk = stage.build(task, checkpoint=stage.parent_checkpoint(task), single=True)
     p, seq = task.params, task.stage.seq_length
     micro = max(task.stage.layout.micro_batch, 1)
     template = ChatTemplate.from_params(p)

@@ -95,7 +95,7 @@ def _trainer(task: StageTask, chunk, steps: int | None = None):
         raise AlignError(f"stage {s.name} ({s.kind}): alignment stages run with pipeline parallelism 1 "
                          f"(got pp={s.layout.pp}); use tp/dp")
     return trainer.Trainer(chunk, layout=s.layout, optimizer=s.optimizer, schedule=s.schedule,
-                           steps=steps or s.steps, precision=task.plan.precision)
+                           steps=steps or s.steps, precision=s.execution.precision, overlaps=s.execution.overlaps)
 
 
 def _finish_policy(task: StageTask, chunk, payload: dict) -> dict:

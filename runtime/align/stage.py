@@ -133,7 +133,7 @@ def build(task: StageTask, *, checkpoint: str | None, scalar_head: bool = False,
           single: bool = False, precision: str | None = None):
     """A chunk for this stage's layout (or TP=1 for single-process kinds), loaded from `checkpoint`."""
     layout = common.single_layout() if single else task.stage.layout
-    chunk = common.build_gpt(task.plan.model, layout, precision=precision or task.plan.precision,
+    chunk = common.build_gpt(task.plan.model, layout, precision=precision or task.stage.execution.precision,
                              vocab=task.vocab_size, seq_length=task.stage.seq_length, scalar_head=scalar_head)
     if checkpoint:
         common.load_model(chunk, checkpoint, skip_output=skip_output)

@@ -28,12 +28,12 @@ from nemoc.runtime.core.dist import StopSignal
 
 
 class Trainer:
-    def __init__(self, chunk, *, layout, optimizer, schedule, steps: int, precision: str = "fp32"):
+    def __init__(self, chunk, *, layout, optimizer, schedule, steps: int, precision: str = "fp32", overlaps=None):
         config = unwrap(chunk).config
         trainable = [p for p in chunk.parameters() if p.requires_grad]
         if not trainable:
             raise AlignError("no trainable parameters")
-        (self.model,) = mmodel.wrap_ddp(chunks=[chunk], config=config, ddp_config=margs.ddp_config(layout=layout))
+        (self.model,) = mmodel.wrap_ddp(chunks=[chunk], config=config, ddp_config=margs.ddp_config(layout=layout, overlaps=overlaps))
         try:
             self.optimizer, self.scheduler = core_build.optimizer_for(
                 model=[self.model], optimizer=optimizer, schedule=schedule, layout=layout, precision=precision,

@@ -26,17 +26,18 @@ def build_model(*, plan: Plan, stage: StagePlan, vocab_size: int, facts: margs.M
     """(model chunks wrapped in Megatron DDP, TransformerConfig, padded vocab) for a stage."""
     facts = facts or machine_facts(stage.kernels)
     set_phase("build model")
+    ex = stage.execution
     config = margs.transformer_config(
-        model=plan.model, layout=stage.layout, precision=plan.precision,
-        attention_backend=plan.attention_backend, facts=facts,
+        model=plan.model, layout=stage.layout, execution=ex, facts=facts,
         dropout=float(stage.params.get("dropout", 0.0)) if dropout is None else dropout,
-        deterministic=facts.cpu, stage_params=stage.params,
+        deterministic=facts.cpu,
     )
-    padded = margs.padded_vocab_size(vocab_size, stage.layout.tp)
+    padded = margs.padded_vocab_size(vocab_size, multiple=ex.vocab_multiple)
     chunks = mdl.build_model_chunks(config=config, model=plan.model, vocab_size=padded,
-                                    seq_length=stage.seq_length, attention_backend=plan.attention_backend,
+                                    seq_length=stage.seq_length, attention_backend=ex.attention,
                                     have_te=facts.have_te)
-    model = mdl.wrap_ddp(chunks=chunks, config=config, ddp_config=margs.ddp_config(layout=stage.layout))
+    model = mdl.wrap_ddp(chunks=chunks, config=config,
+                         ddp_config=margs.ddp_config(layout=stage.layout, overlaps=ex.overlaps))
     return model, config, padded
 
 

@@ -113,29 +113,13 @@ class Throughput:
 
 
 def throughput_for(*, plan: Plan, stage: StagePlan) -> Throughput:
+    """The plan's FLOPs per step and the planned GPU's peak (`StagePlan.execution`), as `nemoc plan`
+    computed them; no peak on the CPU (MFU is a GPU figure)."""
     tokens = stage.layout.global_batch * stage.seq_length
-    flops = peak = None
-    try:  # the compiler's formula for this stage kind, with the causal discount, as `nemoc plan` reports MFU
-        from nemoc.compiler.flops import stage_model_flops_per_step
-
-        flops = stage_model_flops_per_step(plan.model, stage.seq_length, stage.layout.global_batch,
-                                           stage_kind=stage.kind, peft=stage.peft, params=stage.params,
-                                           causal_discount=True)
-    except Exception:
-        flops = None
-    if torch.cuda.is_available() and not mcore_cpu.is_applied():
-        try:
-            from nemoc.compiler.catalog.hardware import get_gpu
-
-            name = torch.cuda.get_device_name()
-            gpu_id = next((g for g in ("B300", "B200", "H200", "H100", "A100") if g in name), plan.cluster.gpu)
-            if gpu_id == "A100":
-                gpu_id = "A100-80GB" if torch.cuda.get_device_properties(0).total_memory > 50e9 else "A100-40GB"
-            hw = get_gpu(gpu_id)
-            peak = hw.peak(plan.precision) if hw is not None and hw.supports(plan.precision) else None
-        except Exception:
-            peak = None
-    return Throughput(tokens, flops, peak, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+    ex = stage.execution
+    peak = ex.peak_flops_per_gpu if torch.cuda.is_available() and not mcore_cpu.is_applied() else None
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return Throughput(tokens, ex.model_flops_per_step, peak, world)
 
 
 def rerun_nonfinite(attempt: Callable[[], tuple], *, step: int, lr: Callable[[], float],

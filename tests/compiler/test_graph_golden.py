@@ -13,6 +13,7 @@ import pytest
 from nemoc.compiler.graph import build_graph
 from nemoc.compiler.lower import load_experiment
 from nemoc.compiler.planner import plan_experiment
+from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "golden_graph"
@@ -22,7 +23,7 @@ EXAMPLES = sorted((REPO / "examples").glob("*.nemo"))
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_golden_graph(path: Path, request):
     spec, _ = load_experiment(str(path))
-    graph = build_graph(plan_experiment(spec).plan)
+    graph = build_graph(plan_experiment(spec, target=NEMOC_RUNTIME).plan)
     # data paths are hashed relative to the example's directory, so the golden is machine-independent
     actual = graph.to_json()
     golden = GOLDEN / f"{path.stem}.graph.json"

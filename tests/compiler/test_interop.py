@@ -24,6 +24,7 @@ from nemoc.compiler.planner import plan_experiment
 from nemoc.dsl.format import format_module
 from nemoc.dsl.parser import parse
 from nemoc.runtime.cli import cli
+from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "interop"
 INPUTS = sorted(p for p in DATA.iterdir() if p.suffix in (".sh", ".yaml"))
@@ -193,7 +194,7 @@ def test_plan_of_an_import_is_the_sources_layout():
     imported = import_text((DATA / "megatron_gpt3_175b.sh").read_text(), "gpt3.sh", gpu="A100-80GB")
     assert any("set nodes = 16" in w for w in imported.warnings)  # 1 node cannot hold tp 8 x pp 16
     spec = _spec(imported.text)
-    layout = plan_experiment(spec).plan.stages[0].layout
+    layout = plan_experiment(spec, target=NEMOC_RUNTIME).plan.stages[0].layout
     assert (layout.tp, layout.pp, layout.dp, layout.micro_batch, layout.vp) == (8, 16, 1, 1, None)
     assert layout.recompute == "none" and not layout.distributed_optimizer
 

@@ -12,10 +12,12 @@ import pytest
 from nemoc.compiler.lower import compile_file
 from nemoc.compiler.plan import from_dict, from_json, to_json
 from nemoc.compiler.planner import plan_experiment
-from nemoc.compiler.rules import check_spec, stage_kernels
+from nemoc.compiler.plan import PLAN_VERSION
+from nemoc.compiler.rules import check_spec
 from nemoc.compiler.spec import ParallelSpec, StageSpec, resolve_kernels
 from nemoc.dsl.diagnostics import render_all
 from nemoc.runtime.cli_common import load_spec
+from nemoc.runtime.target import NEMOC_RUNTIME
 
 GPU_EXAMPLE = "examples/llama3_8b_pretrain.nemo"
 CPU_EXAMPLE = "examples/quickstart.nemo"
@@ -57,29 +59,35 @@ def test_a_bad_value_is_an_error_at_the_value_with_a_suggestion(tmp_path):
 def test_auto_is_te_on_gpus_and_local_on_the_cpu():
     assert resolve_kernels("auto", "H100") == "te" and resolve_kernels("auto", "CPU") == "local"
     assert resolve_kernels("local", "H100") == "local" and resolve_kernels("te", "B200") == "te"
-    gpu = plan_experiment(load_spec(GPU_EXAMPLE)[0]).plan
-    cpu = plan_experiment(load_spec(CPU_EXAMPLE)[0]).plan
+    gpu = plan_experiment(load_spec(GPU_EXAMPLE)[0], target=NEMOC_RUNTIME).plan
+    cpu = plan_experiment(load_spec(CPU_EXAMPLE)[0], target=NEMOC_RUNTIME).plan
     assert gpu.kernels == "te" and [s.kernels for s in gpu.stages] == ["te"]
     assert cpu.kernels == "local" and [s.kernels for s in cpu.stages] == ["local"]
 
 
 def test_alignment_eval_and_export_stages_are_planned_with_the_local_spec():
-    """runtime/align builds the local spec whatever `kernels` says (rules.RUNTIME_CAPS)."""
-    plan = plan_experiment(load_spec("examples/llama3_70b_sft_dpo.nemo")[0]).plan
+    """runtime/align builds the local spec whatever `kernels` says (the nemoc runtime's target); a target
+    that runs every kind with TE (Megatron-Core's own) plans them with `te`: the target is data."""
+    spec = load_spec("examples/llama3_70b_sft_dpo.nemo")[0]
+    plan = plan_experiment(spec, target=NEMOC_RUNTIME).plan
     assert plan.kernels == "te"
     assert {s.kind: s.kernels for s in plan.stages} == {"sft": "local", "dpo": "local", "export": "local"}
-    assert [stage_kernels(k, "te") for k in ("pretrain", "sft", "eval")] == ["te", "local", "local"]
+    assert {s.kind: s.execution.attention for s in plan.stages} == {"sft": "unfused", "dpo": "unfused",
+                                                                     "export": "unfused"}
+    assert [NEMOC_RUNTIME.stage_kernels(k, "te") for k in ("pretrain", "sft", "eval")] == ["te", "local", "local"]
+    full = plan_experiment(spec).plan  # NO_TARGET: Megatron-Core's own capabilities
+    assert {s.kind: s.kernels for s in full.stages} == {"sft": "te", "dpo": "te", "export": "te"}
 
 
 def test_local_kernels_cost_more_time_and_activation_memory_for_the_same_layout():
     spec, _ = load_spec(GPU_EXAMPLE)
-    te = plan_experiment(replace(spec, kernels="te")).plan.stages[0]
+    te = plan_experiment(replace(spec, kernels="te"), target=NEMOC_RUNTIME).plan.stages[0]
     fixed = ParallelSpec(tensor=te.layout.tp, pipeline=te.layout.pp, virtual_pipeline=te.layout.vp or 1,
                          context=1, expert=1, data=te.layout.dp, micro_batch=te.layout.micro_batch,
                          recompute=te.layout.recompute, sequence_parallel=te.layout.sequence_parallel,
                          distributed_optimizer=te.layout.distributed_optimizer)
-    te_fixed = plan_experiment(replace(spec, kernels="te", parallel=fixed)).plan.stages[0]
-    local = plan_experiment(replace(spec, kernels="local", parallel=fixed)).plan.stages[0]
+    te_fixed = plan_experiment(replace(spec, kernels="te", parallel=fixed), target=NEMOC_RUNTIME).plan.stages[0]
+    local = plan_experiment(replace(spec, kernels="local", parallel=fixed), target=NEMOC_RUNTIME).plan.stages[0]
     assert local.layout == te_fixed.layout == te.layout
     assert local.kernels == "local" and te_fixed.kernels == "te"
     assert local.estimate.step_time_s / te_fixed.estimate.step_time_s > 1.05
@@ -90,53 +98,48 @@ def test_local_kernels_cost_more_time_and_activation_memory_for_the_same_layout(
 def test_fp8_with_local_kernels_is_refused(precision):
     spec, _ = load_spec(GPU_EXAMPLE)
     spec = replace(spec, precision=precision, cluster=replace(spec.cluster, gpu="B200"), kernels="local")
-    assert "E127" in {d.code for d in check_spec(spec)}
-    assert "E127" not in {d.code for d in check_spec(replace(spec, kernels="te"))}
+    assert "E127" in {d.code for d in check_spec(spec, target=NEMOC_RUNTIME)}
+    assert "E127" not in {d.code for d in check_spec(replace(spec, kernels="te"), target=NEMOC_RUNTIME)}
 
 
 def test_context_parallelism_with_local_kernels_is_refused():
     spec, _ = load_spec(GPU_EXAMPLE)
     spec = replace(spec, parallel=replace(spec.parallel, context=2), kernels="local")
-    (d,) = [d for d in check_spec(spec) if d.code == "E113"]
+    (d,) = [d for d in check_spec(spec, target=NEMOC_RUNTIME) if d.code == "E113"]
     assert "kernels = local" in d.equation and "kernels = te" in d.hint
     assert d.span.line == spec.span("parallel.context").line
-    assert "E113" not in {d.code for d in check_spec(replace(spec, kernels="auto"))}
+    assert "E113" not in {d.code for d in check_spec(replace(spec, kernels="auto"), target=NEMOC_RUNTIME)}
 
 
 def test_te_kernels_on_the_cpu_are_refused():
     spec, _ = load_spec(CPU_EXAMPLE)
-    assert "E128" in {d.code for d in check_spec(replace(spec, kernels="te"))}
-    assert "E128" not in {d.code for d in check_spec(spec)}
+    assert "E128" in {d.code for d in check_spec(replace(spec, kernels="te"), target=NEMOC_RUNTIME)}
+    assert "E128" not in {d.code for d in check_spec(spec, target=NEMOC_RUNTIME)}
 
 
-def _strip_kernels(plan) -> dict:
-    data = json.loads(to_json(plan))
-    data.pop("kernels")
-    for s in data["stages"]:
-        s.pop("kernels")
-    return data
-
-
-@pytest.mark.parametrize("example, plan_kernels, stage_kernels_", [
-    (GPU_EXAMPLE, "te", ["te"]), (CPU_EXAMPLE, "local", ["local"]),
-    ("examples/llama3_70b_sft_dpo.nemo", "te", ["local", "local", "local"]),
-])
-def test_a_plan_written_before_the_field_existed_still_loads(example, plan_kernels, stage_kernels_):
-    plan = plan_experiment(load_spec(example)[0]).plan
-    old = from_dict(_strip_kernels(plan))
-    assert old.kernels == plan_kernels and [s.kernels for s in old.stages] == stage_kernels_
-    assert old == plan
+@pytest.mark.parametrize("example", [GPU_EXAMPLE, CPU_EXAMPLE, "examples/llama3_70b_sft_dpo.nemo"])
+def test_a_plan_of_an_older_version_is_refused_naming_both_versions(example):
+    plan = plan_experiment(load_spec(example)[0], target=NEMOC_RUNTIME).plan
     assert from_json(to_json(plan)) == plan
+    old = json.loads(to_json(plan))
+    old["version"] = 1
+    for s in old["stages"]:
+        s.pop("execution")
+    with pytest.raises(ValueError, match=f"plan version 1 is not supported: this nemoc reads plan version "
+                                         f"{PLAN_VERSION}; re-plan"):
+        from_dict(old)
+    with pytest.raises(ValueError, match="use the nemoc that wrote it"):
+        from_dict(dict(old, version=PLAN_VERSION + 1))
 
 
 def test_a_local_plan_on_a_gpu_round_trips_and_keeps_its_setting():
     spec, _ = load_spec(GPU_EXAMPLE)
-    plan = plan_experiment(replace(spec, kernels="local")).plan
+    plan = plan_experiment(replace(spec, kernels="local"), target=NEMOC_RUNTIME).plan
     assert from_json(to_json(plan)).kernels == "local" and from_json(to_json(plan)).stages[0].kernels == "local"
 
 
 def test_a_stage_level_kind_does_not_change_the_experiment_setting():
     spec, _ = load_spec(GPU_EXAMPLE)
     stages = spec.stages + (StageSpec(name="sft", kind="sft", after=("pretrain",), steps=10, global_batch=128),)
-    plan = plan_experiment(replace(spec, stages=stages, kernels="te")).plan
+    plan = plan_experiment(replace(spec, stages=stages, kernels="te"), target=NEMOC_RUNTIME).plan
     assert plan.kernels == "te" and [s.kernels for s in plan.stages] == ["te", "local"]

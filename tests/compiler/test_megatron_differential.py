@@ -50,6 +50,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 from megatron.core.utils import divide  # noqa: E402
 
 from nemoc.compiler.catalog.hardware import get_gpu  # noqa: E402
+from nemoc.compiler.execution import stage_execution  # noqa: E402
 from nemoc.compiler.plan import Layout  # noqa: E402
 from nemoc.compiler.planner import plan_stage  # noqa: E402
 from nemoc.compiler.rules import check_spec, pipeline_split  # noqa: E402
@@ -60,9 +61,11 @@ from nemoc.compiler.spec import (  # noqa: E402
     OptimizerSpec,
     ParallelSpec,
     StageSpec,
+    resolve_kernels,
 )
 from nemoc.dsl.diagnostics import DiagnosticError  # noqa: E402
 from nemoc.runtime import megatron_args as margs  # noqa: E402
+from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 
 ORDER = "tp-cp-ep-dp-pp"  # initialize_model_parallel's default order, which the runtime keeps
 ALIGN_KINDS = ("sft", "dpo", "reward", "ppo")
@@ -264,7 +267,7 @@ def _te_present():
     return stack
 
 
-def check_layout(spec: ExperimentSpec, stage: StageSpec, kernels: str, seq: int, layout, params) -> None:
+def check_layout(spec: ExperimentSpec, stage: StageSpec, kernels: str, seq: int, layout, execution) -> None:
     """Build what the runtime builds for `layout` and run Megatron-Core's checks on it."""
     model = spec.model
     world = spec.cluster.world_size
@@ -284,9 +287,7 @@ def check_layout(spec: ExperimentSpec, stage: StageSpec, kernels: str, seq: int,
         choice = margs.choose_kernels(planned=kernels, te_importable=True, cpu=cpu)
         facts = margs.MachineFacts(cpu=cpu, have_te=choice.use_te)
         with _te_present() if facts.have_te else contextlib.nullcontext():
-            config = margs.transformer_config(model=model, layout=layout, precision=spec.precision,
-                                              attention_backend=spec.attention_backend, facts=facts,
-                                              stage_params=params)
+            config = margs.transformer_config(model=model, layout=layout, execution=execution, facts=facts)
         if not facts.have_te:
             # the local spec: Megatron's DotProductAttention (unfused) or nemoc's SDPA core; neither has CP
             assert config.context_parallel_size == 1
@@ -376,7 +377,7 @@ STATS: dict[str, int] = {}
 
 
 def run_case(spec: ExperimentSpec, top: int = 4) -> None:
-    diagnostics = check_spec(spec)
+    diagnostics = check_spec(spec, target=NEMOC_RUNTIME)
     errors = {d.code for d in diagnostics if d.is_error}
     if errors:
         STATS["rejected by check"] = STATS.get("rejected by check", 0) + 1
@@ -386,7 +387,7 @@ def run_case(spec: ExperimentSpec, top: int = 4) -> None:
     stage = spec.stages[0]
     gpu = replace(get_gpu(spec.cluster.gpu), hbm_bytes=HUGE_HBM)
     try:
-        result, stage_plan, _ = plan_stage(spec, stage, gpu, spec.attention_backend, 0.1, top)
+        result, stage_plan, _ = plan_stage(spec, stage, gpu, spec.attention_backend, 0.1, top, NEMOC_RUNTIME)
     except DiagnosticError as e:
         codes = {d.code for d in e.diagnostics}
         assert "E130" not in codes, "memory must never decide here"
@@ -395,8 +396,11 @@ def run_case(spec: ExperimentSpec, top: int = 4) -> None:
         return
     STATS["planned"] = STATS.get("planned", 0) + 1
     event(f"planned ({stage.kind}, {'moe' if spec.model.is_moe else 'dense'}, {stage_plan.kernels})")
-    layouts = [(stage_plan.layout, dict(stage_plan.params))]
-    layouts += [(c.layout, {**stage.params, **c.split.params()}) for c in result.runner_ups]
+    layouts = [(stage_plan.layout, stage_plan.execution)]
+    layouts += [(c.layout, stage_execution(
+        model=spec.model, gpu=spec.cluster.gpu, layout=c.layout, split=c.split, stage_kind=stage.kind,
+        precision=spec.precision, attention_backend=spec.attention_backend, kernels=resolve_kernels(spec.kernels,
+        spec.cluster.gpu), seq_length=stage_plan.seq_length, target=NEMOC_RUNTIME)) for c in result.runner_ups]
     for layout, params in layouts:
         STATS["layouts"] = STATS.get("layouts", 0) + 1
         try:
@@ -442,7 +446,8 @@ def _env(model, cluster=ClusterSpec(gpu="H100", nodes=1), kind="pretrain"):
     from nemoc.compiler import rules
 
     arch, precisions = rules.gpu_facts(cluster.gpu)
-    return rules.Env(model=model, cluster=cluster, gpu_arch=arch, gpu_precisions=precisions, stage_kind=kind)
+    return rules.Env(model=model, cluster=cluster, gpu_arch=arch, gpu_precisions=precisions, stage_kind=kind,
+                     target=NEMOC_RUNTIME)
 
 
 _LAYOUT = Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=1, global_batch=1, num_microbatches=1,

@@ -19,6 +19,7 @@ import pytest
 from nemoc.compiler.lower import load_experiment
 from nemoc.compiler.plan import from_json, to_json
 from nemoc.compiler.planner import plan_experiment
+from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "golden_plan"
@@ -44,7 +45,7 @@ def golden_text(plan_json: str) -> str:
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_golden_plan(path: Path, request):
     spec, _ = load_experiment(str(path))
-    plan = plan_experiment(spec).plan
+    plan = plan_experiment(spec, target=NEMOC_RUNTIME).plan
     text = to_json(plan)
     assert from_json(text) == plan  # the golden is of the exact data the runtime reads
     actual = golden_text(text)

@@ -20,6 +20,7 @@ from nemoc.compiler.rules import TRAINING_KINDS
 from nemoc.compiler.spec import ClusterSpec, DataSpec, ExperimentSpec, LoraSpec, ModelSpec, ParallelSpec, StageSpec
 from nemoc.dsl.diagnostics import DiagnosticError, Span
 from nemoc.runtime.cli_common import load_spec
+from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 
 EXAMPLES = sorted(glob.glob("examples/*.nemo"))
 
@@ -27,7 +28,7 @@ EXAMPLES = sorted(glob.glob("examples/*.nemo"))
 @pytest.mark.parametrize("path", EXAMPLES)
 def test_every_example_plans_into_a_valid_plan(path):
     spec, _ = load_spec(path)
-    result = plan_experiment(spec)
+    result = plan_experiment(spec, target=NEMOC_RUNTIME)
     plan = result.plan
     assert from_json(to_json(plan)) == plan
     assert [s.name for s in plan.stages] == [s.name for s in spec.stages]
@@ -53,7 +54,7 @@ def _spec(model="llama3_8b", nodes=1, gpu="H100", stages=None, **parallel) -> Ex
 
 
 def test_steps_from_tokens_and_cost_from_price():
-    result = plan_experiment(_spec())
+    result = plan_experiment(_spec(), target=NEMOC_RUNTIME)
     sp = result.plan.stage("pretrain")
     assert sp.steps == math.ceil(10**10 / (128 * 8192))
     assert sp.estimate.cost_usd == pytest.approx(sp.estimate.gpu_hours * 2.5)
@@ -74,14 +75,14 @@ def test_steps_from_epochs_use_samples_or_the_data_size(tmp_path):
 
 def test_a_broken_rule_raises_with_every_error_at_the_users_span():
     with pytest.raises(DiagnosticError) as err:
-        plan_experiment(_spec(tensor=3))
+        plan_experiment(_spec(tensor=3), target=NEMOC_RUNTIME)
     codes = {d.code for d in err.value.diagnostics if d.is_error}
     assert {"E102", "E103", "E104"} <= codes
 
 
 def test_nothing_fits_names_the_term_and_the_cheapest_setting_change():
     with pytest.raises(DiagnosticError) as err:
-        plan_experiment(_spec(tensor=1, pipeline=1, recompute="none"))
+        plan_experiment(_spec(tensor=1, pipeline=1, recompute="none"), target=NEMOC_RUNTIME)
     d = next(d for d in err.value.diagnostics if d.code == "E130")
     assert "activations is the largest term" in d.message
     assert d.equation.startswith("weights ") and "> budget" in d.equation
@@ -91,7 +92,7 @@ def test_nothing_fits_names_the_term_and_the_cheapest_setting_change():
 
 def test_nothing_fits_suggests_more_nodes_when_no_setting_helps():
     with pytest.raises(DiagnosticError) as err:
-        plan_experiment(_spec(model="llama31_70b", nodes=1, gpu="A100-40GB"))
+        plan_experiment(_spec(model="llama31_70b", nodes=1, gpu="A100-40GB"), target=NEMOC_RUNTIME)
     d = next(d for d in err.value.diagnostics if d.code == "E130")
     assert d.hint.startswith("needs ") and "more node" in d.hint
 
@@ -105,7 +106,7 @@ def test_nothing_fits_frees_the_model_parallel_sizes_and_adds_nodes():
     stage = (StageSpec(name="pretrain", kind="pretrain", global_batch=64, steps=100, seq_length=4096),)
     spec = _spec(model="llama3_70b", stages=stage, tensor=2, pipeline=1, recompute="none")
     with pytest.raises(DiagnosticError) as err:
-        plan_experiment(spec)
+        plan_experiment(spec, target=NEMOC_RUNTIME)
     d = next(d for d in err.value.diagnostics if d.code == "E130")
     hint = re.match(r"add (\d+) nodes? \(nodes = (\d+)\) and set (.*): (tp=.*) uses ([\d.]+) GiB$", d.hint)
     assert hint, d.hint
@@ -113,18 +114,18 @@ def test_nothing_fits_frees_the_model_parallel_sizes_and_adds_nodes():
     assert int(hint.group(1)) == nodes - 1 and "tensor = " in hint.group(3) and "(instead of 2)" in hint.group(3)
     assert "recompute" not in hint.group(3)  # kept: the user's recompute = none still fits
     planned = plan_experiment(replace(spec, cluster=replace(spec.cluster, nodes=nodes),
-                                      parallel=ParallelSpec(recompute="none"))).plan.stages[0]
+                                      parallel=ParallelSpec(recompute="none")), target=NEMOC_RUNTIME).plan.stages[0]
     assert planned.layout.tp * planned.layout.pp > 2
     smaller = replace(spec, cluster=replace(spec.cluster, nodes=nodes - 1), parallel=ParallelSpec())
     with pytest.raises(DiagnosticError):
-        plan_experiment(smaller)  # the fewest nodes: one fewer fits nothing, whatever the layout
+        plan_experiment(smaller, target=NEMOC_RUNTIME)  # the fewest nodes: one fewer fits nothing, whatever the layout
 
 
 def test_inference_stages_use_the_least_model_parallelism():
     stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=128, steps=10),
               StageSpec(name="eval", kind="eval", after=("pretrain",), steps=5, global_batch=8),
               StageSpec(name="export", kind="export", after=("eval",)))
-    result = plan_experiment(_spec(stages=stages))
+    result = plan_experiment(_spec(stages=stages), target=NEMOC_RUNTIME)
     for name in ("eval", "export"):
         lay = result.plan.stage(name).layout
         assert (lay.tp, lay.pp, lay.recompute, lay.distributed_optimizer) == (1, 1, "none", False)
@@ -135,8 +136,11 @@ def test_inference_stages_use_the_least_model_parallelism():
 def test_uneven_pipeline_split_is_recorded_for_the_runtime():
     spec = _spec(model="llama31_405b", nodes=16, tensor=8, pipeline=16, context=1, virtual_pipeline=1)
     spec = replace(spec, stages=(StageSpec(name="pretrain", kind="pretrain", global_batch=64, steps=10),))
-    sp = plan_experiment(spec).plan.stage("pretrain")
-    assert (sp.params["num_layers_in_first_pipeline_stage"], sp.params["num_layers_in_last_pipeline_stage"]) == (7, 7)
+    sp = plan_experiment(spec, target=NEMOC_RUNTIME).plan.stage("pretrain")
+    split = sp.execution.pipeline  # a typed field of the plan, not Megatron key names in the user's params
+    assert (split.first, split.last, split.per_stage) == (7, 7, 8)
+    assert split.params() == {"num_layers_in_first_pipeline_stage": 7, "num_layers_in_last_pipeline_stage": 7}
+    assert not any(k.startswith("num_layers_in") for k in sp.params)
 
 
 def test_a_split_heavier_than_even_is_costed_with_its_heaviest_stage():
@@ -163,10 +167,9 @@ def test_405b_on_pp8_vp8_plans_with_embedding_and_loss_counted_like_nemo():
     spec = _spec(model="llama31_405b", nodes=16, gpu="B200", tensor=8, pipeline=8, context=2, virtual_pipeline=8)
     spec = replace(spec, stages=(StageSpec(name="pretrain", kind="pretrain", global_batch=64, steps=10),),
                    precision="fp8")
-    sp = plan_experiment(spec).plan.stage("pretrain")
-    assert sp.params["account_for_embedding_in_pipeline_split"] is True
-    assert sp.params["account_for_loss_in_pipeline_split"] is True
-    assert "num_layers_in_first_pipeline_stage" not in sp.params
+    sp = plan_experiment(spec, target=NEMOC_RUNTIME).plan.stage("pretrain")
+    assert sp.execution.pipeline.embedding is True and sp.execution.pipeline.loss is True
+    assert sp.execution.pipeline.first is None and not sp.params
     assert (sp.layout.pp, sp.layout.vp) == (8, 8)
 
 
@@ -174,7 +177,7 @@ def test_dpo_and_lora_stages_record_resident_models():
     start = {"init": "checkpoints/hf"}  # a fine-tuning stage starts from a checkpoint (E155)
     stages = (StageSpec(name="dpo", kind="dpo", global_batch=64, steps=10, params=start),
               StageSpec(name="lora", kind="sft", global_batch=64, steps=10, peft=LoraSpec(), params=start))
-    plan = plan_experiment(_spec(stages=stages)).plan
+    plan = plan_experiment(_spec(stages=stages), target=NEMOC_RUNTIME).plan
     assert plan.stage("dpo").resident_models == ("policy", "reference")
     assert plan.stage("lora").resident_models == ("policy",)
 
@@ -183,20 +186,20 @@ def test_attention_backend_auto_stays_auto_and_is_costed_as_flash():
     """`auto` reaches the runtime as Megatron's AttnBackend.auto (TE picks flash-attn or cuDNN fused
     attention), while the memory and cost models price it as the flash class: same layout, memory and
     step time as an explicit `flash`."""
-    auto = plan_experiment(_spec()).plan
-    flash = plan_experiment(replace(_spec(), attention_backend="flash")).plan
+    auto = plan_experiment(_spec(), target=NEMOC_RUNTIME).plan
+    flash = plan_experiment(replace(_spec(), attention_backend="flash"), target=NEMOC_RUNTIME).plan
     assert auto.attention_backend == "auto" and flash.attention_backend == "flash"
     assert auto.stages[0].layout == flash.stages[0].layout and auto.stages[0].memory == flash.stages[0].memory
     assert auto.stages[0].estimate == flash.stages[0].estimate
-    assert plan_experiment(replace(_spec(), attention_backend="unfused")).plan.attention_backend == "unfused"
+    assert plan_experiment(replace(_spec(), attention_backend="unfused"), target=NEMOC_RUNTIME).plan.attention_backend == "unfused"
 
 
 def test_the_compiler_never_imports_torch():
     import subprocess
 
     code = ("import sys, glob\nfrom nemoc.runtime.cli_common import load_spec\n"
-            "from nemoc.compiler.planner import plan_experiment\n"
-            "plan_experiment(load_spec('examples/llama3_8b_pretrain.nemo')[0])\n"
+            "from nemoc.compiler.planner import plan_experiment\nfrom nemoc.runtime.target import NEMOC_RUNTIME\n"
+            "plan_experiment(load_spec('examples/llama3_8b_pretrain.nemo')[0], target=NEMOC_RUNTIME)\n"
             "assert 'torch' not in sys.modules and 'megatron' not in sys.modules, 'torch imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -235,7 +238,7 @@ def random_specs(draw) -> ExperimentSpec:
 @given(random_specs())
 def test_any_spec_plans_or_fails_with_diagnostics_never_a_traceback(spec):
     try:
-        result = plan_experiment(spec)
+        result = plan_experiment(spec, target=NEMOC_RUNTIME)
     except DiagnosticError as err:
         assert err.diagnostics and any(d.is_error for d in err.diagnostics)
         assert all(d.equation or d.hint or d.message for d in err.diagnostics)
@@ -255,7 +258,7 @@ def test_an_inherited_pipeline_is_dropped_for_eval_and_export_and_alignment_stag
                         parallel=ParallelSpec(tensor=None, pipeline=None)),
               StageSpec(name="eval", kind="eval", after=("dpo",), steps=5, global_batch=8),
               StageSpec(name="export", kind="export", after=("eval",)))
-    plan = plan_experiment(_spec(stages=stages, pipeline=2)).plan
+    plan = plan_experiment(_spec(stages=stages, pipeline=2), target=NEMOC_RUNTIME).plan
     assert plan.stage("pretrain").layout.pp == 2
     for name in ("dpo", "eval", "export"):
         assert (plan.stage(name).layout.pp, plan.stage(name).layout.vp) == (1, None), name
@@ -265,12 +268,12 @@ def test_eval_and_export_say_how_the_runtime_runs_them():
     """The runtime runs eval on one GPU at TP=1 and exports on the host in fp32 (runtime/tasks/align.py):
     the plan says so, with the memory that takes, instead of implying the searched layout is used."""
     spec, _ = load_spec("examples/llama3_70b_sft_dpo.nemo")
-    export = plan_experiment(spec).stage("export")
+    export = plan_experiment(spec, target=NEMOC_RUNTIME).stage("export")
     note = next(n for n in export.notes if "host CPU" in n)
     gib = float(note.split("about ")[1].split(" GiB")[0].replace(",", ""))
     assert 255 < gib < 270  # 70.6e9 parameters x 4 bytes
     as_eval = replace(spec, stages=(*spec.stages[:-1], replace(spec.stages[-1], kind="eval")))
-    eval_notes = plan_experiment(as_eval).stage("export").notes
+    eval_notes = plan_experiment(as_eval, target=NEMOC_RUNTIME).stage("export").notes
     assert any("one GPU" in n and "would run out of memory" in n for n in eval_notes), eval_notes
 
 

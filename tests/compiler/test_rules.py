@@ -16,6 +16,7 @@ from nemoc.compiler.catalog.models import get_preset
 from nemoc.compiler.rules import Env, Sizes, check_spec, layout_violations, padded_vocab, pipeline_split
 from nemoc.compiler.spec import ClusterSpec, ExperimentSpec, ModelSpec, ParallelSpec, StageSpec
 from nemoc.dsl.diagnostics import Severity, Span
+from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 
 LLAMA8B = get_preset("llama3_8b")
 MIXTRAL = get_preset("mixtral_8x7b")
@@ -24,7 +25,7 @@ H100x2 = ClusterSpec(gpu="H100", nodes=2, gpus_per_node=8)
 
 def env(model=LLAMA8B, cluster=H100x2, **kw) -> Env:
     arch, precisions = rules.gpu_facts(cluster.gpu)
-    return Env(model=model, cluster=cluster, gpu_arch=arch, gpu_precisions=precisions, **kw)
+    return Env(model=model, cluster=cluster, gpu_arch=arch, gpu_precisions=precisions, **{"target": NEMOC_RUNTIME, **kw})
 
 
 def codes(e: Env, s: Sizes) -> set[str]:
@@ -245,10 +246,10 @@ def _spec(**parallel) -> ExperimentSpec:
 
 
 def test_check_spec_anchors_at_the_users_line():
-    diags = check_spec(_spec(tensor=3))
+    diags = check_spec(_spec(tensor=3), target=NEMOC_RUNTIME)
     e102 = next(d for d in diags if d.code == "E102")
     assert e102.span.line == 5 and e102.equation == "heads(32) % tp(3) = 2 != 0"
-    assert check_spec(_spec()) == () or not any(d.is_error for d in check_spec(_spec()))
+    assert check_spec(_spec(), target=NEMOC_RUNTIME) == () or not any(d.is_error for d in check_spec(_spec(), target=NEMOC_RUNTIME))
 
 
 def test_stage_parallel_overrides_field_by_field_when_spans_say_so():
@@ -267,7 +268,7 @@ def test_every_example_passes_the_rules():
 
     for path in sorted(glob.glob("examples/*.nemo")):
         spec, _ = load_spec(path)
-        errors = [d for d in check_spec(spec) if d.is_error]
+        errors = [d for d in check_spec(spec, target=NEMOC_RUNTIME) if d.is_error]
         assert not errors, (path, errors)
 
 
@@ -276,11 +277,21 @@ def test_every_rule_code_is_documented():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    source = (root / "compiler" / "rules.py").read_text() + (root / "compiler" / "planner.py").read_text()
+    source = "".join(p.read_text() for p in sorted((root / "compiler" / "rules").glob("*.py")))
+    source += (root / "compiler" / "planner.py").read_text()
     documented = (root / "docs" / "planning.md").read_text()
     used = set(re.findall(r'"([EW]1\d\d)"', source))
     missing = sorted(c for c in used if c not in documented)
     assert used and not missing, missing
+
+
+def test_the_code_table_names_the_rule_that_emits_each_code():
+    """rules.CODES / STAGE_CODES: every registered rule has its code, and the code is the one it emits."""
+    table = {**rules.CODES, **rules.STAGE_CODES}
+    assert set(table.values()) == set(rules.RULES) | set(rules.STAGE_RULES) | {rules.rule_stage_count}
+    assert len(table) == len(set(table.values()))  # one code per rule
+    assert rules.CODES["E126"] is rules.rule_runtime_pipeline
+    assert rules.CODES["E102"](env(), replace(VALID, tp=3)).code == "E102"
 
 
 # ------------------------------------------------------- agreement with Megatron-Core 0.16.1 itself
@@ -394,7 +405,7 @@ def test_e101_diagnostic_points_at_the_breaking_field(tmp_path):
                    '  data web {\n    path = "w.jsonl"\n  }\n  stage pretrain {\n    data = [web]\n    steps = 10\n  }\n}\n')
     spec, diags, _ = compile_file(str(src))
     assert not diags
-    e101 = [d for d in check_spec(spec) if d.code == "E101"]
+    e101 = [d for d in check_spec(spec, target=NEMOC_RUNTIME) if d.code == "E101"]
     assert len(e101) == 1 and e101[0].span.line == 9, e101  # `pipeline = 3`, not `tensor = auto` on line 8
 
 
@@ -403,7 +414,7 @@ def test_e101_diagnostic_points_at_the_breaking_field(tmp_path):
 
 @pytest.mark.parametrize("kind", ["sft", "dpo", "reward", "ppo", "eval", "export"])
 def test_runtime_pipeline_rule_fires_for_kinds_the_runtime_runs_without_a_pipeline(kind):
-    assert not rules.runtime_caps(kind).pipeline
+    assert not NEMOC_RUNTIME.caps(kind).pipeline
     v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2))
     assert v.code == "E126" and v.anchors[0] == "parallel.pipeline"
     assert f"pp(2) > 1, but stage kind {kind} runs with pp(1)" in v.equation
@@ -417,8 +428,8 @@ def test_runtime_pipeline_rule_fires_for_kinds_the_runtime_runs_without_a_pipeli
 def test_pretrain_may_pipeline_and_every_stage_kind_has_capabilities():
     from nemoc.dsl.schema import STAGE_KINDS
 
-    assert set(rules.RUNTIME_CAPS) == set(STAGE_KINDS)
-    assert rules.runtime_caps("pretrain").pipeline
+    assert set(NEMOC_RUNTIME.stages) == set(STAGE_KINDS)
+    assert NEMOC_RUNTIME.caps("pretrain").pipeline
     assert rules.rule_runtime_pipeline(env(stage_kind="pretrain"), replace(VALID, vp=3)) is None
 
 
@@ -443,9 +454,9 @@ def _aligned_spec(kind: str, *, own: bool):
 def test_a_fixed_pipeline_on_an_alignment_stage_is_an_error_at_the_users_line(kind, own):
     if kind == "eval" and not own:
         # eval / export run in one process: an inherited pipeline is dropped, not an error
-        assert not [d for d in check_spec(_aligned_spec(kind, own=own)) if d.code == "E126"]
+        assert not [d for d in check_spec(_aligned_spec(kind, own=own), target=NEMOC_RUNTIME) if d.code == "E126"]
         return
-    errors = [d for d in check_spec(_aligned_spec(kind, own=own)) if d.code == "E126"]
+    errors = [d for d in check_spec(_aligned_spec(kind, own=own), target=NEMOC_RUNTIME) if d.code == "E126"]
     assert len(errors) == 1, errors
     e = errors[0]
     assert e.is_error and e.span == Span("x.nemo", 14, 7, 14, 19)
@@ -574,7 +585,7 @@ def test_auto_attention_beyond_flash_head_dim_is_planned_unfused():
     def costed(model, kernels="te"):
         return Problem(model=model, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=8), gpu=get_gpu("H100"),
                        fixed=ParallelSpec(), global_batch=64, seq_length=4096, attention_backend="auto",
-                       kernels=kernels).costed_backend
+                       kernels=kernels, target=NEMOC_RUNTIME).costed_backend
 
     assert costed(big) == "unfused"
     assert costed(LLAMA8B) == "flash"
@@ -672,16 +683,17 @@ def test_stages_are_costed_with_the_attention_core_the_runtime_builds(kind, cost
     from nemoc.compiler.catalog.hardware import get_gpu
     from nemoc.compiler.search import Problem
 
-    assert rules.stage_attention(kind, "flash") == costed
+    assert NEMOC_RUNTIME.stage_attention(kind, "flash") == costed
     p = Problem(model=LLAMA8B, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=8), gpu=get_gpu("H100"),
-                fixed=ParallelSpec(), global_batch=64, seq_length=4096, attention_backend="auto", stage_kind=kind)
+                fixed=ParallelSpec(), global_batch=64, seq_length=4096, attention_backend="auto", stage_kind=kind, target=NEMOC_RUNTIME)
     assert p.costed_backend == costed
 
 
 def test_an_fp8_experiment_evaluates_in_bf16():
     """eval runs on runtime/align's local spec (no FP8 GEMMs): planned and run in bf16, not refused."""
-    assert rules.stage_precision("eval", "fp8") == "bf16" and rules.stage_precision("eval", "mxfp8") == "bf16"
-    assert rules.stage_precision("pretrain", "fp8") == "fp8" and rules.stage_precision("eval", "fp32") == "fp32"
+    t = NEMOC_RUNTIME
+    assert t.stage_precision("eval", "fp8") == "bf16" and t.stage_precision("eval", "mxfp8") == "bf16"
+    assert t.stage_precision("pretrain", "fp8") == "fp8" and t.stage_precision("eval", "fp32") == "fp32"
 
 
 # ------------------------------------------------------------------------------ stage rules (E15x)

@@ -20,6 +20,7 @@ from nemoc.compiler.schedule import (
     stage_schedule,
     stage_times,
 )
+from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 
 EPS = 1e-9
 
@@ -109,7 +110,7 @@ def _example_plans():
 
     for path in sorted(glob.glob("examples/*.nemo")):
         spec, _ = load_experiment(path)
-        yield path, plan_experiment(spec).plan
+        yield path, plan_experiment(spec, target=NEMOC_RUNTIME).plan
 
 
 def test_examples_schedule_and_pipeline_memory_agree_with_the_plan():

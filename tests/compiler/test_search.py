@@ -26,6 +26,7 @@ from nemoc.compiler.search import (
     search,
 )
 from nemoc.compiler.spec import ClusterSpec, ModelSpec, ParallelSpec
+from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 
 GIB = 1 << 30
 H100 = get_gpu("H100")
@@ -71,7 +72,7 @@ def small_problems(draw) -> Problem:
                    # (seq 1000: 500 tokens per rank at cp = 2 or with SP at tp = 2 is not a multiple of 8)
                    optimizer=draw(st.sampled_from(["adam", "adam", "sgd"])),
                    precision=draw(st.sampled_from(["bf16", "bf16", "fp8"])),
-                   attention_backend=draw(st.sampled_from(["auto", "flash"])))
+                   attention_backend=draw(st.sampled_from(["auto", "flash"])), target=NEMOC_RUNTIME)
 
 
 def _valid_and_fits(p: Problem, layout: Layout) -> None:
@@ -167,7 +168,7 @@ def large_layouts(draw):
                                         ("nemotron4_340b", 768), ("qwen25_72b", 16)]))
     p = Problem(model=get_preset(name), cluster=ClusterSpec(gpu="H100", nodes=nodes), gpu=replace(H100, hbm_bytes=10**15),
                 fixed=ParallelSpec(), global_batch=draw(st.sampled_from([512, 1024, 2048])), seq_length=4096,
-                kernels=draw(st.sampled_from(["te", "local"])))
+                kernels=draw(st.sampled_from(["te", "local"])), target=NEMOC_RUNTIME)
     world = p.cluster.world_size
     tp = draw(st.sampled_from([1, 2, 4, 8, 16]))
     pp = draw(st.sampled_from([d for d in (1, 2, 4, 8, 16) if world % (tp * d) == 0]))
@@ -214,7 +215,7 @@ def _problem_405b(**fixed) -> Problem:
     return Problem(model=get_preset("llama31_405b"), cluster=ClusterSpec(gpu="H100", nodes=2048, gpus_per_node=8),
                    gpu=H100, fixed=ParallelSpec(**({"context": None, "expert": None, "distributed_optimizer": None}
                                                    | fixed)),
-                   global_batch=2048, seq_length=8192)
+                   global_batch=2048, seq_length=8192, target=NEMOC_RUNTIME)
 
 
 def test_full_405b_search_on_16384_h100_is_valid():
@@ -275,7 +276,7 @@ def test_auto_never_pipelines_a_stage_kind_the_runtime_runs_without_a_pipeline(p
 def test_a_70b_alignment_stage_searches_tp_and_dp_only():
     auto = ParallelSpec(*(None,) * len(ParallelSpec.__dataclass_fields__))
     p = Problem(model=get_preset("llama3_70b"), cluster=ClusterSpec(gpu="H100", nodes=8), gpu=H100, fixed=auto,
-                global_batch=128, seq_length=4096, stage_kind="pretrain")
+                global_batch=128, seq_length=4096, stage_kind="pretrain", target=NEMOC_RUNTIME)
     assert any(c.layout.pp > 1 for c in search(p, top=20).ranked)  # pretrain would pipeline
     sft = search(replace(p, stage_kind="sft"), top=20)
     assert sft.best is not None and all((c.layout.pp, c.layout.vp) == (1, None) for c in sft.ranked)
@@ -287,7 +288,7 @@ def test_sgd_resolves_an_auto_distributed_optimizer_to_off():
     model = ModelSpec(name="s", layers=2, hidden=256, heads=4, query_groups=4, ffn_hidden=512, vocab=1000,
                       seq_length=1024)
     p = Problem(model=model, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=4), gpu=H100,
-                fixed=ParallelSpec(distributed_optimizer=None), global_batch=8, seq_length=1024, optimizer="sgd")
+                fixed=ParallelSpec(distributed_optimizer=None), global_batch=8, seq_length=1024, optimizer="sgd", target=NEMOC_RUNTIME)
     fast, brute = search(p, top=50), enumerate_all(p)
     assert fast.best is not None and not any(c.layout.distributed_optimizer for c in fast.ranked + brute.ranked)
     assert fast.best.estimate.step_time_s == brute.best.estimate.step_time_s
@@ -303,7 +304,7 @@ def test_fp8_search_only_returns_layouts_transformer_engine_accepts():
     model = ModelSpec(name="f", layers=2, hidden=512, heads=8, query_groups=8, ffn_hidden=1376, vocab=1000,
                       seq_length=1000)  # 1376 / 2 = 688 = 16 x 43; 1376 / 4 = 344 = 8 x 43: tp 4 fails E137
     p = Problem(model=model, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=4), gpu=H100,
-                fixed=ParallelSpec(pipeline=1), global_batch=8, seq_length=1000, precision="fp8")
+                fixed=ParallelSpec(pipeline=1), global_batch=8, seq_length=1000, precision="fp8", target=NEMOC_RUNTIME)
     fast, brute = search(p, top=50), enumerate_all(p, top=50)
     assert fast.best is not None
     assert fast.best.estimate.step_time_s == brute.best.estimate.step_time_s
@@ -327,7 +328,7 @@ def test_an_expert_grid_that_never_fits_says_why():
     and names E116 (the pairs used to be dropped silently)."""
     fixed = ParallelSpec(tensor=None, pipeline=None, expert=4, expert_tensor=1, context=1)
     p = Problem(model=MOE, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=6), gpu=HUGE, fixed=fixed,
-                global_batch=12, seq_length=512)
+                global_batch=12, seq_length=512, target=NEMOC_RUNTIME)
     result = search(p)
     assert result.best is None
     assert any(r.reason.startswith("E116") for r in result.rejections), [r.reason for r in result.rejections]
@@ -338,7 +339,7 @@ def test_a_group_that_fails_rules_with_every_sequence_parallel_value_is_not_call
     with TP needs SP in training): rules, not memory, and memory is unlimited here."""
     fixed = ParallelSpec(tensor=4, pipeline=1, expert=1, expert_tensor=1, context=1)
     p = Problem(model=replace(MOE, seq_length=514), cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=4),
-                gpu=HUGE, fixed=fixed, global_batch=4, seq_length=514)
+                gpu=HUGE, fixed=fixed, global_batch=4, seq_length=514, target=NEMOC_RUNTIME)
     result = search(p)
     assert result.best is None
     reasons = [r.reason for r in result.rejections]

@@ -46,6 +46,7 @@ def test_real_sizes_pass(tmp_path):
 
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
+from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -80,7 +81,7 @@ def test_check_fmt_and_plan_stay_within_time_and_memory_bounds(tmp_path, text):
 
     def plan():
         try:
-            plan_experiment(load_spec(str(path))[0])
+            plan_experiment(load_spec(str(path))[0], target=NEMOC_RUNTIME)
         except DiagnosticError:
             pass
 

@@ -132,3 +132,15 @@ def test_every_scheduler_argument_written_in_the_language_reaches_the_launcher(t
             attr = {"time": "time_s", "signal_lead": "signal_lead_s"}.get(f.name, f.name)
             launcher_default = defaults[attr]
             assert f.default == launcher_default or (f.default == () and launcher_default == ()), (function, f.name)
+
+
+def test_a_stage_kind_is_one_entry_of_the_schema_and_every_per_kind_table_derives_from_it():
+    from nemoc.compiler import rules
+    from nemoc.dsl import schema
+
+    table = schema.STAGE_KIND_TABLE
+    assert tuple(table) == schema.STAGE_KINDS
+    assert schema.TRAINING_KINDS == rules.TRAINING_KINDS == tuple(k for k, d in table.items() if d.trains)
+    assert {k: d.params for k, d in table.items()} == dict(schema.STAGE_PARAMS)
+    assert schema.STAGE_DATA_FORMATS["dpo"] == table["dpo"].data_formats and "pretrain" not in schema.STAGE_DATA_FORMATS
+    assert schema.PARENT_CHECKPOINT_KINDS == tuple(k for k, d in table.items() if d.parent_checkpoint)

@@ -20,6 +20,7 @@ import pytest
 from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown, Plan, StagePlan, to_json
 from nemoc.compiler.spec import CheckpointSpec, ClusterSpec, DataSpec, ModelSpec, OptimizerSpec, ScheduleSpec
 from nemoc.runtime.taskfile import TASK_JSON_VERSION
+from plan_factory import make_execution, with_executions
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -47,14 +48,16 @@ def stage_plan(*, lay: Layout, steps=6, every=None, keep=3, async_save=False, ev
         seq_length=SEQ, steps=steps, optimizer=OptimizerSpec(lr=lr, weight_decay=0.01),
         schedule=ScheduleSpec(name="cosine", warmup=2, min_lr=lr / 10),
         checkpoint=CheckpointSpec(every=every, keep=keep, async_save=async_save),
-        log_every=log_every, eval_every=eval_every, seed=1234, params=params or {"eval_iters": 2}, kernels="local",
+        log_every=log_every, eval_every=eval_every, seed=1234, params=params or {"eval_iters": 2},
+        execution=make_execution(TINY, lay, seq_length=SEQ),
     )
 
 
 def make_plan(stage: StagePlan, *, model: ModelSpec = TINY, precision="fp32", attention="unfused") -> Plan:
-    return Plan(experiment="tiny", model=model, cluster=ClusterSpec(gpu="CPU", nodes=1, gpus_per_node=4),
-                precision=precision, attention_backend=attention,
-                data=(DataSpec(name="web", path="synthetic", split=(0.9, 0.1, 0.0)),), stages=(stage,), kernels="local")
+    return with_executions(Plan(
+        experiment="tiny", model=model, cluster=ClusterSpec(gpu="CPU", nodes=1, gpus_per_node=4),
+        precision=precision, attention_backend=attention,
+        data=(DataSpec(name="web", path="synthetic", split=(0.9, 0.1, 0.0)),), stages=(stage,), kernels="local"))
 
 
 def write_indexed_dataset(prefix: Path, *, docs=300, seed=0, vocab=VOCAB) -> Path:

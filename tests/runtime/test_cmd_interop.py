@@ -24,6 +24,7 @@ from nemoc.dsl.diagnostics import DiagnosticError
 from nemoc.runtime.cli import cli
 from nemoc.runtime.cmd_interop import TRAINING_KINDS
 from nemoc.runtime.megatron_args import megatron_lm_command
+from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.nemo"))
@@ -31,7 +32,7 @@ EXAMPLES = sorted((REPO / "examples").glob("*.nemo"))
 
 def _plan(path: Path):
     spec, _ = load_experiment(str(path))
-    return plan_experiment(spec).plan
+    return plan_experiment(spec, target=NEMOC_RUNTIME).plan
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
@@ -54,7 +55,7 @@ def test_export_of_every_example(path):
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_import_of_the_export_plans_the_same_layout(path, tmp_path):
     original, _ = load_experiment(str(path))
-    plan = plan_experiment(original).plan
+    plan = plan_experiment(original, target=NEMOC_RUNTIME).plan
     for stage in (s for s in plan.stages if s.kind in TRAINING_KINDS):
         command = megatron_lm_command(plan, stage.name)
         imported = import_text(command, f"{stage.name}.sh", gpu=plan.cluster.gpu)
@@ -72,7 +73,7 @@ def test_import_of_the_export_plans_the_same_layout(path, tmp_path):
                 data = tuple(replace(d, format=formats[source.data[0]]) for d in spec.data)
             spec = replace(spec, data=data, model=replace(spec.model, init=original.model.init or str(tmp_path)), stages=(replace(spec.stages[0], kind=source.kind, peft=source.peft,
                                                             params={**spec.stages[0].params, **source.params}),))
-        again = plan_experiment(spec).plan
+        again = plan_experiment(spec, target=NEMOC_RUNTIME).plan
         assert again.stages[0].layout == stage.layout, (stage.name, imported.text)
         assert again.model.layers == plan.model.layers and again.model.vocab == plan.model.vocab
         assert (again.cluster.nodes, again.cluster.gpus_per_node, again.cluster.gpu) == \
@@ -165,7 +166,7 @@ def test_published_input_round_trips_through_export(path, tmp_path):
     first.write_text(text)
     spec, _ = load_experiment(str(first))
     try:
-        plan = plan_experiment(spec).plan
+        plan = plan_experiment(spec, target=NEMOC_RUNTIME).plan
     except DiagnosticError as err:  # the two inputs nemoc's runtime cannot fit as written (test_interop.py)
         assert [d.code for d in err.diagnostics if d.is_error] == ["E130"]
         pytest.skip("does not fit as written (E130)")
@@ -175,5 +176,5 @@ def test_published_input_round_trips_through_export(path, tmp_path):
     spec2, _ = load_experiment(str(second))
     if stage.kind != "pretrain":
         spec2 = replace(spec2, stages=(replace(spec2.stages[0], kind=stage.kind),))
-    again = plan_experiment(spec2).plan
+    again = plan_experiment(spec2, target=NEMOC_RUNTIME).plan
     assert again.stages[0].layout == stage.layout and again.stages[0].steps == stage.steps

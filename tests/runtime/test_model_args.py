@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemoc.compiler.plan import Layout
+from nemoc.compiler.plan import Layout, PipelineSplit
 from nemoc.compiler.spec import ModelSpec, OptimizerSpec, ScheduleSpec
 from nemoc.runtime import megatron_args as margs
+from plan_factory import make_execution
 
 CPU = margs.MachineFacts(cpu=True, have_te=False)
 GPU_TE = margs.MachineFacts(cpu=False, have_te=True)
@@ -35,8 +36,11 @@ def config(model=LLAMA_ISH, layout=None, precision="bf16", backend="flash", fact
 
 
 def _config(model, layout, precision, backend, facts):
-    return margs.transformer_config(model=model, layout=layout or lay(), precision=precision,
-                                    attention_backend=backend, facts=facts)
+    """What the runtime builds from a stage planned with `kernels = te` where the machine has TE, else local."""
+    layout = layout or lay()
+    execution = make_execution(model, layout, precision=precision, attention=backend,
+                               kernels="te" if facts.have_te else "local", gpu="B200")
+    return margs.transformer_config(model=model, layout=layout, execution=execution, facts=facts)
 
 
 def test_architecture_fields_map_one_to_one():
@@ -145,16 +149,31 @@ def test_optimizer_and_scheduler():
         margs.optimizer_config(optimizer=sgd, schedule=sched, layout=lay(distributed_optimizer=True), precision="bf16")
 
 
-def test_uneven_pipeline_split_from_stage_params():
-    """The planner's uneven split travels in StagePlan.params under TransformerConfig's names."""
-    split = {"num_layers_in_first_pipeline_stage": 1, "num_layers_in_last_pipeline_stage": 1, "eval_iters": 2}
-    c = margs.transformer_config(model=LLAMA_ISH, layout=lay(pp=3), precision="bf16", attention_backend="flash",
-                                 facts=CPU, stage_params=split)
+def test_uneven_pipeline_split_from_the_plans_execution():
+    """The planner's split travels as a typed field (`Execution.pipeline`), translated to TransformerConfig's names."""
+    ex = make_execution(LLAMA_ISH, lay(pp=3), precision="bf16", attention="flash")
+    uneven = dataclasses.replace(ex, pipeline=PipelineSplit(1, 1, 2))
+    c = margs.transformer_config(model=LLAMA_ISH, layout=lay(pp=3), execution=uneven, facts=CPU)
     assert (c.num_layers_in_first_pipeline_stage, c.num_layers_in_last_pipeline_stage) == (1, 1)
-    assert margs.pipeline_split_kwargs({"eval_iters": 2}) == {}
-    accounted = margs.pipeline_split_kwargs({"account_for_embedding_in_pipeline_split": True,
-                                             "account_for_loss_in_pipeline_split": True})
+    even = margs.transformer_config(model=LLAMA_ISH, layout=lay(pp=2), execution=ex, facts=CPU)
+    assert even.num_layers_in_first_pipeline_stage is None and margs.pipeline_split_kwargs(ex.pipeline) == {}
+    accounted = margs.pipeline_split_kwargs(PipelineSplit(None, None, 2, embedding=True, loss=True, stages=3))
     assert accounted == {"account_for_embedding_in_pipeline_split": True, "account_for_loss_in_pipeline_split": True}
+
+
+def test_the_plans_execution_is_translated_not_rederived():
+    """Precision, attention core, vocabulary padding, overlaps and fp8 recipe come from `Execution`."""
+    ex = make_execution(LLAMA_ISH, lay(tp=2, dp=2), precision="bf16", attention="unfused")
+    assert ex.vocab_multiple == 256 and ex.padded_vocab == 1024 and ex.overlaps.grad_reduce
+    assert margs.padded_vocab_size(1000, multiple=ex.vocab_multiple) == 1024
+    assert margs.ddp_config(layout=lay(dp=2), overlaps=ex.overlaps).overlap_grad_reduce
+    assert not margs.ddp_config(layout=lay(dp=2), overlaps=dataclasses.replace(
+        ex.overlaps, grad_reduce=False)).overlap_grad_reduce
+    fp32 = margs.transformer_config(model=LLAMA_ISH, layout=lay(), facts=CPU,
+                                    execution=dataclasses.replace(ex, precision="fp32", params_dtype="fp32"))
+    assert fp32.params_dtype is torch.float32
+    with pytest.raises(TypeError, match="execution"):
+        margs.transformer_config(model=LLAMA_ISH, layout=lay(), facts=CPU)
 
 
 def test_transformer_engine_runs_get_the_fused_kernels_the_plan_prices():

@@ -15,6 +15,7 @@ from nemoc.compiler.plan import to_json
 from nemoc.compiler.planner import plan_experiment
 from nemoc.runtime.browser import find_chromium, png_is_blank, render
 from nemoc.runtime.cli import cli
+from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 
 LLAMA = "examples/llama3_8b_pretrain.nemo"
 needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
@@ -26,7 +27,7 @@ def invoke(*args):
 
 def _plan(path: str):
     spec, _ = load_experiment(path)
-    return plan_experiment(spec).plan
+    return plan_experiment(spec, target=NEMOC_RUNTIME).plan
 
 
 def make_run(root: Path, example: str = "examples/quickstart.nemo", *, records=None, states=None,

@@ -23,6 +23,7 @@ from nemoc.compiler.spec import TrackingSpec
 from nemoc.runtime import tracking
 from nemoc.runtime.cli import cli
 from nemoc.runtime.metrics import Metrics
+from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples/quickstart.nemo"
@@ -44,7 +45,7 @@ def with_tracking(tmp_path: Path, block: str = TRACKING, steps: int | None = Non
 
 def _plan(path):
     spec, _ = load_experiment(str(path))
-    return plan_experiment(spec).plan
+    return plan_experiment(spec, target=NEMOC_RUNTIME).plan
 
 
 def test_the_block_reaches_the_plan_and_round_trips(tmp_path):

@@ -87,6 +87,7 @@ def make_plan(model, stages, *, data=(), precision="fp32", checkpoint_every=None
     """A compiled Plan for hand-written stages: stages = [(name, kind, after, params, peft, steps)]."""
     from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown, Plan, StagePlan
     from nemoc.compiler.spec import CheckpointSpec, ClusterSpec, OptimizerSpec, ScheduleSpec
+    from plan_factory import make_execution, with_executions
 
     layout = Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=4, global_batch=8, num_microbatches=2,
                     sequence_parallel=False, distributed_optimizer=False, recompute="none")
@@ -97,10 +98,11 @@ def make_plan(model, stages, *, data=(), precision="fp32", checkpoint_every=None
                             estimate=estimate, seq_length=model.seq_length, steps=steps,
                             optimizer=OptimizerSpec(lr=3e-3, weight_decay=0.0), schedule=ScheduleSpec(name="constant"),
                             checkpoint=CheckpointSpec(every=checkpoint_every), peft=peft, log_every=log_every,
-                            params=params, kernels="local")
+                            params=params, execution=make_execution(model, layout, kind=kind))
                   for name, kind, after, params, peft, steps in stages)
-    return Plan(experiment="t", model=model, cluster=ClusterSpec(gpu="CPU", gpus_per_node=1), precision=precision,
-                attention_backend="unfused", data=tuple(data), stages=plans, kernels="local")
+    return with_executions(Plan(experiment="t", model=model, cluster=ClusterSpec(gpu="CPU", gpus_per_node=1),
+                                precision=precision, attention_backend="unfused", data=tuple(data), stages=plans,
+                                kernels="local"))
 
 
 def write_task(tmp_path, plan, stage, *, datasets, tokenizer, vocab_size, parents, out=None, max_steps=None):

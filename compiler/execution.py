@@ -1,0 +1,66 @@
+"""The execution record of one stage: every decision the runtime would otherwise re-derive.
+
+Input:  the model, the planned GPU, the chosen `Layout` and its `PipelineSplit`, the stage kind,
+        the experiment's precision / attention backend / resolved kernels, the `Target`.
+Output: a `plan.Execution` (kernels, attention core, precision recipe, pipeline split, padded
+        vocabulary, overlaps, fusions, model FLOPs per step and the GPU's peak for measured MFU).
+Invariants: pure; the same facts the search costed the stage with (`Target.stage_kernels`,
+        `stage_attention`, `stage_precision`), computed once here and carried by the plan.
+"""
+
+from __future__ import annotations
+
+from nemoc.compiler.catalog.hardware import get_gpu
+from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR, padded_vocab, stage_model_flops_per_step
+from nemoc.compiler.plan import Execution, Fusions, Layout, Overlaps, PipelineSplit
+from nemoc.compiler.spec import LoraSpec, ModelSpec
+from nemoc.compiler.target import MEGATRON_CORE, Target
+
+_DTYPE = {"fp8": "bf16", "mxfp8": "bf16"}  # fp8 training keeps bf16 master weights; TE casts inside the GEMMs
+_FP8_RECIPE = {"fp8": "delayed", "mxfp8": "mxfp8"}
+
+
+def even_split(layers: int, pp: int) -> PipelineSplit:
+    """The split of a stage whose search did not choose one (pp = 1, or layers % pp == 0)."""
+    return PipelineSplit(None, None, layers // max(pp, 1))
+
+
+def fusions(model: ModelSpec, kernels: str) -> Fusions:
+    """The fused kernels NeMo / Megatron-LM switch on with Transformer Engine, which the `te` cost and
+    memory models price: TE's fused RoPE, the fused bias-SwiGLU / bias-GELU (TransformerConfig allows
+    it for SwiGLU, GeGLU, and GELU with biases), the fused bias-dropout-add and the weight-gradient
+    accumulation into main_grad inside the GEMM. None on the local spec (its unfused kernels are what
+    `kernels = local` prices)."""
+    if kernels != "te":
+        return Fusions(rope=False, bias_activation=False, bias_dropout_add=False, grad_accumulation=False)
+    act = model.activation == "swiglu" or (model.activation == "gelu" and model.add_bias_linear)
+    return Fusions(rope=model.position == "rope", bias_activation=act, bias_dropout_add=True, grad_accumulation=True)
+
+
+def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: PipelineSplit | None, stage_kind: str,
+                    precision: str, attention_backend: str, kernels: str, seq_length: int,
+                    peft: LoraSpec | None = None, params: object = None,
+                    target: Target = MEGATRON_CORE) -> Execution:
+    """The `Execution` of a stage planned with `layout` (precision, attention and kernels are the
+    experiment's; the target decides what the stage kind runs)."""
+    stage_kernels = target.stage_kernels(stage_kind, kernels)
+    stage_precision = target.stage_precision(stage_kind, precision)
+    interleaved = layout.pp > 1 and (layout.vp or 1) > 1
+    hw = get_gpu(gpu)
+    peak = hw.peak(stage_precision) if hw is not None and hw.supports(stage_precision) else None
+    return Execution(
+        kernels=stage_kernels,
+        attention=target.stage_attention(stage_kind, attention_backend),
+        precision=stage_precision,
+        params_dtype=_DTYPE.get(stage_precision, stage_precision),
+        fp8_recipe=_FP8_RECIPE.get(stage_precision),
+        pipeline=split if split is not None else even_split(model.layers, layout.pp),
+        vocab_multiple=MEGATRON_VOCAB_DIVISOR * layout.tp,
+        padded_vocab=padded_vocab(model.vocab, layout.tp),
+        overlaps=Overlaps(grad_reduce=layout.dp > 1, param_gather=layout.overlap_param_gather,
+                          p2p=interleaved and target.overlap_p2p, tp_comm=layout.tp_comm_overlap),
+        fusions=fusions(model, stage_kernels),
+        model_flops_per_step=stage_model_flops_per_step(model, seq_length, layout.global_batch, stage_kind=stage_kind,
+                                                        peft=peft, params=params, causal_discount=True),
+        peak_flops_per_gpu=peak,
+    )

@@ -1,0 +1,109 @@
+"""Rules applied to a spec: each stage's effective parallel block and environment, `check_spec` (every
+rule over every stage, diagnostics anchored at the user's spans) and `to_diagnostic`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from nemoc.compiler.catalog.hardware import get_gpu
+from nemoc.compiler.spec import ExperimentSpec, ParallelSpec, StageSpec, resolve_kernels
+from nemoc.compiler.target import MEGATRON_CORE, Target
+from nemoc.dsl.diagnostics import Diagnostic
+from nemoc.compiler.rules.base import Env, Sizes, TRAINING_KINDS, stage_seq_length, to_diagnostic
+from nemoc.compiler.rules.registry import violations
+from nemoc.compiler.rules.stages import MAX_STAGES, stage_diagnostics
+
+
+def gpu_facts(gpu_name: str) -> tuple[str | None, tuple[str, ...] | None]:
+    """(generation, supported training precisions) of a catalog GPU; (None, None) if unknown
+    (the schema check reports an unknown GPU; the rules then skip hardware checks)."""
+    hw = get_gpu(gpu_name)
+    if hw is None:
+        return None, None
+    return hw.generation, tuple(p for p in ("bf16", "fp16", "fp32", "fp8", "mxfp8") if hw.supports(p))
+
+
+def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: int) -> Sizes:
+    """The rules' view of what the user fixed (None = auto)."""
+    vp = parallel.virtual_pipeline
+    return Sizes(
+        tp=parallel.tensor, pp=parallel.pipeline, vp=vp, cp=parallel.context, ep=parallel.expert,
+        etp=parallel.expert_tensor, dp=parallel.data, micro_batch=parallel.micro_batch,
+        global_batch=global_batch, sequence_parallel=parallel.sequence_parallel,
+        distributed_optimizer=parallel.distributed_optimizer, recompute=parallel.recompute,
+        seq_length=seq_length, tp_comm_overlap=parallel.tp_comm_overlap,
+        overlap_param_gather=parallel.overlap_param_gather,
+    )
+
+
+_PARALLEL_FIELDS = (
+    "tensor", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor", "data",
+    "sequence_parallel", "distributed_optimizer", "recompute", "micro_batch", "tp_comm_overlap",
+    "grad_reduce_in_fp32", "overlap_param_gather",
+)
+
+
+def stage_parallel(spec: ExperimentSpec, stage: StageSpec) -> ParallelSpec:
+    """The parallel block a stage runs with: the stage-level block overrides the experiment's.
+
+    When the spans say which fields the stage block wrote (`stage.<name>.parallel.<field>`), only
+    those override (field by field); otherwise the stage block replaces the experiment's whole.
+    """
+    if stage.parallel is None:
+        return spec.parallel
+    prefix = f"stage.{stage.name}.parallel."
+    written = {k[len(prefix):] for k in spec.spans if k.startswith(prefix)}
+    if not written:
+        return stage.parallel
+    return replace(spec.parallel, **{f: getattr(stage.parallel, f) for f in _PARALLEL_FIELDS if f in written})
+
+
+def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend: str | None = None,
+           optimizer: str = "adam", target: Target = MEGATRON_CORE) -> Env:
+    arch, precisions = gpu_facts(spec.cluster.gpu)
+    return Env(
+        model=spec.model, cluster=spec.cluster, precision=spec.precision,
+        attention_backend=attention_backend or spec.attention_backend,
+        gpu_arch=arch, gpu_precisions=precisions, stage_kind=stage_kind,
+        kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=optimizer, target=target,
+    )
+
+
+def check_spec(spec: ExperimentSpec, target: Target = MEGATRON_CORE) -> tuple[Diagnostic, ...]:
+    """Validate what the user fixed (no search): every rule over every training stage's sizes (for
+    eval / export stages, the rules that do not depend on the parallel sizes).
+
+    Auto sizes are skipped by each rule; a violation that several stages share (because they run
+    with the same experiment-level block) is reported once, at the experiment-level span.
+    """
+    out: list[Diagnostic] = []
+    seen: set[tuple[str, str]] = set()
+    if len(spec.stages) > MAX_STAGES:
+        return stage_diagnostics(spec)
+    stages = list(spec.stages) or [None]
+    for stage in stages:
+        parallel = spec.parallel if stage is None else stage_parallel(spec, stage)
+        seq = spec.model.seq_length if stage is None else stage_seq_length(spec, stage)
+        gb = None if stage is None else stage.global_batch
+        env = env_of(spec, stage.kind if stage else "pretrain", optimizer=stage.optimizer.name if stage else "adam",
+                     target=target)
+        own = stage is not None and stage.parallel is not None
+        sizes = sizes_of(parallel, global_batch=gb, seq_length=seq)
+        if stage is not None and stage.kind not in TRAINING_KINDS:
+            # eval / export run with their own layout (the planner picks it): only the rules on the
+            # model, the precision and the sequence length apply here.
+            # A pipeline the stage's own block writes is checked against what the runtime runs.
+            own_pp = own and f"stage.{stage.name}.parallel.pipeline" in spec.spans
+            own_vp = own and f"stage.{stage.name}.parallel.virtual_pipeline" in spec.spans
+            sizes = Sizes(tp=None, pp=parallel.pipeline if own_pp else None,
+                          vp=parallel.virtual_pipeline if own_vp else None, cp=None, ep=None,
+                          distributed_optimizer=None, seq_length=seq)
+        for v in violations(env, sizes):
+            key = (v.code, v.equation)
+            if key in seen:
+                continue
+            seen.add(key)
+            uses_stage = own or any(a.startswith("stage.") for a in v.anchors)
+            out.append(to_diagnostic(v, spec, stage if uses_stage else None))
+    return tuple(out) + stage_diagnostics(spec)

@@ -1,0 +1,219 @@
+"""Mixture-of-experts rules: experts over EP, the expert grid, top-k, expert TP, MoE with biases, and
+the target's MoE capability (E141).
+"""
+
+from __future__ import annotations
+
+from nemoc.dsl.diagnostics import Severity
+from nemoc.compiler.rules.base import Env, Sizes, TRAINING_KINDS, Violation, _P, _divisors_upto
+
+
+def expert_tp_options(sizes: Sizes) -> tuple[int, ...]:
+    """The expert-TP sizes a rule must consider: the fixed one, or, when `expert_tensor` is auto,
+    what the search tries (1 and tp; only 1 while tp is auto too). A rule on ETP says nothing when
+    one of them satisfies it. (Megatron-Core would default an unset ETP to tp, model_parallel_config.py
+    __post_init__; nemoc always resolves it itself.)"""
+    if sizes.etp is not None:
+        return (sizes.etp,)
+    return (1,) if sizes.tp is None or sizes.tp == 1 else (1, sizes.tp)
+
+
+def rule_runtime_moe(env: Env, s: Sizes) -> Violation | None:
+    """The target, not Megatron: a stage kind it builds dense models for only refuses a MoE model."""
+    m = env.model
+    caps = env.target.caps(env.stage_kind)
+    if not m.is_moe or caps.moe:
+        return None
+    return Violation(
+        "E141", f"`{env.stage_kind}` stages cannot run MoE models: {caps.runs}, with dense models only",
+        f"experts({m.experts}) > 0, but stage kind {env.stage_kind} runs dense models only",
+        "run this stage on a dense model, or train the MoE model with `pretrain` stages only",
+        anchors=("model.experts", "model"),
+        source=caps.source or f"the target `{env.target.name}`",
+    )
+
+
+def rule_dense_expert(env: Env, s: Sizes) -> Violation | None:
+    """transformer_config.py __post_init__: expert parallelism needs num_moe_experts."""
+    if env.model.is_moe or s.ep is None or s.ep <= 1:
+        return None
+    return Violation(
+        "E114", "expert parallelism on a dense model",
+        f"expert({s.ep}) > 1 but model.experts = 0",
+        "set expert = 1",
+        anchors=(_P + "expert", "model"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (num_moe_experts must be non None)",
+    )
+
+
+def rule_experts_ep(env: Env, s: Sizes) -> Violation | None:
+    """transformer/moe/moe_layer.py: num_moe_experts % ep == 0."""
+    e = env.model.experts
+    if not env.model.is_moe or s.ep is None or e % s.ep == 0:
+        return None
+    return Violation(
+        "E115", "the experts are not divisible by the expert-parallel size",
+        f"experts({e}) % ep({s.ep}) = {e % s.ep} != 0",
+        f"use expert = one of {_divisors_upto(e, 64)}",
+        anchors=(_P + "expert", "model.experts", "model"),
+        source="megatron/core/transformer/moe/moe_layer.py BaseMoELayer (num_moe_experts % ep_size)",
+    )
+
+
+def rule_expert_grid(env: Env, s: Sizes) -> Violation | None:
+    """parallel_state.py: world % (etp * ep * pp) == 0 (the expert rank grid). With `expert_tensor`
+    auto, silent when ETP = 1 or ETP = tp satisfies it (the search tries both). Megatron builds the
+    expert grid for dense models too: there an auto ETP is tp (tp x pp divides the world, E101), a
+    fixed `expert_tensor` must satisfy it."""
+    dense = not env.model.is_moe
+    if s.pp is None or (dense and s.etp is None) or (not dense and s.ep is None):
+        return None
+    ep = s.ep if s.ep is not None else 1
+    world = env.cluster.world_size
+    options = expert_tp_options(s)
+    if any(world % (etp * ep * s.pp) == 0 for etp in options):
+        return None
+    etp = options[0]
+    grid = etp * ep * s.pp
+    label = f"etp({etp})" if s.etp is not None else f"etp({etp}, the smallest auto choice)"
+    hint = ("choose expert / expert_tensor so that etp x ep x pp divides the GPU count" if not dense else
+            "remove expert_tensor (or auto): a dense model has no experts, but Megatron still builds its expert "
+            "rank grid with that size")
+    return Violation(
+        "E116", "the expert grid does not divide the number of GPUs",
+        f"world size {world} % ({label} * ep({ep}) * pp({s.pp}) = {grid}) = {world % grid} != 0",
+        hint,
+        anchors=(_P + "expert_tensor", "model") if dense else (_P + "expert", _P + "expert_tensor", _P + "pipeline"),
+        source="megatron/core/parallel_state.py initialize_model_parallel (expert_tensor_model_pipeline_parallel size)",
+    )
+
+
+def rule_top_k(env: Env, s: Sizes) -> Violation | None:
+    """moe/router.py: topk selects top_k of num_moe_experts."""
+    m = env.model
+    if not m.is_moe or 1 <= m.top_k <= m.experts:
+        return None
+    return Violation(
+        "E117", "the router's top_k must be between 1 and the number of experts",
+        f"1 <= top_k({m.top_k}) <= experts({m.experts}) is false",
+        f"set top_k <= {m.experts}",
+        anchors=("model.top_k", "model"),
+        source="megatron/core/transformer/moe/router.py TopKRouter (torch.topk over num_moe_experts)",
+    )
+
+
+def rule_moe_ffn_etp(env: Env, s: Sizes) -> Violation | None:
+    """moe/experts.py: expert fc2 input divide(moe_ffn_hidden, etp). With `expert_tensor` auto, silent
+    when ETP = 1 or ETP = tp divides it (ETP = 1 always does: the search then picks it)."""
+    m = env.model
+    f = m.moe_ffn_hidden or m.ffn_hidden
+    if not m.is_moe or any(f % etp == 0 for etp in expert_tp_options(s)):
+        return None
+    etp = s.etp
+    return Violation(
+        "E118", "the expert MLP hidden size is not divisible by the expert tensor-parallel size",
+        f"moe_ffn_hidden({f}) % etp({etp}) = {f % etp} != 0",
+        "set expert_tensor = a divisor of the expert hidden size (1 is common), or auto",
+        anchors=(_P + "expert_tensor", _P + "tensor", "model.moe_ffn_hidden", "model"),
+        source="megatron/core/transformer/moe/experts.py (expert linear layers use divide(size, etp))",
+    )
+
+
+def rule_ep_fp16(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-LM arguments.py validate_args: expert parallelism is not supported with fp16."""
+    if env.precision != "fp16" or s.ep is None or s.ep <= 1:
+        return None
+    return Violation(
+        "E119", "expert parallelism is not supported with fp16",
+        f"expert({s.ep}) > 1 with precision = fp16",
+        "use precision = bf16",
+        anchors=("precision", _P + "expert"),
+        source="megatron/training/arguments.py validate_args (Expert parallelism is not supported with fp16 training)",
+    )
+
+
+def rule_moe_tp_needs_sp(env: Env, s: Sizes) -> Violation | None:
+    """moe/moe_layer.py MoELayer.forward raises in training when tp > 1 without sequence parallelism."""
+    if (not env.model.is_moe or env.stage_kind not in TRAINING_KINDS or s.sequence_parallel is not False
+            or s.tp is None or s.tp <= 1):
+        return None
+    return Violation(
+        "E123", "training an MoE model with tensor parallelism needs sequence parallelism",
+        f"tp({s.tp}) > 1 with experts({env.model.experts}) and sequence_parallel = false",
+        "set sequence_parallel = true (or leave it auto)",
+        anchors=(_P + "sequence_parallel", _P + "tensor"),
+        source="megatron/core/transformer/moe/moe_layer.py MoELayer.forward (MoE and tensor parallelism without "
+               "sequence parallelism)",
+    )
+
+
+def rule_moe_bias_etp(env: Env, s: Sizes) -> Violation | None:
+    """transformer_config.py __post_init__: bias in MoE only with expert_tensor_parallel_size == 1
+    (an auto ETP can always be 1). The nemoc runtime refuses MoE biases altogether (E140)."""
+    etp = s.etp
+    if not env.model.is_moe or not env.model.add_bias_linear or etp is None or etp == 1:
+        return None
+    return Violation(
+        "E120", "MoE experts with biases need expert tensor parallelism 1",
+        f"add_bias_linear = true requires etp({etp}) == 1",
+        "set expert_tensor = 1",
+        anchors=(_P + "expert_tensor", _P + "tensor", "model.add_bias_linear", "model"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (Bias in Moe is only supported when ETP==1)",
+    )
+
+
+def rule_moe_bias_runtime(env: Env, s: Sizes) -> Violation | None:
+    """The target builds MoE models without any linear bias unless it says otherwise
+    (`Target.moe_linear_bias`; the nemoc runtime's Megatron adapter: expert MLPs with a bias hit an autograd view+inplace error in Megatron-Core
+    0.16.1 mlp.py), so a MoE spec with `add_bias_linear = true` would train another model."""
+    m = env.model
+    if not m.is_moe or not m.add_bias_linear or env.target.moe_linear_bias:
+        return None
+    return Violation(
+        "E140", f"the target `{env.target.name}` does not support linear biases in MoE models",
+        f"add_bias_linear = true with experts({m.experts}) > 0",
+        "set add_bias_linear = false (add_qkv_bias is supported)",
+        anchors=("model.add_bias_linear", "model"),
+        source=f"the target `{env.target.name}` (moe_linear_bias = false); megatron/core/transformer/mlp.py",
+    )
+
+
+def warn_ep_without_sp(env: Env, s: Sizes) -> Violation | None:
+    """model_parallel_config.py __post_init__ warns: EP with TP needs sequence parallelism (training
+    MoE stages are E123 errors; this warning is for the forward-only stages)."""
+    if (s.sequence_parallel is not False or None in (s.ep, s.tp) or s.ep <= 1 or s.tp <= 1
+            or env.stage_kind in TRAINING_KINDS):
+        return None
+    return Violation(
+        "W103", "expert parallelism with tensor parallelism should use sequence parallelism",
+        f"ep({s.ep}) > 1 and tp({s.tp}) > 1 with sequence_parallel = false",
+        "set sequence_parallel = true",
+        anchors=(_P + "sequence_parallel", _P + "expert"), severity=Severity.WARNING,
+        source="megatron/core/model_parallel_config.py __post_init__ (sequence parallelism must be used)",
+    )
+
+
+def warn_moe_ffn_default(env: Env, s: Sizes) -> Violation | None:
+    """transformer_config.py __post_init__ warns and uses ffn_hidden_size when moe_ffn_hidden_size is unset."""
+    m = env.model
+    if not m.is_moe or m.moe_ffn_hidden is not None:
+        return None
+    return Violation(
+        "W106", "moe_ffn_hidden is not set: Megatron uses ffn_hidden for every expert",
+        f"moe_ffn_hidden = ffn_hidden({m.ffn_hidden})",
+        None, anchors=("model.moe_ffn_hidden", "model"), severity=Severity.WARNING,
+        source="megatron/core/transformer/transformer_config.py __post_init__ (moe_ffn_hidden_size is not set)",
+    )
+
+
+def warn_top1_router(env: Env, s: Sizes) -> Violation | None:
+    """transformer_config.py __post_init__ raises for top-1 softmax routing unless pre-softmax is on."""
+    m = env.model
+    if not m.is_moe or m.top_k != 1:
+        return None
+    return Violation(
+        "W107", "top-1 routing: nemoc enables moe_router_pre_softmax (Megatron raises without it)",
+        "top_k(1) with softmax scores -> moe_router_pre_softmax = true",
+        None, anchors=("model.top_k", "model"), severity=Severity.NOTE,
+        source="megatron/core/transformer/transformer_config.py __post_init__ (Please use --moe-router-pre-softmax when topk is 1)",
+    )

@@ -1,0 +1,163 @@
+"""The registry of layout rules: the ordered tables `ERROR_RULES` / `WARNING_RULES` (cheapest / most
+decisive first: `layout_violations` stops at the first error) and `CODES`, every diagnostic code with
+the rule that emits it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from nemoc.compiler.rules.base import Env, Rule, Sizes, Violation
+from nemoc.compiler.rules.moe import (
+    rule_dense_expert,
+    rule_ep_fp16,
+    rule_expert_grid,
+    rule_experts_ep,
+    rule_moe_bias_etp,
+    rule_moe_bias_runtime,
+    rule_moe_ffn_etp,
+    rule_moe_tp_needs_sp,
+    rule_runtime_moe,
+    rule_top_k,
+    warn_ep_without_sp,
+    warn_moe_ffn_default,
+    warn_top1_router,
+)
+from nemoc.compiler.rules.parallel import (
+    rule_overlap_param_gather,
+    rule_context_backend,
+    rule_context_seq,
+    rule_ffn_tp,
+    rule_global_batch,
+    rule_head_dim,
+    rule_heads_query_groups,
+    rule_heads_tp,
+    rule_qkv_split,
+    rule_query_groups_tp,
+    rule_rope_head_dim,
+    rule_seq_length_positions,
+    rule_sequence_parallel,
+    rule_sequence_parallel_split,
+    rule_sgd_distributed_optimizer,
+    rule_world_size,
+    warn_padded_vocab,
+    warn_tp_crosses_node,
+    warn_useless_distributed_optimizer,
+)
+from nemoc.compiler.rules.pipeline import (
+    rule_interleave_microbatches,
+    rule_interleave_needs_pp,
+    rule_layers_pipeline,
+    rule_runtime_pipeline,
+    warn_uneven_pipeline,
+    warn_vp_one,
+)
+from nemoc.compiler.rules.precision import (
+    rule_tp_comm_overlap,
+    rule_attention_head_dim,
+    rule_fp32_attention,
+    rule_fp8_dims,
+    rule_fp8_needs_te,
+    rule_fp8_tokens,
+    rule_precision_hardware,
+    rule_te_needs_gpu,
+    warn_auto_attention_unfused,
+    warn_fp16_loss_scaling,
+    warn_selective_recompute_flash,
+)
+
+
+# Ordered: cheapest and most decisive first (layout_violations stops at the first error).
+ERROR_RULES: tuple[Rule, ...] = (
+    rule_world_size, rule_heads_tp, rule_query_groups_tp, rule_heads_query_groups, rule_ffn_tp, rule_qkv_split,
+    rule_head_dim, rule_rope_head_dim, rule_layers_pipeline,
+    rule_runtime_pipeline, rule_runtime_moe, rule_interleave_needs_pp, rule_sequence_parallel, rule_global_batch,
+    rule_interleave_microbatches,
+    rule_context_seq, rule_context_backend, rule_sequence_parallel_split, rule_dense_expert,
+    rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp,
+    rule_moe_bias_runtime, rule_moe_tp_needs_sp, rule_sgd_distributed_optimizer,
+    rule_precision_hardware, rule_fp8_needs_te, rule_te_needs_gpu, rule_fp32_attention, rule_attention_head_dim,
+    rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions, rule_tp_comm_overlap,
+    rule_overlap_param_gather,
+)
+
+
+WARNING_RULES: tuple[Rule, ...] = (
+    warn_tp_crosses_node, warn_padded_vocab, warn_ep_without_sp, warn_useless_distributed_optimizer,
+    warn_fp16_loss_scaling, warn_moe_ffn_default, warn_top1_router, warn_uneven_pipeline, warn_vp_one,
+    warn_selective_recompute_flash, warn_auto_attention_unfused,
+)
+
+
+RULES: tuple[Rule, ...] = ERROR_RULES + WARNING_RULES
+
+
+def violations(env: Env, sizes: Sizes, rules: Iterable[Rule] = RULES) -> Iterator[Violation]:
+    for rule in rules:
+        v = rule(env, sizes)
+        if v is not None:
+            yield v
+
+
+def layout_violations(env: Env, sizes: Sizes) -> Violation | None:
+    """The first error rule a complete layout breaks, or None (the search's fast path)."""
+    for rule in ERROR_RULES:
+        v = rule(env, sizes)
+        if v is not None:
+            return v
+    return None
+
+
+# Every diagnostic code of the layout rules with the rule that emits it (docs/planning.md lists each
+# with the Megatron-Core source it mirrors). The stage rules' codes are `stages.STAGE_CODES`.
+CODES: dict[str, Rule] = {
+    "E160": rule_tp_comm_overlap,
+    "E161": rule_overlap_param_gather,
+    "E101": rule_world_size,
+    "E102": rule_heads_tp,
+    "E103": rule_query_groups_tp,
+    "E104": rule_ffn_tp,
+    "E105": rule_layers_pipeline,
+    "E106": rule_interleave_needs_pp,
+    "E108": rule_interleave_microbatches,
+    "E109": rule_sequence_parallel,
+    "E110": rule_sequence_parallel_split,
+    "E111": rule_global_batch,
+    "E112": rule_context_seq,
+    "E113": rule_context_backend,
+    "E114": rule_dense_expert,
+    "E115": rule_experts_ep,
+    "E116": rule_expert_grid,
+    "E117": rule_top_k,
+    "E118": rule_moe_ffn_etp,
+    "E119": rule_ep_fp16,
+    "E120": rule_moe_bias_etp,
+    "E121": rule_precision_hardware,
+    "E122": rule_seq_length_positions,
+    "E123": rule_moe_tp_needs_sp,
+    "E125": rule_head_dim,
+    "E126": rule_runtime_pipeline,
+    "E127": rule_fp8_needs_te,
+    "E128": rule_te_needs_gpu,
+    "E129": rule_sgd_distributed_optimizer,
+    "E134": rule_heads_query_groups,
+    "E135": rule_fp32_attention,
+    "E136": rule_attention_head_dim,
+    "E137": rule_fp8_dims,
+    "E138": rule_fp8_tokens,
+    "E139": rule_qkv_split,
+    "E140": rule_moe_bias_runtime,
+    "E141": rule_runtime_moe,
+    "E142": rule_rope_head_dim,
+    "W101": warn_tp_crosses_node,
+    "W102": warn_padded_vocab,
+    "W103": warn_ep_without_sp,
+    "W104": warn_useless_distributed_optimizer,
+    "W105": warn_fp16_loss_scaling,
+    "W106": warn_moe_ffn_default,
+    "W107": warn_top1_router,
+    "W108": warn_uneven_pipeline,
+    "W109": warn_vp_one,
+    "W110": warn_selective_recompute_flash,
+    "W111": warn_auto_attention_unfused,
+}

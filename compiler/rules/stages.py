@@ -1,0 +1,160 @@
+"""Stage rules (E150-E155, W150): the stage settings that would otherwise fail only at run time (`min_lr`
+above `lr`, an alignment stage without data in a format its records need, an export with no `after`,
+a parent that never saves, a warm-up longer than the stage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from nemoc.compiler.spec import ExperimentSpec, StageSpec
+from nemoc.dsl.diagnostics import Diagnostic, Note, Severity
+from nemoc.dsl.schema import PARENT_CHECKPOINT_KINDS, STAGE_DATA_FORMATS
+from nemoc.compiler.rules.base import TRAINING_KINDS, Violation, stage_seq_length, to_diagnostic
+
+
+_RECORDS = {"chat": '{"messages": [{"role", "content"}, ...]}', "prompt_response": '{"prompt", "response"}',
+            "preference": '{"prompt", "chosen", "rejected"}'}
+
+
+def _stage_diagnostic(v: Violation, spec: ExperimentSpec, stage: StageSpec, notes=()) -> Diagnostic:
+    d = to_diagnostic(v, spec, stage)
+    return replace(d, notes=tuple(notes)) if notes else d
+
+
+def rule_min_lr(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """megatron/core/optimizer_param_scheduler.py OptimizerParamScheduler.__init__: `assert max_lr >= min_lr`."""
+    lr, min_lr = stage.optimizer.lr, stage.schedule.min_lr
+    if stage.kind not in TRAINING_KINDS or min_lr <= lr:
+        return None
+    return _stage_diagnostic(Violation(
+        "E150", "the schedule's `min_lr` is above the optimizer's peak `lr`",
+        f"min_lr({min_lr:g}) > lr({lr:g})",
+        f"the schedule decays from lr to min_lr: use min_lr <= {lr:g} (often lr / 10 = {lr / 10:g})",
+        anchors=("stage.schedule.min_lr", "stage.optimizer.lr", "stage.schedule"),
+        source="megatron/core/optimizer_param_scheduler.py (assert self.max_lr >= self.min_lr)"), spec, stage)
+
+
+def rule_data_format(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """An alignment stage reads only data sets of its record formats (the runtime's data loader)."""
+    wanted = STAGE_DATA_FORMATS.get(stage.kind)
+    formats = {d.name: d.format for d in spec.data}
+    given = [(name, formats.get(name, "text")) for name in stage.data]
+    if wanted is None or not given or any(fmt in wanted for _, fmt in given):
+        return None  # (a stage that names no data at all is not this rule's: nothing was misdeclared)
+    shown = ", ".join(f"{name} ({fmt})" for name, fmt in given)
+    example = f"`format = {wanted[0]}` ({_RECORDS[wanted[0]]} records)"
+    return _stage_diagnostic(Violation(
+        "E151", f"a `{stage.kind}` stage needs data in format {' | '.join(wanted)}",
+        f"data = [{shown}]; {stage.kind} reads {' | '.join(wanted)}",
+        f"declare `data {given[0][0]}` with {example}, or give the stage such a data set",
+        anchors=("stage.data", "stage")), spec, stage)
+
+
+def rule_export_after(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """An export writes the checkpoint of the stage it follows (the runtime's parent checkpoint lookup),
+    or, with `init = hf(DIR)`, converts that checkpoint (docs/huggingface.md)."""
+    if stage.kind != "export" or stage.after or _initial_checkpoint(spec, stage):
+        return None
+    trained = [s.name for s in spec.stages if s.kind in TRAINING_KINDS]
+    return _stage_diagnostic(Violation(
+        "E152", f"export stage `{stage.name}` has no `after`: there is no checkpoint to export",
+        "after = []", f"write `stage {stage.name} after {trained[-1] if trained else 'NAME'} {{ ... }}`",
+        anchors=("stage",)), spec, stage)
+
+
+def _initial_checkpoint(spec: ExperimentSpec, stage: StageSpec) -> str | None:
+    """The Hugging Face checkpoint a stage starts from: its own `init`, else the model's."""
+    return stage.params.get("init") or spec.model.init
+
+
+def rule_starting_checkpoint(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """A fine-tuning or eval stage starts from a checkpoint: a parent stage's or `init = hf(DIR)`."""
+    if stage.kind not in PARENT_CHECKPOINT_KINDS or stage.kind == "export" or stage.after:
+        return None
+    if _initial_checkpoint(spec, stage):
+        return None
+    return _stage_diagnostic(Violation(
+        "E155", f"{stage.kind} stage `{stage.name}` has neither a parent stage nor an initial checkpoint",
+        "after = [], init = none",
+        f"write `stage {stage.name} after PARENT {{ ... }}`, or start from a Hugging Face checkpoint: "
+        "`init = hf(\"DIR\")` in the model block or the stage", anchors=("stage",)), spec, stage)
+
+
+def rule_parent_saves(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """The runtime's parent checkpoint lookup: the first parent with a checkpoint (ppo: every parent:
+    the reward model and the policy)."""
+    if stage.kind not in PARENT_CHECKPOINT_KINDS or not stage.after:
+        return None
+    names = {s.name for s in spec.stages}
+    parents = [spec.stage(n) for n in stage.after if n in names]
+    silent = [p for p in parents if p.params.get("save_checkpoints", True) is False]
+    if not silent or (stage.kind != "ppo" and len(silent) < len(parents)):
+        return None
+    parent = silent[0]
+    notes = [Note(f"`{parent.name}` saves no checkpoints here", spec.span(f"stage.{parent.name}.save_checkpoints"))]
+    return _stage_diagnostic(Violation(
+        "E153", f"stage `{stage.name}` starts from the checkpoint of `{parent.name}`, which saves none",
+        f"{parent.name}.save_checkpoints = false",
+        f"remove `save_checkpoints = false` from `{parent.name}` (it is meant for benchmark runs)",
+        anchors=("stage",)), spec, stage, notes)
+
+
+def warn_warmup_longer_than_stage(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """Megatron's scheduler clamps: a warm-up longer than the stage never reaches the peak `lr`."""
+    warmup, steps = stage.schedule.warmup, _stage_steps(spec, stage)
+    if stage.kind not in TRAINING_KINDS or steps is None or warmup <= steps:
+        return None
+    return _stage_diagnostic(Violation(
+        "W150", "the warm-up is longer than the stage: the learning rate never reaches its peak",
+        f"warmup({warmup:,}) > steps({steps:,})" + ("" if stage.steps else
+                                                     f" = tokens({stage.tokens:,}) / (global_batch x seq_length)"),
+        f"use a warm-up shorter than the stage, e.g. warmup = {max(1, steps // 10):,} (10%)",
+        anchors=("stage.schedule.warmup", "stage.schedule", "stage"), severity=Severity.WARNING), spec, stage)
+
+
+def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
+    """The stage's optimizer steps when known without the data: `steps`, or `tokens` with a batch."""
+    if stage.steps is not None:
+        return stage.steps
+    if stage.tokens is not None and stage.global_batch:
+        return max(1, stage.tokens // (stage.global_batch * stage_seq_length(spec, stage)))
+    return None
+
+
+STAGE_RULES = (rule_min_lr, rule_data_format, rule_export_after, rule_starting_checkpoint, rule_parent_saves,
+               warn_warmup_longer_than_stage)
+
+
+MAX_STAGES = 100  # real chains have a handful; the planner searches each stage (~5 ms), so 2,500 would take 15 s
+
+
+def rule_stage_count(spec: ExperimentSpec) -> Diagnostic | None:
+    """An experiment is a page: at most MAX_STAGES stages, so `plan` stays within seconds on any file."""
+    if len(spec.stages) <= MAX_STAGES:
+        return None
+    first_over = spec.stages[MAX_STAGES]
+    return _stage_diagnostic(Violation(
+        "E154", f"too many stages: {len(spec.stages):,} (the limit is {MAX_STAGES})",
+        f"stages({len(spec.stages):,}) > {MAX_STAGES}",
+        "an experiment is a short chain of stages: split it into several experiments",
+        anchors=("stage",)), spec, first_over)
+
+
+def stage_diagnostics(spec: ExperimentSpec) -> tuple[Diagnostic, ...]:
+    """Every stage rule over every stage (none when there are too many stages to be a real experiment)."""
+    too_many = rule_stage_count(spec)
+    if too_many is not None:
+        return (too_many,)
+    return tuple(d for stage in spec.stages for rule in STAGE_RULES if (d := rule(spec, stage)) is not None)
+
+
+STAGE_CODES = {
+    "E154": rule_stage_count,
+    "E150": rule_min_lr,
+    "E151": rule_data_format,
+    "E152": rule_export_after,
+    "E153": rule_parent_saves,
+    "E155": rule_starting_checkpoint,
+    "W150": warn_warmup_longer_than_stage,
+}

@@ -1,0 +1,151 @@
+"""No import cycles anywhere in nemoc, and the layering dsl <- compiler <- runtime, found by a static
+walk of every module's imports: those run at import time (module body, `if` / `try` blocks) and,
+separately, every import including the lazy ones inside functions."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("grammar", "dsl", "compiler", "runtime")
+
+# Cycles through lazy (function-level) imports that exist today in runtime code other engineers are
+# rebuilding (issue 11: the training core; the CLI in its own package); each entry is the sorted set of
+# modules of one strongly connected component. Remove an entry with its cycle.
+KNOWN = {
+    ("nemoc.runtime.align.data", "nemoc.runtime.data_prep"),
+    ("nemoc.runtime.cmd_plan", "nemoc.runtime.cmd_report", "nemoc.runtime.cmd_run", "nemoc.runtime.html_report",
+     "nemoc.runtime.sweep"),
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for top in PACKAGES:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(("nemoc",) + (parts[:-1] if parts[-1] == "__init__" else parts))
+            out[name] = path
+    return out
+
+
+def _resolve(name: str, level: int, module: str, is_package: bool) -> str:
+    if not level:
+        return name
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([name] if name else []))
+
+
+def _top_level_imports(node: ast.AST):
+    """Import statements executed at import time: the module body, and `if`/`try` blocks in it (not
+    `if TYPE_CHECKING:`), never function or class bodies' nested functions."""
+    for stmt in getattr(node, "body", []):
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            yield stmt
+        elif isinstance(stmt, ast.If):
+            if "TYPE_CHECKING" in ast.unparse(stmt.test):
+                continue
+            yield from _top_level_imports(stmt)
+            for orelse in stmt.orelse:
+                yield from _top_level_imports(ast.Module(body=[orelse], type_ignores=[]))
+        elif isinstance(stmt, ast.Try):
+            yield from _top_level_imports(stmt)
+            for handler in stmt.handlers:
+                yield from _top_level_imports(handler)
+        elif isinstance(stmt, ast.ClassDef):
+            yield from _top_level_imports(stmt)
+
+
+def import_graph(lazy: bool = True) -> dict[str, set[str]]:
+    """module -> the nemoc modules it imports; `lazy`: imports inside functions count too."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        is_package = path.name == "__init__.py"
+        stmts = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))] if lazy \
+            else _top_level_imports(tree)
+        for stmt in stmts:
+            targets = []
+            if isinstance(stmt, ast.Import):
+                targets = [a.name for a in stmt.names]
+            else:
+                base = _resolve(stmt.module or "", stmt.level, name, is_package)
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in stmt.names]
+            for t in targets:
+                while t and t not in modules:  # `import nemoc.compiler.plan.x` -> the deepest module that exists
+                    t = t.rpartition(".")[0]
+                if t and t != name and t.startswith("nemoc."):
+                    graph[name].add(t)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[tuple[str, ...]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(tuple(sorted(comp)))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_walk_sees_the_whole_project_and_finds_a_planted_cycle():
+    graph = import_graph()
+    assert len(graph) > 60 and "nemoc.compiler.planner" in graph and "nemoc.runtime.megatron_args" in graph
+    assert "nemoc.compiler.plan" in graph["nemoc.compiler.planner"]
+    planted = dict(graph, **{"nemoc.compiler.plan": graph["nemoc.compiler.plan"] | {"nemoc.compiler.planner"}})
+    assert any({"nemoc.compiler.plan", "nemoc.compiler.planner"} <= set(c) for c in cycles(planted))
+
+
+def test_no_import_cycles_at_import_time():
+    assert cycles(import_graph(lazy=False)) == []
+
+
+def test_no_import_cycles_through_lazy_imports_beyond_the_known_ones():
+    found = set(cycles(import_graph()))
+    assert found - KNOWN == set(), f"import cycles: {sorted(found - KNOWN)}"
+
+
+def test_layers_import_only_downwards():
+    """dsl imports no compiler or runtime module; compiler imports no runtime module (not even lazily)."""
+    below = {"dsl": ("nemoc.compiler", "nemoc.runtime"), "compiler": ("nemoc.runtime",)}
+    bad = [(m, t) for m, targets in import_graph().items() for t in targets
+           for layer, forbidden in below.items() if m.startswith(f"nemoc.{layer}.") and t.startswith(forbidden)]
+    assert bad == []
+
+
+def test_the_training_runtime_reads_only_the_plan_from_the_compiler():
+    """The runtime translates the plan and re-derives nothing: the modules that build and train models
+    import only the plan's types from the compiler (no rules, cost, FLOPs or catalog at run time)."""
+    training = ("nemoc.runtime.train", "nemoc.runtime.align", "nemoc.runtime.megatron_args", "nemoc.runtime.model",
+                "nemoc.runtime.checkpoint", "nemoc.runtime.metrics", "nemoc.runtime.mcore_cpu", "nemoc.runtime.tasks")
+    allowed = {"nemoc.compiler.plan", "nemoc.compiler.spec", "nemoc.compiler.graph"}
+    graph = import_graph()
+    seen = [m for m in graph if m.startswith(training)]
+    bad = sorted((m, t) for m in seen for t in graph[m] if t.startswith("nemoc.compiler") and t not in allowed)
+    assert len(seen) > 10 and bad == []
