@@ -24,9 +24,9 @@ properties of the memory and cost models that tests/compiler/test_search.py asse
       the top list;
   (4) dominance of auto settings: with the parameter all-gather overlapped (`overlap_param_gather`)
       the distributed optimizer is never slower nor larger (same gradient traffic, 1/(dp x cp) of
-      the optimizer states), so auto resolves to on (off for SGD, which Megatron's
-      DistributedOptimizer refuses: E129); without it (the nemoc runtime's default) the all-gather
-      after the step is exposed, so auto tries both (`_do_domain`); sequence
+      the optimizer states), so auto resolves to on (off for SGD in a training stage, which
+      Megatron's DistributedOptimizer refuses: E129); without it (the nemoc runtime's default) the
+      all-gather after the step is exposed, so auto tries both (`_do_domain`); sequence
       parallelism is never slower (same TP traffic, 1/tp of the elementwise work), so auto tries
       on first and off only where on does not fit;
   (5) branch and bound: `cost.step_time_lower_bound` bounds the step time of every micro batch and
@@ -60,6 +60,7 @@ from nemoc.compiler.rules import (
     rule_interleave_microbatches,
     rule_heads_tp,
     rule_query_groups_tp,
+    rule_sgd_distributed_optimizer,
     te_auto_unfused,
 )
 from nemoc.compiler.spec import ClusterSpec, LoraSpec, ModelSpec, ParallelSpec
@@ -118,9 +119,11 @@ class Problem:
 
     @property
     def auto_distributed_optimizer(self) -> bool:
-        """What an auto `distributed_optimizer` resolves to: on (dominance, below) except for SGD, which
-        Megatron's DistributedOptimizer refuses (E129)."""
-        return self.optimizer != "sgd"
+        """What an auto `distributed_optimizer` resolves to: on (dominance, below) except where E129
+        refuses it: SGD in a stage that trains (Megatron's DistributedOptimizer wraps Adam only; a stage
+        without an optimizer step, eval or export, builds none). Asked of the rule itself, so the
+        search's domain and the oracle's rule check cannot disagree."""
+        return rule_sgd_distributed_optimizer(self.env, Sizes(distributed_optimizer=True)) is None
 
     @property
     def stage_kernels(self) -> str:
@@ -488,8 +491,9 @@ def _groups(p: Problem, env: Env, rec: _Recorder) -> list[tuple]:
                             rec.rule(f"global_batch({p.global_batch}) % dp({dp}) != 0", "E111 global batch % "
                                      "(micro_batch x dp)", f"tp={tp} pp={pp} cp={cp} dp={dp}", len(rcs) * len(dos))
                             continue
-                        # With two DO values neither DO rule can fire (E129 is SGD's, which tries off
-                        # only; E161 needs overlap_param_gather, which tries on only): one check serves both.
+                        # With two DO values neither DO rule can fire (E129: where it refuses on, auto
+                        # tries off only; E161 needs overlap_param_gather, which tries on only): one check
+                        # serves both.
                         sps = [sp for sp in _sp_domain(p, tp) if _group_rules(
                             p, env, rec, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, dos[0], rcs[0]),
                             len(mbs) * len(rcs) * len(dos))]
@@ -506,9 +510,9 @@ def _groups(p: Problem, env: Env, rec: _Recorder) -> list[tuple]:
 
 
 def _do_domain(p: Problem) -> list[bool]:
-    """Distributed-optimizer values to try. Fixed: that one. Auto: off for SGD, which Megatron's
-    DistributedOptimizer refuses (E129); on alone when the parameter all-gather overlaps the forward
-    (`overlap_param_gather`; dominance: the reduce-scatter + all-gather move what the all-reduce
+    """Distributed-optimizer values to try. Fixed: that one. Auto: off for SGD in a training stage,
+    which Megatron's DistributedOptimizer refuses (E129; `Problem.auto_distributed_optimizer`); on
+    alone when the parameter all-gather overlaps the forward (`overlap_param_gather`; dominance: the reduce-scatter + all-gather move what the all-reduce
     moves, as hidden, and the states shrink by dp x cp); otherwise both, on first: an all-gather
     after the optimizer step is exposed, so plain DDP's overlapped all-reduce can be faster."""
     if p.fixed.distributed_optimizer is not None:

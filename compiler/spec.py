@@ -89,7 +89,7 @@ class ParallelSpec:
     expert_tensor: int | None = None
     data: int | None = None
     sequence_parallel: bool | None = None
-    distributed_optimizer: bool | None = None  # auto: on with adam, off with sgd (search)
+    distributed_optimizer: bool | None = None  # auto: on, off with sgd in a training stage (search, E129)
     recompute: str | None = None  # none | selective | full
     micro_batch: int | None = None
     # Recipe performance settings (fixed, not searched): Transformer Engine's userbuffer TP

@@ -297,6 +297,30 @@ def test_sgd_resolves_an_auto_distributed_optimizer_to_off():
     assert fixed_on.best is None and fixed_on.rejections[0].reason.startswith("E129")
 
 
+
+@pytest.mark.parametrize("kind", ["eval", "export"])
+def test_sgd_in_a_stage_without_an_optimizer_step_still_resolves_auto_distributed_optimizer_on(kind):
+    """Regression (test_auto_never_pipelines_..., hypothesis): E129 refuses the distributed optimizer
+    for SGD only in a stage that trains. With an eval stage, SGD, auto distributed_optimizer and a fixed
+    overlap_param_gather = true (E161 needs the distributed optimizer), the search resolved auto to
+    off for SGD regardless of the stage kind, so E161 rejected every group and it found nothing,
+    while the oracle found dopt = on. Auto now asks E129 itself: on here, off for SGD that trains."""
+    model = ModelSpec(name="s", layers=2, hidden=256, heads=4, query_groups=4, ffn_hidden=512, vocab=1000,
+                      seq_length=1024)
+    p = Problem(model=model, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=2), gpu=H100,
+                fixed=ParallelSpec(distributed_optimizer=None, overlap_param_gather=True), global_batch=4,
+                seq_length=1024, optimizer="sgd", stage_kind=kind, target=NEMOC_RUNTIME)
+    fast, brute = search(p, top=5), enumerate_all(p)
+    assert fast.best is not None and brute.best is not None
+    assert fast.best.estimate.step_time_s == brute.best.estimate.step_time_s
+    assert all(c.layout.distributed_optimizer and (c.layout.pp, c.layout.vp) == (1, None)
+               for c in fast.ranked + brute.ranked)
+    for c in fast.ranked:
+        _valid_and_fits(p, c.layout)
+    trains = search(replace(p, stage_kind="sft"))  # SGD that trains: auto is off, so E161 rejects all
+    assert trains.best is None and trains.rejections[0].reason.startswith("E161")
+    assert enumerate_all(replace(p, stage_kind="sft")).best is None
+
 def test_fp8_search_only_returns_layouts_transformer_engine_accepts():
     """fp8 GEMMs need 16-multiples per rank (E137) and tokens per GEMM % 8 (E138): with seq 1000,
     sequence parallelism at tp 2 leaves 500 tokens per rank, so the search turns SP off (or takes a
