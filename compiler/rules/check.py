@@ -12,7 +12,7 @@ from nemoc.compiler.target import MEGATRON_CORE, Target
 from nemoc.dsl.diagnostics import Diagnostic
 from nemoc.compiler.rules.base import Env, Sizes, TRAINING_KINDS, stage_seq_length, to_diagnostic
 from nemoc.compiler.rules.registry import violations
-from nemoc.compiler.rules.stages import MAX_STAGES, stage_diagnostics
+from nemoc.compiler.rules.stages import MAX_STAGES, hf_init_not_loaded, stage_diagnostics
 
 
 def gpu_facts(gpu_name: str) -> tuple[str | None, tuple[str, ...] | None]:
@@ -106,4 +106,4 @@ def check_spec(spec: ExperimentSpec, target: Target = MEGATRON_CORE) -> tuple[Di
             seen.add(key)
             uses_stage = own or any(a.startswith("stage.") for a in v.anchors)
             out.append(to_diagnostic(v, spec, stage if uses_stage else None))
-    return tuple(out) + stage_diagnostics(spec)
+    return tuple(out) + stage_diagnostics(spec) + hf_init_not_loaded(spec, target)

@@ -81,6 +81,26 @@ def rule_starting_checkpoint(spec: ExperimentSpec, stage: StageSpec) -> Diagnost
         "`init = hf(\"DIR\")` in the model block or the stage", anchors=("stage",)), spec, stage)
 
 
+def hf_init_not_loaded(spec: ExperimentSpec, target) -> tuple[Diagnostic, ...]:
+    """W156: a stage that would start from `init = hf(DIR)` on a target that converts the checkpoint but
+    does not load it into that stage kind yet (`StageCaps.hf_init`); `nemoc run` refuses such a plan
+    before launching anything (docs/huggingface.md)."""
+    out = []
+    for stage in spec.stages:
+        start = stage.params.get("init") or (spec.model.init if not stage.after else None)
+        if not start or target.caps(stage.kind).hf_init:
+            continue
+        d = _stage_diagnostic(Violation(
+            "W156", f"{stage.kind} stage `{stage.name}` starts from `init = hf(...)`, which {target.name} converts "
+            f"but does not load into {stage.kind} stages yet",
+            f"init = hf({start!r}), {stage.kind} stages load a parent stage's checkpoint only",
+            "`nemoc run` refuses this plan before launching; start the stage `after` a stage with a checkpoint, "
+            "or use the converted checkpoint in an export-only experiment", anchors=("stage",),
+            severity=Severity.WARNING), spec, stage)
+        out.append(d)
+    return tuple(out)
+
+
 def rule_parent_saves(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
     """The runtime's parent checkpoint lookup: the first parent with a checkpoint (ppo: every parent:
     the reward model and the policy)."""
