@@ -26,7 +26,7 @@ from nemoc.compiler.target import StageCaps, Target
 _ALIGN = StageCaps(
     pipeline=False, te=False, moe=False, attention="unfused", kv_cache_rollout=False, hf_init=False,
     runs="the nemoc runtime's alignment stages (runtime/align) run TP/DP only",
-    source="nemoc runtime/align/trainer.py Trainer (pp > 1), runtime/align/common.py build_gpt (vp), "
+    source="nemoc runtime/align/runners.py _trainer (pp > 1), runtime/align/common.py build_gpt (vp), "
            "ModelShape.of (dense models only)")
 # eval and export run in one process (runtime/tasks/align.py `_one_process`) on the local spec, which
 # has no FP8 GEMMs: an fp8 / mxfp8 model (16-bit weights) is evaluated in bf16 (runtime/align/evaluate.py).

@@ -31,11 +31,16 @@ def make_execution(model: ModelSpec, layout: Layout, *, kind="pretrain", precisi
 
 
 def with_executions(plan: Plan) -> Plan:
-    """`plan` with every stage's `Execution` recomputed from its layout and the plan's settings."""
-    return replace(plan, stages=tuple(replace(s, execution=make_execution(
-        plan.model, s.layout, kind=s.kind, precision=plan.precision, attention=plan.attention_backend,
-        kernels=plan.kernels, gpu=plan.cluster.gpu, seq_length=s.seq_length, peft=s.peft, params=s.params))
-        for s in plan.stages))
+    """`plan` with every stage's `Execution` recomputed from its layout and the plan's settings (a
+    pipeline split the stage's execution already states is kept)."""
+    def execution(s):
+        ex = make_execution(plan.model, s.layout, kind=s.kind, precision=plan.precision,
+                            attention=plan.attention_backend, kernels=plan.kernels, gpu=plan.cluster.gpu,
+                            seq_length=s.seq_length, peft=s.peft, params=s.params)
+        kept = s.execution.pipeline if s.execution is not None else None
+        return replace(ex, pipeline=kept) if kept is not None else ex
+
+    return replace(plan, stages=tuple(replace(s, execution=execution(s)) for s in plan.stages))
 
 
 def make_stage(name="pretrain", kind="pretrain", *, after=(), data=("web",), steps=20, layout=None, **kw) -> StagePlan:

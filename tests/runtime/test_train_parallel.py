@@ -7,7 +7,11 @@ PP and DP change only the order of floating-point reductions: losses must agree 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+
+from nemoc.compiler.plan import PipelineSplit
 
 REL = 2e-5  # fp32 reduction-order noise over 6 Adam steps; a wrong gradient is off by >1e-2
 
@@ -48,7 +52,8 @@ def test_layout_reproduces_single_process(tmp_path, kit, train_data, reference_w
 def test_uneven_pipeline_split_reproduces_single_process(tmp_path, kit, train_data, reference_weights, baseline):
     """pp=2 with 1 + 3 layers (the planner's num_layers_in_first_pipeline_stage) trains the same model."""
     lay = kit.layout(pp=2)
-    stage = kit.stage_plan(lay=lay, every=3, params={"eval_iters": 2, "num_layers_in_first_pipeline_stage": 1})
+    stage = kit.stage_plan(lay=lay, every=3)
+    stage = replace(stage, execution=replace(stage.execution, pipeline=PipelineSplit(first=1, last=None, per_stage=3)))
     result = kit.run_training(tmp_path / "run", kit.make_plan(stage), lay.world_size,
                               data_prefix=train_data, init_checkpoint=reference_weights)
     assert_same_curve(result, baseline)

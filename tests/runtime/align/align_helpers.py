@@ -149,7 +149,11 @@ def train_kind(common, kind: str, base, layout, *, steps: int = 3) -> list[float
     spec = llama_spec(seq_length=16, vocab=256)
     model = common.build_gpt(spec, layout, scalar_head=kind == "reward")
     common.load_model(model, base, skip_output=kind == "reward")  # zero-initialised scalar head
-    tr = trainer.Trainer(model, layout=layout, **stage_settings(steps=steps, lr=1e-2))
+    from nemoc.compiler.plan import Overlaps
+
+    # what the runtime passes (runners.py: the plan's Execution.overlaps): the DP gradient reduce overlapped
+    overlaps = Overlaps(grad_reduce=layout.dp > 1, param_gather=False, p2p=False, tp_comm=False)
+    tr = trainer.Trainer(model, layout=layout, overlaps=overlaps, **stage_settings(steps=steps, lr=1e-2))
     mb = layout.micro_batch
     if kind == "sft":
         items = [[s] for s in instruction_samples(16, seed=1, f=mapping(0))]
