@@ -64,8 +64,9 @@ def rule_export_after(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | No
 
 
 def _initial_checkpoint(spec: ExperimentSpec, stage: StageSpec) -> str | None:
-    """The Hugging Face checkpoint a stage starts from: its own `init`, else the model's."""
-    return stage.params.get("init") or spec.model.init
+    """The Hugging Face checkpoint a stage starts from: its own `init`, else the model's when it has no
+    parent stage (as `compiler.graph.stage_init` wires it)."""
+    return stage.params.get("init") or (spec.model.init if not stage.after else None)
 
 
 def rule_starting_checkpoint(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
@@ -87,7 +88,7 @@ def hf_init_not_loaded(spec: ExperimentSpec, target) -> tuple[Diagnostic, ...]:
     before launching anything (docs/huggingface.md)."""
     out = []
     for stage in spec.stages:
-        start = stage.params.get("init") or (spec.model.init if not stage.after else None)
+        start = _initial_checkpoint(spec, stage)
         if not start or target.caps(stage.kind).hf_init:
             continue
         d = _stage_diagnostic(Violation(
