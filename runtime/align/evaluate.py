@@ -63,11 +63,12 @@ def run(task: stage.StageTask) -> dict:
     tok = stage.tokenizer_of(task)
     # the stage's precision as planned (`Execution.precision`: the local spec has no FP8 GEMMs, so the
     # nemoc runtime's target plans an fp8 model's eval in bf16)
-    chunk = stage.build(task, checkpoint=stage.parent_checkpoint(task), single=True)
+    start = stage.policy_start(task)  # a parent's checkpoint or `init = hf(DIR)`
+    chunk = stage.build(task, checkpoint=start, single=True)
     p, seq = task.params, task.stage.seq_length
     micro = max(task.stage.layout.micro_batch, 1)
     template = ChatTemplate.from_params(p)
-    results: dict = {"stage": task.stage.name, "checkpoint": stage.parent_checkpoint(task), "datasets": {}}
+    results: dict = {"stage": task.stage.name, "checkpoint": start.path, "datasets": {}}
     for entry in task.datasets:
         name, fmt = entry.get("name"), entry.get("format", "text")
         if entry.get("prefix"):

@@ -60,8 +60,10 @@ def optimizer_for(*, model, optimizer, schedule, layout, precision: str, steps: 
 
 
 def restore_or_initialize(*, root: str, init_checkpoint: str | None, distributed_optimizer: bool, model, optimizer,
-                          scheduler, metrics) -> ckpt.Restored | None:
-    """Resume from the stage's own checkpoints if any; otherwise load `init_checkpoint` weights."""
+                          scheduler, metrics, hf_init: str | None = None,
+                          vocab_size: int | None = None) -> ckpt.Restored | None:
+    """Resume from the stage's own checkpoints if any; otherwise load `init_checkpoint` weights, or the
+    converted Hugging Face checkpoint `hf_init` (`init = hf(DIR)`; `vocab_size`: the tokenizer's)."""
     set_phase("restore checkpoint")
     warn = rank0_print
     restored = ckpt.resume(root=root, chunks=model, optimizer=optimizer, scheduler=scheduler,
@@ -75,6 +77,17 @@ def restore_or_initialize(*, root: str, init_checkpoint: str | None, distributed
         set_phase(f"load init checkpoint {init_checkpoint}")
         ckpt.load_weights(init_checkpoint, chunks=model, optimizer=optimizer)
         metrics.event("initialized", checkpoint=init_checkpoint)
+    elif hf_init:
+        from nemoc.runtime.hf.load import LoadError, load_converted
+
+        set_phase(f"load Hugging Face checkpoint {hf_init}")
+        try:
+            for chunk in model:  # every virtual-pipeline chunk reads its own layers
+                load_converted(chunk, hf_init, vocab=vocab_size)
+        except LoadError as exc:  # a one-line error, like an unusable init checkpoint
+            raise ckpt.CheckpointError(str(exc)) from None
+        optimizer.reload_model_params()  # the fp32 main copy follows the loaded weights
+        metrics.event("initialized", hf_checkpoint=hf_init)
     return None
 
 
