@@ -48,7 +48,7 @@ def text_loss(chunk, documents: list[list[int]], seq_length: int, micro_batch: i
     common.unwrap(chunk).eval()
     total, count = 0.0, 0.0
     for batch in batches:
-        out = chunk(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels).float()
+        out = common.run(chunk, batch, labels=batch.labels).float()
         total += float((out * batch.loss_mask).sum())
         count += float(batch.loss_mask.sum())
     return total / max(count, 1.0), int(count)
@@ -77,7 +77,8 @@ def run(task: stage.StageTask) -> dict:
             results["datasets"][name] = {"format": fmt, **_loss_entry(loss, tokens)}
         elif fmt in stage.SFT_FORMATS:
             samples = [template.render(tok, c.messages) for c in read_sft(entry["path"], fmt)]
-            batches = sft.rows_to_batches([[s] for s in sft.truncate(samples, seq)], seq, micro, tok.pad)
+            batches = sft.rows_to_batches([[s] for s in sft.truncate(samples, seq)], seq, micro, tok.pad,
+                                          varlen=stage.varlen_attention(task))
             tokens = int(sum(float(b.loss_mask.sum()) for b in batches))
             results["datasets"][name] = {"format": fmt, **_loss_entry(sft.response_loss(chunk, batches), tokens)}
         elif fmt == "preference":

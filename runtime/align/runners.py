@@ -161,13 +161,16 @@ def run_sft(task: StageTask) -> dict:
     packing = bool(task.params.get("pack", True))
     rows = sft.pack(sft.truncate(train, seq), seq, packing)
     chunk = _policy(task, stage.policy_start(task))
-    val_batches = sft.rows_to_batches([[x] for x in sft.truncate(val, seq)], seq, s.layout.micro_batch, tok.pad) if val else []
+    varlen = stage.varlen_attention(task)
+    val_batches = sft.rows_to_batches([[x] for x in sft.truncate(val, seq)], seq, s.layout.micro_batch, tok.pad,
+                                      varlen=varlen) if val else []
     before = sft.response_loss(chunk, val_batches) if val_batches else None
     tr = _trainer(task, chunk)
     total = task.steps
     with stage.open_stage_metrics(task, total) as metrics:
         history, start = _fit(task, tr, metrics, items=rows, forward=sft.forward,
-                              to_microbatches=lambda share: sft.rows_to_batches(share, seq, s.layout.micro_batch, tok.pad),
+                              to_microbatches=lambda share: sft.rows_to_batches(share, seq, s.layout.micro_batch, tok.pad,
+                                                                                  varlen=varlen),
                               tokens_per_step=s.layout.global_batch * seq)
         after = sft.response_loss(chunk, val_batches) if val_batches else None
         if after is not None:

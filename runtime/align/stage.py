@@ -24,6 +24,7 @@ from nemoc.compiler.plan import Plan, StagePlan
 from nemoc.runtime import taskfile
 from nemoc.runtime.align import common
 from nemoc.runtime.align.common import AlignError
+from nemoc.runtime.core import dist
 from nemoc.runtime.metrics import open_metrics
 
 SFT_FORMATS = ("chat", "prompt_response")
@@ -146,14 +147,26 @@ def build(task: StageTask, *, checkpoint: str | Start | None, scalar_head: bool 
           single: bool = False, precision: str | None = None):
     """A chunk for this stage's layout (or TP=1 for single-process kinds), loaded from `checkpoint` (a
     parent's checkpoint directory, or a `Start`: a converted Hugging Face checkpoint)."""
-    layout = common.single_layout() if single else task.stage.layout
-    chunk = common.build_gpt(task.plan.model, layout, precision=precision or task.stage.execution.precision,
-                             vocab=task.vocab_size, seq_length=task.stage.seq_length, scalar_head=scalar_head)
+    ex = task.stage.execution
+    if single or precision is not None:  # one process (export, eval today): TP=1, the same attention core
+        chunk = common.build_gpt(task.plan.model, common.single_layout(), precision=precision or ex.precision,
+                                 vocab=task.vocab_size, seq_length=task.stage.seq_length, scalar_head=scalar_head,
+                                 attention_backend=ex.attention)
+    else:  # the stage's execution as planned: the construction pretraining uses (runtime/core/build.py)
+        chunk = common.build_gpt(task.plan.model, task.stage.layout, execution=ex, vocab=task.vocab_size,
+                                 seq_length=task.stage.seq_length, scalar_head=scalar_head,
+                                 facts=dist.machine_facts(task.stage.kernels))
     if isinstance(checkpoint, Start) and checkpoint.hf:
         load_hf(chunk, checkpoint.path, vocab=task.vocab_size, skip_output=skip_output)
     elif checkpoint:
         common.load_model(chunk, str(checkpoint), skip_output=skip_output)
     return chunk
+
+
+def varlen_attention(task: StageTask) -> bool:
+    """Whether the stage's attention core takes packed sequences as variable-length segments (TE's, or the
+    SDPA core of runtime/model.py); Megatron's unfused core needs an explicit mask instead."""
+    return task.stage.execution.attention != "unfused"
 
 
 def load_hf(chunk, converted: str, *, vocab: int, skip_output: bool = False) -> None:

@@ -23,6 +23,25 @@ def converted_vocab(converted: str | Path) -> int:
     return int(convert.read_manifest(converted)["architecture"]["vocab"])
 
 
+# Transformer Engine's layer spec fuses each pre-norm into the linear layer after it
+_TE_NORMS = ((".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
+             (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"))
+
+
+def _te_names(state: dict, ours: dict) -> dict:
+    """The converted (local-spec) names renamed to the chunk's where it is built with TE's spec."""
+    out = {}
+    for name, tensor in state.items():
+        for local, te in _TE_NORMS:
+            if local in name:
+                head, tail = name.split(local, 1)
+                fused = f"{head}{te}{tail}"
+                if fused in ours and name not in ours:
+                    name = fused
+        out[name] = tensor
+    return out
+
+
 def _chunk_layers(gpt) -> tuple[int, int] | None:
     layers = list(getattr(gpt.decoder, "layers", []))
     if not layers:
@@ -55,6 +74,7 @@ def load_converted(chunk, converted: str | Path, *, vocab: int, skip_output: boo
     if skip_output:
         state = {k: v for k, v in state.items() if not k.startswith("output_layer.")}
     ours = gpt.state_dict()
+    state = _te_names(state, ours)
     for name, tensor in state.items():
         if name in ours and tuple(ours[name].shape) != tuple(tensor.shape):
             raise LoadError(f"{converted}: {name} has shape {tuple(tensor.shape)}, the model expects "
