@@ -157,13 +157,26 @@ KERNELS = ("te", "local")
 #           apex/TE kernel): baddbmm writes 2; .float() reads 2 writes 4; masked_fill_ reads 4
 #           writes 4; fp32 softmax reads 4 writes 4; .bfloat16() reads 4 writes 2; PV reads 2 (32).
 #           Backward: dP written 2, P read 2; cast back to fp32 reads 2 writes 4; softmax backward
-#           reads 8 writes 4; masked_fill backward reads 4 writes 4; cast to 16-bit reads 4 writes
-#           2; dQ, dK read dS 4 (40). The causal mask (bool, s x s, broadcast over batch and heads)
-#           is re-read by masked_fill_ and its backward for every head: each head's fp32 scores
-#           (64 MiB at s = 4096) evict it from L2: +1 each way (33, 41).
-# Checks (docs/calibration.md): a public Nsight profile of this local path on an A40 measures ~119 B
-# per score where these counts give 100 for its configuration; the H200 runs measure ~140 vs 74.
-SCORE_BYTES = {"te": (8.0, 14.0), "local": (33.0, 41.0)}
+#           is two kernels in PyTorch (`softmax_backward_cuda_out`: `tmp = grad * output` reads 8
+#           writes 4, then `cunn_SoftMaxBackwardSmem` reads tmp and output 8 writes 4: 24);
+#           masked_fill_'s backward is the out-of-place `grad.masked_fill(mask, 0)`
+#           (derivatives.yaml), which ATen runs as `clone()` (reads 4 writes 4) then the in-place
+#           fill (reads 4 writes 4: 16); cast to 16-bit reads 4 writes 2; dQ, dK read dS 4 (60).
+#           The causal mask (bool, s x s, broadcast over batch and heads) is re-read by masked_fill_
+#           and its backward for every head: each head's fp32 scores (64 MiB at s = 4096) evict it
+#           from L2: +1 each way (33, 61).
+# Checks (docs/calibration.md): a public Nsight profile of this local path on an A40 shows both
+# backward kernels (`BinaryFunctor Mul<float>` and `cunn_SoftMaxBackwardSmem`, one call each per
+# layer and step).
+SCORE_BYTES = {"te": (8.0, 14.0), "local": (33.0, 61.0)}
+# The score matrix (b x heads x s x s, gigabytes per layer) is streamed through HBM many times the
+# size of L2, so its kernels run at the bandwidth a streaming kernel achieves, not the datasheet
+# peak: the public A40 profile above times PyTorch's kernels over the scores of its run at 0.75-0.82
+# of the A40's 696 GB/s (grad x output multiply 0.80, shared-memory softmax backward 0.82, softmax
+# forward 0.79, dropout and its backward 0.75), as STREAM-type copies reach ~0.8-0.9 of the peak on
+# every recent NVIDIA GPU. The per-token tensors of the other memory-bound terms (tens of MiB, the
+# size of L2) are not derated: part of their traffic stays on chip.
+SCORE_STREAM_FRACTION = 0.8
 # The local spec rebuilds the causal mask in every layer's forward (`get_default_causal_mask` is not
 # cached in Megatron-Core 0.16.1: torch.ones(s, s) in fp32 written 4, triu read 4 written 4, .bool()
 # read 4 written 1): 17 bytes per s x s element per layer forward, shared by the batch and heads.
@@ -332,10 +345,11 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         fwd_b, bwd_b = SCORE_BYTES[kernels]
         if dropout:  # torch dropout on the 16-bit probabilities: mask and output written, read back
             fwd_b, bwd_b = fwd_b + DROPOUT_SCORE_BYTES[0], bwd_b + DROPOUT_SCORE_BYTES[1]
-        fwd = attn_flops / rate16 + fwd_b * scores / hw.hbm_bw
+        stream = hw.hbm_bw * SCORE_STREAM_FRACTION
+        fwd = attn_flops / rate16 + fwd_b * scores / stream
         if kernels == "local":  # the causal mask, rebuilt once per layer forward
-            fwd += LOCAL_CAUSAL_MASK_BYTES * span * seq / layout.cp / hw.hbm_bw
-        bwd = 2.0 * attn_flops / rate16 + bwd_b * scores / hw.hbm_bw
+            fwd += LOCAL_CAUSAL_MASK_BYTES * span * seq / layout.cp / stream
+        bwd = 2.0 * attn_flops / rate16 + bwd_b * scores / stream
         attention = fwd * (1.0 + (1.0 if recomputed else 0.0)) + (bwd if backward else 0.0)
         act -= acts.scores  # charged explicitly above
     else:
