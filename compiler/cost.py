@@ -38,6 +38,7 @@ from nemoc.compiler.flops import (
     lora_params_per_layer,
     padded_vocab,
     param_counts,
+    recomputed_fraction,
     stage_model_flops_per_step,
     stage_work,
 )
@@ -317,7 +318,21 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     `kernels`: "te" (Transformer Engine's / Megatron's fused kernels) or "local" (Megatron-Core's
     local spec on plain PyTorch: the extra memory-bound traffic and launches of its unfused kernels).
     `dropout`: hidden and attention dropout are on (GPT-3-era training; the nemoc runtime sets 0):
-    their masks join the stored activations, and the unfused core drops out every score."""
+    their masks join the stored activations, and the unfused core drops out every score.
+    Block recompute (`layout.recompute_layers`: n layers of each model chunk replay their forward,
+    Megatron `recompute_method = "block"`) is the mean of a fully recomputed and a kept layer,
+    weighted by the replayed share (`flops.recomputed_fraction`)."""
+    if layout.recompute == "full" and layout.recompute_layers is not None:
+        frac = recomputed_fraction(model.layers, layout.pp, layout.vp, "full", layout.recompute_layers)
+        kw = dict(seq=seq, precision=precision, attention_backend=attention_backend, micro_batch=micro_batch,
+                  backward=backward, params=params, attention_span=attention_span, overlap_tp=overlap_tp,
+                  kernels=kernels, dropout=dropout)
+        full = layer_times(model, replace(layout, recompute_layers=None), hw, **kw)
+        if frac >= 1.0:
+            return full
+        kept = layer_times(model, replace(layout, recompute="none", recompute_layers=None), hw, **kw)
+        mix = [frac * a + (1.0 - frac) * b for a, b in zip(_fields(full), _fields(kept))]
+        return LayerTimes(*mix[:-1], full.forward_fraction)
     tokens = micro_batch * seq / layout.cp  # GEMM rows on this GPU (SP re-gathers the sequence)
     gen = hw.generation
     low = precision in ("fp8", "mxfp8")
@@ -377,6 +392,10 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     cp_comm = _cp_comm(model, layout, hw, tokens, passes, attention, params)
     ep_comm = _ep_comm(model, layout, hw, tokens, passes, params)
     return LayerTimes(gemm, attention, elementwise, tp_comm, cp_comm, ep_comm, 1.0 / passes)
+
+
+def _fields(lt: LayerTimes) -> tuple[float, ...]:
+    return (lt.gemm, lt.attention, lt.elementwise, lt.tp_comm, lt.cp_comm, lt.ep_comm, lt.forward_fraction)
 
 
 _DOMAINS: dict[tuple[str, int], HardwareSpec] = {}

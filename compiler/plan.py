@@ -153,6 +153,9 @@ class Layout:
     sequence_parallel: bool
     distributed_optimizer: bool
     recompute: str  # none | selective | full
+    # recompute = full only: layers per model chunk recomputed (Megatron `recompute_method = "block"`,
+    # `recompute_num_layers`); None = every layer (`uniform`, 1)
+    recompute_layers: int | None = None
     tp_comm_overlap: bool = False  # TE userbuffer TP overlap (`TransformerConfig.tp_comm_overlap`)
     grad_reduce_in_fp32: bool = True  # `DistributedDataParallelConfig.grad_reduce_in_fp32`
     overlap_param_gather: bool = False  # `DistributedDataParallelConfig.overlap_param_gather`

@@ -159,7 +159,7 @@ def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> Pa
     experiment's block is dropped (one the stage's own block fixes is an E126 error of check_spec)."""
     pipeline = parallel.pipeline if target.caps(kind).pipeline else 1
     return replace(parallel, context=parallel.context if parallel.context is not None else 1,
-                   distributed_optimizer=False, recompute="none", virtual_pipeline=1, pipeline=pipeline,
+                   distributed_optimizer=False, recompute="none", recompute_layers=None, virtual_pipeline=1, pipeline=pipeline,
                    micro_batch=parallel.micro_batch or 1, tp_comm_overlap=False, overlap_param_gather=False,
                    grad_reduce_in_fp32=True)
 
@@ -167,10 +167,11 @@ def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> Pa
 # ------------------------------------------------------------------------------- not fitting: why
 
 
-_RELAX_ORDER = ("recompute", "micro_batch", "sequence_parallel", "distributed_optimizer", "tensor", "pipeline",
+_RELAX_ORDER = ("recompute_layers", "recompute", "micro_batch", "sequence_parallel", "distributed_optimizer", "tensor", "pipeline",
                 "virtual_pipeline", "context", "expert", "expert_tensor", "data")
 _FIELD_OF = {"tensor": "tp", "pipeline": "pp", "virtual_pipeline": "vp", "context": "cp", "expert": "ep",
              "expert_tensor": "etp", "data": "dp", "micro_batch": "micro_batch", "recompute": "recompute",
+             "recompute_layers": "recompute_layers",
              "sequence_parallel": "sequence_parallel", "distributed_optimizer": "distributed_optimizer"}
 
 
@@ -191,6 +192,9 @@ def cheapest_fix(problem: Problem) -> str | None:
         if best is not None:
             value = getattr(best.layout, _FIELD_OF[name])
             value = "none" if name == "virtual_pipeline" and value is None else value
+            if name == "recompute_layers" and value is None:
+                return (f"remove recompute_layers (instead of {problem.fixed.recompute_layers}): "
+                        f"{describe(best.layout)} fits")
             return f"set {name} = {_value(value)} (instead of {_value(getattr(problem.fixed, name))})"
     c = problem.cluster
     fixed = replace(problem.fixed, data=None)

@@ -91,6 +91,10 @@ class ParallelSpec:
     sequence_parallel: bool | None = None
     distributed_optimizer: bool | None = None  # auto: on, off with sgd in a training stage (search, E129)
     recompute: str | None = None  # none | selective | full
+    # With recompute = full: transformer layers per model chunk whose input is checkpointed and
+    # replayed (Megatron `recompute_method = "block"`); None = auto (the search), all layers when fixed
+    # to full without it.
+    recompute_layers: int | None = None
     micro_batch: int | None = None
     # Recipe performance settings (fixed, not searched): Transformer Engine's userbuffer TP
     # communication overlap, and Megatron DDP's gradient reduction dtype (fp32 main grads, or the

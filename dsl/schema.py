@@ -220,6 +220,12 @@ PARALLEL_FIELDS = (
        "Default `auto`: on with Adam (never slower nor larger), off with SGD (Megatron's distributed "
        "optimizer wraps Adam only).", auto=True),
     _f("recompute", enum("none", "selective", "full"), None, "Activation recomputation.", auto=True),
+    _f("recompute_layers", POSITIVE, None, "With recompute = full: how many transformer layers of each model "
+       "chunk (pipeline stage, or virtual stage) recompute their activations in the backward (Megatron "
+       "`recompute_method = block`, `recompute_num_layers`); the chunk's other layers keep theirs. Default "
+       "`auto`: every layer when recompute is full and the search has no reason for fewer; the search "
+       "tries a quarter, a half and three quarters of a chunk's layers when no recompute does not fit.",
+       auto=True),
     _f("micro_batch", POSITIVE, None, "Sequences per micro-batch per data-parallel rank.", auto=True),
     _f("tp_comm_overlap", BOOL, False, "Overlap tensor-parallel communication with the GEMMs (Transformer "
        "Engine userbuffers, `tp_comm_overlap`); needs kernels te, tensor > 1 and sequence parallelism."),

@@ -146,11 +146,17 @@ def _activation(model: ModelSpec) -> tuple[object, bool]:
     raise UnsupportedPlan(f"activation {model.activation!r} is not supported (swiglu | gelu | relu | squared_relu)")
 
 
-def _recompute_kwargs(recompute: str) -> dict:
+def _recompute_kwargs(recompute: str, layers: int | None = None) -> dict:
+    """The plan's `recompute` and `recompute_layers` as TransformerConfig fields."""
     if recompute in ("none", "", None):
         return {}
     if recompute == "selective":  # recompute only the attention core (Korthikanti et al. 2022, sec. 5)
         return dict(recompute_granularity="selective")
+    if recompute == "full" and layers is not None:
+        # block: the first `layers` layers of every model chunk checkpoint their input and replay in
+        # backward, the chunk's other layers keep their activations (transformer_block.py
+        # _checkpointed_forward, recompute_method == "block")
+        return dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=layers)
     if recompute == "full":  # checkpoint every layer's input, replay the layer in backward
         return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     raise UnsupportedPlan(f"recompute {recompute!r} is not supported (none | selective | full)")
@@ -255,7 +261,7 @@ def transformer_config(
         batch_p2p_comm=not facts.cpu and not overlap_p2p and not _interleaved(layout),
         deterministic_mode=deterministic,
         attention_backend=_megatron_attention_backend(attention_backend, facts, AttnBackend),
-        **_recompute_kwargs(layout.recompute),
+        **_recompute_kwargs(layout.recompute, layout.recompute_layers),
         **pipeline_split_kwargs(execution.pipeline if execution is not None else None),
         **_te_fusions(execution.fusions if execution is not None else None, facts),
     )
@@ -458,7 +464,7 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
     args += _flags(dict(sequence_parallel=lay.sequence_parallel))
     if lay.distributed_optimizer:
         args.append("--use-distributed-optimizer")
-    args += _flags(_recompute_kwargs(lay.recompute))
+    args += _flags(_recompute_kwargs(lay.recompute, lay.recompute_layers))
     args += _flags(pipeline_split_kwargs(stage.execution.pipeline))
     args += _flags({k: v for k, v in _ddp_kwargs(lay, stage.execution.overlaps).items()
                     if k != "use_distributed_optimizer"})

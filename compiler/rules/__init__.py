@@ -78,6 +78,8 @@ from nemoc.compiler.rules.parallel import (  # noqa: F401
     warn_padded_vocab,
     warn_useless_distributed_optimizer,
     rule_overlap_param_gather,
+    rule_recompute_layers,
+    rule_recompute_layers_chunk,
 )
 from nemoc.compiler.rules.moe import (  # noqa: F401
     expert_tp_options,

@@ -35,6 +35,7 @@ class Sizes:
     sequence_parallel: bool | None = None
     distributed_optimizer: bool | None = True
     recompute: str | None = None
+    recompute_layers: int | None = None
     seq_length: int = 0
     tp_comm_overlap: bool = False
     overlap_param_gather: bool = False

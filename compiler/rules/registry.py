@@ -25,6 +25,8 @@ from nemoc.compiler.rules.moe import (
 )
 from nemoc.compiler.rules.parallel import (
     rule_overlap_param_gather,
+    rule_recompute_layers,
+    rule_recompute_layers_chunk,
     rule_context_backend,
     rule_context_seq,
     rule_ffn_tp,
@@ -78,7 +80,8 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_moe_bias_runtime, rule_moe_tp_needs_sp, rule_sgd_distributed_optimizer,
     rule_precision_hardware, rule_fp8_needs_te, rule_te_needs_gpu, rule_fp32_attention, rule_attention_head_dim,
     rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions, rule_tp_comm_overlap,
-    rule_overlap_param_gather,
+    rule_overlap_param_gather, rule_recompute_layers,
+    rule_recompute_layers_chunk,
 )
 
 
@@ -113,6 +116,8 @@ def layout_violations(env: Env, sizes: Sizes) -> Violation | None:
 CODES: dict[str, Rule] = {
     "E160": rule_tp_comm_overlap,
     "E161": rule_overlap_param_gather,
+    "E162": rule_recompute_layers,
+    "E163": rule_recompute_layers_chunk,
     "E101": rule_world_size,
     "E102": rule_heads_tp,
     "E103": rule_query_groups_tp,

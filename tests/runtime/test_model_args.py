@@ -60,6 +60,11 @@ def test_parallel_fields_and_cpu_specifics():
     assert (c.tensor_model_parallel_size, c.pipeline_model_parallel_size) == (2, 2)
     assert c.virtual_pipeline_model_parallel_size == 2 and c.sequence_parallel
     assert c.recompute_granularity == "full" and c.recompute_method == "uniform" and c.recompute_num_layers == 1
+    # block recompute: the plan's recompute_layers per model chunk (Megatron-Core's TransformerConfig
+    # accepts the triple; transformer_block.py replays the chunk's first n layers)
+    b = config(layout=lay(pp=2, vp=2, recompute="full", recompute_layers=1))
+    assert (b.recompute_granularity, b.recompute_method, b.recompute_num_layers) == ("full", "block", 1)
+    assert "--recompute-method block" in " ".join(margs._flags(margs._recompute_kwargs("full", 1)))
     # gloo: batched p2p is silently wrong for pp=2 + VPP; CPU init makes weights layout-independent
     assert c.batch_p2p_comm is False and c.use_cpu_initialization is True
     g = config(layout=lay(tp=2, sequence_parallel=True, recompute="selective"), facts=GPU_TE)
