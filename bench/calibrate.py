@@ -527,6 +527,7 @@ def planned(rows: list[dict]) -> list[dict]:
     import tempfile
 
     from nemoc.compiler.planner import plan_experiment
+    from nemoc.compiler.search import recompute_text
     from nemoc.runtime.target import NEMOC_RUNTIME
     from nemoc.dsl.diagnostics import DiagnosticError
     from nemoc.runtime.cli_common import load_spec
@@ -557,7 +558,8 @@ def planned(rows: list[dict]) -> list[dict]:
                                          tp_comm_overlap=False, grad_reduce_in_fp32=True, overlap_param_gather=False)
             same = chosen == case.layout  # (ETP is moot for dense models; recompute may be auto)
             out.append({**base, "predicted": pred, "error": pred / case.measured - 1.0, "layout_kept": same,
-                        "recompute": st.layout.recompute, "memory_gib": st.memory.total / GIB,
+                        "recompute": recompute_text(st.layout.recompute, st.layout.recompute_layers),
+                        "memory_gib": st.memory.total / GIB,
                         "plan_s": result.elapsed_s, "problem": stage.problem, "layout": stage.chosen.layout})
     return out
 

@@ -44,13 +44,13 @@ def test_rows_are_sourced(calibrate) -> None:
 
 
 def test_throughput_error_bounds(results) -> None:
-    """Through the language (docs/calibration.md): 83 planned rows, median 4.6 %, max 30.6 %."""
+    """Through the language (docs/calibration.md): 83 planned rows, median 4.3 %, max 24.5 %."""
     _, used = results
     errors = [abs(r["error"]) for r in used]
     assert len(errors) >= 83
-    assert statistics.median(errors) <= 0.047
-    assert max(errors) <= 0.31
-    assert sum(e <= 0.15 for e in errors) >= 74
+    assert statistics.median(errors) <= 0.044
+    assert max(errors) <= 0.25
+    assert sum(e <= 0.15 for e in errors) >= 75
 
 
 def test_reliable_rows_error_bounds(calibrate, results) -> None:
@@ -58,7 +58,8 @@ def test_reliable_rows_error_bounds(calibrate, results) -> None:
     errors = [abs(r["error"]) for r in used if calibrate.reliable(r)]
     assert len(errors) >= 73
     assert statistics.median(errors) <= 0.047
-    assert sum(e <= 0.15 for e in errors) >= 68
+    assert max(errors) <= 0.22  # Nemotron-4 340B on H100 (A10/A28/A46), docs/calibration.md
+    assert sum(e <= 0.15 for e in errors) >= 69
 
 
 def test_every_nemo_2407_pretraining_layout_plans_as_published(planned) -> None:
