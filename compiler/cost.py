@@ -92,7 +92,7 @@ class EfficiencyParams:
     gemm_ampere_16: float = 0.71
     gemm_hopper_16: float = 0.67
     gemm_hopper_8: float = 0.465
-    gemm_blackwell_8: float = 0.38
+    gemm_blackwell_8: float = 0.39
     attn: float = 0.44
     kappa: float = 4.6
     link: float = 0.75
@@ -188,6 +188,13 @@ LOCAL_CAUSAL_MASK_BYTES = 17.0
 # (read 4), divide in place (4 + 4) = 38; backward, the saved softmax scaled in place by the loss
 # gradient (4 + 4) and autograd's cast of that fp32 gradient to the logits' 16-bit dtype (4 + 2) = 14.
 CROSS_ENTROPY_BYTES = (38.0, 14.0)
+# FP8 current scaling (`fp8_recipe = tensorwise`, TE `Float8CurrentScaling`): a tensor's scale comes from
+# its own amax, so each quantised GEMM operand is read once more (2 B per 16-bit element) by the amax
+# kernel before the cast kernel; delayed scaling takes the scale from the amax history and fuses the
+# amax into the cast, and blockwise / mxfp8 compute each block's scale inside the cast. Forward: each
+# GEMM's input (QKV, projection, fc1, fc2); backward: each GEMM's output gradient. Weights are
+# quantised once per step and cached (not counted per micro batch).
+FP8_CURRENT_SCALING_BYTES = 2.0
 # Attention dropout on the probabilities (Megatron-LM's GPT-3-era default 0.1, outside the fused
 # softmax kernel): forward reads 2, writes the 1-byte mask and the 2-byte output (5); backward reads
 # the gradient 2 and the mask 1, writes 2 (5).
@@ -309,7 +316,8 @@ def _layer_gemm_shapes(model: ModelSpec, tp: int, ep: int, etp: int) -> tuple[tu
 def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int, precision: str,
                 attention_backend: str, micro_batch: int, backward: float = 2.0,
                 params: EfficiencyParams = DEFAULT_PARAMS, attention_span: float | None = None,
-                overlap_tp: bool = False, kernels: str = "te", dropout: bool = False) -> LayerTimes:
+                overlap_tp: bool = False, kernels: str = "te", dropout: bool = False,
+                fp8_recipe: str | None = None) -> LayerTimes:
     """Forward + backward time of one layer for one micro batch. `backward` is the backward/forward
     GEMM ratio: 2 (input and weight gradients), 1 for a frozen base under LoRA (input gradients
     only), 0 for forward-only stages. `attention_span`: the mean length of the samples packed into
@@ -326,7 +334,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         frac = recomputed_fraction(model.layers, layout.pp, layout.vp, "full", layout.recompute_layers)
         kw = dict(seq=seq, precision=precision, attention_backend=attention_backend, micro_batch=micro_batch,
                   backward=backward, params=params, attention_span=attention_span, overlap_tp=overlap_tp,
-                  kernels=kernels, dropout=dropout)
+                  kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe)
         full = layer_times(model, replace(layout, recompute_layers=None), hw, **kw)
         if frac >= 1.0:
             return full
@@ -340,7 +348,8 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     in_bytes = 1.0 if low else (4.0 if precision == "fp32" else 2.0)
     passes = 1.0 + backward
     gemm = 0.0
-    for n, k, share in _layer_gemm_shapes(model, layout.tp, layout.ep, layout.etp):
+    shapes = _layer_gemm_shapes(model, layout.tp, layout.ep, layout.etp)
+    for n, k, share in shapes:
         gemm += passes * gemm_time(tokens * share, n, k, flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=in_bytes,
                                    n_half=params.gemm_n_half)
     span = min(seq, attention_span) if attention_span else seq
@@ -380,6 +389,11 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     if layout.recompute == "full":
         gemm *= (passes + 1.0) / passes
         elementwise *= 4.0 / 3.0
+    if fp8_recipe == "tensorwise" and precision == "fp8":
+        inputs = tokens * sum(k * share for _, k, share in shapes)
+        grads = tokens * sum(n * share for n, _, share in shapes)
+        replays = 2.0 if layout.recompute == "full" and backward else 1.0
+        elementwise += FP8_CURRENT_SCALING_BYTES * (replays * inputs + (grads if backward else 0.0)) / hw.hbm_bw
     overhead = params.layer_overhead * passes / 3.0
     if kernels == "local":
         rep = layout.tp if layout.sequence_parallel else 1
@@ -590,7 +604,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              overlap_p2p: bool = RUNTIME_OVERLAPS_P2P, p2p_scatter_gather: bool = False,
              overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
              overlap_grad_reduce: bool = True, dropout: bool = False,
-             overlap_param_gather: bool = RUNTIME_OVERLAPS_PARAM_GATHER) -> Estimate:
+             overlap_param_gather: bool = RUNTIME_OVERLAPS_PARAM_GATHER, fp8_recipe: str | None = None) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
@@ -606,7 +620,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     fusion, torch's foreach Adam; see the traffic constants above). `overlap_grad_reduce`: the
     data-parallel reduction overlaps the last backward (Megatron-Core DDP, the nemoc runtime);
     False for Megatron-LM 2021, which reduced after the flush. `dropout`: hidden and attention dropout
-    on (see `layer_times`; the nemoc runtime trains without).
+    on (see `layer_times`; the nemoc runtime trains without). `fp8_recipe`: the stage's FP8 recipe
+    (`tensorwise` adds the amax pass of current scaling, FP8_CURRENT_SCALING_BYTES).
 
     The stage's model passes come from `flops.stage_work`: the first (the model the optimizer
     updates) is costed term by term; the others (DPO reference, PPO critic, experience forwards)
@@ -626,7 +641,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     mb = layout.micro_batch * work.rows  # preference pairs: chosen + rejected rows
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
                      micro_batch=mb, backward=main.backward, params=params, attention_span=attention_span,
-                     overlap_tp=overlap_tp, kernels=kernels, dropout=dropout)
+                     overlap_tp=overlap_tp, kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe)
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                       params=params, scalar_head=main.scalar_head, split=split)
     m = layout.num_microbatches

@@ -128,7 +128,7 @@ class Execution:
     attention: str  # the attention core built: auto | flash | fused | unfused
     precision: str  # the stage's precision recipe: bf16 | fp16 | fp32 | fp8 | mxfp8 (eval never fp8)
     params_dtype: str  # bf16 | fp16 | fp32: weights and activations (fp8 keeps bf16 master weights)
-    fp8_recipe: str | None  # delayed | mxfp8 | None
+    fp8_recipe: str | None  # delayed | tensorwise | blockwise | mxfp8 | None (execution.fp8_recipe_of)
     pipeline: PipelineSplit  # decoder layers per pipeline stage
     vocab_multiple: int  # the embedding is padded to a multiple of this (128 x tp)
     padded_vocab: int  # the model's vocabulary padded so

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
-from nemoc.compiler.execution import stage_execution
+from nemoc.compiler.execution import fp8_recipe_of, stage_execution
 from nemoc.compiler.flops import param_counts
 from nemoc.compiler.memory import resident_models, weight_bytes
 from nemoc.compiler.plan import Estimate, Plan, StagePlan
@@ -146,6 +146,7 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
     return Problem(
         model=spec.model, cluster=spec.cluster, gpu=gpu, fixed=parallel, global_batch=stage.global_batch,
         seq_length=stage_seq_length(spec, stage), precision=target.stage_precision(stage.kind, spec.precision),
+        fp8_recipe=fp8_recipe_of(target.stage_precision(stage.kind, spec.precision), spec.fp8_recipe),
         attention_backend=backend,
         stage_kind=stage.kind, peft=stage.peft, params=stage.params, headroom=headroom, steps=steps,
         kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=stage.optimizer.name, target=target,
@@ -299,7 +300,7 @@ def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps
     execution = stage_execution(
         model=spec.model, gpu=spec.cluster.gpu, layout=chosen.layout, split=chosen.split, stage_kind=stage.kind,
         precision=spec.precision, attention_backend=problem.attention_backend, kernels=problem.kernels,
-        seq_length=seq, peft=stage.peft, params=stage.params, target=problem.target)
+        seq_length=seq, peft=stage.peft, params=stage.params, target=problem.target, fp8_recipe=spec.fp8_recipe)
     return StagePlan(
         name=stage.name, kind=stage.kind, after=stage.after, data=stage.data, layout=chosen.layout,
         memory=chosen.memory, estimate=estimate, seq_length=seq, steps=steps, optimizer=stage.optimizer,

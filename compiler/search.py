@@ -95,6 +95,7 @@ class Problem:
     global_batch: int | None  # None: Megatron's default, micro_batch x dp
     seq_length: int
     precision: str = "bf16"
+    fp8_recipe: str | None = None  # the stage's resolved recipe (execution.fp8_recipe_of); None: not fp8
     attention_backend: str = "flash"  # the plan's: auto | flash | fused | unfused (auto is costed as flash)
     stage_kind: str = "pretrain"
     peft: LoraSpec | None = None
@@ -123,7 +124,7 @@ class Problem:
         arch = self.gpu.generation
         precisions = tuple(p for p in ("bf16", "fp16", "fp32", "fp8", "mxfp8") if self.gpu.supports(p))
         return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind,
-                   self.kernels, self.optimizer, self.target)
+                   self.kernels, self.optimizer, self.target, self.fp8_recipe)
 
     @property
     def auto_distributed_optimizer(self) -> bool:
@@ -263,7 +264,7 @@ def evaluate_time(p: Problem, layout: Layout, params: cost.EfficiencyParams = co
         seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
         split=_stage_layers(p, layout), kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
         overlap_tp=layout.tp_comm_overlap, overlap_param_gather=layout.overlap_param_gather, params=params,
-        overlap_p2p=p.target.overlap_p2p,
+        overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe,
     )
 
 

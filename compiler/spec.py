@@ -189,6 +189,7 @@ class ExperimentSpec:
     cluster: ClusterSpec
     parallel: ParallelSpec
     precision: str = "bf16"  # bf16 | fp16 | fp32 | fp8 | mxfp8
+    fp8_recipe: str | None = None  # delayed | tensorwise | blockwise | mxfp8; None = auto (execution.fp8_recipe_of)
     attention_backend: str = "auto"  # auto | flash | fused | unfused
     kernels: str = "auto"  # auto | te | local (resolve_kernels)
     data: tuple[DataSpec, ...] = ()

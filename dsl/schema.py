@@ -389,6 +389,13 @@ TRACKING_FIELDS = (
 
 EXPERIMENT_FIELDS = (
     _f("precision", enum("bf16", "fp16", "fp32", "fp8", "mxfp8"), "bf16", "Training precision."),
+    _f("fp8_recipe", enum("delayed", "tensorwise", "blockwise", "mxfp8"), None,
+       "How Transformer Engine scales FP8 tensors (Megatron-Core `fp8_recipe`): `delayed` (scales from an "
+       "amax history), `tensorwise` (current scaling: each tensor's amax read before it is cast, one more "
+       "pass over it), `blockwise` (128-element blocks, TE >= 2.3), `mxfp8` (32-element microscaling, the "
+       "recipe of precision = mxfp8). Default `auto`: `tensorwise` for precision = fp8 (Megatron-Bridge's "
+       "FP8-CS performance recipes), `mxfp8` for precision = mxfp8. Only with an fp8 precision (E164).",
+       auto=True),
     _f("attention_backend", enum("auto", "flash", "fused", "unfused"), "auto",
        "Attention kernel. With Transformer Engine: `auto` lets TE pick flash-attn or cuDNN fused attention, "
        "`flash` / `fused` pin one (bf16 / fp16 only, head dim a multiple of 8; flash: at most 256), `unfused` "

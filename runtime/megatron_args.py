@@ -221,6 +221,7 @@ def transformer_config(
     if precision is None or attention_backend is None:
         raise TypeError("transformer_config needs the stage's execution, or precision and attention_backend")
     _check_supported(model=model, layout=layout, precision=precision, facts=facts)
+    _check_fp8_recipe(execution.fp8_recipe if execution is not None else None, facts)
     overlap_p2p = execution.overlaps.p2p if execution is not None else False
     activation, glu = _activation(model)
     dtype = params_dtype(precision)
@@ -293,6 +294,25 @@ def _moe_kwargs(model: ModelSpec, layout: Layout) -> dict:
         # model with add_bias_linear (E140 in `nemoc check`).
         add_bias_linear=False,
     )
+
+
+# Transformer Engine versions Megatron-Core 0.16.1 builds each FP8 recipe with (fp8_utils.py
+# get_fp8_recipe: Float8CurrentScaling from 2.2, Float8BlockScaling from 2.3, MXFP8 and delayed from 2.1).
+_FP8_RECIPE_TE = {"delayed": "2.1.0", "tensorwise": "2.2.0.dev0", "blockwise": "2.3.0.dev0", "mxfp8": "2.1.0"}
+
+
+def _check_fp8_recipe(recipe: str | None, facts: MachineFacts) -> None:
+    """Refuse a plan whose FP8 recipe this machine's Transformer Engine cannot build (Megatron-Core would
+    raise inside the first forward)."""
+    if recipe is None or not facts.have_te:
+        return  # no fp8, or no TE at all: _check_supported refuses fp8 without TE
+    from megatron.core.utils import is_te_min_version
+
+    need = _FP8_RECIPE_TE[recipe]
+    if not is_te_min_version(need):
+        raise UnsupportedPlan(f"fp8_recipe = {recipe} needs Transformer Engine >= {need.split('.dev')[0]} "
+                              "(megatron/core/fp8_utils.py get_fp8_recipe); set fp8_recipe = delayed or upgrade "
+                              "Transformer Engine")
 
 
 def _fp8_kwargs(precision: str, recipe: str | None = None) -> dict:

@@ -100,6 +100,7 @@ from nemoc.compiler.rules.moe import (  # noqa: F401
 from nemoc.compiler.rules.precision import (  # noqa: F401
     _local_why,
     rule_fp8_needs_te,
+    rule_fp8_recipe,
     rule_te_needs_gpu,
     _PRECISION_NEEDS,
     rule_precision_hardware,

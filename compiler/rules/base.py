@@ -55,6 +55,7 @@ class Env:
     kernels: str = "te"  # the experiment's resolved `kernels`: te | local
     optimizer: str = "adam"  # the stage's optimizer: adam | sgd
     target: Target = MEGATRON_CORE  # what the runtime that executes the plan can run
+    fp8_recipe: str | None = None  # the recipe the user wrote (None = auto)
 
     @property
     def stage_kernels(self) -> str:

@@ -68,6 +68,7 @@ def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend
         attention_backend=attention_backend or spec.attention_backend,
         gpu_arch=arch, gpu_precisions=precisions, stage_kind=stage_kind,
         kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=optimizer, target=target,
+        fp8_recipe=spec.fp8_recipe,
     )
 
 

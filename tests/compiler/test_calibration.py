@@ -44,22 +44,22 @@ def test_rows_are_sourced(calibrate) -> None:
 
 
 def test_throughput_error_bounds(results) -> None:
-    """Through the language (docs/calibration.md): 83 planned rows, median 4.3 %, max 24.5 %."""
+    """Through the language (docs/calibration.md): 83 planned rows, median 4.1 %, max 25.4 % (C21)."""
     _, used = results
     errors = [abs(r["error"]) for r in used]
     assert len(errors) >= 83
-    assert statistics.median(errors) <= 0.044
-    assert max(errors) <= 0.25
-    assert sum(e <= 0.15 for e in errors) >= 75
+    assert statistics.median(errors) <= 0.042
+    assert max(errors) <= 0.26
+    assert sum(e <= 0.15 for e in errors) >= 74
 
 
 def test_reliable_rows_error_bounds(calibrate, results) -> None:
     _, used = results
     errors = [abs(r["error"]) for r in used if calibrate.reliable(r)]
     assert len(errors) >= 73
-    assert statistics.median(errors) <= 0.047
+    assert statistics.median(errors) <= 0.042
     assert max(errors) <= 0.22  # Nemotron-4 340B on H100 (A10/A28/A46), docs/calibration.md
-    assert sum(e <= 0.15 for e in errors) >= 69
+    assert sum(e <= 0.15 for e in errors) >= 68
 
 
 def test_every_nemo_2407_pretraining_layout_plans_as_published(planned) -> None:

@@ -222,3 +222,22 @@ def test_tp_comm_overlap_is_refused_not_ignored():
 def test_overlap_param_gather_is_refused_not_ignored():
     with pytest.raises(margs.UnsupportedPlan, match="overlap_param_gather"):
         config(layout=lay(dp=2, distributed_optimizer=True, overlap_param_gather=True))
+
+
+def test_fp8_recipes_reach_megatron_cores_transformer_config():
+    """The plan's `Execution.fp8_recipe` (auto: tensorwise for fp8, Megatron-Bridge's FP8-CS; mxfp8 for
+    mxfp8) becomes TransformerConfig.fp8_recipe, which Megatron-Core 0.16.1 accepts for every recipe
+    nemoc plans; a Transformer Engine too old for the recipe is refused before the run."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    for precision, recipe in (("fp8", "delayed"), ("fp8", "tensorwise"), ("fp8", "blockwise"), ("mxfp8", "mxfp8")):
+        kw = margs._fp8_kwargs(precision, recipe)
+        c = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, **kw)
+        assert (c.fp8, c.fp8_recipe) == ("hybrid", recipe)
+    assert make_execution(LLAMA_ISH, lay(), precision="fp8", kernels="te", gpu="H100").fp8_recipe == "tensorwise"
+    assert make_execution(LLAMA_ISH, lay(), precision="mxfp8", kernels="te", gpu="B200").fp8_recipe == "mxfp8"
+    assert make_execution(LLAMA_ISH, lay(), precision="bf16", kernels="te", gpu="H100").fp8_recipe is None
+    with mock.patch("megatron.core.utils.is_te_min_version", lambda version, *a, **k: False):
+        with pytest.raises(margs.UnsupportedPlan, match="tensorwise needs Transformer Engine >= 2.2"):
+            margs._check_fp8_recipe("tensorwise", GPU_TE)
+    margs._check_fp8_recipe("tensorwise", CPU)  # no TE: fp8 itself is refused elsewhere (E127)
