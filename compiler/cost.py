@@ -532,6 +532,7 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
 
 def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, params, trainable_params: float,
                 grad_bytes: int = 4, overlap: bool = True, overlap_gather: bool = True) -> float:
+    # (FP8 parameters, `layout.fp8_param_gather`: the all-gather moves 1 byte per parameter, not 2)
     """Data-parallel gradient reduce-scatter (fp32 main grads) + parameter all-gather (bf16) with the
     distributed optimizer, or an fp32 all-reduce without it. Megatron overlaps them with the last
     micro batch's backward and the first micro batch's forward (`overlap_grad_reduce`,
@@ -547,7 +548,8 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
     frac = (shard - 1) / shard
     bw = _link_bw(hw, shard, layout.tp, params)
     if layout.distributed_optimizer:
-        rs, ag = trainable_params * grad_bytes * frac / bw, trainable_params * 2.0 * frac / bw
+        gathered = 1.0 if layout.fp8_param_gather else 2.0
+        rs, ag = trainable_params * grad_bytes * frac / bw, trainable_params * gathered * frac / bw
     else:
         rs, ag = 2.0 * trainable_params * grad_bytes * frac / bw, 0.0
     if not overlap:

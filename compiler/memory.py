@@ -364,7 +364,14 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
     parts["nccl"] = NCCL_BYTES_PER_GROUP * groups
     if precision in ("fp8", "mxfp8"):
         # Transformer Engine caches the quantised weight and its transpose across micro batches.
-        parts["fp8_weight_cache"] = 2.0 * (params_local - (vocab * model.hidden / layout.tp if st.first else 0))
+        linear = params_local - (vocab * model.hidden / layout.tp if st.first else 0)
+        parts["fp8_weight_cache"] = 2.0 * linear
+        if layout.fp8_param_gather and trainable:
+            # FP8 parameters (Megatron-Core `fp8_param`): the linear weights are TE Float8Tensors, 1 byte
+            # (the FP8 copy itself) plus the cached transpose, instead of a 16-bit weight plus both FP8
+            # copies; the optimizer's fp32 master shard is unchanged.
+            weights -= trainable * linear * (weight_bytes(precision) - 1)
+            parts["fp8_weight_cache"] = 1.0 * linear
 
     activations = 0.0
     if kind != "export":

@@ -159,6 +159,7 @@ class Layout:
     tp_comm_overlap: bool = False  # TE userbuffer TP overlap (`TransformerConfig.tp_comm_overlap`)
     grad_reduce_in_fp32: bool = True  # `DistributedDataParallelConfig.grad_reduce_in_fp32`
     overlap_param_gather: bool = False  # `DistributedDataParallelConfig.overlap_param_gather`
+    fp8_param_gather: bool = False  # `TransformerConfig.fp8_param` + `DistributedDataParallelConfig.fp8_param_gather`
 
     @property
     def world_size(self) -> int:

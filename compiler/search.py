@@ -328,7 +328,7 @@ def _make_layout(p: Problem, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[
                   num_microbatches=max(1, gb // (mb * dp)), sequence_parallel=sp, distributed_optimizer=do,
                   recompute=rc[0], recompute_layers=rc[1], tp_comm_overlap=p.fixed.tp_comm_overlap,
                   grad_reduce_in_fp32=p.fixed.grad_reduce_in_fp32,
-                  overlap_param_gather=p.fixed.overlap_param_gather)
+                  overlap_param_gather=p.fixed.overlap_param_gather, fp8_param_gather=p.fixed.fp8_param_gather)
 
 
 def _sizes(p: Problem, layout: Layout) -> Sizes:
@@ -337,7 +337,7 @@ def _sizes(p: Problem, layout: Layout) -> Sizes:
                  sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
                  recompute=layout.recompute, recompute_layers=layout.recompute_layers, seq_length=p.seq_length,
                  tp_comm_overlap=layout.tp_comm_overlap,
-                 overlap_param_gather=layout.overlap_param_gather)
+                 overlap_param_gather=layout.overlap_param_gather, fp8_param_gather=layout.fp8_param_gather)
 
 
 # ------------------------------------------------------------------------------------ the domains
@@ -715,7 +715,8 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
             sizes = Sizes(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
                           sequence_parallel=sp, distributed_optimizer=do, recompute=rc[0], recompute_layers=rc[1],
                           seq_length=p.seq_length,
-                          tp_comm_overlap=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather)
+                          tp_comm_overlap=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather,
+                          fp8_param_gather=f.fp8_param_gather)
             v = layout_violations(env, sizes)
             layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp or 1, mb, sp, do, rc)
             if v is not None:

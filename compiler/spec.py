@@ -102,6 +102,7 @@ class ParallelSpec:
     tp_comm_overlap: bool = False
     grad_reduce_in_fp32: bool = True
     overlap_param_gather: bool = False  # the distributed optimizer's parameter all-gather in the forward
+    fp8_param_gather: bool = False  # linear weights kept (and all-gathered) in FP8
 
 
 @dataclass(frozen=True, slots=True)

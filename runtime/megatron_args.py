@@ -269,6 +269,8 @@ def transformer_config(
     if model.is_moe:
         kwargs.update(_moe_kwargs(model, layout))
     kwargs.update(_fp8_kwargs(precision, execution.fp8_recipe if execution is not None else None))
+    if layout.fp8_param_gather and precision in ("fp8", "mxfp8"):
+        kwargs["fp8_param"] = True  # the linear weights are TE FP8 tensors (plan: fp8_param_gather)
     return TransformerConfig(**kwargs)
 
 
@@ -359,7 +361,7 @@ def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None):
 def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None) -> dict:
     return dict(grad_reduce_in_fp32=layout.grad_reduce_in_fp32, overlap_grad_reduce=bool(overlaps and overlaps.grad_reduce),
                 overlap_param_gather=bool(overlaps and overlaps.param_gather),
-                use_distributed_optimizer=layout.distributed_optimizer)
+                use_distributed_optimizer=layout.distributed_optimizer, fp8_param_gather=layout.fp8_param_gather)
 
 
 # fp16's dynamic loss scaling (Micikevicius et al. 2018): start 2^16, halve on overflow, double after

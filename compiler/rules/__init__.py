@@ -80,6 +80,7 @@ from nemoc.compiler.rules.parallel import (  # noqa: F401
     rule_overlap_param_gather,
     rule_recompute_layers,
     rule_recompute_layers_chunk,
+    rule_fp8_param_gather_optimizer,
 )
 from nemoc.compiler.rules.moe import (  # noqa: F401
     expert_tp_options,
@@ -101,6 +102,7 @@ from nemoc.compiler.rules.precision import (  # noqa: F401
     _local_why,
     rule_fp8_needs_te,
     rule_fp8_recipe,
+    rule_fp8_param_gather,
     rule_te_needs_gpu,
     _PRECISION_NEEDS,
     rule_precision_hardware,

@@ -39,6 +39,7 @@ class Sizes:
     seq_length: int = 0
     tp_comm_overlap: bool = False
     overlap_param_gather: bool = False
+    fp8_param_gather: bool = False
 
 
 @dataclass(frozen=True, slots=True)

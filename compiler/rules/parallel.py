@@ -400,6 +400,19 @@ def rule_recompute_layers_chunk(env: Env, s: Sizes) -> Violation | None:
                      source="megatron/core/transformer/transformer_block.py _checkpointed_forward (block method)")
 
 
+def rule_fp8_param_gather_optimizer(env: Env, s: Sizes) -> Violation | None:
+    """The FP8 parameter all-gather is the distributed optimizer's (param_and_grad_buffer.py gathers
+    parameters only with `use_distributed_optimizer`); without it there is no gather to make FP8."""
+    if not s.fp8_param_gather or s.distributed_optimizer is not False:
+        return None
+    return Violation("E166", "fp8_param_gather needs the distributed optimizer",
+                     "fp8_param_gather = true with distributed_optimizer = false",
+                     "set distributed_optimizer = true (or auto), or fp8_param_gather = false",
+                     anchors=(_P + "fp8_param_gather", _P + "distributed_optimizer"),
+                     source="megatron/core/distributed/param_and_grad_buffer.py (parameter all-gather with the "
+                            "distributed optimizer)")
+
+
 def rule_overlap_param_gather(env: Env, s: Sizes) -> Violation | None:
     """Megatron-Core `DistributedDataParallelConfig`: the overlapped parameter all-gather is the
     distributed optimizer's ("overlap_param_gather only supported with distributed optimizer")."""

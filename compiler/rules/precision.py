@@ -57,6 +57,20 @@ def rule_fp8_recipe(env: Env, s: Sizes) -> Violation | None:
     )
 
 
+def rule_fp8_param_gather(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-Core TransformerConfig: "fp8_param must be used together with fp8 mode"."""
+    if not s.fp8_param_gather or env.precision in ("fp8", "mxfp8"):
+        return None
+    return Violation(
+        "E165", "fp8_param_gather needs an fp8 precision",
+        f"fp8_param_gather = true with precision({env.precision})",
+        "set precision = fp8 (or mxfp8), or fp8_param_gather = false",
+        anchors=(_P + "fp8_param_gather", "precision"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (fp8_param must be used together "
+               "with fp8 mode)",
+    )
+
+
 def rule_te_needs_gpu(env: Env, s: Sizes) -> Violation | None:
     """Transformer Engine is CUDA-only; on the CPU (gloo) the runtime builds the local spec."""
     if env.gpu_arch != "cpu" or env.kernels != "te":

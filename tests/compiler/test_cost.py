@@ -359,3 +359,15 @@ def test_fp8_current_scaling_reads_every_quantised_operand_once_more() -> None:
     assert current.gemm == delayed.gemm
     bf16 = dict(kw, precision="bf16")
     assert layer_times(m, lay, hw, **bf16, fp8_recipe="tensorwise") == layer_times(m, lay, hw, **bf16)
+
+
+def test_fp8_parameters_halve_the_parameter_all_gather() -> None:
+    """fp8_param_gather: the distributed optimizer all-gathers 1 byte per parameter, not 2 (the
+    runtime's all-gather runs after the step, exposed, so the term halves exactly)."""
+    m, hw = PRESETS["llama3_8b"], get_gpu("H100")
+    lay = layout(tp=2, dp=32, global_batch=256, num_microbatches=8, sequence_parallel=True)
+    base = estimate(m, lay, gpu=hw, precision="fp8", cluster=ClusterSpec(gpu="H100", nodes=8))
+    fp8p = estimate(m, dataclasses.replace(lay, fp8_param_gather=True), gpu=hw, precision="fp8",
+                    cluster=ClusterSpec(gpu="H100", nodes=8))
+    assert 0 < fp8p.parts["dp_comm_exposed"] < base.parts["dp_comm_exposed"]
+    assert fp8p.parts["compute"] == base.parts["compute"]

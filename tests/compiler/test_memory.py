@@ -193,3 +193,19 @@ def test_fp8_keeps_one_byte_linear_inputs() -> None:
     fp8 = layer_activations(model, fp8=True, **kw).total - 4 * s * b * a / t
     assert bf16 == pytest.approx(32 * s * b * h / t)
     assert fp8 == pytest.approx(27 * s * b * h / t)
+
+
+def test_fp8_parameters_hold_one_byte_per_linear_weight_and_one_fp8_copy() -> None:
+    """fp8_param_gather (Megatron-Core fp8_param): the linear weights are TE FP8 tensors, 1 byte plus
+    the cached transpose, instead of a 16-bit weight plus both FP8 copies: -2 bytes per linear
+    parameter; embedding, gradients and the fp32 optimizer shard are unchanged."""
+    model = PRESETS["llama3_8b"]
+    lay = Layout(tp=2, pp=1, vp=None, cp=1, ep=1, etp=2, dp=4, micro_batch=1, global_batch=8, num_microbatches=2,
+                 sequence_parallel=True, distributed_optimizer=True, recompute="none")
+    base = estimate(model, lay, precision="fp8")
+    fp8p = estimate(model, dataclasses.replace(lay, fp8_param_gather=True), precision="fp8")
+    linear = base.parts["fp8_weight_cache"] / 2
+    assert base.weights - fp8p.weights == pytest.approx(linear, abs=2)
+    assert fp8p.parts["fp8_weight_cache"] == pytest.approx(linear, abs=2)
+    assert (fp8p.gradients, fp8p.optimizer, fp8p.activations) == (base.gradients, base.optimizer, base.activations)
+    assert base.total - fp8p.total == pytest.approx(2 * linear, rel=1e-6, abs=8)

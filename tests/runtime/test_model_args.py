@@ -241,3 +241,19 @@ def test_fp8_recipes_reach_megatron_cores_transformer_config():
         with pytest.raises(margs.UnsupportedPlan, match="tensorwise needs Transformer Engine >= 2.2"):
             margs._check_fp8_recipe("tensorwise", GPU_TE)
     margs._check_fp8_recipe("tensorwise", CPU)  # no TE: fp8 itself is refused elsewhere (E127)
+
+
+def test_fp8_parameters_reach_megatron_cores_configs():
+    """The plan's fp8_param_gather sets TransformerConfig.fp8_param and the DDP config's
+    fp8_param_gather; Megatron-Core 0.16.1 accepts both (fp8_param needs fp8 mode, E165)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kw = margs._ddp_kwargs(lay(dp=2, distributed_optimizer=True, fp8_param_gather=True), None)
+    assert DistributedDataParallelConfig(**kw).fp8_param_gather
+    c = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, fp8_param=True,
+                          **margs._fp8_kwargs("fp8", "tensorwise"))
+    assert c.fp8_param
+    with pytest.raises(ValueError, match="fp8_param must be used together with fp8"):
+        TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, fp8_param=True)
+    assert "--fp8-param-gather" in margs._flags(kw)
