@@ -310,7 +310,7 @@ class Executor:
         return LaunchSpec(task_id=ctx.task.id, module=kind.module, args=(str(ctx.out_dir / "task.json"),), nproc=nproc,
                           out_dir=ctx.out_dir, log_path=ctx.out_dir / "log.txt", nodes=cluster.nodes,
                           gpus_per_node=gpus, env={**self.options.get("env", {}), **env},
-                          options=dict(cluster.scheduler_options), task_hash=ctx.task.hash,
+                          options=cluster.scheduler_options, task_hash=ctx.task.hash,
                           plan_digest=self._plan_digest(ctx.task))
 
     def _launch_outcome(self, spec, task_json: Mapping, result) -> tuple[str, dict | None, str]:

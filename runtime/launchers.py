@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from nemoc.compiler.params import SchedulerOptions
+
 LAUNCHERS: dict[str, str] = {
     "local": "nemoc.runtime.launch_local:LocalLauncher",
     "slurm": "nemoc.runtime.launch_slurm:SlurmLauncher",
@@ -44,7 +46,7 @@ class LaunchSpec:
     nodes: int = 1
     gpus_per_node: int = 1
     env: Mapping[str, str] = field(default_factory=dict)
-    options: Mapping[str, object] = field(default_factory=dict)  # cluster.scheduler_options
+    options: SchedulerOptions | None = None  # the plan's compiled cluster.scheduler_options
     task_hash: str = ""  # the task's content hash (a cluster launcher records it with the job)
     plan_digest: str = ""  # the digest of the plan snapshot its task.json names (recorded likewise)
 

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nemoc.compiler.catalog.models import get_preset
+from nemoc.compiler.params import StageParams
 from nemoc.compiler.plan import from_json, to_json
 from nemoc.compiler.planner import plan_experiment, stage_steps
 from nemoc.compiler.rules import TRAINING_KINDS
@@ -169,7 +170,7 @@ def test_405b_on_pp8_vp8_plans_with_embedding_and_loss_counted_like_nemo():
                    precision="fp8")
     sp = plan_experiment(spec, target=NEMOC_RUNTIME).plan.stage("pretrain")
     assert sp.execution.pipeline.embedding is True and sp.execution.pipeline.loss is True
-    assert sp.execution.pipeline.first is None and not sp.params
+    assert sp.execution.pipeline.first is None and sp.params == StageParams.of("pretrain")
     assert (sp.layout.pp, sp.layout.vp) == (8, 8)
 
 
