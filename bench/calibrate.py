@@ -529,7 +529,7 @@ def planned(rows: list[dict]) -> list[dict]:
     from nemoc.compiler.planner import plan_experiment
     from nemoc.runtime.target import NEMOC_RUNTIME
     from nemoc.dsl.diagnostics import DiagnosticError
-    from nemoc.runtime.cli_common import load_spec
+    from nemoc.runtime.cli.common import load_spec
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:

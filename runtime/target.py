@@ -21,19 +21,19 @@ from nemoc.compiler.target import StageCaps, Target
 # normalised inputs, packed samples need an explicit mask), and Megatron's unfused attention core
 # (common.py `build_gpt`: the explicit packing mask, which the SDPA core ignores), which keeps the
 # s x s scores; dense models only (common.py `ModelShape.of`). PPO's sampler has no KV cache.
-# `init = hf(DIR)` is converted by the hf_import task (runtime/tasks/hf.py) and read by export only:
+# `init = hf(DIR)` is converted by the hf_import task (runtime/orchestrate/tasks/hf.py) and read by export only:
 # the training and eval stages still start from a parent stage's checkpoint (docs/huggingface.md).
 _ALIGN = StageCaps(
     pipeline=False, te=False, moe=False, attention="unfused", kv_cache_rollout=False, hf_init=False,
     runs="the nemoc runtime's alignment stages (runtime/align) run TP/DP only",
     source="nemoc runtime/align/runners.py _trainer (pp > 1), runtime/align/common.py build_gpt (vp), "
            "ModelShape.of (dense models only)")
-# eval and export run in one process (runtime/tasks/align.py `_one_process`) on the local spec, which
+# eval and export run in one process (runtime/orchestrate/tasks/align.py `_one_process`) on the local spec, which
 # has no FP8 GEMMs: an fp8 / mxfp8 model (16-bit weights) is evaluated in bf16 (runtime/align/evaluate.py).
 _EVAL = StageCaps(
     pipeline=False, te=False, moe=False, fp8=False, attention="unfused", one_process=True, hf_init=False,
     runs="the nemoc runtime runs eval and export in one process (runtime/align)",
-    source="nemoc runtime/tasks/align.py _one_process, runtime/align/common.py ModelShape.of")
+    source="nemoc runtime/orchestrate/tasks/align.py _one_process, runtime/align/common.py ModelShape.of")
 _EXPORT = StageCaps(
     pipeline=False, te=False, moe=False, attention="unfused", one_process=True, hf_init=True, runs=_EVAL.runs,
     source=_EVAL.source)

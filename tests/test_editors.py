@@ -90,7 +90,7 @@ def test_the_extension_declares_the_language_and_launches_nemoc_lsp():
     (grammar,) = package["contributes"]["grammars"]
     assert (VSCODE / grammar["path"]).resolve() == GRAMMAR and grammar["scopeName"] == _grammar()["scopeName"]
     command = package["contributes"]["configuration"]["properties"]["nemo.server.command"]["default"]
-    assert command == ["nemoc", "lsp"] and COMMANDS["lsp"] == "nemoc.runtime.lsp:lsp"
+    assert command == ["nemoc", "lsp"] and COMMANDS["lsp"] == "nemoc.runtime.cli.lsp:lsp"
     main = (VSCODE / package["main"]).read_text()
     assert "vscode-languageclient" in package["dependencies"] and "server.command" in main
 

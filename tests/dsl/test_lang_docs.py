@@ -50,7 +50,7 @@ def test_the_launchers_take_the_schemas_compiled_options():
     """The Slurm and Kubernetes launchers read the record generated from the schema's call (no copy of
     its fields or defaults of their own)."""
     from nemoc.compiler.params import SCHEDULER_OPTIONS_TYPES
-    from nemoc.runtime import launch_k8s, launch_slurm
+    from nemoc.runtime.orchestrate import launch_k8s, launch_slurm
 
     assert launch_slurm.SlurmOptions is SCHEDULER_OPTIONS_TYPES["slurm"]
     assert launch_k8s.K8sOptions is SCHEDULER_OPTIONS_TYPES["k8s"]
@@ -106,7 +106,7 @@ _K8S_USE = {
 
 
 def _lowered_options(tmp_path, function: str, uses: dict):
-    from nemoc.runtime.cli_common import load_spec
+    from nemoc.runtime.cli.common import load_spec
 
     args = ", ".join(f"{k} = {text}" for k, (text, _) in uses.items())
     (tmp_path / "x.nemo").write_text(f"""experiment x {{
@@ -123,8 +123,8 @@ def _lowered_options(tmp_path, function: str, uses: dict):
 def test_every_scheduler_argument_written_in_the_language_reaches_the_launcher(tmp_path):
     """Each `slurm(...)` / `k8s(...)` argument, written as the docs show, type-checks and lowers into the
     launcher's record with the value meant (durations in seconds); what is not written is the schema's default."""
-    from nemoc.runtime.launch_k8s import K8sOptions
-    from nemoc.runtime.launch_slurm import SlurmOptions
+    from nemoc.runtime.orchestrate.launch_k8s import K8sOptions
+    from nemoc.runtime.orchestrate.launch_slurm import SlurmOptions
 
     for function, uses, cls in (("slurm", _SLURM_USE, SlurmOptions), ("k8s", _K8S_USE, K8sOptions)):
         assert set(uses) == {f.name for f in CALLS[function]}, function  # every argument is exercised

@@ -22,7 +22,7 @@ from nemoc.compiler.lower import load_experiment
 from nemoc.compiler.planner import plan_experiment
 from nemoc.dsl.diagnostics import DiagnosticError
 from nemoc.runtime.cli import cli
-from nemoc.runtime.cmd_interop import TRAINING_KINDS
+from nemoc.runtime.cli.interop import TRAINING_KINDS
 from nemoc.runtime.megatron_args import megatron_lm_command
 from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 

@@ -155,7 +155,7 @@ def test_sigterm_and_sighup_take_the_ctrl_c_path():
     import signal
     import time
 
-    from nemoc.runtime.cmd_run import _sigterm_as_interrupt
+    from nemoc.runtime.cli.run import _sigterm_as_interrupt
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -177,7 +177,7 @@ def test_status_shows_a_dead_launchers_running_task_as_interrupted(tmp_path):
     import subprocess
     import sys
 
-    from nemoc.runtime import procs
+    from nemoc.runtime.orchestrate import procs
 
     run = tmp_path / "run"
     run.mkdir()

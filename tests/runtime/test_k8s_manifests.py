@@ -12,7 +12,7 @@ from types import MappingProxyType
 import pytest
 import yaml
 
-from nemoc.runtime.launch_k8s import (
+from nemoc.runtime.orchestrate.launch_k8s import (
     K8sError,
     K8sLauncher,
     K8sOptions,
@@ -23,7 +23,7 @@ from nemoc.runtime.launch_k8s import (
     validate,
     write_manifests,
 )
-from nemoc.runtime.launchers import LaunchSpec
+from nemoc.runtime.orchestrate.launchers import LaunchSpec
 
 
 
@@ -126,7 +126,7 @@ def compiled(tmp_path):
 
     from nemoc.compiler.graph import build_graph
     from nemoc.compiler.spec import ClusterSpec
-    from nemoc.runtime.rundir import RunDir
+    from nemoc.runtime.orchestrate.rundir import RunDir
 
     (tmp_path / "corpus.jsonl").write_text('{"text": "hello world"}\n' * 20)
     plan = make_plan(tmp_path, stages=(make_stage("pretrain"), make_stage("anneal", after=("pretrain",))))
@@ -239,7 +239,7 @@ def test_a_kubectl_apply_error_fails_the_task_with_its_message(tmp_path, fake_ku
 def test_cancel_and_logs_of_a_k8s_run_use_kubectl(tmp_path, fake_kubectl, monkeypatch):
     from click.testing import CliRunner
 
-    from nemoc.runtime.cmd_cluster import cancel, logs
+    from nemoc.runtime.cli.cluster import cancel, logs
 
     run = tmp_path / "run"
     run.mkdir()
@@ -258,8 +258,8 @@ def test_a_damaged_k8s_record_is_named_and_no_job_is_applied_untracked(tmp_path,
     from click.testing import CliRunner
 
     from nemoc.compiler.spec import ClusterSpec
-    from nemoc.runtime.cmd_cluster import cancel, logs
-    from nemoc.runtime.launch_k8s import K8sError, read_record
+    from nemoc.runtime.cli.cluster import cancel, logs
+    from nemoc.runtime.orchestrate.launch_k8s import K8sError, read_record
 
     spec = _spec(tmp_path)
     run = tmp_path / "run"

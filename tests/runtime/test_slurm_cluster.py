@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from nemoc.runtime import launch_slurm as ls
+from nemoc.runtime.orchestrate import launch_slurm as ls
 from nemoc.runtime.metrics import read_records
 
 pytestmark = pytest.mark.slurm
@@ -268,7 +268,7 @@ def test_a_rank_killed_with_sigkill_is_requeued_and_resumes_from_the_last_checkp
 def test_nemoc_logs_and_cancel_work_on_a_slurm_run(tmp_path):
     from click.testing import CliRunner
 
-    from nemoc.runtime.cmd_cluster import cancel, logs
+    from nemoc.runtime.cli.cluster import cancel, logs
 
     state = tmp_path / "state.json"
     job = _job(tmp_path, "train:pretrain", ("-c", STEPPER, str(state), str(tmp_path / "never"), "1000"))

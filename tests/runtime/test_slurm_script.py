@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nemoc.runtime.launch_slurm import (
+from nemoc.runtime.orchestrate.launch_slurm import (
     SlurmError,
     SlurmJob,
     SlurmOptions,
@@ -25,7 +25,7 @@ from nemoc.runtime.launch_slurm import (
     render_sbatch,
     slurm_time,
 )
-from nemoc.runtime.launchers import LaunchSpec
+from nemoc.runtime.orchestrate.launchers import LaunchSpec
 
 EVIL = "a b'c\"d $(touch pwned) `touch pwned` ; touch pwned && echo $HOME \\ |x> end"
 
@@ -140,7 +140,7 @@ def test_job_from_spec_splits_processes_over_nodes_and_omits_gpus_on_cpu(tmp_pat
                                             ("2d", 172800), ("45s", 45), ("1h + 30min", 5400)])
 def test_durations_are_the_languages_compiled_to_whole_seconds(tmp_path, value, seconds):
     """One duration grammar (the language's units): the plan carries seconds, the launcher parses nothing."""
-    from nemoc.runtime.cli_common import load_spec
+    from nemoc.runtime.cli.common import load_spec
 
     (tmp_path / "x.nemo").write_text(f"""experiment x {{
   cluster {{ gpu = H100  scheduler = slurm(time = {value}, signal_lead = {value}) }}
@@ -317,8 +317,8 @@ def test_write_scripts_renders_every_training_task_of_a_graph(tmp_path):
 
     from nemoc.compiler.graph import build_graph
     from nemoc.compiler.spec import ClusterSpec
-    from nemoc.runtime.launch_slurm import write_scripts
-    from nemoc.runtime.rundir import RunDir
+    from nemoc.runtime.orchestrate.launch_slurm import write_scripts
+    from nemoc.runtime.orchestrate.rundir import RunDir
 
     (tmp_path / "corpus.jsonl").write_text('{"text": "hello world"}\n' * 20)
     plan = make_plan(tmp_path, stages=(make_stage("pretrain"), make_stage("anneal", after=("pretrain",))))
@@ -370,7 +370,7 @@ def launch_spec(sandbox) -> LaunchSpec:
 
 
 def test_launch_follows_a_requeued_job_to_the_end(sandbox, monkeypatch):
-    import nemoc.runtime.launch_slurm as ls
+    import nemoc.runtime.orchestrate.launch_slurm as ls
     from nemoc.compiler.spec import ClusterSpec
 
     fake_slurm(sandbox, monkeypatch, "PENDING RUNNING PREEMPTED PENDING RUNNING COMPLETED")
@@ -389,7 +389,7 @@ def test_launch_follows_a_requeued_job_to_the_end(sandbox, monkeypatch):
 
 
 def test_launch_reports_a_failed_job_with_its_logs_last_lines(sandbox, monkeypatch):
-    import nemoc.runtime.launch_slurm as ls
+    import nemoc.runtime.orchestrate.launch_slurm as ls
     from nemoc.compiler.spec import ClusterSpec
 
     fake_slurm(sandbox, monkeypatch, "RUNNING FAILED", exit_code="1:0")
@@ -403,7 +403,7 @@ def test_launch_reports_a_failed_job_with_its_logs_last_lines(sandbox, monkeypat
 
 
 def test_a_preempted_job_that_slurm_does_not_requeue_is_resumable(sandbox, monkeypatch):
-    import nemoc.runtime.launch_slurm as ls
+    import nemoc.runtime.orchestrate.launch_slurm as ls
     from nemoc.compiler.spec import ClusterSpec
 
     fake_slurm(sandbox, monkeypatch, "RUNNING PREEMPTED", exit_code="0:15")
@@ -416,8 +416,8 @@ def test_a_preempted_job_that_slurm_does_not_requeue_is_resumable(sandbox, monke
 def test_a_damaged_slurm_record_is_named_not_a_traceback(tmp_path):
     from click.testing import CliRunner
 
-    from nemoc.runtime.cmd_cluster import cancel
-    from nemoc.runtime.launch_slurm import read_record
+    from nemoc.runtime.cli.cluster import cancel
+    from nemoc.runtime.orchestrate.launch_slurm import read_record
 
     (tmp_path / "status.json").write_text(json.dumps({"tasks": {"train:pretrain": {"state": "running"}}}))
     for damaged in ("{garbage", "[1]", json.dumps({"jobs": {"train:pretrain": {"script": "x"}}})):
@@ -430,7 +430,7 @@ def test_a_damaged_slurm_record_is_named_not_a_traceback(tmp_path):
 
 def test_without_slurm_the_launcher_cannot_be_built_and_says_why(tmp_path, monkeypatch):
     from nemoc.compiler.spec import ClusterSpec
-    from nemoc.runtime.launch_slurm import SlurmLauncher
+    from nemoc.runtime.orchestrate.launch_slurm import SlurmLauncher
 
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     with pytest.raises(SlurmError, match="Slurm is not reachable.*sbatch"):
@@ -438,7 +438,7 @@ def test_without_slurm_the_launcher_cannot_be_built_and_says_why(tmp_path, monke
 
 
 def test_an_sbatch_error_fails_the_task_with_its_message(sandbox, monkeypatch):
-    import nemoc.runtime.launch_slurm as ls
+    import nemoc.runtime.orchestrate.launch_slurm as ls
     from nemoc.compiler.spec import ClusterSpec
 
     fake_slurm(sandbox, monkeypatch, "RUNNING")

@@ -30,8 +30,8 @@ import yaml
 
 from nemoc.compiler.params import SCHEDULER_OPTIONS_TYPES, options_for
 from nemoc.runtime.faults import RESTART_SAFE_ENV
-from nemoc.runtime.launchers import LaunchResult, LaunchSpec, LauncherError, nodes_for, read_job_record
-from nemoc.runtime.rundir import atomic_write_json
+from nemoc.runtime.orchestrate.launchers import LaunchResult, LaunchSpec, LauncherError, nodes_for, read_job_record
+from nemoc.runtime.orchestrate.rundir import atomic_write_json
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
@@ -218,8 +218,8 @@ def write_manifests(plan, graph, run_dir) -> list[Path]:
     """`--dry-run` for k8s: the manifest of every distributed task of `graph`, written to
     `tasks/<id>/pytorchjob.yaml` (and all of them to `k8s/manifests.yaml`), validated, not applied.
     Tasks run in the graph's topological order; `nemoc.dev/after` annotations record the edges."""
-    from nemoc.runtime.tasks import TaskContext, TaskError, launch_shape
-    from nemoc.runtime.tasks import get_kind as _get_kind
+    from nemoc.runtime.orchestrate.tasks import TaskContext, TaskError, launch_shape
+    from nemoc.runtime.orchestrate.tasks import get_kind as _get_kind
 
     def get_kind(name: str):
         try:

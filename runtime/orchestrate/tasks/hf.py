@@ -14,7 +14,7 @@ import os
 import time
 
 from nemoc.compiler.hfconfig import HfConfigError
-from nemoc.runtime.tasks import TaskContext, TaskError, TaskKind, register
+from nemoc.runtime.orchestrate.tasks import TaskContext, TaskError, TaskKind, register
 
 
 def run_hf_import(ctx: TaskContext) -> dict:

@@ -41,9 +41,9 @@ from pathlib import Path
 
 from nemoc.compiler.params import SCHEDULER_OPTIONS_TYPES, options_for
 from nemoc.runtime.faults import RESTART_SAFE_ENV
-from nemoc.runtime.launchers import (EXIT_PREEMPTED, Hangup, LaunchResult, LaunchSpec, LauncherError, nodes_for,
+from nemoc.runtime.orchestrate.launchers import (EXIT_PREEMPTED, Hangup, LaunchResult, LaunchSpec, LauncherError, nodes_for,
                                      read_job_record)
-from nemoc.runtime.rundir import atomic_write_json
+from nemoc.runtime.orchestrate.rundir import atomic_write_json
 from nemoc.runtime.taskfile import FATAL
 
 RECORD_FILE = "slurm.json"
@@ -681,7 +681,7 @@ def _echo(line: str) -> None:
 def write_scripts(plan, graph, run_dir) -> list[Path]:
     """`--dry-run` for Slurm: the batch script of every distributed task of `graph`, written to
     `tasks/<id>/job.sbatch` and not submitted (for review, or for `sbatch` by hand in graph order)."""
-    from nemoc.runtime.tasks import TaskContext, TaskError, get_kind, launch_shape
+    from nemoc.runtime.orchestrate.tasks import TaskContext, TaskError, get_kind, launch_shape
 
     opts = options_for(plan.cluster, "slurm")
     written = []

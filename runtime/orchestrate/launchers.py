@@ -3,7 +3,7 @@
 `LAUNCHERS` maps a name to "module:Class"; the class is built as `cls(cluster=<ClusterSpec>)` and must
 offer `name` and `launch(spec: LaunchSpec) -> LaunchResult` (blocking; Ctrl-C tears the job down).
 A `ChainLauncher` (Slurm) also takes a run's whole chain of distributed tasks at once.
-The cluster engineer's `nemoc.runtime.launch_slurm` / `nemoc.runtime.launch_k8s` plug in by defining
+The cluster engineer's `nemoc.runtime.orchestrate.launch_slurm` / `nemoc.runtime.orchestrate.launch_k8s` plug in by defining
 `SlurmLauncher` / `K8sLauncher`; until a module exists, asking for it is a clear error.
 """
 
@@ -19,9 +19,9 @@ from typing import Protocol
 from nemoc.compiler.params import SchedulerOptions
 
 LAUNCHERS: dict[str, str] = {
-    "local": "nemoc.runtime.launch_local:LocalLauncher",
-    "slurm": "nemoc.runtime.launch_slurm:SlurmLauncher",
-    "k8s": "nemoc.runtime.launch_k8s:K8sLauncher",
+    "local": "nemoc.runtime.orchestrate.launch_local:LocalLauncher",
+    "slurm": "nemoc.runtime.orchestrate.launch_slurm:SlurmLauncher",
+    "k8s": "nemoc.runtime.orchestrate.launch_k8s:K8sLauncher",
 }
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the task saved a checkpoint and stopped; it resumes on the next run
 
