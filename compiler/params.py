@@ -114,11 +114,9 @@ class StageParams(Record):
         if isinstance(values, StageParams):  # another kind's (`dataclasses.replace(stage, kind=...)`): the
             # values it shares with `kind` carry over; one `kind` lacks is refused unless at its default
             defaults = {f.name: f.default for f in values.FIELDS}
-            names = {f.name for f in STAGE_PARAMS_TYPES[kind].FIELDS} if kind in STAGE_PARAMS_TYPES else set()
+            names = {f.name for f in _stage_params_type(kind).FIELDS}
             values = {k: v for k, v in values.items() if k in names or v != defaults[k]}
-        if kind not in STAGE_PARAMS_TYPES:
-            raise ValueError(f"unknown stage kind `{kind}` (known: {', '.join(STAGE_PARAMS_TYPES)})")
-        return STAGE_PARAMS_TYPES[kind].build(values)  # type: ignore[return-value]
+        return _stage_params_type(kind).build(values)  # type: ignore[return-value]
 
 
 class SchedulerOptions(Record):
@@ -159,6 +157,20 @@ STAGE_PARAMS_TYPES: Mapping[str, type[Record]] = MappingProxyType({
     k.name: _record_type(StageParams, f"{_camel(k.name)}Params", f"stage kind `{k.name}`", k.params,
                          _ALL_STAGE_PARAMS, KIND=k.name)
     for k in STAGE_KIND_TABLE.values()})
+_PLUGIN_KINDS: dict[str, type[Record]] = {}
+
+
+def _stage_params_type(kind: str) -> type[Record]:
+    """The record type of `kind`; a kind outside the schema (a task kind registered by a plug-in, which no
+    .nemo file can name: the `kind` field is an enum of the schema's) has a record with no parameters."""
+    if kind in STAGE_PARAMS_TYPES:
+        return STAGE_PARAMS_TYPES[kind]
+    if kind not in _PLUGIN_KINDS:
+        _PLUGIN_KINDS[kind] = _record_type(StageParams, f"{_camel(kind)}Params", f"stage kind `{kind}` (not in the "
+                                           "schema: no parameters)", (), _ALL_STAGE_PARAMS, KIND=kind)
+    return _PLUGIN_KINDS[kind]
+
+
 SCHEDULERS = ("local", "slurm", "k8s")  # the `scheduler` call's functions (dsl/schema.py CLUSTER_FIELDS)
 SCHEDULER_OPTIONS_TYPES: Mapping[str, type[Record]] = MappingProxyType({
     name: _record_type(SchedulerOptions, f"{_camel(name)}Options", f"scheduler `{name}`", CALLS[name],
@@ -167,14 +179,26 @@ SCHEDULER_OPTIONS_TYPES: Mapping[str, type[Record]] = MappingProxyType({
 
 
 
+class OptionsMismatch(ValueError):
+    """A launcher other than the cluster's scheduler, while the cluster sets options of its own."""
+
+
 def options_for(cluster: object, scheduler: str) -> SchedulerOptions:
     """The compiled options of `scheduler` for `cluster` (a `ClusterSpec`): its own when the cluster names
-    that scheduler, else that scheduler's defaults (`nemoc run --launcher slurm` of a `local` cluster)."""
+    that scheduler, else that scheduler's defaults (`nemoc run --launcher slurm` of a `local` cluster).
+    Raises `OptionsMismatch` when the cluster's scheduler is another one with options set away from their
+    defaults: they were written for that scheduler and would be dropped silently."""
     options = getattr(cluster, "scheduler_options", None)
     if isinstance(options, SchedulerOptions) and options.SCHEDULER == scheduler:
         return options
+    if isinstance(options, SchedulerOptions):
+        written = [f.name for f in options.FIELDS if getattr(options, f.name) != f.default]
+        if written:
+            raise OptionsMismatch(f"the cluster's `{options.SCHEDULER}(...)` options ({', '.join(written)}) do not "
+                                  f"apply to the {scheduler} launcher: write `scheduler = {scheduler}(...)` in the "
+                                  f"cluster block, or launch with --launcher {options.SCHEDULER}")
     return SchedulerOptions.of(scheduler)
 
 
-__all__ = ["options_for", "Record", "StageParams", "SchedulerOptions", "UnknownParameter", "STAGE_PARAMS_TYPES",
+__all__ = ["options_for", "OptionsMismatch", "Record", "StageParams", "SchedulerOptions", "UnknownParameter", "STAGE_PARAMS_TYPES",
            "SCHEDULER_OPTIONS_TYPES", "SCHEDULERS"]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from nemoc.compiler.params import SCHEDULER_OPTIONS_TYPES, options_for
+from nemoc.compiler.params import SCHEDULER_OPTIONS_TYPES, OptionsMismatch, options_for
 from nemoc.runtime.faults import RESTART_SAFE_ENV
 from nemoc.runtime.orchestrate.launchers import LaunchResult, LaunchSpec, LauncherError, nodes_for, read_job_record
 from nemoc.runtime.orchestrate.rundir import atomic_write_json
@@ -49,6 +49,14 @@ class K8sError(LauncherError):
 # `k8s(...)` as compiled (nemoc.compiler.params): every default filled, names checked as DNS-1123 labels at
 # compile time (E047, compiler/scheduler.py). The launcher reads it as it is and parses nothing.
 K8sOptions = SCHEDULER_OPTIONS_TYPES["k8s"]
+
+
+def _options(cluster) -> K8sOptions:
+    """The plan's `k8s(...)` options (defaults when the cluster names no scheduler options of its own)."""
+    try:
+        return options_for(cluster, "k8s")
+    except OptionsMismatch as error:
+        raise K8sError(str(error)) from None
 
 
 def job_name(experiment: str, task_id: str, task_hash: str = "") -> str:
@@ -207,7 +215,7 @@ def manifest_for_spec(spec: LaunchSpec, *, cluster, experiment: str, run_root: s
         raise K8sError(f"{spec.task_id}: {spec.nproc} processes do not split evenly over {nodes} nodes")
     on_cpu = spec.gpus_per_node == 0 or str(getattr(cluster, "gpu", "")).upper() == "CPU"
     per_node = spec.nproc // nodes
-    opts = opts or (spec.options if isinstance(spec.options, K8sOptions) else options_for(cluster, "k8s"))
+    opts = opts or (spec.options if isinstance(spec.options, K8sOptions) else _options(cluster))
     return pytorchjob(name=job_name(experiment, spec.task_id, task_hash), task_id=spec.task_id, module=spec.module,
                       args=tuple(spec.args), nodes=nodes, procs_per_node=per_node,
                       gpus_per_node=0 if on_cpu else per_node, run_root=run_root, data_root=data_root, opts=opts,
@@ -227,7 +235,7 @@ def write_manifests(plan, graph, run_dir) -> list[Path]:
         except TaskError as error:
             raise K8sError(str(error)) from None
 
-    opts = options_for(plan.cluster, "k8s")
+    opts = _options(plan.cluster)
     root = Path(run_dir.root)
     written, documents = [], []
     for task in graph.tasks():
@@ -309,7 +317,7 @@ class K8sLauncher:
         if shutil.which("kubectl") is None:  # checked here: `nemoc run` stops before any task runs
             raise K8sError(KUBECTL_MISSING)
         self.cluster = cluster
-        self.options = options_for(cluster, "k8s")
+        self.options = _options(cluster)
         self.echo = echo if echo is not None else (lambda line: (sys.stdout.write(line), sys.stdout.flush()))
         self.poll_s, self.timeout_s, self.experiment = poll_s, timeout_s, experiment
 

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nemoc.compiler.params import SCHEDULER_OPTIONS_TYPES, options_for
+from nemoc.compiler.params import SCHEDULER_OPTIONS_TYPES, OptionsMismatch, options_for
 from nemoc.runtime.faults import RESTART_SAFE_ENV
 from nemoc.runtime.orchestrate.launchers import (EXIT_PREEMPTED, Hangup, LaunchResult, LaunchSpec, LauncherError, nodes_for,
                                      read_job_record)
@@ -60,6 +60,14 @@ class SlurmError(LauncherError):
 # seconds by the language's one duration grammar, each value checked at compile time (E047,
 # compiler/scheduler.py). The launcher reads it as it is and parses nothing.
 SlurmOptions = SCHEDULER_OPTIONS_TYPES["slurm"]
+
+
+def _options(cluster) -> SlurmOptions:
+    """The plan's `slurm(...)` options (defaults when the cluster names no scheduler options of its own)."""
+    try:
+        return options_for(cluster, "slurm")
+    except OptionsMismatch as error:
+        raise SlurmError(str(error)) from None
 
 
 def slurm_time(seconds: int) -> str:
@@ -471,7 +479,7 @@ class SlurmLauncher:
     def __init__(self, *, cluster=None, echo=None, poll_s: float = 1.0, timeout_s: float | None = None) -> None:
         require_slurm()  # here, so that `nemoc run` stops with a clear message before any task runs
         self.cluster = cluster
-        self.options = options_for(cluster, "slurm")
+        self.options = _options(cluster)
         self.echo = echo if echo is not None else _echo
         self.poll_s = poll_s
         self.timeout_s = timeout_s
@@ -683,7 +691,7 @@ def write_scripts(plan, graph, run_dir) -> list[Path]:
     `tasks/<id>/job.sbatch` and not submitted (for review, or for `sbatch` by hand in graph order)."""
     from nemoc.runtime.orchestrate.tasks import TaskContext, TaskError, get_kind, launch_shape
 
-    opts = options_for(plan.cluster, "slurm")
+    opts = _options(plan.cluster)
     written = []
     for task in graph.tasks():
         try:
