@@ -138,3 +138,21 @@ def test_an_older_plan_is_refused_naming_both_versions(tmp_path):
     with pytest.raises(ValueError, match=f"plan version 2 is not supported: this nemoc reads plan version "
                                          f"{PLAN_VERSION}; re-plan"):
         from_dict(old)
+
+
+def test_a_plugin_stage_kind_outside_the_schema_has_no_parameters():
+    """A task kind registered by a plug-in (no .nemo file can name it) gets a record with no fields."""
+    record = StageParams.of("faketrain")
+    assert dict(record) == {} and record.KIND == "faketrain" and record.get("dropout", 0.0) == 0.0
+    with pytest.raises(UnknownParameter, match="stage kind `faketrain`"):
+        StageParams.of("faketrain", {"beta": 1.0})
+
+
+def test_a_launcher_other_than_the_clusters_scheduler_takes_its_defaults_or_refuses_written_options():
+    from nemoc.compiler.params import OptionsMismatch, options_for
+    from nemoc.compiler.spec import ClusterSpec
+
+    assert options_for(ClusterSpec(gpu="H100"), "slurm") == SchedulerOptions.of("slurm")
+    assert options_for(ClusterSpec(gpu="H100", scheduler="slurm"), "k8s") == SchedulerOptions.of("k8s")
+    with pytest.raises(OptionsMismatch, match=r"`slurm\(...\)` options \(partition\) do not apply to the k8s"):
+        options_for(ClusterSpec(gpu="H100", scheduler="slurm", scheduler_options={"partition": "batch"}), "k8s")
