@@ -37,7 +37,7 @@ _ANNOTATIONS = {"int": "int", "float": "float", "bool": "bool", "str": "str", "e
 def _annotation(f: FieldDef) -> str:
     """The field's Python type as written in the record (strings: records are never introspected
     for types; `_coerce` below is what gives values their type)."""
-    base = _ANNOTATIONS[f.type.name]
+    base = _ANNOTATIONS.get(f.type.name, "object")
     return base if f.default is not None or f.required else f"{base} | None"
 
 

@@ -156,3 +156,28 @@ def test_a_launcher_other_than_the_clusters_scheduler_takes_its_defaults_or_refu
     assert options_for(ClusterSpec(gpu="H100", scheduler="slurm"), "k8s") == SchedulerOptions.of("k8s")
     with pytest.raises(OptionsMismatch, match=r"`slurm\(...\)` options \(partition\) do not apply to the k8s"):
         options_for(ClusterSpec(gpu="H100", scheduler="slurm", scheduler_options={"partition": "batch"}), "k8s")
+
+
+# Readers still on `.get(name, default)` while the training core moves (issue 11; h1's slice): remove
+# each path from this list once its readers use attributes.
+_TRANSITION = ("runtime/align/", "runtime/core/", "runtime/train.py")
+
+
+def test_no_reader_outside_the_transition_repeats_a_default_with_get():
+    """Outside the modules in transition, stage parameters are read as attributes of the typed record:
+    no `params.get("beta", 0.1)` that repeats (and can drift from) the schema's default."""
+    import re
+    from pathlib import Path
+
+    from nemoc.dsl.schema import STAGE_PARAMS
+
+    repo = Path(__file__).resolve().parents[2]
+    names = "|".join(sorted({f.name for fields in STAGE_PARAMS.values() for f in fields}))
+    pattern = re.compile(rf'params\.get\(\s*["\']({names})["\']')
+    found = []
+    for top in ("compiler", "runtime", "bench"):
+        for path in sorted((repo / top).rglob("*.py")):
+            rel = str(path.relative_to(repo))
+            if not rel.startswith(_TRANSITION):
+                found += [f"{rel}: {m.group(0)}" for m in pattern.finditer(path.read_text())]
+    assert found == []
