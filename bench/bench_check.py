@@ -36,7 +36,7 @@ BUDGET_CONSTANT_MIB = 64  # lark's tree is ~1 KB a token: MAX_TOKENS bounds it n
 
 
 def measure(path: Path, repeat: int) -> dict:
-    from nemoc.runtime.cmd_lang import check_file
+    from nemoc.runtime.cli.lang import check_file
 
     start = time.perf_counter()
     diags, _ = check_file(str(path))
@@ -116,7 +116,7 @@ def measure_adversarial(name: str, text: str, tmp: Path) -> dict:
     import tracemalloc
 
     from nemoc.dsl.diagnostics import has_errors, render_all
-    from nemoc.runtime.cmd_lang import check_file, format_file
+    from nemoc.runtime.cli.lang import check_file, format_file
 
     path = tmp / "adversarial.nemo"
     path.write_text(text, encoding="utf-8")
@@ -134,7 +134,7 @@ def measure_adversarial(name: str, text: str, tmp: Path) -> dict:
     plan_s = None
     if not has_errors(diags):
         from nemoc.compiler.planner import plan_experiment
-        from nemoc.runtime.cli_common import load_spec
+        from nemoc.runtime.cli.common import load_spec
 
         start = time.perf_counter()
         plan_experiment(load_spec(str(path))[0])

@@ -45,7 +45,7 @@ def main() -> None:
     from nemoc.compiler.graph import build_graph
     from nemoc.compiler.planner import plan_experiment
     from nemoc.compiler.spec import DataSpec
-    from nemoc.runtime.cli_common import load_spec
+    from nemoc.runtime.cli.common import load_spec
     from plan_factory import make_plan, make_stage
 
     examples = {}

@@ -114,7 +114,7 @@ def bench_405b(repeat: int) -> dict:
 def bench_example(path: str, repeat: int) -> dict:
     from nemoc.compiler.planner import plan_experiment
     from nemoc.compiler.search import describe
-    from nemoc.runtime.cli_common import load_spec
+    from nemoc.runtime.cli.common import load_spec
 
     spec, _ = load_spec(path)
     timing, result = _time(lambda: plan_experiment(spec), repeat)

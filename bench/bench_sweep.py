@@ -1,6 +1,6 @@
 """Benchmark `nemoc plan --sweep`: time to plan every point of a sweep, in process.
 
-Each point is compiled and planned exactly as `nemoc plan --set KEY=VALUE` would (runtime/sweep.py's
+Each point is compiled and planned exactly as `nemoc plan --set KEY=VALUE` would (runtime/cli/sweep.py's
 `plan_point`); the table shows the points, how many planned, and the total and per-point time.
 
     python bench/bench_sweep.py
@@ -26,7 +26,7 @@ CASES = [
 
 
 def main() -> None:
-    from nemoc.runtime.sweep import parse_axes, plan_point, points_of
+    from nemoc.runtime.cli.sweep import parse_axes, plan_point, points_of
 
     rows = {}
     for name, sweeps in CASES:

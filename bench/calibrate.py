@@ -536,7 +536,7 @@ def planned(rows: list[dict]) -> list[dict]:
     from nemoc.compiler.search import recompute_text
     from nemoc.runtime.target import NEMOC_RUNTIME
     from nemoc.dsl.diagnostics import DiagnosticError
-    from nemoc.runtime.cli_common import load_spec
+    from nemoc.runtime.cli.common import load_spec
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:

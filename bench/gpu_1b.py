@@ -458,7 +458,7 @@ def bare_main(plan_path: str, out_dir: str, smoke: bool, warmup: int, diag_steps
     facts, _ = kernel_setup(stage.kernels)  # what the runtime builds for the plan's kernels (runtime/train.py)
     have_te = facts.have_te
     config = margs.transformer_config(model=spec_model, layout=lay, execution=stage.execution, facts=facts,
-                                      dropout=float(stage.params.get("dropout", 0.0)), deterministic=facts.cpu)
+                                      dropout=float(stage.params.dropout), deterministic=facts.cpu)
     # The attention core, explicitly: TE decides from config.attention_backend when TE is installed;
     # otherwise Megatron's local spec, whose core is DotProductAttention (`unfused`), or our SDPA core.
     if have_te:

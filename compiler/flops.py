@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from nemoc.compiler.params import StageParams as KindParams  # (StageParams below: a pipeline stage's counts)
 from nemoc.compiler.spec import LoraSpec, ModelSpec
 
 MEGATRON_VOCAB_DIVISOR = 128  # Megatron-LM `--make-vocab-size-divisible-by` default
@@ -283,15 +284,6 @@ class StageWork:
     trained: int = 1
 
 
-PPO_DEFAULTS = {"max_new_tokens": 16, "ppo_epochs": 2}  # the PPO stage parameters' defaults (max_new_tokens, ppo_epochs)
-
-
-def _param(params: object, key: str, default):
-    """A stage parameter (`params` is the stage's mapping), or `default` when absent or of another type."""
-    value = params.get(key, default) if hasattr(params, "get") else default  # type: ignore[union-attr]
-    return value if isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int)) else default
-
-
 def stage_work(stage_kind: str, params: object = None, peft: LoraSpec | None = None) -> StageWork:
     """What one step of a stage computes (the nemoc runtime's algorithms for each stage kind):
       pretrain / sft: the policy, forward + backward (FROZEN under LoRA);
@@ -304,20 +296,20 @@ def stage_work(stage_kind: str, params: object = None, peft: LoraSpec | None = N
           critic and reward model, then `ppo_epochs` updates of actor and critic;
       eval: one forward; export: nothing."""
     train = FROZEN if peft is not None else FULL
+    params = KindParams.of(stage_kind, params)  # a mapping (or None: every default) becomes the kind's record
     if stage_kind == "export":
         return StageWork(1, (), trained=0)
     if stage_kind == "eval":
         return StageWork(1, (ModelPass("policy", 1.0, FORWARD),), trained=0)
     if stage_kind == "dpo":
         passes = (ModelPass("policy", 1.0, train),)
-        if not _param(params, "reference_free", False):
+        if not params.reference_free:
             passes += (ModelPass("reference", 1.0, FORWARD),)
         return StageWork(2, passes)
     if stage_kind == "reward":
         return StageWork(2, (ModelPass("reward", 1.0, train, scalar_head=True),))
     if stage_kind == "ppo":
-        epochs = float(_param(params, "ppo_epochs", PPO_DEFAULTS["ppo_epochs"]))
-        new = _param(params, "max_new_tokens", PPO_DEFAULTS["max_new_tokens"])
+        epochs, new = float(params.ppo_epochs), params.max_new_tokens
         return StageWork(1, (
             ModelPass("actor", epochs, train), ModelPass("critic", epochs, train, scalar_head=True),
             ModelPass("actor (old log-probs)", 1.0, FORWARD), ModelPass("reference", 1.0, FORWARD),

@@ -309,7 +309,8 @@ def stage_init(plan: Plan, stage: StagePlan, root: str | None = None) -> str | N
     """The Hugging Face checkpoint directory a stage starts from (absolute): its own `init`, else the
     model's (for a stage with no parent; a stage `after` another starts from its parent's checkpoint).
     Relative paths are relative to the experiment's root (`root`, default `plan.root`)."""
-    found = stage.params.get("init") or (plan.model.init if not stage.after else None)
+    own = stage.params.init if "init" in stage.params else None
+    found = own or (plan.model.init if not stage.after else None)
     if not found:
         return None
     return os.path.abspath(os.path.join(root if root is not None else plan.root, str(found)))

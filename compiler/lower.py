@@ -28,16 +28,19 @@ from nemoc.compiler import hfconfig
 from nemoc.compiler.hfconfig import HfArchitecture
 from nemoc.compiler.catalog.hardware import GPUS, get_gpu
 from nemoc.compiler.catalog.models import PRESETS, get_preset
+from nemoc.compiler.params import SchedulerOptions, StageParams
+from nemoc.compiler.scheduler import option_problems
 from nemoc.compiler.spec import (CheckpointSpec, ClusterSpec, DataSpec, ExperimentSpec, LoraSpec, ModelSpec,
                                  OptimizerSpec, ParallelSpec, ScheduleSpec, StageSpec, TrackingSpec)
 from nemoc.dsl import ast
 from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Note, Severity, Span, has_errors
 from nemoc.dsl.loader import Program, load_program
 from nemoc.dsl.overrides import apply_overrides
-from nemoc.dsl.schema import (BLOCKS, DATA_OPTIONS, MODEL_FIELDS, STAGE_KINDS, STAGE_PARAMS, TEMPLATE_KINDS,
+from nemoc.dsl.schema import (BLOCKS, CALLS, DATA_OPTIONS, MODEL_FIELDS, STAGE_KINDS, STAGE_PARAMS, TEMPLATE_KINDS,
                               TRAINING_KINDS)
 
 LENGTH_FIELDS = ("steps", "tokens", "epochs")
+EXPORT_DTYPES = next(f.type.choices for f in STAGE_PARAMS["export"] if f.name == "dtype")
 EXPERIMENT_KEYS = ("precision", "fp8_recipe", "attention_backend", "kernels")  # the experiment's own fields
 from nemoc.dsl.typecheck import CallValue, Checked, check_block, did_you_mean, missing_required, suggest
 
@@ -90,9 +93,10 @@ def lower_program(program: Program, sets: tuple[str, ...] = ()):
 
 
 def _plain(value: object) -> object:
-    """A param value as plain data: a call value (`template(...)`) becomes its argument mapping."""
+    """A param value as plain data: a call value (`template(...)`) becomes its argument mapping, every
+    argument not written at the schema's default."""
     if isinstance(value, CallValue):
-        return MappingProxyType(dict(value.args))
+        return MappingProxyType({**{a.name: a.default for a in CALLS[value.func]}, **value.args})
     return value
 
 
@@ -227,6 +231,7 @@ class _Lowering:
         self.templates = templates
         self.program = program
         self.diags = diags
+        self.model_dtype: str | None = None  # the dtype of the model's `init = hf(...)` checkpoint
         self.spans: dict[str, Span] = {"experiment": checked.head}
 
     def _record(self, prefix: str, block: Checked) -> None:
@@ -286,7 +291,10 @@ class _Lowering:
         scheduler = values.pop("scheduler", None)
         if scheduler is not None:
             values["scheduler"] = scheduler.func
-            values["scheduler_options"] = MappingProxyType(dict(scheduler.args))
+            values["scheduler_options"] = options = SchedulerOptions.of(scheduler.func, scheduler.args)
+            for arg, message, hint in option_problems(options):
+                self.diags.append(Diagnostic("E047", message, self.spans.get(f"cluster.scheduler.{arg}",
+                                                                             block.spans["scheduler"]), hint=hint))
         return ClusterSpec(**values)
 
     # -- model
@@ -341,6 +349,7 @@ class _Lowering:
                        init: tuple[str, HfArchitecture]) -> ModelSpec | None:
         """The architecture of config.json; a preset's or written field that disagrees is E046 at its line."""
         path, arch = init
+        self.model_dtype = arch.dtype
         fields = dict(arch.fields)
         given = {**({f.name: getattr(preset, f.name) for f in MODEL_FIELDS if f.name != "init"} if preset else {}),
                  **overrides}
@@ -444,6 +453,11 @@ class _Lowering:
         params = {p.name: _plain(values.pop(p.name)) for p in STAGE_PARAMS[kind] if p.name in values}
         if stage_init is not None:
             params["init"] = stage_init[0]
+        if kind == "export" and "dtype" not in params and not b.after:
+            # an export-only experiment (HF -> Megatron-Core -> HF) keeps the checkpoint's own dtype
+            source = stage_init[1].dtype if stage_init is not None else self.model_dtype
+            if source in EXPORT_DTYPES:
+                params["dtype"] = source
         fields = dict(values)
         fields["data"] = tuple(r.name for r in values.get("data", ()))
         if "optimizer" in values:
@@ -458,7 +472,7 @@ class _Lowering:
         if stage_parallel is not None:
             fields["parallel"] = self._parallel(stage_parallel, parallel, f"{prefix}.parallel")
         return StageSpec(name=b.name, kind=kind, after=tuple(r.name for r in b.after),
-                         params=MappingProxyType(params), **fields)
+                         params=StageParams.of(kind, params), **fields)
 
     def _check_length(self, b: Checked, kind: str) -> None:
         """Exactly one of steps / tokens / epochs sizes a training stage."""

@@ -39,6 +39,7 @@ from nemoc.compiler.flops import (  # noqa: F401 - lora_params_per_layer is re-e
     stage_work,
 )
 from nemoc.compiler.plan import Layout, MemoryBreakdown
+from nemoc.compiler.params import StageParams
 from nemoc.compiler.spec import LoraSpec, ModelSpec
 
 MIB = 1 << 20
@@ -213,9 +214,9 @@ def resident_models(stage_kind: str, params: object = None, *, peft: LoraSpec | 
     policy unless its log-probabilities are precomputed (`reference = precomputed`); with LoRA the reference is the base model with adapters
     disabled (NeMo/Megatron-Bridge), so it costs nothing extra. PPO (Ouyang et al. 2022) keeps the
     actor and critic (trained) and the reward and reference models (frozen), all resident."""
-    p = params or {}
+    params = StageParams.of(stage_kind, params)
     if stage_kind == "dpo":
-        precomputed = p.get("reference") == "precomputed" or p.get("reference_free")
+        precomputed = params.reference == "precomputed" or params.reference_free
         return ("policy",) if (precomputed or peft is not None) else ("policy", "reference")
     if stage_kind == "ppo":
         return ("actor", "critic", "reward", "reference")

@@ -7,8 +7,9 @@ into Megatron-Core arguments.
 Invariants: every parallel size is resolved (no `auto` left); `tp*pp*cp*dp == world size`;
 memory figures are bytes per GPU on the most-loaded pipeline stage; each `StagePlan.execution` holds
 every decision about how the stage runs (kernels, attention core, precision recipe, pipeline split,
-vocabulary padding, overlaps, fusions, FLOPs per step), `params` only the user's stage parameters;
-`from_dict` refuses a plan of another `PLAN_VERSION`, naming both versions.
+vocabulary padding, overlaps, fusions, FLOPs per step), `params` only the stage kind's parameters, as
+its typed record with every default filled (`nemoc.compiler.params`; serialised as a plain object,
+read back as the kind's record); `from_dict` refuses a plan of another `PLAN_VERSION`, naming both versions.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from nemoc.compiler.params import StageParams
 from nemoc.compiler.spec import (
     _empty,
     CheckpointSpec,
@@ -34,7 +36,9 @@ from nemoc.compiler.spec import (
 
 # 2: every StagePlan carries its `Execution` (kernels, attention core, precision, pipeline split, padded
 # vocabulary, overlaps, fusions, FLOPs per step); `params` holds only the user's stage parameters.
-PLAN_VERSION = 2
+# 3: `StagePlan.params` is the stage kind's typed record with every schema default filled (not only the
+# parameters written), and `ClusterSpec.scheduler_options` the scheduler's, durations in seconds.
+PLAN_VERSION = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,8 +219,12 @@ class StagePlan:
     log_every: int = 10
     eval_every: int | None = None
     seed: int = 1234
-    params: Mapping[str, object] = field(default_factory=_empty)  # the user's stage parameters only
+    # the stage kind's parameters: its typed record, every default filled (a mapping given becomes one)
+    params: StageParams = None  # type: ignore[assignment]
     resident_models: tuple[str, ...] = ("policy",)  # which models the stage keeps in memory
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", StageParams.of(self.kind, self.params))
 
     @property
     def kernels(self) -> str:

@@ -24,7 +24,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, replace
-from types import MappingProxyType
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.execution import fp8_recipe_of, stage_execution
@@ -126,7 +125,7 @@ def stage_steps(spec: ExperimentSpec, stage: StageSpec, global_batch: int, seq: 
         steps = max(1, math.ceil(stage.tokens / (global_batch * seq)))
         return steps, None
     if stage.epochs is not None:
-        samples = stage.params.get("samples") if stage.params else None
+        samples = stage.params.samples if "samples" in stage.params else None
         if isinstance(samples, int) and samples > 0:
             return max(1, math.ceil(stage.epochs * samples / global_batch)), (
                 f"steps = ceil(epochs({stage.epochs}) x samples({samples}) / global_batch({global_batch}))")
@@ -306,7 +305,7 @@ def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps
         memory=chosen.memory, estimate=estimate, seq_length=seq, steps=steps, optimizer=stage.optimizer,
         schedule=stage.schedule, checkpoint=stage.checkpoint, execution=execution, peft=stage.peft,
         log_every=stage.log_every, eval_every=stage.eval_every, seed=stage.seed,
-        params=MappingProxyType(dict(stage.params)),
+        params=stage.params,
         resident_models=resident_models(stage.kind, stage.params, peft=stage.peft),
     )
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from nemoc.compiler.params import SchedulerOptions, StageParams
 from nemoc.dsl.diagnostics import Span
 
 EMPTY: Mapping = MappingProxyType({})
@@ -70,7 +71,12 @@ class ClusterSpec:
     gpus_per_node: int = 8
     usd_per_gpu_hour: float | None = None
     scheduler: str = "local"  # local | slurm | k8s
-    scheduler_options: Mapping[str, object] = field(default_factory=_empty)  # slurm(partition=..., account=...)
+    # the scheduler's options, typed, every default filled and durations in seconds (compiler/params.py);
+    # a mapping given here (tests, a plan read back) becomes the scheduler's record
+    scheduler_options: SchedulerOptions = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scheduler_options", SchedulerOptions.of(self.scheduler, self.scheduler_options))
 
     @property
     def world_size(self) -> int:
@@ -180,7 +186,12 @@ class StageSpec:
     log_every: int = 10
     eval_every: int | None = None
     seed: int = 1234
-    params: Mapping[str, object] = field(default_factory=_empty)  # kind-specific: beta, loss, format, prompts, ...
+    # kind-specific parameters (beta, loss, prompts, ...): the kind's typed record with every default filled
+    # (compiler/params.py); a mapping given here (tests) becomes the kind's record, refusing unknown names
+    params: StageParams = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", StageParams.of(self.kind, self.params))
 
 
 @dataclass(frozen=True, slots=True)

@@ -167,8 +167,8 @@ def render() -> str:
         out += _table(b.fields)
     out += ["## Stage kinds and their fields", "",
             "A stage's `kind` defaults to its name when the name is a kind (`stage pretrain { }`). Besides the",
-            "common stage fields above, each kind accepts its own fields. The ones written land in",
-            "`StageSpec.params`; the defaults shown are the runtime's. A `ppo` stage runs `after` a `reward`",
+            "common stage fields above, each kind accepts its own fields. They become the kind's typed record",
+            "(`StagePlan.params` in the plan), every field not written at the default shown. A `ppo` stage runs `after` a `reward`",
             "stage (its reward model and critic) and a policy stage (e.g. `sft`).", ""]
     for kind, params in STAGE_PARAMS.items():
         out += [f"### `kind = {kind}`", ""] + _table(params)

@@ -278,9 +278,9 @@ STAGE_FIELDS = (
     _f("seed", INT, 1234, "Random seed."),
 )
 
-# Kind-specific stage fields; they land in `StageSpec.params`.
-# Kind-specific stage fields land in `StageSpec.params` (only those written; the defaults shown are the
-# runtime's, nemoc.runtime.align / nemoc.runtime.train, which read them with these names).
+# Kind-specific stage fields. Each kind's become one typed, frozen record (nemoc.compiler.params, generated
+# from its `StageKind` entry below): lowering fills every field not written with the default here, the one
+# place a default lives; the plan carries the record and the runtime reads its attributes.
 _SAMPLES = _f("samples", POSITIVE_COUNT, None, "Records in the stage's data, so `nemoc plan` can turn `epochs` "
              "into steps when the data is not on this machine.")
 _DROPOUT = _f("dropout", PROBABILITY, 0.0, "Dropout on attention and hidden states while training.")
@@ -336,7 +336,9 @@ _PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
     "export": (
         _INIT,
         _f("format", enum("huggingface"), "huggingface", "Output format (a Hugging Face checkpoint directory)."),
-        _f("dtype", enum("float32", "bfloat16", "float16"), "float32", "Weight dtype written."),
+        _f("dtype", enum("float32", "bfloat16", "float16"), "float32", "Weight dtype written. An export-only "
+           "experiment (the model's or the stage's `init = hf(...)`, no `after`) defaults to the checkpoint's own "
+           "dtype, resolved at compile time."),
     ),
 })
 
@@ -468,7 +470,8 @@ CALLS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
         _f("end", STR, "\n", "Marker after every message."),
     ),
     "local": (),
-    # The options nemoc.runtime.launch_slurm / launch_k8s accept; only those written are passed on.
+    # A scheduler's options: lowered into its typed record (nemoc.compiler.params.SchedulerOptions, every
+    # default filled, durations in seconds), which the plan carries and the launchers read as it is.
     "slurm": (
         _f("partition", STR, None, "Slurm partition (sbatch --partition)."),
         _f("account", STR, None, "Slurm account."),

@@ -321,7 +321,7 @@ def _init_worker(tokenizer_spec: str) -> None:
 def _init_pool_worker(tokenizer_spec: str) -> None:
     """A pool worker: default SIGTERM (the pool's terminate) and no SIGINT (the parent handles Ctrl-C and
     stops the pool), so neither prints a traceback; SIGKILL when the parent dies (even by SIGKILL)."""
-    from nemoc.runtime.procs import set_parent_death_signal
+    from nemoc.runtime.orchestrate.procs import set_parent_death_signal
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -546,7 +546,7 @@ def _tokenizer_worker(sender, sources, vocab_size: int, path: str, seen, parent:
     the parent, sends ("ok" | "error", exception class, message)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    from nemoc.runtime.procs import set_parent_death_signal
+    from nemoc.runtime.orchestrate.procs import set_parent_death_signal
 
     set_parent_death_signal(signal.SIGKILL, parent=parent)
     try:

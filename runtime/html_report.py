@@ -1,7 +1,7 @@
 """The HTML pictures of a plan (`nemoc plan --html`) and of a run (`nemoc report`): one self-contained file.
 
 Input:  a compiled `Plan` (and, from `nemoc plan`, the planner's `StageResult`s: runner-ups and why the
-other candidates lost); for a run, `RunData` (runtime.cmd_report): each stage's metrics records, task
+other candidates lost); for a run, `RunData` (runtime.cli.report): each stage's metrics records, task
 states and eval results.
 Output: one HTML page (str) with plotly's JavaScript inlined (no network at view time); per stage the
 layout, the per-GPU memory of every pipeline stage against capacity (stacked by term), the simulated
@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-GIB = 1 << 30
+from nemoc.runtime.display import GIB, duration
 MEMORY_TERMS = ("weights", "gradients", "optimizer", "activations")
 TERM_COLORS = {"weights": "#4c78a8", "gradients": "#b279a2", "optimizer": "#eeca3b", "activations": "#54a24b"}
 PART_COLORS = ("#72b7b2", "#9d755d", "#bab0ac", "#ff9da6", "#e45756", "#f58518", "#79706e", "#d67195", "#439894")
@@ -34,7 +34,7 @@ MAX_TIMELINE_OPS = 60_000  # beyond this the schedule chart draws the first rank
 
 @dataclass(frozen=True, slots=True)
 class StageRun:
-    """What a run directory holds for one stage (runtime.cmd_report reads it)."""
+    """What a run directory holds for one stage (runtime.cli.report reads it)."""
 
     task: str
     state: str
@@ -245,10 +245,6 @@ def _estimate_rows(e) -> list[list[str]]:
     return rows
 
 
-def duration(seconds: float) -> str:
-    from nemoc.runtime.cmd_plan import duration as plan_duration
-
-    return plan_duration(seconds)
 
 
 def why_slower(chosen, other, top: int = 2) -> str:

@@ -480,7 +480,7 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
     args += [f"--seq-length {stage.seq_length}", f"--max-position-embeddings {stage.seq_length}",
              f"--vocab-size {model.vocab}", f"--make-vocab-size-divisible-by {VOCAB_DIVISIBLE_BY}"]
     args += _lm_architecture(model, notes)
-    dropout = float(stage.params.get("dropout", 0.0) or 0.0)
+    dropout = float(stage.params.dropout) if "dropout" in stage.params else 0.0  # a kind that trains has it
     args += [f"--hidden-dropout {_shell_word(dropout)}", f"--attention-dropout {_shell_word(dropout)}"]
     sizes = _parallel_sizes(lay)
     sizes["virtual_pipeline_model_parallel_size"] = lay.vp if _interleaved(lay) else None
@@ -502,8 +502,8 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
     args += _lm_optimizer(stage)
     args += _lm_data(plan, stage, notes)
     args += [f"--log-interval {stage.log_every}", f"--seed {stage.seed}"]
-    if stage.eval_every:
-        args += [f"--eval-interval {stage.eval_every}", f"--eval-iters {stage.params.get('eval_iters', 10)}"]
+    if stage.eval_every and "eval_iters" in stage.params:
+        args += [f"--eval-interval {stage.eval_every}", f"--eval-iters {stage.params.eval_iters}"]
     else:
         args.append("--eval-iters 0")  # nemoc evaluates only with eval_every; Megatron-LM every 1000 steps
     if stage.checkpoint.every:

@@ -22,19 +22,19 @@ from nemoc.compiler.target import StageCaps, Target
 # `SDPAttention._varlen`) and on TE's; only an `unfused` core the user chose gets an explicit mask.
 # They build Megatron-Core's local layer spec (common.py `machine_facts`: te = False, so the plan costs
 # them with `kernels = local`); dense models only (common.py `ModelShape.of`). PPO's sampler has no KV cache.
-# `init = hf(DIR)` is converted by the hf_import task (runtime/tasks/hf.py) and loaded where a parent's
+# `init = hf(DIR)` is converted by the hf_import task (runtime/orchestrate/tasks/hf.py) and loaded where a parent's
 # checkpoint would be (runtime/align/stage.py `policy_start`, runtime/core/build.py `restore_or_initialize`).
 _ALIGN = StageCaps(
     pipeline=False, te=False, moe=False, kv_cache_rollout=False, hf_init=True,
     runs="the nemoc runtime's alignment stages (runtime/align) run TP/DP only",
     source="nemoc runtime/align/runners.py _trainer (pp > 1), runtime/align/common.py build_gpt (vp), "
            "ModelShape.of (dense models only)")
-# eval and export run in one process (runtime/tasks/align.py `_one_process`) on the local spec, which
+# eval and export run in one process (runtime/orchestrate/tasks/align.py `_one_process`) on the local spec, which
 # has no FP8 GEMMs: an fp8 / mxfp8 model (16-bit weights) is evaluated in bf16 (runtime/align/evaluate.py).
 _EVAL = StageCaps(
     pipeline=False, te=False, moe=False, fp8=False, one_process=True, hf_init=True,
     runs="the nemoc runtime runs eval and export in one process (runtime/align)",
-    source="nemoc runtime/tasks/align.py _one_process, runtime/align/common.py ModelShape.of")
+    source="nemoc runtime/orchestrate/tasks/align.py _one_process, runtime/align/common.py ModelShape.of")
 _EXPORT = StageCaps(
     pipeline=False, te=False, moe=False, attention="unfused", one_process=True, hf_init=True, runs=_EVAL.runs,
     source=_EVAL.source)

@@ -19,13 +19,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from nemoc.runtime.tasks import TaskError
-
 PACKAGES = {"wandb": ("wandb", "pip install wandb"), "mlflow": ("mlflow", "pip install mlflow-skinny")}
 SKIPPED = ("step", "time", "event")
 
 
-class TrackingError(TaskError):
+class TrackingError(RuntimeError):
     """A tracking sink that cannot start (its package missing): the task stops with this one line."""
 
 

@@ -80,7 +80,7 @@ def test_the_patterns_compile_and_tokenize_what_they_should():
 
 
 def test_the_extension_declares_the_language_and_launches_nemoc_lsp():
-    from nemoc.runtime.cli import COMMANDS
+    from nemoc.runtime.cli.main import COMMANDS
 
     package = json.loads((VSCODE / "package.json").read_text())
     json.loads((VSCODE / "language-configuration.json").read_text())
@@ -90,7 +90,7 @@ def test_the_extension_declares_the_language_and_launches_nemoc_lsp():
     (grammar,) = package["contributes"]["grammars"]
     assert (VSCODE / grammar["path"]).resolve() == GRAMMAR and grammar["scopeName"] == _grammar()["scopeName"]
     command = package["contributes"]["configuration"]["properties"]["nemo.server.command"]["default"]
-    assert command == ["nemoc", "lsp"] and COMMANDS["lsp"] == "nemoc.runtime.lsp:lsp"
+    assert command == ["nemoc", "lsp"] and COMMANDS["lsp"] == "nemoc.runtime.cli.lsp:lsp"
     main = (VSCODE / package["main"]).read_text()
     assert "vscode-languageclient" in package["dependencies"] and "server.command" in main
 

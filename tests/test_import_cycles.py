@@ -11,12 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("grammar", "dsl", "compiler", "runtime")
 
 # Cycles through lazy (function-level) imports that exist today in runtime code other engineers are
-# rebuilding (issue 11: the training core; the CLI in its own package); each entry is the sorted set of
-# modules of one strongly connected component. Remove an entry with its cycle.
+# rebuilding (issue 11: the training core); each entry is the sorted set of modules of one strongly
+# connected component. Remove an entry with its cycle.
 KNOWN = {
     ("nemoc.runtime.align.data", "nemoc.runtime.data_prep"),
-    ("nemoc.runtime.cmd_plan", "nemoc.runtime.cmd_report", "nemoc.runtime.cmd_run", "nemoc.runtime.html_report",
-     "nemoc.runtime.sweep"),
 }
 
 
@@ -144,11 +142,41 @@ def test_the_training_runtime_reads_only_the_plan_from_the_compiler():
     import only the plan's types from the compiler (no rules, cost, FLOPs or catalog at run time)."""
     training = ("nemoc.runtime.train", "nemoc.runtime.core", "nemoc.runtime.align", "nemoc.runtime.megatron_args",
                 "nemoc.runtime.model", "nemoc.runtime.checkpoint", "nemoc.runtime.metrics", "nemoc.runtime.mcore_cpu",
-                "nemoc.runtime.tasks", "nemoc.runtime.hf")
+                "nemoc.runtime.orchestrate.tasks", "nemoc.runtime.hf")
     # hfconfig is the Hugging Face config.json format (a file format both the checker and the converter
     # read), not a planning decision: the converter reads the checkpoint's own config with it.
-    allowed = {"nemoc.compiler.plan", "nemoc.compiler.spec", "nemoc.compiler.graph", "nemoc.compiler.hfconfig"}
+    allowed = {"nemoc.compiler.plan", "nemoc.compiler.spec", "nemoc.compiler.params", "nemoc.compiler.graph",
+               "nemoc.compiler.hfconfig"}
     graph = import_graph()
     seen = [m for m in graph if m.startswith(training)]
     bad = sorted((m, t) for m in seen for t in graph[m] if t.startswith("nemoc.compiler") and t not in allowed)
     assert len(seen) > 10 and bad == []
+
+
+def _closure(graph: dict[str, set[str]], roots) -> set[str]:
+    seen, todo = set(), [r for r in roots if r in graph]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(graph[m])
+    return seen
+
+
+def test_the_layout_shows_the_architecture():
+    """cli (commands) -> orchestrate (executor, run directory, launchers) -> training: orchestration never
+    imports a command, nothing but the CLI imports the CLI, and the training entry points load neither
+    at import time (they read a task file and the plan it names)."""
+    graph = import_graph()
+    cli = "nemoc.runtime.cli"
+    upward = sorted((m, t) for m, ts in graph.items() for t in ts
+                    if (t == cli or t.startswith(cli + ".")) and not (m == cli or m.startswith(cli + ".")))
+    assert upward == []
+    assert {m for m in graph if m.startswith("nemoc.runtime.orchestrate.")} >= {
+        "nemoc.runtime.orchestrate.executor", "nemoc.runtime.orchestrate.rundir", "nemoc.runtime.orchestrate.launchers",
+        "nemoc.runtime.orchestrate.launch_local", "nemoc.runtime.orchestrate.launch_slurm",
+        "nemoc.runtime.orchestrate.launch_k8s", "nemoc.runtime.orchestrate.procs"}
+    loaded = _closure(import_graph(lazy=False), ("nemoc.runtime.train", "nemoc.runtime.align",
+                                                 "nemoc.runtime.align.__main__"))
+    assert len(loaded) > 10
+    assert sorted(m for m in loaded if m.startswith(("nemoc.runtime.orchestrate", cli))) == []

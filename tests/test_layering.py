@@ -15,7 +15,7 @@ for package in (nemoc.grammar, nemoc.dsl, nemoc.compiler):
         names.append(info.name)
 for name in names:
     importlib.import_module(name)
-import nemoc.runtime.cli_common, nemoc.runtime.cmd_lang
+import nemoc.runtime.cli.common, nemoc.runtime.cli.lang
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "megatron", "transformer_engine"))
 print(len(names))
 print(",".join(heavy))

@@ -216,7 +216,7 @@ _PIECES = list('{}[](),=" \n#ab_-.09%') + ["stage ", "model ", "after ", "adam("
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(_PIECES), max_size=40).map("".join), st.floats(0, 1), st.integers(0, 50))
 def test_hover_and_completion_never_fail_on_any_text(text, where, line):
-    from nemoc.runtime.lsp import complete, hover, offset_of
+    from nemoc.runtime.cli.lsp import complete, hover, offset_of
 
     offset = round(where * len(text))
     complete(text, offset)

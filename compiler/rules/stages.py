@@ -66,7 +66,8 @@ def rule_export_after(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | No
 def _initial_checkpoint(spec: ExperimentSpec, stage: StageSpec) -> str | None:
     """The Hugging Face checkpoint a stage starts from: its own `init`, else the model's when it has no
     parent stage (as `compiler.graph.stage_init` wires it)."""
-    return stage.params.get("init") or (spec.model.init if not stage.after else None)
+    own = stage.params.init if "init" in stage.params else None
+    return own or (spec.model.init if not stage.after else None)
 
 
 def rule_starting_checkpoint(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
@@ -109,7 +110,7 @@ def rule_parent_saves(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | No
         return None
     names = {s.name for s in spec.stages}
     parents = [spec.stage(n) for n in stage.after if n in names]
-    silent = [p for p in parents if p.params.get("save_checkpoints", True) is False]
+    silent = [p for p in parents if "save_checkpoints" in p.params and not p.params.save_checkpoints]
     if not silent or (stage.kind != "ppo" and len(silent) < len(parents)):
         return None
     parent = silent[0]

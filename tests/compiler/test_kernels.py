@@ -16,7 +16,7 @@ from nemoc.compiler.plan import PLAN_VERSION
 from nemoc.compiler.rules import check_spec
 from nemoc.compiler.spec import ParallelSpec, StageSpec, resolve_kernels
 from nemoc.dsl.diagnostics import render_all
-from nemoc.runtime.cli_common import load_spec
+from nemoc.runtime.cli.common import load_spec
 from nemoc.runtime.target import NEMOC_RUNTIME
 
 GPU_EXAMPLE = "examples/llama3_8b_pretrain.nemo"

@@ -13,7 +13,7 @@ import pytest
 from annotated import markers, mismatches
 
 from nemoc.dsl.diagnostics import render_all
-from nemoc.runtime.cmd_lang import check_file
+from nemoc.runtime.cli.lang import check_file
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = ROOT / "tests" / "diagnostics" / "layout"

@@ -14,12 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nemoc.compiler.catalog.models import get_preset
+from nemoc.compiler.params import StageParams
 from nemoc.compiler.plan import from_json, to_json
 from nemoc.compiler.planner import plan_experiment, stage_steps
 from nemoc.compiler.rules import TRAINING_KINDS
 from nemoc.compiler.spec import ClusterSpec, DataSpec, ExperimentSpec, LoraSpec, ModelSpec, ParallelSpec, StageSpec
 from nemoc.dsl.diagnostics import DiagnosticError, Span
-from nemoc.runtime.cli_common import load_spec
+from nemoc.runtime.cli.common import load_spec
 from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 
 EXAMPLES = sorted(glob.glob("examples/*.nemo"))
@@ -169,7 +170,7 @@ def test_405b_on_pp8_vp8_plans_with_embedding_and_loss_counted_like_nemo():
                    precision="fp8")
     sp = plan_experiment(spec, target=NEMOC_RUNTIME).plan.stage("pretrain")
     assert sp.execution.pipeline.embedding is True and sp.execution.pipeline.loss is True
-    assert sp.execution.pipeline.first is None and not sp.params
+    assert sp.execution.pipeline.first is None and sp.params == StageParams.of("pretrain")
     assert (sp.layout.pp, sp.layout.vp) == (8, 8)
 
 
@@ -197,7 +198,7 @@ def test_attention_backend_auto_stays_auto_and_is_costed_as_flash():
 def test_the_compiler_never_imports_torch():
     import subprocess
 
-    code = ("import sys, glob\nfrom nemoc.runtime.cli_common import load_spec\n"
+    code = ("import sys, glob\nfrom nemoc.runtime.cli.common import load_spec\n"
             "from nemoc.compiler.planner import plan_experiment\nfrom nemoc.runtime.target import NEMOC_RUNTIME\n"
             "plan_experiment(load_spec('examples/llama3_8b_pretrain.nemo')[0], target=NEMOC_RUNTIME)\n"
             "assert 'torch' not in sys.modules and 'megatron' not in sys.modules, 'torch imported'\n")
@@ -265,7 +266,7 @@ def test_an_inherited_pipeline_is_dropped_for_eval_and_export_and_alignment_stag
 
 
 def test_eval_and_export_say_how_the_runtime_runs_them():
-    """The runtime runs eval on one GPU at TP=1 and exports on the host in fp32 (runtime/tasks/align.py):
+    """The runtime runs eval on one GPU at TP=1 and exports on the host in fp32 (runtime/orchestrate/tasks/align.py):
     the plan says so, with the memory that takes, instead of implying the searched layout is used."""
     spec, _ = load_spec("examples/llama3_70b_sft_dpo.nemo")
     export = plan_experiment(spec, target=NEMOC_RUNTIME).stage("export")

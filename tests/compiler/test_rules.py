@@ -264,7 +264,7 @@ def test_stage_parallel_overrides_field_by_field_when_spans_say_so():
 
 
 def test_every_example_passes_the_rules():
-    from nemoc.runtime.cli_common import load_spec
+    from nemoc.runtime.cli.common import load_spec
 
     for path in sorted(glob.glob("examples/*.nemo")):
         spec, _ = load_spec(path)

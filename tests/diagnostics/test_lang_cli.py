@@ -97,7 +97,7 @@ def test_byte_order_mark_is_accepted(tmp_path):
 
 def test_load_spec_helpers(tmp_path):
     from nemoc.dsl.diagnostics import DiagnosticError
-    from nemoc.runtime.cli_common import load_spec, load_spec_with_warnings
+    from nemoc.runtime.cli.common import load_spec, load_spec_with_warnings
 
     spec, sources = load_spec(QUICKSTART, ("parallel.tensor=1",))
     assert spec.parallel.tensor == 1 and QUICKSTART in sources and "<--set 1>" in sources

@@ -73,8 +73,8 @@ sources = st.tuples(
 def test_check_fmt_and_plan_stay_within_time_and_memory_bounds(tmp_path, text):
     from nemoc.compiler.planner import plan_experiment
     from nemoc.dsl.diagnostics import DiagnosticError, render_all
-    from nemoc.runtime.cli_common import load_spec
-    from nemoc.runtime.cmd_lang import check_file, format_file
+    from nemoc.runtime.cli.common import load_spec
+    from nemoc.runtime.cli.lang import check_file, format_file
 
     path = tmp_path / "adv.nemo"
     path.write_text(text, encoding="utf-8", newline="")

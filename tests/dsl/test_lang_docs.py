@@ -46,23 +46,28 @@ def test_schema_matches_the_spec():
     assert names(LoraSpec) == {f.name for f in CALLS["lora"]}
 
 
-def test_scheduler_arguments_match_the_launchers():
-    """The language accepts exactly the options the Slurm and Kubernetes launchers understand."""
-    from nemoc.runtime import launch_k8s, launch_slurm
+def test_the_launchers_take_the_schemas_compiled_options():
+    """The Slurm and Kubernetes launchers read the record generated from the schema's call (no copy of
+    its fields or defaults of their own)."""
+    from nemoc.compiler.params import SCHEDULER_OPTIONS_TYPES
+    from nemoc.runtime.orchestrate import launch_k8s, launch_slurm
 
-    assert {f.name for f in CALLS["slurm"]} == set(launch_slurm._KNOWN_OPTIONS)
-    assert {f.name for f in CALLS["k8s"]} == set(launch_k8s._KNOWN)
+    assert launch_slurm.SlurmOptions is SCHEDULER_OPTIONS_TYPES["slurm"]
+    assert launch_k8s.K8sOptions is SCHEDULER_OPTIONS_TYPES["k8s"]
 
 
 def _names_read_by(paths) -> set[str]:
-    """Stage-param names the runtime / planner read: `params.get("x"` style calls and PPOConfig fields."""
+    """Stage-param names the runtime / planner read: attributes of the typed record (`params.beta`,
+    `stage.params.reference_free`), `params.get("x"` style calls and PPOConfig fields."""
     import ast as pyast
     import re
 
+    mapping_methods = {"get", "items", "keys", "values", "of", "build"}
     names = set()
     for path in paths:
         text = path.read_text()
         names |= set(re.findall(r'(?:\bp|params|params or \{\}\))\.get\("(\w+)"', text))
+        names |= set(re.findall(r'\bparams\.([a-z_]+)\b(?!\()', text)) - mapping_methods
         for node in pyast.walk(pyast.parse(text)):
             if isinstance(node, pyast.ClassDef) and node.name == "PPOConfig":
                 names |= {n.target.id for n in node.body if isinstance(n, pyast.AnnAssign)}
@@ -73,6 +78,8 @@ def test_stage_params_are_the_ones_the_runtime_reads():
     sources = sorted((REPO / "runtime" / "align").glob("*.py")) + sorted((REPO / "runtime" / "core").glob("*.py")) + [
                                                                     REPO / "runtime" / "train.py",
                                                                     REPO / "compiler" / "planner.py",
+                                                                    REPO / "compiler" / "flops.py",
+                                                                    REPO / "compiler" / "memory.py",
                                                                     REPO / "compiler" / "graph.py"]  # `init`
     read = _names_read_by(sources)
     declared = {f.name for params in STAGE_PARAMS.values() for f in params}
@@ -85,9 +92,9 @@ def test_stage_params_are_the_ones_the_runtime_reads():
 # A value of every scheduler argument as a user writes it, and what the launcher must then hold.
 _SLURM_USE = {
     "partition": ('"batch"', "batch"), "account": ('"llm"', "llm"), "qos": ('"high"', "high"),
-    "time": ("4h", ("time_s", 14400)), "reservation": ('"r1"', "r1"), "constraint": ('"h100"', "h100"),
+    "time": ("4h", 14400), "reservation": ('"r1"', "r1"), "constraint": ('"h100"', "h100"),
     "container": ('"nvcr.io/x:1"', "nvcr.io/x:1"), "mem": ('"0"', "0"), "cpus_per_task": ("16", 16),
-    "signal_lead": ("10min", ("signal_lead_s", 600)), "max_failures": ("3", 3), "torchrun_restarts": ("1", 1),
+    "signal_lead": ("10min", 600), "max_failures": ("3", 3), "torchrun_restarts": ("1", 1),
     "port_base": ("30000", 30000), "extra": ('["--exclusive", "--gres=gpu:8"]', ("--exclusive", "--gres=gpu:8")),
 }
 _K8S_USE = {
@@ -98,8 +105,8 @@ _K8S_USE = {
 }
 
 
-def _lowered_options(tmp_path, function: str, uses: dict) -> dict:
-    from nemoc.runtime.cli_common import load_spec
+def _lowered_options(tmp_path, function: str, uses: dict):
+    from nemoc.runtime.cli.common import load_spec
 
     args = ", ".join(f"{k} = {text}" for k, (text, _) in uses.items())
     (tmp_path / "x.nemo").write_text(f"""experiment x {{
@@ -110,29 +117,22 @@ def _lowered_options(tmp_path, function: str, uses: dict) -> dict:
 }}
 """)
     spec, _ = load_spec(str(tmp_path / "x.nemo"))
-    return dict(spec.cluster.scheduler_options)
+    return spec.cluster.scheduler_options
 
 
 def test_every_scheduler_argument_written_in_the_language_reaches_the_launcher(tmp_path):
-    """Each `slurm(...)` / `k8s(...)` argument, written as the docs show, type-checks, lowers, and
-    is parsed by the launcher into the value meant; the schema's defaults are the launchers'."""
-    from dataclasses import fields as dc_fields
-
-    from nemoc.runtime.launch_k8s import K8sOptions
-    from nemoc.runtime.launch_slurm import SlurmOptions
+    """Each `slurm(...)` / `k8s(...)` argument, written as the docs show, type-checks and lowers into the
+    launcher's record with the value meant (durations in seconds); what is not written is the schema's default."""
+    from nemoc.runtime.orchestrate.launch_k8s import K8sOptions
+    from nemoc.runtime.orchestrate.launch_slurm import SlurmOptions
 
     for function, uses, cls in (("slurm", _SLURM_USE, SlurmOptions), ("k8s", _K8S_USE, K8sOptions)):
         assert set(uses) == {f.name for f in CALLS[function]}, function  # every argument is exercised
-        options = cls.from_mapping(_lowered_options(tmp_path, function, uses))
+        options = _lowered_options(tmp_path, function, uses)
+        assert type(options) is cls
         for key, (_, want) in uses.items():
-            attr, value = want if isinstance(want, tuple) and len(want) == 2 and isinstance(want[0], str) \
-                and want[0].endswith("_s") else (key, want)
-            assert getattr(options, attr) == value, (function, key)
-        defaults = {f.name: f.default for f in dc_fields(cls)}
-        for f in CALLS[function]:
-            attr = {"time": "time_s", "signal_lead": "signal_lead_s"}.get(f.name, f.name)
-            launcher_default = defaults[attr]
-            assert f.default == launcher_default or (f.default == () and launcher_default == ()), (function, f.name)
+            assert getattr(options, key) == want, (function, key)
+        assert cls() == cls.of(function) and all(getattr(cls(), f.name) == f.default for f in CALLS[function])
 
 
 def test_a_stage_kind_is_one_entry_of_the_schema_and_every_per_kind_table_derives_from_it():

@@ -8,6 +8,7 @@ import pytest
 
 from nemoc.compiler.catalog.models import get_preset
 from nemoc.compiler.lower import load_experiment
+from nemoc.compiler.params import StageParams
 from nemoc.dsl.diagnostics import DiagnosticError
 
 BASE = """
@@ -101,14 +102,18 @@ def test_every_stage_field_lands_in_the_spec(tmp_path):
     dpo = spec.stage("dpo")
     assert spec.model.query_groups == 2 and spec.model.vocab == 1000 and spec.model.experts == 4
     assert spec.parallel.tensor == 2 and spec.parallel.pipeline is None and spec.parallel.recompute == "selective"
-    assert dpo.kind == "dpo" and dpo.epochs == 1.5 and dpo.params == {"beta": 0.2, "loss": "ipo", "template": {"user": "U: ", "assistant": "A: "}}
+    assert dpo.kind == "dpo" and dpo.epochs == 1.5
+    # the kind's typed record: what was written, every other parameter (and call argument) at the schema's default
+    assert dpo.params.beta == 0.2 and dpo.params.loss == "ipo" and dpo.params.reference == "model"
+    assert dict(dpo.params.template) == {"system": "<|system|>\n", "user": "U: ", "assistant": "A: ", "end": "\n"}
+    assert dpo.params == StageParams.of("dpo", {"beta": 0.2, "loss": "ipo", "template": dpo.params.template})
     assert dpo.optimizer.name == "sgd" and dpo.optimizer.lr == 0.1 and dpo.schedule.name == "wsd"
     assert dpo.peft.rank == 4 and dpo.peft.targets == ("qkv",)
     assert dpo.checkpoint.async_save and dpo.checkpoint.keep == 1
     assert dpo.parallel.tensor == 1 and dpo.parallel.recompute == "selective"  # inherits the experiment's
     assert spec.data[0].weight == 2.0 and spec.data[1].options == {"documents": "line"}
-    assert spec.stage("out").after == ("dpo",) and spec.stage("out").params == {"dtype": "bfloat16"}
-    assert spec.stage("check").params == {"prompts": ("hi",)}
+    assert spec.stage("out").after == ("dpo",) and spec.stage("out").params == StageParams.of("export", {"dtype": "bfloat16"})
+    assert spec.stage("check").params == StageParams.of("eval", {"prompts": ("hi",)})
     assert spec.spans["stage.dpo.parallel.tensor"].line == 15
     assert spec.spans["stage.dpo.optimizer.lr"].line == 12
 

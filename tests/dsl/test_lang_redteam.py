@@ -35,7 +35,7 @@ from nemoc.compiler.lower import compile_file
 from nemoc.dsl.diagnostics import MAX_PER_FILE, render_all
 from nemoc.dsl.parser import parse
 from nemoc.runtime.cli import cli
-from nemoc.runtime.cmd_lang import check_file
+from nemoc.runtime.cli.lang import check_file
 
 REPO = Path(__file__).resolve().parents[2]
 REDTEAM = Path(__file__).parent / "redteam"

@@ -81,7 +81,8 @@ def test_an_argument_of_a_call_the_file_does_not_write_starts_from_the_default_f
                               "stage.sft.peft.alpha=16"])
     assert spec.stage("sft").peft.rank == 8 and spec.stage("sft").peft.alpha == 16
     assert spec.stage("sft").peft.dropout == 0.0
-    assert spec.cluster.scheduler == "slurm" and spec.cluster.scheduler_options == {"partition": "batch"}
+    assert spec.cluster.scheduler == "slurm" and spec.cluster.scheduler_options.partition == "batch"
+    assert spec.cluster.scheduler_options.account is None  # not written: the schema's default
     plain = BASE.replace("    optimizer = adam(lr = 1e-4, betas = [0.8, 0.9], weight_decay = 0.0)\n", "")
     assert spec_of(tmp_path, ["stage.sft.optimizer.lr=5e-5"], plain).stage("sft").optimizer.name == "adam"
 
@@ -90,7 +91,8 @@ def test_a_call_inherited_from_a_template_is_merged_too(tmp_path):
     text = 'cluster big { gpu = H100  scheduler = slurm(partition = "batch", time = 1h) }\n' + \
         BASE.replace("cluster { gpu = H100  nodes = 1 }", "cluster big { nodes = 1 }")
     spec = spec_of(tmp_path, ["cluster.scheduler.time=2h"], text)
-    assert spec.cluster.scheduler_options == {"partition": "batch", "time": 7200}
+    options = spec.cluster.scheduler_options
+    assert (options.partition, options.time) == ("batch", 7200)
 
 
 @pytest.mark.parametrize("override, message, hint", [

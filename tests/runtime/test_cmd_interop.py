@@ -22,7 +22,7 @@ from nemoc.compiler.lower import load_experiment
 from nemoc.compiler.planner import plan_experiment
 from nemoc.dsl.diagnostics import DiagnosticError
 from nemoc.runtime.cli import cli
-from nemoc.runtime.cmd_interop import TRAINING_KINDS
+from nemoc.runtime.cli.interop import TRAINING_KINDS
 from nemoc.runtime.megatron_args import megatron_lm_command
 from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 
@@ -64,7 +64,8 @@ def test_import_of_the_export_plans_the_same_layout(path, tmp_path):
         spec, _ = load_experiment(str(target))
         if stage.kind != "pretrain":
             # pretrain_gpt.py has no SFT / DPO / LoRA: the command line carries everything but the stage's
-            # kind and its kind-specific settings, which the test puts back before planning.
+            # kind and its kind-specific settings (the source's whole typed record), which the test puts back
+            # before planning.
             # The data's record format (chat, preference...) and the checkpoint it starts from are the stage's too.
             source = original.stage(stage.name)
             formats = {d.name: d.format for d in original.data}
@@ -72,7 +73,7 @@ def test_import_of_the_export_plans_the_same_layout(path, tmp_path):
             if source.data:
                 data = tuple(replace(d, format=formats[source.data[0]]) for d in spec.data)
             spec = replace(spec, data=data, model=replace(spec.model, init=original.model.init or str(tmp_path)), stages=(replace(spec.stages[0], kind=source.kind, peft=source.peft,
-                                                            params={**spec.stages[0].params, **source.params}),))
+                                                            params=source.params),))
         again = plan_experiment(spec, target=NEMOC_RUNTIME).plan
         assert again.stages[0].layout == stage.layout, (stage.name, imported.text)
         assert again.model.layers == plan.model.layers and again.model.vocab == plan.model.vocab

@@ -104,7 +104,8 @@ def test_dry_run_on_k8s_writes_the_manifests_and_applies_nothing(quickstart, mon
 def test_dry_run_with_a_launcher_override_and_bad_options(quickstart):
     path = _with_scheduler(quickstart, 'slurm(partition = "batch")')
     result = invoke("run", str(path), "--dry-run", "--launcher", "k8s", "--workdir", str(quickstart / "w"))
-    assert result.exit_code == 2 and "unknown k8s option `partition`" in result.output
+    assert result.exit_code == 2 and "the cluster's `slurm(...)` options (partition) do not apply to the k8s " \
+        "launcher" in result.output
     result = invoke("run", str(path), "--dry-run", "--launcher", "local", "--workdir", str(quickstart / "w"))
     assert result.exit_code == 0 and "wrote" not in result.output
     result = invoke("run", str(path), "--dry-run", "--launcher", "nope", "--workdir", str(quickstart / "w"))
@@ -155,7 +156,7 @@ def test_sigterm_and_sighup_take_the_ctrl_c_path():
     import signal
     import time
 
-    from nemoc.runtime.cmd_run import _sigterm_as_interrupt
+    from nemoc.runtime.cli.run import _sigterm_as_interrupt
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -177,7 +178,7 @@ def test_status_shows_a_dead_launchers_running_task_as_interrupted(tmp_path):
     import subprocess
     import sys
 
-    from nemoc.runtime import procs
+    from nemoc.runtime.orchestrate import procs
 
     run = tmp_path / "run"
     run.mkdir()

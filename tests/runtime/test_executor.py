@@ -1,4 +1,4 @@
-"""runtime/executor.py with the local launcher: order, caching by hash, partial re-runs, failure, preemption.
+"""runtime/orchestrate/executor.py with the local launcher: order, caching by hash, partial re-runs, failure, preemption.
 
 Distributed tasks run `tests/runtime/fake_train.py` under real torchrun (2 gloo processes), registered
 as the test-only task kind `faketrain`; data tasks are the real tokenizer training and data preparation.
@@ -13,10 +13,10 @@ import pytest
 from plan_factory import make_layout, make_plan, make_stage, with_stage
 
 from nemoc.compiler.graph import build_graph
-from nemoc.runtime.executor import Executor
-from nemoc.runtime.launch_local import LocalLauncher
-from nemoc.runtime.rundir import RunDir, read_json
-from nemoc.runtime.tasks import TaskKind, register
+from nemoc.runtime.orchestrate.executor import Executor
+from nemoc.runtime.orchestrate.launch_local import LocalLauncher
+from nemoc.runtime.orchestrate.rundir import RunDir, read_json
+from nemoc.runtime.orchestrate.tasks import TaskKind, register
 
 HERE = Path(__file__).resolve().parent
 register(TaskKind(name="faketrain", module="fake_train"), replace=True)
@@ -118,7 +118,7 @@ def test_dry_run_starts_nothing(workspace):
 
 
 def test_a_damaged_status_json_is_rewritten_not_a_traceback(workspace):
-    from nemoc.runtime.executor import Status
+    from nemoc.runtime.orchestrate.executor import Status
 
     plan = make_plan(workspace, stages=(make_stage("pretrain", "faketrain"),))
     run_dir = RunDir(workspace / "run")
@@ -144,10 +144,10 @@ import sys
 sys.path.insert(0, {tests!r})
 from plan_factory import make_layout, make_plan, make_stage
 from nemoc.compiler.graph import build_graph
-from nemoc.runtime.executor import Executor
-from nemoc.runtime.launch_local import LocalLauncher
-from nemoc.runtime.rundir import RunDir
-from nemoc.runtime.tasks import TaskKind, register
+from nemoc.runtime.orchestrate.executor import Executor
+from nemoc.runtime.orchestrate.launch_local import LocalLauncher
+from nemoc.runtime.orchestrate.rundir import RunDir
+from nemoc.runtime.orchestrate.tasks import TaskKind, register
 register(TaskKind(name="faketrain", module="fake_train"))
 plan = make_plan({root!r}, stages=(make_stage("pretrain", "faketrain", layout=make_layout(dp=2, global_batch=4)),))
 try:
@@ -189,7 +189,7 @@ def test_one_run_at_a_time_per_run_directory(workspace):
         import subprocess
         import sys
 
-        code = ("import sys; from nemoc.runtime.rundir import RunDir\n"
+        code = ("import sys; from nemoc.runtime.orchestrate.rundir import RunDir\n"
                 f"with RunDir({str(run_dir.root)!r}).lock(): pass")
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert other.returncode != 0 and f"another `nemoc run` (pid {__import__('os').getpid()})" in other.stderr
@@ -213,7 +213,7 @@ def test_a_launcher_that_raises_fails_the_task_without_a_traceback(workspace):
 
 
 def test_a_submission_failure_is_not_blamed_on_a_rank(workspace):
-    from nemoc.runtime.launchers import LaunchResult
+    from nemoc.runtime.orchestrate.launchers import LaunchResult
 
     class Unreachable:
         name = "slurm"

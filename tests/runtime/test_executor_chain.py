@@ -1,4 +1,4 @@
-"""runtime/executor.py with a chain launcher (the Slurm launcher's contract, without Slurm): every
+"""runtime/orchestrate/executor.py with a chain launcher (the Slurm launcher's contract, without Slurm): every
 distributed task is submitted at once with its dependencies; task.json of a task whose parent has not
 run names the parent under `upstream`; `detach` returns with the jobs queued; a job still queued with
 the same hash is attached to, never submitted twice; one with other settings stops the run.
@@ -13,13 +13,13 @@ import pytest
 from plan_factory import make_layout, make_plan, make_stage
 
 from nemoc.compiler.graph import build_graph
-from nemoc.runtime.executor import Executor
-from nemoc.runtime.launch_local import LocalLauncher
-from nemoc.runtime.launchers import LaunchResult
-from nemoc.runtime.rundir import RunDir, read_json
+from nemoc.runtime.orchestrate.executor import Executor
+from nemoc.runtime.orchestrate.launch_local import LocalLauncher
+from nemoc.runtime.orchestrate.launchers import LaunchResult
+from nemoc.runtime.orchestrate.rundir import RunDir, read_json
 from nemoc.compiler.plan import to_json
 from nemoc.runtime.taskfile import plan_digest
-from nemoc.runtime.tasks import TaskError, TaskKind, register
+from nemoc.runtime.orchestrate.tasks import TaskError, TaskKind, register
 
 register(TaskKind(name="faketrain", module="fake_train"), replace=True)  # tests/runtime/fake_train.py
 
@@ -130,7 +130,7 @@ def test_detach_leaves_the_jobs_queued_and_a_later_run_finds_them_done(workspace
 
 
 def _kind_ctx(plan, rd, task_id):
-    from nemoc.runtime.tasks import get_kind
+    from nemoc.runtime.orchestrate.tasks import get_kind
 
     executor = Executor(plan, build_graph(plan), rd)
     task = executor.graph.task(task_id)

@@ -1,5 +1,5 @@
 """`nemoc cancel` and `nemoc logs` on a local run: the run's processes are the ones recorded under its
-`procs/` directories (runtime/procs.py), verified by pid and start time, stopped with SIGTERM (SIGKILL
+`procs/` directories (runtime/orchestrate/procs.py), verified by pid and start time, stopped with SIGTERM (SIGKILL
 after the grace period); nothing else is signalled, whatever it names. Logs follow a running task and
 stop when it ends. Stand-in processes, no torch: fast."""
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from nemoc.runtime import procs
-from nemoc.runtime.cmd_cluster import cancel, cancel_local, local_processes, logs
+from nemoc.runtime.orchestrate import procs
+from nemoc.runtime.cli.cluster import cancel, cancel_local, local_processes, logs
 
 # a "rank": names its task.json on the command line, saves and exits 143 on SIGTERM (or ignores it)
 RANK = r"""
@@ -151,8 +151,8 @@ def test_a_sigkilled_nemoc_run_leaves_a_lock_that_is_cleared_and_a_live_one_refu
     a message. A lock whose holder runs still refuses and names it."""
     import pytest
 
-    from nemoc.runtime.rundir import RunDir
-    from nemoc.runtime.tasks import TaskError
+    from nemoc.runtime.orchestrate.rundir import RunDir
+    from nemoc.runtime.orchestrate.tasks import TaskError
 
     rd = RunDir(tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(rd.root)], stdin=subprocess.PIPE,
@@ -184,7 +184,7 @@ def test_a_sigkilled_nemoc_run_leaves_a_lock_that_is_cleared_and_a_live_one_refu
 # file open (and sleeps), prints the child's pid and exits without releasing anything
 HOLDER = r"""
 import os, sys, time
-from nemoc.runtime.rundir import RunDir
+from nemoc.runtime.orchestrate.rundir import RunDir
 lock = RunDir(sys.argv[1]).lock()
 lock.__enter__()
 print("locked", flush=True)
@@ -252,7 +252,7 @@ def test_logs_follow_stops_when_the_nemoc_run_that_wrote_running_is_gone(tmp_pat
     assert not follower.is_alive(), "logs -f kept following a run nobody is running"
     assert outcome["result"].exit_code == 0 and outcome["result"].output == "last words\n"
     (run / ".lock").write_text(str(os.getpid()))  # alive: still followed (the test above covers the end)
-    from nemoc.runtime.cmd_cluster import _run_alive
+    from nemoc.runtime.cli.cluster import _run_alive
 
     assert _run_alive(run.resolve())
 

@@ -17,9 +17,9 @@ from plan_factory import make_plan, make_stage
 from nemoc.compiler.graph import build_graph
 from nemoc.compiler.spec import DataSpec
 from nemoc.runtime.data_prep import DataError, Source, iter_texts, prepare_dataset, train_tokenizer, validate_records
-from nemoc.runtime.executor import Executor
-from nemoc.runtime.rundir import RunDir, read_json
-from nemoc.runtime.tasks import TaskKind, register
+from nemoc.runtime.orchestrate.executor import Executor
+from nemoc.runtime.orchestrate.rundir import RunDir, read_json
+from nemoc.runtime.orchestrate.tasks import TaskKind, register
 
 FAULTS = Path(__file__).resolve().parent / "faults"
 

@@ -1,6 +1,6 @@
 """Fault injection through `nemoc run` on CPU (issue 16): SIGINT, SIGTERM or SIGKILL to the launcher or to
 a rank at a random step of real training (the quickstart model, 2 gloo ranks). After each fault: no
-process the run recorded is left (runtime/procs.py: pid + start time, read from /proc), status is true
+process the run recorded is left (runtime/orchestrate/procs.py: pid + start time, read from /proc), status is true
 (never "running" for a task nothing runs: a SIGKILLed launcher's task reads "interrupted"), and `nemoc
 run` again resumes to the same final weights as an uninterrupted run, bit for bit.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from nemoc.runtime import procs
+from nemoc.runtime.orchestrate import procs
 from nemoc.runtime.faults import differing_tensors
 
 pytestmark = pytest.mark.slow
@@ -145,7 +145,7 @@ def test_a_copied_run_directory_with_a_deleted_data_set_reruns_what_is_missing(p
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "corpus_text_document.bin is missing: running it again" in again.stdout
     assert "train:pretrain           cached" in again.stdout
-    from nemoc.runtime.rundir import RunDir
+    from nemoc.runtime.orchestrate.rundir import RunDir
 
     checkpoint = RunDir(workdir).done_record("train:pretrain")["checkpoint"]  # resolved in the copy
     assert checkpoint.startswith(str(workdir.resolve()) + "/")

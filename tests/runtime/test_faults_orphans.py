@@ -1,5 +1,5 @@
 """`kill -9` of `nemoc run` leaves no torchrun and no rank behind (issue 16): torchrun gets SIGTERM when
-its parent dies (PR_SET_PDEATHSIG), every rank SIGKILL when torchrun dies (runtime/rank_guard.py); the
+its parent dies (PR_SET_PDEATHSIG), every rank SIGKILL when torchrun dies (runtime/orchestrate/rank_guard.py); the
 task then reads "interrupted" in `nemoc status`, and the next `nemoc run` starts. Real torchrun with the
 test double `fake_train.py` (2 ranks that block, FAKE_HANG), so no training: about 20 s."""
 
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from nemoc.runtime import procs
+from nemoc.runtime.orchestrate import procs
 
 HERE = Path(__file__).resolve().parent
 
@@ -21,10 +21,10 @@ LAUNCHER = r"""
 import sys
 from plan_factory import make_layout, make_plan, make_stage
 from nemoc.compiler.graph import build_graph
-from nemoc.runtime.executor import Executor
-from nemoc.runtime.launch_local import LocalLauncher
-from nemoc.runtime.rundir import RunDir
-from nemoc.runtime.tasks import TaskKind, register
+from nemoc.runtime.orchestrate.executor import Executor
+from nemoc.runtime.orchestrate.launch_local import LocalLauncher
+from nemoc.runtime.orchestrate.rundir import RunDir
+from nemoc.runtime.orchestrate.tasks import TaskKind, register
 
 register(TaskKind(name="faketrain", module="fake_train"), replace=True)
 if __name__ == "__main__":
@@ -73,7 +73,7 @@ def test_kill_9_of_the_launcher_takes_torchrun_and_the_ranks_with_it(workspace):
             rec.signal(signal.SIGKILL)
     status = json.loads((run / "status.json").read_text())
     assert status["tasks"]["train:pretrain"]["state"] == "running"  # what the killed launcher left
-    from nemoc.runtime.cmd_run import status_rows
+    from nemoc.runtime.orchestrate.status import status_rows
 
     rows = {row["id"]: row["state"] for row in status_rows(run)}
     assert rows["train:pretrain"] == "interrupted"

@@ -1,4 +1,4 @@
-"""runtime/launch_local.py pieces that need no processes: the command line, the environment, the
+"""runtime/orchestrate/launch_local.py pieces that need no processes: the command line, the environment, the
 machine-fit guard and reading torchrun's failure summary; and, with two plain processes, the teardown of a rank that
 outlives torchrun."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from nemoc.runtime.launch_local import (
+from nemoc.runtime.orchestrate.launch_local import (
     Rank0Echo,
     check_fits_this_machine,
     check_no_leftover_ranks,
@@ -15,7 +15,7 @@ from nemoc.runtime.launch_local import (
     torchrun_command,
     worker_env,
 )
-from nemoc.runtime.launchers import LauncherError, LaunchSpec, get_launcher
+from nemoc.runtime.orchestrate.launchers import LauncherError, LaunchSpec, get_launcher
 
 
 def spec(tmp_path, **kw) -> LaunchSpec:
@@ -27,7 +27,7 @@ def test_command_and_environment(tmp_path, monkeypatch):
     command = torchrun_command(spec(tmp_path), 29511)
     assert command[1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                            "--master-port", "29511", "--tee", "3", "--log-dir", str(tmp_path / "ranks"),
-                           "-m", "nemoc.runtime.rank_guard", "nemoc.runtime.train", str(tmp_path / "task.json")]
+                           "-m", "nemoc.runtime.orchestrate.rank_guard", "nemoc.runtime.train", str(tmp_path / "task.json")]
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert worker_env(spec(tmp_path, nproc=4))["OMP_NUM_THREADS"] == "2"
@@ -102,7 +102,7 @@ def test_teardown_kills_a_rank_that_outlives_torchrun(monkeypatch):
 
     import psutil
 
-    from nemoc.runtime import launch_local
+    from nemoc.runtime.orchestrate import launch_local
 
     monkeypatch.setattr(launch_local, "TERM_GRACE_S", 1.0)
     proc = subprocess.Popen([sys.executable, "-c", FAKE_TORCHRUN], stdout=subprocess.PIPE, text=True,
@@ -129,9 +129,9 @@ def test_a_task_still_run_by_leftover_ranks_is_not_started_twice(tmp_path):
     import subprocess
     import sys
 
-    from nemoc.runtime.launch_local import LocalLauncher
+    from nemoc.runtime.orchestrate.launch_local import LocalLauncher
 
-    from nemoc.runtime import procs
+    from nemoc.runtime.orchestrate import procs
 
     task = tmp_path / "task.json"
     leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -207,9 +207,9 @@ def test_nemoc_run_logs_to_wandb_and_mlflow(tmp_path):
 
 def test_tensorboard_false_leaves_it_out_of_the_task(tmp_path):
     from nemoc.compiler.graph import build_graph
-    from nemoc.runtime.rundir import RunDir
-    from nemoc.runtime.tasks import TaskContext
-    from nemoc.runtime.tasks.training import base_task_json
+    from nemoc.runtime.orchestrate.rundir import RunDir
+    from nemoc.runtime.orchestrate.tasks import TaskContext
+    from nemoc.runtime.orchestrate.tasks.training import base_task_json
 
     for block, want in (("  tracking { tensorboard = false }\n", None), ("", "tensorboard")):
         root = tmp_path / f"case{bool(block)}"

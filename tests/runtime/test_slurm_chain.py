@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-import nemoc.runtime.launch_slurm as ls
+import nemoc.runtime.orchestrate.launch_slurm as ls
 from nemoc.compiler.spec import ClusterSpec
-from nemoc.runtime.launchers import Hangup, LaunchSpec
+from nemoc.runtime.orchestrate.launchers import Hangup, LaunchSpec
 
 SQUEUE = r"""#!/usr/bin/env python3
 import json, os, sys
@@ -196,7 +196,7 @@ def test_dry_run_scripts_start_eval_as_the_executor_does(tmp_path):
     from plan_factory import make_plan, make_stage
 
     from nemoc.compiler.graph import build_graph
-    from nemoc.runtime.rundir import RunDir
+    from nemoc.runtime.orchestrate.rundir import RunDir
 
     (tmp_path / "corpus.jsonl").write_text('{"text": "hello world"}\n' * 20)
     plan = make_plan(tmp_path, stages=(make_stage("pretrain"), make_stage("eval", "eval", after=("pretrain",)),

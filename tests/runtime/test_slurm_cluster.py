@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from nemoc.runtime import launch_slurm as ls
+from nemoc.runtime.orchestrate import launch_slurm as ls
 from nemoc.runtime.metrics import read_records
 
 pytestmark = pytest.mark.slurm
@@ -74,7 +74,7 @@ def ls_safe(task_id: str) -> str:
 
 def test_hostile_names_reach_slurm_verbatim_and_run_nothing(tmp_path):
     job = _job(tmp_path, "evil", ("-c", "import sys; print('ARGV', sys.argv[1:])", EVIL), name=EVIL)
-    opts = ls.SlurmOptions.from_mapping({"extra": [f"--comment={EVIL}"], "time": "5m"})
+    opts = ls.SlurmOptions(extra=(f"--comment={EVIL}",), time=300)
     ids = ls.submit_jobs([job], {}, opts, tmp_path)
     shown = subprocess.run(["scontrol", "show", "job", ids["evil"]], capture_output=True, text=True).stdout
     assert shown.splitlines()[0].split("JobName=", 1)[1] == EVIL
@@ -108,7 +108,7 @@ def test_jobs_chain_along_the_graph_with_afterok(tmp_path):
 def test_the_time_limit_warning_stops_the_step_and_requeues_the_job(tmp_path):
     state = tmp_path / "state.json"
     job = _job(tmp_path, "stepper", ("-c", STEPPER, str(state), str(tmp_path / "tasks" / "stepper" / "DONE.json"), "25"))
-    ids = ls.submit_jobs([job], {}, ls.SlurmOptions(time_s=600, signal_lead_s=60), tmp_path)
+    ids = ls.submit_jobs([job], {}, ls.SlurmOptions(time=600, signal_lead=60), tmp_path)
     job_id = ids["stepper"]
     deadline = time.monotonic() + 60
     while not (state.exists() and json.loads(state.read_text())["step"] >= 5) and time.monotonic() < deadline:
@@ -268,7 +268,7 @@ def test_a_rank_killed_with_sigkill_is_requeued_and_resumes_from_the_last_checkp
 def test_nemoc_logs_and_cancel_work_on_a_slurm_run(tmp_path):
     from click.testing import CliRunner
 
-    from nemoc.runtime.cmd_cluster import cancel, logs
+    from nemoc.runtime.cli.cluster import cancel, logs
 
     state = tmp_path / "state.json"
     job = _job(tmp_path, "train:pretrain", ("-c", STEPPER, str(state), str(tmp_path / "never"), "1000"))

@@ -16,17 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from nemoc.runtime.launch_slurm import (
+from nemoc.runtime.orchestrate.launch_slurm import (
     SlurmError,
     SlurmJob,
     SlurmOptions,
     directives,
     job_from_spec,
-    parse_duration,
     render_sbatch,
     slurm_time,
 )
-from nemoc.runtime.launchers import LaunchSpec
+from nemoc.runtime.orchestrate.launchers import LaunchSpec
 
 EVIL = "a b'c\"d $(touch pwned) `touch pwned` ; touch pwned && echo $HOME \\ |x> end"
 
@@ -106,8 +105,8 @@ def requeues(sandbox: Path) -> list[str]:
 
 
 def test_directives_carry_nodes_limits_partition_account_and_extra(tmp_path):
-    opts = SlurmOptions.from_mapping({"partition": "batch", "account": "proj", "time": 4 * 3600, "qos": "high",
-                                      "extra": ["--exclusive", "--mail-type=END"], "signal_lead": "10m"})
+    opts = SlurmOptions(partition="batch", account="proj", time=4 * 3600, qos="high",
+                        extra=("--exclusive", "--mail-type=END"), signal_lead=600)
     lines = directives(make_job(tmp_path, gpus=8), opts)
     values = [shlex.split(line.removeprefix("#SBATCH "))[0] for line in lines]
     for expected in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--time=04:00:00",
@@ -137,11 +136,21 @@ def test_job_from_spec_splits_processes_over_nodes_and_omits_gpus_on_cpu(tmp_pat
                                  nodes=2), None)
 
 
-@pytest.mark.parametrize("value, seconds", [(3600, 3600), ("4h", 14400), ("90m", 5400), ("1:30:00", 5400),
-                                            ("2-00:00:00", 172800), ("45s", 45)])
-def test_durations(value, seconds):
-    problems: list[str] = []
-    assert parse_duration("time", value, problems) == seconds and not problems
+@pytest.mark.parametrize("value, seconds", [("3600s", 3600), ("4h", 14400), ("90min", 5400), ("1.5h", 5400),
+                                            ("2d", 172800), ("45s", 45), ("1h + 30min", 5400)])
+def test_durations_are_the_languages_compiled_to_whole_seconds(tmp_path, value, seconds):
+    """One duration grammar (the language's units): the plan carries seconds, the launcher parses nothing."""
+    from nemoc.runtime.cli.common import load_spec
+
+    (tmp_path / "x.nemo").write_text(f"""experiment x {{
+  cluster {{ gpu = H100  scheduler = slurm(time = {value}, signal_lead = {value}) }}
+  model llama3_8b {{}}
+  stage pretrain {{ steps = 10  global_batch = 8 }}
+}}
+""")
+    options = load_spec(str(tmp_path / "x.nemo"))[0].cluster.scheduler_options
+    assert type(options) is SlurmOptions
+    assert options.time == seconds and options.signal_lead == seconds and isinstance(options.time, int)
 
 
 def test_slurm_time_format():
@@ -149,21 +158,25 @@ def test_slurm_time_format():
     assert slurm_time(90061) == "1-01:01:01"
 
 
-def test_bad_options_are_reported_together():
-    with pytest.raises(SlurmError) as error:
-        SlurmOptions.from_mapping({"partiton": "x", "time": "soon", "extra": ["exclusive"], "max_failures": -1})
-    text = str(error.value)
-    assert "unknown slurm option `partiton`" in text
-    assert "not a duration" in text
-    assert "'exclusive' is not an sbatch option" in text
-    assert "max_failures" in text
+def test_bad_options_are_reported_together_at_compile_time():
+    from nemoc.compiler.params import UnknownParameter
+    from nemoc.compiler.scheduler import option_problems
+
+    with pytest.raises(UnknownParameter, match="scheduler `slurm` has no parameter `partiton`"):
+        SlurmOptions.of("slurm", {"partiton": "x"})
+    text = " ".join(m for _, m, _ in option_problems(SlurmOptions(extra=("exclusive",), time=1.5)))
+    assert "'exclusive' is not an sbatch option" in text and "not a whole number of seconds" in text
 
 
 @pytest.mark.parametrize("field", ["partition", "account", "extra"])
-def test_a_newline_cannot_end_a_directive_and_start_a_command(field):
+def test_a_newline_cannot_end_a_directive_and_start_a_command(tmp_path, field):
+    from nemoc.compiler.scheduler import option_problems
+
     value = "x\ntouch pwned"
-    with pytest.raises(SlurmError, match="newline"):
-        SlurmOptions.from_mapping({field: [f"--{value}"] if field == "extra" else value})
+    opts = SlurmOptions(**{field: (f"--{value}",) if field == "extra" else value})
+    assert any("newline" in message for _, message, _ in option_problems(opts))  # E047 at compile time
+    with pytest.raises(SlurmError, match="newline"):  # and the script writer refuses it still
+        render_sbatch(make_job(tmp_path), opts)
 
 
 def test_a_newline_in_a_job_name_is_rejected(tmp_path):
@@ -175,7 +188,7 @@ def test_a_newline_in_a_job_name_is_rejected(tmp_path):
 
 
 def test_hostile_values_reach_slurm_and_the_program_verbatim_and_run_nothing(sandbox):
-    opts = SlurmOptions.from_mapping({"partition": EVIL, "account": EVIL, "extra": [f"--comment={EVIL}"]})
+    opts = SlurmOptions(partition=EVIL, account=EVIL, extra=(f"--comment={EVIL}",))
     root = sandbox / f"runs {EVIL.replace('/', '_')}"
     job = make_job(root, name=EVIL, task_id=EVIL, args=(f"/runs/{EVIL}/task.json", EVIL), env={"NEMOC_X": EVIL})
     script = render_sbatch(job, opts)
@@ -304,8 +317,8 @@ def test_write_scripts_renders_every_training_task_of_a_graph(tmp_path):
 
     from nemoc.compiler.graph import build_graph
     from nemoc.compiler.spec import ClusterSpec
-    from nemoc.runtime.launch_slurm import write_scripts
-    from nemoc.runtime.rundir import RunDir
+    from nemoc.runtime.orchestrate.launch_slurm import write_scripts
+    from nemoc.runtime.orchestrate.rundir import RunDir
 
     (tmp_path / "corpus.jsonl").write_text('{"text": "hello world"}\n' * 20)
     plan = make_plan(tmp_path, stages=(make_stage("pretrain"), make_stage("anneal", after=("pretrain",))))
@@ -357,7 +370,7 @@ def launch_spec(sandbox) -> LaunchSpec:
 
 
 def test_launch_follows_a_requeued_job_to_the_end(sandbox, monkeypatch):
-    import nemoc.runtime.launch_slurm as ls
+    import nemoc.runtime.orchestrate.launch_slurm as ls
     from nemoc.compiler.spec import ClusterSpec
 
     fake_slurm(sandbox, monkeypatch, "PENDING RUNNING PREEMPTED PENDING RUNNING COMPLETED")
@@ -376,7 +389,7 @@ def test_launch_follows_a_requeued_job_to_the_end(sandbox, monkeypatch):
 
 
 def test_launch_reports_a_failed_job_with_its_logs_last_lines(sandbox, monkeypatch):
-    import nemoc.runtime.launch_slurm as ls
+    import nemoc.runtime.orchestrate.launch_slurm as ls
     from nemoc.compiler.spec import ClusterSpec
 
     fake_slurm(sandbox, monkeypatch, "RUNNING FAILED", exit_code="1:0")
@@ -390,7 +403,7 @@ def test_launch_reports_a_failed_job_with_its_logs_last_lines(sandbox, monkeypat
 
 
 def test_a_preempted_job_that_slurm_does_not_requeue_is_resumable(sandbox, monkeypatch):
-    import nemoc.runtime.launch_slurm as ls
+    import nemoc.runtime.orchestrate.launch_slurm as ls
     from nemoc.compiler.spec import ClusterSpec
 
     fake_slurm(sandbox, monkeypatch, "RUNNING PREEMPTED", exit_code="0:15")
@@ -403,8 +416,8 @@ def test_a_preempted_job_that_slurm_does_not_requeue_is_resumable(sandbox, monke
 def test_a_damaged_slurm_record_is_named_not_a_traceback(tmp_path):
     from click.testing import CliRunner
 
-    from nemoc.runtime.cmd_cluster import cancel
-    from nemoc.runtime.launch_slurm import read_record
+    from nemoc.runtime.cli.cluster import cancel
+    from nemoc.runtime.orchestrate.launch_slurm import read_record
 
     (tmp_path / "status.json").write_text(json.dumps({"tasks": {"train:pretrain": {"state": "running"}}}))
     for damaged in ("{garbage", "[1]", json.dumps({"jobs": {"train:pretrain": {"script": "x"}}})):
@@ -417,7 +430,7 @@ def test_a_damaged_slurm_record_is_named_not_a_traceback(tmp_path):
 
 def test_without_slurm_the_launcher_cannot_be_built_and_says_why(tmp_path, monkeypatch):
     from nemoc.compiler.spec import ClusterSpec
-    from nemoc.runtime.launch_slurm import SlurmLauncher
+    from nemoc.runtime.orchestrate.launch_slurm import SlurmLauncher
 
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     with pytest.raises(SlurmError, match="Slurm is not reachable.*sbatch"):
@@ -425,7 +438,7 @@ def test_without_slurm_the_launcher_cannot_be_built_and_says_why(tmp_path, monke
 
 
 def test_an_sbatch_error_fails_the_task_with_its_message(sandbox, monkeypatch):
-    import nemoc.runtime.launch_slurm as ls
+    import nemoc.runtime.orchestrate.launch_slurm as ls
     from nemoc.compiler.spec import ClusterSpec
 
     fake_slurm(sandbox, monkeypatch, "RUNNING")

@@ -8,7 +8,7 @@ import jsonschema
 from click.testing import CliRunner
 
 from nemoc.runtime.cli import cli
-from nemoc.runtime.cmd_run import held_out_metrics
+from nemoc.runtime.orchestrate.status import held_out_metrics
 
 DPO_DONE = {"hash": "h2", "steps": 30, "val_before": {"reward_accuracy": 0.5, "likelihood_accuracy": 0.9},
             "val": {"reward_accuracy": 0.975, "likelihood_accuracy": 0.95, "log_ratio_margin": 3.4}}

@@ -9,7 +9,7 @@ import click
 import pytest
 from test_cmd_run import invoke, quickstart  # noqa: F401  (the CLI runner and the quickstart-copy fixture)
 
-from nemoc.runtime.sweep import Axis, Point, parse_axes, points_of, short_names, split_values
+from nemoc.runtime.cli.sweep import Axis, Point, parse_axes, points_of, short_names, split_values
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 LLAMA = str(EXAMPLES / "llama3_8b_pretrain.nemo")

@@ -7,8 +7,8 @@ hands `python -m <module> task.json` to the launcher with `nproc(ctx)` processes
 layout's world size). New kinds plug in without editing this package's existing modules: every module
 in this folder is imported on first lookup and registers its kinds at import time, e.g.
 
-    # runtime/tasks/align.py
-    from nemoc.runtime.tasks import TaskKind, register
+    # runtime/orchestrate/tasks/align.py
+    from nemoc.runtime.orchestrate.tasks import TaskKind, register
     register(TaskKind(name="sft", module="nemoc.runtime.align.sft"))
 """
 
@@ -33,10 +33,10 @@ class TaskContext:
     task: Task
     plan: Plan
     plan_path: Path
-    run_dir: object  # nemoc.runtime.rundir.RunDir
+    run_dir: object  # nemoc.runtime.orchestrate.rundir.RunDir
     out_dir: Path
     inputs: Mapping[str, dict]  # upstream task id -> its DONE record + {"artifact", "name"}
-    launcher: object | None = None  # nemoc.runtime.launchers.Launcher (distributed kinds)
+    launcher: object | None = None  # nemoc.runtime.orchestrate.launchers.Launcher (distributed kinds)
     log: Callable[[str], None] = print
     options: Mapping[str, object] = field(default_factory=dict)  # e.g. {"workers": 2, "max_steps": None}
 

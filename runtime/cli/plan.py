@@ -27,18 +27,14 @@ from dataclasses import replace
 
 import click
 
-from nemoc.runtime.cli_common import EXIT_OK, EXIT_USAGE, common_options, fail, load_spec_with_warnings, \
+from nemoc.runtime.cli.common import EXIT_OK, EXIT_USAGE, common_options, fail, load_spec_with_warnings, \
     print_diagnostics, write_output
+from nemoc.runtime.cli.plan_json import TERMS, report_json, report_json_total
+from nemoc.runtime.display import GIB, duration
 
-GIB = 1 << 30
-TERMS = ("weights", "gradients", "optimizer", "activations", "other")
 TERM_STYLE = {"weights": ("W", "blue"), "gradients": ("G", "magenta"), "optimizer": ("O", "yellow"),
               "activations": ("A", "green"), "other": ("x", "cyan")}
-LAYOUT_KEYS = ("tp", "pp", "vp", "cp", "ep", "etp", "dp", "micro_batch", "global_batch", "num_microbatches",
-               "sequence_parallel", "distributed_optimizer", "recompute")
 KERNELS_LABEL = {"te": "Transformer Engine", "local": "Megatron-Core local spec"}
-ESTIMATE_KEYS = ("step_time_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu", "mfu", "steps", "wall_time_s",
-                 "gpu_hours", "cost_usd")
 
 
 class Headroom(click.ParamType):
@@ -88,74 +84,7 @@ def _split_line(sp) -> str:
             f"({', '.join(f'{k} = true' for k in split.params())})")
 
 
-def _memory_json(m) -> dict:
-    out = {t: getattr(m, t) for t in TERMS}
-    out.update(total=m.total, capacity=m.capacity, parts=dict(m.parts))
-    return out
-
-
-def _estimate_json(e) -> dict:
-    out = {k: getattr(e, k) for k in ESTIMATE_KEYS}
-    out["parts"] = dict(e.parts)
-    return out
-
-
-def _candidate_json(c) -> dict:
-    return {"layout": {k: getattr(c.layout, k) for k in LAYOUT_KEYS}, "step_time_s": c.estimate.step_time_s,
-            "memory_total": c.memory.total, "mfu": c.estimate.mfu}
-
-
-def _sum_cost(values) -> float | None:
-    known = [v for v in values if v is not None]
-    return sum(known) if known else None
-
-
-def report_json(result, headroom: float, top: int) -> dict:
-    """The `--json` document (see module docstring)."""
-    from nemoc.compiler.plan import to_dict as plan_dict
-    from nemoc.dsl.diagnostics import to_json
-
-    stages = []
-    for sp, sr in zip(result.plan.stages, result.stages):
-        split = sp.execution.pipeline.params()
-        search = sr.search
-        stages.append({
-            "name": sp.name, "kind": sp.kind,
-            "layout": {k: getattr(sp.layout, k) for k in LAYOUT_KEYS} | ({"pipeline_split": split} if split else {}),
-            "memory": _memory_json(sp.memory) | {"budget": int(sp.memory.capacity * (1 - headroom))},
-            "estimate": _estimate_json(sp.estimate),
-            "seq_length": sp.seq_length, "resident_models": list(sp.resident_models), "kernels": sp.kernels,
-            "execution": plan_dict(sp.execution),
-            "runner_ups": [_candidate_json(c) for c in sr.runner_ups[:top]],
-            "rejections": [{"reason": r.reason, "count": r.count, "example": r.example, "layout": r.layout}
-                           for r in (search.rejections if search else ())],
-            "search": {"evaluated": search.evaluated, "space": search.space, "fitting": search.fitting} if search else None,
-            "notes": list(sr.notes),
-        })
-    return {
-        "experiment": result.plan.experiment,
-        "cluster": {"gpu": result.plan.cluster.gpu, "nodes": result.plan.cluster.nodes,
-                    "gpus_per_node": result.plan.cluster.gpus_per_node},
-        "precision": result.plan.precision, "attention_backend": result.plan.attention_backend,
-        "kernels": result.plan.kernels, "headroom": headroom,
-        "stages": stages,
-        "total": report_json_total(result.plan),
-        "warnings": [to_json(d) for d in result.warnings],
-        "elapsed_s": result.elapsed_s,
-    }
-
-
 # ----------------------------------------------------------------------------------------- report
-
-
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.3g} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 3 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
 
 
 def _gib(n: float) -> str:
@@ -301,12 +230,6 @@ def render_report(result, headroom: float, top: int, console) -> None:
                   f"  [dim](planned in {result.elapsed_s * 1000:.0f} ms)[/]")
 
 
-def report_json_total(plan) -> dict:
-    es = [s.estimate for s in plan.stages]
-    return {"wall_time_s": sum(e.wall_time_s for e in es), "gpu_hours": sum(e.gpu_hours for e in es),
-            "cost_usd": _sum_cost(e.cost_usd for e in es)}
-
-
 # ---------------------------------------------------------------------------------------- command
 
 
@@ -320,7 +243,7 @@ def report_json_total(plan) -> dict:
               help="Write the compiled plan (JSON) that `nemoc run` consumes.")
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
               help="Plan every point of a sweep and print them side by side, e.g. --sweep parallel.tensor=2,4,8 "
-                   "(repeatable: the cartesian product); --json gives a list (runtime/sweep.py).")
+                   "(repeatable: the cartesian product); --json gives a list (runtime/cli/sweep.py).")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write a self-contained HTML report (memory per pipeline stage, schedule, step time, "
                    "runner-ups, cost; docs/reports.md).")
@@ -332,7 +255,7 @@ def plan(file: str, headroom: float, top: int, emit: str | None, sweeps: tuple[s
     if sweeps:
         if emit or html_path:
             raise click.UsageError("--emit and --html write one plan; they cannot be combined with --sweep")
-        from nemoc.runtime.sweep import plan_sweep
+        from nemoc.runtime.cli.sweep import plan_sweep
 
         plan_sweep(file, sweeps, sets, headroom, top, as_json)
     from nemoc.compiler.plan import to_json
@@ -355,7 +278,7 @@ def plan(file: str, headroom: float, top: int, emit: str | None, sweeps: tuple[s
             click.echo(f"error: cannot write the plan to {emit}: {problem}", err=True)
             sys.exit(EXIT_USAGE)
     if html_path:
-        from nemoc.runtime.cmd_report import write_html
+        from nemoc.runtime.cli.report import write_html
 
         write_html(html_path, result.plan, headroom=headroom, results=result.stages, top=top)
     if as_json:

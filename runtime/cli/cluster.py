@@ -7,7 +7,7 @@ whose log is not on this machine, `kubectl logs` of its pods.
 
 Cancelling:
 - local: the processes the run recorded when it started them (`procs/` of the run and of each task,
-  runtime/procs.py), each verified by pid, start time and owner before it is signalled: every torchrun
+  runtime/orchestrate/procs.py), each verified by pid, start time and owner before it is signalled: every torchrun
   gets SIGTERM (its ranks save a checkpoint and exit 143; `nemoc run` then marks the task preempted),
   or the `nemoc run` itself while it prepares data; SIGKILL after a grace period to whatever recorded
   process is left. No other process is ever signalled, whatever its command line names;
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import click
 
-from nemoc.runtime.cli_common import EXIT_DIAGNOSTICS, EXIT_USAGE
+from nemoc.runtime.cli.common import EXIT_DIAGNOSTICS, EXIT_USAGE
 
 TERM_GRACE_S = 30.0
 RUNNING_STATES = ("running", "pending")
@@ -74,7 +74,7 @@ def _task_ids(root: Path) -> list[str]:
 
 
 def task_dir(root: Path, task_id: str) -> Path:
-    from nemoc.runtime.rundir import RunDir
+    from nemoc.runtime.orchestrate.rundir import RunDir
 
     return RunDir(root).task_dir(task_id)
 
@@ -90,7 +90,7 @@ def resolve_task(root: Path, task: str | None) -> str:
             return (running or logged)[-1]
         click.echo(f"error: no task of {root} has a log yet", err=True)
         sys.exit(EXIT_USAGE)
-    from nemoc.runtime.rundir import safe_name
+    from nemoc.runtime.orchestrate.rundir import safe_name
 
     for candidate in ids:
         if task in (candidate, safe_name(candidate), candidate.partition(":")[2]):
@@ -105,7 +105,7 @@ def _task_running(root: Path, task_id: str) -> bool:
 
 
 def _run_alive(root: Path) -> bool:
-    from nemoc.runtime.rundir import RunDir
+    from nemoc.runtime.orchestrate.rundir import RunDir
 
     return RunDir(root).holder_alive()
 
@@ -157,7 +157,7 @@ def _slurm_job_active(root: Path, task_id: str) -> bool:
     yes (`logs -f` keeps following rather than stop on one hiccup)."""
     if launcher_of(root) != "slurm":
         return False
-    from nemoc.runtime import launch_slurm
+    from nemoc.runtime.orchestrate import launch_slurm
 
     try:
         job = (launch_slurm.read_record(root).get("jobs") or {}).get(task_id)
@@ -173,7 +173,7 @@ def _slurm_job_active(root: Path, task_id: str) -> bool:
 
 
 def _k8s_logs(root: Path, task_id: str, follow: bool, lines: int | None) -> int:
-    from nemoc.runtime import launch_k8s
+    from nemoc.runtime.orchestrate import launch_k8s
 
     try:
         job = (launch_k8s.read_record(root).get("jobs") or {}).get(task_id)
@@ -218,7 +218,7 @@ def cancel(run_dir: str) -> None:
 
 
 def cancel_slurm(root: Path) -> list[str]:
-    from nemoc.runtime import launch_slurm
+    from nemoc.runtime.orchestrate import launch_slurm
 
     jobs = launch_slurm.read_record(root).get("jobs") or {}
     states = launch_slurm.job_states(str(rec["job_id"]) for rec in jobs.values())  # one squeue for the run
@@ -230,7 +230,7 @@ def cancel_slurm(root: Path) -> list[str]:
 
 
 def cancel_k8s(root: Path) -> list[str]:
-    from nemoc.runtime import launch_k8s
+    from nemoc.runtime.orchestrate import launch_k8s
 
     done = []
     for task, rec in (launch_k8s.read_record(root).get("jobs") or {}).items():
@@ -243,10 +243,10 @@ def cancel_k8s(root: Path) -> list[str]:
 
 
 def local_processes(root: Path) -> list:
-    """The processes this run started that still run, from their records (runtime/procs.py): the
+    """The processes this run started that still run, from their records (runtime/orchestrate/procs.py): the
     `nemoc run` holding the directory, and each task's torchrun and ranks. Verified by pid, start time
     and owner; nothing else (not a process that merely names the run's files) is ever returned."""
-    from nemoc.runtime import procs
+    from nemoc.runtime.orchestrate import procs
 
     found = procs.live(root)
     for directory in procs.task_dirs(root):

@@ -8,7 +8,7 @@ the parents' final checkpoints, and the output locations inside the task's direc
 from __future__ import annotations
 
 from nemoc.runtime.taskfile import TASK_JSON_VERSION
-from nemoc.runtime.tasks import TaskContext, TaskError, TaskKind, register
+from nemoc.runtime.orchestrate.tasks import TaskContext, TaskError, TaskKind, register
 
 
 def _split_string(split) -> str:

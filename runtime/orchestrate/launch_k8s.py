@@ -24,14 +24,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from nemoc.compiler.params import SCHEDULER_OPTIONS_TYPES, OptionsMismatch, options_for
 from nemoc.runtime.faults import RESTART_SAFE_ENV
-from nemoc.runtime.launchers import LaunchResult, LaunchSpec, LauncherError, nodes_for, read_job_record
-from nemoc.runtime.rundir import atomic_write_json
+from nemoc.runtime.orchestrate.launchers import LaunchResult, LaunchSpec, LauncherError, nodes_for, read_job_record
+from nemoc.runtime.orchestrate.rundir import atomic_write_json
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
@@ -40,58 +40,23 @@ RECORD_FILE = "k8s.json"
 KUBECTL_MISSING = ("kubectl is not on PATH: install it and point it at the cluster, or write the manifests "
                    "without applying them (`nemoc run --dry-run --launcher k8s`, launch_k8s.write_manifests) "
                    "and apply tasks/*/pytorchjob.yaml yourself")
-DEFAULT_IMAGE = "nemoc:latest"
-_KNOWN = {"namespace", "image", "queue", "data_pvc", "checkpoint_pvc", "max_restarts", "backoff_limit",
-          "service_account", "priority_class", "shm_size", "cpu", "memory"}
 
 
 class K8sError(LauncherError):
     """A problem with the k8s options, kubectl or a job; the message is for the user."""
 
 
-@dataclass(frozen=True, slots=True)
-class K8sOptions:
-    namespace: str = "default"
-    image: str = DEFAULT_IMAGE
-    queue: str | None = None  # Kueue LocalQueue: the job is created suspended and admitted by Kueue
-    data_pvc: str | None = None
-    checkpoint_pvc: str | None = None
-    max_restarts: int = 3  # torchrun restarts of the worker group (elasticPolicy.maxRestarts)
-    backoff_limit: int = 3  # pod restarts before the job is failed (runPolicy.backoffLimit)
-    service_account: str | None = None
-    priority_class: str | None = None
-    shm_size: str = "16Gi"
-    cpu: str | None = None  # per-worker CPU request (CPU clusters)
-    memory: str | None = None
-
-    @classmethod
-    def from_mapping(cls, options: Mapping[str, object]) -> "K8sOptions":
-        problems = [f"unknown k8s option `{k}` (known: {', '.join(sorted(_KNOWN))})" for k in options if k not in _KNOWN]
-        values: dict[str, object] = {}
-        for key, value in options.items():
-            if key not in _KNOWN or value is None:
-                continue
-            if key in ("max_restarts", "backoff_limit"):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    problems.append(f"k8s option `{key}` must be a non-negative integer, got {value!r}")
-                    continue
-                values[key] = value
-            else:
-                text = str(value)
-                if re.search(r"[\x00-\x1f\x7f]", text) or not text.strip():
-                    problems.append(f"k8s option `{key}` = {value!r} is empty or contains a control character")
-                    continue
-                values[key] = text
-        for key in ("namespace", "data_pvc", "checkpoint_pvc", "queue", "service_account", "priority_class"):
-            if key in values and not _DNS_LABEL.fullmatch(str(values[key])):
-                problems.append(f"k8s option `{key}` = {values[key]!r} is not a Kubernetes name "
-                                f"(lower-case letters, digits and '-', at most 63 characters)")
-        if problems:
-            raise K8sError("; ".join(problems))
-        return cls(**values)  # type: ignore[arg-type]
+# `k8s(...)` as compiled (nemoc.compiler.params): every default filled, names checked as DNS-1123 labels at
+# compile time (E047, compiler/scheduler.py). The launcher reads it as it is and parses nothing.
+K8sOptions = SCHEDULER_OPTIONS_TYPES["k8s"]
 
 
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+def _options(cluster) -> K8sOptions:
+    """The plan's `k8s(...)` options (defaults when the cluster names no scheduler options of its own)."""
+    try:
+        return options_for(cluster, "k8s")
+    except OptionsMismatch as error:
+        raise K8sError(str(error)) from None
 
 
 def job_name(experiment: str, task_id: str, task_hash: str = "") -> str:
@@ -250,7 +215,7 @@ def manifest_for_spec(spec: LaunchSpec, *, cluster, experiment: str, run_root: s
         raise K8sError(f"{spec.task_id}: {spec.nproc} processes do not split evenly over {nodes} nodes")
     on_cpu = spec.gpus_per_node == 0 or str(getattr(cluster, "gpu", "")).upper() == "CPU"
     per_node = spec.nproc // nodes
-    opts = opts or K8sOptions.from_mapping(dict(spec.options))
+    opts = opts or (spec.options if isinstance(spec.options, K8sOptions) else _options(cluster))
     return pytorchjob(name=job_name(experiment, spec.task_id, task_hash), task_id=spec.task_id, module=spec.module,
                       args=tuple(spec.args), nodes=nodes, procs_per_node=per_node,
                       gpus_per_node=0 if on_cpu else per_node, run_root=run_root, data_root=data_root, opts=opts,
@@ -261,8 +226,8 @@ def write_manifests(plan, graph, run_dir) -> list[Path]:
     """`--dry-run` for k8s: the manifest of every distributed task of `graph`, written to
     `tasks/<id>/pytorchjob.yaml` (and all of them to `k8s/manifests.yaml`), validated, not applied.
     Tasks run in the graph's topological order; `nemoc.dev/after` annotations record the edges."""
-    from nemoc.runtime.tasks import TaskContext, TaskError, launch_shape
-    from nemoc.runtime.tasks import get_kind as _get_kind
+    from nemoc.runtime.orchestrate.tasks import TaskContext, TaskError, launch_shape
+    from nemoc.runtime.orchestrate.tasks import get_kind as _get_kind
 
     def get_kind(name: str):
         try:
@@ -270,7 +235,7 @@ def write_manifests(plan, graph, run_dir) -> list[Path]:
         except TaskError as error:
             raise K8sError(str(error)) from None
 
-    opts = K8sOptions.from_mapping(dict(plan.cluster.scheduler_options))
+    opts = _options(plan.cluster)
     root = Path(run_dir.root)
     written, documents = [], []
     for task in graph.tasks():
@@ -282,7 +247,7 @@ def write_manifests(plan, graph, run_dir) -> list[Path]:
         nproc, gpus, env = launch_shape(kind, ctx)  # as the executor starts it
         spec = LaunchSpec(task_id=task.id, module=kind.module, args=(str(out_dir / "task.json"),), nproc=nproc,
                           out_dir=out_dir, log_path=out_dir / "log.txt", nodes=plan.cluster.nodes,
-                          gpus_per_node=gpus, env=env, options=dict(plan.cluster.scheduler_options))
+                          gpus_per_node=gpus, env=env, options=opts)
         manifest = manifest_for_spec(spec, cluster=plan.cluster, experiment=plan.experiment, run_root=str(root),
                                      data_root=str(Path(plan.root).resolve()), task_hash=task.hash, opts=opts)
         after = [a.src for a in graph.inputs(task.id) if get_kind(graph.task(a.src).kind).run_inline is None]
@@ -352,7 +317,7 @@ class K8sLauncher:
         if shutil.which("kubectl") is None:  # checked here: `nemoc run` stops before any task runs
             raise K8sError(KUBECTL_MISSING)
         self.cluster = cluster
-        self.options = K8sOptions.from_mapping(dict(getattr(cluster, "scheduler_options", {}) or {}))
+        self.options = _options(cluster)
         self.echo = echo if echo is not None else (lambda line: (sys.stdout.write(line), sys.stdout.flush()))
         self.poll_s, self.timeout_s, self.experiment = poll_s, timeout_s, experiment
 

@@ -7,7 +7,7 @@ runs on the host CPU, where a large model's fp32 weights fit.
 
 from __future__ import annotations
 
-from nemoc.runtime.tasks import TaskKind, register
+from nemoc.runtime.orchestrate.tasks import TaskKind, register
 
 MODULE = "nemoc.runtime.align"
 

@@ -20,7 +20,7 @@ import sys
 import click
 
 from nemoc.dsl.diagnostics import Diagnostic, has_errors, sort_key, to_json
-from nemoc.runtime.cli_common import EXIT_DIAGNOSTICS, EXIT_OK, EXIT_USAGE, common_options, is_usage_error, \
+from nemoc.runtime.cli.common import EXIT_DIAGNOSTICS, EXIT_OK, EXIT_USAGE, common_options, is_usage_error, \
     print_diagnostics, write_output
 
 

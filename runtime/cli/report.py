@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from nemoc.runtime.cli_common import EXIT_OK, EXIT_USAGE
+from nemoc.runtime.cli.common import EXIT_OK, EXIT_USAGE
 
 
 def write_html(path: str | Path, plan, *, headroom: float = 0.10, results=None, top: int = 3, run=None) -> None:
@@ -34,10 +34,10 @@ def read_run(run_dir: str | Path, plan):
     """`RunData` of a run directory: task states in graph order, and per stage of `plan` its task's
     metrics records, DONE payload and eval results (whatever exists so far). Without a readable
     status.json (a damaged or hand-copied run), the task directories themselves are read."""
-    from nemoc.runtime.cmd_run import status_rows
+    from nemoc.runtime.orchestrate.status import status_rows
     from nemoc.runtime.html_report import RunData, StageRun
     from nemoc.runtime.metrics import read_records
-    from nemoc.runtime.rundir import RunDir, read_json
+    from nemoc.runtime.orchestrate.rundir import RunDir, read_json
 
     rd = RunDir(run_dir)
     rows = status_rows(run_dir) or []

@@ -11,8 +11,8 @@
 * torchrun runs in its own process group: Ctrl-C (or any exception here) sends SIGTERM to the group,
   waits, then SIGKILLs it, so no rank outlives `nemoc run`. Even a SIGKILLed `nemoc run` leaves nothing:
   torchrun gets SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG) and each rank, started through
-  runtime/rank_guard.py, gets SIGKILL when torchrun dies.
-* torchrun and every rank are recorded under `<task>/procs/` (pid, start time: runtime/procs.py); that
+  runtime/orchestrate/rank_guard.py, gets SIGKILL when torchrun dies.
+* torchrun and every rank are recorded under `<task>/procs/` (pid, start time: runtime/orchestrate/procs.py); that
   record, not a search of command lines, is what `nemoc cancel` and the leftover-rank check read.
 * A failing rank fails the task: torchrun stops the other ranks, and the result carries the failing
   rank (from torchrun's error summary, else the first rank whose stderr ends in an error) and its last lines.
@@ -30,7 +30,7 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from nemoc.runtime.launchers import EXIT_PREEMPTED, LaunchResult, LauncherError, LaunchSpec
+from nemoc.runtime.orchestrate.launchers import EXIT_PREEMPTED, LaunchResult, LauncherError, LaunchSpec
 
 TAIL_LINES = 25
 TERM_GRACE_S = 15.0
@@ -54,7 +54,7 @@ def torchrun_command(spec: LaunchSpec, port: int) -> list[str]:
         "--master-port", str(port),
         "--tee", "3",
         "--log-dir", str(spec.out_dir / "ranks"),
-        "-m", "nemoc.runtime.rank_guard", spec.module, *spec.args,  # records the rank, dies with torchrun
+        "-m", "nemoc.runtime.orchestrate.rank_guard", spec.module, *spec.args,  # records the rank, dies with torchrun
     ]
 
 
@@ -88,9 +88,9 @@ def check_fits_this_machine(spec: LaunchSpec, *, cpus: int | None = None, gpus: 
 
 def check_no_leftover_ranks(spec: LaunchSpec) -> None:
     """Processes an earlier `nemoc run` started for this very task directory and that still run (recorded
-    under `<task>/procs/`, verified by pid and start time: runtime/procs.py) would write the same
+    under `<task>/procs/`, verified by pid and start time: runtime/orchestrate/procs.py) would write the same
     checkpoints as a second torchrun. Records of processes that have ended are cleared."""
-    from nemoc.runtime import procs
+    from nemoc.runtime.orchestrate import procs
 
     found = procs.live(spec.out_dir)
     if found:
@@ -124,7 +124,7 @@ class LocalLauncher:
         self.echo = echo if echo is not None else Rank0Echo()
 
     def launch(self, spec: LaunchSpec) -> LaunchResult:
-        from nemoc.runtime import procs
+        from nemoc.runtime.orchestrate import procs
 
         check_fits_this_machine(spec)
         check_no_leftover_ranks(spec)
@@ -190,8 +190,8 @@ class Rank0Echo:
 
 def _dies_with(launcher: int):
     """torchrun's preexec_fn: SIGTERM when `nemoc run` dies, even by SIGKILL (torchrun then stops the
-    ranks; a rank whose torchrun dies gets SIGKILL: runtime/rank_guard.py)."""
-    from nemoc.runtime.procs import set_parent_death_signal  # imported here: the child only calls it
+    ranks; a rank whose torchrun dies gets SIGKILL: runtime/orchestrate/rank_guard.py)."""
+    from nemoc.runtime.orchestrate.procs import set_parent_death_signal  # imported here: the child only calls it
 
     def preexec() -> None:
         set_parent_death_signal(signal.SIGTERM, parent=launcher)

@@ -151,7 +151,7 @@ def plan_point(file: str, sets: tuple[str, ...], point: Point, headroom: float, 
     from nemoc.compiler.planner import plan_experiment
     from nemoc.runtime.target import default_target
     from nemoc.dsl.diagnostics import DiagnosticError
-    from nemoc.runtime.cli_common import load_spec_with_warnings
+    from nemoc.runtime.cli.common import load_spec_with_warnings
 
     try:
         spec, sources, warnings = load_spec_with_warnings(file, sets + point.sets)
@@ -167,7 +167,7 @@ def plan_point(file: str, sets: tuple[str, ...], point: Point, headroom: float, 
 def plan_sweep(file: str, sweeps: tuple[str, ...], sets: tuple[str, ...], headroom: float, top: int,
                as_json: bool) -> None:
     """`nemoc plan --sweep`: plan every point, print them side by side; exit 0 if any point planned."""
-    from nemoc.runtime.cli_common import EXIT_DIAGNOSTICS, EXIT_OK, EXIT_USAGE, is_usage_error, print_diagnostics
+    from nemoc.runtime.cli.common import EXIT_DIAGNOSTICS, EXIT_OK, EXIT_USAGE, is_usage_error, print_diagnostics
 
     axes = parse_axes(sweeps)
     points = points_of(axes)
@@ -184,7 +184,7 @@ def plan_sweep(file: str, sweeps: tuple[str, ...], sets: tuple[str, ...], headro
 
 def _point_json(p: Planned, headroom: float, top: int) -> dict:
     from nemoc.dsl.diagnostics import to_json
-    from nemoc.runtime.cmd_plan import report_json
+    from nemoc.runtime.cli.plan_json import report_json
 
     return {"point": p.point.as_dict(), "sets": list(p.point.sets), "ok": p.result is not None,
             "plan": report_json(p.result, headroom, top) if p.result is not None else None,
@@ -214,7 +214,7 @@ def _print_table(file: str, axes, planned: list[Planned]) -> None:
     from rich.table import Table
 
     from nemoc.compiler.search import describe
-    from nemoc.runtime.cmd_plan import GIB
+    from nemoc.runtime.display import GIB
 
     short = short_names(axes)
     table = Table(title=f"{file}: {len(planned)} sweep point{'s' * (len(planned) != 1)}", title_justify="left",
@@ -258,8 +258,8 @@ def _best(planned: list[Planned]) -> Planned | None:
 def run_sweep(file: str, sweeps: tuple[str, ...], sets: tuple[str, ...], workdir: str | None,
               passthrough: list[str], dry_run: bool, as_json: bool) -> None:
     """`nemoc run --sweep`: check and plan every point, then run each in its own run directory."""
-    from nemoc.runtime.cli_common import EXIT_DIAGNOSTICS, print_diagnostics
-    from nemoc.runtime.rundir import default_run_dir
+    from nemoc.runtime.cli.common import EXIT_DIAGNOSTICS, print_diagnostics
+    from nemoc.runtime.orchestrate.rundir import default_run_dir
 
     axes = parse_axes(sweeps)
     points = points_of(axes)
@@ -317,7 +317,7 @@ def _compile_point(file: str, sets: tuple[str, ...], point: Point):
     from nemoc.compiler.planner import plan_experiment
     from nemoc.runtime.target import default_target
     from nemoc.dsl.diagnostics import DiagnosticError
-    from nemoc.runtime.cli_common import load_spec
+    from nemoc.runtime.cli.common import load_spec
 
     sources = {}
     try:
@@ -378,7 +378,7 @@ def _run_point(argv: list[str], as_json: bool) -> tuple[int, object]:
 
 
 def load_index(run_dir: str | Path) -> dict | None:
-    from nemoc.runtime.rundir import read_json
+    from nemoc.runtime.orchestrate.rundir import read_json
 
     data = read_json(Path(run_dir) / INDEX)
     if data is None or not isinstance(data.get("points"), list):
@@ -388,7 +388,7 @@ def load_index(run_dir: str | Path) -> dict | None:
 
 def sweep_rows(run_dir: str | Path, index: dict) -> list[dict]:
     """One row per point: its settings, directory, task states and the last training loss."""
-    from nemoc.runtime.cmd_run import status_rows
+    from nemoc.runtime.orchestrate.status import status_rows
 
     rows = []
     for entry in index["points"]:

@@ -1,8 +1,8 @@
 """The Slurm launcher: each task of the runtime graph becomes one sbatch job, chained along the graph.
 
 Input:  `SlurmJob`s (one per task, built from the compiled plan's cluster and the task's command) and the
-        `SlurmOptions` parsed from `cluster { scheduler = slurm(partition = "...", account = "...",
-        time = 4h, extra = ["--exclusive"]) }`.
+        compiled `SlurmOptions` of `cluster { scheduler = slurm(partition = "...", account = "...",
+        time = 4h, extra = ["--exclusive"]) }` (the plan's record: defaults filled, durations in seconds).
 Output: one batch script per task in `tasks/<id>/job.sbatch`, submitted with `sbatch --parsable` and
         `--dependency=afterok:<upstream ids>`; job ids recorded in `<run dir>/slurm.json`.
 Invariants:
@@ -39,109 +39,35 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nemoc.compiler.params import SCHEDULER_OPTIONS_TYPES, OptionsMismatch, options_for
 from nemoc.runtime.faults import RESTART_SAFE_ENV
-from nemoc.runtime.launchers import (EXIT_PREEMPTED, Hangup, LaunchResult, LaunchSpec, LauncherError, nodes_for,
+from nemoc.runtime.orchestrate.launchers import (EXIT_PREEMPTED, Hangup, LaunchResult, LaunchSpec, LauncherError, nodes_for,
                                      read_job_record)
-from nemoc.runtime.rundir import atomic_write_json
+from nemoc.runtime.orchestrate.rundir import atomic_write_json
 from nemoc.runtime.taskfile import FATAL
 
 RECORD_FILE = "slurm.json"
-DEFAULT_SIGNAL_LEAD_S = 300  # time to finish a step and write a checkpoint before the limit
-DEFAULT_PORT_BASE = 29500
 PORT_SPAN = 20000  # rendezvous port = base + job id % span
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_KNOWN_OPTIONS = {
-    "partition", "account", "qos", "time", "extra", "signal_lead", "max_failures", "port_base",
-    "cpus_per_task", "mem", "reservation", "constraint", "torchrun_restarts", "container",
-}
 
 
 class SlurmError(LauncherError):
-    """A problem with the Slurm options, the scheduler or a submission; the message is for the user."""
+    """A problem with the scheduler or a submission; the message is for the user."""
 
 
-@dataclass(frozen=True, slots=True)
-class SlurmOptions:
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    reservation: str | None = None
-    constraint: str | None = None
-    container: str | None = None  # srun --container-image (pyxis/enroot)
-    time_s: int | None = None  # None = the partition's default limit
-    mem: str | None = None
-    cpus_per_task: int | None = None
-    extra: tuple[str, ...] = ()  # verbatim sbatch options, one option per element
-    signal_lead_s: int = DEFAULT_SIGNAL_LEAD_S
-    max_failures: int = 2  # requeues after a failure that was not a preemption
-    torchrun_restarts: int = 0  # torchrun --max-restarts inside one allocation
-    port_base: int = DEFAULT_PORT_BASE
-
-    @classmethod
-    def from_mapping(cls, options: Mapping[str, object]) -> "SlurmOptions":
-        """Parse `ClusterSpec.scheduler_options`; raises `SlurmError` listing every bad option."""
-        problems = [f"unknown slurm option `{k}` (known: {', '.join(sorted(_KNOWN_OPTIONS))})"
-                    for k in options if k not in _KNOWN_OPTIONS]
-        values: dict[str, object] = {}
-        for key in ("partition", "account", "qos", "reservation", "constraint", "mem", "container"):
-            if options.get(key) is not None:
-                values[key] = _text(key, options[key], problems)
-        for key, name in (("cpus_per_task", "cpus_per_task"), ("max_failures", "max_failures"),
-                          ("torchrun_restarts", "torchrun_restarts"), ("port_base", "port_base")):
-            if options.get(key) is not None:
-                values[name] = _count(key, options[key], problems)
-        if options.get("time") is not None:
-            values["time_s"] = parse_duration("time", options["time"], problems)
-        if options.get("signal_lead") is not None:
-            values["signal_lead_s"] = parse_duration("signal_lead", options["signal_lead"], problems)
-        extra = options.get("extra", ())
-        if isinstance(extra, str):
-            extra = (extra,)
-        if not isinstance(extra, (list, tuple)):
-            problems.append(f"slurm option `extra` must be a list of strings, got {extra!r}")
-            extra = ()
-        values["extra"] = tuple(_text("extra", e, problems) for e in extra)
-        for item in values["extra"]:  # type: ignore[union-attr]
-            if not str(item).startswith("-"):
-                problems.append(f"slurm option `extra` entry {item!r} is not an sbatch option (must start with `-`)")
-        if problems:
-            raise SlurmError("; ".join(problems))
-        return cls(**values)  # type: ignore[arg-type]
+# `slurm(...)` as compiled (nemoc.compiler.params): every default filled, `time` and `signal_lead` in whole
+# seconds by the language's one duration grammar, each value checked at compile time (E047,
+# compiler/scheduler.py). The launcher reads it as it is and parses nothing.
+SlurmOptions = SCHEDULER_OPTIONS_TYPES["slurm"]
 
 
-def _text(key: str, value: object, problems: list[str]) -> str:
-    text = str(value)
-    if not isinstance(value, (str, int, float)) or _CONTROL.search(text):
-        problems.append(f"slurm option `{key}` = {value!r} contains a newline or control character")
-        return _CONTROL.sub(" ", text)
-    return text
-
-
-def _count(key: str, value: object, problems: list[str]) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        problems.append(f"slurm option `{key}` must be a non-negative integer, got {value!r}")
-        return 0
-    return value
-
-
-_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(key: str, value: object, problems: list[str]) -> int:
-    """Seconds from an int (already seconds, as the compiler lowers `4h`), `"4h"`, `"90m"` or `"HH:MM:SS"`."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return int(value)
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)\s*", value)
-        if m:
-            return int(float(m.group(1)) * _UNITS[m.group(2)])
-        m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)", value.strip())
-        if m:
-            d, h, mi, s = (int(g or 0) for g in m.groups())
-            return ((d * 24 + h) * 60 + mi) * 60 + s
-    problems.append(f"slurm option `{key}` = {value!r} is not a duration (e.g. 4h, 90m, 01:30:00)")
-    return 0
+def _options(cluster) -> SlurmOptions:
+    """The plan's `slurm(...)` options (defaults when the cluster names no scheduler options of its own)."""
+    try:
+        return options_for(cluster, "slurm")
+    except OptionsMismatch as error:
+        raise SlurmError(str(error)) from None
 
 
 def slurm_time(seconds: int) -> str:
@@ -189,15 +115,15 @@ def directives(job: SlurmJob, opts: SlurmOptions) -> list[str]:
         _directive("--output", job.log_path),
         _directive("--open-mode", "append"),
         _directive("--requeue"),
-        _directive("--signal", f"B:USR1@{opts.signal_lead_s}"),
+        _directive("--signal", f"B:USR1@{int(opts.signal_lead)}"),
         _directive("--kill-on-invalid-dep", "yes"),
     ]
     if job.gpus_per_node > 0:
         lines.append(_directive("--gpus-per-node", job.gpus_per_node))
     if opts.cpus_per_task:
         lines.append(_directive("--cpus-per-task", opts.cpus_per_task))
-    if opts.time_s:
-        lines.append(_directive("--time", slurm_time(opts.time_s)))
+    if opts.time:
+        lines.append(_directive("--time", slurm_time(int(opts.time))))
     for option, value in (("--partition", opts.partition), ("--account", opts.account), ("--qos", opts.qos),
                           ("--reservation", opts.reservation), ("--constraint", opts.constraint),
                           ("--mem", opts.mem)):
@@ -553,7 +479,7 @@ class SlurmLauncher:
     def __init__(self, *, cluster=None, echo=None, poll_s: float = 1.0, timeout_s: float | None = None) -> None:
         require_slurm()  # here, so that `nemoc run` stops with a clear message before any task runs
         self.cluster = cluster
-        self.options = SlurmOptions.from_mapping(dict(getattr(cluster, "scheduler_options", {}) or {}))
+        self.options = _options(cluster)
         self.echo = echo if echo is not None else _echo
         self.poll_s = poll_s
         self.timeout_s = timeout_s
@@ -598,7 +524,7 @@ class SlurmLauncher:
         for spec in specs:
             try:
                 job = job_from_spec(spec, self.cluster)
-                opts = SlurmOptions.from_mapping(dict(spec.options)) if spec.options else self.options
+                opts = spec.options if isinstance(spec.options, SlurmOptions) else self.options
             except SlurmError as error:
                 error.task_id = spec.task_id
                 raise
@@ -763,9 +689,9 @@ def _echo(line: str) -> None:
 def write_scripts(plan, graph, run_dir) -> list[Path]:
     """`--dry-run` for Slurm: the batch script of every distributed task of `graph`, written to
     `tasks/<id>/job.sbatch` and not submitted (for review, or for `sbatch` by hand in graph order)."""
-    from nemoc.runtime.tasks import TaskContext, TaskError, get_kind, launch_shape
+    from nemoc.runtime.orchestrate.tasks import TaskContext, TaskError, get_kind, launch_shape
 
-    opts = SlurmOptions.from_mapping(dict(plan.cluster.scheduler_options))
+    opts = _options(plan.cluster)
     written = []
     for task in graph.tasks():
         try:

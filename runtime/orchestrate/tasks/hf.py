@@ -14,7 +14,7 @@ import os
 import time
 
 from nemoc.compiler.hfconfig import HfConfigError
-from nemoc.runtime.tasks import TaskContext, TaskError, TaskKind, register
+from nemoc.runtime.orchestrate.tasks import TaskContext, TaskError, TaskKind, register
 
 
 def run_hf_import(ctx: TaskContext) -> dict:
@@ -42,7 +42,7 @@ def run_hf_export(ctx: TaskContext) -> dict:
     imports = [rec for _, rec in ctx.inputs_of("checkpoint") if rec.get("converted")]
     if not imports:
         raise TaskError(f"{ctx.task.id}: no converted Hugging Face checkpoint upstream")
-    dtype = (ctx.stage.params.get("dtype") if ctx.stage is not None else None) or None
+    dtype = ctx.stage.params.dtype if ctx.stage is not None else None  # resolved at compile time
     try:
         out = convert.export_converted(imports[0]["converted"], ctx.out_dir / "hf", dtype=dtype,
                                        tokenizer_dir=imports[0].get("source"))

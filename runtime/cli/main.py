@@ -16,19 +16,19 @@ import click
 
 # command name -> "module:attribute" of a click.Command
 COMMANDS = {
-    "check": "nemoc.runtime.cmd_lang:check",
-    "fmt": "nemoc.runtime.cmd_lang:fmt",
-    "plan": "nemoc.runtime.cmd_plan:plan",
-    "graph": "nemoc.runtime.cmd_run:graph",
-    "run": "nemoc.runtime.cmd_run:run",
-    "status": "nemoc.runtime.cmd_run:status",
-    "logs": "nemoc.runtime.cmd_cluster:logs",
-    "cancel": "nemoc.runtime.cmd_cluster:cancel",
-    "lsp": "nemoc.runtime.lsp:lsp",
-    "import": "nemoc.runtime.cmd_interop:import_",
-    "export": "nemoc.runtime.cmd_interop:export",
-    "presets": "nemoc.runtime.cmd_interop:presets",
-    "report": "nemoc.runtime.cmd_report:report",
+    "check": "nemoc.runtime.cli.lang:check",
+    "fmt": "nemoc.runtime.cli.lang:fmt",
+    "plan": "nemoc.runtime.cli.plan:plan",
+    "graph": "nemoc.runtime.cli.run:graph",
+    "run": "nemoc.runtime.cli.run:run",
+    "status": "nemoc.runtime.cli.run:status",
+    "logs": "nemoc.runtime.cli.cluster:logs",
+    "cancel": "nemoc.runtime.cli.cluster:cancel",
+    "lsp": "nemoc.runtime.cli.lsp:lsp",
+    "import": "nemoc.runtime.cli.interop:import_",
+    "export": "nemoc.runtime.cli.interop:export",
+    "presets": "nemoc.runtime.cli.interop:presets",
+    "report": "nemoc.runtime.cli.report:report",
 }
 
 

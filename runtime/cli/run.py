@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import click
 
-from nemoc.runtime.cli_common import EXIT_DIAGNOSTICS, EXIT_USAGE, common_options, fail_on, load_spec, \
+from nemoc.runtime.cli.common import EXIT_DIAGNOSTICS, EXIT_USAGE, common_options, fail_on, load_spec, \
     missing_train_modules
+from nemoc.runtime.orchestrate.status import status_rows
 
 EXIT_INTERRUPTED = 130
 
@@ -93,16 +93,16 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
         detach: bool, sweeps: tuple[str, ...], sets: tuple[str, ...], as_json: bool) -> None:
     """Compile FILE and execute its runtime graph; finished tasks with unchanged inputs are cached."""
     if sweeps:
-        from nemoc.runtime.sweep import run_sweep
+        from nemoc.runtime.cli.sweep import run_sweep
 
         passthrough = [*(("--launcher", launcher_name) if launcher_name else ()),
                        *(("--workers", str(workers)) if workers else ()), *(("--detach",) if detach else ())]
         run_sweep(file, sweeps, sets, workdir, passthrough, dry_run, as_json)
         return
-    from nemoc.runtime.executor import Executor
-    from nemoc.runtime.launchers import LauncherError, get_launcher
-    from nemoc.runtime.rundir import RunDir, default_run_dir
-    from nemoc.runtime.tasks import TaskError
+    from nemoc.runtime.orchestrate.executor import Executor
+    from nemoc.runtime.orchestrate.launchers import LauncherError, get_launcher
+    from nemoc.runtime.orchestrate.rundir import RunDir, default_run_dir
+    from nemoc.runtime.orchestrate.tasks import TaskError
 
     plan, runtime_graph = _compile(file, sets, as_json)
     missing = [] if dry_run else missing_train_modules()
@@ -149,7 +149,7 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
     except OSError as error:  # the run directory itself (status.json, a task's directory): full, gone, read-only
         _die(f"error: {_os_error(error)}", as_json)
     except KeyboardInterrupt as interrupt:
-        from nemoc.runtime.launchers import Hangup
+        from nemoc.runtime.orchestrate.launchers import Hangup
 
         if isinstance(interrupt, Hangup) and name == "slurm":
             click.echo(f"\nhangup: stopped; Slurm jobs already submitted keep running (`nemoc status "
@@ -209,14 +209,14 @@ def _os_error(error: OSError) -> str:
 def _write_cluster_files(name: str, plan, runtime_graph, run_dir) -> list[Path] | None:
     """`--dry-run` on a cluster launcher: the files it would submit, written (not submitted); None for
     `local`. Raises LauncherError for an unknown launcher or bad scheduler options."""
-    from nemoc.runtime.launchers import LAUNCHERS, LauncherError
+    from nemoc.runtime.orchestrate.launchers import LAUNCHERS, LauncherError
 
     if name == "slurm":
-        from nemoc.runtime.launch_slurm import write_scripts
+        from nemoc.runtime.orchestrate.launch_slurm import write_scripts
 
         return write_scripts(plan, runtime_graph, run_dir)
     if name == "k8s":
-        from nemoc.runtime.launch_k8s import write_manifests
+        from nemoc.runtime.orchestrate.launch_k8s import write_manifests
 
         return write_manifests(plan, runtime_graph, run_dir)
     if name not in LAUNCHERS:
@@ -234,7 +234,7 @@ def _sigterm_as_interrupt() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
 
-    from nemoc.runtime.launchers import Hangup
+    from nemoc.runtime.orchestrate.launchers import Hangup
 
     def handler(signum, frame):
         raise KeyboardInterrupt
@@ -252,7 +252,7 @@ def _sigterm_as_interrupt() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 def status(run_dir: str, as_json: bool) -> None:
     """Summarise a run directory: each task's state, hash, steps, last loss and timings (of a sweep: its points)."""
-    from nemoc.runtime.sweep import load_index, print_sweep_status
+    from nemoc.runtime.cli.sweep import load_index, print_sweep_status
 
     sweep_index = load_index(run_dir)
     if sweep_index is not None:
@@ -300,127 +300,3 @@ def _fmt(value, pattern: str) -> str:
         return pattern.format(value)
     except (TypeError, ValueError):  # a hand-edited or damaged file: show the value as it is
         return str(value)
-
-
-def status_rows(run_dir: str | Path) -> list[dict] | None:
-    """One row per task of a run directory's status.json, with progress from its metrics.jsonl."""
-    from nemoc.runtime.executor import last_metrics, load_status
-    from nemoc.runtime.rundir import RunDir
-
-    data = load_status(run_dir)
-    tasks = data.get("tasks") if data is not None else None
-    if not isinstance(tasks, dict) or not all(isinstance(rec, dict) for rec in tasks.values()):
-        return None  # missing, or damaged past reading: not the shape the executor writes
-    rd = RunDir(run_dir)
-    jobs = _slurm_jobs(Path(run_dir), tasks)
-    # status.json says "running" but the `nemoc run` that writes it is gone (SIGKILL, a crash, disk full):
-    # nothing runs that task any more (runtime/procs.py: its recorded pid and start time)
-    orphaned = not data.get("finished") and any(rec.get("state") == "running" for rec in tasks.values()) \
-        and not rd.holder_alive()
-    rows = []
-    order = data.get("order")
-    order = [t for t in order if isinstance(t, str) and t in tasks] if isinstance(order, list) else []
-    order += sorted(t for t in tasks if t not in order)
-    for task_id in order:
-        rec = data["tasks"][task_id]
-        task_dir = rd.task_dir(task_id)
-        metrics = last_metrics(task_dir / "metrics.jsonl") or {}
-        done = rd.done_record(task_id) or {}
-        steps_done = metrics.get("step")
-        if done.get("hash") == rec.get("hash") and done.get("steps") is not None:
-            steps_done = done["steps"]
-        state, job_id = rec.get("state", "?"), None
-        stale = False
-        if task_id in jobs:
-            job_id = jobs[task_id]["job_id"]
-            state = _live_state(state, jobs[task_id], done.get("hash") == rec.get("hash"))
-        elif state == "running" and orphaned:
-            state, stale = "interrupted", True
-        rows.append({
-            "id": task_id,
-            "state": state,
-            "job_id": job_id,
-            "hash": rec.get("hash", ""),
-            "steps_done": steps_done,
-            "steps_total": rec.get("steps_total"),
-            "last_loss": metrics.get("loss", done.get("final_loss")),
-            "tokens_per_s": metrics.get("tokens_per_s"),
-            "elapsed_s": rec.get("elapsed_s"),
-            "error": rec.get("error", ""),
-            "held_out": held_out_metrics(done) if done.get("hash") == rec.get("hash") else None,
-            **({"stale": True} if stale else {}),
-        })
-    return rows
-
-
-def held_out_metrics(done: Mapping) -> dict | None:
-    """The held-out metrics an alignment stage's DONE.json reports, as {name: {"before", "after"}}: SFT's
-    response loss, DPO's preference (implicit-reward) and likelihood accuracy, a reward model's pair
-    accuracy, eval's per-dataset perplexity and preference accuracy."""
-    out: dict[str, dict] = {}
-    if isinstance(done.get("val_response_loss"), (int, float)):
-        out["response_loss"] = {"before": done.get("val_response_loss_before"), "after": done["val_response_loss"]}
-    val, before = done.get("val"), done.get("val_before")
-    before = before if isinstance(before, dict) else {}
-    if isinstance(val, dict):
-        for key, name in (("reward_accuracy", "preference_accuracy"), ("accuracy", "pair_accuracy"),
-                          ("likelihood_accuracy", "likelihood_accuracy")):
-            if isinstance(val.get(key), (int, float)):
-                out[name] = {"before": before.get(key), "after": val[key]}
-    datasets = done.get("datasets")
-    if isinstance(datasets, dict):
-        for name, m in sorted(datasets.items()):
-            for key in ("perplexity", "likelihood_accuracy", "preference_accuracy"):
-                if isinstance(m, dict) and isinstance(m.get(key), (int, float)):
-                    out[f"{name}.{key}"] = {"before": None, "after": m[key]}
-    return out or None
-
-
-# Slurm job states as task states (squeue's long names; `nemoc status` of a run whose jobs outlive `nemoc run`)
-_SLURM_QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD", "SUSPENDED",
-                 "PREEMPTED", "RESIZING", "SIGNALING", "STAGE_OUT"}
-_SLURM_RUNNING = {"RUNNING", "COMPLETING"}
-
-
-def _slurm_jobs(root: Path, tasks: Mapping[str, dict]) -> dict[str, dict]:
-    """slurm.json's task -> {"job_id", "hash", "live": squeue's {"JobState", "Reason"} or None}, for the
-    tasks recorded with the job's hash; {} when there is none or Slurm is not reachable from here. One
-    squeue call for the whole run; if it fails, the recorded states are shown."""
-    import shutil
-
-    if not (root / "slurm.json").is_file() or shutil.which("squeue") is None:
-        return {}
-    from nemoc.runtime import launch_slurm
-
-    try:
-        jobs = launch_slurm.read_record(root).get("jobs") or {}
-    except launch_slurm.SlurmError:
-        return {}
-    jobs = {task: {"job_id": str(rec["job_id"]), "hash": str(rec.get("hash", ""))} for task, rec in jobs.items()
-            if task in tasks and str(rec.get("hash", "")) in ("", tasks[task].get("hash"))}
-    try:
-        live = launch_slurm.job_states(job["job_id"] for job in jobs.values())
-    except launch_slurm.SlurmError:
-        return {task: dict(job, live=None, unanswered=True) for task, job in jobs.items()}
-    return {task: dict(job, live=live.get(job["job_id"], {})) for task, job in jobs.items()}
-
-
-def _live_state(recorded: str, job: Mapping, done: bool) -> str:
-    """The task's state from its job when `nemoc run` is not following it (detached, killed, or it gave
-    up following): a job that is queued or running is shown so whatever status.json recorded."""
-    if done:
-        return recorded if recorded in ("done", "cached") else "done"
-    if job.get("unanswered"):
-        return recorded
-    state, reason = job["live"].get("JobState", ""), job["live"].get("Reason", "")
-    if state in _SLURM_QUEUED:
-        return f"queued ({reason})" if reason not in ("", "None") else "queued"
-    if state in _SLURM_RUNNING:
-        return "running"
-    if recorded not in ("queued", "running", "pending", "interrupted"):
-        return recorded
-    if state == "COMPLETED":
-        return "failed (job completed without DONE.json)"
-    if state:
-        return f"failed ({state.lower()})" if state != "CANCELLED" else "cancelled"
-    return recorded if recorded != "queued" else "failed (job gone from Slurm without DONE.json)"

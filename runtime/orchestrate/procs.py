@@ -4,7 +4,7 @@ Every process nemoc starts for a run leaves one record (`procs/<role>-<pid>.json
 
     <run>/procs/launcher-<pid>.json          the `nemoc run` that holds the run directory
     <task dir>/procs/torchrun-<pid>.json     the local launcher's torchrun (a session of its own)
-    <task dir>/procs/rank-<pid>.json         each rank (written by runtime/rank_guard.py as it starts)
+    <task dir>/procs/rank-<pid>.json         each rank (written by runtime/orchestrate/rank_guard.py as it starts)
 
 A record is {"pid", "pgid", "start", "uid", "role"}; `start` is the process's start time in clock ticks
 since boot (/proc/PID/stat, field 22). A record is *live* only while a process with that pid exists,

@@ -84,13 +84,13 @@ class RunDir:
     @contextlib.contextmanager
     def lock(self, *, echo=None):
         """Hold the run directory for one `nemoc run` at a time (an flock, released if the process dies),
-        and record this process under `procs/` (runtime/procs.py) for `nemoc status` and `nemoc cancel`.
+        and record this process under `procs/` (runtime/orchestrate/procs.py) for `nemoc status` and `nemoc cancel`.
 
         A lock still held although the `nemoc run` named in it is gone (a process it forked inherited
         the open file and outlives it) is stale: it is cleared (the file replaced) with a message on
         `echo`. A lock whose holder runs refuses with its pid."""
-        from nemoc.runtime import procs
-        from nemoc.runtime.tasks import TaskError
+        from nemoc.runtime.orchestrate import procs
+        from nemoc.runtime.orchestrate.tasks import TaskError
 
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / ".lock"
@@ -125,9 +125,9 @@ class RunDir:
     def holder_alive(self) -> bool:
         """False when the `nemoc run` that last held this directory is gone, e.g. killed with SIGKILL: its
         status.json may still say running, but nothing will update it. Read from its process record
-        (pid and start time, runtime/procs.py); for a run directory without one, from the pid in `.lock`.
+        (pid and start time, runtime/orchestrate/procs.py); for a run directory without one, from the pid in `.lock`.
         True while it runs, and when unknown (no record, no readable `.lock`)."""
-        from nemoc.runtime import procs
+        from nemoc.runtime.orchestrate import procs
 
         recorded = procs.launcher_alive(self.root)
         if recorded is not None:

@@ -3,7 +3,7 @@
 `LAUNCHERS` maps a name to "module:Class"; the class is built as `cls(cluster=<ClusterSpec>)` and must
 offer `name` and `launch(spec: LaunchSpec) -> LaunchResult` (blocking; Ctrl-C tears the job down).
 A `ChainLauncher` (Slurm) also takes a run's whole chain of distributed tasks at once.
-The cluster engineer's `nemoc.runtime.launch_slurm` / `nemoc.runtime.launch_k8s` plug in by defining
+The cluster engineer's `nemoc.runtime.orchestrate.launch_slurm` / `nemoc.runtime.orchestrate.launch_k8s` plug in by defining
 `SlurmLauncher` / `K8sLauncher`; until a module exists, asking for it is a clear error.
 """
 
@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from nemoc.compiler.params import SchedulerOptions
+
 LAUNCHERS: dict[str, str] = {
-    "local": "nemoc.runtime.launch_local:LocalLauncher",
-    "slurm": "nemoc.runtime.launch_slurm:SlurmLauncher",
-    "k8s": "nemoc.runtime.launch_k8s:K8sLauncher",
+    "local": "nemoc.runtime.orchestrate.launch_local:LocalLauncher",
+    "slurm": "nemoc.runtime.orchestrate.launch_slurm:SlurmLauncher",
+    "k8s": "nemoc.runtime.orchestrate.launch_k8s:K8sLauncher",
 }
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the task saved a checkpoint and stopped; it resumes on the next run
 
@@ -44,7 +46,7 @@ class LaunchSpec:
     nodes: int = 1
     gpus_per_node: int = 1
     env: Mapping[str, str] = field(default_factory=dict)
-    options: Mapping[str, object] = field(default_factory=dict)  # cluster.scheduler_options
+    options: SchedulerOptions | None = None  # the plan's compiled cluster.scheduler_options
     task_hash: str = ""  # the task's content hash (a cluster launcher records it with the job)
     plan_digest: str = ""  # the digest of the plan snapshot its task.json names (recorded likewise)
 

@@ -9,7 +9,7 @@ import sys
 
 from nemoc.compiler.spec import DataSpec
 from nemoc.runtime.data_prep import RAW_FORMATS, Source, prepare_dataset, train_tokenizer, validate_records
-from nemoc.runtime.tasks import TaskContext, TaskError, TaskKind, register
+from nemoc.runtime.orchestrate.tasks import TaskContext, TaskError, TaskKind, register
 from nemoc.runtime.tokenizer import load_tokenizer
 
 

@@ -23,7 +23,7 @@ import sys
 
 import click
 
-from nemoc.runtime.cli_common import EXIT_DIAGNOSTICS, EXIT_OK, EXIT_USAGE, common_options, fail, \
+from nemoc.runtime.cli.common import EXIT_DIAGNOSTICS, EXIT_OK, EXIT_USAGE, common_options, fail, \
     load_spec_with_warnings
 
 TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")

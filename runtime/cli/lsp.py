@@ -324,7 +324,7 @@ def offset_of(text: str, line: int, character: int) -> int:
 
 def diagnostics_for(path: str, text: str):
     """{display path: [Diagnostic]}: what `nemoc check` says about `path` with `text` as its contents."""
-    from nemoc.runtime.cmd_lang import check_file
+    from nemoc.runtime.cli.lang import check_file
 
     diags, _ = check_file(path, (), text)
     out: dict[str, list] = {path: []}

@@ -26,8 +26,8 @@ from pathlib import Path
 from nemoc.compiler.graph import RuntimeGraph, Task
 from nemoc.compiler.plan import Plan, to_json
 from nemoc.runtime import taskfile
-from nemoc.runtime.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
-from nemoc.runtime.tasks import TaskContext, TaskError, get_kind
+from nemoc.runtime.orchestrate.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
+from nemoc.runtime.orchestrate.tasks import TaskContext, TaskError, get_kind
 
 STATUS_VERSION = 1
 TERMINAL = ("done", "cached")
@@ -145,7 +145,7 @@ class Executor:
 
     def missing_kinds(self) -> list[str]:
         """Task kinds of this graph that no registered runner handles (checked before anything starts)."""
-        from nemoc.runtime.tasks import known_kinds
+        from nemoc.runtime.orchestrate.tasks import known_kinds
 
         known = set(known_kinds())
         return sorted({t.kind for t in self.graph.tasks() if t.kind not in known})
@@ -168,7 +168,7 @@ class Executor:
                 return self._run_chain(status, active)
             return self._run_in_turn(status)
         except KeyboardInterrupt as interrupt:
-            from nemoc.runtime.launchers import Hangup
+            from nemoc.runtime.orchestrate.launchers import Hangup
 
             keep_jobs = chain and isinstance(interrupt, Hangup)  # a hangup leaves the cluster's jobs running
             for task_id, rec in list(status.data["tasks"].items()):
@@ -287,7 +287,7 @@ class Executor:
     def _prepare_launch(self, kind, ctx: TaskContext, upstream: Mapping[str, dict] | None = None):
         """Write the task's task.json (with `upstream`: parents that have not run yet, see
         runtime/taskfile.py) and build its LaunchSpec."""
-        from nemoc.runtime.tasks.training import base_task_json
+        from nemoc.runtime.orchestrate.tasks.training import base_task_json
 
         task_json = base_task_json(ctx)
         if kind.build_task is not None:
@@ -301,16 +301,16 @@ class Executor:
         return self._spec(kind, ctx), task_json
 
     def _spec(self, kind, ctx: TaskContext):
-        from nemoc.runtime.launchers import LaunchSpec
+        from nemoc.runtime.orchestrate.launchers import LaunchSpec
 
-        from nemoc.runtime.tasks import launch_shape
+        from nemoc.runtime.orchestrate.tasks import launch_shape
 
         nproc, gpus, env = launch_shape(kind, ctx)
         cluster = self.plan.cluster
         return LaunchSpec(task_id=ctx.task.id, module=kind.module, args=(str(ctx.out_dir / "task.json"),), nproc=nproc,
                           out_dir=ctx.out_dir, log_path=ctx.out_dir / "log.txt", nodes=cluster.nodes,
                           gpus_per_node=gpus, env={**self.options.get("env", {}), **env},
-                          options=dict(cluster.scheduler_options), task_hash=ctx.task.hash,
+                          options=cluster.scheduler_options, task_hash=ctx.task.hash,
                           plan_digest=self._plan_digest(ctx.task))
 
     def _launch_outcome(self, spec, task_json: Mapping, result) -> tuple[str, dict | None, str]:
@@ -584,7 +584,7 @@ def _task_failed(task_id: str, message: str) -> TaskError:
 
 
 def known_kinds_list() -> list[str]:
-    from nemoc.runtime.tasks import known_kinds
+    from nemoc.runtime.orchestrate.tasks import known_kinds
 
     return known_kinds()
 
