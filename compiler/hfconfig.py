@@ -14,8 +14,9 @@ Families and what each needs of Megatron-Core's GPT model (local or TE layer spe
   qwen2            as llama, plus a bias on the QKV projection only  (Qwen2ForCausalLM; also Qwen2.5)
   qwen3            as llama, plus RMSNorm on queries and keys per head (Qwen3ForCausalLM)
   gpt2             layernorm + GELU + learned positions, biases everywhere, MHA (GPT2LMHeadModel)
-Not expressible (an error says so): Llama 3.1/3.2 `rope_scaling` (Megatron-Core's GPTModel has the
-llama3 frequency scaling, but nemoc's ModelSpec does not carry it yet), Mistral's sliding window shorter
+Llama 3.1/3.2 `rope_scaling` (rope_type llama3) maps to `rope_scaling_factor` when its other three keys
+have the values Megatron-Core fixes (LLAMA3_FIXED). Not expressible (an error says so): other RoPE
+scaling types, Mistral's sliding window shorter
 than the sequence, GPT-2's `gelu_new` (tanh) activation (Megatron-Core's `gelu` is the exact erf GELU),
 MoE families (Mixtral, Qwen3-MoE: expert weights are not mapped yet) and Gemma (embedding scale and
 the `1 + w` norm offset have no Megatron-Core GPTModel switch).
@@ -73,15 +74,37 @@ def _rope_type(config: dict) -> str:
     return "default"
 
 
+# Megatron-Core 0.16.1 RotaryEmbedding._apply_scaling (models/common/embeddings/rotary_pos_embedding.py)
+# takes only `factor` from GPTModel(rope_scaling_factor=); these three are its fixed defaults. They are
+# also the values of every published Llama 3.1 / 3.2 config.json.
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope_scaling_factor(config: dict) -> float:
+    """The llama3 RoPE scaling factor (1.0 when unscaled), or HfConfigError naming the key that does not map."""
+    kind = _rope_type(config)
+    if kind == "default":
+        return 1.0
+    key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+    if kind != "llama3":
+        raise HfConfigError(f"{key}.rope_type {kind!r} is not supported: Megatron-Core's GPTModel takes the "
+                            "llama3 scaling only (YaRN is a separate position type nemoc does not map)")
+    params = config[key]
+    for name, fixed in LLAMA3_FIXED.items():
+        if name in params and float(params[name]) != fixed:
+            raise HfConfigError(f"{key}.{name} = {params[name]}: Megatron-Core 0.16.1's llama3 RoPE scaling fixes "
+                                f"{name} = {fixed:g} (only `factor` is a GPTModel argument)")
+    if "factor" not in params:
+        raise HfConfigError(f"{key} of rope_type 'llama3' has no 'factor'")
+    return float(params["factor"])
+
+
 def _llama_like(config: dict, family: str) -> dict[str, Any]:
     hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     act = config.get("hidden_act", "silu")
     if act != "silu":
         raise HfConfigError(f"hidden_act {act!r}: nemoc maps {family} only with silu (SwiGLU)")
-    rope = _rope_type(config)
-    if rope != "default":
-        raise HfConfigError(f"rope_scaling of type {rope!r} is not supported yet (nemoc's model spec has no "
-                            "RoPE scaling field); only unscaled RoPE imports")
+    rope_factor = _rope_scaling_factor(config)
     if config.get("mlp_bias"):
         raise HfConfigError("mlp_bias = true: nemoc has no bias-on-MLP-only switch")
     attention_bias = bool(config.get("attention_bias", family == "qwen2"))
@@ -99,7 +122,7 @@ def _llama_like(config: dict, family: str) -> dict[str, Any]:
         "seq_length": int(config.get("max_position_embeddings", 2048)),
         "kv_channels": int(config.get("head_dim") or hidden // heads),
         "activation": "swiglu", "norm": "rmsnorm", "position": "rope",
-        "rotary_base": _rope_theta(config, default_theta),
+        "rotary_base": _rope_theta(config, default_theta), "rope_scaling_factor": rope_factor,
         "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
         "add_bias_linear": False, "add_qkv_bias": attention_bias, "qk_layernorm": family == "qwen3",
         "norm_epsilon": float(config.get("rms_norm_eps", 1e-6)),
@@ -117,7 +140,8 @@ def _gpt2(config: dict) -> dict[str, Any]:
         "query_groups": int(config.get("n_head", 12)), "ffn_hidden": int(config.get("n_inner") or 4 * hidden),
         "vocab": int(config.get("vocab_size", 50257)), "seq_length": int(config.get("n_positions", 1024)),
         "kv_channels": None, "activation": "gelu", "norm": "layernorm", "position": "learned",
-        "rotary_base": 10000.0, "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
+        "rotary_base": 10000.0, "rope_scaling_factor": 1.0,
+        "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
         "add_bias_linear": True, "add_qkv_bias": False, "qk_layernorm": False,
         "norm_epsilon": float(config.get("layer_norm_epsilon", 1e-5)),
     }

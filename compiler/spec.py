@@ -42,6 +42,10 @@ class ModelSpec:
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     position: str = "rope"  # rope | learned | none
     rotary_base: float = 10000.0
+    # Llama 3.1/3.2 RoPE frequency scaling (rope_type "llama3"): low frequencies divided by this factor,
+    # with low/high frequency factors 1 and 4 over an original context of 8192 (the values Megatron-Core
+    # 0.16.1's RotaryEmbedding fixes). 1 = unscaled.
+    rope_scaling_factor: float = 1.0
     tie_embeddings: bool = False
     add_bias_linear: bool = False
     add_qkv_bias: bool = False  # Qwen2/2.5 use a bias on the QKV projection only

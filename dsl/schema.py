@@ -182,6 +182,9 @@ MODEL_FIELDS = (
     _f("norm", enum("rmsnorm", "layernorm"), "rmsnorm", "Normalization layer."),
     _f("position", enum("rope", "learned", "none"), "rope", "Position embedding."),
     _f("rotary_base", POSITIVE_FLOAT, 10000.0, "RoPE base frequency."),
+    _f("rope_scaling_factor", Type("float", minimum=1), 1.0, "Llama 3.1/3.2 RoPE scaling (`rope_type` llama3): "
+       "low frequencies divided by this factor (low/high frequency factors 1 and 4, original context 8192, as "
+       "Megatron-Core fixes them); 1 = unscaled."),
     _f("tie_embeddings", BOOL, False, "Share input embedding and output projection weights."),
     _f("add_bias_linear", BOOL, False, "Bias on every linear layer (GPT-3 style)."),
     _f("add_qkv_bias", BOOL, False, "Bias on the QKV projection only (Qwen2/2.5)."),

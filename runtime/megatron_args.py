@@ -496,6 +496,8 @@ def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:
     out.append(f"--position-embedding-type {position}")
     if model.position == "rope":
         out.append(f"--rotary-base {_shell_word(model.rotary_base)}")
+        if model.rope_scaling_factor != 1.0:
+            out += ["--use-rope-scaling", f"--rope-scaling-factor {_shell_word(model.rope_scaling_factor)}"]
     if not model.tie_embeddings:
         out.append("--untie-embeddings-and-output-weights")
     if not model.add_bias_linear or model.is_moe:

@@ -83,11 +83,38 @@ def test_a_missing_directory_is_an_error_at_the_init_line(tmp_path):
 
 
 def test_an_unsupported_architecture_names_the_key(tmp_path):
-    scaled = dict(LLAMA, rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    scaled = dict(LLAMA, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0})
     _, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), scaled)
-    assert [e.code for e in errors] == ["E045"] and "rope_scaling" in errors[0].message
-    _, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), dict(LLAMA, model_type="gemma2"))
-    assert "gemma2" in errors[0].message
+    assert [e.code for e in errors] == ["E045"] and "rope_scaling.low_freq_factor" in errors[0].message
+    yarn = dict(LLAMA, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    _, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), yarn)
+    assert [e.code for e in errors] == ["E045"] and "'yarn'" in errors[0].message
+
+
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])  # transformers 4 / 5 spelling
+def test_llama31_rope_scaling_is_carried_into_the_plan(tmp_path, key):
+    from nemoc.compiler.planner import plan_experiment
+
+    config = dict(LLAMA, **{key: dict(LLAMA31_ROPE, rope_theta=500000.0)})
+    spec, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), config)
+    assert errors == [] and spec.model.rope_scaling_factor == 8.0
+    plan = plan_experiment(spec).plan
+    assert plan.model.rope_scaling_factor == 8.0
+    from nemoc.compiler.plan import from_json, to_json
+
+    assert from_json(to_json(plan)).model.rope_scaling_factor == 8.0
+
+
+def test_rope_scaling_factor_written_or_from_a_preset_must_agree_with_config_json(tmp_path):
+    config = dict(LLAMA, rope_scaling=LLAMA31_ROPE)
+    _, errors, lines = _compile(tmp_path, _experiment('    init = hf("ckpt")\n    rope_scaling_factor = 32', SFT),
+                                config)
+    assert [e.code for e in errors] == ["E046"] and "says 8.0" in errors[0].message
+    assert "rope_scaling_factor = 32" in lines[errors[0].span.line - 1]
 
 
 def _rule_errors(spec):

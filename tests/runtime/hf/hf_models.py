@@ -12,6 +12,14 @@ COMMON = dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_l
 FAMILIES = {
     "llama": dict(model_type="llama", tie_word_embeddings=False, rms_norm_eps=1e-5),
     "llama_tied": dict(model_type="llama", tie_word_embeddings=True),  # Llama 3.2 1B/3B tie embeddings
+    # Llama 3.1 (factor 8) and 3.2 (factor 32, tied): llama3 RoPE scaling. With head_dim 16 and theta 5e5 the
+    # wavelengths 2*pi*theta^(k/16) fall in all three bands (kept, smoothed, divided by the factor).
+    "llama31": dict(model_type="llama", tie_word_embeddings=False, rope_parameters=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192, rope_theta=500000.0)),
+    "llama32": dict(model_type="llama", tie_word_embeddings=True, rope_parameters=dict(
+        rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192, rope_theta=500000.0)),
     "mistral": dict(model_type="mistral", sliding_window=None, tie_word_embeddings=False),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=False),  # QKV bias
     "qwen3": dict(model_type="qwen3", head_dim=32, tie_word_embeddings=False),  # QK norm, head_dim != h/n
