@@ -13,13 +13,14 @@ Families and what each needs of Megatron-Core's GPT model (local or TE layer spe
   llama, mistral   rmsnorm + SwiGLU + RoPE, GQA, no biases          (LlamaForCausalLM, MistralForCausalLM)
   qwen2            as llama, plus a bias on the QKV projection only  (Qwen2ForCausalLM; also Qwen2.5)
   qwen3            as llama, plus RMSNorm on queries and keys per head (Qwen3ForCausalLM)
+  mixtral          as mistral, every MLP a mixture of SwiGLU experts, top-k router (MixtralForCausalLM)
+  qwen3_moe        as qwen3, every MLP a mixture of experts (Qwen3MoeForCausalLM)
   gpt2             layernorm + GELU + learned positions, biases everywhere, MHA (GPT2LMHeadModel)
 Llama 3.1/3.2 `rope_scaling` (rope_type llama3) maps to `rope_scaling_factor` when its other three keys
 have the values Megatron-Core fixes (LLAMA3_FIXED). Not expressible (an error says so): other RoPE
-scaling types, Mistral's sliding window shorter
-than the sequence, GPT-2's `gelu_new` (tanh) activation (Megatron-Core's `gelu` is the exact erf GELU),
-MoE families (Mixtral, Qwen3-MoE: expert weights are not mapped yet) and Gemma (embedding scale and
-the `1 + w` norm offset have no Megatron-Core GPTModel switch).
+scaling types, Mistral's sliding window shorter than the sequence, GPT-2's `gelu_new` (tanh) activation
+(Megatron-Core's `gelu` is the exact erf GELU), top-1 routing and Qwen3-MoE without norm_topk_prob
+(see _moe), and Gemma (see _UNSUPPORTED).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_FILE = "config.json"
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+MOE = ("mixtral", "qwen3_moe")
 FAMILIES = LLAMA_LIKE + ("gpt2",)
 
 
@@ -108,14 +110,14 @@ def _llama_like(config: dict, family: str) -> dict[str, Any]:
     if config.get("mlp_bias"):
         raise HfConfigError("mlp_bias = true: nemoc has no bias-on-MLP-only switch")
     attention_bias = bool(config.get("attention_bias", family == "qwen2"))
-    if family in ("llama", "mistral") and attention_bias:
+    if family != "qwen2" and attention_bias:
         raise HfConfigError("attention_bias = true puts a bias on o_proj too; nemoc's add_qkv_bias covers q/k/v only")
     window = config.get("sliding_window") if family != "qwen2" or config.get("use_sliding_window") else None
     if window is not None and int(window) < int(config.get("max_position_embeddings", 0)):
         raise HfConfigError(f"sliding_window {window} < max_position_embeddings: sliding-window attention "
                             "is not supported")
-    default_theta = 1000000.0 if family in ("qwen2", "qwen3") else 10000.0
-    return {
+    default_theta = 1000000.0 if family in ("qwen2", "qwen3", "mixtral") else 10000.0
+    return _moe(config, family) | {
         "layers": int(config["num_hidden_layers"]), "hidden": hidden, "heads": heads,
         "query_groups": int(config.get("num_key_value_heads") or heads),
         "ffn_hidden": int(config["intermediate_size"]), "vocab": int(config["vocab_size"]),
@@ -124,9 +126,40 @@ def _llama_like(config: dict, family: str) -> dict[str, Any]:
         "activation": "swiglu", "norm": "rmsnorm", "position": "rope",
         "rotary_base": _rope_theta(config, default_theta), "rope_scaling_factor": rope_factor,
         "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
-        "add_bias_linear": False, "add_qkv_bias": attention_bias, "qk_layernorm": family == "qwen3",
+        "add_bias_linear": False, "add_qkv_bias": attention_bias, "qk_layernorm": family in ("qwen3", "qwen3_moe"),
         "norm_epsilon": float(config.get("rms_norm_eps", 1e-6)),
     }
+
+
+def _moe(config: dict, family: str) -> dict[str, Any]:
+    """The expert fields of Mixtral (MixtralConfig) and Qwen3-MoE (Qwen3MoeConfig); {} for dense families.
+
+    Routing: both take the top-k router logits and weight the chosen experts by their softmax over those
+    k (Mixtral always; Qwen3-MoE with norm_topk_prob), which is Megatron-Core's TopKRouter with
+    moe_router_pre_softmax = false. Megatron-Core routes top-1 only with the softmax first (an unnormalised
+    weight), and Qwen3-MoE's norm_topk_prob = false keeps the softmax over all experts: nemoc builds
+    neither, so both are refused. Every layer must be sparse (Megatron's moe_layer_freq = 1 here).
+    """
+    if family not in MOE:
+        return {}
+    experts = int(config.get("num_local_experts") or config.get("num_experts") or 8)
+    top_k = int(config.get("num_experts_per_tok", 2))
+    if top_k < 2:
+        raise HfConfigError(f"num_experts_per_tok = {top_k}: Megatron-Core routes top-1 with the softmax before "
+                            "the top-k (a weight below 1), transformers renormalises it to 1")
+    if family == "qwen3_moe":
+        if not config.get("norm_topk_prob", False):
+            raise HfConfigError("norm_topk_prob = false weights experts by their softmax over all experts; nemoc "
+                                "builds Megatron-Core's router with the softmax over the top-k (norm_topk_prob = true)")
+        if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1:
+            raise HfConfigError("mlp_only_layers / decoder_sparse_step != 1 mix dense and expert layers; nemoc's "
+                                "model makes every layer an expert layer")
+        moe_ffn = int(config.get("moe_intermediate_size", 768))
+    else:
+        if float(config.get("router_jitter_noise") or 0.0):
+            raise HfConfigError("router_jitter_noise != 0: Megatron-Core's router has no multiplicative jitter")
+        moe_ffn = int(config["intermediate_size"])
+    return {"experts": experts, "top_k": top_k, "moe_ffn_hidden": moe_ffn, "shared_expert_ffn_hidden": 0}
 
 
 def _gpt2(config: dict) -> dict[str, Any]:
@@ -148,8 +181,6 @@ def _gpt2(config: dict) -> dict[str, Any]:
 
 
 _UNSUPPORTED = {
-    "mixtral": "MoE expert weights are not mapped yet",
-    "qwen3_moe": "MoE expert weights are not mapped yet",
     "gemma": "Gemma's embedding scale (sqrt(hidden)) and (1 + w) RMSNorm offset have no Megatron-Core GPTModel switch",
     "gemma2": "Gemma 2's logit soft-capping, embedding scale and (1 + w) norm offset have no Megatron-Core GPTModel switch",
     "gemma3_text": "Gemma 3's embedding scale, (1 + w) norm offset and sliding layers have no Megatron-Core GPTModel switch",

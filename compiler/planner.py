@@ -41,6 +41,7 @@ from nemoc.compiler.rules import (
     to_diagnostic,
     violations,
 )
+from nemoc.compiler.rules.stages import is_hf_conversion
 from nemoc.compiler.search import (
     DEFAULT_HEADROOM,
     DEFAULT_TOP,
@@ -149,6 +150,7 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
         attention_backend=backend,
         stage_kind=stage.kind, peft=stage.peft, params=stage.params, headroom=headroom, steps=steps,
         kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=stage.optimizer.name, target=target,
+        hf_conversion=is_hf_conversion(spec, stage),
     )
 
 
@@ -286,7 +288,7 @@ def not_fit_diagnostic(spec: ExperimentSpec, stage: StageSpec, problem: Problem,
 
 
 def _stage_warnings(spec: ExperimentSpec, stage: StageSpec, problem: Problem, chosen: Candidate) -> list[Diagnostic]:
-    env = env_of(spec, stage.kind, problem.attention_backend, problem.optimizer, problem.target)
+    env = env_of(spec, stage.kind, problem.attention_backend, problem.optimizer, problem.target, problem.hf_conversion)
     return [to_diagnostic(v, spec, stage) for v in violations(env, _sizes(problem, chosen.layout), WARNING_RULES)]
 
 

@@ -201,3 +201,29 @@ def test_a_stage_the_runtime_cannot_start_from_init_is_w156_and_nemoc_run_refuse
     run = CliRunner().invoke(cli, ["run", "--workdir", str(tmp_path / "run"), str(src)])
     assert run.exit_code == 1 and "W156" in run.output and "Traceback" not in run.output, run.output
     assert not (tmp_path / "run").exists()
+
+
+MIXTRAL = dict(LLAMA, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+
+
+def test_moe_families_take_their_experts_from_config_json(tmp_path):
+    spec, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), MIXTRAL)
+    assert errors == []
+    m = spec.model
+    assert (m.experts, m.top_k, m.moe_ffn_hidden, m.qk_layernorm) == (4, 2, 96, False)
+    qwen3_moe = dict(LLAMA, model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                     norm_topk_prob=True, head_dim=32)
+    spec, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), qwen3_moe)
+    assert errors == [] and (spec.model.experts, spec.model.moe_ffn_hidden, spec.model.qk_layernorm) == (8, 48, True)
+
+
+@pytest.mark.parametrize("config,key", [
+    (dict(MIXTRAL, num_experts_per_tok=1), "num_experts_per_tok"),
+    (dict(MIXTRAL, model_type="qwen3_moe", norm_topk_prob=False), "norm_topk_prob"),
+    (dict(MIXTRAL, model_type="qwen3_moe", norm_topk_prob=True, mlp_only_layers=[0]), "mlp_only_layers"),
+    (dict(MIXTRAL, router_jitter_noise=0.1), "router_jitter_noise"),
+])
+def test_moe_routing_megatron_core_does_not_build_is_refused_naming_the_key(tmp_path, config, key):
+    _, errors, lines = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), config)
+    assert [e.code for e in errors] == ["E045"] and key in errors[0].message
+    assert "init = hf" in lines[errors[0].span.line - 1]

@@ -23,6 +23,11 @@ FAMILIES = {
     "mistral": dict(model_type="mistral", sliding_window=None, tie_word_embeddings=False),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=False),  # QKV bias
     "qwen3": dict(model_type="qwen3", head_dim=32, tie_word_embeddings=False),  # QK norm, head_dim != h/n
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+                    tie_word_embeddings=False),
+    # QK norm + experts; Qwen3-30B-A3B's routing (norm_topk_prob) and expert size below the dense one
+    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      head_dim=32, norm_topk_prob=True, tie_word_embeddings=False),
     "gpt2": dict(model_type="gpt2", vocab_size=200, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                  activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                  bos_token_id=1, eos_token_id=2),

@@ -40,13 +40,14 @@ def _import(tmp_path, family, **kw):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_logits_equal_transformers_at_tp1(mcore, tmp_path, family):
-    from nemoc.compiler.spec import ModelSpec
+    from build import build, layout
+
     from nemoc.runtime.hf import convert
     from nemoc.runtime.model import unwrap
 
     hf, manifest = _import(tmp_path, family, max_shard_size="100KB")  # several shards + index
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
-    model = mcore.build_gpt(ModelSpec(name="hf", **manifest["architecture"]), mcore.single_layout())
+    model = build(manifest["architecture"], layout())
     result = unwrap(model).load_state_dict(convert.rank_state_dict(tmp_path / "conv", padded_vocab=256), strict=False)
     assert not result.missing_keys and not result.unexpected_keys
     tokens = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1))
@@ -127,7 +128,8 @@ def test_missing_tensor_names_the_checkpoint_and_tensor(tmp_path):
         convert.import_checkpoint(tmp_path / "hf", tmp_path / "conv")
 
 
-PARALLEL_FAMILIES = ("qwen2", "llama31")  # GQA + QKV bias (the interleaving TP splits); llama3 RoPE scaling
+# GQA + QKV bias (the interleaving TP splits); llama3 RoPE scaling; experts (EP=2 splits them)
+PARALLEL_FAMILIES = ("qwen2", "llama31", "mixtral", "qwen3_moe")
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +152,11 @@ def parallel_cases(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["tp", "pp"])
+@pytest.mark.parametrize("mode", ["tp", "pp", "ep"])
 @pytest.mark.parametrize("family", PARALLEL_FAMILIES)
-def test_logits_equal_transformers_at_tp2_and_pp2(parallel_cases, family, mode):
+def test_logits_equal_transformers_at_tp2_pp2_and_ep2(parallel_cases, family, mode):
+    if mode == "ep" and not {"num_experts", "num_local_experts"} & set(FAMILIES[family]):
+        pytest.skip("expert parallelism needs an MoE model")
     root, theirs = parallel_cases(family)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
