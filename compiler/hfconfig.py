@@ -18,8 +18,7 @@ Families and what each needs of Megatron-Core's GPT model (local or TE layer spe
   gpt2             layernorm + GELU + learned positions, biases everywhere, MHA (GPT2LMHeadModel)
 Llama 3.1/3.2 `rope_scaling` (rope_type llama3) maps to `rope_scaling_factor` when its other three keys
 have the values Megatron-Core fixes (LLAMA3_FIXED). Not expressible (an error says so): other RoPE
-scaling types, Mistral's sliding window shorter than the sequence, GPT-2's `gelu_new` (tanh) activation
-(Megatron-Core's `gelu` is the exact erf GELU), top-1 routing and Qwen3-MoE without norm_topk_prob
+scaling types, Mistral's sliding window shorter than the sequence, top-1 routing and Qwen3-MoE without norm_topk_prob
 (see _moe), and Gemma (see _UNSUPPORTED).
 """
 
@@ -162,17 +161,23 @@ def _moe(config: dict, family: str) -> dict[str, Any]:
     return {"experts": experts, "top_k": top_k, "moe_ffn_hidden": moe_ffn, "shared_expert_ffn_hidden": 0}
 
 
+# transformers' ACT2FN names -> nemoc's activation: `gelu` is torch's exact erf GELU; gelu_new (GPT-2's
+# default), gelu_pytorch_tanh and gelu_fast are the tanh approximation (transformers/activations.py).
+GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                    "gelu_fast": "gelu_tanh"}
+
+
 def _gpt2(config: dict) -> dict[str, Any]:
     act = config.get("activation_function", "gelu_new")
-    if act != "gelu":
-        raise HfConfigError(f"activation_function {act!r}: Megatron-Core's gelu is the exact (erf) GELU; "
-                            "only GPT-2 configs with activation_function = \"gelu\" import exactly")
+    if act not in GPT2_ACTIVATIONS:
+        raise HfConfigError(f"activation_function {act!r} is not supported (supported: "
+                            f"{', '.join(sorted(GPT2_ACTIVATIONS))})")
     hidden = int(config.get("n_embd", 768))
     return {
         "layers": int(config.get("n_layer", 12)), "hidden": hidden, "heads": int(config.get("n_head", 12)),
         "query_groups": int(config.get("n_head", 12)), "ffn_hidden": int(config.get("n_inner") or 4 * hidden),
         "vocab": int(config.get("vocab_size", 50257)), "seq_length": int(config.get("n_positions", 1024)),
-        "kv_channels": None, "activation": "gelu", "norm": "layernorm", "position": "learned",
+        "kv_channels": None, "activation": GPT2_ACTIVATIONS[act], "norm": "layernorm", "position": "learned",
         "rotary_base": 10000.0, "rope_scaling_factor": 1.0,
         "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
         "add_bias_linear": True, "add_qkv_bias": False, "qk_layernorm": False,
@@ -180,11 +185,30 @@ def _gpt2(config: dict) -> dict[str, Any]:
     }
 
 
+# Gemma, checked against Megatron-Core 0.16.1's GPTModel (what maps, what does not):
+#   would map (were the rest expressible): GeGLU with tanh GELU (activation_func = gelu_tanh, gated_linear_unit), `query_pre_attn_scalar`
+#          (TransformerConfig.softmax_scale), alternating sliding windows (window_size +
+#          window_attn_skip_freq, dot_product_attention.py), (1 + w) RMSNorm (foldable into the weight at import;
+#          TransformerConfig.layernorm_zero_centered_gamma exists but the local spec's WrappedTorchNorm asserts
+#          it off, transformer/torch_norm.py).
+#   does not: the embedding scale sqrt(hidden) (LanguageModelEmbedding has no multiplier; with tied
+#          embeddings it cannot be folded into the weights, the output layer would be scaled too), Gemma 2's
+#          attention-logit and final-logit soft-capping (no TransformerConfig field; attention.py passes
+#          softcap 0.0), Gemma 2/3's sandwich norms (post_attention_layernorm / post_feedforward_layernorm
+#          after each sub-block: TransformerLayerSubmodules has no post-block norm), Gemma 3's second RoPE base
+#          for its sliding layers (rope_local_base_freq: GPTModel holds one RotaryEmbedding).
+_GEMMA_SCALE = ("the embedding scale sqrt(hidden_size) has no Megatron-Core 0.16.1 GPTModel switch "
+                "(LanguageModelEmbedding has no multiplier; tied embeddings keep it out of the weights)")
 _UNSUPPORTED = {
-    "gemma": "Gemma's embedding scale (sqrt(hidden)) and (1 + w) RMSNorm offset have no Megatron-Core GPTModel switch",
-    "gemma2": "Gemma 2's logit soft-capping, embedding scale and (1 + w) norm offset have no Megatron-Core GPTModel switch",
-    "gemma3_text": "Gemma 3's embedding scale, (1 + w) norm offset and sliding layers have no Megatron-Core GPTModel switch",
+    "gemma": _GEMMA_SCALE,
+    "gemma2": _GEMMA_SCALE + "; nor do attn_logit_softcapping / final_logit_softcapping (no soft-capping in "
+              "TransformerConfig) and the post-attention / post-feedforward sandwich norms (no post-block norm in "
+              "TransformerLayerSubmodules)",
+    "gemma3_text": _GEMMA_SCALE + "; nor do the sandwich norms (no post-block norm in TransformerLayerSubmodules) "
+                   "and rope_local_base_freq (one RotaryEmbedding per GPTModel, Gemma 3's sliding layers use a "
+                   "second RoPE base)",
 }
+_UNSUPPORTED["gemma3"] = _UNSUPPORTED["gemma3_text"]
 
 
 def architecture(config: dict) -> HfArchitecture:

@@ -38,7 +38,7 @@ class ModelSpec:
     vocab: int
     seq_length: int
     kv_channels: int | None = None  # head dim; None = hidden // heads
-    activation: str = "swiglu"  # swiglu | gelu | relu | squared_relu
+    activation: str = "swiglu"  # swiglu | gelu (erf) | gelu_tanh (tanh approximation, GPT-2) | relu | squared_relu
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     position: str = "rope"  # rope | learned | none
     rotary_base: float = 10000.0

@@ -31,6 +31,10 @@ FAMILIES = {
     "gpt2": dict(model_type="gpt2", vocab_size=200, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                  activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                  bos_token_id=1, eos_token_id=2),
+    # GPT2Config's default activation: the tanh approximation of GELU
+    "gpt2_gelu_new": dict(model_type="gpt2", vocab_size=200, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                          activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                          bos_token_id=1, eos_token_id=2),
 }
 
 
@@ -41,7 +45,9 @@ def make_hf_model(family: str, directory, *, seed: int = 0, max_shard_size: str 
     kw = dict(FAMILIES[family])
     model_type = kw.pop("model_type")
     base = {} if model_type == "gpt2" else dict(COMMON)
-    base.update(kw)
+    # weights of std 0.02 leave activations so small that a wrong nonlinearity (erf vs tanh GELU) or RoPE
+    # frequency moves the logits by less than the tolerance; std 0.3 puts them in the nonlinear range
+    base.update(initializer_range=0.3, **kw)
     config = AutoConfig.for_model(model_type, **base)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
