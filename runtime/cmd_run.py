@@ -63,21 +63,6 @@ def graph(file: str, fmt: str, sets: tuple[str, ...], as_json: bool) -> None:
     click.echo(text, nl=False)
 
 
-def _refuse_unloaded_hf_init(plan, as_json: bool) -> None:
-    """W156 made a refusal before anything starts: a stage whose `init = hf(DIR)` the runtime would
-    convert but not load would otherwise train from random weights or fail after data preparation."""
-    from nemoc.compiler.graph import stage_init
-    from nemoc.runtime.target import NEMOC_RUNTIME
-
-    for stage in plan.stages:
-        start = stage_init(plan, stage)
-        if start and not NEMOC_RUNTIME.caps(stage.kind).hf_init:
-            _die(f"error: stage `{stage.name}` ({stage.kind}) starts from init = hf({start!r}), which this runtime "
-                 f"converts but does not load into {stage.kind} stages yet (W156; docs/huggingface.md)\n"
-                 "  = hint: start it `after` a stage with a checkpoint; an export-only experiment converts the "
-                 "checkpoint", as_json)
-
-
 @click.command()
 @click.argument("file")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
@@ -120,8 +105,6 @@ def run(file: str, workdir: str | None, launcher_name: str | None, dry_run: bool
     from nemoc.runtime.tasks import TaskError
 
     plan, runtime_graph = _compile(file, sets, as_json)
-    if not dry_run:
-        _refuse_unloaded_hf_init(plan, as_json)
     missing = [] if dry_run else missing_train_modules()
     if missing:
         _die(f"error: `nemoc run` executes the graph on Megatron-Core, which this installation lacks "

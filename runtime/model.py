@@ -11,7 +11,8 @@ which attention is either
   * `unfused`: Megatron's DotProductAttention (materialises the [b, n, s, s] score matrix), or
   * `flash` (also `fused`/`auto` without TE): `SDPAttention` below, torch's
     scaled_dot_product_attention (FlashAttention-2 / memory-efficient kernels on GPU, a fused math
-    kernel on CPU): O(s) activation memory instead of O(s^2).
+    kernel on CPU): O(s) activation memory instead of O(s^2). Packed sequences (`PackedSeqParams`,
+    qkv_format `thd`, cu_seqlens) are attended segment by segment: still O(s), no [s, s] mask.
 Both honour TP (each rank holds num_heads/tp heads and num_query_groups/tp KV groups), GQA (KV heads
 repeated to the query heads, as DotProductAttention does), the causal mask and attention dropout under
 the TP RNG tracker. Limitation: neither local core supports context parallelism (cp > 1 needs TE's
@@ -64,9 +65,10 @@ class SDPAttention(DotProductAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("the flash (SDPA) attention core takes neither packed sequences nor an attention bias; "
-                             "use attention_backend = unfused")
+        if attention_bias is not None:
+            raise ValueError("the flash (SDPA) attention core takes no attention bias; use attention_backend = unfused")
+        if packed_seq_params is not None:
+            return self._varlen(query, key, value, packed_seq_params)
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         if groups > 1:  # GQA: each KV group serves `groups` consecutive query heads
             key = key.repeat_interleave(groups, dim=2)
@@ -86,6 +88,30 @@ class SDPAttention(DotProductAttention):
             context = self._sdpa(q, k, v, mask, causal, dropout)
         sq, b = query.shape[0], query.shape[1]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _varlen(self, query, key, value, params):
+        """Packed sequences (Megatron's `thd` format: query [t, np, hn], key/value [t, ng, hn], the
+        segments given by `cu_seqlens`): causal attention inside each segment, one SDPA call per
+        segment, so a packed row never holds a [t, t] score or mask tensor (activation memory O(t))."""
+        if params.qkv_format != "thd" or params.cu_seqlens_q_padded is not None:
+            raise ValueError("the flash (SDPA) attention core takes packed sequences in the thd format without "
+                             "padded cu_seqlens")
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups > 1:
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+        bounds = params.cu_seqlens_q.tolist()  # host copy: the segment loop runs on the host
+        dropout = self.config.attention_dropout if self.training else 0.0
+        pieces = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, np, n, hn]
+            if dropout > 0 and not self.config.sequence_parallel:
+                with tensor_parallel.get_cuda_rng_tracker().fork():
+                    context = self._sdpa(q, k, v, None, True, dropout)
+            else:
+                context = self._sdpa(q, k, v, None, True, dropout)
+            pieces.append(context[0].transpose(0, 1))  # [n, np, hn]
+        return torch.cat(pieces).reshape(query.shape[0], self.hidden_size_per_partition)
 
     def _sdpa(self, q, k, v, mask, causal, dropout):
         return torch.nn.functional.scaled_dot_product_attention(

@@ -15,23 +15,24 @@ from types import MappingProxyType
 
 from nemoc.compiler.target import StageCaps, Target
 
-# The alignment kinds run in runtime/align/: trainer.py `Trainer` refuses pp > 1 and common.py
-# `build_gpt` refuses vp (docs/alignment.md, "Parallelism"). All of runtime/align builds Megatron-Core's
-# local layer spec, with or without Transformer Engine (common.py `machine_facts`: LoRA must see
-# normalised inputs, packed samples need an explicit mask), and Megatron's unfused attention core
-# (common.py `build_gpt`: the explicit packing mask, which the SDPA core ignores), which keeps the
-# s x s scores; dense models only (common.py `ModelShape.of`). PPO's sampler has no KV cache.
-# `init = hf(DIR)` is converted by the hf_import task (runtime/tasks/hf.py) and read by export only:
-# the training and eval stages still start from a parent stage's checkpoint (docs/huggingface.md).
+# The alignment kinds run in runtime/align/: runners.py `_trainer` refuses pp > 1 and common.py
+# `build_gpt` refuses vp (docs/alignment.md, "Parallelism"). Their models are built by the training
+# core (runtime/core/build.py `build_chunks`) from the stage's Execution, so they run the plan's
+# attention core: packed SFT rows are variable-length segments on the SDPA core (runtime/model.py
+# `SDPAttention._varlen`) and on TE's; only an `unfused` core the user chose gets an explicit mask.
+# They build Megatron-Core's local layer spec (common.py `machine_facts`: te = False, so the plan costs
+# them with `kernels = local`); dense models only (common.py `ModelShape.of`). PPO's sampler has no KV cache.
+# `init = hf(DIR)` is converted by the hf_import task (runtime/tasks/hf.py) and loaded where a parent's
+# checkpoint would be (runtime/align/stage.py `policy_start`, runtime/core/build.py `restore_or_initialize`).
 _ALIGN = StageCaps(
-    pipeline=False, te=False, moe=False, attention="unfused", kv_cache_rollout=False, hf_init=False,
+    pipeline=False, te=False, moe=False, kv_cache_rollout=False, hf_init=True,
     runs="the nemoc runtime's alignment stages (runtime/align) run TP/DP only",
     source="nemoc runtime/align/runners.py _trainer (pp > 1), runtime/align/common.py build_gpt (vp), "
            "ModelShape.of (dense models only)")
 # eval and export run in one process (runtime/tasks/align.py `_one_process`) on the local spec, which
 # has no FP8 GEMMs: an fp8 / mxfp8 model (16-bit weights) is evaluated in bf16 (runtime/align/evaluate.py).
 _EVAL = StageCaps(
-    pipeline=False, te=False, moe=False, fp8=False, attention="unfused", one_process=True, hf_init=False,
+    pipeline=False, te=False, moe=False, fp8=False, one_process=True, hf_init=True,
     runs="the nemoc runtime runs eval and export in one process (runtime/align)",
     source="nemoc runtime/tasks/align.py _one_process, runtime/align/common.py ModelShape.of")
 _EXPORT = StageCaps(
@@ -41,7 +42,7 @@ _EXPORT = StageCaps(
 NEMOC_RUNTIME = Target(
     name="nemoc-runtime",
     stages=MappingProxyType({
-        "pretrain": StageCaps(runs="runtime/train.py runs every Megatron-Core schedule", hf_init=False),
+        "pretrain": StageCaps(runs="runtime/train.py runs every Megatron-Core schedule"),
         "sft": _ALIGN, "dpo": _ALIGN, "reward": _ALIGN, "ppo": _ALIGN,
         "eval": _EVAL, "export": _EXPORT,
     }),

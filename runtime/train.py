@@ -80,6 +80,7 @@ class Task:
     tokenizer: str | None = None
     eod_id: int | None = None
     init_checkpoint: str | None = None
+    hf_init: str | None = None  # a converted Hugging Face checkpoint (`init = hf(DIR)`)
     max_steps: int | None = None
     split: str | None = None  # "98,2,0"; None = the plan's DataSpec.split
     timeout_s: int = DEFAULT_TIMEOUT_S
@@ -116,7 +117,7 @@ def load_task(path: str) -> Task:
         output_dir=raw["output_dir"], checkpoint_dir=raw["checkpoint_dir"],
         metrics_path=raw.get("metrics_path"), tensorboard_dir=raw.get("tensorboard_dir"),
         tokenizer=raw.get("tokenizer"), eod_id=raw.get("eod_id"), init_checkpoint=raw.get("init_checkpoint"),
-        max_steps=int(max_steps) if max_steps is not None else None, split=raw.get("split") or None,
+        hf_init=raw.get("hf_init"), max_steps=int(max_steps) if max_steps is not None else None, split=raw.get("split") or None,
         timeout_s=int(raw.get("timeout_s") or DEFAULT_TIMEOUT_S), path=os.path.abspath(path), raw=raw,
     )
 
@@ -291,7 +292,7 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
     try:
         restored = restore_or_initialize(root=task.checkpoint_dir, init_checkpoint=task.init_checkpoint,
                                          distributed_optimizer=stage.layout.distributed_optimizer, model=model, optimizer=optimizer, scheduler=scheduler,
-                                         metrics=metrics)
+                                         metrics=metrics, hf_init=task.hf_init, vocab_size=task.vocab_size)
         state = LoopState()
         if restored is not None:
             state.iteration, state.consumed_samples = restored.iteration, restored.consumed_samples

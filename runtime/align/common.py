@@ -33,6 +33,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 
 from nemoc.compiler.plan import Layout  # noqa: E402
 from nemoc.runtime import checkpoint as ckpt  # noqa: E402
+from nemoc.runtime.core import build as core_build  # noqa: E402
 from nemoc.runtime import megatron_args as margs  # noqa: E402
 from nemoc.runtime import model as mmodel  # noqa: E402
 
@@ -131,36 +132,31 @@ def machine_facts() -> margs.MachineFacts:
 
 
 def build_gpt(spec, layout: Layout, *, precision: str = "fp32", vocab: int | None = None,
-              seq_length: int | None = None, attention_backend: str = "unfused", scalar_head: bool = False):
-    """One GPTModel chunk for this pipeline rank, built by the runtime's own adapters
-    (runtime.megatron_args, runtime.model), so parameters and checkpoints match the pretraining stage's.
+              seq_length: int | None = None, attention_backend: str = "unfused", scalar_head: bool = False,
+              execution=None, facts: margs.MachineFacts | None = None):
+    """One GPTModel chunk for this pipeline rank, built by the training core (runtime.core.build
+    `build_chunks`, the construction pretraining uses), so parameters and checkpoints match the
+    pretraining stage's.
 
-    `attention_backend="unfused"` (Megatron's DotProductAttention) is the default here because it
-    honours an explicit attention mask: packed SFT samples need a block-diagonal one. `scalar_head`
+    A stage passes its `execution` (kernels, attention core, precision recipe, pipeline split, vocabulary
+    padding: runtime/align/stage.py `build`); tools and tests pass `precision` and `attention_backend`
+    (`unfused`, Megatron's DotProductAttention, honours an explicit attention mask). `scalar_head`
     replaces the vocabulary output layer by a one-output head (reward model, critic).
     Returns the chunk (Float16Module-wrapped for bf16/fp16); `unwrap(chunk)` is the GPTModel.
-    `vocab` is the tokenizer's vocabulary (padded like pretraining: 128 * tp); `seq_length` sizes the
-    learned position table exactly as runtime.train does (the stage's sequence length).
+    `vocab` is the tokenizer's vocabulary (padded like pretraining); `seq_length` sizes the learned
+    position table exactly as runtime.train does (the stage's sequence length).
     """
     if layout.vp:
         raise AlignError("alignment stages do not support virtual pipeline stages (vp); use vp = none")
     shape = ModelShape.of(spec, vocab, seq_length)
-    facts = machine_facts()
     try:
-        config = margs.transformer_config(model=spec, layout=layout, precision=precision,
-                                          attention_backend=attention_backend, facts=facts)
+        (chunk,), _, _ = core_build.build_chunks(
+            model=spec, layout=layout, vocab_size=shape.vocab, seq_length=shape.seq_length,
+            facts=facts or machine_facts(), execution=execution, precision=precision,
+            attention_backend=attention_backend, head=ScalarHead if scalar_head else None)
     except margs.UnsupportedPlan as exc:
         raise AlignError(str(exc)) from None
-    if scalar_head:
-        spec = dataclasses.replace(spec, tie_embeddings=False)
-    (chunk,) = mmodel.build_model_chunks(
-        config=config, model=spec, vocab_size=margs.padded_vocab_size(shape.vocab, layout.tp),
-        seq_length=shape.seq_length, attention_backend=attention_backend, have_te=facts.have_te,
-    )
-    gpt = unwrap(chunk)
-    gpt.nemoc_shape = shape  # checked against a checkpoint's nemoc_model.json on load
-    if scalar_head and gpt.post_process:
-        gpt.output_layer = ScalarHead(config)
+    unwrap(chunk).nemoc_shape = shape  # checked against a checkpoint's nemoc_model.json on load
     return chunk
 
 
@@ -255,16 +251,46 @@ def _check_shape(model, path: Path) -> None:
 
 @dataclass
 class Batch:
-    """Token-level batch, [b, s] each. `loss_mask` marks the label positions that count."""
+    """Token-level batch, [b, s] each. `loss_mask` marks the label positions that count.
+
+    Either an explicit `attention_mask` (Megatron's unfused core), or `packed_seq_params` (variable-length
+    attention: the b rows run as one `thd` sequence of b * s tokens whose segments are the packed samples
+    and each row's padding; no [s, s] tensor anywhere). `run` hands either to the model."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor  # [b, 1, s, s] bool, True = masked out
+    attention_mask: torch.Tensor | None  # [b, 1, s, s] bool, True = masked out
+    packed_seq_params: object | None = None  # megatron.core.packed_seq_params.PackedSeqParams
 
     def to(self, dev) -> "Batch":
-        return Batch(*(getattr(self, f).to(dev) for f in ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")))
+        moved = {f: getattr(self, f).to(dev) for f in ("tokens", "labels", "loss_mask", "position_ids")}
+        mask = self.attention_mask.to(dev) if self.attention_mask is not None else None
+        params = self.packed_seq_params
+        if params is not None:
+            params = dataclasses.replace(params, cu_seqlens_q=params.cu_seqlens_q.to(dev),
+                                         cu_seqlens_kv=params.cu_seqlens_kv.to(dev))
+        return Batch(**moved, attention_mask=mask, packed_seq_params=params)
+
+    def shaped(self, output: torch.Tensor) -> torch.Tensor:
+        """A last-stage output of a packed batch ([1, b * s, ...]) back in rows ([b, s, ...])."""
+        if self.packed_seq_params is None:
+            return output
+        return output.reshape(*self.tokens.shape, *output.shape[2:])
+
+
+def run(model, batch: Batch, **kwargs):
+    """model(batch) on the model's last pipeline stage: per-token loss [b, s] (with `labels=`), logits or
+    values [b, s, ...]; a packed batch runs as one `thd` sequence and comes back in rows."""
+    if batch.packed_seq_params is None:
+        return model(batch.tokens, batch.position_ids, batch.attention_mask, **kwargs)
+    b, s = batch.tokens.shape
+    if kwargs.get("labels") is not None:
+        kwargs["labels"] = kwargs["labels"].reshape(1, b * s)
+    out = model(batch.tokens.reshape(1, b * s), batch.position_ids.reshape(1, b * s), None,
+                packed_seq_params=batch.packed_seq_params, **kwargs)
+    return batch.shaped(out)
 
 
 def causal_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -281,17 +307,22 @@ def causal_mask(segments: torch.Tensor) -> torch.Tensor:
     return (~allowed).unsqueeze(1)
 
 
-def make_batch(rows: Iterable[tuple[list[int], list[int]]], seq_length: int, pad_id: int = 0) -> Batch:
+def make_batch(rows: Iterable[tuple[list[int], list[int]]], seq_length: int, pad_id: int = 0, *,
+               varlen: bool = False) -> Batch:
     """Rows of (token ids, per-token loss weight 0/1 on the *input* positions) -> a padded batch.
 
     Labels are the next tokens; `loss_mask[t]` is the weight of predicting token t+1 (taken from the
     weight of token t+1). Each row is one segment; see `pack_rows` for several samples per row.
     """
-    return pack_rows([[row] for row in rows], seq_length, pad_id)
+    return pack_rows([[row] for row in rows], seq_length, pad_id, varlen=varlen)
 
 
-def pack_rows(packs: Iterable[list[tuple[list[int], list[int]]]], seq_length: int, pad_id: int = 0) -> Batch:
-    """Each pack (a list of samples) becomes one row of `seq_length` tokens with a block-diagonal mask.
+def pack_rows(packs: Iterable[list[tuple[list[int], list[int]]]], seq_length: int, pad_id: int = 0, *,
+              varlen: bool = False) -> Batch:
+    """Each pack (a list of samples) becomes one row of `seq_length` tokens, attended block-diagonally:
+    with a [b, 1, s, s] mask (Megatron's unfused core), or with `varlen` as variable-length segments
+    (`PackedSeqParams`, cu_seqlens over the samples and each row's padding: the SDPA core of
+    runtime/model.py or Transformer Engine's attention; O(s) memory).
 
     Position ids restart at 0 for every sample (learned positions see each sample as if alone; RoPE is
     relative, so within a block it is unaffected by the offset either way).
@@ -316,14 +347,34 @@ def pack_rows(packs: Iterable[list[tuple[list[int], list[int]]]], seq_length: in
     # the label at t is token t+1, and it counts only inside the same segment
     same_segment = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)
     loss_mask = weights[:, 1:] * same_segment
+    inputs = segments[:, :-1]
     batch = Batch(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), loss_mask=loss_mask,
-                  position_ids=positions[:, :-1].contiguous(), attention_mask=causal_mask(segments[:, :-1]))
+                  position_ids=positions[:, :-1].contiguous(),
+                  attention_mask=None if varlen else causal_mask(inputs),
+                  packed_seq_params=packed_segments(inputs) if varlen else None)
     return batch.to(device())
+
+
+def packed_segments(segments: torch.Tensor):
+    """[b, s] segment ids -> PackedSeqParams (thd) over the b rows laid end to end: one segment per run
+    of equal ids in a row (a sample, or the row's padding, which attends only among itself and whose
+    outputs no loss reads)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    b, s = segments.shape
+    flat = segments.reshape(-1)
+    starts = torch.ones(b * s, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::s] = True  # every row starts a segment
+    bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([b * s])]).to(torch.int32)
+    longest = int((bounds[1:] - bounds[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds.clone(),
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def token_logprobs(model, batch: Batch) -> torch.Tensor:
     """[b, s] log p(label_t | tokens_<=t), via Megatron's (vocab-parallel) cross entropy."""
-    return -model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels).float()
+    return -run(model, batch, labels=batch.labels).float()
 
 
 def sequence_logprobs(model, batch: Batch) -> torch.Tensor:
@@ -333,7 +384,7 @@ def sequence_logprobs(model, batch: Batch) -> torch.Tensor:
 
 def gather_logits(model, batch: Batch) -> torch.Tensor:
     """Full-vocabulary logits [b, s, v] (gathered across tensor-parallel ranks)."""
-    return model(batch.tokens, batch.position_ids, batch.attention_mask, runtime_gather_output=True)
+    return run(model, batch, runtime_gather_output=True)
 
 
 def masked_mean_loss(token_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ def text_loss(chunk, documents: list[list[int]], seq_length: int, micro_batch: i
     common.unwrap(chunk).eval()
     total, count = 0.0, 0.0
     for batch in batches:
-        out = chunk(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels).float()
+        out = common.run(chunk, batch, labels=batch.labels).float()
         total += float((out * batch.loss_mask).sum())
         count += float(batch.loss_mask.sum())
     return total / max(count, 1.0), int(count)
@@ -63,11 +63,12 @@ def run(task: stage.StageTask) -> dict:
     tok = stage.tokenizer_of(task)
     # the stage's precision as planned (`Execution.precision`: the local spec has no FP8 GEMMs, so the
     # nemoc runtime's target plans an fp8 model's eval in bf16)
-    chunk = stage.build(task, checkpoint=stage.parent_checkpoint(task), single=True)
+    start = stage.policy_start(task)  # a parent's checkpoint or `init = hf(DIR)`
+    chunk = stage.build(task, checkpoint=start, single=True)
     p, seq = task.params, task.stage.seq_length
     micro = max(task.stage.layout.micro_batch, 1)
     template = ChatTemplate.from_params(p)
-    results: dict = {"stage": task.stage.name, "checkpoint": stage.parent_checkpoint(task), "datasets": {}}
+    results: dict = {"stage": task.stage.name, "checkpoint": start.path, "datasets": {}}
     for entry in task.datasets:
         name, fmt = entry.get("name"), entry.get("format", "text")
         if entry.get("prefix"):
@@ -76,7 +77,8 @@ def run(task: stage.StageTask) -> dict:
             results["datasets"][name] = {"format": fmt, **_loss_entry(loss, tokens)}
         elif fmt in stage.SFT_FORMATS:
             samples = [template.render(tok, c.messages) for c in read_sft(entry["path"], fmt)]
-            batches = sft.rows_to_batches([[s] for s in sft.truncate(samples, seq)], seq, micro, tok.pad)
+            batches = sft.rows_to_batches([[s] for s in sft.truncate(samples, seq)], seq, micro, tok.pad,
+                                          varlen=stage.varlen_attention(task))
             tokens = int(sum(float(b.loss_mask.sum()) for b in batches))
             results["datasets"][name] = {"format": fmt, **_loss_entry(sft.response_loss(chunk, batches), tokens)}
         elif fmt == "preference":

@@ -69,7 +69,7 @@ def _preference_pairs(task: StageTask, tok):
     return train, val
 
 
-def _policy(task: StageTask, checkpoint: str):
+def _policy(task: StageTask, checkpoint: str | stage.Start):
     """The trained model: full weights, or LoRA adapters on a frozen base when the stage has `peft`."""
     chunk = stage.build(task, checkpoint=checkpoint)
     peft = _peft(task)
@@ -104,7 +104,7 @@ def _finish_policy(task: StageTask, chunk, payload: dict) -> dict:
     if peft is not None:
         adapter_dir = task.checkpoint_dir / "adapters"
         lora.save_adapters(chunk, adapter_dir, info={"rank": peft.rank, "alpha": peft.alpha, "targets": list(peft.targets),
-                                                     "base_checkpoint": stage.parent_checkpoint(task)})
+                                                     "base_checkpoint": stage.policy_start(task).path})
         payload["adapter_checkpoint"] = str(adapter_dir)
         payload["adapter_parameters"] = sum(p.numel() for p in lora.adapters(chunk).values())
         lora.merge(chunk)
@@ -160,14 +160,17 @@ def run_sft(task: StageTask) -> dict:
     s, seq = task.stage, task.stage.seq_length
     packing = bool(task.params.get("pack", True))
     rows = sft.pack(sft.truncate(train, seq), seq, packing)
-    chunk = _policy(task, stage.parent_checkpoint(task))
-    val_batches = sft.rows_to_batches([[x] for x in sft.truncate(val, seq)], seq, s.layout.micro_batch, tok.pad) if val else []
+    chunk = _policy(task, stage.policy_start(task))
+    varlen = stage.varlen_attention(task)
+    val_batches = sft.rows_to_batches([[x] for x in sft.truncate(val, seq)], seq, s.layout.micro_batch, tok.pad,
+                                      varlen=varlen) if val else []
     before = sft.response_loss(chunk, val_batches) if val_batches else None
     tr = _trainer(task, chunk)
     total = task.steps
     with stage.open_stage_metrics(task, total) as metrics:
         history, start = _fit(task, tr, metrics, items=rows, forward=sft.forward,
-                              to_microbatches=lambda share: sft.rows_to_batches(share, seq, s.layout.micro_batch, tok.pad),
+                              to_microbatches=lambda share: sft.rows_to_batches(share, seq, s.layout.micro_batch, tok.pad,
+                                                                                  varlen=varlen),
                               tokens_per_step=s.layout.global_batch * seq)
         after = sft.response_loss(chunk, val_batches) if val_batches else None
         if after is not None:
@@ -187,7 +190,7 @@ def run_dpo(task: StageTask) -> dict:
     reference_mode = "none" if p.get("reference_free") else str(p.get("reference", "model"))
     if reference_mode not in ("model", "precomputed", "none"):
         raise AlignError(f"dpo: reference = {reference_mode!r}; expected model | precomputed (or reference_free = true)")
-    parent = stage.parent_checkpoint(task)
+    parent = stage.policy_start(task)
     chunk = _policy(task, parent)
     resident = resident_models("dpo", p, s.peft)
     if reference_mode == "none":
@@ -228,7 +231,7 @@ def run_reward(task: StageTask) -> dict:
     tok = stage.tokenizer_of(task)
     train, val = _preference_pairs(task, tok)
     s, seq = task.stage, task.stage.seq_length
-    chunk = stage.build(task, checkpoint=stage.parent_checkpoint(task), scalar_head=True, skip_output=True)
+    chunk = stage.build(task, checkpoint=stage.policy_start(task), scalar_head=True, skip_output=True)
     before = reward.accuracy(chunk, val, seq_length=seq, pad_id=tok.pad) if val else {}
     tr = _trainer(task, chunk)
     total = task.steps
@@ -260,7 +263,8 @@ def run_ppo(task: StageTask) -> dict:
     if not prompts:
         raise AlignError(f"ppo: no prompt leaves room for a response within seq_length={seq}")
     reward_ckpt = stage.parent_checkpoint(task, kind="reward")
-    actor_ckpt = next((task.parents[n] for n in s.after if task.plan.stage(n).kind != "reward" and n in task.parents), None)
+    actor_ckpt = stage.Start(task.hf_init, hf=True) if task.hf_init else next(
+        (task.parents[n] for n in s.after if task.plan.stage(n).kind != "reward" and n in task.parents), None)
     if actor_ckpt is None:
         raise AlignError(f"ppo stage {s.name} needs a policy parent (e.g. an sft stage) besides the reward stage")
     actor = _policy(task, actor_ckpt)

@@ -8,11 +8,11 @@ padding tokens have weight 0). With `pack = true` several samples share one row 
 with a block-diagonal causal attention mask and per-sample position ids (`common.pack_rows`), so a
 packed row computes exactly what the samples would compute alone (tested).
 
-Packing limitation: Megatron-Core's native packed path (`PackedSeqParams` with `cu_seqlens`, THD layout)
-needs Transformer Engine's fused attention. The alignment stages build Megatron's local layer spec
-(see common.machine_facts), so we pass an explicit [b, 1, s, s] block-diagonal mask to Megatron's
-`DotProductAttention` (the `unfused` core), which costs O(s^2) memory per row like unpacked attention
-does; the THD path with TE is not implemented.
+Packed rows run as variable-length attention (Megatron-Core's `PackedSeqParams`, cu_seqlens, the `thd`
+layout) wherever the stage's attention core takes it: Transformer Engine's attention, or the SDPA core
+of runtime/model.py, which attends segment by segment; a packed row then never materialises an [s, s]
+tensor (tests/runtime/align/test_align_varlen.py measures it). Only Megatron's `unfused` core (an
+`attention_backend = unfused` the user chose) gets the explicit [b, 1, s, s] block-diagonal mask.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from nemoc.runtime.align.common import AlignError, Batch, masked_mean_loss, pack_rows, unwrap
+from nemoc.runtime.align.common import AlignError, Batch, masked_mean_loss, pack_rows, run, unwrap
 from nemoc.runtime.align.trainer import chunks
 
 Sample = tuple[list[int], list[int]]
@@ -58,16 +58,18 @@ def pack(samples: Sequence[Sample], seq_length: int, enabled: bool) -> list[list
     return bins
 
 
-def rows_to_batches(rows: Sequence[list[Sample]], seq_length: int, micro_batch: int, pad_id: int = 0) -> list[Batch]:
-    return [pack_rows(group, seq_length, pad_id) for group in chunks(rows, micro_batch)]
+def rows_to_batches(rows: Sequence[list[Sample]], seq_length: int, micro_batch: int, pad_id: int = 0, *,
+                    varlen: bool = False) -> list[Batch]:
+    """Micro-batches of `micro_batch` rows; `varlen`: variable-length attention (common.pack_rows)."""
+    return [pack_rows(group, seq_length, pad_id, varlen=varlen) for group in chunks(rows, micro_batch)]
 
 
 def forward(model, batch: Batch):
     """Megatron forward step: per-token loss from GPTModel, masked mean over response tokens."""
-    token_loss = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+    token_loss = run(model, batch, labels=batch.labels)
 
     def loss_func(output):
-        loss = masked_mean_loss(output.float(), batch.loss_mask)
+        loss = masked_mean_loss(batch.shaped(output).float(), batch.loss_mask)
         return loss, {"loss": loss.detach().clone(), "response_tokens": batch.loss_mask.sum().detach()}
 
     return token_loss, loss_func
@@ -79,7 +81,7 @@ def response_loss(chunk, batches: Sequence[Batch]) -> float:
     unwrap(chunk).eval()
     total, count = 0.0, 0.0
     for batch in batches:
-        out = chunk(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels).float()
+        out = run(chunk, batch, labels=batch.labels).float()
         total += float((out * batch.loss_mask).sum())
         count += float(batch.loss_mask.sum())
     return total / max(count, 1.0)

@@ -24,6 +24,7 @@ from nemoc.compiler.plan import Plan, StagePlan
 from nemoc.runtime import taskfile
 from nemoc.runtime.align import common
 from nemoc.runtime.align.common import AlignError
+from nemoc.runtime.core import dist
 from nemoc.runtime.metrics import open_metrics
 
 SFT_FORMATS = ("chat", "prompt_response")
@@ -39,6 +40,7 @@ class StageTask:
     vocab_size: int
     init_checkpoint: str | None
     parents: dict[str, str]
+    hf_init: str | None  # a converted Hugging Face checkpoint (`init = hf(DIR)`, the hf_import task's output)
     output_dir: Path
     checkpoint_dir: Path
     metrics_path: str | None
@@ -65,7 +67,7 @@ def load_task(path: str) -> StageTask:
     return StageTask(
         path=os.path.abspath(path), plan=plan, stage=plan.stage(raw["stage"]), datasets=list(raw.get("datasets") or []),
         tokenizer=raw.get("tokenizer"), vocab_size=int(raw["vocab_size"]), init_checkpoint=raw.get("init_checkpoint"),
-        parents=dict(raw.get("parents") or {}), output_dir=out,
+        parents=dict(raw.get("parents") or {}), hf_init=raw.get("hf_init"), output_dir=out,
         checkpoint_dir=Path(raw.get("checkpoint_dir") or out / "checkpoints"),
         metrics_path=raw.get("metrics_path"), tensorboard_dir=raw.get("tensorboard_dir"),
         max_steps=int(max_steps) if max_steps is not None else None, raw=raw,
@@ -129,15 +131,60 @@ def init_process_group(task: StageTask, *, single: bool = False) -> None:
     common.init_distributed(tp=tp, pp=pp, seed=task.stage.seed)
 
 
-def build(task: StageTask, *, checkpoint: str | None, scalar_head: bool = False, skip_output: bool = False,
+@dataclass(frozen=True)
+class Start:
+    """Where a model's weights come from: a Megatron-Core checkpoint directory (a parent stage's), or a
+    converted Hugging Face checkpoint (`hf`: the hf_import task's output, loaded by runtime/hf/load.py)."""
+
+    path: str
+    hf: bool = False
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def build(task: StageTask, *, checkpoint: str | Start | None, scalar_head: bool = False, skip_output: bool = False,
           single: bool = False, precision: str | None = None):
-    """A chunk for this stage's layout (or TP=1 for single-process kinds), loaded from `checkpoint`."""
-    layout = common.single_layout() if single else task.stage.layout
-    chunk = common.build_gpt(task.plan.model, layout, precision=precision or task.stage.execution.precision,
-                             vocab=task.vocab_size, seq_length=task.stage.seq_length, scalar_head=scalar_head)
-    if checkpoint:
-        common.load_model(chunk, checkpoint, skip_output=skip_output)
+    """A chunk for this stage's layout (or TP=1 for single-process kinds), loaded from `checkpoint` (a
+    parent's checkpoint directory, or a `Start`: a converted Hugging Face checkpoint)."""
+    ex = task.stage.execution
+    if single or precision is not None:  # one process (export, eval today): TP=1, the same attention core
+        chunk = common.build_gpt(task.plan.model, common.single_layout(), precision=precision or ex.precision,
+                                 vocab=task.vocab_size, seq_length=task.stage.seq_length, scalar_head=scalar_head,
+                                 attention_backend=ex.attention)
+    else:  # the stage's execution as planned: the construction pretraining uses (runtime/core/build.py)
+        chunk = common.build_gpt(task.plan.model, task.stage.layout, execution=ex, vocab=task.vocab_size,
+                                 seq_length=task.stage.seq_length, scalar_head=scalar_head,
+                                 facts=dist.machine_facts(task.stage.kernels))
+    if isinstance(checkpoint, Start) and checkpoint.hf:
+        load_hf(chunk, checkpoint.path, vocab=task.vocab_size, skip_output=skip_output)
+    elif checkpoint:
+        common.load_model(chunk, str(checkpoint), skip_output=skip_output)
     return chunk
+
+
+def varlen_attention(task: StageTask) -> bool:
+    """Whether the stage's attention core takes packed sequences as variable-length segments (TE's, or the
+    SDPA core of runtime/model.py); Megatron's unfused core needs an explicit mask instead."""
+    return task.stage.execution.attention != "unfused"
+
+
+def load_hf(chunk, converted: str, *, vocab: int, skip_output: bool = False) -> None:
+    from nemoc.runtime.hf.load import LoadError, load_converted
+
+    try:
+        load_converted(chunk, converted, vocab=vocab, skip_output=skip_output)
+    except LoadError as exc:
+        raise AlignError(str(exc)) from None
+
+
+def policy_start(task: StageTask) -> Start:
+    """Where the stage's trained model starts: `init = hf(DIR)` when the graph handed the stage a converted
+    Hugging Face checkpoint (the stage's own `init`, or the model's for a stage without `after`,
+    compiler.graph.stage_init), else the first parent's checkpoint."""
+    if task.hf_init:
+        return Start(task.hf_init, hf=True)
+    return Start(parent_checkpoint(task))
 
 
 def parent_checkpoint(task: StageTask, *, kind: str | None = None) -> str:

@@ -8,6 +8,7 @@ scheduler, RNG, data position) or loads `init_checkpoint` weights; `save_final` 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from nemoc.runtime.core.dist import machine_facts, rank0_print, set_phase
@@ -22,23 +23,47 @@ from nemoc.runtime import model as mdl  # noqa: E402
 
 
 def build_model(*, plan: Plan, stage: StagePlan, vocab_size: int, facts: margs.MachineFacts | None = None,
-                dropout: float | None = None):
+                dropout: float | None = None, head=None):
     """(model chunks wrapped in Megatron DDP, TransformerConfig, padded vocab) for a stage."""
     facts = facts or machine_facts(stage.kernels)
+    chunks, config, padded = build_chunks(
+        model=plan.model, layout=stage.layout, vocab_size=vocab_size, seq_length=stage.seq_length, facts=facts,
+        execution=stage.execution, dropout=float(stage.params.get("dropout", 0.0)) if dropout is None else dropout,
+        head=head)
+    return wrap(chunks, config=config, stage=stage), config, padded
+
+
+def wrap(chunks: list, *, config, stage: StagePlan) -> list:
+    """Megatron DDP around built chunks (parameters with requires_grad False get no gradient buffer)."""
+    return mdl.wrap_ddp(chunks=chunks, config=config,
+                        ddp_config=margs.ddp_config(layout=stage.layout, overlaps=stage.execution.overlaps))
+
+
+def build_chunks(*, model, layout, vocab_size: int, seq_length: int, facts: margs.MachineFacts, execution=None,
+                 precision: str | None = None, attention_backend: str | None = None, dropout: float = 0.0,
+                 head=None) -> tuple[list, object, int]:
+    """(this rank's GPTModel chunks, one per virtual-pipeline stage, not DDP-wrapped; TransformerConfig;
+    padded vocabulary): every stage kind's model, from the stage's `execution` (kernels, attention core,
+    precision recipe, pipeline split, vocabulary padding) -- or, for a model built outside a stage plan
+    (tools, tests), `precision` and `attention_backend`. `head(config)` replaces the vocabulary output
+    layer of the last pipeline stage (the reward model's and critic's scalar head; embeddings untied)."""
     set_phase("build model")
-    ex = stage.execution
-    config = margs.transformer_config(
-        model=plan.model, layout=stage.layout, execution=ex, facts=facts,
-        dropout=float(stage.params.get("dropout", 0.0)) if dropout is None else dropout,
-        deterministic=facts.cpu,
-    )
-    padded = margs.padded_vocab_size(vocab_size, multiple=ex.vocab_multiple)
-    chunks = mdl.build_model_chunks(config=config, model=plan.model, vocab_size=padded,
-                                    seq_length=stage.seq_length, attention_backend=ex.attention,
-                                    have_te=facts.have_te)
-    model = mdl.wrap_ddp(chunks=chunks, config=config,
-                         ddp_config=margs.ddp_config(layout=stage.layout, overlaps=ex.overlaps))
-    return model, config, padded
+    if head is not None and model.tie_embeddings:
+        model = dataclasses.replace(model, tie_embeddings=False)
+    config = margs.transformer_config(model=model, layout=layout, execution=execution, precision=precision,
+                                      attention_backend=attention_backend, facts=facts, dropout=dropout,
+                                      deterministic=facts.cpu)
+    multiple = execution.vocab_multiple if execution is not None else None
+    padded = margs.padded_vocab_size(vocab_size, layout.tp, multiple=multiple)
+    attention = execution.attention if execution is not None else attention_backend
+    chunks = mdl.build_model_chunks(config=config, model=model, vocab_size=padded, seq_length=seq_length,
+                                    attention_backend=attention, have_te=facts.have_te)
+    if head is not None:
+        for chunk in chunks:
+            gpt = mdl.unwrap(chunk)
+            if gpt.post_process:
+                gpt.output_layer = head(config)
+    return chunks, config, padded
 
 
 def build_optimizer(*, model, stage: StagePlan, precision: str, steps: int | None = None):
@@ -60,8 +85,10 @@ def optimizer_for(*, model, optimizer, schedule, layout, precision: str, steps: 
 
 
 def restore_or_initialize(*, root: str, init_checkpoint: str | None, distributed_optimizer: bool, model, optimizer,
-                          scheduler, metrics) -> ckpt.Restored | None:
-    """Resume from the stage's own checkpoints if any; otherwise load `init_checkpoint` weights."""
+                          scheduler, metrics, hf_init: str | None = None,
+                          vocab_size: int | None = None) -> ckpt.Restored | None:
+    """Resume from the stage's own checkpoints if any; otherwise load `init_checkpoint` weights, or the
+    converted Hugging Face checkpoint `hf_init` (`init = hf(DIR)`; `vocab_size`: the tokenizer's)."""
     set_phase("restore checkpoint")
     warn = rank0_print
     restored = ckpt.resume(root=root, chunks=model, optimizer=optimizer, scheduler=scheduler,
@@ -75,6 +102,17 @@ def restore_or_initialize(*, root: str, init_checkpoint: str | None, distributed
         set_phase(f"load init checkpoint {init_checkpoint}")
         ckpt.load_weights(init_checkpoint, chunks=model, optimizer=optimizer)
         metrics.event("initialized", checkpoint=init_checkpoint)
+    elif hf_init:
+        from nemoc.runtime.hf.load import LoadError, load_converted
+
+        set_phase(f"load Hugging Face checkpoint {hf_init}")
+        try:
+            for chunk in model:  # every virtual-pipeline chunk reads its own layers
+                load_converted(chunk, hf_init, vocab=vocab_size)
+        except LoadError as exc:  # a one-line error, like an unusable init checkpoint
+            raise ckpt.CheckpointError(str(exc)) from None
+        optimizer.reload_model_params()  # the fp32 main copy follows the loaded weights
+        metrics.event("initialized", hf_checkpoint=hf_init)
     return None
 
 

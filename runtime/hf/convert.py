@@ -151,14 +151,17 @@ def read_manifest(converted: str | Path) -> dict[str, Any]:
 
 def rank_state_dict(converted: str | Path, *, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0,
                     ep: int = 1, ep_rank: int = 0, etp: int = 1, etp_rank: int = 0,
-                    padded_vocab: int, pre_process: bool = True, post_process: bool = True) -> dict[str, torch.Tensor]:
+                    padded_vocab: int, pre_process: bool = True, post_process: bool = True,
+                    layers: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """The state dict of the GPTModel chunk held by (tp_rank, pp_rank; ep_rank, etp_rank for the experts of
-    an MoE model), read slice by slice."""
+    an MoE model), read slice by slice. `layers` (first global layer, count) names the chunk's layers when
+    the split is not Megatron's even one (an uneven pipeline split, a virtual-pipeline chunk): the loader
+    reads it off the built chunk."""
     manifest = read_manifest(converted)
     arch = manifest["architecture"]
     swiglu = arch["activation"] == "swiglu"
     reader = SafetensorsReader(converted)
-    first, count = mapping.layer_offset(arch["layers"], pp, pp_rank)
+    first, count = layers if layers is not None else mapping.layer_offset(arch["layers"], pp, pp_rank)
     first_expert, experts = mapping.expert_slice(arch.get("experts") or 1, ep, ep_rank)
     state: dict[str, torch.Tensor] = {}
     for name in reader.names():

@@ -1,8 +1,10 @@
 """Load a converted Hugging Face checkpoint (runtime/hf/convert.py) into this rank's GPTModel chunk.
 
-The entry point a training stage calls when its input `hf` (an `hf_import` task's DONE record,
-`converted`) replaces a parent checkpoint: every rank reads only its own TP/PP slices, memory-mapped,
-so no rank holds the whole model. The vocabulary is padded as Megatron pads it for this TP size.
+The entry point a training or eval stage calls when its input `hf` (an `hf_import` task's DONE record,
+`converted`; task.json `hf_init`) replaces a parent checkpoint: every rank reads only its own TP/PP
+slices, memory-mapped, so no rank holds the whole model. The chunk's layers are read off the built
+chunk (Megatron numbers them globally), so uneven pipeline splits and virtual-pipeline chunks load
+their own layers. The vocabulary is padded as Megatron pads it for this TP size (zero rows).
 """
 
 from __future__ import annotations
@@ -16,8 +18,41 @@ class LoadError(RuntimeError):
     pass
 
 
-def load_converted(chunk, converted: str | Path, *, vocab: int) -> None:
-    """Copy the converted tensors into `chunk` (a GPTModel, possibly Float16Module-wrapped: cast on copy)."""
+def converted_vocab(converted: str | Path) -> int:
+    """The vocabulary rows of a converted checkpoint (its config.json's `vocab_size`)."""
+    return int(convert.read_manifest(converted)["architecture"]["vocab"])
+
+
+# Transformer Engine's layer spec fuses each pre-norm into the linear layer after it
+_TE_NORMS = ((".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
+             (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"))
+
+
+def _te_names(state: dict, ours: dict) -> dict:
+    """The converted (local-spec) names renamed to the chunk's where it is built with TE's spec."""
+    out = {}
+    for name, tensor in state.items():
+        for local, te in _TE_NORMS:
+            if local in name:
+                head, tail = name.split(local, 1)
+                fused = f"{head}{te}{tail}"
+                if fused in ours and name not in ours:
+                    name = fused
+        out[name] = tensor
+    return out
+
+
+def _chunk_layers(gpt) -> tuple[int, int] | None:
+    layers = list(getattr(gpt.decoder, "layers", []))
+    if not layers:
+        return None
+    return layers[0].layer_number - 1, len(layers)  # layer_number is global and 1-based
+
+
+def load_converted(chunk, converted: str | Path, *, vocab: int, skip_output: bool = False) -> None:
+    """Copy the converted tensors into `chunk` (a GPTModel, possibly Float16Module- or DDP-wrapped: cast on
+    copy). `vocab` is the vocabulary the chunk was built for (before padding); `skip_output` keeps the
+    chunk's own output layer (a scalar head on a language-model trunk: reward model, critic)."""
     from megatron.core import parallel_state as ps
 
     from nemoc.runtime.megatron_args import padded_vocab_size
@@ -25,6 +60,12 @@ def load_converted(chunk, converted: str | Path, *, vocab: int) -> None:
 
     gpt = unwrap(chunk)
     tp = ps.get_tensor_model_parallel_world_size()
+    padded = int(gpt.vocab_size) if hasattr(gpt, "vocab_size") else padded_vocab_size(vocab, tp)
+    rows = converted_vocab(converted)
+    if rows > padded:
+        raise LoadError(f"{converted}: the Hugging Face checkpoint has {rows} vocabulary rows, but the model is "
+                        f"built for {vocab} tokens (padded to {padded}); use the checkpoint's own tokenizer, or "
+                        "one with at least as many tokens")
     state = convert.rank_state_dict(converted, tp=tp, tp_rank=ps.get_tensor_model_parallel_rank(),
                                     pp=ps.get_pipeline_model_parallel_world_size(),
                                     pp_rank=ps.get_pipeline_model_parallel_rank(),
@@ -32,14 +73,18 @@ def load_converted(chunk, converted: str | Path, *, vocab: int) -> None:
                                     ep_rank=ps.get_expert_model_parallel_rank(),
                                     etp=ps.get_expert_tensor_parallel_world_size(),
                                     etp_rank=ps.get_expert_tensor_parallel_rank(),
-                                    padded_vocab=padded_vocab_size(vocab, tp),
-                                    pre_process=gpt.pre_process, post_process=gpt.post_process)
+                                    padded_vocab=padded, pre_process=gpt.pre_process, post_process=gpt.post_process,
+                                    layers=_chunk_layers(gpt))
+    if skip_output:
+        state = {k: v for k, v in state.items() if not k.startswith("output_layer.")}
     ours = gpt.state_dict()
+    state = _te_names(state, ours)
     for name, tensor in state.items():
         if name in ours and tuple(ours[name].shape) != tuple(tensor.shape):
             raise LoadError(f"{converted}: {name} has shape {tuple(tensor.shape)}, the model expects "
                             f"{tuple(ours[name].shape)} (does the model block match config.json?)")
     result = gpt.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    missing = [k for k in result.missing_keys
+               if not k.endswith("_extra_state") and not (skip_output and k.startswith("output_layer."))]
     if missing or result.unexpected_keys:
         raise LoadError(f"{converted}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")

@@ -46,7 +46,10 @@ def base_task_json(ctx: TaskContext) -> dict:
     if vocab_size is not None and vocab_size > ctx.plan.model.vocab:
         raise TaskError(f"{ctx.task.id}: the tokenizer has {vocab_size} tokens but the model's vocabulary is "
                         f"{ctx.plan.model.vocab}; raise model.vocab or use a smaller tokenizer ({tokenizer})")
-    parents = {rec["name"]: rec.get("checkpoint") for _, rec in ctx.inputs_of("checkpoint")}
+    checkpoints = [rec for _, rec in ctx.inputs_of("checkpoint")]
+    parents = {rec["name"]: rec.get("checkpoint") for rec in checkpoints if not rec.get("converted")}
+    # `init = hf(DIR)`: the hf_import task's converted checkpoint, loaded where a parent's would be
+    converted = next((rec["converted"] for rec in checkpoints if rec.get("converted")), None)
     first_parent = stage.after[0] if stage is not None and stage.after else None
     datasets = _datasets(ctx)
     out = ctx.out_dir
@@ -64,6 +67,7 @@ def base_task_json(ctx: TaskContext) -> dict:
         "eod_id": eod,
         "init_checkpoint": parents.get(first_parent) if first_parent else None,
         "parents": parents,
+        "hf_init": converted,
         "output_dir": str(out),
         "checkpoint_dir": str(out / "checkpoints"),
         "metrics_path": str(out / "metrics.jsonl"),

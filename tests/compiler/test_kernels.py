@@ -72,8 +72,11 @@ def test_alignment_eval_and_export_stages_are_planned_with_the_local_spec():
     plan = plan_experiment(spec, target=NEMOC_RUNTIME).plan
     assert plan.kernels == "te"
     assert {s.kind: s.kernels for s in plan.stages} == {"sft": "local", "dpo": "local", "export": "local"}
-    assert {s.kind: s.execution.attention for s in plan.stages} == {"sft": "unfused", "dpo": "unfused",
-                                                                     "export": "unfused"}
+    # sft and dpo run the experiment's attention core (packed rows as variable-length segments); export
+    # computes no attention
+    assert {s.kind: s.execution.attention for s in plan.stages} == {
+        "sft": plan.attention_backend, "dpo": plan.attention_backend, "export": "unfused"}
+    assert plan.attention_backend != "unfused"
     assert [NEMOC_RUNTIME.stage_kernels(k, "te") for k in ("pretrain", "sft", "eval")] == ["te", "local", "local"]
     full = plan_experiment(spec).plan  # NO_TARGET: Megatron-Core's own capabilities
     assert {s.kind: s.kernels for s in full.stages} == {"sft": "te", "dpo": "te", "export": "te"}
@@ -143,3 +146,35 @@ def test_a_stage_level_kind_does_not_change_the_experiment_setting():
     stages = spec.stages + (StageSpec(name="sft", kind="sft", after=("pretrain",), steps=10, global_batch=128),)
     plan = plan_experiment(replace(spec, stages=stages, kernels="te"), target=NEMOC_RUNTIME).plan
     assert plan.kernels == "te" and [s.kernels for s in plan.stages] == ["te", "local"]
+
+
+MISTRAL_7B_CONFIG = {  # mistralai/Mistral-7B-v0.1 config.json
+    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+    "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": None, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "vocab_size": 32000}
+
+
+def test_mistral_7b_lora_sft_on_8_h100_runs_the_pretraining_attention_not_unfused_tp8(tmp_path):
+    """The plan a new user gets for a Mistral 7B LoRA SFT on one 8-H100 node: the stage runs the
+    experiment's attention core (SDPA / TE flash, packed rows as variable-length segments), so the s x s
+    scores no longer push it to TP8 (it was TP4-TP8 at 11-17 % MFU with the unfused core)."""
+    import json
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(MISTRAL_7B_CONFIG))
+    (tmp_path / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    (tmp_path / "m.nemo").write_text("""experiment mistral_lora {
+  cluster { gpu = H100  nodes = 1  gpus_per_node = 8 }
+  model mistral_7b { init = hf("ckpt")  seq_length = 4096 }
+  precision = bf16
+  data chat { path = "chat.jsonl"  format = chat }
+  stage sft { data = [chat]  steps = 1000  global_batch = 128  peft = lora(rank = 16, alpha = 32) }
+}
+""")
+    spec, diags = load_spec(str(tmp_path / "m.nemo"))
+    stage = plan_experiment(spec, target=NEMOC_RUNTIME).plan.stages[0]
+    assert stage.execution.attention != "unfused"
+    assert stage.layout.tp < 8 and stage.layout.dp >= 2, stage.layout
+    assert stage.estimate.mfu > 0.3, stage.estimate
