@@ -158,6 +158,9 @@ class DataSpec:
     weight: float = 1.0  # blending weight
     split: tuple[float, float, float] = (0.98, 0.02, 0.0)  # train / validation / test
     options: Mapping[str, object] = field(default_factory=_empty)
+    # a local Hugging Face dataset (compiler/hfdata.py layouts): the split to read and column renames
+    hf_split: str | None = None
+    columns: tuple[tuple[str, str], ...] = ()  # (source column, the key the format reads)
 
 
 @dataclass(frozen=True, slots=True)

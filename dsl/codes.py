@@ -45,6 +45,8 @@ CODES: Mapping[str, str] = MappingProxyType({
     "E045": "`init = hf(DIR)`: the directory does not exist, has no readable config.json, or its architecture "
             "has no exact Megatron-Core equivalent",
     "E046": "a model field disagrees with the `init` checkpoint's config.json (both values shown)",
+    "E047": "a Hugging Face dataset: unknown split, a column the format needs is missing, or a malformed "
+            "`columns` entry (the message names what the dataset has)",
     "E050": "malformed `--set` override, unknown override path or unknown call argument",
     "W001": "a data set no stage uses",
     "W002": "a training stage without a length (`steps`, `tokens` or `epochs`): plan and run cannot size it",

@@ -249,6 +249,11 @@ DATA_FIELDS = (
     _f("split", list_of(FRACTION, 3), (0.98, 0.02, 0.0), "Train / validation / test fractions."),
     _f("documents", enum("paragraph", "line", "file"), "paragraph",
        "format text: one document per blank-line-separated paragraph, per line, or per file."),
+    _f("hf_split", STR, None, "A local Hugging Face dataset at `path` (a `save_to_disk` folder, a folder of "
+       "split-named parquet / arrow / JSONL files, or one parquet / arrow file): the split to read, e.g. "
+       "`\"train_sft\"`. Default: `train` of a `save_to_disk` folder, else every file."),
+    _f("columns", list_of(STR), (), "Rename a dataset's columns to the keys the format reads: "
+       "`[\"instruction:prompt\", \"output:response\"]` (source:target)."),
 )
 DATA_OPTIONS = ("documents",)  # DataSpec.options
 
