@@ -20,6 +20,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from nemoc.compiler.hfimport import ImportEstimate
 from nemoc.compiler.spec import (
     _empty,
     CheckpointSpec,
@@ -233,6 +234,7 @@ class Plan:
     version: int = PLAN_VERSION
     kernels: str = "te"  # the experiment's `kernels`, resolved: te | local (what pretraining runs)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)  # metric sinks (W&B, MLflow, TensorBoard)
+    imports: tuple[ImportEstimate, ...] = ()  # one per `init = hf(DIR)` checkpoint: the hf_import task's cost
 
     def stage(self, name: str) -> StagePlan:
         return next(s for s in self.stages if s.name == name)

@@ -41,7 +41,8 @@ from nemoc.compiler.rules import (
     to_diagnostic,
     violations,
 )
-from nemoc.compiler.rules.stages import is_hf_conversion
+from nemoc.compiler.hfimport import ImportEstimate, estimate_import
+from nemoc.compiler.rules.stages import _initial_checkpoint, is_hf_conversion
 from nemoc.compiler.search import (
     DEFAULT_HEADROOM,
     DEFAULT_TOP,
@@ -91,6 +92,13 @@ class PlanResult:
 
 
 # --------------------------------------------------------------------------------------- helpers
+
+
+def _imports(spec: ExperimentSpec) -> tuple[ImportEstimate, ...]:
+    """The hf_import task of every checkpoint a stage starts from (`init = hf(DIR)`; one per directory,
+    as compiler.graph adds them), with its host memory and time (compiler/hfimport.py)."""
+    dirs = sorted({d for stage in spec.stages if (d := _initial_checkpoint(spec, stage))})
+    return tuple(estimate_import(spec.model, os.path.join(spec.root, d), shown_as=d) for d in dirs)
 
 
 def _error(code: str, message: str, spec: ExperimentSpec, stage: StageSpec | None, *paths: str,
@@ -410,7 +418,8 @@ def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM,
         raise DiagnosticError(errors + warnings)
     plan = Plan(experiment=spec.name, model=spec.model, cluster=spec.cluster, precision=spec.precision,
                 attention_backend=backend, data=spec.data, stages=tuple(plans), root=spec.root,
-                kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), tracking=spec.tracking)
+                kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), tracking=spec.tracking,
+                imports=_imports(spec))
     return PlanResult(plan, tuple(results), _dedupe(warnings), time.perf_counter() - t0)
 
 

@@ -14,6 +14,7 @@ import os
 import time
 
 from nemoc.compiler.hfconfig import HfConfigError
+from nemoc.compiler.hfimport import DEFAULT_IMPORT_WORKERS
 from nemoc.runtime.tasks import TaskContext, TaskError, TaskKind, register
 
 
@@ -21,7 +22,8 @@ def run_hf_import(ctx: TaskContext) -> dict:
     from nemoc.runtime.hf import convert
 
     source = os.path.join(os.path.abspath(ctx.plan.root), str(ctx.task.settings["path"]))
-    workers = int(ctx.options.get("workers") or min(4, os.cpu_count() or 1))
+    # the planner's estimate assumes the same default (compiler/hfimport.py)
+    workers = int(ctx.options.get("workers") or min(DEFAULT_IMPORT_WORKERS, os.cpu_count() or 1))
     start = time.perf_counter()
     try:
         manifest = convert.import_checkpoint(source, ctx.out_dir / "converted", workers=workers)

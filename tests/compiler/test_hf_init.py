@@ -219,3 +219,38 @@ def test_moe_routing_megatron_core_does_not_build_is_refused_naming_the_key(tmp_
     _, errors, lines = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), config)
     assert [e.code for e in errors] == ["E045"] and key in errors[0].message
     assert "init = hf" in lines[errors[0].span.line - 1]
+
+
+def test_the_import_task_is_planned_with_host_memory_and_time(tmp_path):
+    from nemoc.compiler import hfimport
+    from nemoc.compiler.flops import param_counts
+    from nemoc.compiler.planner import plan_experiment
+
+    spec, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT))
+    (imp,) = plan_experiment(spec).plan.imports
+    counts = param_counts(spec.model)
+    # model.safetensors here is 9 bytes of stand-in weights: measured, and spread over the parameters
+    assert imp.directory == "ckpt" and imp.measured and imp.checkpoint_bytes == 9
+    assert imp.workers == 2  # min(DEFAULT_IMPORT_WORKERS, layers)
+    assert imp.layer_bytes == int(counts.per_layer * 9 / counts.total)
+    assert imp.host_memory_bytes == max(2 * 2 * imp.layer_bytes, 2 * imp.edge_bytes)
+    assert imp.hash_s == pytest.approx(9 / hfimport.HASH_BYTES_PER_S)
+    assert imp.seconds == pytest.approx(imp.hash_s + hfimport.WORKER_START_S + imp.convert_s)
+    # without weights: parameters x 2 bytes (bf16), stated as an assumption
+    from nemoc.compiler.plan import from_json, to_json
+
+    plan = plan_experiment(spec).plan
+    assert from_json(to_json(plan)).imports == plan.imports
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    imp = hfimport.estimate_import(spec.model, str(tmp_path / "ckpt"))
+    assert not imp.measured and imp.checkpoint_bytes == 2 * counts.total
+
+
+def test_nemoc_plan_shows_the_import(tmp_path):
+    from click.testing import CliRunner
+
+    from nemoc.runtime.cli import cli
+
+    _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT))
+    out = CliRunner().invoke(cli, ["plan", str(tmp_path / "ft.nemo")]).output
+    assert "hf_import ckpt" in out and "host memory peak" in out and "worker start" in out, out
