@@ -4,8 +4,8 @@
   tokenizer.json, tokenizer_config.json   a byte-level BPE trained on the example's data, with a chat template
   model.safetensors                       random weights (seed 0), written by transformers' save_pretrained
 
-The config and tokenizer files are committed (so `nemoc check` / `plan` work without building); the weights
-are not: run this script before `nemoc run`. The chat template is the one the SFT stage trains with
+Everything is committed (446 KB of fp32 weights, so the example runs as it is and its graph hash is stable);
+this script regenerates it. The chat template is the one the SFT stage trains with
 (`template(...)` in the .nemo file): `<|user|>\\n...\\n<|assistant|>\\n...\\n` then the end-of-text token.
 """
 

@@ -29,7 +29,7 @@ def test_the_llama3_70b_example_starts_from_a_checkpoint_and_dry_runs(tmp_path):
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
-    """The example copied out of the tree, its checkpoint's weights built, `nemoc run` to the end."""
+    """The example copied out of the tree, its checkpoint rebuilt by its build.py, `nemoc run` to the end."""
     root = tmp_path_factory.mktemp("example")
     shutil.copy(EXAMPLES / "hf_finetune_cpu.nemo", root)
     shutil.copytree(EXAMPLES / "common", root / "common")
