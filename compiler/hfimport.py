@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-
 from nemoc.compiler.flops import param_counts
+from nemoc.compiler.plan import ImportEstimate
 from nemoc.compiler.spec import ModelSpec
 
-# The import's worker processes: the runtime's default (runtime/tasks/hf.py takes min(this, CPU count)).
+# The import's worker processes the plan asks for (runtime/tasks/hf.py runs min(this, the host's CPUs)).
 DEFAULT_IMPORT_WORKERS = 4
 # sha256 of the graph's content hash: "about 10 s per 16 GB on one core" (docs/huggingface.md), 1.6 GB/s.
 HASH_BYTES_PER_S = 1.6e9
@@ -37,26 +36,6 @@ CONVERT_BYTES_PER_S_PER_WORKER = 0.215e9
 WORKER_START_S = 12.0
 # Bytes per parameter when the checkpoint's files are not there to measure (published checkpoints: bf16).
 ASSUMED_BYTES_PER_PARAM = 2
-
-
-@dataclass(frozen=True, slots=True)
-class ImportEstimate:
-    """One `hf_import:<dir>` task: sizes, its host memory peak and its time, with the terms."""
-
-    directory: str  # as the plan names it (relative to the experiment root when inside it)
-    checkpoint_bytes: int  # safetensors bytes (measured, or parameters x ASSUMED_BYTES_PER_PARAM)
-    measured: bool  # checkpoint_bytes are the files' sizes
-    layer_bytes: int  # one decoder layer (what a worker holds twice)
-    edge_bytes: int  # embeddings + final norm + output layer (the parent holds them twice)
-    workers: int
-    host_memory_bytes: int  # max(workers x 2 x layer, 2 x edges)
-    hash_s: float
-    start_s: float
-    convert_s: float
-
-    @property
-    def seconds(self) -> float:
-        return self.hash_s + self.start_s + self.convert_s
 
 
 def checkpoint_bytes(directory: str) -> int | None:

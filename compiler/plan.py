@@ -20,7 +20,6 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from nemoc.compiler.hfimport import ImportEstimate
 from nemoc.compiler.spec import (
     _empty,
     CheckpointSpec,
@@ -219,6 +218,27 @@ class StagePlan:
     def kernels(self) -> str:
         """The layer kernels the stage was costed with and the runtime builds: te | local."""
         return self.execution.kernels
+
+
+@dataclass(frozen=True, slots=True)
+class ImportEstimate:
+    """One `hf_import:<dir>` task: sizes, its host memory peak and its time, with the terms
+    (compiler/hfimport.py computes it; runtime/tasks/hf.py runs `workers` processes)."""
+
+    directory: str  # as the plan names it (relative to the experiment root when inside it)
+    checkpoint_bytes: int  # safetensors bytes (measured, or parameters x ASSUMED_BYTES_PER_PARAM)
+    measured: bool  # checkpoint_bytes are the files' sizes
+    layer_bytes: int  # one decoder layer (what a worker holds twice)
+    edge_bytes: int  # embeddings + final norm + output layer (the parent holds them twice)
+    workers: int
+    host_memory_bytes: int  # max(workers x 2 x layer, 2 x edges)
+    hash_s: float
+    start_s: float
+    convert_s: float
+
+    @property
+    def seconds(self) -> float:
+        return self.hash_s + self.start_s + self.convert_s
 
 
 @dataclass(frozen=True, slots=True)
