@@ -139,6 +139,7 @@ def report_json(result, headroom: float, top: int) -> dict:
         "precision": result.plan.precision, "attention_backend": result.plan.attention_backend,
         "kernels": result.plan.kernels, "headroom": headroom,
         "stages": stages,
+        "imports": [plan_dict(i) | {"seconds": i.seconds} for i in result.plan.imports],
         "total": report_json_total(result.plan),
         "warnings": [to_json(d) for d in result.warnings],
         "elapsed_s": result.elapsed_s,
