@@ -487,6 +487,12 @@ def row_nemo(case: Case, num_gpus: int) -> str:
         parallel.append("overlap_param_gather = true")
     if m.is_moe:
         parallel.append("expert_tensor = 1")
+    # The FP8 recipe each source ran: NeMo 24.07 (A) Transformer Engine's delayed scaling (the only
+    # recipe its configs set, amax history); NeMo 25.x (C) per-tensor current scaling ("scaling
+    # factors computed in the current step", the 25.04 / 25.07 pages; 25.02 assumed the same).
+    fp8_recipe = ""
+    if case.precision == "fp8":
+        fp8_recipe = "\n  fp8_recipe = " + ("delayed" if case.id.startswith("A") else "tensorwise")
     stage = "pretrain" if case.kind == "pretrain" else "sft"
     peft = "\n    peft = lora(rank = 16)" if case.peft is not None else ""
     ind = "\n    "
@@ -502,7 +508,7 @@ def row_nemo(case: Case, num_gpus: int) -> str:
   parallel {{
     {ind.join(parallel)}
   }}
-  precision = {case.precision}
+  precision = {case.precision}{fp8_recipe}
   attention_backend = {case.backend}
   data corpus {{
     path = "calibration/*.jsonl"
@@ -527,6 +533,7 @@ def planned(rows: list[dict]) -> list[dict]:
     import tempfile
 
     from nemoc.compiler.planner import plan_experiment
+    from nemoc.compiler.search import recompute_text
     from nemoc.runtime.target import NEMOC_RUNTIME
     from nemoc.dsl.diagnostics import DiagnosticError
     from nemoc.runtime.cli_common import load_spec
@@ -557,7 +564,8 @@ def planned(rows: list[dict]) -> list[dict]:
                                          tp_comm_overlap=False, grad_reduce_in_fp32=True, overlap_param_gather=False)
             same = chosen == case.layout  # (ETP is moot for dense models; recompute may be auto)
             out.append({**base, "predicted": pred, "error": pred / case.measured - 1.0, "layout_kept": same,
-                        "recompute": st.layout.recompute, "memory_gib": st.memory.total / GIB,
+                        "recompute": recompute_text(st.layout.recompute, st.layout.recompute_layers),
+                        "memory_gib": st.memory.total / GIB,
                         "plan_s": result.elapsed_s, "problem": stage.problem, "layout": stage.chosen.layout})
     return out
 

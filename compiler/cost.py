@@ -38,6 +38,7 @@ from nemoc.compiler.flops import (
     lora_params_per_layer,
     padded_vocab,
     param_counts,
+    recomputed_fraction,
     stage_model_flops_per_step,
     stage_work,
 )
@@ -91,7 +92,7 @@ class EfficiencyParams:
     gemm_ampere_16: float = 0.71
     gemm_hopper_16: float = 0.67
     gemm_hopper_8: float = 0.465
-    gemm_blackwell_8: float = 0.38
+    gemm_blackwell_8: float = 0.39
     attn: float = 0.44
     kappa: float = 4.6
     link: float = 0.75
@@ -157,13 +158,26 @@ KERNELS = ("te", "local")
 #           apex/TE kernel): baddbmm writes 2; .float() reads 2 writes 4; masked_fill_ reads 4
 #           writes 4; fp32 softmax reads 4 writes 4; .bfloat16() reads 4 writes 2; PV reads 2 (32).
 #           Backward: dP written 2, P read 2; cast back to fp32 reads 2 writes 4; softmax backward
-#           reads 8 writes 4; masked_fill backward reads 4 writes 4; cast to 16-bit reads 4 writes
-#           2; dQ, dK read dS 4 (40). The causal mask (bool, s x s, broadcast over batch and heads)
-#           is re-read by masked_fill_ and its backward for every head: each head's fp32 scores
-#           (64 MiB at s = 4096) evict it from L2: +1 each way (33, 41).
-# Checks (docs/calibration.md): a public Nsight profile of this local path on an A40 measures ~119 B
-# per score where these counts give 100 for its configuration; the H200 runs measure ~140 vs 74.
-SCORE_BYTES = {"te": (8.0, 14.0), "local": (33.0, 41.0)}
+#           is two kernels in PyTorch (`softmax_backward_cuda_out`: `tmp = grad * output` reads 8
+#           writes 4, then `cunn_SoftMaxBackwardSmem` reads tmp and output 8 writes 4: 24);
+#           masked_fill_'s backward is the out-of-place `grad.masked_fill(mask, 0)`
+#           (derivatives.yaml), which ATen runs as `clone()` (reads 4 writes 4) then the in-place
+#           fill (reads 4 writes 4: 16); cast to 16-bit reads 4 writes 2; dQ, dK read dS 4 (60).
+#           The causal mask (bool, s x s, broadcast over batch and heads) is re-read by masked_fill_
+#           and its backward for every head: each head's fp32 scores (64 MiB at s = 4096) evict it
+#           from L2: +1 each way (33, 61).
+# Checks (docs/calibration.md): a public Nsight profile of this local path on an A40 shows both
+# backward kernels (`BinaryFunctor Mul<float>` and `cunn_SoftMaxBackwardSmem`, one call each per
+# layer and step).
+SCORE_BYTES = {"te": (8.0, 14.0), "local": (33.0, 61.0)}
+# The score matrix (b x heads x s x s, gigabytes per layer) is streamed through HBM many times the
+# size of L2, so its kernels run at the bandwidth a streaming kernel achieves, not the datasheet
+# peak: the public A40 profile above times PyTorch's kernels over the scores of its run at 0.75-0.82
+# of the A40's 696 GB/s (grad x output multiply 0.80, shared-memory softmax backward 0.82, softmax
+# forward 0.79, dropout and its backward 0.75), as STREAM-type copies reach ~0.8-0.9 of the peak on
+# every recent NVIDIA GPU. The per-token tensors of the other memory-bound terms (tens of MiB, the
+# size of L2) are not derated: part of their traffic stays on chip.
+SCORE_STREAM_FRACTION = 0.8
 # The local spec rebuilds the causal mask in every layer's forward (`get_default_causal_mask` is not
 # cached in Megatron-Core 0.16.1: torch.ones(s, s) in fp32 written 4, triu read 4 written 4, .bool()
 # read 4 written 1): 17 bytes per s x s element per layer forward, shared by the batch and heads.
@@ -174,6 +188,13 @@ LOCAL_CAUSAL_MASK_BYTES = 17.0
 # (read 4), divide in place (4 + 4) = 38; backward, the saved softmax scaled in place by the loss
 # gradient (4 + 4) and autograd's cast of that fp32 gradient to the logits' 16-bit dtype (4 + 2) = 14.
 CROSS_ENTROPY_BYTES = (38.0, 14.0)
+# FP8 current scaling (`fp8_recipe = tensorwise`, TE `Float8CurrentScaling`): a tensor's scale comes from
+# its own amax, so each quantised GEMM operand is read once more (2 B per 16-bit element) by the amax
+# kernel before the cast kernel; delayed scaling takes the scale from the amax history and fuses the
+# amax into the cast, and blockwise / mxfp8 compute each block's scale inside the cast. Forward: each
+# GEMM's input (QKV, projection, fc1, fc2); backward: each GEMM's output gradient. Weights are
+# quantised once per step and cached (not counted per micro batch).
+FP8_CURRENT_SCALING_BYTES = 2.0
 # Attention dropout on the probabilities (Megatron-LM's GPT-3-era default 0.1, outside the fused
 # softmax kernel): forward reads 2, writes the 1-byte mask and the 2-byte output (5); backward reads
 # the gradient 2 and the mask 1, writes 2 (5).
@@ -295,7 +316,8 @@ def _layer_gemm_shapes(model: ModelSpec, tp: int, ep: int, etp: int) -> tuple[tu
 def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int, precision: str,
                 attention_backend: str, micro_batch: int, backward: float = 2.0,
                 params: EfficiencyParams = DEFAULT_PARAMS, attention_span: float | None = None,
-                overlap_tp: bool = False, kernels: str = "te", dropout: bool = False) -> LayerTimes:
+                overlap_tp: bool = False, kernels: str = "te", dropout: bool = False,
+                fp8_recipe: str | None = None) -> LayerTimes:
     """Forward + backward time of one layer for one micro batch. `backward` is the backward/forward
     GEMM ratio: 2 (input and weight gradients), 1 for a frozen base under LoRA (input gradients
     only), 0 for forward-only stages. `attention_span`: the mean length of the samples packed into
@@ -304,7 +326,21 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     `kernels`: "te" (Transformer Engine's / Megatron's fused kernels) or "local" (Megatron-Core's
     local spec on plain PyTorch: the extra memory-bound traffic and launches of its unfused kernels).
     `dropout`: hidden and attention dropout are on (GPT-3-era training; the nemoc runtime sets 0):
-    their masks join the stored activations, and the unfused core drops out every score."""
+    their masks join the stored activations, and the unfused core drops out every score.
+    Block recompute (`layout.recompute_layers`: n layers of each model chunk replay their forward,
+    Megatron `recompute_method = "block"`) is the mean of a fully recomputed and a kept layer,
+    weighted by the replayed share (`flops.recomputed_fraction`)."""
+    if layout.recompute == "full" and layout.recompute_layers is not None:
+        frac = recomputed_fraction(model.layers, layout.pp, layout.vp, "full", layout.recompute_layers)
+        kw = dict(seq=seq, precision=precision, attention_backend=attention_backend, micro_batch=micro_batch,
+                  backward=backward, params=params, attention_span=attention_span, overlap_tp=overlap_tp,
+                  kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe)
+        full = layer_times(model, replace(layout, recompute_layers=None), hw, **kw)
+        if frac >= 1.0:
+            return full
+        kept = layer_times(model, replace(layout, recompute="none", recompute_layers=None), hw, **kw)
+        mix = [frac * a + (1.0 - frac) * b for a, b in zip(_fields(full), _fields(kept))]
+        return LayerTimes(*mix[:-1], full.forward_fraction)
     tokens = micro_batch * seq / layout.cp  # GEMM rows on this GPU (SP re-gathers the sequence)
     gen = hw.generation
     low = precision in ("fp8", "mxfp8")
@@ -312,7 +348,8 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     in_bytes = 1.0 if low else (4.0 if precision == "fp32" else 2.0)
     passes = 1.0 + backward
     gemm = 0.0
-    for n, k, share in _layer_gemm_shapes(model, layout.tp, layout.ep, layout.etp):
+    shapes = _layer_gemm_shapes(model, layout.tp, layout.ep, layout.etp)
+    for n, k, share in shapes:
         gemm += passes * gemm_time(tokens * share, n, k, flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=in_bytes,
                                    n_half=params.gemm_n_half)
     span = min(seq, attention_span) if attention_span else seq
@@ -332,10 +369,11 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         fwd_b, bwd_b = SCORE_BYTES[kernels]
         if dropout:  # torch dropout on the 16-bit probabilities: mask and output written, read back
             fwd_b, bwd_b = fwd_b + DROPOUT_SCORE_BYTES[0], bwd_b + DROPOUT_SCORE_BYTES[1]
-        fwd = attn_flops / rate16 + fwd_b * scores / hw.hbm_bw
+        stream = hw.hbm_bw * SCORE_STREAM_FRACTION
+        fwd = attn_flops / rate16 + fwd_b * scores / stream
         if kernels == "local":  # the causal mask, rebuilt once per layer forward
-            fwd += LOCAL_CAUSAL_MASK_BYTES * span * seq / layout.cp / hw.hbm_bw
-        bwd = 2.0 * attn_flops / rate16 + bwd_b * scores / hw.hbm_bw
+            fwd += LOCAL_CAUSAL_MASK_BYTES * span * seq / layout.cp / stream
+        bwd = 2.0 * attn_flops / rate16 + bwd_b * scores / stream
         attention = fwd * (1.0 + (1.0 if recomputed else 0.0)) + (bwd if backward else 0.0)
         act -= acts.scores  # charged explicitly above
     else:
@@ -351,6 +389,11 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     if layout.recompute == "full":
         gemm *= (passes + 1.0) / passes
         elementwise *= 4.0 / 3.0
+    if fp8_recipe == "tensorwise" and precision == "fp8":
+        inputs = tokens * sum(k * share for _, k, share in shapes)
+        grads = tokens * sum(n * share for n, _, share in shapes)
+        replays = 2.0 if layout.recompute == "full" and backward else 1.0
+        elementwise += FP8_CURRENT_SCALING_BYTES * (replays * inputs + (grads if backward else 0.0)) / hw.hbm_bw
     overhead = params.layer_overhead * passes / 3.0
     if kernels == "local":
         rep = layout.tp if layout.sequence_parallel else 1
@@ -363,6 +406,10 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     cp_comm = _cp_comm(model, layout, hw, tokens, passes, attention, params)
     ep_comm = _ep_comm(model, layout, hw, tokens, passes, params)
     return LayerTimes(gemm, attention, elementwise, tp_comm, cp_comm, ep_comm, 1.0 / passes)
+
+
+def _fields(lt: LayerTimes) -> tuple[float, ...]:
+    return (lt.gemm, lt.attention, lt.elementwise, lt.tp_comm, lt.cp_comm, lt.ep_comm, lt.forward_fraction)
 
 
 _DOMAINS: dict[tuple[str, int], HardwareSpec] = {}
@@ -485,6 +532,7 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
 
 def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, params, trainable_params: float,
                 grad_bytes: int = 4, overlap: bool = True, overlap_gather: bool = True) -> float:
+    # (FP8 parameters, `layout.fp8_param_gather`: the all-gather moves 1 byte per parameter, not 2)
     """Data-parallel gradient reduce-scatter (fp32 main grads) + parameter all-gather (bf16) with the
     distributed optimizer, or an fp32 all-reduce without it. Megatron overlaps them with the last
     micro batch's backward and the first micro batch's forward (`overlap_grad_reduce`,
@@ -500,7 +548,8 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
     frac = (shard - 1) / shard
     bw = _link_bw(hw, shard, layout.tp, params)
     if layout.distributed_optimizer:
-        rs, ag = trainable_params * grad_bytes * frac / bw, trainable_params * 2.0 * frac / bw
+        gathered = 1.0 if layout.fp8_param_gather else 2.0
+        rs, ag = trainable_params * grad_bytes * frac / bw, trainable_params * gathered * frac / bw
     else:
         rs, ag = 2.0 * trainable_params * grad_bytes * frac / bw, 0.0
     if not overlap:
@@ -557,7 +606,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              overlap_p2p: bool = RUNTIME_OVERLAPS_P2P, p2p_scatter_gather: bool = False,
              overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
              overlap_grad_reduce: bool = True, dropout: bool = False,
-             overlap_param_gather: bool = RUNTIME_OVERLAPS_PARAM_GATHER) -> Estimate:
+             overlap_param_gather: bool = RUNTIME_OVERLAPS_PARAM_GATHER, fp8_recipe: str | None = None) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
@@ -573,7 +622,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     fusion, torch's foreach Adam; see the traffic constants above). `overlap_grad_reduce`: the
     data-parallel reduction overlaps the last backward (Megatron-Core DDP, the nemoc runtime);
     False for Megatron-LM 2021, which reduced after the flush. `dropout`: hidden and attention dropout
-    on (see `layer_times`; the nemoc runtime trains without).
+    on (see `layer_times`; the nemoc runtime trains without). `fp8_recipe`: the stage's FP8 recipe
+    (`tensorwise` adds the amax pass of current scaling, FP8_CURRENT_SCALING_BYTES).
 
     The stage's model passes come from `flops.stage_work`: the first (the model the optimizer
     updates) is costed term by term; the others (DPO reference, PPO critic, experience forwards)
@@ -593,7 +643,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     mb = layout.micro_batch * work.rows  # preference pairs: chosen + rejected rows
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
                      micro_batch=mb, backward=main.backward, params=params, attention_span=attention_span,
-                     overlap_tp=overlap_tp, kernels=kernels, dropout=dropout)
+                     overlap_tp=overlap_tp, kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe)
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                       params=params, scalar_head=main.scalar_head, split=split)
     m = layout.num_microbatches

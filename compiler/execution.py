@@ -17,7 +17,18 @@ from nemoc.compiler.spec import LoraSpec, ModelSpec
 from nemoc.compiler.target import MEGATRON_CORE, Target
 
 _DTYPE = {"fp8": "bf16", "mxfp8": "bf16"}  # fp8 training keeps bf16 master weights; TE casts inside the GEMMs
-_FP8_RECIPE = {"fp8": "delayed", "mxfp8": "mxfp8"}
+# The recipe an fp8 precision runs with when the experiment leaves `fp8_recipe` auto: what
+# Megatron-Bridge's performance recipes use (FP8-CS, current scaling, on H100 / B200 / GB200:
+# scripts/performance/configs/*_workload_base_configs.py `*_FP8_CS_*`; MXFP8 for precision mxfp8).
+AUTO_FP8_RECIPE = {"fp8": "tensorwise", "mxfp8": "mxfp8"}
+
+
+def fp8_recipe_of(precision: str, requested: str | None) -> str | None:
+    """The FP8 recipe a stage of `precision` runs: the experiment's `fp8_recipe`, or the default
+    above; None for a 16/32-bit stage (an alignment stage runs an fp8 model in bf16)."""
+    if precision not in AUTO_FP8_RECIPE:
+        return None
+    return requested or AUTO_FP8_RECIPE[precision]
 
 
 def even_split(layers: int, pp: int) -> PipelineSplit:
@@ -40,7 +51,7 @@ def fusions(model: ModelSpec, kernels: str) -> Fusions:
 def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: PipelineSplit | None, stage_kind: str,
                     precision: str, attention_backend: str, kernels: str, seq_length: int,
                     peft: LoraSpec | None = None, params: object = None,
-                    target: Target = MEGATRON_CORE) -> Execution:
+                    target: Target = MEGATRON_CORE, fp8_recipe: str | None = None) -> Execution:
     """The `Execution` of a stage planned with `layout` (precision, attention and kernels are the
     experiment's; the target decides what the stage kind runs)."""
     stage_kernels = target.stage_kernels(stage_kind, kernels)
@@ -53,7 +64,7 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
         attention=target.stage_attention(stage_kind, attention_backend),
         precision=stage_precision,
         params_dtype=_DTYPE.get(stage_precision, stage_precision),
-        fp8_recipe=_FP8_RECIPE.get(stage_precision),
+        fp8_recipe=fp8_recipe_of(stage_precision, fp8_recipe),
         pipeline=split if split is not None else even_split(model.layers, layout.pp),
         vocab_multiple=MEGATRON_VOCAB_DIVISOR * layout.tp,
         padded_vocab=padded_vocab(model.vocab, layout.tp),

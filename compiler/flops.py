@@ -157,6 +157,25 @@ def layers_on_stage(layers: int, pp: int, stage: int, split: tuple[int, int, int
     return base + (1 if stage < extra else 0)
 
 
+def chunk_layers(layers: int, pp: int, vp: int | None) -> int:
+    """Transformer layers of the most-loaded model chunk (one pipeline stage, or one of its `vp`
+    virtual stages): Megatron's block recompute (`recompute_method = "block"`) counts
+    `recompute_num_layers` per chunk (transformer_block.py `_checkpointed_forward`)."""
+    return -(-layers // (pp * (vp or 1)))
+
+
+def recomputed_fraction(layers: int, pp: int, vp: int | None, recompute: str, recompute_layers: int | None) -> float:
+    """Share of the transformer layers whose whole forward is replayed in the backward: 1 with full
+    recompute of every layer, min(n, chunk) / chunk with block recompute of n layers per chunk, 0
+    otherwise (selective recompute replays only the attention core, costed separately)."""
+    if recompute != "full":
+        return 0.0
+    if recompute_layers is None:
+        return 1.0
+    chunk = chunk_layers(layers, pp, vp)
+    return min(recompute_layers, chunk) / chunk
+
+
 @dataclass(frozen=True, slots=True)
 class StageParams:
     """Parameters held by one pipeline stage, before TP/EP sharding, by sharding class."""

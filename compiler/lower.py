@@ -38,7 +38,7 @@ from nemoc.dsl.schema import (BLOCKS, DATA_OPTIONS, MODEL_FIELDS, STAGE_KINDS, S
                               TRAINING_KINDS)
 
 LENGTH_FIELDS = ("steps", "tokens", "epochs")
-EXPERIMENT_KEYS = ("precision", "attention_backend", "kernels")  # the experiment's own fields
+EXPERIMENT_KEYS = ("precision", "fp8_recipe", "attention_backend", "kernels")  # the experiment's own fields
 from nemoc.dsl.typecheck import CallValue, Checked, check_block, did_you_mean, missing_required, suggest
 
 

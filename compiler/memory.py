@@ -29,6 +29,7 @@ from functools import lru_cache
 from types import MappingProxyType
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
+from nemoc.compiler.flops import recomputed_fraction
 from nemoc.compiler.flops import (  # noqa: F401 - lora_params_per_layer is re-exported
     is_gated,
     layers_on_stage,
@@ -61,11 +62,14 @@ TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
 
 @dataclass(frozen=True, slots=True)
 class StateBytes:
-    """Bytes per trainable parameter: weights, gradients, optimizer (already divided by the shard)."""
+    """Bytes per trainable parameter: weights, gradients, optimizer (already divided by the shard),
+    held through the step; `step`: what the optimizer step allocates on top and frees before the next
+    forward (not part of `total`)."""
 
     weights: float
     gradients: float
     optimizer: float
+    step: float = 0.0
 
     @property
     def total(self) -> float:
@@ -84,13 +88,16 @@ def state_bytes_per_param(precision: str, *, distributed_optimizer: bool, shard:
     distributed optimizer 6 + 12/shard; fp32: 4 + 4 + 8 = 16, or 8 + 8/shard. `shard` is the size of
     the group the optimizer state is sharded over (DP x CP for dense, expert-DP for experts).
     `grad_bytes=2` (16-bit gradient buffer, `grad_reduce_in_fp32=False`, as NeMo's FP8 performance
-    recipes set): the optimizer then keeps an fp32 copy of its gradient shard, 2 + 2 + 16 = 20 B/param,
-    or 4 + 16/shard (the table's "fp16 param, fp16 grads" row)."""
+    recipes set): 2 + 2 + 12 = 16 B/param, or 4 + 12/shard, held through the step, and an fp32 copy
+    of the gradient shard (4, or 4/shard) that only the optimizer step holds: the table's "fp16 param,
+    fp16 grads" row counts 16/shard, but Megatron-Core 0.16.1 allocates that copy in the step
+    (distrib_optimizer.py `shard_main_param.grad = shard_model_grad.float()`) and frees it in
+    `zero_grad(set_to_none=True)` before the next forward-backward, so it never meets the activations."""
     w = weight_bytes(precision)
     if precision == "fp32":
         return StateBytes(w, 4, 8 / shard if distributed_optimizer else 8)  # m + v, no master copy
-    opt = 12 if grad_bytes == 4 else 16  # master + m + v (+ fp32 main-grad copy), all fp32
-    return StateBytes(w, grad_bytes, opt / shard if distributed_optimizer else opt)
+    div = shard if distributed_optimizer else 1
+    return StateBytes(w, grad_bytes, 12 / div, (4.0 if grad_bytes == 2 else 0.0) / div)  # master + m + v
 
 
 # ----------------------------------------------------------------------------------- activations
@@ -296,15 +303,15 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
 def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, vocab, scalar_head, split, precision,
-                  peft, trainable, frozen, grad_bytes) -> tuple[_Stage, float, float, float]:
-    """(the stage's local parameters, weights, gradients, optimizer bytes): trainable models get full
-    states, frozen ones weights only; LoRA trains the adapters only."""
+                  peft, trainable, frozen, grad_bytes) -> tuple[_Stage, float, float, float, float]:
+    """(the stage's local parameters, weights, gradients, optimizer bytes, optimizer-step transient
+    bytes): trainable models get full states, frozen ones weights only; LoRA trains the adapters only."""
     layout = _StatesLayout(tp, pp, cp, dp, ep, etp)
     st = _local_stage(model, layout, stage, vocab, scalar_head, split)
     dense_shard, expert_shard = _shards(layout)
     wb = weight_bytes(precision)
     params_local = st.dense + st.expert
-    weights = gradients = optimizer = 0.0
+    weights = gradients = optimizer = step = 0.0
     for _ in range(trainable):
         weights += params_local * wb
         if peft is not None:
@@ -314,14 +321,16 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
             weights += adapter * a_state.weights
             gradients += adapter * a_state.gradients
             optimizer += adapter * a_state.optimizer
+            step += adapter * a_state.step
         else:
             for count, shard in ((st.dense, dense_shard), (st.expert, expert_shard)):
                 s = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=shard,
                                           grad_bytes=grad_bytes)
                 gradients += count * s.gradients
                 optimizer += count * s.optimizer
+                step += count * s.step
     weights += frozen * params_local * wb
-    return st, weights, gradients, optimizer
+    return st, weights, gradients, optimizer, step
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,7 +354,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
     trains = kind in TRAINING_KINDS
     trainable = (2 if kind == "ppo" else 1) if trains else 0  # PPO trains actor and critic
     frozen = resident - trainable if trains else 1  # references / reward model; eval, export
-    st, weights, gradients, optimizer = _model_states(
+    st, weights, gradients, optimizer, step_transient = _model_states(
         model, layout.tp, layout.pp, layout.cp, layout.dp, layout.ep, layout.etp, layout.distributed_optimizer,
         stage, vocab, scalar_head, split, precision, peft, trainable, frozen, grad_bytes)
     params_local = st.dense + st.expert
@@ -355,7 +364,14 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
     parts["nccl"] = NCCL_BYTES_PER_GROUP * groups
     if precision in ("fp8", "mxfp8"):
         # Transformer Engine caches the quantised weight and its transpose across micro batches.
-        parts["fp8_weight_cache"] = 2.0 * (params_local - (vocab * model.hidden / layout.tp if st.first else 0))
+        linear = params_local - (vocab * model.hidden / layout.tp if st.first else 0)
+        parts["fp8_weight_cache"] = 2.0 * linear
+        if layout.fp8_param_gather and trainable:
+            # FP8 parameters (Megatron-Core `fp8_param`): the linear weights are TE Float8Tensors, 1 byte
+            # (the FP8 copy itself) plus the cached transpose, instead of a 16-bit weight plus both FP8
+            # copies; the optimizer's fp32 master shard is unchanged.
+            weights -= trainable * linear * (weight_bytes(precision) - 1)
+            parts["fp8_weight_cache"] = 1.0 * linear
 
     activations = 0.0
     if kind != "export":
@@ -368,7 +384,18 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         s_local = seq / layout.cp
         if trains:
             held = in_flight_microbatches(layout.pp, layout.vp, layout.num_microbatches, stage)
-            activations = per_layer * st.layers * held
+            replayed = st.layers * recomputed_fraction(model.layers, layout.pp, layout.vp, layout.recompute,
+                                                       layout.recompute_layers)
+            if layout.recompute == "full" and replayed < st.layers:
+                # block recompute (Megatron `recompute_method = "block"`): the first n layers of each
+                # model chunk keep only their input, the chunk's other layers keep everything
+                kept = layer_activations(
+                    model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
+                    etp=layout.etp, recompute="none", attention_backend=backend, dropout=dropout, kernels=kernels,
+                    fp8=precision in ("fp8", "mxfp8")).total
+                activations = (per_layer * replayed + kept * (st.layers - replayed)) * held
+            else:
+                activations = per_layer * st.layers * held
             # Backward works on one layer at a time: it rematerialises that layer (full recompute) or
             # allocates gradients of its activations (otherwise), about one layer's activations
             # without the s x s scores, plus (unfused attention) the scores of the layer whose core
@@ -397,6 +424,8 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
             parts["moe_dispatch"] = 2.0 * 2 * routed * model.hidden  # all-to-all send + receive
         dynamic = activations + sum(parts.get(k, 0.0) for k in ("logits", "moe_dispatch", "backward_working"))
         parts["fragmentation"] = FRAGMENTATION * dynamic
+        if step_transient > dynamic:  # the optimizer step's fp32 gradient copies outgrow the freed activations
+            parts["optimizer_step_fp32_grads"] = step_transient - dynamic
 
     ints = {k: int(v) for k, v in parts.items()}
     return MemoryBreakdown(

@@ -128,7 +128,7 @@ class Execution:
     attention: str  # the attention core built: auto | flash | fused | unfused
     precision: str  # the stage's precision recipe: bf16 | fp16 | fp32 | fp8 | mxfp8 (eval never fp8)
     params_dtype: str  # bf16 | fp16 | fp32: weights and activations (fp8 keeps bf16 master weights)
-    fp8_recipe: str | None  # delayed | mxfp8 | None
+    fp8_recipe: str | None  # delayed | tensorwise | blockwise | mxfp8 | None (execution.fp8_recipe_of)
     pipeline: PipelineSplit  # decoder layers per pipeline stage
     vocab_multiple: int  # the embedding is padded to a multiple of this (128 x tp)
     padded_vocab: int  # the model's vocabulary padded so
@@ -153,9 +153,13 @@ class Layout:
     sequence_parallel: bool
     distributed_optimizer: bool
     recompute: str  # none | selective | full
+    # recompute = full only: layers per model chunk recomputed (Megatron `recompute_method = "block"`,
+    # `recompute_num_layers`); None = every layer (`uniform`, 1)
+    recompute_layers: int | None = None
     tp_comm_overlap: bool = False  # TE userbuffer TP overlap (`TransformerConfig.tp_comm_overlap`)
     grad_reduce_in_fp32: bool = True  # `DistributedDataParallelConfig.grad_reduce_in_fp32`
     overlap_param_gather: bool = False  # `DistributedDataParallelConfig.overlap_param_gather`
+    fp8_param_gather: bool = False  # `TransformerConfig.fp8_param` + `DistributedDataParallelConfig.fp8_param_gather`
 
     @property
     def world_size(self) -> int:

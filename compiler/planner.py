@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
-from nemoc.compiler.execution import stage_execution
+from nemoc.compiler.execution import fp8_recipe_of, stage_execution
 from nemoc.compiler.flops import param_counts
 from nemoc.compiler.memory import resident_models, weight_bytes
 from nemoc.compiler.plan import Estimate, Plan, StagePlan
@@ -155,6 +155,7 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
     return Problem(
         model=spec.model, cluster=spec.cluster, gpu=gpu, fixed=parallel, global_batch=stage.global_batch,
         seq_length=stage_seq_length(spec, stage), precision=target.stage_precision(stage.kind, spec.precision),
+        fp8_recipe=fp8_recipe_of(target.stage_precision(stage.kind, spec.precision), spec.fp8_recipe),
         attention_backend=backend,
         stage_kind=stage.kind, peft=stage.peft, params=stage.params, headroom=headroom, steps=steps,
         kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=stage.optimizer.name, target=target,
@@ -169,18 +170,19 @@ def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> Pa
     experiment's block is dropped (one the stage's own block fixes is an E126 error of check_spec)."""
     pipeline = parallel.pipeline if target.caps(kind).pipeline else 1
     return replace(parallel, context=parallel.context if parallel.context is not None else 1,
-                   distributed_optimizer=False, recompute="none", virtual_pipeline=1, pipeline=pipeline,
-                   micro_batch=parallel.micro_batch or 1, tp_comm_overlap=False, overlap_param_gather=False,
+                   distributed_optimizer=False, recompute="none", recompute_layers=None, virtual_pipeline=1, pipeline=pipeline,
+                   micro_batch=parallel.micro_batch or 1, tp_comm_overlap=False, overlap_param_gather=False, fp8_param_gather=False,
                    grad_reduce_in_fp32=True)
 
 
 # ------------------------------------------------------------------------------- not fitting: why
 
 
-_RELAX_ORDER = ("recompute", "micro_batch", "sequence_parallel", "distributed_optimizer", "tensor", "pipeline",
+_RELAX_ORDER = ("recompute_layers", "recompute", "micro_batch", "sequence_parallel", "distributed_optimizer", "tensor", "pipeline",
                 "virtual_pipeline", "context", "expert", "expert_tensor", "data")
 _FIELD_OF = {"tensor": "tp", "pipeline": "pp", "virtual_pipeline": "vp", "context": "cp", "expert": "ep",
              "expert_tensor": "etp", "data": "dp", "micro_batch": "micro_batch", "recompute": "recompute",
+             "recompute_layers": "recompute_layers",
              "sequence_parallel": "sequence_parallel", "distributed_optimizer": "distributed_optimizer"}
 
 
@@ -201,6 +203,9 @@ def cheapest_fix(problem: Problem) -> str | None:
         if best is not None:
             value = getattr(best.layout, _FIELD_OF[name])
             value = "none" if name == "virtual_pipeline" and value is None else value
+            if name == "recompute_layers" and value is None:
+                return (f"remove recompute_layers (instead of {problem.fixed.recompute_layers}): "
+                        f"{describe(best.layout)} fits")
             return f"set {name} = {_value(value)} (instead of {_value(getattr(problem.fixed, name))})"
     c = problem.cluster
     fixed = replace(problem.fixed, data=None)
@@ -305,7 +310,7 @@ def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps
     execution = stage_execution(
         model=spec.model, gpu=spec.cluster.gpu, layout=chosen.layout, split=chosen.split, stage_kind=stage.kind,
         precision=spec.precision, attention_backend=problem.attention_backend, kernels=problem.kernels,
-        seq_length=seq, peft=stage.peft, params=stage.params, target=problem.target)
+        seq_length=seq, peft=stage.peft, params=stage.params, target=problem.target, fp8_recipe=spec.fp8_recipe)
     return StagePlan(
         name=stage.name, kind=stage.kind, after=stage.after, data=stage.data, layout=chosen.layout,
         memory=chosen.memory, estimate=estimate, seq_length=seq, steps=steps, optimizer=stage.optimizer,

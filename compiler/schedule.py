@@ -209,12 +209,25 @@ def stage_times(stage) -> StageTimes | None:
     mean = sum(parts.get(k, 0.0) for k in MICROBATCH_TERMS) / runs
     per_rank = [mean] * lay.pp
     per_rank[-1] += parts.get("pp_imbalance", 0.0) / runs
-    share = 1.0 / (1.0 + main.backward + (1.0 if lay.recompute == "full" and main.backward else 0.0))
+    share = 1.0 / (1.0 + main.backward + (_replayed(stage) if main.backward else 0.0))
     transfer = 0.0
     if lay.pp > 1:
         transfer = parts.get("pp_p2p", 0.0) / main.count / p2p_transfers(lay.pp, lay.vp or 1, lay.num_microbatches)
     return StageTimes(tuple(t * share for t in per_rank), tuple(t * (1.0 - share) for t in per_rank),
                       transfer, main.count)
+
+
+def _replayed(stage) -> float:
+    """Share of a stage's layers whose forward runs again in the backward: all with full recompute,
+    min(n, chunk) / chunk with block recompute of n layers per model chunk (`flops.recomputed_fraction`
+    over the stage's own split), none otherwise."""
+    from nemoc.compiler.flops import recomputed_fraction
+
+    lay = stage.layout
+    if lay.recompute != "full" or lay.recompute_layers is None or stage.execution is None:
+        return 1.0 if lay.recompute == "full" else 0.0
+    per_stage = stage.execution.pipeline.per_stage
+    return recomputed_fraction(per_stage * lay.pp, lay.pp, lay.vp, lay.recompute, lay.recompute_layers)
 
 
 def stage_schedule(stage) -> Schedule | None:

@@ -43,9 +43,11 @@ from __future__ import annotations
 import bisect
 import itertools
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 from nemoc.compiler import cost, memory
 from nemoc.compiler.catalog.hardware import HardwareSpec
+from nemoc.compiler.flops import chunk_layers
 from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown
 from nemoc.compiler.rules import (
     ERROR_RULES,
@@ -73,6 +75,12 @@ DEFAULT_HEADROOM = 0.10  # 10 % of HBM kept free for allocator spikes and what n
 MEMORY_TERMS = ("weights", "gradients", "optimizer", "activations", "other")
 # Strongest memory saving first: the pruning relies on this order.
 RECOMPUTE_ORDER = ("full", "selective", "none")
+# Block recompute (`parallel.recompute_layers`) the search tries when `recompute` is auto, as shares of
+# a model chunk's layers (a policy both the search and the oracle share, like auto expert-TP's 1 or
+# tp): between full recompute of every layer and selective / none in memory and in time. Not tried
+# with the unfused core, where selective recompute frees the s x s scores of every layer and may
+# free more than block recompute of a few layers (memory would not be monotone in the order).
+BLOCK_RECOMPUTE_SHARES = (0.75, 0.5, 0.25)
 
 
 # ------------------------------------------------------------------------------------------ types
@@ -87,6 +95,7 @@ class Problem:
     global_batch: int | None  # None: Megatron's default, micro_batch x dp
     seq_length: int
     precision: str = "bf16"
+    fp8_recipe: str | None = None  # the stage's resolved recipe (execution.fp8_recipe_of); None: not fp8
     attention_backend: str = "flash"  # the plan's: auto | flash | fused | unfused (auto is costed as flash)
     stage_kind: str = "pretrain"
     peft: LoraSpec | None = None
@@ -116,7 +125,7 @@ class Problem:
         arch = self.gpu.generation
         precisions = tuple(p for p in ("bf16", "fp16", "fp32", "fp8", "mxfp8") if self.gpu.supports(p))
         return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind,
-                   self.kernels, self.optimizer, self.target, self.hf_conversion)
+                   self.kernels, self.optimizer, self.target, self.fp8_recipe, self.hf_conversion)
 
     @property
     def auto_distributed_optimizer(self) -> bool:
@@ -196,7 +205,8 @@ class SearchResult:
 def layout_key(layout: Layout) -> tuple:
     """A fixed total order on layouts, the last tie-break of the ranking."""
     return (layout.tp, layout.pp, layout.vp or 0, layout.cp, layout.ep, layout.etp, layout.micro_batch,
-            RECOMPUTE_ORDER.index(layout.recompute), not layout.distributed_optimizer, not layout.sequence_parallel)
+            RECOMPUTE_ORDER.index(layout.recompute), -(layout.recompute_layers or 0), not layout.distributed_optimizer,
+            not layout.sequence_parallel)
 
 
 def describe(layout: Layout) -> str:
@@ -204,7 +214,11 @@ def describe(layout: Layout) -> str:
     ep = f" ep={layout.ep} etp={layout.etp}" if layout.ep > 1 or layout.etp != layout.tp else ""
     return (f"tp={layout.tp} pp={layout.pp}{vp} cp={layout.cp}{ep} dp={layout.dp} mb={layout.micro_batch} "
             f"sp={'on' if layout.sequence_parallel else 'off'} dopt={'on' if layout.distributed_optimizer else 'off'} "
-            f"recompute={layout.recompute}")
+            f"recompute={recompute_text(layout.recompute, layout.recompute_layers)}")
+
+
+def recompute_text(recompute: str, layers: int | None) -> str:
+    return f"{recompute}({layers} layers per chunk)" if layers is not None else recompute
 
 
 def gib(n: float) -> str:
@@ -251,7 +265,7 @@ def evaluate_time(p: Problem, layout: Layout, params: cost.EfficiencyParams = co
         seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
         split=_stage_layers(p, layout), kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
         overlap_tp=layout.tp_comm_overlap, overlap_param_gather=layout.overlap_param_gather, params=params,
-        overlap_p2p=p.target.overlap_p2p,
+        overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe,
     )
 
 
@@ -309,21 +323,22 @@ class _Recorder:
         return SearchResult(tuple(top.items), tuple(rej), self.closest, self.evaluated, self.space + top.seen, top.seen)
 
 
-def _make_layout(p: Problem, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc) -> Layout:
+def _make_layout(p: Problem, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[str, int | None]) -> Layout:
     gb = p.global_batch if p.global_batch is not None else mb * dp
     return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
                   num_microbatches=max(1, gb // (mb * dp)), sequence_parallel=sp, distributed_optimizer=do,
-                  recompute=rc, tp_comm_overlap=p.fixed.tp_comm_overlap,
+                  recompute=rc[0], recompute_layers=rc[1], tp_comm_overlap=p.fixed.tp_comm_overlap,
                   grad_reduce_in_fp32=p.fixed.grad_reduce_in_fp32,
-                  overlap_param_gather=p.fixed.overlap_param_gather)
+                  overlap_param_gather=p.fixed.overlap_param_gather, fp8_param_gather=p.fixed.fp8_param_gather)
 
 
 def _sizes(p: Problem, layout: Layout) -> Sizes:
     return Sizes(tp=layout.tp, pp=layout.pp, vp=layout.vp, cp=layout.cp, ep=layout.ep, etp=layout.etp,
                  dp=layout.dp, micro_batch=layout.micro_batch, global_batch=layout.global_batch,
                  sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
-                 recompute=layout.recompute, seq_length=p.seq_length, tp_comm_overlap=layout.tp_comm_overlap,
-                 overlap_param_gather=layout.overlap_param_gather)
+                 recompute=layout.recompute, recompute_layers=layout.recompute_layers, seq_length=p.seq_length,
+                 tp_comm_overlap=layout.tp_comm_overlap,
+                 overlap_param_gather=layout.overlap_param_gather, fp8_param_gather=layout.fp8_param_gather)
 
 
 # ------------------------------------------------------------------------------------ the domains
@@ -392,8 +407,30 @@ def _micro_batches(p: Problem, dp: int) -> list[int]:
     return _pick(p.fixed.micro_batch, divisors(p.global_batch // dp))
 
 
-def _recomputes(p: Problem) -> list[str]:
-    return _pick(p.fixed.recompute, list(RECOMPUTE_ORDER))
+def _recomputes(p: Problem, pp: int = 1, vp: int | None = None) -> list[tuple[str, int | None]]:
+    """(recompute, recompute_layers) levels, strongest first: full recompute of every layer, block
+    recompute of 3/4, 1/2, 1/4 of a model chunk's layers (`BLOCK_RECOMPUTE_SHARES`, only with
+    recompute auto and a flash-class core), selective, none. A fixed `recompute_layers` is the
+    one level (E162 refuses it with another recompute)."""
+    f = p.fixed
+    return list(_recompute_levels(f.recompute, f.recompute_layers, p.costed_backend == "unfused",
+                                  chunk_layers(p.model.layers, pp, vp)))
+
+
+@lru_cache(maxsize=1024)  # the search asks once per group
+def _recompute_levels(recompute: str | None, layers: int | None, unfused: bool,
+                      chunk: int) -> tuple[tuple[str, int | None], ...]:
+    if layers is not None:
+        return (("full", layers),)
+    levels: list[tuple[str, int | None]] = [(rc, None) for rc in _pick(recompute, list(RECOMPUTE_ORDER))]
+    if recompute is not None or unfused:
+        return tuple(levels)
+    blocks = sorted({max(1, round(chunk * q)) for q in BLOCK_RECOMPUTE_SHARES} - {chunk}, reverse=True)
+    return tuple(levels[:1] + [("full", n) for n in blocks] + levels[1:])
+
+
+def _with_recompute(layout: Layout, rc: tuple[str, int | None]) -> Layout:
+    return replace(layout, recompute=rc[0], recompute_layers=rc[1])
 
 
 def _bools(fixed: bool | None, allowed: bool = True) -> list[bool]:
@@ -441,7 +478,7 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
     for bound, _, args, sps, n_vps in groups:
         tp, pp, vp, cp, ep, etp, dp, do = args
         base = (tp, pp, cp, ep, etp, do)
-        count = len(_micro_batches(p, dp)) * len(_recomputes(p))
+        count = len(_micro_batches(p, dp)) * len(_recomputes(p, pp, vp))
         if vp is not None and base in failed:
             # Interleaving only adds memory (the first stage holds (1 + (pp-1)/(pp*vp)) x the
             # microbatches): when no layout fits without it, none fits with it.
@@ -503,7 +540,7 @@ def _groups(p: Problem, env: Env, rec: _Recorder) -> list[tuple]:
                         # One bound serves every DO and SP value of the group: the distributed optimizer's
                         # sharded step is the smaller optimizer term (the bound leaves DP traffic out), and
                         # sequence parallelism, preferred first, is never slower.
-                        bound = bound_time(p, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, "none"),
+                        bound = bound_time(p, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, ("none", None)),
                                            (mbs[0], mbs[-1]))
                         for do in dos:
                             out.append((bound, len(out), (tp, pp, vp, cp, ep, etp, dp, do), sps, len(vps)))
@@ -548,7 +585,7 @@ def _group_rules(p: Problem, env: Env, rec: _Recorder, layout: Layout, count: in
 def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, do, sps) -> bool:
     """Search one (tp, pp, vp, cp, ep, etp, do) group whose rules hold for the sequence-parallel
     values `sps`; False when its memory bound rules out every member."""
-    mbs, rcs = _micro_batches(p, dp), _recomputes(p)
+    mbs, rcs = _micro_batches(p, dp), _recomputes(p, pp, vp)
     sps = [sp for sp in sps
            if _group_fits(p, env, rec, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs))]
     if not sps:  # every sequence-parallel value failed memory, recorded by _group_fits for the whole group
@@ -620,16 +657,16 @@ def _search_recompute(p: Problem, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep
         for j in range(k - 1, -1, -1):
             threshold = best.threshold()
             if threshold is not None and first.estimate.step_time_s > threshold[0] * (1 + REL_TOL):
-                rec.rule(lambda: f"{first.estimate.step_time_s:.3g} s with recompute = {rcs[k]} is already slower "
-                         f"than the top {best.n}", "slower: more recompute of a layout already outside the top list",
-                         lambda: describe(replace(layout, recompute=rcs[j])), j + 1)
+                rec.rule(lambda: f"{first.estimate.step_time_s:.3g} s with recompute = {recompute_text(*rcs[k])} is "
+                         f"already slower than the top {best.n}", "slower: more recompute of a layout already outside "
+                         "the top list", lambda: describe(_with_recompute(layout, rcs[j])), j + 1)
                 break
             stronger = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[j])
             rec.evaluated += 1
             best.push(Candidate(stronger, first.split, evaluate_memory(p, stronger), evaluate_time(p, stronger)))
         if weakest < len(rcs) - 1:
             rec.rule("a smaller micro batch already needed this much recompute", "out of memory (less recompute "
-                     "than a smaller micro batch needed)", lambda: describe(replace(layout, recompute=rcs[-1])),
+                     "than a smaller micro batch needed)", lambda: describe(_with_recompute(layout, rcs[-1])),
                      len(rcs) - 1 - weakest)
         return k
     return -1
@@ -670,15 +707,17 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
         dp = f.data if f.data is not None else (world // (tp * pp * cp) if world % (tp * pp * cp) == 0 else None)
         etps = rng(f.expert_tensor, world) if p.model.is_moe else [f.expert_tensor or tp]
         for etp, sp, do, rc in itertools.product(etps, _bools(f.sequence_parallel), _bools(f.distributed_optimizer),
-                                                 _recomputes(p)):
+                                                 _recomputes(p, pp, vp)):
             if p.model.is_moe and f.expert_tensor is None and etp not in (1, tp):
                 continue  # policy: auto expert-TP is 1 or tp
             if f.sequence_parallel is None and tp == 1 and sp:
                 continue  # policy: auto sequence parallelism only with tp > 1
             gb = p.global_batch if p.global_batch is not None else mb * (dp or 1)
             sizes = Sizes(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
-                          sequence_parallel=sp, distributed_optimizer=do, recompute=rc, seq_length=p.seq_length,
-                          tp_comm_overlap=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather)
+                          sequence_parallel=sp, distributed_optimizer=do, recompute=rc[0], recompute_layers=rc[1],
+                          seq_length=p.seq_length,
+                          tp_comm_overlap=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather,
+                          fp8_param_gather=f.fp8_param_gather)
             v = layout_violations(env, sizes)
             layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp or 1, mb, sp, do, rc)
             if v is not None:

@@ -95,6 +95,10 @@ class ParallelSpec:
     sequence_parallel: bool | None = None
     distributed_optimizer: bool | None = None  # auto: on, off with sgd in a training stage (search, E129)
     recompute: str | None = None  # none | selective | full
+    # With recompute = full: transformer layers per model chunk whose input is checkpointed and
+    # replayed (Megatron `recompute_method = "block"`); None = auto (the search), all layers when fixed
+    # to full without it.
+    recompute_layers: int | None = None
     micro_batch: int | None = None
     # Recipe performance settings (fixed, not searched): Transformer Engine's userbuffer TP
     # communication overlap, and Megatron DDP's gradient reduction dtype (fp32 main grads, or the
@@ -102,6 +106,7 @@ class ParallelSpec:
     tp_comm_overlap: bool = False
     grad_reduce_in_fp32: bool = True
     overlap_param_gather: bool = False  # the distributed optimizer's parameter all-gather in the forward
+    fp8_param_gather: bool = False  # linear weights kept (and all-gathered) in FP8
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +197,7 @@ class ExperimentSpec:
     cluster: ClusterSpec
     parallel: ParallelSpec
     precision: str = "bf16"  # bf16 | fp16 | fp32 | fp8 | mxfp8
+    fp8_recipe: str | None = None  # delayed | tensorwise | blockwise | mxfp8; None = auto (execution.fp8_recipe_of)
     attention_backend: str = "auto"  # auto | flash | fused | unfused
     kernels: str = "auto"  # auto | te | local (resolve_kernels)
     data: tuple[DataSpec, ...] = ()

@@ -224,6 +224,12 @@ PARALLEL_FIELDS = (
        "Default `auto`: on with Adam (never slower nor larger), off with SGD (Megatron's distributed "
        "optimizer wraps Adam only).", auto=True),
     _f("recompute", enum("none", "selective", "full"), None, "Activation recomputation.", auto=True),
+    _f("recompute_layers", POSITIVE, None, "With recompute = full: how many transformer layers of each model "
+       "chunk (pipeline stage, or virtual stage) recompute their activations in the backward (Megatron "
+       "`recompute_method = block`, `recompute_num_layers`); the chunk's other layers keep theirs. Default "
+       "`auto`: every layer when recompute is full and the search has no reason for fewer; the search "
+       "tries a quarter, a half and three quarters of a chunk's layers when no recompute does not fit.",
+       auto=True),
     _f("micro_batch", POSITIVE, None, "Sequences per micro-batch per data-parallel rank.", auto=True),
     _f("tp_comm_overlap", BOOL, False, "Overlap tensor-parallel communication with the GEMMs (Transformer "
        "Engine userbuffers, `tp_comm_overlap`); needs kernels te, tensor > 1 and sequence parallelism."),
@@ -233,6 +239,10 @@ PARALLEL_FIELDS = (
     _f("overlap_param_gather", BOOL, False, "Overlap the distributed optimizer's parameter all-gather with the "
        "next step's forward (Megatron DDP `overlap_param_gather`, on in NeMo's recipes); false: the all-gather "
        "runs after the optimizer step, exposed. Needs distributed_optimizer."),
+    _f("fp8_param_gather", BOOL, False, "Keep the linear layers' weights in FP8 (Megatron-Core `fp8_param`, "
+       "DDP `fp8_param_gather`): no 16-bit weight copy beside Transformer Engine's FP8 one, and the "
+       "distributed optimizer all-gathers 1 byte per parameter instead of 2. Needs an fp8 precision (E165) "
+       "and distributed_optimizer (E166)."),
 )
 
 DATA_FIELDS = (
@@ -392,6 +402,13 @@ TRACKING_FIELDS = (
 
 EXPERIMENT_FIELDS = (
     _f("precision", enum("bf16", "fp16", "fp32", "fp8", "mxfp8"), "bf16", "Training precision."),
+    _f("fp8_recipe", enum("delayed", "tensorwise", "blockwise", "mxfp8"), None,
+       "How Transformer Engine scales FP8 tensors (Megatron-Core `fp8_recipe`): `delayed` (scales from an "
+       "amax history), `tensorwise` (current scaling: each tensor's amax read before it is cast, one more "
+       "pass over it), `blockwise` (128-element blocks, TE >= 2.3), `mxfp8` (32-element microscaling, the "
+       "recipe of precision = mxfp8). Default `auto`: `tensorwise` for precision = fp8 (Megatron-Bridge's "
+       "FP8-CS performance recipes), `mxfp8` for precision = mxfp8. Only with an fp8 precision (E164).",
+       auto=True),
     _f("attention_backend", enum("auto", "flash", "fused", "unfused"), "auto",
        "Attention kernel. With Transformer Engine: `auto` lets TE pick flash-attn or cuDNN fused attention, "
        "`flash` / `fused` pin one (bf16 / fp16 only, head dim a multiple of 8; flash: at most 256), `unfused` "

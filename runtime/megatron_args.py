@@ -156,11 +156,17 @@ def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
-def _recompute_kwargs(recompute: str) -> dict:
+def _recompute_kwargs(recompute: str, layers: int | None = None) -> dict:
+    """The plan's `recompute` and `recompute_layers` as TransformerConfig fields."""
     if recompute in ("none", "", None):
         return {}
     if recompute == "selective":  # recompute only the attention core (Korthikanti et al. 2022, sec. 5)
         return dict(recompute_granularity="selective")
+    if recompute == "full" and layers is not None:
+        # block: the first `layers` layers of every model chunk checkpoint their input and replay in
+        # backward, the chunk's other layers keep their activations (transformer_block.py
+        # _checkpointed_forward, recompute_method == "block")
+        return dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=layers)
     if recompute == "full":  # checkpoint every layer's input, replay the layer in backward
         return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     raise UnsupportedPlan(f"recompute {recompute!r} is not supported (none | selective | full)")
@@ -225,6 +231,7 @@ def transformer_config(
     if precision is None or attention_backend is None:
         raise TypeError("transformer_config needs the stage's execution, or precision and attention_backend")
     _check_supported(model=model, layout=layout, precision=precision, facts=facts)
+    _check_fp8_recipe(execution.fp8_recipe if execution is not None else None, facts)
     overlap_p2p = execution.overlaps.p2p if execution is not None else False
     activation, glu = _activation(model)
     dtype = params_dtype(precision)
@@ -265,13 +272,15 @@ def transformer_config(
         batch_p2p_comm=not facts.cpu and not overlap_p2p and not _interleaved(layout),
         deterministic_mode=deterministic,
         attention_backend=_megatron_attention_backend(attention_backend, facts, AttnBackend),
-        **_recompute_kwargs(layout.recompute),
+        **_recompute_kwargs(layout.recompute, layout.recompute_layers),
         **pipeline_split_kwargs(execution.pipeline if execution is not None else None),
         **_te_fusions(execution.fusions if execution is not None else None, facts),
     )
     if model.is_moe:
         kwargs.update(_moe_kwargs(model, layout))
     kwargs.update(_fp8_kwargs(precision, execution.fp8_recipe if execution is not None else None))
+    if layout.fp8_param_gather and precision in ("fp8", "mxfp8"):
+        kwargs["fp8_param"] = True  # the linear weights are TE FP8 tensors (plan: fp8_param_gather)
     return TransformerConfig(**kwargs)
 
 
@@ -297,6 +306,29 @@ def _moe_kwargs(model: ModelSpec, layout: Layout) -> dict:
         # model with add_bias_linear (E140 in `nemoc check`).
         add_bias_linear=False,
     )
+
+
+# Transformer Engine versions Megatron-Core 0.16.1 builds each FP8 recipe with (fp8_utils.py
+# get_fp8_recipe: Float8CurrentScaling from 2.2, Float8BlockScaling from 2.3, MXFP8 and delayed from 2.1).
+_FP8_RECIPE_TE = {"delayed": "2.1.0", "tensorwise": "2.2.0.dev0", "blockwise": "2.3.0.dev0", "mxfp8": "2.1.0"}
+
+
+def _check_fp8_recipe(recipe: str | None, facts: MachineFacts) -> None:
+    """Refuse a plan whose FP8 recipe this machine's Transformer Engine cannot build (Megatron-Core would
+    raise inside the first forward)."""
+    if recipe is None or not facts.have_te:
+        return  # no fp8, or no TE at all: _check_supported refuses fp8 without TE
+    from megatron.core.utils import is_te_min_version
+
+    need = _FP8_RECIPE_TE[recipe]
+    try:
+        new_enough = is_te_min_version(need)
+    except (TypeError, ImportError):  # TE's version unreadable here: Megatron-Core checks it again at the run
+        return
+    if not new_enough:
+        raise UnsupportedPlan(f"fp8_recipe = {recipe} needs Transformer Engine >= {need.split('.dev')[0]} "
+                              "(megatron/core/fp8_utils.py get_fp8_recipe); set fp8_recipe = delayed or upgrade "
+                              "Transformer Engine")
 
 
 def _fp8_kwargs(precision: str, recipe: str | None = None) -> dict:
@@ -339,7 +371,7 @@ def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None):
 def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None) -> dict:
     return dict(grad_reduce_in_fp32=layout.grad_reduce_in_fp32, overlap_grad_reduce=bool(overlaps and overlaps.grad_reduce),
                 overlap_param_gather=bool(overlaps and overlaps.param_gather),
-                use_distributed_optimizer=layout.distributed_optimizer)
+                use_distributed_optimizer=layout.distributed_optimizer, fp8_param_gather=layout.fp8_param_gather)
 
 
 # fp16's dynamic loss scaling (Micikevicius et al. 2018): start 2^16, halve on overflow, double after
@@ -468,7 +500,7 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
     args += _flags(dict(sequence_parallel=lay.sequence_parallel))
     if lay.distributed_optimizer:
         args.append("--use-distributed-optimizer")
-    args += _flags(_recompute_kwargs(lay.recompute))
+    args += _flags(_recompute_kwargs(lay.recompute, lay.recompute_layers))
     args += _flags(pipeline_split_kwargs(stage.execution.pipeline))
     args += _flags({k: v for k, v in _ddp_kwargs(lay, stage.execution.overlaps).items()
                     if k != "use_distributed_optimizer"})

@@ -78,6 +78,9 @@ from nemoc.compiler.rules.parallel import (  # noqa: F401
     warn_padded_vocab,
     warn_useless_distributed_optimizer,
     rule_overlap_param_gather,
+    rule_recompute_layers,
+    rule_recompute_layers_chunk,
+    rule_fp8_param_gather_optimizer,
 )
 from nemoc.compiler.rules.moe import (  # noqa: F401
     expert_tp_options,
@@ -98,6 +101,8 @@ from nemoc.compiler.rules.moe import (  # noqa: F401
 from nemoc.compiler.rules.precision import (  # noqa: F401
     _local_why,
     rule_fp8_needs_te,
+    rule_fp8_recipe,
+    rule_fp8_param_gather,
     rule_te_needs_gpu,
     _PRECISION_NEEDS,
     rule_precision_hardware,

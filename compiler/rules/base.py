@@ -35,9 +35,11 @@ class Sizes:
     sequence_parallel: bool | None = None
     distributed_optimizer: bool | None = True
     recompute: str | None = None
+    recompute_layers: int | None = None
     seq_length: int = 0
     tp_comm_overlap: bool = False
     overlap_param_gather: bool = False
+    fp8_param_gather: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,7 @@ class Env:
     kernels: str = "te"  # the experiment's resolved `kernels`: te | local
     optimizer: str = "adam"  # the stage's optimizer: adam | sgd
     target: Target = MEGATRON_CORE  # what the runtime that executes the plan can run
+    fp8_recipe: str | None = None  # the recipe the user wrote (None = auto)
     # an export stage with an initial checkpoint and no parent: the hf_import -> hf_export conversion
     # (compiler.graph), which builds no model, so the stage kind's model limits (dense only) do not apply
     hf_conversion: bool = False

@@ -32,15 +32,16 @@ def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: in
         etp=parallel.expert_tensor, dp=parallel.data, micro_batch=parallel.micro_batch,
         global_batch=global_batch, sequence_parallel=parallel.sequence_parallel,
         distributed_optimizer=parallel.distributed_optimizer, recompute=parallel.recompute,
+        recompute_layers=parallel.recompute_layers,
         seq_length=seq_length, tp_comm_overlap=parallel.tp_comm_overlap,
-        overlap_param_gather=parallel.overlap_param_gather,
+        overlap_param_gather=parallel.overlap_param_gather, fp8_param_gather=parallel.fp8_param_gather,
     )
 
 
 _PARALLEL_FIELDS = (
     "tensor", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor", "data",
-    "sequence_parallel", "distributed_optimizer", "recompute", "micro_batch", "tp_comm_overlap",
-    "grad_reduce_in_fp32", "overlap_param_gather",
+    "sequence_parallel", "distributed_optimizer", "recompute", "recompute_layers", "micro_batch", "tp_comm_overlap",
+    "grad_reduce_in_fp32", "overlap_param_gather", "fp8_param_gather",
 )
 
 
@@ -67,7 +68,7 @@ def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend
         attention_backend=attention_backend or spec.attention_backend,
         gpu_arch=arch, gpu_precisions=precisions, stage_kind=stage_kind,
         kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=optimizer, target=target,
-        hf_conversion=hf_conversion,
+        fp8_recipe=spec.fp8_recipe, hf_conversion=hf_conversion,
     )
 
 

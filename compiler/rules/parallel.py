@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR as VOCAB_DIVISOR
-from nemoc.compiler.flops import padded_vocab
+from nemoc.compiler.flops import chunk_layers, padded_vocab
 from nemoc.compiler.spec import ClusterSpec
 from nemoc.dsl.diagnostics import Severity
 from nemoc.compiler.rules.base import Env, Sizes, TRAINING_KINDS, Violation, _P, _round_up, _tp_hint
@@ -367,6 +367,50 @@ def warn_useless_distributed_optimizer(env: Env, s: Sizes) -> Violation | None:
         None, anchors=(_P + "distributed_optimizer", _P + "data"), severity=Severity.NOTE,
         source="megatron/core/optimizer/distrib_optimizer.py (shards over the data-parallel-with-CP group)",
     )
+
+
+def rule_recompute_layers(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-Core TransformerConfig: `recompute_num_layers` belongs to full recompute ("When using
+    recompute_granularity: selective recompute_num_layers must be None")."""
+    if s.recompute_layers is not None and s.recompute not in (None, "full"):
+        return Violation("E162", "recompute_layers needs recompute = full",
+                         f"recompute_layers = {s.recompute_layers} with recompute = {s.recompute}",
+                         "set recompute = full (or auto), or remove recompute_layers",
+                         anchors=(_P + "recompute_layers", _P + "recompute"),
+                         source="megatron/core/transformer/transformer_config.py __post_init__ (recompute_num_layers "
+                                "must be None for selective)")
+    return None
+
+
+def rule_recompute_layers_chunk(env: Env, s: Sizes) -> Violation | None:
+    """With the block method `recompute_num_layers` counts layers per model chunk
+    (transformer_block.py `_checkpointed_forward` loops over the chunk's layers), so more than a
+    chunk holds is the same as every layer: nemoc refuses it as ambiguous."""
+    if s.recompute_layers is None or s.pp is None:
+        return None
+    chunk = chunk_layers(env.model.layers, s.pp, s.vp if (s.vp or 1) > 1 else None)
+    if s.recompute_layers <= chunk:
+        return None
+    v = s.vp or 1
+    return Violation("E163", "recompute_layers is more than a model chunk holds",
+                     f"recompute_layers({s.recompute_layers}) > ceil(layers({env.model.layers}) / (pp({s.pp}) * "
+                     f"vp({v}))) = {chunk} layers per model chunk",
+                     f"set recompute_layers <= {chunk} (or remove it to recompute every layer)",
+                     anchors=(_P + "recompute_layers", _P + "pipeline", _P + "virtual_pipeline"),
+                     source="megatron/core/transformer/transformer_block.py _checkpointed_forward (block method)")
+
+
+def rule_fp8_param_gather_optimizer(env: Env, s: Sizes) -> Violation | None:
+    """The FP8 parameter all-gather is the distributed optimizer's (param_and_grad_buffer.py gathers
+    parameters only with `use_distributed_optimizer`); without it there is no gather to make FP8."""
+    if not s.fp8_param_gather or s.distributed_optimizer is not False:
+        return None
+    return Violation("E166", "fp8_param_gather needs the distributed optimizer",
+                     "fp8_param_gather = true with distributed_optimizer = false",
+                     "set distributed_optimizer = true (or auto), or fp8_param_gather = false",
+                     anchors=(_P + "fp8_param_gather", _P + "distributed_optimizer"),
+                     source="megatron/core/distributed/param_and_grad_buffer.py (parameter all-gather with the "
+                            "distributed optimizer)")
 
 
 def rule_overlap_param_gather(env: Env, s: Sizes) -> Violation | None:

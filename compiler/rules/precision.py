@@ -37,6 +37,40 @@ def rule_fp8_needs_te(env: Env, s: Sizes) -> Violation | None:
     )
 
 
+FP8_RECIPES = {"fp8": ("delayed", "tensorwise", "blockwise"), "mxfp8": ("mxfp8",)}
+
+
+def rule_fp8_recipe(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-Core `TransformerConfig.fp8_recipe` applies only with fp8 on (fp8_utils.py
+    `get_fp8_recipe`); the mxfp8 recipe is the MXFP8 precision's (32-element blocks, Blackwell),
+    the others scale E4M3/E5M2 tensors of precision = fp8."""
+    if env.fp8_recipe is None or env.fp8_recipe in FP8_RECIPES.get(env.precision, ()):
+        return None
+    fits = [p for p, recipes in FP8_RECIPES.items() if env.fp8_recipe in recipes]
+    return Violation(
+        "E164", f"fp8_recipe = {env.fp8_recipe} needs precision = {fits[0]}",
+        f"fp8_recipe({env.fp8_recipe}) with precision({env.precision}); {fits[0]} takes "
+        f"{' | '.join(FP8_RECIPES[fits[0]])}",
+        f"set precision = {fits[0]}, or remove fp8_recipe",
+        anchors=("fp8_recipe", "precision"),
+        source="megatron/core/fp8_utils.py get_fp8_recipe; transformer_config.py fp8_recipe",
+    )
+
+
+def rule_fp8_param_gather(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-Core TransformerConfig: "fp8_param must be used together with fp8 mode"."""
+    if not s.fp8_param_gather or env.precision in ("fp8", "mxfp8"):
+        return None
+    return Violation(
+        "E165", "fp8_param_gather needs an fp8 precision",
+        f"fp8_param_gather = true with precision({env.precision})",
+        "set precision = fp8 (or mxfp8), or fp8_param_gather = false",
+        anchors=(_P + "fp8_param_gather", "precision"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (fp8_param must be used together "
+               "with fp8 mode)",
+    )
+
+
 def rule_te_needs_gpu(env: Env, s: Sizes) -> Violation | None:
     """Transformer Engine is CUDA-only; on the CPU (gloo) the runtime builds the local spec."""
     if env.gpu_arch != "cpu" or env.kernels != "te":

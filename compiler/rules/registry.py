@@ -25,6 +25,9 @@ from nemoc.compiler.rules.moe import (
 )
 from nemoc.compiler.rules.parallel import (
     rule_overlap_param_gather,
+    rule_recompute_layers,
+    rule_recompute_layers_chunk,
+    rule_fp8_param_gather_optimizer,
     rule_context_backend,
     rule_context_seq,
     rule_ffn_tp,
@@ -58,6 +61,8 @@ from nemoc.compiler.rules.precision import (
     rule_fp32_attention,
     rule_fp8_dims,
     rule_fp8_needs_te,
+    rule_fp8_recipe,
+    rule_fp8_param_gather,
     rule_fp8_tokens,
     rule_precision_hardware,
     rule_te_needs_gpu,
@@ -76,9 +81,11 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_context_seq, rule_context_backend, rule_sequence_parallel_split, rule_dense_expert,
     rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp,
     rule_moe_bias_runtime, rule_moe_tp_needs_sp, rule_sgd_distributed_optimizer,
-    rule_precision_hardware, rule_fp8_needs_te, rule_te_needs_gpu, rule_fp32_attention, rule_attention_head_dim,
+    rule_precision_hardware, rule_fp8_needs_te, rule_fp8_recipe, rule_fp8_param_gather, rule_te_needs_gpu, rule_fp32_attention, rule_attention_head_dim,
     rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions, rule_tp_comm_overlap,
-    rule_overlap_param_gather,
+    rule_overlap_param_gather, rule_recompute_layers,
+    rule_recompute_layers_chunk,
+    rule_fp8_param_gather_optimizer,
 )
 
 
@@ -113,6 +120,8 @@ def layout_violations(env: Env, sizes: Sizes) -> Violation | None:
 CODES: dict[str, Rule] = {
     "E160": rule_tp_comm_overlap,
     "E161": rule_overlap_param_gather,
+    "E162": rule_recompute_layers,
+    "E163": rule_recompute_layers_chunk,
     "E101": rule_world_size,
     "E102": rule_heads_tp,
     "E103": rule_query_groups_tp,
@@ -138,6 +147,9 @@ CODES: dict[str, Rule] = {
     "E125": rule_head_dim,
     "E126": rule_runtime_pipeline,
     "E127": rule_fp8_needs_te,
+    "E164": rule_fp8_recipe,
+    "E165": rule_fp8_param_gather,
+    "E166": rule_fp8_param_gather_optimizer,
     "E128": rule_te_needs_gpu,
     "E129": rule_sgd_distributed_optimizer,
     "E134": rule_heads_query_groups,

@@ -44,12 +44,12 @@ def test_rows_are_sourced(calibrate) -> None:
 
 
 def test_throughput_error_bounds(results) -> None:
-    """Through the language (docs/calibration.md): 83 planned rows, median 4.6 %, max 30.6 %."""
+    """Through the language (docs/calibration.md): 83 planned rows, median 4.1 %, max 25.4 % (C21)."""
     _, used = results
     errors = [abs(r["error"]) for r in used]
     assert len(errors) >= 83
-    assert statistics.median(errors) <= 0.047
-    assert max(errors) <= 0.31
+    assert statistics.median(errors) <= 0.042
+    assert max(errors) <= 0.26
     assert sum(e <= 0.15 for e in errors) >= 74
 
 
@@ -57,7 +57,8 @@ def test_reliable_rows_error_bounds(calibrate, results) -> None:
     _, used = results
     errors = [abs(r["error"]) for r in used if calibrate.reliable(r)]
     assert len(errors) >= 73
-    assert statistics.median(errors) <= 0.047
+    assert statistics.median(errors) <= 0.042
+    assert max(errors) <= 0.22  # Nemotron-4 340B on H100 (A10/A28/A46), docs/calibration.md
     assert sum(e <= 0.15 for e in errors) >= 68
 
 
@@ -118,15 +119,15 @@ def test_memory_against_bare_megatron_on_h200(calibrate) -> None:
 
 def test_step_time_against_bare_megatron_on_h200(calibrate) -> None:
     """The local-spec path (kernels="local": unfused norms, RoPE, SwiGLU, torch softmax, foreach
-    Adam) against the stored single-H200 step times: flash configurations within 10 %, the
-    unfused-attention ones within 23 % (under-predicted by ~20 %: the score chain's bytes are counted
-    kernel by kernel but run at ~0.65 of the HBM peak on the H200, unexplained without a kernel
-    profile: docs/calibration.md)."""
+    Adam) against the stored single-H200 step times, flash and unfused attention alike within 10 %
+    (the unfused core's score chain counted kernel by kernel, backward's grad x output multiply and
+    masked_fill clone included, streamed at SCORE_STREAM_FRACTION of the HBM peak:
+    docs/calibration.md)."""
     rows = calibrate.megatron_errors()
     errors = [abs(r["step_error"]) for r in rows]
     assert len(rows) >= 10
-    assert statistics.median(errors) <= 0.06
-    assert max(errors) <= 0.23
+    assert statistics.median(errors) <= 0.04
+    assert max(errors) <= 0.10
     for r in rows:
-        if "unfused" not in r["name"]:
+        if "unfused" in r["name"]:  # the rows the score chain decides
             assert abs(r["step_error"]) <= 0.10, r

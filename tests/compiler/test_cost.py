@@ -337,3 +337,37 @@ def test_405b_on_16k_h100_best_plan_beats_the_published_layout_for_stated_reason
     assert b["cp_comm"] > pub["cp_comm"] == 0 and b["compute"] > pub["compute"]
     gain = (pub["pp_bubble"] - b["pp_bubble"]) + (pub["tp_comm"] - b["tp_comm"])
     assert gain > published.step_time_s - best.estimate.step_time_s
+
+
+def test_fp8_current_scaling_reads_every_quantised_operand_once_more() -> None:
+    """fp8_recipe = tensorwise (current scaling) adds 2 bytes per element of each GEMM's input
+    (forward) and output gradient (backward) at the HBM bandwidth; delayed and blockwise do not
+    (their scales come from the history or inside the cast kernel); a 16-bit stage ignores it."""
+    from nemoc.compiler.cost import FP8_CURRENT_SCALING_BYTES
+
+    m, hw = PRESETS["llama3_8b"], get_gpu("H100")
+    lay = layout(dp=1, global_batch=8)
+    kw = dict(seq=8192, precision="fp8", attention_backend="flash", micro_batch=1)
+    delayed = layer_times(m, lay, hw, **kw, fp8_recipe="delayed")
+    current = layer_times(m, lay, hw, **kw, fp8_recipe="tensorwise")
+    assert layer_times(m, lay, hw, **kw, fp8_recipe="blockwise") == delayed
+    h, f, d = m.hidden, m.ffn_hidden, m.head_dim
+    inputs = h + m.heads * d + h + f  # QKV, projection, fc1, fc2 inputs per token
+    grads = (m.heads + 2 * m.query_groups) * d + h + 2 * f + h  # their output gradients
+    expected = FP8_CURRENT_SCALING_BYTES * 8192 * (inputs + grads) / hw.hbm_bw
+    assert current.elementwise - delayed.elementwise == pytest.approx(expected)
+    assert current.gemm == delayed.gemm
+    bf16 = dict(kw, precision="bf16")
+    assert layer_times(m, lay, hw, **bf16, fp8_recipe="tensorwise") == layer_times(m, lay, hw, **bf16)
+
+
+def test_fp8_parameters_halve_the_parameter_all_gather() -> None:
+    """fp8_param_gather: the distributed optimizer all-gathers 1 byte per parameter, not 2 (the
+    runtime's all-gather runs after the step, exposed, so the term halves exactly)."""
+    m, hw = PRESETS["llama3_8b"], get_gpu("H100")
+    lay = layout(tp=2, dp=32, global_batch=256, num_microbatches=8, sequence_parallel=True)
+    base = estimate(m, lay, gpu=hw, precision="fp8", cluster=ClusterSpec(gpu="H100", nodes=8))
+    fp8p = estimate(m, dataclasses.replace(lay, fp8_param_gather=True), gpu=hw, precision="fp8",
+                    cluster=ClusterSpec(gpu="H100", nodes=8))
+    assert 0 < fp8p.parts["dp_comm_exposed"] < base.parts["dp_comm_exposed"]
+    assert fp8p.parts["compute"] == base.parts["compute"]

@@ -163,10 +163,23 @@ def test_monotone_in_micro_batch_and_sharding(case) -> None:
     assert estimate(model, dataclasses.replace(lay, pp=lay.pp * 2)).weights <= base.weights
 
 
-def test_sixteen_bit_gradients_follow_megatrons_fp16_grads_row() -> None:
-    """grad_reduce_in_fp32=False (NeMo FP8 recipes): 2 + 2 + 16 = 20 B/param, 4 + 16/DP distributed."""
-    assert state_bytes_per_param("bf16", distributed_optimizer=False, shard=8, grad_bytes=2).total == 20
-    assert state_bytes_per_param("bf16", distributed_optimizer=True, shard=8, grad_bytes=2).total == pytest.approx(4 + 2)
+def test_sixteen_bit_gradients_keep_their_fp32_copy_in_the_optimizer_step_only() -> None:
+    """grad_reduce_in_fp32=False (NeMo FP8 recipes): 2 + 2 + 12 = 16 B/param held (4 + 12/DP
+    distributed) and the fp32 gradient copy (4, or 4/DP) only while the optimizer steps
+    (distrib_optimizer.py allocates it there, zero_grad(set_to_none) frees it before the forward)."""
+    plain = state_bytes_per_param("bf16", distributed_optimizer=False, shard=8, grad_bytes=2)
+    assert (plain.total, plain.step) == (16, 4)
+    sharded = state_bytes_per_param("bf16", distributed_optimizer=True, shard=8, grad_bytes=2)
+    assert (sharded.total, sharded.step) == (pytest.approx(4 + 12 / 8), pytest.approx(4 / 8))
+    # the copy counts only where it outgrows the freed activations: none with activations, all without
+    model = ModelSpec(name="m", layers=4, hidden=1024, heads=8, query_groups=8, ffn_hidden=4096, vocab=32000,
+                      seq_length=2048)
+    lay = Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=1, global_batch=1, num_microbatches=1,
+                 sequence_parallel=False, distributed_optimizer=False, recompute="full")
+    mem = estimate(model, lay, grad_bytes=2)
+    params = mem.weights / 2
+    dynamic = mem.activations + sum(mem.parts.get(k, 0) for k in ("logits", "moe_dispatch", "backward_working"))
+    assert mem.parts.get("optimizer_step_fp32_grads", 0) == pytest.approx(max(0.0, 4 * params - dynamic), abs=2)
 
 
 def test_fp8_keeps_one_byte_linear_inputs() -> None:
@@ -180,3 +193,19 @@ def test_fp8_keeps_one_byte_linear_inputs() -> None:
     fp8 = layer_activations(model, fp8=True, **kw).total - 4 * s * b * a / t
     assert bf16 == pytest.approx(32 * s * b * h / t)
     assert fp8 == pytest.approx(27 * s * b * h / t)
+
+
+def test_fp8_parameters_hold_one_byte_per_linear_weight_and_one_fp8_copy() -> None:
+    """fp8_param_gather (Megatron-Core fp8_param): the linear weights are TE FP8 tensors, 1 byte plus
+    the cached transpose, instead of a 16-bit weight plus both FP8 copies: -2 bytes per linear
+    parameter; embedding, gradients and the fp32 optimizer shard are unchanged."""
+    model = PRESETS["llama3_8b"]
+    lay = Layout(tp=2, pp=1, vp=None, cp=1, ep=1, etp=2, dp=4, micro_batch=1, global_batch=8, num_microbatches=2,
+                 sequence_parallel=True, distributed_optimizer=True, recompute="none")
+    base = estimate(model, lay, precision="fp8")
+    fp8p = estimate(model, dataclasses.replace(lay, fp8_param_gather=True), precision="fp8")
+    linear = base.parts["fp8_weight_cache"] / 2
+    assert base.weights - fp8p.weights == pytest.approx(linear, abs=2)
+    assert fp8p.parts["fp8_weight_cache"] == pytest.approx(linear, abs=2)
+    assert (fp8p.gradients, fp8p.optimizer, fp8p.activations) == (base.gradients, base.optimizer, base.activations)
+    assert base.total - fp8p.total == pytest.approx(2 * linear, rel=1e-6, abs=8)

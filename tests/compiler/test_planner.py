@@ -286,3 +286,19 @@ def test_recipe_overlaps_apply_to_training_stages_only():
     train, ev = result.plan.stage("pretrain").layout, result.plan.stage("eval").layout
     assert train.tp_comm_overlap and train.overlap_param_gather and train.sequence_parallel
     assert not ev.tp_comm_overlap and not ev.overlap_param_gather
+
+
+def test_the_plan_records_the_fp8_recipe_it_defaulted_to():
+    """fp8_recipe auto resolves to Megatron-Bridge's FP8-CS (tensorwise) for precision = fp8 and is
+    recorded in the stage's execution (plan.json `execution.fp8_recipe`), the recipe costed; an
+    explicit recipe is kept, and tensorwise costs its extra amax pass (never faster than delayed)."""
+    spec = replace(_spec(tensor=2, pipeline=1, micro_batch=1), precision="fp8")
+    auto = plan_experiment(spec).plan.stages[0]
+    assert auto.execution.fp8_recipe == "tensorwise"
+    delayed = plan_experiment(replace(spec, fp8_recipe="delayed")).plan.stages[0]
+    assert delayed.execution.fp8_recipe == "delayed"
+    assert delayed.layout == auto.layout
+    assert auto.estimate.step_time_s > delayed.estimate.step_time_s
+    with pytest.raises(DiagnosticError) as err:
+        plan_experiment(replace(spec, fp8_recipe="mxfp8"))
+    assert [d.code for d in err.value.diagnostics if d.is_error] == ["E164"]

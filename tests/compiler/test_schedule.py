@@ -131,3 +131,28 @@ def test_examples_schedule_and_pipeline_memory_agree_with_the_plan():
             pipeline = sum(p.get(k, 0.0) for k in MICROBATCH_TERMS + ("pp_imbalance", "pp_bubble", "pp_p2p")) / t.passes
             assert s.makespan == pytest.approx(pipeline, rel=0.05), (path, sp.name)
     assert seen_interleaved
+
+
+def test_block_recompute_replays_only_its_share_of_the_forward():
+    """recompute = full with recompute_layers = n: the backward of a micro batch carries the forward of
+    min(n, chunk) / chunk of the layers again (all of them without recompute_layers)."""
+    import dataclasses
+
+    from nemoc.compiler.flops import recomputed_fraction
+
+    for _, plan in _example_plans():
+        sp = next((s for s in plan.stages if s.kind == "pretrain"
+                   and s.execution.pipeline.per_stage // (s.layout.vp or 1) >= 2), None)
+        if sp is not None:
+            break
+    lay = sp.layout
+    per_stage = sp.execution.pipeline.per_stage
+    shares = {}
+    for n in (None, 1):
+        block = dataclasses.replace(sp, layout=dataclasses.replace(lay, recompute="full", recompute_layers=n))
+        t = stage_times(block)
+        shares[n] = t.forward[0] / (t.forward[0] + t.backward[0])
+    frac = recomputed_fraction(per_stage * lay.pp, lay.pp, lay.vp, "full", 1)
+    assert 0 < frac < 1
+    assert shares[None] == pytest.approx(1 / 4)
+    assert shares[1] == pytest.approx(1 / (3 + frac))

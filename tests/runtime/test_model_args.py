@@ -60,6 +60,11 @@ def test_parallel_fields_and_cpu_specifics():
     assert (c.tensor_model_parallel_size, c.pipeline_model_parallel_size) == (2, 2)
     assert c.virtual_pipeline_model_parallel_size == 2 and c.sequence_parallel
     assert c.recompute_granularity == "full" and c.recompute_method == "uniform" and c.recompute_num_layers == 1
+    # block recompute: the plan's recompute_layers per model chunk (Megatron-Core's TransformerConfig
+    # accepts the triple; transformer_block.py replays the chunk's first n layers)
+    b = config(layout=lay(pp=2, vp=2, recompute="full", recompute_layers=1))
+    assert (b.recompute_granularity, b.recompute_method, b.recompute_num_layers) == ("full", "block", 1)
+    assert "--recompute-method block" in " ".join(margs._flags(margs._recompute_kwargs("full", 1)))
     # gloo: batched p2p is silently wrong for pp=2 + VPP; CPU init makes weights layout-independent
     assert c.batch_p2p_comm is False and c.use_cpu_initialization is True
     g = config(layout=lay(tp=2, sequence_parallel=True, recompute="selective"), facts=GPU_TE)
@@ -217,3 +222,38 @@ def test_tp_comm_overlap_is_refused_not_ignored():
 def test_overlap_param_gather_is_refused_not_ignored():
     with pytest.raises(margs.UnsupportedPlan, match="overlap_param_gather"):
         config(layout=lay(dp=2, distributed_optimizer=True, overlap_param_gather=True))
+
+
+def test_fp8_recipes_reach_megatron_cores_transformer_config():
+    """The plan's `Execution.fp8_recipe` (auto: tensorwise for fp8, Megatron-Bridge's FP8-CS; mxfp8 for
+    mxfp8) becomes TransformerConfig.fp8_recipe, which Megatron-Core 0.16.1 accepts for every recipe
+    nemoc plans; a Transformer Engine too old for the recipe is refused before the run."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    for precision, recipe in (("fp8", "delayed"), ("fp8", "tensorwise"), ("fp8", "blockwise"), ("mxfp8", "mxfp8")):
+        kw = margs._fp8_kwargs(precision, recipe)
+        c = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, **kw)
+        assert (c.fp8, c.fp8_recipe) == ("hybrid", recipe)
+    assert make_execution(LLAMA_ISH, lay(), precision="fp8", kernels="te", gpu="H100").fp8_recipe == "tensorwise"
+    assert make_execution(LLAMA_ISH, lay(), precision="mxfp8", kernels="te", gpu="B200").fp8_recipe == "mxfp8"
+    assert make_execution(LLAMA_ISH, lay(), precision="bf16", kernels="te", gpu="H100").fp8_recipe is None
+    with mock.patch("megatron.core.utils.is_te_min_version", lambda version, *a, **k: False):
+        with pytest.raises(margs.UnsupportedPlan, match="tensorwise needs Transformer Engine >= 2.2"):
+            margs._check_fp8_recipe("tensorwise", GPU_TE)
+    margs._check_fp8_recipe("tensorwise", CPU)  # no TE: fp8 itself is refused elsewhere (E127)
+
+
+def test_fp8_parameters_reach_megatron_cores_configs():
+    """The plan's fp8_param_gather sets TransformerConfig.fp8_param and the DDP config's
+    fp8_param_gather; Megatron-Core 0.16.1 accepts both (fp8_param needs fp8 mode, E165)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kw = margs._ddp_kwargs(lay(dp=2, distributed_optimizer=True, fp8_param_gather=True), None)
+    assert DistributedDataParallelConfig(**kw).fp8_param_gather
+    c = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, fp8_param=True,
+                          **margs._fp8_kwargs("fp8", "tensorwise"))
+    assert c.fp8_param
+    with pytest.raises(ValueError, match="fp8_param must be used together with fp8"):
+        TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, fp8_param=True)
+    assert "--fp8-param-gather" in margs._flags(kw)

@@ -30,8 +30,9 @@ def _same(result, baseline, *, rel=REL, steps=range(1, 7)):
     (dict(tp=2, sp=True), 2),  # sequence parallel (norm grads all-reduced over TP)
     (dict(tp=2, pp=2), 4),
     (dict(recompute="full"), 1),
+    (dict(recompute="full", recompute_layers=2), 1),  # block: 2 of the 4 layers replay (recompute_method block)
     (dict(recompute="selective"), 1),
-], ids=["pp2-vp2", "tp2-sp", "tp2-pp2", "recompute-full", "recompute-selective"])
+], ids=["pp2-vp2", "tp2-sp", "tp2-pp2", "recompute-full", "recompute-block", "recompute-selective"])
 def test_more_layouts_reproduce_single_process(tmp_path, kit, train_data, reference_weights, baseline, sizes, nproc):
     lay = kit.layout(**sizes)
     result = kit.run_training(tmp_path / "run", kit.make_plan(kit.stage_plan(lay=lay, every=3)), nproc,
