@@ -141,8 +141,10 @@ def _moe(config: dict, family: str) -> dict[str, Any]:
     """
     if family not in MOE:
         return {}
-    experts = int(config.get("num_local_experts") or config.get("num_experts") or 8)
-    top_k = int(config.get("num_experts_per_tok", 2))
+    # absent keys take the class defaults: MixtralConfig 8 experts, top 2; Qwen3MoeConfig 128, top 8
+    default_experts, default_top_k = (8, 2) if family == "mixtral" else (128, 8)
+    experts = int(config.get("num_local_experts") or config.get("num_experts") or default_experts)
+    top_k = int(config.get("num_experts_per_tok", default_top_k))
     if top_k < 2:
         raise HfConfigError(f"num_experts_per_tok = {top_k}: Megatron-Core routes top-1 with the softmax before "
                             "the top-k (a weight below 1), transformers renormalises it to 1")
