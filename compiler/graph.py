@@ -198,6 +198,8 @@ def file_digest(path: str | os.PathLike) -> str:
 def data_files(data: DataSpec, root: str) -> list[str]:
     """The files a data source's glob matches (sorted, absolute); [] when it matches nothing."""
     pattern = data.path if os.path.isabs(data.path) else os.path.join(root, data.path)
+    if os.path.isdir(os.path.expanduser(pattern)):  # a Hugging Face dataset folder: every file in it
+        pattern = os.path.join(pattern, "**", "*")
     return sorted(os.path.abspath(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
 
 
@@ -269,6 +271,8 @@ def _add_prepare_task(graph: RuntimeGraph, data: DataSpec, digest: object, root:
         "tokenizer": data.tokenizer,
         "options": dict(data.options),
     }
+    if data.hf_split or data.columns:  # a Hugging Face dataset's split and column renames change the records
+        settings["hf"] = {"split": data.hf_split, "columns": [list(c) for c in data.columns]}
     hashed: dict = dict(settings, path=None, files=digest)  # the bytes matter, not where they live
     if data.tokenizer is None:
         hashed["tokenizer"] = graph.task(LOCAL_TOKENIZER).hash

@@ -13,12 +13,13 @@ Families and what each needs of Megatron-Core's GPT model (local or TE layer spe
   llama, mistral   rmsnorm + SwiGLU + RoPE, GQA, no biases          (LlamaForCausalLM, MistralForCausalLM)
   qwen2            as llama, plus a bias on the QKV projection only  (Qwen2ForCausalLM; also Qwen2.5)
   qwen3            as llama, plus RMSNorm on queries and keys per head (Qwen3ForCausalLM)
+  mixtral          as mistral, every MLP a mixture of SwiGLU experts, top-k router (MixtralForCausalLM)
+  qwen3_moe        as qwen3, every MLP a mixture of experts (Qwen3MoeForCausalLM)
   gpt2             layernorm + GELU + learned positions, biases everywhere, MHA (GPT2LMHeadModel)
-Not expressible (an error says so): Llama 3.1/3.2 `rope_scaling` (Megatron-Core's GPTModel has the
-llama3 frequency scaling, but nemoc's ModelSpec does not carry it yet), Mistral's sliding window shorter
-than the sequence, GPT-2's `gelu_new` (tanh) activation (Megatron-Core's `gelu` is the exact erf GELU),
-MoE families (Mixtral, Qwen3-MoE: expert weights are not mapped yet) and Gemma (embedding scale and
-the `1 + w` norm offset have no Megatron-Core GPTModel switch).
+Llama 3.1/3.2 `rope_scaling` (rope_type llama3) maps to `rope_scaling_factor` when its other three keys
+have the values Megatron-Core fixes (LLAMA3_FIXED). Not expressible (an error says so): other RoPE
+scaling types, Mistral's sliding window shorter than the sequence, top-1 routing and Qwen3-MoE without norm_topk_prob
+(see _moe), and Gemma (see _UNSUPPORTED).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_FILE = "config.json"
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+MOE = ("mixtral", "qwen3_moe")
 FAMILIES = LLAMA_LIKE + ("gpt2",)
 
 
@@ -73,63 +75,142 @@ def _rope_type(config: dict) -> str:
     return "default"
 
 
+# Megatron-Core 0.16.1 RotaryEmbedding._apply_scaling (models/common/embeddings/rotary_pos_embedding.py)
+# takes only `factor` from GPTModel(rope_scaling_factor=); these three are its fixed defaults. They are
+# also the values of every published Llama 3.1 / 3.2 config.json.
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope_scaling_factor(config: dict) -> float:
+    """The llama3 RoPE scaling factor (1.0 when unscaled), or HfConfigError naming the key that does not map."""
+    kind = _rope_type(config)
+    if kind == "default":
+        return 1.0
+    key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+    if kind != "llama3":
+        raise HfConfigError(f"{key}.rope_type {kind!r} is not supported: Megatron-Core's GPTModel takes the "
+                            "llama3 scaling only (YaRN is a separate position type nemoc does not map)")
+    params = config[key]
+    for name, fixed in LLAMA3_FIXED.items():
+        if name in params and float(params[name]) != fixed:
+            raise HfConfigError(f"{key}.{name} = {params[name]}: Megatron-Core 0.16.1's llama3 RoPE scaling fixes "
+                                f"{name} = {fixed:g} (only `factor` is a GPTModel argument)")
+    if "factor" not in params:
+        raise HfConfigError(f"{key} of rope_type 'llama3' has no 'factor'")
+    return float(params["factor"])
+
+
 def _llama_like(config: dict, family: str) -> dict[str, Any]:
     hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     act = config.get("hidden_act", "silu")
     if act != "silu":
         raise HfConfigError(f"hidden_act {act!r}: nemoc maps {family} only with silu (SwiGLU)")
-    rope = _rope_type(config)
-    if rope != "default":
-        raise HfConfigError(f"rope_scaling of type {rope!r} is not supported yet (nemoc's model spec has no "
-                            "RoPE scaling field); only unscaled RoPE imports")
+    rope_factor = _rope_scaling_factor(config)
     if config.get("mlp_bias"):
         raise HfConfigError("mlp_bias = true: nemoc has no bias-on-MLP-only switch")
     attention_bias = bool(config.get("attention_bias", family == "qwen2"))
-    if family in ("llama", "mistral") and attention_bias:
+    if family != "qwen2" and attention_bias:
         raise HfConfigError("attention_bias = true puts a bias on o_proj too; nemoc's add_qkv_bias covers q/k/v only")
     window = config.get("sliding_window") if family != "qwen2" or config.get("use_sliding_window") else None
     if window is not None and int(window) < int(config.get("max_position_embeddings", 0)):
         raise HfConfigError(f"sliding_window {window} < max_position_embeddings: sliding-window attention "
                             "is not supported")
-    default_theta = 1000000.0 if family in ("qwen2", "qwen3") else 10000.0
-    return {
+    default_theta = 1000000.0 if family in ("qwen2", "qwen3", "mixtral") else 10000.0
+    return _moe(config, family) | {
         "layers": int(config["num_hidden_layers"]), "hidden": hidden, "heads": heads,
         "query_groups": int(config.get("num_key_value_heads") or heads),
         "ffn_hidden": int(config["intermediate_size"]), "vocab": int(config["vocab_size"]),
         "seq_length": int(config.get("max_position_embeddings", 2048)),
         "kv_channels": int(config.get("head_dim") or hidden // heads),
         "activation": "swiglu", "norm": "rmsnorm", "position": "rope",
-        "rotary_base": _rope_theta(config, default_theta),
+        "rotary_base": _rope_theta(config, default_theta), "rope_scaling_factor": rope_factor,
         "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
-        "add_bias_linear": False, "add_qkv_bias": attention_bias, "qk_layernorm": family == "qwen3",
+        "add_bias_linear": False, "add_qkv_bias": attention_bias, "qk_layernorm": family in ("qwen3", "qwen3_moe"),
         "norm_epsilon": float(config.get("rms_norm_eps", 1e-6)),
     }
 
 
+def _moe(config: dict, family: str) -> dict[str, Any]:
+    """The expert fields of Mixtral (MixtralConfig) and Qwen3-MoE (Qwen3MoeConfig); {} for dense families.
+
+    Routing: both take the top-k router logits and weight the chosen experts by their softmax over those
+    k (Mixtral always; Qwen3-MoE with norm_topk_prob), which is Megatron-Core's TopKRouter with
+    moe_router_pre_softmax = false. Megatron-Core routes top-1 only with the softmax first (an unnormalised
+    weight), and Qwen3-MoE's norm_topk_prob = false keeps the softmax over all experts: nemoc builds
+    neither, so both are refused. Every layer must be sparse (Megatron's moe_layer_freq = 1 here).
+    """
+    if family not in MOE:
+        return {}
+    # absent keys take the class defaults: MixtralConfig 8 experts, top 2; Qwen3MoeConfig 128, top 8
+    default_experts, default_top_k = (8, 2) if family == "mixtral" else (128, 8)
+    experts = int(config.get("num_local_experts") or config.get("num_experts") or default_experts)
+    top_k = int(config.get("num_experts_per_tok", default_top_k))
+    if top_k < 2:
+        raise HfConfigError(f"num_experts_per_tok = {top_k}: Megatron-Core routes top-1 with the softmax before "
+                            "the top-k (a weight below 1), transformers renormalises it to 1")
+    if family == "qwen3_moe":
+        if not config.get("norm_topk_prob", False):
+            raise HfConfigError("norm_topk_prob = false weights experts by their softmax over all experts; nemoc "
+                                "builds Megatron-Core's router with the softmax over the top-k (norm_topk_prob = true)")
+        if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1:
+            raise HfConfigError("mlp_only_layers / decoder_sparse_step != 1 mix dense and expert layers; nemoc's "
+                                "model makes every layer an expert layer")
+        moe_ffn = int(config.get("moe_intermediate_size", 768))
+    else:
+        if float(config.get("router_jitter_noise") or 0.0):
+            raise HfConfigError("router_jitter_noise != 0: Megatron-Core's router has no multiplicative jitter")
+        moe_ffn = int(config["intermediate_size"])
+    return {"experts": experts, "top_k": top_k, "moe_ffn_hidden": moe_ffn, "shared_expert_ffn_hidden": 0}
+
+
+# transformers' ACT2FN names -> nemoc's activation: `gelu` is torch's exact erf GELU; gelu_new (GPT-2's
+# default), gelu_pytorch_tanh and gelu_fast are the tanh approximation (transformers/activations.py).
+GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                    "gelu_fast": "gelu_tanh"}
+
+
 def _gpt2(config: dict) -> dict[str, Any]:
     act = config.get("activation_function", "gelu_new")
-    if act != "gelu":
-        raise HfConfigError(f"activation_function {act!r}: Megatron-Core's gelu is the exact (erf) GELU; "
-                            "only GPT-2 configs with activation_function = \"gelu\" import exactly")
+    if act not in GPT2_ACTIVATIONS:
+        raise HfConfigError(f"activation_function {act!r} is not supported (supported: "
+                            f"{', '.join(sorted(GPT2_ACTIVATIONS))})")
     hidden = int(config.get("n_embd", 768))
     return {
         "layers": int(config.get("n_layer", 12)), "hidden": hidden, "heads": int(config.get("n_head", 12)),
         "query_groups": int(config.get("n_head", 12)), "ffn_hidden": int(config.get("n_inner") or 4 * hidden),
         "vocab": int(config.get("vocab_size", 50257)), "seq_length": int(config.get("n_positions", 1024)),
-        "kv_channels": None, "activation": "gelu", "norm": "layernorm", "position": "learned",
-        "rotary_base": 10000.0, "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
+        "kv_channels": None, "activation": GPT2_ACTIVATIONS[act], "norm": "layernorm", "position": "learned",
+        "rotary_base": 10000.0, "rope_scaling_factor": 1.0,
+        "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
         "add_bias_linear": True, "add_qkv_bias": False, "qk_layernorm": False,
         "norm_epsilon": float(config.get("layer_norm_epsilon", 1e-5)),
     }
 
 
+# Gemma, checked against Megatron-Core 0.16.1's GPTModel (what maps, what does not):
+#   would map (were the rest expressible): GeGLU with tanh GELU (activation_func = gelu_tanh, gated_linear_unit), `query_pre_attn_scalar`
+#          (TransformerConfig.softmax_scale), alternating sliding windows (window_size +
+#          window_attn_skip_freq, dot_product_attention.py), (1 + w) RMSNorm (foldable into the weight at import;
+#          TransformerConfig.layernorm_zero_centered_gamma exists but the local spec's WrappedTorchNorm asserts
+#          it off, transformer/torch_norm.py).
+#   does not: the embedding scale sqrt(hidden) (LanguageModelEmbedding has no multiplier; with tied
+#          embeddings it cannot be folded into the weights, the output layer would be scaled too), Gemma 2's
+#          attention-logit and final-logit soft-capping (no TransformerConfig field; attention.py passes
+#          softcap 0.0), Gemma 2/3's sandwich norms (post_attention_layernorm / post_feedforward_layernorm
+#          after each sub-block: TransformerLayerSubmodules has no post-block norm), Gemma 3's second RoPE base
+#          for its sliding layers (rope_local_base_freq: GPTModel holds one RotaryEmbedding).
+_GEMMA_SCALE = ("the embedding scale sqrt(hidden_size) has no Megatron-Core 0.16.1 GPTModel switch "
+                "(LanguageModelEmbedding has no multiplier; tied embeddings keep it out of the weights)")
 _UNSUPPORTED = {
-    "mixtral": "MoE expert weights are not mapped yet",
-    "qwen3_moe": "MoE expert weights are not mapped yet",
-    "gemma": "Gemma's embedding scale (sqrt(hidden)) and (1 + w) RMSNorm offset have no Megatron-Core GPTModel switch",
-    "gemma2": "Gemma 2's logit soft-capping, embedding scale and (1 + w) norm offset have no Megatron-Core GPTModel switch",
-    "gemma3_text": "Gemma 3's embedding scale, (1 + w) norm offset and sliding layers have no Megatron-Core GPTModel switch",
+    "gemma": _GEMMA_SCALE,
+    "gemma2": _GEMMA_SCALE + "; nor do attn_logit_softcapping / final_logit_softcapping (no soft-capping in "
+              "TransformerConfig) and the post-attention / post-feedforward sandwich norms (no post-block norm in "
+              "TransformerLayerSubmodules)",
+    "gemma3_text": _GEMMA_SCALE + "; nor do the sandwich norms (no post-block norm in TransformerLayerSubmodules) "
+                   "and rope_local_base_freq (one RotaryEmbedding per GPTModel, Gemma 3's sliding layers use a "
+                   "second RoPE base)",
 }
+_UNSUPPORTED["gemma3"] = _UNSUPPORTED["gemma3_text"]
 
 
 def architecture(config: dict) -> HfArchitecture:

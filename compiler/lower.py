@@ -24,7 +24,7 @@ import dataclasses
 from pathlib import Path
 from types import MappingProxyType
 
-from nemoc.compiler import hfconfig
+from nemoc.compiler import hfconfig, hfdata
 from nemoc.compiler.hfconfig import HfArchitecture
 from nemoc.compiler.catalog.hardware import GPUS, get_gpu
 from nemoc.compiler.catalog.models import PRESETS, get_preset
@@ -403,7 +403,53 @@ class _Lowering:
         options = {k: values.pop(k) for k in DATA_OPTIONS if k in values}
         if "split" in values:
             self._check_split(values["split"], block.spans["split"])
-        return DataSpec(name=block.name, options=MappingProxyType(options), **values)
+        columns = self._columns(values.pop("columns", ()), block.spans.get("columns"))
+        if columns is None:
+            return None
+        data = DataSpec(name=block.name, options=MappingProxyType(options), columns=columns, **values)
+        self._check_hf_dataset(data, block)
+        return data
+
+    def _columns(self, entries: tuple[str, ...], span: Span | None) -> tuple[tuple[str, str], ...] | None:
+        """`["source:target", ...]` -> pairs, or E048 at the `columns` line."""
+        pairs = []
+        for entry in entries:
+            source, sep, target = str(entry).partition(":")
+            if not sep or not source.strip() or not target.strip():
+                self.diags.append(Diagnostic("E048", f"columns entry {entry!r} is not `source:target`", span,
+                                             hint='e.g. columns = ["instruction:prompt", "output:response"]'))
+                return None
+            pairs.append((source.strip(), target.strip()))
+        return tuple(pairs)
+
+    def _check_hf_dataset(self, data: DataSpec, block: Checked) -> None:
+        """A local Hugging Face dataset that exists: its split and the columns its format reads, at the
+        user's line (E048). A path that does not exist yet is the prepare task's to report."""
+        path = Path(data.path).expanduser()
+        if not path.is_absolute():
+            path = Path(self.program.root_dir) / path
+        if not (hfdata.is_hf_dataset(path) or data.hf_split or data.columns) or not path.exists():
+            return
+        where = block.spans.get("hf_split") or block.spans.get("path") or block.head
+        try:
+            files = hfdata.split_files(path, data.hf_split)
+            names = hfdata.columns_of(files)
+        except hfdata.HfDataError as exc:
+            self.diags.append(Diagnostic("E048", str(exc), where, hint="hf_split names one of the dataset's splits"))
+            return
+        renames = dict(data.columns)
+        unknown = [s for s in renames if s not in names]
+        if unknown:
+            self.diags.append(Diagnostic("E048", f"data {data.name}: no column {unknown[0]!r} to rename (columns: "
+                                         f"{', '.join(names)})", block.spans.get("columns", where)))
+            return
+        missing = hfdata.missing_columns(names, data.format, renames, data.text_field)
+        if missing:
+            self.diags.append(Diagnostic(
+                "E048", f"data {data.name} (format {data.format}) needs column{'s' * (len(missing) > 1)} "
+                f"{', '.join(missing)}; the dataset has {', '.join(names) or 'no columns'}",
+                block.spans.get("columns") or block.spans.get("format") or where,
+                hint='map a column onto it: columns = ["SOURCE:' + missing[0] + '"]'))
 
     def _check_split(self, split: tuple[float, ...], span: Span) -> None:
         total = sum(split)

@@ -233,6 +233,27 @@ class StagePlan:
 
 
 @dataclass(frozen=True, slots=True)
+class ImportEstimate:
+    """One `hf_import:<dir>` task: sizes, its host memory peak and its time, with the terms
+    (compiler/hfimport.py computes it; runtime/tasks/hf.py runs `workers` processes)."""
+
+    directory: str  # as the plan names it (relative to the experiment root when inside it)
+    checkpoint_bytes: int  # safetensors bytes (measured, or parameters x ASSUMED_BYTES_PER_PARAM)
+    measured: bool  # checkpoint_bytes are the files' sizes
+    layer_bytes: int  # one decoder layer (what a worker holds twice)
+    edge_bytes: int  # embeddings + final norm + output layer (the parent holds them twice)
+    workers: int
+    host_memory_bytes: int  # max(workers x 2 x layer, 2 x edges)
+    hash_s: float
+    start_s: float
+    convert_s: float
+
+    @property
+    def seconds(self) -> float:
+        return self.hash_s + self.start_s + self.convert_s
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     experiment: str
     model: ModelSpec
@@ -245,6 +266,7 @@ class Plan:
     version: int = PLAN_VERSION
     kernels: str = "te"  # the experiment's `kernels`, resolved: te | local (what pretraining runs)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)  # metric sinks (W&B, MLflow, TensorBoard)
+    imports: tuple[ImportEstimate, ...] = ()  # one per `init = hf(DIR)` checkpoint: the hf_import task's cost
 
     def stage(self, name: str) -> StagePlan:
         return next(s for s in self.stages if s.name == name)

@@ -40,6 +40,8 @@ from nemoc.compiler.rules import (
     to_diagnostic,
     violations,
 )
+from nemoc.compiler.hfimport import ImportEstimate, estimate_import
+from nemoc.compiler.rules.stages import _initial_checkpoint, is_hf_conversion
 from nemoc.compiler.search import (
     DEFAULT_HEADROOM,
     DEFAULT_TOP,
@@ -89,6 +91,13 @@ class PlanResult:
 
 
 # --------------------------------------------------------------------------------------- helpers
+
+
+def _imports(spec: ExperimentSpec) -> tuple[ImportEstimate, ...]:
+    """The hf_import task of every checkpoint a stage starts from (`init = hf(DIR)`; one per directory,
+    as compiler.graph adds them), with its host memory and time (compiler/hfimport.py)."""
+    dirs = sorted({d for stage in spec.stages if (d := _initial_checkpoint(spec, stage))})
+    return tuple(estimate_import(spec.model, os.path.join(spec.root, d), shown_as=d) for d in dirs)
 
 
 def _error(code: str, message: str, spec: ExperimentSpec, stage: StageSpec | None, *paths: str,
@@ -149,6 +158,7 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
         attention_backend=backend,
         stage_kind=stage.kind, peft=stage.peft, params=stage.params, headroom=headroom, steps=steps,
         kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=stage.optimizer.name, target=target,
+        hf_conversion=is_hf_conversion(spec, stage),
     )
 
 
@@ -290,7 +300,7 @@ def not_fit_diagnostic(spec: ExperimentSpec, stage: StageSpec, problem: Problem,
 
 
 def _stage_warnings(spec: ExperimentSpec, stage: StageSpec, problem: Problem, chosen: Candidate) -> list[Diagnostic]:
-    env = env_of(spec, stage.kind, problem.attention_backend, problem.optimizer, problem.target)
+    env = env_of(spec, stage.kind, problem.attention_backend, problem.optimizer, problem.target, problem.hf_conversion)
     return [to_diagnostic(v, spec, stage) for v in violations(env, _sizes(problem, chosen.layout), WARNING_RULES)]
 
 
@@ -412,7 +422,8 @@ def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM,
         raise DiagnosticError(errors + warnings)
     plan = Plan(experiment=spec.name, model=spec.model, cluster=spec.cluster, precision=spec.precision,
                 attention_backend=backend, data=spec.data, stages=tuple(plans), root=spec.root,
-                kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), tracking=spec.tracking)
+                kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), tracking=spec.tracking,
+                imports=_imports(spec))
     return PlanResult(plan, tuple(results), _dedupe(warnings), time.perf_counter() - t0)
 
 

@@ -105,6 +105,7 @@ class Problem:
     kernels: str = "te"  # the experiment's resolved `kernels` (te | local); the stage's own: `stage_kernels`
     optimizer: str = "adam"  # the stage's optimizer (adam | sgd): the distributed optimizer wraps Adam only
     target: Target = MEGATRON_CORE  # what the runtime executing the plan can run
+    hf_conversion: bool = False  # Env.hf_conversion: the export stage only converts its initial checkpoint
     costed_backend: str = field(init=False, repr=False, compare=False, default="")  # see __post_init__
 
     def __post_init__(self) -> None:
@@ -124,7 +125,7 @@ class Problem:
         arch = self.gpu.generation
         precisions = tuple(p for p in ("bf16", "fp16", "fp32", "fp8", "mxfp8") if self.gpu.supports(p))
         return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind,
-                   self.kernels, self.optimizer, self.target, self.fp8_recipe)
+                   self.kernels, self.optimizer, self.target, self.fp8_recipe, self.hf_conversion)
 
     @property
     def auto_distributed_optimizer(self) -> bool:

@@ -39,10 +39,14 @@ class ModelSpec:
     vocab: int
     seq_length: int
     kv_channels: int | None = None  # head dim; None = hidden // heads
-    activation: str = "swiglu"  # swiglu | gelu | relu | squared_relu
+    activation: str = "swiglu"  # swiglu | gelu (erf) | gelu_tanh (tanh approximation, GPT-2) | relu | squared_relu
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     position: str = "rope"  # rope | learned | none
     rotary_base: float = 10000.0
+    # Llama 3.1/3.2 RoPE frequency scaling (rope_type "llama3"): low frequencies divided by this factor,
+    # with low/high frequency factors 1 and 4 over an original context of 8192 (the values Megatron-Core
+    # 0.16.1's RotaryEmbedding fixes). 1 = unscaled.
+    rope_scaling_factor: float = 1.0
     tie_embeddings: bool = False
     add_bias_linear: bool = False
     add_qkv_bias: bool = False  # Qwen2/2.5 use a bias on the QKV projection only
@@ -165,6 +169,9 @@ class DataSpec:
     weight: float = 1.0  # blending weight
     split: tuple[float, float, float] = (0.98, 0.02, 0.0)  # train / validation / test
     options: Mapping[str, object] = field(default_factory=_empty)
+    # a local Hugging Face dataset (compiler/hfdata.py layouts): the split to read and column renames
+    hf_split: str | None = None
+    columns: tuple[tuple[str, str], ...] = ()  # (source column, the key the format reads)
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,8 @@ CODES: Mapping[str, str] = MappingProxyType({
     "E046": "a model field disagrees with the `init` checkpoint's config.json (both values shown)",
     "E047": "a scheduler option its scheduler cannot take: a control character, an `extra` entry that is not an "
             "sbatch option, a fraction of a second, a Kubernetes name that is not a DNS-1123 label",
+    "E048": "a Hugging Face dataset: unknown split, a column the format needs is missing, or a malformed "
+            "`columns` entry (the message names what the dataset has)",
     "E050": "malformed `--set` override, unknown override path or unknown call argument",
     "W001": "a data set no stage uses",
     "W002": "a training stage without a length (`steps`, `tokens` or `epochs`): plan and run cannot size it",

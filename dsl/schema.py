@@ -178,10 +178,14 @@ MODEL_FIELDS = (
     _f("vocab", POSITIVE, None, "Vocabulary size (Megatron pads it to a multiple of 128 x TP).", required=True),
     _f("seq_length", POSITIVE, None, "Sequence length in tokens.", required=True),
     _f("kv_channels", POSITIVE, None, "Head dimension. Default: hidden / heads."),
-    _f("activation", enum("swiglu", "gelu", "relu", "squared_relu"), "swiglu", "MLP activation."),
+    _f("activation", enum("swiglu", "gelu", "gelu_tanh", "relu", "squared_relu"), "swiglu",
+       "MLP activation (`gelu`: the exact erf GELU; `gelu_tanh`: its tanh approximation, GPT-2's `gelu_new`)."),
     _f("norm", enum("rmsnorm", "layernorm"), "rmsnorm", "Normalization layer."),
     _f("position", enum("rope", "learned", "none"), "rope", "Position embedding."),
     _f("rotary_base", POSITIVE_FLOAT, 10000.0, "RoPE base frequency."),
+    _f("rope_scaling_factor", Type("float", minimum=1), 1.0, "Llama 3.1/3.2 RoPE scaling (`rope_type` llama3): "
+       "low frequencies divided by this factor (low/high frequency factors 1 and 4, original context 8192, as "
+       "Megatron-Core fixes them); 1 = unscaled."),
     _f("tie_embeddings", BOOL, False, "Share input embedding and output projection weights."),
     _f("add_bias_linear", BOOL, False, "Bias on every linear layer (GPT-3 style)."),
     _f("add_qkv_bias", BOOL, False, "Bias on the QKV projection only (Qwen2/2.5)."),
@@ -255,6 +259,11 @@ DATA_FIELDS = (
     _f("split", list_of(FRACTION, 3), (0.98, 0.02, 0.0), "Train / validation / test fractions."),
     _f("documents", enum("paragraph", "line", "file"), "paragraph",
        "format text: one document per blank-line-separated paragraph, per line, or per file."),
+    _f("hf_split", STR, None, "A local Hugging Face dataset at `path` (a `save_to_disk` folder, a folder of "
+       "split-named parquet / arrow / JSONL files, or one parquet / arrow file): the split to read, e.g. "
+       "`\"train_sft\"`. Default: `train` of a `save_to_disk` folder, else every file."),
+    _f("columns", list_of(STR), (), "Rename a dataset's columns to the keys the format reads: "
+       "`[\"instruction:prompt\", \"output:response\"]` (source:target)."),
 )
 DATA_OPTIONS = ("documents",)  # DataSpec.options
 

@@ -137,13 +137,23 @@ def _activation(model: ModelSpec) -> tuple[object, bool]:
         return F.silu, True
     if model.activation == "gelu":
         return F.gelu, False
+    if model.activation == "gelu_tanh":
+        return gelu_tanh, False
     if model.activation == "relu":
         return F.relu, False
     if model.activation == "squared_relu":
         from megatron.core.activations import squared_relu
 
         return squared_relu, False
-    raise UnsupportedPlan(f"activation {model.activation!r} is not supported (swiglu | gelu | relu | squared_relu)")
+    raise UnsupportedPlan(f"activation {model.activation!r} is not supported (swiglu | gelu | gelu_tanh | relu | "
+                          "squared_relu)")
+
+
+def gelu_tanh(x):
+    """GELU's tanh approximation (Hendrycks & Gimpel 2016, eq. 2; GPT-2's `gelu_new`). Megatron-Core's own
+    (transformer/utils.py openai_gelu, Megatron-LM's --openai-gelu) is the same function, but it is
+    compiled by jit_fuser (torch.compile in 0.16.1) at call time, which the CPU runtime avoids."""
+    return F.gelu(x, approximate="tanh")
 
 
 def _recompute_kwargs(recompute: str, layers: int | None = None) -> dict:
@@ -518,7 +528,8 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
 
 
 def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:
-    out = {"swiglu": ["--swiglu"], "squared_relu": ["--squared-relu"], "gelu": []}.get(model.activation)
+    out = {"swiglu": ["--swiglu"], "squared_relu": ["--squared-relu"], "gelu": [],
+           "gelu_tanh": ["--openai-gelu"]}.get(model.activation)
     if out is None:
         notes.append(f"activation {model.activation}: Megatron-LM has no flag for it (GELU is its default)")
         out = []
@@ -528,6 +539,8 @@ def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:
     out.append(f"--position-embedding-type {position}")
     if model.position == "rope":
         out.append(f"--rotary-base {_shell_word(model.rotary_base)}")
+        if model.rope_scaling_factor != 1.0:
+            out += ["--use-rope-scaling", f"--rope-scaling-factor {_shell_word(model.rope_scaling_factor)}"]
     if not model.tie_embeddings:
         out.append("--untie-embeddings-and-output-weights")
     if not model.add_bias_linear or model.is_moe:

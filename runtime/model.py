@@ -163,6 +163,10 @@ def build_model_chunks(*, config, model: ModelSpec, vocab_size: int, seq_length:
             share_embeddings_and_output_weights=model.tie_embeddings,
             position_embedding_type=_POSITION[model.position],
             rotary_base=int(model.rotary_base),
+            # Llama 3.1/3.2 frequency scaling; its other three constants are fixed in Megatron-Core
+            # (compiler/hfconfig.py LLAMA3_FIXED refuses a config.json with other values).
+            rope_scaling=model.rope_scaling_factor != 1.0,
+            rope_scaling_factor=model.rope_scaling_factor,
             vp_stage=vp_stage,
         )
         if not config.use_cpu_initialization:

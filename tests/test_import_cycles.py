@@ -145,8 +145,9 @@ def test_the_training_runtime_reads_only_the_plan_from_the_compiler():
                 "nemoc.runtime.orchestrate.tasks", "nemoc.runtime.hf")
     # hfconfig is the Hugging Face config.json format (a file format both the checker and the converter
     # read), not a planning decision: the converter reads the checkpoint's own config with it.
+    # hfdata likewise: the on-disk layouts of Hugging Face datasets (which files hold a split).
     allowed = {"nemoc.compiler.plan", "nemoc.compiler.spec", "nemoc.compiler.params", "nemoc.compiler.graph",
-               "nemoc.compiler.hfconfig"}
+               "nemoc.compiler.hfconfig", "nemoc.compiler.hfdata"}
     graph = import_graph()
     seen = [m for m in graph if m.startswith(training)]
     bad = sorted((m, t) for m in seen for t in graph[m] if t.startswith("nemoc.compiler") and t not in allowed)

@@ -37,16 +37,18 @@ def _gpt3(name: str, layers: int, hidden: int, heads: int) -> ModelSpec:
 
 
 def _llama(name: str, layers: int, hidden: int, heads: int, groups: int, ffn: int, vocab: int,
-           seq: int, rope: float, source: str, eps: float = 1e-5) -> ModelSpec:
+           seq: int, rope: float, source: str, eps: float = 1e-5, rope_scaling: float = 1.0) -> ModelSpec:
     return ModelSpec(
         name=name, layers=layers, hidden=hidden, heads=heads, query_groups=groups, ffn_hidden=ffn,
         vocab=vocab, seq_length=seq, activation="swiglu", norm="rmsnorm", position="rope",
-        rotary_base=rope, norm_epsilon=eps, source=source,
+        rotary_base=rope, rope_scaling_factor=rope_scaling, norm_epsilon=eps, source=source,
     )
 
 
 _LLAMA2 = "Touvron et al. 2023 (arXiv:2307.09288); HF meta-llama/Llama-2-{}-hf config.json"
 _LLAMA3 = "Llama 3 Herd of Models (arXiv:2407.21783) Table 3; HF meta-llama/Meta-Llama-3-{} config.json"
+# Llama 3.1: rope_scaling {rope_type llama3, factor 8, low/high frequency factors 1/4, original 8192} in
+# every size's config.json
 _LLAMA31 = "Llama 3 Herd of Models (arXiv:2407.21783) Table 3; HF meta-llama/Llama-3.1-{} config.json"
 
 # ------------------------------------------------------------------------------------------ Qwen
@@ -115,9 +117,9 @@ _ALL: tuple[ModelSpec, ...] = (
     # Llama 3 / 3.1: GQA (8 groups), 128256 tiktoken vocab, RoPE base 500000, 8192 pretraining seq.
     _llama("llama3_8b", 32, 4096, 32, 8, 14336, 128256, 8192, 500000.0, _LLAMA3.format("8B")),
     _llama("llama3_70b", 80, 8192, 64, 8, 28672, 128256, 8192, 500000.0, _LLAMA3.format("70B")),
-    _llama("llama31_8b", 32, 4096, 32, 8, 14336, 128256, 8192, 500000.0, _LLAMA31.format("8B")),
-    _llama("llama31_70b", 80, 8192, 64, 8, 28672, 128256, 8192, 500000.0, _LLAMA31.format("70B")),
-    _llama("llama31_405b", 126, 16384, 128, 8, 53248, 128256, 8192, 500000.0, _LLAMA31.format("405B")),
+    _llama("llama31_8b", 32, 4096, 32, 8, 14336, 128256, 8192, 500000.0, _LLAMA31.format("8B"), rope_scaling=8.0),
+    _llama("llama31_70b", 80, 8192, 64, 8, 28672, 128256, 8192, 500000.0, _LLAMA31.format("70B"), rope_scaling=8.0),
+    _llama("llama31_405b", 126, 16384, 128, 8, 53248, 128256, 8192, 500000.0, _LLAMA31.format("405B"), rope_scaling=8.0),
     # Mistral 7B v0.1 (Jiang et al. 2023, arXiv:2310.06825 Table 1; HF mistralai/Mistral-7B-v0.1).
     _llama("mistral_7b", 32, 4096, 32, 8, 14336, 32000, 4096, 10000.0,
            "Jiang et al. 2023 (arXiv:2310.06825) Table 1; HF mistralai/Mistral-7B-v0.1 config.json"),

@@ -91,7 +91,7 @@ def number_text(x: float) -> str:
 # ------------------------------------------------------------------------------------- presets
 
 _ARCH = ("layers", "hidden", "heads", "query_groups", "ffn_hidden", "vocab", "activation", "norm", "position",
-         "rotary_base", "tie_embeddings", "add_bias_linear", "add_qkv_bias", "qk_layernorm", "experts", "top_k",
+         "rotary_base", "rope_scaling_factor", "tie_embeddings", "add_bias_linear", "add_qkv_bias", "qk_layernorm", "experts", "top_k",
          "moe_ffn_hidden", "shared_expert_ffn_hidden", "norm_epsilon")
 
 
@@ -109,10 +109,11 @@ def _arch(values: dict) -> dict:
     else:
         out["moe_ffn_hidden"] = out["top_k"] = None
     out["head_dim"] = values.get("kv_channels") or (values["hidden"] // values["heads"])
+    out["rope_scaling_factor"] = float(values.get("rope_scaling_factor") or 1.0)
     for k in ("rotary_base", "norm_epsilon"):
         out[k] = float(out[k]) if out[k] is not None else None
     if out["position"] != "rope":
-        out["rotary_base"] = None
+        out["rotary_base"] = out["rope_scaling_factor"] = None
     return out
 
 

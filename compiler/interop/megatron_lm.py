@@ -146,6 +146,8 @@ def _model(f: _Flags, d: Draft) -> None:
         ffn_hidden=ffn, vocab=vocab, seq_length=f.int("--seq-length"), kv_channels=f.int("--kv-channels"),
         activation=Word(act), norm=Word(norm), position=Word(position),
         rotary_base=f.float("--rotary-base", 10000.0),
+        # Megatron-LM's --use-rope-scaling (llama3 scaling) with --rope-scaling-factor, default 8
+        rope_scaling_factor=f.float("--rope-scaling-factor", 8.0) if f.has("--use-rope-scaling") else 1.0,
         tie_embeddings=not f.has("--untie-embeddings-and-output-weights"),
         add_bias_linear=not f.has("--disable-bias-linear"),
         add_qkv_bias=f.has("--add-qkv-bias") or not f.has("--disable-bias-linear"),

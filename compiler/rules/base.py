@@ -57,6 +57,9 @@ class Env:
     optimizer: str = "adam"  # the stage's optimizer: adam | sgd
     target: Target = MEGATRON_CORE  # what the runtime that executes the plan can run
     fp8_recipe: str | None = None  # the recipe the user wrote (None = auto)
+    # an export stage with an initial checkpoint and no parent: the hf_import -> hf_export conversion
+    # (compiler.graph), which builds no model, so the stage kind's model limits (dense only) do not apply
+    hf_conversion: bool = False
 
     @property
     def stage_kernels(self) -> str:

@@ -12,7 +12,7 @@ from nemoc.compiler.target import MEGATRON_CORE, Target
 from nemoc.dsl.diagnostics import Diagnostic
 from nemoc.compiler.rules.base import Env, Sizes, TRAINING_KINDS, stage_seq_length, to_diagnostic
 from nemoc.compiler.rules.registry import violations
-from nemoc.compiler.rules.stages import MAX_STAGES, hf_init_not_loaded, stage_diagnostics
+from nemoc.compiler.rules.stages import MAX_STAGES, hf_init_not_loaded, is_hf_conversion, stage_diagnostics
 
 
 def gpu_facts(gpu_name: str) -> tuple[str | None, tuple[str, ...] | None]:
@@ -61,14 +61,14 @@ def stage_parallel(spec: ExperimentSpec, stage: StageSpec) -> ParallelSpec:
 
 
 def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend: str | None = None,
-           optimizer: str = "adam", target: Target = MEGATRON_CORE) -> Env:
+           optimizer: str = "adam", target: Target = MEGATRON_CORE, hf_conversion: bool = False) -> Env:
     arch, precisions = gpu_facts(spec.cluster.gpu)
     return Env(
         model=spec.model, cluster=spec.cluster, precision=spec.precision,
         attention_backend=attention_backend or spec.attention_backend,
         gpu_arch=arch, gpu_precisions=precisions, stage_kind=stage_kind,
         kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=optimizer, target=target,
-        fp8_recipe=spec.fp8_recipe,
+        fp8_recipe=spec.fp8_recipe, hf_conversion=hf_conversion,
     )
 
 
@@ -89,7 +89,7 @@ def check_spec(spec: ExperimentSpec, target: Target = MEGATRON_CORE) -> tuple[Di
         seq = spec.model.seq_length if stage is None else stage_seq_length(spec, stage)
         gb = None if stage is None else stage.global_batch
         env = env_of(spec, stage.kind if stage else "pretrain", optimizer=stage.optimizer.name if stage else "adam",
-                     target=target)
+                     target=target, hf_conversion=stage is not None and is_hf_conversion(spec, stage))
         own = stage is not None and stage.parallel is not None
         sizes = sizes_of(parallel, global_batch=gb, seq_length=seq)
         if stage is not None and stage.kind not in TRAINING_KINDS:

@@ -22,7 +22,7 @@ def rule_runtime_moe(env: Env, s: Sizes) -> Violation | None:
     """The target, not Megatron: a stage kind it builds dense models for only refuses a MoE model."""
     m = env.model
     caps = env.target.caps(env.stage_kind)
-    if not m.is_moe or caps.moe:
+    if not m.is_moe or caps.moe or env.hf_conversion:
         return None
     return Violation(
         "E141", f"`{env.stage_kind}` stages cannot run MoE models: {caps.runs}, with dense models only",

@@ -70,6 +70,12 @@ def _initial_checkpoint(spec: ExperimentSpec, stage: StageSpec) -> str | None:
     return own or (spec.model.init if not stage.after else None)
 
 
+def is_hf_conversion(spec: ExperimentSpec, stage: StageSpec) -> bool:
+    """An export stage with an initial checkpoint and no parent converts that checkpoint (HF -> Megatron-Core
+    -> HF: the graph's hf_import -> hf_export, compiler.graph) and builds no model."""
+    return stage.kind == "export" and not stage.after and bool(_initial_checkpoint(spec, stage))
+
+
 def rule_starting_checkpoint(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
     """A fine-tuning or eval stage starts from a checkpoint: a parent stage's or `init = hf(DIR)`."""
     if stage.kind not in PARENT_CHECKPOINT_KINDS or stage.kind == "export" or stage.after:

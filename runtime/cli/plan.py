@@ -223,11 +223,23 @@ def render_report(result, headroom: float, top: int, console) -> None:
                 console.print(f"search: {sr.search.space:,} candidates, {sr.search.evaluated:,} memory evaluations; "
                               "why the others lost:")
                 console.print(_rejections_table(sr.search))
+    for imp in plan.imports:
+        console.print(Rule(f"hf_import {imp.directory}", style="dim"))
+        console.print(import_line(imp))
     total = report_json_total(plan)
     cost = f"${total['cost_usd']:,.0f}" if total["cost_usd"] is not None else "- (set cluster usd_per_gpu_hour)"
     console.print(Rule("total", style="dim"))
     console.print(f"[bold]wall time {duration(total['wall_time_s'])}, {total['gpu_hours']:,.0f} GPU-hours, cost {cost}[/]"
                   f"  [dim](planned in {result.elapsed_s * 1000:.0f} ms)[/]")
+
+
+def import_line(imp) -> str:
+    """The hf_import task's estimate (compiler/hfimport.py) with its terms."""
+    size = f"{imp.checkpoint_bytes / 1e9:,.1f} GB" + ("" if imp.measured else " (parameters x 2 bytes: no weights there yet)")
+    return (f"checkpoint {size}; host memory peak {_gib(imp.host_memory_bytes)} GiB (max of {imp.workers} worker"
+            f"{'s' * (imp.workers > 1)} x 2 x one layer {_gib(imp.layer_bytes)} GiB, 2 x embeddings/output "
+            f"{_gib(imp.edge_bytes)} GiB); time {duration(imp.seconds)} (hash {duration(imp.hash_s)} + worker start "
+            f"{duration(imp.start_s)} + convert {duration(imp.convert_s)})")
 
 
 # ---------------------------------------------------------------------------------------- command

@@ -61,6 +61,7 @@ def report_json(result, headroom: float, top: int) -> dict:
         "precision": result.plan.precision, "attention_backend": result.plan.attention_backend,
         "kernels": result.plan.kernels, "headroom": headroom,
         "stages": stages,
+        "imports": [plan_dict(i) | {"seconds": i.seconds} for i in result.plan.imports],
         "total": report_json_total(result.plan),
         "warnings": [to_json(d) for d in result.warnings],
         "elapsed_s": result.elapsed_s,
@@ -68,6 +69,8 @@ def report_json(result, headroom: float, top: int) -> dict:
 
 
 def report_json_total(plan) -> dict:
+    """Stages plus the hf_import tasks, which run first (on the host, inside the run's allocation)."""
     es = [s.estimate for s in plan.stages]
-    return {"wall_time_s": sum(e.wall_time_s for e in es), "gpu_hours": sum(e.gpu_hours for e in es),
-            "cost_usd": _sum_cost(e.cost_usd for e in es)}
+    imports = sum(i.seconds for i in plan.imports)
+    return {"wall_time_s": sum(e.wall_time_s for e in es) + imports, "gpu_hours": sum(e.gpu_hours for e in es),
+            "cost_usd": _sum_cost(e.cost_usd for e in es), "import_s": imports}

@@ -150,16 +150,19 @@ def read_manifest(converted: str | Path) -> dict[str, Any]:
 
 
 def rank_state_dict(converted: str | Path, *, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0,
+                    ep: int = 1, ep_rank: int = 0, etp: int = 1, etp_rank: int = 0,
                     padded_vocab: int, pre_process: bool = True, post_process: bool = True,
                     layers: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-    """The state dict of the GPTModel chunk held by (tp_rank, pp_rank), read slice by slice. `layers`
-    (first global layer, count) names the chunk's layers when the split is not Megatron's even one
-    (an uneven pipeline split, a virtual-pipeline chunk): the loader reads it off the built chunk."""
+    """The state dict of the GPTModel chunk held by (tp_rank, pp_rank; ep_rank, etp_rank for the experts of
+    an MoE model), read slice by slice. `layers` (first global layer, count) names the chunk's layers when
+    the split is not Megatron's even one (an uneven pipeline split, a virtual-pipeline chunk): the loader
+    reads it off the built chunk."""
     manifest = read_manifest(converted)
     arch = manifest["architecture"]
     swiglu = arch["activation"] == "swiglu"
     reader = SafetensorsReader(converted)
     first, count = layers if layers is not None else mapping.layer_offset(arch["layers"], pp, pp_rank)
+    first_expert, experts = mapping.expert_slice(arch.get("experts") or 1, ep, ep_rank)
     state: dict[str, torch.Tensor] = {}
     for name in reader.names():
         key = name
@@ -168,6 +171,14 @@ def rank_state_dict(converted: str | Path, *, tp: int = 1, tp_rank: int = 0, pp:
             if not first <= i < first + count:
                 continue
             key = f"{mapping.L}.{i - first}." + name.split(".", 3)[3]
+        if mapping.EXPERT in key:
+            head, rest = key.split(mapping.EXPERT)
+            j, tail = rest.split(".", 1)
+            if not first_expert <= int(j) < first_expert + experts:
+                continue
+            key = f"{head}{mapping.EXPERT}{int(j) - first_expert}.{tail}"
+            state[key] = mapping.shard_for_rank(name, reader.get(name), tp=etp, rank=etp_rank, swiglu=swiglu)
+            continue
         elif name.startswith("embedding.") and not pre_process:
             continue
         elif name.startswith(("decoder.final_layernorm", "output_layer")) and not post_process:

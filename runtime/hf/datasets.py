@@ -9,7 +9,11 @@ Output: `read_records` yields plain dicts, batch by batch (pyarrow record batche
         in memory). `tokenized_cache` tokenizes once into `<cache>/<key>.jsonl` (written atomically by
         the first caller; later callers, e.g. the other ranks, read it) and `shuffled_order` gives a
         seeded permutation, so training consumes samples in random order, not length order.
-Errors: `DatasetError` naming the path and what is missing (unknown split: the splits there are).
+        `materialize` writes a split as one shuffled JSONL file (the `prepare` task of a data block with a
+        Hugging Face dataset: run once, read by every rank of the stages that use it).
+Errors: `DatasetError` (= compiler.hfdata.HfDataError) naming the path and what is missing (unknown split:
+        the splits there are). The layouts themselves are compiler/hfdata.py's, so `nemoc check` reports an
+        unknown split or a missing column at the data block's line.
 """
 
 from __future__ import annotations
@@ -20,13 +24,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from nemoc.compiler.hfdata import DATA_SUFFIXES, HfDataError, split_files  # noqa: F401  (re-exported)
 from nemoc.runtime.atomic import atomic_write_text
 
-DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json")
-
-
-class DatasetError(ValueError):
-    pass
+DatasetError = HfDataError  # one error type for the layouts (compiler/hfdata.py) and the records
 
 
 def _rename(record: dict, columns: Mapping[str, str] | None) -> dict:
@@ -68,33 +69,6 @@ def _file_records(path: Path) -> Iterator[dict]:
         raise DatasetError(f"{path}: unknown data file type (expected {', '.join(DATA_SUFFIXES)})")
 
 
-def split_files(path: str | Path, split: str | None) -> list[Path]:
-    """The data files of `split` under `path` (see the module doc for the layouts)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise DatasetError(f"{path}: no such dataset file or folder")
-    if (path / "dataset_dict.json").is_file():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        split = split or ("train" if "train" in splits else None)
-        if split not in splits:
-            raise DatasetError(f"{path}: no split {split!r} (splits: {', '.join(splits)})")
-        return split_files(path / split, None)
-    if (path / "state.json").is_file():
-        state = json.loads((path / "state.json").read_text())
-        return [path / f["filename"] for f in state.get("_data_files", [])]
-    files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file()
-                   and p.name not in ("dataset_info.json", "state.json", "dataset_dict.json"))
-    if split is None:
-        return files
-    chosen = [p for p in files if p.stem == split or p.stem.startswith(split + "-") or p.parent.name == split]
-    if not chosen:
-        found = sorted({p.stem.split("-")[0] for p in files})
-        raise DatasetError(f"{path}: no files for split {split!r} (found: {', '.join(found) or 'no data files'})")
-    return chosen
-
-
 def read_records(path: str | Path, *, split: str | None = None,
                  columns: Mapping[str, str] | None = None) -> Iterator[dict]:
     for file in split_files(path, split):
@@ -117,3 +91,27 @@ def shuffled_order(n: int, seed: int) -> list[int]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return order
+
+
+def materialize(path: str | Path, out: str | Path, *, split: str | None = None,
+                columns: Mapping[str, str] | None = None, seed: int = 0) -> int:
+    """The records of `split` (columns renamed) as one JSONL file `out`, in a seeded random order.
+
+    Streams: records are written once in file order, then copied line by line in the permuted order
+    (only the line offsets are held, not the records). Returns the record count."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ordered = out.with_name(out.name + ".ordered")
+    offsets: list[int] = []
+    with ordered.open("wb") as f:
+        for record in read_records(path, split=split, columns=columns):
+            offsets.append(f.tell())
+            f.write(json.dumps(record, ensure_ascii=False, default=str).encode("utf-8") + b"\n")
+    tmp = out.with_name(out.name + ".tmp")
+    with ordered.open("rb") as src, tmp.open("wb") as dst:
+        for i in shuffled_order(len(offsets), seed):
+            src.seek(offsets[i])
+            dst.write(src.readline())
+    tmp.replace(out)
+    ordered.unlink()
+    return len(offsets)

@@ -69,6 +69,10 @@ def load_converted(chunk, converted: str | Path, *, vocab: int, skip_output: boo
     state = convert.rank_state_dict(converted, tp=tp, tp_rank=ps.get_tensor_model_parallel_rank(),
                                     pp=ps.get_pipeline_model_parallel_world_size(),
                                     pp_rank=ps.get_pipeline_model_parallel_rank(),
+                                    ep=ps.get_expert_model_parallel_world_size(),
+                                    ep_rank=ps.get_expert_model_parallel_rank(),
+                                    etp=ps.get_expert_tensor_parallel_world_size(),
+                                    etp_rank=ps.get_expert_tensor_parallel_rank(),
                                     padded_vocab=padded, pre_process=gpt.pre_process, post_process=gpt.post_process,
                                     layers=_chunk_layers(gpt))
     if skip_output:

@@ -18,6 +18,11 @@ Megatron-Core GPTModel (local and TE specs alike, TE's fused norm names are acce
   decoder.layers.i.pre_mlp_layernorm.weight          <- post_attention_layernorm.weight
   decoder.layers.i.mlp.linear_fc1.weight             <- [gate_proj; up_proj] (SwiGLU: first half gated)
   decoder.layers.i.mlp.linear_fc2.weight             <- mlp.down_proj.weight
+  MoE (Mixtral block_sparse_moe.*, Qwen3-MoE mlp.*): mlp.router.weight <- gate.weight;
+  decoder.layers.i.mlp.experts.local_experts.j.linear_fc1.weight <- [w1; w3] (Mixtral) / [gate_proj; up_proj]
+  decoder.layers.i.mlp.experts.local_experts.j.linear_fc2.weight <- w2 / down_proj
+       (j global here; a rank of expert-parallel size EP holds experts [r E/EP, (r+1) E/EP) renumbered
+       from 0, each split by the expert tensor-parallel size)
   decoder.final_layernorm.weight                     <- model.norm.weight
   output_layer.weight                                <- lm_head.weight (absent when tied)
 GPT-2 stores Conv1D weights as [in, out] (transposed) and c_attn as [q; k; v] with heads contiguous.
@@ -66,7 +71,7 @@ def split_qkv(qkv: torch.Tensor, arch: dict[str, Any]) -> tuple[torch.Tensor, to
 # ------------------------------------------------------------------------------ Hugging Face -> Megatron
 
 
-def _llama_layer(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+def _llama_layer(family: str, i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
     src, dst = f"model.layers.{i}", f"{L}.{i}"
     a = f"{src}.self_attn"
     yield f"{dst}.input_layernorm.weight", get(f"{src}.input_layernorm.weight")
@@ -80,9 +85,29 @@ def _llama_layer(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.T
         yield f"{dst}.self_attention.k_layernorm.weight", get(f"{a}.k_norm.weight")
     yield f"{dst}.self_attention.linear_proj.weight", get(f"{a}.o_proj.weight")
     yield f"{dst}.pre_mlp_layernorm.weight", get(f"{src}.post_attention_layernorm.weight")
+    if arch.get("experts"):
+        yield from _moe_layer(family, src, dst, arch, get)
+        return
     yield f"{dst}.mlp.linear_fc1.weight", torch.cat([get(f"{src}.mlp.gate_proj.weight"),
                                                      get(f"{src}.mlp.up_proj.weight")], 0)
     yield f"{dst}.mlp.linear_fc2.weight", get(f"{src}.mlp.down_proj.weight")
+
+
+# Hugging Face names of an MoE block: (block prefix, expert (gate, up, down) names). Mixtral's w1/w3/w2 are
+# gate/up/down (MixtralBlockSparseTop2MLP: w2(silu(w1 x) * w3 x)).
+_MOE_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+              "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+
+
+def _moe_layer(family: str, src: str, dst: str, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    """Router and experts: Megatron-Core's local spec (SequentialMLP, grouped GEMM off) names expert j's
+    SwiGLU `mlp.experts.local_experts.j.linear_fc1` = [gate_j; up_j] and `...linear_fc2` = down_j."""
+    block, (gate, up, down) = _MOE_NAMES[family]
+    yield f"{dst}.mlp.router.weight", get(f"{src}.{block}.gate.weight")
+    for j in range(arch["experts"]):
+        e, ours = f"{src}.{block}.experts.{j}", f"{dst}.mlp.experts.local_experts.{j}"
+        yield f"{ours}.linear_fc1.weight", torch.cat([get(f"{e}.{gate}.weight"), get(f"{e}.{up}.weight")], 0)
+        yield f"{ours}.linear_fc2.weight", get(f"{e}.{down}.weight")
 
 
 def _gpt2_layer(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
@@ -103,7 +128,7 @@ def _gpt2_layer(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Te
 
 
 def hf_to_mcore_layer(family: str, i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
-    return _gpt2_layer(i, arch, get) if family == "gpt2" else _llama_layer(i, arch, get)
+    return _gpt2_layer(i, arch, get) if family == "gpt2" else _llama_layer(family, i, arch, get)
 
 
 def hf_to_mcore_edges(family: str, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
@@ -132,7 +157,7 @@ def _pick(get: Getter, *names: str) -> torch.Tensor:
     return get(names[-1])
 
 
-def _llama_layer_out(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+def _llama_layer_out(family: str, i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
     src, dst = f"{L}.{i}", f"model.layers.{i}"
     a, m = f"{src}.self_attention", f"{src}.mlp"
     yield f"{dst}.input_layernorm.weight", _pick(get, f"{src}.input_layernorm.weight", f"{a}.linear_qkv.layer_norm_weight")
@@ -146,10 +171,24 @@ def _llama_layer_out(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, tor
         yield f"{dst}.self_attn.k_norm.weight", get(f"{a}.k_layernorm.weight")
     yield f"{dst}.self_attn.o_proj.weight", get(f"{a}.linear_proj.weight")
     yield f"{dst}.post_attention_layernorm.weight", _pick(get, f"{src}.pre_mlp_layernorm.weight", f"{m}.linear_fc1.layer_norm_weight")
+    if arch.get("experts"):
+        yield from _moe_layer_out(family, src, dst, arch, get)
+        return
     gate, up = torch.chunk(get(f"{m}.linear_fc1.weight"), 2, 0)
     yield f"{dst}.mlp.gate_proj.weight", gate
     yield f"{dst}.mlp.up_proj.weight", up
     yield f"{dst}.mlp.down_proj.weight", get(f"{m}.linear_fc2.weight")
+
+
+def _moe_layer_out(family: str, src: str, dst: str, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    block, (gate, up, down) = _MOE_NAMES[family]
+    yield f"{dst}.{block}.gate.weight", get(f"{src}.mlp.router.weight")
+    for j in range(arch["experts"]):
+        e, ours = f"{dst}.{block}.experts.{j}", f"{src}.mlp.experts.local_experts.{j}"
+        g, u = torch.chunk(get(f"{ours}.linear_fc1.weight"), 2, 0)
+        yield f"{e}.{gate}.weight", g
+        yield f"{e}.{up}.weight", u
+        yield f"{e}.{down}.weight", get(f"{ours}.linear_fc2.weight")
 
 
 def _gpt2_layer_out(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
@@ -170,7 +209,7 @@ def _gpt2_layer_out(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torc
 
 
 def mcore_to_hf_layer(family: str, i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
-    return _gpt2_layer_out(i, arch, get) if family == "gpt2" else _llama_layer_out(i, arch, get)
+    return _gpt2_layer_out(i, arch, get) if family == "gpt2" else _llama_layer_out(family, i, arch, get)
 
 
 def mcore_to_hf_edges(family: str, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
@@ -220,6 +259,17 @@ def shard_for_rank(name: str, full: torch.Tensor, *, tp: int, rank: int, swiglu:
     if name.endswith(_ROW):
         return torch.chunk(full, tp, 1)[rank]
     return full  # norms, row-parallel biases, position embeddings: replicated
+
+
+EXPERT = ".mlp.experts.local_experts."
+
+
+def expert_slice(experts: int, ep: int, ep_rank: int) -> tuple[int, int]:
+    """(first global expert, expert count) held by expert-parallel rank ep_rank (Megatron's even split)."""
+    if experts % ep:
+        raise MappingError(f"experts({experts}) is not divisible by ep({ep})")
+    per = experts // ep
+    return ep_rank * per, per
 
 
 def layer_offset(layers: int, pp: int, pp_rank: int) -> tuple[int, int]:

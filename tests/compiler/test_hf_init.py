@@ -83,11 +83,38 @@ def test_a_missing_directory_is_an_error_at_the_init_line(tmp_path):
 
 
 def test_an_unsupported_architecture_names_the_key(tmp_path):
-    scaled = dict(LLAMA, rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    scaled = dict(LLAMA, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0})
     _, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), scaled)
-    assert [e.code for e in errors] == ["E045"] and "rope_scaling" in errors[0].message
-    _, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), dict(LLAMA, model_type="gemma2"))
-    assert "gemma2" in errors[0].message
+    assert [e.code for e in errors] == ["E045"] and "rope_scaling.low_freq_factor" in errors[0].message
+    yarn = dict(LLAMA, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    _, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), yarn)
+    assert [e.code for e in errors] == ["E045"] and "'yarn'" in errors[0].message
+
+
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])  # transformers 4 / 5 spelling
+def test_llama31_rope_scaling_is_carried_into_the_plan(tmp_path, key):
+    from nemoc.compiler.planner import plan_experiment
+
+    config = dict(LLAMA, **{key: dict(LLAMA31_ROPE, rope_theta=500000.0)})
+    spec, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), config)
+    assert errors == [] and spec.model.rope_scaling_factor == 8.0
+    plan = plan_experiment(spec).plan
+    assert plan.model.rope_scaling_factor == 8.0
+    from nemoc.compiler.plan import from_json, to_json
+
+    assert from_json(to_json(plan)).model.rope_scaling_factor == 8.0
+
+
+def test_rope_scaling_factor_written_or_from_a_preset_must_agree_with_config_json(tmp_path):
+    config = dict(LLAMA, rope_scaling=LLAMA31_ROPE)
+    _, errors, lines = _compile(tmp_path, _experiment('    init = hf("ckpt")\n    rope_scaling_factor = 32', SFT),
+                                config)
+    assert [e.code for e in errors] == ["E046"] and "says 8.0" in errors[0].message
+    assert "rope_scaling_factor = 32" in lines[errors[0].span.line - 1]
 
 
 def _rule_errors(spec):
@@ -166,3 +193,74 @@ def test_w156_on_a_target_that_does_not_load_hf_init_and_none_on_the_nemoc_runti
     assert "sft stage `sft`" in w156.message
     check = CliRunner().invoke(cli, ["check", str(tmp_path / "ft.nemo")])
     assert "W156" not in check.output, check.output
+
+
+MIXTRAL = dict(LLAMA, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+
+
+def test_moe_families_take_their_experts_from_config_json(tmp_path):
+    spec, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), MIXTRAL)
+    assert errors == []
+    m = spec.model
+    assert (m.experts, m.top_k, m.moe_ffn_hidden, m.qk_layernorm) == (4, 2, 96, False)
+    qwen3_moe = dict(LLAMA, model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                     norm_topk_prob=True, head_dim=32)
+    spec, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), qwen3_moe)
+    assert errors == [] and (spec.model.experts, spec.model.moe_ffn_hidden, spec.model.qk_layernorm) == (8, 48, True)
+
+
+@pytest.mark.parametrize("config,key", [
+    (dict(MIXTRAL, num_experts_per_tok=1), "num_experts_per_tok"),
+    (dict(MIXTRAL, model_type="qwen3_moe", norm_topk_prob=False), "norm_topk_prob"),
+    (dict(MIXTRAL, model_type="qwen3_moe", norm_topk_prob=True, mlp_only_layers=[0]), "mlp_only_layers"),
+    (dict(MIXTRAL, router_jitter_noise=0.1), "router_jitter_noise"),
+])
+def test_moe_routing_megatron_core_does_not_build_is_refused_naming_the_key(tmp_path, config, key):
+    _, errors, lines = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), config)
+    assert [e.code for e in errors] == ["E045"] and key in errors[0].message
+    assert "init = hf" in lines[errors[0].span.line - 1]
+
+
+def test_the_import_task_is_planned_with_host_memory_and_time(tmp_path):
+    from nemoc.compiler import hfimport
+    from nemoc.compiler.flops import param_counts
+    from nemoc.compiler.planner import plan_experiment
+
+    spec, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT))
+    (imp,) = plan_experiment(spec).plan.imports
+    counts = param_counts(spec.model)
+    # model.safetensors here is 9 bytes of stand-in weights: measured, and spread over the parameters
+    assert imp.directory == "ckpt" and imp.measured and imp.checkpoint_bytes == 9
+    assert imp.workers == 2  # min(DEFAULT_IMPORT_WORKERS, layers)
+    assert imp.layer_bytes == int(counts.per_layer * 9 / counts.total)
+    assert imp.host_memory_bytes == max(2 * 2 * imp.layer_bytes, 2 * imp.edge_bytes)
+    assert imp.hash_s == pytest.approx(9 / hfimport.HASH_BYTES_PER_S)
+    assert imp.seconds == pytest.approx(imp.hash_s + hfimport.WORKER_START_S + imp.convert_s)
+    # without weights: parameters x 2 bytes (bf16), stated as an assumption
+    from nemoc.compiler.plan import from_json, to_json
+
+    plan = plan_experiment(spec).plan
+    assert from_json(to_json(plan)).imports == plan.imports
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    imp = hfimport.estimate_import(spec.model, str(tmp_path / "ckpt"))
+    assert not imp.measured and imp.checkpoint_bytes == 2 * counts.total
+
+
+def test_nemoc_plan_shows_the_import(tmp_path):
+    from click.testing import CliRunner
+
+    from nemoc.runtime.cli import cli
+
+    _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT))
+    out = CliRunner().invoke(cli, ["plan", str(tmp_path / "ft.nemo")]).output
+    assert "hf_import ckpt" in out and "host memory peak" in out and "worker start" in out, out
+
+
+def test_a_moe_checkpoint_converts_in_an_export_only_experiment_but_does_not_fine_tune(tmp_path):
+    from nemoc.compiler.rules import check_spec
+    from nemoc.runtime.target import NEMOC_RUNTIME
+
+    spec, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', "  stage export {\n  }"), MIXTRAL)
+    assert errors == [] and not [d for d in check_spec(spec, NEMOC_RUNTIME) if d.code == "E141"]
+    spec, errors, _ = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), MIXTRAL)
+    assert [d.code for d in check_spec(spec, NEMOC_RUNTIME) if d.code == "E141"] == ["E141"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
+from nemoc.compiler.hfdata import is_hf_dataset
 from nemoc.compiler.spec import DataSpec
 from nemoc.runtime.data_prep import RAW_FORMATS, Source, prepare_dataset, train_tokenizer, validate_records
 from nemoc.runtime.orchestrate.tasks import TaskContext, TaskError, TaskKind, register
@@ -42,8 +43,34 @@ def _tokenizer_spec(ctx: TaskContext, data: DataSpec) -> str:
     return os.path.abspath(os.path.join(ctx.plan.root, data.tokenizer))
 
 
+# the seed of a Hugging Face dataset's record order (fixed: the order is part of the prepared data's content)
+HF_SHUFFLE_SEED = 1234
+
+
+def _hf_dataset(ctx: TaskContext, data: DataSpec) -> DataSpec:
+    """A local Hugging Face dataset (compiler/hfdata.py layouts) read once: its split, columns renamed,
+    in a seeded random order, as `records.jsonl` in this task's folder; the data set as that file."""
+    from dataclasses import replace
+
+    from nemoc.runtime.hf.datasets import DatasetError, materialize
+
+    path = data.path if os.path.isabs(data.path) else os.path.join(os.path.abspath(ctx.plan.root), data.path)
+    out = ctx.out_dir / "records.jsonl"
+    try:
+        n = materialize(path, out, split=data.hf_split, columns=dict(data.columns), seed=HF_SHUFFLE_SEED)
+    except (DatasetError, OSError) as exc:
+        raise TaskError(f"{ctx.task.id}: {exc}") from None
+    ctx.log(f"read {n} records of {data.path}" + (f" split {data.hf_split}" if data.hf_split else "")
+            + f" (shuffled, seed {HF_SHUFFLE_SEED})")
+    fmt = "jsonl" if data.format == "text" else data.format  # records carry the text under text_field
+    return replace(data, path=str(out), format=fmt, hf_split=None, columns=())
+
+
 def run_prepare(ctx: TaskContext) -> dict:
     data = _data(ctx, ctx.task.settings["name"])
+    if is_hf_dataset(data.path if os.path.isabs(data.path) else os.path.join(ctx.plan.root, data.path)) \
+            or data.hf_split or data.columns:
+        data = _hf_dataset(ctx, data)
     source = Source.from_spec(data, os.path.abspath(ctx.plan.root))
     spec = _tokenizer_spec(ctx, data)
     tokenizer = load_tokenizer(spec)

@@ -21,7 +21,9 @@ def run_hf_import(ctx: TaskContext) -> dict:
     from nemoc.runtime.hf import convert
 
     source = os.path.join(os.path.abspath(ctx.plan.root), str(ctx.task.settings["path"]))
-    workers = int(ctx.options.get("workers") or min(4, os.cpu_count() or 1))
+    # the plan's worker count (compiler/hfimport.py), capped by this host's CPUs; `--workers` overrides
+    planned = next((i.workers for i in ctx.plan.imports if i.directory == str(ctx.task.settings["path"])), 1)
+    workers = int(ctx.options.get("workers") or min(planned, os.cpu_count() or 1))
     start = time.perf_counter()
     try:
         manifest = convert.import_checkpoint(source, ctx.out_dir / "converted", workers=workers)

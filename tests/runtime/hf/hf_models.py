@@ -12,12 +12,29 @@ COMMON = dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_l
 FAMILIES = {
     "llama": dict(model_type="llama", tie_word_embeddings=False, rms_norm_eps=1e-5),
     "llama_tied": dict(model_type="llama", tie_word_embeddings=True),  # Llama 3.2 1B/3B tie embeddings
+    # Llama 3.1 (factor 8) and 3.2 (factor 32, tied): llama3 RoPE scaling. With head_dim 16 and theta 5e5 the
+    # wavelengths 2*pi*theta^(k/16) fall in all three bands (kept, smoothed, divided by the factor).
+    "llama31": dict(model_type="llama", tie_word_embeddings=False, rope_parameters=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192, rope_theta=500000.0)),
+    "llama32": dict(model_type="llama", tie_word_embeddings=True, rope_parameters=dict(
+        rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192, rope_theta=500000.0)),
     "mistral": dict(model_type="mistral", sliding_window=None, tie_word_embeddings=False),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=False),  # QKV bias
     "qwen3": dict(model_type="qwen3", head_dim=32, tie_word_embeddings=False),  # QK norm, head_dim != h/n
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+                    tie_word_embeddings=False),
+    # QK norm + experts; Qwen3-30B-A3B's routing (norm_topk_prob) and expert size below the dense one
+    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      head_dim=32, norm_topk_prob=True, tie_word_embeddings=False),
     "gpt2": dict(model_type="gpt2", vocab_size=200, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                  activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                  bos_token_id=1, eos_token_id=2),
+    # GPT2Config's default activation: the tanh approximation of GELU
+    "gpt2_gelu_new": dict(model_type="gpt2", vocab_size=200, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                          activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                          bos_token_id=1, eos_token_id=2),
 }
 
 
@@ -28,7 +45,9 @@ def make_hf_model(family: str, directory, *, seed: int = 0, max_shard_size: str 
     kw = dict(FAMILIES[family])
     model_type = kw.pop("model_type")
     base = {} if model_type == "gpt2" else dict(COMMON)
-    base.update(kw)
+    # weights of std 0.02 leave activations so small that a wrong nonlinearity (erf vs tanh GELU) or RoPE
+    # frequency moves the logits by less than the tolerance; std 0.3 puts them in the nonlinear range
+    base.update(initializer_range=0.3, **kw)
     config = AutoConfig.for_model(model_type, **base)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()

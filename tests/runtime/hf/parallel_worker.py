@@ -1,28 +1,36 @@
-"""torchrun worker: load a converted checkpoint at TP=2 or PP=2 and save the full logits (rank 0 / last)."""
+"""torchrun worker: load a converted checkpoint at TP=2, PP=2 or EP=2 (MoE) and save the full logits (last rank)."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
 
 def main(converted: str, mode: str, out: str) -> None:
-    from nemoc.compiler.spec import ModelSpec
+    sys.path.insert(0, str(Path(__file__).parent))
+    from build import build, layout
+
     from nemoc.runtime.align import common
+    from nemoc.runtime.core import dist
     from nemoc.runtime.hf import convert
     from nemoc.runtime.hf.load import load_converted
     from nemoc.runtime.model import unwrap
 
     torch.set_num_threads(1)
-    tp, pp = (2, 1) if mode == "tp" else (1, 2)
-    common.init_distributed(tp=tp, pp=pp, seed=1)
+    arch = convert.read_manifest(converted)["architecture"]
+    # Megatron-Core needs sequence parallelism for MoE with TP > 1 (runtime/megatron_args.py _check_supported)
+    sizes = {"tp": dict(tp=2, sequence_parallel=bool(arch.get("experts"))), "pp": dict(pp=2),
+             "ep": dict(ep=2, dp=2)}[mode]
+    lay = layout(**sizes)
+    dist.init_distributed(layout=lay)
+    dist.set_seed(1)
     from megatron.core import parallel_state as ps
 
-    arch = convert.read_manifest(converted)["architecture"]
-    spec = ModelSpec(name="hf", **arch)
-    model = common.build_gpt(spec, common.single_layout(tp=tp, pp=pp))
+    model = build(arch, lay)
     gpt = unwrap(model)
+    pp = lay.pp
     load_converted(model, converted, vocab=arch["vocab"])  # what a stage starting from `init` calls
     tokens = torch.load(out + "/tokens.pt")
     batch = common.make_batch([(t, [1] * len(t)) for t in tokens.tolist()], tokens.shape[1] - 1)

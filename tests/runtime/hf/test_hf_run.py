@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from hf_models import make_hf_model, read_tensors
@@ -30,8 +31,9 @@ EXPERIMENT = """experiment roundtrip {
 
 
 
-def test_export_only_experiment_round_trips_bit_identically(tmp_path):
-    make_hf_model("qwen2", tmp_path / "ckpt", dtype=torch.bfloat16)
+@pytest.mark.parametrize("family", ["qwen2", "mixtral"])
+def test_export_only_experiment_round_trips_bit_identically(tmp_path, family):
+    make_hf_model(family, tmp_path / "ckpt", dtype=torch.bfloat16)
     (tmp_path / "ckpt" / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     (tmp_path / "rt.nemo").write_text(EXPERIMENT)
     run = [NEMOC, "run", "rt.nemo", "--workdir", "runs", "--workers", "1"]
