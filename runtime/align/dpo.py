@@ -29,6 +29,7 @@ from nemoc.runtime.align.common import AlignError, Batch, make_batch, token_logp
 from nemoc.runtime.align.trainer import chunks
 
 LOSSES = ("dpo", "ipo")
+REPORTS = ("loss", "reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected")  # preference_loss's
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ def make_forward(*, beta: float, loss: str, label_smoothing: float = 0.0):
 
         return token_loss, loss_func
 
+    forward.reports = REPORTS
     return forward
 
 

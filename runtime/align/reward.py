@@ -82,6 +82,9 @@ def forward(model, mb):
     return values, loss_func
 
 
+forward.reports = ("loss", "accuracy", "margin")  # bradley_terry's, the loss first (core.loop)
+
+
 @torch.no_grad()
 def accuracy(model, pairs: Sequence[Pair], *, seq_length: int, micro_batch: int = 32, pad_id: int = 0) -> dict[str, float]:
     """Held-out pairs: fraction with r(chosen) > r(rejected), and the mean margin."""

@@ -75,6 +75,9 @@ def forward(model, batch: Batch):
     return token_loss, loss_func
 
 
+forward.reports = ("loss", "response_tokens")  # what loss_func reports, the loss first (core.loop)
+
+
 @torch.no_grad()
 def response_loss(chunk, batches: Sequence[Batch]) -> float:
     """Mean per-token loss over all response tokens of `batches` (token-weighted, not batch-weighted)."""
