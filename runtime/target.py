@@ -29,15 +29,18 @@ _ALIGN = StageCaps(
     runs="the nemoc runtime's alignment stages (runtime/align) run TP/DP only",
     source="nemoc runtime/align/runners.py _trainer (pp > 1), runtime/align/common.py build_gpt (vp), "
            "ModelShape.of (dense models only)")
-# eval and export run in one process (runtime/tasks/align.py `_one_process`) on the local spec, which
-# has no FP8 GEMMs: an fp8 / mxfp8 model (16-bit weights) is evaluated in bf16 (runtime/align/evaluate.py).
+# eval runs at the stage's layout (tensor and data parallel; runtime/tasks/align.py launches the layout's
+# world size), so a model whose weights exceed one GPU is evaluated; its passes call the model directly
+# (no pipeline). Export runs in one process on the host (runtime/tasks/align.py `_one_process`). The local
+# spec has no FP8 GEMMs: an fp8 / mxfp8 model (16-bit weights) is evaluated in bf16 (runtime/align/evaluate.py).
 _EVAL = StageCaps(
-    pipeline=False, te=False, moe=False, fp8=False, one_process=True, hf_init=True,
-    runs="the nemoc runtime runs eval and export in one process (runtime/align)",
-    source="nemoc runtime/tasks/align.py _one_process, runtime/align/common.py ModelShape.of")
+    pipeline=False, te=False, moe=False, fp8=False, hf_init=True,
+    runs="the nemoc runtime evaluates at the stage's TP/DP layout (runtime/align/evaluate.py)",
+    source="nemoc runtime/align/evaluate.py (direct model calls: no pipeline), runtime/align/common.py ModelShape.of")
 _EXPORT = StageCaps(
-    pipeline=False, te=False, moe=False, attention="unfused", one_process=True, hf_init=True, runs=_EVAL.runs,
-    source=_EVAL.source)
+    pipeline=False, te=False, moe=False, attention="unfused", one_process=True, hf_init=True,
+    runs="the nemoc runtime exports in one process on the host (runtime/align/export.py)",
+    source="nemoc runtime/tasks/align.py _one_process, runtime/align/common.py ModelShape.of")
 
 NEMOC_RUNTIME = Target(
     name="nemoc-runtime",

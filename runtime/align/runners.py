@@ -400,4 +400,4 @@ def run_export(task: StageTask) -> dict:
 
 RUNNERS = {"sft": run_sft, "lora": run_sft, "dpo": run_dpo, "reward": run_reward, "ppo": run_ppo,
            "rlhf": run_ppo, "eval": run_eval, "export": run_export}
-SINGLE_PROCESS = ("eval", "export")
+SINGLE_PROCESS = ("export",)
