@@ -356,7 +356,8 @@ def _vp_domain(p: Problem, pp: int) -> list[int | None]:
     v = p.fixed.virtual_pipeline
     if v is not None:
         return [None] if v <= 1 else [v]
-    if pp == 1 or not p.target.caps(p.stage_kind).pipeline:
+    caps = p.target.caps(p.stage_kind)
+    if pp == 1 or not caps.pipeline or not caps.virtual_pipeline:
         return [None]
     return [None] + [v for v in range(2, p.model.layers // pp + 1) if pipeline_split(p.model.layers, pp, v)]
 
@@ -659,8 +660,9 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
     f = p.fixed
     rng = lambda fixed, hi: [fixed] if fixed is not None else list(range(1, hi + 1))  # noqa: E731
     piped = p.target.caps(p.stage_kind).pipeline  # policy: auto PP / VP only where the target pipelines
+    interleaves = piped and p.target.caps(p.stage_kind).virtual_pipeline
     vps = ([f.virtual_pipeline if f.virtual_pipeline > 1 else None] if f.virtual_pipeline is not None
-           else [None] + list(range(2, (max_vp or p.model.layers) + 1)) if piped else [None])
+           else [None] + list(range(2, (max_vp or p.model.layers) + 1)) if interleaves else [None])
     mb_hi = max_micro_batch or p.global_batch or 1
     experts = p.model.experts if p.model.is_moe else 1
     for tp, pp, cp, vp, ep, mb in itertools.product(

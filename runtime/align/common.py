@@ -274,10 +274,17 @@ class Batch:
         return Batch(**moved, attention_mask=mask, packed_seq_params=params)
 
     def shaped(self, output: torch.Tensor) -> torch.Tensor:
-        """A last-stage output of a packed batch ([1, b * s, ...]) back in rows ([b, s, ...])."""
-        if self.packed_seq_params is None:
+        """A last-stage output of a packed batch ([1, b * s, ...]) back in rows ([b, s, ...]); anything
+        else (an unpacked batch's output, a pipeline stage's hidden states [t, 1, h]) as it is."""
+        b, s = self.tokens.shape
+        if self.packed_seq_params is None or output.dim() < 2 or output.shape[0] != 1 or output.shape[1] != b * s:
             return output
-        return output.reshape(*self.tokens.shape, *output.shape[2:])
+        return output.reshape(b, s, *output.shape[2:])
+
+    def pipeline_shape(self) -> tuple[int, int]:
+        """(sequence, micro-batch) of the activations the pipeline sends: a packed batch is one row of b x s."""
+        b, s = self.tokens.shape
+        return (b * s, 1) if self.packed_seq_params is not None else (s, b)
 
 
 def run(model, batch: Batch, **kwargs):
@@ -370,6 +377,21 @@ def packed_segments(segments: torch.Tensor):
     longest = int((bounds[1:] - bounds[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds.clone(),
                            max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def forward_only(model, batches, fn, *, everywhere: bool = False) -> list:
+    """`fn(batch, last-stage output)` for each batch, forward only, under any pipeline layout
+    (core.loop.forward_only): on the last pipeline stage, or everywhere (broadcast). `fn` should return
+    host values when `everywhere` (they are pickled over the pipeline group)."""
+    from nemoc.runtime.core.loop import forward_only as scheduled
+
+    def step(chunk, item):
+        batch, extra = item if isinstance(item, tuple) else (item, None)
+        output = run(chunk, batch, **(extra or {}))
+        return output, (lambda out: fn(batch, batch.shaped(out)))
+
+    return scheduled(model, list(batches), step, shape=lambda item: (item[0] if isinstance(item, tuple) else item)
+                     .pipeline_shape(), everywhere=everywhere)
 
 
 def token_logprobs(model, batch: Batch) -> torch.Tensor:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nemoc.runtime.align.common import AlignError, Batch, make_batch, token_logprobs, unwrap
+from nemoc.runtime.align.common import AlignError, Batch, forward_only, make_batch, run, unwrap
 from nemoc.runtime.align.trainer import chunks
 
 LOSSES = ("dpo", "ipo")
@@ -91,7 +91,9 @@ class ReferenceScores:
         self.model, self.policy, self.lora_disabled, self.zero, self.loss = model, policy, lora_disabled, zero, loss
 
     @torch.no_grad()
-    def __call__(self, batch: Batch) -> torch.Tensor:
+    def __call__(self, batch: Batch, *, everywhere: bool = False) -> torch.Tensor | None:
+        """[2n] scores; under pipeline parallelism only the last stage has them (None elsewhere) unless
+        `everywhere`. Every pipeline rank calls it alike (a forward-only schedule), outside a training step."""
         if self.zero:  # reference-free DPO: log ref = 0 (a uniform reference)
             return torch.zeros(batch.tokens.shape[0], device=batch.tokens.device)
         if self.lora_disabled:
@@ -100,11 +102,17 @@ class ReferenceScores:
             was_training = self.policy.training
             self.policy.eval()
             with lora.disabled(self.policy):
-                scores = sequence_scores(token_logprobs(self.policy, batch), batch.loss_mask, self.loss)
+                scores = self._scores(self.policy, batch, everywhere)
             self.policy.train(was_training)
             return scores
         self.model.eval()
-        return sequence_scores(token_logprobs(self.model, batch), batch.loss_mask, self.loss)
+        return self._scores(self.model, batch, everywhere)
+
+    def _scores(self, model, batch: Batch, everywhere: bool) -> torch.Tensor | None:
+        (scores,) = forward_only(model, [(batch, {"labels": batch.labels})],
+                                 lambda b, out: sequence_scores(-out.float(), b.loss_mask, self.loss).cpu(),
+                                 everywhere=everywhere)
+        return scores.to(batch.tokens.device) if scores is not None else None
 
 
 def precompute(reference: ReferenceScores, pairs: Sequence[Pair], seq_length: int, micro_batch: int,
@@ -115,8 +123,8 @@ def precompute(reference: ReferenceScores, pairs: Sequence[Pair], seq_length: in
         group = pairs[start:start + micro_batch]
         scores = reference(pair_batch(group, seq_length, pad_id))
         n = len(group)
-        for i in range(n):
-            table[start + i] = (scores[i], scores[n + i])
+        for i in range(n):  # (None off the last pipeline stage, which alone computes the loss)
+            table[start + i] = (scores[i], scores[n + i]) if scores is not None else None
     return table
 
 
@@ -127,11 +135,18 @@ def microbatches(indexed_pairs: Sequence[tuple[int, Pair]], *, seq_length: int, 
     for group in chunks(indexed_pairs, micro_batch):
         batch = pair_batch([p for _, p in group], seq_length, pad_id)
         if table is not None:
-            ref = torch.stack([table[i][0] for i, _ in group] + [table[i][1] for i, _ in group])
+            ref = _from_table(table, [i for i, _ in group])
         else:
             ref = reference(batch)
         out.append({"batch": batch, "ref": ref})
     return out
+
+
+def _from_table(table: dict, indices: list[int]) -> torch.Tensor | None:
+    rows = [table[i] for i in indices]
+    if any(r is None for r in rows):
+        return None  # not the last pipeline stage
+    return torch.stack([r[0] for r in rows] + [r[1] for r in rows])
 
 
 def make_forward(*, beta: float, loss: str, label_smoothing: float = 0.0):
@@ -142,10 +157,10 @@ def make_forward(*, beta: float, loss: str, label_smoothing: float = 0.0):
 
     def forward(model, mb):
         batch = mb["batch"]
-        token_loss = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+        token_loss = run(model, batch, labels=batch.labels)
 
         def loss_func(output):
-            scores = sequence_scores(-output.float(), batch.loss_mask, loss)
+            scores = sequence_scores(-batch.shaped(output).float(), batch.loss_mask, loss)
             return preference_loss(scores, mb["ref"], beta=beta, loss=loss, label_smoothing=label_smoothing)
 
         return token_loss, loss_func
@@ -161,18 +176,21 @@ def preference_accuracy(chunk, pairs: Sequence[Pair], *, seq_length: int, micro_
     """Held-out pairs: `likelihood_accuracy` = P[log pi(y_w) > log pi(y_l)] and, with a reference,
     `reward_accuracy` = P[r_w > r_l] (ties count 1/2, so an untrained policy scores exactly 0.5)."""
     unwrap(chunk).eval()
+    batches = [pair_batch(list(pairs[start:start + micro_batch]), seq_length, pad_id)
+               for start in range(0, len(pairs), micro_batch)]
+    policy = forward_only(chunk, [(b, {"labels": b.labels}) for b in batches],
+                          lambda b, out: sequence_scores(-out.float(), b.loss_mask, loss).cpu(), everywhere=True)
     wins, reward_wins, margin = 0.0, 0.0, 0.0
-    for start in range(0, len(pairs), micro_batch):
-        group = list(pairs[start:start + micro_batch])
-        batch = pair_batch(group, seq_length, pad_id)
-        pi = sequence_scores(token_logprobs(chunk, batch), batch.loss_mask, loss)
-        n = len(group)
+    for k, (batch, pi) in enumerate(zip(batches, policy)):
+        start, n = k * micro_batch, pi.shape[0] // 2
         wins += float((pi[:n] > pi[n:]).float().sum() + 0.5 * (pi[:n] == pi[n:]).float().sum())
         if reference is not None or table is not None:
             if table is not None:
-                ref = torch.stack([table[start + i][0] for i in range(n)] + [table[start + i][1] for i in range(n)])
+                ref = _from_table(table, list(range(start, start + n)))
+                ref = _broadcast_from_last_stage(ref)
             else:
-                ref = reference(batch)
+                ref = reference(batch, everywhere=True)
+            ref = ref.cpu()
             d = (pi[:n] - ref[:n]) - (pi[n:] - ref[n:])
             reward_wins += float((d > 0).float().sum() + 0.5 * (d == 0).float().sum())
             margin += float(d.sum())
@@ -180,3 +198,14 @@ def preference_accuracy(chunk, pairs: Sequence[Pair], *, seq_length: int, micro_
     if reference is not None or table is not None:
         result.update(reward_accuracy=reward_wins / len(pairs), log_ratio_margin=margin / len(pairs))
     return result
+
+
+def _broadcast_from_last_stage(value):
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    box = [value.cpu() if value is not None else None]
+    torch.distributed.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                            group=ps.get_pipeline_model_parallel_group())
+    return box[0]

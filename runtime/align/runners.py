@@ -91,10 +91,10 @@ def _peft(task: StageTask):
 
 def _trainer(task: StageTask, chunk, steps: int | None = None):
     s = task.stage
-    if s.layout.pp > 1:
-        # The trainer's step runs under pipeline parallelism (test_align_parallel.py), but the stages' other
-        # passes (validation, reference log-probs, rollouts, reward scores) call the whole model directly.
-        raise AlignError(f"stage {s.name} ({s.kind}): alignment stages run with pipeline parallelism 1 "
+    if s.layout.pp > 1 and s.kind in ("ppo", "rlhf"):
+        # sft, dpo and reward train and evaluate through Megatron's schedules at any pipeline layout; PPO's
+        # rollouts, reward scores and experience passes call the whole model directly.
+        raise AlignError(f"stage {s.name} ({s.kind}): ppo runs with pipeline parallelism 1 "
                          f"(got pp={s.layout.pp}); use tp/dp")
     return trainer.Trainer(chunk, layout=s.layout, optimizer=s.optimizer, schedule=s.schedule,
                            steps=steps or s.steps, precision=s.execution.precision, overlaps=s.execution.overlaps)

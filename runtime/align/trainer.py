@@ -166,21 +166,48 @@ def batches(items: Sequence, *, start: int, global_batch: int, to_microbatches: 
         yield from to_microbatches(dp_shard(items, step, global_batch))
 
 
+class StepBatches(core_loop.ReplayableIterator):
+    """The micro-batch stream of `batches`, each step's micro-batches made when the step begins
+    (`begin_step`, called by core.loop.train_step before the schedule runs): whatever making them
+    computes -- DPO's reference scores, a forward-only pipeline schedule of their own -- runs outside
+    the training schedule, in the same order on every pipeline rank."""
+
+    def __init__(self, iterator, per_step: int):
+        super().__init__(iterator)
+        self.per_step = per_step
+
+    def begin_step(self) -> None:
+        super().begin_step()
+        missing = self.per_step - len(self._replay)
+        self._replay += [next(self._iterator) for _ in range(max(missing, 0))]
+
+
+def pipeline_shape(microbatch) -> tuple[int, int]:
+    """(sequence, micro-batch) of a stage kind's micro-batch as the pipeline schedule sends it."""
+    batch = microbatch["batch"] if isinstance(microbatch, dict) else microbatch
+    return batch.pipeline_shape()
+
+
 def fit(trainer: Trainer, *, stage, items: Sequence, to_microbatches: Callable, forward: Callable, start: int,
         end: int, reports: tuple[str, ...], metrics=None, checkpointer=None, make_checkpoint_state=None,
         throughput=None, stop: StopSignal | None = None) -> core_loop.LoopState:
     """Steps `start+1 .. end` of a stage kind on the training core's loop (core.loop.train_loop: Megatron's
-    schedules, the NaN/Inf rerun on replayed micro-batches, logging, periodic checkpoints, the stop
-    signal). `forward(model, microbatch) -> (output, loss_func)` is the stage kind's forward step;
-    `reports` the names its loss function reports, the loss first."""
-    iterator = core_loop.ReplayableIterator(
-        batches(items, start=start, global_batch=stage.layout.global_batch, to_microbatches=to_microbatches))
+    schedules -- no pipelining, 1F1B -- the NaN/Inf rerun on replayed micro-batches, logging, periodic
+    checkpoints, the stop signal). `forward(model, microbatch) -> (output, loss_func)` is the stage kind's
+    forward step; `reports` the names its loss function reports, the loss first."""
+    iterator = StepBatches(batches(items, start=start, global_batch=stage.layout.global_batch,
+                                   to_microbatches=to_microbatches), per_step=stage.layout.num_microbatches)
     state = core_loop.LoopState(iteration=start, consumed_samples=start * stage.layout.global_batch)
+    if start >= end:
+        return state
+    iterator.begin_step()  # the first step's micro-batches: their shape is the pipeline's
+    seq_length, micro_batch = pipeline_shape(iterator._replay[0])
+    iterator._taken = []
     return core_loop.train_loop(
         model=[trainer.model], optimizer=trainer.optimizer, scheduler=trainer.scheduler, stage=stage,
         forward_step=lambda data, model: forward(model, next(data)), train_iterators=iterator, state=state,
         end_iteration=end, checkpointer=checkpointer, make_checkpoint_state=make_checkpoint_state, metrics=metrics,
-        throughput=throughput, stop=stop, reports=reports)
+        throughput=throughput, stop=stop, reports=reports, seq_length=seq_length, micro_batch=micro_batch)
 
 
 class _Records:

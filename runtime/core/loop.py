@@ -221,6 +221,42 @@ def evaluate(*, forward_step, make_iterators, model, layout, seq_length: int, it
     return _global_mean(total[0])
 
 
+def forward_only(model, items, step: Callable, *, shape: Callable, everywhere: bool = False) -> list:
+    """`step(model, item) -> (output, fn)` for each item, forward only, through Megatron's schedule (one
+    micro-batch per call, so items may differ in shape: `shape(item) -> (seq_length, micro_batch)` as the
+    pipeline sends it). Returns [fn(output), ...] on the last pipeline stage; elsewhere [None, ...],
+    or with `everywhere` the last stage's values (broadcast over the pipeline group). Every pipeline rank
+    must call it with the same items, outside any other schedule. Without pipelining it calls the model
+    directly."""
+    from megatron.core import parallel_state as ps
+
+    chunks = model if isinstance(model, list) else [model]
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        out = []
+        for item in items:
+            output, fn = step(chunks[0], item)
+            out.append(fn(output))
+        return out
+    results = []
+    for item in items:
+        def forward_step(data, chunk, _item=item):
+            output, fn = step(chunk, next(data))
+            return output, (lambda o, non_loss_data=True: fn(o))
+
+        seq, micro = shape(item)
+        stored = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([item]), model=chunks, num_microbatches=1,
+            seq_length=seq, micro_batch_size=micro, decoder_seq_length=seq, forward_only=True,
+            collect_non_loss_data=True)
+        results.append(stored[0] if stored else None)
+    if everywhere:
+        box = [results if ps.is_pipeline_last_stage() else None]
+        torch.distributed.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                                group=ps.get_pipeline_model_parallel_group())
+        results = box[0]
+    return results
+
+
 def _sync() -> None:
     if torch.cuda.is_available() and not mcore_cpu.is_applied():
         torch.cuda.synchronize()
