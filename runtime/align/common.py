@@ -2,7 +2,7 @@
 
 Input:  a compiled `Plan` (its `ModelSpec`, precision and a `StagePlan`'s layout).
 Output: Megatron-Core objects: an initialised `parallel_state`, `GPTModel`s (policy, reference, reward,
-critic) built by the runtime's own adapters (`runtime.megatron_args`, `runtime.model`), and per-token
+critic) built by the training core (`runtime/core/build.py build_chunks`), and per-token
 log-probabilities computed with Megatron's vocab-parallel cross entropy (so every function here is
 correct under tensor parallelism: logits stay sharded on the vocabulary).
 Invariants: the CPU adaptation (`nemoc.runtime.mcore_cpu.apply`) is applied before any Megatron object
@@ -121,13 +121,9 @@ def single_layout(*, tp: int = 1, pp: int = 1, dp: int = 1, micro_batch: int = 1
 
 
 def machine_facts() -> margs.MachineFacts:
-    """The facts the alignment stages build with: Megatron-Core's local layer spec even where Transformer
-    Engine is installed. TE's fused LayerNorm-linear would put the norm inside linear_qkv/linear_fc1, where
-    a LoRA adapter must not see un-normalised input, and TE's attention ignores an arbitrary mask (packed
-    samples). The local spec's sharded-state-dict key map (`input_layernorm.` <->
-    `self_attention.linear_qkv.layer_norm_`) keeps checkpoints interchangeable with TE-trained ones.
-    The planner knows it: these stage kinds are planned and costed with `kernels = local`
-    (runtime/target.py `NEMOC_RUNTIME`: te = False for these kinds), whatever the experiment's `kernels` says."""
+    """The facts a model built outside a stage plan (tools, tests, `build_gpt` without `facts`) is built
+    with: Megatron-Core's local layer spec. A stage builds with its plan's kernels instead
+    (stage.build: `core.dist.machine_facts(stage.kernels)`, TE where installed)."""
     return margs.MachineFacts(cpu=mcore_cpu.is_applied(), have_te=False)
 
 

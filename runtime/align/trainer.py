@@ -1,12 +1,17 @@
-"""One optimizer step at a time on Megatron-Core: DDP, the Megatron optimizer, the LR scheduler, the schedules.
+"""The alignment kinds on the training core: a model with its optimizer (`Trainer`), and their steps on
+`core.loop.train_loop` (`fit`).
 
 Input:  a model chunk from `common.build_gpt` (parameters with `requires_grad=False` are frozen: DDP
         gives them no gradient buffer and the optimizer never sees them), the stage plan's optimizer,
-        schedule, layout and steps, and per step a list of microbatches plus a `forward(model, mb)`
-        returning `(output, loss_func)` in Megatron's forward-step contract.
-Output: per step a dict of metrics (averaged over microbatches and data-parallel ranks), `lr`, `grad_norm`.
+        schedule, layout and steps; the stage kind's items, `to_microbatches(share)` and
+        `forward(model, microbatch) -> (output, loss_func)` in Megatron's forward-step contract, whose
+        loss function returns `(mean loss, {name: scalar})` with the names in `forward.reports`.
+Output: the core loop's `LoopState` (the loss and every named report averaged over the log interval);
+        `run_steps`: every step's record. `Trainer.step`: one step outside the loop (PPO's inner epochs).
 Invariants: the gradient is that of the mean of the per-microbatch losses over all microbatches of all
-DP ranks (Megatron divides each microbatch loss by the number of microbatches; DDP averages over DP).
+DP ranks (Megatron divides each microbatch loss by the number of microbatches; DDP averages over DP);
+a step's micro-batches are made before its schedule runs (`StepBatches`), so whatever they compute
+(DPO's reference scores: a forward-only schedule) never nests inside the training schedule.
 """
 
 from __future__ import annotations
