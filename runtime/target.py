@@ -23,15 +23,16 @@ from nemoc.compiler.target import StageCaps, Target
 # `LoraLinear._adapter_input`). sft, dpo and reward train and evaluate through Megatron's schedules at
 # any pipeline layout (no virtual stages: common.py `build_gpt`); PPO's rollout and experience passes
 # call the whole model (runners.py `_trainer` refuses pp > 1 for it) and its sampler has no KV cache.
+# No context parallelism (their batches are not split along the sequence: every rank holds whole rows).
 # Dense models only (common.py `ModelShape.of`). `init = hf(DIR)` is converted by the hf_import task
 # (runtime/tasks/hf.py) and loaded where a parent's checkpoint would be (runtime/align/stage.py
 # `policy_start`, runtime/core/build.py `restore_or_initialize`).
 _ALIGN = StageCaps(
-    pipeline=True, virtual_pipeline=False, te=True, moe=False, hf_init=True,
+    pipeline=True, virtual_pipeline=False, context_parallel=False, te=True, moe=False, hf_init=True,
     runs="the nemoc runtime's sft, dpo and reward stages (runtime/align) run TP/PP/DP without virtual stages",
     source="nemoc runtime/align/common.py build_gpt (vp), ModelShape.of (dense models only)")
 _PPO = StageCaps(
-    pipeline=False, te=True, moe=False, kv_cache_rollout=False, hf_init=True,
+    pipeline=False, context_parallel=False, te=True, moe=False, kv_cache_rollout=False, hf_init=True,
     runs="the nemoc runtime's ppo stages (runtime/align) run TP/DP only",
     source="nemoc runtime/align/runners.py _trainer (pp > 1), runtime/align/common.py ModelShape.of (dense models only)")
 # eval runs at the stage's layout (tensor and data parallel; runtime/tasks/align.py launches the layout's
@@ -39,7 +40,7 @@ _PPO = StageCaps(
 # (no pipeline). Export runs in one process on the host (runtime/tasks/align.py `_one_process`). The local
 # spec has no FP8 GEMMs: an fp8 / mxfp8 model (16-bit weights) is evaluated in bf16 (runtime/align/evaluate.py).
 _EVAL = StageCaps(
-    pipeline=False, te=False, moe=False, fp8=False, hf_init=True,
+    pipeline=False, context_parallel=False, te=False, moe=False, fp8=False, hf_init=True,
     runs="the nemoc runtime evaluates at the stage's TP/DP layout (runtime/align/evaluate.py)",
     source="nemoc runtime/align/evaluate.py (direct model calls: no pipeline), runtime/align/common.py ModelShape.of")
 _EXPORT = StageCaps(

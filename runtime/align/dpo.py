@@ -45,13 +45,14 @@ def _row(prompt: list[int], reply: list[int], seq_length: int) -> tuple[list[int
     return ids, weights
 
 
-def pair_batch(pairs: Sequence[Pair], seq_length: int, pad_id: int = 0) -> Batch:
-    """2n rows: the chosen replies of `pairs`, then their rejected replies."""
+def pair_batch(pairs: Sequence[Pair], seq_length: int, pad_id: int = 0, *, varlen: bool = False) -> Batch:
+    """2n rows: the chosen replies of `pairs`, then their rejected replies (`varlen`: attended as
+    variable-length segments, no [s, s] mask: common.pack_rows)."""
     rows = [_row(p.prompt, p.chosen, seq_length) for p in pairs] + [_row(p.prompt, p.rejected, seq_length) for p in pairs]
     for ids, w in rows:
         if sum(w[1:]) == 0:
             raise AlignError(f"a preference pair's prompt fills seq_length={seq_length}: no reply token is left")
-    return make_batch(rows, seq_length, pad_id)
+    return make_batch(rows, seq_length, pad_id, varlen=varlen)
 
 
 def sequence_scores(token_lp: torch.Tensor, mask: torch.Tensor, loss: str) -> torch.Tensor:
@@ -116,12 +117,12 @@ class ReferenceScores:
 
 
 def precompute(reference: ReferenceScores, pairs: Sequence[Pair], seq_length: int, micro_batch: int,
-               pad_id: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+               pad_id: int = 0, *, varlen: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Reference (chosen, rejected) scores for every pair index, computed once."""
     table = {}
     for start in range(0, len(pairs), micro_batch):
         group = pairs[start:start + micro_batch]
-        scores = reference(pair_batch(group, seq_length, pad_id))
+        scores = reference(pair_batch(group, seq_length, pad_id, varlen=varlen))
         n = len(group)
         for i in range(n):  # (None off the last pipeline stage, which alone computes the loss)
             table[start + i] = (scores[i], scores[n + i]) if scores is not None else None
@@ -129,11 +130,12 @@ def precompute(reference: ReferenceScores, pairs: Sequence[Pair], seq_length: in
 
 
 def microbatches(indexed_pairs: Sequence[tuple[int, Pair]], *, seq_length: int, micro_batch: int,
-                 reference: ReferenceScores | None, table: dict | None, pad_id: int = 0) -> list[dict]:
+                 reference: ReferenceScores | None, table: dict | None, pad_id: int = 0,
+                 varlen: bool = False) -> list[dict]:
     """Microbatches of `micro_batch` pairs: {"batch": 2n rows, "ref": [2n] reference scores}."""
     out = []
     for group in chunks(indexed_pairs, micro_batch):
-        batch = pair_batch([p for _, p in group], seq_length, pad_id)
+        batch = pair_batch([p for _, p in group], seq_length, pad_id, varlen=varlen)
         if table is not None:
             ref = _from_table(table, [i for i, _ in group])
         else:
@@ -172,11 +174,11 @@ def make_forward(*, beta: float, loss: str, label_smoothing: float = 0.0):
 @torch.no_grad()
 def preference_accuracy(chunk, pairs: Sequence[Pair], *, seq_length: int, micro_batch: int = 32,
                         reference: ReferenceScores | None = None, table: dict | None = None,
-                        loss: str = "dpo", pad_id: int = 0) -> dict[str, float]:
+                        loss: str = "dpo", pad_id: int = 0, varlen: bool = False) -> dict[str, float]:
     """Held-out pairs: `likelihood_accuracy` = P[log pi(y_w) > log pi(y_l)] and, with a reference,
     `reward_accuracy` = P[r_w > r_l] (ties count 1/2, so an untrained policy scores exactly 0.5)."""
     unwrap(chunk).eval()
-    batches = [pair_batch(list(pairs[start:start + micro_batch]), seq_length, pad_id)
+    batches = [pair_batch(list(pairs[start:start + micro_batch]), seq_length, pad_id, varlen=varlen)
                for start in range(0, len(pairs), micro_batch)]
     policy = forward_only(chunk, [(b, {"labels": b.labels}) for b in batches],
                           lambda b, out: sequence_scores(-out.float(), b.loss_mask, loss).cpu(), everywhere=True)

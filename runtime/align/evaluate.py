@@ -85,7 +85,8 @@ def run(task: stage.StageTask) -> dict:
         elif fmt == "preference":
             pairs = [dpo.Pair(template.prompt_ids(tok, r.prompt), template.reply_ids(tok, r.chosen),
                               template.reply_ids(tok, r.rejected)) for r in read_preferences(entry["path"])]
-            acc = dpo.preference_accuracy(chunk, pairs, seq_length=seq, micro_batch=micro, pad_id=tok.pad)
+            acc = dpo.preference_accuracy(chunk, pairs, seq_length=seq, micro_batch=micro, pad_id=tok.pad,
+                                          varlen=stage.varlen_attention(task))
             results["datasets"][name] = {"format": fmt, "pairs": len(pairs), **acc}
     results["generations"] = generations(chunk, tok, template, list(p.get("prompts") or ()), seq_length=seq,
                                          vocab=task.vocab_size, max_new_tokens=int(p.get("max_new_tokens", 32)),

@@ -211,6 +211,7 @@ def run_dpo(task: StageTask) -> dict:
     if reference_mode not in ("model", "precomputed", "none"):
         raise AlignError(f"dpo: reference = {reference_mode!r}; expected model | precomputed (or reference_free = true)")
     parent = stage.policy_start(task)
+    varlen = stage.varlen_attention(task)  # chosen and rejected rows as variable-length segments: no [s, s] mask
     chunk = _policy(task, parent)
     resident = resident_models("dpo", p, s.peft)
     if reference_mode == "none":
@@ -221,23 +222,23 @@ def run_dpo(task: StageTask) -> dict:
         reference = dpo.ReferenceScores(model=stage.freeze(stage.build(task, checkpoint=parent)), loss=loss)
     table = val_table = None
     if reference_mode == "precomputed":
-        table = dpo.precompute(reference, train, seq, s.layout.micro_batch, tok.pad)
-        val_table = dpo.precompute(reference, val, seq, s.layout.micro_batch, tok.pad) if val else None
+        table = dpo.precompute(reference, train, seq, s.layout.micro_batch, tok.pad, varlen=varlen)
+        val_table = dpo.precompute(reference, val, seq, s.layout.micro_batch, tok.pad, varlen=varlen) if val else None
         reference.model = None  # freed: only the policy stays resident while training
     before = dpo.preference_accuracy(chunk, val, seq_length=seq, reference=reference if table is None else None,
-                                     table=val_table, loss=loss, pad_id=tok.pad) if val else {}
+                                     table=val_table, loss=loss, pad_id=tok.pad, varlen=varlen) if val else {}
     tr = _trainer(task, chunk)
     total = task.steps
     with stage.open_stage_metrics(task, total) as metrics:
         def to_mb(share):
             return dpo.microbatches(share, seq_length=seq, micro_batch=s.layout.micro_batch,
-                                    reference=reference, table=table, pad_id=tok.pad)
+                                    reference=reference, table=table, pad_id=tok.pad, varlen=varlen)
 
         forward = dpo.make_forward(beta=beta, loss=loss, label_smoothing=float(p.get("label_smoothing", 0.0)))
         state, start = _fit(task, tr, metrics, items=list(enumerate(train)), to_microbatches=to_mb,
                               forward=forward, tokens_per_step=2 * s.layout.global_batch * seq)
         after = dpo.preference_accuracy(chunk, val, seq_length=seq, reference=reference if table is None else None,
-                                        table=val_table, loss=loss, pad_id=tok.pad) if val else {}
+                                        table=val_table, loss=loss, pad_id=tok.pad, varlen=varlen) if val else {}
         if after:
             metrics.log({"step": total, **{f"val_{k}": v for k, v in after.items()}})
     payload = {"final_loss": _last(state, "loss"), "steps": total, "loss_type": loss, "beta": beta,

@@ -44,7 +44,7 @@ EXPECTED = {
     "nemo_launcher_llama2_7b.yaml": dict(format="nemo1", preset="llama2_7b", tp=1, pp=1, world=128,
                                          precision="bf16", global_batch=2048, steps=300000, plans=True),
     "bridge_llama3_8b_sft_gb200_fp8_mx.yaml": dict(format="bridge", preset="llama3_8b", tp=1, pp=1, world=8,
-                                                   precision="bf16", global_batch=8, steps=50, plans=False,
+                                                   precision="bf16", global_batch=8, steps=50, plans=True,
                                                    init="meta-llama/Meta-Llama-3-8B"),
 }
 
