@@ -89,12 +89,17 @@ def _peft(task: StageTask):
     return task.stage.peft
 
 
+# The kinds whose every pass runs through Megatron's schedules (training: trainer.fit; the rest:
+# common.forward_only), so they run at any pipeline layout; a kind joins when it does too.
+PIPELINED = ("sft", "lora", "dpo", "reward")
+
+
 def _trainer(task: StageTask, chunk, steps: int | None = None):
     s = task.stage
-    if s.layout.pp > 1 and s.kind in ("ppo", "rlhf"):
+    if s.layout.pp > 1 and s.kind not in PIPELINED:
         # sft, dpo and reward train and evaluate through Megatron's schedules at any pipeline layout; PPO's
         # rollouts, reward scores and experience passes call the whole model directly.
-        raise AlignError(f"stage {s.name} ({s.kind}): ppo runs with pipeline parallelism 1 "
+        raise AlignError(f"stage {s.name} ({s.kind}): {s.kind} runs with pipeline parallelism 1 "
                          f"(got pp={s.layout.pp}); use tp/dp")
     return trainer.Trainer(chunk, layout=s.layout, optimizer=s.optimizer, schedule=s.schedule,
                            steps=steps or s.steps, precision=s.execution.precision, overlaps=s.execution.overlaps)
