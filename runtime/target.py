@@ -24,17 +24,18 @@ from nemoc.compiler.target import StageCaps, Target
 # any pipeline layout (no virtual stages: common.py `build_gpt`); PPO's rollout and experience passes
 # call the whole model (runners.py `_trainer` refuses pp > 1 for it) and its sampler has no KV cache.
 # No context parallelism (their batches are not split along the sequence: every rank holds whole rows).
-# Dense models only (common.py `ModelShape.of`). `init = hf(DIR)` is converted by the hf_import task
+# MoE models for sft/dpo/reward (Megatron's MoELayer through the core's build; LoRA adapts their
+# attention); ppo and eval stay dense-only (untested), export refuses MoE (export.py `style_of`). `init = hf(DIR)` is converted by the hf_import task
 # (runtime/tasks/hf.py) and loaded where a parent's checkpoint would be (runtime/align/stage.py
 # `policy_start`, runtime/core/build.py `restore_or_initialize`).
 _ALIGN = StageCaps(
-    pipeline=True, virtual_pipeline=False, context_parallel=False, te=True, moe=False, hf_init=True,
+    pipeline=True, virtual_pipeline=False, context_parallel=False, te=True, moe=True, hf_init=True,
     runs="the nemoc runtime's sft, dpo and reward stages (runtime/align) run TP/PP/DP without virtual stages",
-    source="nemoc runtime/align/common.py build_gpt (vp), ModelShape.of (dense models only)")
+    source="nemoc runtime/align/common.py build_gpt (vp), runtime/align/trainer.py (whole rows: no cp)")
 _PPO = StageCaps(
     pipeline=False, context_parallel=False, te=True, moe=False, kv_cache_rollout=False, hf_init=True,
     runs="the nemoc runtime's ppo stages (runtime/align) run TP/DP only",
-    source="nemoc runtime/align/runners.py _trainer (pp > 1), runtime/align/common.py ModelShape.of (dense models only)")
+    source="nemoc runtime/align/runners.py _trainer (pp > 1, PIPELINED), runtime/align/ppo.py (dense models only)")
 # eval runs at the stage's layout (tensor and data parallel; runtime/tasks/align.py launches the layout's
 # world size), so a model whose weights exceed one GPU is evaluated; its passes call the model directly
 # (no pipeline). Export runs in one process on the host (runtime/tasks/align.py `_one_process`). The local
@@ -42,11 +43,11 @@ _PPO = StageCaps(
 _EVAL = StageCaps(
     pipeline=False, context_parallel=False, te=False, moe=False, fp8=False, hf_init=True,
     runs="the nemoc runtime evaluates at the stage's TP/DP layout (runtime/align/evaluate.py)",
-    source="nemoc runtime/align/evaluate.py (direct model calls: no pipeline), runtime/align/common.py ModelShape.of")
+    source="nemoc runtime/align/evaluate.py (direct model calls: no pipeline; dense models only)")
 _EXPORT = StageCaps(
     pipeline=False, te=False, moe=False, attention="unfused", one_process=True, hf_init=True,
     runs="the nemoc runtime exports in one process on the host (runtime/align/export.py)",
-    source="nemoc runtime/tasks/align.py _one_process, runtime/align/common.py ModelShape.of")
+    source="nemoc runtime/tasks/align.py _one_process, runtime/align/export.py style_of (dense models only)")
 
 NEMOC_RUNTIME = Target(
     name="nemoc-runtime",

@@ -98,17 +98,21 @@ class ModelShape:
     add_qkv_bias: bool
     qk_layernorm: bool
     norm_epsilon: float
+    experts: int = 0  # mixture of experts (0: dense); export refuses MoE models
+    top_k: int = 0
+    moe_ffn_hidden: int | None = None
+    shared_expert_ffn_hidden: int = 0
 
     @classmethod
     def of(cls, spec, vocab: int | None = None, seq_length: int | None = None) -> "ModelShape":
-        if getattr(spec, "experts", 0):
-            raise AlignError(f"model '{spec.name}': alignment stages support dense models only (experts={spec.experts})")
         return cls(
             layers=spec.layers, hidden=spec.hidden, heads=spec.heads, query_groups=spec.query_groups,
             ffn_hidden=spec.ffn_hidden, vocab=vocab or spec.vocab, seq_length=seq_length or spec.seq_length,
             head_dim=spec.head_dim, activation=spec.activation, norm=spec.norm, position=spec.position,
             rotary_base=spec.rotary_base, tie_embeddings=spec.tie_embeddings, add_bias_linear=spec.add_bias_linear,
             add_qkv_bias=spec.add_qkv_bias, qk_layernorm=spec.qk_layernorm, norm_epsilon=spec.norm_epsilon,
+            experts=spec.experts, top_k=spec.top_k, moe_ffn_hidden=spec.moe_ffn_hidden,
+            shared_expert_ffn_hidden=spec.shared_expert_ffn_hidden,
         )
 
 
