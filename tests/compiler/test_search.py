@@ -262,12 +262,14 @@ def test_nothing_fits_reports_the_closest_candidate():
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(small_problems(), st.sampled_from(["sft", "dpo", "reward", "ppo", "eval", "export"]))
 def test_auto_never_pipelines_a_stage_kind_the_runtime_runs_without_a_pipeline(p: Problem, kind: str):
-    """rules.RUNTIME_CAPS: alignment / inference kinds get pp = 1 and no vp from `auto`, in the fast
-    search and the oracle alike (which still agree on the best plan)."""
-    p = replace(p, stage_kind=kind, fixed=replace(p.fixed, pipeline=None, virtual_pipeline=None))
+    """The target's caps: from `auto`, kinds the runtime runs without a pipeline (ppo, eval, export) get
+    pp = 1, no alignment kind gets virtual stages or a context split, in the fast search and the oracle
+    alike (which still agree on the best plan)."""
+    p = replace(p, stage_kind=kind, fixed=replace(p.fixed, pipeline=None, virtual_pipeline=None, context=None))
     fast, brute = search(p, top=5), enumerate_all(p)
+    piped = p.target.caps(kind).pipeline
     for c in fast.ranked + brute.ranked:
-        assert (c.layout.pp, c.layout.vp) == (1, None)
+        assert c.layout.vp is None and c.layout.cp == 1 and (piped or c.layout.pp == 1), c.layout
     assert (fast.best is None) == (brute.best is None)
     if fast.best is not None:
         assert fast.best.estimate.step_time_s == brute.best.estimate.step_time_s
