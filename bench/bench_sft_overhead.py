@@ -1,6 +1,7 @@
-"""SFT runtime overhead per step on CPU, side by side in one process: the alignment runtime's SFT step
-(runtime.align.trainer.run_steps: the step's data-parallel share, packed rows -> micro-batches, the core's
-NaN/Inf rerun, report averaging, the agreed stop signal, the step record) vs a bare Megatron-Core loop
+"""SFT runtime overhead per step on CPU, side by side in one process: the alignment runtime's SFT steps
+on the training core's loop (runtime.align.trainer.fit -> core.loop.train_loop: the step's data-parallel
+share, packed rows -> micro-batches, the core's NaN/Inf rerun, named reports, the agreed stop signal, a
+record every `log_every` = 4 steps) vs a bare Megatron-Core loop
 (get_forward_backward_func + optimizer + scheduler on pre-built micro-batches) on the same model,
 optimizer and batches. Imported by bench_runtime_overhead.py (the `sft` section of its JSON)."""
 
@@ -41,7 +42,7 @@ def measure(*, steps: int = 24, rounds: int = 2, seq: int = 64, vocab: int = 256
             global_batch: int = 4, warmup: int = 4) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from nemoc.runtime.align import common, sft, stage, trainer
+    from nemoc.runtime.align import common, sft, trainer
     from nemoc.runtime.core.dist import StopSignal
     from nemoc.runtime.metrics import NullMetrics
 
@@ -57,18 +58,21 @@ def measure(*, steps: int = 24, rounds: int = 2, seq: int = 64, vocab: int = 256
         common.seed_all(1234)
         return trainer.Trainer(common.build_gpt(spec, layout), layout=layout, **_settings(steps))
 
+    log_every = 4
+
     def runtime_side() -> list[float]:
-        tr, metrics = fresh(), NullMetrics()
+        tr = fresh()
         stamps = [time.perf_counter()]
 
-        def on_step(record):  # a whole loop iteration: data share, batches, step, record, stop agreement
-            stage.log_step(metrics, record, tokens=global_batch * seq, log_every=4, total=steps)
-            stamps.append(time.perf_counter())
+        class Stamps(NullMetrics):  # a record every log_every steps: the loop's whole iterations between them
+            def log(self, record):
+                stamps.append(time.perf_counter())
 
-        trainer.run_steps(tr, items=rows, steps=steps, global_batch=global_batch,
-                          to_microbatches=lambda share: sft.rows_to_batches(share, seq, micro_batch),
-                          forward=sft.forward, seq_length=seq, on_step=on_step, stop=StopSignal())
-        return [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
+        trainer.fit(tr, stage=trainer.Steps(layout=layout, seq_length=seq, log_every=log_every), items=rows,
+                    to_microbatches=lambda share: sft.rows_to_batches(share, seq, micro_batch), forward=sft.forward,
+                    start=0, end=steps, reports=sft.forward.reports, metrics=Stamps(), stop=StopSignal())
+        per_step = [(b - a) / log_every for a, b in zip(stamps, stamps[1:])]
+        return per_step[warmup // log_every:]
 
     def bare_side() -> list[float]:
         tr, times = fresh(), []
@@ -85,7 +89,9 @@ def measure(*, steps: int = 24, rounds: int = 2, seq: int = 64, vocab: int = 256
             if ok:
                 scheduler.step(increment=1)
             times.append(time.perf_counter() - start)
-        return times[warmup:]
+        # the same intervals as the runtime side: mean step time over each log_every steps
+        grouped = [sum(times[i:i + log_every]) / log_every for i in range(0, len(times) - log_every + 1, log_every)]
+        return grouped[warmup // log_every:]
 
     runtime, bare = [], []
     for _ in range(rounds):

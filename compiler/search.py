@@ -372,7 +372,8 @@ def _vp_domain(p: Problem, pp: int) -> list[int | None]:
     v = p.fixed.virtual_pipeline
     if v is not None:
         return [None] if v <= 1 else [v]
-    if pp == 1 or not p.target.caps(p.stage_kind).pipeline:
+    caps = p.target.caps(p.stage_kind)
+    if pp == 1 or not caps.pipeline or not caps.virtual_pipeline:
         return [None]
     return [None] + [v for v in range(2, p.model.layers // pp + 1) if pipeline_split(p.model.layers, pp, v)]
 
@@ -510,7 +511,9 @@ def _groups(p: Problem, env: Env, rec: _Recorder) -> list[tuple]:
             continue
         for pp in _pp_domain(p, tp):
             rest = world // (tp * pp) if world % (tp * pp) == 0 else 0
-            cps = _pick(p.fixed.context, [c for c in divisors(rest) if c == 1 or p.seq_length % (2 * c) == 0] if rest else [])
+            splits = p.target.caps(p.stage_kind).context_parallel  # policy: auto CP only where the target splits
+            cps = _pick(p.fixed.context, [c for c in divisors(rest) if c == 1 or (splits and p.seq_length % (2 * c) == 0)]
+                        if rest else [])
             for cp in cps:
                 if world % (tp * pp * cp):
                     rec.rule(f"world size {world} % (tp({tp}) * pp({pp}) * cp({cp})) != 0", "E101 world size",
@@ -697,12 +700,14 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
     f = p.fixed
     rng = lambda fixed, hi: [fixed] if fixed is not None else list(range(1, hi + 1))  # noqa: E731
     piped = p.target.caps(p.stage_kind).pipeline  # policy: auto PP / VP only where the target pipelines
+    interleaves = piped and p.target.caps(p.stage_kind).virtual_pipeline
     vps = ([f.virtual_pipeline if f.virtual_pipeline > 1 else None] if f.virtual_pipeline is not None
-           else [None] + list(range(2, (max_vp or p.model.layers) + 1)) if piped else [None])
+           else [None] + list(range(2, (max_vp or p.model.layers) + 1)) if interleaves else [None])
     mb_hi = max_micro_batch or p.global_batch or 1
     experts = p.model.experts if p.model.is_moe else 1
     for tp, pp, cp, vp, ep, mb in itertools.product(
-            rng(f.tensor, world), rng(f.pipeline, world if piped else 1), rng(f.context, world), vps,
+            rng(f.tensor, world), rng(f.pipeline, world if piped else 1),
+            rng(f.context, world if p.target.caps(p.stage_kind).context_parallel else 1), vps,
             rng(f.expert, max(experts, 1)), rng(f.micro_batch, mb_hi)):
         dp = f.data if f.data is not None else (world // (tp * pp * cp) if world % (tp * pp * cp) == 0 else None)
         etps = rng(f.expert_tensor, world) if p.model.is_moe else [f.expert_tensor or tp]

@@ -20,7 +20,9 @@ from types import MappingProxyType
 class StageCaps:
     """What the target runs for one stage kind (not what Megatron-Core could run)."""
 
-    pipeline: bool = True  # pp > 1 (and so virtual pipeline stages)
+    pipeline: bool = True  # pp > 1 (and so virtual pipeline stages, where `virtual_pipeline`)
+    virtual_pipeline: bool = True  # vp > 1: the interleaved schedule (needs `pipeline`)
+    context_parallel: bool = True  # cp > 1: the sequence split over a context-parallel group
     te: bool = True  # builds Transformer Engine's layer spec when the plan says kernels = te
     moe: bool = True  # builds mixture-of-experts models
     fp8: bool = True  # runs fp8 / mxfp8 GEMMs (otherwise an fp8 model's stage runs in bf16)

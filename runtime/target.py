@@ -15,35 +15,45 @@ from types import MappingProxyType
 
 from nemoc.compiler.target import StageCaps, Target
 
-# The alignment kinds run in runtime/align/: runners.py `_trainer` refuses pp > 1 and common.py
-# `build_gpt` refuses vp (docs/alignment.md, "Parallelism"). Their models are built by the training
-# core (runtime/core/build.py `build_chunks`) from the stage's Execution, so they run the plan's
-# attention core: packed SFT rows are variable-length segments on the SDPA core (runtime/model.py
-# `SDPAttention._varlen`) and on TE's; only an `unfused` core the user chose gets an explicit mask.
-# They build Megatron-Core's local layer spec (common.py `machine_facts`: te = False, so the plan costs
-# them with `kernels = local`); dense models only (common.py `ModelShape.of`). PPO's sampler has no KV cache.
-# `init = hf(DIR)` is converted by the hf_import task (runtime/orchestrate/tasks/hf.py) and loaded where a parent's
-# checkpoint would be (runtime/align/stage.py `policy_start`, runtime/core/build.py `restore_or_initialize`).
+# The alignment kinds run in runtime/align/ on the training core: their models are built by
+# runtime/core/build.py `build_chunks` from the stage's Execution (kernels: TE's layer spec where TE is
+# installed, the local spec otherwise; the plan's attention core: packed SFT rows are variable-length
+# segments on TE's attention and on the SDPA core of runtime/model.py, only an `unfused` core the user
+# chose gets an explicit mask; LoRA on TE's fused LayerNorm-linear normalises its own input, lora.py
+# `LoraLinear._adapter_input`). sft, dpo and reward train and evaluate through Megatron's schedules at
+# any pipeline layout (no virtual stages: common.py `build_gpt`); PPO's rollout and experience passes
+# call the whole model (runners.py `_trainer` refuses pp > 1 for it) and its sampler has no KV cache.
+# No context parallelism (their batches are not split along the sequence: every rank holds whole rows).
+# MoE models for sft/dpo/reward (Megatron's MoELayer through the core's build; LoRA adapts their
+# attention); ppo and eval stay dense-only (untested), export refuses MoE (export.py `style_of`). `init = hf(DIR)` is converted by the hf_import task
+# (runtime/orchestrate/tasks/hf.py) and loaded where a parent's checkpoint would be (runtime/align/stage.py
+# `policy_start`, runtime/core/build.py `restore_or_initialize`).
 _ALIGN = StageCaps(
-    pipeline=False, te=False, moe=False, kv_cache_rollout=False, hf_init=True,
-    runs="the nemoc runtime's alignment stages (runtime/align) run TP/DP only",
-    source="nemoc runtime/align/runners.py _trainer (pp > 1), runtime/align/common.py build_gpt (vp), "
-           "ModelShape.of (dense models only)")
-# eval and export run in one process (runtime/orchestrate/tasks/align.py `_one_process`) on the local spec, which
-# has no FP8 GEMMs: an fp8 / mxfp8 model (16-bit weights) is evaluated in bf16 (runtime/align/evaluate.py).
+    pipeline=True, virtual_pipeline=False, context_parallel=False, te=True, moe=True, hf_init=True,
+    runs="the nemoc runtime's sft, dpo and reward stages (runtime/align) run TP/PP/DP without virtual stages",
+    source="nemoc runtime/align/common.py build_gpt (vp), runtime/align/trainer.py (whole rows: no cp)")
+_PPO = StageCaps(
+    pipeline=False, context_parallel=False, te=True, moe=False, kv_cache_rollout=False, hf_init=True,
+    runs="the nemoc runtime's ppo stages (runtime/align) run TP/DP only",
+    source="nemoc runtime/align/runners.py _trainer (pp > 1, PIPELINED), runtime/align/ppo.py (dense models only)")
+# eval runs at the stage's layout (tensor and data parallel; runtime/orchestrate/tasks/align.py launches the layout's
+# world size), so a model whose weights exceed one GPU is evaluated; its passes call the model directly
+# (no pipeline). Export runs in one process on the host (runtime/orchestrate/tasks/align.py `_one_process`). The local
+# spec has no FP8 GEMMs: an fp8 / mxfp8 model (16-bit weights) is evaluated in bf16 (runtime/align/evaluate.py).
 _EVAL = StageCaps(
-    pipeline=False, te=False, moe=False, fp8=False, one_process=True, hf_init=True,
-    runs="the nemoc runtime runs eval and export in one process (runtime/align)",
-    source="nemoc runtime/orchestrate/tasks/align.py _one_process, runtime/align/common.py ModelShape.of")
+    pipeline=False, context_parallel=False, te=False, moe=False, fp8=False, hf_init=True,
+    runs="the nemoc runtime evaluates at the stage's TP/DP layout (runtime/align/evaluate.py)",
+    source="nemoc runtime/align/evaluate.py (direct model calls: no pipeline; dense models only)")
 _EXPORT = StageCaps(
-    pipeline=False, te=False, moe=False, attention="unfused", one_process=True, hf_init=True, runs=_EVAL.runs,
-    source=_EVAL.source)
+    pipeline=False, te=False, moe=False, attention="unfused", one_process=True, hf_init=True,
+    runs="the nemoc runtime exports in one process on the host (runtime/align/export.py)",
+    source="nemoc runtime/orchestrate/tasks/align.py _one_process, runtime/align/export.py style_of (dense models only)")
 
 NEMOC_RUNTIME = Target(
     name="nemoc-runtime",
     stages=MappingProxyType({
         "pretrain": StageCaps(runs="runtime/train.py runs every Megatron-Core schedule"),
-        "sft": _ALIGN, "dpo": _ALIGN, "reward": _ALIGN, "ppo": _ALIGN,
+        "sft": _ALIGN, "dpo": _ALIGN, "reward": _ALIGN, "ppo": _PPO,
         "eval": _EVAL, "export": _EXPORT,
     }),
     # runtime/megatron_args.py: the interleaved schedule overlaps its pipeline transfers

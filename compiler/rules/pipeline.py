@@ -122,9 +122,24 @@ def rule_interleave_needs_pp(env: Env, s: Sizes) -> Violation | None:
 def rule_runtime_pipeline(env: Env, s: Sizes) -> Violation | None:
     """The target, not Megatron: a stage kind it runs without a pipeline refuses pp > 1 and vp."""
     caps = env.target.caps(env.stage_kind)
-    pp, vp = s.pp or 1, s.vp or 1
-    if caps.pipeline or (pp <= 1 and vp <= 1):
+    pp, vp, cp = s.pp or 1, s.vp or 1, s.cp or 1
+    if not caps.context_parallel and cp > 1:
+        return Violation(
+            "E126", f"`{env.stage_kind}` stages cannot run context-parallel: {caps.runs}",
+            f"cp({cp}) > 1, but stage kind {env.stage_kind} runs every sequence whole on each rank",
+            "set context = 1 for this stage (its own `parallel { context = 1 }` block overrides the experiment's)",
+            anchors=(_P + "context",), source=caps.source or f"the target `{env.target.name}`",
+        )
+    if (caps.pipeline or (pp <= 1 and vp <= 1)) and (caps.virtual_pipeline or vp <= 1):
         return None
+    if caps.pipeline:  # pipelines, but without virtual stages
+        return Violation(
+            "E126", f"`{env.stage_kind}` stages cannot run virtual pipeline stages: {caps.runs}",
+            f"vp({vp}) > 1, but stage kind {env.stage_kind} runs one model chunk per pipeline rank",
+            "remove `virtual_pipeline` for this stage (pipeline parallelism itself is fine)",
+            anchors=(_P + "virtual_pipeline", _P + "pipeline"),
+            source=caps.source or f"the target `{env.target.name}`",
+        )
     field, size = ("pipeline", f"pp({pp})") if pp > 1 else ("virtual_pipeline", f"vp({vp})")
     return Violation(
         "E126", f"`{env.stage_kind}` stages cannot run pipeline-parallel: {caps.runs}",

@@ -2,7 +2,7 @@
 
 Input:  a compiled `Plan` (its `ModelSpec`, precision and a `StagePlan`'s layout).
 Output: Megatron-Core objects: an initialised `parallel_state`, `GPTModel`s (policy, reference, reward,
-critic) built by the runtime's own adapters (`runtime.megatron_args`, `runtime.model`), and per-token
+critic) built by the training core (`runtime/core/build.py build_chunks`), and per-token
 log-probabilities computed with Megatron's vocab-parallel cross entropy (so every function here is
 correct under tensor parallelism: logits stay sharded on the vocabulary).
 Invariants: the CPU adaptation (`nemoc.runtime.mcore_cpu.apply`) is applied before any Megatron object
@@ -98,17 +98,21 @@ class ModelShape:
     add_qkv_bias: bool
     qk_layernorm: bool
     norm_epsilon: float
+    experts: int = 0  # mixture of experts (0: dense); export refuses MoE models
+    top_k: int = 0
+    moe_ffn_hidden: int | None = None
+    shared_expert_ffn_hidden: int = 0
 
     @classmethod
     def of(cls, spec, vocab: int | None = None, seq_length: int | None = None) -> "ModelShape":
-        if getattr(spec, "experts", 0):
-            raise AlignError(f"model '{spec.name}': alignment stages support dense models only (experts={spec.experts})")
         return cls(
             layers=spec.layers, hidden=spec.hidden, heads=spec.heads, query_groups=spec.query_groups,
             ffn_hidden=spec.ffn_hidden, vocab=vocab or spec.vocab, seq_length=seq_length or spec.seq_length,
             head_dim=spec.head_dim, activation=spec.activation, norm=spec.norm, position=spec.position,
             rotary_base=spec.rotary_base, tie_embeddings=spec.tie_embeddings, add_bias_linear=spec.add_bias_linear,
             add_qkv_bias=spec.add_qkv_bias, qk_layernorm=spec.qk_layernorm, norm_epsilon=spec.norm_epsilon,
+            experts=spec.experts, top_k=spec.top_k, moe_ffn_hidden=spec.moe_ffn_hidden,
+            shared_expert_ffn_hidden=spec.shared_expert_ffn_hidden,
         )
 
 
@@ -121,13 +125,9 @@ def single_layout(*, tp: int = 1, pp: int = 1, dp: int = 1, micro_batch: int = 1
 
 
 def machine_facts() -> margs.MachineFacts:
-    """The facts the alignment stages build with: Megatron-Core's local layer spec even where Transformer
-    Engine is installed. TE's fused LayerNorm-linear would put the norm inside linear_qkv/linear_fc1, where
-    a LoRA adapter must not see un-normalised input, and TE's attention ignores an arbitrary mask (packed
-    samples). The local spec's sharded-state-dict key map (`input_layernorm.` <->
-    `self_attention.linear_qkv.layer_norm_`) keeps checkpoints interchangeable with TE-trained ones.
-    The planner knows it: these stage kinds are planned and costed with `kernels = local`
-    (runtime/target.py `NEMOC_RUNTIME`: te = False for these kinds), whatever the experiment's `kernels` says."""
+    """The facts a model built outside a stage plan (tools, tests, `build_gpt` without `facts`) is built
+    with: Megatron-Core's local layer spec. A stage builds with its plan's kernels instead
+    (stage.build: `core.dist.machine_facts(stage.kernels)`, TE where installed)."""
     return margs.MachineFacts(cpu=mcore_cpu.is_applied(), have_te=False)
 
 
@@ -274,10 +274,17 @@ class Batch:
         return Batch(**moved, attention_mask=mask, packed_seq_params=params)
 
     def shaped(self, output: torch.Tensor) -> torch.Tensor:
-        """A last-stage output of a packed batch ([1, b * s, ...]) back in rows ([b, s, ...])."""
-        if self.packed_seq_params is None:
+        """A last-stage output of a packed batch ([1, b * s, ...]) back in rows ([b, s, ...]); anything
+        else (an unpacked batch's output, a pipeline stage's hidden states [t, 1, h]) as it is."""
+        b, s = self.tokens.shape
+        if self.packed_seq_params is None or output.dim() < 2 or output.shape[0] != 1 or output.shape[1] != b * s:
             return output
-        return output.reshape(*self.tokens.shape, *output.shape[2:])
+        return output.reshape(b, s, *output.shape[2:])
+
+    def pipeline_shape(self) -> tuple[int, int]:
+        """(sequence, micro-batch) of the activations the pipeline sends: a packed batch is one row of b x s."""
+        b, s = self.tokens.shape
+        return (b * s, 1) if self.packed_seq_params is not None else (s, b)
 
 
 def run(model, batch: Batch, **kwargs):
@@ -370,6 +377,21 @@ def packed_segments(segments: torch.Tensor):
     longest = int((bounds[1:] - bounds[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds.clone(),
                            max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def forward_only(model, batches, fn, *, everywhere: bool = False) -> list:
+    """`fn(batch, last-stage output)` for each batch, forward only, under any pipeline layout
+    (core.loop.forward_only): on the last pipeline stage, or everywhere (broadcast). `fn` should return
+    host values when `everywhere` (they are pickled over the pipeline group)."""
+    from nemoc.runtime.core.loop import forward_only as scheduled
+
+    def step(chunk, item):
+        batch, extra = item if isinstance(item, tuple) else (item, None)
+        output = run(chunk, batch, **(extra or {}))
+        return output, (lambda out: fn(batch, batch.shaped(out)))
+
+    return scheduled(model, list(batches), step, shape=lambda item: (item[0] if isinstance(item, tuple) else item)
+                     .pipeline_shape(), everywhere=everywhere)
 
 
 def token_logprobs(model, batch: Batch) -> torch.Tensor:

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nemoc.runtime.align.common import AlignError, Batch, make_batch, token_logprobs, unwrap
+from nemoc.runtime.align.common import AlignError, Batch, forward_only, make_batch, run, unwrap
 from nemoc.runtime.align.trainer import chunks
 
 LOSSES = ("dpo", "ipo")
+REPORTS = ("loss", "reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected")  # preference_loss's
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,14 @@ def _row(prompt: list[int], reply: list[int], seq_length: int) -> tuple[list[int
     return ids, weights
 
 
-def pair_batch(pairs: Sequence[Pair], seq_length: int, pad_id: int = 0) -> Batch:
-    """2n rows: the chosen replies of `pairs`, then their rejected replies."""
+def pair_batch(pairs: Sequence[Pair], seq_length: int, pad_id: int = 0, *, varlen: bool = False) -> Batch:
+    """2n rows: the chosen replies of `pairs`, then their rejected replies (`varlen`: attended as
+    variable-length segments, no [s, s] mask: common.pack_rows)."""
     rows = [_row(p.prompt, p.chosen, seq_length) for p in pairs] + [_row(p.prompt, p.rejected, seq_length) for p in pairs]
     for ids, w in rows:
         if sum(w[1:]) == 0:
             raise AlignError(f"a preference pair's prompt fills seq_length={seq_length}: no reply token is left")
-    return make_batch(rows, seq_length, pad_id)
+    return make_batch(rows, seq_length, pad_id, varlen=varlen)
 
 
 def sequence_scores(token_lp: torch.Tensor, mask: torch.Tensor, loss: str) -> torch.Tensor:
@@ -90,7 +92,9 @@ class ReferenceScores:
         self.model, self.policy, self.lora_disabled, self.zero, self.loss = model, policy, lora_disabled, zero, loss
 
     @torch.no_grad()
-    def __call__(self, batch: Batch) -> torch.Tensor:
+    def __call__(self, batch: Batch, *, everywhere: bool = False) -> torch.Tensor | None:
+        """[2n] scores; under pipeline parallelism only the last stage has them (None elsewhere) unless
+        `everywhere`. Every pipeline rank calls it alike (a forward-only schedule), outside a training step."""
         if self.zero:  # reference-free DPO: log ref = 0 (a uniform reference)
             return torch.zeros(batch.tokens.shape[0], device=batch.tokens.device)
         if self.lora_disabled:
@@ -99,38 +103,52 @@ class ReferenceScores:
             was_training = self.policy.training
             self.policy.eval()
             with lora.disabled(self.policy):
-                scores = sequence_scores(token_logprobs(self.policy, batch), batch.loss_mask, self.loss)
+                scores = self._scores(self.policy, batch, everywhere)
             self.policy.train(was_training)
             return scores
         self.model.eval()
-        return sequence_scores(token_logprobs(self.model, batch), batch.loss_mask, self.loss)
+        return self._scores(self.model, batch, everywhere)
+
+    def _scores(self, model, batch: Batch, everywhere: bool) -> torch.Tensor | None:
+        (scores,) = forward_only(model, [(batch, {"labels": batch.labels})],
+                                 lambda b, out: sequence_scores(-out.float(), b.loss_mask, self.loss).cpu(),
+                                 everywhere=everywhere)
+        return scores.to(batch.tokens.device) if scores is not None else None
 
 
 def precompute(reference: ReferenceScores, pairs: Sequence[Pair], seq_length: int, micro_batch: int,
-               pad_id: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+               pad_id: int = 0, *, varlen: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Reference (chosen, rejected) scores for every pair index, computed once."""
     table = {}
     for start in range(0, len(pairs), micro_batch):
         group = pairs[start:start + micro_batch]
-        scores = reference(pair_batch(group, seq_length, pad_id))
+        scores = reference(pair_batch(group, seq_length, pad_id, varlen=varlen))
         n = len(group)
-        for i in range(n):
-            table[start + i] = (scores[i], scores[n + i])
+        for i in range(n):  # (None off the last pipeline stage, which alone computes the loss)
+            table[start + i] = (scores[i], scores[n + i]) if scores is not None else None
     return table
 
 
 def microbatches(indexed_pairs: Sequence[tuple[int, Pair]], *, seq_length: int, micro_batch: int,
-                 reference: ReferenceScores | None, table: dict | None, pad_id: int = 0) -> list[dict]:
+                 reference: ReferenceScores | None, table: dict | None, pad_id: int = 0,
+                 varlen: bool = False) -> list[dict]:
     """Microbatches of `micro_batch` pairs: {"batch": 2n rows, "ref": [2n] reference scores}."""
     out = []
     for group in chunks(indexed_pairs, micro_batch):
-        batch = pair_batch([p for _, p in group], seq_length, pad_id)
+        batch = pair_batch([p for _, p in group], seq_length, pad_id, varlen=varlen)
         if table is not None:
-            ref = torch.stack([table[i][0] for i, _ in group] + [table[i][1] for i, _ in group])
+            ref = _from_table(table, [i for i, _ in group])
         else:
             ref = reference(batch)
         out.append({"batch": batch, "ref": ref})
     return out
+
+
+def _from_table(table: dict, indices: list[int]) -> torch.Tensor | None:
+    rows = [table[i] for i in indices]
+    if any(r is None for r in rows):
+        return None  # not the last pipeline stage
+    return torch.stack([r[0] for r in rows] + [r[1] for r in rows])
 
 
 def make_forward(*, beta: float, loss: str, label_smoothing: float = 0.0):
@@ -141,36 +159,40 @@ def make_forward(*, beta: float, loss: str, label_smoothing: float = 0.0):
 
     def forward(model, mb):
         batch = mb["batch"]
-        token_loss = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+        token_loss = run(model, batch, labels=batch.labels)
 
         def loss_func(output):
-            scores = sequence_scores(-output.float(), batch.loss_mask, loss)
+            scores = sequence_scores(-batch.shaped(output).float(), batch.loss_mask, loss)
             return preference_loss(scores, mb["ref"], beta=beta, loss=loss, label_smoothing=label_smoothing)
 
         return token_loss, loss_func
 
+    forward.reports = REPORTS
     return forward
 
 
 @torch.no_grad()
 def preference_accuracy(chunk, pairs: Sequence[Pair], *, seq_length: int, micro_batch: int = 32,
                         reference: ReferenceScores | None = None, table: dict | None = None,
-                        loss: str = "dpo", pad_id: int = 0) -> dict[str, float]:
+                        loss: str = "dpo", pad_id: int = 0, varlen: bool = False) -> dict[str, float]:
     """Held-out pairs: `likelihood_accuracy` = P[log pi(y_w) > log pi(y_l)] and, with a reference,
     `reward_accuracy` = P[r_w > r_l] (ties count 1/2, so an untrained policy scores exactly 0.5)."""
     unwrap(chunk).eval()
+    batches = [pair_batch(list(pairs[start:start + micro_batch]), seq_length, pad_id, varlen=varlen)
+               for start in range(0, len(pairs), micro_batch)]
+    policy = forward_only(chunk, [(b, {"labels": b.labels}) for b in batches],
+                          lambda b, out: sequence_scores(-out.float(), b.loss_mask, loss).cpu(), everywhere=True)
     wins, reward_wins, margin = 0.0, 0.0, 0.0
-    for start in range(0, len(pairs), micro_batch):
-        group = list(pairs[start:start + micro_batch])
-        batch = pair_batch(group, seq_length, pad_id)
-        pi = sequence_scores(token_logprobs(chunk, batch), batch.loss_mask, loss)
-        n = len(group)
+    for k, (batch, pi) in enumerate(zip(batches, policy)):
+        start, n = k * micro_batch, pi.shape[0] // 2
         wins += float((pi[:n] > pi[n:]).float().sum() + 0.5 * (pi[:n] == pi[n:]).float().sum())
         if reference is not None or table is not None:
             if table is not None:
-                ref = torch.stack([table[start + i][0] for i in range(n)] + [table[start + i][1] for i in range(n)])
+                ref = _from_table(table, list(range(start, start + n)))
+                ref = _broadcast_from_last_stage(ref)
             else:
-                ref = reference(batch)
+                ref = reference(batch, everywhere=True)
+            ref = ref.cpu()
             d = (pi[:n] - ref[:n]) - (pi[n:] - ref[n:])
             reward_wins += float((d > 0).float().sum() + 0.5 * (d == 0).float().sum())
             margin += float(d.sum())
@@ -178,3 +200,14 @@ def preference_accuracy(chunk, pairs: Sequence[Pair], *, seq_length: int, micro_
     if reference is not None or table is not None:
         result.update(reward_accuracy=reward_wins / len(pairs), log_ratio_margin=margin / len(pairs))
     return result
+
+
+def _broadcast_from_last_stage(value):
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    box = [value.cpu() if value is not None else None]
+    torch.distributed.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                            group=ps.get_pipeline_model_parallel_group())
+    return box[0]

@@ -7,8 +7,9 @@ Input:  the parent stage's final checkpoint; the stage's datasets: indexed text 
 Output: `output_dir/results.json` and the DONE payload: per dataset `loss`, `perplexity` = exp(loss),
         `tokens`; per preference dataset `likelihood_accuracy` (P[log pi(chosen) > log pi(rejected)]);
         `generations` [{prompt, completion}].
-Invariants: one process (TP=1; dist_checkpointing reshards whatever layout trained the model);
-        losses are token-weighted means; nothing here changes the model.
+Invariants: runs at the stage's layout (tensor and data parallel: the weights are sharded over the TP
+        group, every DP replica evaluates the same rows, rank 0 writes; dist_checkpointing reshards
+        whatever layout trained the model); losses are token-weighted means; nothing here changes the model.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def run(task: stage.StageTask) -> dict:
     # the stage's precision as planned (`Execution.precision`: the local spec has no FP8 GEMMs, so the
     # nemoc runtime's target plans an fp8 model's eval in bf16)
     start = stage.policy_start(task)  # a parent's checkpoint or `init = hf(DIR)`
-    chunk = stage.build(task, checkpoint=start, single=True)
+    chunk = stage.build(task, checkpoint=start)  # at the stage's layout (TP shards; DP ranks evaluate alike)
     p, seq = task.params, task.stage.seq_length
     micro = max(task.stage.layout.micro_batch, 1)
     template = ChatTemplate.from_params(p)
@@ -84,7 +85,8 @@ def run(task: stage.StageTask) -> dict:
         elif fmt == "preference":
             pairs = [dpo.Pair(template.prompt_ids(tok, r.prompt), template.reply_ids(tok, r.chosen),
                               template.reply_ids(tok, r.rejected)) for r in read_preferences(entry["path"])]
-            acc = dpo.preference_accuracy(chunk, pairs, seq_length=seq, micro_batch=micro, pad_id=tok.pad)
+            acc = dpo.preference_accuracy(chunk, pairs, seq_length=seq, micro_batch=micro, pad_id=tok.pad,
+                                          varlen=stage.varlen_attention(task))
             results["datasets"][name] = {"format": fmt, "pairs": len(pairs), **acc}
     results["generations"] = generations(chunk, tok, template, list(p.get("prompts") or ()), seq_length=seq,
                                          vocab=task.vocab_size, max_new_tokens=int(p.get("max_new_tokens", 32)),

@@ -52,6 +52,9 @@ def split_qkv(qkv: torch.Tensor, shape: ModelShape) -> tuple[torch.Tensor, torch
 
 def style_of(shape: ModelShape) -> str:
     """'llama' or 'gpt2', or an AlignError naming the first feature neither architecture has."""
+    if shape.experts:
+        raise AlignError(f"export: a mixture-of-experts model ({shape.experts} experts) has no Llama/GPT-2 Hugging "
+                         "Face equivalent here")
     if shape.qk_layernorm:
         raise AlignError("export: qk_layernorm models (Qwen3-style) have no Llama/GPT-2 Hugging Face equivalent")
     if shape.norm == "rmsnorm" and shape.activation == "swiglu" and shape.position == "rope":

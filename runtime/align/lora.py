@@ -1,6 +1,6 @@
 """LoRA adapters (Hu et al. 2021) on Megatron-Core's tensor-parallel linear layers.
 
-Input:  a GPTModel (local layer spec) whose base weights are already loaded; a `LoraSpec` (rank r,
+Input:  a GPTModel (local or Transformer Engine layer spec) whose base weights are already loaded; a `LoraSpec` (rank r,
         alpha, dropout, targets among qkv, proj, fc1, fc2).
 Output: the same model with `linear_qkv` / `linear_proj` / `linear_fc1` / `linear_fc2` wrapped in
         `LoraLinear`; every base parameter frozen (`requires_grad=False`, so Megatron DDP gives it no
@@ -19,6 +19,9 @@ How the adapter matrices follow tensor parallelism (y = base(x) + B A dropout(x)
     under sequence parallelism the result is scattered along the sequence like the base output.
   * SwiGLU fc1 rows are [gate; up] per rank, so B's rows are too; its checkpoint uses Megatron's
     swiglu sharded factory, exactly like the base weight, so adapter checkpoints reshard across TP.
+On TE's layer spec linear_qkv / linear_fc1 fuse the pre-norm (LayerNormColumnParallelLinear): the adapter
+normalises its input with the base's norm parameters itself (`LoraLinear._adapter_input`), so it adds
+B A norm(x) as on the local spec (tests/runtime/align/test_align_lora_te.py, GPU with TE only).
 A is initialised from a generator seeded by (seed, layer name) over the *full* [r, in] matrix and then
 sliced, so the initial adapters are identical for any TP size; B starts at zero (the wrapped model
 initially computes exactly the base model).
@@ -82,8 +85,28 @@ class LoraLinear(torch.nn.Module):
             return out, bias
         return out + self._delta(x).to(out.dtype), bias
 
+    def _adapter_input(self, x):
+        """What the base GEMM multiplies. Transformer Engine's LayerNormColumnParallelLinear (linear_qkv and
+        linear_fc1 in TE's layer spec) takes the un-normalised residual stream and normalises inside the
+        fused kernel; the adapter must see the normalised input, so it applies the same norm (the base's
+        own `layer_norm_weight` / `layer_norm_bias`, epsilon and zero-centred gamma) itself, in fp32 as TE
+        does. A plain Column/RowParallelLinear (the local spec) gets its input normalised already."""
+        weight = getattr(self.base, "layer_norm_weight", None)
+        if weight is None:
+            return x
+        cfg = self.base.config
+        gamma = weight.float() + 1 if cfg.layernorm_zero_centered_gamma else weight.float()
+        shape = (x.shape[-1],)
+        if cfg.normalization == "RMSNorm":
+            normed = torch.nn.functional.rms_norm(x.float(), shape, gamma, cfg.layernorm_epsilon)
+        else:
+            bias = getattr(self.base, "layer_norm_bias", None)
+            normed = torch.nn.functional.layer_norm(x.float(), shape, gamma, None if bias is None else bias.float(),
+                                                    cfg.layernorm_epsilon)
+        return normed.to(x.dtype)
+
     def _delta(self, x):
-        x = self.dropout(x)
+        x = self.dropout(self._adapter_input(x))
         if self.column:
             if self.sequence_parallel:
                 x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)

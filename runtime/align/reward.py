@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from nemoc.runtime.align.common import AlignError, Batch, causal_mask, device, unwrap
+from nemoc.runtime.align.common import AlignError, Batch, causal_mask, device, forward_only, unwrap
 from nemoc.runtime.align.dpo import Pair
 from nemoc.runtime.align.trainer import chunks
 
@@ -41,18 +41,15 @@ def sequence_batch(sequences: Sequence[list[int]], seq_length: int, pad_id: int 
     return batch.to(device()), last.to(device())
 
 
-def _scores(model, batch: Batch, last: torch.Tensor) -> torch.Tensor:
-    values = model(batch.tokens, batch.position_ids, batch.attention_mask)  # [b, s, 1]
-    return values.squeeze(-1).float().gather(1, last.unsqueeze(1)).squeeze(1)
-
-
 @torch.no_grad()
 def score(model, sequences: Sequence[list[int]], seq_length: int, micro_batch: int = 32, pad_id: int = 0) -> torch.Tensor:
+    """The score of each sequence (its last token's value), at any pipeline layout (every rank gets them)."""
     unwrap(model).eval()
-    out = []
-    for group in chunks(list(sequences), micro_batch):
-        batch, last = sequence_batch(group, seq_length, pad_id)
-        out.append(_scores(model, batch, last))
+    items = [sequence_batch(group, seq_length, pad_id) for group in chunks(list(sequences), micro_batch)]
+    lasts = {id(batch): last for batch, last in items}
+    out = forward_only(model, [batch for batch, _ in items],
+                       lambda b, values: values.squeeze(-1).float().gather(1, lasts[id(b)].unsqueeze(1)).squeeze(1).cpu(),
+                       everywhere=True)
     return torch.cat(out)
 
 
@@ -80,6 +77,9 @@ def forward(model, mb):
         return bradley_terry(output.squeeze(-1).float().gather(1, last.unsqueeze(1)).squeeze(1))
 
     return values, loss_func
+
+
+forward.reports = ("loss", "accuracy", "margin")  # bradley_terry's, the loss first (core.loop)
 
 
 @torch.no_grad()

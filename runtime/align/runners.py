@@ -7,6 +7,7 @@ export.py); this module only wires data, models, the trainer, metrics and checkp
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -17,6 +18,7 @@ from nemoc.runtime.align.common import AlignError
 from nemoc.runtime.align.data import ChatTemplate, read_preferences, read_prompts, read_sft
 from nemoc.runtime.align.stage import StageTask
 from nemoc.runtime.core import dist
+from nemoc.runtime.core import loop as core_loop
 
 
 def resident_models(kind: str, params, peft) -> list[str]:
@@ -87,12 +89,17 @@ def _peft(task: StageTask):
     return task.stage.peft
 
 
+# The kinds whose every pass runs through Megatron's schedules (training: trainer.fit; the rest:
+# common.forward_only), so they run at any pipeline layout; a kind joins when it does too.
+PIPELINED = ("sft", "lora", "dpo", "reward")
+
+
 def _trainer(task: StageTask, chunk, steps: int | None = None):
     s = task.stage
-    if s.layout.pp > 1:
-        # The trainer's step runs under pipeline parallelism (test_align_parallel.py), but the stages' other
-        # passes (validation, reference log-probs, rollouts, reward scores) call the whole model directly.
-        raise AlignError(f"stage {s.name} ({s.kind}): alignment stages run with pipeline parallelism 1 "
+    if s.layout.pp > 1 and s.kind not in PIPELINED:
+        # sft, dpo and reward train and evaluate through Megatron's schedules at any pipeline layout; PPO's
+        # rollouts, reward scores and experience passes call the whole model directly.
+        raise AlignError(f"stage {s.name} ({s.kind}): {s.kind} runs with pipeline parallelism 1 "
                          f"(got pp={s.layout.pp}); use tp/dp")
     return trainer.Trainer(chunk, layout=s.layout, optimizer=s.optimizer, schedule=s.schedule,
                            steps=steps or s.steps, precision=s.execution.precision, overlaps=s.execution.overlaps)
@@ -115,43 +122,61 @@ def _finish_policy(task: StageTask, chunk, payload: dict) -> dict:
 STOP = dist.StopSignal()  # the core's, installed by __main__: SIGTERM/SIGINT/SIGUSR1 -> save, exit 143
 
 
-def _fit(task: StageTask, tr, metrics, *, items, to_microbatches, forward, tokens_per_step: int):
-    """Train to the stage's steps, resuming from `checkpoint_dir/latest` (model, optimizer, scheduler,
-    data position) and saving every `checkpoint.every` steps and on a stop signal. Returns
-    (history, first step of this invocation)."""
+def _fit(task: StageTask, tr, metrics, *, items, to_microbatches, forward, tokens_per_step: int,
+         reports: tuple[str, ...] | None = None):
+    """Train to the stage's steps on the training core's loop (trainer.fit -> core.loop.train_loop),
+    resuming from `checkpoint_dir/latest` (model, optimizer, scheduler, data position) and saving every
+    `checkpoint.every` steps and on a stop signal. Returns (the loop's final state, first step of this
+    invocation)."""
     s = task.stage
     restored = ckpt.resume(root=str(task.checkpoint_dir), chunks=[tr.model], optimizer=tr.optimizer,
                            scheduler=tr.scheduler, distributed_optimizer=s.layout.distributed_optimizer,
                            warn=lambda line: metrics.event("warning", message=line))
     start = restored.iteration if restored is not None else 0
-    tr.warn = lambda line: metrics.event("transient_fault", message=line)
     if restored is not None:
         metrics.rewind(start)  # the steps after the checkpoint are logged again: one record per step
         metrics.event("resumed", path=restored.path, iteration=start)
-    checkpointer = ckpt.Checkpointer(root=str(task.checkpoint_dir), keep=s.checkpoint.keep, async_save=False)
+    checkpointer = _Checkpointer(root=str(task.checkpoint_dir), keep=s.checkpoint.keep, async_save=False,
+                                 metrics=metrics)
 
-    def save(step: int) -> None:
-        state = ckpt.training_state(chunks=[tr.model], optimizer=tr.optimizer, scheduler=tr.scheduler,
-                                    iteration=step, consumed_samples=step * s.layout.global_batch,
-                                    extra={"stage": s.name, "kind": s.kind})
-        checkpointer.save(state, iteration=step)
-        metrics.event("checkpoint", iteration=step)
+    def training_state(state) -> dict:
+        return ckpt.training_state(chunks=[tr.model], optimizer=tr.optimizer, scheduler=tr.scheduler,
+                                   iteration=state.iteration, consumed_samples=state.consumed_samples,
+                                   extra={"stage": s.name, "kind": s.kind})
 
-    def on_step(m):
-        stage.log_step(metrics, m, tokens=tokens_per_step, log_every=s.log_every, total=task.steps)
-
+    throughput = dataclasses.replace(core_loop.throughput_for(plan=task.plan, stage=s), tokens_per_step=tokens_per_step)
     try:
-        history = trainer.run_steps(tr, items=items, steps=task.steps, global_batch=s.layout.global_batch,
-                                    to_microbatches=to_microbatches, forward=forward, seq_length=s.seq_length,
-                                    on_step=on_step, start=start, save=save, save_every=s.checkpoint.every,
-                                    stop=STOP)
+        state = trainer.fit(tr, stage=s, items=items, to_microbatches=to_microbatches, forward=forward, start=start,
+                            end=task.steps, reports=reports or getattr(forward, "reports", ("loss",)),
+                            metrics=metrics, checkpointer=checkpointer, make_checkpoint_state=training_state,
+                            throughput=throughput, stop=STOP)
+        if state.preempted_by:
+            if state.iteration < task.steps:
+                checkpointer.save(training_state(state), iteration=state.iteration)
+            raise trainer.Preempted(state.iteration, state.preempted_by)
     finally:
         checkpointer.close()
-    return history, start
+    return state, start
 
 
-def _last(history, key):
-    return history[-1][key] if history else None
+class _Checkpointer(ckpt.Checkpointer):
+    """The core's checkpointer, with a `checkpoint` event in the stage's metrics per save."""
+
+    def __init__(self, *, metrics, **kwargs):
+        super().__init__(**kwargs)
+        self._metrics = metrics
+
+    def save(self, state, *, iteration: int):
+        result = super().save(state, iteration=iteration)
+        self._metrics.event("checkpoint", iteration=iteration)
+        return result
+
+
+def _last(state, key):
+    """A report at the last logged step (the interval's mean); None when this invocation trained no step."""
+    if not state.losses:
+        return None
+    return state.last_loss if key == "loss" else state.reports.get(key)
 
 
 def run_sft(task: StageTask) -> dict:
@@ -168,14 +193,14 @@ def run_sft(task: StageTask) -> dict:
     tr = _trainer(task, chunk)
     total = task.steps
     with stage.open_stage_metrics(task, total) as metrics:
-        history, start = _fit(task, tr, metrics, items=rows, forward=sft.forward,
+        state, start = _fit(task, tr, metrics, items=rows, forward=sft.forward,
                               to_microbatches=lambda share: sft.rows_to_batches(share, seq, s.layout.micro_batch, tok.pad,
                                                                                   varlen=varlen),
                               tokens_per_step=s.layout.global_batch * seq)
         after = sft.response_loss(chunk, val_batches) if val_batches else None
         if after is not None:
             metrics.log({"step": total, "val_loss": after})
-    payload = {"final_loss": _last(history, "loss"), "steps": total, "resumed_from": start or None,
+    payload = {"final_loss": _last(state, "loss"), "steps": total, "resumed_from": start or None,
                "val_response_loss_before": before,  # the parent model, even when resumed
                "val_response_loss": after, "packing": packing, "rows": len(rows), "train_samples": len(train),
                "resident_models": resident_models("sft", task.params, s.peft)}
@@ -191,6 +216,7 @@ def run_dpo(task: StageTask) -> dict:
     if reference_mode not in ("model", "precomputed", "none"):
         raise AlignError(f"dpo: reference = {reference_mode!r}; expected model | precomputed (or reference_free = true)")
     parent = stage.policy_start(task)
+    varlen = stage.varlen_attention(task)  # chosen and rejected rows as variable-length segments: no [s, s] mask
     chunk = _policy(task, parent)
     resident = resident_models("dpo", p, s.peft)
     if reference_mode == "none":
@@ -201,27 +227,27 @@ def run_dpo(task: StageTask) -> dict:
         reference = dpo.ReferenceScores(model=stage.freeze(stage.build(task, checkpoint=parent)), loss=loss)
     table = val_table = None
     if reference_mode == "precomputed":
-        table = dpo.precompute(reference, train, seq, s.layout.micro_batch, tok.pad)
-        val_table = dpo.precompute(reference, val, seq, s.layout.micro_batch, tok.pad) if val else None
+        table = dpo.precompute(reference, train, seq, s.layout.micro_batch, tok.pad, varlen=varlen)
+        val_table = dpo.precompute(reference, val, seq, s.layout.micro_batch, tok.pad, varlen=varlen) if val else None
         reference.model = None  # freed: only the policy stays resident while training
     before = dpo.preference_accuracy(chunk, val, seq_length=seq, reference=reference if table is None else None,
-                                     table=val_table, loss=loss, pad_id=tok.pad) if val else {}
+                                     table=val_table, loss=loss, pad_id=tok.pad, varlen=varlen) if val else {}
     tr = _trainer(task, chunk)
     total = task.steps
     with stage.open_stage_metrics(task, total) as metrics:
         def to_mb(share):
             return dpo.microbatches(share, seq_length=seq, micro_batch=s.layout.micro_batch,
-                                    reference=reference, table=table, pad_id=tok.pad)
+                                    reference=reference, table=table, pad_id=tok.pad, varlen=varlen)
 
         forward = dpo.make_forward(beta=beta, loss=loss, label_smoothing=float(p.get("label_smoothing", 0.0)))
-        history, start = _fit(task, tr, metrics, items=list(enumerate(train)), to_microbatches=to_mb,
+        state, start = _fit(task, tr, metrics, items=list(enumerate(train)), to_microbatches=to_mb,
                               forward=forward, tokens_per_step=2 * s.layout.global_batch * seq)
         after = dpo.preference_accuracy(chunk, val, seq_length=seq, reference=reference if table is None else None,
-                                        table=val_table, loss=loss, pad_id=tok.pad) if val else {}
+                                        table=val_table, loss=loss, pad_id=tok.pad, varlen=varlen) if val else {}
         if after:
             metrics.log({"step": total, **{f"val_{k}": v for k, v in after.items()}})
-    payload = {"final_loss": _last(history, "loss"), "steps": total, "loss_type": loss, "beta": beta,
-               "reward_accuracy": _last(history, "reward_accuracy"), "reward_margin": _last(history, "reward_margin"),
+    payload = {"final_loss": _last(state, "loss"), "steps": total, "loss_type": loss, "beta": beta,
+               "reward_accuracy": _last(state, "reward_accuracy"), "reward_margin": _last(state, "reward_margin"),
                "resumed_from": start or None, "val_before": before, "val": after, "reference": reference_mode,
                "resident_models": resident}
     return _finish_policy(task, chunk, payload)
@@ -239,12 +265,12 @@ def run_reward(task: StageTask) -> dict:
         def to_mb(share):
             return reward.pair_microbatches(share, seq_length=seq, micro_batch=s.layout.micro_batch, pad_id=tok.pad)
 
-        history, start = _fit(task, tr, metrics, items=train, to_microbatches=to_mb, forward=reward.forward,
+        state, start = _fit(task, tr, metrics, items=train, to_microbatches=to_mb, forward=reward.forward,
                               tokens_per_step=2 * s.layout.global_batch * seq)
         after = reward.accuracy(chunk, val, seq_length=seq, pad_id=tok.pad) if val else {}
         if after:
             metrics.log({"step": total, "val_accuracy": after["accuracy"]})
-    payload = {"final_loss": _last(history, "loss"), "steps": total, "train_accuracy": _last(history, "accuracy"),
+    payload = {"final_loss": _last(state, "loss"), "steps": total, "train_accuracy": _last(state, "accuracy"),
                "resumed_from": start or None, "val_before": before, "val": after, "scalar_head": True,
                "resident_models": resident_models("reward", task.params, None)}
     payload["checkpoint"] = stage.save_final(task, chunk, extra={"scalar_head": True})
@@ -380,4 +406,4 @@ def run_export(task: StageTask) -> dict:
 
 RUNNERS = {"sft": run_sft, "lora": run_sft, "dpo": run_dpo, "reward": run_reward, "ppo": run_ppo,
            "rlhf": run_ppo, "eval": run_eval, "export": run_export}
-SINGLE_PROCESS = ("eval", "export")
+SINGLE_PROCESS = ("export",)

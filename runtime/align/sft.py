@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from nemoc.runtime.align.common import AlignError, Batch, masked_mean_loss, pack_rows, run, unwrap
+from nemoc.runtime.align.common import AlignError, Batch, forward_only, masked_mean_loss, pack_rows, run, unwrap
 from nemoc.runtime.align.trainer import chunks
 
 Sample = tuple[list[int], list[int]]
@@ -75,13 +75,16 @@ def forward(model, batch: Batch):
     return token_loss, loss_func
 
 
+forward.reports = ("loss", "response_tokens")  # what loss_func reports, the loss first (core.loop)
+
+
 @torch.no_grad()
 def response_loss(chunk, batches: Sequence[Batch]) -> float:
-    """Mean per-token loss over all response tokens of `batches` (token-weighted, not batch-weighted)."""
+    """Mean per-token loss over all response tokens of `batches` (token-weighted, not batch-weighted), at
+    any pipeline layout (common.forward_only; every rank gets the value)."""
     unwrap(chunk).eval()
-    total, count = 0.0, 0.0
-    for batch in batches:
-        out = run(chunk, batch, labels=batch.labels).float()
-        total += float((out * batch.loss_mask).sum())
-        count += float(batch.loss_mask.sum())
+    sums = forward_only(chunk, [(b, {"labels": b.labels}) for b in batches],
+                        lambda batch, out: (float((out.float() * batch.loss_mask).sum()), float(batch.loss_mask.sum())),
+                        everywhere=True)
+    total, count = sum(x for x, _ in sums), sum(n for _, n in sums)
     return total / max(count, 1.0)

@@ -1,23 +1,32 @@
-"""One optimizer step at a time on Megatron-Core: DDP, the Megatron optimizer, the LR scheduler, the schedules.
+"""The alignment kinds on the training core: a model with its optimizer (`Trainer`), and their steps on
+`core.loop.train_loop` (`fit`).
 
 Input:  a model chunk from `common.build_gpt` (parameters with `requires_grad=False` are frozen: DDP
         gives them no gradient buffer and the optimizer never sees them), the stage plan's optimizer,
-        schedule, layout and steps, and per step a list of microbatches plus a `forward(model, mb)`
-        returning `(output, loss_func)` in Megatron's forward-step contract.
-Output: per step a dict of metrics (averaged over microbatches and data-parallel ranks), `lr`, `grad_norm`.
+        schedule, layout and steps; the stage kind's items, `to_microbatches(share)` and
+        `forward(model, microbatch) -> (output, loss_func)` in Megatron's forward-step contract, whose
+        loss function returns `(mean loss, {name: scalar})` with the names in `forward.reports`.
+Output: the core loop's `LoopState` (the loss and every named report averaged over the log interval);
+        `run_steps`: every step's record. `Trainer.step`: one step outside the loop (PPO's inner epochs).
 Invariants: the gradient is that of the mean of the per-microbatch losses over all microbatches of all
-DP ranks (Megatron divides each microbatch loss by the number of microbatches; DDP averages over DP).
+DP ranks (Megatron divides each microbatch loss by the number of microbatches; DDP averages over DP);
+a step's micro-batches are made before its schedule runs (`StepBatches`), so whatever they compute
+(DPO's reference scores: a forward-only schedule) never nests inside the training schedule.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from nemoc.compiler.spec import CheckpointSpec
 from nemoc.runtime import faults
 from nemoc.runtime import megatron_args as margs
 from nemoc.runtime import model as mmodel
@@ -143,25 +152,99 @@ class Preempted(Exception):
         self.step, self.signum = step, signum
 
 
+@dataclass(frozen=True)
+class Steps:
+    """What `core.loop.train_loop` reads of a stage plan, for a model trained outside one (run_steps)."""
+
+    layout: object
+    seq_length: int
+    log_every: int = 1
+    eval_every: int | None = None
+    checkpoint: CheckpointSpec = CheckpointSpec(every=None)
+    params: Mapping = field(default_factory=dict)
+
+
+def batches(items: Sequence, *, start: int, global_batch: int, to_microbatches: Callable):
+    """Every step's micro-batches from step `start` on: this DP rank's share of the step's global batch
+    (a pure function of the step, so a resumed run sees the same data), cut by `to_microbatches`."""
+    for step in itertools.count(start):
+        yield from to_microbatches(dp_shard(items, step, global_batch))
+
+
+class StepBatches(core_loop.ReplayableIterator):
+    """The micro-batch stream of `batches`, each step's micro-batches made when the step begins
+    (`begin_step`, called by core.loop.train_step before the schedule runs): whatever making them
+    computes -- DPO's reference scores, a forward-only pipeline schedule of their own -- runs outside
+    the training schedule, in the same order on every pipeline rank."""
+
+    def __init__(self, iterator, per_step: int):
+        super().__init__(iterator)
+        self.per_step = per_step
+
+    def begin_step(self) -> None:
+        super().begin_step()
+        missing = self.per_step - len(self._replay)
+        self._replay += [next(self._iterator) for _ in range(max(missing, 0))]
+
+
+def pipeline_shape(microbatch) -> tuple[int, int]:
+    """(sequence, micro-batch) of a stage kind's micro-batch as the pipeline schedule sends it."""
+    batch = microbatch["batch"] if isinstance(microbatch, dict) else microbatch
+    return batch.pipeline_shape()
+
+
+def fit(trainer: Trainer, *, stage, items: Sequence, to_microbatches: Callable, forward: Callable, start: int,
+        end: int, reports: tuple[str, ...], metrics=None, checkpointer=None, make_checkpoint_state=None,
+        throughput=None, stop: StopSignal | None = None) -> core_loop.LoopState:
+    """Steps `start+1 .. end` of a stage kind on the training core's loop (core.loop.train_loop: Megatron's
+    schedules -- no pipelining, 1F1B -- the NaN/Inf rerun on replayed micro-batches, logging, periodic
+    checkpoints, the stop signal). `forward(model, microbatch) -> (output, loss_func)` is the stage kind's
+    forward step; `reports` the names its loss function reports, the loss first."""
+    iterator = StepBatches(batches(items, start=start, global_batch=stage.layout.global_batch,
+                                   to_microbatches=to_microbatches), per_step=stage.layout.num_microbatches)
+    state = core_loop.LoopState(iteration=start, consumed_samples=start * stage.layout.global_batch)
+    if start >= end:
+        return state
+    iterator.begin_step()  # the first step's micro-batches: their shape is the pipeline's
+    seq_length, micro_batch = pipeline_shape(iterator._replay[0])
+    iterator._taken = []
+    return core_loop.train_loop(
+        model=[trainer.model], optimizer=trainer.optimizer, scheduler=trainer.scheduler, stage=stage,
+        forward_step=lambda data, model: forward(model, next(data)), train_iterators=iterator, state=state,
+        end_iteration=end, checkpointer=checkpointer, make_checkpoint_state=make_checkpoint_state, metrics=metrics,
+        throughput=throughput, stop=stop, reports=reports, seq_length=seq_length, micro_batch=micro_batch)
+
+
+class _Records:
+    """A metrics sink that keeps every logged record (run_steps' per-step history), counts the trainer's
+    steps and hands a transient fault's warning to `trainer.warn`."""
+
+    def __init__(self, trainer: Trainer):
+        self.records: list[dict] = []
+        self.trainer = trainer
+
+    def log(self, record: dict) -> None:
+        self.records.append(dict(record))
+        self.trainer.step_count = int(record["step"])
+
+    def event(self, name: str, **fields) -> None:
+        if name == "transient_fault":
+            self.trainer.warn(fields.get("message", ""))
+
+
 def run_steps(trainer: Trainer, *, items: Sequence, steps: int, global_batch: int, to_microbatches: Callable,
-              forward: Callable, seq_length: int, on_step: Callable | None = None, start: int = 0,
-              save: Callable[[int], None] | None = None, save_every: int | None = None,
-              stop: StopSignal | None = None) -> list[dict]:
-    """Steps `start+1 .. steps`; each takes the next `global_batch` items (a pure function of the step, so
-    a resumed run sees the same data), this DP rank's share of them, turned into microbatches by
-    `to_microbatches`. `save(step)` runs every `save_every` steps; a stop signal saves and raises
-    `Preempted`. Returns every step's metrics."""
-    history = []
-    for step in range(start, steps):
-        microbatches = to_microbatches(dp_shard(items, step, global_batch))
-        metrics = trainer.step(microbatches, forward, seq_length=seq_length)
-        metrics["step"] = step + 1
-        history.append(metrics)
-        if on_step is not None:
-            on_step(metrics)
-        signum = stop.agreed() if stop is not None else 0
-        if save is not None and step + 1 < steps and (signum or (save_every and (step + 1) % save_every == 0)):
-            save(step + 1)
-        if signum:
-            raise Preempted(step + 1, signum)
-    return history
+              forward: Callable, seq_length: int, layout=None, reports: tuple[str, ...] | None = None) -> list[dict]:
+    """`steps` steps from scratch on the training core's loop (`fit`, as the stage runners train), with
+    every step's record kept: for tools and tests that train a model outside a stage plan. `layout`
+    defaults to one process's; `reports` to the forward step's (`forward.reports`)."""
+    from nemoc.runtime.align.common import single_layout
+
+    dp = parallel_state.get_data_parallel_world_size()
+    if layout is None:
+        first = to_microbatches(dp_shard(items, 0, global_batch))
+        layout = single_layout(dp=dp, micro_batch=_rows(first[0]), global_batch=global_batch)
+        layout = dataclasses.replace(layout, num_microbatches=len(first))
+    sink = _Records(trainer)
+    fit(trainer, stage=Steps(layout=layout, seq_length=seq_length), items=items, to_microbatches=to_microbatches,
+        forward=forward, start=0, end=steps, reports=reports or getattr(forward, "reports", ("loss",)), metrics=sink)
+    return sink.records

@@ -40,24 +40,32 @@ def eval_iters(stage: StagePlan) -> int:
     return int(stage.params.get("eval_iters", 10))
 
 
-def _loss_sums(losses: list[dict], key: str = "lm loss") -> torch.Tensor:
-    """[sum, count] over this rank's micro-batches (zeros off the last pipeline stage). Stays on the
-    device: no host synchronisation per step (it is read at log steps only)."""
-    total = torch.zeros(2, dtype=torch.float64, device=device())
+def _report_sums(losses: list[dict], names: tuple[str, ...] = ("lm loss",)) -> torch.Tensor:
+    """[len(names), 2]: per report name, [sum, count] over this rank's micro-batches (zeros off the last
+    pipeline stage). A report is either a [sum, count] pair (pretraining's token-weighted "lm loss") or a
+    scalar (a per-micro-batch mean: DPO's reward accuracy), counted as [value, 1]. Stays on the device:
+    no host synchronisation per step (it is read at log steps only)."""
+    total = torch.zeros(len(names), 2, dtype=torch.float64, device=device())
     for entry in losses or []:
-        if key in entry:
-            total += entry[key].detach().to(total.device, torch.float64)
+        for i, name in enumerate(names):
+            if name in entry:
+                value = entry[name].detach().to(total.device, torch.float64).reshape(-1)
+                total[i] += value if value.numel() == 2 else torch.cat([value, value.new_ones(1)])
     return total
 
 
-def _global_mean(sums: torch.Tensor) -> float:
-    """Mean loss over the whole job from per-rank [sum, count]. Every last-stage rank of a TP/CP
-    group holds the same (or its CP share of the) sums, so the ratio of world sums is exact."""
-    sums = sums.to(device(), torch.float64)
+def _global_means(sums: torch.Tensor) -> list[float]:
+    """Mean of each report over the whole job from per-rank [sum, count] rows. Every last-stage rank of a
+    TP/CP group holds the same (or its CP share of the) sums, so the ratio of world sums is exact."""
+    sums = sums.to(device(), torch.float64).reshape(-1, 2)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
     sums = sums.cpu()
-    return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+    return [float(row[0] / row[1]) if row[1] > 0 else float("nan") for row in sums]
+
+
+def _global_mean(sums: torch.Tensor) -> float:
+    return _global_means(sums)[0]
 
 
 class ReplayableIterator:
@@ -100,6 +108,7 @@ class LoopState:
     last_val_loss: float | None = None
     preempted_by: int = 0
     losses: list[float] = field(default_factory=list)
+    reports: dict[str, float] = field(default_factory=dict)  # the other named reports at the last log step
 
 
 @dataclass(frozen=True)
@@ -147,8 +156,10 @@ def rerun_nonfinite(attempt: Callable[[], tuple], *, step: int, lr: Callable[[],
 
 
 def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, seq_length: int,
-               step: int = 0, warn: Callable[[str], None] = print):
-    """One optimizer step over num_microbatches micro-batches. Returns ([loss sum, count], grad_norm, ok).
+               step: int = 0, warn: Callable[[str], None] = print, reports: tuple[str, ...] = ("lm loss",),
+               micro_batch: int | None = None):
+    """One optimizer step over num_microbatches micro-batches. Returns ([len(reports), 2] sums: the loss
+    first, grad_norm, ok).
 
     The loss is checked before the optimizer steps (Megatron-LM's rerun state machine): if it is NaN or
     Inf on any rank, the gradients are dropped and the step is run again from the same state (same
@@ -161,8 +172,8 @@ def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, 
 
     def attempt():
         sums = _forward_backward(forward_step=forward_step, iterators=iterators, model=model, optimizer=optimizer,
-                                 layout=layout, seq_length=seq_length)
-        return sums, "loss", _global_mean(sums.clone())
+                                 layout=layout, seq_length=seq_length, reports=reports, micro_batch=micro_batch)
+        return sums, "loss", _global_mean(sums[0].clone())
 
     def rewind():
         for it in replayable:
@@ -176,35 +187,74 @@ def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, 
     return sums, (float(grad_norm) if grad_norm is not None else float("nan")), bool(ok)
 
 
-def _forward_backward(*, forward_step, iterators, model, optimizer, layout, seq_length: int) -> torch.Tensor:
+def _forward_backward(*, forward_step, iterators, model, optimizer, layout, seq_length: int,
+                      reports: tuple[str, ...] = ("lm loss",), micro_batch: int | None = None) -> torch.Tensor:
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iterators, model=model,
-        num_microbatches=layout.num_microbatches, seq_length=seq_length, micro_batch_size=layout.micro_batch,
-        decoder_seq_length=seq_length, forward_only=False,
+        num_microbatches=layout.num_microbatches, seq_length=seq_length,
+        micro_batch_size=micro_batch or layout.micro_batch, decoder_seq_length=seq_length, forward_only=False,
     )
-    return _loss_sums(losses)
+    return _report_sums(losses, reports)
 
 
-def evaluate(*, forward_step, make_iterators, model, layout, seq_length: int, iters: int) -> float:
+def evaluate(*, forward_step, make_iterators, model, layout, seq_length: int, iters: int,
+             reports: tuple[str, ...] = ("lm loss",), micro_batch: int | None = None) -> float:
     """Mean validation loss over `iters` global batches (forward only, all ranks)."""
     for chunk in model:
         chunk.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device())
+    total = torch.zeros(len(reports), 2, dtype=torch.float64, device=device())
     iterators = make_iterators()
     with torch.no_grad():
         for _ in range(iters):
             losses = get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=iterators, model=model,
                 num_microbatches=layout.num_microbatches, seq_length=seq_length,
-                micro_batch_size=layout.micro_batch, decoder_seq_length=seq_length, forward_only=True,
+                micro_batch_size=micro_batch or layout.micro_batch, decoder_seq_length=seq_length,
+                forward_only=True,
             )
-            total += _loss_sums(losses)
+            total += _report_sums(losses, reports)
     for chunk in model:
         chunk.train()
-    return _global_mean(total)
+    return _global_mean(total[0])
+
+
+def forward_only(model, items, step: Callable, *, shape: Callable, everywhere: bool = False) -> list:
+    """`step(model, item) -> (output, fn)` for each item, forward only, through Megatron's schedule (one
+    micro-batch per call, so items may differ in shape: `shape(item) -> (seq_length, micro_batch)` as the
+    pipeline sends it). Returns [fn(output), ...] on the last pipeline stage; elsewhere [None, ...],
+    or with `everywhere` the last stage's values (broadcast over the pipeline group). Every pipeline rank
+    must call it with the same items, outside any other schedule. Without pipelining it calls the model
+    directly."""
+    from megatron.core import parallel_state as ps
+
+    chunks = model if isinstance(model, list) else [model]
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        out = []
+        for item in items:
+            output, fn = step(chunks[0], item)
+            out.append(fn(output))
+        return out
+    results = []
+    for item in items:
+        def forward_step(data, chunk, _item=item):
+            output, fn = step(chunk, next(data))
+            return output, (lambda o, non_loss_data=True: fn(o))
+
+        seq, micro = shape(item)
+        stored = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([item]), model=chunks, num_microbatches=1,
+            seq_length=seq, micro_batch_size=micro, decoder_seq_length=seq, forward_only=True,
+            collect_non_loss_data=True)
+        results.append(stored[0] if stored else None)
+    if everywhere:
+        box = [results if ps.is_pipeline_last_stage() else None]
+        torch.distributed.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                                group=ps.get_pipeline_model_parallel_group())
+        results = box[0]
+    return results
 
 
 def _sync() -> None:
@@ -224,13 +274,17 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
                state: LoopState, end_iteration: int, checkpointer: ckpt.Checkpointer | None,
                make_checkpoint_state: Callable[[LoopState], dict] | None, metrics=None,
                make_valid_iterators: Callable | None = None, throughput: Throughput | None = None,
-               stop: StopSignal | None = None) -> LoopState:
-    """Train from state.iteration to end_iteration. Logs every stage.log_every steps (loss averaged
-    over the interval), validates every stage.eval_every steps, checkpoints every
-    stage.checkpoint.every steps, and stops early (after saving) on SIGTERM/SIGUSR1."""
+               stop: StopSignal | None = None, reports: tuple[str, ...] = ("lm loss",),
+               seq_length: int | None = None, micro_batch: int | None = None) -> LoopState:
+    """Train from state.iteration to end_iteration. Logs every stage.log_every steps (the loss, the
+    first of `reports`, and every other report averaged over the interval), validates every
+    stage.eval_every steps, checkpoints every stage.checkpoint.every steps, and stops early (the caller
+    saves) on SIGTERM/SIGUSR1. `seq_length` / `micro_batch`: the shape of one micro-batch as the
+    pipeline schedule sends it (default: the stage's; a packed `thd` micro-batch is one row of b x s)."""
     metrics = metrics or NullMetrics()
     layout = stage.layout
-    interval_sums = torch.zeros(2, dtype=torch.float64, device=device())
+    seq_length = seq_length or stage.seq_length
+    interval_sums = torch.zeros(len(reports), 2, dtype=torch.float64, device=device())
     interval_start, interval_steps, skipped = time.perf_counter(), 0, 0
     every = stage.checkpoint.every
 
@@ -241,15 +295,17 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
     def validate() -> float:
         set_phase(f"validation at step {state.iteration}")
         state.last_val_loss = evaluate(forward_step=forward_step, make_iterators=make_valid_iterators, model=model,
-                                       layout=layout, seq_length=stage.seq_length, iters=eval_iters(stage))
+                                       layout=layout, seq_length=seq_length, iters=eval_iters(stage),
+                                       reports=reports, micro_batch=micro_batch)
         return state.last_val_loss
 
     while state.iteration < end_iteration:
         set_phase(f"train step {state.iteration + 1}")
         sums, grad_norm, ok = train_step(forward_step=forward_step, iterators=train_iterators, model=model,
                                          optimizer=optimizer, scheduler=scheduler, layout=layout,
-                                         seq_length=stage.seq_length, step=state.iteration + 1,
-                                         warn=lambda text: metrics.event("transient_fault", message=text))
+                                         seq_length=seq_length, step=state.iteration + 1,
+                                         warn=lambda text: metrics.event("transient_fault", message=text),
+                                         reports=reports, micro_batch=micro_batch)
         state.iteration += 1
         state.consumed_samples += layout.global_batch
         interval_sums += sums
@@ -260,9 +316,12 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
             set_phase(f"log step {state.iteration}")
             _sync()
             elapsed = time.perf_counter() - interval_start
-            state.last_loss = _global_mean(interval_sums)
+            means = _global_means(interval_sums)
+            state.last_loss = means[0]
+            state.reports = dict(zip(reports[1:], means[1:]))
             state.losses.append(state.last_loss)
             record = _step_record(state, interval_steps, elapsed, grad_norm, optimizer, skipped, throughput)
+            record.update(state.reports)
             if validate_now(last):
                 record["val_loss"] = validate()
             metrics.log(record)

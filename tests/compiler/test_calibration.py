@@ -76,12 +76,13 @@ def test_every_nemo_2407_pretraining_layout_plans_as_published(planned) -> None:
 
 
 def test_refusals_are_the_runtime_s_limits(planned) -> None:
-    """What the planner refuses is what the nemoc runtime cannot run: fp8 or pipeline-parallel
-    fine-tuning (E127 / E126), each reported with its rule."""
+    """What the planner refuses are the fine-tuning rows, each reported with its rule: the calibration's
+    generated `.nemo` gives them a text corpus and no parent checkpoint (E151 / E155); the nemoc runtime
+    itself runs fp8 and pipeline-parallel sft (it refused them with E127 / E126 before)."""
     _, out = planned
     refused = [r for r in out if "rejected" in r]
     assert len(refused) <= 18
-    assert all(r["rejected"].startswith(("E126", "E127")) and r["task"] == "sft" for r in refused), refused
+    assert all(r["rejected"].startswith(("E151", "E155")) and r["task"] == "sft" for r in refused), refused
 
 
 def test_unreliable_rows_are_few_and_explained(calibrate) -> None:

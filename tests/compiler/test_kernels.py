@@ -65,21 +65,35 @@ def test_auto_is_te_on_gpus_and_local_on_the_cpu():
     assert cpu.kernels == "local" and [s.kernels for s in cpu.stages] == ["local"]
 
 
-def test_alignment_eval_and_export_stages_are_planned_with_the_local_spec():
-    """runtime/align builds the local spec whatever `kernels` says (the nemoc runtime's target); a target
-    that runs every kind with TE (Megatron-Core's own) plans them with `te`: the target is data."""
+def test_alignment_stages_are_planned_with_te_and_export_with_the_local_spec():
+    """runtime/align builds sft/dpo with the stage's kernels (TE where installed: the core's build) and
+    exports with the local spec on the host; a target that runs every kind with TE (Megatron-Core's own)
+    plans export with `te` too: the target is data."""
     spec = load_spec("examples/llama3_70b_sft_dpo.nemo")[0]
     plan = plan_experiment(spec, target=NEMOC_RUNTIME).plan
     assert plan.kernels == "te"
-    assert {s.kind: s.kernels for s in plan.stages} == {"sft": "local", "dpo": "local", "export": "local"}
+    assert {s.kind: s.kernels for s in plan.stages} == {"sft": "te", "dpo": "te", "export": "local"}
     # sft and dpo run the experiment's attention core (packed rows as variable-length segments); export
     # computes no attention
     assert {s.kind: s.execution.attention for s in plan.stages} == {
         "sft": plan.attention_backend, "dpo": plan.attention_backend, "export": "unfused"}
     assert plan.attention_backend != "unfused"
-    assert [NEMOC_RUNTIME.stage_kernels(k, "te") for k in ("pretrain", "sft", "eval")] == ["te", "local", "local"]
+    assert [NEMOC_RUNTIME.stage_kernels(k, "te") for k in ("pretrain", "sft", "export")] == ["te", "te", "local"]
     full = plan_experiment(spec).plan  # NO_TARGET: Megatron-Core's own capabilities
     assert {s.kind: s.kernels for s in full.stages} == {"sft": "te", "dpo": "te", "export": "te"}
+
+
+def test_alignment_stages_pipeline_without_virtual_stages_and_ppo_not_at_all():
+    """The nemoc runtime's sft/dpo/reward run 1F1B (one chunk per pipeline rank), PPO no pipeline: the
+    search offers them only that, and a user's virtual_pipeline is E126 at the stage."""
+    assert NEMOC_RUNTIME.caps("sft").pipeline and not NEMOC_RUNTIME.caps("sft").virtual_pipeline
+    assert not NEMOC_RUNTIME.caps("ppo").pipeline
+    spec, _ = load_spec("examples/llama3_70b_sft_dpo.nemo")
+    plan = plan_experiment(spec, target=NEMOC_RUNTIME).plan
+    assert all(s.layout.vp is None for s in plan.stages)
+    fixed = replace(spec, parallel=replace(spec.parallel, pipeline=2, virtual_pipeline=2))
+    e126 = [d for d in check_spec(fixed, target=NEMOC_RUNTIME) if d.code == "E126"]
+    assert e126 and "virtual pipeline" in e126[0].message
 
 
 def test_local_kernels_cost_more_time_and_activation_memory_for_the_same_layout():
@@ -143,9 +157,10 @@ def test_a_local_plan_on_a_gpu_round_trips_and_keeps_its_setting():
 
 def test_a_stage_level_kind_does_not_change_the_experiment_setting():
     spec, _ = load_spec(GPU_EXAMPLE)
-    stages = spec.stages + (StageSpec(name="sft", kind="sft", after=("pretrain",), steps=10, global_batch=128),)
+    stages = spec.stages + (StageSpec(name="sft", kind="sft", after=("pretrain",), steps=10, global_batch=128),
+                            StageSpec(name="export", kind="export", after=("sft",)))
     plan = plan_experiment(replace(spec, stages=stages, kernels="te"), target=NEMOC_RUNTIME).plan
-    assert plan.kernels == "te" and [s.kernels for s in plan.stages] == ["te", "local"]
+    assert plan.kernels == "te" and [s.kernels for s in plan.stages] == ["te", "te", "local"]
 
 
 MISTRAL_7B_CONFIG = {  # mistralai/Mistral-7B-v0.1 config.json

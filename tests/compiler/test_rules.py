@@ -412,7 +412,7 @@ def test_e101_diagnostic_points_at_the_breaking_field(tmp_path):
 # ------------------------------------------------------------- what the nemoc runtime itself runs
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "reward", "ppo", "eval", "export"])
+@pytest.mark.parametrize("kind", ["ppo", "eval", "export"])
 def test_runtime_pipeline_rule_fires_for_kinds_the_runtime_runs_without_a_pipeline(kind):
     assert not NEMOC_RUNTIME.caps(kind).pipeline
     v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2))
@@ -423,6 +423,16 @@ def test_runtime_pipeline_rule_fires_for_kinds_the_runtime_runs_without_a_pipeli
     assert vp.code == "E126" and vp.anchors[0] == "parallel.virtual_pipeline"
     assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=1, dp=4)) is None
     assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=None)) is None  # auto: the search's
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "reward"])
+def test_alignment_kinds_pipeline_without_virtual_stages(kind):
+    """runtime/align builds one model chunk per pipeline rank: pp > 1 is fine, vp > 1 is E126."""
+    assert NEMOC_RUNTIME.caps(kind).pipeline and not NEMOC_RUNTIME.caps(kind).virtual_pipeline
+    assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2)) is None
+    v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, vp=2))
+    assert v.code == "E126" and v.anchors[0] == "parallel.virtual_pipeline"
+    assert "cannot run virtual pipeline stages" in v.message and "vp(2) > 1" in v.equation
 
 
 def test_pretrain_may_pipeline_and_every_stage_kind_has_capabilities():
@@ -451,16 +461,19 @@ def _aligned_spec(kind: str, *, own: bool):
 
 @pytest.mark.parametrize("kind", ["sft", "dpo", "eval"])
 @pytest.mark.parametrize("own", [True, False])
-def test_a_fixed_pipeline_on_an_alignment_stage_is_an_error_at_the_users_line(kind, own):
-    if kind == "eval" and not own:
-        # eval / export run in one process: an inherited pipeline is dropped, not an error
-        assert not [d for d in check_spec(_aligned_spec(kind, own=own), target=NEMOC_RUNTIME) if d.code == "E126"]
-        return
+def test_a_fixed_pipeline_on_a_stage_the_runtime_runs_without_one_is_an_error_at_the_users_line(kind, own):
     errors = [d for d in check_spec(_aligned_spec(kind, own=own), target=NEMOC_RUNTIME) if d.code == "E126"]
+    if kind != "eval":  # sft and dpo pipeline (one chunk per rank)
+        assert not errors, errors
+        return
+    if not own:
+        # eval runs without a pipeline: an inherited pipeline is dropped, not an error
+        assert not errors
+        return
     assert len(errors) == 1, errors
     e = errors[0]
     assert e.is_error and e.span == Span("x.nemo", 14, 7, 14, 19)
-    assert "TP/DP only" in e.message or "one process" in e.message
+    assert "TP/DP" in e.message
     assert e.equation.startswith(f"pp(2) > 1, but stage kind {kind}") and e.hint
 
 
@@ -512,9 +525,12 @@ def test_fp32_has_no_transformer_engine_flash_or_fused_attention(backend):
     assert ("set context = 1" in with_cp.hint) == (backend == "auto")
     assert rules.rule_fp32_attention(env(precision="fp32", attention_backend="unfused"), VALID) is None
     assert rules.rule_fp32_attention(env(precision="bf16", attention_backend=backend), VALID) is None
-    # without TE (local spec, the CPU, alignment stages) attention is torch SDPA, which runs fp32
+    # without TE (local spec, the CPU, export) attention is torch SDPA, which runs fp32; alignment stages
+    # build TE's layers like pretraining where the kernels are `te`
     assert rules.rule_fp32_attention(env(precision="fp32", attention_backend=backend, kernels="local"), VALID) is None
-    assert rules.rule_fp32_attention(env(precision="fp32", attention_backend=backend, stage_kind="sft"), VALID) is None
+    assert rules.rule_fp32_attention(env(precision="fp32", attention_backend=backend, stage_kind="export"), VALID) is None
+    sft = rules.rule_fp32_attention(env(precision="fp32", attention_backend=backend, stage_kind="sft"), VALID)
+    assert (sft is not None) == (backend != "auto")
     cpu = ClusterSpec(gpu="CPU", nodes=1, gpus_per_node=2)
     assert rules.rule_fp32_attention(env(cluster=cpu, precision="fp32", attention_backend=backend,
                                          kernels="local"), VALID) is None
@@ -675,11 +691,11 @@ def test_e105_says_when_only_an_empty_model_chunk_stands_in_the_way():
     assert plain.equation == "layers(3) < pp(8) * vp(1) = 8"
 
 
-@pytest.mark.parametrize("kind, costed", [("pretrain", "flash"), ("sft", "unfused"), ("dpo", "unfused"),
-                                          ("eval", "unfused")])
+@pytest.mark.parametrize("kind, costed", [("pretrain", "flash"), ("sft", "flash"), ("dpo", "flash"),
+                                          ("eval", "flash"), ("export", "unfused")])
 def test_stages_are_costed_with_the_attention_core_the_runtime_builds(kind, costed):
-    """runtime/align (sft, dpo, reward, ppo, eval, export) always builds Megatron's unfused core
-    (common.build_gpt): those stages are priced with the s x s scores whatever the plan's backend."""
+    """runtime/align builds the plan's attention core for sft, dpo, reward, ppo and eval (core.build,
+    packed rows as variable-length segments); export computes no attention and is priced unfused."""
     from nemoc.compiler.catalog.hardware import get_gpu
     from nemoc.compiler.search import Problem
 

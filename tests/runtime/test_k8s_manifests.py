@@ -287,7 +287,7 @@ def test_manifest_for_spec_splits_processes_over_nodes(tmp_path):
     assert worker(m)["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
 
 
-def test_export_runs_on_the_host_and_eval_on_one_node_in_the_manifests(compiled):
+def test_export_runs_on_the_host_and_eval_at_its_layout_in_the_manifests(compiled):
     from plan_factory import make_stage
 
     plan, _, run_dir = compiled
@@ -308,7 +308,8 @@ def test_export_runs_on_the_host_and_eval_on_one_node_in_the_manifests(compiled)
         return worker(task)["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
 
     assert worker("train:pretrain")["replicas"] == 2 and limits("train:pretrain").get("nvidia.com/gpu") == "1"
-    assert worker("eval:eval")["replicas"] == 1 and limits("eval:eval").get("nvidia.com/gpu") == "1"
+    # eval runs at its stage's layout (dp=2 over two one-GPU nodes), like training
+    assert worker("eval:eval")["replicas"] == 2 and limits("eval:eval").get("nvidia.com/gpu") == "1"
     assert worker("export:export")["replicas"] == 1 and "nvidia.com/gpu" not in limits("export:export")
     env = {e["name"]: e["value"] for e in worker("export:export")["template"]["spec"]["containers"][0]["env"]}
     assert env["CUDA_VISIBLE_DEVICES"] == ""

@@ -205,7 +205,8 @@ def test_dry_run_scripts_start_eval_as_the_executor_does(tmp_path):
     plan = replace(plan, stages=tuple(replace(s, layout=replace(s.layout, dp=2)) for s in plan.stages))
     paths = ls.write_scripts(plan, build_graph(plan), RunDir(tmp_path / "run"))
     by_task = {p.parent.name: p.read_text() for p in paths}
-    assert "#SBATCH --nodes=2" in by_task["train_pretrain"] and "#SBATCH --nodes=1" in by_task["eval_eval"]
+    # eval runs at its stage's layout (here dp=2 over two one-GPU nodes), like training
+    assert "#SBATCH --nodes=2" in by_task["train_pretrain"] and "#SBATCH --nodes=2" in by_task["eval_eval"]
     assert "#SBATCH --gpus-per-node=1" in by_task["train_pretrain"] and "#SBATCH --gpus-per-node=1" in by_task["eval_eval"]
     # export holds the whole model in fp32: on the host, no GPU asked for, CUDA hidden
     export = by_task["export_export"]

@@ -1,5 +1,5 @@
-"""Run under `torchrun --nproc-per-node 2`: three steps of an alignment kind at pipeline parallelism 2
-(`sft pp2`) or data parallelism 2 (`sft|dpo|reward dp2`) from the checkpoint `OUT/base`, losses to
+"""Run under `torchrun --nproc-per-node 2`: three steps of an alignment kind at pipeline, data or tensor
+parallelism 2 (`sft|dpo|reward pp2|dp2|tp2`) from the checkpoint `OUT/base`, losses to
 `OUT/KIND_MODE.json` (compared with one process by test_align_parallel.py)."""
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from nemoc.runtime.align import common  # noqa: E402
 
 def main(out: Path, kind: str, mode: str) -> None:
     torch.set_num_threads(1)
-    pp, dp = (2, 1) if mode == "pp2" else (1, 2)
-    common.init_distributed(tp=1, pp=pp, seed=0)
-    losses = train_kind(common, kind, out / "base", common.single_layout(pp=pp, dp=dp, global_batch=8, micro_batch=2))
+    tp, pp, dp = {"pp2": (1, 2, 1), "dp2": (1, 1, 2), "tp2": (2, 1, 1)}[mode]
+    common.init_distributed(tp=tp, pp=pp, seed=0)
+    losses = train_kind(common, kind, out / "base",
+                        common.single_layout(tp=tp, pp=pp, dp=dp, global_batch=8, micro_batch=2))
     if torch.distributed.get_rank() == 0:
         (out / f"{kind}_{mode}.json").write_text(json.dumps(losses))
     common.teardown_distributed()

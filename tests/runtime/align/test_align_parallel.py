@@ -1,7 +1,8 @@
-"""Pipeline and data parallelism (2 processes) for the alignment stages' step: SFT at PP=2 (1F1B over 4
-micro-batches, losses from the last stage), SFT, DPO (chosen and rejected in one micro-batch, a frozen
-reference) and the reward model at DP=2 (each rank 2 micro-batches of its share, DDP) reproduce the
-single-process losses from the same weights. (TP=2: test_align_tp2.py.)"""
+"""Pipeline, data and tensor parallelism (2 processes) for the alignment stages on the training core's loop:
+SFT, DPO (chosen and rejected in one micro-batch, the frozen reference's scores made before each step by a
+forward-only schedule of their own) and the reward model at PP=2 (1F1B over 4 micro-batches, losses from
+the last stage), DP=2 (each rank 2 micro-batches of its share, DDP) and TP=2 reproduce the single-process
+losses from the same weights."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ HERE = Path(__file__).parent
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, mode", [("sft", "pp2"), ("sft", "dp2"), ("dpo", "dp2"), ("reward", "dp2")])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "reward"])
+@pytest.mark.parametrize("mode", ["pp2", "dp2", "tp2"])
 def test_two_processes_reproduce_one_process(mcore, tmp_path, kind, mode):
     mcore.seed_all(5)
     mcore.save_model(mcore.build_gpt(llama_spec(seq_length=16, vocab=256), mcore.single_layout()), tmp_path / "base")

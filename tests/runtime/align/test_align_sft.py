@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from align_helpers import instruction_samples, llama_spec, mapping, stage_settings
@@ -85,3 +86,26 @@ def test_reported_step_loss_is_the_forward_loss_with_several_microbatches(mcore)
                                 to_microbatches=lambda share: sft.rows_to_batches(share, 16, 2),
                                 forward=sft.forward, seq_length=16)
     assert abs(step["loss"] - expected) < 1e-4, (step["loss"], expected)
+
+
+def test_a_mixture_of_experts_model_fine_tunes_on_the_core(mcore):
+    """MoE models build through the core (core.build.build_chunks, Megatron's MoELayer) and train with SFT;
+    LoRA wraps their attention projections (the experts stay frozen); export refuses them by name."""
+    from nemoc.compiler.spec import LoraSpec
+    from nemoc.runtime.align import export, lora, sft, trainer
+
+    spec = llama_spec(seq_length=16, experts=4, top_k=2, moe_ffn_hidden=64)
+    mcore.seed_all(3)
+    chunk = mcore.build_gpt(spec, mcore.single_layout(), attention_backend="flash")
+    assert type(mcore.unwrap(chunk).decoder.layers[0].mlp).__name__ == "MoELayer"
+    rows = [[s] for s in sft.truncate(instruction_samples(32, seed=1, f=mapping(0)), 16)]
+    tr = trainer.Trainer(chunk, layout=mcore.single_layout(global_batch=16, micro_batch=8),
+                         **stage_settings(steps=20, lr=1e-2))
+    history = trainer.run_steps(tr, items=rows, steps=20, global_batch=16, seq_length=16, forward=sft.forward,
+                                to_microbatches=lambda share: sft.rows_to_batches(share, 16, 8, varlen=True))
+    assert history[-1]["loss"] < 0.6 * history[0]["loss"], [h["loss"] for h in history]
+    adapted = mcore.build_gpt(spec, mcore.single_layout(), attention_backend="flash")
+    wrapped = lora.apply_lora(adapted, LoraSpec(rank=4, targets=("qkv", "proj", "fc1", "fc2")))
+    assert wrapped and all("self_attention" in name for name in wrapped)
+    with pytest.raises(mcore.AlignError, match="mixture-of-experts"):
+        export.style_of(mcore.unwrap(chunk).nemoc_shape)

@@ -83,3 +83,15 @@ def test_a_packed_rows_activation_memory_grows_linearly_with_varlen_and_quadrati
     assert growth["varlen"] < 4.5, (growth, measured)
     assert growth["mask"] > 8, (growth, measured)
     assert measured["varlen", sizes[1]] * 3 < measured["mask", sizes[1]], measured
+
+
+def test_dpo_pairs_as_variable_length_segments_score_as_with_a_mask(mcore):
+    from nemoc.runtime.align import dpo
+
+    masked, varlen = _twin_models(mcore, llama_spec(seq_length=32))
+    pairs = [dpo.Pair([1, 10, 2], [11, 11, 3], [12, 3]), dpo.Pair([1, 13, 14, 2], [15, 3], [16, 16, 16, 3])]
+    with torch.no_grad():
+        by_mask = dpo.ReferenceScores(model=masked)(dpo.pair_batch(pairs, 8))
+        by_segments = dpo.ReferenceScores(model=varlen)(dpo.pair_batch(pairs, 8, varlen=True))
+    assert by_mask.shape == (4,)
+    torch.testing.assert_close(by_segments, by_mask, atol=1e-5, rtol=1e-5)
