@@ -8,7 +8,7 @@ Output: `split_files` the data files of the split; `columns_of` the column names
         Parquet schema, or the keys of the first JSON line); `required_columns` what a record format needs.
 Invariants: pure reads of small metadata (a schema, one JSON line), never a whole table, so `nemoc check`
         can report an unknown split or a missing column at the data block's line; the runtime
-        (runtime/hf/datasets.py) reads the records with the same `split_files`. Errors are `HfDataError`
+        reads the records with the same `split_files`. Errors are `HfDataError`
         naming the path and what is there.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json")
 _METADATA = ("dataset_info.json", "state.json", "dataset_dict.json")
 
-# What each record format reads (runtime/hf/chat.py to_messages / to_preference; runtime/data_prep.py): a
+# What each record format reads (the runtime's conversation, preference and corpus readers): a
 # tuple of alternatives, each a set of columns that must all be present.
 FORMAT_COLUMNS: Mapping[str, tuple[tuple[str, ...], ...]] = {
     "chat": (("messages",), ("conversations",), ("prompt", "response")),

@@ -4,9 +4,9 @@ Input:  the model (its exact parameter counts, compiler/flops.py), the checkpoin
         its safetensors files when they are there), the worker count.
 Output: `ImportEstimate`, a cited breakdown `nemoc plan` prints and plan.json carries (`Plan.imports`).
 Invariants: pure arithmetic over file sizes; every constant below is measured (bench/bench_hf_import.py,
-        bench/results/hf_import.json) or derived from the converter's code (runtime/hf/convert.py).
+        bench/results/hf_import.json) or derived from what the runtime's converter does (below).
 
-What the task does (runtime/orchestrate/tasks/hf.py, runtime/hf/convert.py):
+What the runtime's import task does:
   1. the graph content-hashes every safetensors file (sha256, compiler/graph.py hf_checkpoint_digest);
   2. `workers` spawned processes each convert a set of decoder layers, one layer at a time: the layer's
      tensors are read (safetensors `get_tensor` copies out of the memory map), fused (QKV, [gate; up]),
@@ -22,7 +22,7 @@ from nemoc.compiler.flops import param_counts
 from nemoc.compiler.plan import ImportEstimate
 from nemoc.compiler.spec import ModelSpec
 
-# The import's worker processes the plan asks for (runtime/orchestrate/tasks/hf.py runs min(this, the host's CPUs)).
+# The import's worker processes the plan asks for (the runtime runs min(this, the host's CPUs)).
 DEFAULT_IMPORT_WORKERS = 4
 # sha256 of the graph's content hash: "about 10 s per 16 GB on one core" (docs/huggingface.md), 1.6 GB/s.
 HASH_BYTES_PER_S = 1.6e9

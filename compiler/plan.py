@@ -235,7 +235,7 @@ class StagePlan:
 @dataclass(frozen=True, slots=True)
 class ImportEstimate:
     """One `hf_import:<dir>` task: sizes, its host memory peak and its time, with the terms
-    (compiler/hfimport.py computes it; runtime/orchestrate/tasks/hf.py runs `workers` processes)."""
+    (compiler/hfimport.py computes it; the runtime's import runs `workers` processes)."""
 
     directory: str  # as the plan names it (relative to the experiment root when inside it)
     checkpoint_bytes: int  # safetensors bytes (measured, or parameters x ASSUMED_BYTES_PER_PARAM)

@@ -89,18 +89,18 @@ class SDPAttention(DotProductAttention):
         sq, b = query.shape[0], query.shape[1]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
-    def _varlen(self, query, key, value, params):
+    def _varlen(self, query, key, value, packed):
         """Packed sequences (Megatron's `thd` format: query [t, np, hn], key/value [t, ng, hn], the
         segments given by `cu_seqlens`): causal attention inside each segment, one SDPA call per
         segment, so a packed row never holds a [t, t] score or mask tensor (activation memory O(t))."""
-        if params.qkv_format != "thd" or params.cu_seqlens_q_padded is not None:
+        if packed.qkv_format != "thd" or packed.cu_seqlens_q_padded is not None:
             raise ValueError("the flash (SDPA) attention core takes packed sequences in the thd format without "
                              "padded cu_seqlens")
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         if groups > 1:
             key = key.repeat_interleave(groups, dim=1)
             value = value.repeat_interleave(groups, dim=1)
-        bounds = params.cu_seqlens_q.tolist()  # host copy: the segment loop runs on the host
+        bounds = packed.cu_seqlens_q.tolist()  # host copy: the segment loop runs on the host
         dropout = self.config.attention_dropout if self.training else 0.0
         pieces = []
         for start, end in zip(bounds[:-1], bounds[1:]):

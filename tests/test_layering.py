@@ -36,3 +36,14 @@ def test_importing_the_dsl_does_not_pull_in_the_cli_stack():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+def test_the_compiler_names_no_runtime_file():
+    """What the runtime can run reaches the compiler as data (compiler/target.py's Target), never as
+    references to runtime code that would have to be kept equal to it by hand."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "compiler"
+    hits = [f"{p.relative_to(root.parent)}:{i}" for p in sorted(root.rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if "runtime/" in line]
+    assert not hits, hits

@@ -190,15 +190,19 @@ def _parallel(f: _Flags, d: Draft) -> None:
     if granularity not in (None, "full", "selective"):
         raise ValueError(f"--recompute-granularity {granularity}: full or selective")
     p["recompute"] = Word(granularity or "none")
-    if granularity == "full" and (f.str("--recompute-method", "uniform") != "uniform" or f.int("--recompute-num-layers", 1) != 1):
-        d.note(f"recompute method {f.str('--recompute-method')} x {f.int('--recompute-num-layers', 1)} layers: "
-               "nemoc recomputes every layer (uniform, 1)", warn=True)
+    method, layers = f.str("--recompute-method", "uniform"), f.int("--recompute-num-layers", 1)
+    if granularity == "full" and method == "block":
+        p["recompute_layers"] = layers  # Megatron's block method: the first `layers` layers of each chunk
+    elif granularity == "full" and (method != "uniform" or layers != 1):
+        d.note(f"recompute method {method} x {layers} layers: nemoc recomputes every layer (uniform, 1)", warn=True)
     p["micro_batch"] = f.int("--micro-batch-size", 1)
 
 
 def _precision(f: _Flags, d: Draft) -> None:
     if f.has("--fp8-format"):
         precision = "mxfp8" if f.str("--fp8-recipe") == "mxfp8" else "fp8"
+        if f.str("--fp8-recipe") in ("delayed", "tensorwise", "blockwise"):
+            d.top["fp8_recipe"] = Word(f.str("--fp8-recipe"))
         d.comments[("top", "precision")] = f"--fp8-format {f.str('--fp8-format')}" + (
             f" --fp8-recipe {f.str('--fp8-recipe')}" if f.has("--fp8-recipe") else "")
     else:

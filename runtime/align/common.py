@@ -267,11 +267,11 @@ class Batch:
     def to(self, dev) -> "Batch":
         moved = {f: getattr(self, f).to(dev) for f in ("tokens", "labels", "loss_mask", "position_ids")}
         mask = self.attention_mask.to(dev) if self.attention_mask is not None else None
-        params = self.packed_seq_params
-        if params is not None:
-            params = dataclasses.replace(params, cu_seqlens_q=params.cu_seqlens_q.to(dev),
-                                         cu_seqlens_kv=params.cu_seqlens_kv.to(dev))
-        return Batch(**moved, attention_mask=mask, packed_seq_params=params)
+        packed = self.packed_seq_params
+        if packed is not None:
+            packed = dataclasses.replace(packed, cu_seqlens_q=packed.cu_seqlens_q.to(dev),
+                                         cu_seqlens_kv=packed.cu_seqlens_kv.to(dev))
+        return Batch(**moved, attention_mask=mask, packed_seq_params=packed)
 
     def shaped(self, output: torch.Tensor) -> torch.Tensor:
         """A last-stage output of a packed batch ([1, b * s, ...]) back in rows ([b, s, ...]); anything

@@ -175,7 +175,10 @@ def test_published_input_round_trips_through_export(path, tmp_path):
     second = tmp_path / "second.nemo"
     second.write_text(import_text(megatron_lm_command(plan, stage.name), "x.sh", gpu=plan.cluster.gpu).text)
     spec2, _ = load_experiment(str(second))
-    if stage.kind != "pretrain":
-        spec2 = replace(spec2, stages=(replace(spec2.stages[0], kind=stage.kind),))
+    if stage.kind != "pretrain":  # a Megatron-LM command line pretrains: the fine-tuning stage's kind, data,
+        # parameters and starting checkpoint are the first file's (what the command cannot say)
+        spec2 = replace(spec2, model=replace(spec2.model, init=spec.model.init), data=spec.data,
+                        stages=(replace(spec2.stages[0], kind=stage.kind, data=spec.stages[0].data,
+                                        params=spec.stages[0].params),))
     again = plan_experiment(spec2, target=NEMOC_RUNTIME).plan
     assert again.stages[0].layout == stage.layout and again.stages[0].steps == stage.steps
