@@ -133,6 +133,8 @@ class Problem:
 
     def moe_of(self, layout: Layout) -> MoeExecution | None:
         """The MoE settings a stage runs with `layout` (execution.moe_execution); None for dense models."""
+        if not self.model.is_moe:
+            return None
         return moe_execution(self.model, self.stage_kernels, layout.ep, *self.moe_requested)
 
     @property
