@@ -457,9 +457,26 @@ def megatron_errors(path: Path = MEGATRON_RESULTS) -> list[dict]:
 # ------------------------------------------------------------------------ through the language + planner
 
 
-def row_nemo(case: Case, num_gpus: int) -> str:
+def row_hf_config(case: Case) -> dict:
+    """The `config.json` of a stand-in Hugging Face checkpoint with the row's architecture, for a
+    fine-tuning row's `init = hf(DIR)` (NeMo's SFT/LoRA rows start from the published Llama 2 weights;
+    plan time reads only config.json). transformers' LlamaConfig keys; the `.nemo` file also writes
+    every architecture field, so `nemoc check` proves the two agree (E046)."""
+    m = case.model
+    if (m.activation, m.norm, m.position, m.add_bias_linear, m.is_moe) != ("swiglu", "rmsnorm", "rope", False, False):
+        raise ValueError(f"{case.id}: only Llama-architecture fine-tuning rows have a stand-in config.json")
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": m.hidden,
+            "intermediate_size": m.ffn_hidden, "num_hidden_layers": m.layers, "num_attention_heads": m.heads,
+            "num_key_value_heads": m.query_groups, "vocab_size": m.vocab, "max_position_embeddings": case.seq,
+            "hidden_act": "silu", "rms_norm_eps": m.norm_epsilon, "rope_theta": m.rotary_base,
+            "tie_word_embeddings": m.tie_embeddings, "torch_dtype": "bfloat16"}
+
+
+def row_nemo(case: Case, num_gpus: int, checkpoint: str | None = None) -> str:
     """The row as a `.nemo` experiment with every published parallel setting fixed; recompute is
-    `auto` where the source does not publish it (NeMo tables: it lives in the recipe scripts)."""
+    `auto` where the source does not publish it (NeMo tables: it lives in the recipe scripts).
+    A fine-tuning row starts from `checkpoint` (`init = hf(...)`, a directory holding
+    `row_hf_config`) and reads prompt/response data (NeMo's rows: SQuAD v1.1)."""
     m, lay = case.model, case.layout
     per_node = 4 if case.gpu in ("GB200", "GB300") else min(8, num_gpus)
     model_fields = [f"layers = {m.layers}", f"hidden = {m.hidden}", f"heads = {m.heads}",
@@ -469,6 +486,11 @@ def row_nemo(case: Case, num_gpus: int) -> str:
                     f"add_bias_linear = {str(m.add_bias_linear).lower()}"]
     if m.is_moe:
         model_fields += [f"experts = {m.experts}", f"top_k = {m.top_k}"]
+    fine_tuning = case.kind != "pretrain"
+    if fine_tuning:
+        if checkpoint is None:
+            raise ValueError(f"{case.id}: a fine-tuning row needs a stand-in checkpoint directory")
+        model_fields.append(f'init = hf("{checkpoint}")')
     parallel = [f"tensor = {lay.tp}", f"pipeline = {lay.pp}", f"virtual_pipeline = {lay.vp or 1}",
                 f"context = {lay.cp}", f"expert = {lay.ep}", f"data = {lay.dp}",
                 f"sequence_parallel = {str(lay.sequence_parallel).lower()}",
@@ -496,6 +518,7 @@ def row_nemo(case: Case, num_gpus: int) -> str:
     stage = "pretrain" if case.kind == "pretrain" else "sft"
     peft = "\n    peft = lora(rank = 16)" if case.peft is not None else ""
     ind = "\n    "
+    data_extra = f'\n    format = prompt_response\n    tokenizer = "{checkpoint}"' if fine_tuning else ""
     return f"""experiment calib_{case.id.lower()} {{
   cluster {{
     gpu = {case.gpu}
@@ -511,7 +534,7 @@ def row_nemo(case: Case, num_gpus: int) -> str:
   precision = {case.precision}{fp8_recipe}
   attention_backend = {case.backend}
   data corpus {{
-    path = "calibration/*.jsonl"
+    path = "calibration/*.jsonl"{data_extra}
   }}
   stage {stage} {{
     data = [corpus]
@@ -546,7 +569,12 @@ def planned(rows: list[dict]) -> list[dict]:
                 out.append({"id": row["id"], "model": row["model"], "skipped": case})
                 continue
             path = Path(tmp) / f"{case.id}.nemo"
-            path.write_text(row_nemo(case, row["num_gpus"]))
+            checkpoint = None
+            if case.kind != "pretrain":  # the stand-in checkpoint the fine-tuning row starts from
+                checkpoint = f"ckpt_{case.id.lower()}"
+                (Path(tmp) / checkpoint).mkdir()
+                (Path(tmp) / checkpoint / "config.json").write_text(json.dumps(row_hf_config(case)))
+            path.write_text(row_nemo(case, row["num_gpus"], checkpoint))
             base = {"id": case.id, "label": case.label, "measured": case.measured, "derived": case.derived,
                     "task": case.kind, "peft": case.peft is not None, "unstated": unstated(case)}
             try:

@@ -43,7 +43,7 @@ from nemoc.compiler.flops import (
     stage_work,
 )
 from nemoc.compiler.memory import layer_activations
-from nemoc.compiler.plan import Estimate, Layout
+from nemoc.compiler.plan import Estimate, Layout, MoeExecution
 from nemoc.compiler.spec import ClusterSpec, LoraSpec, ModelSpec
 
 
@@ -225,6 +225,17 @@ LOCAL_GRAD_ACCUM_BYTES = 10.0
 # mul_ 8, lerp_ (m) 12, mul_ + addcmul_ (v) 20, sqrt 8, div_ 8, add_ (eps) 8, addcdiv_ 16 = 80, plus
 # Megatron's fp32 -> 16-bit parameter copy 6 = 86.
 ADAM_BYTES = {"te": 30.0, "local": 86.0}
+# MoE kernels (execution.moe_execution): the settings a caller that passes none is costed with
+# (Megatron-Bridge's MoE recipes on TE: alltoall dispatcher, grouped GEMM, fused permutation; what the
+# calibration's MoE rows ran). Without grouped GEMM, Megatron-Core's SequentialMLP launches fc1, the
+# activation and fc2 per local expert (MOE_EXPERT_KERNELS), each at the per-kernel gap below. Without
+# permute fusion (moe_utils.py permute / unpermute on plain PyTorch) the permutation materialises the
+# index-selected copy and the unpermutation multiplies by the routing probabilities in a kernel of its
+# own: one more read and write of every routed 16-bit hidden element in each (2 x (2 + 2) B) that TE's
+# fused permute / unpermute fold into their single pass; per forward, backward and recomputed forward.
+DEFAULT_MOE = MoeExecution(dispatcher="alltoall", grouped_gemm=True, permute_fusion=True)
+MOE_EXPERT_KERNELS = 3
+MOE_UNFUSED_PERMUTE_BYTES = 8.0
 # Kernel launches per layer and micro batch (forward + backward) beyond TE's: composite RMSNorm
 # (7 forward, ~12 backward kernels, x2 norms, vs 2 + 2 fused), torch RoPE on q and k (7 + 6 each vs
 # 2 + 2), unfused SwiGLU (3 + 5 vs 1 + 1), the GQA repeat and its reduction (4), one main_grad add
@@ -283,12 +294,13 @@ class LayerTimes:
 
 
 def gemm_time(m: float, n: float, k: float, *, flops_per_s: float, bytes_per_s: float, in_bytes: float,
-              n_half: float = 0.0) -> float:
+              n_half: float = 0.0, weights: float = 1.0) -> float:
     """Roofline time of an (m x k) @ (k x n) GEMM: the larger of its FLOPs at the achievable rate and
     its operand/result traffic at HBM bandwidth (Williams et al. 2009). Small or skinny GEMMs
-    (small hidden / TP, small micro batch) become memory bound: that is the shape penalty."""
+    (small hidden / TP, small micro batch) become memory bound: that is the shape penalty. `weights`:
+    how many (k x n) matrices it reads (a grouped GEMM over the local experts reads each of theirs)."""
     flops = 2.0 * m * n * k
-    traffic = in_bytes * (m * k + k * n) + 2.0 * m * n
+    traffic = in_bytes * (m * k + weights * k * n) + 2.0 * m * n
     return max(flops / flops_per_s * (1.0 + n_half / min(n, k)), traffic / bytes_per_s)
 
 
@@ -317,7 +329,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
                 attention_backend: str, micro_batch: int, backward: float = 2.0,
                 params: EfficiencyParams = DEFAULT_PARAMS, attention_span: float | None = None,
                 overlap_tp: bool = False, kernels: str = "te", dropout: bool = False,
-                fp8_recipe: str | None = None) -> LayerTimes:
+                fp8_recipe: str | None = None, moe: MoeExecution | None = None) -> LayerTimes:
     """Forward + backward time of one layer for one micro batch. `backward` is the backward/forward
     GEMM ratio: 2 (input and weight gradients), 1 for a frozen base under LoRA (input gradients
     only), 0 for forward-only stages. `attention_span`: the mean length of the samples packed into
@@ -334,7 +346,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         frac = recomputed_fraction(model.layers, layout.pp, layout.vp, "full", layout.recompute_layers)
         kw = dict(seq=seq, precision=precision, attention_backend=attention_backend, micro_batch=micro_batch,
                   backward=backward, params=params, attention_span=attention_span, overlap_tp=overlap_tp,
-                  kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe)
+                  kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe, moe=moe)
         full = layer_times(model, replace(layout, recompute_layers=None), hw, **kw)
         if frac >= 1.0:
             return full
@@ -349,9 +361,21 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     passes = 1.0 + backward
     gemm = 0.0
     shapes = _layer_gemm_shapes(model, layout.tp, layout.ep, layout.etp)
-    for n, k, share in shapes:
+    moe = moe or DEFAULT_MOE
+    local_experts = model.experts // layout.ep if model.is_moe else 1
+    sequential = model.is_moe and not moe.grouped_gemm and local_experts > 1
+    for i, (n, k, share) in enumerate(shapes):
+        if sequential and i in (2, 3):
+            # SequentialMLP (no grouped GEMM): one GEMM per local expert over its share of the routed
+            # tokens, one after another, each reading its own weights: the sum of per-expert rooflines
+            # (>= the grouped GEMM's single roofline over all rows)
+            gemm += passes * local_experts * gemm_time(tokens * share / local_experts, n, k, flops_per_s=rate,
+                                                       bytes_per_s=hw.hbm_bw, in_bytes=in_bytes,
+                                                       n_half=params.gemm_n_half)
+            continue
+        experts_read = local_experts if model.is_moe and i in (2, 3) else 1  # grouped: every local expert's weights
         gemm += passes * gemm_time(tokens * share, n, k, flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=in_bytes,
-                                   n_half=params.gemm_n_half)
+                                   n_half=params.gemm_n_half, weights=experts_read)
     span = min(seq, attention_span) if attention_span else seq
     attn_flops = 4.0 * tokens * span * model.heads * model.head_dim / layout.tp
     recomputed = layout.recompute != "none" and backward  # the core's forward runs again
@@ -395,6 +419,14 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         replays = 2.0 if layout.recompute == "full" and backward else 1.0
         elementwise += FP8_CURRENT_SCALING_BYTES * (replays * inputs + (grads if backward else 0.0)) / hw.hbm_bw
     overhead = params.layer_overhead * passes / 3.0
+    if sequential:  # fc1, activation, fc2 launched per local expert instead of once for all of them
+        overhead += (params.layer_overhead / TE_KERNELS_PER_LAYER * MOE_EXPERT_KERNELS * (local_experts - 1)
+                     * passes / 3.0)
+    if model.is_moe and not moe.permute_fusion and moe.dispatcher != "flex":
+        rep = layout.tp if layout.sequence_parallel else 1
+        routed = tokens / rep * model.top_k * model.hidden  # routed hidden elements entering this GPU's MoE
+        replays = 1.0 + (1.0 if backward else 0.0) + (1.0 if layout.recompute == "full" and backward else 0.0)
+        elementwise += MOE_UNFUSED_PERMUTE_BYTES * routed * replays / hw.hbm_bw
     if kernels == "local":
         rep = layout.tp if layout.sequence_parallel else 1
         fwd_x, bwd_x = _local_traffic(model, tokens, layout.tp, rep)
@@ -404,7 +436,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     gemm += overhead
     tp_comm = _tp_comm(model, layout, hw, tokens, passes, params, overlap_tp)
     cp_comm = _cp_comm(model, layout, hw, tokens, passes, attention, params)
-    ep_comm = _ep_comm(model, layout, hw, tokens, passes, params)
+    ep_comm = _ep_comm(model, layout, hw, tokens, passes, params, moe.dispatcher)
     return LayerTimes(gemm, attention, elementwise, tp_comm, cp_comm, ep_comm, 1.0 / passes)
 
 
@@ -490,13 +522,25 @@ def _cp_comm(model, layout, hw, tokens, passes, attention, params) -> float:
     return max(0.0, comm - attention) + rings * (layout.cp - 1) * params.ring_step_latency + merge
 
 
-def _ep_comm(model, layout, hw, tokens, passes, params) -> float:
-    """MoE all-to-all (alltoall dispatcher): dispatch and combine of tokens x top_k hidden vectors
-    forward, the same backward; (ep - 1)/ep of it leaves the GPU; not overlapped (Megatron-Core
-    0.16 overlaps it only with the optional 1F1B A2A overlap, which nemoc does not enable)."""
-    if not model.is_moe or layout.ep == 1:
+def _ep_comm(model, layout, hw, tokens, passes, params, dispatcher: str = "alltoall") -> float:
+    """MoE token dispatch, not overlapped (Megatron-Core 0.16 overlaps it only with the optional 1F1B
+    A2A overlap, which nemoc does not enable). `alltoall` and `flex` (DeepEP: the same bytes in fused
+    kernels): dispatch and combine of tokens x top_k hidden vectors forward, the same backward;
+    (ep - 1)/ep of it leaves the GPU. `allgather` (MoEAllGatherTokenDispatcher): every rank all-gathers
+    the hidden states of the whole expert-parallel x expert-TP group and reduce-scatters the combined
+    output, (group - 1) x its own tokens each way whatever top_k is: cheaper than all-to-all only when
+    top_k x (ep - 1) / ep > group - 1 (many experts per token over few ranks)."""
+    if not model.is_moe:
         return 0.0
     rep = layout.tp if layout.sequence_parallel else 1
+    if dispatcher == "allgather":
+        group = layout.ep * layout.etp
+        if group == 1:
+            return 0.0
+        size = tokens / rep * model.hidden * 2.0
+        return 2.0 * (passes / 1.5) * size * (group - 1) / _link_bw(hw, group, layout.tp, params)
+    if layout.ep == 1:
+        return 0.0
     size = tokens * model.top_k / rep * model.hidden * 2.0
     volume = 2.0 * (passes / 1.5) * size * (layout.ep - 1) / layout.ep
     return volume / _link_bw(hw, layout.ep, layout.tp, params)
@@ -606,7 +650,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              overlap_p2p: bool = RUNTIME_OVERLAPS_P2P, p2p_scatter_gather: bool = False,
              overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
              overlap_grad_reduce: bool = True, dropout: bool = False,
-             overlap_param_gather: bool = RUNTIME_OVERLAPS_PARAM_GATHER, fp8_recipe: str | None = None) -> Estimate:
+             overlap_param_gather: bool = RUNTIME_OVERLAPS_PARAM_GATHER, fp8_recipe: str | None = None,
+             moe: MoeExecution | None = None) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
@@ -643,7 +688,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     mb = layout.micro_batch * work.rows  # preference pairs: chosen + rejected rows
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
                      micro_batch=mb, backward=main.backward, params=params, attention_span=attention_span,
-                     overlap_tp=overlap_tp, kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe)
+                     overlap_tp=overlap_tp, kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe, moe=moe)
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                       params=params, scalar_head=main.scalar_head, split=split)
     m = layout.num_microbatches
@@ -662,7 +707,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                                            p2p_scatter_gather)
     other = sum(p.count * _pass_time(model, layout, hw, p, seq=seq, precision=precision, backend=attention_backend,
                                      micro_batch=mb, params=params, split=split, overlap_tp=overlap_tp,
-                                     kernels=kernels)
+                                     kernels=kernels, moe=moe)
                 for p in work.passes[1:])
     if other:
         parts["other_passes"] = other
@@ -701,7 +746,8 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
                           stage_kind: str = "pretrain", peft: LoraSpec | None = None,
                           params: EfficiencyParams = DEFAULT_PARAMS, stage_params: object = None,
                           split: tuple[int, int, int] | None = None, overlap_p2p: bool = RUNTIME_OVERLAPS_P2P,
-                          overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te") -> float:
+                          overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
+                          moe: MoeExecution | None = None) -> float:
     """A lower bound of `estimate(...).step_time_s` over every micro batch in the range
     `micro_batches` = (smallest, largest) and every recompute level, for the other sizes of `layout`
     (its micro batch and recompute are ignored; `layout.num_microbatches x layout.micro_batch` is the
@@ -729,7 +775,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
         layout = replace(layout, recompute="none")
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
                      micro_batch=largest * work.rows, backward=main.backward, params=params, overlap_tp=overlap_tp,
-                     kernels=kernels)
+                     kernels=kernels, moe=moe)
     _, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows,
                               backward=main.backward, params=params, scalar_head=main.scalar_head, split=split)
     per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest
@@ -776,13 +822,13 @@ def p2p_transfers(pp: int, vp: int, m: int, overlap: bool = RUNTIME_OVERLAPS_P2P
 
 
 def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micro_batch, params,
-               split=None, overlap_tp: bool = False, kernels: str = "te") -> float:
+               split=None, overlap_tp: bool = False, kernels: str = "te", moe: MoeExecution | None = None) -> float:
     """One pipelined pass of a secondary model over the step's micro batches (1F1B or forward-only
     schedule): m micro batches on the slowest stage plus the bubble, TP/CP/EP communication
     included. A secondary model shares the policy's layout (the nemoc runtime builds it so)."""
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
                      micro_batch=micro_batch, backward=p.backward, params=params, overlap_tp=overlap_tp,
-                     kernels=kernels)
+                     kernels=kernels, moe=moe)
     slow, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=p.backward,
                                  params=params, scalar_head=p.scalar_head, split=split)
     bubble = (layout.pp - 1) / (layout.vp or 1) * mean if layout.pp > 1 else 0.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from nemoc.compiler.catalog.hardware import get_gpu
 from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR, padded_vocab, stage_model_flops_per_step
-from nemoc.compiler.plan import Execution, Fusions, Layout, Overlaps, PipelineSplit
+from nemoc.compiler.plan import Execution, Fusions, Layout, MoeExecution, Overlaps, PipelineSplit
 from nemoc.compiler.spec import LoraSpec, ModelSpec
 from nemoc.compiler.target import MEGATRON_CORE, Target
 
@@ -29,6 +29,46 @@ def fp8_recipe_of(precision: str, requested: str | None) -> str | None:
     if precision not in AUTO_FP8_RECIPE:
         return None
     return requested or AUTO_FP8_RECIPE[precision]
+
+
+# What a MoE layer runs when the experiment leaves `moe_*` auto: Megatron-Bridge's MoE performance
+# recipes on TE GPU clusters (alltoall dispatcher, grouped GEMM, permute fusion: its Mixtral, Qwen3-MoE
+# and DeepSeek recipes); on the local spec what it can build (no grouped GEMM or fused permutation
+# without TE) with Megatron-Core's default dispatcher unless experts are spread over ranks.
+AUTO_MOE_TE = ("alltoall", True, True)
+
+
+def moe_execution(model: ModelSpec, kernels: str, ep: int, dispatcher: str | None = None,
+                  grouped_gemm: bool | None = None, permute_fusion: bool | None = None) -> MoeExecution | None:
+    """The MoE settings of a stage on `kernels` (te | local) with expert-parallel size `ep`: the
+    experiment's `moe_*` fields, each auto (None) resolved as above; None for a dense model."""
+    if not model.is_moe:
+        return None
+    if kernels == "te":
+        auto = AUTO_MOE_TE
+    else:
+        auto = ("alltoall" if ep > 1 else "allgather", False, False)
+    return MoeExecution(
+        dispatcher=dispatcher or auto[0],
+        grouped_gemm=auto[1] if grouped_gemm is None else grouped_gemm,
+        permute_fusion=auto[2] if permute_fusion is None else permute_fusion,
+    )
+
+
+def moe_defaults_taken(model: ModelSpec, kernels: str, ep: int, dispatcher: str | None, grouped_gemm: bool | None,
+                       permute_fusion: bool | None) -> tuple[str, ...]:
+    """`name = value (auto)` for every MoE setting the experiment left auto (what `nemoc plan` reports)."""
+    moe = moe_execution(model, kernels, ep, dispatcher, grouped_gemm, permute_fusion)
+    if moe is None:
+        return ()
+    out = []
+    if dispatcher is None:
+        out.append(f"moe_dispatcher = {moe.dispatcher}")
+    if grouped_gemm is None:
+        out.append(f"moe_grouped_gemm = {str(moe.grouped_gemm).lower()}")
+    if permute_fusion is None:
+        out.append(f"moe_permute_fusion = {str(moe.permute_fusion).lower()}")
+    return tuple(out)
 
 
 def even_split(layers: int, pp: int) -> PipelineSplit:
@@ -51,7 +91,8 @@ def fusions(model: ModelSpec, kernels: str) -> Fusions:
 def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: PipelineSplit | None, stage_kind: str,
                     precision: str, attention_backend: str, kernels: str, seq_length: int,
                     peft: LoraSpec | None = None, params: object = None,
-                    target: Target = MEGATRON_CORE, fp8_recipe: str | None = None) -> Execution:
+                    target: Target = MEGATRON_CORE, fp8_recipe: str | None = None,
+                    moe: MoeExecution | None = None) -> Execution:
     """The `Execution` of a stage planned with `layout` (precision, attention and kernels are the
     experiment's; the target decides what the stage kind runs)."""
     stage_kernels = target.stage_kernels(stage_kind, kernels)
@@ -74,4 +115,5 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
         model_flops_per_step=stage_model_flops_per_step(model, seq_length, layout.global_batch, stage_kind=stage_kind,
                                                         peft=peft, params=params, causal_discount=True),
         peak_flops_per_gpu=peak,
+        moe=moe if moe is not None else moe_execution(model, stage_kernels, layout.ep),
     )

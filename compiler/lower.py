@@ -41,7 +41,8 @@ from nemoc.dsl.schema import (BLOCKS, CALLS, DATA_OPTIONS, MODEL_FIELDS, STAGE_K
 
 LENGTH_FIELDS = ("steps", "tokens", "epochs")
 EXPORT_DTYPES = next(f.type.choices for f in STAGE_PARAMS["export"] if f.name == "dtype")
-EXPERIMENT_KEYS = ("precision", "fp8_recipe", "attention_backend", "kernels")  # the experiment's own fields
+EXPERIMENT_KEYS = ("precision", "fp8_recipe", "attention_backend", "kernels", "moe_dispatcher", "moe_grouped_gemm",
+                   "moe_permute_fusion")  # the experiment's own fields
 from nemoc.dsl.typecheck import CallValue, Checked, check_block, did_you_mean, missing_required, suggest
 
 

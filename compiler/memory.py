@@ -265,7 +265,8 @@ def _shards(layout: Layout) -> tuple[int, int]:
 def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", attention_backend: str = "flash",
              seq_length: int | None = None, stage_kind: str = "pretrain", peft: LoraSpec | None = None,
              gpu: HardwareSpec | str | None = None, params: object = None, dropout: bool = False,
-             kernels: str = "te", grad_bytes: int = 4, split: tuple[int, int, int] | None = None) -> MemoryBreakdown:
+             kernels: str = "te", grad_bytes: int = 4, split: tuple[int, int, int] | None = None,
+             moe_dispatcher: str = "alltoall") -> MemoryBreakdown:
     """Per-GPU memory of the most-loaded pipeline stage (the max total over first and last stage;
     middle stages hold fewer micro batches than the first and no embedding or logits; with an
     uneven `split` = (first, middle, last) layer counts, the second stage too, which may hold more
@@ -274,7 +275,7 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
     stages = {0, layout.pp - 1} | ({1} if split is not None and layout.pp > 2 and split[1] > split[0] else set())
     best = None
     for m in _breakdowns(sorted(stages), model, layout, precision, attention_backend, seq_length, stage_kind, peft,
-                         gpu, params, dropout, kernels, grad_bytes, split):
+                         gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher):
         if best is None or m.total > best.total:
             best = m
     return best  # type: ignore[return-value]
@@ -284,14 +285,15 @@ def pipeline_stages(model: ModelSpec, layout: Layout, *, precision: str = "bf16"
                     seq_length: int | None = None, stage_kind: str = "pretrain", peft: LoraSpec | None = None,
                     gpu: HardwareSpec | str | None = None, params: object = None, dropout: bool = False,
                     kernels: str = "te", grad_bytes: int = 4,
-                    split: tuple[int, int, int] | None = None) -> tuple[MemoryBreakdown, ...]:
+                    split: tuple[int, int, int] | None = None,
+                    moe_dispatcher: str = "alltoall") -> tuple[MemoryBreakdown, ...]:
     """Per-GPU memory of every pipeline stage 0 .. pp - 1 (`estimate` is the largest of them)."""
     return tuple(_breakdowns(range(layout.pp), model, layout, precision, attention_backend, seq_length, stage_kind,
-                             peft, gpu, params, dropout, kernels, grad_bytes, split))
+                             peft, gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher))
 
 
 def _breakdowns(stages, model, layout, precision, attention_backend, seq_length, stage_kind, peft, gpu, params,
-                dropout, kernels, grad_bytes, split):
+                dropout, kernels, grad_bytes, split, moe_dispatcher="alltoall"):
     hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
     capacity = hw.hbm_bytes if hw else 0
     seq = seq_length or model.seq_length
@@ -299,7 +301,7 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
     rows = stage_work(stage_kind, params, peft).rows  # preference pairs: chosen + rejected
     for stage in stages:
         yield _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
-                            capacity, kernels, grad_bytes, split, resident, rows)
+                            capacity, kernels, grad_bytes, split, resident, rows, moe_dispatcher)
 
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
@@ -347,7 +349,8 @@ class _StatesLayout:
 
 
 def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
-                  kernels, grad_bytes, split, resident: int, rows: int) -> MemoryBreakdown:
+                  kernels, grad_bytes, split, resident: int, rows: int,
+                  moe_dispatcher: str = "alltoall") -> MemoryBreakdown:
     """One pipeline stage's breakdown; `resident`: how many models the stage keeps (`resident_models`),
     `rows`: sequences per micro-batch sample (`flops.stage_work`)."""
     scalar_head = kind == "reward"
@@ -423,6 +426,11 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         if model.is_moe:
             routed = s_local * b * model.top_k / rep * layout.etp
             parts["moe_dispatch"] = 2.0 * 2 * routed * model.hidden  # all-to-all send + receive
+            if moe_dispatcher == "allgather" and layout.ep * layout.etp > 1:
+                # the hidden states of the whole expert-parallel x expert-TP group, gathered (and the
+                # gradient of that buffer in backward) before the local experts' tokens are picked
+                gathered = s_local * b / rep * layout.ep * layout.etp
+                parts["moe_dispatch"] += 2.0 * 2 * gathered * model.hidden
         dynamic = activations + sum(parts.get(k, 0.0) for k in ("logits", "moe_dispatch", "backward_working"))
         parts["fragmentation"] = FRAGMENTATION * dynamic
         if step_transient > dynamic:  # the optimizer step's fp32 gradient copies outgrow the freed activations

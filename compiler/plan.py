@@ -124,6 +124,16 @@ class Fusions:
 
 
 @dataclass(frozen=True, slots=True)
+class MoeExecution:
+    """How a mixture-of-experts layer runs (Megatron-Core TransformerConfig switches; None for dense
+    models). Resolved by `execution.moe_execution` from the experiment's `moe_*` fields."""
+
+    dispatcher: str  # moe_token_dispatcher_type: alltoall | allgather | flex (DeepEP)
+    grouped_gemm: bool  # moe_grouped_gemm: the local experts' GEMMs as one grouped GEMM (TEGroupedMLP)
+    permute_fusion: bool  # moe_permute_fusion: TE's fused token permute / unpermute
+
+
+@dataclass(frozen=True, slots=True)
 class Execution:
     """Everything the planner decided about how a stage executes; the runtime translates it and
     re-derives none of it. Built by `nemoc.compiler.execution.stage_execution`."""
@@ -140,6 +150,7 @@ class Execution:
     fusions: Fusions
     model_flops_per_step: float  # what measured MFU divides (causal discount, the stage kind's work)
     peak_flops_per_gpu: float | None  # the planned GPU's dense peak at `precision` (None: unknown)
+    moe: MoeExecution | None = None  # the MoE layer's dispatcher and kernels; None for a dense model
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, replace
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
-from nemoc.compiler.execution import fp8_recipe_of, stage_execution
+from nemoc.compiler.execution import fp8_recipe_of, moe_defaults_taken, stage_execution
 from nemoc.compiler.flops import param_counts
 from nemoc.compiler.memory import resident_models, weight_bytes
 from nemoc.compiler.plan import Estimate, Plan, StagePlan
@@ -159,6 +159,7 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
         stage_kind=stage.kind, peft=stage.peft, params=stage.params, headroom=headroom, steps=steps,
         kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=stage.optimizer.name, target=target,
         hf_conversion=is_hf_conversion(spec, stage),
+        moe_requested=(spec.moe_dispatcher, spec.moe_grouped_gemm, spec.moe_permute_fusion),
     )
 
 
@@ -309,7 +310,8 @@ def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps
     execution = stage_execution(
         model=spec.model, gpu=spec.cluster.gpu, layout=chosen.layout, split=chosen.split, stage_kind=stage.kind,
         precision=spec.precision, attention_backend=problem.attention_backend, kernels=problem.kernels,
-        seq_length=seq, peft=stage.peft, params=stage.params, target=problem.target, fp8_recipe=spec.fp8_recipe)
+        seq_length=seq, peft=stage.peft, params=stage.params, target=problem.target, fp8_recipe=spec.fp8_recipe,
+        moe=problem.moe_of(chosen.layout))
     return StagePlan(
         name=stage.name, kind=stage.kind, after=stage.after, data=stage.data, layout=chosen.layout,
         memory=chosen.memory, estimate=estimate, seq_length=seq, steps=steps, optimizer=stage.optimizer,
@@ -377,6 +379,10 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
             notes.append(f"ppo: the rollout is estimated as KV-cached decoding (memory-bandwidth bound); "
                          f"the target `{target.name}` recomputes the whole sequence for every new token, "
                          "so `nemoc run` spends up to max_new_tokens forward passes there instead")
+    taken = moe_defaults_taken(spec.model, probe.stage_kernels, chosen.layout.ep, *probe.moe_requested)
+    if taken:
+        notes.append(f"MoE defaults taken ({'Transformer Engine, as Megatron-Bridge recipes' if probe.stage_kernels == 'te' else 'the local spec'}): "
+                     + ", ".join(taken))
     # The search ranked with steps = 1; the chosen layout's estimate is redone with the real steps.
     chosen = replace(chosen, estimate=evaluate_time(replace(probe, steps=steps), chosen.layout))
     if stage.global_batch is None and trains:

@@ -48,7 +48,8 @@ from functools import lru_cache
 from nemoc.compiler import cost, memory
 from nemoc.compiler.catalog.hardware import HardwareSpec
 from nemoc.compiler.flops import chunk_layers
-from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown
+from nemoc.compiler.execution import moe_execution
+from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown, MoeExecution
 from nemoc.compiler.rules import (
     ERROR_RULES,
     Env,
@@ -106,6 +107,9 @@ class Problem:
     optimizer: str = "adam"  # the stage's optimizer (adam | sgd): the distributed optimizer wraps Adam only
     target: Target = MEGATRON_CORE  # what the runtime executing the plan can run
     hf_conversion: bool = False  # Env.hf_conversion: the export stage only converts its initial checkpoint
+    # the experiment's (moe_dispatcher, moe_grouped_gemm, moe_permute_fusion), None = auto; resolved per
+    # layout by `moe_of` (the local spec's auto dispatcher depends on the expert-parallel size)
+    moe_requested: tuple = (None, None, None)
     costed_backend: str = field(init=False, repr=False, compare=False, default="")  # see __post_init__
 
     def __post_init__(self) -> None:
@@ -125,7 +129,13 @@ class Problem:
         arch = self.gpu.generation
         precisions = tuple(p for p in ("bf16", "fp16", "fp32", "fp8", "mxfp8") if self.gpu.supports(p))
         return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind,
-                   self.kernels, self.optimizer, self.target, self.fp8_recipe, self.hf_conversion)
+                   self.kernels, self.optimizer, self.target, self.fp8_recipe, self.hf_conversion, self.moe_requested)
+
+    def moe_of(self, layout: Layout) -> MoeExecution | None:
+        """The MoE settings a stage runs with `layout` (execution.moe_execution); None for dense models."""
+        if not self.model.is_moe:
+            return None
+        return moe_execution(self.model, self.stage_kernels, layout.ep, *self.moe_requested)
 
     @property
     def auto_distributed_optimizer(self) -> bool:
@@ -241,8 +251,13 @@ def pipeline_memory(p: Problem, layout: Layout) -> tuple[MemoryBreakdown, ...]:
     return memory.pipeline_stages(
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
-        kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
+        kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
     )
+
+
+def _dispatcher(p: Problem, layout: Layout) -> str:
+    moe = p.moe_of(layout)
+    return moe.dispatcher if moe is not None else "alltoall"
 
 
 def _grad_bytes(layout: Layout) -> int:
@@ -254,7 +269,7 @@ def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
     return memory.estimate(
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
-        kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
+        kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
     )
 
 
@@ -265,7 +280,7 @@ def evaluate_time(p: Problem, layout: Layout, params: cost.EfficiencyParams = co
         seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
         split=_stage_layers(p, layout), kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
         overlap_tp=layout.tp_comm_overlap, overlap_param_gather=layout.overlap_param_gather, params=params,
-        overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe,
+        overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, moe=p.moe_of(layout),
     )
 
 
@@ -275,7 +290,7 @@ def bound_time(p: Problem, layout: Layout, micro_batches: tuple[int, int]) -> fl
         p.model, layout, micro_batches=micro_batches, cluster=p.cluster, gpu=p.gpu, precision=p.precision,
         attention_backend=p.costed_backend, seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft,
         stage_params=p.params, split=_stage_layers(p, layout), kernels=p.stage_kernels,
-        overlap_tp=layout.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p,
+        overlap_tp=layout.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p, moe=p.moe_of(layout),
     )
 
 

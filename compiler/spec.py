@@ -209,6 +209,9 @@ class ExperimentSpec:
     parallel: ParallelSpec
     precision: str = "bf16"  # bf16 | fp16 | fp32 | fp8 | mxfp8
     fp8_recipe: str | None = None  # delayed | tensorwise | blockwise | mxfp8; None = auto (execution.fp8_recipe_of)
+    moe_dispatcher: str | None = None  # alltoall | allgather | flex; None = auto (execution.moe_execution)
+    moe_grouped_gemm: bool | None = None  # None = auto
+    moe_permute_fusion: bool | None = None  # None = auto
     attention_backend: str = "auto"  # auto | flash | fused | unfused
     kernels: str = "auto"  # auto | te | local (resolve_kernels)
     data: tuple[DataSpec, ...] = ()

@@ -411,6 +411,22 @@ EXPERIMENT_FIELDS = (
        "recipe of precision = mxfp8). Default `auto`: `tensorwise` for precision = fp8 (Megatron-Bridge's "
        "FP8-CS performance recipes), `mxfp8` for precision = mxfp8. Only with an fp8 precision (E164).",
        auto=True),
+    _f("moe_dispatcher", enum("alltoall", "allgather", "flex"), None,
+       "How a mixture-of-experts layer moves tokens to their experts (Megatron-Core "
+       "`moe_token_dispatcher_type`): `alltoall` (each token's top-k copies to the expert-parallel ranks "
+       "that hold its experts), `allgather` (every rank gathers all tokens of the expert-parallel x expert-TP "
+       "group and keeps its experts' share), `flex` (DeepEP's fused dispatch / combine kernels; needs Transformer "
+       "Engine and the deep_ep package). Default `auto`: `alltoall` with Transformer Engine (Megatron-Bridge's "
+       "MoE performance recipes); on the local spec `alltoall` with expert parallelism, else `allgather` "
+       "(Megatron-Core's default). MoE models only (E167); `flex` not on the local spec (E168).", auto=True),
+    _f("moe_grouped_gemm", BOOL, None,
+       "Run each rank's local experts as one grouped GEMM (Megatron-Core `moe_grouped_gemm`, TE's "
+       "GroupedLinear) instead of one GEMM per expert. Default `auto`: on with Transformer Engine "
+       "(Megatron-Bridge's recipes), off on the local spec, which has no grouped GEMM kernel (E168).", auto=True),
+    _f("moe_permute_fusion", BOOL, None,
+       "Fuse the token permutation before and after the experts (Megatron-Core `moe_permute_fusion`, TE >= "
+       "2.1). Default `auto`: on with Transformer Engine (Megatron-Bridge's recipes), off on the local spec "
+       "(E168).", auto=True),
     _f("attention_backend", enum("auto", "flash", "fused", "unfused"), "auto",
        "Attention kernel. With Transformer Engine: `auto` lets TE pick flash-attn or cuDNN fused attention, "
        "`flash` / `fused` pin one (bf16 / fp16 only, head dim a multiple of 8; flash: at most 256), `unfused` "

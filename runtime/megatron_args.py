@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nemoc.compiler.plan import Execution, Fusions, Layout, Overlaps, PipelineSplit
+from nemoc.compiler.plan import Execution, Fusions, Layout, MoeExecution, Overlaps, PipelineSplit
 from nemoc.compiler.spec import ModelSpec, OptimizerSpec, ScheduleSpec
 
 # Megatron-LM's --make-vocab-size-divisible-by default: the embedding is padded to a multiple of
@@ -232,6 +232,8 @@ def transformer_config(
         raise TypeError("transformer_config needs the stage's execution, or precision and attention_backend")
     _check_supported(model=model, layout=layout, precision=precision, facts=facts)
     _check_fp8_recipe(execution.fp8_recipe if execution is not None else None, facts)
+    moe = execution.moe if execution is not None else None
+    _check_moe(moe, facts)
     overlap_p2p = execution.overlaps.p2p if execution is not None else False
     activation, glu = _activation(model)
     dtype = params_dtype(precision)
@@ -277,24 +279,33 @@ def transformer_config(
         **_te_fusions(execution.fusions if execution is not None else None, facts),
     )
     if model.is_moe:
-        kwargs.update(_moe_kwargs(model, layout))
+        kwargs.update(_moe_kwargs(model, layout, moe))
     kwargs.update(_fp8_kwargs(precision, execution.fp8_recipe if execution is not None else None))
     if layout.fp8_param_gather and precision in ("fp8", "mxfp8"):
         kwargs["fp8_param"] = True  # the linear weights are TE FP8 tensors (plan: fp8_param_gather)
     return TransformerConfig(**kwargs)
 
 
-def _moe_kwargs(model: ModelSpec, layout: Layout) -> dict:
-    """The TransformerConfig fields of a mixture-of-experts model (also exported as Megatron-LM flags)."""
+def _moe_kwargs(model: ModelSpec, layout: Layout, moe: MoeExecution | None = None) -> dict:
+    """The TransformerConfig fields of a mixture-of-experts model (also exported as Megatron-LM flags).
+    `moe`: the plan's dispatcher and kernels (`Execution.moe`); without a plan (the alignment runtime's
+    own copies, tests) the local spec's: alltoall with expert parallelism, else allgather, no grouped
+    GEMM, no fused permutation."""
+    if moe is None:
+        moe = MoeExecution(dispatcher="alltoall" if layout.ep > 1 else "allgather", grouped_gemm=False,
+                           permute_fusion=False)
+    flex = dict(moe_flex_dispatcher_backend="deepep") if moe.dispatcher == "flex" else {}
     return dict(
         num_moe_experts=model.experts,
         moe_router_topk=model.top_k,
         moe_ffn_hidden_size=model.moe_ffn_hidden or model.ffn_hidden,
         moe_shared_expert_intermediate_size=model.shared_expert_ffn_hidden or None,
-        moe_token_dispatcher_type="alltoall" if layout.ep > 1 else "allgather",
+        moe_token_dispatcher_type=moe.dispatcher,
+        **flex,
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=1e-2,  # Switch Transformer's alpha (Fedus et al. 2021, sec. 2.2)
-        moe_grouped_gemm=False,  # grouped GEMM needs the CUDA grouped_gemm/TE kernels
+        moe_grouped_gemm=moe.grouped_gemm,  # TEGroupedMLP (TE's GroupedLinear): runtime/model.py layer_spec
+        moe_permute_fusion=moe.permute_fusion,
         # Top-1 softmax routing raises unless the softmax comes before the top-k
         # (transformer_config.py __post_init__: "Please use --moe-router-pre-softmax when topk is 1").
         moe_router_pre_softmax=model.top_k == 1,
@@ -306,6 +317,30 @@ def _moe_kwargs(model: ModelSpec, layout: Layout) -> dict:
         # model with add_bias_linear (E140 in `nemoc check`).
         add_bias_linear=False,
     )
+
+
+def _check_moe(moe: MoeExecution | None, facts: MachineFacts) -> None:
+    """Refuse MoE kernels this machine cannot build (`nemoc check` refuses them on the local spec, E172;
+    here the machine decides: a plan made for TE GPUs run where TE or DeepEP is missing)."""
+    if moe is None:
+        return
+    need_te = [name for name, on in (("moe_grouped_gemm = true", moe.grouped_gemm),
+                                     ("moe_permute_fusion = true", moe.permute_fusion),
+                                     ("moe_dispatcher = flex", moe.dispatcher == "flex")) if on]
+    if need_te and not facts.have_te:
+        raise UnsupportedPlan(f"{need_te[0]} needs Transformer Engine, which this machine does not build (local "
+                              "layer spec); plan with kernels = local or leave the MoE settings auto")
+    if moe.dispatcher == "flex" and not have_deep_ep():
+        raise UnsupportedPlan("moe_dispatcher = flex needs DeepEP (the deep_ep package; Megatron-Core "
+                              "moe_flex_dispatcher_backend = deepep), which is not installed here; use "
+                              "moe_dispatcher = alltoall")
+
+
+def have_deep_ep() -> bool:
+    """Whether DeepEP (the flex dispatcher's kernels) is importable on this machine."""
+    import importlib.util
+
+    return importlib.util.find_spec("deep_ep") is not None
 
 
 # Transformer Engine versions Megatron-Core 0.16.1 builds each FP8 recipe with (fp8_utils.py
@@ -450,7 +485,7 @@ _LM_FLAG = {
     "fp8": "--fp8-format",
 }
 # Settings Megatron-LM has no flag for, or that are its default; left out of the command line.
-_LM_SKIP = {"moe_grouped_gemm", "moe_router_dtype", "add_bias_linear", "overlap_param_gather",
+_LM_SKIP = {"moe_router_dtype", "add_bias_linear", "overlap_param_gather",
             "use_distributed_optimizer"}
 
 
@@ -505,7 +540,7 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
     args += _flags({k: v for k, v in _ddp_kwargs(lay, stage.execution.overlaps).items()
                     if k != "use_distributed_optimizer"})
     if model.is_moe:
-        args += _flags(_moe_kwargs(model, lay))
+        args += _flags(_moe_kwargs(model, lay, stage.execution.moe))
     args += [f"--micro-batch-size {lay.micro_batch}", f"--global-batch-size {lay.global_batch}",
              f"--train-iters {stage.steps}"]
     args += _lm_precision(plan, stage)

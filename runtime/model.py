@@ -124,8 +124,10 @@ def layer_spec(*, config, model: ModelSpec, attention_backend: str, have_te: boo
     """The transformer-layer ModuleSpec for this machine and backend."""
     experts = model.experts or None
     if have_te:
+        # the plan's moe_grouped_gemm (Execution.moe, set on the config by megatron_args): TEGroupedMLP
         return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=experts, moe_grouped_gemm=False, qk_layernorm=model.qk_layernorm
+            num_experts=experts, moe_grouped_gemm=bool(getattr(config, "moe_grouped_gemm", False)),
+            qk_layernorm=model.qk_layernorm,
         )
     spec = get_gpt_layer_local_spec(
         num_experts=experts,

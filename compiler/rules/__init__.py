@@ -94,6 +94,8 @@ from nemoc.compiler.rules.moe import (  # noqa: F401
     rule_moe_tp_needs_sp,
     rule_moe_bias_etp,
     rule_moe_bias_runtime,
+    rule_moe_settings_dense,
+    rule_moe_settings_kernels,
     warn_ep_without_sp,
     warn_moe_ffn_default,
     warn_top1_router,

@@ -60,6 +60,8 @@ class Env:
     # an export stage with an initial checkpoint and no parent: the hf_import -> hf_export conversion
     # (compiler.graph), which builds no model, so the stage kind's model limits (dense only) do not apply
     hf_conversion: bool = False
+    # the MoE settings the user wrote (None = auto): moe_dispatcher, moe_grouped_gemm, moe_permute_fusion
+    moe_requested: tuple = (None, None, None)
 
     @property
     def stage_kernels(self) -> str:

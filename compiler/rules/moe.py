@@ -217,3 +217,53 @@ def warn_top1_router(env: Env, s: Sizes) -> Violation | None:
         None, anchors=("model.top_k", "model"), severity=Severity.NOTE,
         source="megatron/core/transformer/transformer_config.py __post_init__ (Please use --moe-router-pre-softmax when topk is 1)",
     )
+
+
+_MOE_FIELDS = ("moe_dispatcher", "moe_grouped_gemm", "moe_permute_fusion")
+
+
+def _written_moe(env: Env) -> list[tuple[str, object]]:
+    return [(name, value) for name, value in zip(_MOE_FIELDS, env.moe_requested) if value is not None]
+
+
+def rule_moe_settings_dense(env: Env, s: Sizes) -> Violation | None:
+    """The MoE layer's settings (dispatcher, grouped GEMM, permute fusion) on a dense model: nothing
+    would use them (Megatron-Core reads them only with num_moe_experts)."""
+    written = _written_moe(env)
+    if env.model.is_moe or not written:
+        return None
+    name, value = written[0]
+    shown = str(value).lower() if isinstance(value, bool) else value
+    return Violation(
+        "E171", f"`{name}` is a mixture-of-experts setting, but the model is dense",
+        f"{name}({shown}) with model.experts = 0",
+        f"remove `{name}`, or give the model experts (`experts = N`, `top_k = K`)",
+        anchors=(name, "model.experts", "model"),
+        source="megatron/core/transformer/moe (read only when num_moe_experts is set)",
+    )
+
+
+def rule_moe_settings_kernels(env: Env, s: Sizes) -> Violation | None:
+    """Grouped GEMM, fused permutation and the flex (DeepEP) dispatcher are Transformer Engine kernels:
+    Megatron-Core's local spec builds SequentialMLP (its legacy GroupedMLP needs the separate
+    `grouped_gemm` package, which the nemoc runtime does not build), `moe_permute_fusion` needs TE >=
+    2.1 (transformer_config.py __post_init__: "fused permutation is not available"), and the flex
+    dispatcher's DeepEP / HybridEP kernels run on GPUs only."""
+    if not env.model.is_moe or env.stage_kernels == "te":
+        return None
+    dispatcher, grouped, fusion = env.moe_requested
+    bad = [(n, v) for n, v, on in (("moe_grouped_gemm", "true", grouped is True),
+                                   ("moe_permute_fusion", "true", fusion is True),
+                                   ("moe_dispatcher", "flex", dispatcher == "flex")) if on]
+    if not bad:
+        return None
+    name, value = bad[0]
+    return Violation(
+        "E172", f"`{name} = {value}` needs Transformer Engine; this stage runs the local layer spec",
+        f"{name}({value}) with kernels = {env.stage_kernels}",
+        f"remove `{name}` (auto picks what the local spec can run), or run on GPUs with Transformer Engine "
+        "(`kernels = te`)",
+        anchors=(name, "kernels"),
+        source="megatron/core/transformer/transformer_config.py (moe_permute_fusion needs TE >= 2.1); "
+               "megatron/core/models/gpt/gpt_layer_specs.py (grouped GEMM: TEGroupedMLP)",
+    )

@@ -50,7 +50,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 from megatron.core.utils import divide  # noqa: E402
 
 from nemoc.compiler.catalog.hardware import get_gpu  # noqa: E402
-from nemoc.compiler.execution import stage_execution  # noqa: E402
+from nemoc.compiler.execution import moe_execution, stage_execution  # noqa: E402
 from nemoc.compiler.plan import Layout  # noqa: E402
 from nemoc.compiler.planner import plan_stage  # noqa: E402
 from nemoc.compiler.rules import check_spec, pipeline_split  # noqa: E402
@@ -140,10 +140,15 @@ def experiments(draw) -> ExperimentSpec:
     stage = StageSpec(name="s", kind=kind, global_batch=draw(st.sampled_from([None, 1, 4, 8, 12, 16, 32, 64])),
                       seq_length=min(seq, model.seq_length) if seq else None, steps=10,
                       optimizer=OptimizerSpec(name=draw(st.sampled_from(["adam", "adam", "sgd"]))))
+    moe_settings = {}
+    if experts or wild:  # the MoE layer's dispatcher and kernels (None: auto)
+        moe_settings = dict(moe_dispatcher=draw(st.sampled_from([None, None, "alltoall", "allgather", "flex"])),
+                            moe_grouped_gemm=draw(st.sampled_from([None, None, True, False])),
+                            moe_permute_fusion=draw(st.sampled_from([None, None, True, False])))
     return ExperimentSpec(
         name="diff", model=model, cluster=cluster, parallel=parallel, precision=precision,
         attention_backend=draw(st.sampled_from(["auto", "auto", "flash", "fused", "unfused"])),
-        kernels=kernels, stages=(stage,),
+        kernels=kernels, stages=(stage,), **moe_settings,
     )
 
 
@@ -265,6 +270,13 @@ def _te_present():
                                    lambda *a, **k: True))
     stack.enter_context(mock.patch("megatron.core.models.common.embeddings.rope_utils.fused_apply_rotary_pos_emb",
                                    lambda *a, **k: None))
+    # TE's fused MoE permutation kernels (moe_utils.py imports them from TE >= 2.1; TransformerConfig
+    # checks they exist when moe_permute_fusion is on) and DeepEP (the flex dispatcher's kernels)
+    for name in ("fused_permute", "fused_permute_with_probs", "fused_sort_chunks_by_index",
+                 "fused_sort_chunks_by_index_with_probs", "fused_unpermute"):
+        stack.enter_context(mock.patch(f"megatron.core.transformer.moe.moe_utils.{name}", lambda *a, **k: None,
+                                       create=True))
+    stack.enter_context(mock.patch.object(margs, "have_deep_ep", lambda: True))
     return stack
 
 
@@ -401,7 +413,9 @@ def run_case(spec: ExperimentSpec, top: int = 4) -> None:
     layouts += [(c.layout, stage_execution(
         model=spec.model, gpu=spec.cluster.gpu, layout=c.layout, split=c.split, stage_kind=stage.kind,
         precision=spec.precision, attention_backend=spec.attention_backend, kernels=resolve_kernels(spec.kernels,
-        spec.cluster.gpu), seq_length=stage_plan.seq_length, target=NEMOC_RUNTIME)) for c in result.runner_ups]
+        spec.cluster.gpu), seq_length=stage_plan.seq_length, target=NEMOC_RUNTIME,
+        moe=moe_execution(spec.model, stage_plan.kernels, c.layout.ep, spec.moe_dispatcher, spec.moe_grouped_gemm,
+                          spec.moe_permute_fusion))) for c in result.runner_ups]
     for layout, params in layouts:
         STATS["layouts"] = STATS.get("layouts", 0) + 1
         try:

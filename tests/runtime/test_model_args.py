@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from unittest import mock
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemoc.compiler.plan import Layout, PipelineSplit
+from nemoc.compiler.plan import Layout, MoeExecution, PipelineSplit
 from nemoc.compiler.spec import ModelSpec, OptimizerSpec, ScheduleSpec
 from nemoc.runtime import megatron_args as margs
 from plan_factory import make_execution
@@ -27,19 +28,31 @@ def lay(**kw) -> Layout:
     return Layout(**base)
 
 
-def config(model=LLAMA_ISH, layout=None, precision="bf16", backend="flash", facts=CPU):
-    if facts.have_te:  # TE is not installed here: its fused RoPE is what apply_rope_fusion looks for
-        with mock.patch("megatron.core.models.common.embeddings.rope_utils.fused_apply_rotary_pos_emb",
-                        lambda *a, **k: None):
-            return _config(model, layout, precision, backend, facts)
-    return _config(model, layout, precision, backend, facts)
+_TE_MOE_KERNELS = ("fused_permute", "fused_permute_with_probs", "fused_sort_chunks_by_index",
+                   "fused_sort_chunks_by_index_with_probs", "fused_unpermute")
 
 
-def _config(model, layout, precision, backend, facts):
-    """What the runtime builds from a stage planned with `kernels = te` where the machine has TE, else local."""
+def config(model=LLAMA_ISH, layout=None, precision="bf16", backend="flash", facts=CPU, moe=None):
+    if facts.have_te:  # TE is not installed here: its fused RoPE is what apply_rope_fusion looks for,
+        # its fused MoE permutation what moe_permute_fusion looks for (moe_utils.py imports them from TE)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch("megatron.core.models.common.embeddings.rope_utils.fused_apply_rotary_pos_emb",
+                                           lambda *a, **k: None))
+            for name in _TE_MOE_KERNELS:
+                stack.enter_context(mock.patch(f"megatron.core.transformer.moe.moe_utils.{name}",
+                                               lambda *a, **k: None, create=True))
+            return _config(model, layout, precision, backend, facts, moe)
+    return _config(model, layout, precision, backend, facts, moe)
+
+
+def _config(model, layout, precision, backend, facts, moe=None):
+    """What the runtime builds from a stage planned with `kernels = te` where the machine has TE, else local
+    (`moe`: the plan's MoE settings instead of the auto ones)."""
     layout = layout or lay()
     execution = make_execution(model, layout, precision=precision, attention=backend,
                                kernels="te" if facts.have_te else "local", gpu="B200")
+    if moe is not None:
+        execution = dataclasses.replace(execution, moe=moe)
     return margs.transformer_config(model=model, layout=layout, execution=execution, facts=facts)
 
 
@@ -257,3 +270,30 @@ def test_fp8_parameters_reach_megatron_cores_configs():
     with pytest.raises(ValueError, match="fp8_param must be used together with fp8"):
         TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, fp8_param=True)
     assert "--fp8-param-gather" in margs._flags(kw)
+
+
+def test_moe_dispatcher_and_kernels_reach_megatron_cores_config():
+    """The plan's `Execution.moe` becomes TransformerConfig's moe_token_dispatcher_type (flex: the DeepEP
+    backend), moe_grouped_gemm and moe_permute_fusion, which Megatron-Core 0.16.1 accepts; auto on
+    Transformer Engine is Megatron-Bridge's (alltoall, grouped GEMM, fused permutation), on the local
+    spec what it can build. What this machine cannot build is refused before the run."""
+    moe = dataclasses.replace(LLAMA_ISH, experts=8, top_k=2, moe_ffn_hidden=128)
+    te = config(model=moe, layout=lay(ep=2), facts=GPU_TE)
+    assert (te.moe_token_dispatcher_type, te.moe_grouped_gemm, te.moe_permute_fusion) == ("alltoall", True, True)
+    local = config(model=moe, layout=lay(ep=2))
+    assert (local.moe_token_dispatcher_type, local.moe_grouped_gemm, local.moe_permute_fusion) == (
+        "alltoall", False, False)
+    gathered = config(model=moe, layout=lay(ep=2), facts=GPU_TE,
+                      moe=MoeExecution(dispatcher="allgather", grouped_gemm=False, permute_fusion=True))
+    assert gathered.moe_token_dispatcher_type == "allgather" and not gathered.moe_grouped_gemm
+    flex = MoeExecution(dispatcher="flex", grouped_gemm=True, permute_fusion=True)
+    with mock.patch.object(margs, "have_deep_ep", lambda: True):
+        c = config(model=moe, layout=lay(ep=2), facts=GPU_TE, moe=flex)
+    assert c.moe_token_dispatcher_type == "flex" and c.moe_flex_dispatcher_backend == "deepep"
+    with mock.patch.object(margs, "have_deep_ep", lambda: False):
+        with pytest.raises(margs.UnsupportedPlan, match="flex needs DeepEP"):
+            config(model=moe, layout=lay(ep=2), facts=GPU_TE, moe=flex)
+    with pytest.raises(margs.UnsupportedPlan, match="moe_grouped_gemm = true needs Transformer Engine"):
+        config(model=moe, layout=lay(ep=2), moe=MoeExecution("alltoall", True, False))
+    flags = margs._flags(margs._moe_kwargs(moe, lay(ep=2), MoeExecution("alltoall", True, True)))
+    assert {"--moe-grouped-gemm", "--moe-permute-fusion", "--moe-token-dispatcher-type alltoall"} <= set(flags)

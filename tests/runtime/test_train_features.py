@@ -86,12 +86,20 @@ def test_moe_expert_parallel_reproduces_single_process(tmp_path, kit, train_data
     assert ref.returncode == 0, ref.explain()
     weights = ref.done["checkpoint"]
     runs = {}
-    for name, lay, nproc in (("ws1", kit.layout(), 1), ("ep2", kit.layout(dp=2, ep=2), 2)):
-        runs[name] = kit.run_training(tmp_path / name, kit.make_plan(kit.stage_plan(lay=lay, steps=4), model=moe),
-                                      nproc, data_prefix=train_data, init_checkpoint=weights)
+    # ep2-allgather: the plan's `moe_dispatcher = allgather` at EP 2 (the local spec's auto is alltoall there)
+    for name, lay, nproc, dispatcher in (("ws1", kit.layout(), 1, None), ("ep2", kit.layout(dp=2, ep=2), 2, None),
+                                         ("ep2-allgather", kit.layout(dp=2, ep=2), 2, "allgather")):
+        plan = kit.make_plan(kit.stage_plan(lay=lay, steps=4), model=moe)
+        if dispatcher is not None:
+            st = plan.stages[0]
+            moe_ex = dataclasses.replace(st.execution.moe, dispatcher=dispatcher)
+            plan = dataclasses.replace(plan, stages=(dataclasses.replace(
+                st, execution=dataclasses.replace(st.execution, moe=moe_ex)),))
+        runs[name] = kit.run_training(tmp_path / name, plan, nproc, data_prefix=train_data, init_checkpoint=weights)
         assert runs[name].returncode == 0, runs[name].explain()
     for step in range(1, 5):
         assert runs["ep2"].losses[step] == pytest.approx(runs["ws1"].losses[step], rel=REL)
+        assert runs["ep2-allgather"].losses[step] == pytest.approx(runs["ws1"].losses[step], rel=REL)
 
 
 def _wait_for_step(metrics_path, step, proc, deadline_s=240):
