@@ -265,6 +265,7 @@ class StageWork:
 
 
 PPO_DEFAULTS = {"max_new_tokens": 16, "ppo_epochs": 2}  # the PPO stage parameters' defaults (max_new_tokens, ppo_epochs)
+GRPO_DEFAULTS = {"num_generations": 4, "max_new_tokens": 16, "beta": 0.04, "iterations": 1}  # dsl.schema's grpo defaults
 
 
 def _param(params: object, key: str, default):
@@ -283,6 +284,12 @@ def stage_work(stage_kind: str, params: object = None, peft: LoraSpec | None = N
       reward (Ouyang et al. 2022, eq. 1): pairs as 2 rows through a scalar-head model;
       ppo: rollout of `max_new_tokens` per prompt, experience forwards of actor, reference,
           critic and reward model, then `ppo_epochs` updates of actor and critic;
+      kto (Ethayarajh et al. 2024): one row per example; policy forward + backward, and for the KL
+          baseline z0 one policy forward (no grad) of the mismatched rows; the reference scores both;
+      orpo (Hong et al. 2024): pairs as 2 rows through the policy, no reference;
+      grpo (Shao et al. 2024): `num_generations` completions per prompt (rows), rollout of
+          `max_new_tokens` each, reference and reward-model forwards (absent with beta = 0 / a
+          verifier), `iterations` policy updates;
       eval: one forward; export: nothing."""
     train = FROZEN if peft is not None else FULL
     if stage_kind == "export":
@@ -296,6 +303,26 @@ def stage_work(stage_kind: str, params: object = None, peft: LoraSpec | None = N
         return StageWork(2, passes)
     if stage_kind == "reward":
         return StageWork(2, (ModelPass("reward", 1.0, train, scalar_head=True),))
+    if stage_kind == "orpo":  # chosen and rejected rows through the policy, no reference (Hong et al. 2024)
+        return StageWork(2, (ModelPass("policy", 1.0, train),))
+    if stage_kind == "kto":
+        passes = (ModelPass("policy", 1.0, train),)
+        if _param(params, "loss", "kto") == "kto":  # the KL baseline: mismatched pairs, policy and reference
+            passes += (ModelPass("policy (KL pairs)", 1.0, FORWARD), ModelPass("reference", 2.0, FORWARD))
+        else:
+            passes += (ModelPass("reference", 1.0, FORWARD),)
+        return StageWork(1, passes)
+    if stage_kind == "grpo":
+        groups = _param(params, "num_generations", GRPO_DEFAULTS["num_generations"])
+        mu = float(_param(params, "iterations", GRPO_DEFAULTS["iterations"]))
+        passes = (ModelPass("policy", mu, train),)
+        if mu > 1:  # the sampling policy's log-probs, kept for the clipped ratio of the later iterations
+            passes += (ModelPass("policy (old log-probs)", 1.0, FORWARD),)
+        if _param(params, "beta", GRPO_DEFAULTS["beta"]) != 0.0:
+            passes += (ModelPass("reference", 1.0, FORWARD),)
+        if not _param(params, "reward", ""):
+            passes += (ModelPass("reward", 1.0, FORWARD, scalar_head=True),)
+        return StageWork(groups, passes, generated=_param(params, "max_new_tokens", GRPO_DEFAULTS["max_new_tokens"]))
     if stage_kind == "ppo":
         epochs = float(_param(params, "ppo_epochs", PPO_DEFAULTS["ppo_epochs"]))
         new = _param(params, "max_new_tokens", PPO_DEFAULTS["max_new_tokens"])

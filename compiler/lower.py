@@ -475,7 +475,8 @@ class _Lowering:
                 hint="set one of `steps`, `tokens` or `epochs`"))
 
     def _check_ppo(self, blocks: list[Checked]) -> None:
-        """A ppo stage runs after a reward stage (reward model and critic) and a policy stage."""
+        """A ppo stage runs after a reward stage (reward model and critic) and a policy stage; a grpo stage
+        takes its reward from exactly one of a verifier (`reward = ...`) and a reward stage it runs after."""
         kinds = {b.name: b.values.get("kind", b.name if b.name in STAGE_KINDS else None) for b in blocks}
         for b in blocks:
             if kinds[b.name] != "ppo":
@@ -486,6 +487,24 @@ class _Lowering:
                     "E028", f"ppo stage `{b.name}` must run after a `reward` stage and a policy stage", b.head,
                     equation="after kinds: [" + ", ".join(str(k) for k in parents) + "]",
                     hint="write e.g. `stage rl after sft, rm { kind = ppo ... }` with `rm` a reward stage"))
+        for b in blocks:
+            if kinds[b.name] != "grpo":
+                continue
+            parents = [kinds.get(r.name) for r in b.after]
+            verifier = b.values.get("reward")
+            if verifier is None and ("reward" not in parents or all(k == "reward" for k in parents)):
+                self.diags.append(Diagnostic(
+                    "E029", f"grpo stage `{b.name}` has no reward: neither a verifier nor a `reward` stage it runs after",
+                    b.head, equation="reward = none, after kinds: [" + ", ".join(str(k) for k in parents) + "]",
+                    hint="name a built-in verifier (`reward = exact_match`, `contains`, `prefix`), or write e.g. "
+                         "`stage rl after sft, rm { kind = grpo ... }` with `rm` a reward stage"))
+            elif verifier is not None and "reward" in parents:
+                self.diags.append(Diagnostic(
+                    "E029", f"grpo stage `{b.name}` has two rewards: the verifier `{verifier}` and a `reward` stage "
+                    "it runs after", b.spans.get("reward", b.head),
+                    equation=f"reward = {verifier}, after kinds: [" + ", ".join(str(k) for k in parents) + "]",
+                    hint="keep one: remove `reward = ...` to score with the reward model, or drop the reward stage "
+                         "from `after`"))
 
     def _checkpoint(self, block: Checked | None, prefix: str) -> CheckpointSpec:
         if block is None:

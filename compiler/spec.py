@@ -147,7 +147,7 @@ class LoraSpec:
 class DataSpec:
     name: str
     path: str  # glob, relative to the .nemo file's directory unless absolute
-    format: str = "text"  # text | jsonl | chat | preference | prompt_response
+    format: str = "text"  # text | jsonl | chat | preference | prompt_response | unpaired
     text_field: str = "text"
     tokenizer: str | None = None  # path to tokenizer.json / *.model / "tiktoken:cl100k_base"; None = train a byte-level BPE
     vocab_size: int | None = None  # for a locally trained tokenizer
@@ -159,7 +159,7 @@ class DataSpec:
 @dataclass(frozen=True, slots=True)
 class StageSpec:
     name: str
-    kind: str  # pretrain | sft | dpo | reward | ppo | eval | export
+    kind: str  # pretrain | sft | dpo | kto | orpo | reward | ppo | grpo | eval | export
     after: tuple[str, ...] = ()
     data: tuple[str, ...] = ()
     tokens: int | None = None  # total training tokens

@@ -30,6 +30,7 @@ CODES: Mapping[str, str] = MappingProxyType({
     "E026": "not exactly one experiment in the root file, or an experiment in an imported file",
     "E027": "a stage's length is given twice (more than one of `steps`, `tokens`, `epochs`)",
     "E028": "a ppo stage does not run after both a reward stage and a policy stage",
+    "E029": "a grpo stage has no reward (neither a verifier nor a reward stage it runs after) or both",
     "E030": "wrong type",
     "E031": "wrong or unknown unit",
     "E032": "value out of range (also a number literal too large: over 64 digits, or beyond 1e18)",

@@ -11,6 +11,7 @@ Invariants: each `StageCaps` states what the code named in its `source` enforces
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import MappingProxyType
 
 from nemoc.compiler.target import StageCaps, Target
@@ -28,6 +29,8 @@ _ALIGN = StageCaps(
     runs="the nemoc runtime's alignment stages (runtime/align) run TP/DP only",
     source="nemoc runtime/align/runners.py _trainer (pp > 1), runtime/align/common.py build_gpt (vp), "
            "ModelShape.of (dense models only)")
+# GRPO's rollouts decode with Megatron-Core's StaticInferenceContext (runtime/align/grpo.py -> runtime/generation.py).
+_ALIGN_KV = replace(_ALIGN, kv_cache_rollout=True, source=_ALIGN.source + ", runtime/align/grpo.py (KV-cached rollouts)")
 # eval and export run in one process (runtime/tasks/align.py `_one_process`) on the local spec, which
 # has no FP8 GEMMs: an fp8 / mxfp8 model (16-bit weights) is evaluated in bf16 (runtime/align/evaluate.py).
 _EVAL = StageCaps(
@@ -42,7 +45,8 @@ NEMOC_RUNTIME = Target(
     name="nemoc-runtime",
     stages=MappingProxyType({
         "pretrain": StageCaps(runs="runtime/train.py runs every Megatron-Core schedule", hf_init=False),
-        "sft": _ALIGN, "dpo": _ALIGN, "reward": _ALIGN, "ppo": _ALIGN,
+        "sft": _ALIGN, "dpo": _ALIGN, "kto": _ALIGN, "orpo": _ALIGN, "reward": _ALIGN, "ppo": _ALIGN,
+        "grpo": _ALIGN_KV,
         "eval": _EVAL, "export": _EXPORT,
     }),
     # runtime/megatron_args.py: the interleaved schedule overlaps its pipeline transfers

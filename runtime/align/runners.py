@@ -374,6 +374,25 @@ def run_export(task: StageTask) -> dict:
             "source_checkpoint": checkpoint, "steps": 0, "final_loss": None, "resident_models": ["policy"]}
 
 
+def run_kto(task: StageTask) -> dict:
+    from nemoc.runtime.align import kto
+
+    return kto.run_kto(task)
+
+
+def run_orpo(task: StageTask) -> dict:
+    from nemoc.runtime.align import orpo
+
+    return orpo.run_orpo(task)
+
+
+def run_grpo(task: StageTask) -> dict:
+    from nemoc.runtime.align import grpo
+
+    return grpo.run_grpo(task)
+
+
 RUNNERS = {"sft": run_sft, "lora": run_sft, "dpo": run_dpo, "reward": run_reward, "ppo": run_ppo,
-           "rlhf": run_ppo, "eval": run_eval, "export": run_export}
+           "rlhf": run_ppo, "eval": run_eval, "export": run_export, "kto": run_kto, "orpo": run_orpo,
+           "grpo": run_grpo}
 SINGLE_PROCESS = ("eval", "export")
