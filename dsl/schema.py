@@ -89,8 +89,7 @@ DURATION = Type("float", unit="duration", minimum=0)
 POSITIVE_DURATION = Type("float", unit="duration", minimum=0, exclusive_min=True)
 BOOL = Type("bool")
 STR = Type("str")
-GROUP_SIZE = Type("int", unit="count", minimum=2, maximum=1_024,
-                  range_hint="GRPO's advantage is a reward minus its group's mean: a group of one has no baseline")
+GROUP_SIZE = Type("int", unit="count", minimum=2, maximum=1_024)  # GRPO: a group of one has no baseline
 
 
 def enum(*choices: str) -> Type:

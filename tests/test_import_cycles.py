@@ -17,6 +17,9 @@ KNOWN = {
     ("nemoc.runtime.align.data", "nemoc.runtime.data_prep"),
     ("nemoc.runtime.cmd_plan", "nemoc.runtime.cmd_report", "nemoc.runtime.cmd_run", "nemoc.runtime.html_report",
      "nemoc.runtime.sweep"),
+    # runners.RUNNERS dispatches to kto / orpo / grpo (lazily), which build on runners' stage helpers
+    # (_policy, _trainer, _fit, _finish_policy) until those move onto the training core (issue 11)
+    ("nemoc.runtime.align.grpo", "nemoc.runtime.align.kto", "nemoc.runtime.align.orpo", "nemoc.runtime.align.runners"),
 }
 
 

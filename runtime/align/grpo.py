@@ -51,7 +51,7 @@ class Query:
 
 
 @dataclass(frozen=True)
-class Settings:
+class GRPOParams:
     """The stage's parameters (dsl.schema's grpo entry; TRL's names where TRL has them)."""
 
     num_generations: int = 4
@@ -66,7 +66,7 @@ class Settings:
     iterations: int = 1
 
     @classmethod
-    def from_params(cls, params) -> "Settings":
+    def from_params(cls, params) -> "GRPOParams":
         p = dict(params or {})
         cfg = cls(**{f: p[f] for f in cls.__dataclass_fields__ if f in p})
         if cfg.num_generations < 2:
@@ -86,7 +86,7 @@ class Settings:
 def resident_models(params, peft) -> list[str]:
     """What `run_grpo` holds: the policy, a reference unless beta = 0 or LoRA (adapters off), and the
     reward model unless a verifier scores the completions."""
-    cfg = Settings.from_params(params)
+    cfg = GRPOParams.from_params(params)
     reference = [] if peft is not None or cfg.beta == 0 else ["reference"]
     return ["policy"] + reference + ([] if cfg.reward else ["reward"])
 
@@ -147,7 +147,7 @@ def _token_logps(model, batch: Batch, *, lora_disabled: bool = False) -> torch.T
 
 
 def microbatches(queries: Sequence[Query], completions: Sequence[list[int]], advantages: torch.Tensor, *,
-                 policy, reference, cfg: Settings, seq_length: int, micro_batch: int, pad_id: int) -> list[dict]:
+                 policy, reference, cfg: GRPOParams, seq_length: int, micro_batch: int, pad_id: int) -> list[dict]:
     """Rows of `micro_batch` completions: {"batch", "adv", "ref" (or None), "old" (or None)}; `reference`
     is a frozen model, "lora" (the policy with adapters off) or None."""
     out = []
@@ -164,7 +164,7 @@ def microbatches(queries: Sequence[Query], completions: Sequence[list[int]], adv
     return out
 
 
-def make_forward(cfg: Settings, max_completion_length: int):
+def make_forward(cfg: GRPOParams, max_completion_length: int):
     def forward(model, mb):
         batch = mb["batch"]
         token_loss = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
@@ -188,7 +188,7 @@ def make_forward(cfg: Settings, max_completion_length: int):
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def rollout(policy, queries: Sequence[Query], cfg: Settings, *, vocab: int, eod: int, seq_length: int,
+def rollout(policy, queries: Sequence[Query], cfg: GRPOParams, *, vocab: int, eod: int, seq_length: int,
             generator: torch.Generator | None, greedy: bool = False, repeat: int | None = None):
     """Each query repeated `repeat` (default num_generations) times, contiguous; -> (queries, completions,
     entropies) of the KV-cached generator."""
@@ -200,7 +200,7 @@ def rollout(policy, queries: Sequence[Query], cfg: Settings, *, vocab: int, eod:
 
 
 @torch.no_grad()
-def held_out_reward(policy, queries: Sequence[Query], score, cfg: Settings, *, vocab: int, eod: int,
+def held_out_reward(policy, queries: Sequence[Query], score, cfg: GRPOParams, *, vocab: int, eod: int,
                     seq_length: int, micro_batch: int = 32) -> dict[str, float]:
     """Mean reward of one greedy completion per held-out prompt (never trained on), and its mean length."""
     rewards, lengths = [], []
@@ -212,7 +212,7 @@ def held_out_reward(policy, queries: Sequence[Query], score, cfg: Settings, *, v
     return {"reward": float(torch.cat(rewards).float().mean()), "completion_length": sum(lengths) / max(len(lengths), 1)}
 
 
-def iteration(tr, policy, reference, queries: Sequence[Query], score, cfg: Settings, *, vocab: int, eod: int,
+def iteration(tr, policy, reference, queries: Sequence[Query], score, cfg: GRPOParams, *, vocab: int, eod: int,
               seq_length: int, micro_batch: int, pad_id: int, generator: torch.Generator) -> dict[str, float]:
     """Sample, score, normalise, then `iterations` optimizer steps; the iteration's metrics."""
     rows, completions, entropies = rollout(policy, queries, cfg, vocab=vocab, eod=eod, seq_length=seq_length,
@@ -258,7 +258,7 @@ def run_grpo(task) -> dict:
     """The `grpo` stage: prompts -> the policy trained on its own group-normalised samples."""
     tok = stage.tokenizer_of(task)
     s, seq = task.stage, task.stage.seq_length
-    cfg = Settings.from_params(task.params)
+    cfg = GRPOParams.from_params(task.params)
     train, val = queries_of(task, tok)
     if cfg.reward is not None:
         missing = sum(q.reference is None for q in train + val)

@@ -55,7 +55,7 @@ def test_scheduler_arguments_match_the_launchers():
 
 
 def _names_read_by(paths) -> set[str]:
-    """Stage-param names the runtime / planner read: `params.get("x"` style calls and PPOConfig fields."""
+    """Stage-param names the runtime / planner read: `params.get("x"` style calls and PPOConfig / GRPOParams fields."""
     import ast as pyast
     import re
 
@@ -64,7 +64,7 @@ def _names_read_by(paths) -> set[str]:
         text = path.read_text()
         names |= set(re.findall(r'(?:\bp|params|params or \{\}\))\.get\("(\w+)"', text))
         for node in pyast.walk(pyast.parse(text)):
-            if isinstance(node, pyast.ClassDef) and node.name == "PPOConfig":
+            if isinstance(node, pyast.ClassDef) and node.name in ("PPOConfig", "GRPOParams"):
                 names |= {n.target.id for n in node.body if isinstance(n, pyast.AnnAssign)}
     return names
 
