@@ -21,7 +21,7 @@ from nemoc.compiler.target import StageCaps, Target
 # local layer spec, with or without Transformer Engine (common.py `machine_facts`: LoRA must see
 # normalised inputs, packed samples need an explicit mask), and Megatron's unfused attention core
 # (common.py `build_gpt`: the explicit packing mask, which the SDPA core ignores), which keeps the
-# s x s scores; dense models only (common.py `ModelShape.of`). PPO's sampler has no KV cache.
+# s x s scores; dense models only (common.py `ModelShape.of`).
 # `init = hf(DIR)` is converted by the hf_import task (runtime/tasks/hf.py) and read by export only:
 # the training and eval stages still start from a parent stage's checkpoint (docs/huggingface.md).
 _ALIGN = StageCaps(
@@ -29,8 +29,10 @@ _ALIGN = StageCaps(
     runs="the nemoc runtime's alignment stages (runtime/align) run TP/DP only",
     source="nemoc runtime/align/runners.py _trainer (pp > 1), runtime/align/common.py build_gpt (vp), "
            "ModelShape.of (dense models only)")
-# GRPO's rollouts decode with Megatron-Core's StaticInferenceContext (runtime/align/grpo.py -> runtime/generation.py).
-_ALIGN_KV = replace(_ALIGN, kv_cache_rollout=True, source=_ALIGN.source + ", runtime/align/grpo.py (KV-cached rollouts)")
+# PPO's and GRPO's rollouts decode with Megatron-Core's StaticInferenceContext (runtime/generation.py, called
+# by runtime/align/ppo.py `iteration` and runtime/align/grpo.py `rollout`).
+_ALIGN_KV = replace(_ALIGN, kv_cache_rollout=True,
+                    source=_ALIGN.source + ", runtime/generation.py (KV-cached rollouts of ppo and grpo)")
 # eval and export run in one process (runtime/tasks/align.py `_one_process`) on the local spec, which
 # has no FP8 GEMMs: an fp8 / mxfp8 model (16-bit weights) is evaluated in bf16 (runtime/align/evaluate.py).
 _EVAL = StageCaps(
@@ -45,7 +47,7 @@ NEMOC_RUNTIME = Target(
     name="nemoc-runtime",
     stages=MappingProxyType({
         "pretrain": StageCaps(runs="runtime/train.py runs every Megatron-Core schedule", hf_init=False),
-        "sft": _ALIGN, "dpo": _ALIGN, "kto": _ALIGN, "orpo": _ALIGN, "reward": _ALIGN, "ppo": _ALIGN,
+        "sft": _ALIGN, "dpo": _ALIGN, "kto": _ALIGN, "orpo": _ALIGN, "reward": _ALIGN, "ppo": _ALIGN_KV,
         "grpo": _ALIGN_KV,
         "eval": _EVAL, "export": _EXPORT,
     }),

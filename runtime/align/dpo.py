@@ -14,7 +14,9 @@ never split across microbatches or DP ranks); sequence log-probs sum over the re
 Losses, with h = (log pi(y_w|x) - log pi(y_l|x)) - (log ref(y_w|x) - log ref(y_l|x)):
   dpo: -log sigmoid(beta * h)                      (Rafailov et al. 2023, eq. 7)
   ipo: (h - 1 / (2 beta))^2 with per-token *mean* log-probs (Azar et al. 2023, eq. 17; as TRL does)
-Implicit rewards r = beta * (log pi - log ref); reward accuracy = mean[r_w > r_l], margin = mean[r_w - r_l].
+Implicit rewards r = beta * (log pi - log ref) on summed log-probs for both losses (as TRL logs them);
+reward accuracy = mean[r_w > r_l], margin = mean[r_w - r_l]. The step's loss and metrics come from
+`runtime/objectives/preference.py` (equal to TRL's DPOTrainer).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 from nemoc.runtime.align.common import AlignError, Batch, make_batch, token_logprobs, unwrap
 from nemoc.runtime.align.trainer import chunks
+from nemoc.runtime.objectives import preference as objectives_preference
 
 LOSSES = ("dpo", "ipo")
 
@@ -93,17 +96,18 @@ class ReferenceScores:
     def __call__(self, batch: Batch) -> torch.Tensor:
         if self.zero:  # reference-free DPO: log ref = 0 (a uniform reference)
             return torch.zeros(batch.tokens.shape[0], device=batch.tokens.device)
+        # sums for both losses: IPO's per-token means are taken inside objectives.preference (TRL logs rewards on sums)
         if self.lora_disabled:
             from nemoc.runtime.align import lora
 
             was_training = self.policy.training
             self.policy.eval()
             with lora.disabled(self.policy):
-                scores = sequence_scores(token_logprobs(self.policy, batch), batch.loss_mask, self.loss)
+                scores = sequence_scores(token_logprobs(self.policy, batch), batch.loss_mask, "dpo")
             self.policy.train(was_training)
             return scores
         self.model.eval()
-        return sequence_scores(token_logprobs(self.model, batch), batch.loss_mask, self.loss)
+        return sequence_scores(token_logprobs(self.model, batch), batch.loss_mask, "dpo")
 
 
 def precompute(reference: ReferenceScores, pairs: Sequence[Pair], seq_length: int, micro_batch: int,
@@ -144,8 +148,12 @@ def make_forward(*, beta: float, loss: str, label_smoothing: float = 0.0):
         token_loss = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
 
         def loss_func(output):
-            scores = sequence_scores(-output.float(), batch.loss_mask, loss)
-            return preference_loss(scores, mb["ref"], beta=beta, loss=loss, label_smoothing=label_smoothing)
+            mask = batch.loss_mask
+            sums = (-output.float() * mask).sum(-1)
+            # the shared objective (equal to TRL's DPOTrainer): IPO's loss on per-token means, the logged
+            # rewards and margins on sums for both losses, as TRL logs them
+            return objectives_preference.preference_loss(sums, mb["ref"].float(), mask.sum(-1), beta=beta, loss=loss,
+                                                         label_smoothing=label_smoothing)
 
         return token_loss, loss_func
 
@@ -157,13 +165,14 @@ def preference_accuracy(chunk, pairs: Sequence[Pair], *, seq_length: int, micro_
                         reference: ReferenceScores | None = None, table: dict | None = None,
                         loss: str = "dpo", pad_id: int = 0) -> dict[str, float]:
     """Held-out pairs: `likelihood_accuracy` = P[log pi(y_w) > log pi(y_l)] and, with a reference,
-    `reward_accuracy` = P[r_w > r_l] (ties count 1/2, so an untrained policy scores exactly 0.5)."""
+    `reward_accuracy` = P[r_w > r_l] (ties count 1/2, so an untrained policy scores exactly 0.5), with
+    log-probs summed over the reply (the implicit reward TRL logs, for DPO and IPO alike)."""
     unwrap(chunk).eval()
     wins, reward_wins, margin = 0.0, 0.0, 0.0
     for start in range(0, len(pairs), micro_batch):
         group = list(pairs[start:start + micro_batch])
         batch = pair_batch(group, seq_length, pad_id)
-        pi = sequence_scores(token_logprobs(chunk, batch), batch.loss_mask, loss)
+        pi = sequence_scores(token_logprobs(chunk, batch), batch.loss_mask, "dpo")  # sums, as the reference's
         n = len(group)
         wins += float((pi[:n] > pi[n:]).float().sum() + 0.5 * (pi[:n] == pi[n:]).float().sum())
         if reference is not None or table is not None:

@@ -168,3 +168,48 @@ def test_unpaired_reader_and_validation_name_the_line(tmp_path):
     prefs.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello.", "rejected": "Go."}) + "\n")
     split = unpair(read_preferences(prefs))
     assert [(u.completion, u.desirable) for u in split] == [("Hello.", True), ("Go.", False)]
+
+
+class _FixedModel:
+    """Stands in for the GPT model in a forward step: returns the given per-token losses (-log-probs)."""
+
+    def __init__(self, token_loss):
+        self.token_loss = token_loss
+
+    def __call__(self, *args, **kwargs):
+        return self.token_loss
+
+
+def test_ipo_logs_rewards_on_sums_as_trl_and_its_loss_on_means(mcore):
+    """IPO's loss is on per-token mean log-ratios, its logged rewards and margin on sums (TRL's DPOTrainer)."""
+    from nemoc.runtime.align import dpo
+
+    pairs = [dpo.Pair([INSTR, 10, SEP], [11, 12, 13, EOD], [14, EOD])]
+    batch = dpo.pair_batch(pairs, 8)
+    mask = batch.loss_mask
+    logp = -torch.rand(mask.shape, generator=torch.Generator().manual_seed(0))
+    ref = torch.tensor([-3.0, -1.0])  # reference sums, chosen then rejected
+    _, loss_func = dpo.make_forward(beta=0.5, loss="ipo")(_FixedModel(-logp), {"batch": batch, "ref": ref})
+    loss, metrics = loss_func(-logp)
+    sums, lengths = (logp * mask).sum(-1), mask.sum(-1)
+    assert lengths.tolist() == [4.0, 2.0]
+    h_mean = (sums[0] - ref[0]) / 4 - (sums[1] - ref[1]) / 2
+    assert float(loss) == pytest.approx(float((h_mean - 1 / (2 * 0.5)) ** 2), rel=1e-6)
+    assert float(metrics["reward_margin"]) == pytest.approx(float(0.5 * ((sums[0] - ref[0]) - (sums[1] - ref[1]))), rel=1e-6)
+
+
+def test_ppo_clip_fraction_counts_only_tokens_whose_gradient_the_clip_removes(mcore):
+    from nemoc.runtime.align import ppo
+
+    batch = mcore.make_batch([([1, 2, 3, 4, 5], [0, 1, 1, 1, 1])], 4)
+    mask = batch.loss_mask  # 4 response labels
+    old = torch.zeros_like(mask)
+    # ratios exp(logp - old): 1.5 (A > 0: clipped), 1.5 (A < 0: not clipped), 0.5 (A < 0: clipped), 1.0
+    logp = torch.log(torch.tensor([[1.5, 1.5, 0.5, 1.0]]))
+    adv = torch.tensor([[1.0, -1.0, -1.0, 1.0]])
+    exp = ppo.Experience(batch, old, torch.zeros_like(mask), adv, torch.zeros_like(mask))
+    _, loss_func = ppo.actor_forward(ppo.PPOConfig(clip=0.2))(_FixedModel(-logp), exp)
+    loss, metrics = loss_func(-logp)
+    assert float(metrics["clip_fraction"]) == pytest.approx(2 / 4)  # |rho - 1| > eps would say 3 / 4
+    surrogate = torch.min(torch.exp(logp) * adv, torch.clamp(torch.exp(logp), 0.8, 1.2) * adv)
+    assert float(loss) == pytest.approx(float(-surrogate.mean()), rel=1e-6)

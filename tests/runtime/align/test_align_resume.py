@@ -46,6 +46,9 @@ CASES = {
     "reward": ("reward", {}, None, "preference"),
     "ppo": ("ppo", {"max_new_tokens": 4, "ppo_epochs": 1}, None, "preference"),
     "lora_ppo": ("ppo", {"max_new_tokens": 4, "ppo_epochs": 1}, "lora", "preference"),
+    "kto": ("kto", {"beta": 0.1}, None, "preference"),
+    "orpo": ("orpo", {"beta": 0.1}, None, "preference"),
+    "grpo": ("grpo", {"max_new_tokens": 4, "num_generations": 2, "reward": "contains"}, None, "preference"),
 }
 
 
