@@ -357,6 +357,13 @@ _PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
         _f("max_new_tokens", POSITIVE_COUNT, 32, "Tokens generated per prompt."),
         _f("temperature", POSITIVE_FLOAT, None, "Sampling temperature. Default: greedy decoding."),
         _f("max_windows", POSITIVE, 64, "Sequence windows scored per text data set (validation loss / perplexity)."),
+        _f("beta", POSITIVE_FLOAT, 0.1, "Implicit-reward temperature of the preference accuracy and reward margin, "
+           "scored when the stage runs after a policy and its reference (`after POLICY, REFERENCE`)."),
+        _f("lm_eval_tasks", list_of(STR), (), "lm-eval-harness tasks scored on the model (exported to Hugging Face "
+           "format in the stage's `hf/`), by name. Needs `pip install lm-eval`; built-in tasks download their data."),
+        _f("lm_eval_include", STR, None, "A directory of lm-eval task YAMLs (relative to the .nemo file), e.g. over "
+           "local JSONL data; then only its tasks are looked up (lm-eval's `include_path`, without the built-in ones)."),
+        _f("lm_eval_limit", POSITIVE, None, "Examples per lm-eval task (lm-eval's `limit`). Default: all."),
     ),
     "export": (
         _INIT,

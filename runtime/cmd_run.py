@@ -389,7 +389,7 @@ def held_out_metrics(done: Mapping) -> dict | None:
     datasets = done.get("datasets")
     if isinstance(datasets, dict):
         for name, m in sorted(datasets.items()):
-            for key in ("perplexity", "likelihood_accuracy", "preference_accuracy"):
+            for key in ("perplexity", "likelihood_accuracy", "preference_accuracy", "reward_margin", "accuracy"):
                 if isinstance(m, dict) and isinstance(m.get(key), (int, float)):
                     out[f"{name}.{key}"] = {"before": None, "after": m[key]}
     return out or None
