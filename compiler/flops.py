@@ -53,18 +53,26 @@ def is_gated(model: ModelSpec) -> bool:
 
 def lora_params_per_layer(model: ModelSpec, lora: LoraSpec) -> int:
     """LoRA adapter parameters per layer: rank x (in + out) for each targeted linear
-    (Hu et al. 2021; NeMo/Megatron-Bridge target names qkv (linear_qkv), proj, fc1, fc2)."""
+    (Hu et al. 2021; NeMo/Megatron-Bridge target names qkv (linear_qkv), proj, fc1, fc2; peft's q k v o gate
+    up down, one adapter each)."""
     h, d, r = model.hidden, model.head_dim, lora.rank
     ffn = model.moe_ffn_hidden or model.ffn_hidden
     fc1_out = ffn * (2 if is_gated(model) else 1)
     shapes = {"qkv": (h, (model.heads + 2 * model.query_groups) * d), "proj": (model.heads * d, h),
-              "fc1": (h, fc1_out), "fc2": (ffn, h)}
+              "fc1": (h, fc1_out), "fc2": (ffn, h),
+              # peft's names: one adapter per projection (runtime/lora_peft.py)
+              "q": (h, model.heads * d), "k": (h, model.query_groups * d), "v": (h, model.query_groups * d),
+              "o": (model.heads * d, h), "up": (h, ffn), "down": (ffn, h)}
+    shapes["gate"] = (h, ffn)
+    same = {"o": "proj", "down": "fc2"}  # one layer, one adapter, two names
+    if not is_gated(model):
+        same["gate"] = "up"  # a non-gated fc1 has one projection: gate and up name its one adapter
     experts = max(1, model.experts) if model.is_moe else 1
     total = 0
-    for target in lora.targets:
+    for target in dict.fromkeys(same.get(t, t) for t in lora.targets):
         if target in shapes:
             n_in, n_out = shapes[target]
-            total += r * (n_in + n_out) * (experts if target in ("fc1", "fc2") else 1)
+            total += r * (n_in + n_out) * (experts if target in ("fc1", "fc2", "gate", "up", "down") else 1)
     return total
 
 

@@ -453,6 +453,8 @@ class _Lowering:
         if "peft" in values:
             peft = values["peft"]
             fields["peft"] = LoraSpec(**peft.args) if peft.func == "lora" else None
+            if fields["peft"] is not None:
+                self._check_lora_targets(fields["peft"], b.spans.get("peft", b.head))
         fields["checkpoint"] = self._checkpoint(b.sub("checkpoint"), prefix)
         stage_parallel = b.sub("parallel")
         if stage_parallel is not None:
@@ -505,6 +507,18 @@ class _Lowering:
                     equation=f"reward = {verifier}, after kinds: [" + ", ".join(str(k) for k in parents) + "]",
                     hint="keep one: remove `reward = ...` to score with the reward model, or drop the reward stage "
                          "from `after`"))
+
+    def _check_lora_targets(self, peft: LoraSpec, span) -> None:
+        """A fused layer gets one adapter (`qkv`, `fc1`) or one per part (`q k v`, `gate up`), not both
+        (runtime/lora_peft.py check_targets refuses the same at run time)."""
+        for fused, parts in (("qkv", ("q", "k", "v")), ("fc1", ("gate", "up"))):
+            both = [t for t in parts if t in peft.targets]
+            if fused in peft.targets and both:
+                self.diags.append(Diagnostic(
+                    "E037", f"LoRA targets `{fused}` and {', '.join(f'`{t}`' for t in both)} adapt the same layer",
+                    span, equation=f"targets = [{', '.join(peft.targets)}]",
+                    hint=f"keep `{fused}` (one adapter on Megatron's fused layer, as NeMo) or "
+                         f"{', '.join(f'`{t}`' for t in parts)} (one adapter each, as peft)"))
 
     def _checkpoint(self, block: Checked | None, prefix: str) -> CheckpointSpec:
         if block is None:

@@ -140,7 +140,8 @@ class LoraSpec:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+    targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")  # or peft's q k v o gate up down
+    rslora: bool = False  # scale alpha / sqrt(rank) (Kalajdzievski 2023) instead of alpha / rank
 
 
 @dataclass(frozen=True, slots=True)

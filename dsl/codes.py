@@ -38,6 +38,7 @@ CODES: Mapping[str, str] = MappingProxyType({
     "E034": "unknown function or argument in a call value",
     "E035": "arithmetic error (units that do not combine, division by zero)",
     "E036": "an integer field got a fractional value",
+    "E037": "LoRA targets name a fused layer and its parts (`qkv` with `q`/`k`/`v`, `fc1` with `gate`/`up`)",
     "E040": "undefined reference (data set, stage, template)",
     "E041": "`after` cycle between stages",
     "E042": "unknown model preset",

@@ -480,10 +480,14 @@ CALLS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
     ),
     "lora": (
         _f("rank", POSITIVE, 16, "LoRA rank r (Hu et al. 2021)."),
-        _f("alpha", POSITIVE_FLOAT, 32.0, "LoRA alpha (scale = alpha / rank)."),
+        _f("alpha", POSITIVE_FLOAT, 32.0, "LoRA alpha (scale = alpha / rank; alpha / sqrt(rank) with rslora)."),
         _f("dropout", PROBABILITY, 0.0, "Dropout on the LoRA input."),
-        _f("targets", list_of(enum("qkv", "proj", "fc1", "fc2")), ("qkv", "proj", "fc1", "fc2"),
-           "Linear layers that get adapters."),
+        _f("targets", list_of(enum("qkv", "proj", "fc1", "fc2", "q", "k", "v", "o", "gate", "up", "down")),
+           ("qkv", "proj", "fc1", "fc2"),
+           "Linear layers that get adapters: Megatron's fused layers (`qkv`, `proj`, `fc1`, `fc2`: one adapter "
+           "each, as NeMo) or peft's projections (`q`, `k`, `v`, `o`, `gate`, `up`, `down`: a separate adapter "
+           "for each of q, k, v and of gate, up inside the fused layers, as peft adapts a Hugging Face model)."),
+        _f("rslora", BOOL, False, "Rank-stabilised scaling alpha / sqrt(rank) (Kalajdzievski 2023; peft's use_rslora)."),
     ),
     "none": (),
     "hf": (

@@ -12,6 +12,7 @@ import os
 import torch
 
 from nemoc.runtime import checkpoint as ckpt
+from nemoc.runtime import lora_peft
 from nemoc.runtime.align import common, dpo, lora, ppo, reward, sft, stage, trainer
 from nemoc.runtime.align.common import AlignError
 from nemoc.runtime.align.data import ChatTemplate, read_preferences, read_prompts, read_sft
@@ -74,7 +75,7 @@ def _policy(task: StageTask, checkpoint: str):
     chunk = stage.build(task, checkpoint=checkpoint)
     peft = _peft(task)
     if peft is not None:
-        lora.apply_lora(chunk, peft, seed=task.stage.seed)
+        lora_peft.apply_peft(chunk, peft, seed=task.stage.seed)  # fused (NeMo) or peft-granular adapters, rsLoRA
     return chunk
 
 
