@@ -116,7 +116,7 @@ def _reference(task):
     """`eval after POLICY, REFERENCE`: the second parent's model scores the implicit rewards r = beta (log pi -
     log ref) of held-out preference pairs (None with one parent)."""
     names = [n for n in task.stage.after if n in task.parents]
-    if len(names) < 2 or task.plan.stage(names[0]).kind == "reward":
+    if len(names) < 2 or "reward" in (task.plan.stage(names[0]).kind, task.plan.stage(names[1]).kind):
         return None
     model = stage.freeze(stage.build(task, checkpoint=task.parents[names[1]], single=True))
     return names[1], model

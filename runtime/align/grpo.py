@@ -309,7 +309,9 @@ def run_grpo(task) -> dict:
             for it in range(start, total):
                 gen = torch.Generator().manual_seed(s.seed + 1000 * dp_rank + 1_000_003 * it)  # same on TP peers
                 share = trainer.dp_shard(train, it, s.layout.global_batch)
-                m = iteration(tr, policy, reference, share, score, cfg, micro_batch=s.layout.micro_batch,
+                # a micro-batch holds `micro_batch` prompts' groups: micro_batch x G rows, as the plan costs it
+                # (flops.stage_work: G rows per prompt)
+                m = iteration(tr, policy, reference, share, score, cfg, micro_batch=s.layout.micro_batch * cfg.num_generations,
                               pad_id=tok.pad, generator=gen, **common_args)
                 m["step"] = it + 1
                 history.append(m)

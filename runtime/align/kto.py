@@ -196,6 +196,21 @@ def examples_of(task, tok) -> tuple[list[Example], list[Example]]:
     return train, val
 
 
+def weight_advice(n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float) -> str | None:
+    """TRL's KTOTrainer check (Ethayarajh et al. 2024, eq. 8): with unbalanced classes, lambda_D n_D /
+    (lambda_U n_U) should lie in [1, 4/3]; the advice when neither weight is in its range, else None."""
+    n_d, n_u = max(n_desirable, 1), max(n_undesirable, 1)
+    if n_d == n_u:
+        return None
+    d_lo, d_hi = round(n_u * undesirable_weight / n_d, 2), round(n_u * undesirable_weight / n_d * 1.33, 2)
+    u_lo, u_hi = round(n_d * desirable_weight / n_u / 1.33, 2), round(n_d * desirable_weight / n_u, 2)
+    if d_lo <= desirable_weight <= d_hi or u_lo <= undesirable_weight <= u_hi:
+        return None
+    return (f"{n_d} desirable / {n_u} undesirable training examples with desirable_weight {desirable_weight:g}, "
+            f"undesirable_weight {undesirable_weight:g}: set EITHER desirable_weight in [{d_lo}, {d_hi}] OR "
+            f"undesirable_weight in [{u_lo}, {u_hi}] (Ethayarajh et al. 2024, eq. 8; TRL's advice)")
+
+
 def run_kto(task) -> dict:
     """The `kto` stage: desirable / undesirable examples -> the policy (runners' helpers)."""
     tok = stage.tokenizer_of(task)
@@ -217,7 +232,12 @@ def run_kto(task) -> dict:
                                       micro_batch=s.layout.micro_batch, pad_id=tok.pad)) if val else dict
     before = score()
     tr = runners._trainer(task, chunk)
+    n_good = sum(e.desirable for e in train)
+    advice = weight_advice(n_good, len(train) - n_good, **weights)
     with stage.open_stage_metrics(task, task.steps) as metrics:
+        if advice:
+            metrics.event("warning", message=f"kto stage {s.name}: {advice}")
+
         def to_mb(share):
             return microbatches(share, policy=chunk, reference=reference, seq_length=seq,
                                 micro_batch=s.layout.micro_batch, loss=loss, pad_id=tok.pad)

@@ -213,3 +213,17 @@ def test_ppo_clip_fraction_counts_only_tokens_whose_gradient_the_clip_removes(mc
     assert float(metrics["clip_fraction"]) == pytest.approx(2 / 4)  # |rho - 1| > eps would say 3 / 4
     surrogate = torch.min(torch.exp(logp) * adv, torch.clamp(torch.exp(logp), 0.8, 1.2) * adv)
     assert float(loss) == pytest.approx(float(-surrogate.mean()), rel=1e-6)
+
+
+def test_kto_weight_advice_is_trls():
+    from nemoc.runtime.align.kto import weight_advice
+
+    assert weight_advice(50, 50, 1.0, 1.0) is None
+    # ranges: desirable_weight in [n_u/n_d, 1.33 n_u/n_d] x undesirable_weight, or undesirable_weight in
+    # [n_d/n_u / 1.33, n_d/n_u] x desirable_weight; TRL warns when neither weight is in its range
+    assert weight_advice(100, 120, 1.3, 1.0) is None
+    assert "desirable_weight in [1.2, 1.6] OR undesirable_weight in [0.63, 0.83]" in weight_advice(100, 120, 1.0, 1.0)
+    assert weight_advice(20, 80, 1.0, 1.0) == ("20 desirable / 80 undesirable training examples with desirable_weight 1, "
+                                               "undesirable_weight 1: set EITHER desirable_weight in [4.0, 5.32] OR "
+                                               "undesirable_weight in [0.19, 0.25] (Ethayarajh et al. 2024, eq. 8; TRL's advice)")
+    assert weight_advice(20, 80, 4.5, 1.0) is None
