@@ -13,7 +13,8 @@ Invariants (one iteration):
      r_t = -kl_coef * (log pi_old - log ref)_t, plus the sequence score on the last response token.
   3. GAE (gamma, lambda) over response tokens; advantages whitened over the batch.
   4. `ppo_epochs` passes: clipped surrogate -min(rho A, clip(rho, 1 +- eps) A) for the actor
-     (`objectives.grpo.grpo_loss`: loss_type bnpo, beta 0, TRL's clip_fraction), and the clipped value loss 0.5 * max((V - R)^2, (V_clip - R)^2) for the critic, each a Megatron step.
+     (`objectives.grpo.grpo_loss`: loss_type bnpo, beta 0, TRL's clip_fraction), and the clipped value
+     loss 0.5 * max((V - R)^2, (V_clip - R)^2) for the critic, each a Megatron step.
 """
 
 from __future__ import annotations

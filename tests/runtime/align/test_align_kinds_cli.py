@@ -1,6 +1,6 @@
-"""examples/alignment_kinds.nemo with `nemoc run` (pretrain -> sft -> kto, orpo, grpo), shortened: every
-stage finishes, holds the models the memory model planned, and reports held-out metrics that
-`nemoc status` lists."""
+"""examples/alignment_kinds.nemo with `nemoc run` (pretrain -> sft -> kto, orpo, grpo; eval after orpo, sft),
+shortened: every stage finishes, holds the models the memory model planned, and reports held-out metrics
+that `nemoc status` lists."""
 
 from __future__ import annotations
 
@@ -47,3 +47,12 @@ def test_kto_orpo_grpo_run_end_to_end(tmp_path):
     held = {t["id"]: t.get("held_out") or {} for t in json.loads(status.stdout)["tasks"]}
     assert set(held["train:kto"]) >= {"reward_auc"} and set(held["train:grpo"]) >= {"reward"}
     assert set(held["train:orpo"]) >= {"preference_accuracy", "likelihood_accuracy"}
+    # eval after orpo, sft: ORPO's policy against its SFT reference, on the pairs ORPO held out and the chat
+    # records SFT held out
+    ev = json.loads((workdir / "tasks" / "eval_eval" / "DONE.json").read_text())
+    prefs, chat = ev["datasets"]["prefs"], ev["datasets"]["chat"]
+    assert prefs["pairs"] == done["orpo"]["val_pairs"] and "orpo (seed 1234)" in prefs["split"]
+    assert {"preference_accuracy", "reward_margin", "likelihood_accuracy"} <= set(prefs)
+    assert "sft (seed 1234)" in chat["split"] and chat["perplexity"] > 1
+    assert ev["resident_models"] == ["policy", "reference"] and ev["reference"] == "sft"
+    assert {"prefs.preference_accuracy", "chat.perplexity"} <= set(held["eval:eval"])
