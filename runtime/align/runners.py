@@ -13,6 +13,7 @@ import os
 import torch
 
 from nemoc.runtime import checkpoint as ckpt
+from nemoc.runtime import lora_peft
 from nemoc.runtime.align import common, dpo, lora, ppo, reward, sft, stage, trainer
 from nemoc.runtime.align.common import AlignError
 from nemoc.runtime.align.data import ChatTemplate, read_preferences, read_prompts, read_sft
@@ -76,7 +77,7 @@ def _policy(task: StageTask, checkpoint: str | stage.Start):
     chunk = stage.build(task, checkpoint=checkpoint)
     peft = _peft(task)
     if peft is not None:
-        lora.apply_lora(chunk, peft, seed=task.stage.seed)
+        lora_peft.apply_peft(chunk, peft, seed=task.stage.seed)  # fused (NeMo) or peft-granular adapters, rsLoRA
     return chunk
 
 
@@ -404,6 +405,25 @@ def run_export(task: StageTask) -> dict:
             "source_checkpoint": checkpoint, "steps": 0, "final_loss": None, "resident_models": ["policy"]}
 
 
+def run_kto(task: StageTask) -> dict:
+    from nemoc.runtime.align import kto
+
+    return kto.run_kto(task)
+
+
+def run_orpo(task: StageTask) -> dict:
+    from nemoc.runtime.align import orpo
+
+    return orpo.run_orpo(task)
+
+
+def run_grpo(task: StageTask) -> dict:
+    from nemoc.runtime.align import grpo
+
+    return grpo.run_grpo(task)
+
+
 RUNNERS = {"sft": run_sft, "lora": run_sft, "dpo": run_dpo, "reward": run_reward, "ppo": run_ppo,
-           "rlhf": run_ppo, "eval": run_eval, "export": run_export}
+           "rlhf": run_ppo, "eval": run_eval, "export": run_export, "kto": run_kto, "orpo": run_orpo,
+           "grpo": run_grpo}
 SINGLE_PROCESS = ("export",)
