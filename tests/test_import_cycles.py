@@ -15,9 +15,6 @@ PACKAGES = ("grammar", "dsl", "compiler", "runtime")
 # connected component. Remove an entry with its cycle.
 KNOWN = {
     ("nemoc.runtime.align.data", "nemoc.runtime.data_prep"),
-    # runners.RUNNERS dispatches to kto / orpo / grpo (lazily), which build on runners' stage helpers
-    # (_policy, _trainer, _fit, _finish_policy) until those move onto the training core (issue 11)
-    ("nemoc.runtime.align.grpo", "nemoc.runtime.align.kto", "nemoc.runtime.align.orpo", "nemoc.runtime.align.runners"),
 }
 
 

@@ -31,12 +31,11 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 
-from nemoc.runtime import checkpoint as ckpt
 from nemoc.runtime import generation
 from nemoc.runtime.align import reward as reward_model
-from nemoc.runtime.align import runners, stage, trainer
+from nemoc.runtime.align import stage
 from nemoc.runtime.align.common import AlignError, Batch, make_batch, token_logprobs
-from nemoc.runtime.align.data import read_prompts
+from nemoc.runtime.align.data import ChatTemplate, read_prompts
 from nemoc.runtime.align.trainer import chunks
 from nemoc.runtime.objectives import grpo as objective
 from nemoc.runtime.objectives import verifiers
@@ -239,7 +238,7 @@ def _dp_mean(x: torch.Tensor) -> torch.Tensor:
 
 def queries_of(task, tok) -> tuple[list[Query], list[Query]]:
     """(train, held out) prompts of the stage's data sets, split by each data set's validation fraction."""
-    template = runners._template(task)
+    template = ChatTemplate.from_params(task.params)
     seq = task.stage.seq_length
     train, val = [], []
     for entry in stage.raw_datasets(task, FORMATS):
@@ -252,84 +251,3 @@ def queries_of(task, tok) -> tuple[list[Query], list[Query]]:
     if not train:
         raise AlignError(f"grpo: no prompt leaves room for a completion within seq_length={seq}")
     return train, val
-
-
-def run_grpo(task) -> dict:
-    """The `grpo` stage: prompts -> the policy trained on its own group-normalised samples."""
-    tok = stage.tokenizer_of(task)
-    s, seq = task.stage, task.stage.seq_length
-    cfg = GRPOParams.from_params(task.params)
-    train, val = queries_of(task, tok)
-    if cfg.reward is not None:
-        missing = sum(q.reference is None for q in train + val)
-        if missing:
-            raise AlignError(f"grpo: reward = {cfg.reward} compares each completion with the record's reference "
-                             f"answer, but {missing} prompt(s) have none (prompt_response `response`, preference "
-                             "`chosen`, or a chat's last assistant turn)")
-        score = VerifierReward(cfg.reward, tok, runners._template(task).end)
-        policy_ckpt = stage.parent_checkpoint(task)
-    else:
-        score = ModelReward(stage.freeze(stage.build(task, checkpoint=stage.parent_checkpoint(task, kind="reward"),
-                                                     scalar_head=True)), seq, tok.pad)
-        policy_ckpt = next((task.parents[n] for n in s.after
-                            if task.plan.stage(n).kind != "reward" and n in task.parents), None)
-        if policy_ckpt is None:
-            raise AlignError(f"grpo stage {s.name} needs a policy parent (e.g. an sft stage) besides the reward stage")
-    policy = runners._policy(task, policy_ckpt)
-    reference = None
-    if cfg.beta != 0.0:
-        reference = "lora" if s.peft is not None else stage.freeze(stage.build(task, checkpoint=policy_ckpt))
-    common_args = dict(vocab=task.vocab_size, eod=tok.eod, seq_length=seq)
-    evaluate = (lambda: held_out_reward(policy, val, score, cfg, **common_args)) if val else dict
-    before = evaluate()
-    total = task.steps
-    tr = runners._trainer(task, policy, steps=total * cfg.iterations)
-    dp_rank, _ = stage.dp_info()
-    history = []
-    with stage.open_stage_metrics(task, total) as metrics:
-        restored = ckpt.resume(root=str(task.checkpoint_dir), chunks=[tr.model], optimizer=tr.optimizer,
-                               scheduler=tr.scheduler, distributed_optimizer=s.layout.distributed_optimizer,
-                               warn=lambda line: metrics.event("warning", message=line))
-        start = restored.iteration if restored is not None else 0
-        if restored is not None:
-            tr.step_count = start * cfg.iterations
-            metrics.rewind(start)
-            metrics.event("resumed", path=restored.path, iteration=start)
-        tr.warn = lambda line: metrics.event("transient_fault", message=line)
-        saver = ckpt.Checkpointer(root=str(task.checkpoint_dir), keep=s.checkpoint.keep, async_save=False)
-
-        def save(it: int) -> None:
-            state = ckpt.training_state(chunks=[tr.model], optimizer=tr.optimizer, scheduler=tr.scheduler,
-                                        iteration=it, consumed_samples=it * s.layout.global_batch,
-                                        extra={"stage": s.name, "kind": s.kind})
-            saver.save(state, iteration=it)
-            metrics.event("checkpoint", iteration=it)
-
-        try:
-            for it in range(start, total):
-                gen = torch.Generator().manual_seed(s.seed + 1000 * dp_rank + 1_000_003 * it)  # same on TP peers
-                share = trainer.dp_shard(train, it, s.layout.global_batch)
-                # a micro-batch holds `micro_batch` prompts' groups: micro_batch x G rows, as the plan costs it
-                # (flops.stage_work: G rows per prompt)
-                m = iteration(tr, policy, reference, share, score, cfg, micro_batch=s.layout.micro_batch * cfg.num_generations,
-                              pad_id=tok.pad, generator=gen, **common_args)
-                m["step"] = it + 1
-                history.append(m)
-                stage.log_step(metrics, m, tokens=0, log_every=s.log_every, total=total)
-                signum = runners.STOP.agreed()
-                if it + 1 < total and (signum or (s.checkpoint.every and (it + 1) % s.checkpoint.every == 0)):
-                    save(it + 1)
-                if signum:
-                    raise trainer.Preempted(it + 1, signum)
-        finally:
-            saver.close()
-        after = evaluate()
-        if after:
-            metrics.log({"step": total, **{f"val_{k}": v for k, v in after.items()}})
-    first, last = (history[0], history[-1]) if history else ({}, {})
-    payload = {"final_loss": last.get("loss"), "steps": total, "reward_first": first.get("reward"),
-               "reward": last.get("reward"), "kl": last.get("kl"), "clip_fraction": last.get("clip_fraction"),
-               "num_generations": cfg.num_generations, "reward_source": cfg.reward or "reward_model",
-               "resumed_from": start or None, "val_before": before, "val": after, "val_prompts": len(val),
-               "resident_models": resident_models(task.params, s.peft)}
-    return runners._finish_policy(task, policy, payload)

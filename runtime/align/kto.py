@@ -26,13 +26,14 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 
-from nemoc.runtime.align import runners, stage
-from nemoc.runtime.align.common import AlignError, Batch, make_batch, token_logprobs, unwrap
-from nemoc.runtime.align.data import read_preferences, read_unpaired, unpair
+from nemoc.runtime.align import stage
+from nemoc.runtime.align.common import AlignError, Batch, forward_only, make_batch, run, unwrap
+from nemoc.runtime.align.data import ChatTemplate, read_preferences, read_unpaired, unpair
 from nemoc.runtime.align.trainer import chunks
 from nemoc.runtime.objectives import kto as objective
 
 FORMATS = ("unpaired", "preference")
+REPORTS = ("loss", "kl", "reward_chosen", "reward_rejected", "reward_margin")  # make_forward's, averaged by the loop
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,22 @@ def _row(prompt: list[int], completion: list[int], seq_length: int) -> tuple[lis
     return ids, ([0] * len(prompt) + [1] * len(completion))[: seq_length + 1]
 
 
-def rows_batch(pairs: Sequence[tuple[list[int], list[int]]], seq_length: int, pad_id: int = 0) -> Batch:
+def rows_batch(pairs: Sequence[tuple[list[int], list[int]]], seq_length: int, pad_id: int = 0, *,
+               varlen: bool = False) -> Batch:
+    """One row per (prompt, completion); `varlen`: attended as variable-length segments (common.pack_rows)."""
     rows = [_row(p, c, seq_length) for p, c in pairs]
     for _, w in rows:
         if sum(w[1:]) == 0:
             raise AlignError(f"a KTO example's prompt fills seq_length={seq_length}: no completion token is left")
-    return make_batch(rows, seq_length, pad_id)
+    return make_batch(rows, seq_length, pad_id, varlen=varlen)
 
 
-def sums(model, batch: Batch) -> torch.Tensor:
-    return (token_logprobs(model, batch) * batch.loss_mask).sum(-1)
+def sums(model, batches: Sequence[Batch], *, everywhere: bool = True) -> list[torch.Tensor | None]:
+    """[b] summed completion log-probs per batch, through a forward-only schedule (common.forward_only:
+    any pipeline layout; with `everywhere` every rank gets them, else only the last pipeline stage)."""
+    out = forward_only(model, [(b, {"labels": b.labels}) for b in batches],
+                       lambda b, o: (-o.float() * b.loss_mask).sum(-1).cpu(), everywhere=everywhere)
+    return [x.to(b.tokens.device) if x is not None else None for x, b in zip(out, batches)]
 
 
 class Reference:
@@ -73,16 +80,16 @@ class Reference:
         self.model, self.policy = model, policy
 
     @torch.no_grad()
-    def __call__(self, batch: Batch) -> torch.Tensor:
+    def __call__(self, batches: Sequence[Batch], *, everywhere: bool = True) -> list[torch.Tensor | None]:
         if self.model is not None:
             unwrap(self.model).eval()
-            return sums(self.model, batch)
+            return sums(self.model, batches, everywhere=everywhere)
         from nemoc.runtime.align import lora
 
         was_training = self.policy.training
         self.policy.eval()
         with lora.disabled(self.policy):
-            out = sums(self.policy, batch)
+            out = sums(self.policy, batches, everywhere=everywhere)
         self.policy.train(was_training)
         return out
 
@@ -97,28 +104,28 @@ def _dp_mean(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def microbatches(share: Sequence[Example], *, policy, reference: Reference, seq_length: int, micro_batch: int,
-                 loss: str = "kto", pad_id: int = 0) -> list[dict]:
+                 loss: str = "kto", pad_id: int = 0, varlen: bool = False) -> list[dict]:
     """This rank's share of a step -> microbatches {"batch", "ref", "desirable", "z0"}; z0 (one per step)
-    from the mismatched pairs of the whole share, averaged over DP ranks."""
+    from the mismatched pairs of the whole share, averaged over DP ranks. Made before the step's schedule
+    runs (trainer.StepBatches), every pass forward-only, so every pipeline rank calls it alike."""
     share = list(share)
     z0 = None
     if loss == "kto":
         kl_pairs = [(e.prompt, share[j].completion) for e, j in zip(share, objective.mismatched(list(range(len(share)))))]
+        kl_batches = [rows_batch(group, seq_length, pad_id, varlen=varlen) for group in chunks(kl_pairs, micro_batch)]
         was_training = policy.training
         policy.eval()
-        kl, ref_kl = [], []
-        for group in chunks(kl_pairs, micro_batch):
-            batch = rows_batch(group, seq_length, pad_id)
-            kl.append(sums(policy, batch))
-            ref_kl.append(reference(batch))
+        kl = sums(policy, kl_batches)
         policy.train(was_training)
+        ref_kl = reference(kl_batches)
         z0 = objective.kl_baseline(torch.cat(kl), torch.cat(ref_kl), reduce=_dp_mean)
-    out = []
-    for group in chunks(share, micro_batch):
-        batch = rows_batch([(e.prompt, e.completion) for e in group], seq_length, pad_id)
-        out.append({"batch": batch, "ref": reference(batch), "z0": z0,
-                    "desirable": torch.tensor([e.desirable for e in group], device=batch.tokens.device)})
-    return out
+    groups = list(chunks(share, micro_batch))
+    batches = [rows_batch([(e.prompt, e.completion) for e in group], seq_length, pad_id, varlen=varlen)
+               for group in groups]
+    refs = reference(batches, everywhere=False)  # the loss runs on the last pipeline stage only
+    return [{"batch": batch, "ref": ref, "z0": z0,
+             "desirable": torch.tensor([e.desirable for e in group], device=batch.tokens.device)}
+            for group, batch, ref in zip(groups, batches, refs)]
 
 
 def make_forward(*, beta: float, loss: str = "kto", desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
@@ -127,36 +134,34 @@ def make_forward(*, beta: float, loss: str = "kto", desirable_weight: float = 1.
 
     def forward(model, mb):
         batch = mb["batch"]
-        token_loss = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+        token_loss = run(model, batch, labels=batch.labels)
 
         def loss_func(output):
-            policy = (-output.float() * batch.loss_mask).sum(-1)
+            policy = (-batch.shaped(output).float() * batch.loss_mask).sum(-1)
             value, metrics = objective.kto_loss(policy, mb["ref"], mb["desirable"], kl=mb["z0"], beta=beta,
                                                 desirable_weight=desirable_weight,
                                                 undesirable_weight=undesirable_weight, loss_type=loss)
-            # every microbatch reports the same keys (Megatron averages each over microbatches): a class
-            # absent from this microbatch reports 0 for its mean reward
-            for key in ("reward_chosen", "reward_rejected", "reward_margin"):
-                metrics.setdefault(key, torch.zeros((), device=policy.device))
+            # a class absent from this micro-batch reports no mean reward: the core's loop averages each
+            # report over the micro-batches that have it ([sum, count], core.loop._report_sums)
             return value, metrics
 
         return token_loss, loss_func
 
+    forward.reports = REPORTS
     return forward
 
 
 @torch.no_grad()
 def held_out_metrics(policy, reference: Reference, examples: Sequence[Example], *, seq_length: int, beta: float,
-                     micro_batch: int = 32, pad_id: int = 0) -> dict[str, float]:
+                     micro_batch: int = 32, pad_id: int = 0, varlen: bool = False) -> dict[str, float]:
     """Implicit rewards r = beta (log pi - log ref) of the held-out examples: the desirable-minus-undesirable
     mean (`reward_margin`), `reward_auc` over every (desirable, undesirable) couple, and for examples
     that came from pairs `reward_accuracy` = P[r(chosen) > r(rejected)] per pair (ties count 1/2)."""
     unwrap(policy).eval()
-    rewards = []
-    for group in chunks(list(examples), micro_batch):
-        batch = rows_batch([(e.prompt, e.completion) for e in group], seq_length, pad_id)
-        rewards.append(beta * (sums(policy, batch) - reference(batch)))
-    r = torch.cat(rewards).float().cpu()
+    batches = [rows_batch([(e.prompt, e.completion) for e in group], seq_length, pad_id, varlen=varlen)
+               for group in chunks(list(examples), micro_batch)]
+    pi, ref = sums(policy, batches), reference(batches)
+    r = (beta * (torch.cat(pi) - torch.cat(ref))).float().cpu()
     good = torch.tensor([e.desirable for e in examples])
     out: dict[str, float] = {}
     if good.any() and (~good).any():
@@ -178,7 +183,7 @@ def held_out_metrics(policy, reference: Reference, examples: Sequence[Example], 
 def examples_of(task, tok) -> tuple[list[Example], list[Example]]:
     """(train, held out) examples of every unpaired / preference data set of the stage; records are split
     first (the dataset's validation fraction, seeded), so a pair is never half trained on."""
-    template = runners._template(task)
+    template = ChatTemplate.from_params(task.params)
     train: list[Example] = []
     val: list[Example] = []
     pair_index = 0
@@ -209,49 +214,3 @@ def weight_advice(n_desirable: int, n_undesirable: int, desirable_weight: float,
     return (f"{n_d} desirable / {n_u} undesirable training examples with desirable_weight {desirable_weight:g}, "
             f"undesirable_weight {undesirable_weight:g}: set EITHER desirable_weight in [{d_lo}, {d_hi}] OR "
             f"undesirable_weight in [{u_lo}, {u_hi}] (Ethayarajh et al. 2024, eq. 8; TRL's advice)")
-
-
-def run_kto(task) -> dict:
-    """The `kto` stage: desirable / undesirable examples -> the policy (runners' helpers)."""
-    tok = stage.tokenizer_of(task)
-    train, val = examples_of(task, tok)
-    p, s, seq = task.params, task.stage, task.stage.seq_length
-    beta, loss = float(p.get("beta", 0.1)), str(p.get("loss", "kto"))
-    weights = dict(desirable_weight=float(p.get("desirable_weight", 1.0)),
-                   undesirable_weight=float(p.get("undesirable_weight", 1.0)))
-    if not any(e.desirable for e in train) or all(e.desirable for e in train):
-        raise AlignError(f"kto stage {s.name}: the training examples are all "
-                         f"{'desirable' if train and train[0].desirable else 'undesirable'}; KTO needs both kinds")
-    parent = stage.parent_checkpoint(task)
-    chunk = runners._policy(task, parent)
-    if s.peft is not None:
-        reference = Reference(policy=chunk)
-    else:
-        reference = Reference(model=stage.freeze(stage.build(task, checkpoint=parent)))
-    score = (lambda: held_out_metrics(chunk, reference, val, seq_length=seq, beta=beta,
-                                      micro_batch=s.layout.micro_batch, pad_id=tok.pad)) if val else dict
-    before = score()
-    tr = runners._trainer(task, chunk)
-    n_good = sum(e.desirable for e in train)
-    advice = weight_advice(n_good, len(train) - n_good, **weights)
-    with stage.open_stage_metrics(task, task.steps) as metrics:
-        if advice:
-            metrics.event("warning", message=f"kto stage {s.name}: {advice}")
-
-        def to_mb(share):
-            return microbatches(share, policy=chunk, reference=reference, seq_length=seq,
-                                micro_batch=s.layout.micro_batch, loss=loss, pad_id=tok.pad)
-
-        history, start = runners._fit(task, tr, metrics, items=train, to_microbatches=to_mb,
-                                      forward=make_forward(beta=beta, loss=loss, **weights),
-                                      tokens_per_step=s.layout.global_batch * seq)
-        after = score()
-        if after:
-            metrics.log({"step": task.steps, **{f"val_{k}": v for k, v in after.items()}})
-    last = history[-1] if history else {}
-    payload = {"final_loss": last.get("loss"), "steps": task.steps, "loss_type": loss, "beta": beta, **weights,
-               "kl": last.get("kl"), "reward_margin": last.get("reward_margin"), "resumed_from": start or None,
-               "val_before": before, "val": after, "train_examples": len(train), "val_examples": len(val),
-               "desirable_share": sum(e.desirable for e in train) / len(train),
-               "resident_models": resident_models(p, s.peft)}
-    return runners._finish_policy(task, chunk, payload)

@@ -19,11 +19,13 @@ from collections.abc import Sequence
 
 import torch
 
-from nemoc.runtime.align import runners, stage
-from nemoc.runtime.align.common import AlignError, make_batch, token_logprobs, unwrap
+from nemoc.runtime.align.common import AlignError, forward_only, make_batch, run, unwrap
 from nemoc.runtime.align.dpo import Pair, pair_batch
 from nemoc.runtime.align.trainer import chunks
 from nemoc.runtime.objectives import orpo as objective
+
+REPORTS = ("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "reward_chosen", "reward_rejected",
+           "reward_accuracy", "reward_margin")  # objectives.orpo.orpo_loss's, averaged by the core's loop
 
 
 def resident_models(params, peft) -> list[str]:
@@ -37,11 +39,12 @@ def _full_mask(pairs: Sequence[Pair], seq_length: int, pad_id: int) -> torch.Ten
     return make_batch([(ids, [1] * len(ids)) for ids in seqs], seq_length, pad_id).loss_mask
 
 
-def microbatches(pairs: Sequence[Pair], *, seq_length: int, micro_batch: int, pad_id: int = 0) -> list[dict]:
+def microbatches(pairs: Sequence[Pair], *, seq_length: int, micro_batch: int, pad_id: int = 0,
+                 varlen: bool = False) -> list[dict]:
     """Microbatches of `micro_batch` pairs: {"batch": 2n rows (completion loss mask), "full": prompt+completion mask}."""
     out = []
     for group in chunks(list(pairs), micro_batch):
-        batch = pair_batch(group, seq_length, pad_id)
+        batch = pair_batch(group, seq_length, pad_id, varlen=varlen)
         out.append({"batch": batch, "full": _full_mask(group, seq_length, pad_id).to(batch.loss_mask.device)})
     return out
 
@@ -64,63 +67,45 @@ def make_forward(*, beta: float):
 
     def forward(model, mb):
         batch = mb["batch"]
-        token_loss = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+        token_loss = run(model, batch, labels=batch.labels)
 
         def loss_func(output):
-            return loss_from_logps(-output.float(), batch.loss_mask, mb["full"], beta=beta)
+            return loss_from_logps(-batch.shaped(output).float(), batch.loss_mask, mb["full"], beta=beta)
 
         return token_loss, loss_func
 
+    forward.reports = REPORTS
     return forward
 
 
 @torch.no_grad()
 def preference_accuracy(chunk, pairs: Sequence[Pair], *, seq_length: int, micro_batch: int = 32, beta: float = 0.1,
-                        pad_id: int = 0) -> dict[str, float]:
+                        pad_id: int = 0, varlen: bool = False) -> dict[str, float]:
     """Held-out pairs: `reward_accuracy` = P[mean log pi(y_w) > mean log pi(y_l)] (ORPO's implicit reward is
     beta x the per-token mean log-prob; ties count 1/2), `reward_margin` (beta x the mean difference),
     `likelihood_accuracy` on summed log-probs (as DPO's), and `nll` of the chosen rows (prompt + completion)."""
     unwrap(chunk).eval()
+    groups = list(chunks(list(pairs), micro_batch))
+    batches = [pair_batch(group, seq_length, pad_id, varlen=varlen) for group in groups]
+    full_of = {id(b): _full_mask(g, seq_length, pad_id) for b, g in zip(batches, groups)}
+
+    def per_pair(batch, out):  # (per-token means, sums, nll sum and tokens of the chosen rows), on the host
+        lp, n = -out.float(), out.shape[0] // 2
+        full = full_of[id(batch)].to(lp.device)
+        nll = torch.stack([-(lp[:n] * full[:n]).sum(), full[:n].sum()])
+        return _mean_logps(lp, batch.loss_mask).cpu(), (lp * batch.loss_mask).sum(-1).cpu(), nll.cpu()
+
     wins = like_wins = margin = nll_sum = nll_tokens = 0.0
-    for group in chunks(list(pairs), micro_batch):
-        batch = pair_batch(group, seq_length, pad_id)
-        lp = token_logprobs(chunk, batch)
+    # a forward-only schedule (common.forward_only): any pipeline layout, every rank gets the values
+    for group, (means, sums, nll) in zip(groups, forward_only(chunk, [(b, {"labels": b.labels}) for b in batches],
+                                                              per_pair, everywhere=True)):
         n = len(group)
-        means = _mean_logps(lp, batch.loss_mask)
-        sums = (lp * batch.loss_mask).sum(-1)
         d = means[:n] - means[n:]
         wins += float((d > 0).float().sum() + 0.5 * (d == 0).float().sum())
         like_wins += float((sums[:n] > sums[n:]).float().sum() + 0.5 * (sums[:n] == sums[n:]).float().sum())
         margin += float(beta * d.sum())
-        full = _full_mask(group, seq_length, pad_id).to(lp.device)
-        nll_sum += float(-(lp[:n] * full[:n]).sum())
-        nll_tokens += float(full[:n].sum())
+        nll_sum += float(nll[0])
+        nll_tokens += float(nll[1])
     count = max(len(pairs), 1)
     return {"reward_accuracy": wins / count, "reward_margin": margin / count, "likelihood_accuracy": like_wins / count,
             "nll": nll_sum / max(nll_tokens, 1.0)}
-
-
-def run_orpo(task) -> dict:
-    """The `orpo` stage: preference data -> the policy trained with SFT + odds ratio (runners' helpers)."""
-    tok = stage.tokenizer_of(task)
-    train, val = runners._preference_pairs(task, tok)
-    s, seq = task.stage, task.stage.seq_length
-    beta = float(task.params.get("beta", 0.1))
-    chunk = runners._policy(task, stage.parent_checkpoint(task))
-    score = (lambda: preference_accuracy(chunk, val, seq_length=seq, beta=beta, pad_id=tok.pad)) if val else dict
-    before = score()
-    tr = runners._trainer(task, chunk)
-    with stage.open_stage_metrics(task, task.steps) as metrics:
-        history, start = runners._fit(
-            task, tr, metrics, items=train, forward=make_forward(beta=beta), tokens_per_step=2 * s.layout.global_batch * seq,
-            to_microbatches=lambda share: microbatches(share, seq_length=seq, micro_batch=s.layout.micro_batch, pad_id=tok.pad))
-        after = score()
-        if after:
-            metrics.log({"step": task.steps, **{f"val_{k}": v for k, v in after.items()}})
-    last = history[-1] if history else {}
-    payload = {"final_loss": last.get("loss"), "steps": task.steps, "beta": beta, "nll_loss": last.get("nll_loss"),
-               "log_odds_ratio": last.get("log_odds_ratio"), "reward_accuracy": last.get("reward_accuracy"),
-               "reward_margin": last.get("reward_margin"), "resumed_from": start or None, "val_before": before,
-               "val": after, "val_pairs": len(val), "train_pairs": len(train),
-               "resident_models": resident_models(task.params, s.peft)}
-    return runners._finish_policy(task, chunk, payload)
