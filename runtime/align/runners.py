@@ -92,14 +92,14 @@ def _peft(task: StageTask):
 
 # The kinds whose every pass runs through Megatron's schedules (training: trainer.fit; the rest:
 # common.forward_only), so they run at any pipeline layout; a kind joins when it does too.
-PIPELINED = ("sft", "lora", "dpo", "reward")
+PIPELINED = ("sft", "lora", "dpo", "reward", "kto", "orpo")
 
 
 def _trainer(task: StageTask, chunk, steps: int | None = None):
     s = task.stage
     if s.layout.pp > 1 and s.kind not in PIPELINED:
-        # sft, dpo and reward train and evaluate through Megatron's schedules at any pipeline layout; PPO's
-        # rollouts, reward scores and experience passes call the whole model directly.
+        # sft, dpo, kto, orpo and reward train and evaluate through Megatron's schedules at any pipeline
+        # layout; PPO's and GRPO's rollouts, reward scores and experience passes call the whole model directly.
         raise AlignError(f"stage {s.name} ({s.kind}): {s.kind} runs with pipeline parallelism 1 "
                          f"(got pp={s.layout.pp}); use tp/dp")
     return trainer.Trainer(chunk, layout=s.layout, optimizer=s.optimizer, schedule=s.schedule,
@@ -411,9 +411,10 @@ def run_kto(task: StageTask) -> dict:
     tok = stage.tokenizer_of(task)
     train, val = kto.examples_of(task, tok)
     s, seq = task.stage, task.stage.seq_length
-    p = s.params  # the kind's typed record (compiler/params.py)
-    beta, loss = float(p.beta), str(p.loss)
-    weights = dict(desirable_weight=float(p.desirable_weight), undesirable_weight=float(p.undesirable_weight))
+    params = s.params  # the kind's typed record (nemoc.compiler.params)
+    beta, loss = float(params.beta), str(params.loss)
+    weights = dict(desirable_weight=float(params.desirable_weight),
+                   undesirable_weight=float(params.undesirable_weight))
     if not any(e.desirable for e in train) or all(e.desirable for e in train):
         raise AlignError(f"kto stage {s.name}: the training examples are all "
                          f"{'desirable' if train and train[0].desirable else 'undesirable'}; KTO needs both kinds")
@@ -447,7 +448,7 @@ def run_kto(task: StageTask) -> dict:
     payload = {"final_loss": _last(state, "loss"), "steps": task.steps, "loss_type": loss, "beta": beta, **weights,
                "kl": _last(state, "kl"), "reward_margin": _last(state, "reward_margin"), "resumed_from": start or None,
                "val_before": before, "val": after, "train_examples": len(train), "val_examples": len(val),
-               "desirable_share": n_good / len(train), "resident_models": kto.resident_models(p, s.peft)}
+               "desirable_share": n_good / len(train), "resident_models": kto.resident_models(params, s.peft)}
     return _finish_policy(task, chunk, payload)
 
 
