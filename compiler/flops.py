@@ -61,7 +61,7 @@ def lora_params_per_layer(model: ModelSpec, lora: LoraSpec) -> int:
     fc1_out = ffn * (2 if is_gated(model) else 1)
     shapes = {"qkv": (h, (model.heads + 2 * model.query_groups) * d), "proj": (model.heads * d, h),
               "fc1": (h, fc1_out), "fc2": (ffn, h),
-              # peft's names: one adapter per projection (runtime/lora_peft.py)
+              # peft's names: one adapter per projection (as the runtime's peft-granular LoRA installs them)
               "q": (h, model.heads * d), "k": (h, model.query_groups * d), "v": (h, model.query_groups * d),
               "o": (model.heads * d, h), "up": (h, ffn), "down": (ffn, h)}
     shapes["gate"] = (h, ffn)

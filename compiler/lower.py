@@ -570,7 +570,7 @@ class _Lowering:
 
     def _check_lora_targets(self, peft: LoraSpec, span) -> None:
         """A fused layer gets one adapter (`qkv`, `fc1`) or one per part (`q k v`, `gate up`), not both
-        (runtime/lora_peft.py check_targets refuses the same at run time)."""
+        (the runtime refuses the same when it installs the adapters)."""
         for fused, parts in (("qkv", ("q", "k", "v")), ("fc1", ("gate", "up"))):
             both = [t for t in parts if t in peft.targets]
             if fused in peft.targets and both:
