@@ -54,18 +54,26 @@ def is_gated(model: ModelSpec) -> bool:
 
 def lora_params_per_layer(model: ModelSpec, lora: LoraSpec) -> int:
     """LoRA adapter parameters per layer: rank x (in + out) for each targeted linear
-    (Hu et al. 2021; NeMo/Megatron-Bridge target names qkv (linear_qkv), proj, fc1, fc2)."""
+    (Hu et al. 2021; NeMo/Megatron-Bridge target names qkv (linear_qkv), proj, fc1, fc2; peft's q k v o gate
+    up down, one adapter each)."""
     h, d, r = model.hidden, model.head_dim, lora.rank
     ffn = model.moe_ffn_hidden or model.ffn_hidden
     fc1_out = ffn * (2 if is_gated(model) else 1)
     shapes = {"qkv": (h, (model.heads + 2 * model.query_groups) * d), "proj": (model.heads * d, h),
-              "fc1": (h, fc1_out), "fc2": (ffn, h)}
+              "fc1": (h, fc1_out), "fc2": (ffn, h),
+              # peft's names: one adapter per projection (as the runtime's peft-granular LoRA installs them)
+              "q": (h, model.heads * d), "k": (h, model.query_groups * d), "v": (h, model.query_groups * d),
+              "o": (model.heads * d, h), "up": (h, ffn), "down": (ffn, h)}
+    shapes["gate"] = (h, ffn)
+    same = {"o": "proj", "down": "fc2"}  # one layer, one adapter, two names
+    if not is_gated(model):
+        same["gate"] = "up"  # a non-gated fc1 has one projection: gate and up name its one adapter
     experts = max(1, model.experts) if model.is_moe else 1
     total = 0
-    for target in lora.targets:
+    for target in dict.fromkeys(same.get(t, t) for t in lora.targets):
         if target in shapes:
             n_in, n_out = shapes[target]
-            total += r * (n_in + n_out) * (experts if target in ("fc1", "fc2") else 1)
+            total += r * (n_in + n_out) * (experts if target in ("fc1", "fc2", "gate", "up", "down") else 1)
     return total
 
 
@@ -294,6 +302,12 @@ def stage_work(stage_kind: str, params: object = None, peft: LoraSpec | None = N
       reward (Ouyang et al. 2022, eq. 1): pairs as 2 rows through a scalar-head model;
       ppo: rollout of `max_new_tokens` per prompt, experience forwards of actor, reference,
           critic and reward model, then `ppo_epochs` updates of actor and critic;
+      kto (Ethayarajh et al. 2024): one row per example; policy forward + backward, and for the KL
+          baseline z0 one policy forward (no grad) of the mismatched rows; the reference scores both;
+      orpo (Hong et al. 2024): pairs as 2 rows through the policy, no reference;
+      grpo (Shao et al. 2024): `num_generations` completions per prompt (rows), rollout of
+          `max_new_tokens` each, reference and reward-model forwards (absent with beta = 0 / a
+          verifier), `iterations` policy updates;
       eval: one forward; export: nothing."""
     train = FROZEN if peft is not None else FULL
     params = KindParams.of(stage_kind, params)  # a mapping (or None: every default) becomes the kind's record
@@ -308,6 +322,25 @@ def stage_work(stage_kind: str, params: object = None, peft: LoraSpec | None = N
         return StageWork(2, passes)
     if stage_kind == "reward":
         return StageWork(2, (ModelPass("reward", 1.0, train, scalar_head=True),))
+    if stage_kind == "orpo":  # chosen and rejected rows through the policy, no reference (Hong et al. 2024)
+        return StageWork(2, (ModelPass("policy", 1.0, train),))
+    if stage_kind == "kto":
+        passes = (ModelPass("policy", 1.0, train),)
+        if params.loss == "kto":  # the KL baseline: mismatched pairs, policy and reference
+            passes += (ModelPass("policy (KL pairs)", 1.0, FORWARD), ModelPass("reference", 2.0, FORWARD))
+        else:
+            passes += (ModelPass("reference", 1.0, FORWARD),)
+        return StageWork(1, passes)
+    if stage_kind == "grpo":
+        groups, mu = params.num_generations, float(params.iterations)
+        passes = (ModelPass("policy", mu, train),)
+        if mu > 1:  # the sampling policy's log-probs, kept for the clipped ratio of the later iterations
+            passes += (ModelPass("policy (old log-probs)", 1.0, FORWARD),)
+        if params.beta != 0.0:
+            passes += (ModelPass("reference", 1.0, FORWARD),)
+        if not params.reward:
+            passes += (ModelPass("reward", 1.0, FORWARD, scalar_head=True),)
+        return StageWork(groups, passes, generated=params.max_new_tokens)
     if stage_kind == "ppo":
         epochs, new = float(params.ppo_epochs), params.max_new_tokens
         return StageWork(1, (

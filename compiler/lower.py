@@ -514,6 +514,8 @@ class _Lowering:
         if "peft" in values:
             peft = values["peft"]
             fields["peft"] = LoraSpec(**peft.args) if peft.func == "lora" else None
+            if fields["peft"] is not None:
+                self._check_lora_targets(fields["peft"], b.spans.get("peft", b.head))
         fields["checkpoint"] = self._checkpoint(b.sub("checkpoint"), prefix)
         stage_parallel = b.sub("parallel")
         if stage_parallel is not None:
@@ -536,7 +538,8 @@ class _Lowering:
                 hint="set one of `steps`, `tokens` or `epochs`"))
 
     def _check_ppo(self, blocks: list[Checked]) -> None:
-        """A ppo stage runs after a reward stage (reward model and critic) and a policy stage."""
+        """A ppo stage runs after a reward stage (reward model and critic) and a policy stage; a grpo stage
+        takes its reward from exactly one of a verifier (`reward = ...`) and a reward stage it runs after."""
         kinds = {b.name: b.values.get("kind", b.name if b.name in STAGE_KINDS else None) for b in blocks}
         for b in blocks:
             if kinds[b.name] != "ppo":
@@ -547,6 +550,36 @@ class _Lowering:
                     "E028", f"ppo stage `{b.name}` must run after a `reward` stage and a policy stage", b.head,
                     equation="after kinds: [" + ", ".join(str(k) for k in parents) + "]",
                     hint="write e.g. `stage rl after sft, rm { kind = ppo ... }` with `rm` a reward stage"))
+        for b in blocks:
+            if kinds[b.name] != "grpo":
+                continue
+            parents = [kinds.get(r.name) for r in b.after]
+            verifier = b.values.get("reward")
+            if verifier is None and ("reward" not in parents or all(k == "reward" for k in parents)):
+                self.diags.append(Diagnostic(
+                    "E029", f"grpo stage `{b.name}` has no reward: neither a verifier nor a `reward` stage it runs after",
+                    b.head, equation="reward = none, after kinds: [" + ", ".join(str(k) for k in parents) + "]",
+                    hint="name a built-in verifier (`reward = exact_match`, `contains`, `prefix`), or write e.g. "
+                         "`stage rl after sft, rm { kind = grpo ... }` with `rm` a reward stage"))
+            elif verifier is not None and "reward" in parents:
+                self.diags.append(Diagnostic(
+                    "E029", f"grpo stage `{b.name}` has two rewards: the verifier `{verifier}` and a `reward` stage "
+                    "it runs after", b.spans.get("reward", b.head),
+                    equation=f"reward = {verifier}, after kinds: [" + ", ".join(str(k) for k in parents) + "]",
+                    hint="keep one: remove `reward = ...` to score with the reward model, or drop the reward stage "
+                         "from `after`"))
+
+    def _check_lora_targets(self, peft: LoraSpec, span) -> None:
+        """A fused layer gets one adapter (`qkv`, `fc1`) or one per part (`q k v`, `gate up`), not both
+        (the runtime refuses the same when it installs the adapters)."""
+        for fused, parts in (("qkv", ("q", "k", "v")), ("fc1", ("gate", "up"))):
+            both = [t for t in parts if t in peft.targets]
+            if fused in peft.targets and both:
+                self.diags.append(Diagnostic(
+                    "E037", f"LoRA targets `{fused}` and {', '.join(f'`{t}`' for t in both)} adapt the same layer",
+                    span, equation=f"targets = [{', '.join(peft.targets)}]",
+                    hint=f"keep `{fused}` (one adapter on Megatron's fused layer, as NeMo) or "
+                         f"{', '.join(f'`{t}`' for t in parts)} (one adapter each, as peft)"))
 
     def _checkpoint(self, block: Checked | None, prefix: str) -> CheckpointSpec:
         if block is None:

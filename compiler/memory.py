@@ -41,6 +41,7 @@ from nemoc.compiler.flops import (  # noqa: F401 - lora_params_per_layer is re-e
 from nemoc.compiler.plan import Layout, MemoryBreakdown
 from nemoc.compiler.params import StageParams
 from nemoc.compiler.spec import LoraSpec, ModelSpec
+from nemoc.dsl.schema import TRAINING_KINDS  # the one table of stage kinds (dsl.schema.STAGE_KIND_TABLE)
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -55,7 +56,6 @@ NCCL_BYTES_PER_GROUP = 256 * MIB
 # fraction, not fitted (Megatron-LM reports 5-10 % between reserved and allocated in long runs).
 FRAGMENTATION = 0.05
 
-TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
 
 
 # ----------------------------------------------------------------------------------- model states
@@ -213,11 +213,20 @@ def resident_models(stage_kind: str, params: object = None, *, peft: LoraSpec | 
     """Which models a stage keeps in GPU memory. DPO (Rafailov et al. 2023) needs a frozen reference
     policy unless its log-probabilities are precomputed (`reference = precomputed`); with LoRA the reference is the base model with adapters
     disabled (NeMo/Megatron-Bridge), so it costs nothing extra. PPO (Ouyang et al. 2022) keeps the
-    actor and critic (trained) and the reward and reference models (frozen), all resident."""
+    actor and critic (trained) and the reward and reference models (frozen), all resident. KTO needs a
+    reference as DPO does; ORPO (Hong et al. 2024) none; GRPO a reference (beta > 0, no LoRA) and a
+    reward model unless a verifier scores the completions."""
     params = StageParams.of(stage_kind, params)
     if stage_kind == "dpo":
         precomputed = params.reference == "precomputed" or params.reference_free
         return ("policy",) if (precomputed or peft is not None) else ("policy", "reference")
+    if stage_kind == "kto":  # KTO (Ethayarajh et al. 2024) scores against a reference as DPO does
+        return ("policy",) if peft is not None else ("policy", "reference")
+    if stage_kind == "grpo":
+        # GRPO (Shao et al. 2024): the KL term needs the reference unless beta = 0 (or LoRA: adapters off);
+        # rewards come from a verifier (no model) or the reward model of the stage's `reward` parent.
+        reference = () if peft is not None or params.beta == 0 else ("reference",)
+        return ("policy",) + reference + (() if params.reward else ("reward",))
     if stage_kind == "ppo":
         return ("actor", "critic", "reward", "reference")
     if stage_kind == "reward":

@@ -155,14 +155,15 @@ class LoraSpec:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+    targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")  # or peft's q k v o gate up down
+    rslora: bool = False  # scale alpha / sqrt(rank) (Kalajdzievski 2023) instead of alpha / rank
 
 
 @dataclass(frozen=True, slots=True)
 class DataSpec:
     name: str
     path: str  # glob, relative to the .nemo file's directory unless absolute
-    format: str = "text"  # text | jsonl | chat | preference | prompt_response
+    format: str = "text"  # text | jsonl | chat | preference | prompt_response | unpaired
     text_field: str = "text"
     tokenizer: str | None = None  # path to tokenizer.json / *.model / "tiktoken:cl100k_base"; None = train a byte-level BPE
     vocab_size: int | None = None  # for a locally trained tokenizer
@@ -177,7 +178,7 @@ class DataSpec:
 @dataclass(frozen=True, slots=True)
 class StageSpec:
     name: str
-    kind: str  # pretrain | sft | dpo | reward | ppo | eval | export
+    kind: str  # pretrain | sft | dpo | kto | orpo | reward | ppo | grpo | eval | export
     after: tuple[str, ...] = ()
     data: tuple[str, ...] = ()
     tokens: int | None = None  # total training tokens

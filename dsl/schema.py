@@ -89,6 +89,7 @@ DURATION = Type("float", unit="duration", minimum=0)
 POSITIVE_DURATION = Type("float", unit="duration", minimum=0, exclusive_min=True)
 BOOL = Type("bool")
 STR = Type("str")
+GROUP_SIZE = Type("int", unit="count", minimum=2, maximum=1_024)  # GRPO: a group of one has no baseline
 
 
 def enum(*choices: str) -> Type:
@@ -247,10 +248,11 @@ PARALLEL_FIELDS = (
 
 DATA_FIELDS = (
     _f("path", STR, None, "File glob, relative to the .nemo file's directory unless absolute.", required=True),
-    _f("format", enum("text", "jsonl", "chat", "preference", "prompt_response"), "text",
+    _f("format", enum("text", "jsonl", "chat", "preference", "prompt_response", "unpaired"), "text",
        "Record format: plain text; JSON lines with a `text_field`; chat (`{\"messages\": [{\"role\", "
        "\"content\"}]}`); preference (`{\"prompt\", \"chosen\", \"rejected\"}`); prompt_response "
-       "(`{\"prompt\", \"response\"}`)."),
+       "(`{\"prompt\", \"response\"}`); unpaired (`{\"prompt\", \"completion\", \"label\": true|false}`: "
+       "one desirable or undesirable completion, TRL's unpaired preference format, for kto)."),
     _f("text_field", STR, "text", "JSON field holding the text (format jsonl)."),
     _f("tokenizer", STR, None, "tokenizer.json, a SentencePiece *.model, a Hugging Face directory or "
        "`tiktoken:NAME`. Omitted: train a byte-level BPE of `vocab_size` on this data."),
@@ -267,7 +269,7 @@ DATA_FIELDS = (
 )
 DATA_OPTIONS = ("documents",)  # DataSpec.options
 
-STAGE_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo", "eval", "export")
+STAGE_KINDS = ("pretrain", "sft", "dpo", "kto", "orpo", "reward", "ppo", "grpo", "eval", "export")
 
 STAGE_FIELDS = (
     _f("kind", enum(*STAGE_KINDS), None, "What the stage does. Default: the stage's name when it is a kind."),
@@ -323,6 +325,20 @@ _PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
         _f("reference_free", BOOL, False, "No reference model at all (log-probabilities of the reference "
            "taken as 0), as in reference-free preference optimisation."),
     ),
+    "kto": (
+        _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE, _INIT,
+        _f("beta", POSITIVE_FLOAT, 0.1, "KTO temperature beta (Ethayarajh et al. 2024; TRL's default)."),
+        _f("loss", enum("kto", "apo_zero_unpaired"), "kto",
+           "`kto` (around the KL baseline z0 from mismatched prompt/completion pairs) or `apo_zero_unpaired` "
+           "(D'Oosterlinck et al. 2024: no baseline, no mismatched pass)."),
+        _f("desirable_weight", POSITIVE_FLOAT, 1.0, "Loss weight of desirable examples (lambda_D)."),
+        _f("undesirable_weight", POSITIVE_FLOAT, 1.0, "Loss weight of undesirable examples (lambda_U)."),
+    ),
+    "orpo": (
+        _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE, _INIT,
+        _f("beta", POSITIVE_FLOAT, 0.1, "Weight lambda of the odds-ratio term on the SFT loss (Hong et al. 2024; "
+           "TRL's `beta`). No reference model."),
+    ),
     "reward": (_SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE, _INIT),
     "ppo": (
         _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE, _INIT,
@@ -335,12 +351,38 @@ _PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
         _f("lam", FRACTION, 0.95, "GAE lambda (Schulman et al. 2016)."),
         _f("ppo_epochs", POSITIVE, 2, "Optimization epochs per rollout batch."),
     ),
+    "grpo": (
+        _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE, _INIT,
+        _f("num_generations", GROUP_SIZE, 4, "Completions sampled per prompt (the group G); at least 2. "
+           "`global_batch` counts prompts: a step trains on global_batch x G completions."),
+        _f("max_new_tokens", POSITIVE_COUNT, 16, "Tokens generated per completion."),
+        _f("temperature", POSITIVE_FLOAT, 1.0, "Sampling temperature of the rollouts."),
+        _f("reward", enum("exact_match", "contains", "prefix"), None, "A built-in verifier scoring each completion against the record's reference "
+           "(prompt_response: `response`; preference: `chosen`; chat: the last assistant turn): `exact_match`, "
+           "`contains` or `prefix`. Omitted: the reward model of the `reward` stage this stage runs after."),
+        _f("beta", NONNEG_FLOAT, 0.04, "KL coefficient against the reference policy (k3 estimator); 0 = no "
+           "reference model."),
+        _f("epsilon", POSITIVE_FLOAT, 0.2, "Lower clip of the policy ratio (1 - epsilon)."),
+        _f("epsilon_high", POSITIVE_FLOAT, None, "Upper clip (1 + epsilon_high; DAPO's clip-higher). Default: epsilon."),
+        _f("loss", enum("grpo", "bnpo", "dr_grpo", "dapo"), "grpo", "Token aggregation of the loss (TRL's loss_type)."),
+        _f("scale_rewards", enum("group", "batch", "none"), "group",
+           "Divide the group-centred rewards by the group's std, the batch's std, or not at all (Dr. GRPO)."),
+        _f("iterations", POSITIVE, 1, "Optimizer steps per generation batch (TRL's num_iterations, mu); the "
+           "clipped ratio is against the sampling policy."),
+    ),
     "eval": (
         _TEMPLATE, _INIT,
         _f("prompts", list_of(STR), (), "Prompts to generate from."),
         _f("max_new_tokens", POSITIVE_COUNT, 32, "Tokens generated per prompt."),
         _f("temperature", POSITIVE_FLOAT, None, "Sampling temperature. Default: greedy decoding."),
         _f("max_windows", POSITIVE, 64, "Sequence windows scored per text data set (validation loss / perplexity)."),
+        _f("beta", POSITIVE_FLOAT, 0.1, "Implicit-reward temperature of the preference accuracy and reward margin, "
+           "scored when the stage runs after a policy and its reference (`after POLICY, REFERENCE`)."),
+        _f("lm_eval_tasks", list_of(STR), (), "lm-eval-harness tasks scored on the model (exported to Hugging Face "
+           "format in the stage's `hf/`), by name. Needs `pip install lm-eval`; built-in tasks download their data."),
+        _f("lm_eval_include", STR, None, "A directory of lm-eval task YAMLs (relative to the .nemo file), e.g. over "
+           "local JSONL data; then only its tasks are looked up (lm-eval's `include_path`, without the built-in ones)."),
+        _f("lm_eval_limit", POSITIVE, None, "Examples per lm-eval task (lm-eval's `limit`). Default: all."),
     ),
     "export": (
         _INIT,
@@ -369,8 +411,12 @@ STAGE_KIND_TABLE: Mapping[str, StageKind] = MappingProxyType({k.name: k for k in
     StageKind("pretrain", _PARAMS["pretrain"], trains=True),
     StageKind("sft", _PARAMS["sft"], trains=True, data_formats=("chat", "prompt_response"), parent_checkpoint=True),
     StageKind("dpo", _PARAMS["dpo"], trains=True, data_formats=("preference",), parent_checkpoint=True),
+    StageKind("kto", _PARAMS["kto"], trains=True, data_formats=("unpaired", "preference"), parent_checkpoint=True),
+    StageKind("orpo", _PARAMS["orpo"], trains=True, data_formats=("preference",), parent_checkpoint=True),
     StageKind("reward", _PARAMS["reward"], trains=True, data_formats=("preference",), parent_checkpoint=True),
     StageKind("ppo", _PARAMS["ppo"], trains=True, data_formats=("chat", "prompt_response", "preference"),
+              parent_checkpoint=True),
+    StageKind("grpo", _PARAMS["grpo"], trains=True, data_formats=("prompt_response", "chat", "preference"),
               parent_checkpoint=True),
     StageKind("eval", _PARAMS["eval"], trains=False, parent_checkpoint=True),
     StageKind("export", _PARAMS["export"], trains=False, parent_checkpoint=True),
@@ -478,10 +524,14 @@ CALLS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
     ),
     "lora": (
         _f("rank", POSITIVE, 16, "LoRA rank r (Hu et al. 2021)."),
-        _f("alpha", POSITIVE_FLOAT, 32.0, "LoRA alpha (scale = alpha / rank)."),
+        _f("alpha", POSITIVE_FLOAT, 32.0, "LoRA alpha (scale = alpha / rank; alpha / sqrt(rank) with rslora)."),
         _f("dropout", PROBABILITY, 0.0, "Dropout on the LoRA input."),
-        _f("targets", list_of(enum("qkv", "proj", "fc1", "fc2")), ("qkv", "proj", "fc1", "fc2"),
-           "Linear layers that get adapters."),
+        _f("targets", list_of(enum("qkv", "proj", "fc1", "fc2", "q", "k", "v", "o", "gate", "up", "down")),
+           ("qkv", "proj", "fc1", "fc2"),
+           "Linear layers that get adapters: Megatron's fused layers (`qkv`, `proj`, `fc1`, `fc2`: one adapter "
+           "each, as NeMo) or peft's projections (`q`, `k`, `v`, `o`, `gate`, `up`, `down`: a separate adapter "
+           "for each of q, k, v and of gate, up inside the fused layers, as peft adapts a Hugging Face model)."),
+        _f("rslora", BOOL, False, "Rank-stabilised scaling alpha / sqrt(rank) (Kalajdzievski 2023; peft's use_rslora)."),
     ),
     "none": (),
     "hf": (

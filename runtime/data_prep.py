@@ -21,6 +21,7 @@ Formats (a data source's `format`):
   chat             {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
   prompt_response  {"prompt": str, "response": str}
   preference       {"prompt": str, "chosen": str, "rejected": str}
+  unpaired         {"prompt": str, "completion": str, "label": bool}   (TRL's unpaired preference format, KTO)
 Every bad input (no file matched, unreadable file, invalid UTF-8, malformed JSON, a missing or non-string
 field, an empty corpus) raises `DataError` whose message starts with `file:line:`.
 """
@@ -46,7 +47,7 @@ from pathlib import Path
 from nemoc.runtime.tokenizer import NemocTokenizer, TokenizerError, load_tokenizer
 
 TOKENIZED_FORMATS = ("text", "jsonl")
-RAW_FORMATS = ("chat", "prompt_response", "preference")
+RAW_FORMATS = ("chat", "prompt_response", "preference", "unpaired")
 FORMATS = TOKENIZED_FORMATS + RAW_FORMATS
 TEXT_DOCUMENTS = ("paragraph", "line", "file")  # what one document of a plain-text file is
 CHUNK_BYTES = 1 << 20  # ~1 MiB of source text per work item
@@ -201,6 +202,11 @@ def record_texts(record: dict, fmt: str, text_field: str, path: str, line_no: in
         return [_string_field(record, k, path, line_no) for k in ("prompt", "response")]
     if fmt == "preference":
         return [_string_field(record, k, path, line_no) for k in ("prompt", "chosen", "rejected")]
+    if fmt == "unpaired":
+        if not isinstance(record.get("label"), bool):
+            got = "missing" if "label" not in record else f"{type(record['label']).__name__} {record['label']!r}"
+            raise DataError(f"{path}:{line_no}: field 'label' must be true (desirable) or false (undesirable), got {got}")
+        return [_string_field(record, k, path, line_no) for k in ("prompt", "completion")]
     if fmt == "chat":
         messages = record.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -472,7 +478,7 @@ def _merge(parts: Path, part_prefixes: list[str], prefix: str, vocab_size: int) 
 
 
 def validate_records(source: Source) -> dict:
-    """Check every record of a chat / prompt_response / preference source; returns counts and paths."""
+    """Check every record of a chat / prompt_response / preference / unpaired source; returns counts and paths."""
     if source.format not in RAW_FORMATS:
         raise DataError(f"{source.pattern}: format {source.format!r} is tokenized, not validated as raw records")
     files = resolve_files(source)
@@ -483,11 +489,16 @@ def validate_records(source: Source) -> dict:
         raise DataError(f"{files[0]}:1: the data set is empty: no record in {len(files)} file(s) of data {source.name!r}")
     # and what the SFT / DPO trainers will refuse (an empty reply, chosen == rejected), now rather than after
     # the stages before them have trained
-    from nemoc.runtime.align.data import read_preferences, read_sft
+    from nemoc.runtime.align.data import read_preferences, read_sft, read_unpaired
 
     for path in files:
         try:
-            read_preferences(path) if source.format == "preference" else read_sft(path, source.format)
+            if source.format == "preference":
+                read_preferences(path)
+            elif source.format == "unpaired":
+                read_unpaired(path)
+            else:
+                read_sft(path, source.format)
         except ValueError as exc:
             raise DataError(f"{exc} (data {source.name!r})") from None
     return {"records": records, "files": files, "format": source.format}

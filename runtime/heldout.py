@@ -70,16 +70,22 @@ def reward_model_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
 
 
 def lm_eval(hf_dir: str, tasks: Sequence[str], *, limit: int | None = None, batch_size: int = 8,
-            device: str = "cpu") -> dict:
+            device: str = "cpu", include_path: str | None = None, prefix_token_id: int | None = None) -> dict:
     """lm-eval-harness scores of an exported model for `tasks`, or {"skipped": reason} when lm-eval is not
-    installed (an optional extra: pip install 'nemoc[eval]') or no task was named."""
+    installed (an optional extra: pip install 'nemoc[eval]') or no task was named. `include_path`: a
+    directory of task YAMLs; then only its tasks are indexed (not lm-eval's built-in thousands).
+    `prefix_token_id`: the token before an empty context (lm-eval's default is the tokenizer's BOS / EOS,
+    which a nemoc export's tokenizer.json does not name: pass its end-of-document id)."""
     if not tasks:
         return {"skipped": "no lm_eval_tasks named"}
     if importlib.util.find_spec("lm_eval") is None:
         return {"skipped": "lm-eval is not installed (pip install 'nemoc[eval]')"}
     import lm_eval as harness
+    from lm_eval.tasks import TaskManager
 
-    out = harness.simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=list(tasks),
-                                  limit=limit, batch_size=batch_size, device=device)
+    manager = TaskManager(include_path=include_path, include_defaults=include_path is None)
+    args = f"pretrained={hf_dir},dtype=float32" + (f",prefix_token_id={prefix_token_id}" if prefix_token_id is not None else "")
+    out = harness.simple_evaluate(model="hf", model_args=args, tasks=list(tasks),
+                                  limit=limit, batch_size=batch_size, device=device, task_manager=manager)
     return {"tasks": {name: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
                       for name, metrics in out["results"].items()}}

@@ -142,3 +142,50 @@ def apply_lora(model, *, rank: int, alpha: float, targets=PEFT_TARGETS, rslora: 
             setattr(parent, attr, module)
             wrapped.append(name)
     return wrapped
+
+
+FUSED = {"qkv": QKV, "fc1": FC1}  # Megatron/NeMo names of one adapter on a fused layer, and its peft parts
+SAME = {"proj": "o", "fc2": "down"}  # one layer, one adapter, two names
+
+
+def check_targets(targets) -> str | None:
+    """Why a LoRA target list is inconsistent (a fused layer named with its parts), or None."""
+    for fused, parts in FUSED.items():
+        both = [t for t in parts if t in targets]
+        if fused in targets and both:
+            return f"`{fused}` (one adapter on the fused layer) and {', '.join(f'`{t}`' for t in both)} (separate adapters) adapt the same layer"
+    return None
+
+
+def apply_peft(model, peft, *, seed: int = 1234) -> list[str]:
+    """A stage's `peft = lora(...)`: Megatron/NeMo's fused adapters (targets qkv proj fc1 fc2, scale
+    alpha / r) through `lora.apply_lora`, unchanged; with peft's names (q k v o gate up down) or `rslora`,
+    the adapters above (fused names there keep one adapter on their fused layer)."""
+    targets = tuple(peft.targets)
+    rslora = bool(getattr(peft, "rslora", False))
+    if not rslora and set(targets) <= set(lora.TARGETS):
+        return lora.apply_lora(model, peft, seed=seed)
+    problem = check_targets(targets)
+    if problem:
+        raise lora.AlignError(f"LoRA targets: {problem}")
+    split = tuple(dict.fromkeys(SAME.get(t, t) for t in targets if t not in FUSED))
+    wrapped = apply_lora(model, rank=peft.rank, alpha=peft.alpha, targets=split, rslora=rslora, dropout=peft.dropout,
+                         seed=seed) if split else []
+    fused = [t for t in targets if t in FUSED]
+    if fused:
+        gpt = unwrap(model)
+        if not split:  # apply_lora froze every base parameter; here nothing has yet
+            for p in gpt.parameters():
+                p.requires_grad_(False)
+        for layer in gpt.decoder.layers:
+            for t in fused:
+                parent = layer.self_attention if t == "qkv" else layer.mlp
+                attr = lora.TARGETS[t]
+                base = getattr(parent, attr)
+                name = f"decoder.layers.{layer.layer_number - 1}.{'self_attention' if t == 'qkv' else 'mlp'}.{attr}"
+                module = lora.LoraLinear(base, name=name, rank=peft.rank, alpha=peft.alpha, dropout=peft.dropout,
+                                         seed=seed, gated=bool(gpt.config.gated_linear_unit))
+                module.scale = scaling(peft.alpha, peft.rank, rslora)
+                setattr(parent, attr, module)
+                wrapped.append(name)
+    return wrapped

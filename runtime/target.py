@@ -20,22 +20,28 @@ from nemoc.compiler.target import StageCaps, Target
 # installed, the local spec otherwise; the plan's attention core: packed SFT rows are variable-length
 # segments on TE's attention and on the SDPA core of runtime/model.py, only an `unfused` core the user
 # chose gets an explicit mask; LoRA on TE's fused LayerNorm-linear normalises its own input, lora.py
-# `LoraLinear._adapter_input`). sft, dpo and reward train and evaluate through Megatron's schedules at
+# `LoraLinear._adapter_input`). sft, dpo, kto, orpo and reward train and evaluate through Megatron's schedules at
 # any pipeline layout (no virtual stages: common.py `build_gpt`); PPO's rollout and experience passes
-# call the whole model (runners.py `_trainer` refuses pp > 1 for it) and its sampler has no KV cache.
+# call the whole model (runners.py `_trainer` refuses pp > 1 for it); its rollouts, and GRPO's, decode with
+# Megatron-Core's StaticInferenceContext (runtime/generation.py, called by runtime/align/ppo.py `iteration`
+# and runtime/align/grpo.py `rollout`); GRPO runs TP/DP only, as PPO. KTO and ORPO train and evaluate
+# through Megatron's schedules as sft/dpo do (KTO's KL baseline and reference scores by forward-only
+# schedules before each step: runtime/align/kto.py `microbatches`).
 # No context parallelism (their batches are not split along the sequence: every rank holds whole rows).
-# MoE models for sft/dpo/reward (Megatron's MoELayer through the core's build; LoRA adapts their
-# attention); ppo and eval stay dense-only (untested), export refuses MoE (export.py `style_of`). `init = hf(DIR)` is converted by the hf_import task
+# MoE models for sft/dpo/kto/orpo/reward (Megatron's MoELayer through the core's build; LoRA adapts their
+# attention); ppo, grpo and eval stay dense-only (untested), export refuses MoE (export.py `style_of`). `init = hf(DIR)` is converted by the hf_import task
 # (runtime/orchestrate/tasks/hf.py) and loaded where a parent's checkpoint would be (runtime/align/stage.py
 # `policy_start`, runtime/core/build.py `restore_or_initialize`).
 _ALIGN = StageCaps(
     pipeline=True, virtual_pipeline=False, context_parallel=False, te=True, moe=True, hf_init=True,
-    runs="the nemoc runtime's sft, dpo and reward stages (runtime/align) run TP/PP/DP without virtual stages",
+    runs="the nemoc runtime's sft, dpo, kto, orpo and reward stages (runtime/align) run TP/PP/DP without virtual "
+         "stages",
     source="nemoc runtime/align/common.py build_gpt (vp), runtime/align/trainer.py (whole rows: no cp)")
 _PPO = StageCaps(
-    pipeline=False, context_parallel=False, te=True, moe=False, kv_cache_rollout=False, hf_init=True,
-    runs="the nemoc runtime's ppo stages (runtime/align) run TP/DP only",
-    source="nemoc runtime/align/runners.py _trainer (pp > 1, PIPELINED), runtime/align/ppo.py (dense models only)")
+    pipeline=False, context_parallel=False, te=True, moe=False, kv_cache_rollout=True, hf_init=True,
+    runs="the nemoc runtime's ppo and grpo stages (runtime/align) run TP/DP only",
+    source="nemoc runtime/align/runners.py _trainer (pp > 1, PIPELINED), runtime/align/ppo.py, grpo.py "
+           "(dense models only), runtime/generation.py (KV-cached rollouts)")
 # eval runs at the stage's layout (tensor and data parallel; runtime/orchestrate/tasks/align.py launches the layout's
 # world size), so a model whose weights exceed one GPU is evaluated; its passes call the model directly
 # (no pipeline). Export runs in one process on the host (runtime/orchestrate/tasks/align.py `_one_process`). The local
@@ -53,7 +59,7 @@ NEMOC_RUNTIME = Target(
     name="nemoc-runtime",
     stages=MappingProxyType({
         "pretrain": StageCaps(runs="runtime/train.py runs every Megatron-Core schedule"),
-        "sft": _ALIGN, "dpo": _ALIGN, "reward": _ALIGN, "ppo": _PPO,
+        "sft": _ALIGN, "dpo": _ALIGN, "kto": _ALIGN, "orpo": _ALIGN, "reward": _ALIGN, "ppo": _PPO, "grpo": _PPO,
         "eval": _EVAL, "export": _EXPORT,
     }),
     # runtime/megatron_args.py: the interleaved schedule overlaps its pipeline transfers

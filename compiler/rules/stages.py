@@ -14,7 +14,7 @@ from nemoc.compiler.rules.base import TRAINING_KINDS, Violation, stage_seq_lengt
 
 
 _RECORDS = {"chat": '{"messages": [{"role", "content"}, ...]}', "prompt_response": '{"prompt", "response"}',
-            "preference": '{"prompt", "chosen", "rejected"}'}
+            "preference": '{"prompt", "chosen", "rejected"}', "unpaired": '{"prompt", "completion", "label"}'}
 
 
 def _stage_diagnostic(v: Violation, spec: ExperimentSpec, stage: StageSpec, notes=()) -> Diagnostic:

@@ -161,7 +161,18 @@ def main() -> None:
     write_jsonl(args.out / "pipeline" / "sft.jsonl", sft)
     write_jsonl(args.out / "pipeline" / "prefs.jsonl", [preference_example(rng) for _ in range(400)])
     # its own generator, so adding it left the files above byte-identical
-    write_jsonl(args.out / "pipeline" / "prefs_heldout.jsonl", degenerate_preferences(random.Random(args.seed + 1)))
+    heldout = degenerate_preferences(random.Random(args.seed + 1))
+    write_jsonl(args.out / "pipeline" / "prefs_heldout.jsonl", heldout)
+    write_jsonl(args.out / "pipeline" / "unpaired.jsonl", unpaired(heldout))
+    write_jsonl(args.out / "pipeline" / "sums.jsonl", [{"prompt": f"What is {a} plus {b}?", "response": str(a + b)}
+                                                       for a in range(10) for b in range(10) if a + b < 10])
+
+
+def unpaired(pairs: list[dict]) -> list[dict]:
+    """KTO's unpaired format from preference pairs: alternately the chosen (label true) or the rejected
+    (label false) completion of each pair, so no prompt appears with both (examples/alignment_kinds.nemo)."""
+    return [{"prompt": r["prompt"], "completion": r["chosen"] if i % 2 == 0 else r["rejected"], "label": i % 2 == 0}
+            for i, r in enumerate(pairs)]
 
 
 if __name__ == "__main__":

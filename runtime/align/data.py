@@ -4,6 +4,7 @@ Input:  JSONL files, one record per line:
   chat            {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
   prompt_response {"prompt": str, "response": str}
   preference      {"prompt": str, "chosen": str, "rejected": str}   (also "chosen"/"rejected" as chat lists)
+  unpaired        {"prompt": str, "completion": str, "label": true|false}   (KTO; TRL's unpaired preference)
   prompt          {"prompt": str}   (PPO rollouts, eval generations)
 Output: frozen records; `ChatTemplate.render` turns a conversation into token ids with a weight of 1 on
 the assistant tokens only (the SFT loss mask) and 0 on everything else.
@@ -44,6 +45,14 @@ class Preference:
 @dataclass(frozen=True, slots=True)
 class Prompt:
     prompt: tuple[Message, ...]
+    reference: str | None = None  # the answer a GRPO verifier compares with (response / chosen / last assistant turn)
+
+
+@dataclass(frozen=True, slots=True)
+class Unpaired:
+    prompt: tuple[Message, ...]
+    completion: str
+    desirable: bool
 
 
 def _records(path: str | Path) -> Iterator[tuple[str, Mapping]]:
@@ -144,16 +153,40 @@ def read_preferences(path: str | Path) -> list[Preference]:
     return _non_empty(path, out)
 
 
+def read_unpaired(path: str | Path) -> list[Unpaired]:
+    """Unpaired preference records: one completion labelled desirable (true) or undesirable (false)."""
+    out = []
+    for where, record in _records(path):
+        label = record.get("label")
+        if not isinstance(label, bool):
+            got = "missing" if "label" not in record else f"{type(label).__name__} {label!r}"
+            raise DataError(f"{where}: field 'label' must be true (desirable) or false (undesirable), got {got}")
+        out.append(Unpaired(_prompt_messages(where, record), _reply(where, record, "completion"), label))
+    return _non_empty(path, out)
+
+
+def unpair(preferences: Sequence[Preference]) -> list[Unpaired]:
+    """Pairs split as TRL's `unpair_preference_dataset`: each pair gives its chosen completion as a desirable
+    example and its rejected one as an undesirable example of the same prompt."""
+    return [u for p in preferences for u in (Unpaired(p.prompt, p.chosen, True), Unpaired(p.prompt, p.rejected, False))]
+
+
+_REFERENCE_KEYS = ("response", "chosen", "answer", "solution")
+
+
 def read_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts for rollouts/generation; any record with a 'prompt' (or 'messages' minus its reply) works."""
+    """Prompts for rollouts/generation; any record with a 'prompt' (or 'messages' minus its reply) works.
+    Each keeps its reference answer when it has one (prompt_response `response`, preference `chosen`, a
+    chat's last assistant turn), which GRPO's verifiers compare completions with."""
     out = []
     for where, record in _records(path):
         if "prompt" in record:
-            out.append(Prompt(_prompt_messages(where, record)))
+            key = next((k for k in _REFERENCE_KEYS if k in record), None)
+            out.append(Prompt(_prompt_messages(where, record), _reply(where, record, key) if key else None))
         else:
             conv = _conversation(where, record)
             last = max(i for i, m in enumerate(conv.messages) if m.role == "assistant")
-            out.append(Prompt(conv.messages[:last]))
+            out.append(Prompt(conv.messages[:last], conv.messages[last].content))
     return _non_empty(path, out)
 
 

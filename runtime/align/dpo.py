@@ -14,7 +14,9 @@ never split across microbatches or DP ranks); sequence log-probs sum over the re
 Losses, with h = (log pi(y_w|x) - log pi(y_l|x)) - (log ref(y_w|x) - log ref(y_l|x)):
   dpo: -log sigmoid(beta * h)                      (Rafailov et al. 2023, eq. 7)
   ipo: (h - 1 / (2 beta))^2 with per-token *mean* log-probs (Azar et al. 2023, eq. 17; as TRL does)
-Implicit rewards r = beta * (log pi - log ref); reward accuracy = mean[r_w > r_l], margin = mean[r_w - r_l].
+Implicit rewards r = beta * (log pi - log ref) on summed log-probs for both losses (as TRL logs them);
+reward accuracy = mean[r_w > r_l], margin = mean[r_w - r_l]. The step's loss and metrics come from
+`runtime/objectives/preference.py` (equal to TRL's DPOTrainer).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 from nemoc.runtime.align.common import AlignError, Batch, forward_only, make_batch, run, unwrap
 from nemoc.runtime.align.trainer import chunks
+from nemoc.runtime.objectives import preference as objectives_preference
 
 LOSSES = ("dpo", "ipo")
 REPORTS = ("loss", "reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected")  # preference_loss's
@@ -97,6 +100,7 @@ class ReferenceScores:
         `everywhere`. Every pipeline rank calls it alike (a forward-only schedule), outside a training step."""
         if self.zero:  # reference-free DPO: log ref = 0 (a uniform reference)
             return torch.zeros(batch.tokens.shape[0], device=batch.tokens.device)
+        # sums for both losses: IPO's per-token means are taken inside objectives.preference (TRL logs rewards on sums)
         if self.lora_disabled:
             from nemoc.runtime.align import lora
 
@@ -111,7 +115,7 @@ class ReferenceScores:
 
     def _scores(self, model, batch: Batch, everywhere: bool) -> torch.Tensor | None:
         (scores,) = forward_only(model, [(batch, {"labels": batch.labels})],
-                                 lambda b, out: sequence_scores(-out.float(), b.loss_mask, self.loss).cpu(),
+                                 lambda b, out: sequence_scores(-out.float(), b.loss_mask, "dpo").cpu(),
                                  everywhere=everywhere)
         return scores.to(batch.tokens.device) if scores is not None else None
 
@@ -162,8 +166,12 @@ def make_forward(*, beta: float, loss: str, label_smoothing: float = 0.0):
         token_loss = run(model, batch, labels=batch.labels)
 
         def loss_func(output):
-            scores = sequence_scores(-batch.shaped(output).float(), batch.loss_mask, loss)
-            return preference_loss(scores, mb["ref"], beta=beta, loss=loss, label_smoothing=label_smoothing)
+            mask = batch.loss_mask
+            sums = (-batch.shaped(output).float() * mask).sum(-1)
+            # the shared objective (equal to TRL's DPOTrainer): IPO's loss on per-token means, the logged
+            # rewards and margins on sums for both losses, as TRL logs them
+            return objectives_preference.preference_loss(sums, mb["ref"].float(), mask.sum(-1), beta=beta, loss=loss,
+                                                         label_smoothing=label_smoothing)
 
         return token_loss, loss_func
 
@@ -176,12 +184,13 @@ def preference_accuracy(chunk, pairs: Sequence[Pair], *, seq_length: int, micro_
                         reference: ReferenceScores | None = None, table: dict | None = None,
                         loss: str = "dpo", pad_id: int = 0, varlen: bool = False) -> dict[str, float]:
     """Held-out pairs: `likelihood_accuracy` = P[log pi(y_w) > log pi(y_l)] and, with a reference,
-    `reward_accuracy` = P[r_w > r_l] (ties count 1/2, so an untrained policy scores exactly 0.5)."""
+    `reward_accuracy` = P[r_w > r_l] (ties count 1/2, so an untrained policy scores exactly 0.5), with
+    log-probs summed over the reply (the implicit reward TRL logs, for DPO and IPO alike)."""
     unwrap(chunk).eval()
     batches = [pair_batch(list(pairs[start:start + micro_batch]), seq_length, pad_id, varlen=varlen)
                for start in range(0, len(pairs), micro_batch)]
     policy = forward_only(chunk, [(b, {"labels": b.labels}) for b in batches],
-                          lambda b, out: sequence_scores(-out.float(), b.loss_mask, loss).cpu(), everywhere=True)
+                          lambda b, out: sequence_scores(-out.float(), b.loss_mask, "dpo").cpu(), everywhere=True)  # sums, as the reference's
     wins, reward_wins, margin = 0.0, 0.0, 0.0
     for k, (batch, pi) in enumerate(zip(batches, policy)):
         start, n = k * micro_batch, pi.shape[0] // 2

@@ -1,15 +1,21 @@
 """The eval stage: validation loss and perplexity, preference accuracy, sample generations.
 
-Input:  the parent stage's final checkpoint; the stage's datasets: indexed text (`prefix`, the
-        validation documents of its train/valid/test split), chat / prompt_response (held-out
-        conversations: loss on response tokens), preference (pairs); `prompts = [...]` in the stage
-        params for generations (greedy unless `temperature` is given).
-Output: `output_dir/results.json` and the DONE payload: per dataset `loss`, `perplexity` = exp(loss),
-        `tokens`; per preference dataset `likelihood_accuracy` (P[log pi(chosen) > log pi(rejected)]);
-        `generations` [{prompt, completion}].
+Input:  the parent stage's final checkpoint (a second parent: the reference of the implicit rewards; a
+        `reward` parent: its scalar-head model); the stage's datasets: indexed text (`prefix`, the
+        validation documents of its train/valid/test split), chat / prompt_response (loss on response
+        tokens) and preference pairs, each on its held-out records only (`eval_heldout.held_out`: what no
+        upstream stage trained on); `prompts = [...]` for generations (greedy unless `temperature` is
+        given); `lm_eval_tasks` for lm-eval-harness on the model exported to `hf/`.
+Output: `output_dir/results.json` and the DONE payload: per dataset its `split` (how the held-out records
+        were chosen), `loss`, `perplexity` = exp(loss), `tokens`; per preference dataset
+        `likelihood_accuracy` (P[log pi(chosen) > log pi(rejected)]), `likelihood_margin`, and with a
+        reference `preference_accuracy` and `reward_margin` (r = beta (log pi - log ref), summed log-probs),
+        or with a reward model `accuracy` and `margin` of its scores; `generations` [{prompt,
+        completion}] (KV-cached); `lm_eval` {task: metrics} or {"skipped": reason}.
 Invariants: runs at the stage's layout (tensor and data parallel: the weights are sharded over the TP
         group, every DP replica evaluates the same rows, rank 0 writes; dist_checkpointing reshards
-        whatever layout trained the model); losses are token-weighted means; nothing here changes the model.
+        whatever layout trained the model); lm-eval needs the whole model in one process (tp = 1, run by
+        rank 0); losses are token-weighted means; nothing here changes the model.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import math
 
 import torch
 
-from nemoc.runtime.align import common, dpo, ppo, sft, stage
+from nemoc.runtime import generation
+from nemoc.runtime.align import common, dpo, sft, stage
 from nemoc.runtime.align.data import ChatTemplate, Message, read_preferences, read_sft
 
 
@@ -62,39 +69,134 @@ def _loss_entry(loss: float, tokens: int) -> dict:
 
 def run(task: stage.StageTask) -> dict:
     tok = stage.tokenizer_of(task)
-    # the stage's precision as planned (`Execution.precision`: the local spec has no FP8 GEMMs, so the
-    # nemoc runtime's target plans an fp8 model's eval in bf16)
-    start = stage.policy_start(task)  # a parent's checkpoint or `init = hf(DIR)`
-    chunk = stage.build(task, checkpoint=start)  # at the stage's layout (TP shards; DP ranks evaluate alike)
     p, seq = task.params, task.stage.seq_length
     micro = max(task.stage.layout.micro_batch, 1)
     template = ChatTemplate.from_params(p)
+    scorer = _parent_kind(task) == "reward"
+    # the stage's precision as planned (`Execution.precision`: the local spec has no FP8 GEMMs, so the
+    # nemoc runtime's target plans an fp8 model's eval in bf16)
+    start = stage.policy_start(task)  # a parent's checkpoint or `init = hf(DIR)`
+    # at the stage's layout (TP shards; DP ranks evaluate alike)
+    chunk = stage.build(task, checkpoint=start, scalar_head=scorer)
+    reference = _reference(task)
     results: dict = {"stage": task.stage.name, "checkpoint": start.path, "datasets": {}}
+    if reference is not None:
+        results["reference"] = reference[0]
     for entry in task.datasets:
         name, fmt = entry.get("name"), entry.get("format", "text")
         if entry.get("prefix"):
+            if scorer:
+                continue
             docs = _validation_documents(entry["prefix"], entry.get("split"))
             loss, tokens = text_loss(chunk, docs, seq, micro, int(p.get("max_windows", 64)))
-            results["datasets"][name] = {"format": fmt, **_loss_entry(loss, tokens)}
-        elif fmt in stage.SFT_FORMATS:
-            samples = [template.render(tok, c.messages) for c in read_sft(entry["path"], fmt)]
-            batches = sft.rows_to_batches([[s] for s in sft.truncate(samples, seq)], seq, micro, tok.pad,
-                                          varlen=stage.varlen_attention(task))
-            tokens = int(sum(float(b.loss_mask.sum()) for b in batches))
-            results["datasets"][name] = {"format": fmt, **_loss_entry(sft.response_loss(chunk, batches), tokens)}
-        elif fmt == "preference":
-            pairs = [dpo.Pair(template.prompt_ids(tok, r.prompt), template.reply_ids(tok, r.chosen),
-                              template.reply_ids(tok, r.rejected)) for r in read_preferences(entry["path"])]
-            acc = dpo.preference_accuracy(chunk, pairs, seq_length=seq, micro_batch=micro, pad_id=tok.pad,
-                                          varlen=stage.varlen_attention(task))
-            results["datasets"][name] = {"format": fmt, "pairs": len(pairs), **acc}
-    results["generations"] = generations(chunk, tok, template, list(p.get("prompts") or ()), seq_length=seq,
-                                         vocab=task.vocab_size, max_new_tokens=int(p.get("max_new_tokens", 32)),
-                                         temperature=p.get("temperature"), seed=task.stage.seed)
+            results["datasets"][name] = {"format": fmt, "split": "the data set's validation documents",
+                                         **_loss_entry(loss, tokens)}
+            continue
+        scored = _score_records(task, entry, chunk, tok, template, scorer=scorer,
+                                reference=reference[1] if reference else None, micro=micro)
+        if scored is not None:
+            results["datasets"][name] = {"format": fmt, **scored}
+    if not scorer:
+        results["generations"] = generations(chunk, tok, template, list(p.get("prompts") or ()), seq_length=seq,
+                                             vocab=task.vocab_size, max_new_tokens=int(p.get("max_new_tokens", 32)),
+                                             temperature=p.get("temperature"), seed=task.stage.seed)
+        tasks = list(p.get("lm_eval_tasks") or ())
+        if tasks:
+            results["lm_eval"] = _lm_eval(task, chunk, tasks, p.get("lm_eval_limit"), p.get("lm_eval_include"))
     common.write_json(task.output_dir / "results.json", results)
     losses = [d["loss"] for d in results["datasets"].values() if "loss" in d]
     return {"results": str(task.output_dir / "results.json"), "steps": 0,
-            "final_loss": losses[0] if losses else None, "resident_models": ["policy"], **results}
+            "final_loss": losses[0] if losses else None,
+            "resident_models": ["reward"] if scorer else ["policy"] + (["reference"] if reference else []), **results}
+
+
+def _parent_kind(task) -> str | None:
+    first = next((n for n in task.stage.after if n in task.parents), None)
+    return task.plan.stage(first).kind if first else None
+
+
+def _reference(task):
+    """`eval after POLICY, REFERENCE`: the second parent's model scores the implicit rewards r = beta (log pi -
+    log ref) of held-out preference pairs (None with one parent)."""
+    names = [n for n in task.stage.after if n in task.parents]
+    if len(names) < 2 or "reward" in (task.plan.stage(names[0]).kind, task.plan.stage(names[1]).kind):
+        return None
+    model = stage.freeze(stage.build(task, checkpoint=task.parents[names[1]]))  # at the stage's layout
+    return names[1], model
+
+
+def _score_records(task, entry, chunk, tok, template, *, scorer: bool, reference, micro: int) -> dict | None:
+    """Held-out records of one chat / prompt_response / preference data set, scored by the parent's model."""
+    from nemoc.runtime import heldout
+    from nemoc.runtime.align import eval_heldout, reward
+
+    fmt, seq = entry.get("format", "text"), task.stage.seq_length
+    if fmt in stage.SFT_FORMATS and not scorer:
+        records, how = eval_heldout.held_out(task, entry, read_sft(entry["path"], fmt))
+        samples = [template.render(tok, c.messages) for c in records]
+        batches = sft.rows_to_batches([[x] for x in sft.truncate(samples, seq)], seq, micro, tok.pad,
+                                      varlen=stage.varlen_attention(task))
+        tokens = int(sum(float(b.loss_mask.sum()) for b in batches))
+        loss = sft.response_loss(chunk, batches) if batches else float("nan")
+        return {"split": how, "records": len(records), **_loss_entry(loss, tokens)}
+    if fmt != "preference":
+        return None
+    records, how = eval_heldout.held_out(task, entry, read_preferences(entry["path"]))
+    pairs = [dpo.Pair(template.prompt_ids(tok, r.prompt), template.reply_ids(tok, r.chosen),
+                      template.reply_ids(tok, r.rejected)) for r in records]
+    out: dict = {"split": how}
+    if not pairs:
+        return {**out, "pairs": 0}
+    if scorer:  # a reward model: pair accuracy of its scores
+        chosen = reward.score(chunk, [x.prompt + x.chosen for x in pairs], seq, micro, tok.pad)
+        rejected = reward.score(chunk, [x.prompt + x.rejected for x in pairs], seq, micro, tok.pad)
+        return {**out, **heldout.reward_model_metrics(chosen.float().cpu(), rejected.float().cpu())}
+    varlen = stage.varlen_attention(task)
+    policy = _pair_sums(chunk, pairs, seq, micro, tok.pad, varlen)
+    ref = _pair_sums(reference, pairs, seq, micro, tok.pad, varlen) if reference is not None else None
+    metrics = heldout.preference_metrics(policy, ref, beta=float(task.params.get("beta", 0.1)))
+    n = len(pairs)
+    metrics["likelihood_margin"] = float((policy[:n] - policy[n:]).mean())
+    return {**out, **metrics}
+
+
+@torch.no_grad()
+def _pair_sums(model, pairs, seq_length: int, micro: int, pad_id: int, varlen: bool) -> torch.Tensor:
+    """[2n] summed reply log-probs: the chosen replies of every pair, then the rejected ones (every rank)."""
+    common.unwrap(model).eval()
+    groups = [pairs[start:start + micro] for start in range(0, len(pairs), micro)]
+    batches = [dpo.pair_batch(group, seq_length, pad_id, varlen=varlen) for group in groups]
+    sums = common.forward_only(model, [(b, {"labels": b.labels}) for b in batches],
+                               lambda b, out: (-out.float() * b.loss_mask).sum(-1).cpu(), everywhere=True)
+    chosen = [x[: len(g)] for x, g in zip(sums, groups)]
+    rejected = [x[len(g):] for x, g in zip(sums, groups)]
+    return torch.cat(chosen + rejected)
+
+
+def _lm_eval(task, chunk, tasks: list[str], limit, include) -> dict:
+    """lm-eval-harness on the model exported next to results.json (`hf/`); `include` (a task YAML directory)
+    is relative to the .nemo file (plan.root). {"skipped": reason} when lm-eval is not installed."""
+    import importlib.util
+    import os
+
+    from nemoc.runtime import heldout
+
+    if importlib.util.find_spec("lm_eval") is None:
+        return heldout.lm_eval("", tasks)  # the skip record, naming the package
+    if task.stage.layout.tp > 1:  # the export below writes this rank's weights: a whole model only at tp = 1
+        return {"skipped": f"lm-eval runs on the whole model in one process; this eval runs at "
+                           f"tp = {task.stage.layout.tp} (set the eval stage's tp = 1)"}
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return {}  # rank 0 runs lm-eval and writes results.json (every DP replica holds the same model)
+    from nemoc.runtime.align import export
+
+    out = task.output_dir / "hf"
+    shape = common.unwrap(chunk).nemoc_shape
+    export.write_hf_checkpoint(common.unwrap(chunk).state_dict(), shape, out, dtype=torch.float32,
+                               tokenizer=task.tokenizer)
+    include_path = os.path.abspath(os.path.join(task.plan.root, include)) if include else None
+    return heldout.lm_eval(str(out), tasks, limit=int(limit) if limit else None, include_path=include_path,
+                           prefix_token_id=stage.tokenizer_of(task).eod)
 
 
 def generations(chunk, tok, template: ChatTemplate, prompts: list[str], *, seq_length: int, vocab: int,
@@ -103,9 +205,10 @@ def generations(chunk, tok, template: ChatTemplate, prompts: list[str], *, seq_l
     gen = torch.Generator().manual_seed(seed)
     for prompt in prompts:
         ids = template.prompt_ids(tok, [Message("user", str(prompt))])[-(seq_length - 1):]
-        (reply,), _ = ppo.generate(chunk, [ids], max_new_tokens=max_new_tokens, temperature=float(temperature or 1.0),
-                                   vocab=vocab, eod=tok.eod, seq_length=seq_length, generator=gen,
-                                   greedy=temperature is None)
+        out_ids = generation.generate(chunk, [ids], max_new_tokens=max_new_tokens, vocab=vocab, eod=tok.eod,
+                                      seq_length=seq_length, greedy=temperature is None,
+                                      temperature=float(temperature or 1.0), generator=gen)  # KV-cached
+        (reply,) = out_ids.tokens
         text_ids = [t for t in reply if t != tok.eod]
         out.append({"prompt": prompt, "completion": tok.detokenize(text_ids), "tokens": len(reply)})
     return out

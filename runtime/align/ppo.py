@@ -6,14 +6,15 @@ Input:  prompts (token ids); an actor chunk (trained), a critic chunk (scalar he
 Output: per iteration: mean reward (score), KL to the reference, entropy of the sampling distribution,
         policy and value losses, clip fraction.
 Invariants (one iteration):
-  1. rollout: responses sampled from the actor (temperature, up to `max_new_tokens`, stop at EOD) with
-     logits gathered across TP ranks and the padded vocabulary rows masked out; every TP rank samples
-     with the same generator, so the ranks agree on every token.
+  1. rollout: responses sampled from the actor with a KV cache (`runtime/generation.py`; temperature, up
+     to `max_new_tokens`, stop at EOD) with logits gathered across TP ranks and the padded vocabulary rows
+     masked out; every TP rank samples with the same generator, so the ranks agree on every token.
   2. experience: old log-probs (actor), reference log-probs, values (critic), per-token rewards
      r_t = -kl_coef * (log pi_old - log ref)_t, plus the sequence score on the last response token.
   3. GAE (gamma, lambda) over response tokens; advantages whitened over the batch.
-  4. `ppo_epochs` passes: clipped surrogate -min(rho A, clip(rho, 1 +- eps) A) for the actor, and the
-     clipped value loss 0.5 * max((V - R)^2, (V_clip - R)^2) for the critic, each a Megatron step.
+  4. `ppo_epochs` passes: clipped surrogate -min(rho A, clip(rho, 1 +- eps) A) for the actor
+     (`objectives.grpo.grpo_loss`: loss_type bnpo, beta 0, TRL's clip_fraction), and the clipped value
+     loss 0.5 * max((V - R)^2, (V_clip - R)^2) for the critic, each a Megatron step.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
+from nemoc.runtime import generation
 from nemoc.runtime.align.common import AlignError, Batch, make_batch, token_logprobs, unwrap
 from nemoc.runtime.align.reward import score as reward_score
 from nemoc.runtime.align.reward import sequence_batch
+from nemoc.runtime.objectives import grpo as objectives_grpo
 
 
 @dataclass(frozen=True)
@@ -156,14 +159,13 @@ def actor_forward(cfg: PPOConfig):
         out = model(b.tokens, b.position_ids, b.attention_mask, labels=b.labels)
 
         def loss_func(output):
-            logp = -output.float()
-            mask = b.loss_mask
-            ratio = torch.exp((logp - exp.old_logprobs) * mask)
-            surrogate = torch.min(ratio * exp.advantages, torch.clamp(ratio, 1 - cfg.clip, 1 + cfg.clip) * exp.advantages)
-            n = mask.sum().clamp(min=1)
-            loss = -(surrogate * mask).sum() / n
-            clipped = ((ratio - 1).abs() > cfg.clip).float()
-            return loss, {"policy_loss": loss.detach().clone(), "clip_fraction": (clipped * mask).sum() / n}
+            # the clipped surrogate, token mean over the microbatch, from the shared objective (GRPO's with
+            # per-token GAE advantages, no KL term: PPO's KL is in the reward); its clip_fraction is TRL's:
+            # tokens whose gradient the clip removes (rho < 1-eps with A < 0, rho > 1+eps with A > 0)
+            loss, m = objectives_grpo.grpo_loss(-output.float(), b.loss_mask, exp.advantages,
+                                                old_logps=exp.old_logprobs, beta=0.0, epsilon_low=cfg.clip,
+                                                epsilon_high=cfg.clip, loss_type="bnpo")
+            return loss, {"policy_loss": loss.detach().clone(), "clip_fraction": m["clip_fraction"]}
 
         return out, loss_func
 
@@ -215,8 +217,10 @@ def iteration(*, actor_trainer, critic_trainer, actor, critic, reference, scorer
               seq_length: int, vocab: int, eod: int, cfg: PPOConfig, micro_batch: int,
               generator: torch.Generator) -> dict[str, float]:
     """One PPO iteration on this rank's prompts: rollout, experience, `ppo_epochs` actor + critic steps."""
-    responses, entropy = generate(actor, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+    # KV-cached (runtime/generation.py): the same tokens as `generate` above, which recomputes every prefix
+    rollout = generation.generate(actor, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                   vocab=vocab, eod=eod, seq_length=seq_length, generator=generator)
+    responses, entropy = rollout.tokens, rollout.entropies
     scores = scorer(list(prompts), responses).float()
     stats = {"entropy": sum(entropy) / len(entropy)}
     exps = []

@@ -1,8 +1,8 @@
-"""One runner per stage kind: sft (and lora), dpo, reward, ppo (rlhf), eval, export.
+"""One runner per stage kind: sft (and lora), dpo, kto, orpo, reward, ppo (rlhf), grpo, eval, export.
 
 Each takes the parsed `StageTask` inside an initialised process group and returns the DONE payload.
-The algorithms live in their own modules (sft.py, lora.py, dpo.py, reward.py, ppo.py, evaluate.py,
-export.py); this module only wires data, models, the trainer, metrics and checkpoints together.
+The algorithms live in their own modules (sft.py, lora.py, dpo.py, kto.py, orpo.py, reward.py, ppo.py,
+grpo.py, evaluate.py, export.py); this module only wires data, models, the trainer, metrics and checkpoints together.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import os
 import torch
 
 from nemoc.runtime import checkpoint as ckpt
-from nemoc.runtime.align import common, dpo, lora, ppo, reward, sft, stage, trainer
+from nemoc.runtime import lora_peft
+from nemoc.runtime.align import common, dpo, grpo, kto, lora, orpo, ppo, reward, sft, stage, trainer
 from nemoc.runtime.align.common import AlignError
 from nemoc.runtime.align.data import ChatTemplate, read_preferences, read_prompts, read_sft
 from nemoc.runtime.align.stage import StageTask
@@ -76,7 +77,7 @@ def _policy(task: StageTask, checkpoint: str | stage.Start):
     chunk = stage.build(task, checkpoint=checkpoint)
     peft = _peft(task)
     if peft is not None:
-        lora.apply_lora(chunk, peft, seed=task.stage.seed)
+        lora_peft.apply_peft(chunk, peft, seed=task.stage.seed)  # fused (NeMo) or peft-granular adapters, rsLoRA
     return chunk
 
 
@@ -91,14 +92,14 @@ def _peft(task: StageTask):
 
 # The kinds whose every pass runs through Megatron's schedules (training: trainer.fit; the rest:
 # common.forward_only), so they run at any pipeline layout; a kind joins when it does too.
-PIPELINED = ("sft", "lora", "dpo", "reward")
+PIPELINED = ("sft", "lora", "dpo", "reward", "kto", "orpo")
 
 
 def _trainer(task: StageTask, chunk, steps: int | None = None):
     s = task.stage
     if s.layout.pp > 1 and s.kind not in PIPELINED:
-        # sft, dpo and reward train and evaluate through Megatron's schedules at any pipeline layout; PPO's
-        # rollouts, reward scores and experience passes call the whole model directly.
+        # sft, dpo, kto, orpo and reward train and evaluate through Megatron's schedules at any pipeline
+        # layout; PPO's and GRPO's rollouts, reward scores and experience passes call the whole model directly.
         raise AlignError(f"stage {s.name} ({s.kind}): {s.kind} runs with pipeline parallelism 1 "
                          f"(got pp={s.layout.pp}); use tp/dp")
     return trainer.Trainer(chunk, layout=s.layout, optimizer=s.optimizer, schedule=s.schedule,
@@ -404,6 +405,165 @@ def run_export(task: StageTask) -> dict:
             "source_checkpoint": checkpoint, "steps": 0, "final_loss": None, "resident_models": ["policy"]}
 
 
+def run_kto(task: StageTask) -> dict:
+    """Desirable / undesirable examples -> the policy (kto.py: micro-batches with the step's KL baseline,
+    the forward step on objectives.kto), trained on the core's loop."""
+    tok = stage.tokenizer_of(task)
+    train, val = kto.examples_of(task, tok)
+    s, seq = task.stage, task.stage.seq_length
+    params = s.params  # the kind's typed record (nemoc.compiler.params)
+    beta, loss = float(params.beta), str(params.loss)
+    weights = dict(desirable_weight=float(params.desirable_weight),
+                   undesirable_weight=float(params.undesirable_weight))
+    if not any(e.desirable for e in train) or all(e.desirable for e in train):
+        raise AlignError(f"kto stage {s.name}: the training examples are all "
+                         f"{'desirable' if train and train[0].desirable else 'undesirable'}; KTO needs both kinds")
+    start_from = stage.policy_start(task)  # a parent's checkpoint or `init = hf(DIR)`
+    varlen = stage.varlen_attention(task)
+    chunk = _policy(task, start_from)
+    if s.peft is not None:
+        reference = kto.Reference(policy=chunk)
+    else:
+        reference = kto.Reference(model=stage.freeze(stage.build(task, checkpoint=start_from)))
+    score = (lambda: kto.held_out_metrics(chunk, reference, val, seq_length=seq, beta=beta, varlen=varlen,
+                                          micro_batch=s.layout.micro_batch, pad_id=tok.pad)) if val else dict
+    before = score()
+    tr = _trainer(task, chunk)
+    n_good = sum(e.desirable for e in train)
+    advice = kto.weight_advice(n_good, len(train) - n_good, **weights)
+    with stage.open_stage_metrics(task, task.steps) as metrics:
+        if advice:
+            metrics.event("warning", message=f"kto stage {s.name}: {advice}")
+
+        def to_mb(share):
+            return kto.microbatches(share, policy=chunk, reference=reference, seq_length=seq, varlen=varlen,
+                                    micro_batch=s.layout.micro_batch, loss=loss, pad_id=tok.pad)
+
+        state, start = _fit(task, tr, metrics, items=train, to_microbatches=to_mb,
+                            forward=kto.make_forward(beta=beta, loss=loss, **weights),
+                            tokens_per_step=s.layout.global_batch * seq)
+        after = score()
+        if after:
+            metrics.log({"step": task.steps, **{f"val_{k}": v for k, v in after.items()}})
+    payload = {"final_loss": _last(state, "loss"), "steps": task.steps, "loss_type": loss, "beta": beta, **weights,
+               "kl": _last(state, "kl"), "reward_margin": _last(state, "reward_margin"), "resumed_from": start or None,
+               "val_before": before, "val": after, "train_examples": len(train), "val_examples": len(val),
+               "desirable_share": n_good / len(train), "resident_models": kto.resident_models(params, s.peft)}
+    return _finish_policy(task, chunk, payload)
+
+
+def run_orpo(task: StageTask) -> dict:
+    """Preference pairs -> the policy trained with SFT + odds ratio, no reference (orpo.py), on the core's loop."""
+    tok = stage.tokenizer_of(task)
+    train, val = _preference_pairs(task, tok)
+    s, seq = task.stage, task.stage.seq_length
+    beta = float(s.params.beta)
+    varlen = stage.varlen_attention(task)
+    chunk = _policy(task, stage.policy_start(task))
+    score = (lambda: orpo.preference_accuracy(chunk, val, seq_length=seq, beta=beta, pad_id=tok.pad, varlen=varlen,
+                                              micro_batch=s.layout.micro_batch)) if val else dict
+    before = score()
+    tr = _trainer(task, chunk)
+    with stage.open_stage_metrics(task, task.steps) as metrics:
+        state, start = _fit(
+            task, tr, metrics, items=train, forward=orpo.make_forward(beta=beta),
+            tokens_per_step=2 * s.layout.global_batch * seq,
+            to_microbatches=lambda share: orpo.microbatches(share, seq_length=seq, micro_batch=s.layout.micro_batch,
+                                                            pad_id=tok.pad, varlen=varlen))
+        after = score()
+        if after:
+            metrics.log({"step": task.steps, **{f"val_{k}": v for k, v in after.items()}})
+    payload = {"final_loss": _last(state, "loss"), "steps": task.steps, "beta": beta,
+               "nll_loss": _last(state, "nll_loss"), "log_odds_ratio": _last(state, "log_odds_ratio"),
+               "reward_accuracy": _last(state, "reward_accuracy"), "reward_margin": _last(state, "reward_margin"),
+               "resumed_from": start or None, "val_before": before, "val": after, "val_pairs": len(val),
+               "train_pairs": len(train), "resident_models": orpo.resident_models(task.params, s.peft)}
+    return _finish_policy(task, chunk, payload)
+
+
+def run_grpo(task: StageTask) -> dict:
+    """The `grpo` stage: prompts -> the policy trained on its own group-normalised samples."""
+    tok = stage.tokenizer_of(task)
+    s, seq = task.stage, task.stage.seq_length
+    cfg = grpo.GRPOParams.from_params(task.params)
+    train, val = grpo.queries_of(task, tok)
+    if cfg.reward is not None:
+        missing = sum(q.reference is None for q in train + val)
+        if missing:
+            raise AlignError(f"grpo: reward = {cfg.reward} compares each completion with the record's reference "
+                             f"answer, but {missing} prompt(s) have none (prompt_response `response`, preference "
+                             "`chosen`, or a chat's last assistant turn)")
+        score = grpo.VerifierReward(cfg.reward, tok, _template(task).end)
+        policy_ckpt = stage.policy_start(task)  # a parent's checkpoint or `init = hf(DIR)`
+    else:
+        score = grpo.ModelReward(stage.freeze(stage.build(task, checkpoint=stage.parent_checkpoint(task, kind="reward"),
+                                                     scalar_head=True)), seq, tok.pad)
+        policy_ckpt = stage.Start(task.hf_init, hf=True) if task.hf_init else next(
+            (task.parents[n] for n in s.after if task.plan.stage(n).kind != "reward" and n in task.parents), None)
+        if policy_ckpt is None:
+            raise AlignError(f"grpo stage {s.name} needs a policy parent (e.g. an sft stage) besides the reward stage")
+    policy = _policy(task, policy_ckpt)
+    reference = None
+    if cfg.beta != 0.0:
+        reference = "lora" if s.peft is not None else stage.freeze(stage.build(task, checkpoint=policy_ckpt))
+    common_args = dict(vocab=task.vocab_size, eod=tok.eod, seq_length=seq)
+    evaluate = (lambda: grpo.held_out_reward(policy, val, score, cfg, **common_args)) if val else dict
+    before = evaluate()
+    total = task.steps
+    tr = _trainer(task, policy, steps=total * cfg.iterations)
+    dp_rank, _ = stage.dp_info()
+    history = []
+    with stage.open_stage_metrics(task, total) as metrics:
+        restored = ckpt.resume(root=str(task.checkpoint_dir), chunks=[tr.model], optimizer=tr.optimizer,
+                               scheduler=tr.scheduler, distributed_optimizer=s.layout.distributed_optimizer,
+                               warn=lambda line: metrics.event("warning", message=line))
+        start = restored.iteration if restored is not None else 0
+        if restored is not None:
+            tr.step_count = start * cfg.iterations
+            metrics.rewind(start)
+            metrics.event("resumed", path=restored.path, iteration=start)
+        tr.warn = lambda line: metrics.event("transient_fault", message=line)
+        saver = ckpt.Checkpointer(root=str(task.checkpoint_dir), keep=s.checkpoint.keep, async_save=False)
+
+        def save(it: int) -> None:
+            state = ckpt.training_state(chunks=[tr.model], optimizer=tr.optimizer, scheduler=tr.scheduler,
+                                        iteration=it, consumed_samples=it * s.layout.global_batch,
+                                        extra={"stage": s.name, "kind": s.kind})
+            saver.save(state, iteration=it)
+            metrics.event("checkpoint", iteration=it)
+
+        try:
+            for it in range(start, total):
+                gen = torch.Generator().manual_seed(s.seed + 1000 * dp_rank + 1_000_003 * it)  # same on TP peers
+                share = trainer.dp_shard(train, it, s.layout.global_batch)
+                # a micro-batch holds `micro_batch` prompts' groups: micro_batch x G rows, as the plan costs it
+                # (flops.stage_work: G rows per prompt)
+                m = grpo.iteration(tr, policy, reference, share, score, cfg,
+                                   micro_batch=s.layout.micro_batch * cfg.num_generations, pad_id=tok.pad,
+                                   generator=gen, **common_args)
+                m["step"] = it + 1
+                history.append(m)
+                stage.log_step(metrics, m, tokens=0, log_every=s.log_every, total=total)
+                signum = STOP.agreed()
+                if it + 1 < total and (signum or (s.checkpoint.every and (it + 1) % s.checkpoint.every == 0)):
+                    save(it + 1)
+                if signum:
+                    raise trainer.Preempted(it + 1, signum)
+        finally:
+            saver.close()
+        after = evaluate()
+        if after:
+            metrics.log({"step": total, **{f"val_{k}": v for k, v in after.items()}})
+    first, last = (history[0], history[-1]) if history else ({}, {})
+    payload = {"final_loss": last.get("loss"), "steps": total, "reward_first": first.get("reward"),
+               "reward": last.get("reward"), "kl": last.get("kl"), "clip_fraction": last.get("clip_fraction"),
+               "num_generations": cfg.num_generations, "reward_source": cfg.reward or "reward_model",
+               "resumed_from": start or None, "val_before": before, "val": after, "val_prompts": len(val),
+               "resident_models": grpo.resident_models(task.params, s.peft)}
+    return _finish_policy(task, policy, payload)
+
+
 RUNNERS = {"sft": run_sft, "lora": run_sft, "dpo": run_dpo, "reward": run_reward, "ppo": run_ppo,
-           "rlhf": run_ppo, "eval": run_eval, "export": run_export}
+           "rlhf": run_ppo, "eval": run_eval, "export": run_export, "kto": run_kto, "orpo": run_orpo,
+           "grpo": run_grpo}
 SINGLE_PROCESS = ("export",)

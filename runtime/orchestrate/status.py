@@ -66,7 +66,8 @@ def status_rows(run_dir: str | Path) -> list[dict] | None:
 
 def held_out_metrics(done: Mapping) -> dict | None:
     """The held-out metrics an alignment stage's DONE.json reports, as {name: {"before", "after"}}: SFT's
-    response loss, DPO's preference (implicit-reward) and likelihood accuracy, a reward model's pair
+    response loss, DPO's / ORPO's preference (implicit-reward) and likelihood accuracy, KTO's reward AUC
+    (desirable over undesirable held-out examples), GRPO's mean held-out reward, a reward model's pair
     accuracy, eval's per-dataset perplexity and preference accuracy."""
     out: dict[str, dict] = {}
     if isinstance(done.get("val_response_loss"), (int, float)):
@@ -75,13 +76,14 @@ def held_out_metrics(done: Mapping) -> dict | None:
     before = before if isinstance(before, dict) else {}
     if isinstance(val, dict):
         for key, name in (("reward_accuracy", "preference_accuracy"), ("accuracy", "pair_accuracy"),
-                          ("likelihood_accuracy", "likelihood_accuracy")):
+                          ("likelihood_accuracy", "likelihood_accuracy"), ("reward_auc", "reward_auc"),
+                          ("reward", "reward")):
             if isinstance(val.get(key), (int, float)):
                 out[name] = {"before": before.get(key), "after": val[key]}
     datasets = done.get("datasets")
     if isinstance(datasets, dict):
         for name, m in sorted(datasets.items()):
-            for key in ("perplexity", "likelihood_accuracy", "preference_accuracy"):
+            for key in ("perplexity", "likelihood_accuracy", "preference_accuracy", "reward_margin", "accuracy"):
                 if isinstance(m, dict) and isinstance(m.get(key), (int, float)):
                     out[f"{name}.{key}"] = {"before": None, "after": m[key]}
     return out or None

@@ -221,7 +221,7 @@ def random_specs(draw) -> ExperimentSpec:
                             sequence_parallel=draw(st.sampled_from([None, True, False])),
                             distributed_optimizer=draw(st.sampled_from([None, True, False])),
                             recompute=draw(st.sampled_from([None, "none", "selective", "full"])))
-    kinds = draw(st.lists(st.sampled_from(["pretrain", "sft", "dpo", "reward", "ppo", "eval", "export"]),
+    kinds = draw(st.lists(st.sampled_from(["pretrain", "sft", "dpo", "kto", "orpo", "reward", "ppo", "grpo", "eval", "export"]),
                           min_size=1, max_size=3))
     stages = tuple(StageSpec(name=f"s{i}", kind=k, global_batch=draw(st.sampled_from([None, 1, 6, 16, 64])),
                              steps=draw(st.sampled_from([None, 10])), tokens=draw(st.sampled_from([None, 10**8])),

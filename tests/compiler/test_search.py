@@ -270,7 +270,7 @@ def test_nothing_fits_reports_the_closest_candidate():
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(small_problems(), st.sampled_from(["sft", "dpo", "reward", "ppo", "eval", "export"]))
+@given(small_problems(), st.sampled_from(["sft", "dpo", "kto", "orpo", "reward", "ppo", "grpo", "eval", "export"]))
 def test_auto_never_pipelines_a_stage_kind_the_runtime_runs_without_a_pipeline(p: Problem, kind: str):
     """The target's caps: from `auto`, kinds the runtime runs without a pipeline (ppo, eval, export) get
     pp = 1, no alignment kind gets virtual stages or a context split, in the fast search and the oracle

@@ -58,7 +58,7 @@ def test_the_launchers_take_the_schemas_compiled_options():
 
 def _names_read_by(paths) -> set[str]:
     """Stage-param names the runtime / planner read: attributes of the typed record (`params.beta`,
-    `stage.params.reference_free`), `params.get("x"` style calls and PPOConfig fields."""
+    `stage.params.reference_free`), `params.get("x"` style calls and PPOConfig / GRPOParams fields."""
     import ast as pyast
     import re
 
@@ -69,7 +69,7 @@ def _names_read_by(paths) -> set[str]:
         names |= set(re.findall(r'(?:\bp|params|params or \{\}\))\.get\("(\w+)"', text))
         names |= set(re.findall(r'\bparams\.([a-z_]+)\b(?!\()', text)) - mapping_methods
         for node in pyast.walk(pyast.parse(text)):
-            if isinstance(node, pyast.ClassDef) and node.name == "PPOConfig":
+            if isinstance(node, pyast.ClassDef) and node.name in ("PPOConfig", "GRPOParams"):
                 names |= {n.target.id for n in node.body if isinstance(n, pyast.AnnAssign)}
     return names
 

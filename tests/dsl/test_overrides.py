@@ -99,7 +99,7 @@ def test_a_call_inherited_from_a_template_is_merged_too(tmp_path):
     ("stage.sft.optimizer.lrr=2e-5", "`adam` (the `optimizer`) has no argument `lrr`",
      "did you mean `lr`? `adam` takes: `lr`, `betas`, `eps`, `weight_decay`, `grad_clip`"),
     ("stage.sft.peft.nope=1", "`lora` (the `peft`) has no argument `nope`",
-     "`lora` takes: `rank`, `alpha`, `dropout`, `targets`"),
+     "`lora` takes: `rank`, `alpha`, `dropout`, `targets`, `rslora`"),
     ("parallel.tensor.x=1", "`tensor` in `parallel` is an integer, not a call or a block", None),
     ("stage.sft.optimizer.lr.x=1", "a call argument has no fields: `lr.x`", None),
 ])

@@ -141,10 +141,10 @@ def arithmetic_world(root, mcore, *, seed: int):
 
 
 def train_kind(common, kind: str, base, layout, *, steps: int = 3) -> list[float]:
-    """`steps` steps of an alignment kind ("sft", "dpo", "reward") on tiny synthetic data from the
+    """`steps` steps of an alignment kind ("sft", "dpo", "reward", "orpo", "kto") on tiny synthetic data from the
     checkpoint `base`, at `layout` (the caller's process group); the logged loss of every step.
     test_align_parallel.py runs it in one process and under torchrun (parallel_worker.py)."""
-    from nemoc.runtime.align import dpo, reward, sft, trainer
+    from nemoc.runtime.align import dpo, kto, orpo, reward, sft, trainer
 
     spec = llama_spec(seq_length=16, vocab=256)
     model = common.build_gpt(spec, layout, scalar_head=kind == "reward")
@@ -165,6 +165,18 @@ def train_kind(common, kind: str, base, layout, *, steps: int = 3) -> list[float
         items = list(enumerate(preference_pairs(16, 1, mapping(2))))
         to_mb = lambda share: dpo.microbatches(share, seq_length=8, micro_batch=mb, reference=scores, table=None)  # noqa: E731
         forward = dpo.make_forward(beta=0.1, loss="dpo")
+    elif kind == "orpo":  # no reference: chosen and rejected rows of a pair in one micro-batch
+        items = preference_pairs(16, 1, mapping(2))
+        to_mb = lambda share: orpo.microbatches(share, seq_length=8, micro_batch=mb)  # noqa: E731
+        forward = orpo.make_forward(beta=0.1)
+    elif kind == "kto":  # the pairs unpaired (chosen desirable, rejected not); z0 and reference forward-only
+        reference = common.build_gpt(spec, layout)
+        common.load_model(reference, base)
+        items = [kto.Example(p.prompt, reply, good, i) for i, p in enumerate(preference_pairs(8, 1, mapping(2)))
+                 for reply, good in ((p.chosen, True), (p.rejected, False))]
+        to_mb = lambda share: kto.microbatches(share, policy=model, reference=kto.Reference(model=reference),  # noqa: E731
+                                               seq_length=8, micro_batch=mb)
+        forward = kto.make_forward(beta=0.1)
     else:
         items = preference_pairs(16, 1, mapping(3))
         to_mb, forward = (lambda share: reward.pair_microbatches(share, seq_length=8, micro_batch=mb)), reward.forward

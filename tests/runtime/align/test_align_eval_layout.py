@@ -1,5 +1,5 @@
 """The eval stage runs at its stage's layout: at TP=2 (two processes, the weights sharded) it reports what
-one process reports, so a model whose weights exceed one GPU can be evaluated."""
+one process reports (response loss, held-out preference likelihoods, KV-cached generations), so a model whose weights exceed one GPU can be evaluated."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ def test_eval_at_tp2_reports_what_one_process_reports(mcore, tmp_path):
     mcore.seed_all(7)
     mcore.save_model(mcore.build_gpt(spec, mcore.single_layout(), vocab=512, seq_length=48), root / "base512")
     params = {"prompts": ["What is 1 plus 2?"], "max_new_tokens": 4}
+    # held-out preference pairs (the right sum against a wrong one): summed reply log-probs at TP=2 too
+    (root / "prefs.jsonl").write_text("\n".join(json.dumps({"prompt": q, "chosen": r, "rejected": r.replace(" is ", " is 1")})
+                                                for q, r in qa) + "\n")
     plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1), ("eval", "eval", ("base",), params, None, 0)])
     results = {}
     for tp in (1, 2):
@@ -42,7 +45,8 @@ def test_eval_at_tp2_reports_what_one_process_reports(mcore, tmp_path):
         at = dataclasses.replace(plan, stages=(plan.stage("base"), stage))
         out = tmp_path / f"tp{tp}"
         out.mkdir()
-        task = write_task(out, at, "eval", datasets=[{"name": "c", "path": str(root / "chat.jsonl"), "format": "chat"}],
+        task = write_task(out, at, "eval", datasets=[{"name": "c", "path": str(root / "chat.jsonl"), "format": "chat"},
+                                                {"name": "p", "path": str(root / "prefs.jsonl"), "format": "preference"}],
                           tokenizer=str(root / "tokenizer.json"), vocab_size=512,
                           parents={"base": str(root / "base512")}, out=out / "task")
         proc = _run(task, tp)
@@ -51,4 +55,7 @@ def test_eval_at_tp2_reports_what_one_process_reports(mcore, tmp_path):
     one, two = results[1]["datasets"]["c"], results[2]["datasets"]["c"]
     assert one["tokens"] == two["tokens"] > 0
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    pone, ptwo = results[1]["datasets"]["p"], results[2]["datasets"]["p"]
+    assert pone["likelihood_accuracy"] == ptwo["likelihood_accuracy"]
+    assert ptwo["likelihood_margin"] == pytest.approx(pone["likelihood_margin"], rel=1e-4, abs=1e-4)
     assert [g["completion"] for g in results[2]["generations"]] == [g["completion"] for g in results[1]["generations"]]

@@ -1,5 +1,5 @@
 """Pipeline, data and tensor parallelism (2 processes) for the alignment stages on the training core's loop:
-SFT, DPO (chosen and rejected in one micro-batch, the frozen reference's scores made before each step by a
+SFT, ORPO, KTO (its KL baseline and reference scores by forward-only schedules before each step), DPO (chosen and rejected in one micro-batch, the frozen reference's scores made before each step by a
 forward-only schedule of their own) and the reward model at PP=2 (1F1B over 4 micro-batches, losses from
 the last stage), DP=2 (each rank 2 micro-batches of its share, DDP) and TP=2 reproduce the single-process
 losses from the same weights."""
@@ -19,9 +19,14 @@ from align_helpers import llama_spec, train_kind
 HERE = Path(__file__).parent
 
 
+# KTO at DP=2 is left out on purpose: its KL baseline z0 pairs each example with the next one of the same
+# rank's share (TRL's mismatched pairs, per device), so two ranks pair differently from one process.
+CASES = [(kind, mode) for kind in ("sft", "dpo", "reward", "orpo") for mode in ("pp2", "dp2", "tp2")] + \
+    [("kto", "pp2"), ("kto", "tp2")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sft", "dpo", "reward"])
-@pytest.mark.parametrize("mode", ["pp2", "dp2", "tp2"])
+@pytest.mark.parametrize(("kind", "mode"), CASES)
 def test_two_processes_reproduce_one_process(mcore, tmp_path, kind, mode):
     mcore.seed_all(5)
     mcore.save_model(mcore.build_gpt(llama_spec(seq_length=16, vocab=256), mcore.single_layout()), tmp_path / "base")

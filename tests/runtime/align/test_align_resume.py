@@ -46,6 +46,10 @@ CASES = {
     "reward": ("reward", {}, None, "preference"),
     "ppo": ("ppo", {"max_new_tokens": 4, "ppo_epochs": 1}, None, "preference"),
     "lora_ppo": ("ppo", {"max_new_tokens": 4, "ppo_epochs": 1}, "lora", "preference"),
+    "kto": ("kto", {"beta": 0.1}, None, "preference"),
+    "orpo": ("orpo", {"beta": 0.1}, None, "preference"),
+    "grpo": ("grpo", {"max_new_tokens": 4, "num_generations": 2, "reward": "contains"}, None, "preference"),
+    "lora_grpo_rm": ("grpo", {"max_new_tokens": 4, "num_generations": 2, "iterations": 2}, "lora", "preference"),
 }
 
 
@@ -55,7 +59,8 @@ def _run(tmp_path, world, case: str, out, max_steps=None) -> dict:
     root, spec, tok = world
     kind, params, peft, fmt = CASES[case]
     after, parents = ("base",), {"base": str(root / "base")}
-    if kind == "ppo":  # the actor from the base, the critic and the reward model from a reward stage
+    if kind == "ppo" or (kind == "grpo" and "reward" not in params):  # the policy from the base, the reward
+        # model (and ppo's critic) from a reward stage
         after, parents = ("base", "rm"), {"base": str(root / "base"), "rm": str(root / "rm")}
     plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1), ("rm", "reward", ("base",), {}, None, 1),
                             ("s", kind, after, params, _lora() if peft else None, STEPS)],

@@ -1,6 +1,6 @@
-"""The sft, dpo and reward stages at pipeline parallelism 2 through the entrypoint (`python -m
+"""The sft, dpo, reward, kto and orpo stages at pipeline parallelism 2 through the entrypoint (`python -m
 nemoc.runtime.align` under torchrun): training on the core loop's 1F1B schedule and every other pass
-(held-out loss, reference scores, accuracies) through forward-only schedules report what one process
+(held-out loss, reference scores, KTO's KL baseline, accuracies) through forward-only schedules report what one process
 reports."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _run(task_path, nproc: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sft", "dpo", "reward"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "reward", "kto", "orpo"])
 def test_a_stage_at_pp2_reports_what_one_process_reports(mcore, tmp_path, kind):
     from plan_factory import make_execution
 
@@ -39,8 +39,10 @@ def test_a_stage_at_pp2_reports_what_one_process_reports(mcore, tmp_path, kind):
                                for q, r in qa) + "\n")
     data = {"sft": [{"name": "c", "path": str(root / "chat.jsonl"), "format": "chat", "split": "80,20,0"}],
             "dpo": [{"name": "p", "path": str(prefs), "format": "preference", "split": "80,20,0"}],
-            "reward": [{"name": "p", "path": str(prefs), "format": "preference", "split": "80,20,0"}]}[kind]
-    params = {"sft": {"pack": True}, "dpo": {"beta": 0.1}, "reward": {}}[kind]
+            "reward": [{"name": "p", "path": str(prefs), "format": "preference", "split": "80,20,0"}],
+            "kto": [{"name": "p", "path": str(prefs), "format": "preference", "split": "80,20,0"}],
+            "orpo": [{"name": "p", "path": str(prefs), "format": "preference", "split": "80,20,0"}]}[kind]
+    params = {"sft": {"pack": True}, "dpo": {"beta": 0.1}, "reward": {}, "kto": {"beta": 0.1}, "orpo": {"beta": 0.1}}[kind]
     plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1), ("s", kind, ("base",), params, None, 3)],
                      log_every=1)
     done = {}

@@ -97,3 +97,29 @@ def test_unknown_targets_are_refused(mcore):
     chunk = mcore.build_gpt(llama_spec(), mcore.single_layout(), seq_length=32)
     with pytest.raises(lora.AlignError, match="unknown"):
         lora_peft.apply_lora(chunk, rank=2, alpha=4, targets=("qkv",))
+
+
+def test_a_stage_peft_block_installs_fused_or_peft_granular_adapters_as_planned(mcore):
+    """`peft = lora(...)` of a stage (runners._policy -> lora_peft.apply_peft): the fused NeMo adapters for
+    qkv proj fc1 fc2, separate peft adapters for q k v o gate up down, rsLoRA's alpha / sqrt(r); the
+    adapter parameters equal the planner's count (compiler.flops.lora_params_per_layer)."""
+    from nemoc.compiler.flops import lora_params_per_layer
+    from nemoc.compiler.spec import LoraSpec
+    from nemoc.runtime import lora_peft
+    from nemoc.runtime.align import lora
+
+    spec = llama_spec()
+    for targets, rslora, kinds in ((("qkv", "proj", "fc1", "fc2"), False, {"LoraLinear"}),
+                                   (("q", "k", "v", "o", "gate", "up", "down"), False, {"SplitLoraLinear", "LoraLinear"}),
+                                   (("qkv", "o", "down"), True, {"LoraLinear"}),
+                                   (("q", "v"), True, {"SplitLoraLinear"})):
+        peft = LoraSpec(rank=4, alpha=8.0, targets=targets, rslora=rslora)
+        chunk = mcore.build_gpt(spec, mcore.single_layout())
+        names = lora_peft.apply_peft(chunk, peft, seed=3)
+        modules = [m for m in chunk.modules() if isinstance(m, lora.LoraLinear)]
+        assert {type(m).__name__ for m in modules} == kinds and len(names) == len(modules)
+        assert all(m.scale == pytest.approx(8.0 / (2.0 if rslora else 4.0)) for m in modules)
+        trained = sum(p.numel() for p in chunk.parameters() if p.requires_grad)
+        assert trained == spec.layers * lora_params_per_layer(spec, peft), targets
+    with pytest.raises(lora.AlignError, match="`qkv` .* and `q`"):
+        lora_peft.apply_peft(mcore.build_gpt(spec, mcore.single_layout()), LoraSpec(targets=("qkv", "q")))
