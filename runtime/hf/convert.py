@@ -77,12 +77,19 @@ class SafetensorsReader:
         return self._open[file].get_tensor(name)
 
 
+class MissingTensor(ConversionError, KeyError):
+    """A tensor the checkpoint lacks: a ConversionError for the user, a KeyError for mapping's `_pick`
+    (which tries the local spec's norm names, then Transformer Engine's fused ones)."""
+
+    __str__ = ConversionError.__str__
+
+
 def _strict(get: Callable[[str], torch.Tensor], where: str) -> Callable[[str], torch.Tensor]:
     def checked(name: str) -> torch.Tensor:
         try:
             return get(name)
         except KeyError:
-            raise ConversionError(f"{where}: checkpoint has no tensor {name!r}") from None
+            raise MissingTensor(f"{where}: checkpoint has no tensor {name!r}") from None
     return checked
 
 
