@@ -1,8 +1,8 @@
 """One runner per stage kind: sft (and lora), dpo, reward, ppo (rlhf), eval, export.
 
 Each takes the parsed `StageTask` inside an initialised process group and returns the DONE payload.
-The algorithms live in their own modules (sft.py, lora.py, dpo.py, reward.py, ppo.py, evaluate.py,
-export.py); this module only wires data, models, the trainer, metrics and checkpoints together.
+The algorithms live in their own modules (sft.py, lora.py, dpo.py, reward.py, ppo.py, evaluate.py;
+export: runtime/hf/trained.py); this module only wires data, models, the trainer, metrics and checkpoints.
 """
 
 from __future__ import annotations
