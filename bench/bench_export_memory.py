@@ -2,10 +2,11 @@
 the path it replaced (build the whole one-process model in fp32, load the checkpoint, clone every tensor
 into the output dtype, serialise one safetensors file: the removed runtime/align/export.py).
 
-    .venv/bin/python bench/bench_export_memory.py [--layers 8 --hidden 512 --ffn 1408 --vocab 32000]
+    .venv/bin/python bench/bench_export_memory.py [--layers 8 24 --hidden 512 --ffn 1408 --vocab 32000]
 
 Each side runs in a fresh process; the number is ru_maxrss at the end minus ru_maxrss after the imports
-and the process group (the same interpreter, torch and Megatron-Core on both sides). Writes
+and the process group (the same interpreter, torch and Megatron-Core on both sides). One model per
+`--layers` value (same vocabulary): the streamed peak should not grow with the layer count. Writes
 bench/results/export_memory.json.
 """
 
@@ -65,7 +66,7 @@ def child(mode: str, a) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--layers", type=int, nargs="+", default=[8, 24])
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--ffn", type=int, default=1408)
     p.add_argument("--vocab", type=int, default=32000)
@@ -73,10 +74,19 @@ def main() -> None:
     p.add_argument("--work")
     a = p.parse_args()
     if a.child:
+        a.layers = a.layers[0]
         print(json.dumps(child(a.child, a)))
         return
+    runs = []
+    for layers in a.layers:
+        runs.append(_measure(a, layers))
+    print(json.dumps(runs, indent=2))
+    (ROOT / "bench" / "results" / "export_memory.json").write_text(json.dumps(runs, indent=2) + "\n")
+
+
+def _measure(a, layers: int) -> dict:
     with tempfile.TemporaryDirectory() as work:
-        args = ["--layers", str(a.layers), "--hidden", str(a.hidden), "--ffn", str(a.ffn), "--vocab", str(a.vocab),
+        args = ["--layers", str(layers), "--hidden", str(a.hidden), "--ffn", str(a.ffn), "--vocab", str(a.vocab),
                 "--work", work]
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
         results = {}
@@ -88,11 +98,9 @@ def main() -> None:
             results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
         model_mb = sum(f.stat().st_size for f in (Path(work) / "hf_streamed").glob("*.safetensors")) / 2**20
     old, new = results["old_whole_model"]["peak_over_baseline_mb"], results["streamed"]["peak_over_baseline_mb"]
-    report = {"model": vars(a) | {"child": None, "work": None}, "fp32_model_mb": round(model_mb, 1),
-              "old_peak_over_baseline_mb": round(old, 1), "streamed_peak_over_baseline_mb": round(new, 1),
-              "ratio_old_over_streamed": round(old / max(new, 1e-9), 2)}
-    print(json.dumps(report, indent=2))
-    (ROOT / "bench" / "results" / "export_memory.json").write_text(json.dumps(report, indent=2) + "\n")
+    return {"model": {"layers": layers, "hidden": a.hidden, "ffn": a.ffn, "vocab": a.vocab},
+            "fp32_model_mb": round(model_mb, 1), "old_peak_over_baseline_mb": round(old, 1),
+            "streamed_peak_over_baseline_mb": round(new, 1), "ratio_old_over_streamed": round(old / max(new, 1e-9), 2)}
 
 
 if __name__ == "__main__":

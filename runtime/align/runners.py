@@ -460,27 +460,15 @@ def _export_adapter(task: StageTask, manifest: dict, out, peft_export) -> str | 
             or manifest["family"] == "gpt2":
         # the adapter's base is not a Hugging Face checkpoint (a nemoc parent stage), or GPT-2's Conv1D
         return None
-    from nemoc.runtime.hf.trained import DistCheckpointReader
+    from nemoc.runtime.hf.trained import adapter_state
 
-    reader = DistCheckpointReader(adapters)
-    state = {}
-    for key in reader.meta:
-        for name in _adapter_names(key, reader, manifest["architecture"]["layers"]):
-            state[name] = reader.get(name)
-    state = {k.removeprefix("model."): v for k, v in state.items()}
+    state = adapter_state(adapters, manifest["architecture"]["layers"])
     try:
         peft_export.write_adapter(state, manifest, out / "adapter", rank=int(info["rank"]), alpha=float(info["alpha"]),
                                   base_model=manifest["source"], dtype=manifest["dtype"])
     except peft_export.AdapterError as exc:
         raise AlignError(f"export: {exc}") from None
     return str(out / "adapter")
-
-
-def _adapter_names(key: str, reader, layers: int) -> list[str]:
-    if ".layers." in key and len(reader.meta[key].size) == 3:  # stacked over layers
-        head, tail = key.split(".layers.", 1)
-        return [f"{head}.layers.{i}.{tail}" for i in range(layers)]
-    return [key]
 
 
 RUNNERS = {"sft": run_sft, "lora": run_sft, "dpo": run_dpo, "reward": run_reward, "ppo": run_ppo,

@@ -301,6 +301,19 @@ def export_trained(checkpoint: str | Path, spec, out: str | Path, *, vocab: int,
     return Path(out), manifest
 
 
+def adapter_state(directory: str | Path, layers: int) -> dict[str, torch.Tensor]:
+    """The LoRA adapters of an adapter checkpoint (runtime/align/lora.py save_adapters, any layout), as the
+    full per-layer tensors `peft_export.write_adapter` takes (`decoder.layers.<i>.<module>.lora_a|b`)."""
+    reader = DistCheckpointReader(directory)
+    state = {}
+    for key, md in reader.meta.items():
+        head, tail = key.split(".layers.", 1) if ".layers." in key else (key, None)
+        names = [f"{head}.layers.{i}.{tail}" for i in range(layers)] if tail and len(md.size) == 3 else [key]
+        for name in names:
+            state[name.removeprefix("model.")] = reader.get(name)
+    return state
+
+
 def tokenizer_special_ids(tokenizer_dir: str | Path | None, eod: int | None) -> dict[str, int]:
     """bos/eos/pad ids of a tokenizer directory (its tokenizer_config.json's tokens looked up in
     tokenizer.json), with the stage's end-of-document id as eos when the directory names none."""
