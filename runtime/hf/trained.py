@@ -214,10 +214,11 @@ def spec_config(spec, vocab: int) -> dict[str, Any]:
         if family in ("qwen2", "qwen3", "qwen3_moe", "mixtral"):
             config["sliding_window"] = None
         if family == "mixtral":
-            if spec.moe_ffn_hidden not in (None, spec.ffn_hidden) or spec.shared_expert_ffn_hidden:
-                raise TrainedExportError("export: Mixtral's experts have intermediate_size; the model's "
-                                         "moe_ffn_hidden differs (or it has a shared expert)")
-            config |= {"num_local_experts": spec.experts, "num_experts_per_tok": spec.top_k,
+            if spec.shared_expert_ffn_hidden:
+                raise TrainedExportError("export: Mixtral has no shared expert")
+            # every layer is an expert layer: Mixtral's intermediate_size is the expert's FFN width
+            config |= {"intermediate_size": spec.moe_ffn_hidden or spec.ffn_hidden,
+                       "num_local_experts": spec.experts, "num_experts_per_tok": spec.top_k,
                        "router_jitter_noise": 0.0, "output_router_logits": False}
         if family == "qwen3_moe":
             if spec.shared_expert_ffn_hidden:
@@ -263,6 +264,9 @@ def manifest_for(spec, *, vocab: int, source: str | Path | None, dtype: str,
     except hfconfig.HfConfigError as exc:
         raise TrainedExportError(f"export: {exc}") from None
     ours = {k: getattr(spec, k) for k in _COMPARED}
+    if spec.experts:  # every layer is an expert layer: the dense width is unused, the experts' is compared
+        del ours["ffn_hidden"]
+        ours["moe_ffn_hidden"] = spec.moe_ffn_hidden or spec.ffn_hidden
     if arch.fields.get("position") == "rope":
         ours["head_dim"] = spec.head_dim
     theirs = dict(arch.fields, head_dim=arch.fields.get("kv_channels"))

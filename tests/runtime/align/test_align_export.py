@@ -76,7 +76,7 @@ def test_a_mixture_of_experts_model_exports_as_mixtral(mcore, tmp_path):
 
     from nemoc.runtime.hf import trained
 
-    spec = llama_spec(seq_length=16, experts=4, top_k=2, moe_ffn_hidden=96)
+    spec = llama_spec(seq_length=16, experts=4, top_k=2, moe_ffn_hidden=48)  # experts narrower than ffn_hidden
     model = _saved(mcore, spec, tmp_path, attention_backend="flash")
     tokens = torch.randint(0, spec.vocab, (2, 9))
     ours = _our_logits(mcore, model, tokens)[..., : spec.vocab]
