@@ -435,6 +435,7 @@ def run_export(task: StageTask) -> dict:
         raise AlignError(str(exc)) from None
     if tokenizer and os.path.isfile(tokenizer) and not (path / os.path.basename(tokenizer)).exists():
         (path / os.path.basename(tokenizer)).write_bytes(open(tokenizer, "rb").read())
+    trained.write_tokenizer_config(path, task.raw.get("eod_id"))
     payload = {"export": str(path), "format": "huggingface", "architecture": manifest["config"].get("architectures", [None])[0],
                "family": manifest["family"], "dtype": manifest["dtype"], "source_checkpoint": checkpoint,
                "steps": 0, "final_loss": None, "resident_models": ["policy"]}

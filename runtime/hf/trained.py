@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from nemoc.compiler import hfconfig
+from nemoc.runtime.atomic import atomic_write_json
 from nemoc.runtime.hf import convert
 
 _INDEX = re.compile(r"\.(\d+)\.")
@@ -316,6 +317,24 @@ def adapter_state(directory: str | Path, layers: int) -> dict[str, torch.Tensor]
         for name in names:
             state[name.removeprefix("model.")] = reader.get(name)
     return state
+
+
+def write_tokenizer_config(out: str | Path, eod: int | None) -> Path | None:
+    """tokenizer_config.json for a bare tokenizer.json (a tokenizer nemoc trained: no config of its own), so
+    `AutoTokenizer.from_pretrained(out)` loads it as a PreTrainedTokenizerFast with its end-of-document
+    token as eos (not the defaults of the model family's tokenizer class). None when it is not needed."""
+    out = Path(out)
+    if (out / "tokenizer_config.json").exists() or not (out / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if eod is not None:
+        token = Tokenizer.from_file(str(out / "tokenizer.json")).id_to_token(int(eod))
+        if token is not None:
+            config["eos_token"] = token
+    atomic_write_json(out / "tokenizer_config.json", config)
+    return out / "tokenizer_config.json"
 
 
 def tokenizer_special_ids(tokenizer_dir: str | Path | None, eod: int | None) -> dict[str, int]:

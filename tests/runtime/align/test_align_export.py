@@ -118,3 +118,18 @@ def test_export_rejects_an_architecture_without_hf_equivalent():
         trained.spec_config(llama_spec(activation="gelu"), 50)
     with pytest.raises(trained.TrainedExportError, match="biases"):
         trained.spec_config(gpt2_spec(add_bias_linear=False), 50)
+
+
+def test_a_bare_tokenizer_gets_a_config_transformers_loads_with_its_eos(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from nemoc.runtime.hf import trained
+
+    tok = Tokenizer(models.WordLevel({"<eod>": 0, "a": 1, "b": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert trained.write_tokenizer_config(tmp_path, eod=0) is not None
+    assert trained.write_tokenizer_config(tmp_path, eod=0) is None  # an existing config is kept
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.eos_token == "<eod>" and loaded.eos_token_id == 0 and loaded.encode("a b") == [1, 2]
