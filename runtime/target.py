@@ -29,7 +29,7 @@ from nemoc.compiler.target import StageCaps, Target
 # schedules before each step: runtime/align/kto.py `microbatches`).
 # No context parallelism (their batches are not split along the sequence: every rank holds whole rows).
 # MoE models for sft/dpo/kto/orpo/reward (Megatron's MoELayer through the core's build; LoRA adapts their
-# attention); ppo, grpo and eval stay dense-only (untested), export refuses MoE (export.py `style_of`). `init = hf(DIR)` is converted by the hf_import task
+# attention); ppo, grpo and eval stay dense-only (untested); export writes MoE models as Mixtral / Qwen3-MoE (runtime/hf/trained.py). `init = hf(DIR)` is converted by the hf_import task
 # (runtime/orchestrate/tasks/hf.py) and loaded where a parent's checkpoint would be (runtime/align/stage.py
 # `policy_start`, runtime/core/build.py `restore_or_initialize`).
 _ALIGN = StageCaps(
@@ -51,9 +51,10 @@ _EVAL = StageCaps(
     runs="the nemoc runtime evaluates at the stage's TP/DP layout (runtime/align/evaluate.py)",
     source="nemoc runtime/align/evaluate.py (direct model calls: no pipeline; dense models only)")
 _EXPORT = StageCaps(
-    pipeline=False, te=False, moe=False, attention="unfused", one_process=True, hf_init=True,
-    runs="the nemoc runtime exports in one process on the host (runtime/align/export.py)",
-    source="nemoc runtime/orchestrate/tasks/align.py _one_process, runtime/align/export.py style_of (dense models only)")
+    pipeline=False, te=False, moe=True, attention="unfused", one_process=True, hf_init=True,
+    runs="the nemoc runtime exports in one process on the host, streaming the checkpoint layer by layer "
+         "(runtime/hf/trained.py)",
+    source="nemoc runtime/orchestrate/tasks/align.py _one_process, runtime/hf/trained.py spec_config")
 
 NEMOC_RUNTIME = Target(
     name="nemoc-runtime",

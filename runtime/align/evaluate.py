@@ -102,7 +102,7 @@ def run(task: stage.StageTask) -> dict:
                                              temperature=p.get("temperature"), seed=task.stage.seed)
         tasks = list(p.get("lm_eval_tasks") or ())
         if tasks:
-            results["lm_eval"] = _lm_eval(task, chunk, tasks, p.get("lm_eval_limit"), p.get("lm_eval_include"))
+            results["lm_eval"] = _lm_eval(task, start, tasks, p.get("lm_eval_limit"), p.get("lm_eval_include"))
     common.write_json(task.output_dir / "results.json", results)
     losses = [d["loss"] for d in results["datasets"].values() if "loss" in d]
     return {"results": str(task.output_dir / "results.json"), "steps": 0,
@@ -173,9 +173,10 @@ def _pair_sums(model, pairs, seq_length: int, micro: int, pad_id: int, varlen: b
     return torch.cat(chosen + rejected)
 
 
-def _lm_eval(task, chunk, tasks: list[str], limit, include) -> dict:
-    """lm-eval-harness on the model exported next to results.json (`hf/`); `include` (a task YAML directory)
-    is relative to the .nemo file (plan.root). {"skipped": reason} when lm-eval is not installed."""
+def _lm_eval(task, start: stage.Start, tasks: list[str], limit, include) -> dict:
+    """lm-eval-harness on the evaluated weights written as a Hugging Face model next to results.json
+    (`hf/`: streamed from the checkpoint the stage loaded, whatever its layout); `include` (a task YAML
+    directory) is relative to the .nemo file (plan.root). {"skipped": reason} when lm-eval is not installed."""
     import importlib.util
     import os
 
@@ -183,17 +184,16 @@ def _lm_eval(task, chunk, tasks: list[str], limit, include) -> dict:
 
     if importlib.util.find_spec("lm_eval") is None:
         return heldout.lm_eval("", tasks)  # the skip record, naming the package
-    if task.stage.layout.tp > 1:  # the export below writes this rank's weights: a whole model only at tp = 1
-        return {"skipped": f"lm-eval runs on the whole model in one process; this eval runs at "
-                           f"tp = {task.stage.layout.tp} (set the eval stage's tp = 1)"}
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return {}  # rank 0 runs lm-eval and writes results.json (every DP replica holds the same model)
-    from nemoc.runtime.align import export
+        return {}  # rank 0 runs lm-eval and writes results.json (every rank evaluates the same model)
+    from nemoc.runtime.align import runners
+    from nemoc.runtime.hf import convert
 
     out = task.output_dir / "hf"
-    shape = common.unwrap(chunk).nemoc_shape
-    export.write_hf_checkpoint(common.unwrap(chunk).state_dict(), shape, out, dtype=torch.float32,
-                               tokenizer=task.tokenizer)
+    if start.hf:  # the converted Hugging Face checkpoint itself, written back
+        convert.export_converted(start.path, out)
+    else:
+        runners.write_hf(task, str(common.resolve_checkpoint(start.path)), out)
     include_path = os.path.abspath(os.path.join(task.plan.root, include)) if include else None
     return heldout.lm_eval(str(out), tasks, limit=int(limit) if limit else None, include_path=include_path,
                            prefix_token_id=stage.tokenizer_of(task).eod)

@@ -2,7 +2,8 @@
 
 Each takes the parsed `StageTask` inside an initialised process group and returns the DONE payload.
 The algorithms live in their own modules (sft.py, lora.py, dpo.py, kto.py, orpo.py, reward.py, ppo.py,
-grpo.py, evaluate.py, export.py); this module only wires data, models, the trainer, metrics and checkpoints together.
+grpo.py, evaluate.py; export: runtime/hf/trained.py); this module only wires data, models, the trainer,
+metrics and checkpoints together.
 """
 
 from __future__ import annotations
@@ -389,20 +390,95 @@ def run_eval(task: StageTask) -> dict:
     return evaluate.run(task)
 
 
-def run_export(task: StageTask) -> dict:
-    from nemoc.runtime.align import export
+def _hf_source(task: StageTask) -> str | None:
+    """The Hugging Face directory the exported model started from: the nearest ancestor stage's own
+    `init = hf(DIR)`, else the model's; None for a model trained from scratch."""
+    seen, todo = set(), list(task.stage.after)
+    while todo:
+        name = todo.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        parent = task.plan.stage(name)
+        if parent.params.get("init"):
+            return _plan_path(task, str(parent.params["init"]))
+        todo += list(parent.after)
+    return _plan_path(task, task.plan.model.init) if task.plan.model.init else None
 
-    checkpoint = stage.parent_checkpoint(task)
-    chunk = stage.build(task, checkpoint=checkpoint, single=True, precision="fp32")
-    shape = common.unwrap(chunk).nemoc_shape
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        str(task.params.get("dtype", "float32")))
-    if dtype is None:
-        raise AlignError(f"export: dtype {task.params.get('dtype')!r}; expected float32 | bfloat16 | float16")
-    out = task.output_dir / "hf"
-    export.write_hf_checkpoint(common.unwrap(chunk).state_dict(), shape, out, dtype=dtype, tokenizer=task.tokenizer)
-    return {"export": str(out), "format": "huggingface", "architecture": export.style_of(shape),
-            "source_checkpoint": checkpoint, "steps": 0, "final_loss": None, "resident_models": ["policy"]}
+
+def _plan_path(task: StageTask, path: str) -> str:
+    if os.path.isabs(path):
+        return path
+    return os.path.join(os.path.abspath(task.plan.root or "."), path)
+
+
+def write_hf(task: StageTask, checkpoint: str, out, *, dtype: str | None = None):
+    """A stage checkpoint (any layout) streamed into a Hugging Face directory `out` with the config,
+    generation config and tokenizer files of the model it started from: (path, manifest)."""
+    from nemoc.compiler.hfconfig import HfConfigError
+    from nemoc.runtime.hf import convert, trained
+
+    tokenizer = task.tokenizer
+    tokenizer_dir = tokenizer if tokenizer and os.path.isdir(tokenizer) else None
+    try:
+        path, manifest = trained.export_trained(
+            checkpoint, task.plan.model, out, vocab=task.vocab_size, source=_hf_source(task),
+            tokenizer_dir=tokenizer_dir, dtype=dtype,
+            special_ids=trained.tokenizer_special_ids(tokenizer_dir, task.raw.get("eod_id")))
+    except (trained.TrainedExportError, convert.ConversionError, HfConfigError, OSError) as exc:
+        raise AlignError(str(exc)) from None
+    if tokenizer and os.path.isfile(tokenizer) and not (path / os.path.basename(tokenizer)).exists():
+        (path / os.path.basename(tokenizer)).write_bytes(open(tokenizer, "rb").read())
+    trained.write_tokenizer_config(path, task.raw.get("eod_id"))
+    return path, manifest
+
+
+def run_export(task: StageTask) -> dict:
+    """Stream the parent's checkpoint into a Hugging Face directory (runtime/hf/trained.py: one layer
+    resident at a time, in the stored dtype unless the stage names `dtype`); a LoRA parent's adapter is
+    also written in peft's format under `hf/adapter` when the LoRA stage started from a Hugging Face
+    checkpoint (peft applies it to that base)."""
+    from nemoc.runtime.hf import peft_export
+
+    checkpoint = str(common.resolve_checkpoint(stage.parent_checkpoint(task)))
+    dtype = task.params.get("dtype")
+    if dtype is not None and str(dtype) not in ("float32", "bfloat16", "float16"):
+        raise AlignError(f"export: dtype {dtype!r}; expected float32 | bfloat16 | float16")
+    path, manifest = write_hf(task, checkpoint, task.output_dir / "hf", dtype=str(dtype) if dtype else None)
+    payload = {"export": str(path), "format": "huggingface", "architecture": manifest["config"].get("architectures", [None])[0],
+               "family": manifest["family"], "dtype": manifest["dtype"], "source_checkpoint": checkpoint,
+               "steps": 0, "final_loss": None, "resident_models": ["policy"]}
+    adapter = _export_adapter(task, manifest, path, peft_export)
+    if adapter:
+        payload["adapter"] = adapter
+    return payload
+
+
+def _export_adapter(task: StageTask, manifest: dict, out, peft_export) -> str | None:
+    """peft's adapter of the direct LoRA parent (its `checkpoints/adapters`), or None without one."""
+    import json
+    from pathlib import Path
+
+    parent = Path(stage.parent_checkpoint(task))
+    adapters = parent.parent / "adapters"
+    info_path = adapters / "nemoc_adapter.json"
+    if not info_path.is_file():
+        return None
+    info = json.loads(info_path.read_text())
+    base = info.get("base_checkpoint")
+    if not base or not (Path(base) / "nemoc_hf.json").is_file() or manifest.get("source") is None \
+            or manifest["family"] == "gpt2":
+        # the adapter's base is not a Hugging Face checkpoint (a nemoc parent stage), or GPT-2's Conv1D
+        return None
+    from nemoc.runtime.hf.trained import adapter_state
+
+    state = adapter_state(adapters, manifest["architecture"]["layers"])
+    try:
+        peft_export.write_adapter(state, manifest, out / "adapter", rank=int(info["rank"]), alpha=float(info["alpha"]),
+                                  base_model=manifest["source"], dtype=manifest["dtype"])
+    except peft_export.AdapterError as exc:
+        raise AlignError(f"export: {exc}") from None
+    return str(out / "adapter")
 
 
 def run_kto(task: StageTask) -> dict:

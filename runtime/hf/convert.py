@@ -11,8 +11,10 @@ Output: `import_checkpoint` writes a *converted directory*: the full (TP=1, PP=1
         layout loads the same conversion. `export_checkpoint` streams Megatron tensors (from a converted
         directory or an in-memory state dict) back to sharded Hugging Face safetensors in a chosen dtype.
 Invariants: tensors are read one at a time with safetensors' `safe_open` (memory-mapped; one decoder
-        layer's tensors are resident at a time per worker), never the whole model; every output file is
-        written to a temporary name and renamed (nemoc.runtime.atomic); HF -> converted -> HF is
+        layer's tensors are resident at a time per worker), never the whole model; export writes each
+        tensor to disk as it is produced (`ShardWriter`), so its host memory is one tensor, not one
+        shard; every output file is written to a temporary name and renamed (nemoc.runtime.atomic);
+        HF -> converted -> HF is
         bit-identical (the transforms are permutations, concatenations and transposes in the stored dtype).
 """
 
@@ -32,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from nemoc.compiler.hfconfig import HfArchitecture, architecture, read_config
-from nemoc.runtime.atomic import atomic_write_bytes, atomic_write_json
+from nemoc.runtime.atomic import atomic_write_bytes, atomic_write_json, replace_durably
 from nemoc.runtime.hf import mapping
 
 INDEX = "model.safetensors.index.json"
@@ -77,12 +79,19 @@ class SafetensorsReader:
         return self._open[file].get_tensor(name)
 
 
+class MissingTensor(ConversionError, KeyError):
+    """A tensor the checkpoint lacks: a ConversionError for the user, a KeyError for mapping's `_pick`
+    (which tries the local spec's norm names, then Transformer Engine's fused ones)."""
+
+    __str__ = ConversionError.__str__
+
+
 def _strict(get: Callable[[str], torch.Tensor], where: str) -> Callable[[str], torch.Tensor]:
     def checked(name: str) -> torch.Tensor:
         try:
             return get(name)
         except KeyError:
-            raise ConversionError(f"{where}: checkpoint has no tensor {name!r}") from None
+            raise MissingTensor(f"{where}: checkpoint has no tensor {name!r}") from None
     return checked
 
 
@@ -90,6 +99,56 @@ def _write_shard(path: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> dic
     data = {name: t.contiguous() for name, t in tensors}
     atomic_write_bytes(path, st_save(data, metadata={"format": "pt"}))
     return {name: t.numel() * t.element_size() for name, t in data.items()}
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+class ShardWriter:
+    """A safetensors file written one tensor at a time (the format: an 8-byte little-endian header length,
+    the JSON header of names, dtypes, shapes and data offsets, then the tensors' bytes back to back).
+
+    The header needs every tensor, so the bytes go to `<path>.data` as they arrive; `close` writes the
+    header to `<path>.tmp`, appends the data file in 16 MiB blocks and renames it over `path`. The host
+    never holds more than the tensor being added (the disk holds the shard twice, briefly)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        self.size = 0
+        self._data = open(self.path.with_name(self.path.name + ".data"), "wb")
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu").contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise ConversionError(f"{name}: dtype {t.dtype} has no safetensors code")
+        nbytes = t.numel() * t.element_size()
+        self.header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                             "data_offsets": [self.size, self.size + nbytes]}
+        if nbytes:
+            self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self.size += nbytes
+
+    def close(self) -> None:
+        self._data.close()
+        data_path = self._data.name
+        head = json.dumps(self.header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes with trailing spaces
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f, open(data_path, "rb") as data:
+                f.write(len(head).to_bytes(8, "little"))
+                f.write(head)
+                shutil.copyfileobj(data, f, 16 << 20)
+                f.flush()
+                os.fsync(f.fileno())
+            replace_durably(tmp, self.path)
+        finally:
+            for leftover in (tmp, data_path):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
 
 
 def _convert_layers(src: str, family: str, arch: dict, layers: list[int], out: str) -> dict[str, dict[str, int]]:
@@ -232,32 +291,25 @@ def export_checkpoint(get: Callable[[str], torch.Tensor], manifest: Mapping[str,
     torch_dtype = getattr(torch, dtype)
     family, arch = manifest["family"], manifest["architecture"]
     get = _strict(get, "export")
-    shards: list[list[str]] = [[]]
-    pending: dict[str, torch.Tensor] = {}
     weight_map: dict[str, str] = {}
-    written, total = 0, 0
+    total = 0
     tmp_names: list[str] = []
-
-    def flush() -> None:
-        nonlocal pending, written
-        if not pending:
-            return
-        name = f"part-{len(tmp_names):05d}.safetensors"
-        _write_shard(out / name, pending.items())
-        tmp_names.append(name)
-        for k in pending:
-            weight_map[k] = name
-        pending, written = {}, 0
-
+    shard: ShardWriter | None = None
     for name, t in _hf_tensors(family, arch, get):
-        t = t.to(torch_dtype).contiguous().clone()  # own storage: safetensors refuses shared buffers
+        t = t.to(torch_dtype)
         size = t.numel() * t.element_size()
-        if pending and written + size > max_shard_bytes:
-            flush()
-        pending[name] = t
-        written += size
+        if shard is not None and shard.size and shard.size + size > max_shard_bytes:
+            shard.close()
+            shard = None
+        if shard is None:
+            tmp_names.append(f"part-{len(tmp_names):05d}.safetensors")
+            shard = ShardWriter(out / tmp_names[-1])
+        shard.add(name, t)  # written to disk now: the host holds one tensor of the output at a time
+        weight_map[name] = tmp_names[-1]
         total += size
-    flush()
+        del t
+    if shard is not None:
+        shard.close()
     final = _final_names(out, tmp_names, weight_map)
     atomic_write_json(out / INDEX, {"metadata": {"total_size": total},
                                     "weight_map": dict(sorted((k, final[v]) for k, v in weight_map.items()))})

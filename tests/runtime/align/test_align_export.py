@@ -1,6 +1,9 @@
-"""Export parity: transformers loads our Hugging Face checkpoint and reproduces our GPTModel's logits."""
+"""Export parity: a trained stage's dist checkpoint, streamed to Hugging Face (runtime/hf/trained.py), loads in
+transformers and reproduces our GPTModel's logits, for every architecture the export names."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -23,27 +26,44 @@ def _our_logits(common, model, tokens):
         return common.gather_logits(model, batch)
 
 
+def _saved(mcore, spec, tmp_path, **build):
+    torch.manual_seed(0)
+    model = mcore.build_gpt(spec, mcore.single_layout(), **build)
+    _randomise_norms(model)
+    mcore.save_model(model, tmp_path / "ckpt")
+    return model
+
+
 @pytest.mark.parametrize("make_spec, arch", [
     (lambda: llama_spec(), "LlamaForCausalLM"),
     (lambda: llama_spec(tie_embeddings=True, heads=4, query_groups=1), "LlamaForCausalLM"),
+    (lambda: llama_spec(rope_scaling_factor=8.0, seq_length=32), "LlamaForCausalLM"),  # Llama 3.1 RoPE
+    (lambda: llama_spec(add_qkv_bias=True), "Qwen2ForCausalLM"),
+    (lambda: llama_spec(qk_layernorm=True), "Qwen3ForCausalLM"),
     (lambda: gpt2_spec(), "GPT2LMHeadModel"),
     (lambda: gpt2_spec(tie_embeddings=False), "GPT2LMHeadModel"),
+    (lambda: gpt2_spec(activation="gelu_tanh"), "GPT2LMHeadModel"),
 ])
 def test_hf_logits_match(mcore, tmp_path, make_spec, arch):
     from transformers import AutoModelForCausalLM
 
-    from nemoc.runtime.align import export
+    from nemoc.runtime.hf import trained
 
     spec = make_spec()
-    shape = mcore.ModelShape.of(spec)
-    torch.manual_seed(0)
-    model = mcore.build_gpt(spec, mcore.single_layout())
-    _randomise_norms(model)
-    tokens = torch.randint(0, shape.vocab, (2, 17))
-    ours = _our_logits(mcore, model, tokens)[..., : shape.vocab]  # Megatron pads the vocabulary to 128
+    model = _saved(mcore, spec, tmp_path)
+    tokens = torch.randint(0, spec.vocab, (2, 17))
+    ours = _our_logits(mcore, model, tokens)[..., : spec.vocab]  # Megatron pads the vocabulary to 128
 
-    export.write_hf_checkpoint(model.state_dict(), shape, tmp_path / "hf")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    out, manifest = trained.export_trained(tmp_path / "ckpt", spec, tmp_path / "hf", vocab=spec.vocab, source=None,
+                                           tokenizer_dir=None, special_ids={"eos_token_id": 3})
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "float32" and config["eos_token_id"] == 3
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 3
+    if spec.rope_scaling_factor != 1.0:
+        assert config["rope_parameters"]["rope_type"] == "llama3" and config["rope_parameters"]["factor"] == 8.0
+    if spec.activation == "gelu_tanh":
+        assert config["activation_function"] == "gelu_new"
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(hf).__name__ == arch
     with torch.no_grad():
         theirs = hf(tokens[:, :-1]).logits
@@ -51,23 +71,65 @@ def test_hf_logits_match(mcore, tmp_path, make_spec, arch):
     torch.testing.assert_close(theirs, ours.float().cpu(), atol=1e-4, rtol=1e-4)
 
 
-def test_export_rejects_an_architecture_without_hf_equivalent(mcore):
-    from nemoc.runtime.align import export
+def test_a_mixture_of_experts_model_exports_as_mixtral(mcore, tmp_path):
+    from transformers import AutoModelForCausalLM
 
-    shape = mcore.ModelShape.of(llama_spec(activation="gelu"))
-    with pytest.raises(mcore.AlignError, match="no Hugging Face architecture"):
-        export.style_of(shape)
-    shape = mcore.ModelShape.of(gpt2_spec(add_bias_linear=False))
-    with pytest.raises(mcore.AlignError, match="biases"):
-        export.style_of(shape)
+    from nemoc.runtime.hf import trained
+
+    spec = llama_spec(seq_length=16, experts=4, top_k=2, moe_ffn_hidden=48)  # experts narrower than ffn_hidden
+    model = _saved(mcore, spec, tmp_path, attention_backend="flash")
+    tokens = torch.randint(0, spec.vocab, (2, 9))
+    ours = _our_logits(mcore, model, tokens)[..., : spec.vocab]
+    out, _ = trained.export_trained(tmp_path / "ckpt", spec, tmp_path / "hf", vocab=spec.vocab, source=None,
+                                    tokenizer_dir=None)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    with torch.no_grad():
+        theirs = hf(tokens[:, :-1]).logits
+    torch.testing.assert_close(theirs, ours.float().cpu(), atol=1e-4, rtol=1e-4)
 
 
-def test_split_qkv_grouped_layout(mcore):
-    from nemoc.runtime.align import export
+def test_the_export_streams_one_layer_at_a_time_in_the_stage_dtype(mcore, tmp_path):
+    from safetensors import safe_open
 
-    shape = mcore.ModelShape.of(llama_spec(hidden=8, heads=4, query_groups=2))  # d = 2, 2 q heads per group
-    rows = torch.arange(2 * (2 + 2) * 2).float().unsqueeze(1)  # group0: q0 q1 k v, group1: q2 q3 k v
-    q, k, v = export.split_qkv(rows, shape)
-    assert q.squeeze(1).tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
-    assert k.squeeze(1).tolist() == [4, 5, 12, 13]
-    assert v.squeeze(1).tolist() == [6, 7, 14, 15]
+    from nemoc.runtime.hf import trained
+
+    spec = llama_spec(layers=3)
+    _saved(mcore, spec, tmp_path)
+    reader = trained.DistCheckpointReader(tmp_path / "ckpt")
+    layer = dict(trained.DistCheckpointReader(tmp_path / "ckpt")._load(reader._layer_names("1")))
+    assert set(layer) >= {"decoder.layers.1.self_attention.linear_qkv.weight", "decoder.layers.1.mlp.linear_fc2.weight"}
+    assert layer["decoder.layers.1.self_attention.linear_qkv.weight"].shape == (128, 64)  # one layer's slice
+    out, _ = trained.export_trained(tmp_path / "ckpt", spec, tmp_path / "hf", vocab=spec.vocab, source=None,
+                                    tokenizer_dir=None, dtype="bfloat16", get=None)
+    with safe_open(next(out.glob("model-*.safetensors")), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    reader.get("decoder.layers.0.mlp.linear_fc1.weight")
+    reader.get("decoder.layers.0.mlp.linear_fc2.weight")
+    reader.get("decoder.layers.2.mlp.linear_fc2.weight")
+    assert reader.loads == 2 and set(reader._cache) == set(reader._layer_names("2"))  # layer 0 was dropped
+
+
+def test_export_rejects_an_architecture_without_hf_equivalent():
+    from nemoc.runtime.hf import trained
+
+    with pytest.raises(trained.TrainedExportError, match="no Hugging Face architecture"):
+        trained.spec_config(llama_spec(activation="gelu"), 50)
+    with pytest.raises(trained.TrainedExportError, match="biases"):
+        trained.spec_config(gpt2_spec(add_bias_linear=False), 50)
+
+
+def test_a_bare_tokenizer_gets_a_config_transformers_loads_with_its_eos(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from nemoc.runtime.hf import trained
+
+    tok = Tokenizer(models.WordLevel({"<eod>": 0, "a": 1, "b": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert trained.write_tokenizer_config(tmp_path, eod=0) is not None
+    assert trained.write_tokenizer_config(tmp_path, eod=0) is None  # an existing config is kept
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.eos_token == "<eod>" and loaded.eos_token_id == 0 and loaded.encode("a b") == [1, 2]

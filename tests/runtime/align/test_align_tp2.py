@@ -31,13 +31,12 @@ def tp2_run(tmp_path_factory):
 def test_export_from_tp2_checkpoint_matches_tp2_logits(mcore, tp2_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from nemoc.runtime.align import export
+    from nemoc.runtime.hf import trained
 
     spec = llama_spec(seq_length=16, vocab=256)  # no vocabulary padding at tp=1 or tp=2: same softmax
-    model = mcore.build_gpt(spec, mcore.single_layout())
-    mcore.load_model(model, tp2_run / "base")  # dist_checkpointing gathers the TP=2 shards
     ref = torch.load(tp2_run / "logits_tp2.pt")
-    export.write_hf_checkpoint(mcore.unwrap(model).state_dict(), mcore.unwrap(model).nemoc_shape, tmp_path / "hf")
+    # streamed straight from the TP=2 checkpoint: the reader asks for each layer's slice of every shard
+    trained.export_trained(tp2_run / "base", spec, tmp_path / "hf", vocab=spec.vocab, source=None, tokenizer_dir=None)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = hf(ref["tokens"][:, :-1]).logits

@@ -11,8 +11,10 @@ from hf_models import make_hf_model
 VOCAB = 200
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_peft_adapter_equals_the_merged_model(mcore, tmp_path, family):
+@pytest.mark.parametrize("family, saved", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_peft_adapter_equals_the_merged_model(mcore, tmp_path, family, saved):
+    """`saved`: the adapters go through the LoRA stage's adapter checkpoint and are read back as the export
+    stage reads them (runtime/hf/trained.py adapter_state), not from the live model."""
     pytest.importorskip("peft")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -33,6 +35,14 @@ def test_peft_adapter_equals_the_merged_model(mcore, tmp_path, family):
             if name.endswith("lora_b"):
                 p.normal_(0, 0.05)
     state = {k: v for k, v in mcore.unwrap(model).state_dict().items() if isinstance(v, torch.Tensor)}
+    if saved:
+        from nemoc.runtime.hf import trained
+
+        lora.save_adapters(model, tmp_path / "adapters", info={"rank": spec.rank, "alpha": spec.alpha})
+        read = trained.adapter_state(tmp_path / "adapters", manifest["architecture"]["layers"])
+        live = {k: v for k, v in state.items() if ".lora_" in k}
+        assert set(read) == set(live) and all(torch.equal(read[k], live[k]) for k in live)
+        state = read
     peft_export.write_adapter(state, manifest, tmp_path / "adapter", rank=spec.rank, alpha=spec.alpha)
 
     tokens = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(5))

@@ -1,6 +1,6 @@
 """Separate q/k/v/o/gate/up/down adapters and rsLoRA compute what peft computes on the exported model.
 
-Our tiny Llama is exported to Hugging Face (runtime/align/export.py), peft wraps the export with the same
+Our tiny Llama is exported to Hugging Face (runtime/hf/trained.py), peft wraps the export with the same
 rank, alpha, targets and scaling, each peft adapter gets our A and B (random, non-zero), and the logits
 must agree; merging must not change them; with the adapters off the model is the base model.
 """
@@ -12,7 +12,8 @@ import torch
 from align_helpers import llama_spec
 
 from nemoc.runtime import lora_peft
-from nemoc.runtime.align import export, lora
+from nemoc.runtime.align import lora
+from nemoc.runtime.hf import trained
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'nemoc[test]')")
 transformers = pytest.importorskip("transformers")
@@ -27,7 +28,8 @@ def _ours_and_peft(mcore, tmp_path, *, targets, rslora, rank=4, alpha=8.0):
     chunk = mcore.build_gpt(spec, mcore.single_layout(), seq_length=spec.seq_length)
     gpt = mcore.unwrap(chunk)
     shape = gpt.nemoc_shape
-    export.write_hf_checkpoint(gpt.state_dict(), shape, tmp_path / "hf")
+    mcore.save_model(chunk, tmp_path / "ckpt")
+    trained.export_trained(tmp_path / "ckpt", spec, tmp_path / "hf", vocab=spec.vocab, source=None, tokenizer_dir=None)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
     lora_peft.apply_lora(chunk, rank=rank, alpha=alpha, targets=targets, rslora=rslora, seed=5)
     gen = torch.Generator().manual_seed(2)
