@@ -68,6 +68,21 @@ def _global_mean(sums: torch.Tensor) -> float:
     return _global_means(sums)[0]
 
 
+def _loss_and_stop(loss_sums: torch.Tensor, stop: StopSignal | None) -> tuple[float, int]:
+    """(the step's loss over the job, the agreed stop signal) in ONE all-reduce of a small tensor:
+    [loss sum, loss count, one count per stop signal]. The NaN/Inf check needs the loss on every rank
+    before the optimizer moves; the stop signal rides along, so a step costs one collective and one
+    host synchronisation more than a bare Megatron-Core loop, not two of each."""
+    flags = stop.flags() if stop is not None else []
+    row = torch.cat([loss_sums.detach().to(device(), torch.float64).reshape(2),
+                     torch.tensor(flags, dtype=torch.float64, device=device())])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(row)
+    row = row.cpu()
+    loss = float(row[0] / row[1]) if row[1] > 0 else float("nan")
+    return loss, (StopSignal.from_flags(row[2:].tolist()) if stop is not None else 0)
+
+
 class ReplayableIterator:
     """Wraps a micro-batch iterator and remembers what the current step took, so that the step can be
     run again on the same micro-batches (the rerun of a step whose loss was NaN/Inf)."""
@@ -157,9 +172,10 @@ def rerun_nonfinite(attempt: Callable[[], tuple], *, step: int, lr: Callable[[],
 
 def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, seq_length: int,
                step: int = 0, warn: Callable[[str], None] = print, reports: tuple[str, ...] = ("lm loss",),
-               micro_batch: int | None = None):
+               micro_batch: int | None = None, stop: StopSignal | None = None):
     """One optimizer step over num_microbatches micro-batches. Returns ([len(reports), 2] sums: the loss
-    first, grad_norm, ok).
+    first, grad_norm, ok, the stop signal agreed over the ranks: 0, or the signal any rank had seen by
+    the loss check of this step).
 
     The loss is checked before the optimizer steps (Megatron-LM's rerun state machine): if it is NaN or
     Inf on any rank, the gradients are dropped and the step is run again from the same state (same
@@ -173,18 +189,19 @@ def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, 
     def attempt():
         sums = _forward_backward(forward_step=forward_step, iterators=iterators, model=model, optimizer=optimizer,
                                  layout=layout, seq_length=seq_length, reports=reports, micro_batch=micro_batch)
-        return sums, "loss", _global_mean(sums[0].clone())
+        loss, signum = _loss_and_stop(sums[0], stop)
+        return (sums, signum), "loss", loss
 
     def rewind():
         for it in replayable:
             it.rewind()
 
-    sums = rerun_nonfinite(attempt, step=step, lr=lambda: float(optimizer.param_groups[0]["lr"]), warn=warn,
+    sums, signum = rerun_nonfinite(attempt, step=step, lr=lambda: float(optimizer.param_groups[0]["lr"]), warn=warn,
                            rewind=rewind if replayable else None)
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)
-    return sums, (float(grad_norm) if grad_norm is not None else float("nan")), bool(ok)
+    return sums, (float(grad_norm) if grad_norm is not None else float("nan")), bool(ok), signum
 
 
 def _forward_backward(*, forward_step, iterators, model, optimizer, layout, seq_length: int,
@@ -301,11 +318,11 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
 
     while state.iteration < end_iteration:
         set_phase(f"train step {state.iteration + 1}")
-        sums, grad_norm, ok = train_step(forward_step=forward_step, iterators=train_iterators, model=model,
+        sums, grad_norm, ok, signum = train_step(forward_step=forward_step, iterators=train_iterators, model=model,
                                          optimizer=optimizer, scheduler=scheduler, layout=layout,
                                          seq_length=seq_length, step=state.iteration + 1,
                                          warn=lambda text: metrics.event("transient_fault", message=text),
-                                         reports=reports, micro_batch=micro_batch)
+                                         reports=reports, micro_batch=micro_batch, stop=stop)
         state.iteration += 1
         state.consumed_samples += layout.global_batch
         interval_sums += sums
@@ -334,8 +351,9 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
             interval_start += time.perf_counter() - started  # validation is not training step time
         if checkpointer is not None:
             checkpointer.maybe_finalize()
-        signum = stop.agreed() if stop is not None else 0
-        if signum:
+        if stop is not None and last and not signum:
+            signum = stop.agreed()  # a signal after the last step's loss check: once per run, not per step
+        if signum:  # agreed in the step's loss all-reduce (_loss_and_stop): no collective of its own
             state.preempted_by = signum
             break
         if checkpointer is not None and every and state.iteration % every == 0 and not last:
