@@ -93,17 +93,21 @@ def measure(*, steps: int = 24, rounds: int = 2, seq: int = 64, vocab: int = 256
         grouped = [sum(times[i:i + log_every]) / log_every for i in range(0, len(times) - log_every + 1, log_every)]
         return grouped[warmup // log_every:]
 
-    runtime, bare = [], []
+    runtime, bare, paired = [], [], []
     for _ in range(rounds):
-        bare += bare_side()
-        runtime += runtime_side()
+        b, r = bare_side(), runtime_side()
+        bare += b
+        runtime += r
+        paired.append(statistics.median(r) / statistics.median(b))  # this round's ratio, side by side in time
     rt, br = statistics.median(runtime), statistics.median(bare)
     return {"what": "sft", "model": "gpt-smoke (2 x 64, seq %d, vocab %d)" % (seq, vocab),
             "global_batch": global_batch, "micro_batch": micro_batch, "steps": steps, "rounds": rounds,
             "warmup_steps_dropped": warmup, "runtime_step_s_median": rt, "bare_step_s_median": br,
             "ratio_runtime_over_bare": rt / br, "overhead": rt / br - 1.0,
             "runtime_step_s_min": min(runtime), "bare_step_s_min": min(bare),
-            "ratio_min_steps": min(runtime) / min(bare)}
+            "ratio_min_steps": min(runtime) / min(bare),
+            "round_ratios": paired, "round_ratio_median": statistics.median(paired),
+            "round_ratio_min": min(paired), "round_ratio_max": max(paired)}
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def chunk_iterators(make: Callable[[], Iterator], n_chunks: int):
 
 
 def eval_iters(stage: StagePlan) -> int:
-    return int(stage.params.get("eval_iters", 10))
+    return stage.params.eval_iters  # the stage kind's typed record (compiler.params), default filled
 
 
 def _report_sums(losses: list[dict], names: tuple[str, ...] = ("lm loss",)) -> torch.Tensor:
