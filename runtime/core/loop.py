@@ -44,14 +44,22 @@ def _report_sums(losses: list[dict], names: tuple[str, ...] = ("lm loss",)) -> t
     """[len(names), 2]: per report name, [sum, count] over this rank's micro-batches (zeros off the last
     pipeline stage). A report is either a [sum, count] pair (pretraining's token-weighted "lm loss") or a
     scalar (a per-micro-batch mean: DPO's reward accuracy), counted as [value, 1]. Stays on the device:
-    no host synchronisation per step (it is read at log steps only)."""
-    total = torch.zeros(len(names), 2, dtype=torch.float64, device=device())
+    no host synchronisation per step (it is read at log steps only). One stack and one sum per step, not
+    a few small tensor operations per micro-batch and report (each costs host time in a step)."""
+    rows = []
     for entry in losses or []:
-        for i, name in enumerate(names):
-            if name in entry:
-                value = entry[name].detach().to(total.device, torch.float64).reshape(-1)
-                total[i] += value if value.numel() == 2 else torch.cat([value, value.new_ones(1)])
-    return total
+        row = []
+        for name in names:
+            value = entry.get(name)
+            if value is None:
+                row.append(torch.zeros(2, dtype=torch.float64, device=device()))
+                continue
+            value = value.detach().reshape(-1).to(torch.float64)
+            row.append(value if value.numel() == 2 else torch.cat([value, value.new_ones(1)]))
+        rows.append(torch.stack(row))
+    if not rows:
+        return torch.zeros(len(names), 2, dtype=torch.float64, device=device())
+    return torch.stack(rows).sum(0).to(device())
 
 
 def _global_means(sums: torch.Tensor) -> list[float]:
@@ -74,13 +82,16 @@ def _loss_and_stop(loss_sums: torch.Tensor, stop: StopSignal | None) -> tuple[fl
     before the optimizer moves; the stop signal rides along, so a step costs one collective and one
     host synchronisation more than a bare Megatron-Core loop, not two of each."""
     flags = stop.flags() if stop is not None else []
-    row = torch.cat([loss_sums.detach().to(device(), torch.float64).reshape(2),
-                     torch.tensor(flags, dtype=torch.float64, device=device())])
-    if torch.distributed.is_initialized():
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        row = torch.cat([loss_sums.detach().to(device(), torch.float64).reshape(2),
+                         torch.tensor(flags, dtype=torch.float64, device=device())])
         torch.distributed.all_reduce(row)
-    row = row.cpu()
-    loss = float(row[0] / row[1]) if row[1] > 0 else float("nan")
-    return loss, (StopSignal.from_flags(row[2:].tolist()) if stop is not None else 0)
+        values = row.tolist()
+    else:  # one process: nothing to agree on (a bare loop would not reduce either)
+        values = loss_sums.detach().reshape(2).tolist() + flags
+    total, count = values[0], values[1]
+    loss = total / count if count > 0 else float("nan")
+    return loss, (StopSignal.from_flags(values[2:]) if stop is not None else 0)
 
 
 class ReplayableIterator:
