@@ -87,7 +87,8 @@ def main() -> int:
     print(f"sft median: runtime {s['runtime_step_s_median'] * 1e3:.1f} ms/step, bare "
           f"{s['bare_step_s_median'] * 1e3:.1f} ms/step, ratio {s['ratio_runtime_over_bare']:.3f}; fastest step "
           f"ratio {s['ratio_min_steps']:.3f}; per round {s['round_ratio_min']:.3f}..{s['round_ratio_max']:.3f} "
-          f"(median {s['round_ratio_median']:.3f})")
+          f"(median {s['round_ratio_median']:.3f}); CPU time ratio {s['cpu_ratio']:.3f}, per round "
+          f"{s['cpu_round_ratio_min']:.3f}..{s['cpu_round_ratio_max']:.3f} (median {s['cpu_round_ratio_median']:.3f})")
     return 0
 
 
