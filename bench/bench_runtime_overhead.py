@@ -32,14 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "runtime_overhead.json"))
     parser.add_argument("--work", default="/tmp/nemoc_bench_overhead")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
+    started, load_start = time.monotonic(), __import__("os").getloadavg()[0]
     plan = gpu_1b.build_plan(smoke=True, backend="unfused", steps=args.steps, log_every=4, micro_batch=2,
                              num_micro=2, gpu="CPU")
     prefix = work / "synthetic_text_document"
@@ -54,6 +54,10 @@ def main() -> int:
     # The host is shared: other processes inflate random intervals. The fastest interval of each side
     # is the least disturbed estimate of its own cost; both ratios are reported.
     rt_min, br_min = min(rt_all), min(br_all)
+    # each round's ratio of medians (a bare run and the runtime run right after it): the spread says how
+    # much of a difference the host's noise alone makes
+    paired = [statistics.median(r["step_time_s_intervals"]) / statistics.median(b["step_time_s_intervals"])
+              for r, b in zip(runtime, bare)]
     result = {
         "description": __doc__.splitlines()[0],
         "machine": f"{platform.machine()} {platform.processor() or ''} CPU, gloo, OMP_NUM_THREADS=1 (shared host)",
@@ -61,7 +65,9 @@ def main() -> int:
         "rounds": args.rounds, "runtime_step_s_median": rt, "bare_step_s_median": br,
         "ratio_runtime_over_bare": rt / br, "overhead": rt / br - 1.0,
         "runtime_step_s_min": rt_min, "bare_step_s_min": br_min, "ratio_min_intervals": rt_min / br_min,
-        "load_average_1min": __import__("os").getloadavg()[0],
+        "round_ratios": paired, "round_ratio_median": statistics.median(paired),
+        "round_ratio_min": min(paired), "round_ratio_max": max(paired),
+        "load_average_1min_start": load_start, "load_average_1min": __import__("os").getloadavg()[0],
         "runtime_runs": runtime, "bare_runs": bare,
     }
     sft = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_sft_overhead.py")), str(args.steps),
@@ -76,11 +82,13 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"median: runtime {rt * 1e3:.1f} ms/step, bare {br * 1e3:.1f} ms/step, ratio {rt / br:.3f}; "
           f"fastest interval: runtime {rt_min * 1e3:.1f}, bare {br_min * 1e3:.1f}, ratio {rt_min / br_min:.3f}"
-          f"  -> {args.out}")
+          f"; per round {min(paired):.3f}..{max(paired):.3f} (median {statistics.median(paired):.3f})  -> {args.out}")
     s = result["sft"]
     print(f"sft median: runtime {s['runtime_step_s_median'] * 1e3:.1f} ms/step, bare "
           f"{s['bare_step_s_median'] * 1e3:.1f} ms/step, ratio {s['ratio_runtime_over_bare']:.3f}; fastest step "
-          f"ratio {s['ratio_min_steps']:.3f}")
+          f"ratio {s['ratio_min_steps']:.3f}; per round {s['round_ratio_min']:.3f}..{s['round_ratio_max']:.3f} "
+          f"(median {s['round_ratio_median']:.3f}); CPU time ratio {s['cpu_ratio']:.3f}, per round "
+          f"{s['cpu_round_ratio_min']:.3f}..{s['cpu_round_ratio_max']:.3f} (median {s['cpu_round_ratio_median']:.3f})")
     return 0
 
 

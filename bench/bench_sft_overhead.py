@@ -60,26 +60,27 @@ def measure(*, steps: int = 24, rounds: int = 2, seq: int = 64, vocab: int = 256
 
     log_every = 4
 
-    def runtime_side() -> list[float]:
+    def runtime_side() -> tuple[list[float], list[float]]:
         tr = fresh()
-        stamps = [time.perf_counter()]
+        stamps = [(time.perf_counter(), time.process_time())]
 
         class Stamps(NullMetrics):  # a record every log_every steps: the loop's whole iterations between them
             def log(self, record):
-                stamps.append(time.perf_counter())
+                stamps.append((time.perf_counter(), time.process_time()))
 
         trainer.fit(tr, stage=trainer.Steps(layout=layout, seq_length=seq, log_every=log_every), items=rows,
                     to_microbatches=lambda share: sft.rows_to_batches(share, seq, micro_batch), forward=sft.forward,
                     start=0, end=steps, reports=sft.forward.reports, metrics=Stamps(), stop=StopSignal())
-        per_step = [(b - a) / log_every for a, b in zip(stamps, stamps[1:])]
-        return per_step[warmup // log_every:]
+        per_step = [(b[0] - a[0]) / log_every for a, b in zip(stamps, stamps[1:])]
+        cpu = [(b[1] - a[1]) / log_every for a, b in zip(stamps, stamps[1:])]
+        return per_step[warmup // log_every:], cpu[warmup // log_every:]
 
-    def bare_side() -> list[float]:
-        tr, times = fresh(), []
+    def bare_side() -> tuple[list[float], list[float]]:
+        tr, times, cpu = fresh(), [], []
         model, optimizer, scheduler = tr.model, tr.optimizer, tr.scheduler
         fb = get_forward_backward_func()
         for step in range(steps):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             model.zero_grad_buffer()
             optimizer.zero_grad()
             fb(forward_step_func=lambda it, m: sft.forward(m, next(it)),
@@ -89,21 +90,42 @@ def measure(*, steps: int = 24, rounds: int = 2, seq: int = 64, vocab: int = 256
             if ok:
                 scheduler.step(increment=1)
             times.append(time.perf_counter() - start)
-        # the same intervals as the runtime side: mean step time over each log_every steps
-        grouped = [sum(times[i:i + log_every]) / log_every for i in range(0, len(times) - log_every + 1, log_every)]
-        return grouped[warmup // log_every:]
+            cpu.append(time.process_time() - start_cpu)
 
-    runtime, bare = [], []
-    for _ in range(rounds):
-        bare += bare_side()
-        runtime += runtime_side()
+        def grouped(values):  # the same intervals as the runtime side: mean step time over each log_every steps
+            return [sum(values[i:i + log_every]) / log_every
+                    for i in range(0, len(values) - log_every + 1, log_every)][warmup // log_every:]
+
+        return grouped(times), grouped(cpu)
+
+    # Wall time on a shared host counts other processes' time slices; the process's CPU time (this
+    # process's threads only) does not, so both are reported: on a loaded host the CPU-time ratio is
+    # the one that measures the runtime's own work.
+    runtime, bare, paired, runtime_cpu, bare_cpu, paired_cpu = [], [], [], [], [], []
+    for round_ in range(rounds):  # the side that goes first alternates (the second finds warmer caches)
+        if round_ % 2 == 0:
+            (b, b_cpu), (r, r_cpu) = bare_side(), runtime_side()
+        else:
+            (r, r_cpu), (b, b_cpu) = runtime_side(), bare_side()
+        bare += b
+        runtime += r
+        bare_cpu += b_cpu
+        runtime_cpu += r_cpu
+        paired.append(statistics.median(r) / statistics.median(b))  # this round's ratio, side by side in time
+        paired_cpu.append(statistics.median(r_cpu) / statistics.median(b_cpu))
     rt, br = statistics.median(runtime), statistics.median(bare)
+    rt_cpu, br_cpu = statistics.median(runtime_cpu), statistics.median(bare_cpu)
     return {"what": "sft", "model": "gpt-smoke (2 x 64, seq %d, vocab %d)" % (seq, vocab),
             "global_batch": global_batch, "micro_batch": micro_batch, "steps": steps, "rounds": rounds,
             "warmup_steps_dropped": warmup, "runtime_step_s_median": rt, "bare_step_s_median": br,
             "ratio_runtime_over_bare": rt / br, "overhead": rt / br - 1.0,
             "runtime_step_s_min": min(runtime), "bare_step_s_min": min(bare),
-            "ratio_min_steps": min(runtime) / min(bare)}
+            "ratio_min_steps": min(runtime) / min(bare),
+            "round_ratios": paired, "round_ratio_median": statistics.median(paired),
+            "round_ratio_min": min(paired), "round_ratio_max": max(paired),
+            "runtime_cpu_step_s_median": rt_cpu, "bare_cpu_step_s_median": br_cpu, "cpu_ratio": rt_cpu / br_cpu,
+            "cpu_round_ratios": paired_cpu, "cpu_round_ratio_median": statistics.median(paired_cpu),
+            "cpu_round_ratio_min": min(paired_cpu), "cpu_round_ratio_max": max(paired_cpu)}
 
 
 if __name__ == "__main__":

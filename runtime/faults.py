@@ -104,6 +104,18 @@ class StopSignal:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def flags(self) -> list[float]:
+        """This rank's stop state as one count per signal of SIGNALS (1 for the one it saw): summed over
+        the ranks (an all-reduce the step does anyway, core.loop.train_step) they say which signals any
+        rank saw; `from_flags` picks the one `agreed` would (the highest signal number)."""
+        return [1.0 if self.signum == sig else 0.0 for sig in self.SIGNALS]
+
+    @classmethod
+    def from_flags(cls, counts) -> int:
+        """The agreed signal from summed `flags()`: the highest signal number any rank saw, 0 for none."""
+        seen = [int(sig) for sig, n in zip(cls.SIGNALS, counts) if float(n) > 0]
+        return max(seen, default=0)
+
     def agreed(self, *, group=None, device=None) -> int:
         """The signal any rank saw (ranks may see it at different steps); all ranks call it."""
         import torch

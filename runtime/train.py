@@ -310,7 +310,7 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
                           async_save=record.async_save)
 
         # params.save_checkpoints = false: benchmarks only (no periodic or final checkpoint, DONE has none)
-        saving = bool(stage.params.get("save_checkpoints", True))
+        saving = stage.params.save_checkpoints
         checkpointer = ckpt.Checkpointer(root=task.checkpoint_dir, keep=stage.checkpoint.keep,
                                          async_save=stage.checkpoint.async_save, on_saved=on_saved) if saving else None
 
@@ -318,8 +318,7 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
             return ckpt.training_state(chunks=model, optimizer=optimizer, scheduler=scheduler,
                                        iteration=loop_state.iteration, consumed_samples=loop_state.consumed_samples,
                                        extra={"stage": stage.name, "experiment": plan.experiment},
-                                       optimizer_format=str(stage.params.get("optimizer_checkpoint_format",
-                                                                             "dp_reshardable")))
+                                       optimizer_format=stage.params.optimizer_checkpoint_format)
 
         if rank == 0:
             rank0_print(f"stage {stage.name}: {plan.model.name} layout tp={layout.tp} pp={layout.pp} vp={layout.vp} "

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from nemoc.compiler.params import StageParams
 from nemoc.runtime import checkpoint as ckpt
 from nemoc.runtime import lora_peft
 from nemoc.runtime.align import common, dpo, grpo, kto, lora, orpo, ppo, reward, sft, stage, trainer
@@ -30,9 +31,9 @@ def resident_models(kind: str, params, peft) -> list[str]:
     holds less: DPO with `reference = "precomputed"` frees the reference after one scoring pass, and PPO
     with LoRA takes the reference policy from the actor with its adapters off.
     """
-    p = dict(params or {})
     if kind == "dpo":
-        if peft is not None or p.get("reference_free") or p.get("reference") == "precomputed":
+        p = StageParams.of("dpo", params)  # a record, or a mapping of some of its fields (defaults filled)
+        if peft is not None or p.reference_free or p.reference == "precomputed":
             return ["policy"]
         return ["policy", "reference"]
     if kind in ("ppo", "rlhf"):
@@ -185,7 +186,7 @@ def run_sft(task: StageTask) -> dict:
     tok = stage.tokenizer_of(task)
     train, val = _sft_samples(task, tok)
     s, seq = task.stage, task.stage.seq_length
-    packing = bool(task.params.get("pack", True))
+    packing = task.stage.params.pack
     rows = sft.pack(sft.truncate(train, seq), seq, packing)
     chunk = _policy(task, stage.policy_start(task))
     varlen = stage.varlen_attention(task)
@@ -212,9 +213,9 @@ def run_sft(task: StageTask) -> dict:
 def run_dpo(task: StageTask) -> dict:
     tok = stage.tokenizer_of(task)
     train, val = _preference_pairs(task, tok)
-    p, s, seq = task.params, task.stage, task.stage.seq_length
-    beta, loss = float(p.get("beta", 0.1)), str(p.get("loss", "dpo"))
-    reference_mode = "none" if p.get("reference_free") else str(p.get("reference", "model"))
+    p, s, seq = task.stage.params, task.stage, task.stage.seq_length
+    beta, loss = p.beta, p.loss
+    reference_mode = "none" if p.reference_free else p.reference
     if reference_mode not in ("model", "precomputed", "none"):
         raise AlignError(f"dpo: reference = {reference_mode!r}; expected model | precomputed (or reference_free = true)")
     parent = stage.policy_start(task)
@@ -241,7 +242,7 @@ def run_dpo(task: StageTask) -> dict:
             return dpo.microbatches(share, seq_length=seq, micro_batch=s.layout.micro_batch,
                                     reference=reference, table=table, pad_id=tok.pad, varlen=varlen)
 
-        forward = dpo.make_forward(beta=beta, loss=loss, label_smoothing=float(p.get("label_smoothing", 0.0)))
+        forward = dpo.make_forward(beta=beta, loss=loss, label_smoothing=p.label_smoothing)
         state, start = _fit(task, tr, metrics, items=list(enumerate(train)), to_microbatches=to_mb,
                               forward=forward, tokens_per_step=2 * s.layout.global_batch * seq)
         after = dpo.preference_accuracy(chunk, val, seq_length=seq, reference=reference if table is None else None,

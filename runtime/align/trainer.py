@@ -26,6 +26,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from nemoc.compiler.params import StageParams
 from nemoc.compiler.spec import CheckpointSpec
 from nemoc.runtime import faults
 from nemoc.runtime import megatron_args as margs
@@ -161,7 +162,8 @@ class Steps:
     log_every: int = 1
     eval_every: int | None = None
     checkpoint: CheckpointSpec = CheckpointSpec(every=None)
-    params: Mapping = field(default_factory=dict)
+    # read by the loop only to validate (eval_iters), which eval_every None never does; a record as a stage's
+    params: Mapping = field(default_factory=lambda: StageParams.of("sft"))
 
 
 def batches(items: Sequence, *, start: int, global_batch: int, to_microbatches: Callable):

@@ -28,7 +28,7 @@ def build_model(*, plan: Plan, stage: StagePlan, vocab_size: int, facts: margs.M
     facts = facts or machine_facts(stage.kernels)
     chunks, config, padded = build_chunks(
         model=plan.model, layout=stage.layout, vocab_size=vocab_size, seq_length=stage.seq_length, facts=facts,
-        execution=stage.execution, dropout=float(stage.params.get("dropout", 0.0)) if dropout is None else dropout,
+        execution=stage.execution, dropout=stage.params.dropout if dropout is None else dropout,
         head=head)
     return wrap(chunks, config=config, stage=stage), config, padded
 

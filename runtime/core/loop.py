@@ -37,21 +37,29 @@ def chunk_iterators(make: Callable[[], Iterator], n_chunks: int):
 
 
 def eval_iters(stage: StagePlan) -> int:
-    return int(stage.params.get("eval_iters", 10))
+    return stage.params.eval_iters  # the stage kind's typed record (compiler.params), default filled
 
 
 def _report_sums(losses: list[dict], names: tuple[str, ...] = ("lm loss",)) -> torch.Tensor:
     """[len(names), 2]: per report name, [sum, count] over this rank's micro-batches (zeros off the last
     pipeline stage). A report is either a [sum, count] pair (pretraining's token-weighted "lm loss") or a
     scalar (a per-micro-batch mean: DPO's reward accuracy), counted as [value, 1]. Stays on the device:
-    no host synchronisation per step (it is read at log steps only)."""
-    total = torch.zeros(len(names), 2, dtype=torch.float64, device=device())
+    no host synchronisation per step (it is read at log steps only). One stack and one sum per step, not
+    a few small tensor operations per micro-batch and report (each costs host time in a step)."""
+    rows = []
     for entry in losses or []:
-        for i, name in enumerate(names):
-            if name in entry:
-                value = entry[name].detach().to(total.device, torch.float64).reshape(-1)
-                total[i] += value if value.numel() == 2 else torch.cat([value, value.new_ones(1)])
-    return total
+        row = []
+        for name in names:
+            value = entry.get(name)
+            if value is None:
+                row.append(torch.zeros(2, dtype=torch.float64, device=device()))
+                continue
+            value = value.detach().reshape(-1).to(torch.float64)
+            row.append(value if value.numel() == 2 else torch.cat([value, value.new_ones(1)]))
+        rows.append(torch.stack(row))
+    if not rows:
+        return torch.zeros(len(names), 2, dtype=torch.float64, device=device())
+    return torch.stack(rows).sum(0).to(device())
 
 
 def _global_means(sums: torch.Tensor) -> list[float]:
@@ -66,6 +74,24 @@ def _global_means(sums: torch.Tensor) -> list[float]:
 
 def _global_mean(sums: torch.Tensor) -> float:
     return _global_means(sums)[0]
+
+
+def _loss_and_stop(loss_sums: torch.Tensor, stop: StopSignal | None) -> tuple[float, int]:
+    """(the step's loss over the job, the agreed stop signal) in ONE all-reduce of a small tensor:
+    [loss sum, loss count, one count per stop signal]. The NaN/Inf check needs the loss on every rank
+    before the optimizer moves; the stop signal rides along, so a step costs one collective and one
+    host synchronisation more than a bare Megatron-Core loop, not two of each."""
+    flags = stop.flags() if stop is not None else []
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        row = torch.cat([loss_sums.detach().to(device(), torch.float64).reshape(2),
+                         torch.tensor(flags, dtype=torch.float64, device=device())])
+        torch.distributed.all_reduce(row)
+        values = row.tolist()
+    else:  # one process: nothing to agree on (a bare loop would not reduce either)
+        values = loss_sums.detach().reshape(2).tolist() + flags
+    total, count = values[0], values[1]
+    loss = total / count if count > 0 else float("nan")
+    return loss, (StopSignal.from_flags(values[2:]) if stop is not None else 0)
 
 
 class ReplayableIterator:
@@ -157,9 +183,10 @@ def rerun_nonfinite(attempt: Callable[[], tuple], *, step: int, lr: Callable[[],
 
 def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, seq_length: int,
                step: int = 0, warn: Callable[[str], None] = print, reports: tuple[str, ...] = ("lm loss",),
-               micro_batch: int | None = None):
+               micro_batch: int | None = None, stop: StopSignal | None = None):
     """One optimizer step over num_microbatches micro-batches. Returns ([len(reports), 2] sums: the loss
-    first, grad_norm, ok).
+    first, grad_norm, ok, the stop signal agreed over the ranks: 0, or the signal any rank had seen by
+    the loss check of this step).
 
     The loss is checked before the optimizer steps (Megatron-LM's rerun state machine): if it is NaN or
     Inf on any rank, the gradients are dropped and the step is run again from the same state (same
@@ -173,18 +200,19 @@ def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, 
     def attempt():
         sums = _forward_backward(forward_step=forward_step, iterators=iterators, model=model, optimizer=optimizer,
                                  layout=layout, seq_length=seq_length, reports=reports, micro_batch=micro_batch)
-        return sums, "loss", _global_mean(sums[0].clone())
+        loss, signum = _loss_and_stop(sums[0], stop)
+        return (sums, signum), "loss", loss
 
     def rewind():
         for it in replayable:
             it.rewind()
 
-    sums = rerun_nonfinite(attempt, step=step, lr=lambda: float(optimizer.param_groups[0]["lr"]), warn=warn,
+    sums, signum = rerun_nonfinite(attempt, step=step, lr=lambda: float(optimizer.param_groups[0]["lr"]), warn=warn,
                            rewind=rewind if replayable else None)
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)
-    return sums, (float(grad_norm) if grad_norm is not None else float("nan")), bool(ok)
+    return sums, (float(grad_norm) if grad_norm is not None else float("nan")), bool(ok), signum
 
 
 def _forward_backward(*, forward_step, iterators, model, optimizer, layout, seq_length: int,
@@ -301,11 +329,11 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
 
     while state.iteration < end_iteration:
         set_phase(f"train step {state.iteration + 1}")
-        sums, grad_norm, ok = train_step(forward_step=forward_step, iterators=train_iterators, model=model,
+        sums, grad_norm, ok, signum = train_step(forward_step=forward_step, iterators=train_iterators, model=model,
                                          optimizer=optimizer, scheduler=scheduler, layout=layout,
                                          seq_length=seq_length, step=state.iteration + 1,
                                          warn=lambda text: metrics.event("transient_fault", message=text),
-                                         reports=reports, micro_batch=micro_batch)
+                                         reports=reports, micro_batch=micro_batch, stop=stop)
         state.iteration += 1
         state.consumed_samples += layout.global_batch
         interval_sums += sums
@@ -334,8 +362,9 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
             interval_start += time.perf_counter() - started  # validation is not training step time
         if checkpointer is not None:
             checkpointer.maybe_finalize()
-        signum = stop.agreed() if stop is not None else 0
-        if signum:
+        if stop is not None and last and not signum:
+            signum = stop.agreed()  # a signal after the last step's loss check: once per run, not per step
+        if signum:  # agreed in the step's loss all-reduce (_loss_and_stop): no collective of its own
             state.preempted_by = signum
             break
         if checkpointer is not None and every and state.iteration % every == 0 and not last:

@@ -78,3 +78,57 @@ def test_without_a_replay_a_nonfinite_loss_is_a_divergence_at_once():
     with pytest.raises(faults.LossDiverged):
         rerun_nonfinite(attempt, step=1, lr=lambda: 1e-3, warn=print, rewind=None)
     assert calls["n"] == 1
+
+
+def test_the_stop_signal_rides_in_the_loss_check_and_agrees_on_the_highest_signal():
+    import signal
+
+    from nemoc.runtime import faults
+
+    stop = faults.StopSignal()
+    assert sum(stop.flags()) == 0 and faults.StopSignal.from_flags(stop.flags()) == 0
+    stop._handle(signal.SIGUSR1, None)
+    stop._handle(signal.SIGTERM, None)  # a repeated signal changes nothing
+    assert faults.StopSignal.from_flags(stop.flags()) == signal.SIGUSR1
+    other = faults.StopSignal()
+    other._handle(signal.SIGTERM, None)
+    summed = [a + b for a, b in zip(stop.flags(), other.flags())]  # what the all-reduce adds up over two ranks
+    assert faults.StopSignal.from_flags(summed) == max(signal.SIGUSR1, signal.SIGTERM)
+
+
+def test_one_all_reduce_gives_the_loss_and_the_stop_signal(monkeypatch):
+    import signal
+
+    import torch
+
+    from nemoc.runtime.core import loop
+    from nemoc.runtime.core.dist import StopSignal
+
+    monkeypatch.setattr(loop, "device", lambda: torch.device("cpu"))
+    calls = []
+    world = [2]
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: world[0])
+    # two ranks with the same sums and flags: the all-reduce doubles them
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: calls.append(t.clone()) or t.mul_(2))
+    stop = StopSignal()
+    assert loop._loss_and_stop(torch.tensor([6.0, 3.0]), stop) == (2.0, 0)
+    stop._handle(signal.SIGINT, None)
+    loss, signum = loop._loss_and_stop(torch.tensor([6.0, 3.0]), stop)
+    assert (loss, signum) == (2.0, signal.SIGINT) and len(calls) == 2
+    assert calls[1].tolist()[:2] == [6.0, 3.0] and sum(calls[1].tolist()[2:]) == 1  # one collective for both
+    assert math.isnan(loop._loss_and_stop(torch.tensor([float("nan"), 3.0]), None)[0])
+    world[0] = 1  # one process: the same answers without a collective
+    assert loop._loss_and_stop(torch.tensor([6.0, 3.0]), stop) == (2.0, signal.SIGINT) and len(calls) == 3
+
+
+def test_report_sums_add_pairs_and_count_scalars_per_name(monkeypatch):
+    import torch
+
+    from nemoc.runtime.core import loop
+
+    monkeypatch.setattr(loop, "device", lambda: torch.device("cpu"))
+    losses = [{"loss": torch.tensor([4.0, 2.0]), "accuracy": torch.tensor(0.5)},
+              {"loss": torch.tensor([6.0, 3.0]), "accuracy": torch.tensor(1.0)}, {"other": torch.tensor(9.0)}]
+    assert loop._report_sums(losses, ("loss", "accuracy", "absent")).tolist() == [[10, 5], [1.5, 2], [0, 0]]
+    assert loop._report_sums([], ("loss",)).tolist() == [[0, 0]]
