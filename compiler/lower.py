@@ -40,6 +40,10 @@ from nemoc.dsl.schema import (BLOCKS, CALLS, DATA_OPTIONS, MODEL_FIELDS, STAGE_K
                               TRAINING_KINDS)
 
 LENGTH_FIELDS = ("steps", "tokens", "epochs")
+# The dtype a stage's trained weights are held in, by the experiment's precision: what export writes by default.
+TRAINED_WEIGHT_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16",
+                        "mxfp8": "bfloat16"}
+_DEFAULT_PRECISION = next(f.default for f in dataclasses.fields(ExperimentSpec) if f.name == "precision")
 EXPORT_DTYPES = next(f.type.choices for f in STAGE_PARAMS["export"] if f.name == "dtype")
 EXPERIMENT_KEYS = ("precision", "fp8_recipe", "attention_backend", "kernels", "moe_dispatcher", "moe_grouped_gemm",
                    "moe_permute_fusion")  # the experiment's own fields
@@ -505,6 +509,10 @@ class _Lowering:
             source = stage_init[1].dtype if stage_init is not None else self.model_dtype
             if source in EXPORT_DTYPES:
                 params["dtype"] = source
+        elif kind == "export" and "dtype" not in params:
+            # after training: the dtype the trained weights are held in (fp8 recipes keep 16-bit weights)
+            precision = self.exp.values.get("precision", _DEFAULT_PRECISION)
+            params["dtype"] = TRAINED_WEIGHT_DTYPE.get(str(precision), "float32")
         fields = dict(values)
         fields["data"] = tuple(r.name for r in values.get("data", ()))
         if "optimizer" in values:

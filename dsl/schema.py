@@ -387,9 +387,10 @@ _PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
     "export": (
         _INIT,
         _f("format", enum("huggingface"), "huggingface", "Output format (a Hugging Face checkpoint directory)."),
-        _f("dtype", enum("float32", "bfloat16", "float16"), "float32", "Weight dtype written. An export-only "
-           "experiment (the model's or the stage's `init = hf(...)`, no `after`) defaults to the checkpoint's own "
-           "dtype, resolved at compile time."),
+        _f("dtype", enum("float32", "bfloat16", "float16"), "float32", "Weight dtype written. Defaults, resolved at "
+           "compile time, to the dtype the weights are held in: after training the experiment's precision "
+           "(bf16, fp8 and mxfp8 -> bfloat16, fp16 -> float16, fp32 -> float32); in an export-only experiment (the "
+           "model's or the stage's `init = hf(...)`, no `after`) the checkpoint's own dtype."),
     ),
 })
 

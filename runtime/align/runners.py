@@ -213,15 +213,15 @@ def run_sft(task: StageTask) -> dict:
 def run_dpo(task: StageTask) -> dict:
     tok = stage.tokenizer_of(task)
     train, val = _preference_pairs(task, tok)
-    p, s, seq = task.stage.params, task.stage, task.stage.seq_length
-    beta, loss = p.beta, p.loss
-    reference_mode = "none" if p.reference_free else p.reference
+    params, s, seq = task.stage.params, task.stage, task.stage.seq_length
+    beta, loss = params.beta, params.loss
+    reference_mode = "none" if params.reference_free else params.reference
     if reference_mode not in ("model", "precomputed", "none"):
         raise AlignError(f"dpo: reference = {reference_mode!r}; expected model | precomputed (or reference_free = true)")
     parent = stage.policy_start(task)
     varlen = stage.varlen_attention(task)  # chosen and rejected rows as variable-length segments: no [s, s] mask
     chunk = _policy(task, parent)
-    resident = resident_models("dpo", p, s.peft)
+    resident = resident_models("dpo", params, s.peft)
     if reference_mode == "none":
         reference = dpo.ReferenceScores(zero=True, loss=loss)
     elif s.peft is not None:
@@ -242,7 +242,7 @@ def run_dpo(task: StageTask) -> dict:
             return dpo.microbatches(share, seq_length=seq, micro_batch=s.layout.micro_batch,
                                     reference=reference, table=table, pad_id=tok.pad, varlen=varlen)
 
-        forward = dpo.make_forward(beta=beta, loss=loss, label_smoothing=p.label_smoothing)
+        forward = dpo.make_forward(beta=beta, loss=loss, label_smoothing=params.label_smoothing)
         state, start = _fit(task, tr, metrics, items=list(enumerate(train)), to_microbatches=to_mb,
                               forward=forward, tokens_per_step=2 * s.layout.global_batch * seq)
         after = dpo.preference_accuracy(chunk, val, seq_length=seq, reference=reference if table is None else None,
