@@ -209,14 +209,21 @@ def in_flight_microbatches(pp: int, vp: int | None, num_microbatches: int, stage
 # ------------------------------------------------------------------------------------ resident models
 
 
-def resident_models(stage_kind: str, params: object = None, *, peft: LoraSpec | None = None) -> tuple[str, ...]:
+def resident_models(stage_kind: str, params: object = None, *, peft: LoraSpec | None = None,
+                    parents: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Which models a stage keeps in GPU memory. DPO (Rafailov et al. 2023) needs a frozen reference
     policy unless its log-probabilities are precomputed (`reference = precomputed`); with LoRA the reference is the base model with adapters
     disabled (NeMo/Megatron-Bridge), so it costs nothing extra. PPO (Ouyang et al. 2022) keeps the
     actor and critic (trained) and the reward and reference models (frozen), all resident. KTO needs a
     reference as DPO does; ORPO (Hong et al. 2024) none; GRPO a reference (beta > 0, no LoRA) and a
-    reward model unless a verifier scores the completions."""
+    reward model unless a verifier scores the completions. An eval stage (`parents`: the kinds of the
+    stages it runs after, in order) holds the first parent's model, and for `eval after POLICY, REFERENCE`
+    the second's too (implicit rewards of held-out pairs); after a reward stage, the reward model."""
     params = StageParams.of(stage_kind, params)
+    if stage_kind == "eval":
+        if parents and parents[0] == "reward":
+            return ("reward",)
+        return ("policy", "reference") if len(parents) >= 2 and parents[1] != "reward" else ("policy",)
     if stage_kind == "dpo":
         precomputed = params.reference == "precomputed" or params.reference_free
         return ("policy",) if (precomputed or peft is not None) else ("policy", "reference")
@@ -275,7 +282,7 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
              seq_length: int | None = None, stage_kind: str = "pretrain", peft: LoraSpec | None = None,
              gpu: HardwareSpec | str | None = None, params: object = None, dropout: bool = False,
              kernels: str = "te", grad_bytes: int = 4, split: tuple[int, int, int] | None = None,
-             moe_dispatcher: str = "alltoall") -> MemoryBreakdown:
+             moe_dispatcher: str = "alltoall", parents: tuple[str, ...] = ()) -> MemoryBreakdown:
     """Per-GPU memory of the most-loaded pipeline stage (the max total over first and last stage;
     middle stages hold fewer micro batches than the first and no embedding or logits; with an
     uneven `split` = (first, middle, last) layer counts, the second stage too, which may hold more
@@ -284,7 +291,7 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
     stages = {0, layout.pp - 1} | ({1} if split is not None and layout.pp > 2 and split[1] > split[0] else set())
     best = None
     for m in _breakdowns(sorted(stages), model, layout, precision, attention_backend, seq_length, stage_kind, peft,
-                         gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher):
+                         gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents):
         if best is None or m.total > best.total:
             best = m
     return best  # type: ignore[return-value]
@@ -295,18 +302,18 @@ def pipeline_stages(model: ModelSpec, layout: Layout, *, precision: str = "bf16"
                     gpu: HardwareSpec | str | None = None, params: object = None, dropout: bool = False,
                     kernels: str = "te", grad_bytes: int = 4,
                     split: tuple[int, int, int] | None = None,
-                    moe_dispatcher: str = "alltoall") -> tuple[MemoryBreakdown, ...]:
+                    moe_dispatcher: str = "alltoall", parents: tuple[str, ...] = ()) -> tuple[MemoryBreakdown, ...]:
     """Per-GPU memory of every pipeline stage 0 .. pp - 1 (`estimate` is the largest of them)."""
     return tuple(_breakdowns(range(layout.pp), model, layout, precision, attention_backend, seq_length, stage_kind,
-                             peft, gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher))
+                             peft, gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents))
 
 
 def _breakdowns(stages, model, layout, precision, attention_backend, seq_length, stage_kind, peft, gpu, params,
-                dropout, kernels, grad_bytes, split, moe_dispatcher="alltoall"):
+                dropout, kernels, grad_bytes, split, moe_dispatcher="alltoall", parents=()):
     hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
     capacity = hw.hbm_bytes if hw else 0
     seq = seq_length or model.seq_length
-    resident = len(resident_models(stage_kind, params, peft=peft))
+    resident = len(resident_models(stage_kind, params, peft=peft, parents=parents))
     rows = stage_work(stage_kind, params, peft).rows  # preference pairs: chosen + rejected
     for stage in stages:
         yield _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
@@ -366,7 +373,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
     vocab = padded_vocab(model.vocab, layout.tp)
     trains = kind in TRAINING_KINDS
     trainable = (2 if kind == "ppo" else 1) if trains else 0  # PPO trains actor and critic
-    frozen = resident - trainable if trains else 1  # references / reward model; eval, export
+    frozen = resident - trainable if trains else resident  # references / reward model; eval's models, export
     st, weights, gradients, optimizer, step_transient = _model_states(
         model, layout.tp, layout.pp, layout.cp, layout.dp, layout.ep, layout.etp, layout.distributed_optimizer,
         stage, vocab, scalar_head, split, precision, peft, trainable, frozen, grad_bytes)

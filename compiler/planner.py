@@ -149,6 +149,11 @@ def stage_steps(spec: ExperimentSpec, stage: StageSpec, global_batch: int, seq: 
     return 0, "no tokens, steps or epochs: time and cost exclude this stage"
 
 
+def parent_kinds(spec: ExperimentSpec, stage: StageSpec) -> tuple[str, ...]:
+    """The kinds of the stages `stage` runs after, in the order written."""
+    return tuple(spec.stage(name).kind for name in stage.after)
+
+
 def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend: str, headroom: float,
              parallel: ParallelSpec, steps: int, target: Target = MEGATRON_CORE) -> Problem:
     return Problem(
@@ -157,6 +162,7 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
         fp8_recipe=fp8_recipe_of(target.stage_precision(stage.kind, spec.precision), spec.fp8_recipe),
         attention_backend=backend,
         stage_kind=stage.kind, peft=stage.peft, params=stage.params, headroom=headroom, steps=steps,
+        parents=parent_kinds(spec, stage),
         kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=stage.optimizer.name, target=target,
         hf_conversion=is_hf_conversion(spec, stage),
         moe_requested=(spec.moe_dispatcher, spec.moe_grouped_gemm, spec.moe_permute_fusion),
@@ -318,7 +324,7 @@ def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps
         schedule=stage.schedule, checkpoint=stage.checkpoint, execution=execution, peft=stage.peft,
         log_every=stage.log_every, eval_every=stage.eval_every, seed=stage.seed,
         params=stage.params,
-        resident_models=resident_models(stage.kind, stage.params, peft=stage.peft),
+        resident_models=resident_models(stage.kind, stage.params, peft=stage.peft, parents=parent_kinds(spec, stage)),
     )
 
 

@@ -101,6 +101,7 @@ class Problem:
     stage_kind: str = "pretrain"
     peft: LoraSpec | None = None
     params: object = None  # stage params (DPO reference_free, ...)
+    parents: tuple[str, ...] = ()  # the kinds of the stages it runs after (eval holds a reference's model too)
     headroom: float = DEFAULT_HEADROOM
     steps: int = 1
     kernels: str = "te"  # the experiment's resolved `kernels` (te | local); the stage's own: `stage_kernels`
@@ -252,6 +253,7 @@ def pipeline_memory(p: Problem, layout: Layout) -> tuple[MemoryBreakdown, ...]:
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
+        parents=p.parents,
     )
 
 
@@ -270,6 +272,7 @@ def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
+        parents=p.parents,
     )
 
 

@@ -96,6 +96,23 @@ def test_resident_models() -> None:
     assert resident_models("dpo", {"reference_free": True}) == ("policy",)
     assert resident_models("dpo", peft=LoraSpec()) == ("policy",)
     assert resident_models("ppo") == ("actor", "critic", "reward", "reference")
+    # eval holds its first parent's model; `eval after POLICY, REFERENCE` the reference's too
+    assert resident_models("eval", parents=("dpo",)) == ("policy",)
+    assert resident_models("eval", parents=("orpo", "sft")) == ("policy", "reference")
+    assert resident_models("eval", parents=("reward",)) == ("reward",)
+
+
+def test_an_eval_with_a_reference_holds_two_models_weights() -> None:
+    from nemoc.compiler.planner import plan_experiment
+    from nemoc.compiler.lower import load_experiment
+
+    spec, _ = load_experiment("examples/alignment_kinds.nemo")
+    plan = plan_experiment(spec).plan
+    ev = plan.stage("eval")
+    assert ev.resident_models == ("policy", "reference")
+    one = estimate(spec.model, ev.layout, precision=plan.precision, stage_kind="eval", gpu=spec.cluster.gpu,
+                   seq_length=ev.seq_length, kernels=ev.kernels, parents=("orpo",))
+    assert ev.memory.weights == pytest.approx(2 * one.weights)
 
 
 def test_lora_dpo_ppo_states() -> None:
