@@ -149,6 +149,24 @@ def stage_steps(spec: ExperimentSpec, stage: StageSpec, global_batch: int, seq: 
     return 0, "no tokens, steps or epochs: time and cost exclude this stage"
 
 
+# bytes per element of the weights an export writes (the stage's `dtype`, resolved at compile time)
+_EXPORT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _export_host_note(spec: ExperimentSpec, stage: StageSpec, target: Target) -> str:
+    """Host memory of a streamed export: one decoder layer is read and converted at a time (two copies:
+    the slice read and the tensor written) and the largest tensor, the embedding or output matrix, is held
+    read, converted and written (three copies); fp32 is the upper bound of what the checkpoint stores."""
+    counts = param_counts(spec.model)
+    width = max(_EXPORT_BYTES.get(str(stage.params.dtype), 4) if "dtype" in stage.params else 4, 4)
+    largest = max(counts.embedding, counts.output)
+    peak = (2 * counts.per_layer + 3 * largest) * width
+    return (f"the target `{target.name}` exports in one process on the host CPU, streaming one layer at a time: "
+            f"about {peak / 2**30:,.1f} GiB of host memory at most (2 x one layer {counts.per_layer * width / 2**30:,.2f} "
+            f"GiB + 3 x the largest matrix {largest * width / 2**30:,.2f} GiB, fp32); the stage's GPU layout and "
+            "memory do not apply to it")
+
+
 def parent_kinds(spec: ExperimentSpec, stage: StageSpec) -> tuple[str, ...]:
     """The kinds of the stages `stage` runs after, in the order written."""
     return tuple(spec.stage(name).kind for name in stage.after)
@@ -365,10 +383,7 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
         steps = 0
         notes.append("export runs no training steps: no time estimate")
         if caps.one_process:
-            fp32 = param_counts(spec.model).total * 4
-            notes.append(f"the target `{target.name}` exports in one process on the host CPU (the whole model at "
-                         f"TP=1 in fp32): about {fp32 / 2**30:,.1f} GiB of host memory; the stage's GPU layout and "
-                         "memory do not apply to it")
+            notes.append(_export_host_note(spec, stage, target))
     else:
         steps, note = stage_steps(spec, stage, gb, seq)
         if note:

@@ -51,7 +51,7 @@ _EVAL = StageCaps(
     runs="the nemoc runtime evaluates at the stage's TP/DP layout (runtime/align/evaluate.py)",
     source="nemoc runtime/align/evaluate.py (direct model calls: no pipeline; dense models only)")
 _EXPORT = StageCaps(
-    pipeline=False, te=False, moe=True, attention="unfused", one_process=True, hf_init=True,
+    pipeline=False, context_parallel=False, te=False, moe=True, attention="unfused", one_process=True, hf_init=True,
     runs="the nemoc runtime exports in one process on the host, streaming the checkpoint layer by layer "
          "(runtime/hf/trained.py)",
     source="nemoc runtime/orchestrate/tasks/align.py _one_process, runtime/hf/trained.py spec_config")
