@@ -26,7 +26,7 @@ import click
 from nemoc.runtime.cli.common import EXIT_DIAGNOSTICS, EXIT_OK, EXIT_USAGE, common_options, fail, \
     load_spec_with_warnings
 
-TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo")
+from nemoc.dsl.schema import TRAINING_KINDS  # the stage kinds whose layout a Megatron-LM command line carries
 
 
 def _die(message: str, code: int, as_json: bool = False) -> None:
