@@ -186,14 +186,13 @@ def _lm_eval(task, start: stage.Start, tasks: list[str], limit, include) -> dict
         return heldout.lm_eval("", tasks)  # the skip record, naming the package
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return {}  # rank 0 runs lm-eval and writes results.json (every rank evaluates the same model)
-    from nemoc.runtime.align import runners
     from nemoc.runtime.hf import convert
 
     out = task.output_dir / "hf"
     if start.hf:  # the converted Hugging Face checkpoint itself, written back
         convert.export_converted(start.path, out)
     else:
-        runners.write_hf(task, str(common.resolve_checkpoint(start.path)), out)
+        stage.write_hf(task, str(common.resolve_checkpoint(start.path)), out)
     include_path = os.path.abspath(os.path.join(task.plan.root, include)) if include else None
     return heldout.lm_eval(str(out), tasks, limit=int(limit) if limit else None, include_path=include_path,
                            prefix_token_id=stage.tokenizer_of(task).eod)

@@ -240,3 +240,46 @@ def write_done(task: StageTask, payload: dict) -> None:
 
 def dp_info() -> tuple[int, int]:
     return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+def _hf_source(task: StageTask) -> str | None:
+    """The Hugging Face directory the exported model started from: the nearest ancestor stage's own
+    `init = hf(DIR)`, else the model's; None for a model trained from scratch."""
+    seen, todo = set(), list(task.stage.after)
+    while todo:
+        name = todo.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        parent = task.plan.stage(name)
+        if parent.params.get("init"):
+            return _plan_path(task, str(parent.params["init"]))
+        todo += list(parent.after)
+    return _plan_path(task, task.plan.model.init) if task.plan.model.init else None
+
+
+def _plan_path(task: StageTask, path: str) -> str:
+    if os.path.isabs(path):
+        return path
+    return os.path.join(os.path.abspath(task.plan.root or "."), path)
+
+
+def write_hf(task: StageTask, checkpoint: str, out, *, dtype: str | None = None):
+    """A stage checkpoint (any layout) streamed into a Hugging Face directory `out` with the config,
+    generation config and tokenizer files of the model it started from: (path, manifest)."""
+    from nemoc.compiler.hfconfig import HfConfigError
+    from nemoc.runtime.hf import convert, trained
+
+    tokenizer = task.tokenizer
+    tokenizer_dir = tokenizer if tokenizer and os.path.isdir(tokenizer) else None
+    try:
+        path, manifest = trained.export_trained(
+            checkpoint, task.plan.model, out, vocab=task.vocab_size, source=_hf_source(task),
+            tokenizer_dir=tokenizer_dir, dtype=dtype,
+            special_ids=trained.tokenizer_special_ids(tokenizer_dir, task.raw.get("eod_id")))
+    except (trained.TrainedExportError, convert.ConversionError, HfConfigError, OSError) as exc:
+        raise AlignError(str(exc)) from None
+    if tokenizer and os.path.isfile(tokenizer) and not (path / os.path.basename(tokenizer)).exists():
+        (path / os.path.basename(tokenizer)).write_bytes(open(tokenizer, "rb").read())
+    trained.write_tokenizer_config(path, task.raw.get("eod_id"))
+    return path, manifest

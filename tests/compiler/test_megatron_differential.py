@@ -471,7 +471,7 @@ DENSE = ModelSpec(name="d", layers=4, hidden=256, heads=4, query_groups=4, ffn_h
 MOE = replace(DENSE, experts=4, top_k=2, moe_ffn_hidden=128)
 
 
-@pytest.mark.parametrize("kind", ["ppo", "eval", "export"])
+@pytest.mark.parametrize("kind", ["ppo", "grpo", "eval"])
 def test_alignment_stages_refuse_moe_models(kind):
     from nemoc.compiler import rules
 
@@ -481,9 +481,10 @@ def test_alignment_stages_refuse_moe_models(kind):
     assert rules.rule_runtime_moe(_env(DENSE, kind=kind), rules.Sizes()) is None
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "reward"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "kto", "orpo", "reward", "export"])
 def test_sft_dpo_and_reward_run_moe_models(kind):
-    """They build through the training core (Megatron's MoELayer); tests/runtime/align/test_align_sft.py."""
+    """They build through the training core (Megatron's MoELayer); tests/runtime/align/test_align_sft.py.
+    Export streams MoE checkpoints as Mixtral / Qwen3-MoE (tests/runtime/align/test_align_export.py)."""
     from nemoc.compiler import rules
 
     assert rules.rule_runtime_moe(_env(MOE, kind=kind), rules.Sizes()) is None
