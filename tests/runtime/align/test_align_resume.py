@@ -191,7 +191,7 @@ def test_a_stop_signal_to_an_sft_stage_saves_exits_143_and_the_rerun_is_bit_iden
     from nemoc.runtime.metrics import read_records
 
     root, spec, tok = world
-    plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1), ("s", "lora", ("base",), {"pack": False}, _lora(), 60)],
+    plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1), ("s", "sft", ("base",), {"pack": False}, _lora(), 60)],
                      checkpoint_every=25, log_every=1)
     data = [{"name": "d", "path": str(root / "chat.jsonl"), "format": "chat", "split": "90,10,0"}]
     env = dict(os.environ, OMP_NUM_THREADS="1")
