@@ -328,7 +328,13 @@ def _detached_chain(args, nemoc, run_dir, tmp_path, started):
     ids = {task: jobs[task]["job_id"] for task in ("train:pretrain", "train:anneal", "eval:eval")}
     assert jobs["train:anneal"]["after"] == [ids["train:pretrain"]] and jobs["eval:eval"]["after"] == [ids["train:anneal"]]
     shown = subprocess.run(["scontrol", "show", "job", "-o", ids["eval:eval"]], capture_output=True, text=True).stdout
-    assert f"Dependency=afterok:{ids['train:anneal']}" in shown and re.search(r" NumNodes=1(-1)? ", shown)  # one process: one node
+    # eval runs at its stage's layout (runtime/align/evaluate.py): the job spans that layout's nodes
+    from nemoc.compiler.plan import from_json
+
+    plan = from_json((run_dir / "plan.json").read_text())
+    ev = plan.stage("eval").layout
+    nodes = -(-(ev.tp * ev.pp * ev.cp * ev.dp) // plan.cluster.gpus_per_node)
+    assert f"Dependency=afterok:{ids['train:anneal']}" in shown and re.search(rf" NumNodes={nodes}(-\d+)? ", shown), shown
     status = subprocess.run([nemoc, "status", str(run_dir), "--json"], capture_output=True, text=True)
     rows = {row["id"]: row for row in json.loads(status.stdout)["tasks"]}
     assert rows["eval:eval"]["state"] == "queued (Dependency)"  # Slurm's reason: read live, not recorded
