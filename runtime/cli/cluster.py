@@ -136,20 +136,15 @@ def logs(run_dir: str, task: str | None, follow: bool, lines: int | None) -> Non
 
 
 def _print_from(log: Path, offset: int, last: int | None) -> int:
-    try:
-        with open(log, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except OSError:
-        return offset
-    end = len(data) if last is not None else data.rfind(b"\n") + 1
-    text = data[:end].decode("utf-8", "replace")
+    from nemoc.runtime.orchestrate.launchers import read_new
+
+    text, offset = read_new(log, offset, whole_lines=last is None)
     if last is not None:
         text = "".join(text.splitlines(keepends=True)[-last:]) if last else ""
     if text:
         sys.stdout.write(text)
         sys.stdout.flush()
-    return offset + end
+    return offset
 
 
 def _slurm_job_active(root: Path, task_id: str) -> bool:

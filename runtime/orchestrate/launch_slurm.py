@@ -42,7 +42,7 @@ from pathlib import Path
 from nemoc.compiler.params import SCHEDULER_OPTIONS_TYPES, OptionsMismatch, options_for
 from nemoc.runtime.faults import RESTART_SAFE_ENV
 from nemoc.runtime.orchestrate.launchers import (EXIT_PREEMPTED, Hangup, LaunchResult, LaunchSpec, LauncherError, nodes_for,
-                                     read_job_record)
+                                     read_job_record, read_new)
 from nemoc.runtime.orchestrate.rundir import atomic_write_json
 from nemoc.runtime.taskfile import FATAL
 
@@ -632,18 +632,11 @@ class SlurmLauncher:
         return w.info if state in TERMINAL else None
 
     def _echo_new(self, log_path: Path, offset: int, prefix: str = "") -> int:
-        try:
-            with open(log_path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
-        except OSError:
-            return offset
-        end = data.rfind(b"\n") + 1  # only whole lines
-        if end:
-            for line in data[:end].decode("utf-8", "replace").splitlines(keepends=True):
-                if line.startswith(("0: ", "[nemoc ")):  # node 0's output (srun --label) and the script's
-                    self.echo(prefix + (line[3:] if line.startswith("0: ") else line))
-        return offset + end
+        text, offset = read_new(log_path, offset)
+        for line in text.splitlines(keepends=True):
+            if line.startswith(("0: ", "[nemoc ")):  # node 0's output (srun --label) and the script's
+                self.echo(prefix + (line[3:] if line.startswith("0: ") else line))
+        return offset
 
     def _result(self, job: SlurmJob, job_id: str, info: Mapping[str, str]) -> LaunchResult:
         state = info.get("JobState", "UNKNOWN")

@@ -87,6 +87,20 @@ def read_job_record(path: Path, *, launcher: str, keys: set[str], error: type[Ex
     return record
 
 
+def read_new(path: Path, offset: int, *, whole_lines: bool = True) -> tuple[str, int]:
+    """What `path` holds past byte `offset` (only up to its last newline when `whole_lines`, so a line
+    being written is read once it is complete) and the offset to read from next; ("", offset) while the
+    file cannot be read. The one reader behind every log follower (`nemoc logs -f`, the Slurm echo)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return "", offset
+    end = data.rfind(b"\n") + 1 if whole_lines else len(data)
+    return data[:end].decode("utf-8", "replace"), offset + end
+
+
 def nodes_for(spec: LaunchSpec) -> int:
     """The nodes a task takes: the cluster's, or fewer when its processes fill fewer (eval and export
     run one process: one node)."""
