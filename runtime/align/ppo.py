@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from nemoc.runtime import generation
-from nemoc.runtime.align.common import AlignError, Batch, make_batch, token_logprobs, unwrap
+from nemoc.runtime.align.common import AlignError, Batch, forward_everywhere, make_batch, token_logprobs, unwrap
 from nemoc.runtime.align.reward import score as reward_score
 from nemoc.runtime.align.reward import sequence_batch
 from nemoc.runtime.objectives import grpo as objectives_grpo
@@ -124,7 +124,7 @@ class Experience:
 @torch.no_grad()
 def critic_values(critic, batch: Batch) -> torch.Tensor:
     unwrap(critic).eval()
-    return critic(batch.tokens, batch.position_ids, batch.attention_mask).squeeze(-1).float()
+    return forward_everywhere(critic, batch, lambda b, values: values.squeeze(-1).float())
 
 
 @torch.no_grad()
