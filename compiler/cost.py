@@ -843,8 +843,8 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     cache of its heads once (Pope et al. 2022, "Efficiently Scaling Transformer Inference", Sec. 2);
     the pipeline stages run one after the other for a single batch, so a step costs the whole
     model's reads / TP; plus the per-layer launch overhead of a forward (decode kernels are tiny).
-    Under pipeline parallelism the nemoc runtime decodes the whole batch stage after stage
-    (runtime/generation.py: no micro-batches, so no stage overlaps another): the prefill costs the
+    Under pipeline parallelism the batch is decoded stage after stage as one batch (the nemoc
+    runtime's generator: no micro-batches, so no stage overlaps another): the prefill costs the
     m micro batches' forward on every stage in turn, m x pp x the mean stage, not the pipelined
     m x slowest + bubble, and every forward (the prefill, each decode step) sends the batch's hidden
     states across the pp - 1 stage boundaries (`_rollout_p2p`)."""

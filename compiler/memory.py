@@ -256,8 +256,8 @@ class _Stage:
 
 
 def rollout_kv_cache(model: ModelSpec, layout: Layout, *, seq: int, rows: int, layers: float) -> float:
-    """Bytes of the KV cache a pipeline stage holds while decoding a rollout (runtime/generation.py:
-    Megatron-Core's StaticInferenceContext, one key and one value tensor per layer of this stage, each
+    """Bytes of the KV cache a pipeline stage holds while decoding a rollout (the nemoc runtime's
+    generator on Megatron-Core's StaticInferenceContext, one key and one value tensor per layer of this stage, each
     [sequence, batch, query groups / tp, head dim] in 16-bit): the DP rank's whole batch at once
     (m micro batches x micro batch x rows sequences, no micro-batching), up to `seq` positions. Under
     pipeline parallelism each stage caches only its own `layers`."""
