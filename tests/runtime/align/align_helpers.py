@@ -219,7 +219,9 @@ def rl_kind(common, kind: str, base, layout, *, iterations: int = 2) -> dict:
 
     prompts = [[INSTR, a, SEP] for a in LETTERS[:8]]
     policy = model()
-    tokens = generation.generate(policy, prompts, max_new_tokens=6, vocab=spec.vocab, eod=-1, seq_length=16,
+    # prompts of 3 to 5 tokens: the batch prefills to the shortest, then feeds the longer rows their prompt
+    ragged = [p + [LETTERS[-1]] * (i % 3) for i, p in enumerate(prompts)]
+    tokens = generation.generate(policy, ragged, max_new_tokens=6, vocab=spec.vocab, eod=-1, seq_length=16,
                                  generator=torch.Generator().manual_seed(7)).tokens
     rm = model(head=True, frozen=True)
     steps = []
