@@ -118,6 +118,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, vo
             ends[stopped] = end + 1
         done |= (end + 1) >= limit
         start, end = end, end + 1
+    pipe = _pipeline()
+    if pipe is not None and not pipe.first:
+        unwrap(model).set_input_tensor(None)  # no stale hidden states for the next caller
     out = [tokens[i, int(lengths[i]):int(ends[i])].tolist() for i in range(b)]
     return Generation(out, (entropy_sum / entropy_n.clamp(min=1)).tolist())
 
