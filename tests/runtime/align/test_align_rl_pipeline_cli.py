@@ -1,7 +1,8 @@
 """`nemoc run` of a tiny experiment whose PPO and GRPO stages run at pipeline parallelism 2 on the CPU
-box's two processes (pretrain -> sft -> reward -> ppo, grpo): the plan keeps the stages' pipeline = 2, the
-runtime trains them through Megatron's schedules with rollouts decoded across the two stages, and each
-stage finishes with finite losses, the models the memory model planned and a final checkpoint."""
+box's two processes (pretrain -> sft -> reward -> ppo, grpo with LoRA: its reference is the policy with the
+adapters off, scored by a forward-only schedule): the plan keeps the stages' pipeline = 2, the runtime
+trains them through Megatron's schedules with rollouts decoded across the two stages, and each stage
+finishes with finite losses, the models the memory model planned and a final checkpoint."""
 
 from __future__ import annotations
 
@@ -110,6 +111,7 @@ experiment rl_pipeline {
     num_generations = 2
     max_new_tokens = 6
     reward = contains
+    peft = lora(rank = 4, alpha = 8)
     optimizer = adam(lr = 1e-5, weight_decay = 0.0)
     parallel {
       pipeline = 2
