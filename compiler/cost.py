@@ -842,11 +842,24 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     (m x micro batch of them) and is memory-bandwidth bound: each GPU reads its weights and the KV
     cache of its heads once (Pope et al. 2022, "Efficiently Scaling Transformer Inference", Sec. 2);
     the pipeline stages run one after the other for a single batch, so a step costs the whole
-    model's reads / TP; plus the per-layer launch overhead of a forward (decode kernels are tiny)."""
-    prefill = _pass_time(model, layout, hw, ModelPass("prefill", 1.0, FORWARD), seq=seq, precision=precision,
-                         backend=backend, micro_batch=micro_batch, params=params, overlap_tp=overlap_tp,
-                         kernels=kernels)
+    model's reads / TP; plus the per-layer launch overhead of a forward (decode kernels are tiny).
+    Under pipeline parallelism the batch is decoded stage after stage as one batch (the nemoc
+    runtime's generator: no micro-batches, so no stage overlaps another): the prefill costs the
+    m micro batches' forward on every stage in turn, m x pp x the mean stage, not the pipelined
+    m x slowest + bubble, and every forward (the prefill, each decode step) sends the batch's hidden
+    states across the pp - 1 stage boundaries (`_rollout_p2p`)."""
     batch = layout.num_microbatches * micro_batch
+    if layout.pp == 1:
+        prefill = _pass_time(model, layout, hw, ModelPass("prefill", 1.0, FORWARD), seq=seq, precision=precision,
+                             backend=backend, micro_batch=micro_batch, params=params, overlap_tp=overlap_tp,
+                             kernels=kernels)
+    else:
+        lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
+                         micro_batch=micro_batch, backward=FORWARD, params=params, overlap_tp=overlap_tp,
+                         kernels=kernels)
+        _, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=FORWARD,
+                                  params=params)
+        prefill = layout.num_microbatches * layout.pp * mean + _rollout_p2p(model, layout, hw, batch * seq, params)
     counts = param_counts(model)
     gemm_params = model.layers * (counts.attention + counts.mlp_active) + model.hidden * model.vocab
     weight_bytes = (model.layers * (counts.per_layer - counts.expert) + model.hidden * model.vocab) / layout.tp * 2.0
@@ -857,4 +870,16 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.gemm_eff(hw.generation, "bf16")
     flops = 2.0 * batch * gemm_params / layout.tp
     step = max(flops / rate, (weight_bytes + kv_bytes) / hw.hbm_bw) + model.layers * params.layer_overhead / 3.0
+    step += _rollout_p2p(model, layout, hw, batch, params)
     return prefill + new_tokens * step
+
+
+def _rollout_p2p(model, layout, hw, tokens: float, params) -> float:
+    """One generation forward's pipeline transfers: `tokens` hidden states (16-bit; 1/tp of them each
+    under sequence parallelism) sent across each of the pp - 1 stage boundaries in turn, on the
+    critical path (the stages wait for each other), each paying the link latency; 0 without a pipeline."""
+    if layout.pp == 1:
+        return 0.0
+    size = tokens / layout.cp * model.hidden * 2.0 / (layout.tp if layout.sequence_parallel else 1)
+    bw = _link_bw(hw, layout.pp, layout.tp * layout.cp * layout.dp, params)
+    return (layout.pp - 1) * (size / bw + params.ring_step_latency)

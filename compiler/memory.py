@@ -255,6 +255,17 @@ class _Stage:
     last: bool
 
 
+def rollout_kv_cache(model: ModelSpec, layout: Layout, *, seq: int, rows: int, layers: float) -> float:
+    """Bytes of the KV cache a pipeline stage holds while decoding a rollout (the nemoc runtime's
+    generator on Megatron-Core's StaticInferenceContext, one key and one value tensor per layer of this stage, each
+    [sequence, batch, query groups / tp, head dim] in 16-bit): the DP rank's whole batch at once
+    (m micro batches x micro batch x rows sequences, no micro-batching), up to `seq` positions. Under
+    pipeline parallelism each stage caches only its own `layers`."""
+    batch = layout.num_microbatches * layout.micro_batch * rows
+    groups = max(1.0, model.query_groups / layout.tp)
+    return 2.0 * seq / layout.cp * batch * groups * model.head_dim * 2.0 * layers
+
+
 def _local_stage(model: ModelSpec, layout: Layout, stage: int, vocab: int, scalar_head: bool,
                  split: tuple[int, int, int] | None = None) -> _Stage:
     counts = param_counts(model)
@@ -314,10 +325,12 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
     capacity = hw.hbm_bytes if hw else 0
     seq = seq_length or model.seq_length
     resident = len(resident_models(stage_kind, params, peft=peft, parents=parents))
-    rows = stage_work(stage_kind, params, peft).rows  # preference pairs: chosen + rejected
+    work = stage_work(stage_kind, params, peft)
+    rows = work.rows  # preference pairs: chosen + rejected
     for stage in stages:
         yield _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
-                            capacity, kernels, grad_bytes, split, resident, rows, moe_dispatcher)
+                            capacity, kernels, grad_bytes, split, resident, rows, moe_dispatcher,
+                            generates=bool(work.generated))
 
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
@@ -366,9 +379,10 @@ class _StatesLayout:
 
 def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
                   kernels, grad_bytes, split, resident: int, rows: int,
-                  moe_dispatcher: str = "alltoall") -> MemoryBreakdown:
+                  moe_dispatcher: str = "alltoall", generates: bool = False) -> MemoryBreakdown:
     """One pipeline stage's breakdown; `resident`: how many models the stage keeps (`resident_models`),
-    `rows`: sequences per micro-batch sample (`flops.stage_work`)."""
+    `rows`: sequences per micro-batch sample (`flops.stage_work`); `generates`: the stage decodes
+    rollouts (ppo, grpo: `rollout_kv_cache`)."""
     scalar_head = kind == "reward"
     vocab = padded_vocab(model.vocab, layout.tp)
     trains = kind in TRAINING_KINDS
@@ -451,6 +465,11 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         parts["fragmentation"] = FRAGMENTATION * dynamic
         if step_transient > dynamic:  # the optimizer step's fp32 gradient copies outgrow the freed activations
             parts["optimizer_step_fp32_grads"] = step_transient - dynamic
+        if generates:  # the rollout runs before the step, when no training activation is held
+            kv = rollout_kv_cache(model, layout, seq=seq, rows=rows, layers=st.layers)
+            rollout = kv + per_layer * layout.num_microbatches  # + one layer's prefill tensors of the whole batch
+            if rollout > dynamic:
+                parts["rollout_kv_cache"] = rollout - dynamic
 
     ints = {k: int(v) for k, v in parts.items()}
     return MemoryBreakdown(

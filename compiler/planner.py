@@ -406,6 +406,12 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
                      + ", ".join(taken))
     # The search ranked with steps = 1; the chosen layout's estimate is redone with the real steps.
     chosen = replace(chosen, estimate=evaluate_time(replace(probe, steps=steps), chosen.layout))
+    rollout = chosen.estimate.parts.get("rollout", 0.0)
+    if rollout and chosen.layout.pp > 1:
+        notes.append(f"{stage.kind}: rollouts decode stage after stage across the {chosen.layout.pp} pipeline stages "
+                     "(the whole batch at once, no micro-batches: a decode step costs the whole model's forward, "
+                     f"plus {chosen.layout.pp - 1} hidden-state transfer(s)); rollout {rollout:.3g} s of the "
+                     f"{chosen.estimate.step_time_s:.3g} s step")
     if stage.global_batch is None and trains:
         notes.append(f"global_batch not set: Megatron uses micro_batch x dp = {gb}")
     warnings = _stage_warnings(spec, stage, probe, chosen)

@@ -14,10 +14,21 @@ How (use_cache=True): Megatron-Core's own `StaticInferenceContext` holds the key
         stepping with the batch, and their extra tokens are dropped (right padding of the output).
         use_cache=False recomputes the whole sequence for every new token (the reference the cached path
         is tested against, and the baseline of bench/bench_generation.py).
+Pipeline parallelism: every pipeline rank runs the same loop in step. Each forward (the prefill, then
+        every decode step) runs the stages one after the other for the whole batch: a stage receives the
+        previous stage's hidden states (`set_input_tensor`, as Megatron's schedules feed it), runs its
+        layers against its own slice of the KV cache (the cache is keyed by layer, so each stage holds
+        only its layers' keys and values) and sends its output on; the last stage samples and broadcasts
+        the new tokens and their entropies over the pipeline group, so every stage feeds the same tokens
+        next step. The batch is not split into micro-batches: a stage idles while the others run, so a
+        token costs the whole model's forward (the plan's rollout estimate says so: compiler/cost.py
+        `_rollout_time`), but no stage ever holds more than its own layers' weights and cache.
 Invariants: sampling happens on the CPU from the full-vocabulary logits (gathered across TP ranks; the
         padded vocabulary rows masked out), with one CPU generator, in row order, only for rows that are
         generating: the cached and the recomputing paths draw the same random numbers, so they give the
-        same tokens (tested), and every TP rank draws the same tokens.
+        same tokens (tested), and every TP rank draws the same tokens. Under pipeline parallelism only the
+        last stage draws from `generator` (the others receive its tokens), so the tokens equal one
+        process's (tested at PP=2: tests/runtime/align/test_align_rl_pipeline.py).
 """
 
 from __future__ import annotations
@@ -94,8 +105,11 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, vo
         generating = (lengths <= end) & ~done & (end < limit)
         rows = generating.nonzero().squeeze(1)
         if len(rows):
-            nxt, ent = _next_tokens(logits[rows.to(dev), -1, :], vocab=vocab, greedy=greedy, temperature=temperature,
-                                    top_k=top_k, generator=generator)
+            nxt = ent = None
+            if logits is not None:  # the last pipeline stage (every rank without pipelining)
+                nxt, ent = _next_tokens(logits[rows.to(dev), -1, :], vocab=vocab, greedy=greedy,
+                                        temperature=temperature, top_k=top_k, generator=generator)
+            nxt, ent = _from_last_stage(nxt, ent, len(rows), dev)
             tokens[rows, end] = nxt
             entropy_sum[rows] += ent
             entropy_n[rows] += 1
@@ -104,6 +118,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, vo
             ends[stopped] = end + 1
         done |= (end + 1) >= limit
         start, end = end, end + 1
+    pipe = _pipeline()
+    if pipe is not None and not pipe.first:
+        unwrap(model).set_input_tensor(None)  # no stale hidden states for the next caller
     out = [tokens[i, int(lengths[i]):int(ends[i])].tolist() for i in range(b)]
     return Generation(out, (entropy_sum / entropy_n.clamp(min=1)).tolist())
 
@@ -114,9 +131,76 @@ def _context(batch: int, length: int):
     return StaticInferenceContext(max_batch_size=batch, max_sequence_length=length)
 
 
-def _forward(model, tokens: torch.Tensor, positions: torch.Tensor, context) -> torch.Tensor:
-    """Logits [b, s', v] (s' = 1 with a cache: Megatron materialises only the last position then)."""
-    if context is None:
-        # no mask: GPTModel's attention is causal (tokens of a row never see later ones)
-        return model(tokens, positions, None, runtime_gather_output=True)
-    return model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
+def _forward(model, tokens: torch.Tensor, positions: torch.Tensor, context) -> torch.Tensor | None:
+    """Logits [b, s', v] (s' = 1 with a cache: Megatron materialises only the last position then) on the
+    last pipeline stage; None on the others (their hidden states went to the next stage)."""
+    pipe = _pipeline()
+    if pipe is not None and not pipe.first:
+        unwrap(model).set_input_tensor(_recv(pipe.prev, tokens.device))
+    # no mask: GPTModel's attention is causal (tokens of a row never see later ones)
+    kwargs = {} if context is None else {"inference_context": context}
+    out = model(tokens, positions, None, runtime_gather_output=True, **kwargs)
+    if pipe is None or pipe.last:
+        return out
+    _send(out, pipe.next)
+    return None
+
+
+@dataclass(frozen=True)
+class _Pipe:
+    first: bool
+    last: bool
+    prev: int  # global ranks of the neighbouring stages
+    next: int
+    last_rank: int
+    group: object
+
+
+def _pipeline() -> _Pipe | None:
+    """This rank's place in the pipeline; None without pipeline parallelism (or outside a process group)."""
+    if not torch.distributed.is_initialized():
+        return None
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps.get_pipeline_model_parallel_world_size() == 1:
+        return None
+    return _Pipe(first=ps.is_pipeline_first_stage(ignore_virtual=True), last=ps.is_pipeline_last_stage(ignore_virtual=True),
+                 prev=ps.get_pipeline_model_parallel_prev_rank(), next=ps.get_pipeline_model_parallel_next_rank(),
+                 last_rank=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+
+
+# The hidden states a stage sends are [s', b, h] (s' / tp under sequence parallelism) in the model's dtype:
+# a header of (dtype code, 3 sizes) first, so the receiver needs no knowledge of the stage's layout.
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _send(hidden: torch.Tensor, dst: int) -> None:
+    hidden = hidden.contiguous()
+    header = torch.tensor([_DTYPES.index(hidden.dtype), *hidden.shape], dtype=torch.long, device=hidden.device)
+    torch.distributed.send(header, dst)
+    torch.distributed.send(hidden, dst)
+
+
+def _recv(src: int, dev: torch.device) -> torch.Tensor:
+    header = torch.empty(4, dtype=torch.long, device=dev)
+    torch.distributed.recv(header, src)
+    code, *shape = header.tolist()
+    hidden = torch.empty(shape, dtype=_DTYPES[code], device=dev)
+    torch.distributed.recv(hidden, src)
+    return hidden
+
+
+def _from_last_stage(tokens: torch.Tensor | None, entropies: torch.Tensor | None, n: int,
+                     dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last stage's sampled tokens and entropies on every pipeline rank (as they are without one)."""
+    pipe = _pipeline()
+    if pipe is None:
+        return tokens, entropies
+    box = torch.empty(2, n, dtype=torch.float64, device=dev)
+    if pipe.last:  # token ids < 2**53 and float32 entropies are exact in float64
+        box[0], box[1] = tokens.to(dev, torch.float64), entropies.to(dev, torch.float64)
+    torch.distributed.broadcast(box, pipe.last_rank, group=pipe.group)
+    if pipe.last:
+        return tokens, entropies
+    box = box.cpu()
+    return box[0].long(), box[1].float()

@@ -21,10 +21,12 @@ from nemoc.compiler.target import StageCaps, Target
 # segments on TE's attention and on the SDPA core of runtime/model.py, only an `unfused` core the user
 # chose gets an explicit mask; LoRA on TE's fused LayerNorm-linear normalises its own input, lora.py
 # `LoraLinear._adapter_input`). sft, dpo, kto, orpo and reward train and evaluate through Megatron's schedules at
-# any pipeline layout (no virtual stages: common.py `build_gpt`); PPO's rollout and experience passes
-# call the whole model (runners.py `_trainer` refuses pp > 1 for it); its rollouts, and GRPO's, decode with
-# Megatron-Core's StaticInferenceContext (runtime/generation.py, called by runtime/align/ppo.py `iteration`
-# and runtime/align/grpo.py `rollout`); GRPO runs TP/DP only, as PPO. KTO and ORPO train and evaluate
+# any pipeline layout (no virtual stages: common.py `build_gpt`); so do PPO (actor and critic) and GRPO
+# (policy): their steps run Megatron's schedules (trainer.py `Trainer.step`), their reward scores,
+# reference / old log-probs and critic values forward-only schedules (common.py `forward_everywhere`), and
+# their rollouts decode with Megatron-Core's StaticInferenceContext across the pipeline stages
+# (runtime/generation.py: each stage keeps its layers' KV cache, hidden states go stage to stage, the last
+# stage samples; called by runtime/align/ppo.py `iteration` and runtime/align/grpo.py `rollout`). KTO and ORPO train and evaluate
 # through Megatron's schedules as sft/dpo do (KTO's KL baseline and reference scores by forward-only
 # schedules before each step: runtime/align/kto.py `microbatches`).
 # No context parallelism (their batches are not split along the sequence: every rank holds whole rows).
@@ -38,10 +40,12 @@ _ALIGN = StageCaps(
          "stages",
     source="nemoc runtime/align/common.py build_gpt (vp), runtime/align/trainer.py (whole rows: no cp)")
 _PPO = StageCaps(
-    pipeline=False, context_parallel=False, te=True, moe=False, kv_cache_rollout=True, hf_init=True,
-    runs="the nemoc runtime's ppo and grpo stages (runtime/align) run TP/DP only",
-    source="nemoc runtime/align/runners.py _trainer (pp > 1, PIPELINED), runtime/align/ppo.py, grpo.py "
-           "(dense models only), runtime/generation.py (KV-cached rollouts)")
+    pipeline=True, virtual_pipeline=False, context_parallel=False, te=True, moe=False, kv_cache_rollout=True,
+    hf_init=True,
+    runs="the nemoc runtime's ppo and grpo stages (runtime/align) run TP/PP/DP without virtual stages, their "
+         "rollouts decoded across the pipeline stages",
+    source="nemoc runtime/align/common.py build_gpt (vp), runtime/align/ppo.py, grpo.py (dense models only), "
+           "runtime/generation.py (KV-cached rollouts across pipeline stages)")
 # eval runs at the stage's layout (tensor and data parallel; runtime/orchestrate/tasks/align.py launches the layout's
 # world size), so a model whose weights exceed one GPU is evaluated; its passes call the model directly
 # (no pipeline). Export runs in one process on the host (runtime/orchestrate/tasks/align.py `_one_process`). The local

@@ -395,8 +395,21 @@ def forward_only(model, batches, fn, *, everywhere: bool = False) -> list:
 
 
 def token_logprobs(model, batch: Batch) -> torch.Tensor:
-    """[b, s] log p(label_t | tokens_<=t), via Megatron's (vocab-parallel) cross entropy."""
-    return -run(model, batch, labels=batch.labels).float()
+    """[b, s] log p(label_t | tokens_<=t), via Megatron's (vocab-parallel) cross entropy, on every rank at
+    any pipeline layout (a forward-only schedule whose last stage broadcasts them: `forward_only`)."""
+    return forward_everywhere(model, batch, lambda b, out: -out.float(), labels=batch.labels)
+
+
+def forward_everywhere(model, batch: Batch, fn, **kwargs) -> torch.Tensor:
+    """`fn(batch, last-stage output)` of one forward-only pass, a tensor on the batch's device of every
+    rank: called directly without pipelining, else through `forward_only` (one micro-batch, the last
+    stage's result sent to the others; PPO's and GRPO's experience passes)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return fn(batch, run(model, batch, **kwargs))
+    (out,) = forward_only(model, [(batch, kwargs)], lambda b, o: fn(b, o).cpu(), everywhere=True)
+    return out.to(batch.tokens.device)
 
 
 def sequence_logprobs(model, batch: Batch) -> torch.Tensor:

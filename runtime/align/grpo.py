@@ -21,6 +21,9 @@ Invariants (one iteration, TRL 1.16 GRPOTrainer with num_iterations = `iteration
      sampling policy's (the ratio's denominator; with one iteration old = policy.detach(), as TRL);
   4. `iterations` Megatron steps of `objectives.grpo.grpo_loss` (equal to TRL's to 1e-6) on the same
      completions.
+Any pipeline layout: sampling decodes across the stages (runtime/generation.py), the log-probs of step 3
+and a reward model's scores come from forward-only schedules broadcast from the last stage, the steps run
+Megatron's 1F1B schedule (tests/runtime/align/test_align_rl_pipeline.py: PP=2 = one process).
 """
 
 from __future__ import annotations

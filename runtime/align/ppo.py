@@ -15,6 +15,10 @@ Invariants (one iteration):
   4. `ppo_epochs` passes: clipped surrogate -min(rho A, clip(rho, 1 +- eps) A) for the actor
      (`objectives.grpo.grpo_loss`: loss_type bnpo, beta 0, TRL's clip_fraction), and the clipped value
      loss 0.5 * max((V - R)^2, (V_clip - R)^2) for the critic, each a Megatron step.
+Any pipeline layout: the rollout decodes across the stages (runtime/generation.py), the experience passes
+are forward-only schedules whose last stage broadcasts its results (`common.forward_everywhere`, the reward
+model's `reward.score`), so every rank computes the same advantages, and each step is Megatron's 1F1B
+schedule over the micro-batches (`Trainer.step`); tests/runtime/align/test_align_rl_pipeline.py.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from nemoc.runtime import generation
-from nemoc.runtime.align.common import AlignError, Batch, make_batch, token_logprobs, unwrap
+from nemoc.runtime.align.common import AlignError, Batch, forward_everywhere, make_batch, token_logprobs, unwrap
 from nemoc.runtime.align.reward import score as reward_score
 from nemoc.runtime.align.reward import sequence_batch
 from nemoc.runtime.objectives import grpo as objectives_grpo
@@ -124,7 +128,7 @@ class Experience:
 @torch.no_grad()
 def critic_values(critic, batch: Batch) -> torch.Tensor:
     unwrap(critic).eval()
-    return critic(batch.tokens, batch.position_ids, batch.attention_mask).squeeze(-1).float()
+    return forward_everywhere(critic, batch, lambda b, values: values.squeeze(-1).float())
 
 
 @torch.no_grad()

@@ -92,16 +92,17 @@ def _peft(task: StageTask):
     return task.stage.peft
 
 
-# The kinds whose every pass runs through Megatron's schedules (training: trainer.fit; the rest:
-# common.forward_only), so they run at any pipeline layout; a kind joins when it does too.
-PIPELINED = ("sft", "lora", "dpo", "reward", "kto", "orpo")
+# The kinds whose every pass runs through Megatron's schedules (training: trainer.fit, or Trainer.step for
+# PPO's epochs and GRPO's iterations; the rest: common.forward_only), so they run at any pipeline layout;
+# a kind joins when it does too. PPO's and GRPO's rollouts decode across the pipeline stages
+# (runtime/generation.py: each stage's layers and KV cache stay on it, the last stage samples).
+PIPELINED = ("sft", "lora", "dpo", "reward", "kto", "orpo", "ppo", "rlhf", "grpo")
 
 
 def _trainer(task: StageTask, chunk, steps: int | None = None):
     s = task.stage
     if s.layout.pp > 1 and s.kind not in PIPELINED:
-        # sft, dpo, kto, orpo and reward train and evaluate through Megatron's schedules at any pipeline
-        # layout; PPO's and GRPO's rollouts, reward scores and experience passes call the whole model directly.
+        # a kind whose passes call the whole model directly cannot run on one pipeline stage's layers
         raise AlignError(f"stage {s.name} ({s.kind}): {s.kind} runs with pipeline parallelism 1 "
                          f"(got pp={s.layout.pp}); use tp/dp")
     return trainer.Trainer(chunk, layout=s.layout, optimizer=s.optimizer, schedule=s.schedule,

@@ -371,3 +371,17 @@ def test_fp8_parameters_halve_the_parameter_all_gather() -> None:
                     cluster=ClusterSpec(gpu="H100", nodes=8))
     assert 0 < fp8p.parts["dp_comm_exposed"] < base.parts["dp_comm_exposed"]
     assert fp8p.parts["compute"] == base.parts["compute"]
+
+
+def test_a_pipelined_rollout_runs_its_stages_one_after_the_other() -> None:
+    """The runtime decodes a rollout stage after stage for the whole batch (runtime/generation.py): at
+    PP = 2 a decode step still reads the whole model's weights (one stage after the other) plus the
+    hidden states sent across the stage boundary, and the prefill costs every stage in turn, so the
+    rollout is no faster than at PP = 1 while the training passes split over the stages."""
+    m = PRESETS["llama3_8b"]
+    kw = dict(gpu="H100", seq_length=4096, stage_kind="ppo", stage_params={"max_new_tokens": 256})
+    one = estimate(m, layout(tp=2, dp=4, global_batch=64, num_microbatches=16, sequence_parallel=True), **kw)
+    two = estimate(m, layout(tp=2, pp=2, dp=2, global_batch=64, num_microbatches=32, sequence_parallel=True), **kw)
+    # pp = 2 halves dp: each DP rank decodes twice the sequences, stage after stage
+    assert two.parts["rollout"] > 1.5 * one.parts["rollout"]
+    assert two.parts["compute"] == pytest.approx(one.parts["compute"], rel=0.05)  # the steps split over stages

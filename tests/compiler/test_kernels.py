@@ -83,11 +83,11 @@ def test_alignment_stages_are_planned_with_te_and_export_with_the_local_spec():
     assert {s.kind: s.kernels for s in full.stages} == {"sft": "te", "dpo": "te", "export": "te"}
 
 
-def test_alignment_stages_pipeline_without_virtual_stages_and_ppo_not_at_all():
-    """The nemoc runtime's sft/dpo/reward run 1F1B (one chunk per pipeline rank), PPO no pipeline: the
+def test_alignment_stages_pipeline_without_virtual_stages():
+    """The nemoc runtime's sft/dpo/reward, PPO and GRPO run 1F1B (one chunk per pipeline rank): the
     search offers them only that, and a user's virtual_pipeline is E126 at the stage."""
-    assert NEMOC_RUNTIME.caps("sft").pipeline and not NEMOC_RUNTIME.caps("sft").virtual_pipeline
-    assert not NEMOC_RUNTIME.caps("ppo").pipeline
+    for kind in ("sft", "ppo", "grpo"):
+        assert NEMOC_RUNTIME.caps(kind).pipeline and not NEMOC_RUNTIME.caps(kind).virtual_pipeline
     spec, _ = load_spec("examples/llama3_70b_sft_dpo.nemo")
     plan = plan_experiment(spec, target=NEMOC_RUNTIME).plan
     assert all(s.layout.vp is None for s in plan.stages)

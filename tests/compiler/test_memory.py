@@ -15,6 +15,7 @@ from nemoc.compiler.memory import (
     in_flight_microbatches,
     layer_activations,
     resident_models,
+    rollout_kv_cache,
     state_bytes_per_param,
 )
 from nemoc.compiler.plan import Layout
@@ -226,3 +227,21 @@ def test_fp8_parameters_hold_one_byte_per_linear_weight_and_one_fp8_copy() -> No
     assert fp8p.parts["fp8_weight_cache"] == pytest.approx(linear, abs=2)
     assert (fp8p.gradients, fp8p.optimizer, fp8p.activations) == (base.gradients, base.optimizer, base.activations)
     assert base.total - fp8p.total == pytest.approx(2 * linear, rel=1e-6, abs=8)
+
+
+def test_a_rollout_holds_its_stages_kv_cache_for_the_whole_batch() -> None:
+    """GRPO / PPO decode the DP rank's whole batch at once (runtime/generation.py), each pipeline stage
+    caching only its layers: the KV cache is 2 x seq x batch x groups/tp x head_dim x 2 B per layer, half
+    per stage at PP = 2; when it outgrows the step's freed activations the plan counts the difference."""
+    model = PRESETS["llama3_8b"]  # 8 query groups of 128
+    lay = layout(tp=2, dp=4, micro_batch=1, global_batch=512, num_microbatches=128)
+    per_layer = 2 * 4096 * (128 * 8) * (8 / 2) * 128 * 2
+    assert rollout_kv_cache(model, lay, seq=4096, rows=8, layers=32) == pytest.approx(32 * per_layer)
+    piped = layout(tp=2, pp=2, dp=2, micro_batch=1, global_batch=512, num_microbatches=256)
+    assert rollout_kv_cache(model, piped, seq=4096, rows=8, layers=16) == pytest.approx(2 * 16 * per_layer)
+    params = {"num_generations": 8, "max_new_tokens": 512}
+    grpo = estimate(model, lay, gpu="H100", stage_kind="grpo", seq_length=4096, params=params)
+    assert grpo.parts.get("rollout_kv_cache", 0) > 0  # 1,024 sequences of 4,096 tokens: 256 GiB of cache
+    small = layout(tp=2, dp=4, micro_batch=1, global_batch=8, num_microbatches=2)
+    assert "rollout_kv_cache" not in estimate(model, small, gpu="H100", stage_kind="grpo", seq_length=4096,
+                                              params=params).parts  # under the step's activations

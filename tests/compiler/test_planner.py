@@ -251,10 +251,10 @@ def test_any_spec_plans_or_fails_with_diagnostics_never_a_traceback(spec):
     assert from_json(to_json(result.plan)) == result.plan
 
 
-def test_an_inherited_pipeline_is_dropped_for_eval_and_export_and_ppo_plans_without_one():
+def test_an_inherited_pipeline_is_dropped_for_eval_and_export_and_ppo_plans_without_virtual_stages():
     """The nemoc runtime's target: eval (TP/DP) and export (one process) run without a pipeline, so the
-    experiment's pipeline = 2 (for pretrain) does not reach them; an auto pipeline of a ppo stage
-    resolves to 1 (dpo may pipeline, without virtual stages)."""
+    experiment's pipeline = 2 (for pretrain) does not reach them; an auto pipeline of a ppo or dpo stage
+    is the search's choice, never with virtual stages."""
     stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=128, steps=10),
               StageSpec(name="ppo", kind="ppo", after=("pretrain",), global_batch=64, steps=10,
                         parallel=ParallelSpec(tensor=None, pipeline=None)),
@@ -264,9 +264,10 @@ def test_an_inherited_pipeline_is_dropped_for_eval_and_export_and_ppo_plans_with
               StageSpec(name="export", kind="export", after=("eval",)))
     plan = plan_experiment(_spec(stages=stages, pipeline=2), target=NEMOC_RUNTIME).plan
     assert plan.stage("pretrain").layout.pp == 2
-    for name in ("ppo", "eval", "export"):
+    for name in ("eval", "export"):
         assert (plan.stage(name).layout.pp, plan.stage(name).layout.vp) == (1, None), name
-    assert plan.stage("dpo").layout.vp is None
+    for name in ("ppo", "dpo"):
+        assert plan.stage(name).layout.vp is None, name
 
 
 def test_eval_and_export_say_how_the_runtime_runs_them():
@@ -310,3 +311,16 @@ def test_the_plan_records_the_fp8_recipe_it_defaulted_to():
     with pytest.raises(DiagnosticError) as err:
         plan_experiment(replace(spec, fp8_recipe="mxfp8"))
     assert [d.code for d in err.value.diagnostics if d.is_error] == ["E164"]
+
+
+def test_a_pipelined_rollout_says_how_it_runs():
+    """A ppo stage at pipeline = 2: the plan notes that its rollouts decode stage after stage (the runtime's
+    generator does), with the rollout's share of the step from the cost model."""
+    stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=128, steps=10),
+              StageSpec(name="ppo", kind="ppo", after=("pretrain",), global_batch=64, steps=10,
+                        parallel=ParallelSpec(tensor=None, pipeline=2)))
+    result = plan_experiment(_spec(stages=stages), target=NEMOC_RUNTIME)
+    ppo = result.plan.stage("ppo")
+    assert ppo.layout.pp == 2 and ppo.layout.vp is None
+    note = next(n for n in next(r for r in result.stages if r.name == "ppo").notes if "stage after stage" in n)
+    assert f"rollout {ppo.estimate.parts['rollout']:.3g} s" in note

@@ -412,7 +412,7 @@ def test_e101_diagnostic_points_at_the_breaking_field(tmp_path):
 # ------------------------------------------------------------- what the nemoc runtime itself runs
 
 
-@pytest.mark.parametrize("kind", ["ppo", "eval", "export"])
+@pytest.mark.parametrize("kind", ["eval", "export"])
 def test_runtime_pipeline_rule_fires_for_kinds_the_runtime_runs_without_a_pipeline(kind):
     assert not NEMOC_RUNTIME.caps(kind).pipeline
     v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2))
@@ -425,7 +425,7 @@ def test_runtime_pipeline_rule_fires_for_kinds_the_runtime_runs_without_a_pipeli
     assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=None)) is None  # auto: the search's
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "reward"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "reward", "ppo", "grpo"])
 def test_alignment_kinds_pipeline_without_virtual_stages(kind):
     """runtime/align builds one model chunk per pipeline rank: pp > 1 is fine, vp > 1 is E126."""
     assert NEMOC_RUNTIME.caps(kind).pipeline and not NEMOC_RUNTIME.caps(kind).virtual_pipeline

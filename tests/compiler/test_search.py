@@ -272,7 +272,7 @@ def test_nothing_fits_reports_the_closest_candidate():
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(small_problems(), st.sampled_from(["sft", "dpo", "kto", "orpo", "reward", "ppo", "grpo", "eval", "export"]))
 def test_auto_never_pipelines_a_stage_kind_the_runtime_runs_without_a_pipeline(p: Problem, kind: str):
-    """The target's caps: from `auto`, kinds the runtime runs without a pipeline (ppo, eval, export) get
+    """The target's caps: from `auto`, kinds the runtime runs without a pipeline (eval, export) get
     pp = 1, no alignment kind gets virtual stages or a context split, in the fast search and the oracle
     alike (which still agree on the best plan)."""
     p = replace(p, stage_kind=kind, fixed=replace(p.fixed, pipeline=None, virtual_pipeline=None, context=None))
@@ -286,8 +286,8 @@ def test_auto_never_pipelines_a_stage_kind_the_runtime_runs_without_a_pipeline(p
 
 
 def test_a_70b_alignment_stage_searches_what_the_runtime_runs():
-    """The nemoc runtime's sft pipelines without virtual stages and splits no sequence (cp = 1); ppo
-    runs TP/DP only; pretraining may do all of it."""
+    """The nemoc runtime's sft and ppo pipeline without virtual stages and split no sequence (cp = 1);
+    pretraining may do all of it."""
     auto = ParallelSpec(*(None,) * len(ParallelSpec.__dataclass_fields__))
     p = Problem(model=get_preset("llama3_70b"), cluster=ClusterSpec(gpu="H100", nodes=8), gpu=H100, fixed=auto,
                 global_batch=128, seq_length=4096, stage_kind="pretrain", target=NEMOC_RUNTIME)
@@ -296,7 +296,8 @@ def test_a_70b_alignment_stage_searches_what_the_runtime_runs():
     assert sft.best is not None and all(c.layout.vp is None and c.layout.cp == 1 for c in sft.ranked)
     assert any(c.layout.pp > 1 for c in sft.ranked)
     ppo = search(replace(p, stage_kind="ppo"), top=20)
-    assert ppo.best is not None and all((c.layout.pp, c.layout.vp, c.layout.cp) == (1, None, 1) for c in ppo.ranked)
+    assert ppo.best is not None and all((c.layout.vp, c.layout.cp) == (None, 1) for c in ppo.ranked)
+    assert any(c.layout.pp > 1 for c in ppo.ranked)  # considered: the actor, critic, reward model and reference
 
 
 def test_sgd_resolves_an_auto_distributed_optimizer_to_off():

@@ -183,3 +183,69 @@ def train_kind(common, kind: str, base, layout, *, steps: int = 3) -> list[float
     history = trainer.run_steps(tr, items=items, steps=steps, global_batch=layout.global_batch,
                                 to_microbatches=to_mb, forward=forward, seq_length=16 if kind == "sft" else 8)
     return [h["loss"] for h in history]
+
+
+def rl_kind(common, kind: str, base, layout, *, iterations: int = 2) -> dict:
+    """`iterations` iterations of PPO or GRPO at `layout` (the caller's process group) from the checkpoint
+    `base`: policy (and critic, reward model) trunks loaded from it, the reward model's scalar head a
+    fixed random vector (so scores differ between responses), rollouts with the KV-cached generator.
+    Returns {"tokens": a sampled rollout of the initial policy, "steps": every iteration's metrics}.
+    test_align_rl_pipeline.py runs it in one process and under torchrun (rl_pipeline_worker.py)."""
+    import torch
+
+    from nemoc.compiler.plan import Overlaps
+    from nemoc.runtime import generation
+    from nemoc.runtime.align import grpo, ppo, trainer
+
+    spec = llama_spec(seq_length=16, vocab=256)
+
+    def model(*, head: bool = False, frozen: bool = False):
+        chunk = common.build_gpt(spec, layout, scalar_head=head)
+        common.load_model(chunk, base, skip_output=head)
+        if head:  # the same vector on every layout (the head lives on the last pipeline stage)
+            out = getattr(common.unwrap(chunk), "output_layer", None)
+            if out is not None:
+                vec = torch.randn(out.weight.shape, generator=torch.Generator().manual_seed(9)) * 0.5
+                out.weight.data.copy_(vec.to(out.weight.dtype))
+        if frozen:
+            for p in chunk.parameters():
+                p.requires_grad_(False)
+        return chunk
+
+    overlaps = Overlaps(grad_reduce=layout.dp > 1, param_gather=False, p2p=False, tp_comm=False)
+
+    def make_trainer(chunk, steps):
+        return trainer.Trainer(chunk, layout=layout, overlaps=overlaps, **stage_settings(steps=steps, lr=1e-2))
+
+    prompts = [[INSTR, a, SEP] for a in LETTERS[:8]]
+    policy = model()
+    # prompts of 3 to 5 tokens: the batch prefills to the shortest, then feeds the longer rows their prompt
+    ragged = [p + [LETTERS[-1]] * (i % 3) for i, p in enumerate(prompts)]
+    tokens = generation.generate(policy, ragged, max_new_tokens=6, vocab=spec.vocab, eod=-1, seq_length=16,
+                                 generator=torch.Generator().manual_seed(7)).tokens
+    rm = model(head=True, frozen=True)
+    steps = []
+    if kind == "ppo":
+        cfg = ppo.PPOConfig(max_new_tokens=4, kl_coef=0.05, ppo_epochs=2)
+        critic = model(head=True)
+        reference = ppo.reference_logprobs(model(frozen=True))
+        actor_tr, critic_tr = make_trainer(policy, 2 * iterations), make_trainer(critic, 2 * iterations)
+        for it in range(iterations):
+            share = trainer.dp_shard(prompts, it, layout.global_batch)
+            steps.append(ppo.iteration(actor_trainer=actor_tr, critic_trainer=critic_tr, actor=policy, critic=critic,
+                                       reference=reference, scorer=ppo.ModelScorer(rm, 16), prompts=share,
+                                       seq_length=16, vocab=spec.vocab, eod=EOD, cfg=cfg,
+                                       micro_batch=layout.micro_batch,
+                                       generator=torch.Generator().manual_seed(100 + it)))
+    else:
+        cfg = grpo.GRPOParams(num_generations=2, max_new_tokens=4, beta=0.04, iterations=2)
+        reference = model(frozen=True)
+        tr = make_trainer(policy, cfg.iterations * iterations)
+        queries = [grpo.Query(p, None) for p in prompts]
+        for it in range(iterations):
+            share = trainer.dp_shard(queries, it, layout.global_batch)
+            steps.append(grpo.iteration(tr, policy, reference, share, grpo.ModelReward(rm, 16, 0), cfg,
+                                        vocab=spec.vocab, eod=EOD, seq_length=16,
+                                        micro_batch=layout.micro_batch * cfg.num_generations, pad_id=0,
+                                        generator=torch.Generator().manual_seed(100 + it)))
+    return {"tokens": tokens, "steps": steps}
