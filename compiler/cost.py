@@ -42,8 +42,8 @@ from nemoc.compiler.flops import (
     stage_model_flops_per_step,
     stage_work,
 )
-from nemoc.compiler.memory import layer_activations
-from nemoc.compiler.plan import Estimate, Layout, MoeExecution
+from nemoc.compiler.memory import NVFP4_BYTES, layer_activations
+from nemoc.compiler.plan import Estimate, HostExecution, Layout, MoeExecution
 from nemoc.compiler.spec import ClusterSpec, LoraSpec, ModelSpec
 
 
@@ -114,7 +114,9 @@ class EfficiencyParams:
         return self.attn * kv_tokens / (kv_tokens + self.attn_kv_half)
 
     def gemm_eff(self, generation: str, precision: str) -> float:
-        low = precision in ("fp8", "mxfp8")
+        # NVFP4 has no calibration row: its GEMMs take the Blackwell 8-bit fraction of the FP4 peak
+        # (stated assumption, docs/cost-model.md)
+        low = precision in ("fp8", "mxfp8", "nvfp4")
         if generation == "ampere":
             return self.gemm_ampere_16
         if generation == "hopper":
@@ -358,6 +360,8 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     low = precision in ("fp8", "mxfp8")
     rate = hw.peak(precision if hw.supports(precision) else "bf16") * params.gemm_eff(gen, precision)
     in_bytes = 1.0 if low else (4.0 if precision == "fp32" else 2.0)
+    if precision == "nvfp4":
+        in_bytes = NVFP4_BYTES  # E2M1 values + one E4M3 scale per 16 elements
     passes = 1.0 + backward
     gemm = 0.0
     shapes = _layer_gemm_shapes(model, layout.tp, layout.ep, layout.etp)
@@ -651,7 +655,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
              overlap_grad_reduce: bool = True, dropout: bool = False,
              overlap_param_gather: bool = RUNTIME_OVERLAPS_PARAM_GATHER, fp8_recipe: str | None = None,
-             moe: MoeExecution | None = None) -> Estimate:
+             moe: MoeExecution | None = None, host: HostExecution | None = None) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
@@ -668,7 +672,9 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     data-parallel reduction overlaps the last backward (Megatron-Core DDP, the nemoc runtime);
     False for Megatron-LM 2021, which reduced after the flush. `dropout`: hidden and attention dropout
     on (see `layer_times`; the nemoc runtime trains without). `fp8_recipe`: the stage's FP8 recipe
-    (`tensorwise` adds the amax pass of current scaling, FP8_CURRENT_SCALING_BYTES).
+    (`tensorwise` adds the amax pass of current scaling, FP8_CURRENT_SCALING_BYTES). `host`: CUDA
+    graphs (`cuda_graph_launch_saving`: the captured kernels' host launch gaps removed) and garbage
+    collection (`gc_pause`: part `gc_pause`); None: no graphs, Python's automatic collector.
 
     The stage's model passes come from `flops.stage_work`: the first (the model the optimizer
     updates) is costed term by term; the others (DPO reference, PPO critic, experience forwards)
@@ -689,6 +695,9 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
                      micro_batch=mb, backward=main.backward, params=params, attention_span=attention_span,
                      overlap_tp=overlap_tp, kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe, moe=moe)
+    if host is not None and host.cuda_graph_impl != "none" and train:  # as in step_time_lower_bound
+        lt = replace(lt, gemm=lt.gemm - cuda_graph_launch_saving(
+            params, cuda_graph_share(host, model), 1.0 + main.backward))
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                       params=params, scalar_head=main.scalar_head, split=split)
     m = layout.num_microbatches
@@ -723,6 +732,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                                                          overlap_param_gather)
         parts["optimizer"] = _optimizer_time(layout, hw, trainable, updates, main.count * m, kernels)
     parts["step_overhead"] = params.step_overhead
+    if train and hw.generation != "cpu":
+        parts["gc_pause"] = gc_pause(host, world)
     step = sum(parts.values())
     tokens = layout.global_batch * seq * work.rows
     model_flops = stage_model_flops_per_step(model, seq, layout.global_batch, stage_kind=stage_kind, peft=peft,
@@ -747,7 +758,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
                           params: EfficiencyParams = DEFAULT_PARAMS, stage_params: object = None,
                           split: tuple[int, int, int] | None = None, overlap_p2p: bool = RUNTIME_OVERLAPS_P2P,
                           overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
-                          moe: MoeExecution | None = None) -> float:
+                          moe: MoeExecution | None = None, host: HostExecution | None = None) -> float:
     """A lower bound of `estimate(...).step_time_s` over every micro batch in the range
     `micro_batches` = (smallest, largest) and every recompute level, for the other sizes of `layout`
     (its micro batch and recompute are ignored; `layout.num_microbatches x layout.micro_batch` is the
@@ -776,6 +787,11 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
                      micro_batch=largest * work.rows, backward=main.backward, params=params, overlap_tp=overlap_tp,
                      kernels=kernels, moe=moe)
+    if host is not None and host.cuda_graph_impl != "none" and main.backward != FORWARD:
+        # a constant per micro batch, at most the layer's launch overhead: the time per row still
+        # never grows with the micro batch
+        lt = replace(lt, gemm=lt.gemm - cuda_graph_launch_saving(params, cuda_graph_share(host, model),
+                                                                 1.0 + main.backward))
     _, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows,
                               backward=main.backward, params=params, scalar_head=main.scalar_head, split=split)
     per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest
@@ -858,3 +874,60 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     flops = 2.0 * batch * gemm_params / layout.tp
     step = max(flops / rate, (weight_bytes + kv_bytes) / hw.hbm_bw) + model.layers * params.layer_overhead / 3.0
     return prefill + new_tokens * step
+
+
+# ------------------------------------------------------------------ host: CUDA graphs, garbage collection
+# CUDA graphs (Megatron-Core `cuda_graph_impl`): a replayed graph launches its kernels back to back
+# from the device, without the host's per-kernel launch path (PyTorch dispatch, Transformer Engine's
+# Python, cudaLaunchKernel). `layer_overhead` is that per-layer gap over TE_KERNELS_PER_LAYER kernels
+# in eager mode; inside a graph each kernel node still costs GRAPHED_KERNEL_GAP on the device (kernel
+# nodes of an instantiated graph start ~1 us apart: NVIDIA, "Getting Started with CUDA Graphs", 2019,
+# and the CUDA programming guide's graph launch notes), plus one graph launch per captured region and
+# pass (GRAPH_LAUNCH). The captured share of a layer's kernels by scope: attention and MLP are about
+# half each (norm, QKV, RoPE, core attention, projection vs norm, fc1, activation, fc2), the MoE router
+# and its preprocessing a few kernels; [] (the whole layer) and full_iteration all of them.
+GRAPHED_KERNEL_GAP = 1.0e-6
+GRAPH_LAUNCH = 2.5e-6
+CUDA_GRAPH_SCOPE_SHARE = MappingProxyType({"attn": 0.5, "mlp": 0.5, "moe_router": 0.1, "moe_preprocess": 0.05,
+                                           "moe": 0.5, "full_iteration": 1.0})
+
+
+def cuda_graph_share(host: HostExecution | None, model: ModelSpec) -> float:
+    """The share of a layer's kernels that CUDA graphs capture (0 without graphs)."""
+    if host is None or host.cuda_graph_impl == "none":
+        return 0.0
+    if not host.cuda_graph_scope:
+        return 1.0
+    return min(1.0, sum(CUDA_GRAPH_SCOPE_SHARE[s] for s in host.cuda_graph_scope))
+
+
+def cuda_graph_launch_saving(params: EfficiencyParams, share: float, passes: float) -> float:
+    """Seconds per layer and micro batch that CUDA graphs remove: the captured kernels' eager launch
+    gaps (`layer_overhead` per TE_KERNELS_PER_LAYER kernels) replaced by the graph's device-side
+    gaps, less one graph launch per pass (forward, backward). Never negative."""
+    if share <= 0.0:
+        return 0.0
+    eager_gap = params.layer_overhead / TE_KERNELS_PER_LAYER
+    kernels = share * TE_KERNELS_PER_LAYER * passes / 3.0
+    saved = kernels * max(eager_gap - GRAPHED_KERNEL_GAP, 0.0) - passes * GRAPH_LAUNCH * (1.0 if share else 0.0)
+    return max(saved, 0.0)
+
+
+# Garbage collection. Python's automatic collector runs a full (generation-2) collection when enough
+# long-lived objects accumulated; each rank does so at its own time, and the step's collectives wait
+# for the rank that paused. With N ranks each pausing in a given step with probability f, some rank
+# pauses in (1 - (1 - f)^N) of the steps; at scale every step. Manual GC (Megatron `manual_gc`)
+# disables it and collects on all ranks together every `manual_gc_interval` steps: one pause per
+# interval. GC_FULL_PAUSE: a generation-2 collection of a training rank (the ~4.7e5 objects torch,
+# Megatron-Core and transformers hold after import, plus the model's modules and tensors), measured
+# on nemoc's CPU runtime (docs/cost-model.md); GC_FULL_PER_STEP: automatic generation-2 collections per
+# rank and training step, measured in the same runs (metrics.jsonl `gc_collections`).
+GC_FULL_PAUSE = 0.15
+GC_FULL_PER_STEP = 0.02
+
+
+def gc_pause(host: HostExecution | None, world: int) -> float:
+    """Expected seconds per step that garbage-collection pauses add to the step (see above)."""
+    if host is not None and host.manual_gc:
+        return GC_FULL_PAUSE / host.manual_gc_interval if host.manual_gc_interval else 0.0
+    return GC_FULL_PAUSE * (1.0 - (1.0 - GC_FULL_PER_STEP) ** max(world, 1))

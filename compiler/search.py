@@ -46,10 +46,10 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from nemoc.compiler import cost, memory
-from nemoc.compiler.catalog.hardware import HardwareSpec
+from nemoc.compiler.catalog.hardware import TRAINING_PRECISIONS, HardwareSpec
 from nemoc.compiler.flops import chunk_layers
-from nemoc.compiler.execution import moe_execution
-from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown, MoeExecution
+from nemoc.compiler.execution import host_execution, moe_execution
+from nemoc.compiler.plan import Estimate, HostExecution, Layout, MemoryBreakdown, MoeExecution
 from nemoc.compiler.rules import (
     ERROR_RULES,
     Env,
@@ -111,6 +111,10 @@ class Problem:
     # the experiment's (moe_dispatcher, moe_grouped_gemm, moe_permute_fusion), None = auto; resolved per
     # layout by `moe_of` (the local spec's auto dispatcher depends on the expert-parallel size)
     moe_requested: tuple = (None, None, None)
+    # the experiment's (cuda_graph_impl, cuda_graph_scope, manual_gc, manual_gc_interval), None = auto
+    # (rules.Env.host_requested); `host` is what the stage runs with (execution.host_execution)
+    host_requested: tuple = (None, (), None, None)
+    host: HostExecution = field(default_factory=host_execution)
     costed_backend: str = field(init=False, repr=False, compare=False, default="")  # see __post_init__
 
     def __post_init__(self) -> None:
@@ -128,9 +132,10 @@ class Problem:
     @property
     def env(self) -> Env:
         arch = self.gpu.generation
-        precisions = tuple(p for p in ("bf16", "fp16", "fp32", "fp8", "mxfp8") if self.gpu.supports(p))
+        precisions = tuple(p for p in TRAINING_PRECISIONS if self.gpu.supports(p))
         return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind,
-                   self.kernels, self.optimizer, self.target, self.fp8_recipe, self.hf_conversion, self.moe_requested)
+                   self.kernels, self.optimizer, self.target, self.fp8_recipe, self.hf_conversion, self.moe_requested,
+                   self.host_requested)
 
     def moe_of(self, layout: Layout) -> MoeExecution | None:
         """The MoE settings a stage runs with `layout` (execution.moe_execution); None for dense models."""
@@ -253,8 +258,14 @@ def pipeline_memory(p: Problem, layout: Layout) -> tuple[MemoryBreakdown, ...]:
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
+        cuda_graph_share=_graph_share(p),
         parents=p.parents,
     )
+
+
+def _graph_share(p: Problem) -> float:
+    """The share of each layer the stage's CUDA graphs capture (memory's static graph buffers)."""
+    return cost.cuda_graph_share(p.host, p.model)
 
 
 def _dispatcher(p: Problem, layout: Layout) -> str:
@@ -272,6 +283,7 @@ def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
+        cuda_graph_share=_graph_share(p),
         parents=p.parents,
     )
 
@@ -283,7 +295,7 @@ def evaluate_time(p: Problem, layout: Layout, params: cost.EfficiencyParams = co
         seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
         split=_stage_layers(p, layout), kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
         overlap_tp=layout.tp_comm_overlap, overlap_param_gather=layout.overlap_param_gather, params=params,
-        overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, moe=p.moe_of(layout),
+        overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, moe=p.moe_of(layout), host=p.host,
     )
 
 
@@ -293,7 +305,7 @@ def bound_time(p: Problem, layout: Layout, micro_batches: tuple[int, int]) -> fl
         p.model, layout, micro_batches=micro_batches, cluster=p.cluster, gpu=p.gpu, precision=p.precision,
         attention_backend=p.costed_backend, seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft,
         stage_params=p.params, split=_stage_layers(p, layout), kernels=p.stage_kernels,
-        overlap_tp=layout.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p, moe=p.moe_of(layout),
+        overlap_tp=layout.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p, moe=p.moe_of(layout), host=p.host,
     )
 
 
