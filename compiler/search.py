@@ -444,8 +444,18 @@ def _recomputes(p: Problem, pp: int = 1, vp: int | None = None) -> list[tuple[st
     recompute auto and a flash-class core), selective, none. A fixed `recompute_layers` is the
     one level (E162 refuses it with another recompute)."""
     f = p.fixed
-    return list(_recompute_levels(f.recompute, f.recompute_layers, p.costed_backend == "unfused",
-                                  chunk_layers(p.model.layers, pp, vp)))
+    levels = list(_recompute_levels(f.recompute, f.recompute_layers, p.costed_backend == "unfused",
+                                    chunk_layers(p.model.layers, pp, vp)))
+    if f.recompute is None and f.recompute_layers is None and _layer_graphs(p):
+        # Megatron-Core graphs full recompute only inside a whole-iteration graph (E174): auto
+        # recompute searches the levels per-layer CUDA graphs can run
+        levels = [rc for rc in levels if rc[0] != "full"]
+    return levels
+
+
+def _layer_graphs(p: Problem) -> bool:
+    """The stage captures per-layer CUDA graphs (not one whole-iteration graph)."""
+    return p.host.cuda_graph_impl != "none" and tuple(p.host.cuda_graph_scope) != ("full_iteration",)
 
 
 @lru_cache(maxsize=1024)  # the search asks once per group

@@ -64,8 +64,8 @@ def rule_cuda_graph_scope(env: Env, s: Sizes) -> Violation | None:
     with the local implementation; moe / moe_router only on MoE models, mlp only on dense layers,
     not moe and moe_router together, moe_preprocess only with moe_router, moe only with drop-and-pad
     experts; full recompute only under a whole-iteration graph."""
-    if env.host_requested[0] in (None, "none"):
-        return None
+    if env.host_requested[0] in (None, "none") or env.stage_kernels != "te":
+        return None  # no graphs, or a stage on the local spec, which runs none (execution.stage_host)
     problem = _scope_problem(env, s)
     if problem is None:
         return None

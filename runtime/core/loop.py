@@ -303,23 +303,23 @@ class GarbageCollection:
     """Python's garbage collector during training, as the plan says (`Execution.host`): Megatron-LM's
     `manual_gc` (megatron/training/training.py) disables the automatic collector, collects once at the
     start and then on every rank at the same steps (every `manual_gc_interval`; 0 = never), so no rank
-    pauses alone while the others wait in a collective. Either way it measures the full (generation-2)
-    collections: `take()` returns their count and seconds since the last call (metrics `gc_collections`,
-    `gc_pause_s`, what docs/cost-model.md's GC term is measured from)."""
+    pauses alone while the others wait in a collective. Either way it measures every collection:
+    `take()` returns (collections, full generation-2 collections, seconds) since the last call (metrics
+    `gc_collections`, `gc_full_collections`, `gc_pause_s`: what docs/cost-model.md's GC term is measured
+    from)."""
 
     def __init__(self, host) -> None:
         self.manual = bool(host is not None and host.manual_gc)
         self.interval = host.manual_gc_interval if self.manual else 0
-        self.count, self.seconds, self._t0 = 0, 0.0, None
+        self.count, self.full, self.seconds, self._t0 = 0, 0, 0.0, None
         self._was_enabled = gc.isenabled()
 
     def _callback(self, phase: str, info: dict) -> None:
-        if info.get("generation") != 2:
-            return
         if phase == "start":
             self._t0 = time.perf_counter()
         elif self._t0 is not None:
             self.count += 1
+            self.full += 1 if info.get("generation") == 2 else 0
             self.seconds += time.perf_counter() - self._t0
             self._t0 = None
 
@@ -334,9 +334,9 @@ class GarbageCollection:
         if self.manual and self.interval and iteration % self.interval == 0:
             gc.collect()
 
-    def take(self) -> tuple[int, float]:
-        out = (self.count, self.seconds)
-        self.count, self.seconds = 0, 0.0
+    def take(self) -> tuple[int, int, float]:
+        out = (self.count, self.full, self.seconds)
+        self.count, self.full, self.seconds = 0, 0, 0.0
         return out
 
     def __exit__(self, *exc) -> None:
@@ -413,7 +413,7 @@ def _train_steps(*, model, optimizer, scheduler, stage: StagePlan, forward_step,
             state.losses.append(state.last_loss)
             record = _step_record(state, interval_steps, elapsed, grad_norm, optimizer, skipped, throughput)
             record.update(state.reports)
-            record["gc_collections"], record["gc_pause_s"] = collector.take()
+            record["gc_collections"], record["gc_full_collections"], record["gc_pause_s"] = collector.take()
             if validate_now(last):
                 record["val_loss"] = validate()
             metrics.log(record)
