@@ -615,6 +615,30 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
     return max(0.0, rs - bwd_window) + gather + bucket
 
 
+def fsdp_exposed(model: ModelSpec, layout: Layout, hw: HardwareSpec, lt: LayerTimes, micro_batches: int,
+                 params: EfficiencyParams, trainable_params: float, grad_bytes: int = 4) -> float:
+    """Exposed data-parallel communication of one step under Megatron-FSDP (optim_grads_params,
+    ZeRO-3; pipeline = 1, E177). Every micro batch all-gathers each layer's 16-bit weights (1 byte
+    with FP8 parameters) before its forward and again before its backward (they are freed after use)
+    and reduce-scatters the layer's gradients after its backward, over the DP x CP group. Megatron-FSDP
+    prefetches the next layer's gather while a layer computes, so per layer the forward hides one
+    all-gather and the backward one all-gather plus one reduce-scatter; what exceeds them is exposed,
+    plus the first layer's gather, which nothing precedes. The embedding and output layers are units
+    too; they are counted as layers' share of `trainable_params` here (a stated simplification)."""
+    shard = layout.dp * layout.cp
+    if shard == 1 or trainable_params == 0:
+        return 0.0
+    frac = (shard - 1) / shard
+    bw = _link_bw(hw, shard, layout.tp, params)
+    unit = trainable_params / model.layers
+    gather = unit * (1.0 if layout.fp8_param_gather else 2.0) * frac / bw
+    reduce = unit * grad_bytes * frac / bw
+    fwd = lt.total * lt.forward_fraction
+    bwd = lt.total - fwd
+    per_layer = max(0.0, gather - fwd) + max(0.0, gather + reduce - bwd)
+    return micro_batches * model.layers * per_layer + gather
+
+
 def _local_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None = None) -> float:
     """Parameters on one GPU of the most-loaded stage (after TP, EP x ETP sharding)."""
     counts = param_counts(model)
@@ -727,9 +751,13 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     if train:
         trainable = _trainable_params(model, layout, split, peft)
         updates = work.trained * main.count  # PPO: actor and critic, ppo_epochs times
-        parts["dp_comm_exposed"] = updates * _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params,
-                                                         trainable, grad_bytes, overlap_grad_reduce,
-                                                         overlap_param_gather)
+        if layout.megatron_fsdp:
+            parts["dp_comm_exposed"] = main.count * fsdp_exposed(model, layout, hw, lt, m, params, trainable,
+                                                                 grad_bytes)
+        else:
+            parts["dp_comm_exposed"] = updates * _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params,
+                                                             trainable, grad_bytes, overlap_grad_reduce,
+                                                             overlap_param_gather)
         parts["optimizer"] = _optimizer_time(layout, hw, trainable, updates, main.count * m, kernels)
     parts["step_overhead"] = params.step_overhead
     if train and hw.generation != "cpu":

@@ -92,6 +92,17 @@ def cuda_graph_buffers(activations: float, captured_share: float) -> float:
     return CUDA_GRAPH_TEMPORARY_SHARE * captured_share * activations
 
 
+# Megatron-FSDP (optim_grads_params) gathers one FSDP unit (a transformer layer, or the embedding /
+# output layer) at a time and prefetches the next one: two units' 16-bit weights are whole on the GPU,
+# and in the backward two units' unsharded gradients wait for their reduce-scatter.
+FSDP_UNITS_IN_FLIGHT = 2
+
+
+def fsdp_buffers(unit_params: float, weight_bytes_: float, grad_bytes: float) -> float:
+    """Bytes of Megatron-FSDP's gathered weights and unsharded gradients (FSDP_UNITS_IN_FLIGHT units)."""
+    return FSDP_UNITS_IN_FLIGHT * unit_params * (weight_bytes_ + grad_bytes)
+
+
 def weight_bytes(precision: str) -> int:
     """Bytes per stored weight: fp32 training keeps fp32 weights, every other mode keeps 16-bit
     weights (fp8/mxfp8 GEMMs cast from bf16; the fp8 copies are counted in `fp8_weight_cache`)."""
@@ -341,9 +352,12 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
 def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, vocab, scalar_head, split, precision,
-                  peft, trainable, frozen, grad_bytes) -> tuple[_Stage, float, float, float, float]:
+                  peft, trainable, frozen, grad_bytes, fsdp=False) -> tuple[_Stage, float, float, float, float]:
     """(the stage's local parameters, weights, gradients, optimizer bytes, optimizer-step transient
-    bytes): trainable models get full states, frozen ones weights only; LoRA trains the adapters only."""
+    bytes): trainable models get full states, frozen ones weights only; LoRA trains the adapters only.
+    `fsdp` (Megatron-FSDP, optim_grads_params): the trained model's 16-bit weights and its gradient
+    buffer are sharded over the same group as the optimizer state (ZeRO-3); the layers being computed
+    are gathered into `fsdp_buffers` (`_stage_memory`)."""
     layout = _StatesLayout(tp, pp, cp, dp, ep, etp)
     st = _local_stage(model, layout, stage, vocab, scalar_head, split)
     dense_shard, expert_shard = _shards(layout)
@@ -364,7 +378,9 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
             for count, shard in ((st.dense, dense_shard), (st.expert, expert_shard)):
                 s = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=shard,
                                           grad_bytes=grad_bytes)
-                gradients += count * s.gradients
+                if fsdp:  # the weights counted above in full are held as this shard
+                    weights -= count * wb * (1.0 - 1.0 / shard)
+                gradients += count * s.gradients / (shard if fsdp else 1)
                 optimizer += count * s.optimizer
                 step += count * s.step
     weights += frozen * params_local * wb
@@ -396,12 +412,18 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
     frozen = resident - trainable if trains else resident  # references / reward model; eval's models, export
     st, weights, gradients, optimizer, step_transient = _model_states(
         model, layout.tp, layout.pp, layout.cp, layout.dp, layout.ep, layout.etp, layout.distributed_optimizer,
-        stage, vocab, scalar_head, split, precision, peft, trainable, frozen, grad_bytes)
+        stage, vocab, scalar_head, split, precision, peft, trainable, frozen, grad_bytes,
+        bool(layout.megatron_fsdp and trainable and peft is None))
     params_local = st.dense + st.expert
 
     parts: dict[str, float] = {"cuda_context": CUDA_CONTEXT_BYTES}
     groups = sum(1 for n in (layout.tp, layout.pp, layout.cp, layout.dp, layout.ep) if n > 1)
     parts["nccl"] = NCCL_BYTES_PER_GROUP * groups
+    if layout.megatron_fsdp and trainable and peft is None:
+        embedding = vocab * model.hidden / layout.tp  # the input embedding or the output layer, one unit each
+        units = (1 if st.first else 0) + (1 if st.last and not model.tie_embeddings and not scalar_head else 0)
+        per_layer = (params_local - units * embedding) / max(st.layers, 1)
+        parts["fsdp_buffers"] = fsdp_buffers(max(per_layer, embedding), weight_bytes(precision), grad_bytes)
     if precision == "nvfp4":
         # Transformer Engine caches the NVFP4 weight and its transpose across micro batches: 4-bit
         # values plus one FP8 (E4M3) scale per 16-element block, 0.5 + 1/16 B each.

@@ -188,6 +188,7 @@ class Layout:
     grad_reduce_in_fp32: bool = True  # `DistributedDataParallelConfig.grad_reduce_in_fp32`
     overlap_param_gather: bool = False  # `DistributedDataParallelConfig.overlap_param_gather`
     fp8_param_gather: bool = False  # `TransformerConfig.fp8_param` + `DistributedDataParallelConfig.fp8_param_gather`
+    megatron_fsdp: bool = False  # DDP `use_megatron_fsdp`, sharding optim_grads_params (ZeRO-3)
 
     @property
     def world_size(self) -> int:

@@ -359,7 +359,8 @@ def _make_layout(p: Problem, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[
                   num_microbatches=max(1, gb // (mb * dp)), sequence_parallel=sp, distributed_optimizer=do,
                   recompute=rc[0], recompute_layers=rc[1], tp_comm_overlap=p.fixed.tp_comm_overlap,
                   grad_reduce_in_fp32=p.fixed.grad_reduce_in_fp32,
-                  overlap_param_gather=p.fixed.overlap_param_gather, fp8_param_gather=p.fixed.fp8_param_gather)
+                  overlap_param_gather=p.fixed.overlap_param_gather, fp8_param_gather=p.fixed.fp8_param_gather,
+                  megatron_fsdp=p.fixed.megatron_fsdp)
 
 
 def _sizes(p: Problem, layout: Layout) -> Sizes:
@@ -368,7 +369,8 @@ def _sizes(p: Problem, layout: Layout) -> Sizes:
                  sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
                  recompute=layout.recompute, recompute_layers=layout.recompute_layers, seq_length=p.seq_length,
                  tp_comm_overlap=layout.tp_comm_overlap,
-                 overlap_param_gather=layout.overlap_param_gather, fp8_param_gather=layout.fp8_param_gather)
+                 overlap_param_gather=layout.overlap_param_gather, fp8_param_gather=layout.fp8_param_gather,
+                 megatron_fsdp=layout.megatron_fsdp)
 
 
 # ------------------------------------------------------------------------------------ the domains
@@ -598,6 +600,8 @@ def _do_domain(p: Problem) -> list[bool]:
     after the optimizer step is exposed, so plain DDP's overlapped all-reduce can be faster."""
     if p.fixed.distributed_optimizer is not None:
         return [p.fixed.distributed_optimizer]
+    if p.fixed.megatron_fsdp:  # Megatron-FSDP shards the optimizer state itself (E176)
+        return [True]
     if not p.auto_distributed_optimizer:
         return [False]
     return [True] if p.fixed.overlap_param_gather else [True, False]
@@ -762,7 +766,7 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
                           sequence_parallel=sp, distributed_optimizer=do, recompute=rc[0], recompute_layers=rc[1],
                           seq_length=p.seq_length,
                           tp_comm_overlap=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather,
-                          fp8_param_gather=f.fp8_param_gather)
+                          fp8_param_gather=f.fp8_param_gather, megatron_fsdp=f.megatron_fsdp)
             v = layout_violations(env, sizes)
             layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp or 1, mb, sp, do, rc)
             if v is not None:

@@ -113,6 +113,7 @@ class ParallelSpec:
     grad_reduce_in_fp32: bool = True
     overlap_param_gather: bool = False  # the distributed optimizer's parameter all-gather in the forward
     fp8_param_gather: bool = False  # linear weights kept (and all-gathered) in FP8
+    megatron_fsdp: bool = False  # Megatron-FSDP, optim_grads_params (ZeRO-3)
 
 
 @dataclass(frozen=True, slots=True)

@@ -244,6 +244,12 @@ PARALLEL_FIELDS = (
        "DDP `fp8_param_gather`): no 16-bit weight copy beside Transformer Engine's FP8 one, and the "
        "distributed optimizer all-gathers 1 byte per parameter instead of 2. Needs an fp8 precision (E165) "
        "and distributed_optimizer (E166)."),
+    _f("megatron_fsdp", BOOL, False, "Megatron-FSDP (Megatron-Core DDP `use_megatron_fsdp` with "
+       "`data_parallel_sharding_strategy = optim_grads_params`, ZeRO-3): weights, gradients and optimizer "
+       "state sharded over the data-parallel (x context-parallel) ranks; each layer's weights all-gathered "
+       "before its forward and again before its backward, its gradients reduce-scattered after it, every "
+       "micro batch, overlapped with the neighbouring layers' compute. Needs distributed_optimizer (E176), "
+       "pipeline = 1 (E177) and GPUs (E178)."),
 )
 
 DATA_FIELDS = (

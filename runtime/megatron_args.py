@@ -195,6 +195,16 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
         # in the forward pre-hooks); the nemoc training loop does not yet: refused, not ignored.
         raise UnsupportedPlan("overlap_param_gather = true: the nemoc runtime does not yet start the parameter "
                               "all-gathers in the forward; run with overlap_param_gather = false")
+    if layout.megatron_fsdp:
+        # `nemoc check` refuses it on the CPU (E178). On GPUs the model must be wrapped in Megatron-Core's
+        # FullyShardedDataParallel (distributed/fsdp/mcore_fsdp_adapter.py) instead of DDP and checkpointed
+        # in its `fsdp_dtensor` format (distrib_optimizer.py refuses the others); the nemoc runtime does
+        # neither yet: refused, not ignored.
+        raise UnsupportedPlan("megatron_fsdp = true: the nemoc runtime wraps the model in Megatron-Core's DDP and "
+                              "saves dp_reshardable / fully_reshardable checkpoints; Megatron-FSDP's "
+                              "FullyShardedDataParallel and its fsdp_dtensor checkpoints are not wired yet. Plan it "
+                              "to compare; run with megatron_fsdp = false (distributed_optimizer shards the "
+                              "optimizer state)")
     if model.is_moe and model.add_bias_linear:
         # `nemoc check` refuses this spec (E140): the MoE build below has no linear biases.
         raise UnsupportedPlan("MoE models are built without linear biases (add_bias_linear = false); "
@@ -464,9 +474,12 @@ def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None):
 
 
 def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None) -> dict:
-    return dict(grad_reduce_in_fp32=layout.grad_reduce_in_fp32, overlap_grad_reduce=bool(overlaps and overlaps.grad_reduce),
-                overlap_param_gather=bool(overlaps and overlaps.param_gather),
-                use_distributed_optimizer=layout.distributed_optimizer, fp8_param_gather=layout.fp8_param_gather)
+    kw = dict(grad_reduce_in_fp32=layout.grad_reduce_in_fp32, overlap_grad_reduce=bool(overlaps and overlaps.grad_reduce),
+              overlap_param_gather=bool(overlaps and overlaps.param_gather),
+              use_distributed_optimizer=layout.distributed_optimizer, fp8_param_gather=layout.fp8_param_gather)
+    if layout.megatron_fsdp:  # ZeRO-3: weights, gradients and optimizer state sharded (Megatron-Bridge's FSDP recipes)
+        kw.update(use_megatron_fsdp=True, data_parallel_sharding_strategy="optim_grads_params")
+    return kw
 
 
 # fp16's dynamic loss scaling (Micikevicius et al. 2018): start 2^16, halve on overflow, double after

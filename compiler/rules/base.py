@@ -40,6 +40,7 @@ class Sizes:
     tp_comm_overlap: bool = False
     overlap_param_gather: bool = False
     fp8_param_gather: bool = False
+    megatron_fsdp: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
-"""Rules of the host-side settings: CUDA graphs (Megatron-Core 0.16.1 TransformerConfig
+"""Rules of the recipe settings added for Megatron-Bridge parity: CUDA graphs (Megatron-Core 0.16.1 TransformerConfig
 `cuda_graph_impl` / `cuda_graph_scope`, checked in its __post_init__) and manual garbage collection
-(Megatron-LM `manual_gc`, `manual_gc_interval`: megatron/training/arguments.py). Each returns one
+(Megatron-LM `manual_gc`, `manual_gc_interval`: megatron/training/arguments.py) and Megatron-FSDP
+(`parallel.megatron_fsdp`: DDP `use_megatron_fsdp`). Each returns one
 `Violation` anchored at the field the user wrote, or None; they are cheap when the fields are not
 written (the search calls every rule per candidate layout).
 """
@@ -88,3 +89,44 @@ def rule_manual_gc_interval(env: Env, s: Sizes) -> Violation | None:
                      "remove manual_gc_interval, or set manual_gc = true",
                      anchors=("manual_gc_interval", "manual_gc"),
                      source="megatron/training/training.py (manual_gc_interval is read only with manual_gc)")
+
+
+_FSDP = ("parallel.megatron_fsdp",)
+
+
+def rule_fsdp_distributed_optimizer(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-FSDP's optimizer is Megatron-Core's DistributedOptimizer over the FSDP buffers
+    (optimizer/__init__.py `if ddp_config.use_megatron_fsdp`; Megatron-LM sets
+    --use-distributed-optimizer with --use-megatron-fsdp)."""
+    if not s.megatron_fsdp or s.distributed_optimizer is not False:
+        return None
+    return Violation("E176", "megatron_fsdp needs the distributed optimizer",
+                     "megatron_fsdp = true with distributed_optimizer = false",
+                     "set distributed_optimizer = true (or auto), or megatron_fsdp = false",
+                     anchors=(_FSDP[0], "parallel.distributed_optimizer"),
+                     source="megatron/core/optimizer/__init__.py get_megatron_optimizer (use_megatron_fsdp)")
+
+
+def rule_fsdp_pipeline(env: Env, s: Sizes) -> Violation | None:
+    """nemoc plans Megatron-FSDP without pipeline parallelism, as Megatron-Bridge's FSDP recipes run it:
+    a pipeline stage's weights would be all-gathered once per micro batch and model chunk, and the
+    schedule's interleaving of forward and backward micro batches defeats FSDP's per-layer prefetch."""
+    if not s.megatron_fsdp or s.pp is None or s.pp == 1:
+        return None
+    return Violation("E177", "megatron_fsdp with pipeline parallelism",
+                     f"megatron_fsdp = true with pipeline({s.pp})",
+                     "set pipeline = 1 (or auto), or megatron_fsdp = false",
+                     anchors=(_FSDP[0], "parallel.pipeline"),
+                     source="Megatron-Bridge FSDP recipes (pipeline_model_parallel_size = 1)")
+
+
+def rule_fsdp_gpu(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-FSDP's buffers and streams are CUDA's (mcore_fsdp_adapter.py: device cuda, CUDA streams
+    for its all-gathers and reduce-scatters); the gloo/CPU runtime has none."""
+    if not s.megatron_fsdp or env.gpu_arch != "cpu":
+        return None
+    return Violation("E178", "megatron_fsdp needs GPUs",
+                     f"megatron_fsdp = true but cluster.gpu = {env.cluster.gpu}",
+                     "set megatron_fsdp = false on the CPU (distributed_optimizer shards the optimizer state)",
+                     anchors=(_FSDP[0], "cluster.gpu", "cluster"),
+                     source="megatron/core/distributed/fsdp/mcore_fsdp_adapter.py (CUDA device and streams)")

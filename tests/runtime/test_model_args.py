@@ -376,3 +376,21 @@ def test_host_settings_as_megatron_lm_flags():
         "--cuda-graph-impl transformer_engine", "--cuda-graph-scope attn mlp", "--manual-gc",
         "--manual-gc-interval 100"]
     assert margs._lm_host(HostExecution("none", (), False, 0)) == []
+
+
+def test_megatron_fsdp_reaches_megatron_cores_ddp_config_and_is_refused_at_run_time():
+    """parallel.megatron_fsdp: DistributedDataParallelConfig(use_megatron_fsdp=True,
+    data_parallel_sharding_strategy="optim_grads_params"), which Megatron-Core 0.16.1 accepts; the nemoc
+    runtime refuses to run it (no FullyShardedDataParallel wrapper, no fsdp_dtensor checkpoints yet)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    layout = lay(dp=2, distributed_optimizer=True, megatron_fsdp=True)
+    kw = margs._ddp_kwargs(layout, None)
+    c = DistributedDataParallelConfig(**kw)
+    assert c.use_megatron_fsdp and c.data_parallel_sharding_strategy == "optim_grads_params"
+    assert c.use_distributed_optimizer
+    assert "--use-megatron-fsdp" in margs._flags(kw)
+    assert "--data-parallel-sharding-strategy optim_grads_params" in margs._flags(kw)
+    assert "use_megatron_fsdp" not in margs._ddp_kwargs(lay(dp=2), None)
+    with pytest.raises(margs.UnsupportedPlan, match="Megatron-FSDP"):
+        config(layout=layout, facts=GPU_TE)
