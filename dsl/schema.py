@@ -474,15 +474,15 @@ EXPERIMENT_FIELDS = (
        "group and keeps its experts' share), `flex` (DeepEP's fused dispatch / combine kernels; needs Transformer "
        "Engine and the deep_ep package). Default `auto`: `alltoall` with Transformer Engine (Megatron-Bridge's "
        "MoE performance recipes); on the local spec `alltoall` with expert parallelism, else `allgather` "
-       "(Megatron-Core's default). MoE models only (E167); `flex` not on the local spec (E168).", auto=True),
+       "(Megatron-Core's default). MoE models only (E171); `flex` not on the local spec (E172).", auto=True),
     _f("moe_grouped_gemm", BOOL, None,
        "Run each rank's local experts as one grouped GEMM (Megatron-Core `moe_grouped_gemm`, TE's "
        "GroupedLinear) instead of one GEMM per expert. Default `auto`: on with Transformer Engine "
-       "(Megatron-Bridge's recipes), off on the local spec, which has no grouped GEMM kernel (E168).", auto=True),
+       "(Megatron-Bridge's recipes), off on the local spec, which has no grouped GEMM kernel (E172).", auto=True),
     _f("moe_permute_fusion", BOOL, None,
        "Fuse the token permutation before and after the experts (Megatron-Core `moe_permute_fusion`, TE >= "
        "2.1). Default `auto`: on with Transformer Engine (Megatron-Bridge's recipes), off on the local spec "
-       "(E168).", auto=True),
+       "(E172).", auto=True),
     _f("cuda_graph_impl", enum("none", "local", "transformer_engine"), None,
        "Capture the transformer layers' kernels as CUDA graphs (Megatron-Core `cuda_graph_impl`): `local` "
        "(Megatron-Core's CudaGraphManager; the only one that can capture a whole iteration), "
