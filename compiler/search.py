@@ -230,7 +230,8 @@ def describe(layout: Layout) -> str:
     ep = f" ep={layout.ep} etp={layout.etp}" if layout.ep > 1 or layout.etp != layout.tp else ""
     return (f"tp={layout.tp} pp={layout.pp}{vp} cp={layout.cp}{ep} dp={layout.dp} mb={layout.micro_batch} "
             f"sp={'on' if layout.sequence_parallel else 'off'} dopt={'on' if layout.distributed_optimizer else 'off'} "
-            f"recompute={recompute_text(layout.recompute, layout.recompute_layers)}")
+            f"recompute={recompute_text(layout.recompute, layout.recompute_layers)}"
+            + (" fsdp=on" if layout.megatron_fsdp else ""))
 
 
 def recompute_text(recompute: str, layers: int | None) -> str:
