@@ -42,8 +42,8 @@ from nemoc.compiler.flops import (
     stage_model_flops_per_step,
     stage_work,
 )
-from nemoc.compiler.memory import layer_activations
-from nemoc.compiler.plan import Estimate, Layout, MoeExecution
+from nemoc.compiler.memory import NVFP4_BYTES, layer_activations
+from nemoc.compiler.plan import Estimate, HostExecution, Layout, MoeExecution
 from nemoc.compiler.spec import ClusterSpec, LoraSpec, ModelSpec
 
 
@@ -114,7 +114,9 @@ class EfficiencyParams:
         return self.attn * kv_tokens / (kv_tokens + self.attn_kv_half)
 
     def gemm_eff(self, generation: str, precision: str) -> float:
-        low = precision in ("fp8", "mxfp8")
+        # NVFP4 has no calibration row: its GEMMs take the Blackwell 8-bit fraction of the FP4 peak
+        # (stated assumption, docs/cost-model.md)
+        low = precision in ("fp8", "mxfp8", "nvfp4")
         if generation == "ampere":
             return self.gemm_ampere_16
         if generation == "hopper":
@@ -358,6 +360,8 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     low = precision in ("fp8", "mxfp8")
     rate = hw.peak(precision if hw.supports(precision) else "bf16") * params.gemm_eff(gen, precision)
     in_bytes = 1.0 if low else (4.0 if precision == "fp32" else 2.0)
+    if precision == "nvfp4":
+        in_bytes = NVFP4_BYTES  # E2M1 values + one E4M3 scale per 16 elements
     passes = 1.0 + backward
     gemm = 0.0
     shapes = _layer_gemm_shapes(model, layout.tp, layout.ep, layout.etp)
@@ -611,6 +615,30 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
     return max(0.0, rs - bwd_window) + gather + bucket
 
 
+def fsdp_exposed(model: ModelSpec, layout: Layout, hw: HardwareSpec, lt: LayerTimes, micro_batches: int,
+                 params: EfficiencyParams, trainable_params: float, grad_bytes: int = 4) -> float:
+    """Exposed data-parallel communication of one step under Megatron-FSDP (optim_grads_params,
+    ZeRO-3; pipeline = 1, E177). Every micro batch all-gathers each layer's 16-bit weights (1 byte
+    with FP8 parameters) before its forward and again before its backward (they are freed after use)
+    and reduce-scatters the layer's gradients after its backward, over the DP x CP group. Megatron-FSDP
+    prefetches the next layer's gather while a layer computes, so per layer the forward hides one
+    all-gather and the backward one all-gather plus one reduce-scatter; what exceeds them is exposed,
+    plus the first layer's gather, which nothing precedes. The embedding and output layers are units
+    too; they are counted as layers' share of `trainable_params` here (a stated simplification)."""
+    shard = layout.dp * layout.cp
+    if shard == 1 or trainable_params == 0:
+        return 0.0
+    frac = (shard - 1) / shard
+    bw = _link_bw(hw, shard, layout.tp, params)
+    unit = trainable_params / model.layers
+    gather = unit * (1.0 if layout.fp8_param_gather else 2.0) * frac / bw
+    reduce = unit * grad_bytes * frac / bw
+    fwd = lt.total * lt.forward_fraction
+    bwd = lt.total - fwd
+    per_layer = max(0.0, gather - fwd) + max(0.0, gather + reduce - bwd)
+    return micro_batches * model.layers * per_layer + gather
+
+
 def _local_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None = None) -> float:
     """Parameters on one GPU of the most-loaded stage (after TP, EP x ETP sharding)."""
     counts = param_counts(model)
@@ -651,7 +679,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
              overlap_grad_reduce: bool = True, dropout: bool = False,
              overlap_param_gather: bool = RUNTIME_OVERLAPS_PARAM_GATHER, fp8_recipe: str | None = None,
-             moe: MoeExecution | None = None) -> Estimate:
+             moe: MoeExecution | None = None, host: HostExecution | None = None) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
@@ -668,7 +696,9 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     data-parallel reduction overlaps the last backward (Megatron-Core DDP, the nemoc runtime);
     False for Megatron-LM 2021, which reduced after the flush. `dropout`: hidden and attention dropout
     on (see `layer_times`; the nemoc runtime trains without). `fp8_recipe`: the stage's FP8 recipe
-    (`tensorwise` adds the amax pass of current scaling, FP8_CURRENT_SCALING_BYTES).
+    (`tensorwise` adds the amax pass of current scaling, FP8_CURRENT_SCALING_BYTES). `host`: CUDA
+    graphs (`cuda_graph_launch_saving`: the captured kernels' host launch gaps removed) and garbage
+    collection (`gc_pause`: part `gc_pause`); None: no graphs, Python's automatic collector.
 
     The stage's model passes come from `flops.stage_work`: the first (the model the optimizer
     updates) is costed term by term; the others (DPO reference, PPO critic, experience forwards)
@@ -689,6 +719,9 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
                      micro_batch=mb, backward=main.backward, params=params, attention_span=attention_span,
                      overlap_tp=overlap_tp, kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe, moe=moe)
+    if host is not None and host.cuda_graph_impl != "none" and train:  # as in step_time_lower_bound
+        lt = replace(lt, gemm=lt.gemm - cuda_graph_launch_saving(
+            params, cuda_graph_share(host, model), 1.0 + main.backward))
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                       params=params, scalar_head=main.scalar_head, split=split)
     m = layout.num_microbatches
@@ -718,11 +751,17 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     if train:
         trainable = _trainable_params(model, layout, split, peft)
         updates = work.trained * main.count  # PPO: actor and critic, ppo_epochs times
-        parts["dp_comm_exposed"] = updates * _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params,
-                                                         trainable, grad_bytes, overlap_grad_reduce,
-                                                         overlap_param_gather)
+        if layout.megatron_fsdp:
+            parts["dp_comm_exposed"] = main.count * fsdp_exposed(model, layout, hw, lt, m, params, trainable,
+                                                                 grad_bytes)
+        else:
+            parts["dp_comm_exposed"] = updates * _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params,
+                                                             trainable, grad_bytes, overlap_grad_reduce,
+                                                             overlap_param_gather)
         parts["optimizer"] = _optimizer_time(layout, hw, trainable, updates, main.count * m, kernels)
     parts["step_overhead"] = params.step_overhead
+    if train and hw.generation != "cpu":
+        parts["gc_pause"] = gc_pause(host, world)
     step = sum(parts.values())
     tokens = layout.global_batch * seq * work.rows
     model_flops = stage_model_flops_per_step(model, seq, layout.global_batch, stage_kind=stage_kind, peft=peft,
@@ -747,7 +786,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
                           params: EfficiencyParams = DEFAULT_PARAMS, stage_params: object = None,
                           split: tuple[int, int, int] | None = None, overlap_p2p: bool = RUNTIME_OVERLAPS_P2P,
                           overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
-                          moe: MoeExecution | None = None) -> float:
+                          moe: MoeExecution | None = None, host: HostExecution | None = None) -> float:
     """A lower bound of `estimate(...).step_time_s` over every micro batch in the range
     `micro_batches` = (smallest, largest) and every recompute level, for the other sizes of `layout`
     (its micro batch and recompute are ignored; `layout.num_microbatches x layout.micro_batch` is the
@@ -776,6 +815,11 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
                      micro_batch=largest * work.rows, backward=main.backward, params=params, overlap_tp=overlap_tp,
                      kernels=kernels, moe=moe)
+    if host is not None and host.cuda_graph_impl != "none" and main.backward != FORWARD:
+        # a constant per micro batch, at most the layer's launch overhead: the time per row still
+        # never grows with the micro batch
+        lt = replace(lt, gemm=lt.gemm - cuda_graph_launch_saving(params, cuda_graph_share(host, model),
+                                                                 1.0 + main.backward))
     _, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows,
                               backward=main.backward, params=params, scalar_head=main.scalar_head, split=split)
     per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest
@@ -883,3 +927,65 @@ def _rollout_p2p(model, layout, hw, tokens: float, params) -> float:
     size = tokens / layout.cp * model.hidden * 2.0 / (layout.tp if layout.sequence_parallel else 1)
     bw = _link_bw(hw, layout.pp, layout.tp * layout.cp * layout.dp, params)
     return (layout.pp - 1) * (size / bw + params.ring_step_latency)
+
+
+# ------------------------------------------------------------------ host: CUDA graphs, garbage collection
+# CUDA graphs (Megatron-Core `cuda_graph_impl`): a replayed graph launches its kernels back to back
+# from the device, without the host's per-kernel launch path (PyTorch dispatch, Transformer Engine's
+# Python, cudaLaunchKernel). `layer_overhead` is that per-layer gap over TE_KERNELS_PER_LAYER kernels
+# in eager mode; inside a graph each kernel node still costs GRAPHED_KERNEL_GAP on the device (kernel
+# nodes of an instantiated graph start ~1 us apart: NVIDIA, "Getting Started with CUDA Graphs", 2019,
+# and the CUDA programming guide's graph launch notes), plus one graph launch per captured region and
+# pass (GRAPH_LAUNCH). The captured share of a layer's kernels by scope: attention and MLP are about
+# half each (norm, QKV, RoPE, core attention, projection vs norm, fc1, activation, fc2), the MoE router
+# and its preprocessing a few kernels; [] (the whole layer) and full_iteration all of them.
+GRAPHED_KERNEL_GAP = 1.0e-6
+GRAPH_LAUNCH = 2.5e-6
+CUDA_GRAPH_SCOPE_SHARE = MappingProxyType({"attn": 0.5, "mlp": 0.5, "moe_router": 0.1, "moe_preprocess": 0.05,
+                                           "moe": 0.5, "full_iteration": 1.0})
+
+
+def cuda_graph_share(host: HostExecution | None, model: ModelSpec) -> float:
+    """The share of a layer's kernels that CUDA graphs capture (0 without graphs)."""
+    if host is None or host.cuda_graph_impl == "none":
+        return 0.0
+    if not host.cuda_graph_scope:
+        return 1.0
+    return min(1.0, sum(CUDA_GRAPH_SCOPE_SHARE[s] for s in host.cuda_graph_scope))
+
+
+def cuda_graph_launch_saving(params: EfficiencyParams, share: float, passes: float) -> float:
+    """Seconds per layer and micro batch that CUDA graphs remove: the captured kernels' eager launch
+    gaps (`layer_overhead` per TE_KERNELS_PER_LAYER kernels) replaced by the graph's device-side
+    gaps, less one graph launch per pass (forward, backward). Never negative."""
+    if share <= 0.0:
+        return 0.0
+    eager_gap = params.layer_overhead / TE_KERNELS_PER_LAYER
+    kernels = share * TE_KERNELS_PER_LAYER * passes / 3.0
+    saved = kernels * max(eager_gap - GRAPHED_KERNEL_GAP, 0.0) - passes * GRAPH_LAUNCH * (1.0 if share else 0.0)
+    return max(saved, 0.0)
+
+
+# Garbage collection. Python's automatic collector runs young (generation 0 / 1) collections every few
+# hundred allocations and a full (generation-2) one only when the long-lived objects grew by a quarter;
+# each rank collects at its own time, and the step's collectives wait for the rank that paused: with N
+# ranks each starting a full collection in a given step with probability f, some rank pauses in
+# 1 - (1 - f)^N of the steps. Manual GC (Megatron `manual_gc`) disables the collector and runs one full
+# collection on all ranks together every `manual_gc_interval` steps. Measured with nemoc's runtime on
+# CPU (the quickstart, 2 ranks, 120 steps; metrics `gc_collections`, `gc_full_collections`,
+# `gc_pause_s`; docs/cost-model.md): a full collection of a training rank (~4.7e5 objects: torch,
+# Megatron-Core, transformers and the model) took 0.30-1.18 s wall on the shared, loaded host, and
+# 0.22-0.25 s of the process's own CPU time (median 0.23 s of 7, `time.process_time`: what one
+# uncontended core spends; GC_FULL_PAUSE); automatic collection ran 0.22 young collections per step, 33 us per step
+# (GC_YOUNG_PER_STEP), and no full collection in 120 steps (GC_FULL_PER_STEP = 0: the unsynchronised full
+# collection manual GC guards against at scale is not observed, so the plan claims no gain for it).
+GC_FULL_PAUSE = 0.23
+GC_YOUNG_PER_STEP = 33e-6
+GC_FULL_PER_STEP = 0.0
+
+
+def gc_pause(host: HostExecution | None, world: int) -> float:
+    """Expected seconds per step that garbage-collection pauses add to the step (see above)."""
+    if host is not None and host.manual_gc:
+        return GC_FULL_PAUSE / host.manual_gc_interval if host.manual_gc_interval else 0.0
+    return GC_YOUNG_PER_STEP + GC_FULL_PAUSE * (1.0 - (1.0 - GC_FULL_PER_STEP) ** max(world, 1))

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from nemoc.compiler.catalog.hardware import get_gpu
 from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR, padded_vocab, stage_model_flops_per_step
-from nemoc.compiler.plan import Execution, Fusions, Layout, MoeExecution, Overlaps, PipelineSplit
+from nemoc.compiler.plan import Execution, Fusions, HostExecution, Layout, MoeExecution, Overlaps, PipelineSplit
 from nemoc.compiler.spec import LoraSpec, ModelSpec
 from nemoc.compiler.target import MEGATRON_CORE, Target
 
-_DTYPE = {"fp8": "bf16", "mxfp8": "bf16"}  # fp8 training keeps bf16 master weights; TE casts inside the GEMMs
+# fp8 / nvfp4 training keeps bf16 master weights; TE casts inside the GEMMs
+_DTYPE = {"fp8": "bf16", "mxfp8": "bf16", "nvfp4": "bf16"}
 # The recipe an fp8 precision runs with when the experiment leaves `fp8_recipe` auto: what
 # Megatron-Bridge's performance recipes use (FP8-CS, current scaling, on H100 / B200 / GB200:
 # scripts/performance/configs/*_workload_base_configs.py `*_FP8_CS_*`; MXFP8 for precision mxfp8).
@@ -71,6 +72,53 @@ def moe_defaults_taken(model: ModelSpec, kernels: str, ep: int, dispatcher: str 
     return tuple(out)
 
 
+# What the host side runs when the experiment leaves it auto: Megatron-Bridge's recipes collect garbage
+# manually every 100 steps (`cfg.train.manual_gc = True`, `manual_gc_interval = 100` in its recipes and
+# performance configs) and leave CUDA graphs off in their base recipes (`cuda_graph_impl = "none"`).
+AUTO_MANUAL_GC = (True, 100)
+AUTO_CUDA_GRAPH_IMPL = "none"
+
+
+def host_execution(*, cuda_graph_impl: str | None = None, cuda_graph_scope: tuple[str, ...] = (),
+                   manual_gc: bool | None = None, manual_gc_interval: int | None = None) -> HostExecution:
+    """The host-side settings of a stage: the experiment's fields, each auto (None) resolved as above.
+    An interval written without manual_gc implies it (E175 refuses it with manual_gc = false)."""
+    gc_on = AUTO_MANUAL_GC[0] if manual_gc is None else manual_gc
+    if manual_gc is None and manual_gc_interval is not None:
+        gc_on = True
+    interval = AUTO_MANUAL_GC[1] if manual_gc_interval is None else manual_gc_interval
+    impl = cuda_graph_impl or AUTO_CUDA_GRAPH_IMPL
+    return HostExecution(cuda_graph_impl=impl, cuda_graph_scope=tuple(cuda_graph_scope) if impl != "none" else (),
+                         manual_gc=gc_on, manual_gc_interval=interval if gc_on else 0)
+
+
+def host_defaults_taken(*, cuda_graph_impl: str | None, manual_gc: bool | None,
+                        manual_gc_interval: int | None, **_: object) -> tuple[str, ...]:
+    """`name = value (auto)` for every host setting the experiment left auto (what `nemoc plan` reports)."""
+    host = host_execution(cuda_graph_impl=cuda_graph_impl, manual_gc=manual_gc, manual_gc_interval=manual_gc_interval)
+    out = []
+    if cuda_graph_impl is None:
+        out.append(f"cuda_graph_impl = {host.cuda_graph_impl}")
+    if manual_gc is None:
+        out.append(f"manual_gc = {str(host.manual_gc).lower()}")
+    if manual_gc_interval is None and host.manual_gc:
+        out.append(f"manual_gc_interval = {host.manual_gc_interval}")
+    return tuple(out)
+
+
+def stage_host(requested: tuple, stage_kernels: str) -> HostExecution:
+    """The host settings a stage runs with, from the experiment's `requested` (cuda_graph_impl,
+    cuda_graph_scope, manual_gc, manual_gc_interval; None = auto): CUDA graphs only where the stage
+    runs Transformer Engine's layers (alignment, eval and export stages run the local spec: E173
+    refuses graphs for a whole experiment without TE)."""
+    impl, scope, manual, interval = requested
+    host = host_execution(cuda_graph_impl=impl, cuda_graph_scope=scope, manual_gc=manual,
+                          manual_gc_interval=interval)
+    if stage_kernels != "te" and host.cuda_graph_impl != "none":
+        host = HostExecution("none", (), host.manual_gc, host.manual_gc_interval)
+    return host
+
+
 def even_split(layers: int, pp: int) -> PipelineSplit:
     """The split of a stage whose search did not choose one (pp = 1, or layers % pp == 0)."""
     return PipelineSplit(None, None, layers // max(pp, 1))
@@ -92,7 +140,7 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
                     precision: str, attention_backend: str, kernels: str, seq_length: int,
                     peft: LoraSpec | None = None, params: object = None,
                     target: Target = MEGATRON_CORE, fp8_recipe: str | None = None,
-                    moe: MoeExecution | None = None) -> Execution:
+                    moe: MoeExecution | None = None, host: HostExecution | None = None) -> Execution:
     """The `Execution` of a stage planned with `layout` (precision, attention and kernels are the
     experiment's; the target decides what the stage kind runs)."""
     stage_kernels = target.stage_kernels(stage_kind, kernels)
@@ -116,4 +164,5 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
                                                         peft=peft, params=params, causal_discount=True),
         peak_flops_per_gpu=peak,
         moe=moe if moe is not None else moe_execution(model, stage_kernels, layout.ep),
+        host=host if host is not None else host_execution(),
     )

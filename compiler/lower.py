@@ -42,11 +42,12 @@ from nemoc.dsl.schema import (BLOCKS, CALLS, DATA_OPTIONS, MODEL_FIELDS, STAGE_K
 LENGTH_FIELDS = ("steps", "tokens", "epochs")
 # The dtype a stage's trained weights are held in, by the experiment's precision: what export writes by default.
 TRAINED_WEIGHT_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16",
-                        "mxfp8": "bfloat16"}
+                        "mxfp8": "bfloat16", "nvfp4": "bfloat16"}
 _DEFAULT_PRECISION = next(f.default for f in dataclasses.fields(ExperimentSpec) if f.name == "precision")
 EXPORT_DTYPES = next(f.type.choices for f in STAGE_PARAMS["export"] if f.name == "dtype")
 EXPERIMENT_KEYS = ("precision", "fp8_recipe", "attention_backend", "kernels", "moe_dispatcher", "moe_grouped_gemm",
-                   "moe_permute_fusion")  # the experiment's own fields
+                   "moe_permute_fusion", "cuda_graph_impl", "cuda_graph_scope", "manual_gc",
+                   "manual_gc_interval")  # the experiment's own fields
 from nemoc.dsl.typecheck import CallValue, Checked, check_block, did_you_mean, missing_required, suggest
 
 

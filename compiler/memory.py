@@ -77,6 +77,32 @@ class StateBytes:
         return self.weights + self.gradients + self.optimizer
 
 
+# NVFP4 (Transformer Engine NVFP4BlockScaling): E2M1 values, 0.5 B, and one E4M3 scale per 16 elements.
+NVFP4_BYTES = 0.5 + 1.0 / 16.0
+# CUDA graphs: a captured region's temporaries (tensors eager mode frees inside the layer: GEMM
+# workspaces, casts, intermediate norms and activations) stay allocated in the graph's private pool
+# for the graph's lifetime. NeMo's CUDA-graph guide measures this as ~20 % more activation memory
+# (GPT-3 20B: +15 GB; docs.nvidia.com NeMo "Cudagraphs for NeMo"); applied to the captured share.
+CUDA_GRAPH_TEMPORARY_SHARE = 0.20
+
+
+def cuda_graph_buffers(activations: float, captured_share: float) -> float:
+    """Bytes the CUDA graphs' static pools hold beyond the eager activations: the captured share of
+    each layer times the measured temporary fraction above, over the activations the stage holds."""
+    return CUDA_GRAPH_TEMPORARY_SHARE * captured_share * activations
+
+
+# Megatron-FSDP (optim_grads_params) gathers one FSDP unit (a transformer layer, or the embedding /
+# output layer) at a time and prefetches the next one: two units' 16-bit weights are whole on the GPU,
+# and in the backward two units' unsharded gradients wait for their reduce-scatter.
+FSDP_UNITS_IN_FLIGHT = 2
+
+
+def fsdp_buffers(unit_params: float, weight_bytes_: float, grad_bytes: float) -> float:
+    """Bytes of Megatron-FSDP's gathered weights and unsharded gradients (FSDP_UNITS_IN_FLIGHT units)."""
+    return FSDP_UNITS_IN_FLIGHT * unit_params * (weight_bytes_ + grad_bytes)
+
+
 def weight_bytes(precision: str) -> int:
     """Bytes per stored weight: fp32 training keeps fp32 weights, every other mode keeps 16-bit
     weights (fp8/mxfp8 GEMMs cast from bf16; the fp8 copies are counted in `fp8_weight_cache`)."""
@@ -293,7 +319,8 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
              seq_length: int | None = None, stage_kind: str = "pretrain", peft: LoraSpec | None = None,
              gpu: HardwareSpec | str | None = None, params: object = None, dropout: bool = False,
              kernels: str = "te", grad_bytes: int = 4, split: tuple[int, int, int] | None = None,
-             moe_dispatcher: str = "alltoall", parents: tuple[str, ...] = ()) -> MemoryBreakdown:
+             moe_dispatcher: str = "alltoall", parents: tuple[str, ...] = (),
+             cuda_graph_share: float = 0.0) -> MemoryBreakdown:
     """Per-GPU memory of the most-loaded pipeline stage (the max total over first and last stage;
     middle stages hold fewer micro batches than the first and no embedding or logits; with an
     uneven `split` = (first, middle, last) layer counts, the second stage too, which may hold more
@@ -302,7 +329,8 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
     stages = {0, layout.pp - 1} | ({1} if split is not None and layout.pp > 2 and split[1] > split[0] else set())
     best = None
     for m in _breakdowns(sorted(stages), model, layout, precision, attention_backend, seq_length, stage_kind, peft,
-                         gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents):
+                         gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,
+                         cuda_graph_share):
         if best is None or m.total > best.total:
             best = m
     return best  # type: ignore[return-value]
@@ -313,14 +341,16 @@ def pipeline_stages(model: ModelSpec, layout: Layout, *, precision: str = "bf16"
                     gpu: HardwareSpec | str | None = None, params: object = None, dropout: bool = False,
                     kernels: str = "te", grad_bytes: int = 4,
                     split: tuple[int, int, int] | None = None,
-                    moe_dispatcher: str = "alltoall", parents: tuple[str, ...] = ()) -> tuple[MemoryBreakdown, ...]:
+                    moe_dispatcher: str = "alltoall", parents: tuple[str, ...] = (),
+                    cuda_graph_share: float = 0.0) -> tuple[MemoryBreakdown, ...]:
     """Per-GPU memory of every pipeline stage 0 .. pp - 1 (`estimate` is the largest of them)."""
     return tuple(_breakdowns(range(layout.pp), model, layout, precision, attention_backend, seq_length, stage_kind,
-                             peft, gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents))
+                             peft, gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,
+                             cuda_graph_share))
 
 
 def _breakdowns(stages, model, layout, precision, attention_backend, seq_length, stage_kind, peft, gpu, params,
-                dropout, kernels, grad_bytes, split, moe_dispatcher="alltoall", parents=()):
+                dropout, kernels, grad_bytes, split, moe_dispatcher="alltoall", parents=(), cuda_graph_share=0.0):
     hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
     capacity = hw.hbm_bytes if hw else 0
     seq = seq_length or model.seq_length
@@ -329,15 +359,18 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
     rows = work.rows  # preference pairs: chosen + rejected
     for stage in stages:
         yield _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
-                            capacity, kernels, grad_bytes, split, resident, rows, moe_dispatcher,
+                            capacity, kernels, grad_bytes, split, resident, rows, moe_dispatcher, cuda_graph_share,
                             generates=bool(work.generated))
 
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
 def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, vocab, scalar_head, split, precision,
-                  peft, trainable, frozen, grad_bytes) -> tuple[_Stage, float, float, float, float]:
+                  peft, trainable, frozen, grad_bytes, fsdp=False) -> tuple[_Stage, float, float, float, float]:
     """(the stage's local parameters, weights, gradients, optimizer bytes, optimizer-step transient
-    bytes): trainable models get full states, frozen ones weights only; LoRA trains the adapters only."""
+    bytes): trainable models get full states, frozen ones weights only; LoRA trains the adapters only.
+    `fsdp` (Megatron-FSDP, optim_grads_params): the trained model's 16-bit weights and its gradient
+    buffer are sharded over the same group as the optimizer state (ZeRO-3); the layers being computed
+    are gathered into `fsdp_buffers` (`_stage_memory`)."""
     layout = _StatesLayout(tp, pp, cp, dp, ep, etp)
     st = _local_stage(model, layout, stage, vocab, scalar_head, split)
     dense_shard, expert_shard = _shards(layout)
@@ -358,7 +391,9 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
             for count, shard in ((st.dense, dense_shard), (st.expert, expert_shard)):
                 s = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=shard,
                                           grad_bytes=grad_bytes)
-                gradients += count * s.gradients
+                if fsdp:  # the weights counted above in full are held as this shard
+                    weights -= count * wb * (1.0 - 1.0 / shard)
+                gradients += count * s.gradients / (shard if fsdp else 1)
                 optimizer += count * s.optimizer
                 step += count * s.step
     weights += frozen * params_local * wb
@@ -379,10 +414,12 @@ class _StatesLayout:
 
 def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
                   kernels, grad_bytes, split, resident: int, rows: int,
-                  moe_dispatcher: str = "alltoall", generates: bool = False) -> MemoryBreakdown:
+                  moe_dispatcher: str = "alltoall", cuda_graph_share: float = 0.0,
+                  generates: bool = False) -> MemoryBreakdown:
     """One pipeline stage's breakdown; `resident`: how many models the stage keeps (`resident_models`),
-    `rows`: sequences per micro-batch sample (`flops.stage_work`); `generates`: the stage decodes
-    rollouts (ppo, grpo: `rollout_kv_cache`)."""
+    `rows`: sequences per micro-batch sample (`flops.stage_work`); `cuda_graph_share`: the share of
+    each layer captured as CUDA graphs (`cost.cuda_graph_share`; 0 without graphs); `generates`: the
+    stage decodes rollouts (ppo, grpo: `rollout_kv_cache`)."""
     scalar_head = kind == "reward"
     vocab = padded_vocab(model.vocab, layout.tp)
     trains = kind in TRAINING_KINDS
@@ -390,12 +427,23 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
     frozen = resident - trainable if trains else resident  # references / reward model; eval's models, export
     st, weights, gradients, optimizer, step_transient = _model_states(
         model, layout.tp, layout.pp, layout.cp, layout.dp, layout.ep, layout.etp, layout.distributed_optimizer,
-        stage, vocab, scalar_head, split, precision, peft, trainable, frozen, grad_bytes)
+        stage, vocab, scalar_head, split, precision, peft, trainable, frozen, grad_bytes,
+        bool(layout.megatron_fsdp and trainable and peft is None))
     params_local = st.dense + st.expert
 
     parts: dict[str, float] = {"cuda_context": CUDA_CONTEXT_BYTES}
     groups = sum(1 for n in (layout.tp, layout.pp, layout.cp, layout.dp, layout.ep) if n > 1)
     parts["nccl"] = NCCL_BYTES_PER_GROUP * groups
+    if layout.megatron_fsdp and trainable and peft is None:
+        embedding = vocab * model.hidden / layout.tp  # the input embedding or the output layer, one unit each
+        units = (1 if st.first else 0) + (1 if st.last and not model.tie_embeddings and not scalar_head else 0)
+        per_layer = (params_local - units * embedding) / max(st.layers, 1)
+        parts["fsdp_buffers"] = fsdp_buffers(max(per_layer, embedding), weight_bytes(precision), grad_bytes)
+    if precision == "nvfp4":
+        # Transformer Engine caches the NVFP4 weight and its transpose across micro batches: 4-bit
+        # values plus one FP8 (E4M3) scale per 16-element block, 0.5 + 1/16 B each.
+        linear = params_local - (vocab * model.hidden / layout.tp if st.first else 0)
+        parts["fp4_weight_cache"] = 2.0 * NVFP4_BYTES * linear
     if precision in ("fp8", "mxfp8"):
         # Transformer Engine caches the quantised weight and its transpose across micro batches.
         linear = params_local - (vocab * model.hidden / layout.tp if st.first else 0)
@@ -461,6 +509,8 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
                 # gradient of that buffer in backward) before the local experts' tokens are picked
                 gathered = s_local * b / rep * layout.ep * layout.etp
                 parts["moe_dispatch"] += 2.0 * 2 * gathered * model.hidden
+        if cuda_graph_share and trains:
+            parts["cuda_graph_buffers"] = cuda_graph_buffers(activations, cuda_graph_share)
         dynamic = activations + sum(parts.get(k, 0.0) for k in ("logits", "moe_dispatch", "backward_working"))
         parts["fragmentation"] = FRAGMENTATION * dynamic
         if step_transient > dynamic:  # the optimizer step's fp32 gradient copies outgrow the freed activations

@@ -134,13 +134,25 @@ class MoeExecution:
 
 
 @dataclass(frozen=True, slots=True)
+class HostExecution:
+    """How the host drives the GPUs: CUDA graphs (Megatron-Core TransformerConfig `cuda_graph_impl`,
+    `cuda_graph_scope`) and the training loop's garbage collection (Megatron-LM `manual_gc`,
+    `manual_gc_interval`). Resolved by `execution.host_execution` from the experiment's fields."""
+
+    cuda_graph_impl: str  # none | local | transformer_engine
+    cuda_graph_scope: tuple[str, ...]  # () = the whole layer; attn, mlp, moe_router, moe_preprocess, full_iteration
+    manual_gc: bool  # automatic GC off in training, gc.collect() on every rank at the same steps
+    manual_gc_interval: int  # steps between those collections; 0 = none during training
+
+
+@dataclass(frozen=True, slots=True)
 class Execution:
     """Everything the planner decided about how a stage executes; the runtime translates it and
     re-derives none of it. Built by `nemoc.compiler.execution.stage_execution`."""
 
     kernels: str  # layer kernels: te | local
     attention: str  # the attention core built: auto | flash | fused | unfused
-    precision: str  # the stage's precision recipe: bf16 | fp16 | fp32 | fp8 | mxfp8 (eval never fp8)
+    precision: str  # the stage's precision recipe: bf16 | fp16 | fp32 | fp8 | mxfp8 | nvfp4 (eval never fp8)
     params_dtype: str  # bf16 | fp16 | fp32: weights and activations (fp8 keeps bf16 master weights)
     fp8_recipe: str | None  # delayed | tensorwise | blockwise | mxfp8 | None (execution.fp8_recipe_of)
     pipeline: PipelineSplit  # decoder layers per pipeline stage
@@ -151,6 +163,7 @@ class Execution:
     model_flops_per_step: float  # what measured MFU divides (causal discount, the stage kind's work)
     peak_flops_per_gpu: float | None  # the planned GPU's dense peak at `precision` (None: unknown)
     moe: MoeExecution | None = None  # the MoE layer's dispatcher and kernels; None for a dense model
+    host: HostExecution | None = None  # CUDA graphs and manual GC; None: a model built outside a stage plan
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +188,7 @@ class Layout:
     grad_reduce_in_fp32: bool = True  # `DistributedDataParallelConfig.grad_reduce_in_fp32`
     overlap_param_gather: bool = False  # `DistributedDataParallelConfig.overlap_param_gather`
     fp8_param_gather: bool = False  # `TransformerConfig.fp8_param` + `DistributedDataParallelConfig.fp8_param_gather`
+    megatron_fsdp: bool = False  # DDP `use_megatron_fsdp`, sharding optim_grads_params (ZeRO-3)
 
     @property
     def world_size(self) -> int:

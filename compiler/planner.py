@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, replace
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
-from nemoc.compiler.execution import fp8_recipe_of, moe_defaults_taken, stage_execution
+from nemoc.compiler.execution import fp8_recipe_of, host_defaults_taken, moe_defaults_taken, stage_execution, stage_host
 from nemoc.compiler.flops import param_counts
 from nemoc.compiler.memory import resident_models, weight_bytes
 from nemoc.compiler.plan import Estimate, Plan, StagePlan
@@ -41,6 +41,7 @@ from nemoc.compiler.rules import (
     violations,
 )
 from nemoc.compiler.hfimport import ImportEstimate, estimate_import
+from nemoc.compiler.rules.check import host_requested
 from nemoc.compiler.rules.stages import _initial_checkpoint, is_hf_conversion
 from nemoc.compiler.search import (
     DEFAULT_HEADROOM,
@@ -184,6 +185,9 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
         kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=stage.optimizer.name, target=target,
         hf_conversion=is_hf_conversion(spec, stage),
         moe_requested=(spec.moe_dispatcher, spec.moe_grouped_gemm, spec.moe_permute_fusion),
+        host_requested=host_requested(spec),
+        host=stage_host(host_requested(spec), target.stage_kernels(stage.kind, resolve_kernels(spec.kernels,
+                                                                                              spec.cluster.gpu))),
     )
 
 
@@ -196,7 +200,7 @@ def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> Pa
     return replace(parallel, context=parallel.context if parallel.context is not None else 1,
                    distributed_optimizer=False, recompute="none", recompute_layers=None, virtual_pipeline=1, pipeline=pipeline,
                    micro_batch=parallel.micro_batch or 1, tp_comm_overlap=False, overlap_param_gather=False, fp8_param_gather=False,
-                   grad_reduce_in_fp32=True)
+                   grad_reduce_in_fp32=True, megatron_fsdp=False)
 
 
 # ------------------------------------------------------------------------------- not fitting: why
@@ -335,7 +339,7 @@ def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps
         model=spec.model, gpu=spec.cluster.gpu, layout=chosen.layout, split=chosen.split, stage_kind=stage.kind,
         precision=spec.precision, attention_backend=problem.attention_backend, kernels=problem.kernels,
         seq_length=seq, peft=stage.peft, params=stage.params, target=problem.target, fp8_recipe=spec.fp8_recipe,
-        moe=problem.moe_of(chosen.layout))
+        moe=problem.moe_of(chosen.layout), host=problem.host)
     return StagePlan(
         name=stage.name, kind=stage.kind, after=stage.after, data=stage.data, layout=chosen.layout,
         memory=chosen.memory, estimate=estimate, seq_length=seq, steps=steps, optimizer=stage.optimizer,
@@ -404,6 +408,14 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
     if taken:
         notes.append(f"MoE defaults taken ({'Transformer Engine, as Megatron-Bridge recipes' if probe.stage_kernels == 'te' else 'the local spec'}): "
                      + ", ".join(taken))
+    if trains:
+        taken = host_defaults_taken(cuda_graph_impl=spec.cuda_graph_impl, manual_gc=spec.manual_gc,
+                                    manual_gc_interval=spec.manual_gc_interval)
+        if taken:
+            notes.append("host defaults taken (Megatron-Bridge recipes): " + ", ".join(taken))
+        if spec.cuda_graph_impl not in (None, "none") and probe.host.cuda_graph_impl == "none":
+            notes.append(f"cuda_graph_impl = {spec.cuda_graph_impl} does not apply to this {stage.kind} stage: "
+                         f"it runs the local layer spec on the target `{target.name}` (no CUDA graphs)")
     # The search ranked with steps = 1; the chosen layout's estimate is redone with the real steps.
     chosen = replace(chosen, estimate=evaluate_time(replace(probe, steps=steps), chosen.layout))
     rollout = chosen.estimate.parts.get("rollout", 0.0)

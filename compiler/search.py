@@ -46,10 +46,10 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from nemoc.compiler import cost, memory
-from nemoc.compiler.catalog.hardware import HardwareSpec
+from nemoc.compiler.catalog.hardware import TRAINING_PRECISIONS, HardwareSpec
 from nemoc.compiler.flops import chunk_layers
-from nemoc.compiler.execution import moe_execution
-from nemoc.compiler.plan import Estimate, Layout, MemoryBreakdown, MoeExecution
+from nemoc.compiler.execution import host_execution, moe_execution
+from nemoc.compiler.plan import Estimate, HostExecution, Layout, MemoryBreakdown, MoeExecution
 from nemoc.compiler.rules import (
     ERROR_RULES,
     Env,
@@ -111,6 +111,10 @@ class Problem:
     # the experiment's (moe_dispatcher, moe_grouped_gemm, moe_permute_fusion), None = auto; resolved per
     # layout by `moe_of` (the local spec's auto dispatcher depends on the expert-parallel size)
     moe_requested: tuple = (None, None, None)
+    # the experiment's (cuda_graph_impl, cuda_graph_scope, manual_gc, manual_gc_interval), None = auto
+    # (rules.Env.host_requested); `host` is what the stage runs with (execution.host_execution)
+    host_requested: tuple = (None, (), None, None)
+    host: HostExecution = field(default_factory=host_execution)
     costed_backend: str = field(init=False, repr=False, compare=False, default="")  # see __post_init__
 
     def __post_init__(self) -> None:
@@ -128,9 +132,10 @@ class Problem:
     @property
     def env(self) -> Env:
         arch = self.gpu.generation
-        precisions = tuple(p for p in ("bf16", "fp16", "fp32", "fp8", "mxfp8") if self.gpu.supports(p))
+        precisions = tuple(p for p in TRAINING_PRECISIONS if self.gpu.supports(p))
         return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind,
-                   self.kernels, self.optimizer, self.target, self.fp8_recipe, self.hf_conversion, self.moe_requested)
+                   self.kernels, self.optimizer, self.target, self.fp8_recipe, self.hf_conversion, self.moe_requested,
+                   self.host_requested)
 
     def moe_of(self, layout: Layout) -> MoeExecution | None:
         """The MoE settings a stage runs with `layout` (execution.moe_execution); None for dense models."""
@@ -225,7 +230,8 @@ def describe(layout: Layout) -> str:
     ep = f" ep={layout.ep} etp={layout.etp}" if layout.ep > 1 or layout.etp != layout.tp else ""
     return (f"tp={layout.tp} pp={layout.pp}{vp} cp={layout.cp}{ep} dp={layout.dp} mb={layout.micro_batch} "
             f"sp={'on' if layout.sequence_parallel else 'off'} dopt={'on' if layout.distributed_optimizer else 'off'} "
-            f"recompute={recompute_text(layout.recompute, layout.recompute_layers)}")
+            f"recompute={recompute_text(layout.recompute, layout.recompute_layers)}"
+            + (" fsdp=on" if layout.megatron_fsdp else ""))
 
 
 def recompute_text(recompute: str, layers: int | None) -> str:
@@ -253,8 +259,14 @@ def pipeline_memory(p: Problem, layout: Layout) -> tuple[MemoryBreakdown, ...]:
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
+        cuda_graph_share=_graph_share(p),
         parents=p.parents,
     )
+
+
+def _graph_share(p: Problem) -> float:
+    """The share of each layer the stage's CUDA graphs capture (memory's static graph buffers)."""
+    return cost.cuda_graph_share(p.host, p.model)
 
 
 def _dispatcher(p: Problem, layout: Layout) -> str:
@@ -272,6 +284,7 @@ def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
+        cuda_graph_share=_graph_share(p),
         parents=p.parents,
     )
 
@@ -283,7 +296,7 @@ def evaluate_time(p: Problem, layout: Layout, params: cost.EfficiencyParams = co
         seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
         split=_stage_layers(p, layout), kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
         overlap_tp=layout.tp_comm_overlap, overlap_param_gather=layout.overlap_param_gather, params=params,
-        overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, moe=p.moe_of(layout),
+        overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, moe=p.moe_of(layout), host=p.host,
     )
 
 
@@ -293,7 +306,7 @@ def bound_time(p: Problem, layout: Layout, micro_batches: tuple[int, int]) -> fl
         p.model, layout, micro_batches=micro_batches, cluster=p.cluster, gpu=p.gpu, precision=p.precision,
         attention_backend=p.costed_backend, seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft,
         stage_params=p.params, split=_stage_layers(p, layout), kernels=p.stage_kernels,
-        overlap_tp=layout.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p, moe=p.moe_of(layout),
+        overlap_tp=layout.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p, moe=p.moe_of(layout), host=p.host,
     )
 
 
@@ -347,7 +360,8 @@ def _make_layout(p: Problem, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[
                   num_microbatches=max(1, gb // (mb * dp)), sequence_parallel=sp, distributed_optimizer=do,
                   recompute=rc[0], recompute_layers=rc[1], tp_comm_overlap=p.fixed.tp_comm_overlap,
                   grad_reduce_in_fp32=p.fixed.grad_reduce_in_fp32,
-                  overlap_param_gather=p.fixed.overlap_param_gather, fp8_param_gather=p.fixed.fp8_param_gather)
+                  overlap_param_gather=p.fixed.overlap_param_gather, fp8_param_gather=p.fixed.fp8_param_gather,
+                  megatron_fsdp=p.fixed.megatron_fsdp)
 
 
 def _sizes(p: Problem, layout: Layout) -> Sizes:
@@ -356,7 +370,8 @@ def _sizes(p: Problem, layout: Layout) -> Sizes:
                  sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
                  recompute=layout.recompute, recompute_layers=layout.recompute_layers, seq_length=p.seq_length,
                  tp_comm_overlap=layout.tp_comm_overlap,
-                 overlap_param_gather=layout.overlap_param_gather, fp8_param_gather=layout.fp8_param_gather)
+                 overlap_param_gather=layout.overlap_param_gather, fp8_param_gather=layout.fp8_param_gather,
+                 megatron_fsdp=layout.megatron_fsdp)
 
 
 # ------------------------------------------------------------------------------------ the domains
@@ -432,8 +447,18 @@ def _recomputes(p: Problem, pp: int = 1, vp: int | None = None) -> list[tuple[st
     recompute auto and a flash-class core), selective, none. A fixed `recompute_layers` is the
     one level (E162 refuses it with another recompute)."""
     f = p.fixed
-    return list(_recompute_levels(f.recompute, f.recompute_layers, p.costed_backend == "unfused",
-                                  chunk_layers(p.model.layers, pp, vp)))
+    levels = list(_recompute_levels(f.recompute, f.recompute_layers, p.costed_backend == "unfused",
+                                    chunk_layers(p.model.layers, pp, vp)))
+    if f.recompute is None and f.recompute_layers is None and _layer_graphs(p):
+        # Megatron-Core graphs full recompute only inside a whole-iteration graph (E174): auto
+        # recompute searches the levels per-layer CUDA graphs can run
+        levels = [rc for rc in levels if rc[0] != "full"]
+    return levels
+
+
+def _layer_graphs(p: Problem) -> bool:
+    """The stage captures per-layer CUDA graphs (not one whole-iteration graph)."""
+    return p.host.cuda_graph_impl != "none" and tuple(p.host.cuda_graph_scope) != ("full_iteration",)
 
 
 @lru_cache(maxsize=1024)  # the search asks once per group
@@ -576,6 +601,8 @@ def _do_domain(p: Problem) -> list[bool]:
     after the optimizer step is exposed, so plain DDP's overlapped all-reduce can be faster."""
     if p.fixed.distributed_optimizer is not None:
         return [p.fixed.distributed_optimizer]
+    if p.fixed.megatron_fsdp:  # Megatron-FSDP shards the optimizer state itself (E176)
+        return [True]
     if not p.auto_distributed_optimizer:
         return [False]
     return [True] if p.fixed.overlap_param_gather else [True, False]
@@ -740,7 +767,7 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
                           sequence_parallel=sp, distributed_optimizer=do, recompute=rc[0], recompute_layers=rc[1],
                           seq_length=p.seq_length,
                           tp_comm_overlap=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather,
-                          fp8_param_gather=f.fp8_param_gather)
+                          fp8_param_gather=f.fp8_param_gather, megatron_fsdp=f.megatron_fsdp)
             v = layout_violations(env, sizes)
             layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp or 1, mb, sp, do, rc)
             if v is not None:

@@ -113,6 +113,7 @@ class ParallelSpec:
     grad_reduce_in_fp32: bool = True
     overlap_param_gather: bool = False  # the distributed optimizer's parameter all-gather in the forward
     fp8_param_gather: bool = False  # linear weights kept (and all-gathered) in FP8
+    megatron_fsdp: bool = False  # Megatron-FSDP, optim_grads_params (ZeRO-3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,11 +209,15 @@ class ExperimentSpec:
     model: ModelSpec
     cluster: ClusterSpec
     parallel: ParallelSpec
-    precision: str = "bf16"  # bf16 | fp16 | fp32 | fp8 | mxfp8
+    precision: str = "bf16"  # bf16 | fp16 | fp32 | fp8 | mxfp8 | nvfp4
     fp8_recipe: str | None = None  # delayed | tensorwise | blockwise | mxfp8; None = auto (execution.fp8_recipe_of)
     moe_dispatcher: str | None = None  # alltoall | allgather | flex; None = auto (execution.moe_execution)
     moe_grouped_gemm: bool | None = None  # None = auto
     moe_permute_fusion: bool | None = None  # None = auto
+    cuda_graph_impl: str | None = None  # none | local | transformer_engine; None = auto (execution.host_execution)
+    cuda_graph_scope: tuple[str, ...] = ()  # () = the whole layer
+    manual_gc: bool | None = None  # None = auto
+    manual_gc_interval: int | None = None  # None = auto
     attention_backend: str = "auto"  # auto | flash | fused | unfused
     kernels: str = "auto"  # auto | te | local (resolve_kernels)
     data: tuple[DataSpec, ...] = ()

@@ -57,8 +57,8 @@ class Target:
 
     def stage_precision(self, stage_kind: str, precision: str) -> str:
         """The precision a stage runs (and is costed) in: the experiment's, except that a kind the target
-        runs without FP8 GEMMs runs an fp8 / mxfp8 model (16-bit weights) in bf16."""
-        return "bf16" if precision in ("fp8", "mxfp8") and not self.caps(stage_kind).fp8 else precision
+        runs without FP8 GEMMs runs an fp8 / mxfp8 / nvfp4 model (16-bit weights) in bf16."""
+        return "bf16" if precision in ("fp8", "mxfp8", "nvfp4") and not self.caps(stage_kind).fp8 else precision
 
 
 _ALL = StageCaps()

@@ -244,6 +244,12 @@ PARALLEL_FIELDS = (
        "DDP `fp8_param_gather`): no 16-bit weight copy beside Transformer Engine's FP8 one, and the "
        "distributed optimizer all-gathers 1 byte per parameter instead of 2. Needs an fp8 precision (E165) "
        "and distributed_optimizer (E166)."),
+    _f("megatron_fsdp", BOOL, False, "Megatron-FSDP (Megatron-Core DDP `use_megatron_fsdp` with "
+       "`data_parallel_sharding_strategy = optim_grads_params`, ZeRO-3): weights, gradients and optimizer "
+       "state sharded over the data-parallel (x context-parallel) ranks; each layer's weights all-gathered "
+       "before its forward and again before its backward, its gradients reduce-scattered after it, every "
+       "micro batch, overlapped with the neighbouring layers' compute. Needs distributed_optimizer (E176), "
+       "pipeline = 1 (E177) and GPUs (E178)."),
 )
 
 DATA_FIELDS = (
@@ -450,7 +456,10 @@ TRACKING_FIELDS = (
 )
 
 EXPERIMENT_FIELDS = (
-    _f("precision", enum("bf16", "fp16", "fp32", "fp8", "mxfp8"), "bf16", "Training precision."),
+    _f("precision", enum("bf16", "fp16", "fp32", "fp8", "mxfp8", "nvfp4"), "bf16",
+       "Training precision. `nvfp4`: Transformer Engine's NVFP4 block-scaled 4-bit GEMMs (Megatron-Core "
+       "`fp4 = e2m1`, `fp4_recipe = nvfp4`, TE >= 2.7) with bf16 master weights; Blackwell GPUs only (B200, "
+       "B300, GB200, GB300: E121), kernels te (E127)."),
     _f("fp8_recipe", enum("delayed", "tensorwise", "blockwise", "mxfp8"), None,
        "How Transformer Engine scales FP8 tensors (Megatron-Core `fp8_recipe`): `delayed` (scales from an "
        "amax history), `tensorwise` (current scaling: each tensor's amax read before it is cast, one more "
@@ -465,15 +474,34 @@ EXPERIMENT_FIELDS = (
        "group and keeps its experts' share), `flex` (DeepEP's fused dispatch / combine kernels; needs Transformer "
        "Engine and the deep_ep package). Default `auto`: `alltoall` with Transformer Engine (Megatron-Bridge's "
        "MoE performance recipes); on the local spec `alltoall` with expert parallelism, else `allgather` "
-       "(Megatron-Core's default). MoE models only (E167); `flex` not on the local spec (E168).", auto=True),
+       "(Megatron-Core's default). MoE models only (E171); `flex` not on the local spec (E172).", auto=True),
     _f("moe_grouped_gemm", BOOL, None,
        "Run each rank's local experts as one grouped GEMM (Megatron-Core `moe_grouped_gemm`, TE's "
        "GroupedLinear) instead of one GEMM per expert. Default `auto`: on with Transformer Engine "
-       "(Megatron-Bridge's recipes), off on the local spec, which has no grouped GEMM kernel (E168).", auto=True),
+       "(Megatron-Bridge's recipes), off on the local spec, which has no grouped GEMM kernel (E172).", auto=True),
     _f("moe_permute_fusion", BOOL, None,
        "Fuse the token permutation before and after the experts (Megatron-Core `moe_permute_fusion`, TE >= "
        "2.1). Default `auto`: on with Transformer Engine (Megatron-Bridge's recipes), off on the local spec "
-       "(E168).", auto=True),
+       "(E172).", auto=True),
+    _f("cuda_graph_impl", enum("none", "local", "transformer_engine"), None,
+       "Capture the transformer layers' kernels as CUDA graphs (Megatron-Core `cuda_graph_impl`): `local` "
+       "(Megatron-Core's CudaGraphManager; the only one that can capture a whole iteration), "
+       "`transformer_engine` (TE `make_graphed_callables`, what Megatron-Bridge's recipes use), `none`. A "
+       "replayed graph launches its kernels without the host's per-kernel launch gaps; its static buffers "
+       "keep the captured region's temporaries allocated. Needs GPUs (E173); `transformer_engine` also "
+       "kernels te. Default `auto`: `none` (Megatron-Bridge's base recipes).", auto=True),
+    _f("cuda_graph_scope", list_of(enum("attn", "mlp", "moe", "moe_router", "moe_preprocess", "full_iteration")),
+       (), "What each graph captures (Megatron-Core `cuda_graph_scope`): `[]` the whole layer, or parts of it: "
+       "`attn`, `mlp` (dense layers), `moe_router`, `moe_preprocess` (with moe_router), `moe` (drop-and-pad "
+       "MoE only, which nemoc does not build), `full_iteration` (`local` only: forward and backward of the whole "
+       "step). Megatron-Core's scope checks are E174."),
+    _f("manual_gc", BOOL, None,
+       "Disable Python's automatic garbage collector during training and collect on every rank at the same "
+       "step instead (Megatron-LM / Megatron-Bridge `manual_gc`): an automatic collection pauses one rank at "
+       "a time, and every collective waits for it. Default `auto`: on (Megatron-Bridge's recipes).", auto=True),
+    _f("manual_gc_interval", INT, None,
+       "With manual_gc: steps between collections (Megatron `manual_gc_interval`); 0 = never during "
+       "training. Default `auto`: 100 (Megatron-Bridge's recipes). Only with manual_gc (E175).", auto=True),
     _f("attention_backend", enum("auto", "flash", "fused", "unfused"), "auto",
        "Attention kernel. With Transformer Engine: `auto` lets TE pick flash-attn or cuDNN fused attention, "
        "`flash` / `fused` pin one (bf16 / fp16 only, head dim a multiple of 8; flash: at most 256), `unfused` "

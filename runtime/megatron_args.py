@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nemoc.compiler.plan import Execution, Fusions, Layout, MoeExecution, Overlaps, PipelineSplit
+from nemoc.compiler.plan import Execution, Fusions, HostExecution, Layout, MoeExecution, Overlaps, PipelineSplit
 from nemoc.compiler.spec import ModelSpec, OptimizerSpec, ScheduleSpec
 
 # Megatron-LM's --make-vocab-size-divisible-by default: the embedding is padded to a multiple of
@@ -87,12 +87,12 @@ def padded_vocab_size(vocab: int, tp: int = 1, *, multiple: int | None = None) -
 
 
 def params_dtype(precision: str) -> torch.dtype:
-    if precision in ("fp8", "mxfp8"):
-        return torch.bfloat16  # fp8 training keeps bf16 master weights; TE casts inside the GEMMs
+    if precision in ("fp8", "mxfp8", "nvfp4"):
+        return torch.bfloat16  # fp8 / nvfp4 training keeps bf16 master weights; TE casts inside the GEMMs
     try:
         return _PRECISION_DTYPES[precision]
     except KeyError:
-        raise UnsupportedPlan(f"unknown precision {precision!r} (bf16 | fp16 | fp32 | fp8 | mxfp8)") from None
+        raise UnsupportedPlan(f"unknown precision {precision!r} (bf16 | fp16 | fp32 | fp8 | mxfp8 | nvfp4)") from None
 
 
 def parallel_kwargs(*, layout: Layout, timeout_minutes: int = 5) -> dict:
@@ -173,7 +173,7 @@ def _recompute_kwargs(recompute: str, layers: int | None = None) -> dict:
 
 
 def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts: MachineFacts) -> None:
-    if precision in ("fp8", "mxfp8") and not facts.have_te:
+    if precision in ("fp8", "mxfp8", "nvfp4") and not facts.have_te:
         raise UnsupportedPlan(f"precision {precision} needs Transformer Engine, which is not installed here")
     if layout.cp > 1 and not facts.have_te:
         raise UnsupportedPlan(
@@ -195,6 +195,16 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
         # in the forward pre-hooks); the nemoc training loop does not yet: refused, not ignored.
         raise UnsupportedPlan("overlap_param_gather = true: the nemoc runtime does not yet start the parameter "
                               "all-gathers in the forward; run with overlap_param_gather = false")
+    if layout.megatron_fsdp:
+        # `nemoc check` refuses it on the CPU (E178). On GPUs the model must be wrapped in Megatron-Core's
+        # FullyShardedDataParallel (distributed/fsdp/mcore_fsdp_adapter.py) instead of DDP and checkpointed
+        # in its `fsdp_dtensor` format (distrib_optimizer.py refuses the others); the nemoc runtime does
+        # neither yet: refused, not ignored.
+        raise UnsupportedPlan("megatron_fsdp = true: the nemoc runtime wraps the model in Megatron-Core's DDP and "
+                              "saves dp_reshardable / fully_reshardable checkpoints; Megatron-FSDP's "
+                              "FullyShardedDataParallel and its fsdp_dtensor checkpoints are not wired yet. Plan it "
+                              "to compare; run with megatron_fsdp = false (distributed_optimizer shards the "
+                              "optimizer state)")
     if model.is_moe and model.add_bias_linear:
         # `nemoc check` refuses this spec (E140): the MoE build below has no linear biases.
         raise UnsupportedPlan("MoE models are built without linear biases (add_bias_linear = false); "
@@ -234,6 +244,9 @@ def transformer_config(
     _check_fp8_recipe(execution.fp8_recipe if execution is not None else None, facts)
     moe = execution.moe if execution is not None else None
     _check_moe(moe, facts)
+    _check_nvfp4(precision, facts)
+    host = execution.host if execution is not None else None
+    _check_cuda_graphs(host, facts)
     overlap_p2p = execution.overlaps.p2p if execution is not None else False
     activation, glu = _activation(model)
     dtype = params_dtype(precision)
@@ -281,6 +294,7 @@ def transformer_config(
     if model.is_moe:
         kwargs.update(_moe_kwargs(model, layout, moe))
     kwargs.update(_fp8_kwargs(precision, execution.fp8_recipe if execution is not None else None))
+    kwargs.update(_cuda_graph_kwargs(host))
     if layout.fp8_param_gather and precision in ("fp8", "mxfp8"):
         kwargs["fp8_param"] = True  # the linear weights are TE FP8 tensors (plan: fp8_param_gather)
     return TransformerConfig(**kwargs)
@@ -367,10 +381,66 @@ def _check_fp8_recipe(recipe: str | None, facts: MachineFacts) -> None:
 
 
 def _fp8_kwargs(precision: str, recipe: str | None = None) -> dict:
-    """The plan's fp8 recipe (`Execution.fp8_recipe`) as TransformerConfig fields."""
+    """The plan's fp8 recipe (`Execution.fp8_recipe`) as TransformerConfig fields; nvfp4 as Megatron-Core
+    0.16.1's FP4 fields (`fp4 = "e2m1"`, `fp4_recipe = "nvfp4"`: TE's NVFP4BlockScaling)."""
     if precision in ("fp8", "mxfp8"):
         return dict(fp8="hybrid", fp8_recipe=recipe or ("mxfp8" if precision == "mxfp8" else "delayed"))
+    if precision == "nvfp4":
+        return dict(fp4="e2m1", fp4_recipe="nvfp4")
     return {}
+
+
+# Megatron-Core 0.16.1's NVFP4 recipe needs Transformer Engine >= 2.7.0.dev0 (transformer_config.py
+# `fp4_recipe`, fp4_utils.py) and a Blackwell GPU (sm >= 10.0; TE check_nvfp4_support).
+NVFP4_TE = "2.7.0.dev0"
+
+
+def _check_nvfp4(precision: str, facts: MachineFacts) -> None:
+    """Refuse an nvfp4 plan this machine cannot run (no TE is `_check_supported`'s)."""
+    if precision != "nvfp4" or not facts.have_te:
+        return
+    from megatron.core.utils import is_te_min_version
+
+    try:
+        new_enough = is_te_min_version(NVFP4_TE)
+    except (TypeError, ImportError):  # TE's version unreadable: Megatron-Core checks it again
+        new_enough = True
+    if not new_enough:
+        raise UnsupportedPlan("precision = nvfp4 needs Transformer Engine >= 2.7 (Megatron-Core fp4_recipe = nvfp4); "
+                              "upgrade Transformer Engine or use precision = mxfp8 / fp8")
+    major, _ = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+    if major < 10:
+        raise UnsupportedPlan(f"precision = nvfp4 needs a Blackwell GPU (compute capability >= 10.0); this one is "
+                              f"{major}.x (transformer_engine check_nvfp4_support)")
+
+
+# CUDA graphs (Execution.host). Megatron-Core's `local` implementation captures through its schedules
+# (schedules.py calls `create_cudagraphs()` after the first step), which the nemoc loop runs; a
+# whole-iteration graph (`full_iteration`) and Transformer Engine's implementation need Megatron-LM's
+# training-loop helpers (FullCudaGraphWrapper, TECudaGraphHelper.create_cudagraphs) that the nemoc
+# loop does not call yet: refused, not ignored.
+def _check_cuda_graphs(host: HostExecution | None, facts: MachineFacts) -> None:
+    if host is None or host.cuda_graph_impl == "none":
+        return
+    if facts.cpu or not torch.cuda.is_available():
+        raise UnsupportedPlan(f"cuda_graph_impl = {host.cuda_graph_impl} needs CUDA GPUs; this run is on the CPU")
+    if not facts.have_te:
+        raise UnsupportedPlan(f"cuda_graph_impl = {host.cuda_graph_impl}: the plan graphs Transformer Engine's layers, "
+                              "which do not import here")
+    if host.cuda_graph_impl == "transformer_engine":
+        raise UnsupportedPlan("cuda_graph_impl = transformer_engine: the nemoc training loop does not yet capture "
+                              "Transformer Engine's graphs (Megatron-LM's TECudaGraphHelper); plan it to compare, "
+                              "run with cuda_graph_impl = local")
+    if "full_iteration" in host.cuda_graph_scope:
+        raise UnsupportedPlan("cuda_graph_scope = [full_iteration]: the nemoc training loop does not yet wrap the "
+                              "step in Megatron-LM's FullCudaGraphWrapper; use per-layer scopes")
+
+
+def _cuda_graph_kwargs(host: HostExecution | None) -> dict:
+    """The plan's CUDA graphs as TransformerConfig fields (an empty scope: the whole layer)."""
+    if host is None or host.cuda_graph_impl == "none":
+        return {}
+    return dict(cuda_graph_impl=host.cuda_graph_impl, cuda_graph_scope=list(host.cuda_graph_scope))
 
 
 _TE_ATTENTION = ("auto", "flash", "fused", "unfused")  # the plan's values, named as Megatron's AttnBackend
@@ -404,9 +474,12 @@ def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None):
 
 
 def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None) -> dict:
-    return dict(grad_reduce_in_fp32=layout.grad_reduce_in_fp32, overlap_grad_reduce=bool(overlaps and overlaps.grad_reduce),
-                overlap_param_gather=bool(overlaps and overlaps.param_gather),
-                use_distributed_optimizer=layout.distributed_optimizer, fp8_param_gather=layout.fp8_param_gather)
+    kw = dict(grad_reduce_in_fp32=layout.grad_reduce_in_fp32, overlap_grad_reduce=bool(overlaps and overlaps.grad_reduce),
+              overlap_param_gather=bool(overlaps and overlaps.param_gather),
+              use_distributed_optimizer=layout.distributed_optimizer, fp8_param_gather=layout.fp8_param_gather)
+    if layout.megatron_fsdp:  # ZeRO-3: weights, gradients and optimizer state sharded (Megatron-Bridge's FSDP recipes)
+        kw.update(use_megatron_fsdp=True, data_parallel_sharding_strategy="optim_grads_params")
+    return kw
 
 
 # fp16's dynamic loss scaling (Micikevicius et al. 2018): start 2^16, halve on overflow, double after
@@ -483,6 +556,7 @@ _LM_FLAG = {
     "num_moe_experts": "--num-experts",
     "grad_reduce_in_fp32": "--accumulate-allreduce-grads-in-fp32",
     "fp8": "--fp8-format",
+    "fp4": "--fp4-format",
 }
 # Settings Megatron-LM has no flag for, or that are its default; left out of the command line.
 _LM_SKIP = {"moe_router_dtype", "add_bias_linear", "overlap_param_gather",
@@ -589,9 +663,11 @@ def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:
 
 def _lm_precision(plan, stage) -> list[str]:
     precision = stage.execution.precision
-    dtype = {"bf16": "--bf16", "fp16": "--fp16", "fp32": None, "fp8": "--bf16", "mxfp8": "--bf16"}[precision]
+    dtype = {"bf16": "--bf16", "fp16": "--fp16", "fp32": None, "fp8": "--bf16", "mxfp8": "--bf16",
+             "nvfp4": "--bf16"}[precision]
     out = [dtype] if dtype else []
     out += _flags(_fp8_kwargs(precision, stage.execution.fp8_recipe))
+    out += _lm_host(stage.execution.host)
     if precision == "fp16":
         out += _flags(LOSS_SCALING)
     out.append(f"--transformer-impl {'transformer_engine' if stage.kernels == 'te' else 'local'}")
@@ -636,6 +712,20 @@ def _lm_data(plan, stage, notes: list[str]) -> list[str]:
     else:
         kind = "SentencePieceTokenizer" if tok.endswith(".model") else "HuggingFaceTokenizer"
         out += [f"--tokenizer-type {kind}", f"--tokenizer-model {_shell_word(tok)}"]
+    return out
+
+
+def _lm_host(host: HostExecution | None) -> list[str]:
+    """CUDA graphs and manual GC as Megatron-LM flags (`--cuda-graph-scope` takes its values space-separated)."""
+    if host is None:
+        return []
+    out = []
+    if host.cuda_graph_impl != "none":
+        out.append(f"--cuda-graph-impl {host.cuda_graph_impl}")
+        if host.cuda_graph_scope:
+            out.append("--cuda-graph-scope " + " ".join(host.cuda_graph_scope))
+    if host.manual_gc:
+        out += ["--manual-gc", f"--manual-gc-interval {host.manual_gc_interval}"]
     return out
 
 

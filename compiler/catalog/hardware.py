@@ -25,6 +25,11 @@ MIB = 1 << 20
 GIB = 1 << 30
 
 
+# The training precisions (the language's `precision`) and the datasheet peak each one runs at.
+TRAINING_PRECISIONS = ("bf16", "fp16", "fp32", "fp8", "mxfp8", "nvfp4")
+_PEAK_KEY = {"nvfp4": "fp4"}  # NVFP4 GEMMs run on the FP4 tensor cores
+
+
 @dataclass(frozen=True, slots=True)
 class HardwareSpec:
     id: str
@@ -38,13 +43,14 @@ class HardwareSpec:
     source: str = ""
 
     def peak(self, precision: str) -> float:
-        """Dense peak in FLOP/s for a training precision (bf16/fp16/fp8/mxfp8/fp32). fp32 means plain
-        FP32 (PyTorch leaves TF32 matmuls off by default). KeyError if unsupported: check `supports`."""
-        return self.peak_tflops[precision] * 1e12
+        """Dense peak in FLOP/s for a training precision (bf16/fp16/fp8/mxfp8/nvfp4/fp32). fp32 means
+        plain FP32 (PyTorch leaves TF32 matmuls off by default); nvfp4 runs at the datasheet's dense FP4
+        rate. KeyError if unsupported: check `supports`."""
+        return self.peak_tflops[_PEAK_KEY.get(precision, precision)] * 1e12
 
     def supports(self, precision: str) -> bool:
-        """FP8 needs Hopper or newer; MXFP8 (and FP4) need Blackwell (Transformer Engine rules)."""
-        return precision in self.peak_tflops
+        """FP8 needs Hopper or newer; MXFP8 and NVFP4 (FP4) need Blackwell (Transformer Engine rules)."""
+        return _PEAK_KEY.get(precision, precision) in self.peak_tflops
 
 
 def _peaks(**kw: float) -> Mapping[str, float]:

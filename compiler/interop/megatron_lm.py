@@ -29,6 +29,8 @@ _FLAGS = {
     "--recompute-activations", "--recompute-granularity", "--recompute-method", "--recompute-num-layers",
     "--checkpoint-activations", "--micro-batch-size", "--global-batch-size",
     "--bf16", "--fp16", "--fp8-format", "--fp8-recipe", "--attention-backend", "--transformer-impl",
+    "--fp4-format", "--fp4-recipe", "--manual-gc", "--manual-gc-interval", "--cuda-graph-impl", "--cuda-graph-scope",
+    "--use-megatron-fsdp", "--data-parallel-sharding-strategy",
     "--optimizer", "--lr", "--min-lr", "--adam-beta1", "--adam-beta2", "--adam-eps", "--weight-decay",
     "--clip-grad", "--lr-decay-style", "--lr-warmup-iters", "--lr-warmup-fraction", "--lr-warmup-samples",
     "--lr-decay-iters", "--lr-decay-samples", "--train-iters", "--train-samples",
@@ -182,6 +184,12 @@ def _parallel(f: _Flags, d: Draft) -> None:
         sp = False
     p["sequence_parallel"] = sp
     p["distributed_optimizer"] = f.has("--use-distributed-optimizer")
+    strategy = f.str("--data-parallel-sharding-strategy", "optim_grads_params")
+    if f.has("--use-megatron-fsdp") and strategy == "optim_grads_params":
+        p["megatron_fsdp"] = True
+    elif f.has("--use-megatron-fsdp"):
+        d.note(f"--use-megatron-fsdp with --data-parallel-sharding-strategy {strategy}: nemoc plans Megatron-FSDP "
+               "as optim_grads_params (ZeRO-3) only; planned without it", warn=True)
     granularity = f.str("--recompute-granularity")
     if f.has("--recompute-activations"):
         granularity = "selective"
@@ -199,7 +207,10 @@ def _parallel(f: _Flags, d: Draft) -> None:
 
 
 def _precision(f: _Flags, d: Draft) -> None:
-    if f.has("--fp8-format"):
+    if f.has("--fp4-format") and f.str("--fp4-recipe", "nvfp4") == "nvfp4":
+        precision = "nvfp4"
+        d.comments[("top", "precision")] = f"--fp4-format {f.str('--fp4-format')}"
+    elif f.has("--fp8-format"):
         precision = "mxfp8" if f.str("--fp8-recipe") == "mxfp8" else "fp8"
         if f.str("--fp8-recipe") in ("delayed", "tensorwise", "blockwise"):
             d.top["fp8_recipe"] = Word(f.str("--fp8-recipe"))
@@ -213,11 +224,29 @@ def _precision(f: _Flags, d: Draft) -> None:
         d.top["attention_backend"] = Word(backend)
     elif backend is not None:
         d.dropped.append(f"--attention-backend {backend}")
+    _host(f, d)
     impl = f.str("--transformer-impl")
     if impl == "local":
         d.top["kernels"] = Word("local")
     elif impl == "transformer_engine":
         d.top["kernels"] = Word("te")
+
+
+def _host(f: _Flags, d: Draft) -> None:
+    """CUDA graphs and manual GC (Megatron-LM `--cuda-graph-impl`, `--cuda-graph-scope`, `--manual-gc`,
+    `--manual-gc-interval`). Megatron-LM's own default is automatic GC: a script without `--manual-gc`
+    says manual_gc = false (nemoc's auto is Megatron-Bridge's manual collection)."""
+    impl = f.str("--cuda-graph-impl")
+    if impl in ("none", "local", "transformer_engine"):
+        d.top["cuda_graph_impl"] = Word(impl)
+        scope = [s for s in f.flags.get("--cuda-graph-scope", []) if s != "full"]
+        if scope:
+            d.top["cuda_graph_scope"] = [Word(s) for s in scope]
+    elif impl is not None:
+        d.dropped.append(f"--cuda-graph-impl {impl}")
+    d.top["manual_gc"] = f.has("--manual-gc")
+    if f.has("--manual-gc") and f.has("--manual-gc-interval"):
+        d.top["manual_gc_interval"] = f.int("--manual-gc-interval")
 
 
 def _data(f: _Flags, d: Draft) -> None:

@@ -82,6 +82,9 @@ from nemoc.compiler.rules.parallel import (  # noqa: F401
     rule_recompute_layers_chunk,
     rule_fp8_param_gather_optimizer,
 )
+from nemoc.compiler.rules.host import (  # noqa: F401
+    rule_cuda_graph_gpu, rule_cuda_graph_scope, rule_fsdp_distributed_optimizer, rule_fsdp_gpu, rule_fsdp_pipeline,
+    rule_manual_gc_interval)
 from nemoc.compiler.rules.moe import (  # noqa: F401
     expert_tp_options,
     rule_runtime_moe,

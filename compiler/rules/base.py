@@ -40,6 +40,7 @@ class Sizes:
     tp_comm_overlap: bool = False
     overlap_param_gather: bool = False
     fp8_param_gather: bool = False
+    megatron_fsdp: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,9 @@ class Env:
     hf_conversion: bool = False
     # the MoE settings the user wrote (None = auto): moe_dispatcher, moe_grouped_gemm, moe_permute_fusion
     moe_requested: tuple = (None, None, None)
+    # the host settings the user wrote: (cuda_graph_impl | None, cuda_graph_scope, manual_gc | None,
+    # manual_gc_interval | None)
+    host_requested: tuple = (None, (), None, None)
 
     @property
     def stage_kernels(self) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from nemoc.compiler.catalog.hardware import get_gpu
+from nemoc.compiler.catalog.hardware import TRAINING_PRECISIONS, get_gpu
 from nemoc.compiler.spec import ExperimentSpec, ParallelSpec, StageSpec, resolve_kernels
 from nemoc.compiler.target import MEGATRON_CORE, Target
 from nemoc.dsl.diagnostics import Diagnostic
@@ -21,7 +21,7 @@ def gpu_facts(gpu_name: str) -> tuple[str | None, tuple[str, ...] | None]:
     hw = get_gpu(gpu_name)
     if hw is None:
         return None, None
-    return hw.generation, tuple(p for p in ("bf16", "fp16", "fp32", "fp8", "mxfp8") if hw.supports(p))
+    return hw.generation, tuple(p for p in TRAINING_PRECISIONS if hw.supports(p))
 
 
 def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: int) -> Sizes:
@@ -35,13 +35,14 @@ def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: in
         recompute_layers=parallel.recompute_layers,
         seq_length=seq_length, tp_comm_overlap=parallel.tp_comm_overlap,
         overlap_param_gather=parallel.overlap_param_gather, fp8_param_gather=parallel.fp8_param_gather,
+        megatron_fsdp=parallel.megatron_fsdp,
     )
 
 
 _PARALLEL_FIELDS = (
     "tensor", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor", "data",
     "sequence_parallel", "distributed_optimizer", "recompute", "recompute_layers", "micro_batch", "tp_comm_overlap",
-    "grad_reduce_in_fp32", "overlap_param_gather", "fp8_param_gather",
+    "grad_reduce_in_fp32", "overlap_param_gather", "fp8_param_gather", "megatron_fsdp",
 )
 
 
@@ -70,7 +71,13 @@ def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend
         kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=optimizer, target=target,
         fp8_recipe=spec.fp8_recipe, hf_conversion=hf_conversion,
         moe_requested=(spec.moe_dispatcher, spec.moe_grouped_gemm, spec.moe_permute_fusion),
+        host_requested=host_requested(spec),
     )
+
+
+def host_requested(spec: ExperimentSpec) -> tuple:
+    """The host settings the user wrote (Env.host_requested; None = auto)."""
+    return (spec.cuda_graph_impl, tuple(spec.cuda_graph_scope), spec.manual_gc, spec.manual_gc_interval)
 
 
 def check_spec(spec: ExperimentSpec, target: Target = MEGATRON_CORE) -> tuple[Diagnostic, ...]:

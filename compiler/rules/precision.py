@@ -19,12 +19,12 @@ def _local_why(env: Env) -> str | None:
 
 
 def rule_fp8_needs_te(env: Env, s: Sizes) -> Violation | None:
-    """fp8 / mxfp8 GEMMs are Transformer Engine's (TransformerConfig.fp8 needs TE's layers); with the
+    """fp8 / mxfp8 / nvfp4 GEMMs are Transformer Engine's (TransformerConfig.fp8 needs TE's layers); with the
     local spec the runtime's Megatron adapter refuses the plan.
     A GPU that cannot run the precision at all is E121's."""
     local = _local_why(env)
     p = env.precision
-    if p not in ("fp8", "mxfp8") or not local or env.gpu_arch == "cpu" or (
+    if p not in ("fp8", "mxfp8", "nvfp4") or not local or env.gpu_arch == "cpu" or (
             env.gpu_precisions is not None and p not in env.gpu_precisions):
         return None
     return Violation(
@@ -84,7 +84,7 @@ def rule_te_needs_gpu(env: Env, s: Sizes) -> Violation | None:
     )
 
 
-_PRECISION_NEEDS = {"fp8": "Hopper or newer", "mxfp8": "Blackwell", "fp4": "Blackwell"}
+_PRECISION_NEEDS = {"fp8": "Hopper or newer", "mxfp8": "Blackwell", "nvfp4": "Blackwell (B200, B300, GB200, GB300)"}
 
 
 def rule_precision_hardware(env: Env, s: Sizes) -> Violation | None:
@@ -99,7 +99,8 @@ def rule_precision_hardware(env: Env, s: Sizes) -> Violation | None:
         f"{p} needs {need}; {env.cluster.gpu} ({env.gpu_arch}) supports {', '.join(env.gpu_precisions)}",
         "use precision = bf16" + (", or a Hopper/Blackwell GPU" if p == "fp8" else ", or a Blackwell GPU"),
         anchors=("precision", "cluster.gpu", "cluster"),
-        source="transformer_engine/pytorch/fp8.py check_fp8_support (sm >= 8.9) / check_mxfp8_support (sm >= 10.0)",
+        source="transformer_engine/pytorch/fp8.py check_fp8_support (sm >= 8.9) / check_mxfp8_support / "
+               "check_nvfp4_support (sm >= 10.0)",
     )
 
 

@@ -123,7 +123,7 @@ def _layout_table(sp, split):
     yn = lambda b: "on" if b else "off"  # noqa: E731
     t.add_row(*map(str, (lay.tp, lay.pp, lay.vp or "-", lay.cp, lay.ep, lay.etp, lay.dp, lay.micro_batch,
                          lay.global_batch, lay.num_microbatches, yn(lay.sequence_parallel),
-                         yn(lay.distributed_optimizer), lay.recompute)))
+                         "fsdp" if lay.megatron_fsdp else yn(lay.distributed_optimizer), lay.recompute)))
     return t
 
 

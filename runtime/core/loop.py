@@ -14,6 +14,7 @@ other report is averaged the same way and logged under its own name (DPO's accur
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -298,6 +299,53 @@ def _peak_memory_gib() -> float | None:
     return float(peak.item()) / 2**30
 
 
+class GarbageCollection:
+    """Python's garbage collector during training, as the plan says (`Execution.host`): Megatron-LM's
+    `manual_gc` (megatron/training/training.py) disables the automatic collector, collects once at the
+    start and then on every rank at the same steps (every `manual_gc_interval`; 0 = never), so no rank
+    pauses alone while the others wait in a collective. Either way it measures every collection:
+    `take()` returns (collections, full generation-2 collections, seconds) since the last call (metrics
+    `gc_collections`, `gc_full_collections`, `gc_pause_s`: what docs/cost-model.md's GC term is measured
+    from)."""
+
+    def __init__(self, host) -> None:
+        self.manual = bool(host is not None and host.manual_gc)
+        self.interval = host.manual_gc_interval if self.manual else 0
+        self.count, self.full, self.seconds, self._t0 = 0, 0, 0.0, None
+        self._was_enabled = gc.isenabled()
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.count += 1
+            self.full += 1 if info.get("generation") == 2 else 0
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def __enter__(self) -> "GarbageCollection":
+        gc.callbacks.append(self._callback)
+        if self.manual:
+            gc.disable()
+            gc.collect()
+        return self
+
+    def after_step(self, iteration: int) -> None:
+        if self.manual and self.interval and iteration % self.interval == 0:
+            gc.collect()
+
+    def take(self) -> tuple[int, int, float]:
+        out = (self.count, self.full, self.seconds)
+        self.count, self.full, self.seconds = 0, 0, 0.0
+        return out
+
+    def __exit__(self, *exc) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+        if self.manual and self._was_enabled:
+            gc.enable()
+
+
 def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, train_iterators,
                state: LoopState, end_iteration: int, checkpointer: ckpt.Checkpointer | None,
                make_checkpoint_state: Callable[[LoopState], dict] | None, metrics=None,
@@ -312,9 +360,6 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
     metrics = metrics or NullMetrics()
     layout = stage.layout
     seq_length = seq_length or stage.seq_length
-    interval_sums = torch.zeros(len(reports), 2, dtype=torch.float64, device=device())
-    interval_start, interval_steps, skipped = time.perf_counter(), 0, 0
-    every = stage.checkpoint.every
 
     def validate_now(last: bool) -> bool:
         return make_valid_iterators is not None and bool(stage.eval_every) and (
@@ -327,6 +372,23 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
                                        reports=reports, micro_batch=micro_batch)
         return state.last_val_loss
 
+    with GarbageCollection(stage.execution.host) as collector:
+        return _train_steps(model=model, optimizer=optimizer, scheduler=scheduler, stage=stage,
+                            forward_step=forward_step, train_iterators=train_iterators, state=state,
+                            end_iteration=end_iteration, checkpointer=checkpointer,
+                            make_checkpoint_state=make_checkpoint_state, metrics=metrics, validate_now=validate_now,
+                            validate=validate, throughput=throughput, stop=stop, reports=reports,
+                            seq_length=seq_length, micro_batch=micro_batch, collector=collector)
+
+
+def _train_steps(*, model, optimizer, scheduler, stage: StagePlan, forward_step, train_iterators, state: LoopState,
+                 end_iteration: int, checkpointer, make_checkpoint_state, metrics, validate_now, validate,
+                 throughput, stop, reports, seq_length, micro_batch, collector: GarbageCollection) -> LoopState:
+    """The steps of `train_loop`, under its garbage-collection policy."""
+    layout = stage.layout
+    interval_sums = torch.zeros(len(reports), 2, dtype=torch.float64, device=device())
+    interval_start, interval_steps, skipped = time.perf_counter(), 0, 0
+    every = stage.checkpoint.every
     while state.iteration < end_iteration:
         set_phase(f"train step {state.iteration + 1}")
         sums, grad_norm, ok, signum = train_step(forward_step=forward_step, iterators=train_iterators, model=model,
@@ -339,6 +401,7 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
         interval_sums += sums
         interval_steps += 1
         skipped += 0 if ok else 1
+        collector.after_step(state.iteration)
         last = state.iteration == end_iteration
         if state.iteration % max(stage.log_every, 1) == 0 or last:
             set_phase(f"log step {state.iteration}")
@@ -350,6 +413,7 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
             state.losses.append(state.last_loss)
             record = _step_record(state, interval_steps, elapsed, grad_norm, optimizer, skipped, throughput)
             record.update(state.reports)
+            record["gc_collections"], record["gc_full_collections"], record["gc_pause_s"] = collector.take()
             if validate_now(last):
                 record["val_loss"] = validate()
             metrics.log(record)

@@ -114,10 +114,12 @@ def test_megatron_defaults_fill_what_the_command_line_leaves_out():
 
 def test_every_setting_not_carried_over_is_named():
     imported = import_text((DATA / "megatron_llama3_8b_h100_fp8.sh").read_text(), "llama.sh")
-    for flag in ("--apply-layernorm-1p", "--decoupled-lr 5.0e-4", "--fp8-amax-history-len 1024", "--manual-gc",
+    for flag in ("--apply-layernorm-1p", "--decoupled-lr 5.0e-4", "--fp8-amax-history-len 1024",
                  "--rotary-percent 1.0"):
         assert any(d == flag or d.startswith(flag + " ") for d in imported.dropped), flag
         assert f"#   {flag}" in imported.text
+    # --manual-gc is the language's (manual_gc), carried over, not dropped
+    assert "manual_gc = true" in imported.text and not any(d.startswith("--manual-gc") for d in imported.dropped)
     # the if-branch bash takes ($DTYPE == fp8): fp8 flags are in, and the mock-data branch was taken
     assert "precision = fp8" in imported.text and "vocab = 128256" in imported.text
     nemo = import_text((DATA / "nemo_launcher_llama2_7b.yaml").read_text(), "llama2.yaml")

@@ -115,9 +115,10 @@ def experiments(draw) -> ExperimentSpec:
     gpn = draw(st.sampled_from([1, 2, 4, 8]))
     cluster = ClusterSpec(gpu=gpu_id, nodes=draw(st.sampled_from([1, 1, 2, 3, 4] if gpn <= 4 else [1, 1, 2])),
                           gpus_per_node=gpn)
-    precisions = ["bf16", "bf16", "fp16", "fp32", "fp8", "fp8", "mxfp8"]
+    precisions = ["bf16", "bf16", "fp16", "fp32", "fp8", "fp8", "mxfp8", "nvfp4"]
     if not wild:
-        precisions = [p for p in precisions if gpu.supports(p) and (kind == "pretrain" or p not in ("fp8", "mxfp8"))]
+        precisions = [p for p in precisions
+                      if gpu.supports(p) and (kind == "pretrain" or p not in ("fp8", "mxfp8", "nvfp4"))]
     precision = draw(st.sampled_from(precisions))
     kernels = draw(st.sampled_from(["auto", "auto", "te", "local"] if wild or gpu_id != "CPU" else ["auto", "local"]))
     fixed = 1 if wild else 6  # auto weight per field
@@ -145,10 +146,16 @@ def experiments(draw) -> ExperimentSpec:
         moe_settings = dict(moe_dispatcher=draw(st.sampled_from([None, None, "alltoall", "allgather", "flex"])),
                             moe_grouped_gemm=draw(st.sampled_from([None, None, True, False])),
                             moe_permute_fusion=draw(st.sampled_from([None, None, True, False])))
+    scopes = [(), (), ("attn",), ("attn", "mlp"), ("full_iteration",), ("moe_router",),
+              ("attn", "moe_router", "moe_preprocess"), ("moe_preprocess",), ("moe",)]
+    host_settings = dict(cuda_graph_impl=draw(st.sampled_from([None, None, "none", "local", "transformer_engine"])),
+                         cuda_graph_scope=draw(st.sampled_from(scopes)),
+                         manual_gc=draw(st.sampled_from([None, None, True, False])),
+                         manual_gc_interval=draw(st.sampled_from([None, None, 0, 10])))
     return ExperimentSpec(
         name="diff", model=model, cluster=cluster, parallel=parallel, precision=precision,
         attention_backend=draw(st.sampled_from(["auto", "auto", "flash", "fused", "unfused"])),
-        kernels=kernels, stages=(stage,), **moe_settings,
+        kernels=kernels, stages=(stage,), **moe_settings, **host_settings,
     )
 
 
@@ -299,7 +306,11 @@ def check_layout(spec: ExperimentSpec, stage: StageSpec, kernels: str, seq: int,
     else:
         choice = margs.choose_kernels(planned=kernels, te_importable=True, cpu=cpu)
         facts = margs.MachineFacts(cpu=cpu, have_te=choice.use_te)
-        with _te_present() if facts.have_te else contextlib.nullcontext():
+        # CUDA graphs and NVFP4 are checked against this machine (CUDA, a Blackwell GPU) before the build:
+        # here Megatron-Core's own checks of the fields decide (E173 / E174 / E121 mirror them)
+        with _te_present() if facts.have_te else contextlib.nullcontext(), \
+                mock.patch.object(margs, "_check_cuda_graphs", lambda *a: None), \
+                mock.patch.object(margs, "_check_nvfp4", lambda *a: None):
             config = margs.transformer_config(model=model, layout=layout, execution=execution, facts=facts)
         if not facts.have_te:
             # the local spec: Megatron's DotProductAttention (unfused) or nemoc's SDPA core; neither has CP
@@ -415,7 +426,7 @@ def run_case(spec: ExperimentSpec, top: int = 4) -> None:
         precision=spec.precision, attention_backend=spec.attention_backend, kernels=resolve_kernels(spec.kernels,
         spec.cluster.gpu), seq_length=stage_plan.seq_length, target=NEMOC_RUNTIME,
         moe=moe_execution(spec.model, stage_plan.kernels, c.layout.ep, spec.moe_dispatcher, spec.moe_grouped_gemm,
-                          spec.moe_permute_fusion))) for c in result.runner_ups]
+                          spec.moe_permute_fusion), host=stage_plan.execution.host)) for c in result.runner_ups]
     for layout, params in layouts:
         STATS["layouts"] = STATS.get("layouts", 0) + 1
         try:

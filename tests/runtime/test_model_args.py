@@ -297,3 +297,100 @@ def test_moe_dispatcher_and_kernels_reach_megatron_cores_config():
         config(model=moe, layout=lay(ep=2), moe=MoeExecution("alltoall", True, False))
     flags = margs._flags(margs._moe_kwargs(moe, lay(ep=2), MoeExecution("alltoall", True, True)))
     assert {"--moe-grouped-gemm", "--moe-permute-fusion", "--moe-token-dispatcher-type alltoall"} <= set(flags)
+
+
+def test_cuda_graphs_reach_megatron_cores_transformer_config():
+    """The plan's `Execution.host` CUDA graphs become TransformerConfig.cuda_graph_impl / cuda_graph_scope,
+    which Megatron-Core 0.16.1 accepts for every implementation and scope nemoc plans (E174 mirrors its
+    checks); the whole layer is an empty scope."""
+    from megatron.core.transformer.enums import CudaGraphScope
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from nemoc.compiler.plan import HostExecution
+
+    dense = dict(num_layers=2, hidden_size=64, num_attention_heads=4)
+    for impl, scope in (("local", ()), ("local", ("attn",)), ("local", ("full_iteration",)),
+                        ("transformer_engine", ()), ("transformer_engine", ("attn", "mlp"))):
+        kw = margs._cuda_graph_kwargs(HostExecution(impl, scope, True, 100))
+        c = TransformerConfig(**dense, **kw)
+        assert c.cuda_graph_impl == impl and c.cuda_graph_scope == [CudaGraphScope[s] for s in scope]
+    moe = dict(dense, num_moe_experts=4, moe_router_topk=2, add_bias_linear=False)
+    kw = margs._cuda_graph_kwargs(HostExecution("transformer_engine", ("attn", "moe_router", "moe_preprocess"), True, 100))
+    assert TransformerConfig(**moe, **kw).cuda_graph_scope[-1] == CudaGraphScope.moe_preprocess
+    # what E174 refuses, Megatron-Core refuses too
+    for impl, scope, cfg in (("transformer_engine", ["full_iteration"], dense), ("local", ["moe_router"], dense),
+                             ("local", ["mlp"], moe), ("local", ["moe"], moe)):
+        with pytest.raises(AssertionError):
+            TransformerConfig(**cfg, cuda_graph_impl=impl, cuda_graph_scope=scope)
+    with pytest.raises(AssertionError, match="full recompute"):
+        TransformerConfig(**dense, cuda_graph_impl="local", cuda_graph_scope=["attn"], recompute_granularity="full",
+                          recompute_method="uniform", recompute_num_layers=1)
+    assert margs._cuda_graph_kwargs(HostExecution("none", (), True, 100)) == {}
+
+
+def test_cuda_graphs_are_refused_where_the_runtime_cannot_capture_them():
+    from nemoc.compiler.plan import HostExecution
+
+    with pytest.raises(margs.UnsupportedPlan, match="CPU"):
+        margs._check_cuda_graphs(HostExecution("local", (), True, 100), CPU)
+    margs._check_cuda_graphs(HostExecution("none", (), True, 100), CPU)
+    with mock.patch("torch.cuda.is_available", lambda: True):
+        with pytest.raises(margs.UnsupportedPlan, match="TECudaGraphHelper"):
+            margs._check_cuda_graphs(HostExecution("transformer_engine", (), True, 100), GPU_TE)
+        with pytest.raises(margs.UnsupportedPlan, match="FullCudaGraphWrapper"):
+            margs._check_cuda_graphs(HostExecution("local", ("full_iteration",), True, 100), GPU_TE)
+        margs._check_cuda_graphs(HostExecution("local", ("attn",), True, 100), GPU_TE)
+    ex = dataclasses.replace(make_execution(LLAMA_ISH, lay(), kernels="local"),
+                             host=HostExecution("local", (), True, 100))
+    with pytest.raises(margs.UnsupportedPlan, match="CPU"):
+        margs.transformer_config(model=LLAMA_ISH, layout=lay(), execution=ex, facts=CPU)
+
+
+def test_nvfp4_reaches_megatron_cores_fp4_fields():
+    """precision = nvfp4: TransformerConfig(fp4 = "e2m1", fp4_recipe = "nvfp4") with bf16 weights, which
+    Megatron-Core 0.16.1 accepts; refused without TE, with a TE older than 2.7 and off Blackwell."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kw = margs._fp8_kwargs("nvfp4")
+    c = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, bf16=True, params_dtype=torch.bfloat16,
+                          **kw)
+    assert (c.fp4, c.fp4_recipe, c.fp8) == ("e2m1", "nvfp4", None)
+    assert margs.params_dtype("nvfp4") is torch.bfloat16
+    with pytest.raises(margs.UnsupportedPlan, match="Transformer Engine"):
+        config(precision="nvfp4", facts=margs.MachineFacts(cpu=False, have_te=False))
+    with mock.patch("megatron.core.utils.is_te_min_version", lambda version, *a, **k: False):
+        with pytest.raises(margs.UnsupportedPlan, match=">= 2.7"):
+            margs._check_nvfp4("nvfp4", GPU_TE)
+    with mock.patch("megatron.core.utils.is_te_min_version", lambda version, *a, **k: True), \
+            mock.patch("torch.cuda.is_available", lambda: True), \
+            mock.patch("torch.cuda.get_device_capability", lambda *a: (9, 0)):
+        with pytest.raises(margs.UnsupportedPlan, match="Blackwell"):
+            margs._check_nvfp4("nvfp4", GPU_TE)
+    assert margs._flags(kw) == ["--fp4-format e2m1", "--fp4-recipe nvfp4"]
+
+
+def test_host_settings_as_megatron_lm_flags():
+    from nemoc.compiler.plan import HostExecution
+
+    assert margs._lm_host(HostExecution("transformer_engine", ("attn", "mlp"), True, 100)) == [
+        "--cuda-graph-impl transformer_engine", "--cuda-graph-scope attn mlp", "--manual-gc",
+        "--manual-gc-interval 100"]
+    assert margs._lm_host(HostExecution("none", (), False, 0)) == []
+
+
+def test_megatron_fsdp_reaches_megatron_cores_ddp_config_and_is_refused_at_run_time():
+    """parallel.megatron_fsdp: DistributedDataParallelConfig(use_megatron_fsdp=True,
+    data_parallel_sharding_strategy="optim_grads_params"), which Megatron-Core 0.16.1 accepts; the nemoc
+    runtime refuses to run it (no FullyShardedDataParallel wrapper, no fsdp_dtensor checkpoints yet)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    layout = lay(dp=2, distributed_optimizer=True, megatron_fsdp=True)
+    kw = margs._ddp_kwargs(layout, None)
+    c = DistributedDataParallelConfig(**kw)
+    assert c.use_megatron_fsdp and c.data_parallel_sharding_strategy == "optim_grads_params"
+    assert c.use_distributed_optimizer
+    assert "--use-megatron-fsdp" in margs._flags(kw)
+    assert "--data-parallel-sharding-strategy optim_grads_params" in margs._flags(kw)
+    assert "use_megatron_fsdp" not in margs._ddp_kwargs(lay(dp=2), None)
+    with pytest.raises(margs.UnsupportedPlan, match="Megatron-FSDP"):
+        config(layout=layout, facts=GPU_TE)

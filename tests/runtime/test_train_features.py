@@ -226,3 +226,23 @@ def test_single_process_checkpoint_resumes_under_dp2_and_pp2(tmp_path, kit, trai
     event = next(r for r in result.records if r.get("event") == "resumed")
     assert event["iteration"] == 3 and event["optimizer_restored"], result.explain()
     _same(result, baseline, steps=(4, 5, 6))
+
+
+def test_manual_gc_collects_on_its_interval_and_leaves_the_losses(tmp_path, kit, train_data, reference_weights,
+                                                                   baseline):
+    """The plan's manual GC (`Execution.host`, Megatron-LM's `manual_gc`): automatic collection off, a full
+    collection on every rank every `manual_gc_interval` steps (here 2), the losses those of the baseline;
+    each log record says how many collections ran and how long they took."""
+    from nemoc.compiler.plan import HostExecution
+
+    stage = kit.stage_plan(lay=kit.layout(dp=2), every=3)
+    plan = kit.make_plan(stage)
+    host = HostExecution("none", (), True, 2)
+    plan = dataclasses.replace(plan, stages=tuple(
+        dataclasses.replace(s, execution=dataclasses.replace(s.execution, host=host)) for s in plan.stages))
+    result = kit.run_training(tmp_path / "gc", plan, 2, data_prefix=train_data, init_checkpoint=reference_weights)
+    _same(result, baseline)
+    steps = {r["step"]: r for r in result.records if "gc_full_collections" in r}
+    assert [steps[s]["gc_full_collections"] for s in range(2, 7)] == [1, 0, 1, 0, 1]
+    assert all(steps[s]["gc_pause_s"] > 0 for s in (2, 4, 6))
+    assert all(steps[s]["gc_collections"] == 0 for s in (3, 5))  # the automatic collector is off

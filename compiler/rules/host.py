@@ -1,0 +1,132 @@
+"""Rules of the recipe settings added for Megatron-Bridge parity: CUDA graphs (Megatron-Core 0.16.1 TransformerConfig
+`cuda_graph_impl` / `cuda_graph_scope`, checked in its __post_init__) and manual garbage collection
+(Megatron-LM `manual_gc`, `manual_gc_interval`: megatron/training/arguments.py) and Megatron-FSDP
+(`parallel.megatron_fsdp`: DDP `use_megatron_fsdp`). Each returns one
+`Violation` anchored at the field the user wrote, or None; they are cheap when the fields are not
+written (the search calls every rule per candidate layout).
+"""
+
+from __future__ import annotations
+
+from nemoc.compiler.rules.base import Env, Sizes, Violation
+
+_CONFIG = "megatron/core/transformer/transformer_config.py __post_init__ (cuda_graph_impl / cuda_graph_scope)"
+
+
+def rule_cuda_graph_gpu(env: Env, s: Sizes) -> Violation | None:
+    """CUDA graphs capture CUDA kernels: no graph on the CPU (gloo); the nemoc runtime graphs the
+    Transformer Engine layer spec only (Megatron-Bridge's recipes; the local spec's composite
+    kernels are what `kernels = local` is for)."""
+    impl = env.host_requested[0]
+    if impl in (None, "none"):
+        return None
+    if env.gpu_arch == "cpu":
+        why, hint, anchors = (f"cuda_graph_impl = {impl} but cluster.gpu = {env.cluster.gpu}",
+                              "remove cuda_graph_impl (or set it to none) on the CPU",
+                              ("cuda_graph_impl", "cluster.gpu", "cluster"))
+    elif env.kernels != "te":
+        why, hint, anchors = (f"cuda_graph_impl = {impl} with kernels = {env.kernels}",
+                              "set kernels = te (or auto) on GPUs, or remove cuda_graph_impl",
+                              ("cuda_graph_impl", "kernels"))
+    else:
+        return None
+    return Violation("E173", "CUDA graphs need GPUs and Transformer Engine's layers", why, hint, anchors=anchors,
+                     source="megatron/core/transformer/cuda_graphs.py (CUDA stream capture)")
+
+
+def _scope_problem(env: Env, s: Sizes) -> tuple[str, str] | None:
+    impl, scope = env.host_requested[0], env.host_requested[1]
+    shown = "[" + ", ".join(scope) + "]"
+    moe = env.model.is_moe
+    if "full_iteration" in scope and impl != "local":
+        return (f"cuda_graph_scope = {shown} with cuda_graph_impl = {impl}",
+                "a whole-iteration graph needs cuda_graph_impl = local")
+    if not moe and ("moe" in scope or "moe_router" in scope):
+        return (f"cuda_graph_scope = {shown} with model.experts = 0", "MoE scopes need a MoE model; use attn / mlp")
+    if moe and "mlp" in scope:
+        return (f"cuda_graph_scope = {shown} with model.experts = {env.model.experts} (every layer MoE)",
+                "mlp graphs dense MLPs only; use moe_router")
+    if "moe" in scope and "moe_router" in scope:
+        return f"cuda_graph_scope = {shown}", "use moe or moe_router, not both"
+    if "moe_preprocess" in scope and "moe_router" not in scope:
+        return f"cuda_graph_scope = {shown}", "moe_preprocess needs moe_router in the scope"
+    if "moe" in scope:
+        return (f"cuda_graph_scope = {shown}: the moe graph needs drop-and-pad experts (a capacity factor "
+                "with padding), which nemoc does not build", "use moe_router (and moe_preprocess)")
+    if s.recompute == "full" and tuple(scope) != ("full_iteration",):
+        return (f"cuda_graph_scope = {shown} with recompute = full",
+                "full recompute is graphed only with cuda_graph_scope = [full_iteration] (cuda_graph_impl = "
+                "local); or use recompute = selective / none")
+    return None
+
+
+def rule_cuda_graph_scope(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-Core 0.16.1's scope checks (transformer_config.py __post_init__): full_iteration only
+    with the local implementation; moe / moe_router only on MoE models, mlp only on dense layers,
+    not moe and moe_router together, moe_preprocess only with moe_router, moe only with drop-and-pad
+    experts; full recompute only under a whole-iteration graph."""
+    if env.host_requested[0] in (None, "none") or env.stage_kernels != "te":
+        return None  # no graphs, or a stage on the local spec, which runs none (execution.stage_host)
+    problem = _scope_problem(env, s)
+    if problem is None:
+        return None
+    equation, hint = problem
+    anchors = ("cuda_graph_scope", "cuda_graph_impl")
+    if "recompute" in equation:
+        anchors = ("cuda_graph_scope", "parallel.recompute", "cuda_graph_impl")
+    return Violation("E174", "the CUDA graph scope is not one Megatron-Core can capture", equation, hint,
+                     anchors=anchors, source=_CONFIG)
+
+
+def rule_manual_gc_interval(env: Env, s: Sizes) -> Violation | None:
+    """`manual_gc_interval` says how often the manual collector runs: with manual_gc = false there is
+    none (Megatron-LM reads the interval only under --manual-gc)."""
+    _, _, manual, interval = env.host_requested
+    if manual is not False or interval is None:
+        return None
+    return Violation("E175", "manual_gc_interval without manual garbage collection",
+                     f"manual_gc_interval({interval}) with manual_gc = false",
+                     "remove manual_gc_interval, or set manual_gc = true",
+                     anchors=("manual_gc_interval", "manual_gc"),
+                     source="megatron/training/training.py (manual_gc_interval is read only with manual_gc)")
+
+
+_FSDP = ("parallel.megatron_fsdp",)
+
+
+def rule_fsdp_distributed_optimizer(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-FSDP's optimizer is Megatron-Core's DistributedOptimizer over the FSDP buffers
+    (optimizer/__init__.py `if ddp_config.use_megatron_fsdp`; Megatron-LM sets
+    --use-distributed-optimizer with --use-megatron-fsdp)."""
+    if not s.megatron_fsdp or s.distributed_optimizer is not False:
+        return None
+    return Violation("E176", "megatron_fsdp needs the distributed optimizer",
+                     "megatron_fsdp = true with distributed_optimizer = false",
+                     "set distributed_optimizer = true (or auto), or megatron_fsdp = false",
+                     anchors=(_FSDP[0], "parallel.distributed_optimizer"),
+                     source="megatron/core/optimizer/__init__.py get_megatron_optimizer (use_megatron_fsdp)")
+
+
+def rule_fsdp_pipeline(env: Env, s: Sizes) -> Violation | None:
+    """nemoc plans Megatron-FSDP without pipeline parallelism, as Megatron-Bridge's FSDP recipes run it:
+    a pipeline stage's weights would be all-gathered once per micro batch and model chunk, and the
+    schedule's interleaving of forward and backward micro batches defeats FSDP's per-layer prefetch."""
+    if not s.megatron_fsdp or s.pp is None or s.pp == 1:
+        return None
+    return Violation("E177", "megatron_fsdp with pipeline parallelism",
+                     f"megatron_fsdp = true with pipeline({s.pp})",
+                     "set pipeline = 1 (or auto), or megatron_fsdp = false",
+                     anchors=(_FSDP[0], "parallel.pipeline"),
+                     source="Megatron-Bridge FSDP recipes (pipeline_model_parallel_size = 1)")
+
+
+def rule_fsdp_gpu(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-FSDP's buffers and streams are CUDA's (mcore_fsdp_adapter.py: device cuda, CUDA streams
+    for its all-gathers and reduce-scatters); the gloo/CPU runtime has none."""
+    if not s.megatron_fsdp or env.gpu_arch != "cpu":
+        return None
+    return Violation("E178", "megatron_fsdp needs GPUs",
+                     f"megatron_fsdp = true but cluster.gpu = {env.cluster.gpu}",
+                     "set megatron_fsdp = false on the CPU (distributed_optimizer shards the optimizer state)",
+                     anchors=(_FSDP[0], "cluster.gpu", "cluster"),
+                     source="megatron/core/distributed/fsdp/mcore_fsdp_adapter.py (CUDA device and streams)")

@@ -1,0 +1,249 @@
+"""Host-side recipe settings: CUDA graphs (`cuda_graph_impl`, `cuda_graph_scope`), manual garbage
+collection (`manual_gc`, `manual_gc_interval`) and the NVFP4 precision: the defaults the plan takes and
+says, their cost and memory terms, and the rules that refuse them at the user's line (E173 CUDA graphs
+without GPUs / TE, E174 Megatron-Core's scope checks, E175 an interval without manual GC, E121 NVFP4
+off Blackwell, E127 NVFP4 without TE)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from nemoc.compiler import cost, memory
+from nemoc.compiler.catalog import get_gpu
+from nemoc.compiler.execution import host_defaults_taken, host_execution, stage_host
+from nemoc.compiler.lower import compile_file
+from nemoc.compiler.plan import HostExecution, Layout, from_json, to_json
+from nemoc.compiler.planner import plan_experiment
+from nemoc.compiler.spec import ModelSpec
+from nemoc.dsl.diagnostics import DiagnosticError, Severity
+
+DENSE = ModelSpec(name="d", layers=8, hidden=2048, heads=16, query_groups=4, ffn_hidden=5632, vocab=32000,
+                  seq_length=4096)
+H100 = get_gpu("H100")
+NO_GRAPHS = HostExecution("none", (), True, 100)
+
+
+def lay(**kw) -> Layout:
+    base = dict(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=8, micro_batch=1, global_batch=64, num_microbatches=8,
+                sequence_parallel=False, distributed_optimizer=True, recompute="none")
+    base.update(kw)
+    return Layout(**base)
+
+
+def est(host=NO_GRAPHS, layout=None, gpu=H100, precision="bf16", **kw):
+    return cost.estimate(DENSE, layout or lay(), gpu=gpu, precision=precision, seq_length=4096, host=host, **kw)
+
+
+# ------------------------------------------------------------------ defaults
+
+
+def test_auto_is_megatron_bridges_recipe_and_the_plan_says_so():
+    assert host_execution() == HostExecution("none", (), True, 100)
+    assert host_execution(manual_gc=False) == HostExecution("none", (), False, 0)
+    assert host_execution(manual_gc_interval=10) == HostExecution("none", (), True, 10)
+    assert host_execution(cuda_graph_impl="local", cuda_graph_scope=("attn",)).cuda_graph_scope == ("attn",)
+    assert host_defaults_taken(cuda_graph_impl=None, manual_gc=None, manual_gc_interval=None) == (
+        "cuda_graph_impl = none", "manual_gc = true", "manual_gc_interval = 100")
+    assert host_defaults_taken(cuda_graph_impl="local", manual_gc=False, manual_gc_interval=None) == ()
+    # a stage on the local spec (alignment, eval) runs no graphs; its GC is the experiment's
+    assert stage_host(("transformer_engine", (), None, None), "local") == HostExecution("none", (), True, 100)
+    assert stage_host(("transformer_engine", ("attn",), None, None), "te").cuda_graph_impl == "transformer_engine"
+
+
+# ------------------------------------------------------------------ cost
+
+
+def test_cuda_graphs_remove_the_captured_kernels_launch_gaps():
+    """Per layer and micro batch, forward + backward: share x 30 kernels x (eager gap - graphed gap),
+    less one graph launch per pass; half a layer (attn) saves about half of the whole layer."""
+    p = cost.DEFAULT_PARAMS
+    whole = cost.cuda_graph_launch_saving(p, 1.0, 3.0)
+    eager_gap = p.layer_overhead / cost.TE_KERNELS_PER_LAYER
+    assert whole == pytest.approx(cost.TE_KERNELS_PER_LAYER * (eager_gap - cost.GRAPHED_KERNEL_GAP)
+                                  - 3.0 * cost.GRAPH_LAUNCH)
+    assert 0 < whole < p.layer_overhead  # never more than the overhead it replaces
+    half = cost.cuda_graph_launch_saving(p, 0.5, 3.0)
+    assert 0 < half < whole
+    base = est()
+    graphed = est(host=HostExecution("local", (), True, 100))
+    m = base.parts["compute"] - graphed.parts["compute"]
+    per_stage = lay().num_microbatches * DENSE.layers
+    assert m == pytest.approx(per_stage * whole, rel=1e-9)
+    assert graphed.step_time_s < base.step_time_s
+    attn = est(host=HostExecution("transformer_engine", ("attn",), True, 100))
+    assert graphed.step_time_s < attn.step_time_s < base.step_time_s
+    assert cost.cuda_graph_share(HostExecution("local", ("moe_router", "moe_preprocess"), True, 100), DENSE) == \
+        pytest.approx(0.15)
+
+
+def test_the_lower_bound_still_bounds_with_cuda_graphs():
+    host = HostExecution("local", (), True, 100)
+    for layout in (lay(), lay(pp=2, dp=4, num_microbatches=16), lay(tp=2, dp=4, sequence_parallel=True)):
+        bound = cost.step_time_lower_bound(DENSE, layout, micro_batches=(1, 1), gpu=H100, seq_length=4096, host=host)
+        assert bound <= est(host=host, layout=layout).step_time_s * (1 + 1e-9)
+
+
+def test_gc_pauses_automatic_per_step_vs_manual_once_per_interval(monkeypatch):
+    """Automatic GC: the young collections of every step, plus a full collection on some rank in
+    1 - (1 - f)^N of the steps; manual: one full collection every interval; interval 0: none."""
+    auto = HostExecution("none", (), False, 0)
+    young = cost.GC_YOUNG_PER_STEP
+    assert cost.gc_pause(HostExecution("none", (), True, 100), 16384) == pytest.approx(cost.GC_FULL_PAUSE / 100)
+    assert cost.gc_pause(HostExecution("none", (), True, 0), 16384) == 0.0
+    assert cost.gc_pause(auto, 1) == pytest.approx(young + cost.GC_FULL_PAUSE * cost.GC_FULL_PER_STEP)
+    monkeypatch.setattr(cost, "GC_FULL_PER_STEP", 0.001)  # a rate the measurements did not see: the straggler law
+    assert cost.gc_pause(auto, 16384) == pytest.approx(young + cost.GC_FULL_PAUSE, rel=1e-6)
+    assert cost.gc_pause(auto, 8) < cost.gc_pause(auto, 64) < cost.gc_pause(auto, 1024)
+    assert cost.gc_pause(auto, 1024) > cost.gc_pause(HostExecution("none", (), True, 100), 1024)
+    big = lay(dp=1024, global_batch=1024, num_microbatches=1)
+    assert est(host=auto, layout=big).parts["gc_pause"] == pytest.approx(cost.gc_pause(auto, 1024))
+    assert est(host=auto, layout=big).step_time_s > est(host=NO_GRAPHS, layout=big).step_time_s
+
+
+# ------------------------------------------------------------------ memory
+
+
+def test_cuda_graph_static_buffers_hold_the_captured_temporaries():
+    kw = dict(seq_length=4096, gpu=H100)
+    eager = memory.estimate(DENSE, lay(), **kw)
+    whole = memory.estimate(DENSE, lay(), cuda_graph_share=1.0, **kw)
+    attn = memory.estimate(DENSE, lay(), cuda_graph_share=0.5, **kw)
+    assert "cuda_graph_buffers" not in eager.parts
+    assert whole.parts["cuda_graph_buffers"] == int(memory.CUDA_GRAPH_TEMPORARY_SHARE * whole.activations)
+    assert attn.parts["cuda_graph_buffers"] == pytest.approx(whole.parts["cuda_graph_buffers"] / 2, rel=1e-6)
+    assert whole.total > attn.total > eager.total
+
+
+# ------------------------------------------------------------------ NVFP4
+
+
+def test_nvfp4_runs_on_blackwell_at_the_fp4_peak():
+    b200, gb300 = get_gpu("B200"), get_gpu("GB300")
+    assert b200.supports("nvfp4") and b200.peak("nvfp4") == 9000e12 and gb300.peak("nvfp4") == 15000e12
+    assert not H100.supports("nvfp4") and not get_gpu("A100-80GB").supports("nvfp4")
+    t = {p: est(gpu=b200, precision=p) for p in ("bf16", "mxfp8", "nvfp4")}
+    assert t["nvfp4"].step_time_s < t["mxfp8"].step_time_s < t["bf16"].step_time_s
+    assert t["nvfp4"].parts["compute"] < t["mxfp8"].parts["compute"]
+    m8 = memory.estimate(DENSE, lay(), precision="mxfp8", seq_length=4096, gpu=b200)
+    m4 = memory.estimate(DENSE, lay(), precision="nvfp4", seq_length=4096, gpu=b200)
+    assert m4.parts["fp4_weight_cache"] == pytest.approx(m8.parts["fp8_weight_cache"] * memory.NVFP4_BYTES, rel=1e-6)
+    assert m4.weights == m8.weights  # bf16 master weights either way
+
+
+# ------------------------------------------------------------------ the language, the plan, the rules
+
+
+SRC = """experiment m {{
+  cluster {{
+    gpu = {gpu}
+    nodes = 1
+    gpus_per_node = 8
+  }}
+  model d {{
+    layers = 4
+    hidden = 512
+    heads = 8
+    ffn_hidden = 1024
+    vocab = 32000
+    seq_length = 1024{moe}
+  }}
+  parallel {{
+    tensor = 1
+    pipeline = 1{parallel}
+  }}
+{settings}
+  data corpus {{
+    path = "x/*.jsonl"
+  }}
+  stage pretrain {{
+    data = [corpus]
+    steps = 10
+    global_batch = 64
+  }}
+}}
+"""
+EXPERTS = "\n    experts = 8\n    top_k = 2\n    moe_ffn_hidden = 512"
+
+
+def _compile(tmp_path, gpu="H100", settings="", moe="", parallel=""):
+    path = tmp_path / "m.nemo"
+    text = SRC.format(gpu=gpu, settings=settings, moe=moe, parallel=parallel)
+    path.write_text(text)
+    spec, diags, _ = compile_file(str(path))
+    return spec, [d for d in diags if d.severity == Severity.ERROR], text.splitlines()
+
+
+def _error(tmp_path, **kw):
+    spec, errors, lines = _compile(tmp_path, **kw)
+    assert errors == []
+    with pytest.raises(DiagnosticError) as err:
+        plan_experiment(spec)
+    [d] = [d for d in err.value.diagnostics if d.is_error]
+    return d, lines[d.span.line - 1]
+
+
+def test_the_plan_records_the_host_settings_and_round_trips(tmp_path):
+    spec, errors, _ = _compile(tmp_path)
+    assert errors == []
+    result = plan_experiment(spec)
+    assert result.plan.stages[0].execution.host == HostExecution("none", (), True, 100)
+    assert any("host defaults taken" in n and "manual_gc = true" in n for n in result.stages[0].notes)
+    spec, errors, _ = _compile(tmp_path, settings="  cuda_graph_impl = transformer_engine\n  cuda_graph_scope = [attn, mlp]"
+                                                  "\n  manual_gc = true\n  manual_gc_interval = 0")
+    assert errors == [] and spec.cuda_graph_scope == ("attn", "mlp")
+    result = plan_experiment(spec)
+    host = result.plan.stages[0].execution.host
+    assert host == HostExecution("transformer_engine", ("attn", "mlp"), True, 0)
+    assert from_json(to_json(result.plan)).stages[0].execution.host == host
+    assert "gc_pause" not in result.plan.stages[0].estimate.parts or \
+        result.plan.stages[0].estimate.parts["gc_pause"] == 0.0
+    assert result.plan.stages[0].memory.parts["cuda_graph_buffers"] > 0
+
+
+def test_cuda_graphs_on_the_cpu_are_an_error_at_their_line(tmp_path):
+    d, line = _error(tmp_path, gpu="CPU", settings="  cuda_graph_impl = local")
+    assert d.code == "E173" and "cuda_graph_impl = local" in line and "GPUs" in d.message
+
+
+def test_cuda_graphs_without_te_are_an_error(tmp_path):
+    d, line = _error(tmp_path, settings="  kernels = local\n  cuda_graph_impl = local")
+    assert d.code == "E173" and "cuda_graph_impl" in line
+
+
+@pytest.mark.parametrize("settings, moe, parallel, needle", [
+    ("  cuda_graph_impl = transformer_engine\n  cuda_graph_scope = [full_iteration]", "", "", "local"),
+    ("  cuda_graph_impl = local\n  cuda_graph_scope = [moe_router]", "", "", "MoE"),
+    ("  cuda_graph_impl = local\n  cuda_graph_scope = [mlp]", EXPERTS, "", "dense"),
+    ("  cuda_graph_impl = local\n  cuda_graph_scope = [moe_preprocess]", EXPERTS, "", "moe_router"),
+    ("  cuda_graph_impl = local\n  cuda_graph_scope = [moe]", EXPERTS, "", "drop-and-pad"),
+    ("  cuda_graph_impl = local\n  cuda_graph_scope = [attn]", "", "\n    recompute = full", "full recompute"),
+])
+def test_megatron_cores_scope_checks_are_e174_at_the_scope(tmp_path, settings, moe, parallel, needle):
+    d, line = _error(tmp_path, settings=settings, moe=moe, parallel=parallel)
+    assert d.code == "E174" and "cuda_graph_scope" in line
+    assert needle in (d.equation or "") + (d.hint or "")
+
+
+def test_auto_recompute_avoids_full_recompute_under_layer_graphs(tmp_path):
+    spec, errors, _ = _compile(tmp_path, settings="  cuda_graph_impl = local\n  cuda_graph_scope = [attn]")
+    assert errors == []
+    assert plan_experiment(spec).plan.stages[0].layout.recompute != "full"
+
+
+def test_an_interval_without_manual_gc_is_e175(tmp_path):
+    d, line = _error(tmp_path, settings="  manual_gc = false\n  manual_gc_interval = 10")
+    assert d.code == "E175" and "manual_gc_interval = 10" in line
+
+
+def test_nvfp4_off_blackwell_is_refused_and_planned_on_it(tmp_path):
+    d, line = _error(tmp_path, gpu="H100", settings="  precision = nvfp4")
+    assert d.code == "E121" and "precision = nvfp4" in line and "Blackwell" in d.equation
+    d, line = _error(tmp_path, gpu="B200", settings="  precision = nvfp4\n  kernels = local")
+    assert d.code == "E127"
+    spec, errors, _ = _compile(tmp_path, gpu="GB200", settings="  precision = nvfp4")
+    assert errors == []
+    stage = plan_experiment(spec).plan.stages[0]
+    assert stage.execution.precision == "nvfp4" and stage.execution.params_dtype == "bf16"
+    assert stage.execution.peak_flops_per_gpu == get_gpu("GB200").peak("nvfp4")
