@@ -172,8 +172,6 @@ def unstated(case: Case) -> tuple[str, ...]:
     out = []
     if case.dropout:
         out.append("dropout 0.1 (the runtime trains without)")
-    if case.attention_span:
-        out.append(f"packed samples (~{case.attention_span} tokens each; the runtime pads every sample)")
     if case.id[0] in "FG" and case.layout.pp > 1 and not case.layout.sequence_parallel:
         out.append("Megatron-LM 2021 scatter/gather of pipeline tensors")
     if not case.overlap_grad_reduce:
@@ -517,6 +515,10 @@ def row_nemo(case: Case, num_gpus: int, checkpoint: str | None = None) -> str:
         fp8_recipe = "\n  fp8_recipe = " + ("delayed" if case.id.startswith("A") else "tensorwise")
     stage = "pretrain" if case.kind == "pretrain" else "sft"
     peft = "\n    peft = lora(rank = 16)" if case.peft is not None else ""
+    # NeMo's fine-tuning rows pack SQuAD samples (~SQUAD_PACKED_SPAN tokens) into each sequence with
+    # THD attention (the rows' notes): stated with the sft stage's `pack` and `sample_tokens`.
+    if case.attention_span:
+        peft += f"\n    pack = true\n    sample_tokens = {case.attention_span}"
     ind = "\n    "
     data_extra = f'\n    format = prompt_response\n    tokenizer = "{checkpoint}"' if fine_tuning else ""
     return f"""experiment calib_{case.id.lower()} {{

@@ -657,8 +657,9 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
     `overlap_p2p`: the interleaved schedule overlaps its pipeline transfers (`overlap_p2p_comm`, NeMo's
     recipes and the nemoc runtime for every interleaved layout: RUNTIME_OVERLAPS_P2P). `p2p_scatter_gather`:
-    Megatron-LM 2021-22 sent 1/tp of each pipeline tensor without SP (calibration rows of that era). `attention_span`: mean packed-sample length (see `layer_times`; the nemoc runtime pads every
-    sample to `seq`, so the planner never sets it; calibration rows with packed data do). `causal_discount` selects
+    Megatron-LM 2021-22 sent 1/tp of each pipeline tensor without SP (calibration rows of that era). `attention_span`: mean packed-sample length (see `layer_times`; the planner passes
+    `search.Problem.attention_span`: an `sft` stage with `pack = true` and `sample_tokens`, which the
+    runtime runs as variable-length attention). `causal_discount` selects
     the FLOPs formula behind `model_tflops_per_gpu` and `mfu` (True: Megatron-Core / Megatron-Bridge
     form; False: NeMo <= 25.07 `flops_formulas.py`); it does not change the step time. `grad_bytes`:
     the data-parallel gradient dtype (4: fp32, what the nemoc runtime reduces; 2: 16-bit). `kernels`:
@@ -747,7 +748,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
                           params: EfficiencyParams = DEFAULT_PARAMS, stage_params: object = None,
                           split: tuple[int, int, int] | None = None, overlap_p2p: bool = RUNTIME_OVERLAPS_P2P,
                           overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
-                          moe: MoeExecution | None = None) -> float:
+                          moe: MoeExecution | None = None, attention_span: float | None = None) -> float:
     """A lower bound of `estimate(...).step_time_s` over every micro batch in the range
     `micro_batches` = (smallest, largest) and every recompute level, for the other sizes of `layout`
     (its micro batch and recompute are ignored; `layout.num_microbatches x layout.micro_batch` is the
@@ -775,7 +776,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
         layout = replace(layout, recompute="none")
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
                      micro_batch=largest * work.rows, backward=main.backward, params=params, overlap_tp=overlap_tp,
-                     kernels=kernels, moe=moe)
+                     kernels=kernels, moe=moe, attention_span=attention_span)
     _, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows,
                               backward=main.backward, params=params, scalar_head=main.scalar_head, split=split)
     per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest

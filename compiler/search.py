@@ -147,6 +147,19 @@ class Problem:
         return rule_sgd_distributed_optimizer(self.env, Sizes(distributed_optimizer=True)) is None
 
     @property
+    def attention_span(self) -> float | None:
+        """The mean sample length each token attends over, when the stage packs samples of a stated
+        length (`sft` params `pack = true` with `sample_tokens`) into a variable-length attention core
+        (Transformer Engine's or the SDPA core: `PackedSeqParams`, cu_seqlens, so a token attends only
+        within its own sample; runtime/align/sft.py); None (the whole sequence) otherwise, Megatron's
+        unfused core included: it masks the packed samples but still computes the s x s scores."""
+        params = self.params
+        if params is None or self.costed_backend == "unfused" or "sample_tokens" not in params:
+            return None
+        tokens = params.sample_tokens
+        return float(min(tokens, self.seq_length)) if tokens and params.pack else None
+
+    @property
     def stage_kernels(self) -> str:
         """What the memory and cost models price: the kernels the runtime builds this stage with."""
         return self.target.stage_kernels(self.stage_kind, self.kernels)
@@ -284,6 +297,7 @@ def evaluate_time(p: Problem, layout: Layout, params: cost.EfficiencyParams = co
         split=_stage_layers(p, layout), kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
         overlap_tp=layout.tp_comm_overlap, overlap_param_gather=layout.overlap_param_gather, params=params,
         overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, moe=p.moe_of(layout),
+        attention_span=p.attention_span,
     )
 
 
@@ -294,6 +308,7 @@ def bound_time(p: Problem, layout: Layout, micro_batches: tuple[int, int]) -> fl
         attention_backend=p.costed_backend, seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft,
         stage_params=p.params, split=_stage_layers(p, layout), kernels=p.stage_kernels,
         overlap_tp=layout.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p, moe=p.moe_of(layout),
+        attention_span=p.attention_span,
     )
 
 

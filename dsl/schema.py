@@ -312,8 +312,13 @@ _PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
     ),
     "sft": (
         _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE, _INIT,
-        _f("pack", BOOL, True, "Pack several samples into one sequence (the runtime packs only without "
-           "Transformer Engine)."),
+        _f("pack", BOOL, True, "Pack several samples into one sequence; each sample attends only within itself "
+           "(variable-length attention with Transformer Engine or the SDPA core; a block-diagonal mask with "
+           "`attention_backend = unfused`)."),
+        _f("sample_tokens", POSITIVE, None, "Mean tokens per sample (prompt, response and template), when known: "
+           "with `pack = true` and a variable-length attention core the plan costs each token's attention "
+           "over its own sample, not the whole sequence (samples are not tokenized at plan time). Unset: "
+           "every sequence is costed as one `seq_length`-token sample, an upper bound for packed data."),
     ),
     "dpo": (
         _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE, _INIT,

@@ -310,3 +310,32 @@ def test_the_plan_records_the_fp8_recipe_it_defaulted_to():
     with pytest.raises(DiagnosticError) as err:
         plan_experiment(replace(spec, fp8_recipe="mxfp8"))
     assert [d.code for d in err.value.diagnostics if d.is_error] == ["E164"]
+
+
+def test_packed_sft_costs_attention_within_the_stated_sample_length():
+    """An `sft` stage with `pack = true` and `sample_tokens` runs variable-length attention (each token
+    attends within its own sample), so the plan costs attention over the sample, not the sequence: the
+    same layout and memory, a shorter step, and a note saying so. Without `sample_tokens`, with
+    `pack = false`, or with the unfused core (which masks but computes every score) the whole
+    sequence is costed, and pretraining never reads the field."""
+    def sft(**params):
+        stage = StageSpec(name="sft", kind="sft", global_batch=64, steps=10,
+                          params={"init": "checkpoints/hf", **params})
+        return _spec(stages=(stage,), tensor=1, pipeline=1, micro_batch=1)
+
+    def planned(spec):
+        result = plan_experiment(spec, target=NEMOC_RUNTIME)
+        return result.plan.stages[0], result.stages[0].notes
+
+    full, full_notes = planned(sft())
+    packed, notes = planned(sft(sample_tokens=256))
+    assert packed.layout == full.layout and packed.memory == full.memory
+    assert packed.estimate.step_time_s < 0.9 * full.estimate.step_time_s  # 8K tokens: attention is > 10 %
+    assert any("within packed samples of 256 tokens" in n for n in notes)
+    assert any("set `sample_tokens`" in n for n in full_notes)
+    unpacked, _ = planned(sft(sample_tokens=256, pack=False))
+    assert unpacked.estimate == full.estimate
+    unfused = replace(sft(sample_tokens=256), attention_backend="unfused")
+    assert planned(unfused)[0].estimate == planned(replace(sft(), attention_backend="unfused"))[0].estimate
+    longer, _ = planned(sft(sample_tokens=10**6))  # a sample never spans more than the sequence
+    assert longer.estimate == full.estimate
