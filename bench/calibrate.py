@@ -67,6 +67,7 @@ class Case:
     overlap_p2p: bool = False  # interleaved schedule overlaps pipeline transfers (overlap_p2p_comm)
     overlap_grad_reduce: bool = True  # DP reduction overlapped with the backward (not in Megatron-LM 2021)
     dropout: bool = False  # hidden + attention dropout 0.1 (Megatron-LM GPT-3-era runs: F, G)
+    optimizer_state_dtype: str = "fp32"  # Adam moments (bf16: NeMo 24.07's Nemotron-4 340B config)
 
 
 # Rows kept in every table but not held to the error target, each with the reason read from its own
@@ -161,9 +162,15 @@ def row_case(row: dict) -> Case | str:
     # attention then spans one sample (THD packing). Their published TFLOP/s confirm it: they equal
     # the pretraining formula without its s-dependent attention term (README: SFT 0.86-0.93).
     span = SQUAD_PACKED_SPAN if "packed" in (row.get("notes") or "").lower() else None
+    # NeMo 24.07 ran every model from NeMo-Framework-Launcher's training config; Nemotron-4 340B's alone
+    # sets the optimizer's dtype (`conf/training/nemotron/nemotron_340b.yaml` at tag 24.07: `optim:
+    # distributed_fused_adam, dtype: bf16`), which NeMo r2.0.0rc1 honours (megatron_base_model.py
+    # `setup_optimization`: optim_dtype from the config; equal to the bf16 model dtype, so no master copy
+    # either): bf16 Adam moments. Stated as the language's nearest setting, the precision-aware optimizer.
+    state = "bf16" if src == "A" and "nemotron-340b" in name else "fp32"
     return Case(row["id"], label, row_model(row), layout, _gpu(row["gpu"]), _precision(row), row["seq_len"], kind,
                 peft, backend, float(row["tokens_per_sec_per_gpu"]), bool(row.get("tokens_derived_from_published_tflops")),
-                grad_bytes, src in "FG" or bool(row["recompute"]), span, src in "ACE", src != "F", src in "FG")
+                grad_bytes, src in "FG" or bool(row["recompute"]), span, src in "ACE", src != "F", src in "FG", state)
 
 
 def unstated(case: Case) -> tuple[str, ...]:
@@ -505,6 +512,8 @@ def row_nemo(case: Case, num_gpus: int, checkpoint: str | None = None) -> str:
         parallel.append("grad_reduce_in_fp32 = false")
     if case.overlap_p2p and lay.distributed_optimizer and lay.dp * lay.cp > 1:  # NeMo: overlap_param_gather
         parallel.append("overlap_param_gather = true")
+    if case.optimizer_state_dtype != "fp32":
+        parallel.append(f"optimizer_state_dtype = {case.optimizer_state_dtype}")
     if m.is_moe:
         parallel.append("expert_tensor = 1")
     # The FP8 recipe each source ran: NeMo 24.07 (A) Transformer Engine's delayed scaling (the only
@@ -591,7 +600,8 @@ def planned(rows: list[dict]) -> list[dict]:
             st = result.plan.stages[0]
             pred = st.estimate.tokens_per_s_per_gpu
             chosen = dataclasses.replace(st.layout, etp=case.layout.etp, recompute=case.layout.recompute,
-                                         tp_comm_overlap=False, grad_reduce_in_fp32=True, overlap_param_gather=False)
+                                         tp_comm_overlap=False, grad_reduce_in_fp32=True, overlap_param_gather=False,
+                                         optimizer_state_dtype="fp32")
             same = chosen == case.layout  # (ETP is moot for dense models; recompute may be auto)
             out.append({**base, "predicted": pred, "error": pred / case.measured - 1.0, "layout_kept": same,
                         "recompute": recompute_text(st.layout.recompute, st.layout.recompute_layers),

@@ -175,6 +175,8 @@ class Layout:
     grad_reduce_in_fp32: bool = True  # `DistributedDataParallelConfig.grad_reduce_in_fp32`
     overlap_param_gather: bool = False  # `DistributedDataParallelConfig.overlap_param_gather`
     fp8_param_gather: bool = False  # `TransformerConfig.fp8_param` + `DistributedDataParallelConfig.fp8_param_gather`
+    # `OptimizerConfig.exp_avg_dtype` / `exp_avg_sq_dtype` (bf16: `use_precision_aware_optimizer`)
+    optimizer_state_dtype: str = "fp32"
 
     @property
     def world_size(self) -> int:

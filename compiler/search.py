@@ -266,7 +266,7 @@ def pipeline_memory(p: Problem, layout: Layout) -> tuple[MemoryBreakdown, ...]:
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
-        parents=p.parents,
+        parents=p.parents, fp8_recipe=p.fp8_recipe,
     )
 
 
@@ -285,7 +285,7 @@ def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
-        parents=p.parents,
+        parents=p.parents, fp8_recipe=p.fp8_recipe,
     )
 
 
@@ -362,7 +362,8 @@ def _make_layout(p: Problem, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[
                   num_microbatches=max(1, gb // (mb * dp)), sequence_parallel=sp, distributed_optimizer=do,
                   recompute=rc[0], recompute_layers=rc[1], tp_comm_overlap=p.fixed.tp_comm_overlap,
                   grad_reduce_in_fp32=p.fixed.grad_reduce_in_fp32,
-                  overlap_param_gather=p.fixed.overlap_param_gather, fp8_param_gather=p.fixed.fp8_param_gather)
+                  overlap_param_gather=p.fixed.overlap_param_gather, fp8_param_gather=p.fixed.fp8_param_gather,
+                  optimizer_state_dtype=p.fixed.optimizer_state_dtype)
 
 
 def _sizes(p: Problem, layout: Layout) -> Sizes:
@@ -371,7 +372,8 @@ def _sizes(p: Problem, layout: Layout) -> Sizes:
                  sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
                  recompute=layout.recompute, recompute_layers=layout.recompute_layers, seq_length=p.seq_length,
                  tp_comm_overlap=layout.tp_comm_overlap,
-                 overlap_param_gather=layout.overlap_param_gather, fp8_param_gather=layout.fp8_param_gather)
+                 overlap_param_gather=layout.overlap_param_gather, fp8_param_gather=layout.fp8_param_gather,
+                 optimizer_state_dtype=layout.optimizer_state_dtype)
 
 
 # ------------------------------------------------------------------------------------ the domains
@@ -755,7 +757,7 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
                           sequence_parallel=sp, distributed_optimizer=do, recompute=rc[0], recompute_layers=rc[1],
                           seq_length=p.seq_length,
                           tp_comm_overlap=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather,
-                          fp8_param_gather=f.fp8_param_gather)
+                          fp8_param_gather=f.fp8_param_gather, optimizer_state_dtype=f.optimizer_state_dtype)
             v = layout_violations(env, sizes)
             layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp or 1, mb, sp, do, rc)
             if v is not None:

@@ -113,6 +113,7 @@ class ParallelSpec:
     grad_reduce_in_fp32: bool = True
     overlap_param_gather: bool = False  # the distributed optimizer's parameter all-gather in the forward
     fp8_param_gather: bool = False  # linear weights kept (and all-gathered) in FP8
+    optimizer_state_dtype: str = "fp32"  # Adam moments: fp32 | bf16 (precision-aware optimizer)
 
 
 @dataclass(frozen=True, slots=True)

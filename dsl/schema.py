@@ -244,6 +244,12 @@ PARALLEL_FIELDS = (
        "DDP `fp8_param_gather`): no 16-bit weight copy beside Transformer Engine's FP8 one, and the "
        "distributed optimizer all-gathers 1 byte per parameter instead of 2. Needs an fp8 precision (E165) "
        "and distributed_optimizer (E166)."),
+    _f("optimizer_state_dtype", enum("fp32", "bf16"), "fp32", "dtype of the distributed optimizer's Adam moments "
+       "(Megatron-Core's precision-aware optimizer, Transformer Engine's FusedAdam: `use_precision_aware_optimizer`, "
+       "`exp_avg_dtype`, `exp_avg_sq_dtype`). `bf16`: 2 + 2 bytes per parameter instead of 4 + 4, and the fp32 "
+       "master weights of 16-bit training kept as the 16-bit remainder beside the bf16 weight "
+       "(`store_param_remainders`): 6 bytes of optimizer state per parameter instead of 12, before sharding. "
+       "Needs distributed_optimizer (E190) and Transformer Engine (E191)."),
 )
 
 DATA_FIELDS = (

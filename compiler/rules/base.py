@@ -40,6 +40,7 @@ class Sizes:
     tp_comm_overlap: bool = False
     overlap_param_gather: bool = False
     fp8_param_gather: bool = False
+    optimizer_state_dtype: str = "fp32"
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,28 +44,43 @@ def test_rows_are_sourced(calibrate) -> None:
 
 
 def test_throughput_error_bounds(results) -> None:
-    """Through the language (docs/calibration.md): 83 pretraining rows, median 4.1 %, max 25.4 % (C21);
-    with the 15 fine-tuning rows, 98 planned rows, median 5.0 %, max 30.9 % (A32/A50, unreliable)."""
+    """Through the language (docs/calibration.md): 83 pretraining rows, median 3.5 %, max 25.4 % (C21,
+    unreliable); with the 15 fine-tuning rows, 98 planned rows, median 3.6 %, max 25.4 %."""
     _, used = results
     pre = [abs(r["error"]) for r in used if r["task"] == "pretrain"]
     assert len(pre) >= 83
-    assert statistics.median(pre) <= 0.042
+    assert statistics.median(pre) <= 0.036
     assert max(pre) <= 0.26
-    assert sum(e <= 0.15 for e in pre) >= 74
+    assert sum(e <= 0.15 for e in pre) >= 77
     errors = [abs(r["error"]) for r in used]
     assert len(errors) >= 98
-    assert statistics.median(errors) <= 0.051
-    assert max(errors) <= 0.31
-    assert sum(e <= 0.15 for e in errors) >= 84
+    assert statistics.median(errors) <= 0.037
+    assert max(errors) <= 0.26
+    assert sum(e <= 0.15 for e in errors) >= 89
 
 
 def test_reliable_rows_error_bounds(calibrate, results) -> None:
     _, used = results
     errors = [abs(r["error"]) for r in used if calibrate.reliable(r)]
     assert len(errors) >= 85
-    assert statistics.median(errors) <= 0.049
-    assert max(errors) <= 0.22  # Nemotron-4 340B on H100 (A10/A28/A46), docs/calibration.md
-    assert sum(e <= 0.15 for e in errors) >= 78
+    assert statistics.median(errors) <= 0.036
+    assert max(errors) <= 0.165  # GPT-3 175B on 512 H100, micro batch 2 (C09), docs/calibration.md
+    assert sum(e <= 0.15 for e in errors) >= 83
+
+
+def test_nemotron_340b_runs_its_published_bf16_optimizer_state_without_recompute(calibrate, planned) -> None:
+    """NeMo 24.07's Nemotron-4 340B config keeps Adam's state in bf16 (the launcher's `optim.dtype: bf16`);
+    stated as `optimizer_state_dtype = bf16`, the published layout fits without recompute, as the
+    launcher config runs it, and the three rows are within 2 % (with fp32 state full recompute, -20 %)."""
+    rows, out = planned
+    got = {r["id"]: r for r in out}
+    for rid in ("A10", "A28", "A46"):
+        assert got[rid]["recompute"] == "none" and got[rid]["layout_kept"], got[rid]
+        assert abs(got[rid]["error"]) <= 0.02, got[rid]
+    text = calibrate.row_nemo(calibrate.row_case(next(x for x in rows if x["id"] == "A10")), 128)
+    assert "optimizer_state_dtype = bf16" in text
+    other = calibrate.row_nemo(calibrate.row_case(next(x for x in rows if x["id"] == "C06")), 128)
+    assert "optimizer_state_dtype" not in other  # NeMo 2.0 (25.x) recipes keep fp32 state
 
 
 def test_fine_tuning_rows_plan_from_a_checkpoint_with_prompt_response_data(calibrate, planned) -> None:
