@@ -177,8 +177,6 @@ def unstated(case: Case) -> tuple[str, ...]:
     """What the source ran that a `.nemo` file cannot state (the plan then prices what the nemoc
     runtime would do instead); these rows are reported, never adjusted."""
     out = []
-    if case.dropout:
-        out.append("dropout 0.1 (the runtime trains without)")
     if case.id[0] in "FG" and case.layout.pp > 1 and not case.layout.sequence_parallel:
         out.append("Megatron-LM 2021 scatter/gather of pipeline tensors")
     if not case.overlap_grad_reduce:
@@ -528,6 +526,8 @@ def row_nemo(case: Case, num_gpus: int, checkpoint: str | None = None) -> str:
     # THD attention (the rows' notes): stated with the sft stage's `pack` and `sample_tokens`.
     if case.attention_span:
         peft += f"\n    pack = true\n    sample_tokens = {case.attention_span}"
+    if case.dropout:  # GPT-3-era Megatron-LM: hidden and attention dropout 0.1 (F, G)
+        peft += "\n    dropout = 0.1"
     ind = "\n    "
     data_extra = f'\n    format = prompt_response\n    tokenizer = "{checkpoint}"' if fine_tuning else ""
     return f"""experiment calib_{case.id.lower()} {{

@@ -337,7 +337,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     `PackedSeqParams` / TE `cu_seqlens`), None when every row is one sample of `seq` tokens.
     `kernels`: "te" (Transformer Engine's / Megatron's fused kernels) or "local" (Megatron-Core's
     local spec on plain PyTorch: the extra memory-bound traffic and launches of its unfused kernels).
-    `dropout`: hidden and attention dropout are on (GPT-3-era training; the nemoc runtime sets 0):
+    `dropout`: hidden and attention dropout are on (a stage's `dropout` > 0; GPT-3-era training):
     their masks join the stored activations, and the unfused core drops out every score.
     Block recompute (`layout.recompute_layers`: n layers of each model chunk replay their forward,
     Megatron `recompute_method = "block"`) is the mean of a fully recomputed and a kept layer,
@@ -668,7 +668,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     fusion, torch's foreach Adam; see the traffic constants above). `overlap_grad_reduce`: the
     data-parallel reduction overlaps the last backward (Megatron-Core DDP, the nemoc runtime);
     False for Megatron-LM 2021, which reduced after the flush. `dropout`: hidden and attention dropout
-    on (see `layer_times`; the nemoc runtime trains without). `fp8_recipe`: the stage's FP8 recipe
+    on (see `layer_times`; the planner passes `search.Problem.dropout`, the stage's `dropout` > 0). `fp8_recipe`: the stage's FP8 recipe
     (`tensorwise` adds the amax pass of current scaling, FP8_CURRENT_SCALING_BYTES).
 
     The stage's model passes come from `flops.stage_work`: the first (the model the optimizer

@@ -147,6 +147,14 @@ class Problem:
         return rule_sgd_distributed_optimizer(self.env, Sizes(distributed_optimizer=True)) is None
 
     @property
+    def dropout(self) -> bool:
+        """Hidden and attention dropout on (the stage's `dropout` > 0, which the runtime sets as
+        TransformerConfig `hidden_dropout` / `attention_dropout`): their masks join the stored
+        activations and the unfused core drops out every score (`cost.layer_times`, `memory`)."""
+        params = self.params
+        return bool(params is not None and "dropout" in params and params.dropout)
+
+    @property
     def attention_span(self) -> float | None:
         """The mean sample length each token attends over, when the stage packs samples of a stated
         length (`sft` params `pack = true` with `sample_tokens`) into a variable-length attention core
@@ -266,7 +274,7 @@ def pipeline_memory(p: Problem, layout: Layout) -> tuple[MemoryBreakdown, ...]:
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
-        parents=p.parents, fp8_recipe=p.fp8_recipe,
+        parents=p.parents, fp8_recipe=p.fp8_recipe, dropout=p.dropout,
     )
 
 
@@ -285,7 +293,7 @@ def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
         p.model, layout, precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
-        parents=p.parents, fp8_recipe=p.fp8_recipe,
+        parents=p.parents, fp8_recipe=p.fp8_recipe, dropout=p.dropout,
     )
 
 
@@ -297,7 +305,7 @@ def evaluate_time(p: Problem, layout: Layout, params: cost.EfficiencyParams = co
         split=_stage_layers(p, layout), kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
         overlap_tp=layout.tp_comm_overlap, overlap_param_gather=layout.overlap_param_gather, params=params,
         overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, moe=p.moe_of(layout),
-        attention_span=p.attention_span,
+        attention_span=p.attention_span, dropout=p.dropout,
     )
 
 

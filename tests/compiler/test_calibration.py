@@ -44,17 +44,17 @@ def test_rows_are_sourced(calibrate) -> None:
 
 
 def test_throughput_error_bounds(results) -> None:
-    """Through the language (docs/calibration.md): 83 pretraining rows, median 3.5 %, max 25.4 % (C21,
-    unreliable); with the 15 fine-tuning rows, 98 planned rows, median 3.6 %, max 25.4 %."""
+    """Through the language (docs/calibration.md): 83 pretraining rows, median 3.4 %, max 25.4 % (C21,
+    unreliable); with the 15 fine-tuning rows, 98 planned rows, median 3.4 %, max 25.4 %."""
     _, used = results
     pre = [abs(r["error"]) for r in used if r["task"] == "pretrain"]
     assert len(pre) >= 83
-    assert statistics.median(pre) <= 0.036
+    assert statistics.median(pre) <= 0.035
     assert max(pre) <= 0.26
     assert sum(e <= 0.15 for e in pre) >= 77
     errors = [abs(r["error"]) for r in used]
     assert len(errors) >= 98
-    assert statistics.median(errors) <= 0.037
+    assert statistics.median(errors) <= 0.035
     assert max(errors) <= 0.26
     assert sum(e <= 0.15 for e in errors) >= 89
 
@@ -63,7 +63,7 @@ def test_reliable_rows_error_bounds(calibrate, results) -> None:
     _, used = results
     errors = [abs(r["error"]) for r in used if calibrate.reliable(r)]
     assert len(errors) >= 85
-    assert statistics.median(errors) <= 0.036
+    assert statistics.median(errors) <= 0.033
     assert max(errors) <= 0.165  # GPT-3 175B on 512 H100, micro batch 2 (C09), docs/calibration.md
     assert sum(e <= 0.15 for e in errors) >= 83
 

@@ -339,3 +339,20 @@ def test_packed_sft_costs_attention_within_the_stated_sample_length():
     assert planned(unfused)[0].estimate == planned(replace(sft(), attention_backend="unfused"))[0].estimate
     longer, _ = planned(sft(sample_tokens=10**6))  # a sample never spans more than the sequence
     assert longer.estimate == full.estimate
+
+
+def test_stage_dropout_is_costed_and_sized():
+    """A stage's `dropout` (the runtime's hidden and attention dropout) keeps 1-byte masks for the backward
+    and, with the unfused core, drops out every score: the plan charges both (it priced dropout 0 before)."""
+    def with_dropout(p, backend):
+        stage = StageSpec(name="pretrain", kind="pretrain", global_batch=64, tokens=10**9, seq_length=2048,
+                          params={"dropout": p})
+        return replace(_spec(stages=(stage,), tensor=4, pipeline=1, micro_batch=1, recompute="selective"),
+                       attention_backend=backend)
+
+    for backend in ("flash", "unfused"):
+        off = plan_experiment(with_dropout(0.0, backend), target=NEMOC_RUNTIME).plan.stages[0]
+        on = plan_experiment(with_dropout(0.1, backend), target=NEMOC_RUNTIME).plan.stages[0]
+        assert on.layout == off.layout
+        assert on.memory.activations > off.memory.activations
+        assert on.estimate.step_time_s > off.estimate.step_time_s
