@@ -112,6 +112,9 @@ class Problem:
     # layout by `moe_of` (the local spec's auto dispatcher depends on the expert-parallel size)
     moe_requested: tuple = (None, None, None)
     costed_backend: str = field(init=False, repr=False, compare=False, default="")  # see __post_init__
+    # what the cost and memory models read of the stage's params, once per problem (see __post_init__)
+    attention_span: float | None = field(init=False, repr=False, compare=False, default=None)
+    dropout: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         """`costed_backend`, the attention class the memory and cost models price, once per problem
@@ -124,6 +127,8 @@ class Problem:
         if backend == "auto":
             backend = "unfused" if te_auto_unfused(self.env) else "flash"
         object.__setattr__(self, "costed_backend", backend)
+        object.__setattr__(self, "attention_span", self._attention_span())
+        object.__setattr__(self, "dropout", self._dropout())
 
     @property
     def env(self) -> Env:
@@ -146,17 +151,15 @@ class Problem:
         search's domain and the oracle's rule check cannot disagree."""
         return rule_sgd_distributed_optimizer(self.env, Sizes(distributed_optimizer=True)) is None
 
-    @property
-    def dropout(self) -> bool:
-        """Hidden and attention dropout on (the stage's `dropout` > 0, which the runtime sets as
+    def _dropout(self) -> bool:
+        """`dropout`: hidden and attention dropout on (the stage's `dropout` > 0, which the runtime sets as
         TransformerConfig `hidden_dropout` / `attention_dropout`): their masks join the stored
         activations and the unfused core drops out every score (`cost.layer_times`, `memory`)."""
         params = self.params
         return bool(params is not None and "dropout" in params and params.dropout)
 
-    @property
-    def attention_span(self) -> float | None:
-        """The mean sample length each token attends over, when the stage packs samples of a stated
+    def _attention_span(self) -> float | None:
+        """`attention_span`: the mean sample length each token attends over, when the stage packs samples of a stated
         length (`sft` params `pack = true` with `sample_tokens`) into a variable-length attention core
         (Transformer Engine's or the SDPA core: `PackedSeqParams`, cu_seqlens, so a token attends only
         within its own sample; runtime/align/sft.py); None (the whole sequence) otherwise, Megatron's
