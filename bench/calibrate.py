@@ -1,6 +1,6 @@
 """Calibrate the cost and memory models against published Megatron / NeMo measurements.
 
-Usage:  .venv/bin/python bench/calibrate.py [--json bench/results/calibrate.json] [--quiet]
+Usage:  .venv/bin/python bench/calibrate.py [--json bench/results/calibrate.json] [--quiet] [--terms N]
 
 Writes every usable row of `compiler/data/published_runs.json` as a `.nemo` experiment (its
 architecture, GPU, precision, published TP/PP/VP/CP/EP, micro and global batch, and the recipe
@@ -644,6 +644,21 @@ def fit_parameters(rows: list[dict], rounds: int = 6, cap: float = 0.31) -> cost
     return best_p
 
 
+def print_terms(used: list[dict], n: int) -> None:
+    """The step-time terms (`Estimate.parts`, seconds per step) of the n rows with the largest |error|,
+    with the chosen layout: where each miss sits."""
+    from nemoc.compiler.search import evaluate_time
+
+    print(f"\nstep-time terms of the {n} largest misses (seconds per step)")
+    for r in sorted(used, key=lambda x: -abs(x["error"]))[:n]:
+        est, lay = evaluate_time(r["problem"], r["layout"]), r["layout"]
+        flag = "" if reliable(r) else " (not reliable)"
+        print(f"{r['id']:5s} {r['label'][:40]:40s} {100 * r['error']:+6.1f}%{flag}  step {est.step_time_s:.3f} s  "
+              f"tp{lay.tp} pp{lay.pp} vp{lay.vp or 1} cp{lay.cp} ep{lay.ep} dp{lay.dp} mb{lay.micro_batch} "
+              f"m{lay.num_microbatches}")
+        print("      " + "  ".join(f"{k} {v:.3f}" for k, v in est.parts.items() if v))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "calibrate.json"))
@@ -653,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="with --measure-megatron: tiny CPU (gloo) check")
     ap.add_argument("--measure-index", type=int, help=argparse.SUPPRESS)  # one configuration, in a child
     ap.add_argument("--fit", action="store_true", help="print the efficiency parameters a coordinate search finds")
+    ap.add_argument("--terms", type=int, default=0, metavar="N",
+                    help="print the step-time terms of the N largest misses (seconds per step)")
     args = ap.parse_args(argv)
     if args.fit:
         print(fit_parameters(load_rows()))
@@ -695,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in mem:
             print(f"{r['id']:5s} {r['label'][:52]:52s} {r['measured_gib']:10.2f} {r['predicted_gib']:10.2f} "
                   f"{100 * r['error']:+7.1f}%")
+    if args.terms:
+        print_terms(used, args.terms)
     mega = megatron_errors()
     if mega and not args.quiet:
         print("\nbare Megatron-Core on one H200 (local spec, no TE): GiB and seconds, measured / predicted")

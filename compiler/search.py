@@ -162,7 +162,7 @@ class Problem:
         """`attention_span`: the mean sample length each token attends over, when the stage packs samples of a stated
         length (`sft` params `pack = true` with `sample_tokens`) into a variable-length attention core
         (Transformer Engine's or the SDPA core: `PackedSeqParams`, cu_seqlens, so a token attends only
-        within its own sample; runtime/align/sft.py); None (the whole sequence) otherwise, Megatron's
+        within its own sample: the sft runner packs rows so); None (the whole sequence) otherwise, Megatron's
         unfused core included: it masks the packed samples but still computes the s x s scores."""
         params = self.params
         if params is None or self.costed_backend == "unfused" or "sample_tokens" not in params:

@@ -173,3 +173,14 @@ def test_step_time_against_bare_megatron_on_h200(calibrate) -> None:
     for r in rows:
         if "unfused" in r["name"]:  # the rows the score chain decides
             assert abs(r["step_error"]) <= 0.10, r
+
+
+def test_the_largest_misses_print_their_step_time_terms(calibrate, results, capsys) -> None:
+    """`--terms N`: each of the N largest misses with its chosen layout and every non-zero term of
+    `Estimate.parts`, so a miss can be read term by term."""
+    _, used = results
+    calibrate.print_terms(used, 3)
+    out = [line for line in capsys.readouterr().out.splitlines() if line.strip()][1:]  # after the heading
+    worst = sorted(used, key=lambda r: -abs(r["error"]))[:3]
+    assert [line.split()[0] for line in out[0::2]] == [r["id"] for r in worst]
+    assert len(out) == 6 and all("compute" in line and "step_overhead" in line for line in out[1::2])
