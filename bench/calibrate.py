@@ -68,6 +68,8 @@ class Case:
     overlap_grad_reduce: bool = True  # DP reduction overlapped with the backward (not in Megatron-LM 2021)
     dropout: bool = False  # hidden + attention dropout 0.1 (Megatron-LM GPT-3-era runs: F, G)
     optimizer_state_dtype: str = "fp32"  # Adam moments (bf16: NeMo 24.07's Nemotron-4 340B config)
+    fp8_recipe: str | None = None  # the FP8 recipe the source ran (`row_fp8`)
+    fp8_params: bool = False  # FP8 parameters with their FP8 all-gather (NeMo 25.02's FP8 recipe)
 
 
 # Rows kept in every table but not held to the error target, each with the reason read from its own
@@ -168,9 +170,27 @@ def row_case(row: dict) -> Case | str:
     # `setup_optimization`: optim_dtype from the config; equal to the bf16 model dtype, so no master copy
     # either): bf16 Adam moments. Stated as the language's nearest setting, the precision-aware optimizer.
     state = "bf16" if src == "A" and "nemotron-340b" in name else "fp32"
+    recipe, fp8_params = row_fp8(row) if _precision(row) == "fp8" else (None, False)
     return Case(row["id"], label, row_model(row), layout, _gpu(row["gpu"]), _precision(row), row["seq_len"], kind,
                 peft, backend, float(row["tokens_per_sec_per_gpu"]), bool(row.get("tokens_derived_from_published_tflops")),
-                grad_bytes, src in "FG" or bool(row["recompute"]), span, src in "ACE", src != "F", src in "FG", state)
+                grad_bytes, src in "FG" or bool(row["recompute"]), span, src in "ACE", src != "F", src in "FG", state,
+                recipe, fp8_params)
+
+
+def row_fp8(row: dict) -> tuple[str, bool]:
+    """(FP8 recipe, FP8 parameters) of a NeMo row's release. NeMo 24.07 (A): Transformer Engine's delayed
+    scaling, the only recipe its launcher configs set (amax history). NeMo 25.02 (C, NeMo 2.2): the
+    performance scripts set `bf16_with_fp8_mixed()` (`scripts/llm/performance/pretrain_*.py` at tag
+    v2.2.0), i.e. delayed scaling (`fp8_amax_history_len = 1024`) with `fp8_params = True`, which the
+    Megatron mixed-precision plugin turns into FP8 parameters and `fp8_param_gather = True`
+    (`nemo/lightning/pytorch/plugins/mixed_precision.py`). NeMo 25.04 / 25.07 (C): per-tensor current
+    scaling, as those pages state ("scaling factors computed in the current step"); their scripts no
+    longer set FP8 parameters (`bf16_with_fp8_mixed` at v2.3.0 has no `fp8_params`)."""
+    if row["source"].startswith("A"):
+        return "delayed", False
+    if row.get("container") == "NeMo 25.02":
+        return "delayed", True
+    return "tensorwise", False
 
 
 def unstated(case: Case) -> tuple[str, ...]:
@@ -514,12 +534,10 @@ def row_nemo(case: Case, num_gpus: int, checkpoint: str | None = None) -> str:
         parallel.append(f"optimizer_state_dtype = {case.optimizer_state_dtype}")
     if m.is_moe:
         parallel.append("expert_tensor = 1")
-    # The FP8 recipe each source ran: NeMo 24.07 (A) Transformer Engine's delayed scaling (the only
-    # recipe its configs set, amax history); NeMo 25.x (C) per-tensor current scaling ("scaling
-    # factors computed in the current step", the 25.04 / 25.07 pages; 25.02 assumed the same).
-    fp8_recipe = ""
-    if case.precision == "fp8":
-        fp8_recipe = "\n  fp8_recipe = " + ("delayed" if case.id.startswith("A") else "tensorwise")
+    if case.fp8_params and lay.distributed_optimizer:
+        parallel.append("fp8_param_gather = true")
+    # The FP8 recipe each source's release ran (`row_fp8`).
+    fp8_recipe = f"\n  fp8_recipe = {case.fp8_recipe}" if case.precision == "fp8" else ""
     stage = "pretrain" if case.kind == "pretrain" else "sft"
     peft = "\n    peft = lora(rank = 16)" if case.peft is not None else ""
     # NeMo's fine-tuning rows pack SQuAD samples (~SQUAD_PACKED_SPAN tokens) into each sequence with
@@ -601,7 +619,7 @@ def planned(rows: list[dict]) -> list[dict]:
             pred = st.estimate.tokens_per_s_per_gpu
             chosen = dataclasses.replace(st.layout, etp=case.layout.etp, recompute=case.layout.recompute,
                                          tp_comm_overlap=False, grad_reduce_in_fp32=True, overlap_param_gather=False,
-                                         optimizer_state_dtype="fp32")
+                                         optimizer_state_dtype="fp32", fp8_param_gather=False)
             same = chosen == case.layout  # (ETP is moot for dense models; recompute may be auto)
             out.append({**base, "predicted": pred, "error": pred / case.measured - 1.0, "layout_kept": same,
                         "recompute": recompute_text(st.layout.recompute, st.layout.recompute_layers),
