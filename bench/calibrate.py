@@ -1,6 +1,6 @@
 """Calibrate the cost and memory models against published Megatron / NeMo measurements.
 
-Usage:  .venv/bin/python bench/calibrate.py [--json bench/results/calibrate.json] [--quiet]
+Usage:  .venv/bin/python bench/calibrate.py [--json bench/results/calibrate.json] [--quiet] [--terms N]
 
 Writes every usable row of `compiler/data/published_runs.json` as a `.nemo` experiment (its
 architecture, GPU, precision, published TP/PP/VP/CP/EP, micro and global batch, and the recipe
@@ -67,6 +67,9 @@ class Case:
     overlap_p2p: bool = False  # interleaved schedule overlaps pipeline transfers (overlap_p2p_comm)
     overlap_grad_reduce: bool = True  # DP reduction overlapped with the backward (not in Megatron-LM 2021)
     dropout: bool = False  # hidden + attention dropout 0.1 (Megatron-LM GPT-3-era runs: F, G)
+    optimizer_state_dtype: str = "fp32"  # Adam moments (bf16: NeMo 24.07's Nemotron-4 340B config)
+    fp8_recipe: str | None = None  # the FP8 recipe the source ran (`row_fp8`)
+    fp8_params: bool = False  # FP8 parameters with their FP8 all-gather (NeMo 25.02's FP8 recipe)
 
 
 # Rows kept in every table but not held to the error target, each with the reason read from its own
@@ -161,19 +164,39 @@ def row_case(row: dict) -> Case | str:
     # attention then spans one sample (THD packing). Their published TFLOP/s confirm it: they equal
     # the pretraining formula without its s-dependent attention term (README: SFT 0.86-0.93).
     span = SQUAD_PACKED_SPAN if "packed" in (row.get("notes") or "").lower() else None
+    # NeMo 24.07 ran every model from NeMo-Framework-Launcher's training config; Nemotron-4 340B's alone
+    # sets the optimizer's dtype (`conf/training/nemotron/nemotron_340b.yaml` at tag 24.07: `optim:
+    # distributed_fused_adam, dtype: bf16`), which NeMo r2.0.0rc1 honours (megatron_base_model.py
+    # `setup_optimization`: optim_dtype from the config; equal to the bf16 model dtype, so no master copy
+    # either): bf16 Adam moments. Stated as the language's nearest setting, the precision-aware optimizer.
+    state = "bf16" if src == "A" and "nemotron-340b" in name else "fp32"
+    recipe, fp8_params = row_fp8(row) if _precision(row) == "fp8" else (None, False)
     return Case(row["id"], label, row_model(row), layout, _gpu(row["gpu"]), _precision(row), row["seq_len"], kind,
                 peft, backend, float(row["tokens_per_sec_per_gpu"]), bool(row.get("tokens_derived_from_published_tflops")),
-                grad_bytes, src in "FG" or bool(row["recompute"]), span, src in "ACE", src != "F", src in "FG")
+                grad_bytes, src in "FG" or bool(row["recompute"]), span, src in "ACE", src != "F", src in "FG", state,
+                recipe, fp8_params)
+
+
+def row_fp8(row: dict) -> tuple[str, bool]:
+    """(FP8 recipe, FP8 parameters) of a NeMo row's release. NeMo 24.07 (A): Transformer Engine's delayed
+    scaling, the only recipe its launcher configs set (amax history). NeMo 25.02 (C, NeMo 2.2): the
+    performance scripts set `bf16_with_fp8_mixed()` (`scripts/llm/performance/pretrain_*.py` at tag
+    v2.2.0), i.e. delayed scaling (`fp8_amax_history_len = 1024`) with `fp8_params = True`, which the
+    Megatron mixed-precision plugin turns into FP8 parameters and `fp8_param_gather = True`
+    (`nemo/lightning/pytorch/plugins/mixed_precision.py`). NeMo 25.04 / 25.07 (C): per-tensor current
+    scaling, as those pages state ("scaling factors computed in the current step"); their scripts no
+    longer set FP8 parameters (`bf16_with_fp8_mixed` at v2.3.0 has no `fp8_params`)."""
+    if row["source"].startswith("A"):
+        return "delayed", False
+    if row.get("container") == "NeMo 25.02":
+        return "delayed", True
+    return "tensorwise", False
 
 
 def unstated(case: Case) -> tuple[str, ...]:
     """What the source ran that a `.nemo` file cannot state (the plan then prices what the nemoc
     runtime would do instead); these rows are reported, never adjusted."""
     out = []
-    if case.dropout:
-        out.append("dropout 0.1 (the runtime trains without)")
-    if case.attention_span:
-        out.append(f"packed samples (~{case.attention_span} tokens each; the runtime pads every sample)")
     if case.id[0] in "FG" and case.layout.pp > 1 and not case.layout.sequence_parallel:
         out.append("Megatron-LM 2021 scatter/gather of pipeline tensors")
     if not case.overlap_grad_reduce:
@@ -507,16 +530,22 @@ def row_nemo(case: Case, num_gpus: int, checkpoint: str | None = None) -> str:
         parallel.append("grad_reduce_in_fp32 = false")
     if case.overlap_p2p and lay.distributed_optimizer and lay.dp * lay.cp > 1:  # NeMo: overlap_param_gather
         parallel.append("overlap_param_gather = true")
+    if case.optimizer_state_dtype != "fp32":
+        parallel.append(f"optimizer_state_dtype = {case.optimizer_state_dtype}")
     if m.is_moe:
         parallel.append("expert_tensor = 1")
-    # The FP8 recipe each source ran: NeMo 24.07 (A) Transformer Engine's delayed scaling (the only
-    # recipe its configs set, amax history); NeMo 25.x (C) per-tensor current scaling ("scaling
-    # factors computed in the current step", the 25.04 / 25.07 pages; 25.02 assumed the same).
-    fp8_recipe = ""
-    if case.precision == "fp8":
-        fp8_recipe = "\n  fp8_recipe = " + ("delayed" if case.id.startswith("A") else "tensorwise")
+    if case.fp8_params and lay.distributed_optimizer:
+        parallel.append("fp8_param_gather = true")
+    # The FP8 recipe each source's release ran (`row_fp8`).
+    fp8_recipe = f"\n  fp8_recipe = {case.fp8_recipe}" if case.precision == "fp8" else ""
     stage = "pretrain" if case.kind == "pretrain" else "sft"
     peft = "\n    peft = lora(rank = 16)" if case.peft is not None else ""
+    # NeMo's fine-tuning rows pack SQuAD samples (~SQUAD_PACKED_SPAN tokens) into each sequence with
+    # THD attention (the rows' notes): stated with the sft stage's `pack` and `sample_tokens`.
+    if case.attention_span:
+        peft += f"\n    pack = true\n    sample_tokens = {case.attention_span}"
+    if case.dropout:  # GPT-3-era Megatron-LM: hidden and attention dropout 0.1 (F, G)
+        peft += "\n    dropout = 0.1"
     ind = "\n    "
     data_extra = f'\n    format = prompt_response\n    tokenizer = "{checkpoint}"' if fine_tuning else ""
     return f"""experiment calib_{case.id.lower()} {{
@@ -589,7 +618,8 @@ def planned(rows: list[dict]) -> list[dict]:
             st = result.plan.stages[0]
             pred = st.estimate.tokens_per_s_per_gpu
             chosen = dataclasses.replace(st.layout, etp=case.layout.etp, recompute=case.layout.recompute,
-                                         tp_comm_overlap=False, grad_reduce_in_fp32=True, overlap_param_gather=False)
+                                         tp_comm_overlap=False, grad_reduce_in_fp32=True, overlap_param_gather=False,
+                                         optimizer_state_dtype="fp32", fp8_param_gather=False)
             same = chosen == case.layout  # (ETP is moot for dense models; recompute may be auto)
             out.append({**base, "predicted": pred, "error": pred / case.measured - 1.0, "layout_kept": same,
                         "recompute": recompute_text(st.layout.recompute, st.layout.recompute_layers),
@@ -632,6 +662,21 @@ def fit_parameters(rows: list[dict], rounds: int = 6, cap: float = 0.31) -> cost
     return best_p
 
 
+def print_terms(used: list[dict], n: int) -> None:
+    """The step-time terms (`Estimate.parts`, seconds per step) of the n rows with the largest |error|,
+    with the chosen layout: where each miss sits."""
+    from nemoc.compiler.search import evaluate_time
+
+    print(f"\nstep-time terms of the {n} largest misses (seconds per step)")
+    for r in sorted(used, key=lambda x: -abs(x["error"]))[:n]:
+        est, lay = evaluate_time(r["problem"], r["layout"]), r["layout"]
+        flag = "" if reliable(r) else " (not reliable)"
+        print(f"{r['id']:5s} {r['label'][:40]:40s} {100 * r['error']:+6.1f}%{flag}  step {est.step_time_s:.3f} s  "
+              f"tp{lay.tp} pp{lay.pp} vp{lay.vp or 1} cp{lay.cp} ep{lay.ep} dp{lay.dp} mb{lay.micro_batch} "
+              f"m{lay.num_microbatches}")
+        print("      " + "  ".join(f"{k} {v:.3f}" for k, v in est.parts.items() if v))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "calibrate.json"))
@@ -641,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="with --measure-megatron: tiny CPU (gloo) check")
     ap.add_argument("--measure-index", type=int, help=argparse.SUPPRESS)  # one configuration, in a child
     ap.add_argument("--fit", action="store_true", help="print the efficiency parameters a coordinate search finds")
+    ap.add_argument("--terms", type=int, default=0, metavar="N",
+                    help="print the step-time terms of the N largest misses (seconds per step)")
     args = ap.parse_args(argv)
     if args.fit:
         print(fit_parameters(load_rows()))
@@ -683,6 +730,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in mem:
             print(f"{r['id']:5s} {r['label'][:52]:52s} {r['measured_gib']:10.2f} {r['predicted_gib']:10.2f} "
                   f"{100 * r['error']:+7.1f}%")
+    if args.terms:
+        print_terms(used, args.terms)
     mega = megatron_errors()
     if mega and not args.quiet:
         print("\nbare Megatron-Core on one H200 (local spec, no TE): GiB and seconds, measured / predicted")

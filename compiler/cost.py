@@ -339,7 +339,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     `PackedSeqParams` / TE `cu_seqlens`), None when every row is one sample of `seq` tokens.
     `kernels`: "te" (Transformer Engine's / Megatron's fused kernels) or "local" (Megatron-Core's
     local spec on plain PyTorch: the extra memory-bound traffic and launches of its unfused kernels).
-    `dropout`: hidden and attention dropout are on (GPT-3-era training; the nemoc runtime sets 0):
+    `dropout`: hidden and attention dropout are on (a stage's `dropout` > 0; GPT-3-era training):
     their masks join the stored activations, and the unfused core drops out every score.
     Block recompute (`layout.recompute_layers`: n layers of each model chunk replay their forward,
     Megatron `recompute_method = "block"`) is the mean of a fully recomputed and a kept layer,
@@ -685,8 +685,9 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
     `overlap_p2p`: the interleaved schedule overlaps its pipeline transfers (`overlap_p2p_comm`, NeMo's
     recipes and the nemoc runtime for every interleaved layout: RUNTIME_OVERLAPS_P2P). `p2p_scatter_gather`:
-    Megatron-LM 2021-22 sent 1/tp of each pipeline tensor without SP (calibration rows of that era). `attention_span`: mean packed-sample length (see `layer_times`; the nemoc runtime pads every
-    sample to `seq`, so the planner never sets it; calibration rows with packed data do). `causal_discount` selects
+    Megatron-LM 2021-22 sent 1/tp of each pipeline tensor without SP (calibration rows of that era). `attention_span`: mean packed-sample length (see `layer_times`; the planner passes
+    `search.Problem.attention_span`: an `sft` stage with `pack = true` and `sample_tokens`, which the
+    runtime runs as variable-length attention). `causal_discount` selects
     the FLOPs formula behind `model_tflops_per_gpu` and `mfu` (True: Megatron-Core / Megatron-Bridge
     form; False: NeMo <= 25.07 `flops_formulas.py`); it does not change the step time. `grad_bytes`:
     the data-parallel gradient dtype (4: fp32, what the nemoc runtime reduces; 2: 16-bit). `kernels`:
@@ -695,7 +696,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     fusion, torch's foreach Adam; see the traffic constants above). `overlap_grad_reduce`: the
     data-parallel reduction overlaps the last backward (Megatron-Core DDP, the nemoc runtime);
     False for Megatron-LM 2021, which reduced after the flush. `dropout`: hidden and attention dropout
-    on (see `layer_times`; the nemoc runtime trains without). `fp8_recipe`: the stage's FP8 recipe
+    on (see `layer_times`; the planner passes `search.Problem.dropout`, the stage's `dropout` > 0). `fp8_recipe`: the stage's FP8 recipe
     (`tensorwise` adds the amax pass of current scaling, FP8_CURRENT_SCALING_BYTES). `host`: CUDA
     graphs (`cuda_graph_launch_saving`: the captured kernels' host launch gaps removed) and garbage
     collection (`gc_pause`: part `gc_pause`); None: no graphs, Python's automatic collector.
@@ -786,7 +787,8 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
                           params: EfficiencyParams = DEFAULT_PARAMS, stage_params: object = None,
                           split: tuple[int, int, int] | None = None, overlap_p2p: bool = RUNTIME_OVERLAPS_P2P,
                           overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
-                          moe: MoeExecution | None = None, host: HostExecution | None = None) -> float:
+                          moe: MoeExecution | None = None, host: HostExecution | None = None,
+                          attention_span: float | None = None) -> float:
     """A lower bound of `estimate(...).step_time_s` over every micro batch in the range
     `micro_batches` = (smallest, largest) and every recompute level, for the other sizes of `layout`
     (its micro batch and recompute are ignored; `layout.num_microbatches x layout.micro_batch` is the
@@ -814,7 +816,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
         layout = replace(layout, recompute="none")
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
                      micro_batch=largest * work.rows, backward=main.backward, params=params, overlap_tp=overlap_tp,
-                     kernels=kernels, moe=moe)
+                     kernels=kernels, moe=moe, attention_span=attention_span)
     if host is not None and host.cuda_graph_impl != "none" and main.backward != FORWARD:
         # a constant per micro batch, at most the layer's launch overhead: the time per row still
         # never grows with the micro batch

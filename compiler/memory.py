@@ -110,7 +110,7 @@ def weight_bytes(precision: str) -> int:
 
 
 def state_bytes_per_param(precision: str, *, distributed_optimizer: bool, shard: int,
-                          grad_bytes: int = 4) -> StateBytes:
+                          grad_bytes: int = 4, moment_bytes: int = 4, master_bytes: int = 4) -> StateBytes:
     """Mixed-precision Adam (Megatron dist_optimizer.md table): 2 + 4 + 12 = 18 B/param, or with the
     distributed optimizer 6 + 12/shard; fp32: 4 + 4 + 8 = 16, or 8 + 8/shard. `shard` is the size of
     the group the optimizer state is sharded over (DP x CP for dense, expert-DP for experts).
@@ -119,12 +119,30 @@ def state_bytes_per_param(precision: str, *, distributed_optimizer: bool, shard:
     of the gradient shard (4, or 4/shard) that only the optimizer step holds: the table's "fp16 param,
     fp16 grads" row counts 16/shard, but Megatron-Core 0.16.1 allocates that copy in the step
     (distrib_optimizer.py `shard_main_param.grad = shard_model_grad.float()`) and frees it in
-    `zero_grad(set_to_none=True)` before the next forward-backward, so it never meets the activations."""
+    `zero_grad(set_to_none=True)` before the next forward-backward, so it never meets the activations.
+    `moment_bytes` / `master_bytes`: bytes of each Adam moment and of the master weight (`optimizer_bytes`:
+    2 / 2 with 16-bit moments and the master kept as a 16-bit remainder)."""
     w = weight_bytes(precision)
+    moments = 2 * moment_bytes
     if precision == "fp32":
-        return StateBytes(w, 4, 8 / shard if distributed_optimizer else 8)  # m + v, no master copy
+        return StateBytes(w, 4, moments / shard if distributed_optimizer else moments)  # m + v, no master copy
     div = shard if distributed_optimizer else 1
-    return StateBytes(w, grad_bytes, 12 / div, (4.0 if grad_bytes == 2 else 0.0) / div)  # master + m + v
+    return StateBytes(w, grad_bytes, (master_bytes + moments) / div,
+                      (4.0 if grad_bytes == 2 else 0.0) / div)  # master + m + v
+
+
+def optimizer_bytes(layout: Layout, precision: str, fp8_recipe: str | None) -> tuple[int, int]:
+    """(bytes per Adam moment, bytes per master weight) of the distributed optimizer. 4 / 4 by default.
+    `optimizer_state_dtype = bf16` (Megatron-Core's precision-aware optimizer over Transformer Engine's
+    FusedAdam): 2-byte moments (`exp_avg_dtype`, `exp_avg_sq_dtype`), and with bf16 weights the fp32 master
+    is stored as its low 16 bits beside the bf16 weight (`store_param_remainders`, on by default; TE >= 2.1)
+    where Megatron-Core lets FusedAdam own the master weight (`use_precision_aware_optimizer_no_fp8_or_ds_fp8`:
+    no FP8, or FP8 with delayed scaling), else a 4-byte fp32 master kept by Megatron-Core
+    (optimizer/optimizer_config.py, distrib_optimizer.py `master_param` as int16)."""
+    if layout.optimizer_state_dtype == "fp32":
+        return 4, 4
+    remainders = precision == "bf16" or (precision in ("fp8", "mxfp8") and fp8_recipe == "delayed")
+    return 2, (2 if remainders else 4)
 
 
 # ----------------------------------------------------------------------------------- activations
@@ -320,17 +338,17 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
              gpu: HardwareSpec | str | None = None, params: object = None, dropout: bool = False,
              kernels: str = "te", grad_bytes: int = 4, split: tuple[int, int, int] | None = None,
              moe_dispatcher: str = "alltoall", parents: tuple[str, ...] = (),
-             cuda_graph_share: float = 0.0) -> MemoryBreakdown:
+             cuda_graph_share: float = 0.0, fp8_recipe: str | None = None) -> MemoryBreakdown:
     """Per-GPU memory of the most-loaded pipeline stage (the max total over first and last stage;
     middle stages hold fewer micro batches than the first and no embedding or logits; with an
     uneven `split` = (first, middle, last) layer counts, the second stage too, which may hold more
     layers than the first). `kernels`: see `layer_activations` ("te" unless the runtime has no
-    Transformer Engine)."""
+    Transformer Engine). `fp8_recipe`: the stage's FP8 recipe (`optimizer_bytes`)."""
     stages = {0, layout.pp - 1} | ({1} if split is not None and layout.pp > 2 and split[1] > split[0] else set())
     best = None
     for m in _breakdowns(sorted(stages), model, layout, precision, attention_backend, seq_length, stage_kind, peft,
                          gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,
-                         cuda_graph_share):
+                         cuda_graph_share, fp8_recipe):
         if best is None or m.total > best.total:
             best = m
     return best  # type: ignore[return-value]
@@ -342,15 +360,16 @@ def pipeline_stages(model: ModelSpec, layout: Layout, *, precision: str = "bf16"
                     kernels: str = "te", grad_bytes: int = 4,
                     split: tuple[int, int, int] | None = None,
                     moe_dispatcher: str = "alltoall", parents: tuple[str, ...] = (),
-                    cuda_graph_share: float = 0.0) -> tuple[MemoryBreakdown, ...]:
+                    cuda_graph_share: float = 0.0, fp8_recipe: str | None = None) -> tuple[MemoryBreakdown, ...]:
     """Per-GPU memory of every pipeline stage 0 .. pp - 1 (`estimate` is the largest of them)."""
     return tuple(_breakdowns(range(layout.pp), model, layout, precision, attention_backend, seq_length, stage_kind,
                              peft, gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,
-                             cuda_graph_share))
+                             cuda_graph_share, fp8_recipe))
 
 
 def _breakdowns(stages, model, layout, precision, attention_backend, seq_length, stage_kind, peft, gpu, params,
-                dropout, kernels, grad_bytes, split, moe_dispatcher="alltoall", parents=(), cuda_graph_share=0.0):
+                dropout, kernels, grad_bytes, split, moe_dispatcher="alltoall", parents=(), cuda_graph_share=0.0,
+                fp8_recipe=None):
     hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
     capacity = hw.hbm_bytes if hw else 0
     seq = seq_length or model.seq_length
@@ -360,12 +379,13 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
     for stage in stages:
         yield _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
                             capacity, kernels, grad_bytes, split, resident, rows, moe_dispatcher, cuda_graph_share,
-                            generates=bool(work.generated))
+                            fp8_recipe, generates=bool(work.generated))
 
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
 def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, vocab, scalar_head, split, precision,
-                  peft, trainable, frozen, grad_bytes, fsdp=False) -> tuple[_Stage, float, float, float, float]:
+                  peft, trainable, frozen, grad_bytes, fsdp=False,
+                  opt_bytes=(4, 4)) -> tuple[_Stage, float, float, float, float]:
     """(the stage's local parameters, weights, gradients, optimizer bytes, optimizer-step transient
     bytes): trainable models get full states, frozen ones weights only; LoRA trains the adapters only.
     `fsdp` (Megatron-FSDP, optim_grads_params): the trained model's 16-bit weights and its gradient
@@ -382,7 +402,8 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
         if peft is not None:
             adapter = st.layers * lora_params_per_layer(model, peft) / tp
             a_state = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=dense_shard,
-                                            grad_bytes=grad_bytes)
+                                            grad_bytes=grad_bytes, moment_bytes=opt_bytes[0],
+                                            master_bytes=opt_bytes[1])
             weights += adapter * a_state.weights
             gradients += adapter * a_state.gradients
             optimizer += adapter * a_state.optimizer
@@ -390,7 +411,7 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
         else:
             for count, shard in ((st.dense, dense_shard), (st.expert, expert_shard)):
                 s = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=shard,
-                                          grad_bytes=grad_bytes)
+                                          grad_bytes=grad_bytes, moment_bytes=opt_bytes[0], master_bytes=opt_bytes[1])
                 if fsdp:  # the weights counted above in full are held as this shard
                     weights -= count * wb * (1.0 - 1.0 / shard)
                 gradients += count * s.gradients / (shard if fsdp else 1)
@@ -415,7 +436,7 @@ class _StatesLayout:
 def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
                   kernels, grad_bytes, split, resident: int, rows: int,
                   moe_dispatcher: str = "alltoall", cuda_graph_share: float = 0.0,
-                  generates: bool = False) -> MemoryBreakdown:
+                  fp8_recipe: str | None = None, generates: bool = False) -> MemoryBreakdown:
     """One pipeline stage's breakdown; `resident`: how many models the stage keeps (`resident_models`),
     `rows`: sequences per micro-batch sample (`flops.stage_work`); `cuda_graph_share`: the share of
     each layer captured as CUDA graphs (`cost.cuda_graph_share`; 0 without graphs); `generates`: the
@@ -428,7 +449,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
     st, weights, gradients, optimizer, step_transient = _model_states(
         model, layout.tp, layout.pp, layout.cp, layout.dp, layout.ep, layout.etp, layout.distributed_optimizer,
         stage, vocab, scalar_head, split, precision, peft, trainable, frozen, grad_bytes,
-        bool(layout.megatron_fsdp and trainable and peft is None))
+        bool(layout.megatron_fsdp and trainable and peft is None), optimizer_bytes(layout, precision, fp8_recipe))
     params_local = st.dense + st.expert
 
     parts: dict[str, float] = {"cuda_context": CUDA_CONTEXT_BYTES}

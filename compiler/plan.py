@@ -189,6 +189,8 @@ class Layout:
     overlap_param_gather: bool = False  # `DistributedDataParallelConfig.overlap_param_gather`
     fp8_param_gather: bool = False  # `TransformerConfig.fp8_param` + `DistributedDataParallelConfig.fp8_param_gather`
     megatron_fsdp: bool = False  # DDP `use_megatron_fsdp`, sharding optim_grads_params (ZeRO-3)
+    # `OptimizerConfig.exp_avg_dtype` / `exp_avg_sq_dtype` (bf16: `use_precision_aware_optimizer`)
+    optimizer_state_dtype: str = "fp32"
 
     @property
     def world_size(self) -> int:

@@ -168,6 +168,20 @@ def _export_host_note(spec: ExperimentSpec, stage: StageSpec, target: Target) ->
             "memory do not apply to it")
 
 
+def _packing_note(stage: StageSpec, probe: Problem) -> str | None:
+    """What the plan assumed of packed samples' attention (`sft` params `pack`, `sample_tokens`)."""
+    params = stage.params
+    if stage.kind != "sft" or not params.pack:
+        return None
+    if probe.attention_span is not None:
+        return (f"attention costed within packed samples of {probe.attention_span:,.0f} tokens (sample_tokens; "
+                f"variable-length attention), not over the whole {probe.seq_length:,}-token sequence")
+    if params.sample_tokens is None and probe.costed_backend != "unfused":
+        return (f"pack = true: attention costed over the whole {probe.seq_length:,}-token sequence (an upper "
+                "bound); set `sample_tokens` to the mean tokens per sample to cost it within each sample")
+    return None
+
+
 def parent_kinds(spec: ExperimentSpec, stage: StageSpec) -> tuple[str, ...]:
     """The kinds of the stages `stage` runs after, in the order written."""
     return tuple(spec.stage(name).kind for name in stage.after)
@@ -200,7 +214,7 @@ def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> Pa
     return replace(parallel, context=parallel.context if parallel.context is not None else 1,
                    distributed_optimizer=False, recompute="none", recompute_layers=None, virtual_pipeline=1, pipeline=pipeline,
                    micro_batch=parallel.micro_batch or 1, tp_comm_overlap=False, overlap_param_gather=False, fp8_param_gather=False,
-                   grad_reduce_in_fp32=True, megatron_fsdp=False)
+                   grad_reduce_in_fp32=True, megatron_fsdp=False, optimizer_state_dtype="fp32")
 
 
 # ------------------------------------------------------------------------------- not fitting: why
@@ -404,6 +418,9 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
             notes.append(f"ppo: the rollout is estimated as KV-cached decoding (memory-bandwidth bound); "
                          f"the target `{target.name}` recomputes the whole sequence for every new token, "
                          "so `nemoc run` spends up to max_new_tokens forward passes there instead")
+    packed = _packing_note(stage, probe)
+    if packed:
+        notes.append(packed)
     taken = moe_defaults_taken(spec.model, probe.stage_kernels, chosen.layout.ep, *probe.moe_requested)
     if taken:
         notes.append(f"MoE defaults taken ({'Transformer Engine, as Megatron-Bridge recipes' if probe.stage_kernels == 'te' else 'the local spec'}): "

@@ -252,7 +252,8 @@ def pipeline_memory(plan, stage) -> tuple:
         return ()
     problem = Problem(model=plan.model, cluster=plan.cluster, gpu=gpu, fixed=ParallelSpec(),
                       global_batch=stage.layout.global_batch, seq_length=stage.seq_length,
-                      precision=stage.execution.precision, attention_backend=stage.execution.attention,
+                      precision=stage.execution.precision, fp8_recipe=stage.execution.fp8_recipe,
+                      attention_backend=stage.execution.attention,
                       stage_kind=stage.kind, peft=stage.peft, params=stage.params, kernels=stage.execution.kernels,
                       optimizer=stage.optimizer.name, parents=tuple(plan.stage(name).kind for name in stage.after))
     return search_pipeline_memory(problem, stage.layout)

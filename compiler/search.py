@@ -116,6 +116,9 @@ class Problem:
     host_requested: tuple = (None, (), None, None)
     host: HostExecution = field(default_factory=host_execution)
     costed_backend: str = field(init=False, repr=False, compare=False, default="")  # see __post_init__
+    # what the cost and memory models read of the stage's params, once per problem (see __post_init__)
+    attention_span: float | None = field(init=False, repr=False, compare=False, default=None)
+    dropout: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         """`costed_backend`, the attention class the memory and cost models price, once per problem
@@ -128,6 +131,8 @@ class Problem:
         if backend == "auto":
             backend = "unfused" if te_auto_unfused(self.env) else "flash"
         object.__setattr__(self, "costed_backend", backend)
+        object.__setattr__(self, "attention_span", self._attention_span())
+        object.__setattr__(self, "dropout", self._dropout())
 
     @property
     def env(self) -> Env:
@@ -150,6 +155,25 @@ class Problem:
         without an optimizer step, eval or export, builds none). Asked of the rule itself, so the
         search's domain and the oracle's rule check cannot disagree."""
         return rule_sgd_distributed_optimizer(self.env, Sizes(distributed_optimizer=True)) is None
+
+    def _dropout(self) -> bool:
+        """`dropout`: hidden and attention dropout on (the stage's `dropout` > 0, which the runtime sets as
+        TransformerConfig `hidden_dropout` / `attention_dropout`): their masks join the stored
+        activations and the unfused core drops out every score (`cost.layer_times`, `memory`)."""
+        params = self.params
+        return bool(params is not None and "dropout" in params and params.dropout)
+
+    def _attention_span(self) -> float | None:
+        """`attention_span`: the mean sample length each token attends over, when the stage packs samples of a stated
+        length (`sft` params `pack = true` with `sample_tokens`) into a variable-length attention core
+        (Transformer Engine's or the SDPA core: `PackedSeqParams`, cu_seqlens, so a token attends only
+        within its own sample: the sft runner packs rows so); None (the whole sequence) otherwise, Megatron's
+        unfused core included: it masks the packed samples but still computes the s x s scores."""
+        params = self.params
+        if params is None or self.costed_backend == "unfused" or "sample_tokens" not in params:
+            return None
+        tokens = params.sample_tokens
+        return float(min(tokens, self.seq_length)) if tokens and params.pack else None
 
     @property
     def stage_kernels(self) -> str:
@@ -260,7 +284,7 @@ def pipeline_memory(p: Problem, layout: Layout) -> tuple[MemoryBreakdown, ...]:
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
         cuda_graph_share=_graph_share(p),
-        parents=p.parents,
+        parents=p.parents, fp8_recipe=p.fp8_recipe, dropout=p.dropout,
     )
 
 
@@ -285,7 +309,7 @@ def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
         cuda_graph_share=_graph_share(p),
-        parents=p.parents,
+        parents=p.parents, fp8_recipe=p.fp8_recipe, dropout=p.dropout,
     )
 
 
@@ -297,6 +321,7 @@ def evaluate_time(p: Problem, layout: Layout, params: cost.EfficiencyParams = co
         split=_stage_layers(p, layout), kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
         overlap_tp=layout.tp_comm_overlap, overlap_param_gather=layout.overlap_param_gather, params=params,
         overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, moe=p.moe_of(layout), host=p.host,
+        attention_span=p.attention_span, dropout=p.dropout,
     )
 
 
@@ -307,6 +332,7 @@ def bound_time(p: Problem, layout: Layout, micro_batches: tuple[int, int]) -> fl
         attention_backend=p.costed_backend, seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft,
         stage_params=p.params, split=_stage_layers(p, layout), kernels=p.stage_kernels,
         overlap_tp=layout.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p, moe=p.moe_of(layout), host=p.host,
+        attention_span=p.attention_span,
     )
 
 
@@ -361,7 +387,7 @@ def _make_layout(p: Problem, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[
                   recompute=rc[0], recompute_layers=rc[1], tp_comm_overlap=p.fixed.tp_comm_overlap,
                   grad_reduce_in_fp32=p.fixed.grad_reduce_in_fp32,
                   overlap_param_gather=p.fixed.overlap_param_gather, fp8_param_gather=p.fixed.fp8_param_gather,
-                  megatron_fsdp=p.fixed.megatron_fsdp)
+                  megatron_fsdp=p.fixed.megatron_fsdp, optimizer_state_dtype=p.fixed.optimizer_state_dtype)
 
 
 def _sizes(p: Problem, layout: Layout) -> Sizes:
@@ -371,7 +397,7 @@ def _sizes(p: Problem, layout: Layout) -> Sizes:
                  recompute=layout.recompute, recompute_layers=layout.recompute_layers, seq_length=p.seq_length,
                  tp_comm_overlap=layout.tp_comm_overlap,
                  overlap_param_gather=layout.overlap_param_gather, fp8_param_gather=layout.fp8_param_gather,
-                 megatron_fsdp=layout.megatron_fsdp)
+                 megatron_fsdp=layout.megatron_fsdp, optimizer_state_dtype=layout.optimizer_state_dtype)
 
 
 # ------------------------------------------------------------------------------------ the domains
@@ -767,7 +793,8 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
                           sequence_parallel=sp, distributed_optimizer=do, recompute=rc[0], recompute_layers=rc[1],
                           seq_length=p.seq_length,
                           tp_comm_overlap=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather,
-                          fp8_param_gather=f.fp8_param_gather, megatron_fsdp=f.megatron_fsdp)
+                          fp8_param_gather=f.fp8_param_gather, megatron_fsdp=f.megatron_fsdp,
+                          optimizer_state_dtype=f.optimizer_state_dtype)
             v = layout_violations(env, sizes)
             layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp or 1, mb, sp, do, rc)
             if v is not None:

@@ -114,6 +114,7 @@ class ParallelSpec:
     overlap_param_gather: bool = False  # the distributed optimizer's parameter all-gather in the forward
     fp8_param_gather: bool = False  # linear weights kept (and all-gathered) in FP8
     megatron_fsdp: bool = False  # Megatron-FSDP, optim_grads_params (ZeRO-3)
+    optimizer_state_dtype: str = "fp32"  # Adam moments: fp32 | bf16 (precision-aware optimizer)
 
 
 @dataclass(frozen=True, slots=True)

@@ -250,6 +250,12 @@ PARALLEL_FIELDS = (
        "before its forward and again before its backward, its gradients reduce-scattered after it, every "
        "micro batch, overlapped with the neighbouring layers' compute. Needs distributed_optimizer (E176), "
        "pipeline = 1 (E177) and GPUs (E178)."),
+    _f("optimizer_state_dtype", enum("fp32", "bf16"), "fp32", "dtype of the distributed optimizer's Adam moments "
+       "(Megatron-Core's precision-aware optimizer, Transformer Engine's FusedAdam: `use_precision_aware_optimizer`, "
+       "`exp_avg_dtype`, `exp_avg_sq_dtype`). `bf16`: 2 + 2 bytes per parameter instead of 4 + 4, and the fp32 "
+       "master weights of 16-bit training kept as the 16-bit remainder beside the bf16 weight "
+       "(`store_param_remainders`): 6 bytes of optimizer state per parameter instead of 12, before sharding. "
+       "Needs distributed_optimizer (E190) and Transformer Engine (E191)."),
 )
 
 DATA_FIELDS = (
@@ -318,8 +324,13 @@ _PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
     ),
     "sft": (
         _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE, _INIT,
-        _f("pack", BOOL, True, "Pack several samples into one sequence (the runtime packs only without "
-           "Transformer Engine)."),
+        _f("pack", BOOL, True, "Pack several samples into one sequence; each sample attends only within itself "
+           "(variable-length attention with Transformer Engine or the SDPA core; a block-diagonal mask with "
+           "`attention_backend = unfused`)."),
+        _f("sample_tokens", POSITIVE, None, "Mean tokens per sample (prompt, response and template), when known: "
+           "with `pack = true` and a variable-length attention core the plan costs each token's attention "
+           "over its own sample, not the whole sequence (samples are not tokenized at plan time). Unset: "
+           "every sequence is costed as one `seq_length`-token sample, an upper bound for packed data."),
     ),
     "dpo": (
         _SAMPLES, _DROPOUT, _EVAL_ITERS, _TEMPLATE, _INIT,

@@ -180,6 +180,10 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
             f"context parallelism (cp={layout.cp}) needs Transformer Engine's attention "
             "(TEDotProductAttention); Megatron-Core's local attention supports cp=1 only"
         )
+    if layout.optimizer_state_dtype != "fp32" and not facts.have_te:
+        # `nemoc check` refuses it on the local spec (E191); Megatron-Core's OptimizerConfig raises without TE
+        raise UnsupportedPlan(f"optimizer_state_dtype = {layout.optimizer_state_dtype} needs Transformer Engine's "
+                              "FusedAdam (Megatron-Core's precision-aware optimizer), which is not installed here")
     if model.is_moe and layout.tp > 1 and not layout.sequence_parallel:
         raise UnsupportedPlan(f"MoE with tp={layout.tp} needs sequence_parallel (Megatron-Core rejects it otherwise)")
     if layout.sequence_parallel and layout.tp == 1:
@@ -514,7 +518,18 @@ def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout
         loss_scale=None,  # dynamic
         **LOSS_SCALING,
         use_distributed_optimizer=layout.distributed_optimizer,
+        **precision_aware_optimizer_kwargs(layout),
     )
+
+
+def precision_aware_optimizer_kwargs(layout: Layout) -> dict:
+    """The plan's `optimizer_state_dtype` as OptimizerConfig fields: bf16 Adam moments through Megatron-Core's
+    precision-aware optimizer (Transformer Engine's FusedAdam; `store_param_remainders` stays at its default,
+    on). Nothing for fp32 (Megatron-Core's defaults)."""
+    if layout.optimizer_state_dtype == "fp32":
+        return {}
+    dtype = {"bf16": torch.bfloat16}[layout.optimizer_state_dtype]
+    return dict(use_precision_aware_optimizer=True, exp_avg_dtype=dtype, exp_avg_sq_dtype=dtype)
 
 
 def scheduler_kwargs(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, steps: int) -> dict:
@@ -683,6 +698,9 @@ def _lm_optimizer(stage) -> list[str]:
         out += [f"--adam-beta1 {_shell_word(opt.betas[0])}", f"--adam-beta2 {_shell_word(opt.betas[1])}",
                 f"--adam-eps {_shell_word(opt.eps)}"]
     out += [f"--weight-decay {_shell_word(opt.weight_decay)}", f"--clip-grad {_shell_word(opt.grad_clip)}"]
+    if stage.layout.optimizer_state_dtype != "fp32":
+        dtype = stage.layout.optimizer_state_dtype
+        out += ["--use-precision-aware-optimizer", f"--exp-avg-dtype {dtype}", f"--exp-avg-sq-dtype {dtype}"]
     kw = scheduler_kwargs(optimizer=opt, schedule=sched, steps=stage.steps)
     out += [f"--lr-decay-style {kw['lr_decay_style']}", f"--lr-warmup-iters {kw['lr_warmup_steps']}",
             f"--lr-decay-iters {kw['lr_decay_steps']}"]

@@ -81,6 +81,7 @@ from nemoc.compiler.rules.parallel import (  # noqa: F401
     rule_recompute_layers,
     rule_recompute_layers_chunk,
     rule_fp8_param_gather_optimizer,
+    rule_optimizer_state_dtype_optimizer,
 )
 from nemoc.compiler.rules.host import (  # noqa: F401
     rule_cuda_graph_gpu, rule_cuda_graph_scope, rule_fsdp_distributed_optimizer, rule_fsdp_gpu, rule_fsdp_pipeline,
@@ -124,6 +125,7 @@ from nemoc.compiler.rules.precision import (  # noqa: F401
     warn_fp16_loss_scaling,
     warn_selective_recompute_flash,
     rule_tp_comm_overlap,
+    rule_optimizer_state_dtype_te,
 )
 from nemoc.compiler.rules.registry import (  # noqa: F401
     ERROR_RULES,

@@ -41,6 +41,7 @@ class Sizes:
     overlap_param_gather: bool = False
     fp8_param_gather: bool = False
     megatron_fsdp: bool = False
+    optimizer_state_dtype: str = "fp32"
 
 
 @dataclass(frozen=True, slots=True)

@@ -360,3 +360,21 @@ def rule_tp_comm_overlap(env: Env, s: Sizes) -> Violation | None:
     return Violation("E160", "TP communication overlap needs Transformer Engine, TP > 1 and sequence parallelism",
                      why, hint, anchors=(_P + "tp_comm_overlap", _P + "sequence_parallel", "kernels"),
                      source="megatron/training/arguments.py validate_args (tp_comm_overlap needs sequence_parallel)")
+
+
+def rule_optimizer_state_dtype_te(env: Env, s: Sizes) -> Violation | None:
+    """16-bit Adam moments are Transformer Engine's FusedAdam (`exp_avg_dtype`, `master_weight_dtype`);
+    Megatron-Core's OptimizerConfig raises "--use-precision-aware-optimizer requires FusedAdam from
+    TransformerEngine" without it, so the local spec cannot run them."""
+    if s.optimizer_state_dtype == "fp32":
+        return None
+    local = _local_why(env)
+    if not local:
+        return None
+    return Violation("E191", f"optimizer_state_dtype = {s.optimizer_state_dtype} needs Transformer Engine",
+                     f"optimizer_state_dtype({s.optimizer_state_dtype}) but {local}",
+                     "set optimizer_state_dtype = fp32" + (", or kernels = te where Transformer Engine is installed"
+                                                           if env.kernels == "local" else ""),
+                     anchors=(_P + "optimizer_state_dtype", "kernels"),
+                     source="megatron/core/optimizer/optimizer_config.py __post_init__ (precision-aware optimizer "
+                            "requires FusedAdam from TransformerEngine)")

@@ -32,6 +32,7 @@ from nemoc.compiler.rules.parallel import (
     rule_recompute_layers,
     rule_recompute_layers_chunk,
     rule_fp8_param_gather_optimizer,
+    rule_optimizer_state_dtype_optimizer,
     rule_context_backend,
     rule_context_seq,
     rule_ffn_tp,
@@ -68,6 +69,7 @@ from nemoc.compiler.rules.precision import (
     rule_fp8_recipe,
     rule_fp8_param_gather,
     rule_fp8_tokens,
+    rule_optimizer_state_dtype_te,
     rule_precision_hardware,
     rule_te_needs_gpu,
     warn_auto_attention_unfused,
@@ -92,7 +94,7 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions, rule_tp_comm_overlap,
     rule_overlap_param_gather, rule_recompute_layers,
     rule_recompute_layers_chunk,
-    rule_fp8_param_gather_optimizer,
+    rule_fp8_param_gather_optimizer, rule_optimizer_state_dtype_optimizer, rule_optimizer_state_dtype_te,
 )
 
 
@@ -157,6 +159,8 @@ CODES: dict[str, Rule] = {
     "E164": rule_fp8_recipe,
     "E165": rule_fp8_param_gather,
     "E166": rule_fp8_param_gather_optimizer,
+    "E190": rule_optimizer_state_dtype_optimizer,
+    "E191": rule_optimizer_state_dtype_te,
     "E171": rule_moe_settings_dense,
     "E172": rule_moe_settings_kernels,
     "E173": rule_cuda_graph_gpu,

@@ -141,6 +141,19 @@ def warn_warmup_longer_than_stage(spec: ExperimentSpec, stage: StageSpec) -> Dia
         anchors=("stage.schedule.warmup", "stage.schedule", "stage"), severity=Severity.WARNING), spec, stage)
 
 
+def warn_sample_tokens_unpacked(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """`sample_tokens` prices attention within packed samples; with `pack = false` every sample is a row
+    of its own, padded to seq_length, so the stated length changes nothing the plan costs."""
+    params = stage.params
+    if "sample_tokens" not in params or params.sample_tokens is None or params.pack:
+        return None
+    return _stage_diagnostic(Violation(
+        "W157", "sample_tokens has no effect with pack = false: each sample is padded to seq_length",
+        f"sample_tokens({params.sample_tokens:,}) with pack = false",
+        "set pack = true to pack samples (the plan then costs attention within each), or remove sample_tokens",
+        anchors=("stage.sample_tokens", "stage.pack", "stage"), severity=Severity.WARNING), spec, stage)
+
+
 def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
     """The stage's optimizer steps when known without the data: `steps`, or `tokens` with a batch."""
     if stage.steps is not None:
@@ -151,7 +164,7 @@ def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
 
 
 STAGE_RULES = (rule_min_lr, rule_data_format, rule_export_after, rule_starting_checkpoint, rule_parent_saves,
-               warn_warmup_longer_than_stage)
+               warn_warmup_longer_than_stage, warn_sample_tokens_unpacked)
 
 
 MAX_STAGES = 100  # real chains have a handful; the planner searches each stage (~5 ms), so 2,500 would take 15 s
@@ -185,4 +198,5 @@ STAGE_CODES = {
     "E153": rule_parent_saves,
     "E155": rule_starting_checkpoint,
     "W150": warn_warmup_longer_than_stage,
+    "W157": warn_sample_tokens_unpacked,
 }

@@ -245,3 +245,22 @@ def test_a_rollout_holds_its_stages_kv_cache_for_the_whole_batch() -> None:
     small = layout(tp=2, dp=4, micro_batch=1, global_batch=8, num_microbatches=2)
     assert "rollout_kv_cache" not in estimate(model, small, gpu="H100", stage_kind="grpo", seq_length=4096,
                                               params=params).parts  # under the step's activations
+
+
+def test_bf16_optimizer_state_holds_two_byte_moments_and_a_master_remainder() -> None:
+    """optimizer_state_dtype = bf16 (Megatron-Core's precision-aware optimizer): 2-byte Adam moments, and
+    the fp32 master kept as its 16-bit remainder beside bf16 weights (store_param_remainders) where
+    FusedAdam owns the master (bf16, or fp8 with delayed scaling): 6 B of sharded state per parameter
+    instead of 12; with FP8 current scaling Megatron-Core keeps the 4-byte fp32 master itself: 8 B.
+    Weights, gradients and activations do not move."""
+    model = PRESETS["llama3_8b"]
+    lay = Layout(tp=2, pp=1, vp=None, cp=1, ep=1, etp=2, dp=4, micro_batch=1, global_batch=8, num_microbatches=2,
+                 sequence_parallel=True, distributed_optimizer=True, recompute="none")
+    half = dataclasses.replace(lay, optimizer_state_dtype="bf16")
+    for precision, recipe, state in (("bf16", None, 6), ("fp8", "delayed", 6), ("fp8", "tensorwise", 8)):
+        base = estimate(model, lay, precision=precision, fp8_recipe=recipe)
+        low = estimate(model, half, precision=precision, fp8_recipe=recipe)
+        assert low.optimizer == pytest.approx(base.optimizer * state / 12, rel=1e-9)
+        assert (low.weights, low.gradients, low.activations) == (base.weights, base.gradients, base.activations)
+    fp32 = estimate(model, lay, precision="fp32")
+    assert estimate(model, half, precision="fp32").optimizer == pytest.approx(fp32.optimizer / 2, rel=1e-9)

@@ -324,3 +324,49 @@ def test_a_pipelined_rollout_says_how_it_runs():
     assert ppo.layout.pp == 2 and ppo.layout.vp is None
     note = next(n for n in next(r for r in result.stages if r.name == "ppo").notes if "stage after stage" in n)
     assert f"rollout {ppo.estimate.parts['rollout']:.3g} s" in note
+
+
+def test_packed_sft_costs_attention_within_the_stated_sample_length():
+    """An `sft` stage with `pack = true` and `sample_tokens` runs variable-length attention (each token
+    attends within its own sample), so the plan costs attention over the sample, not the sequence: the
+    same layout and memory, a shorter step, and a note saying so. Without `sample_tokens`, with
+    `pack = false`, or with the unfused core (which masks but computes every score) the whole
+    sequence is costed, and pretraining never reads the field."""
+    def sft(**params):
+        stage = StageSpec(name="sft", kind="sft", global_batch=64, steps=10,
+                          params={"init": "checkpoints/hf", **params})
+        return _spec(stages=(stage,), tensor=1, pipeline=1, micro_batch=1)
+
+    def planned(spec):
+        result = plan_experiment(spec, target=NEMOC_RUNTIME)
+        return result.plan.stages[0], result.stages[0].notes
+
+    full, full_notes = planned(sft())
+    packed, notes = planned(sft(sample_tokens=256))
+    assert packed.layout == full.layout and packed.memory == full.memory
+    assert packed.estimate.step_time_s < 0.9 * full.estimate.step_time_s  # 8K tokens: attention is > 10 %
+    assert any("within packed samples of 256 tokens" in n for n in notes)
+    assert any("set `sample_tokens`" in n for n in full_notes)
+    unpacked, _ = planned(sft(sample_tokens=256, pack=False))
+    assert unpacked.estimate == full.estimate
+    unfused = replace(sft(sample_tokens=256), attention_backend="unfused")
+    assert planned(unfused)[0].estimate == planned(replace(sft(), attention_backend="unfused"))[0].estimate
+    longer, _ = planned(sft(sample_tokens=10**6))  # a sample never spans more than the sequence
+    assert longer.estimate == full.estimate
+
+
+def test_stage_dropout_is_costed_and_sized():
+    """A stage's `dropout` (the runtime's hidden and attention dropout) keeps 1-byte masks for the backward
+    and, with the unfused core, drops out every score: the plan charges both (it priced dropout 0 before)."""
+    def with_dropout(p, backend):
+        stage = StageSpec(name="pretrain", kind="pretrain", global_batch=64, tokens=10**9, seq_length=2048,
+                          params={"dropout": p})
+        return replace(_spec(stages=(stage,), tensor=4, pipeline=1, micro_batch=1, recompute="selective"),
+                       attention_backend=backend)
+
+    for backend in ("flash", "unfused"):
+        off = plan_experiment(with_dropout(0.0, backend), target=NEMOC_RUNTIME).plan.stages[0]
+        on = plan_experiment(with_dropout(0.1, backend), target=NEMOC_RUNTIME).plan.stages[0]
+        assert on.layout == off.layout
+        assert on.memory.activations > off.memory.activations
+        assert on.estimate.step_time_s > off.estimate.step_time_s

@@ -394,3 +394,53 @@ def test_megatron_fsdp_reaches_megatron_cores_ddp_config_and_is_refused_at_run_t
     assert "use_megatron_fsdp" not in margs._ddp_kwargs(lay(dp=2), None)
     with pytest.raises(margs.UnsupportedPlan, match="Megatron-FSDP"):
         config(layout=layout, facts=GPU_TE)
+
+
+def test_bf16_optimizer_state_reaches_megatron_cores_optimizer_config():
+    """The plan's optimizer_state_dtype = bf16 sets Megatron-Core 0.16.1's precision-aware optimizer
+    (bf16 exp_avg / exp_avg_sq, store_param_remainders at its default, on), which its OptimizerConfig
+    accepts with Transformer Engine's FusedAdam (stood in here by a class with TE's signature) and refuses
+    without it, as E191 and the runtime's own check do; fp32 sets nothing."""
+    import sys
+    import types
+
+    from megatron.core.optimizer import OptimizerConfig
+
+    sched, opt = ScheduleSpec(), OptimizerSpec()
+    layout = lay(dp=2, distributed_optimizer=True, optimizer_state_dtype="bf16")
+    assert margs.precision_aware_optimizer_kwargs(lay(dp=2, distributed_optimizer=True)) == {}
+    te_version = "megatron.core.optimizer.optimizer_config.is_te_min_version"
+    with mock.patch(te_version, lambda *a, **k: False), \
+            pytest.raises(RuntimeError, match="requires FusedAdam from TransformerEngine"):
+        margs.optimizer_config(optimizer=opt, schedule=sched, layout=layout, precision="bf16")
+    with pytest.raises(margs.UnsupportedPlan, match="needs Transformer Engine's FusedAdam"):
+        margs._check_supported(model=LLAMA_ISH, layout=layout, precision="bf16", facts=CPU)
+
+    class FusedAdam:  # Transformer Engine's signature (transformer_engine/pytorch/optimizers/fused_adam.py)
+        def __init__(self, params, master_weight_dtype=None, exp_avg_dtype=None, exp_avg_sq_dtype=None,
+                     use_decoupled_grad=False):
+            pass
+
+    te = types.ModuleType("transformer_engine")
+    te.pytorch = types.ModuleType("transformer_engine.pytorch")
+    te.pytorch.optimizers = types.ModuleType("transformer_engine.pytorch.optimizers")
+    te.pytorch.optimizers.FusedAdam = FusedAdam
+    fake = {"transformer_engine": te, "transformer_engine.pytorch": te.pytorch,
+            "transformer_engine.pytorch.optimizers": te.pytorch.optimizers}
+    with mock.patch.dict(sys.modules, fake), mock.patch(te_version, lambda *a, **k: True):
+        oc = margs.optimizer_config(optimizer=opt, schedule=sched, layout=layout, precision="bf16")
+    assert isinstance(oc, OptimizerConfig) and oc.use_precision_aware_optimizer
+    assert oc.exp_avg_dtype is torch.bfloat16 and oc.exp_avg_sq_dtype is torch.bfloat16
+    assert oc.main_params_dtype is torch.float32 and oc.store_param_remainders
+
+
+def test_bf16_optimizer_state_in_the_megatron_lm_command_line():
+    """`nemoc export --megatron-args`: the same setting as Megatron-LM's flags."""
+    import types
+
+    stage = types.SimpleNamespace(optimizer=OptimizerSpec(), schedule=ScheduleSpec(), steps=10,
+                                  layout=lay(dp=2, distributed_optimizer=True, optimizer_state_dtype="bf16"))
+    flags = margs._lm_optimizer(stage)
+    assert {"--use-precision-aware-optimizer", "--exp-avg-dtype bf16", "--exp-avg-sq-dtype bf16"} <= set(flags)
+    stage.layout = lay(dp=2, distributed_optimizer=True)
+    assert not any("precision-aware" in f for f in margs._lm_optimizer(stage))
