@@ -25,6 +25,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 
+from nemoc.compiler import chattemplate
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.execution import fp8_recipe_of, moe_defaults_taken, stage_execution
 from nemoc.compiler.flops import param_counts
@@ -400,6 +401,9 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
             notes.append(f"ppo: the rollout is estimated as KV-cached decoding (memory-bandwidth bound); "
                          f"the target `{target.name}` recomputes the whole sequence for every new token, "
                          "so `nemoc run` spends up to max_new_tokens forward passes there instead")
+    template = getattr(stage.params, "template", None)  # the kinds that render conversations
+    if template is not None:
+        notes.append(chattemplate.describe(template, spec.root))
     taken = moe_defaults_taken(spec.model, probe.stage_kernels, chosen.layout.ep, *probe.moe_requested)
     if taken:
         notes.append(f"MoE defaults taken ({'Transformer Engine, as Megatron-Bridge recipes' if probe.stage_kernels == 'te' else 'the local spec'}): "
