@@ -352,6 +352,7 @@ def template_for(params: Mapping | None, tokenizer: str | None):
         template = chat.ChatTemplate.load(name)
     except chat.ChatError as exc:
         raise DataError(str(exc)) from None
-    own = chat.tokenizer_special(directory) if directory is not None else {}
-    # as `tokenizer.apply_chat_template(chat_template=...)`: the tokenizer's own bos/eos where it has them
-    return JinjaChat(chat.ChatTemplate(template.template, special={**template.special, **own}))
+    if directory is None:  # a tokenizer.json / SentencePiece / tiktoken: the family's own special tokens
+        return JinjaChat(template)
+    # as `tokenizer.apply_chat_template(chat_template=...)`: the tokenizer directory's bos/eos (those it sets)
+    return JinjaChat(chat.ChatTemplate(template.template, special=chat.tokenizer_special(directory)))
