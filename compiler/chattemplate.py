@@ -54,7 +54,8 @@ def resolve(written: Mapping[str, object] | None, args: Mapping[str, object],
     name = (written or {}).get("name")
     markers = [k for k in MARKER_ARGS if k in (written or {})]
     if name is not None and name != "markers" and markers:
-        return out, (f"template(name = {name}) renders with its own jinja; the marker argument{'s' * (len(markers) > 1)} "
+        plural = "s" * (len(markers) > 1)
+        return out, (f"template(name = {name}) renders with its own jinja; the marker argument{plural} "
                      f"{', '.join(markers)} would be ignored")
     if name == "tokenizer" and own is None:
         where = f"the tokenizer {tokenizer!r}" if tokenizer else "this stage (no data block names a tokenizer)"

@@ -301,8 +301,8 @@ CHAT_TEMPLATE_NAMES = ("tokenizer", "llama3", "chatml", "mistral", "markers")
 _TEMPLATE = _f("template", call("template"), None,
                "Chat template. Default: the `chat_template` of the stage's Hugging Face tokenizer directory, "
                "rendered as transformers' `apply_chat_template`, else role markers. `template(name = llama3)`, "
-               "`template(name = chatml)`, `template(name = mistral)`: a built-in; `template(name = tokenizer)`: the tokenizer's own "
-               "(an error when it has none); `template(system = \"...\", user = \"...\", assistant = \"...\", "
+               "`template(name = chatml)`, `template(name = mistral)`: a built-in; `template(name = tokenizer)`: "
+               "the tokenizer's own (an error when it has none); `template(system = \"...\", user = \"...\", assistant = \"...\", "
                "end = \"...\")`: role markers. `nemoc plan` says which one a stage uses.")
 _INIT = _f("init", call("hf"), None, "Start this stage from a Hugging Face checkpoint `hf(\"DIR\")` instead of a "
            "parent stage's checkpoint (docs/huggingface.md).")

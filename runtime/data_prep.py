@@ -203,7 +203,8 @@ def chat_messages(record: dict) -> object:
     become `role`/`content`; an unknown speaker keeps its name, so the role check names it), else
     `prompt` + `response` (with an optional `system`) as one exchange. None when it has none of them."""
     if "messages" in record or "conversations" not in record:
-        if "messages" not in record and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+        pair = isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str)
+        if "messages" not in record and pair:
             system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
             return system + [{"role": "user", "content": record["prompt"]},
                              {"role": "assistant", "content": record["response"]}]
