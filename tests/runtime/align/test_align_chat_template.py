@@ -204,3 +204,17 @@ def test_the_cache_key_follows_data_template_and_tokenizer(tokenizer_dirs, tmp_p
     assert key not in changed and len(set(changed)) == 3
     markers = data.ChatTemplate().fingerprint()
     assert markers != data.ChatTemplate(user="U: ").fingerprint()
+
+
+def test_preparation_validates_sharegpt_and_prompt_response_chat_records():
+    """`prepare:<data>` validates every chat record before any stage runs: ShareGPT turns are checked as
+    the messages they become (an unknown speaker is named), prompt/response as one exchange."""
+    from nemoc.runtime.data_prep import DataError, record_texts
+
+    sharegpt = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    assert record_texts(sharegpt, "chat", "text", "d.jsonl", 3) == ["hi", "yo"]
+    assert record_texts({"prompt": "hi", "response": "yo"}, "chat", "text", "d.jsonl", 4) == ["hi", "yo"]
+    with pytest.raises(DataError, match=r"d.jsonl:5: messages\[0\].role 'robot' is not one of"):
+        record_texts({"conversations": [{"from": "robot", "value": "x"}]}, "chat", "text", "d.jsonl", 5)
+    with pytest.raises(DataError, match=r"d.jsonl:6: field 'messages' must be"):
+        record_texts({"text": "x"}, "chat", "text", "d.jsonl", 6)
