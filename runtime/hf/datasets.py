@@ -84,12 +84,19 @@ def tokenized_cache(cache_dir: str | Path, key: str, build: Callable[[], Iterato
 
     Ranks: the `writer` (rank 0) builds and writes the file atomically when it is not there yet; then every
     rank passes `wait` (a barrier) and reads it. A rank that still finds no file (a node that does not see
-    the writer's filesystem) builds the samples itself rather than fail. Without `wait` (one process) the
-    caller builds when the file is missing."""
+    the writer's filesystem, or every rank when the writer's build raised) builds the samples itself rather
+    than wait forever. Without `wait` (one process) the caller builds when the file is missing."""
     path = Path(cache_dir) / f"{key}.jsonl"
     if writer and not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, "".join(json.dumps(s, separators=(",", ":")) + "\n" for s in build()))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, "".join(json.dumps(s, separators=(",", ":")) + "\n" for s in build()))
+        except BaseException:
+            # a bad record (DataError naming its file:line): release the others from the barrier; finding no
+            # file they build themselves and stop on the same record with the same message
+            if wait is not None:
+                wait()
+            raise
     if wait is not None:
         wait()
     if not path.is_file():

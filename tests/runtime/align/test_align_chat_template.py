@@ -218,3 +218,40 @@ def test_preparation_validates_sharegpt_and_prompt_response_chat_records():
         record_texts({"conversations": [{"from": "robot", "value": "x"}]}, "chat", "text", "d.jsonl", 5)
     with pytest.raises(DataError, match=r"d.jsonl:6: field 'messages' must be"):
         record_texts({"text": "x"}, "chat", "text", "d.jsonl", 6)
+
+
+def _bad_rank(rank: int, world: int, port: int, cache: str, out: str):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    # a barrier left waiting fails the test after a minute instead of hanging it for gloo's 30
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        def build():
+            raise data.DataError("chat.jsonl:3: field 'messages' must be a non-empty list")
+            yield  # a generator, as the stages' builders
+
+        try:
+            datasets.tokenized_cache(cache, "k", build, writer=rank == 0, wait=dist.barrier)
+        except data.DataError as exc:
+            with open(f"{out}.{rank}", "w") as f:
+                f.write(str(exc))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_bad_record_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0's tokenization fails on a record: the other ranks are not left at the barrier, each
+    reports the same file:line."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_bad_rank, args=(2, port, str(tmp_path / "cache"), str(tmp_path / "err")), nprocs=2, join=True)
+    for r in (0, 1):
+        assert (tmp_path / f"err.{r}").read_text().startswith("chat.jsonl:3:")
