@@ -24,7 +24,7 @@ import dataclasses
 from pathlib import Path
 from types import MappingProxyType
 
-from nemoc.compiler import hfconfig, hfdata
+from nemoc.compiler import chattemplate, hfconfig, hfdata
 from nemoc.compiler.hfconfig import HfArchitecture
 from nemoc.compiler.catalog.hardware import GPUS, get_gpu
 from nemoc.compiler.catalog.models import PRESETS, get_preset
@@ -265,6 +265,8 @@ class _Lowering:
             self.spans["parallel"] = self.exp.head
         data = tuple(self._data(b) for b in self.exp.blocks if b.kind == "data" and b.name)
         declared = {b.name for b in self.exp.blocks if b.kind == "data" and b.name}  # invalid ones too
+        self.data_specs = {d.name: d for d in data if d is not None}
+        self.model_init = model.init if model is not None else None
         stages = self._stages(parallel, declared)
         self._unused_data(data, stages)
         for key in EXPERIMENT_KEYS:
@@ -502,7 +504,11 @@ class _Lowering:
         self._check_refs(values.get("data", ()), data_names, "data set", "data")
         self._check_refs(b.after, names, "stage", "stage")
         stage_init = self._hf_init(values.pop("init", None), b.spans.get("init"))
+        written_template = values.get("template")
         params = {p.name: _plain(values.pop(p.name)) for p in STAGE_PARAMS[kind] if p.name in values}
+        if any(p.name == "template" for p in STAGE_PARAMS[kind]):
+            params["template"] = self._chat_template(b, written_template, values.get("data", ()),
+                                                     stage_init[0] if stage_init else None)
         if stage_init is not None:
             params["init"] = stage_init[0]
         if kind == "export" and "dtype" not in params and not b.after:
@@ -531,6 +537,27 @@ class _Lowering:
             fields["parallel"] = self._parallel(stage_parallel, parallel, f"{prefix}.parallel")
         return StageSpec(name=b.name, kind=kind, after=tuple(r.name for r in b.after),
                          params=StageParams.of(kind, params), **fields)
+
+    def _chat_template(self, b: Checked, written: CallValue | None, data_refs, init: str | None) -> dict:
+        """The stage's chat template with its `name` decided (compiler/chattemplate.py), or E049 at the
+        `template` line (the stage's line when the default needs a template the tokenizer lacks)."""
+        specs = [self.data_specs[r.name] for r in data_refs if r.name in self.data_specs]
+        tokenizer = next((d.tokenizer for d in specs if d.tokenizer), None)
+        if tokenizer is None:
+            tokenizer = init or getattr(self, "model_init", None)
+        on_disk = None
+        if tokenizer and not str(tokenizer).startswith("tiktoken:"):
+            on_disk = Path(str(tokenizer)).expanduser()
+            if not on_disk.is_absolute():
+                on_disk = Path(self.program.root_dir) / on_disk
+        args = _plain(written) if written is not None else {a.name: a.default for a in CALLS["template"]}
+        resolved, error = chattemplate.resolve(written.args if written is not None else None, args,
+                                               tokenizer, on_disk)
+        if error:
+            self.diags.append(Diagnostic("E049", error, b.spans.get("template", b.head),
+                                         hint="name a built-in (template(name = llama3 | chatml | mistral)) or "
+                                              "write role markers (template(user = \"...\", assistant = \"...\"))"))
+        return resolved
 
     def _check_length(self, b: Checked, kind: str) -> None:
         """Exactly one of steps / tokens / epochs sizes a training stage."""

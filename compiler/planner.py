@@ -25,6 +25,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 
+from nemoc.compiler import chattemplate
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.execution import fp8_recipe_of, host_defaults_taken, moe_defaults_taken, stage_execution, stage_host
 from nemoc.compiler.flops import param_counts
@@ -421,6 +422,9 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
     packed = _packing_note(stage, probe)
     if packed:
         notes.append(packed)
+    template = getattr(stage.params, "template", None)  # the kinds that render conversations
+    if template is not None:
+        notes.append(chattemplate.describe(template, spec.root))
     taken = moe_defaults_taken(spec.model, probe.stage_kernels, chosen.layout.ep, *probe.moe_requested)
     if taken:
         notes.append(f"MoE defaults taken ({'Transformer Engine, as Megatron-Bridge recipes' if probe.stage_kernels == 'te' else 'the local spec'}): "

@@ -51,6 +51,8 @@ CODES: Mapping[str, str] = MappingProxyType({
             "sbatch option, a fraction of a second, a Kubernetes name that is not a DNS-1123 label",
     "E048": "a Hugging Face dataset: unknown split, a column the format needs is missing, or a malformed "
             "`columns` entry (the message names what the dataset has)",
+    "E049": "a stage's chat template: `template(tokenizer)` but the tokenizer has no chat_template, or a named "
+            "template (`llama3`, `chatml`, `mistral`, `tokenizer`) together with marker arguments",
     "E050": "malformed `--set` override, unknown override path or unknown call argument",
     "W001": "a data set no stage uses",
     "W002": "a training stage without a length (`steps`, `tokens` or `epochs`): plan and run cannot size it",

@@ -308,9 +308,14 @@ _SAMPLES = _f("samples", POSITIVE_COUNT, None, "Records in the stage's data, so 
              "into steps when the data is not on this machine.")
 _DROPOUT = _f("dropout", PROBABILITY, 0.0, "Dropout on attention and hidden states while training.")
 _EVAL_ITERS = _f("eval_iters", POSITIVE, 10, "Validation micro-batches per evaluation.")
+# The chat templates a stage can name (runtime/hf/chat.py holds the jinja of the built-ins).
+CHAT_TEMPLATE_NAMES = ("tokenizer", "llama3", "chatml", "mistral", "markers")
 _TEMPLATE = _f("template", call("template"), None,
-               "Chat template: `template(system = \"...\", user = \"...\", assistant = \"...\", end = \"...\")`; "
-               "omitted arguments keep the built-in `<|user|>` style markers.")
+               "Chat template. Default: the `chat_template` of the stage's Hugging Face tokenizer directory, "
+               "rendered as transformers' `apply_chat_template`, else role markers. `template(name = llama3)`, "
+               "`template(name = chatml)`, `template(name = mistral)`: a built-in; `template(name = tokenizer)`: "
+               "the tokenizer's own (an error when it has none); `template(system = \"...\", user = \"...\", assistant = \"...\", "
+               "end = \"...\")`: role markers. `nemoc plan` says which one a stage uses.")
 _INIT = _f("init", call("hf"), None, "Start this stage from a Hugging Face checkpoint `hf(\"DIR\")` instead of a "
            "parent stage's checkpoint (docs/huggingface.md).")
 _PARAMS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
@@ -579,6 +584,10 @@ CALLS: Mapping[str, tuple[FieldDef, ...]] = MappingProxyType({
            "relative to the .nemo file's directory.", required=True),
     ),
     "template": (
+        _f("name", enum(*CHAT_TEMPLATE_NAMES), None,
+           "`tokenizer` (the tokenizer directory's own `chat_template`), a built-in jinja template (`llama3`, "
+           "`chatml`, `mistral`) or `markers` (the four markers below). Default: `markers` when markers are "
+           "written, else as the stage's `template` field says."),
         _f("system", STR, "<|system|>\n", "Marker before a system message."),
         _f("user", STR, "<|user|>\n", "Marker before a user message."),
         _f("assistant", STR, "<|assistant|>\n", "Marker before an assistant message."),

@@ -18,7 +18,8 @@ Formats (a data source's `format`):
   text             plain UTF-8; one document per blank-line-separated paragraph (`options.documents =
                    "paragraph"`, the default), per line (`"line"`) or per file (`"file"`).
   jsonl            one JSON object per line; the document is the string in `text_field`.
-  chat             {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  chat             {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]} (or ShareGPT
+                   {"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}, or prompt + response)
   prompt_response  {"prompt": str, "response": str}
   preference       {"prompt": str, "chosen": str, "rejected": str}
   unpaired         {"prompt": str, "completion": str, "label": bool}   (TRL's unpaired preference format, KTO)
@@ -44,6 +45,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nemoc.runtime.hf.chat import SHAREGPT_ROLES  # ShareGPT speaker names -> chat roles
 from nemoc.runtime.tokenizer import NemocTokenizer, TokenizerError, load_tokenizer
 
 TOKENIZED_FORMATS = ("text", "jsonl")
@@ -194,6 +196,26 @@ def _string_field(record: dict, key: str, path: str, line_no: int) -> str:
     return value
 
 
+
+
+def chat_messages(record: dict) -> object:
+    """A chat record's messages: OpenAI `messages`, else ShareGPT `conversations` (`from`/`value` turns
+    become `role`/`content`; an unknown speaker keeps its name, so the role check names it), else
+    `prompt` + `response` (with an optional `system`) as one exchange. None when it has none of them."""
+    if "messages" in record or "conversations" not in record:
+        pair = isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str)
+        if "messages" not in record and pair:
+            system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+            return system + [{"role": "user", "content": record["prompt"]},
+                             {"role": "assistant", "content": record["response"]}]
+        return record.get("messages")
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        return turns
+    return [{"role": SHAREGPT_ROLES.get(str(t.get("from", "")).lower(), t.get("from")), "content": t.get("value")}
+            if isinstance(t, dict) and "from" in t else t for t in turns]
+
+
 def record_texts(record: dict, fmt: str, text_field: str, path: str, line_no: int) -> list[str]:
     """Validate one JSON record of `fmt` and return its text pieces."""
     if fmt == "jsonl":
@@ -208,7 +230,7 @@ def record_texts(record: dict, fmt: str, text_field: str, path: str, line_no: in
             raise DataError(f"{path}:{line_no}: field 'label' must be true (desirable) or false (undesirable), got {got}")
         return [_string_field(record, k, path, line_no) for k in ("prompt", "completion")]
     if fmt == "chat":
-        messages = record.get("messages")
+        messages = chat_messages(record)
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{path}:{line_no}: field 'messages' must be a non-empty list of {{role, content}} objects")
         texts = []

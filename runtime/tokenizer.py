@@ -115,6 +115,11 @@ class HFTokenizer(NemocTokenizer):
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str):
+        """The `tokenizers` Encoding (`ids`, character `offsets`), special tokens not added, as
+        transformers' `apply_chat_template(tokenize=True)` encodes a rendered conversation."""
+        return self._tok.encode(text, add_special_tokens=False)
+
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 

@@ -1,6 +1,7 @@
-"""Stage rules (E150-E155, W150): the stage settings that would otherwise fail only at run time (`min_lr`
+"""Stage rules (E150-E155, E157, W150): the stage settings that would otherwise fail only at run time (`min_lr`
 above `lr`, an alignment stage without data in a format its records need, an export with no `after`,
-a parent that never saves, a warm-up longer than the stage).
+a parent that never saves, a child at another sequence length than a parent with learned positions, a
+warm-up longer than the stage).
 """
 
 from __future__ import annotations
@@ -128,6 +129,30 @@ def rule_parent_saves(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | No
         anchors=("stage",)), spec, stage, notes)
 
 
+def rule_parent_seq_length(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """A stage may train at another sequence length than its parent (pretrain at 2048, SFT at 4096) when
+    no weight depends on it: RoPE and no position embeddings. Learned absolute position embeddings are a
+    [seq_length, hidden] table (megatron/core/models/common/embeddings/language_model_embedding.py
+    `position_embeddings = torch.nn.Embedding(max_sequence_length, hidden)`), so the parent's checkpoint
+    cannot load into a model of another length."""
+    if spec.model.position != "learned" or stage.kind not in PARENT_CHECKPOINT_KINDS:
+        return None
+    names = {s.name for s in spec.stages}
+    seq = stage_seq_length(spec, stage)
+    for parent in (spec.stage(n) for n in stage.after if n in names):
+        theirs = stage_seq_length(spec, parent)
+        if theirs != seq:
+            notes = [Note(f"`{parent.name}` trains at seq_length {theirs}", spec.span(f"stage.{parent.name}"))]
+            return _stage_diagnostic(Violation(
+                "E157", f"stage `{stage.name}` runs at another sequence length than its parent `{parent.name}`, "
+                "and the model's learned position embeddings have one row per position",
+                f"seq_length({seq}) != {parent.name}.seq_length({theirs}), position = learned",
+                f"keep seq_length = {theirs} in `{stage.name}`, or use rotary positions (`position = rope`), "
+                "whose weights do not depend on the length", anchors=("stage.seq_length", "stage")),
+                spec, stage, notes)
+    return None
+
+
 def warn_warmup_longer_than_stage(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
     """Megatron's scheduler clamps: a warm-up longer than the stage never reaches the peak `lr`."""
     warmup, steps = stage.schedule.warmup, _stage_steps(spec, stage)
@@ -164,7 +189,7 @@ def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
 
 
 STAGE_RULES = (rule_min_lr, rule_data_format, rule_export_after, rule_starting_checkpoint, rule_parent_saves,
-               warn_warmup_longer_than_stage, warn_sample_tokens_unpacked)
+               rule_parent_seq_length, warn_warmup_longer_than_stage, warn_sample_tokens_unpacked)
 
 
 MAX_STAGES = 100  # real chains have a handful; the planner searches each stage (~5 ms), so 2,500 would take 15 s
@@ -197,6 +222,7 @@ STAGE_CODES = {
     "E152": rule_export_after,
     "E153": rule_parent_saves,
     "E155": rule_starting_checkpoint,
+    "E157": rule_parent_seq_length,
     "W150": warn_warmup_longer_than_stage,
     "W157": warn_sample_tokens_unpacked,
 }

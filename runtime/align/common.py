@@ -240,8 +240,11 @@ def _check_shape(model, path: Path) -> None:
     if shape is None or not info_path.exists():
         return
     saved = json.loads(info_path.read_text()).get("shape", {})
+    # the sequence length sizes a weight only as learned absolute position embeddings ([seq, hidden]);
+    # with RoPE or no positions a child stage may train longer or shorter sequences than its parent
+    free = () if shape.position == "learned" else ("seq_length",)
     diffs = [f"{k}: checkpoint {saved[k]!r} != model {v!r}" for k, v in dataclasses.asdict(shape).items()
-             if k in saved and saved[k] != v]
+             if k in saved and saved[k] != v and k not in free]
     if diffs:
         raise AlignError(f"{path}: incompatible architecture ({'; '.join(diffs)})")
 

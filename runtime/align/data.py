@@ -15,13 +15,14 @@ skipped); nothing is tokenised before the whole file has been read and validated
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 # One error type and one list of chat roles for bad data, whether found at prepare time or by a trainer.
 from nemoc.runtime.data_prep import CHAT_ROLES as ROLES
-from nemoc.runtime.data_prep import DataError
+from nemoc.runtime.data_prep import DataError, chat_messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +107,12 @@ def _messages(where: str, value: object, key: str) -> tuple[Message, ...]:
 
 
 def _conversation(where: str, record: Mapping) -> Conversation:
-    if "messages" not in record:
-        raise DataError(f"{where}: missing field 'messages'")
-    messages = _messages(where, record["messages"], "messages")
+    """OpenAI `messages`, ShareGPT `conversations` (from/value) or `prompt`/`response` (data_prep.chat_messages)."""
+    found = chat_messages(dict(record))
+    if found is None:
+        raise DataError(f"{where}: missing field 'messages' (or ShareGPT 'conversations', or 'prompt' + 'response')")
+    messages = _messages(where, found, "conversations" if "messages" not in record and "conversations" in record
+                         else "messages")
     if not any(m.role == "assistant" for m in messages):
         raise DataError(f"{where}: conversation has no assistant turn (nothing to train on)")
     return Conversation(messages)
@@ -215,7 +219,7 @@ class ChatTemplate:
 
     @classmethod
     def from_params(cls, params: Mapping | None) -> "ChatTemplate":
-        given = dict((params or {}).get("template") or {})
+        given = {k: v for k, v in dict((params or {}).get("template") or {}).items() if k not in ("name", "tokenizer")}
         unknown = set(given) - {"system", "user", "assistant", "end"}
         if unknown:
             raise DataError(f"chat template: unknown keys {sorted(unknown)} (system, user, assistant, end)")
@@ -245,5 +249,110 @@ class ChatTemplate:
         ids, _ = self.render(tokenizer, messages, eod=False)
         return ids + tokenizer.tokenize(self.assistant)
 
-    def reply_ids(self, tokenizer, reply: str) -> list[int]:
+    def reply_ids(self, tokenizer, reply: str, prompt: Sequence[Message] = ()) -> list[int]:
         return tokenizer.tokenize(reply + self.end) + [tokenizer.eod]
+
+    def fingerprint(self) -> str:
+        return json.dumps(["markers", self.system, self.user, self.assistant, self.end])
+
+
+class JinjaChat:
+    """A jinja chat template (the tokenizer directory's own `chat_template`, or a built-in llama3 / chatml /
+    mistral) behind the interface of `ChatTemplate`: rendered exactly as transformers'
+    `apply_chat_template` renders it (runtime/hf/chat.py), with the template's own BOS / end-of-turn
+    tokens (no EOD is appended: the template decides), loss weight 1 on the assistant turns only."""
+
+    def __init__(self, template):  # a runtime.hf.chat.ChatTemplate
+        self.template = template
+        self.end = template.special.get("eos_token", "")  # what GRPO's verifiers strip from a completion
+
+    @staticmethod
+    def _dicts(messages: Sequence[Message]) -> list[dict]:
+        return [{"role": m.role, "content": m.content} for m in messages]
+
+    def _error(self, exc) -> DataError:
+        return DataError(f"chat template: {exc}")
+
+    def render(self, tokenizer, messages: Sequence[Message], *, eod: bool = True) -> tuple[list[int], list[int]]:
+        """(token ids, weights) of the whole rendered conversation; the text is tokenized once, as
+        `apply_chat_template(tokenize=True)` does, and a token is trained on when it starts inside an
+        assistant turn. A tokenizer without character offsets (SentencePiece, tiktoken) tokenizes the
+        trained and untrained pieces of the text separately."""
+        from nemoc.runtime.hf.chat import ChatError
+
+        try:
+            text, spans = self.template.assistant_spans(self._dicts(messages))
+        except ChatError as exc:
+            raise self._error(exc) from None
+        encode = getattr(tokenizer, "encode_with_offsets", None)
+        if encode is not None:
+            enc = encode(text)
+            return list(enc.ids), [int(any(a <= start < b for a, b in spans)) for start, _ in enc.offsets]
+        ids: list[int] = []
+        weights: list[int] = []
+        cut = 0
+        for a, b in spans:
+            for piece, w in ((text[cut:a], 0), (text[a:b], 1)):
+                if piece:
+                    got = tokenizer.tokenize(piece)
+                    ids += got
+                    weights += [w] * len(got)
+            cut = b
+        tail = tokenizer.tokenize(text[cut:]) if text[cut:] else []
+        return ids + tail, weights + [0] * len(tail)
+
+    def prompt_text(self, messages: Sequence[Message]) -> str:
+        from nemoc.runtime.hf.chat import ChatError
+
+        try:
+            return self.template.render(self._dicts(messages), add_generation_prompt=True)
+        except ChatError as exc:
+            raise self._error(exc) from None
+
+    def prompt_ids(self, tokenizer, messages: Sequence[Message]) -> list[int]:
+        """The context rendered with the generation prompt (`add_generation_prompt=True`)."""
+        return tokenizer.tokenize(self.prompt_text(messages))
+
+    def reply_ids(self, tokenizer, reply: str, prompt: Sequence[Message] = ()) -> list[int]:
+        """The tokens the template renders for one assistant reply after `prompt` (its end-of-turn marker
+        included): the full render minus the prompt's render, tokenized on its own (as TRL's DPO
+        tokenizes prompt and completion apart)."""
+        from nemoc.runtime.hf.chat import ChatError
+
+        before = self.prompt_text(prompt)
+        try:
+            full = self.template.render(self._dicts([*prompt, Message("assistant", reply)]))
+        except ChatError as exc:
+            raise self._error(exc) from None
+        if not full.startswith(before):
+            raise DataError("chat template: the reply's render does not extend the prompt's generation prompt; "
+                            "cannot split prompt and reply")
+        return tokenizer.tokenize(full[len(before):])
+
+    def fingerprint(self) -> str:
+        return json.dumps(["jinja", self.template.template, sorted(self.template.special.items())])
+
+
+def template_for(params: Mapping | None, tokenizer: str | None):
+    """The stage's chat template as the compiler resolved it (compiler/chattemplate.py: `name` is
+    tokenizer | llama3 | chatml | mistral | markers); `tokenizer` is the stage's tokenizer path."""
+    from nemoc.runtime.hf import chat
+
+    given = dict((params or {}).get("template") or {})
+    name = given.get("name") or "markers"
+    if name == "markers":
+        return ChatTemplate.from_params(params)
+    directory = Path(tokenizer) if tokenizer and os.path.isdir(tokenizer) else None
+    try:
+        if name == "tokenizer":
+            if directory is None:
+                raise DataError(f"chat template `tokenizer`: the stage's tokenizer {tokenizer!r} is not a Hugging "
+                                "Face tokenizer directory")
+            return JinjaChat(chat.ChatTemplate.load(directory))
+        template = chat.ChatTemplate.load(name)
+    except chat.ChatError as exc:
+        raise DataError(str(exc)) from None
+    if directory is None:  # a tokenizer.json / SentencePiece / tiktoken: the family's own special tokens
+        return JinjaChat(template)
+    # as `tokenizer.apply_chat_template(chat_template=...)`: the tokenizer directory's bos/eos (those it sets)
+    return JinjaChat(chat.ChatTemplate(template.template, special=chat.tokenizer_special(directory)))

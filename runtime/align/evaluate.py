@@ -26,7 +26,7 @@ import torch
 
 from nemoc.runtime import generation
 from nemoc.runtime.align import common, dpo, sft, stage
-from nemoc.runtime.align.data import ChatTemplate, Message, read_preferences, read_sft
+from nemoc.runtime.align.data import ChatTemplate, Message, template_for, read_preferences, read_sft
 
 
 def _validation_documents(prefix: str, split: str | None) -> list[list[int]]:
@@ -71,7 +71,7 @@ def run(task: stage.StageTask) -> dict:
     tok = stage.tokenizer_of(task)
     p, seq = task.params, task.stage.seq_length
     micro = max(task.stage.layout.micro_batch, 1)
-    template = ChatTemplate.from_params(p)
+    template = template_for(p, task.tokenizer)
     scorer = _parent_kind(task) == "reward"
     # the stage's precision as planned (`Execution.precision`: the local spec has no FP8 GEMMs, so the
     # nemoc runtime's target plans an fp8 model's eval in bf16)
@@ -142,8 +142,8 @@ def _score_records(task, entry, chunk, tok, template, *, scorer: bool, reference
     if fmt != "preference":
         return None
     records, how = eval_heldout.held_out(task, entry, read_preferences(entry["path"]))
-    pairs = [dpo.Pair(template.prompt_ids(tok, r.prompt), template.reply_ids(tok, r.chosen),
-                      template.reply_ids(tok, r.rejected)) for r in records]
+    pairs = [dpo.Pair(template.prompt_ids(tok, r.prompt), template.reply_ids(tok, r.chosen, r.prompt),
+                      template.reply_ids(tok, r.rejected, r.prompt)) for r in records]
     out: dict = {"split": how}
     if not pairs:
         return {**out, "pairs": 0}

@@ -38,7 +38,7 @@ from nemoc.runtime import generation
 from nemoc.runtime.align import reward as reward_model
 from nemoc.runtime.align import stage
 from nemoc.runtime.align.common import AlignError, Batch, make_batch, token_logprobs
-from nemoc.runtime.align.data import ChatTemplate, read_prompts
+from nemoc.runtime.align.data import read_prompts, template_for
 from nemoc.runtime.align.trainer import chunks
 from nemoc.runtime.objectives import grpo as objective
 from nemoc.runtime.objectives import verifiers
@@ -241,7 +241,7 @@ def _dp_mean(x: torch.Tensor) -> torch.Tensor:
 
 def queries_of(task, tok) -> tuple[list[Query], list[Query]]:
     """(train, held out) prompts of the stage's data sets, split by each data set's validation fraction."""
-    template = ChatTemplate.from_params(task.params)
+    template = template_for(task.params, task.tokenizer)
     seq = task.stage.seq_length
     train, val = [], []
     for entry in stage.raw_datasets(task, FORMATS):

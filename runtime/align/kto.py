@@ -28,7 +28,7 @@ from megatron.core import parallel_state
 
 from nemoc.runtime.align import stage
 from nemoc.runtime.align.common import AlignError, Batch, forward_only, make_batch, run, unwrap
-from nemoc.runtime.align.data import ChatTemplate, read_preferences, read_unpaired, unpair
+from nemoc.runtime.align.data import read_preferences, template_for, read_unpaired, unpair
 from nemoc.runtime.align.trainer import chunks
 from nemoc.runtime.objectives import kto as objective
 
@@ -183,7 +183,7 @@ def held_out_metrics(policy, reference: Reference, examples: Sequence[Example], 
 def examples_of(task, tok) -> tuple[list[Example], list[Example]]:
     """(train, held out) examples of every unpaired / preference data set of the stage; records are split
     first (the dataset's validation fraction, seeded), so a pair is never half trained on."""
-    template = ChatTemplate.from_params(task.params)
+    template = template_for(task.params, task.tokenizer)
     train: list[Example] = []
     val: list[Example] = []
     pair_index = 0
@@ -196,7 +196,7 @@ def examples_of(task, tok) -> tuple[list[Example], list[Example]]:
                 pair = pair_index if paired else None
                 pair_index += paired
                 for u in (unpair([rec]) if paired else [rec]):
-                    side.append(Example(template.prompt_ids(tok, u.prompt), template.reply_ids(tok, u.completion),
+                    side.append(Example(template.prompt_ids(tok, u.prompt), template.reply_ids(tok, u.completion, u.prompt),
                                         u.desirable, pair))
     return train, val
 

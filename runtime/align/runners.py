@@ -18,7 +18,7 @@ from nemoc.runtime import checkpoint as ckpt
 from nemoc.runtime import lora_peft
 from nemoc.runtime.align import common, dpo, grpo, kto, lora, orpo, ppo, reward, sft, stage, trainer
 from nemoc.runtime.align.common import AlignError
-from nemoc.runtime.align.data import ChatTemplate, read_preferences, read_prompts, read_sft
+from nemoc.runtime.align.data import read_preferences, read_prompts, read_sft, template_for
 from nemoc.runtime.align.stage import StageTask
 from nemoc.runtime.core import dist
 from nemoc.runtime.core import loop as core_loop
@@ -43,35 +43,65 @@ def resident_models(kind: str, params, peft) -> list[str]:
     return ["policy"]
 
 
-def _template(task: StageTask) -> ChatTemplate:
-    return ChatTemplate.from_params(task.params)
+def _template(task: StageTask):
+    """The stage's chat template as the plan resolved it (data.template_for)."""
+    return template_for(task.params, task.tokenizer)
 
 
 def _sft_samples(task: StageTask, tok):
+    """(train, held out) samples `(ids, weights)`, tokenized once for all ranks (_tokenized_once)."""
     template = _template(task)
-    train, val = [], []
-    for entry in stage.raw_datasets(task, stage.SFT_FORMATS):
-        convs = read_sft(entry["path"], entry["format"])
-        t, v = stage.split_held_out(convs, stage.validation_fraction(entry), task.stage.seed)
-        train += [template.render(tok, c.messages) for c in t]
-        val += [template.render(tok, c.messages) for c in v]
-    return train, val
+
+    def build():
+        for entry in stage.raw_datasets(task, stage.SFT_FORMATS):
+            convs = read_sft(entry["path"], entry["format"])
+            t, v = stage.split_held_out(convs, stage.validation_fraction(entry), task.stage.seed)
+            for split, records in (("train", t), ("val", v)):
+                for c in records:
+                    ids, weights = template.render(tok, c.messages)
+                    yield {"split": split, "ids": ids, "w": weights}
+
+    rows = _tokenized_once(task, "sft", template, build, stage.SFT_FORMATS)
+    return ([(r["ids"], r["w"]) for r in rows if r["split"] == "train"],
+            [(r["ids"], r["w"]) for r in rows if r["split"] == "val"])
 
 
 def _pairs(task: StageTask, tok, records):
     template = _template(task)
-    return [dpo.Pair(prompt=template.prompt_ids(tok, r.prompt), chosen=template.reply_ids(tok, r.chosen),
-                     rejected=template.reply_ids(tok, r.rejected)) for r in records]
+    return [dpo.Pair(prompt=template.prompt_ids(tok, r.prompt), chosen=template.reply_ids(tok, r.chosen, r.prompt),
+                     rejected=template.reply_ids(tok, r.rejected, r.prompt)) for r in records]
 
 
 def _preference_pairs(task: StageTask, tok):
-    train, val = [], []
-    for entry in stage.raw_datasets(task, ("preference",)):
-        recs = read_preferences(entry["path"])
-        t, v = stage.split_held_out(recs, stage.validation_fraction(entry), task.stage.seed)
-        train += _pairs(task, tok, t)
-        val += _pairs(task, tok, v)
-    return train, val
+    """(train, held out) `dpo.Pair`s, tokenized once for all ranks (_tokenized_once)."""
+    def build():
+        for entry in stage.raw_datasets(task, ("preference",)):
+            recs = read_preferences(entry["path"])
+            t, v = stage.split_held_out(recs, stage.validation_fraction(entry), task.stage.seed)
+            for split, records in (("train", t), ("val", v)):
+                for p in _pairs(task, tok, records):
+                    yield {"split": split, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+
+    rows = _tokenized_once(task, "preference", _template(task), build, ("preference",))
+    pairs = {split: [dpo.Pair(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"])
+                     for r in rows if r["split"] == split] for split in ("train", "val")}
+    return pairs["train"], pairs["val"]
+
+
+def _tokenized_once(task: StageTask, what: str, template, build, formats) -> list[dict]:
+    """The stage's samples tokenized by rank 0 into a content-hashed cache under the stage's output
+    directory (runtime/hf/datasets.py `tokenized_cache`), which every other rank reads after a barrier:
+    the key hashes the data files' bytes, their formats and validation fractions, the seed, the chat
+    template (its jinja or markers) and the tokenizer's files, so a change of any re-tokenizes."""
+    from nemoc.runtime.hf.datasets import content_key, file_digest, tokenized_cache, tokenizer_digest
+
+    entries = stage.raw_datasets(task, formats)
+    key = content_key(what, task.stage.seed, template.fingerprint(), tokenizer_digest(task.tokenizer),
+                      *[(e["format"], stage.validation_fraction(e), file_digest(e["path"])) for e in entries])
+    ready = torch.distributed.is_available() and torch.distributed.is_initialized()
+    writer = not ready or torch.distributed.get_rank() == 0
+    return tokenized_cache(task.output_dir / "tokenized", f"{what}-{key}", build, writer=writer,
+                           wait=torch.distributed.barrier if ready else None)
 
 
 def _policy(task: StageTask, checkpoint: str | stage.Start):
@@ -188,7 +218,7 @@ def run_sft(task: StageTask) -> dict:
     train, val = _sft_samples(task, tok)
     s, seq = task.stage, task.stage.seq_length
     packing = task.stage.params.pack
-    rows = sft.pack(sft.truncate(train, seq), seq, packing)
+    rows = sft.shuffled(sft.pack(sft.truncate(train, seq), seq, packing), s.seed)
     chunk = _policy(task, stage.policy_start(task))
     varlen = stage.varlen_attention(task)
     val_batches = sft.rows_to_batches([[x] for x in sft.truncate(val, seq)], seq, s.layout.micro_batch, tok.pad,

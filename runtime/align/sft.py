@@ -17,6 +17,7 @@ tensor (tests/runtime/align/test_align_varlen.py measures it). Only Megatron's `
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import torch
@@ -56,6 +57,16 @@ def pack(samples: Sequence[Sample], seq_length: int, enabled: bool) -> list[list
             bins.append([s])
             room.append(capacity - len(s[0]))
     return bins
+
+
+def shuffled(rows: Sequence[list[Sample]], seed: int) -> list[list[Sample]]:
+    """The rows in a seeded random order. `pack` fills bins longest sample first, so its rows (and unpacked
+    rows, when the data file happens to be sorted) would otherwise run from long to short and the logged
+    loss would trace the length distribution, not learning. Packing stays first-fit-decreasing over the
+    whole data set (the densest rows); only the order in which rows are consumed is shuffled."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in order]
 
 
 def rows_to_batches(rows: Sequence[list[Sample]], seq_length: int, micro_batch: int, pad_id: int = 0, *,

@@ -106,8 +106,7 @@ class ChatTemplate:
         if not template:
             raise ChatError(f"{directory}: no chat_template in tokenizer_config.json or chat_template.jinja; name a "
                             f"built-in ({', '.join(BUILTIN_TEMPLATES)})")
-        special = {k: config.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token") if config.get(k)}
-        return cls(template, special=special)
+        return cls(template, special=tokenizer_special(directory))
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False, **extra) -> str:
         from jinja2.exceptions import TemplateError
@@ -140,6 +139,13 @@ class ChatTemplate:
         enc = encode(text)
         mask = [int(any(a <= start < b for a, b in spans)) for start, _end in enc.offsets]
         return list(enc.ids), mask
+
+
+def tokenizer_special(directory: str | Path) -> dict[str, Any]:
+    """The bos/eos/pad/unk tokens a tokenizer directory's tokenizer_config.json names (those it sets)."""
+    config_path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    return {k: config.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token") if config.get(k)}
 
 
 def _builtin_special(name: str) -> dict[str, str]:

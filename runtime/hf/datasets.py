@@ -18,6 +18,7 @@ Errors: `DatasetError` (= compiler.hfdata.HfDataError) naming the path and what 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable, Iterator, Mapping
@@ -76,15 +77,66 @@ def read_records(path: str | Path, *, split: str | None = None,
             yield _rename(record, columns)
 
 
-def tokenized_cache(cache_dir: str | Path, key: str, build: Callable[[], Iterator[dict[str, Any]]]) -> list[dict]:
+def tokenized_cache(cache_dir: str | Path, key: str, build: Callable[[], Iterator[dict[str, Any]]], *,
+                    writer: bool = True, wait: Callable[[], None] | None = None) -> list[dict]:
     """Samples (e.g. {"ids": [...], "mask": [...]}) tokenized once under `key` (a content hash of the
-    data, template and tokenizer); the first caller builds and writes atomically, the others read."""
+    data, template and tokenizer) into `<cache_dir>/<key>.jsonl`.
+
+    Ranks: the `writer` (rank 0) builds and writes the file atomically when it is not there yet; then every
+    rank passes `wait` (a barrier) and reads it. A rank that still finds no file (a node that does not see
+    the writer's filesystem, or every rank when the writer's build raised) builds the samples itself rather
+    than wait forever. Without `wait` (one process) the caller builds when the file is missing."""
     path = Path(cache_dir) / f"{key}.jsonl"
+    if writer and not path.is_file():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, "".join(json.dumps(s, separators=(",", ":")) + "\n" for s in build()))
+        except BaseException:
+            # a bad record (DataError naming its file:line): release the others from the barrier; finding no
+            # file they build themselves and stop on the same record with the same message
+            if wait is not None:
+                wait()
+            raise
+    if wait is not None:
+        wait()
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, "".join(json.dumps(s, separators=(",", ":")) + "\n" for s in build()))
+        return list(build())
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+CACHE_VERSION = 1  # bumped when what a cached sample holds changes
+# The files of a tokenizer directory that decide its tokens and chat template (weights are not hashed).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_digest(spec: str | None) -> str:
+    """What identifies a tokenizer's output: the digest of its file, or of a Hugging Face directory's
+    tokenizer files; `tiktoken:NAME` is its own name."""
+    if not spec:
+        return "none"
+    path = Path(spec)
+    if path.is_file():
+        return file_digest(path)
+    if path.is_dir():
+        return content_key(*[(name, file_digest(path / name)) for name in _TOKENIZER_FILES if (path / name).is_file()])
+    return str(spec)
+
+
+def content_key(*parts: Any) -> str:
+    """A short hex key of JSON-able parts (with CACHE_VERSION)."""
+    text = json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
 
 
 def shuffled_order(n: int, seed: int) -> list[int]:

@@ -57,13 +57,20 @@ def test_every_stage_kind_has_a_record_with_every_schema_field_at_its_schema_def
 
 def test_lowering_fills_every_default_and_keeps_what_was_written(tmp_path):
     spec = _spec(tmp_path, EVERY_KIND)
-    for stage in spec.stages:  # nothing kind-specific written: each record is the schema's defaults
-        assert stage.params == StageParams.of(stage.kind), stage.name
+    markers = {**{a.name: a.default for a in CALLS["template"]}, "name": "markers", "tokenizer": None}
+    for stage in spec.stages:  # nothing kind-specific written: each record is the schema's defaults, except
+        # the chat template, which lowering always decides (compiler/chattemplate.py): here role markers
+        template = dict(stage.params.template) if "template" in stage.params else None
+        defaults = StageParams.of(stage.kind)
+        if template is not None:
+            assert template == markers, stage.name
+            defaults = StageParams.of(stage.kind, {**dict(defaults), "template": stage.params.template})
+        assert stage.params == defaults, stage.name
     written = _spec(tmp_path, EVERY_KIND.replace("stage dpo after sft { ", "stage dpo after sft { beta = 1  "
                                                  "template = template(user = \"U: \")  "))
     dpo = written.stage("dpo").params
     assert dpo.beta == 1.0 and isinstance(dpo.beta, float) and dpo.loss == "dpo"  # written, and a default
-    assert dict(dpo.template) == {**{a.name: a.default for a in CALLS["template"]}, "user": "U: "}
+    assert dict(dpo.template) == {**markers, "user": "U: "}
 
 
 def test_an_export_only_experiment_keeps_the_checkpoints_dtype(tmp_path):

@@ -105,7 +105,9 @@ def test_every_stage_field_lands_in_the_spec(tmp_path):
     assert dpo.kind == "dpo" and dpo.epochs == 1.5
     # the kind's typed record: what was written, every other parameter (and call argument) at the schema's default
     assert dpo.params.beta == 0.2 and dpo.params.loss == "ipo" and dpo.params.reference == "model"
-    assert dict(dpo.params.template) == {"system": "<|system|>\n", "user": "U: ", "assistant": "A: ", "end": "\n"}
+    # (the chat template's `name` and `tokenizer` are decided by lowering: markers were written, no tokenizer)
+    assert dict(dpo.params.template) == {"system": "<|system|>\n", "user": "U: ", "assistant": "A: ", "end": "\n",
+                                         "name": "markers", "tokenizer": None}
     assert dpo.params == StageParams.of("dpo", {"beta": 0.2, "loss": "ipo", "template": dpo.params.template})
     assert dpo.optimizer.name == "sgd" and dpo.optimizer.lr == 0.1 and dpo.schedule.name == "wsd"
     assert dpo.peft.rank == 4 and dpo.peft.targets == ("qkv",)
@@ -113,7 +115,9 @@ def test_every_stage_field_lands_in_the_spec(tmp_path):
     assert dpo.parallel.tensor == 1 and dpo.parallel.recompute == "selective"  # inherits the experiment's
     assert spec.data[0].weight == 2.0 and spec.data[1].options == {"documents": "line"}
     assert spec.stage("out").after == ("dpo",) and spec.stage("out").params == StageParams.of("export", {"dtype": "bfloat16"})
-    assert spec.stage("check").params == StageParams.of("eval", {"prompts": ("hi",)})
+    check = spec.stage("check").params
+    assert check == StageParams.of("eval", {"prompts": ("hi",), "template": check.template})
+    assert check.template["name"] == "markers"  # no template written and no tokenizer directory
     assert spec.spans["stage.dpo.parallel.tensor"].line == 15
     assert spec.spans["stage.dpo.optimizer.lr"].line == 12
 
