@@ -21,7 +21,9 @@ from nemoc.compiler.target import StageCaps, Target
 # segments on TE's attention and on the SDPA core of runtime/model.py, only an `unfused` core the user
 # chose gets an explicit mask; LoRA on TE's fused LayerNorm-linear normalises its own input, lora.py
 # `LoraLinear._adapter_input`). sft, dpo, kto, orpo and reward train and evaluate through Megatron's schedules at
-# any pipeline layout (no virtual stages: common.py `build_gpt`); PPO's rollout and experience passes
+# any pipeline layout, virtual pipeline stages included (common.py `build_gpt` builds a rank's vp chunks,
+# trainer.py `fit` feeds each chunk the step's micro-batches for the interleaved schedule, core/loop.py
+# `forward_only` runs reference and held-out passes in groups of pp micro-batches); PPO's rollout and experience passes
 # call the whole model (runners.py `_trainer` refuses pp > 1 for it); its rollouts, and GRPO's, decode with
 # Megatron-Core's StaticInferenceContext (runtime/generation.py, called by runtime/align/ppo.py `iteration`
 # and runtime/align/grpo.py `rollout`); GRPO runs TP/DP only, as PPO. KTO and ORPO train and evaluate
@@ -33,10 +35,10 @@ from nemoc.compiler.target import StageCaps, Target
 # (runtime/orchestrate/tasks/hf.py) and loaded where a parent's checkpoint would be (runtime/align/stage.py
 # `policy_start`, runtime/core/build.py `restore_or_initialize`).
 _ALIGN = StageCaps(
-    pipeline=True, virtual_pipeline=False, context_parallel=False, te=True, moe=True, hf_init=True,
-    runs="the nemoc runtime's sft, dpo, kto, orpo and reward stages (runtime/align) run TP/PP/DP without virtual "
-         "stages",
-    source="nemoc runtime/align/common.py build_gpt (vp), runtime/align/trainer.py (whole rows: no cp)")
+    pipeline=True, virtual_pipeline=True, context_parallel=False, te=True, moe=True, hf_init=True,
+    runs="the nemoc runtime's sft, dpo, kto, orpo and reward stages (runtime/align) run TP/PP/VP/DP",
+    source="nemoc runtime/align/trainer.py fit (interleaved schedule over a rank's chunks), runtime/align/trainer.py "
+           "(whole rows: no cp)")
 _PPO = StageCaps(
     pipeline=False, context_parallel=False, te=True, moe=False, kv_cache_rollout=True, hf_init=True,
     runs="the nemoc runtime's ppo and grpo stages (runtime/align) run TP/DP only",

@@ -48,15 +48,16 @@ class AlignError(RuntimeError):
 # ------------------------------------------------------------------------------------ process group
 
 
-def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+def init_distributed(*, tp: int = 1, pp: int = 1, cp: int = 1, vp: int | None = None, seed: int = 1234) -> None:
     """The training core's process group and model-parallel groups (runtime.core.dist, the one caller of
-    initialize_model_parallel) for tp x pp x (the rest: data parallel), then the core's seeding."""
+    initialize_model_parallel) for tp x pp x cp x (the rest: data parallel), with `vp` virtual pipeline
+    stages per pipeline rank (the interleaved schedule), then the core's seeding."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % (tp * pp):
-        raise AlignError(f"world size {world} is not a multiple of tp({tp}) * pp({pp})")
-    dp = world // (tp * pp)
+    if world % (tp * pp * cp):
+        raise AlignError(f"world size {world} is not a multiple of tp({tp}) * pp({pp}) * cp({cp})")
+    dp = world // (tp * pp * cp)
     try:
-        dist.init_distributed(layout=single_layout(tp=tp, pp=pp, dp=dp, global_batch=dp))
+        dist.init_distributed(layout=single_layout(tp=tp, pp=pp, cp=cp, vp=vp, dp=dp, global_batch=dp))
     except dist.TaskError as exc:
         raise AlignError(str(exc)) from None
     dist.set_seed(seed)
@@ -117,9 +118,9 @@ class ModelShape:
 
 
 def single_layout(*, tp: int = 1, pp: int = 1, dp: int = 1, micro_batch: int = 1, global_batch: int = 1,
-                  sequence_parallel: bool = False) -> Layout:
+                  sequence_parallel: bool = False, vp: int | None = None, cp: int = 1) -> Layout:
     """A resolved Layout for tests and one-process tools (export, evaluation)."""
-    return Layout(tp=tp, pp=pp, vp=None, cp=1, ep=1, etp=1, dp=dp, micro_batch=micro_batch,
+    return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=1, etp=1, dp=dp, micro_batch=micro_batch,
                   global_batch=global_batch, num_microbatches=max(1, global_batch // (micro_batch * dp)),
                   sequence_parallel=sequence_parallel, distributed_optimizer=False, recompute="none")
 
@@ -134,7 +135,7 @@ def machine_facts() -> margs.MachineFacts:
 def build_gpt(spec, layout: Layout, *, precision: str = "fp32", vocab: int | None = None,
               seq_length: int | None = None, attention_backend: str = "unfused", scalar_head: bool = False,
               execution=None, facts: margs.MachineFacts | None = None):
-    """One GPTModel chunk for this pipeline rank, built by the training core (runtime.core.build
+    """This pipeline rank's GPTModel chunk, built by the training core (runtime.core.build
     `build_chunks`, the construction pretraining uses), so parameters and checkpoints match the
     pretraining stage's.
 
@@ -142,22 +143,36 @@ def build_gpt(spec, layout: Layout, *, precision: str = "fp32", vocab: int | Non
     padding: runtime/align/stage.py `build`); tools and tests pass `precision` and `attention_backend`
     (`unfused`, Megatron's DotProductAttention, honours an explicit attention mask). `scalar_head`
     replaces the vocabulary output layer by a one-output head (reward model, critic).
-    Returns the chunk (Float16Module-wrapped for bf16/fp16); `unwrap(chunk)` is the GPTModel.
+    Returns the chunk (Float16Module-wrapped for bf16/fp16); `unwrap(chunk)` is the GPTModel. With
+    virtual pipeline stages (`layout.vp`) the rank holds vp chunks: a `Chunks` (torch ModuleList: one
+    `.parameters()`, `.eval()`, `.train()`; `chunk_list` gives the list the schedules take).
     `vocab` is the tokenizer's vocabulary (padded like pretraining); `seq_length` sizes the learned
     position table exactly as runtime.train does (the stage's sequence length).
     """
-    if layout.vp:
-        raise AlignError("alignment stages do not support virtual pipeline stages (vp); use vp = none")
     shape = ModelShape.of(spec, vocab, seq_length)
     try:
-        (chunk,), _, _ = core_build.build_chunks(
+        built, _, _ = core_build.build_chunks(
             model=spec, layout=layout, vocab_size=shape.vocab, seq_length=shape.seq_length,
             facts=facts or machine_facts(), execution=execution, precision=precision,
             attention_backend=attention_backend, head=ScalarHead if scalar_head else None)
     except margs.UnsupportedPlan as exc:
         raise AlignError(str(exc)) from None
-    unwrap(chunk).nemoc_shape = shape  # checked against a checkpoint's nemoc_model.json on load
-    return chunk
+    for chunk in built:
+        unwrap(chunk).nemoc_shape = shape  # checked against a checkpoint's nemoc_model.json on load
+    return built[0] if len(built) == 1 else Chunks(built)
+
+
+class Chunks(torch.nn.ModuleList):
+    """The model chunks of one rank under virtual pipeline parallelism (Megatron's interleaved schedule:
+    chunk i holds virtual stage i of this pipeline rank), handled as one model by the alignment code
+    (parameters, train/eval, freezing, checkpoints, LoRA) and as `list(chunks)` by the schedules."""
+
+
+def chunk_list(model) -> list:
+    """The chunks of a model as the schedules take them: `Chunks` -> its list, a list as it is, else [model]."""
+    if isinstance(model, (Chunks, list, tuple)):
+        return list(model)
+    return [model]
 
 
 class ScalarHead(MegatronModule):
@@ -184,11 +199,14 @@ class ScalarHead(MegatronModule):
 
 
 def model_sharded_state_dict(model, *, skip_output: bool = False) -> dict:
-    """{"model": GPTModel sharded state dict}: the layout `runtime.checkpoint` saves for pretraining."""
-    state = unwrap(model).sharded_state_dict()
+    """{"model": GPTModel sharded state dict} ({"model0": ..., "model1": ...} for virtual-pipeline chunks):
+    the layout `runtime.checkpoint` saves for pretraining. Tensors are matched by their global keys, so a
+    checkpoint written under one TP/PP/VP layout loads under any other."""
+    states = ckpt.model_sharded_state_dict(chunk_list(model))
     if skip_output:
-        state = {k: v for k, v in state.items() if not k.startswith("output_layer.")}
-    return {MODEL_KEY: state}
+        states = {key: {k: v for k, v in state.items() if not k.startswith("output_layer.")}
+                  for key, state in states.items()}
+    return states
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -215,7 +233,9 @@ def load_model(model, checkpoint: str | os.PathLike, *, skip_output: bool = Fals
     _check_shape(model, path)
     loaded = dist_checkpointing.load(ckpt.fresh_tensors(model_sharded_state_dict(model, skip_output=skip_output)),
                                      str(path))
-    missing, _ = unwrap(model).load_state_dict(loaded[MODEL_KEY], strict=False)
+    chunks = chunk_list(model)
+    keys = [MODEL_KEY] if len(chunks) == 1 else [f"{MODEL_KEY}{i}" for i in range(len(chunks))]
+    missing = [k for chunk, key in zip(chunks, keys) for k in unwrap(chunk).load_state_dict(loaded[key], strict=False)[0]]
     missing = [k for k in missing if not k.endswith("_extra_state") and not (skip_output and k.startswith("output_layer."))]
     if missing:
         raise AlignError(f"checkpoint {path} lacks {len(missing)} model tensors, e.g. {missing[:3]}")
@@ -226,9 +246,9 @@ def save_model(model, directory: str | os.PathLike, *, extra: Mapping | None = N
     """Model-only checkpoint (runtime.checkpoint.save_weights' layout) plus `nemoc_model.json`, which
     records the architecture so a later stage can refuse an incompatible checkpoint with a clear message."""
     directory = Path(directory)
-    ckpt.save_weights(str(directory), chunks=[model])
+    ckpt.save_weights(str(directory), chunks=chunk_list(model))
     if torch.distributed.get_rank() == 0:
-        info = {"shape": dataclasses.asdict(unwrap(model).nemoc_shape), **(extra or {})}
+        info = {"shape": dataclasses.asdict(unwrap(chunk_list(model)[0]).nemoc_shape), **(extra or {})}
         (directory / "nemoc_model.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     torch.distributed.barrier()
     return directory
@@ -236,7 +256,7 @@ def save_model(model, directory: str | os.PathLike, *, extra: Mapping | None = N
 
 def _check_shape(model, path: Path) -> None:
     info_path = path / "nemoc_model.json"
-    shape = getattr(unwrap(model), "nemoc_shape", None)
+    shape = getattr(unwrap(chunk_list(model)[0]), "nemoc_shape", None)
     if shape is None or not info_path.exists():
         return
     saved = json.loads(info_path.read_text()).get("shape", {})

@@ -82,7 +82,7 @@ class Reference:
     @torch.no_grad()
     def __call__(self, batches: Sequence[Batch], *, everywhere: bool = True) -> list[torch.Tensor | None]:
         if self.model is not None:
-            unwrap(self.model).eval()
+            self.model.eval()
             return sums(self.model, batches, everywhere=everywhere)
         from nemoc.runtime.align import lora
 
@@ -157,7 +157,7 @@ def held_out_metrics(policy, reference: Reference, examples: Sequence[Example], 
     """Implicit rewards r = beta (log pi - log ref) of the held-out examples: the desirable-minus-undesirable
     mean (`reward_margin`), `reward_auc` over every (desirable, undesirable) couple, and for examples
     that came from pairs `reward_accuracy` = P[r(chosen) > r(rejected)] per pair (ties count 1/2)."""
-    unwrap(policy).eval()
+    policy.eval()
     batches = [rows_batch([(e.prompt, e.completion) for e in group], seq_length, pad_id, varlen=varlen)
                for group in chunks(list(examples), micro_batch)]
     pi, ref = sums(policy, batches), reference(batches)

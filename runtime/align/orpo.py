@@ -84,7 +84,7 @@ def preference_accuracy(chunk, pairs: Sequence[Pair], *, seq_length: int, micro_
     """Held-out pairs: `reward_accuracy` = P[mean log pi(y_w) > mean log pi(y_l)] (ORPO's implicit reward is
     beta x the per-token mean log-prob; ties count 1/2), `reward_margin` (beta x the mean difference),
     `likelihood_accuracy` on summed log-probs (as DPO's), and `nll` of the chosen rows (prompt + completion)."""
-    unwrap(chunk).eval()
+    chunk.eval()
     groups = list(chunks(list(pairs), micro_batch))
     batches = [pair_batch(group, seq_length, pad_id, varlen=varlen) for group in groups]
     full_of = {id(b): _full_mask(g, seq_length, pad_id) for b, g in zip(batches, groups)}

@@ -44,7 +44,7 @@ def sequence_batch(sequences: Sequence[list[int]], seq_length: int, pad_id: int 
 @torch.no_grad()
 def score(model, sequences: Sequence[list[int]], seq_length: int, micro_batch: int = 32, pad_id: int = 0) -> torch.Tensor:
     """The score of each sequence (its last token's value), at any pipeline layout (every rank gets them)."""
-    unwrap(model).eval()
+    model.eval()
     items = [sequence_batch(group, seq_length, pad_id) for group in chunks(list(sequences), micro_batch)]
     lasts = {id(batch): last for batch, last in items}
     out = forward_only(model, [batch for batch, _ in items],

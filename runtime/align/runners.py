@@ -132,7 +132,7 @@ def _fit(task: StageTask, tr, metrics, *, items, to_microbatches, forward, token
     `checkpoint.every` steps and on a stop signal. Returns (the loop's final state, first step of this
     invocation)."""
     s = task.stage
-    restored = ckpt.resume(root=str(task.checkpoint_dir), chunks=[tr.model], optimizer=tr.optimizer,
+    restored = ckpt.resume(root=str(task.checkpoint_dir), chunks=tr.chunks, optimizer=tr.optimizer,
                            scheduler=tr.scheduler, distributed_optimizer=s.layout.distributed_optimizer,
                            warn=lambda line: metrics.event("warning", message=line))
     start = restored.iteration if restored is not None else 0
@@ -143,7 +143,7 @@ def _fit(task: StageTask, tr, metrics, *, items, to_microbatches, forward, token
                                  metrics=metrics)
 
     def training_state(state) -> dict:
-        return ckpt.training_state(chunks=[tr.model], optimizer=tr.optimizer, scheduler=tr.scheduler,
+        return ckpt.training_state(chunks=tr.chunks, optimizer=tr.optimizer, scheduler=tr.scheduler,
                                    iteration=state.iteration, consumed_samples=state.consumed_samples,
                                    extra={"stage": s.name, "kind": s.kind})
 

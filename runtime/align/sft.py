@@ -82,7 +82,7 @@ forward.reports = ("loss", "response_tokens")  # what loss_func reports, the los
 def response_loss(chunk, batches: Sequence[Batch]) -> float:
     """Mean per-token loss over all response tokens of `batches` (token-weighted, not batch-weighted), at
     any pipeline layout (common.forward_only; every rank gets the value)."""
-    unwrap(chunk).eval()
+    chunk.eval()
     sums = forward_only(chunk, [(b, {"labels": b.labels}) for b in batches],
                         lambda batch, out: (float((out.float() * batch.loss_mask).sum()), float(batch.loss_mask.sum())),
                         everywhere=True)

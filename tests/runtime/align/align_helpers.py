@@ -140,13 +140,13 @@ def arithmetic_world(root, mcore, *, seed: int):
     return root, spec, tok, qa
 
 
-def train_kind(common, kind: str, base, layout, *, steps: int = 3) -> list[float]:
+def train_kind(common, kind: str, base, layout, *, steps: int = 3, layers: int = 2) -> list[float]:
     """`steps` steps of an alignment kind ("sft", "dpo", "reward", "orpo", "kto") on tiny synthetic data from the
     checkpoint `base`, at `layout` (the caller's process group); the logged loss of every step.
     test_align_parallel.py runs it in one process and under torchrun (parallel_worker.py)."""
     from nemoc.runtime.align import dpo, kto, orpo, reward, sft, trainer
 
-    spec = llama_spec(seq_length=16, vocab=256)
+    spec = llama_spec(seq_length=16, vocab=256, layers=layers)
     model = common.build_gpt(spec, layout, scalar_head=kind == "reward")
     common.load_model(model, base, skip_output=kind == "reward")  # zero-initialised scalar head
     from nemoc.compiler.plan import Overlaps
