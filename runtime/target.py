@@ -29,16 +29,25 @@ from nemoc.compiler.target import StageCaps, Target
 # and runtime/align/grpo.py `rollout`); GRPO runs TP/DP only, as PPO. KTO and ORPO train and evaluate
 # through Megatron's schedules as sft/dpo do (KTO's KL baseline and reference scores by forward-only
 # schedules before each step: runtime/align/kto.py `microbatches`).
-# No context parallelism (their batches are not split along the sequence: every rank holds whole rows).
+# Context parallelism: every batch constructor hands each CP rank Megatron's load-balanced shard of whole
+# rows (common.py `on_this_cp_rank`, get_batch_on_this_cp_rank as pretraining uses); per-row sums of
+# log-probs, token counts and the reward model's last-token value are summed over the CP group
+# (`cp_sum`, differentiable) and each rank returns its share of the loss (`cp_share`). Attention: TE's
+# (ring) or the local spec's SDPA core (runtime/model.py `SDPAttention._context_parallel`, all-gathered
+# keys and values); Megatron's unfused core runs cp = 1 only (runtime/megatron_args.py refuses it). Rows
+# packed with several samples (sft `pack = true`) are split only by TE's THD attention with CP, which
+# this runtime does not drive: refused (`packed_context_parallel = False`; common.py `on_this_cp_rank`).
 # MoE models for sft/dpo/kto/orpo/reward (Megatron's MoELayer through the core's build; LoRA adapts their
 # attention); ppo, grpo and eval stay dense-only (untested); export writes MoE models as Mixtral / Qwen3-MoE (runtime/hf/trained.py). `init = hf(DIR)` is converted by the hf_import task
 # (runtime/orchestrate/tasks/hf.py) and loaded where a parent's checkpoint would be (runtime/align/stage.py
 # `policy_start`, runtime/core/build.py `restore_or_initialize`).
 _ALIGN = StageCaps(
-    pipeline=True, virtual_pipeline=True, context_parallel=False, te=True, moe=True, hf_init=True,
-    runs="the nemoc runtime's sft, dpo, kto, orpo and reward stages (runtime/align) run TP/PP/VP/DP",
-    source="nemoc runtime/align/trainer.py fit (interleaved schedule over a rank's chunks), runtime/align/trainer.py "
-           "(whole rows: no cp)")
+    pipeline=True, virtual_pipeline=True, context_parallel=True, packed_context_parallel=False, te=True, moe=True,
+    hf_init=True,
+    runs="the nemoc runtime's sft, dpo, kto, orpo and reward stages (runtime/align) run TP/PP/VP/CP/DP, context "
+         "parallelism on rows of one sample (packed rows need Transformer Engine's THD attention with CP)",
+    source="nemoc runtime/align/trainer.py fit (interleaved schedule over a rank's chunks), runtime/align/common.py "
+           "on_this_cp_rank (context-parallel shards; packed rows refused)")
 _PPO = StageCaps(
     pipeline=False, context_parallel=False, te=True, moe=False, kv_cache_rollout=True, hf_init=True,
     runs="the nemoc runtime's ppo and grpo stages (runtime/align) run TP/DP only",

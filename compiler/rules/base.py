@@ -62,6 +62,7 @@ class Env:
     hf_conversion: bool = False
     # the MoE settings the user wrote (None = auto): moe_dispatcher, moe_grouped_gemm, moe_permute_fusion
     moe_requested: tuple = (None, None, None)
+    packed: bool = False  # the stage packs several samples per row (sft `pack = true`)
 
     @property
     def stage_kernels(self) -> str:

@@ -283,6 +283,7 @@ class Batch:
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | None  # [b, 1, s, s] bool, True = masked out
     packed_seq_params: object | None = None  # megatron.core.packed_seq_params.PackedSeqParams
+    cp: int = 1  # context parallelism: the [b, s / cp] tensors are this rank's shard (`on_this_cp_rank`)
 
     def to(self, dev) -> "Batch":
         moved = {f: getattr(self, f).to(dev) for f in ("tokens", "labels", "loss_mask", "position_ids")}
@@ -291,7 +292,7 @@ class Batch:
         if packed is not None:
             packed = dataclasses.replace(packed, cu_seqlens_q=packed.cu_seqlens_q.to(dev),
                                          cu_seqlens_kv=packed.cu_seqlens_kv.to(dev))
-        return Batch(**moved, attention_mask=mask, packed_seq_params=packed)
+        return Batch(**moved, attention_mask=mask, packed_seq_params=packed, cp=self.cp)
 
     def shaped(self, output: torch.Tensor) -> torch.Tensor:
         """A last-stage output of a packed batch ([1, b * s, ...]) back in rows ([b, s, ...]); anything
@@ -302,9 +303,65 @@ class Batch:
         return output.reshape(b, s, *output.shape[2:])
 
     def pipeline_shape(self) -> tuple[int, int]:
-        """(sequence, micro-batch) of the activations the pipeline sends: a packed batch is one row of b x s."""
+        """(sequence, micro-batch) of the activations the pipeline sends: a packed batch is one row of b x s;
+        the whole sequence under context parallelism (the schedule divides it by cp)."""
         b, s = self.tokens.shape
-        return (b * s, 1) if self.packed_seq_params is not None else (s, b)
+        return (b * s, 1) if self.packed_seq_params is not None else (s * self.cp, b)
+
+
+def cp_size() -> int:
+    """The context-parallel group's size (1 outside a process group)."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_context_parallel_world_size()
+
+
+def on_this_cp_rank(batch: Batch, *, segments: torch.Tensor | None = None) -> Batch:
+    """This context-parallel rank's shard of a batch of whole rows, as pretraining shards its batches
+    (megatron.core.utils get_batch_on_this_cp_rank: the sequence cut into 2 x cp chunks, rank r keeps
+    chunks r and 2cp-1-r, balancing the causal work). Attention is plain causal (the attention core
+    gathers the group's keys and values); `segments` [b, s] (0 = padding) must hold one sample per row:
+    rows packed with several samples need Transformer Engine's THD attention with CP, refused here. The
+    batch as it is when cp = 1."""
+    cp = cp_size()
+    if cp == 1:
+        return batch
+    s = batch.tokens.shape[1]
+    if s % (2 * cp):
+        raise AlignError(f"context parallelism: seq_length({s}) must be a multiple of 2 x cp({cp}) = {2 * cp} "
+                         "(each rank holds two of 2 x cp equal chunks)")
+    if segments is not None and int(segments.max()) > 1:
+        raise AlignError(f"context parallelism (cp={cp}) with packed rows (several samples per row): packed "
+                         "sequences are split over CP ranks only by Transformer Engine's THD attention, which this "
+                         "runtime does not drive; set pack = false for this stage, or context = 1")
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    shard = get_batch_on_this_cp_rank({"tokens": batch.tokens, "labels": batch.labels, "loss_mask": batch.loss_mask,
+                                       "position_ids": batch.position_ids})
+    return Batch(**shard, attention_mask=None, packed_seq_params=None, cp=cp)
+
+
+def cp_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum over the context-parallel group of each rank's partial sums (per-row sums of its tokens).
+    Differentiable: the backward sums every rank's gradient, the adjoint of a total that every rank's loss
+    uses. The identity when cp = 1."""
+    if cp_size() == 1:
+        return x
+    import torch.distributed.nn.functional as dist_nn
+
+    return dist_nn.all_reduce(x, group=parallel_state.get_context_parallel_group())
+
+
+def cp_share(loss: torch.Tensor) -> torch.Tensor:
+    """A loss every context-parallel rank computes in full (from `cp_sum`s) as this rank's share: Megatron's
+    schedule multiplies a loss function's (loss, reports) loss by cp and DDP averages gradients over
+    dp x cp (schedules.py forward_step_calc_loss), so the shares of the cp ranks add up to the loss once."""
+    return loss / cp_size()
+
+
+def row_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[b] masked per-row sums over the whole sequence (the CP group's shards added)."""
+    return cp_sum((values * mask).sum(-1))
 
 
 def run(model, batch: Batch, **kwargs):
@@ -375,6 +432,10 @@ def pack_rows(packs: Iterable[list[tuple[list[int], list[int]]]], seq_length: in
     same_segment = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)
     loss_mask = weights[:, 1:] * same_segment
     inputs = segments[:, :-1]
+    if cp_size() > 1:  # this rank's shard of whole rows, plain causal attention (no mask, no thd)
+        batch = Batch(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), loss_mask=loss_mask,
+                      position_ids=positions[:, :-1].contiguous(), attention_mask=None)
+        return on_this_cp_rank(batch, segments=inputs).to(device())
     batch = Batch(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), loss_mask=loss_mask,
                   position_ids=positions[:, :-1].contiguous(),
                   attention_mask=None if varlen else causal_mask(inputs),
@@ -415,13 +476,14 @@ def forward_only(model, batches, fn, *, everywhere: bool = False) -> list:
 
 
 def token_logprobs(model, batch: Batch) -> torch.Tensor:
-    """[b, s] log p(label_t | tokens_<=t), via Megatron's (vocab-parallel) cross entropy."""
+    """[b, s] log p(label_t | tokens_<=t), via Megatron's (vocab-parallel) cross entropy (this context-
+    parallel rank's shard of the sequence under cp)."""
     return -run(model, batch, labels=batch.labels).float()
 
 
 def sequence_logprobs(model, batch: Batch) -> torch.Tensor:
-    """[b] sum of masked label log-probs per row."""
-    return (token_logprobs(model, batch) * batch.loss_mask).sum(-1)
+    """[b] sum of masked label log-probs per row (over the whole sequence)."""
+    return row_sums(token_logprobs(model, batch), batch.loss_mask)
 
 
 def gather_logits(model, batch: Batch) -> torch.Tensor:

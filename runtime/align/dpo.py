@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nemoc.runtime.align.common import AlignError, Batch, forward_only, make_batch, run, unwrap
+from nemoc.runtime.align.common import AlignError, Batch, cp_share, cp_sum, forward_only, make_batch, row_sums, run
 from nemoc.runtime.align.trainer import chunks
 from nemoc.runtime.objectives import preference as objectives_preference
 
@@ -59,9 +59,10 @@ def pair_batch(pairs: Sequence[Pair], seq_length: int, pad_id: int = 0, *, varle
 
 
 def sequence_scores(token_lp: torch.Tensor, mask: torch.Tensor, loss: str) -> torch.Tensor:
-    """Sum (dpo) or mean (ipo) of reply-token log-probs per row."""
-    total = (token_lp * mask).sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if loss == "ipo" else total
+    """Sum (dpo) or mean (ipo) of reply-token log-probs per row (over the whole sequence: the shards of a
+    context-parallel group added)."""
+    total = row_sums(token_lp, mask)
+    return total / cp_sum(mask.sum(-1)).clamp(min=1) if loss == "ipo" else total
 
 
 def preference_loss(policy: torch.Tensor, reference: torch.Tensor, *, beta: float, loss: str = "dpo",
@@ -172,11 +173,12 @@ def make_forward(*, beta: float, loss: str, label_smoothing: float = 0.0):
 
         def loss_func(output):
             mask = batch.loss_mask
-            sums = (-batch.shaped(output).float() * mask).sum(-1)
+            sums = row_sums(-batch.shaped(output).float(), mask)  # whole-sequence sums under context parallelism
             # the shared objective (equal to TRL's DPOTrainer): IPO's loss on per-token means, the logged
             # rewards and margins on sums for both losses, as TRL logs them
-            return objectives_preference.preference_loss(sums, mb["ref"].float(), mask.sum(-1), beta=beta, loss=loss,
-                                                         label_smoothing=label_smoothing)
+            value, reports = objectives_preference.preference_loss(
+                sums, mb["ref"].float(), cp_sum(mask.sum(-1)), beta=beta, loss=loss, label_smoothing=label_smoothing)
+            return cp_share(value), reports
 
         return token_loss, loss_func
 

@@ -434,6 +434,18 @@ def test_alignment_kinds_pipeline_with_virtual_stages(kind):
     assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, vp=2)) is None
 
 
+def test_alignment_kinds_split_rows_of_one_sample_over_context_parallel_ranks():
+    """runtime/align shards whole rows over CP ranks (common.on_this_cp_rank); rows packed with several
+    samples (sft pack = true) need TE's THD attention with CP: E126 at the stage's `context`."""
+    assert rules.rule_runtime_pipeline(env(stage_kind="dpo"), replace(VALID, cp=2)) is None
+    assert rules.rule_runtime_pipeline(env(stage_kind="sft"), replace(VALID, cp=2)) is None  # pack = false
+    v = rules.rule_runtime_pipeline(replace(env(stage_kind="sft"), packed=True), replace(VALID, cp=2))
+    assert v.code == "E126" and v.anchors[0] == "parallel.context"
+    assert "cp(2) > 1 with pack = true" in v.equation and "pack = false" in v.hint
+    assert rules.rule_runtime_pipeline(replace(env(stage_kind="sft"), packed=True), replace(VALID, cp=1)) is None
+    assert rules.rule_runtime_pipeline(replace(env(stage_kind="pretrain"), packed=True), replace(VALID, cp=2)) is None
+
+
 def test_pretrain_may_pipeline_and_every_stage_kind_has_capabilities():
     from nemoc.dsl.schema import STAGE_KINDS
 

@@ -26,9 +26,17 @@ def main(out: Path, kind: str, mode: str) -> None:
     layers = int(sys.argv[4]) if len(sys.argv) > 4 else 2
     losses = train_kind(common, kind, out / "base",
                         common.single_layout(tp=tp, pp=pp, dp=dp, vp=vp, cp=cp, global_batch=8, micro_batch=2),
-                        layers=layers)
+                        layers=layers, attention="flash" if cp > 1 else "unfused")
     if torch.distributed.get_rank() == 0:
         (out / f"{kind}_{mode}.json").write_text(json.dumps(losses))
+    if mode == "cp2" and kind == "sft":  # two samples in one row cannot be split over CP ranks here
+        try:
+            common.pack_rows([[([1, 2, 3], [0, 1, 1]), ([4, 5, 6], [0, 1, 1])]], 16, varlen=True)
+            refusal = "accepted"
+        except common.AlignError as exc:
+            refusal = str(exc)
+        if torch.distributed.get_rank() == 0:
+            (out / "sft_cp2_packed.txt").write_text(refusal)
     common.teardown_distributed()
 
 

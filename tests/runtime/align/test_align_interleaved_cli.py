@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 
-SPEC = """import "{hardware}"
+SPEC = """import "common/hardware.nemo"
 
 experiment interleaved {{
   cluster cpu_box {{}}
@@ -91,8 +91,9 @@ def test_sft_then_dpo_run_interleaved_end_to_end(mcore, tmp_path):
     from nemoc.compiler.plan import from_json
 
     spec = tmp_path / "interleaved.nemo"
-    spec.write_text(SPEC.format(hardware=REPO / "examples" / "common" / "hardware.nemo",
-                                data=REPO / "examples" / "data"))
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "hardware.nemo").write_text((REPO / "examples" / "common" / "hardware.nemo").read_text())
+    spec.write_text(SPEC.format(data=REPO / "examples" / "data"))
     workdir = tmp_path / "run"
     run = subprocess.run([sys.executable, "-m", "nemoc.runtime.cli", "run", str(spec), "--workdir", str(workdir)],
                          capture_output=True, text=True, timeout=1500, env=dict(os.environ, OMP_NUM_THREADS="1"),
