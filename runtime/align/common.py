@@ -347,9 +347,24 @@ def cp_sum(x: torch.Tensor) -> torch.Tensor:
     uses. The identity when cp = 1."""
     if cp_size() == 1:
         return x
-    import torch.distributed.nn.functional as dist_nn
+    return _ContextSum.apply(x, parallel_state.get_context_parallel_group())
 
-    return dist_nn.all_reduce(x, group=parallel_state.get_context_parallel_group())
+
+class _ContextSum(torch.autograd.Function):
+    """All-reduce (sum) over a group; backward: the all-reduce of the gradients (`cp_sum`)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        total = x.clone()
+        torch.distributed.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def cp_share(loss: torch.Tensor) -> torch.Tensor:

@@ -187,6 +187,10 @@ def run_sft(task: StageTask) -> dict:
     train, val = _sft_samples(task, tok)
     s, seq = task.stage, task.stage.seq_length
     packing = task.stage.params.pack
+    if packing and s.layout.cp > 1:  # `nemoc check` says so too (E126, the target's packed_context_parallel)
+        raise AlignError(f"stage {s.name}: context parallelism (cp={s.layout.cp}) with packed rows (pack = true): "
+                         "packed sequences are split over CP ranks only by Transformer Engine's THD attention, "
+                         "which this runtime does not drive; set pack = false for this stage, or context = 1")
     rows = sft.pack(sft.truncate(train, seq), seq, packing)
     chunk = _policy(task, stage.policy_start(task))
     varlen = stage.varlen_attention(task)

@@ -1,7 +1,8 @@
 """`nemoc run` of an sft -> dpo chain whose stages run pipeline 2 x virtual pipeline 2 (Megatron's
 interleaved schedule, two model chunks per rank) on the CPU box: both stages finish, the plan carries the
-interleaved layout, and the SFT stage's checkpoint, written by two ranks of two chunks, loads into one
-process's model (the DPO stage loaded it at its own layout)."""
+interleaved layout, the LoRA SFT stage saves the adapters of all four chunks (global layer names) and
+merges them, and its checkpoint, written by two ranks of two chunks, loads into one process's model (the
+DPO stage loaded it at its own layout)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ experiment interleaved {{
     steps = 4
     global_batch = 8
     optimizer = adam(lr = 3e-4, weight_decay = 0.0)
+    peft = lora(rank = 8, alpha = 16)
     parallel {{
       pipeline = 2
       virtual_pipeline = 2
@@ -105,6 +107,8 @@ def test_sft_then_dpo_run_interleaved_end_to_end(mcore, tmp_path):
         assert (layout.pp, layout.vp, layout.num_microbatches % layout.pp) == (2, 2, 0), layout
     done = {k: json.loads((workdir / "tasks" / f"train_{k}" / "DONE.json").read_text()) for k in ("sft", "dpo")}
     assert done["sft"]["steps"] == 4 and math.isfinite(done["sft"]["final_loss"])
+    # the adapters rank 0 holds (the first and third of the four layers: its two chunks)
+    assert done["sft"]["adapter_parameters"] > 0 and Path(done["sft"]["adapter_checkpoint"]).is_dir()
     assert done["dpo"]["steps"] == 3 and done["dpo"]["final_loss"] == pytest.approx(math.log(2), abs=0.01)
     assert done["dpo"]["val_before"]["reward_accuracy"] == 0.5  # the policy starts as its reference
 
