@@ -202,3 +202,14 @@ def options_for(cluster: object, scheduler: str) -> SchedulerOptions:
 
 __all__ = ["options_for", "OptionsMismatch", "Record", "StageParams", "SchedulerOptions", "UnknownParameter", "STAGE_PARAMS_TYPES",
            "SCHEDULER_OPTIONS_TYPES", "SCHEDULERS"]
+
+
+def packs_sequences(kind: str, params=None) -> bool:
+    """Whether a stage packs several samples into one row (sft's `pack`, default true; `params` None: the
+    kind's defaults): its rows are variable-length `thd` sequences, which not every target splits over
+    context-parallel ranks."""
+    try:
+        record = StageParams.of(kind, params)
+    except (KeyError, ValueError, TypeError):
+        return False
+    return bool(getattr(record, "pack", False))

@@ -58,6 +58,7 @@ from nemoc.compiler.search import (
     gib,
     search,
 )
+from nemoc.compiler.params import packs_sequences
 from nemoc.compiler.spec import ExperimentSpec, ParallelSpec, StageSpec, resolve_kernels
 from nemoc.compiler.target import MEGATRON_CORE, Target
 from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Note, Severity
@@ -344,7 +345,8 @@ def not_fit_diagnostic(spec: ExperimentSpec, stage: StageSpec, problem: Problem,
 
 
 def _stage_warnings(spec: ExperimentSpec, stage: StageSpec, problem: Problem, chosen: Candidate) -> list[Diagnostic]:
-    env = env_of(spec, stage.kind, problem.attention_backend, problem.optimizer, problem.target, problem.hf_conversion)
+    env = env_of(spec, stage.kind, problem.attention_backend, problem.optimizer, problem.target, problem.hf_conversion,
+                 packs_sequences(stage.kind, stage.params))
     return [to_diagnostic(v, spec, stage) for v in violations(env, _sizes(problem, chosen.layout), WARNING_RULES)]
 
 

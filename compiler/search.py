@@ -49,6 +49,7 @@ from nemoc.compiler import cost, memory
 from nemoc.compiler.catalog.hardware import TRAINING_PRECISIONS, HardwareSpec
 from nemoc.compiler.flops import chunk_layers
 from nemoc.compiler.execution import host_execution, moe_execution
+from nemoc.compiler.params import packs_sequences
 from nemoc.compiler.plan import Estimate, HostExecution, Layout, MemoryBreakdown, MoeExecution
 from nemoc.compiler.rules import (
     ERROR_RULES,
@@ -140,7 +141,14 @@ class Problem:
         precisions = tuple(p for p in TRAINING_PRECISIONS if self.gpu.supports(p))
         return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind,
                    self.kernels, self.optimizer, self.target, self.fp8_recipe, self.hf_conversion, self.moe_requested,
-                   self.host_requested)
+                   self.host_requested, packs_sequences(self.stage_kind, self.params))
+
+    @property
+    def splits_sequences(self) -> bool:
+        """Whether the target runs this stage context-parallel (a stage that packs samples per row needs
+        `packed_context_parallel` too)."""
+        caps = self.target.caps(self.stage_kind)
+        return caps.context_parallel and (caps.packed_context_parallel or not packs_sequences(self.stage_kind, self.params))
 
     def moe_of(self, layout: Layout) -> MoeExecution | None:
         """The MoE settings a stage runs with `layout` (execution.moe_execution); None for dense models."""
@@ -580,7 +588,7 @@ def _groups(p: Problem, env: Env, rec: _Recorder) -> list[tuple]:
             continue
         for pp in _pp_domain(p, tp):
             rest = world // (tp * pp) if world % (tp * pp) == 0 else 0
-            splits = p.target.caps(p.stage_kind).context_parallel  # policy: auto CP only where the target splits
+            splits = p.splits_sequences  # policy: auto CP only where the target splits this stage's rows
             cps = _pick(p.fixed.context, [c for c in divisors(rest) if c == 1 or (splits and p.seq_length % (2 * c) == 0)]
                         if rest else [])
             for cp in cps:
@@ -778,7 +786,7 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
     experts = p.model.experts if p.model.is_moe else 1
     for tp, pp, cp, vp, ep, mb in itertools.product(
             rng(f.tensor, world), rng(f.pipeline, world if piped else 1),
-            rng(f.context, world if p.target.caps(p.stage_kind).context_parallel else 1), vps,
+            rng(f.context, world if p.splits_sequences else 1), vps,
             rng(f.expert, max(experts, 1)), rng(f.micro_batch, mb_hi)):
         dp = f.data if f.data is not None else (world // (tp * pp * cp) if world % (tp * pp * cp) == 0 else None)
         etps = rng(f.expert_tensor, world) if p.model.is_moe else [f.expert_tensor or tp]

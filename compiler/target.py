@@ -23,6 +23,9 @@ class StageCaps:
     pipeline: bool = True  # pp > 1 (and so virtual pipeline stages, where `virtual_pipeline`)
     virtual_pipeline: bool = True  # vp > 1: the interleaved schedule (needs `pipeline`)
     context_parallel: bool = True  # cp > 1: the sequence split over a context-parallel group
+    # cp > 1 for a stage that packs several samples per row (sft `pack = true`: variable-length `thd`
+    # sequences, which Megatron-Core splits over CP ranks only with Transformer Engine's THD attention)
+    packed_context_parallel: bool = True
     te: bool = True  # builds Transformer Engine's layer spec when the plan says kernels = te
     moe: bool = True  # builds mixture-of-experts models
     fp8: bool = True  # runs fp8 / mxfp8 GEMMs (otherwise an fp8 model's stage runs in bf16)

@@ -28,6 +28,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_tp_sharded_tensor_for_checkpoint
 
 from nemoc.runtime.align import lora
+from nemoc.runtime.align.common import Chunks
 from nemoc.runtime.model import unwrap
 
 PEFT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -161,6 +162,8 @@ def apply_peft(model, peft, *, seed: int = 1234) -> list[str]:
     """A stage's `peft = lora(...)`: Megatron/NeMo's fused adapters (targets qkv proj fc1 fc2, scale
     alpha / r) through `lora.apply_lora`, unchanged; with peft's names (q k v o gate up down) or `rslora`,
     the adapters above (fused names there keep one adapter on their fused layer)."""
+    if isinstance(model, Chunks):  # virtual-pipeline chunks: each its own layers (global names and seeds)
+        return [name for chunk in model for name in apply_peft(chunk, peft, seed=seed)]
     targets = tuple(peft.targets)
     rslora = bool(getattr(peft, "rslora", False))
     if not rslora and set(targets) <= set(lora.TARGETS):

@@ -172,13 +172,14 @@ def _recompute_kwargs(recompute: str, layers: int | None = None) -> dict:
     raise UnsupportedPlan(f"recompute {recompute!r} is not supported (none | selective | full)")
 
 
-def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts: MachineFacts) -> None:
+def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts: MachineFacts,
+                     attention: str | None = None) -> None:
     if precision in ("fp8", "mxfp8", "nvfp4") and not facts.have_te:
         raise UnsupportedPlan(f"precision {precision} needs Transformer Engine, which is not installed here")
-    if layout.cp > 1 and not facts.have_te:
+    if layout.cp > 1 and not facts.have_te and attention in ("unfused", None):
         raise UnsupportedPlan(
-            f"context parallelism (cp={layout.cp}) needs Transformer Engine's attention "
-            "(TEDotProductAttention); Megatron-Core's local attention supports cp=1 only"
+            f"context parallelism (cp={layout.cp}) needs Transformer Engine's attention (TEDotProductAttention) "
+            "or the local spec's flash (SDPA) core; Megatron-Core's unfused DotProductAttention supports cp=1 only"
         )
     if layout.optimizer_state_dtype != "fp32" and not facts.have_te:
         # `nemoc check` refuses it on the local spec (E191); Megatron-Core's OptimizerConfig raises without TE
@@ -244,7 +245,7 @@ def transformer_config(
         precision, attention_backend = execution.precision, execution.attention
     if precision is None or attention_backend is None:
         raise TypeError("transformer_config needs the stage's execution, or precision and attention_backend")
-    _check_supported(model=model, layout=layout, precision=precision, facts=facts)
+    _check_supported(model=model, layout=layout, precision=precision, facts=facts, attention=attention_backend)
     _check_fp8_recipe(execution.fp8_recipe if execution is not None else None, facts)
     moe = execution.moe if execution is not None else None
     _check_moe(moe, facts)

@@ -15,8 +15,10 @@ which attention is either
     qkv_format `thd`, cu_seqlens) are attended segment by segment: still O(s), no [s, s] mask.
 Both honour TP (each rank holds num_heads/tp heads and num_query_groups/tp KV groups), GQA (KV heads
 repeated to the query heads, as DotProductAttention does), the causal mask and attention dropout under
-the TP RNG tracker. Limitation: neither local core supports context parallelism (cp > 1 needs TE's
-attention, which runs ring attention across the CP group); megatron_args rejects that plan.
+the TP RNG tracker. Context parallelism (cp > 1): the SDPA core all-gathers the group's keys and values
+and attends its load-balanced query shard causally (`SDPAttention._context_parallel`; TE's attention runs
+ring attention instead); Megatron's unfused core supports cp = 1 only (megatron_args refuses the plan), and
+neither local core splits packed (thd) sequences over CP ranks.
 """
 
 from __future__ import annotations
@@ -55,7 +57,13 @@ class SDPAttention(DotProductAttention):
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, **kwargs):
-        super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
+        # DotProductAttention asserts context_parallel_size == 1 (its core sees one sequence shard); this
+        # core gathers the keys and values of the context-parallel group itself (`_context_parallel`).
+        cp, config.context_parallel_size = config.context_parallel_size, 1
+        try:
+            super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
+        finally:
+            config.context_parallel_size = cp
         if config.window_size is not None or config.softmax_type != "vanilla":
             raise ValueError("the flash (SDPA) attention core supports vanilla softmax without sliding windows; "
                              "use attention_backend = unfused")
@@ -67,8 +75,17 @@ class SDPAttention(DotProductAttention):
                 packed_seq_params=None):
         if attention_bias is not None:
             raise ValueError("the flash (SDPA) attention core takes no attention bias; use attention_backend = unfused")
+        cp = parallel_state.get_context_parallel_world_size()
         if packed_seq_params is not None:
+            if cp > 1:
+                raise ValueError("the flash (SDPA) attention core cannot split packed (thd) sequences over context-"
+                                 "parallel ranks; that needs Transformer Engine's THD attention with CP")
             return self._varlen(query, key, value, packed_seq_params)
+        if cp > 1:
+            if (attn_mask_type or self.attn_mask_type) != AttnMaskType.causal:
+                raise ValueError("the flash (SDPA) attention core splits only causal attention over context-parallel "
+                                 "ranks")
+            key, value = (_gather_context(t) for t in (key, value))
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         if groups > 1:  # GQA: each KV group serves `groups` consecutive query heads
             key = key.repeat_interleave(groups, dim=2)
@@ -80,12 +97,13 @@ class SDPAttention(DotProductAttention):
         if attention_mask is not None and not causal:
             mask = ~attention_mask  # Megatron: True = masked out; SDPA: True = attend
         dropout = self.config.attention_dropout if self.training else 0.0
+        attend = self._context_parallel if cp > 1 else self._sdpa
         if dropout > 0 and not self.config.sequence_parallel:
             # Per-TP-rank dropout streams, as DotProductAttention does.
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                context = self._sdpa(q, k, v, mask, causal, dropout)
+                context = attend(q, k, v, mask, causal, dropout)
         else:
-            context = self._sdpa(q, k, v, mask, causal, dropout)
+            context = attend(q, k, v, mask, causal, dropout)
         sq, b = query.shape[0], query.shape[1]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
@@ -113,11 +131,43 @@ class SDPAttention(DotProductAttention):
             pieces.append(context[0].transpose(0, 1))  # [n, np, hn]
         return torch.cat(pieces).reshape(query.shape[0], self.hidden_size_per_partition)
 
+    def _context_parallel(self, q, k, v, mask, causal, dropout):
+        """Causal attention of this context-parallel rank's queries over the whole sequence's keys and
+        values (`_gather_context`: all-gathered, in sequence order). The rank holds Megatron's load-balanced
+        shard (megatron.core.utils get_batch_on_this_cp_rank: the sequence cut into 2 x cp chunks, rank r
+        holds chunks r and 2cp-1-r), so its query chunk g attends to keys [0, (g+1) c) with the causal
+        boundary at its own offset: a [c, (g+1) c] boolean mask per chunk, O(c x s) memory (the all-gather
+        form of context parallelism, as Transformer Engine's cp_comm_type = all_gather)."""
+        cp, rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+        c = q.shape[2] // 2
+        pieces = []
+        for i, g in enumerate((rank, 2 * cp - 1 - rank)):
+            rows = torch.arange(g * c, (g + 1) * c, device=q.device).unsqueeze(1)
+            allowed = torch.arange((g + 1) * c, device=q.device).unsqueeze(0) <= rows  # True = attend
+            pieces.append(self._sdpa(q[:, :, i * c:(i + 1) * c], k[:, :, :(g + 1) * c], v[:, :, :(g + 1) * c],
+                                     allowed, False, dropout))
+        return torch.cat(pieces, dim=2)
+
     def _sdpa(self, q, k, v, mask, causal, dropout):
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and q.shape[2] > 1,
             scale=self.sdpa_scale,
         )
+
+
+def _gather_context(local: torch.Tensor) -> torch.Tensor:
+    """[s / cp, b, n, h] keys or values of this context-parallel rank -> [s, b, n, h] in sequence order.
+    Forward: an all-gather over the CP group; backward: the reduce-scatter of the gradient (each rank's
+    keys are attended by every rank's queries). Rank j holds the load-balanced chunks j and 2cp-1-j."""
+    cp = parallel_state.get_context_parallel_world_size()
+    gathered = tensor_parallel.gather_from_sequence_parallel_region(
+        local, tensor_parallel_output_grad=True, group=parallel_state.get_context_parallel_group())
+    c = local.shape[0] // 2
+    where = {}  # chunk index in the sequence -> its position in the gathered tensor
+    for j in range(cp):
+        where[j], where[2 * cp - 1 - j] = 2 * j, 2 * j + 1
+    order = torch.cat([torch.arange(where[g] * c, (where[g] + 1) * c) for g in range(2 * cp)]).to(local.device)
+    return gathered.index_select(0, order)
 
 
 def layer_spec(*, config, model: ModelSpec, attention_backend: str, have_te: bool):

@@ -21,24 +21,36 @@ from nemoc.compiler.target import StageCaps, Target
 # segments on TE's attention and on the SDPA core of runtime/model.py, only an `unfused` core the user
 # chose gets an explicit mask; LoRA on TE's fused LayerNorm-linear normalises its own input, lora.py
 # `LoraLinear._adapter_input`). sft, dpo, kto, orpo and reward train and evaluate through Megatron's schedules at
-# any pipeline layout (no virtual stages: common.py `build_gpt`); so do PPO (actor and critic) and GRPO
-# (policy): their steps run Megatron's schedules (trainer.py `Trainer.step`), their reward scores,
-# reference / old log-probs and critic values forward-only schedules (common.py `forward_everywhere`), and
-# their rollouts decode with Megatron-Core's StaticInferenceContext across the pipeline stages
-# (runtime/generation.py: each stage keeps its layers' KV cache, hidden states go stage to stage, the last
-# stage samples; called by runtime/align/ppo.py `iteration` and runtime/align/grpo.py `rollout`). KTO and ORPO train and evaluate
+# any pipeline layout, virtual pipeline stages included (common.py `build_gpt` builds a rank's vp chunks,
+# trainer.py `fit` feeds each chunk the step's micro-batches for the interleaved schedule, core/loop.py
+# `forward_only` runs reference and held-out passes in groups of pp micro-batches); so do PPO (actor and
+# critic) and GRPO (policy), without virtual stages: their steps run Megatron's schedules (trainer.py
+# `Trainer.step`), their reward scores, reference / old log-probs and critic values forward-only schedules
+# (common.py `forward_everywhere`), and their rollouts decode with Megatron-Core's StaticInferenceContext
+# across the pipeline stages (runtime/generation.py: each stage keeps its layers' KV cache, hidden states go
+# stage to stage, the last stage samples, one model chunk per rank; called by runtime/align/ppo.py
+# `iteration` and runtime/align/grpo.py `rollout`). KTO and ORPO train and evaluate
 # through Megatron's schedules as sft/dpo do (KTO's KL baseline and reference scores by forward-only
 # schedules before each step: runtime/align/kto.py `microbatches`).
-# No context parallelism (their batches are not split along the sequence: every rank holds whole rows).
+# Context parallelism: every batch constructor hands each CP rank Megatron's load-balanced shard of whole
+# rows (common.py `on_this_cp_rank`, get_batch_on_this_cp_rank as pretraining uses); per-row sums of
+# log-probs, token counts and the reward model's last-token value are summed over the CP group
+# (`cp_sum`, differentiable) and each rank returns its share of the loss (`cp_share`). Attention: TE's
+# (ring) or the local spec's SDPA core (runtime/model.py `SDPAttention._context_parallel`, all-gathered
+# keys and values); Megatron's unfused core runs cp = 1 only (runtime/megatron_args.py refuses it). Rows
+# packed with several samples (sft `pack = true`) are split only by TE's THD attention with CP, which
+# this runtime does not drive: refused (`packed_context_parallel = False`; common.py `on_this_cp_rank`).
 # MoE models for sft/dpo/kto/orpo/reward (Megatron's MoELayer through the core's build; LoRA adapts their
 # attention); ppo, grpo and eval stay dense-only (untested); export writes MoE models as Mixtral / Qwen3-MoE (runtime/hf/trained.py). `init = hf(DIR)` is converted by the hf_import task
 # (runtime/orchestrate/tasks/hf.py) and loaded where a parent's checkpoint would be (runtime/align/stage.py
 # `policy_start`, runtime/core/build.py `restore_or_initialize`).
 _ALIGN = StageCaps(
-    pipeline=True, virtual_pipeline=False, context_parallel=False, te=True, moe=True, hf_init=True,
-    runs="the nemoc runtime's sft, dpo, kto, orpo and reward stages (runtime/align) run TP/PP/DP without virtual "
-         "stages",
-    source="nemoc runtime/align/common.py build_gpt (vp), runtime/align/trainer.py (whole rows: no cp)")
+    pipeline=True, virtual_pipeline=True, context_parallel=True, packed_context_parallel=False, te=True, moe=True,
+    hf_init=True,
+    runs="the nemoc runtime's sft, dpo, kto, orpo and reward stages (runtime/align) run TP/PP/VP/CP/DP, context "
+         "parallelism on rows of one sample (packed rows need Transformer Engine's THD attention with CP)",
+    source="nemoc runtime/align/trainer.py fit (interleaved schedule over a rank's chunks), runtime/align/common.py "
+           "on_this_cp_rank (context-parallel shards; packed rows refused)")
 _PPO = StageCaps(
     pipeline=True, virtual_pipeline=False, context_parallel=False, te=True, moe=False, kv_cache_rollout=True,
     hf_init=True,

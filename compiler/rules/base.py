@@ -67,6 +67,7 @@ class Env:
     # the host settings the user wrote: (cuda_graph_impl | None, cuda_graph_scope, manual_gc | None,
     # manual_gc_interval | None)
     host_requested: tuple = (None, (), None, None)
+    packed: bool = False  # the stage packs several samples per row (sft `pack = true`)
 
     @property
     def stage_kernels(self) -> str:

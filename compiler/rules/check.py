@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from nemoc.compiler.catalog.hardware import TRAINING_PRECISIONS, get_gpu
+from nemoc.compiler.params import packs_sequences
 from nemoc.compiler.spec import ExperimentSpec, ParallelSpec, StageSpec, resolve_kernels
 from nemoc.compiler.target import MEGATRON_CORE, Target
 from nemoc.dsl.diagnostics import Diagnostic
@@ -63,7 +64,8 @@ def stage_parallel(spec: ExperimentSpec, stage: StageSpec) -> ParallelSpec:
 
 
 def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend: str | None = None,
-           optimizer: str = "adam", target: Target = MEGATRON_CORE, hf_conversion: bool = False) -> Env:
+           optimizer: str = "adam", target: Target = MEGATRON_CORE, hf_conversion: bool = False,
+           packed: bool = False) -> Env:
     arch, precisions = gpu_facts(spec.cluster.gpu)
     return Env(
         model=spec.model, cluster=spec.cluster, precision=spec.precision,
@@ -71,7 +73,7 @@ def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend
         gpu_arch=arch, gpu_precisions=precisions, stage_kind=stage_kind,
         kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=optimizer, target=target,
         fp8_recipe=spec.fp8_recipe, hf_conversion=hf_conversion,
-        moe_requested=(spec.moe_dispatcher, spec.moe_grouped_gemm, spec.moe_permute_fusion),
+        moe_requested=(spec.moe_dispatcher, spec.moe_grouped_gemm, spec.moe_permute_fusion), packed=packed,
         host_requested=host_requested(spec),
     )
 
@@ -98,7 +100,8 @@ def check_spec(spec: ExperimentSpec, target: Target = MEGATRON_CORE) -> tuple[Di
         seq = spec.model.seq_length if stage is None else stage_seq_length(spec, stage)
         gb = None if stage is None else stage.global_batch
         env = env_of(spec, stage.kind if stage else "pretrain", optimizer=stage.optimizer.name if stage else "adam",
-                     target=target, hf_conversion=stage is not None and is_hf_conversion(spec, stage))
+                     target=target, hf_conversion=stage is not None and is_hf_conversion(spec, stage),
+                     packed=stage is not None and packs_sequences(stage.kind, stage.params))
         own = stage is not None and stage.parallel is not None
         sizes = sizes_of(parallel, global_batch=gb, seq_length=seq)
         if stage is not None and stage.kind not in TRAINING_KINDS:

@@ -130,6 +130,15 @@ def rule_runtime_pipeline(env: Env, s: Sizes) -> Violation | None:
             "set context = 1 for this stage (its own `parallel { context = 1 }` block overrides the experiment's)",
             anchors=(_P + "context",), source=caps.source or f"the target `{env.target.name}`",
         )
+    if env.packed and not caps.packed_context_parallel and cp > 1:
+        return Violation(
+            "E126", f"`{env.stage_kind}` stages that pack samples cannot run context-parallel: {caps.runs}",
+            f"cp({cp}) > 1 with pack = true, but stage kind {env.stage_kind} splits only rows of one sample over "
+            "context-parallel ranks",
+            "set pack = false for this stage, or context = 1 (its own `parallel { context = 1 }` block overrides "
+            "the experiment's)",
+            anchors=(_P + "context",), source=caps.source or f"the target `{env.target.name}`",
+        )
     if (caps.pipeline or (pp <= 1 and vp <= 1)) and (caps.virtual_pipeline or vp <= 1):
         return None
     if caps.pipeline:  # pipelines, but without virtual stages

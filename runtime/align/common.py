@@ -48,15 +48,16 @@ class AlignError(RuntimeError):
 # ------------------------------------------------------------------------------------ process group
 
 
-def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+def init_distributed(*, tp: int = 1, pp: int = 1, cp: int = 1, vp: int | None = None, seed: int = 1234) -> None:
     """The training core's process group and model-parallel groups (runtime.core.dist, the one caller of
-    initialize_model_parallel) for tp x pp x (the rest: data parallel), then the core's seeding."""
+    initialize_model_parallel) for tp x pp x cp x (the rest: data parallel), with `vp` virtual pipeline
+    stages per pipeline rank (the interleaved schedule), then the core's seeding."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % (tp * pp):
-        raise AlignError(f"world size {world} is not a multiple of tp({tp}) * pp({pp})")
-    dp = world // (tp * pp)
+    if world % (tp * pp * cp):
+        raise AlignError(f"world size {world} is not a multiple of tp({tp}) * pp({pp}) * cp({cp})")
+    dp = world // (tp * pp * cp)
     try:
-        dist.init_distributed(layout=single_layout(tp=tp, pp=pp, dp=dp, global_batch=dp))
+        dist.init_distributed(layout=single_layout(tp=tp, pp=pp, cp=cp, vp=vp, dp=dp, global_batch=dp))
     except dist.TaskError as exc:
         raise AlignError(str(exc)) from None
     dist.set_seed(seed)
@@ -117,9 +118,9 @@ class ModelShape:
 
 
 def single_layout(*, tp: int = 1, pp: int = 1, dp: int = 1, micro_batch: int = 1, global_batch: int = 1,
-                  sequence_parallel: bool = False) -> Layout:
+                  sequence_parallel: bool = False, vp: int | None = None, cp: int = 1) -> Layout:
     """A resolved Layout for tests and one-process tools (export, evaluation)."""
-    return Layout(tp=tp, pp=pp, vp=None, cp=1, ep=1, etp=1, dp=dp, micro_batch=micro_batch,
+    return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=1, etp=1, dp=dp, micro_batch=micro_batch,
                   global_batch=global_batch, num_microbatches=max(1, global_batch // (micro_batch * dp)),
                   sequence_parallel=sequence_parallel, distributed_optimizer=False, recompute="none")
 
@@ -134,7 +135,7 @@ def machine_facts() -> margs.MachineFacts:
 def build_gpt(spec, layout: Layout, *, precision: str = "fp32", vocab: int | None = None,
               seq_length: int | None = None, attention_backend: str = "unfused", scalar_head: bool = False,
               execution=None, facts: margs.MachineFacts | None = None):
-    """One GPTModel chunk for this pipeline rank, built by the training core (runtime.core.build
+    """This pipeline rank's GPTModel chunk, built by the training core (runtime.core.build
     `build_chunks`, the construction pretraining uses), so parameters and checkpoints match the
     pretraining stage's.
 
@@ -142,22 +143,36 @@ def build_gpt(spec, layout: Layout, *, precision: str = "fp32", vocab: int | Non
     padding: runtime/align/stage.py `build`); tools and tests pass `precision` and `attention_backend`
     (`unfused`, Megatron's DotProductAttention, honours an explicit attention mask). `scalar_head`
     replaces the vocabulary output layer by a one-output head (reward model, critic).
-    Returns the chunk (Float16Module-wrapped for bf16/fp16); `unwrap(chunk)` is the GPTModel.
+    Returns the chunk (Float16Module-wrapped for bf16/fp16); `unwrap(chunk)` is the GPTModel. With
+    virtual pipeline stages (`layout.vp`) the rank holds vp chunks: a `Chunks` (torch ModuleList: one
+    `.parameters()`, `.eval()`, `.train()`; `chunk_list` gives the list the schedules take).
     `vocab` is the tokenizer's vocabulary (padded like pretraining); `seq_length` sizes the learned
     position table exactly as runtime.train does (the stage's sequence length).
     """
-    if layout.vp:
-        raise AlignError("alignment stages do not support virtual pipeline stages (vp); use vp = none")
     shape = ModelShape.of(spec, vocab, seq_length)
     try:
-        (chunk,), _, _ = core_build.build_chunks(
+        built, _, _ = core_build.build_chunks(
             model=spec, layout=layout, vocab_size=shape.vocab, seq_length=shape.seq_length,
             facts=facts or machine_facts(), execution=execution, precision=precision,
             attention_backend=attention_backend, head=ScalarHead if scalar_head else None)
     except margs.UnsupportedPlan as exc:
         raise AlignError(str(exc)) from None
-    unwrap(chunk).nemoc_shape = shape  # checked against a checkpoint's nemoc_model.json on load
-    return chunk
+    for chunk in built:
+        unwrap(chunk).nemoc_shape = shape  # checked against a checkpoint's nemoc_model.json on load
+    return built[0] if len(built) == 1 else Chunks(built)
+
+
+class Chunks(torch.nn.ModuleList):
+    """The model chunks of one rank under virtual pipeline parallelism (Megatron's interleaved schedule:
+    chunk i holds virtual stage i of this pipeline rank), handled as one model by the alignment code
+    (parameters, train/eval, freezing, checkpoints, LoRA) and as `list(chunks)` by the schedules."""
+
+
+def chunk_list(model) -> list:
+    """The chunks of a model as the schedules take them: `Chunks` -> its list, a list as it is, else [model]."""
+    if isinstance(model, (Chunks, list, tuple)):
+        return list(model)
+    return [model]
 
 
 class ScalarHead(MegatronModule):
@@ -184,11 +199,14 @@ class ScalarHead(MegatronModule):
 
 
 def model_sharded_state_dict(model, *, skip_output: bool = False) -> dict:
-    """{"model": GPTModel sharded state dict}: the layout `runtime.checkpoint` saves for pretraining."""
-    state = unwrap(model).sharded_state_dict()
+    """{"model": GPTModel sharded state dict} ({"model0": ..., "model1": ...} for virtual-pipeline chunks):
+    the layout `runtime.checkpoint` saves for pretraining. Tensors are matched by their global keys, so a
+    checkpoint written under one TP/PP/VP layout loads under any other."""
+    states = ckpt.model_sharded_state_dict(chunk_list(model))
     if skip_output:
-        state = {k: v for k, v in state.items() if not k.startswith("output_layer.")}
-    return {MODEL_KEY: state}
+        states = {key: {k: v for k, v in state.items() if not k.startswith("output_layer.")}
+                  for key, state in states.items()}
+    return states
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -215,7 +233,9 @@ def load_model(model, checkpoint: str | os.PathLike, *, skip_output: bool = Fals
     _check_shape(model, path)
     loaded = dist_checkpointing.load(ckpt.fresh_tensors(model_sharded_state_dict(model, skip_output=skip_output)),
                                      str(path))
-    missing, _ = unwrap(model).load_state_dict(loaded[MODEL_KEY], strict=False)
+    chunks = chunk_list(model)
+    keys = [MODEL_KEY] if len(chunks) == 1 else [f"{MODEL_KEY}{i}" for i in range(len(chunks))]
+    missing = [k for chunk, key in zip(chunks, keys) for k in unwrap(chunk).load_state_dict(loaded[key], strict=False)[0]]
     missing = [k for k in missing if not k.endswith("_extra_state") and not (skip_output and k.startswith("output_layer."))]
     if missing:
         raise AlignError(f"checkpoint {path} lacks {len(missing)} model tensors, e.g. {missing[:3]}")
@@ -226,9 +246,9 @@ def save_model(model, directory: str | os.PathLike, *, extra: Mapping | None = N
     """Model-only checkpoint (runtime.checkpoint.save_weights' layout) plus `nemoc_model.json`, which
     records the architecture so a later stage can refuse an incompatible checkpoint with a clear message."""
     directory = Path(directory)
-    ckpt.save_weights(str(directory), chunks=[model])
+    ckpt.save_weights(str(directory), chunks=chunk_list(model))
     if torch.distributed.get_rank() == 0:
-        info = {"shape": dataclasses.asdict(unwrap(model).nemoc_shape), **(extra or {})}
+        info = {"shape": dataclasses.asdict(unwrap(chunk_list(model)[0]).nemoc_shape), **(extra or {})}
         (directory / "nemoc_model.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     torch.distributed.barrier()
     return directory
@@ -236,7 +256,7 @@ def save_model(model, directory: str | os.PathLike, *, extra: Mapping | None = N
 
 def _check_shape(model, path: Path) -> None:
     info_path = path / "nemoc_model.json"
-    shape = getattr(unwrap(model), "nemoc_shape", None)
+    shape = getattr(unwrap(chunk_list(model)[0]), "nemoc_shape", None)
     if shape is None or not info_path.exists():
         return
     saved = json.loads(info_path.read_text()).get("shape", {})
@@ -266,6 +286,7 @@ class Batch:
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | None  # [b, 1, s, s] bool, True = masked out
     packed_seq_params: object | None = None  # megatron.core.packed_seq_params.PackedSeqParams
+    cp: int = 1  # context parallelism: the [b, s / cp] tensors are this rank's shard (`on_this_cp_rank`)
 
     def to(self, dev) -> "Batch":
         moved = {f: getattr(self, f).to(dev) for f in ("tokens", "labels", "loss_mask", "position_ids")}
@@ -274,7 +295,7 @@ class Batch:
         if packed is not None:
             packed = dataclasses.replace(packed, cu_seqlens_q=packed.cu_seqlens_q.to(dev),
                                          cu_seqlens_kv=packed.cu_seqlens_kv.to(dev))
-        return Batch(**moved, attention_mask=mask, packed_seq_params=packed)
+        return Batch(**moved, attention_mask=mask, packed_seq_params=packed, cp=self.cp)
 
     def shaped(self, output: torch.Tensor) -> torch.Tensor:
         """A last-stage output of a packed batch ([1, b * s, ...]) back in rows ([b, s, ...]); anything
@@ -285,9 +306,80 @@ class Batch:
         return output.reshape(b, s, *output.shape[2:])
 
     def pipeline_shape(self) -> tuple[int, int]:
-        """(sequence, micro-batch) of the activations the pipeline sends: a packed batch is one row of b x s."""
+        """(sequence, micro-batch) of the activations the pipeline sends: a packed batch is one row of b x s;
+        the whole sequence under context parallelism (the schedule divides it by cp)."""
         b, s = self.tokens.shape
-        return (b * s, 1) if self.packed_seq_params is not None else (s, b)
+        return (b * s, 1) if self.packed_seq_params is not None else (s * self.cp, b)
+
+
+def cp_size() -> int:
+    """The context-parallel group's size (1 outside a process group)."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_context_parallel_world_size()
+
+
+def on_this_cp_rank(batch: Batch, *, segments: torch.Tensor | None = None) -> Batch:
+    """This context-parallel rank's shard of a batch of whole rows, as pretraining shards its batches
+    (megatron.core.utils get_batch_on_this_cp_rank: the sequence cut into 2 x cp chunks, rank r keeps
+    chunks r and 2cp-1-r, balancing the causal work). Attention is plain causal (the attention core
+    gathers the group's keys and values); `segments` [b, s] (0 = padding) must hold one sample per row:
+    rows packed with several samples need Transformer Engine's THD attention with CP, refused here. The
+    batch as it is when cp = 1."""
+    cp = cp_size()
+    if cp == 1:
+        return batch
+    s = batch.tokens.shape[1]
+    if s % (2 * cp):
+        raise AlignError(f"context parallelism: seq_length({s}) must be a multiple of 2 x cp({cp}) = {2 * cp} "
+                         "(each rank holds two of 2 x cp equal chunks)")
+    if segments is not None and int(segments.max()) > 1:
+        raise AlignError(f"context parallelism (cp={cp}) with packed rows (several samples per row): packed "
+                         "sequences are split over CP ranks only by Transformer Engine's THD attention, which this "
+                         "runtime does not drive; set pack = false for this stage, or context = 1")
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    shard = get_batch_on_this_cp_rank({"tokens": batch.tokens, "labels": batch.labels, "loss_mask": batch.loss_mask,
+                                       "position_ids": batch.position_ids})
+    return Batch(**shard, attention_mask=None, packed_seq_params=None, cp=cp)
+
+
+def cp_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum over the context-parallel group of each rank's partial sums (per-row sums of its tokens).
+    Differentiable: the backward sums every rank's gradient, the adjoint of a total that every rank's loss
+    uses. The identity when cp = 1."""
+    if cp_size() == 1:
+        return x
+    return _ContextSum.apply(x, parallel_state.get_context_parallel_group())
+
+
+class _ContextSum(torch.autograd.Function):
+    """All-reduce (sum) over a group; backward: the all-reduce of the gradients (`cp_sum`)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        total = x.clone()
+        torch.distributed.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def cp_share(loss: torch.Tensor) -> torch.Tensor:
+    """A loss every context-parallel rank computes in full (from `cp_sum`s) as this rank's share: Megatron's
+    schedule multiplies a loss function's (loss, reports) loss by cp and DDP averages gradients over
+    dp x cp (schedules.py forward_step_calc_loss), so the shares of the cp ranks add up to the loss once."""
+    return loss / cp_size()
+
+
+def row_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[b] masked per-row sums over the whole sequence (the CP group's shards added)."""
+    return cp_sum((values * mask).sum(-1))
 
 
 def run(model, batch: Batch, **kwargs):
@@ -358,6 +450,10 @@ def pack_rows(packs: Iterable[list[tuple[list[int], list[int]]]], seq_length: in
     same_segment = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)
     loss_mask = weights[:, 1:] * same_segment
     inputs = segments[:, :-1]
+    if cp_size() > 1:  # this rank's shard of whole rows, plain causal attention (no mask, no thd)
+        batch = Batch(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), loss_mask=loss_mask,
+                      position_ids=positions[:, :-1].contiguous(), attention_mask=None)
+        return on_this_cp_rank(batch, segments=inputs).to(device())
     batch = Batch(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), loss_mask=loss_mask,
                   position_ids=positions[:, :-1].contiguous(),
                   attention_mask=None if varlen else causal_mask(inputs),
@@ -399,7 +495,8 @@ def forward_only(model, batches, fn, *, everywhere: bool = False) -> list:
 
 def token_logprobs(model, batch: Batch) -> torch.Tensor:
     """[b, s] log p(label_t | tokens_<=t), via Megatron's (vocab-parallel) cross entropy, on every rank at
-    any pipeline layout (a forward-only schedule whose last stage broadcasts them: `forward_only`)."""
+    any pipeline layout (a forward-only schedule whose last stage broadcasts them: `forward_only`); this
+    context-parallel rank's shard of the sequence under cp."""
     return forward_everywhere(model, batch, lambda b, out: -out.float(), labels=batch.labels)
 
 
@@ -416,8 +513,8 @@ def forward_everywhere(model, batch: Batch, fn, **kwargs) -> torch.Tensor:
 
 
 def sequence_logprobs(model, batch: Batch) -> torch.Tensor:
-    """[b] sum of masked label log-probs per row."""
-    return (token_logprobs(model, batch) * batch.loss_mask).sum(-1)
+    """[b] sum of masked label log-probs per row (over the whole sequence)."""
+    return row_sums(token_logprobs(model, batch), batch.loss_mask)
 
 
 def gather_logits(model, batch: Batch) -> torch.Tensor:

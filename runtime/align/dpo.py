@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nemoc.runtime.align.common import AlignError, Batch, forward_only, make_batch, run, unwrap
+from nemoc.runtime.align.common import AlignError, Batch, cp_share, cp_sum, forward_only, make_batch, row_sums, run
 from nemoc.runtime.align.trainer import chunks
 from nemoc.runtime.objectives import preference as objectives_preference
 
@@ -59,9 +59,10 @@ def pair_batch(pairs: Sequence[Pair], seq_length: int, pad_id: int = 0, *, varle
 
 
 def sequence_scores(token_lp: torch.Tensor, mask: torch.Tensor, loss: str) -> torch.Tensor:
-    """Sum (dpo) or mean (ipo) of reply-token log-probs per row."""
-    total = (token_lp * mask).sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if loss == "ipo" else total
+    """Sum (dpo) or mean (ipo) of reply-token log-probs per row (over the whole sequence: the shards of a
+    context-parallel group added)."""
+    total = row_sums(token_lp, mask)
+    return total / cp_sum(mask.sum(-1)).clamp(min=1) if loss == "ipo" else total
 
 
 def preference_loss(policy: torch.Tensor, reference: torch.Tensor, *, beta: float, loss: str = "dpo",
@@ -98,8 +99,15 @@ class ReferenceScores:
     def __call__(self, batch: Batch, *, everywhere: bool = False) -> torch.Tensor | None:
         """[2n] scores; under pipeline parallelism only the last stage has them (None elsewhere) unless
         `everywhere`. Every pipeline rank calls it alike (a forward-only schedule), outside a training step."""
+        (scores,) = self.many([batch], everywhere=everywhere)
+        return scores
+
+    @torch.no_grad()
+    def many(self, batches: Sequence[Batch], *, everywhere: bool = False) -> list:
+        """The scores of each batch, in one forward-only schedule (a step's micro-batches together: the
+        interleaved schedule takes micro-batches in groups of pp)."""
         if self.zero:  # reference-free DPO: log ref = 0 (a uniform reference)
-            return torch.zeros(batch.tokens.shape[0], device=batch.tokens.device)
+            return [torch.zeros(b.tokens.shape[0], device=b.tokens.device) for b in batches]
         # sums for both losses: IPO's per-token means are taken inside objectives.preference (TRL logs rewards on sums)
         if self.lora_disabled:
             from nemoc.runtime.align import lora
@@ -107,17 +115,17 @@ class ReferenceScores:
             was_training = self.policy.training
             self.policy.eval()
             with lora.disabled(self.policy):
-                scores = self._scores(self.policy, batch, everywhere)
+                scores = self._scores(self.policy, batches, everywhere)
             self.policy.train(was_training)
             return scores
         self.model.eval()
-        return self._scores(self.model, batch, everywhere)
+        return self._scores(self.model, batches, everywhere)
 
-    def _scores(self, model, batch: Batch, everywhere: bool) -> torch.Tensor | None:
-        (scores,) = forward_only(model, [(batch, {"labels": batch.labels})],
-                                 lambda b, out: sequence_scores(-out.float(), b.loss_mask, "dpo").cpu(),
-                                 everywhere=everywhere)
-        return scores.to(batch.tokens.device) if scores is not None else None
+    def _scores(self, model, batches: Sequence[Batch], everywhere: bool) -> list:
+        scores = forward_only(model, [(b, {"labels": b.labels}) for b in batches],
+                              lambda b, out: sequence_scores(-out.float(), b.loss_mask, "dpo").cpu(),
+                              everywhere=everywhere)
+        return [s.to(b.tokens.device) if s is not None else None for s, b in zip(scores, batches)]
 
 
 def precompute(reference: ReferenceScores, pairs: Sequence[Pair], seq_length: int, micro_batch: int,
@@ -137,15 +145,13 @@ def microbatches(indexed_pairs: Sequence[tuple[int, Pair]], *, seq_length: int, 
                  reference: ReferenceScores | None, table: dict | None, pad_id: int = 0,
                  varlen: bool = False) -> list[dict]:
     """Microbatches of `micro_batch` pairs: {"batch": 2n rows, "ref": [2n] reference scores}."""
-    out = []
-    for group in chunks(indexed_pairs, micro_batch):
-        batch = pair_batch([p for _, p in group], seq_length, pad_id, varlen=varlen)
-        if table is not None:
-            ref = _from_table(table, [i for i, _ in group])
-        else:
-            ref = reference(batch)
-        out.append({"batch": batch, "ref": ref})
-    return out
+    groups = chunks(indexed_pairs, micro_batch)
+    batches = [pair_batch([p for _, p in group], seq_length, pad_id, varlen=varlen) for group in groups]
+    if table is not None:
+        refs = [_from_table(table, [i for i, _ in group]) for group in groups]
+    else:
+        refs = reference.many(batches)
+    return [{"batch": batch, "ref": ref} for batch, ref in zip(batches, refs)]
 
 
 def _from_table(table: dict, indices: list[int]) -> torch.Tensor | None:
@@ -167,11 +173,12 @@ def make_forward(*, beta: float, loss: str, label_smoothing: float = 0.0):
 
         def loss_func(output):
             mask = batch.loss_mask
-            sums = (-batch.shaped(output).float() * mask).sum(-1)
+            sums = row_sums(-batch.shaped(output).float(), mask)  # whole-sequence sums under context parallelism
             # the shared objective (equal to TRL's DPOTrainer): IPO's loss on per-token means, the logged
             # rewards and margins on sums for both losses, as TRL logs them
-            return objectives_preference.preference_loss(sums, mb["ref"].float(), mask.sum(-1), beta=beta, loss=loss,
-                                                         label_smoothing=label_smoothing)
+            value, reports = objectives_preference.preference_loss(
+                sums, mb["ref"].float(), cp_sum(mask.sum(-1)), beta=beta, loss=loss, label_smoothing=label_smoothing)
+            return cp_share(value), reports
 
         return token_loss, loss_func
 
@@ -186,7 +193,7 @@ def preference_accuracy(chunk, pairs: Sequence[Pair], *, seq_length: int, micro_
     """Held-out pairs: `likelihood_accuracy` = P[log pi(y_w) > log pi(y_l)] and, with a reference,
     `reward_accuracy` = P[r_w > r_l] (ties count 1/2, so an untrained policy scores exactly 0.5), with
     log-probs summed over the reply (the implicit reward TRL logs, for DPO and IPO alike)."""
-    unwrap(chunk).eval()
+    chunk.eval()
     batches = [pair_batch(list(pairs[start:start + micro_batch]), seq_length, pad_id, varlen=varlen)
                for start in range(0, len(pairs), micro_batch)]
     policy = forward_only(chunk, [(b, {"labels": b.labels}) for b in batches],

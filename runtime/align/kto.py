@@ -27,8 +27,8 @@ import torch
 from megatron.core import parallel_state
 
 from nemoc.runtime.align import stage
-from nemoc.runtime.align.common import AlignError, Batch, forward_only, make_batch, run, unwrap
-from nemoc.runtime.align.data import read_preferences, template_for, read_unpaired, unpair
+from nemoc.runtime.align.common import AlignError, Batch, cp_share, forward_only, make_batch, row_sums, run
+from nemoc.runtime.align.data import read_preferences, read_unpaired, template_for, unpair
 from nemoc.runtime.align.trainer import chunks
 from nemoc.runtime.objectives import kto as objective
 
@@ -69,7 +69,7 @@ def sums(model, batches: Sequence[Batch], *, everywhere: bool = True) -> list[to
     """[b] summed completion log-probs per batch, through a forward-only schedule (common.forward_only:
     any pipeline layout; with `everywhere` every rank gets them, else only the last pipeline stage)."""
     out = forward_only(model, [(b, {"labels": b.labels}) for b in batches],
-                       lambda b, o: (-o.float() * b.loss_mask).sum(-1).cpu(), everywhere=everywhere)
+                       lambda b, o: row_sums(-o.float(), b.loss_mask).cpu(), everywhere=everywhere)
     return [x.to(b.tokens.device) if x is not None else None for x, b in zip(out, batches)]
 
 
@@ -82,7 +82,7 @@ class Reference:
     @torch.no_grad()
     def __call__(self, batches: Sequence[Batch], *, everywhere: bool = True) -> list[torch.Tensor | None]:
         if self.model is not None:
-            unwrap(self.model).eval()
+            self.model.eval()
             return sums(self.model, batches, everywhere=everywhere)
         from nemoc.runtime.align import lora
 
@@ -137,13 +137,13 @@ def make_forward(*, beta: float, loss: str = "kto", desirable_weight: float = 1.
         token_loss = run(model, batch, labels=batch.labels)
 
         def loss_func(output):
-            policy = (-batch.shaped(output).float() * batch.loss_mask).sum(-1)
+            policy = row_sums(-batch.shaped(output).float(), batch.loss_mask)  # the CP group's shards added
             value, metrics = objective.kto_loss(policy, mb["ref"], mb["desirable"], kl=mb["z0"], beta=beta,
                                                 desirable_weight=desirable_weight,
                                                 undesirable_weight=undesirable_weight, loss_type=loss)
             # a class absent from this micro-batch reports no mean reward: the core's loop averages each
             # report over the micro-batches that have it ([sum, count], core.loop._report_sums)
-            return value, metrics
+            return cp_share(value), metrics
 
         return token_loss, loss_func
 
@@ -157,7 +157,7 @@ def held_out_metrics(policy, reference: Reference, examples: Sequence[Example], 
     """Implicit rewards r = beta (log pi - log ref) of the held-out examples: the desirable-minus-undesirable
     mean (`reward_margin`), `reward_auc` over every (desirable, undesirable) couple, and for examples
     that came from pairs `reward_accuracy` = P[r(chosen) > r(rejected)] per pair (ties count 1/2)."""
-    unwrap(policy).eval()
+    policy.eval()
     batches = [rows_batch([(e.prompt, e.completion) for e in group], seq_length, pad_id, varlen=varlen)
                for group in chunks(list(examples), micro_batch)]
     pi, ref = sums(policy, batches), reference(batches)

@@ -38,7 +38,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_tp_sharded_tensor_for_checkpoint
 
-from nemoc.runtime.align.common import AlignError, unwrap
+from nemoc.runtime.align.common import AlignError, Chunks, unwrap
 
 TARGETS = {"qkv": "linear_qkv", "proj": "linear_proj", "fc1": "linear_fc1", "fc2": "linear_fc2"}
 COLUMN = {"linear_qkv", "linear_fc1"}
@@ -161,7 +161,10 @@ def _layers(model):
 
 
 def apply_lora(model, peft, *, seed: int = 1234) -> list[str]:
-    """Wrap the target projections of every layer, freeze everything else. Returns the wrapped names."""
+    """Wrap the target projections of every layer, freeze everything else. Returns the wrapped names
+    (virtual-pipeline chunks: each chunk's layers; names and seeds use global layer numbers)."""
+    if isinstance(model, Chunks):
+        return [name for chunk in model for name in apply_lora(chunk, peft, seed=seed)]
     if peft.rank <= 0:
         raise AlignError(f"LoRA rank must be positive (got {peft.rank})")
     unknown = [t for t in peft.targets if t not in TARGETS]
@@ -193,7 +196,7 @@ def apply_lora(model, peft, *, seed: int = 1234) -> list[str]:
 @contextlib.contextmanager
 def disabled(model):
     """The base model: adapters switched off (DPO's reference policy under LoRA costs no extra memory)."""
-    wrappers = [m for m in unwrap(model).modules() if isinstance(m, LoraLinear)]
+    wrappers = [m for m in model.modules() if isinstance(m, LoraLinear)]
     for m in wrappers:
         m.enabled = False
     try:
@@ -204,11 +207,19 @@ def disabled(model):
 
 
 def adapters(model) -> dict[str, torch.nn.Parameter]:
+    """The adapter parameters by name (virtual-pipeline chunks: `chunk{i}.` before each chunk's names)."""
+    if isinstance(model, Chunks):
+        return {f"chunk{i}.{n}": p for i, chunk in enumerate(model) for n, p in adapters(chunk).items()}
     return {n: p for n, p in unwrap(model).named_parameters() if ADAPTER_MARK in n}
 
 
 def adapter_sharded_state_dict(model, prefix: str = "model.") -> dict:
-    """Only the adapters (what an adapter checkpoint holds)."""
+    """Only the adapters (what an adapter checkpoint holds). The sharded tensors' keys are global (layer
+    numbers with the chunk's offset), so virtual-pipeline chunks save under their own dict keys
+    (`chunk{i}.`) into the same checkpoint any other layout reads."""
+    if isinstance(model, Chunks):
+        return {f"chunk{i}.{k}": v for i, chunk in enumerate(model)
+                for k, v in adapter_sharded_state_dict(chunk, prefix).items()}
     state = unwrap(model).sharded_state_dict(prefix=prefix)
     return {k: v for k, v in state.items() if ADAPTER_MARK in k}
 
@@ -231,7 +242,8 @@ def load_adapters(model, directory) -> None:
 
     state = adapter_sharded_state_dict(model)
     loaded = dist_checkpointing.load(state, str(directory))
-    params = {f"model.{n}": p for n, p in unwrap(model).named_parameters() if ADAPTER_MARK in n}
+    params = {(k.split(".", 1)[0] + ".model." + k.split(".", 1)[1]) if isinstance(model, Chunks) else f"model.{k}": p
+              for k, p in adapters(model).items()}
     with torch.no_grad():
         for key, value in loaded.items():
             params[key].copy_(value)
@@ -240,6 +252,8 @@ def load_adapters(model, directory) -> None:
 @torch.no_grad()
 def merge(model) -> int:
     """Fold every adapter into its base weight and unwrap it; returns the number of merged layers."""
+    if isinstance(model, Chunks):
+        return sum(merge(chunk) for chunk in model)
     merged = 0
     for layer in _layers(model):
         for parent in (layer.self_attention, layer.mlp):

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from nemoc.runtime.align.common import AlignError, forward_only, make_batch, run, unwrap
+from nemoc.runtime.align.common import AlignError, cp_share, cp_sum, forward_only, make_batch, row_sums, run
 from nemoc.runtime.align.dpo import Pair, pair_batch
 from nemoc.runtime.align.trainer import chunks
 from nemoc.runtime.objectives import orpo as objective
@@ -36,7 +36,7 @@ def resident_models(params, peft) -> list[str]:
 def _full_mask(pairs: Sequence[Pair], seq_length: int, pad_id: int) -> torch.Tensor:
     """[2n, s] weight 1 on every real label token (prompt and completion) of the chosen and rejected rows."""
     seqs = [(p.prompt + p.chosen)[: seq_length + 1] for p in pairs] + [(p.prompt + p.rejected)[: seq_length + 1] for p in pairs]
-    return make_batch([(ids, [1] * len(ids)) for ids in seqs], seq_length, pad_id).loss_mask
+    return make_batch([(ids, [1] * len(ids)) for ids in seqs], seq_length, pad_id).loss_mask  # this CP rank's shard
 
 
 def microbatches(pairs: Sequence[Pair], *, seq_length: int, micro_batch: int, pad_id: int = 0,
@@ -50,15 +50,18 @@ def microbatches(pairs: Sequence[Pair], *, seq_length: int, micro_batch: int, pa
 
 
 def _mean_logps(token_lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (token_lp * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    """Per-row mean over the whole sequence (the shards of a context-parallel group added)."""
+    return row_sums(token_lp, mask) / cp_sum(mask.sum(-1)).clamp(min=1.0)
 
 
 def loss_from_logps(token_lp: torch.Tensor, mask: torch.Tensor, full: torch.Tensor, *, beta: float):
-    """ORPO on [2n, s] token log-probs (chosen rows first): TRL's loss and metrics."""
+    """ORPO on [2n, s] token log-probs (chosen rows first): TRL's loss and metrics (the loss as this
+    context-parallel rank's share: common.cp_share)."""
     n = token_lp.shape[0] // 2
     means = _mean_logps(token_lp, mask)
-    nll = -(token_lp[:n] * full[:n]).sum() / full[:n].sum().clamp(min=1.0)
-    return objective.orpo_loss(means[:n], means[n:], nll, beta=beta)
+    nll = -cp_sum((token_lp[:n] * full[:n]).sum()) / cp_sum(full[:n].sum()).clamp(min=1.0)
+    value, metrics = objective.orpo_loss(means[:n], means[n:], nll, beta=beta)
+    return cp_share(value), metrics
 
 
 def make_forward(*, beta: float):
@@ -84,7 +87,7 @@ def preference_accuracy(chunk, pairs: Sequence[Pair], *, seq_length: int, micro_
     """Held-out pairs: `reward_accuracy` = P[mean log pi(y_w) > mean log pi(y_l)] (ORPO's implicit reward is
     beta x the per-token mean log-prob; ties count 1/2), `reward_margin` (beta x the mean difference),
     `likelihood_accuracy` on summed log-probs (as DPO's), and `nll` of the chosen rows (prompt + completion)."""
-    unwrap(chunk).eval()
+    chunk.eval()
     groups = list(chunks(list(pairs), micro_batch))
     batches = [pair_batch(group, seq_length, pad_id, varlen=varlen) for group in groups]
     full_of = {id(b): _full_mask(g, seq_length, pad_id) for b, g in zip(batches, groups)}
@@ -92,8 +95,8 @@ def preference_accuracy(chunk, pairs: Sequence[Pair], *, seq_length: int, micro_
     def per_pair(batch, out):  # (per-token means, sums, nll sum and tokens of the chosen rows), on the host
         lp, n = -out.float(), out.shape[0] // 2
         full = full_of[id(batch)].to(lp.device)
-        nll = torch.stack([-(lp[:n] * full[:n]).sum(), full[:n].sum()])
-        return _mean_logps(lp, batch.loss_mask).cpu(), (lp * batch.loss_mask).sum(-1).cpu(), nll.cpu()
+        nll = cp_sum(torch.stack([-(lp[:n] * full[:n]).sum(), full[:n].sum()]))
+        return _mean_logps(lp, batch.loss_mask).cpu(), row_sums(lp, batch.loss_mask).cpu(), nll.cpu()
 
     wins = like_wins = margin = nll_sum = nll_tokens = 0.0
     # a forward-only schedule (common.forward_only): any pipeline layout, every rank gets the values

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from nemoc.runtime.align.common import AlignError, Batch, causal_mask, device, forward_only, unwrap
+from nemoc.runtime.align.common import (AlignError, Batch, causal_mask, cp_share, cp_size, device, forward_only,
+                                        on_this_cp_rank, row_sums)
 from nemoc.runtime.align.dpo import Pair
 from nemoc.runtime.align.trainer import chunks
 
@@ -37,18 +38,19 @@ def sequence_batch(sequences: Sequence[list[int]], seq_length: int, pad_id: int 
         last[i] = len(seq) - 1
     positions = torch.arange(seq_length).expand(b, -1).contiguous()
     batch = Batch(tokens=tokens, labels=tokens, loss_mask=segments.float(), position_ids=positions,
-                  attention_mask=causal_mask(segments))
+                  attention_mask=None if cp_size() > 1 else causal_mask(segments))
+    batch = on_this_cp_rank(batch, segments=segments)  # context parallelism: this rank's shard of the rows
     return batch.to(device()), last.to(device())
 
 
 @torch.no_grad()
 def score(model, sequences: Sequence[list[int]], seq_length: int, micro_batch: int = 32, pad_id: int = 0) -> torch.Tensor:
     """The score of each sequence (its last token's value), at any pipeline layout (every rank gets them)."""
-    unwrap(model).eval()
+    model.eval()
     items = [sequence_batch(group, seq_length, pad_id) for group in chunks(list(sequences), micro_batch)]
     lasts = {id(batch): last for batch, last in items}
     out = forward_only(model, [batch for batch, _ in items],
-                       lambda b, values: values.squeeze(-1).float().gather(1, lasts[id(b)].unsqueeze(1)).squeeze(1).cpu(),
+                       lambda b, values: last_values(values, b, lasts[id(b)]).cpu(),
                        everywhere=True)
     return torch.cat(out)
 
@@ -60,6 +62,13 @@ def pair_microbatches(pairs: Sequence[Pair], *, seq_length: int, micro_batch: in
         batch, last = sequence_batch(seqs, seq_length, pad_id)
         out.append({"batch": batch, "last": last})
     return out
+
+
+def last_values(values: torch.Tensor, batch: Batch, last: torch.Tensor) -> torch.Tensor:
+    """[b] the value at each row's last real token from [b, s, 1] values; under context parallelism the
+    rank holding that position gives it (its shard's position ids are the tokens' sequence positions)."""
+    at_last = (batch.position_ids == last.to(batch.position_ids.device).unsqueeze(1)).float()
+    return row_sums(values.squeeze(-1).float(), at_last)
 
 
 def bradley_terry(scores: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -74,7 +83,8 @@ def forward(model, mb):
     values = model(batch.tokens, batch.position_ids, batch.attention_mask)
 
     def loss_func(output):
-        return bradley_terry(output.squeeze(-1).float().gather(1, last.unsqueeze(1)).squeeze(1))
+        value, reports = bradley_terry(last_values(output, batch, last))
+        return cp_share(value), reports
 
     return values, loss_func
 

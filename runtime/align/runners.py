@@ -163,7 +163,7 @@ def _fit(task: StageTask, tr, metrics, *, items, to_microbatches, forward, token
     `checkpoint.every` steps and on a stop signal. Returns (the loop's final state, first step of this
     invocation)."""
     s = task.stage
-    restored = ckpt.resume(root=str(task.checkpoint_dir), chunks=[tr.model], optimizer=tr.optimizer,
+    restored = ckpt.resume(root=str(task.checkpoint_dir), chunks=tr.chunks, optimizer=tr.optimizer,
                            scheduler=tr.scheduler, distributed_optimizer=s.layout.distributed_optimizer,
                            warn=lambda line: metrics.event("warning", message=line))
     start = restored.iteration if restored is not None else 0
@@ -174,7 +174,7 @@ def _fit(task: StageTask, tr, metrics, *, items, to_microbatches, forward, token
                                  metrics=metrics)
 
     def training_state(state) -> dict:
-        return ckpt.training_state(chunks=[tr.model], optimizer=tr.optimizer, scheduler=tr.scheduler,
+        return ckpt.training_state(chunks=tr.chunks, optimizer=tr.optimizer, scheduler=tr.scheduler,
                                    iteration=state.iteration, consumed_samples=state.consumed_samples,
                                    extra={"stage": s.name, "kind": s.kind})
 
@@ -218,6 +218,10 @@ def run_sft(task: StageTask) -> dict:
     train, val = _sft_samples(task, tok)
     s, seq = task.stage, task.stage.seq_length
     packing = task.stage.params.pack
+    if packing and s.layout.cp > 1:  # `nemoc check` says so too (E126, the target's packed_context_parallel)
+        raise AlignError(f"stage {s.name}: context parallelism (cp={s.layout.cp}) with packed rows (pack = true): "
+                         "packed sequences are split over CP ranks only by Transformer Engine's THD attention, "
+                         "which this runtime does not drive; set pack = false for this stage, or context = 1")
     rows = sft.shuffled(sft.pack(sft.truncate(train, seq), seq, packing), s.seed)
     chunk = _policy(task, stage.policy_start(task))
     varlen = stage.varlen_attention(task)

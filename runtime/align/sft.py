@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from nemoc.runtime.align.common import AlignError, Batch, forward_only, masked_mean_loss, pack_rows, run, unwrap
+from nemoc.runtime.align.common import AlignError, Batch, cp_share, cp_sum, forward_only, pack_rows, run
 from nemoc.runtime.align.trainer import chunks
 
 Sample = tuple[list[int], list[int]]
@@ -80,8 +80,11 @@ def forward(model, batch: Batch):
     token_loss = run(model, batch, labels=batch.labels)
 
     def loss_func(output):
-        loss = masked_mean_loss(batch.shaped(output).float(), batch.loss_mask)
-        return loss, {"loss": loss.detach().clone(), "response_tokens": batch.loss_mask.sum().detach()}
+        # the mean over the micro-batch's response tokens; under context parallelism the token sums of the
+        # CP group's shards (common.cp_sum), each rank returning its share of the loss (common.cp_share)
+        tokens = cp_sum(batch.loss_mask.sum())
+        loss = cp_sum((batch.shaped(output).float() * batch.loss_mask).sum()) / tokens.clamp(min=1)
+        return cp_share(loss), {"loss": loss.detach().clone(), "response_tokens": tokens.detach()}
 
     return token_loss, loss_func
 
@@ -93,9 +96,10 @@ forward.reports = ("loss", "response_tokens")  # what loss_func reports, the los
 def response_loss(chunk, batches: Sequence[Batch]) -> float:
     """Mean per-token loss over all response tokens of `batches` (token-weighted, not batch-weighted), at
     any pipeline layout (common.forward_only; every rank gets the value)."""
-    unwrap(chunk).eval()
+    chunk.eval()
     sums = forward_only(chunk, [(b, {"labels": b.labels}) for b in batches],
-                        lambda batch, out: (float((out.float() * batch.loss_mask).sum()), float(batch.loss_mask.sum())),
+                        lambda batch, out: (float(cp_sum((out.float() * batch.loss_mask).sum())),
+                                            float(cp_sum(batch.loss_mask.sum()))),
                         everywhere=True)
     total, count = sum(x for x, _ in sums), sum(n for _, n in sums)
     return total / max(count, 1.0)

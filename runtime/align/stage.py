@@ -122,13 +122,14 @@ def split_held_out(records: list, fraction: float, seed: int) -> tuple[list, lis
 
 def init_process_group(task: StageTask, *, single: bool = False) -> None:
     layout = task.stage.layout
-    tp, pp = (1, 1) if single else (layout.tp, layout.pp)
+    tp, pp, cp = (1, 1, 1) if single else (layout.tp, layout.pp, layout.cp)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != tp * pp * (1 if single else layout.dp):
+    if world != tp * pp * cp * (1 if single else layout.dp):
         if single:
             raise AlignError(f"stage {task.stage.name}: runs in one process, started with {world}")
-        raise AlignError(f"stage {task.stage.name}: world size {world} != tp({tp}) * pp({pp}) * dp({layout.dp})")
-    common.init_distributed(tp=tp, pp=pp, seed=task.stage.seed)
+        raise AlignError(f"stage {task.stage.name}: world size {world} != tp({tp}) * pp({pp}) * cp({cp}) * "
+                         f"dp({layout.dp})")
+    common.init_distributed(tp=tp, pp=pp, cp=cp, vp=None if single else layout.vp, seed=task.stage.seed)
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,8 @@ def load_hf(chunk, converted: str, *, vocab: int, skip_output: bool = False) -> 
     from nemoc.runtime.hf.load import LoadError, load_converted
 
     try:
-        load_converted(chunk, converted, vocab=vocab, skip_output=skip_output)
+        for one in common.chunk_list(chunk):  # every virtual-pipeline chunk reads its own layers
+            load_converted(one, converted, vocab=vocab, skip_output=skip_output)
     except LoadError as exc:
         raise AlignError(str(exc)) from None
 
@@ -201,7 +203,7 @@ def parent_checkpoint(task: StageTask, *, kind: str | None = None) -> str:
 def freeze(chunk):
     for p in chunk.parameters():
         p.requires_grad_(False)
-    common.unwrap(chunk).eval()
+    chunk.eval()  # every virtual-pipeline chunk of a `Chunks`
     return chunk
 
 

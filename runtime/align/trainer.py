@@ -31,22 +31,29 @@ from nemoc.compiler.spec import CheckpointSpec
 from nemoc.runtime import faults
 from nemoc.runtime import megatron_args as margs
 from nemoc.runtime import model as mmodel
-from nemoc.runtime.align.common import AlignError, unwrap
+from nemoc.runtime.align.common import AlignError, chunk_list, unwrap
 from nemoc.runtime.core import build as core_build
 from nemoc.runtime.core import loop as core_loop
 from nemoc.runtime.core.dist import StopSignal
 
 
 class Trainer:
+    """A model (one chunk, or a rank's virtual-pipeline `Chunks`) wrapped in Megatron DDP, with its
+    optimizer and scheduler. `chunks`: the DDP-wrapped chunks the schedules take; `model`: the first (the
+    only one without virtual pipeline stages: PPO and GRPO call it directly)."""
+
     def __init__(self, chunk, *, layout, optimizer, schedule, steps: int, precision: str = "fp32", overlaps=None):
-        config = unwrap(chunk).config
+        built = chunk_list(chunk)
+        config = unwrap(built[0]).config
         trainable = [p for p in chunk.parameters() if p.requires_grad]
         if not trainable:
             raise AlignError("no trainable parameters")
-        (self.model,) = mmodel.wrap_ddp(chunks=[chunk], config=config, ddp_config=margs.ddp_config(layout=layout, overlaps=overlaps))
+        self.chunks = mmodel.wrap_ddp(chunks=built, config=config,
+                                      ddp_config=margs.ddp_config(layout=layout, overlaps=overlaps))
+        self.model = self.chunks[0]
         try:
             self.optimizer, self.scheduler = core_build.optimizer_for(
-                model=[self.model], optimizer=optimizer, schedule=schedule, layout=layout, precision=precision,
+                model=self.chunks, optimizer=optimizer, schedule=schedule, layout=layout, precision=precision,
                 steps=steps)
         except margs.UnsupportedPlan as exc:
             raise AlignError(str(exc)) from None
@@ -65,7 +72,8 @@ class Trainer:
         state). Finite the second time: a transient fault, warned through `self.warn`; non-finite
         again: LossDiverged ("loss became NaN at step N ... lower the learning rate")."""
         start = time.perf_counter()
-        self.model.train()
+        for chunk in self.chunks:
+            chunk.train()
 
         def attempt():
             metrics = self._forward_backward(microbatches, forward, seq_length=seq_length)
@@ -84,12 +92,13 @@ class Trainer:
         return metrics
 
     def _forward_backward(self, microbatches: Sequence, forward: Callable, *, seq_length: int) -> dict[str, float]:
-        self.model.zero_grad_buffer()
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        it = iter(microbatches)
+        its = [iter(microbatches) for _ in self.chunks]  # one per virtual-pipeline chunk, the same micro-batches
         reports = get_forward_backward_func()(
             forward_step_func=lambda data, model: forward(model, next(data)),
-            data_iterator=it, model=[self.model], num_microbatches=len(microbatches),
+            data_iterator=its if len(its) > 1 else its[0], model=self.chunks, num_microbatches=len(microbatches),
             seq_length=seq_length, micro_batch_size=_rows(microbatches[0]), forward_only=False,
         )
         return average_reports(reports)
@@ -173,6 +182,20 @@ def batches(items: Sequence, *, start: int, global_batch: int, to_microbatches: 
         yield from to_microbatches(dp_shard(items, step, global_batch))
 
 
+class SameBatches(core_loop.ReplayableIterator):
+    """The micro-batches of `leader`'s current step again, for another virtual-pipeline chunk (the
+    interleaved schedule reads one iterator per chunk, each yielding the same micro-batches); begins its
+    step after the leader (core.loop.train_step begins them in list order) and replays with it."""
+
+    def __init__(self, leader: core_loop.ReplayableIterator):
+        super().__init__(iter(()))
+        self.leader = leader
+
+    def begin_step(self) -> None:
+        super().begin_step()
+        self._replay = list(self.leader._replay)
+
+
 class StepBatches(core_loop.ReplayableIterator):
     """The micro-batch stream of `batches`, each step's micro-batches made when the step begins
     (`begin_step`, called by core.loop.train_step before the schedule runs): whatever making them
@@ -199,11 +222,12 @@ def fit(trainer: Trainer, *, stage, items: Sequence, to_microbatches: Callable, 
         end: int, reports: tuple[str, ...], metrics=None, checkpointer=None, make_checkpoint_state=None,
         throughput=None, stop: StopSignal | None = None) -> core_loop.LoopState:
     """Steps `start+1 .. end` of a stage kind on the training core's loop (core.loop.train_loop: Megatron's
-    schedules -- no pipelining, 1F1B -- the NaN/Inf rerun on replayed micro-batches, logging, periodic
+    schedules -- no pipelining, 1F1B, interleaved over virtual-pipeline chunks -- the NaN/Inf rerun on replayed micro-batches, logging, periodic
     checkpoints, the stop signal). `forward(model, microbatch) -> (output, loss_func)` is the stage kind's
     forward step; `reports` the names its loss function reports, the loss first."""
     iterator = StepBatches(batches(items, start=start, global_batch=stage.layout.global_batch,
                                    to_microbatches=to_microbatches), per_step=stage.layout.num_microbatches)
+    iterators = [iterator] + [SameBatches(iterator) for _ in trainer.chunks[1:]]
     state = core_loop.LoopState(iteration=start, consumed_samples=start * stage.layout.global_batch)
     if start >= end:
         return state
@@ -211,8 +235,9 @@ def fit(trainer: Trainer, *, stage, items: Sequence, to_microbatches: Callable, 
     seq_length, micro_batch = pipeline_shape(iterator._replay[0])
     iterator._taken = []
     return core_loop.train_loop(
-        model=[trainer.model], optimizer=trainer.optimizer, scheduler=trainer.scheduler, stage=stage,
-        forward_step=lambda data, model: forward(model, next(data)), train_iterators=iterator, state=state,
+        model=trainer.chunks, optimizer=trainer.optimizer, scheduler=trainer.scheduler, stage=stage,
+        forward_step=lambda data, model: forward(model, next(data)),
+        train_iterators=iterators if len(iterators) > 1 else iterator, state=state,
         end_iteration=end, checkpointer=checkpointer, make_checkpoint_state=make_checkpoint_state, metrics=metrics,
         throughput=throughput, stop=stop, reports=reports, seq_length=seq_length, micro_batch=micro_batch)
 

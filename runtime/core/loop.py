@@ -251,39 +251,57 @@ def evaluate(*, forward_step, make_iterators, model, layout, seq_length: int, it
 
 
 def forward_only(model, items, step: Callable, *, shape: Callable, everywhere: bool = False) -> list:
-    """`step(model, item) -> (output, fn)` for each item, forward only, through Megatron's schedule (one
-    micro-batch per call, so items may differ in shape: `shape(item) -> (seq_length, micro_batch)` as the
-    pipeline sends it). Returns [fn(output), ...] on the last pipeline stage; elsewhere [None, ...],
-    or with `everywhere` the last stage's values (broadcast over the pipeline group). Every pipeline rank
-    must call it with the same items, outside any other schedule. Without pipelining it calls the model
-    directly."""
+    """`step(model, item) -> (output, fn)` for each item, forward only, through Megatron's schedule.
+    Returns [fn(output), ...] on the last pipeline stage; elsewhere [None, ...], or with `everywhere` the
+    last stage's values (broadcast over the pipeline group). Every pipeline rank must call it with the
+    same items, outside any other schedule. Without pipelining it calls the model directly.
+
+    Items may differ in shape (`shape(item) -> (seq_length, micro_batch)` as the pipeline sends it): each
+    run of equal-shape items is one schedule call of that many micro-batches (1F1B), or, with virtual
+    pipeline chunks (the interleaved schedule, which takes micro-batches in groups of pp), that many
+    rounded up to a multiple of pp, the last item repeated and its extra results dropped."""
     from megatron.core import parallel_state as ps
 
-    chunks = model if isinstance(model, list) else [model]
+    chunks = list(model) if isinstance(model, (list, tuple, torch.nn.ModuleList)) else [model]
     if ps.get_pipeline_model_parallel_world_size() == 1:
         out = []
         for item in items:
             output, fn = step(chunks[0], item)
             out.append(fn(output))
         return out
+    items = list(items)
+    pp = ps.get_pipeline_model_parallel_world_size()
     results = []
-    for item in items:
-        def forward_step(data, chunk, _item=item):
+    for run in _equal_shape_runs(items, shape):
+        feed = run + [run[-1]] * ((-len(run) % pp) if len(chunks) > 1 else 0)
+
+        def forward_step(data, chunk):
             output, fn = step(chunk, next(data))
             return output, (lambda o, non_loss_data=True: fn(o))
 
-        seq, micro = shape(item)
+        seq, micro = shape(run[0])
         stored = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([item]), model=chunks, num_microbatches=1,
-            seq_length=seq, micro_batch_size=micro, decoder_seq_length=seq, forward_only=True,
-            collect_non_loss_data=True)
-        results.append(stored[0] if stored else None)
+            forward_step_func=forward_step, data_iterator=[iter(feed) for _ in chunks] if len(chunks) > 1 else
+            iter(feed), model=chunks, num_microbatches=len(feed), seq_length=seq, micro_batch_size=micro,
+            decoder_seq_length=seq, forward_only=True, collect_non_loss_data=True)
+        results += list(stored[:len(run)]) if stored else [None] * len(run)
     if everywhere:
         box = [results if ps.is_pipeline_last_stage() else None]
         torch.distributed.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
                                                 group=ps.get_pipeline_model_parallel_group())
         results = box[0]
     return results
+
+
+def _equal_shape_runs(items: list, shape: Callable) -> list[list]:
+    """Consecutive items of equal `shape`, as lists (one schedule call each)."""
+    runs: list[list] = []
+    for item in items:
+        if runs and shape(runs[-1][0]) == shape(item):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 def _sync() -> None:

@@ -83,17 +83,18 @@ def test_alignment_stages_are_planned_with_te_and_export_with_the_local_spec():
     assert {s.kind: s.kernels for s in full.stages} == {"sft": "te", "dpo": "te", "export": "te"}
 
 
-def test_alignment_stages_pipeline_without_virtual_stages():
-    """The nemoc runtime's sft/dpo/reward, PPO and GRPO run 1F1B (one chunk per pipeline rank): the
-    search offers them only that, and a user's virtual_pipeline is E126 at the stage."""
-    for kind in ("sft", "ppo", "grpo"):
+def test_alignment_stages_interleave_their_pipeline_and_rl_kinds_do_not():
+    """The nemoc runtime's sft/dpo/reward run 1F1B or the interleaved schedule (vp chunks per pipeline
+    rank), PPO and GRPO 1F1B only (one chunk per pipeline rank: the rollout generator's)."""
+    assert NEMOC_RUNTIME.caps("sft").pipeline and NEMOC_RUNTIME.caps("sft").virtual_pipeline
+    for kind in ("ppo", "grpo"):
         assert NEMOC_RUNTIME.caps(kind).pipeline and not NEMOC_RUNTIME.caps(kind).virtual_pipeline
     spec, _ = load_spec("examples/llama3_70b_sft_dpo.nemo")
-    plan = plan_experiment(spec, target=NEMOC_RUNTIME).plan
-    assert all(s.layout.vp is None for s in plan.stages)
     fixed = replace(spec, parallel=replace(spec.parallel, pipeline=2, virtual_pipeline=2))
-    e126 = [d for d in check_spec(fixed, target=NEMOC_RUNTIME) if d.code == "E126"]
-    assert e126 and "virtual pipeline" in e126[0].message
+    assert not [d for d in check_spec(fixed, target=NEMOC_RUNTIME) if d.code == "E126"]
+    plan = plan_experiment(fixed, target=NEMOC_RUNTIME).plan
+    assert all((s.layout.pp, s.layout.vp) == (2, 2) for s in plan.stages if s.kind in ("sft", "dpo")), \
+        [(s.name, s.layout) for s in plan.stages]
 
 
 def test_local_kernels_cost_more_time_and_activation_memory_for_the_same_layout():

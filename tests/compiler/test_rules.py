@@ -425,14 +425,31 @@ def test_runtime_pipeline_rule_fires_for_kinds_the_runtime_runs_without_a_pipeli
     assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=None)) is None  # auto: the search's
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "reward", "ppo", "grpo"])
-def test_alignment_kinds_pipeline_without_virtual_stages(kind):
-    """runtime/align builds one model chunk per pipeline rank: pp > 1 is fine, vp > 1 is E126."""
+@pytest.mark.parametrize("kind", ["sft", "dpo", "reward", "kto", "orpo"])
+def test_alignment_kinds_pipeline_with_virtual_stages(kind):
+    """runtime/align builds a rank's virtual-pipeline chunks and runs the interleaved schedule: pp > 1 and
+    vp > 1 are both fine."""
+    assert NEMOC_RUNTIME.caps(kind).pipeline and NEMOC_RUNTIME.caps(kind).virtual_pipeline
+
+
+@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+def test_rl_kinds_pipeline_without_virtual_stages(kind):
+    """PPO's and GRPO's rollouts decode with one model chunk per pipeline rank: pp > 1 is fine, vp > 1 is E126."""
     assert NEMOC_RUNTIME.caps(kind).pipeline and not NEMOC_RUNTIME.caps(kind).virtual_pipeline
     assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2)) is None
-    v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, vp=2))
-    assert v.code == "E126" and v.anchors[0] == "parallel.virtual_pipeline"
-    assert "cannot run virtual pipeline stages" in v.message and "vp(2) > 1" in v.equation
+    assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, vp=2)) is None
+
+
+def test_alignment_kinds_split_rows_of_one_sample_over_context_parallel_ranks():
+    """runtime/align shards whole rows over CP ranks (common.on_this_cp_rank); rows packed with several
+    samples (sft pack = true) need TE's THD attention with CP: E126 at the stage's `context`."""
+    assert rules.rule_runtime_pipeline(env(stage_kind="dpo"), replace(VALID, cp=2)) is None
+    assert rules.rule_runtime_pipeline(env(stage_kind="sft"), replace(VALID, cp=2)) is None  # pack = false
+    v = rules.rule_runtime_pipeline(replace(env(stage_kind="sft"), packed=True), replace(VALID, cp=2))
+    assert v.code == "E126" and v.anchors[0] == "parallel.context"
+    assert "cp(2) > 1 with pack = true" in v.equation and "pack = false" in v.hint
+    assert rules.rule_runtime_pipeline(replace(env(stage_kind="sft"), packed=True), replace(VALID, cp=1)) is None
+    assert rules.rule_runtime_pipeline(replace(env(stage_kind="pretrain"), packed=True), replace(VALID, cp=2)) is None
 
 
 def test_pretrain_may_pipeline_and_every_stage_kind_has_capabilities():

@@ -273,28 +273,37 @@ def test_nothing_fits_reports_the_closest_candidate():
 @given(small_problems(), st.sampled_from(["sft", "dpo", "kto", "orpo", "reward", "ppo", "grpo", "eval", "export"]))
 def test_auto_never_pipelines_a_stage_kind_the_runtime_runs_without_a_pipeline(p: Problem, kind: str):
     """The target's caps: from `auto`, kinds the runtime runs without a pipeline (eval, export) get
-    pp = 1, no alignment kind gets virtual stages or a context split, in the fast search and the oracle
+    pp = 1, kinds without virtual stages or a context split get neither, in the fast search and the oracle
     alike (which still agree on the best plan)."""
     p = replace(p, stage_kind=kind, fixed=replace(p.fixed, pipeline=None, virtual_pipeline=None, context=None))
     fast, brute = search(p, top=5), enumerate_all(p)
-    piped = p.target.caps(kind).pipeline
+    caps = p.target.caps(kind)
     for c in fast.ranked + brute.ranked:
-        assert c.layout.vp is None and c.layout.cp == 1 and (piped or c.layout.pp == 1), c.layout
+        assert caps.pipeline or c.layout.pp == 1, c.layout
+        assert caps.virtual_pipeline or c.layout.vp is None, c.layout
+        assert p.splits_sequences or c.layout.cp == 1, c.layout  # packed sft rows: cp = 1
     assert (fast.best is None) == (brute.best is None)
     if fast.best is not None:
         assert fast.best.estimate.step_time_s == brute.best.estimate.step_time_s
 
 
 def test_a_70b_alignment_stage_searches_what_the_runtime_runs():
-    """The nemoc runtime's sft and ppo pipeline without virtual stages and split no sequence (cp = 1);
-    pretraining may do all of it."""
+    """The nemoc runtime's sft pipelines, with virtual stages where they pay, and splits no packed row
+    (cp = 1) while dpo may split its rows (cp > 1); ppo pipelines without virtual stages or a context
+    split; pretraining may do all of it."""
     auto = ParallelSpec(*(None,) * len(ParallelSpec.__dataclass_fields__))
     p = Problem(model=get_preset("llama3_70b"), cluster=ClusterSpec(gpu="H100", nodes=8), gpu=H100, fixed=auto,
                 global_batch=128, seq_length=4096, stage_kind="pretrain", target=NEMOC_RUNTIME)
     assert any(c.layout.pp > 1 for c in search(p, top=20).ranked)  # pretrain would pipeline
     sft = search(replace(p, stage_kind="sft"), top=20)
-    assert sft.best is not None and all(c.layout.vp is None and c.layout.cp == 1 for c in sft.ranked)
-    assert any(c.layout.pp > 1 for c in sft.ranked)
+    assert sft.best is not None and all(c.layout.cp == 1 for c in sft.ranked)
+    assert any(c.layout.pp > 1 for c in sft.ranked) and any(c.layout.vp for c in sft.ranked)
+    dpo = search(replace(p, stage_kind="dpo", seq_length=8192), top=50)
+    assert dpo.best is not None and any(c.layout.cp > 1 for c in dpo.ranked)
+    unpacked = search(replace(p, stage_kind="sft", params={"pack": False}, seq_length=8192), top=50)
+    assert any(c.layout.cp > 1 for c in unpacked.ranked)
+    packed = search(replace(p, stage_kind="sft", seq_length=8192), top=50)
+    assert all(c.layout.cp == 1 for c in packed.ranked)
     ppo = search(replace(p, stage_kind="ppo"), top=20)
     assert ppo.best is not None and all((c.layout.vp, c.layout.cp) == (None, 1) for c in ppo.ranked)
     assert any(c.layout.pp > 1 for c in ppo.ranked)  # considered: the actor, critic, reward model and reference

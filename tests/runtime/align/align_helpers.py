@@ -140,14 +140,15 @@ def arithmetic_world(root, mcore, *, seed: int):
     return root, spec, tok, qa
 
 
-def train_kind(common, kind: str, base, layout, *, steps: int = 3) -> list[float]:
+def train_kind(common, kind: str, base, layout, *, steps: int = 3, layers: int = 2,
+               attention: str = "unfused") -> list[float]:
     """`steps` steps of an alignment kind ("sft", "dpo", "reward", "orpo", "kto") on tiny synthetic data from the
     checkpoint `base`, at `layout` (the caller's process group); the logged loss of every step.
     test_align_parallel.py runs it in one process and under torchrun (parallel_worker.py)."""
     from nemoc.runtime.align import dpo, kto, orpo, reward, sft, trainer
 
-    spec = llama_spec(seq_length=16, vocab=256)
-    model = common.build_gpt(spec, layout, scalar_head=kind == "reward")
+    spec = llama_spec(seq_length=16, vocab=256, layers=layers)
+    model = common.build_gpt(spec, layout, scalar_head=kind == "reward", attention_backend=attention)
     common.load_model(model, base, skip_output=kind == "reward")  # zero-initialised scalar head
     from nemoc.compiler.plan import Overlaps
 
@@ -159,7 +160,7 @@ def train_kind(common, kind: str, base, layout, *, steps: int = 3) -> list[float
         items = [[s] for s in instruction_samples(16, seed=1, f=mapping(0))]
         to_mb, forward = (lambda share: sft.rows_to_batches(share, 16, mb)), sft.forward
     elif kind == "dpo":
-        reference = common.build_gpt(spec, layout)
+        reference = common.build_gpt(spec, layout, attention_backend=attention)
         common.load_model(reference, base)
         scores = dpo.ReferenceScores(model=reference, loss="dpo")
         items = list(enumerate(preference_pairs(16, 1, mapping(2))))
@@ -170,7 +171,7 @@ def train_kind(common, kind: str, base, layout, *, steps: int = 3) -> list[float
         to_mb = lambda share: orpo.microbatches(share, seq_length=8, micro_batch=mb)  # noqa: E731
         forward = orpo.make_forward(beta=0.1)
     elif kind == "kto":  # the pairs unpaired (chosen desirable, rejected not); z0 and reference forward-only
-        reference = common.build_gpt(spec, layout)
+        reference = common.build_gpt(spec, layout, attention_backend=attention)
         common.load_model(reference, base)
         items = [kto.Example(p.prompt, reply, good, i) for i, p in enumerate(preference_pairs(8, 1, mapping(2)))
                  for reply, good in ((p.chosen, True), (p.rejected, False))]

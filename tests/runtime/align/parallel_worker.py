@@ -1,5 +1,6 @@
 """Run under `torchrun --nproc-per-node 2`: three steps of an alignment kind at pipeline, data or tensor
-parallelism 2 (`sft|dpo|reward pp2|dp2|tp2`) from the checkpoint `OUT/base`, losses to
+parallelism 2 (`sft|dpo|reward pp2|dp2|tp2`), virtual pipeline stages (`vp2`: pp 2 x vp 2, 4 layers) or
+context parallelism 2 (`cp2`) from the checkpoint `OUT/base`, losses to
 `OUT/KIND_MODE.json` (compared with one process by test_align_parallel.py)."""
 
 from __future__ import annotations
@@ -19,12 +20,23 @@ from nemoc.runtime.align import common  # noqa: E402
 
 def main(out: Path, kind: str, mode: str) -> None:
     torch.set_num_threads(1)
-    tp, pp, dp = {"pp2": (1, 2, 1), "dp2": (1, 1, 2), "tp2": (2, 1, 1)}[mode]
-    common.init_distributed(tp=tp, pp=pp, seed=0)
+    tp, pp, dp, vp, cp = {"pp2": (1, 2, 1, None, 1), "dp2": (1, 1, 2, None, 1), "tp2": (2, 1, 1, None, 1),
+                          "vp2": (1, 2, 1, 2, 1), "cp2": (1, 1, 1, None, 2)}[mode]
+    common.init_distributed(tp=tp, pp=pp, cp=cp, vp=vp, seed=0)
+    layers = int(sys.argv[4]) if len(sys.argv) > 4 else 2
     losses = train_kind(common, kind, out / "base",
-                        common.single_layout(tp=tp, pp=pp, dp=dp, global_batch=8, micro_batch=2))
+                        common.single_layout(tp=tp, pp=pp, dp=dp, vp=vp, cp=cp, global_batch=8, micro_batch=2),
+                        layers=layers, attention="flash" if cp > 1 else "unfused")
     if torch.distributed.get_rank() == 0:
         (out / f"{kind}_{mode}.json").write_text(json.dumps(losses))
+    if mode == "cp2" and kind == "sft":  # two samples in one row cannot be split over CP ranks here
+        try:
+            common.pack_rows([[([1, 2, 3], [0, 1, 1]), ([4, 5, 6], [0, 1, 1])]], 16, varlen=True)
+            refusal = "accepted"
+        except common.AlignError as exc:
+            refusal = str(exc)
+        if torch.distributed.get_rank() == 0:
+            (out / "sft_cp2_packed.txt").write_text(refusal)
     common.teardown_distributed()
 
 
