@@ -173,6 +173,7 @@ class Steps:
     checkpoint: CheckpointSpec = CheckpointSpec(every=None)
     # read by the loop only to validate (eval_iters), which eval_every None never does; a record as a stage's
     params: Mapping = field(default_factory=lambda: StageParams.of("sft"))
+    execution: object = None  # no plan: Python's automatic collector (core.loop.GarbageCollection)
 
 
 def batches(items: Sequence, *, start: int, global_batch: int, to_microbatches: Callable):

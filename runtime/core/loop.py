@@ -390,7 +390,7 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
                                        reports=reports, micro_batch=micro_batch)
         return state.last_val_loss
 
-    with GarbageCollection(stage.execution.host) as collector:
+    with GarbageCollection(stage.execution.host if stage.execution is not None else None) as collector:
         return _train_steps(model=model, optimizer=optimizer, scheduler=scheduler, stage=stage,
                             forward_step=forward_step, train_iterators=train_iterators, state=state,
                             end_iteration=end_iteration, checkpointer=checkpointer,

@@ -430,6 +430,7 @@ def test_alignment_kinds_pipeline_with_virtual_stages(kind):
     """runtime/align builds a rank's virtual-pipeline chunks and runs the interleaved schedule: pp > 1 and
     vp > 1 are both fine."""
     assert NEMOC_RUNTIME.caps(kind).pipeline and NEMOC_RUNTIME.caps(kind).virtual_pipeline
+    assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, vp=2)) is None
 
 
 @pytest.mark.parametrize("kind", ["ppo", "grpo"])
@@ -437,7 +438,9 @@ def test_rl_kinds_pipeline_without_virtual_stages(kind):
     """PPO's and GRPO's rollouts decode with one model chunk per pipeline rank: pp > 1 is fine, vp > 1 is E126."""
     assert NEMOC_RUNTIME.caps(kind).pipeline and not NEMOC_RUNTIME.caps(kind).virtual_pipeline
     assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2)) is None
-    assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, vp=2)) is None
+    v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, vp=2))
+    assert v.code == "E126" and v.anchors[0] == "parallel.virtual_pipeline"
+    assert "cannot run virtual pipeline stages" in v.message and "vp(2) > 1" in v.equation
 
 
 def test_alignment_kinds_split_rows_of_one_sample_over_context_parallel_ranks():
