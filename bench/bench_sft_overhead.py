@@ -2,13 +2,18 @@
 on the training core's loop (runtime.align.trainer.fit -> core.loop.train_loop: the step's data-parallel
 share, packed rows -> micro-batches, the core's NaN/Inf rerun, named reports, the agreed stop signal, a
 record every `log_every` = 4 steps) vs a bare Megatron-Core loop
-(get_forward_backward_func + optimizer + scheduler on pre-built micro-batches) on the same model,
-optimizer and batches. Imported by bench_runtime_overhead.py (the `sft` section of its JSON)."""
+(get_forward_backward_func + optimizer + scheduler) on the same model, optimizer and rows; both sides
+pack each step's rows into micro-batches inside the step (sft.rows_to_batches: the same data path).
+Wall and process CPU time per step over each interval of 4 steps, the first dropped; rounds alternate
+which side starts. Run by bench_runtime_overhead.py (the `sft` section of its JSON); `compare` is the
+summary both sections use."""
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
+import tempfile
 import time
 
 import torch
@@ -38,20 +43,44 @@ def _settings(steps: int):
                 schedule=ScheduleSpec(name="constant", warmup=0), steps=steps)
 
 
+def compare(runtime_wall: list[list[float]], bare_wall: list[list[float]], runtime_cpu: list[list[float]],
+            bare_cpu: list[list[float]]) -> dict:
+    """Ratios runtime / bare from per-round lists of per-step interval times: of the medians of all
+    intervals, of the fastest intervals (the least disturbed), and of each round's medians (a round's
+    two sides ran side by side in time: their spread is the host's noise), for wall and CPU time."""
+    out = {}
+    for prefix, rt_rounds, br_rounds in (("", runtime_wall, bare_wall), ("cpu_", runtime_cpu, bare_cpu)):
+        rt_all = [t for x in rt_rounds for t in x]
+        br_all = [t for x in br_rounds for t in x]
+        rt, br = statistics.median(rt_all), statistics.median(br_all)
+        paired = [statistics.median(r) / statistics.median(b) for r, b in zip(rt_rounds, br_rounds)]
+        kind = "cpu_" if prefix else ""
+        out.update({
+            f"runtime_{kind}step_s_median": rt, f"bare_{kind}step_s_median": br,
+            ("cpu_ratio" if prefix else "ratio_runtime_over_bare"): rt / br,
+            f"{prefix}overhead": rt / br - 1.0,
+            f"runtime_{kind}step_s_min": min(rt_all), f"bare_{kind}step_s_min": min(br_all),
+            f"{prefix}ratio_min_intervals": min(rt_all) / min(br_all),
+            f"{prefix}round_ratios": paired, f"{prefix}round_ratio_median": statistics.median(paired),
+            f"{prefix}round_ratio_min": min(paired), f"{prefix}round_ratio_max": max(paired),
+            f"runtime_{kind}intervals": rt_rounds, f"bare_{kind}intervals": br_rounds,
+        })
+    return out
+
+
 def measure(*, steps: int = 24, rounds: int = 2, seq: int = 64, vocab: int = 256, micro_batch: int = 2,
             global_batch: int = 4, warmup: int = 4) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nemoc.runtime.align import common, sft, trainer
     from nemoc.runtime.core.dist import StopSignal
-    from nemoc.runtime.metrics import NullMetrics
+    from nemoc.runtime.metrics import Metrics
 
     torch.set_num_threads(1)
     common.init_distributed(tp=1, pp=1, seed=1234)
     spec = _spec(seq, vocab)
     layout = common.single_layout(micro_batch=micro_batch, global_batch=global_batch)
     rows = _rows(steps * global_batch, seq, vocab, seed=0)
-    batches = sft.rows_to_batches(rows, seq, micro_batch)  # the bare loop's pre-built micro-batches
     per_step = global_batch // micro_batch
 
     def fresh():
@@ -60,17 +89,29 @@ def measure(*, steps: int = 24, rounds: int = 2, seq: int = 64, vocab: int = 256
 
     log_every = 4
 
+    work = tempfile.mkdtemp(prefix="nemoc_sft_overhead_")
+    console = open(os.devnull, "w")
+
     def runtime_side() -> tuple[list[float], list[float]]:
         tr = fresh()
         stamps = [(time.perf_counter(), time.process_time())]
 
-        class Stamps(NullMetrics):  # a record every log_every steps: the loop's whole iterations between them
+        class Stamps(Metrics):  # the stage's sink (metrics.jsonl, console lines), stamped as each record arrives
             def log(self, record):
                 stamps.append((time.perf_counter(), time.process_time()))
+                super().log(record)
 
-        trainer.fit(tr, stage=trainer.Steps(layout=layout, seq_length=seq, log_every=log_every), items=rows,
-                    to_microbatches=lambda share: sft.rows_to_batches(share, seq, micro_batch), forward=sft.forward,
-                    start=0, end=steps, reports=sft.forward.reports, metrics=Stamps(), stop=StopSignal())
+        path = os.path.join(work, "metrics.jsonl")
+        if os.path.exists(path):
+            os.remove(path)
+        sink = Stamps(metrics_path=path, tensorboard_dir=None, total_steps=steps, console=console, use_rich=False)
+        try:
+            trainer.fit(tr, stage=trainer.Steps(layout=layout, seq_length=seq, log_every=log_every), items=rows,
+                        to_microbatches=lambda share: sft.rows_to_batches(share, seq, micro_batch),
+                        forward=sft.forward, start=0, end=steps, reports=sft.forward.reports, metrics=sink,
+                        stop=StopSignal())
+        finally:
+            sink.close()
         per_step = [(b[0] - a[0]) / log_every for a, b in zip(stamps, stamps[1:])]
         cpu = [(b[1] - a[1]) / log_every for a, b in zip(stamps, stamps[1:])]
         return per_step[warmup // log_every:], cpu[warmup // log_every:]
@@ -81,10 +122,11 @@ def measure(*, steps: int = 24, rounds: int = 2, seq: int = 64, vocab: int = 256
         fb = get_forward_backward_func()
         for step in range(steps):
             start, start_cpu = time.perf_counter(), time.process_time()
+            batches = sft.rows_to_batches(rows[step * global_batch:(step + 1) * global_batch], seq, micro_batch)
             model.zero_grad_buffer()
             optimizer.zero_grad()
             fb(forward_step_func=lambda it, m: sft.forward(m, next(it)),
-               data_iterator=iter(batches[step * per_step:(step + 1) * per_step]), model=[model],
+               data_iterator=iter(batches), model=[model],
                num_microbatches=per_step, seq_length=seq, micro_batch_size=micro_batch, forward_only=False)
             ok, _, _ = optimizer.step()
             if ok:
@@ -101,31 +143,21 @@ def measure(*, steps: int = 24, rounds: int = 2, seq: int = 64, vocab: int = 256
     # Wall time on a shared host counts other processes' time slices; the process's CPU time (this
     # process's threads only) does not, so both are reported: on a loaded host the CPU-time ratio is
     # the one that measures the runtime's own work.
-    runtime, bare, paired, runtime_cpu, bare_cpu, paired_cpu = [], [], [], [], [], []
+    runtime, bare, runtime_cpu, bare_cpu, loads = [], [], [], [], []
     for round_ in range(rounds):  # the side that goes first alternates (the second finds warmer caches)
         if round_ % 2 == 0:
             (b, b_cpu), (r, r_cpu) = bare_side(), runtime_side()
         else:
             (r, r_cpu), (b, b_cpu) = runtime_side(), bare_side()
-        bare += b
-        runtime += r
-        bare_cpu += b_cpu
-        runtime_cpu += r_cpu
-        paired.append(statistics.median(r) / statistics.median(b))  # this round's ratio, side by side in time
-        paired_cpu.append(statistics.median(r_cpu) / statistics.median(b_cpu))
-    rt, br = statistics.median(runtime), statistics.median(bare)
-    rt_cpu, br_cpu = statistics.median(runtime_cpu), statistics.median(bare_cpu)
+        runtime.append(r)
+        bare.append(b)
+        runtime_cpu.append(r_cpu)
+        bare_cpu.append(b_cpu)
+        loads.append(os.getloadavg()[0])
     return {"what": "sft", "model": "gpt-smoke (2 x 64, seq %d, vocab %d)" % (seq, vocab),
             "global_batch": global_batch, "micro_batch": micro_batch, "steps": steps, "rounds": rounds,
-            "warmup_steps_dropped": warmup, "runtime_step_s_median": rt, "bare_step_s_median": br,
-            "ratio_runtime_over_bare": rt / br, "overhead": rt / br - 1.0,
-            "runtime_step_s_min": min(runtime), "bare_step_s_min": min(bare),
-            "ratio_min_steps": min(runtime) / min(bare),
-            "round_ratios": paired, "round_ratio_median": statistics.median(paired),
-            "round_ratio_min": min(paired), "round_ratio_max": max(paired),
-            "runtime_cpu_step_s_median": rt_cpu, "bare_cpu_step_s_median": br_cpu, "cpu_ratio": rt_cpu / br_cpu,
-            "cpu_round_ratios": paired_cpu, "cpu_round_ratio_median": statistics.median(paired_cpu),
-            "cpu_round_ratio_min": min(paired_cpu), "cpu_round_ratio_max": max(paired_cpu)}
+            "interval_steps": log_every, "warmup_steps_dropped": warmup,
+            **compare(runtime, bare, runtime_cpu, bare_cpu), "load_average_1min_per_round": loads}
 
 
 if __name__ == "__main__":
