@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_1b  # noqa: E402  (shared runtime/bare runners)
-from bench_sft_overhead import compare  # noqa: E402
+from side_by_side import compare  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +47,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "runtime_overhead.json"))
     parser.add_argument("--work", default="/tmp/nemoc_bench_overhead")
+    parser.add_argument("--pairs", type=int, default=60, help="chunk pairs of the one-process comparisons")
     parser.add_argument("--skip-sft", action="store_true")
     args = parser.parse_args()
     work = Path(args.work)
@@ -80,8 +81,7 @@ def main() -> int:
     }
     # the same two loops side by side in one process, each round's pair close in time
     inproc = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_pretrain_overhead.py")),
-                             str(gpu_1b.write_task(plan, work=work / "inproc", prefix=prefix)), str(args.steps),
-                             str(args.rounds * 2)], capture_output=True, text=True, timeout=1800,
+                             str(gpu_1b.write_task(plan, work=work / "inproc", prefix=prefix)), str(args.pairs)], capture_output=True, text=True, timeout=1800,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     if inproc.returncode != 0:
         print(inproc.stderr[-4000:], file=sys.stderr)
@@ -89,7 +89,7 @@ def main() -> int:
     result["pretrain_in_process"] = json.loads(inproc.stdout[inproc.stdout.index("{"):])
     if not args.skip_sft:
         sft = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_sft_overhead.py")),
-                              str(args.steps), str(args.rounds)], capture_output=True, text=True, timeout=1800,
+                              str(args.pairs)], capture_output=True, text=True, timeout=1800,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         if sft.returncode != 0:
             print(sft.stderr[-4000:], file=sys.stderr)
