@@ -9,9 +9,11 @@ Four variants, each in its own fresh process, all launched the same way (`torchr
 --nproc-per-node 1`, same environment: OMP_NUM_THREADS=1, CUDA_DEVICE_MAX_CONNECTIONS=1):
   * runtime/flash, runtime/unfused: `nemoc.runtime.train.main(task.json)` on a synthetic indexed
     dataset (GPTDataset pipeline, logging, signal checks: everything a user gets), no checkpoints,
-    log_every = 1 so that every step is timed (the runtime synchronises at a log step and excludes
-    the logging itself from `step_time_s`). The only addition is read-only: the worker wraps
-    `train.build_model` / `train.build_optimizer` to record the settings they produced.
+    log_every = 1 so that every step is timed (the runtime synchronises at a log step; its
+    `step_time_s` intervals tile the clock: a step's includes the writing of the previous record).
+    The only additions are read-only: the worker wraps `train.build_model` / `train.build_optimizer`
+    to record the settings they produced, and the metrics sink to stamp each record's arrival (wall
+    and process CPU time: `interval_step_s` / `interval_cpu_step_s`).
   * bare/flash, bare/unfused: a minimal Megatron-Core loop (GPTModel, Float16Module, DDP,
     get_megatron_optimizer, get_forward_backward_func, OptimizerParamScheduler) whose
     TransformerConfig / DDP config / OptimizerConfig / scheduler kwargs come from the same adapter
