@@ -13,8 +13,9 @@ step), the first interval (warm-up) dropped. Rounds alternate which side starts,
 process (OMP_NUM_THREADS=1). Reported: ratios of the medians of all intervals, of the fastest
 intervals, and per round (the spread is the host's noise), for wall and CPU time; on a shared host
 the CPU time (this process's own threads) is the less disturbed measure; the load average is
-recorded. The same run then measures SFT side by side (bench_sft_overhead.py, in a fresh process)
-under the key `sft`. JSON to bench/results/runtime_overhead.json.
+recorded. The same run then pairs the two pretraining loops in one process, alternating 4-step
+chunks (bench_pretrain_overhead.py, key `pretrain_in_process`), and SFT the same way
+(bench_sft_overhead.py, key `sft`), each in a fresh process. JSON to bench/results/runtime_overhead.json.
 """
 
 from __future__ import annotations
@@ -79,9 +80,10 @@ def main() -> int:
         "load_average_1min_start": load_start, "load_average_1min_per_round": loads,
         "runtime_runs": [_slim(x) for x in runtime], "bare_runs": [_slim(x) for x in bare],
     }
-    # the same two loops side by side in one process, each round's pair close in time
-    inproc = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_pretrain_overhead.py")),
-                             str(gpu_1b.write_task(plan, work=work / "inproc", prefix=prefix)), str(args.pairs)], capture_output=True, text=True, timeout=1800,
+    # the same two loops side by side in one process, each pair's two chunks close in time
+    task = gpu_1b.write_task(plan, work=work / "inproc", prefix=prefix)
+    inproc = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_pretrain_overhead.py")), str(task),
+                             str(args.pairs)], capture_output=True, text=True, timeout=1800,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     if inproc.returncode != 0:
         print(inproc.stderr[-4000:], file=sys.stderr)

@@ -4,8 +4,8 @@ Input:  one dict per logged step (`step`, `loss`, `lr`, `grad_norm`, `tokens_per
 optionally `val_loss`, `tflops_per_gpu`, `mfu`, `peak_mem_gib`, ...), from runtime.train.
 Output: `metrics.jsonl` (one JSON object per line, written and flushed per record, so a killed process
 keeps every logged step; fsync'd per record by a background thread, off the training step's path, and
-once more at close, so a machine that loses power loses at most the records of the last moments), TensorBoard scalars under `tensorboard_dir`, and a progress display:
-rich.progress when stdout is a TTY, plain `step N/M | loss ... | ETA ...` lines otherwise (logs).
+once more at close, so a machine that loses power loses at most the records of the last moments),
+TensorBoard scalars under `tensorboard_dir`, and a progress display: rich.progress when stdout is a TTY, plain `step N/M | loss ... | ETA ...` lines otherwise (logs).
 Invariants: ranks other than 0 get a `NullMetrics` that does nothing; a sink that fails to open
 (no TensorBoard) is reported once and skipped, never fatal; one record per step: a resumed run calls
 `rewind(step)`, which drops the records after the checkpoint's step (metrics.jsonl rewritten atomically,
