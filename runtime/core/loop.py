@@ -152,13 +152,6 @@ def _step_sums_and_stop(losses: list[dict], names: tuple[str, ...],
     return sums, (StopSignal.from_flags(flags) if stop is not None else 0)
 
 
-def _loss_and_stop(loss_sums: torch.Tensor, stop: StopSignal | None) -> tuple[float, int]:
-    """(the loss over the job from this rank's [sum, count], the agreed stop signal) in one all-reduce:
-    `_step_sums_and_stop` for a single report."""
-    sums, signum = _step_sums_and_stop([{"loss": loss_sums.detach().reshape(2)}], ("loss",), stop)
-    return _means(sums)[0], signum
-
-
 class ReplayableIterator:
     """Wraps a micro-batch iterator and remembers what the current step took, so that the step can be
     run again on the same micro-batches (the rerun of a step whose loss was NaN/Inf)."""
@@ -461,7 +454,7 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
             checkpointer.maybe_finalize()
         if stop is not None and last and not signum:
             signum = stop.agreed()  # a signal after the last step's loss check: once per run, not per step
-        if signum:  # agreed in the step's loss all-reduce (_loss_and_stop): no collective of its own
+        if signum:  # agreed in the step's loss all-reduce (_step_sums_and_stop): no collective of its own
             state.preempted_by = signum
             break
         if checkpointer is not None and every and state.iteration % every == 0 and not last:

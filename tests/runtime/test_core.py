@@ -105,6 +105,11 @@ def test_one_all_reduce_gives_the_loss_and_the_stop_signal(monkeypatch):
     from nemoc.runtime.core.dist import StopSignal
 
     monkeypatch.setattr(loop, "device", lambda: torch.device("cpu"))
+
+    def loss_and_stop(pair, stop):  # a step whose one micro-batch reports this [sum, count]
+        sums, signum = loop._step_sums_and_stop([{"loss": pair}], ("loss",), stop)
+        return loop._means(sums)[0], signum
+
     calls = []
     world = [2]
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
@@ -112,14 +117,14 @@ def test_one_all_reduce_gives_the_loss_and_the_stop_signal(monkeypatch):
     # two ranks with the same sums and flags: the all-reduce doubles them
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: calls.append(t.clone()) or t.mul_(2))
     stop = StopSignal()
-    assert loop._loss_and_stop(torch.tensor([6.0, 3.0]), stop) == (2.0, 0)
+    assert loss_and_stop(torch.tensor([6.0, 3.0]), stop) == (2.0, 0)
     stop._handle(signal.SIGINT, None)
-    loss, signum = loop._loss_and_stop(torch.tensor([6.0, 3.0]), stop)
+    loss, signum = loss_and_stop(torch.tensor([6.0, 3.0]), stop)
     assert (loss, signum) == (2.0, signal.SIGINT) and len(calls) == 2
     assert calls[1].tolist()[:2] == [6.0, 3.0] and sum(calls[1].tolist()[2:]) == 1  # one collective for both
-    assert math.isnan(loop._loss_and_stop(torch.tensor([float("nan"), 3.0]), None)[0])
+    assert math.isnan(loss_and_stop(torch.tensor([float("nan"), 3.0]), None)[0])
     world[0] = 1  # one process: the same answers without a collective
-    assert loop._loss_and_stop(torch.tensor([6.0, 3.0]), stop) == (2.0, signal.SIGINT) and len(calls) == 3
+    assert loss_and_stop(torch.tensor([6.0, 3.0]), stop) == (2.0, signal.SIGINT) and len(calls) == 3
 
 
 def test_report_sums_add_pairs_and_count_scalars_per_name(monkeypatch):
