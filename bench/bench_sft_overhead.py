@@ -1,14 +1,19 @@
 """SFT runtime overhead per step on CPU, side by side in one process: the alignment runtime's SFT steps
 on the training core's loop (runtime.align.trainer.fit -> core.loop.train_loop: the step's data-parallel
 share, packed rows -> micro-batches, the core's NaN/Inf rerun, named reports, the agreed stop signal, a
-record every `log_every` = 4 steps) vs a bare Megatron-Core loop
-(get_forward_backward_func + optimizer + scheduler on pre-built micro-batches) on the same model,
-optimizer and batches. Imported by bench_runtime_overhead.py (the `sft` section of its JSON)."""
+record every `log_every` = 4 steps into a real metrics.jsonl and console sink) vs a bare Megatron-Core
+loop (get_forward_backward_func + optimizer + scheduler) on the same rows, each side on its own model
+and optimizer built the same way (same seed); both sides pack each step's rows into micro-batches
+inside the step (sft.rows_to_batches: the same data path). The two loops alternate in chunks of 4
+steps (side_by_side.interleave), wall and process CPU time per chunk, the first pairs dropped. Run by
+bench_runtime_overhead.py (the `sft` section of its JSON)."""
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
+import tempfile
 import time
 
 import torch
@@ -38,103 +43,78 @@ def _settings(steps: int):
                 schedule=ScheduleSpec(name="constant", warmup=0), steps=steps)
 
 
-def measure(*, steps: int = 24, rounds: int = 2, seq: int = 64, vocab: int = 256, micro_batch: int = 2,
-            global_batch: int = 4, warmup: int = 4) -> dict:
+def measure(*, pairs: int = 60, warmup_pairs: int = 2, seq: int = 64, vocab: int = 256, micro_batch: int = 2,
+            global_batch: int = 4, log_every: int = 4) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from side_by_side import interleave
     from nemoc.runtime.align import common, sft, trainer
     from nemoc.runtime.core.dist import StopSignal
-    from nemoc.runtime.metrics import NullMetrics
+    from nemoc.runtime.metrics import Metrics
 
     torch.set_num_threads(1)
     common.init_distributed(tp=1, pp=1, seed=1234)
     spec = _spec(seq, vocab)
     layout = common.single_layout(micro_batch=micro_batch, global_batch=global_batch)
+    steps = (pairs + warmup_pairs) * log_every
     rows = _rows(steps * global_batch, seq, vocab, seed=0)
-    batches = sft.rows_to_batches(rows, seq, micro_batch)  # the bare loop's pre-built micro-batches
     per_step = global_batch // micro_batch
 
     def fresh():
         common.seed_all(1234)
         return trainer.Trainer(common.build_gpt(spec, layout), layout=layout, **_settings(steps))
 
-    log_every = 4
+    work = tempfile.mkdtemp(prefix="nemoc_sft_overhead_")
+    console = open(os.devnull, "w")
+    # the runtime side: the stage's fit (core loop), sink and stop signal, `log_every` steps per call
+    rt = fresh()
+    sink = Metrics(metrics_path=os.path.join(work, "metrics.jsonl"), tensorboard_dir=None, total_steps=steps,
+                   console=console, use_rich=False)
+    stop, done = StopSignal().install(), [0]
+    stage = trainer.Steps(layout=layout, seq_length=seq, log_every=log_every)
 
-    def runtime_side() -> tuple[list[float], list[float]]:
-        tr = fresh()
-        stamps = [(time.perf_counter(), time.process_time())]
+    def runtime_chunk():
+        trainer.fit(rt, stage=stage, items=rows, to_microbatches=lambda share: sft.rows_to_batches(share, seq, micro_batch),
+                    forward=sft.forward, start=done[0], end=done[0] + log_every, reports=sft.forward.reports,
+                    metrics=sink, stop=stop)
+        done[0] += log_every
 
-        class Stamps(NullMetrics):  # a record every log_every steps: the loop's whole iterations between them
-            def log(self, record):
-                stamps.append((time.perf_counter(), time.process_time()))
+    # the bare side: the same rows packed in the step, the schedule and the optimizer
+    bare = fresh()
+    fb, bare_step = get_forward_backward_func(), [0]
 
-        trainer.fit(tr, stage=trainer.Steps(layout=layout, seq_length=seq, log_every=log_every), items=rows,
-                    to_microbatches=lambda share: sft.rows_to_batches(share, seq, micro_batch), forward=sft.forward,
-                    start=0, end=steps, reports=sft.forward.reports, metrics=Stamps(), stop=StopSignal())
-        per_step = [(b[0] - a[0]) / log_every for a, b in zip(stamps, stamps[1:])]
-        cpu = [(b[1] - a[1]) / log_every for a, b in zip(stamps, stamps[1:])]
-        return per_step[warmup // log_every:], cpu[warmup // log_every:]
-
-    def bare_side() -> tuple[list[float], list[float]]:
-        tr, times, cpu = fresh(), [], []
-        model, optimizer, scheduler = tr.model, tr.optimizer, tr.scheduler
-        fb = get_forward_backward_func()
-        for step in range(steps):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            model.zero_grad_buffer()
-            optimizer.zero_grad()
-            fb(forward_step_func=lambda it, m: sft.forward(m, next(it)),
-               data_iterator=iter(batches[step * per_step:(step + 1) * per_step]), model=[model],
-               num_microbatches=per_step, seq_length=seq, micro_batch_size=micro_batch, forward_only=False)
-            ok, _, _ = optimizer.step()
+    def bare_chunk():
+        for _ in range(log_every):
+            step = bare_step[0]
+            batches = sft.rows_to_batches(rows[step * global_batch:(step + 1) * global_batch], seq, micro_batch)
+            bare.model.zero_grad_buffer()
+            bare.optimizer.zero_grad()
+            fb(forward_step_func=lambda it, m: sft.forward(m, next(it)), data_iterator=iter(batches),
+               model=[bare.model], num_microbatches=per_step, seq_length=seq, micro_batch_size=micro_batch,
+               forward_only=False)
+            ok, _, _ = bare.optimizer.step()
             if ok:
-                scheduler.step(increment=1)
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
+                bare.scheduler.step(increment=1)
+            bare_step[0] += 1
 
-        def grouped(values):  # the same intervals as the runtime side: mean step time over each log_every steps
-            return [sum(values[i:i + log_every]) / log_every
-                    for i in range(0, len(values) - log_every + 1, log_every)][warmup // log_every:]
-
-        return grouped(times), grouped(cpu)
-
-    # Wall time on a shared host counts other processes' time slices; the process's CPU time (this
-    # process's threads only) does not, so both are reported: on a loaded host the CPU-time ratio is
-    # the one that measures the runtime's own work.
-    runtime, bare, paired, runtime_cpu, bare_cpu, paired_cpu = [], [], [], [], [], []
-    for round_ in range(rounds):  # the side that goes first alternates (the second finds warmer caches)
-        if round_ % 2 == 0:
-            (b, b_cpu), (r, r_cpu) = bare_side(), runtime_side()
-        else:
-            (r, r_cpu), (b, b_cpu) = runtime_side(), bare_side()
-        bare += b
-        runtime += r
-        bare_cpu += b_cpu
-        runtime_cpu += r_cpu
-        paired.append(statistics.median(r) / statistics.median(b))  # this round's ratio, side by side in time
-        paired_cpu.append(statistics.median(r_cpu) / statistics.median(b_cpu))
-    rt, br = statistics.median(runtime), statistics.median(bare)
-    rt_cpu, br_cpu = statistics.median(runtime_cpu), statistics.median(bare_cpu)
-    return {"what": "sft", "model": "gpt-smoke (2 x 64, seq %d, vocab %d)" % (seq, vocab),
-            "global_batch": global_batch, "micro_batch": micro_batch, "steps": steps, "rounds": rounds,
-            "warmup_steps_dropped": warmup, "runtime_step_s_median": rt, "bare_step_s_median": br,
-            "ratio_runtime_over_bare": rt / br, "overhead": rt / br - 1.0,
-            "runtime_step_s_min": min(runtime), "bare_step_s_min": min(bare),
-            "ratio_min_steps": min(runtime) / min(bare),
-            "round_ratios": paired, "round_ratio_median": statistics.median(paired),
-            "round_ratio_min": min(paired), "round_ratio_max": max(paired),
-            "runtime_cpu_step_s_median": rt_cpu, "bare_cpu_step_s_median": br_cpu, "cpu_ratio": rt_cpu / br_cpu,
-            "cpu_round_ratios": paired_cpu, "cpu_round_ratio_median": statistics.median(paired_cpu),
-            "cpu_round_ratio_min": min(paired_cpu), "cpu_round_ratio_max": max(paired_cpu)}
+    try:
+        result = interleave(runtime_chunk, bare_chunk, pairs=pairs, warmup_pairs=warmup_pairs,
+                            steps_per_chunk=log_every)
+    finally:
+        stop.uninstall()
+        sink.close()
+    return {"what": "sft, one process: chunks of 4 steps of each loop, alternating",
+            "model": "gpt-smoke (2 x 64, seq %d, vocab %d)" % (seq, vocab), "global_batch": global_batch,
+            "micro_batch": micro_batch, **result}
 
 
 if __name__ == "__main__":
     import json
     import sys
 
-    steps, rounds = (int(x) for x in (sys.argv[1:3] if len(sys.argv) > 2 else (24, 2)))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     try:
-        print(json.dumps(measure(steps=steps, rounds=rounds), indent=1))
+        print(json.dumps(measure(pairs=int(sys.argv[1]) if len(sys.argv) > 1 else 60), indent=1))
     finally:
         from nemoc.runtime.align import common
 

@@ -9,9 +9,11 @@ Four variants, each in its own fresh process, all launched the same way (`torchr
 --nproc-per-node 1`, same environment: OMP_NUM_THREADS=1, CUDA_DEVICE_MAX_CONNECTIONS=1):
   * runtime/flash, runtime/unfused: `nemoc.runtime.train.main(task.json)` on a synthetic indexed
     dataset (GPTDataset pipeline, logging, signal checks: everything a user gets), no checkpoints,
-    log_every = 1 so that every step is timed (the runtime synchronises at a log step and excludes
-    the logging itself from `step_time_s`). The only addition is read-only: the worker wraps
-    `train.build_model` / `train.build_optimizer` to record the settings they produced.
+    log_every = 1 so that every step is timed (the runtime synchronises at a log step; its
+    `step_time_s` intervals tile the clock: a step's includes the writing of the previous record).
+    The only additions are read-only: the worker wraps `train.build_model` / `train.build_optimizer`
+    to record the settings they produced, and the metrics sink to stamp each record's arrival (wall
+    and process CPU time: `interval_step_s` / `interval_cpu_step_s`).
   * bare/flash, bare/unfused: a minimal Megatron-Core loop (GPTModel, Float16Module, DDP,
     get_megatron_optimizer, get_forward_backward_func, OptimizerParamScheduler) whose
     TransformerConfig / DDP config / OptimizerConfig / scheduler kwargs come from the same adapter
@@ -307,15 +309,11 @@ def _memory_stats() -> dict:
 # ------------------------------------------------------------------------------------- the runtime
 
 
-def run_runtime(plan, *, work: Path, prefix: Path, timeout_s: float, smoke: bool, warmup: int | None = None) -> dict:
-    """The runtime on `plan` in a fresh torchrun process; per-step times from its metrics.jsonl,
-    dropping the steps up to `warmup` (default: the first logged interval)."""
+def write_task(plan, *, work: Path, prefix: Path) -> Path:
+    """plan.json and the runtime's task.json (the synthetic dataset at `prefix`) in `work`."""
     from nemoc.compiler.plan import to_json
     from nemoc.runtime.taskfile import TASK_JSON_VERSION
 
-    stage = plan.stages[0]
-    warmup = stage.log_every if warmup is None else warmup
-    shutil.rmtree(work, ignore_errors=True)  # metrics.jsonl appends (resume semantics): start clean
     work.mkdir(parents=True, exist_ok=True)
     (work / "plan.json").write_text(to_json(plan))
     task = {"version": TASK_JSON_VERSION, "plan": str(work / "plan.json"), "stage": "pretrain",
@@ -324,6 +322,30 @@ def run_runtime(plan, *, work: Path, prefix: Path, timeout_s: float, smoke: bool
             "checkpoint_dir": str(work / "checkpoints"), "metrics_path": str(work / "metrics.jsonl"),
             "tensorboard_dir": None, "max_steps": None, "timeout_s": 300}
     (work / "task.json").write_text(json.dumps(task))
+    return work / "task.json"
+
+
+def stamp_intervals(stamps: list, *, warmup: int) -> dict:
+    """Per-step wall and CPU time of each interval between consecutive (step, wall, cpu) stamps, the
+    intervals ending after step `warmup` only (the first ones pay for first-touch allocations)."""
+    wall, cpu = [], []
+    for (s0, w0, c0), (s1, w1, c1) in zip(stamps, stamps[1:]):
+        if s0 >= warmup and s1 > s0:
+            wall.append((w1 - w0) / (s1 - s0))
+            cpu.append((c1 - c0) / (s1 - s0))
+    return {"interval_step_s": wall, "interval_cpu_step_s": cpu}
+
+
+def run_runtime(plan, *, work: Path, prefix: Path, timeout_s: float, smoke: bool, warmup: int | None = None) -> dict:
+    """The runtime on `plan` in a fresh torchrun process; per-step times from its metrics.jsonl,
+    dropping the steps up to `warmup` (default: the first logged interval); `interval_step_s` /
+    `interval_cpu_step_s`: wall and process CPU time per step between the worker's stamps at each
+    metrics record (runtime_worker), the same measure as the bare loop's."""
+
+    stage = plan.stages[0]
+    warmup = stage.log_every if warmup is None else warmup
+    shutil.rmtree(work, ignore_errors=True)  # metrics.jsonl appends (resume semantics): start clean
+    write_task(plan, work=work, prefix=prefix)
     started = time.monotonic()
     proc = _run_worker(["--runtime-worker", str(work / "task.json"), "--out", str(work)], work=work,
                        timeout_s=timeout_s)
@@ -345,6 +367,8 @@ def run_runtime(plan, *, work: Path, prefix: Path, timeout_s: float, smoke: bool
     worker = work / "worker.json"
     if worker.exists():
         out.update(json.loads(worker.read_text()))
+    if out.get("record_stamps"):
+        out.update(stamp_intervals(out["record_stamps"], warmup=warmup))
     if "peak_mem_gib" not in out and "peak_mem_gib" in steps[-1]:
         out["peak_mem_gib"] = max(r.get("peak_mem_gib", 0.0) for r in steps)
     shutil.rmtree(work / "dataset_cache", ignore_errors=True)
@@ -356,8 +380,8 @@ def runtime_worker(task_path: str, out_dir: str) -> int:
     built (model, TransformerConfig, DDP and optimizer config) and, at the end, the CUDA memory peaks."""
     from nemoc.runtime import train as T
 
-    built, info = {}, {}
-    original_model, original_optimizer = T.build_model, T.build_optimizer
+    built, info = {}, {"record_stamps": []}
+    original_model, original_optimizer, original_metrics = T.build_model, T.build_optimizer, T.open_metrics
 
     def build_model(*args, **kwargs):
         result = original_model(*args, **kwargs)
@@ -372,7 +396,19 @@ def runtime_worker(task_path: str, out_dir: str) -> int:
             info["settings_error"] = traceback.format_exc()[-2000:]
         return result
 
-    T.build_model, T.build_optimizer = build_model, build_optimizer
+    def open_metrics(**kwargs):  # (step, wall, process CPU time) as each step record reaches the sink
+        sink = original_metrics(**kwargs)
+        log = sink.log
+
+        def stamped(record):
+            if "loss" in record:
+                info["record_stamps"].append((record["step"], time.perf_counter(), time.process_time()))
+            log(record)
+
+        sink.log = stamped
+        return sink
+
+    T.build_model, T.build_optimizer, T.open_metrics = build_model, build_optimizer, open_metrics
     rc = T.main([task_path])
     info.update(_memory_stats())
     Path(out_dir, "worker.json").write_text(json.dumps(info, sort_keys=True))
@@ -383,8 +419,9 @@ def runtime_worker(task_path: str, out_dir: str) -> int:
 
 
 def run_bare_subprocess(plan, *, work: Path, timeout_s: float, smoke: bool, warmup: int | None = None,
-                        diag_steps: int = 0) -> dict:
-    """The bare Megatron-Core loop on `plan` in a fresh torchrun process (see bare_main)."""
+                        diag_steps: int = 0, prefix: Path | None = None) -> dict:
+    """The bare Megatron-Core loop on `plan` in a fresh torchrun process (see bare_main); with `prefix`,
+    fed from the same GPTDataset samples as the runtime (not pre-generated tensors)."""
     from nemoc.compiler.plan import to_json
 
     stage = plan.stages[0]
@@ -395,23 +432,39 @@ def run_bare_subprocess(plan, *, work: Path, timeout_s: float, smoke: bool, warm
     started = time.monotonic()
     args = ["--bare", str(work / "plan.json"), "--out", str(work), "--warmup", str(warmup),
             "--diag-steps", str(diag_steps)]
+    if prefix is not None:
+        args += ["--bare-task", str(write_task(plan, work=work / "data", prefix=prefix))]
     proc = _run_worker(args + (["--smoke"] if smoke else []), work=work, timeout_s=timeout_s)
     result = work / "bare.json"
     if proc.returncode != 0 or not result.exists():
         raise RuntimeError(f"bare loop exited {proc.returncode}: {proc.stderr[-3000:]}")
     out = json.loads(result.read_text())
     out["wall_s"] = time.monotonic() - started
+    every = stage.log_every
+    # the runtime's intervals: one stamp every log_every steps (and after the last), from step 0
+    wall = cpu = 0.0
+    stamps = [(0, 0.0, 0.0)]
+    for step, (w, c) in enumerate(zip(out["all_step_times_s"], out["all_step_cpu_s"]), start=1):
+        wall, cpu = wall + w, cpu + c
+        if step % every == 0 or step == len(out["all_step_times_s"]):
+            stamps.append((step, wall, cpu))
+    out.update(stamp_intervals(stamps, warmup=warmup))
     return out
 
 
-def bare_main(plan_path: str, out_dir: str, smoke: bool, warmup: int, diag_steps: int) -> None:
+def bare_main(plan_path: str, out_dir: str, smoke: bool, warmup: int, diag_steps: int,
+              data_task: str | None = None) -> None:
     """A minimal Megatron-Core training loop with exactly the runtime's Megatron settings.
 
     Settings: TransformerConfig, DDP config, OptimizerConfig and scheduler kwargs from
     runtime.megatron_args (the runtime's one adapter); the model is built here with Megatron's API and
     an explicit attention core. Data: pre-generated contiguous device tensors (tokens, labels,
     loss_mask, position_ids as the runtime's batches). Every step ends with a device synchronisation
-    and is timed from the previous one."""
+    and is timed from the previous one. With `data_task` (the runtime's task.json) the data are instead
+    the runtime's own GPTDataset samples (Megatron-Core's BlendedMegatronDatasetBuilder with the config
+    runtime.train.build_gpt_datasets gives it), read and collated by torch's `default_collate` per
+    micro-batch inside the timed step, as a Megatron-LM loop reads: both sides then pay for the same
+    data, and the difference is what the runtime adds. Per step: wall time and process CPU time."""
     import numpy as np
     import torch
 
@@ -505,7 +558,22 @@ def bare_main(plan_path: str, out_dir: str, smoke: bool, warmup: int, diag_steps
 
     # Fresh tokens for every micro-batch, as the runtime reads (repeating one batch lets the model
     # memorise it, and on CPU the shrinking values hit denormal slow paths); on the device up front.
-    device_batches = [to_device(host_batch()) for _ in range(stage.steps * n_micro)]
+    device_batches = [to_device(host_batch()) for _ in range(stage.steps * n_micro)] if data_task is None else None
+    dataset = None
+    if data_task is not None:
+        from torch.utils.data import default_collate
+
+        from nemoc.runtime import train as runtime_train
+
+        task = runtime_train.load_task(data_task)
+        dataset, _ = runtime_train.build_gpt_datasets(task=task, stage=task.stage, seed=task.stage.seed)
+
+    def step_batches(step: int):
+        if dataset is None:
+            return iter(device_batches[(step - 1) * n_micro: step * n_micro])
+        first = (step - 1) * n_micro * mb  # the runtime's order (MegatronPretrainingSampler, dp = 1)
+        return (to_device(default_collate([dataset[(first + i * mb + k) % len(dataset)] for k in range(mb)]))
+                for i in range(n_micro))
 
     def loss_func(loss_mask, output_tensor):  # = runtime.train.masked_lm_loss
         losses = output_tensor.float().view(-1)
@@ -538,14 +606,16 @@ def bare_main(plan_path: str, out_dir: str, smoke: bool, warmup: int, diag_steps
         return sum(x["lm loss"] for x in losses)
 
     sync()
-    times, last = [], None
+    times, cpu_times, last = [], [], None
     for step in range(1, stage.steps + 1):
-        start = time.perf_counter()
-        last = train_step(iter(device_batches[(step - 1) * n_micro: step * n_micro]))
+        start, start_cpu = time.perf_counter(), time.process_time()
+        last = train_step(step_batches(step))
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - start_cpu)
     result = {"final_loss": float(last[0] / last[1]), "warmup_steps": warmup, "settings": settings,
-              "all_step_times_s": times, **summarise(times[warmup:] or times[-1:]), **_memory_stats()}
+              "all_step_times_s": times, "all_step_cpu_s": cpu_times, "data": "gptdataset" if dataset else "tensors",
+              **summarise(times[warmup:] or times[-1:]), **_memory_stats()}
 
     if diag_steps > 0:  # the same loop fed as the runtime feeds: its own collate, per micro-batch
         from nemoc.runtime.train import collate
@@ -664,11 +734,12 @@ def main() -> int:
                              "bare/flash)")
     parser.add_argument("--bare", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--runtime-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--bare-task", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.runtime_worker:
         return runtime_worker(args.runtime_worker, args.out)
     if args.bare:
-        bare_main(args.bare, args.out, args.smoke, args.warmup or 0, args.diag_steps or 0)
+        bare_main(args.bare, args.out, args.smoke, args.warmup or 0, args.diag_steps or 0, args.bare_task)
         return 0
 
     out = Path(args.out)

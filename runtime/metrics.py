@@ -2,9 +2,10 @@
 
 Input:  one dict per logged step (`step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, `step_time_s`,
 optionally `val_loss`, `tflops_per_gpu`, `mfu`, `peak_mem_gib`, ...), from runtime.train.
-Output: `metrics.jsonl` (one JSON object per line, flushed and fsync'd per record so a killed run
-keeps every logged step), TensorBoard scalars under `tensorboard_dir`, and a progress display:
-rich.progress when stdout is a TTY, plain `step N/M | loss ... | ETA ...` lines otherwise (logs).
+Output: `metrics.jsonl` (one JSON object per line, written and flushed per record, so a killed process
+keeps every logged step; fsync'd per record by a background thread, off the training step's path, and
+once more at close, so a machine that loses power loses at most the records of the last moments),
+TensorBoard scalars under `tensorboard_dir`, and a progress display: rich.progress when stdout is a TTY, plain `step N/M | loss ... | ETA ...` lines otherwise (logs).
 Invariants: ranks other than 0 get a `NullMetrics` that does nothing; a sink that fails to open
 (no TensorBoard) is reported once and skipped, never fatal; one record per step: a resumed run calls
 `rewind(step)`, which drops the records after the checkpoint's step (metrics.jsonl rewritten atomically,
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -69,6 +71,50 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
+class _BackgroundFsync:
+    """fsync(2) of an append-only file on a thread of its own: `request()` after a record is flushed,
+    and the thread syncs everything written by then (one fsync covers every earlier record, so requests
+    that arrive during a sync cost one more sync, not one each). A sync takes milliseconds on a busy
+    disk: on the training loop's thread it was billed to every log step. `close()` stops the thread
+    and syncs once more on the caller's thread; a failed background sync is raised by the next `check()`."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self._wanted = threading.Event()
+        self._closing = False
+        self.error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="nemoc-metrics-fsync", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    def check(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._closing:
+                return
+            try:
+                os.fsync(self._handle.fileno())
+            except OSError as exc:
+                self.error = self.error or exc
+            except ValueError:  # closed under us: close() syncs
+                return
+
+    def close(self) -> None:
+        self._closing = True
+        self._wanted.set()
+        self._thread.join()
+        os.fsync(self._handle.fileno())
+        self.check()
+
+
 class NullMetrics:
     """The sink on ranks != 0."""
 
@@ -103,11 +149,12 @@ class Metrics(NullMetrics):
         self.start_time = time.monotonic()
         self.console = console or sys.stdout
         self._jsonl = None
+        self._fsync: _BackgroundFsync | None = None
         self._metrics_path = metrics_path
         self._tensorboard_dir = tensorboard_dir
         if metrics_path:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
-            self._jsonl = open(metrics_path, "a", encoding="utf-8")
+            self._open_jsonl()
         self._tb = _open_tensorboard(tensorboard_dir, self.console)
         self._sinks = None  # W&B / MLflow (runtime.tracking), when the experiment's tracking block asks
         if tracking is not None:
@@ -117,6 +164,17 @@ class Metrics(NullMetrics):
         if use_rich is None:
             use_rich = bool(getattr(self.console, "isatty", lambda: False)())
         self._progress = _RichProgress(title, total_steps, start_step) if use_rich else None
+
+    def _open_jsonl(self) -> None:
+        self._jsonl = open(self._metrics_path, "a", encoding="utf-8")
+        self._fsync = _BackgroundFsync(self._jsonl)
+
+    def _close_jsonl(self) -> None:
+        try:
+            self._fsync.close()
+        finally:
+            self._jsonl.close()
+            self._jsonl = self._fsync = None
 
     def eta_s(self, step: int) -> float:
         done = step - self.start_step
@@ -128,9 +186,10 @@ class Metrics(NullMetrics):
     def log(self, record: dict[str, Any]) -> None:
         record = {"time": round(time.time(), 3), **record}
         if self._jsonl is not None:
+            self._fsync.check()
             self._jsonl.write(json.dumps(record, sort_keys=True, allow_nan=True) + "\n")
             self._jsonl.flush()
-            os.fsync(self._jsonl.fileno())
+            self._fsync.request()
         if self._tb is not None and "step" in record:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -146,11 +205,11 @@ class Metrics(NullMetrics):
         """A run resumed from the checkpoint of `step`: drop the records of later steps (an earlier
         attempt logged them; this one logs them again), so that readers see one record per step."""
         if self._jsonl is not None:
-            self._jsonl.close()
+            self._close_jsonl()
             with open(self._metrics_path, encoding="utf-8", errors="replace") as handle:
                 text = handle.read()
             atomic_write_text(self._metrics_path, _records_up_to(text, step))
-            self._jsonl = open(self._metrics_path, "a", encoding="utf-8")
+            self._open_jsonl()
         if self._tb is not None:
             self._tb.close()
             self._tb = _open_tensorboard(self._tensorboard_dir, self.console, purge_step=step + 1)
@@ -186,8 +245,7 @@ class Metrics(NullMetrics):
             self._progress.close()
             self._progress = None
         if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
+            self._close_jsonl()
         if self._tb is not None:
             self._tb.close()
             self._tb = None

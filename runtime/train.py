@@ -217,12 +217,18 @@ def check_splits_have_tokens(datasets, split_matrix, sizes, split: str) -> None:
                     f"or change the data's `split`" + (" or drop the stage's eval_every" if i == 1 else ""))
 
 
+_BATCH_DTYPES = (("tokens", torch.int64), ("labels", torch.int64), ("loss_mask", torch.float32),
+                 ("position_ids", None))
+
+
 def collate(samples: list[dict], dev: torch.device) -> dict:
-    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask",
-                                                                                "position_ids")}
-    batch["tokens"] = batch["tokens"].long()
-    batch["labels"] = batch["labels"].long()
-    batch["loss_mask"] = batch["loss_mask"].float()
+    """GPTDataset samples -> one micro-batch: a stack per key, a dtype conversion only where the samples
+    differ from it (GPTDataset's are already int64 / float32; every tensor call costs host time)."""
+    batch = {}
+    for key, dtype in _BATCH_DTYPES:
+        stacked = torch.stack([s[key] if isinstance(s[key], torch.Tensor) else torch.as_tensor(s[key])
+                               for s in samples])
+        batch[key] = stacked if dtype is None or stacked.dtype == dtype else stacked.to(dtype)
     if dev.type != "cpu":
         # From pinned host memory the copy is asynchronous: the host goes on issuing kernels instead of
         # waiting for the stream to drain before each micro batch, as a copy from pageable memory makes

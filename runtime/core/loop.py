@@ -41,14 +41,25 @@ def eval_iters(stage: StagePlan) -> int:
     return stage.params.eval_iters  # the stage kind's typed record (compiler.params), default filled
 
 
-def _report_sums(losses: list[dict], names: tuple[str, ...] = ("lm loss",)) -> torch.Tensor:
-    """[len(names), 2]: per report name, [sum, count] over this rank's micro-batches (zeros off the last
-    pipeline stage). A report is either a [sum, count] pair (pretraining's token-weighted "lm loss") or a
-    scalar (a per-micro-batch mean: DPO's reward accuracy), counted as [value, 1]. Stays on the device:
-    no host synchronisation per step (it is read at log steps only). One stack and one sum per step, not
-    a few small tensor operations per micro-batch and report (each costs host time in a step)."""
+def _stacked_reports(losses: list[dict], names: tuple[str, ...]) -> tuple[str, torch.Tensor | None]:
+    """Every micro-batch's reports in one tensor, made by one stack where their shapes agree (each small
+    tensor operation costs host time in a step): ("pairs", [micro-batches, len(names), 2]) when every
+    report is a [sum, count] pair (pretraining's token-weighted "lm loss"), ("scalars", [micro-batches,
+    len(names)]) when every report is a per-micro-batch scalar (SFT's mean loss, DPO's accuracy; each
+    counts [value, 1]), else ("rows", [len(names), 2]) summed per report (mixed shapes, a report absent
+    from some micro-batch: zeros). ("rows", None) when this rank has no reports (off the last pipeline
+    stage)."""
+    if not losses:
+        return "rows", None
+    values = [entry.get(name) for entry in losses for name in names]
+    if all(v is not None for v in values):
+        shapes = {tuple(v.shape) for v in values}
+        if shapes == {(2,)}:
+            return "pairs", torch.stack(values).detach().view(len(losses), len(names), 2)
+        if shapes == {()}:
+            return "scalars", torch.stack(values).detach().view(len(losses), len(names))
     rows = []
-    for entry in losses or []:
+    for entry in losses:
         row = []
         for name in names:
             value = entry.get(name)
@@ -58,9 +69,48 @@ def _report_sums(losses: list[dict], names: tuple[str, ...] = ("lm loss",)) -> t
             value = value.detach().reshape(-1).to(torch.float64)
             row.append(value if value.numel() == 2 else torch.cat([value, value.new_ones(1)]))
         rows.append(torch.stack(row))
-    if not rows:
-        return torch.zeros(len(names), 2, dtype=torch.float64, device=device())
-    return torch.stack(rows).sum(0).to(device())
+    return "rows", torch.stack(rows).sum(0)
+
+
+def _summed_on_device(kind: str, stacked: torch.Tensor | None, n_names: int) -> torch.Tensor:
+    """[n_names, 2] float64 [sum, count] per report over this rank's micro-batches, on the device."""
+    if stacked is None:
+        return torch.zeros(n_names, 2, dtype=torch.float64, device=device())
+    stacked = stacked.to(device(), torch.float64)
+    if kind == "pairs":
+        return stacked.sum(0)
+    if kind == "scalars":
+        total = stacked.sum(0)
+        return torch.stack([total, torch.full_like(total, stacked.shape[0])], dim=1)
+    return stacked
+
+
+def _summed_on_host(kind: str, stacked: torch.Tensor | None, n_names: int) -> list[list[float]]:
+    """The same sums as `_summed_on_device`, from ONE device-to-host read of the stacked reports, added
+    up in Python floats (float64)."""
+    sums = [[0.0, 0.0] for _ in range(n_names)]
+    if stacked is None:
+        return sums
+    values = stacked.tolist()
+    if kind == "rows":
+        return [[float(s), float(c)] for s, c in values]
+    for micro_batch in values:
+        for row, value in zip(sums, micro_batch):
+            if kind == "pairs":
+                row[0] += value[0]
+                row[1] += value[1]
+            else:
+                row[0] += value
+                row[1] += 1.0
+    return sums
+
+
+def _report_sums(losses: list[dict], names: tuple[str, ...] = ("lm loss",)) -> torch.Tensor:
+    """[len(names), 2]: per report name, [sum, count] over this rank's micro-batches (zeros off the last
+    pipeline stage). A report is either a [sum, count] pair (pretraining's token-weighted "lm loss") or a
+    scalar (a per-micro-batch mean: DPO's reward accuracy), counted as [value, 1]. Stays on the device
+    (validation adds them up over its batches and reads them once)."""
+    return _summed_on_device(*_stacked_reports(losses, names), len(names))
 
 
 def _global_means(sums: torch.Tensor) -> list[float]:
@@ -77,22 +127,30 @@ def _global_mean(sums: torch.Tensor) -> float:
     return _global_means(sums)[0]
 
 
-def _loss_and_stop(loss_sums: torch.Tensor, stop: StopSignal | None) -> tuple[float, int]:
-    """(the step's loss over the job, the agreed stop signal) in ONE all-reduce of a small tensor:
-    [loss sum, loss count, one count per stop signal]. The NaN/Inf check needs the loss on every rank
-    before the optimizer moves; the stop signal rides along, so a step costs one collective and one
-    host synchronisation more than a bare Megatron-Core loop, not two of each."""
+def _means(sums: list[list[float]]) -> list[float]:
+    return [total / count if count > 0 else float("nan") for total, count in sums]
+
+
+def _step_sums_and_stop(losses: list[dict], names: tuple[str, ...],
+                        stop: StopSignal | None) -> tuple[list[list[float]], int]:
+    """(per report [sum, count] over the step's micro-batches of the whole job, the agreed stop signal)
+    with ONE all-reduce of a small tensor ([sum, count] per report, one count per stop signal) and ONE
+    host read. The NaN/Inf check needs the loss on every rank before the optimizer moves; the stop
+    signal and the other reports ride along, so a step costs one collective and one host
+    synchronisation more than a bare Megatron-Core loop, and a log step none (the interval's means are
+    added up on the host). One process: no collective, one host read of the stacked reports."""
     flags = stop.flags() if stop is not None else []
+    kind, stacked = _stacked_reports(losses, names)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        row = torch.cat([loss_sums.detach().to(device(), torch.float64).reshape(2),
+        row = torch.cat([_summed_on_device(kind, stacked, len(names)).reshape(-1),
                          torch.tensor(flags, dtype=torch.float64, device=device())])
         torch.distributed.all_reduce(row)
         values = row.tolist()
+        sums = [values[2 * i:2 * i + 2] for i in range(len(names))]
+        flags = values[2 * len(names):]
     else:  # one process: nothing to agree on (a bare loop would not reduce either)
-        values = loss_sums.detach().reshape(2).tolist() + flags
-    total, count = values[0], values[1]
-    loss = total / count if count > 0 else float("nan")
-    return loss, (StopSignal.from_flags(values[2:]) if stop is not None else 0)
+        sums = _summed_on_host(kind, stacked, len(names))
+    return sums, (StopSignal.from_flags(flags) if stop is not None else 0)
 
 
 class ReplayableIterator:
@@ -158,6 +216,30 @@ def throughput_for(*, plan: Plan, stage: StagePlan) -> Throughput:
     return Throughput(tokens, ex.model_flops_per_step, peak, world)
 
 
+def step_rng_state() -> dict:
+    """The random state a step's forward and backward passes draw from: torch's default generator, the
+    CUDA generator and Megatron's tensor-parallel RNG tracker (dropout, per-TP-rank streams). Python's
+    and NumPy's global generators are not among them (Megatron-Core's model, schedules and layers never
+    call them; the micro-batches of a rerun are replayed, not drawn again), so the rerun snapshot leaves
+    them out: they cost ~60 us a step to copy (checkpoint.rng_state, which a checkpoint saves, has
+    all four)."""
+    from megatron.core import tensor_parallel
+
+    state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and not mcore_cpu.is_applied():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_step_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
 def rerun_nonfinite(attempt: Callable[[], tuple], *, step: int, lr: Callable[[], float],
                     warn: Callable[[str], None], rewind: Callable[[], None] | None):
     """Megatron-LM's rerun state machine for one step, before the optimizer moves. `attempt()` runs the
@@ -165,7 +247,7 @@ def rerun_nonfinite(attempt: Callable[[], tuple], *, step: int, lr: Callable[[],
     the ranks). A NaN/Inf value reruns the step from the same state (RNG restored, `rewind()` replays
     the micro-batches): finite the second time is a transient fault (warned, training goes on); not
     finite again, or no way to replay (`rewind` None), raises LossDiverged. Returns the result."""
-    rng = ckpt.rng_state()
+    rng = step_rng_state()
     first = None
     while True:
         result, what, value = attempt()
@@ -179,15 +261,15 @@ def rerun_nonfinite(attempt: Callable[[], tuple], *, step: int, lr: Callable[[],
                 what=what, step=step, first=first if first is not None else value, second=value, lr=lr()))
         first = value
         rewind()
-        ckpt.set_rng_state(rng)
+        set_step_rng_state(rng)
 
 
 def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, seq_length: int,
                step: int = 0, warn: Callable[[str], None] = print, reports: tuple[str, ...] = ("lm loss",),
                micro_batch: int | None = None, stop: StopSignal | None = None):
-    """One optimizer step over num_microbatches micro-batches. Returns ([len(reports), 2] sums: the loss
-    first, grad_norm, ok, the stop signal agreed over the ranks: 0, or the signal any rank had seen by
-    the loss check of this step).
+    """One optimizer step over num_microbatches micro-batches. Returns (per report, the loss first, its
+    [sum, count] over the step's micro-batches of the whole job as host floats, grad_norm, ok, the stop
+    signal agreed over the ranks: 0, or the signal any rank had seen by the loss check of this step).
 
     The loss is checked before the optimizer steps (Megatron-LM's rerun state machine): if it is NaN or
     Inf on any rank, the gradients are dropped and the step is run again from the same state (same
@@ -199,10 +281,10 @@ def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, 
         it.begin_step()
 
     def attempt():
-        sums = _forward_backward(forward_step=forward_step, iterators=iterators, model=model, optimizer=optimizer,
-                                 layout=layout, seq_length=seq_length, reports=reports, micro_batch=micro_batch)
-        loss, signum = _loss_and_stop(sums[0], stop)
-        return (sums, signum), "loss", loss
+        losses = _forward_backward(forward_step=forward_step, iterators=iterators, model=model, optimizer=optimizer,
+                                   layout=layout, seq_length=seq_length, micro_batch=micro_batch)
+        sums, signum = _step_sums_and_stop(losses, reports, stop)
+        return (sums, signum), "loss", _means(sums[:1])[0]
 
     def rewind():
         for it in replayable:
@@ -217,7 +299,7 @@ def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, 
 
 
 def _forward_backward(*, forward_step, iterators, model, optimizer, layout, seq_length: int,
-                      reports: tuple[str, ...] = ("lm loss",), micro_batch: int | None = None) -> torch.Tensor:
+                      micro_batch: int | None = None) -> list[dict]:
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -226,7 +308,7 @@ def _forward_backward(*, forward_step, iterators, model, optimizer, layout, seq_
         num_microbatches=layout.num_microbatches, seq_length=seq_length,
         micro_batch_size=micro_batch or layout.micro_batch, decoder_seq_length=seq_length, forward_only=False,
     )
-    return _report_sums(losses, reports)
+    return losses
 
 
 def evaluate(*, forward_step, make_iterators, model, layout, seq_length: int, iters: int,
@@ -404,7 +486,10 @@ def _train_steps(*, model, optimizer, scheduler, stage: StagePlan, forward_step,
                  throughput, stop, reports, seq_length, micro_batch, collector: GarbageCollection) -> LoopState:
     """The steps of `train_loop`, under its garbage-collection policy."""
     layout = stage.layout
-    interval_sums = torch.zeros(len(reports), 2, dtype=torch.float64, device=device())
+    interval_sums = [[0.0, 0.0] for _ in reports]  # per report, [sum, count] over the job, since the last log
+    # The logged step_time_s is the wall time of the interval's steps including everything the loop does
+    # between them (data, checks, the previous record's writing, a manual collection): intervals tile the
+    # clock. Only validation and checkpoint saves are left out (they are not training steps).
     interval_start, interval_steps, skipped = time.perf_counter(), 0, 0
     every = stage.checkpoint.every
     while state.iteration < end_iteration:
@@ -416,7 +501,9 @@ def _train_steps(*, model, optimizer, scheduler, stage: StagePlan, forward_step,
                                          reports=reports, micro_batch=micro_batch, stop=stop)
         state.iteration += 1
         state.consumed_samples += layout.global_batch
-        interval_sums += sums
+        for total, step_sums in zip(interval_sums, sums):
+            total[0] += step_sums[0]
+            total[1] += step_sums[1]
         interval_steps += 1
         skipped += 0 if ok else 1
         collector.after_step(state.iteration)
@@ -424,20 +511,23 @@ def _train_steps(*, model, optimizer, scheduler, stage: StagePlan, forward_step,
         if state.iteration % max(stage.log_every, 1) == 0 or last:
             set_phase(f"log step {state.iteration}")
             _sync()
-            elapsed = time.perf_counter() - interval_start
-            means = _global_means(interval_sums)
+            now = time.perf_counter()
+            elapsed = now - interval_start
+            means = _means(interval_sums)  # already summed over the job, step by step: no collective here
             state.last_loss = means[0]
             state.reports = dict(zip(reports[1:], means[1:]))
             state.losses.append(state.last_loss)
             record = _step_record(state, interval_steps, elapsed, grad_norm, optimizer, skipped, throughput)
             record.update(state.reports)
             record["gc_collections"], record["gc_full_collections"], record["gc_pause_s"] = collector.take()
+            interval_start = now
             if validate_now(last):
+                started = time.perf_counter()
                 record["val_loss"] = validate()
+                interval_start += time.perf_counter() - started  # validation is not training step time
             metrics.log(record)
-            interval_sums.zero_()
+            interval_sums = [[0.0, 0.0] for _ in reports]
             interval_steps, skipped = 0, 0
-            interval_start = time.perf_counter()
         elif validate_now(last):
             started = time.perf_counter()
             metrics.log({"step": state.iteration, "val_loss": validate()})
@@ -446,13 +536,14 @@ def _train_steps(*, model, optimizer, scheduler, stage: StagePlan, forward_step,
             checkpointer.maybe_finalize()
         if stop is not None and last and not signum:
             signum = stop.agreed()  # a signal after the last step's loss check: once per run, not per step
-        if signum:  # agreed in the step's loss all-reduce (_loss_and_stop): no collective of its own
+        if signum:  # agreed in the step's loss all-reduce (_step_sums_and_stop): no collective of its own
             state.preempted_by = signum
             break
         if checkpointer is not None and every and state.iteration % every == 0 and not last:
             set_phase(f"checkpoint save at step {state.iteration}")
+            started = time.perf_counter()
             checkpointer.save(make_checkpoint_state(state), iteration=state.iteration)
-            interval_start = time.perf_counter()  # do not bill the save to the next interval
+            interval_start += time.perf_counter() - started  # do not bill the save to the next interval
     return state
 
 

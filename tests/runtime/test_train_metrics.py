@@ -77,3 +77,51 @@ def test_read_records_keeps_the_last_of_a_repeated_step_and_distinct_records_of_
     records = read_records(path)
     assert [(r.get("step"), r.get("loss"), r.get("val_loss")) for r in records if "step" in r] == [
         (1, 5.0, None), (2, None, 4.5), (2, 3.9, None), (3, 3.0, None)]
+
+
+def test_records_are_fsynced_off_the_callers_thread_and_a_failed_sync_is_raised(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    import pytest
+
+    from nemoc.runtime import metrics as metrics_module
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append((fd, threading.current_thread().name))
+        real_fsync(fd)
+
+    monkeypatch.setattr(metrics_module.os, "fsync", fsync)
+    path = tmp_path / "metrics.jsonl"
+    metrics = Metrics(metrics_path=str(path), tensorboard_dir=None, total_steps=4, console=io.StringIO(),
+                      use_rich=False)
+    fd = metrics._jsonl.fileno()
+    metrics.log({"step": 1, "loss": 1.0})
+    assert json.loads(path.read_text())["step"] == 1  # written and flushed before log returns
+    for _ in range(200):  # the background thread syncs it
+        if any(name == "nemoc-metrics-fsync" for _, name in synced):
+            break
+        threading.Event().wait(0.01)
+    assert (fd, "nemoc-metrics-fsync") in synced
+    metrics.close()
+    assert synced[-1] == (fd, threading.current_thread().name)  # close syncs once more, on the caller's thread
+
+    def failing(fd):
+        raise OSError(28, "No space left on device")
+
+    metrics = Metrics(metrics_path=str(path), tensorboard_dir=None, total_steps=4, console=io.StringIO(),
+                      use_rich=False)
+    monkeypatch.setattr(metrics_module.os, "fsync", failing)
+    metrics.log({"step": 2, "loss": 1.0})
+    metrics._fsync._thread.join(0.5)
+    for _ in range(200):
+        if metrics._fsync.error is not None:
+            break
+        threading.Event().wait(0.01)
+    with pytest.raises(OSError, match="No space left"):
+        metrics.log({"step": 3, "loss": 1.0})
+    monkeypatch.setattr(metrics_module.os, "fsync", real_fsync)
+    metrics.close()
