@@ -39,7 +39,9 @@ class ModelSpec:
     vocab: int
     seq_length: int
     kv_channels: int | None = None  # head dim; None = hidden // heads
-    activation: str = "swiglu"  # swiglu | gelu (erf) | gelu_tanh (tanh approximation, GPT-2) | relu | squared_relu
+    # swiglu | geglu_tanh (tanh-GELU-gated GLU, Gemma) | gelu (erf) | gelu_tanh (tanh approximation, GPT-2) | relu |
+    # squared_relu
+    activation: str = "swiglu"
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     position: str = "rope"  # rope | learned | none
     rotary_base: float = 10000.0
@@ -56,6 +58,19 @@ class ModelSpec:
     moe_ffn_hidden: int | None = None
     shared_expert_ffn_hidden: int = 0
     norm_epsilon: float = 1e-5
+    # Gemma 3 (Gemma3ForCausalLM): RMSNorm scales by (1 + w) (weights stored zero-centred); a norm after the
+    # attention and after the MLP output too (sandwich norms, before each residual add); the input
+    # embedding multiplied by sqrt(hidden); attention scores scaled by softmax_scale (None = 1/sqrt(head_dim));
+    # sliding-window attention of `sliding_window` tokens (0 = none) in every layer but each
+    # `full_attention_every`-th (1-based; 0 = every layer slides), whose RoPE base is `local_rotary_base`
+    # (None = rotary_base).
+    norm_zero_centered: bool = False
+    post_block_norms: bool = False
+    embedding_scale: bool = False
+    softmax_scale: float | None = None
+    sliding_window: int = 0
+    full_attention_every: int = 0
+    local_rotary_base: float | None = None
     source: str = ""  # citation for a preset (paper / model card)
     init: str | None = None  # a Hugging Face checkpoint directory every stage starts from (absolute path)
 
@@ -66,6 +81,16 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.experts > 0
+
+    def is_sliding_layer(self, layer: int) -> bool:
+        """Whether 1-based layer `layer` attends through the sliding window (Gemma 3's layer_types)."""
+        if not self.sliding_window:
+            return False
+        return not (self.full_attention_every and layer % self.full_attention_every == 0)
+
+    @property
+    def sliding_layers(self) -> int:
+        return sum(self.is_sliding_layer(i) for i in range(1, self.layers + 1))
 
 
 @dataclass(frozen=True, slots=True)
