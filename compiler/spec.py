@@ -89,6 +89,13 @@ class ModelSpec:
         return not (self.full_attention_every and layer % self.full_attention_every == 0)
 
     @property
+    def local_layer_only(self) -> bool:
+        """Gemma 3's parts that Megatron-Core's GPTModel has no switch for: the nemoc runtime builds them as its
+        own modules on the local layer spec (runtime/gemma.py), never Transformer Engine's layers."""
+        return bool(self.norm_zero_centered or self.post_block_norms or self.embedding_scale
+                    or self.local_rotary_base is not None)
+
+    @property
     def sliding_layers(self) -> int:
         return sum(self.is_sliding_layer(i) for i in range(1, self.layers + 1))
 
@@ -262,10 +269,11 @@ class ExperimentSpec:
 KERNELS = ("te", "local")  # the layer kernel sets the cost / memory models and the runtime know
 
 
-def resolve_kernels(kernels: str, gpu: str) -> str:
+def resolve_kernels(kernels: str, gpu: str, model: ModelSpec | None = None) -> str:
     """The experiment's `kernels` setting resolved for the cluster's accelerator: `auto` is
     Transformer Engine (`te`) on GPUs, where NGC / NeMo containers ship it, and Megatron-Core's
-    local spec (`local`) on the CPU (the gloo runtime has no Transformer Engine)."""
+    local spec (`local`) on the CPU (the gloo runtime has no Transformer Engine) and for a model whose
+    layer exists on the local spec only (`ModelSpec.local_layer_only`: Gemma 3; a written `te` is E173)."""
     if kernels != "auto":
         return kernels
-    return "local" if gpu == "CPU" else "te"
+    return "local" if gpu == "CPU" or (model is not None and model.local_layer_only) else "te"

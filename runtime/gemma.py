@@ -92,12 +92,6 @@ class SlidingRopeSelfAttention(SelfAttention):
         return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
 
 
-def uses_gemma_layer(model) -> bool:
-    """Whether the ModelSpec needs this module's layer (any Gemma 3 part GPTModel cannot express)."""
-    return bool(model.norm_zero_centered or model.post_block_norms or model.embedding_scale
-                or model.local_rotary_base is not None)
-
-
 def gemma_block_spec(local_layer_spec: ModuleSpec, *, config, model, vp_stage: int | None) -> TransformerBlockSubmodules:
     """Megatron-Core's local layer spec (its attention core already chosen) with Gemma 3's modules swapped in,
     for the layers this pipeline (virtual) stage builds, and the zero-centred final norm."""

@@ -597,6 +597,18 @@ def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:
             out.append("--add-qkv-bias")
     if model.qk_layernorm:
         out.append("--qk-layernorm")
+    if model.softmax_scale is not None:
+        notes.append(f"softmax_scale {model.softmax_scale:g}: Megatron-LM has no flag for it (TransformerConfig."
+                     "softmax_scale; it scales by 1/sqrt(kv_channels))")
+    if model.sliding_window:
+        notes.append(f"sliding_window {model.sliding_window} (full attention every {model.full_attention_every or 'no'} "
+                     f"layer): TransformerConfig window_size = ({model.sliding_window - 1}, 0), window_attn_skip_freq = "
+                     f"{model.full_attention_every or None}; not written as flags here")
+    gemma = [name for name in ("norm_zero_centered", "post_block_norms", "embedding_scale", "local_rotary_base")
+             if getattr(model, name) not in (False, None)]
+    if gemma:
+        notes.append(f"{', '.join(gemma)}: Gemma 3's layer is nemoc's own modules on the local spec "
+                     "(runtime/gemma.py); Megatron-LM's pretrain_gpt.py builds none of them")
     return out
 
 

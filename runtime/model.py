@@ -144,7 +144,7 @@ class SDPAttention(DotProductAttention):
 def layer_spec(*, config, model: ModelSpec, attention_backend: str, have_te: bool):
     """The transformer-layer ModuleSpec for this machine and backend."""
     experts = model.experts or None
-    if have_te and not gemma.uses_gemma_layer(model):
+    if have_te and not model.local_layer_only:
         # the plan's moe_grouped_gemm (Execution.moe, set on the config by megatron_args): TEGroupedMLP
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=experts, moe_grouped_gemm=bool(getattr(config, "moe_grouped_gemm", False)),
@@ -163,7 +163,7 @@ def layer_spec(*, config, model: ModelSpec, attention_backend: str, have_te: boo
 
 def attention_core_name(*, attention_backend: str, have_te: bool, model: ModelSpec | None = None) -> str:
     """What actually computes attention, for logs and bench results."""
-    if have_te and not (model is not None and gemma.uses_gemma_layer(model)):
+    if have_te and not (model is not None and model.local_layer_only):
         return f"transformer_engine:{attention_backend}"
     return "megatron:DotProductAttention" if attention_backend == "unfused" else "torch:scaled_dot_product_attention"
 
@@ -177,7 +177,7 @@ def build_model_chunks(*, config, model: ModelSpec, vocab_size: int, seq_length:
     for i in range(vp or 1):
         vp_stage = i if vp else None
         block = (gemma.gemma_block_spec(spec, config=config, model=model, vp_stage=vp_stage)
-                 if gemma.uses_gemma_layer(model) else spec)
+                 if model.local_layer_only else spec)
         chunk = GPTModel(
             config=config,
             transformer_layer_spec=block,

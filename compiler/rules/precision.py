@@ -13,6 +13,8 @@ def _local_why(env: Env) -> str | None:
     """Why a training stage runs without Transformer Engine (None when it runs with it)."""
     if env.stage_kernels != "local" or env.stage_kind not in TRAINING_KINDS:
         return None
+    if env.model.local_layer_only:
+        return "nemoc builds Gemma 3's layer on Megatron-Core's local spec"
     if env.kernels == "local":
         return "kernels = local (no Transformer Engine)"
     return f"{env.target.caps(env.stage_kind).runs}, with Megatron-Core's local spec"
@@ -34,6 +36,24 @@ def rule_fp8_needs_te(env: Env, s: Sizes) -> Violation | None:
                                   if env.kernels == "local" else ""),
         anchors=("kernels", "precision") if env.kernels == "local" else ("precision",),
         source="megatron/core/transformer/transformer_config.py (fp8 needs Transformer Engine's layers)",
+    )
+
+
+def rule_gemma_layer_te(env: Env, s: Sizes) -> Violation | None:
+    """Gemma 3's (1 + w) RMSNorm, sandwich norms, embedding scale and second RoPE base are nemoc's own modules on
+    Megatron-Core's local layer spec (runtime/gemma.py): Transformer Engine's GPT layer spec has no post-block
+    norm and one rotary embedding, so `kernels = te` cannot build the model (`auto` picks local)."""
+    if not env.model.local_layer_only or env.stage_kernels != "te" or env.hf_conversion:
+        return None
+    return Violation(
+        "E173", "this model's layer is built on Megatron-Core's local spec only, not Transformer Engine's",
+        "kernels(te) but the model has Gemma 3's zero-centred norms, sandwich norms, embedding scale or local RoPE "
+        "base (runtime/gemma.py modules)",
+        "remove `kernels = te` (auto picks local for this model)",
+        anchors=("kernels",),
+        source="megatron/core/models/gpt/gpt_layer_specs.py get_gpt_layer_with_transformer_engine_spec "
+               "(TransformerLayerSubmodules: no post-block norm); megatron/core/transformer/torch_norm.py "
+               "(WrappedTorchNorm: no zero-centred gamma)",
     )
 
 
