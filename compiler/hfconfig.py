@@ -191,7 +191,7 @@ def _gpt2(config: dict) -> dict[str, Any]:
 
 # Gemma 3 text (Gemma3ForCausalLM, model_type gemma3_text; transformers' Gemma3TextConfig is the source of its
 # defaults). Megatron-Core 0.16.1's GPTModel has no switch for five of its parts, which nemoc's runtime adds as
-# small modules on Megatron-Core's local layer spec (runtime/gemma.py): the (1 + w) RMSNorm (the local spec's
+# small modules on Megatron-Core's local layer spec: the (1 + w) RMSNorm (the local spec's
 # WrappedTorchNorm asserts layernorm_zero_centered_gamma off, transformer/torch_norm.py), the sandwich norms
 # (TransformerLayerSubmodules has no post-block norm), the embedding scale sqrt(hidden) (LanguageModelEmbedding
 # has no multiplier, and tied embeddings keep it out of the weights), the second RoPE base of the sliding layers

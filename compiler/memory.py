@@ -159,7 +159,7 @@ def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, 
     attention = gemm_in * sbh / rep + act_bytes * s * b * d * (2 * a + 2 * g) / tp
     if fp8:
         attention += s * b * a * d / tp  # the projection's FP8 copy of the attention output
-    if local or model.norm_zero_centered:  # the (1 + w) RMSNorm (runtime/gemma.py) computes in fp32 too
+    if local or model.norm_zero_centered:  # the runtime's (1 + w) RMSNorm computes in fp32 too
         norms += n_norms * 4.0 * sbh / rep if model.norm == "rmsnorm" else 0.0
         attention += act_bytes * s * b * d * 2 * (a - g) / tp
     if attention_backend == "unfused" and recompute != "selective":

@@ -91,7 +91,7 @@ class ModelSpec:
     @property
     def local_layer_only(self) -> bool:
         """Gemma 3's parts that Megatron-Core's GPTModel has no switch for: the nemoc runtime builds them as its
-        own modules on the local layer spec (runtime/gemma.py), never Transformer Engine's layers."""
+        own modules on the local layer spec, never Transformer Engine's layers."""
         return bool(self.norm_zero_centered or self.post_block_norms or self.embedding_scale
                     or self.local_rotary_base is not None)
 

@@ -41,14 +41,14 @@ def rule_fp8_needs_te(env: Env, s: Sizes) -> Violation | None:
 
 def rule_gemma_layer_te(env: Env, s: Sizes) -> Violation | None:
     """Gemma 3's (1 + w) RMSNorm, sandwich norms, embedding scale and second RoPE base are nemoc's own modules on
-    Megatron-Core's local layer spec (runtime/gemma.py): Transformer Engine's GPT layer spec has no post-block
+    Megatron-Core's local layer spec: Transformer Engine's GPT layer spec has no post-block
     norm and one rotary embedding, so `kernels = te` cannot build the model (`auto` picks local)."""
     if not env.model.local_layer_only or env.stage_kernels != "te" or env.hf_conversion:
         return None
     return Violation(
         "E173", "this model's layer is built on Megatron-Core's local spec only, not Transformer Engine's",
         "kernels(te) but the model has Gemma 3's zero-centred norms, sandwich norms, embedding scale or local RoPE "
-        "base (runtime/gemma.py modules)",
+        "base (the nemoc runtime's own modules)",
         "remove `kernels = te` (auto picks local for this model)",
         anchors=("kernels",),
         source="megatron/core/models/gpt/gpt_layer_specs.py get_gpt_layer_with_transformer_engine_spec "
