@@ -14,8 +14,10 @@ Output: a transformer-block spec of Megatron-Core's local layer with
     `self_attention.linear_proj.post_layernorm.weight` and `mlp.linear_fc2.post_layernorm.weight`;
   * `SlidingRopeSelfAttention`: SelfAttention whose sliding-window layers rotate with their own RoPE base
     (Gemma 3's rope_local_base_freq; GPTModel holds one RotaryEmbedding, the full-attention layers' base);
-  * the attention core of the stage's backend: Megatron's DotProductAttention masks the window itself
-    (FusedScaleMaskSoftmax window_size), runtime.model.SDPAttention masks it per layer.
+  * the attention core of the stage's backend with the window: runtime.model.SDPAttention masks it per layer
+    (per packed segment too); for the unfused backend `WindowedDotProductAttention`, Megatron's DotProductAttention
+    with the window added to the mask it is given (its FusedScaleMaskSoftmax replaces the given mask by the
+    window's, so rows that pack several samples would attend across them).
 `scale_embedding` multiplies the word embedding's output by sqrt(hidden) in the activation dtype
 (Gemma3TextScaledWordEmbedding), as a forward hook, so the state dict and the tied output layer are untouched.
 
@@ -32,6 +34,7 @@ import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.utils import is_layer_window_attention
@@ -92,6 +95,25 @@ class SlidingRopeSelfAttention(SelfAttention):
         return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
 
 
+class WindowedDotProductAttention(DotProductAttention):
+    """Megatron's unfused attention core, the sliding window applied on top of the mask it is given (the
+    block-diagonal causal mask of packed rows), not instead of it."""
+
+    def __init__(self, config, layer_number, *args, **kwargs):
+        super().__init__(config, layer_number, *args, **kwargs)
+        self.window = self.scale_mask_softmax.window_size  # (before, after) on a sliding layer, else None
+        self.scale_mask_softmax.window_size = None  # the mask below carries it
+
+    def forward(self, query, key, value, attention_mask, *args, **kwargs):
+        if self.window is not None:
+            sq, sk = query.shape[0], key.shape[0]
+            i, j = torch.arange(sq, device=query.device)[:, None], torch.arange(sk, device=query.device)[None, :]
+            distance = i + (sk - sq) - j
+            outside = (distance < -self.window[1]) | (distance > self.window[0])  # True = blocked (Megatron)
+            attention_mask = outside[None, None] if attention_mask is None else attention_mask | outside
+        return super().forward(query, key, value, attention_mask, *args, **kwargs)
+
+
 def gemma_block_spec(local_layer_spec: ModuleSpec, *, config, model, vp_stage: int | None) -> TransformerBlockSubmodules:
     """Megatron-Core's local layer spec (its attention core already chosen) with Gemma 3's modules swapped in,
     for the layers this pipeline (virtual) stage builds, and the zero-centred final norm."""
@@ -104,6 +126,8 @@ def gemma_block_spec(local_layer_spec: ModuleSpec, *, config, model, vp_stage: i
     layer.pre_mlp_layernorm = norm
     attention = layer.self_attention
     attention.module = SlidingRopeSelfAttention
+    if attention.submodules.core_attention is DotProductAttention:
+        attention.submodules.core_attention = WindowedDotProductAttention
     attention.params = {**attention.params, "local_rotary_base": model.local_rotary_base}
     if model.qk_layernorm and model.norm_zero_centered:
         attention.submodules.q_layernorm = ZeroCenteredRMSNorm

@@ -90,7 +90,10 @@ class SDPAttention(DotProductAttention):
         if self.window is not None:
             if not causal:
                 raise ValueError("the SDPA core's sliding window needs the causal mask type")
-            mask, causal = self._window_mask(q.shape[2], q.device), False
+            window = self._window_mask(q.shape[2], q.device)
+            # a given mask (packed rows' block-diagonal one) still applies inside the window
+            mask = window if attention_mask is None else window & ~attention_mask
+            causal = False
         dropout = self.config.attention_dropout if self.training else 0.0
         if dropout > 0 and not self.config.sequence_parallel:
             # Per-TP-rank dropout streams, as DotProductAttention does.
