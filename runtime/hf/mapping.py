@@ -178,8 +178,13 @@ def _llama_layer_out(family: str, i: int, arch: dict, get: Getter) -> Iterator[t
     src, dst = f"{L}.{i}", f"model.layers.{i}"
     a, m = f"{src}.self_attention", f"{src}.mlp"
     if family == "gemma3_text":
+        # a dist checkpoint stores the two pre-norms under Transformer Engine's fused names (the local spec's
+        # sharded_state_dict_keys_map), a converted directory under the module names: either is read
+        fused = {"input_layernorm": f"{a}.linear_qkv.layer_norm_weight",
+                 "pre_mlp_layernorm": f"{m}.linear_fc1.layer_norm_weight"}
         for theirs, ours in GEMMA3_NORMS.items():
-            yield f"{dst}.{theirs}.weight", get(f"{src}.{ours}.weight")
+            names = (f"{src}.{ours}.weight",) + ((fused[ours],) if ours in fused else ())
+            yield f"{dst}.{theirs}.weight", _pick(get, *names)
     else:
         yield f"{dst}.input_layernorm.weight", _pick(get, f"{src}.input_layernorm.weight",
                                                      f"{a}.linear_qkv.layer_norm_weight")

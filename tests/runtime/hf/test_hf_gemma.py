@@ -154,8 +154,7 @@ def test_nemoc_run_fine_tunes_gemma3_and_exports_a_checkpoint_transformers_loads
     global_batch = 2
     seq_length = 48
   }
-  stage export {
-    after = sft
+  stage export after sft {
   }
 }
 """)
