@@ -66,11 +66,13 @@ class PostNormRowParallelLinear(RowParallelLinear):
         super().__init__(input_size, output_size, config=config, **kwargs)
         self.post_layernorm = ZeroCenteredRMSNorm(config, output_size, eps=config.layernorm_epsilon)
 
-    def forward(self, input_):
+    def forward_linear(self, input_):
+        """The linear's output before the norm (bias added): what a LoRA adapter adds its update to."""
         output, bias = super().forward(input_)
-        if bias is not None:
-            output = output + bias
-        return self.post_layernorm(output), None
+        return output if bias is None else output + bias
+
+    def forward(self, input_):
+        return self.post_layernorm(self.forward_linear(input_)), None
 
 
 class SlidingRopeSelfAttention(SelfAttention):
