@@ -21,6 +21,8 @@ attention, which runs ring attention across the CP group); megatron_args rejects
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -130,18 +132,24 @@ class SDPAttention(DotProductAttention):
         return torch.cat(pieces).reshape(query.shape[0], self.hidden_size_per_partition)
 
     def _window_mask(self, s: int, device) -> torch.Tensor:
-        """[s, s], True = attend: key j for query i when i - before <= j <= i (Megatron's
-        get_sliding_window_causal_mask with window (before, 0), negated). O(s^2) booleans, unlike the causal
-        case: torch's SDPA takes no window argument."""
-        i = torch.arange(s, device=device)
-        distance = i[:, None] - i[None, :]
-        return (distance >= 0) & (distance <= self.window[0])
+        return sliding_window_mask(s, self.window[0], device)
 
     def _sdpa(self, q, k, v, mask, causal, dropout):
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and q.shape[2] > 1,
             scale=self.sdpa_scale,
         )
+
+
+@functools.lru_cache(maxsize=16)
+def sliding_window_mask(s: int, before: int, device) -> torch.Tensor:
+    """[s, s], True = attend: key j for query i when i - before <= j <= i (Megatron's
+    get_sliding_window_causal_mask with window (before, 0), negated). s^2 booleans, unlike the causal case
+    (torch's SDPA takes no window argument); cached, so every sliding layer of a step shares one tensor (what
+    autograd saves of it is a reference, not a copy per layer)."""
+    i = torch.arange(s, device=device)
+    distance = i[:, None] - i[None, :]
+    return (distance >= 0) & (distance <= before)
 
 
 def layer_spec(*, config, model: ModelSpec, attention_backend: str, have_te: bool):

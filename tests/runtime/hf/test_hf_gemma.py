@@ -119,11 +119,14 @@ def test_packed_samples_attend_only_within_themselves_on_the_sliding_layer(mcore
     g = torch.Generator().manual_seed(5)
     first, second = torch.randint(0, 200, (10,), generator=g).tolist(), torch.randint(0, 200, (12,), generator=g).tolist()
     batch = common.pack_rows([[(first, [1] * 10), (second, [1] * 12)]], 24, varlen=backend != "unfused")
+    alone = common.make_batch([(second, [1] * 12)], 11)  # one sample per row: the causal path (pretraining's)
     chunk.eval()
     with torch.no_grad():
         ours = common.gather_logits(chunk, batch)[0, 10:22, :200]
+        ours_alone = common.gather_logits(chunk, alone)[0, :, :200]
         theirs = hf(torch.tensor([second])).logits[0]
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours_alone, theirs[:11], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
