@@ -57,6 +57,26 @@ def rule_gemma_layer_te(env: Env, s: Sizes) -> Violation | None:
     )
 
 
+def rule_gemma_layer_parts(env: Env, s: Sizes) -> Violation | None:
+    """The nemoc runtime builds Gemma 3's layer as one combination: zero-centred RMSNorms everywhere and, with
+    post_block_norms, zero-centred post-block norms too. A layernorm, or post-block norms beside plain RMSNorms,
+    is a layer it has no module for (the runtime would stop at build time)."""
+    m = env.model
+    if m.norm_zero_centered and m.norm != "rmsnorm":
+        why, anchors = f"norm_zero_centered(true) with norm({m.norm})", ("model.norm_zero_centered", "model.norm")
+    elif m.post_block_norms and not m.norm_zero_centered:
+        why, anchors = "post_block_norms(true) with norm_zero_centered(false)", ("model.post_block_norms",)
+    else:
+        return None
+    return Violation(
+        "E174", "nemoc builds the (1 + w) and post-block norms of Gemma 3's layer only as zero-centred RMSNorms", why,
+        "use norm = rmsnorm with norm_zero_centered = true (Gemma 3), or drop post_block_norms",
+        anchors=anchors + ("model",),
+        source="megatron/core/transformer/torch_norm.py WrappedTorchNorm (no zero-centred gamma); "
+               "megatron/core/transformer/transformer_layer.py TransformerLayerSubmodules (no post-block norm)",
+    )
+
+
 FP8_RECIPES = {"fp8": ("delayed", "tensorwise", "blockwise"), "mxfp8": ("mxfp8",)}
 
 

@@ -66,6 +66,7 @@ from nemoc.compiler.rules.precision import (
     rule_fp8_recipe,
     rule_fp8_param_gather,
     rule_fp8_tokens,
+    rule_gemma_layer_parts,
     rule_gemma_layer_te,
     rule_precision_hardware,
     rule_te_needs_gpu,
@@ -89,7 +90,7 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions, rule_tp_comm_overlap,
     rule_overlap_param_gather, rule_recompute_layers,
     rule_recompute_layers_chunk,
-    rule_fp8_param_gather_optimizer, rule_gemma_layer_te,
+    rule_fp8_param_gather_optimizer, rule_gemma_layer_te, rule_gemma_layer_parts,
 )
 
 
@@ -157,6 +158,7 @@ CODES: dict[str, Rule] = {
     "E171": rule_moe_settings_dense,
     "E172": rule_moe_settings_kernels,
     "E173": rule_gemma_layer_te,
+    "E174": rule_gemma_layer_parts,
     "E128": rule_te_needs_gpu,
     "E129": rule_sgd_distributed_optimizer,
     "E134": rule_heads_query_groups,

@@ -142,3 +142,35 @@ def test_sliding_layers_attend_to_fewer_keys_in_the_model_flops():
     assert ours.attention_core == pytest.approx(4 * width * (4 * s / 2 + 22 * window_keys_per_token(s, 512)))
     # a kernel without the causal discount computes every score: the window saves nothing there
     assert flops_per_token(model, s, False).attention_core == flops_per_token(full, s, False).attention_core
+
+
+@pytest.mark.parametrize("fields, anchor", [("norm = layernorm\n    norm_zero_centered = true", "norm_zero_centered"),
+                                            ("post_block_norms = true", "post_block_norms")])
+def test_a_written_gemma_part_nemoc_does_not_build_is_e174_at_its_line(tmp_path, fields, anchor):
+    from nemoc.compiler.rules import check_spec
+
+    (tmp_path / "m.nemo").write_text(f"""experiment m {{
+  cluster {{
+    gpu = CPU
+    gpus_per_node = 1
+  }}
+  model tiny {{
+    layers = 2
+    hidden = 64
+    heads = 4
+    ffn_hidden = 96
+    vocab = 256
+    seq_length = 32
+    {fields}
+  }}
+  precision = fp32
+  stage pretrain {{
+    steps = 2
+    global_batch = 2
+  }}
+}}
+""")
+    spec, diags, _ = compile_file(str(tmp_path / "m.nemo"))
+    errors = [d for d in list(diags) + list(check_spec(spec)) if d.severity == Severity.ERROR]
+    assert [e.code for e in errors] == ["E174"]
+    assert (tmp_path / "m.nemo").read_text().splitlines()[errors[0].span.line - 1].strip().startswith(anchor)
