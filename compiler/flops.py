@@ -13,7 +13,8 @@ is 3 x forward. Per token, forward:
   + 2 x h x V                                                     [logits]
 with c = 1 (undiscounted, NeMo <= 25.07 `flops_formulas.py`, Narayanan et al. 2021 eq. (2)) or
 c = 1/2 (causal discount: only the lower triangle of the s x s scores is computed by flash
-attention; Megatron-Core / Megatron-Bridge and NeMo >= 25.09). For GPT-3 with h = a x d this is
+attention; Megatron-Core / Megatron-Bridge and NeMo >= 25.09); under the causal discount a sliding-window
+layer (Gemma 3) attends min(t, w) keys at position t (`window_keys_per_token`). For GPT-3 with h = a x d this is
 exactly Narayanan et al.'s 72 B s l h^2 (1 + s/(6h) + V/(12 l h)) for 3 x forward; for Llama it is
 NeMo's `llama3()` formula (12 + 12 g/a + 18 f/h + 12 s/h + 6 V/(l h)) x B s l h^2.
 Model FLOPs never include recomputation; hardware FLOPs add the recomputed forward (full recompute:
@@ -49,7 +50,7 @@ def padded_vocab(vocab: int, tp: int = 1, divisor: int = MEGATRON_VOCAB_DIVISOR)
 
 def is_gated(model: ModelSpec) -> bool:
     """SwiGLU (and GeGLU) MLPs have two input projections (gate and up): fc1 is h x 2f."""
-    return model.activation in ("swiglu", "geglu")
+    return model.activation in ("swiglu", "geglu", "geglu_tanh")
 
 
 def lora_params_per_layer(model: ModelSpec, lora: LoraSpec) -> int:
@@ -87,7 +88,7 @@ class ParamCounts:
     mlp: int  # per layer: dense MLP, or all experts + router + shared expert
     mlp_active: int  # per layer: what one token touches (top_k experts + shared + router)
     expert: int  # per layer: the routed experts alone (sharded by EP x ETP)
-    norms: int  # per layer: the two pre-norms
+    norms: int  # per layer: the two pre-norms (+ the two post-block norms of Gemma 3)
     final_norm: int
     layers: int
 
@@ -149,7 +150,7 @@ def param_counts(model: ModelSpec) -> ParamCounts:
         experts_total = 0
     return ParamCounts(
         embedding=embedding, output=output, attention=_attention_params(model), mlp=mlp,
-        mlp_active=mlp_active, expert=experts_total, norms=2 * _norm_params(model, h),
+        mlp_active=mlp_active, expert=experts_total, norms=(4 if model.post_block_norms else 2) * _norm_params(model, h),
         final_norm=_norm_params(model, h), layers=model.layers,
     )
 
@@ -228,6 +229,15 @@ class FlopsPerToken:
         return self.dense_gemm + self.attention_core + self.logits
 
 
+def window_keys_per_token(seq_length: int, window: int) -> float:
+    """Keys a query attends to on average under a causal sliding window of `window` tokens (itself and the
+    window - 1 before it): sum_t min(t, w) / s = (w (w + 1) / 2 + (s - w) w) / s, which is the causal s/2
+    (plus 1/2) when w >= s. The causal discount's counterpart: a kernel that skips masked blocks (flash
+    attention's window_size) computes this many, one that materialises the mask computes s."""
+    w = min(window, seq_length)
+    return (w * (w + 1) / 2 + (seq_length - w) * w) / seq_length
+
+
 @lru_cache(maxsize=4096)
 def flops_per_token(model: ModelSpec, seq_length: int, causal_discount: bool) -> FlopsPerToken:
     """Forward FLOPs per token (see module docstring for the formula and its sources)."""
@@ -235,9 +245,15 @@ def flops_per_token(model: ModelSpec, seq_length: int, causal_discount: bool) ->
     gemm_params = counts.attention + counts.mlp_active  # biases/norms are a rounding error (<0.01 %)
     attn_width = model.heads * model.head_dim
     core = 4.0 * seq_length * attn_width * (0.5 if causal_discount else 1.0)
+    sliding = model.sliding_layers
+    if sliding and causal_discount and model.sliding_window < seq_length:
+        core_window = 4.0 * attn_width * window_keys_per_token(seq_length, model.sliding_window)
+        attention = (model.layers - sliding) * core + sliding * core_window
+    else:
+        attention = model.layers * core
     return FlopsPerToken(
         dense_gemm=2 * model.layers * gemm_params,
-        attention_core=model.layers * core,
+        attention_core=attention,
         logits=2 * model.hidden * model.vocab,
     )
 

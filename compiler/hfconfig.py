@@ -6,7 +6,7 @@ Output: `HfArchitecture`: the family, the `ModelSpec` field values it implies, a
 Invariants: pure; every config the mapping cannot express exactly raises `HfConfigError` naming the
         key and why (never a silently different model). transformers' configuration classes are the
         source of truth for key names and defaults (`LlamaConfig`, `MistralConfig`, `Qwen2Config`,
-        `Qwen3Config`, `GPT2Config`, transformers 5.x): a key absent from config.json takes the
+        `Qwen3Config`, `GPT2Config`, `Gemma3TextConfig`, transformers 5.x): a key absent from config.json takes the
         default of that class.
 
 Families and what each needs of Megatron-Core's GPT model (local or TE layer spec):
@@ -16,10 +16,12 @@ Families and what each needs of Megatron-Core's GPT model (local or TE layer spe
   mixtral          as mistral, every MLP a mixture of SwiGLU experts, top-k router (MixtralForCausalLM)
   qwen3_moe        as qwen3, every MLP a mixture of experts (Qwen3MoeForCausalLM)
   gpt2             layernorm + GELU + learned positions, biases everywhere, MHA (GPT2LMHeadModel)
+  gemma3_text      (1 + w) RMSNorm, sandwich norms, QK norm, GeGLU (tanh), embedding x sqrt(hidden), sliding
+                   windows with a second RoPE base, query_pre_attn_scalar (Gemma3ForCausalLM; see _gemma3)
 Llama 3.1/3.2 `rope_scaling` (rope_type llama3) maps to `rope_scaling_factor` when its other three keys
 have the values Megatron-Core fixes (LLAMA3_FIXED). Not expressible (an error says so): other RoPE
 scaling types, Mistral's sliding window shorter than the sequence, top-1 routing and Qwen3-MoE without norm_topk_prob
-(see _moe), and Gemma (see _UNSUPPORTED).
+(see _moe), Gemma 3's linear RoPE scaling (4B and larger), and Gemma 1 / 2 (see _UNSUPPORTED).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 CONFIG_FILE = "config.json"
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 MOE = ("mixtral", "qwen3_moe")
-FAMILIES = LLAMA_LIKE + ("gpt2",)
+FAMILIES = LLAMA_LIKE + ("gpt2", "gemma3_text")
 
 
 class HfConfigError(ValueError):
@@ -187,30 +189,98 @@ def _gpt2(config: dict) -> dict[str, Any]:
     }
 
 
-# Gemma, checked against Megatron-Core 0.16.1's GPTModel (what maps, what does not):
-#   would map (were the rest expressible): GeGLU with tanh GELU (activation_func = gelu_tanh, gated_linear_unit), `query_pre_attn_scalar`
-#          (TransformerConfig.softmax_scale), alternating sliding windows (window_size +
-#          window_attn_skip_freq, dot_product_attention.py), (1 + w) RMSNorm (foldable into the weight at import;
-#          TransformerConfig.layernorm_zero_centered_gamma exists but the local spec's WrappedTorchNorm asserts
-#          it off, transformer/torch_norm.py).
-#   does not: the embedding scale sqrt(hidden) (LanguageModelEmbedding has no multiplier; with tied
-#          embeddings it cannot be folded into the weights, the output layer would be scaled too), Gemma 2's
-#          attention-logit and final-logit soft-capping (no TransformerConfig field; attention.py passes
-#          softcap 0.0), Gemma 2/3's sandwich norms (post_attention_layernorm / post_feedforward_layernorm
-#          after each sub-block: TransformerLayerSubmodules has no post-block norm), Gemma 3's second RoPE base
-#          for its sliding layers (rope_local_base_freq: GPTModel holds one RotaryEmbedding).
-_GEMMA_SCALE = ("the embedding scale sqrt(hidden_size) has no Megatron-Core 0.16.1 GPTModel switch "
-                "(LanguageModelEmbedding has no multiplier; tied embeddings keep it out of the weights)")
+# Gemma 3 text (Gemma3ForCausalLM, model_type gemma3_text; transformers' Gemma3TextConfig is the source of its
+# defaults). Megatron-Core 0.16.1's GPTModel has no switch for five of its parts, which nemoc's runtime adds as
+# small modules on Megatron-Core's local layer spec: the (1 + w) RMSNorm (the local spec's
+# WrappedTorchNorm asserts layernorm_zero_centered_gamma off, transformer/torch_norm.py), the sandwich norms
+# (TransformerLayerSubmodules has no post-block norm), the embedding scale sqrt(hidden) (LanguageModelEmbedding
+# has no multiplier, and tied embeddings keep it out of the weights), the second RoPE base of the sliding layers
+# (GPTModel holds one RotaryEmbedding) and the per-layer sliding window in the SDPA core. GeGLU (tanh GELU,
+# gated_linear_unit), query_pre_attn_scalar (TransformerConfig.softmax_scale) and the QK norm map directly.
+GEMMA3_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # the tanh GELU under transformers' names
+GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}  # Gemma3TextConfig.default_theta
+
+
+def _gemma3_rope(config: dict) -> tuple[float, float]:
+    """(base of the full-attention layers, base of the sliding layers); only unscaled RoPE maps."""
+    params = config.get("rope_parameters") or {}
+    nested = isinstance(params.get("full_attention"), dict) or isinstance(params.get("sliding_attention"), dict)
+    full = dict(params.get("full_attention") or {}) if nested else dict(params)
+    full.update(config.get("rope_scaling") or {})
+    local = dict(params.get("sliding_attention") or {}) if nested else {}
+    for layer_type, p in (("full_attention", full), ("sliding_attention", local)):
+        kind = p.get("rope_type") or p.get("type") or "default"
+        if kind != "default":
+            raise HfConfigError(f"rope_parameters.{layer_type}.rope_type {kind!r}: nemoc maps Gemma 3 with unscaled "
+                                "RoPE only (the linear scaling of Gemma 3 4B/12B/27B is not built)")
+    return (float(full.get("rope_theta", config.get("rope_theta", GEMMA3_THETA["full_attention"]))),
+            float(local.get("rope_theta", config.get("rope_local_base_freq", GEMMA3_THETA["sliding_attention"]))))
+
+
+def _gemma3_window(config: dict, layers: int) -> tuple[int, int]:
+    """(sliding_window, full_attention_every) from layer_types (or the older sliding_window_pattern, default 6)."""
+    window = config.get("sliding_window", 4096)
+    types = config.get("layer_types")
+    if types is None:
+        pattern = int(config.get("sliding_window_pattern", 6))
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    if len(types) != layers:
+        raise HfConfigError(f"layer_types has {len(types)} entries for num_hidden_layers = {layers}")
+    full = [i + 1 for i, t in enumerate(types) if t == "full_attention"]
+    if not window or len(full) == layers:
+        return 0, 0
+    every = full[0] if full else 0
+    if any(t not in ("full_attention", "sliding_attention") for t in types) or \
+            full != list(range(every, layers + 1, every) if every else []):
+        raise HfConfigError(f"layer_types {types}: nemoc maps a full-attention layer every n-th layer (n, 2n, ...), "
+                            "the others sliding")
+    return int(window), every
+
+
+def _gemma3(config: dict) -> dict[str, Any]:
+    act = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in GEMMA3_ACTIVATIONS:
+        raise HfConfigError(f"hidden_activation {act!r}: nemoc maps Gemma 3 with the tanh GELU (gelu_pytorch_tanh)")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if config.get(key) is not None:
+            raise HfConfigError(f"{key} = {config[key]}: nemoc builds no soft-capping (Gemma 2's; Gemma 3 has none)")
+    if config.get("attention_bias"):
+        raise HfConfigError("attention_bias = true: nemoc maps Gemma 3 without biases")
+    if config.get("use_bidirectional_attention"):
+        raise HfConfigError("use_bidirectional_attention = true (an embedding model): nemoc trains causal models")
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    layers = int(config["num_hidden_layers"])
+    full_base, local_base = _gemma3_rope(config)
+    window, every = _gemma3_window(config, layers)
+    head_dim = int(config.get("head_dim") or 256)
+    return {
+        "layers": layers, "hidden": hidden, "heads": heads,
+        "query_groups": int(config.get("num_key_value_heads") or heads),
+        "ffn_hidden": int(config["intermediate_size"]), "vocab": int(config["vocab_size"]),
+        "seq_length": int(config.get("max_position_embeddings", 131_072)), "kv_channels": head_dim,
+        "activation": "geglu_tanh", "norm": "rmsnorm", "position": "rope",
+        "rotary_base": full_base, "rope_scaling_factor": 1.0,
+        "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
+        "add_bias_linear": False, "add_qkv_bias": False, "qk_layernorm": True,
+        "norm_epsilon": float(config.get("rms_norm_eps", 1e-6)),
+        "norm_zero_centered": True, "post_block_norms": True, "embedding_scale": True,
+        "softmax_scale": float(config.get("query_pre_attn_scalar", 256)) ** -0.5,
+        "sliding_window": window, "full_attention_every": every,
+        "local_rotary_base": local_base if window else None,
+    }
+
+
+# Gemma 1 and 2 stay unsupported: Gemma 1 is built of the same parts as Gemma 3 less the sandwich norms and
+# the QK norm, but nemoc's runtime builds the Gemma 3 layer only; Gemma 2 adds attention-logit and final-logit
+# soft-capping (tanh(x / c) * c), which neither Megatron-Core 0.16.1 (attention.py passes softcap 0.0) nor
+# nemoc's attention core computes.
 _UNSUPPORTED = {
-    "gemma": _GEMMA_SCALE,
-    "gemma2": _GEMMA_SCALE + "; nor do attn_logit_softcapping / final_logit_softcapping (no soft-capping in "
-              "TransformerConfig) and the post-attention / post-feedforward sandwich norms (no post-block norm in "
-              "TransformerLayerSubmodules)",
-    "gemma3_text": _GEMMA_SCALE + "; nor do the sandwich norms (no post-block norm in TransformerLayerSubmodules) "
-                   "and rope_local_base_freq (one RotaryEmbedding per GPTModel, Gemma 3's sliding layers use a "
-                   "second RoPE base)",
+    "gemma": "nemoc builds Gemma 3 (gemma3_text) only; Gemma 1 lacks its sandwich norms and QK norm",
+    "gemma2": "attn_logit_softcapping / final_logit_softcapping: neither Megatron-Core 0.16.1 nor nemoc's "
+              "attention core soft-caps logits (nemoc builds Gemma 3, gemma3_text)",
+    "gemma3": "the multimodal Gemma3ForConditionalGeneration: nemoc imports the text model only "
+              "(Gemma3ForCausalLM, model_type gemma3_text, e.g. google/gemma-3-1b-pt)",
 }
-_UNSUPPORTED["gemma3"] = _UNSUPPORTED["gemma3_text"]
 
 
 def architecture(config: dict) -> HfArchitecture:
@@ -221,7 +291,7 @@ def architecture(config: dict) -> HfArchitecture:
     if family not in FAMILIES:
         raise HfConfigError(f"model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
     try:
-        fields = _gpt2(config) if family == "gpt2" else _llama_like(config, family)
+        fields = {"gpt2": _gpt2, "gemma3_text": _gemma3}.get(family, lambda c: _llama_like(c, family))(config)
     except KeyError as exc:
         raise HfConfigError(f"config.json has no {exc.args[0]!r}") from None
     special = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
@@ -246,7 +316,7 @@ def mismatches(arch: HfArchitecture, written: dict[str, Any]) -> list[tuple[str,
         theirs = arch.fields[name]
         if theirs is None and name == "kv_channels":
             theirs = arch.fields["hidden"] // arch.fields["heads"]
-        if isinstance(theirs, float) or isinstance(value, float):
+        if theirs is not None and (isinstance(theirs, float) or isinstance(value, float)):
             if abs(float(value) - float(theirs)) > 1e-9 * max(1.0, abs(float(theirs))):
                 out.append((name, value, theirs))
         elif value != theirs:

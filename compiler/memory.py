@@ -152,7 +152,7 @@ def optimizer_bytes(layout: Layout, precision: str, fp8_recipe: str | None) -> t
 class LayerActivations:
     """Bytes one transformer layer keeps for backward, for one micro batch, on one GPU."""
 
-    norms: float  # inputs of the two pre-norms
+    norms: float  # inputs of the two pre-norms (and of Gemma 3's two post-block norms)
     attention: float  # QKV input, Q/K/V, core-attention output (= output-projection input)
     scores: float  # unfused attention: softmax output (+ dropout mask and output), a x s x s
     mlp: float  # MLP input, fc1 output, activation output (MoE: routed tokens and expert tensors)
@@ -198,12 +198,13 @@ def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, 
     fp8 = fp8 and not local
     gemm_in = 1 if fp8 else act_bytes  # bytes of a saved linear-layer input
     sbh = s * b * h
-    norms = 2 * act_bytes * sbh / rep
+    n_norms = 4 if model.post_block_norms else 2  # Gemma 3's sandwich norms keep their inputs too
+    norms = n_norms * act_bytes * sbh / rep
     attention = gemm_in * sbh / rep + act_bytes * s * b * d * (2 * a + 2 * g) / tp
     if fp8:
         attention += s * b * a * d / tp  # the projection's FP8 copy of the attention output
-    if local:
-        norms += 2 * 4.0 * sbh / rep if model.norm == "rmsnorm" else 0.0
+    if local or model.norm_zero_centered:  # the runtime's (1 + w) RMSNorm computes in fp32 too
+        norms += n_norms * 4.0 * sbh / rep if model.norm == "rmsnorm" else 0.0
         attention += act_bytes * s * b * d * 2 * (a - g) / tp
     if attention_backend == "unfused" and recompute != "selective":
         softmax = 3 * act_bytes if local else act_bytes

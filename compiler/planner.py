@@ -198,7 +198,7 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
         attention_backend=backend,
         stage_kind=stage.kind, peft=stage.peft, params=stage.params, headroom=headroom, steps=steps,
         parents=parent_kinds(spec, stage),
-        kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=stage.optimizer.name, target=target,
+        kernels=resolve_kernels(spec.kernels, spec.cluster.gpu, spec.model), optimizer=stage.optimizer.name, target=target,
         hf_conversion=is_hf_conversion(spec, stage),
         moe_requested=(spec.moe_dispatcher, spec.moe_grouped_gemm, spec.moe_permute_fusion),
         host_requested=host_requested(spec),
@@ -490,7 +490,7 @@ def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM,
         raise DiagnosticError(errors + warnings)
     plan = Plan(experiment=spec.name, model=spec.model, cluster=spec.cluster, precision=spec.precision,
                 attention_backend=backend, data=spec.data, stages=tuple(plans), root=spec.root,
-                kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), tracking=spec.tracking,
+                kernels=resolve_kernels(spec.kernels, spec.cluster.gpu, spec.model), tracking=spec.tracking,
                 imports=_imports(spec))
     return PlanResult(plan, tuple(results), _dedupe(warnings), time.perf_counter() - t0)
 

@@ -39,7 +39,9 @@ class ModelSpec:
     vocab: int
     seq_length: int
     kv_channels: int | None = None  # head dim; None = hidden // heads
-    activation: str = "swiglu"  # swiglu | gelu (erf) | gelu_tanh (tanh approximation, GPT-2) | relu | squared_relu
+    # swiglu | geglu_tanh (tanh-GELU-gated GLU, Gemma) | gelu (erf) | gelu_tanh (tanh approximation, GPT-2) | relu |
+    # squared_relu
+    activation: str = "swiglu"
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     position: str = "rope"  # rope | learned | none
     rotary_base: float = 10000.0
@@ -56,6 +58,19 @@ class ModelSpec:
     moe_ffn_hidden: int | None = None
     shared_expert_ffn_hidden: int = 0
     norm_epsilon: float = 1e-5
+    # Gemma 3 (Gemma3ForCausalLM): RMSNorm scales by (1 + w) (weights stored zero-centred); a norm after the
+    # attention and after the MLP output too (sandwich norms, before each residual add); the input
+    # embedding multiplied by sqrt(hidden); attention scores scaled by softmax_scale (None = 1/sqrt(head_dim));
+    # sliding-window attention of `sliding_window` tokens (0 = none) in every layer but each
+    # `full_attention_every`-th (1-based; 0 = every layer slides), whose RoPE base is `local_rotary_base`
+    # (None = rotary_base).
+    norm_zero_centered: bool = False
+    post_block_norms: bool = False
+    embedding_scale: bool = False
+    softmax_scale: float | None = None
+    sliding_window: int = 0
+    full_attention_every: int = 0
+    local_rotary_base: float | None = None
     source: str = ""  # citation for a preset (paper / model card)
     init: str | None = None  # a Hugging Face checkpoint directory every stage starts from (absolute path)
 
@@ -66,6 +81,23 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.experts > 0
+
+    def is_sliding_layer(self, layer: int) -> bool:
+        """Whether 1-based layer `layer` attends through the sliding window (Gemma 3's layer_types)."""
+        if not self.sliding_window:
+            return False
+        return not (self.full_attention_every and layer % self.full_attention_every == 0)
+
+    @property
+    def local_layer_only(self) -> bool:
+        """Gemma 3's parts that Megatron-Core's GPTModel has no switch for: the nemoc runtime builds them as its
+        own modules on the local layer spec, never Transformer Engine's layers."""
+        return bool(self.norm_zero_centered or self.post_block_norms or self.embedding_scale
+                    or self.local_rotary_base is not None)
+
+    @property
+    def sliding_layers(self) -> int:
+        return sum(self.is_sliding_layer(i) for i in range(1, self.layers + 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,10 +275,11 @@ class ExperimentSpec:
 KERNELS = ("te", "local")  # the layer kernel sets the cost / memory models and the runtime know
 
 
-def resolve_kernels(kernels: str, gpu: str) -> str:
+def resolve_kernels(kernels: str, gpu: str, model: ModelSpec | None = None) -> str:
     """The experiment's `kernels` setting resolved for the cluster's accelerator: `auto` is
     Transformer Engine (`te`) on GPUs, where NGC / NeMo containers ship it, and Megatron-Core's
-    local spec (`local`) on the CPU (the gloo runtime has no Transformer Engine)."""
+    local spec (`local`) on the CPU (the gloo runtime has no Transformer Engine) and for a model whose
+    layer exists on the local spec only (`ModelSpec.local_layer_only`: Gemma 3; a written `te` is E179)."""
     if kernels != "auto":
         return kernels
-    return "local" if gpu == "CPU" else "te"
+    return "local" if gpu == "CPU" or (model is not None and model.local_layer_only) else "te"

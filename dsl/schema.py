@@ -179,8 +179,9 @@ MODEL_FIELDS = (
     _f("vocab", POSITIVE, None, "Vocabulary size (Megatron pads it to a multiple of 128 x TP).", required=True),
     _f("seq_length", POSITIVE, None, "Sequence length in tokens.", required=True),
     _f("kv_channels", POSITIVE, None, "Head dimension. Default: hidden / heads."),
-    _f("activation", enum("swiglu", "gelu", "gelu_tanh", "relu", "squared_relu"), "swiglu",
-       "MLP activation (`gelu`: the exact erf GELU; `gelu_tanh`: its tanh approximation, GPT-2's `gelu_new`)."),
+    _f("activation", enum("swiglu", "geglu_tanh", "gelu", "gelu_tanh", "relu", "squared_relu"), "swiglu",
+       "MLP activation (`gelu`: the exact erf GELU; `gelu_tanh`: its tanh approximation, GPT-2's `gelu_new`; "
+       "`geglu_tanh`: a GLU gated by the tanh GELU, Gemma's `gelu_pytorch_tanh`)."),
     _f("norm", enum("rmsnorm", "layernorm"), "rmsnorm", "Normalization layer."),
     _f("position", enum("rope", "learned", "none"), "rope", "Position embedding."),
     _f("rotary_base", POSITIVE_FLOAT, 10000.0, "RoPE base frequency."),
@@ -196,6 +197,18 @@ MODEL_FIELDS = (
     _f("moe_ffn_hidden", POSITIVE, None, "Expert MLP intermediate size. Default: ffn_hidden."),
     _f("shared_expert_ffn_hidden", INT, 0, "Shared-expert MLP size; 0 = none."),
     _f("norm_epsilon", POSITIVE_FLOAT, 1e-5, "Normalization epsilon."),
+    _f("norm_zero_centered", BOOL, False, "RMSNorm scales by (1 + weight), the weight stored zero-centred (Gemma)."),
+    _f("post_block_norms", BOOL, False, "A norm on the attention output and on the MLP output before each "
+       "residual add (Gemma 2/3's sandwich norms)."),
+    _f("embedding_scale", BOOL, False, "Multiply the input embedding by sqrt(hidden) (Gemma)."),
+    _f("softmax_scale", POSITIVE_FLOAT, None, "Attention score scale. Default: 1 / sqrt(kv_channels) (Gemma 3: "
+       "query_pre_attn_scalar^-1/2)."),
+    _f("sliding_window", INT, 0, "Sliding-window attention: a token attends to itself and the window - 1 before "
+       "it; 0 = full attention."),
+    _f("full_attention_every", INT, 0, "With `sliding_window`: every n-th layer (n, 2n, ...) attends to the whole "
+       "sequence (Gemma 3: 6); 0 = every layer slides."),
+    _f("local_rotary_base", POSITIVE_FLOAT, None, "RoPE base of the sliding-window layers (Gemma 3's "
+       "rope_local_base_freq). Default: rotary_base."),
     _f("init", call("hf"), None, "Start every stage from a Hugging Face checkpoint: `hf(\"DIR\")` (config.json + "
        "safetensors). A model block holding only `init` takes its whole architecture from config.json; fields "
        "written beside it must agree with it (docs/huggingface.md)."),

@@ -139,14 +139,16 @@ def _activation(model: ModelSpec) -> tuple[object, bool]:
         return F.gelu, False
     if model.activation == "gelu_tanh":
         return gelu_tanh, False
+    if model.activation == "geglu_tanh":  # Gemma: gelu_pytorch_tanh(gate) * up
+        return gelu_tanh, True
     if model.activation == "relu":
         return F.relu, False
     if model.activation == "squared_relu":
         from megatron.core.activations import squared_relu
 
         return squared_relu, False
-    raise UnsupportedPlan(f"activation {model.activation!r} is not supported (swiglu | gelu | gelu_tanh | relu | "
-                          "squared_relu)")
+    raise UnsupportedPlan(f"activation {model.activation!r} is not supported (swiglu | geglu_tanh | gelu | gelu_tanh | "
+                          "relu | squared_relu)")
 
 
 def gelu_tanh(x):
@@ -154,6 +156,15 @@ def gelu_tanh(x):
     (transformer/utils.py openai_gelu, Megatron-LM's --openai-gelu) is the same function, but it is
     compiled by jit_fuser (torch.compile in 0.16.1) at call time, which the CPU runtime avoids."""
     return F.gelu(x, approximate="tanh")
+
+
+def _window_kwargs(model: ModelSpec) -> dict:
+    """Sliding-window attention (Gemma 3): a query attends to itself and the window - 1 keys before it, in every
+    layer but each full_attention_every-th (Megatron's window_size = (before, after) and window_attn_skip_freq,
+    read per layer by transformer/utils.py is_layer_window_attention)."""
+    if not model.sliding_window:
+        return {}
+    return dict(window_size=(model.sliding_window - 1, 0), window_attn_skip_freq=model.full_attention_every or None)
 
 
 def _recompute_kwargs(recompute: str, layers: int | None = None) -> dict:
@@ -269,6 +280,8 @@ def transformer_config(
         add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_qkv_bias,
         qk_layernorm=model.qk_layernorm,
+        softmax_scale=model.softmax_scale,  # None: 1/sqrt(kv_channels); Gemma 3: query_pre_attn_scalar^-1/2
+        **_window_kwargs(model),
         hidden_dropout=dropout,
         attention_dropout=dropout,
         init_method_std=0.02,
@@ -674,6 +687,18 @@ def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:
             out.append("--add-qkv-bias")
     if model.qk_layernorm:
         out.append("--qk-layernorm")
+    if model.softmax_scale is not None:
+        notes.append(f"softmax_scale {model.softmax_scale:g}: Megatron-LM has no flag for it (TransformerConfig."
+                     "softmax_scale; it scales by 1/sqrt(kv_channels))")
+    if model.sliding_window:
+        notes.append(f"sliding_window {model.sliding_window} (full attention every {model.full_attention_every or 'no'} "
+                     f"layer): TransformerConfig window_size = ({model.sliding_window - 1}, 0), window_attn_skip_freq = "
+                     f"{model.full_attention_every or None}; not written as flags here")
+    gemma = [name for name in ("norm_zero_centered", "post_block_norms", "embedding_scale", "local_rotary_base")
+             if getattr(model, name) not in (False, None)]
+    if gemma:
+        notes.append(f"{', '.join(gemma)}: Gemma 3's layer is nemoc's own modules on the local spec "
+                     "(runtime/gemma.py); Megatron-LM's pretrain_gpt.py builds none of them")
     return out
 
 

@@ -23,6 +23,8 @@ neither local core splits packed (thd) sequences over CP ranks.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -33,8 +35,10 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.utils import is_layer_window_attention
 
 from nemoc.compiler.spec import ModelSpec
+from nemoc.runtime import gemma
 
 _POSITION = {"rope": "rope", "learned": "learned_absolute", "none": "none"}
 
@@ -64,9 +68,18 @@ class SDPAttention(DotProductAttention):
             super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
         finally:
             config.context_parallel_size = cp
-        if config.window_size is not None or config.softmax_type != "vanilla":
-            raise ValueError("the flash (SDPA) attention core supports vanilla softmax without sliding windows; "
-                             "use attention_backend = unfused")
+        if config.softmax_type != "vanilla":
+            raise ValueError("the flash (SDPA) attention core supports the vanilla softmax; use attention_backend = "
+                             "unfused")
+        # sliding-window attention (Gemma 3): this layer's (before, after) window, as DotProductAttention
+        # decides it (transformer/utils.py is_layer_window_attention); None = full causal attention
+        self.window = (config.window_size if is_layer_window_attention(config.window_size, config.window_attn_skip_freq,
+                                                                       layer_number) else None)
+        if self.window is not None and self.window[1] != 0:
+            raise ValueError(f"window_size {self.window}: the SDPA core's sliding window is causal (after = 0)")
+        if self.window is not None and cp > 1:
+            raise ValueError("the flash (SDPA) attention core does not split sliding-window attention over "
+                             "context-parallel ranks; use context = 1")
         # DotProductAttention folds the layer-number coefficient into softmax_scale and multiplies it
         # back inside the softmax; SDPA has one scale, so use the product.
         self.sdpa_scale = self.softmax_scale * (self.layer_number if config.apply_query_key_layer_scaling else 1)
@@ -96,6 +109,13 @@ class SDPAttention(DotProductAttention):
         mask = None
         if attention_mask is not None and not causal:
             mask = ~attention_mask  # Megatron: True = masked out; SDPA: True = attend
+        if self.window is not None:
+            if not causal:
+                raise ValueError("the SDPA core's sliding window needs the causal mask type")
+            window = self._window_mask(q.shape[2], q.device)
+            # a given mask (packed rows' block-diagonal one) still applies inside the window
+            mask = window if attention_mask is None else window & ~attention_mask
+            causal = False
         dropout = self.config.attention_dropout if self.training else 0.0
         attend = self._context_parallel if cp > 1 else self._sdpa
         if dropout > 0 and not self.config.sequence_parallel:
@@ -123,11 +143,12 @@ class SDPAttention(DotProductAttention):
         pieces = []
         for start, end in zip(bounds[:-1], bounds[1:]):
             q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, np, n, hn]
+            mask, causal = (None, True) if self.window is None else (self._window_mask(end - start, q.device), False)
             if dropout > 0 and not self.config.sequence_parallel:
                 with tensor_parallel.get_cuda_rng_tracker().fork():
-                    context = self._sdpa(q, k, v, None, True, dropout)
+                    context = self._sdpa(q, k, v, mask, causal, dropout)
             else:
-                context = self._sdpa(q, k, v, None, True, dropout)
+                context = self._sdpa(q, k, v, mask, causal, dropout)
             pieces.append(context[0].transpose(0, 1))  # [n, np, hn]
         return torch.cat(pieces).reshape(query.shape[0], self.hidden_size_per_partition)
 
@@ -147,6 +168,9 @@ class SDPAttention(DotProductAttention):
             pieces.append(self._sdpa(q[:, :, i * c:(i + 1) * c], k[:, :, :(g + 1) * c], v[:, :, :(g + 1) * c],
                                      allowed, False, dropout))
         return torch.cat(pieces, dim=2)
+
+    def _window_mask(self, s: int, device) -> torch.Tensor:
+        return sliding_window_mask(s, self.window[0], device)
 
     def _sdpa(self, q, k, v, mask, causal, dropout):
         return torch.nn.functional.scaled_dot_product_attention(
@@ -170,10 +194,21 @@ def _gather_context(local: torch.Tensor) -> torch.Tensor:
     return gathered.index_select(0, order)
 
 
+@functools.lru_cache(maxsize=16)
+def sliding_window_mask(s: int, before: int, device) -> torch.Tensor:
+    """[s, s], True = attend: key j for query i when i - before <= j <= i (Megatron's
+    get_sliding_window_causal_mask with window (before, 0), negated). s^2 booleans, unlike the causal case
+    (torch's SDPA takes no window argument); cached, so every sliding layer of a step shares one tensor (what
+    autograd saves of it is a reference, not a copy per layer)."""
+    i = torch.arange(s, device=device)
+    distance = i[:, None] - i[None, :]
+    return (distance >= 0) & (distance <= before)
+
+
 def layer_spec(*, config, model: ModelSpec, attention_backend: str, have_te: bool):
     """The transformer-layer ModuleSpec for this machine and backend."""
     experts = model.experts or None
-    if have_te:
+    if have_te and not model.local_layer_only:
         # the plan's moe_grouped_gemm (Execution.moe, set on the config by megatron_args): TEGroupedMLP
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=experts, moe_grouped_gemm=bool(getattr(config, "moe_grouped_gemm", False)),
@@ -190,9 +225,9 @@ def layer_spec(*, config, model: ModelSpec, attention_backend: str, have_te: boo
     return spec
 
 
-def attention_core_name(*, attention_backend: str, have_te: bool) -> str:
+def attention_core_name(*, attention_backend: str, have_te: bool, model: ModelSpec | None = None) -> str:
     """What actually computes attention, for logs and bench results."""
-    if have_te:
+    if have_te and not (model is not None and model.local_layer_only):
         return f"transformer_engine:{attention_backend}"
     return "megatron:DotProductAttention" if attention_backend == "unfused" else "torch:scaled_dot_product_attention"
 
@@ -205,9 +240,11 @@ def build_model_chunks(*, config, model: ModelSpec, vocab_size: int, seq_length:
     chunks = []
     for i in range(vp or 1):
         vp_stage = i if vp else None
+        block = (gemma.gemma_block_spec(spec, config=config, model=model, vp_stage=vp_stage)
+                 if model.local_layer_only else spec)
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block,
             vocab_size=vocab_size,
             max_sequence_length=seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -221,6 +258,8 @@ def build_model_chunks(*, config, model: ModelSpec, vocab_size: int, seq_length:
             rope_scaling_factor=model.rope_scaling_factor,
             vp_stage=vp_stage,
         )
+        if model.embedding_scale and chunk.pre_process:
+            gemma.scale_embedding(chunk, model.hidden)  # Gemma: word embeddings x sqrt(hidden)
         if not config.use_cpu_initialization:
             chunk = chunk.to(torch.cuda.current_device())
         if config.bf16 or config.fp16:

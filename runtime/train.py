@@ -331,7 +331,7 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
                          f"cp={layout.cp} ep={layout.ep} dp={layout.dp} mbs={layout.micro_batch} "
                          f"gbs={layout.global_batch} seq={stage.seq_length} precision={stage.execution.precision} "
                          f"kernels={'te' if facts.have_te else 'local'} "
-                         f"attention={mdl.attention_core_name(attention_backend=stage.execution.attention, have_te=facts.have_te)} "
+                         f"attention={mdl.attention_core_name(attention_backend=stage.execution.attention, have_te=facts.have_te, model=plan.model)} "
                          f"vocab={task.vocab_size}->{padded_vocab} steps {state.iteration}->{task.steps}"
                          f"{' (CPU/gloo)' if mcore_cpu.is_applied() else ''}")
         state = train_loop(model=model, optimizer=optimizer, scheduler=scheduler, stage=stage,

@@ -71,7 +71,7 @@ def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend
         model=spec.model, cluster=spec.cluster, precision=spec.precision,
         attention_backend=attention_backend or spec.attention_backend,
         gpu_arch=arch, gpu_precisions=precisions, stage_kind=stage_kind,
-        kernels=resolve_kernels(spec.kernels, spec.cluster.gpu), optimizer=optimizer, target=target,
+        kernels=resolve_kernels(spec.kernels, spec.cluster.gpu, spec.model), optimizer=optimizer, target=target,
         fp8_recipe=spec.fp8_recipe, hf_conversion=hf_conversion,
         moe_requested=(spec.moe_dispatcher, spec.moe_grouped_gemm, spec.moe_permute_fusion), packed=packed,
         host_requested=host_requested(spec),

@@ -13,6 +13,8 @@ def _local_why(env: Env) -> str | None:
     """Why a training stage runs without Transformer Engine (None when it runs with it)."""
     if env.stage_kernels != "local" or env.stage_kind not in TRAINING_KINDS:
         return None
+    if env.model.local_layer_only:
+        return "nemoc builds Gemma 3's layer on Megatron-Core's local spec"
     if env.kernels == "local":
         return "kernels = local (no Transformer Engine)"
     return f"{env.target.caps(env.stage_kind).runs}, with Megatron-Core's local spec"
@@ -34,6 +36,44 @@ def rule_fp8_needs_te(env: Env, s: Sizes) -> Violation | None:
                                   if env.kernels == "local" else ""),
         anchors=("kernels", "precision") if env.kernels == "local" else ("precision",),
         source="megatron/core/transformer/transformer_config.py (fp8 needs Transformer Engine's layers)",
+    )
+
+
+def rule_gemma_layer_te(env: Env, s: Sizes) -> Violation | None:
+    """Gemma 3's (1 + w) RMSNorm, sandwich norms, embedding scale and second RoPE base are nemoc's own modules on
+    Megatron-Core's local layer spec: Transformer Engine's GPT layer spec has no post-block
+    norm and one rotary embedding, so `kernels = te` cannot build the model (`auto` picks local)."""
+    if not env.model.local_layer_only or env.stage_kernels != "te" or env.hf_conversion:
+        return None
+    return Violation(
+        "E179", "this model's layer is built on Megatron-Core's local spec only, not Transformer Engine's",
+        "kernels(te) but the model has Gemma 3's zero-centred norms, sandwich norms, embedding scale or local RoPE "
+        "base (the nemoc runtime's own modules)",
+        "remove `kernels = te` (auto picks local for this model)",
+        anchors=("kernels",),
+        source="megatron/core/models/gpt/gpt_layer_specs.py get_gpt_layer_with_transformer_engine_spec "
+               "(TransformerLayerSubmodules: no post-block norm); megatron/core/transformer/torch_norm.py "
+               "(WrappedTorchNorm: no zero-centred gamma)",
+    )
+
+
+def rule_gemma_layer_parts(env: Env, s: Sizes) -> Violation | None:
+    """The nemoc runtime builds Gemma 3's layer as one combination: zero-centred RMSNorms everywhere and, with
+    post_block_norms, zero-centred post-block norms too. A layernorm, or post-block norms beside plain RMSNorms,
+    is a layer it has no module for (the runtime would stop at build time)."""
+    m = env.model
+    if m.norm_zero_centered and m.norm != "rmsnorm":
+        why, anchors = f"norm_zero_centered(true) with norm({m.norm})", ("model.norm_zero_centered", "model.norm")
+    elif m.post_block_norms and not m.norm_zero_centered:
+        why, anchors = "post_block_norms(true) with norm_zero_centered(false)", ("model.post_block_norms",)
+    else:
+        return None
+    return Violation(
+        "E180", "nemoc builds the (1 + w) and post-block norms of Gemma 3's layer only as zero-centred RMSNorms", why,
+        "use norm = rmsnorm with norm_zero_centered = true (Gemma 3), or drop post_block_norms",
+        anchors=anchors + ("model",),
+        source="megatron/core/transformer/torch_norm.py WrappedTorchNorm (no zero-centred gamma); "
+               "megatron/core/transformer/transformer_layer.py TransformerLayerSubmodules (no post-block norm)",
     )
 
 

@@ -69,6 +69,8 @@ from nemoc.compiler.rules.precision import (
     rule_fp8_recipe,
     rule_fp8_param_gather,
     rule_fp8_tokens,
+    rule_gemma_layer_parts,
+    rule_gemma_layer_te,
     rule_optimizer_state_dtype_te,
     rule_precision_hardware,
     rule_te_needs_gpu,
@@ -95,6 +97,7 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_overlap_param_gather, rule_recompute_layers,
     rule_recompute_layers_chunk,
     rule_fp8_param_gather_optimizer, rule_optimizer_state_dtype_optimizer, rule_optimizer_state_dtype_te,
+    rule_gemma_layer_te, rule_gemma_layer_parts,
 )
 
 
@@ -169,6 +172,8 @@ CODES: dict[str, Rule] = {
     "E176": rule_fsdp_distributed_optimizer,
     "E177": rule_fsdp_pipeline,
     "E178": rule_fsdp_gpu,
+    "E179": rule_gemma_layer_te,
+    "E180": rule_gemma_layer_parts,
     "E128": rule_te_needs_gpu,
     "E129": rule_sgd_distributed_optimizer,
     "E134": rule_heads_query_groups,

@@ -80,6 +80,13 @@ class LoraLinear(torch.nn.Module):
     # -------------------------------------------------------------------------------------- forward
 
     def forward(self, x, *args, **kwargs):
+        if hasattr(self.base, "post_layernorm"):
+            # Gemma 3's post-attention / post-MLP norm (runtime/gemma.py) follows the whole projection, adapter
+            # included: norm(W x + B A x), as peft's adapter on o_proj / down_proj before the HF model's norm
+            out = self.base.forward_linear(x, *args, **kwargs)
+            if self.enabled:
+                out = out + self._delta(x).to(out.dtype)
+            return self.base.post_layernorm(out), None
         out, bias = self.base(x, *args, **kwargs)
         if not self.enabled:
             return out, bias

@@ -218,7 +218,7 @@ def rank_state_dict(converted: str | Path, *, tp: int = 1, tp_rank: int = 0, pp:
     reads it off the built chunk."""
     manifest = read_manifest(converted)
     arch = manifest["architecture"]
-    swiglu = arch["activation"] == "swiglu"
+    swiglu = arch["activation"] in mapping.GATED  # fc1 = [gate; up]: each rank holds [gate_r; up_r]
     reader = SafetensorsReader(converted)
     first, count = layers if layers is not None else mapping.layer_offset(arch["layers"], pp, pp_rank)
     first_expert, experts = mapping.expert_slice(arch.get("experts") or 1, ep, ep_rank)

@@ -26,6 +26,12 @@ Megatron-Core GPTModel (local and TE specs alike, TE's fused norm names are acce
   decoder.final_layernorm.weight                     <- model.norm.weight
   output_layer.weight                                <- lm_head.weight (absent when tied)
 GPT-2 stores Conv1D weights as [in, out] (transposed) and c_attn as [q; k; v] with heads contiguous.
+Gemma 3 (runtime/gemma.py) as llama with the QK norms, except its four norms per layer:
+  decoder.layers.i.input_layernorm.weight                          <- input_layernorm.weight
+  decoder.layers.i.self_attention.linear_proj.post_layernorm.weight <- post_attention_layernorm.weight
+  decoder.layers.i.pre_mlp_layernorm.weight                        <- pre_feedforward_layernorm.weight
+  decoder.layers.i.mlp.linear_fc2.post_layernorm.weight            <- post_feedforward_layernorm.weight
+  (every norm weight zero-centred on both sides: copied unchanged), fc1 = [gate_proj; up_proj] (GeGLU).
 """
 
 from __future__ import annotations
@@ -37,6 +43,12 @@ import torch
 
 Getter = Callable[[str], torch.Tensor]
 L = "decoder.layers"
+GATED = ("swiglu", "geglu_tanh")  # activations whose fc1 is [gate; up]
+# Gemma 3's norms: Hugging Face name (under model.layers.i.) -> Megatron name (under decoder.layers.i.)
+GEMMA3_NORMS = {"input_layernorm": "input_layernorm",
+                "post_attention_layernorm": "self_attention.linear_proj.post_layernorm",
+                "pre_feedforward_layernorm": "pre_mlp_layernorm",
+                "post_feedforward_layernorm": "mlp.linear_fc2.post_layernorm"}
 
 
 class MappingError(ValueError):
@@ -74,7 +86,11 @@ def split_qkv(qkv: torch.Tensor, arch: dict[str, Any]) -> tuple[torch.Tensor, to
 def _llama_layer(family: str, i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
     src, dst = f"model.layers.{i}", f"{L}.{i}"
     a = f"{src}.self_attn"
-    yield f"{dst}.input_layernorm.weight", get(f"{src}.input_layernorm.weight")
+    if family == "gemma3_text":
+        for theirs, ours in GEMMA3_NORMS.items():
+            yield f"{dst}.{ours}.weight", get(f"{src}.{theirs}.weight")
+    else:
+        yield f"{dst}.input_layernorm.weight", get(f"{src}.input_layernorm.weight")
     yield f"{dst}.self_attention.linear_qkv.weight", fuse_qkv(
         get(f"{a}.q_proj.weight"), get(f"{a}.k_proj.weight"), get(f"{a}.v_proj.weight"), arch)
     if arch["add_qkv_bias"]:
@@ -84,7 +100,8 @@ def _llama_layer(family: str, i: int, arch: dict, get: Getter) -> Iterator[tuple
         yield f"{dst}.self_attention.q_layernorm.weight", get(f"{a}.q_norm.weight")
         yield f"{dst}.self_attention.k_layernorm.weight", get(f"{a}.k_norm.weight")
     yield f"{dst}.self_attention.linear_proj.weight", get(f"{a}.o_proj.weight")
-    yield f"{dst}.pre_mlp_layernorm.weight", get(f"{src}.post_attention_layernorm.weight")
+    if family != "gemma3_text":
+        yield f"{dst}.pre_mlp_layernorm.weight", get(f"{src}.post_attention_layernorm.weight")
     if arch.get("experts"):
         yield from _moe_layer(family, src, dst, arch, get)
         return
@@ -160,7 +177,17 @@ def _pick(get: Getter, *names: str) -> torch.Tensor:
 def _llama_layer_out(family: str, i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
     src, dst = f"{L}.{i}", f"model.layers.{i}"
     a, m = f"{src}.self_attention", f"{src}.mlp"
-    yield f"{dst}.input_layernorm.weight", _pick(get, f"{src}.input_layernorm.weight", f"{a}.linear_qkv.layer_norm_weight")
+    if family == "gemma3_text":
+        # a dist checkpoint stores the two pre-norms under Transformer Engine's fused names (the local spec's
+        # sharded_state_dict_keys_map), a converted directory under the module names: either is read
+        fused = {"input_layernorm": f"{a}.linear_qkv.layer_norm_weight",
+                 "pre_mlp_layernorm": f"{m}.linear_fc1.layer_norm_weight"}
+        for theirs, ours in GEMMA3_NORMS.items():
+            names = (f"{src}.{ours}.weight",) + ((fused[ours],) if ours in fused else ())
+            yield f"{dst}.{theirs}.weight", _pick(get, *names)
+    else:
+        yield f"{dst}.input_layernorm.weight", _pick(get, f"{src}.input_layernorm.weight",
+                                                     f"{a}.linear_qkv.layer_norm_weight")
     for name, t in zip("qkv", split_qkv(get(f"{a}.linear_qkv.weight"), arch)):
         yield f"{dst}.self_attn.{name}_proj.weight", t
     if arch["add_qkv_bias"]:
@@ -170,7 +197,9 @@ def _llama_layer_out(family: str, i: int, arch: dict, get: Getter) -> Iterator[t
         yield f"{dst}.self_attn.q_norm.weight", get(f"{a}.q_layernorm.weight")
         yield f"{dst}.self_attn.k_norm.weight", get(f"{a}.k_layernorm.weight")
     yield f"{dst}.self_attn.o_proj.weight", get(f"{a}.linear_proj.weight")
-    yield f"{dst}.post_attention_layernorm.weight", _pick(get, f"{src}.pre_mlp_layernorm.weight", f"{m}.linear_fc1.layer_norm_weight")
+    if family != "gemma3_text":
+        yield f"{dst}.post_attention_layernorm.weight", _pick(get, f"{src}.pre_mlp_layernorm.weight",
+                                                              f"{m}.linear_fc1.layer_norm_weight")
     if arch.get("experts"):
         yield from _moe_layer_out(family, src, dst, arch, get)
         return

@@ -180,6 +180,11 @@ class _SlicePlanner(_slice_planner_base()):
 def spec_config(spec, vocab: int) -> dict[str, Any]:
     """config.json of the transformers class that computes what `spec` builds (a model trained without a
     Hugging Face source); round-tripped through compiler.hfconfig, so every field is one nemoc reads back."""
+    gemma = [name for name in ("norm_zero_centered", "post_block_norms", "embedding_scale", "softmax_scale",
+                               "sliding_window", "local_rotary_base") if getattr(spec, name) not in (False, None, 0)]
+    if gemma:  # a Llama / GPT-2 config.json would silently drop them
+        raise TrainedExportError(f"export: {', '.join(gemma)} written without a Hugging Face source: nemoc writes "
+                                 "Gemma 3's config.json only for a model that started from one (init = hf(...))")
     base = {"vocab_size": vocab, "tie_word_embeddings": spec.tie_embeddings, "initializer_range": 0.02}
     if spec.norm == "layernorm" and spec.position == "learned" and spec.activation in ("gelu", "gelu_tanh"):
         family = "gpt2"

@@ -118,6 +118,8 @@ def test_export_rejects_an_architecture_without_hf_equivalent():
         trained.spec_config(llama_spec(activation="gelu"), 50)
     with pytest.raises(trained.TrainedExportError, match="biases"):
         trained.spec_config(gpt2_spec(add_bias_linear=False), 50)
+    with pytest.raises(trained.TrainedExportError, match="post_block_norms, sliding_window"):
+        trained.spec_config(llama_spec(post_block_norms=True, sliding_window=8), 50)  # Gemma's parts on a Llama
 
 
 def test_a_bare_tokenizer_gets_a_config_transformers_loads_with_its_eos(tmp_path):

@@ -28,6 +28,12 @@ FAMILIES = {
     # QK norm + experts; Qwen3-30B-A3B's routing (norm_topk_prob) and expert size below the dense one
     "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                       head_dim=32, norm_topk_prob=True, tie_word_embeddings=False),
+    # Gemma 3 text: layer 1 slides over 4 tokens with the local RoPE base, layer 2 attends fully with the global
+    # one; query_pre_attn_scalar != head_dim, so a wrong softmax scale shows; tied embeddings (as every Gemma 3)
+    "gemma3": dict(model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+                   layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
+                   rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}),
     "gpt2": dict(model_type="gpt2", vocab_size=200, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                  activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                  bos_token_id=1, eos_token_id=2),

@@ -1,4 +1,5 @@
-"""torchrun worker: load a converted checkpoint at TP=2, PP=2 or EP=2 (MoE) and save the full logits (last rank)."""
+"""torchrun worker: load a converted checkpoint at TP=2 (tpsp: with sequence parallelism), PP=2 or EP=2 (MoE) and
+save the full logits (last rank)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def main(converted: str, mode: str, out: str) -> None:
     arch = convert.read_manifest(converted)["architecture"]
     # Megatron-Core needs sequence parallelism for MoE with TP > 1 (runtime/megatron_args.py _check_supported)
     sizes = {"tp": dict(tp=2, sequence_parallel=bool(arch.get("experts"))), "pp": dict(pp=2),
-             "ep": dict(ep=2, dp=2)}[mode]
+             "ep": dict(ep=2, dp=2), "tpsp": dict(tp=2, sequence_parallel=True)}[mode]
     lay = layout(**sizes)
     dist.init_distributed(layout=lay)
     dist.set_seed(1)

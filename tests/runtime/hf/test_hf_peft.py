@@ -11,7 +11,7 @@ from hf_models import make_hf_model
 VOCAB = 200
 
 
-@pytest.mark.parametrize("family, saved", [("llama", False), ("qwen2", False), ("llama", True)])
+@pytest.mark.parametrize("family, saved", [("llama", False), ("qwen2", False), ("llama", True), ("gemma3", False)])
 def test_peft_adapter_equals_the_merged_model(mcore, tmp_path, family, saved):
     """`saved`: the adapters go through the LoRA stage's adapter checkpoint and are read back as the export
     stage reads them (runtime/hf/trained.py adapter_state), not from the live model."""
