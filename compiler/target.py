@@ -4,7 +4,8 @@ Input:  built by whoever executes plans (the nemoc runtime describes itself in i
         passed to `check_spec` / `plan_experiment` by the CLI; `MEGATRON_CORE` (everything Megatron-Core
         0.16.1 runs, every stage kind alike) when none is given.
 Output: per stage kind a `StageCaps` (pipeline, Transformer Engine, MoE, FP8, a forced attention core),
-        and the communication overlaps the target switches on. The rules, the search and the cost and
+        the attention core built per (kernels, attention_backend) with what it splits over
+        context-parallel ranks (`AttentionCore`), and the communication overlaps the target switches on. The rules, the search and the cost and
         memory models read it; the plan records what it implied (`plan.Execution`).
 Invariants: pure data, frozen; the compiler knows no runtime code, only this description.
 """
@@ -38,6 +39,42 @@ class StageCaps:
 
 
 @dataclass(frozen=True, slots=True)
+class AttentionCore:
+    """One attention core a target builds, and whether it splits a sequence over context-parallel ranks
+    (each rank holding Megatron's load-balanced shard of every row, get_batch_on_this_cp_rank)."""
+
+    name: str  # what it is, for messages ("Transformer Engine's attention", "Megatron-Core's unfused core")
+    context_parallel: bool = False  # attends a cp > 1 shard of a causal sequence
+    # ... and sliding-window layers (Gemma 3) at cp > 1 too
+    sliding_window_context_parallel: bool = False
+    source: str = ""  # where the core is, or where it refuses cp > 1
+
+
+# Megatron-Core 0.16.1's own cores. Transformer Engine's DotProductAttention (flash-attn or cuDNN fused)
+# runs ring attention over the CP group (extensions/transformer_engine.py TEDotProductAttention, cp_group);
+# its unfused core and Megatron's local DotProductAttention assert context_parallel_size == 1.
+TE_ATTENTION = AttentionCore(
+    "Transformer Engine's flash / fused attention", context_parallel=True,
+    source="megatron/core/extensions/transformer_engine.py TEDotProductAttention (cp_group, cp_comm_type)")
+TE_UNFUSED = AttentionCore(
+    "Transformer Engine's unfused attention",
+    source="transformer_engine UnfusedDotProductAttention (no context parallelism)")
+MEGATRON_UNFUSED = AttentionCore(
+    "Megatron-Core's unfused DotProductAttention",
+    source="megatron/core/transformer/dot_product_attention.py DotProductAttention (context_parallel_size == 1)")
+
+_BACKENDS = ("auto", "flash", "fused", "unfused")
+
+
+def attention_cores(local: AttentionCore) -> Mapping[tuple[str, str], AttentionCore]:
+    """(kernels, attention_backend) -> core: TE's for every backend but `unfused` with `te` kernels, and
+    `local` as the local spec's core for every backend but `unfused` (Megatron's DotProductAttention)."""
+    cores = {("te", b): TE_UNFUSED if b == "unfused" else TE_ATTENTION for b in _BACKENDS}
+    cores.update({("local", b): MEGATRON_UNFUSED if b == "unfused" else local for b in _BACKENDS})
+    return MappingProxyType(cores)
+
+
+@dataclass(frozen=True, slots=True)
 class Target:
     """A runtime's capabilities; `stages` maps a stage kind to its caps (missing kinds: `StageCaps()`)."""
 
@@ -45,6 +82,10 @@ class Target:
     stages: Mapping[str, StageCaps] = field(default_factory=lambda: MappingProxyType({}))
     overlap_p2p: bool = True  # the interleaved schedule overlaps its pipeline transfers (overlap_p2p_comm)
     moe_linear_bias: bool = False  # builds MoE models with linear biases (Megatron-Core 0.16.1 mlp.py fails)
+    # the attention core built per (kernels: te | local, the stage's attention_backend); Megatron-Core's
+    # local spec builds its DotProductAttention for every backend
+    attention_cores: Mapping[tuple[str, str], AttentionCore] = field(
+        default_factory=lambda: attention_cores(MEGATRON_UNFUSED))
 
     def caps(self, stage_kind: str) -> StageCaps:
         return self.stages.get(stage_kind, _ALL)
@@ -57,6 +98,12 @@ class Target:
     def stage_attention(self, stage_kind: str, attention_backend: str) -> str:
         """The attention core a stage runs (and is costed) with: the plan's, unless the target forces one."""
         return self.caps(stage_kind).attention or attention_backend
+
+    def attention_core(self, stage_kind: str, kernels: str, attention_backend: str) -> AttentionCore:
+        """The core a stage builds with the kernels it runs (`stage_kernels` of the experiment's, or
+        `local` where no Transformer Engine runs: the CPU) and its attention backend (`stage_attention`)."""
+        key = (self.stage_kernels(stage_kind, kernels), self.stage_attention(stage_kind, attention_backend))
+        return self.attention_cores.get(key) or AttentionCore(f"an unknown core ({key[0]}, {key[1]})")
 
     def stage_precision(self, stage_kind: str, precision: str) -> str:
         """The precision a stage runs (and is costed) in: the experiment's, except that a kind the target

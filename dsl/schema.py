@@ -535,13 +535,15 @@ EXPERIMENT_FIELDS = (
        "Attention kernel. With Transformer Engine: `auto` lets TE pick flash-attn or cuDNN fused attention, "
        "`flash` / `fused` pin one (bf16 / fp16 only, head dim a multiple of 8; flash: at most 256), `unfused` "
        "materialises the scores (no context parallelism). Without TE (`kernels = local`): torch SDPA for all "
-       "but `unfused`. The plan costs auto, flash and fused alike, except where TE falls back to its unfused "
-       "core (W111); alignment, eval and export stages always run the unfused core."),
+       "but `unfused` (context parallelism included: the SDPA core all-gathers the keys and values of the "
+       "context-parallel group). The plan costs auto, flash and fused alike, except where TE falls back to its "
+       "unfused core (W111); export stages always run the unfused core."),
     _f("kernels", enum("auto", "te", "local"), "auto",
        "Layer kernels the run uses and the plan is costed with: `te` (Transformer Engine's fused kernels, "
        "what NGC / NeMo containers ship), `local` (Megatron-Core's local spec on plain PyTorch: no Transformer "
-       "Engine installed; slower, more activation memory, no fp8, no context parallelism). `auto`: `te` on "
-       "GPUs, `local` on the CPU. Alignment, eval and export stages always run `local`."),
+       "Engine installed; slower, more activation memory, no fp8, context parallelism on the SDPA core only, "
+       "not `unfused`: E113). `auto`: `te` on GPUs, `local` on the CPU. Eval and export stages always run "
+       "`local`."),
 )
 
 BLOCKS: Mapping[str, BlockDef] = MappingProxyType({

@@ -13,7 +13,20 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from nemoc.compiler.target import StageCaps, Target
+from nemoc.compiler.target import AttentionCore, StageCaps, Target, attention_cores
+
+# The local spec's flash core (`auto`, `flash` and `fused` without Transformer Engine: on the CPU, with
+# `kernels = local`, for Gemma 3's local-only layer): torch SDPA, runtime/model.py `SDPAttention`. At cp > 1
+# it all-gathers the CP group's keys and values and attends its load-balanced query shard causally
+# (`SDPAttention._context_parallel`), for pretraining (runtime/train.py `gpt_forward_step` shards each
+# batch with get_batch_on_this_cp_rank) and the alignment kinds alike; it refuses a sliding window at
+# cp > 1 (`SDPAttention.__init__`). `unfused` stays Megatron's DotProductAttention (cp = 1 only;
+# runtime/megatron_args.py `_check_supported` refuses it).
+SDPA_CORE = AttentionCore(
+    "the nemoc runtime's SDPA core (torch scaled_dot_product_attention)", context_parallel=True,
+    sliding_window_context_parallel=False,
+    source="nemoc runtime/model.py SDPAttention._context_parallel (all-gathered keys and values; no sliding "
+           "window at cp > 1)")
 
 # The alignment kinds run in runtime/align/ on the training core: their models are built by
 # runtime/core/build.py `build_chunks` from the stage's Execution (kernels: TE's layer spec where TE is
@@ -84,6 +97,7 @@ NEMOC_RUNTIME = Target(
     # MoE models are built without linear biases (Megatron-Core 0.16.1 mlp.py fails with them).
     overlap_p2p=True,
     moe_linear_bias=False,
+    attention_cores=attention_cores(SDPA_CORE),
 )
 
 

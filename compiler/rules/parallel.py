@@ -11,7 +11,6 @@ from nemoc.compiler.flops import chunk_layers, padded_vocab
 from nemoc.compiler.spec import ClusterSpec
 from nemoc.dsl.diagnostics import Severity
 from nemoc.compiler.rules.base import Env, Sizes, TRAINING_KINDS, Violation, _P, _round_up, _tp_hint
-from nemoc.compiler.rules.precision import _local_why
 
 
 def rule_world_size(env: Env, s: Sizes) -> Violation | None:
@@ -229,32 +228,50 @@ def rule_context_seq(env: Env, s: Sizes) -> Violation | None:
 
 
 def rule_context_backend(env: Env, s: Sizes) -> Violation | None:
-    """transformer/dot_product_attention.py: the local (unfused) attention asserts cp == 1; only
-    Transformer Engine attention (flash/fused, GPU only) implements the ring exchange. Without TE
-    (`kernels = local`) the runtime's attention cores are local ones, and its Megatron adapter refuses
-    cp > 1."""
-    if s.cp is None or s.cp <= 1:
+    """The stage's attention core must split a sequence over the context-parallel ranks. Which cores do
+    is the target's data (`Target.attention_core`, per kernels and attention backend): Transformer
+    Engine's flash / fused attention does (ring attention); Megatron-Core's local DotProductAttention
+    and TE's unfused core assert context_parallel_size == 1; the nemoc runtime's SDPA core (the local
+    spec's `auto` / `flash` / `fused`, so the CPU's) does, except for sliding-window layers. A stage kind
+    the target never runs context-parallel is E126's."""
+    if s.cp is None or s.cp <= 1 or not env.target.caps(env.stage_kind).context_parallel:
         return None
-    cpu = env.gpu_arch == "cpu"
-    local = _local_why(env)
-    if not cpu and not local and env.attention_backend not in ("unfused",):
+    kernels = "local" if env.gpu_arch == "cpu" else env.kernels  # no Transformer Engine on the CPU
+    core = env.target.attention_core(env.stage_kind, kernels, env.attention_backend)
+    window = env.model.sliding_window > 0
+    if core.context_parallel and (not window or core.sliding_window_context_parallel):
         return None
-    if cpu:
-        why, hint = "the CPU has no Transformer Engine attention", "set context = 1"
-    elif local:
-        why, hint = local, "set context = 1" + (", or kernels = te where Transformer Engine is installed"
-                                                 if env.kernels == "local" else "")
-    else:
-        why, hint = "attention_backend = unfused", ("set context = 1 (Transformer Engine has no fp32 attention with "
-                                                    "context parallelism), or precision = bf16 with attention_backend "
-                                                    "= auto" if env.precision == "fp32"
-                                                    else "set attention_backend = auto, flash or fused")
+    built = f"{core.name} (kernels {env.target.stage_kernels(env.stage_kind, kernels)}, attention_backend " \
+            f"{env.attention_backend})"
+    if core.context_parallel:  # splits causal attention, not this model's sliding windows
+        return Violation(
+            "E113", "the stage's attention core cannot split sliding-window attention over context-parallel ranks",
+            f"cp({s.cp}) > 1 but {env.model.name} has sliding-window layers ({env.model.sliding_window} tokens) "
+            f"and {built} splits only full causal attention", "set context = 1",
+            anchors=(_P + "context", "model"), source=core.source)
     return Violation(
-        "E113", "context parallelism needs Transformer Engine attention (flash or fused)",
-        f"cp({s.cp}) > 1 but {why}", hint,
-        anchors=(_P + "context", "kernels" if local else "attention_backend"),
-        source="megatron/core/transformer/dot_product_attention.py DotProductAttention (context_parallel_size == 1)",
-    )
+        "E113", "the stage's attention core cannot split a sequence over context-parallel ranks",
+        f"cp({s.cp}) > 1 but {built} attends whole sequences only", _context_backend_hint(env, kernels),
+        anchors=(_P + "context", "kernels" if kernels == "local" and env.attention_backend != "unfused"
+                 else "attention_backend"),
+        source=core.source)
+
+
+def _context_backend_hint(env: Env, kernels: str) -> str:
+    """The attention backends (same kernels) whose core splits sequences, or what else would."""
+    target, kind = env.target, env.stage_kind
+    splitting = [b for b in ("auto", "flash", "fused") if target.attention_core(kind, kernels, b).context_parallel]
+    if target.stage_kernels(kind, kernels) == "te" and env.precision == "fp32":
+        # TE's flash / fused cores take 16-bit inputs only; with fp32 `auto` falls back to the unfused core
+        return ("set context = 1 (Transformer Engine has no fp32 attention with context parallelism), or "
+                "precision = bf16 with attention_backend = auto")
+    if splitting and env.attention_backend not in splitting:
+        return f"set attention_backend = {', '.join(splitting[:-1])} or {splitting[-1]}" if len(splitting) > 1 \
+            else f"set attention_backend = {splitting[0]}"
+    if env.kernels == "local" and env.gpu_arch != "cpu" and target.caps(kind).te and \
+            target.attention_core(kind, "te", env.attention_backend).context_parallel:
+        return "set context = 1, or kernels = te where Transformer Engine is installed"
+    return "set context = 1"
 
 
 def rule_seq_length_positions(env: Env, s: Sizes) -> Violation | None:

@@ -120,13 +120,21 @@ def test_fp8_with_local_kernels_is_refused(precision):
     assert "E127" not in {d.code for d in check_spec(replace(spec, kernels="te"), target=NEMOC_RUNTIME)}
 
 
-def test_context_parallelism_with_local_kernels_is_refused():
+def test_context_parallelism_with_local_kernels_needs_the_sdpa_core():
+    """The nemoc runtime's local spec splits sequences on its SDPA core (attention_backend auto / flash /
+    fused), not on Megatron's unfused core; bare Megatron-Core's local spec has no such core."""
+    from nemoc.compiler.target import MEGATRON_CORE
+
     spec, _ = load_spec(GPU_EXAMPLE)
-    spec = replace(spec, parallel=replace(spec.parallel, context=2), kernels="local")
-    (d,) = [d for d in check_spec(spec, target=NEMOC_RUNTIME) if d.code == "E113"]
-    assert "kernels = local" in d.equation and "kernels = te" in d.hint
+    spec = replace(spec, parallel=replace(spec.parallel, context=2), kernels="local", attention_backend="flash")
+    assert "E113" not in {d.code for d in check_spec(spec, target=NEMOC_RUNTIME)}
+    (d,) = [d for d in check_spec(replace(spec, attention_backend="unfused"), target=NEMOC_RUNTIME) if d.code == "E113"]
+    assert "unfused DotProductAttention (kernels local, attention_backend unfused)" in d.equation
+    assert d.hint == "set attention_backend = auto, flash or fused"
     assert d.span.line == spec.span("parallel.context").line
-    assert "E113" not in {d.code for d in check_spec(replace(spec, kernels="auto"), target=NEMOC_RUNTIME)}
+    (bare,) = [d for d in check_spec(spec, target=MEGATRON_CORE) if d.code == "E113"]
+    assert "kernels local" in bare.equation and "kernels = te" in bare.hint
+    assert "E113" not in {d.code for d in check_spec(replace(spec, kernels="auto"), target=MEGATRON_CORE)}
 
 
 def test_te_kernels_on_the_cpu_are_refused():

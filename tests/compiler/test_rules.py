@@ -95,11 +95,40 @@ def test_sequence_parallel_needs_the_local_sequence_divisible_by_tp():
     assert v.code == "E110" and v.equation == "(seq_length(8200) / cp(4) = 2050) % tp(8) = 2 != 0"
 
 
-def test_context_parallel_needs_te_attention():
+def test_context_parallel_needs_an_attention_core_that_splits_sequences():
+    """E113 reads the target: TE's flash / fused cores and the nemoc runtime's SDPA core (the local spec's
+    auto / flash / fused, so the CPU's) split sequences; Megatron's and TE's unfused cores do not; bare
+    Megatron-Core (MEGATRON_CORE) builds its unfused DotProductAttention on the local spec."""
+    from nemoc.compiler.target import MEGATRON_CORE
+
     cpu = ClusterSpec(gpu="CPU", nodes=1, gpus_per_node=4)
-    assert "E113" in codes(env(cluster=cpu), Sizes(tp=1, pp=1, cp=2, dp=2, seq_length=64))
+    cp2 = Sizes(tp=1, pp=1, cp=2, dp=2, seq_length=64)
+    for backend in ("auto", "flash", "fused"):
+        for kind in ("pretrain", "sft", "dpo"):
+            assert "E113" not in codes(env(cluster=cpu, kernels="local", attention_backend=backend, stage_kind=kind), cp2)
+        assert "E113" not in codes(env(attention_backend=backend, kernels="local"), replace(VALID, cp=2, dp=1))
+    cpu_unfused = rules.rule_context_backend(env(cluster=cpu, kernels="local", attention_backend="unfused"), cp2)
+    assert cpu_unfused.code == "E113" and "Megatron-Core's unfused DotProductAttention" in cpu_unfused.equation
+    assert cpu_unfused.hint == "set attention_backend = auto, flash or fused"
+    assert cpu_unfused.anchors[:2] == ("parallel.context", "attention_backend")
     assert "E113" in codes(env(attention_backend="unfused"), replace(VALID, cp=2, dp=1))
     assert "E113" not in codes(env(attention_backend="flash"), replace(VALID, cp=2, dp=1))
+    bare = rules.rule_context_backend(env(cluster=cpu, kernels="local", target=MEGATRON_CORE), cp2)
+    assert bare.code == "E113" and bare.hint == "set context = 1" and bare.anchors[1] == "kernels"
+    bare_gpu = rules.rule_context_backend(env(kernels="local", target=MEGATRON_CORE), replace(VALID, cp=2, dp=1))
+    assert bare_gpu.hint == "set context = 1, or kernels = te where Transformer Engine is installed"
+    # a stage kind the target never runs context-parallel is E126's alone
+    assert rules.rule_context_backend(env(cluster=cpu, kernels="local", stage_kind="export"), cp2) is None
+
+
+def test_context_parallel_refuses_sliding_windows_on_the_sdpa_core():
+    """runtime/model.py SDPAttention refuses a sliding window at cp > 1: E113 says so before the run."""
+    cpu = ClusterSpec(gpu="CPU", nodes=1, gpus_per_node=4)
+    windowed = replace(LLAMA8B, name="windowed", sliding_window=16, full_attention_every=2)
+    v = rules.rule_context_backend(env(windowed, cluster=cpu, kernels="local"), Sizes(tp=1, pp=1, cp=2, dp=2,
+                                                                                         seq_length=64))
+    assert v.code == "E113" and "sliding-window layers (16 tokens)" in v.equation and v.hint == "set context = 1"
+    assert rules.rule_context_backend(env(windowed, cluster=cpu, kernels="local"), Sizes(cp=1)) is None
 
 
 def test_moe_rules():

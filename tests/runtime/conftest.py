@@ -31,9 +31,9 @@ TINY = ModelSpec(name="tiny-gpt", layers=4, hidden=64, heads=4, query_groups=2, 
                  seq_length=SEQ, activation="swiglu", norm="rmsnorm", position="rope")
 
 
-def layout(*, tp=1, pp=1, dp=1, vp=None, ep=1, micro_batch=2, global_batch=8, sp=False, dist_opt=False,
+def layout(*, tp=1, pp=1, dp=1, vp=None, cp=1, ep=1, micro_batch=2, global_batch=8, sp=False, dist_opt=False,
            recompute="none", recompute_layers=None) -> Layout:
-    return Layout(tp=tp, pp=pp, vp=vp, cp=1, ep=ep, etp=1, dp=dp, micro_batch=micro_batch,
+    return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=1, dp=dp, micro_batch=micro_batch,
                   global_batch=global_batch, num_microbatches=global_batch // (micro_batch * dp),
                   sequence_parallel=sp, distributed_optimizer=dist_opt, recompute=recompute,
                   recompute_layers=recompute_layers)

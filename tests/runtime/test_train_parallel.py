@@ -57,3 +57,26 @@ def test_uneven_pipeline_split_reproduces_single_process(tmp_path, kit, train_da
     result = kit.run_training(tmp_path / "run", kit.make_plan(stage), lay.world_size,
                               data_prefix=train_data, init_checkpoint=reference_weights)
     assert_same_curve(result, baseline)
+
+
+@pytest.mark.slow
+def test_context_parallel_reproduces_single_process(tmp_path, kit, train_data, reference_weights):
+    """cp=2 on the local spec's SDPA core (`attention = flash` without Transformer Engine): each rank holds
+    Megatron's load-balanced half of every row (get_batch_on_this_cp_rank), attends it over the
+    all-gathered keys and values (runtime/model.py SDPAttention._context_parallel), and Megatron's DDP
+    averages the gradients over the DP x CP group. Pretraining masks no token (eod_mask_loss = False), so
+    each rank's shard mean weighs s / cp tokens and their average is the one-process token mean: the curve
+    and the first gradient norm are the one-process run's (same SDPA core, same weights and batches) up to
+    fp32 reduction order."""
+    single = kit.run_training(tmp_path / "one", kit.make_plan(kit.stage_plan(lay=kit.layout()), attention="flash"), 1,
+                              data_prefix=train_data, init_checkpoint=reference_weights)
+    assert single.returncode == 0, single.explain()
+    lay = kit.layout(cp=2)
+    result = kit.run_training(tmp_path / "cp2", kit.make_plan(kit.stage_plan(lay=lay), attention="flash"),
+                              lay.world_size, data_prefix=train_data, init_checkpoint=reference_weights)
+    assert "cp=2" in result.stdout, result.explain()
+    assert_same_curve(result, single)
+    assert single.losses[6] < single.losses[1]  # it learns: the six compared losses are not one flat value
+    grad = {r["step"]: r["grad_norm"] for r in result.records if "grad_norm" in r}
+    base_grad = {r["step"]: r["grad_norm"] for r in single.records if "grad_norm" in r}
+    assert grad[1] == pytest.approx(base_grad[1], rel=1e-4)
