@@ -176,9 +176,14 @@ class SentencePieceTokenizer(NemocTokenizer):
 
     @property
     def special_tokens(self) -> dict[str, int]:
-        """The model's control and user-defined pieces (`</s>`, `<end_of_turn>`, ...)."""
-        return {self._sp.IdToPiece(i): i for i in range(self.vocab_size)
-                if self._sp.IsControl(i) or self._sp.IsUserDefined(i)}
+        """The model's control and user-defined pieces (`<s>`, `</s>`, Gemma's `<end_of_turn>`, ...), read from
+        the model proto (the processor has no user-defined test)."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self._sp.serialized_model_proto())
+        kinds = (sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL,
+                 sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+        return {p.piece: i for i, p in enumerate(proto.pieces) if p.type in kinds}
 
 
 class TiktokenTokenizer(NemocTokenizer):
