@@ -70,9 +70,8 @@ def _next_tokens(logits: torch.Tensor, *, vocab: int, greedy: bool, temperature:
 
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, vocab: int, eod: int | Sequence[int],
-             seq_length: int,
-             greedy: bool = False, temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
-             use_cache: bool = True) -> Generation:
+             seq_length: int, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
+             generator: torch.Generator | None = None, use_cache: bool = True) -> Generation:
     """Generate up to `max_new_tokens` per prompt, stopping a row at any id of `eod` or at `seq_length` tokens."""
     if not prompts:
         return Generation([], [])

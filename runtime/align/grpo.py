@@ -192,10 +192,10 @@ def make_forward(cfg: GRPOParams, max_completion_length: int):
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def rollout(policy, queries: Sequence[Query], cfg: GRPOParams, *, vocab: int, eod: int | Sequence[int], seq_length: int,
-            generator: torch.Generator | None, greedy: bool = False, repeat: int | None = None):
+def rollout(policy, queries: Sequence[Query], cfg: GRPOParams, *, vocab: int, eod: int | Sequence[int],
+            seq_length: int, generator: torch.Generator | None, greedy: bool = False, repeat: int | None = None):
     """Each query repeated `repeat` (default num_generations) times, contiguous; -> (queries, completions,
-    entropies) of the KV-cached generator."""
+    entropies) of the KV-cached generator; a completion ends at any id of `eod` (data.stop_ids)."""
     n = cfg.num_generations if repeat is None else repeat
     rows = [q for q in queries for _ in range(n)]
     out = generation.generate(policy, [q.prompt for q in rows], max_new_tokens=cfg.max_new_tokens, vocab=vocab, eod=eod,
@@ -204,8 +204,8 @@ def rollout(policy, queries: Sequence[Query], cfg: GRPOParams, *, vocab: int, eo
 
 
 @torch.no_grad()
-def held_out_reward(policy, queries: Sequence[Query], score, cfg: GRPOParams, *, vocab: int, eod: int | Sequence[int],
-                    seq_length: int, micro_batch: int = 32) -> dict[str, float]:
+def held_out_reward(policy, queries: Sequence[Query], score, cfg: GRPOParams, *, vocab: int,
+                    eod: int | Sequence[int], seq_length: int, micro_batch: int = 32) -> dict[str, float]:
     """Mean reward of one greedy completion per held-out prompt (never trained on), and its mean length."""
     rewards, lengths = [], []
     for group in chunks(list(queries), micro_batch):
@@ -216,8 +216,9 @@ def held_out_reward(policy, queries: Sequence[Query], score, cfg: GRPOParams, *,
     return {"reward": float(torch.cat(rewards).float().mean()), "completion_length": sum(lengths) / max(len(lengths), 1)}
 
 
-def iteration(tr, policy, reference, queries: Sequence[Query], score, cfg: GRPOParams, *, vocab: int, eod: int | Sequence[int],
-              seq_length: int, micro_batch: int, pad_id: int, generator: torch.Generator) -> dict[str, float]:
+def iteration(tr, policy, reference, queries: Sequence[Query], score, cfg: GRPOParams, *, vocab: int,
+              eod: int | Sequence[int], seq_length: int, micro_batch: int, pad_id: int,
+              generator: torch.Generator) -> dict[str, float]:
     """Sample, score, normalise, then `iterations` optimizer steps; the iteration's metrics."""
     rows, completions, entropies = rollout(policy, queries, cfg, vocab=vocab, eod=eod, seq_length=seq_length,
                                            generator=generator)

@@ -202,8 +202,8 @@ def examples_of(task, tok) -> tuple[list[Example], list[Example]]:
                                "desirable": u.desirable, "pair": pair}
 
     rows = stage.tokenized_once(task, "kto", template, build, FORMATS)
-    out = {split: [Example(r["prompt"], r["completion"], r["desirable"], r["pair"]) for r in rows if r["split"] == split]
-           for split in ("train", "val")}
+    out = {split: [Example(r["prompt"], r["completion"], r["desirable"], r["pair"])
+                   for r in rows if r["split"] == split] for split in ("train", "val")}
     return out["train"], out["val"]
 
 

@@ -47,7 +47,8 @@ def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("eot")
     return {"chatml": _save(root, "chatml", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                             chat_template=chat.BUILTIN_TEMPLATES["chatml"]),
-            "llama": _save(root, "llama", specials=SPECIALS[1:], bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")}
+            "llama": _save(root, "llama", specials=SPECIALS[1:], bos_token="<|begin_of_text|>",
+                           eos_token="<|end_of_text|>")}
 
 
 def _load(directory, name="tokenizer"):
