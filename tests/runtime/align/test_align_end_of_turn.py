@@ -109,6 +109,12 @@ def test_rollouts_and_eval_generations_stop_at_the_turn_end(mcore, dirs):
     assert sum(len(c) < 24 for c in ours) >= len(prompts) - 1
     # stopping only at EOD (the old behaviour) runs past the turn end up to max_new_tokens
     assert all(len(c) == 24 for c in eod_only) and any(im_end in c[:-1] for c in eod_only)
+    # GRPO's verifiers read the completion without its stop token
+    from nemoc.runtime.align import grpo
+
+    verifier = grpo.VerifierReward("exact_match", tok, template.end, stops)
+    assert verifier.text(tok.tokenize("7") + [im_end]) == "7"
+    assert grpo.VerifierReward("exact_match", tok, "", ()).text(tok.tokenize("7") + [im_end]) == "7<|im_end|>"
     # eval's generations (greedy: <|im_end|> is the first of the tied maxima) end at the turn end
     greedy = _turn_model(mcore, tok.vocab_size, {im_end: 3.0, words[0]: 2.9})
     (out,) = evaluate.generations(greedy, tok, template, ["Say hi."], seq_length=64, vocab=tok.vocab_size,
