@@ -2,7 +2,9 @@
 
 Input:  a GPTModel chunk (any layer spec; TP ranks all call this with the same prompts and generator),
         prompts as token-id lists of any lengths, and the sampling settings.
-Output: `Generation`: per prompt the generated ids (ending with `eod` when it was produced) and the mean
+Output: `Generation`: per prompt the generated ids (ending with the stop id when one was produced: `eod` is
+        one id or several, e.g. the end-of-document id and the chat template's end-of-turn token that
+        runtime/align/data.py `stop_ids` derives; a row stops at whichever it samples first) and the mean
         entropy of the sampling distribution over the generated tokens (PPO/GRPO log it).
 How (use_cache=True): Megatron-Core's own `StaticInferenceContext` holds the keys and values of every
         layer; the attention layers append to it and attend over it when `inference_context` is passed
@@ -67,10 +69,10 @@ def _next_tokens(logits: torch.Tensor, *, vocab: int, greedy: bool, temperature:
 
 
 @torch.no_grad()
-def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, vocab: int, eod: int, seq_length: int,
-             greedy: bool = False, temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
-             use_cache: bool = True) -> Generation:
-    """Generate up to `max_new_tokens` per prompt, stopping a row at `eod` or at `seq_length` tokens."""
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, vocab: int, eod: int | Sequence[int],
+             seq_length: int, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
+             generator: torch.Generator | None = None, use_cache: bool = True) -> Generation:
+    """Generate up to `max_new_tokens` per prompt, stopping a row at any id of `eod` or at `seq_length` tokens."""
     if not prompts:
         return Generation([], [])
     if any(len(p) == 0 for p in prompts):
@@ -81,6 +83,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, vo
         raise ValueError(f"temperature must be positive (got {temperature})")
     unwrap(model).eval()
     dev = _device(model)
+    stops = torch.tensor([eod] if isinstance(eod, int) else list(eod), dtype=torch.long)
     b = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts])
     total = min(seq_length, int(lengths.max()) + max_new_tokens)
@@ -113,7 +116,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, vo
             tokens[rows, end] = nxt
             entropy_sum[rows] += ent
             entropy_n[rows] += 1
-            stopped = rows[nxt == eod]
+            stopped = rows[torch.isin(nxt, stops)]
             done[stopped] = True
             ends[stopped] = end + 1
         done |= (end + 1) >= limit

@@ -81,6 +81,12 @@ class NemocTokenizer(abc.ABC):
     def detokenize(self, ids: Iterable[int]) -> str:
         """Implemented by each tokenizer kind."""
 
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The tokenizer's special (control) tokens, text -> id: what a chat template's end-of-turn marker is
+        looked up in (runtime/align/data.py `stop_ids`). Subclasses list their own."""
+        return {}
+
     def describe(self) -> dict:
         return {"kind": self.kind, "source": self.source, "vocab_size": self.vocab_size, "eod": self.eod, "pad": self.pad}
 
@@ -126,6 +132,11 @@ class HFTokenizer(NemocTokenizer):
     def detokenize(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The added tokens marked special in tokenizer.json (`<|im_end|>`, `<|eot_id|>`, `</s>`, ...)."""
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
 
 class SentencePieceTokenizer(NemocTokenizer):
     """A SentencePiece `*.model`."""
@@ -162,6 +173,17 @@ class SentencePieceTokenizer(NemocTokenizer):
 
     def detokenize(self, ids: Iterable[int]) -> str:
         return self._sp.DecodeIds(list(ids))
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The model's control and user-defined pieces (`<s>`, `</s>`, Gemma's `<end_of_turn>`, ...), read from
+        the model proto (the processor has no user-defined test)."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self._sp.serialized_model_proto())
+        kinds = (sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL,
+                 sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+        return {p.piece: i for i, p in enumerate(proto.pieces) if p.type in kinds}
 
 
 class TiktokenTokenizer(NemocTokenizer):
@@ -214,6 +236,10 @@ class TiktokenTokenizer(NemocTokenizer):
 
     def detokenize(self, ids: Iterable[int]) -> str:
         return self._enc.decode(list(ids))
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {t: self._enc.encode_single_token(t) for t in self._enc.special_tokens_set}
 
 
 def _first_id(lookup, names: Iterable[str]) -> int | None:

@@ -252,6 +252,10 @@ class ChatTemplate:
     def reply_ids(self, tokenizer, reply: str, prompt: Sequence[Message] = ()) -> list[int]:
         return tokenizer.tokenize(reply + self.end) + [tokenizer.eod]
 
+    def turn_end_text(self) -> str:
+        """What follows an assistant reply's content: the `end` marker (then the EOD `render` appends)."""
+        return self.end
+
     def fingerprint(self) -> str:
         return json.dumps(["markers", self.system, self.user, self.assistant, self.end])
 
@@ -329,8 +333,50 @@ class JinjaChat:
                             "cannot split prompt and reply")
         return tokenizer.tokenize(full[len(before):])
 
+    def turn_end_text(self) -> str:
+        """What the template renders right after an assistant reply's content (ChatML: `<|im_end|>\\n`,
+        Llama 3: `<|eot_id|>`, Mistral: `</s>`): a one-turn conversation rendered with a probe reply, read
+        after the probe. "" when the probe does not appear (a template that rewrites the reply)."""
+        from nemoc.runtime.hf.chat import ChatError
+
+        probe = "nemoc-end-of-turn-probe"
+        try:
+            text = self.template.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}])
+        except ChatError as exc:
+            raise self._error(exc) from None
+        at = text.rfind(probe)
+        return text[at + len(probe):] if at >= 0 else ""
+
     def fingerprint(self) -> str:
         return json.dumps(["jinja", self.template.template, sorted(self.template.special.items())])
+
+
+def end_of_turn(template, tokenizer) -> int | None:
+    """The id of the special token that ends an assistant turn in `template`: the longest of the tokenizer's
+    special tokens that the text after an assistant reply starts with (leading whitespace skipped), or None
+    when that text starts with none (role markers ending in a newline: the EOD that `render` appends ends
+    the turn)."""
+    text = template.turn_end_text().lstrip()
+    specials = tokenizer.special_tokens
+    found = max((t for t in specials if t and text.startswith(t)), key=len, default=None)
+    return specials[found] if found is not None else None
+
+
+def stop_ids(template, tokenizer) -> tuple[int, ...]:
+    """Every id generation stops at, as transformers' `generate` stops at each `eos_token_id` of an instruct
+    model's generation_config: the tokenizer's end-of-document id, the eos its tokenizer_config.json names
+    (Llama 3 Instruct: `<|eot_id|>` while EOD is `<|end_of_text|>`), and the template's end-of-turn token
+    (ChatML's `<|im_end|>` while eos is `<|endoftext|>`). No table of model names: read from the template
+    and the tokenizer actually used."""
+    ids = [tokenizer.eod]
+    specials = tokenizer.special_tokens
+    eos = template.template.special.get("eos_token") if isinstance(template, JinjaChat) else None
+    if eos in specials:
+        ids.append(specials[eos])
+    turn = end_of_turn(template, tokenizer)
+    if turn is not None:
+        ids.append(turn)
+    return tuple(dict.fromkeys(ids))
 
 
 def template_for(params: Mapping | None, tokenizer: str | None):

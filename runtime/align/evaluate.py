@@ -11,7 +11,8 @@ Output: `output_dir/results.json` and the DONE payload: per dataset its `split` 
         `likelihood_accuracy` (P[log pi(chosen) > log pi(rejected)]), `likelihood_margin`, and with a
         reference `preference_accuracy` and `reward_margin` (r = beta (log pi - log ref), summed log-probs),
         or with a reward model `accuracy` and `margin` of its scores; `generations` [{prompt,
-        completion}] (KV-cached); `lm_eval` {task: metrics} or {"skipped": reason}.
+        completion}] (KV-cached, each ending at EOD or the template's end-of-turn token: data.stop_ids);
+        `lm_eval` {task: metrics} or {"skipped": reason}.
 Invariants: runs at the stage's layout (tensor and data parallel: the weights are sharded over the TP
         group, every DP replica evaluates the same rows, rank 0 writes; dist_checkpointing reshards
         whatever layout trained the model); lm-eval needs the whole model in one process (tp = 1, run by
@@ -26,7 +27,7 @@ import torch
 
 from nemoc.runtime import generation
 from nemoc.runtime.align import common, dpo, sft, stage
-from nemoc.runtime.align.data import ChatTemplate, Message, template_for, read_preferences, read_sft
+from nemoc.runtime.align.data import ChatTemplate, Message, read_preferences, read_sft, stop_ids, template_for
 
 
 def _validation_documents(prefix: str, split: str | None) -> list[list[int]]:
@@ -202,12 +203,13 @@ def generations(chunk, tok, template: ChatTemplate, prompts: list[str], *, seq_l
                 max_new_tokens: int, temperature, seed: int) -> list[dict]:
     out = []
     gen = torch.Generator().manual_seed(seed)
+    stop = stop_ids(template, tok)  # EOD and the template's end-of-turn token (ChatML's <|im_end|>, ...)
     for prompt in prompts:
         ids = template.prompt_ids(tok, [Message("user", str(prompt))])[-(seq_length - 1):]
-        out_ids = generation.generate(chunk, [ids], max_new_tokens=max_new_tokens, vocab=vocab, eod=tok.eod,
+        out_ids = generation.generate(chunk, [ids], max_new_tokens=max_new_tokens, vocab=vocab, eod=stop,
                                       seq_length=seq_length, greedy=temperature is None,
                                       temperature=float(temperature or 1.0), generator=gen)  # KV-cached
         (reply,) = out_ids.tokens
-        text_ids = [t for t in reply if t != tok.eod]
+        text_ids = [t for t in reply if t not in stop]
         out.append({"prompt": prompt, "completion": tok.detokenize(text_ids), "tokens": len(reply)})
     return out

@@ -97,13 +97,15 @@ def resident_models(params, peft) -> list[str]:
 
 
 class VerifierReward:
-    """A named rule on the detokenised completion (EOD and the template's `end` suffix stripped)."""
+    """A named rule on the detokenised completion (its stop ids, EOD and the template's end-of-turn token
+    (data.stop_ids), and the template's `end` suffix stripped)."""
 
-    def __init__(self, name: str, tokenizer, end: str):
+    def __init__(self, name: str, tokenizer, end: str, stop: Sequence[int] = ()):
         self.rule, self.tok, self.end = verifiers.verifier(name), tokenizer, end
+        self.stop = {tokenizer.eod, *stop}
 
     def text(self, completion: Sequence[int]) -> str:
-        ids = [t for t in completion if t != self.tok.eod]
+        ids = [t for t in completion if t not in self.stop]
         text = self.tok.detokenize(ids)
         return text[: -len(self.end)] if self.end and text.endswith(self.end) else text
 
@@ -190,10 +192,10 @@ def make_forward(cfg: GRPOParams, max_completion_length: int):
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def rollout(policy, queries: Sequence[Query], cfg: GRPOParams, *, vocab: int, eod: int, seq_length: int,
-            generator: torch.Generator | None, greedy: bool = False, repeat: int | None = None):
+def rollout(policy, queries: Sequence[Query], cfg: GRPOParams, *, vocab: int, eod: int | Sequence[int],
+            seq_length: int, generator: torch.Generator | None, greedy: bool = False, repeat: int | None = None):
     """Each query repeated `repeat` (default num_generations) times, contiguous; -> (queries, completions,
-    entropies) of the KV-cached generator."""
+    entropies) of the KV-cached generator; a completion ends at any id of `eod` (data.stop_ids)."""
     n = cfg.num_generations if repeat is None else repeat
     rows = [q for q in queries for _ in range(n)]
     out = generation.generate(policy, [q.prompt for q in rows], max_new_tokens=cfg.max_new_tokens, vocab=vocab, eod=eod,
@@ -202,8 +204,8 @@ def rollout(policy, queries: Sequence[Query], cfg: GRPOParams, *, vocab: int, eo
 
 
 @torch.no_grad()
-def held_out_reward(policy, queries: Sequence[Query], score, cfg: GRPOParams, *, vocab: int, eod: int,
-                    seq_length: int, micro_batch: int = 32) -> dict[str, float]:
+def held_out_reward(policy, queries: Sequence[Query], score, cfg: GRPOParams, *, vocab: int,
+                    eod: int | Sequence[int], seq_length: int, micro_batch: int = 32) -> dict[str, float]:
     """Mean reward of one greedy completion per held-out prompt (never trained on), and its mean length."""
     rewards, lengths = [], []
     for group in chunks(list(queries), micro_batch):
@@ -214,8 +216,9 @@ def held_out_reward(policy, queries: Sequence[Query], score, cfg: GRPOParams, *,
     return {"reward": float(torch.cat(rewards).float().mean()), "completion_length": sum(lengths) / max(len(lengths), 1)}
 
 
-def iteration(tr, policy, reference, queries: Sequence[Query], score, cfg: GRPOParams, *, vocab: int, eod: int,
-              seq_length: int, micro_batch: int, pad_id: int, generator: torch.Generator) -> dict[str, float]:
+def iteration(tr, policy, reference, queries: Sequence[Query], score, cfg: GRPOParams, *, vocab: int,
+              eod: int | Sequence[int], seq_length: int, micro_batch: int, pad_id: int,
+              generator: torch.Generator) -> dict[str, float]:
     """Sample, score, normalise, then `iterations` optimizer steps; the iteration's metrics."""
     rows, completions, entropies = rollout(policy, queries, cfg, vocab=vocab, eod=eod, seq_length=seq_length,
                                            generator=generator)
@@ -240,17 +243,22 @@ def _dp_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def queries_of(task, tok) -> tuple[list[Query], list[Query]]:
-    """(train, held out) prompts of the stage's data sets, split by each data set's validation fraction."""
+    """(train, held out) prompts of the stage's data sets, split by each data set's validation fraction,
+    tokenized once for all ranks (stage.tokenized_once)."""
     template = template_for(task.params, task.tokenizer)
     seq = task.stage.seq_length
-    train, val = [], []
-    for entry in stage.raw_datasets(task, FORMATS):
-        records = read_prompts(entry["path"])
-        t, v = stage.split_held_out(records, stage.validation_fraction(entry), task.stage.seed)
-        for side, recs in ((train, t), (val, v)):
-            side += [Query(template.prompt_ids(tok, r.prompt), r.reference) for r in recs]
-    train = [q for q in train if len(q.prompt) + 1 < seq]
-    val = [q for q in val if len(q.prompt) + 1 < seq]
+
+    def build():
+        for entry in stage.raw_datasets(task, FORMATS):
+            records = read_prompts(entry["path"])
+            t, v = stage.split_held_out(records, stage.validation_fraction(entry), task.stage.seed)
+            for split, recs in (("train", t), ("val", v)):
+                for r in recs:
+                    yield {"split": split, "prompt": template.prompt_ids(tok, r.prompt), "reference": r.reference}
+
+    rows = stage.tokenized_once(task, "grpo", template, build, FORMATS)
+    train = [Query(r["prompt"], r["reference"]) for r in rows if r["split"] == "train" and len(r["prompt"]) + 1 < seq]
+    val = [Query(r["prompt"], r["reference"]) for r in rows if r["split"] == "val" and len(r["prompt"]) + 1 < seq]
     if not train:
         raise AlignError(f"grpo: no prompt leaves room for a completion within seq_length={seq}")
     return train, val

@@ -182,23 +182,29 @@ def held_out_metrics(policy, reference: Reference, examples: Sequence[Example], 
 
 def examples_of(task, tok) -> tuple[list[Example], list[Example]]:
     """(train, held out) examples of every unpaired / preference data set of the stage; records are split
-    first (the dataset's validation fraction, seeded), so a pair is never half trained on."""
+    first (the dataset's validation fraction, seeded), so a pair is never half trained on. Tokenized once
+    for all ranks (stage.tokenized_once: rank 0 writes the cache, the others read it)."""
     template = template_for(task.params, task.tokenizer)
-    train: list[Example] = []
-    val: list[Example] = []
-    pair_index = 0
-    for entry in stage.raw_datasets(task, FORMATS):
-        paired = entry["format"] == "preference"
-        records = read_preferences(entry["path"]) if paired else read_unpaired(entry["path"])
-        t, v = stage.split_held_out(records, stage.validation_fraction(entry), task.stage.seed)
-        for side, recs in ((train, t), (val, v)):
-            for rec in recs:
-                pair = pair_index if paired else None
-                pair_index += paired
-                for u in (unpair([rec]) if paired else [rec]):
-                    side.append(Example(template.prompt_ids(tok, u.prompt), template.reply_ids(tok, u.completion, u.prompt),
-                                        u.desirable, pair))
-    return train, val
+
+    def build():
+        pair_index = 0
+        for entry in stage.raw_datasets(task, FORMATS):
+            paired = entry["format"] == "preference"
+            records = read_preferences(entry["path"]) if paired else read_unpaired(entry["path"])
+            t, v = stage.split_held_out(records, stage.validation_fraction(entry), task.stage.seed)
+            for split, recs in (("train", t), ("val", v)):
+                for rec in recs:
+                    pair = pair_index if paired else None
+                    pair_index += paired
+                    for u in (unpair([rec]) if paired else [rec]):
+                        yield {"split": split, "prompt": template.prompt_ids(tok, u.prompt),
+                               "completion": template.reply_ids(tok, u.completion, u.prompt),
+                               "desirable": u.desirable, "pair": pair}
+
+    rows = stage.tokenized_once(task, "kto", template, build, FORMATS)
+    out = {split: [Example(r["prompt"], r["completion"], r["desirable"], r["pair"])
+                   for r in rows if r["split"] == split] for split in ("train", "val")}
+    return out["train"], out["val"]
 
 
 def weight_advice(n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float) -> str | None:

@@ -61,10 +61,12 @@ class PPOConfig:
 
 @torch.no_grad()
 def generate(model, prompts: Sequence[list[int]], *, max_new_tokens: int, temperature: float, vocab: int,
-             eod: int, seq_length: int, generator: torch.Generator, greedy: bool = False) -> tuple[list[list[int]], list[float]]:
+             eod: int | Sequence[int], seq_length: int, generator: torch.Generator,
+             greedy: bool = False) -> tuple[list[list[int]], list[float]]:
     """Sample a response per prompt (no KV cache: one full forward per new token, fine for short replies).
-    Returns the responses (ending with EOD when it was sampled) and the mean entropy per response."""
+    Returns the responses (ending with a stop id of `eod` when one was sampled) and the mean entropy per response."""
     unwrap(model).eval()
+    stops = {eod} if isinstance(eod, int) else set(eod)
     seqs = [list(p) for p in prompts]
     responses: list[list[int]] = [[] for _ in prompts]
     entropies: list[list[float]] = [[] for _ in prompts]
@@ -84,7 +86,7 @@ def generate(model, prompts: Sequence[list[int]], *, max_new_tokens: int, temper
             seqs[i].append(token)
             responses[i].append(token)
             entropies[i].append(float(entropy[j]))
-            if token == eod:
+            if token in stops:
                 live[i] = False
     return responses, [sum(e) / max(len(e), 1) for e in entropies]
 
@@ -218,7 +220,7 @@ class FunctionScorer:
 
 
 def iteration(*, actor_trainer, critic_trainer, actor, critic, reference, scorer, prompts: Sequence[list[int]],
-              seq_length: int, vocab: int, eod: int, cfg: PPOConfig, micro_batch: int,
+              seq_length: int, vocab: int, eod: int | Sequence[int], cfg: PPOConfig, micro_batch: int,
               generator: torch.Generator) -> dict[str, float]:
     """One PPO iteration on this rank's prompts: rollout, experience, `ppo_epochs` actor + critic steps."""
     # KV-cached (runtime/generation.py): the same tokens as `generate` above, which recomputes every prefix

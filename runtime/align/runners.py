@@ -16,7 +16,7 @@ import torch
 from nemoc.compiler.params import StageParams
 from nemoc.runtime import checkpoint as ckpt
 from nemoc.runtime import lora_peft
-from nemoc.runtime.align import common, dpo, grpo, kto, lora, orpo, ppo, reward, sft, stage, trainer
+from nemoc.runtime.align import common, data, dpo, grpo, kto, lora, orpo, ppo, reward, sft, stage, trainer
 from nemoc.runtime.align.common import AlignError
 from nemoc.runtime.align.data import read_preferences, read_prompts, read_sft, template_for
 from nemoc.runtime.align.stage import StageTask
@@ -49,7 +49,7 @@ def _template(task: StageTask):
 
 
 def _sft_samples(task: StageTask, tok):
-    """(train, held out) samples `(ids, weights)`, tokenized once for all ranks (_tokenized_once)."""
+    """(train, held out) samples `(ids, weights)`, tokenized once for all ranks (stage.tokenized_once)."""
     template = _template(task)
 
     def build():
@@ -61,7 +61,7 @@ def _sft_samples(task: StageTask, tok):
                     ids, weights = template.render(tok, c.messages)
                     yield {"split": split, "ids": ids, "w": weights}
 
-    rows = _tokenized_once(task, "sft", template, build, stage.SFT_FORMATS)
+    rows = stage.tokenized_once(task, "sft", template, build, stage.SFT_FORMATS)
     return ([(r["ids"], r["w"]) for r in rows if r["split"] == "train"],
             [(r["ids"], r["w"]) for r in rows if r["split"] == "val"])
 
@@ -73,7 +73,7 @@ def _pairs(task: StageTask, tok, records):
 
 
 def _preference_pairs(task: StageTask, tok):
-    """(train, held out) `dpo.Pair`s, tokenized once for all ranks (_tokenized_once)."""
+    """(train, held out) `dpo.Pair`s, tokenized once for all ranks (stage.tokenized_once)."""
     def build():
         for entry in stage.raw_datasets(task, ("preference",)):
             recs = read_preferences(entry["path"])
@@ -82,26 +82,10 @@ def _preference_pairs(task: StageTask, tok):
                 for p in _pairs(task, tok, records):
                     yield {"split": split, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
 
-    rows = _tokenized_once(task, "preference", _template(task), build, ("preference",))
+    rows = stage.tokenized_once(task, "preference", _template(task), build, ("preference",))
     pairs = {split: [dpo.Pair(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"])
                      for r in rows if r["split"] == split] for split in ("train", "val")}
     return pairs["train"], pairs["val"]
-
-
-def _tokenized_once(task: StageTask, what: str, template, build, formats) -> list[dict]:
-    """The stage's samples tokenized by rank 0 into a content-hashed cache under the stage's output
-    directory (runtime/hf/datasets.py `tokenized_cache`), which every other rank reads after a barrier:
-    the key hashes the data files' bytes, their formats and validation fractions, the seed, the chat
-    template (its jinja or markers) and the tokenizer's files, so a change of any re-tokenizes."""
-    from nemoc.runtime.hf.datasets import content_key, file_digest, tokenized_cache, tokenizer_digest
-
-    entries = stage.raw_datasets(task, formats)
-    key = content_key(what, task.stage.seed, template.fingerprint(), tokenizer_digest(task.tokenizer),
-                      *[(e["format"], stage.validation_fraction(e), file_digest(e["path"])) for e in entries])
-    ready = torch.distributed.is_available() and torch.distributed.is_initialized()
-    writer = not ready or torch.distributed.get_rank() == 0
-    return tokenized_cache(task.output_dir / "tokenized", f"{what}-{key}", build, writer=writer,
-                           wait=torch.distributed.barrier if ready else None)
 
 
 def _policy(task: StageTask, checkpoint: str | stage.Start):
@@ -320,10 +304,14 @@ def run_ppo(task: StageTask) -> dict:
     s, seq = task.stage, task.stage.seq_length
     cfg = ppo.PPOConfig.from_params(task.params)
     template = _template(task)
-    prompts = []
-    for entry in stage.raw_datasets(task, ("prompt", "chat", "prompt_response", "preference")):
-        prompts += [template.prompt_ids(tok, r.prompt) for r in read_prompts(entry["path"])]
-    prompts = [p for p in prompts if len(p) + 1 < seq]
+    formats = ("prompt", "chat", "prompt_response", "preference")
+
+    def build():  # tokenized once for all ranks (stage.tokenized_once)
+        for entry in stage.raw_datasets(task, formats):
+            yield from ({"prompt": template.prompt_ids(tok, r.prompt)} for r in read_prompts(entry["path"]))
+
+    rows = stage.tokenized_once(task, "ppo", template, build, formats)
+    prompts = [r["prompt"] for r in rows if len(r["prompt"]) + 1 < seq]
     if not prompts:
         raise AlignError(f"ppo: no prompt leaves room for a response within seq_length={seq}")
     reward_ckpt = stage.parent_checkpoint(task, kind="reward")
@@ -339,6 +327,7 @@ def run_ppo(task: StageTask) -> dict:
     else:
         reference = ppo.reference_logprobs(stage.freeze(stage.build(task, checkpoint=actor_ckpt)))
     scorer = ppo.ModelScorer(reward_model, seq)
+    stop = data.stop_ids(template, tok)  # EOD and the template's end-of-turn token
     total = task.steps
     actor_tr = _trainer(task, actor, steps=total * cfg.ppo_epochs)
     critic_tr = _trainer(task, critic, steps=total * cfg.ppo_epochs)
@@ -355,7 +344,7 @@ def run_ppo(task: StageTask) -> dict:
                 share = trainer.dp_shard(prompts, it, s.layout.global_batch)
                 m = ppo.iteration(actor_trainer=actor_tr, critic_trainer=critic_tr, actor=actor, critic=critic,
                                   reference=reference, scorer=scorer, prompts=share, seq_length=seq,
-                                  vocab=task.vocab_size, eod=tok.eod, cfg=cfg, micro_batch=s.layout.micro_batch,
+                                  vocab=task.vocab_size, eod=stop, cfg=cfg, micro_batch=s.layout.micro_batch,
                                   generator=gen)
                 m["step"] = it + 1
                 history.append(m)
@@ -556,13 +545,14 @@ def run_grpo(task: StageTask) -> dict:
     s, seq = task.stage, task.stage.seq_length
     cfg = grpo.GRPOParams.from_params(task.params)
     train, val = grpo.queries_of(task, tok)
+    stop = data.stop_ids(_template(task), tok)  # rollouts end at EOD or the template's end-of-turn token
     if cfg.reward is not None:
         missing = sum(q.reference is None for q in train + val)
         if missing:
             raise AlignError(f"grpo: reward = {cfg.reward} compares each completion with the record's reference "
                              f"answer, but {missing} prompt(s) have none (prompt_response `response`, preference "
                              "`chosen`, or a chat's last assistant turn)")
-        score = grpo.VerifierReward(cfg.reward, tok, _template(task).end)
+        score = grpo.VerifierReward(cfg.reward, tok, _template(task).end, stop)
         policy_ckpt = stage.policy_start(task)  # a parent's checkpoint or `init = hf(DIR)`
     else:
         score = grpo.ModelReward(stage.freeze(stage.build(task, checkpoint=stage.parent_checkpoint(task, kind="reward"),
@@ -575,7 +565,7 @@ def run_grpo(task: StageTask) -> dict:
     reference = None
     if cfg.beta != 0.0:
         reference = "lora" if s.peft is not None else stage.freeze(stage.build(task, checkpoint=policy_ckpt))
-    common_args = dict(vocab=task.vocab_size, eod=tok.eod, seq_length=seq)
+    common_args = dict(vocab=task.vocab_size, eod=stop, seq_length=seq)
     evaluate = (lambda: grpo.held_out_reward(policy, val, score, cfg, **common_args)) if val else dict
     before = evaluate()
     total = task.steps

@@ -117,6 +117,22 @@ def split_held_out(records: list, fraction: float, seed: int) -> tuple[list, lis
     return train, val
 
 
+def tokenized_once(task: StageTask, what: str, template, build, formats) -> list[dict]:
+    """The stage's samples tokenized by rank 0 into a content-hashed cache under the stage's output
+    directory (runtime/hf/datasets.py `tokenized_cache`), which every other rank reads after a barrier:
+    the key hashes the data files' bytes, their formats and validation fractions, the seed, the chat
+    template (its jinja or markers) and the tokenizer's files, so a change of any re-tokenizes."""
+    from nemoc.runtime.hf.datasets import content_key, file_digest, tokenized_cache, tokenizer_digest
+
+    entries = raw_datasets(task, formats)
+    key = content_key(what, task.stage.seed, template.fingerprint(), tokenizer_digest(task.tokenizer),
+                      *[(e["format"], validation_fraction(e), file_digest(e["path"])) for e in entries])
+    ready = torch.distributed.is_available() and torch.distributed.is_initialized()
+    writer = not ready or torch.distributed.get_rank() == 0
+    return tokenized_cache(task.output_dir / "tokenized", f"{what}-{key}", build, writer=writer,
+                           wait=torch.distributed.barrier if ready else None)
+
+
 # ----------------------------------------------------------------------------------------- models
 
 
@@ -266,9 +282,53 @@ def _plan_path(task: StageTask, path: str) -> str:
     return os.path.join(os.path.abspath(task.plan.root or "."), path)
 
 
+def trained_template(task: StageTask) -> dict | None:
+    """The chat template the exported model learned to answer in: the `template` of the nearest stage that
+    renders conversations (this one, then its ancestors, breadth first), as the plan resolved it; None when
+    no stage of the chain renders conversations (pretraining, an export of an imported checkpoint)."""
+    seen, todo = set(), [task.stage.name]
+    while todo:
+        name = todo.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        node = task.plan.stage(name)
+        template = node.params.get("template")
+        if template:
+            return dict(template)
+        todo += list(node.after)
+    return None
+
+
+def export_stop_ids(task: StageTask) -> tuple[int, ...]:
+    """The ids an exported model's `generate` must stop at (data.stop_ids): EOD, the tokenizer's eos and the
+    end-of-turn token of the template it was trained with, else (an export of an imported checkpoint) of
+    its tokenizer directory's own chat_template; () without a tokenizer or a template."""
+    from nemoc.runtime.align.data import stop_ids, template_for
+    from nemoc.runtime.hf.chat import ChatError, ChatTemplate
+    from nemoc.runtime.tokenizer import TokenizerError, load_tokenizer
+
+    tokenizer = task.tokenizer or _hf_source(task)
+    template = trained_template(task)
+    if template is None and tokenizer and os.path.isdir(tokenizer):
+        try:
+            ChatTemplate.load(tokenizer)  # the directory's own chat_template, when it has one
+            template = {"name": "tokenizer"}
+        except ChatError:
+            pass
+    if not tokenizer or template is None:
+        return ()
+    try:
+        tok = load_tokenizer(tokenizer)
+    except TokenizerError as exc:
+        raise AlignError(str(exc)) from None
+    return stop_ids(template_for({"template": template}, tokenizer), tok)
+
+
 def write_hf(task: StageTask, checkpoint: str, out, *, dtype: str | None = None):
     """A stage checkpoint (any layout) streamed into a Hugging Face directory `out` with the config,
-    generation config and tokenizer files of the model it started from: (path, manifest)."""
+    generation config and tokenizer files of the model it started from: (path, manifest). The generation
+    config's `eos_token_id` also lists the chat template's end-of-turn token (`export_stop_ids`)."""
     from nemoc.compiler.hfconfig import HfConfigError
     from nemoc.runtime.hf import convert, trained
 
@@ -277,7 +337,7 @@ def write_hf(task: StageTask, checkpoint: str, out, *, dtype: str | None = None)
     try:
         path, manifest = trained.export_trained(
             checkpoint, task.plan.model, out, vocab=task.vocab_size, source=_hf_source(task),
-            tokenizer_dir=tokenizer_dir, dtype=dtype,
+            tokenizer_dir=tokenizer_dir, dtype=dtype, stop_ids=export_stop_ids(task),
             special_ids=trained.tokenizer_special_ids(tokenizer_dir, task.raw.get("eod_id")))
     except (trained.TrainedExportError, convert.ConversionError, HfConfigError, OSError) as exc:
         raise AlignError(str(exc)) from None

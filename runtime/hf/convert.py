@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -269,21 +269,32 @@ def hf_config(manifest: Mapping[str, Any], dtype: str) -> dict[str, Any]:
     return config
 
 
-def generation_config(manifest: Mapping[str, Any], source: str | Path | None) -> dict[str, Any]:
-    """generation_config.json: the source's own when it has one, else bos/eos/pad from config.json."""
+def generation_config(manifest: Mapping[str, Any], source: str | Path | None,
+                      stop_ids: Sequence[int] = ()) -> dict[str, Any]:
+    """generation_config.json: the source's own when it has one, else bos/eos/pad from config.json; then
+    `eos_token_id` lists every id of `stop_ids` too (the chat template's end-of-turn token: transformers'
+    `generate` stops at any id of a list, as the published instruct models' configs list them, e.g.
+    [<|im_end|>, <|endoftext|>]). One id stays an int."""
     if source and (Path(source) / "generation_config.json").is_file():
-        return json.loads((Path(source) / "generation_config.json").read_text())
-    ids = dict(manifest.get("special_ids") or {})
-    return {"_from_model_config": True, **ids}
+        config = json.loads((Path(source) / "generation_config.json").read_text())
+    else:
+        config = {"_from_model_config": True, **dict(manifest.get("special_ids") or {})}
+    have = config.get("eos_token_id")
+    ids = [have] if isinstance(have, int) else list(have or [])
+    ids += [int(i) for i in stop_ids if int(i) not in ids]
+    if ids:
+        config["eos_token_id"] = ids[0] if len(ids) == 1 else ids
+    return config
 
 
 def export_checkpoint(get: Callable[[str], torch.Tensor], manifest: Mapping[str, Any], out: str | Path, *,
                       dtype: str | None = None, max_shard_bytes: int = 2 << 30,
-                      tokenizer_dir: str | Path | None = None) -> Path:
+                      tokenizer_dir: str | Path | None = None, stop_ids: Sequence[int] = ()) -> Path:
     """Stream full Megatron tensors (`get`) to a sharded Hugging Face checkpoint in `out`.
 
     `dtype` defaults to the source checkpoint's; shards hold at most `max_shard_bytes` each (one tensor
-    larger than that gets a shard of its own), named like transformers' `save_pretrained`.
+    larger than that gets a shard of its own), named like transformers' `save_pretrained`; `stop_ids` join
+    generation_config.json's `eos_token_id` (`generation_config`).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,7 +325,7 @@ def export_checkpoint(get: Callable[[str], torch.Tensor], manifest: Mapping[str,
     atomic_write_json(out / INDEX, {"metadata": {"total_size": total},
                                     "weight_map": dict(sorted((k, final[v]) for k, v in weight_map.items()))})
     atomic_write_json(out / "config.json", hf_config(manifest, dtype))
-    atomic_write_json(out / "generation_config.json", generation_config(manifest, manifest.get("source")))
+    atomic_write_json(out / "generation_config.json", generation_config(manifest, manifest.get("source"), stop_ids))
     copy_tokenizer_files(tokenizer_dir or manifest.get("source"), out)
     return out
 

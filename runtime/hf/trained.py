@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -293,17 +293,18 @@ def manifest_for(spec, *, vocab: int, source: str | Path | None, dtype: str,
 
 def export_trained(checkpoint: str | Path, spec, out: str | Path, *, vocab: int, source: str | Path | None,
                    tokenizer_dir: str | Path | None, dtype: str | None = None,
-                   special_ids: dict[str, int] | None = None,
+                   special_ids: dict[str, int] | None = None, stop_ids: Sequence[int] = (),
                    get: Callable[[str], torch.Tensor] | None = None) -> tuple[Path, dict[str, Any]]:
     """Write the Hugging Face directory of a trained checkpoint; returns (out, manifest).
 
     `dtype` defaults to the dtype the checkpoint stores (the training dtype). `tokenizer_dir` supplies the
-    tokenizer files when the source has none (a model trained from scratch on a local tokenizer)."""
+    tokenizer files when the source has none (a model trained from scratch on a local tokenizer);
+    `stop_ids` (the chat template's end-of-turn token) join generation_config.json's `eos_token_id`."""
     reader = DistCheckpointReader(checkpoint) if get is None else None
     stored = str(reader.dtype()).removeprefix("torch.") if reader is not None else "float32"
     manifest = manifest_for(spec, vocab=vocab, source=source, dtype=dtype or stored, special_ids=special_ids)
     out = convert.export_checkpoint(get or reader.get, manifest, out, dtype=dtype or stored,
-                                    tokenizer_dir=tokenizer_dir)
+                                    tokenizer_dir=tokenizer_dir, stop_ids=stop_ids)
     if source is not None and tokenizer_dir is not None:
         convert.copy_tokenizer_files(source, Path(out))  # the source's own files win over the stage's
     if not (Path(out) / "tokenizer_config.json").is_file() and not (Path(out) / "tokenizer.json").is_file():

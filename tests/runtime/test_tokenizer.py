@@ -9,6 +9,7 @@ import pytest
 
 from nemoc.runtime.tokenizer import (
     EOD_TOKEN,
+    PAD_TOKEN,
     HFTokenizer,
     TiktokenTokenizer,
     TokenizerError,
@@ -34,6 +35,7 @@ def test_local_byte_level_bpe_round_trips_and_has_special_tokens(bpe):
     assert bpe.tokenize_batch([text, "x"]) == [ids, bpe.tokenize("x")]
     assert len(bpe.tokenize(TEXTS[0])) < len(TEXTS[0].encode()) / 2  # it learned merges from the corpus
     assert bpe.unique_identifiers["class"] == "HFTokenizer" and bpe.inv_vocab[bpe.eod] == EOD_TOKEN
+    assert bpe.special_tokens == {EOD_TOKEN: bpe.eod, PAD_TOKEN: bpe.pad}  # what end-of-turn tokens are sought in
 
 
 def test_load_tokenizer_json_by_path(bpe, tmp_path):
@@ -54,10 +56,12 @@ def test_sentencepiece_model(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(TEXTS))
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=60,
-                                   model_type="bpe", pad_id=3, minloglevel=2)
+                                   model_type="bpe", pad_id=3, minloglevel=2, user_defined_symbols=["<end_of_turn>"])
     tok = load_tokenizer(str(tmp_path / "sp.model"))
     assert tok.kind == "sentencepiece" and tok.vocab_size == 60 and tok.eod == 2 and tok.pad == 3
     assert tok.detokenize(tok.tokenize("The red cat sat.")) == "The red cat sat."
+    # control and user-defined pieces (a Gemma-style end-of-turn marker), not <unk>
+    assert tok.special_tokens == {"<s>": 1, "</s>": 2, "<pad>": 3, "<end_of_turn>": 4}
 
 
 def test_tiktoken_with_a_locally_built_encoding():
@@ -71,6 +75,7 @@ def test_tiktoken_with_a_locally_built_encoding():
     assert tok.vocab_size == 258 and tok.eod == 257 and tok.pad == -1
     ids = tok.tokenize("the cat")
     assert ids[0] == 256 and tok.detokenize(ids) == "the cat"
+    assert tok.special_tokens == {"<|endoftext|>": 257}
 
 
 def test_tiktoken_unavailable_offline_is_a_clear_error(monkeypatch, tmp_path):
