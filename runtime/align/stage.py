@@ -302,20 +302,14 @@ def trained_template(task: StageTask) -> dict | None:
 
 def export_stop_ids(task: StageTask) -> tuple[int, ...]:
     """The ids an exported model's `generate` must stop at (data.stop_ids): EOD, the tokenizer's eos and the
-    end-of-turn token of the template it was trained with, else (an export of an imported checkpoint) of
-    its tokenizer directory's own chat_template; () without a tokenizer or a template."""
+    end-of-turn token of the template a stage of its chain trained it to answer in; () without a
+    tokenizer or without such a stage (an export of an imported or pretrained checkpoint keeps its
+    source's generation config as it is: a base model is not taught to end turns)."""
     from nemoc.runtime.align.data import stop_ids, template_for
-    from nemoc.runtime.hf.chat import ChatError, ChatTemplate
     from nemoc.runtime.tokenizer import TokenizerError, load_tokenizer
 
     tokenizer = task.tokenizer or _hf_source(task)
     template = trained_template(task)
-    if template is None and tokenizer and os.path.isdir(tokenizer):
-        try:
-            ChatTemplate.load(tokenizer)  # the directory's own chat_template, when it has one
-            template = {"name": "tokenizer"}
-        except ChatError:
-            pass
     if not tokenizer or template is None:
         return ()
     try:
