@@ -68,7 +68,6 @@ from nemoc.runtime import megatron_args as margs  # noqa: E402
 from nemoc.runtime.target import NEMOC_RUNTIME  # noqa: E402
 
 ORDER = "tp-cp-ep-dp-pp"  # initialize_model_parallel's default order, which the runtime keeps
-ALIGN_KINDS = ("sft", "dpo", "reward", "ppo")
 HUGE_HBM = 10**15
 
 
@@ -292,29 +291,20 @@ def check_layout(spec: ExperimentSpec, stage: StageSpec, kernels: str, seq: int,
     model = spec.model
     world = spec.cluster.world_size
     cpu = spec.cluster.gpu == "CPU"
-    align = stage.kind in ALIGN_KINDS
-    assert layout.tp * layout.pp * layout.cp * layout.dp == world
-    if align:
-        # runtime/align: common.ModelShape.of (dense only), common.build_gpt (no vp), trainer.Trainer
-        # (pp == 1), stage.init_process_group (world == tp * pp * dp) and the local spec with Megatron's
-        # DotProductAttention (context_parallel_size == 1).
-        assert not model.is_moe, "alignment stages support dense models only (runtime/align/common.py)"
-        assert layout.vp is None and layout.pp == 1 and layout.cp == 1, layout
-        facts = margs.MachineFacts(cpu=cpu, have_te=False)
-        config = margs.transformer_config(model=model, layout=layout, precision=spec.precision,
-                                          attention_backend="unfused", facts=facts)
-    else:
-        choice = margs.choose_kernels(planned=kernels, te_importable=True, cpu=cpu)
-        facts = margs.MachineFacts(cpu=cpu, have_te=choice.use_te)
-        # CUDA graphs and NVFP4 are checked against this machine (CUDA, a Blackwell GPU) before the build:
-        # here Megatron-Core's own checks of the fields decide (E173 / E174 / E121 mirror them)
-        with _te_present() if facts.have_te else contextlib.nullcontext(), \
-                mock.patch.object(margs, "_check_cuda_graphs", lambda *a: None), \
-                mock.patch.object(margs, "_check_nvfp4", lambda *a: None):
-            config = margs.transformer_config(model=model, layout=layout, execution=execution, facts=facts)
-        if not facts.have_te:
-            # the local spec: Megatron's DotProductAttention (unfused) or nemoc's SDPA core; neither has CP
-            assert config.context_parallel_size == 1
+    # every stage kind builds through the training core (runtime/core/build.py) from the plan's Execution
+    choice = margs.choose_kernels(planned=kernels, te_importable=True, cpu=cpu)
+    facts = margs.MachineFacts(cpu=cpu, have_te=choice.use_te)
+    # CUDA graphs and NVFP4 are checked against this machine (CUDA, a Blackwell GPU) before the build:
+    # here Megatron-Core's own checks of the fields decide (E173 / E174 / E121 mirror them)
+    with _te_present() if facts.have_te else contextlib.nullcontext(), \
+            mock.patch.object(margs, "_check_cuda_graphs", lambda *a: None), \
+            mock.patch.object(margs, "_check_nvfp4", lambda *a: None):
+        config = margs.transformer_config(model=model, layout=layout, execution=execution, facts=facts)
+    if not facts.have_te and config.context_parallel_size > 1:
+        # the local spec splits a sequence only on nemoc's SDPA core (runtime/model.py SDPAttention gathers
+        # the CP group's keys and values); Megatron's DotProductAttention (unfused) asserts cp == 1 (E113)
+        assert execution.attention != "unfused", execution
+        assert not model.sliding_window, model  # the SDPA core's window is not split over CP (E113)
     margs.ddp_config(layout=layout)
     margs.optimizer_config(optimizer=stage.optimizer, schedule=stage.schedule, layout=layout, precision=spec.precision)
     margs.scheduler_kwargs(optimizer=stage.optimizer, schedule=stage.schedule, steps=10)
