@@ -1,6 +1,6 @@
 """Calibrate the cost and memory models against published Megatron / NeMo measurements.
 
-Usage:  .venv/bin/python bench/calibrate.py [--json bench/results/calibrate.json] [--quiet] [--terms N]
+Usage:  .venv/bin/python bench/calibrate.py [--json bench/results/calibrate.json] [--quiet] [--terms N] [--rows ID,ID]
 
 Writes every usable row of `compiler/data/published_runs.json` as a `.nemo` experiment (its
 architecture, GPU, precision, published TP/PP/VP/CP/EP, micro and global batch, and the recipe
