@@ -201,3 +201,13 @@ def test_the_largest_misses_print_their_step_time_terms(calibrate, results, caps
     worst = sorted(used, key=lambda r: -abs(r["error"]))[:3]
     assert [line.split()[0] for line in out[0::2]] == [r["id"] for r in worst]
     assert len(out) == 6 and all("compute" in line and "step_overhead" in line for line in out[1::2])
+
+
+def test_named_rows_print_their_step_time_terms(calibrate, results, capsys) -> None:
+    """`--rows C06,C08`: the named rows' terms, in the table's order, whatever their error."""
+    _, used = results
+    calibrate.print_terms(used, 0, ("C08", "C06"))
+    out = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert "C08, C06" in out[0]
+    assert [line.split()[0] for line in out[1::2]] == ["C06", "C08"]
+    assert all("dp_comm_exposed" in line for line in out[2::2])
