@@ -630,21 +630,16 @@ def _groups(p: Problem, env: Env, rec: _Recorder) -> list[tuple]:
 def _do_domain(p: Problem) -> list[bool]:
     """Distributed-optimizer values to try. Fixed: that one. Auto: off for SGD in a training stage,
     which Megatron's DistributedOptimizer refuses (E129; `Problem.auto_distributed_optimizer`); on
-    alone when the parameter all-gather overlaps the forward (`overlap_param_gather`) and moves at
-    most half the bytes the reduce-scatter moves (fp32 gradients, or FP8 parameters): dominance, the
-    reduce-scatter + all-gather move at most what the all-reduce moves, the gather behind forwards at
-    least 1/4 as long as the backwards that hide the all-reduce (`cost._dp_exposed`), and the states
-    shrink by dp x cp. Otherwise both, on first: an all-gather after the optimizer step is exposed,
-    and with 16-bit gradients the gather moves as much as the reduce-scatter behind the shorter
-    forward windows, so plain DDP's overlapped all-reduce can be faster."""
+    alone when the parameter all-gather overlaps the forward (`overlap_param_gather`; dominance: the reduce-scatter + all-gather move what the all-reduce
+    moves, as hidden, and the states shrink by dp x cp); otherwise both, on first: an all-gather
+    after the optimizer step is exposed, so plain DDP's overlapped all-reduce can be faster."""
     if p.fixed.distributed_optimizer is not None:
         return [p.fixed.distributed_optimizer]
     if p.fixed.megatron_fsdp:  # Megatron-FSDP shards the optimizer state itself (E176)
         return [True]
     if not p.auto_distributed_optimizer:
         return [False]
-    halved = p.fixed.grad_reduce_in_fp32 or bool(p.fixed.fp8_param_gather)
-    return [True] if p.fixed.overlap_param_gather and halved else [True, False]
+    return [True] if p.fixed.overlap_param_gather else [True, False]
 
 
 def _sp_domain(p: Problem, tp: int) -> list[bool]:
