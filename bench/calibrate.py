@@ -1,6 +1,6 @@
 """Calibrate the cost and memory models against published Megatron / NeMo measurements.
 
-Usage:  .venv/bin/python bench/calibrate.py [--json bench/results/calibrate.json] [--quiet] [--terms N]
+Usage:  .venv/bin/python bench/calibrate.py [--json bench/results/calibrate.json] [--quiet] [--terms N] [--rows ID,ID]
 
 Writes every usable row of `compiler/data/published_runs.json` as a `.nemo` experiment (its
 architecture, GPU, precision, published TP/PP/VP/CP/EP, micro and global batch, and the recipe
@@ -662,13 +662,18 @@ def fit_parameters(rows: list[dict], rounds: int = 6, cap: float = 0.31) -> cost
     return best_p
 
 
-def print_terms(used: list[dict], n: int) -> None:
-    """The step-time terms (`Estimate.parts`, seconds per step) of the n rows with the largest |error|,
-    with the chosen layout: where each miss sits."""
+def print_terms(used: list[dict], n: int, ids: tuple[str, ...] = ()) -> None:
+    """The step-time terms (`Estimate.parts`, seconds per step) of the n rows with the largest |error|
+    (or of the rows named in `ids`), with the chosen layout: where each miss sits."""
     from nemoc.compiler.search import evaluate_time
 
-    print(f"\nstep-time terms of the {n} largest misses (seconds per step)")
-    for r in sorted(used, key=lambda x: -abs(x["error"]))[:n]:
+    if ids:
+        print(f"\nstep-time terms of {', '.join(ids)} (seconds per step)")
+        rows = [r for r in used if r["id"] in ids]
+    else:
+        print(f"\nstep-time terms of the {n} largest misses (seconds per step)")
+        rows = sorted(used, key=lambda x: -abs(x["error"]))[:n]
+    for r in rows:
         est, lay = evaluate_time(r["problem"], r["layout"]), r["layout"]
         flag = "" if reliable(r) else " (not reliable)"
         print(f"{r['id']:5s} {r['label'][:40]:40s} {100 * r['error']:+6.1f}%{flag}  step {est.step_time_s:.3f} s  "
@@ -688,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit", action="store_true", help="print the efficiency parameters a coordinate search finds")
     ap.add_argument("--terms", type=int, default=0, metavar="N",
                     help="print the step-time terms of the N largest misses (seconds per step)")
+    ap.add_argument("--rows", default="", metavar="ID,ID",
+                    help="print the step-time terms of these rows (e.g. C06,C08)")
     args = ap.parse_args(argv)
     if args.fit:
         print(fit_parameters(load_rows()))
@@ -730,8 +737,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in mem:
             print(f"{r['id']:5s} {r['label'][:52]:52s} {r['measured_gib']:10.2f} {r['predicted_gib']:10.2f} "
                   f"{100 * r['error']:+7.1f}%")
-    if args.terms:
-        print_terms(used, args.terms)
+    if args.terms or args.rows:
+        print_terms(used, args.terms, tuple(i for i in args.rows.split(",") if i))
     mega = megatron_errors()
     if mega and not args.quiet:
         print("\nbare Megatron-Core on one H200 (local spec, no TE): GiB and seconds, measured / predicted")

@@ -403,6 +403,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
             fwd += LOCAL_CAUSAL_MASK_BYTES * span * seq / layout.cp / stream
         bwd = 2.0 * attn_flops / rate16 + bwd_b * scores / stream
         attention = fwd * (1.0 + (1.0 if recomputed else 0.0)) + (bwd if backward else 0.0)
+        attn_fwd = fwd
         act -= acts.scores  # charged explicitly above
     else:
         # flash / fused: the kernel skips the masked upper triangle (causal), 2.5x forward for backward;
@@ -411,8 +412,8 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         # `cp_comm_type="p2p"` splits the sequence into 2cp chunks): short kernels, lower efficiency.
         kv = span / 2.0 if layout.cp == 1 else min(span, seq / (2.0 * layout.cp))
         attn_rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.attn_kernel_eff(gen, kv)
-        attention = 0.5 * attn_flops * (1.0 + (2.5 if backward else 0.0)) / attn_rate
-        attention *= (3.5 + 1.0) / 3.5 if recomputed else 1.0
+        attn_fwd = 0.5 * attn_flops / attn_rate
+        attention = attn_fwd * (1.0 + (2.5 if backward else 0.0) + (1.0 if recomputed else 0.0))
     elementwise = params.kappa * act * (passes / 3.0) / hw.hbm_bw
     if layout.recompute == "full":
         gemm *= (passes + 1.0) / passes
@@ -439,7 +440,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         overhead += params.layer_overhead / TE_KERNELS_PER_LAYER * _local_extra_kernels(model) * passes / 3.0
     gemm += overhead
     tp_comm = _tp_comm(model, layout, hw, tokens, passes, params, overlap_tp)
-    cp_comm = _cp_comm(model, layout, hw, tokens, passes, attention, params)
+    cp_comm = _cp_comm(model, layout, hw, tokens, passes, attn_fwd, attention, params)
     ep_comm = _ep_comm(model, layout, hw, tokens, passes, params, moe.dispatcher)
     return LayerTimes(gemm, attention, elementwise, tp_comm, cp_comm, ep_comm, 1.0 / passes)
 
@@ -502,28 +503,37 @@ def _tp_comm(model, layout, hw, tokens, passes, params, overlap: bool = False) -
 CP_MERGE_BYTES = 12.0
 
 
-def _cp_comm(model, layout, hw, tokens, passes, attention, params) -> float:
-    """Ring context parallelism (Megatron-Core / Transformer Engine `cp_comm_type="p2p"`): cp - 1
-    steps each pass this rank's K and V chunk forward, and K, V, dK, dV backward; each step overlaps
-    with the attention of the previous chunk, so only the excess over attention compute is exposed.
-    Each transfer is a point-to-point send to one neighbour: across nodes it runs over one NIC (the
+def _cp_comm(model, layout, hw, tokens, passes, attn_fwd, attention, params) -> float:
+    """Ring context parallelism (Megatron-Core / Transformer Engine `cp_comm_type="p2p"`,
+    `AttnFuncWithCPAndKVP2P`): cp - 1 steps each pass this rank's K and V chunk forward, and K, V,
+    dK, dV backward. TE starts step i + 1's exchange before step i's attention kernel and waits for it
+    after, so each transfer hides behind one step's attention only: per pass, the cp steps' kernels
+    cost the same (each is two of the 2cp load-balanced chunk blocks: attention / cp each) and the
+    last one has no transfer behind it, so a pass exposes (cp - 1) x max(0, transfer - attention / cp),
+    the forward's transfers behind the forward's kernels (`attn_fwd`; a recomputed forward rings its K
+    and V again) and the backward's behind the backward's (`attention` minus the forwards). Each
+    transfer is a point-to-point send to one neighbour: across nodes it runs over one NIC (the
     sender's rail; NCCL's p2p does not stripe one send over the node's other NICs), unlike a ring
     collective that runs one ring per NIC. Not hidden either: a fixed latency per dependent ring step
     and the per-step merge of partial outputs (CP_MERGE_BYTES)."""
     if layout.cp == 1:
         return 0.0
+    cp = layout.cp
     kv_elems = 2.0 * tokens * model.query_groups * model.head_dim / layout.tp
-    volume = (layout.cp - 1) * kv_elems * 2.0 * (1.0 + (2.0 if passes > 1 else 0.0))
-    crosses = layout.cp * layout.tp > hw.nvlink_domain
+    crosses = cp * layout.tp > hw.nvlink_domain
     bw = (hw.net_bw if crosses else hw.nvlink_bw) * params.link
-    comm = volume / bw
+    step_fwd = kv_elems * 2.0 / bw  # one ring step's K, V transfer (16-bit)
     # Every ring step is a dependent P2P exchange plus its own attention kernel: a fixed latency
     # that no overlap hides (forward, backward, and the recomputed forward).
     forwards = 1.0 + (1.0 if passes > 1 and layout.recompute != "none" else 0.0)
+    exposed = forwards * (cp - 1) * max(0.0, step_fwd - attn_fwd / cp)
+    if passes > 1:
+        attn_bwd = attention - forwards * attn_fwd
+        exposed += (cp - 1) * max(0.0, 2.0 * step_fwd - attn_bwd / cp)  # K, V in and dK, dV back
     rings = forwards + (1.0 if passes > 1 else 0.0)
     q_elems = tokens * model.heads * model.head_dim / layout.tp
-    merge = layout.cp * CP_MERGE_BYTES * (forwards * q_elems + (q_elems + kv_elems if passes > 1 else 0.0)) / hw.hbm_bw
-    return max(0.0, comm - attention) + rings * (layout.cp - 1) * params.ring_step_latency + merge
+    merge = cp * CP_MERGE_BYTES * (forwards * q_elems + (q_elems + kv_elems if passes > 1 else 0.0)) / hw.hbm_bw
+    return exposed + rings * (cp - 1) * params.ring_step_latency + merge
 
 
 def _ep_comm(model, layout, hw, tokens, passes, params, dispatcher: str = "alltoall") -> float:
@@ -602,17 +612,47 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
         rs, ag = 2.0 * trainable_params * grad_bytes * frac / bw, 0.0
     if not overlap:
         return rs + ag
-    # Grad sync is enabled only for the last micro batch (`no_sync` before it), so the window is its
-    # backward. With vp model chunks, chunk c's reduce-scatter starts when its last backward ends
-    # and the remaining chunks' cool-down work (pp/vp micro-batch backwards apart) hides it; the
-    # parameter all-gathers mirror this in the warm-up forwards.
     vp = layout.vp or 1
-    spread = 1.0 + (vp - 1) / vp * (layout.pp - 1)
-    bwd_window = t_mb_stage * (1.0 - fwd_fraction) * spread
-    fwd_window = t_mb_stage * fwd_fraction * spread
+    if vp > 1:
+        return _interleaved_dp_exposed(rs, ag, vp, layout.pp, t_mb_stage, fwd_fraction, overlap_gather)
+    # 1F1B (Megatron-Core 0.16.1 schedules.py, forward_backward_pipelining_without_interleaving): grad
+    # sync is enabled only for the first stage's last backward (`no_sync` before it; with
+    # `align_grad_reduce` the later stages start theirs after their cool-down, which ends earlier), so
+    # the window is one micro batch's backward; the first stage is bucketed (DDP: 40M parameters per
+    # bucket, `disable_bucketing or pp_rank > 0` makes the other stages one bucket) and the last bucket,
+    # ready when the backward ends, cannot overlap. The parameter all-gathers mirror this in the forward.
+    bwd_window = t_mb_stage * (1.0 - fwd_fraction)
+    fwd_window = t_mb_stage * fwd_fraction
     bucket = min(rs, 40e6 * grad_bytes * frac / bw)  # the last 40M-parameter bucket cannot overlap
     gather = max(0.0, ag - fwd_window) if overlap_gather else ag
     return max(0.0, rs - bwd_window) + gather + bucket
+
+
+def _interleaved_dp_exposed(rs: float, ag: float, vp: int, pp: int, t_mb_stage: float, fwd_fraction: float,
+                            overlap_gather: bool) -> float:
+    """Exposed data-parallel communication of the interleaved schedule, as Megatron-Core 0.16.1
+    schedules it (pipeline_parallel/schedules.py, forward_backward_pipelining_with_interleaving, with
+    Megatron-LM's / Megatron-Bridge's `align_grad_reduce` and, for virtual pipelines, NeMo's
+    `align_param_gather`). Each model chunk has its own DDP (1/vp of the stage's parameters: `rs`, `ag`
+    are the whole stage's).
+
+    Reduce-scatter: `grad_sync_func[c]` (the whole chunk at once; per-bucket hooks are off) starts
+    when chunk c's last micro-batch backward is done, aligned across stages. Chunk 0 finishes last,
+    with nothing left to hide its reduction: it is exposed in full. Chunk c + 1 finishes pp chunk
+    backwards before chunk c (the schedule runs each chunk for pp consecutive micro batches), so each
+    earlier chunk's reduction hides behind pp chunk backwards; the excess queues on the one DP
+    communicator and is exposed.
+
+    All-gather (`overlap_param_gather`): `param_sync_func` starts chunks 0 and 1 when the schedule
+    begins and chunk c + 1 at chunk c's first forward; the first forward waits for chunk 0's gather
+    (exposed in full; no forward precedes it), and each later chunk's gather hides behind pp chunk
+    forwards. Without `overlap_param_gather` the gather runs after the optimizer step, fully exposed."""
+    t_chunk_fwd = t_mb_stage * fwd_fraction / vp
+    t_chunk_bwd = t_mb_stage * (1.0 - fwd_fraction) / vp
+    rs_chunk, ag_chunk = rs / vp, ag / vp
+    reduce = rs_chunk + (vp - 1) * max(0.0, rs_chunk - pp * t_chunk_bwd)
+    gather = ag_chunk + (vp - 1) * max(0.0, ag_chunk - pp * t_chunk_fwd) if overlap_gather else ag
+    return reduce + gather
 
 
 def fsdp_exposed(model: ModelSpec, layout: Layout, hw: HardwareSpec, lt: LayerTimes, micro_batches: int,

@@ -44,8 +44,8 @@ def test_rows_are_sourced(calibrate) -> None:
 
 
 def test_throughput_error_bounds(results) -> None:
-    """Through the language (docs/calibration.md): 83 pretraining rows, median 3.4 %, max 25.4 % (C21,
-    unreliable); with the 15 fine-tuning rows, 98 planned rows, median 3.4 %, max 25.4 %."""
+    """Through the language (docs/calibration.md): 83 pretraining rows, median 3.4 %, max 25.1 % (C21,
+    unreliable); with the 15 fine-tuning rows, 98 planned rows, median 3.4 %, max 25.1 %."""
     _, used = results
     pre = [abs(r["error"]) for r in used if r["task"] == "pretrain"]
     assert len(pre) >= 83
@@ -53,12 +53,14 @@ def test_throughput_error_bounds(results) -> None:
     # recipes' default, 2.3 ms per step; `step_overhead` was fitted without that term)
     assert statistics.median(pre) <= 0.035
     assert max(pre) <= 0.26
-    assert sum(e <= 0.15 for e in pre) >= 77
+    # 77 -> 76: the interleaved schedule's first chunk's DP reduce-scatter is exposed in full
+    # (cost._interleaved_dp_exposed), which moves C09 GPT-3 175B on 512 H100 from -14.8 % to -15.1 %
+    assert sum(e <= 0.15 for e in pre) >= 76
     errors = [abs(r["error"]) for r in used]
     assert len(errors) >= 98
     assert statistics.median(errors) <= 0.035
     assert max(errors) <= 0.26
-    assert sum(e <= 0.15 for e in errors) >= 89
+    assert sum(e <= 0.15 for e in errors) >= 88  # C09, as above
 
 
 def test_reliable_rows_error_bounds(calibrate, results) -> None:
@@ -66,8 +68,8 @@ def test_reliable_rows_error_bounds(calibrate, results) -> None:
     errors = [abs(r["error"]) for r in used if calibrate.reliable(r)]
     assert len(errors) >= 85
     assert statistics.median(errors) <= 0.034  # 3.2 % -> 3.3 % with the manual-GC pause (see above)
-    assert max(errors) <= 0.16  # Mixtral 8x22B at 64K on 256 B200 (C08), docs/calibration.md
-    assert sum(e <= 0.15 for e in errors) >= 83
+    assert max(errors) <= 0.156  # Mixtral 8x22B at 64K on 256 B200 (C08, +15.5 %), docs/calibration.md
+    assert sum(e <= 0.15 for e in errors) >= 82  # C09 -14.8 % -> -15.1 % (see above)
 
 
 def test_nemotron_340b_runs_its_published_bf16_optimizer_state_without_recompute(calibrate, planned) -> None:
@@ -199,3 +201,13 @@ def test_the_largest_misses_print_their_step_time_terms(calibrate, results, caps
     worst = sorted(used, key=lambda r: -abs(r["error"]))[:3]
     assert [line.split()[0] for line in out[0::2]] == [r["id"] for r in worst]
     assert len(out) == 6 and all("compute" in line and "step_overhead" in line for line in out[1::2])
+
+
+def test_named_rows_print_their_step_time_terms(calibrate, results, capsys) -> None:
+    """`--rows C06,C08`: the named rows' terms, in the table's order, whatever their error."""
+    _, used = results
+    calibrate.print_terms(used, 0, ("C08", "C06"))
+    out = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert "C08, C06" in out[0]
+    assert [line.split()[0] for line in out[1::2]] == ["C06", "C08"]
+    assert all("dp_comm_exposed" in line for line in out[2::2])

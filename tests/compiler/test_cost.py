@@ -301,15 +301,55 @@ def test_a_context_parallel_ring_across_nodes_sends_over_one_nic() -> None:
     tokens = 1024.0
     inside = layout(tp=1, cp=8, sequence_parallel=False)
     across = layout(tp=2, cp=8, sequence_parallel=True)
-    merge = lambda lay: _cp_comm(m, lay, hw, tokens, 3.0, 1e9, params)  # noqa: E731 - all transfer hidden
+    merge = lambda lay: _cp_comm(m, lay, hw, tokens, 3.0, 1e9, 3.5e9, params)  # noqa: E731 - all transfer hidden
     kv = 2.0 * tokens * m.query_groups * m.head_dim / across.tp
     volume = 7 * kv * 2.0 * 3.0
-    assert _cp_comm(m, across, hw, tokens, 3.0, 0.0, params) - merge(across) == pytest.approx(
+    assert _cp_comm(m, across, hw, tokens, 3.0, 0.0, 0.0, params) - merge(across) == pytest.approx(
         volume / (hw.net_bw * params.link))
     kv1 = 2.0 * tokens * m.query_groups * m.head_dim
-    assert _cp_comm(m, inside, hw, tokens, 3.0, 0.0, params) - merge(inside) == pytest.approx(
+    assert _cp_comm(m, inside, hw, tokens, 3.0, 0.0, 0.0, params) - merge(inside) == pytest.approx(
         7 * kv1 * 2.0 * 3.0 / (hw.nvlink_bw * params.link))
     assert merge(across) > 0
+
+
+def test_a_ring_transfer_hides_behind_one_step_of_its_own_pass() -> None:
+    """TE's p2p ring overlaps step i + 1's exchange with step i's kernel: cp - 1 transfers behind cp
+    equal kernels, the last with nothing behind it, the forward's behind the forward's kernels and
+    the backward's (K, V and dK, dV) behind the backward's. Total attention that would hide the
+    whole ring in aggregate leaves the forward's excess exposed."""
+    m, hw = PRESETS["llama31_70b"], get_gpu("H100")
+    params = dataclasses.replace(DEFAULT_PARAMS, ring_step_latency=0.0)
+    tokens, lay = 1024.0, layout(tp=2, cp=8, sequence_parallel=True)
+    merge = _cp_comm(m, lay, hw, tokens, 3.0, 1e9, 3.5e9, params)
+    step = 2.0 * tokens * m.query_groups * m.head_dim / lay.tp * 2.0 / (hw.net_bw * params.link)
+    # forward kernels exactly as long as the forward transfers: each step still exposes 1/8 of one
+    fwd, bwd = 7 * step, 7 * step * 2.0 * 8.0  # the backward's kernels hide its transfers fully
+    exposed = _cp_comm(m, lay, hw, tokens, 3.0, fwd, fwd + bwd, params) - merge
+    assert exposed == pytest.approx(7 * (step - fwd / 8))
+    assert exposed > 0  # the aggregate max(0, transfers - attention) would say 0
+
+
+def test_interleaved_data_parallel_exposure_follows_megatron_core_schedule() -> None:
+    """Interleaved schedule (Megatron-Core 0.16.1 with align_grad_reduce / align_param_gather): the
+    first chunk's reduce-scatter (issued after the last backward) and its all-gather (awaited by the
+    first forward) are exposed in full; each other chunk's hides behind pp chunk passes."""
+    from nemoc.compiler.cost import _interleaved_dp_exposed
+
+    rs, ag, vp, pp, t_mb, ff = 1.2, 0.6, 12, 4, 3.0, 1.0 / 3.0
+    assert _interleaved_dp_exposed(rs, ag, vp, pp, t_mb, ff, True) == pytest.approx(rs / vp + ag / vp)
+    # windows too short: every chunk's excess over pp chunk passes queues up
+    slow = _interleaved_dp_exposed(rs, ag, vp, pp, 0.01, ff, True)
+    assert slow == pytest.approx(rs / vp + ag / vp + (vp - 1) * ((rs / vp - pp * 0.01 * (1 - ff) / vp)
+                                                             + (ag / vp - pp * 0.01 * ff / vp)))
+    # without overlap_param_gather the gather runs after the optimizer step
+    assert _interleaved_dp_exposed(rs, ag, vp, pp, t_mb, ff, False) == pytest.approx(rs / vp + ag)
+    # through `estimate`: more virtual stages, smaller chunks, less exposed
+    m = PRESETS["llama3_70b"]
+    kw = dict(tp=4, pp=4, dp=8, global_batch=256, num_microbatches=32, sequence_parallel=True,
+              distributed_optimizer=True)
+    vp2 = estimate(m, layout(vp=2, **kw), gpu="H100", seq_length=4096, overlap_param_gather=True)
+    vp10 = estimate(m, layout(vp=10, **kw), gpu="H100", seq_length=4096, overlap_param_gather=True)
+    assert vp2.parts["dp_comm_exposed"] > vp10.parts["dp_comm_exposed"] > 0
 
 
 def test_405b_on_16k_h100_best_plan_beats_the_published_layout_for_stated_reasons() -> None:

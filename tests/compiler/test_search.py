@@ -133,7 +133,8 @@ def test_model_properties_the_pruning_relies_on(p: Problem):
         on, off = replace(layout, distributed_optimizer=True), replace(layout, distributed_optimizer=False)
         assert evaluate_memory(p, on).total <= evaluate_memory(p, off).total
         gathered = replace(on, overlap_param_gather=True)  # dominance holds with the all-gather overlapped
-        assert evaluate_time(p, gathered).step_time_s <= evaluate_time(p, off).step_time_s * (1 + REL_TOL)
+        if on.grad_reduce_in_fp32 or on.fp8_param_gather:  # ... and at most half the reduce's bytes (_do_domain)
+            assert evaluate_time(p, gathered).step_time_s <= evaluate_time(p, off).step_time_s * (1 + REL_TOL)
         if layout.tp > 1:
             sp, nosp = replace(layout, sequence_parallel=True), replace(layout, sequence_parallel=False)
             assert evaluate_time(p, sp).step_time_s <= evaluate_time(p, nosp).step_time_s * (1 + REL_TOL)
@@ -208,7 +209,8 @@ def test_model_properties_hold_at_production_scale(case):
     off = replace(layout, distributed_optimizer=False)
     assert evaluate_memory(p, layout).total <= evaluate_memory(p, off).total
     gathered = replace(layout, overlap_param_gather=True)
-    assert evaluate_time(p, gathered).step_time_s <= evaluate_time(p, off).step_time_s * (1 + REL_TOL)
+    if layout.grad_reduce_in_fp32 or layout.fp8_param_gather:  # the dominance `search._do_domain` relies on
+        assert evaluate_time(p, gathered).step_time_s <= evaluate_time(p, off).step_time_s * (1 + REL_TOL)
     if layout.tp > 1 and not p.model.is_moe:
         nosp = replace(layout, sequence_parallel=False)
         assert evaluate_time(p, layout).step_time_s <= evaluate_time(p, nosp).step_time_s * (1 + REL_TOL)
@@ -464,3 +466,4 @@ def test_auto_recompute_takes_the_fewest_block_recomputed_layers_that_fit():
     fixed = search(replace(p, fixed=replace(p.fixed, recompute_layers=24))).best
     assert (fixed.layout.recompute, fixed.layout.recompute_layers) == ("full", 24)
     assert fixed.estimate.step_time_s > best.estimate.step_time_s
+
