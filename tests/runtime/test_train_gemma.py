@@ -14,9 +14,7 @@ REL = 2e-5  # fp32 reduction-order noise over 4 Adam steps (test_train_parallel.
 
 @pytest.mark.slow
 def test_gemma3_tp2_with_sequence_parallelism_reproduces_single_process(tmp_path, kit, train_data):
-    from conftest import TINY
-
-    gemma = replace(TINY, name="tiny-gemma3", activation="geglu_tanh", qk_layernorm=True, kv_channels=16,
+    gemma = replace(kit.TINY, name="tiny-gemma3", activation="geglu_tanh", qk_layernorm=True, kv_channels=16,
                     norm_zero_centered=True, post_block_norms=True, embedding_scale=True, softmax_scale=24 ** -0.5,
                     sliding_window=8, full_attention_every=2, rotary_base=1e6, local_rotary_base=1e4,
                     norm_epsilon=1e-6, tie_embeddings=True)
