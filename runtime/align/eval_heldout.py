@@ -20,16 +20,7 @@ from nemoc.runtime.align import stage
 
 def upstream_trainers(task, data_name: str) -> list:
     """The stages above the eval stage (transitively through `after`) that train on `data_name`."""
-    plan, seen, todo, out = task.plan, set(), list(task.stage.after), []
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        sp = plan.stage(name)
-        todo += list(sp.after)
-        if sp.kind in TRAINING_KINDS and data_name in sp.data:
-            out.append(sp)
+    out = [sp for sp in stage.upstream(task) if sp.kind in TRAINING_KINDS and data_name in sp.data]
     return sorted(out, key=lambda sp: sp.name)
 
 

@@ -260,19 +260,26 @@ def dp_info() -> tuple[int, int]:
     return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
 
-def _hf_source(task: StageTask) -> str | None:
-    """The Hugging Face directory the exported model started from: the nearest ancestor stage's own
-    `init = hf(DIR)`, else the model's; None for a model trained from scratch."""
-    seen, todo = set(), list(task.stage.after)
+def upstream(task: StageTask, *, including_self: bool = False):
+    """The stage plans above this task's stage (transitively through `after`), nearest first (breadth
+    first, each once); with `including_self`, this stage first."""
+    seen, todo = set(), [task.stage.name] if including_self else list(task.stage.after)
     while todo:
         name = todo.pop(0)
         if name in seen:
             continue
         seen.add(name)
-        parent = task.plan.stage(name)
+        node = task.plan.stage(name)
+        yield node
+        todo += list(node.after)
+
+
+def _hf_source(task: StageTask) -> str | None:
+    """The Hugging Face directory the exported model started from: the nearest ancestor stage's own
+    `init = hf(DIR)`, else the model's; None for a model trained from scratch."""
+    for parent in upstream(task):
         if parent.params.get("init"):
             return _plan_path(task, str(parent.params["init"]))
-        todo += list(parent.after)
     return _plan_path(task, task.plan.model.init) if task.plan.model.init else None
 
 
@@ -286,17 +293,9 @@ def trained_template(task: StageTask) -> dict | None:
     """The chat template the exported model learned to answer in: the `template` of the nearest stage that
     renders conversations (this one, then its ancestors, breadth first), as the plan resolved it; None when
     no stage of the chain renders conversations (pretraining, an export of an imported checkpoint)."""
-    seen, todo = set(), [task.stage.name]
-    while todo:
-        name = todo.pop(0)
-        if name in seen:
-            continue
-        seen.add(name)
-        node = task.plan.stage(name)
-        template = node.params.get("template")
-        if template:
-            return dict(template)
-        todo += list(node.after)
+    for node in upstream(task, including_self=True):
+        if node.params.get("template"):
+            return dict(node.params["template"])
     return None
 
 
