@@ -31,6 +31,12 @@ Invariants: sampling happens on the CPU from the full-vocabulary logits (gathere
         same tokens (tested), and every TP rank draws the same tokens. Under pipeline parallelism only the
         last stage draws from `generator` (the others receive its tokens), so the tokens equal one
         process's (tested at PP=2: tests/runtime/align/test_align_rl_pipeline.py).
+Context parallelism: the rollout is not split over the CP group. Every CP rank runs the whole rows (the
+        model under `model.whole_sequences`: the attention core's CP path and RoPE's CP slicing off), so each
+        holds the whole sequence's KV cache, and every collective inside the model (TP, pipeline, MoE
+        all-to-alls) sees all its ranks. Each CP rank draws with the same generator, and the first CP rank's
+        tokens are broadcast to the group every step (`_from_first_context_rank`), so the group agrees on
+        every token whatever the kernels' bitwise determinism; tokens equal one process's (tested at CP=2).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemoc.runtime.model import unwrap
+from nemoc.runtime.model import unwrap, whole_sequences
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, vo
             if logits is not None:  # the last pipeline stage (every rank without pipelining)
                 nxt, ent = _next_tokens(logits[rows.to(dev), -1, :], vocab=vocab, greedy=greedy,
                                         temperature=temperature, top_k=top_k, generator=generator)
+            nxt, ent = _from_first_context_rank(nxt, ent, len(rows), dev)
             nxt, ent = _from_last_stage(nxt, ent, len(rows), dev)
             tokens[rows, end] = nxt
             entropy_sum[rows] += ent
@@ -142,7 +149,8 @@ def _forward(model, tokens: torch.Tensor, positions: torch.Tensor, context) -> t
         unwrap(model).set_input_tensor(_recv(pipe.prev, tokens.device))
     # no mask: GPTModel's attention is causal (tokens of a row never see later ones)
     kwargs = {} if context is None else {"inference_context": context}
-    out = model(tokens, positions, None, runtime_gather_output=True, **kwargs)
+    with whole_sequences(model):  # context parallelism: every CP rank runs the whole rows (no split)
+        out = model(tokens, positions, None, runtime_gather_output=True, **kwargs)
     if pipe is None or pipe.last:
         return out
     _send(out, pipe.next)
@@ -191,6 +199,25 @@ def _recv(src: int, dev: torch.device) -> torch.Tensor:
     hidden = torch.empty(shape, dtype=_DTYPES[code], device=dev)
     torch.distributed.recv(hidden, src)
     return hidden
+
+
+def _from_first_context_rank(tokens: torch.Tensor | None, entropies: torch.Tensor | None, n: int,
+                             dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first context-parallel rank's sampled tokens and entropies on every rank of its CP group (as
+    they are without one; None on a stage that did not sample). Every CP rank computed the same whole rows
+    and drew with the same generator, but nothing guarantees bit-equal logits across GPUs (non-deterministic
+    kernels), and a single differing token would shard different sequences over the group: one rank's draw
+    is kept."""
+    if tokens is None or not torch.distributed.is_initialized():
+        return tokens, entropies
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps.get_context_parallel_world_size() == 1:
+        return tokens, entropies
+    box = torch.stack([tokens.to(torch.float64), entropies.to(torch.float64)]).to(dev)  # exact, as below
+    torch.distributed.broadcast(box, ps.get_context_parallel_global_ranks()[0], group=ps.get_context_parallel_group())
+    box = box.cpu()
+    return box[0].long(), box[1].float()
 
 
 def _from_last_stage(tokens: torch.Tensor | None, entropies: torch.Tensor | None, n: int,

@@ -23,10 +23,12 @@ neither local core splits packed (thd) sequences over CP ranks.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
@@ -80,6 +82,8 @@ class SDPAttention(DotProductAttention):
         if self.window is not None and cp > 1:
             raise ValueError("the flash (SDPA) attention core does not split sliding-window attention over "
                              "context-parallel ranks; use context = 1")
+        # off while generating: every context-parallel rank then attends whole sequences (`whole_sequences`)
+        self.split_context = True
         # DotProductAttention folds the layer-number coefficient into softmax_scale and multiplies it
         # back inside the softmax; SDPA has one scale, so use the product.
         self.sdpa_scale = self.softmax_scale * (self.layer_number if config.apply_query_key_layer_scaling else 1)
@@ -88,7 +92,7 @@ class SDPAttention(DotProductAttention):
                 packed_seq_params=None):
         if attention_bias is not None:
             raise ValueError("the flash (SDPA) attention core takes no attention bias; use attention_backend = unfused")
-        cp = parallel_state.get_context_parallel_world_size()
+        cp = parallel_state.get_context_parallel_world_size() if self.split_context else 1
         if packed_seq_params is not None:
             if cp > 1:
                 raise ValueError("the flash (SDPA) attention core cannot split packed (thd) sequences over context-"
@@ -192,6 +196,54 @@ def _gather_context(local: torch.Tensor) -> torch.Tensor:
         where[j], where[2 * cp - 1 - j] = 2 * j, 2 * j + 1
     order = torch.cat([torch.arange(where[g] * c, (where[g] + 1) * c) for g in range(2 * cp)]).to(local.device)
     return gathered.index_select(0, order)
+
+
+def whole_sequences(model):
+    """A context in which every context-parallel rank runs whole sequences through `model` (its chunks'
+    modules), as the rollout generator does: each CP rank decodes the full rows, so nothing may split them.
+    Off for its duration, restored after: the SDPA core's all-gather of the CP group's keys and values
+    (`SDPAttention.split_context`), Transformer Engine's ring attention (its DotProductAttention's
+    `set_context_parallel_group(None, ...)`, as Megatron-Core's TEDotProductAttention turns CP off for a
+    packed batch with local_cp_size = 1) and RoPE's slicing of the position table to the rank's load-
+    balanced chunks (RotaryEmbedding.cp_group; its `forward` is lru-cached on its arguments, not on the
+    group, so the cache is cleared on entry and exit). A no-op without context parallelism."""
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_context_parallel_world_size() == 1:
+        return contextlib.nullcontext()
+    return _context_parallel_off([m for chunk in (model if isinstance(model, (list, tuple)) else [model])
+                                  for m in chunk.modules()])
+
+
+@contextlib.contextmanager
+def _context_parallel_off(modules):
+    sdpa = [m for m in modules if isinstance(m, SDPAttention) and m.split_context]
+    rotary = [(m, m.cp_group) for m in modules if isinstance(m, RotaryEmbedding) and m.cp_group is not None]
+    te = [(m, m.cp_group, getattr(m, "cp_global_ranks", None), getattr(m, "cp_stream", None),
+           getattr(m, "cp_comm_type", "p2p"))
+          for m in modules if hasattr(m, "set_context_parallel_group") and getattr(m, "cp_group", None) is not None]
+    for m in sdpa:
+        m.split_context = False
+    for m, _ in rotary:
+        m.cp_group = None
+    for m, _, _, _, comm in te:
+        m.set_context_parallel_group(None, None, None, comm)
+    _clear_rotary_caches(rotary)
+    try:
+        yield
+    finally:
+        for m in sdpa:
+            m.split_context = True
+        for m, group in rotary:
+            m.cp_group = group
+        for m, group, ranks, stream, comm in te:
+            m.set_context_parallel_group(group, ranks, stream, comm)
+        _clear_rotary_caches(rotary)
+
+
+def _clear_rotary_caches(rotary) -> None:
+    for cls in {type(m) for m, _ in rotary} | {RotaryEmbedding}:
+        clear = getattr(cls.forward, "cache_clear", None)
+        if clear is not None:
+            clear()
 
 
 @functools.lru_cache(maxsize=16)

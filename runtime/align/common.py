@@ -344,6 +344,33 @@ def on_this_cp_rank(batch: Batch, *, segments: torch.Tensor | None = None) -> Ba
     return Batch(**shard, attention_mask=None, packed_seq_params=None, cp=cp)
 
 
+def cp_gather(x: torch.Tensor) -> torch.Tensor:
+    """This context-parallel rank's shard of whole rows ([b, s / cp, ...], `on_this_cp_rank`) -> the whole
+    rows [b, s, ...] in sequence order, on every rank of the group: for what runs along a row's tokens in
+    order (PPO's rewards at each row's last token and its GAE scan). Not differentiable (experience
+    passes). The tensor as it is when cp = 1."""
+    cp = cp_size()
+    if cp == 1:
+        return x
+    shards = [torch.empty_like(x) for _ in range(cp)]
+    torch.distributed.all_gather(shards, x.contiguous(), group=parallel_state.get_context_parallel_group())
+    c = x.shape[1] // 2
+    pieces = [None] * (2 * cp)
+    for rank, shard in enumerate(shards):  # rank r holds chunks r and 2cp-1-r (get_batch_on_this_cp_rank)
+        pieces[rank], pieces[2 * cp - 1 - rank] = shard[:, :c], shard[:, c:]
+    return torch.cat(pieces, dim=1)
+
+
+def cp_shard(x: torch.Tensor) -> torch.Tensor:
+    """Whole rows [b, s, ...] -> this context-parallel rank's shard (the inverse of `cp_gather`; the split
+    of `on_this_cp_rank`, Megatron's get_batch_on_this_cp_rank). The tensor as it is when cp = 1."""
+    if cp_size() == 1:
+        return x
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    return get_batch_on_this_cp_rank({"rows": x})["rows"]
+
+
 def cp_sum(x: torch.Tensor) -> torch.Tensor:
     """The sum over the context-parallel group of each rank's partial sums (per-row sums of its tokens).
     Differentiable: the backward sums every rank's gradient, the adjoint of a total that every rank's loss

@@ -37,7 +37,7 @@ from megatron.core import parallel_state
 from nemoc.runtime import generation
 from nemoc.runtime.align import reward as reward_model
 from nemoc.runtime.align import stage
-from nemoc.runtime.align.common import AlignError, Batch, make_batch, token_logprobs
+from nemoc.runtime.align.common import AlignError, Batch, cp_share, cp_sum, make_batch, token_logprobs
 from nemoc.runtime.align.data import read_prompts, template_for
 from nemoc.runtime.align.trainer import chunks
 from nemoc.runtime.objectives import grpo as objective
@@ -162,7 +162,7 @@ def microbatches(queries: Sequence[Query], completions: Sequence[list[int]], adv
             ref = _token_logps(policy, batch, lora_disabled=True) if reference == "lora" else _token_logps(reference, batch)
         old = _token_logps(policy, batch) if cfg.iterations > 1 else None
         out.append({"batch": batch, "adv": advantages[idx].to(batch.tokens.device), "ref": ref, "old": old})
-    tokens = sum(float(mb["batch"].loss_mask.sum()) for mb in out)
+    tokens = sum(float(cp_sum(mb["batch"].loss_mask.sum())) for mb in out)  # whole rows under context parallelism
     for mb in out:  # dapo: the token sum over the rank's whole generation batch (Megatron divides by m again)
         mb["items"] = tokens / len(out)
     return out
@@ -177,12 +177,13 @@ def make_forward(cfg: GRPOParams, max_completion_length: int):
             loss, metrics = objective.grpo_loss(
                 -output.float(), batch.loss_mask, mb["adv"], old_logps=mb["old"], ref_logps=mb["ref"], beta=cfg.beta,
                 epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_up, loss_type=cfg.loss,
-                max_completion_length=max_completion_length, num_items_in_batch=mb["items"])
+                max_completion_length=max_completion_length, num_items_in_batch=mb["items"], seq_sum=cp_sum)
             metrics.pop("clip_ratio_low", None)
             metrics.pop("clip_ratio_high", None)
             if "kl" not in metrics:
                 metrics["kl"] = torch.zeros((), device=loss.device)
-            return loss, metrics
+            # context parallelism: the token sums are the CP group's (seq_sum), each rank returns its share
+            return cp_share(loss), metrics
 
         return token_loss, loss_func
 

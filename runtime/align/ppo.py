@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from nemoc.runtime import generation
-from nemoc.runtime.align.common import AlignError, Batch, forward_everywhere, make_batch, token_logprobs, unwrap
+from nemoc.runtime.align.common import (AlignError, Batch, cp_gather, cp_shard, cp_share, cp_sum, forward_everywhere,
+                                        make_batch, token_logprobs, unwrap)
 from nemoc.runtime.align.reward import score as reward_score
 from nemoc.runtime.align.reward import sequence_batch
 from nemoc.runtime.objectives import grpo as objectives_grpo
@@ -137,11 +138,13 @@ def critic_values(critic, batch: Batch) -> torch.Tensor:
 def make_experience(*, actor, critic, reference: Callable[[Batch], torch.Tensor], scores: torch.Tensor,
                     prompts, responses, seq_length: int, cfg: PPOConfig) -> tuple[Experience, dict[str, float]]:
     batch = make_batch(_rows(prompts, responses, seq_length), seq_length)
-    mask = batch.loss_mask
     unwrap(actor).eval()
-    old = token_logprobs(actor, batch) * mask
-    ref = reference(batch) * mask
-    values = critic_values(critic, batch) * mask
+    # the passes run on this context-parallel rank's shard of the rows (the batch's); the rewards and the
+    # GAE scan run along whole rows (`cp_gather`, identical on every CP rank), the loss on the shard again
+    old_shard = token_logprobs(actor, batch) * batch.loss_mask
+    ref_shard = reference(batch) * batch.loss_mask
+    values_shard = critic_values(critic, batch) * batch.loss_mask
+    mask, old, ref, values = (cp_gather(x) for x in (batch.loss_mask, old_shard, ref_shard, values_shard))
     kl = (old - ref) * mask
     rewards = -cfg.kl_coef * kl
     last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # each row's last response label
@@ -153,7 +156,7 @@ def make_experience(*, actor, critic, reference: Callable[[Batch], torch.Tensor]
     advantages = (advantages - mean) / (std + 1e-8) * mask
     stats = {"reward": float(scores.mean()), "kl": float(kl.sum(-1).mean()),
              "response_length": float(mask.sum(-1).mean())}
-    return Experience(batch, old, values, advantages, returns), stats
+    return Experience(batch, old_shard, values_shard, cp_shard(advantages), cp_shard(returns)), stats
 
 
 # ----------------------------------------------------------------------------------- loss functions
@@ -168,10 +171,11 @@ def actor_forward(cfg: PPOConfig):
             # the clipped surrogate, token mean over the microbatch, from the shared objective (GRPO's with
             # per-token GAE advantages, no KL term: PPO's KL is in the reward); its clip_fraction is TRL's:
             # tokens whose gradient the clip removes (rho < 1-eps with A < 0, rho > 1+eps with A > 0)
+            # (context parallelism: token sums over the CP group's shards, each rank's share of the loss)
             loss, m = objectives_grpo.grpo_loss(-output.float(), b.loss_mask, exp.advantages,
                                                 old_logps=exp.old_logprobs, beta=0.0, epsilon_low=cfg.clip,
-                                                epsilon_high=cfg.clip, loss_type="bnpo")
-            return loss, {"policy_loss": loss.detach().clone(), "clip_fraction": m["clip_fraction"]}
+                                                epsilon_high=cfg.clip, loss_type="bnpo", seq_sum=cp_sum)
+            return cp_share(loss), {"policy_loss": loss.detach().clone(), "clip_fraction": m["clip_fraction"]}
 
         return out, loss_func
 
@@ -188,8 +192,8 @@ def critic_forward(cfg: PPOConfig):
             mask = b.loss_mask
             v_clip = exp.values + torch.clamp(v - exp.values, -cfg.value_clip, cfg.value_clip)
             loss_v = torch.max((v - exp.returns) ** 2, (v_clip - exp.returns) ** 2)
-            loss = 0.5 * (loss_v * mask).sum() / mask.sum().clamp(min=1)
-            return loss, {"value_loss": loss.detach().clone()}
+            loss = 0.5 * cp_sum((loss_v * mask).sum()) / cp_sum(mask.sum()).clamp(min=1)
+            return cp_share(loss), {"value_loss": loss.detach().clone()}
 
         return out, loss_func
 

@@ -88,9 +88,13 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 def grpo_loss(logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, *, old_logps=None,
               ref_logps=None, beta: float = 0.04, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
               loss_type: str = "grpo", max_completion_length: int | None = None,
-              num_items_in_batch: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              num_items_in_batch: float | None = None, seq_sum=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of one microbatch (see the module docstring). `num_items_in_batch` (dapo): the
-    completion tokens of the whole generation batch across ranks (default: this microbatch's)."""
+    completion tokens of the whole generation batch across ranks (default: this microbatch's).
+    `seq_sum`: completes a sum over this tensor's tokens to the sum over the whole rows, when the [B, T]
+    tensors hold a shard of every row (context parallelism: runtime/align/common.py `cp_sum`, summed over
+    the CP group, differentiable); every token sum and count goes through it. Default: the identity."""
+    total = seq_sum or (lambda x: x)
     mask = mask.to(logps.dtype)
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     old = logps.detach() if old_logps is None else old_logps
@@ -98,33 +102,34 @@ def grpo_loss(logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
     metrics: dict[str, torch.Tensor] = {}
-    tokens = mask.sum().clamp(min=1.0)
+    tokens = total(mask.sum()).clamp(min=1.0)
     if beta != 0.0:
         if ref_logps is None:
             raise ValueError("grpo with beta != 0 needs the reference log-probs")
         kl = k3_kl(logps, ref_logps)
         per_token = per_token + beta * kl
-        metrics["kl"] = ((kl * mask).sum() / tokens).detach()
+        metrics["kl"] = (total((kl * mask).sum().detach()) / tokens).detach()
     if loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        loss = (total((per_token * mask).sum(-1)) / total(mask.sum(-1)).clamp(min=1.0)).mean()
     elif loss_type == "bnpo":
-        loss = (per_token * mask).sum() / tokens
+        loss = total((per_token * mask).sum()) / tokens
     elif loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("dr_grpo needs max_completion_length")
-        loss = (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
+        loss = total((per_token * mask).sum()) / (per_token.size(0) * max_completion_length)
     elif loss_type == "dapo":
-        loss = (per_token * mask).sum() / (tokens if num_items_in_batch is None else max(float(num_items_in_batch), 1.0))
+        loss = total((per_token * mask).sum()) / (tokens if num_items_in_batch is None
+                                                  else max(float(num_items_in_batch), 1.0))
     else:
         raise ValueError(f"grpo loss_type {loss_type!r}; expected {' | '.join(LOSS_TYPES)}")
     low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(mask.dtype)
     high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(mask.dtype)
     metrics.update(
         loss=loss.detach().clone(),
-        clip_ratio_low=(low * mask).sum() / tokens,
-        clip_ratio_high=(high * mask).sum() / tokens,
-        clip_fraction=(torch.maximum(low, high) * mask).sum() / tokens,
-        completion_length=mask.sum(-1).mean(),
+        clip_ratio_low=total((low * mask).sum()) / tokens,
+        clip_ratio_high=total((high * mask).sum()) / tokens,
+        clip_fraction=total((torch.maximum(low, high) * mask).sum()) / tokens,
+        completion_length=total(mask.sum(-1)).mean(),
     )
     return loss, metrics
 

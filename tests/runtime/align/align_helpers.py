@@ -186,10 +186,11 @@ def train_kind(common, kind: str, base, layout, *, steps: int = 3, layers: int =
     return [h["loss"] for h in history]
 
 
-def rl_kind(common, kind: str, base, layout, *, iterations: int = 2) -> dict:
+def rl_kind(common, kind: str, base, layout, *, iterations: int = 2, attention: str = "unfused") -> dict:
     """`iterations` iterations of PPO or GRPO at `layout` (the caller's process group) from the checkpoint
     `base`: policy (and critic, reward model) trunks loaded from it, the reward model's scalar head a
     fixed random vector (so scores differ between responses), rollouts with the KV-cached generator.
+    `attention`: the attention core (context parallelism needs the SDPA core, `flash`).
     Returns {"tokens": a sampled rollout of the initial policy, "steps": every iteration's metrics}.
     test_align_rl_pipeline.py runs it in one process and under torchrun (rl_pipeline_worker.py)."""
     import torch
@@ -201,7 +202,7 @@ def rl_kind(common, kind: str, base, layout, *, iterations: int = 2) -> dict:
     spec = llama_spec(seq_length=16, vocab=256)
 
     def model(*, head: bool = False, frozen: bool = False):
-        chunk = common.build_gpt(spec, layout, scalar_head=head)
+        chunk = common.build_gpt(spec, layout, scalar_head=head, attention_backend=attention)
         common.load_model(chunk, base, skip_output=head)
         if head:  # the same vector on every layout (the head lives on the last pipeline stage)
             out = getattr(common.unwrap(chunk), "output_layer", None)
