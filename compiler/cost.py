@@ -933,17 +933,20 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     runtime's generator: no micro-batches, so no stage overlaps another): the prefill costs the
     m micro batches' forward on every stage in turn, m x pp x the mean stage, not the pipelined
     m x slowest + bubble, and every forward (the prefill, each decode step) sends the batch's hidden
-    states across the pp - 1 stage boundaries (`_rollout_p2p`)."""
+    states across the pp - 1 stage boundaries (`_rollout_p2p`). Context parallelism does not split the
+    rollout (the nemoc runtime's generator runs the whole rows on every CP rank, which wait for none of
+    each other): the prefill, the KV cache reads and the transfers are those of cp = 1."""
     batch = layout.num_microbatches * micro_batch
+    whole = replace(layout, cp=1)  # every CP rank decodes the whole rows
     if layout.pp == 1:
-        prefill = _pass_time(model, layout, hw, ModelPass("prefill", 1.0, FORWARD), seq=seq, precision=precision,
+        prefill = _pass_time(model, whole, hw, ModelPass("prefill", 1.0, FORWARD), seq=seq, precision=precision,
                              backend=backend, micro_batch=micro_batch, params=params, overlap_tp=overlap_tp,
                              kernels=kernels)
     else:
-        lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
+        lt = layer_times(model, whole, hw, seq=seq, precision=precision, attention_backend=backend,
                          micro_batch=micro_batch, backward=FORWARD, params=params, overlap_tp=overlap_tp,
                          kernels=kernels)
-        _, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=FORWARD,
+        _, mean, _ = _stage_times(model, whole, hw, lt, seq=seq, micro_batch=micro_batch, backward=FORWARD,
                                   params=params)
         prefill = layout.num_microbatches * layout.pp * mean + _rollout_p2p(model, layout, hw, batch * seq, params)
     counts = param_counts(model)
@@ -952,7 +955,7 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     weight_bytes += model.layers * counts.expert / (layout.ep * layout.etp) * 2.0
     context = seq - new_tokens / 2.0  # mean context length while decoding (prompt fills the rest)
     kv_heads = max(1.0, model.query_groups / layout.tp)
-    kv_bytes = batch * context / layout.cp * model.layers * 2.0 * kv_heads * model.head_dim * 2.0
+    kv_bytes = batch * context * model.layers * 2.0 * kv_heads * model.head_dim * 2.0  # whole rows at any cp
     rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.gemm_eff(hw.generation, "bf16")
     flops = 2.0 * batch * gemm_params / layout.tp
     step = max(flops / rate, (weight_bytes + kv_bytes) / hw.hbm_bw) + model.layers * params.layer_overhead / 3.0
@@ -962,11 +965,12 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
 
 def _rollout_p2p(model, layout, hw, tokens: float, params) -> float:
     """One generation forward's pipeline transfers: `tokens` hidden states (16-bit; 1/tp of them each
-    under sequence parallelism) sent across each of the pp - 1 stage boundaries in turn, on the
-    critical path (the stages wait for each other), each paying the link latency; 0 without a pipeline."""
+    under sequence parallelism; all of them at any cp: every CP rank sends the whole rows) sent across each
+    of the pp - 1 stage boundaries in turn, on the critical path (the stages wait for each other), each
+    paying the link latency; 0 without a pipeline."""
     if layout.pp == 1:
         return 0.0
-    size = tokens / layout.cp * model.hidden * 2.0 / (layout.tp if layout.sequence_parallel else 1)
+    size = tokens * model.hidden * 2.0 / (layout.tp if layout.sequence_parallel else 1)
     bw = _link_bw(hw, layout.pp, layout.tp * layout.cp * layout.dp, params)
     return (layout.pp - 1) * (size / bw + params.ring_step_latency)
 

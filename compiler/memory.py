@@ -305,10 +305,12 @@ def rollout_kv_cache(model: ModelSpec, layout: Layout, *, seq: int, rows: int, l
     generator on Megatron-Core's StaticInferenceContext, one key and one value tensor per layer of this stage, each
     [sequence, batch, query groups / tp, head dim] in 16-bit): the DP rank's whole batch at once
     (m micro batches x micro batch x rows sequences, no micro-batching), up to `seq` positions. Under
-    pipeline parallelism each stage caches only its own `layers`."""
+    pipeline parallelism each stage caches only its own `layers`. Not divided by context parallelism:
+    every CP rank decodes the whole rows (the sequence is split only for the training passes), so each
+    holds the whole sequence's cache."""
     batch = layout.num_microbatches * layout.micro_batch * rows
     groups = max(1.0, model.query_groups / layout.tp)
-    return 2.0 * seq / layout.cp * batch * groups * model.head_dim * 2.0 * layers
+    return 2.0 * seq * batch * groups * model.head_dim * 2.0 * layers
 
 
 def _local_stage(model: ModelSpec, layout: Layout, stage: int, vocab: int, scalar_head: bool,
@@ -539,7 +541,11 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
             parts["optimizer_step_fp32_grads"] = step_transient - dynamic
         if generates:  # the rollout runs before the step, when no training activation is held
             kv = rollout_kv_cache(model, layout, seq=seq, rows=rows, layers=st.layers)
-            rollout = kv + per_layer * layout.num_microbatches  # + one layer's prefill tensors of the whole batch
+            prefill = per_layer if layout.cp == 1 else layer_activations(  # whole rows on every CP rank
+                model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=1, etp=layout.etp,
+                recompute=layout.recompute if trains else "none", attention_backend=backend, dropout=dropout,
+                kernels=kernels, fp8=precision in ("fp8", "mxfp8")).total
+            rollout = kv + prefill * layout.num_microbatches  # + one layer's prefill tensors of the whole batch
             if rollout > dynamic:
                 parts["rollout_kv_cache"] = rollout - dynamic
 

@@ -18,7 +18,8 @@ repeated to the query heads, as DotProductAttention does), the causal mask and a
 the TP RNG tracker. Context parallelism (cp > 1): the SDPA core all-gathers the group's keys and values
 and attends its load-balanced query shard causally (`SDPAttention._context_parallel`; TE's attention runs
 ring attention instead); Megatron's unfused core supports cp = 1 only (megatron_args refuses the plan), and
-neither local core splits packed (thd) sequences over CP ranks.
+neither local core splits packed (thd) sequences over CP ranks. `whole_sequences(model)` turns the CP split
+off for a while (the rollout generator: every CP rank decodes the whole rows).
 """
 
 from __future__ import annotations

@@ -64,13 +64,20 @@ _ALIGN = StageCaps(
          "parallelism on rows of one sample (packed rows need Transformer Engine's THD attention with CP)",
     source="nemoc runtime/align/trainer.py fit (interleaved schedule over a rank's chunks), runtime/align/common.py "
            "on_this_cp_rank (context-parallel shards; packed rows refused)")
+# PPO and GRPO at cp > 1: the rollout is not split over the CP group (runtime/generation.py: every CP rank
+# decodes the whole rows under runtime/model.py `whole_sequences`, the attention core's CP path and RoPE's
+# CP slicing off, and keeps the first CP rank's tokens); the experience passes (reward scores, reference /
+# old log-probs, critic values) and the actor, critic and policy steps shard each row over the group as
+# sft/dpo do (`on_this_cp_rank`, per-row sums with `cp_sum`; PPO's rewards and GAE run along whole rows
+# gathered over the group: common.py `cp_gather`). Rows hold one sample each (no packing).
 _PPO = StageCaps(
-    pipeline=True, virtual_pipeline=False, context_parallel=False, te=True, moe=False, kv_cache_rollout=True,
+    pipeline=True, virtual_pipeline=False, context_parallel=True, te=True, moe=False, kv_cache_rollout=True,
     hf_init=True,
-    runs="the nemoc runtime's ppo and grpo stages (runtime/align) run TP/PP/DP without virtual stages, their "
-         "rollouts decoded across the pipeline stages",
+    runs="the nemoc runtime's ppo and grpo stages (runtime/align) run TP/PP/CP/DP without virtual stages, their "
+         "rollouts decoded across the pipeline stages, whole rows on every context-parallel rank",
     source="nemoc runtime/align/common.py build_gpt (vp), runtime/align/ppo.py, grpo.py (dense models only), "
-           "runtime/generation.py (KV-cached rollouts across pipeline stages)")
+           "runtime/generation.py (KV-cached rollouts across pipeline stages; context parallelism off while "
+           "decoding: runtime/model.py whole_sequences)")
 # eval runs at the stage's layout (tensor and data parallel; runtime/orchestrate/tasks/align.py launches the layout's
 # world size), so a model whose weights exceed one GPU is evaluated; its passes call the model directly
 # (no pipeline). Export runs in one process on the host (runtime/orchestrate/tasks/align.py `_one_process`). The local

@@ -24,6 +24,9 @@ Invariants (one iteration, TRL 1.16 GRPOTrainer with num_iterations = `iteration
 Any pipeline layout: sampling decodes across the stages (runtime/generation.py), the log-probs of step 3
 and a reward model's scores come from forward-only schedules broadcast from the last stage, the steps run
 Megatron's 1F1B schedule (tests/runtime/align/test_align_rl_pipeline.py: PP=2 = one process).
+Context parallelism: sampling decodes the whole rows on every CP rank (runtime/generation.py), the passes
+of step 3 and the steps run on each rank's shard of the rows, every token sum of the loss over the group
+(`grpo_loss(seq_sum=cp_sum)`, each rank's `cp_share`): CP=2 = one process (the same test).
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ Any pipeline layout: the rollout decodes across the stages (runtime/generation.p
 are forward-only schedules whose last stage broadcasts its results (`common.forward_everywhere`, the reward
 model's `reward.score`), so every rank computes the same advantages, and each step is Megatron's 1F1B
 schedule over the micro-batches (`Trainer.step`); tests/runtime/align/test_align_rl_pipeline.py.
+Context parallelism: the rollout decodes the whole rows on every CP rank (runtime/generation.py); the
+experience passes and the steps run on each rank's shard of the rows (`make_batch`), the rewards and GAE
+along whole rows gathered over the group (`cp_gather`, then `cp_shard` back), the losses' token sums over
+the group (`cp_sum`, each rank's `cp_share`): one process's metrics at CP=2 (the same test).
 """
 
 from __future__ import annotations

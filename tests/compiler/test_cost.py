@@ -413,6 +413,24 @@ def test_fp8_parameters_halve_the_parameter_all_gather() -> None:
     assert fp8p.parts["compute"] == base.parts["compute"]
 
 
+def test_context_parallelism_does_not_split_the_rollout() -> None:
+    """Every CP rank decodes the whole rows (runtime/generation.py), so for the same DP rank's batch the
+    rollout at cp = 2 costs what it does at cp = 1 (prefill, weight and KV-cache reads unsplit), while the
+    training passes split the sequence over the two ranks."""
+    m = PRESETS["llama3_8b"]
+    kw = dict(gpu="H100", seq_length=8192, stage_kind="ppo", stage_params={"max_new_tokens": 256})
+    one = estimate(m, layout(tp=2, dp=4, global_batch=64, num_microbatches=16), **kw)
+    two = estimate(m, layout(tp=2, cp=2, dp=4, global_batch=64, num_microbatches=16), **kw)
+    assert two.parts["rollout"] == pytest.approx(one.parts["rollout"], rel=1e-9)
+    assert two.parts["compute"] < 0.6 * one.parts["compute"]
+    assert two.parts["cp_comm"] > 0 == one.parts["cp_comm"]
+    # pipelined: the same, but for the stage-to-stage transfers, whose ranks lie tp x cp x dp apart (at
+    # cp = 2 across the 8-GPU node): no faster, and never divided by cp
+    piped = dict(tp=2, pp=2, dp=2, global_batch=64, num_microbatches=32)
+    rollout = [estimate(m, layout(cp=cp, **piped), **kw).parts["rollout"] for cp in (1, 2)]
+    assert rollout[0] <= rollout[1] < 1.02 * rollout[0]
+
+
 def test_a_pipelined_rollout_runs_its_stages_one_after_the_other() -> None:
     """The runtime decodes a rollout stage after stage for the whole batch (runtime/generation.py): at
     PP = 2 a decode step still reads the whole model's weights (one stage after the other) plus the

@@ -247,6 +247,25 @@ def test_a_rollout_holds_its_stages_kv_cache_for_the_whole_batch() -> None:
                                               params=params).parts  # under the step's activations
 
 
+def test_context_parallelism_splits_the_training_activations_but_not_the_rollouts_kv_cache() -> None:
+    """Every CP rank decodes the whole rows (runtime/generation.py: the rollout is not split), so a GRPO
+    stage at cp = 2 holds the same KV cache as at cp = 1 for the same DP rank's batch, while its training
+    activations (each rank's shard of every row) halve."""
+    model = PRESETS["llama3_8b"]
+    one = layout(tp=2, dp=4, micro_batch=1, global_batch=512, num_microbatches=128)
+    two = layout(tp=2, cp=2, dp=4, micro_batch=1, global_batch=512, num_microbatches=128)
+    assert rollout_kv_cache(model, two, seq=4096, rows=8, layers=32) == rollout_kv_cache(model, one, seq=4096, rows=8,
+                                                                                         layers=32)
+    params = {"num_generations": 8, "max_new_tokens": 512}
+    a = estimate(model, one, gpu="H100", stage_kind="grpo", seq_length=4096, params=params)
+    b = estimate(model, two, gpu="H100", stage_kind="grpo", seq_length=4096, params=params)
+    assert b.activations == pytest.approx(a.activations / 2, rel=0.05)
+    # the cache outgrows the freed activations at both: the difference grows by the activations cp saved
+    dynamic = lambda m: m.parts["rollout_kv_cache"] + m.activations  # noqa: E731
+    assert b.parts["rollout_kv_cache"] > a.parts["rollout_kv_cache"] > 0
+    assert dynamic(b) > 0.9 * rollout_kv_cache(model, two, seq=4096, rows=8, layers=32)
+
+
 def test_bf16_optimizer_state_holds_two_byte_moments_and_a_master_remainder() -> None:
     """optimizer_state_dtype = bf16 (Megatron-Core's precision-aware optimizer): 2-byte Adam moments, and
     the fp32 master kept as its 16-bit remainder beside bf16 weights (store_param_remainders) where
