@@ -464,9 +464,12 @@ def test_alignment_kinds_pipeline_with_virtual_stages(kind):
 
 @pytest.mark.parametrize("kind", ["ppo", "grpo"])
 def test_rl_kinds_pipeline_without_virtual_stages(kind):
-    """PPO's and GRPO's rollouts decode with one model chunk per pipeline rank: pp > 1 is fine, vp > 1 is E126."""
+    """PPO's and GRPO's rollouts decode with one model chunk per pipeline rank: pp > 1 is fine, vp > 1 is E126;
+    cp > 1 is fine (the rollout decodes whole rows on every CP rank, the other passes split them)."""
     assert NEMOC_RUNTIME.caps(kind).pipeline and not NEMOC_RUNTIME.caps(kind).virtual_pipeline
+    assert NEMOC_RUNTIME.caps(kind).context_parallel
     assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2)) is None
+    assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, cp=2)) is None
     v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, vp=2))
     assert v.code == "E126" and v.anchors[0] == "parallel.virtual_pipeline"
     assert "cannot run virtual pipeline stages" in v.message and "vp(2) > 1" in v.equation

@@ -124,6 +124,23 @@ experiment rl_context {
 """
 
 
+def test_check_accepts_context_parallel_ppo_and_grpo_and_points_at_context_for_the_unfused_core(tmp_path):
+    from click.testing import CliRunner
+
+    from nemoc.runtime.cli import cli
+
+    source = tmp_path / "rl_context.nemo"
+    source.write_text(EXPERIMENT.replace("DATA", str(REPO / "examples" / "data")))
+    ok = CliRunner().invoke(cli, ["check", str(source)])
+    assert ok.exit_code == 0 and "error" not in ok.output, ok.output
+    bad = CliRunner().invoke(cli, ["check", str(source), "--set", "attention_backend=unfused"])
+    assert bad.exit_code == 1, bad.output
+    ppo_context = EXPERIMENT.splitlines().index("  stage ppo after sft, reward {") + 1
+    ppo_context += EXPERIMENT.splitlines()[ppo_context:].index("      context = 2") + 1
+    assert f"rl_context.nemo:{ppo_context}:7: error[E113]" in bad.output, bad.output
+    assert "hint: set attention_backend = auto, flash or fused" in bad.output and "Traceback" not in bad.output
+
+
 @pytest.mark.slow
 def test_ppo_and_grpo_run_at_cp2_end_to_end(tmp_path):
     from nemoc.compiler.plan import from_json
