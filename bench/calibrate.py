@@ -77,9 +77,6 @@ class Case:
 UNRELIABLE = {
     "C21": "same layout as C03 (B200, predicted within 2 %) on faster GB200, yet measured 15 % slower than "
            "C03: a different, unpublished configuration (later pages: MXFP8)",
-    **{i: "virtual pipeline not a column of the fine-tuning table; PP 4 without interleaving over 16 micro "
-          "batches is a 19 % bubble, yet the run is 13-18 % faster per GPU than the same model's pretraining "
-          "row (A06, VP 10)" for i in ("A14", "A32", "A50")},
 }
 
 
@@ -128,6 +125,16 @@ def row_model(row: dict) -> ModelSpec:
                      add_bias_linear=True)
 
 
+# NeMo 24.07's fine-tuning rows (A: SFT and LoRA of Llama 2 on H100, FP8) ran NeMo-Framework-Launcher's
+# `peft=llama/sft` stage with the tag's per-run examples (`examples/peft/llama/h100/{7b,13b}_1node.sh`,
+# `70b_2node.sh`, `*_lora.sh` at tag 24.07), which the performance table does not print: the interleaved
+# pipeline of the two SFT runs with PP > 1 (13B: TP 1 PP 4 VP 10; 70B: TP 4 PP 4 VP 20), `fp8_params=true`
+# on every run (FP8 parameters; Megatron-Core's `fp8_param`), and the stage config's optimizer
+# (`conf/peft/llama/sft.yaml`: `optim: distributed_fused_adam, dtype: bf16, grad_sync_dtype: bf16`): bf16
+# Adam state, as NeMo 24.07's Nemotron-4 340B config (stated as the precision-aware optimizer).
+NEMO_2407_PEFT_VP = {("LLAMA2-13B", "sft"): 10, ("LLAMA2-70B", "sft"): 20}
+
+
 def row_case(row: dict) -> Case | str:
     """A Case, or the reason the row is not usable."""
     name = row["model"].lower()
@@ -144,13 +151,16 @@ def row_case(row: dict) -> Case | str:
     mbs = row["mbs"] or 1
     gbs = row["gbs"]
     vp = row["vp"] if row["vp"] and row["vp"] > 1 else None
+    task = (row["task"] or "pretrain").lower()
+    nemo_peft = src == "A" and task in ("sft", "lora")  # NeMo 24.07's launcher `peft=llama/sft` stage
+    if nemo_peft and vp is None:
+        vp = NEMO_2407_PEFT_VP.get((row["model"], task))
     rec = (row["recompute"] or "").lower()
     recompute = "full" if (src == "F" or rec.startswith("full")) else ("selective" if rec.startswith("selective") else "none")
     sp = tp > 1 and src != "F" and not (src == "G" and recompute == "full")
     layout = Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=row["ep"] or 1, etp=1, dp=dp, micro_batch=mbs, global_batch=gbs,
                     num_microbatches=gbs // (mbs * dp), sequence_parallel=sp,
                     distributed_optimizer=src in "ACE", recompute=recompute)
-    task = (row["task"] or "pretrain").lower()
     kind, peft = ("sft", LoraSpec(rank=16)) if task == "lora" else (("sft", None) if task == "sft" else ("pretrain", None))
     backend = "unfused" if src in "FG" else "flash"
     label = f"{row['model']} {row['gpu'].split()[0]} x{n} {_precision(row)} {task}"
@@ -169,7 +179,7 @@ def row_case(row: dict) -> Case | str:
     # distributed_fused_adam, dtype: bf16`), which NeMo r2.0.0rc1 honours (megatron_base_model.py
     # `setup_optimization`: optim_dtype from the config; equal to the bf16 model dtype, so no master copy
     # either): bf16 Adam moments. Stated as the language's nearest setting, the precision-aware optimizer.
-    state = "bf16" if src == "A" and "nemotron-340b" in name else "fp32"
+    state = "bf16" if src == "A" and ("nemotron-340b" in name or nemo_peft) else "fp32"
     recipe, fp8_params = row_fp8(row) if _precision(row) == "fp8" else (None, False)
     return Case(row["id"], label, row_model(row), layout, _gpu(row["gpu"]), _precision(row), row["seq_len"], kind,
                 peft, backend, float(row["tokens_per_sec_per_gpu"]), bool(row.get("tokens_derived_from_published_tflops")),
@@ -186,8 +196,8 @@ def row_fp8(row: dict) -> tuple[str, bool]:
     (`nemo/lightning/pytorch/plugins/mixed_precision.py`). NeMo 25.04 / 25.07 (C): per-tensor current
     scaling, as those pages state ("scaling factors computed in the current step"); their scripts no
     longer set FP8 parameters (`bf16_with_fp8_mixed` at v2.3.0 has no `fp8_params`)."""
-    if row["source"].startswith("A"):
-        return "delayed", False
+    if row["source"].startswith("A"):  # the fine-tuning examples set `fp8_params=true` (NEMO_2407_PEFT_VP)
+        return "delayed", (row["task"] or "pretrain").lower() in ("sft", "lora")
     if row.get("container") == "NeMo 25.02":
         return "delayed", True
     return "tensorwise", False

@@ -67,7 +67,8 @@ def test_reliable_rows_error_bounds(calibrate, results) -> None:
     _, used = results
     errors = [abs(r["error"]) for r in used if calibrate.reliable(r)]
     assert len(errors) >= 85
-    assert statistics.median(errors) <= 0.034  # 3.2 % -> 3.3 % with the manual-GC pause (see above)
+    # 3.3 % -> 3.4 %: the six NeMo 24.07 SFT rows no longer refused or unreliable (A14/A15 x3) join the set
+    assert statistics.median(errors) <= 0.035
     assert max(errors) <= 0.156  # Mixtral 8x22B at 64K on 256 B200 (C08, +15.5 %), docs/calibration.md
     assert sum(e <= 0.15 for e in errors) >= 82  # C09 -14.8 % -> -15.1 % (see above)
 
@@ -93,6 +94,7 @@ def test_each_nemo_release_runs_its_fp8_recipe(calibrate) -> None:
     scaling, as those pages state; the row's `.nemo` file says so."""
     rows = {r["id"]: r for r in calibrate.load_rows()}
     assert calibrate.row_fp8(rows["A10"]) == ("delayed", False)
+    assert calibrate.row_fp8(rows["A15"]) == ("delayed", True)  # the launcher's fine-tuning examples
     assert calibrate.row_fp8(rows["C06"]) == ("delayed", True)
     assert calibrate.row_fp8(rows["C15"]) == ("tensorwise", False)
     text = calibrate.row_nemo(calibrate.row_case(rows["C06"]), 128)
@@ -111,8 +113,10 @@ def test_fine_tuning_rows_plan_from_a_checkpoint_with_prompt_response_data(calib
     ft = [r for r in out if r.get("task") == "sft"]
     assert len(ft) == 18
     used = [r for r in ft if "error" in r]
-    assert len(used) >= 15 and all(r["layout_kept"] for r in used)
-    assert all(abs(r["error"]) <= 0.07 for r in used if calibrate.reliable(r))
+    assert len(used) == 18 and all(r["layout_kept"] for r in used)
+    # Llama 2 13B SFT (TP1 PP4 VP10, the launcher's example) is 7-11 % low; every other row within 7 %
+    assert all(abs(r["error"]) <= 0.07 for r in used if r["id"] not in ("A14", "A32", "A50"))
+    assert all(abs(r["error"]) <= 0.12 for r in used)
     assert all(not r["unstated"] for r in used)
     assert {r["peft"] for r in used} == {True, False}
     text = calibrate.row_nemo(calibrate.row_case(next(x for x in rows if x["id"] == "A16")), 8, "ckpt_a16")
@@ -133,14 +137,23 @@ def test_every_nemo_2407_pretraining_layout_plans_as_published(planned) -> None:
             assert r["layout_kept"], r
 
 
-def test_refusals_are_the_memory_of_llama2_70b_sft_on_16_gpus(planned) -> None:
-    """What the planner still refuses: Llama 2 70B SFT on 16 H100 (TP4 PP4, DP 1; A15/A33/A51) does
-    not fit by the memory model (E130: the distributed optimizer shards nothing at DP 1, 12 B of Adam
-    state per parameter plus the step's fp32 gradient copies; docs/calibration.md)."""
-    _, out = planned
-    refused = [r for r in out if "rejected" in r]
-    assert sorted(r["id"] for r in refused) == ["A15", "A33", "A51"], refused
-    assert all(r["rejected"].startswith("E130") and r["task"] == "sft" for r in refused), refused
+def test_nemo_2407_fine_tuning_rows_state_the_launcher_recipe(calibrate, planned) -> None:
+    """NeMo 24.07's fine-tuning rows ran NeMo-Framework-Launcher's `peft=llama/sft` stage with the tag's
+    per-run examples (`examples/peft/llama/h100/*.sh`): VP 10 / 20 for the 13B / 70B SFT runs, FP8
+    parameters, and bf16 Adam state (`conf/peft/llama/sft.yaml`, `optim.dtype: bf16`). Stated, Llama 2
+    70B SFT on 16 H100 (TP4 PP4 VP20, DP 1; A15/A33/A51), refused before with E130 (fp32 Adam state
+    unsharded at DP 1), plans as published, and nothing is refused."""
+    rows, out = planned
+    assert not [r for r in out if "rejected" in r]
+    got = {r["id"]: r for r in out}
+    for rid in ("A15", "A33", "A51"):
+        assert got[rid]["layout_kept"] and got[rid]["recompute"] == "none", got[rid]
+        assert abs(got[rid]["error"]) <= 0.05, got[rid]
+    text = calibrate.row_nemo(calibrate.row_case(next(x for x in rows if x["id"] == "A15")), 16, "ckpt_a15")
+    assert "virtual_pipeline = 20" in text and "optimizer_state_dtype = bf16" in text
+    assert "fp8_param_gather = true" in text and "fp8_recipe = delayed" in text
+    lora = calibrate.row_nemo(calibrate.row_case(next(x for x in rows if x["id"] == "A16")), 8, "ckpt_a16")
+    assert "fp8_param_gather = true" in lora
 
 
 def test_unreliable_rows_are_few_and_explained(calibrate) -> None:
