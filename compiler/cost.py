@@ -89,16 +89,16 @@ class EfficiencyParams:
     bookkeeping included), hence below single-GEMM microbenchmarks.
     """
 
-    gemm_ampere_16: float = 0.71
+    gemm_ampere_16: float = 0.745
     gemm_hopper_16: float = 0.67
-    gemm_hopper_8: float = 0.465
-    gemm_blackwell_8: float = 0.39
-    attn: float = 0.44
-    kappa: float = 4.6
-    link: float = 0.75
-    tp_exposed: float = 0.0625
-    gemm_n_half: float = 80.0
-    layer_overhead: float = 55e-6
+    gemm_hopper_8: float = 0.484
+    gemm_blackwell_8: float = 0.41
+    attn: float = 0.436
+    kappa: float = 4.65
+    link: float = 0.625
+    tp_exposed: float = 0.0214
+    gemm_n_half: float = 73.4
+    layer_overhead: float = 45e-6
     ring_step_latency: float = 15e-6
     step_overhead: float = 0.02
     attn_kv_half: float = 512.0
@@ -296,14 +296,41 @@ class LayerTimes:
 
 
 def gemm_time(m: float, n: float, k: float, *, flops_per_s: float, bytes_per_s: float, in_bytes: float,
-              n_half: float = 0.0, weights: float = 1.0) -> float:
+              n_half: float = 0.0, weights: float = 1.0, rows: float | None = None) -> float:
     """Roofline time of an (m x k) @ (k x n) GEMM: the larger of its FLOPs at the achievable rate and
     its operand/result traffic at HBM bandwidth (Williams et al. 2009). Small or skinny GEMMs
     (small hidden / TP, small micro batch) become memory bound: that is the shape penalty. `weights`:
-    how many (k x n) matrices it reads (a grouped GEMM over the local experts reads each of theirs)."""
+    how many (k x n) matrices it reads (a grouped GEMM over the local experts reads each of theirs).
+    Tile quantisation (`n_half`) applies to the smallest dimension one kernel tiles: N, K, and `rows`,
+    the token rows of one kernel launch (`gemm_rows`: m unless the GEMM is split into chunks, or
+    grouped over experts, each with its own rows); `rows=None` leaves the token dimension out (the
+    GEMMs whose rows are not tokens: the output layer's M is the token count, kept out as before)."""
     flops = 2.0 * m * n * k
     traffic = in_bytes * (m * k + weights * k * n) + 2.0 * m * n
-    return max(flops / flops_per_s * (1.0 + n_half / min(n, k)), traffic / bytes_per_s)
+    smallest = min(n, k) if rows is None else min(n, k, rows)
+    return max(flops / flops_per_s * (1.0 + n_half / smallest), traffic / bytes_per_s)
+
+
+# Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`) splits the overlapped GEMMs along their
+# token rows: the all-gather-overlapped ones (QKV and fc1 forward, the output projection's and fc2's
+# input-gradient GEMMs: `ring_exchange`) run one chunk per TP rank, tokens / tp rows each, as the
+# gathered chunks arrive; the reduce-scatter-overlapped forward GEMMs (projection and fc2: `pipeline`)
+# run `num_splits` = 4 chunks. The QKV / fc1 input-gradient and every weight-gradient GEMM overlap a
+# `bulk` collective and are not split. (NeMo-Framework-Launcher 24.07
+# `conf/training/tp_overlap/ub_cfg_h100_*.yaml`, every H100 config; TE `CommOverlapP2P` /
+# `CommOverlap`, Megatron-Core `extensions/transformer_engine.py` userbuffer names `qkv`, `proj`, `fc1`,
+# `fc2`.) The per-pass divisors of each layer GEMM's rows, in `_layer_gemm_shapes` order:
+UB_PIPELINE_SPLITS = 4
+
+
+def gemm_rows_split(index: int, tp: int, overlap: bool) -> tuple[float, float]:
+    """(forward, input-gradient) chunks of layer GEMM `index` (QKV, projection, fc1, fc2, then shared
+    experts as fc1 / fc2) under TE's userbuffer overlap, or (1, 1) without it."""
+    if not overlap or tp == 1:
+        return 1.0, 1.0
+    if index % 2 == 0:  # QKV / fc1: ring-exchange all-gather forward, bulk backward
+        return float(tp), 1.0
+    return float(UB_PIPELINE_SPLITS), float(tp)  # projection / fc2: pipelined RS fwd, ring-exchange AG bwd
 
 
 @lru_cache(maxsize=256)
@@ -365,6 +392,8 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     passes = 1.0 + backward
     gemm = 0.0
     shapes = _layer_gemm_shapes(model, layout.tp, layout.ep, layout.etp)
+    # the userbuffer overlap splits GEMMs only where it runs (TP group inside one NVLink domain, as _tp_comm)
+    ub_overlap = overlap_tp and layout.tp > 1 and layout.tp <= hw.nvlink_domain and gen not in ("ampere", "cpu")
     moe = moe or DEFAULT_MOE
     local_experts = model.experts // layout.ep if model.is_moe else 1
     sequential = model.is_moe and not moe.grouped_gemm and local_experts > 1
@@ -373,13 +402,21 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
             # SequentialMLP (no grouped GEMM): one GEMM per local expert over its share of the routed
             # tokens, one after another, each reading its own weights: the sum of per-expert rooflines
             # (>= the grouped GEMM's single roofline over all rows)
-            gemm += passes * local_experts * gemm_time(tokens * share / local_experts, n, k, flops_per_s=rate,
-                                                       bytes_per_s=hw.hbm_bw, in_bytes=in_bytes,
-                                                       n_half=params.gemm_n_half)
+            rows = tokens * share / local_experts
+            gemm += passes * local_experts * gemm_time(rows, n, k, flops_per_s=rate, bytes_per_s=hw.hbm_bw,
+                                                       in_bytes=in_bytes, n_half=params.gemm_n_half, rows=rows)
             continue
-        experts_read = local_experts if model.is_moe and i in (2, 3) else 1  # grouped: every local expert's weights
-        gemm += passes * gemm_time(tokens * share, n, k, flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=in_bytes,
-                                   n_half=params.gemm_n_half, weights=experts_read)
+        grouped = model.is_moe and i in (2, 3)
+        experts_read = local_experts if grouped else 1  # grouped: every local expert's weights
+        m = tokens * share
+        per_expert = m / experts_read  # a grouped GEMM tiles each expert's rows separately
+        split_f, split_d = gemm_rows_split(i, layout.tp, ub_overlap and not grouped)
+        kw = dict(flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=in_bytes, n_half=params.gemm_n_half,
+                  weights=experts_read)
+        fwd = gemm_time(m, n, k, rows=per_expert / split_f, **kw)
+        dgrad = gemm_time(m, n, k, rows=per_expert / split_d, **kw) if backward else 0.0
+        wgrad = gemm_time(m, n, k, rows=per_expert, **kw) if backward > 1 else 0.0  # tokens: its reduction dim
+        gemm += fwd + min(backward, 1.0) * dgrad + max(backward - 1.0, 0.0) * wgrad
     span = min(seq, attention_span) if attention_span else seq
     attn_flops = 4.0 * tokens * span * model.heads * model.head_dim / layout.tp
     recomputed = layout.recompute != "none" and backward  # the core's forward runs again
