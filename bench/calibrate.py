@@ -644,8 +644,9 @@ def fit_parameters(rows: list[dict], rounds: int = 6, cap: float = 0.31) -> cost
     planned once, then its chosen layout is re-costed under trial parameters. Loss: median + 0.3 x
     mean + 0.2 x max of |error| over the reliable rows (`reliable()`), plus a penalty that keeps every
     planned row within `cap`. Each round tries x{0.6 ... 1.6} on every parameter in turn;
-    `ring_step_latency`, `attn_kv_half` and `step_overhead` are set from latency, kernel and host
-    figures, not searched. Global parameters for ~80 rows: nothing is fitted per row."""
+    `ring_step_latency`, `attn_kv_half`, `step_overhead` and `link` are set from latency, kernel, host
+    and NCCL bus-bandwidth figures, not searched (left free, `link` drifts to ~0.62 to absorb the MoE
+    rows' miss and moves the DP-bound Megatron-LM README rows by 5-8 points: docs/calibration.md). Global parameters for ~80 rows: nothing is fitted per row."""
     from nemoc.compiler.search import evaluate_time
 
     done = [r for r in planned(rows) if "error" in r]
@@ -661,7 +662,7 @@ def fit_parameters(rows: list[dict], rounds: int = 6, cap: float = 0.31) -> cost
     best = loss(best_p)
     for _ in range(rounds):
         for f in dataclasses.fields(best_p):
-            if f.name in ("ring_step_latency", "attn_kv_half", "step_overhead"):
+            if f.name in ("ring_step_latency", "attn_kv_half", "step_overhead", "link"):
                 continue
             value = getattr(best_p, f.name)
             for factor in (0.6, 0.8, 0.9, 0.96, 0.99, 1.01, 1.04, 1.1, 1.25, 1.6):

@@ -89,14 +89,14 @@ class EfficiencyParams:
     bookkeeping included), hence below single-GEMM microbenchmarks.
     """
 
-    gemm_ampere_16: float = 0.745
+    gemm_ampere_16: float = 0.715
     gemm_hopper_16: float = 0.67
     gemm_hopper_8: float = 0.484
-    gemm_blackwell_8: float = 0.41
-    attn: float = 0.436
-    kappa: float = 4.65
-    link: float = 0.625
-    tp_exposed: float = 0.0214
+    gemm_blackwell_8: float = 0.406
+    attn: float = 0.432
+    kappa: float = 4.6
+    link: float = 0.75
+    tp_exposed: float = 0.016
     gemm_n_half: float = 73.4
     layer_overhead: float = 45e-6
     ring_step_latency: float = 15e-6
