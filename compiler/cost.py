@@ -64,8 +64,10 @@ class EfficiencyParams:
     tp_exposed: fraction of TP collective time not hidden behind GEMMs on Hopper and newer
               (Transformer Engine userbuffer TP-communication overlap, on in NeMo/Megatron-Bridge
               recipes); Ampere-era Megatron (2021-22) did not overlap TP communication: 1.0.
-    gemm_n_half: GEMM tile-quantisation penalty: a GEMM whose smaller of N, K (per GPU, after TP)
-              is n runs at e_gemm / (1 + n_half / n) (half a 128-wide tensor-core tile).
+    gemm_n_half: GEMM tile-quantisation penalty: a GEMM whose smallest tiled dimension is n runs at
+              e_gemm / (1 + n_half / n) (half a 128-wide tensor-core tile): the smaller of N, K (per GPU,
+              after TP) and the token rows of one kernel launch (userbuffer chunks, per-expert rows:
+              `gemm_rows_split`).
     layer_overhead: seconds per layer per micro batch (forward + backward) that no kernel's
               FLOPs or bytes explain: launch gaps, synchronisation, small kernels (tens of kernels
               per layer and pass).
@@ -98,7 +100,7 @@ class EfficiencyParams:
     link: float = 0.75
     tp_exposed: float = 0.016
     gemm_n_half: float = 73.4
-    layer_overhead: float = 45e-6
+    layer_overhead: float = 55e-6
     ring_step_latency: float = 15e-6
     step_overhead: float = 0.02
     attn_kv_half: float = 512.0

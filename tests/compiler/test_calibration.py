@@ -44,33 +44,33 @@ def test_rows_are_sourced(calibrate) -> None:
 
 
 def test_throughput_error_bounds(results) -> None:
-    """Through the language (docs/calibration.md): 83 pretraining rows, median 3.4 %, max 25.1 % (C21,
-    unreliable); with the 15 fine-tuning rows, 98 planned rows, median 3.4 %, max 25.1 %."""
+    """Through the language (docs/calibration.md): 83 pretraining rows, median 2.7 %, max 27.2 % (C21,
+    unreliable); with the 18 fine-tuning rows, 101 planned rows (none refused), median 3.3 %, max 27.2 %."""
     _, used = results
     pre = [abs(r["error"]) for r in used if r["task"] == "pretrain"]
     assert len(pre) >= 83
-    # 3.4 %: with the manual-GC pause (cost.gc_pause: one 0.23 s full collection every 100 steps, the
-    # recipes' default, 2.3 ms per step; `step_overhead` was fitted without that term)
-    assert statistics.median(pre) <= 0.035
-    assert max(pre) <= 0.26
-    # 77 -> 76: the interleaved schedule's first chunk's DP reduce-scatter is exposed in full
-    # (cost._interleaved_dp_exposed), which moves C09 GPT-3 175B on 512 H100 from -14.8 % to -15.1 %
-    assert sum(e <= 0.15 for e in pre) >= 76
+    # 3.4 % -> 2.7 %: tile quantisation over the token rows (TE userbuffer chunks, per-expert rows) and
+    # the refit of `EfficiencyParams` (docs/calibration.md, issue 17 "calibration misses by physical terms")
+    assert statistics.median(pre) <= 0.028
+    assert max(pre) <= 0.28  # C21 (unreliable: an unpublished configuration) +25.1 % -> +27.2 %
+    assert sum(e <= 0.15 for e in pre) >= 78
     errors = [abs(r["error"]) for r in used]
-    assert len(errors) >= 98
-    assert statistics.median(errors) <= 0.035
-    assert max(errors) <= 0.26
-    assert sum(e <= 0.15 for e in errors) >= 88  # C09, as above
+    assert len(errors) >= 101  # the three Llama 2 70B SFT rows plan now (the launcher's recipe stated)
+    assert statistics.median(errors) <= 0.034
+    assert max(errors) <= 0.28
+    assert sum(e <= 0.15 for e in errors) >= 96
 
 
 def test_reliable_rows_error_bounds(calibrate, results) -> None:
     _, used = results
     errors = [abs(r["error"]) for r in used if calibrate.reliable(r)]
-    assert len(errors) >= 85
-    # 3.3 % -> 3.4 %: the six NeMo 24.07 SFT rows no longer refused or unreliable (A14/A15 x3) join the set
-    assert statistics.median(errors) <= 0.035
-    assert max(errors) <= 0.156  # Mixtral 8x22B at 64K on 256 B200 (C08, +15.5 %), docs/calibration.md
-    assert sum(e <= 0.15 for e in errors) >= 82  # C09 -14.8 % -> -15.1 % (see above)
+    assert len(errors) >= 91  # A14 / A15 and their repeats (x3) join: their recipe is stated now
+    assert statistics.median(errors) <= 0.029  # 3.3 % -> 2.8 % (the issue's target: 3 %)
+    # Mixtral 8x22B at 64K on 256 B200 (C08): +15.5 % -> +16.3 % with the refit's Blackwell FP8 GEMM
+    # efficiency (0.39 -> 0.406); every other reliable row within 14.3 % (docs/calibration.md)
+    assert max(errors) <= 0.165
+    assert sum(e <= 0.15 for e in errors) >= 90
+    assert sum(e <= 0.10 for e in errors) >= 82
 
 
 def test_nemotron_340b_runs_its_published_bf16_optimizer_state_without_recompute(calibrate, planned) -> None:
@@ -108,15 +108,14 @@ def test_fine_tuning_rows_plan_from_a_checkpoint_with_prompt_response_data(calib
     and prompt/response data) and plan with the published layout. NeMo packed SQuAD (~200-token
     samples) into 4096-token sequences with THD attention; the rows state it (`pack = true`,
     `sample_tokens = 200`), so the plan costs each token's attention within its sample: the reliable
-    rows are within 7 % (they were 8-17 % low with the whole sequence costed)."""
+    rows are within 10 % (they were 8-17 % low with the whole sequence costed)."""
     rows, out = planned
     ft = [r for r in out if r.get("task") == "sft"]
     assert len(ft) == 18
     used = [r for r in ft if "error" in r]
     assert len(used) == 18 and all(r["layout_kept"] for r in used)
-    # Llama 2 13B SFT (TP1 PP4 VP10, the launcher's example) is 7-11 % low; every other row within 7 %
-    assert all(abs(r["error"]) <= 0.07 for r in used if r["id"] not in ("A14", "A32", "A50"))
-    assert all(abs(r["error"]) <= 0.12 for r in used)
+    # within 10 % (Llama 2 7B SFT / LoRA, TP 1, +8 to +9.5 % since the refit's FP8 efficiency: calibration.md)
+    assert all(abs(r["error"]) <= 0.10 for r in used)
     assert all(not r["unstated"] for r in used)
     assert {r["peft"] for r in used} == {True, False}
     text = calibrate.row_nemo(calibrate.row_case(next(x for x in rows if x["id"] == "A16")), 8, "ckpt_a16")
@@ -148,7 +147,7 @@ def test_nemo_2407_fine_tuning_rows_state_the_launcher_recipe(calibrate, planned
     got = {r["id"]: r for r in out}
     for rid in ("A15", "A33", "A51"):
         assert got[rid]["layout_kept"] and got[rid]["recompute"] == "none", got[rid]
-        assert abs(got[rid]["error"]) <= 0.05, got[rid]
+        assert abs(got[rid]["error"]) <= 0.07, got[rid]
     text = calibrate.row_nemo(calibrate.row_case(next(x for x in rows if x["id"] == "A15")), 16, "ckpt_a15")
     assert "virtual_pipeline = 20" in text and "optimizer_state_dtype = bf16" in text
     assert "fp8_param_gather = true" in text and "fp8_recipe = delayed" in text
