@@ -317,22 +317,26 @@ def gemm_time(m: float, n: float, k: float, *, flops_per_s: float, bytes_per_s: 
 # token rows: the all-gather-overlapped ones (QKV and fc1 forward, the output projection's and fc2's
 # input-gradient GEMMs: `ring_exchange`) run one chunk per TP rank, tokens / tp rows each, as the
 # gathered chunks arrive; the reduce-scatter-overlapped forward GEMMs (projection and fc2: `pipeline`)
-# run `num_splits` = 4 chunks. The QKV / fc1 input-gradient and every weight-gradient GEMM overlap a
-# `bulk` collective and are not split. (NeMo-Framework-Launcher 24.07
-# `conf/training/tp_overlap/ub_cfg_h100_*.yaml`, every H100 config; TE `CommOverlapP2P` /
-# `CommOverlap`, Megatron-Core `extensions/transformer_engine.py` userbuffer names `qkv`, `proj`, `fc1`,
-# `fc2`.) The per-pass divisors of each layer GEMM's rows, in `_layer_gemm_shapes` order:
+# run `num_splits` = 4 chunks on Hopper, and on Blackwell a ring exchange too (tp chunks). The QKV / fc1
+# input-gradient and every weight-gradient GEMM overlap a `bulk` collective and are not split.
+# (NeMo-Framework-Launcher 24.07 `conf/training/tp_overlap/ub_cfg_h100_*.yaml`, every H100 config:
+# `proj_fprop` / `fc2_fprop` `method: pipeline, num_splits: 4`; NeMo 2.x
+# `collections/llm/recipes/tp_overlap_configs/userbuffers.py`, the `*_b200_*` configs: `proj_fprop` /
+# `fc2_fprop` `RingExchangeOverlapCfg`; TE `CommOverlapP2P` / `CommOverlap`, Megatron-Core
+# `extensions/transformer_engine.py` userbuffer names `qkv`, `proj`, `fc1`, `fc2`.)
 UB_PIPELINE_SPLITS = 4
 
 
-def gemm_rows_split(index: int, tp: int, overlap: bool) -> tuple[float, float]:
+def gemm_rows_split(index: int, tp: int, overlap: bool, generation: str = "hopper") -> tuple[float, float]:
     """(forward, input-gradient) chunks of layer GEMM `index` (QKV, projection, fc1, fc2, then shared
     experts as fc1 / fc2) under TE's userbuffer overlap, or (1, 1) without it."""
     if not overlap or tp == 1:
         return 1.0, 1.0
     if index % 2 == 0:  # QKV / fc1: ring-exchange all-gather forward, bulk backward
         return float(tp), 1.0
-    return float(UB_PIPELINE_SPLITS), float(tp)  # projection / fc2: pipelined RS fwd, ring-exchange AG bwd
+    # projection / fc2: reduce-scatter forward (pipelined on Hopper, ring exchange on Blackwell),
+    # ring-exchange all-gather backward
+    return (float(tp) if generation == "blackwell" else float(UB_PIPELINE_SPLITS)), float(tp)
 
 
 @lru_cache(maxsize=256)
@@ -412,7 +416,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         experts_read = local_experts if grouped else 1  # grouped: every local expert's weights
         m = tokens * share
         per_expert = m / experts_read  # a grouped GEMM tiles each expert's rows separately
-        split_f, split_d = gemm_rows_split(i, layout.tp, ub_overlap and not grouped)
+        split_f, split_d = gemm_rows_split(i, layout.tp, ub_overlap and not grouped, gen)
         kw = dict(flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=in_bytes, n_half=params.gemm_n_half,
                   weights=experts_read)
         fwd = gemm_time(m, n, k, rows=per_expert / split_f, **kw)
