@@ -438,6 +438,7 @@ def test_userbuffer_chunks_pay_tile_quantisation_over_their_token_rows() -> None
     assert gemm_rows_split(1, 4, True) == (4.0, 4.0)  # projection: pipelined RS (4 splits), RE backward
     assert gemm_rows_split(3, 8, True) == (4.0, 8.0)
     assert gemm_rows_split(2, 4, False) == (1.0, 1.0)
+    assert gemm_rows_split(1, 8, True, "blackwell") == (8.0, 8.0)  # NeMo 2.x B200 configs: ring-exchange RS
     m = ModelSpec(name="gpt3", layers=96, hidden=12288, heads=96, query_groups=96, ffn_hidden=49152, vocab=51200,
                   seq_length=2048, activation="gelu", norm="layernorm", position="learned", add_bias_linear=True)
     h100 = get_gpu("H100")
