@@ -70,6 +70,7 @@ class Case:
     optimizer_state_dtype: str = "fp32"  # Adam moments (bf16: NeMo 24.07's Nemotron-4 340B config)
     fp8_recipe: str | None = None  # the FP8 recipe the source ran (`row_fp8`)
     fp8_params: bool = False  # FP8 parameters with their FP8 all-gather (NeMo 25.02's FP8 recipe)
+    cuda_graphs: bool = False  # each layer captured as a CUDA graph (NEMO_CUDA_GRAPHS)
 
 
 # Rows kept in every table but not held to the error target, each with the reason read from its own
@@ -135,6 +136,16 @@ def row_model(row: dict) -> ModelSpec:
 NEMO_2407_PEFT_VP = {("LLAMA2-13B", "sft"): 10, ("LLAMA2-70B", "sft"): 20}
 
 
+# NeMo 2.x performance scripts capture each transformer layer as a CUDA graph where the release's
+# recommended-config table says so (`scripts/performance/recommended_model_configs/model_configs_*.csv`,
+# column `cuda_graphs`, read by `utils.py` into `recipe.model.config.enable_cuda_graph`: Megatron-Core's
+# local CudaGraphManager, whole layers). NeMo 25.02 (v2.2.0) has no such column and its scripts set
+# `enable_cuda_graph = args.gpu in []` (never); 25.04 (v2.3.0) and 25.07 (v2.4.0) set it on GB200 for
+# these models' FP8 pretraining rows (not for Llama 3 70B / 405B, nor Mixtral 8x22B, absent from the table).
+NEMO_CUDA_GRAPHS = {("NeMo 25.04", "GB200", m) for m in ("GPT3-175B", "LLAMA3-8B", "Mixtral-8x7B", "Nemotron-15B",
+                                                          "Nemotron-340B")} | {("NeMo 25.07", "GB200", "LLAMA3-8B")}
+
+
 def row_case(row: dict) -> Case | str:
     """A Case, or the reason the row is not usable."""
     name = row["model"].lower()
@@ -184,7 +195,7 @@ def row_case(row: dict) -> Case | str:
     return Case(row["id"], label, row_model(row), layout, _gpu(row["gpu"]), _precision(row), row["seq_len"], kind,
                 peft, backend, float(row["tokens_per_sec_per_gpu"]), bool(row.get("tokens_derived_from_published_tflops")),
                 grad_bytes, src in "FG" or bool(row["recompute"]), span, src in "ACE", src != "F", src in "FG", state,
-                recipe, fp8_params)
+                recipe, fp8_params, (row.get("container"), _gpu(row["gpu"]), row["model"]) in NEMO_CUDA_GRAPHS)
 
 
 def row_fp8(row: dict) -> tuple[str, bool]:
@@ -548,6 +559,8 @@ def row_nemo(case: Case, num_gpus: int, checkpoint: str | None = None) -> str:
         parallel.append("fp8_param_gather = true")
     # The FP8 recipe each source's release ran (`row_fp8`).
     fp8_recipe = f"\n  fp8_recipe = {case.fp8_recipe}" if case.precision == "fp8" else ""
+    if case.cuda_graphs:  # the release's recipe captures each layer (NEMO_CUDA_GRAPHS)
+        fp8_recipe += "\n  cuda_graph_impl = local"
     stage = "pretrain" if case.kind == "pretrain" else "sft"
     peft = "\n    peft = lora(rank = 16)" if case.peft is not None else ""
     # NeMo's fine-tuning rows pack SQuAD samples (~SQUAD_PACKED_SPAN tokens) into each sequence with

@@ -223,3 +223,17 @@ def test_named_rows_print_their_step_time_terms(calibrate, results, capsys) -> N
     assert "C08, C06" in out[0]
     assert [line.split()[0] for line in out[1::2]] == ["C06", "C08"]
     assert all("dp_comm_exposed" in line for line in out[2::2])
+
+
+def test_nemo_2x_rows_state_the_release_cuda_graphs(calibrate, planned) -> None:
+    """NeMo 25.04 / 25.07 captured each layer as a CUDA graph on GB200 where the release's recommended-config
+    table says so (`NEMO_CUDA_GRAPHS`); 25.02 never did (B200, H100), nor the GB200 405B rows. The rows
+    state it (`cuda_graph_impl = local`, Megatron-Core's `enable_cuda_graph`) and plan with it."""
+    rows, out = planned
+    by_id = {x["id"]: x for x in rows}
+    text = {rid: calibrate.row_nemo(calibrate.row_case(by_id[rid]), by_id[rid]["num_gpus"])
+            for rid in ("C11", "C18", "C15", "C02", "C05", "C13", "C09")}
+    assert all("cuda_graph_impl = local" in text[rid] for rid in ("C11", "C18", "C15"))
+    assert not any("cuda_graph_impl" in text[rid] for rid in ("C02", "C05", "C13", "C09"))
+    got = {r["id"]: r for r in out}
+    assert all("error" in got[rid] and got[rid]["layout_kept"] for rid in ("C11", "C18", "C15"))
