@@ -98,7 +98,7 @@ class EfficiencyParams:
     attn: float = 0.432
     kappa: float = 4.6
     link: float = 0.75
-    tp_exposed: float = 0.016
+    tp_exposed: float = 0.0625
     gemm_n_half: float = 73.4
     layer_overhead: float = 55e-6
     ring_step_latency: float = 15e-6
