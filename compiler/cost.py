@@ -304,9 +304,9 @@ def gemm_time(m: float, n: float, k: float, *, flops_per_s: float, bytes_per_s: 
     (small hidden / TP, small micro batch) become memory bound: that is the shape penalty. `weights`:
     how many (k x n) matrices it reads (a grouped GEMM over the local experts reads each of theirs).
     Tile quantisation (`n_half`) applies to the smallest dimension one kernel tiles: N, K, and `rows`,
-    the token rows of one kernel launch (`gemm_rows`: m unless the GEMM is split into chunks, or
+    the token rows of one kernel launch (m unless the GEMM is split into chunks, `gemm_rows_split`, or
     grouped over experts, each with its own rows); `rows=None` leaves the token dimension out (the
-    GEMMs whose rows are not tokens: the output layer's M is the token count, kept out as before)."""
+    output layer's GEMM, priced as before)."""
     flops = 2.0 * m * n * k
     traffic = in_bytes * (m * k + weights * k * n) + 2.0 * m * n
     smallest = min(n, k) if rows is None else min(n, k, rows)
