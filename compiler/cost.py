@@ -417,12 +417,16 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         m = tokens * share
         per_expert = m / experts_read  # a grouped GEMM tiles each expert's rows separately
         split_f, split_d = gemm_rows_split(i, layout.tp, ub_overlap and not grouped, gen)
-        kw = dict(flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=in_bytes, n_half=params.gemm_n_half,
-                  weights=experts_read)
-        fwd = gemm_time(m, n, k, rows=per_expert / split_f, **kw)
-        dgrad = gemm_time(m, n, k, rows=per_expert / split_d, **kw) if backward else 0.0
-        wgrad = gemm_time(m, n, k, rows=per_expert, **kw) if backward > 1 else 0.0  # tokens: its reduction dim
-        gemm += fwd + min(backward, 1.0) * dgrad + max(backward - 1.0, 0.0) * wgrad
+        # `gemm_time` of the forward, input-gradient and weight-gradient GEMMs (the weight gradient's
+        # token rows are its reduction dimension, never split), their FLOPs and bytes computed once
+        flop_t = 2.0 * m * n * k / rate
+        byte_t = (in_bytes * (m * k + experts_read * k * n) + 2.0 * m * n) / hw.hbm_bw
+        nk, n_half = min(n, k), params.gemm_n_half
+        gemm += max(flop_t * (1.0 + n_half / min(nk, per_expert / split_f)), byte_t)
+        if backward:
+            gemm += min(backward, 1.0) * max(flop_t * (1.0 + n_half / min(nk, per_expert / split_d)), byte_t)
+        if backward > 1.0:
+            gemm += (backward - 1.0) * max(flop_t * (1.0 + n_half / min(nk, per_expert)), byte_t)
     span = min(seq, attention_span) if attention_span else seq
     attn_flops = 4.0 * tokens * span * model.heads * model.head_dim / layout.tp
     recomputed = layout.recompute != "none" and backward  # the core's forward runs again
