@@ -64,8 +64,10 @@ class EfficiencyParams:
     tp_exposed: fraction of TP collective time not hidden behind GEMMs on Hopper and newer
               (Transformer Engine userbuffer TP-communication overlap, on in NeMo/Megatron-Bridge
               recipes); Ampere-era Megatron (2021-22) did not overlap TP communication: 1.0.
-    gemm_n_half: GEMM tile-quantisation penalty: a GEMM whose smaller of N, K (per GPU, after TP)
-              is n runs at e_gemm / (1 + n_half / n) (half a 128-wide tensor-core tile).
+    gemm_n_half: GEMM tile-quantisation penalty: a GEMM whose smallest tiled dimension is n runs at
+              e_gemm / (1 + n_half / n) (half a 128-wide tensor-core tile): the smaller of N, K (per GPU,
+              after TP) and the token rows of one kernel launch (userbuffer chunks, per-expert rows:
+              `gemm_rows_split`).
     layer_overhead: seconds per layer per micro batch (forward + backward) that no kernel's
               FLOPs or bytes explain: launch gaps, synchronisation, small kernels (tens of kernels
               per layer and pass).
@@ -89,15 +91,15 @@ class EfficiencyParams:
     bookkeeping included), hence below single-GEMM microbenchmarks.
     """
 
-    gemm_ampere_16: float = 0.71
+    gemm_ampere_16: float = 0.715
     gemm_hopper_16: float = 0.67
-    gemm_hopper_8: float = 0.465
-    gemm_blackwell_8: float = 0.39
-    attn: float = 0.44
+    gemm_hopper_8: float = 0.484
+    gemm_blackwell_8: float = 0.406
+    attn: float = 0.432
     kappa: float = 4.6
     link: float = 0.75
     tp_exposed: float = 0.0625
-    gemm_n_half: float = 80.0
+    gemm_n_half: float = 73.4
     layer_overhead: float = 55e-6
     ring_step_latency: float = 15e-6
     step_overhead: float = 0.02
@@ -296,14 +298,45 @@ class LayerTimes:
 
 
 def gemm_time(m: float, n: float, k: float, *, flops_per_s: float, bytes_per_s: float, in_bytes: float,
-              n_half: float = 0.0, weights: float = 1.0) -> float:
+              n_half: float = 0.0, weights: float = 1.0, rows: float | None = None) -> float:
     """Roofline time of an (m x k) @ (k x n) GEMM: the larger of its FLOPs at the achievable rate and
     its operand/result traffic at HBM bandwidth (Williams et al. 2009). Small or skinny GEMMs
     (small hidden / TP, small micro batch) become memory bound: that is the shape penalty. `weights`:
-    how many (k x n) matrices it reads (a grouped GEMM over the local experts reads each of theirs)."""
+    how many (k x n) matrices it reads (a grouped GEMM over the local experts reads each of theirs).
+    Tile quantisation (`n_half`) applies to the smallest dimension one kernel tiles: N, K, and `rows`,
+    the token rows of one kernel launch (m unless the GEMM is split into chunks, `gemm_rows_split`, or
+    grouped over experts, each with its own rows); `rows=None` leaves the token dimension out (the
+    output layer's GEMM, priced as before)."""
     flops = 2.0 * m * n * k
     traffic = in_bytes * (m * k + weights * k * n) + 2.0 * m * n
-    return max(flops / flops_per_s * (1.0 + n_half / min(n, k)), traffic / bytes_per_s)
+    smallest = min(n, k) if rows is None else min(n, k, rows)
+    return max(flops / flops_per_s * (1.0 + n_half / smallest), traffic / bytes_per_s)
+
+
+# Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`) splits the overlapped GEMMs along their
+# token rows: the all-gather-overlapped ones (QKV and fc1 forward, the output projection's and fc2's
+# input-gradient GEMMs: `ring_exchange`) run one chunk per TP rank, tokens / tp rows each, as the
+# gathered chunks arrive; the reduce-scatter-overlapped forward GEMMs (projection and fc2: `pipeline`)
+# run `num_splits` = 4 chunks on Hopper, and on Blackwell a ring exchange too (tp chunks). The QKV / fc1
+# input-gradient and every weight-gradient GEMM overlap a `bulk` collective and are not split.
+# (NeMo-Framework-Launcher 24.07 `conf/training/tp_overlap/ub_cfg_h100_*.yaml`, every H100 config:
+# `proj_fprop` / `fc2_fprop` `method: pipeline, num_splits: 4`; NeMo 2.x
+# `collections/llm/recipes/tp_overlap_configs/userbuffers.py`, the `*_b200_*` configs: `proj_fprop` /
+# `fc2_fprop` `RingExchangeOverlapCfg`; TE `CommOverlapP2P` / `CommOverlap`, Megatron-Core
+# `extensions/transformer_engine.py` userbuffer names `qkv`, `proj`, `fc1`, `fc2`.)
+UB_PIPELINE_SPLITS = 4
+
+
+def gemm_rows_split(index: int, tp: int, overlap: bool, generation: str = "hopper") -> tuple[float, float]:
+    """(forward, input-gradient) chunks of layer GEMM `index` (QKV, projection, fc1, fc2, then shared
+    experts as fc1 / fc2) under TE's userbuffer overlap, or (1, 1) without it."""
+    if not overlap or tp == 1:
+        return 1.0, 1.0
+    if index % 2 == 0:  # QKV / fc1: ring-exchange all-gather forward, bulk backward
+        return float(tp), 1.0
+    # projection / fc2: reduce-scatter forward (pipelined on Hopper, ring exchange on Blackwell),
+    # ring-exchange all-gather backward
+    return (float(tp) if generation == "blackwell" else float(UB_PIPELINE_SPLITS)), float(tp)
 
 
 @lru_cache(maxsize=256)
@@ -365,6 +398,8 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     passes = 1.0 + backward
     gemm = 0.0
     shapes = _layer_gemm_shapes(model, layout.tp, layout.ep, layout.etp)
+    # the userbuffer overlap splits GEMMs only where it runs (TP group inside one NVLink domain, as _tp_comm)
+    ub_overlap = overlap_tp and layout.tp > 1 and layout.tp <= hw.nvlink_domain and gen not in ("ampere", "cpu")
     moe = moe or DEFAULT_MOE
     local_experts = model.experts // layout.ep if model.is_moe else 1
     sequential = model.is_moe and not moe.grouped_gemm and local_experts > 1
@@ -373,13 +408,25 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
             # SequentialMLP (no grouped GEMM): one GEMM per local expert over its share of the routed
             # tokens, one after another, each reading its own weights: the sum of per-expert rooflines
             # (>= the grouped GEMM's single roofline over all rows)
-            gemm += passes * local_experts * gemm_time(tokens * share / local_experts, n, k, flops_per_s=rate,
-                                                       bytes_per_s=hw.hbm_bw, in_bytes=in_bytes,
-                                                       n_half=params.gemm_n_half)
+            rows = tokens * share / local_experts
+            gemm += passes * local_experts * gemm_time(rows, n, k, flops_per_s=rate, bytes_per_s=hw.hbm_bw,
+                                                       in_bytes=in_bytes, n_half=params.gemm_n_half, rows=rows)
             continue
-        experts_read = local_experts if model.is_moe and i in (2, 3) else 1  # grouped: every local expert's weights
-        gemm += passes * gemm_time(tokens * share, n, k, flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=in_bytes,
-                                   n_half=params.gemm_n_half, weights=experts_read)
+        grouped = model.is_moe and i in (2, 3)
+        experts_read = local_experts if grouped else 1  # grouped: every local expert's weights
+        m = tokens * share
+        per_expert = m / experts_read  # a grouped GEMM tiles each expert's rows separately
+        split_f, split_d = gemm_rows_split(i, layout.tp, ub_overlap and not grouped, gen)
+        # `gemm_time` of the forward, input-gradient and weight-gradient GEMMs (the weight gradient's
+        # token rows are its reduction dimension, never split), their FLOPs and bytes computed once
+        flop_t = 2.0 * m * n * k / rate
+        byte_t = (in_bytes * (m * k + experts_read * k * n) + 2.0 * m * n) / hw.hbm_bw
+        nk, n_half = min(n, k), params.gemm_n_half
+        gemm += max(flop_t * (1.0 + n_half / min(nk, per_expert / split_f)), byte_t)
+        if backward:
+            gemm += min(backward, 1.0) * max(flop_t * (1.0 + n_half / min(nk, per_expert / split_d)), byte_t)
+        if backward > 1.0:
+            gemm += (backward - 1.0) * max(flop_t * (1.0 + n_half / min(nk, per_expert)), byte_t)
     span = min(seq, attention_span) if attention_span else seq
     attn_flops = 4.0 * tokens * span * model.heads * model.head_dim / layout.tp
     recomputed = layout.recompute != "none" and backward  # the core's forward runs again

@@ -44,43 +44,44 @@ def test_rows_are_sourced(calibrate) -> None:
 
 
 def test_throughput_error_bounds(results) -> None:
-    """Through the language (docs/calibration.md): 83 pretraining rows, median 3.4 %, max 25.1 % (C21,
-    unreliable); with the 15 fine-tuning rows, 98 planned rows, median 3.4 %, max 25.1 %."""
+    """Through the language (docs/calibration.md): 83 pretraining rows, median 2.7 %, max 27.2 % (C21,
+    unreliable); with the 18 fine-tuning rows, 101 planned rows (none refused), median 3.3 %, max 27.2 %."""
     _, used = results
     pre = [abs(r["error"]) for r in used if r["task"] == "pretrain"]
     assert len(pre) >= 83
-    # 3.4 %: with the manual-GC pause (cost.gc_pause: one 0.23 s full collection every 100 steps, the
-    # recipes' default, 2.3 ms per step; `step_overhead` was fitted without that term)
-    assert statistics.median(pre) <= 0.035
-    assert max(pre) <= 0.26
-    # 77 -> 76: the interleaved schedule's first chunk's DP reduce-scatter is exposed in full
-    # (cost._interleaved_dp_exposed), which moves C09 GPT-3 175B on 512 H100 from -14.8 % to -15.1 %
-    assert sum(e <= 0.15 for e in pre) >= 76
+    # 3.4 % -> 2.7 %: tile quantisation over the token rows (TE userbuffer chunks, per-expert rows) and
+    # the refit of `EfficiencyParams` (docs/calibration.md, issue 17 "calibration misses by physical terms")
+    assert statistics.median(pre) <= 0.028
+    assert max(pre) <= 0.28  # C21 (unreliable: an unpublished configuration) +25.1 % -> +27.2 %
+    assert sum(e <= 0.15 for e in pre) >= 78
     errors = [abs(r["error"]) for r in used]
-    assert len(errors) >= 98
-    assert statistics.median(errors) <= 0.035
-    assert max(errors) <= 0.26
-    assert sum(e <= 0.15 for e in errors) >= 88  # C09, as above
+    assert len(errors) >= 101  # the three Llama 2 70B SFT rows plan now (the launcher's recipe stated)
+    assert statistics.median(errors) <= 0.034
+    assert max(errors) <= 0.28
+    assert sum(e <= 0.15 for e in errors) >= 96
 
 
 def test_reliable_rows_error_bounds(calibrate, results) -> None:
     _, used = results
     errors = [abs(r["error"]) for r in used if calibrate.reliable(r)]
-    assert len(errors) >= 85
-    assert statistics.median(errors) <= 0.034  # 3.2 % -> 3.3 % with the manual-GC pause (see above)
-    assert max(errors) <= 0.156  # Mixtral 8x22B at 64K on 256 B200 (C08, +15.5 %), docs/calibration.md
-    assert sum(e <= 0.15 for e in errors) >= 82  # C09 -14.8 % -> -15.1 % (see above)
+    assert len(errors) >= 91  # A14 / A15 and their repeats (x3) join: their recipe is stated now
+    assert statistics.median(errors) <= 0.029  # 3.3 % -> 2.8 % (the issue's target: 3 %)
+    # Mixtral 8x22B at 64K on 256 B200 (C08): +15.5 % -> +16.3 % with the refit's Blackwell FP8 GEMM
+    # efficiency (0.39 -> 0.406); every other reliable row within 14.3 % (docs/calibration.md)
+    assert max(errors) <= 0.165
+    assert sum(e <= 0.15 for e in errors) >= 90
+    assert sum(e <= 0.10 for e in errors) >= 82
 
 
 def test_nemotron_340b_runs_its_published_bf16_optimizer_state_without_recompute(calibrate, planned) -> None:
     """NeMo 24.07's Nemotron-4 340B config keeps Adam's state in bf16 (the launcher's `optim.dtype: bf16`);
     stated as `optimizer_state_dtype = bf16`, the published layout fits without recompute, as the
-    launcher config runs it, and the three rows are within 2 % (with fp32 state full recompute, -20 %)."""
+    launcher config runs it, and the three rows are within 2.5 % (with fp32 state full recompute, -20 %)."""
     rows, out = planned
     got = {r["id"]: r for r in out}
     for rid in ("A10", "A28", "A46"):
         assert got[rid]["recompute"] == "none" and got[rid]["layout_kept"], got[rid]
-        assert abs(got[rid]["error"]) <= 0.02, got[rid]
+        assert abs(got[rid]["error"]) <= 0.025, got[rid]  # A28 -2.2 % since the token-row tile term
     text = calibrate.row_nemo(calibrate.row_case(next(x for x in rows if x["id"] == "A10")), 128)
     assert "optimizer_state_dtype = bf16" in text
     other = calibrate.row_nemo(calibrate.row_case(next(x for x in rows if x["id"] == "C06")), 128)
@@ -93,6 +94,7 @@ def test_each_nemo_release_runs_its_fp8_recipe(calibrate) -> None:
     scaling, as those pages state; the row's `.nemo` file says so."""
     rows = {r["id"]: r for r in calibrate.load_rows()}
     assert calibrate.row_fp8(rows["A10"]) == ("delayed", False)
+    assert calibrate.row_fp8(rows["A15"]) == ("delayed", True)  # the launcher's fine-tuning examples
     assert calibrate.row_fp8(rows["C06"]) == ("delayed", True)
     assert calibrate.row_fp8(rows["C15"]) == ("tensorwise", False)
     text = calibrate.row_nemo(calibrate.row_case(rows["C06"]), 128)
@@ -106,13 +108,14 @@ def test_fine_tuning_rows_plan_from_a_checkpoint_with_prompt_response_data(calib
     and prompt/response data) and plan with the published layout. NeMo packed SQuAD (~200-token
     samples) into 4096-token sequences with THD attention; the rows state it (`pack = true`,
     `sample_tokens = 200`), so the plan costs each token's attention within its sample: the reliable
-    rows are within 7 % (they were 8-17 % low with the whole sequence costed)."""
+    rows are within 10 % (they were 8-17 % low with the whole sequence costed)."""
     rows, out = planned
     ft = [r for r in out if r.get("task") == "sft"]
     assert len(ft) == 18
     used = [r for r in ft if "error" in r]
-    assert len(used) >= 15 and all(r["layout_kept"] for r in used)
-    assert all(abs(r["error"]) <= 0.07 for r in used if calibrate.reliable(r))
+    assert len(used) == 18 and all(r["layout_kept"] for r in used)
+    # within 10 % (Llama 2 7B SFT / LoRA, TP 1, +8 to +9.5 % since the refit's FP8 efficiency: calibration.md)
+    assert all(abs(r["error"]) <= 0.10 for r in used)
     assert all(not r["unstated"] for r in used)
     assert {r["peft"] for r in used} == {True, False}
     text = calibrate.row_nemo(calibrate.row_case(next(x for x in rows if x["id"] == "A16")), 8, "ckpt_a16")
@@ -133,14 +136,23 @@ def test_every_nemo_2407_pretraining_layout_plans_as_published(planned) -> None:
             assert r["layout_kept"], r
 
 
-def test_refusals_are_the_memory_of_llama2_70b_sft_on_16_gpus(planned) -> None:
-    """What the planner still refuses: Llama 2 70B SFT on 16 H100 (TP4 PP4, DP 1; A15/A33/A51) does
-    not fit by the memory model (E130: the distributed optimizer shards nothing at DP 1, 12 B of Adam
-    state per parameter plus the step's fp32 gradient copies; docs/calibration.md)."""
-    _, out = planned
-    refused = [r for r in out if "rejected" in r]
-    assert sorted(r["id"] for r in refused) == ["A15", "A33", "A51"], refused
-    assert all(r["rejected"].startswith("E130") and r["task"] == "sft" for r in refused), refused
+def test_nemo_2407_fine_tuning_rows_state_the_launcher_recipe(calibrate, planned) -> None:
+    """NeMo 24.07's fine-tuning rows ran NeMo-Framework-Launcher's `peft=llama/sft` stage with the tag's
+    per-run examples (`examples/peft/llama/h100/*.sh`): VP 10 / 20 for the 13B / 70B SFT runs, FP8
+    parameters, and bf16 Adam state (`conf/peft/llama/sft.yaml`, `optim.dtype: bf16`). Stated, Llama 2
+    70B SFT on 16 H100 (TP4 PP4 VP20, DP 1; A15/A33/A51), refused before with E130 (fp32 Adam state
+    unsharded at DP 1), plans as published, and nothing is refused."""
+    rows, out = planned
+    assert not [r for r in out if "rejected" in r]
+    got = {r["id"]: r for r in out}
+    for rid in ("A15", "A33", "A51"):
+        assert got[rid]["layout_kept"] and got[rid]["recompute"] == "none", got[rid]
+        assert abs(got[rid]["error"]) <= 0.07, got[rid]
+    text = calibrate.row_nemo(calibrate.row_case(next(x for x in rows if x["id"] == "A15")), 16, "ckpt_a15")
+    assert "virtual_pipeline = 20" in text and "optimizer_state_dtype = bf16" in text
+    assert "fp8_param_gather = true" in text and "fp8_recipe = delayed" in text
+    lora = calibrate.row_nemo(calibrate.row_case(next(x for x in rows if x["id"] == "A16")), 8, "ckpt_a16")
+    assert "fp8_param_gather = true" in lora
 
 
 def test_unreliable_rows_are_few_and_explained(calibrate) -> None:
@@ -211,3 +223,17 @@ def test_named_rows_print_their_step_time_terms(calibrate, results, capsys) -> N
     assert "C08, C06" in out[0]
     assert [line.split()[0] for line in out[1::2]] == ["C06", "C08"]
     assert all("dp_comm_exposed" in line for line in out[2::2])
+
+
+def test_nemo_2x_rows_state_the_release_cuda_graphs(calibrate, planned) -> None:
+    """NeMo 25.04 / 25.07 captured each layer as a CUDA graph on GB200 where the release's recommended-config
+    table says so (`NEMO_CUDA_GRAPHS`); 25.02 never did (B200, H100), nor the GB200 405B rows. The rows
+    state it (`cuda_graph_impl = local`, Megatron-Core's `enable_cuda_graph`) and plan with it."""
+    rows, out = planned
+    by_id = {x["id"]: x for x in rows}
+    text = {rid: calibrate.row_nemo(calibrate.row_case(by_id[rid]), by_id[rid]["num_gpus"])
+            for rid in ("C11", "C18", "C15", "C02", "C05", "C13", "C09")}
+    assert all("cuda_graph_impl = local" in text[rid] for rid in ("C11", "C18", "C15"))
+    assert not any("cuda_graph_impl" in text[rid] for rid in ("C02", "C05", "C13", "C09"))
+    got = {r["id"]: r for r in out}
+    assert all("error" in got[rid] and got[rid]["layout_kept"] for rid in ("C11", "C18", "C15"))

@@ -443,3 +443,34 @@ def test_a_pipelined_rollout_runs_its_stages_one_after_the_other() -> None:
     # pp = 2 halves dp: each DP rank decodes twice the sequences, stage after stage
     assert two.parts["rollout"] > 1.5 * one.parts["rollout"]
     assert two.parts["compute"] == pytest.approx(one.parts["compute"], rel=0.05)  # the steps split over stages
+
+
+def test_userbuffer_chunks_pay_tile_quantisation_over_their_token_rows() -> None:
+    """TE's userbuffer TP overlap runs the all-gather-overlapped GEMMs in tokens / tp row chunks and the
+    pipelined reduce-scatter ones in 4 (`gemm_rows_split`); the tile penalty takes the smallest of N, K
+    and a launch's rows, so GPT-3 175B at TP 4 and 2,048 tokens pays more per token at micro batch 1
+    than at 2 with the overlap, and nearly the same per token without it (whole-micro-batch GEMMs)."""
+    from nemoc.compiler.cost import gemm_rows_split
+
+    assert gemm_rows_split(0, 4, True) == (4.0, 1.0)  # QKV: ring exchange forward, bulk backward
+    assert gemm_rows_split(1, 4, True) == (4.0, 4.0)  # projection: pipelined RS (4 splits), RE backward
+    assert gemm_rows_split(3, 8, True) == (4.0, 8.0)
+    assert gemm_rows_split(2, 4, False) == (1.0, 1.0)
+    assert gemm_rows_split(1, 8, True, "blackwell") == (8.0, 8.0)  # NeMo 2.x B200 configs: ring-exchange RS
+    m = ModelSpec(name="gpt3", layers=96, hidden=12288, heads=96, query_groups=96, ffn_hidden=49152, vocab=51200,
+                  seq_length=2048, activation="gelu", norm="layernorm", position="learned", add_bias_linear=True)
+    h100 = get_gpu("H100")
+    lay = layout(tp=4, sequence_parallel=True)
+
+    def gemm_per_token(mb: int, overlap: bool) -> float:
+        lt = layer_times(m, lay, h100, seq=2048, precision="fp8", attention_backend="flash", micro_batch=mb,
+                         overlap_tp=overlap)
+        return (lt.gemm - DEFAULT_PARAMS.layer_overhead) / mb
+
+    assert gemm_per_token(1, True) > 1.03 * gemm_per_token(2, True)
+    # without the overlap only the whole micro batch's rows (2,048 vs 4,096, above the projection's K = 3,072)
+    assert gemm_per_token(1, False) < 1.02 * gemm_per_token(2, False)
+    assert gemm_per_token(1, True) > 1.04 * gemm_per_token(1, False)
+    # a chunk of 512 rows: 1 + n_half / 512 on the forward GEMMs; the weight gradient is never split
+    n_half = DEFAULT_PARAMS.gemm_n_half
+    assert gemm_per_token(1, True) < (1 + n_half / 512) * gemm_per_token(1, False)
