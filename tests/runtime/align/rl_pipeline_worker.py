@@ -1,6 +1,8 @@
-"""Run under `torchrun --nproc-per-node 2`: two iterations of PPO or GRPO (`ppo|grpo`) at pipeline
-parallelism 2 from the checkpoint `OUT/base` (align_helpers.rl_kind), its result to `OUT/KIND_pp2.json`
-(compared with one process by test_align_rl_pipeline.py)."""
+"""Run under `torchrun --nproc-per-node 2`: two iterations of PPO or GRPO (`ppo|grpo`) at a two-process
+layout (`pp2`: pipeline parallelism 2; `pp2vp2`: with 2 virtual stages per rank, 4 layers; `dp2`, `ep2`:
+data parallelism 2 of a mixture-of-experts model, its experts split over the two ranks with `ep2`) from the
+checkpoint `OUT/base` (align_helpers.rl_kind), its result to `OUT/KIND_LAYOUT.json` (compared with one
+process, or with `dp2`, by test_align_rl_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -16,15 +18,24 @@ from align_helpers import rl_kind  # noqa: E402
 
 from nemoc.runtime.align import common  # noqa: E402
 
+LAYOUTS = {  # name -> (init_distributed kwargs, single_layout kwargs, rl_kind kwargs)
+    "pp2": (dict(pp=2), dict(pp=2), {}),
+    "pp2vp2": (dict(pp=2, vp=2), dict(pp=2, vp=2), dict(layers=4)),
+    "dp2": (dict(), dict(dp=2), dict(experts=4)),
+    "ep2": (dict(ep=2), dict(dp=2, ep=2), dict(experts=4)),
+}
 
-def main(out: Path, kind: str) -> None:
+
+def main(out: Path, kind: str, name: str) -> None:
     torch.set_num_threads(1)
-    common.init_distributed(tp=1, pp=2, seed=0)
-    result = rl_kind(common, kind, out / "base", common.single_layout(pp=2, global_batch=4, micro_batch=2))
+    init, layout, extra = LAYOUTS[name]
+    common.init_distributed(tp=1, seed=0, **init)
+    result = rl_kind(common, kind, out / "base", common.single_layout(global_batch=4, micro_batch=2, **layout),
+                     **extra)
     if torch.distributed.get_rank() == 0:
-        (out / f"{kind}_pp2.json").write_text(json.dumps(result))
+        (out / f"{kind}_{name}.json").write_text(json.dumps(result))
     common.teardown_distributed()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "pp2")
