@@ -26,12 +26,38 @@ LAYOUTS = {  # name -> (init_distributed kwargs, single_layout kwargs, rl_kind k
 }
 
 
+def uneven_rollouts(layout) -> list:
+    """Every rank's greedy rollout of prompts of its own lengths and budget (rank 0: 3-token prompts, 2 new
+    tokens; rank 1: 5 to 7 tokens, 6 new), gathered on every rank: under expert parallelism the group decodes
+    in step (rank 0 steps on after its rows stopped), and each row's tokens must be what it decodes alone."""
+    from align_helpers import INSTR, LETTERS, SEP, rl_spec
+
+    from nemoc.runtime import generation
+
+    policy = common.build_gpt(rl_spec(experts=4), layout)
+    common.load_model(policy, OUT / "base")
+    rank = torch.distributed.get_rank()
+    prompts = [[INSTR, a, SEP] + [LETTERS[-1]] * (2 * rank + i % 3 * rank) for i, a in enumerate(LETTERS[:4])]
+    mine = generation.generate(policy, prompts, max_new_tokens=2 + 4 * rank, vocab=256, eod=-1, seq_length=16,
+                               greedy=True).tokens
+    every: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    return every
+
+
+OUT = Path(".")
+
+
 def main(out: Path, kind: str, name: str) -> None:
+    global OUT
+    OUT = out
     torch.set_num_threads(1)
     init, layout, extra = LAYOUTS[name]
     common.init_distributed(tp=1, seed=0, **init)
-    result = rl_kind(common, kind, out / "base", common.single_layout(global_batch=4, micro_batch=2, **layout),
-                     **extra)
+    lay = common.single_layout(global_batch=4, micro_batch=2, **layout)
+    result = rl_kind(common, kind, out / "base", lay, **extra)
+    if extra.get("experts"):
+        result["uneven"] = uneven_rollouts(lay)
     if torch.distributed.get_rank() == 0:
         (out / f"{kind}_{name}.json").write_text(json.dumps(result))
     common.teardown_distributed()

@@ -69,4 +69,9 @@ def test_moe_expert_parallel_reproduces_data_parallel(mcore, tmp_path, kind):
     mcore.seed_all(5)
     mcore.save_model(mcore.build_gpt(rl_spec(experts=4), mcore.single_layout()), tmp_path / "base")
     dp = _torchrun(tmp_path, kind, "dp2")
-    _assert_same(kind, dp, _torchrun(tmp_path, kind, "ep2"), "ep=2")
+    ep = _torchrun(tmp_path, kind, "ep2")
+    _assert_same(kind, dp, ep, "ep=2")
+    # prompts of other lengths and budgets on each rank (rl_pipeline_worker.uneven_rollouts): rank 0 stops
+    # 4 tokens before rank 1 and keeps stepping with it; every row as without expert parallelism
+    assert [len(r) for r in ep["uneven"][0]] == [2] * 4 and [len(r) for r in ep["uneven"][1]] == [6] * 4
+    assert ep["uneven"] == dp["uneven"]
