@@ -333,15 +333,17 @@ def test_the_plan_records_the_fp8_recipe_it_defaulted_to():
 
 def test_a_pipelined_rollout_says_how_it_runs():
     """A ppo stage at pipeline = 2: the plan notes that its rollouts decode stage after stage (the runtime's
-    generator does), with the rollout's share of the step from the cost model."""
+    generator does), with the rollout's share of the step from the cost model and the hidden-state
+    transfers of a forward (here with virtual stages, which the search picks: pp x vp - 1 of them)."""
     stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=128, steps=10),
               StageSpec(name="ppo", kind="ppo", after=("pretrain",), global_batch=64, steps=10,
                         parallel=ParallelSpec(tensor=None, pipeline=2)))
     result = plan_experiment(_spec(stages=stages), target=NEMOC_RUNTIME)
     ppo = result.plan.stage("ppo")
-    assert ppo.layout.pp == 2 and ppo.layout.vp is None
+    assert ppo.layout.pp == 2 and ppo.layout.vp and ppo.layout.vp > 1
     note = next(n for n in next(r for r in result.stages if r.name == "ppo").notes if "stage after stage" in n)
     assert f"rollout {ppo.estimate.parts['rollout']:.3g} s" in note
+    assert f"{ppo.layout.vp} virtual stages each" in note and f"plus {2 * ppo.layout.vp - 1} hidden-state" in note
 
 
 def test_packed_sft_costs_attention_within_the_stated_sample_length():
