@@ -964,8 +964,8 @@ def _rollout_p2p(model, layout, hw, tokens: float, params) -> float:
     """One generation forward's pipeline transfers: `tokens` hidden states (16-bit; 1/tp of them each
     under sequence parallelism) sent across each stage boundary in turn, on the critical path (the stages
     wait for each other), each paying the link latency; 0 without a pipeline. With vp virtual stages per
-    rank the hidden states go around the ring vp times (chunk 0 on stages 0..pp-1, then chunk 1, ...:
-    runtime/generation.py), crossing pp x vp - 1 boundaries, not pp - 1."""
+    rank the hidden states go around the ring vp times (chunk 0 on stages 0..pp-1, then chunk 1, ..., as
+    Megatron's interleaved schedule orders the chunks), crossing pp x vp - 1 boundaries, not pp - 1."""
     if layout.pp == 1:
         return 0.0
     size = tokens / layout.cp * model.hidden * 2.0 / (layout.tp if layout.sequence_parallel else 1)
