@@ -1006,20 +1006,33 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.gemm_eff(hw.generation, "bf16")
     flops = 2.0 * batch * gemm_params / layout.tp
     step = max(flops / rate, (weight_bytes + kv_bytes) / hw.hbm_bw) + model.layers * params.layer_overhead / 3.0
-    step += _rollout_p2p(model, layout, hw, batch, params)
+    step += _rollout_p2p(model, layout, hw, batch, params) + _rollout_ep(model, layout, hw, batch, params)
     return prefill + new_tokens * step
 
 
 def _rollout_p2p(model, layout, hw, tokens: float, params) -> float:
     """One generation forward's pipeline transfers: `tokens` hidden states (16-bit; 1/tp of them each
     under sequence parallelism; all of them at any cp: every CP rank sends the whole rows) sent across each
-    of the pp - 1 stage boundaries in turn, on the critical path (the stages wait for each other), each
-    paying the link latency; 0 without a pipeline."""
+    stage boundary in turn, on the critical path (the stages wait for each other), each paying the link
+    latency; 0 without a pipeline. With vp virtual stages per rank the hidden states go around the ring vp
+    times (chunk 0 on stages 0..pp-1, then chunk 1, ..., as Megatron's interleaved schedule orders the
+    chunks), crossing pp x vp - 1 boundaries, not pp - 1."""
     if layout.pp == 1:
         return 0.0
     size = tokens * model.hidden * 2.0 / (layout.tp if layout.sequence_parallel else 1)
     bw = _link_bw(hw, layout.pp, layout.tp * layout.cp * layout.dp, params)
-    return (layout.pp - 1) * (size / bw + params.ring_step_latency)
+    return (layout.pp * (layout.vp or 1) - 1) * (size / bw + params.ring_step_latency)
+
+
+def _rollout_ep(model, layout, hw, tokens: float, params) -> float:
+    """One decode step's MoE token exchange under expert parallelism: every layer dispatches and combines
+    the step's `tokens` (one per row) over the expert-parallel group (`_ep_comm`'s all-to-all volume,
+    forward only), each of the two latency-bound (a few rows of hidden states: the small-message latency `ring_step_latency`
+    dominates); 0 for a dense model or ep = 1."""
+    if not model.is_moe or layout.ep == 1:
+        return 0.0
+    per_layer = _ep_comm(model, layout, hw, tokens, 1.5, params) + 2.0 * params.ring_step_latency
+    return model.layers * per_layer  # every layer of every stage, one after another
 
 
 # ------------------------------------------------------------------ host: CUDA graphs, garbage collection

@@ -443,10 +443,12 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
     chosen = replace(chosen, estimate=evaluate_time(replace(probe, steps=steps), chosen.layout))
     rollout = chosen.estimate.parts.get("rollout", 0.0)
     if rollout and chosen.layout.pp > 1:
-        notes.append(f"{stage.kind}: rollouts decode stage after stage across the {chosen.layout.pp} pipeline stages "
-                     "(the whole batch at once, no micro-batches: a decode step costs the whole model's forward, "
-                     f"plus {chosen.layout.pp - 1} hidden-state transfer(s)); rollout {rollout:.3g} s of the "
-                     f"{chosen.estimate.step_time_s:.3g} s step")
+        vp = chosen.layout.vp or 1
+        chunks = f" and {vp} virtual stages each (around the ring {vp} times)" if vp > 1 else ""
+        notes.append(f"{stage.kind}: rollouts decode stage after stage across the {chosen.layout.pp} pipeline stages"
+                     f"{chunks} (the whole batch at once, no micro-batches: a decode step costs the whole model's "
+                     f"forward, plus {chosen.layout.pp * vp - 1} hidden-state transfer(s)); rollout {rollout:.3g} s "
+                     f"of the {chosen.estimate.step_time_s:.3g} s step")
     if stage.global_batch is None and trains:
         notes.append(f"global_batch not set: Megatron uses micro_batch x dp = {gb}")
     warnings = _stage_warnings(spec, stage, probe, chosen)

@@ -22,9 +22,22 @@ Pipeline parallelism: every pipeline rank runs the same loop in step. Each forwa
         layers against its own slice of the KV cache (the cache is keyed by layer, so each stage holds
         only its layers' keys and values) and sends its output on; the last stage samples and broadcasts
         the new tokens and their entropies over the pipeline group, so every stage feeds the same tokens
-        next step. The batch is not split into micro-batches: a stage idles while the others run, so a
-        token costs the whole model's forward (the plan's rollout estimate says so: compiler/cost.py
-        `_rollout_time`), but no stage ever holds more than its own layers' weights and cache.
+        next step. With virtual pipeline stages (a rank holds vp chunks: runtime/align/common.py `Chunks`)
+        the chunks run in Megatron's interleaved order, chunk 0 on stages 0..pp-1, then chunk 1 on stages
+        0..pp-1, ...: the hidden states go around the ring vp times per forward (pp x vp - 1 hops), and
+        each chunk keeps its own layers' keys and values (the one StaticInferenceContext of a rank is keyed
+        by the global layer number). The batch is not split into micro-batches: a stage idles while the
+        others run, so a token costs the whole model's forward plus every hop (the plan's rollout estimate
+        says so: compiler/cost.py `_rollout_time`, `_rollout_p2p`), but no stage ever holds more than its own
+        layers' weights and cache.
+Expert parallelism (MoE layers whose experts are split over the ranks of an expert-parallel group): each
+        MoE layer exchanges tokens with the group's other ranks (all-to-all), so every rank of the group
+        must run the same forwards although each decodes its own prompts. The group agrees on one prefill
+        length (the shortest prompt of the group) and one sequence bound (the longest), and decoding goes on
+        while any rank of the group has a row generating (one all-reduce of an "all done" flag per step);
+        a rank whose rows all stopped keeps stepping with them (their extra tokens dropped, as above). A
+        row computes what it computes alone, so the tokens do not depend on the group (tested: EP=2 equals
+        EP=1 at DP=2, tests/runtime/align/test_align_rl_pipeline.py).
 Invariants: sampling happens on the CPU from the full-vocabulary logits (gathered across TP ranks; the
         padded vocabulary rows masked out), with one CPU generator, in row order, only for rows that are
         generating: the cached and the recomputing paths draw the same random numbers, so they give the
@@ -100,9 +113,15 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, vo
     done = torch.zeros(b, dtype=torch.bool)
     ends = limit.clone()
     entropy_sum, entropy_n = torch.zeros(b), torch.zeros(b)
-    context = _context(b, total) if use_cache else None
+    group = _expert_group()
     start, end = 0, int(lengths.min())
-    while end < total and not bool(done.all()):
+    if group is not None:  # one prefill and one step count for the whole expert-parallel group
+        agreed = torch.tensor([-end, total], dtype=torch.long, device=dev)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX, group=group)
+        end, total = -int(agreed[0]), int(agreed[1])
+        tokens = torch.cat([tokens, torch.zeros(b, total - tokens.shape[1], dtype=torch.long)], 1)
+    context = _context(b, total) if use_cache else None
+    while end < total and not _all_done(done, group, dev):
         window = tokens[:, start:end] if use_cache else tokens[:, :end]
         offset = start if use_cache else 0
         positions = torch.arange(offset, end).expand(b, -1)
@@ -129,10 +148,33 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, vo
         done |= (end + 1) >= limit
         start, end = end, end + 1
     pipe = _pipeline()
-    if pipe is not None and not pipe.first:
-        unwrap(model).set_input_tensor(None)  # no stale hidden states for the next caller
+    for i, chunk in enumerate(_chunks(model)):
+        if pipe is not None and not (pipe.first and i == 0):
+            unwrap(chunk).set_input_tensor(None)  # no stale hidden states for the next caller
     out = [tokens[i, int(lengths[i]):int(ends[i])].tolist() for i in range(b)]
     return Generation(out, (entropy_sum / entropy_n.clamp(min=1)).tolist())
+
+
+def _expert_group():
+    """The expert-parallel group when experts are split over several ranks (their MoE layers exchange
+    tokens with all-to-all collectives, so every rank of the group must run the same forwards); else None."""
+    if not torch.distributed.is_initialized():
+        return None
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps.get_expert_model_parallel_world_size() == 1:
+        return None
+    return ps.get_expert_model_parallel_group()
+
+
+def _all_done(done: torch.Tensor, group, dev: torch.device) -> bool:
+    """Whether every row has stopped: this rank's rows, or with an expert-parallel group every rank's (a
+    rank whose rows have stopped keeps stepping, its outputs dropped, until the group's last row stops)."""
+    if group is None:
+        return bool(done.all())
+    flag = torch.tensor([0 if bool(done.all()) else 1], dtype=torch.long, device=dev)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    return int(flag) == 0
 
 
 def _context(batch: int, length: int):
@@ -141,20 +183,33 @@ def _context(batch: int, length: int):
     return StaticInferenceContext(max_batch_size=batch, max_sequence_length=length)
 
 
+def _chunks(model) -> list:
+    """A rank's model chunks in order: its virtual-pipeline chunks (a ModuleList: runtime/align/common.py
+    `Chunks`), else the one model."""
+    return list(model) if isinstance(model, (torch.nn.ModuleList, list, tuple)) else [model]
+
+
 def _forward(model, tokens: torch.Tensor, positions: torch.Tensor, context) -> torch.Tensor | None:
     """Logits [b, s', v] (s' = 1 with a cache: Megatron materialises only the last position then) on the
-    last pipeline stage; None on the others (their hidden states went to the next stage)."""
+    last pipeline stage; None on the others (their hidden states went to the next stage).
+
+    A rank's chunks run in Megatron's interleaved order: chunk 0 on stages 0..pp-1, then chunk 1 on stages
+    0..pp-1, ...; each chunk but the model's first (chunk 0 of stage 0) receives its input from the previous
+    stage in the ring (stage pp-1's chunk i feeds stage 0's chunk i+1) and each but the model's last (chunk
+    vp-1 of stage pp-1) sends its output to the next, so the hidden states go around the ring vp times."""
     pipe = _pipeline()
-    if pipe is not None and not pipe.first:
-        unwrap(model).set_input_tensor(_recv(pipe.prev, tokens.device))
+    chunks = _chunks(model)
     # no mask: GPTModel's attention is causal (tokens of a row never see later ones)
     kwargs = {} if context is None else {"inference_context": context}
+    out = None
     with whole_sequences(model):  # context parallelism: every CP rank runs the whole rows (no split)
-        out = model(tokens, positions, None, runtime_gather_output=True, **kwargs)
-    if pipe is None or pipe.last:
-        return out
-    _send(out, pipe.next)
-    return None
+        for i, chunk in enumerate(chunks):
+            if pipe is not None and not (pipe.first and i == 0):
+                unwrap(chunk).set_input_tensor(_recv(pipe.prev, tokens.device))
+            out = chunk(tokens, positions, None, runtime_gather_output=True, **kwargs)
+            if pipe is not None and not (pipe.last and i == len(chunks) - 1):
+                _send(out, pipe.next)
+    return out if pipe is None or pipe.last else None
 
 
 @dataclass(frozen=True)

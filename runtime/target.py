@@ -37,12 +37,14 @@ SDPA_CORE = AttentionCore(
 # any pipeline layout, virtual pipeline stages included (common.py `build_gpt` builds a rank's vp chunks,
 # trainer.py `fit` feeds each chunk the step's micro-batches for the interleaved schedule, core/loop.py
 # `forward_only` runs reference and held-out passes in groups of pp micro-batches); so do PPO (actor and
-# critic) and GRPO (policy), without virtual stages: their steps run Megatron's schedules (trainer.py
-# `Trainer.step`), their reward scores, reference / old log-probs and critic values forward-only schedules
-# (common.py `forward_everywhere`), and their rollouts decode with Megatron-Core's StaticInferenceContext
-# across the pipeline stages (runtime/generation.py: each stage keeps its layers' KV cache, hidden states go
-# stage to stage, the last stage samples, one model chunk per rank; called by runtime/align/ppo.py
-# `iteration` and runtime/align/grpo.py `rollout`). KTO and ORPO train and evaluate
+# critic) and GRPO (policy), virtual stages included: their steps run Megatron's schedules (trainer.py
+# `Trainer.step`: 1F1B, or interleaved over a rank's chunks), their reward scores, reference / old log-probs
+# and critic values forward-only schedules (common.py `forward_everywhere`), and their rollouts decode with
+# Megatron-Core's StaticInferenceContext across the pipeline stages (runtime/generation.py: each chunk keeps
+# its layers' KV cache, hidden states go stage to stage -- around the ring vp times, in Megatron's
+# interleaved chunk order -- the last stage samples; called by runtime/align/ppo.py `iteration` and
+# runtime/align/grpo.py `rollout`; tests/runtime/align/test_align_rl_pipeline.py: PP=2 and PP=2 VP=2 = one
+# process). KTO and ORPO train and evaluate
 # through Megatron's schedules as sft/dpo do (KTO's KL baseline and reference scores by forward-only
 # schedules before each step: runtime/align/kto.py `microbatches`).
 # Context parallelism: every batch constructor hands each CP rank Megatron's load-balanced shard of whole
@@ -53,8 +55,10 @@ SDPA_CORE = AttentionCore(
 # keys and values); Megatron's unfused core runs cp = 1 only (runtime/megatron_args.py refuses it). Rows
 # packed with several samples (sft `pack = true`) are split only by TE's THD attention with CP, which
 # this runtime does not drive: refused (`packed_context_parallel = False`; common.py `on_this_cp_rank`).
-# MoE models for sft/dpo/kto/orpo/reward (Megatron's MoELayer through the core's build; LoRA adapts their
-# attention); ppo, grpo and eval stay dense-only (untested); export writes MoE models as Mixtral / Qwen3-MoE (runtime/hf/trained.py). `init = hf(DIR)` is converted by the hf_import task
+# MoE models for sft/dpo/kto/orpo/reward, ppo and grpo (Megatron's MoELayer through the core's build; LoRA
+# adapts their attention; under expert parallelism the rollout's ranks of an expert-parallel group decode in
+# step until the group's last row stops, runtime/generation.py `_all_done`: EP=2 = EP=1 at DP=2,
+# tests/runtime/align/test_align_rl_pipeline.py); eval stays dense-only (untested); export writes MoE models as Mixtral / Qwen3-MoE (runtime/hf/trained.py). `init = hf(DIR)` is converted by the hf_import task
 # (runtime/orchestrate/tasks/hf.py) and loaded where a parent's checkpoint would be (runtime/align/stage.py
 # `policy_start`, runtime/core/build.py `restore_or_initialize`).
 _ALIGN = StageCaps(
@@ -71,13 +75,15 @@ _ALIGN = StageCaps(
 # sft/dpo do (`on_this_cp_rank`, per-row sums with `cp_sum`; PPO's rewards and GAE run along whole rows
 # gathered over the group: common.py `cp_gather`). Rows hold one sample each (no packing).
 _PPO = StageCaps(
-    pipeline=True, virtual_pipeline=False, context_parallel=True, te=True, moe=False, kv_cache_rollout=True,
+    pipeline=True, virtual_pipeline=True, context_parallel=True, te=True, moe=True, kv_cache_rollout=True,
     hf_init=True,
-    runs="the nemoc runtime's ppo and grpo stages (runtime/align) run TP/PP/CP/DP without virtual stages, their "
-         "rollouts decoded across the pipeline stages, whole rows on every context-parallel rank",
-    source="nemoc runtime/align/common.py build_gpt (vp), runtime/align/ppo.py, grpo.py (dense models only), "
-           "runtime/generation.py (KV-cached rollouts across pipeline stages; context parallelism off while "
-           "decoding: runtime/model.py whole_sequences)")
+    runs="the nemoc runtime's ppo and grpo stages (runtime/align) run TP/PP/VP/CP/EP/DP, dense or MoE models, "
+         "their rollouts decoded across the pipeline stages (around the ring vp times per token), whole rows on "
+         "every context-parallel rank",
+    source="nemoc runtime/align/common.py build_gpt (a rank's vp chunks), trainer.py Trainer.step (interleaved "
+           "schedule), runtime/generation.py (KV-cached rollouts across pipeline stages and virtual chunks; "
+           "expert-parallel groups decode in step; context parallelism off while decoding: runtime/model.py "
+           "whole_sequences)")
 # eval runs at the stage's layout (tensor and data parallel; runtime/orchestrate/tasks/align.py launches the layout's
 # world size), so a model whose weights exceed one GPU is evaluated; its passes call the model directly
 # (no pipeline). Export runs in one process on the host (runtime/orchestrate/tasks/align.py `_one_process`). The local

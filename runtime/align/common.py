@@ -48,16 +48,18 @@ class AlignError(RuntimeError):
 # ------------------------------------------------------------------------------------ process group
 
 
-def init_distributed(*, tp: int = 1, pp: int = 1, cp: int = 1, vp: int | None = None, seed: int = 1234) -> None:
+def init_distributed(*, tp: int = 1, pp: int = 1, cp: int = 1, vp: int | None = None, ep: int = 1,
+                     seed: int = 1234) -> None:
     """The training core's process group and model-parallel groups (runtime.core.dist, the one caller of
     initialize_model_parallel) for tp x pp x cp x (the rest: data parallel), with `vp` virtual pipeline
-    stages per pipeline rank (the interleaved schedule), then the core's seeding."""
+    stages per pipeline rank (the interleaved schedule) and MoE experts split over `ep` ranks, then the
+    core's seeding."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % (tp * pp * cp):
         raise AlignError(f"world size {world} is not a multiple of tp({tp}) * pp({pp}) * cp({cp})")
     dp = world // (tp * pp * cp)
     try:
-        dist.init_distributed(layout=single_layout(tp=tp, pp=pp, cp=cp, vp=vp, dp=dp, global_batch=dp))
+        dist.init_distributed(layout=single_layout(tp=tp, pp=pp, cp=cp, vp=vp, ep=ep, dp=dp, global_batch=dp))
     except dist.TaskError as exc:
         raise AlignError(str(exc)) from None
     dist.set_seed(seed)
@@ -118,9 +120,9 @@ class ModelShape:
 
 
 def single_layout(*, tp: int = 1, pp: int = 1, dp: int = 1, micro_batch: int = 1, global_batch: int = 1,
-                  sequence_parallel: bool = False, vp: int | None = None, cp: int = 1) -> Layout:
+                  sequence_parallel: bool = False, vp: int | None = None, cp: int = 1, ep: int = 1) -> Layout:
     """A resolved Layout for tests and one-process tools (export, evaluation)."""
-    return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=1, etp=1, dp=dp, micro_batch=micro_batch,
+    return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=1, dp=dp, micro_batch=micro_batch,
                   global_batch=global_batch, num_microbatches=max(1, global_batch // (micro_batch * dp)),
                   sequence_parallel=sequence_parallel, distributed_optimizer=False, recompute="none")
 

@@ -23,7 +23,9 @@ Invariants (one iteration, TRL 1.16 GRPOTrainer with num_iterations = `iteration
      completions.
 Any pipeline layout: sampling decodes across the stages (runtime/generation.py), the log-probs of step 3
 and a reward model's scores come from forward-only schedules broadcast from the last stage, the steps run
-Megatron's 1F1B schedule (tests/runtime/align/test_align_rl_pipeline.py: PP=2 = one process).
+Megatron's 1F1B schedule, or the interleaved one over virtual-pipeline chunks; MoE policies too, with
+experts split over ranks (tests/runtime/align/test_align_rl_pipeline.py: PP=2 and PP=2 VP=2 = one process,
+EP=2 = EP=1 at DP=2).
 Context parallelism: sampling decodes the whole rows on every CP rank (runtime/generation.py), the passes
 of step 3 and the steps run on each rank's shard of the rows, every token sum of the loss over the group
 (`grpo_loss(seq_sum=cp_sum)`, each rank's `cp_share`): CP=2 = one process (the same test).

@@ -18,7 +18,9 @@ Invariants (one iteration):
 Any pipeline layout: the rollout decodes across the stages (runtime/generation.py), the experience passes
 are forward-only schedules whose last stage broadcasts its results (`common.forward_everywhere`, the reward
 model's `reward.score`), so every rank computes the same advantages, and each step is Megatron's 1F1B
-schedule over the micro-batches (`Trainer.step`); tests/runtime/align/test_align_rl_pipeline.py.
+schedule over the micro-batches (`Trainer.step`), or its interleaved schedule over a rank's virtual-pipeline
+chunks (the rollout then walks the chunks in the interleaved order); MoE models too, their rollouts kept in
+step over an expert-parallel group; tests/runtime/align/test_align_rl_pipeline.py.
 Context parallelism: the rollout decodes the whole rows on every CP rank (runtime/generation.py); the
 experience passes and the steps run on each rank's shard of the rows (`make_batch`), the rewards and GAE
 along whole rows gathered over the group (`cp_gather`, then `cp_shard` back), the losses' token sums over

@@ -385,7 +385,7 @@ class _PPOCheckpoints:
         restored = None
         for name, tr in self.parts.items():
             wanted = both if restored is None else {restored.iteration}
-            restored = ckpt.resume(root=self._root(name), chunks=[tr.model], optimizer=tr.optimizer,
+            restored = ckpt.resume(root=self._root(name), chunks=tr.chunks, optimizer=tr.optimizer,
                                    scheduler=tr.scheduler, distributed_optimizer=s.layout.distributed_optimizer,
                                    warn=lambda line: self.metrics.event("warning", message=line), iterations=wanted)
             if restored is None:
@@ -398,7 +398,7 @@ class _PPOCheckpoints:
     def save(self, iteration: int) -> None:
         s = self.task.stage
         for name, tr in self.parts.items():
-            state = ckpt.training_state(chunks=[tr.model], optimizer=tr.optimizer, scheduler=tr.scheduler,
+            state = ckpt.training_state(chunks=tr.chunks, optimizer=tr.optimizer, scheduler=tr.scheduler,
                                         iteration=iteration, consumed_samples=iteration * s.layout.global_batch,
                                         extra={"stage": s.name, "kind": s.kind, "part": name})
             self.savers[name].save(state, iteration=iteration)
@@ -573,7 +573,7 @@ def run_grpo(task: StageTask) -> dict:
     dp_rank, _ = stage.dp_info()
     history = []
     with stage.open_stage_metrics(task, total) as metrics:
-        restored = ckpt.resume(root=str(task.checkpoint_dir), chunks=[tr.model], optimizer=tr.optimizer,
+        restored = ckpt.resume(root=str(task.checkpoint_dir), chunks=tr.chunks, optimizer=tr.optimizer,
                                scheduler=tr.scheduler, distributed_optimizer=s.layout.distributed_optimizer,
                                warn=lambda line: metrics.event("warning", message=line))
         start = restored.iteration if restored is not None else 0
@@ -585,7 +585,7 @@ def run_grpo(task: StageTask) -> dict:
         saver = ckpt.Checkpointer(root=str(task.checkpoint_dir), keep=s.checkpoint.keep, async_save=False)
 
         def save(it: int) -> None:
-            state = ckpt.training_state(chunks=[tr.model], optimizer=tr.optimizer, scheduler=tr.scheduler,
+            state = ckpt.training_state(chunks=tr.chunks, optimizer=tr.optimizer, scheduler=tr.scheduler,
                                         iteration=it, consumed_samples=it * s.layout.global_batch,
                                         extra={"stage": s.name, "kind": s.kind})
             saver.save(state, iteration=it)

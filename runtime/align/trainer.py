@@ -39,8 +39,8 @@ from nemoc.runtime.core.dist import StopSignal
 
 class Trainer:
     """A model (one chunk, or a rank's virtual-pipeline `Chunks`) wrapped in Megatron DDP, with its
-    optimizer and scheduler. `chunks`: the DDP-wrapped chunks the schedules take; `model`: the first (the
-    only one without virtual pipeline stages: PPO and GRPO call it directly)."""
+    optimizer and scheduler. `chunks`: the DDP-wrapped chunks the schedules take (and checkpoints save);
+    `model`: the first (the only one without virtual pipeline stages)."""
 
     def __init__(self, chunk, *, layout, optimizer, schedule, steps: int, precision: str = "fp32", overlaps=None):
         built = chunk_list(chunk)

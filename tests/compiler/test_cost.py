@@ -474,3 +474,34 @@ def test_userbuffer_chunks_pay_tile_quantisation_over_their_token_rows() -> None
     # a chunk of 512 rows: 1 + n_half / 512 on the forward GEMMs; the weight gradient is never split
     n_half = DEFAULT_PARAMS.gemm_n_half
     assert gemm_per_token(1, True) < (1 + n_half / 512) * gemm_per_token(1, False)
+def test_a_rollout_with_virtual_stages_crosses_every_chunk_boundary() -> None:
+    """With vp chunks per rank the generator sends the hidden states around the ring vp times per forward
+    (runtime/generation.py: chunk 0 on stages 0..pp-1, then chunk 1, ...): pp x vp - 1 transfers, not
+    pp - 1, each paying size / bandwidth plus the link latency; the rollout grows by exactly those hops."""
+    from nemoc.compiler.cost import _rollout_p2p
+
+    m, hw = PRESETS["llama3_8b"], get_gpu("H100")
+    lay = layout(tp=2, pp=2, dp=2, global_batch=64, num_microbatches=32, sequence_parallel=True)
+    one_hop = _rollout_p2p(m, lay, hw, 64.0, DEFAULT_PARAMS)
+    assert one_hop > 0
+    assert _rollout_p2p(m, dataclasses.replace(lay, vp=2), hw, 64.0, DEFAULT_PARAMS) == pytest.approx(3 * one_hop)
+    four = dataclasses.replace(lay, pp=4, dp=1)
+    assert (_rollout_p2p(m, dataclasses.replace(four, vp=4), hw, 64.0, DEFAULT_PARAMS)
+            == pytest.approx(5 * _rollout_p2p(m, four, hw, 64.0, DEFAULT_PARAMS)))  # 15 hops, not 3
+    kw = dict(gpu="H100", seq_length=4096, stage_kind="ppo", stage_params={"max_new_tokens": 256})
+    flat, interleaved = estimate(m, lay, **kw), estimate(m, dataclasses.replace(lay, vp=2), **kw)
+    assert interleaved.parts["rollout"] > flat.parts["rollout"]
+
+
+def test_an_expert_parallel_rollout_pays_each_layers_token_exchange_per_decoded_token() -> None:
+    """MoE decode under expert parallelism: every layer dispatches and combines the step's tokens over the
+    EP group (the runtime keeps the group decoding in step), latency-bound for one token per row; nothing
+    at ep = 1 or for a dense model."""
+    from nemoc.compiler.cost import _rollout_ep
+
+    moe, dense, hw = PRESETS["mixtral_8x7b"], PRESETS["llama3_8b"], get_gpu("H100")
+    lay = layout(tp=1, ep=8, dp=8, global_batch=64, num_microbatches=8)
+    per_step = _rollout_ep(moe, lay, hw, 8.0, DEFAULT_PARAMS)
+    assert per_step >= moe.layers * 2 * DEFAULT_PARAMS.ring_step_latency
+    assert _rollout_ep(moe, dataclasses.replace(lay, ep=1), hw, 8.0, DEFAULT_PARAMS) == 0.0
+    assert _rollout_ep(dense, lay, hw, 8.0, DEFAULT_PARAMS) == 0.0

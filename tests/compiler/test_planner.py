@@ -251,10 +251,11 @@ def test_any_spec_plans_or_fails_with_diagnostics_never_a_traceback(spec):
     assert from_json(to_json(result.plan)) == result.plan
 
 
-def test_an_inherited_pipeline_is_dropped_for_eval_and_export_and_ppo_plans_without_virtual_stages():
+def test_an_inherited_pipeline_is_dropped_for_eval_and_export():
     """The nemoc runtime's target: eval (TP/DP) and export (one process) run without a pipeline, so the
     experiment's pipeline = 2 (for pretrain) does not reach them; an auto pipeline of a ppo or dpo stage
-    is the search's choice, ppo's never with virtual stages (dpo may interleave)."""
+    is the search's choice (on this 8B model ppo's without virtual stages: their extra rollout hops do not
+    pay here, test_ppo_and_grpo_plan_virtual_stages_and_moe_models)."""
     stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=128, steps=10),
               StageSpec(name="ppo", kind="ppo", after=("pretrain",), global_batch=64, steps=10,
                         parallel=ParallelSpec(tensor=None, pipeline=None)),
@@ -267,6 +268,24 @@ def test_an_inherited_pipeline_is_dropped_for_eval_and_export_and_ppo_plans_with
     for name in ("eval", "export"):
         assert (plan.stage(name).layout.pp, plan.stage(name).layout.vp) == (1, None), name
     assert plan.stage("ppo").layout.vp is None
+
+
+@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+def test_ppo_and_grpo_plan_virtual_stages_and_moe_models(kind):
+    """The nemoc runtime runs ppo and grpo with virtual pipeline stages and on MoE models (runtime/target.py
+    `_PPO`): a fixed virtual_pipeline = 2 plans as written, and a Mixtral stage with its experts split over
+    4 ranks plans instead of meeting the runtime's MoE refusal."""
+    stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=128, steps=10),
+              StageSpec(name="rl", kind=kind, after=("pretrain",), global_batch=64, steps=10,
+                        parallel=ParallelSpec(tensor=2, pipeline=2, virtual_pipeline=2)))
+    rl = plan_experiment(_spec(stages=stages), target=NEMOC_RUNTIME).plan.stage("rl")
+    assert (rl.layout.pp, rl.layout.vp) == (2, 2)
+    assert rl.estimate.step_time_s > 0
+    moe = (StageSpec(name="pretrain", kind="pretrain", global_batch=128, steps=10),
+           StageSpec(name="rl", kind=kind, after=("pretrain",), global_batch=64, steps=10,
+                     parallel=ParallelSpec(expert=4)))
+    plan = plan_experiment(_spec(model="mixtral_8x7b", nodes=4, stages=moe), target=NEMOC_RUNTIME).plan
+    assert plan.stage("rl").layout.ep == 4, plan.stage("rl").layout
 
 
 def test_eval_and_export_say_how_the_runtime_runs_them():
@@ -314,15 +333,17 @@ def test_the_plan_records_the_fp8_recipe_it_defaulted_to():
 
 def test_a_pipelined_rollout_says_how_it_runs():
     """A ppo stage at pipeline = 2: the plan notes that its rollouts decode stage after stage (the runtime's
-    generator does), with the rollout's share of the step from the cost model."""
+    generator does), with the rollout's share of the step from the cost model and the hidden-state
+    transfers of a forward (here with virtual stages, which the search picks: pp x vp - 1 of them)."""
     stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=128, steps=10),
               StageSpec(name="ppo", kind="ppo", after=("pretrain",), global_batch=64, steps=10,
                         parallel=ParallelSpec(tensor=None, pipeline=2)))
     result = plan_experiment(_spec(stages=stages), target=NEMOC_RUNTIME)
     ppo = result.plan.stage("ppo")
-    assert ppo.layout.pp == 2 and ppo.layout.vp is None
+    assert ppo.layout.pp == 2 and ppo.layout.vp and ppo.layout.vp > 1
     note = next(n for n in next(r for r in result.stages if r.name == "ppo").notes if "stage after stage" in n)
     assert f"rollout {ppo.estimate.parts['rollout']:.3g} s" in note
+    assert f"{ppo.layout.vp} virtual stages each" in note and f"plus {2 * ppo.layout.vp - 1} hidden-state" in note
 
 
 def test_packed_sft_costs_attention_within_the_stated_sample_length():

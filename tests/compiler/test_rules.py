@@ -454,25 +454,33 @@ def test_runtime_pipeline_rule_fires_for_kinds_the_runtime_runs_without_a_pipeli
     assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=None)) is None  # auto: the search's
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "reward", "kto", "orpo"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "reward", "kto", "orpo", "ppo", "grpo"])
 def test_alignment_kinds_pipeline_with_virtual_stages(kind):
-    """runtime/align builds a rank's virtual-pipeline chunks and runs the interleaved schedule: pp > 1 and
-    vp > 1 are both fine."""
+    """runtime/align builds a rank's virtual-pipeline chunks and runs the interleaved schedule (PPO's and
+    GRPO's rollouts walk the chunks in the interleaved order: runtime/generation.py): pp > 1 and vp > 1 are
+    both fine."""
     assert NEMOC_RUNTIME.caps(kind).pipeline and NEMOC_RUNTIME.caps(kind).virtual_pipeline
     assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, vp=2)) is None
 
 
 @pytest.mark.parametrize("kind", ["ppo", "grpo"])
-def test_rl_kinds_pipeline_without_virtual_stages(kind):
-    """PPO's and GRPO's rollouts decode with one model chunk per pipeline rank: pp > 1 is fine, vp > 1 is E126;
-    cp > 1 is fine (the rollout decodes whole rows on every CP rank, the other passes split them)."""
-    assert NEMOC_RUNTIME.caps(kind).pipeline and not NEMOC_RUNTIME.caps(kind).virtual_pipeline
+def test_rl_kinds_split_their_rows_over_context_parallel_ranks(kind):
+    """cp > 1 is fine for PPO and GRPO (the rollout decodes whole rows on every CP rank, the other passes
+    split them), with a pipeline and virtual stages too."""
     assert NEMOC_RUNTIME.caps(kind).context_parallel
-    assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2)) is None
     assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, cp=2)) is None
-    v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, vp=2))
-    assert v.code == "E126" and v.anchors[0] == "parallel.virtual_pipeline"
-    assert "cannot run virtual pipeline stages" in v.message and "vp(2) > 1" in v.equation
+    assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, vp=2, cp=2)) is None
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "reward", "kto", "orpo", "ppo", "grpo", "eval"])
+def test_the_runtime_refuses_moe_models_only_where_it_builds_dense_ones(kind):
+    """E141: ppo and grpo run MoE models now (their rollouts keep an expert-parallel group in step:
+    runtime/generation.py); eval still builds dense models only."""
+    v = rules.rule_runtime_moe(env(MIXTRAL, stage_kind=kind), VALID)
+    if kind == "eval":
+        assert v.code == "E141" and "dense models only" in v.message and v.anchors[0] == "model.experts"
+    else:
+        assert v is None and NEMOC_RUNTIME.caps(kind).moe
 
 
 def test_alignment_kinds_split_rows_of_one_sample_over_context_parallel_ranks():

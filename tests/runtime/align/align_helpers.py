@@ -186,12 +186,21 @@ def train_kind(common, kind: str, base, layout, *, steps: int = 3, layers: int =
     return [h["loss"] for h in history]
 
 
-def rl_kind(common, kind: str, base, layout, *, iterations: int = 2, attention: str = "unfused") -> dict:
+def rl_spec(*, layers: int = 2, experts: int = 0):
+    """The model of `rl_kind`: the tiny Llama, or with `experts` a Mixtral-style mixture of experts (top-2
+    routing, experts narrower than the dense MLP, as test_align_sft.py's)."""
+    moe = dict(experts=experts, top_k=2, moe_ffn_hidden=48) if experts else {}
+    return llama_spec(seq_length=16, vocab=256, layers=layers, **moe)
+
+
+def rl_kind(common, kind: str, base, layout, *, iterations: int = 2, layers: int = 2, experts: int = 0,
+            attention: str = "unfused") -> dict:
     """`iterations` iterations of PPO or GRPO at `layout` (the caller's process group) from the checkpoint
     `base`: policy (and critic, reward model) trunks loaded from it, the reward model's scalar head a
     fixed random vector (so scores differ between responses), rollouts with the KV-cached generator.
     `attention`: the attention core (context parallelism needs the SDPA core, `flash`).
     Returns {"tokens": a sampled rollout of the initial policy, "steps": every iteration's metrics}.
+    `layers` and `experts` (a Mixtral-style MoE: `rl_spec`) must be those `base` was saved with.
     test_align_rl_pipeline.py runs it in one process and under torchrun (rl_pipeline_worker.py)."""
     import torch
 
@@ -199,13 +208,13 @@ def rl_kind(common, kind: str, base, layout, *, iterations: int = 2, attention: 
     from nemoc.runtime import generation
     from nemoc.runtime.align import grpo, ppo, trainer
 
-    spec = llama_spec(seq_length=16, vocab=256)
+    spec = rl_spec(layers=layers, experts=experts)
 
     def model(*, head: bool = False, frozen: bool = False):
         chunk = common.build_gpt(spec, layout, scalar_head=head, attention_backend=attention)
         common.load_model(chunk, base, skip_output=head)
-        if head:  # the same vector on every layout (the head lives on the last pipeline stage)
-            out = getattr(common.unwrap(chunk), "output_layer", None)
+        # the same vector on every layout (the head lives on the last pipeline stage's last chunk)
+        for out in [getattr(common.unwrap(c), "output_layer", None) for c in common.chunk_list(chunk)] if head else []:
             if out is not None:
                 vec = torch.randn(out.weight.shape, generator=torch.Generator().manual_seed(9)) * 0.5
                 out.weight.data.copy_(vec.to(out.weight.dtype))

@@ -1,7 +1,9 @@
-"""Run under `torchrun --nproc-per-node 2`: two iterations of PPO or GRPO (`ppo|grpo`) at pipeline
-parallelism 2 (`pp2`, the default) or context parallelism 2 (`cp2`, on the SDPA core) from the checkpoint
-`OUT/base` (align_helpers.rl_kind), its result to `OUT/KIND_MODE.json` (compared with one process by
-test_align_rl_pipeline.py)."""
+"""Run under `torchrun --nproc-per-node 2`: two iterations of PPO or GRPO (`ppo|grpo`) at a two-process
+layout (`pp2`: pipeline parallelism 2; `pp2vp2`: with 2 virtual stages per rank, 4 layers; `dp2`, `ep2`:
+data parallelism 2 of a mixture-of-experts model, its experts split over the two ranks with `ep2`) from the
+checkpoint `OUT/base` (align_helpers.rl_kind), its result to `OUT/KIND_LAYOUT.json` (compared with one
+process, or with `dp2`, by test_align_rl_pipeline.py); `cp2`: context parallelism 2 on the SDPA core (every CP
+rank must then hold the same rollout and metrics)."""
 
 from __future__ import annotations
 
@@ -17,16 +19,50 @@ from align_helpers import rl_kind  # noqa: E402
 
 from nemoc.runtime.align import common  # noqa: E402
 
+LAYOUTS = {  # name -> (init_distributed kwargs, single_layout kwargs, rl_kind kwargs)
+    "pp2": (dict(pp=2), dict(pp=2), {}),
+    "pp2vp2": (dict(pp=2, vp=2), dict(pp=2, vp=2), dict(layers=4)),
+    "dp2": (dict(), dict(dp=2), dict(experts=4)),
+    "ep2": (dict(ep=2), dict(dp=2, ep=2), dict(experts=4)),
+    "cp2": (dict(cp=2), dict(cp=2), dict(attention="flash")),
+}
 
-def main(out: Path, kind: str, mode: str = "pp2") -> None:
+
+def uneven_rollouts(layout) -> list:
+    """Every rank's greedy rollout of prompts of its own lengths and budget (rank 0: 3-token prompts, 2 new
+    tokens; rank 1: 5 to 7 tokens, 6 new), gathered on every rank: under expert parallelism the group decodes
+    in step (rank 0 steps on after its rows stopped), and each row's tokens must be what it decodes alone."""
+    from align_helpers import INSTR, LETTERS, SEP, rl_spec
+
+    from nemoc.runtime import generation
+
+    policy = common.build_gpt(rl_spec(experts=4), layout)
+    common.load_model(policy, OUT / "base")
+    rank = torch.distributed.get_rank()
+    prompts = [[INSTR, a, SEP] + [LETTERS[-1]] * (2 * rank + i % 3 * rank) for i, a in enumerate(LETTERS[:4])]
+    mine = generation.generate(policy, prompts, max_new_tokens=2 + 4 * rank, vocab=256, eod=-1, seq_length=16,
+                               greedy=True).tokens
+    every: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    return every
+
+
+OUT = Path(".")
+
+
+def main(out: Path, kind: str, name: str) -> None:
+    global OUT
+    OUT = out
     torch.set_num_threads(1)
-    pp, cp = {"pp2": (2, 1), "cp2": (1, 2)}[mode]
-    common.init_distributed(tp=1, pp=pp, cp=cp, seed=0)
-    result = rl_kind(common, kind, out / "base", common.single_layout(pp=pp, cp=cp, global_batch=4, micro_batch=2),
-                     attention="flash" if cp > 1 else "unfused")
+    init, layout, extra = LAYOUTS[name]
+    common.init_distributed(tp=1, seed=0, **init)
+    lay = common.single_layout(global_batch=4, micro_batch=2, **layout)
+    result = rl_kind(common, kind, out / "base", lay, **extra)
+    if extra.get("experts"):
+        result["uneven"] = uneven_rollouts(lay)
     if torch.distributed.get_rank() == 0:
-        (out / f"{kind}_{mode}.json").write_text(json.dumps(result))
-    if cp > 1:  # every CP rank holds the same rollout and the same metrics (wall times aside)
+        (out / f"{kind}_{name}.json").write_text(json.dumps(result))
+    if init.get("cp", 1) > 1:  # every CP rank holds the same rollout and the same metrics (wall times aside)
         mine = {"tokens": result["tokens"],
                 "steps": [{k: v for k, v in s.items() if not k.endswith("_time_s")} for s in result["steps"]]}
         box = [None] * torch.distributed.get_world_size()
@@ -36,4 +72,4 @@ def main(out: Path, kind: str, mode: str = "pp2") -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), *sys.argv[2:])
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "pp2")

@@ -2,7 +2,9 @@
 box's two processes (pretrain -> sft -> reward -> ppo, grpo with LoRA: its reference is the policy with the
 adapters off, scored by a forward-only schedule): the plan keeps the stages' pipeline = 2, the runtime
 trains them through Megatron's schedules with rollouts decoded across the two stages, and each stage
-finishes with finite losses, the models the memory model planned and a final checkpoint."""
+finishes with finite losses, the models the memory model planned and a final checkpoint. The same with 4
+layers and 2 virtual pipeline stages per rank for ppo and grpo (`virtual_pipeline = 2`): the interleaved
+schedule trains them and the rollouts go around the two stages twice per decoded token."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ experiment rl_pipeline {
   cluster cpu_box {}
 
   model tiny_llama {
-    layers = 2
+    layers = LAYERS
     hidden = 64
     heads = 4
     query_groups = 2
@@ -100,7 +102,7 @@ experiment rl_pipeline {
     optimizer = adam(lr = 1e-5, weight_decay = 0.0)
     parallel {
       pipeline = 2
-      micro_batch = 2
+      micro_batch = 2VIRTUAL
     }
   }
 
@@ -115,7 +117,7 @@ experiment rl_pipeline {
     optimizer = adam(lr = 1e-5, weight_decay = 0.0)
     parallel {
       pipeline = 2
-      micro_batch = 1
+      micro_batch = 1VIRTUAL
     }
   }
 }
@@ -123,11 +125,13 @@ experiment rl_pipeline {
 
 
 @pytest.mark.slow
-def test_ppo_and_grpo_run_at_pp2_end_to_end(tmp_path):
+@pytest.mark.parametrize("vp", [None, 2])
+def test_ppo_and_grpo_run_at_pp2_end_to_end(tmp_path, vp):
     from nemoc.compiler.plan import from_json
 
     source = tmp_path / "rl_pipeline.nemo"
-    source.write_text(EXPERIMENT.replace("DATA", str(REPO / "examples" / "data")))
+    text = EXPERIMENT.replace("DATA", str(REPO / "examples" / "data")).replace("LAYERS", "4" if vp else "2")
+    source.write_text(text.replace("VIRTUAL", f"\n      virtual_pipeline = {vp}" if vp else ""))
     workdir = tmp_path / "run"
     run = subprocess.run([sys.executable, "-m", "nemoc.runtime.cli", "run", str(source), "--workdir", str(workdir)],
                          capture_output=True, text=True, timeout=1200, env=dict(os.environ), cwd=tmp_path)
@@ -135,7 +139,7 @@ def test_ppo_and_grpo_run_at_pp2_end_to_end(tmp_path):
     plan = from_json((workdir / "plan.json").read_text())
     for kind in ("ppo", "grpo"):
         sp = plan.stage(kind)
-        assert (sp.layout.pp, sp.layout.dp, sp.layout.vp) == (2, 1, None)
+        assert (sp.layout.pp, sp.layout.dp, sp.layout.vp) == (2, 1, vp)
         assert sp.estimate.parts["rollout"] > 0  # decoded stage after stage (cost._rollout_time)
         done = json.loads((workdir / "tasks" / f"train_{kind}" / "DONE.json").read_text())
         assert done["steps"] == 2 and math.isfinite(done["final_loss"]) and math.isfinite(done["reward"])
