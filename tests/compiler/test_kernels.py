@@ -83,12 +83,12 @@ def test_alignment_stages_are_planned_with_te_and_export_with_the_local_spec():
     assert {s.kind: s.kernels for s in full.stages} == {"sft": "te", "dpo": "te", "export": "te"}
 
 
-def test_alignment_stages_interleave_their_pipeline_and_rl_kinds_do_not():
+def test_alignment_stages_and_rl_kinds_interleave_their_pipeline():
     """The nemoc runtime's sft/dpo/reward run 1F1B or the interleaved schedule (vp chunks per pipeline
-    rank), PPO and GRPO 1F1B only (one chunk per pipeline rank: the rollout generator's)."""
+    rank), PPO and GRPO too (the rollout generator walks a rank's chunks in the interleaved order)."""
     assert NEMOC_RUNTIME.caps("sft").pipeline and NEMOC_RUNTIME.caps("sft").virtual_pipeline
     for kind in ("ppo", "grpo"):
-        assert NEMOC_RUNTIME.caps(kind).pipeline and not NEMOC_RUNTIME.caps(kind).virtual_pipeline
+        assert NEMOC_RUNTIME.caps(kind).pipeline and NEMOC_RUNTIME.caps(kind).virtual_pipeline
     spec, _ = load_spec("examples/llama3_70b_sft_dpo.nemo")
     fixed = replace(spec, parallel=replace(spec.parallel, pipeline=2, virtual_pipeline=2))
     assert not [d for d in check_spec(fixed, target=NEMOC_RUNTIME) if d.code == "E126"]

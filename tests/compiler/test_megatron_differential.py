@@ -472,19 +472,23 @@ DENSE = ModelSpec(name="d", layers=4, hidden=256, heads=4, query_groups=4, ffn_h
 MOE = replace(DENSE, experts=4, top_k=2, moe_ffn_hidden=128)
 
 
-@pytest.mark.parametrize("kind", ["ppo", "grpo", "eval"])
-def test_alignment_stages_refuse_moe_models(kind):
+def test_a_target_that_builds_dense_models_only_refuses_moe_models():
+    """E141 reads the target: a runtime that builds a kind dense-only refuses an MoE model for it."""
+    from types import MappingProxyType
+
     from nemoc.compiler import rules
+    from nemoc.compiler.target import StageCaps, Target
 
-    v = rules.rule_runtime_moe(_env(MOE, kind=kind), rules.Sizes())
-    assert v.code == "E141" and v.equation == f"experts(4) > 0, but stage kind {kind} runs dense models only"
-    assert rules.rule_runtime_moe(_env(MOE), rules.Sizes()) is None
-    assert rules.rule_runtime_moe(_env(DENSE, kind=kind), rules.Sizes()) is None
+    dense_eval = Target(name="dense-eval", stages=MappingProxyType({"eval": StageCaps(moe=False)}))
+    v = rules.rule_runtime_moe(replace(_env(MOE, kind="eval"), target=dense_eval), rules.Sizes())
+    assert v.code == "E141" and v.equation == "experts(4) > 0, but stage kind eval runs dense models only"
+    assert rules.rule_runtime_moe(replace(_env(DENSE, kind="eval"), target=dense_eval), rules.Sizes()) is None
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "kto", "orpo", "reward", "export"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "kto", "orpo", "reward", "ppo", "grpo", "export"])
 def test_sft_dpo_and_reward_run_moe_models(kind):
-    """They build through the training core (Megatron's MoELayer); tests/runtime/align/test_align_sft.py.
+    """They build through the training core (Megatron's MoELayer); tests/runtime/align/test_align_sft.py;
+    PPO and GRPO decode MoE rollouts with an expert-parallel group in step (test_align_rl_pipeline.py).
     Export streams MoE checkpoints as Mixtral / Qwen3-MoE (tests/runtime/align/test_align_export.py)."""
     from nemoc.compiler import rules
 
