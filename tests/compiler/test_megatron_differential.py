@@ -472,7 +472,7 @@ DENSE = ModelSpec(name="d", layers=4, hidden=256, heads=4, query_groups=4, ffn_h
 MOE = replace(DENSE, experts=4, top_k=2, moe_ffn_hidden=128)
 
 
-@pytest.mark.parametrize("kind", ["ppo", "grpo", "eval"])
+@pytest.mark.parametrize("kind", ["ppo", "grpo"])
 def test_alignment_stages_refuse_moe_models(kind):
     from nemoc.compiler import rules
 
@@ -482,9 +482,10 @@ def test_alignment_stages_refuse_moe_models(kind):
     assert rules.rule_runtime_moe(_env(DENSE, kind=kind), rules.Sizes()) is None
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "kto", "orpo", "reward", "export"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "kto", "orpo", "reward", "eval", "export"])
 def test_sft_dpo_and_reward_run_moe_models(kind):
     """They build through the training core (Megatron's MoELayer); tests/runtime/align/test_align_sft.py.
+    Eval runs them at the layout's expert parallelism (tests/runtime/align/test_align_eval_layout.py).
     Export streams MoE checkpoints as Mixtral / Qwen3-MoE (tests/runtime/align/test_align_export.py)."""
     from nemoc.compiler import rules
 

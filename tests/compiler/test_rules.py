@@ -441,7 +441,7 @@ def test_e101_diagnostic_points_at_the_breaking_field(tmp_path):
 # ------------------------------------------------------------- what the nemoc runtime itself runs
 
 
-@pytest.mark.parametrize("kind", ["eval", "export"])
+@pytest.mark.parametrize("kind", ["export"])
 def test_runtime_pipeline_rule_fires_for_kinds_the_runtime_runs_without_a_pipeline(kind):
     assert not NEMOC_RUNTIME.caps(kind).pipeline
     v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2))
@@ -462,9 +462,10 @@ def test_alignment_kinds_pipeline_with_virtual_stages(kind):
     assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, vp=2)) is None
 
 
-@pytest.mark.parametrize("kind", ["ppo", "grpo"])
-def test_rl_kinds_pipeline_without_virtual_stages(kind):
-    """PPO's and GRPO's rollouts decode with one model chunk per pipeline rank: pp > 1 is fine, vp > 1 is E126."""
+@pytest.mark.parametrize("kind", ["ppo", "grpo", "eval"])
+def test_decoding_kinds_pipeline_without_virtual_stages(kind):
+    """PPO's and GRPO's rollouts and eval's generations decode with one model chunk per pipeline rank: pp > 1
+    is fine, vp > 1 is E126."""
     assert NEMOC_RUNTIME.caps(kind).pipeline and not NEMOC_RUNTIME.caps(kind).virtual_pipeline
     assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2)) is None
     v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, vp=2))
@@ -508,21 +509,21 @@ def _aligned_spec(kind: str, *, own: bool):
                           parallel=ParallelSpec() if own else pipelined, stages=stages, spans=spans)
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "eval"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "eval", "export"])
 @pytest.mark.parametrize("own", [True, False])
 def test_a_fixed_pipeline_on_a_stage_the_runtime_runs_without_one_is_an_error_at_the_users_line(kind, own):
     errors = [d for d in check_spec(_aligned_spec(kind, own=own), target=NEMOC_RUNTIME) if d.code == "E126"]
-    if kind != "eval":  # sft and dpo pipeline (one chunk per rank)
+    if kind != "export":  # sft, dpo and eval pipeline (one chunk per rank)
         assert not errors, errors
         return
     if not own:
-        # eval runs without a pipeline: an inherited pipeline is dropped, not an error
+        # export runs without a pipeline: an inherited pipeline is dropped, not an error
         assert not errors
         return
     assert len(errors) == 1, errors
     e = errors[0]
     assert e.is_error and e.span == Span("x.nemo", 14, 7, 14, 19)
-    assert "TP/DP" in e.message
+    assert "one process" in e.message
     assert e.equation.startswith(f"pp(2) > 1, but stage kind {kind}") and e.hint
 
 

@@ -1,5 +1,8 @@
-"""The eval stage runs at its stage's layout: at TP=2 (two processes, the weights sharded) it reports what
-one process reports (response loss, held-out preference likelihoods, KV-cached generations), so a model whose weights exceed one GPU can be evaluated."""
+"""The eval stage runs at its stage's layout: at TP=2 (two processes, the weights sharded), at PP=2 (each
+process one pipeline stage: every loss through forward-only schedules, the generations decoded stage after
+stage) and for a mixture-of-experts model at EP=2 (the experts split over the data-parallel ranks) it
+reports what one process reports (validation-document loss, response loss, held-out preference
+likelihoods, KV-cached generations), so a model whose weights exceed one GPU can be evaluated."""
 
 from __future__ import annotations
 
@@ -22,6 +25,57 @@ def _run(task_path, nproc: int):
         if nproc > 1 else [sys.executable]
     module = ["-m", "nemoc.runtime.align"] if nproc == 1 else ["--module", "nemoc.runtime.align"]
     return subprocess.run([*head, *module, str(task_path)], capture_output=True, text=True, timeout=600, env=env)
+
+
+def _documents(prefix, tok, qa) -> str:
+    """An indexed data set (Megatron's .bin/.idx) of the arithmetic sentences, one document each, ending in EOD."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.int32)
+    for q, r in qa:
+        doc = np.array(tok.tokenize(q + " " + r) + [tok.eod], dtype=np.int32)
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(str(prefix) + ".idx")
+    return str(prefix)
+
+
+def _eval_at_layouts(tmp_path, plan, spec, *, layouts: dict, datasets, tokenizer, vocab: int, parents,
+                     attention: str = "unfused") -> dict:
+    """results.json of the plan's `eval` stage run at each {name: (nproc, Layout fields)}."""
+    from plan_factory import make_execution
+
+    results = {}
+    for name, (nproc, fields) in layouts.items():
+        stage = plan.stage("eval")
+        layout = dataclasses.replace(stage.layout, **fields)
+        stage = dataclasses.replace(stage, layout=layout, execution=make_execution(spec, layout, kind="eval",
+                                                                                   attention=attention))
+        at = dataclasses.replace(plan, stages=(*[s for s in plan.stages if s.name != "eval"], stage))
+        out = tmp_path / name
+        out.mkdir()
+        task = write_task(out, at, "eval", datasets=datasets, tokenizer=tokenizer, vocab_size=vocab, parents=parents,
+                          out=out / "task")
+        proc = _run(task, nproc)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results[name] = json.loads((out / "task" / "results.json").read_text())
+    return results
+
+
+def _assert_same_numbers(one: dict, other: dict) -> None:
+    """Every loss / likelihood of `other` is `one`'s to 1e-5 relative; the generations are the same text."""
+    assert other["datasets"].keys() == one["datasets"].keys() and one["datasets"]
+    for name, a in one["datasets"].items():
+        b = other["datasets"][name]
+        if "loss" in a:
+            assert b["tokens"] == a["tokens"] > 0, name
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), name
+            assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5), name
+        if "likelihood_accuracy" in a:
+            assert b["likelihood_accuracy"] == a["likelihood_accuracy"], name
+            assert b["likelihood_margin"] == pytest.approx(a["likelihood_margin"], rel=1e-5, abs=1e-6), name
+    assert [g["completion"] for g in other["generations"]] == [g["completion"] for g in one["generations"]]
+    assert one["generations"] and all(g["tokens"] > 0 for g in one["generations"])
 
 
 @pytest.mark.slow
@@ -59,3 +113,51 @@ def test_eval_at_tp2_reports_what_one_process_reports(mcore, tmp_path):
     assert pone["likelihood_accuracy"] == ptwo["likelihood_accuracy"]
     assert ptwo["likelihood_margin"] == pytest.approx(pone["likelihood_margin"], rel=1e-4, abs=1e-4)
     assert [g["completion"] for g in results[2]["generations"]] == [g["completion"] for g in results[1]["generations"]]
+
+
+def _datasets(root, tok, qa) -> list[dict]:
+    """A validation-document set, a chat set and a preference set (the right sum against a wrong one)."""
+    (root / "prefs.jsonl").write_text("\n".join(json.dumps({"prompt": q, "chosen": r, "rejected": r.replace(" is ", " is 1")})
+                                                for q, r in qa) + "\n")
+    prefix = _documents(root / "docs", tok, qa)
+    return [{"name": "docs", "prefix": prefix, "format": "text", "split": "50,50,0"},
+            {"name": "c", "path": str(root / "chat.jsonl"), "format": "chat"},
+            {"name": "p", "path": str(root / "prefs.jsonl"), "format": "preference"}]
+
+
+@pytest.mark.slow
+def test_eval_at_pp2_reports_what_one_process_reports(mcore, tmp_path):
+    """Pipeline parallelism 2: rank 0 holds the first layer, rank 1 the second and the output layer; the losses
+    are reduced on the last stage (forward-only schedules) and written once, the generations decoded across
+    both stages (runtime/generation.py)."""
+    root, spec, tok, qa = arithmetic_world(tmp_path, mcore, seed=7)
+    params = {"prompts": ["What is 1 plus 2?", "What is 4 plus 4?"], "max_new_tokens": 4, "max_windows": 8}
+    plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1), ("eval", "eval", ("base",), params, None, 0)])
+    base = dict(tp=1, dp=1, micro_batch=2, global_batch=2, num_microbatches=1)
+    results = _eval_at_layouts(tmp_path, plan, spec, layouts={"one": (1, dict(base, pp=1)), "pp2": (2, dict(base, pp=2))},
+                               datasets=_datasets(root, tok, qa), tokenizer=str(root / "tokenizer.json"),
+                               vocab=tok.vocab_size, parents={"base": str(root / "base")})
+    _assert_same_numbers(results["one"], results["pp2"])
+    assert results["one"]["datasets"]["docs"]["tokens"] > 0
+
+
+@pytest.mark.slow
+def test_a_mixture_of_experts_model_evaluates_at_ep2_as_in_one_process(mcore, tmp_path):
+    """A tiny Mixtral-style model (4 experts, top-2 routing, Megatron's MoELayer): at EP=2 each of the two
+    data-parallel ranks holds two experts and the alltoall dispatcher sends tokens to them; the numbers are
+    one process's (dropless routing, so no token is dropped at either layout)."""
+    root, dense, tok, qa = arithmetic_world(tmp_path, mcore, seed=5)
+    spec = dataclasses.replace(dense, experts=4, top_k=2, moe_ffn_hidden=64)
+    mcore.seed_all(5)
+    model = mcore.build_gpt(spec, mcore.single_layout(), vocab=tok.vocab_size, seq_length=48, attention_backend="flash")
+    assert type(mcore.unwrap(model).decoder.layers[0].mlp).__name__ == "MoELayer"
+    mcore.save_model(model, root / "moe")
+    params = {"prompts": ["What is 2 plus 3?"], "max_new_tokens": 4, "max_windows": 8}
+    plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1), ("eval", "eval", ("base",), params, None, 0)])
+    base = dict(tp=1, pp=1, micro_batch=2, num_microbatches=1)
+    results = _eval_at_layouts(tmp_path, plan, spec,
+                               layouts={"one": (1, dict(base, dp=1, ep=1, global_batch=2)),
+                                        "ep2": (2, dict(base, dp=2, ep=2, global_batch=4))},
+                               datasets=_datasets(root, tok, qa), tokenizer=str(root / "tokenizer.json"),
+                               vocab=tok.vocab_size, parents={"base": str(root / "moe")}, attention="flash")
+    _assert_same_numbers(results["one"], results["ep2"])
