@@ -13,10 +13,16 @@ Output: `output_dir/results.json` and the DONE payload: per dataset its `split` 
         or with a reward model `accuracy` and `margin` of its scores; `generations` [{prompt,
         completion}] (KV-cached, each ending at EOD or the template's end-of-turn token: data.stop_ids);
         `lm_eval` {task: metrics} or {"skipped": reason}.
-Invariants: runs at the stage's layout (tensor and data parallel: the weights are sharded over the TP
-        group, every DP replica evaluates the same rows, rank 0 writes; dist_checkpointing reshards
-        whatever layout trained the model); lm-eval needs the whole model in one process (tp = 1, run by
-        rank 0); losses are token-weighted means; nothing here changes the model.
+Invariants: runs at the stage's layout, built as every align stage builds its model (runtime/core/build.py:
+        the plan's kernels, TE's layer spec where installed; MoE layers): the weights are sharded over the
+        TP group, split into one pipeline stage per PP rank (no virtual stages: the generator runs one
+        chunk per rank) and a MoE model's experts over the EP ranks; every DP replica evaluates the same
+        rows; dist_checkpointing reshards whatever layout trained the model. Every loss and log-prob
+        pass runs through forward-only schedules (common.forward_only): the last pipeline stage computes
+        the sums and broadcasts them, so every rank holds the same numbers and rank 0 writes them once;
+        generations decode across the pipeline stages (runtime/generation.py, KV-cached, the last stage
+        samples). lm-eval needs the whole model in one process (the exported `hf/`, run by rank 0);
+        losses are token-weighted means; nothing here changes the model.
 """
 
 from __future__ import annotations

@@ -161,3 +161,54 @@ def test_a_mixture_of_experts_model_evaluates_at_ep2_as_in_one_process(mcore, tm
                                datasets=_datasets(root, tok, qa), tokenizer=str(root / "tokenizer.json"),
                                vocab=tok.vocab_size, parents={"base": str(root / "moe")}, attention="flash")
     _assert_same_numbers(results["one"], results["ep2"])
+
+
+def _te_ready() -> bool:
+    import torch
+
+    from nemoc.runtime import mcore_cpu
+    from nemoc.runtime.model import have_transformer_engine
+
+    return torch.cuda.is_available() and not mcore_cpu.is_applied() and have_transformer_engine()
+
+
+def _eval_in_process(tmp_path, world, *, kernels: str) -> tuple[dict, object]:
+    """results.json of an eval stage planned with `kernels` (run by evaluate.run in this process), and the
+    model its stage builds."""
+    from plan_factory import make_execution
+
+    from nemoc.runtime.align import evaluate, stage as align_stage
+
+    root, spec, tok, qa = world
+    params = {"prompts": ["What is 1 plus 2?"], "max_new_tokens": 4, "max_windows": 4}
+    plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1), ("eval", "eval", ("base",), params, None, 0)])
+    ev = plan.stage("eval")
+    ev = dataclasses.replace(ev, execution=make_execution(spec, ev.layout, kind="eval", attention="flash",
+                                                          kernels=kernels, gpu="H100"))
+    out = tmp_path / kernels
+    out.mkdir()
+    task_path = write_task(out, dataclasses.replace(plan, stages=(plan.stage("base"), ev)), "eval",
+                           datasets=_datasets(root, tok, qa), tokenizer=str(root / "tokenizer.json"),
+                           vocab_size=tok.vocab_size, parents={"base": str(root / "base")}, out=out / "task")
+    task = align_stage.load_task(str(task_path))
+    evaluate.run(task)
+    return json.loads((out / "task" / "results.json").read_text()), align_stage.build(task, checkpoint=None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _te_ready(), reason="needs a CUDA GPU with Transformer Engine")
+def test_eval_planned_with_te_kernels_builds_te_layers_and_reports_the_local_specs_numbers(mcore, tmp_path):
+    """kernels = te (what the planner gives a GPU eval stage now that the target says eval has a TE path):
+    the stage builds Transformer Engine's layer spec, as sft does (runtime/core/build.py), and its losses,
+    likelihoods and greedy generations are the local spec's (fp32; TE's kernels differ in summation order)."""
+    world = arithmetic_world(tmp_path, mcore, seed=3)
+    local, _ = _eval_in_process(tmp_path, world, kernels="local")
+    te, model = _eval_in_process(tmp_path, world, kernels="te")
+    names = [name for name, _ in mcore.unwrap(model).named_parameters()]
+    assert any("layer_norm_weight" in name for name in names), names[:8]  # TE's fused LayerNorm-linear
+    for name, a in local["datasets"].items():
+        b = te["datasets"][name]
+        for key in ("loss", "likelihood_margin"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=2e-3, abs=2e-3), (name, key)
+    assert [g["completion"] for g in te["generations"]] == [g["completion"] for g in local["generations"]]
