@@ -78,17 +78,21 @@ _PPO = StageCaps(
 # layout's expert parallelism, a rank's pipeline stage); every loss and log-prob pass runs through forward-only
 # schedules whose last stage's sums are broadcast (common.py `forward_only`; rank 0 writes results.json), and the
 # generations decode across the pipeline stages (runtime/generation.py: one model chunk per rank, so no virtual
-# stages; the planner gives inference kinds none). FP8: off. TE's FP8 GEMMs have shape requirements that a decode
+# stages; the planner gives inference kinds none). No sequence parallelism: a decode step feeds one token per row,
+# and Megatron-Core's embedding scatters the sequence over the TP group (language_model_embedding.py
+# scatter_to_sequence_parallel_region: "First dimension of the tensor should be divisible by tensor parallel
+# size"); the split only saves activation memory, which a forward-only pass barely holds. FP8: off. TE's FP8 GEMMs have shape requirements that a decode
 # step (one token per row) breaks; Megatron-Core pads for them only in its own inference wrapper
 # (megatron/core/fp8_utils.py `prepare_model_for_fp8_inference`), which the pipelined generator does not use, and
 # an FP8 eval is untested here: an fp8 / mxfp8 model (16-bit weights, FP8 only inside the GEMMs) is evaluated in
 # bf16. Export runs in one process on the host (runtime/orchestrate/tasks/align.py `_one_process`).
 _EVAL = StageCaps(
-    pipeline=True, virtual_pipeline=False, context_parallel=False, te=True, moe=True, fp8=False, hf_init=True,
+    pipeline=True, virtual_pipeline=False, context_parallel=False, sequence_parallel=False, te=True, moe=True,
+    fp8=False, hf_init=True,
     runs="the nemoc runtime evaluates at the stage's TP/PP/EP/DP layout (forward-only schedules; generations "
          "decoded across the pipeline stages), one model chunk per pipeline rank, in bf16 for an fp8 model",
     source="nemoc runtime/align/evaluate.py (common.py forward_only, runtime/generation.py; no virtual pipeline "
-           "stages, no context parallelism, no FP8 GEMMs)")
+           "stages, no context or sequence parallelism, no FP8 GEMMs)")
 _EXPORT = StageCaps(
     pipeline=False, context_parallel=False, te=False, moe=True, attention="unfused", one_process=True, hf_init=True,
     runs="the nemoc runtime exports in one process on the host, streaming the checkpoint layer by layer "

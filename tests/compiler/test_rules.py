@@ -462,13 +462,40 @@ def test_alignment_kinds_pipeline_with_virtual_stages(kind):
     assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, vp=2)) is None
 
 
+def test_eval_refuses_a_sequence_parallelism_its_own_block_fixes_and_drops_an_inherited_one():
+    """Eval's KV-cached decode feeds one token per row, which Megatron's sequence split over the TP group cannot
+    divide: `sequence_parallel = true` in the stage's own block is E126 at that line; the experiment's is
+    dropped for the eval stage (its plan says sequence_parallel = false)."""
+    assert not NEMOC_RUNTIME.caps("eval").sequence_parallel and NEMOC_RUNTIME.caps("sft").sequence_parallel
+    v = rules.rule_runtime_pipeline(env(stage_kind="eval"), replace(VALID, sequence_parallel=True))
+    assert v.code == "E126" and v.anchors == ("parallel.sequence_parallel",) and "sequence_parallel = true" in v.equation
+    assert rules.rule_runtime_pipeline(env(stage_kind="sft"), replace(VALID, sequence_parallel=True)) is None
+    line = Span("x.nemo", 14, 7, 14, 30)
+    stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=64, tokens=10**9),
+              StageSpec(name="ev", kind="eval", after=("pretrain",), global_batch=8, steps=1,
+                        parallel=ParallelSpec(tensor=2, sequence_parallel=True)))
+    spans = {"parallel": Span("x.nemo", 4, 1, 4, 9), "model": Span("x.nemo", 2, 1, 2, 6),
+             "stage.pretrain": Span("x.nemo", 9, 1, 9, 6), "stage.ev": Span("x.nemo", 12, 3, 12, 9),
+             "stage.ev.parallel": Span("x.nemo", 13, 5, 13, 13), "stage.ev.parallel.sequence_parallel": line,
+             "stage.ev.parallel.tensor": Span("x.nemo", 15, 7, 15, 17)}
+    own = ExperimentSpec(name="t", model=LLAMA8B, cluster=ClusterSpec(gpu="H100", nodes=1), parallel=ParallelSpec(),
+                         stages=stages, spans=spans)
+    errors = [d for d in check_spec(own, target=NEMOC_RUNTIME) if d.code == "E126"]
+    assert len(errors) == 1 and errors[0].span == line and errors[0].hint, errors
+    inherited = replace(own, parallel=ParallelSpec(tensor=2, sequence_parallel=True),
+                        stages=(stages[0], replace(stages[1], parallel=None)),
+                        spans={k: v for k, v in spans.items() if not k.startswith("stage.ev.parallel")})
+    assert not [d for d in check_spec(inherited, target=NEMOC_RUNTIME) if d.code == "E126"]
+
+
 @pytest.mark.parametrize("kind", ["ppo", "grpo", "eval"])
 def test_decoding_kinds_pipeline_without_virtual_stages(kind):
     """PPO's and GRPO's rollouts and eval's generations decode with one model chunk per pipeline rank: pp > 1
     is fine, vp > 1 is E126."""
     assert NEMOC_RUNTIME.caps(kind).pipeline and not NEMOC_RUNTIME.caps(kind).virtual_pipeline
-    assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2)) is None
-    v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2, vp=2))
+    base = replace(VALID, sequence_parallel=NEMOC_RUNTIME.caps(kind).sequence_parallel)  # eval: none
+    assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(base, pp=2)) is None
+    v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(base, pp=2, vp=2))
     assert v.code == "E126" and v.anchors[0] == "parallel.virtual_pipeline"
     assert "cannot run virtual pipeline stages" in v.message and "vp(2) > 1" in v.equation
 

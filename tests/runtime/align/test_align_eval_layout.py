@@ -74,6 +74,9 @@ def _assert_same_numbers(one: dict, other: dict) -> None:
         if "likelihood_accuracy" in a:
             assert b["likelihood_accuracy"] == a["likelihood_accuracy"], name
             assert b["likelihood_margin"] == pytest.approx(a["likelihood_margin"], rel=1e-5, abs=1e-6), name
+        if "preference_accuracy" in a:  # against a reference parent: r = beta (log pi - log ref)
+            assert b["preference_accuracy"] == a["preference_accuracy"], name
+            assert b["reward_margin"] == pytest.approx(a["reward_margin"], rel=1e-5, abs=1e-6), name
     assert [g["completion"] for g in other["generations"]] == [g["completion"] for g in one["generations"]]
     assert one["generations"] and all(g["tokens"] > 0 for g in one["generations"])
 
@@ -128,17 +131,22 @@ def _datasets(root, tok, qa) -> list[dict]:
 @pytest.mark.slow
 def test_eval_at_pp2_reports_what_one_process_reports(mcore, tmp_path):
     """Pipeline parallelism 2: rank 0 holds the first layer, rank 1 the second and the output layer; the losses
+    and the log-probs of the policy and of its reference (a second parent, a second model at the same layout)
     are reduced on the last stage (forward-only schedules) and written once, the generations decoded across
     both stages (runtime/generation.py)."""
     root, spec, tok, qa = arithmetic_world(tmp_path, mcore, seed=7)
+    mcore.seed_all(8)  # a reference that differs from the policy: non-zero implicit rewards
+    mcore.save_model(mcore.build_gpt(spec, mcore.single_layout(), vocab=tok.vocab_size, seq_length=48), root / "ref")
     params = {"prompts": ["What is 1 plus 2?", "What is 4 plus 4?"], "max_new_tokens": 4, "max_windows": 8}
-    plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1), ("eval", "eval", ("base",), params, None, 0)])
+    plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1), ("ref", "pretrain", (), {}, None, 1),
+                            ("eval", "eval", ("base", "ref"), params, None, 0)])
     base = dict(tp=1, dp=1, micro_batch=2, global_batch=2, num_microbatches=1)
     results = _eval_at_layouts(tmp_path, plan, spec, layouts={"one": (1, dict(base, pp=1)), "pp2": (2, dict(base, pp=2))},
                                datasets=_datasets(root, tok, qa), tokenizer=str(root / "tokenizer.json"),
-                               vocab=tok.vocab_size, parents={"base": str(root / "base")})
+                               vocab=tok.vocab_size, parents={"base": str(root / "base"), "ref": str(root / "ref")})
     _assert_same_numbers(results["one"], results["pp2"])
-    assert results["one"]["datasets"]["docs"]["tokens"] > 0
+    assert results["pp2"]["reference"] == "ref" and "reward_margin" in results["one"]["datasets"]["p"]
+
 
 
 @pytest.mark.slow
@@ -161,6 +169,7 @@ def test_a_mixture_of_experts_model_evaluates_at_ep2_as_in_one_process(mcore, tm
                                datasets=_datasets(root, tok, qa), tokenizer=str(root / "tokenizer.json"),
                                vocab=tok.vocab_size, parents={"base": str(root / "moe")}, attention="flash")
     _assert_same_numbers(results["one"], results["ep2"])
+    print("E1MOE", {n: (results["one"]["datasets"][n].get("loss"), results["ep2"]["datasets"][n].get("loss")) for n in ("docs", "c")}, results["one"]["datasets"]["p"]["likelihood_margin"], results["ep2"]["datasets"]["p"]["likelihood_margin"])
 
 
 def _te_ready() -> bool:
