@@ -169,7 +169,6 @@ def test_a_mixture_of_experts_model_evaluates_at_ep2_as_in_one_process(mcore, tm
                                datasets=_datasets(root, tok, qa), tokenizer=str(root / "tokenizer.json"),
                                vocab=tok.vocab_size, parents={"base": str(root / "moe")}, attention="flash")
     _assert_same_numbers(results["one"], results["ep2"])
-    print("E1MOE", {n: (results["one"]["datasets"][n].get("loss"), results["ep2"]["datasets"][n].get("loss")) for n in ("docs", "c")}, results["one"]["datasets"]["p"]["likelihood_margin"], results["ep2"]["datasets"]["p"]["likelihood_margin"])
 
 
 def _te_ready() -> bool:
