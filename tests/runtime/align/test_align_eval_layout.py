@@ -1,6 +1,6 @@
 """The eval stage runs at its stage's layout: at TP=2 (two processes, the weights sharded), at PP=2 (each
 process one pipeline stage: every loss through forward-only schedules, the generations decoded stage after
-stage) and for a mixture-of-experts model at EP=2 (the experts split over the data-parallel ranks) it
+stage) and for a mixture-of-experts model at EP=2 (the experts split over the data-parallel ranks) and TP=2 it
 reports what one process reports (validation-document loss, response loss, held-out preference
 likelihoods, KV-cached generations), so a model whose weights exceed one GPU can be evaluated."""
 
@@ -150,25 +150,29 @@ def test_eval_at_pp2_reports_what_one_process_reports(mcore, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_mixture_of_experts_model_evaluates_at_ep2_as_in_one_process(mcore, tmp_path):
+def test_a_mixture_of_experts_model_evaluates_at_ep2_and_tp2_as_in_one_process(mcore, tmp_path):
     """A tiny Mixtral-style model (4 experts, top-2 routing, Megatron's MoELayer): at EP=2 each of the two
-    data-parallel ranks holds two experts and the alltoall dispatcher sends tokens to them; the numbers are
-    one process's (dropless routing, so no token is dropped at either layout)."""
+    data-parallel ranks holds two experts and the alltoall dispatcher sends tokens to them; at TP=2 without
+    sequence parallelism (what the planner gives eval: its decode cannot split a one-token sequence, and
+    Megatron refuses MoE at tp > 1 without SP only in training) the weights are sharded. The numbers are one
+    process's (dropless routing, so no token is dropped at any layout)."""
     root, dense, tok, qa = arithmetic_world(tmp_path, mcore, seed=5)
-    spec = dataclasses.replace(dense, experts=4, top_k=2, moe_ffn_hidden=64)
+    spec = dataclasses.replace(dense, experts=4, top_k=2, moe_ffn_hidden=64, vocab=512)  # 512: no padding at tp 2
     mcore.seed_all(5)
-    model = mcore.build_gpt(spec, mcore.single_layout(), vocab=tok.vocab_size, seq_length=48, attention_backend="flash")
+    model = mcore.build_gpt(spec, mcore.single_layout(), vocab=512, seq_length=48, attention_backend="flash")
     assert type(mcore.unwrap(model).decoder.layers[0].mlp).__name__ == "MoELayer"
     mcore.save_model(model, root / "moe")
     params = {"prompts": ["What is 2 plus 3?"], "max_new_tokens": 4, "max_windows": 8}
     plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1), ("eval", "eval", ("base",), params, None, 0)])
-    base = dict(tp=1, pp=1, micro_batch=2, num_microbatches=1)
+    base = dict(pp=1, micro_batch=2, num_microbatches=1, sequence_parallel=False)
     results = _eval_at_layouts(tmp_path, plan, spec,
-                               layouts={"one": (1, dict(base, dp=1, ep=1, global_batch=2)),
-                                        "ep2": (2, dict(base, dp=2, ep=2, global_batch=4))},
+                               layouts={"one": (1, dict(base, tp=1, dp=1, ep=1, global_batch=2)),
+                                        "ep2": (2, dict(base, tp=1, dp=2, ep=2, global_batch=4)),
+                                        "tp2": (2, dict(base, tp=2, dp=1, ep=1, etp=1, global_batch=2))},
                                datasets=_datasets(root, tok, qa), tokenizer=str(root / "tokenizer.json"),
-                               vocab=tok.vocab_size, parents={"base": str(root / "moe")}, attention="flash")
+                               vocab=512, parents={"base": str(root / "moe")}, attention="flash")
     _assert_same_numbers(results["one"], results["ep2"])
+    _assert_same_numbers(results["one"], results["tp2"])
 
 
 def _te_ready() -> bool:
