@@ -224,3 +224,23 @@ def test_eval_planned_with_te_kernels_builds_te_layers_and_reports_the_local_spe
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=2e-3, abs=2e-3), (name, key)
     assert [g["completion"] for g in te["generations"]] == [g["completion"] for g in local["generations"]]
+
+
+def test_generations_under_virtual_pipeline_stages_are_refused_with_the_way_out(mcore, tmp_path):
+    """The pipelined generator runs one model chunk per rank; the planner never gives eval virtual stages (and
+    a stage's own `virtual_pipeline` is E126), so only a hand-made plan gets here: refused before any model
+    is built, naming both ways out."""
+    from nemoc.runtime.align import evaluate, stage as align_stage
+    from nemoc.runtime.align.common import AlignError
+
+    root, spec, tok, qa = arithmetic_world(tmp_path, mcore, seed=2)
+    plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1),
+                            ("eval", "eval", ("base",), {"prompts": ["What is 1 plus 1?"]}, None, 0)])
+    ev = plan.stage("eval")
+    ev = dataclasses.replace(ev, layout=dataclasses.replace(ev.layout, pp=2, vp=2))
+    task_path = write_task(tmp_path, dataclasses.replace(plan, stages=(plan.stage("base"), ev)), "eval",
+                           datasets=[{"name": "c", "path": str(root / "chat.jsonl"), "format": "chat"}],
+                           tokenizer=str(root / "tokenizer.json"), vocab_size=tok.vocab_size,
+                           parents={"base": str(root / "base")})
+    with pytest.raises(AlignError, match=r"virtual_pipeline = 2: drop it, or the prompts"):
+        evaluate.run(align_stage.load_task(str(task_path)))
