@@ -211,9 +211,12 @@ def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> Pa
     """Eval/export: no optimizer (so no gradient or parameter-gather settings), no recompute, no
     context split, no TP overlap; the user's TP/EP stay fixed. Where the target runs them without a
     pipeline (`Target.caps`) a pipeline size inherited from the
-    experiment's block is dropped (one the stage's own block fixes is an E126 error of check_spec)."""
-    pipeline = parallel.pipeline if target.caps(kind).pipeline else 1
-    return replace(parallel, context=parallel.context if parallel.context is not None else 1,
+    experiment's block is dropped (one the stage's own block fixes is an E126 error of check_spec), and so
+    is sequence parallelism where the target keeps whole sequences (eval's KV-cached decode)."""
+    caps = target.caps(kind)
+    pipeline = parallel.pipeline if caps.pipeline else 1
+    sp = parallel.sequence_parallel if caps.sequence_parallel else False
+    return replace(parallel, context=parallel.context if parallel.context is not None else 1, sequence_parallel=sp,
                    distributed_optimizer=False, recompute="none", recompute_layers=None, virtual_pipeline=1, pipeline=pipeline,
                    micro_batch=parallel.micro_batch or 1, tp_comm_overlap=False, overlap_param_gather=False, fp8_param_gather=False,
                    grad_reduce_in_fp32=True, megatron_fsdp=False, optimizer_state_dtype="fp32")

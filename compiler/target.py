@@ -27,6 +27,9 @@ class StageCaps:
     # cp > 1 for a stage that packs several samples per row (sft `pack = true`: variable-length `thd`
     # sequences, which Megatron-Core splits over CP ranks only with Transformer Engine's THD attention)
     packed_context_parallel: bool = True
+    # tp > 1 with sequence parallelism (the activations split along the sequence over the TP group); a
+    # KV-cached decode step feeds one token per row, which that split cannot divide
+    sequence_parallel: bool = True
     te: bool = True  # builds Transformer Engine's layer spec when the plan says kernels = te
     moe: bool = True  # builds mixture-of-experts models
     fp8: bool = True  # runs fp8 / mxfp8 GEMMs (otherwise an fp8 model's stage runs in bf16)

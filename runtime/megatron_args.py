@@ -183,6 +183,16 @@ def _recompute_kwargs(recompute: str, layers: int | None = None) -> dict:
     raise UnsupportedPlan(f"recompute {recompute!r} is not supported (none | selective | full)")
 
 
+def check_trainable(*, moe: bool, layout: Layout) -> None:
+    """What Megatron-Core runs forward-only (eval) but refuses to train: MoELayer.forward raises in training
+    mode for an MoE model at tp > 1 without sequence parallelism (megatron/core/transformer/moe/moe_layer.py,
+    "During training, performance may degrade ..."); `nemoc check` says so first (E123). Called where an
+    optimizer is built (core/build.py `optimizer_for`), so the error comes before the first step."""
+    if moe and layout.tp > 1 and not layout.sequence_parallel:
+        raise UnsupportedPlan(f"training an MoE model with tp={layout.tp} needs sequence_parallel (Megatron-Core's "
+                              "MoELayer rejects it otherwise)")
+
+
 def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts: MachineFacts,
                      attention: str | None = None) -> None:
     if precision in ("fp8", "mxfp8", "nvfp4") and not facts.have_te:
@@ -196,8 +206,6 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
         # `nemoc check` refuses it on the local spec (E191); Megatron-Core's OptimizerConfig raises without TE
         raise UnsupportedPlan(f"optimizer_state_dtype = {layout.optimizer_state_dtype} needs Transformer Engine's "
                               "FusedAdam (Megatron-Core's precision-aware optimizer), which is not installed here")
-    if model.is_moe and layout.tp > 1 and not layout.sequence_parallel:
-        raise UnsupportedPlan(f"MoE with tp={layout.tp} needs sequence_parallel (Megatron-Core rejects it otherwise)")
     if layout.sequence_parallel and layout.tp == 1:
         raise UnsupportedPlan("sequence_parallel needs tp > 1")
     if layout.tp_comm_overlap:

@@ -55,10 +55,11 @@ SDPA_CORE = AttentionCore(
 # keys and values); Megatron's unfused core runs cp = 1 only (runtime/megatron_args.py refuses it). Rows
 # packed with several samples (sft `pack = true`) are split only by TE's THD attention with CP, which
 # this runtime does not drive: refused (`packed_context_parallel = False`; common.py `on_this_cp_rank`).
-# MoE models for sft/dpo/kto/orpo/reward, ppo and grpo (Megatron's MoELayer through the core's build; LoRA
-# adapts their attention; under expert parallelism the rollout's ranks of an expert-parallel group decode in
-# step until the group's last row stops, runtime/generation.py `_all_done`: EP=2 = EP=1 at DP=2,
-# tests/runtime/align/test_align_rl_pipeline.py); eval stays dense-only (untested); export writes MoE models as Mixtral / Qwen3-MoE (runtime/hf/trained.py). `init = hf(DIR)` is converted by the hf_import task
+# MoE models for sft/dpo/kto/orpo/reward, ppo, grpo and eval (Megatron's MoELayer through the core's build; LoRA
+# adapts their attention; expert parallelism from the layout: runtime/align/stage.py `init_process_group`; under
+# expert parallelism the rollout's ranks of an expert-parallel group decode in step until the group's last row
+# stops, runtime/generation.py `_all_done`: EP=2 = EP=1 at DP=2, tests/runtime/align/test_align_rl_pipeline.py);
+# export writes MoE models as Mixtral / Qwen3-MoE (runtime/hf/trained.py). `init = hf(DIR)` is converted by the hf_import task
 # (runtime/orchestrate/tasks/hf.py) and loaded where a parent's checkpoint would be (runtime/align/stage.py
 # `policy_start`, runtime/core/build.py `restore_or_initialize`).
 _ALIGN = StageCaps(
@@ -84,14 +85,27 @@ _PPO = StageCaps(
            "schedule), runtime/generation.py (KV-cached rollouts across pipeline stages and virtual chunks; "
            "expert-parallel groups decode in step; context parallelism off while decoding: runtime/model.py "
            "whole_sequences)")
-# eval runs at the stage's layout (tensor and data parallel; runtime/orchestrate/tasks/align.py launches the layout's
-# world size), so a model whose weights exceed one GPU is evaluated; its passes call the model directly
-# (no pipeline). Export runs in one process on the host (runtime/orchestrate/tasks/align.py `_one_process`). The local
-# spec has no FP8 GEMMs: an fp8 / mxfp8 model (16-bit weights) is evaluated in bf16 (runtime/align/evaluate.py).
+# eval runs at the stage's layout (runtime/orchestrate/tasks/align.py launches the layout's world size), so a
+# model whose weights exceed one GPU is evaluated: its model is built as every align stage's (runtime/core/build.py
+# `build_chunks`: TE's layer spec where the plan says kernels = te and TE is installed, MoE layers with the
+# layout's expert parallelism, a rank's pipeline stage); every loss and log-prob pass runs through forward-only
+# schedules whose last stage's sums are broadcast (common.py `forward_only`; rank 0 writes results.json), and the
+# generations decode across the pipeline stages (runtime/generation.py: one model chunk per rank, so no virtual
+# stages; the planner gives inference kinds none). No sequence parallelism: a decode step feeds one token per row,
+# and Megatron-Core's embedding scatters the sequence over the TP group (language_model_embedding.py
+# scatter_to_sequence_parallel_region: "First dimension of the tensor should be divisible by tensor parallel
+# size"); the split only saves activation memory, which a forward-only pass barely holds. FP8: off. TE's FP8 GEMMs have shape requirements that a decode
+# step (one token per row) breaks; Megatron-Core pads for them only in its own inference wrapper
+# (megatron/core/fp8_utils.py `prepare_model_for_fp8_inference`), which the pipelined generator does not use, and
+# an FP8 eval is untested here: an fp8 / mxfp8 model (16-bit weights, FP8 only inside the GEMMs) is evaluated in
+# bf16. Export runs in one process on the host (runtime/orchestrate/tasks/align.py `_one_process`).
 _EVAL = StageCaps(
-    pipeline=False, context_parallel=False, te=False, moe=False, fp8=False, hf_init=True,
-    runs="the nemoc runtime evaluates at the stage's TP/DP layout (runtime/align/evaluate.py)",
-    source="nemoc runtime/align/evaluate.py (direct model calls: no pipeline; dense models only)")
+    pipeline=True, virtual_pipeline=False, context_parallel=False, sequence_parallel=False, te=True, moe=True,
+    fp8=False, hf_init=True,
+    runs="the nemoc runtime evaluates at the stage's TP/PP/EP/DP layout (forward-only schedules; generations "
+         "decoded across the pipeline stages), one model chunk per pipeline rank, in bf16 for an fp8 model",
+    source="nemoc runtime/align/evaluate.py (common.py forward_only, runtime/generation.py; no virtual pipeline "
+           "stages, no context or sequence parallelism, no FP8 GEMMs)")
 _EXPORT = StageCaps(
     pipeline=False, context_parallel=False, te=False, moe=True, attention="unfused", one_process=True, hf_init=True,
     runs="the nemoc runtime exports in one process on the host, streaming the checkpoint layer by layer "

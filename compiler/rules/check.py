@@ -110,8 +110,10 @@ def check_spec(spec: ExperimentSpec, target: Target = MEGATRON_CORE) -> tuple[Di
             # A pipeline the stage's own block writes is checked against what the runtime runs.
             own_pp = own and f"stage.{stage.name}.parallel.pipeline" in spec.spans
             own_vp = own and f"stage.{stage.name}.parallel.virtual_pipeline" in spec.spans
+            own_sp = own and f"stage.{stage.name}.parallel.sequence_parallel" in spec.spans
             sizes = Sizes(tp=None, pp=parallel.pipeline if own_pp else None,
                           vp=parallel.virtual_pipeline if own_vp else None, cp=None, ep=None,
+                          sequence_parallel=parallel.sequence_parallel if own_sp else None,
                           distributed_optimizer=None, seq_length=seq)
         for v in violations(env, sizes):
             key = (v.code, v.equation)

@@ -123,6 +123,14 @@ def rule_runtime_pipeline(env: Env, s: Sizes) -> Violation | None:
     """The target, not Megatron: a stage kind it runs without a pipeline refuses pp > 1 and vp."""
     caps = env.target.caps(env.stage_kind)
     pp, vp, cp = s.pp or 1, s.vp or 1, s.cp or 1
+    if not caps.sequence_parallel and s.sequence_parallel:
+        return Violation(
+            "E126", f"`{env.stage_kind}` stages cannot run sequence parallelism: {caps.runs}",
+            f"sequence_parallel = true, but stage kind {env.stage_kind} keeps whole sequences on every "
+            "tensor-parallel rank",
+            "remove `sequence_parallel` from this stage's `parallel` block (auto plans it off)",
+            anchors=(_P + "sequence_parallel",), source=caps.source or f"the target `{env.target.name}`",
+        )
     if not caps.context_parallel and cp > 1:
         return Violation(
             "E126", f"`{env.stage_kind}` stages cannot run context-parallel: {caps.runs}",

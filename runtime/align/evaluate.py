@@ -13,10 +13,16 @@ Output: `output_dir/results.json` and the DONE payload: per dataset its `split` 
         or with a reward model `accuracy` and `margin` of its scores; `generations` [{prompt,
         completion}] (KV-cached, each ending at EOD or the template's end-of-turn token: data.stop_ids);
         `lm_eval` {task: metrics} or {"skipped": reason}.
-Invariants: runs at the stage's layout (tensor and data parallel: the weights are sharded over the TP
-        group, every DP replica evaluates the same rows, rank 0 writes; dist_checkpointing reshards
-        whatever layout trained the model); lm-eval needs the whole model in one process (tp = 1, run by
-        rank 0); losses are token-weighted means; nothing here changes the model.
+Invariants: runs at the stage's layout, built as every align stage builds its model (runtime/core/build.py:
+        the plan's kernels, TE's layer spec where installed; MoE layers): the weights are sharded over the
+        TP group, split into one pipeline stage per PP rank (no virtual stages: the generator runs one
+        chunk per rank) and a MoE model's experts over the EP ranks; every DP replica evaluates the same
+        rows; dist_checkpointing reshards whatever layout trained the model. Every loss and log-prob
+        pass runs through forward-only schedules (common.forward_only): the last pipeline stage computes
+        the sums and broadcasts them, so every rank holds the same numbers and rank 0 writes them once;
+        generations decode across the pipeline stages (runtime/generation.py, KV-cached, the last stage
+        samples). lm-eval needs the whole model in one process (the exported `hf/`, run by rank 0);
+        losses are token-weighted means; nothing here changes the model.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 
 from nemoc.runtime import generation
 from nemoc.runtime.align import common, dpo, sft, stage
+from nemoc.runtime.align.common import AlignError
 from nemoc.runtime.align.data import ChatTemplate, Message, read_preferences, read_sft, stop_ids, template_for
 
 
@@ -47,19 +54,19 @@ def _validation_documents(prefix: str, split: str | None) -> list[list[int]]:
 
 @torch.no_grad()
 def text_loss(chunk, documents: list[list[int]], seq_length: int, micro_batch: int, max_windows: int) -> tuple[float, int]:
-    """Next-token loss over consecutive windows of seq_length+1 tokens of the concatenated documents."""
+    """Next-token loss over consecutive windows of seq_length+1 tokens of the concatenated documents, at any
+    pipeline layout (forward-only schedules: the last stage's sums, broadcast, so every rank returns them)."""
     stream = [t for doc in documents for t in doc]
     windows = [stream[i:i + seq_length + 1] for i in range(0, max(len(stream) - 1, 0), seq_length)]
     windows = [w for w in windows if len(w) >= 2][:max_windows]
     if not windows:
         return float("nan"), 0
     batches = sft.rows_to_batches([[(w, [1] * len(w))] for w in windows], seq_length, micro_batch)
-    common.unwrap(chunk).eval()
-    total, count = 0.0, 0.0
-    for batch in batches:
-        out = common.run(chunk, batch, labels=batch.labels).float()
-        total += float((out * batch.loss_mask).sum())
-        count += float(batch.loss_mask.sum())
+    chunk.eval()  # every virtual-pipeline chunk of a `Chunks`
+    sums = common.forward_only(chunk, [(b, {"labels": b.labels}) for b in batches],
+                               lambda b, out: (float((out.float() * b.loss_mask).sum()), float(b.loss_mask.sum())),
+                               everywhere=True)
+    total, count = sum(x for x, _ in sums), sum(n for _, n in sums)
     return total / max(count, 1.0), int(count)
 
 
@@ -74,10 +81,17 @@ def run(task: stage.StageTask) -> dict:
     micro = max(task.stage.layout.micro_batch, 1)
     template = template_for(p, task.tokenizer)
     scorer = _parent_kind(task) == "reward"
-    # the stage's precision as planned (`Execution.precision`: the local spec has no FP8 GEMMs, so the
-    # nemoc runtime's target plans an fp8 model's eval in bf16)
+    prompts = [] if scorer else list(p.get("prompts") or ())
+    if prompts and task.stage.layout.vp:
+        # the pipelined generator runs one model chunk per rank (runtime/generation.py); the nemoc runtime's
+        # target never plans eval with virtual stages (runtime/target.py `_EVAL`), a hand-made plan might
+        raise AlignError(f"stage {task.stage.name}: generations (`prompts`) run one model chunk per pipeline "
+                         f"rank; this plan gives the stage virtual_pipeline = {task.stage.layout.vp}: drop it, "
+                         "or the prompts")
     start = stage.policy_start(task)  # a parent's checkpoint or `init = hf(DIR)`
-    # at the stage's layout (TP shards; DP ranks evaluate alike)
+    # the stage's execution as planned (runtime/core/build.py, as every align stage): its layout (TP / EP
+    # shards, a rank's pipeline stage; DP ranks evaluate alike), kernels (TE's layer spec where installed)
+    # and precision (an fp8 model's eval is planned in bf16: runtime/target.py `_EVAL`)
     chunk = stage.build(task, checkpoint=start, scalar_head=scorer)
     reference = _reference(task)
     results: dict = {"stage": task.stage.name, "checkpoint": start.path, "datasets": {}}
@@ -98,7 +112,7 @@ def run(task: stage.StageTask) -> dict:
         if scored is not None:
             results["datasets"][name] = {"format": fmt, **scored}
     if not scorer:
-        results["generations"] = generations(chunk, tok, template, list(p.get("prompts") or ()), seq_length=seq,
+        results["generations"] = generations(chunk, tok, template, prompts, seq_length=seq,
                                              vocab=task.vocab_size, max_new_tokens=int(p.get("max_new_tokens", 32)),
                                              temperature=p.get("temperature"), seed=task.stage.seed)
         tasks = list(p.get("lm_eval_tasks") or ())
@@ -164,7 +178,7 @@ def _score_records(task, entry, chunk, tok, template, *, scorer: bool, reference
 @torch.no_grad()
 def _pair_sums(model, pairs, seq_length: int, micro: int, pad_id: int, varlen: bool) -> torch.Tensor:
     """[2n] summed reply log-probs: the chosen replies of every pair, then the rejected ones (every rank)."""
-    common.unwrap(model).eval()
+    model.eval()
     groups = [pairs[start:start + micro] for start in range(0, len(pairs), micro)]
     batches = [dpo.pair_batch(group, seq_length, pad_id, varlen=varlen) for group in groups]
     sums = common.forward_only(model, [(b, {"labels": b.labels}) for b in batches],

@@ -145,7 +145,8 @@ def init_process_group(task: StageTask, *, single: bool = False) -> None:
             raise AlignError(f"stage {task.stage.name}: runs in one process, started with {world}")
         raise AlignError(f"stage {task.stage.name}: world size {world} != tp({tp}) * pp({pp}) * cp({cp}) * "
                          f"dp({layout.dp})")
-    common.init_distributed(tp=tp, pp=pp, cp=cp, vp=None if single else layout.vp, seed=task.stage.seed)
+    ep, etp = (1, 1) if single else (layout.ep, layout.etp)  # a MoE model's expert split (1 for dense)
+    common.init_distributed(tp=tp, pp=pp, cp=cp, vp=None if single else layout.vp, ep=ep, etp=etp, seed=task.stage.seed)
 
 
 @dataclass(frozen=True)

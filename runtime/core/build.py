@@ -77,6 +77,7 @@ def optimizer_for(*, model, optimizer, schedule, layout, precision: str, steps: 
     """(Megatron optimizer, OptimizerParamScheduler) from a stage plan's optimizer, schedule and layout
     (frozen parameters, requires_grad False, get no gradient buffer and are not optimised)."""
     set_phase("build optimizer")
+    margs.check_trainable(moe=bool(mdl.unwrap(model[0]).config.num_moe_experts), layout=layout)
     megatron_optimizer = get_megatron_optimizer(
         margs.optimizer_config(optimizer=optimizer, schedule=schedule, layout=layout, precision=precision), model)
     scheduler = OptimizerParamScheduler(

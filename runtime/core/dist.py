@@ -81,18 +81,19 @@ def init_distributed(*, layout, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
         _control_group[0] = torch.distributed.new_group(backend="gloo", timeout=timeout)
     set_phase("initialize_model_parallel")
     if parallel_state.model_parallel_is_initialized():  # a second stage in one process (tests, tools)
-        if _current_sizes() == (layout.tp, layout.pp, layout.cp, layout.dp, layout.vp):
+        if _current_sizes() == (layout.tp, layout.pp, layout.cp, layout.dp, layout.vp, layout.ep, layout.etp):
             return
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(**margs.parallel_kwargs(layout=layout,
                                                                      timeout_minutes=math.ceil(timeout_s / 60)))
 
 
-def _current_sizes() -> tuple[int, int, int, int, int | None]:
+def _current_sizes() -> tuple[int, int, int, int, int | None, int, int]:
     ps = parallel_state
     return (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
             ps.get_context_parallel_world_size(), ps.get_data_parallel_world_size(),
-            ps.get_virtual_pipeline_model_parallel_world_size())
+            ps.get_virtual_pipeline_model_parallel_world_size(), ps.get_expert_model_parallel_world_size(),
+            ps.get_expert_tensor_parallel_world_size())
 
 
 def set_seed(seed: int) -> None:

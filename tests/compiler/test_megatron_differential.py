@@ -485,10 +485,11 @@ def test_a_target_that_builds_dense_models_only_refuses_moe_models():
     assert rules.rule_runtime_moe(replace(_env(DENSE, kind="eval"), target=dense_eval), rules.Sizes()) is None
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "kto", "orpo", "reward", "ppo", "grpo", "export"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "kto", "orpo", "reward", "ppo", "grpo", "eval", "export"])
 def test_sft_dpo_and_reward_run_moe_models(kind):
     """They build through the training core (Megatron's MoELayer); tests/runtime/align/test_align_sft.py;
     PPO and GRPO decode MoE rollouts with an expert-parallel group in step (test_align_rl_pipeline.py).
+    Eval runs them at the layout's expert parallelism (tests/runtime/align/test_align_eval_layout.py).
     Export streams MoE checkpoints as Mixtral / Qwen3-MoE (tests/runtime/align/test_align_export.py)."""
     from nemoc.compiler import rules
 

@@ -251,11 +251,12 @@ def test_any_spec_plans_or_fails_with_diagnostics_never_a_traceback(spec):
     assert from_json(to_json(result.plan)) == result.plan
 
 
-def test_an_inherited_pipeline_is_dropped_for_eval_and_export():
-    """The nemoc runtime's target: eval (TP/DP) and export (one process) run without a pipeline, so the
-    experiment's pipeline = 2 (for pretrain) does not reach them; an auto pipeline of a ppo or dpo stage
-    is the search's choice (on this 8B model ppo's without virtual stages: their extra rollout hops do not
-    pay here, test_ppo_and_grpo_plan_virtual_stages_and_moe_models)."""
+def test_an_inherited_pipeline_is_dropped_for_export_and_kept_for_eval():
+    """The nemoc runtime's target: export (one process) runs without a pipeline, so the experiment's
+    pipeline = 2 (for pretrain) does not reach it; eval runs at its layout with one model chunk per pipeline
+    rank, so it keeps pp = 2 without virtual stages; an auto pipeline of a ppo or dpo stage is the search's
+    choice (on this 8B model ppo's without virtual stages: their extra rollout hops do not pay here,
+    test_ppo_and_grpo_plan_virtual_stages_and_moe_models)."""
     stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=128, steps=10),
               StageSpec(name="ppo", kind="ppo", after=("pretrain",), global_batch=64, steps=10,
                         parallel=ParallelSpec(tensor=None, pipeline=None)),
@@ -265,8 +266,8 @@ def test_an_inherited_pipeline_is_dropped_for_eval_and_export():
               StageSpec(name="export", kind="export", after=("eval",)))
     plan = plan_experiment(_spec(stages=stages, pipeline=2), target=NEMOC_RUNTIME).plan
     assert plan.stage("pretrain").layout.pp == 2
-    for name in ("eval", "export"):
-        assert (plan.stage(name).layout.pp, plan.stage(name).layout.vp) == (1, None), name
+    assert (plan.stage("eval").layout.pp, plan.stage("eval").layout.vp) == (2, None)
+    assert (plan.stage("export").layout.pp, plan.stage("export").layout.vp) == (1, None)
     assert plan.stage("ppo").layout.vp is None
 
 
@@ -288,6 +289,32 @@ def test_ppo_and_grpo_plan_virtual_stages_and_moe_models(kind):
     assert plan.stage("rl").layout.ep == 4, plan.stage("rl").layout
 
 
+def _eval_only(model: str, parallel: ParallelSpec | None = None) -> ExperimentSpec:
+    """An eval stage of a preset model started from a Hugging Face checkpoint on one node of 8 H100."""
+    stages = (StageSpec(name="eval", kind="eval", steps=5, global_batch=8, parallel=parallel),)
+    spec = _spec(model=model, stages=stages)
+    return replace(spec, model=replace(spec.model, init="/checkpoints/hf"))
+
+
+def test_a_large_eval_stage_is_planned_at_a_layout_the_runtime_runs():
+    """The nemoc runtime evaluates at the stage's layout with the training stages' kernels: Llama 3 70B
+    (140 GB of bf16 weights) on 8 H100 gets the least model parallelism that fits, with TE's layers; a
+    pipeline = 4 the user fixes is planned as written (one chunk per rank, no virtual stages); Mixtral
+    8x7B (a MoE model, 93 GB) is evaluated pipelined over two stages (tp * pp = 2: pp tried first). No
+    sequence parallelism at tp > 1 (the target keeps whole sequences on every TP rank for eval)."""
+    dense = plan_experiment(_eval_only("llama3_70b"), target=NEMOC_RUNTIME).plan.stage("eval")
+    assert dense.kernels == "te" and dense.layout.tp * dense.layout.pp == 2, dense.layout
+    assert not dense.layout.sequence_parallel  # the decode's one token per row: no sequence split
+    assert dense.memory.total <= dense.memory.capacity
+    piped = plan_experiment(_eval_only("llama3_70b", ParallelSpec(tensor=1, pipeline=4)),
+                            target=NEMOC_RUNTIME).plan.stage("eval")
+    assert (piped.layout.tp, piped.layout.pp, piped.layout.vp, piped.layout.dp) == (1, 4, None, 2)
+    assert piped.execution.pipeline is not None and piped.memory.total <= piped.memory.capacity
+    moe = plan_experiment(_eval_only("mixtral_8x7b"), target=NEMOC_RUNTIME).plan.stage("eval")
+    assert (moe.layout.tp, moe.layout.pp, moe.layout.vp) == (1, 2, None), moe.layout
+    assert moe.kernels == "te" and moe.execution.precision == "bf16"
+
+
 def test_eval_and_export_say_how_the_runtime_runs_them():
     """The runtime exports on the host, streaming one layer at a time: the plan says so, with the host
     memory that takes, instead of implying the searched layout is used; eval runs at its searched layout
@@ -301,7 +328,8 @@ def test_eval_and_export_say_how_the_runtime_runs_them():
     as_eval = replace(spec, stages=(*spec.stages[:-1], replace(spec.stages[-1], kind="eval", params={})))
     eval_notes = plan_experiment(as_eval, target=NEMOC_RUNTIME).stage("export").notes
     assert not any("one GPU" in n for n in eval_notes), eval_notes
-    assert plan_experiment(as_eval, target=NEMOC_RUNTIME).plan.stage("export").layout.tp > 1  # 70B: sharded
+    sharded = plan_experiment(as_eval, target=NEMOC_RUNTIME).plan.stage("export").layout
+    assert sharded.tp * sharded.pp > 1, sharded  # 70B: split over tensor or pipeline ranks
 
 
 def test_recipe_overlaps_apply_to_training_stages_only():

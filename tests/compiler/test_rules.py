@@ -441,7 +441,7 @@ def test_e101_diagnostic_points_at_the_breaking_field(tmp_path):
 # ------------------------------------------------------------- what the nemoc runtime itself runs
 
 
-@pytest.mark.parametrize("kind", ["eval", "export"])
+@pytest.mark.parametrize("kind", ["export"])
 def test_runtime_pipeline_rule_fires_for_kinds_the_runtime_runs_without_a_pipeline(kind):
     assert not NEMOC_RUNTIME.caps(kind).pipeline
     v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(VALID, pp=2))
@@ -473,14 +473,49 @@ def test_rl_kinds_split_their_rows_over_context_parallel_ranks(kind):
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo", "reward", "kto", "orpo", "ppo", "grpo", "eval"])
-def test_the_runtime_refuses_moe_models_only_where_it_builds_dense_ones(kind):
-    """E141: ppo and grpo run MoE models now (their rollouts keep an expert-parallel group in step:
-    runtime/generation.py); eval still builds dense models only."""
-    v = rules.rule_runtime_moe(env(MIXTRAL, stage_kind=kind), VALID)
-    if kind == "eval":
-        assert v.code == "E141" and "dense models only" in v.message and v.anchors[0] == "model.experts"
-    else:
-        assert v is None and NEMOC_RUNTIME.caps(kind).moe
+def test_every_alignment_kind_runs_moe_models(kind):
+    """E141 never fires for the nemoc runtime's kinds now: ppo and grpo keep an expert-parallel group's
+    rollouts in step (runtime/generation.py), eval builds MoE models at the layout's expert parallelism
+    (a target that builds a kind dense-only still refuses: test_megatron_differential.py)."""
+    assert rules.rule_runtime_moe(env(MIXTRAL, stage_kind=kind), VALID) is None and NEMOC_RUNTIME.caps(kind).moe
+
+
+def test_eval_refuses_a_sequence_parallelism_its_own_block_fixes_and_drops_an_inherited_one():
+    """Eval's KV-cached decode feeds one token per row, which Megatron's sequence split over the TP group cannot
+    divide: `sequence_parallel = true` in the stage's own block is E126 at that line; the experiment's is
+    dropped for the eval stage (its plan says sequence_parallel = false)."""
+    assert not NEMOC_RUNTIME.caps("eval").sequence_parallel and NEMOC_RUNTIME.caps("sft").sequence_parallel
+    v = rules.rule_runtime_pipeline(env(stage_kind="eval"), replace(VALID, sequence_parallel=True))
+    assert v.code == "E126" and v.anchors == ("parallel.sequence_parallel",) and "sequence_parallel = true" in v.equation
+    assert rules.rule_runtime_pipeline(env(stage_kind="sft"), replace(VALID, sequence_parallel=True)) is None
+    line = Span("x.nemo", 14, 7, 14, 30)
+    stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=64, tokens=10**9),
+              StageSpec(name="ev", kind="eval", after=("pretrain",), global_batch=8, steps=1,
+                        parallel=ParallelSpec(tensor=2, sequence_parallel=True)))
+    spans = {"parallel": Span("x.nemo", 4, 1, 4, 9), "model": Span("x.nemo", 2, 1, 2, 6),
+             "stage.pretrain": Span("x.nemo", 9, 1, 9, 6), "stage.ev": Span("x.nemo", 12, 3, 12, 9),
+             "stage.ev.parallel": Span("x.nemo", 13, 5, 13, 13), "stage.ev.parallel.sequence_parallel": line,
+             "stage.ev.parallel.tensor": Span("x.nemo", 15, 7, 15, 17)}
+    own = ExperimentSpec(name="t", model=LLAMA8B, cluster=ClusterSpec(gpu="H100", nodes=1), parallel=ParallelSpec(),
+                         stages=stages, spans=spans)
+    errors = [d for d in check_spec(own, target=NEMOC_RUNTIME) if d.code == "E126"]
+    assert len(errors) == 1 and errors[0].span == line and errors[0].hint, errors
+    inherited = replace(own, parallel=ParallelSpec(tensor=2, sequence_parallel=True),
+                        stages=(stages[0], replace(stages[1], parallel=None)),
+                        spans={k: v for k, v in spans.items() if not k.startswith("stage.ev.parallel")})
+    assert not [d for d in check_spec(inherited, target=NEMOC_RUNTIME) if d.code == "E126"]
+
+
+@pytest.mark.parametrize("kind", ["eval"])
+def test_eval_pipelines_without_virtual_stages(kind):
+    """Eval's generations decode with one model chunk per pipeline rank (PPO's and GRPO's rollouts walk a
+    rank's chunks, runtime/generation.py; eval's runner builds one): pp > 1 is fine, vp > 1 is E126."""
+    assert NEMOC_RUNTIME.caps(kind).pipeline and not NEMOC_RUNTIME.caps(kind).virtual_pipeline
+    base = replace(VALID, sequence_parallel=NEMOC_RUNTIME.caps(kind).sequence_parallel)  # eval: none
+    assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(base, pp=2)) is None
+    v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(base, pp=2, vp=2))
+    assert v.code == "E126" and v.anchors[0] == "parallel.virtual_pipeline"
+    assert "cannot run virtual pipeline stages" in v.message and "vp(2) > 1" in v.equation
 
 
 def test_alignment_kinds_split_rows_of_one_sample_over_context_parallel_ranks():
@@ -519,21 +554,21 @@ def _aligned_spec(kind: str, *, own: bool):
                           parallel=ParallelSpec() if own else pipelined, stages=stages, spans=spans)
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "eval"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "eval", "export"])
 @pytest.mark.parametrize("own", [True, False])
 def test_a_fixed_pipeline_on_a_stage_the_runtime_runs_without_one_is_an_error_at_the_users_line(kind, own):
     errors = [d for d in check_spec(_aligned_spec(kind, own=own), target=NEMOC_RUNTIME) if d.code == "E126"]
-    if kind != "eval":  # sft and dpo pipeline (one chunk per rank)
+    if kind != "export":  # sft, dpo and eval pipeline (one chunk per rank)
         assert not errors, errors
         return
     if not own:
-        # eval runs without a pipeline: an inherited pipeline is dropped, not an error
+        # export runs without a pipeline: an inherited pipeline is dropped, not an error
         assert not errors
         return
     assert len(errors) == 1, errors
     e = errors[0]
     assert e.is_error and e.span == Span("x.nemo", 14, 7, 14, 19)
-    assert "TP/DP" in e.message
+    assert "one process" in e.message
     assert e.equation.startswith(f"pp(2) > 1, but stage kind {kind}") and e.hint
 
 

@@ -226,3 +226,16 @@ def test_a_submission_failure_is_not_blamed_on_a_rank(workspace):
                        echo=lambda _: None, options={"workers": 1}).run()
     error = outcome.tasks[2].error
     assert error.startswith("the task failed (exit 1)") and "sbatch: fatal: no config" in error and "rank" not in error
+
+
+def test_eval_is_launched_at_its_layouts_world_size_and_export_in_one_host_process():
+    """The eval stage runs at its layout (TP, PP, EP, DP: runtime/align/evaluate.py): the launcher starts the
+    layout's world size on the cluster's GPUs; export streams the checkpoint in one process on the host."""
+    from types import SimpleNamespace
+
+    from nemoc.runtime.orchestrate.tasks import get_kind, launch_shape
+
+    layout = SimpleNamespace(world_size=8)  # e.g. tp 2 x pp 2 x dp 2
+    ctx = SimpleNamespace(stage=SimpleNamespace(layout=layout), plan=SimpleNamespace(cluster=SimpleNamespace(gpus_per_node=8)))
+    assert launch_shape(get_kind("eval"), ctx) == (8, 8, {})
+    assert launch_shape(get_kind("export"), ctx) == (1, 0, {"CUDA_VISIBLE_DEVICES": ""})

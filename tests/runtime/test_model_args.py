@@ -129,13 +129,23 @@ def test_attention_backend_reaches_transformer_engine_as_planned(backend):
     (dict(layout=lay(cp=2), backend="unfused"), "context parallelism"),  # the local flash (SDPA) core splits
     (dict(precision="fp8"), "Transformer Engine"),
     (dict(layout=lay(sequence_parallel=True)), "sequence_parallel needs tp > 1"),
-    (dict(model=dataclasses.replace(LLAMA_ISH, experts=4, top_k=1), layout=lay(tp=2)), "MoE"),
     (dict(model=dataclasses.replace(LLAMA_ISH, experts=4, top_k=2, add_bias_linear=True)), "without linear biases"),
     (dict(model=dataclasses.replace(LLAMA_ISH, activation="tanh")), "activation"),
 ])
 def test_unsupported_plans_are_refused_with_a_reason(kwargs, message):
     with pytest.raises(margs.UnsupportedPlan, match=message):
         config(**kwargs)
+
+
+def test_an_moe_model_at_tp2_without_sequence_parallelism_is_built_for_eval_but_not_trained():
+    """Megatron's MoELayer refuses only to *train* at tp > 1 without sequence parallelism (moe_layer.py
+    forward, in training mode): the eval stage, planned without SP, builds it; an optimizer for it is refused."""
+    moe = dataclasses.replace(LLAMA_ISH, experts=4, top_k=1)
+    assert config(model=moe, layout=lay(tp=2)).num_moe_experts == 4
+    with pytest.raises(margs.UnsupportedPlan, match="training an MoE model with tp=2 needs sequence_parallel"):
+        margs.check_trainable(moe=True, layout=lay(tp=2))
+    margs.check_trainable(moe=True, layout=lay(tp=2, sequence_parallel=True))
+    margs.check_trainable(moe=False, layout=lay(tp=2))
 
 
 def test_vocab_padding_follows_megatron():

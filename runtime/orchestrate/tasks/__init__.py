@@ -64,7 +64,7 @@ class TaskKind:
 
 def launch_shape(kind: TaskKind, ctx: TaskContext) -> tuple[int, int, dict[str, str]]:
     """(processes, GPUs per node, extra environment) a distributed kind is started with: the stage
-    layout's world size unless the kind says otherwise (eval, export: one); a host-only kind asks for
+    layout's world size unless the kind says otherwise (export: one process); a host-only kind asks for
     no GPU and hides CUDA (the runtime's CPU path)."""
     nproc = kind.nproc(ctx) if kind.nproc else ctx.stage.layout.world_size
     if kind.host_only:

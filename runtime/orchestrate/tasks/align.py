@@ -1,7 +1,7 @@
 """Task kinds beyond pretraining, run by `python -m nemoc.runtime.align task.json` (runtime/align/).
 
 Training kinds (sft, lora, dpo, kto, orpo, reward, ppo, rlhf, grpo) and eval start the stage layout's
-world size (eval at its TP/DP layout, so a model larger than one GPU is evaluated); export runs in one
+world size (eval at its TP/PP/EP/DP layout, so a model larger than one GPU is evaluated); export runs in one
 process on the host CPU (it loads the parent checkpoint at TP=1, dist_checkpointing reshards it), where
 a large model's fp32 weights fit.
 """
