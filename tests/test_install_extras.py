@@ -54,6 +54,22 @@ def test_language_and_planning_commands_need_no_torch(command, example):
     assert "Traceback" not in out.stderr
 
 
+def test_html_plan_report_without_numpy(tmp_path):
+    """The pipeline timeline's segments fall back to JSON lists (numpy comes with the train extra)."""
+    out = nemoc_without_train("plan", "--html", str(tmp_path / "plan.html"), str(REPO / "examples" / "pipeline.nemo"))
+    assert out.returncode == 0, out.stderr
+    page = (tmp_path / "plan.html").read_text()
+    assert "pipeline" in page and "Plotly" in page
+
+
+def test_megatron_lm_command_line_without_torch():
+    """`nemoc export --megatron-args` translates the plan with runtime/megatron_args.py's keyword sets, which
+    import torch only where they build Megatron-Core objects."""
+    out = nemoc_without_train("export", "--megatron-args", str(REPO / "examples" / "llama3_8b_pretrain.nemo"))
+    assert out.returncode == 0, out.stderr
+    assert "pretrain_gpt.py" in out.stdout and "--tensor-model-parallel-size" in out.stdout
+
+
 def test_check_without_pyarrow_says_which_columns_it_did_not_check():
     """The split's Parquet files exist, but their schema needs pyarrow (the `train` extra): a warning at the
     data block's path, not an error claiming the file is unreadable."""
