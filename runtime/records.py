@@ -131,7 +131,7 @@ def _messages(where: str, value: object, key: str) -> tuple[Message, ...]:
 
 
 def _conversation(where: str, record: Mapping) -> Conversation:
-    """OpenAI `messages`, ShareGPT `conversations` (from/value) or `prompt`/`response` (data_prep.chat_messages)."""
+    """OpenAI `messages`, ShareGPT `conversations` (from/value) or `prompt`/`response` (`chat_messages`)."""
     found = chat_messages(dict(record))
     if found is None:
         raise DataError(f"{where}: missing field 'messages' (or ShareGPT 'conversations', or 'prompt' + 'response')")
