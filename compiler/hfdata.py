@@ -5,7 +5,8 @@ Input:  a data path: a `save_to_disk` folder (`dataset_dict.json` + one folder p
         data files named by split (`train-00000-of-00002.parquet`, `data/test.jsonl`, `train/0.parquet`),
         or one file (`.parquet`, `.arrow`, `.jsonl` / `.json` lines); a split name.
 Output: `split_files` the data files of the split; `columns_of` the column names of those files (Arrow /
-        Parquet schema, or the keys of the first JSON line); `required_columns` what a record format needs.
+        Parquet schema, or the keys of the first JSON line; `SchemaUnreadable` without pyarrow, which only
+        the `train` extra installs); `missing_columns` what a record format needs and the records lack.
 Invariants: pure reads of small metadata (a schema, one JSON line), never a whole table, so `nemoc check`
         can report an unknown split or a missing column at the data block's line; the runtime
         reads the records with the same `split_files`. Errors are `HfDataError`
@@ -32,6 +33,11 @@ FORMAT_COLUMNS: Mapping[str, tuple[tuple[str, ...], ...]] = {
 
 class HfDataError(ValueError):
     """A dataset path, split or column that is not there; the message says what is."""
+
+
+class SchemaUnreadable(HfDataError):
+    """The split's files are there but their columns cannot be read on this machine: Parquet and Arrow
+    schemas need pyarrow, which `pip install nemoc` alone does not bring (the `train` extra does)."""
 
 
 def is_hf_dataset(path: str | Path) -> bool:
@@ -88,6 +94,11 @@ def columns_of(files: list[Path]) -> list[str]:
         return []
     first = files[0]
     if first.suffix in (".parquet", ".arrow"):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise SchemaUnreadable(f"{first}: the columns of {first.suffix[1:]} files are read with pyarrow, which "
+                                   "is not installed") from None
         try:
             return _schema_names(first)
         except Exception as exc:  # pyarrow's errors (ArrowInvalid, OSError) for a corrupt file

@@ -442,6 +442,12 @@ class _Lowering:
         try:
             files = hfdata.split_files(path, data.hf_split)
             names = hfdata.columns_of(files)
+        except hfdata.SchemaUnreadable as exc:  # the split exists; its columns are checked where pyarrow is
+            self.diags.append(Diagnostic(
+                "W003", f"data {data.name}: columns not checked: {exc}", block.spans.get("path") or where,
+                severity=Severity.WARNING,
+                hint="pip install 'nemoc[train]' (or pyarrow) to check them here; `nemoc run` reads them either way"))
+            return
         except hfdata.HfDataError as exc:
             self.diags.append(Diagnostic("E048", str(exc), where, hint="hf_split names one of the dataset's splits"))
             return

@@ -56,5 +56,7 @@ CODES: Mapping[str, str] = MappingProxyType({
     "E050": "malformed `--set` override, unknown override path or unknown call argument",
     "W001": "a data set no stage uses",
     "W002": "a training stage without a length (`steps`, `tokens` or `epochs`): plan and run cannot size it",
+    "W003": "a Hugging Face dataset's columns not checked: its Parquet / Arrow schema needs pyarrow, which "
+            "`pip install nemoc` alone does not install (the `train` extra does)",
     "W050": "a `--set` call of another function replaces the file's call (its arguments are dropped)",
 })

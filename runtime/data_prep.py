@@ -45,7 +45,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nemoc.runtime.hf.chat import SHAREGPT_ROLES  # ShareGPT speaker names -> chat roles
+# the record formats, their readers and the one error type for bad data (re-exported: callers import them here)
+from nemoc.runtime.records import CHAT_ROLES, DataError, chat_messages, read_preferences, read_sft, read_unpaired
 from nemoc.runtime.tokenizer import NemocTokenizer, TokenizerError, load_tokenizer
 
 TOKENIZED_FORMATS = ("text", "jsonl")
@@ -57,11 +58,6 @@ PIECE_CHARS = 1 << 20  # a longer document is tokenized in pieces of about this 
 BYTES_PER_AUTO_WORKER = 4 << 20  # `workers=None`: one worker per 4 MiB of text, up to one per core
 
 
-CHAT_ROLES = ("system", "user", "assistant")  # the roles the chat template renders (runtime/align/sft.py)
-
-
-class DataError(ValueError):
-    """Bad input data; the message starts with `file:line:` (or `pattern:` when no file matched)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,24 +192,6 @@ def _string_field(record: dict, key: str, path: str, line_no: int) -> str:
     return value
 
 
-
-
-def chat_messages(record: dict) -> object:
-    """A chat record's messages: OpenAI `messages`, else ShareGPT `conversations` (`from`/`value` turns
-    become `role`/`content`; an unknown speaker keeps its name, so the role check names it), else
-    `prompt` + `response` (with an optional `system`) as one exchange. None when it has none of them."""
-    if "messages" in record or "conversations" not in record:
-        pair = isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str)
-        if "messages" not in record and pair:
-            system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-            return system + [{"role": "user", "content": record["prompt"]},
-                             {"role": "assistant", "content": record["response"]}]
-        return record.get("messages")
-    turns = record["conversations"]
-    if not isinstance(turns, list):
-        return turns
-    return [{"role": SHAREGPT_ROLES.get(str(t.get("from", "")).lower(), t.get("from")), "content": t.get("value")}
-            if isinstance(t, dict) and "from" in t else t for t in turns]
 
 
 def record_texts(record: dict, fmt: str, text_field: str, path: str, line_no: int) -> list[str]:
@@ -511,8 +489,6 @@ def validate_records(source: Source) -> dict:
         raise DataError(f"{files[0]}:1: the data set is empty: no record in {len(files)} file(s) of data {source.name!r}")
     # and what the SFT / DPO trainers will refuse (an empty reply, chosen == rejected), now rather than after
     # the stages before them have trained
-    from nemoc.runtime.align.data import read_preferences, read_sft, read_unpaired
-
     for path in files:
         try:
             if source.format == "preference":

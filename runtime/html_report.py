@@ -99,18 +99,21 @@ def schedule_figure(schedule, title: str):
     unit, scale = ("ms", 1e3) if schedule.makespan < 1 else ("s", 1.0)
     width = max(3, min(28, 220 // ranks))
 
-    def segments(items, y_of, text_of):  # one path per trace: a gap (NaN) after each op's [start, end]
-        import numpy as np
+    def segments(items, y_of, text_of):  # one path per trace: a gap (NaN / None) after each op's [start, end]
+        try:  # numpy arrays: plotly writes them as compact binary, not JSON lists
+            import numpy as np
 
-        xs = np.full(3 * len(items), np.nan, dtype=np.float32)  # float32: ample for a timeline
-        ys = np.full(3 * len(items), np.nan, dtype=np.float32)
+            xs = np.full(3 * len(items), np.nan, dtype=np.float32)  # float32: ample for a timeline
+            ys = np.full(3 * len(items), np.nan, dtype=np.float32)
+        except ImportError:  # `pip install nemoc` without numpy (the train extra brings it): JSON lists
+            xs, ys = [None] * (3 * len(items)), [None] * (3 * len(items))
         texts = []
         for i, it in enumerate(items):
             xs[3 * i:3 * i + 2] = it[0] * scale, it[1] * scale
-            ys[3 * i:3 * i + 2] = y_of(it)
+            ys[3 * i:3 * i + 2] = (y_of(it),) * 2
             if hover == "text":
                 texts += [text_of(it)] * 2 + [None]
-        return xs, ys, texts  # numpy arrays: plotly writes them as compact binary, not JSON lists
+        return xs, ys, texts
 
     hover = "text" if len(schedule.ops) <= MAX_HOVER_OPS else "x+name"  # per-op text costs ~100 bytes an op
     fig = go.Figure()

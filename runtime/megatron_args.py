@@ -23,9 +23,6 @@ from collections.abc import Mapping
 import math
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
 from nemoc.compiler.plan import Execution, Fusions, HostExecution, Layout, MoeExecution, Overlaps, PipelineSplit
 from nemoc.compiler.spec import ModelSpec, OptimizerSpec, ScheduleSpec
 
@@ -33,7 +30,10 @@ from nemoc.compiler.spec import ModelSpec, OptimizerSpec, ScheduleSpec
 # 128 * tp so that every TP shard of the vocabulary is the same size and GEMM-friendly.
 VOCAB_DIVISIBLE_BY = 128
 
-_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# torch is imported inside the functions that build Megatron-Core objects: the Megatron-LM command line
+# (`megatron_lm_arguments`, `nemoc export --megatron-args`) is built from the same keyword sets without
+# torch, so it works where only `pip install nemoc` is (tests/test_install_extras.py).
+_PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # torch dtype names
 
 
 class UnsupportedPlan(ValueError):
@@ -87,10 +87,12 @@ def padded_vocab_size(vocab: int, tp: int = 1, *, multiple: int | None = None) -
 
 
 def params_dtype(precision: str) -> torch.dtype:
+    import torch
+
     if precision in ("fp8", "mxfp8", "nvfp4"):
         return torch.bfloat16  # fp8 / nvfp4 training keeps bf16 master weights; TE casts inside the GEMMs
     try:
-        return _PRECISION_DTYPES[precision]
+        return getattr(torch, _PRECISION_DTYPES[precision])
     except KeyError:
         raise UnsupportedPlan(f"unknown precision {precision!r} (bf16 | fp16 | fp32 | fp8 | mxfp8 | nvfp4)") from None
 
@@ -133,6 +135,8 @@ def _te_fusions(fusions: Fusions | None, facts: MachineFacts) -> dict:
 
 def _activation(model: ModelSpec) -> tuple[object, bool]:
     """(activation_func, gated_linear_unit). SwiGLU = SiLU-gated GLU (Shazeer 2020)."""
+    import torch.nn.functional as F
+
     if model.activation == "swiglu":
         return F.silu, True
     if model.activation == "gelu":
@@ -155,6 +159,8 @@ def gelu_tanh(x):
     """GELU's tanh approximation (Hendrycks & Gimpel 2016, eq. 2; GPT-2's `gelu_new`). Megatron-Core's own
     (transformer/utils.py openai_gelu, Megatron-LM's --openai-gelu) is the same function, but it is
     compiled by jit_fuser (torch.compile in 0.16.1) at call time, which the CPU runtime avoids."""
+    import torch.nn.functional as F
+
     return F.gelu(x, approximate="tanh")
 
 
@@ -257,6 +263,7 @@ def transformer_config(
     pipeline split, p2p overlap, fusions) translated. Models built outside a stage plan (the
     alignment runtime's own copies, tests) pass `precision` and `attention_backend` instead: an even
     split, no overlap, no fusions."""
+    import torch
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -434,6 +441,8 @@ def _check_nvfp4(precision: str, facts: MachineFacts) -> None:
     if not new_enough:
         raise UnsupportedPlan("precision = nvfp4 needs Transformer Engine >= 2.7 (Megatron-Core fp4_recipe = nvfp4); "
                               "upgrade Transformer Engine or use precision = mxfp8 / fp8")
+    import torch
+
     major, _ = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
     if major < 10:
         raise UnsupportedPlan(f"precision = nvfp4 needs a Blackwell GPU (compute capability >= 10.0); this one is "
@@ -448,6 +457,8 @@ def _check_nvfp4(precision: str, facts: MachineFacts) -> None:
 def _check_cuda_graphs(host: HostExecution | None, facts: MachineFacts) -> None:
     if host is None or host.cuda_graph_impl == "none":
         return
+    import torch
+
     if facts.cpu or not torch.cuda.is_available():
         raise UnsupportedPlan(f"cuda_graph_impl = {host.cuda_graph_impl} needs CUDA GPUs; this run is on the CPU")
     if not facts.have_te:
@@ -516,6 +527,7 @@ LOSS_SCALING = dict(initial_loss_scale=2.0**16, min_loss_scale=1.0, loss_scale_w
 def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout: Layout, precision: str):
     """Adam(W) or SGD with grad clipping; bf16/fp16 keep fp32 main params; fp16 uses dynamic loss
     scaling (Micikevicius et al. 2018): start 2^16, halve on overflow, double after 1000 clean steps."""
+    import torch
     from megatron.core.optimizer import OptimizerConfig
 
     if optimizer.name not in ("adam", "sgd"):
@@ -550,6 +562,8 @@ def precision_aware_optimizer_kwargs(layout: Layout) -> dict:
     on). Nothing for fp32 (Megatron-Core's defaults)."""
     if layout.optimizer_state_dtype == "fp32":
         return {}
+    import torch
+
     dtype = {"bf16": torch.bfloat16}[layout.optimizer_state_dtype]
     return dict(use_precision_aware_optimizer=True, exp_avg_dtype=dtype, exp_avg_sq_dtype=dtype)
 

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "examples" / "quickstart.nemo"
 
 BLOCKED = ("torch", "megatron", "transformer_engine", "numpy", "tokenizers", "safetensors", "sentencepiece",
-           "tiktoken", "tensorboard")
+           "tiktoken", "tensorboard", "pyarrow")
+HF_FINETUNE = REPO / "examples" / "hf_finetune_cpu.nemo"  # a local Hugging Face dataset (Parquet files)
 
 WITHOUT_TRAIN = f"""
 import sys
@@ -45,11 +46,38 @@ def test_the_blocker_really_blocks_torch():
     assert out.returncode != 0 and "No module named 'torch'" in out.stderr
 
 
+@pytest.mark.parametrize("example", [QUICKSTART, HF_FINETUNE], ids=["quickstart", "hf_finetune_cpu"])
 @pytest.mark.parametrize("command", [("check",), ("fmt", "--check"), ("plan",), ("graph",)])
-def test_language_and_planning_commands_need_no_torch(command):
-    out = nemoc_without_train(*command, str(QUICKSTART))
+def test_language_and_planning_commands_need_no_torch(command, example):
+    out = nemoc_without_train(*command, str(example))
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_html_plan_report_without_numpy(tmp_path):
+    """The pipeline timeline's segments fall back to JSON lists (numpy comes with the train extra)."""
+    out = nemoc_without_train("plan", "--html", str(tmp_path / "plan.html"), str(REPO / "examples" / "pipeline.nemo"))
+    assert out.returncode == 0, out.stderr
+    page = (tmp_path / "plan.html").read_text()
+    assert "pipeline" in page and "Plotly" in page
+
+
+def test_megatron_lm_command_line_without_torch():
+    """`nemoc export --megatron-args` translates the plan with runtime/megatron_args.py's keyword sets, which
+    import torch only where they build Megatron-Core objects."""
+    out = nemoc_without_train("export", "--megatron-args", str(REPO / "examples" / "llama3_8b_pretrain.nemo"))
+    assert out.returncode == 0, out.stderr
+    assert "pretrain_gpt.py" in out.stdout and "--tensor-model-parallel-size" in out.stdout
+
+
+def test_check_without_pyarrow_says_which_columns_it_did_not_check():
+    """The split's Parquet files exist, but their schema needs pyarrow (the `train` extra): a warning at the
+    data block's path, not an error claiming the file is unreadable."""
+    out = nemoc_without_train("check", str(HF_FINETUNE))
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    assert "warning[W003]: data sums: columns not checked" in text and "pyarrow" in text, text
+    assert "error" not in text.replace("0 errors", ""), text
 
 
 def test_plan_json_without_torch_is_the_full_plan():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -424,6 +424,22 @@ def run(model, batch: Batch, **kwargs):
     out = model(batch.tokens.reshape(1, b * s), batch.position_ids.reshape(1, b * s), None,
                 packed_seq_params=batch.packed_seq_params, **kwargs)
     return batch.shaped(out)
+
+
+def logprob_forward(loss_of: Callable, *, reports: tuple[str, ...]) -> Callable:
+    """The forward step of the kinds whose loss is a function of the policy's token log-probs (DPO/IPO,
+    KTO, ORPO): the micro-batch `mb["batch"]` runs with its labels (Megatron's vocab-parallel cross
+    entropy, no [b, s, v] logits leave the last stage), and the last stage's loss function is
+    `loss_of(mb, token_logps [b, s])` -> (this rank's loss share, reports); `reports` names them for the
+    core's loop (the loss first)."""
+
+    def forward(model, mb):
+        batch = mb["batch"]
+        token_loss = run(model, batch, labels=batch.labels)
+        return token_loss, lambda output: loss_of(mb, -batch.shaped(output).float())
+
+    forward.reports = reports
+    return forward
 
 
 def causal_mask(segments: torch.Tensor) -> torch.Tensor:

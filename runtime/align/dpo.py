@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nemoc.runtime.align.common import AlignError, Batch, cp_share, cp_sum, forward_only, make_batch, row_sums, run
+from nemoc.runtime.align.common import (AlignError, Batch, cp_share, cp_sum, forward_only, logprob_forward, make_batch,
+                                        row_sums)
 from nemoc.runtime.align.trainer import chunks
 from nemoc.runtime.objectives import preference as objectives_preference
 
@@ -167,23 +168,16 @@ def make_forward(*, beta: float, loss: str, label_smoothing: float = 0.0):
     if beta <= 0:
         raise AlignError(f"dpo beta must be positive (got {beta})")
 
-    def forward(model, mb):
-        batch = mb["batch"]
-        token_loss = run(model, batch, labels=batch.labels)
+    def loss_of(mb, token_logps):
+        mask = mb["batch"].loss_mask
+        sums = row_sums(token_logps, mask)  # whole-sequence sums under context parallelism
+        # the shared objective (equal to TRL's DPOTrainer): IPO's loss on per-token means, the logged
+        # rewards and margins on sums for both losses, as TRL logs them
+        value, reports = objectives_preference.preference_loss(
+            sums, mb["ref"].float(), cp_sum(mask.sum(-1)), beta=beta, loss=loss, label_smoothing=label_smoothing)
+        return cp_share(value), reports
 
-        def loss_func(output):
-            mask = batch.loss_mask
-            sums = row_sums(-batch.shaped(output).float(), mask)  # whole-sequence sums under context parallelism
-            # the shared objective (equal to TRL's DPOTrainer): IPO's loss on per-token means, the logged
-            # rewards and margins on sums for both losses, as TRL logs them
-            value, reports = objectives_preference.preference_loss(
-                sums, mb["ref"].float(), cp_sum(mask.sum(-1)), beta=beta, loss=loss, label_smoothing=label_smoothing)
-            return cp_share(value), reports
-
-        return token_loss, loss_func
-
-    forward.reports = REPORTS
-    return forward
+    return logprob_forward(loss_of, reports=REPORTS)
 
 
 @torch.no_grad()

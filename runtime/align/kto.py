@@ -27,7 +27,8 @@ import torch
 from megatron.core import parallel_state
 
 from nemoc.runtime.align import stage
-from nemoc.runtime.align.common import AlignError, Batch, cp_share, forward_only, make_batch, row_sums, run
+from nemoc.runtime.align.common import (AlignError, Batch, cp_share, forward_only, logprob_forward, make_batch,
+                                        row_sums)
 from nemoc.runtime.align.data import read_preferences, read_unpaired, template_for, unpair
 from nemoc.runtime.align.trainer import chunks
 from nemoc.runtime.objectives import kto as objective
@@ -132,23 +133,16 @@ def make_forward(*, beta: float, loss: str = "kto", desirable_weight: float = 1.
     if loss not in objective.LOSS_TYPES:
         raise AlignError(f"kto loss {loss!r}; expected {' | '.join(objective.LOSS_TYPES)}")
 
-    def forward(model, mb):
-        batch = mb["batch"]
-        token_loss = run(model, batch, labels=batch.labels)
+    def loss_of(mb, token_logps):
+        policy = row_sums(token_logps, mb["batch"].loss_mask)  # the CP group's shards added
+        value, metrics = objective.kto_loss(policy, mb["ref"], mb["desirable"], kl=mb["z0"], beta=beta,
+                                            desirable_weight=desirable_weight,
+                                            undesirable_weight=undesirable_weight, loss_type=loss)
+        # a class absent from this micro-batch reports no mean reward: the core's loop averages each
+        # report over the micro-batches that have it ([sum, count], core.loop._report_sums)
+        return cp_share(value), metrics
 
-        def loss_func(output):
-            policy = row_sums(-batch.shaped(output).float(), batch.loss_mask)  # the CP group's shards added
-            value, metrics = objective.kto_loss(policy, mb["ref"], mb["desirable"], kl=mb["z0"], beta=beta,
-                                                desirable_weight=desirable_weight,
-                                                undesirable_weight=undesirable_weight, loss_type=loss)
-            # a class absent from this micro-batch reports no mean reward: the core's loop averages each
-            # report over the micro-batches that have it ([sum, count], core.loop._report_sums)
-            return cp_share(value), metrics
-
-        return token_loss, loss_func
-
-    forward.reports = REPORTS
-    return forward
+    return logprob_forward(loss_of, reports=REPORTS)
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
-from nemoc.runtime.align.common import AlignError, cp_share, cp_sum, forward_only, make_batch, row_sums, run
+from nemoc.runtime.align.common import (AlignError, cp_share, cp_sum, forward_only, logprob_forward, make_batch,
+                                        row_sums)
 from nemoc.runtime.align.dpo import Pair, pair_batch
 from nemoc.runtime.align.trainer import chunks
 from nemoc.runtime.objectives import orpo as objective
@@ -68,17 +69,8 @@ def make_forward(*, beta: float):
     if beta <= 0:
         raise AlignError(f"orpo beta must be positive (got {beta})")
 
-    def forward(model, mb):
-        batch = mb["batch"]
-        token_loss = run(model, batch, labels=batch.labels)
-
-        def loss_func(output):
-            return loss_from_logps(-batch.shaped(output).float(), batch.loss_mask, mb["full"], beta=beta)
-
-        return token_loss, loss_func
-
-    forward.reports = REPORTS
-    return forward
+    return logprob_forward(lambda mb, token_logps: loss_from_logps(token_logps, mb["batch"].loss_mask, mb["full"],
+                                                                   beta=beta), reports=REPORTS)
 
 
 @torch.no_grad()

@@ -59,8 +59,29 @@ def test_uneven_pipeline_split_reproduces_single_process(tmp_path, kit, train_da
     assert_same_curve(result, baseline)
 
 
+@pytest.fixture(scope="module")
+def flash_single(tmp_path_factory, kit, train_data, reference_weights):
+    """The one-process run on the local spec's SDPA core (`attention = flash`), the context-parallel
+    layouts' reference: same core, same weights, same batches."""
+    single = kit.run_training(tmp_path_factory.mktemp("flash_one"),
+                              kit.make_plan(kit.stage_plan(lay=kit.layout()), attention="flash"), 1,
+                              data_prefix=train_data, init_checkpoint=reference_weights)
+    assert single.returncode == 0, single.explain()
+    assert single.losses[6] < single.losses[1]  # it learns: the six compared losses are not one flat value
+    return single
+
+
+# cp=2 alone (2 processes), and with tensor (+ sequence) or pipeline parallelism (4 processes): under
+# TP the SDPA core sees heads / tp of the all-gathered keys and values (with SP the sequence is gathered
+# over the TP group first, then over the CP group); under PP only the first and last stages read the
+# batch and each shards its rows; the middle activations are [s / cp, b, h].
+CP_LAYOUTS = [dict(cp=2), dict(tp=2, cp=2, sp=True), dict(pp=2, cp=2)]
+
+
 @pytest.mark.slow
-def test_context_parallel_reproduces_single_process(tmp_path, kit, train_data, reference_weights):
+@pytest.mark.parametrize("sizes", CP_LAYOUTS, ids=["cp2", "tp2sp-cp2", "pp2-cp2"])
+def test_context_parallel_reproduces_single_process(tmp_path, kit, train_data, reference_weights, flash_single,
+                                                    sizes):
     """cp=2 on the local spec's SDPA core (`attention = flash` without Transformer Engine): each rank holds
     Megatron's load-balanced half of every row (get_batch_on_this_cp_rank), attends it over the
     all-gathered keys and values (runtime/model.py SDPAttention._context_parallel), and Megatron's DDP
@@ -68,15 +89,11 @@ def test_context_parallel_reproduces_single_process(tmp_path, kit, train_data, r
     each rank's shard mean weighs s / cp tokens and their average is the one-process token mean: the curve
     and the first gradient norm are the one-process run's (same SDPA core, same weights and batches) up to
     fp32 reduction order."""
-    single = kit.run_training(tmp_path / "one", kit.make_plan(kit.stage_plan(lay=kit.layout()), attention="flash"), 1,
-                              data_prefix=train_data, init_checkpoint=reference_weights)
-    assert single.returncode == 0, single.explain()
-    lay = kit.layout(cp=2)
-    result = kit.run_training(tmp_path / "cp2", kit.make_plan(kit.stage_plan(lay=lay), attention="flash"),
+    lay = kit.layout(**sizes)
+    result = kit.run_training(tmp_path / "cp", kit.make_plan(kit.stage_plan(lay=lay), attention="flash"),
                               lay.world_size, data_prefix=train_data, init_checkpoint=reference_weights)
     assert "cp=2" in result.stdout, result.explain()
-    assert_same_curve(result, single)
-    assert single.losses[6] < single.losses[1]  # it learns: the six compared losses are not one flat value
+    assert_same_curve(result, flash_single)
     grad = {r["step"]: r["grad_norm"] for r in result.records if "grad_norm" in r}
-    base_grad = {r["step"]: r["grad_norm"] for r in single.records if "grad_norm" in r}
+    base_grad = {r["step"]: r["grad_norm"] for r in flash_single.records if "grad_norm" in r}
     assert grad[1] == pytest.approx(base_grad[1], rel=1e-4)

@@ -5,6 +5,17 @@ from __future__ import annotations
 from nemoc.runtime.taskfile import TASK_JSON_VERSION
 
 
+# parallel_worker.py's layouts: mode -> (tp, pp, dp, vp, cp, sequence parallel); the world size is the product
+PARALLEL_MODES = {"pp2": (1, 2, 1, None, 1, False), "dp2": (1, 1, 2, None, 1, False), "tp2": (2, 1, 1, None, 1, False),
+                  "vp2": (1, 2, 1, 2, 1, False), "cp2": (1, 1, 1, None, 2, False),
+                  "tp2sp-cp2": (2, 1, 1, None, 2, True), "pp2-cp2": (1, 2, 1, None, 2, False)}
+
+
+def world_size(mode: str) -> int:
+    tp, pp, dp, _, cp, _ = PARALLEL_MODES[mode]
+    return tp * pp * dp * cp
+
+
 def llama_spec(**overrides):
     from nemoc.compiler.spec import ModelSpec
 

@@ -1,6 +1,7 @@
 """Context parallelism from the CLI on the CPU: `nemoc check` accepts `context = 2` on the local spec's
 SDPA core (the target says it splits sequences) and refuses it on Megatron's unfused core (E113 at the
-user's line), and `nemoc run` trains pretrain -> sft (pack = false) -> dpo at cp = 2 on two gloo ranks.
+user's line), and `nemoc run` trains pretrain -> sft (pack = false) -> dpo at cp = 2 on two gloo ranks, and
+at tp 2 x cp 2 and pp 2 x cp 2 on four.
 The numbers are proven elsewhere: tests/runtime/test_train_parallel.py (pretraining, cp = 2 vs one
 process) and tests/runtime/align/test_align_parallel.py (the alignment kinds)."""
 
@@ -114,20 +115,30 @@ def test_sft_without_packing_is_the_only_sft_at_cp2(tmp_path):
     assert "error[E126]" in out and "pack = true" in out and "E113" not in out, out
 
 
+# cp 2 alone on the file's two processes, and with tensor or pipeline parallelism 2 on four
+# (`--set cluster.gpus_per_node=4`): (overrides, the (tp, pp, cp, dp) every stage must run)
+LAYOUTS = {"cp2": ((), (1, 1, 2, 1)),
+           "tp2-cp2": (("cluster.gpus_per_node=4", "parallel.tensor=2"), (2, 1, 2, 1)),
+           "pp2-cp2": (("cluster.gpus_per_node=4", "parallel.pipeline=2"), (1, 2, 2, 1))}
+
+
 @pytest.mark.slow
-def test_pretrain_sft_dpo_run_context_parallel_end_to_end(tmp_path):
+@pytest.mark.parametrize("layout_id", list(LAYOUTS))
+def test_pretrain_sft_dpo_run_context_parallel_end_to_end(tmp_path, layout_id):
     from nemoc.compiler.plan import from_json
 
+    overrides, sizes = LAYOUTS[layout_id]
     spec = _write(tmp_path)
     workdir = tmp_path / "run"
-    run = subprocess.run([sys.executable, "-m", "nemoc.runtime.cli", "run", str(spec), "--workdir", str(workdir)],
-                         capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    sets = [word for o in overrides for word in ("--set", o)]
+    run = subprocess.run([sys.executable, "-m", "nemoc.runtime.cli", "run", str(spec), "--workdir", str(workdir),
+                          *sets], capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"),
                          cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     plan = from_json((workdir / "plan.json").read_text())
     for name in ("pretrain", "sft", "dpo"):
         layout = plan.stage(name).layout
-        assert (layout.cp, layout.dp, layout.world_size) == (2, 1, 2), (name, layout)
+        assert (layout.tp, layout.pp, layout.cp, layout.dp) == sizes, (name, layout)
         assert plan.stage(name).execution.attention in ("auto", "flash", "fused")
     assert "cp=2" in run.stdout and "attention=torch:scaled_dot_product_attention" in run.stdout, run.stdout[-3000:]
     done = {k: json.loads((workdir / "tasks" / f"train_{k}" / "DONE.json").read_text()) for k in ("pretrain", "sft", "dpo")}

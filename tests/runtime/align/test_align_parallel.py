@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from align_helpers import llama_spec, train_kind
+from align_helpers import llama_spec, train_kind, world_size
 
 HERE = Path(__file__).parent
 
@@ -35,13 +35,18 @@ VP_CASES = [(kind, "vp2") for kind in ("sft", "dpo", "reward", "orpo", "kto")]
 # and the reward model's last-token value are summed over the CP group; compared with one process on the
 # same (flash) attention core.
 CP_CASES = [(kind, "cp2") for kind in ("sft", "dpo", "reward", "orpo", "kto")]
+# Context parallelism with tensor (+ sequence) or pipeline parallelism, 4 processes: the SDPA core attends
+# its heads / tp over the CP group's keys and values (under SP the TP group's sequence is gathered first);
+# under PP the last stage makes the per-row sums over the CP group and the reference scores reach it by
+# the forward-only schedule.
+CP_MIXED_CASES = [(kind, mode) for kind in ("sft", "dpo") for mode in ("tp2sp-cp2", "pp2-cp2")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "mode"), CASES + VP_CASES + CP_CASES)
+@pytest.mark.parametrize(("kind", "mode"), CASES + VP_CASES + CP_CASES + CP_MIXED_CASES)
 def test_two_processes_reproduce_one_process(mcore, tmp_path, kind, mode):
     layers = 4 if mode == "vp2" else 2
-    attention = "flash" if mode == "cp2" else "unfused"
+    attention = "flash" if "cp2" in mode else "unfused"
     mcore.seed_all(5)
     mcore.save_model(mcore.build_gpt(llama_spec(seq_length=16, vocab=256, layers=layers), mcore.single_layout()),
                      tmp_path / "base")
@@ -49,7 +54,7 @@ def test_two_processes_reproduce_one_process(mcore, tmp_path, kind, mode):
                      attention=attention)
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size(mode)),
            str(HERE / "parallel_worker.py"), str(tmp_path), kind, mode, str(layers)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
