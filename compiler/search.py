@@ -56,6 +56,7 @@ from nemoc.compiler.rules import (
     Env,
     PipelineSplit,
     Sizes,
+    Violation,
     layout_violations,
     pipeline_split,
     rule_ffn_tp,
@@ -548,15 +549,15 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
     group whose bound is slower than the top list's last entry is skipped whole; the bound holds
     for every micro batch and recompute of the group (tested), so the top list is exact.
     """
-    env = p.env
-    rec = _Recorder(p.budget)
+    ctx = _Context(p)
+    rec = _Recorder(ctx.budget)
     best = _Top(max(1, top))
-    groups = sorted(_groups(p, env, rec), key=lambda g: g[0])
+    groups = sorted(_groups(ctx, rec), key=lambda g: g[0])
     failed: set[tuple] = set()  # (tp, pp, cp, ep, etp, do) whose non-interleaved group has no fitting member
     for bound, _, args, sps, n_vps in groups:
         tp, pp, vp, cp, ep, etp, dp, do = args
         base = (tp, pp, cp, ep, etp, do)
-        count = len(_micro_batches(p, dp)) * len(_recomputes(p, pp, vp))
+        count = len(ctx.micro_batches(dp)) * len(ctx.recomputes(pp, vp))
         if vp is not None and base in failed:
             # Interleaving only adds memory (the first stage holds (1 + (pp-1)/(pp*vp)) x the
             # microbatches): when no layout fits without it, none fits with it.
@@ -571,24 +572,139 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
                      "already above the top list", f"tp={tp} pp={pp}{f' vp={vp}' if vp else ''} cp={cp} dp={dp}",
                      count * len(sps))
             continue
-        if not _search_group(p, env, rec, best, tp, pp, vp, cp, ep, etp, dp, do, sps) and vp is None and n_vps > 1:
+        if not _search_group(ctx, rec, best, tp, pp, vp, cp, ep, etp, dp, do, sps) and vp is None and n_vps > 1:
             failed.add(base)
     return rec.result(best)
 
 
-def _groups(p: Problem, env: Env, rec: _Recorder) -> list[tuple]:
+class _Context:
+    """What one `search` asks again and again, computed once: the problem's domains per size (micro
+    batches per dp, recompute levels per (pp, vp), VP values per pp), the per-problem arguments of the
+    memory and cost models, and the per-layout ones that depend on a few sizes only (the pipeline split
+    per (pp, vp), the MoE dispatcher per ep). Pure caching: every value is what the module-level
+    function (`_micro_batches`, `_recomputes`, `evaluate_memory`, `evaluate_time`, `bound_time`)
+    returns for the same arguments; the oracle (`enumerate_all`) calls those functions directly."""
+
+    def __init__(self, p: Problem):
+        self.p = p
+        self.env = p.env
+        self.budget = p.budget
+        self._mbs: dict[int, list[int]] = {}
+        self._rcs: dict[tuple, list] = {}
+        self._vps: dict[int, list] = {}
+        self._splits: dict[tuple, tuple[int, int, int] | None] = {}
+        self._moe: dict[int, MoeExecution | None] = {}
+        f = p.fixed
+        kernels = p.stage_kernels
+        # Layout and Sizes fields every candidate takes from the problem
+        self.fixed_layout = dict(tp_comm_overlap=f.tp_comm_overlap, grad_reduce_in_fp32=f.grad_reduce_in_fp32,
+                                 overlap_param_gather=f.overlap_param_gather, fp8_param_gather=f.fp8_param_gather,
+                                 megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype)
+        self.fixed_sizes = dict(seq_length=p.seq_length, tp_comm_overlap=f.tp_comm_overlap,
+                                overlap_param_gather=f.overlap_param_gather, fp8_param_gather=f.fp8_param_gather,
+                                megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype)
+        self.grad_bytes = 4 if f.grad_reduce_in_fp32 else 2  # `_grad_bytes` of every candidate
+        self.memory_kw = dict(precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
+                              stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, kernels=kernels,
+                              grad_bytes=self.grad_bytes, cuda_graph_share=_graph_share(p), parents=p.parents,
+                              fp8_recipe=p.fp8_recipe, dropout=p.dropout)
+        self.time_kw = dict(cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.costed_backend,
+                            seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft,
+                            stage_params=p.params, kernels=kernels, grad_bytes=self.grad_bytes,
+                            overlap_tp=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather,
+                            overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, host=p.host,
+                            attention_span=p.attention_span, dropout=p.dropout)
+        self.bound_kw = dict(cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.costed_backend,
+                             seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
+                             kernels=kernels, overlap_tp=f.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p,
+                             host=p.host, attention_span=p.attention_span)
+
+    def micro_batches(self, dp: int) -> list[int]:
+        mbs = self._mbs.get(dp)
+        if mbs is None:
+            mbs = self._mbs[dp] = _micro_batches(self.p, dp)
+        return mbs
+
+    def recomputes(self, pp: int = 1, vp: int | None = None) -> list[tuple[str, int | None]]:
+        rcs = self._rcs.get((pp, vp))
+        if rcs is None:
+            rcs = self._rcs[(pp, vp)] = _recomputes(self.p, pp, vp)
+        return rcs
+
+    def vps(self, pp: int) -> list[int | None]:
+        vps = self._vps.get(pp)
+        if vps is None:
+            vps = self._vps[pp] = _vp_domain(self.p, pp)
+        return vps
+
+    def stage_layers(self, pp: int, vp: int | None) -> tuple[int, int, int] | None:
+        key = (pp, vp)
+        if key not in self._splits:
+            split = pipeline_split(self.p.model.layers, pp, vp)
+            self._splits[key] = None if split is None or split.even else split.stage_layers(pp)
+        return self._splits[key]
+
+    def moe(self, layout: Layout) -> MoeExecution | None:
+        """`p.moe_of(layout)`, which depends on the expert-parallel size only."""
+        if layout.ep not in self._moe:
+            self._moe[layout.ep] = self.p.moe_of(layout)
+        return self._moe[layout.ep]
+
+    def layout(self, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[str, int | None]) -> Layout:
+        """`_make_layout(p, ...)`."""
+        gb = self.p.global_batch if self.p.global_batch is not None else mb * dp
+        return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
+                      num_microbatches=max(1, gb // (mb * dp)), sequence_parallel=sp, distributed_optimizer=do,
+                      recompute=rc[0], recompute_layers=rc[1], **self.fixed_layout)
+
+    def sizes(self, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[str, int | None]) -> Sizes:
+        """`_sizes(p, _make_layout(p, ...))`, without the layout."""
+        gb = self.p.global_batch if self.p.global_batch is not None else mb * dp
+        return Sizes(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
+                     sequence_parallel=sp, distributed_optimizer=do, recompute=rc[0], recompute_layers=rc[1],
+                     **self.fixed_sizes)
+
+    def sizes_of(self, layout: Layout) -> Sizes:
+        """`_sizes(p, layout)`."""
+        return Sizes(tp=layout.tp, pp=layout.pp, vp=layout.vp, cp=layout.cp, ep=layout.ep, etp=layout.etp,
+                     dp=layout.dp, micro_batch=layout.micro_batch, global_batch=layout.global_batch,
+                     sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
+                     recompute=layout.recompute, recompute_layers=layout.recompute_layers, **self.fixed_sizes)
+
+    def memory(self, layout: Layout) -> MemoryBreakdown:
+        """`evaluate_memory(p, layout)`."""
+        moe = self.moe(layout)
+        return memory.estimate(self.p.model, layout, split=self.stage_layers(layout.pp, layout.vp),
+                               moe_dispatcher=moe.dispatcher if moe is not None else "alltoall", **self.memory_kw)
+
+    def time(self, layout: Layout) -> Estimate:
+        """`evaluate_time(p, layout)`."""
+        return cost.estimate(self.p.model, layout, split=self.stage_layers(layout.pp, layout.vp),
+                             moe=self.moe(layout), **self.time_kw)
+
+    def bound(self, layout: Layout, micro_batches: tuple[int, int]) -> float:
+        """`bound_time(p, layout, micro_batches)`."""
+        return cost.step_time_lower_bound(self.p.model, layout, micro_batches=micro_batches,
+                                          split=self.stage_layers(layout.pp, layout.vp), moe=self.moe(layout),
+                                          **self.bound_kw)
+
+
+def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
     """Every (tp, pp, vp, cp, ep, etp, dp, do) group whose micro-batch-independent rules hold for
     some sequence-parallel value, as (lower bound, order, sizes, SP values, VP values of its base);
     the groups that break the world size or a rule are recorded in `rec`."""
+    p = ctx.p
     world = p.cluster.world_size
     out = []
-    for tp in _tp_domain(p, env):
+    rcs, dos = ctx.recomputes(), _do_domain(p)
+    splits = p.splits_sequences  # policy: auto CP only where the target splits this stage's rows
+    for tp in _tp_domain(p, ctx.env):
         if world % tp:
             rec.rule(f"world size {world} % tp({tp}) = {world % tp} != 0", "E101 world size", f"tp={tp}")
             continue
+        sp_domain = _sp_domain(p, tp)
         for pp in _pp_domain(p, tp):
             rest = world // (tp * pp) if world % (tp * pp) == 0 else 0
-            splits = p.splits_sequences  # policy: auto CP only where the target splits this stage's rows
             cps = _pick(p.fixed.context, [c for c in divisors(rest) if c == 1 or (splits and p.seq_length % (2 * c) == 0)]
                         if rest else [])
             for cp in cps:
@@ -601,27 +717,29 @@ def _groups(p: Problem, env: Env, rec: _Recorder) -> list[tuple]:
                     rec.rule(f"tp({tp}) * pp({pp}) * cp({cp}) * dp({p.fixed.data}) != world size {world}",
                              "E101 world size", f"tp={tp} pp={pp} cp={cp}")
                     continue
-                mbs, rcs, dos = _micro_batches(p, dp), _recomputes(p), _do_domain(p)
+                mbs = ctx.micro_batches(dp)
                 for ep, etp in _expert_domain(p, tp, pp, dp, rec):
-                    vps = _vp_domain(p, pp)
-                    for vp in vps:
-                        if not mbs:
+                    vps = ctx.vps(pp)
+                    if not mbs:
+                        for vp in vps:
                             rec.rule(f"global_batch({p.global_batch}) % dp({dp}) != 0", "E111 global batch % "
                                      "(micro_batch x dp)", f"tp={tp} pp={pp} cp={cp} dp={dp}", len(rcs) * len(dos))
-                            continue
-                        # With two DO values neither DO rule can fire (E129: where it refuses on, auto
-                        # tries off only; E161 needs overlap_param_gather, which tries on only): one check
-                        # serves both.
-                        sps = [sp for sp in _sp_domain(p, tp) if _group_rules(
-                            p, env, rec, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, dos[0], rcs[0]),
-                            len(mbs) * len(rcs) * len(dos))]
+                        continue
+                    # With two DO values neither DO rule can fire (E129: where it refuses on, auto
+                    # tries off only; E161 needs overlap_param_gather, which tries on only): one check
+                    # serves both.
+                    count = len(mbs) * len(rcs) * len(dos)
+                    rules = _GroupRules(ctx, (tp, pp, vps[0], cp, ep, etp, dp, mbs[0], sp_domain[0], dos[0], rcs[0]))
+                    for vp in vps:
+                        sps = [sp for sp in sp_domain
+                               if rules.hold(rec, (tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, dos[0], rcs[0]), count)]
                         if not sps:
                             continue
                         # One bound serves every DO and SP value of the group: the distributed optimizer's
                         # sharded step is the smaller optimizer term (the bound leaves DP traffic out), and
                         # sequence parallelism, preferred first, is never slower.
-                        bound = bound_time(p, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, ("none", None)),
-                                           (mbs[0], mbs[-1]))
+                        bound = ctx.bound(ctx.layout(tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, ("none", None)),
+                                          (mbs[0], mbs[-1]))
                         for do in dos:
                             out.append((bound, len(out), (tp, pp, vp, cp, ep, etp, dp, do), sps, len(vps)))
     return out
@@ -652,42 +770,82 @@ _MB_RULES = (rule_global_batch, rule_interleave_microbatches, rule_fp8_tokens)
 _GROUP_RULES = tuple(r for r in ERROR_RULES if r not in _MB_RULES)
 
 
-def _group_rules(p: Problem, env: Env, rec: _Recorder, layout: Layout, count: int) -> bool:
+class _GroupRules:
     """Every rule that does not depend on the micro batch (all but E108 / E111, checked per micro
-    batch by `_rules_mb`): together they are exactly `layout_violations`."""
-    sizes = _sizes(p, layout)
-    for rule in _GROUP_RULES:
-        v = rule(env, sizes)
-        if v is not None:
-            rec.rule(v.short, f"{v.code} {v.message}", layout, count, v.hint)
-            return False
-    return True
+    batch by `_rules_mb`): together they are exactly `layout_violations`. `_groups` asks them for
+    every VP and SP value of one (tp, pp, cp, ep, etp) layout (`args`: `_make_layout`'s sizes); a
+    rule that reads neither `vp` nor `sequence_parallel` there returns the same for all of them (the
+    rules are pure functions of the env and the sizes they read), so it is asked once, through
+    `_Reads`, and only the others are asked per VP and SP value, in the same order."""
+
+    def __init__(self, ctx: _Context, args: tuple):
+        self.ctx = ctx
+        reads = _Reads(ctx.sizes(*args))
+        self.first: Violation | None = None  # the first rule that fails for every VP and SP value
+        self.varying: list = []  # the rules before it that read VP or SP
+        for rule in _GROUP_RULES:
+            reads.names.clear()
+            v = rule(ctx.env, reads)
+            if "vp" in reads.names or "sequence_parallel" in reads.names:
+                self.varying.append(rule)
+            elif v is not None:
+                self.first = v
+                break
+
+    def hold(self, rec: _Recorder, args: tuple, count: int) -> bool:
+        """The rules hold for the candidate of `args`; otherwise the first broken one is recorded."""
+        v = None
+        if self.varying:
+            env, sizes = self.ctx.env, self.ctx.sizes(*args)
+            for rule in self.varying:
+                v = rule(env, sizes)
+                if v is not None:
+                    break
+        v = v or self.first
+        if v is None:
+            return True
+        rec.rule(v.short, f"{v.code} {v.message}", lambda: describe(self.ctx.layout(*args)), count, v.hint)
+        return False
 
 
-def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, do, sps) -> bool:
+class _Reads:
+    """A `Sizes` that records which of its fields are read."""
+
+    __slots__ = ("_sizes", "names")
+
+    def __init__(self, sizes: Sizes):
+        self._sizes = sizes
+        self.names: set[str] = set()
+
+    def __getattr__(self, name: str):
+        self.names.add(name)
+        return getattr(self._sizes, name)
+
+
+def _search_group(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, do, sps) -> bool:
     """Search one (tp, pp, vp, cp, ep, etp, do) group whose rules hold for the sequence-parallel
     values `sps`; False when its memory bound rules out every member."""
-    mbs, rcs = _micro_batches(p, dp), _recomputes(p, pp, vp)
+    mbs, rcs = ctx.micro_batches(dp), ctx.recomputes(pp, vp)
     sps = [sp for sp in sps
-           if _group_fits(p, env, rec, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs))]
+           if _group_fits(ctx, rec, ctx.layout(tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs))]
     if not sps:  # every sequence-parallel value failed memory, recorded by _group_fits for the whole group
         return False
     weakest = {sp: len(rcs) - 1 for sp in sps}  # per SP: the weakest recompute that can still fit
     for i, mb in enumerate(mbs):
         any_fit = False
         for sp in sps:
-            layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[0])
-            v = _rules_mb(env, p, layout)
+            layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[0])
+            v = _rules_mb(ctx.env, ctx.sizes_of(layout))
             if v is not None:
                 rec.rule(v.short, f"{v.code} {v.message}", layout, len(rcs), v.hint)
                 any_fit = True  # a rule, not memory, stopped this micro batch: larger ones may pass
                 continue  # the fp8 token rule (E138) depends on sequence parallelism: try the other value
-            k = _search_recompute(p, rec, best, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs, weakest[sp])
+            k = _search_recompute(ctx, rec, best, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs, weakest[sp])
             fitted = k >= 0
             if fitted:
                 weakest[sp] = k
             any_fit = any_fit or fitted
-            if fitted and p.fixed.sequence_parallel is None and sp and len(sps) > 1:
+            if fitted and ctx.p.fixed.sequence_parallel is None and sp and len(sps) > 1:
                 rec.rule("sequence_parallel = on fits and is never slower", "dominated: sequence_parallel = off "
                          "(on fits and is never slower)", lambda: describe(replace(layout, sequence_parallel=False)), len(rcs))
                 break
@@ -700,27 +858,26 @@ def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, 
     return bool(sps)
 
 
-def _group_fits(p: Problem, env: Env, rec: _Recorder, bound: Layout, count: int) -> bool:
+def _group_fits(ctx: _Context, rec: _Recorder, bound: Layout, count: int) -> bool:
     """Bound (1): its smallest micro batch with its strongest recompute fits (otherwise no member
     fits: memory is monotone in both); the group's rules were checked by `_groups`."""
-    if _rules_mb(env, p, bound) is not None:
+    if _rules_mb(ctx.env, ctx.sizes_of(bound)) is not None:
         return True  # the smallest micro batch breaks a micro-batch rule: the bound says nothing
     rec.evaluated += 1
-    mem = evaluate_memory(p, bound)
-    if mem.total > p.budget:
+    mem = ctx.memory(bound)
+    if mem.total > ctx.budget:
         rec.memory(bound, mem, count)
         return False
     return True
 
 
-def _rules_mb(env: Env, p: Problem, layout: Layout):
+def _rules_mb(env: Env, s: Sizes):
     """The micro-batch-dependent rules (global batch divisibility, interleaved microbatch count, fp8
     tokens per GEMM)."""
-    s = _sizes(p, layout)
     return rule_global_batch(env, s) or rule_interleave_microbatches(env, s) or rule_fp8_tokens(env, s)
 
 
-def _search_recompute(p: Problem, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs,
+def _search_recompute(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs,
                       weakest: int) -> int:
     """Recompute levels of one (group, micro batch), weakest first, starting at index `weakest`
     (levels weaker than the weakest that fitted a smaller micro batch cannot fit: memory is
@@ -728,13 +885,14 @@ def _search_recompute(p: Problem, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep
     recompute) and every stronger one fits too; a stronger one is costed only while it could still
     enter the top list. Returns the index of the weakest level that fits, or -1."""
     for k in range(weakest, -1, -1):
-        layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[k])
+        layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[k])
         rec.evaluated += 1
-        mem = evaluate_memory(p, layout)
-        if mem.total > p.budget:
+        mem = ctx.memory(layout)
+        if mem.total > ctx.budget:
             rec.memory(layout, mem)
             continue
-        first = Candidate(layout, _split(p, pp, vp), mem, evaluate_time(p, layout))
+        split = _split(ctx.p, pp, vp)
+        first = Candidate(layout, split, mem, ctx.time(layout))
         best.push(first)
         for j in range(k - 1, -1, -1):
             threshold = best.threshold()
@@ -743,9 +901,9 @@ def _search_recompute(p: Problem, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep
                          f"already slower than the top {best.n}", "slower: more recompute of a layout already outside "
                          "the top list", lambda: describe(_with_recompute(layout, rcs[j])), j + 1)
                 break
-            stronger = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[j])
+            stronger = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[j])
             rec.evaluated += 1
-            best.push(Candidate(stronger, first.split, evaluate_memory(p, stronger), evaluate_time(p, stronger)))
+            best.push(Candidate(stronger, split, ctx.memory(stronger), ctx.time(stronger)))
         if weakest < len(rcs) - 1:
             rec.rule("a smaller micro batch already needed this much recompute", "out of memory (less recompute "
                      "than a smaller micro batch needed)", lambda: describe(_with_recompute(layout, rcs[-1])),
