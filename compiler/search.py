@@ -553,27 +553,17 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
     rec = _Recorder(ctx.budget)
     best = _Top(max(1, top))
     groups = sorted(_groups(ctx, rec), key=lambda g: g[0])
-    failed: set[tuple] = set()  # (tp, pp, cp, ep, etp, do) whose non-interleaved group has no fitting member
-    for bound, _, args, sps, n_vps in groups:
+    for bound, _, args, sps in groups:
         tp, pp, vp, cp, ep, etp, dp, do = args
-        base = (tp, pp, cp, ep, etp, do)
-        count = len(ctx.micro_batches(dp)) * len(ctx.recomputes(pp, vp))
-        if vp is not None and base in failed:
-            # Interleaving only adds memory (the first stage holds (1 + (pp-1)/(pp*vp)) x the
-            # microbatches): when no layout fits without it, none fits with it.
-            rec.rule("interleaving only adds activation memory (and the failed rules do not depend on it)",
-                     "rejected: interleaved variant of a layout that fails memory or rules without interleaving",
-                     f"tp={tp} pp={pp} cp={cp} vp>1", count)
-            continue
         threshold = best.threshold()
         if threshold is not None and bound > threshold[0] * (1 + REL_TOL):
+            count = len(ctx.micro_batches(dp)) * len(ctx.recomputes(pp, vp))
             rec.rule(lambda: f"its step time is at least {bound:.3g} s, slower than the top {best.n} "
                      f"({threshold[0]:.3g} s and faster)", "slower: a lower bound of the step time is "
                      "already above the top list", f"tp={tp} pp={pp}{f' vp={vp}' if vp else ''} cp={cp} dp={dp}",
                      count * len(sps))
             continue
-        if not _search_group(ctx, rec, best, tp, pp, vp, cp, ep, etp, dp, do, sps) and vp is None and n_vps > 1:
-            failed.add(base)
+        _search_group(ctx, rec, best, tp, pp, vp, cp, ep, etp, dp, do, sps)
     return rec.result(best)
 
 
@@ -594,6 +584,11 @@ class _Context:
         self._vps: dict[int, list] = {}
         self._splits: dict[tuple, tuple[int, int, int] | None] = {}
         self._moe: dict[int, MoeExecution | None] = {}
+        # (tp, pp, vp, cp, ep, etp, sp) groups whose distributed-optimizer member overflows at its
+        # smallest micro batch and strongest recompute (`_group_fits`)
+        self.dopt_overflows: set[tuple] = set()
+        # (tp, pp, cp, ep, etp, do) -> the SP values whose non-interleaved group passes bound (1) (`_base_fits`)
+        self.base_fits: dict[tuple, list[bool]] = {}
         f = p.fixed
         kernels = p.stage_kernels
         # Layout and Sizes fields every candidate takes from the problem
@@ -691,8 +686,8 @@ class _Context:
 
 def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
     """Every (tp, pp, vp, cp, ep, etp, dp, do) group whose micro-batch-independent rules hold for
-    some sequence-parallel value, as (lower bound, order, sizes, SP values, VP values of its base);
-    the groups that break the world size or a rule are recorded in `rec`."""
+    some sequence-parallel value and that bound (2) leaves, as (lower bound, order, sizes, SP values);
+    the groups that break the world size, a rule or bound (2) are recorded in `rec`."""
     p = ctx.p
     world = p.cluster.world_size
     out = []
@@ -730,18 +725,33 @@ def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
                     # serves both.
                     count = len(mbs) * len(rcs) * len(dos)
                     rules = _GroupRules(ctx, (tp, pp, vps[0], cp, ep, etp, dp, mbs[0], sp_domain[0], dos[0], rcs[0]))
+                    failed: set[bool] = set()  # DO values whose non-interleaved group has no member that fits
                     for vp in vps:
                         sps = [sp for sp in sp_domain
                                if rules.hold(rec, (tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, dos[0], rcs[0]), count)]
                         if not sps:
+                            continue
+                        if vp is None and len(vps) > 1:
+                            # Bound (2), decided before any bound is computed: the non-interleaved group
+                            # is checked first, and when none of it fits, its interleaved variants are
+                            # rejected whole (interleaving only adds memory), the group too (its
+                            # memory rejections are recorded by `_group_fits`).
+                            failed = {do for do in dos if not _base_fits(ctx, rec, tp, pp, cp, ep, etp, dp, do, sps)}
+                        elif failed:
+                            rec.rule("interleaving only adds activation memory (and the failed rules do not depend "
+                                     "on it)", "rejected: interleaved variant of a layout that fails memory or rules "
+                                     "without interleaving", f"tp={tp} pp={pp} cp={cp} vp>1",
+                                     len(mbs) * len(ctx.recomputes(pp, vp)) * len(sps) * len(failed))
+                        live = [do for do in dos if do not in failed]
+                        if not live:
                             continue
                         # One bound serves every DO and SP value of the group: the distributed optimizer's
                         # sharded step is the smaller optimizer term (the bound leaves DP traffic out), and
                         # sequence parallelism, preferred first, is never slower.
                         bound = ctx.bound(ctx.layout(tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, ("none", None)),
                                           (mbs[0], mbs[-1]))
-                        for do in dos:
-                            out.append((bound, len(out), (tp, pp, vp, cp, ep, etp, dp, do), sps, len(vps)))
+                        for do in live:
+                            out.append((bound, len(out), (tp, pp, vp, cp, ep, etp, dp, do), sps))
     return out
 
 
@@ -826,8 +836,10 @@ def _search_group(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep,
     """Search one (tp, pp, vp, cp, ep, etp, do) group whose rules hold for the sequence-parallel
     values `sps`; False when its memory bound rules out every member."""
     mbs, rcs = ctx.micro_batches(dp), ctx.recomputes(pp, vp)
-    sps = [sp for sp in sps
-           if _group_fits(ctx, rec, ctx.layout(tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs))]
+    checked = ctx.base_fits.get((tp, pp, cp, ep, etp, do)) if vp is None else None
+    sps = checked if checked is not None else [
+        sp for sp in sps
+        if _group_fits(ctx, rec, ctx.layout(tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs))]
     if not sps:  # every sequence-parallel value failed memory, recorded by _group_fits for the whole group
         return False
     weakest = {sp: len(rcs) - 1 for sp in sps}  # per SP: the weakest recompute that can still fit
@@ -858,15 +870,34 @@ def _search_group(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep,
     return bool(sps)
 
 
+def _base_fits(ctx: _Context, rec: _Recorder, tp, pp, cp, ep, etp, dp, do, sps) -> bool:
+    """Bound (1) for the non-interleaved group (vp = None) of every SP value in `sps`, ahead of the
+    search (`_groups`); the values that pass are kept for `_search_group`."""
+    mbs, rcs = ctx.micro_batches(dp), ctx.recomputes(pp, None)
+    fits = ctx.base_fits[(tp, pp, cp, ep, etp, do)] = [
+        sp for sp in sps
+        if _group_fits(ctx, rec, ctx.layout(tp, pp, None, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs))]
+    return bool(fits)
+
+
 def _group_fits(ctx: _Context, rec: _Recorder, bound: Layout, count: int) -> bool:
     """Bound (1): its smallest micro batch with its strongest recompute fits (otherwise no member
     fits: memory is monotone in both); the group's rules were checked by `_groups`."""
     if _rules_mb(ctx.env, ctx.sizes_of(bound)) is not None:
         return True  # the smallest micro batch breaks a micro-batch rule: the bound says nothing
+    key = (bound.tp, bound.pp, bound.vp, bound.cp, bound.ep, bound.etp, bound.sequence_parallel)
+    if not bound.distributed_optimizer and key in ctx.dopt_overflows:
+        # Dominance (4): the distributed optimizer never needs more memory, and with it this group
+        # already overflowed (both DO values share a bound, so `search` takes the on group first)
+        rec.rule("distributed_optimizer = on needs no more memory and already overflows", "out of memory (the "
+                 "distributed optimizer, never larger, already overflows)", bound, count)
+        return False
     rec.evaluated += 1
     mem = ctx.memory(bound)
     if mem.total > ctx.budget:
         rec.memory(bound, mem, count)
+        if bound.distributed_optimizer and ctx.p.fixed.distributed_optimizer is None:
+            ctx.dopt_overflows.add(key)
         return False
     return True
 
