@@ -587,6 +587,7 @@ class _Context:
         # (tp, pp, vp, cp, ep, etp, sp) groups whose distributed-optimizer member overflows at its
         # smallest micro batch and strongest recompute (`_group_fits`)
         self.dopt_overflows: set[tuple] = set()
+        self.rules = [_Decisions(rule) for rule in _GROUP_RULES]  # their results, by the sizes they read
         # (tp, pp, cp, ep, etp, do) -> the SP values whose non-interleaved group passes bound (1) (`_base_fits`)
         self.base_fits: dict[tuple, list[bool]] = {}
         f = p.fixed
@@ -783,21 +784,21 @@ _GROUP_RULES = tuple(r for r in ERROR_RULES if r not in _MB_RULES)
 class _GroupRules:
     """Every rule that does not depend on the micro batch (all but E108 / E111, checked per micro
     batch by `_rules_mb`): together they are exactly `layout_violations`. `_groups` asks them for
-    every VP and SP value of one (tp, pp, cp, ep, etp) layout (`args`: `_make_layout`'s sizes); a
-    rule that reads neither `vp` nor `sequence_parallel` there returns the same for all of them (the
-    rules are pure functions of the env and the sizes they read), so it is asked once, through
-    `_Reads`, and only the others are asked per VP and SP value, in the same order."""
+    every VP and SP value of one (tp, pp, cp, ep, etp) layout (`args`: `_make_layout`'s sizes). Each
+    rule is asked through its `_Decisions` (the search's memo of its results by the sizes it reads):
+    one that reads neither `vp` nor `sequence_parallel` there answers for all of them at once, and
+    only the others are asked per VP and SP value, in the same order."""
 
     def __init__(self, ctx: _Context, args: tuple):
         self.ctx = ctx
-        reads = _Reads(ctx.sizes(*args))
+        self.sizes = sizes = ctx.sizes(*args)
         self.first: Violation | None = None  # the first rule that fails for every VP and SP value
-        self.varying: list = []  # the rules before it that read VP or SP
-        for rule in _GROUP_RULES:
-            reads.names.clear()
-            v = rule(ctx.env, reads)
-            if "vp" in reads.names or "sequence_parallel" in reads.names:
-                self.varying.append(rule)
+        self.varying: list[_Decisions] = []  # the rules before it that read VP or SP
+        get = sizes.__getattribute__
+        for decisions in ctx.rules:
+            v = decisions.ask(ctx.env, get, _INNER)
+            if v is _VARIES:
+                self.varying.append(decisions)
             elif v is not None:
                 self.first = v
                 break
@@ -806,9 +807,13 @@ class _GroupRules:
         """The rules hold for the candidate of `args`; otherwise the first broken one is recorded."""
         v = None
         if self.varying:
-            env, sizes = self.ctx.env, self.ctx.sizes(*args)
-            for rule in self.varying:
-                v = rule(env, sizes)
+            env, sizes, vp, sp = self.ctx.env, self.sizes, args[2], args[8]
+
+            def get(name: str):
+                return vp if name == "vp" else sp if name == "sequence_parallel" else getattr(sizes, name)
+
+            for decisions in self.varying:
+                v = decisions.ask(env, get)
                 if v is not None:
                     break
         v = v or self.first
@@ -818,18 +823,77 @@ class _GroupRules:
         return False
 
 
+_INNER = frozenset({"vp", "sequence_parallel"})  # the sizes `_groups` varies inside one (tp, pp, cp, ep, etp)
+_VARIES = object()
+_MISSING = object()
+
+
+class _Decisions:
+    """The results of one rule in one search, as the decision tree of the sizes it read: a rule is a
+    pure function of the env (fixed for the search) and the sizes fields it reads, so two candidates
+    that agree on every field it read, in the order it read them, get the same result. A node is
+    [field, {value: node}] or, a leaf, [None, result]; `ask` walks it with the candidate's values and
+    calls the rule (through `_Reads`) only where the walk leaves the tree."""
+
+    __slots__ = ("rule", "root")
+
+    def __init__(self, rule):
+        self.rule = rule
+        self.root: list | None = None
+
+    def ask(self, env: Env, get, stop: frozenset = frozenset()):
+        """The rule's result for the sizes `get(field)` gives, or `_VARIES` when it reads a field of `stop`."""
+        node = self.root
+        while node is not None:
+            name = node[0]
+            if name is None:
+                return node[1]
+            if name in stop:
+                return _VARIES
+            node = node[1].get(get(name), _MISSING)
+            if node is _MISSING:
+                break
+        reads = _Reads(get)
+        result = self.rule(env, reads)
+        self._grow(reads.trace, result)
+        return _VARIES if any(name in stop for name, _ in reads.trace) else result
+
+    def _grow(self, trace: list, result) -> None:
+        node = [None, result]
+        if self.root is None:
+            for name, value in reversed(trace):
+                node = [name, {value: node}]
+            self.root = node
+            return
+        at = self.root
+        for i, (name, value) in enumerate(trace):
+            assert at[0] == name, "a rule read different sizes for the same values: it is not pure"
+            child = at[1].get(value, _MISSING)
+            if child is _MISSING:
+                for later, later_value in reversed(trace[i + 1:]):
+                    node = [later, {later_value: node}]
+                at[1][value] = node
+                return
+            at = child
+        raise AssertionError("a rule gave two results for the same sizes: it is not pure")
+
+
 class _Reads:
-    """A `Sizes` that records which of its fields are read."""
+    """Sizes read through `get`, recording each field at its first read, with its value."""
 
-    __slots__ = ("_sizes", "names")
+    __slots__ = ("_get", "_seen", "trace")
 
-    def __init__(self, sizes: Sizes):
-        self._sizes = sizes
-        self.names: set[str] = set()
+    def __init__(self, get):
+        self._get = get
+        self._seen: set[str] = set()
+        self.trace: list[tuple[str, object]] = []
 
     def __getattr__(self, name: str):
-        self.names.add(name)
-        return getattr(self._sizes, name)
+        value = self._get(name)
+        if name not in self._seen:
+            self._seen.add(name)
+            self.trace.append((name, value))
+        return value
 
 
 def _search_group(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, do, sps) -> bool:
