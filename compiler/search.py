@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 
 from nemoc.compiler import cost, memory
@@ -791,12 +791,12 @@ class _GroupRules:
 
     def __init__(self, ctx: _Context, args: tuple):
         self.ctx = ctx
-        self.sizes = sizes = ctx.sizes(*args)
+        sizes = ctx.sizes(*args)
+        self.values = {name: getattr(sizes, name) for name in _SIZES_FIELDS}  # the sizes, by field
         self.first: Violation | None = None  # the first rule that fails for every VP and SP value
         self.varying: list[_Decisions] = []  # the rules before it that read VP or SP
-        get = sizes.__getattribute__
         for decisions in ctx.rules:
-            v = decisions.ask(ctx.env, get, _INNER)
+            v = decisions.ask(ctx.env, self.values, _INNER)
             if v is _VARIES:
                 self.varying.append(decisions)
             elif v is not None:
@@ -807,13 +807,10 @@ class _GroupRules:
         """The rules hold for the candidate of `args`; otherwise the first broken one is recorded."""
         v = None
         if self.varying:
-            env, sizes, vp, sp = self.ctx.env, self.sizes, args[2], args[8]
-
-            def get(name: str):
-                return vp if name == "vp" else sp if name == "sequence_parallel" else getattr(sizes, name)
-
+            values, env = self.values, self.ctx.env
+            values["vp"], values["sequence_parallel"] = args[2], args[8]
             for decisions in self.varying:
-                v = decisions.ask(env, get)
+                v = decisions.ask(env, values)
                 if v is not None:
                     break
         v = v or self.first
@@ -823,6 +820,7 @@ class _GroupRules:
         return False
 
 
+_SIZES_FIELDS = tuple(f.name for f in fields(Sizes))
 _INNER = frozenset({"vp", "sequence_parallel"})  # the sizes `_groups` varies inside one (tp, pp, cp, ep, etp)
 _VARIES = object()
 _MISSING = object()
@@ -841,8 +839,8 @@ class _Decisions:
         self.rule = rule
         self.root: list | None = None
 
-    def ask(self, env: Env, get, stop: frozenset = frozenset()):
-        """The rule's result for the sizes `get(field)` gives, or `_VARIES` when it reads a field of `stop`."""
+    def ask(self, env: Env, values: dict, stop: frozenset = frozenset()):
+        """The rule's result for the sizes `values` (field -> value), or `_VARIES` when it reads a field of `stop`."""
         node = self.root
         while node is not None:
             name = node[0]
@@ -850,10 +848,10 @@ class _Decisions:
                 return node[1]
             if name in stop:
                 return _VARIES
-            node = node[1].get(get(name), _MISSING)
+            node = node[1].get(values[name], _MISSING)
             if node is _MISSING:
                 break
-        reads = _Reads(get)
+        reads = _Reads(values)
         result = self.rule(env, reads)
         self._grow(reads.trace, result)
         return _VARIES if any(name in stop for name, _ in reads.trace) else result
@@ -879,17 +877,20 @@ class _Decisions:
 
 
 class _Reads:
-    """Sizes read through `get`, recording each field at its first read, with its value."""
+    """Sizes (field -> value) read as attributes, recording each field at its first read, with its value."""
 
-    __slots__ = ("_get", "_seen", "trace")
+    __slots__ = ("_values", "_seen", "trace")
 
-    def __init__(self, get):
-        self._get = get
+    def __init__(self, values: dict):
+        self._values = values
         self._seen: set[str] = set()
         self.trace: list[tuple[str, object]] = []
 
     def __getattr__(self, name: str):
-        value = self._get(name)
+        try:
+            value = self._values[name]
+        except KeyError:
+            raise AttributeError(f"'Sizes' object has no attribute {name!r}") from None
         if name not in self._seen:
             self._seen.add(name)
             self.trace.append((name, value))
