@@ -18,7 +18,8 @@ properties of the memory and cost models that tests/compiler/test_search.py asse
       is rejected when its smallest micro batch with its strongest recompute does not fit; a micro
       batch that does not fit with the strongest recompute ends the micro-batch loop;
   (2) interleaving never saves memory: when no layout of (TP, PP, CP, EP, ETP) fits without it,
-      no virtual-pipeline variant is tried;
+      no virtual-pipeline variant is tried (decided before any step-time bound is computed: the
+      non-interleaved group is checked first);
   (3) time is monotone in recompute: recompute levels are tried weakest first; the first that fits
       is that micro batch's fastest, and a stronger one is only costed while it could still enter
       the top list;
@@ -26,14 +27,18 @@ properties of the memory and cost models that tests/compiler/test_search.py asse
       the distributed optimizer is never slower nor larger (same gradient traffic, 1/(dp x cp) of
       the optimizer states), so auto resolves to on (off for SGD in a training stage, which
       Megatron's DistributedOptimizer refuses: E129); without it (the nemoc runtime's default) the
-      all-gather after the step is exposed, so auto tries both (`_do_domain`); sequence
-      parallelism is never slower (same TP traffic, 1/tp of the elementwise work), so auto tries
+      all-gather after the step is exposed, so auto tries both (`_do_domain`), and a group that
+      overflows with it is not evaluated again without it (never larger); sequence parallelism is
+      never slower (same TP traffic, 1/tp of the elementwise work), so auto tries
       on first and off only where on does not fit;
   (5) branch and bound: `cost.step_time_lower_bound` bounds the step time of every micro batch and
       recompute of a group; groups are searched in the order of their bound, and one whose bound is
-      slower than the top list's last entry is skipped whole (for Llama 3.1 405B on 16,384 GPUs it
-      leaves ~2,400 memory evaluations where the search without it made ~16,000: bench/bench_plan.py).
-Only candidates that fit reach the cost model. `enumerate_all` is the brute-force oracle: the raw
+      slower than the top list's last entry is skipped whole (for Llama 3.1 405B on 16,384 GPUs,
+      with (2) and (4), ~1,700 memory evaluations where the search without it made ~16,000:
+      bench/bench_plan.py).
+The rules are pure functions of the env and the sizes they read: each is asked through a per-search
+decision tree of the fields it read (`_Decisions`), so a rule that reads neither VP nor SP answers once
+per (TP, PP, CP, EP, ETP). Only candidates that fit reach the cost model. `enumerate_all` is the brute-force oracle: the raw
 product of every size from 1 to its bound, each checked by every rule and the memory model, every
 fitting one costed; tests assert both find the same best plan.
 """
