@@ -704,6 +704,7 @@ def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
             rec.rule(f"world size {world} % tp({tp}) = {world % tp} != 0", "E101 world size", f"tp={tp}")
             continue
         sp_domain = _sp_domain(p, tp)
+        tp_rules = None  # the group rules asked once for this TP (`_GroupRules`), at its first layout
         for pp in _pp_domain(p, tp):
             rest = world // (tp * pp) if world % (tp * pp) == 0 else 0
             cps = _pick(p.fixed.context, [c for c in divisors(rest) if c == 1 or (splits and p.seq_length % (2 * c) == 0)]
@@ -730,7 +731,10 @@ def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
                     # tries off only; E161 needs overlap_param_gather, which tries on only): one check
                     # serves both.
                     count = len(mbs) * len(rcs) * len(dos)
-                    rules = _GroupRules(ctx, (tp, pp, vps[0], cp, ep, etp, dp, mbs[0], sp_domain[0], dos[0], rcs[0]))
+                    args = (tp, pp, vps[0], cp, ep, etp, dp, mbs[0], sp_domain[0], dos[0], rcs[0])
+                    if tp_rules is None:
+                        tp_rules = _GroupRules(ctx, args, _WITHIN_TP)
+                    rules = _GroupRules(ctx, args, parent=tp_rules)
                     failed: set[bool] = set()  # DO values whose non-interleaved group has no member that fits
                     for vp in vps:
                         sps = [sp for sp in sp_domain
@@ -791,17 +795,20 @@ class _GroupRules:
     batch by `_rules_mb`): together they are exactly `layout_violations`. `_groups` asks them for
     every VP and SP value of one (tp, pp, cp, ep, etp) layout (`args`: `_make_layout`'s sizes). Each
     rule is asked through its `_Decisions` (the search's memo of its results by the sizes it reads):
-    one that reads neither `vp` nor `sequence_parallel` there answers for all of them at once, and
-    only the others are asked per VP and SP value, in the same order."""
+    one that reads no field of `stop` answers for every value of those fields at once, and only the
+    others are asked per value, in the same order. `parent`: the same rules asked at an outer loop
+    (one TP, every other size varying): only the rules that varied there are asked again."""
 
-    def __init__(self, ctx: _Context, args: tuple):
+    def __init__(self, ctx: _Context, args: tuple, stop: frozenset = frozenset({"vp", "sequence_parallel"}),
+                 parent: "_GroupRules | None" = None):
         self.ctx = ctx
         sizes = ctx.sizes(*args)
         self.values = {name: getattr(sizes, name) for name in _SIZES_FIELDS}  # the sizes, by field
-        self.first: Violation | None = None  # the first rule that fails for every VP and SP value
-        self.varying: list[_Decisions] = []  # the rules before it that read VP or SP
-        for decisions in ctx.rules:
-            v = decisions.ask(ctx.env, self.values, _INNER)
+        # the first rule that fails for every value of the `stop` fields, and the rules before it that read one
+        self.first: Violation | None = parent.first if parent is not None else None
+        self.varying: list[_Decisions] = []
+        for decisions in (parent.varying if parent is not None else ctx.rules):
+            v = decisions.ask(ctx.env, self.values, stop)
             if v is _VARIES:
                 self.varying.append(decisions)
             elif v is not None:
@@ -826,7 +833,8 @@ class _GroupRules:
 
 
 _SIZES_FIELDS = tuple(f.name for f in fields(Sizes))
-_INNER = frozenset({"vp", "sequence_parallel"})  # the sizes `_groups` varies inside one (tp, pp, cp, ep, etp)
+# the sizes `_groups` varies inside one TP (the micro batch and global batch follow dp)
+_WITHIN_TP = frozenset({"pp", "vp", "cp", "ep", "etp", "dp", "micro_batch", "global_batch", "sequence_parallel"})
 _VARIES = object()
 _MISSING = object()
 
