@@ -563,6 +563,8 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
         threshold = best.threshold()
         if threshold is not None and bound > threshold[0] * (1 + REL_TOL):
             count = len(ctx.micro_batches(dp)) * len(ctx.recomputes(pp, vp))
+            if vp is None and (tp, pp, cp, ep, etp, do) in ctx.base_fits:  # SP values `_base_fits` rejected are counted
+                sps = sum(ctx.base_fits[(tp, pp, cp, ep, etp, do)], [])
             rec.rule(lambda: f"its step time is at least {bound:.3g} s, slower than the top {best.n} "
                      f"({threshold[0]:.3g} s and faster)", "slower: a lower bound of the step time is "
                      "already above the top list", f"tp={tp} pp={pp}{f' vp={vp}' if vp else ''} cp={cp} dp={dp}",
@@ -593,8 +595,9 @@ class _Context:
         # smallest micro batch and strongest recompute (`_group_fits`)
         self.dopt_overflows: set[tuple] = set()
         self.rules = [_Decisions(rule) for rule in _GROUP_RULES]  # their results, by the sizes they read
-        # (tp, pp, cp, ep, etp, do) -> the SP values whose non-interleaved group passes bound (1) (`_base_fits`)
-        self.base_fits: dict[tuple, list[bool]] = {}
+        # (tp, pp, cp, ep, etp, do) -> (the SP values whose non-interleaved group passed bound (1), those
+        # not checked yet) (`_base_fits`)
+        self.base_fits: dict[tuple, tuple[list[bool], list[bool]]] = {}
         f = p.fixed
         kernels = p.stage_kernels
         # Layout and Sizes fields every candidate takes from the problem
@@ -914,8 +917,8 @@ def _search_group(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep,
     """Search one (tp, pp, vp, cp, ep, etp, do) group whose rules hold for the sequence-parallel
     values `sps`; False when its memory bound rules out every member."""
     mbs, rcs = ctx.micro_batches(dp), ctx.recomputes(pp, vp)
-    checked = ctx.base_fits.get((tp, pp, cp, ep, etp, do)) if vp is None else None
-    sps = checked if checked is not None else [
+    passed, sps = ctx.base_fits.get((tp, pp, cp, ep, etp, do), ([], sps)) if vp is None else ([], sps)
+    sps = passed + [
         sp for sp in sps
         if _group_fits(ctx, rec, ctx.layout(tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs))]
     if not sps:  # every sequence-parallel value failed memory, recorded by _group_fits for the whole group
@@ -949,13 +952,15 @@ def _search_group(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep,
 
 
 def _base_fits(ctx: _Context, rec: _Recorder, tp, pp, cp, ep, etp, dp, do, sps) -> bool:
-    """Bound (1) for the non-interleaved group (vp = None) of every SP value in `sps`, ahead of the
-    search (`_groups`); the values that pass are kept for `_search_group`."""
+    """Bound (1) for the non-interleaved group (vp = None), ahead of the search (`_groups`): whether
+    some SP value of `sps` passes it. The SP values are checked in order until one passes; the values
+    checked so far that pass, and those not checked yet, are kept for `_search_group`."""
     mbs, rcs = ctx.micro_batches(dp), ctx.recomputes(pp, None)
-    fits = ctx.base_fits[(tp, pp, cp, ep, etp, do)] = [
-        sp for sp in sps
-        if _group_fits(ctx, rec, ctx.layout(tp, pp, None, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs))]
-    return bool(fits)
+    for i, sp in enumerate(sps):
+        if _group_fits(ctx, rec, ctx.layout(tp, pp, None, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs)):
+            ctx.base_fits[(tp, pp, cp, ep, etp, do)] = ([sp], sps[i + 1:])
+            return True
+    return False
 
 
 def _group_fits(ctx: _Context, rec: _Recorder, bound: Layout, count: int) -> bool:
