@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 from types import MappingProxyType
 
-from nemoc.compiler import chattemplate, hfconfig, hfdata
-from nemoc.compiler.hfconfig import HfArchitecture
+from nemoc.compiler import chattemplate, hfdata
 from nemoc.compiler.catalog.hardware import GPUS, get_gpu
 from nemoc.compiler.catalog.models import PRESETS, get_preset
 from nemoc.compiler.params import SchedulerOptions, StageParams
@@ -49,6 +49,9 @@ EXPERIMENT_KEYS = ("precision", "fp8_recipe", "attention_backend", "kernels", "m
                    "moe_permute_fusion", "cuda_graph_impl", "cuda_graph_scope", "manual_gc",
                    "manual_gc_interval")  # the experiment's own fields
 from nemoc.dsl.typecheck import CallValue, Checked, check_block, did_you_mean, missing_required, suggest
+
+if TYPE_CHECKING:  # a Hugging Face config is read only for `init = hf(...)`: imported there (`_hf_init`)
+    from nemoc.compiler.hfconfig import HfArchitecture
 
 
 def load_experiment(path: str, sets: tuple[str, ...] = ()) -> tuple[ExperimentSpec, dict[str, str]]:
@@ -336,6 +339,8 @@ class _Lowering:
         """`hf("DIR")` -> (absolute directory, its architecture), or E045 at the `init` line."""
         if value is None or span is None:
             return None
+        from nemoc.compiler import hfconfig
+
         raw = str(value.args.get("path", ""))
         path = Path(raw).expanduser()
         if not path.is_absolute():
@@ -356,6 +361,8 @@ class _Lowering:
     def _model_from_hf(self, block: Checked, name: str, preset: ModelSpec | None, overrides: dict,
                        init: tuple[str, HfArchitecture]) -> ModelSpec | None:
         """The architecture of config.json; a preset's or written field that disagrees is E046 at its line."""
+        from nemoc.compiler import hfconfig
+
         path, arch = init
         self.model_dtype = arch.dtype
         fields = dict(arch.fields)

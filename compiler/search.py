@@ -18,7 +18,8 @@ properties of the memory and cost models that tests/compiler/test_search.py asse
       is rejected when its smallest micro batch with its strongest recompute does not fit; a micro
       batch that does not fit with the strongest recompute ends the micro-batch loop;
   (2) interleaving never saves memory: when no layout of (TP, PP, CP, EP, ETP) fits without it,
-      no virtual-pipeline variant is tried;
+      no virtual-pipeline variant is tried (decided before any step-time bound is computed: the
+      non-interleaved group is checked first);
   (3) time is monotone in recompute: recompute levels are tried weakest first; the first that fits
       is that micro batch's fastest, and a stronger one is only costed while it could still enter
       the top list;
@@ -26,14 +27,18 @@ properties of the memory and cost models that tests/compiler/test_search.py asse
       the distributed optimizer is never slower nor larger (same gradient traffic, 1/(dp x cp) of
       the optimizer states), so auto resolves to on (off for SGD in a training stage, which
       Megatron's DistributedOptimizer refuses: E129); without it (the nemoc runtime's default) the
-      all-gather after the step is exposed, so auto tries both (`_do_domain`); sequence
-      parallelism is never slower (same TP traffic, 1/tp of the elementwise work), so auto tries
+      all-gather after the step is exposed, so auto tries both (`_do_domain`), and a group that
+      overflows with it is not evaluated again without it (never larger); sequence parallelism is
+      never slower (same TP traffic, 1/tp of the elementwise work), so auto tries
       on first and off only where on does not fit;
   (5) branch and bound: `cost.step_time_lower_bound` bounds the step time of every micro batch and
       recompute of a group; groups are searched in the order of their bound, and one whose bound is
-      slower than the top list's last entry is skipped whole (for Llama 3.1 405B on 16,384 GPUs it
-      leaves ~2,400 memory evaluations where the search without it made ~16,000: bench/bench_plan.py).
-Only candidates that fit reach the cost model. `enumerate_all` is the brute-force oracle: the raw
+      slower than the top list's last entry is skipped whole (for Llama 3.1 405B on 16,384 GPUs,
+      with (2) and (4), ~1,700 memory evaluations where the search without it made ~16,000:
+      bench/bench_plan.py).
+The rules are pure functions of the env and the sizes they read: each is asked through a per-search
+decision tree of the fields it read (`_Decisions`), so a rule that reads neither VP nor SP answers once
+per (TP, PP, CP, EP, ETP). Only candidates that fit reach the cost model. `enumerate_all` is the brute-force oracle: the raw
 product of every size from 1 to its bound, each checked by every rule and the memory model, every
 fitting one costed; tests assert both find the same best plan.
 """
@@ -42,7 +47,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 
 from nemoc.compiler import cost, memory
@@ -56,6 +61,7 @@ from nemoc.compiler.rules import (
     Env,
     PipelineSplit,
     Sizes,
+    Violation,
     layout_violations,
     pipeline_split,
     rule_ffn_tp,
@@ -548,47 +554,162 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
     group whose bound is slower than the top list's last entry is skipped whole; the bound holds
     for every micro batch and recompute of the group (tested), so the top list is exact.
     """
-    env = p.env
-    rec = _Recorder(p.budget)
+    ctx = _Context(p)
+    rec = _Recorder(ctx.budget)
     best = _Top(max(1, top))
-    groups = sorted(_groups(p, env, rec), key=lambda g: g[0])
-    failed: set[tuple] = set()  # (tp, pp, cp, ep, etp, do) whose non-interleaved group has no fitting member
-    for bound, _, args, sps, n_vps in groups:
+    groups = sorted(_groups(ctx, rec), key=lambda g: g[0])
+    for bound, _, args, sps in groups:
         tp, pp, vp, cp, ep, etp, dp, do = args
-        base = (tp, pp, cp, ep, etp, do)
-        count = len(_micro_batches(p, dp)) * len(_recomputes(p, pp, vp))
-        if vp is not None and base in failed:
-            # Interleaving only adds memory (the first stage holds (1 + (pp-1)/(pp*vp)) x the
-            # microbatches): when no layout fits without it, none fits with it.
-            rec.rule("interleaving only adds activation memory (and the failed rules do not depend on it)",
-                     "rejected: interleaved variant of a layout that fails memory or rules without interleaving",
-                     f"tp={tp} pp={pp} cp={cp} vp>1", count)
-            continue
         threshold = best.threshold()
         if threshold is not None and bound > threshold[0] * (1 + REL_TOL):
+            count = len(ctx.micro_batches(dp)) * len(ctx.recomputes(pp, vp))
+            if vp is None and (tp, pp, cp, ep, etp, do) in ctx.base_fits:  # SP values `_base_fits` rejected are counted
+                sps = sum(ctx.base_fits[(tp, pp, cp, ep, etp, do)], [])
             rec.rule(lambda: f"its step time is at least {bound:.3g} s, slower than the top {best.n} "
                      f"({threshold[0]:.3g} s and faster)", "slower: a lower bound of the step time is "
                      "already above the top list", f"tp={tp} pp={pp}{f' vp={vp}' if vp else ''} cp={cp} dp={dp}",
                      count * len(sps))
             continue
-        if not _search_group(p, env, rec, best, tp, pp, vp, cp, ep, etp, dp, do, sps) and vp is None and n_vps > 1:
-            failed.add(base)
+        _search_group(ctx, rec, best, tp, pp, vp, cp, ep, etp, dp, do, sps)
     return rec.result(best)
 
 
-def _groups(p: Problem, env: Env, rec: _Recorder) -> list[tuple]:
+class _Context:
+    """What one `search` asks again and again, computed once: the problem's domains per size (micro
+    batches per dp, recompute levels per (pp, vp), VP values per pp), the per-problem arguments of the
+    memory and cost models, and the per-layout ones that depend on a few sizes only (the pipeline split
+    per (pp, vp), the MoE dispatcher per ep). Pure caching: every value is what the module-level
+    function (`_micro_batches`, `_recomputes`, `evaluate_memory`, `evaluate_time`, `bound_time`)
+    returns for the same arguments; the oracle (`enumerate_all`) calls those functions directly."""
+
+    def __init__(self, p: Problem):
+        self.p = p
+        self.env = p.env
+        self.budget = p.budget
+        self._mbs: dict[int, list[int]] = {}
+        self._rcs: dict[tuple, list] = {}
+        self._vps: dict[int, list] = {}
+        self._splits: dict[tuple, tuple[int, int, int] | None] = {}
+        self._moe: dict[int, MoeExecution | None] = {}
+        # (tp, pp, vp, cp, ep, etp, sp) groups whose distributed-optimizer member overflows at its
+        # smallest micro batch and strongest recompute (`_group_fits`)
+        self.dopt_overflows: set[tuple] = set()
+        self.rules = [_Decisions(rule) for rule in _GROUP_RULES]  # their results, by the sizes they read
+        # (tp, pp, cp, ep, etp, do) -> (the SP values whose non-interleaved group passed bound (1), those
+        # not checked yet) (`_base_fits`)
+        self.base_fits: dict[tuple, tuple[list[bool], list[bool]]] = {}
+        f = p.fixed
+        kernels = p.stage_kernels
+        # Layout and Sizes fields every candidate takes from the problem
+        self.fixed_layout = dict(tp_comm_overlap=f.tp_comm_overlap, grad_reduce_in_fp32=f.grad_reduce_in_fp32,
+                                 overlap_param_gather=f.overlap_param_gather, fp8_param_gather=f.fp8_param_gather,
+                                 megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype)
+        self.fixed_sizes = dict(seq_length=p.seq_length, tp_comm_overlap=f.tp_comm_overlap,
+                                overlap_param_gather=f.overlap_param_gather, fp8_param_gather=f.fp8_param_gather,
+                                megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype)
+        self.grad_bytes = 4 if f.grad_reduce_in_fp32 else 2  # `_grad_bytes` of every candidate
+        self.memory_kw = dict(precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
+                              stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, kernels=kernels,
+                              grad_bytes=self.grad_bytes, cuda_graph_share=_graph_share(p), parents=p.parents,
+                              fp8_recipe=p.fp8_recipe, dropout=p.dropout)
+        self.time_kw = dict(cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.costed_backend,
+                            seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft,
+                            stage_params=p.params, kernels=kernels, grad_bytes=self.grad_bytes,
+                            overlap_tp=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather,
+                            overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, host=p.host,
+                            attention_span=p.attention_span, dropout=p.dropout)
+        self.bound_kw = dict(cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.costed_backend,
+                             seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
+                             kernels=kernels, overlap_tp=f.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p,
+                             host=p.host, attention_span=p.attention_span)
+
+    def micro_batches(self, dp: int) -> list[int]:
+        mbs = self._mbs.get(dp)
+        if mbs is None:
+            mbs = self._mbs[dp] = _micro_batches(self.p, dp)
+        return mbs
+
+    def recomputes(self, pp: int = 1, vp: int | None = None) -> list[tuple[str, int | None]]:
+        rcs = self._rcs.get((pp, vp))
+        if rcs is None:
+            rcs = self._rcs[(pp, vp)] = _recomputes(self.p, pp, vp)
+        return rcs
+
+    def vps(self, pp: int) -> list[int | None]:
+        vps = self._vps.get(pp)
+        if vps is None:
+            vps = self._vps[pp] = _vp_domain(self.p, pp)
+        return vps
+
+    def stage_layers(self, pp: int, vp: int | None) -> tuple[int, int, int] | None:
+        key = (pp, vp)
+        if key not in self._splits:
+            split = pipeline_split(self.p.model.layers, pp, vp)
+            self._splits[key] = None if split is None or split.even else split.stage_layers(pp)
+        return self._splits[key]
+
+    def moe(self, layout: Layout) -> MoeExecution | None:
+        """`p.moe_of(layout)`, which depends on the expert-parallel size only."""
+        if layout.ep not in self._moe:
+            self._moe[layout.ep] = self.p.moe_of(layout)
+        return self._moe[layout.ep]
+
+    def layout(self, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[str, int | None]) -> Layout:
+        """`_make_layout(p, ...)`."""
+        gb = self.p.global_batch if self.p.global_batch is not None else mb * dp
+        return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
+                      num_microbatches=max(1, gb // (mb * dp)), sequence_parallel=sp, distributed_optimizer=do,
+                      recompute=rc[0], recompute_layers=rc[1], **self.fixed_layout)
+
+    def sizes(self, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[str, int | None]) -> Sizes:
+        """`_sizes(p, _make_layout(p, ...))`, without the layout."""
+        gb = self.p.global_batch if self.p.global_batch is not None else mb * dp
+        return Sizes(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
+                     sequence_parallel=sp, distributed_optimizer=do, recompute=rc[0], recompute_layers=rc[1],
+                     **self.fixed_sizes)
+
+    def sizes_of(self, layout: Layout) -> Sizes:
+        """`_sizes(p, layout)`."""
+        return Sizes(tp=layout.tp, pp=layout.pp, vp=layout.vp, cp=layout.cp, ep=layout.ep, etp=layout.etp,
+                     dp=layout.dp, micro_batch=layout.micro_batch, global_batch=layout.global_batch,
+                     sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
+                     recompute=layout.recompute, recompute_layers=layout.recompute_layers, **self.fixed_sizes)
+
+    def memory(self, layout: Layout) -> MemoryBreakdown:
+        """`evaluate_memory(p, layout)`."""
+        moe = self.moe(layout)
+        return memory.estimate(self.p.model, layout, split=self.stage_layers(layout.pp, layout.vp),
+                               moe_dispatcher=moe.dispatcher if moe is not None else "alltoall", **self.memory_kw)
+
+    def time(self, layout: Layout) -> Estimate:
+        """`evaluate_time(p, layout)`."""
+        return cost.estimate(self.p.model, layout, split=self.stage_layers(layout.pp, layout.vp),
+                             moe=self.moe(layout), **self.time_kw)
+
+    def bound(self, layout: Layout, micro_batches: tuple[int, int]) -> float:
+        """`bound_time(p, layout, micro_batches)`."""
+        return cost.step_time_lower_bound(self.p.model, layout, micro_batches=micro_batches,
+                                          split=self.stage_layers(layout.pp, layout.vp), moe=self.moe(layout),
+                                          **self.bound_kw)
+
+
+def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
     """Every (tp, pp, vp, cp, ep, etp, dp, do) group whose micro-batch-independent rules hold for
-    some sequence-parallel value, as (lower bound, order, sizes, SP values, VP values of its base);
-    the groups that break the world size or a rule are recorded in `rec`."""
+    some sequence-parallel value and that bound (2) leaves, as (lower bound, order, sizes, SP values);
+    the groups that break the world size, a rule or bound (2) are recorded in `rec`."""
+    p = ctx.p
     world = p.cluster.world_size
     out = []
-    for tp in _tp_domain(p, env):
+    rcs, dos = ctx.recomputes(), _do_domain(p)
+    splits = p.splits_sequences  # policy: auto CP only where the target splits this stage's rows
+    for tp in _tp_domain(p, ctx.env):
         if world % tp:
             rec.rule(f"world size {world} % tp({tp}) = {world % tp} != 0", "E101 world size", f"tp={tp}")
             continue
+        sp_domain = _sp_domain(p, tp)
+        tp_rules = None  # the group rules asked once for this TP (`_GroupRules`), at its first layout
         for pp in _pp_domain(p, tp):
             rest = world // (tp * pp) if world % (tp * pp) == 0 else 0
-            splits = p.splits_sequences  # policy: auto CP only where the target splits this stage's rows
             cps = _pick(p.fixed.context, [c for c in divisors(rest) if c == 1 or (splits and p.seq_length % (2 * c) == 0)]
                         if rest else [])
             for cp in cps:
@@ -601,29 +722,49 @@ def _groups(p: Problem, env: Env, rec: _Recorder) -> list[tuple]:
                     rec.rule(f"tp({tp}) * pp({pp}) * cp({cp}) * dp({p.fixed.data}) != world size {world}",
                              "E101 world size", f"tp={tp} pp={pp} cp={cp}")
                     continue
-                mbs, rcs, dos = _micro_batches(p, dp), _recomputes(p), _do_domain(p)
+                mbs = ctx.micro_batches(dp)
                 for ep, etp in _expert_domain(p, tp, pp, dp, rec):
-                    vps = _vp_domain(p, pp)
-                    for vp in vps:
-                        if not mbs:
+                    vps = ctx.vps(pp)
+                    if not mbs:
+                        for vp in vps:
                             rec.rule(f"global_batch({p.global_batch}) % dp({dp}) != 0", "E111 global batch % "
                                      "(micro_batch x dp)", f"tp={tp} pp={pp} cp={cp} dp={dp}", len(rcs) * len(dos))
-                            continue
-                        # With two DO values neither DO rule can fire (E129: where it refuses on, auto
-                        # tries off only; E161 needs overlap_param_gather, which tries on only): one check
-                        # serves both.
-                        sps = [sp for sp in _sp_domain(p, tp) if _group_rules(
-                            p, env, rec, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, dos[0], rcs[0]),
-                            len(mbs) * len(rcs) * len(dos))]
+                        continue
+                    # With two DO values neither DO rule can fire (E129: where it refuses on, auto
+                    # tries off only; E161 needs overlap_param_gather, which tries on only): one check
+                    # serves both.
+                    count = len(mbs) * len(rcs) * len(dos)
+                    args = (tp, pp, vps[0], cp, ep, etp, dp, mbs[0], sp_domain[0], dos[0], rcs[0])
+                    if tp_rules is None:
+                        tp_rules = _GroupRules(ctx, args, _WITHIN_TP)
+                    rules = _GroupRules(ctx, args, parent=tp_rules)
+                    failed: set[bool] = set()  # DO values whose non-interleaved group has no member that fits
+                    for vp in vps:
+                        sps = [sp for sp in sp_domain
+                               if rules.hold(rec, (tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, dos[0], rcs[0]), count)]
                         if not sps:
+                            continue
+                        if vp is None and len(vps) > 1:
+                            # Bound (2), decided before any bound is computed: the non-interleaved group
+                            # is checked first, and when none of it fits, its interleaved variants are
+                            # rejected whole (interleaving only adds memory), the group too (its
+                            # memory rejections are recorded by `_group_fits`).
+                            failed = {do for do in dos if not _base_fits(ctx, rec, tp, pp, cp, ep, etp, dp, do, sps)}
+                        elif failed:
+                            rec.rule("interleaving only adds activation memory (and the failed rules do not depend "
+                                     "on it)", "rejected: interleaved variant of a layout that fails memory or rules "
+                                     "without interleaving", f"tp={tp} pp={pp} cp={cp} vp>1",
+                                     len(mbs) * len(ctx.recomputes(pp, vp)) * len(sps) * len(failed))
+                        live = [do for do in dos if do not in failed]
+                        if not live:
                             continue
                         # One bound serves every DO and SP value of the group: the distributed optimizer's
                         # sharded step is the smaller optimizer term (the bound leaves DP traffic out), and
                         # sequence parallelism, preferred first, is never slower.
-                        bound = bound_time(p, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, ("none", None)),
-                                           (mbs[0], mbs[-1]))
-                        for do in dos:
-                            out.append((bound, len(out), (tp, pp, vp, cp, ep, etp, dp, do), sps, len(vps)))
+                        bound = ctx.bound(ctx.layout(tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, ("none", None)),
+                                          (mbs[0], mbs[-1]))
+                        for do in live:
+                            out.append((bound, len(out), (tp, pp, vp, cp, ep, etp, dp, do), sps))
     return out
 
 
@@ -652,42 +793,152 @@ _MB_RULES = (rule_global_batch, rule_interleave_microbatches, rule_fp8_tokens)
 _GROUP_RULES = tuple(r for r in ERROR_RULES if r not in _MB_RULES)
 
 
-def _group_rules(p: Problem, env: Env, rec: _Recorder, layout: Layout, count: int) -> bool:
+class _GroupRules:
     """Every rule that does not depend on the micro batch (all but E108 / E111, checked per micro
-    batch by `_rules_mb`): together they are exactly `layout_violations`."""
-    sizes = _sizes(p, layout)
-    for rule in _GROUP_RULES:
-        v = rule(env, sizes)
-        if v is not None:
-            rec.rule(v.short, f"{v.code} {v.message}", layout, count, v.hint)
-            return False
-    return True
+    batch by `_rules_mb`): together they are exactly `layout_violations`. `_groups` asks them for
+    every VP and SP value of one (tp, pp, cp, ep, etp) layout (`args`: `_make_layout`'s sizes). Each
+    rule is asked through its `_Decisions` (the search's memo of its results by the sizes it reads):
+    one that reads no field of `stop` answers for every value of those fields at once, and only the
+    others are asked per value, in the same order. `parent`: the same rules asked at an outer loop
+    (one TP, every other size varying): only the rules that varied there are asked again."""
+
+    def __init__(self, ctx: _Context, args: tuple, stop: frozenset = frozenset({"vp", "sequence_parallel"}),
+                 parent: "_GroupRules | None" = None):
+        self.ctx = ctx
+        sizes = ctx.sizes(*args)
+        self.values = {name: getattr(sizes, name) for name in _SIZES_FIELDS}  # the sizes, by field
+        # the first rule that fails for every value of the `stop` fields, and the rules before it that read one
+        self.first: Violation | None = parent.first if parent is not None else None
+        self.varying: list[_Decisions] = []
+        for decisions in (parent.varying if parent is not None else ctx.rules):
+            v = decisions.ask(ctx.env, self.values, stop)
+            if v is _VARIES:
+                self.varying.append(decisions)
+            elif v is not None:
+                self.first = v
+                break
+
+    def hold(self, rec: _Recorder, args: tuple, count: int) -> bool:
+        """The rules hold for the candidate of `args`; otherwise the first broken one is recorded."""
+        v = None
+        if self.varying:
+            values, env = self.values, self.ctx.env
+            values["vp"], values["sequence_parallel"] = args[2], args[8]
+            for decisions in self.varying:
+                v = decisions.ask(env, values)
+                if v is not None:
+                    break
+        v = v or self.first
+        if v is None:
+            return True
+        rec.rule(v.short, f"{v.code} {v.message}", lambda: describe(self.ctx.layout(*args)), count, v.hint)
+        return False
 
 
-def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, do, sps) -> bool:
+_SIZES_FIELDS = tuple(f.name for f in fields(Sizes))
+# the sizes `_groups` varies inside one TP (the micro batch and global batch follow dp)
+_WITHIN_TP = frozenset({"pp", "vp", "cp", "ep", "etp", "dp", "micro_batch", "global_batch", "sequence_parallel"})
+_VARIES = object()
+_MISSING = object()
+
+
+class _Decisions:
+    """The results of one rule in one search, as the decision tree of the sizes it read: a rule is a
+    pure function of the env (fixed for the search) and the sizes fields it reads, so two candidates
+    that agree on every field it read, in the order it read them, get the same result. A node is
+    [field, {value: node}] or, a leaf, [None, result]; `ask` walks it with the candidate's values and
+    calls the rule (through `_Reads`) only where the walk leaves the tree."""
+
+    __slots__ = ("rule", "root")
+
+    def __init__(self, rule):
+        self.rule = rule
+        self.root: list | None = None
+
+    def ask(self, env: Env, values: dict, stop: frozenset = frozenset()):
+        """The rule's result for the sizes `values` (field -> value), or `_VARIES` when it reads a field of `stop`."""
+        node = self.root
+        while node is not None:
+            name = node[0]
+            if name is None:
+                return node[1]
+            if name in stop:
+                return _VARIES
+            node = node[1].get(values[name], _MISSING)
+            if node is _MISSING:
+                break
+        reads = _Reads(values)
+        result = self.rule(env, reads)
+        self._grow(reads.trace, result)
+        return _VARIES if any(name in stop for name, _ in reads.trace) else result
+
+    def _grow(self, trace: list, result) -> None:
+        node = [None, result]
+        if self.root is None:
+            for name, value in reversed(trace):
+                node = [name, {value: node}]
+            self.root = node
+            return
+        at = self.root
+        for i, (name, value) in enumerate(trace):
+            assert at[0] == name, "a rule read different sizes for the same values: it is not pure"
+            child = at[1].get(value, _MISSING)
+            if child is _MISSING:
+                for later, later_value in reversed(trace[i + 1:]):
+                    node = [later, {later_value: node}]
+                at[1][value] = node
+                return
+            at = child
+        raise AssertionError("a rule gave two results for the same sizes: it is not pure")
+
+
+class _Reads:
+    """Sizes (field -> value) read as attributes, recording each field at its first read, with its value."""
+
+    __slots__ = ("_values", "_seen", "trace")
+
+    def __init__(self, values: dict):
+        self._values = values
+        self._seen: set[str] = set()
+        self.trace: list[tuple[str, object]] = []
+
+    def __getattr__(self, name: str):
+        try:
+            value = self._values[name]
+        except KeyError:
+            raise AttributeError(f"'Sizes' object has no attribute {name!r}") from None
+        if name not in self._seen:
+            self._seen.add(name)
+            self.trace.append((name, value))
+        return value
+
+
+def _search_group(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, do, sps) -> bool:
     """Search one (tp, pp, vp, cp, ep, etp, do) group whose rules hold for the sequence-parallel
     values `sps`; False when its memory bound rules out every member."""
-    mbs, rcs = _micro_batches(p, dp), _recomputes(p, pp, vp)
-    sps = [sp for sp in sps
-           if _group_fits(p, env, rec, _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs))]
+    mbs, rcs = ctx.micro_batches(dp), ctx.recomputes(pp, vp)
+    passed, sps = ctx.base_fits.get((tp, pp, cp, ep, etp, do), ([], sps)) if vp is None else ([], sps)
+    sps = passed + [
+        sp for sp in sps
+        if _group_fits(ctx, rec, ctx.layout(tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs))]
     if not sps:  # every sequence-parallel value failed memory, recorded by _group_fits for the whole group
         return False
     weakest = {sp: len(rcs) - 1 for sp in sps}  # per SP: the weakest recompute that can still fit
     for i, mb in enumerate(mbs):
         any_fit = False
         for sp in sps:
-            layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[0])
-            v = _rules_mb(env, p, layout)
+            layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[0])
+            v = _rules_mb(ctx.env, ctx.sizes_of(layout))
             if v is not None:
                 rec.rule(v.short, f"{v.code} {v.message}", layout, len(rcs), v.hint)
                 any_fit = True  # a rule, not memory, stopped this micro batch: larger ones may pass
                 continue  # the fp8 token rule (E138) depends on sequence parallelism: try the other value
-            k = _search_recompute(p, rec, best, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs, weakest[sp])
+            k = _search_recompute(ctx, rec, best, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs, weakest[sp])
             fitted = k >= 0
             if fitted:
                 weakest[sp] = k
             any_fit = any_fit or fitted
-            if fitted and p.fixed.sequence_parallel is None and sp and len(sps) > 1:
+            if fitted and ctx.p.fixed.sequence_parallel is None and sp and len(sps) > 1:
                 rec.rule("sequence_parallel = on fits and is never slower", "dominated: sequence_parallel = off "
                          "(on fits and is never slower)", lambda: describe(replace(layout, sequence_parallel=False)), len(rcs))
                 break
@@ -700,27 +951,47 @@ def _search_group(p: Problem, env: Env, rec: _Recorder, best: _Top, tp, pp, vp, 
     return bool(sps)
 
 
-def _group_fits(p: Problem, env: Env, rec: _Recorder, bound: Layout, count: int) -> bool:
+def _base_fits(ctx: _Context, rec: _Recorder, tp, pp, cp, ep, etp, dp, do, sps) -> bool:
+    """Bound (1) for the non-interleaved group (vp = None), ahead of the search (`_groups`): whether
+    some SP value of `sps` passes it. The SP values are checked in order until one passes; the values
+    checked so far that pass, and those not checked yet, are kept for `_search_group`."""
+    mbs, rcs = ctx.micro_batches(dp), ctx.recomputes(pp, None)
+    for i, sp in enumerate(sps):
+        if _group_fits(ctx, rec, ctx.layout(tp, pp, None, cp, ep, etp, dp, mbs[0], sp, do, rcs[0]), len(mbs) * len(rcs)):
+            ctx.base_fits[(tp, pp, cp, ep, etp, do)] = ([sp], sps[i + 1:])
+            return True
+    return False
+
+
+def _group_fits(ctx: _Context, rec: _Recorder, bound: Layout, count: int) -> bool:
     """Bound (1): its smallest micro batch with its strongest recompute fits (otherwise no member
     fits: memory is monotone in both); the group's rules were checked by `_groups`."""
-    if _rules_mb(env, p, bound) is not None:
+    if _rules_mb(ctx.env, ctx.sizes_of(bound)) is not None:
         return True  # the smallest micro batch breaks a micro-batch rule: the bound says nothing
+    key = (bound.tp, bound.pp, bound.vp, bound.cp, bound.ep, bound.etp, bound.sequence_parallel)
+    if not bound.distributed_optimizer and key in ctx.dopt_overflows:
+        # Dominance (4): the distributed optimizer never needs more memory, and with it this group
+        # already overflowed (both DO values share a bound, so `search` takes the on group first)
+        rec.rule("distributed_optimizer = on needs no more memory and already overflows", "out of memory (the "
+                 "distributed optimizer, never larger, already overflows)", bound, count)
+        return False
     rec.evaluated += 1
-    mem = evaluate_memory(p, bound)
-    if mem.total > p.budget:
+    mem = ctx.memory(bound)
+    if mem.total > ctx.budget:
         rec.memory(bound, mem, count)
+        if bound.distributed_optimizer and ctx.p.fixed.distributed_optimizer is None:
+            ctx.dopt_overflows.add(key)
         return False
     return True
 
 
-def _rules_mb(env: Env, p: Problem, layout: Layout):
+def _rules_mb(env: Env, s: Sizes):
     """The micro-batch-dependent rules (global batch divisibility, interleaved microbatch count, fp8
     tokens per GEMM)."""
-    s = _sizes(p, layout)
     return rule_global_batch(env, s) or rule_interleave_microbatches(env, s) or rule_fp8_tokens(env, s)
 
 
-def _search_recompute(p: Problem, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs,
+def _search_recompute(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs,
                       weakest: int) -> int:
     """Recompute levels of one (group, micro batch), weakest first, starting at index `weakest`
     (levels weaker than the weakest that fitted a smaller micro batch cannot fit: memory is
@@ -728,13 +999,14 @@ def _search_recompute(p: Problem, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep
     recompute) and every stronger one fits too; a stronger one is costed only while it could still
     enter the top list. Returns the index of the weakest level that fits, or -1."""
     for k in range(weakest, -1, -1):
-        layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[k])
+        layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[k])
         rec.evaluated += 1
-        mem = evaluate_memory(p, layout)
-        if mem.total > p.budget:
+        mem = ctx.memory(layout)
+        if mem.total > ctx.budget:
             rec.memory(layout, mem)
             continue
-        first = Candidate(layout, _split(p, pp, vp), mem, evaluate_time(p, layout))
+        split = _split(ctx.p, pp, vp)
+        first = Candidate(layout, split, mem, ctx.time(layout))
         best.push(first)
         for j in range(k - 1, -1, -1):
             threshold = best.threshold()
@@ -743,9 +1015,9 @@ def _search_recompute(p: Problem, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep
                          f"already slower than the top {best.n}", "slower: more recompute of a layout already outside "
                          "the top list", lambda: describe(_with_recompute(layout, rcs[j])), j + 1)
                 break
-            stronger = _make_layout(p, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[j])
+            stronger = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[j])
             rec.evaluated += 1
-            best.push(Candidate(stronger, first.split, evaluate_memory(p, stronger), evaluate_time(p, stronger)))
+            best.push(Candidate(stronger, split, ctx.memory(stronger), ctx.time(stronger)))
         if weakest < len(rcs) - 1:
             rec.rule("a smaller micro batch already needed this much recompute", "out of memory (less recompute "
                      "than a smaller micro batch needed)", lambda: describe(_with_recompute(layout, rcs[-1])),

@@ -19,13 +19,25 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 
-import lark
-from lark import Transformer_NonRecursive, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
+# lark imports the third-party `regex` module whenever it is installed, for Unicode-category terminals
+# (`\p{...}`, which nemo.lark does not use) and `Lark(regex=True)` (not passed here); that import is
+# ~15 ms of every `nemoc` command, so it is kept out while lark loads. Only a process that has imported
+# neither is affected, and a later `import regex` (tokenizers, transformers) imports it as usual.
+_KEEP_REGEX_OUT = "regex" not in sys.modules and "lark" not in sys.modules
+if _KEEP_REGEX_OUT:
+    sys.modules["regex"] = None  # type: ignore[assignment]  # `import regex` raises ImportError
+try:
+    import lark
+    from lark import Transformer_NonRecursive, v_args
+    from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
+finally:
+    if _KEEP_REGEX_OUT and sys.modules.get("regex", ...) is None:
+        del sys.modules["regex"]
 
 from nemoc.dsl import ast
 from nemoc.dsl.diagnostics import Diagnostic, DiagnosticError, Span

@@ -472,3 +472,27 @@ def test_auto_recompute_takes_the_fewest_block_recomputed_layers_that_fit():
     assert (fixed.layout.recompute, fixed.layout.recompute_layers) == ("full", 24)
     assert fixed.estimate.step_time_s > best.estimate.step_time_s
 
+
+
+def test_rule_decisions_answer_as_the_rule_does_whatever_it_reads():
+    """`search._Decisions` (the per-search memo of a rule by the sizes it read) gives the rule's own
+    result for every sizes, including a rule whose reads depend on the values it saw, and says a
+    result varies exactly when the rule read a field it was told may vary."""
+    from itertools import product
+
+    from nemoc.compiler.rules import Sizes
+    from nemoc.compiler.search import _SIZES_FIELDS, _VARIES, _Decisions
+
+    def rule(env, s):  # reads cp only when tp > 2, vp only when tp <= 2 and pp > 1
+        if s.tp > 2:
+            return ("wide", s.cp) if s.cp > 1 else None
+        return ("interleaved", s.pp, s.vp) if s.pp > 1 and s.vp else None
+
+    decisions = _Decisions(rule)
+    for _ in range(2):  # the second pass answers from the tree
+        for tp, pp, cp, vp in product((1, 2, 4), (1, 2), (1, 2), (None, 2)):
+            sizes = Sizes(tp=tp, pp=pp, cp=cp, vp=vp)
+            values = {name: getattr(sizes, name) for name in _SIZES_FIELDS}
+            assert decisions.ask(None, values) == rule(None, sizes)
+            varies = tp <= 2 and pp > 1
+            assert (decisions.ask(None, values, frozenset({"vp"})) is _VARIES) == varies
