@@ -432,33 +432,54 @@ def _check_nvfp4(precision: str, facts: MachineFacts) -> None:
                               f"{major}.x (transformer_engine check_nvfp4_support)")
 
 
-# CUDA graphs (Execution.host). Megatron-Core's `local` implementation captures through its schedules
-# (schedules.py calls `create_cudagraphs()` after the first step), which the nemoc loop runs; a
-# whole-iteration graph (`full_iteration`) and Transformer Engine's implementation need Megatron-LM's
-# training-loop helpers (FullCudaGraphWrapper, TECudaGraphHelper.create_cudagraphs) that the nemoc
-# loop does not call yet: refused, not ignored.
+# CUDA graphs (Execution.host), driven as Megatron-LM's training loop drives them (runtime/core/graphs.py):
+# the `local` implementation captures per layer through the schedules (Megatron-Core's CudaGraphManager,
+# `create_cudagraphs()` after the warm-up steps), or the whole forward-backward step with
+# `cuda_graph_scope = [full_iteration]` (megatron/core/full_cuda_graph.py FullCudaGraphWrapper around the
+# schedule); `transformer_engine` captures every graphable layer with TE's make_graphed_callables through
+# Megatron-Core's TECudaGraphHelper once the warm-up steps have run. All of them replay CUDA kernels:
+# refused on the CPU and without Transformer Engine's layers (`nemoc check`: E173).
 def _check_cuda_graphs(host: HostExecution | None, facts: MachineFacts) -> None:
     if host is None or host.cuda_graph_impl == "none":
         return
     if facts.cpu or not torch.cuda.is_available():
-        raise UnsupportedPlan(f"cuda_graph_impl = {host.cuda_graph_impl} needs CUDA GPUs; this run is on the CPU")
+        raise UnsupportedPlan(f"cuda_graph_impl = {host.cuda_graph_impl} needs CUDA GPUs; this run is on the CPU "
+                              "(gloo), where there are no CUDA streams to capture: remove cuda_graph_impl")
     if not facts.have_te:
         raise UnsupportedPlan(f"cuda_graph_impl = {host.cuda_graph_impl}: the plan graphs Transformer Engine's layers, "
                               "which do not import here")
-    if host.cuda_graph_impl == "transformer_engine":
-        raise UnsupportedPlan("cuda_graph_impl = transformer_engine: the nemoc training loop does not yet capture "
-                              "Transformer Engine's graphs (Megatron-LM's TECudaGraphHelper); plan it to compare, "
-                              "run with cuda_graph_impl = local")
-    if "full_iteration" in host.cuda_graph_scope:
-        raise UnsupportedPlan("cuda_graph_scope = [full_iteration]: the nemoc training loop does not yet wrap the "
-                              "step in Megatron-LM's FullCudaGraphWrapper; use per-layer scopes")
+    if host.cuda_graph_impl == "transformer_engine" and not have_te_graphs():
+        raise UnsupportedPlan("cuda_graph_impl = transformer_engine needs Transformer Engine's make_graphed_callables "
+                              "(megatron/core/transformer/cuda_graphs.py HAVE_TE_GRAPHS), which does not import here; "
+                              "use cuda_graph_impl = local")
+
+
+def have_te_graphs() -> bool:
+    """Whether Megatron-Core found Transformer Engine's make_graphed_callables (TECudaGraphHelper's)."""
+    from megatron.core.transformer import cuda_graphs
+
+    return bool(getattr(cuda_graphs, "HAVE_TE_GRAPHS", False))
 
 
 def _cuda_graph_kwargs(host: HostExecution | None) -> dict:
-    """The plan's CUDA graphs as TransformerConfig fields (an empty scope: the whole layer)."""
+    """The plan's CUDA graphs as TransformerConfig fields (an empty scope: the whole layer). Graphs need
+    Transformer Engine's RNG tracker (model_parallel_config.py `use_te_rng_tracker`: "Required for CUDA
+    graphs support"; Megatron-Bridge's GPT provider asserts it), seeded graph-safe (`cuda_graph_rng_kwargs`)."""
     if host is None or host.cuda_graph_impl == "none":
         return {}
-    return dict(cuda_graph_impl=host.cuda_graph_impl, cuda_graph_scope=list(host.cuda_graph_scope))
+    return dict(cuda_graph_impl=host.cuda_graph_impl, cuda_graph_scope=list(host.cuda_graph_scope),
+                use_te_rng_tracker=True)
+
+
+def cuda_graph_rng_kwargs(host: HostExecution | None) -> dict:
+    """`tensor_parallel.model_parallel_cuda_manual_seed` keywords for a stage: with CUDA graphs, TE's RNG
+    tracker with graph-safe generator states (Megatron-LM initialize.py `_set_random_seed(...,
+    te_rng_tracker, use_cudagraphable_rng=args.cuda_graph_impl != "none")`), so a captured dropout
+    draws fresh numbers at each replay; none otherwise, and none without CUDA (`_check_cuda_graphs` then
+    refuses the plan when the stage's model is built)."""
+    if host is None or host.cuda_graph_impl == "none" or not torch.cuda.is_available():
+        return {}
+    return dict(te_rng_tracker=True, use_cudagraphable_rng=True)
 
 
 _TE_ATTENTION = ("auto", "flash", "fused", "unfused")  # the plan's values, named as Megatron's AttnBackend
@@ -768,6 +789,7 @@ def _lm_host(host: HostExecution | None) -> list[str]:
         out.append(f"--cuda-graph-impl {host.cuda_graph_impl}")
         if host.cuda_graph_scope:
             out.append("--cuda-graph-scope " + " ".join(host.cuda_graph_scope))
+        out.append("--te-rng-tracker")  # use_te_rng_tracker (_cuda_graph_kwargs)
     if host.manual_gc:
         out += ["--manual-gc", f"--manual-gc-interval {host.manual_gc_interval}"]
     return out

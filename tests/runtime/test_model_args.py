@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from unittest import mock
 
 import pytest
@@ -329,21 +330,46 @@ def test_cuda_graphs_reach_megatron_cores_transformer_config():
 
 
 def test_cuda_graphs_are_refused_where_the_runtime_cannot_capture_them():
+    """Every implementation and scope runs on CUDA with Transformer Engine's layers (runtime/core/graphs.py);
+    the CPU, a machine without TE's layers and a TE without make_graphed_callables are refused by name."""
     from nemoc.compiler.plan import HostExecution
 
     with pytest.raises(margs.UnsupportedPlan, match="CPU"):
         margs._check_cuda_graphs(HostExecution("local", (), True, 100), CPU)
     margs._check_cuda_graphs(HostExecution("none", (), True, 100), CPU)
     with mock.patch("torch.cuda.is_available", lambda: True):
-        with pytest.raises(margs.UnsupportedPlan, match="TECudaGraphHelper"):
-            margs._check_cuda_graphs(HostExecution("transformer_engine", (), True, 100), GPU_TE)
-        with pytest.raises(margs.UnsupportedPlan, match="FullCudaGraphWrapper"):
-            margs._check_cuda_graphs(HostExecution("local", ("full_iteration",), True, 100), GPU_TE)
+        with pytest.raises(margs.UnsupportedPlan, match="do not import here"):
+            margs._check_cuda_graphs(HostExecution("local", (), True, 100), margs.MachineFacts(cpu=False, have_te=False))
+        with mock.patch.object(margs, "have_te_graphs", lambda: False):
+            with pytest.raises(margs.UnsupportedPlan, match="make_graphed_callables"):
+                margs._check_cuda_graphs(HostExecution("transformer_engine", (), True, 100), GPU_TE)
+        with mock.patch.object(margs, "have_te_graphs", lambda: True):
+            margs._check_cuda_graphs(HostExecution("transformer_engine", ("attn", "mlp"), True, 100), GPU_TE)
+        margs._check_cuda_graphs(HostExecution("local", ("full_iteration",), True, 100), GPU_TE)
         margs._check_cuda_graphs(HostExecution("local", ("attn",), True, 100), GPU_TE)
     ex = dataclasses.replace(make_execution(LLAMA_ISH, lay(), kernels="local"),
                              host=HostExecution("local", (), True, 100))
     with pytest.raises(margs.UnsupportedPlan, match="CPU"):
         margs.transformer_config(model=LLAMA_ISH, layout=lay(), execution=ex, facts=CPU)
+
+
+def test_cuda_graphs_seed_transformer_engines_graph_safe_rng_tracker():
+    """With CUDA graphs the TransformerConfig asks for TE's RNG tracker and the seeding makes it graph-safe
+    (Megatron-LM `_set_random_seed(..., use_cudagraphable_rng=args.cuda_graph_impl != "none")`), so a replayed
+    dropout draws new numbers; nothing changes without graphs, nor on the CPU (where the plan is refused)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from nemoc.compiler.plan import HostExecution
+
+    graphs = HostExecution("transformer_engine", (), True, 100)
+    assert margs._cuda_graph_kwargs(graphs)["use_te_rng_tracker"] is True
+    assert margs.cuda_graph_rng_kwargs(HostExecution("none", (), True, 100)) == {}
+    assert margs.cuda_graph_rng_kwargs(graphs) == {}  # no CUDA here
+    with mock.patch("torch.cuda.is_available", lambda: True):
+        kw = margs.cuda_graph_rng_kwargs(graphs)
+    assert kw == {"te_rng_tracker": True, "use_cudagraphable_rng": True}
+    assert set(kw) <= set(inspect.signature(model_parallel_cuda_manual_seed).parameters)
+    assert "--te-rng-tracker" in margs._lm_host(graphs)
 
 
 def test_nvfp4_reaches_megatron_cores_fp4_fields():
@@ -373,7 +399,7 @@ def test_host_settings_as_megatron_lm_flags():
     from nemoc.compiler.plan import HostExecution
 
     assert margs._lm_host(HostExecution("transformer_engine", ("attn", "mlp"), True, 100)) == [
-        "--cuda-graph-impl transformer_engine", "--cuda-graph-scope attn mlp", "--manual-gc",
+        "--cuda-graph-impl transformer_engine", "--cuda-graph-scope attn mlp", "--te-rng-tracker", "--manual-gc",
         "--manual-gc-interval 100"]
     assert margs._lm_host(HostExecution("none", (), False, 0)) == []
 
