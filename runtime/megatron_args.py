@@ -211,20 +211,34 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
         # in the forward pre-hooks); the nemoc training loop does not yet: refused, not ignored.
         raise UnsupportedPlan("overlap_param_gather = true: the nemoc runtime does not yet start the parameter "
                               "all-gathers in the forward; run with overlap_param_gather = false")
-    if layout.megatron_fsdp:
-        # `nemoc check` refuses it on the CPU (E178). On GPUs the model must be wrapped in Megatron-Core's
-        # FullyShardedDataParallel (distributed/fsdp/mcore_fsdp_adapter.py) instead of DDP and checkpointed
-        # in its `fsdp_dtensor` format (distrib_optimizer.py refuses the others); the nemoc runtime does
-        # neither yet: refused, not ignored.
-        raise UnsupportedPlan("megatron_fsdp = true: the nemoc runtime wraps the model in Megatron-Core's DDP and "
-                              "saves dp_reshardable / fully_reshardable checkpoints; Megatron-FSDP's "
-                              "FullyShardedDataParallel and its fsdp_dtensor checkpoints are not wired yet. Plan it "
-                              "to compare; run with megatron_fsdp = false (distributed_optimizer shards the "
-                              "optimizer state)")
+    _check_fsdp(layout)
     if model.is_moe and model.add_bias_linear:
         # `nemoc check` refuses this spec (E140): the MoE build below has no linear biases.
         raise UnsupportedPlan("MoE models are built without linear biases (add_bias_linear = false); "
                               "expert MLPs with a bias fail in Megatron-Core 0.16.1 (mlp.py)")
+
+
+def have_einops() -> bool:
+    """Whether einops imports (Megatron-Core's FSDP adapter builds its device mesh with it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("einops") is not None
+
+
+def _check_fsdp(layout: Layout) -> None:
+    """Megatron-FSDP (runtime/model.py `wrap_fsdp`, runtime/fsdp_checkpoint.py) on what this machine has:
+    Megatron-Core 0.16.1's adapter (distributed/fsdp/mcore_fsdp_adapter.py `_get_dp_tp_mesh`) asserts
+    einops, an optional dependency of megatron-core; one model chunk (no pipeline: `nemoc check` E177)."""
+    if not layout.megatron_fsdp:
+        return
+    if not have_einops():
+        raise UnsupportedPlan("megatron_fsdp = true needs the einops package (Megatron-Core's mcore_fsdp_adapter.py "
+                              "builds the FSDP device mesh with einops.rearrange), which is not installed here: "
+                              "pip install einops, or run with megatron_fsdp = false (distributed_optimizer shards "
+                              "the optimizer state)")
+    if layout.pp > 1 or (layout.vp or 1) > 1:
+        raise UnsupportedPlan(f"megatron_fsdp = true with pipeline({layout.pp}): nemoc runs Megatron-FSDP on one "
+                              "model chunk per rank (pipeline = 1), as Megatron-Bridge's FSDP recipes do")
 
 
 def pipeline_split_kwargs(split: PipelineSplit | None) -> dict:
@@ -503,13 +517,16 @@ def _interleaved(layout: Layout) -> bool:
     return layout.pp > 1 and (layout.vp or 1) > 1
 
 
-def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None):
+def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None, cpu: bool = False):
     """Megatron DDP: gradient reduction in fp32 main grads or the 16-bit parameter dtype, as planned
     (`grad_reduce_in_fp32`); the plan's overlaps of the gradient reduce and the parameter gather
-    (`Execution.overlaps`; none for a model built outside a stage plan)."""
+    (`Execution.overlaps`; none for a model built outside a stage plan). Megatron-FSDP on gloo (`cpu`)
+    scales the gradients before a plain sum: its default folds the 1/DP into NCCL's PREMUL_SUM
+    reduction (fsdp param_and_grad_buffer.py `gradient_reduce_preprocessing`), which gloo lacks."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    return DistributedDataParallelConfig(**_ddp_kwargs(layout, overlaps), check_for_nan_in_grad=False)
+    extra = dict(gradient_reduce_div_fusion=False) if cpu and layout.megatron_fsdp else {}
+    return DistributedDataParallelConfig(**_ddp_kwargs(layout, overlaps), check_for_nan_in_grad=False, **extra)
 
 
 def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None) -> dict:
