@@ -289,7 +289,7 @@ def _is_fsdp(chunks) -> bool:
     return is_fsdp(chunks)
 
 
-def saved_format(path: str) -> str:
+def checkpoint_format(path: str) -> str:
     """`fsdp_dtensor` for a checkpoint a Megatron-FSDP stage wrote (its manifest says so), else `torch_dist`."""
     try:
         return read_manifest(path).get("format", "torch_dist")
@@ -655,7 +655,7 @@ def _all_ranks_ok(ok: bool) -> bool:
 def load_training_state(path: str, *, chunks, optimizer, scheduler, distributed_optimizer: bool,
                         warn=print) -> Restored:
     """Load a full training state from `path` into the given objects (all ranks)."""
-    fsdp_saved, fsdp_here = saved_format(path) == "fsdp_dtensor", _is_fsdp(chunks)
+    fsdp_saved, fsdp_here = checkpoint_format(path) == "fsdp_dtensor", _is_fsdp(chunks)
     if fsdp_saved or fsdp_here:
         return _load_fsdp(path, chunks=chunks, optimizer=optimizer, scheduler=scheduler, saved=fsdp_saved,
                           here=fsdp_here)
@@ -792,7 +792,7 @@ def load_weights(path: str, *, chunks, optimizer=None) -> None:
     reason = verify_on_all_ranks(path) if os.path.exists(os.path.join(path, MANIFEST)) else None
     if reason is not None:
         raise CheckpointError(f"init checkpoint {path} is unusable: {reason}")
-    if saved_format(path) == "fsdp_dtensor" or _is_fsdp(chunks):
+    if checkpoint_format(path) == "fsdp_dtensor" or _is_fsdp(chunks):
         raise CheckpointError(f"init checkpoint {path}: checkpoints of Megatron-FSDP stages (fsdp_dtensor) resume only "
                               "the stage that saved them, and a megatron_fsdp stage starts from scratch; nemoc does "
                               "not convert between fsdp_dtensor and torch_dist")

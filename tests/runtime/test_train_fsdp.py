@@ -44,7 +44,7 @@ def test_fsdp_trains_as_ddp_with_the_distributed_optimizer(tmp_path, kit, train_
     from nemoc.runtime import checkpoint as ckpt
 
     final = fsdp.done["checkpoint"]
-    assert ckpt.saved_format(final) == "fsdp_dtensor" and ckpt.verify(final) is None
+    assert ckpt.checkpoint_format(final) == "fsdp_dtensor" and ckpt.verify(final) is None
 
 
 def test_fsdp_checkpoint_resumes_exactly(tmp_path, kit, train_data):
