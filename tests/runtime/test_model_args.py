@@ -404,22 +404,30 @@ def test_host_settings_as_megatron_lm_flags():
     assert margs._lm_host(HostExecution("none", (), False, 0)) == []
 
 
-def test_megatron_fsdp_reaches_megatron_cores_ddp_config_and_is_refused_at_run_time():
+def test_megatron_fsdp_reaches_megatron_cores_ddp_config():
     """parallel.megatron_fsdp: DistributedDataParallelConfig(use_megatron_fsdp=True,
-    data_parallel_sharding_strategy="optim_grads_params"), which Megatron-Core 0.16.1 accepts; the nemoc
-    runtime refuses to run it (no FullyShardedDataParallel wrapper, no fsdp_dtensor checkpoints yet)."""
+    data_parallel_sharding_strategy="optim_grads_params"), which Megatron-Core 0.16.1 accepts; on gloo the
+    gradients are scaled before a plain sum (NCCL's PREMUL_SUM does not exist there). The runtime refuses it
+    without einops (Megatron-Core's FSDP adapter builds its device mesh with it) and with pipeline stages."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
     layout = lay(dp=2, distributed_optimizer=True, megatron_fsdp=True)
     kw = margs._ddp_kwargs(layout, None)
     c = DistributedDataParallelConfig(**kw)
     assert c.use_megatron_fsdp and c.data_parallel_sharding_strategy == "optim_grads_params"
-    assert c.use_distributed_optimizer
+    assert c.use_distributed_optimizer and c.gradient_reduce_div_fusion  # Megatron-Core's default on NCCL
+    assert not margs.ddp_config(layout=layout, cpu=True).gradient_reduce_div_fusion
+    assert margs.ddp_config(layout=lay(dp=2), cpu=True).gradient_reduce_div_fusion  # DDP untouched
     assert "--use-megatron-fsdp" in margs._flags(kw)
     assert "--data-parallel-sharding-strategy optim_grads_params" in margs._flags(kw)
     assert "use_megatron_fsdp" not in margs._ddp_kwargs(lay(dp=2), None)
-    with pytest.raises(margs.UnsupportedPlan, match="Megatron-FSDP"):
-        config(layout=layout, facts=GPU_TE)
+    with mock.patch.object(margs, "have_einops", lambda: True):
+        assert config(layout=layout).num_layers == LLAMA_ISH.layers
+        with pytest.raises(margs.UnsupportedPlan, match="one model chunk"):
+            margs._check_fsdp(lay(dp=2, pp=2, distributed_optimizer=True, megatron_fsdp=True))
+    with mock.patch.object(margs, "have_einops", lambda: False):
+        with pytest.raises(margs.UnsupportedPlan, match="needs the einops package"):
+            config(layout=layout)
 
 
 def test_bf16_optimizer_state_reaches_megatron_cores_optimizer_config():
