@@ -8,6 +8,7 @@ refuses the plan with that reason (tested in test_model_args) and these runs ski
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -77,3 +78,33 @@ def test_a_torch_dist_checkpoint_does_not_resume_an_fsdp_stage(tmp_path, kit, tr
                               checkpoint_dir=ddp.out / "checkpoints")
     assert result.returncode != 0
     assert "resumes from its own fsdp_dtensor checkpoints only" in result.stdout + result.stderr, result.explain()
+
+
+def test_nemoc_run_trains_the_quickstart_with_megatron_fsdp(tmp_path):
+    """End to end through the CLI: the quickstart (two CPU workers) with `--set parallel.megatron_fsdp=true`
+    plans, prepares its data, trains under FullyShardedDataParallel, validates and checkpoints (fsdp_dtensor)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from nemoc.runtime import checkpoint as ckpt
+    from nemoc.runtime.cli import cli
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    shutil.copy(examples / "quickstart.nemo", tmp_path / "quickstart.nemo")
+    (tmp_path / "data" / "quickstart").mkdir(parents=True)
+    shutil.copy(examples / "data" / "quickstart" / "corpus.jsonl", tmp_path / "data" / "quickstart" / "corpus.jsonl")
+    workdir = tmp_path / "run"
+    result = CliRunner().invoke(cli, [
+        "run", str(tmp_path / "quickstart.nemo"), "--workdir", str(workdir), "--workers", "1",
+        "--set", "parallel.megatron_fsdp=true", "--set", "stage.pretrain.steps=20",
+        "--set", "stage.pretrain.log_every=5", "--set", "stage.pretrain.eval_every=10",
+        "--set", "stage.pretrain.checkpoint.every=10"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "dp=2" in result.output and "Megatron-FSDP is using device" not in result.output
+    task = workdir / "tasks" / "train_pretrain"
+    done = json.loads((task / "DONE.json").read_text())
+    assert done["steps"] == 20 and ckpt.checkpoint_format(done["checkpoint"]) == "fsdp_dtensor"
+    records = [json.loads(line) for line in (task / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0]
