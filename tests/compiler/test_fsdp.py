@@ -140,3 +140,31 @@ def test_fsdp_plans_on_the_cpu(tmp_path):
     stage = plan_experiment(spec).plan.stage("pretrain")
     assert stage.layout.megatron_fsdp and stage.layout.pp == 1 and stage.layout.distributed_optimizer
     assert stage.layout.dp == 2
+
+
+def test_stages_the_target_wraps_in_ddp_plan_without_fsdp_and_say_so(tmp_path):
+    """megatron_fsdp = true for the experiment: pretraining runs it; an sft stage, which the nemoc runtime wraps
+    in DDP (runtime/target.py `megatron_fsdp=False` for the alignment kinds), is planned and costed without it,
+    with a note naming why (plan and runtime agree)."""
+    from nemoc.runtime.target import NEMOC_RUNTIME
+
+    text = SRC.format(gpu="H100", nodes=8, parallel="").replace("""  stage pretrain {{""".replace("{{", "{"), """  data chat {
+    path = "x/*.jsonl"
+    format = chat
+  }
+  stage sft after pretrain {
+    data = [chat]
+    samples = 10K
+    global_batch = 128
+  }
+  stage pretrain {""")
+    path = tmp_path / "f.nemo"
+    path.write_text(text)
+    spec, diags, _ = compile_file(str(path))
+    assert [d for d in diags if d.severity == Severity.ERROR] == []
+    planned = plan_experiment(spec, target=NEMOC_RUNTIME)
+    assert planned.plan.stage("pretrain").layout.megatron_fsdp
+    sft = planned.plan.stage("sft")
+    assert not sft.layout.megatron_fsdp and "fsdp_buffers" not in sft.memory.parts
+    [result] = [r for r in planned.stages if r.name == "sft"]
+    assert any("megatron_fsdp = false for this sft stage" in n for n in result.notes), result.notes
