@@ -378,7 +378,8 @@ def training_state(*, chunks, optimizer, scheduler, iteration: int, consumed_sam
 
         return fsdp_checkpoint.training_state(chunks=chunks, optimizer=optimizer if include_optimizer else None,
                                               scheduler=scheduler, iteration=iteration,
-                                              consumed_samples=consumed_samples, extra=extra)
+                                              consumed_samples=consumed_samples, rng=rng_state(),
+                                              layout=layout_key(), extra=extra)
     model_sd = model_sharded_state_dict(chunks)
     state = dict(model_sd)  # the optimizer maps its params to these (nested walk over all chunks)
     if include_optimizer and optimizer is not None:
@@ -705,10 +706,11 @@ def _load_fsdp(path: str, *, chunks, optimizer, scheduler, saved: bool, here: bo
                          "own fsdp_dtensor checkpoints only")
     from nemoc.runtime import fsdp_checkpoint
 
-    iteration, consumed, opt_ok, rng_ok = fsdp_checkpoint.load(path, chunks=chunks, optimizer=optimizer,
-                                                               scheduler=scheduler,
-                                                               saved_layout=read_manifest(path).get("layout", {}))
-    return Restored(path, iteration, consumed, opt_ok, rng_ok)
+    iteration, consumed, rng = fsdp_checkpoint.load(path, chunks=chunks, optimizer=optimizer, scheduler=scheduler,
+                                                    saved_layout=read_manifest(path).get("layout", {}),
+                                                    rng=rng_state(), layout=layout_key())
+    set_rng_state(rng)
+    return Restored(path, iteration, consumed, optimizer is not None, True)
 
 
 def fresh_tensors(template: dict) -> dict:

@@ -46,14 +46,13 @@ def _rng_key() -> str:
     return f"rng_state_rank{rank}"
 
 
-def training_state(*, chunks, optimizer, scheduler, iteration: int, consumed_samples: int, is_loading: bool = False,
-                   extra: dict | None = None) -> dict:
-    """The state dict of an FSDP training run (what is saved, and the template a load fills)."""
+def training_state(*, chunks, optimizer, scheduler, iteration: int, consumed_samples: int, rng: dict, layout: dict,
+                   is_loading: bool = False, extra: dict | None = None) -> dict:
+    """The state dict of an FSDP training run (what is saved, and the template a load fills); `rng`: this rank's
+    RNG states, `layout`: the process group's (runtime/checkpoint.py `rng_state`, `layout_key`)."""
     from megatron.core.distributed.fsdp.src.megatron_fsdp.uneven_dtensor import (
         preprocess_state_dict_for_uneven_dtensor,
     )
-
-    from nemoc.runtime import checkpoint as ckpt
 
     model_sd = chunks[0].state_dict()
     state: dict = {"model": model_sd}
@@ -64,8 +63,8 @@ def training_state(*, chunks, optimizer, scheduler, iteration: int, consumed_sam
         opt_sd["state"] = dict(sorted(opt_sd["state"].items()))
         state["optimizer"] = opt_sd
     preprocess_state_dict_for_uneven_dtensor(state)
-    state[_rng_key()] = ckpt.rng_state()
-    state["common"] = dict(iteration=iteration, consumed_samples=consumed_samples, layout=ckpt.layout_key(),
+    state[_rng_key()] = rng
+    state["common"] = dict(iteration=iteration, consumed_samples=consumed_samples, layout=layout,
                            nemoc=dict(extra or {}), format=FORMAT,
                            opt_param_scheduler=scheduler.state_dict() if scheduler is not None else {})
     state[MARKER] = FORMAT
@@ -80,19 +79,18 @@ def save(state: dict, directory: str) -> None:
     dcp.save(state, checkpoint_id=directory)
 
 
-def load(path: str, *, chunks, optimizer, scheduler, saved_layout: dict) -> tuple[int, int, bool, bool]:
-    """Load an `fsdp_dtensor` checkpoint into the model, optimizer, scheduler and RNG (all ranks). Returns
-    (iteration, consumed samples, optimizer restored, RNG restored). Raises ValueError for another layout."""
+def load(path: str, *, chunks, optimizer, scheduler, saved_layout: dict, rng: dict, layout: dict) -> tuple[int, int, dict]:
+    """Load an `fsdp_dtensor` checkpoint into the model, optimizer and scheduler (all ranks); `rng` and `layout`
+    as for `training_state` (the template). Returns (iteration, consumed samples, this rank's saved RNG states).
+    Raises ValueError for another layout."""
     import torch.distributed.checkpoint as dcp
 
-    from nemoc.runtime import checkpoint as ckpt
-
-    here = ckpt.layout_key()
+    here = layout
     if saved_layout != here:
         raise ValueError(f"it was saved by Megatron-FSDP (fsdp_dtensor) with layout {saved_layout}, now {here}: "
                          "nemoc resumes an FSDP checkpoint under the layout that saved it")
     template = training_state(chunks=chunks, optimizer=optimizer, scheduler=scheduler, iteration=0,
-                              consumed_samples=0, is_loading=True)
+                              consumed_samples=0, rng=rng, layout=layout, is_loading=True)
     template.pop(MARKER)
     dcp.load(template, checkpoint_id=path)
     chunks[0].load_state_dict(template["model"])
@@ -101,5 +99,4 @@ def load(path: str, *, chunks, optimizer, scheduler, saved_layout: dict) -> tupl
     common = template["common"]
     if scheduler is not None and common.get("opt_param_scheduler"):
         scheduler.load_state_dict(common["opt_param_scheduler"])
-    ckpt.set_rng_state(template[_rng_key()])
-    return int(common["iteration"]), int(common["consumed_samples"]), optimizer is not None, True
+    return int(common["iteration"]), int(common["consumed_samples"]), template[_rng_key()]
