@@ -145,7 +145,8 @@ def init_process_group(task: StageTask, *, single: bool = False) -> None:
             raise AlignError(f"stage {task.stage.name}: runs in one process, started with {world}")
         raise AlignError(f"stage {task.stage.name}: world size {world} != tp({tp}) * pp({pp}) * cp({cp}) * "
                          f"dp({layout.dp})")
-    common.init_distributed(tp=tp, pp=pp, cp=cp, vp=None if single else layout.vp, seed=task.stage.seed)
+    common.init_distributed(tp=tp, pp=pp, cp=cp, vp=None if single else layout.vp, seed=task.stage.seed,
+                            host=task.stage.execution.host if task.stage.execution is not None else None)
 
 
 @dataclass(frozen=True)
