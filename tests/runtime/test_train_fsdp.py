@@ -25,15 +25,17 @@ def _fsdp_layout(kit):
     return replace(kit.layout(dp=2, dist_opt=True), megatron_fsdp=True)
 
 
-def test_fsdp_trains_as_ddp_with_the_distributed_optimizer(tmp_path, kit, train_data):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fsdp_trains_as_ddp_with_the_distributed_optimizer(tmp_path, kit, train_data, precision):
     """DP=2, same seed (weights initialised on the CPU from the global RNG: independent of the wrapper), same
     global batches: FSDP's all-gathered weights and reduce-scattered gradients give DDP's losses and gradient
     norms; its checkpoint is fsdp_dtensor (torch.distributed.checkpoint) with the manifest naming it."""
     ddp_lay = kit.layout(dp=2, dist_opt=True)
-    ddp = kit.run_training(tmp_path / "ddp", kit.make_plan(kit.stage_plan(lay=ddp_lay)), 2, data_prefix=train_data)
+    ddp = kit.run_training(tmp_path / "ddp", kit.make_plan(kit.stage_plan(lay=ddp_lay), precision=precision), 2,
+                           data_prefix=train_data)
     assert ddp.returncode == 0, ddp.explain()
-    fsdp = kit.run_training(tmp_path / "fsdp", kit.make_plan(kit.stage_plan(lay=_fsdp_layout(kit))), 2,
-                            data_prefix=train_data)
+    fsdp = kit.run_training(tmp_path / "fsdp", kit.make_plan(kit.stage_plan(lay=_fsdp_layout(kit)), precision=precision),
+                            2, data_prefix=train_data)
     assert fsdp.returncode == 0, fsdp.explain()
     assert sorted(fsdp.losses) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
@@ -48,10 +50,11 @@ def test_fsdp_trains_as_ddp_with_the_distributed_optimizer(tmp_path, kit, train_
     assert ckpt.checkpoint_format(final) == "fsdp_dtensor" and ckpt.verify(final) is None
 
 
-def test_fsdp_checkpoint_resumes_exactly(tmp_path, kit, train_data):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fsdp_checkpoint_resumes_exactly(tmp_path, kit, train_data, precision):
     """Six steps with a checkpoint every 3; a run restarted from iter 3 (model shards, Adam moments, scheduler,
-    data position, RNG) reproduces steps 4..6 bit for bit."""
-    plan = kit.make_plan(kit.stage_plan(lay=_fsdp_layout(kit), every=3))
+    data position, RNG; in bf16 the fp32 main weights too) reproduces steps 4..6 bit for bit."""
+    plan = kit.make_plan(kit.stage_plan(lay=_fsdp_layout(kit), every=3), precision=precision)
     full = kit.run_training(tmp_path / "full", plan, 2, data_prefix=train_data)
     assert full.returncode == 0, full.explain()
     ckdir = tmp_path / "ck"
