@@ -395,13 +395,19 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
     caps = target.caps(stage.kind)
     if not trains:
         parallel = _inference_parallel(parallel, stage.kind, target)
+    fsdp_note = None
+    if trains and parallel.megatron_fsdp and not caps.megatron_fsdp:
+        # the target wraps this kind in DDP: plan (size, cost) what it runs, and say so
+        parallel = replace(parallel, megatron_fsdp=False)
+        fsdp_note = (f"megatron_fsdp = false for this {stage.kind} stage: {target.name} wraps its models in "
+                     f"Megatron-Core DDP ({caps.source or caps.runs})")
     seq = stage_seq_length(spec, stage)
     probe = _problem(spec, stage, gpu, backend, headroom, parallel, steps=1, target=target)
     result = search(probe, top=top) if trains else _inference_search(probe, top)
     if result.best is None:
         raise DiagnosticError([not_fit_diagnostic(spec, stage, probe, search(probe) if not trains else result)])
     chosen = result.best
-    notes: list[str] = []
+    notes: list[str] = [fsdp_note] if fsdp_note else []
     gb = chosen.layout.global_batch
     if stage.kind == "export":
         steps = 0

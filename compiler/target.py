@@ -37,6 +37,7 @@ class StageCaps:
     one_process: bool = False  # eval / export: one process at TP = 1 (eval on one GPU, export on the host CPU)
     kv_cache_rollout: bool = True  # ppo: the rollout decodes with a KV cache (else one full forward per token)
     hf_init: bool = True  # starts from a converted Hugging Face checkpoint (`init = hf(DIR)`)
+    megatron_fsdp: bool = True  # wraps a training stage in Megatron-FSDP where the plan says so (else DDP)
     runs: str = "the target runs every Megatron-Core schedule"  # how it runs the kind, for messages
     source: str = ""  # where the target enforces its limits, cited by the diagnostics
 

@@ -283,6 +283,20 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _is_fsdp(chunks) -> bool:
+    from nemoc.runtime.model import is_fsdp
+
+    return is_fsdp(chunks)
+
+
+def checkpoint_format(path: str) -> str:
+    """`fsdp_dtensor` for a checkpoint a Megatron-FSDP stage wrote (its manifest says so), else `torch_dist`."""
+    try:
+        return read_manifest(path).get("format", "torch_dist")
+    except (OSError, ValueError):
+        return "torch_dist"
+
+
 def _rng_sharded_object(state) -> ShardedObject:
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     return ShardedObject("nemoc.rng_state", state, (world,), (rank,), replica_id=0)
@@ -359,6 +373,13 @@ def training_state(*, chunks, optimizer, scheduler, iteration: int, consumed_sam
     model-parameter shape (more memory and communication at save) and reshards across TP/PP too."""
     if optimizer_format not in OPTIMIZER_FORMATS:
         raise ValueError(f"optimizer checkpoint format {optimizer_format!r} is not one of {OPTIMIZER_FORMATS}")
+    if _is_fsdp(chunks) and not is_loading:  # Megatron-FSDP: its fsdp_dtensor format (runtime/fsdp_checkpoint.py)
+        from nemoc.runtime import fsdp_checkpoint
+
+        return fsdp_checkpoint.training_state(chunks=chunks, optimizer=optimizer if include_optimizer else None,
+                                              scheduler=scheduler, iteration=iteration,
+                                              consumed_samples=consumed_samples, rng=rng_state(),
+                                              layout=layout_key(), extra=extra)
     model_sd = model_sharded_state_dict(chunks)
     state = dict(model_sd)  # the optimizer maps its params to these (nested walk over all chunks)
     if include_optimizer and optimizer is not None:
@@ -538,6 +559,14 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 os.makedirs(tmp)
             _barrier()
+            from nemoc.runtime import fsdp_checkpoint
+
+            if state.get(fsdp_checkpoint.MARKER) == fsdp_checkpoint.FORMAT:
+                # torch.distributed.checkpoint, synchronously (async_save applies to torch_dist saves only)
+                record.async_save = False
+                fsdp_checkpoint.save(state, tmp)
+                self._publish(tmp, record, fmt=fsdp_checkpoint.FORMAT)
+                return record
             strategy = _save_strategy()
             if self._queue is not None:
                 request = dist_checkpointing.save(state, tmp, sharded_strategy=strategy, async_sharded_save=True)
@@ -568,9 +597,9 @@ class Checkpointer:
             raise CheckpointSaveError(f"checkpoint save failed at step {record.iteration}: "
                                       f"{save_failure_reason(exc, record.path + '.tmp')}") from exc
 
-    def _publish(self, tmp: str, record: SaveRecord) -> None:
+    def _publish(self, tmp: str, record: SaveRecord, fmt: str | None = None) -> None:
         _barrier()  # every rank's shards and rank 0's metadata are on disk
-        write_manifest(tmp, iteration=record.iteration, layout=layout_key())
+        write_manifest(tmp, iteration=record.iteration, layout=layout_key(), **({"format": fmt} if fmt else {}))
         if _rank() == 0:
             if os.path.exists(record.path):
                 shutil.rmtree(record.path)
@@ -627,6 +656,10 @@ def _all_ranks_ok(ok: bool) -> bool:
 def load_training_state(path: str, *, chunks, optimizer, scheduler, distributed_optimizer: bool,
                         warn=print) -> Restored:
     """Load a full training state from `path` into the given objects (all ranks)."""
+    fsdp_saved, fsdp_here = checkpoint_format(path) == "fsdp_dtensor", _is_fsdp(chunks)
+    if fsdp_saved or fsdp_here:
+        return _load_fsdp(path, chunks=chunks, optimizer=optimizer, scheduler=scheduler, saved=fsdp_saved,
+                          here=fsdp_here)
     common = dist_checkpointing.load_common_state_dict(path)
     saved_layout, here = common.get("layout", {}), layout_key()
     same_layout = saved_layout == here
@@ -660,6 +693,24 @@ def load_training_state(path: str, *, chunks, optimizer, scheduler, distributed_
         set_rng_state(loaded["rng_state"])
     return Restored(path, int(common.get("iteration", 0)), int(common.get("consumed_samples", 0)),
                     with_optimizer, same_layout and "rng_state" in loaded)
+
+
+def _load_fsdp(path: str, *, chunks, optimizer, scheduler, saved: bool, here: bool) -> Restored:
+    """A Megatron-FSDP checkpoint into a Megatron-FSDP model (runtime/fsdp_checkpoint.py); either without the
+    other is refused with the reason."""
+    if not here:
+        raise ValueError("it was saved by a Megatron-FSDP stage (fsdp_dtensor format); nemoc loads it only into "
+                         "the megatron_fsdp stage that saved it")
+    if not saved:
+        raise ValueError("it is a torch_dist checkpoint and this stage runs Megatron-FSDP, which resumes from its "
+                         "own fsdp_dtensor checkpoints only")
+    from nemoc.runtime import fsdp_checkpoint
+
+    iteration, consumed, rng = fsdp_checkpoint.load(path, chunks=chunks, optimizer=optimizer, scheduler=scheduler,
+                                                    saved_layout=read_manifest(path).get("layout", {}),
+                                                    rng=rng_state(), layout=layout_key())
+    set_rng_state(rng)
+    return Restored(path, iteration, consumed, optimizer is not None, True)
 
 
 def fresh_tensors(template: dict) -> dict:
@@ -743,6 +794,10 @@ def load_weights(path: str, *, chunks, optimizer=None) -> None:
     reason = verify_on_all_ranks(path) if os.path.exists(os.path.join(path, MANIFEST)) else None
     if reason is not None:
         raise CheckpointError(f"init checkpoint {path} is unusable: {reason}")
+    if checkpoint_format(path) == "fsdp_dtensor" or _is_fsdp(chunks):
+        raise CheckpointError(f"init checkpoint {path}: checkpoints of Megatron-FSDP stages (fsdp_dtensor) resume only "
+                              "the stage that saved them, and a megatron_fsdp stage starts from scratch; nemoc does "
+                              "not convert between fsdp_dtensor and torch_dist")
     loaded = dist_checkpointing.load(fresh_tensors(model_sharded_state_dict(chunks)), path)
     _load_model_state(chunks, loaded)
     if optimizer is not None:

@@ -115,6 +115,30 @@ def _patch_cuda_device_api() -> None:
     # torch.cuda.is_available() deliberately stays False: code that branches on it takes CPU paths.
 
 
+@contextlib.contextmanager
+def cuda_device_index() -> None:
+    """While Megatron-FSDP is built: `torch.cuda.current_device()` answers 0, not the CPU device. Its
+    constructor formats the current device into a device string (megatron_fsdp.py
+    `torch.device(f"cuda:{torch.cuda.current_device()}")`, which would read "cuda:cpu" and raise); the
+    module itself is placed on the CPU by the `device` the runtime passes (runtime/model.py `wrap_fsdp`)
+    and tensors created with a CUDA device go to the CPU through the device mode above; its warning that
+    the module's device (the CPU) is not the current CUDA device is silenced meanwhile. A no-op when the
+    adaptation is not applied."""
+    if not _state["cpu"]:
+        yield
+        return
+    patched = torch.cuda.current_device
+    fsdp_log = logging.getLogger("megatron.core.distributed.fsdp.src.megatron_fsdp.megatron_fsdp")
+    level = fsdp_log.level
+    torch.cuda.current_device = lambda: 0
+    fsdp_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = patched
+        fsdp_log.setLevel(level)
+
+
 def _patch_rng() -> None:
     """Megatron's CudaRNGStatesTracker (TP-aware dropout/init seeds, recompute replays) -> CPU generator.
 

@@ -225,20 +225,34 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
         # in the forward pre-hooks); the nemoc training loop does not yet: refused, not ignored.
         raise UnsupportedPlan("overlap_param_gather = true: the nemoc runtime does not yet start the parameter "
                               "all-gathers in the forward; run with overlap_param_gather = false")
-    if layout.megatron_fsdp:
-        # `nemoc check` refuses it on the CPU (E178). On GPUs the model must be wrapped in Megatron-Core's
-        # FullyShardedDataParallel (distributed/fsdp/mcore_fsdp_adapter.py) instead of DDP and checkpointed
-        # in its `fsdp_dtensor` format (distrib_optimizer.py refuses the others); the nemoc runtime does
-        # neither yet: refused, not ignored.
-        raise UnsupportedPlan("megatron_fsdp = true: the nemoc runtime wraps the model in Megatron-Core's DDP and "
-                              "saves dp_reshardable / fully_reshardable checkpoints; Megatron-FSDP's "
-                              "FullyShardedDataParallel and its fsdp_dtensor checkpoints are not wired yet. Plan it "
-                              "to compare; run with megatron_fsdp = false (distributed_optimizer shards the "
-                              "optimizer state)")
+    _check_fsdp(layout)
     if model.is_moe and model.add_bias_linear:
         # `nemoc check` refuses this spec (E140): the MoE build below has no linear biases.
         raise UnsupportedPlan("MoE models are built without linear biases (add_bias_linear = false); "
                               "expert MLPs with a bias fail in Megatron-Core 0.16.1 (mlp.py)")
+
+
+def have_einops() -> bool:
+    """Whether einops imports (Megatron-Core's FSDP adapter builds its device mesh with it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("einops") is not None
+
+
+def _check_fsdp(layout: Layout) -> None:
+    """Megatron-FSDP (runtime/model.py `wrap_fsdp`, runtime/fsdp_checkpoint.py) on what this machine has:
+    Megatron-Core 0.16.1's adapter (distributed/fsdp/mcore_fsdp_adapter.py `_get_dp_tp_mesh`) asserts
+    einops, an optional dependency of megatron-core; one model chunk (no pipeline: `nemoc check` E177)."""
+    if not layout.megatron_fsdp:
+        return
+    if not have_einops():
+        raise UnsupportedPlan("megatron_fsdp = true needs the einops package (Megatron-Core's mcore_fsdp_adapter.py "
+                              "builds the FSDP device mesh with einops.rearrange), which is not installed here: "
+                              "pip install einops, or run with megatron_fsdp = false (distributed_optimizer shards "
+                              "the optimizer state)")
+    if layout.pp > 1 or (layout.vp or 1) > 1:
+        raise UnsupportedPlan(f"megatron_fsdp = true with pipeline({layout.pp}): nemoc runs Megatron-FSDP on one "
+                              "model chunk per rank (pipeline = 1), as Megatron-Bridge's FSDP recipes do")
 
 
 def pipeline_split_kwargs(split: PipelineSplit | None) -> dict:
@@ -449,35 +463,56 @@ def _check_nvfp4(precision: str, facts: MachineFacts) -> None:
                               f"{major}.x (transformer_engine check_nvfp4_support)")
 
 
-# CUDA graphs (Execution.host). Megatron-Core's `local` implementation captures through its schedules
-# (schedules.py calls `create_cudagraphs()` after the first step), which the nemoc loop runs; a
-# whole-iteration graph (`full_iteration`) and Transformer Engine's implementation need Megatron-LM's
-# training-loop helpers (FullCudaGraphWrapper, TECudaGraphHelper.create_cudagraphs) that the nemoc
-# loop does not call yet: refused, not ignored.
+# CUDA graphs (Execution.host), driven as Megatron-LM's training loop drives them (runtime/core/graphs.py):
+# the `local` implementation captures per layer through the schedules (Megatron-Core's CudaGraphManager,
+# `create_cudagraphs()` after the warm-up steps), or the whole forward-backward step with
+# `cuda_graph_scope = [full_iteration]` (megatron/core/full_cuda_graph.py FullCudaGraphWrapper around the
+# schedule); `transformer_engine` captures every graphable layer with TE's make_graphed_callables through
+# Megatron-Core's TECudaGraphHelper once the warm-up steps have run. All of them replay CUDA kernels:
+# refused on the CPU and without Transformer Engine's layers (`nemoc check`: E173).
 def _check_cuda_graphs(host: HostExecution | None, facts: MachineFacts) -> None:
     if host is None or host.cuda_graph_impl == "none":
         return
     import torch
 
     if facts.cpu or not torch.cuda.is_available():
-        raise UnsupportedPlan(f"cuda_graph_impl = {host.cuda_graph_impl} needs CUDA GPUs; this run is on the CPU")
+        raise UnsupportedPlan(f"cuda_graph_impl = {host.cuda_graph_impl} needs CUDA GPUs; this run is on the CPU "
+                              "(gloo), where there are no CUDA streams to capture: remove cuda_graph_impl")
     if not facts.have_te:
         raise UnsupportedPlan(f"cuda_graph_impl = {host.cuda_graph_impl}: the plan graphs Transformer Engine's layers, "
                               "which do not import here")
-    if host.cuda_graph_impl == "transformer_engine":
-        raise UnsupportedPlan("cuda_graph_impl = transformer_engine: the nemoc training loop does not yet capture "
-                              "Transformer Engine's graphs (Megatron-LM's TECudaGraphHelper); plan it to compare, "
-                              "run with cuda_graph_impl = local")
-    if "full_iteration" in host.cuda_graph_scope:
-        raise UnsupportedPlan("cuda_graph_scope = [full_iteration]: the nemoc training loop does not yet wrap the "
-                              "step in Megatron-LM's FullCudaGraphWrapper; use per-layer scopes")
+    if host.cuda_graph_impl == "transformer_engine" and not have_te_graphs():
+        raise UnsupportedPlan("cuda_graph_impl = transformer_engine needs Transformer Engine's make_graphed_callables "
+                              "(megatron/core/transformer/cuda_graphs.py HAVE_TE_GRAPHS), which does not import here; "
+                              "use cuda_graph_impl = local")
+
+
+def have_te_graphs() -> bool:
+    """Whether Megatron-Core found Transformer Engine's make_graphed_callables (TECudaGraphHelper's)."""
+    from megatron.core.transformer import cuda_graphs
+
+    return bool(getattr(cuda_graphs, "HAVE_TE_GRAPHS", False))
 
 
 def _cuda_graph_kwargs(host: HostExecution | None) -> dict:
-    """The plan's CUDA graphs as TransformerConfig fields (an empty scope: the whole layer)."""
+    """The plan's CUDA graphs as TransformerConfig fields (an empty scope: the whole layer). Graphs need
+    Transformer Engine's RNG tracker (model_parallel_config.py `use_te_rng_tracker`: "Required for CUDA
+    graphs support"; Megatron-Bridge's GPT provider asserts it), seeded graph-safe (`cuda_graph_rng_kwargs`)."""
     if host is None or host.cuda_graph_impl == "none":
         return {}
-    return dict(cuda_graph_impl=host.cuda_graph_impl, cuda_graph_scope=list(host.cuda_graph_scope))
+    return dict(cuda_graph_impl=host.cuda_graph_impl, cuda_graph_scope=list(host.cuda_graph_scope),
+                use_te_rng_tracker=True)
+
+
+def cuda_graph_rng_kwargs(host: HostExecution | None) -> dict:
+    """`tensor_parallel.model_parallel_cuda_manual_seed` keywords for a stage: with CUDA graphs, TE's RNG
+    tracker with graph-safe generator states (Megatron-LM initialize.py `_set_random_seed(...,
+    te_rng_tracker, use_cudagraphable_rng=args.cuda_graph_impl != "none")`), so a captured dropout
+    draws fresh numbers at each replay; none otherwise, and none without CUDA (`_check_cuda_graphs` then
+    refuses the plan when the stage's model is built)."""
+    if host is None or host.cuda_graph_impl == "none" or not torch.cuda.is_available():
+        return {}
+    return dict(te_rng_tracker=True, use_cudagraphable_rng=True)
 
 
 _TE_ATTENTION = ("auto", "flash", "fused", "unfused")  # the plan's values, named as Megatron's AttnBackend
@@ -501,13 +536,16 @@ def _interleaved(layout: Layout) -> bool:
     return layout.pp > 1 and (layout.vp or 1) > 1
 
 
-def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None):
+def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None, cpu: bool = False):
     """Megatron DDP: gradient reduction in fp32 main grads or the 16-bit parameter dtype, as planned
     (`grad_reduce_in_fp32`); the plan's overlaps of the gradient reduce and the parameter gather
-    (`Execution.overlaps`; none for a model built outside a stage plan)."""
+    (`Execution.overlaps`; none for a model built outside a stage plan). Megatron-FSDP on gloo (`cpu`)
+    scales the gradients before a plain sum: its default folds the 1/DP into NCCL's PREMUL_SUM
+    reduction (fsdp param_and_grad_buffer.py `gradient_reduce_preprocessing`), which gloo lacks."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    return DistributedDataParallelConfig(**_ddp_kwargs(layout, overlaps), check_for_nan_in_grad=False)
+    extra = dict(gradient_reduce_div_fusion=False) if cpu and layout.megatron_fsdp else {}
+    return DistributedDataParallelConfig(**_ddp_kwargs(layout, overlaps), check_for_nan_in_grad=False, **extra)
 
 
 def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None) -> dict:
@@ -790,6 +828,7 @@ def _lm_host(host: HostExecution | None) -> list[str]:
         out.append(f"--cuda-graph-impl {host.cuda_graph_impl}")
         if host.cuda_graph_scope:
             out.append("--cuda-graph-scope " + " ".join(host.cuda_graph_scope))
+        out.append("--te-rng-tracker")  # use_te_rng_tracker (_cuda_graph_kwargs)
     if host.manual_gc:
         out += ["--manual-gc", f"--manual-gc-interval {host.manual_gc_interval}"]
     return out

@@ -340,6 +340,36 @@ def wrap_ddp(*, chunks: list[torch.nn.Module], config, ddp_config) -> list[torch
     return wrapped
 
 
+def wrap_fsdp(*, chunks: list[torch.nn.Module], config, ddp_config) -> list[torch.nn.Module]:
+    """Megatron-FSDP (ZeRO-3, `optim_grads_params`) around the stage's one model chunk: Megatron-Core's
+    FullyShardedDataParallel (distributed/fsdp/mcore_fsdp_adapter.py) shards the weights, gradients and
+    optimizer state over the DP x CP group per TransformerLayer unit, all-gathering a layer's weights before
+    its forward and backward and reduce-scattering its gradients after (Megatron-LM training.py get_model
+    with --use-megatron-fsdp). The schedule hooks are DDP's (`wrap_ddp`)."""
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel
+
+    from nemoc.runtime import mcore_cpu
+
+    if len(chunks) != 1:
+        raise ValueError(f"Megatron-FSDP wraps one model chunk per rank, got {len(chunks)} (virtual pipeline)")
+    device = torch.device("cpu") if mcore_cpu.is_applied() else torch.device("cuda", torch.cuda.current_device())
+    with mcore_cpu.cuda_device_index():
+        wrapped = [FullyShardedDataParallel(config=config, ddp_config=ddp_config, module=chunks[0], device=device)]
+    config.finalize_model_grads_func = finalize_model_grads
+    if ddp_config.overlap_grad_reduce:
+        config.no_sync_func = wrapped[0].no_sync
+        config.grad_sync_func = wrapped[0].start_grad_sync
+    return wrapped
+
+
+def is_fsdp(chunks) -> bool:
+    """The chunks are wrapped in Megatron-FSDP (checkpoints in its `fsdp_dtensor` format)."""
+    from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel
+
+    return bool(chunks) and isinstance(chunks[0], FullyShardedDataParallel)
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(module, "module"):

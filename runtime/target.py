@@ -62,9 +62,12 @@ SDPA_CORE = AttentionCore(
 # export writes MoE models as Mixtral / Qwen3-MoE (runtime/hf/trained.py). `init = hf(DIR)` is converted by the hf_import task
 # (runtime/orchestrate/tasks/hf.py) and loaded where a parent's checkpoint would be (runtime/align/stage.py
 # `policy_start`, runtime/core/build.py `restore_or_initialize`).
+# Megatron-FSDP (`parallel.megatron_fsdp`) wraps pretraining stages only (runtime/core/build.py `wrap`,
+# runtime/fsdp_checkpoint.py); the alignment kinds' Trainer wraps in DDP (runtime/align/trainer.py), so the
+# planner plans them with megatron_fsdp = false and says so.
 _ALIGN = StageCaps(
     pipeline=True, virtual_pipeline=True, context_parallel=True, packed_context_parallel=False, te=True, moe=True,
-    hf_init=True,
+    hf_init=True, megatron_fsdp=False,
     runs="the nemoc runtime's sft, dpo, kto, orpo and reward stages (runtime/align) run TP/PP/VP/CP/DP, context "
          "parallelism on rows of one sample (packed rows need Transformer Engine's THD attention with CP)",
     source="nemoc runtime/align/trainer.py fit (interleaved schedule over a rank's chunks), runtime/align/common.py "
@@ -77,7 +80,7 @@ _ALIGN = StageCaps(
 # gathered over the group: common.py `cp_gather`). Rows hold one sample each (no packing).
 _PPO = StageCaps(
     pipeline=True, virtual_pipeline=True, context_parallel=True, te=True, moe=True, kv_cache_rollout=True,
-    hf_init=True,
+    hf_init=True, megatron_fsdp=False,
     runs="the nemoc runtime's ppo and grpo stages (runtime/align) run TP/PP/VP/CP/EP/DP, dense or MoE models, "
          "their rollouts decoded across the pipeline stages (around the ring vp times per token), whole rows on "
          "every context-parallel rank",

@@ -286,7 +286,7 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
     """Run one training stage inside an initialised process group. Returns the exit status."""
     stage, plan = task.stage, task.plan
     rank = torch.distributed.get_rank()
-    set_seed(stage.seed)
+    set_seed(stage.seed, stage.execution.host)
     facts, warning = kernel_setup(stage.kernels)
     if warning:
         rank0_print(warning)

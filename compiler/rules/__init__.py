@@ -84,7 +84,7 @@ from nemoc.compiler.rules.parallel import (  # noqa: F401
     rule_optimizer_state_dtype_optimizer,
 )
 from nemoc.compiler.rules.host import (  # noqa: F401
-    rule_cuda_graph_gpu, rule_cuda_graph_scope, rule_fsdp_distributed_optimizer, rule_fsdp_gpu, rule_fsdp_pipeline,
+    rule_cuda_graph_gpu, rule_cuda_graph_scope, rule_fsdp_distributed_optimizer, rule_fsdp_pipeline,
     rule_manual_gc_interval)
 from nemoc.compiler.rules.moe import (  # noqa: F401
     expert_tp_options,

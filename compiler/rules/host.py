@@ -118,15 +118,3 @@ def rule_fsdp_pipeline(env: Env, s: Sizes) -> Violation | None:
                      "set pipeline = 1 (or auto), or megatron_fsdp = false",
                      anchors=(_FSDP[0], "parallel.pipeline"),
                      source="Megatron-Bridge FSDP recipes (pipeline_model_parallel_size = 1)")
-
-
-def rule_fsdp_gpu(env: Env, s: Sizes) -> Violation | None:
-    """Megatron-FSDP's buffers and streams are CUDA's (mcore_fsdp_adapter.py: device cuda, CUDA streams
-    for its all-gathers and reduce-scatters); the gloo/CPU runtime has none."""
-    if not s.megatron_fsdp or env.gpu_arch != "cpu":
-        return None
-    return Violation("E178", "megatron_fsdp needs GPUs",
-                     f"megatron_fsdp = true but cluster.gpu = {env.cluster.gpu}",
-                     "set megatron_fsdp = false on the CPU (distributed_optimizer shards the optimizer state)",
-                     anchors=(_FSDP[0], "cluster.gpu", "cluster"),
-                     source="megatron/core/distributed/fsdp/mcore_fsdp_adapter.py (CUDA device and streams)")

@@ -49,11 +49,12 @@ class AlignError(RuntimeError):
 
 
 def init_distributed(*, tp: int = 1, pp: int = 1, cp: int = 1, vp: int | None = None, ep: int = 1, etp: int = 1,
-                     seed: int = 1234) -> None:
+                     seed: int = 1234, host=None) -> None:
     """The training core's process group and model-parallel groups (runtime.core.dist, the one caller of
     initialize_model_parallel) for tp x pp x cp x (the rest: data parallel), with `vp` virtual pipeline
     stages per pipeline rank (the interleaved schedule) and the experts of a MoE model split over `ep`
-    ranks (of the data-parallel ranks) x `etp` (their tensor-parallel group), then the core's seeding."""
+    ranks (of the data-parallel ranks) x `etp` (their tensor-parallel group), then the core's seeding
+    (graph-safe where the stage's `host` settings capture CUDA graphs)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % (tp * pp * cp):
         raise AlignError(f"world size {world} is not a multiple of tp({tp}) * pp({pp}) * cp({cp})")
@@ -64,7 +65,7 @@ def init_distributed(*, tp: int = 1, pp: int = 1, cp: int = 1, vp: int | None = 
         dist.init_distributed(layout=layout)
     except dist.TaskError as exc:
         raise AlignError(str(exc)) from None
-    dist.set_seed(seed)
+    dist.set_seed(seed, host)
 
 
 def seed_all(seed: int) -> None:

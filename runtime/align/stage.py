@@ -146,7 +146,8 @@ def init_process_group(task: StageTask, *, single: bool = False) -> None:
         raise AlignError(f"stage {task.stage.name}: world size {world} != tp({tp}) * pp({pp}) * cp({cp}) * "
                          f"dp({layout.dp})")
     ep, etp = (1, 1) if single else (layout.ep, layout.etp)  # a MoE model's expert split (1 for dense)
-    common.init_distributed(tp=tp, pp=pp, cp=cp, vp=None if single else layout.vp, ep=ep, etp=etp, seed=task.stage.seed)
+    common.init_distributed(tp=tp, pp=pp, cp=cp, vp=None if single else layout.vp, ep=ep, etp=etp, seed=task.stage.seed,
+                            host=task.stage.execution.host if task.stage.execution is not None else None)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,9 @@ class Trainer:
         trainable = [p for p in chunk.parameters() if p.requires_grad]
         if not trainable:
             raise AlignError("no trainable parameters")
+        if layout.megatron_fsdp:  # runtime/target.py: the planner plans alignment kinds without it
+            raise AlignError("megatron_fsdp = true: the alignment stages wrap their models in Megatron-Core DDP; "
+                             "Megatron-FSDP runs pretraining stages (re-plan: nemoc plans these stages without it)")
         self.chunks = mmodel.wrap_ddp(chunks=built, config=config,
                                       ddp_config=margs.ddp_config(layout=layout, overlaps=overlaps))
         self.model = self.chunks[0]

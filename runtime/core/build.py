@@ -34,9 +34,14 @@ def build_model(*, plan: Plan, stage: StagePlan, vocab_size: int, facts: margs.M
 
 
 def wrap(chunks: list, *, config, stage: StagePlan) -> list:
-    """Megatron DDP around built chunks (parameters with requires_grad False get no gradient buffer)."""
-    return mdl.wrap_ddp(chunks=chunks, config=config,
-                        ddp_config=margs.ddp_config(layout=stage.layout, overlaps=stage.execution.overlaps))
+    """Megatron DDP around built chunks (parameters with requires_grad False get no gradient buffer), or
+    Megatron-FSDP's FullyShardedDataParallel where the plan says `megatron_fsdp`."""
+    from nemoc.runtime import mcore_cpu
+
+    ddp_config = margs.ddp_config(layout=stage.layout, overlaps=stage.execution.overlaps, cpu=mcore_cpu.is_applied())
+    if stage.layout.megatron_fsdp:
+        return mdl.wrap_fsdp(chunks=chunks, config=config, ddp_config=ddp_config)
+    return mdl.wrap_ddp(chunks=chunks, config=config, ddp_config=ddp_config)
 
 
 def build_chunks(*, model, layout, vocab_size: int, seq_length: int, facts: margs.MachineFacts, execution=None,
@@ -105,6 +110,11 @@ def restore_or_initialize(*, root: str, init_checkpoint: str | None, distributed
         metrics.event("initialized", checkpoint=init_checkpoint)
     elif hf_init:
         from nemoc.runtime.hf.load import LoadError, load_converted
+
+        if mdl.is_fsdp(model):
+            raise ckpt.CheckpointError(f"init = hf({hf_init}) with megatron_fsdp = true: the converted weights load into "
+                                       "Megatron-Core's unsharded layers, not Megatron-FSDP's DTensor shards; start the "
+                                       "FSDP stage from scratch or run it with megatron_fsdp = false")
 
         set_phase(f"load Hugging Face checkpoint {hf_init}")
         try:

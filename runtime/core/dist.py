@@ -96,14 +96,15 @@ def _current_sizes() -> tuple[int, int, int, int, int | None, int, int]:
             ps.get_expert_tensor_parallel_world_size())
 
 
-def set_seed(seed: int) -> None:
+def set_seed(seed: int, host=None) -> None:
     """Megatron-LM's _set_random_seed: a different seed per pipeline stage, and the tensor-parallel
-    RNG tracker (per-TP-rank streams for dropout and TP-sharded init)."""
+    RNG tracker (per-TP-rank streams for dropout and TP-sharded init); with CUDA graphs in the stage's
+    `host` settings, Transformer Engine's tracker with graph-safe states (megatron_args.cuda_graph_rng_kwargs)."""
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, **margs.cuda_graph_rng_kwargs(host))
 
 
 def teardown() -> None:

@@ -23,6 +23,7 @@ import torch
 
 from nemoc.runtime import mcore_cpu
 from nemoc.runtime.core.dist import StopSignal, device, set_phase
+from nemoc.runtime.core.graphs import StepGraphs
 
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
@@ -266,7 +267,8 @@ def rerun_nonfinite(attempt: Callable[[], tuple], *, step: int, lr: Callable[[],
 
 def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, seq_length: int,
                step: int = 0, warn: Callable[[str], None] = print, reports: tuple[str, ...] = ("lm loss",),
-               micro_batch: int | None = None, stop: StopSignal | None = None):
+               micro_batch: int | None = None, stop: StopSignal | None = None,
+               forward_backward: Callable | None = None):
     """One optimizer step over num_microbatches micro-batches. Returns (per report, the loss first, its
     [sum, count] over the step's micro-batches of the whole job as host floats, grad_norm, ok, the stop
     signal agreed over the ranks: 0, or the signal any rank had seen by the loss check of this step).
@@ -275,14 +277,16 @@ def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, 
     Inf on any rank, the gradients are dropped and the step is run again from the same state (same
     parameters, micro-batches and RNG state). A finite rerun is a transient fault (warned, training
     goes on); a second non-finite loss raises LossDiverged. Wrap `iterators` in ReplayableIterator for
-    the rerun to see the same micro-batches."""
+    the rerun to see the same micro-batches. `forward_backward`: the schedule to run (default
+    `get_forward_backward_func()`; StepGraphs' whole-step CUDA graph wraps it)."""
     replayable = [it for it in _each_iterator(iterators) if isinstance(it, ReplayableIterator)]
     for it in replayable:
         it.begin_step()
 
     def attempt():
         losses = _forward_backward(forward_step=forward_step, iterators=iterators, model=model, optimizer=optimizer,
-                                   layout=layout, seq_length=seq_length, micro_batch=micro_batch)
+                                   layout=layout, seq_length=seq_length, micro_batch=micro_batch,
+                                   forward_backward=forward_backward)
         sums, signum = _step_sums_and_stop(losses, reports, stop)
         return (sums, signum), "loss", _means(sums[:1])[0]
 
@@ -299,11 +303,11 @@ def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, 
 
 
 def _forward_backward(*, forward_step, iterators, model, optimizer, layout, seq_length: int,
-                      micro_batch: int | None = None) -> list[dict]:
+                      micro_batch: int | None = None, forward_backward: Callable | None = None) -> list[dict]:
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = get_forward_backward_func()(
+    losses = (forward_backward or get_forward_backward_func())(
         forward_step_func=forward_step, data_iterator=iterators, model=model,
         num_microbatches=layout.num_microbatches, seq_length=seq_length,
         micro_batch_size=micro_batch or layout.micro_batch, decoder_seq_length=seq_length, forward_only=False,
@@ -472,18 +476,22 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
                                        reports=reports, micro_batch=micro_batch)
         return state.last_val_loss
 
-    with GarbageCollection(stage.execution.host if stage.execution is not None else None) as collector:
+    host = stage.execution.host if stage.execution is not None else None
+    graphs = StepGraphs(model=model, optimizer=optimizer, host=host, seq_length=seq_length,
+                        micro_batch=micro_batch or layout.micro_batch)
+    with GarbageCollection(host) as collector:
         return _train_steps(model=model, optimizer=optimizer, scheduler=scheduler, stage=stage,
                             forward_step=forward_step, train_iterators=train_iterators, state=state,
                             end_iteration=end_iteration, checkpointer=checkpointer,
                             make_checkpoint_state=make_checkpoint_state, metrics=metrics, validate_now=validate_now,
                             validate=validate, throughput=throughput, stop=stop, reports=reports,
-                            seq_length=seq_length, micro_batch=micro_batch, collector=collector)
+                            seq_length=seq_length, micro_batch=micro_batch, collector=collector, graphs=graphs)
 
 
 def _train_steps(*, model, optimizer, scheduler, stage: StagePlan, forward_step, train_iterators, state: LoopState,
                  end_iteration: int, checkpointer, make_checkpoint_state, metrics, validate_now, validate,
-                 throughput, stop, reports, seq_length, micro_batch, collector: GarbageCollection) -> LoopState:
+                 throughput, stop, reports, seq_length, micro_batch, collector: GarbageCollection,
+                 graphs: StepGraphs) -> LoopState:
     """The steps of `train_loop`, under its garbage-collection policy."""
     layout = stage.layout
     interval_sums = [[0.0, 0.0] for _ in reports]  # per report, [sum, count] over the job, since the last log
@@ -493,12 +501,16 @@ def _train_steps(*, model, optimizer, scheduler, stage: StagePlan, forward_step,
     interval_start, interval_steps, skipped = time.perf_counter(), 0, 0
     every = stage.checkpoint.every
     while state.iteration < end_iteration:
+        if graphs.before_step():
+            metrics.event("cuda_graphs_captured", impl=graphs.impl, step=state.iteration + 1)
         set_phase(f"train step {state.iteration + 1}")
         sums, grad_norm, ok, signum = train_step(forward_step=forward_step, iterators=train_iterators, model=model,
                                          optimizer=optimizer, scheduler=scheduler, layout=layout,
                                          seq_length=seq_length, step=state.iteration + 1,
                                          warn=lambda text: metrics.event("transient_fault", message=text),
-                                         reports=reports, micro_batch=micro_batch, stop=stop)
+                                         reports=reports, micro_batch=micro_batch, stop=stop,
+                                         forward_backward=graphs.forward_backward)
+        graphs.after_step()
         state.iteration += 1
         state.consumed_samples += layout.global_batch
         for total, step_sums in zip(interval_sums, sums):

@@ -2,7 +2,7 @@
 optimizer state, two gathered units in flight), its communication (per layer and micro batch: all-gather
 before the forward and the backward, reduce-scatter after the backward, overlapped with the
 neighbouring layer), the search's use of both, and the rules at the user's line (E176 distributed
-optimizer, E177 pipeline = 1, E178 GPUs)."""
+optimizer, E177 pipeline = 1; the CPU plans it too)."""
 
 from __future__ import annotations
 
@@ -126,6 +126,45 @@ def test_fsdp_rules_at_the_users_line(tmp_path, parallel, code, needle):
     assert d.code == code and ("megatron_fsdp" in line or needle in line)
 
 
-def test_fsdp_on_the_cpu_is_e178(tmp_path):
-    d, line = _error(tmp_path, gpu="CPU", nodes=1)
-    assert d.code == "E178" and "megatron_fsdp = true" in line
+def test_fsdp_plans_on_the_cpu(tmp_path):
+    """E178 is retired: the runtime runs Megatron-FSDP on gloo (tests/runtime/test_train_fsdp.py); the
+    quickstart's two CPU workers plan it with the distributed optimizer and no pipeline."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "examples" / "quickstart.nemo").read_text()
+    text = text.replace("    data = auto\n", "    data = auto\n    megatron_fsdp = true\n", 1)
+    path = tmp_path / "quickstart.nemo"
+    path.write_text(text)
+    spec, diags, _ = compile_file(str(path))
+    assert [d for d in diags if d.severity == Severity.ERROR] == []
+    stage = plan_experiment(spec).plan.stage("pretrain")
+    assert stage.layout.megatron_fsdp and stage.layout.pp == 1 and stage.layout.distributed_optimizer
+    assert stage.layout.dp == 2
+
+
+def test_stages_the_target_wraps_in_ddp_plan_without_fsdp_and_say_so(tmp_path):
+    """megatron_fsdp = true for the experiment: pretraining runs it; an sft stage, which the nemoc runtime wraps
+    in DDP (runtime/target.py `megatron_fsdp=False` for the alignment kinds), is planned and costed without it,
+    with a note naming why (plan and runtime agree)."""
+    from nemoc.runtime.target import NEMOC_RUNTIME
+
+    text = SRC.format(gpu="H100", nodes=8, parallel="").replace("""  stage pretrain {{""".replace("{{", "{"), """  data chat {
+    path = "x/*.jsonl"
+    format = chat
+  }
+  stage sft after pretrain {
+    data = [chat]
+    samples = 10K
+    global_batch = 128
+  }
+  stage pretrain {""")
+    path = tmp_path / "f.nemo"
+    path.write_text(text)
+    spec, diags, _ = compile_file(str(path))
+    assert [d for d in diags if d.severity == Severity.ERROR] == []
+    planned = plan_experiment(spec, target=NEMOC_RUNTIME)
+    assert planned.plan.stage("pretrain").layout.megatron_fsdp
+    sft = planned.plan.stage("sft")
+    assert not sft.layout.megatron_fsdp and "fsdp_buffers" not in sft.memory.parts
+    [result] = [r for r in planned.stages if r.name == "sft"]
+    assert any("megatron_fsdp = false for this sft stage" in n for n in result.notes), result.notes

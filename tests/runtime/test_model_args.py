@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from unittest import mock
 
 import pytest
@@ -339,21 +340,46 @@ def test_cuda_graphs_reach_megatron_cores_transformer_config():
 
 
 def test_cuda_graphs_are_refused_where_the_runtime_cannot_capture_them():
+    """Every implementation and scope runs on CUDA with Transformer Engine's layers (runtime/core/graphs.py);
+    the CPU, a machine without TE's layers and a TE without make_graphed_callables are refused by name."""
     from nemoc.compiler.plan import HostExecution
 
     with pytest.raises(margs.UnsupportedPlan, match="CPU"):
         margs._check_cuda_graphs(HostExecution("local", (), True, 100), CPU)
     margs._check_cuda_graphs(HostExecution("none", (), True, 100), CPU)
     with mock.patch("torch.cuda.is_available", lambda: True):
-        with pytest.raises(margs.UnsupportedPlan, match="TECudaGraphHelper"):
-            margs._check_cuda_graphs(HostExecution("transformer_engine", (), True, 100), GPU_TE)
-        with pytest.raises(margs.UnsupportedPlan, match="FullCudaGraphWrapper"):
-            margs._check_cuda_graphs(HostExecution("local", ("full_iteration",), True, 100), GPU_TE)
+        with pytest.raises(margs.UnsupportedPlan, match="do not import here"):
+            margs._check_cuda_graphs(HostExecution("local", (), True, 100), margs.MachineFacts(cpu=False, have_te=False))
+        with mock.patch.object(margs, "have_te_graphs", lambda: False):
+            with pytest.raises(margs.UnsupportedPlan, match="make_graphed_callables"):
+                margs._check_cuda_graphs(HostExecution("transformer_engine", (), True, 100), GPU_TE)
+        with mock.patch.object(margs, "have_te_graphs", lambda: True):
+            margs._check_cuda_graphs(HostExecution("transformer_engine", ("attn", "mlp"), True, 100), GPU_TE)
+        margs._check_cuda_graphs(HostExecution("local", ("full_iteration",), True, 100), GPU_TE)
         margs._check_cuda_graphs(HostExecution("local", ("attn",), True, 100), GPU_TE)
     ex = dataclasses.replace(make_execution(LLAMA_ISH, lay(), kernels="local"),
                              host=HostExecution("local", (), True, 100))
     with pytest.raises(margs.UnsupportedPlan, match="CPU"):
         margs.transformer_config(model=LLAMA_ISH, layout=lay(), execution=ex, facts=CPU)
+
+
+def test_cuda_graphs_seed_transformer_engines_graph_safe_rng_tracker():
+    """With CUDA graphs the TransformerConfig asks for TE's RNG tracker and the seeding makes it graph-safe
+    (Megatron-LM `_set_random_seed(..., use_cudagraphable_rng=args.cuda_graph_impl != "none")`), so a replayed
+    dropout draws new numbers; nothing changes without graphs, nor on the CPU (where the plan is refused)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from nemoc.compiler.plan import HostExecution
+
+    graphs = HostExecution("transformer_engine", (), True, 100)
+    assert margs._cuda_graph_kwargs(graphs)["use_te_rng_tracker"] is True
+    assert margs.cuda_graph_rng_kwargs(HostExecution("none", (), True, 100)) == {}
+    assert margs.cuda_graph_rng_kwargs(graphs) == {}  # no CUDA here
+    with mock.patch("torch.cuda.is_available", lambda: True):
+        kw = margs.cuda_graph_rng_kwargs(graphs)
+    assert kw == {"te_rng_tracker": True, "use_cudagraphable_rng": True}
+    assert set(kw) <= set(inspect.signature(model_parallel_cuda_manual_seed).parameters)
+    assert "--te-rng-tracker" in margs._lm_host(graphs)
 
 
 def test_nvfp4_reaches_megatron_cores_fp4_fields():
@@ -383,27 +409,35 @@ def test_host_settings_as_megatron_lm_flags():
     from nemoc.compiler.plan import HostExecution
 
     assert margs._lm_host(HostExecution("transformer_engine", ("attn", "mlp"), True, 100)) == [
-        "--cuda-graph-impl transformer_engine", "--cuda-graph-scope attn mlp", "--manual-gc",
+        "--cuda-graph-impl transformer_engine", "--cuda-graph-scope attn mlp", "--te-rng-tracker", "--manual-gc",
         "--manual-gc-interval 100"]
     assert margs._lm_host(HostExecution("none", (), False, 0)) == []
 
 
-def test_megatron_fsdp_reaches_megatron_cores_ddp_config_and_is_refused_at_run_time():
+def test_megatron_fsdp_reaches_megatron_cores_ddp_config():
     """parallel.megatron_fsdp: DistributedDataParallelConfig(use_megatron_fsdp=True,
-    data_parallel_sharding_strategy="optim_grads_params"), which Megatron-Core 0.16.1 accepts; the nemoc
-    runtime refuses to run it (no FullyShardedDataParallel wrapper, no fsdp_dtensor checkpoints yet)."""
+    data_parallel_sharding_strategy="optim_grads_params"), which Megatron-Core 0.16.1 accepts; on gloo the
+    gradients are scaled before a plain sum (NCCL's PREMUL_SUM does not exist there). The runtime refuses it
+    without einops (Megatron-Core's FSDP adapter builds its device mesh with it) and with pipeline stages."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
     layout = lay(dp=2, distributed_optimizer=True, megatron_fsdp=True)
     kw = margs._ddp_kwargs(layout, None)
     c = DistributedDataParallelConfig(**kw)
     assert c.use_megatron_fsdp and c.data_parallel_sharding_strategy == "optim_grads_params"
-    assert c.use_distributed_optimizer
+    assert c.use_distributed_optimizer and c.gradient_reduce_div_fusion  # Megatron-Core's default on NCCL
+    assert not margs.ddp_config(layout=layout, cpu=True).gradient_reduce_div_fusion
+    assert margs.ddp_config(layout=lay(dp=2), cpu=True).gradient_reduce_div_fusion  # DDP untouched
     assert "--use-megatron-fsdp" in margs._flags(kw)
     assert "--data-parallel-sharding-strategy optim_grads_params" in margs._flags(kw)
     assert "use_megatron_fsdp" not in margs._ddp_kwargs(lay(dp=2), None)
-    with pytest.raises(margs.UnsupportedPlan, match="Megatron-FSDP"):
-        config(layout=layout, facts=GPU_TE)
+    with mock.patch.object(margs, "have_einops", lambda: True):
+        assert config(layout=layout).num_layers == LLAMA_ISH.layers
+        with pytest.raises(margs.UnsupportedPlan, match="one model chunk"):
+            margs._check_fsdp(lay(dp=2, pp=2, distributed_optimizer=True, megatron_fsdp=True))
+    with mock.patch.object(margs, "have_einops", lambda: False):
+        with pytest.raises(margs.UnsupportedPlan, match="needs the einops package"):
+            config(layout=layout)
 
 
 def test_bf16_optimizer_state_reaches_megatron_cores_optimizer_config():

@@ -1,0 +1,113 @@
+"""Megatron-FSDP (`parallel.megatron_fsdp`, ZeRO-3) on the training core, on CPU/gloo: Megatron-Core 0.16.1's
+FullyShardedDataParallel trains as DDP with the distributed optimizer does (the same DP=2 run, losses equal to
+fp32 reduction noise), and its `fsdp_dtensor` checkpoints resume exactly (runtime/fsdp_checkpoint.py).
+
+Megatron-Core's FSDP adapter needs einops (an optional dependency of megatron-core): without it the runtime
+refuses the plan with that reason (tested in test_model_args) and these runs skip."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from dataclasses import replace
+
+import pytest
+
+from nemoc.runtime import megatron_args as margs
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not margs.have_einops(), reason="Megatron-Core's FSDP adapter needs einops")]
+
+REL = 2e-5  # fp32 reduction-order noise over 6 Adam steps (test_train_parallel); a wrong gradient is off by >1e-2
+
+
+def _fsdp_layout(kit):
+    return replace(kit.layout(dp=2, dist_opt=True), megatron_fsdp=True)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fsdp_trains_as_ddp_with_the_distributed_optimizer(tmp_path, kit, train_data, precision):
+    """DP=2, same seed (weights initialised on the CPU from the global RNG: independent of the wrapper), same
+    global batches: FSDP's all-gathered weights and reduce-scattered gradients give DDP's losses and gradient
+    norms; its checkpoint is fsdp_dtensor (torch.distributed.checkpoint) with the manifest naming it."""
+    ddp_lay = kit.layout(dp=2, dist_opt=True)
+    ddp = kit.run_training(tmp_path / "ddp", kit.make_plan(kit.stage_plan(lay=ddp_lay), precision=precision), 2,
+                           data_prefix=train_data)
+    assert ddp.returncode == 0, ddp.explain()
+    fsdp = kit.run_training(tmp_path / "fsdp", kit.make_plan(kit.stage_plan(lay=_fsdp_layout(kit)), precision=precision),
+                            2, data_prefix=train_data)
+    assert fsdp.returncode == 0, fsdp.explain()
+    assert sorted(fsdp.losses) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert fsdp.losses[step] == pytest.approx(ddp.losses[step], rel=REL), (step, fsdp.losses, ddp.losses)
+    grad = {r["step"]: r["grad_norm"] for r in fsdp.records if "grad_norm" in r}
+    ddp_grad = {r["step"]: r["grad_norm"] for r in ddp.records if "grad_norm" in r}
+    assert grad[1] == pytest.approx(ddp_grad[1], rel=1e-4)
+    assert ddp.losses[6] < ddp.losses[1]  # it learns: the compared losses are not one flat value
+    from nemoc.runtime import checkpoint as ckpt
+
+    final = fsdp.done["checkpoint"]
+    assert ckpt.checkpoint_format(final) == "fsdp_dtensor" and ckpt.verify(final) is None
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fsdp_checkpoint_resumes_exactly(tmp_path, kit, train_data, precision):
+    """Six steps with a checkpoint every 3; a run restarted from iter 3 (model shards, Adam moments, scheduler,
+    data position, RNG; in bf16 the fp32 main weights too) reproduces steps 4..6 bit for bit."""
+    plan = kit.make_plan(kit.stage_plan(lay=_fsdp_layout(kit), every=3), precision=precision)
+    full = kit.run_training(tmp_path / "full", plan, 2, data_prefix=train_data)
+    assert full.returncode == 0, full.explain()
+    ckdir = tmp_path / "ck"
+    ckdir.mkdir()
+    shutil.copytree(full.out / "checkpoints" / "iter_0000003", ckdir / "iter_0000003")
+    (ckdir / "latest").write_text("iter_0000003\n")
+    resumed = kit.run_training(tmp_path / "resumed", plan, 2, data_prefix=train_data, checkpoint_dir=ckdir)
+    assert resumed.returncode == 0, resumed.explain()
+    event = [r for r in resumed.records if r.get("event") == "resumed"]
+    assert event and event[0]["iteration"] == 3 and event[0]["optimizer_restored"]
+    assert sorted(resumed.losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed.losses[step] == full.losses[step], (step, resumed.losses, full.losses)
+
+
+def test_a_torch_dist_checkpoint_does_not_resume_an_fsdp_stage(tmp_path, kit, train_data):
+    """A DDP stage's checkpoint under an FSDP stage's directory: skipped with the reason, and the run refuses
+    to start over silently (CheckpointError naming it)."""
+    ddp = kit.run_training(tmp_path / "ddp", kit.make_plan(kit.stage_plan(lay=kit.layout(dp=2, dist_opt=True),
+                                                                         steps=3)), 2, data_prefix=train_data)
+    assert ddp.returncode == 0, ddp.explain()
+    plan = kit.make_plan(kit.stage_plan(lay=_fsdp_layout(kit)))
+    result = kit.run_training(tmp_path / "fsdp", plan, 2, data_prefix=train_data,
+                              checkpoint_dir=ddp.out / "checkpoints")
+    assert result.returncode != 0
+    assert "resumes from its own fsdp_dtensor checkpoints only" in result.stdout + result.stderr, result.explain()
+
+
+def test_nemoc_run_trains_the_quickstart_with_megatron_fsdp(tmp_path):
+    """End to end through the CLI: the quickstart (two CPU workers) with `--set parallel.megatron_fsdp=true`
+    plans, prepares its data, trains under FullyShardedDataParallel, validates and checkpoints (fsdp_dtensor)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from nemoc.runtime import checkpoint as ckpt
+    from nemoc.runtime.cli import cli
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    shutil.copy(examples / "quickstart.nemo", tmp_path / "quickstart.nemo")
+    (tmp_path / "data" / "quickstart").mkdir(parents=True)
+    shutil.copy(examples / "data" / "quickstart" / "corpus.jsonl", tmp_path / "data" / "quickstart" / "corpus.jsonl")
+    workdir = tmp_path / "run"
+    result = CliRunner().invoke(cli, [
+        "run", str(tmp_path / "quickstart.nemo"), "--workdir", str(workdir), "--workers", "1",
+        "--set", "parallel.megatron_fsdp=true", "--set", "stage.pretrain.steps=20",
+        "--set", "stage.pretrain.log_every=5", "--set", "stage.pretrain.eval_every=10",
+        "--set", "stage.pretrain.checkpoint.every=10"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "dp=2" in result.output and "Megatron-FSDP is using device" not in result.output
+    task = workdir / "tasks" / "train_pretrain"
+    done = json.loads((task / "DONE.json").read_text())
+    assert done["steps"] == 20 and ckpt.checkpoint_format(done["checkpoint"]) == "fsdp_dtensor"
+    records = [json.loads(line) for line in (task / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0]
