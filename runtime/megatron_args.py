@@ -510,7 +510,11 @@ def cuda_graph_rng_kwargs(host: HostExecution | None) -> dict:
     te_rng_tracker, use_cudagraphable_rng=args.cuda_graph_impl != "none")`), so a captured dropout
     draws fresh numbers at each replay; none otherwise, and none without CUDA (`_check_cuda_graphs` then
     refuses the plan when the stage's model is built)."""
-    if host is None or host.cuda_graph_impl == "none" or not torch.cuda.is_available():
+    if host is None or host.cuda_graph_impl == "none":
+        return {}
+    import torch
+
+    if not torch.cuda.is_available():
         return {}
     return dict(te_rng_tracker=True, use_cudagraphable_rng=True)
 
