@@ -50,6 +50,13 @@ Context parallelism: the rollout is not split over the CP group. Every CP rank r
         all-to-alls) sees all its ranks. Each CP rank draws with the same generator, and the first CP rank's
         tokens are broadcast to the group every step (`_from_first_context_rank`), so the group agrees on
         every token whatever the kernels' bitwise determinism; tokens equal one process's (tested at CP=2).
+Sequence parallelism: off while decoding (the model under `model.unsplit_sequence`: the embedding's scatter,
+        the linears' sequence gathers and reduce-scatters, the output layer's gather all switched off, then
+        restored): a decode step feeds one token per row, which cannot be split over the TP group, and the
+        same weights give the same sums (row-parallel outputs all-reduced instead of reduce-scattered). Every
+        TP rank holds the whole window; the steps and experience passes around the rollout keep sequence
+        parallelism (tested: PPO and GRPO at TP=2 with sequence parallelism = one process,
+        tests/runtime/align/test_align_rl_pipeline.py).
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemoc.runtime.model import unwrap, whole_sequences
+from nemoc.runtime.model import unsplit_sequence, unwrap, whole_sequences
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,9 @@ def _forward(model, tokens: torch.Tensor, positions: torch.Tensor, context) -> t
     # no mask: GPTModel's attention is causal (tokens of a row never see later ones)
     kwargs = {} if context is None else {"inference_context": context}
     out = None
-    with whole_sequences(model):  # context parallelism: every CP rank runs the whole rows (no split)
+    # context parallelism: every CP rank runs the whole rows; sequence parallelism: every TP rank holds the
+    # whole window (a decode step's one token per row cannot be scattered over the TP group)
+    with whole_sequences(model), unsplit_sequence(model):
         for i, chunk in enumerate(chunks):
             if pipe is not None and not (pipe.first and i == 0):
                 unwrap(chunk).set_input_tensor(_recv(pipe.prev, tokens.device))
@@ -235,7 +244,7 @@ def _pipeline() -> _Pipe | None:
                  last_rank=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
 
 
-# The hidden states a stage sends are [s', b, h] (s' / tp under sequence parallelism) in the model's dtype:
+# The hidden states a stage sends are [s', b, h] (whole: `unsplit_sequence`) in the model's dtype:
 # a header of (dtype code, 3 sizes) first, so the receiver needs no knowledge of the stage's layout.
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

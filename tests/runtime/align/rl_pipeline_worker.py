@@ -3,7 +3,8 @@ layout (`pp2`: pipeline parallelism 2; `pp2vp2`: with 2 virtual stages per rank,
 data parallelism 2 of a mixture-of-experts model, its experts split over the two ranks with `ep2`) from the
 checkpoint `OUT/base` (align_helpers.rl_kind), its result to `OUT/KIND_LAYOUT.json` (compared with one
 process, or with `dp2`, by test_align_rl_pipeline.py); `cp2`: context parallelism 2 on the SDPA core (every CP
-rank must then hold the same rollout and metrics)."""
+rank must then hold the same rollout and metrics); `tp2sp`: tensor parallelism 2 with sequence parallelism
+(the rollout decodes with it switched off: runtime/model.py `unsplit_sequence`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ LAYOUTS = {  # name -> (init_distributed kwargs, single_layout kwargs, rl_kind k
     "dp2": (dict(), dict(dp=2), dict(experts=4)),
     "ep2": (dict(ep=2), dict(dp=2, ep=2), dict(experts=4)),
     "cp2": (dict(cp=2), dict(cp=2), dict(attention="flash")),
+    "tp2sp": (dict(tp=2), dict(tp=2, sequence_parallel=True), {}),
 }
 
 
@@ -55,7 +57,7 @@ def main(out: Path, kind: str, name: str) -> None:
     OUT = out
     torch.set_num_threads(1)
     init, layout, extra = LAYOUTS[name]
-    common.init_distributed(tp=1, seed=0, **init)
+    common.init_distributed(**{"tp": 1, "seed": 0, **init})
     lay = common.single_layout(global_batch=4, micro_batch=2, **layout)
     result = rl_kind(common, kind, out / "base", lay, **extra)
     if extra.get("experts"):
