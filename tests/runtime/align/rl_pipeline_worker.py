@@ -49,6 +49,38 @@ def uneven_rollouts(layout) -> list:
     return every
 
 
+def sequence_parallel_switches(layout) -> None:
+    """Under `unsplit_sequence` every sequence-parallel switch of a model (configs, module attributes,
+    ColumnParallelLinear's allreduce_dgrad, the parameters' tags) is off; after it, each is what it was."""
+    from align_helpers import rl_spec
+
+    from nemoc.runtime.model import unsplit_sequence
+
+    def switches(model) -> dict:
+        found = {}
+        for name, m in model.named_modules():
+            for attr in ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings",
+                         "allreduce_dgrad"):
+                if isinstance(getattr(m, attr, None), bool):
+                    found[name, attr] = getattr(m, attr)
+            if getattr(getattr(m, "config", None), "sequence_parallel", None) is not None:
+                found[name, "config"] = m.config.sequence_parallel
+            for pname, p in m.named_parameters(recurse=False):
+                found[name, pname] = getattr(p, "sequence_parallel", None)
+        return found
+
+    model = common.build_gpt(rl_spec(), layout)
+    before = switches(model)
+    assert before[("", "config")] is True and before[("embedding.word_embeddings", "reduce_scatter_embeddings")]
+    with unsplit_sequence(model):
+        inside = switches(model)
+    assert before.keys() == inside.keys()
+    on = {k: v for k, v in inside.items() if v is True and k[1] != "allreduce_dgrad"}
+    assert not on, on
+    assert all(v for k, v in inside.items() if k[1] == "allreduce_dgrad"), inside
+    assert switches(model) == before
+
+
 OUT = Path(".")
 
 
@@ -60,6 +92,8 @@ def main(out: Path, kind: str, name: str) -> None:
     common.init_distributed(**{"tp": 1, "seed": 0, **init})
     lay = common.single_layout(global_batch=4, micro_batch=2, **layout)
     result = rl_kind(common, kind, out / "base", lay, **extra)
+    if lay.sequence_parallel:
+        sequence_parallel_switches(lay)
     if extra.get("experts"):
         result["uneven"] = uneven_rollouts(lay)
     if torch.distributed.get_rank() == 0:

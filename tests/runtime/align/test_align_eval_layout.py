@@ -118,6 +118,28 @@ def test_eval_at_tp2_reports_what_one_process_reports(mcore, tmp_path):
     assert [g["completion"] for g in results[2]["generations"]] == [g["completion"] for g in results[1]["generations"]]
 
 
+@pytest.mark.slow
+def test_eval_at_tp2_with_sequence_parallelism_reports_what_one_process_reports(mcore, tmp_path):
+    """Tensor parallelism 2 with sequence parallelism (what the planner gives eval at tp > 1 now): the loss and
+    log-prob passes run with the activations split along the sequence over the two ranks, the generations
+    decode with the split switched off (runtime/model.py `unsplit_sequence`: a decode step's one token per row
+    cannot be scattered; before it, the prefill crashed in the embedding's reduce-scatter). One process's
+    numbers and text."""
+    root, spec, tok, qa = arithmetic_world(tmp_path, mcore, seed=7)
+    spec = dataclasses.replace(spec, vocab=512)  # no vocabulary padding at tp=1 or tp=2: the same softmax
+    mcore.seed_all(7)
+    mcore.save_model(mcore.build_gpt(spec, mcore.single_layout(), vocab=512, seq_length=48), root / "base512")
+    params = {"prompts": ["What is 1 plus 2?", "What is 4 plus 4?"], "max_new_tokens": 4, "max_windows": 8}
+    plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1), ("eval", "eval", ("base",), params, None, 0)])
+    base = dict(pp=1, dp=1, micro_batch=2, global_batch=2, num_microbatches=1)
+    results = _eval_at_layouts(tmp_path, plan, spec,
+                               layouts={"one": (1, dict(base, tp=1, sequence_parallel=False)),
+                                        "tp2sp": (2, dict(base, tp=2, sequence_parallel=True))},
+                               datasets=_datasets(root, tok, qa), tokenizer=str(root / "tokenizer.json"),
+                               vocab=512, parents={"base": str(root / "base512")})
+    _assert_same_numbers(results["one"], results["tp2sp"])
+
+
 def _datasets(root, tok, qa) -> list[dict]:
     """A validation-document set, a chat set and a preference set (the right sum against a wrong one)."""
     (root / "prefs.jsonl").write_text("\n".join(json.dumps({"prompt": q, "chosen": r, "rejected": r.replace(" is ", " is 1")})
