@@ -541,11 +541,8 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
             parts["optimizer_step_fp32_grads"] = step_transient - dynamic
         if generates:  # the rollout runs before the step, when no training activation is held
             kv = rollout_kv_cache(model, layout, seq=seq, rows=rows, layers=st.layers)
-            # whole rows on every CP rank, the whole window on every TP rank (the rollout decodes with
-            # sequence parallelism switched off: a one-token step cannot be split over the TP group)
-            whole = layout.cp == 1 and not layout.sequence_parallel
-            prefill = per_layer if whole else layer_activations(
-                model, seq=seq, micro_batch=b, tp=layout.tp, sp=False, cp=1, etp=layout.etp,
+            prefill = per_layer if layout.cp == 1 else layer_activations(  # whole rows on every CP rank
+                model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=1, etp=layout.etp,
                 recompute=layout.recompute if trains else "none", attention_backend=backend, dropout=dropout,
                 kernels=kernels, fp8=precision in ("fp8", "mxfp8")).total
             rollout = kv + prefill * layout.num_microbatches  # + one layer's prefill tensors of the whole batch

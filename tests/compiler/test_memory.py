@@ -266,22 +266,6 @@ def test_context_parallelism_splits_the_training_activations_but_not_the_rollout
     assert dynamic(b) > 0.9 * rollout_kv_cache(model, two, seq=4096, rows=8, layers=32)
 
 
-def test_sequence_parallelism_splits_the_training_activations_but_not_the_rollouts_prefill() -> None:
-    """The rollout decodes with sequence parallelism switched off (every TP rank holds its whole window), so a
-    GRPO stage's rollout (KV cache + the prefill's tensors of the batch) is the same with and without it,
-    while the training activations shrink with it."""
-    model = PRESETS["llama3_8b"]
-    whole = layout(tp=2, dp=4, micro_batch=1, global_batch=512, num_microbatches=128)
-    split = dataclasses.replace(whole, sequence_parallel=True)
-    params = {"num_generations": 8, "max_new_tokens": 512}
-    a = estimate(model, whole, gpu="H100", stage_kind="grpo", seq_length=4096, params=params)
-    b = estimate(model, split, gpu="H100", stage_kind="grpo", seq_length=4096, params=params)
-    assert b.activations < a.activations
-    rollout = lambda m: m.parts["rollout_kv_cache"] + m.activations + sum(  # noqa: E731
-        m.parts.get(k, 0) for k in ("logits", "moe_dispatch", "backward_working"))
-    assert rollout(b) == pytest.approx(rollout(a), rel=1e-9)
-
-
 def test_bf16_optimizer_state_holds_two_byte_moments_and_a_master_remainder() -> None:
     """optimizer_state_dtype = bf16 (Megatron-Core's precision-aware optimizer): 2-byte Adam moments, and
     the fp32 master kept as its 16-bit remainder beside bf16 weights (store_param_remainders) where
