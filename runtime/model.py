@@ -284,8 +284,10 @@ def unsplit_sequence(model):
         finalize_model_grads all-reduces over the TP group under sequence parallelism).
     So every module computes what it computes when built with sequence_parallel = False: the weights are
     the same and every rank holds the whole sequence; row-parallel outputs are all-reduced instead of
-    reduce-scattered, the same sums. MoE layers (dispatchers at tp > 1) then route each TP rank's copy of
-    the tokens: duplicated work, the same results. A no-op without sequence parallelism."""
+    reduce-scattered, the same sums. MoE layers then route each TP rank's copy of the tokens (the dispatchers
+    gather over their TP x EP group and reduce-scatter back: duplicated work, the same results; tested with
+    etp = 1: tests/runtime/align/test_align_eval_layout.py). Meant for forward passes (no gradient flows in
+    the generator); a no-op without sequence parallelism."""
     modules = [m for chunk in (model if isinstance(model, (list, tuple)) else [model]) for m in chunk.modules()]
     configs = {id(c): c for c in (getattr(m, "config", None) for m in modules)
                if getattr(c, "sequence_parallel", False) is True}
