@@ -51,7 +51,8 @@ def uneven_rollouts(layout) -> list:
 
 def sequence_parallel_switches(layout) -> None:
     """Under `unsplit_sequence` every sequence-parallel switch of a model (configs, module attributes,
-    ColumnParallelLinear's allreduce_dgrad, the parameters' tags) is off; after it, each is what it was."""
+    ColumnParallelLinear's allreduce_dgrad, the parameters' tags) is off; after it, each is what it was. For
+    a language model and for one with the scalar head of the reward model and critic (common.ScalarHead)."""
     from align_helpers import rl_spec
 
     from nemoc.runtime.model import unsplit_sequence
@@ -69,16 +70,18 @@ def sequence_parallel_switches(layout) -> None:
                 found[name, pname] = getattr(p, "sequence_parallel", None)
         return found
 
-    model = common.build_gpt(rl_spec(), layout)
-    before = switches(model)
-    assert before[("", "config")] is True and before[("embedding.word_embeddings", "reduce_scatter_embeddings")]
-    with unsplit_sequence(model):
-        inside = switches(model)
-    assert before.keys() == inside.keys()
-    on = {k: v for k, v in inside.items() if v is True and k[1] != "allreduce_dgrad"}
-    assert not on, on
-    assert all(v for k, v in inside.items() if k[1] == "allreduce_dgrad"), inside
-    assert switches(model) == before
+    for head in (False, True):
+        model = common.build_gpt(rl_spec(), layout, scalar_head=head)
+        before = switches(model)
+        assert before[("", "config")] is True and before[("embedding.word_embeddings", "reduce_scatter_embeddings")]
+        assert before[("output_layer", "sequence_parallel")] is True  # the vocabulary layer's or the head's gather
+        with unsplit_sequence(model):
+            inside = switches(model)
+        assert before.keys() == inside.keys()
+        on = {k: v for k, v in inside.items() if v is True and k[1] != "allreduce_dgrad"}
+        assert not on, on
+        assert all(v for k, v in inside.items() if k[1] == "allreduce_dgrad"), inside
+        assert switches(model) == before
 
 
 OUT = Path(".")
