@@ -982,9 +982,11 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     m x slowest + bubble, and every forward (the prefill, each decode step) sends the batch's hidden
     states across the pp - 1 stage boundaries (`_rollout_p2p`). Context parallelism does not split the
     rollout (the nemoc runtime's generator runs the whole rows on every CP rank, which wait for none of
-    each other): the prefill, the KV cache reads and the transfers are those of cp = 1."""
+    each other): the prefill, the KV cache reads and the transfers are those of cp = 1. Nor does sequence
+    parallelism (the generator switches it off: a decode step's one token per row cannot be split over the
+    TP group), so the prefill's TP traffic is all-reduces and every rank computes its whole window."""
     batch = layout.num_microbatches * micro_batch
-    whole = replace(layout, cp=1)  # every CP rank decodes the whole rows
+    whole = replace(layout, cp=1, sequence_parallel=False)  # every CP and TP rank decodes the whole rows
     if layout.pp == 1:
         prefill = _pass_time(model, whole, hw, ModelPass("prefill", 1.0, FORWARD), seq=seq, precision=precision,
                              backend=backend, micro_batch=micro_batch, params=params, overlap_tp=overlap_tp,
@@ -1011,15 +1013,15 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
 
 
 def _rollout_p2p(model, layout, hw, tokens: float, params) -> float:
-    """One generation forward's pipeline transfers: `tokens` hidden states (16-bit; 1/tp of them each
-    under sequence parallelism; all of them at any cp: every CP rank sends the whole rows) sent across each
+    """One generation forward's pipeline transfers: `tokens` hidden states (16-bit; all of them at any cp and
+    under sequence parallelism: every CP and TP rank sends the whole rows) sent across each
     stage boundary in turn, on the critical path (the stages wait for each other), each paying the link
     latency; 0 without a pipeline. With vp virtual stages per rank the hidden states go around the ring vp
     times (chunk 0 on stages 0..pp-1, then chunk 1, ..., as Megatron's interleaved schedule orders the
     chunks), crossing pp x vp - 1 boundaries, not pp - 1."""
     if layout.pp == 1:
         return 0.0
-    size = tokens * model.hidden * 2.0 / (layout.tp if layout.sequence_parallel else 1)
+    size = tokens * model.hidden * 2.0
     bw = _link_bw(hw, layout.pp, layout.tp * layout.cp * layout.dp, params)
     return (layout.pp * (layout.vp or 1) - 1) * (size / bw + params.ring_step_latency)
 

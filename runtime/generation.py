@@ -50,6 +50,13 @@ Context parallelism: the rollout is not split over the CP group. Every CP rank r
         all-to-alls) sees all its ranks. Each CP rank draws with the same generator, and the first CP rank's
         tokens are broadcast to the group every step (`_from_first_context_rank`), so the group agrees on
         every token whatever the kernels' bitwise determinism; tokens equal one process's (tested at CP=2).
+Sequence parallelism: off while decoding (the model under `model.unsplit_sequence`: the embedding's scatter,
+        the linears' sequence gathers and reduce-scatters, the output layer's gather all switched off, then
+        restored): a decode step feeds one token per row, which cannot be split over the TP group, and the
+        same weights give the same sums (row-parallel outputs all-reduced instead of reduce-scattered). Every
+        TP rank holds the whole window; the steps and experience passes around the rollout keep sequence
+        parallelism (tested: PPO and GRPO at TP=2 with sequence parallelism = one process,
+        tests/runtime/align/test_align_rl_pipeline.py).
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemoc.runtime.model import unwrap, whole_sequences
+from nemoc.runtime.model import unsplit_sequence, unwrap, whole_sequences
 
 
 @dataclass(frozen=True)
@@ -121,32 +128,35 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, vo
         end, total = -int(agreed[0]), int(agreed[1])
         tokens = torch.cat([tokens, torch.zeros(b, total - tokens.shape[1], dtype=torch.long)], 1)
     context = _context(b, total) if use_cache else None
-    while end < total and not _all_done(done, group, dev):
-        window = tokens[:, start:end] if use_cache else tokens[:, :end]
-        offset = start if use_cache else 0
-        positions = torch.arange(offset, end).expand(b, -1)
-        logits = _forward(model, window.to(dev), positions.to(dev), context)
-        if use_cache:
-            context.increment_sequence_len_offset(end - start)
-            context.enable_decode_mode()
-        # rows generating at position `end`: past their prompt, not finished, within their budget
-        generating = (lengths <= end) & ~done & (end < limit)
-        rows = generating.nonzero().squeeze(1)
-        if len(rows):
-            nxt = ent = None
-            if logits is not None:  # the last pipeline stage (every rank without pipelining)
-                nxt, ent = _next_tokens(logits[rows.to(dev), -1, :], vocab=vocab, greedy=greedy,
-                                        temperature=temperature, top_k=top_k, generator=generator)
-            nxt, ent = _from_first_context_rank(nxt, ent, len(rows), dev)
-            nxt, ent = _from_last_stage(nxt, ent, len(rows), dev)
-            tokens[rows, end] = nxt
-            entropy_sum[rows] += ent
-            entropy_n[rows] += 1
-            stopped = rows[torch.isin(nxt, stops)]
-            done[stopped] = True
-            ends[stopped] = end + 1
-        done |= (end + 1) >= limit
-        start, end = end, end + 1
+    # for the whole decode (set once, not per step): every context-parallel rank runs the whole rows, every
+    # tensor-parallel rank the whole window (a decode step's one token per row cannot be split over the group)
+    with whole_sequences(model), unsplit_sequence(model):
+        while end < total and not _all_done(done, group, dev):
+            window = tokens[:, start:end] if use_cache else tokens[:, :end]
+            offset = start if use_cache else 0
+            positions = torch.arange(offset, end).expand(b, -1)
+            logits = _forward(model, window.to(dev), positions.to(dev), context)
+            if use_cache:
+                context.increment_sequence_len_offset(end - start)
+                context.enable_decode_mode()
+            # rows generating at position `end`: past their prompt, not finished, within their budget
+            generating = (lengths <= end) & ~done & (end < limit)
+            rows = generating.nonzero().squeeze(1)
+            if len(rows):
+                nxt = ent = None
+                if logits is not None:  # the last pipeline stage (every rank without pipelining)
+                    nxt, ent = _next_tokens(logits[rows.to(dev), -1, :], vocab=vocab, greedy=greedy,
+                                            temperature=temperature, top_k=top_k, generator=generator)
+                nxt, ent = _from_first_context_rank(nxt, ent, len(rows), dev)
+                nxt, ent = _from_last_stage(nxt, ent, len(rows), dev)
+                tokens[rows, end] = nxt
+                entropy_sum[rows] += ent
+                entropy_n[rows] += 1
+                stopped = rows[torch.isin(nxt, stops)]
+                done[stopped] = True
+                ends[stopped] = end + 1
+            done |= (end + 1) >= limit
+            start, end = end, end + 1
     pipe = _pipeline()
     for i, chunk in enumerate(_chunks(model)):
         if pipe is not None and not (pipe.first and i == 0):
@@ -191,7 +201,8 @@ def _chunks(model) -> list:
 
 def _forward(model, tokens: torch.Tensor, positions: torch.Tensor, context) -> torch.Tensor | None:
     """Logits [b, s', v] (s' = 1 with a cache: Megatron materialises only the last position then) on the
-    last pipeline stage; None on the others (their hidden states went to the next stage).
+    last pipeline stage; None on the others (their hidden states went to the next stage). Called under
+    `whole_sequences` and `unsplit_sequence` (`generate`).
 
     A rank's chunks run in Megatron's interleaved order: chunk 0 on stages 0..pp-1, then chunk 1 on stages
     0..pp-1, ...; each chunk but the model's first (chunk 0 of stage 0) receives its input from the previous
@@ -202,13 +213,12 @@ def _forward(model, tokens: torch.Tensor, positions: torch.Tensor, context) -> t
     # no mask: GPTModel's attention is causal (tokens of a row never see later ones)
     kwargs = {} if context is None else {"inference_context": context}
     out = None
-    with whole_sequences(model):  # context parallelism: every CP rank runs the whole rows (no split)
-        for i, chunk in enumerate(chunks):
-            if pipe is not None and not (pipe.first and i == 0):
-                unwrap(chunk).set_input_tensor(_recv(pipe.prev, tokens.device))
-            out = chunk(tokens, positions, None, runtime_gather_output=True, **kwargs)
-            if pipe is not None and not (pipe.last and i == len(chunks) - 1):
-                _send(out, pipe.next)
+    for i, chunk in enumerate(chunks):
+        if pipe is not None and not (pipe.first and i == 0):
+            unwrap(chunk).set_input_tensor(_recv(pipe.prev, tokens.device))
+        out = chunk(tokens, positions, None, runtime_gather_output=True, **kwargs)
+        if pipe is not None and not (pipe.last and i == len(chunks) - 1):
+            _send(out, pipe.next)
     return out if pipe is None or pipe.last else None
 
 
@@ -235,7 +245,7 @@ def _pipeline() -> _Pipe | None:
                  last_rank=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
 
 
-# The hidden states a stage sends are [s', b, h] (s' / tp under sequence parallelism) in the model's dtype:
+# The hidden states a stage sends are [s', b, h] (whole: `unsplit_sequence`) in the model's dtype:
 # a header of (dtype code, 3 sizes) first, so the receiver needs no knowledge of the stage's layout.
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -19,7 +19,8 @@ the TP RNG tracker. Context parallelism (cp > 1): the SDPA core all-gathers the 
 and attends its load-balanced query shard causally (`SDPAttention._context_parallel`; TE's attention runs
 ring attention instead); Megatron's unfused core supports cp = 1 only (megatron_args refuses the plan), and
 neither local core splits packed (thd) sequences over CP ranks. `whole_sequences(model)` turns the CP split
-off for a while (the rollout generator: every CP rank decodes the whole rows).
+off for a while (the rollout generator: every CP rank decodes the whole rows); `unsplit_sequence(model)`
+likewise turns sequence parallelism off (a decode step's one token per row cannot be split over TP ranks).
 """
 
 from __future__ import annotations
@@ -245,6 +246,81 @@ def _clear_rotary_caches(rotary) -> None:
         clear = getattr(cls.forward, "cache_clear", None)
         if clear is not None:
             clear()
+
+
+# The attributes through which Megatron-Core 0.16.1 modules act on sequence parallelism, each a copy of
+# `config.sequence_parallel` (or derived from it) taken at construction, so changing the config alone does
+# not reach them. Megatron-Core's own inference switch (transformer/utils.py `set_model_to_sequence_parallel`)
+# flips the first three; it keeps the modules in a process-global cache keyed by id(model) (stale once a model
+# is freed and its id reused) and sets every attribute to one value on the way back, so it is not used here.
+_SEQUENCE_PARALLEL_SWITCHES = (
+    # ColumnParallelLinear / RowParallelLinear (tensor_parallel/layers.py: the column layer all-gathers its
+    # input along the sequence, the row layer reduce-scatters its output instead of all-reducing it),
+    # Transformer Engine's linears (TELinear, TELayerNormColumnParallelLinear: te.pytorch reads
+    # `self.sequence_parallel` in every forward), FusedLayerNorm, the multi-token-prediction block, and
+    # this runtime's own: runtime/align/common.py ScalarHead (gathers before its one-output head),
+    # runtime/align/lora.py and runtime/lora_peft.py adapters (gather / scatter around the low-rank path)
+    "sequence_parallel",
+    # LanguageModelEmbedding: scatter the embeddings over the TP group (language_model_embedding.py)
+    "scatter_to_sequence_parallel",
+    # LanguageModelEmbedding and its VocabParallelEmbedding (models without learned positions): reduce-
+    # scatter the embedding lookup instead of all-reducing it (tensor_parallel/layers.py)
+    "reduce_scatter_embeddings",
+)
+
+
+def unsplit_sequence(model):
+    """A context in which `model` (its chunks' modules) runs without sequence parallelism, as the rollout
+    generator needs: a decode step feeds one token per row, which cannot be scattered over the TP group
+    (Megatron-Core: "First dimension of the tensor should be divisible by tensor parallel size"). Off for its
+    duration, restored after (each to the value it had):
+      * `config.sequence_parallel` of every TransformerConfig the modules hold (read at every forward by
+        LanguageModelEmbedding, TransformerBlock's RNG fork, the shared experts, RoPE's sequence length, the
+        MTP block, DotProductAttention's dropout RNG);
+      * the module attributes copied from it at construction (`_SEQUENCE_PARALLEL_SWITCHES`);
+      * ColumnParallelLinear's `allreduce_dgrad` (set at construction to `tp > 1 and not sequence_parallel`:
+        the input-gradient all-reduce that replaces the sequence gather's reduce-scatter backward);
+      * the parameters' `sequence_parallel` tag (the norms' and routers' replicated weights whose gradients
+        finalize_model_grads all-reduces over the TP group under sequence parallelism).
+    So every module computes what it computes when built with sequence_parallel = False: the weights are
+    the same and every rank holds the whole sequence; row-parallel outputs are all-reduced instead of
+    reduce-scattered, the same sums. MoE layers then route each TP rank's copy of the tokens (the dispatchers
+    gather over their TP x EP group and reduce-scatter back: duplicated work, the same results; tested with
+    etp = 1: tests/runtime/align/test_align_eval_layout.py). Meant for forward passes (no gradient flows in
+    the generator); a no-op without sequence parallelism."""
+    modules = [m for chunk in (model if isinstance(model, (list, tuple)) else [model]) for m in chunk.modules()]
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in modules)
+               if getattr(c, "sequence_parallel", False) is True}
+    if not configs and not any(getattr(m, "sequence_parallel", False) is True for m in modules):
+        return contextlib.nullcontext()
+    return _sequence_parallel_off(modules, list(configs.values()))
+
+
+@contextlib.contextmanager
+def _sequence_parallel_off(modules, configs):
+    switched = [(m, attr) for m in modules for attr in _SEQUENCE_PARALLEL_SWITCHES if getattr(m, attr, None) is True]
+    dgrad = [m for m in modules if isinstance(m, tensor_parallel.ColumnParallelLinear) and m.sequence_parallel
+             and not m.allreduce_dgrad and not m.disable_grad_reduce]
+    params = [p for m in modules for p in m.parameters(recurse=False) if getattr(p, "sequence_parallel", False) is True]
+    for c in configs:
+        c.sequence_parallel = False
+    for m, attr in switched:
+        setattr(m, attr, False)
+    for m in dgrad:
+        m.allreduce_dgrad = True
+    for p in params:
+        p.sequence_parallel = False
+    try:
+        yield
+    finally:
+        for c in configs:
+            c.sequence_parallel = True
+        for m, attr in switched:
+            setattr(m, attr, True)
+        for m in dgrad:
+            m.allreduce_dgrad = False
+        for p in params:
+            p.sequence_parallel = True
 
 
 @functools.lru_cache(maxsize=16)

@@ -77,7 +77,10 @@ _ALIGN = StageCaps(
 # CP slicing off, and keeps the first CP rank's tokens); the experience passes (reward scores, reference /
 # old log-probs, critic values) and the actor, critic and policy steps shard each row over the group as
 # sft/dpo do (`on_this_cp_rank`, per-row sums with `cp_sum`; PPO's rewards and GAE run along whole rows
-# gathered over the group: common.py `cp_gather`). Rows hold one sample each (no packing).
+# gathered over the group: common.py `cp_gather`). Rows hold one sample each (no packing). At tp > 1 with
+# sequence parallelism the rollout decodes with the split switched off (runtime/model.py `unsplit_sequence`; a
+# decode step's one token per row cannot be scattered over the TP group), the passes and steps keep it
+# (tests/runtime/align/test_align_rl_pipeline.py: TP=2 with SP = one process).
 _PPO = StageCaps(
     pipeline=True, virtual_pipeline=True, context_parallel=True, te=True, moe=True, kv_cache_rollout=True,
     hf_init=True, megatron_fsdp=False,
@@ -86,29 +89,30 @@ _PPO = StageCaps(
          "every context-parallel rank",
     source="nemoc runtime/align/common.py build_gpt (a rank's vp chunks), trainer.py Trainer.step (interleaved "
            "schedule), runtime/generation.py (KV-cached rollouts across pipeline stages and virtual chunks; "
-           "expert-parallel groups decode in step; context parallelism off while decoding: runtime/model.py "
-           "whole_sequences)")
+           "expert-parallel groups decode in step; context and sequence parallelism off while decoding: "
+           "runtime/model.py whole_sequences, unsplit_sequence)")
 # eval runs at the stage's layout (runtime/orchestrate/tasks/align.py launches the layout's world size), so a
 # model whose weights exceed one GPU is evaluated: its model is built as every align stage's (runtime/core/build.py
 # `build_chunks`: TE's layer spec where the plan says kernels = te and TE is installed, MoE layers with the
 # layout's expert parallelism, a rank's pipeline stage); every loss and log-prob pass runs through forward-only
 # schedules whose last stage's sums are broadcast (common.py `forward_only`; rank 0 writes results.json), and the
 # generations decode across the pipeline stages (runtime/generation.py: one model chunk per rank, so no virtual
-# stages; the planner gives inference kinds none). No sequence parallelism: a decode step feeds one token per row,
-# and Megatron-Core's embedding scatters the sequence over the TP group (language_model_embedding.py
-# scatter_to_sequence_parallel_region: "First dimension of the tensor should be divisible by tensor parallel
-# size"); the split only saves activation memory, which a forward-only pass barely holds. FP8: off. TE's FP8 GEMMs have shape requirements that a decode
-# step (one token per row) breaks; Megatron-Core pads for them only in its own inference wrapper
+# stages; the planner gives inference kinds none). Sequence parallelism at tp > 1 as the training kinds: the loss and
+# log-prob passes split the activations along the sequence; the generations decode with the split switched off
+# (runtime/model.py `unsplit_sequence`: a decode step feeds one token per row, which Megatron-Core's embedding
+# cannot scatter over the TP group; tests/runtime/align/test_align_eval_layout.py: TP=2 with SP = one process).
+# FP8: off. TE's FP8 GEMMs have shape requirements that a decode step (one token per row) breaks; Megatron-Core pads for them only in its own inference wrapper
 # (megatron/core/fp8_utils.py `prepare_model_for_fp8_inference`), which the pipelined generator does not use, and
 # an FP8 eval is untested here: an fp8 / mxfp8 model (16-bit weights, FP8 only inside the GEMMs) is evaluated in
 # bf16. Export runs in one process on the host (runtime/orchestrate/tasks/align.py `_one_process`).
 _EVAL = StageCaps(
-    pipeline=True, virtual_pipeline=False, context_parallel=False, sequence_parallel=False, te=True, moe=True,
+    pipeline=True, virtual_pipeline=False, context_parallel=False, te=True, moe=True,
     fp8=False, hf_init=True,
     runs="the nemoc runtime evaluates at the stage's TP/PP/EP/DP layout (forward-only schedules; generations "
          "decoded across the pipeline stages), one model chunk per pipeline rank, in bf16 for an fp8 model",
     source="nemoc runtime/align/evaluate.py (common.py forward_only, runtime/generation.py; no virtual pipeline "
-           "stages, no context or sequence parallelism, no FP8 GEMMs)")
+           "stages, no context parallelism, no FP8 GEMMs; sequence parallelism off while decoding: runtime/model.py "
+           "unsplit_sequence)")
 _EXPORT = StageCaps(
     pipeline=False, context_parallel=False, te=False, moe=True, attention="unfused", one_process=True, hf_init=True,
     runs="the nemoc runtime exports in one process on the host, streaming the checkpoint layer by layer "

@@ -474,6 +474,21 @@ def test_userbuffer_chunks_pay_tile_quantisation_over_their_token_rows() -> None
     # a chunk of 512 rows: 1 + n_half / 512 on the forward GEMMs; the weight gradient is never split
     n_half = DEFAULT_PARAMS.gemm_n_half
     assert gemm_per_token(1, True) < (1 + n_half / 512) * gemm_per_token(1, False)
+def test_a_rollout_decodes_without_the_sequence_split() -> None:
+    """The runtime's generator switches sequence parallelism off for the rollout (a decode step's one token
+    per row cannot be split over the TP group): every TP rank computes, caches and sends its whole window, so
+    the rollout's prefill, decode steps and pipeline transfers cost what they cost without sequence
+    parallelism (the training passes keep it)."""
+    from nemoc.compiler.cost import _rollout_p2p
+
+    m, hw = PRESETS["llama3_8b"], get_gpu("H100")
+    split = layout(tp=2, pp=2, dp=2, global_batch=64, num_microbatches=32, sequence_parallel=True)
+    whole = dataclasses.replace(split, sequence_parallel=False)
+    assert _rollout_p2p(m, split, hw, 64.0, DEFAULT_PARAMS) == _rollout_p2p(m, whole, hw, 64.0, DEFAULT_PARAMS) > 0
+    kw = dict(gpu="H100", seq_length=4096, stage_kind="ppo", stage_params={"max_new_tokens": 256})
+    assert estimate(m, split, **kw).parts["rollout"] == pytest.approx(estimate(m, whole, **kw).parts["rollout"])
+
+
 def test_a_rollout_with_virtual_stages_crosses_every_chunk_boundary() -> None:
     """With vp chunks per rank the generator sends the hidden states around the ring vp times per forward
     (runtime/generation.py: chunk 0 on stages 0..pp-1, then chunk 1, ...): pp x vp - 1 transfers, not

@@ -300,11 +300,12 @@ def test_a_large_eval_stage_is_planned_at_a_layout_the_runtime_runs():
     """The nemoc runtime evaluates at the stage's layout with the training stages' kernels: Llama 3 70B
     (140 GB of bf16 weights) on 8 H100 gets the least model parallelism that fits, with TE's layers; a
     pipeline = 4 the user fixes is planned as written (one chunk per rank, no virtual stages); Mixtral
-    8x7B (a MoE model, 93 GB) is evaluated pipelined over two stages (tp * pp = 2: pp tried first). No
-    sequence parallelism at tp > 1 (the target keeps whole sequences on every TP rank for eval)."""
+    8x7B (a MoE model, 93 GB) is evaluated pipelined over two stages (tp * pp = 2: pp tried first). Sequence
+    parallelism at tp > 1, as the training kinds (the runtime decodes the generations with it switched off:
+    runtime/model.py `unsplit_sequence`)."""
     dense = plan_experiment(_eval_only("llama3_70b"), target=NEMOC_RUNTIME).plan.stage("eval")
     assert dense.kernels == "te" and dense.layout.tp * dense.layout.pp == 2, dense.layout
-    assert not dense.layout.sequence_parallel  # the decode's one token per row: no sequence split
+    assert dense.layout.sequence_parallel == (dense.layout.tp > 1)
     assert dense.memory.total <= dense.memory.capacity
     piped = plan_experiment(_eval_only("llama3_70b", ParallelSpec(tensor=1, pipeline=4)),
                             target=NEMOC_RUNTIME).plan.stage("eval")

@@ -480,14 +480,9 @@ def test_every_alignment_kind_runs_moe_models(kind):
     assert rules.rule_runtime_moe(env(MIXTRAL, stage_kind=kind), VALID) is None and NEMOC_RUNTIME.caps(kind).moe
 
 
-def test_eval_refuses_a_sequence_parallelism_its_own_block_fixes_and_drops_an_inherited_one():
-    """Eval's KV-cached decode feeds one token per row, which Megatron's sequence split over the TP group cannot
-    divide: `sequence_parallel = true` in the stage's own block is E126 at that line; the experiment's is
-    dropped for the eval stage (its plan says sequence_parallel = false)."""
-    assert not NEMOC_RUNTIME.caps("eval").sequence_parallel and NEMOC_RUNTIME.caps("sft").sequence_parallel
-    v = rules.rule_runtime_pipeline(env(stage_kind="eval"), replace(VALID, sequence_parallel=True))
-    assert v.code == "E126" and v.anchors == ("parallel.sequence_parallel",) and "sequence_parallel = true" in v.equation
-    assert rules.rule_runtime_pipeline(env(stage_kind="sft"), replace(VALID, sequence_parallel=True)) is None
+def _eval_spec(*, own_sp: bool):
+    """Pretraining then an eval stage at tensor = 2, `sequence_parallel = true` in the eval stage's own block
+    (`own_sp`, anchored at line 14) or inherited from the experiment's."""
     line = Span("x.nemo", 14, 7, 14, 30)
     stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=64, tokens=10**9),
               StageSpec(name="ev", kind="eval", after=("pretrain",), global_batch=8, steps=1,
@@ -498,12 +493,48 @@ def test_eval_refuses_a_sequence_parallelism_its_own_block_fixes_and_drops_an_in
              "stage.ev.parallel.tensor": Span("x.nemo", 15, 7, 15, 17)}
     own = ExperimentSpec(name="t", model=LLAMA8B, cluster=ClusterSpec(gpu="H100", nodes=1), parallel=ParallelSpec(),
                          stages=stages, spans=spans)
-    errors = [d for d in check_spec(own, target=NEMOC_RUNTIME) if d.code == "E126"]
+    if own_sp:
+        return own, line
+    return replace(own, parallel=ParallelSpec(tensor=2, sequence_parallel=True),
+                   stages=(stages[0], replace(stages[1], parallel=None)),
+                   spans={k: v for k, v in spans.items() if not k.startswith("stage.ev.parallel")}), line
+
+
+def test_eval_runs_sequence_parallelism_its_own_block_or_the_experiments_asks_for():
+    """The nemoc runtime's eval decodes with sequence parallelism switched off (runtime/model.py
+    `unsplit_sequence`) and runs its loss passes with it, so `sequence_parallel = true` is no error and the
+    plan keeps it, from the stage's own block or the experiment's."""
+    from nemoc.compiler.planner import plan_experiment
+
+    assert NEMOC_RUNTIME.caps("eval").sequence_parallel
+    assert rules.rule_runtime_pipeline(env(stage_kind="eval"), replace(VALID, sequence_parallel=True)) is None
+    for own_sp in (True, False):
+        spec, _ = _eval_spec(own_sp=own_sp)
+        assert not [d for d in check_spec(spec, target=NEMOC_RUNTIME) if d.code == "E126"]
+        layout = plan_experiment(spec, target=NEMOC_RUNTIME).plan.stage("ev").layout
+        assert layout.tp == 2 and layout.sequence_parallel, layout
+
+
+def test_a_target_that_keeps_whole_sequences_refuses_its_own_block_and_drops_an_inherited_one():
+    """A target whose eval keeps whole sequences on every TP rank (`StageCaps.sequence_parallel = False`):
+    `sequence_parallel = true` in the stage's own block is E126 at that line; the experiment's is dropped
+    for the eval stage (its plan says sequence_parallel = false)."""
+    from types import MappingProxyType
+
+    from nemoc.compiler.planner import plan_experiment
+
+    whole = replace(NEMOC_RUNTIME, name="whole-sequence-eval", stages=MappingProxyType(
+        {**NEMOC_RUNTIME.stages, "eval": replace(NEMOC_RUNTIME.caps("eval"), sequence_parallel=False)}))
+    v = rules.rule_runtime_pipeline(env(stage_kind="eval", target=whole), replace(VALID, sequence_parallel=True))
+    assert v.code == "E126" and v.anchors == ("parallel.sequence_parallel",) and "sequence_parallel = true" in v.equation
+    assert rules.rule_runtime_pipeline(env(stage_kind="sft", target=whole), replace(VALID, sequence_parallel=True)) is None
+    own, line = _eval_spec(own_sp=True)
+    errors = [d for d in check_spec(own, target=whole) if d.code == "E126"]
     assert len(errors) == 1 and errors[0].span == line and errors[0].hint, errors
-    inherited = replace(own, parallel=ParallelSpec(tensor=2, sequence_parallel=True),
-                        stages=(stages[0], replace(stages[1], parallel=None)),
-                        spans={k: v for k, v in spans.items() if not k.startswith("stage.ev.parallel")})
-    assert not [d for d in check_spec(inherited, target=NEMOC_RUNTIME) if d.code == "E126"]
+    inherited, _ = _eval_spec(own_sp=False)
+    assert not [d for d in check_spec(inherited, target=whole) if d.code == "E126"]
+    layout = plan_experiment(inherited, target=whole).plan.stage("ev").layout
+    assert layout.tp == 2 and not layout.sequence_parallel, layout
 
 
 @pytest.mark.parametrize("kind", ["eval"])
@@ -511,7 +542,7 @@ def test_eval_pipelines_without_virtual_stages(kind):
     """Eval's generations decode with one model chunk per pipeline rank (PPO's and GRPO's rollouts walk a
     rank's chunks, runtime/generation.py; eval's runner builds one): pp > 1 is fine, vp > 1 is E126."""
     assert NEMOC_RUNTIME.caps(kind).pipeline and not NEMOC_RUNTIME.caps(kind).virtual_pipeline
-    base = replace(VALID, sequence_parallel=NEMOC_RUNTIME.caps(kind).sequence_parallel)  # eval: none
+    base = VALID
     assert rules.rule_runtime_pipeline(env(stage_kind=kind), replace(base, pp=2)) is None
     v = rules.rule_runtime_pipeline(env(stage_kind=kind), replace(base, pp=2, vp=2))
     assert v.code == "E126" and v.anchors[0] == "parallel.virtual_pipeline"

@@ -140,7 +140,8 @@ def test_unsupported_plans_are_refused_with_a_reason(kwargs, message):
 
 def test_an_moe_model_at_tp2_without_sequence_parallelism_is_built_for_eval_but_not_trained():
     """Megatron's MoELayer refuses only to *train* at tp > 1 without sequence parallelism (moe_layer.py
-    forward, in training mode): the eval stage, planned without SP, builds it; an optimizer for it is refused."""
+    forward, in training mode): an eval stage at that layout (sequence_parallel = false in its block) builds it;
+    an optimizer for it is refused."""
     moe = dataclasses.replace(LLAMA_ISH, experts=4, top_k=1)
     assert config(model=moe, layout=lay(tp=2)).num_moe_experts == 4
     with pytest.raises(margs.UnsupportedPlan, match="training an MoE model with tp=2 needs sequence_parallel"):

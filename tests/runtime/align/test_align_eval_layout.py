@@ -1,6 +1,6 @@
-"""The eval stage runs at its stage's layout: at TP=2 (two processes, the weights sharded), at PP=2 (each
-process one pipeline stage: every loss through forward-only schedules, the generations decoded stage after
-stage) and for a mixture-of-experts model at EP=2 (the experts split over the data-parallel ranks) and TP=2 it
+"""The eval stage runs at its stage's layout: at TP=2 (two processes, the weights sharded; with and without
+sequence parallelism), at PP=2 (each process one pipeline stage: every loss through forward-only schedules,
+the generations decoded stage after stage) and for a mixture-of-experts model at EP=2 (the experts split over the data-parallel ranks) and TP=2 it
 reports what one process reports (validation-document loss, response loss, held-out preference
 likelihoods, KV-cached generations), so a model whose weights exceed one GPU can be evaluated."""
 
@@ -118,6 +118,28 @@ def test_eval_at_tp2_reports_what_one_process_reports(mcore, tmp_path):
     assert [g["completion"] for g in results[2]["generations"]] == [g["completion"] for g in results[1]["generations"]]
 
 
+@pytest.mark.slow
+def test_eval_at_tp2_with_sequence_parallelism_reports_what_one_process_reports(mcore, tmp_path):
+    """Tensor parallelism 2 with sequence parallelism (what the planner gives eval at tp > 1 now): the loss and
+    log-prob passes run with the activations split along the sequence over the two ranks, the generations
+    decode with the split switched off (runtime/model.py `unsplit_sequence`: a decode step's one token per row
+    cannot be scattered; before it, the prefill crashed in the embedding's reduce-scatter). One process's
+    numbers and text."""
+    root, spec, tok, qa = arithmetic_world(tmp_path, mcore, seed=7)
+    spec = dataclasses.replace(spec, vocab=512)  # no vocabulary padding at tp=1 or tp=2: the same softmax
+    mcore.seed_all(7)
+    mcore.save_model(mcore.build_gpt(spec, mcore.single_layout(), vocab=512, seq_length=48), root / "base512")
+    params = {"prompts": ["What is 1 plus 2?", "What is 4 plus 4?"], "max_new_tokens": 4, "max_windows": 8}
+    plan = make_plan(spec, [("base", "pretrain", (), {}, None, 1), ("eval", "eval", ("base",), params, None, 0)])
+    base = dict(pp=1, dp=1, micro_batch=2, global_batch=2, num_microbatches=1)
+    results = _eval_at_layouts(tmp_path, plan, spec,
+                               layouts={"one": (1, dict(base, tp=1, sequence_parallel=False)),
+                                        "tp2sp": (2, dict(base, tp=2, sequence_parallel=True))},
+                               datasets=_datasets(root, tok, qa), tokenizer=str(root / "tokenizer.json"),
+                               vocab=512, parents={"base": str(root / "base512")})
+    _assert_same_numbers(results["one"], results["tp2sp"])
+
+
 def _datasets(root, tok, qa) -> list[dict]:
     """A validation-document set, a chat set and a preference set (the right sum against a wrong one)."""
     (root / "prefs.jsonl").write_text("\n".join(json.dumps({"prompt": q, "chosen": r, "rejected": r.replace(" is ", " is 1")})
@@ -152,9 +174,10 @@ def test_eval_at_pp2_reports_what_one_process_reports(mcore, tmp_path):
 @pytest.mark.slow
 def test_a_mixture_of_experts_model_evaluates_at_ep2_and_tp2_as_in_one_process(mcore, tmp_path):
     """A tiny Mixtral-style model (4 experts, top-2 routing, Megatron's MoELayer): at EP=2 each of the two
-    data-parallel ranks holds two experts and the alltoall dispatcher sends tokens to them; at TP=2 without
-    sequence parallelism (what the planner gives eval: its decode cannot split a one-token sequence, and
-    Megatron refuses MoE at tp > 1 without SP only in training) the weights are sharded. The numbers are one
+    data-parallel ranks holds two experts and the alltoall dispatcher sends tokens to them; at TP=2 the weights
+    are sharded, without sequence parallelism (Megatron refuses MoE at tp > 1 without SP only in training) and
+    with it (what the planner gives eval at tp > 1: the generations decode with it switched off, runtime/model.py
+    `unsplit_sequence`, each TP rank's MoE layers then routing the whole window). The numbers are one
     process's (dropless routing, so no token is dropped at any layout)."""
     root, dense, tok, qa = arithmetic_world(tmp_path, mcore, seed=5)
     spec = dataclasses.replace(dense, experts=4, top_k=2, moe_ffn_hidden=64, vocab=512)  # 512: no padding at tp 2
@@ -168,11 +191,14 @@ def test_a_mixture_of_experts_model_evaluates_at_ep2_and_tp2_as_in_one_process(m
     results = _eval_at_layouts(tmp_path, plan, spec,
                                layouts={"one": (1, dict(base, tp=1, dp=1, ep=1, global_batch=2)),
                                         "ep2": (2, dict(base, tp=1, dp=2, ep=2, global_batch=4)),
-                                        "tp2": (2, dict(base, tp=2, dp=1, ep=1, etp=1, global_batch=2))},
+                                        "tp2": (2, dict(base, tp=2, dp=1, ep=1, etp=1, global_batch=2)),
+                                        "tp2sp": (2, dict(base, tp=2, dp=1, ep=1, etp=1, global_batch=2,
+                                                          sequence_parallel=True))},
                                datasets=_datasets(root, tok, qa), tokenizer=str(root / "tokenizer.json"),
                                vocab=512, parents={"base": str(root / "moe")}, attention="flash")
     _assert_same_numbers(results["one"], results["ep2"])
     _assert_same_numbers(results["one"], results["tp2"])
+    _assert_same_numbers(results["one"], results["tp2sp"])
 
 
 def _te_ready() -> bool:

@@ -19,7 +19,13 @@ At context parallelism 2 (both ranks one CP group, the SDPA core, compared with 
 the rollouts decode the whole rows on both ranks (runtime/generation.py: the attention core's CP split and
 RoPE's CP slicing off, the first CP rank's tokens kept), and every experience pass and step shards each row
 over the two ranks (Megatron's load-balanced chunks) with per-row sums over the group: PPO's rewards and GAE
-run along the whole rows gathered over the group, GRPO's token sums through the objective's `seq_sum`."""
+run along the whole rows gathered over the group, GRPO's token sums through the objective's `seq_sum`.
+
+At tensor parallelism 2 with sequence parallelism (the layout the planner gives PPO and GRPO at tp > 1) the
+rollouts decode with sequence parallelism switched off (runtime/model.py `unsplit_sequence`: a decode step's
+one token per row cannot be scattered over the two ranks; before it, the prefill crashed in the embedding's
+reduce-scatter), and the experience passes and steps run split along the sequence, the reward model's and
+critic's scalar heads gathering it (common.py `ScalarHead`): one process's result again."""
 
 from __future__ import annotations
 
@@ -59,7 +65,7 @@ def _assert_same(kind: str, one: dict, two: dict, label: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["pp2", "pp2vp2", "cp2"])
+@pytest.mark.parametrize("layout", ["pp2", "pp2vp2", "cp2", "tp2sp"])
 @pytest.mark.parametrize("kind", ["ppo", "grpo"])
 def test_two_processes_reproduce_one_process(mcore, tmp_path, kind, layout):
     layers = 4 if layout == "pp2vp2" else 2

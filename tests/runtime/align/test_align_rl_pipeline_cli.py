@@ -4,7 +4,10 @@ adapters off, scored by a forward-only schedule): the plan keeps the stages' pip
 trains them through Megatron's schedules with rollouts decoded across the two stages, and each stage
 finishes with finite losses, the models the memory model planned and a final checkpoint. The same with 4
 layers and 2 virtual pipeline stages per rank for ppo and grpo (`virtual_pipeline = 2`): the interleaved
-schedule trains them and the rollouts go around the two stages twice per decoded token."""
+schedule trains them and the rollouts go around the two stages twice per decoded token. And at tensor
+parallelism 2 (ppo, grpo with LoRA, an eval of the sft model): the planner turns sequence parallelism on,
+the steps and scoring passes run split along the sequence, the rollouts and generations decode with it
+switched off (runtime/model.py `unsplit_sequence`)."""
 
 from __future__ import annotations
 
@@ -149,3 +152,42 @@ def test_ppo_and_grpo_run_at_pp2_end_to_end(tmp_path, vp):
                    (workdir / "tasks" / f"train_{kind}" / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in records if "step" in r and ("policy_loss" in r or "loss" in r)]
         assert [r["step"] for r in steps][-2:] == [1, 2]
+
+
+EVAL = """
+  stage eval_sft after sft {
+    kind = eval
+    data = [corpus]
+    max_windows = 4
+    prompts = ["What is 3 plus 2?"]
+    max_new_tokens = 6
+    parallel {
+      tensor = 2
+    }
+  }
+}
+"""
+
+
+@pytest.mark.slow
+def test_ppo_grpo_and_eval_run_at_tp2_with_sequence_parallelism_end_to_end(tmp_path):
+    from nemoc.compiler.plan import from_json
+
+    source = tmp_path / "rl_tp.nemo"
+    text = EXPERIMENT.replace("DATA", str(REPO / "examples" / "data")).replace("LAYERS", "2").replace("VIRTUAL", "")
+    text = text.replace("      pipeline = 2\n", "      tensor = 2\n")
+    source.write_text(text.rstrip()[:-1] + EVAL)  # the eval stage inside the experiment block
+    workdir = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "nemoc.runtime.cli", "run", str(source), "--workdir", str(workdir)],
+                         capture_output=True, text=True, timeout=1200, env=dict(os.environ), cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    plan = from_json((workdir / "plan.json").read_text())
+    for kind in ("ppo", "grpo", "eval_sft"):
+        layout = plan.stage(kind).layout
+        assert (layout.tp, layout.pp, layout.sequence_parallel) == (2, 1, True), (kind, layout)
+    for kind in ("ppo", "grpo"):
+        done = json.loads((workdir / "tasks" / f"train_{kind}" / "DONE.json").read_text())
+        assert done["steps"] == 2 and math.isfinite(done["final_loss"]) and math.isfinite(done["reward"])
+    results = next(workdir.glob("tasks/*eval_sft*/results.json"))
+    generations = json.loads(results.read_text())["generations"]
+    assert generations and all(g["tokens"] > 0 for g in generations)
