@@ -298,29 +298,19 @@ def unsplit_sequence(model):
 
 @contextlib.contextmanager
 def _sequence_parallel_off(modules, configs):
-    switched = [(m, attr) for m in modules for attr in _SEQUENCE_PARALLEL_SWITCHES if getattr(m, attr, None) is True]
-    dgrad = [m for m in modules if isinstance(m, tensor_parallel.ColumnParallelLinear) and m.sequence_parallel
-             and not m.allreduce_dgrad and not m.disable_grad_reduce]
-    params = [p for m in modules for p in m.parameters(recurse=False) if getattr(p, "sequence_parallel", False) is True]
-    for c in configs:
-        c.sequence_parallel = False
-    for m, attr in switched:
-        setattr(m, attr, False)
-    for m in dgrad:
-        m.allreduce_dgrad = True
-    for p in params:
-        p.sequence_parallel = False
+    flips = [(c, "sequence_parallel", False) for c in configs]  # (object, attribute, its value while off)
+    flips += [(m, attr, False) for m in modules for attr in _SEQUENCE_PARALLEL_SWITCHES if getattr(m, attr, None) is True]
+    flips += [(m, "allreduce_dgrad", True) for m in modules if isinstance(m, tensor_parallel.ColumnParallelLinear)
+              and m.sequence_parallel and not m.allreduce_dgrad and not m.disable_grad_reduce]
+    flips += [(p, "sequence_parallel", False) for m in modules for p in m.parameters(recurse=False)
+              if getattr(p, "sequence_parallel", False) is True]
+    for obj, attr, off in flips:
+        setattr(obj, attr, off)
     try:
         yield
     finally:
-        for c in configs:
-            c.sequence_parallel = True
-        for m, attr in switched:
-            setattr(m, attr, True)
-        for m in dgrad:
-            m.allreduce_dgrad = False
-        for p in params:
-            p.sequence_parallel = True
+        for obj, attr, off in flips:
+            setattr(obj, attr, not off)
 
 
 @functools.lru_cache(maxsize=16)

@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+from cli_chain import REPO, nemoc_run
 
 EXPERIMENT = """
 cluster cpu_box {
@@ -86,15 +82,8 @@ experiment eval_pipeline {
 
 @pytest.mark.slow
 def test_eval_runs_at_pp2_end_to_end(tmp_path):
-    from nemoc.compiler.plan import from_json
-
-    source = tmp_path / "eval_pipeline.nemo"
-    source.write_text(EXPERIMENT.replace("DATA", str(REPO / "examples" / "data")))
-    workdir = tmp_path / "run"
-    run = subprocess.run([sys.executable, "-m", "nemoc.runtime.cli", "run", str(source), "--workdir", str(workdir)],
-                         capture_output=True, text=True, timeout=1200, env=dict(os.environ), cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    plan = from_json((workdir / "plan.json").read_text())
+    workdir, plan = nemoc_run(tmp_path, EXPERIMENT.replace("DATA", str(REPO / "examples" / "data")),
+                              "eval_pipeline.nemo")
     ev = plan.stage("eval")
     assert (ev.layout.pp, ev.layout.dp, ev.layout.vp) == (2, 1, None)
     assert ev.execution.pipeline is not None  # the split the runtime builds: one layer per stage
