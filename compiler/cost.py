@@ -1008,7 +1008,7 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.gemm_eff(hw.generation, "bf16")
     flops = 2.0 * batch * gemm_params / layout.tp
     step = max(flops / rate, (weight_bytes + kv_bytes) / hw.hbm_bw) + model.layers * params.layer_overhead / 3.0
-    step += _rollout_p2p(model, layout, hw, batch, params) + _rollout_ep(model, layout, hw, batch, params)
+    step += _rollout_p2p(model, layout, hw, batch, params) + _rollout_ep(model, whole, hw, batch, params)
     return prefill + new_tokens * step
 
 

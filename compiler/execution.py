@@ -106,15 +106,15 @@ def host_defaults_taken(*, cuda_graph_impl: str | None, manual_gc: bool | None,
     return tuple(out)
 
 
-def stage_host(requested: tuple, stage_kernels: str) -> HostExecution:
+def stage_host(requested: tuple, stage_kernels: str, graphs: bool = True) -> HostExecution:
     """The host settings a stage runs with, from the experiment's `requested` (cuda_graph_impl,
     cuda_graph_scope, manual_gc, manual_gc_interval; None = auto): CUDA graphs only where the stage
-    runs Transformer Engine's layers (alignment, eval and export stages run the local spec: E173
-    refuses graphs for a whole experiment without TE)."""
+    runs Transformer Engine's layers (E173 refuses graphs for a whole experiment without TE) and where
+    the target captures them for the stage's kind (`graphs`: `StageCaps.cuda_graphs`)."""
     impl, scope, manual, interval = requested
     host = host_execution(cuda_graph_impl=impl, cuda_graph_scope=scope, manual_gc=manual,
                           manual_gc_interval=interval)
-    if stage_kernels != "te" and host.cuda_graph_impl != "none":
+    if (stage_kernels != "te" or not graphs) and host.cuda_graph_impl != "none":
         host = HostExecution("none", (), host.manual_gc, host.manual_gc_interval)
     return host
 

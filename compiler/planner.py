@@ -203,7 +203,8 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
         moe_requested=(spec.moe_dispatcher, spec.moe_grouped_gemm, spec.moe_permute_fusion),
         host_requested=host_requested(spec),
         host=stage_host(host_requested(spec), target.stage_kernels(stage.kind, resolve_kernels(spec.kernels,
-                                                                                              spec.cluster.gpu))),
+                                                                                              spec.cluster.gpu)),
+                        target.caps(stage.kind).cuda_graphs),
     )
 
 
@@ -408,6 +409,9 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
         raise DiagnosticError([not_fit_diagnostic(spec, stage, probe, search(probe) if not trains else result)])
     chosen = result.best
     notes: list[str] = [fsdp_note] if fsdp_note else []
+    if not caps.cuda_graphs and host_requested(spec)[0] not in (None, "none"):
+        notes.append(f"cuda_graph_impl = none for this {stage.kind} stage: {target.name} runs it without CUDA "
+                     f"graphs ({caps.source or caps.runs})")
     gb = chosen.layout.global_batch
     if stage.kind == "export":
         steps = 0

@@ -17,9 +17,10 @@ properties of the memory and cost models that tests/compiler/test_search.py asse
   (1) memory is monotone in micro batch and recompute: a (TP, PP, VP, CP, EP, ETP, SP, DO) group
       is rejected when its smallest micro batch with its strongest recompute does not fit; a micro
       batch that does not fit with the strongest recompute ends the micro-batch loop;
-  (2) interleaving never saves memory: when no layout of (TP, PP, CP, EP, ETP) fits without it,
-      no virtual-pipeline variant is tried (decided before any step-time bound is computed: the
-      non-interleaved group is checked first);
+  (2) interleaving over the same layer split never saves memory: when no layout of (TP, PP, CP,
+      EP, ETP) fits without it, no virtual-pipeline variant with the same per-stage layer counts is
+      tried (decided before any step-time bound is computed: the non-interleaved group is checked
+      first); a variant whose split differs (uneven: fewer layers on the first stage) is searched;
   (3) time is monotone in recompute: recompute levels are tried weakest first; the first that fits
       is that micro batch's fastest, and a stronger one is only costed while it could still enter
       the top list;
@@ -750,12 +751,15 @@ def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
                             # rejected whole (interleaving only adds memory), the group too (its
                             # memory rejections are recorded by `_group_fits`).
                             failed = {do for do in dos if not _base_fits(ctx, rec, tp, pp, cp, ep, etp, dp, do, sps)}
-                        elif failed:
+                        elif failed and _split(ctx.p, pp, vp) == _split(ctx.p, pp, None):
                             rec.rule("interleaving only adds activation memory (and the failed rules do not depend "
                                      "on it)", "rejected: interleaved variant of a layout that fails memory or rules "
                                      "without interleaving", f"tp={tp} pp={pp} cp={cp} vp>1",
                                      len(mbs) * len(ctx.recomputes(pp, vp)) * len(sps) * len(failed))
-                        live = [do for do in dos if do not in failed]
+                        # an interleaved split other than the non-interleaved one (uneven: fewer layers on the
+                        # first stage, which holds the most micro-batches) can fit where that one does not
+                        live = [do for do in dos if vp is None or do not in failed
+                                or _split(ctx.p, pp, vp) != _split(ctx.p, pp, None)]
                         if not live:
                             continue
                         # One bound serves every DO and SP value of the group: the distributed optimizer's

@@ -38,6 +38,9 @@ class StageCaps:
     kv_cache_rollout: bool = True  # ppo: the rollout decodes with a KV cache (else one full forward per token)
     hf_init: bool = True  # starts from a converted Hugging Face checkpoint (`init = hf(DIR)`)
     megatron_fsdp: bool = True  # wraps a training stage in Megatron-FSDP where the plan says so (else DDP)
+    # captures CUDA graphs where the plan says so (cuda_graph_impl; else the stage runs eagerly and its plan
+    # prices no graphs)
+    cuda_graphs: bool = True
     runs: str = "the target runs every Megatron-Core schedule"  # how it runs the kind, for messages
     source: str = ""  # where the target enforces its limits, cited by the diagnostics
 

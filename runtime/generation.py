@@ -99,16 +99,28 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, vo
              seq_length: int, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
              generator: torch.Generator | None = None, use_cache: bool = True) -> Generation:
     """Generate up to `max_new_tokens` per prompt, stopping a row at any id of `eod` or at `seq_length` tokens."""
+    problem = None
+    if any(len(p) == 0 for p in prompts):
+        problem = "generation needs a non-empty prompt for every row"
+    elif any(len(p) >= seq_length for p in prompts):
+        problem = f"a prompt of {max(len(p) for p in prompts)} tokens leaves no room within seq_length={seq_length}"
+    elif not greedy and temperature <= 0:
+        problem = f"temperature must be positive (got {temperature})"
+    group = _expert_group()
+    dev = _device(model)
+    if group is not None:  # the group's ranks meet in every MoE layer: all decode, or all stop here
+        flags = torch.tensor([int(problem is not None), int(bool(prompts)), int(not prompts)], dtype=torch.long,
+                             device=dev)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
+        if problem is None and int(flags[0]):
+            problem = "another rank of the expert-parallel group refused its prompts (see its error)"
+        elif problem is None and int(flags[1]) and int(flags[2]):  # some ranks have prompts, some none
+            problem = "every rank of an expert-parallel group needs at least one prompt (some have none)"
+    if problem is not None:
+        raise ValueError(problem)
     if not prompts:
         return Generation([], [])
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("generation needs a non-empty prompt for every row")
-    if any(len(p) >= seq_length for p in prompts):
-        raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens leaves no room within seq_length={seq_length}")
-    if not greedy and temperature <= 0:
-        raise ValueError(f"temperature must be positive (got {temperature})")
     unwrap(model).eval()
-    dev = _device(model)
     stops = torch.tensor([eod] if isinstance(eod, int) else list(eod), dtype=torch.long)
     b = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts])
@@ -120,7 +132,6 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, vo
     done = torch.zeros(b, dtype=torch.bool)
     ends = limit.clone()
     entropy_sum, entropy_n = torch.zeros(b), torch.zeros(b)
-    group = _expert_group()
     start, end = 0, int(lengths.min())
     if group is not None:  # one prefill and one step count for the whole expert-parallel group
         agreed = torch.tensor([-end, total], dtype=torch.long, device=dev)

@@ -222,16 +222,16 @@ def _context_parallel_off(modules):
     te = [(m, m.cp_group, getattr(m, "cp_global_ranks", None), getattr(m, "cp_stream", None),
            getattr(m, "cp_comm_type", "p2p"))
           for m in modules if hasattr(m, "set_context_parallel_group") and getattr(m, "cp_group", None) is not None]
-    for m in sdpa:
-        m.split_context = False
-    for m, _ in rotary:
-        m.cp_group = None
-    for m, _, _, _, comm in te:
-        m.set_context_parallel_group(None, None, None, comm)
-    _clear_rotary_caches(rotary)
     try:
+        for m in sdpa:
+            m.split_context = False
+        for m, _ in rotary:
+            m.cp_group = None
+        for m, _, _, _, comm in te:
+            m.set_context_parallel_group(None, None, None, comm)
+        _clear_rotary_caches(rotary)
         yield
-    finally:
+    finally:  # every switch back, also after an exception half-way through
         for m in sdpa:
             m.split_context = True
         for m, group in rotary:
@@ -304,13 +304,14 @@ def _sequence_parallel_off(modules, configs):
               and m.sequence_parallel and not m.allreduce_dgrad and not m.disable_grad_reduce]
     flips += [(p, "sequence_parallel", False) for m in modules for p in m.parameters(recurse=False)
               if getattr(p, "sequence_parallel", False) is True]
-    for obj, attr, off in flips:
-        setattr(obj, attr, off)
+    before = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in flips]
     try:
-        yield
-    finally:
         for obj, attr, off in flips:
-            setattr(obj, attr, not off)
+            setattr(obj, attr, off)
+        yield
+    finally:  # each switch back to the value it had, also after an exception half-way through
+        for obj, attr, value in before:
+            setattr(obj, attr, value)
 
 
 @functools.lru_cache(maxsize=16)

@@ -72,6 +72,9 @@ _ALIGN = StageCaps(
          "parallelism on rows of one sample (packed rows need Transformer Engine's THD attention with CP)",
     source="nemoc runtime/align/trainer.py fit (interleaved schedule over a rank's chunks), runtime/align/common.py "
            "on_this_cp_rank (context-parallel shards; packed rows refused)")
+# PPO and GRPO step through `Trainer.step` (their own iteration, not the core loop's StepGraphs) and eval runs
+# forward-only passes and KV-cached decoding: no CUDA graphs for them (`cuda_graphs=False`; the plan drops
+# cuda_graph_impl for these stages and says so).
 # PPO and GRPO at cp > 1: the rollout is not split over the CP group (runtime/generation.py: every CP rank
 # decodes the whole rows under runtime/model.py `whole_sequences`, the attention core's CP path and RoPE's
 # CP slicing off, and keeps the first CP rank's tokens); the experience passes (reward scores, reference /
@@ -83,7 +86,7 @@ _ALIGN = StageCaps(
 # (tests/runtime/align/test_align_rl_pipeline.py: TP=2 with SP = one process).
 _PPO = StageCaps(
     pipeline=True, virtual_pipeline=True, context_parallel=True, te=True, moe=True, kv_cache_rollout=True,
-    hf_init=True, megatron_fsdp=False,
+    hf_init=True, megatron_fsdp=False, cuda_graphs=False,
     runs="the nemoc runtime's ppo and grpo stages (runtime/align) run TP/PP/VP/CP/EP/DP, dense or MoE models, "
          "their rollouts decoded across the pipeline stages (around the ring vp times per token), whole rows on "
          "every context-parallel rank",
@@ -107,7 +110,7 @@ _PPO = StageCaps(
 # bf16. Export runs in one process on the host (runtime/orchestrate/tasks/align.py `_one_process`).
 _EVAL = StageCaps(
     pipeline=True, virtual_pipeline=False, context_parallel=False, te=True, moe=True,
-    fp8=False, hf_init=True,
+    fp8=False, hf_init=True, cuda_graphs=False,
     runs="the nemoc runtime evaluates at the stage's TP/PP/EP/DP layout (forward-only schedules; generations "
          "decoded across the pipeline stages), one model chunk per pipeline rank, in bf16 for an fp8 model",
     source="nemoc runtime/align/evaluate.py (common.py forward_only, runtime/generation.py; no virtual pipeline "

@@ -46,6 +46,12 @@ class StepGraphs:
         if self.impl == "local" and "full_iteration" in self.scope:
             from megatron.core.full_cuda_graph import FullCudaGraphWrapper
 
+            # its iteration counters, graphs and results are class attributes (one per process in 0.16.1):
+            # a second run in this process (another stage, a rerun) starts from none, or it would replay
+            # the first model's graph or never capture
+            FullCudaGraphWrapper.curr_iteration = {"training": 0, "validation": 0}
+            FullCudaGraphWrapper.cuda_graph = {"training": None, "validation": None}
+            FullCudaGraphWrapper.result = {"training": None, "validation": None}
             self.forward_backward = FullCudaGraphWrapper(self.forward_backward, cuda_graph_warmup_steps=self.warmup)
         elif self.impl == "transformer_engine":
             from megatron.core.transformer.cuda_graphs import TECudaGraphHelper

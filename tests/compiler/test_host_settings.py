@@ -247,3 +247,22 @@ def test_nvfp4_off_blackwell_is_refused_and_planned_on_it(tmp_path):
     stage = plan_experiment(spec).plan.stages[0]
     assert stage.execution.precision == "nvfp4" and stage.execution.params_dtype == "bf16"
     assert stage.execution.peak_flops_per_gpu == get_gpu("GB200").peak("nvfp4")
+
+
+def test_the_nemoc_runtime_plans_eval_without_the_graphs_it_does_not_capture(tmp_path):
+    """PPO / GRPO step through `Trainer.step` and eval decodes: the nemoc runtime's target captures no CUDA
+    graphs for them (`StageCaps.cuda_graphs`), so their plans drop cuda_graph_impl (no graph buffers, no
+    launch-gap saving priced) and say so; pretraining keeps it."""
+    from nemoc.compiler.spec import StageSpec
+    from nemoc.runtime.target import NEMOC_RUNTIME
+
+    assert not NEMOC_RUNTIME.caps("ppo").cuda_graphs and not NEMOC_RUNTIME.caps("grpo").cuda_graphs
+    spec, errors, _ = _compile(tmp_path, settings="  cuda_graph_impl = transformer_engine\n  cuda_graph_scope = [attn]")
+    assert errors == []
+    ev = StageSpec(name="ev", kind="eval", after=("pretrain",), global_batch=8, steps=2, data=spec.stages[0].data)
+    result = plan_experiment(dataclasses.replace(spec, stages=spec.stages + (ev,)), target=NEMOC_RUNTIME)
+    assert result.plan.stage("pretrain").execution.host.cuda_graph_impl == "transformer_engine"
+    assert result.plan.stage("ev").execution.host.cuda_graph_impl == "none"
+    assert result.plan.stage("ev").memory.parts.get("cuda_graph_buffers", 0.0) == 0.0
+    notes = next(s.notes for s in result.stages if s.name == "ev")
+    assert any("cuda_graph_impl = none for this eval stage" in n for n in notes), notes

@@ -496,3 +496,21 @@ def test_rule_decisions_answer_as_the_rule_does_whatever_it_reads():
             assert decisions.ask(None, values) == rule(None, sizes)
             varies = tp <= 2 and pp > 1
             assert (decisions.ask(None, values, frozenset({"vp"})) is _VARIES) == varies
+
+
+def test_an_uneven_interleaved_split_that_fits_is_found_where_the_even_one_does_not():
+    """Bound (2) prunes interleaved variants only over the same layer split: 12 layers on pp = 4 are 3 per
+    stage without interleaving (26.7 GiB here) but (2, 4 x 2, 2) with vp = 2 (22.98 GiB: fewer layers on
+    the first stage, which holds the most micro-batches), so with 24.5 GiB the search must find vp = 2, as
+    the same problem with vp fixed at 2 does (a review found the search answering "no plan")."""
+    m = replace(get_preset("llama3_8b"), layers=12)
+    fixed = ParallelSpec(tensor=1, pipeline=4, virtual_pipeline=None, context=1, expert=1, expert_tensor=None, data=1,
+                         sequence_parallel=None, distributed_optimizer=True, recompute="full", micro_batch=1)
+    p = Problem(model=m, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=4),
+                gpu=replace(H100, hbm_bytes=int(24.5 * GIB)), fixed=fixed, global_batch=8, seq_length=8192,
+                headroom=0.0)
+    pinned = search(replace(p, fixed=replace(fixed, virtual_pipeline=2)))
+    assert pinned.best is not None and pinned.best.layout.vp == 2
+    assert pinned.best.memory.total < 24.5 * GIB
+    found = search(p)
+    assert found.best is not None and found.best.layout.vp == 2, found
