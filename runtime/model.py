@@ -211,38 +211,50 @@ def whole_sequences(model):
     group, so the cache is cleared on entry and exit). A no-op without context parallelism."""
     if not parallel_state.model_parallel_is_initialized() or parallel_state.get_context_parallel_world_size() == 1:
         return contextlib.nullcontext()
-    return _context_parallel_off([m for chunk in (model if isinstance(model, (list, tuple)) else [model])
-                                  for m in chunk.modules()])
+    return _context_parallel_off(_modules(model))
+
+
+def _modules(model) -> list:
+    """Every module of a model or of a rank's list of chunks."""
+    return [m for chunk in (model if isinstance(model, (list, tuple)) else [model]) for m in chunk.modules()]
+
+
+@contextlib.contextmanager
+def _switched(flips):
+    """Each (object, attribute, value) of `flips` set for the context's duration, and each attribute back
+    to the value it had after it, also after an exception half-way through."""
+    before = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in flips]
+    try:
+        for obj, attr, value in flips:
+            setattr(obj, attr, value)
+        yield
+    finally:
+        for obj, attr, value in before:
+            setattr(obj, attr, value)
 
 
 @contextlib.contextmanager
 def _context_parallel_off(modules):
-    sdpa = [m for m in modules if isinstance(m, SDPAttention) and m.split_context]
-    rotary = [(m, m.cp_group) for m in modules if isinstance(m, RotaryEmbedding) and m.cp_group is not None]
+    rotary = [m for m in modules if isinstance(m, RotaryEmbedding) and m.cp_group is not None]
+    flips = [(m, "split_context", False) for m in modules if isinstance(m, SDPAttention) and m.split_context]
+    flips += [(m, "cp_group", None) for m in rotary]
     te = [(m, m.cp_group, getattr(m, "cp_global_ranks", None), getattr(m, "cp_stream", None),
            getattr(m, "cp_comm_type", "p2p"))
           for m in modules if hasattr(m, "set_context_parallel_group") and getattr(m, "cp_group", None) is not None]
-    try:
-        for m in sdpa:
-            m.split_context = False
-        for m, _ in rotary:
-            m.cp_group = None
-        for m, _, _, _, comm in te:
-            m.set_context_parallel_group(None, None, None, comm)
-        _clear_rotary_caches(rotary)
-        yield
-    finally:  # every switch back, also after an exception half-way through
-        for m in sdpa:
-            m.split_context = True
-        for m, group in rotary:
-            m.cp_group = group
-        for m, group, ranks, stream, comm in te:
-            m.set_context_parallel_group(group, ranks, stream, comm)
-        _clear_rotary_caches(rotary)
+    with _switched(flips):
+        try:
+            for m, _, _, _, comm in te:
+                m.set_context_parallel_group(None, None, None, comm)
+            _clear_rotary_caches(rotary)
+            yield
+        finally:  # TE's groups back (a method, not an attribute), RoPE's cache emptied again
+            for m, group, ranks, stream, comm in te:
+                m.set_context_parallel_group(group, ranks, stream, comm)
+            _clear_rotary_caches(rotary)
 
 
 def _clear_rotary_caches(rotary) -> None:
-    for cls in {type(m) for m, _ in rotary} | {RotaryEmbedding}:
+    for cls in {type(m) for m in rotary} | {RotaryEmbedding}:
         clear = getattr(cls.forward, "cache_clear", None)
         if clear is not None:
             clear()
@@ -288,7 +300,7 @@ def unsplit_sequence(model):
     gather over their TP x EP group and reduce-scatter back: duplicated work, the same results; tested with
     etp = 1: tests/runtime/align/test_align_eval_layout.py). Meant for forward passes (no gradient flows in
     the generator); a no-op without sequence parallelism."""
-    modules = [m for chunk in (model if isinstance(model, (list, tuple)) else [model]) for m in chunk.modules()]
+    modules = _modules(model)
     configs = {id(c): c for c in (getattr(m, "config", None) for m in modules)
                if getattr(c, "sequence_parallel", False) is True}
     if not configs and not any(getattr(m, "sequence_parallel", False) is True for m in modules):
@@ -296,7 +308,6 @@ def unsplit_sequence(model):
     return _sequence_parallel_off(modules, list(configs.values()))
 
 
-@contextlib.contextmanager
 def _sequence_parallel_off(modules, configs):
     flips = [(c, "sequence_parallel", False) for c in configs]  # (object, attribute, its value while off)
     flips += [(m, attr, False) for m in modules for attr in _SEQUENCE_PARALLEL_SWITCHES if getattr(m, attr, None) is True]
@@ -304,14 +315,7 @@ def _sequence_parallel_off(modules, configs):
               and m.sequence_parallel and not m.allreduce_dgrad and not m.disable_grad_reduce]
     flips += [(p, "sequence_parallel", False) for m in modules for p in m.parameters(recurse=False)
               if getattr(p, "sequence_parallel", False) is True]
-    before = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in flips]
-    try:
-        for obj, attr, off in flips:
-            setattr(obj, attr, off)
-        yield
-    finally:  # each switch back to the value it had, also after an exception half-way through
-        for obj, attr, value in before:
-            setattr(obj, attr, value)
+    return _switched(flips)
 
 
 @functools.lru_cache(maxsize=16)
