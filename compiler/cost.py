@@ -25,6 +25,7 @@ MFU = model FLOPs (what the stage needs, no recompute: `flops.stage_model_flops_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from types import MappingProxyType
@@ -403,7 +404,11 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     moe = moe or DEFAULT_MOE
     local_experts = model.experts // layout.ep if model.is_moe else 1
     sequential = model.is_moe and not moe.grouped_gemm and local_experts > 1
+    # dropless routing: the busiest EP rank's routed rows (`moe_max_load`), which the layer waits for
+    busiest = moe_max_load(model, layout, tokens / (layout.tp if layout.sequence_parallel else 1))
     for i, (n, k, share) in enumerate(shapes):
+        if model.is_moe and i in (2, 3):
+            share *= busiest
         if sequential and i in (2, 3):
             # SequentialMLP (no grouped GEMM): one GEMM per local expert over its share of the routed
             # tokens, one after another, each reading its own weights: the sum of per-expert rooflines
@@ -583,6 +588,51 @@ def _cp_comm(model, layout, hw, tokens, passes, attn_fwd, attention, params) -> 
     return exposed + rings * (cp - 1) * params.ring_step_latency + merge
 
 
+@lru_cache(maxsize=64)
+def expected_max_normal(n: int) -> float:
+    """E[max of n independent standard normal variables] (0 for one): the integral of
+    x n phi(x) Phi(x)^(n-1) over x by the midpoint rule on [-10, 10], step 1e-3 (1 / sqrt(pi) =
+    0.5642 for two, 1.4236 for eight, 2.3437 for 64)."""
+    if n <= 1:
+        return 0.0
+    step, total = 1e-3, 0.0
+    for i in range(20000):
+        x = -10.0 + (i + 0.5) * step
+        phi = math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+        total += x * n * phi * (0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))) ** (n - 1)
+    return total * step
+
+
+def moe_max_load(model: ModelSpec, layout: Layout, tokens_per_rank: float) -> float:
+    """Expected routed-token load of the busiest expert-parallel rank over the mean load (>= 1), for
+    dropless routing (no `moe_expert_capacity_factor`: what Megatron-Core runs by default and what the
+    nemoc runtime runs). Every layer's combine all-to-all waits for the rank that received the most
+    tokens, so the all-to-all and that rank's grouped GEMM, not the mean, set the layer's time.
+
+    A router balanced in expectation (the aux loss's aim) still draws each micro batch's routing
+    afresh: the rank's load is a sum over the N = tokens_per_rank x ep x etp tokens the ETP x EP group
+    dispatches of the number of each token's top_k (distinct) experts that live on the rank's
+    L = experts / ep; for a uniformly balanced router that number is hypergeometric, mean k L / E,
+    variance k (L/E)(1 - L/E)(E - k)/(E - 1). The ep loads sum to N k (each token sends k copies), an
+    exchangeable normal vector with correlation -1/(ep - 1); its maximum is the mean plus
+    sigma sqrt(ep / (ep - 1)) x E[max of ep standard normals] (`expected_max_normal`). This is the
+    imbalance of a perfectly balanced router, a lower bound of a trained router's (whose per-expert
+    preferences add a systematic part no published statistic here fixes); drop-and-pad runs
+    (`moe_pad_expert_input_to_capacity`) have none, which the language does not state yet. It shrinks
+    with the tokens (1 / sqrt(N)), so the time per row never grows with the micro batch (the search's
+    lower bound holds). Mixtral (8 experts, top 2), EP 8: +1.0 % at 8,192 tokens per rank (8x7B, micro
+    batch 2 x 4,096), +1.5 % at 4,096 (8x22B at 64K: CP 8, SP over TP 2); 128 experts, top 8, EP 8,
+    4,096 tokens: +0.8 %; 256 experts, top 8, EP 64, 4,096 tokens: +1.3 %."""
+    ep, experts, k = layout.ep, model.experts, model.top_k
+    if not model.is_moe or ep <= 1 or experts <= k:
+        return 1.0
+    share = (experts // ep) / experts  # L / E
+    n = tokens_per_rank * ep * layout.etp
+    mean = n * k * share
+    var = n * k * share * (1.0 - share) * (experts - k) / (experts - 1)
+    return 1.0 + math.sqrt(var * ep / (ep - 1)) * expected_max_normal(ep) / mean
+
+
 def _ep_comm(model, layout, hw, tokens, passes, params, dispatcher: str = "alltoall") -> float:
     """MoE token dispatch, not overlapped (Megatron-Core 0.16 overlaps it only with the optional 1F1B
     A2A overlap, which nemoc does not enable). `alltoall` and `flex` (DeepEP: the same bytes in fused
@@ -590,7 +640,14 @@ def _ep_comm(model, layout, hw, tokens, passes, params, dispatcher: str = "allto
     (ep - 1)/ep of it leaves the GPU. `allgather` (MoEAllGatherTokenDispatcher): every rank all-gathers
     the hidden states of the whole expert-parallel x expert-TP group and reduce-scatters the combined
     output, (group - 1) x its own tokens each way whatever top_k is: cheaper than all-to-all only when
-    top_k x (ep - 1) / ep > group - 1 (many experts per token over few ranks)."""
+    top_k x (ep - 1) / ep > group - 1 (many experts per token over few ranks).
+
+    Where the groups sit: Megatron-Core 0.16.1 builds the expert groups from a rank grid of their own
+    (`parallel_state.initialize_model_parallel`, `expert_decoder_rank_generator`: tp = etp, ep,
+    dp = world / (etp x ep x pp), pp, cp = 1, the same order tp-cp-ep-dp-pp), not from the dense
+    layers' TP x CP grid: an EP group's ranks are etp apart and the ETP x EP group (allgather) is
+    etp x ep consecutive ranks, whatever TP and CP the attention uses. With TP 2, CP 8, EP 8, ETP 1
+    (Mixtral 8x22B at 64K) the EP group is eight consecutive ranks: one HGX node, over NVLink."""
     if not model.is_moe:
         return 0.0
     rep = layout.tp if layout.sequence_parallel else 1
@@ -599,12 +656,14 @@ def _ep_comm(model, layout, hw, tokens, passes, params, dispatcher: str = "allto
         if group == 1:
             return 0.0
         size = tokens / rep * model.hidden * 2.0
-        return 2.0 * (passes / 1.5) * size * (group - 1) / _link_bw(hw, group, layout.tp, params)
+        return 2.0 * (passes / 1.5) * size * (group - 1) / _link_bw(hw, group, 1, params)
     if layout.ep == 1:
         return 0.0
-    size = tokens * model.top_k / rep * model.hidden * 2.0
+    # the busiest rank's share of the routed tokens (`moe_max_load`): the exchange ends when its
+    # receive (dispatch) and send (combine) end
+    size = tokens * model.top_k / rep * model.hidden * 2.0 * moe_max_load(model, layout, tokens / rep)
     volume = 2.0 * (passes / 1.5) * size * (layout.ep - 1) / layout.ep
-    return volume / _link_bw(hw, layout.ep, layout.tp, params)
+    return volume / _link_bw(hw, layout.ep, layout.etp, params)
 
 
 # ----------------------------------------------------------------------------------- the estimate

@@ -10,7 +10,7 @@ import pytest
 
 from nemoc.compiler.catalog import get_gpu
 from nemoc.compiler.cost import (DEFAULT_PARAMS, MOE_UNFUSED_PERMUTE_BYTES, TE_KERNELS_PER_LAYER, MOE_EXPERT_KERNELS,
-                                 gemm_time, layer_times)
+                                 gemm_time, layer_times, moe_max_load)
 from nemoc.compiler.execution import moe_defaults_taken, moe_execution
 from nemoc.compiler.lower import compile_file
 from nemoc.compiler import memory
@@ -57,11 +57,12 @@ def test_te_defaults_cost_what_the_calibration_priced():
 
 
 def test_allgather_moves_the_whole_group_s_tokens_alltoall_only_the_routed_copies():
-    """alltoall: top_k x (ep - 1) / ep of the tokens each way; allgather: (ep x etp - 1) x the tokens,
-    whatever top_k: 7 / 1.75 = 4x at ep 8, top_k 2; none without an expert group."""
+    """alltoall: top_k x (ep - 1) / ep of the tokens each way (the busiest rank's share: `moe_max_load`);
+    allgather: (ep x etp - 1) x the tokens, whatever top_k and routing: 7 / 1.75 = 4x at ep 8, top_k 2;
+    none without an expert group."""
     a2a = times().ep_comm
     ag = times(moe=MoeExecution("allgather", True, True)).ep_comm
-    assert ag == pytest.approx(a2a * 7 / (2 * 7 / 8), rel=1e-9)
+    assert ag == pytest.approx(a2a / moe_max_load(MOE, lay(), 4096) * 7 / (2 * 7 / 8), rel=1e-9)
     flex = times(moe=MoeExecution("flex", True, True)).ep_comm
     assert flex == a2a  # DeepEP moves the same bytes (fused kernels, no bandwidth claim)
     assert times(layout=lay(ep=1, dp=64), moe=MoeExecution("allgather", True, True)).ep_comm == 0.0
