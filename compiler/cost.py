@@ -695,7 +695,8 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
 
 
 def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, params, trainable_params: float,
-                grad_bytes: int = 4, overlap: bool = True, overlap_gather: bool = True) -> float:
+                grad_bytes: int = 4, overlap: bool = True, overlap_gather: bool = True,
+                expert_params: float = 0.0) -> float:
     # (FP8 parameters, `layout.fp8_param_gather`: the all-gather moves 1 byte per parameter, not 2)
     """Data-parallel gradient reduce-scatter (fp32 main grads) + parameter all-gather (bf16) with the
     distributed optimizer, or an fp32 all-reduce without it. Megatron overlaps them with the last
@@ -705,17 +706,33 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
     backward, fully exposed (Megatron-LM before its 2023 `overlap_grad_reduce`: the 2021 runs
     all-reduced the gradients after the pipeline flush, Narayanan et al. 2021 Sec. 2.2).
     `overlap_gather=False`: the parameter all-gather runs after the optimizer step (Megatron DDP
-    without `overlap_param_gather`, the nemoc runtime's default), fully exposed."""
+    without `overlap_param_gather`, the nemoc runtime's default), fully exposed. `expert_params`: the
+    routed experts' share of `trainable_params` (MoE), whose gradients Megatron-Core's DDP reduces over
+    the expert-data-parallel group (`expert_data_parallel_group`, its own buckets), one after the other
+    with the dense ones on the same links."""
     shard = layout.dp * layout.cp
-    if shard == 1 or trainable_params == 0:
+    expert_shard = layout.dp * layout.cp * layout.tp // (layout.ep * layout.etp)
+    if (shard == 1 and expert_shard <= 1) or trainable_params == 0:
         return 0.0
-    frac = (shard - 1) / shard
-    bw = _link_bw(hw, shard, layout.tp, params)
-    if layout.distributed_optimizer:
-        gathered = 1.0 if layout.fp8_param_gather else 2.0
-        rs, ag = trainable_params * grad_bytes * frac / bw, trainable_params * gathered * frac / bw
-    else:
-        rs, ag = 2.0 * trainable_params * grad_bytes * frac / bw, 0.0
+    gathered = 1.0 if layout.fp8_param_gather else 2.0
+    # (group size, rank stride, parameters): the dense parameters reduce over DP x CP (ranks tp apart);
+    # routed experts over the expert-data-parallel group of Megatron-Core's expert rank grid (tp x cp x
+    # dp / (ep x etp) ranks, etp x ep apart: `_ep_comm`), which with EP spans more nodes
+    groups = [(shard, layout.tp, trainable_params - expert_params)]
+    if expert_params:
+        groups.append((expert_shard, layout.ep * layout.etp, expert_params))
+    rs = ag = 0.0
+    last_bucket = None  # one 40M-parameter bucket's reduce-scatter (1F1B: the last cannot overlap)
+    for size, stride, n in groups:
+        if size == 1 or n == 0:
+            continue
+        frac, bw = (size - 1) / size, _link_bw(hw, size, stride, params)
+        if last_bucket is None:
+            last_bucket = 40e6 * grad_bytes * frac / bw
+        if layout.distributed_optimizer:
+            rs, ag = rs + n * grad_bytes * frac / bw, ag + n * gathered * frac / bw
+        else:
+            rs += 2.0 * n * grad_bytes * frac / bw
     if not overlap:
         return rs + ag
     vp = layout.vp or 1
@@ -729,7 +746,7 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
     # ready when the backward ends, cannot overlap. The parameter all-gathers mirror this in the forward.
     bwd_window = t_mb_stage * (1.0 - fwd_fraction)
     fwd_window = t_mb_stage * fwd_fraction
-    bucket = min(rs, 40e6 * grad_bytes * frac / bw)  # the last 40M-parameter bucket cannot overlap
+    bucket = min(rs, last_bucket or 0.0)  # the last 40M-parameter bucket cannot overlap
     gather = max(0.0, ag - fwd_window) if overlap_gather else ag
     return max(0.0, rs - bwd_window) + gather + bucket
 
@@ -793,6 +810,14 @@ def _local_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int] 
     experts = n * counts.expert / (layout.ep * layout.etp)
     embed = padded_vocab(model.vocab, layout.tp) * model.hidden / layout.tp
     return dense + experts + embed * (2 if layout.pp == 1 and not model.tie_embeddings else 1)
+
+
+def _expert_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None = None) -> float:
+    """Routed-expert parameters on one GPU of the most-loaded stage (`_local_params`' expert part)."""
+    if not model.is_moe:
+        return 0.0
+    n = max(layers_on_stage(model.layers, layout.pp, i, split) for i in {0, min(1, layout.pp - 1)})
+    return n * param_counts(model).expert / (layout.ep * layout.etp)
 
 
 def _trainable_params(model: ModelSpec, layout: Layout, split, peft: LoraSpec | None) -> float:
@@ -902,9 +927,10 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
             parts["dp_comm_exposed"] = main.count * fsdp_exposed(model, layout, hw, lt, m, params, trainable,
                                                                  grad_bytes)
         else:
+            experts = _expert_params(model, layout, split) if peft is None else 0.0
             parts["dp_comm_exposed"] = updates * _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params,
                                                              trainable, grad_bytes, overlap_grad_reduce,
-                                                             overlap_param_gather)
+                                                             overlap_param_gather, experts)
         parts["optimizer"] = _optimizer_time(layout, hw, trainable, updates, main.count * m, kernels)
     parts["step_overhead"] = params.step_overhead
     if train and hw.generation != "cpu":

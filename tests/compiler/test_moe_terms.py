@@ -11,8 +11,8 @@ import random
 import pytest
 
 from nemoc.compiler.catalog import get_gpu
-from nemoc.compiler.cost import (DEFAULT_PARAMS, _ep_comm, _link_bw, expected_max_normal, layer_times,
-                                 moe_max_load)
+from nemoc.compiler.cost import (DEFAULT_PARAMS, _dp_exposed, _ep_comm, _expert_params, _link_bw,
+                                 expected_max_normal, layer_times, moe_max_load)
 from nemoc.compiler.plan import Layout, MoeExecution
 from nemoc.compiler.spec import ModelSpec
 
@@ -51,9 +51,9 @@ def test_the_ep_group_is_etp_apart_not_tp_apart():
 
 
 def test_the_ep_group_placement_is_megatron_cores():
-    """Differential: for layouts of 64 ranks on 8-GPU nodes, an EP (alltoall) and an ETP x EP
-    (allgather) group of Megatron-Core 0.16.1's expert rank grid lies inside one node exactly when the
-    cost model prices it over NVLink."""
+    """Differential: for layouts of 64 ranks on 8-GPU nodes, the EP (alltoall), ETP x EP (allgather) and
+    expert-data-parallel groups of Megatron-Core 0.16.1's expert rank grid lie inside one node exactly
+    when the cost model prices them over NVLink, and across nodes with as many NICs as members per node."""
     parallel_state = pytest.importorskip("megatron.core.parallel_state")
     world, node = 64, 8
     hw = dataclasses.replace(B200, nvlink_domain=node)
@@ -67,10 +67,15 @@ def test_the_ep_group_placement_is_megatron_cores():
                     continue
                 grid = parallel_state.RankGenerator(tp=etp, ep=ep, dp=world // (etp * ep * pp), pp=pp, cp=1,
                                                     order="tp-cp-ep-dp-pp", rank_offset=0)
-                for kind, size, stride in (("ep", ep, etp), ("tp-ep", ep * etp, 1)):
+                edp = world // (etp * ep * pp)
+                for kind, size, stride in (("ep", ep, etp), ("tp-ep", ep * etp, 1), ("dp", edp, etp * ep)):
                     groups = grid.get_ranks(kind)
+                    assert {len(g) for g in groups} == {size}
                     in_node = all(len({r // node for r in g}) == 1 for g in groups)
-                    assert (_link_bw(hw, size, stride, DEFAULT_PARAMS) == nvlink) == in_node, (tp, etp, ep, kind)
+                    # across nodes: NCCL's rings run over as many NICs as the group has members per node
+                    per_node = max(sum(1 for r in g if r // node == g[0] // node) for g in groups)
+                    want = nvlink if in_node else min(hw.nvlink_bw, per_node * hw.net_bw) * DEFAULT_PARAMS.link
+                    assert _link_bw(hw, size, stride, DEFAULT_PARAMS) == want, (tp, etp, ep, kind)
                     checked += 1
     assert checked >= 20
 
@@ -147,3 +152,23 @@ def test_moe_gemms_and_exchange_scale_with_the_busiest_rank(monkeypatch):
     assert half.gemm - one.gemm == pytest.approx(0.5 * (two.gemm - one.gemm), rel=1e-9)
     assert two.ep_comm == pytest.approx(2.0 * one.ep_comm, rel=1e-12)
     assert (two.attention, two.elementwise) == (one.attention, one.elementwise)
+
+
+def test_expert_gradients_reduce_over_the_expert_data_parallel_group():
+    """The routed experts' gradients reduce-scatter (and their parameters all-gather) over the
+    expert-data-parallel group: TP 2 x CP 8 x DP 4 / EP 8 = 8 ranks, 8 apart (one per node, InfiniBand),
+    the dense ones over DP x CP = 32 ranks 2 apart (four per node); without overlap both are exposed."""
+    layout = lay()
+    experts = _expert_params(MIXTRAL_22B, layout)
+    assert experts == pytest.approx(14 * 8 * 3 * 6144 * 16384 / 8)  # 14 layers per stage, 1 expert per GPU
+    total = experts + 0.6e9
+    exposed = _dp_exposed(MIXTRAL_22B, layout, B200, 0.4, 1 / 3, DEFAULT_PARAMS, total, 2, overlap=False,
+                          expert_params=experts)
+    link = DEFAULT_PARAMS.link
+    dense = 0.6e9 * (2 + 2) * 31 / 32 / (min(B200.nvlink_bw, 4 * B200.net_bw) * link)
+    expert = experts * (2 + 2) * 7 / 8 / (B200.net_bw * link)
+    assert exposed == pytest.approx(dense + expert, rel=1e-12)
+    # priced as dense parameters the same bytes would cross 4 NICs per node: far less
+    assert _dp_exposed(MIXTRAL_22B, layout, B200, 0.4, 1 / 3, DEFAULT_PARAMS, total, 2, overlap=False) < exposed / 3
+    dense_model = dataclasses.replace(MIXTRAL_22B, experts=0, top_k=0, moe_ffn_hidden=None)
+    assert _expert_params(dense_model, lay(ep=1, etp=2)) == 0.0
