@@ -616,9 +616,12 @@ def moe_max_load(model: ModelSpec, layout: Layout, tokens_per_rank: float) -> fl
     variance k (L/E)(1 - L/E)(E - k)/(E - 1). The ep loads sum to N k (each token sends k copies), an
     exchangeable normal vector with correlation -1/(ep - 1); its maximum is the mean plus
     sigma sqrt(ep / (ep - 1)) x E[max of ep standard normals] (`expected_max_normal`). This is the
-    imbalance of a perfectly balanced router, a lower bound of a trained router's (whose per-expert
-    preferences add a systematic part no published statistic here fixes); drop-and-pad runs
-    (`moe_pad_expert_input_to_capacity`) have none, which the language does not state yet. It shrinks
+    imbalance of a perfectly balanced router: exactly Megatron-Core's benchmark router
+    `moe_router_force_load_balancing` (iid normal logits per token: NeMo's "force-balanced,
+    token-dropless" MoE benchmarks, Megatron-Bridge's MoE performance configs), a lower bound of a
+    trained router's (whose per-expert preferences add a systematic part no published statistic here
+    fixes); drop-and-pad runs (`moe_pad_expert_input_to_capacity`) have none, which the language does
+    not state yet. It shrinks
     with the tokens (1 / sqrt(N)), so the time per row never grows with the micro batch (the search's
     lower bound holds). Mixtral (8 experts, top 2), EP 8: +1.0 % at 8,192 tokens per rank (8x7B, micro
     batch 2 x 4,096), +1.5 % at 4,096 (8x22B at 64K: CP 8, SP over TP 2); 128 experts, top 8, EP 8,
