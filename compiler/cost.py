@@ -95,15 +95,15 @@ class EfficiencyParams:
     """
 
     gemm_ampere_16: float = 0.715
-    gemm_hopper_16: float = 0.67
+    gemm_hopper_16: float = 0.68
     gemm_hopper_8: float = 0.484
     gemm_blackwell_8: float = 0.406
-    attn: float = 0.432
-    kappa: float = 4.6
+    attn: float = 0.428
+    kappa: float = 4.55
     link: float = 0.75
-    tp_exposed: float = 0.0625
-    gemm_n_half: float = 73.4
-    layer_overhead: float = 55e-6
+    tp_exposed: float = 0.118
+    gemm_n_half: float = 62.8
+    layer_overhead: float = 50e-6
     ring_step_latency: float = 15e-6
     step_overhead: float = 0.02
     attn_kv_half: float = 512.0
