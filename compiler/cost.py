@@ -72,8 +72,9 @@ class EfficiencyParams:
               after TP) and the token rows of one kernel launch (userbuffer chunks, per-expert rows:
               `gemm_rows_split`).
     layer_overhead: seconds per layer per micro batch (forward + backward) that no kernel's
-              FLOPs or bytes explain: launch gaps, synchronisation, small kernels (tens of kernels
-              per layer and pass).
+              FLOPs or bytes explain: device-side launch gaps, synchronisation, small kernels (tens of
+              kernels per layer and pass). The host's issue time of those kernels is not in it: it is
+              counted (`host_issue_time`) and costs time only where it exceeds the layer's device time.
     attn_kv_half: keys per query tile at which a flash-class attention kernel runs at half its
               long-sequence rate (`attn_kernel_eff`): the fixed per-tile cost of loading the query
               tile and writing the output, read off FlashAttention-3's throughput-vs-length curve.
@@ -1080,9 +1081,9 @@ GRAPH_LAUNCH = 2.5e-6
 # The host's time to issue one eager kernel: Python and the pybind11 entry, autograd recording, the ATen
 # dispatcher, Transformer Engine's Python around its kernels, and cudaLaunchKernel itself (~2-4 us of it):
 # ~5-25 us per operator (the PyTorch team, "Accelerating PyTorch with CUDA Graphs", 2021: the launch
-# overhead graphs remove; NVIDIA, "Getting Started with CUDA Graphs", 2019). Taken at 10 us, the middle
+# overhead graphs remove; NVIDIA, "Getting Started with CUDA Graphs", 2019). Taken at 10 us, inside
 # of that range, not fitted: no calibration row is host bound (a layer's issue, ~30 kernels x 10 us =
-# 0.3 ms per micro batch, is 2-50x below its device time on every row: docs/calibration.md), so no row
+# 0.3 ms per micro batch, is 10-210x below its device time on every row: docs/calibration.md), so no row
 # could fix it. The host issues asynchronously and runs ahead of the GPU, so it bounds a layer only where
 # the layer's kernels run shorter than their issue (`LayerTimes.host_wait`): small models and micro
 # batches, and the rollout's decode steps, which synchronise every step.
