@@ -5,6 +5,7 @@ attention backend, sequence length, number of steps, stage kind and optional LoR
 Output: `Estimate` with `parts` (seconds per step): compute, elementwise, tp_comm, cp_comm, ep_comm,
 pp_imbalance, pp_bubble, pp_p2p, dp_comm_exposed, optimizer, step_overhead (+ other_passes: DPO
 reference, PPO critic and experience forwards; rollout: PPO generation);
+host_bound (only when the host issues a layer's kernels slower than the GPU runs them);
 `step_time_s == sum(parts)`.
 Invariants: pure, no torch; a few tens of microseconds per call (the planner calls it thousands of
 times); every term is a small function with its physics stated; the few efficiency parameters live
@@ -18,7 +19,9 @@ Time of one step on the slowest pipeline stage (Narayanan et al. 2021, Sec. 2-3)
              batched GEMMs at the GEMM rate + the s x s score matrix's traffic / HBM bw)
            + elementwise (kappa x activation bytes / HBM bw; the local spec's unfused kernels'
              extra bytes / HBM bw)
-           + exposed TP / CP / EP communication (+ CP ring-step latency).
+           + exposed TP / CP / EP communication (+ CP ring-step latency)
+           + host wait: max(0, the host's issue time of the layer's kernels - the device time above)
+             (eager mode; CUDA graphs remove the captured share; `host_issue_time`).
 MFU = model FLOPs (what the stage needs, no recompute: `flops.stage_model_flops_per_step`)
       / (step time x GPUs x dense peak of the precision).
 """
@@ -70,8 +73,9 @@ class EfficiencyParams:
               after TP) and the token rows of one kernel launch (userbuffer chunks, per-expert rows:
               `gemm_rows_split`).
     layer_overhead: seconds per layer per micro batch (forward + backward) that no kernel's
-              FLOPs or bytes explain: launch gaps, synchronisation, small kernels (tens of kernels
-              per layer and pass).
+              FLOPs or bytes explain: device-side launch gaps, synchronisation, small kernels (tens of
+              kernels per layer and pass). The host's issue time of those kernels is not in it: it is
+              counted (`host_issue_time`) and costs time only where it exceeds the layer's device time.
     attn_kv_half: keys per query tile at which a flash-class attention kernel runs at half its
               long-sequence rate (`attn_kernel_eff`): the fixed per-tile cost of loading the query
               tile and writing the output, read off FlashAttention-3's throughput-vs-length curve.
@@ -93,15 +97,15 @@ class EfficiencyParams:
     """
 
     gemm_ampere_16: float = 0.715
-    gemm_hopper_16: float = 0.67
+    gemm_hopper_16: float = 0.68
     gemm_hopper_8: float = 0.484
     gemm_blackwell_8: float = 0.406
-    attn: float = 0.432
-    kappa: float = 4.6
+    attn: float = 0.428
+    kappa: float = 4.55
     link: float = 0.75
-    tp_exposed: float = 0.0625
-    gemm_n_half: float = 73.4
-    layer_overhead: float = 55e-6
+    tp_exposed: float = 0.118
+    gemm_n_half: float = 62.8
+    layer_overhead: float = 50e-6
     ring_step_latency: float = 15e-6
     step_overhead: float = 0.02
     attn_kv_half: float = 512.0
@@ -292,10 +296,22 @@ class LayerTimes:
     cp_comm: float
     ep_comm: float
     forward_fraction: float  # share of the layer's compute that is forward (for recompute / overlap windows)
+    host_issue: float = 0.0  # host seconds to issue the layer's kernels in eager mode (`host_issue_time`)
+
+    @property
+    def device(self) -> float:
+        return self.gemm + self.attention + self.elementwise + self.tp_comm + self.cp_comm + self.ep_comm
+
+    @property
+    def host_wait(self) -> float:
+        """Seconds the GPU idles waiting for the host: the host issues kernels asynchronously and runs
+        ahead of the GPU while the layer's device time exceeds its issue time; the layer is host bound
+        only where issuing its kernels takes longer than running them."""
+        return max(0.0, self.host_issue - self.device)
 
     @property
     def total(self) -> float:
-        return self.gemm + self.attention + self.elementwise + self.tp_comm + self.cp_comm + self.ep_comm
+        return max(self.device, self.host_issue)
 
 
 def gemm_time(m: float, n: float, k: float, *, flops_per_s: float, bytes_per_s: float, in_bytes: float,
@@ -388,7 +404,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
             return full
         kept = layer_times(model, replace(layout, recompute="none", recompute_layers=None), hw, **kw)
         mix = [frac * a + (1.0 - frac) * b for a, b in zip(_fields(full), _fields(kept))]
-        return LayerTimes(*mix[:-1], full.forward_fraction)
+        return LayerTimes(*mix[:6], full.forward_fraction, mix[7])
     tokens = micro_batch * seq / layout.cp  # GEMM rows on this GPU (SP re-gathers the sequence)
     gen = hw.generation
     low = precision in ("fp8", "mxfp8")
@@ -476,9 +492,11 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         replays = 2.0 if layout.recompute == "full" and backward else 1.0
         elementwise += FP8_CURRENT_SCALING_BYTES * (replays * inputs + (grads if backward else 0.0)) / hw.hbm_bw
     overhead = params.layer_overhead * passes / 3.0
+    launches = TE_KERNELS_PER_LAYER  # kernels per layer and micro batch (forward + backward), for the host
     if sequential:  # fc1, activation, fc2 launched per local expert instead of once for all of them
         overhead += (params.layer_overhead / TE_KERNELS_PER_LAYER * MOE_EXPERT_KERNELS * (local_experts - 1)
                      * passes / 3.0)
+        launches += MOE_EXPERT_KERNELS * (local_experts - 1)
     if model.is_moe and not moe.permute_fusion and moe.dispatcher != "flex":
         rep = layout.tp if layout.sequence_parallel else 1
         routed = tokens / rep * model.top_k * model.hidden  # routed hidden elements entering this GPU's MoE
@@ -490,15 +508,19 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         elementwise += (fwd_x * (2.0 if layout.recompute == "full" and backward else 1.0)
                         + (bwd_x if backward else 0.0)) / hw.hbm_bw
         overhead += params.layer_overhead / TE_KERNELS_PER_LAYER * _local_extra_kernels(model) * passes / 3.0
+        launches += _local_extra_kernels(model)
     gemm += overhead
+    replays = passes + (1.0 if layout.recompute == "full" and backward else 0.0)  # recompute replays the forward
+    host = host_issue_time(launches * replays / 3.0, hw)
     tp_comm = _tp_comm(model, layout, hw, tokens, passes, params, overlap_tp)
     cp_comm = _cp_comm(model, layout, hw, tokens, passes, attn_fwd, attention, params)
     ep_comm = _ep_comm(model, layout, hw, tokens, passes, params, moe.dispatcher)
-    return LayerTimes(gemm, attention, elementwise, tp_comm, cp_comm, ep_comm, 1.0 / passes)
+    return LayerTimes(gemm, attention, elementwise, tp_comm, cp_comm, ep_comm, 1.0 / passes, host)
 
 
 def _fields(lt: LayerTimes) -> tuple[float, ...]:
-    return (lt.gemm, lt.attention, lt.elementwise, lt.tp_comm, lt.cp_comm, lt.ep_comm, lt.forward_fraction)
+    return (lt.gemm, lt.attention, lt.elementwise, lt.tp_comm, lt.cp_comm, lt.ep_comm, lt.forward_fraction,
+            lt.host_issue)
 
 
 _DOMAINS: dict[tuple[str, int], HardwareSpec] = {}
@@ -894,8 +916,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                      micro_batch=mb, backward=main.backward, params=params, attention_span=attention_span,
                      overlap_tp=overlap_tp, kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe, moe=moe)
     if host is not None and host.cuda_graph_impl != "none" and train:  # as in step_time_lower_bound
-        lt = replace(lt, gemm=lt.gemm - cuda_graph_launch_saving(
-            params, cuda_graph_share(host, model), 1.0 + main.backward))
+        lt = graphed(lt, params, cuda_graph_share(host, model), 1.0 + main.backward)
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                       params=params, scalar_head=main.scalar_head, split=split)
     m = layout.num_microbatches
@@ -908,6 +929,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
         "cp_comm": per_stage * lt.cp_comm,
         "ep_comm": per_stage * lt.ep_comm,
     }
+    if lt.host_wait > 0.0:  # the GPU waits for the host (eager kernels shorter than their issue time)
+        parts["host_bound"] = per_stage * lt.host_wait
     parts["pp_imbalance"] = main.count * m * (slow - mean)
     parts["pp_bubble"] = main.count * (layout.pp - 1) / vp * mean if layout.pp > 1 else 0.0
     parts["pp_p2p"] = main.count * _pp_p2p(model, layout, hw, seq, mb, m, vp, params, overlap_p2p,
@@ -992,10 +1015,9 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
                      micro_batch=largest * work.rows, backward=main.backward, params=params, overlap_tp=overlap_tp,
                      kernels=kernels, moe=moe, attention_span=attention_span)
     if host is not None and host.cuda_graph_impl != "none" and main.backward != FORWARD:
-        # a constant per micro batch, at most the layer's launch overhead: the time per row still
-        # never grows with the micro batch
-        lt = replace(lt, gemm=lt.gemm - cuda_graph_launch_saving(params, cuda_graph_share(host, model),
-                                                                 1.0 + main.backward))
+        # a constant per micro batch, at most the layer's launch overhead, and the host issue time
+        # scaled by the uncaptured share: the time per row still never grows with the micro batch
+        lt = graphed(lt, params, cuda_graph_share(host, model), 1.0 + main.backward)
     _, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows,
                               backward=main.backward, params=params, scalar_head=main.scalar_head, split=split)
     per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest
@@ -1062,7 +1084,9 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     (m x micro batch of them) and is memory-bandwidth bound: each GPU reads its weights and the KV
     cache of its heads once (Pope et al. 2022, "Efficiently Scaling Transformer Inference", Sec. 2);
     the pipeline stages run one after the other for a single batch, so a step costs the whole
-    model's reads / TP; plus the per-layer launch overhead of a forward (decode kernels are tiny).
+    model's reads / TP; plus the per-layer launch overhead of a forward. Decode kernels are tiny, so a
+    step is often bound by the host's issue of its kernels instead (`host_issue_time`: one forward's
+    kernels over every layer; each step synchronises on its sampled token, so the host cannot run ahead).
     Under pipeline parallelism the batch is decoded stage after stage as one batch (the nemoc
     runtime's generator: no micro-batches, so no stage overlaps another): the prefill costs the
     m micro batches' forward on every stage in turn, m x pp x the mean stage, not the pipelined
@@ -1094,7 +1118,12 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     kv_bytes = batch * context * model.layers * 2.0 * kv_heads * model.head_dim * 2.0  # whole rows at any cp
     rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.gemm_eff(hw.generation, "bf16")
     flops = 2.0 * batch * gemm_params / layout.tp
-    step = max(flops / rate, (weight_bytes + kv_bytes) / hw.hbm_bw) + model.layers * params.layer_overhead / 3.0
+    # each decode step waits for its sampled token (the host checks every row for its end), so the host
+    # cannot run ahead into the next step: a step takes the longer of the device's reads / FLOPs and the
+    # host's issue of one forward's kernels over every layer (eager: the rollout captures no CUDA graphs)
+    launches = model.layers * (TE_KERNELS_PER_LAYER + (_local_extra_kernels(model) if kernels == "local" else 0.0))
+    device = max(flops / rate, (weight_bytes + kv_bytes) / hw.hbm_bw)
+    step = max(device, host_issue_time(launches / 3.0, hw)) + model.layers * params.layer_overhead / 3.0
     step += _rollout_p2p(model, layout, hw, batch, params) + _rollout_ep(model, whole, hw, batch, params)
     return prefill + new_tokens * step
 
@@ -1136,6 +1165,16 @@ def _rollout_ep(model, layout, hw, tokens: float, params) -> float:
 # and its preprocessing a few kernels; [] (the whole layer) and full_iteration all of them.
 GRAPHED_KERNEL_GAP = 1.0e-6
 GRAPH_LAUNCH = 2.5e-6
+# The host's time to issue one eager kernel: Python and the pybind11 entry, autograd recording, the ATen
+# dispatcher, Transformer Engine's Python around its kernels, and cudaLaunchKernel itself (~2-4 us of it):
+# ~5-25 us per operator (the PyTorch team, "Accelerating PyTorch with CUDA Graphs", 2021: the launch
+# overhead graphs remove; NVIDIA, "Getting Started with CUDA Graphs", 2019). Taken at 10 us, inside
+# of that range, not fitted: no calibration row is host bound (a layer's issue, ~30 kernels x 10 us =
+# 0.3 ms per micro batch, is 10-210x below its device time on every row: docs/calibration.md), so no row
+# could fix it. The host issues asynchronously and runs ahead of the GPU, so it bounds a layer only where
+# the layer's kernels run shorter than their issue (`LayerTimes.host_wait`): small models and micro
+# batches, and the rollout's decode steps, which synchronise every step.
+HOST_ISSUE_PER_KERNEL = 10e-6
 CUDA_GRAPH_SCOPE_SHARE = MappingProxyType({"attn": 0.5, "mlp": 0.5, "moe_router": 0.1, "moe_preprocess": 0.05,
                                            "moe": 0.5, "full_iteration": 1.0})
 
@@ -1147,6 +1186,20 @@ def cuda_graph_share(host: HostExecution | None, model: ModelSpec) -> float:
     if not host.cuda_graph_scope:
         return 1.0
     return min(1.0, sum(CUDA_GRAPH_SCOPE_SHARE[s] for s in host.cuda_graph_scope))
+
+
+def host_issue_time(launches: float, hw: HardwareSpec) -> float:
+    """Host seconds to issue `launches` eager kernels (HOST_ISSUE_PER_KERNEL each); 0 on a CPU, where the
+    host runs the operations themselves (their time is the device time)."""
+    return 0.0 if hw.generation == "cpu" else launches * HOST_ISSUE_PER_KERNEL
+
+
+def graphed(lt: LayerTimes, params: EfficiencyParams, share: float, passes: float) -> LayerTimes:
+    """`lt` with the captured `share` of the layer under CUDA graphs: the launch gaps removed
+    (`cuda_graph_launch_saving`) and the host no longer issuing the captured kernels one by one (a
+    replay is one launch per graph: the host issue of the uncaptured share remains)."""
+    return replace(lt, gemm=lt.gemm - cuda_graph_launch_saving(params, share, passes),
+                   host_issue=lt.host_issue * (1.0 - share))
 
 
 def cuda_graph_launch_saving(params: EfficiencyParams, share: float, passes: float) -> float:

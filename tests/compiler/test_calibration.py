@@ -44,21 +44,20 @@ def test_rows_are_sourced(calibrate) -> None:
 
 
 def test_throughput_error_bounds(results) -> None:
-    """Through the language (docs/calibration.md): 83 pretraining rows, median 2.7 %, max 27.2 % (C21,
-    unreliable); with the 18 fine-tuning rows, 101 planned rows (none refused), median 3.3 %, max 27.2 %."""
+    """Through the language (docs/calibration.md): 83 pretraining rows, median 2.5 %, max 27.1 % (C21,
+    unreliable); with the 18 fine-tuning rows, 101 planned rows (none refused), median 3.2 %, max 27.1 %."""
     _, used = results
     pre = [abs(r["error"]) for r in used if r["task"] == "pretrain"]
     assert len(pre) >= 83
     # 3.4 % -> 2.7 %: tile quantisation over the token rows (TE userbuffer chunks, per-expert rows) and
-    # the refit of `EfficiencyParams` (docs/calibration.md, issue 17 "calibration misses by physical terms")
-    # 2.7 % -> 2.8 %: issue 17's MoE terms (docs/calibration.md "MoE terms"): the busiest-rank load moves
-    # C16 -2.4 -> -3.1 %, across the median
-    assert statistics.median(pre) <= 0.0285
+    # the refit of `EfficiencyParams` (docs/calibration.md, issue 17 "calibration misses by physical terms");
+    # 2.7 % -> 2.5 % with the host-issue revision's refit; 2.6 % with the MoE revision's busiest-rank load
+    assert statistics.median(pre) <= 0.027
     assert max(pre) <= 0.28  # C21 (unreliable: an unpublished configuration) +25.1 % -> +27.2 %
     assert sum(e <= 0.15 for e in pre) >= 78
     errors = [abs(r["error"]) for r in used]
     assert len(errors) >= 101  # the three Llama 2 70B SFT rows plan now (the launcher's recipe stated)
-    assert statistics.median(errors) <= 0.034
+    assert statistics.median(errors) <= 0.033
     assert max(errors) <= 0.28
     assert sum(e <= 0.15 for e in errors) >= 96
 
@@ -67,12 +66,13 @@ def test_reliable_rows_error_bounds(calibrate, results) -> None:
     _, used = results
     errors = [abs(r["error"]) for r in used if calibrate.reliable(r)]
     assert len(errors) >= 91  # A14 / A15 and their repeats (x3) join: their recipe is stated now
-    assert statistics.median(errors) <= 0.0295  # 3.3 % -> 2.9 % (the issue's target: 3 %)
-    # Mixtral 8x22B at 64K on 256 B200 (C08): +16.1 % -> +23.4 % since its EP group sits in one node
+    # 3.3 % -> 2.9 % (the issue's target: 3 %); 2.6 % with the host-issue refit alone, 2.9 % with the MoE terms
+    assert statistics.median(errors) <= 0.0295
+    # Mixtral 8x22B at 64K on 256 B200 (C08): +16.1 % -> +22.8 % since its EP group sits in one node
     # (Megatron-Core's expert rank grid, ETP 1: NVLink, not two nodes over InfiniBand), which removed
     # 0.41 s of all-to-all that hid part of its miss; every other reliable row within 15 %
-    # (docs/calibration.md, "MoE terms")
-    assert max(errors) <= 0.24
+    # (docs/calibration.md, "MoE revision")
+    assert max(errors) <= 0.235
     assert sum(e <= 0.15 for e in errors) >= 90
     assert sum(e <= 0.10 for e in errors) >= 82
 

@@ -182,7 +182,9 @@ def test_plans_assume_what_the_nemoc_runtime_configures() -> None:
     lay = layout(tp=8, dp=2, global_batch=16, sequence_parallel=True)
     runtime = estimate(m, lay, gpu="H100", seq_length=4096)
     nemo = estimate(m, lay, gpu="H100", seq_length=4096, overlap_tp=True)
-    assert runtime.parts["tp_comm"] > 10 * nemo.parts["tp_comm"] > 0
+    # the overlap leaves `tp_exposed` (0.118 since the host-issue revision's refit) of it exposed
+    assert runtime.parts["tp_comm"] > 0.8 / DEFAULT_PARAMS.tp_exposed * nemo.parts["tp_comm"] > 0
+    assert runtime.parts["tp_comm"] > 5 * nemo.parts["tp_comm"]
 
 
 def test_context_parallel_ring_steps_are_not_free() -> None:

@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 
 from nemoc.compiler import cost, memory
-from nemoc.compiler.catalog import get_gpu
+from nemoc.compiler.catalog import get_gpu, get_preset
 from nemoc.compiler.execution import host_defaults_taken, host_execution, stage_host
 from nemoc.compiler.lower import compile_file
 from nemoc.compiler.plan import HostExecution, Layout, from_json, to_json
@@ -83,6 +83,95 @@ def test_the_lower_bound_still_bounds_with_cuda_graphs():
     for layout in (lay(), lay(pp=2, dp=4, num_microbatches=16), lay(tp=2, dp=4, sequence_parallel=True)):
         bound = cost.step_time_lower_bound(DENSE, layout, micro_batches=(1, 1), gpu=H100, seq_length=4096, host=host)
         assert bound <= est(host=host, layout=layout).step_time_s * (1 + 1e-9)
+
+
+TINY = ModelSpec(name="t", layers=4, hidden=256, heads=4, query_groups=4, ffn_hidden=1024, vocab=32000, seq_length=256)
+
+
+def test_a_layer_is_host_bound_only_where_its_kernels_run_shorter_than_their_issue():
+    """Eager: the host issues ~30 kernels per layer and micro batch at HOST_ISSUE_PER_KERNEL each and runs
+    ahead of the GPU, so a layer pays max(device, host) and the step shows the difference as
+    `host_bound`; a large layer (ms of GPU work) never does. CUDA graphs replay the captured kernels
+    without the host: the whole layer graphed removes the wait."""
+    issue = cost.TE_KERNELS_PER_LAYER * cost.HOST_ISSUE_PER_KERNEL
+    big = cost.layer_times(DENSE, lay(), H100, seq=4096, precision="bf16", attention_backend="flash", micro_batch=1)
+    assert big.host_issue == pytest.approx(issue) and big.host_wait == 0.0 and big.device > 5 * issue
+    assert "host_bound" not in est().parts
+    small = cost.layer_times(TINY, lay(), H100, seq=256, precision="bf16", attention_backend="flash", micro_batch=1)
+    assert small.device < small.host_issue == pytest.approx(issue)
+    assert small.total == pytest.approx(small.host_issue)
+    tiny = dict(seq_length=256, gpu=H100, precision="bf16")
+    eager = cost.estimate(TINY, lay(), host=NO_GRAPHS, **tiny)
+    per_stage = lay().num_microbatches * TINY.layers
+    assert eager.parts["host_bound"] == pytest.approx(per_stage * small.host_wait)
+    assert eager.step_time_s == pytest.approx(sum(eager.parts.values()))
+    graphed = cost.estimate(TINY, lay(), host=HostExecution("local", (), True, 100), **tiny)
+    assert "host_bound" not in graphed.parts
+    saved = eager.step_time_s - graphed.step_time_s
+    assert saved > per_stage * cost.cuda_graph_launch_saving(cost.DEFAULT_PARAMS, 1.0, 3.0) + 0.9 * eager.parts["host_bound"]
+    # half a layer graphed: the other half's kernels are still issued one by one
+    attn = cost.estimate(TINY, lay(), host=HostExecution("transformer_engine", ("attn",), True, 100), **tiny)
+    assert graphed.step_time_s < attn.step_time_s < eager.step_time_s
+    # the local spec launches more kernels (unfused norms, RoPE, SwiGLU): more issue time
+    local = cost.layer_times(TINY, lay(), H100, seq=256, precision="bf16", attention_backend="flash", micro_batch=1,
+                             kernels="local")
+    assert local.host_issue == pytest.approx(issue + cost._local_extra_kernels(TINY) * cost.HOST_ISSUE_PER_KERNEL)
+    # full recompute replays the forward's kernels; a forward-only pass issues a third of them
+    full = cost.layer_times(TINY, lay(recompute="full"), H100, seq=256, precision="bf16", attention_backend="flash",
+                            micro_batch=1)
+    assert full.host_issue == pytest.approx(issue * 4 / 3)
+    fwd = cost.layer_times(TINY, lay(), H100, seq=256, precision="bf16", attention_backend="flash", micro_batch=1,
+                           backward=0.0)
+    assert fwd.host_issue == pytest.approx(issue / 3)
+    # the CPU runs the operations on the host itself: no separate issue term
+    cpu = cost.layer_times(TINY, lay(), get_gpu("cpu"), seq=256, precision="fp32", attention_backend="flash",
+                           micro_batch=1)
+    assert cpu.host_issue == 0.0
+
+
+def test_a_larger_micro_batch_amortises_the_host_issue_and_the_bound_still_holds():
+    """max(device(mb), host) / mb never grows with mb: a host-bound layer halves its time per row from
+    micro batch 1 to 2, and the search's lower bound stays below every member of the group."""
+    rows = 8
+    per_row = []
+    for mb in (1, 2, 4, 8):
+        layout = lay(micro_batch=mb, num_microbatches=rows // mb)
+        lt = cost.layer_times(TINY, layout, H100, seq=256, precision="bf16", attention_backend="flash", micro_batch=mb)
+        per_row.append(lt.total / mb)
+    assert per_row == sorted(per_row, reverse=True) and per_row[1] == pytest.approx(per_row[0] / 2, rel=0.05)
+    for host in (NO_GRAPHS, HostExecution("local", (), True, 100)):
+        for layout in (lay(micro_batch=8, num_microbatches=1), lay(pp=2, dp=4, micro_batch=8, num_microbatches=2,
+                                                                       global_batch=64)):
+            bound = cost.step_time_lower_bound(TINY, layout, micro_batches=(1, 8), gpu=H100, seq_length=256, host=host)
+            n = layout.num_microbatches * layout.micro_batch
+            for mb in (1, 2, 4, 8):
+                for rc in ("none", "full"):
+                    member = dataclasses.replace(layout, micro_batch=mb, num_microbatches=n // mb, recompute=rc)
+                    t = cost.estimate(TINY, member, gpu=H100, seq_length=256, host=host).step_time_s
+                    assert bound <= t * (1 + 1e-9), (member, bound, t)
+
+
+def test_a_decode_step_waits_for_the_host_to_issue_one_forward():
+    """The rollout synchronises on every sampled token: a decode step of a small model costs the host's
+    issue of one forward's kernels over every layer (10 per layer at 10 us), not its microseconds of
+    weight reads; a large model's step stays bound by its reads."""
+    kw = dict(gpu=H100, seq_length=256, stage_kind="ppo")
+    short = cost.estimate(TINY, lay(), stage_params={"max_new_tokens": 16}, **kw)
+    long = cost.estimate(TINY, lay(), stage_params={"max_new_tokens": 32}, **kw)
+    step = (long.parts["rollout"] - short.parts["rollout"]) / 16
+    issue = TINY.layers * cost.TE_KERNELS_PER_LAYER / 3 * cost.HOST_ISSUE_PER_KERNEL
+    gaps = TINY.layers * cost.DEFAULT_PARAMS.layer_overhead / 3
+    assert step == pytest.approx(issue + gaps, rel=1e-6)
+    # Llama 3 8B at TP 1: 16 GB of bf16 weights per step (4.8 ms at 3.35 TB/s) outlast its 3.2 ms of issue
+    llama = get_preset("llama3_8b")
+    big = dict(gpu=H100, seq_length=4096, stage_kind="ppo")
+    b_short = cost.estimate(llama, lay(), stage_params={"max_new_tokens": 16}, **big)
+    b_long = cost.estimate(llama, lay(), stage_params={"max_new_tokens": 32}, **big)
+    b_step = (b_long.parts["rollout"] - b_short.parts["rollout"]) / 16
+    reads = 2.0 * 7.5e9 / H100.hbm_bw  # the transformer layers' and output layer's bf16 weights, at least
+    issue = llama.layers * cost.TE_KERNELS_PER_LAYER / 3 * cost.HOST_ISSUE_PER_KERNEL
+    gaps = llama.layers * cost.DEFAULT_PARAMS.layer_overhead / 3
+    assert reads > issue and b_step > reads + gaps
 
 
 def test_gc_pauses_automatic_per_step_vs_manual_once_per_interval(monkeypatch):
