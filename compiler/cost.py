@@ -568,46 +568,104 @@ def _tp_comm(model, layout, hw, tokens, passes, params, overlap: bool = False) -
     return volume / _link_bw(hw, layout.tp, 1, params) * exposure
 
 
-# Context-parallel ring (Transformer Engine `AttnFuncWithCPAndKVP2P`): every ring step's partial
-# output is merged into the running result with its log-sum-exp correction, a memory-bound pass per
-# step: forward, the step's 16-bit output written by the kernel and read back (2 + 2) and the fp32
-# accumulator read and written (4 + 4): 12 B per query-side element (tokens x heads x head_dim);
-# backward, the step's dQ partial (2 + 2) accumulated in fp32 (4 + 4) and the dK / dV partials
-# accumulated and passed on with the ring (the same 12 B per key/value element).
-CP_MERGE_BYTES = 12.0
+# Context-parallel ring (Transformer Engine `AttnFuncWithCPAndKVP2P`, `cp_comm_type="p2p"`, 16-bit dot-product
+# attention: NeMo's FP8 recipes leave `fp8_dot_product_attention` off), counted from TE's code (v2.1
+# `pytorch/attention.py`, v2.3-2.4 `pytorch/attention/dot_product_attention/context_parallel.py`: the
+# releases NeMo 25.02-25.07 shipped). The causal load-balanced split gives each rank r two of the 2cp
+# sequence chunks; every ring step runs ONE attention kernel of two chunk blocks (forward step 0: the
+# local causal block, q and kv full; steps i <= r: all q rows against the first kv chunk; steps i > r:
+# the second q chunk against all kv), so the cp kernels of a pass are equal (`layer_times` prices them at
+# s / 2cp keys per query row). Around the kernels, memory-bound passes over the 16-bit tensors (the
+# accumulators are 16-bit: `out = zeros_like(q)`, `dq = empty_like(q)`, `dkv` in the 16-bit p2p buffer;
+# `jit_fuser` = torch.compile fuses each correction into one kernel):
+#   forward, per rank: `torch.cat` of K and V into the ring buffer (read 2 + write 2 B per kv element);
+#     per step the output correction `out += out_step x exp(lse_step - lse)` (read the step's partial 2,
+#     read and write the accumulator 2 + 2 = 6 B per query-side element it covers; the first step writes
+#     out from the partial: 4 B, TE 2.3-2.4 `flash_attn_fwd_out_correction_init`; TE 2.1 zero-fills it
+#     and adds, 4 B more once; steps i > r cover the second half of the rows only:
+#     `flash_attn_fwd_second_half_out_correction`). The log-sum-exp corrections move ~20 B per query row
+#     and head (< 0.2 B per element at head dim 128): not counted.
+#   backward, per rank: `p2p_comm_buffers[0][0].copy_(kv)` (4 B per kv element); per step dq.add_(dq_)
+#     (6 B per element covered, a copy 4 B on the first, q full or second half as in the forward) and
+#     dkv.add_(dkv_) into the buffer that travels the ring (6 B, copy 4 B, kv full or first half).
+# The kernels' own epilogues (writing each step's partial output, lse, dq/dkv; flash backward's dO . O
+# preprocessing and fp32 dq accumulation) are per-kernel fixed costs, priced once per step by
+# `attn_kernel_eff` (its `attn_kv_half` is that per-tile cost: at 512 keys' worth of compute per query row
+# it equals ~16-17 B of HBM traffic per query element forward and ~40-43 B backward on H100 and B200, more
+# than those passes move): not counted again here. Until this revision the model charged 12 B per element
+# and step (a 16-bit partial written and read, an fp32 accumulator read and written) on every step
+# for q and, backward, for q + kv: about twice what TE's code moves.
+
+
+@lru_cache(maxsize=256)
+def cp_ring_bytes(cp: int, rank: int) -> tuple[float, float, float, float]:
+    """HBM bytes that TE's p2p ring moves around its attention kernels on CP rank `rank` of `cp`, per
+    element of this rank's query-side tensor (tokens x heads x head_dim / tp) and key/value tensor
+    (2 x tokens x query_groups x head_dim / tp): (forward per q, forward per kv, backward per q,
+    backward per kv), walking TE's branches step by step (constants above). Ranks differ: the
+    query-side work grows with the rank, the key/value side shrinks (`cp_ring_ranks`)."""
+    fq = sum((4.0 if i == 0 else 6.0) * (1.0 if i <= rank else 0.5) for i in range(cp))
+    bq = bkv = 0.0
+    first = cp - rank - 1  # the backward step where this rank's first q chunk starts to get gradients
+    for i in range(cp):
+        # dq: steps after `first` add into all of dq, before it into the second half only
+        if i > first:
+            bq += 6.0
+        elif i == first:
+            bq += 4.0 if rank == cp - 1 else 2.0 + 3.0
+        else:
+            bq += 3.0 if i > 0 else 2.0
+        # dkv (the travelling buffer): the last step is the local block, steps >= first the first kv
+        # half, the others all of it
+        if i == cp - 1:
+            bkv += 3.0 + 2.0 if rank == 0 else 6.0
+        elif i >= first:
+            bkv += 2.0 if (i == 0 and rank == cp - 1) else 3.0
+        else:
+            bkv += 6.0 if i > 0 else 4.0
+    return fq, 4.0, bq, 4.0 + bkv
+
+
+@lru_cache(maxsize=64)
+def cp_ring_ranks(cp: int) -> tuple[tuple[float, float, float, float], ...]:
+    """The ranks that can be the slowest: every count is linear in the rank on 1 .. cp - 2 (the two
+    ends differ by a copy instead of an add), so any weighted sum peaks at 0, 1, cp - 2 or cp - 1."""
+    return tuple(cp_ring_bytes(cp, rank) for rank in sorted({0, 1, max(0, cp - 2), cp - 1}))
 
 
 def _cp_comm(model, layout, hw, tokens, passes, attn_fwd, attention, params) -> float:
     """Ring context parallelism (Megatron-Core / Transformer Engine `cp_comm_type="p2p"`,
-    `AttnFuncWithCPAndKVP2P`): cp - 1 steps each pass this rank's K and V chunk forward, and K, V,
-    dK, dV backward. TE starts step i + 1's exchange before step i's attention kernel and waits for it
-    after, so each transfer hides behind one step's attention only: per pass, the cp steps' kernels
-    cost the same (each is two of the 2cp load-balanced chunk blocks: attention / cp each) and the
-    last one has no transfer behind it, so a pass exposes (cp - 1) x max(0, transfer - attention / cp),
-    the forward's transfers behind the forward's kernels (`attn_fwd`; a recomputed forward rings its K
-    and V again) and the backward's behind the backward's (`attention` minus the forwards). Each
-    transfer is a point-to-point send to one neighbour: across nodes it runs over one NIC (the
-    sender's rail; NCCL's p2p does not stripe one send over the node's other NICs), unlike a ring
-    collective that runs one ring per NIC. Not hidden either: a fixed latency per dependent ring step
-    and the per-step merge of partial outputs (CP_MERGE_BYTES)."""
+    `AttnFuncWithCPAndKVP2P`). Forward: cp - 1 transfers of this rank's K, V chunk; TE starts step
+    i + 1's exchange before step i's kernel and waits for it after, so each transfer hides behind one
+    step's kernel only (the cp kernels of a pass are equal, attention / cp each; the last has no
+    transfer behind it): (cp - 1) x max(0, transfer - attention / cp) exposed, the forward's transfers
+    behind the forward's kernels (`attn_fwd`; a recomputed forward rings K, V again). Backward: cp
+    transfers, each behind one backward kernel: step 0 sends K, V only, steps 1 .. cp - 2 K, V and the
+    dK, dV accumulated so far (one buffer, twice the bytes), step cp - 1 dK, dV only. Each transfer is
+    a point-to-point send to one neighbour: across nodes it runs over one NIC (the sender's rail;
+    NCCL's p2p does not stripe one send over the node's other NICs), unlike a ring collective that
+    runs one ring per NIC. Not hidden either: a fixed latency per dependent ring step (cp - 1
+    forward, cp backward) and the memory-bound corrections of the slowest rank (`cp_ring_bytes`)."""
     if layout.cp == 1:
         return 0.0
     cp = layout.cp
     kv_elems = 2.0 * tokens * model.query_groups * model.head_dim / layout.tp
     crosses = cp * layout.tp > hw.nvlink_domain
     bw = (hw.net_bw if crosses else hw.nvlink_bw) * params.link
-    step_fwd = kv_elems * 2.0 / bw  # one ring step's K, V transfer (16-bit)
-    # Every ring step is a dependent P2P exchange plus its own attention kernel: a fixed latency
-    # that no overlap hides (forward, backward, and the recomputed forward).
+    step = kv_elems * 2.0 / bw  # one ring step's K, V (or dK, dV) transfer, 16-bit
     forwards = 1.0 + (1.0 if passes > 1 and layout.recompute != "none" else 0.0)
-    exposed = forwards * (cp - 1) * max(0.0, step_fwd - attn_fwd / cp)
+    exposed = forwards * (cp - 1) * max(0.0, step - attn_fwd / cp)
+    steps = forwards * (cp - 1)
     if passes > 1:
-        attn_bwd = attention - forwards * attn_fwd
-        exposed += (cp - 1) * max(0.0, 2.0 * step_fwd - attn_bwd / cp)  # K, V in and dK, dV back
-    rings = forwards + (1.0 if passes > 1 else 0.0)
+        attn_bwd = (attention - forwards * attn_fwd) / cp
+        exposed += 2.0 * max(0.0, step - attn_bwd) + (cp - 2) * max(0.0, 2.0 * step - attn_bwd)
+        steps += cp
     q_elems = tokens * model.heads * model.head_dim / layout.tp
-    merge = cp * CP_MERGE_BYTES * (forwards * q_elems + (q_elems + kv_elems if passes > 1 else 0.0)) / hw.hbm_bw
-    return exposed + rings * (cp - 1) * params.ring_step_latency + merge
+    back = 1.0 if passes > 1 else 0.0
+    # the slowest rank: the ring's steps are dependent, so every rank waits for it at the next layer's ring
+    merge = max(forwards * (fq * q_elems + fkv * kv_elems) + back * (bq * q_elems + bkv * kv_elems)
+                for fq, fkv, bq, bkv in cp_ring_ranks(cp))
+    return exposed + steps * params.ring_step_latency + merge / hw.hbm_bw
 
 
 @lru_cache(maxsize=64)
