@@ -581,7 +581,7 @@ def _tp_comm(model, layout, hw, tokens, passes, params, overlap: bool = False) -
 #   forward, per rank: `torch.cat` of K and V into the ring buffer (read 2 + write 2 B per kv element);
 #     per step the output correction `out += out_step x exp(lse_step - lse)` (read the step's partial 2,
 #     read and write the accumulator 2 + 2 = 6 B per query-side element it covers; the first step writes
-#     out from the partial: 4 B, TE 2.3-2.4 `flash_attn_fwd_out_correction_init`; TE 2.1 zero-fills it
+#     out from the partial: 4 B, TE 2.2-2.4 `flash_attn_fwd_out_correction_init`; TE 2.1 zero-fills it
 #     and adds, 4 B more once; steps i > r cover the second half of the rows only:
 #     `flash_attn_fwd_second_half_out_correction`). The log-sum-exp corrections move ~20 B per query row
 #     and head (< 0.2 B per element at head dim 128): not counted.
