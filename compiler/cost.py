@@ -875,7 +875,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
                           split: tuple[int, int, int] | None = None, overlap_p2p: bool = RUNTIME_OVERLAPS_P2P,
                           overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
                           moe: MoeExecution | None = None, host: HostExecution | None = None,
-                          attention_span: float | None = None) -> float:
+                          attention_span: float | None = None, memo: dict | None = None) -> float:
     """A lower bound of `estimate(...).step_time_s` over every micro batch in the range
     `micro_batches` = (smallest, largest) and every recompute level, for the other sizes of `layout`
     (its micro batch and recompute are ignored; `layout.num_microbatches x layout.micro_batch` is the
@@ -884,12 +884,20 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
 
     Why it bounds: every per-micro-batch term of `layer_times` and the output layer is a roofline
     max(a x mb, b x mb + c), a linear term, or a constant per micro batch, so its time per row never
-    grows with the micro batch: m x t(mb) >= rows x t(largest) / largest; the slowest stage is no
-    faster than the mean one (pp_imbalance >= 0); the bubble (pp - 1) / vp x t_mean(mb) is at least
+    grows with the micro batch: m x t(mb) >= rows x t(largest) / largest; the steady state runs at
+    the slowest stage (`estimate`'s per-layer and output terms are m x the mean stage, pp_imbalance
+    adds m x (slowest - mean), so together m x t_slowest(mb); each stage's time per row never grows
+    with the micro batch, so neither does their maximum); the bubble (pp - 1) / vp x t_mean(mb) is at least
     that of the smallest micro batch; the pipeline transfers at least the warm-up ones of the
     smallest; recompute only adds time term by term (so recompute = none bounds every level); the
     data-parallel exposure, other passes and rollout are >= 0; optimizer and step overhead do not
-    depend on either. tests/compiler/test_search.py checks the bound against `estimate`."""
+    depend on either. tests/compiler/test_search.py checks the bound against `estimate`.
+
+    `memo`: a dict the caller keeps for one problem (every argument fixed but `layout` and
+    `micro_batches`; the plan search keeps one per search): the layer times are kept in it by what
+    they depend on here, (tp, cp, ep, etp, sequence parallelism, largest micro batch). At recompute =
+    none `layer_times` reads no other size of the layout (pp and vp only for block recompute), and
+    `moe` follows ep; tests/compiler/test_search.py checks both."""
     hw = gpu if isinstance(gpu, HardwareSpec) else get_gpu(gpu or (cluster.gpu if cluster else "H100"))
     hw = _node_domain(hw, cluster.gpus_per_node if cluster is not None else None)
     seq = seq_length or model.seq_length
@@ -901,19 +909,24 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     rows = layout.num_microbatches * layout.micro_batch
     if layout.recompute != "none":
         layout = replace(layout, recompute="none")
-    lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
-                     micro_batch=largest * work.rows, backward=main.backward, params=params, overlap_tp=overlap_tp,
-                     kernels=kernels, moe=moe, attention_span=attention_span)
-    if host is not None and host.cuda_graph_impl != "none" and main.backward != FORWARD:
-        # a constant per micro batch, at most the layer's launch overhead: the time per row still
-        # never grows with the micro batch
-        lt = replace(lt, gemm=lt.gemm - cuda_graph_launch_saving(params, cuda_graph_share(host, model),
-                                                                 1.0 + main.backward))
-    _, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows,
-                              backward=main.backward, params=params, scalar_head=main.scalar_head, split=split)
+    key = (layout.tp, layout.cp, layout.ep, layout.etp, layout.sequence_parallel, largest)
+    lt = memo.get(key) if memo is not None else None
+    if lt is None:
+        lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
+                         micro_batch=largest * work.rows, backward=main.backward, params=params,
+                         overlap_tp=overlap_tp, kernels=kernels, moe=moe, attention_span=attention_span)
+        if host is not None and host.cuda_graph_impl != "none" and main.backward != FORWARD:
+            # a constant per micro batch, at most the layer's launch overhead: the time per row still
+            # never grows with the micro batch
+            lt = replace(lt, gemm=lt.gemm - cuda_graph_launch_saving(params, cuda_graph_share(host, model),
+                                                                     1.0 + main.backward))
+        if memo is not None:
+            memo[key] = lt
+    slow, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows,
+                                 backward=main.backward, params=params, scalar_head=main.scalar_head, split=split)
     per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest
     vp = layout.vp or 1
-    t = main.count * rows * per_row + params.step_overhead
+    t = main.count * rows * slow / largest + params.step_overhead  # the slowest stage's, at its lowest
     if layout.pp > 1:
         t += main.count * ((layout.pp - 1) / vp * smallest * per_row
                            + _pp_p2p(model, layout, hw, seq, smallest * work.rows, 1, vp, params, overlap_p2p))

@@ -592,6 +592,9 @@ class _Context:
         self._vps: dict[int, list] = {}
         self._splits: dict[tuple, tuple[int, int, int] | None] = {}
         self._moe: dict[int, MoeExecution | None] = {}
+        # the layer times of the bound by (tp, cp, ep, etp, sp, largest micro batch) (`cost.step_time_lower_bound`'s
+        # memo): one per search, so two problems never share one
+        self._bound_layers: dict[tuple, object] = {}
         # (tp, pp, vp, cp, ep, etp, sp) groups whose distributed-optimizer member overflows at its
         # smallest micro batch and strongest recompute (`_group_fits`)
         self.dopt_overflows: set[tuple] = set()
@@ -691,7 +694,7 @@ class _Context:
         """`bound_time(p, layout, micro_batches)`."""
         return cost.step_time_lower_bound(self.p.model, layout, micro_batches=micro_batches,
                                           split=self.stage_layers(layout.pp, layout.vp), moe=self.moe(layout),
-                                          **self.bound_kw)
+                                          memo=self._bound_layers, **self.bound_kw)
 
 
 def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
