@@ -559,20 +559,29 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
     rec = _Recorder(ctx.budget)
     best = _Top(max(1, top))
     groups = sorted(_groups(ctx, rec), key=lambda g: g[0])
-    for bound, _, args, sps in groups:
-        tp, pp, vp, cp, ep, etp, dp, do = args
+    for i, (bound, _, args, sps) in enumerate(groups):
         threshold = best.threshold()
         if threshold is not None and bound > threshold[0] * (1 + REL_TOL):
-            count = len(ctx.micro_batches(dp)) * len(ctx.recomputes(pp, vp))
-            if vp is None and (tp, pp, cp, ep, etp, do) in ctx.base_fits:  # SP values `_base_fits` rejected are counted
-                sps = sum(ctx.base_fits[(tp, pp, cp, ep, etp, do)], [])
-            rec.rule(lambda: f"its step time is at least {bound:.3g} s, slower than the top {best.n} "
-                     f"({threshold[0]:.3g} s and faster)", "slower: a lower bound of the step time is "
-                     "already above the top list", f"tp={tp} pp={pp}{f' vp={vp}' if vp else ''} cp={cp} dp={dp}",
-                     count * len(sps))
-            continue
-        _search_group(ctx, rec, best, tp, pp, vp, cp, ep, etp, dp, do, sps)
+            # the bounds ascend and only a searched group joins the top list, so every later group is
+            # slower too: all are recorded at once, with this one as the example
+            _record_slower(ctx, rec, best.n, threshold[0], groups[i:])
+            break
+        _search_group(ctx, rec, best, *args, sps)
     return rec.result(best)
+
+
+def _record_slower(ctx: _Context, rec: _Recorder, n: int, threshold: float, groups: list[tuple]) -> None:
+    """Bound (5): the `groups` whose step-time bound is above the top list's last entry (`threshold`),
+    counted by their candidates; the first (the lowest bound) is the example."""
+    count = 0
+    for _, _, (tp, pp, vp, cp, ep, etp, dp, do), sps in groups:
+        if vp is None and (tp, pp, cp, ep, etp, do) in ctx.base_fits:  # SP values `_base_fits` rejected are counted
+            sps = sum(ctx.base_fits[(tp, pp, cp, ep, etp, do)], [])
+        count += len(ctx.micro_batches(dp)) * len(ctx.recomputes(pp, vp)) * len(sps)
+    bound, _, (tp, pp, vp, cp, ep, etp, dp, do), _ = groups[0]
+    rec.rule(lambda: f"its step time is at least {bound:.3g} s, slower than the top {n} ({threshold:.3g} s and "
+             "faster)", "slower: a lower bound of the step time is already above the top list",
+             f"tp={tp} pp={pp}{f' vp={vp}' if vp else ''} cp={cp} dp={dp}", count)
 
 
 class _Context:
@@ -591,6 +600,7 @@ class _Context:
         self._rcs: dict[tuple, list] = {}
         self._vps: dict[int, list] = {}
         self._splits: dict[tuple, tuple[int, int, int] | None] = {}
+        self._same_split: dict[tuple, bool] = {}
         self._moe: dict[int, MoeExecution | None] = {}
         # the layer times of the bound by (tp, cp, ep, etp, sp, largest micro batch) (`cost.step_time_lower_bound`'s
         # memo): one per search, so two problems never share one
@@ -651,6 +661,14 @@ class _Context:
             split = pipeline_split(self.p.model.layers, pp, vp)
             self._splits[key] = None if split is None or split.even else split.stage_layers(pp)
         return self._splits[key]
+
+    def same_split(self, pp: int, vp: int) -> bool:
+        """Whether the interleaved split of (pp, vp) gives every pipeline stage the layers of the
+        non-interleaved one (bound (2) compares only such layouts)."""
+        same = self._same_split.get((pp, vp))
+        if same is None:
+            same = self._same_split[(pp, vp)] = _split(self.p, pp, vp) == _split(self.p, pp, None)
+        return same
 
     def moe(self, layout: Layout) -> MoeExecution | None:
         """`p.moe_of(layout)`, which depends on the expert-parallel size only."""
@@ -754,15 +772,15 @@ def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
                             # rejected whole (interleaving only adds memory), the group too (its
                             # memory rejections are recorded by `_group_fits`).
                             failed = {do for do in dos if not _base_fits(ctx, rec, tp, pp, cp, ep, etp, dp, do, sps)}
-                        elif failed and _split(ctx.p, pp, vp) == _split(ctx.p, pp, None):
+                        same_split = vp is not None and ctx.same_split(pp, vp)
+                        if failed and same_split:
                             rec.rule("interleaving only adds activation memory (and the failed rules do not depend "
                                      "on it)", "rejected: interleaved variant of a layout that fails memory or rules "
                                      "without interleaving", f"tp={tp} pp={pp} cp={cp} vp>1",
                                      len(mbs) * len(ctx.recomputes(pp, vp)) * len(sps) * len(failed))
                         # an interleaved split other than the non-interleaved one (uneven: fewer layers on the
                         # first stage, which holds the most micro-batches) can fit where that one does not
-                        live = [do for do in dos if vp is None or do not in failed
-                                or _split(ctx.p, pp, vp) != _split(ctx.p, pp, None)]
+                        live = [do for do in dos if not same_split or do not in failed]
                         if not live:
                             continue
                         # One bound serves every DO and SP value of the group: the distributed optimizer's

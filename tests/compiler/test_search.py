@@ -17,6 +17,9 @@ from nemoc.compiler.rules import layout_violations
 from nemoc.compiler.search import (
     REL_TOL,
     Problem,
+    _Context,
+    _groups,
+    _Recorder,
     _micro_batches,
     _recomputes,
     _with_recompute,
@@ -514,3 +517,58 @@ def test_an_uneven_interleaved_split_that_fits_is_found_where_the_even_one_does_
     assert pinned.best.memory.total < 24.5 * GIB
     found = search(p)
     assert found.best is not None and found.best.layout.vp == 2, found
+
+
+def _group_bounds(p: Problem) -> list[tuple[float, float]]:
+    """Every searched group's bound as the search computes it (through its per-search memo of the layer
+    times) and as `bound_time` computes it alone, in the search's order."""
+    ctx = _Context(p)
+    out = []
+    for bound, _, (tp, pp, vp, cp, ep, etp, dp, do), sps in _groups(ctx, _Recorder(ctx.budget)):
+        mbs = _micro_batches(p, dp)
+        layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, ("none", None))
+        out.append((bound, bound_time(p, layout, (mbs[0], mbs[-1]))))
+    return out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_problems())
+def test_the_bound_memo_changes_no_bound(p: Problem):
+    """`cost.step_time_lower_bound(memo=...)` keeps the layer times by (tp, cp, ep, etp, sp, largest micro
+    batch), which holds only while `layer_times` at recompute = none reads no other size of the layout:
+    every group's bound through the search's memo equals the bound computed alone, bit for bit."""
+    for memoised, alone in _group_bounds(p):
+        assert memoised == alone
+
+
+def test_the_bound_memo_holds_at_production_scale_and_is_not_shared_between_searches():
+    """The same at 16,384 GPUs (pp, vp, dp and the micro-batch range all vary inside one memo entry), and
+    two problems in one process never share layer times: the 405B search gives the same result before
+    and after a search of another model and sequence length on the same cluster."""
+    p = _problem_405b()
+    bounds = _group_bounds(p)
+    assert len(bounds) > 1000 and all(memoised == alone for memoised, alone in bounds)
+    first = search(p)
+    other = replace(p, model=get_preset("llama31_70b"), seq_length=4096)
+    assert search(other).best.layout != first.best.layout
+    again = search(p)
+    assert again == first
+
+
+def test_the_bound_holds_on_uneven_pipeline_splits():
+    """The bound's steady state runs at the slowest stage (the estimate's pp_imbalance): on uneven splits
+    of 126 layers (the first and last stages hold fewer layers, or more) every member of the group is
+    still at or above it, and the slowest stage is really slower than the mean there."""
+    p = replace(_problem_405b(), gpu=replace(H100, hbm_bytes=10**15))
+    checked = 0
+    for pp, vp in ((16, None), (16, 2), (16, 3), (16, 5), (8, 3), (4, 5), (2, 7)):
+        dp = p.cluster.world_size // (8 * pp * 4)
+        layout = Layout(tp=8, pp=pp, vp=vp, cp=4, ep=1, etp=8, dp=dp, micro_batch=1, global_batch=2048,
+                        num_microbatches=2048 // dp, sequence_parallel=True, distributed_optimizer=True,
+                        recompute="none")
+        if layout_violations(p.env, _sizes(p, layout)) is not None:
+            continue
+        _assert_bound_holds(p, layout)
+        parts = evaluate_time(p, layout).parts
+        checked += parts["pp_imbalance"] > 0.01 * parts["compute"]
+    assert checked >= 3
