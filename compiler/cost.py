@@ -894,14 +894,16 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     depend on either. tests/compiler/test_search.py checks the bound against `estimate`.
 
     `memo`: a dict the caller keeps for one problem (every argument fixed but `layout` and
-    `micro_batches`; the plan search keeps one per search): the layer times are kept in it by what
-    they depend on here, (tp, cp, ep, etp, sequence parallelism, largest micro batch). At recompute =
-    none `layer_times` reads no other size of the layout (pp and vp only for block recompute), and
-    `moe` follows ep; tests/compiler/test_search.py checks both."""
+    `micro_batches`; the plan search keeps one per search): what depends on a few sizes only is kept
+    in it by those sizes: the stage's passes (on none), the layer times by (tp, cp, ep, etp, sequence
+    parallelism, largest micro batch) (at recompute = none `layer_times` reads no other size of the
+    layout: pp and vp only for block recompute; `moe` follows ep), the stage times by those and (pp,
+    split), the trainable parameters by (tp, pp, ep, etp, split). tests/compiler/test_search.py checks
+    that every bound with the memo equals the bound without it."""
     hw = gpu if isinstance(gpu, HardwareSpec) else get_gpu(gpu or (cluster.gpu if cluster else "H100"))
     hw = _node_domain(hw, cluster.gpus_per_node if cluster is not None else None)
     seq = seq_length or model.seq_length
-    work = stage_work(stage_kind, stage_params, peft)
+    work = _kept(memo, "work", lambda: stage_work(stage_kind, stage_params, peft))
     if not work.passes:
         return 0.0
     main = work.passes[0]
@@ -909,9 +911,8 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     rows = layout.num_microbatches * layout.micro_batch
     if layout.recompute != "none":
         layout = replace(layout, recompute="none")
-    key = (layout.tp, layout.cp, layout.ep, layout.etp, layout.sequence_parallel, largest)
-    lt = memo.get(key) if memo is not None else None
-    if lt is None:
+
+    def layers() -> LayerTimes:
         lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
                          micro_batch=largest * work.rows, backward=main.backward, params=params,
                          overlap_tp=overlap_tp, kernels=kernels, moe=moe, attention_span=attention_span)
@@ -920,10 +921,13 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
             # never grows with the micro batch
             lt = replace(lt, gemm=lt.gemm - cuda_graph_launch_saving(params, cuda_graph_share(host, model),
                                                                      1.0 + main.backward))
-        if memo is not None:
-            memo[key] = lt
-    slow, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows,
-                                 backward=main.backward, params=params, scalar_head=main.scalar_head, split=split)
+        return lt
+
+    key = (layout.tp, layout.cp, layout.ep, layout.etp, layout.sequence_parallel, largest)
+    lt = _kept(memo, key, layers)
+    slow, mean, _ = _kept(memo, key + (layout.pp, split), lambda: _stage_times(
+        model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows, backward=main.backward, params=params,
+        scalar_head=main.scalar_head, split=split))
     per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest
     vp = layout.vp or 1
     t = main.count * rows * slow / largest + params.step_overhead  # the slowest stage's, at its lowest
@@ -931,9 +935,20 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
         t += main.count * ((layout.pp - 1) / vp * smallest * per_row
                            + _pp_p2p(model, layout, hw, seq, smallest * work.rows, 1, vp, params, overlap_p2p))
     if main.backward != FORWARD:
-        t += _optimizer_time(layout, hw, _trainable_params(model, layout, split, peft), work.trained * main.count,
-                             main.count * rows / largest, kernels)
+        trainable = _kept(memo, ("params", layout.tp, layout.pp, layout.ep, layout.etp, split),
+                          lambda: _trainable_params(model, layout, split, peft))
+        t += _optimizer_time(layout, hw, trainable, work.trained * main.count, main.count * rows / largest, kernels)
     return t
+
+
+def _kept(memo: dict | None, key, compute):
+    """`compute()`, kept in `memo` under `key` when the caller keeps one (`step_time_lower_bound`)."""
+    if memo is None:
+        return compute()
+    value = memo.get(key)
+    if value is None:
+        value = memo[key] = compute()
+    return value
 
 
 def _price(cluster: ClusterSpec | None) -> float | None:
