@@ -750,18 +750,19 @@ def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
                     if not mbs:
                         for vp in vps:
                             rec.rule(f"global_batch({p.global_batch}) % dp({dp}) != 0", "E111 global batch % "
-                                     "(micro_batch x dp)", f"tp={tp} pp={pp} cp={cp} dp={dp}", len(rcs) * len(dos))
+                                     "(micro_batch x dp)", f"tp={tp} pp={pp} cp={cp} dp={dp}",
+                                     len(ctx.recomputes(pp, vp)) * len(dos) * len(sp_domain))
                         continue
                     # With two DO values neither DO rule can fire (E129: where it refuses on, auto
                     # tries off only; E161 needs overlap_param_gather, which tries on only): one check
                     # serves both.
-                    count = len(mbs) * len(rcs) * len(dos)
                     args = (tp, pp, vps[0], cp, ep, etp, dp, mbs[0], sp_domain[0], dos[0], rcs[0])
                     if tp_rules is None:
                         tp_rules = _GroupRules(ctx, args, _WITHIN_TP)
                     rules = _GroupRules(ctx, args, parent=tp_rules)
                     failed: set[bool] = set()  # DO values whose non-interleaved group has no member that fits
                     for vp in vps:
+                        count = len(mbs) * len(ctx.recomputes(pp, vp)) * len(dos)  # candidates per SP value
                         sps = [sp for sp in sp_domain
                                if rules.hold(rec, (tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, dos[0], rcs[0]), count)]
                         if not sps:
@@ -974,7 +975,8 @@ def _search_group(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep,
             rest = len(mbs) - i - 1
             if rest:
                 rec.rule("larger micro batches need more memory", "out of memory (a larger micro batch than "
-                         "one that already overflows)", f"tp={tp} pp={pp} cp={cp} dp={dp} mb>{mb}", rest * len(rcs))
+                         "one that already overflows)", f"tp={tp} pp={pp} cp={cp} dp={dp} mb>{mb}",
+                         rest * len(rcs) * len(sps))
             break
     return bool(sps)
 
@@ -1046,12 +1048,18 @@ def _search_recompute(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp,
             stronger = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[j])
             rec.evaluated += 1
             best.push(Candidate(stronger, split, ctx.memory(stronger), ctx.time(stronger)))
-        if weakest < len(rcs) - 1:
-            rec.rule("a smaller micro batch already needed this much recompute", "out of memory (less recompute "
-                     "than a smaller micro batch needed)", lambda: describe(_with_recompute(layout, rcs[-1])),
-                     len(rcs) - 1 - weakest)
+        _record_weaker(rec, layout, rcs, weakest)
         return k
+    _record_weaker(rec, layout, rcs, weakest)
     return -1
+
+
+def _record_weaker(rec: _Recorder, layout: Layout, rcs: list, weakest: int) -> None:
+    """The recompute levels weaker than `weakest`, which a smaller micro batch already overflowed with."""
+    if weakest < len(rcs) - 1:
+        rec.rule("a smaller micro batch already needed this much recompute", "out of memory (less recompute "
+                 "than a smaller micro batch needed)", lambda: describe(_with_recompute(layout, rcs[-1])),
+                 len(rcs) - 1 - weakest)
 
 
 def _split(p: Problem, pp: int, vp: int | None) -> PipelineSplit:

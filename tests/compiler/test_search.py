@@ -572,3 +572,17 @@ def test_the_bound_holds_on_uneven_pipeline_splits():
         parts = evaluate_time(p, layout).parts
         checked += parts["pp_imbalance"] > 0.01 * parts["compute"]
     assert checked >= 3
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_problems())
+def test_the_candidate_count_does_not_depend_on_the_pruning(p: Problem):
+    """`SearchResult.space` (what `nemoc plan` prints as "search: N candidates") counts every candidate
+    once, whether it was evaluated, rejected by a rule or pruned in a block: a top list of any length
+    (which prunes more or less) covers the same number."""
+    assert len({search(p, top=n).space for n in (1, 2, 5, 10**6)}) == 1
+
+
+def test_the_405b_candidate_count_does_not_depend_on_the_pruning():
+    p = _problem_405b()
+    assert len({search(p, top=n).space for n in (1, 4, 5, 50)}) == 1
