@@ -586,3 +586,26 @@ def test_the_candidate_count_does_not_depend_on_the_pruning(p: Problem):
 def test_the_405b_candidate_count_does_not_depend_on_the_pruning():
     p = _problem_405b()
     assert len({search(p, top=n).space for n in (1, 4, 5, 50)}) == 1
+
+
+def test_models_that_share_a_hash_keep_their_own_cached_results():
+    """`ModelSpec.__hash__` hashes three fields (the models' caches hash it on every call): two models that
+    differ elsewhere collide in the hash but stay unequal, and the caches keyed by them keep each its own."""
+    from nemoc.compiler.flops import param_counts
+
+    base = get_preset("llama3_8b")
+    wider = replace(base, ffn_hidden=base.ffn_hidden * 2)
+    assert hash(base) == hash(wider) and base != wider and len({base, wider}) == 2
+    assert param_counts(base) != param_counts(wider)
+    assert evaluate_memory(_small_problem(base), _one_gpu_layout()) != evaluate_memory(_small_problem(wider),
+                                                                                         _one_gpu_layout())
+
+
+def _small_problem(model: ModelSpec) -> Problem:
+    return Problem(model=model, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=1), gpu=H100,
+                   fixed=ParallelSpec(), global_batch=8, seq_length=4096, target=NEMOC_RUNTIME)
+
+
+def _one_gpu_layout() -> Layout:
+    return Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=1, global_batch=8, num_microbatches=8,
+                  sequence_parallel=False, distributed_optimizer=True, recompute="full")
