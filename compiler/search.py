@@ -609,6 +609,7 @@ class _Context:
         # smallest micro batch and strongest recompute (`_group_fits`)
         self.dopt_overflows: set[tuple] = set()
         self.rules = [_Decisions(rule) for rule in _GROUP_RULES]  # their results, by the sizes they read
+        self.mb_rules = [_Decisions(rule) for rule in _MB_RULES]  # the same for `rules_mb`
         # (tp, pp, cp, ep, etp, do) -> (the SP values whose non-interleaved group passed bound (1), those
         # not checked yet) (`_base_fits`)
         self.base_fits: dict[tuple, tuple[list[bool], list[bool]]] = {}
@@ -690,12 +691,18 @@ class _Context:
                      sequence_parallel=sp, distributed_optimizer=do, recompute=rc[0], recompute_layers=rc[1],
                      **self.fixed_sizes)
 
-    def sizes_of(self, layout: Layout) -> Sizes:
-        """`_sizes(p, layout)`."""
-        return Sizes(tp=layout.tp, pp=layout.pp, vp=layout.vp, cp=layout.cp, ep=layout.ep, etp=layout.etp,
-                     dp=layout.dp, micro_batch=layout.micro_batch, global_batch=layout.global_batch,
-                     sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
-                     recompute=layout.recompute, recompute_layers=layout.recompute_layers, **self.fixed_sizes)
+    def rules_mb(self, layout: Layout) -> Violation | None:
+        """The first broken micro-batch rule of `layout` (`_MB_RULES`: global batch divisibility, interleaved
+        microbatch count, fp8 tokens per GEMM), each asked through its decision tree (`_Decisions`)."""
+        values = dict(self.fixed_sizes, tp=layout.tp, pp=layout.pp, vp=layout.vp, cp=layout.cp, ep=layout.ep,
+                      etp=layout.etp, dp=layout.dp, micro_batch=layout.micro_batch, global_batch=layout.global_batch,
+                      sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
+                      recompute=layout.recompute, recompute_layers=layout.recompute_layers)
+        for decisions in self.mb_rules:
+            v = decisions.ask(self.env, values)
+            if v is not None:
+                return v
+        return None
 
     def memory(self, layout: Layout) -> MemoryBreakdown:
         """`evaluate_memory(p, layout)`."""
@@ -821,7 +828,7 @@ _GROUP_RULES = tuple(r for r in ERROR_RULES if r not in _MB_RULES)
 
 class _GroupRules:
     """Every rule that does not depend on the micro batch (all but E108 / E111, checked per micro
-    batch by `_rules_mb`): together they are exactly `layout_violations`. `_groups` asks them for
+    batch by `_Context.rules_mb`): together they are exactly `layout_violations`. `_groups` asks them for
     every VP and SP value of one (tp, pp, cp, ep, etp) layout (`args`: `_make_layout`'s sizes). Each
     rule is asked through its `_Decisions` (the search's memo of its results by the sizes it reads):
     one that reads no field of `stop` answers for every value of those fields at once, and only the
@@ -957,7 +964,7 @@ def _search_group(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep,
         any_fit = False
         for sp in sps:
             layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[0])
-            v = _rules_mb(ctx.env, ctx.sizes_of(layout))
+            v = ctx.rules_mb(layout)
             if v is not None:
                 rec.rule(v.short, f"{v.code} {v.message}", layout, len(rcs), v.hint)
                 any_fit = True  # a rule, not memory, stopped this micro batch: larger ones may pass
@@ -996,7 +1003,7 @@ def _base_fits(ctx: _Context, rec: _Recorder, tp, pp, cp, ep, etp, dp, do, sps) 
 def _group_fits(ctx: _Context, rec: _Recorder, bound: Layout, count: int) -> bool:
     """Bound (1): its smallest micro batch with its strongest recompute fits (otherwise no member
     fits: memory is monotone in both); the group's rules were checked by `_groups`."""
-    if _rules_mb(ctx.env, ctx.sizes_of(bound)) is not None:
+    if ctx.rules_mb(bound) is not None:
         return True  # the smallest micro batch breaks a micro-batch rule: the bound says nothing
     key = (bound.tp, bound.pp, bound.vp, bound.cp, bound.ep, bound.etp, bound.sequence_parallel)
     if not bound.distributed_optimizer and key in ctx.dopt_overflows:
@@ -1013,12 +1020,6 @@ def _group_fits(ctx: _Context, rec: _Recorder, bound: Layout, count: int) -> boo
             ctx.dopt_overflows.add(key)
         return False
     return True
-
-
-def _rules_mb(env: Env, s: Sizes):
-    """The micro-batch-dependent rules (global batch divisibility, interleaved microbatch count, fp8
-    tokens per GEMM)."""
-    return rule_global_batch(env, s) or rule_interleave_microbatches(env, s) or rule_fp8_tokens(env, s)
 
 
 def _search_recompute(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs,
