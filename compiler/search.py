@@ -34,9 +34,12 @@ properties of the memory and cost models that tests/compiler/test_search.py asse
       on first and off only where on does not fit;
   (5) branch and bound: `cost.step_time_lower_bound` bounds the step time of every micro batch and
       recompute of a group; groups are searched in the order of their bound, and one whose bound is
-      slower than the top list's last entry is skipped whole (for Llama 3.1 405B on 16,384 GPUs,
-      with (2) and (4), ~1,700 memory evaluations where the search without it made ~16,000:
-      bench/bench_plan.py).
+      slower than the top list's last entry is skipped whole, with every later one (the bounds
+      ascend; for Llama 3.1 405B on 16,384 GPUs, with (2) and (4), ~1,600 memory evaluations where
+      the search without it made ~16,000: bench/bench_plan.py). The bound's parts that depend on a
+      few sizes only (the layer times by TP, CP, EP, ETP, SP and the largest micro batch; the stage
+      times; the trainable parameters) are kept in one memo per search (`_Context`), so two problems
+      never share them; a test checks every bound with the memo against the bound without it.
 The rules are pure functions of the env and the sizes they read: each is asked through a per-search
 decision tree of the fields it read (`_Decisions`), so a rule that reads neither VP nor SP answers once
 per (TP, PP, CP, EP, ETP). Only candidates that fit reach the cost model. `enumerate_all` is the brute-force oracle: the raw
