@@ -605,9 +605,9 @@ class _Context:
         self._splits: dict[tuple, tuple[int, int, int] | None] = {}
         self._same_split: dict[tuple, bool] = {}
         self._moe: dict[int, MoeExecution | None] = {}
-        # the layer times of the bound by (tp, cp, ep, etp, sp, largest micro batch) (`cost.step_time_lower_bound`'s
-        # memo): one per search, so two problems never share one
-        self._bound_layers: dict[tuple, object] = {}
+        # `cost.step_time_lower_bound`'s memo (the bound's layer times, stage times and trainable parameters,
+        # by the few sizes each depends on): one per search, so two problems never share one
+        self._bound_memo: dict = {}
         # (tp, pp, vp, cp, ep, etp, sp) groups whose distributed-optimizer member overflows at its
         # smallest micro batch and strongest recompute (`_group_fits`)
         self.dopt_overflows: set[tuple] = set()
@@ -722,7 +722,7 @@ class _Context:
         """`bound_time(p, layout, micro_batches)`."""
         return cost.step_time_lower_bound(self.p.model, layout, micro_batches=micro_batches,
                                           split=self.stage_layers(layout.pp, layout.vp), moe=self.moe(layout),
-                                          memo=self._bound_layers, **self.bound_kw)
+                                          memo=self._bound_memo, **self.bound_kw)
 
 
 def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
