@@ -50,6 +50,7 @@ fitting one costed; tests assert both find the same best plan.
 from __future__ import annotations
 
 import bisect
+import gc
 import itertools
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
@@ -558,6 +559,19 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
     group whose bound is slower than the top list's last entry is skipped whole; the bound holds
     for every micro batch and recompute of the group (tested), so the top list is exact.
     """
+    # The search allocates ~1M short-lived objects and makes no reference cycles (the 405B search: 43
+    # collections, nothing collected): the cyclic collector's passes over the process's objects only
+    # cost time (~4 % of the search), so it pauses for the search and resumes as it was.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _search(p, top)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _search(p: Problem, top: int) -> SearchResult:
     ctx = _Context(p)
     rec = _Recorder(ctx.budget)
     best = _Top(max(1, top))

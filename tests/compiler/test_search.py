@@ -609,3 +609,19 @@ def _small_problem(model: ModelSpec) -> Problem:
 def _one_gpu_layout() -> Layout:
     return Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=1, global_batch=8, num_microbatches=8,
                   sequence_parallel=False, distributed_optimizer=True, recompute="full")
+
+
+def test_the_search_pauses_the_cyclic_collector_and_resumes_it_as_it_was():
+    """`search` turns Python's cyclic garbage collector off while it runs (it makes no reference cycles)
+    and leaves it as it found it: on, or off when the caller had turned it off."""
+    import gc
+
+    p = replace(_small_problem(get_preset("llama3_8b")), cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=8))
+    assert gc.isenabled()
+    assert search(p).best is not None and gc.isenabled()
+    gc.disable()
+    try:
+        search(p)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
