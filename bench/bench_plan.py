@@ -12,11 +12,15 @@ size (TP, PP, VP, CP, EP, micro batch, recompute, distributed optimizer, sequenc
 auto) at global batch 2048 x 8192 tokens (Llama 3 paper, Table 4). With `--oracle` it also runs
 the brute-force enumerator on a small case and reports both times.
 
+With `--phases` it also splits one whole process into its phases (median of N fresh interpreters, CPU
+time): interpreter start, imports (click and the CLI; then the parser, compiler and rich), parse + check
++ lower, the plan (the search), rendering.
+
 The 405B search has a speed target of TARGET_405B_CPU_S of CPU (best of N); the table says whether it
 is met. This was a timed assertion in tests/compiler/test_search.py until a loaded CI machine failed
 it: the test keeps the validity checks, the speed is measured here.
 
-    python bench/bench_plan.py [--repeat 5] [--oracle]
+    python bench/bench_plan.py [--repeat 5] [--oracle] [--phases]
 
 Prints a table and writes bench/results/bench_plan.json.
 """
@@ -68,6 +72,7 @@ def bench_process(repeat: int, bytecode_cache: bool = False) -> dict:
         env["PYTHONPYCACHEPREFIX"] = cache.name
         subprocess.run(cmd + ["plan", str(CASE_405B)], capture_output=True, env=env)
     cpu, wall = [], []
+    load = os.getloadavg()[0]  # the machine's load when these runs start (others share its cores)
     for _ in range(repeat):
         before, w0 = os.times(), time.perf_counter()
         proc = subprocess.run(cmd + ["plan", str(CASE_405B)], capture_output=True, text=True, env=env)
@@ -82,7 +87,51 @@ def bench_process(repeat: int, bytecode_cache: bool = False) -> dict:
     how = "bytecode cached" if bytecode_cache else "this environment"
     return {"case": f"nemoc plan {CASE_405B.name} (whole process, {how})", "cpu_s_median": statistics.median(cpu),
             "cpu_s_best": min(cpu), "wall_s_median": statistics.median(wall), "wall_s_best": min(wall),
-            "repeat": repeat, "layout_row": " ".join(best.split())}
+            "repeat": repeat, "load_average_1min": load, "layout_row": " ".join(best.split())}
+
+
+# One `nemoc plan` of the 405B file, as runtime/cli/plan.py runs it, with the CPU time of each phase.
+_PHASES = r"""
+import io, json, os, sys, time
+marks = [("start", time.process_time())]
+from nemoc.runtime.cli.main import main  # click and the CLI's commands
+marks.append(("imports: click and the CLI", time.process_time()))
+import rich.console, rich.table
+from nemoc.compiler.planner import plan_experiment
+from nemoc.runtime.cli.common import load_spec_with_warnings
+from nemoc.runtime.cli.plan import render_report
+from nemoc.runtime.target import default_target
+import nemoc.compiler.lower
+marks.append(("imports: parser, compiler, rich", time.process_time()))
+spec, sources, warnings = load_spec_with_warnings(sys.argv[1])
+marks.append(("parse, check, lower", time.process_time()))
+result = plan_experiment(spec, headroom=0.1, top=4, target=default_target())
+marks.append(("plan (the search)", time.process_time()))
+render_report(result, 0.1, 3, rich.console.Console(file=io.StringIO(), highlight=False, width=140))
+marks.append(("rendering", time.process_time()))
+print(json.dumps({b[0]: b[1] - a[1] for a, b in zip(marks, marks[1:])}))
+"""
+
+
+def bench_phases(repeat: int) -> dict:
+    """Where one whole process spends its CPU time: the phases of `nemoc plan` of the 405B file (median
+    of `repeat` fresh interpreters in this environment); "interpreter start" is the child's CPU time
+    before its first line (the process total minus the phases)."""
+    import os
+    import subprocess
+
+    runs = []
+    load = os.getloadavg()[0]
+    for _ in range(repeat):
+        before = os.times()
+        proc = subprocess.run([sys.executable, "-c", _PHASES, str(CASE_405B)], capture_output=True, text=True,
+                              check=True)
+        after = os.times()
+        phases = json.loads(proc.stdout)
+        total = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+        runs.append({"interpreter start": max(0.0, total - sum(phases.values())), **phases, "total": total})
+    return {"case": f"phases of nemoc plan {CASE_405B.name} (CPU s, median of {repeat})",
+            "load_average_1min": load, **{k: statistics.median(r[k] for r in runs) for k in runs[0]}}
 
 
 def problem_405b():
@@ -151,15 +200,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--oracle", action="store_true", help="also time the brute-force oracle on a small case")
+    parser.add_argument("--phases", action="store_true", help="also split one whole process into its phases")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
 
     processes = [bench_process(args.repeat), bench_process(args.repeat, bytecode_cache=True)]
     for process in processes:
         print(f"{process['case']}: CPU {process['cpu_s_median']:.3f} s median, {process['cpu_s_best']:.3f} s best; "
-              f"wall {process['wall_s_median']:.3f} s median (target: < 1 s of CPU)")
+              f"wall {process['wall_s_median']:.3f} s median (target: < 1 s of CPU; load "
+              f"{process['load_average_1min']:.1f})")
     print(f"  chosen: TP PP VP CP EP ETP DP micro global microbatches SP dist-opt recompute = "
           f"{processes[0]['layout_row']}\n")
+    phases = bench_phases(args.repeat) if args.phases else None
+    if phases:
+        print(f"{phases['case']}, load {phases['load_average_1min']:.1f}:")
+        for name, value in phases.items():
+            if name not in ("case", "load_average_1min"):
+                print(f"  {name:34} {value:.3f}")
+        print()
     rows = [bench_405b(args.repeat)]
     rows += [bench_example(p, args.repeat) for p in sorted(glob.glob(str(REPO / "examples" / "*.nemo")))]
     header = f"{'case':44} {'cpu med':>8} {'cpu best':>8} {'wall med':>8} {'space':>8} {'mem evals':>9}  best layout"
@@ -176,6 +234,8 @@ def main() -> None:
     out = {"machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
                        "cpus": os.cpu_count(), "load_average": list(os.getloadavg())},
            "whole_process": processes, "results": rows}
+    if phases:
+        out["phases"] = phases
     if args.oracle:
         out["oracle"] = bench_oracle()
         o = out["oracle"]

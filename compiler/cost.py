@@ -1043,7 +1043,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
                           split: tuple[int, int, int] | None = None, overlap_p2p: bool = RUNTIME_OVERLAPS_P2P,
                           overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
                           moe: MoeExecution | None = None, host: HostExecution | None = None,
-                          attention_span: float | None = None) -> float:
+                          attention_span: float | None = None, memo: dict | None = None) -> float:
     """A lower bound of `estimate(...).step_time_s` over every micro batch in the range
     `micro_batches` = (smallest, largest) and every recompute level, for the other sizes of `layout`
     (its micro batch and recompute are ignored; `layout.num_microbatches x layout.micro_batch` is the
@@ -1052,16 +1052,26 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
 
     Why it bounds: every per-micro-batch term of `layer_times` and the output layer is a roofline
     max(a x mb, b x mb + c), a linear term, or a constant per micro batch, so its time per row never
-    grows with the micro batch: m x t(mb) >= rows x t(largest) / largest; the slowest stage is no
-    faster than the mean one (pp_imbalance >= 0); the bubble (pp - 1) / vp x t_mean(mb) is at least
+    grows with the micro batch: m x t(mb) >= rows x t(largest) / largest; the steady state runs at
+    the slowest stage (`estimate`'s per-layer and output terms are m x the mean stage, pp_imbalance
+    adds m x (slowest - mean), so together m x t_slowest(mb); each stage's time per row never grows
+    with the micro batch, so neither does their maximum); the bubble (pp - 1) / vp x t_mean(mb) is at least
     that of the smallest micro batch; the pipeline transfers at least the warm-up ones of the
     smallest; recompute only adds time term by term (so recompute = none bounds every level); the
     data-parallel exposure, other passes and rollout are >= 0; optimizer and step overhead do not
-    depend on either. tests/compiler/test_search.py checks the bound against `estimate`."""
+    depend on either. tests/compiler/test_search.py checks the bound against `estimate`.
+
+    `memo`: a dict the caller keeps for one problem (every argument fixed but `layout` and
+    `micro_batches`; the plan search keeps one per search): what depends on a few sizes only is kept
+    in it by those sizes: the stage's passes (on none), the layer times by (tp, cp, ep, etp, sequence
+    parallelism, largest micro batch) (at recompute = none `layer_times` reads no other size of the
+    layout: pp and vp only for block recompute; `moe` follows ep), the stage times by those and (pp,
+    split), the trainable parameters by (tp, pp, ep, etp, split). tests/compiler/test_search.py checks
+    that every bound with the memo equals the bound without it."""
     hw = gpu if isinstance(gpu, HardwareSpec) else get_gpu(gpu or (cluster.gpu if cluster else "H100"))
     hw = _node_domain(hw, cluster.gpus_per_node if cluster is not None else None)
     seq = seq_length or model.seq_length
-    work = stage_work(stage_kind, stage_params, peft)
+    work = _kept(memo, "work", lambda: stage_work(stage_kind, stage_params, peft))
     if not work.passes:
         return 0.0
     main = work.passes[0]
@@ -1069,25 +1079,43 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     rows = layout.num_microbatches * layout.micro_batch
     if layout.recompute != "none":
         layout = replace(layout, recompute="none")
-    lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
-                     micro_batch=largest * work.rows, backward=main.backward, params=params, overlap_tp=overlap_tp,
-                     kernels=kernels, moe=moe, attention_span=attention_span)
-    if host is not None and host.cuda_graph_impl != "none" and main.backward != FORWARD:
-        # a constant per micro batch, at most the layer's launch overhead, and the host issue time
-        # scaled by the uncaptured share: the time per row still never grows with the micro batch
-        lt = graphed(lt, params, cuda_graph_share(host, model), 1.0 + main.backward)
-    _, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows,
-                              backward=main.backward, params=params, scalar_head=main.scalar_head, split=split)
+
+    def layers() -> LayerTimes:
+        lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
+                         micro_batch=largest * work.rows, backward=main.backward, params=params,
+                         overlap_tp=overlap_tp, kernels=kernels, moe=moe, attention_span=attention_span)
+        if host is not None and host.cuda_graph_impl != "none" and main.backward != FORWARD:
+            # a constant per micro batch, at most the layer's launch overhead, and the host issue time
+            # scaled by the uncaptured share: the time per row still never grows with the micro batch
+            lt = graphed(lt, params, cuda_graph_share(host, model), 1.0 + main.backward)
+        return lt
+
+    key = (layout.tp, layout.cp, layout.ep, layout.etp, layout.sequence_parallel, largest)
+    lt = _kept(memo, key, layers)
+    slow, mean, _ = _kept(memo, key + (layout.pp, split), lambda: _stage_times(
+        model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows, backward=main.backward, params=params,
+        scalar_head=main.scalar_head, split=split))
     per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest
     vp = layout.vp or 1
-    t = main.count * rows * per_row + params.step_overhead
+    t = main.count * rows * slow / largest + params.step_overhead  # the slowest stage's, at its lowest
     if layout.pp > 1:
         t += main.count * ((layout.pp - 1) / vp * smallest * per_row
                            + _pp_p2p(model, layout, hw, seq, smallest * work.rows, 1, vp, params, overlap_p2p))
     if main.backward != FORWARD:
-        t += _optimizer_time(layout, hw, _trainable_params(model, layout, split, peft), work.trained * main.count,
-                             main.count * rows / largest, kernels)
+        trainable = _kept(memo, ("params", layout.tp, layout.pp, layout.ep, layout.etp, split),
+                          lambda: _trainable_params(model, layout, split, peft))
+        t += _optimizer_time(layout, hw, trainable, work.trained * main.count, main.count * rows / largest, kernels)
     return t
+
+
+def _kept(memo: dict | None, key, compute):
+    """`compute()`, kept in `memo` under `key` when the caller keeps one (`step_time_lower_bound`)."""
+    if memo is None:
+        return compute()
+    value = memo.get(key)
+    if value is None:
+        value = memo[key] = compute()
+    return value
 
 
 def _price(cluster: ClusterSpec | None) -> float | None:

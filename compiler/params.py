@@ -151,12 +151,43 @@ def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
 
+class _RecordTypes(Mapping):
+    """Name -> record type, each type made on its first use: making one is ~1.5 ms (a dataclass), and
+    `nemoc plan` of a pretraining file needs one of the thirteen. Read-only; the class of each is also
+    a module attribute once made, and `__getattr__` below makes it on a lookup by class name (pickle)."""
+
+    def __init__(self, makers: dict[str, tuple[str, object]]):
+        self._makers = makers  # name -> (class name, () -> the record type)
+        self._made: dict[str, type[Record]] = {}
+
+    def __getitem__(self, name: str) -> type[Record]:
+        cls = self._made.get(name)
+        if cls is None:
+            cls = self._made[name] = self._makers[name][1]()  # an unknown name: KeyError
+        return cls
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._makers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._makers)
+
+    def __len__(self) -> int:
+        return len(self._makers)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(self._makers)})"
+
+
+def _stage_kind_maker(k):
+    return lambda: _record_type(StageParams, f"{_camel(k.name)}Params", f"stage kind `{k.name}`", k.params,
+                                _ALL_STAGE_PARAMS, KIND=k.name)
+
+
 _ALL_STAGE_PARAMS = frozenset(f.name for k in STAGE_KIND_TABLE.values() for f in k.params)
 # stage kind -> its record type, e.g. STAGE_PARAMS_TYPES["dpo"] is `DpoParams(beta, loss, ...)`
-STAGE_PARAMS_TYPES: Mapping[str, type[Record]] = MappingProxyType({
-    k.name: _record_type(StageParams, f"{_camel(k.name)}Params", f"stage kind `{k.name}`", k.params,
-                         _ALL_STAGE_PARAMS, KIND=k.name)
-    for k in STAGE_KIND_TABLE.values()})
+STAGE_PARAMS_TYPES: Mapping[str, type[Record]] = _RecordTypes({
+    k.name: (f"{_camel(k.name)}Params", _stage_kind_maker(k)) for k in STAGE_KIND_TABLE.values()})
 _PLUGIN_KINDS: dict[str, type[Record]] = {}
 
 
@@ -172,10 +203,26 @@ def _stage_params_type(kind: str) -> type[Record]:
 
 
 SCHEDULERS = ("local", "slurm", "k8s")  # the `scheduler` call's functions (dsl/schema.py CLUSTER_FIELDS)
-SCHEDULER_OPTIONS_TYPES: Mapping[str, type[Record]] = MappingProxyType({
-    name: _record_type(SchedulerOptions, f"{_camel(name)}Options", f"scheduler `{name}`", CALLS[name],
-                       frozenset(), SCHEDULER=name)
-    for name in SCHEDULERS})
+
+
+def _scheduler_maker(name: str):
+    return lambda: _record_type(SchedulerOptions, f"{_camel(name)}Options", f"scheduler `{name}`", CALLS[name],
+                                frozenset(), SCHEDULER=name)
+
+
+SCHEDULER_OPTIONS_TYPES: Mapping[str, type[Record]] = _RecordTypes({
+    name: (f"{_camel(name)}Options", _scheduler_maker(name)) for name in SCHEDULERS})
+_BY_CLASS_NAME = {class_name: (types, name) for types in (STAGE_PARAMS_TYPES, SCHEDULER_OPTIONS_TYPES)
+                  for name, (class_name, _) in types._makers.items()}
+
+
+def __getattr__(name: str) -> type[Record]:
+    """A record type by its class name (`nemoc.compiler.params.DpoParams`: pickle, multiprocessing),
+    made on first use like every record type (`_RecordTypes`)."""
+    if name in _BY_CLASS_NAME:
+        types, key = _BY_CLASS_NAME[name]
+        return types[key]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 

@@ -34,9 +34,12 @@ properties of the memory and cost models that tests/compiler/test_search.py asse
       on first and off only where on does not fit;
   (5) branch and bound: `cost.step_time_lower_bound` bounds the step time of every micro batch and
       recompute of a group; groups are searched in the order of their bound, and one whose bound is
-      slower than the top list's last entry is skipped whole (for Llama 3.1 405B on 16,384 GPUs,
-      with (2) and (4), ~1,700 memory evaluations where the search without it made ~16,000:
-      bench/bench_plan.py).
+      slower than the top list's last entry is skipped whole, with every later one (the bounds
+      ascend; for Llama 3.1 405B on 16,384 GPUs, with (2) and (4), ~1,600 memory evaluations where
+      the search without it made ~16,000: bench/bench_plan.py). The bound's parts that depend on a
+      few sizes only (the layer times by TP, CP, EP, ETP, SP and the largest micro batch; the stage
+      times; the trainable parameters) are kept in one memo per search (`_Context`), so two problems
+      never share them; a test checks every bound with the memo against the bound without it.
 The rules are pure functions of the env and the sizes they read: each is asked through a per-search
 decision tree of the fields it read (`_Decisions`), so a rule that reads neither VP nor SP answers once
 per (TP, PP, CP, EP, ETP). Only candidates that fit reach the cost model. `enumerate_all` is the brute-force oracle: the raw
@@ -47,6 +50,7 @@ fitting one costed; tests assert both find the same best plan.
 from __future__ import annotations
 
 import bisect
+import gc
 import itertools
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
@@ -555,24 +559,46 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
     group whose bound is slower than the top list's last entry is skipped whole; the bound holds
     for every micro batch and recompute of the group (tested), so the top list is exact.
     """
+    # The search allocates ~1M short-lived objects and makes no reference cycles (the 405B search: 43
+    # collections, nothing collected): the cyclic collector's passes over the process's objects only
+    # cost time (~4 % of the search), so it pauses for the search and resumes as it was.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _search(p, top)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _search(p: Problem, top: int) -> SearchResult:
     ctx = _Context(p)
     rec = _Recorder(ctx.budget)
     best = _Top(max(1, top))
     groups = sorted(_groups(ctx, rec), key=lambda g: g[0])
-    for bound, _, args, sps in groups:
-        tp, pp, vp, cp, ep, etp, dp, do = args
+    for i, (bound, _, args, sps) in enumerate(groups):
         threshold = best.threshold()
         if threshold is not None and bound > threshold[0] * (1 + REL_TOL):
-            count = len(ctx.micro_batches(dp)) * len(ctx.recomputes(pp, vp))
-            if vp is None and (tp, pp, cp, ep, etp, do) in ctx.base_fits:  # SP values `_base_fits` rejected are counted
-                sps = sum(ctx.base_fits[(tp, pp, cp, ep, etp, do)], [])
-            rec.rule(lambda: f"its step time is at least {bound:.3g} s, slower than the top {best.n} "
-                     f"({threshold[0]:.3g} s and faster)", "slower: a lower bound of the step time is "
-                     "already above the top list", f"tp={tp} pp={pp}{f' vp={vp}' if vp else ''} cp={cp} dp={dp}",
-                     count * len(sps))
-            continue
-        _search_group(ctx, rec, best, tp, pp, vp, cp, ep, etp, dp, do, sps)
+            # the bounds ascend and only a searched group joins the top list, so every later group is
+            # slower too: all are recorded at once, with this one as the example
+            _record_slower(ctx, rec, best.n, threshold[0], groups[i:])
+            break
+        _search_group(ctx, rec, best, *args, sps)
     return rec.result(best)
+
+
+def _record_slower(ctx: _Context, rec: _Recorder, n: int, threshold: float, groups: list[tuple]) -> None:
+    """Bound (5): the `groups` whose step-time bound is above the top list's last entry (`threshold`),
+    counted by their candidates; the first (the lowest bound) is the example."""
+    count = 0
+    for _, _, (tp, pp, vp, cp, ep, etp, dp, do), sps in groups:
+        if vp is None and (tp, pp, cp, ep, etp, do) in ctx.base_fits:  # SP values `_base_fits` rejected are counted
+            sps = sum(ctx.base_fits[(tp, pp, cp, ep, etp, do)], [])
+        count += len(ctx.micro_batches(dp)) * len(ctx.recomputes(pp, vp)) * len(sps)
+    bound, _, (tp, pp, vp, cp, ep, etp, dp, do), _ = groups[0]
+    rec.rule(lambda: f"its step time is at least {bound:.3g} s, slower than the top {n} ({threshold:.3g} s and "
+             "faster)", "slower: a lower bound of the step time is already above the top list",
+             f"tp={tp} pp={pp}{f' vp={vp}' if vp else ''} cp={cp} dp={dp}", count)
 
 
 class _Context:
@@ -591,11 +617,16 @@ class _Context:
         self._rcs: dict[tuple, list] = {}
         self._vps: dict[int, list] = {}
         self._splits: dict[tuple, tuple[int, int, int] | None] = {}
+        self._same_split: dict[tuple, bool] = {}
         self._moe: dict[int, MoeExecution | None] = {}
+        # `cost.step_time_lower_bound`'s memo (the bound's layer times, stage times and trainable parameters,
+        # by the few sizes each depends on): one per search, so two problems never share one
+        self._bound_memo: dict = {}
         # (tp, pp, vp, cp, ep, etp, sp) groups whose distributed-optimizer member overflows at its
         # smallest micro batch and strongest recompute (`_group_fits`)
         self.dopt_overflows: set[tuple] = set()
         self.rules = [_Decisions(rule) for rule in _GROUP_RULES]  # their results, by the sizes they read
+        self.mb_rules = [_Decisions(rule) for rule in _MB_RULES]  # the same for `rules_mb`
         # (tp, pp, cp, ep, etp, do) -> (the SP values whose non-interleaved group passed bound (1), those
         # not checked yet) (`_base_fits`)
         self.base_fits: dict[tuple, tuple[list[bool], list[bool]]] = {}
@@ -649,6 +680,14 @@ class _Context:
             self._splits[key] = None if split is None or split.even else split.stage_layers(pp)
         return self._splits[key]
 
+    def same_split(self, pp: int, vp: int) -> bool:
+        """Whether the interleaved split of (pp, vp) gives every pipeline stage the layers of the
+        non-interleaved one (bound (2) compares only such layouts)."""
+        same = self._same_split.get((pp, vp))
+        if same is None:
+            same = self._same_split[(pp, vp)] = _split(self.p, pp, vp) == _split(self.p, pp, None)
+        return same
+
     def moe(self, layout: Layout) -> MoeExecution | None:
         """`p.moe_of(layout)`, which depends on the expert-parallel size only."""
         if layout.ep not in self._moe:
@@ -669,12 +708,18 @@ class _Context:
                      sequence_parallel=sp, distributed_optimizer=do, recompute=rc[0], recompute_layers=rc[1],
                      **self.fixed_sizes)
 
-    def sizes_of(self, layout: Layout) -> Sizes:
-        """`_sizes(p, layout)`."""
-        return Sizes(tp=layout.tp, pp=layout.pp, vp=layout.vp, cp=layout.cp, ep=layout.ep, etp=layout.etp,
-                     dp=layout.dp, micro_batch=layout.micro_batch, global_batch=layout.global_batch,
-                     sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
-                     recompute=layout.recompute, recompute_layers=layout.recompute_layers, **self.fixed_sizes)
+    def rules_mb(self, layout: Layout) -> Violation | None:
+        """The first broken micro-batch rule of `layout` (`_MB_RULES`: global batch divisibility, interleaved
+        microbatch count, fp8 tokens per GEMM), each asked through its decision tree (`_Decisions`)."""
+        values = dict(self.fixed_sizes, tp=layout.tp, pp=layout.pp, vp=layout.vp, cp=layout.cp, ep=layout.ep,
+                      etp=layout.etp, dp=layout.dp, micro_batch=layout.micro_batch, global_batch=layout.global_batch,
+                      sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
+                      recompute=layout.recompute, recompute_layers=layout.recompute_layers)
+        for decisions in self.mb_rules:
+            v = decisions.ask(self.env, values)
+            if v is not None:
+                return v
+        return None
 
     def memory(self, layout: Layout) -> MemoryBreakdown:
         """`evaluate_memory(p, layout)`."""
@@ -691,7 +736,7 @@ class _Context:
         """`bound_time(p, layout, micro_batches)`."""
         return cost.step_time_lower_bound(self.p.model, layout, micro_batches=micro_batches,
                                           split=self.stage_layers(layout.pp, layout.vp), moe=self.moe(layout),
-                                          **self.bound_kw)
+                                          memo=self._bound_memo, **self.bound_kw)
 
 
 def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
@@ -729,18 +774,19 @@ def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
                     if not mbs:
                         for vp in vps:
                             rec.rule(f"global_batch({p.global_batch}) % dp({dp}) != 0", "E111 global batch % "
-                                     "(micro_batch x dp)", f"tp={tp} pp={pp} cp={cp} dp={dp}", len(rcs) * len(dos))
+                                     "(micro_batch x dp)", f"tp={tp} pp={pp} cp={cp} dp={dp}",
+                                     len(ctx.recomputes(pp, vp)) * len(dos) * len(sp_domain))
                         continue
                     # With two DO values neither DO rule can fire (E129: where it refuses on, auto
                     # tries off only; E161 needs overlap_param_gather, which tries on only): one check
                     # serves both.
-                    count = len(mbs) * len(rcs) * len(dos)
                     args = (tp, pp, vps[0], cp, ep, etp, dp, mbs[0], sp_domain[0], dos[0], rcs[0])
                     if tp_rules is None:
                         tp_rules = _GroupRules(ctx, args, _WITHIN_TP)
                     rules = _GroupRules(ctx, args, parent=tp_rules)
                     failed: set[bool] = set()  # DO values whose non-interleaved group has no member that fits
                     for vp in vps:
+                        count = len(mbs) * len(ctx.recomputes(pp, vp)) * len(dos)  # candidates per SP value
                         sps = [sp for sp in sp_domain
                                if rules.hold(rec, (tp, pp, vp, cp, ep, etp, dp, mbs[0], sp, dos[0], rcs[0]), count)]
                         if not sps:
@@ -751,15 +797,15 @@ def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
                             # rejected whole (interleaving only adds memory), the group too (its
                             # memory rejections are recorded by `_group_fits`).
                             failed = {do for do in dos if not _base_fits(ctx, rec, tp, pp, cp, ep, etp, dp, do, sps)}
-                        elif failed and _split(ctx.p, pp, vp) == _split(ctx.p, pp, None):
+                        same_split = vp is not None and ctx.same_split(pp, vp)
+                        if failed and same_split:
                             rec.rule("interleaving only adds activation memory (and the failed rules do not depend "
                                      "on it)", "rejected: interleaved variant of a layout that fails memory or rules "
                                      "without interleaving", f"tp={tp} pp={pp} cp={cp} vp>1",
                                      len(mbs) * len(ctx.recomputes(pp, vp)) * len(sps) * len(failed))
                         # an interleaved split other than the non-interleaved one (uneven: fewer layers on the
                         # first stage, which holds the most micro-batches) can fit where that one does not
-                        live = [do for do in dos if vp is None or do not in failed
-                                or _split(ctx.p, pp, vp) != _split(ctx.p, pp, None)]
+                        live = [do for do in dos if not same_split or do not in failed]
                         if not live:
                             continue
                         # One bound serves every DO and SP value of the group: the distributed optimizer's
@@ -799,7 +845,7 @@ _GROUP_RULES = tuple(r for r in ERROR_RULES if r not in _MB_RULES)
 
 class _GroupRules:
     """Every rule that does not depend on the micro batch (all but E108 / E111, checked per micro
-    batch by `_rules_mb`): together they are exactly `layout_violations`. `_groups` asks them for
+    batch by `_Context.rules_mb`): together they are exactly `layout_violations`. `_groups` asks them for
     every VP and SP value of one (tp, pp, cp, ep, etp) layout (`args`: `_make_layout`'s sizes). Each
     rule is asked through its `_Decisions` (the search's memo of its results by the sizes it reads):
     one that reads no field of `stop` answers for every value of those fields at once, and only the
@@ -829,7 +875,10 @@ class _GroupRules:
             values, env = self.values, self.ctx.env
             values["vp"], values["sequence_parallel"] = args[2], args[8]
             for decisions in self.varying:
-                v = decisions.ask(env, values)
+                node = decisions.root  # `decisions.ask` inlined (the 405B search asks ~37k times)
+                while node is not None and node[0] is not None:
+                    node = node[1].get(values[node[0]])
+                v = node[1] if node is not None else decisions.ask(env, values)
                 if v is not None:
                     break
         v = v or self.first
@@ -932,7 +981,7 @@ def _search_group(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep,
         any_fit = False
         for sp in sps:
             layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[0])
-            v = _rules_mb(ctx.env, ctx.sizes_of(layout))
+            v = ctx.rules_mb(layout)
             if v is not None:
                 rec.rule(v.short, f"{v.code} {v.message}", layout, len(rcs), v.hint)
                 any_fit = True  # a rule, not memory, stopped this micro batch: larger ones may pass
@@ -950,7 +999,8 @@ def _search_group(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep,
             rest = len(mbs) - i - 1
             if rest:
                 rec.rule("larger micro batches need more memory", "out of memory (a larger micro batch than "
-                         "one that already overflows)", f"tp={tp} pp={pp} cp={cp} dp={dp} mb>{mb}", rest * len(rcs))
+                         "one that already overflows)", f"tp={tp} pp={pp} cp={cp} dp={dp} mb>{mb}",
+                         rest * len(rcs) * len(sps))
             break
     return bool(sps)
 
@@ -970,7 +1020,7 @@ def _base_fits(ctx: _Context, rec: _Recorder, tp, pp, cp, ep, etp, dp, do, sps) 
 def _group_fits(ctx: _Context, rec: _Recorder, bound: Layout, count: int) -> bool:
     """Bound (1): its smallest micro batch with its strongest recompute fits (otherwise no member
     fits: memory is monotone in both); the group's rules were checked by `_groups`."""
-    if _rules_mb(ctx.env, ctx.sizes_of(bound)) is not None:
+    if ctx.rules_mb(bound) is not None:
         return True  # the smallest micro batch breaks a micro-batch rule: the bound says nothing
     key = (bound.tp, bound.pp, bound.vp, bound.cp, bound.ep, bound.etp, bound.sequence_parallel)
     if not bound.distributed_optimizer and key in ctx.dopt_overflows:
@@ -987,12 +1037,6 @@ def _group_fits(ctx: _Context, rec: _Recorder, bound: Layout, count: int) -> boo
             ctx.dopt_overflows.add(key)
         return False
     return True
-
-
-def _rules_mb(env: Env, s: Sizes):
-    """The micro-batch-dependent rules (global batch divisibility, interleaved microbatch count, fp8
-    tokens per GEMM)."""
-    return rule_global_batch(env, s) or rule_interleave_microbatches(env, s) or rule_fp8_tokens(env, s)
 
 
 def _search_recompute(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs,
@@ -1022,12 +1066,18 @@ def _search_recompute(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp,
             stronger = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[j])
             rec.evaluated += 1
             best.push(Candidate(stronger, split, ctx.memory(stronger), ctx.time(stronger)))
-        if weakest < len(rcs) - 1:
-            rec.rule("a smaller micro batch already needed this much recompute", "out of memory (less recompute "
-                     "than a smaller micro batch needed)", lambda: describe(_with_recompute(layout, rcs[-1])),
-                     len(rcs) - 1 - weakest)
+        _record_weaker(rec, layout, rcs, weakest)
         return k
+    _record_weaker(rec, layout, rcs, weakest)
     return -1
+
+
+def _record_weaker(rec: _Recorder, layout: Layout, rcs: list, weakest: int) -> None:
+    """The recompute levels weaker than `weakest`, which a smaller micro batch already overflowed with."""
+    if weakest < len(rcs) - 1:
+        rec.rule("a smaller micro batch already needed this much recompute", "out of memory (less recompute "
+                 "than a smaller micro batch needed)", lambda: describe(_with_recompute(layout, rcs[-1])),
+                 len(rcs) - 1 - weakest)
 
 
 def _split(p: Problem, pp: int, vp: int | None) -> PipelineSplit:

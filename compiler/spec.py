@@ -74,6 +74,12 @@ class ModelSpec:
     source: str = ""  # citation for a preset (paper / model card)
     init: str | None = None  # a Hugging Face checkpoint directory every stage starts from (absolute path)
 
+    def __hash__(self) -> int:
+        # The memory and cost models' caches hash the model on every call (~16k times in the 405B
+        # search); three fields instead of all of them: equal models still hash equal (dataclass eq
+        # compares every field), so only the rare collision of two variants costs an equality check.
+        return hash((self.name, self.layers, self.hidden))
+
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden // self.heads

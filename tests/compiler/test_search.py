@@ -17,6 +17,9 @@ from nemoc.compiler.rules import layout_violations
 from nemoc.compiler.search import (
     REL_TOL,
     Problem,
+    _Context,
+    _groups,
+    _Recorder,
     _micro_batches,
     _recomputes,
     _with_recompute,
@@ -514,3 +517,111 @@ def test_an_uneven_interleaved_split_that_fits_is_found_where_the_even_one_does_
     assert pinned.best.memory.total < 24.5 * GIB
     found = search(p)
     assert found.best is not None and found.best.layout.vp == 2, found
+
+
+def _group_bounds(p: Problem) -> list[tuple[float, float]]:
+    """Every searched group's bound as the search computes it (through its per-search memo of the layer
+    times) and as `bound_time` computes it alone, in the search's order."""
+    ctx = _Context(p)
+    out = []
+    for bound, _, (tp, pp, vp, cp, ep, etp, dp, do), sps in _groups(ctx, _Recorder(ctx.budget)):
+        mbs = _micro_batches(p, dp)
+        layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, ("none", None))
+        out.append((bound, bound_time(p, layout, (mbs[0], mbs[-1]))))
+    return out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_problems())
+def test_the_bound_memo_changes_no_bound(p: Problem):
+    """`cost.step_time_lower_bound(memo=...)` keeps the layer times by (tp, cp, ep, etp, sp, largest micro
+    batch), which holds only while `layer_times` at recompute = none reads no other size of the layout:
+    every group's bound through the search's memo equals the bound computed alone, bit for bit."""
+    for memoised, alone in _group_bounds(p):
+        assert memoised == alone
+
+
+def test_the_bound_memo_holds_at_production_scale_and_is_not_shared_between_searches():
+    """The same at 16,384 GPUs (pp, vp, dp and the micro-batch range all vary inside one memo entry), and
+    two problems in one process never share layer times: the 405B search gives the same result before
+    and after a search of another model and sequence length on the same cluster."""
+    p = _problem_405b()
+    bounds = _group_bounds(p)
+    assert len(bounds) > 1000 and all(memoised == alone for memoised, alone in bounds)
+    first = search(p)
+    other = replace(p, model=get_preset("llama31_70b"), seq_length=4096)
+    assert search(other).best.layout != first.best.layout
+    again = search(p)
+    assert again == first
+
+
+def test_the_bound_holds_on_uneven_pipeline_splits():
+    """The bound's steady state runs at the slowest stage (the estimate's pp_imbalance): on uneven splits
+    of 126 layers (the first and last stages hold fewer layers, or more) every member of the group is
+    still at or above it, and the slowest stage is really slower than the mean there."""
+    p = replace(_problem_405b(), gpu=replace(H100, hbm_bytes=10**15))
+    checked = 0
+    for pp, vp in ((16, None), (16, 2), (16, 3), (16, 5), (8, 3), (4, 5), (2, 7)):
+        dp = p.cluster.world_size // (8 * pp * 4)
+        layout = Layout(tp=8, pp=pp, vp=vp, cp=4, ep=1, etp=8, dp=dp, micro_batch=1, global_batch=2048,
+                        num_microbatches=2048 // dp, sequence_parallel=True, distributed_optimizer=True,
+                        recompute="none")
+        if layout_violations(p.env, _sizes(p, layout)) is not None:
+            continue
+        _assert_bound_holds(p, layout)
+        parts = evaluate_time(p, layout).parts
+        checked += parts["pp_imbalance"] > 0.01 * parts["compute"]
+    assert checked >= 3
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_problems())
+def test_the_candidate_count_does_not_depend_on_the_pruning(p: Problem):
+    """`SearchResult.space` (what `nemoc plan` prints as "search: N candidates") counts every candidate
+    once, whether it was evaluated, rejected by a rule or pruned in a block: a top list of any length
+    (which prunes more or less) covers the same number."""
+    assert len({search(p, top=n).space for n in (1, 2, 5, 10**6)}) == 1
+
+
+def test_the_405b_candidate_count_does_not_depend_on_the_pruning():
+    p = _problem_405b()
+    assert len({search(p, top=n).space for n in (1, 4, 5, 50)}) == 1
+
+
+def test_models_that_share_a_hash_keep_their_own_cached_results():
+    """`ModelSpec.__hash__` hashes three fields (the models' caches hash it on every call): two models that
+    differ elsewhere collide in the hash but stay unequal, and the caches keyed by them keep each its own."""
+    from nemoc.compiler.flops import param_counts
+
+    base = get_preset("llama3_8b")
+    wider = replace(base, ffn_hidden=base.ffn_hidden * 2)
+    assert hash(base) == hash(wider) and base != wider and len({base, wider}) == 2
+    assert param_counts(base) != param_counts(wider)
+    assert evaluate_memory(_small_problem(base), _one_gpu_layout()) != evaluate_memory(_small_problem(wider),
+                                                                                         _one_gpu_layout())
+
+
+def _small_problem(model: ModelSpec) -> Problem:
+    return Problem(model=model, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=1), gpu=H100,
+                   fixed=ParallelSpec(), global_batch=8, seq_length=4096, target=NEMOC_RUNTIME)
+
+
+def _one_gpu_layout() -> Layout:
+    return Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=1, global_batch=8, num_microbatches=8,
+                  sequence_parallel=False, distributed_optimizer=True, recompute="full")
+
+
+def test_the_search_pauses_the_cyclic_collector_and_resumes_it_as_it_was():
+    """`search` turns Python's cyclic garbage collector off while it runs (it makes no reference cycles)
+    and leaves it as it found it: on, or off when the caller had turned it off."""
+    import gc
+
+    p = replace(_small_problem(get_preset("llama3_8b")), cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=8))
+    assert gc.isenabled()
+    assert search(p).best is not None and gc.isenabled()
+    gc.disable()
+    try:
+        search(p)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
