@@ -794,14 +794,42 @@ def load_weights(path: str, *, chunks, optimizer=None) -> None:
     reason = verify_on_all_ranks(path) if os.path.exists(os.path.join(path, MANIFEST)) else None
     if reason is not None:
         raise CheckpointError(f"init checkpoint {path} is unusable: {reason}")
-    if checkpoint_format(path) == "fsdp_dtensor" or _is_fsdp(chunks):
-        raise CheckpointError(f"init checkpoint {path}: checkpoints of Megatron-FSDP stages (fsdp_dtensor) resume only "
-                              "the stage that saved them, and a megatron_fsdp stage starts from scratch; nemoc does "
-                              "not convert between fsdp_dtensor and torch_dist")
+    saved_fsdp = checkpoint_format(path) == "fsdp_dtensor"
+    if _is_fsdp(chunks):
+        if not saved_fsdp:
+            raise CheckpointError(f"init checkpoint {path} is a torch_dist checkpoint and this stage runs Megatron-FSDP, "
+                                  "which starts from an fsdp_dtensor checkpoint (a megatron_fsdp stage's) or from "
+                                  "scratch; run this stage with megatron_fsdp = false to start it from this checkpoint")
+        from nemoc.runtime import fsdp_checkpoint
+
+        fsdp_checkpoint.load_model(path, chunks=chunks)
+        if optimizer is not None:
+            optimizer.reload_model_params()
+        return
+    if saved_fsdp:
+        load_full_weights(path, chunks=chunks)
+        if optimizer is not None:
+            optimizer.reload_model_params()
+        return
     loaded = dist_checkpointing.load(fresh_tensors(model_sharded_state_dict(chunks)), path)
     _load_model_state(chunks, loaded)
     if optimizer is not None:
         optimizer.reload_model_params()
+
+
+def load_full_weights(path: str, *, chunks, skip_output: bool = False) -> None:
+    """The model of an fsdp_dtensor checkpoint (a Megatron-FSDP stage's) into unsharded chunks of any TP/PP
+    layout: read as full tensors (runtime/fsdp_checkpoint.py `FullTensorReader`) and sliced for this rank as
+    a converted Hugging Face checkpoint is (runtime/hf/load.py `load_full`). Raises CheckpointError."""
+    from nemoc.runtime import fsdp_checkpoint
+    from nemoc.runtime.hf.load import LoadError, load_full
+
+    try:
+        reader = fsdp_checkpoint.full_reader(path)
+        for chunk in chunks:  # every virtual-pipeline chunk reads its own layers
+            load_full(chunk, reader, where=path, skip_output=skip_output)
+    except (fsdp_checkpoint.FullCheckpointError, LoadError) as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def save_weights(path: str, *, chunks) -> None:

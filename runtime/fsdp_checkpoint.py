@@ -9,8 +9,16 @@ Adam's moments as DTensors keyed by parameter name, the param groups' settings),
 by Megatron-FSDP's `preprocess_state_dict_for_uneven_dtensor`, written with `torch.distributed.checkpoint`;
 the scheduler, iteration, data position, layout and each rank's RNG state travel in the same save.
 
+Later stages and export read the model of such a checkpoint as full tensors (`FullTensorReader`): DCP's
+own planner reads every shard of a DTensor into one plain tensor in one process (`dcp.load(..., no_dist=True)`,
+as `torch.distributed.checkpoint.format_utils.dcp_to_torch_save` does), one decoder layer at a time, under the
+names of the GPTModel's state dict (Megatron-FSDP's `model.module.` prefix dropped): the names of a converted
+Hugging Face directory (runtime/hf/convert.py), so the same slicing loads them into any TP/PP layout
+(runtime/hf/load.py `load_full`) and the same mapping exports them (runtime/hf/trained.py).
+
 Input:  the stage's FullyShardedDataParallel chunk, its optimizer and scheduler.
-Output: `training_state` (what `Checkpointer.save` writes when it carries `FORMAT`), `load` (in place).
+Output: `training_state` (what `Checkpointer.save` writes when it carries `FORMAT`), `load` (in place),
+        `FullTensorReader` (full tensors by GPTModel name, for init and export).
 Invariants: every rank holds optimizer state for every parameter before a save or load: a parameter whose
 shard is empty on a rank has no Adam state there (torch skips it), while the uneven-DTensor preparation
 runs one collective per DTensor in key order, so the ranks' key sets must agree (`_fill_empty_shards`,
@@ -20,10 +28,16 @@ or nothing (runtime/checkpoint.py's torch_dist loads are). Saves are synchronous
 
 from __future__ import annotations
 
+import os
+import re
+import warnings
+
 import torch
 
 FORMAT = "fsdp_dtensor"
 MARKER = "nemoc_format"  # the key that tells Checkpointer.save which writer a state dict needs
+MODEL_KEY = "model"  # the model's state dict in the save (`training_state`)
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 def _fill_empty_shards(optimizer) -> None:
@@ -100,3 +114,126 @@ def load(path: str, *, chunks, optimizer, scheduler, saved_layout: dict, rng: di
     if scheduler is not None and common.get("opt_param_scheduler"):
         scheduler.load_state_dict(common["opt_param_scheduler"])
     return int(common["iteration"]), int(common["consumed_samples"]), template[_rng_key()]
+
+
+def load_model(path: str, *, chunks) -> None:
+    """The model of an fsdp_dtensor checkpoint into a Megatron-FSDP chunk (all ranks; a megatron_fsdp stage's
+    `init_checkpoint`): the model part of `load`, without optimizer, scheduler or RNG. DCP assembles each
+    rank's DTensor shards from whatever shards were saved, so the saving stage's data-parallel size may differ."""
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.distributed.fsdp.src.megatron_fsdp.uneven_dtensor import (
+        preprocess_state_dict_for_uneven_dtensor,
+    )
+
+    template = {MODEL_KEY: chunks[0].state_dict()}
+    preprocess_state_dict_for_uneven_dtensor(template)
+    dcp.load(template, checkpoint_id=path)
+    chunks[0].load_state_dict(template[MODEL_KEY])
+
+
+class FullCheckpointError(ValueError):
+    """An fsdp_dtensor checkpoint nemoc cannot read as full tensors (the message names it and what to do)."""
+
+
+def _gpt_name(key: str) -> str | None:
+    """The GPTModel state-dict name of a saved model key: `model.` then Megatron-FSDP's wrapper prefixes
+    (`module.`: FullyShardedDataParallel's module; a second one for a Float16Module) dropped. GPTModel has no
+    child named `module`, so every leading `module.` is a wrapper's."""
+    if not key.startswith(MODEL_KEY + "."):
+        return None
+    name = key[len(MODEL_KEY) + 1:]
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
+class FullTensorReader:
+    """`get(name)` of the full (unsharded) model tensors of an fsdp_dtensor checkpoint by GPTModel state-dict
+    name (`decoder.layers.3.mlp.linear_fc1.weight`; KeyError for a name it lacks), `names()`, `dtype()`.
+
+    A decoder layer's tensors are read together on first access (one `dcp.load` into plain tensors of the
+    saved global shapes: DCP assembles the DTensor shards, however many ranks wrote them) and dropped when
+    another layer is asked for, so the host holds one layer plus the tensor being used. Checkpoints saved
+    with tensor or expert parallelism are refused (FullCheckpointError): nemoc's FSDP save keeps SwiGLU's
+    fc1 and the experts in their per-rank layout there (Megatron-LM splits them first:
+    transformer/fsdp_dtensor_checkpoint.py `handle_swiglu_in_state_dict`, `handle_experts_in_state_dict`)."""
+
+    def __init__(self, path: str, *, layout: dict | None = None):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path = str(path)
+        bad = {k: v for k, v in (layout or {}).items() if k in ("tp", "ep") and v not in (None, 1)}
+        if bad:
+            said = ", ".join(f"{dict(tp='tensor', ep='expert')[k]} = {v}" for k, v in sorted(bad.items()))
+            raise FullCheckpointError(
+                f"{self.path}: this fsdp_dtensor checkpoint was saved by a Megatron-FSDP stage with {said}; nemoc "
+                "reads FSDP checkpoints as full tensors (for a later stage or an export) only from stages with "
+                "tensor = 1 and expert = 1 (their SwiGLU and expert weights are stored per rank). Retrain that "
+                "stage with tensor = 1, or resume it under the layout that saved it")
+        try:
+            meta = FileSystemReader(self.path).read_metadata()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise FullCheckpointError(f"{self.path}: not a readable fsdp_dtensor checkpoint ({exc})") from None
+        self.meta = {}
+        for key, md in meta.state_dict_metadata.items():
+            name = _gpt_name(key)
+            if name is not None and isinstance(md, TensorStorageMetadata):
+                self.meta[name] = (key, md)
+        if not self.meta:
+            raise FullCheckpointError(f"{self.path}: the fsdp_dtensor checkpoint holds no model tensors")
+        self._layer: str | None = None
+        self._cache: dict[str, torch.Tensor] = {}
+        self.loads = 0  # dcp.load calls (one per decoder layer + one per other tensor)
+
+    def names(self) -> list[str]:
+        return sorted(self.meta)
+
+    def dtype(self) -> torch.dtype:
+        name = "embedding.word_embeddings.weight"
+        return (self.meta[name] if name in self.meta else next(iter(self.meta.values())))[1].properties.dtype
+
+    def _load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemReader
+
+        out = {n: torch.empty(tuple(self.meta[n][1].size), dtype=self.meta[n][1].properties.dtype) for n in names}
+        self.loads += 1
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({self.meta[n][0]: t for n, t in out.items()}, storage_reader=FileSystemReader(self.path),
+                     no_dist=True)
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.meta:
+            raise KeyError(name)
+        m = _LAYER.match(name)
+        if m is None:
+            return self._load([name])[name]
+        if self._layer != m.group(1):
+            self._cache = {}  # drop the previous layer before reading the next
+            self._layer = m.group(1)
+            prefix = f"decoder.layers.{self._layer}."
+            self._cache = self._load([n for n in self.meta if n.startswith(prefix)])
+        return self._cache[name]
+
+
+def saved_manifest(path: str) -> dict:
+    """The nemoc manifest of a finished checkpoint directory (runtime/checkpoint.py MANIFEST), {} if unreadable."""
+    import json
+
+    try:
+        with open(os.path.join(path, "nemoc_checkpoint.json"), encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
+
+
+def is_fsdp_checkpoint(path: str) -> bool:
+    return saved_manifest(str(path)).get("format") == FORMAT
+
+
+def full_reader(path: str) -> FullTensorReader:
+    """The `FullTensorReader` of a finished fsdp_dtensor checkpoint directory (its manifest gives the layout)."""
+    return FullTensorReader(str(path), layout=saved_manifest(str(path)).get("layout", {}))

@@ -56,9 +56,8 @@ def load_converted(chunk, converted: str | Path, *, vocab: int, skip_output: boo
     from megatron.core import parallel_state as ps
 
     from nemoc.runtime.megatron_args import padded_vocab_size
-    from nemoc.runtime.model import unwrap
 
-    gpt = unwrap(chunk)
+    gpt = unwrap_gpt(chunk)
     tp = ps.get_tensor_model_parallel_world_size()
     padded = int(gpt.vocab_size) if hasattr(gpt, "vocab_size") else padded_vocab_size(vocab, tp)
     rows = converted_vocab(converted)
@@ -66,25 +65,54 @@ def load_converted(chunk, converted: str | Path, *, vocab: int, skip_output: boo
         raise LoadError(f"{converted}: the Hugging Face checkpoint has {rows} vocabulary rows, but the model is "
                         f"built for {vocab} tokens (padded to {padded}); use the checkpoint's own tokenizer, or "
                         "one with at least as many tokens")
-    state = convert.rank_state_dict(converted, tp=tp, tp_rank=ps.get_tensor_model_parallel_rank(),
-                                    pp=ps.get_pipeline_model_parallel_world_size(),
-                                    pp_rank=ps.get_pipeline_model_parallel_rank(),
-                                    ep=ps.get_expert_model_parallel_world_size(),
-                                    ep_rank=ps.get_expert_model_parallel_rank(),
-                                    etp=ps.get_expert_tensor_parallel_world_size(),
-                                    etp_rank=ps.get_expert_tensor_parallel_rank(),
-                                    padded_vocab=padded, pre_process=gpt.pre_process, post_process=gpt.post_process,
-                                    layers=_chunk_layers(gpt))
+    state = convert.rank_state_dict(converted, padded_vocab=padded, **_rank(gpt))
+    _load_rank_state(gpt, state, where=str(converted), skip_output=skip_output,
+                     hint="does the model block match config.json?")
+
+
+def load_full(chunk, reader, *, where: str, skip_output: bool = False) -> None:
+    """Copy full (TP=1, PP=1) Megatron-Core tensors into `chunk` (any layout, cast on copy), sliced as for a
+    converted directory: `reader.names()` / `reader.get(name)` by GPTModel state-dict name (an fsdp_dtensor
+    checkpoint's `FullTensorReader`); `where` names the source in errors. The fc1 layout, layer count,
+    experts and tied embedding are the built chunk's (a checkpoint of another model fails the shape check)."""
+    gpt = unwrap_gpt(chunk)
+    config = gpt.config
+    state = convert.rank_slices(reader, swiglu=bool(config.gated_linear_unit), total_layers=config.num_layers,
+                                experts=config.num_moe_experts or 1, tie=bool(gpt.share_embeddings_and_output_weights),
+                                padded_vocab=int(gpt.vocab_size), **_rank(gpt))
+    _load_rank_state(gpt, state, where=where, skip_output=skip_output,
+                     hint="was it trained with this stage's model block?")
+
+
+def unwrap_gpt(chunk):
+    from nemoc.runtime.model import unwrap
+
+    return unwrap(chunk)
+
+
+def _rank(gpt) -> dict:
+    """This rank's place in the layout and the chunk's edges and layers (`convert.rank_slices`' keywords)."""
+    from megatron.core import parallel_state as ps
+
+    return dict(tp=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+                pp=ps.get_pipeline_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+                ep=ps.get_expert_model_parallel_world_size(), ep_rank=ps.get_expert_model_parallel_rank(),
+                etp=ps.get_expert_tensor_parallel_world_size(), etp_rank=ps.get_expert_tensor_parallel_rank(),
+                pre_process=gpt.pre_process, post_process=gpt.post_process, layers=_chunk_layers(gpt))
+
+
+def _load_rank_state(gpt, state: dict, *, where: str, skip_output: bool, hint: str) -> None:
+    """`state` (this rank's slices) into the GPTModel: every shape checked first, nothing missing."""
     if skip_output:
         state = {k: v for k, v in state.items() if not k.startswith("output_layer.")}
     ours = gpt.state_dict()
     state = _te_names(state, ours)
     for name, tensor in state.items():
         if name in ours and tuple(ours[name].shape) != tuple(tensor.shape):
-            raise LoadError(f"{converted}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                            f"{tuple(ours[name].shape)} (does the model block match config.json?)")
+            raise LoadError(f"{where}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                            f"{tuple(ours[name].shape)} ({hint})")
     result = gpt.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys
                if not k.endswith("_extra_state") and not (skip_output and k.startswith("output_layer."))]
     if missing or result.unexpected_keys:
-        raise LoadError(f"{converted}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+        raise LoadError(f"{where}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")

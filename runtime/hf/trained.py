@@ -124,6 +124,20 @@ class DistCheckpointReader:
         return self._cache[name]
 
 
+def checkpoint_reader(directory: str | Path):
+    """The full-tensor reader of a stage checkpoint: `DistCheckpointReader` for dist_checkpointing (torch_dist)
+    directories, runtime/fsdp_checkpoint.py's `FullTensorReader` for a Megatron-FSDP stage's fsdp_dtensor one
+    (its manifest says so). Both answer `get(name)` by GPTModel name and `dtype()`."""
+    from nemoc.runtime import fsdp_checkpoint
+
+    if not fsdp_checkpoint.is_fsdp_checkpoint(str(directory)):
+        return DistCheckpointReader(directory)
+    try:
+        return fsdp_checkpoint.full_reader(str(directory))
+    except fsdp_checkpoint.FullCheckpointError as exc:
+        raise TrainedExportError(f"export: {exc}") from None
+
+
 def _slice_planner_base():
     from torch.distributed.checkpoint.planner import LoadPlanner
 
@@ -300,7 +314,7 @@ def export_trained(checkpoint: str | Path, spec, out: str | Path, *, vocab: int,
     `dtype` defaults to the dtype the checkpoint stores (the training dtype). `tokenizer_dir` supplies the
     tokenizer files when the source has none (a model trained from scratch on a local tokenizer);
     `stop_ids` (the chat template's end-of-turn token) join generation_config.json's `eos_token_id`."""
-    reader = DistCheckpointReader(checkpoint) if get is None else None
+    reader = checkpoint_reader(checkpoint) if get is None else None
     stored = str(reader.dtype()).removeprefix("torch.") if reader is not None else "float32"
     manifest = manifest_for(spec, vocab=vocab, source=source, dtype=dtype or stored, special_ids=special_ids)
     out = convert.export_checkpoint(get or reader.get, manifest, out, dtype=dtype or stored,
