@@ -111,3 +111,133 @@ def test_nemoc_run_trains_the_quickstart_with_megatron_fsdp(tmp_path):
     records = [json.loads(line) for line in (task / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+FSDP_CHAIN = """
+cluster cpu_box {
+  gpu = CPU
+  gpus_per_node = 2
+}
+
+experiment fsdp_chain {
+  cluster cpu_box {}
+
+  model tiny_llama {
+    layers = 2
+    hidden = 64
+    heads = 4
+    query_groups = 2
+    ffn_hidden = 128
+    vocab = 4096
+    seq_length = 64
+    activation = swiglu
+    norm = rmsnorm
+    position = rope
+  }
+
+  precision = fp32
+
+  data corpus {
+    path = "DATA/quickstart/corpus.jsonl"
+    format = jsonl
+    text_field = "text"
+    vocab_size = 4096
+  }
+
+  data chat {
+    path = "DATA/pipeline/sft.jsonl"
+    format = chat
+  }
+
+  stage pretrain {
+    data = [corpus]
+    steps = 4
+    global_batch = 4
+    optimizer = adam(lr = 1e-3)
+    parallel {
+      tensor = 1
+      megatron_fsdp = true
+    }
+  }
+
+  stage export_pretrain after pretrain {
+    kind = export
+  }
+
+  # lr 1e-9: one step moves no weight by more than ~1e-8, so the fine-tuned model is the pretrained one
+  # to that precision, and its export must compute what the FSDP checkpoint's export computes
+  stage sft after pretrain {
+    data = [chat]
+    steps = 1
+    global_batch = 4
+    optimizer = adam(lr = 1e-9, weight_decay = 0.0)
+    parallel {
+      tensor = 2
+    }
+  }
+
+  stage export after sft {
+    format = huggingface
+  }
+}
+"""
+
+
+def test_nemoc_run_chains_an_fsdp_pretraining_into_sft_at_another_layout_and_exports_it(tmp_path):
+    """`nemoc run` of pretrain (megatron_fsdp, DP=2: an fsdp_dtensor checkpoint) -> sft (DDP, tensor = 2, which
+    reads that checkpoint as full tensors and slices it for its layout) -> export, plus an export of the FSDP
+    checkpoint itself. The sft model's weights, read back from its torch_dist checkpoint by the exporter's
+    reader, are the FSDP checkpoint's (raw DCP read) to Adam's 1e-9 step; both exports load in transformers
+    and give the same logits. (Export parity with our GPTModel's logits: tests/runtime/align/
+    test_align_fsdp_init.py and test_align_export.py.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from transformers import AutoModelForCausalLM
+
+    from nemoc.runtime.hf import trained
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    source = tmp_path / "chain.nemo"
+    source.write_text(FSDP_CHAIN.replace("DATA", str(examples / "data")))
+    workdir = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "nemoc.runtime.cli", "run", str(source), "--workdir", str(workdir)],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ), cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Traceback" not in run.stdout + run.stderr
+
+    def done(task):
+        return json.loads((workdir / "tasks" / task / "DONE.json").read_text())
+
+    pretrained = done("train_pretrain")["checkpoint"]
+    manifest = json.loads((Path(pretrained) / "nemoc_checkpoint.json").read_text())
+    assert manifest["format"] == "fsdp_dtensor" and manifest["layout"]["dp"] == 2
+    sft = done("train_sft")
+    assert sft["steps"] == 1
+    assert json.loads((Path(sft["checkpoint"]) / "nemoc_checkpoint.json").read_text())["layout"]["tp"] == 2
+    assert done("export_export_pretrain")["source_checkpoint"] == pretrained
+
+    tuned = trained.DistCheckpointReader(sft["checkpoint"])
+    names = ["embedding.word_embeddings.weight", "decoder.layers.1.self_attention.linear_qkv.weight",
+             "decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.1.mlp.linear_fc2.weight", "output_layer.weight"]
+    raw = {n: torch.empty(tuple(tuned.get(n).shape)) for n in names}
+    dcp.load({f"model.module.{n}": t for n, t in raw.items()}, storage_reader=FileSystemReader(pretrained),
+             no_dist=True)
+    for name in names:
+        assert raw[name].abs().max() > 0
+        torch.testing.assert_close(tuned.get(name), raw[name], atol=1e-6, rtol=0, msg=name)
+
+    tokens = torch.randint(0, done("train_sft")["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for task in ("export_export_pretrain", "export_export"):
+        hf = AutoModelForCausalLM.from_pretrained(done(task)["export"], dtype=torch.float32).eval()
+        assert type(hf).__name__ == "LlamaForCausalLM"
+        with torch.no_grad():
+            logits.append(hf(tokens).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    assert logits[0].std() > 0.1  # the compared logits are not one flat value
