@@ -699,8 +699,9 @@ def _load_fsdp(path: str, *, chunks, optimizer, scheduler, saved: bool, here: bo
     """A Megatron-FSDP checkpoint into a Megatron-FSDP model (runtime/fsdp_checkpoint.py); either without the
     other is refused with the reason."""
     if not here:
-        raise ValueError("it was saved by a Megatron-FSDP stage (fsdp_dtensor format); nemoc loads it only into "
-                         "the megatron_fsdp stage that saved it")
+        raise ValueError("it was saved by a Megatron-FSDP stage (fsdp_dtensor format), which resumes with "
+                         "megatron_fsdp = true only; to continue from its weights without FSDP, start a new stage "
+                         "from it (`after` / init_checkpoint: read as full tensors at any layout)")
     if not saved:
         raise ValueError("it is a torch_dist checkpoint and this stage runs Megatron-FSDP, which resumes from its "
                          "own fsdp_dtensor checkpoints only")
@@ -709,8 +710,9 @@ def _load_fsdp(path: str, *, chunks, optimizer, scheduler, saved: bool, here: bo
     iteration, consumed, rng = fsdp_checkpoint.load(path, chunks=chunks, optimizer=optimizer, scheduler=scheduler,
                                                     saved_layout=read_manifest(path).get("layout", {}),
                                                     rng=rng_state(), layout=layout_key())
-    set_rng_state(rng)
-    return Restored(path, iteration, consumed, optimizer is not None, True)
+    if rng is not None:  # same layout: each rank's RNG streams go on where they stopped
+        set_rng_state(rng)
+    return Restored(path, iteration, consumed, optimizer is not None, rng is not None)
 
 
 def fresh_tensors(template: dict) -> dict:

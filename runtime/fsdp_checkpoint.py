@@ -7,7 +7,8 @@ cannot shard. So, as Megatron-LM does with `--ckpt-format fsdp_dtensor`: the mod
 DTensor per parameter, each rank its shard), the optimizer's (`distrib_optim_sharding_type = fsdp_dtensor`:
 Adam's moments as DTensors keyed by parameter name, the param groups' settings), prepared for uneven shards
 by Megatron-FSDP's `preprocess_state_dict_for_uneven_dtensor`, written with `torch.distributed.checkpoint`;
-the scheduler, iteration, data position, layout and each rank's RNG state travel in the same save.
+the scheduler, iteration, data position, layout and each rank's RNG state travel in the same save. A resume
+under another data-parallel size is DCP's resharding of those DTensors (the RNG states then restart).
 
 Later stages and export read the model of such a checkpoint as full tensors (`FullTensorReader`): DCP's
 own planner reads every shard of a DTensor into one plain tensor in one process (`dcp.load(..., no_dist=True)`,
@@ -22,8 +23,8 @@ Output: `training_state` (what `Checkpointer.save` writes when it carries `FORMA
 Invariants: every rank holds optimizer state for every parameter before a save or load: a parameter whose
 shard is empty on a rank has no Adam state there (torch skips it), while the uneven-DTensor preparation
 runs one collective per DTensor in key order, so the ranks' key sets must agree (`_fill_empty_shards`,
-sorted keys). A resume needs the layout it was saved under (no resharding); the load is in place, not all
-or nothing (runtime/checkpoint.py's torch_dist loads are). Saves are synchronous.
+sorted keys). A resume needs the model-parallel sizes it was saved under (tp, pp, vp, cp, ep); the load is
+in place, not all or nothing (runtime/checkpoint.py's torch_dist loads are: see `load`). Saves are synchronous.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 def _fill_empty_shards(optimizer) -> None:
     """Adam state (zero moments, the optimizer's step) for the parameters whose shard is empty on this rank,
-    so that every rank's optimizer state names every parameter (see the module's invariants)."""
+    so that every rank's optimizer state names every parameter (see the module's invariants), with the step
+    count of the ranks that hold a shard (the largest), refreshed at every save."""
     inner = optimizer.optimizer
     steps = [float(st["step"]) for st in inner.state.values() if "step" in st]
     step = torch.tensor([max(steps) if steps else 0.0])
@@ -51,8 +53,13 @@ def _fill_empty_shards(optimizer) -> None:
     for group in inner.param_groups:
         for p in group["params"]:
             state = inner.state[p]
+            local = p.to_local() if hasattr(p, "to_local") else p
             if "step" not in state:
                 state.update(step=step[0].clone(), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            elif local.numel() == 0:
+                # an empty shard never steps: its `step` (saved once for all ranks, DCP taking any rank's copy)
+                # follows the ranks that do, else a resume could restore a stale count into Adam's bias correction
+                state["step"] = step[0].clone()
 
 
 def _rng_key() -> str:
@@ -69,7 +76,7 @@ def training_state(*, chunks, optimizer, scheduler, iteration: int, consumed_sam
     )
 
     model_sd = chunks[0].state_dict()
-    state: dict = {"model": model_sd}
+    state: dict = {MODEL_KEY: model_sd}
     if optimizer is not None:
         _fill_empty_shards(optimizer)
         opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
@@ -93,27 +100,49 @@ def save(state: dict, directory: str) -> None:
     dcp.save(state, checkpoint_id=directory)
 
 
-def load(path: str, *, chunks, optimizer, scheduler, saved_layout: dict, rng: dict, layout: dict) -> tuple[int, int, dict]:
+RESHARDABLE = ("dp", "world")  # layout keys a resume may change: DCP reshards the DP-sharded DTensors
+
+
+def layout_change(saved_layout: dict, layout: dict) -> str | None:
+    """Why a resume cannot load an FSDP checkpoint saved under `saved_layout` now (None if it can): the
+    model-parallel sizes must be the same; the data-parallel size may differ."""
+    fixed = sorted(k for k in set(saved_layout) | set(layout) if k not in RESHARDABLE
+                   and saved_layout.get(k) != layout.get(k))
+    if not fixed:
+        return None
+    said = ", ".join(f"{k} {saved_layout.get(k)} -> {layout.get(k)}" for k in fixed)
+    return (f"it was saved by Megatron-FSDP (fsdp_dtensor) with layout {saved_layout}, now {layout} ({said}): an "
+            "FSDP stage resumes under the tensor/pipeline/context/expert sizes that saved it (the data-parallel "
+            "size may change); to continue from its weights under this layout, start a new stage from it "
+            "(`after` / init_checkpoint)")
+
+
+def load(path: str, *, chunks, optimizer, scheduler, saved_layout: dict, rng: dict,
+         layout: dict) -> tuple[int, int, dict | None]:
     """Load an `fsdp_dtensor` checkpoint into the model, optimizer and scheduler (all ranks); `rng` and `layout`
-    as for `training_state` (the template). Returns (iteration, consumed samples, this rank's saved RNG states).
-    Raises ValueError for another layout."""
+    as for `training_state` (the template). Returns (iteration, consumed samples, this rank's saved RNG states,
+    or None under another data-parallel size: the ranks' RNG streams do not map onto the new ranks). DCP
+    reshards the model's and Adam's DTensors when the data-parallel size differs; any other layout change
+    raises ValueError (`layout_change`)."""
     import torch.distributed.checkpoint as dcp
 
-    here = layout
-    if saved_layout != here:
-        raise ValueError(f"it was saved by Megatron-FSDP (fsdp_dtensor) with layout {saved_layout}, now {here}: "
-                         "nemoc resumes an FSDP checkpoint under the layout that saved it")
+    reason = layout_change(saved_layout, layout)
+    if reason is not None:
+        raise ValueError(reason)
     template = training_state(chunks=chunks, optimizer=optimizer, scheduler=scheduler, iteration=0,
                               consumed_samples=0, rng=rng, layout=layout, is_loading=True)
     template.pop(MARKER)
+    same = saved_layout == layout
+    if not same:
+        template.pop(_rng_key())
     dcp.load(template, checkpoint_id=path)
-    chunks[0].load_state_dict(template["model"])
+    chunks[0].load_state_dict(template[MODEL_KEY])
     if optimizer is not None:
         optimizer.load_state_dict(template["optimizer"])
     common = template["common"]
     if scheduler is not None and common.get("opt_param_scheduler"):
         scheduler.load_state_dict(common["opt_param_scheduler"])
-    return int(common["iteration"]), int(common["consumed_samples"]), template[_rng_key()]
+    return int(common["iteration"]), int(common["consumed_samples"]), template[_rng_key()] if same else None
 
 
 def load_model(path: str, *, chunks) -> None:

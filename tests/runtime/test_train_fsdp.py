@@ -70,6 +70,68 @@ def test_fsdp_checkpoint_resumes_exactly(tmp_path, kit, train_data, precision):
         assert resumed.losses[step] == full.losses[step], (step, resumed.losses, full.losses)
 
 
+def _dcp_tensors(path, prefix: str) -> dict:
+    """Every tensor of a DCP checkpoint whose key starts with `prefix`, whole (DCP assembles the shards)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    out = {k: torch.empty(tuple(md.size), dtype=md.properties.dtype) for k, md in meta.items()
+           if k.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
+    dcp.load(out, storage_reader=FileSystemReader(str(path)), no_dist=True)
+    return out
+
+
+def test_fsdp_checkpoint_resumes_at_another_data_parallel_size_and_initialises_other_stages(tmp_path, kit, train_data):
+    """A DP=2 FSDP run, a checkpoint every step. (a) Resumed from iter 3 by four processes (DP=4): DCP reshards
+    the model's and Adam's DTensors. Step 4 (computed from the loaded weights) gives the DP=2 run's loss to
+    reduction noise, and the state saved after it (Adam's moments and step, the weights) is the DP=2 run's to
+    fp32 reduction noise: a moment lost or misplaced in the resharding would be off by its own size. (b) iter 4
+    as the init_checkpoint of an FSDP stage (DCP, model only) and of a DDP stage (read as full tensors): the
+    same weights, so the same losses, and lower than from scratch. (DP=1 is not used: Megatron-FSDP at DP=1
+    reports a gradient norm ~9x DDP's on this model, tracked separately.)"""
+    import torch
+
+    full = kit.run_training(tmp_path / "full", kit.make_plan(kit.stage_plan(lay=_fsdp_layout(kit), every=1, keep=10,
+                                                                            steps=4)), 2, data_prefix=train_data)
+    assert full.returncode == 0, full.explain()
+    ckdir = tmp_path / "ck"
+    ckdir.mkdir()
+    shutil.copytree(full.out / "checkpoints" / "iter_0000003", ckdir / "iter_0000003")
+    (ckdir / "latest").write_text("iter_0000003\n")
+    four = replace(kit.layout(dp=4, dist_opt=True), megatron_fsdp=True)
+    resumed = kit.run_training(tmp_path / "dp4", kit.make_plan(kit.stage_plan(lay=four, every=1, keep=10, steps=4)),
+                               4, data_prefix=train_data, checkpoint_dir=ckdir)
+    assert resumed.returncode == 0, resumed.explain()
+    event = [r for r in resumed.records if r.get("event") == "resumed"]
+    assert event and event[0]["iteration"] == 3 and event[0]["optimizer_restored"] and not event[0]["rng_restored"]
+    assert sorted(resumed.losses) == [4] and resumed.losses[4] == pytest.approx(full.losses[4], rel=1e-6)
+    ours = _dcp_tensors(ckdir / "iter_0000004", "optimizer.state.") | _dcp_tensors(ckdir / "iter_0000004", "model.")
+    theirs = _dcp_tensors(full.out / "checkpoints" / "iter_0000004", "optimizer.state.")
+    theirs |= _dcp_tensors(full.out / "checkpoints" / "iter_0000004", "model.")
+    assert set(ours) == set(theirs) and any(k.endswith(".exp_avg_sq") for k in ours)
+    for key, tensor in theirs.items():
+        if key.endswith(".step"):
+            assert float(ours[key]) == float(tensor), key
+        else:
+            scale = float(tensor.abs().max())
+            torch.testing.assert_close(ours[key], tensor, atol=1e-4 * scale + 1e-12, rtol=1e-3, msg=key)
+
+    init = full.out / "checkpoints" / "iter_0000004"
+    fsdp = kit.run_training(tmp_path / "init_fsdp", kit.make_plan(kit.stage_plan(lay=_fsdp_layout(kit), steps=1)), 2,
+                            data_prefix=train_data, init_checkpoint=init)
+    ddp = kit.run_training(tmp_path / "init_ddp", kit.make_plan(kit.stage_plan(lay=kit.layout(dp=2, dist_opt=True),
+                                                                               steps=1)), 2,
+                           data_prefix=train_data, init_checkpoint=init)
+    assert fsdp.returncode == 0, fsdp.explain()
+    assert ddp.returncode == 0, ddp.explain()
+    assert sorted(fsdp.losses) == sorted(ddp.losses) == [1]
+    assert fsdp.losses[1] == pytest.approx(ddp.losses[1], rel=REL), (fsdp.losses, ddp.losses)
+    assert ddp.losses[1] < full.losses[1] - 0.05  # it started from the trained weights, not from scratch
+
+
 def test_a_torch_dist_checkpoint_does_not_resume_an_fsdp_stage(tmp_path, kit, train_data):
     """A DDP stage's checkpoint under an FSDP stage's directory: skipped with the reason, and the run refuses
     to start over silently (CheckpointError naming it)."""
