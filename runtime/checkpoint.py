@@ -799,8 +799,8 @@ def load_weights(path: str, *, chunks, optimizer=None) -> None:
     saved_fsdp = checkpoint_format(path) == "fsdp_dtensor"
     if _is_fsdp(chunks):
         if not saved_fsdp:
-            raise CheckpointError(f"init checkpoint {path} is a torch_dist checkpoint and this stage runs Megatron-FSDP, "
-                                  "which starts from an fsdp_dtensor checkpoint (a megatron_fsdp stage's) or from "
+            raise CheckpointError(f"init checkpoint {path} is a torch_dist checkpoint and this stage runs "
+                                  "Megatron-FSDP, which starts from an fsdp_dtensor checkpoint (a megatron_fsdp stage's) or from "
                                   "scratch; run this stage with megatron_fsdp = false to start it from this checkpoint")
         from nemoc.runtime import fsdp_checkpoint
 

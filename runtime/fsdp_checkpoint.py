@@ -24,7 +24,8 @@ Invariants: every rank holds optimizer state for every parameter before a save o
 shard is empty on a rank has no Adam state there (torch skips it), while the uneven-DTensor preparation
 runs one collective per DTensor in key order, so the ranks' key sets must agree (`_fill_empty_shards`,
 sorted keys). A resume needs the model-parallel sizes it was saved under (tp, pp, vp, cp, ep); the load is
-in place, not all or nothing (runtime/checkpoint.py's torch_dist loads are: see `load`). Saves are synchronous.
+in place, not all or nothing as runtime/checkpoint.py's torch_dist loads are (why, and why that is safe: `load`).
+Saves are synchronous.
 """
 
 from __future__ import annotations
@@ -60,6 +61,28 @@ def _fill_empty_shards(optimizer) -> None:
                 # an empty shard never steps: its `step` (saved once for all ranks, DCP taking any rank's copy)
                 # follows the ranks that do, else a resume could restore a stale count into Adam's bias correction
                 state["step"] = step[0].clone()
+
+
+class ReadError(RuntimeError):
+    """torch.distributed.checkpoint could not read a checkpoint (a shard cut short, a key it lacks): its
+    CheckpointException derives from BaseException, which a resume's fallback to an older checkpoint must see
+    as an ordinary error."""
+
+
+def _dcp_load(state: dict, **kwargs) -> None:
+    """`dcp.load`, its CheckpointException (every rank's failures, with tracebacks) as one ReadError line."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, **kwargs)
+    except CheckpointException as exc:
+        failures = getattr(exc, "failures", None) or {}
+        rank, failure = min(failures.items(), key=lambda kv: kv[0]) if failures else (None, exc)
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        where = f" (rank {rank} of {len(failures)} failing)" if rank is not None else ""
+        raise ReadError(f"torch.distributed.checkpoint could not read it{where}: {type(inner).__name__}: "
+                        f"{str(inner).splitlines()[0] if str(inner) else ''}") from None
 
 
 def _rng_key() -> str:
@@ -123,9 +146,18 @@ def load(path: str, *, chunks, optimizer, scheduler, saved_layout: dict, rng: di
     as for `training_state` (the template). Returns (iteration, consumed samples, this rank's saved RNG states,
     or None under another data-parallel size: the ranks' RNG streams do not map onto the new ranks). DCP
     reshards the model's and Adam's DTensors when the data-parallel size differs; any other layout change
-    raises ValueError (`layout_change`)."""
-    import torch.distributed.checkpoint as dcp
+    raises ValueError (`layout_change`), a checkpoint DCP cannot read raises ReadError.
 
+    Loading in place, as Megatron-LM's fsdp_dtensor load does (training/checkpointing.py: one DCP load of the
+    model's and the optimizer's state dicts into the live DTensors, then the model's and the optimizer's
+    load_state_dict): the model's DTensors are views of Megatron-FSDP's sharded buffers and Adam's moments are
+    keyed to them, so a load into fresh tensors would hold a second copy of the sharded state (what ZeRO-3 saves)
+    and then copy it in. The cost is that a load failing half-way leaves some tensors overwritten. That is
+    harmless here: the manifest's digests are checked before any tensor is read (runtime/checkpoint.py
+    `resume`), and a load that still fails (a file changed after its manifest) makes `resume` load an older
+    checkpoint, which writes every tensor of the same template (model, Adam's moments and steps, param groups,
+    scheduler) again, or stop with CheckpointError when none loads; training never starts from a half-loaded
+    state (tests/runtime/test_train_fsdp.py resumes bit for bit past such a checkpoint)."""
     reason = layout_change(saved_layout, layout)
     if reason is not None:
         raise ValueError(reason)
@@ -135,7 +167,7 @@ def load(path: str, *, chunks, optimizer, scheduler, saved_layout: dict, rng: di
     same = saved_layout == layout
     if not same:
         template.pop(_rng_key())
-    dcp.load(template, checkpoint_id=path)
+    _dcp_load(template, checkpoint_id=path)  # in place: see "Loading in place" below
     chunks[0].load_state_dict(template[MODEL_KEY])
     if optimizer is not None:
         optimizer.load_state_dict(template["optimizer"])
@@ -149,14 +181,13 @@ def load_model(path: str, *, chunks) -> None:
     """The model of an fsdp_dtensor checkpoint into a Megatron-FSDP chunk (all ranks; a megatron_fsdp stage's
     `init_checkpoint`): the model part of `load`, without optimizer, scheduler or RNG. DCP assembles each
     rank's DTensor shards from whatever shards were saved, so the saving stage's data-parallel size may differ."""
-    import torch.distributed.checkpoint as dcp
     from megatron.core.distributed.fsdp.src.megatron_fsdp.uneven_dtensor import (
         preprocess_state_dict_for_uneven_dtensor,
     )
 
     template = {MODEL_KEY: chunks[0].state_dict()}
     preprocess_state_dict_for_uneven_dtensor(template)
-    dcp.load(template, checkpoint_id=path)
+    _dcp_load(template, checkpoint_id=path)
     chunks[0].load_state_dict(template[MODEL_KEY])
 
 
@@ -223,15 +254,17 @@ class FullTensorReader:
         return (self.meta[name] if name in self.meta else next(iter(self.meta.values())))[1].properties.dtype
 
     def _load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemReader
 
         out = {n: torch.empty(tuple(self.meta[n][1].size), dtype=self.meta[n][1].properties.dtype) for n in names}
         self.loads += 1
-        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load({self.meta[n][0]: t for n, t in out.items()}, storage_reader=FileSystemReader(self.path),
-                     no_dist=True)
+        try:
+            with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
+                warnings.simplefilter("ignore", UserWarning)
+                _dcp_load({self.meta[n][0]: t for n, t in out.items()}, storage_reader=FileSystemReader(self.path),
+                          no_dist=True)
+        except ReadError as exc:
+            raise FullCheckpointError(f"{self.path}: {exc}") from None
         return out
 
     def get(self, name: str) -> torch.Tensor:

@@ -53,16 +53,32 @@ def test_fsdp_trains_as_ddp_with_the_distributed_optimizer(tmp_path, kit, train_
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_fsdp_checkpoint_resumes_exactly(tmp_path, kit, train_data, precision):
     """Six steps with a checkpoint every 3; a run restarted from iter 3 (model shards, Adam moments, scheduler,
-    data position, RNG; in bf16 the fp32 main weights too) reproduces steps 4..6 bit for bit."""
+    data position, RNG; in bf16 the fp32 main weights too) reproduces steps 4..6 bit for bit. The restart
+    first meets an iter 6 whose shard was cut short after its manifest was written (digests updated, so only
+    the load finds it): that load fails after DCP has written part of it into the model and optimizer in
+    place; the fallback to iter 3 overwrites every loaded tensor, so the steps are still bit for bit."""
+    import json
+
+    from nemoc.runtime import checkpoint as ckpt
+
     plan = kit.make_plan(kit.stage_plan(lay=_fsdp_layout(kit), every=3), precision=precision)
     full = kit.run_training(tmp_path / "full", plan, 2, data_prefix=train_data)
     assert full.returncode == 0, full.explain()
     ckdir = tmp_path / "ck"
     ckdir.mkdir()
-    shutil.copytree(full.out / "checkpoints" / "iter_0000003", ckdir / "iter_0000003")
-    (ckdir / "latest").write_text("iter_0000003\n")
+    for name in ("iter_0000003", "iter_0000006"):
+        shutil.copytree(full.out / "checkpoints" / name, ckdir / name)
+    damaged = ckdir / "iter_0000006"
+    shard = max(damaged.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    manifest = json.loads((damaged / ckpt.MANIFEST).read_text())
+    manifest["files"][shard.name] = {"size": shard.stat().st_size, ckpt.DIGEST: ckpt.file_digest(str(shard))}
+    (damaged / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    assert ckpt.verify(str(damaged)) is None
+    (ckdir / "latest").write_text("iter_0000006\n")
     resumed = kit.run_training(tmp_path / "resumed", plan, 2, data_prefix=train_data, checkpoint_dir=ckdir)
     assert resumed.returncode == 0, resumed.explain()
+    assert f"skipping checkpoint {damaged}" in resumed.stdout + resumed.stderr, resumed.explain()
     event = [r for r in resumed.records if r.get("event") == "resumed"]
     assert event and event[0]["iteration"] == 3 and event[0]["optimizer_restored"]
     assert sorted(resumed.losses) == [4, 5, 6]
