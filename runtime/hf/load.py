@@ -5,6 +5,8 @@ The entry point a training or eval stage calls when its input `hf` (an `hf_impor
 slices, memory-mapped, so no rank holds the whole model. The chunk's layers are read off the built
 chunk (Megatron numbers them globally), so uneven pipeline splits and virtual-pipeline chunks load
 their own layers. The vocabulary is padded as Megatron pads it for this TP size (zero rows).
+`load_full` slices any other source of full Megatron-Core tensors the same way (a Megatron-FSDP stage's
+fsdp_dtensor checkpoint: runtime/fsdp_checkpoint.py `FullTensorReader`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Export a trained stage's Megatron-Core checkpoint as a Hugging Face directory, streamed layer by layer.
 
 Input:  a stage's final dist_checkpointing directory (runtime/align/common.save_model, any TP/PP layout
-        wrote it), the plan's `ModelSpec`, the Hugging Face checkpoint the model started from when it has
+        wrote it) or a Megatron-FSDP stage's fsdp_dtensor checkpoint (read by runtime/fsdp_checkpoint.py's
+        `FullTensorReader`: `checkpoint_reader`), the plan's `ModelSpec`, the Hugging Face checkpoint the model started from when it has
         one (`init = hf(DIR)`: its config.json, generation_config.json and tokenizer files are carried),
         else the stage's tokenizer directory and end-of-document id.
 Output: the same directory `convert.export_checkpoint` writes for HF -> nemoc -> HF (one export path):

@@ -1,6 +1,8 @@
 """Megatron-FSDP (`parallel.megatron_fsdp`, ZeRO-3) on the training core, on CPU/gloo: Megatron-Core 0.16.1's
 FullyShardedDataParallel trains as DDP with the distributed optimizer does (the same DP=2 run, losses equal to
-fp32 reduction noise), and its `fsdp_dtensor` checkpoints resume exactly (runtime/fsdp_checkpoint.py).
+fp32 reduction noise), and its `fsdp_dtensor` checkpoints resume exactly (runtime/fsdp_checkpoint.py), also past a
+checkpoint that fails half-way through its in-place load, resume at another data-parallel size, initialise FSDP
+and DDP stages, and feed `nemoc run`'s later stages (sft at tensor = 2) and the Hugging Face export.
 
 Megatron-Core's FSDP adapter needs einops (an optional dependency of megatron-core): without it the runtime
 refuses the plan with that reason (tested in test_model_args) and these runs skip."""
