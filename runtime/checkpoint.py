@@ -798,13 +798,15 @@ def load_weights(path: str, *, chunks, optimizer=None) -> None:
         raise CheckpointError(f"init checkpoint {path} is unusable: {reason}")
     saved_fsdp = checkpoint_format(path) == "fsdp_dtensor"
     if _is_fsdp(chunks):
-        if not saved_fsdp:
-            raise CheckpointError(f"init checkpoint {path} is a torch_dist checkpoint and this stage runs "
-                                  "Megatron-FSDP, which starts from an fsdp_dtensor checkpoint (a megatron_fsdp stage's) or from "
-                                  "scratch; run this stage with megatron_fsdp = false to start it from this checkpoint")
         from nemoc.runtime import fsdp_checkpoint
 
-        fsdp_checkpoint.load_model(path, chunks=chunks)
+        if saved_fsdp:
+            fsdp_checkpoint.load_model(path, chunks=chunks)
+        else:
+            try:
+                fsdp_checkpoint.load_full_into_fsdp(chunks, torch_dist_getter(path), where=path)
+            except ValueError as exc:
+                raise CheckpointError(f"init checkpoint {exc}") from None
         if optimizer is not None:
             optimizer.reload_model_params()
         return
@@ -817,6 +819,27 @@ def load_weights(path: str, *, chunks, optimizer=None) -> None:
     _load_model_state(chunks, loaded)
     if optimizer is not None:
         optimizer.reload_model_params()
+
+
+def torch_dist_getter(path: str):
+    """`get(name)`: the full (TP=1, PP=1) tensor of a torch_dist checkpoint by GPTModel state-dict name (the
+    export's `DistCheckpointReader`); a pre-norm stored under Transformer Engine's fused name (the local spec's
+    sharded_state_dict_keys_map) is found under either."""
+    from nemoc.runtime.hf.load import TE_NORMS
+    from nemoc.runtime.hf.trained import DistCheckpointReader
+
+    reader = DistCheckpointReader(path)
+
+    def get(name: str):
+        try:
+            return reader.get(name)
+        except KeyError:
+            for local, fused in TE_NORMS:
+                if local in name:
+                    return reader.get(name.replace(local, fused))
+            raise
+
+    return get
 
 
 def load_full_weights(path: str, *, chunks, skip_output: bool = False) -> None:

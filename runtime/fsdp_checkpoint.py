@@ -191,6 +191,56 @@ def load_model(path: str, *, chunks) -> None:
     chunks[0].load_state_dict(template[MODEL_KEY])
 
 
+def load_full_into_fsdp(chunks, get, *, where: str) -> None:
+    """Full (TP=1) Megatron-Core tensors by GPTModel name (`get(name)`, KeyError when absent: a torch_dist
+    checkpoint's `DistCheckpointReader`, a converted Hugging Face checkpoint's `SafetensorsReader`) into a
+    Megatron-FSDP chunk: each rank copies its shard of each parameter, the range of the flattened parameter
+    Megatron-FSDP gives it (`megatron_fsdp_slice`, what Megatron-Core's fsdp_dtensor_checkpoint.py slices
+    SwiGLU by), into the parameter's local tensor (the main weights), then Megatron-FSDP installs them in its
+    model-weight buffers (`copy_main_weights_to_model_weights`, as after an optimizer step). Tensor and
+    expert parallelism are refused (ValueError): their shards are ranges of the rank's TP/EP slice."""
+    from megatron.core import parallel_state as ps
+
+    from nemoc.runtime.hf import mapping
+
+    sizes = dict(tensor=ps.get_tensor_model_parallel_world_size(), expert=ps.get_expert_model_parallel_world_size())
+    if any(v != 1 for v in sizes.values()):
+        said = ", ".join(f"{k} = {v}" for k, v in sizes.items() if v != 1)
+        raise ValueError(f"{where}: loading full weights into a Megatron-FSDP stage with {said} is not supported "
+                         "(nemoc slices them into FSDP shards at tensor = 1 and expert = 1); start this stage "
+                         "from an fsdp_dtensor checkpoint of the same tensor size, or with megatron_fsdp = false")
+    from nemoc.runtime.model import unwrap
+
+    fsdp = chunks[0]
+    padded = int(unwrap(fsdp).vocab_size)
+    shards = []
+    for name, param in fsdp.param_and_grad_buffer.optimizer_named_parameters:
+        gpt_name = name
+        while gpt_name.startswith("module."):
+            gpt_name = gpt_name[len("module."):]
+        flat_range = getattr(param, "megatron_fsdp_slice", None)
+        if flat_range is None:
+            raise ValueError(f"{where}: Megatron-FSDP keeps no shard range for {gpt_name} (no model-weight "
+                             "buffer); start this stage with megatron_fsdp = false")
+        try:
+            full = get(gpt_name)
+        except KeyError:
+            raise ValueError(f"{where}: it has no tensor {gpt_name} (was it trained with this stage's model "
+                             "block?)") from None
+        if gpt_name.endswith(("word_embeddings.weight", "output_layer.weight")):
+            full = mapping.fit_vocab(full, padded)
+        global_shape = tuple(getattr(param, "shape", ()))
+        if tuple(full.shape) != global_shape:
+            raise ValueError(f"{where}: {gpt_name} has shape {tuple(full.shape)}, the model expects {global_shape} "
+                             "(was it trained with this stage's model block?)")
+        shards.append((param, full.reshape(-1)[flat_range]))
+    with torch.no_grad():  # every shape checked before the first copy
+        for param, shard in shards:
+            local = param.to_local() if hasattr(param, "to_local") else param.data
+            local.view(-1).copy_(shard)
+    fsdp.param_and_grad_buffer.copy_main_weights_to_model_weights()
+
+
 class FullCheckpointError(ValueError):
     """An fsdp_dtensor checkpoint nemoc cannot read as full tensors (the message names it and what to do)."""
 

@@ -26,7 +26,7 @@ def converted_vocab(converted: str | Path) -> int:
 
 
 # Transformer Engine's layer spec fuses each pre-norm into the linear layer after it
-_TE_NORMS = ((".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
+TE_NORMS = ((".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
              (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"))
 
 
@@ -34,7 +34,7 @@ def _te_names(state: dict, ours: dict) -> dict:
     """The converted (local-spec) names renamed to the chunk's where it is built with TE's spec."""
     out = {}
     for name, tensor in state.items():
-        for local, te in _TE_NORMS:
+        for local, te in TE_NORMS:
             if local in name:
                 head, tail = name.split(local, 1)
                 fused = f"{head}{te}{tail}"
@@ -62,14 +62,31 @@ def load_converted(chunk, converted: str | Path, *, vocab: int, skip_output: boo
     gpt = unwrap_gpt(chunk)
     tp = ps.get_tensor_model_parallel_world_size()
     padded = int(gpt.vocab_size) if hasattr(gpt, "vocab_size") else padded_vocab_size(vocab, tp)
+    _check_rows(converted, vocab=vocab, padded=padded)
+    state = convert.rank_state_dict(converted, padded_vocab=padded, **_rank(gpt))
+    _load_rank_state(gpt, state, where=str(converted), skip_output=skip_output,
+                     hint="does the model block match config.json?")
+
+
+def _check_rows(converted, *, vocab: int, padded: int) -> None:
     rows = converted_vocab(converted)
     if rows > padded:
         raise LoadError(f"{converted}: the Hugging Face checkpoint has {rows} vocabulary rows, but the model is "
                         f"built for {vocab} tokens (padded to {padded}); use the checkpoint's own tokenizer, or "
                         "one with at least as many tokens")
-    state = convert.rank_state_dict(converted, padded_vocab=padded, **_rank(gpt))
-    _load_rank_state(gpt, state, where=str(converted), skip_output=skip_output,
-                     hint="does the model block match config.json?")
+
+
+def load_converted_into_fsdp(chunks, converted: str | Path, *, vocab: int) -> None:
+    """A converted Hugging Face checkpoint into a Megatron-FSDP stage's chunk (runtime/fsdp_checkpoint.py
+    `load_full_into_fsdp`: each rank copies its shard of each full tensor)."""
+    from nemoc.runtime import fsdp_checkpoint
+
+    gpt = unwrap_gpt(chunks[0])
+    _check_rows(converted, vocab=vocab, padded=int(gpt.vocab_size))
+    try:
+        fsdp_checkpoint.load_full_into_fsdp(chunks, convert.SafetensorsReader(converted).get, where=str(converted))
+    except ValueError as exc:
+        raise LoadError(str(exc)) from None
 
 
 def load_full(chunk, reader, *, where: str, skip_output: bool = False) -> None:
