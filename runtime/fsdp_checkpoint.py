@@ -17,9 +17,13 @@ names of the GPTModel's state dict (Megatron-FSDP's `model.module.` prefix dropp
 Hugging Face directory (runtime/hf/convert.py), so the same slicing loads them into any TP/PP layout
 (runtime/hf/load.py `load_full`) and the same mapping exports them (runtime/hf/trained.py).
 
+An FSDP stage that starts from full weights (a torch_dist init_checkpoint, a converted Hugging Face checkpoint)
+copies each rank's shard of each full tensor (`load_full_into_fsdp`); from an fsdp_dtensor one, DCP (`load_model`).
+
 Input:  the stage's FullyShardedDataParallel chunk, its optimizer and scheduler.
 Output: `training_state` (what `Checkpointer.save` writes when it carries `FORMAT`), `load` (in place),
-        `FullTensorReader` (full tensors by GPTModel name, for init and export).
+        `load_model` / `load_full_into_fsdp` (an FSDP stage's initial weights), `FullTensorReader` (full tensors
+        by GPTModel name, for later stages and export).
 Invariants: every rank holds optimizer state for every parameter before a save or load: a parameter whose
 shard is empty on a rank has no Adam state there (torch skips it), while the uneven-DTensor preparation
 runs one collective per DTensor in key order, so the ranks' key sets must agree (`_fill_empty_shards`,
