@@ -331,3 +331,41 @@ def test_nemoc_run_chains_an_fsdp_pretraining_into_sft_at_another_layout_and_exp
             logits.append(hf(tokens).logits)
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
     assert logits[0].std() > 0.1  # the compared logits are not one flat value
+
+
+def test_an_fsdp_stage_starts_from_a_hugging_face_checkpoint_as_a_ddp_stage_does(tmp_path, kit, train_data):
+    """`init = hf(...)` (task.json `hf_init`: a converted directory) into an FSDP stage (each rank copies its
+    shard of each full tensor) and into a DDP stage (runtime/hf/load.py `load_converted`): the same weights, so
+    the same first loss, and not the loss of the seed's weights."""
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nemoc.runtime.hf import convert
+
+    tiny = kit.TINY
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=kit.VOCAB, hidden_size=tiny.hidden, intermediate_size=tiny.ffn_hidden,
+                                      num_hidden_layers=tiny.layers, num_attention_heads=tiny.heads,
+                                      num_key_value_heads=tiny.query_groups, max_position_embeddings=kit.SEQ,
+                                      tie_word_embeddings=False, rope_theta=tiny.rotary_base))
+    hf.save_pretrained(tmp_path / "hf")
+    convert.import_checkpoint(tmp_path / "hf", tmp_path / "converted")
+
+    def run(name, lay, hf_init):
+        plan = kit.make_plan(kit.stage_plan(lay=lay, steps=1))
+        task = kit.write_task(tmp_path / name, plan, data_prefix=train_data)
+        if hf_init:
+            raw = json.loads(task.read_text())
+            task.write_text(json.dumps(dict(raw, hf_init=str(tmp_path / "converted"))))
+        proc = kit.launch(task, 2)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return next(r["loss"] for r in records if r.get("step") == 1 and "loss" in r)
+
+    fsdp = run("fsdp", _fsdp_layout(kit), True)
+    ddp = run("ddp", kit.layout(dp=2, dist_opt=True), True)
+    seed = run("seed", kit.layout(dp=2, dist_opt=True), False)
+    assert fsdp == pytest.approx(ddp, rel=REL), (fsdp, ddp)
+    assert abs(ddp - seed) > 1e-3, (ddp, seed)
