@@ -704,7 +704,8 @@ def _load_fsdp(path: str, *, chunks, optimizer, scheduler, saved: bool, here: bo
                          "from it (`after` / init_checkpoint: read as full tensors at any layout)")
     if not saved:
         raise ValueError("it is a torch_dist checkpoint and this stage runs Megatron-FSDP, which resumes from its "
-                         "own fsdp_dtensor checkpoints only")
+                         "own fsdp_dtensor checkpoints only; to start an FSDP stage from its weights, name it as "
+                         "the stage's init_checkpoint (or `after` its stage) in a new checkpoint directory")
     from nemoc.runtime import fsdp_checkpoint
 
     iteration, consumed, rng = fsdp_checkpoint.load(path, chunks=chunks, optimizer=optimizer, scheduler=scheduler,
