@@ -2,9 +2,10 @@
 
 Input:  a stage's final dist_checkpointing directory (runtime/align/common.save_model, any TP/PP layout
         wrote it) or a Megatron-FSDP stage's fsdp_dtensor checkpoint (read by runtime/fsdp_checkpoint.py's
-        `FullTensorReader`: `checkpoint_reader`), the plan's `ModelSpec`, the Hugging Face checkpoint the model started from when it has
-        one (`init = hf(DIR)`: its config.json, generation_config.json and tokenizer files are carried),
-        else the stage's tokenizer directory and end-of-document id.
+        `FullTensorReader`: `checkpoint_reader`; it stores the fp32 main weights, also for a bf16 stage), the
+        plan's `ModelSpec`, the Hugging Face checkpoint the model started from when it has one
+        (`init = hf(DIR)`: its config.json, generation_config.json and tokenizer files are carried), else the
+        stage's tokenizer directory and end-of-document id.
 Output: the same directory `convert.export_checkpoint` writes for HF -> nemoc -> HF (one export path):
         sharded safetensors, config.json with every field the model has (llama3 RoPE scaling, GPT-2's
         gelu_new, Mixtral / Qwen3-MoE experts, Qwen2 QKV bias, Qwen3 QK norm), generation_config.json

@@ -145,3 +145,29 @@ def test_an_fsdp_checkpoint_initialises_a_model_and_exports_with_equal_logits(mc
     with pytest.raises(ckpt.CheckpointError, match=r"linear_fc1.weight has shape \(192, 64\), the model expects "
                                                    r"\(256, 64\) \(was it trained with this stage's model block\?\)"):
         ckpt.load_full_weights(str(tmp_path / "ck"), chunks=[other])
+
+
+def test_a_shard_cut_short_is_one_error_naming_the_checkpoint_not_a_traceback(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from nemoc.runtime import fsdp_checkpoint
+
+    dcp.save({"model.module.decoder.layers.0.mlp.linear_fc1.weight": torch.randn(64, 64)},
+             storage_writer=FileSystemWriter(str(tmp_path)), no_dist=True)
+    _manifest(tmp_path)
+    shard = next(tmp_path.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    reader = fsdp_checkpoint.full_reader(str(tmp_path))
+    with pytest.raises(fsdp_checkpoint.FullCheckpointError,
+                       match=r"torch.distributed.checkpoint could not read it \(rank 0 of 1 failing\): ") as info:
+        reader.get("decoder.layers.0.mlp.linear_fc1.weight")
+    assert str(info.value).startswith(str(tmp_path)) and "\n" not in str(info.value)
+
+
+def test_a_resume_may_change_the_data_parallel_size_only():
+    from nemoc.runtime import fsdp_checkpoint
+
+    assert fsdp_checkpoint.layout_change(LAYOUT, dict(LAYOUT, dp=4, world=4)) is None
+    why = fsdp_checkpoint.layout_change(LAYOUT, dict(LAYOUT, tp=2, world=4))
+    assert "(tp 1 -> 2)" in why and "the data-parallel size may change" in why and "init_checkpoint" in why
