@@ -206,6 +206,7 @@ def load_full_into_fsdp(chunks, get, *, where: str) -> None:
     from megatron.core import parallel_state as ps
 
     from nemoc.runtime.hf import mapping
+    from nemoc.runtime.model import unwrap
 
     sizes = dict(tensor=ps.get_tensor_model_parallel_world_size(), expert=ps.get_expert_model_parallel_world_size())
     if any(v != 1 for v in sizes.values()):
@@ -213,8 +214,6 @@ def load_full_into_fsdp(chunks, get, *, where: str) -> None:
         raise ValueError(f"{where}: loading full weights into a Megatron-FSDP stage with {said} is not supported "
                          "(nemoc slices them into FSDP shards at tensor = 1 and expert = 1); start this stage "
                          "from an fsdp_dtensor checkpoint of the same tensor size, or with megatron_fsdp = false")
-    from nemoc.runtime.model import unwrap
-
     fsdp = chunks[0]
     padded = int(unwrap(fsdp).vocab_size)
     shards = []
@@ -237,7 +236,8 @@ def load_full_into_fsdp(chunks, get, *, where: str) -> None:
         if tuple(full.shape) != global_shape:
             raise ValueError(f"{where}: {gpt_name} has shape {tuple(full.shape)}, the model expects {global_shape} "
                              "(was it trained with this stage's model block?)")
-        shards.append((param, full.reshape(-1)[flat_range]))
+        # a copy of this rank's range only, so the full tensor is freed: the host holds the rank's shards
+        shards.append((param, full.reshape(-1)[flat_range].clone()))
     with torch.no_grad():  # every shape checked before the first copy
         for param, shard in shards:
             local = param.to_local() if hasattr(param, "to_local") else param.data
