@@ -699,18 +699,21 @@ def _load_fsdp(path: str, *, chunks, optimizer, scheduler, saved: bool, here: bo
     """A Megatron-FSDP checkpoint into a Megatron-FSDP model (runtime/fsdp_checkpoint.py); either without the
     other is refused with the reason."""
     if not here:
-        raise ValueError("it was saved by a Megatron-FSDP stage (fsdp_dtensor format); nemoc loads it only into "
-                         "the megatron_fsdp stage that saved it")
+        raise ValueError("it was saved by a Megatron-FSDP stage (fsdp_dtensor format), which resumes with "
+                         "megatron_fsdp = true only; to continue from its weights without FSDP, start a new stage "
+                         "from it (`after` / init_checkpoint: read as full tensors at any layout)")
     if not saved:
         raise ValueError("it is a torch_dist checkpoint and this stage runs Megatron-FSDP, which resumes from its "
-                         "own fsdp_dtensor checkpoints only")
+                         "own fsdp_dtensor checkpoints only; to start an FSDP stage from its weights, name it as "
+                         "the stage's init_checkpoint (or `after` its stage) in a new checkpoint directory")
     from nemoc.runtime import fsdp_checkpoint
 
     iteration, consumed, rng = fsdp_checkpoint.load(path, chunks=chunks, optimizer=optimizer, scheduler=scheduler,
                                                     saved_layout=read_manifest(path).get("layout", {}),
                                                     rng=rng_state(), layout=layout_key())
-    set_rng_state(rng)
-    return Restored(path, iteration, consumed, optimizer is not None, True)
+    if rng is not None:  # same layout: each rank's RNG streams go on where they stopped
+        set_rng_state(rng)
+    return Restored(path, iteration, consumed, optimizer is not None, rng is not None)
 
 
 def fresh_tensors(template: dict) -> dict:
@@ -794,14 +797,65 @@ def load_weights(path: str, *, chunks, optimizer=None) -> None:
     reason = verify_on_all_ranks(path) if os.path.exists(os.path.join(path, MANIFEST)) else None
     if reason is not None:
         raise CheckpointError(f"init checkpoint {path} is unusable: {reason}")
-    if checkpoint_format(path) == "fsdp_dtensor" or _is_fsdp(chunks):
-        raise CheckpointError(f"init checkpoint {path}: checkpoints of Megatron-FSDP stages (fsdp_dtensor) resume only "
-                              "the stage that saved them, and a megatron_fsdp stage starts from scratch; nemoc does "
-                              "not convert between fsdp_dtensor and torch_dist")
+    saved_fsdp = checkpoint_format(path) == "fsdp_dtensor"
+    if _is_fsdp(chunks):
+        from nemoc.runtime import fsdp_checkpoint
+
+        if saved_fsdp:
+            fsdp_checkpoint.load_model(path, chunks=chunks)
+        else:
+            try:
+                fsdp_checkpoint.load_full_into_fsdp(chunks, torch_dist_getter(path), where=path)
+            except ValueError as exc:
+                raise CheckpointError(f"init checkpoint {exc}") from None
+        if optimizer is not None:
+            optimizer.reload_model_params()
+        return
+    if saved_fsdp:
+        load_full_weights(path, chunks=chunks)
+        if optimizer is not None:
+            optimizer.reload_model_params()
+        return
     loaded = dist_checkpointing.load(fresh_tensors(model_sharded_state_dict(chunks)), path)
     _load_model_state(chunks, loaded)
     if optimizer is not None:
         optimizer.reload_model_params()
+
+
+def torch_dist_getter(path: str):
+    """`get(name)`: the full (TP=1, PP=1) tensor of a torch_dist checkpoint by GPTModel state-dict name (the
+    export's `DistCheckpointReader`); a pre-norm stored under Transformer Engine's fused name (the local spec's
+    sharded_state_dict_keys_map) is found under either."""
+    from nemoc.runtime.hf.load import TE_NORMS
+    from nemoc.runtime.hf.trained import DistCheckpointReader
+
+    reader = DistCheckpointReader(path)
+
+    def get(name: str):
+        try:
+            return reader.get(name)
+        except KeyError:
+            for local, fused in TE_NORMS:
+                if local in name:
+                    return reader.get(name.replace(local, fused))
+            raise
+
+    return get
+
+
+def load_full_weights(path: str, *, chunks, skip_output: bool = False) -> None:
+    """The model of an fsdp_dtensor checkpoint (a Megatron-FSDP stage's) into unsharded chunks of any TP/PP
+    layout: read as full tensors (runtime/fsdp_checkpoint.py `FullTensorReader`) and sliced for this rank as
+    a converted Hugging Face checkpoint is (runtime/hf/load.py `load_full`). Raises CheckpointError."""
+    from nemoc.runtime import fsdp_checkpoint
+    from nemoc.runtime.hf.load import LoadError, load_full
+
+    try:
+        reader = fsdp_checkpoint.full_reader(path)
+        for chunk in chunks:  # every virtual-pipeline chunk reads its own layers
+            load_full(chunk, reader, where=path, skip_output=skip_output)
+    except (fsdp_checkpoint.FullCheckpointError, LoadError) as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def save_weights(path: str, *, chunks) -> None:

@@ -253,6 +253,23 @@ def _check_fsdp(layout: Layout) -> None:
     if layout.pp > 1 or (layout.vp or 1) > 1:
         raise UnsupportedPlan(f"megatron_fsdp = true with pipeline({layout.pp}): nemoc runs Megatron-FSDP on one "
                               "model chunk per rank (pipeline = 1), as Megatron-Bridge's FSDP recipes do")
+    if max(layout.tp, layout.etp) > 1 and not fsdp_tensor_parallel_builds():
+        raise UnsupportedPlan(f"megatron_fsdp = true with tensor({layout.tp}): Megatron-Core 0.16.1's FSDP adapter "
+                              "tags tensor-parallel weights by testing for Transformer Engine's TELinear "
+                              "(mcore_fsdp_adapter.py `_fix_tensor_parallel_attributes`), which does not import "
+                              "here; run it with tensor = 1 (FSDP shards over data parallelism alone), or with "
+                              "megatron_fsdp = false, or where Transformer Engine is installed")
+
+
+def fsdp_tensor_parallel_builds() -> bool:
+    """Whether Megatron-Core's FSDP adapter can wrap a tensor-parallel model here: its
+    `_fix_tensor_parallel_attributes` runs `isinstance(module, (TELinear,))`, and without Transformer Engine
+    `TELinear` is a placeholder, not a class (TypeError at build time)."""
+    try:
+        from megatron.core.extensions.transformer_engine import TELinear
+    except Exception:  # no megatron-core extensions at all: the adapter's own import fails the same way
+        return False
+    return isinstance(TELinear, type)
 
 
 def pipeline_split_kwargs(split: PipelineSplit | None) -> dict:

@@ -214,13 +214,22 @@ def model_sharded_state_dict(model, *, skip_output: bool = False) -> dict:
     return states
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory (dist_checkpointing `metadata.json`), or a root with a `latest` marker."""
-    path = Path(path)
+def _is_checkpoint(path: Path) -> bool:
+    """A dist_checkpointing directory (`metadata.json`), or a Megatron-FSDP stage's fsdp_dtensor checkpoint
+    (torch.distributed.checkpoint's `.metadata`, its manifest naming the format)."""
     if (path / "metadata.json").exists():
+        return True
+    return (path / ".metadata").exists() and ckpt.checkpoint_format(str(path)) == "fsdp_dtensor"
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory (dist_checkpointing `metadata.json`, or an fsdp_dtensor checkpoint), or a root
+    with a `latest` marker."""
+    path = Path(path)
+    if _is_checkpoint(path):
         return path
     latest = ckpt.read_latest(str(path))
-    if latest and (Path(latest) / "metadata.json").exists():
+    if latest and _is_checkpoint(Path(latest)):
         return Path(latest)
     if not path.exists():
         raise AlignError(f"checkpoint {path} does not exist")
@@ -229,13 +238,21 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def load_model(model, checkpoint: str | os.PathLike, *, skip_output: bool = False) -> Path:
     """Load the model weights of a dist_checkpointing directory into `model`, whatever TP/PP layout wrote
-    it. `skip_output` keeps this model's own output layer (a scalar head on a language-model trunk)."""
+    it. `skip_output` keeps this model's own output layer (a scalar head on a language-model trunk). A
+    Megatron-FSDP stage's fsdp_dtensor checkpoint is read as full tensors and sliced for this layout
+    (runtime/checkpoint.py `load_full_weights`)."""
     path = resolve_checkpoint(checkpoint)
     if (path / ckpt.MANIFEST).exists():
         reason = ckpt.verify_on_all_ranks(str(path))
         if reason is not None:
             raise AlignError(f"checkpoint {path} is unusable: {reason}")
     _check_shape(model, path)
+    if ckpt.checkpoint_format(str(path)) == "fsdp_dtensor":
+        try:
+            ckpt.load_full_weights(str(path), chunks=chunk_list(model), skip_output=skip_output)
+        except ckpt.CheckpointError as exc:
+            raise AlignError(str(exc)) from None
+        return path
     loaded = dist_checkpointing.load(ckpt.fresh_tensors(model_sharded_state_dict(model, skip_output=skip_output)),
                                      str(path))
     chunks = chunk_list(model)

@@ -325,6 +325,7 @@ def write_hf(task: StageTask, checkpoint: str, out, *, dtype: str | None = None)
     generation config and tokenizer files of the model it started from: (path, manifest). The generation
     config's `eos_token_id` also lists the chat template's end-of-turn token (`export_stop_ids`)."""
     from nemoc.compiler.hfconfig import HfConfigError
+    from nemoc.runtime import fsdp_checkpoint
     from nemoc.runtime.hf import convert, trained
 
     tokenizer = task.tokenizer
@@ -334,7 +335,8 @@ def write_hf(task: StageTask, checkpoint: str, out, *, dtype: str | None = None)
             checkpoint, task.plan.model, out, vocab=task.vocab_size, source=_hf_source(task),
             tokenizer_dir=tokenizer_dir, dtype=dtype, stop_ids=export_stop_ids(task),
             special_ids=trained.tokenizer_special_ids(tokenizer_dir, task.raw.get("eod_id")))
-    except (trained.TrainedExportError, convert.ConversionError, HfConfigError, OSError) as exc:
+    except (trained.TrainedExportError, convert.ConversionError, HfConfigError, OSError,
+            fsdp_checkpoint.FullCheckpointError) as exc:  # an FSDP checkpoint's shard unreadable mid-export
         raise AlignError(str(exc)) from None
     if tokenizer and os.path.isfile(tokenizer) and not (path / os.path.basename(tokenizer)).exists():
         (path / os.path.basename(tokenizer)).write_bytes(open(tokenizer, "rb").read())

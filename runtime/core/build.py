@@ -109,17 +109,15 @@ def restore_or_initialize(*, root: str, init_checkpoint: str | None, distributed
         ckpt.load_weights(init_checkpoint, chunks=model, optimizer=optimizer)
         metrics.event("initialized", checkpoint=init_checkpoint)
     elif hf_init:
-        from nemoc.runtime.hf.load import LoadError, load_converted
-
-        if mdl.is_fsdp(model):
-            raise ckpt.CheckpointError(f"init = hf({hf_init}) with megatron_fsdp = true: the converted weights load into "
-                                       "Megatron-Core's unsharded layers, not Megatron-FSDP's DTensor shards; start the "
-                                       "FSDP stage from scratch or run it with megatron_fsdp = false")
+        from nemoc.runtime.hf.load import LoadError, load_converted, load_converted_into_fsdp
 
         set_phase(f"load Hugging Face checkpoint {hf_init}")
         try:
-            for chunk in model:  # every virtual-pipeline chunk reads its own layers
-                load_converted(chunk, hf_init, vocab=vocab_size)
+            if mdl.is_fsdp(model):  # each rank copies its Megatron-FSDP shard of each full tensor
+                load_converted_into_fsdp(model, hf_init, vocab=vocab_size)
+            else:
+                for chunk in model:  # every virtual-pipeline chunk reads its own layers
+                    load_converted(chunk, hf_init, vocab=vocab_size)
         except LoadError as exc:  # a one-line error, like an unusable init checkpoint
             raise ckpt.CheckpointError(str(exc)) from None
         optimizer.reload_model_params()  # the fp32 main copy follows the loaded weights

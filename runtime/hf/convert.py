@@ -216,12 +216,24 @@ def rank_state_dict(converted: str | Path, *, tp: int = 1, tp_rank: int = 0, pp:
     an MoE model), read slice by slice. `layers` (first global layer, count) names the chunk's layers when
     the split is not Megatron's even one (an uneven pipeline split, a virtual-pipeline chunk): the loader
     reads it off the built chunk."""
-    manifest = read_manifest(converted)
-    arch = manifest["architecture"]
-    swiglu = arch["activation"] in mapping.GATED  # fc1 = [gate; up]: each rank holds [gate_r; up_r]
-    reader = SafetensorsReader(converted)
-    first, count = layers if layers is not None else mapping.layer_offset(arch["layers"], pp, pp_rank)
-    first_expert, experts = mapping.expert_slice(arch.get("experts") or 1, ep, ep_rank)
+    arch = read_manifest(converted)["architecture"]
+    return rank_slices(SafetensorsReader(converted), swiglu=arch["activation"] in mapping.GATED,
+                       total_layers=arch["layers"], experts=arch.get("experts") or 1, tie=arch["tie_embeddings"],
+                       tp=tp, tp_rank=tp_rank, pp=pp, pp_rank=pp_rank, ep=ep, ep_rank=ep_rank, etp=etp,
+                       etp_rank=etp_rank, padded_vocab=padded_vocab, pre_process=pre_process,
+                       post_process=post_process, layers=layers)
+
+
+def rank_slices(reader, *, swiglu: bool, total_layers: int, experts: int, tie: bool, tp: int = 1, tp_rank: int = 0,
+                pp: int = 1, pp_rank: int = 0, ep: int = 1, ep_rank: int = 0, etp: int = 1, etp_rank: int = 0,
+                padded_vocab: int, pre_process: bool = True, post_process: bool = True,
+                layers: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """`rank_state_dict` over any source of full (TP=1, PP=1) Megatron-Core tensors by GPTModel state-dict
+    name: `reader.names()`, `reader.get(name)` (a converted directory, or an fsdp_dtensor checkpoint:
+    runtime/fsdp_checkpoint.py `FullTensorReader`). `swiglu`: fc1 is [gate; up] (each TP rank holds
+    [gate_r; up_r]); `tie`: the output layer is the word embedding."""
+    first, count = layers if layers is not None else mapping.layer_offset(total_layers, pp, pp_rank)
+    first_expert, local_experts = mapping.expert_slice(experts, ep, ep_rank)
     state: dict[str, torch.Tensor] = {}
     for name in reader.names():
         key = name
@@ -233,7 +245,7 @@ def rank_state_dict(converted: str | Path, *, tp: int = 1, tp_rank: int = 0, pp:
         if mapping.EXPERT in key:
             head, rest = key.split(mapping.EXPERT)
             j, tail = rest.split(".", 1)
-            if not first_expert <= int(j) < first_expert + experts:
+            if not first_expert <= int(j) < first_expert + local_experts:
                 continue
             key = f"{head}{mapping.EXPERT}{int(j) - first_expert}.{tail}"
             state[key] = mapping.shard_for_rank(name, reader.get(name), tp=etp, rank=etp_rank, swiglu=swiglu)
@@ -244,11 +256,11 @@ def rank_state_dict(converted: str | Path, *, tp: int = 1, tp_rank: int = 0, pp:
             continue
         t = reader.get(name)
         if name.endswith(("word_embeddings.weight", "output_layer.weight")):
-            t = mapping.pad_vocab(t, padded_vocab)
+            t = mapping.fit_vocab(t, padded_vocab)
         state[key] = mapping.shard_for_rank(name, t, tp=tp, rank=tp_rank, swiglu=swiglu)
-    if arch["tie_embeddings"] and post_process and not pre_process:
+    if tie and post_process and not pre_process:
         # Megatron's last pipeline stage holds its own copy of the tied embedding as output_layer
-        emb = mapping.pad_vocab(reader.get("embedding.word_embeddings.weight"), padded_vocab)
+        emb = mapping.fit_vocab(reader.get("embedding.word_embeddings.weight"), padded_vocab)
         state["output_layer.weight"] = mapping.shard_for_rank("output_layer.weight", emb, tp=tp, rank=tp_rank,
                                                               swiglu=swiglu)
     return state

@@ -5,6 +5,8 @@ The entry point a training or eval stage calls when its input `hf` (an `hf_impor
 slices, memory-mapped, so no rank holds the whole model. The chunk's layers are read off the built
 chunk (Megatron numbers them globally), so uneven pipeline splits and virtual-pipeline chunks load
 their own layers. The vocabulary is padded as Megatron pads it for this TP size (zero rows).
+`load_full` slices any other source of full Megatron-Core tensors the same way (a Megatron-FSDP stage's
+fsdp_dtensor checkpoint: runtime/fsdp_checkpoint.py `FullTensorReader`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def converted_vocab(converted: str | Path) -> int:
 
 
 # Transformer Engine's layer spec fuses each pre-norm into the linear layer after it
-_TE_NORMS = ((".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
+TE_NORMS = ((".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
              (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"))
 
 
@@ -32,7 +34,7 @@ def _te_names(state: dict, ours: dict) -> dict:
     """The converted (local-spec) names renamed to the chunk's where it is built with TE's spec."""
     out = {}
     for name, tensor in state.items():
-        for local, te in _TE_NORMS:
+        for local, te in TE_NORMS:
             if local in name:
                 head, tail = name.split(local, 1)
                 fused = f"{head}{te}{tail}"
@@ -56,35 +58,80 @@ def load_converted(chunk, converted: str | Path, *, vocab: int, skip_output: boo
     from megatron.core import parallel_state as ps
 
     from nemoc.runtime.megatron_args import padded_vocab_size
-    from nemoc.runtime.model import unwrap
 
-    gpt = unwrap(chunk)
+    gpt = unwrap_gpt(chunk)
     tp = ps.get_tensor_model_parallel_world_size()
     padded = int(gpt.vocab_size) if hasattr(gpt, "vocab_size") else padded_vocab_size(vocab, tp)
+    _check_rows(converted, vocab=vocab, padded=padded)
+    state = convert.rank_state_dict(converted, padded_vocab=padded, **_rank(gpt))
+    _load_rank_state(gpt, state, where=str(converted), skip_output=skip_output,
+                     hint="does the model block match config.json?")
+
+
+def _check_rows(converted, *, vocab: int, padded: int) -> None:
     rows = converted_vocab(converted)
     if rows > padded:
         raise LoadError(f"{converted}: the Hugging Face checkpoint has {rows} vocabulary rows, but the model is "
                         f"built for {vocab} tokens (padded to {padded}); use the checkpoint's own tokenizer, or "
                         "one with at least as many tokens")
-    state = convert.rank_state_dict(converted, tp=tp, tp_rank=ps.get_tensor_model_parallel_rank(),
-                                    pp=ps.get_pipeline_model_parallel_world_size(),
-                                    pp_rank=ps.get_pipeline_model_parallel_rank(),
-                                    ep=ps.get_expert_model_parallel_world_size(),
-                                    ep_rank=ps.get_expert_model_parallel_rank(),
-                                    etp=ps.get_expert_tensor_parallel_world_size(),
-                                    etp_rank=ps.get_expert_tensor_parallel_rank(),
-                                    padded_vocab=padded, pre_process=gpt.pre_process, post_process=gpt.post_process,
-                                    layers=_chunk_layers(gpt))
+
+
+def load_converted_into_fsdp(chunks, converted: str | Path, *, vocab: int) -> None:
+    """A converted Hugging Face checkpoint into a Megatron-FSDP stage's chunk (runtime/fsdp_checkpoint.py
+    `load_full_into_fsdp`: each rank copies its shard of each full tensor)."""
+    from nemoc.runtime import fsdp_checkpoint
+
+    gpt = unwrap_gpt(chunks[0])
+    _check_rows(converted, vocab=vocab, padded=int(gpt.vocab_size))
+    try:
+        fsdp_checkpoint.load_full_into_fsdp(chunks, convert.SafetensorsReader(converted).get, where=str(converted))
+    except ValueError as exc:
+        raise LoadError(str(exc)) from None
+
+
+def load_full(chunk, reader, *, where: str, skip_output: bool = False) -> None:
+    """Copy full (TP=1, PP=1) Megatron-Core tensors into `chunk` (any layout, cast on copy), sliced as for a
+    converted directory: `reader.names()` / `reader.get(name)` by GPTModel state-dict name (an fsdp_dtensor
+    checkpoint's `FullTensorReader`); `where` names the source in errors. The fc1 layout, layer count,
+    experts and tied embedding are the built chunk's (a checkpoint of another model fails the shape check)."""
+    gpt = unwrap_gpt(chunk)
+    config = gpt.config
+    state = convert.rank_slices(reader, swiglu=bool(config.gated_linear_unit), total_layers=config.num_layers,
+                                experts=config.num_moe_experts or 1, tie=bool(gpt.share_embeddings_and_output_weights),
+                                padded_vocab=int(gpt.vocab_size), **_rank(gpt))
+    _load_rank_state(gpt, state, where=where, skip_output=skip_output,
+                     hint="was it trained with this stage's model block?")
+
+
+def unwrap_gpt(chunk):
+    from nemoc.runtime.model import unwrap
+
+    return unwrap(chunk)
+
+
+def _rank(gpt) -> dict:
+    """This rank's place in the layout and the chunk's edges and layers (`convert.rank_slices`' keywords)."""
+    from megatron.core import parallel_state as ps
+
+    return dict(tp=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+                pp=ps.get_pipeline_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+                ep=ps.get_expert_model_parallel_world_size(), ep_rank=ps.get_expert_model_parallel_rank(),
+                etp=ps.get_expert_tensor_parallel_world_size(), etp_rank=ps.get_expert_tensor_parallel_rank(),
+                pre_process=gpt.pre_process, post_process=gpt.post_process, layers=_chunk_layers(gpt))
+
+
+def _load_rank_state(gpt, state: dict, *, where: str, skip_output: bool, hint: str) -> None:
+    """`state` (this rank's slices) into the GPTModel: every shape checked first, nothing missing."""
     if skip_output:
         state = {k: v for k, v in state.items() if not k.startswith("output_layer.")}
     ours = gpt.state_dict()
     state = _te_names(state, ours)
     for name, tensor in state.items():
         if name in ours and tuple(ours[name].shape) != tuple(tensor.shape):
-            raise LoadError(f"{converted}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                            f"{tuple(ours[name].shape)} (does the model block match config.json?)")
+            raise LoadError(f"{where}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                            f"{tuple(ours[name].shape)} ({hint})")
     result = gpt.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys
                if not k.endswith("_extra_state") and not (skip_output and k.startswith("output_layer."))]
     if missing or result.unexpected_keys:
-        raise LoadError(f"{converted}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+        raise LoadError(f"{where}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")

@@ -272,6 +272,13 @@ def pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])], 0)
 
 
+def fit_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
+    """`t`'s vocabulary rows fitted to this layout's padded vocabulary: zero rows added (`pad_vocab`), or the
+    padding rows of a checkpoint padded for another TP size (more rows than `padded`, which is at least the
+    tokenizer's vocabulary) dropped; the export drops every row past the vocabulary the same way."""
+    return t[:padded] if t.shape[0] > padded else pad_vocab(t, padded)
+
+
 def shard_for_rank(name: str, full: torch.Tensor, *, tp: int, rank: int, swiglu: bool) -> torch.Tensor:
     """The slice of a full Megatron tensor that tensor-parallel rank `rank` of `tp` holds.
 

@@ -1,9 +1,11 @@
 """Export a trained stage's Megatron-Core checkpoint as a Hugging Face directory, streamed layer by layer.
 
 Input:  a stage's final dist_checkpointing directory (runtime/align/common.save_model, any TP/PP layout
-        wrote it), the plan's `ModelSpec`, the Hugging Face checkpoint the model started from when it has
-        one (`init = hf(DIR)`: its config.json, generation_config.json and tokenizer files are carried),
-        else the stage's tokenizer directory and end-of-document id.
+        wrote it) or a Megatron-FSDP stage's fsdp_dtensor checkpoint (read by runtime/fsdp_checkpoint.py's
+        `FullTensorReader`: `checkpoint_reader`; it stores the fp32 main weights, also for a bf16 stage), the
+        plan's `ModelSpec`, the Hugging Face checkpoint the model started from when it has one
+        (`init = hf(DIR)`: its config.json, generation_config.json and tokenizer files are carried), else the
+        stage's tokenizer directory and end-of-document id.
 Output: the same directory `convert.export_checkpoint` writes for HF -> nemoc -> HF (one export path):
         sharded safetensors, config.json with every field the model has (llama3 RoPE scaling, GPT-2's
         gelu_new, Mixtral / Qwen3-MoE experts, Qwen2 QKV bias, Qwen3 QK norm), generation_config.json
@@ -122,6 +124,20 @@ class DistCheckpointReader:
         if name not in self._cache:
             self._cache.update(self._load([name]))
         return self._cache[name]
+
+
+def checkpoint_reader(directory: str | Path):
+    """The full-tensor reader of a stage checkpoint: `DistCheckpointReader` for dist_checkpointing (torch_dist)
+    directories, runtime/fsdp_checkpoint.py's `FullTensorReader` for a Megatron-FSDP stage's fsdp_dtensor one
+    (its manifest says so). Both answer `get(name)` by GPTModel name and `dtype()`."""
+    from nemoc.runtime import fsdp_checkpoint
+
+    if not fsdp_checkpoint.is_fsdp_checkpoint(str(directory)):
+        return DistCheckpointReader(directory)
+    try:
+        return fsdp_checkpoint.full_reader(str(directory))
+    except fsdp_checkpoint.FullCheckpointError as exc:
+        raise TrainedExportError(f"export: {exc}") from None
 
 
 def _slice_planner_base():
@@ -300,7 +316,7 @@ def export_trained(checkpoint: str | Path, spec, out: str | Path, *, vocab: int,
     `dtype` defaults to the dtype the checkpoint stores (the training dtype). `tokenizer_dir` supplies the
     tokenizer files when the source has none (a model trained from scratch on a local tokenizer);
     `stop_ids` (the chat template's end-of-turn token) join generation_config.json's `eos_token_id`."""
-    reader = DistCheckpointReader(checkpoint) if get is None else None
+    reader = checkpoint_reader(checkpoint) if get is None else None
     stored = str(reader.dtype()).removeprefix("torch.") if reader is not None else "float32"
     manifest = manifest_for(spec, vocab=vocab, source=source, dtype=dtype or stored, special_ids=special_ids)
     out = convert.export_checkpoint(get or reader.get, manifest, out, dtype=dtype or stored,

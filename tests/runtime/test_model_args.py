@@ -436,6 +436,14 @@ def test_megatron_fsdp_reaches_megatron_cores_ddp_config():
         assert config(layout=layout).num_layers == LLAMA_ISH.layers
         with pytest.raises(margs.UnsupportedPlan, match="one model chunk"):
             margs._check_fsdp(lay(dp=2, pp=2, distributed_optimizer=True, megatron_fsdp=True))
+        # without Transformer Engine Megatron-Core's adapter cannot tag tensor-parallel weights (TypeError at build)
+        from nemoc.runtime.model import have_transformer_engine
+
+        assert margs.fsdp_tensor_parallel_builds() == have_transformer_engine()
+        if not margs.fsdp_tensor_parallel_builds():
+            with pytest.raises(margs.UnsupportedPlan, match=r"tensor\(2\): .*TELinear.*run it with tensor = 1"):
+                margs._check_fsdp(lay(tp=2, dp=2, distributed_optimizer=True, megatron_fsdp=True))
+        margs._check_fsdp(lay(dp=2, distributed_optimizer=True, megatron_fsdp=True))  # tensor = 1 builds anywhere
     with mock.patch.object(margs, "have_einops", lambda: False):
         with pytest.raises(margs.UnsupportedPlan, match="needs the einops package"):
             config(layout=layout)
