@@ -160,6 +160,7 @@ def test_sigterm_and_sighup_take_the_ctrl_c_path():
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as from a terminal, even when the suite runs under nohup
         _sigterm_as_interrupt()
         for sig in saved:
             with pytest.raises(KeyboardInterrupt):
