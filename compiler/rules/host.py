@@ -167,8 +167,8 @@ def rule_fsdp_shard_group(env: Env, s: Sizes) -> Violation | None:
 def rule_fsdp_tensor_parallel_te(env: Env, s: Sizes) -> Violation | None:
     """Megatron-Core 0.16.1's FSDP adapter tags the tensor-parallel weights it shards by testing
     `isinstance(module, (TELinear,))` (mcore_fsdp_adapter.py `_fix_tensor_parallel_attributes`): without
-    Transformer Engine TELinear is a placeholder, not a class (TypeError at build: the nemoc runtime refuses
-    it, runtime/megatron_args.py `_check_fsdp`), and the local spec's linears are not TELinear. So nemoc
+    Transformer Engine TELinear is a placeholder, not a class (TypeError at build, which the nemoc runtime
+    refuses first), and the local spec's linears are not TELinear. So nemoc
     runs Megatron-FSDP with tensor parallelism only on TE's layer spec; the runtime refuses an expert
     tensor size > 1 the same way."""
     if not s.megatron_fsdp or env.stage_kernels == "te":
