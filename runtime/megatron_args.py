@@ -242,7 +242,8 @@ def have_einops() -> bool:
 def _check_fsdp(layout: Layout) -> None:
     """Megatron-FSDP (runtime/model.py `wrap_fsdp`, runtime/fsdp_checkpoint.py) on what this machine has:
     Megatron-Core 0.16.1's adapter (distributed/fsdp/mcore_fsdp_adapter.py `_get_dp_tp_mesh`) asserts
-    einops, an optional dependency of megatron-core; one model chunk (no pipeline: `nemoc check` E177)."""
+    einops, an optional dependency of megatron-core; one model chunk (no pipeline: `nemoc check` E177); more
+    than one rank in each shard group (E181); tensor parallelism only where TELinear is a class (E182)."""
     if not layout.megatron_fsdp:
         return
     if not have_einops():
@@ -253,6 +254,18 @@ def _check_fsdp(layout: Layout) -> None:
     if layout.pp > 1 or (layout.vp or 1) > 1:
         raise UnsupportedPlan(f"megatron_fsdp = true with pipeline({layout.pp}): nemoc runs Megatron-FSDP on one "
                               "model chunk per rank (pipeline = 1), as Megatron-Bridge's FSDP recipes do")
+    dense, expert = layout.dp * layout.cp, layout.tp * layout.cp * layout.dp // (layout.ep * layout.etp)
+    if min(dense, expert) == 1:
+        # compiler/rules/host.py rule_fsdp_shard_group (E181): at a shard group of one rank Megatron-Core
+        # 0.16.1's FSDP adds each reduced gradient back into the buffer it reduced (param_and_grad_buffer.py
+        # `_bucket_group_gradient_reduce`), doubling the accumulated gradient at every micro batch.
+        group = (f"data({layout.dp}) x context({layout.cp})" if dense == 1 else
+                 f"the experts' data-parallel group tensor({layout.tp}) x context({layout.cp}) x data({layout.dp}) / "
+                 f"(expert({layout.ep}) x expert_tensor({layout.etp}))")
+        raise UnsupportedPlan(f"megatron_fsdp = true with {group} = 1 rank to shard over: Megatron-Core 0.16.1's "
+                              "FSDP doubles the gradients at a shard group of one rank (param_and_grad_buffer.py "
+                              "`_bucket_group_gradient_reduce`), and FSDP saves no memory there; use the distributed "
+                              "optimizer (megatron_fsdp = false), or give data parallelism more ranks")
     if max(layout.tp, layout.etp) > 1 and not fsdp_tensor_parallel_builds():
         raise UnsupportedPlan(f"megatron_fsdp = true with tensor({layout.tp}): Megatron-Core 0.16.1's FSDP adapter "
                               "tags tensor-parallel weights by testing for Transformer Engine's TELinear "

@@ -118,3 +118,68 @@ def rule_fsdp_pipeline(env: Env, s: Sizes) -> Violation | None:
                      "set pipeline = 1 (or auto), or megatron_fsdp = false",
                      anchors=(_FSDP[0], "parallel.pipeline"),
                      source="Megatron-Bridge FSDP recipes (pipeline_model_parallel_size = 1)")
+
+
+_FSDP_BUFFER = ("megatron/core/distributed/fsdp/src/megatron_fsdp/param_and_grad_buffer.py "
+                "`_bucket_group_gradient_reduce` (a shard group of one rank: `local_grad += reduced_grad` into the "
+                "buffer it reduced)")
+
+
+def fsdp_shard_groups(s: Sizes, moe: bool) -> tuple[int | None, int | None]:
+    """(dense, expert) shard-group sizes of Megatron-FSDP, None where a size is auto: the dense weights shard
+    over the data-parallel x context-parallel group (mcore_fsdp_adapter.py `_init_dist_index`:
+    `get_data_parallel_group(with_context_parallel=True)`), the experts' over the expert data-parallel group
+    (`get_expert_data_parallel_group`: world / (pp x ep x etp) = tp x cp x dp / (ep x etp); None for a dense
+    model)."""
+    if s.dp is None or s.cp is None:
+        return None, None
+    dense = s.dp * s.cp
+    if not moe or s.tp is None or s.ep is None or s.etp is None:
+        return dense, None
+    return dense, s.tp * s.cp * s.dp // (s.ep * s.etp)
+
+
+def rule_fsdp_shard_group(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-FSDP needs more than one rank to shard over. At a shard group of one rank Megatron-Core
+    0.16.1's buffer is not data-distributed, so the bucket it reduces is the gradient buffer itself, and
+    after the (identity) reduce-scatter into a copy it adds that copy back into the same memory: every
+    micro batch's reduce doubles the whole accumulated gradient (reproduced at DP 1 on the CPU: exactly 2x
+    DDP's gradient with one micro batch, sum_i 2^(n-i+1) g_i / n with n = 4, 9.07x DDP's norm). Nothing is
+    sharded there anyway: the distributed optimizer keeps the same memory."""
+    if not s.megatron_fsdp:
+        return None
+    dense, expert = fsdp_shard_groups(s, env.model.is_moe)
+    if dense == 1:
+        equation = f"megatron_fsdp = true with data({s.dp}) x context({s.cp}) = 1 rank to shard over"
+        anchors = (_FSDP[0], "parallel.data", "parallel.context")
+    elif expert == 1:
+        equation = (f"megatron_fsdp = true with the experts' data-parallel group tensor({s.tp}) x context({s.cp}) "
+                    f"x data({s.dp}) / (expert({s.ep}) x expert_tensor({s.etp})) = 1 rank to shard over")
+        anchors = (_FSDP[0], "parallel.expert", "parallel.data")
+    else:
+        return None
+    return Violation("E181", "megatron_fsdp needs more than one data-parallel rank to shard over", equation,
+                     "FSDP shards over data-parallel ranks: at DP 1 it saves no memory (and Megatron-Core 0.16.1 "
+                     "doubles its gradients there); use the distributed optimizer (megatron_fsdp = false), or "
+                     "give data parallelism more ranks", anchors=anchors, source=_FSDP_BUFFER)
+
+
+def rule_fsdp_tensor_parallel_te(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-Core 0.16.1's FSDP adapter tags the tensor-parallel weights it shards by testing
+    `isinstance(module, (TELinear,))` (mcore_fsdp_adapter.py `_fix_tensor_parallel_attributes`): without
+    Transformer Engine TELinear is a placeholder, not a class (TypeError at build, which the nemoc runtime
+    refuses first), and the local spec's linears are not TELinear. So nemoc
+    runs Megatron-FSDP with tensor parallelism only on TE's layer spec; the runtime refuses an expert
+    tensor size > 1 the same way."""
+    if not s.megatron_fsdp or env.stage_kernels == "te":
+        return None
+    sizes = [(name, v) for name, v in (("tensor", s.tp), ("expert_tensor", s.etp)) if v is not None and v > 1]
+    if not sizes:
+        return None
+    name, size = sizes[0]
+    return Violation("E182", "megatron_fsdp with tensor parallelism needs Transformer Engine's layers",
+                     f"megatron_fsdp = true with {name}({size}) and kernels = {env.stage_kernels}",
+                     "set tensor = 1 (or auto: FSDP then shards over data parallelism alone), or megatron_fsdp = "
+                     "false, or kernels = te on GPUs with Transformer Engine",
+                     anchors=(_FSDP[0], f"parallel.{name}", "kernels"),
+                     source="megatron/core/distributed/fsdp/mcore_fsdp_adapter.py `_fix_tensor_parallel_attributes`")

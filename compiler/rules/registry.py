@@ -9,7 +9,8 @@ from collections.abc import Iterable, Iterator
 
 from nemoc.compiler.rules.base import Env, Rule, Sizes, Violation
 from nemoc.compiler.rules.host import (rule_cuda_graph_gpu, rule_cuda_graph_scope, rule_fsdp_distributed_optimizer,
-                                       rule_fsdp_pipeline, rule_manual_gc_interval)
+                                       rule_fsdp_pipeline, rule_fsdp_shard_group, rule_fsdp_tensor_parallel_te,
+                                       rule_manual_gc_interval)
 from nemoc.compiler.rules.moe import (
     rule_dense_expert,
     rule_ep_fp16,
@@ -90,7 +91,7 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp,
     rule_moe_bias_runtime, rule_moe_tp_needs_sp, rule_moe_settings_dense, rule_moe_settings_kernels,
     rule_cuda_graph_gpu, rule_cuda_graph_scope, rule_manual_gc_interval, rule_fsdp_distributed_optimizer,
-    rule_fsdp_pipeline,
+    rule_fsdp_pipeline, rule_fsdp_shard_group, rule_fsdp_tensor_parallel_te,
     rule_sgd_distributed_optimizer,
     rule_precision_hardware, rule_fp8_needs_te, rule_fp8_recipe, rule_fp8_param_gather, rule_te_needs_gpu, rule_fp32_attention, rule_attention_head_dim,
     rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions, rule_tp_comm_overlap,
@@ -171,6 +172,8 @@ CODES: dict[str, Rule] = {
     "E175": rule_manual_gc_interval,
     "E176": rule_fsdp_distributed_optimizer,
     "E177": rule_fsdp_pipeline,
+    "E181": rule_fsdp_shard_group,
+    "E182": rule_fsdp_tensor_parallel_te,
     "E179": rule_gemma_layer_te,
     "E180": rule_gemma_layer_parts,
     "E128": rule_te_needs_gpu,

@@ -2,9 +2,12 @@
 optimizer state, two gathered units in flight), its communication (per layer and micro batch: all-gather
 before the forward and the backward, reduce-scatter after the backward, overlapped with the
 neighbouring layer), the search's use of both, and the rules at the user's line (E176 distributed
-optimizer, E177 pipeline = 1; the CPU plans it too)."""
+optimizer, E177 pipeline = 1, E181 a shard group of more than one rank, E182 tensor > 1 only on Transformer
+Engine's layers; the CPU plans it too, with tensor = 1)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
@@ -168,3 +171,86 @@ def test_stages_the_target_wraps_in_ddp_plan_without_fsdp_and_say_so(tmp_path):
     assert not sft.layout.megatron_fsdp and "fsdp_buffers" not in sft.memory.parts
     [result] = [r for r in planned.stages if r.name == "sft"]
     assert any("megatron_fsdp = false for this sft stage" in n for n in result.notes), result.notes
+
+
+def _quickstart(tmp_path, **replace) -> tuple:
+    """examples/quickstart.nemo (CPU workers, kernels local) with megatron_fsdp = true and `replace`d lines:
+    (errors of the check or the plan, the source lines, the planned pretraining layout or None)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "examples" / "quickstart.nemo").read_text()
+    text = text.replace("    data = auto\n", "    data = auto\n    megatron_fsdp = true\n", 1)
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    path = tmp_path / "quickstart.nemo"
+    path.write_text(text)
+    spec, diags, _ = compile_file(str(path))
+    errors = [d for d in diags if d.severity == Severity.ERROR]
+    if errors:
+        return errors, text.splitlines(), None
+    try:
+        return [], text.splitlines(), plan_experiment(spec).plan.stage("pretrain").layout
+    except DiagnosticError as err:
+        return [d for d in err.diagnostics if d.is_error], text.splitlines(), None
+
+
+def test_fsdp_at_one_data_parallel_rank_is_refused_at_the_users_line(tmp_path):
+    """E181: Megatron-Core 0.16.1's FSDP doubles the gradients at a shard group of one rank
+    (tests/runtime/test_train_fsdp.py shows it), and shards nothing there: `data = 1` is refused at the
+    megatron_fsdp line with the equation and the hint; left auto on one worker no layout passes, and the
+    plan's error names E181."""
+    [d], lines, _ = _quickstart(tmp_path, **{"gpus_per_node = 2": "gpus_per_node = 1", "data = auto": "data = 1"})
+    assert d.code == "E181" and lines[d.span.line - 1].strip() == "megatron_fsdp = true"
+    assert d.equation == "megatron_fsdp = true with data(1) x context(1) = 1 rank to shard over"
+    assert d.hint.startswith("FSDP shards over data-parallel ranks: at DP 1 it saves no memory")
+    assert "use the distributed optimizer" in d.hint
+    [d], _, _ = _quickstart(tmp_path, **{"gpus_per_node = 2": "gpus_per_node = 1"})
+    assert d.code == "E131" and "E181" in d.message and "data(1) x context(1) = 1 rank" in d.equation
+
+
+def test_fsdp_shard_groups_count_context_and_the_experts_group():
+    """The dense shard group is DP x CP (the adapter's `get_data_parallel_group(with_context_parallel=True)`):
+    DP 1 with CP 2 shards over two ranks. Expert weights shard over the expert data-parallel group, tp x cp
+    x dp / (ep x etp): at DP 2 with EP 2 it is one rank, refused the same way."""
+    from nemoc.compiler import rules
+    from nemoc.compiler.rules.host import rule_fsdp_shard_group
+    from nemoc.compiler.spec import ClusterSpec
+
+    cluster = ClusterSpec(gpu="H100", nodes=1, gpus_per_node=8)
+    dense = rules.Env(model=get_preset("llama3_8b"), cluster=cluster)
+    moe = rules.Env(model=get_preset("mixtral_8x7b"), cluster=cluster)
+    fsdp = rules.Sizes(tp=1, pp=1, cp=1, ep=1, etp=1, dp=2, megatron_fsdp=True)
+    assert rule_fsdp_shard_group(dense, fsdp) is None
+    assert rule_fsdp_shard_group(dense, replace(fsdp, dp=1, cp=2)) is None
+    assert rule_fsdp_shard_group(dense, replace(fsdp, dp=1)).code == "E181"
+    assert rule_fsdp_shard_group(dense, replace(fsdp, dp=1, megatron_fsdp=False)) is None
+    assert rule_fsdp_shard_group(dense, replace(fsdp, dp=None)) is None  # auto: the search decides
+    v = rule_fsdp_shard_group(moe, replace(fsdp, ep=2))
+    assert v.code == "E181" and v.equation == ("megatron_fsdp = true with the experts' data-parallel group "
+                                               "tensor(1) x context(1) x data(2) / (expert(2) x expert_tensor(1)) "
+                                               "= 1 rank to shard over")
+    assert rule_fsdp_shard_group(moe, replace(fsdp, ep=2, tp=2, dp=2)) is None  # 2 x 1 x 2 / 2 = 2 ranks
+
+
+def test_fsdp_with_tensor_parallelism_is_refused_without_transformer_engine(tmp_path):
+    """E182: Megatron-Core 0.16.1's FSDP adapter tags tensor-parallel weights through TE's TELinear, so on
+    the local spec (the CPU) `tensor = 2` is refused at the megatron_fsdp line (the runtime refuses it too,
+    runtime/megatron_args.py `_check_fsdp`); on GPUs with TE's layers it plans."""
+    [d], lines, _ = _quickstart(tmp_path, **{"gpus_per_node = 2": "gpus_per_node = 4", "tensor = 1": "tensor = 2"})
+    assert d.code == "E182" and lines[d.span.line - 1].strip() == "megatron_fsdp = true"
+    assert d.equation == "megatron_fsdp = true with tensor(2) and kernels = local"
+    assert d.hint.startswith("set tensor = 1 (or auto")
+    spec, errors, _ = _compile(tmp_path, parallel="\n    tensor = 2")
+    assert errors == []
+    assert plan_experiment(spec).plan.stages[0].layout.tp == 2  # H100: Transformer Engine's layers
+
+
+def test_the_search_never_picks_tensor_parallelism_for_fsdp_without_transformer_engine(tmp_path):
+    """`tensor = auto` with megatron_fsdp on four CPU workers: a wider model at global batch 8 was planned
+    tensor 2 x data 2 (which the runtime then refused); through E182 the search keeps tensor = 1 and shards
+    over four data-parallel ranks."""
+    errors, _, layout = _quickstart(tmp_path, **{"gpus_per_node = 2": "gpus_per_node = 4", "tensor = 1": "tensor = auto",
+                                                 "hidden = 128": "hidden = 1024"})
+    assert errors == []
+    assert (layout.tp, layout.pp, layout.dp, layout.megatron_fsdp) == (1, 1, 4, True)

@@ -444,6 +444,14 @@ def test_megatron_fsdp_reaches_megatron_cores_ddp_config():
             with pytest.raises(margs.UnsupportedPlan, match=r"tensor\(2\): .*TELinear.*run it with tensor = 1"):
                 margs._check_fsdp(lay(tp=2, dp=2, distributed_optimizer=True, megatron_fsdp=True))
         margs._check_fsdp(lay(dp=2, distributed_optimizer=True, megatron_fsdp=True))  # tensor = 1 builds anywhere
+        # a shard group of one rank (E181): Megatron-Core 0.16.1 doubles the gradients there
+        # (test_train_fsdp.py test_megatron_fsdp_doubles_gradients_at_a_shard_group_of_one_rank)
+        with pytest.raises(margs.UnsupportedPlan, match=r"data\(1\) x context\(1\) = 1 rank to shard over: "
+                                                        r".*use the distributed optimizer"):
+            margs._check_fsdp(lay(dp=1, distributed_optimizer=True, megatron_fsdp=True))
+        with pytest.raises(margs.UnsupportedPlan, match=r"experts' data-parallel group .* = 1 rank"):
+            margs._check_fsdp(lay(dp=2, ep=2, distributed_optimizer=True, megatron_fsdp=True))
+        margs._check_fsdp(lay(dp=1, cp=2, distributed_optimizer=True, megatron_fsdp=True))  # shards over DP x CP
     with mock.patch.object(margs, "have_einops", lambda: False):
         with pytest.raises(margs.UnsupportedPlan, match="needs the einops package"):
             config(layout=layout)

@@ -369,3 +369,86 @@ def test_an_fsdp_stage_starts_from_a_hugging_face_checkpoint_as_a_ddp_stage_does
     seed = run("seed", kit.layout(dp=2, dist_opt=True), False)
     assert fsdp == pytest.approx(ddp, rel=REL), (fsdp, ddp)
     assert abs(ddp - seed) > 1e-3, (ddp, seed)
+
+
+_DP1_SCRIPT = '''
+import dataclasses, json, torch
+from nemoc.runtime import mcore_cpu
+mcore_cpu.apply()
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from nemoc.compiler.plan import Layout
+from nemoc.compiler.spec import ModelSpec
+from nemoc.runtime import megatron_args as margs, model as mdl
+
+torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+parallel_state.initialize_model_parallel(1, 1)
+spec = ModelSpec(name="t", layers=2, hidden=64, heads=4, query_groups=2, ffn_hidden=128, vocab=128, seq_length=32)
+facts = margs.MachineFacts(cpu=True, have_te=False)
+gen = torch.Generator().manual_seed(3)
+rows = [torch.randint(0, 128, (2, 33), generator=gen) for _ in range(4)]
+
+
+def grads(fsdp, batches):
+    n = len(batches)
+    lay = Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=2, global_batch=2 * n, num_microbatches=n,
+                 sequence_parallel=False, distributed_optimizer=fsdp, recompute="none", megatron_fsdp=fsdp)
+    torch.manual_seed(7); tensor_parallel.model_parallel_cuda_manual_seed(7)
+    # the config from the layout without megatron_fsdp (_check_fsdp refuses DP 1); the config reads it for nothing else
+    cfg = margs.transformer_config(model=spec, layout=dataclasses.replace(lay, megatron_fsdp=False), precision="fp32",
+                                   attention_backend="unfused", facts=facts)
+    chunks = mdl.build_model_chunks(config=cfg, model=spec, vocab_size=128, seq_length=32,
+                                    attention_backend="unfused", have_te=False)
+    wrap = mdl.wrap_fsdp if fsdp else mdl.wrap_ddp
+    model = wrap(chunks=chunks, config=cfg, ddp_config=margs.ddp_config(layout=lay, cpu=True))
+    model[0].zero_grad_buffer()
+
+    def step(data_iterator, chunk):
+        b = next(data_iterator)
+        out = chunk(b[:, :-1], torch.arange(32).unsqueeze(0).expand(2, -1), None, labels=b[:, 1:])
+        return out, lambda o: (o.float().mean(), {})
+
+    get_forward_backward_func()(forward_step_func=step, data_iterator=iter(batches), model=model, num_microbatches=n,
+                                seq_length=32, micro_batch_size=2, forward_only=False)
+    cfg.finalize_model_grads_func(model)
+    out = {}
+    for name, p in model[0].named_parameters():
+        g = p.main_grad if getattr(p, "main_grad", None) is not None else p.grad  # FSDP: a DTensor .grad
+        out[name.replace("module.", "")] = getattr(g, "_local_tensor", g).detach().reshape(-1).clone()
+    return out
+
+
+def rel(a, b):  # max over parameters of max |a - b| / max |b|
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in b)
+
+
+ddp1, fsdp1 = grads(False, rows[:1]), grads(True, rows[:1])
+ddp4, fsdp4 = grads(False, rows), grads(True, rows)
+per = [grads(False, [r]) for r in rows]  # each micro batch's own gradient
+doubled = {k: sum(2 ** (4 - i) * per[i][k] / 4 for i in range(4)) for k in ddp4}
+norm = lambda g: sum((v ** 2).sum() for v in g.values()).sqrt().item()
+print(json.dumps(dict(same_names=sorted(ddp1) == sorted(fsdp1), one=rel({k: v / 2 for k, v in fsdp1.items()}, ddp1),
+                      four=rel(fsdp4, doubled), ratio1=norm(fsdp1) / norm(ddp1), ratio4=norm(fsdp4) / norm(ddp4),
+                      ddp4_sum=rel(ddp4, {k: sum(p[k] for p in per) / 4 for k in ddp4}))))
+'''
+
+
+def test_megatron_fsdp_doubles_gradients_at_a_shard_group_of_one_rank():
+    """Why `megatron_fsdp` is refused at a shard group of one rank (E181, runtime/megatron_args.py `_check_fsdp`):
+    Megatron-Core 0.16.1's FSDP buffer there is not data-distributed, so the bucket its reduce-scatter reads is the
+    gradient buffer itself, and `_bucket_group_gradient_reduce` adds the (identity) reduced copy back into it: each
+    micro batch's reduce doubles everything accumulated so far. At DP 1 (fp32, same weights and batches) FSDP's
+    gradient is exactly 2x DDP's with one micro batch, and with four it is sum_i 2^(4-i+1) g_i / 4 (g_i: micro
+    batch i's own gradient; DDP gives the plain mean). If a Megatron-Core upgrade fixes it, this test fails:
+    then lift E181 and the runtime's refusal."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _DP1_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["same_names"]
+    assert got["ddp4_sum"] < 1e-5  # DDP: the mean of the micro batches' gradients
+    assert got["one"] < 1e-6 and got["ratio1"] == pytest.approx(2.0, rel=1e-6)
+    assert got["four"] < 1e-5 and got["ratio4"] > 4  # the 9.1x of the report: 9.07 on this model
