@@ -57,6 +57,15 @@ class ModelSpec:
     top_k: int = 0
     moe_ffn_hidden: int | None = None
     shared_expert_ffn_hidden: int = 0
+    # token dropping and the router (Megatron-Core TransformerConfig `moe_expert_capacity_factor`,
+    # `moe_pad_expert_input_to_capacity`, `moe_token_drop_policy`, `moe_router_load_balancing_type`,
+    # `moe_aux_loss_coeff`, `moe_shared_expert_overlap`); None capacity = dropless
+    moe_capacity_factor: float | None = None
+    moe_pad_to_capacity: bool = False
+    moe_token_drop_policy: str = "probs"  # probs | position
+    moe_load_balancing: str = "aux_loss"  # aux_loss | seq_aux_loss | global_aux_loss | sinkhorn | none
+    moe_aux_loss_coeff: float = 1e-2
+    moe_shared_expert_overlap: bool = False
     norm_epsilon: float = 1e-5
     # Gemma 3 (Gemma3ForCausalLM): RMSNorm scales by (1 + w) (weights stored zero-centred); a norm after the
     # attention and after the MLP output too (sandwich norms, before each residual add); the input
@@ -81,6 +90,11 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.experts > 0
+
+    @property
+    def drop_and_pad(self) -> bool:
+        """Every expert's input padded to its capacity (fixed shapes: the CUDA-graph scope `moe`)."""
+        return self.moe_capacity_factor is not None and self.moe_pad_to_capacity
 
     def is_sliding_layer(self, layer: int) -> bool:
         """Whether 1-based layer `layer` attends through the sliding window (Gemma 3's layer_types)."""

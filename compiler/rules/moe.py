@@ -267,3 +267,99 @@ def rule_moe_settings_kernels(env: Env, s: Sizes) -> Violation | None:
         source="megatron/core/transformer/transformer_config.py (moe_permute_fusion needs TE >= 2.1); "
                "megatron/core/models/gpt/gpt_layer_specs.py (grouped GEMM: TEGroupedMLP)",
     )
+
+
+# -- token dropping and the router (Megatron-Core 0.16.1 transformer_config.py __post_init__)
+
+_CAPACITY_SOURCE = "megatron/core/transformer/transformer_config.py __post_init__ (moe_expert_capacity_factor)"
+
+
+def _capacity_shown(m) -> str:
+    return "none (dropless)" if m.moe_capacity_factor is None else str(m.moe_capacity_factor)
+
+
+def rule_moe_pad_needs_capacity(env: Env, s: Sizes) -> Violation | None:
+    """Padding to capacity needs a capacity: "moe_expert_capacity_factor must be set to use
+    moe_pad_expert_input_to_capacity"."""
+    m = env.model
+    if not m.is_moe or not m.moe_pad_to_capacity or m.moe_capacity_factor is not None:
+        return None
+    return Violation(
+        "E143", "moe_pad_to_capacity pads each expert's input to its capacity, but there is none",
+        "moe_pad_to_capacity = true with moe_capacity_factor = none (dropless)",
+        "set model.moe_capacity_factor (NeMo's Mixtral performance mode: 1.0), or remove moe_pad_to_capacity",
+        anchors=("model.moe_pad_to_capacity", "model"), source=_CAPACITY_SOURCE)
+
+
+def rule_moe_capacity_balancing(env: Env, s: Sizes) -> Violation | None:
+    """"moe_expert_capacity_factor only works with aux_loss, seq_aux_loss, global_aux_loss or none load
+    balancing": Sinkhorn routing has no capacity step."""
+    m = env.model
+    if not m.is_moe or m.moe_capacity_factor is None or m.moe_load_balancing != "sinkhorn":
+        return None
+    return Violation(
+        "E144", "token dropping does not work with Sinkhorn load balancing",
+        f"moe_capacity_factor({m.moe_capacity_factor}) with moe_load_balancing = sinkhorn",
+        "use moe_load_balancing = aux_loss, seq_aux_loss, global_aux_loss or none, or remove moe_capacity_factor",
+        anchors=("model.moe_capacity_factor", "model.moe_load_balancing", "model"), source=_CAPACITY_SOURCE)
+
+
+def rule_moe_shared_overlap_needs_shared(env: Env, s: Sizes) -> Violation | None:
+    """Without a shared expert `moe_shared_expert_overlap` has nothing to overlap (Megatron-Core ignores
+    it: "Only effective when moe-shared-expert-intermediate-size is set"), which nemoc reports rather than
+    plan a setting that does nothing."""
+    m = env.model
+    if not m.is_moe or not m.moe_shared_expert_overlap or m.shared_expert_ffn_hidden:
+        return None
+    return Violation(
+        "E147", "moe_shared_expert_overlap without a shared expert",
+        "moe_shared_expert_overlap = true with shared_expert_ffn_hidden = 0",
+        "set model.shared_expert_ffn_hidden, or remove moe_shared_expert_overlap",
+        anchors=("model.moe_shared_expert_overlap", "model"),
+        source="megatron/core/transformer/transformer_config.py (moe_shared_expert_overlap: only effective when "
+               "moe_shared_expert_intermediate_size is set)")
+
+
+def rule_moe_shared_expert_overlap(env: Env, s: Sizes) -> Violation | None:
+    """`moe_shared_expert_overlap` overlaps the shared expert with the alltoall dispatcher's exchange:
+    "moe_shared_expert_overlap only works with alltoall token dispatcher"."""
+    m = env.model
+    if not m.is_moe or not m.moe_shared_expert_overlap or not m.shared_expert_ffn_hidden:
+        return None
+    dispatcher = env.moe_requested[0]
+    if dispatcher in (None, "alltoall"):
+        return None  # auto resolves to alltoall with the overlap (execution.moe_execution)
+    return Violation(
+        "E145", "moe_shared_expert_overlap works with the alltoall dispatcher only",
+        f"moe_shared_expert_overlap = true with moe_dispatcher = {dispatcher}",
+        "set moe_dispatcher = alltoall (or auto), or remove moe_shared_expert_overlap",
+        anchors=("model.moe_shared_expert_overlap", "moe_dispatcher", "model"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (moe_shared_expert_overlap only works "
+               "with alltoall token dispatcher)")
+
+
+def rule_moe_shared_overlap_gpu(env: Env, s: Sizes) -> Violation | None:
+    """The overlap runs the shared expert on a CUDA side stream (shared_experts.py `torch.cuda.Stream()`):
+    not on the CPU."""
+    m = env.model
+    if not m.is_moe or not m.moe_shared_expert_overlap or env.gpu_arch != "cpu":
+        return None
+    return Violation(
+        "E148", "moe_shared_expert_overlap needs GPUs (a CUDA side stream)",
+        f"moe_shared_expert_overlap = true with cluster.gpu = {env.cluster.gpu}",
+        "remove moe_shared_expert_overlap on the CPU",
+        anchors=("model.moe_shared_expert_overlap", "cluster.gpu", "cluster"),
+        source="megatron/core/transformer/moe/shared_experts.py (self.stream = torch.cuda.Stream())")
+
+
+def rule_moe_pad_flex(env: Env, s: Sizes) -> Violation | None:
+    """"Flex token dispatcher with deepep backend does not support moe_pad_expert_input_to_capacity"."""
+    m = env.model
+    if not m.is_moe or not m.moe_pad_to_capacity or env.moe_requested[0] != "flex":
+        return None
+    return Violation(
+        "E146", "drop-and-pad does not work with the flex (DeepEP) dispatcher",
+        f"moe_pad_to_capacity = true (moe_capacity_factor {_capacity_shown(m)}) with moe_dispatcher = flex",
+        "set moe_dispatcher = alltoall (or auto), or remove moe_pad_to_capacity",
+        anchors=("model.moe_pad_to_capacity", "moe_dispatcher", "model"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (flex token dispatcher with deepep)")
