@@ -93,7 +93,13 @@ def experiments(draw) -> ExperimentSpec:
     if experts:
         moe.update(top_k=draw(st.integers(1, min(experts, 4))),
                    moe_ffn_hidden=draw(st.sampled_from([None, 48, 64, 96, 100, 128])),
-                   shared_expert_ffn_hidden=draw(st.sampled_from([0, 0, 64, 96, 100])))
+                   shared_expert_ffn_hidden=draw(st.sampled_from([0, 0, 64, 96, 100])),
+                   # token dropping and the router (E143-E148 mirror Megatron's checks of these)
+                   moe_capacity_factor=draw(st.sampled_from([None, None, None, 1.0, 1.5])),
+                   moe_pad_to_capacity=draw(st.sampled_from([False, False, True])),
+                   moe_load_balancing=draw(st.sampled_from(["aux_loss", "aux_loss", "seq_aux_loss", "sinkhorn",
+                                                            "none"])),
+                   moe_shared_expert_overlap=draw(st.sampled_from([False, False, True])))
     model = ModelSpec(
         name="rand", layers=draw(st.integers(1, 16)), hidden=hidden, heads=heads, query_groups=groups,
         kv_channels=kv_channels,
@@ -369,7 +375,28 @@ CONVERSE = {
     "E114": (lambda spec: _fixed_config(spec, tensor_model_parallel_size=1, sequence_parallel=False),
              "num_moe_experts must be non None to use expert-parallel"),
     "E142": (_rope_of, "must match the size of tensor"),
+    # E143-E146: transformer_config.py __post_init__'s MoE token-dropping and shared-expert checks, each
+    # built with the fields it reads only (Megatron checks flex + padding before the others)
+    "E143": (lambda spec: _moe_config(spec, moe_pad_expert_input_to_capacity=True),
+             "moe_expert_capacity_factor must be set"),
+    "E144": (lambda spec: _moe_config(spec, moe_expert_capacity_factor=spec.model.moe_capacity_factor,
+                                      moe_router_load_balancing_type=spec.model.moe_load_balancing),
+             "moe_expert_capacity_factor only works with aux_loss"),
+    "E145": (lambda spec: _moe_config(spec, moe_token_dispatcher_type=spec.moe_dispatcher,
+                                      moe_shared_expert_intermediate_size=spec.model.shared_expert_ffn_hidden,
+                                      moe_shared_expert_overlap=True),
+             "moe_shared_expert_overlap only works with alltoall"),
+    "E146": (lambda spec: _moe_config(spec, moe_token_dispatcher_type="flex", moe_flex_dispatcher_backend="deepep",
+                                      moe_expert_capacity_factor=spec.model.moe_capacity_factor,
+                                      moe_pad_expert_input_to_capacity=True),
+             "does not support moe_pad_expert_input_to_capacity"),
 }
+
+
+def _moe_config(spec: ExperimentSpec, **override):
+    """A config of the model's sizes (tp, ep, sp 1 / off: no other check fires) with the MoE fields given."""
+    return _fixed_config(spec, tensor_model_parallel_size=1, sequence_parallel=False, expert_model_parallel_size=1,
+                         **override)
 
 
 def converse(spec: ExperimentSpec, codes: set[str]) -> None:
