@@ -93,13 +93,16 @@ def experiments(draw) -> ExperimentSpec:
     if experts:
         moe.update(top_k=draw(st.integers(1, min(experts, 4))),
                    moe_ffn_hidden=draw(st.sampled_from([None, 48, 64, 96, 100, 128])),
-                   shared_expert_ffn_hidden=draw(st.sampled_from([0, 0, 64, 96, 100])),
-                   # token dropping and the router (E143-E148 mirror Megatron's checks of these)
-                   moe_capacity_factor=draw(st.sampled_from([None, None, None, 1.0, 1.5])),
-                   moe_pad_to_capacity=draw(st.sampled_from([False, False, True])),
-                   moe_load_balancing=draw(st.sampled_from(["aux_loss", "aux_loss", "seq_aux_loss", "sinkhorn",
-                                                            "none"])),
-                   moe_shared_expert_overlap=draw(st.sampled_from([False, False, True])))
+                   shared_expert_ffn_hidden=draw(st.sampled_from([0, 0, 64, 96, 100])))
+        # token dropping and the router (E143-E148 mirror Megatron's checks of these): mostly valid, now
+        # and then not (padding without a capacity, the overlap without a shared expert, Sinkhorn + capacity)
+        rarely = [False] * 7 + [True]
+        capacity = draw(st.sampled_from([None, None, None, 1.0, 1.5]))
+        moe.update(moe_capacity_factor=capacity,
+                   moe_pad_to_capacity=draw(st.sampled_from([False, True] if capacity else rarely)),
+                   moe_load_balancing=draw(st.sampled_from(["aux_loss"] * 4 + ["seq_aux_loss", "none", "sinkhorn"])),
+                   moe_shared_expert_overlap=draw(st.sampled_from([False, True] if moe["shared_expert_ffn_hidden"]
+                                                                  else rarely)))
     model = ModelSpec(
         name="rand", layers=draw(st.integers(1, 16)), hidden=hidden, heads=heads, query_groups=groups,
         kv_channels=kv_channels,
