@@ -711,9 +711,10 @@ def moe_max_load(model: ModelSpec, layout: Layout, tokens_per_rank: float) -> fl
     `moe_router_force_load_balancing` (iid normal logits per token: NeMo's "force-balanced,
     token-dropless" MoE benchmarks, Megatron-Bridge's MoE performance configs), a lower bound of a
     trained router's (whose per-expert preferences add a systematic part no published statistic here
-    fixes); drop-and-pad runs (`moe_pad_expert_input_to_capacity`) have none (`moe_rows_factor`). It shrinks with the tokens (1 / sqrt(N)), so the time per row never grows with the
-    micro batch (the search's lower bound holds). Mixtral (8 experts, top 2), EP 8: +1.0 % at 8,192 tokens per rank (8x7B, micro
-    batch 2 x 4,096), +1.5 % at 4,096 (8x22B at 64K: CP 8, SP over TP 2); 128 experts, top 8, EP 8,
+    fixes); drop-and-pad runs (`moe_pad_expert_input_to_capacity`) have none (`moe_rows_factor`). It
+    shrinks with the tokens (1 / sqrt(N)), so the time per row never grows with the micro batch (the
+    search's lower bound holds). Mixtral (8 experts, top 2), EP 8: +1.0 % at 8,192 tokens per rank (8x7B,
+    micro batch 2 x 4,096), +1.5 % at 4,096 (8x22B at 64K: CP 8, SP over TP 2); 128 experts, top 8, EP 8,
     4,096 tokens: +0.8 %; 256 experts, top 8, EP 64, 4,096 tokens: +1.3 %."""
     ep, experts, k = layout.ep, model.experts, model.top_k
     if not model.is_moe or ep <= 1 or experts <= k:
