@@ -215,6 +215,28 @@ MODEL_FIELDS = (
     _f("moe_aux_loss_coeff", NONNEG_FLOAT, 1e-2,
        "Weight of the load-balancing loss (Megatron-Core `moe_aux_loss_coeff`; Switch Transformer's alpha). "
        "Megatron-Bridge: 1e-2 Mixtral / GPT-OSS, 1e-3 Qwen3-MoE, 1e-4 DeepSeek-V3."),
+    _f("moe_router_score", enum("softmax", "sigmoid"), "softmax",
+       "The router's score function (Megatron-Core `moe_router_score_function`): `softmax`, or `sigmoid` "
+       "(DeepSeek-V3)."),
+    _f("moe_router_pre_softmax", BOOL, False,
+       "Normalise the scores over all experts before the top-k (Megatron-Core `moe_router_pre_softmax`; "
+       "DeepSeek-V2/V3, Qwen3-MoE without norm_topk_prob); always on for top_k = 1 (W107)."),
+    _f("moe_topk_scaling_factor", POSITIVE_FLOAT, None,
+       "Multiply the selected experts' weights by this factor (Megatron-Core `moe_router_topk_scaling_factor`; "
+       "DeepSeek-V3: 2.5). Default: none."),
+    _f("moe_expert_bias", BOOL, False,
+       "Aux-loss-free load balancing: a per-expert bias added to the scores for the top-k choice, updated "
+       "from each global batch's expert loads (Megatron-Core `moe_router_enable_expert_bias`, DeepSeek-V3). "
+       "Needs `moe_router_score = sigmoid` (E149)."),
+    _f("moe_expert_bias_update_rate", NONNEG_FLOAT, 1e-3,
+       "Step of that bias update (Megatron-Core `moe_router_bias_update_rate`). Read only with `moe_expert_bias`."),
+    _f("moe_router_groups", INT, 0,
+       "Group-limited routing: the experts split into this many equal groups (Megatron-Core "
+       "`moe_router_num_groups`; DeepSeek-V3: 8, one per node of its EP group); 0 = none. Experts must divide "
+       "into them (E156)."),
+    _f("moe_router_group_topk", INT, 0,
+       "With `moe_router_groups`: each token's experts come from its best this-many groups (Megatron-Core "
+       "`moe_router_group_topk`; DeepSeek-V3: 4); 0 = no group limit. At most `moe_router_groups` (E156)."),
     _f("moe_shared_expert_overlap", BOOL, False,
        "Run the shared expert between the router and the routed experts, overlapping its GEMMs with the "
        "token dispatch (Megatron-Core `moe_shared_expert_overlap`, Megatron-Bridge's DeepSeek / Qwen3-MoE "

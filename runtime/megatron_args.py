@@ -362,6 +362,10 @@ def _moe_kwargs(model: ModelSpec, layout: Layout, moe: MoeExecution | None = Non
     extra = dict(moe_flex_dispatcher_backend="deepep") if moe.dispatcher == "flex" else {}
     if model.moe_capacity_factor is not None:  # read only when tokens are dropped
         extra["moe_token_drop_policy"] = model.moe_token_drop_policy
+    if model.moe_router_score != "softmax":  # Megatron-Core's default: softmax
+        extra["moe_router_score_function"] = model.moe_router_score
+    if model.moe_expert_bias:  # read only with the expert bias
+        extra["moe_router_bias_update_rate"] = model.moe_expert_bias_update_rate
     return dict(
         num_moe_experts=model.experts,
         moe_router_topk=model.top_k,
@@ -379,7 +383,13 @@ def _moe_kwargs(model: ModelSpec, layout: Layout, moe: MoeExecution | None = Non
         moe_permute_fusion=moe.permute_fusion,
         # Top-1 softmax routing raises unless the softmax comes before the top-k
         # (transformer_config.py __post_init__: "Please use --moe-router-pre-softmax when topk is 1").
-        moe_router_pre_softmax=model.top_k == 1,
+        moe_router_pre_softmax=model.moe_router_pre_softmax or model.top_k == 1,
+        # the router's scores, aux-loss-free expert bias and group-limited routing (E149 / E156 mirror
+        # __post_init__'s checks of them)
+        moe_router_topk_scaling_factor=model.moe_topk_scaling_factor,
+        moe_router_enable_expert_bias=model.moe_expert_bias,
+        moe_router_num_groups=model.moe_router_groups or None,
+        moe_router_group_topk=model.moe_router_group_topk or None,
         # Megatron warns from 32 experts on without fp32 routing (numerical stability of the
         # router's softmax and aux loss; transformer_config.py __post_init__); below, the default.
         moe_router_dtype="fp32" if model.experts >= 32 else None,

@@ -106,6 +106,8 @@ from nemoc.compiler.rules.moe import (  # noqa: F401
     rule_moe_pad_flex,
     rule_moe_shared_overlap_needs_shared,
     rule_moe_shared_overlap_gpu,
+    rule_moe_expert_bias_sigmoid,
+    rule_moe_router_groups,
     warn_ep_without_sp,
     warn_moe_ffn_default,
     warn_top1_router,

@@ -352,6 +352,53 @@ def rule_moe_shared_overlap_gpu(env: Env, s: Sizes) -> Violation | None:
         source="megatron/core/transformer/moe/shared_experts.py (self.stream = torch.cuda.Stream())")
 
 
+def rule_moe_expert_bias_sigmoid(env: Env, s: Sizes) -> Violation | None:
+    """"Expert bias for aux-loss-free routing only supports sigmoid score function"."""
+    m = env.model
+    if not m.is_moe or not m.moe_expert_bias or m.moe_router_score == "sigmoid":
+        return None
+    return Violation(
+        "E149", "the aux-loss-free expert bias works with sigmoid router scores only",
+        f"moe_expert_bias = true with moe_router_score = {m.moe_router_score}",
+        "set model.moe_router_score = sigmoid (DeepSeek-V3), or remove moe_expert_bias",
+        anchors=("model.moe_expert_bias", "model.moe_router_score", "model"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (Expert bias for aux-loss-free "
+               "routing only supports sigmoid score function)")
+
+
+def rule_moe_router_groups(env: Env, s: Sizes) -> Violation | None:
+    """Group-limited routing (transformer_config.py __post_init__, `if self.moe_router_group_topk`): the
+    groups must be given, divide the experts, and number at least the groups each token picks; groups
+    without a group top-k route as if there were none (Megatron reads the groups only with it), which
+    nemoc refuses rather than plan a setting that does nothing."""
+    m = env.model
+    groups, topk = m.moe_router_groups, m.moe_router_group_topk
+    if not m.is_moe or (not groups and not topk):
+        return None
+    if not groups:
+        eq, hint = (f"moe_router_group_topk({topk}) with moe_router_groups = 0",
+                    "set model.moe_router_groups (DeepSeek-V3: 8), or remove moe_router_group_topk")
+        anchor = "model.moe_router_group_topk"
+    elif not topk:
+        eq, hint = (f"moe_router_groups({groups}) with moe_router_group_topk = 0",
+                    "set model.moe_router_group_topk (DeepSeek-V3: 4), or remove moe_router_groups")
+        anchor = "model.moe_router_groups"
+    elif m.experts % groups:
+        eq, hint = (f"experts({m.experts}) % moe_router_groups({groups}) = {m.experts % groups} != 0",
+                    "choose a number of groups that divides the experts")
+        anchor = "model.moe_router_groups"
+    elif topk > groups:
+        eq, hint = (f"moe_router_group_topk({topk}) > moe_router_groups({groups})",
+                    "pick at most as many groups per token as there are")
+        anchor = "model.moe_router_group_topk"
+    else:
+        return None
+    return Violation(
+        "E156", "group-limited routing is not one Megatron-Core can build", eq, hint, anchors=(anchor, "model"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (moe_router_group_topk / "
+               "moe_router_num_groups)")
+
+
 def rule_moe_pad_flex(env: Env, s: Sizes) -> Violation | None:
     """"Flex token dispatcher with deepep backend does not support moe_pad_expert_input_to_capacity"."""
     m = env.model

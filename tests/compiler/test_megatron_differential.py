@@ -102,7 +102,12 @@ def experiments(draw) -> ExperimentSpec:
                    moe_pad_to_capacity=draw(st.sampled_from([False, True] if capacity else rarely)),
                    moe_load_balancing=draw(st.sampled_from(["aux_loss"] * 4 + ["seq_aux_loss", "none", "sinkhorn"])),
                    moe_shared_expert_overlap=draw(st.sampled_from([False, True] if moe["shared_expert_ffn_hidden"]
-                                                                  else rarely)))
+                                                                  else rarely)),
+                   moe_router_score=draw(st.sampled_from(["softmax", "softmax", "sigmoid"])),
+                   moe_expert_bias=draw(st.sampled_from(rarely)),
+                   moe_router_groups=draw(st.sampled_from([0] * 6 + [2, 3])))
+        if moe["moe_router_groups"] or draw(st.sampled_from(rarely)):
+            moe["moe_router_group_topk"] = draw(st.sampled_from([1, 1, 2, 0]))
     model = ModelSpec(
         name="rand", layers=draw(st.integers(1, 16)), hidden=hidden, heads=heads, query_groups=groups,
         kv_channels=kv_channels,
@@ -393,6 +398,13 @@ CONVERSE = {
                                       moe_expert_capacity_factor=spec.model.moe_capacity_factor,
                                       moe_pad_expert_input_to_capacity=True),
              "does not support moe_pad_expert_input_to_capacity"),
+    "E149": (lambda spec: _moe_config(spec, moe_router_enable_expert_bias=True,
+                                      moe_router_score_function=spec.model.moe_router_score),
+             "only supports sigmoid score function"),
+    # (E156 for groups without a group top-k is nemoc's own: Megatron ignores the groups; see converse)
+    "E156": (lambda spec: _moe_config(spec, moe_router_num_groups=spec.model.moe_router_groups or None,
+                                      moe_router_group_topk=spec.model.moe_router_group_topk),
+             "moe_router_num_groups must be specified|should be divisible|should be smaller"),
 }
 
 
@@ -405,6 +417,8 @@ def _moe_config(spec: ExperimentSpec, **override):
 def converse(spec: ExperimentSpec, codes: set[str]) -> None:
     """A spec nemoc rejects with a code that mirrors one Megatron check: Megatron raises that check."""
     for code in sorted(codes & set(CONVERSE)):
+        if code == "E156" and not spec.model.moe_router_group_topk:
+            continue  # groups without a group top-k: Megatron-Core routes as if there were none
         build, message = CONVERSE[code]
         event(f"converse {code}")
         with pytest.raises((ValueError, AssertionError, RuntimeError), match=message):

@@ -1,7 +1,8 @@
 """Token dropping, drop-and-pad and the router settings of the MoE performance recipes (model fields
 `moe_capacity_factor`, `moe_pad_to_capacity`, `moe_token_drop_policy`, `moe_load_balancing`,
-`moe_aux_loss_coeff`, `moe_shared_expert_overlap`): the rules that mirror Megatron-Core 0.16.1's
-`__post_init__` checks at the user's line (E143-E148, E174's `moe` scope), and their cost and memory
+`moe_aux_loss_coeff`, `moe_shared_expert_overlap`, DeepSeek-V3's `moe_router_score`, `moe_expert_bias`,
+`moe_router_groups` / `moe_router_group_topk`): the rules that mirror Megatron-Core 0.16.1's
+`__post_init__` checks at the user's line (E143-E149, E156, E174's `moe` scope), and their cost and memory
 terms (drop-and-pad: every expert exactly c x its mean rows, no busiest-rank factor; dropping only
 caps the busiest rank; the shared expert's GEMMs hidden behind the dispatch)."""
 
@@ -165,6 +166,11 @@ def _plan_error(tmp_path, model, settings="", gpu="H100"):
     ("E146", "    moe_capacity_factor = 1.0\n    moe_pad_to_capacity = true", "  moe_dispatcher = flex",
      "moe_pad_to_capacity", "flex"),
     ("E147", "    moe_shared_expert_overlap = true", "", "moe_shared_expert_overlap", "shared_expert_ffn_hidden = 0"),
+    ("E149", "    moe_expert_bias = true", "", "moe_expert_bias", "softmax"),
+    ("E156", "    moe_router_group_topk = 2", "", "moe_router_group_topk", "moe_router_groups = 0"),
+    ("E156", "    moe_router_groups = 4", "", "moe_router_groups", "moe_router_group_topk = 0"),
+    ("E156", "    moe_router_groups = 3\n    moe_router_group_topk = 1", "", "moe_router_groups", "experts(8) % "),
+    ("E156", "    moe_router_groups = 4\n    moe_router_group_topk = 5", "", "moe_router_group_topk", "> moe_router_groups(4)"),
     ("E174", "", "  cuda_graph_impl = transformer_engine\n  cuda_graph_scope = [moe]", "cuda_graph_scope",
      "drop-and-pad"),
     ("E174", "    moe_capacity_factor = 1.0", "  cuda_graph_impl = transformer_engine\n"
@@ -188,7 +194,10 @@ def test_drop_and_pad_makes_the_moe_graph_scope_valid_and_the_plan_carries_it(tm
     path = tmp_path / "m.nemo"
     path.write_text(SRC.format(gpu="H100", model="    moe_capacity_factor = 1.0\n    moe_pad_to_capacity = true\n"
                                                  "    moe_token_drop_policy = position\n"
-                                                 "    moe_load_balancing = seq_aux_loss\n    moe_aux_loss_coeff = 1e-3",
+                                                 "    moe_load_balancing = seq_aux_loss\n    moe_aux_loss_coeff = 1e-3\n"
+                                                 "    moe_router_score = sigmoid\n    moe_expert_bias = true\n"
+                                                 "    moe_router_groups = 4\n    moe_router_group_topk = 2\n"
+                                                 "    moe_topk_scaling_factor = 2.5",
                                settings="  cuda_graph_impl = transformer_engine\n  cuda_graph_scope = [moe]"))
     spec, diags, _ = compile_file(str(path))
     assert not [d for d in diags if d.is_error], diags
@@ -197,3 +206,14 @@ def test_drop_and_pad_makes_the_moe_graph_scope_valid_and_the_plan_carries_it(tm
     m = from_json(to_json(plan)).model
     assert (m.moe_capacity_factor, m.moe_pad_to_capacity, m.moe_token_drop_policy, m.moe_load_balancing,
             m.moe_aux_loss_coeff) == (1.0, True, "position", "seq_aux_loss", 1e-3)
+    assert (m.moe_router_score, m.moe_expert_bias, m.moe_router_groups, m.moe_router_group_topk,
+            m.moe_topk_scaling_factor) == ("sigmoid", True, 4, 2, 2.5)
+    # the router's scores, bias and groups change no time or memory term (Megatron-Core's alltoall
+    # dispatcher sends one row per selected expert whatever groups they come from)
+    stage = plan_experiment(spec).plan.stages[0]
+    plain = dataclasses.replace(spec, model=dataclasses.replace(
+        spec.model, moe_router_score="softmax", moe_expert_bias=False, moe_router_groups=0, moe_router_group_topk=0,
+        moe_topk_scaling_factor=None))
+    other = plan_experiment(plain).plan.stages[0]
+    assert (stage.layout, stage.estimate.step_time_s, stage.memory) == (other.layout, other.estimate.step_time_s,
+                                                                        other.memory)

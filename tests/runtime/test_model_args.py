@@ -350,6 +350,24 @@ def test_token_dropping_and_router_settings_reach_megatron_cores_config():
             TransformerConfig(**{**base, **bad})
     with pytest.raises(margs.UnsupportedPlan, match="CUDA side stream"):
         config(model=dp, layout=lay(ep=2))
+    # DeepSeek-V3's router: sigmoid scores, aux-loss-free expert bias, group-limited routing, scaled weights
+    v3 = dataclasses.replace(moe, moe_router_score="sigmoid", moe_router_pre_softmax=True, moe_expert_bias=True,
+                             moe_expert_bias_update_rate=1e-4, moe_router_groups=4, moe_router_group_topk=2,
+                             moe_topk_scaling_factor=2.5)
+    c = config(model=v3, layout=lay(ep=2), facts=GPU_TE)
+    assert (c.moe_router_score_function, c.moe_router_pre_softmax, c.moe_router_enable_expert_bias,
+            c.moe_router_bias_update_rate, c.moe_router_num_groups, c.moe_router_group_topk,
+            c.moe_router_topk_scaling_factor) == ("sigmoid", True, True, 1e-4, 4, 2, 2.5)
+    c = config(model=moe, layout=lay(ep=2), facts=GPU_TE)
+    assert (c.moe_router_score_function, c.moe_router_enable_expert_bias, c.moe_router_num_groups) == (
+        "softmax", False, None)
+    for bad, message in (
+            (dict(moe_router_enable_expert_bias=True), "only supports sigmoid"),  # E149
+            (dict(moe_router_group_topk=2), "moe_router_num_groups must be specified"),  # E156
+            (dict(moe_router_group_topk=1, moe_router_num_groups=3), "should be divisible"),  # E156
+            (dict(moe_router_group_topk=5, moe_router_num_groups=4), "should be smaller")):  # E156
+        with pytest.raises((ValueError, AssertionError), match=message):
+            TransformerConfig(**{**base, **bad})
 
 
 def test_cuda_graphs_reach_megatron_cores_transformer_config():
