@@ -217,3 +217,26 @@ def test_drop_and_pad_makes_the_moe_graph_scope_valid_and_the_plan_carries_it(tm
     other = plan_experiment(plain).plan.stages[0]
     assert (stage.layout, stage.estimate.step_time_s, stage.memory) == (other.layout, other.estimate.step_time_s,
                                                                         other.memory)
+
+
+def test_the_searchs_step_time_bound_holds_with_drop_and_pad_and_the_shared_overlap():
+    """The branch-and-bound's lower bound (`cost.step_time_lower_bound`) stays below every member's
+    estimate: c is a constant per row, and the exposed exchange max(shared GEMMs, ep_comm) per row never
+    grows with the micro batch."""
+    from nemoc.compiler import cost
+
+    models = (padded(1.0), dataclasses.replace(padded(1.25), shared_expert_ffn_hidden=2816,
+                                               moe_shared_expert_overlap=True),
+              dataclasses.replace(MOE, moe_capacity_factor=1.0, shared_expert_ffn_hidden=1408,
+                                  moe_shared_expert_overlap=True))
+    for model in models:
+        for layout in (lay(micro_batch=8, num_microbatches=1, global_batch=64),
+                       lay(pp=2, dp=4, ep=4, micro_batch=8, num_microbatches=2, global_batch=64)):
+            bound = cost.step_time_lower_bound(model, layout, micro_batches=(1, 8), gpu=H100, seq_length=4096,
+                                               moe=A2A)
+            n = layout.num_microbatches * layout.micro_batch
+            for mb in (1, 2, 4, 8):
+                for rc in ("none", "full"):
+                    member = dataclasses.replace(layout, micro_batch=mb, num_microbatches=n // mb, recompute=rc)
+                    t = cost.estimate(model, member, gpu=H100, seq_length=4096, moe=A2A).step_time_s
+                    assert bound <= t * (1 + 1e-9), (model, member, bound, t)
