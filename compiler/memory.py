@@ -537,7 +537,8 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         if layout.pp > 1:
             parts["pp_p2p_buffers"] = 2.0 * 2 * s_local * b * model.hidden / rep  # send + recv
         if model.is_moe:
-            routed = s_local * b * model.top_k / rep * layout.etp
+            # padded to a capacity factor c the buffers hold c x the routed rows (`_capacity_rows`)
+            routed = s_local * b * model.top_k / rep * layout.etp * _capacity_rows(model)
             parts["moe_dispatch"] = 2.0 * 2 * routed * model.hidden  # all-to-all send + receive
             if moe_dispatcher == "allgather" and layout.ep * layout.etp > 1:
                 # the hidden states of the whole expert-parallel x expert-TP group, gathered (and the

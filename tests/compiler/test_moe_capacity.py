@@ -85,6 +85,13 @@ def test_padded_expert_activations_hold_the_capacity():
     assert mlp(padded(2.0)) - mlp(MOE) == pytest.approx(experts, rel=1e-9)
 
 
+def test_padded_dispatch_buffers_hold_the_capacity():
+    kw = dict(seq_length=4096, gpu=H100)
+    dropless = memory.estimate(MOE, lay(), **kw).parts["moe_dispatch"]
+    assert memory.estimate(padded(1.0), lay(), **kw).parts["moe_dispatch"] == dropless
+    assert memory.estimate(padded(1.5), lay(), **kw).parts["moe_dispatch"] == pytest.approx(1.5 * dropless, rel=1e-12)
+
+
 def test_shared_expert_overlap_hides_its_gemms_behind_the_dispatch():
     shared = dataclasses.replace(MOE, shared_expert_ffn_hidden=2816)
     plain, over = times(shared), times(dataclasses.replace(shared, moe_shared_expert_overlap=True))
