@@ -226,10 +226,26 @@ def _written_moe(env: Env) -> list[tuple[str, object]]:
     return [(name, value) for name, value in zip(_MOE_FIELDS, env.moe_requested) if value is not None]
 
 
+# The model's routing fields with their defaults (compiler/spec.py ModelSpec): another value on a dense
+# model is an MoE setting nothing reads.
+_MODEL_MOE_DEFAULTS = (("moe_capacity_factor", None), ("moe_pad_to_capacity", False),
+                       ("moe_token_drop_policy", "probs"), ("moe_load_balancing", "aux_loss"),
+                       ("moe_aux_loss_coeff", 1e-2), ("moe_shared_expert_overlap", False),
+                       ("moe_router_score", "softmax"), ("moe_router_pre_softmax", False),
+                       ("moe_topk_scaling_factor", None), ("moe_expert_bias", False),
+                       ("moe_expert_bias_update_rate", 1e-3), ("moe_router_groups", 0), ("moe_router_group_topk", 0))
+
+
+def _written_model_moe(m) -> list[tuple[str, object]]:
+    return [(f"model.{name}", getattr(m, name)) for name, default in _MODEL_MOE_DEFAULTS
+            if getattr(m, name) != default]
+
+
 def rule_moe_settings_dense(env: Env, s: Sizes) -> Violation | None:
-    """The MoE layer's settings (dispatcher, grouped GEMM, permute fusion) on a dense model: nothing
-    would use them (Megatron-Core reads them only with num_moe_experts)."""
-    written = _written_moe(env)
+    """The MoE layer's settings (dispatcher, grouped GEMM, permute fusion; the model's token dropping and
+    router fields) on a dense model: nothing would use them (Megatron-Core reads them only with
+    num_moe_experts)."""
+    written = _written_moe(env) or _written_model_moe(env.model)
     if env.model.is_moe or not written:
         return None
     name, value = written[0]

@@ -247,3 +247,15 @@ def test_the_searchs_step_time_bound_holds_with_drop_and_pad_and_the_shared_over
                     member = dataclasses.replace(layout, micro_batch=mb, num_microbatches=n // mb, recompute=rc)
                     t = cost.estimate(model, member, gpu=H100, seq_length=4096, moe=A2A).step_time_s
                     assert bound <= t * (1 + 1e-9), (model, member, bound, t)
+
+
+def test_routing_fields_on_a_dense_model_are_an_error_at_their_line(tmp_path):
+    path = tmp_path / "m.nemo"
+    text = SRC.format(gpu="H100", model="    moe_capacity_factor = 1.0", settings="").replace(
+        "    experts = 8\n    top_k = 2\n    moe_ffn_hidden = 512\n", "")
+    path.write_text(text)
+    spec, diags, _ = compile_file(str(path))
+    with pytest.raises(DiagnosticError) as err:
+        plan_experiment(spec)
+    [d] = [d for d in err.value.diagnostics if d.is_error]
+    assert d.code == "E171" and "moe_capacity_factor = 1.0" in text.splitlines()[d.span.line - 1]
