@@ -420,9 +420,12 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     moe = moe or DEFAULT_MOE
     local_experts = model.experts // layout.ep if model.is_moe else 1
     sequential = model.is_moe and not moe.grouped_gemm and local_experts > 1
-    # dropless routing: the busiest EP rank's routed rows (`moe_max_load`), which the layer waits for
-    busiest = moe_max_load(model, layout, tokens / (layout.tp if layout.sequence_parallel else 1))
+    # the busiest EP rank's routed rows over the mean (`moe_rows_factor`: dropless `moe_max_load`, capped by
+    # a capacity, exactly the capacity when padded), which the layer waits for
+    busiest = moe_rows_factor(model, layout, tokens / (layout.tp if layout.sequence_parallel else 1))
+    shared_gemm = 0.0  # the shared expert's GEMMs (indices 4, 5), which moe_shared_expert_overlap can hide
     for i, (n, k, share) in enumerate(shapes):
+        before = gemm
         if model.is_moe and i in (2, 3):
             share *= busiest
         if sequential and i in (2, 3):
@@ -448,6 +451,8 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
             gemm += min(backward, 1.0) * max(flop_t * (1.0 + n_half / min(nk, per_expert / split_d)), byte_t)
         if backward > 1.0:
             gemm += (backward - 1.0) * max(flop_t * (1.0 + n_half / min(nk, per_expert)), byte_t)
+        if model.is_moe and i >= 4:
+            shared_gemm += gemm - before
     span = min(seq, attention_span) if attention_span else seq
     attn_flops = 4.0 * tokens * span * model.heads * model.head_dim / layout.tp
     recomputed = layout.recompute != "none" and backward  # the core's forward runs again
@@ -515,6 +520,12 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     tp_comm = _tp_comm(model, layout, hw, tokens, passes, params, overlap_tp)
     cp_comm = _cp_comm(model, layout, hw, tokens, passes, attn_fwd, attention, params)
     ep_comm = _ep_comm(model, layout, hw, tokens, passes, params, moe.dispatcher)
+    if model.is_moe and model.moe_shared_expert_overlap and moe.dispatcher == "alltoall":
+        # Megatron-Core's MoELayer runs the shared expert on its own stream between the router and the
+        # routed experts (moe_layer.py, shared_experts.py `pre_forward_comm` / `post_forward_comm`): the
+        # dispatch and combine exchanges run under its GEMMs; what is left exposed is the longer of the two
+        hidden = min(shared_gemm, ep_comm)
+        ep_comm -= hidden
     return LayerTimes(gemm, attention, elementwise, tp_comm, cp_comm, ep_comm, 1.0 / passes, host)
 
 
@@ -700,10 +711,10 @@ def moe_max_load(model: ModelSpec, layout: Layout, tokens_per_rank: float) -> fl
     `moe_router_force_load_balancing` (iid normal logits per token: NeMo's "force-balanced,
     token-dropless" MoE benchmarks, Megatron-Bridge's MoE performance configs), a lower bound of a
     trained router's (whose per-expert preferences add a systematic part no published statistic here
-    fixes); drop-and-pad runs (`moe_pad_expert_input_to_capacity`) have none, which the language does
-    not state yet. It shrinks with the tokens (1 / sqrt(N)), so the time per row never grows with the
-    micro batch (the search's lower bound holds). Mixtral (8 experts, top 2), EP 8: +1.0 % at 8,192 tokens per rank (8x7B, micro
-    batch 2 x 4,096), +1.5 % at 4,096 (8x22B at 64K: CP 8, SP over TP 2); 128 experts, top 8, EP 8,
+    fixes); drop-and-pad runs (`moe_pad_expert_input_to_capacity`) have none (`moe_rows_factor`). It
+    shrinks with the tokens (1 / sqrt(N)), so the time per row never grows with the micro batch (the
+    search's lower bound holds). Mixtral (8 experts, top 2), EP 8: +1.0 % at 8,192 tokens per rank (8x7B,
+    micro batch 2 x 4,096), +1.5 % at 4,096 (8x22B at 64K: CP 8, SP over TP 2); 128 experts, top 8, EP 8,
     4,096 tokens: +0.8 %; 256 experts, top 8, EP 64, 4,096 tokens: +1.3 %."""
     ep, experts, k = layout.ep, model.experts, model.top_k
     if not model.is_moe or ep <= 1 or experts <= k:
@@ -713,6 +724,21 @@ def moe_max_load(model: ModelSpec, layout: Layout, tokens_per_rank: float) -> fl
     mean = n * k * share
     var = n * k * share * (1.0 - share) * (experts - k) / (experts - 1)
     return 1.0 + math.sqrt(var * ep / (ep - 1)) * expected_max_normal(ep) / mean
+
+
+def moe_rows_factor(model: ModelSpec, layout: Layout, tokens_per_rank: float) -> float:
+    """Routed rows of the busiest expert-parallel rank over the mean load (the factor the grouped GEMMs
+    and the all-to-all carry). Dropless (no `moe_capacity_factor`): `moe_max_load`. Drop-and-pad
+    (`moe_pad_to_capacity`, Megatron-Core `moe_pad_expert_input_to_capacity`): every expert's input is
+    padded to exactly its capacity, c x its mean load (`token_dispatcher.py`: capacity = ceil(tokens x
+    top_k / experts x c) per expert, `get_capacity`), on every rank alike: c, no busiest-rank factor.
+    A capacity without padding only drops tokens: the busiest rank's rows are its dropless load capped
+    at c x the mean, min(moe_max_load, c)."""
+    dropless = moe_max_load(model, layout, tokens_per_rank)
+    c = model.moe_capacity_factor
+    if not model.is_moe or c is None:
+        return dropless
+    return c if model.moe_pad_to_capacity else min(dropless, c)
 
 
 def _ep_comm(model, layout, hw, tokens, passes, params, dispatcher: str = "alltoall") -> float:
@@ -741,9 +767,9 @@ def _ep_comm(model, layout, hw, tokens, passes, params, dispatcher: str = "allto
         return 2.0 * (passes / 1.5) * size * (group - 1) / _link_bw(hw, group, 1, params)
     if layout.ep == 1:
         return 0.0
-    # the busiest rank's share of the routed tokens (`moe_max_load`): the exchange ends when its
-    # receive (dispatch) and send (combine) end
-    size = tokens * model.top_k / rep * model.hidden * 2.0 * moe_max_load(model, layout, tokens / rep)
+    # the busiest rank's share of the routed tokens (`moe_rows_factor`: dropless, capped, or padded to the
+    # capacity): the exchange ends when its receive (dispatch) and send (combine) end
+    size = tokens * model.top_k / rep * model.hidden * 2.0 * moe_rows_factor(model, layout, tokens / rep)
     volume = 2.0 * (passes / 1.5) * size * (layout.ep - 1) / layout.ep
     return volume / _link_bw(hw, layout.ep, layout.etp, params)
 

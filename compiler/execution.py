@@ -48,7 +48,9 @@ def moe_execution(model: ModelSpec, kernels: str, ep: int, dispatcher: str | Non
     if kernels == "te":
         auto = AUTO_MOE_TE
     else:
-        auto = ("alltoall" if ep > 1 else "allgather", False, False)
+        # moe_shared_expert_overlap runs with the alltoall dispatcher only (E145)
+        alltoall = ep > 1 or model.moe_shared_expert_overlap
+        auto = ("alltoall" if alltoall else "allgather", False, False)
     return MoeExecution(
         dispatcher=dispatcher or auto[0],
         grouped_gemm=auto[1] if grouped_gemm is None else grouped_gemm,

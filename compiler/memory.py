@@ -221,17 +221,28 @@ def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, 
     return LayerActivations(norms, attention, scores, mlp, drop)
 
 
+def _capacity_rows(model: ModelSpec) -> float:
+    """The expert tensors' rows over the balanced mean load: 1 dropless (memory sizes the mean, as
+    before), c drop-and-pad (`moe_pad_to_capacity`), min(1, c) with dropping only."""
+    c = model.moe_capacity_factor
+    if c is None:
+        return 1.0
+    return c if model.moe_pad_to_capacity else min(1.0, c)
+
+
 def _mlp_activations(model: ModelSpec, tokens: float, *, tp: int, rep: int, etp: int, act_bytes: int) -> float:
     """fc1 output (2f wide when gated) and activation output (fc2 input), Korthikanti's 16 sbh for a
     4h GELU MLP. MoE (Megatron-Core MoELayer, alltoall dispatcher, dropless with balanced routing):
     each GPU receives on average tokens x top_k / rep routed copies (SP-sharded tokens sent over EP),
     all-gathered over ETP; it keeps the permuted expert input, the expert tensors (width / ETP), the
-    expert output for unpermute, and fp32 router logits."""
+    expert output for unpermute, and fp32 router logits. With a capacity factor c the expert tensors hold
+    c x the mean rows when padded to capacity (drop-and-pad: every expert exactly its capacity), at most
+    min(1, c) x them when tokens are only dropped."""
     if not model.is_moe:
         f = model.ffn_hidden / tp
         return act_bytes * tokens * f * (3 if is_gated(model) else 2)
     f = (model.moe_ffn_hidden or model.ffn_hidden) / etp
-    routed = tokens * model.top_k / rep * etp
+    routed = tokens * model.top_k / rep * etp * _capacity_rows(model)
     experts = routed * (2 * act_bytes * model.hidden + act_bytes * f * (3 if is_gated(model) else 2))
     router = 4.0 * tokens * model.experts / rep
     shared = 0.0
@@ -526,7 +537,8 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         if layout.pp > 1:
             parts["pp_p2p_buffers"] = 2.0 * 2 * s_local * b * model.hidden / rep  # send + recv
         if model.is_moe:
-            routed = s_local * b * model.top_k / rep * layout.etp
+            # padded to a capacity factor c the buffers hold c x the routed rows (`_capacity_rows`)
+            routed = s_local * b * model.top_k / rep * layout.etp * _capacity_rows(model)
             parts["moe_dispatch"] = 2.0 * 2 * routed * model.hidden  # all-to-all send + receive
             if moe_dispatcher == "allgather" and layout.ep * layout.etp > 1:
                 # the hidden states of the whole expert-parallel x expert-TP group, gathered (and the

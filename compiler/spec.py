@@ -57,6 +57,25 @@ class ModelSpec:
     top_k: int = 0
     moe_ffn_hidden: int | None = None
     shared_expert_ffn_hidden: int = 0
+    # token dropping and the router (Megatron-Core TransformerConfig `moe_expert_capacity_factor`,
+    # `moe_pad_expert_input_to_capacity`, `moe_token_drop_policy`, `moe_router_load_balancing_type`,
+    # `moe_aux_loss_coeff`, `moe_shared_expert_overlap`); None capacity = dropless
+    moe_capacity_factor: float | None = None
+    moe_pad_to_capacity: bool = False
+    moe_token_drop_policy: str = "probs"  # probs | position
+    moe_load_balancing: str = "aux_loss"  # aux_loss | seq_aux_loss | global_aux_loss | sinkhorn | none
+    moe_aux_loss_coeff: float = 1e-2
+    moe_shared_expert_overlap: bool = False
+    # the router (Megatron-Core `moe_router_score_function`, `moe_router_pre_softmax`,
+    # `moe_router_topk_scaling_factor`, `moe_router_enable_expert_bias`, `moe_router_bias_update_rate`,
+    # `moe_router_num_groups`, `moe_router_group_topk`): DeepSeek-V3's sigmoid, aux-loss-free, group-limited
+    moe_router_score: str = "softmax"  # softmax | sigmoid
+    moe_router_pre_softmax: bool = False  # forced on for top_k = 1 by the runtime (W107)
+    moe_topk_scaling_factor: float | None = None
+    moe_expert_bias: bool = False
+    moe_expert_bias_update_rate: float = 1e-3
+    moe_router_groups: int = 0  # 0 = no group-limited routing
+    moe_router_group_topk: int = 0
     norm_epsilon: float = 1e-5
     # Gemma 3 (Gemma3ForCausalLM): RMSNorm scales by (1 + w) (weights stored zero-centred); a norm after the
     # attention and after the MLP output too (sandwich norms, before each residual add); the input
@@ -87,6 +106,11 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.experts > 0
+
+    @property
+    def drop_and_pad(self) -> bool:
+        """Every expert's input padded to its capacity (fixed shapes: the CUDA-graph scope `moe`)."""
+        return self.moe_capacity_factor is not None and self.moe_pad_to_capacity
 
     def is_sliding_layer(self, layer: int) -> bool:
         """Whether 1-based layer `layer` attends through the sliding window (Gemma 3's layer_types)."""

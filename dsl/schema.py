@@ -196,6 +196,52 @@ MODEL_FIELDS = (
     _f("top_k", INT, 0, "Experts routed per token."),
     _f("moe_ffn_hidden", POSITIVE, None, "Expert MLP intermediate size. Default: ffn_hidden."),
     _f("shared_expert_ffn_hidden", INT, 0, "Shared-expert MLP size; 0 = none."),
+    _f("moe_capacity_factor", POSITIVE_FLOAT, None,
+       "Token dropping: each expert takes at most this factor x its mean load of routed tokens per micro batch "
+       "(Megatron-Core `moe_expert_capacity_factor`); the rest are dropped (see `moe_token_drop_policy`). "
+       "Default: dropless. NeMo's Mixtral performance mode: 1.0 with `moe_pad_to_capacity`."),
+    _f("moe_pad_to_capacity", BOOL, False,
+       "Drop-and-pad: pad every expert's input to exactly its capacity (Megatron-Core "
+       "`moe_pad_expert_input_to_capacity`), so the all-to-all and grouped GEMM shapes are fixed (what the "
+       "CUDA-graph scope `moe` needs). Only with `moe_capacity_factor` (E143); not with the flex dispatcher "
+       "(DeepEP, E146)."),
+    _f("moe_token_drop_policy", enum("probs", "position"), "probs",
+       "Which tokens an over-capacity expert drops (Megatron-Core `moe_token_drop_policy`): `probs` the lowest "
+       "router probabilities, `position` the last in the batch. Read only with `moe_capacity_factor`."),
+    _f("moe_load_balancing", enum("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"), "aux_loss",
+       "The router's load-balancing (Megatron-Core `moe_router_load_balancing_type`): `aux_loss` (GShard / Switch "
+       "Transformer, per micro batch), `seq_aux_loss` (per sequence, DeepSeek-V2/V3), `global_aux_loss` (over "
+       "the global batch), `sinkhorn` (S-BASE, no loss; not with `moe_capacity_factor`: E144), `none`."),
+    _f("moe_aux_loss_coeff", NONNEG_FLOAT, 1e-2,
+       "Weight of the load-balancing loss (Megatron-Core `moe_aux_loss_coeff`; Switch Transformer's alpha). "
+       "Megatron-Bridge: 1e-2 Mixtral / GPT-OSS, 1e-3 Qwen3-MoE, 1e-4 DeepSeek-V3."),
+    _f("moe_router_score", enum("softmax", "sigmoid"), "softmax",
+       "The router's score function (Megatron-Core `moe_router_score_function`): `softmax`, or `sigmoid` "
+       "(DeepSeek-V3)."),
+    _f("moe_router_pre_softmax", BOOL, False,
+       "Normalise the scores over all experts before the top-k (Megatron-Core `moe_router_pre_softmax`; "
+       "DeepSeek-V2/V3, Qwen3-MoE without norm_topk_prob); always on for top_k = 1 (W107)."),
+    _f("moe_topk_scaling_factor", POSITIVE_FLOAT, None,
+       "Multiply the selected experts' weights by this factor (Megatron-Core `moe_router_topk_scaling_factor`; "
+       "DeepSeek-V3: 2.5). Default: none."),
+    _f("moe_expert_bias", BOOL, False,
+       "Aux-loss-free load balancing: a per-expert bias added to the scores for the top-k choice, updated "
+       "from each global batch's expert loads (Megatron-Core `moe_router_enable_expert_bias`, DeepSeek-V3). "
+       "Needs `moe_router_score = sigmoid` (E149)."),
+    _f("moe_expert_bias_update_rate", NONNEG_FLOAT, 1e-3,
+       "Step of that bias update (Megatron-Core `moe_router_bias_update_rate`). Read only with `moe_expert_bias`."),
+    _f("moe_router_groups", INT, 0,
+       "Group-limited routing: the experts split into this many equal groups (Megatron-Core "
+       "`moe_router_num_groups`; DeepSeek-V3: 8, one per node of its EP group); 0 = none. Experts must divide "
+       "into them (E156)."),
+    _f("moe_router_group_topk", INT, 0,
+       "With `moe_router_groups`: each token's experts come from its best this-many groups (Megatron-Core "
+       "`moe_router_group_topk`; DeepSeek-V3: 4); 0 = no group limit. At most `moe_router_groups` (E156)."),
+    _f("moe_shared_expert_overlap", BOOL, False,
+       "Run the shared expert between the router and the routed experts, overlapping its GEMMs with the "
+       "token dispatch (Megatron-Core `moe_shared_expert_overlap`, Megatron-Bridge's DeepSeek / Qwen3-MoE "
+       "recipes). Needs `shared_expert_ffn_hidden` (E147), the alltoall dispatcher (E145; auto picks it) and GPUs (a CUDA "
+       "side stream, E148)."),
     _f("norm_epsilon", POSITIVE_FLOAT, 1e-5, "Normalization epsilon."),
     _f("norm_zero_centered", BOOL, False, "RMSNorm scales by (1 + weight), the weight stored zero-centred (Gemma)."),
     _f("post_block_norms", BOOL, False, "A norm on the attention output and on the MLP output before each "
@@ -524,7 +570,7 @@ EXPERIMENT_FIELDS = (
     _f("cuda_graph_scope", list_of(enum("attn", "mlp", "moe", "moe_router", "moe_preprocess", "full_iteration")),
        (), "What each graph captures (Megatron-Core `cuda_graph_scope`): `[]` the whole layer, or parts of it: "
        "`attn`, `mlp` (dense layers), `moe_router`, `moe_preprocess` (with moe_router), `moe` (drop-and-pad "
-       "MoE only, which nemoc does not build), `full_iteration` (`local` only: forward and backward of the whole "
+       "MoE only: model.moe_capacity_factor with moe_pad_to_capacity), `full_iteration` (`local` only: forward and backward of the whole "
        "step). Megatron-Core's scope checks are E174."),
     _f("manual_gc", BOOL, None,
        "Disable Python's automatic garbage collector during training and collect on every rank at the same "

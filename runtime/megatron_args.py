@@ -319,6 +319,9 @@ def transformer_config(
     _check_fp8_recipe(execution.fp8_recipe if execution is not None else None, facts)
     moe = execution.moe if execution is not None else None
     _check_moe(moe, facts)
+    if model.is_moe and model.moe_shared_expert_overlap and facts.cpu:  # E148 in `nemoc check`
+        raise UnsupportedPlan("moe_shared_expert_overlap runs the shared expert on a CUDA side stream "
+                              "(shared_experts.py); remove it on the CPU")
     _check_nvfp4(precision, facts)
     host = execution.host if execution is not None else None
     _check_cuda_graphs(host, facts)
@@ -383,23 +386,40 @@ def _moe_kwargs(model: ModelSpec, layout: Layout, moe: MoeExecution | None = Non
     own copies, tests) the local spec's: alltoall with expert parallelism, else allgather, no grouped
     GEMM, no fused permutation."""
     if moe is None:
-        moe = MoeExecution(dispatcher="alltoall" if layout.ep > 1 else "allgather", grouped_gemm=False,
+        alltoall = layout.ep > 1 or model.moe_shared_expert_overlap
+        moe = MoeExecution(dispatcher="alltoall" if alltoall else "allgather", grouped_gemm=False,
                            permute_fusion=False)
-    flex = dict(moe_flex_dispatcher_backend="deepep") if moe.dispatcher == "flex" else {}
+    extra = dict(moe_flex_dispatcher_backend="deepep") if moe.dispatcher == "flex" else {}
+    if model.moe_capacity_factor is not None:  # read only when tokens are dropped
+        extra["moe_token_drop_policy"] = model.moe_token_drop_policy
+    if model.moe_router_score != "softmax":  # Megatron-Core's default: softmax
+        extra["moe_router_score_function"] = model.moe_router_score
+    if model.moe_expert_bias:  # read only with the expert bias
+        extra["moe_router_bias_update_rate"] = model.moe_expert_bias_update_rate
     return dict(
         num_moe_experts=model.experts,
         moe_router_topk=model.top_k,
         moe_ffn_hidden_size=model.moe_ffn_hidden or model.ffn_hidden,
         moe_shared_expert_intermediate_size=model.shared_expert_ffn_hidden or None,
         moe_token_dispatcher_type=moe.dispatcher,
-        **flex,
-        moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=1e-2,  # Switch Transformer's alpha (Fedus et al. 2021, sec. 2.2)
+        **extra,
+        moe_router_load_balancing_type=model.moe_load_balancing,
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,  # default 1e-2: Switch Transformer's alpha (Fedus et al. 2021)
+        # token dropping (None: dropless) and drop-and-pad; E143 / E144 / E146 mirror __post_init__'s checks
+        moe_expert_capacity_factor=model.moe_capacity_factor,
+        moe_pad_expert_input_to_capacity=model.moe_pad_to_capacity,
+        moe_shared_expert_overlap=model.moe_shared_expert_overlap,  # E145: shared expert + alltoall only
         moe_grouped_gemm=moe.grouped_gemm,  # TEGroupedMLP (TE's GroupedLinear): runtime/model.py layer_spec
         moe_permute_fusion=moe.permute_fusion,
         # Top-1 softmax routing raises unless the softmax comes before the top-k
         # (transformer_config.py __post_init__: "Please use --moe-router-pre-softmax when topk is 1").
-        moe_router_pre_softmax=model.top_k == 1,
+        moe_router_pre_softmax=model.moe_router_pre_softmax or model.top_k == 1,
+        # the router's scores, aux-loss-free expert bias and group-limited routing (E149 / E156 mirror
+        # __post_init__'s checks of them)
+        moe_router_topk_scaling_factor=model.moe_topk_scaling_factor,
+        moe_router_enable_expert_bias=model.moe_expert_bias,
+        moe_router_num_groups=model.moe_router_groups or None,
+        moe_router_group_topk=model.moe_router_group_topk or None,
         # Megatron warns from 32 experts on without fp32 routing (numerical stability of the
         # router's softmax and aux loss; transformer_config.py __post_init__); below, the default.
         moe_router_dtype="fp32" if model.experts >= 32 else None,

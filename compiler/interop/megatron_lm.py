@@ -14,6 +14,22 @@ from __future__ import annotations
 from nemoc.compiler.interop.draft import Call, Draft, Word
 from nemoc.compiler.interop.shell import Launch
 
+# Megatron-LM flag, model field, kind (float | bool | word | int): MoE token dropping and the router.
+_MOE_ROUTING = (
+    ("--moe-expert-capacity-factor", "moe_capacity_factor", "float"),
+    ("--moe-pad-expert-input-to-capacity", "moe_pad_to_capacity", "bool"),
+    ("--moe-token-drop-policy", "moe_token_drop_policy", "word"),
+    ("--moe-router-load-balancing-type", "moe_load_balancing", "word"),
+    ("--moe-aux-loss-coeff", "moe_aux_loss_coeff", "float"),
+    ("--moe-shared-expert-overlap", "moe_shared_expert_overlap", "bool"),
+    ("--moe-router-score-function", "moe_router_score", "word"),
+    ("--moe-router-pre-softmax", "moe_router_pre_softmax", "bool"),
+    ("--moe-router-topk-scaling-factor", "moe_topk_scaling_factor", "float"),
+    ("--moe-router-enable-expert-bias", "moe_expert_bias", "bool"),
+    ("--moe-router-bias-update-rate", "moe_expert_bias_update_rate", "float"),
+    ("--moe-router-num-groups", "moe_router_groups", "int"),
+    ("--moe-router-group-topk", "moe_router_group_topk", "int"),
+)
 # Flags this importer reads (the rest are named in Draft.dropped).
 _FLAGS = {
     "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--group-query-attention",
@@ -22,6 +38,7 @@ _FLAGS = {
     "--use-rotary-position-embeddings", "--no-position-embedding", "--rotary-base",
     "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--add-qkv-bias", "--qk-layernorm",
     "--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size", "--moe-shared-expert-intermediate-size",
+    *(flag for flag, _, _ in _MOE_ROUTING),
     "--hidden-dropout", "--attention-dropout",
     "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layers-per-virtual-pipeline-stage",
     "--num-virtual-stages-per-pipeline-rank", "--context-parallel-size", "--expert-model-parallel-size",
@@ -159,6 +176,11 @@ def _model(f: _Flags, d: Draft) -> None:
         shared_expert_ffn_hidden=f.int("--moe-shared-expert-intermediate-size", 0) or 0,
         norm_epsilon=f.float("--norm-epsilon", f.float("--layernorm-epsilon", 1e-5)),
     )
+    if experts:  # the routing flags given (the rest stay the language's defaults, which are Megatron's)
+        for flag, field, kind in _MOE_ROUTING:
+            if f.has(flag):
+                d.model[field] = (True if kind == "bool" else f.float(flag) if kind == "float"
+                                  else f.int(flag) if kind == "int" else Word(f.str(flag)))
 
 
 def _parallel(f: _Flags, d: Draft) -> None:

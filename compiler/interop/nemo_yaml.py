@@ -301,6 +301,8 @@ def _bridge(r: _Reader, d: Draft) -> None:
     if not experts:
         for k in ("moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
             r.get(m + k)  # MoE settings of a dense model: defaults that change nothing
+    else:
+        _moe_routing(r, m, d)
     tp = r.int(m + "tensor_model_parallel_size", 1)
     _parallel(d, tp=tp, pp=r.int(m + "pipeline_model_parallel_size", 1),
               vp=r.int(m + "virtual_pipeline_model_parallel_size"), cp=r.int(m + "context_parallel_size", 1),
@@ -323,6 +325,50 @@ def _bridge(r: _Reader, d: Draft) -> None:
            eval_every=eval_every, eval_iters=eval_iters, seed=r.int("rng.seed"))
     if r.get("checkpoint.save_interval") is not None:
         d.checkpoint["every"] = r.int("checkpoint.save_interval")
+
+
+# Megatron-Core TransformerConfig key -> the model field that states it (token dropping and the router)
+_MOE_ROUTING = {
+    "moe_expert_capacity_factor": "moe_capacity_factor", "moe_pad_expert_input_to_capacity": "moe_pad_to_capacity",
+    "moe_token_drop_policy": "moe_token_drop_policy", "moe_router_load_balancing_type": "moe_load_balancing",
+    "moe_aux_loss_coeff": "moe_aux_loss_coeff", "moe_shared_expert_overlap": "moe_shared_expert_overlap",
+    "moe_router_score_function": "moe_router_score", "moe_router_pre_softmax": "moe_router_pre_softmax",
+    "moe_router_topk_scaling_factor": "moe_topk_scaling_factor",
+    "moe_router_enable_expert_bias": "moe_expert_bias", "moe_router_bias_update_rate": "moe_expert_bias_update_rate",
+    "moe_router_num_groups": "moe_router_groups", "moe_router_group_topk": "moe_router_group_topk",
+}
+
+
+def _moe_routing(r: _Reader, m: str, d: Draft) -> None:
+    """The MoE routing keys of the config that differ from the language's defaults (Megatron-Core's), each
+    as its model field; a value the language has no word for (a list of balancing types, `noaux_tc`) stays
+    unread, so the import names it as not carried over."""
+    from nemoc.dsl.schema import MODEL_FIELDS
+
+    fields = {f.name: f for f in MODEL_FIELDS}
+    for key, name in _MOE_ROUTING.items():
+        raw = _peek(r.root, m + key)
+        if raw is None:
+            continue
+        if key == "moe_expert_capacity_factor" and isinstance(raw, (int, float)) and raw < 0:
+            r.get(m + key)  # Megatron-Core reads a negative capacity factor as none (dropless)
+            continue
+        choices = getattr(fields[name].type, "choices", None)
+        if isinstance(raw, (list, dict)) or (choices and raw not in choices):
+            continue
+        value = r.get(m + key)
+        if value == fields[name].default or (name in ("moe_router_groups", "moe_router_group_topk") and not value):
+            continue
+        d.model[name] = Word(value) if isinstance(value, str) else value
+
+
+def _peek(root: dict, path: str):
+    node = root
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _bridge_norm(r: _Reader) -> str:

@@ -50,9 +50,18 @@ def _scope_problem(env: Env, s: Sizes) -> tuple[str, str] | None:
         return f"cuda_graph_scope = {shown}", "use moe or moe_router, not both"
     if "moe_preprocess" in scope and "moe_router" not in scope:
         return f"cuda_graph_scope = {shown}", "moe_preprocess needs moe_router in the scope"
-    if "moe" in scope:
-        return (f"cuda_graph_scope = {shown}: the moe graph needs drop-and-pad experts (a capacity factor "
-                "with padding), which nemoc does not build", "use moe_router (and moe_preprocess)")
+    m = env.model
+    if "moe" in scope and not m.drop_and_pad:
+        return (f"cuda_graph_scope = {shown} with model.moe_capacity_factor = "
+                f"{m.moe_capacity_factor if m.moe_capacity_factor is not None else 'none (dropless)'}, "
+                f"moe_pad_to_capacity = {str(m.moe_pad_to_capacity).lower()}: the moe graph needs drop-and-pad experts",
+                "set model.moe_capacity_factor and moe_pad_to_capacity = true, or use moe_router (and moe_preprocess)")
+    dispatcher = env.moe_requested[0] or "alltoall"  # a TE stage's auto dispatcher (execution.AUTO_MOE_TE)
+    if ("moe_preprocess" in scope and dispatcher == "alltoall" and m.moe_capacity_factor is not None
+            and not m.moe_pad_to_capacity):
+        return (f"cuda_graph_scope = {shown} with the alltoall dispatcher and moe_capacity_factor("
+                f"{m.moe_capacity_factor}) without padding: its preprocess copies token counts to the host",
+                "remove moe_preprocess, or set model.moe_pad_to_capacity = true")
     if s.recompute == "full" and tuple(scope) != ("full_iteration",):
         return (f"cuda_graph_scope = {shown} with recompute = full",
                 "full recompute is graphed only with cuda_graph_scope = [full_iteration] (cuda_graph_impl = "

@@ -226,10 +226,26 @@ def _written_moe(env: Env) -> list[tuple[str, object]]:
     return [(name, value) for name, value in zip(_MOE_FIELDS, env.moe_requested) if value is not None]
 
 
+# The model's routing fields with their defaults (compiler/spec.py ModelSpec): another value on a dense
+# model is an MoE setting nothing reads.
+_MODEL_MOE_DEFAULTS = (("moe_capacity_factor", None), ("moe_pad_to_capacity", False),
+                       ("moe_token_drop_policy", "probs"), ("moe_load_balancing", "aux_loss"),
+                       ("moe_aux_loss_coeff", 1e-2), ("moe_shared_expert_overlap", False),
+                       ("moe_router_score", "softmax"), ("moe_router_pre_softmax", False),
+                       ("moe_topk_scaling_factor", None), ("moe_expert_bias", False),
+                       ("moe_expert_bias_update_rate", 1e-3), ("moe_router_groups", 0), ("moe_router_group_topk", 0))
+
+
+def _written_model_moe(m) -> list[tuple[str, object]]:
+    return [(f"model.{name}", getattr(m, name)) for name, default in _MODEL_MOE_DEFAULTS
+            if getattr(m, name) != default]
+
+
 def rule_moe_settings_dense(env: Env, s: Sizes) -> Violation | None:
-    """The MoE layer's settings (dispatcher, grouped GEMM, permute fusion) on a dense model: nothing
-    would use them (Megatron-Core reads them only with num_moe_experts)."""
-    written = _written_moe(env)
+    """The MoE layer's settings (dispatcher, grouped GEMM, permute fusion; the model's token dropping and
+    router fields) on a dense model: nothing would use them (Megatron-Core reads them only with
+    num_moe_experts)."""
+    written = _written_moe(env) or _written_model_moe(env.model)
     if env.model.is_moe or not written:
         return None
     name, value = written[0]
@@ -267,3 +283,146 @@ def rule_moe_settings_kernels(env: Env, s: Sizes) -> Violation | None:
         source="megatron/core/transformer/transformer_config.py (moe_permute_fusion needs TE >= 2.1); "
                "megatron/core/models/gpt/gpt_layer_specs.py (grouped GEMM: TEGroupedMLP)",
     )
+
+
+# -- token dropping and the router (Megatron-Core 0.16.1 transformer_config.py __post_init__)
+
+_CAPACITY_SOURCE = "megatron/core/transformer/transformer_config.py __post_init__ (moe_expert_capacity_factor)"
+
+
+def _capacity_shown(m) -> str:
+    return "none (dropless)" if m.moe_capacity_factor is None else str(m.moe_capacity_factor)
+
+
+def rule_moe_pad_needs_capacity(env: Env, s: Sizes) -> Violation | None:
+    """Padding to capacity needs a capacity: "moe_expert_capacity_factor must be set to use
+    moe_pad_expert_input_to_capacity"."""
+    m = env.model
+    if not m.is_moe or not m.moe_pad_to_capacity or m.moe_capacity_factor is not None:
+        return None
+    return Violation(
+        "E143", "moe_pad_to_capacity pads each expert's input to its capacity, but there is none",
+        "moe_pad_to_capacity = true with moe_capacity_factor = none (dropless)",
+        "set model.moe_capacity_factor (NeMo's Mixtral performance mode: 1.0), or remove moe_pad_to_capacity",
+        anchors=("model.moe_pad_to_capacity", "model"), source=_CAPACITY_SOURCE)
+
+
+def rule_moe_capacity_balancing(env: Env, s: Sizes) -> Violation | None:
+    """"moe_expert_capacity_factor only works with aux_loss, seq_aux_loss, global_aux_loss or none load
+    balancing": Sinkhorn routing has no capacity step."""
+    m = env.model
+    if not m.is_moe or m.moe_capacity_factor is None or m.moe_load_balancing != "sinkhorn":
+        return None
+    return Violation(
+        "E144", "token dropping does not work with Sinkhorn load balancing",
+        f"moe_capacity_factor({m.moe_capacity_factor}) with moe_load_balancing = sinkhorn",
+        "use moe_load_balancing = aux_loss, seq_aux_loss, global_aux_loss or none, or remove moe_capacity_factor",
+        anchors=("model.moe_capacity_factor", "model.moe_load_balancing", "model"), source=_CAPACITY_SOURCE)
+
+
+def rule_moe_shared_overlap_needs_shared(env: Env, s: Sizes) -> Violation | None:
+    """Without a shared expert `moe_shared_expert_overlap` has nothing to overlap (Megatron-Core ignores
+    it: "Only effective when moe-shared-expert-intermediate-size is set"), which nemoc reports rather than
+    plan a setting that does nothing."""
+    m = env.model
+    if not m.is_moe or not m.moe_shared_expert_overlap or m.shared_expert_ffn_hidden:
+        return None
+    return Violation(
+        "E147", "moe_shared_expert_overlap without a shared expert",
+        "moe_shared_expert_overlap = true with shared_expert_ffn_hidden = 0",
+        "set model.shared_expert_ffn_hidden, or remove moe_shared_expert_overlap",
+        anchors=("model.moe_shared_expert_overlap", "model"),
+        source="megatron/core/transformer/transformer_config.py (moe_shared_expert_overlap: only effective when "
+               "moe_shared_expert_intermediate_size is set)")
+
+
+def rule_moe_shared_expert_overlap(env: Env, s: Sizes) -> Violation | None:
+    """`moe_shared_expert_overlap` overlaps the shared expert with the alltoall dispatcher's exchange:
+    "moe_shared_expert_overlap only works with alltoall token dispatcher"."""
+    m = env.model
+    if not m.is_moe or not m.moe_shared_expert_overlap or not m.shared_expert_ffn_hidden:
+        return None
+    dispatcher = env.moe_requested[0]
+    if dispatcher in (None, "alltoall"):
+        return None  # auto resolves to alltoall with the overlap (execution.moe_execution)
+    return Violation(
+        "E145", "moe_shared_expert_overlap works with the alltoall dispatcher only",
+        f"moe_shared_expert_overlap = true with moe_dispatcher = {dispatcher}",
+        "set moe_dispatcher = alltoall (or auto), or remove moe_shared_expert_overlap",
+        anchors=("model.moe_shared_expert_overlap", "moe_dispatcher", "model"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (moe_shared_expert_overlap only works "
+               "with alltoall token dispatcher)")
+
+
+def rule_moe_shared_overlap_gpu(env: Env, s: Sizes) -> Violation | None:
+    """The overlap runs the shared expert on a CUDA side stream (shared_experts.py `torch.cuda.Stream()`):
+    not on the CPU."""
+    m = env.model
+    if not m.is_moe or not m.moe_shared_expert_overlap or env.gpu_arch != "cpu":
+        return None
+    return Violation(
+        "E148", "moe_shared_expert_overlap needs GPUs (a CUDA side stream)",
+        f"moe_shared_expert_overlap = true with cluster.gpu = {env.cluster.gpu}",
+        "remove moe_shared_expert_overlap on the CPU",
+        anchors=("model.moe_shared_expert_overlap", "cluster.gpu", "cluster"),
+        source="megatron/core/transformer/moe/shared_experts.py (self.stream = torch.cuda.Stream())")
+
+
+def rule_moe_expert_bias_sigmoid(env: Env, s: Sizes) -> Violation | None:
+    """"Expert bias for aux-loss-free routing only supports sigmoid score function"."""
+    m = env.model
+    if not m.is_moe or not m.moe_expert_bias or m.moe_router_score == "sigmoid":
+        return None
+    return Violation(
+        "E149", "the aux-loss-free expert bias works with sigmoid router scores only",
+        f"moe_expert_bias = true with moe_router_score = {m.moe_router_score}",
+        "set model.moe_router_score = sigmoid (DeepSeek-V3), or remove moe_expert_bias",
+        anchors=("model.moe_expert_bias", "model.moe_router_score", "model"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (Expert bias for aux-loss-free "
+               "routing only supports sigmoid score function)")
+
+
+def rule_moe_router_groups(env: Env, s: Sizes) -> Violation | None:
+    """Group-limited routing (transformer_config.py __post_init__, `if self.moe_router_group_topk`): the
+    groups must be given, divide the experts, and number at least the groups each token picks; groups
+    without a group top-k route as if there were none (Megatron reads the groups only with it), which
+    nemoc refuses rather than plan a setting that does nothing."""
+    m = env.model
+    groups, topk = m.moe_router_groups, m.moe_router_group_topk
+    if not m.is_moe or (not groups and not topk):
+        return None
+    if not groups:
+        eq, hint = (f"moe_router_group_topk({topk}) with moe_router_groups = 0",
+                    "set model.moe_router_groups (DeepSeek-V3: 8), or remove moe_router_group_topk")
+        anchor = "model.moe_router_group_topk"
+    elif not topk:
+        eq, hint = (f"moe_router_groups({groups}) with moe_router_group_topk = 0",
+                    "set model.moe_router_group_topk (DeepSeek-V3: 4), or remove moe_router_groups")
+        anchor = "model.moe_router_groups"
+    elif m.experts % groups:
+        eq, hint = (f"experts({m.experts}) % moe_router_groups({groups}) = {m.experts % groups} != 0",
+                    "choose a number of groups that divides the experts")
+        anchor = "model.moe_router_groups"
+    elif topk > groups:
+        eq, hint = (f"moe_router_group_topk({topk}) > moe_router_groups({groups})",
+                    "pick at most as many groups per token as there are")
+        anchor = "model.moe_router_group_topk"
+    else:
+        return None
+    return Violation(
+        "E156", "group-limited routing is not one Megatron-Core can build", eq, hint, anchors=(anchor, "model"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (moe_router_group_topk / "
+               "moe_router_num_groups)")
+
+
+def rule_moe_pad_flex(env: Env, s: Sizes) -> Violation | None:
+    """"Flex token dispatcher with deepep backend does not support moe_pad_expert_input_to_capacity"."""
+    m = env.model
+    if not m.is_moe or not m.moe_pad_to_capacity or env.moe_requested[0] != "flex":
+        return None
+    return Violation(
+        "E146", "drop-and-pad does not work with the flex (DeepEP) dispatcher",
+        f"moe_pad_to_capacity = true (moe_capacity_factor {_capacity_shown(m)}) with moe_dispatcher = flex",
+        "set moe_dispatcher = alltoall (or auto), or remove moe_pad_to_capacity",
+        anchors=("model.moe_pad_to_capacity", "moe_dispatcher", "model"),
+        source="megatron/core/transformer/transformer_config.py __post_init__ (flex token dispatcher with deepep)")

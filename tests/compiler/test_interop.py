@@ -313,3 +313,88 @@ dataset:
     assert "distributed_optimizer = true" in text and "precision = bf16" in text and "stage pretrain {" in text
     spec = _spec(text)
     assert spec.parallel.tensor == 2 and spec.model.kv_channels in (None, 64) and spec.model.head_dim == 64
+
+
+def test_moe_token_dropping_and_router_flags_are_carried_over():
+    """What `nemoc export` writes for a drop-and-pad, DeepSeek-style router (runtime/megatron_args `_flags`)
+    reads back as the same model fields."""
+    text = import_text("torchrun --nproc_per_node 8 pretrain_gpt.py --num-layers 4 --hidden-size 1024 "
+                       "--num-attention-heads 16 --seq-length 2048 --vocab-size 32000 --lr 1e-4 --train-iters 10 "
+                       "--global-batch-size 64 --num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 512 "
+                       "--moe-shared-expert-intermediate-size 512 --expert-model-parallel-size 8 "
+                       "--moe-expert-capacity-factor 1 --moe-pad-expert-input-to-capacity --moe-token-drop-policy "
+                       "position --moe-router-load-balancing-type seq_aux_loss --moe-aux-loss-coeff 1e-4 "
+                       "--moe-shared-expert-overlap --moe-router-score-function sigmoid --moe-router-pre-softmax "
+                       "--moe-router-topk-scaling-factor 2.5 --moe-router-enable-expert-bias "
+                       "--moe-router-num-groups 4 --moe-router-group-topk 2\n", "moe.sh").text
+    m = _spec(text).model
+    assert (m.moe_capacity_factor, m.moe_pad_to_capacity, m.moe_token_drop_policy, m.moe_load_balancing,
+            m.moe_aux_loss_coeff, m.moe_shared_expert_overlap) == (1.0, True, "position", "seq_aux_loss", 1e-4, True)
+    assert (m.moe_router_score, m.moe_router_pre_softmax, m.moe_topk_scaling_factor, m.moe_expert_bias,
+            m.moe_router_groups, m.moe_router_group_topk) == ("sigmoid", True, 2.5, True, 4, 2)
+    assert "--moe-expert-capacity-factor" not in text  # carried over, not listed as dropped
+
+
+def test_bridge_dump_of_a_token_drop_moe_carries_the_routing_over():
+    """A Megatron-Bridge dump after `apply_moe_token_drop` (capacity 1.0, padded) with DeepSeek-V3-style
+    routing: the model fields that differ from the defaults are written; Bridge's -1 capacity (dropless)
+    and a balancing type the language has no word for are not carried over silently."""
+    head = """_target_: megatron.bridge.training.config.ConfigContainer
+model:
+  _target_: megatron.bridge.models.gpt_provider.GPTModelProvider
+  activation_func:
+    _call_: false
+    _target_: torch.nn.functional.silu
+  gated_linear_unit: true
+  add_bias_linear: false
+  normalization: RMSNorm
+  num_layers: 4
+  hidden_size: 1024
+  ffn_hidden_size: 4096
+  num_attention_heads: 16
+  num_query_groups: 16
+  position_embedding_type: rope
+  seq_length: 4096
+  vocab_size: 32000
+  num_moe_experts: 8
+  moe_router_topk: 2
+  moe_ffn_hidden_size: 512
+  expert_model_parallel_size: 8
+  moe_token_drop_policy: probs
+  moe_aux_loss_coeff: 0.0001
+  moe_router_score_function: sigmoid
+  moe_router_enable_expert_bias: true
+  moe_router_num_groups: 4
+  moe_router_group_topk: 2
+  moe_router_topk_scaling_factor: 2.5
+"""
+    tail = """train:
+  global_batch_size: 512
+  micro_batch_size: 1
+  train_iters: 10
+optimizer:
+  optimizer: adam
+  lr: 0.0003
+mixed_precision:
+  bf16: true
+dataset:
+  _target_: megatron.bridge.training.config.GPTDatasetConfig
+  blend:
+  - - /data/a_text_document
+  - null
+  split: 99,1,0
+  sequence_length: 4096
+"""
+    drop = head + "  moe_expert_capacity_factor: 1.0\n  moe_pad_expert_input_to_capacity: true\n" \
+        "  moe_router_load_balancing_type: seq_aux_loss\n" + tail
+    imported = import_text(drop, "moe.yaml", gpu="H100")
+    m = _spec(imported.text).model
+    assert (m.moe_capacity_factor, m.moe_pad_to_capacity, m.moe_load_balancing, m.moe_aux_loss_coeff) == (
+        1.0, True, "seq_aux_loss", 1e-4)
+    assert (m.moe_router_score, m.moe_expert_bias, m.moe_router_groups, m.moe_router_group_topk,
+            m.moe_topk_scaling_factor) == ("sigmoid", True, 4, 2, 2.5)
+    assert "moe_token_drop_policy" not in imported.text  # the default: not written
+    dropless = head + "  moe_expert_capacity_factor: -1.0\n  moe_router_load_balancing_type: noaux_tc\n" + tail
+    imported = import_text(dropless, "moe.yaml", gpu="H100")
+    assert _spec(imported.text).model.moe_capacity_factor is None
+    assert any(d.startswith("model.moe_router_load_balancing_type = noaux_tc") for d in imported.dropped)

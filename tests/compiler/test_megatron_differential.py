@@ -94,6 +94,20 @@ def experiments(draw) -> ExperimentSpec:
         moe.update(top_k=draw(st.integers(1, min(experts, 4))),
                    moe_ffn_hidden=draw(st.sampled_from([None, 48, 64, 96, 100, 128])),
                    shared_expert_ffn_hidden=draw(st.sampled_from([0, 0, 64, 96, 100])))
+        # token dropping and the router (E143-E148 mirror Megatron's checks of these): mostly valid, now
+        # and then not (padding without a capacity, the overlap without a shared expert, Sinkhorn + capacity)
+        rarely = [False] * 7 + [True]
+        capacity = draw(st.sampled_from([None, None, None, 1.0, 1.5]))
+        moe.update(moe_capacity_factor=capacity,
+                   moe_pad_to_capacity=draw(st.sampled_from([False, True] if capacity else rarely)),
+                   moe_load_balancing=draw(st.sampled_from(["aux_loss"] * 4 + ["seq_aux_loss", "none", "sinkhorn"])),
+                   moe_shared_expert_overlap=draw(st.sampled_from([False, True] if moe["shared_expert_ffn_hidden"]
+                                                                  else rarely)),
+                   moe_router_score=draw(st.sampled_from(["softmax", "softmax", "sigmoid"])),
+                   moe_expert_bias=draw(st.sampled_from(rarely)),
+                   moe_router_groups=draw(st.sampled_from([0] * 6 + [2, 3])))
+        if moe["moe_router_groups"] or draw(st.sampled_from(rarely)):
+            moe["moe_router_group_topk"] = draw(st.sampled_from([1, 1, 2, 0]))
     model = ModelSpec(
         name="rand", layers=draw(st.integers(1, 16)), hidden=hidden, heads=heads, query_groups=groups,
         kv_channels=kv_channels,
@@ -369,12 +383,42 @@ CONVERSE = {
     "E114": (lambda spec: _fixed_config(spec, tensor_model_parallel_size=1, sequence_parallel=False),
              "num_moe_experts must be non None to use expert-parallel"),
     "E142": (_rope_of, "must match the size of tensor"),
+    # E143-E146: transformer_config.py __post_init__'s MoE token-dropping and shared-expert checks, each
+    # built with the fields it reads only (Megatron checks flex + padding before the others)
+    "E143": (lambda spec: _moe_config(spec, moe_pad_expert_input_to_capacity=True),
+             "moe_expert_capacity_factor must be set"),
+    "E144": (lambda spec: _moe_config(spec, moe_expert_capacity_factor=spec.model.moe_capacity_factor,
+                                      moe_router_load_balancing_type=spec.model.moe_load_balancing),
+             "moe_expert_capacity_factor only works with aux_loss"),
+    "E145": (lambda spec: _moe_config(spec, moe_token_dispatcher_type=spec.moe_dispatcher,
+                                      moe_shared_expert_intermediate_size=spec.model.shared_expert_ffn_hidden,
+                                      moe_shared_expert_overlap=True),
+             "moe_shared_expert_overlap only works with alltoall"),
+    "E146": (lambda spec: _moe_config(spec, moe_token_dispatcher_type="flex", moe_flex_dispatcher_backend="deepep",
+                                      moe_expert_capacity_factor=spec.model.moe_capacity_factor,
+                                      moe_pad_expert_input_to_capacity=True),
+             "does not support moe_pad_expert_input_to_capacity"),
+    "E149": (lambda spec: _moe_config(spec, moe_router_enable_expert_bias=True,
+                                      moe_router_score_function=spec.model.moe_router_score),
+             "only supports sigmoid score function"),
+    # (E156 for groups without a group top-k is nemoc's own: Megatron ignores the groups; see converse)
+    "E156": (lambda spec: _moe_config(spec, moe_router_num_groups=spec.model.moe_router_groups or None,
+                                      moe_router_group_topk=spec.model.moe_router_group_topk),
+             "moe_router_num_groups must be specified|should be divisible|should be smaller"),
 }
+
+
+def _moe_config(spec: ExperimentSpec, **override):
+    """A config of the model's sizes (tp, ep, sp 1 / off: no other check fires) with the MoE fields given."""
+    return _fixed_config(spec, tensor_model_parallel_size=1, sequence_parallel=False, expert_model_parallel_size=1,
+                         **override)
 
 
 def converse(spec: ExperimentSpec, codes: set[str]) -> None:
     """A spec nemoc rejects with a code that mirrors one Megatron check: Megatron raises that check."""
     for code in sorted(codes & set(CONVERSE)):
+        if code == "E156" and not spec.model.moe_router_group_topk:
+            continue  # groups without a group top-k: Megatron-Core routes as if there were none
         build, message = CONVERSE[code]
         event(f"converse {code}")
         with pytest.raises((ValueError, AssertionError, RuntimeError), match=message):

@@ -311,6 +311,65 @@ def test_moe_dispatcher_and_kernels_reach_megatron_cores_config():
     assert {"--moe-grouped-gemm", "--moe-permute-fusion", "--moe-token-dispatcher-type alltoall"} <= set(flags)
 
 
+def test_token_dropping_and_router_settings_reach_megatron_cores_config():
+    """The model's capacity factor, padding, drop policy, load balancing, aux-loss weight and shared-expert
+    overlap become the TransformerConfig fields of the same meaning, which Megatron-Core 0.16.1 accepts
+    (dropless by default, as before); the combinations nemoc refuses (E143, E144, E145, E146) are the ones
+    its __post_init__ raises for, and the CPU refuses the overlap's CUDA side stream (E148)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    moe = dataclasses.replace(LLAMA_ISH, experts=8, top_k=2, moe_ffn_hidden=128)
+    c = config(model=moe, layout=lay(ep=2), facts=GPU_TE)
+    assert (c.moe_expert_capacity_factor, c.moe_pad_expert_input_to_capacity, c.moe_token_drop_policy) == (
+        None, False, "probs")
+    assert (c.moe_router_load_balancing_type, c.moe_aux_loss_coeff, c.moe_shared_expert_overlap) == (
+        "aux_loss", 1e-2, False)
+    dp = dataclasses.replace(moe, moe_capacity_factor=1.0, moe_pad_to_capacity=True, moe_token_drop_policy="position",
+                             moe_load_balancing="seq_aux_loss", moe_aux_loss_coeff=1e-3, shared_expert_ffn_hidden=256,
+                             moe_shared_expert_overlap=True)
+    c = config(model=dp, layout=lay(ep=2), facts=GPU_TE)
+    assert (c.moe_expert_capacity_factor, c.moe_pad_expert_input_to_capacity, c.moe_token_drop_policy) == (
+        1.0, True, "position")
+    assert (c.moe_router_load_balancing_type, c.moe_aux_loss_coeff, c.moe_shared_expert_overlap) == (
+        "seq_aux_loss", 1e-3, True)
+    flags = set(margs._flags(margs._moe_kwargs(dp, lay(ep=2), MoeExecution("alltoall", True, True))))
+    assert {"--moe-expert-capacity-factor 1", "--moe-pad-expert-input-to-capacity", "--moe-token-drop-policy position",
+            "--moe-router-load-balancing-type seq_aux_loss", "--moe-shared-expert-overlap"} <= flags
+    # the converse: what the rules refuse, Megatron-Core raises for
+    kw = margs._moe_kwargs(moe, lay(ep=2), MoeExecution("alltoall", False, False))
+    base = dict(num_layers=2, hidden_size=256, num_attention_heads=8, **kw)
+    for bad, message in (
+            (dict(moe_pad_expert_input_to_capacity=True), "moe_expert_capacity_factor must be set"),  # E143
+            (dict(moe_expert_capacity_factor=1.0, moe_router_load_balancing_type="sinkhorn"), "only works with aux_loss"),
+            (dict(moe_shared_expert_intermediate_size=256, moe_shared_expert_overlap=True,
+                  moe_token_dispatcher_type="allgather"), "only works with alltoall"),  # E145
+            (dict(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True,
+                  moe_token_dispatcher_type="flex", moe_flex_dispatcher_backend="deepep"),
+             "does not support moe_pad_expert_input_to_capacity")):  # E146
+        with pytest.raises(ValueError, match=message):
+            TransformerConfig(**{**base, **bad})
+    with pytest.raises(margs.UnsupportedPlan, match="CUDA side stream"):
+        config(model=dp, layout=lay(ep=2))
+    # DeepSeek-V3's router: sigmoid scores, aux-loss-free expert bias, group-limited routing, scaled weights
+    v3 = dataclasses.replace(moe, moe_router_score="sigmoid", moe_router_pre_softmax=True, moe_expert_bias=True,
+                             moe_expert_bias_update_rate=1e-4, moe_router_groups=4, moe_router_group_topk=2,
+                             moe_topk_scaling_factor=2.5)
+    c = config(model=v3, layout=lay(ep=2), facts=GPU_TE)
+    assert (c.moe_router_score_function, c.moe_router_pre_softmax, c.moe_router_enable_expert_bias,
+            c.moe_router_bias_update_rate, c.moe_router_num_groups, c.moe_router_group_topk,
+            c.moe_router_topk_scaling_factor) == ("sigmoid", True, True, 1e-4, 4, 2, 2.5)
+    c = config(model=moe, layout=lay(ep=2), facts=GPU_TE)
+    assert (c.moe_router_score_function, c.moe_router_enable_expert_bias, c.moe_router_num_groups) == (
+        "softmax", False, None)
+    for bad, message in (
+            (dict(moe_router_enable_expert_bias=True), "only supports sigmoid"),  # E149
+            (dict(moe_router_group_topk=2), "moe_router_num_groups must be specified"),  # E156
+            (dict(moe_router_group_topk=1, moe_router_num_groups=3), "should be divisible"),  # E156
+            (dict(moe_router_group_topk=5, moe_router_num_groups=4), "should be smaller")):  # E156
+        with pytest.raises((ValueError, AssertionError), match=message):
+            TransformerConfig(**{**base, **bad})
+
+
 def test_cuda_graphs_reach_megatron_cores_transformer_config():
     """The plan's `Execution.host` CUDA graphs become TransformerConfig.cuda_graph_impl / cuda_graph_scope,
     which Megatron-Core 0.16.1 accepts for every implementation and scope nemoc plans (E174 mirrors its
