@@ -191,12 +191,21 @@ SCORE_STREAM_FRACTION = 0.8
 # cached in Megatron-Core 0.16.1: torch.ones(s, s) in fp32 written 4, triu read 4 written 4, .bool()
 # read 4 written 1): 17 bytes per s x s element per layer forward, shared by the batch and heads.
 LOCAL_CAUSAL_MASK_BYTES = 17.0
-# Megatron-Core's vocab-parallel cross entropy (`tensor_parallel/cross_entropy.py`; the nemoc runtime
-# does not set `cross_entropy_loss_fusion`), bytes per logit: forward, the 16-bit logits cast to fp32
+# Megatron-Core's vocab-parallel cross entropy (`tensor_parallel/cross_entropy.py`, what the local spec
+# runs: `cross_entropy_loss_fusion` off), bytes per logit: forward, the 16-bit logits cast to fp32
 # (read 2 write 4), max (read 4), subtract the max in place (4 + 4), exp in place (4 + 4), sum
 # (read 4), divide in place (4 + 4) = 38; backward, the saved softmax scaled in place by the loss
 # gradient (4 + 4) and autograd's cast of that fp32 gradient to the logits' 16-bit dtype (4 + 2) = 14.
 CROSS_ENTROPY_BYTES = (38.0, 14.0)
+# Transformer Engine's fused vocab-parallel cross entropy (`cross_entropy_loss_fusion = True`,
+# `cross_entropy_fusion_impl = "te"`: Megatron-Bridge's performance recipes; `Execution.fusions`), the
+# Triton kernels of TE 2.1-2.17 (transformer_engine/pytorch/triton/cross_entropy.py): forward,
+# `online_softmax_kernel` reads the 16-bit logits once for the row's max / sum / target logit (2), then
+# `cross_entropy_kernel` reads them again and writes the softmax gradient over them in place (2 + 2) = 6
+# (the per-row max, sum and target logit TP ranks all-gather are 12 B a row, not a logit); backward,
+# `element_mul_kernel` scales that stored gradient by the per-token loss gradient in place (2 + 2) = 4
+# (Megatron passes an unreduced [s, b] loss, so the kernel runs: TE skips it only for a scalar 1.0).
+CROSS_ENTROPY_BYTES_TE = (6.0, 4.0)
 # FP8 current scaling (`fp8_recipe = tensorwise`, TE `Float8CurrentScaling`): a tensor's scale comes from
 # its own amax, so each quantised GEMM operand is read once more (2 B per 16-bit element) by the amax
 # kernel before the cast kernel; delayed scaling takes the scale from the amax history and fuses the
@@ -752,10 +761,12 @@ def _ep_comm(model, layout, hw, tokens, passes, params, dispatcher: str = "allto
 
 
 def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backward, params,
-                 scalar_head: bool = False, split: tuple[int, int, int] | None = None) -> tuple[float, float, float]:
+                 scalar_head: bool = False, split: tuple[int, int, int] | None = None,
+                 kernels: str = "te") -> tuple[float, float, float]:
     """(slowest, mean, output) micro-batch times over pipeline stages: layers plus, on the last
-    stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`); a
-    scalar (reward / value) head costs nothing next to a layer."""
+    stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`: TE's fused
+    kernels with `kernels = te`, Megatron-Core's unfused one on the local spec); a scalar (reward /
+    value) head costs nothing next to a layer."""
     vocab = 0 if scalar_head else padded_vocab(model.vocab, layout.tp)
     tokens = micro_batch * seq / layout.cp
     # the output layer stays in 16-bit in FP8 recipes (Transformer Engine / NeMo keep the first and
@@ -763,7 +774,8 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     rate = hw.peak("bf16" if hw.supports("bf16") else "fp32") * params.gemm_eff(hw.generation, "bf16")
     logits = (1.0 + backward) * gemm_time(tokens, vocab / layout.tp, model.hidden, flops_per_s=rate,
                                           bytes_per_s=hw.hbm_bw, in_bytes=2.0) if vocab else 0.0
-    ce = CROSS_ENTROPY_BYTES[0] + (CROSS_ENTROPY_BYTES[1] if backward else 0.0)
+    ce_fwd, ce_bwd = CROSS_ENTROPY_BYTES_TE if kernels == "te" else CROSS_ENTROPY_BYTES
+    ce = ce_fwd + (ce_bwd if backward else 0.0)
     logits += ce * tokens * vocab / layout.tp / hw.hbm_bw
     per_layer = lt.total
     if layout.pp == 1:
@@ -976,7 +988,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     if host is not None and host.cuda_graph_impl != "none" and train:  # as in step_time_lower_bound
         lt = graphed(lt, params, cuda_graph_share(host, model), 1.0 + main.backward)
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
-                                      params=params, scalar_head=main.scalar_head, split=split)
+                                      params=params, scalar_head=main.scalar_head, split=split, kernels=kernels)
     m = layout.num_microbatches
     vp = layout.vp or 1
     per_stage = main.count * m * model.layers / layout.pp  # layer passes per step on a mean stage
@@ -1077,7 +1089,8 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
         # scaled by the uncaptured share: the time per row still never grows with the micro batch
         lt = graphed(lt, params, cuda_graph_share(host, model), 1.0 + main.backward)
     _, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows,
-                              backward=main.backward, params=params, scalar_head=main.scalar_head, split=split)
+                              backward=main.backward, params=params, scalar_head=main.scalar_head, split=split,
+                              kernels=kernels)
     per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest
     vp = layout.vp or 1
     t = main.count * rows * per_row + params.step_overhead
@@ -1130,7 +1143,7 @@ def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micr
                      micro_batch=micro_batch, backward=p.backward, params=params, overlap_tp=overlap_tp,
                      kernels=kernels, moe=moe)
     slow, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=p.backward,
-                                 params=params, scalar_head=p.scalar_head, split=split)
+                                 params=params, scalar_head=p.scalar_head, split=split, kernels=kernels)
     bubble = (layout.pp - 1) / (layout.vp or 1) * mean if layout.pp > 1 else 0.0
     return layout.num_microbatches * slow + bubble
 
@@ -1165,7 +1178,7 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
                          micro_batch=micro_batch, backward=FORWARD, params=params, overlap_tp=overlap_tp,
                          kernels=kernels)
         _, mean, _ = _stage_times(model, whole, hw, lt, seq=seq, micro_batch=micro_batch, backward=FORWARD,
-                                  params=params)
+                                  params=params, kernels=kernels)
         prefill = layout.num_microbatches * layout.pp * mean + _rollout_p2p(model, layout, hw, batch * seq, params)
     counts = param_counts(model)
     gemm_params = model.layers * (counts.attention + counts.mlp_active) + model.hidden * model.vocab

@@ -127,13 +127,18 @@ def even_split(layers: int, pp: int) -> PipelineSplit:
 def fusions(model: ModelSpec, kernels: str) -> Fusions:
     """The fused kernels NeMo / Megatron-LM switch on with Transformer Engine, which the `te` cost and
     memory models price: TE's fused RoPE, the fused bias-SwiGLU / bias-GELU (TransformerConfig allows
-    it for SwiGLU, GeGLU, and GELU with biases), the fused bias-dropout-add and the weight-gradient
-    accumulation into main_grad inside the GEMM. None on the local spec (its unfused kernels are what
-    `kernels = local` prices)."""
+    it for SwiGLU, GeGLU, and GELU with biases), the fused bias-dropout-add, the weight-gradient
+    accumulation into main_grad inside the GEMM and TE's fused vocab-parallel cross entropy
+    (Megatron-Bridge's performance recipes: `cross_entropy_loss_fusion = True`,
+    `cross_entropy_fusion_impl = "te"`, e.g. recipes/llama/h100/llama3.py and
+    scripts/performance/utils/overrides.py `_set_common_perf_overrides`). None on the local spec (its
+    unfused kernels are what `kernels = local` prices)."""
     if kernels != "te":
-        return Fusions(rope=False, bias_activation=False, bias_dropout_add=False, grad_accumulation=False)
+        return Fusions(rope=False, bias_activation=False, bias_dropout_add=False, grad_accumulation=False,
+                       cross_entropy=False)
     act = model.activation == "swiglu" or (model.activation == "gelu" and model.add_bias_linear)
-    return Fusions(rope=model.position == "rope", bias_activation=act, bias_dropout_add=True, grad_accumulation=True)
+    return Fusions(rope=model.position == "rope", bias_activation=act, bias_dropout_add=True, grad_accumulation=True,
+                   cross_entropy=True)
 
 
 def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: PipelineSplit | None, stage_kind: str,

@@ -86,6 +86,18 @@ NVFP4_BYTES = 0.5 + 1.0 / 16.0
 CUDA_GRAPH_TEMPORARY_SHARE = 0.20
 
 
+def cross_entropy_bytes(kernels: str) -> float:
+    """Bytes per logit the loss keeps for the backward pass. The local spec's vocab-parallel cross entropy
+    (Megatron-Core `tensor_parallel/cross_entropy.py`) keeps the fp32 softmax (exp logits); the 16-bit
+    logits are freed once cast. Measured on H200 with Megatron-Core 0.16.1: the dynamic memory of a fully
+    recomputed model is inputs + 4 B x s x b x V (docs/calibration.md). With `kernels = te` the runtime runs
+    Transformer Engine's fused cross entropy (`cross_entropy_fusion_impl = "te"`, Megatron-Bridge's
+    performance recipes; `Execution.fusions.cross_entropy`): TE 2.1-2.17 write the softmax gradient over the
+    16-bit logits in place in the forward and keep that tensor, 2 B (TE 2.18 keeps an fp32 gradient instead:
+    4 B, as the local spec)."""
+    return 2.0 if kernels == "te" else 4.0
+
+
 def cuda_graph_buffers(activations: float, captured_share: float) -> float:
     """Bytes the CUDA graphs' static pools hold beyond the eager activations: the captured share of
     each layer times the measured temporary fraction above, over the activations the stage holds."""
@@ -517,10 +529,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         else:  # forward only: one layer's tensors live at a time
             activations = per_layer
         if st.last and not scalar_head:
-            # vocab-parallel cross entropy keeps the fp32 softmax (exp logits) for backward; the 16-bit
-            # logits are freed once cast. Measured on H200 with Megatron-Core 0.16.1: the dynamic
-            # memory of a fully recomputed model is inputs + 4 B x s x b x V (docs/calibration.md).
-            parts["logits"] = s_local * b * vocab / layout.tp * 4
+            parts["logits"] = s_local * b * vocab / layout.tp * cross_entropy_bytes(kernels)
         if layout.tp > 1 and layout.sequence_parallel:
             parts["tp_comm_buffers"] = 2.0 * 2 * s_local * b * model.hidden  # all-gathered GEMM input (+ its grad)
         if layout.pp > 1:

@@ -121,6 +121,9 @@ class Fusions:
     bias_activation: bool  # Megatron's fused bias-SwiGLU / bias-GELU
     bias_dropout_add: bool
     grad_accumulation: bool  # weight-gradient accumulation into main_grad inside the GEMM (apex at run time)
+    # Transformer Engine's fused vocab-parallel cross entropy (Megatron-Core `cross_entropy_loss_fusion`,
+    # `cross_entropy_fusion_impl = "te"`): what Megatron-Bridge's performance recipes run
+    cross_entropy: bool = False
 
 
 @dataclass(frozen=True, slots=True)
