@@ -159,12 +159,15 @@ NEMO_CUDA_GRAPHS = {("NeMo 25.04", "GB200", m) for m in ("GPT3-175B", "LLAMA3-8B
 #    TransformerConfig field the model config names (megatron_base_model.py `build_transformer_config`:
 #    `elif field.name in cfg`) and takes Megatron-Core's default for the rest (GPT-3, Llama 2, Nemotron
 #    340B; the PEFT configs under conf/peft set nothing): `none`.
-#  - C, NeMo 25.02 / 25.04 / 25.07 (NeMo 2.2 / 2.3 / 2.4 performance scripts): GPTConfig's own default
-#    `cross_entropy_loss_fusion: bool = True` (nemo/collections/llm/gpt/model/base.py:184 at v2.2.0, :290
-#    at v2.3.0, :301 at v2.4.0; NemotronConfig nemotron.py:53 / :57 likewise), which neither
-#    scripts/llm/performance nor scripts/performance overrides for pretraining (the recipes' `= False`
-#    lines are the LoRA fine-tuning branch), and no `cross_entropy_fusion_impl` (set only by DeepSeek's
-#    config at v2.4.0): Megatron-Core's native fused loss.
+#  - C, NeMo 25.02 / 25.04 (NeMo 2.2 / 2.3 performance scripts): GPTConfig's own default
+#    `cross_entropy_loss_fusion: bool = True` (nemo/collections/llm/gpt/model/base.py:184 at v2.2.0, :290 at
+#    v2.3.0; NemotronConfig nemotron.py:53 / :57 likewise), which the performance scripts do not override
+#    for these models' pretraining (the recipes' `= False` lines are the LoRA branch; at v2.3.0 only the
+#    DeepSeek-V3 and Llama 4 scripts set `cross_entropy_fusion_impl = "te"`, scripts/performance/llm/
+#    pretrain_deepseek_v3.py:68, pretrain_llama4_e128.py:82), so Megatron-Core's default impl: native.
+#    NeMo 25.07 (v2.4.0): every performance script's `set_primary_perf_configs` calls
+#    `set_perf_optimization_configs`, which sets `cross_entropy_fusion_impl = "te"`
+#    (scripts/performance/helpers.py:311, the fusion itself on by GPTConfig's default, base.py:301): te.
 #  - E, Megatron-LM README (Megatron-Core r0.8.0): `--cross-entropy-loss-fusion` is off by default and the
 #    README does not state it: `none`. F, G (the 2021-22 papers): Megatron-LM had no fused loss: `none`.
 NEMO_2407_FUSED_LOSS = ("LLAMA3", "Nemotron-4B", "Nemotron-8B", "Nemotron-15B", "Nemotron-22B")
@@ -174,7 +177,7 @@ def row_cross_entropy(row: dict) -> str:
     """The loss of the row's release (te | native | none), from the source's configs above."""
     src = row["source"][0]
     if src == "C":
-        return "native"
+        return "te" if row.get("container") == "NeMo 25.07" else "native"
     if src == "A" and (row["task"] or "pretrain").lower() == "pretrain" and \
             row["model"].startswith(NEMO_2407_FUSED_LOSS):
         return "native"

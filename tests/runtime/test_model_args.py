@@ -251,6 +251,31 @@ def test_transformer_engine_runs_get_the_fused_cross_entropy_the_plan_prices():
     assert margs._flags(margs._cross_entropy_kwargs(make_execution(LLAMA_ISH, lay(), kernels="local").fusions)) == []
 
 
+@pytest.mark.parametrize("facts", [GPU_TE, CPU], ids=["te", "cpu"])
+@pytest.mark.parametrize("loss, fields", [("te", (True, "te")), ("native", (True, "native")), ("none", (False, "native"))])
+def test_each_cross_entropy_fusion_is_the_megatron_core_loss_the_plan_prices(facts, loss, fields):
+    """`cross_entropy_fusion` as Megatron-Core 0.16.1's TransformerConfig takes it (`cross_entropy_loss_fusion`,
+    `cross_entropy_fusion_impl`; `none` is its default: fusion off, impl native): te where this machine builds
+    TE's layers, native on either spec (plain PyTorch: it runs on the CPU), none anywhere. A te plan on a
+    machine without TE falls back to the unfused loss with the rest of the local spec. Megatron-LM's command
+    line states the plan."""
+    execution = make_execution(LLAMA_ISH, lay(), kernels="te" if facts.have_te else "local", gpu="B200")
+    execution = dataclasses.replace(execution, fusions=dataclasses.replace(execution.fusions, cross_entropy=loss))
+    with mock.patch(_TE_CROSS_ENTROPY, lambda *a, **k: None), \
+            mock.patch("megatron.core.models.common.embeddings.rope_utils.fused_apply_rotary_pos_emb",
+                       lambda *a, **k: None):
+        for name in _TE_MOE_KERNELS:
+            mock.patch(f"megatron.core.transformer.moe.moe_utils.{name}", lambda *a, **k: None, create=True).start()
+        try:
+            cfg = margs.transformer_config(model=LLAMA_ISH, layout=lay(), execution=execution, facts=facts)
+        finally:
+            mock.patch.stopall()
+    expected = (False, "native") if loss == "te" and not facts.have_te else fields
+    assert (cfg.cross_entropy_loss_fusion, cfg.cross_entropy_fusion_impl) == expected
+    flags = margs._flags(margs._cross_entropy_kwargs(execution.fusions))
+    assert flags == ([] if loss == "none" else ["--cross-entropy-loss-fusion", f"--cross-entropy-fusion-impl {loss}"])
+
+
 def test_gradient_reduction_dtype_is_what_the_plan_says():
     """`grad_reduce_in_fp32 = false` (NeMo's FP8 recipes): Megatron-Core 0.16.1's DDP config takes it
     and keeps the gradient buffer in the parameter dtype; the default stays fp32 main grads."""
