@@ -167,7 +167,8 @@ def _check_cross_entropy(fusions: Fusions | None, facts: MachineFacts) -> None:
         raise UnsupportedPlan("the plan prices Transformer Engine's fused cross entropy (cross_entropy_fusion_impl = "
                               "te, Megatron-Bridge's performance recipes), but this Transformer Engine has no "
                               "transformer_engine.pytorch.cross_entropy.parallel_cross_entropy (TE >= 2.1 with "
-                              "Triton); upgrade Transformer Engine, or plan with kernels = local")
+                              "Triton); upgrade Transformer Engine, or plan with cross_entropy_fusion = native (Megatron-Core's "
+                              "own fused loss) or none")
 
 
 def _activation(model: ModelSpec) -> tuple[object, bool]:
