@@ -71,6 +71,7 @@ class Case:
     fp8_recipe: str | None = None  # the FP8 recipe the source ran (`row_fp8`)
     fp8_params: bool = False  # FP8 parameters with their FP8 all-gather (NeMo 25.02's FP8 recipe)
     cuda_graphs: bool = False  # each layer captured as a CUDA graph (NEMO_CUDA_GRAPHS)
+    cross_entropy: str = "none"  # the loss the source's release ran (`row_cross_entropy`): te | native | none
 
 
 # Rows kept in every table but not held to the error target, each with the reason read from its own
@@ -146,6 +147,43 @@ NEMO_CUDA_GRAPHS = {("NeMo 25.04", "GB200", m) for m in ("GPT3-175B", "LLAMA3-8B
                                                           "Nemotron-340B")} | {("NeMo 25.07", "GB200", "LLAMA3-8B")}
 
 
+# The loss each source's release ran (`cross_entropy_fusion`), read from the release's own configs; where a
+# release does not set it, Megatron-Core's default at that release (`cross_entropy_loss_fusion = False`:
+# the unfused vocab-parallel cross entropy, `none`). `native` is Megatron-Core's fused loss
+# (megatron/core/fusions/fused_cross_entropy.py), the only fused one before Megatron-Core added
+# `cross_entropy_fusion_impl` (whose default stays "native": model_parallel_config.py:246 in 0.16.1).
+#  - A, NeMo 24.07: NeMo-Framework-Launcher at tag 24.07 sets `cross_entropy_loss_fusion: true` in the
+#    training configs of Llama 3 / 3.1 and Nemotron 4B-22B only (launcher_scripts/conf/training/llama/
+#    llama3_8b.yaml:94, llama3_70b.yaml:109, llama3_1_8b.yaml:94, llama3_1_70b.yaml:110,
+#    llama3_1_405b.yaml:110; nemotron/nemotron_{4b,8b,15b,22b}.yaml:114); NeMo r2.0.0rc1 passes every
+#    TransformerConfig field the model config names (megatron_base_model.py `build_transformer_config`:
+#    `elif field.name in cfg`) and takes Megatron-Core's default for the rest (GPT-3, Llama 2, Nemotron
+#    340B; the PEFT configs under conf/peft set nothing): `none`.
+#  - C, NeMo 25.02 / 25.04 (NeMo 2.2 / 2.3 performance scripts): GPTConfig's own default
+#    `cross_entropy_loss_fusion: bool = True` (nemo/collections/llm/gpt/model/base.py:184 at v2.2.0, :290 at
+#    v2.3.0; NemotronConfig nemotron.py:53 / :57 likewise), which the performance scripts do not override
+#    for these models' pretraining (the recipes' `= False` lines are the LoRA branch; at v2.3.0 only the
+#    DeepSeek-V3 and Llama 4 scripts set `cross_entropy_fusion_impl = "te"`, scripts/performance/llm/
+#    pretrain_deepseek_v3.py:68, pretrain_llama4_e128.py:82), so Megatron-Core's default impl: native.
+#    NeMo 25.07 (v2.4.0): every performance script's `set_primary_perf_configs` calls
+#    `set_perf_optimization_configs`, which sets `cross_entropy_fusion_impl = "te"`
+#    (scripts/performance/helpers.py:311, the fusion itself on by GPTConfig's default, base.py:301): te.
+#  - E, Megatron-LM README (Megatron-Core r0.8.0): `--cross-entropy-loss-fusion` is off by default and the
+#    README does not state it: `none`. F, G (the 2021-22 papers): Megatron-LM had no fused loss: `none`.
+NEMO_2407_FUSED_LOSS = ("LLAMA3", "Nemotron-4B", "Nemotron-8B", "Nemotron-15B", "Nemotron-22B")
+
+
+def row_cross_entropy(row: dict) -> str:
+    """The loss of the row's release (te | native | none), from the source's configs above."""
+    src = row["source"][0]
+    if src == "C":
+        return "te" if row.get("container") == "NeMo 25.07" else "native"
+    if src == "A" and (row["task"] or "pretrain").lower() == "pretrain" and \
+            row["model"].startswith(NEMO_2407_FUSED_LOSS):
+        return "native"
+    return "none"
+
+
 def row_case(row: dict) -> Case | str:
     """A Case, or the reason the row is not usable."""
     name = row["model"].lower()
@@ -195,7 +233,8 @@ def row_case(row: dict) -> Case | str:
     return Case(row["id"], label, row_model(row), layout, _gpu(row["gpu"]), _precision(row), row["seq_len"], kind,
                 peft, backend, float(row["tokens_per_sec_per_gpu"]), bool(row.get("tokens_derived_from_published_tflops")),
                 grad_bytes, src in "FG" or bool(row["recompute"]), span, src in "ACE", src != "F", src in "FG", state,
-                recipe, fp8_params, (row.get("container"), _gpu(row["gpu"]), row["model"]) in NEMO_CUDA_GRAPHS)
+                recipe, fp8_params, (row.get("container"), _gpu(row["gpu"]), row["model"]) in NEMO_CUDA_GRAPHS,
+                row_cross_entropy(row))
 
 
 def row_fp8(row: dict) -> tuple[str, bool]:
@@ -561,6 +600,7 @@ def row_nemo(case: Case, num_gpus: int, checkpoint: str | None = None) -> str:
     fp8_recipe = f"\n  fp8_recipe = {case.fp8_recipe}" if case.precision == "fp8" else ""
     if case.cuda_graphs:  # the release's recipe captures each layer (NEMO_CUDA_GRAPHS)
         fp8_recipe += "\n  cuda_graph_impl = local"
+    fp8_recipe += f"\n  cross_entropy_fusion = {case.cross_entropy}"  # the release's loss (`row_cross_entropy`)
     stage = "pretrain" if case.kind == "pretrain" else "sft"
     peft = "\n    peft = lora(rank = 16)" if case.peft is not None else ""
     # NeMo's fine-tuning rows pack SQuAD samples (~SQUAD_PACKED_SPAN tokens) into each sequence with

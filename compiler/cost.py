@@ -191,12 +191,33 @@ SCORE_STREAM_FRACTION = 0.8
 # cached in Megatron-Core 0.16.1: torch.ones(s, s) in fp32 written 4, triu read 4 written 4, .bool()
 # read 4 written 1): 17 bytes per s x s element per layer forward, shared by the batch and heads.
 LOCAL_CAUSAL_MASK_BYTES = 17.0
-# Megatron-Core's vocab-parallel cross entropy (`tensor_parallel/cross_entropy.py`; the nemoc runtime
-# does not set `cross_entropy_loss_fusion`), bytes per logit: forward, the 16-bit logits cast to fp32
+# Megatron-Core's vocab-parallel cross entropy (`tensor_parallel/cross_entropy.py`, what the local spec
+# runs: `cross_entropy_loss_fusion` off), bytes per logit: forward, the 16-bit logits cast to fp32
 # (read 2 write 4), max (read 4), subtract the max in place (4 + 4), exp in place (4 + 4), sum
 # (read 4), divide in place (4 + 4) = 38; backward, the saved softmax scaled in place by the loss
 # gradient (4 + 4) and autograd's cast of that fp32 gradient to the logits' 16-bit dtype (4 + 2) = 14.
 CROSS_ENTROPY_BYTES = (38.0, 14.0)
+# Transformer Engine's fused vocab-parallel cross entropy (`cross_entropy_loss_fusion = True`,
+# `cross_entropy_fusion_impl = "te"`: Megatron-Bridge's performance recipes; `Execution.fusions`), the
+# Triton kernels of TE 2.1-2.17 (transformer_engine/pytorch/triton/cross_entropy.py): forward,
+# `online_softmax_kernel` reads the 16-bit logits once for the row's max / sum / target logit (2), then
+# `cross_entropy_kernel` reads them again and writes the softmax gradient over them in place (2 + 2) = 6
+# (the per-row max, sum and target logit TP ranks all-gather are 12 B a row, not a logit); backward,
+# `element_mul_kernel` scales that stored gradient by the per-token loss gradient in place (2 + 2) = 4
+# (Megatron passes an unreduced [s, b] loss, so the kernel runs: TE skips it only for a scalar 1.0).
+CROSS_ENTROPY_BYTES_TE = (6.0, 4.0)
+# Megatron-Core's native fused cross entropy (`cross_entropy_fusion = native`: `cross_entropy_loss_fusion =
+# True`, `cross_entropy_fusion_impl = "native"`; megatron/core/fusions/fused_cross_entropy.py, 0.11-0.16.1):
+# the unfused loss's steps in three `jit_fuser` (torch.compile) functions, each one pass over the logits:
+# forward, `calculate_logits_max` returns the fp32 cast of the 16-bit logits and their max (read 2 write 4),
+# `calculate_predicted_logits` subtracts the max and exponentiates in place, summing as it goes (read 4 write
+# 4), `calculate_cross_entropy_loss` divides by the sum in place (read 4 write 4) = 22; backward,
+# `calculate_gradients` scales the saved fp32 softmax in place (the mutated input written back, read 4 write
+# 4) and returns it cast to bf16 (write 2; the one-per-row target update is not per logit) = 10.
+CROSS_ENTROPY_BYTES_NATIVE = (22.0, 10.0)
+# bytes per logit (forward, backward) of each `cross_entropy_fusion` (plan `Execution.fusions.cross_entropy`)
+CROSS_ENTROPY_BYTES_OF = {"te": CROSS_ENTROPY_BYTES_TE, "native": CROSS_ENTROPY_BYTES_NATIVE,
+                          "none": CROSS_ENTROPY_BYTES}
 # FP8 current scaling (`fp8_recipe = tensorwise`, TE `Float8CurrentScaling`): a tensor's scale comes from
 # its own amax, so each quantised GEMM operand is read once more (2 B per 16-bit element) by the amax
 # kernel before the cast kernel; delayed scaling takes the scale from the amax history and fuses the
@@ -778,10 +799,13 @@ def _ep_comm(model, layout, hw, tokens, passes, params, dispatcher: str = "allto
 
 
 def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backward, params,
-                 scalar_head: bool = False, split: tuple[int, int, int] | None = None) -> tuple[float, float, float]:
+                 scalar_head: bool = False, split: tuple[int, int, int] | None = None,
+                 kernels: str = "te", cross_entropy: str | None = None) -> tuple[float, float, float]:
     """(slowest, mean, output) micro-batch times over pipeline stages: layers plus, on the last
-    stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`); a
-    scalar (reward / value) head costs nothing next to a layer."""
+    stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`: the
+    `cross_entropy` fusion, CROSS_ENTROPY_BYTES_OF; None: TE's fused kernels with `kernels = te`,
+    Megatron-Core's unfused one on the local spec); a scalar (reward / value) head costs nothing next to
+    a layer."""
     vocab = 0 if scalar_head else padded_vocab(model.vocab, layout.tp)
     tokens = micro_batch * seq / layout.cp
     # the output layer stays in 16-bit in FP8 recipes (Transformer Engine / NeMo keep the first and
@@ -789,7 +813,8 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     rate = hw.peak("bf16" if hw.supports("bf16") else "fp32") * params.gemm_eff(hw.generation, "bf16")
     logits = (1.0 + backward) * gemm_time(tokens, vocab / layout.tp, model.hidden, flops_per_s=rate,
                                           bytes_per_s=hw.hbm_bw, in_bytes=2.0) if vocab else 0.0
-    ce = CROSS_ENTROPY_BYTES[0] + (CROSS_ENTROPY_BYTES[1] if backward else 0.0)
+    ce_fwd, ce_bwd = CROSS_ENTROPY_BYTES_OF[cross_entropy or ("te" if kernels == "te" else "none")]
+    ce = ce_fwd + (ce_bwd if backward else 0.0)
     logits += ce * tokens * vocab / layout.tp / hw.hbm_bw
     per_layer = lt.total
     if layout.pp == 1:
@@ -958,7 +983,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
              overlap_grad_reduce: bool = True, dropout: bool = False,
              overlap_param_gather: bool = RUNTIME_OVERLAPS_PARAM_GATHER, fp8_recipe: str | None = None,
-             moe: MoeExecution | None = None, host: HostExecution | None = None) -> Estimate:
+             moe: MoeExecution | None = None, host: HostExecution | None = None,
+             cross_entropy: str | None = None) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
@@ -979,6 +1005,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     (`tensorwise` adds the amax pass of current scaling, FP8_CURRENT_SCALING_BYTES). `host`: CUDA
     graphs (`cuda_graph_launch_saving`: the captured kernels' host launch gaps removed) and garbage
     collection (`gc_pause`: part `gc_pause`); None: no graphs, Python's automatic collector.
+    `cross_entropy`: the loss of the trained model (te | native | none: CROSS_ENTROPY_BYTES_OF; None: the
+    default of `kernels`, execution.AUTO_CROSS_ENTROPY).
 
     The stage's model passes come from `flops.stage_work`: the first (the model the optimizer
     updates) is costed term by term; the others (DPO reference, PPO critic, experience forwards)
@@ -1002,7 +1030,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     if host is not None and host.cuda_graph_impl != "none" and train:  # as in step_time_lower_bound
         lt = graphed(lt, params, cuda_graph_share(host, model), 1.0 + main.backward)
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
-                                      params=params, scalar_head=main.scalar_head, split=split)
+                                      params=params, scalar_head=main.scalar_head, split=split, kernels=kernels,
+                                      cross_entropy=cross_entropy)
     m = layout.num_microbatches
     vp = layout.vp or 1
     per_stage = main.count * m * model.layers / layout.pp  # layer passes per step on a mean stage
@@ -1069,7 +1098,8 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
                           split: tuple[int, int, int] | None = None, overlap_p2p: bool = RUNTIME_OVERLAPS_P2P,
                           overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
                           moe: MoeExecution | None = None, host: HostExecution | None = None,
-                          attention_span: float | None = None, memo: dict | None = None) -> float:
+                          attention_span: float | None = None, memo: dict | None = None,
+                          cross_entropy: str | None = None) -> float:
     """A lower bound of `estimate(...).step_time_s` over every micro batch in the range
     `micro_batches` = (smallest, largest) and every recompute level, for the other sizes of `layout`
     (its micro batch and recompute are ignored; `layout.num_microbatches x layout.micro_batch` is the
@@ -1120,7 +1150,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     lt = _kept(memo, key, layers)
     slow, mean, _ = _kept(memo, key + (layout.pp, split), lambda: _stage_times(
         model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows, backward=main.backward, params=params,
-        scalar_head=main.scalar_head, split=split))
+        scalar_head=main.scalar_head, split=split, kernels=kernels, cross_entropy=cross_entropy))
     per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest
     vp = layout.vp or 1
     t = main.count * rows * slow / largest + params.step_overhead  # the slowest stage's, at its lowest
@@ -1184,7 +1214,7 @@ def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micr
                      micro_batch=micro_batch, backward=p.backward, params=params, overlap_tp=overlap_tp,
                      kernels=kernels, moe=moe)
     slow, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=p.backward,
-                                 params=params, scalar_head=p.scalar_head, split=split)
+                                 params=params, scalar_head=p.scalar_head, split=split, kernels=kernels)
     bubble = (layout.pp - 1) / (layout.vp or 1) * mean if layout.pp > 1 else 0.0
     return layout.num_microbatches * slow + bubble
 
@@ -1219,7 +1249,7 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
                          micro_batch=micro_batch, backward=FORWARD, params=params, overlap_tp=overlap_tp,
                          kernels=kernels)
         _, mean, _ = _stage_times(model, whole, hw, lt, seq=seq, micro_batch=micro_batch, backward=FORWARD,
-                                  params=params)
+                                  params=params, kernels=kernels)
         prefill = layout.num_microbatches * layout.pp * mean + _rollout_p2p(model, layout, hw, batch * seq, params)
     counts = param_counts(model)
     gemm_params = model.layers * (counts.attention + counts.mlp_active) + model.hidden * model.vocab

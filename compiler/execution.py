@@ -126,23 +126,47 @@ def even_split(layers: int, pp: int) -> PipelineSplit:
     return PipelineSplit(None, None, layers // max(pp, 1))
 
 
-def fusions(model: ModelSpec, kernels: str) -> Fusions:
+# The loss a stage runs when the experiment leaves `cross_entropy_fusion` auto: Transformer Engine's fused
+# vocab-parallel cross entropy with TE (Megatron-Bridge's performance recipes: `cross_entropy_loss_fusion =
+# True`, `cross_entropy_fusion_impl = "te"`, docs/cost-model.md cites the files); on the local spec
+# Megatron-Core's unfused one. Megatron-Core's native fused loss runs on the CPU too (torch.compile), but it
+# rounds the logits' gradient to bf16 whatever the precision (rules W112) and compiles for ~20 s per
+# process on this machine's CPUs, so auto does not pick it there.
+AUTO_CROSS_ENTROPY = {"te": "te", "local": "none"}
+CROSS_ENTROPY_FUSIONS = ("te", "native", "none")
+
+
+def cross_entropy_of(kernels: str, requested: str | None) -> str:
+    """The cross entropy a stage on `kernels` (te | local) runs: the experiment's `cross_entropy_fusion`,
+    or the default above. `te` on the local spec is refused for training stages (rules E183); eval and export
+    stages always run the local spec, and run Megatron-Core's unfused loss there."""
+    if requested == "te" and kernels != "te":
+        return "none"
+    return requested or AUTO_CROSS_ENTROPY[kernels]
+
+
+def fusions(model: ModelSpec, kernels: str, cross_entropy: str | None = None) -> Fusions:
     """The fused kernels NeMo / Megatron-LM switch on with Transformer Engine, which the `te` cost and
     memory models price: TE's fused RoPE, the fused bias-SwiGLU / bias-GELU (TransformerConfig allows
     it for SwiGLU, GeGLU, and GELU with biases), the fused bias-dropout-add and the weight-gradient
-    accumulation into main_grad inside the GEMM. None on the local spec (its unfused kernels are what
-    `kernels = local` prices)."""
+    accumulation into main_grad inside the GEMM; none of them on the local spec (its unfused kernels are
+    what `kernels = local` prices). The cross entropy is the experiment's `cross_entropy_fusion`
+    (`cross_entropy_of`: te | native | none), on either spec."""
+    ce = cross_entropy_of(kernels, cross_entropy)
     if kernels != "te":
-        return Fusions(rope=False, bias_activation=False, bias_dropout_add=False, grad_accumulation=False)
+        return Fusions(rope=False, bias_activation=False, bias_dropout_add=False, grad_accumulation=False,
+                       cross_entropy=ce)
     act = model.activation == "swiglu" or (model.activation == "gelu" and model.add_bias_linear)
-    return Fusions(rope=model.position == "rope", bias_activation=act, bias_dropout_add=True, grad_accumulation=True)
+    return Fusions(rope=model.position == "rope", bias_activation=act, bias_dropout_add=True, grad_accumulation=True,
+                   cross_entropy=ce)
 
 
 def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: PipelineSplit | None, stage_kind: str,
                     precision: str, attention_backend: str, kernels: str, seq_length: int,
                     peft: LoraSpec | None = None, params: object = None,
                     target: Target = MEGATRON_CORE, fp8_recipe: str | None = None,
-                    moe: MoeExecution | None = None, host: HostExecution | None = None) -> Execution:
+                    moe: MoeExecution | None = None, host: HostExecution | None = None,
+                    cross_entropy: str | None = None) -> Execution:
     """The `Execution` of a stage planned with `layout` (precision, attention and kernels are the
     experiment's; the target decides what the stage kind runs)."""
     stage_kernels = target.stage_kernels(stage_kind, kernels)
@@ -161,7 +185,7 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
         padded_vocab=padded_vocab(model.vocab, layout.tp),
         overlaps=Overlaps(grad_reduce=layout.dp > 1, param_gather=layout.overlap_param_gather,
                           p2p=interleaved and target.overlap_p2p, tp_comm=layout.tp_comm_overlap),
-        fusions=fusions(model, stage_kernels),
+        fusions=fusions(model, stage_kernels, cross_entropy),
         model_flops_per_step=stage_model_flops_per_step(model, seq_length, layout.global_batch, stage_kind=stage_kind,
                                                         peft=peft, params=params, causal_discount=True),
         peak_flops_per_gpu=peak,

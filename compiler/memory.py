@@ -86,6 +86,19 @@ NVFP4_BYTES = 0.5 + 1.0 / 16.0
 CUDA_GRAPH_TEMPORARY_SHARE = 0.20
 
 
+def cross_entropy_bytes(cross_entropy: str) -> float:
+    """Bytes per logit the loss keeps for the backward pass, by `cross_entropy_fusion` (te | native | none).
+    `none`, the local spec's vocab-parallel cross entropy (Megatron-Core `tensor_parallel/cross_entropy.py`),
+    keeps the fp32 softmax (exp logits); the 16-bit logits are freed once cast. Measured on H200 with
+    Megatron-Core 0.16.1: the dynamic memory of a fully recomputed model is inputs + 4 B x s x b x V
+    (docs/calibration.md). `native`, Megatron-Core's fused loss (fusions/fused_cross_entropy.py), saves the
+    same fp32 softmax (`ctx.save_for_backward(exp_logits, ...)`): 4 B. `te`, Transformer Engine's fused
+    cross entropy (Megatron-Bridge's performance recipes): TE 2.1-2.17 write the softmax gradient over the
+    16-bit logits in place in the forward and keep that tensor, 2 B (TE 2.18 keeps an fp32 gradient
+    instead: 4 B, as the local spec)."""
+    return 2.0 if cross_entropy == "te" else 4.0
+
+
 def cuda_graph_buffers(activations: float, captured_share: float) -> float:
     """Bytes the CUDA graphs' static pools hold beyond the eager activations: the captured share of
     each layer times the measured temporary fraction above, over the activations the stage holds."""
@@ -352,17 +365,19 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
              gpu: HardwareSpec | str | None = None, params: object = None, dropout: bool = False,
              kernels: str = "te", grad_bytes: int = 4, split: tuple[int, int, int] | None = None,
              moe_dispatcher: str = "alltoall", parents: tuple[str, ...] = (),
-             cuda_graph_share: float = 0.0, fp8_recipe: str | None = None) -> MemoryBreakdown:
+             cuda_graph_share: float = 0.0, fp8_recipe: str | None = None,
+             cross_entropy: str | None = None) -> MemoryBreakdown:
     """Per-GPU memory of the most-loaded pipeline stage (the max total over first and last stage;
     middle stages hold fewer micro batches than the first and no embedding or logits; with an
     uneven `split` = (first, middle, last) layer counts, the second stage too, which may hold more
     layers than the first). `kernels`: see `layer_activations` ("te" unless the runtime has no
-    Transformer Engine). `fp8_recipe`: the stage's FP8 recipe (`optimizer_bytes`)."""
+    Transformer Engine). `fp8_recipe`: the stage's FP8 recipe (`optimizer_bytes`). `cross_entropy`: the
+    loss (`cross_entropy_bytes`; None: the default of `kernels`, execution.AUTO_CROSS_ENTROPY)."""
     stages = {0, layout.pp - 1} | ({1} if split is not None and layout.pp > 2 and split[1] > split[0] else set())
     best = None
     for m in _breakdowns(sorted(stages), model, layout, precision, attention_backend, seq_length, stage_kind, peft,
                          gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,
-                         cuda_graph_share, fp8_recipe):
+                         cuda_graph_share, fp8_recipe, cross_entropy):
         if best is None or m.total > best.total:
             best = m
     return best  # type: ignore[return-value]
@@ -374,16 +389,17 @@ def pipeline_stages(model: ModelSpec, layout: Layout, *, precision: str = "bf16"
                     kernels: str = "te", grad_bytes: int = 4,
                     split: tuple[int, int, int] | None = None,
                     moe_dispatcher: str = "alltoall", parents: tuple[str, ...] = (),
-                    cuda_graph_share: float = 0.0, fp8_recipe: str | None = None) -> tuple[MemoryBreakdown, ...]:
+                    cuda_graph_share: float = 0.0, fp8_recipe: str | None = None,
+                    cross_entropy: str | None = None) -> tuple[MemoryBreakdown, ...]:
     """Per-GPU memory of every pipeline stage 0 .. pp - 1 (`estimate` is the largest of them)."""
     return tuple(_breakdowns(range(layout.pp), model, layout, precision, attention_backend, seq_length, stage_kind,
                              peft, gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,
-                             cuda_graph_share, fp8_recipe))
+                             cuda_graph_share, fp8_recipe, cross_entropy))
 
 
 def _breakdowns(stages, model, layout, precision, attention_backend, seq_length, stage_kind, peft, gpu, params,
                 dropout, kernels, grad_bytes, split, moe_dispatcher="alltoall", parents=(), cuda_graph_share=0.0,
-                fp8_recipe=None):
+                fp8_recipe=None, cross_entropy=None):
     hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
     capacity = hw.hbm_bytes if hw else 0
     seq = seq_length or model.seq_length
@@ -393,7 +409,7 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
     for stage in stages:
         yield _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
                             capacity, kernels, grad_bytes, split, resident, rows, moe_dispatcher, cuda_graph_share,
-                            fp8_recipe, generates=bool(work.generated))
+                            fp8_recipe, generates=bool(work.generated), cross_entropy=cross_entropy)
 
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
@@ -450,7 +466,8 @@ class _StatesLayout:
 def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
                   kernels, grad_bytes, split, resident: int, rows: int,
                   moe_dispatcher: str = "alltoall", cuda_graph_share: float = 0.0,
-                  fp8_recipe: str | None = None, generates: bool = False) -> MemoryBreakdown:
+                  fp8_recipe: str | None = None, generates: bool = False,
+                  cross_entropy: str | None = None) -> MemoryBreakdown:
     """One pipeline stage's breakdown; `resident`: how many models the stage keeps (`resident_models`),
     `rows`: sequences per micro-batch sample (`flops.stage_work`); `cuda_graph_share`: the share of
     each layer captured as CUDA graphs (`cost.cuda_graph_share`; 0 without graphs); `generates`: the
@@ -528,10 +545,8 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         else:  # forward only: one layer's tensors live at a time
             activations = per_layer
         if st.last and not scalar_head:
-            # vocab-parallel cross entropy keeps the fp32 softmax (exp logits) for backward; the 16-bit
-            # logits are freed once cast. Measured on H200 with Megatron-Core 0.16.1: the dynamic
-            # memory of a fully recomputed model is inputs + 4 B x s x b x V (docs/calibration.md).
-            parts["logits"] = s_local * b * vocab / layout.tp * 4
+            ce = cross_entropy or ("te" if kernels == "te" else "none")
+            parts["logits"] = s_local * b * vocab / layout.tp * cross_entropy_bytes(ce)
         if layout.tp > 1 and layout.sequence_parallel:
             parts["tp_comm_buffers"] = 2.0 * 2 * s_local * b * model.hidden  # all-gathered GEMM input (+ its grad)
         if layout.pp > 1:

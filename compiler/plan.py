@@ -121,6 +121,11 @@ class Fusions:
     bias_activation: bool  # Megatron's fused bias-SwiGLU / bias-GELU
     bias_dropout_add: bool
     grad_accumulation: bool  # weight-gradient accumulation into main_grad inside the GEMM (apex at run time)
+    # the loss (the experiment's `cross_entropy_fusion`): "te" (Transformer Engine's fused vocab-parallel
+    # cross entropy, Megatron-Bridge's performance recipes), "native" (Megatron-Core's own fused loss),
+    # "none" (Megatron-Core's unfused vocab-parallel cross entropy); Megatron-Core `cross_entropy_loss_fusion`,
+    # `cross_entropy_fusion_impl`
+    cross_entropy: str = "none"
 
 
 @dataclass(frozen=True, slots=True)

@@ -201,7 +201,7 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
         kernels=resolve_kernels(spec.kernels, spec.cluster.gpu, spec.model), optimizer=stage.optimizer.name, target=target,
         hf_conversion=is_hf_conversion(spec, stage),
         moe_requested=(spec.moe_dispatcher, spec.moe_grouped_gemm, spec.moe_permute_fusion),
-        host_requested=host_requested(spec),
+        host_requested=host_requested(spec), cross_entropy_requested=spec.cross_entropy_fusion,
         host=stage_host(host_requested(spec), target.stage_kernels(stage.kind, resolve_kernels(spec.kernels,
                                                                                               spec.cluster.gpu)),
                         target.caps(stage.kind).cuda_graphs),
@@ -360,7 +360,7 @@ def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps
         model=spec.model, gpu=spec.cluster.gpu, layout=chosen.layout, split=chosen.split, stage_kind=stage.kind,
         precision=spec.precision, attention_backend=problem.attention_backend, kernels=problem.kernels,
         seq_length=seq, peft=stage.peft, params=stage.params, target=problem.target, fp8_recipe=spec.fp8_recipe,
-        moe=problem.moe_of(chosen.layout), host=problem.host)
+        moe=problem.moe_of(chosen.layout), host=problem.host, cross_entropy=spec.cross_entropy_fusion)
     return StagePlan(
         name=stage.name, kind=stage.kind, after=stage.after, data=stage.data, layout=chosen.layout,
         memory=chosen.memory, estimate=estimate, seq_length=seq, steps=steps, optimizer=stage.optimizer,
@@ -449,6 +449,9 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
                                     manual_gc_interval=spec.manual_gc_interval)
         if taken:
             notes.append("host defaults taken (Megatron-Bridge recipes): " + ", ".join(taken))
+        if spec.cross_entropy_fusion is None:
+            notes.append(f"loss default taken ({'Transformer Engine, as Megatron-Bridge recipes' if probe.stage_kernels == 'te' else 'the local spec'}): "
+                         f"cross_entropy_fusion = {probe.cross_entropy}")
         if spec.cuda_graph_impl not in (None, "none") and probe.host.cuda_graph_impl == "none":
             notes.append(f"cuda_graph_impl = {spec.cuda_graph_impl} does not apply to this {stage.kind} stage: "
                          f"it runs the local layer spec on the target `{target.name}` (no CUDA graphs)")

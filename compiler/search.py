@@ -58,7 +58,7 @@ from functools import lru_cache
 from nemoc.compiler import cost, memory
 from nemoc.compiler.catalog.hardware import TRAINING_PRECISIONS, HardwareSpec
 from nemoc.compiler.flops import chunk_layers
-from nemoc.compiler.execution import host_execution, moe_execution
+from nemoc.compiler.execution import cross_entropy_of, host_execution, moe_execution
 from nemoc.compiler.params import packs_sequences
 from nemoc.compiler.plan import Estimate, HostExecution, Layout, MemoryBreakdown, MoeExecution
 from nemoc.compiler.rules import (
@@ -127,6 +127,9 @@ class Problem:
     # (rules.Env.host_requested); `host` is what the stage runs with (execution.host_execution)
     host_requested: tuple = (None, (), None, None)
     host: HostExecution = field(default_factory=host_execution)
+    # the experiment's `cross_entropy_fusion` (te | native | none; None = auto); `cross_entropy` is what
+    # the stage runs (execution.cross_entropy_of of its kernels)
+    cross_entropy_requested: str | None = None
     costed_backend: str = field(init=False, repr=False, compare=False, default="")  # see __post_init__
     # what the cost and memory models read of the stage's params, once per problem (see __post_init__)
     attention_span: float | None = field(init=False, repr=False, compare=False, default=None)
@@ -152,7 +155,8 @@ class Problem:
         precisions = tuple(p for p in TRAINING_PRECISIONS if self.gpu.supports(p))
         return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind,
                    self.kernels, self.optimizer, self.target, self.fp8_recipe, self.hf_conversion, self.moe_requested,
-                   self.host_requested, packs_sequences(self.stage_kind, self.params))
+                   self.host_requested, packs_sequences(self.stage_kind, self.params),
+                   cross_entropy_fusion=self.cross_entropy_requested)
 
     @property
     def splits_sequences(self) -> bool:
@@ -193,6 +197,11 @@ class Problem:
             return None
         tokens = params.sample_tokens
         return float(min(tokens, self.seq_length)) if tokens and params.pack else None
+
+    @property
+    def cross_entropy(self) -> str:
+        """The loss the memory and cost models price (te | native | none)."""
+        return cross_entropy_of(self.stage_kernels, self.cross_entropy_requested)
 
     @property
     def stage_kernels(self) -> str:
@@ -303,7 +312,7 @@ def pipeline_memory(p: Problem, layout: Layout) -> tuple[MemoryBreakdown, ...]:
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
         cuda_graph_share=_graph_share(p),
-        parents=p.parents, fp8_recipe=p.fp8_recipe, dropout=p.dropout,
+        parents=p.parents, fp8_recipe=p.fp8_recipe, dropout=p.dropout, cross_entropy=p.cross_entropy,
     )
 
 
@@ -328,7 +337,7 @@ def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
         stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, split=_stage_layers(p, layout),
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
         cuda_graph_share=_graph_share(p),
-        parents=p.parents, fp8_recipe=p.fp8_recipe, dropout=p.dropout,
+        parents=p.parents, fp8_recipe=p.fp8_recipe, dropout=p.dropout, cross_entropy=p.cross_entropy,
     )
 
 
@@ -340,7 +349,7 @@ def evaluate_time(p: Problem, layout: Layout, params: cost.EfficiencyParams = co
         split=_stage_layers(p, layout), kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout),
         overlap_tp=layout.tp_comm_overlap, overlap_param_gather=layout.overlap_param_gather, params=params,
         overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, moe=p.moe_of(layout), host=p.host,
-        attention_span=p.attention_span, dropout=p.dropout,
+        attention_span=p.attention_span, dropout=p.dropout, cross_entropy=p.cross_entropy,
     )
 
 
@@ -351,7 +360,7 @@ def bound_time(p: Problem, layout: Layout, micro_batches: tuple[int, int]) -> fl
         attention_backend=p.costed_backend, seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft,
         stage_params=p.params, split=_stage_layers(p, layout), kernels=p.stage_kernels,
         overlap_tp=layout.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p, moe=p.moe_of(layout), host=p.host,
-        attention_span=p.attention_span,
+        attention_span=p.attention_span, cross_entropy=p.cross_entropy,
     )
 
 
@@ -643,17 +652,17 @@ class _Context:
         self.memory_kw = dict(precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
                               stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, kernels=kernels,
                               grad_bytes=self.grad_bytes, cuda_graph_share=_graph_share(p), parents=p.parents,
-                              fp8_recipe=p.fp8_recipe, dropout=p.dropout)
+                              fp8_recipe=p.fp8_recipe, dropout=p.dropout, cross_entropy=p.cross_entropy)
         self.time_kw = dict(cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.costed_backend,
                             seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft,
                             stage_params=p.params, kernels=kernels, grad_bytes=self.grad_bytes,
                             overlap_tp=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather,
                             overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, host=p.host,
-                            attention_span=p.attention_span, dropout=p.dropout)
+                            attention_span=p.attention_span, dropout=p.dropout, cross_entropy=p.cross_entropy)
         self.bound_kw = dict(cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.costed_backend,
                              seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
                              kernels=kernels, overlap_tp=f.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p,
-                             host=p.host, attention_span=p.attention_span)
+                             host=p.host, attention_span=p.attention_span, cross_entropy=p.cross_entropy)
 
     def micro_batches(self, dp: int) -> list[int]:
         mbs = self._mbs.get(dp)

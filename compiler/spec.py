@@ -281,6 +281,7 @@ class ExperimentSpec:
     cuda_graph_scope: tuple[str, ...] = ()  # () = the whole layer
     manual_gc: bool | None = None  # None = auto
     manual_gc_interval: int | None = None  # None = auto
+    cross_entropy_fusion: str | None = None  # te | native | none; None = auto (execution.cross_entropy_of)
     attention_backend: str = "auto"  # auto | flash | fused | unfused
     kernels: str = "auto"  # auto | te | local (resolve_kernels)
     data: tuple[DataSpec, ...] = ()

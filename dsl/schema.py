@@ -586,6 +586,14 @@ EXPERIMENT_FIELDS = (
        "but `unfused` (context parallelism included: the SDPA core all-gathers the keys and values of the "
        "context-parallel group). The plan costs auto, flash and fused alike, except where TE falls back to its "
        "unfused core (W111); export stages always run the unfused core."),
+    _f("cross_entropy_fusion", enum("te", "native", "none"), None,
+       "Which cross entropy the loss runs (Megatron-Core `cross_entropy_loss_fusion`, "
+       "`cross_entropy_fusion_impl`): `te` (Transformer Engine's fused vocab-parallel kernels, TE >= 2.1 with "
+       "Triton), `native` (Megatron-Core's own fused loss, torch.compile'd; it returns the logits' gradient in "
+       "bf16 whatever the precision: W112 with fp32 / fp16), `none` (Megatron-Core's unfused vocab-parallel "
+       "cross entropy). The plan prices each (docs/cost-model.md). Default `auto`: `te` with Transformer "
+       "Engine (Megatron-Bridge's performance recipes), `none` on the local spec. `te` needs kernels te (E183).",
+       auto=True),
     _f("kernels", enum("auto", "te", "local"), "auto",
        "Layer kernels the run uses and the plan is costed with: `te` (Transformer Engine's fused kernels, "
        "what NGC / NeMo containers ship), `local` (Megatron-Core's local spec on plain PyTorch: no Transformer "

@@ -120,8 +120,8 @@ def _te_fusions(fusions: Fusions | None, facts: MachineFacts) -> dict:
     accumulation into main_grad is a single Megatron flag for TE's layers (TE's own
     `fuse_wgrad_accumulation`) and for the output layer (apex's fused_weight_gradient_mlp_cuda, which
     raises without apex), so without apex it is off for every layer (docs/runtime.md: ~10 B per
-    parameter and micro batch the `te` cost model does not charge). Megatron-Core leaves all of them
-    off by default; nothing on the local spec."""
+    parameter and micro batch the `te` cost model does not charge). Megatron-Core leaves all of them off
+    by default; nothing on the local spec. The loss is `_cross_entropy_kwargs`'s (on either spec)."""
     if fusions is None or not facts.have_te or facts.cpu:
         return {}
     from megatron.core.tensor_parallel import layers
@@ -131,6 +131,44 @@ def _te_fusions(fusions: Fusions | None, facts: MachineFacts) -> dict:
     if fusions.bias_activation:
         out["bias_activation_fusion"] = True
     return out
+
+
+def _cross_entropy_kwargs(fusions: Fusions | None, facts: MachineFacts | None = None) -> dict:
+    """The plan's loss (`Execution.fusions.cross_entropy`, the experiment's `cross_entropy_fusion`) as
+    Megatron-Core fields (model_parallel_config.py `cross_entropy_loss_fusion`, `cross_entropy_fusion_impl`;
+    language_module.py `compute_language_model_loss` then calls `te_parallel_cross_entropy` for "te",
+    fusions/fused_cross_entropy.py `fused_vocab_parallel_cross_entropy` for "native", and the unfused
+    `tensor_parallel.vocab_parallel_cross_entropy` with the fusion off: "none", Megatron-Core's default).
+    The native loss is plain PyTorch (torch.compile) and runs on either spec, the CPU included; "te" only
+    where this machine builds Transformer Engine's layers (`facts`; None: Megatron-LM's command line, which
+    states the plan)."""
+    impl = fusions.cross_entropy if fusions is not None else "none"
+    if impl == "te" and facts is not None and (not facts.have_te or facts.cpu):
+        return {}
+    if impl in ("te", "native"):
+        return dict(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl=impl)
+    return {}
+
+
+def have_te_cross_entropy() -> bool:
+    """Whether Megatron-Core found Transformer Engine's parallel_cross_entropy (extensions/transformer_engine.py
+    `te_parallel_cross_entropy`; None where TE or its Triton kernels do not import)."""
+    from megatron.core.models.common.language_module import language_module
+
+    return getattr(language_module, "te_parallel_cross_entropy", None) is not None
+
+
+def _check_cross_entropy(fusions: Fusions | None, facts: MachineFacts) -> None:
+    """Refuse, before the first step, a plan priced with TE's fused cross entropy on a TE that lacks it:
+    Megatron-Core would raise "Trying to use a TE block when it's not present." inside the loss."""
+    if fusions is None or fusions.cross_entropy != "te" or not facts.have_te or facts.cpu:
+        return
+    if not have_te_cross_entropy():
+        raise UnsupportedPlan("the plan prices Transformer Engine's fused cross entropy (cross_entropy_fusion_impl = "
+                              "te, Megatron-Bridge's performance recipes), but this Transformer Engine has no "
+                              "transformer_engine.pytorch.cross_entropy.parallel_cross_entropy (TE >= 2.1 with "
+                              "Triton); upgrade Transformer Engine, or plan with cross_entropy_fusion = native (Megatron-Core's "
+                              "own fused loss) or none")
 
 
 def _activation(model: ModelSpec) -> tuple[object, bool]:
@@ -325,6 +363,7 @@ def transformer_config(
     _check_nvfp4(precision, facts)
     host = execution.host if execution is not None else None
     _check_cuda_graphs(host, facts)
+    _check_cross_entropy(execution.fusions if execution is not None else None, facts)
     overlap_p2p = execution.overlaps.p2p if execution is not None else False
     activation, glu = _activation(model)
     dtype = params_dtype(precision)
@@ -370,6 +409,7 @@ def transformer_config(
         **_recompute_kwargs(layout.recompute, layout.recompute_layers),
         **pipeline_split_kwargs(execution.pipeline if execution is not None else None),
         **_te_fusions(execution.fusions if execution is not None else None, facts),
+        **_cross_entropy_kwargs(execution.fusions if execution is not None else None, facts),
     )
     if model.is_moe:
         kwargs.update(_moe_kwargs(model, layout, moe))
@@ -828,6 +868,7 @@ def _lm_precision(plan, stage) -> list[str]:
     out.append(f"--transformer-impl {'transformer_engine' if stage.kernels == 'te' else 'local'}")
     if stage.kernels == "te":
         out.append(f"--attention-backend {stage.execution.attention}")
+    out += _flags(_cross_entropy_kwargs(stage.execution.fusions))  # Megatron-LM leaves it off by default
     return out
 
 

@@ -115,6 +115,8 @@ from nemoc.compiler.rules.moe import (  # noqa: F401
 from nemoc.compiler.rules.precision import (  # noqa: F401
     _local_why,
     rule_fp8_needs_te,
+    rule_cross_entropy_needs_te,
+    warn_native_cross_entropy_dtype,
     rule_fp8_recipe,
     rule_fp8_param_gather,
     rule_te_needs_gpu,

@@ -68,6 +68,7 @@ class Env:
     # manual_gc_interval | None)
     host_requested: tuple = (None, (), None, None)
     packed: bool = False  # the stage packs several samples per row (sft `pack = true`)
+    cross_entropy_fusion: str | None = None  # the loss the user wrote: te | native | none (None = auto)
 
     @property
     def stage_kernels(self) -> str:

@@ -70,6 +70,8 @@ from nemoc.compiler.rules.pipeline import (
     warn_vp_one,
 )
 from nemoc.compiler.rules.precision import (
+    rule_cross_entropy_needs_te,
+    warn_native_cross_entropy_dtype,
     rule_tp_comm_overlap,
     rule_attention_head_dim,
     rule_fp32_attention,
@@ -109,14 +111,14 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_overlap_param_gather, rule_recompute_layers,
     rule_recompute_layers_chunk,
     rule_fp8_param_gather_optimizer, rule_optimizer_state_dtype_optimizer, rule_optimizer_state_dtype_te,
-    rule_gemma_layer_te, rule_gemma_layer_parts,
+    rule_gemma_layer_te, rule_gemma_layer_parts, rule_cross_entropy_needs_te,
 )
 
 
 WARNING_RULES: tuple[Rule, ...] = (
     warn_tp_crosses_node, warn_padded_vocab, warn_ep_without_sp, warn_useless_distributed_optimizer,
     warn_fp16_loss_scaling, warn_moe_ffn_default, warn_top1_router, warn_uneven_pipeline, warn_vp_one,
-    warn_selective_recompute_flash, warn_auto_attention_unfused,
+    warn_selective_recompute_flash, warn_auto_attention_unfused, warn_native_cross_entropy_dtype,
 )
 
 
@@ -187,6 +189,7 @@ CODES: dict[str, Rule] = {
     "E182": rule_fsdp_tensor_parallel_te,
     "E179": rule_gemma_layer_te,
     "E180": rule_gemma_layer_parts,
+    "E183": rule_cross_entropy_needs_te,
     "E128": rule_te_needs_gpu,
     "E129": rule_sgd_distributed_optimizer,
     "E134": rule_heads_query_groups,
@@ -217,4 +220,5 @@ CODES: dict[str, Rule] = {
     "W109": warn_vp_one,
     "W110": warn_selective_recompute_flash,
     "W111": warn_auto_attention_unfused,
+    "W112": warn_native_cross_entropy_dtype,
 }

@@ -202,3 +202,32 @@ def test_mistral_7b_lora_sft_on_8_h100_runs_the_pretraining_attention_not_unfuse
     assert stage.execution.attention != "unfused"
     assert stage.layout.tp < 8 and stage.layout.dp >= 2, stage.layout
     assert stage.estimate.mfu > 0.3, stage.estimate
+
+
+def test_te_kernels_price_transformer_engines_fused_cross_entropy():
+    """`kernels = te` runs (and is priced with) Transformer Engine's fused cross entropy, as Megatron-Bridge's
+    performance recipes: the loss moves CROSS_ENTROPY_BYTES_TE (6 + 4 B) per logit instead of the unfused
+    38 + 14, and keeps 2 B per logit (the 16-bit logits holding the gradient) instead of the fp32 softmax's 4;
+    the plan records it in `execution.fusions.cross_entropy`. The local spec keeps Megatron-Core's loss."""
+    from nemoc.compiler import cost, memory
+    from nemoc.compiler.catalog import PRESETS, get_gpu
+    from nemoc.compiler.plan import Layout
+
+    assert cost.CROSS_ENTROPY_BYTES_TE == (6.0, 4.0) and cost.CROSS_ENTROPY_BYTES == (38.0, 14.0)
+    model = PRESETS["llama3_8b"]
+    lay = Layout(tp=2, pp=1, vp=None, cp=1, ep=1, etp=1, dp=4, micro_batch=1, global_batch=64, num_microbatches=16,
+                 sequence_parallel=True, distributed_optimizer=True, recompute="none")
+    hw, seq = get_gpu("H100"), 4096
+    lt = cost.layer_times(model, lay, hw, seq=seq, precision="bf16", attention_backend="flash", micro_batch=1)
+    _, _, te = cost._stage_times(model, lay, hw, lt, seq=seq, micro_batch=1, backward=2.0,
+                                 params=cost.DEFAULT_PARAMS, kernels="te")
+    _, _, local = cost._stage_times(model, lay, hw, lt, seq=seq, micro_batch=1, backward=2.0,
+                                    params=cost.DEFAULT_PARAMS, kernels="local")
+    logits = seq * cost.padded_vocab(model.vocab, lay.tp) / lay.tp  # per GPU and micro batch
+    assert local - te == pytest.approx((52.0 - 10.0) * logits / hw.hbm_bw, rel=1e-9)
+    mem = {k: memory.estimate(model, lay, seq_length=seq, gpu="H100", kernels=k).parts["logits"] for k in ("te", "local")}
+    assert mem["te"] == logits * 2 and mem["local"] == logits * 4
+    spec, _ = load_spec(GPU_EXAMPLE)
+    for kernels, loss in (("te", "te"), ("local", "none")):  # cross_entropy_fusion auto
+        stage = plan_experiment(replace(spec, kernels=kernels), target=NEMOC_RUNTIME).plan.stages[0]
+        assert stage.execution.fusions.cross_entropy == loss

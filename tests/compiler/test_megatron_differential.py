@@ -297,6 +297,9 @@ def _te_present():
         stack.enter_context(mock.patch(f"megatron.core.transformer.moe.moe_utils.{name}", lambda *a, **k: None,
                                        create=True))
     stack.enter_context(mock.patch.object(margs, "have_deep_ep", lambda: True))
+    # TE's fused vocab-parallel cross entropy (GPTModel's loss with cross_entropy_fusion_impl = "te")
+    stack.enter_context(mock.patch("megatron.core.models.common.language_module.language_module."
+                                   "te_parallel_cross_entropy", lambda *a, **k: None))
     return stack
 
 

@@ -29,6 +29,8 @@ def lay(**kw) -> Layout:
     return Layout(**base)
 
 
+# what GPTModel's loss calls with cross_entropy_fusion_impl = "te" (None where TE is not installed)
+_TE_CROSS_ENTROPY = "megatron.core.models.common.language_module.language_module.te_parallel_cross_entropy"
 _TE_MOE_KERNELS = ("fused_permute", "fused_permute_with_probs", "fused_sort_chunks_by_index",
                    "fused_sort_chunks_by_index_with_probs", "fused_unpermute")
 
@@ -42,6 +44,7 @@ def config(model=LLAMA_ISH, layout=None, precision="bf16", backend="flash", fact
             for name in _TE_MOE_KERNELS:
                 stack.enter_context(mock.patch(f"megatron.core.transformer.moe.moe_utils.{name}",
                                                lambda *a, **k: None, create=True))
+            stack.enter_context(mock.patch(_TE_CROSS_ENTROPY, lambda *a, **k: None))
             return _config(model, layout, precision, backend, facts, moe)
     return _config(model, layout, precision, backend, facts, moe)
 
@@ -228,6 +231,49 @@ def test_transformer_engine_runs_get_the_fused_kernels_the_plan_prices():
     for available in (True, False):
         with mock.patch.object(layers, "_grad_accum_fusion_available", available):
             assert config(facts=GPU_TE).gradient_accumulation_fusion is available
+
+
+def test_transformer_engine_runs_get_the_fused_cross_entropy_the_plan_prices():
+    """kernels = te is priced with Transformer Engine's fused cross entropy (cost.CROSS_ENTROPY_BYTES_TE,
+    memory.cross_entropy_bytes), as Megatron-Bridge's performance recipes run it: Megatron-Core 0.16.1's
+    TransformerConfig takes the two fields (default off / native); the local spec keeps Megatron-Core's
+    unfused vocab-parallel cross entropy; Megatron-LM's command line says the same."""
+    te = config(facts=GPU_TE)
+    assert te.cross_entropy_loss_fusion and te.cross_entropy_fusion_impl == "te"
+    for facts in (CPU, margs.MachineFacts(cpu=False, have_te=False)):
+        local = config(facts=facts)
+        assert not local.cross_entropy_loss_fusion and local.cross_entropy_fusion_impl == "native"
+    # a TE without parallel_cross_entropy: refused before the first step, not inside the loss
+    with mock.patch(_TE_CROSS_ENTROPY, None), pytest.raises(margs.UnsupportedPlan, match="fused cross entropy"):
+        _config(LLAMA_ISH, None, "bf16", "flash", GPU_TE)
+    te_flags = margs._flags(margs._cross_entropy_kwargs(make_execution(LLAMA_ISH, lay(), kernels="te").fusions))
+    assert te_flags == ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl te"]
+    assert margs._flags(margs._cross_entropy_kwargs(make_execution(LLAMA_ISH, lay(), kernels="local").fusions)) == []
+
+
+@pytest.mark.parametrize("facts", [GPU_TE, CPU], ids=["te", "cpu"])
+@pytest.mark.parametrize("loss, fields", [("te", (True, "te")), ("native", (True, "native")), ("none", (False, "native"))])
+def test_each_cross_entropy_fusion_is_the_megatron_core_loss_the_plan_prices(facts, loss, fields):
+    """`cross_entropy_fusion` as Megatron-Core 0.16.1's TransformerConfig takes it (`cross_entropy_loss_fusion`,
+    `cross_entropy_fusion_impl`; `none` is its default: fusion off, impl native): te where this machine builds
+    TE's layers, native on either spec (plain PyTorch: it runs on the CPU), none anywhere. A te plan on a
+    machine without TE falls back to the unfused loss with the rest of the local spec. Megatron-LM's command
+    line states the plan."""
+    execution = make_execution(LLAMA_ISH, lay(), kernels="te" if facts.have_te else "local", gpu="B200")
+    execution = dataclasses.replace(execution, fusions=dataclasses.replace(execution.fusions, cross_entropy=loss))
+    with mock.patch(_TE_CROSS_ENTROPY, lambda *a, **k: None), \
+            mock.patch("megatron.core.models.common.embeddings.rope_utils.fused_apply_rotary_pos_emb",
+                       lambda *a, **k: None):
+        for name in _TE_MOE_KERNELS:
+            mock.patch(f"megatron.core.transformer.moe.moe_utils.{name}", lambda *a, **k: None, create=True).start()
+        try:
+            cfg = margs.transformer_config(model=LLAMA_ISH, layout=lay(), execution=execution, facts=facts)
+        finally:
+            mock.patch.stopall()
+    expected = (False, "native") if loss == "te" and not facts.have_te else fields
+    assert (cfg.cross_entropy_loss_fusion, cfg.cross_entropy_fusion_impl) == expected
+    flags = margs._flags(margs._cross_entropy_kwargs(execution.fusions))
+    assert flags == ([] if loss == "none" else ["--cross-entropy-loss-fusion", f"--cross-entropy-fusion-impl {loss}"])
 
 
 def test_gradient_reduction_dtype_is_what_the_plan_says():
