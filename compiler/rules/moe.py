@@ -308,16 +308,31 @@ def rule_moe_pad_needs_capacity(env: Env, s: Sizes) -> Violation | None:
 
 
 def rule_moe_capacity_balancing(env: Env, s: Sizes) -> Violation | None:
-    """"moe_expert_capacity_factor only works with aux_loss, seq_aux_loss, global_aux_loss or none load
-    balancing": Sinkhorn routing has no capacity step."""
+    """Sinkhorn load balancing takes neither a capacity nor an auxiliary loss: "moe_expert_capacity_factor
+    only works with aux_loss, seq_aux_loss, global_aux_loss or none load balancing" (Sinkhorn routing has no
+    capacity step; transformer_config.py __post_init__), and router.py `sinkhorn_load_balancing` asserts
+    `moe_aux_loss_coeff == 0` ("Sinkhorn routing does not support aux loss.") at the first forward, which
+    the language's default coefficient (1e-2, Switch Transformer's alpha) would reach."""
     m = env.model
-    if not m.is_moe or m.moe_capacity_factor is None or m.moe_load_balancing != "sinkhorn":
+    if not m.is_moe or m.moe_load_balancing != "sinkhorn":
         return None
-    return Violation(
-        "E144", "token dropping does not work with Sinkhorn load balancing",
-        f"moe_capacity_factor({m.moe_capacity_factor}) with moe_load_balancing = sinkhorn",
-        "use moe_load_balancing = aux_loss, seq_aux_loss, global_aux_loss or none, or remove moe_capacity_factor",
-        anchors=("model.moe_capacity_factor", "model.moe_load_balancing", "model"), source=_CAPACITY_SOURCE)
+    if m.moe_capacity_factor is not None:
+        return Violation(
+            "E144", "token dropping does not work with Sinkhorn load balancing",
+            f"moe_capacity_factor({m.moe_capacity_factor}) with moe_load_balancing = sinkhorn",
+            "use moe_load_balancing = aux_loss, seq_aux_loss, global_aux_loss or none, or remove moe_capacity_factor",
+            anchors=("model.moe_capacity_factor", "model.moe_load_balancing", "model"), source=_CAPACITY_SOURCE)
+    if m.moe_aux_loss_coeff != 0:
+        return Violation(
+            "E144", "Sinkhorn load balancing takes no auxiliary loss, but moe_aux_loss_coeff is not 0",
+            f"moe_aux_loss_coeff({m.moe_aux_loss_coeff:g}) != 0 with moe_load_balancing = sinkhorn"
+            + ("" if m.moe_aux_loss_coeff != 1e-2 else " (1e-2 is the language's default)"),
+            "set model.moe_aux_loss_coeff = 0 (Sinkhorn balances the experts by itself), or use "
+            "moe_load_balancing = aux_loss",
+            anchors=("model.moe_aux_loss_coeff", "model.moe_load_balancing", "model"),
+            source="megatron/core/transformer/moe/router.py TopKRouter.sinkhorn_load_balancing (assert "
+                   "moe_aux_loss_coeff == 0: \"Sinkhorn routing does not support aux loss.\")")
+    return None
 
 
 def rule_moe_shared_overlap_needs_shared(env: Env, s: Sizes) -> Violation | None:
@@ -384,7 +399,8 @@ def rule_moe_expert_bias_sigmoid(env: Env, s: Sizes) -> Violation | None:
 
 def rule_moe_router_groups(env: Env, s: Sizes) -> Violation | None:
     """Group-limited routing (transformer_config.py __post_init__, `if self.moe_router_group_topk`): the
-    groups must be given, divide the experts, and number at least the groups each token picks; groups
+    groups must be given, divide the experts, and number at least the groups each token picks, and the
+    chosen groups must hold the top_k experts (moe_utils.py `group_limited_topk`); groups
     without a group top-k route as if there were none (Megatron reads the groups only with it), which
     nemoc refuses rather than plan a setting that does nothing."""
     m = env.model
@@ -407,12 +423,22 @@ def rule_moe_router_groups(env: Env, s: Sizes) -> Violation | None:
         eq, hint = (f"moe_router_group_topk({topk}) > moe_router_groups({groups})",
                     "pick at most as many groups per token as there are")
         anchor = "model.moe_router_group_topk"
+    elif topk * (m.experts // groups) < m.top_k:
+        # moe_utils.py group_limited_topk: each group is scored by its top (top_k // group_topk) experts
+        # (`scores.view(T, groups, -1).topk(top_k // group_topk)`: a RuntimeError where a group has fewer),
+        # then top_k experts are taken from the chosen groups' experts (a masked -inf one where they hold fewer)
+        per_group = m.experts // groups
+        eq = (f"moe_router_group_topk({topk}) * (experts({m.experts}) / moe_router_groups({groups}) = {per_group}) "
+              f"= {topk * per_group} < top_k({m.top_k})")
+        hint = (f"choose groups that hold at least top_k / moe_router_group_topk experts each "
+                f"(moe_router_groups <= {m.experts * topk // m.top_k}), or pick more groups per token")
+        anchor = "model.moe_router_groups"
     else:
         return None
     return Violation(
         "E156", "group-limited routing is not one Megatron-Core can build", eq, hint, anchors=(anchor, "model"),
         source="megatron/core/transformer/transformer_config.py __post_init__ (moe_router_group_topk / "
-               "moe_router_num_groups)")
+               "moe_router_num_groups); megatron/core/transformer/moe/moe_utils.py group_limited_topk")
 
 
 def rule_moe_pad_flex(env: Env, s: Sizes) -> Violation | None:

@@ -101,13 +101,14 @@ def experiments(draw) -> ExperimentSpec:
         moe.update(moe_capacity_factor=capacity,
                    moe_pad_to_capacity=draw(st.sampled_from([False, True] if capacity else rarely)),
                    moe_load_balancing=draw(st.sampled_from(["aux_loss"] * 4 + ["seq_aux_loss", "none", "sinkhorn"])),
+                   moe_aux_loss_coeff=draw(st.sampled_from([1e-2, 1e-2, 1e-3, 0.0])),
                    moe_shared_expert_overlap=draw(st.sampled_from([False, True] if moe["shared_expert_ffn_hidden"]
                                                                   else rarely)),
                    moe_router_score=draw(st.sampled_from(["softmax", "softmax", "sigmoid"])),
                    moe_expert_bias=draw(st.sampled_from(rarely)),
                    moe_router_groups=draw(st.sampled_from([0] * 6 + [2, 3])))
         if moe["moe_router_groups"] or draw(st.sampled_from(rarely)):
-            moe["moe_router_group_topk"] = draw(st.sampled_from([1, 1, 2, 0]))
+            moe["moe_router_group_topk"] = draw(st.sampled_from([1, 1, 2, 4, 0]))
     model = ModelSpec(
         name="rand", layers=draw(st.integers(1, 16)), hidden=hidden, heads=heads, query_groups=groups,
         kv_channels=kv_channels,
@@ -390,9 +391,10 @@ CONVERSE = {
     # built with the fields it reads only (Megatron checks flex + padding before the others)
     "E143": (lambda spec: _moe_config(spec, moe_pad_expert_input_to_capacity=True),
              "moe_expert_capacity_factor must be set"),
-    "E144": (lambda spec: _moe_config(spec, moe_expert_capacity_factor=spec.model.moe_capacity_factor,
-                                      moe_router_load_balancing_type=spec.model.moe_load_balancing),
-             "moe_expert_capacity_factor only works with aux_loss"),
+    # E144 and E156 also mirror checks of the router's first forward (`_route`), after the config's
+    "E144": (lambda spec: (_moe_config(spec, moe_expert_capacity_factor=spec.model.moe_capacity_factor,
+                                       moe_router_load_balancing_type=spec.model.moe_load_balancing), _route(spec)),
+             "moe_expert_capacity_factor only works with aux_loss|Sinkhorn routing does not support aux loss"),
     "E145": (lambda spec: _moe_config(spec, moe_token_dispatcher_type=spec.moe_dispatcher,
                                       moe_shared_expert_intermediate_size=spec.model.shared_expert_ffn_hidden,
                                       moe_shared_expert_overlap=True),
@@ -405,10 +407,38 @@ CONVERSE = {
                                       moe_router_score_function=spec.model.moe_router_score),
              "only supports sigmoid score function"),
     # (E156 for groups without a group top-k is nemoc's own: Megatron ignores the groups; see converse)
-    "E156": (lambda spec: _moe_config(spec, moe_router_num_groups=spec.model.moe_router_groups or None,
-                                      moe_router_group_topk=spec.model.moe_router_group_topk),
-             "moe_router_num_groups must be specified|should be divisible|should be smaller"),
+    "E156": (lambda spec: (_moe_config(spec, moe_router_num_groups=spec.model.moe_router_groups or None,
+                                       moe_router_group_topk=spec.model.moe_router_group_topk), _route(spec)),
+             "moe_router_num_groups must be specified|should be divisible|should be smaller|"
+             "selected index k out of range|a masked expert"),
 }
+
+
+def _route(spec: ExperimentSpec) -> None:
+    """The router's first forward on random logits, through Megatron-Core's own functions: Sinkhorn
+    routing (router.py `TopKRouter.sinkhorn_load_balancing`, which asserts moe_aux_loss_coeff == 0) and
+    group-limited top-k (moe_utils.py `group_limited_topk`: a RuntimeError where a group holds fewer than
+    top_k // group_topk experts; a masked (-inf) expert chosen where the chosen groups hold fewer than top_k,
+    raised here as an error: the token would be routed to an expert outside its groups with weight 0)."""
+    import torch
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.moe.moe_utils import group_limited_topk
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    m = spec.model
+    if not m.is_moe:
+        return
+    logits = torch.randn(16, m.experts)
+    if m.moe_load_balancing == "sinkhorn":
+        router = SimpleNamespace(config=SimpleNamespace(moe_aux_loss_coeff=m.moe_aux_loss_coeff), topk=m.top_k,
+                                 training=True)
+        TopKRouter.sinkhorn_load_balancing(router, logits)
+    if m.moe_router_group_topk:
+        probs, _ = group_limited_topk(logits.softmax(-1), m.top_k, 16, m.experts, m.moe_router_groups,
+                                      m.moe_router_group_topk)
+        if torch.isinf(probs).any():
+            raise RuntimeError("group_limited_topk chose a masked expert")
 
 
 def _moe_config(spec: ExperimentSpec, **override):
@@ -456,6 +486,11 @@ def run_case(spec: ExperimentSpec, top: int = 4) -> None:
         event("the search finds no valid layout")
         return
     STATS["planned"] = STATS.get("planned", 0) + 1
+    try:
+        _route(spec)
+    except Exception as exc:  # noqa: BLE001 - report what Megatron's router raised
+        raise AssertionError(f"nemoc accepted, Megatron-Core's router refused: {type(exc).__name__}: {exc}\n"
+                             f"  spec.model={spec.model}") from exc
     event(f"planned ({stage.kind}, {'moe' if spec.model.is_moe else 'dense'}, {stage_plan.kernels})")
     layouts = [(stage_plan.layout, stage_plan.execution)]
     layouts += [(c.layout, stage_execution(
@@ -573,3 +608,56 @@ def test_a_fixed_expert_tensor_on_a_dense_model_must_fit_the_expert_grid():
     with pytest.raises(RuntimeError, match="expert_tensor_model_pipeline_parallel"):
         megatron_parallel_state(1, layout)
 
+
+def test_e156_refuses_exactly_the_groups_megatron_cores_group_limited_topk_cannot_route():
+    """Differential against Megatron-Core 0.16.1's own routing function (moe_utils.py group_limited_topk):
+    over every group split of 4, 8 and 16 experts, E156 refuses a (groups, group top-k, top-k) exactly
+    where the function raises (a group holds fewer than top_k // group_topk experts) or picks a masked
+    (-inf) expert (the chosen groups hold fewer than top_k)."""
+    import types
+
+    import torch
+    from megatron.core.transformer.moe.moe_utils import group_limited_topk
+
+    from nemoc.compiler.rules.moe import rule_moe_router_groups
+
+    torch.manual_seed(0)
+    seen = set()
+    for experts in (4, 8, 16):
+        scores = torch.rand(8, experts).softmax(-1)
+        for groups in (g for g in range(1, experts + 1) if experts % g == 0):
+            for group_topk in range(1, groups + 1):
+                for top_k in range(1, min(experts, 8) + 1):
+                    try:
+                        probs, _ = group_limited_topk(scores, top_k, 8, experts, groups, group_topk)
+                        routes = not torch.isinf(probs).any()
+                    except RuntimeError:
+                        routes = False
+                    m = ModelSpec(name="m", layers=1, hidden=64, heads=4, query_groups=4, ffn_hidden=128, vocab=128, seq_length=64,
+                                  experts=experts, top_k=top_k, moe_router_groups=groups,
+                                  moe_router_group_topk=group_topk)
+                    refused = rule_moe_router_groups(types.SimpleNamespace(model=m), None) is not None
+                    assert refused == (not routes), (experts, groups, group_topk, top_k)
+                    seen.add(routes)
+    assert seen == {True, False}
+
+
+@pytest.mark.parametrize("coeff", [0.0, 1e-3, 1e-2])
+def test_e144_refuses_sinkhorn_with_an_aux_loss_exactly_where_megatron_cores_router_asserts(coeff):
+    """Megatron-Core 0.16.1's Sinkhorn routing (router.py TopKRouter.sinkhorn_load_balancing) asserts
+    moe_aux_loss_coeff == 0 at the first forward; E144 refuses exactly those models (1e-2 is the language's
+    default, so `moe_load_balancing = sinkhorn` alone is refused)."""
+    import types
+
+    from nemoc.compiler.rules.moe import rule_moe_capacity_balancing
+
+    m = ModelSpec(name="m", layers=1, hidden=64, heads=4, query_groups=4, ffn_hidden=128, vocab=128, seq_length=64,
+                  experts=4, top_k=2, moe_load_balancing="sinkhorn", moe_aux_loss_coeff=coeff)
+    refused = rule_moe_capacity_balancing(types.SimpleNamespace(model=m), None)
+    spec = types.SimpleNamespace(model=m)
+    if refused is None:
+        _route(spec)
+    else:
+        assert "moe_aux_loss_coeff" in refused.equation
+        with pytest.raises(AssertionError, match="Sinkhorn routing does not support aux loss"):
+            _route(spec)

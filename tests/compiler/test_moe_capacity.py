@@ -178,6 +178,11 @@ def _plan_error(tmp_path, model, settings="", gpu="H100"):
     ("E156", "    moe_router_groups = 4", "", "moe_router_groups", "moe_router_group_topk = 0"),
     ("E156", "    moe_router_groups = 3\n    moe_router_group_topk = 1", "", "moe_router_groups", "experts(8) % "),
     ("E156", "    moe_router_groups = 4\n    moe_router_group_topk = 5", "", "moe_router_group_topk", "> moe_router_groups(4)"),
+    ("E156", "    moe_router_groups = 8\n    moe_router_group_topk = 1", "", "moe_router_groups",
+     "moe_router_group_topk(1) * (experts(8) / moe_router_groups(8) = 1) = 1 < top_k(2)"),
+    ("E144", "    moe_load_balancing = sinkhorn", "", "moe_load_balancing", "moe_aux_loss_coeff(0.01) != 0"),
+    ("E144", "    moe_load_balancing = sinkhorn\n    moe_aux_loss_coeff = 1e-3", "", "moe_aux_loss_coeff",
+     "moe_aux_loss_coeff(0.001) != 0"),
     ("E174", "", "  cuda_graph_impl = transformer_engine\n  cuda_graph_scope = [moe]", "cuda_graph_scope",
      "drop-and-pad"),
     ("E174", "    moe_capacity_factor = 1.0", "  cuda_graph_impl = transformer_engine\n"
@@ -259,3 +264,13 @@ def test_routing_fields_on_a_dense_model_are_an_error_at_their_line(tmp_path):
         plan_experiment(spec)
     [d] = [d for d in err.value.diagnostics if d.is_error]
     assert d.code == "E171" and "moe_capacity_factor = 1.0" in text.splitlines()[d.span.line - 1]
+
+
+def test_sinkhorn_without_an_auxiliary_loss_plans(tmp_path):
+    path = tmp_path / "m.nemo"
+    path.write_text(SRC.format(gpu="H100", settings="",
+                               model="    moe_load_balancing = sinkhorn\n    moe_aux_loss_coeff = 0"))
+    spec, diags, _ = compile_file(str(path))
+    assert not [d for d in diags if d.is_error], diags
+    assert plan_experiment(spec).plan.stages[0].layout.world_size == 8
+
