@@ -181,6 +181,19 @@ def _model(f: _Flags, d: Draft) -> None:
             if f.has(flag):
                 d.model[field] = (True if kind == "bool" else f.float(flag) if kind == "float"
                                   else f.int(flag) if kind == "int" else Word(f.str(flag)))
+        if d.model.get("moe_capacity_factor") is not None and d.model["moe_capacity_factor"] < 0:
+            # transformer_config.py __post_init__: a negative capacity factor is none (dropless), the language's default
+            del d.model["moe_capacity_factor"]
+        sinkhorn_defaults(d)
+
+
+def sinkhorn_defaults(d: Draft) -> None:
+    """Sinkhorn routing takes no auxiliary loss (router.py asserts moe_aux_loss_coeff == 0; rules E144):
+    where the source leaves the coefficient at its default (Megatron-Core's is 0), the draft writes 0, not the
+    language's default 1e-2."""
+    if d.model.get("moe_load_balancing") == "sinkhorn" and "moe_aux_loss_coeff" not in d.model:
+        d.model["moe_aux_loss_coeff"] = 0.0
+        d.comments[("model", "moe_aux_loss_coeff")] = "Sinkhorn routing takes no auxiliary loss (Megatron's default 0)"
 
 
 def _parallel(f: _Flags, d: Draft) -> None:

@@ -18,7 +18,7 @@ import re
 import yaml
 
 from nemoc.compiler.interop.draft import Call, Draft, Word
-from nemoc.compiler.interop.megatron_lm import split_fractions
+from nemoc.compiler.interop.megatron_lm import sinkhorn_defaults, split_fractions
 
 _INTERP = re.compile(r"\$\{([^{}]*)\}")
 _GPT2_VOCAB = 50257  # the GPT-2 BPE vocabulary NeMo's "megatron" GPT2BPETokenizer loads
@@ -360,6 +360,7 @@ def _moe_routing(r: _Reader, m: str, d: Draft) -> None:
         if value == fields[name].default or (name in ("moe_router_groups", "moe_router_group_topk") and not value):
             continue
         d.model[name] = Word(value) if isinstance(value, str) else value
+    sinkhorn_defaults(d)
 
 
 def _peek(root: dict, path: str):

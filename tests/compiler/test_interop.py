@@ -398,3 +398,59 @@ dataset:
     imported = import_text(dropless, "moe.yaml", gpu="H100")
     assert _spec(imported.text).model.moe_capacity_factor is None
     assert any(d.startswith("model.moe_router_load_balancing_type = noaux_tc") for d in imported.dropped)
+
+
+_MOE_LAUNCH = ("torchrun --nproc_per_node 8 pretrain_gpt.py --num-layers 4 --hidden-size 1024 "
+               "--num-attention-heads 16 --seq-length 2048 --vocab-size 32000 --lr 1e-4 --train-iters 10 "
+               "--global-batch-size 64 --num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 512 ")
+
+
+def test_a_negative_capacity_factor_imports_as_dropless():
+    """Megatron-Core reads `--moe-expert-capacity-factor -1` as none (transformer_config.py __post_init__):
+    the import checks as a dropless model, not a refused negative capacity."""
+    imported = import_text(_MOE_LAUNCH + "--moe-expert-capacity-factor -1\n", "moe.sh")
+    assert "moe_capacity_factor" not in imported.text
+    assert _spec(imported.text).model.moe_capacity_factor is None
+
+
+def test_sinkhorn_imports_without_an_auxiliary_loss():
+    """Sinkhorn routing takes no auxiliary loss (router.py asserts it; rules E144): where the source gives no
+    coefficient (Megatron's default is 0) the import writes 0, not the language's 1e-2, and checks clean;
+    a coefficient the source gives is carried over (and E144 then refuses it, as Megatron would)."""
+    m = _spec(import_text(_MOE_LAUNCH + "--moe-router-load-balancing-type sinkhorn\n", "moe.sh").text).model
+    assert (m.moe_load_balancing, m.moe_aux_loss_coeff) == ("sinkhorn", 0.0)
+    text = import_text(_MOE_LAUNCH + "--moe-router-load-balancing-type sinkhorn --moe-aux-loss-coeff 0.02\n",
+                       "moe.sh").text
+    assert _spec(text).model.moe_aux_loss_coeff == 0.02
+    yaml_text = """_target_: megatron.bridge.training.config.ConfigContainer
+model:
+  _target_: megatron.bridge.models.gpt_provider.GPTModelProvider
+  num_layers: 4
+  hidden_size: 1024
+  ffn_hidden_size: 4096
+  num_attention_heads: 16
+  seq_length: 4096
+  vocab_size: 32000
+  num_moe_experts: 8
+  moe_router_topk: 2
+  moe_ffn_hidden_size: 512
+  moe_router_load_balancing_type: sinkhorn
+train:
+  global_batch_size: 512
+  micro_batch_size: 1
+  train_iters: 10
+optimizer:
+  optimizer: adam
+  lr: 0.0003
+mixed_precision:
+  bf16: true
+dataset:
+  _target_: megatron.bridge.training.config.GPTDatasetConfig
+  blend:
+  - - /data/a_text_document
+  - null
+  split: 99,1,0
+  sequence_length: 4096
+"""
+    m = _spec(import_text(yaml_text, "moe.yaml", gpu="H100").text).model
+    assert (m.moe_load_balancing, m.moe_aux_loss_coeff) == ("sinkhorn", 0.0)
