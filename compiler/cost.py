@@ -800,12 +800,13 @@ def _ep_comm(model, layout, hw, tokens, passes, params, dispatcher: str = "allto
 
 def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backward, params,
                  scalar_head: bool = False, split: tuple[int, int, int] | None = None,
-                 kernels: str = "te", cross_entropy: str | None = None) -> tuple[float, float, float]:
+                 kernels: str = "te", cross_entropy: str | None = None,
+                 loss: bool = True) -> tuple[float, float, float]:
     """(slowest, mean, output) micro-batch times over pipeline stages: layers plus, on the last
     stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`: the
     `cross_entropy` fusion, CROSS_ENTROPY_BYTES_OF; None: TE's fused kernels with `kernels = te`,
-    Megatron-Core's unfused one on the local spec); a scalar (reward / value) head costs nothing next to
-    a layer."""
+    Megatron-Core's unfused one on the local spec; none at all with `loss = False`); a scalar (reward /
+    value) head costs nothing next to a layer."""
     vocab = 0 if scalar_head else padded_vocab(model.vocab, layout.tp)
     tokens = micro_batch * seq / layout.cp
     # the output layer stays in 16-bit in FP8 recipes (Transformer Engine / NeMo keep the first and
@@ -814,7 +815,7 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     logits = (1.0 + backward) * gemm_time(tokens, vocab / layout.tp, model.hidden, flops_per_s=rate,
                                           bytes_per_s=hw.hbm_bw, in_bytes=2.0) if vocab else 0.0
     ce_fwd, ce_bwd = CROSS_ENTROPY_BYTES_OF[cross_entropy or ("te" if kernels == "te" else "none")]
-    ce = ce_fwd + (ce_bwd if backward else 0.0)
+    ce = (ce_fwd + (ce_bwd if backward else 0.0)) if loss else 0.0
     logits += ce * tokens * vocab / layout.tp / hw.hbm_bw
     per_layer = lt.total
     if layout.pp == 1:
@@ -1050,7 +1051,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                                            p2p_scatter_gather)
     other = sum(p.count * _pass_time(model, layout, hw, p, seq=seq, precision=precision, backend=attention_backend,
                                      micro_batch=mb, params=params, split=split, overlap_tp=overlap_tp,
-                                     kernels=kernels, moe=moe)
+                                     kernels=kernels, moe=moe, cross_entropy=cross_entropy)
                 for p in work.passes[1:])
     if other:
         parts["other_passes"] = other
@@ -1206,15 +1207,20 @@ def p2p_transfers(pp: int, vp: int, m: int, overlap: bool = RUNTIME_OVERLAPS_P2P
 
 
 def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micro_batch, params,
-               split=None, overlap_tp: bool = False, kernels: str = "te", moe: MoeExecution | None = None) -> float:
+               split=None, overlap_tp: bool = False, kernels: str = "te", moe: MoeExecution | None = None,
+               cross_entropy: str | None = None, loss: bool = True) -> float:
     """One pipelined pass of a secondary model over the step's micro batches (1F1B or forward-only
     schedule): m micro batches on the slowest stage plus the bubble, TP/CP/EP communication
-    included. A secondary model shares the policy's layout (the nemoc runtime builds it so)."""
+    included. A secondary model shares the policy's layout (the nemoc runtime builds it so) and the
+    experiment's loss (`cross_entropy`: the DPO reference and PPO's experience forwards call the model with
+    `labels=`, runtime/align/common.py `token_logprobs`, so its cross entropy runs); `loss = False`: a pass
+    that only takes the logits (the rollout's prefill, runtime/generation.py: no labels)."""
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
                      micro_batch=micro_batch, backward=p.backward, params=params, overlap_tp=overlap_tp,
                      kernels=kernels, moe=moe)
     slow, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=p.backward,
-                                 params=params, scalar_head=p.scalar_head, split=split, kernels=kernels)
+                                 params=params, scalar_head=p.scalar_head, split=split, kernels=kernels,
+                                 cross_entropy=cross_entropy, loss=loss)
     bubble = (layout.pp - 1) / (layout.vp or 1) * mean if layout.pp > 1 else 0.0
     return layout.num_microbatches * slow + bubble
 
@@ -1243,13 +1249,13 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     if layout.pp == 1:
         prefill = _pass_time(model, whole, hw, ModelPass("prefill", 1.0, FORWARD), seq=seq, precision=precision,
                              backend=backend, micro_batch=micro_batch, params=params, overlap_tp=overlap_tp,
-                             kernels=kernels)
+                             kernels=kernels, loss=False)
     else:
         lt = layer_times(model, whole, hw, seq=seq, precision=precision, attention_backend=backend,
                          micro_batch=micro_batch, backward=FORWARD, params=params, overlap_tp=overlap_tp,
                          kernels=kernels)
         _, mean, _ = _stage_times(model, whole, hw, lt, seq=seq, micro_batch=micro_batch, backward=FORWARD,
-                                  params=params, kernels=kernels)
+                                  params=params, kernels=kernels, loss=False)
         prefill = layout.num_microbatches * layout.pp * mean + _rollout_p2p(model, layout, hw, batch * seq, params)
     counts = param_counts(model)
     gemm_params = model.layers * (counts.attention + counts.mlp_active) + model.hidden * model.vocab

@@ -118,3 +118,25 @@ def test_the_plans_step_time_orders_the_losses(tmp_path):
         spec, _, _ = _compile(tmp_path, f"{fixed}\n  cross_entropy_fusion = {value}")
         steps[value] = plan_experiment(spec).plan.stages[0].estimate.step_time_s
     assert steps["te"] < steps["native"] < steps["none"]
+
+
+def test_the_other_passes_run_the_experiments_loss_and_the_rollout_none():
+    """The DPO reference forward calls the model with `labels=` (runtime/align/common.py `token_logprobs`), so it
+    runs the experiment's loss: its pass is priced with that loss's forward bytes per logit (unfused 38, TE 6);
+    the PPO rollout's prefill only takes the logits (runtime/generation.py), so no loss is priced there."""
+    from nemoc.compiler.flops import stage_work
+
+    model = PRESETS["llama3_8b"]
+    lay = Layout(tp=2, pp=1, vp=None, cp=1, ep=1, etp=1, dp=4, micro_batch=1, global_batch=64, num_microbatches=16,
+                 sequence_parallel=True, distributed_optimizer=True, recompute="none")
+    hw, seq = get_gpu("H100"), 4096
+    dpo = {ce: cost.estimate(model, lay, gpu="H100", seq_length=seq, stage_kind="dpo", cross_entropy=ce).parts
+           for ce in ("te", "none")}
+    work = stage_work("dpo")
+    reference = sum(p.count for p in work.passes[1:])
+    logits = work.rows * seq * cost.padded_vocab(model.vocab, lay.tp) / lay.tp  # per micro batch
+    expected = reference * lay.num_microbatches * (38.0 - 6.0) * logits / hw.hbm_bw
+    assert dpo["none"]["other_passes"] - dpo["te"]["other_passes"] == pytest.approx(expected, rel=1e-9)
+    ppo = {ce: cost.estimate(model, lay, gpu="H100", seq_length=seq, stage_kind="ppo", cross_entropy=ce).parts
+           for ce in ("te", "none")}
+    assert ppo["te"]["rollout"] == ppo["none"]["rollout"] > 0
