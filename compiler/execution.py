@@ -134,25 +134,41 @@ def even_split(layers: int, pp: int) -> PipelineSplit:
 # process on this machine's CPUs, so auto does not pick it there.
 AUTO_CROSS_ENTROPY = {"te": "te", "local": "none"}
 CROSS_ENTROPY_FUSIONS = ("te", "native", "none")
+# Under a whole-iteration CUDA graph (cuda_graph_impl = local, cuda_graph_scope = [full_iteration]) Megatron-Core
+# 0.16.1 calls TE's loss in its capturable form, which needs Transformer Engine >= 2.7 (language_module.py
+# `compute_language_model_loss`: "CUDA graph compatible cross entropy requires TransformerEngine >= 2.7.0", an
+# AssertionError at the first step). The plan does not know the target's TE version, so auto takes
+# Megatron-Core's native fused loss there (no host synchronisation, so capturable on any TE); a written `te`
+# stays, and the runtime refuses it on an older TE (runtime/megatron_args.py `_check_cross_entropy`).
+AUTO_CROSS_ENTROPY_FULL_ITERATION = "native"
 
 
-def cross_entropy_of(kernels: str, requested: str | None) -> str:
-    """The cross entropy a stage on `kernels` (te | local) runs: the experiment's `cross_entropy_fusion`,
-    or the default above. `te` on the local spec is refused for training stages (rules E183); eval and export
-    stages always run the local spec, and run Megatron-Core's unfused loss there."""
+def full_iteration_graph(host: HostExecution | None) -> bool:
+    """Whether the stage captures its whole forward-backward step in one CUDA graph."""
+    return host is not None and host.cuda_graph_impl == "local" and "full_iteration" in host.cuda_graph_scope
+
+
+def cross_entropy_of(kernels: str, requested: str | None, host: HostExecution | None = None) -> str:
+    """The cross entropy a stage on `kernels` (te | local) with the host settings `host` runs: the experiment's
+    `cross_entropy_fusion`, or the default above (native under a whole-iteration CUDA graph). `te` on the local
+    spec is refused for training stages (rules E183); eval and export stages always run the local spec, and
+    run Megatron-Core's unfused loss there."""
     if requested == "te" and kernels != "te":
         return "none"
+    if requested is None and kernels == "te" and full_iteration_graph(host):
+        return AUTO_CROSS_ENTROPY_FULL_ITERATION
     return requested or AUTO_CROSS_ENTROPY[kernels]
 
 
-def fusions(model: ModelSpec, kernels: str, cross_entropy: str | None = None) -> Fusions:
+def fusions(model: ModelSpec, kernels: str, cross_entropy: str | None = None,
+            host: HostExecution | None = None) -> Fusions:
     """The fused kernels NeMo / Megatron-LM switch on with Transformer Engine, which the `te` cost and
     memory models price: TE's fused RoPE, the fused bias-SwiGLU / bias-GELU (TransformerConfig allows
     it for SwiGLU, GeGLU, and GELU with biases), the fused bias-dropout-add and the weight-gradient
     accumulation into main_grad inside the GEMM; none of them on the local spec (its unfused kernels are
     what `kernels = local` prices). The cross entropy is the experiment's `cross_entropy_fusion`
-    (`cross_entropy_of`: te | native | none), on either spec."""
-    ce = cross_entropy_of(kernels, cross_entropy)
+    (`cross_entropy_of`: te | native | none, which reads `host`'s CUDA graphs), on either spec."""
+    ce = cross_entropy_of(kernels, cross_entropy, host)
     if kernels != "te":
         return Fusions(rope=False, bias_activation=False, bias_dropout_add=False, grad_accumulation=False,
                        cross_entropy=ce)
@@ -174,6 +190,7 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
     interleaved = layout.pp > 1 and (layout.vp or 1) > 1
     hw = get_gpu(gpu)
     peak = hw.peak(stage_precision) if hw is not None and hw.supports(stage_precision) else None
+    host = host if host is not None else host_execution()
     return Execution(
         kernels=stage_kernels,
         attention=target.stage_attention(stage_kind, attention_backend),
@@ -185,10 +202,10 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
         padded_vocab=padded_vocab(model.vocab, layout.tp),
         overlaps=Overlaps(grad_reduce=layout.dp > 1, param_gather=layout.overlap_param_gather,
                           p2p=interleaved and target.overlap_p2p, tp_comm=layout.tp_comm_overlap),
-        fusions=fusions(model, stage_kernels, cross_entropy),
+        fusions=fusions(model, stage_kernels, cross_entropy, host),
         model_flops_per_step=stage_model_flops_per_step(model, seq_length, layout.global_batch, stage_kind=stage_kind,
                                                         peft=peft, params=params, causal_discount=True),
         peak_flops_per_gpu=peak,
         moe=moe if moe is not None else moe_execution(model, stage_kernels, layout.ep),
-        host=host if host is not None else host_execution(),
+        host=host,
     )

@@ -27,7 +27,8 @@ from dataclasses import dataclass, replace
 
 from nemoc.compiler import chattemplate
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
-from nemoc.compiler.execution import fp8_recipe_of, host_defaults_taken, moe_defaults_taken, stage_execution, stage_host
+from nemoc.compiler.execution import (fp8_recipe_of, full_iteration_graph, host_defaults_taken, moe_defaults_taken,
+                                     stage_execution, stage_host)
 from nemoc.compiler.flops import param_counts
 from nemoc.compiler.memory import resident_models, weight_bytes
 from nemoc.compiler.plan import Estimate, Plan, StagePlan
@@ -449,7 +450,12 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
                                     manual_gc_interval=spec.manual_gc_interval)
         if taken:
             notes.append("host defaults taken (Megatron-Bridge recipes): " + ", ".join(taken))
-        if spec.cross_entropy_fusion is None:
+        if spec.cross_entropy_fusion is None and full_iteration_graph(probe.host) and probe.stage_kernels == "te":
+            notes.append(f"loss default taken: cross_entropy_fusion = {probe.cross_entropy}, not te: under a whole-iteration "
+                         "CUDA graph (cuda_graph_scope full_iteration) Megatron-Core runs TE's CUDA-graph-capturable cross "
+                         "entropy, which needs Transformer Engine >= 2.7, and the plan does not know the target's TE "
+                         "version (write cross_entropy_fusion = te where it is >= 2.7)")
+        elif spec.cross_entropy_fusion is None:
             notes.append(f"loss default taken ({'Transformer Engine, as Megatron-Bridge recipes' if probe.stage_kernels == 'te' else 'the local spec'}): "
                          f"cross_entropy_fusion = {probe.cross_entropy}")
         if spec.cuda_graph_impl not in (None, "none") and probe.host.cuda_graph_impl == "none":

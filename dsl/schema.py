@@ -214,7 +214,8 @@ MODEL_FIELDS = (
        "the global batch), `sinkhorn` (S-BASE, no loss; not with `moe_capacity_factor`: E144), `none`."),
     _f("moe_aux_loss_coeff", NONNEG_FLOAT, 1e-2,
        "Weight of the load-balancing loss (Megatron-Core `moe_aux_loss_coeff`; Switch Transformer's alpha). "
-       "Megatron-Bridge: 1e-2 Mixtral / GPT-OSS, 1e-3 Qwen3-MoE, 1e-4 DeepSeek-V3."),
+       "Megatron-Bridge: 1e-2 Mixtral / GPT-OSS, 1e-3 Qwen3-MoE, 1e-4 DeepSeek-V3. Sinkhorn load balancing "
+       "takes none: write 0 with `moe_load_balancing = sinkhorn` (E144)."),
     _f("moe_router_score", enum("softmax", "sigmoid"), "softmax",
        "The router's score function (Megatron-Core `moe_router_score_function`): `softmax`, or `sigmoid` "
        "(DeepSeek-V3)."),
@@ -592,7 +593,10 @@ EXPERIMENT_FIELDS = (
        "Triton), `native` (Megatron-Core's own fused loss, torch.compile'd; it returns the logits' gradient in "
        "bf16 whatever the precision: W112 with fp32 / fp16), `none` (Megatron-Core's unfused vocab-parallel "
        "cross entropy). The plan prices each (docs/cost-model.md). Default `auto`: `te` with Transformer "
-       "Engine (Megatron-Bridge's performance recipes), `none` on the local spec. `te` needs kernels te (E183).",
+       "Engine (Megatron-Bridge's performance recipes), except `native` under `cuda_graph_scope = [full_iteration]` "
+       "(Megatron-Core runs TE's CUDA-graph-capturable loss there, which needs TE >= 2.7, a version the plan "
+       "cannot know; the runtime refuses a written `te` there on an older TE), `none` on the local spec. "
+       "`te` needs kernels te (E183).",
        auto=True),
     _f("kernels", enum("auto", "te", "local"), "auto",
        "Layer kernels the run uses and the plan is costed with: `te` (Transformer Engine's fused kernels, "

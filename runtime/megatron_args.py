@@ -158,9 +158,18 @@ def have_te_cross_entropy() -> bool:
     return getattr(language_module, "te_parallel_cross_entropy", None) is not None
 
 
-def _check_cross_entropy(fusions: Fusions | None, facts: MachineFacts) -> None:
+# TE's loss in the form Megatron-Core calls under a whole-iteration CUDA graph (`is_cg_capturable`, no
+# torch.equal host check): language_module.py `compute_language_model_loss` asserts TE >= 2.7.0 there
+TE_CAPTURABLE_CROSS_ENTROPY = "2.7.0"
+
+
+def _check_cross_entropy(fusions: Fusions | None, facts: MachineFacts, host: HostExecution | None = None) -> None:
     """Refuse, before the first step, a plan priced with TE's fused cross entropy on a TE that lacks it:
-    Megatron-Core would raise "Trying to use a TE block when it's not present." inside the loss."""
+    Megatron-Core would raise "Trying to use a TE block when it's not present." inside the loss; or, under a
+    whole-iteration CUDA graph (cuda_graph_impl = local, cuda_graph_scope = [full_iteration]), on a TE older
+    than 2.7, where Megatron-Core asserts at the first step ("CUDA graph compatible cross entropy requires
+    TransformerEngine >= 2.7.0"). The planner's auto never picks te there (compiler/execution.py
+    `cross_entropy_of`); a written `cross_entropy_fusion = te` reaches this check."""
     if fusions is None or fusions.cross_entropy != "te" or not facts.have_te or facts.cpu:
         return
     if not have_te_cross_entropy():
@@ -169,6 +178,20 @@ def _check_cross_entropy(fusions: Fusions | None, facts: MachineFacts) -> None:
                               "transformer_engine.pytorch.cross_entropy.parallel_cross_entropy (TE >= 2.1 with "
                               "Triton); upgrade Transformer Engine, or plan with cross_entropy_fusion = native (Megatron-Core's "
                               "own fused loss) or none")
+    if host is None or host.cuda_graph_impl != "local" or "full_iteration" not in host.cuda_graph_scope:
+        return
+    from megatron.core.utils import get_te_version, is_te_min_version
+
+    try:
+        new_enough, found = is_te_min_version(TE_CAPTURABLE_CROSS_ENTROPY), get_te_version()
+    except (TypeError, ImportError):  # TE's version unreadable here: Megatron-Core checks it again at the step
+        return
+    if not new_enough:
+        raise UnsupportedPlan(f"cross_entropy_fusion = te under cuda_graph_scope = [full_iteration] needs Transformer "
+                              f"Engine >= 2.7 (Megatron-Core calls its CUDA-graph-capturable loss there: "
+                              f"language_module.py compute_language_model_loss), but this one is {found}; set "
+                              "cross_entropy_fusion = native (Megatron-Core's own fused loss, capturable on any TE) "
+                              "or none, or upgrade Transformer Engine")
 
 
 def _activation(model: ModelSpec) -> tuple[object, bool]:
@@ -363,7 +386,7 @@ def transformer_config(
     _check_nvfp4(precision, facts)
     host = execution.host if execution is not None else None
     _check_cuda_graphs(host, facts)
-    _check_cross_entropy(execution.fusions if execution is not None else None, facts)
+    _check_cross_entropy(execution.fusions if execution is not None else None, facts, host)
     overlap_p2p = execution.overlaps.p2p if execution is not None else False
     activation, glu = _activation(model)
     dtype = params_dtype(precision)

@@ -140,3 +140,19 @@ def test_the_other_passes_run_the_experiments_loss_and_the_rollout_none():
     ppo = {ce: cost.estimate(model, lay, gpu="H100", seq_length=seq, stage_kind="ppo", cross_entropy=ce).parts
            for ce in ("te", "none")}
     assert ppo["te"]["rollout"] == ppo["none"]["rollout"] > 0
+
+
+def test_auto_takes_native_under_a_whole_iteration_cuda_graph_and_says_why(tmp_path):
+    """Under cuda_graph_scope = [full_iteration] Megatron-Core runs TE's capturable loss, which needs TE >= 2.7;
+    the plan does not know the target's TE version, so auto takes native (graph-safe on any TE) with a note
+    saying why; a written te stays te (the runtime refuses it on an older TE), and other scopes keep te."""
+    graphs = "cuda_graph_impl = local\n  cuda_graph_scope = [full_iteration]"
+    spec, _, _ = _compile(tmp_path, graphs)
+    result = plan_experiment(spec)
+    assert result.plan.stages[0].execution.fusions.cross_entropy == "native"
+    assert any("cross_entropy_fusion = native, not te" in n and "Transformer Engine >= 2.7" in n
+               for n in result.stages[0].notes)
+    spec, _, _ = _compile(tmp_path, graphs + "\n  cross_entropy_fusion = te")
+    assert plan_experiment(spec).plan.stages[0].execution.fusions.cross_entropy == "te"
+    spec, _, _ = _compile(tmp_path, "cuda_graph_impl = transformer_engine\n  cuda_graph_scope = [attn]")
+    assert plan_experiment(spec).plan.stages[0].execution.fusions.cross_entropy == "te"

@@ -610,3 +610,26 @@ def test_bf16_optimizer_state_in_the_megatron_lm_command_line():
     assert {"--use-precision-aware-optimizer", "--exp-avg-dtype bf16", "--exp-avg-sq-dtype bf16"} <= set(flags)
     stage.layout = lay(dp=2, distributed_optimizer=True)
     assert not any("precision-aware" in f for f in margs._lm_optimizer(stage))
+
+
+def test_te_cross_entropy_under_a_whole_iteration_graph_needs_te_2_7():
+    """Megatron-Core 0.16.1 calls TE's CUDA-graph-capturable loss under cuda_graph_scope = [full_iteration] and
+    asserts TE >= 2.7.0 at the first step (language_module.py compute_language_model_loss): the runtime refuses
+    a te plan there on an older TE before building anything, naming native; other scopes, or TE 2.7, pass."""
+    from packaging.version import Version
+
+    from nemoc.compiler.plan import HostExecution
+
+    fusions = make_execution(LLAMA_ISH, lay(), kernels="te").fusions
+    assert fusions.cross_entropy == "te"
+    whole = HostExecution("local", ("full_iteration",), False, 0)
+    layers = HostExecution("transformer_engine", ("attn",), False, 0)
+    for version, refused in (("2.6.0", True), ("2.7.0", False)):
+        with mock.patch(_TE_CROSS_ENTROPY, lambda *a, **k: None), \
+                mock.patch("megatron.core.utils.get_te_version", lambda: Version(version)):
+            if refused:
+                with pytest.raises(margs.UnsupportedPlan, match=r"needs Transformer Engine >= 2.7.*native"):
+                    margs._check_cross_entropy(fusions, GPU_TE, whole)
+            else:
+                margs._check_cross_entropy(fusions, GPU_TE, whole)
+            margs._check_cross_entropy(fusions, GPU_TE, layers)  # no whole-iteration graph: any TE with the loss
