@@ -1213,8 +1213,8 @@ def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micr
     schedule): m micro batches on the slowest stage plus the bubble, TP/CP/EP communication
     included. A secondary model shares the policy's layout (the nemoc runtime builds it so) and the
     experiment's loss (`cross_entropy`: the DPO reference and PPO's experience forwards call the model with
-    `labels=`, runtime/align/common.py `token_logprobs`, so its cross entropy runs); `loss = False`: a pass
-    that only takes the logits (the rollout's prefill, runtime/generation.py: no labels)."""
+    `labels=`, so its cross entropy runs); `loss = False`: a pass that only takes the logits (the rollout's
+    prefill: generation passes no labels)."""
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
                      micro_batch=micro_batch, backward=p.backward, params=params, overlap_tp=overlap_tp,
                      kernels=kernels, moe=moe)

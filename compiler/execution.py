@@ -139,7 +139,7 @@ CROSS_ENTROPY_FUSIONS = ("te", "native", "none")
 # `compute_language_model_loss`: "CUDA graph compatible cross entropy requires TransformerEngine >= 2.7.0", an
 # AssertionError at the first step). The plan does not know the target's TE version, so auto takes
 # Megatron-Core's native fused loss there (no host synchronisation, so capturable on any TE); a written `te`
-# stays, and the runtime refuses it on an older TE (runtime/megatron_args.py `_check_cross_entropy`).
+# stays, and the nemoc runtime refuses it on an older TE before the first step.
 AUTO_CROSS_ENTROPY_FULL_ITERATION = "native"
 
 
