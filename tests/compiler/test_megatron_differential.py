@@ -393,7 +393,8 @@ CONVERSE = {
              "moe_expert_capacity_factor must be set"),
     # E144 and E156 also mirror checks of the router's first forward (`_route`), after the config's
     "E144": (lambda spec: (_moe_config(spec, moe_expert_capacity_factor=spec.model.moe_capacity_factor,
-                                       moe_router_load_balancing_type=spec.model.moe_load_balancing), _route(spec)),
+                                       moe_router_load_balancing_type=spec.model.moe_load_balancing),
+                          _route(spec, groups=False)),
              "moe_expert_capacity_factor only works with aux_loss|Sinkhorn routing does not support aux loss"),
     "E145": (lambda spec: _moe_config(spec, moe_token_dispatcher_type=spec.moe_dispatcher,
                                       moe_shared_expert_intermediate_size=spec.model.shared_expert_ffn_hidden,
@@ -408,13 +409,14 @@ CONVERSE = {
              "only supports sigmoid score function"),
     # (E156 for groups without a group top-k is nemoc's own: Megatron ignores the groups; see converse)
     "E156": (lambda spec: (_moe_config(spec, moe_router_num_groups=spec.model.moe_router_groups or None,
-                                       moe_router_group_topk=spec.model.moe_router_group_topk), _route(spec)),
+                                       moe_router_group_topk=spec.model.moe_router_group_topk),
+                          _route(spec, sinkhorn=False)),
              "moe_router_num_groups must be specified|should be divisible|should be smaller|"
              "selected index k out of range|a masked expert"),
 }
 
 
-def _route(spec: ExperimentSpec) -> None:
+def _route(spec: ExperimentSpec, *, sinkhorn: bool = True, groups: bool = True) -> None:
     """The router's first forward on random logits, through Megatron-Core's own functions: Sinkhorn
     routing (router.py `TopKRouter.sinkhorn_load_balancing`, which asserts moe_aux_loss_coeff == 0) and
     group-limited top-k (moe_utils.py `group_limited_topk`: a RuntimeError where a group holds fewer than
@@ -430,11 +432,11 @@ def _route(spec: ExperimentSpec) -> None:
     if not m.is_moe:
         return
     logits = torch.randn(16, m.experts)
-    if m.moe_load_balancing == "sinkhorn":
+    if sinkhorn and m.moe_load_balancing == "sinkhorn":
         router = SimpleNamespace(config=SimpleNamespace(moe_aux_loss_coeff=m.moe_aux_loss_coeff), topk=m.top_k,
                                  training=True)
         TopKRouter.sinkhorn_load_balancing(router, logits)
-    if m.moe_router_group_topk:
+    if groups and m.moe_router_group_topk:
         probs, _ = group_limited_topk(logits.softmax(-1), m.top_k, 16, m.experts, m.moe_router_groups,
                                       m.moe_router_group_topk)
         if torch.isinf(probs).any():
