@@ -315,9 +315,10 @@ def export_trained(checkpoint: str | Path, spec, out: str | Path, *, vocab: int,
     """Write the Hugging Face directory of a trained checkpoint; returns (out, manifest).
 
     `dtype` defaults to the training dtype: the one a torch_dist checkpoint stores, the one an fsdp_dtensor
-    checkpoint's manifest names (it stores fp32 main weights; an older one without the name: fp32). `tokenizer_dir` supplies the
-    tokenizer files when the source has none (a model trained from scratch on a local tokenizer);
-    `stop_ids` (the chat template's end-of-turn token) join generation_config.json's `eos_token_id`."""
+    checkpoint's manifest names (it stores fp32 main weights; an older one without the name: fp32).
+    `tokenizer_dir` supplies the tokenizer files when the source has none (a model trained from scratch on a
+    local tokenizer); `stop_ids` (the chat template's end-of-turn token) join generation_config.json's
+    `eos_token_id`."""
     reader = checkpoint_reader(checkpoint) if get is None else None
     # the training dtype: a torch_dist checkpoint stores it, an FSDP one stores the fp32 main weights and names it
     trained = getattr(reader, "training_dtype", None) or getattr(reader, "dtype", None)

@@ -193,7 +193,8 @@ def test_the_layout_key_names_the_expert_tensor_size_and_old_manifests_read_as_m
 # ------------------------------------------------------------------ TE's fused norm names, both directions
 
 
-_TE = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"), ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+_TE = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+       ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
 
 
 def _as_te(name, tensor):
@@ -271,7 +272,8 @@ def test_full_weights_under_local_names_load_into_an_fsdp_chunk_built_with_te(mc
                       "module.decoder.layers.0.mlp.linear_fc1.weight": (2, 8)})
     fsdp_checkpoint.load_full_into_fsdp([fsdp], full.__getitem__, where="/ck")
     got = dict(fsdp.param_and_grad_buffer.optimizer_named_parameters)
-    assert torch.equal(got["module.decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"][:4], torch.arange(4.0))
+    qkv_norm = got["module.decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"]
+    assert torch.equal(qkv_norm[:4], torch.arange(4.0))
     assert torch.equal(got["module.decoder.layers.0.mlp.linear_fc1.layer_norm_weight"][:4], torch.arange(4.0) + 10)
     assert fsdp.param_and_grad_buffer.installed
     # and the reverse: fused names in the source, a local-spec chunk
