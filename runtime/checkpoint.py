@@ -249,9 +249,19 @@ def layout_key() -> dict:
     return dict(
         tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
         vp=ps.get_virtual_pipeline_model_parallel_world_size(), cp=ps.get_context_parallel_world_size(),
-        ep=ps.get_expert_model_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
+        ep=ps.get_expert_model_parallel_world_size(), etp=ps.get_expert_tensor_parallel_world_size(),
+        dp=ps.get_data_parallel_world_size(),
         world=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
     )
+
+
+def saved_layout(record: dict) -> dict:
+    """The `layout` of a manifest or a checkpoint's common state, as `layout_key` writes it today: one saved
+    before etp was recorded had Megatron's default expert tensor size, the tensor size."""
+    layout = dict(record.get("layout") or {})
+    if layout and "etp" not in layout:
+        layout["etp"] = layout.get("tp", 1)
+    return layout
 
 
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
@@ -565,7 +575,7 @@ class Checkpointer:
                 # torch.distributed.checkpoint, synchronously (async_save applies to torch_dist saves only)
                 record.async_save = False
                 fsdp_checkpoint.save(state, tmp)
-                self._publish(tmp, record, fmt=fsdp_checkpoint.FORMAT)
+                self._publish(tmp, record, fmt=fsdp_checkpoint.FORMAT, dtype=state.get(fsdp_checkpoint.DTYPE_KEY))
                 return record
             strategy = _save_strategy()
             if self._queue is not None:
@@ -597,9 +607,10 @@ class Checkpointer:
             raise CheckpointSaveError(f"checkpoint save failed at step {record.iteration}: "
                                       f"{save_failure_reason(exc, record.path + '.tmp')}") from exc
 
-    def _publish(self, tmp: str, record: SaveRecord, fmt: str | None = None) -> None:
+    def _publish(self, tmp: str, record: SaveRecord, fmt: str | None = None, dtype: str | None = None) -> None:
         _barrier()  # every rank's shards and rank 0's metadata are on disk
-        write_manifest(tmp, iteration=record.iteration, layout=layout_key(), **({"format": fmt} if fmt else {}))
+        extra = dict(({"format": fmt} if fmt else {}), **({"dtype": dtype} if dtype else {}))
+        write_manifest(tmp, iteration=record.iteration, layout=layout_key(), **extra)
         if _rank() == 0:
             if os.path.exists(record.path):
                 shutil.rmtree(record.path)
@@ -661,13 +672,13 @@ def load_training_state(path: str, *, chunks, optimizer, scheduler, distributed_
         return _load_fsdp(path, chunks=chunks, optimizer=optimizer, scheduler=scheduler, saved=fsdp_saved,
                           here=fsdp_here)
     common = dist_checkpointing.load_common_state_dict(path)
-    saved_layout, here = common.get("layout", {}), layout_key()
-    same_layout = saved_layout == here
-    model_parallel_same = all(saved_layout.get(k) == here[k] for k in ("tp", "pp", "vp", "cp", "ep"))
+    saved, here = saved_layout(common), layout_key()
+    same_layout = saved == here
+    model_parallel_same = all(saved.get(k) == here[k] for k in ("tp", "pp", "vp", "cp", "ep", "etp"))
     with_optimizer = optimizer is not None and "optimizer" in common_keys(common, path)
     saved_format = common.get("optimizer_format", "dp_reshardable")
     if with_optimizer and distributed_optimizer and saved_format == "dp_reshardable" and not model_parallel_same:
-        warn(f"checkpoint {path} was saved with layout {saved_layout}, now {here}: the distributed "
+        warn(f"checkpoint {path} was saved with layout {saved}, now {here}: the distributed "
              "optimizer's dp_reshardable state reshards across DP only; loading the model, scheduler and "
              "data position, and restarting the Adam moments (save with params.optimizer_checkpoint_format"
              " = fully_reshardable to carry them across TP/PP changes)")
@@ -709,7 +720,7 @@ def _load_fsdp(path: str, *, chunks, optimizer, scheduler, saved: bool, here: bo
     from nemoc.runtime import fsdp_checkpoint
 
     iteration, consumed, rng = fsdp_checkpoint.load(path, chunks=chunks, optimizer=optimizer, scheduler=scheduler,
-                                                    saved_layout=read_manifest(path).get("layout", {}),
+                                                    saved_layout=saved_layout(read_manifest(path)),
                                                     rng=rng_state(), layout=layout_key())
     if rng is not None:  # same layout: each rank's RNG streams go on where they stopped
         set_rng_state(rng)
@@ -802,7 +813,14 @@ def load_weights(path: str, *, chunks, optimizer=None) -> None:
         from nemoc.runtime import fsdp_checkpoint
 
         if saved_fsdp:
-            fsdp_checkpoint.load_model(path, chunks=chunks)
+            reason = fsdp_checkpoint.layout_change(saved_layout(read_manifest(path)), layout_key(), init=True)
+            if reason is not None:
+                raise CheckpointError(f"init checkpoint {path}: {reason}")
+            try:
+                fsdp_checkpoint.load_model(path, chunks=chunks)
+            except fsdp_checkpoint.ReadError as exc:
+                raise CheckpointError(f"init checkpoint {path} is unusable: {exc} (repair it, or start this "
+                                      "stage from another checkpoint)") from None
         else:
             try:
                 fsdp_checkpoint.load_full_into_fsdp(chunks, torch_dist_getter(path), where=path)
@@ -826,7 +844,7 @@ def torch_dist_getter(path: str):
     """`get(name)`: the full (TP=1, PP=1) tensor of a torch_dist checkpoint by GPTModel state-dict name (the
     export's `DistCheckpointReader`); a pre-norm stored under Transformer Engine's fused name (the local spec's
     sharded_state_dict_keys_map) is found under either."""
-    from nemoc.runtime.hf.load import TE_NORMS
+    from nemoc.runtime.hf.load import te_alias
     from nemoc.runtime.hf.trained import DistCheckpointReader
 
     reader = DistCheckpointReader(path)
@@ -835,10 +853,10 @@ def torch_dist_getter(path: str):
         try:
             return reader.get(name)
         except KeyError:
-            for local, fused in TE_NORMS:
-                if local in name:
-                    return reader.get(name.replace(local, fused))
-            raise
+            alias = te_alias(name)
+            if alias is None:
+                raise
+            return reader.get(alias)
 
     return get
 

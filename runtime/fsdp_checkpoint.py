@@ -42,6 +42,7 @@ import torch
 
 FORMAT = "fsdp_dtensor"
 MARKER = "nemoc_format"  # the key that tells Checkpointer.save which writer a state dict needs
+DTYPE_KEY = "nemoc_dtype"  # the training dtype, for the manifest (not saved by DCP: older checkpoints lack it)
 MODEL_KEY = "model"  # the model's state dict in the save (`training_state`)
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -116,28 +117,46 @@ def training_state(*, chunks, optimizer, scheduler, iteration: int, consumed_sam
                            nemoc=dict(extra or {}), format=FORMAT,
                            opt_param_scheduler=scheduler.state_dict() if scheduler is not None else {})
     state[MARKER] = FORMAT
+    state[DTYPE_KEY] = training_dtype(chunks[0])
     return state
+
+
+def training_dtype(chunk) -> str:
+    """The torch dtype name a Megatron-FSDP chunk trains in (its config's bf16 / fp16; its checkpoint holds the
+    fp32 main weights whatever this is): what an export writes by default, as for a torch_dist checkpoint."""
+    from nemoc.runtime.model import unwrap
+
+    config = unwrap(chunk).config
+    return "bfloat16" if getattr(config, "bf16", False) else "float16" if getattr(config, "fp16", False) else "float32"
 
 
 def save(state: dict, directory: str) -> None:
     """Write `state` (from `training_state`) into `directory` with torch.distributed.checkpoint (all ranks)."""
     import torch.distributed.checkpoint as dcp
 
-    state = {k: v for k, v in state.items() if k != MARKER}
+    state = {k: v for k, v in state.items() if k not in (MARKER, DTYPE_KEY)}
     dcp.save(state, checkpoint_id=directory)
 
 
 RESHARDABLE = ("dp", "world")  # layout keys a resume may change: DCP reshards the DP-sharded DTensors
 
 
-def layout_change(saved_layout: dict, layout: dict) -> str | None:
-    """Why a resume cannot load an FSDP checkpoint saved under `saved_layout` now (None if it can): the
-    model-parallel sizes must be the same; the data-parallel size may differ."""
+def layout_change(saved_layout: dict, layout: dict, *, init: bool = False) -> str | None:
+    """Why a resume (`init`: a stage's initial weights, `load_model`) cannot load an FSDP checkpoint saved under
+    `saved_layout` now (None if it can): the model-parallel sizes must be the same; the data-parallel size may
+    differ. A layout saved before etp was recorded had Megatron's default, the tensor size."""
+    if saved_layout and "etp" not in saved_layout:
+        saved_layout = dict(saved_layout, etp=saved_layout.get("tp", 1))
     fixed = sorted(k for k in set(saved_layout) | set(layout) if k not in RESHARDABLE
                    and saved_layout.get(k) != layout.get(k))
     if not fixed:
         return None
     said = ", ".join(f"{k} {saved_layout.get(k)} -> {layout.get(k)}" for k in fixed)
+    if init:
+        return (f"it was saved by Megatron-FSDP (fsdp_dtensor) with layout {saved_layout}, this stage runs {layout} "
+                f"({said}): a Megatron-FSDP stage starts from an fsdp_dtensor checkpoint only under the tensor/"
+                "pipeline/context/expert sizes that saved it (the data-parallel size may change); give this stage "
+                "those sizes, or run it with megatron_fsdp = false (which reads it as full tensors at any layout)")
     return (f"it was saved by Megatron-FSDP (fsdp_dtensor) with layout {saved_layout}, now {layout} ({said}): an "
             "FSDP stage resumes under the tensor/pipeline/context/expert sizes that saved it (the data-parallel "
             "size may change); to continue from its weights under this layout, start a new stage from it "
@@ -168,6 +187,7 @@ def load(path: str, *, chunks, optimizer, scheduler, saved_layout: dict, rng: di
     template = training_state(chunks=chunks, optimizer=optimizer, scheduler=scheduler, iteration=0,
                               consumed_samples=0, rng=rng, layout=layout, is_loading=True)
     template.pop(MARKER)
+    template.pop(DTYPE_KEY)
     same = saved_layout == layout
     if not same:
         template.pop(_rng_key())
@@ -208,7 +228,8 @@ def load_full_into_fsdp(chunks, get, *, where: str) -> None:
     from nemoc.runtime.hf import mapping
     from nemoc.runtime.model import unwrap
 
-    sizes = dict(tensor=ps.get_tensor_model_parallel_world_size(), expert=ps.get_expert_model_parallel_world_size())
+    sizes = {"tensor": ps.get_tensor_model_parallel_world_size(), "expert": ps.get_expert_model_parallel_world_size(),
+             "expert_tensor": ps.get_expert_tensor_parallel_world_size()}
     if any(v != 1 for v in sizes.values()):
         said = ", ".join(f"{k} = {v}" for k, v in sizes.items() if v != 1)
         raise ValueError(f"{where}: loading full weights into a Megatron-FSDP stage with {said} is not supported "
@@ -225,13 +246,12 @@ def load_full_into_fsdp(chunks, get, *, where: str) -> None:
         if flat_range is None:
             raise ValueError(f"{where}: Megatron-FSDP keeps no shard range for {gpt_name} (no model-weight "
                              "buffer); start this stage with megatron_fsdp = false")
-        try:
-            full = get(gpt_name)
-        except KeyError:
-            raise ValueError(f"{where}: it has no tensor {gpt_name} (was it trained with this stage's model "
-                             "block?)") from None
+        full = _get_either_spec(get, gpt_name, where=where)
         if gpt_name.endswith(("word_embeddings.weight", "output_layer.weight")):
-            full = mapping.fit_vocab(full, padded)
+            try:
+                full = mapping.fit_vocab(full, padded)
+            except mapping.MappingError as exc:
+                raise ValueError(f"{where}: {gpt_name}: {exc}") from None
         global_shape = tuple(getattr(param, "shape", ()))
         if tuple(full.shape) != global_shape:
             raise ValueError(f"{where}: {gpt_name} has shape {tuple(full.shape)}, the model expects {global_shape} "
@@ -243,6 +263,24 @@ def load_full_into_fsdp(chunks, get, *, where: str) -> None:
             local = param.to_local() if hasattr(param, "to_local") else param.data
             local.view(-1).copy_(shard)
     fsdp.param_and_grad_buffer.copy_main_weights_to_model_weights()
+
+
+def _get_either_spec(get, name: str, *, where: str):
+    """`get(name)`, or the tensor under the other layer spec's pre-norm name (a converted Hugging Face directory
+    or a local-spec checkpoint stores `input_layernorm.weight` where a TE-spec chunk has the fused
+    `linear_qkv.layer_norm_weight`, and the reverse); ValueError naming `where` when neither is there."""
+    from nemoc.runtime.hf.load import te_alias
+
+    try:
+        return get(name)
+    except KeyError:
+        alias = te_alias(name)
+        try:
+            if alias is not None:
+                return get(alias)
+        except KeyError:
+            pass
+    raise ValueError(f"{where}: it has no tensor {name} (was it trained with this stage's model block?)")
 
 
 class FullCheckpointError(ValueError):
@@ -272,23 +310,27 @@ class FullTensorReader:
     fc1 and the experts in their per-rank layout there (Megatron-LM splits them first:
     transformer/fsdp_dtensor_checkpoint.py `handle_swiglu_in_state_dict`, `handle_experts_in_state_dict`)."""
 
-    def __init__(self, path: str, *, layout: dict | None = None):
+    def __init__(self, path: str, *, layout: dict | None = None, training_dtype: str | None = None):
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path = str(path)
-        bad = {k: v for k, v in (layout or {}).items() if k in ("tp", "ep") and v not in (None, 1)}
+        self._training_dtype = training_dtype
+        names = dict(tp="tensor", ep="expert", etp="expert_tensor")
+        bad = {k: v for k, v in (layout or {}).items() if k in names and v not in (None, 1)}
         if bad:
-            said = ", ".join(f"{dict(tp='tensor', ep='expert')[k]} = {v}" for k, v in sorted(bad.items()))
+            said = ", ".join(f"{names[k]} = {v}" for k, v in sorted(bad.items()))
             raise FullCheckpointError(
                 f"{self.path}: this fsdp_dtensor checkpoint was saved by a Megatron-FSDP stage with {said}; nemoc "
                 "reads FSDP checkpoints as full tensors (for a later stage or an export) only from stages with "
-                "tensor = 1 and expert = 1 (their SwiGLU and expert weights are stored per rank). Retrain that "
-                "stage with tensor = 1, or resume it under the layout that saved it")
+                "tensor = 1, expert = 1 and expert tensor = 1 (their SwiGLU and expert weights are stored per "
+                "rank). Retrain that stage with those sizes, or resume it under the layout that saved it")
         try:
             meta = FileSystemReader(self.path).read_metadata()
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise FullCheckpointError(f"{self.path}: not a readable fsdp_dtensor checkpoint ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 -- a damaged .metadata raises whatever unpickling it hits
+            raise FullCheckpointError(f"{self.path}: not a readable fsdp_dtensor checkpoint (its .metadata: "
+                                      f"{type(exc).__name__}: {exc}); train that stage again, or point at an "
+                                      "intact checkpoint") from None
         self.meta = {}
         for key, md in meta.state_dict_metadata.items():
             name = _gpt_name(key)
@@ -306,6 +348,12 @@ class FullTensorReader:
     def dtype(self) -> torch.dtype:
         name = "embedding.word_embeddings.weight"
         return (self.meta[name] if name in self.meta else next(iter(self.meta.values())))[1].properties.dtype
+
+    def training_dtype(self) -> torch.dtype:
+        """The dtype the saving stage trained in (its manifest's `dtype`: bf16 for a bf16 stage, whose checkpoint
+        stores the fp32 main weights); the stored dtype for a checkpoint saved before nemoc recorded it."""
+        named = getattr(torch, self._training_dtype, None) if self._training_dtype else None
+        return named if isinstance(named, torch.dtype) else self.dtype()
 
     def _load(self, names: list[str]) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint import FileSystemReader
@@ -352,4 +400,5 @@ def is_fsdp_checkpoint(path: str) -> bool:
 
 def full_reader(path: str) -> FullTensorReader:
     """The `FullTensorReader` of a finished fsdp_dtensor checkpoint directory (its manifest gives the layout)."""
-    return FullTensorReader(str(path), layout=saved_manifest(str(path)).get("layout", {}))
+    manifest = saved_manifest(str(path))
+    return FullTensorReader(str(path), layout=manifest.get("layout", {}), training_dtype=manifest.get("dtype"))

@@ -30,16 +30,26 @@ TE_NORMS = ((".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
              (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"))
 
 
+def te_alias(name: str) -> str | None:
+    """The other spec's name of a pre-norm tensor (local `...input_layernorm.weight` <-> TE's fused
+    `...self_attention.linear_qkv.layer_norm_weight`, the same for the MLP's pre-norm), None for any other."""
+    for local, te in TE_NORMS:
+        if local in name:
+            return name.replace(local, te, 1)
+        if te in name:
+            return name.replace(te, local, 1)
+    return None
+
+
 def _te_names(state: dict, ours: dict) -> dict:
-    """The converted (local-spec) names renamed to the chunk's where it is built with TE's spec."""
+    """The source's pre-norm names renamed to the chunk's, in either direction: a converted directory or a
+    local-spec checkpoint (`input_layernorm`) into a chunk built with TE's spec (fused `layer_norm_weight`),
+    and an FSDP checkpoint saved under TE's spec into a local-spec chunk (eval stages build local)."""
     out = {}
     for name, tensor in state.items():
-        for local, te in TE_NORMS:
-            if local in name:
-                head, tail = name.split(local, 1)
-                fused = f"{head}{te}{tail}"
-                if fused in ours and name not in ours:
-                    name = fused
+        alias = te_alias(name)
+        if name not in ours and alias is not None and alias in ours:
+            name = alias
         out[name] = tensor
     return out
 
@@ -94,11 +104,17 @@ def load_full(chunk, reader, *, where: str, skip_output: bool = False) -> None:
     converted directory: `reader.names()` / `reader.get(name)` by GPTModel state-dict name (an fsdp_dtensor
     checkpoint's `FullTensorReader`); `where` names the source in errors. The fc1 layout, layer count,
     experts and tied embedding are the built chunk's (a checkpoint of another model fails the shape check)."""
+    from nemoc.runtime.hf.mapping import MappingError
+
     gpt = unwrap_gpt(chunk)
     config = gpt.config
-    state = convert.rank_slices(reader, swiglu=bool(config.gated_linear_unit), total_layers=config.num_layers,
-                                experts=config.num_moe_experts or 1, tie=bool(gpt.share_embeddings_and_output_weights),
-                                padded_vocab=int(gpt.vocab_size), **_rank(gpt))
+    try:
+        state = convert.rank_slices(reader, swiglu=bool(config.gated_linear_unit), total_layers=config.num_layers,
+                                    experts=config.num_moe_experts or 1,
+                                    tie=bool(gpt.share_embeddings_and_output_weights),
+                                    padded_vocab=int(gpt.vocab_size), **_rank(gpt))
+    except MappingError as exc:
+        raise LoadError(f"{where}: {exc}") from None
     _load_rank_state(gpt, state, where=where, skip_output=skip_output,
                      hint="was it trained with this stage's model block?")
 

@@ -275,8 +275,20 @@ def pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
 def fit_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
     """`t`'s vocabulary rows fitted to this layout's padded vocabulary: zero rows added (`pad_vocab`), or the
     padding rows of a checkpoint padded for another TP size (more rows than `padded`, which is at least the
-    tokenizer's vocabulary) dropped; the export drops every row past the vocabulary the same way."""
-    return t[:padded] if t.shape[0] > padded else pad_vocab(t, padded)
+    tokenizer's vocabulary) dropped; the export drops every row past the vocabulary the same way. Rows are
+    dropped only when they are all zero (padding): a non-zero one is a real token's embedding of a larger
+    vocabulary than this model's, refused (MappingError) rather than cut."""
+    rows = t.shape[0]
+    if rows <= padded:
+        return pad_vocab(t, padded)
+    live = t[padded:].reshape(rows - padded, -1).ne(0).any(1).nonzero()
+    if live.numel():
+        needed = padded + int(live.max()) + 1
+        raise MappingError(f"it has {rows} vocabulary rows, of which rows {padded}..{needed - 1} are not padding "
+                           f"(non-zero), but this model is built for {padded} rows (the tokenizer's vocabulary, "
+                           f"padded): it was likely trained with a larger tokenizer; use that tokenizer (at least "
+                           f"{needed} tokens)")
+    return t[:padded]
 
 
 def shard_for_rank(name: str, full: torch.Tensor, *, tp: int, rank: int, swiglu: bool) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Input:  a stage's final dist_checkpointing directory (runtime/align/common.save_model, any TP/PP layout
         wrote it) or a Megatron-FSDP stage's fsdp_dtensor checkpoint (read by runtime/fsdp_checkpoint.py's
-        `FullTensorReader`: `checkpoint_reader`; it stores the fp32 main weights, also for a bf16 stage), the
+        `FullTensorReader`: `checkpoint_reader`; it stores the fp32 main weights, also for a bf16 stage, and its
+        manifest names the training dtype the export defaults to), the
         plan's `ModelSpec`, the Hugging Face checkpoint the model started from when it has one
         (`init = hf(DIR)`: its config.json, generation_config.json and tokenizer files are carried), else the
         stage's tokenizer directory and end-of-document id.
@@ -313,11 +314,15 @@ def export_trained(checkpoint: str | Path, spec, out: str | Path, *, vocab: int,
                    get: Callable[[str], torch.Tensor] | None = None) -> tuple[Path, dict[str, Any]]:
     """Write the Hugging Face directory of a trained checkpoint; returns (out, manifest).
 
-    `dtype` defaults to the dtype the checkpoint stores (the training dtype). `tokenizer_dir` supplies the
-    tokenizer files when the source has none (a model trained from scratch on a local tokenizer);
-    `stop_ids` (the chat template's end-of-turn token) join generation_config.json's `eos_token_id`."""
+    `dtype` defaults to the training dtype: the one a torch_dist checkpoint stores, the one an fsdp_dtensor
+    checkpoint's manifest names (it stores fp32 main weights; an older one without the name: fp32).
+    `tokenizer_dir` supplies the tokenizer files when the source has none (a model trained from scratch on a
+    local tokenizer); `stop_ids` (the chat template's end-of-turn token) join generation_config.json's
+    `eos_token_id`."""
     reader = checkpoint_reader(checkpoint) if get is None else None
-    stored = str(reader.dtype()).removeprefix("torch.") if reader is not None else "float32"
+    # the training dtype: a torch_dist checkpoint stores it, an FSDP one stores the fp32 main weights and names it
+    trained = getattr(reader, "training_dtype", None) or getattr(reader, "dtype", None)
+    stored = str(trained()).removeprefix("torch.") if trained is not None else "float32"
     manifest = manifest_for(spec, vocab=vocab, source=source, dtype=dtype or stored, special_ids=special_ids)
     out = convert.export_checkpoint(get or reader.get, manifest, out, dtype=dtype or stored,
                                     tokenizer_dir=tokenizer_dir, stop_ids=stop_ids)

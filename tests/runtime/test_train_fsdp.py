@@ -76,6 +76,9 @@ def test_fsdp_checkpoint_resumes_exactly(tmp_path, kit, train_data, precision):
     plan = kit.make_plan(kit.stage_plan(lay=_fsdp_layout(kit), every=3), precision=precision)
     full = kit.run_training(tmp_path / "full", plan, 2, data_prefix=train_data)
     assert full.returncode == 0, full.explain()
+    saved = json.loads((full.out / "checkpoints" / "iter_0000003" / ckpt.MANIFEST).read_text())
+    assert saved["dtype"] == dict(fp32="float32", bf16="bfloat16")[precision]  # what its export writes by default
+    assert saved["layout"]["etp"] == 1
     ckdir = tmp_path / "ck"
     ckdir.mkdir()
     for name in ("iter_0000003", "iter_0000006"):
