@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nemoc.runtime.hf import convert
+from nemoc.runtime.hf.mapping import TE_NORMS, te_alias  # noqa: F401  (TE_NORMS: re-exported)
 
 
 class LoadError(RuntimeError):
@@ -23,22 +24,6 @@ class LoadError(RuntimeError):
 def converted_vocab(converted: str | Path) -> int:
     """The vocabulary rows of a converted checkpoint (its config.json's `vocab_size`)."""
     return int(convert.read_manifest(converted)["architecture"]["vocab"])
-
-
-# Transformer Engine's layer spec fuses each pre-norm into the linear layer after it
-TE_NORMS = ((".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
-             (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"))
-
-
-def te_alias(name: str) -> str | None:
-    """The other spec's name of a pre-norm tensor (local `...input_layernorm.weight` <-> TE's fused
-    `...self_attention.linear_qkv.layer_norm_weight`, the same for the MLP's pre-norm), None for any other."""
-    for local, te in TE_NORMS:
-        if local in name:
-            return name.replace(local, te, 1)
-        if te in name:
-            return name.replace(te, local, 1)
-    return None
 
 
 def _te_names(state: dict, ours: dict) -> dict:

@@ -326,3 +326,20 @@ def layer_offset(layers: int, pp: int, pp_rank: int) -> tuple[int, int]:
         raise MappingError(f"layers({layers}) is not divisible by pp({pp})")
     per = layers // pp
     return pp_rank * per, per
+
+
+# The pre-norm weights' names in Megatron-Core's local spec and in Transformer Engine's fused
+# layernorm-linear modules (one tensor, two names: a checkpoint of either spec loads into the other).
+TE_NORMS = ((".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
+             (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"))
+
+
+def te_alias(name: str) -> str | None:
+    """The other spec's name of a pre-norm tensor (local `...input_layernorm.weight` <-> TE's fused
+    `...self_attention.linear_qkv.layer_norm_weight`, the same for the MLP's pre-norm), None for any other."""
+    for local, te in TE_NORMS:
+        if local in name:
+            return name.replace(local, te, 1)
+        if te in name:
+            return name.replace(te, local, 1)
+    return None
