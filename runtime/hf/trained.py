@@ -54,8 +54,9 @@ class DistCheckpointReader:
         self.directory = Path(directory)
         try:
             meta = FileSystemReader(str(self.directory)).read_metadata()
-        except (OSError, ValueError) as exc:
-            raise TrainedExportError(f"{self.directory}: not a readable dist_checkpointing directory ({exc})") from None
+        except Exception as exc:  # a truncated or foreign .metadata raises whatever its unpickling meets
+            raise TrainedExportError(f"{self.directory}: not a readable dist_checkpointing directory "
+                                     f"({type(exc).__name__}: {exc})") from None
         self.meta = {k: v for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         self._layer: str | None = None
         self._cache: dict[str, torch.Tensor] = {}
@@ -92,9 +93,17 @@ class DistCheckpointReader:
             key, idx = self._locate(name)
             size = tuple(self.meta[key].size)
             request[name] = (key, idx, torch.empty(size[len(idx):], dtype=self.meta[key].properties.dtype))
+        from torch.distributed.checkpoint.api import CheckpointException
+
         self.loads += 1
-        dcp_load({}, storage_reader=FileSystemReader(str(self.directory)), planner=_SlicePlanner(request),
-                 no_dist=True)
+        try:
+            dcp_load({}, storage_reader=FileSystemReader(str(self.directory)), planner=_SlicePlanner(request),
+                     no_dist=True)
+        except (Exception, CheckpointException) as exc:  # CheckpointException derives from BaseException
+            raise TrainedExportError(f"{self.directory}: reading {', '.join(names[:3])}"
+                                     f"{' ...' if len(names) > 3 else ''} failed ({type(exc).__name__}: {exc}); "
+                                     "the checkpoint's files are damaged or incomplete: export an earlier "
+                                     "checkpoint of the stage") from None
         return {name: t for name, (_, _, t) in request.items()}
 
     def _layer_names(self, layer: str) -> list[str]:

@@ -111,6 +111,26 @@ def test_the_export_streams_one_layer_at_a_time_in_the_stage_dtype(mcore, tmp_pa
     assert reader.loads == 2 and set(reader._cache) == set(reader._layer_names("2"))  # layer 0 was dropped
 
 
+def test_a_damaged_checkpoint_is_one_error_line_not_a_traceback(mcore, tmp_path):
+    """A truncated .metadata and a truncated data file each end in TrainedExportError naming the directory
+    (the unpickler's and DCP's own exceptions, CheckpointException a BaseException, escaped before)."""
+    from nemoc.runtime.hf import trained
+
+    spec = llama_spec(layers=2)
+    _saved(mcore, spec, tmp_path)
+    ckpt = tmp_path / "ckpt"
+    data = max((p for p in ckpt.glob("*.distcp")), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+    reader = trained.DistCheckpointReader(ckpt)
+    with pytest.raises(trained.TrainedExportError, match="damaged or incomplete"):
+        for layer in ("0", "1"):
+            reader._load(reader._layer_names(layer))
+        reader._load(["embedding.word_embeddings.weight", "output_layer.weight"])
+    (ckpt / ".metadata").write_bytes(b"\x80\x04\x95")
+    with pytest.raises(trained.TrainedExportError, match="not a readable dist_checkpointing directory"):
+        trained.DistCheckpointReader(ckpt)
+
+
 def test_export_rejects_an_architecture_without_hf_equivalent():
     from nemoc.runtime.hf import trained
 
