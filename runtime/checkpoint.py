@@ -844,21 +844,10 @@ def torch_dist_getter(path: str):
     """`get(name)`: the full (TP=1, PP=1) tensor of a torch_dist checkpoint by GPTModel state-dict name (the
     export's `DistCheckpointReader`); a pre-norm stored under Transformer Engine's fused name (the local spec's
     sharded_state_dict_keys_map) is found under either."""
-    from nemoc.runtime.hf.mapping import te_alias
+    from nemoc.runtime.hf.mapping import either_spec
     from nemoc.runtime.hf.trained import DistCheckpointReader
 
-    reader = DistCheckpointReader(path)
-
-    def get(name: str):
-        try:
-            return reader.get(name)
-        except KeyError:
-            alias = te_alias(name)
-            if alias is None:
-                raise
-            return reader.get(alias)
-
-    return get
+    return either_spec(DistCheckpointReader(path).get)
 
 
 def load_full_weights(path: str, *, chunks, skip_output: bool = False) -> None:

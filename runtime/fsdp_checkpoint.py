@@ -269,17 +269,12 @@ def _get_either_spec(get, name: str, *, where: str):
     """`get(name)`, or the tensor under the other layer spec's pre-norm name (a converted Hugging Face directory
     or a local-spec checkpoint stores `input_layernorm.weight` where a TE-spec chunk has the fused
     `linear_qkv.layer_norm_weight`, and the reverse); ValueError naming `where` when neither is there."""
-    from nemoc.runtime.hf.mapping import te_alias
+    from nemoc.runtime.hf.mapping import either_spec
 
     try:
-        return get(name)
+        return either_spec(get)(name)
     except KeyError:
-        alias = te_alias(name)
-        try:
-            if alias is not None:
-                return get(alias)
-        except KeyError:
-            pass
+        pass
     raise ValueError(f"{where}: it has no tensor {name} (was it trained with this stage's model block?)")
 
 

@@ -343,3 +343,20 @@ def te_alias(name: str) -> str | None:
         if te in name:
             return name.replace(te, local, 1)
     return None
+
+
+def either_spec(get: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`get` that also finds a pre-norm stored under the other layer spec's name (`te_alias`): a converted
+    Hugging Face directory or a local-spec checkpoint read into a TE-spec chunk, and the reverse. KeyError
+    when neither name is there."""
+
+    def getter(name: str):
+        try:
+            return get(name)
+        except KeyError:
+            alias = te_alias(name)
+            if alias is None:
+                raise
+            return get(alias)
+
+    return getter
