@@ -936,10 +936,15 @@ def fsdp_exposed(model: ModelSpec, layout: Layout, hw: HardwareSpec, lt: LayerTi
     return micro_batches * model.layers * per_layer + gather
 
 
+def _busiest_stage_layers(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None) -> int:
+    """Layers on the most-loaded pipeline stage (the first or a middle one; the last has as many or fewer)."""
+    return max(layers_on_stage(model.layers, layout.pp, i, split) for i in {0, min(1, layout.pp - 1)})
+
+
 def _local_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None = None) -> float:
     """Parameters on one GPU of the most-loaded stage (after TP, EP x ETP sharding)."""
     counts = param_counts(model)
-    n = max(layers_on_stage(model.layers, layout.pp, i, split) for i in {0, min(1, layout.pp - 1)})
+    n = _busiest_stage_layers(model, layout, split)
     dense = n * (counts.per_layer - counts.expert) / layout.tp
     experts = n * counts.expert / (layout.ep * layout.etp)
     embed = padded_vocab(model.vocab, layout.tp) * model.hidden / layout.tp
@@ -950,7 +955,7 @@ def _expert_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int]
     """Routed-expert parameters on one GPU of the most-loaded stage (`_local_params`' expert part)."""
     if not model.is_moe:
         return 0.0
-    n = max(layers_on_stage(model.layers, layout.pp, i, split) for i in {0, min(1, layout.pp - 1)})
+    n = _busiest_stage_layers(model, layout, split)
     return n * param_counts(model).expert / (layout.ep * layout.etp)
 
 
@@ -958,7 +963,7 @@ def _trainable_params(model: ModelSpec, layout: Layout, split, peft: LoraSpec | 
     """Parameters the optimizer updates on one GPU of the most-loaded stage (LoRA: the adapters)."""
     if peft is None:
         return _local_params(model, layout, split)
-    n = max(layers_on_stage(model.layers, layout.pp, i, split) for i in {0, min(1, layout.pp - 1)})
+    n = _busiest_stage_layers(model, layout, split)
     return n * lora_params_per_layer(model, peft) / layout.tp
 
 
