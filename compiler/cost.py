@@ -830,7 +830,7 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
 
 def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, params, trainable_params: float,
                 grad_bytes: int = 4, overlap: bool = True, overlap_gather: bool = True,
-                expert_params: float = 0.0) -> float:
+                expert_params: float = 0.0, embedding: float = 0.0) -> float:
     # (FP8 parameters, `layout.fp8_param_gather`: the all-gather moves 1 byte per parameter, not 2)
     """Data-parallel gradient reduce-scatter (fp32 main grads) + parameter all-gather (bf16) with the
     distributed optimizer, or an fp32 all-reduce without it. Megatron overlaps them with the last
@@ -843,7 +843,8 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
     without `overlap_param_gather`, the nemoc runtime's default), fully exposed. `expert_params`: the
     routed experts' share of `trainable_params` (MoE), whose gradients Megatron-Core's DDP reduces over
     the expert-data-parallel group (`expert_data_parallel_group`, its own buckets), one after the other
-    with the dense ones on the same links."""
+    with the dense ones on the same links. `embedding`: the input embedding's parameters on one GPU of
+    this stage when the optimizer updates them (1F1B: `_embedding_bucket`), else 0."""
     shard = layout.dp * layout.cp
     expert_shard = layout.dp * layout.cp * layout.tp // (layout.ep * layout.etp)
     if (shard == 1 and expert_shard <= 1) or trainable_params == 0:
@@ -882,7 +883,46 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
     fwd_window = t_mb_stage * fwd_fraction
     bucket = min(rs, last_bucket or 0.0)  # the last 40M-parameter bucket cannot overlap
     gather = max(0.0, ag - fwd_window) if overlap_gather else ag
+    if embedding and groups[0][0] > 1:  # the dense group reduces: the embedding is in its last bucket
+        size, stride, _ = groups[0]
+        bucket, gather = _embedding_bucket(size, embedding, grad_bytes, gathered, (size - 1) / size,
+                                           _link_bw(hw, size, stride, params), rs, ag, fwd_window,
+                                           layout.distributed_optimizer, overlap_gather)
     return max(0.0, rs - bwd_window) + gather + bucket
+
+
+def ddp_bucket_params(dp_size: int) -> float:
+    """Megatron-Core DDP's default bucket size in parameters (distributed_data_parallel.py:
+    `bucket_size = max(40000000, 1000000 * dp_group.size())`; NeMo and Megatron-Bridge leave it unset)."""
+    return max(40e6, 1e6 * dp_size)
+
+
+def _embedding_bucket(size: int, embedding: float, grad_bytes: int, gathered: float, frac: float, bw: float,
+                      rs: float, ag: float, fwd_window: float, distributed: bool,
+                      overlap_gather: bool) -> tuple[float, float]:
+    """(last gradient bucket's reduction, exposed parameter all-gather) of the 1F1B stage that holds the
+    input embedding (`embedding` parameters on one GPU), as Megatron-Core 0.16.1's DDP buckets and
+    schedules them. Buckets are filled in reverse registration order (param_and_grad_buffer.py `for
+    param in params[::-1]`; a bucket closes once it holds `ddp_bucket_params`), so the input
+    embedding, registered first, lands in the LAST bucket. Its gradient is complete only when the
+    backward ends (the embedding's backward is the step's last kernel), so that bucket's reduction
+    cannot overlap: at least the embedding's reduce-scatter (an all-reduce, twice the bytes, without
+    the distributed optimizer). The all-gathers run in the opposite order, one in flight at a time
+    (distributed_data_parallel.py `next_param_gather_bucket_group`; param_and_grad_buffer.py
+    `finish_param_sync`: the first forward pre-hook dispatches the embedding's bucket and waits for
+    it): nothing precedes it, so it is exposed in full, and the other buckets hide behind the forward
+    as before. With Nemotron-4's 256K vocabulary that bucket is 0.5-1.6 billion parameters per GPU
+    (16-40 default buckets); with 32K-128K vocabularies one to a few.
+    Not counted: an untied output layer (registered last) is gathered last, behind one bucket of layer
+    forward (~10 ms exposed on Nemotron-4 15B on 64 B200, 0.5 points of C05); plain DDP has no such
+    gather, so it would break the search's dominance of the overlapped distributed optimizer over
+    plain DDP (`search._do_domain`)."""
+    bucket = max(ddp_bucket_params(size), embedding)
+    last = min(rs, (1.0 if distributed else 2.0) * bucket * grad_bytes * frac / bw)
+    if not (distributed and overlap_gather):
+        return last, ag  # plain DDP gathers nothing (ag = 0); an unoverlapped gather is exposed whole
+    first = min(ag, bucket * gathered * frac / bw)
+    return last, first + max(0.0, ag - first - fwd_window)
 
 
 def _interleaved_dp_exposed(rs: float, ag: float, vp: int, pp: int, t_mb_stage: float, fwd_fraction: float,
@@ -949,6 +989,11 @@ def _local_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int] 
     experts = n * counts.expert / (layout.ep * layout.etp)
     embed = padded_vocab(model.vocab, layout.tp) * model.hidden / layout.tp
     return dense + experts + embed * (2 if layout.pp == 1 and not model.tie_embeddings else 1)
+
+
+def _embedding_params(model: ModelSpec, layout: Layout) -> float:
+    """The input embedding's parameters on one GPU of the first stage (vocabulary-parallel over TP)."""
+    return padded_vocab(model.vocab, layout.tp) * model.hidden / layout.tp
 
 
 def _expert_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None = None) -> float:
@@ -1072,9 +1117,10 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                                                                  grad_bytes)
         else:
             experts = _expert_params(model, layout, split) if peft is None else 0.0
+            embedding = _embedding_params(model, layout) if peft is None else 0.0  # LoRA: frozen
             parts["dp_comm_exposed"] = updates * _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params,
                                                              trainable, grad_bytes, overlap_grad_reduce,
-                                                             overlap_param_gather, experts)
+                                                             overlap_param_gather, experts, embedding)
         parts["optimizer"] = _optimizer_time(layout, hw, trainable, updates, main.count * m, kernels)
     parts["step_overhead"] = params.step_overhead
     if train and hw.generation != "cpu":
