@@ -876,12 +876,14 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
     # 1F1B (Megatron-Core 0.16.1 schedules.py, forward_backward_pipelining_without_interleaving): grad
     # sync is enabled only for the first stage's last backward (`no_sync` before it; with
     # `align_grad_reduce` the later stages start theirs after their cool-down, which ends earlier), so
-    # the window is one micro batch's backward; the first stage is bucketed (DDP: 40M parameters per
+    # the window is one micro batch's backward; the first stage is bucketed (DDP: `ddp_bucket_params` per
     # bucket, `disable_bucketing or pp_rank > 0` makes the other stages one bucket) and the last bucket,
-    # ready when the backward ends, cannot overlap. The parameter all-gathers mirror this in the forward.
+    # ready when the backward ends, cannot overlap: the input embedding's where it is trained
+    # (`_embedding_bucket`), one 40M-parameter bucket otherwise (LoRA's adapters). The parameter
+    # all-gathers mirror this in the forward (the embedding's, first, exposed).
     bwd_window = t_mb_stage * (1.0 - fwd_fraction)
     fwd_window = t_mb_stage * fwd_fraction
-    bucket = min(rs, last_bucket or 0.0)  # the last 40M-parameter bucket cannot overlap
+    bucket = min(rs, last_bucket or 0.0)  # the last bucket cannot overlap
     gather = max(0.0, ag - fwd_window) if overlap_gather else ag
     if embedding and groups[0][0] > 1:  # the dense group reduces: the embedding is in its last bucket
         size, stride, _ = groups[0]
