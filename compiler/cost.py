@@ -914,7 +914,7 @@ def _embedding_bucket(size: int, embedding: float, grad_bytes: int, gathered: fl
     `finish_param_sync`: the first forward pre-hook dispatches the embedding's bucket and waits for
     it): nothing precedes it, so it is exposed in full, and the other buckets hide behind the forward
     as before. With Nemotron-4's 256K vocabulary that bucket is 0.5-1.6 billion parameters per GPU
-    (16-40 default buckets); with 32K-128K vocabularies one to a few.
+    (13-25 default buckets); with 32K-128K vocabularies one to a few.
     Not counted: an untied output layer (registered last) is gathered last, behind one bucket of layer
     forward (~10 ms exposed on Nemotron-4 15B on 64 B200, 0.5 points of C05); plain DDP has no such
     gather, so it would break the search's dominance of the overlapped distributed optimizer over
