@@ -858,6 +858,7 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
         sizes.pop("expert_tensor_parallel_size")
     args += _flags(sizes)
     args += _flags(dict(sequence_parallel=lay.sequence_parallel))
+    args += _lm_tp_comm(stage, notes)
     if lay.distributed_optimizer:
         args.append("--use-distributed-optimizer")
     args += _flags(_recompute_kwargs(lay.recompute, lay.recompute_layers))
@@ -885,6 +886,19 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
         notes.append(f"stage {stage.name} is a {stage.kind} stage: pretrain_gpt.py trains on next-token loss over "
                      "every token; nemoc's runtime/align runs this kind with its own loss")
     return args, notes
+
+
+def _lm_tp_comm(stage, notes: list[str]) -> list[str]:
+    """`--tp-comm-overlap` and its bootstrap backend; the per-GEMM userbuffer configs are a YAML file in
+    Megatron-LM (`--tp-comm-overlap-cfg`, read by initialize.py `_initialize_tp_communicators`), named in a note."""
+    ub = stage.execution.userbuffers
+    if not stage.layout.tp_comm_overlap or ub is None:
+        return []
+    if ub.gemms:
+        notes.append(f"tp_comm_overlap: the plan's per-GEMM userbuffer configs are Megatron-Bridge's {ub.preset} "
+                     "(TransformerLayerTPOverlapCfg); Megatron-LM reads them from a YAML file given with "
+                     "--tp-comm-overlap-cfg, which this command line does not write (without it TE's defaults run)")
+    return ["--tp-comm-overlap", f"--tp-comm-bootstrap-backend {ub.bootstrap_backend}"]
 
 
 def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:
