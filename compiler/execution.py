@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from nemoc.compiler.catalog.hardware import get_gpu
 from nemoc.compiler.catalog.userbuffers import userbuffers_of
-from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR, padded_vocab, stage_model_flops_per_step
+from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR, padded_vocab, stage_model_flops_per_step, stage_work
 from nemoc.compiler.plan import Execution, Fusions, HostExecution, Layout, MoeExecution, Overlaps, PipelineSplit
 from nemoc.compiler.spec import LoraSpec, ModelSpec
 from nemoc.compiler.target import MEGATRON_CORE, Target
@@ -196,7 +196,7 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
     userbuffers = userbuffers_of(
         generation=hw.generation if hw is not None else None, precision=stage_precision, params_dtype=params_dtype,
         hidden=model.hidden, tp=layout.tp, cp=layout.cp, seq_length=seq_length,
-        micro_batch=layout.micro_batch) if layout.tp_comm_overlap else None
+        micro_batch=layout.micro_batch * stage_work(stage_kind, params, peft).rows) if layout.tp_comm_overlap else None
     return Execution(
         kernels=stage_kernels,
         attention=target.stage_attention(stage_kind, attention_backend),

@@ -98,7 +98,8 @@ def userbuffers_of(*, generation: str | None, precision: str, params_dtype: str,
                    seq_length: int, micro_batch: int) -> Userbuffers:
     """The userbuffers of a stage with `tp_comm_overlap`: TE's buffer holds one layer input with the sequence
     and batch dimensions merged, split over context parallelism ((seq x micro batch) / cp rows of `hidden`:
-    Megatron-LM `_initialize_tp_communicators`), of the stage's activation dtype, FP8 where the recipe is."""
+    Megatron-LM `_initialize_tp_communicators`), of the stage's activation dtype, FP8 where the recipe is.
+    `micro_batch`: the sequences one micro batch puts through the layers (x 2 for preference pairs)."""
     quantization = "fp8" if precision in _FP8_PRECISIONS else "none"
     preset, gemms = PRESETS.get((generation or "", quantization, hidden, tp), (TE_DEFAULT, ()))
     dgrad = [g for g in gemms if g.name in ("qkv_dgrad", "fc1_dgrad")]
@@ -110,3 +111,30 @@ def userbuffers_of(*, generation: str | None, precision: str, params_dtype: str,
         bulk_dgrad=not gemms or any(g.method == "bulk" for g in dgrad),
         overlap_rs_dgrad=any(g.method != "bulk" for g in dgrad),
     )
+
+
+# TE initialize_ub creates one communicator per GEMM of a layer (module/base.py `methods`): the ten above
+# plus proj_wgrad / fc2_wgrad ("external", overlapped by their dgrad's ring exchange); eight all-gather,
+# four reduce-scatter (`layers_all_gather_overlap`, `layers_reduce_scatter_overlap`).
+_AG_BUFFERS, _RS_BUFFERS = 8, 4
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def userbuffer_bytes(*, rows: float, hidden: int, tp: int, dtype: str = "bf16", fp8: bool = False,
+                     ring_reduce_scatter: int = 0) -> float:
+    """Bytes TE registers for the userbuffers on each GPU (outside PyTorch's caching allocator): every
+    communicator holds one buffer of the whole (rows x hidden) shape (common/comm_gemm_overlap/
+    comm_gemm_overlap.cpp `CommOverlapBase::initialize`), a ring-exchange reduce-scatter 2 tp - 1 chunks of
+    rows / tp (`CommOverlapP2PBase::initialize`); the all-gather buffers hold FP8 (1 byte) in an FP8 run."""
+    elem = _DTYPE_BYTES.get(dtype, 2)
+    one = rows * hidden
+    ag = _AG_BUFFERS * one * (1 if fp8 else elem)
+    rs = (_RS_BUFFERS - ring_reduce_scatter) * one * elem + ring_reduce_scatter * one * elem * (2 * tp - 1) / tp
+    return ag + rs
+
+
+def buffer_bytes(ub: Userbuffers) -> float:
+    """`userbuffer_bytes` of a stage's planned userbuffers (its preset's ring-exchange reduce-scatters)."""
+    ring = sum(1 for g in ub.gemms if g.name in ("proj_fprop", "fc2_fprop") and g.method == "ring_exchange")
+    return userbuffer_bytes(rows=ub.shape[0], hidden=ub.shape[1], tp=ub.tp, dtype=ub.dtype,
+                            fp8=ub.quantization == "fp8", ring_reduce_scatter=ring)

@@ -93,3 +93,29 @@ def test_the_compiler_emits_it_without_torch():
             "print(any(m.split('.')[0] in ('torch', 'megatron') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_plan_says_which_userbuffers_it_took(tmp_path):
+    path = tmp_path / "x.nemo"
+    path.write_text(_LLAMA70B.format(gpu="GB200", tp=8, precision="bf16", overlap="true"))
+    spec, _ = load_experiment(str(path))
+    [stage] = plan_experiment(spec).stages
+    [note] = [n for n in stage.notes if "userbuffers" in n]
+    assert "4096 x 8192 bf16" in note and "Transformer Engine's default" in note and "blackwell" in note
+
+
+def test_memory_charges_tes_registered_buffers_instead_of_pytorchs_gathered_input(tmp_path):
+    """TE registers one (rows x hidden) buffer per GEMM of a layer (12: eight all-gather, four reduce-scatter),
+    a ring-exchange reduce-scatter 2 tp - 1 chunks of rows / tp; FP8 all-gather buffers hold 1-byte values."""
+    from nemoc.compiler.catalog.userbuffers import buffer_bytes, userbuffer_bytes
+
+    plan = _plan_of(tmp_path)
+    ub = plan.stages[0].execution.userbuffers
+    parts = plan.stages[0].memory.parts
+    assert parts["tp_comm_userbuffers"] == buffer_bytes(ub) == 12 * 4096 * 8192 * 2
+    assert "tp_comm_buffers" not in parts
+    assert "tp_comm_userbuffers" not in _plan_of(tmp_path, overlap="false").stages[0].memory.parts
+    assert userbuffer_bytes(rows=100, hidden=10, tp=4, fp8=True) == 100 * 10 * (8 * 1 + 4 * 2)
+    assert userbuffer_bytes(rows=100, hidden=10, tp=4, ring_reduce_scatter=2) == 100 * 10 * 2 * (10 + 2 * 7 / 4)
+    fp8 = _plan_of(tmp_path, precision="fp8").stages[0]  # the fp8 preset: proj / fc2 fprop ring exchanges
+    assert fp8.memory.parts["tp_comm_userbuffers"] == 4096 * 8192 * (8 * 1 + 2 * 2 + 2 * 2 * 7 / 4)
