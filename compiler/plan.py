@@ -229,6 +229,9 @@ class Layout:
     # `recompute_num_layers`); None = every layer (`uniform`, 1)
     recompute_layers: int | None = None
     tp_comm_overlap: bool = False  # TE userbuffer TP overlap (`TransformerConfig.tp_comm_overlap`)
+    # `ModelParallelConfig.defer_embedding_wgrad_compute` / `wgrad_deferral_limit` (0: every micro batch)
+    defer_embedding_wgrad_compute: bool = False
+    wgrad_deferral_limit: int = 0
     grad_reduce_in_fp32: bool = True  # `DistributedDataParallelConfig.grad_reduce_in_fp32`
     overlap_param_gather: bool = False  # `DistributedDataParallelConfig.overlap_param_gather`
     fp8_param_gather: bool = False  # `TransformerConfig.fp8_param` + `DistributedDataParallelConfig.fp8_param_gather`
