@@ -554,6 +554,16 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         if st.last and not scalar_head:
             ce = cross_entropy or ("te" if kernels == "te" else "none")
             parts["logits"] = s_local * b * vocab / layout.tp * cross_entropy_bytes(ce)
+        if st.last and not scalar_head and trains and peft is None and layout.defer_embedding_wgrad_compute \
+                and layout.pp > 1:
+            # defer_embedding_wgrad_compute: the last stage keeps, for each deferred micro batch, the output layer's
+            # input (its SP shard) and its logits gradient until the drain (tensor_parallel/layers.py
+            # `embedding_activation_buffer`, `grad_output_buffer`; the first wgrad_deferral_limit, 0: all)
+            m = layout.num_microbatches
+            deferred = m if layout.wgrad_deferral_limit == 0 else min(layout.wgrad_deferral_limit, m)
+            act_bytes = weight_bytes(precision)
+            parts["deferred_wgrad_buffers"] = deferred * act_bytes * s_local * b * (
+                model.hidden / rep + vocab / layout.tp)
         if userbuffers:
             # tp_comm_overlap: the all-gathered GEMM inputs and the reduce-scatter outputs live in TE's userbuffers,
             # one (s x b / cp, h) buffer per GEMM of a layer, registered once outside PyTorch's allocator

@@ -337,6 +337,21 @@ def _tp_comm_kwargs(layout: Layout, execution: Execution | None) -> dict:
                 tp_comm_overlap_rs=ub.overlap_rs, tp_comm_overlap_rs_dgrad=ub.overlap_rs_dgrad)
 
 
+def _defer_wgrad_kwargs(layout: Layout, *, fused_wgrad: bool) -> dict:
+    """The plan's `defer_embedding_wgrad_compute` / `wgrad_deferral_limit` as ModelParallelConfig fields. Megatron-Core
+    0.16.1 refuses them without gradient_accumulation_fusion (model_parallel_config.py __post_init__; `nemoc check`
+    E197 on the local spec): with TE's kernels that fusion is apex's fused_weight_gradient_mlp_cuda here
+    (`_te_fusions`), so a machine without it is refused with the reason before the model is built."""
+    if not layout.defer_embedding_wgrad_compute:
+        return {}
+    if not fused_wgrad:
+        raise UnsupportedPlan("defer_embedding_wgrad_compute = true needs Megatron-Core's gradient_accumulation_fusion "
+                              "(the deferred output-layer weight gradients are accumulated by apex's "
+                              "fused_weight_gradient_mlp_cuda), which this machine does not have (the CPU, the local "
+                              "spec, or no apex): set defer_embedding_wgrad_compute = false")
+    return dict(defer_embedding_wgrad_compute=True, wgrad_deferral_limit=layout.wgrad_deferral_limit)
+
+
 def have_einops() -> bool:
     """Whether einops imports (Megatron-Core's FSDP adapter builds its device mesh with it)."""
     import importlib.util
@@ -483,6 +498,7 @@ def transformer_config(
     kwargs.update(_fp8_kwargs(precision, execution.fp8_recipe if execution is not None else None))
     kwargs.update(_cuda_graph_kwargs(host))
     kwargs.update(_tp_comm_kwargs(layout, execution))
+    kwargs.update(_defer_wgrad_kwargs(layout, fused_wgrad=bool(kwargs.get("gradient_accumulation_fusion"))))
     if layout.fp8_param_gather and precision in ("fp8", "mxfp8"):
         kwargs["fp8_param"] = True  # the linear weights are TE FP8 tensors (plan: fp8_param_gather)
     return TransformerConfig(**kwargs)
@@ -859,6 +875,8 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
     args += _flags(sizes)
     args += _flags(dict(sequence_parallel=lay.sequence_parallel))
     args += _lm_tp_comm(stage, notes)
+    if lay.defer_embedding_wgrad_compute:
+        args += ["--defer-embedding-wgrad-compute", f"--wgrad-deferral-limit {lay.wgrad_deferral_limit}"]
     if lay.distributed_optimizer:
         args.append("--use-distributed-optimizer")
     args += _flags(_recompute_kwargs(lay.recompute, lay.recompute_layers))
