@@ -243,3 +243,32 @@ def test_the_megatron_lm_command_line_turns_it_on_and_names_the_preset():
     notes.clear()
     assert margs._lm_tp_comm(stage, notes) and not margs._lm_tp_comm(
         types.SimpleNamespace(layout=_layout(tp_comm_overlap=False), execution=execution), notes)
+
+
+@pytest.mark.slow
+def test_nemoc_run_of_a_gpu_plan_with_tp_comm_overlap_on_the_cpu_is_refused_with_the_reason(tmp_path):
+    """End to end from the CLI (~45 s): the quickstart planned for two H100s with TE, TP 2, SP and the overlap
+    checks and plans (with the userbuffers note); `nemoc run` here (no CUDA, no TE) fails the training task with
+    the runtime's reason, not a traceback, and `nemoc check` of the same file on the CPU cluster says E160."""
+    import shutil
+    from pathlib import Path
+
+    from test_cmd_run import invoke
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    (tmp_path / "data" / "quickstart").mkdir(parents=True)
+    shutil.copy(examples / "data" / "quickstart" / "corpus.jsonl", tmp_path / "data" / "quickstart" / "corpus.jsonl")
+    text = (examples / "quickstart.nemo").read_text()
+    text = text.replace("gpu = CPU", "gpu = H100").replace(
+        "tensor = 1", "tensor = 2\n    sequence_parallel = true\n    tp_comm_overlap = true").replace(
+        "precision = fp32  # CPUs train in fp32", "precision = bf16\n  kernels = te").replace(
+        "steps = 300", "steps = 2").replace("warmup = 30", "warmup = 1")
+    path = tmp_path / "ub.nemo"
+    path.write_text(text)
+    plan = invoke("plan", str(path))
+    assert plan.exit_code == 0 and "tp_comm_overlap userbuffers (2048 x 128 bf16)" in plan.output
+    result = invoke("run", str(path), "--workdir", str(tmp_path / "w"))
+    assert result.exit_code == 1
+    assert "tp_comm_overlap = true needs CUDA GPUs" in result.output and "CPU (gloo)" in result.output
+    cpu = invoke("check", str(path), "--set", "cluster.gpu=CPU", "--set", "kernels=local")
+    assert cpu.exit_code == 1 and "E160" in cpu.output
