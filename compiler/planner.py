@@ -492,9 +492,9 @@ def _userbuffers_note(ub, gpu: HardwareSpec) -> str:
     shape = f"{ub.shape[0]} x {ub.shape[1]} {ub.dtype}{', fp8 buffers' if ub.quantization == 'fp8' else ''}"
     if ub.gemms:
         return f"tp_comm_overlap userbuffers ({shape}): Megatron-Bridge's tuned preset {ub.preset}"
-    return (f"tp_comm_overlap userbuffers ({shape}): Transformer Engine's default per-GEMM configuration (Megatron-Bridge "
-            f"has no tuned preset for {gpu.generation} {'fp8' if ub.quantization == 'fp8' else 'bf16'}, hidden "
-            f"{ub.shape[1]}, tp {ub.tp})")
+    kind = "fp8" if ub.quantization == "fp8" else "bf16"
+    return (f"tp_comm_overlap userbuffers ({shape}): Transformer Engine's default per-GEMM configuration "
+            f"(Megatron-Bridge has no tuned preset for {gpu.generation} {kind}, hidden {ub.shape[1]}, tp {ub.tp})")
 
 
 def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM, top: int = DEFAULT_TOP,

@@ -8,7 +8,8 @@ Invariants: the arguments are the plan's, translated (Megatron-LM `megatron/trai
         `_initialize_tp_communicators` and Megatron-Bridge `training/initialize.py` make the same call); a
         machine that cannot run them (the CPU, no TE, a TE older than 1.9: megatron_args.check_tp_comm_overlap)
         is refused with the reason before any buffer is touched. TE's signature (read at TE 2.20.0.dev0, commit
-        d0067d0d: transformer_engine/pytorch/module/base.py `initialize_ub`; `quantization_modes` since TE 2.8, `bootstrap_backend` since 1.9):
+        d0067d0d: transformer_engine/pytorch/module/base.py `initialize_ub`; `quantization_modes` since TE 2.8,
+        `bootstrap_backend` since 1.9):
         initialize_ub(shape, tp_size, use_fp8=False, quantization_modes=None, dtype=torch.bfloat16,
                       ub_cfgs=None, bootstrap_backend=None, with_cublasmp=False)
 """
@@ -73,7 +74,8 @@ def initialize(ub: Userbuffers | None, facts: MachineFacts) -> None:
         if _initialised[0] == ub:
             return
         raise UnsupportedPlan(f"tp_comm_overlap: this process already holds userbuffers of shape "
-                              f"{list(_initialised[0].shape)} and cannot initialise a second set of shape {list(ub.shape)}")
+                              f"{list(_initialised[0].shape)} and cannot initialise a second set of shape "
+                              f"{list(ub.shape)}")
     check_tp_comm_overlap(facts)
     from transformer_engine.pytorch.module import base
 

@@ -43,7 +43,8 @@ def test_llama3_70b_on_h100_gets_bridges_tuned_preset_and_the_buffer_shape(tmp_p
     assert len(gemms) == 10
     # Bridge: proj_fprop PipelineOverlapCfg(num_sm=24, cga_size=2, num_splits=4, set_sm_margin=True)
     proj = gemms["proj_fprop"]
-    assert (proj.method, proj.num_sm, proj.cga_size, proj.num_splits, proj.set_sm_margin) == ("pipeline", 24, 2, 4, True)
+    assert (proj.method, proj.num_sm, proj.cga_size, proj.num_splits, proj.set_sm_margin) == \
+        ("pipeline", 24, 2, 4, True)
     assert (gemms["qkv_wgrad"].method, gemms["qkv_wgrad"].num_sm) == ("bulk", 24)
     assert gemms["qkv_fprop"].method == "ring_exchange" and not gemms["qkv_fprop"].aggregate
     assert ub.bulk_wgrad and ub.bulk_dgrad and ub.overlap_ag and ub.overlap_rs and not ub.overlap_rs_dgrad
