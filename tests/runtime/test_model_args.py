@@ -284,7 +284,7 @@ def test_gradient_reduction_dtype_is_what_the_plan_says():
 
 
 def test_tp_comm_overlap_is_refused_on_the_cpu_not_ignored():
-    """TE's userbuffer overlap needs CUDA and TE (tests/runtime/test_userbuffers.py has the GPU side): on the
+    """TE's userbuffer overlap needs CUDA and TE (tests/runtime/test_userbuffers_init.py has the GPU side): on the
     CPU the runtime refuses the plan with the reason rather than train without the overlap it was costed with."""
     with pytest.raises(margs.UnsupportedPlan, match=r"tp_comm_overlap = true needs CUDA GPUs.*CPU \(gloo\)"):
         config(layout=lay(tp=2, sequence_parallel=True, tp_comm_overlap=True), facts=CPU)
