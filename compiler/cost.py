@@ -36,6 +36,7 @@ from types import MappingProxyType
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.flops import (
     FORWARD,
+    FULL,
     ModelPass,
     is_gated,
     layers_on_stage,
@@ -798,22 +799,40 @@ def _ep_comm(model, layout, hw, tokens, passes, params, dispatcher: str = "allto
 # ----------------------------------------------------------------------------------- the estimate
 
 
-def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backward, params,
-                 scalar_head: bool = False, split: tuple[int, int, int] | None = None,
-                 kernels: str = "te", cross_entropy: str | None = None,
-                 loss: bool = True) -> tuple[float, float, float]:
-    """(slowest, mean, output) micro-batch times over pipeline stages: layers plus, on the last
-    stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`: the
-    `cross_entropy` fusion, CROSS_ENTROPY_BYTES_OF; None: TE's fused kernels with `kernels = te`,
-    Megatron-Core's unfused one on the local spec; none at all with `loss = False`); a scalar (reward /
-    value) head costs nothing next to a layer."""
+def _output_gemm_time(model, layout, hw, *, seq, micro_batch, params, scalar_head: bool = False) -> float:
+    """One GEMM of the output layer for a micro batch (forward, dgrad and wgrad are each one): tokens x
+    (V / TP) x h; 0 for a scalar head."""
     vocab = 0 if scalar_head else padded_vocab(model.vocab, layout.tp)
+    if not vocab:
+        return 0.0
     tokens = micro_batch * seq / layout.cp
     # the output layer stays in 16-bit in FP8 recipes (Transformer Engine / NeMo keep the first and
     # last layers out of FP8)
     rate = hw.peak("bf16" if hw.supports("bf16") else "fp32") * params.gemm_eff(hw.generation, "bf16")
-    logits = (1.0 + backward) * gemm_time(tokens, vocab / layout.tp, model.hidden, flops_per_s=rate,
-                                          bytes_per_s=hw.hbm_bw, in_bytes=2.0) if vocab else 0.0
+    return gemm_time(tokens, vocab / layout.tp, model.hidden, flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=2.0)
+
+
+def _defers_wgrad(layout: Layout, backward: float, scalar_head: bool = False) -> bool:
+    """Whether the last stage's output-layer weight gradients leave the steady state for the drain
+    (`defer_embedding_wgrad_compute`: pipelined training of a trainable output layer)."""
+    return layout.defer_embedding_wgrad_compute and layout.pp > 1 and backward == FULL and not scalar_head
+
+
+def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backward, params,
+                 scalar_head: bool = False, split: tuple[int, int, int] | None = None,
+                 kernels: str = "te", cross_entropy: str | None = None,
+                 loss: bool = True, deferred_wgrad: bool = False) -> tuple[float, float, float]:
+    """(slowest, mean, output) micro-batch times over pipeline stages: layers plus, on the last
+    stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`: the
+    `cross_entropy` fusion, CROSS_ENTROPY_BYTES_OF; None: TE's fused kernels with `kernels = te`,
+    Megatron-Core's unfused one on the local spec; none at all with `loss = False`); a scalar (reward /
+    value) head costs nothing next to a layer. `deferred_wgrad`: the slowest stage with the last stage's
+    output-layer wgrad GEMM taken out of its micro batch (`defer_embedding_wgrad_compute`, `_deferred_wgrad`)."""
+    vocab = 0 if scalar_head else padded_vocab(model.vocab, layout.tp)
+    tokens = micro_batch * seq / layout.cp
+    gemm = _output_gemm_time(model, layout, hw, seq=seq, micro_batch=micro_batch, params=params,
+                             scalar_head=scalar_head)
+    logits = (1.0 + backward) * gemm
     ce_fwd, ce_bwd = CROSS_ENTROPY_BYTES_OF[cross_entropy or ("te" if kernels == "te" else "none")]
     ce = (ce_fwd + (ce_bwd if backward else 0.0)) if loss else 0.0
     logits += ce * tokens * vocab / layout.tp / hw.hbm_bw
@@ -823,9 +842,35 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
         return t, t, logits
     first = layers_on_stage(model.layers, layout.pp, 0, split) * per_layer
     last = layers_on_stage(model.layers, layout.pp, layout.pp - 1, split) * per_layer + logits
+    if deferred_wgrad and _defers_wgrad(layout, backward, scalar_head):
+        last -= gemm
     middle = layers_on_stage(model.layers, layout.pp, 1, split) * per_layer if layout.pp > 2 else 0.0
     mean = (model.layers * per_layer + logits) / layout.pp
     return max(first, last, middle, mean), mean, logits
+
+
+def _deferred_wgrad(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backward, params, slow, mean,
+                    scalar_head=False, split=None, kernels="te", cross_entropy=None) -> tuple[float, float]:
+    """(saved, drained): what `defer_embedding_wgrad_compute` takes off the step and what it adds after the
+    pipeline's drain. Megatron-Core's last stage keeps the output layer's input and logits gradient of the
+    first d micro batches (d = `wgrad_deferral_limit`, 0: all m; tensor_parallel/layers.py) and runs their
+    weight-gradient GEMMs (`w` each) in `finish_embedding_wgrad_compute` (pipeline_parallel/schedules.py),
+    after its last backward, while the earlier stages still run theirs: in 1F1B's cooldown the last stage
+    waits (pp - 1) / vp backward passes of a mean stage. Saved: the last stage's steady state gets shorter by
+    `w` for d micro batches, which shortens the step only while the last stage is the slowest (at most
+    m x (slowest - slowest without the GEMM): `_stage_times(deferred_wgrad=True)`); drained: the d GEMMs that do
+    not fit the wait."""
+    if not _defers_wgrad(layout, backward, scalar_head):
+        return 0.0, 0.0
+    m = layout.num_microbatches
+    d = m if layout.wgrad_deferral_limit == 0 else min(layout.wgrad_deferral_limit, m)
+    w = _output_gemm_time(model, layout, hw, seq=seq, micro_batch=micro_batch, params=params)
+    slow_deferred, _, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=backward,
+                                       params=params, scalar_head=scalar_head, split=split, kernels=kernels,
+                                       cross_entropy=cross_entropy, deferred_wgrad=True)
+    saved = min(d * w, m * (slow - slow_deferred))
+    wait = (layout.pp - 1) / (layout.vp or 1) * mean * backward / (1.0 + backward)
+    return saved, max(0.0, d * w - wait)
 
 
 def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, params, trainable_params: float,
@@ -1098,6 +1143,12 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     if lt.host_wait > 0.0:  # the GPU waits for the host (eager kernels shorter than their issue time)
         parts["host_bound"] = per_stage * lt.host_wait
     parts["pp_imbalance"] = main.count * m * (slow - mean)
+    saved, drained = _deferred_wgrad(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
+                                     params=params, slow=slow, mean=mean, scalar_head=main.scalar_head, split=split,
+                                     kernels=kernels, cross_entropy=cross_entropy)
+    if saved or drained:  # defer_embedding_wgrad_compute: the last stage's output wgrad GEMMs in the drain
+        parts["pp_imbalance"] -= main.count * saved
+        parts["embedding_wgrad_drain"] = main.count * drained
     parts["pp_bubble"] = main.count * (layout.pp - 1) / vp * mean if layout.pp > 1 else 0.0
     parts["pp_p2p"] = main.count * _pp_p2p(model, layout, hw, seq, mb, m, vp, params, overlap_p2p,
                                            p2p_scatter_gather)
@@ -1202,9 +1253,11 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
 
     key = (layout.tp, layout.cp, layout.ep, layout.etp, layout.sequence_parallel, largest)
     lt = _kept(memo, key, layers)
-    slow, mean, _ = _kept(memo, key + (layout.pp, split), lambda: _stage_times(
+    # with the output wgrad deferred the steady state can be the last stage without that GEMM (`_deferred_wgrad`)
+    slow, mean, _ = _kept(memo, key + (layout.pp, split, layout.defer_embedding_wgrad_compute), lambda: _stage_times(
         model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows, backward=main.backward, params=params,
-        scalar_head=main.scalar_head, split=split, kernels=kernels, cross_entropy=cross_entropy))
+        scalar_head=main.scalar_head, split=split, kernels=kernels, cross_entropy=cross_entropy,
+        deferred_wgrad=True))
     per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest
     vp = layout.vp or 1
     t = main.count * rows * slow / largest + params.step_overhead  # the slowest stage's, at its lowest

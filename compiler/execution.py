@@ -11,7 +11,8 @@ Invariants: pure; the same facts the search costed the stage with (`Target.stage
 from __future__ import annotations
 
 from nemoc.compiler.catalog.hardware import get_gpu
-from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR, padded_vocab, stage_model_flops_per_step
+from nemoc.compiler.catalog.userbuffers import userbuffers_of
+from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR, padded_vocab, stage_model_flops_per_step, stage_work
 from nemoc.compiler.plan import Execution, Fusions, HostExecution, Layout, MoeExecution, Overlaps, PipelineSplit
 from nemoc.compiler.spec import LoraSpec, ModelSpec
 from nemoc.compiler.target import MEGATRON_CORE, Target
@@ -191,11 +192,16 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
     hw = get_gpu(gpu)
     peak = hw.peak(stage_precision) if hw is not None and hw.supports(stage_precision) else None
     host = host if host is not None else host_execution()
+    params_dtype = _DTYPE.get(stage_precision, stage_precision)
+    userbuffers = userbuffers_of(
+        generation=hw.generation if hw is not None else None, precision=stage_precision, params_dtype=params_dtype,
+        hidden=model.hidden, tp=layout.tp, cp=layout.cp, seq_length=seq_length,
+        micro_batch=layout.micro_batch * stage_work(stage_kind, params, peft).rows) if layout.tp_comm_overlap else None
     return Execution(
         kernels=stage_kernels,
         attention=target.stage_attention(stage_kind, attention_backend),
         precision=stage_precision,
-        params_dtype=_DTYPE.get(stage_precision, stage_precision),
+        params_dtype=params_dtype,
         fp8_recipe=fp8_recipe_of(stage_precision, fp8_recipe),
         pipeline=split if split is not None else even_split(model.layers, layout.pp),
         vocab_multiple=MEGATRON_VOCAB_DIVISOR * layout.tp,
@@ -208,4 +214,5 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
         peak_flops_per_gpu=peak,
         moe=moe if moe is not None else moe_execution(model, stage_kernels, layout.ep),
         host=host,
+        userbuffers=userbuffers,
     )

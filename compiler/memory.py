@@ -29,6 +29,7 @@ from functools import lru_cache
 from types import MappingProxyType
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
+from nemoc.compiler.catalog.userbuffers import buffer_bytes, userbuffers_of
 from nemoc.compiler.flops import recomputed_fraction
 from nemoc.compiler.flops import (  # noqa: F401 - lora_params_per_layer is re-exported
     is_gated,
@@ -406,10 +407,16 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
     resident = len(resident_models(stage_kind, params, peft=peft, parents=parents))
     work = stage_work(stage_kind, params, peft)
     rows = work.rows  # preference pairs: chosen + rejected
+    ub = 0.0
+    if layout.tp_comm_overlap and layout.tp > 1:  # TE's userbuffers, the shapes and preset the plan records
+        ub = buffer_bytes(userbuffers_of(
+            generation=hw.generation if hw else None, precision=precision,
+            params_dtype=precision if precision in ("fp16", "fp32") else "bf16", hidden=model.hidden, tp=layout.tp,
+            cp=layout.cp, seq_length=seq, micro_batch=layout.micro_batch * rows))
     for stage in stages:
         yield _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
                             capacity, kernels, grad_bytes, split, resident, rows, moe_dispatcher, cuda_graph_share,
-                            fp8_recipe, generates=bool(work.generated), cross_entropy=cross_entropy)
+                            fp8_recipe, generates=bool(work.generated), cross_entropy=cross_entropy, userbuffers=ub)
 
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
@@ -467,7 +474,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
                   kernels, grad_bytes, split, resident: int, rows: int,
                   moe_dispatcher: str = "alltoall", cuda_graph_share: float = 0.0,
                   fp8_recipe: str | None = None, generates: bool = False,
-                  cross_entropy: str | None = None) -> MemoryBreakdown:
+                  cross_entropy: str | None = None, userbuffers: float = 0.0) -> MemoryBreakdown:
     """One pipeline stage's breakdown; `resident`: how many models the stage keeps (`resident_models`),
     `rows`: sequences per micro-batch sample (`flops.stage_work`); `cuda_graph_share`: the share of
     each layer captured as CUDA graphs (`cost.cuda_graph_share`; 0 without graphs); `generates`: the
@@ -547,7 +554,22 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         if st.last and not scalar_head:
             ce = cross_entropy or ("te" if kernels == "te" else "none")
             parts["logits"] = s_local * b * vocab / layout.tp * cross_entropy_bytes(ce)
-        if layout.tp > 1 and layout.sequence_parallel:
+        if st.last and not scalar_head and trains and peft is None and layout.defer_embedding_wgrad_compute \
+                and layout.pp > 1:
+            # defer_embedding_wgrad_compute: the last stage keeps, for each deferred micro batch, the output layer's
+            # input (its SP shard) and its logits gradient until the drain (tensor_parallel/layers.py
+            # `embedding_activation_buffer`, `grad_output_buffer`; the first wgrad_deferral_limit, 0: all)
+            m = layout.num_microbatches
+            deferred = m if layout.wgrad_deferral_limit == 0 else min(layout.wgrad_deferral_limit, m)
+            act_bytes = weight_bytes(precision)
+            parts["deferred_wgrad_buffers"] = deferred * act_bytes * s_local * b * (
+                model.hidden / rep + vocab / layout.tp)
+        if userbuffers:
+            # tp_comm_overlap: the all-gathered GEMM inputs and the reduce-scatter outputs live in TE's userbuffers,
+            # one (s x b / cp, h) buffer per GEMM of a layer, registered once outside PyTorch's allocator
+            # (catalog/userbuffers.py `userbuffer_bytes`) instead of PyTorch's gathered-input buffers
+            parts["tp_comm_userbuffers"] = userbuffers
+        elif layout.tp > 1 and layout.sequence_parallel:
             parts["tp_comm_buffers"] = 2.0 * 2 * s_local * b * model.hidden  # all-gathered GEMM input (+ its grad)
         if layout.pp > 1:
             parts["pp_p2p_buffers"] = 2.0 * 2 * s_local * b * model.hidden / rep  # send + recv

@@ -151,6 +151,44 @@ class HostExecution:
 
 
 @dataclass(frozen=True, slots=True)
+class UbGemm:
+    """How one GEMM overlaps its tensor-parallel communication in Transformer Engine's userbuffers: one
+    entry of TE `initialize_ub`'s `ub_cfgs` (transformer_engine/pytorch/module/base.py), as Megatron-Bridge's
+    `BulkOverlapCfg` / `PipelineOverlapCfg` / `RingExchangeOverlapCfg` (training/comm_overlap.py) give it."""
+
+    name: str  # TE's GEMM name: qkv_fprop, qkv_dgrad, qkv_wgrad, proj_fprop, proj_dgrad, fc1_*, fc2_*
+    method: str  # bulk | pipeline | ring_exchange
+    num_sm: int  # SMs the communication kernel takes
+    cga_size: int
+    set_sm_margin: bool  # the GEMM leaves the communication's SMs free
+    num_splits: int | None = None  # pipeline: chunks the GEMM is split into (None: TE's default)
+    aggregate: bool = False  # ring_exchange: aggregate two chunks per GEMM
+    atomic_gemm: bool = False
+    fp8_buf: bool = False  # the communication buffer holds FP8 data (FP8 runs)
+
+
+@dataclass(frozen=True, slots=True)
+class Userbuffers:
+    """Transformer Engine's userbuffers for `tp_comm_overlap` (what Megatron-LM's `_initialize_tp_communicators`
+    and Megatron-Bridge's `initialize.py` hand to TE `initialize_ub` before the model is built), decided by
+    `nemoc.compiler.catalog.userbuffers.userbuffers_of` from the stage's GPU, precision and shapes."""
+
+    shape: tuple[int, int]  # (seq_length x micro_batch / cp, hidden): one layer input, sequence and batch merged
+    tp: int  # ranks in the tensor-parallel group
+    dtype: str  # bf16 | fp16: the buffers' non-FP8 type
+    quantization: str  # fp8 | none: TE UserBufferQuantizationMode (fp8 for the fp8 / mxfp8 recipes)
+    bootstrap_backend: str  # nccl | gloo | mpi: the process group TE bootstraps the buffers over
+    preset: str  # the Megatron-Bridge preset the GEMM configs come from, or "te_default" (TE's own per GEMM)
+    gemms: tuple[UbGemm, ...] = ()  # empty: TE's default configuration for every GEMM
+    # Megatron-Core ModelParallelConfig tp_comm_* switches that match `gemms` (model_parallel_config.py)
+    bulk_wgrad: bool = True
+    bulk_dgrad: bool = True
+    overlap_ag: bool = True
+    overlap_rs: bool = True
+    overlap_rs_dgrad: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Execution:
     """Everything the planner decided about how a stage executes; the runtime translates it and
     re-derives none of it. Built by `nemoc.compiler.execution.stage_execution`."""
@@ -169,6 +207,7 @@ class Execution:
     peak_flops_per_gpu: float | None  # the planned GPU's dense peak at `precision` (None: unknown)
     moe: MoeExecution | None = None  # the MoE layer's dispatcher and kernels; None for a dense model
     host: HostExecution | None = None  # CUDA graphs and manual GC; None: a model built outside a stage plan
+    userbuffers: Userbuffers | None = None  # TE userbuffers where the layout has tp_comm_overlap; else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +229,9 @@ class Layout:
     # `recompute_num_layers`); None = every layer (`uniform`, 1)
     recompute_layers: int | None = None
     tp_comm_overlap: bool = False  # TE userbuffer TP overlap (`TransformerConfig.tp_comm_overlap`)
+    # `ModelParallelConfig.defer_embedding_wgrad_compute` / `wgrad_deferral_limit` (0: every micro batch)
+    defer_embedding_wgrad_compute: bool = False
+    wgrad_deferral_limit: int = 0
     grad_reduce_in_fp32: bool = True  # `DistributedDataParallelConfig.grad_reduce_in_fp32`
     overlap_param_gather: bool = False  # `DistributedDataParallelConfig.overlap_param_gather`
     fp8_param_gather: bool = False  # `TransformerConfig.fp8_param` + `DistributedDataParallelConfig.fp8_param_gather`

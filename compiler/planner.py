@@ -221,7 +221,8 @@ def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> Pa
     return replace(parallel, context=parallel.context if parallel.context is not None else 1, sequence_parallel=sp,
                    distributed_optimizer=False, recompute="none", recompute_layers=None, virtual_pipeline=1, pipeline=pipeline,
                    micro_batch=parallel.micro_batch or 1, tp_comm_overlap=False, overlap_param_gather=False, fp8_param_gather=False,
-                   grad_reduce_in_fp32=True, megatron_fsdp=False, optimizer_state_dtype="fp32")
+                   grad_reduce_in_fp32=True, megatron_fsdp=False, optimizer_state_dtype="fp32",
+                   defer_embedding_wgrad_compute=False, wgrad_deferral_limit=0)
 
 
 # ------------------------------------------------------------------------------- not fitting: why
@@ -478,7 +479,22 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
         warnings.append(Diagnostic("W140", f"stage `{stage.name}`: {n}", spec.span(f"stage.{stage.name}"),
                                    Severity.NOTE))
     plan = _stage_plan(spec, stage, chosen, steps, seq, chosen.estimate, probe)
+    ub = plan.execution.userbuffers
+    if ub is not None:
+        notes.append(_userbuffers_note(ub, gpu))
+        warnings.append(Diagnostic("W140", f"stage `{stage.name}`: {notes[-1]}", spec.span(f"stage.{stage.name}"),
+                                   Severity.NOTE))
     return StageResult(stage.name, stage.kind, result, chosen, tuple(notes), replace(probe, steps=steps)), plan, warnings
+
+
+def _userbuffers_note(ub, gpu: HardwareSpec) -> str:
+    """Which TE userbuffer configuration `tp_comm_overlap` runs with (compiler/catalog/userbuffers.py)."""
+    shape = f"{ub.shape[0]} x {ub.shape[1]} {ub.dtype}{', fp8 buffers' if ub.quantization == 'fp8' else ''}"
+    if ub.gemms:
+        return f"tp_comm_overlap userbuffers ({shape}): Megatron-Bridge's tuned preset {ub.preset}"
+    kind = "fp8" if ub.quantization == "fp8" else "bf16"
+    return (f"tp_comm_overlap userbuffers ({shape}): Transformer Engine's default per-GEMM configuration "
+            f"(Megatron-Bridge has no tuned preset for {gpu.generation} {kind}, hidden {ub.shape[1]}, tp {ub.tp})")
 
 
 def plan_experiment(spec: ExperimentSpec, *, headroom: float = DEFAULT_HEADROOM, top: int = DEFAULT_TOP,

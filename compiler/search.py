@@ -413,6 +413,8 @@ def _make_layout(p: Problem, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[
     return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
                   num_microbatches=max(1, gb // (mb * dp)), sequence_parallel=sp, distributed_optimizer=do,
                   recompute=rc[0], recompute_layers=rc[1], tp_comm_overlap=p.fixed.tp_comm_overlap,
+                  defer_embedding_wgrad_compute=p.fixed.defer_embedding_wgrad_compute,
+                  wgrad_deferral_limit=p.fixed.wgrad_deferral_limit,
                   grad_reduce_in_fp32=p.fixed.grad_reduce_in_fp32,
                   overlap_param_gather=p.fixed.overlap_param_gather, fp8_param_gather=p.fixed.fp8_param_gather,
                   megatron_fsdp=p.fixed.megatron_fsdp, optimizer_state_dtype=p.fixed.optimizer_state_dtype)
@@ -424,6 +426,7 @@ def _sizes(p: Problem, layout: Layout) -> Sizes:
                  sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
                  recompute=layout.recompute, recompute_layers=layout.recompute_layers, seq_length=p.seq_length,
                  tp_comm_overlap=layout.tp_comm_overlap,
+                 defer_embedding_wgrad_compute=layout.defer_embedding_wgrad_compute,
                  overlap_param_gather=layout.overlap_param_gather, fp8_param_gather=layout.fp8_param_gather,
                  megatron_fsdp=layout.megatron_fsdp, optimizer_state_dtype=layout.optimizer_state_dtype)
 
@@ -643,9 +646,12 @@ class _Context:
         kernels = p.stage_kernels
         # Layout and Sizes fields every candidate takes from the problem
         self.fixed_layout = dict(tp_comm_overlap=f.tp_comm_overlap, grad_reduce_in_fp32=f.grad_reduce_in_fp32,
+                                 defer_embedding_wgrad_compute=f.defer_embedding_wgrad_compute,
+                                 wgrad_deferral_limit=f.wgrad_deferral_limit,
                                  overlap_param_gather=f.overlap_param_gather, fp8_param_gather=f.fp8_param_gather,
                                  megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype)
         self.fixed_sizes = dict(seq_length=p.seq_length, tp_comm_overlap=f.tp_comm_overlap,
+                                defer_embedding_wgrad_compute=f.defer_embedding_wgrad_compute,
                                 overlap_param_gather=f.overlap_param_gather, fp8_param_gather=f.fp8_param_gather,
                                 megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype)
         self.grad_bytes = 4 if f.grad_reduce_in_fp32 else 2  # `_grad_bytes` of every candidate
@@ -1136,6 +1142,7 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
                           sequence_parallel=sp, distributed_optimizer=do, recompute=rc[0], recompute_layers=rc[1],
                           seq_length=p.seq_length,
                           tp_comm_overlap=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather,
+                          defer_embedding_wgrad_compute=f.defer_embedding_wgrad_compute,
                           fp8_param_gather=f.fp8_param_gather, megatron_fsdp=f.megatron_fsdp,
                           optimizer_state_dtype=f.optimizer_state_dtype)
             v = layout_violations(env, sizes)

@@ -172,6 +172,10 @@ class ParallelSpec:
     # communication overlap, and Megatron DDP's gradient reduction dtype (fp32 main grads, or the
     # parameters' 16-bit dtype as NeMo's FP8 performance recipes reduce).
     tp_comm_overlap: bool = False
+    # the output layer's weight-gradient GEMMs of the last pipeline stage run in the drain (Megatron-Core
+    # `defer_embedding_wgrad_compute`), for the first `wgrad_deferral_limit` micro batches (0: all)
+    defer_embedding_wgrad_compute: bool = False
+    wgrad_deferral_limit: int = 0
     grad_reduce_in_fp32: bool = True
     overlap_param_gather: bool = False  # the distributed optimizer's parameter all-gather in the forward
     fp8_param_gather: bool = False  # linear weights kept (and all-gathered) in FP8

@@ -294,6 +294,14 @@ PARALLEL_FIELDS = (
     _f("micro_batch", POSITIVE, None, "Sequences per micro-batch per data-parallel rank.", auto=True),
     _f("tp_comm_overlap", BOOL, False, "Overlap tensor-parallel communication with the GEMMs (Transformer "
        "Engine userbuffers, `tp_comm_overlap`); needs kernels te, tensor > 1 and sequence parallelism."),
+    _f("defer_embedding_wgrad_compute", BOOL, False, "Defer the output layer's weight-gradient GEMMs on the last "
+       "pipeline stage to the pipeline's drain, where that stage otherwise waits for the earlier stages' last "
+       "backward passes (Megatron-Core `defer_embedding_wgrad_compute`, Megatron-Bridge's GPT-3 175B and Llama 3 "
+       "405B recipes). Needs pipeline > 1 (E196) and the fused weight-gradient accumulation of kernels te (E197); the "
+       "deferred micro batches keep their output-layer input and logits gradient until the drain."),
+    _f("wgrad_deferral_limit", INT, 0, "With defer_embedding_wgrad_compute: how many micro batches' output-layer "
+       "weight gradients wait for the drain (Megatron-Core `wgrad_deferral_limit`; the later ones run at once); "
+       "0 = all of them."),
     _f("grad_reduce_in_fp32", BOOL, True, "Reduce data-parallel gradients in fp32 main grads (true) or in "
        "the 16-bit parameter dtype (false: half the DDP traffic and gradient buffer; the optimizer keeps an "
        "fp32 copy of its shard)."),

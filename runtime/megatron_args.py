@@ -276,11 +276,9 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
     if layout.sequence_parallel and layout.tp == 1:
         raise UnsupportedPlan("sequence_parallel needs tp > 1")
     if layout.tp_comm_overlap:
-        # `nemoc check` refuses it without TE, TP or SP (E160); with TE the userbuffers that
-        # `TransformerConfig(tp_comm_overlap=True)` needs (TE `initialize_ub`, Megatron-LM's
-        # `_initialize_tp_communicators`) are not set up by this runtime yet: refused, not ignored.
-        raise UnsupportedPlan("tp_comm_overlap = true: the nemoc runtime does not initialise Transformer Engine's "
-                              "userbuffers yet; plan it to compare, run with tp_comm_overlap = false")
+        # `nemoc check` refuses it without TE, TP or SP (E160); runtime/userbuffers.py initialises TE's
+        # userbuffers from the plan (`Execution.userbuffers`) before the model is built
+        check_tp_comm_overlap(facts)
     if layout.overlap_param_gather:
         # Megatron-LM wires it through `config.param_sync_func` (each model chunk's start_param_sync
         # in the forward pre-hooks); the nemoc training loop does not yet: refused, not ignored.
@@ -291,6 +289,67 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
         # `nemoc check` refuses this spec (E140): the MoE build below has no linear biases.
         raise UnsupportedPlan("MoE models are built without linear biases (add_bias_linear = false); "
                               "expert MLPs with a bias fail in Megatron-Core 0.16.1 (mlp.py)")
+
+
+# TE `initialize_ub`'s `bootstrap_backend` (TE 1.9): before it TE bootstrapped its userbuffers over MPI only,
+# for which Megatron-LM creates an MPI process group that this runtime does not
+TE_UB_BOOTSTRAP = "1.9.0"
+
+
+def check_tp_comm_overlap(facts: MachineFacts) -> None:
+    """Refuse, with the reason, `tp_comm_overlap` where it cannot run: Transformer Engine's userbuffers need
+    CUDA GPUs (CUDA IPC / multicast buffers) and TE's layers, and a TE whose `initialize_ub` takes a bootstrap
+    backend. Megatron-Bridge instead turns the overlap off with a warning (comm_overlap.py
+    `_get_model_comm_overlap_cfgs`); the plan was costed with it, so nemoc refuses rather than run slower."""
+    if facts.cpu:
+        raise UnsupportedPlan("tp_comm_overlap = true needs CUDA GPUs and Transformer Engine's userbuffers (TE "
+                              "initialize_ub); this run is on the CPU (gloo), which has neither: set "
+                              "tp_comm_overlap = false (and re-plan: the step time assumed the overlap)")
+    if not facts.have_te:
+        raise UnsupportedPlan("tp_comm_overlap = true needs Transformer Engine's userbuffers (TE initialize_ub) and "
+                              "layers, and transformer_engine does not import here: install Transformer Engine, or "
+                              "set tp_comm_overlap = false")
+    from megatron.core.utils import get_te_version, is_te_min_version
+
+    try:
+        new_enough, found = is_te_min_version(TE_UB_BOOTSTRAP), get_te_version()
+    except (TypeError, ImportError):  # TE's version unreadable here: runtime/userbuffers.py imports TE itself
+        return
+    if not new_enough:
+        raise UnsupportedPlan(f"tp_comm_overlap = true needs Transformer Engine >= {TE_UB_BOOTSTRAP} (initialize_ub's "
+                              f"bootstrap_backend; older TEs bootstrap over MPI only), but this one is {found}: "
+                              "upgrade Transformer Engine, or set tp_comm_overlap = false")
+
+
+def _tp_comm_kwargs(layout: Layout, execution: Execution | None) -> dict:
+    """The plan's userbuffer overlap (`Execution.userbuffers`) as ModelParallelConfig fields: `tp_comm_overlap`,
+    the bootstrap backend TE builds its group with, and the tp_comm_* switches Megatron-Core 0.16.1's TE layers
+    read (extensions/transformer_engine.py: ub_overlap_ag / ub_overlap_rs / ub_overlap_rs_dgrad / ub_bulk_dgrad
+    / ub_bulk_wgrad), set to match the per-GEMM configs the buffers were initialised with."""
+    if not layout.tp_comm_overlap:
+        return {}
+    ub = execution.userbuffers if execution is not None else None
+    if ub is None:
+        raise UnsupportedPlan("tp_comm_overlap = true but the stage's plan has no userbuffers (Execution.userbuffers): "
+                              "re-plan the experiment with this nemoc")
+    return dict(tp_comm_overlap=True, tp_comm_bootstrap_backend=ub.bootstrap_backend,
+                tp_comm_bulk_wgrad=ub.bulk_wgrad, tp_comm_bulk_dgrad=ub.bulk_dgrad, tp_comm_overlap_ag=ub.overlap_ag,
+                tp_comm_overlap_rs=ub.overlap_rs, tp_comm_overlap_rs_dgrad=ub.overlap_rs_dgrad)
+
+
+def _defer_wgrad_kwargs(layout: Layout, *, fused_wgrad: bool) -> dict:
+    """The plan's `defer_embedding_wgrad_compute` / `wgrad_deferral_limit` as ModelParallelConfig fields. Megatron-Core
+    0.16.1 refuses them without gradient_accumulation_fusion (model_parallel_config.py __post_init__; `nemoc check`
+    E197 on the local spec): with TE's kernels that fusion is apex's fused_weight_gradient_mlp_cuda here
+    (`_te_fusions`), so a machine without it is refused with the reason before the model is built."""
+    if not layout.defer_embedding_wgrad_compute:
+        return {}
+    if not fused_wgrad:
+        raise UnsupportedPlan("defer_embedding_wgrad_compute = true needs Megatron-Core's gradient_accumulation_fusion "
+                              "(the deferred output-layer weight gradients are accumulated by apex's "
+                              "fused_weight_gradient_mlp_cuda), which this machine does not have (the CPU, the local "
+                              "spec, or no apex): set defer_embedding_wgrad_compute = false")
+    return dict(defer_embedding_wgrad_compute=True, wgrad_deferral_limit=layout.wgrad_deferral_limit)
 
 
 def have_einops() -> bool:
@@ -438,6 +497,8 @@ def transformer_config(
         kwargs.update(_moe_kwargs(model, layout, moe))
     kwargs.update(_fp8_kwargs(precision, execution.fp8_recipe if execution is not None else None))
     kwargs.update(_cuda_graph_kwargs(host))
+    kwargs.update(_tp_comm_kwargs(layout, execution))
+    kwargs.update(_defer_wgrad_kwargs(layout, fused_wgrad=bool(kwargs.get("gradient_accumulation_fusion"))))
     if layout.fp8_param_gather and precision in ("fp8", "mxfp8"):
         kwargs["fp8_param"] = True  # the linear weights are TE FP8 tensors (plan: fp8_param_gather)
     return TransformerConfig(**kwargs)
@@ -813,6 +874,9 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
         sizes.pop("expert_tensor_parallel_size")
     args += _flags(sizes)
     args += _flags(dict(sequence_parallel=lay.sequence_parallel))
+    args += _lm_tp_comm(stage, notes)
+    if lay.defer_embedding_wgrad_compute:
+        args += ["--defer-embedding-wgrad-compute", f"--wgrad-deferral-limit {lay.wgrad_deferral_limit}"]
     if lay.distributed_optimizer:
         args.append("--use-distributed-optimizer")
     args += _flags(_recompute_kwargs(lay.recompute, lay.recompute_layers))
@@ -840,6 +904,19 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
         notes.append(f"stage {stage.name} is a {stage.kind} stage: pretrain_gpt.py trains on next-token loss over "
                      "every token; nemoc's runtime/align runs this kind with its own loss")
     return args, notes
+
+
+def _lm_tp_comm(stage, notes: list[str]) -> list[str]:
+    """`--tp-comm-overlap` and its bootstrap backend; the per-GEMM userbuffer configs are a YAML file in
+    Megatron-LM (`--tp-comm-overlap-cfg`, read by initialize.py `_initialize_tp_communicators`), named in a note."""
+    ub = stage.execution.userbuffers
+    if not stage.layout.tp_comm_overlap or ub is None:
+        return []
+    if ub.gemms:
+        notes.append(f"tp_comm_overlap: the plan's per-GEMM userbuffer configs are Megatron-Bridge's {ub.preset} "
+                     "(TransformerLayerTPOverlapCfg); Megatron-LM reads them from a YAML file given with "
+                     "--tp-comm-overlap-cfg, which this command line does not write (without it TE's defaults run)")
+    return ["--tp-comm-overlap", f"--tp-comm-bootstrap-backend {ub.bootstrap_backend}"]
 
 
 def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:

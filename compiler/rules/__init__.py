@@ -49,6 +49,8 @@ from nemoc.compiler.rules.pipeline import (  # noqa: F401
     _empty_chunk_split,
     rule_layers_pipeline,
     rule_interleave_needs_pp,
+    rule_defer_wgrad_needs_pp,
+    rule_defer_wgrad_needs_fusion,
     rule_runtime_pipeline,
     rule_interleave_microbatches,
     warn_uneven_pipeline,

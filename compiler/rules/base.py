@@ -38,6 +38,7 @@ class Sizes:
     recompute_layers: int | None = None
     seq_length: int = 0
     tp_comm_overlap: bool = False
+    defer_embedding_wgrad_compute: bool = False
     overlap_param_gather: bool = False
     fp8_param_gather: bool = False
     megatron_fsdp: bool = False

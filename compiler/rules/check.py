@@ -35,6 +35,7 @@ def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: in
         distributed_optimizer=parallel.distributed_optimizer, recompute=parallel.recompute,
         recompute_layers=parallel.recompute_layers,
         seq_length=seq_length, tp_comm_overlap=parallel.tp_comm_overlap,
+        defer_embedding_wgrad_compute=parallel.defer_embedding_wgrad_compute,
         overlap_param_gather=parallel.overlap_param_gather, fp8_param_gather=parallel.fp8_param_gather,
         megatron_fsdp=parallel.megatron_fsdp,
         optimizer_state_dtype=parallel.optimizer_state_dtype,
@@ -44,6 +45,7 @@ def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: in
 _PARALLEL_FIELDS = (
     "tensor", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor", "data",
     "sequence_parallel", "distributed_optimizer", "recompute", "recompute_layers", "micro_batch", "tp_comm_overlap",
+    "defer_embedding_wgrad_compute", "wgrad_deferral_limit",
     "grad_reduce_in_fp32", "overlap_param_gather", "fp8_param_gather", "megatron_fsdp", "optimizer_state_dtype",
 )
 

@@ -9,7 +9,8 @@ from functools import lru_cache
 
 from nemoc.compiler.plan import PipelineSplit
 from nemoc.dsl.diagnostics import Severity
-from nemoc.compiler.rules.base import Env, Sizes, Violation, _P
+from nemoc.compiler.rules.base import TRAINING_KINDS, Env, Sizes, Violation, _P
+from nemoc.compiler.rules.precision import _local_why
 
 
 @lru_cache(maxsize=4096)
@@ -116,6 +117,45 @@ def rule_interleave_needs_pp(env: Env, s: Sizes) -> Violation | None:
         "remove `virtual_pipeline` or set pipeline >= 2",
         anchors=(_P + "virtual_pipeline", _P + "pipeline"),
         source="megatron/core/parallel_state.py initialize_model_parallel (interleaved schedule)",
+    )
+
+
+def rule_defer_wgrad_needs_pp(env: Env, s: Sizes) -> Violation | None:
+    """model_parallel_config.py __post_init__ (0.16.1, l. 425): "Cannot defer embedding wgrad compute when
+    pipeline model parallel is not used": the deferred GEMMs run in the pipeline's drain. Auto pp is judged
+    once resolved (the search keeps pp > 1)."""
+    if not s.defer_embedding_wgrad_compute or s.pp is None or s.pp > 1 or env.stage_kind not in TRAINING_KINDS:
+        return None
+    return Violation(
+        "E196", "defer_embedding_wgrad_compute needs pipeline parallelism",
+        f"defer_embedding_wgrad_compute = true with pp({s.pp}): there is no pipeline drain to hide the output "
+        "layer's weight gradients in",
+        "set defer_embedding_wgrad_compute = false, or pipeline >= 2 (or leave it auto)",
+        anchors=(_P + "defer_embedding_wgrad_compute", _P + "pipeline"),
+        source="megatron/core/model_parallel_config.py __post_init__ (defer_embedding_wgrad_compute needs "
+               "pipeline_model_parallel_size > 1)",
+    )
+
+
+def rule_defer_wgrad_needs_fusion(env: Env, s: Sizes) -> Violation | None:
+    """model_parallel_config.py __post_init__ (0.16.1, l. 430): "Cannot defer embedding wgrad compute when
+    gradient accumulation fusion is not used": the drain accumulates the deferred weight gradients into
+    main_grad with the fused wgrad kernel (tensor_parallel/layers.py drain_embedding_wgrad_compute), which the
+    plan turns on with Transformer Engine's kernels only (execution.fusions: grad_accumulation)."""
+    if not s.defer_embedding_wgrad_compute or env.stage_kind not in TRAINING_KINDS:
+        return None
+    local = _local_why(env)
+    if not local:
+        return None
+    return Violation(
+        "E197", "defer_embedding_wgrad_compute needs the fused weight-gradient accumulation of Transformer Engine "
+        "kernels",
+        f"defer_embedding_wgrad_compute = true but {local}: Megatron-Core defers only with "
+        "gradient_accumulation_fusion",
+        "set defer_embedding_wgrad_compute = false, or kernels = te",
+        anchors=(_P + "defer_embedding_wgrad_compute", "kernels"),
+        source="megatron/core/model_parallel_config.py __post_init__ (defer_embedding_wgrad_compute needs "
+               "gradient_accumulation_fusion)",
     )
 
 

@@ -62,6 +62,8 @@ from nemoc.compiler.rules.parallel import (
     warn_useless_distributed_optimizer,
 )
 from nemoc.compiler.rules.pipeline import (
+    rule_defer_wgrad_needs_fusion,
+    rule_defer_wgrad_needs_pp,
     rule_interleave_microbatches,
     rule_interleave_needs_pp,
     rule_layers_pipeline,
@@ -108,6 +110,7 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_sgd_distributed_optimizer,
     rule_precision_hardware, rule_fp8_needs_te, rule_fp8_recipe, rule_fp8_param_gather, rule_te_needs_gpu, rule_fp32_attention, rule_attention_head_dim,
     rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions, rule_tp_comm_overlap,
+    rule_defer_wgrad_needs_pp, rule_defer_wgrad_needs_fusion,
     rule_overlap_param_gather, rule_recompute_layers,
     rule_recompute_layers_chunk,
     rule_fp8_param_gather_optimizer, rule_optimizer_state_dtype_optimizer, rule_optimizer_state_dtype_te,
@@ -145,6 +148,8 @@ def layout_violations(env: Env, sizes: Sizes) -> Violation | None:
 # with the Megatron-Core source it mirrors). The stage rules' codes are `stages.STAGE_CODES`.
 CODES: dict[str, Rule] = {
     "E160": rule_tp_comm_overlap,
+    "E196": rule_defer_wgrad_needs_pp,
+    "E197": rule_defer_wgrad_needs_fusion,
     "E161": rule_overlap_param_gather,
     "E162": rule_recompute_layers,
     "E163": rule_recompute_layers_chunk,

@@ -20,6 +20,7 @@ from nemoc.compiler.plan import Plan, StagePlan  # noqa: E402
 from nemoc.runtime import checkpoint as ckpt  # noqa: E402
 from nemoc.runtime import megatron_args as margs  # noqa: E402
 from nemoc.runtime import model as mdl  # noqa: E402
+from nemoc.runtime import userbuffers  # noqa: E402
 
 
 def build_model(*, plan: Plan, stage: StagePlan, vocab_size: int, facts: margs.MachineFacts | None = None,
@@ -58,6 +59,8 @@ def build_chunks(*, model, layout, vocab_size: int, seq_length: int, facts: marg
     config = margs.transformer_config(model=model, layout=layout, execution=execution, precision=precision,
                                       attention_backend=attention_backend, facts=facts, dropout=dropout,
                                       deterministic=facts.cpu)
+    if execution is not None:  # TE's userbuffers exist before TE's layers look them up (tp_comm_overlap)
+        userbuffers.initialize(execution.userbuffers, facts)
     multiple = execution.vocab_multiple if execution is not None else None
     padded = margs.padded_vocab_size(vocab_size, layout.tp, multiple=multiple)
     attention = execution.attention if execution is not None else attention_backend

@@ -24,6 +24,7 @@ from nemoc.runtime import faults
 from nemoc.runtime import mcore_cpu
 from nemoc.runtime import megatron_args as margs
 from nemoc.runtime import model as mdl
+from nemoc.runtime import userbuffers
 
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 
@@ -111,8 +112,11 @@ def teardown() -> None:
     set_phase("teardown")
     _control_group[0] = None
     try:
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
+        try:
+            userbuffers.destroy()  # TE destroy_ub where tp_comm_overlap initialised them
+        finally:
+            if parallel_state.model_parallel_is_initialized():
+                parallel_state.destroy_model_parallel()
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

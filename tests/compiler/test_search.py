@@ -68,6 +68,9 @@ def small_problems(draw) -> Problem:
         tp_comm_overlap=draw(st.sampled_from([False, False, True])),
         grad_reduce_in_fp32=draw(st.sampled_from([True, False])),
         overlap_param_gather=draw(st.sampled_from([False, True])),
+        # E196 / E197 paths and the deferred output wgrad (the bound takes the GEMM out of the last stage)
+        defer_embedding_wgrad_compute=draw(st.sampled_from([False, False, True])),
+        wgrad_deferral_limit=draw(st.sampled_from([0, 2])),
     )
     return Problem(model=model, cluster=cluster, gpu=gpu, fixed=fixed,
                    global_batch=draw(st.sampled_from([None, 4, 8])),

@@ -283,11 +283,11 @@ def test_gradient_reduction_dtype_is_what_the_plan_says():
     assert margs.ddp_config(layout=lay(grad_reduce_in_fp32=False)).grad_reduce_in_fp32 is False
 
 
-def test_tp_comm_overlap_is_refused_not_ignored():
-    """The plan can cost TE's userbuffer overlap; this runtime does not initialise the userbuffers,
-    so it refuses the plan with a message rather than training without the overlap it promised."""
-    with pytest.raises(margs.UnsupportedPlan, match="tp_comm_overlap"):
-        config(layout=lay(tp=2, sequence_parallel=True, tp_comm_overlap=True), facts=GPU_TE)
+def test_tp_comm_overlap_is_refused_on_the_cpu_not_ignored():
+    """TE's userbuffer overlap needs CUDA and TE (tests/runtime/test_userbuffers_init.py has the GPU side): on the
+    CPU the runtime refuses the plan with the reason rather than train without the overlap it was costed with."""
+    with pytest.raises(margs.UnsupportedPlan, match=r"tp_comm_overlap = true needs CUDA GPUs.*CPU \(gloo\)"):
+        config(layout=lay(tp=2, sequence_parallel=True, tp_comm_overlap=True), facts=CPU)
 
 
 def test_overlap_param_gather_is_refused_not_ignored():
