@@ -46,14 +46,16 @@ def _grouped_gemm(env: Env) -> bool:
     return moe is not None and moe.grouped_gemm
 
 
+def _written(s: Sizes) -> tuple[str, ...]:
+    """The modules the stage recomputes as written (None / none / full: E196's, or Megatron's default)."""
+    return (s.recompute_modules or ()) if s.recompute in (None, "selective") else ()
+
+
 def rule_recompute_modules_support(env: Env, s: Sizes) -> Violation | None:
     """What Megatron-Core raises for a module the stage cannot recompute: `moe_act` "is only supported
     with moe_grouped_gemm" (and the local spec has no grouped GEMM, E172); `mla_up_proj` "is only
-    supported with multi_latent_attention" (nemoc's models have standard attention); "shared_experts
-    recompute cannot work with --moe-shared-expert-overlap"; and with FP8 "Delayed scaling does not
-    support moe_act and layernorm recompute"."""
-    mods = s.recompute_modules or () if s.recompute in (None, "selective") else ()
-    m = env.model
+    supported with multi_latent_attention" (nemoc's models have standard attention)."""
+    mods, m = _written(s), env.model
     if "mla_up_proj" in mods:
         return Violation("E197", "recompute module mla_up_proj needs multi-latent attention",
                          "mla_up_proj in recompute_modules with standard (multi-head / grouped-query) attention",
@@ -65,12 +67,25 @@ def rule_recompute_modules_support(env: Env, s: Sizes) -> Violation | None:
                          "use moe (the whole MoE layer) instead, or run with moe_grouped_gemm = true on "
                          "Transformer Engine (kernels te)", anchors=(_MODULES, "moe_grouped_gemm", "kernels"),
                          source=_SOURCE + ": moe_act is only supported with moe_grouped_gemm")
+    return None
+
+
+def rule_recompute_shared_experts_overlap(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-Core: "shared_experts recompute cannot work with --moe-shared-expert-overlap"."""
+    mods, m = _written(s), env.model
     if "shared_experts" in mods and m.shared_expert_ffn_hidden and m.moe_shared_expert_overlap:
         return Violation("E198", "shared_experts recompute cannot run with the overlapped shared expert",
                          "shared_experts in recompute_modules with model.moe_shared_expert_overlap = true",
                          "remove shared_experts from recompute_modules, or set moe_shared_expert_overlap = false",
                          anchors=(_MODULES, "model.moe_shared_expert_overlap", "model"),
                          source=_SOURCE + ": shared_experts recompute cannot work with --moe-shared-expert-overlap")
+    return None
+
+
+def rule_recompute_modules_fp8(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-Core with FP8: "Delayed scaling does not support moe_act and layernorm recompute for
+    fp8" (and the other recipes need TE >= 2.6, which Megatron checks when the run starts)."""
+    mods = _written(s)
     bad = [x for x in ("moe_act", "layernorm") if x in mods]
     if bad and fp8_recipe_of(env.precision, env.fp8_recipe) == "delayed":
         return Violation("E199", f"recompute module {bad[0]} does not run with FP8 delayed scaling",

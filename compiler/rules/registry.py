@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from nemoc.compiler.rules.base import Env, Rule, Sizes, Violation
-from nemoc.compiler.rules.recompute import (rule_recompute_modules_selective, rule_recompute_modules_support,
+from nemoc.compiler.rules.recompute import (rule_recompute_modules_fp8, rule_recompute_modules_selective,
+                                            rule_recompute_modules_support, rule_recompute_shared_experts_overlap,
                                             warn_recompute_modules_unused)
 from nemoc.compiler.rules.host import (rule_cuda_graph_gpu, rule_cuda_graph_scope, rule_fsdp_distributed_optimizer,
                                        rule_fsdp_pipeline, rule_fsdp_shard_group, rule_fsdp_tensor_parallel_te,
@@ -112,6 +113,7 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions, rule_tp_comm_overlap,
     rule_overlap_param_gather, rule_recompute_layers,
     rule_recompute_layers_chunk, rule_recompute_modules_selective, rule_recompute_modules_support,
+    rule_recompute_shared_experts_overlap, rule_recompute_modules_fp8,
     rule_fp8_param_gather_optimizer, rule_optimizer_state_dtype_optimizer, rule_optimizer_state_dtype_te,
     rule_gemma_layer_te, rule_gemma_layer_parts, rule_cross_entropy_needs_te,
 )
@@ -153,8 +155,8 @@ CODES: dict[str, Rule] = {
     "E163": rule_recompute_layers_chunk,
     "E196": rule_recompute_modules_selective,
     "E197": rule_recompute_modules_support,
-    "E198": rule_recompute_modules_support,
-    "E199": rule_recompute_modules_support,
+    "E198": rule_recompute_shared_experts_overlap,
+    "E199": rule_recompute_modules_fp8,
     "E101": rule_world_size,
     "E102": rule_heads_tp,
     "E103": rule_query_groups_tp,
