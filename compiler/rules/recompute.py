@@ -54,16 +54,19 @@ def _written(s: Sizes) -> tuple[str, ...]:
 def rule_recompute_modules_support(env: Env, s: Sizes) -> Violation | None:
     """What Megatron-Core raises for a module the stage cannot recompute: `moe_act` "is only supported
     with moe_grouped_gemm" (and the local spec has no grouped GEMM, E172); `mla_up_proj` "is only
-    supported with multi_latent_attention" (nemoc's models have standard attention)."""
+    supported with multi_latent_attention" (nemoc's models have standard attention). Megatron checks
+    moe_act before it looks at the model, so a dense model (moe_grouped_gemm False) is refused too."""
     mods, m = _written(s), env.model
     if "mla_up_proj" in mods:
         return Violation("E197", "recompute module mla_up_proj needs multi-latent attention",
                          "mla_up_proj in recompute_modules with standard (multi-head / grouped-query) attention",
                          "remove mla_up_proj from recompute_modules", anchors=(_MODULES, "model"),
                          source=_SOURCE + ": mla_up_proj is only supported with multi_latent_attention")
-    if "moe_act" in mods and m.is_moe and not _grouped_gemm(env):
+    if "moe_act" in mods and not _grouped_gemm(env):
+        # Megatron raises on a dense model too (its moe_grouped_gemm is False there)
+        why = f"moe_grouped_gemm = false (kernels {env.stage_kernels})" if m.is_moe else "a dense model (no experts)"
         return Violation("E197", "recompute module moe_act needs grouped GEMM",
-                         f"moe_act in recompute_modules with moe_grouped_gemm = false (kernels {env.stage_kernels})",
+                         f"moe_act in recompute_modules with {why}",
                          "use moe (the whole MoE layer) instead, or run with moe_grouped_gemm = true on "
                          "Transformer Engine (kernels te)", anchors=(_MODULES, "moe_grouped_gemm", "kernels"),
                          source=_SOURCE + ": moe_act is only supported with moe_grouped_gemm")
@@ -109,7 +112,6 @@ def warn_recompute_modules_unused(env: Env, s: Sizes) -> Violation | None:
     m, te = env.model, env.stage_kernels == "te" and env.gpu_arch != "cpu"
     why = {"mlp": "the model's MLPs are MoE layers (recompute them with moe)" if m.is_moe else None,
            "moe": None if m.is_moe else "the model is dense (recompute its MLP with mlp)",
-           "moe_act": None if m.is_moe else "the model is dense",
            "shared_experts": None if m.is_moe and m.shared_expert_ffn_hidden else "the model has no shared experts",
            "layernorm": ("Transformer Engine fuses both norms of a dense layer into the next linear layer"
                          if te and not m.is_moe else None)}
