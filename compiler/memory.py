@@ -227,8 +227,10 @@ def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, 
         softmax = 3 * act_bytes if local else act_bytes
         per_score = softmax + (1 + act_bytes if dropout else 0)  # softmax out (+ mask + dropout out)
         scores = per_score * a * s * (seq / cp) * b / tp
+    elif attention_backend != "unfused" and "core_attn" not in modules:
+        scores = 4.0 * s * b * a / tp  # flash: fp32 softmax stats (log-sum-exp), inside a core_attn checkpoint
     else:
-        scores = 4.0 * s * b * a / tp if attention_backend != "unfused" else 0.0  # flash: fp32 softmax stats
+        scores = 0.0
     mlp = gemm_in * sbh / rep + _mlp_activations(model, s * b, tp=tp, rep=rep, etp=etp, act_bytes=act_bytes)
     if fp8 and not model.is_moe:  # fc2 input (activation output) kept in FP8
         mlp -= (act_bytes - 1) * s * b * model.ffn_hidden / tp

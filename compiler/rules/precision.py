@@ -399,8 +399,8 @@ def warn_selective_recompute_flash(env: Env, s: Sizes) -> Violation | None:
     """transformer_config.py __post_init__ warns that with Transformer Engine's fused / flash core
     attention there is "no need to set 'core_attn' to recompute": it keeps no s x s scores, so
     selective recompute (Megatron's recompute_modules = ["core_attn"]) frees almost nothing and adds an
-    attention forward to every backward (the cost model charges it; memory.py gives the same scores
-    term whichever recompute is set)."""
+    attention forward to every backward (the cost model charges it; memory.py frees only the core's
+    fp32 softmax statistics, 4 B per query row and head)."""
     if s.recompute != "selective" or not uses_te(env) or env.attention_backend not in _FLASH_CLASS:
         return None
     if s.recompute_modules is not None and "core_attn" not in s.recompute_modules:
