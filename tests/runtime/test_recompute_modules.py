@@ -90,6 +90,7 @@ def _modelled(backend: str, modules: tuple[str, ...] | None) -> float:
                              recompute_modules=modules).total
 
 
+@pytest.mark.slow  # two Megatron subprocesses, ~40 s
 @pytest.mark.parametrize("backend", ["unfused", "flash"])
 def test_freed_bytes_of_each_module_match_megatrons_saved_tensors(backend):
     """Measured on this tree (bf16, s=64, b=2, h=64, a=8, g=2, f=160; bytes freed vs no recompute):
