@@ -131,3 +131,18 @@ def test_hardware_flops_count_exactly_the_recomputed_modules():
     mlp = hardware_flops_per_step(LLAMA, s, gb, recompute="selective", causal_discount=False,
                                   recompute_modules=("mlp", "layernorm"))
     assert mlp - base == pytest.approx(2 * LLAMA.layers * param_counts(LLAMA).mlp_active * s * gb)
+
+
+def test_written_modules_with_auto_recompute_take_selective_and_are_never_searched():
+    from nemoc.compiler.catalog.models import get_preset
+    from nemoc.compiler.search import Problem, search
+    from nemoc.compiler.spec import ClusterSpec, ParallelSpec
+    from nemoc.runtime.target import NEMOC_RUNTIME
+
+    auto = ParallelSpec(*(None,) * len(ParallelSpec.__dataclass_fields__))
+    p = Problem(model=get_preset("llama3_8b"), cluster=ClusterSpec(gpu="H100", nodes=1), gpu=get_gpu("H100"),
+                fixed=dataclasses.replace(auto, context=1, expert=1, recompute_modules=("mlp", "layernorm")),
+                global_batch=64, seq_length=8192, target=NEMOC_RUNTIME)
+    ranked = search(p, top=10).ranked
+    assert ranked and all(c.layout.recompute == "selective" for c in ranked)
+    assert all(c.layout.selective_modules == ("mlp", "layernorm") for c in ranked)
