@@ -239,14 +239,14 @@ def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, 
     drop = 2.0 * sbh / rep if dropout else 0.0
     if modules:
         freed = _selective_freed(model, modules, s=s, b=b, tp=tp, rep=rep, etp=etp, act_bytes=act_bytes,
-                                 gemm_in=gemm_in, local=local, fp8=fp8, unfused=attention_backend == "unfused",
+                                 gemm_in=gemm_in, local=local, unfused=attention_backend == "unfused",
                                  mlp=mlp)
         norms, attention, mlp = norms - freed[0], attention - freed[1], mlp - freed[2]
     return LayerActivations(norms, attention, scores, mlp, drop)
 
 
 def _selective_freed(model: ModelSpec, modules: tuple[str, ...], *, s: float, b: int, tp: int, rep: int,
-                     etp: int, act_bytes: int, gemm_in: float, local: bool, fp8: bool, unfused: bool,
+                     etp: int, act_bytes: int, gemm_in: float, local: bool, unfused: bool,
                      mlp: float) -> tuple[float, float, float]:
     """Bytes selective recompute of `modules` frees from the (norms, attention, mlp) terms of one layer
     (Megatron-Core 0.16.1; the s x s scores of `core_attn` are dropped by the caller):

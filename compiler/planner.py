@@ -227,7 +227,8 @@ def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> Pa
 # ------------------------------------------------------------------------------- not fitting: why
 
 
-_RELAX_ORDER = ("recompute_layers", "recompute_modules", "recompute", "micro_batch", "sequence_parallel", "distributed_optimizer", "tensor", "pipeline",
+_RELAX_ORDER = ("recompute_layers", "recompute_modules", "recompute", "micro_batch", "sequence_parallel",
+                "distributed_optimizer", "tensor", "pipeline",
                 "virtual_pipeline", "context", "expert", "expert_tensor", "data")
 _FIELD_OF = {"tensor": "tp", "pipeline": "pp", "virtual_pipeline": "vp", "context": "cp", "expert": "ep",
              "expert_tensor": "etp", "data": "dp", "micro_batch": "micro_batch", "recompute": "recompute",

@@ -652,10 +652,12 @@ class _Context:
         f = p.fixed
         kernels = p.stage_kernels
         # Layout and Sizes fields every candidate takes from the problem
-        self.fixed_layout = dict(recompute_modules=f.recompute_modules, tp_comm_overlap=f.tp_comm_overlap, grad_reduce_in_fp32=f.grad_reduce_in_fp32,
+        self.fixed_layout = dict(recompute_modules=f.recompute_modules, tp_comm_overlap=f.tp_comm_overlap,
+                                 grad_reduce_in_fp32=f.grad_reduce_in_fp32,
                                  overlap_param_gather=f.overlap_param_gather, fp8_param_gather=f.fp8_param_gather,
                                  megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype)
-        self.fixed_sizes = dict(seq_length=p.seq_length, recompute_modules=f.recompute_modules, tp_comm_overlap=f.tp_comm_overlap,
+        self.fixed_sizes = dict(seq_length=p.seq_length, recompute_modules=f.recompute_modules,
+                                tp_comm_overlap=f.tp_comm_overlap,
                                 overlap_param_gather=f.overlap_param_gather, fp8_param_gather=f.fp8_param_gather,
                                 megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype)
         self.grad_bytes = 4 if f.grad_reduce_in_fp32 else 2  # `_grad_bytes` of every candidate
