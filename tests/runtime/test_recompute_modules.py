@@ -95,7 +95,7 @@ def _modelled(backend: str, modules: tuple[str, ...] | None) -> float:
 def test_freed_bytes_of_each_module_match_megatrons_saved_tensors(backend):
     """Measured on this tree (bf16, s=64, b=2, h=64, a=8, g=2, f=160; bytes freed vs no recompute):
     unfused: core_attn 401,404 (model 417,792), mlp 81,920 (81,920), layernorm 33,792 (32,768),
-    mlp+layernorm 115,712 (114,688), all three 517,116 (532,480); flash (SDPA core): core_attn 8,188 (0),
+    mlp+layernorm 115,712 (114,688), all three 517,116 (532,480); flash (SDPA core): core_attn 8,188 (4,096),
     the others as unfused. The residuals: LayerNorm's per-token fp32 mean and rstd (8 B per token per
     norm, not modelled), the checkpointed core's own copy of Q, K, V and the SDPA core's log-sum-exp
     (core_attn). Tolerance: 4 % of the layer's activations without recompute."""
