@@ -446,6 +446,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     # a capacity, exactly the capacity when padded), which the layer waits for
     busiest = moe_rows_factor(model, layout, tokens / (layout.tp if layout.sequence_parallel else 1))
     shared_gemm = 0.0  # the shared expert's GEMMs (indices 4, 5), which moe_shared_expert_overlap can hide
+    forward_gemm = [0.0] * len(shapes)  # each GEMM's forward seconds (what selective recompute replays)
     for i, (n, k, share) in enumerate(shapes):
         before = gemm
         if model.is_moe and i in (2, 3):
@@ -455,8 +456,10 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
             # tokens, one after another, each reading its own weights: the sum of per-expert rooflines
             # (>= the grouped GEMM's single roofline over all rows)
             rows = tokens * share / local_experts
-            gemm += passes * local_experts * gemm_time(rows, n, k, flops_per_s=rate, bytes_per_s=hw.hbm_bw,
-                                                       in_bytes=in_bytes, n_half=params.gemm_n_half, rows=rows)
+            one = local_experts * gemm_time(rows, n, k, flops_per_s=rate, bytes_per_s=hw.hbm_bw,
+                                            in_bytes=in_bytes, n_half=params.gemm_n_half, rows=rows)
+            gemm += passes * one
+            forward_gemm[i] = one
             continue
         grouped = model.is_moe and i in (2, 3)
         experts_read = local_experts if grouped else 1  # grouped: every local expert's weights
@@ -468,7 +471,8 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         flop_t = 2.0 * m * n * k / rate
         byte_t = (in_bytes * (m * k + experts_read * k * n) + 2.0 * m * n) / hw.hbm_bw
         nk, n_half = min(n, k), params.gemm_n_half
-        gemm += max(flop_t * (1.0 + n_half / min(nk, per_expert / split_f)), byte_t)
+        forward_gemm[i] = max(flop_t * (1.0 + n_half / min(nk, per_expert / split_f)), byte_t)
+        gemm += forward_gemm[i]
         if backward:
             gemm += min(backward, 1.0) * max(flop_t * (1.0 + n_half / min(nk, per_expert / split_d)), byte_t)
         if backward > 1.0:
@@ -477,7 +481,9 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
             shared_gemm += gemm - before
     span = min(seq, attention_span) if attention_span else seq
     attn_flops = 4.0 * tokens * span * model.heads * model.head_dim / layout.tp
-    recomputed = layout.recompute != "none" and backward  # the core's forward runs again
+    modules = layout.selective_modules
+    # the core's forward runs again (full recompute, or selective with core_attn)
+    recomputed = bool(backward) and (layout.recompute == "full" or "core_attn" in modules)
     acts = layer_activations(model, seq=seq, micro_batch=micro_batch, tp=layout.tp, sp=layout.sequence_parallel,
                              cp=layout.cp, etp=layout.etp, attention_backend=attention_backend, dropout=dropout)
     act = acts.total
@@ -542,6 +548,12 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     tp_comm = _tp_comm(model, layout, hw, tokens, passes, params, overlap_tp)
     cp_comm = _cp_comm(model, layout, hw, tokens, passes, attn_fwd, attention, params)
     ep_comm = _ep_comm(model, layout, hw, tokens, passes, params, moe.dispatcher)
+    if backward and set(modules) - {"core_attn"}:
+        extra = selective_replay(model, layout, hw, modules, forward_gemm=forward_gemm, tp_comm=tp_comm,
+                                 ep_comm=ep_comm, passes=passes, params=params, seq=seq, micro_batch=micro_batch,
+                                 attention_backend=attention_backend, dropout=dropout, kernels=kernels)
+        gemm, elementwise, tp_comm, ep_comm = (gemm + extra[0], elementwise + extra[1], tp_comm + extra[2],
+                                               ep_comm + extra[3])
     if model.is_moe and model.moe_shared_expert_overlap and moe.dispatcher == "alltoall":
         # Megatron-Core's MoELayer runs the shared expert on its own stream between the router and the
         # routed experts (moe_layer.py, shared_experts.py `pre_forward_comm` / `post_forward_comm`): the
@@ -549,6 +561,38 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         hidden = min(shared_gemm, ep_comm)
         ep_comm -= hidden
     return LayerTimes(gemm, attention, elementwise, tp_comm, cp_comm, ep_comm, 1.0 / passes, host)
+
+
+def selective_replay(model: ModelSpec, layout: Layout, hw: HardwareSpec, modules: tuple[str, ...], *,
+                     forward_gemm: list[float], tp_comm: float, ep_comm: float, passes: float,
+                     params: EfficiencyParams, seq: int, micro_batch: int, attention_backend: str, dropout: bool,
+                     kernels: str) -> tuple[float, float, float, float]:
+    """(gemm, elementwise, tp_comm, ep_comm) seconds that selective recompute of `modules` other than
+    `core_attn` (priced with the attention core in `layer_times`) adds to one layer's backward: the
+    replayed forward of exactly those modules (Megatron-Core runs the module's forward again inside
+    the backward: `tensor_parallel.checkpoint` for mlp / moe / shared_experts, `CheckpointWithoutOutput`
+    for layernorm / moe_act).
+    GEMMs: the forward GEMMs of the module (`layer_times`' own forward times, indices of
+    `_layer_gemm_shapes`: 2, 3 the MLP or the routed experts, 4, 5 the shared experts).
+    Element-wise: the activations the module frees are what its forward writes (memory.layer_activations
+    with and without it), streamed at the same `kappa` per byte as every forward (`elementwise`
+    is kappa x activations x passes / 3).
+    Communication: the MLP's forward all-gather and reduce-scatter (2 of the 8 TP collectives of a
+    layer's forward and backward, `_tp_comm`); the MoE layer's forward dispatch and combine (one pass
+    of `_ep_comm`)."""
+    whole_mlp = ("mlp" in modules and not model.is_moe) or ("moe" in modules and model.is_moe)
+    gemm = forward_gemm[2] + forward_gemm[3] if whole_mlp else 0.0
+    if model.is_moe and ("moe" in modules or "shared_experts" in modules):
+        gemm += sum(forward_gemm[4:6])
+    kw = dict(seq=seq, micro_batch=micro_batch, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
+              etp=layout.etp, attention_backend=attention_backend, dropout=dropout, kernels=kernels)
+    others = tuple(m for m in modules if m != "core_attn")
+    freed = (layer_activations(model, recompute="none", **kw).total
+             - layer_activations(model, recompute="selective", recompute_modules=others, **kw).total)
+    elementwise = params.kappa * freed / 3.0 / hw.hbm_bw
+    tp = tp_comm * 2.0 / (4.0 * passes / 1.5) if whole_mlp and not model.is_moe else 0.0
+    ep = ep_comm / passes if "moe" in modules and model.is_moe else 0.0
+    return gemm, elementwise, tp, ep
 
 
 def _fields(lt: LayerTimes) -> tuple[float, ...]:
@@ -686,7 +730,8 @@ def _cp_comm(model, layout, hw, tokens, passes, attn_fwd, attention, params) -> 
     crosses = cp * layout.tp > hw.nvlink_domain
     bw = (hw.net_bw if crosses else hw.nvlink_bw) * params.link
     step = kv_elems * 2.0 / bw  # one ring step's K, V (or dK, dV) transfer, 16-bit
-    forwards = 1.0 + (1.0 if passes > 1 and layout.recompute != "none" else 0.0)
+    replays = layout.recompute == "full" or "core_attn" in layout.selective_modules
+    forwards = 1.0 + (1.0 if passes > 1 and replays else 0.0)
     exposed = forwards * (cp - 1) * max(0.0, step - attn_fwd / cp)
     steps = forwards * (cp - 1)
     if passes > 1:

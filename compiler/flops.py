@@ -264,16 +264,40 @@ def model_flops_per_step(model: ModelSpec, seq_length: int, global_batch: int, *
 
 
 def hardware_flops_per_step(model: ModelSpec, seq_length: int, global_batch: int, *, recompute: str,
-                            causal_discount: bool, train: bool = True) -> float:
+                            causal_discount: bool, train: bool = True,
+                            recompute_modules: tuple[str, ...] | None = None) -> float:
     """FLOPs the GPUs execute in one step: model FLOPs plus the recomputed forward (full: every
-    transformer layer again, logits excluded, Narayanan et al. 2021 Sec. 5.1; selective: the core
-    attention, Korthikanti et al. 2022 Sec. 5). `train=False` (eval) is one forward pass."""
+    transformer layer again, logits excluded, Narayanan et al. 2021 Sec. 5.1; selective: the modules
+    of `recompute_modules`, by default the core attention, Korthikanti et al. 2022 Sec. 5:
+    `selective_recompute_flops_per_token`). `train=False` (eval) is one forward pass."""
     f = flops_per_token(model, seq_length, causal_discount)
     tokens = seq_length * global_batch
     if not train:
         return f.forward * tokens
-    extra = {"full": f.dense_gemm + f.attention_core, "selective": f.attention_core}.get(recompute, 0.0)
+    extra = f.dense_gemm + f.attention_core if recompute == "full" else 0.0
+    if recompute == "selective":
+        extra = selective_recompute_flops_per_token(model, seq_length, causal_discount,
+                                                    recompute_modules or ("core_attn",))
     return (3.0 * f.forward + extra) * tokens
+
+
+def selective_recompute_flops_per_token(model: ModelSpec, seq_length: int, causal_discount: bool,
+                                        modules: tuple[str, ...]) -> float:
+    """Forward FLOPs per token that selective recompute of `modules` runs again in the backward: the
+    attention core (`core_attn`), the dense MLP's GEMMs (`mlp`, dense layers only), the MoE layer's
+    router, routed experts (top_k per token) and shared experts (`moe`), the shared experts alone
+    (`shared_experts`). `layernorm` and `moe_act` replay element-wise kernels only (no GEMM FLOPs)."""
+    f = flops_per_token(model, seq_length, causal_discount)
+    counts = param_counts(model)
+    shared = _mlp_params(model, model.shared_expert_ffn_hidden) if model.shared_expert_ffn_hidden else 0
+    extra = f.attention_core if "core_attn" in modules else 0.0
+    if "mlp" in modules and not model.is_moe:
+        extra += 2.0 * model.layers * counts.mlp_active
+    if "moe" in modules and model.is_moe:
+        extra += 2.0 * model.layers * counts.mlp_active  # router + top_k experts + shared experts
+    elif "shared_experts" in modules and model.is_moe:
+        extra += 2.0 * model.layers * shared
+    return extra
 
 
 # ------------------------------------------------------------------------- what a stage computes

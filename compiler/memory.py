@@ -39,7 +39,7 @@ from nemoc.compiler.flops import (  # noqa: F401 - lora_params_per_layer is re-e
     param_counts,
     stage_work,
 )
-from nemoc.compiler.plan import Layout, MemoryBreakdown
+from nemoc.compiler.plan import Layout, MemoryBreakdown, selective_modules
 from nemoc.compiler.params import StageParams
 from nemoc.compiler.spec import LoraSpec, ModelSpec
 from nemoc.dsl.schema import TRAINING_KINDS  # the one table of stage kinds (dsl.schema.STAGE_KIND_TABLE)
@@ -184,7 +184,7 @@ KERNELS = ("te", "local")
 def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, sp: bool, cp: int = 1,
                       etp: int = 1, recompute: str = "none", attention_backend: str = "flash",
                       dropout: bool = False, act_bytes: int = 2, kernels: str = "te",
-                      fp8: bool = False) -> LayerActivations:
+                      fp8: bool = False, recompute_modules: tuple[str, ...] | None = None) -> LayerActivations:
     """Korthikanti et al. 2022 Sec. 4.1, generalised (see module docstring). With SP every term is
     divided by TP; without SP the norm/dropout inputs and the QKV/MLP inputs (10 sbh in Table 2)
     are replicated and the rest divided (24 sbh / t). CP divides the sequence. Selective recompute
@@ -202,7 +202,10 @@ def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, 
     `fp8` (FP8/MXFP8 with Transformer Engine): a linear layer keeps the quantised copy of its input
     for the weight gradient (1 byte; TE `Linear`/`LayerNormLinear`/`LayerNormMLP` save the FP8 input
     or its transpose), so the QKV input, the MLP input and the fc2 input take 1 byte per element;
-    the attention output is kept twice, 16-bit by the attention kernel and FP8 by the projection."""
+    the attention output is kept twice, 16-bit by the attention kernel and FP8 by the projection.
+
+    `recompute_modules` (recompute = selective; None = Megatron's default [core_attn]): what each
+    module's recompute frees, from the layer code that honours it (`_selective_freed`)."""
     s, b, h = seq / cp, micro_batch, model.hidden
     a, g, d = model.heads, model.query_groups, model.head_dim
     rep = tp if sp else 1  # divisor of the terms that live in the sequence-parallel region
@@ -220,19 +223,74 @@ def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, 
     if local or model.norm_zero_centered:  # the runtime's (1 + w) RMSNorm computes in fp32 too
         norms += n_norms * 4.0 * sbh / rep if model.norm == "rmsnorm" else 0.0
         attention += act_bytes * s * b * d * 2 * (a - g) / tp
-    if attention_backend == "unfused" and recompute != "selective":
+    modules = selective_modules(recompute, recompute_modules)
+    if attention_backend == "unfused" and "core_attn" not in modules:
         softmax = 3 * act_bytes if local else act_bytes
         per_score = softmax + (1 + act_bytes if dropout else 0)  # softmax out (+ mask + dropout out)
         scores = per_score * a * s * (seq / cp) * b / tp
+    elif attention_backend != "unfused" and "core_attn" not in modules:
+        scores = 4.0 * s * b * a / tp  # flash: fp32 softmax stats (log-sum-exp), inside a core_attn checkpoint
     else:
-        scores = 4.0 * s * b * a / tp if attention_backend != "unfused" else 0.0  # flash: fp32 softmax stats
+        scores = 0.0
     mlp = gemm_in * sbh / rep + _mlp_activations(model, s * b, tp=tp, rep=rep, etp=etp, act_bytes=act_bytes)
     if fp8 and not model.is_moe:  # fc2 input (activation output) kept in FP8
         mlp -= (act_bytes - 1) * s * b * model.ffn_hidden / tp
     if local and is_gated(model) and not model.is_moe:
         mlp += act_bytes * s * b * model.ffn_hidden / tp
     drop = 2.0 * sbh / rep if dropout else 0.0
+    if modules:
+        freed = _selective_freed(model, modules, s=s, b=b, tp=tp, rep=rep, etp=etp, act_bytes=act_bytes,
+                                 gemm_in=gemm_in, local=local, unfused=attention_backend == "unfused",
+                                 mlp=mlp)
+        norms, attention, mlp = norms - freed[0], attention - freed[1], mlp - freed[2]
     return LayerActivations(norms, attention, scores, mlp, drop)
+
+
+def _selective_freed(model: ModelSpec, modules: tuple[str, ...], *, s: float, b: int, tp: int, rep: int,
+                     etp: int, act_bytes: int, gemm_in: float, local: bool, unfused: bool,
+                     mlp: float) -> tuple[float, float, float]:
+    """Bytes selective recompute of `modules` frees from the (norms, attention, mlp) terms of one layer
+    (Megatron-Core 0.16.1; the s x s scores of `core_attn` are dropped by the caller):
+
+    - `core_attn` (attention.py `_checkpointed_attention_forward`, `tensor_parallel.checkpoint`): keeps
+      Q, K, V (its inputs, already counted); the local core's GQA copies of K and V expanded to every
+      head (dot_product_attention.py `repeat_interleave`) are made inside the checkpoint, so are freed.
+    - `layernorm` (transformer_layer.py `CheckpointWithoutOutput`, `discard_output_and_register_recompute`):
+      the norm runs under no_grad and its output's storage is released once the next module has run, so
+      the next linear's saved input (the norm output) and the norm's own saved tensors (torch RMSNorm's
+      fp32 copy) go; the norm's input stays (the checkpoint's input, the residual). Only norms that are
+      modules of their own (not IdentityOp): both with the local spec, only a MoE layer's pre-MLP norm
+      with Transformer Engine, which fuses the others into the next linear.
+    - `mlp` (dense layers; `tensor_parallel.checkpoint(self.mlp, ...)`): keeps only its input, the
+      16-bit norm output (itself freed with `layernorm` where that norm is a module).
+    - `moe` (moe_layer.py `tensor_parallel.checkpoint` of the whole MoELayer): keeps only its input.
+    - `moe_act` (experts.py `CheckpointWithoutOutput` around the activation): the experts' activation
+      output (fc2 input), routed rows x f / etp.
+    - `shared_experts` (moe_layer.py, `tensor_parallel.checkpoint` of the shared expert MLP): its fc1
+      output and activation output; its input is the MoE layer's."""
+    a, g, d, h = model.heads, model.query_groups, model.head_dim, model.hidden
+    sbh = s * b * h
+    norms = attention = mlp_freed = 0.0
+    if "core_attn" in modules and local and unfused:
+        attention += act_bytes * s * b * d * 2 * (a - g) / tp
+    own_pre_norm = local or model.is_moe  # the pre-MLP norm is a module of its own
+    if "layernorm" in modules:
+        if local:  # the input norm: QKV's saved input and the fp32 copy of torch's RMSNorm
+            attention += gemm_in * sbh / rep
+            norms += 4.0 * sbh / rep if model.norm == "rmsnorm" else 0.0
+        if own_pre_norm:
+            mlp_freed += gemm_in * sbh / rep
+            norms += 4.0 * sbh / rep if local and model.norm == "rmsnorm" else 0.0
+    kept_input = 0.0 if ("layernorm" in modules and own_pre_norm) else act_bytes * sbh / rep
+    whole = ("mlp" in modules and not model.is_moe) or ("moe" in modules and model.is_moe)
+    if whole:
+        return norms, attention, mlp - kept_input
+    if model.is_moe and "moe_act" in modules:
+        f = (model.moe_ffn_hidden or model.ffn_hidden) / etp
+        mlp_freed += act_bytes * s * b * model.top_k / rep * etp * _capacity_rows(model) * f
+    if model.is_moe and "shared_experts" in modules and model.shared_expert_ffn_hidden:
+        mlp_freed += act_bytes * s * b * (model.shared_expert_ffn_hidden / tp) * (3 if is_gated(model) else 2)
+    return norms, attention, mlp_freed
 
 
 def _capacity_rows(model: ModelSpec) -> float:
@@ -520,6 +578,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         per_layer = layer_activations(
             model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
             etp=layout.etp, recompute=layout.recompute if trains else "none", attention_backend=backend,
+            recompute_modules=layout.recompute_modules,
             dropout=dropout, kernels=kernels, fp8=precision in ("fp8", "mxfp8")).total
         rep = layout.tp if layout.sequence_parallel else 1
         s_local = seq / layout.cp
@@ -593,6 +652,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
             prefill = per_layer if layout.cp == 1 else layer_activations(  # whole rows on every CP rank
                 model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=1, etp=layout.etp,
                 recompute=layout.recompute if trains else "none", attention_backend=backend, dropout=dropout,
+                recompute_modules=layout.recompute_modules,
                 kernels=kernels, fp8=precision in ("fp8", "mxfp8")).total
             rollout = kv + prefill * layout.num_microbatches  # + one layer's prefill tensors of the whole batch
             if rollout > dynamic:

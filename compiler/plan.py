@@ -210,6 +210,16 @@ class Execution:
     userbuffers: Userbuffers | None = None  # TE userbuffers where the layout has tp_comm_overlap; else None
 
 
+DEFAULT_RECOMPUTE_MODULES = ("core_attn",)  # Megatron-Core's `recompute_modules` when None
+
+
+def selective_modules(recompute: str | None, modules: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The modules selective recompute replays (`Layout.selective_modules`)."""
+    if recompute != "selective":
+        return ()
+    return DEFAULT_RECOMPUTE_MODULES if modules is None else tuple(modules)
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     tp: int
@@ -228,6 +238,9 @@ class Layout:
     # recompute = full only: layers per model chunk recomputed (Megatron `recompute_method = "block"`,
     # `recompute_num_layers`); None = every layer (`uniform`, 1)
     recompute_layers: int | None = None
+    # recompute = selective only: the layer parts recomputed (Megatron `recompute_modules`); None = not
+    # written, Megatron's default ("core_attn",). Read it through `selective_modules`.
+    recompute_modules: tuple[str, ...] | None = None
     tp_comm_overlap: bool = False  # TE userbuffer TP overlap (`TransformerConfig.tp_comm_overlap`)
     # `ModelParallelConfig.defer_embedding_wgrad_compute` / `wgrad_deferral_limit` (0: every micro batch)
     defer_embedding_wgrad_compute: bool = False
@@ -242,6 +255,12 @@ class Layout:
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def selective_modules(self) -> tuple[str, ...]:
+        """The layer parts selective recompute replays: `recompute_modules`, or Megatron-Core's default
+        ["core_attn"] (transformer_config.py __post_init__); () unless recompute = selective."""
+        return selective_modules(self.recompute, self.recompute_modules)
 
 
 @dataclass(frozen=True, slots=True)

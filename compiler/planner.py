@@ -228,11 +228,12 @@ def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> Pa
 # ------------------------------------------------------------------------------- not fitting: why
 
 
-_RELAX_ORDER = ("recompute_layers", "recompute", "micro_batch", "sequence_parallel", "distributed_optimizer", "tensor", "pipeline",
+_RELAX_ORDER = ("recompute_layers", "recompute_modules", "recompute", "micro_batch", "sequence_parallel",
+                "distributed_optimizer", "tensor", "pipeline",
                 "virtual_pipeline", "context", "expert", "expert_tensor", "data")
 _FIELD_OF = {"tensor": "tp", "pipeline": "pp", "virtual_pipeline": "vp", "context": "cp", "expert": "ep",
              "expert_tensor": "etp", "data": "dp", "micro_batch": "micro_batch", "recompute": "recompute",
-             "recompute_layers": "recompute_layers",
+             "recompute_layers": "recompute_layers", "recompute_modules": "recompute_modules",
              "sequence_parallel": "sequence_parallel", "distributed_optimizer": "distributed_optimizer"}
 
 
@@ -255,6 +256,9 @@ def cheapest_fix(problem: Problem) -> str | None:
             value = "none" if name == "virtual_pipeline" and value is None else value
             if name == "recompute_layers" and value is None:
                 return (f"remove recompute_layers (instead of {problem.fixed.recompute_layers}): "
+                        f"{describe(best.layout)} fits")
+            if name == "recompute_modules":  # freed: the search's recompute levels (selective = core_attn)
+                return (f"remove recompute_modules (instead of [{', '.join(problem.fixed.recompute_modules)}]): "
                         f"{describe(best.layout)} fits")
             return f"set {name} = {_value(value)} (instead of {_value(getattr(problem.fixed, name))})"
     c = problem.cluster
@@ -308,16 +312,19 @@ def _freed_nodes_fix(problem: Problem, tries: list[int]) -> str | None:
     best = search(bigger).best
     if best is None:
         return None
-    changed = []
+    changed, removed = [], []
     for n in names:
         old, new = getattr(problem.fixed, n), getattr(best.layout, _FIELD_OF[n])
+        if n == "recompute_modules":  # freed: the search's own recompute levels
+            removed.append(f"remove recompute_modules (instead of [{', '.join(old)}])")
+            continue
         if n == "virtual_pipeline":
             old, new = (old if old > 1 else "none"), (new or "none")
         if new != old:
             changed.append(f"{n} = {_value(new)} (instead of {_value(old)})")
     extra = nodes - c.nodes
     more = f"add {extra} node{'s' * (extra != 1)} (nodes = {nodes})" if extra else ""
-    what = ("set " + ", ".join(changed)) if changed else ""
+    what = ", ".join(removed + ["set " + ", ".join(changed)] if changed else removed)
     return f"{more}{' and ' if more and what else ''}{what}: {describe(best.layout)} uses {gib(best.memory.total)}"
 
 

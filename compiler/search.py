@@ -282,12 +282,16 @@ def describe(layout: Layout) -> str:
     ep = f" ep={layout.ep} etp={layout.etp}" if layout.ep > 1 or layout.etp != layout.tp else ""
     return (f"tp={layout.tp} pp={layout.pp}{vp} cp={layout.cp}{ep} dp={layout.dp} mb={layout.micro_batch} "
             f"sp={'on' if layout.sequence_parallel else 'off'} dopt={'on' if layout.distributed_optimizer else 'off'} "
-            f"recompute={recompute_text(layout.recompute, layout.recompute_layers)}"
+            f"recompute={recompute_text(layout.recompute, layout.recompute_layers, layout.recompute_modules)}"
             + (" fsdp=on" if layout.megatron_fsdp else ""))
 
 
-def recompute_text(recompute: str, layers: int | None) -> str:
-    return f"{recompute}({layers} layers per chunk)" if layers is not None else recompute
+def recompute_text(recompute: str, layers: int | None, modules: tuple[str, ...] | None = None) -> str:
+    if layers is not None:
+        return f"{recompute}({layers} layers per chunk)"
+    if recompute == "selective" and modules is not None:  # written modules (None: Megatron's core_attn)
+        return f"selective({', '.join(modules)})"
+    return recompute
 
 
 def gib(n: float) -> str:
@@ -412,7 +416,8 @@ def _make_layout(p: Problem, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[
     gb = p.global_batch if p.global_batch is not None else mb * dp
     return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
                   num_microbatches=max(1, gb // (mb * dp)), sequence_parallel=sp, distributed_optimizer=do,
-                  recompute=rc[0], recompute_layers=rc[1], tp_comm_overlap=p.fixed.tp_comm_overlap,
+                  recompute=rc[0], recompute_layers=rc[1], recompute_modules=p.fixed.recompute_modules,
+                  tp_comm_overlap=p.fixed.tp_comm_overlap,
                   defer_embedding_wgrad_compute=p.fixed.defer_embedding_wgrad_compute,
                   wgrad_deferral_limit=p.fixed.wgrad_deferral_limit,
                   grad_reduce_in_fp32=p.fixed.grad_reduce_in_fp32,
@@ -424,7 +429,8 @@ def _sizes(p: Problem, layout: Layout) -> Sizes:
     return Sizes(tp=layout.tp, pp=layout.pp, vp=layout.vp, cp=layout.cp, ep=layout.ep, etp=layout.etp,
                  dp=layout.dp, micro_batch=layout.micro_batch, global_batch=layout.global_batch,
                  sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer,
-                 recompute=layout.recompute, recompute_layers=layout.recompute_layers, seq_length=p.seq_length,
+                 recompute=layout.recompute, recompute_layers=layout.recompute_layers,
+                 recompute_modules=layout.recompute_modules, seq_length=p.seq_length,
                  tp_comm_overlap=layout.tp_comm_overlap,
                  defer_embedding_wgrad_compute=layout.defer_embedding_wgrad_compute,
                  overlap_param_gather=layout.overlap_param_gather, fp8_param_gather=layout.fp8_param_gather,
@@ -502,8 +508,12 @@ def _recomputes(p: Problem, pp: int = 1, vp: int | None = None) -> list[tuple[st
     """(recompute, recompute_layers) levels, strongest first: full recompute of every layer, block
     recompute of 3/4, 1/2, 1/4 of a model chunk's layers (`BLOCK_RECOMPUTE_SHARES`, only with
     recompute auto and a flash-class core), selective, none. A fixed `recompute_layers` is the
-    one level (E162 refuses it with another recompute)."""
+    one level (E162 refuses it with another recompute); so are written `recompute_modules`, which
+    only selective recompute reads (E175 refuses them with none or full): the modules are taken as
+    the user states them, never searched."""
     f = p.fixed
+    if f.recompute_modules is not None and f.recompute is None:
+        return [("selective", None)]
     levels = list(_recompute_levels(f.recompute, f.recompute_layers, p.costed_backend == "unfused",
                                     chunk_layers(p.model.layers, pp, vp)))
     if f.recompute is None and f.recompute_layers is None and _layer_graphs(p):
@@ -645,12 +655,14 @@ class _Context:
         f = p.fixed
         kernels = p.stage_kernels
         # Layout and Sizes fields every candidate takes from the problem
-        self.fixed_layout = dict(tp_comm_overlap=f.tp_comm_overlap, grad_reduce_in_fp32=f.grad_reduce_in_fp32,
+        self.fixed_layout = dict(recompute_modules=f.recompute_modules, tp_comm_overlap=f.tp_comm_overlap,
+                                 grad_reduce_in_fp32=f.grad_reduce_in_fp32,
                                  defer_embedding_wgrad_compute=f.defer_embedding_wgrad_compute,
                                  wgrad_deferral_limit=f.wgrad_deferral_limit,
                                  overlap_param_gather=f.overlap_param_gather, fp8_param_gather=f.fp8_param_gather,
                                  megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype)
-        self.fixed_sizes = dict(seq_length=p.seq_length, tp_comm_overlap=f.tp_comm_overlap,
+        self.fixed_sizes = dict(seq_length=p.seq_length, recompute_modules=f.recompute_modules,
+                                tp_comm_overlap=f.tp_comm_overlap,
                                 defer_embedding_wgrad_compute=f.defer_embedding_wgrad_compute,
                                 overlap_param_gather=f.overlap_param_gather, fp8_param_gather=f.fp8_param_gather,
                                 megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype)
@@ -1140,7 +1152,7 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
             gb = p.global_batch if p.global_batch is not None else mb * (dp or 1)
             sizes = Sizes(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
                           sequence_parallel=sp, distributed_optimizer=do, recompute=rc[0], recompute_layers=rc[1],
-                          seq_length=p.seq_length,
+                          recompute_modules=f.recompute_modules, seq_length=p.seq_length,
                           tp_comm_overlap=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather,
                           defer_embedding_wgrad_compute=f.defer_embedding_wgrad_compute,
                           fp8_param_gather=f.fp8_param_gather, megatron_fsdp=f.megatron_fsdp,

@@ -167,6 +167,9 @@ class ParallelSpec:
     # replayed (Megatron `recompute_method = "block"`); None = auto (the search), all layers when fixed
     # to full without it.
     recompute_layers: int | None = None
+    # With recompute = selective: the layer parts recomputed (Megatron `recompute_modules`); None = not
+    # written, Megatron's default ("core_attn",).
+    recompute_modules: tuple[str, ...] | None = None
     micro_batch: int | None = None
     # Recipe performance settings (fixed, not searched): Transformer Engine's userbuffer TP
     # communication overlap, and Megatron DDP's gradient reduction dtype (fp32 main grads, or the

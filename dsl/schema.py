@@ -272,6 +272,10 @@ CLUSTER_FIELDS = (
        "`k8s(namespace = \"x\", image = \"...\")`."),
 )
 
+# Megatron-Core 0.16.1 TransformerConfig `recompute_modules` choices (transformer_config.py __post_init__
+# `allowed_modules`), in the order its docstring lists them.
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
+
 PARALLEL_FIELDS = (
     _f("tensor", POSITIVE, None, "Tensor-parallel size (TP).", auto=True),
     _f("pipeline", POSITIVE, None, "Pipeline-parallel size (PP).", auto=True),
@@ -291,6 +295,14 @@ PARALLEL_FIELDS = (
        "`auto`: every layer when recompute is full and the search has no reason for fewer; the search "
        "tries a quarter, a half and three quarters of a chunk's layers when no recompute does not fit.",
        auto=True),
+    _f("recompute_modules", list_of(enum(*RECOMPUTE_MODULES)), None,
+       "With recompute = selective: which parts of each layer drop their activations and run their forward "
+       "again in the backward (Megatron-Core `recompute_modules`). `core_attn` the attention core (its s x s "
+       "scores), `mlp` the dense MLP (keeps only its input), `layernorm` the two pre-norms (their outputs), "
+       "`moe` the whole MoE layer, `moe_act` the experts' activation function (needs grouped GEMM), "
+       "`shared_experts` the MoE shared experts, `mla_up_proj` the MLA up-projections (needs multi-latent "
+       "attention). Default: `[core_attn]`, Megatron's default and what `recompute = selective` meant before "
+       "this field."),
     _f("micro_batch", POSITIVE, None, "Sequences per micro-batch per data-parallel rank.", auto=True),
     _f("tp_comm_overlap", BOOL, False, "Overlap tensor-parallel communication with the GEMMs (Transformer "
        "Engine userbuffers, `tp_comm_overlap`); needs kernels te, tensor > 1 and sequence parallelism."),

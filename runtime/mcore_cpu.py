@@ -290,6 +290,26 @@ def apply_no_te_fixes() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
     _allow_sequence_parallel_with_torch_norm()
+    _checkpoint_without_output_without_te()
+
+
+def _checkpoint_without_output_without_te() -> None:
+    """`CheckpointWithoutOutput(fp8=False)` sets `self.fp8 = fp8 is not None`, i.e. True, and its
+    forward then reads Transformer Engine's `FP8GlobalStateManager`, imported only when TE is installed
+    -> NameError. It is what selective recompute of `layernorm` and `moe_act` (output-discarding
+    checkpoints; transformer_layer.py, moe/experts.py) runs. Without TE no FP8 context can exist, so the
+    flag is False exactly; with TE the class is left alone."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if hasattr(mrandom, "FP8GlobalStateManager"):
+        return
+    original = mrandom.CheckpointWithoutOutput.__init__
+
+    def __init__(self, fp8=False):
+        original(self, fp8)
+        self.fp8 = False
+
+    mrandom.CheckpointWithoutOutput.__init__ = __init__
 
 
 def _allow_sequence_parallel_with_torch_norm() -> None:

@@ -234,12 +234,16 @@ def _window_kwargs(model: ModelSpec) -> dict:
     return dict(window_size=(model.sliding_window - 1, 0), window_attn_skip_freq=model.full_attention_every or None)
 
 
-def _recompute_kwargs(recompute: str, layers: int | None = None) -> dict:
-    """The plan's `recompute` and `recompute_layers` as TransformerConfig fields."""
+def _recompute_kwargs(recompute: str, layers: int | None = None, modules: tuple[str, ...] | None = None) -> dict:
+    """The plan's `recompute`, `recompute_layers` and `recompute_modules` as TransformerConfig fields."""
     if recompute in ("none", "", None):
         return {}
-    if recompute == "selective":  # recompute only the attention core (Korthikanti et al. 2022, sec. 5)
-        return dict(recompute_granularity="selective")
+    if recompute == "selective":
+        # the modules the plan names (Megatron's default, the attention core alone, when it names none:
+        # Korthikanti et al. 2022, sec. 5)
+        if modules is None:
+            return dict(recompute_granularity="selective")
+        return dict(recompute_granularity="selective", recompute_modules=list(modules))
     if recompute == "full" and layers is not None:
         # block: the first `layers` layers of every model chunk checkpoint their input and replay in
         # backward, the chunk's other layers keep their activations (transformer_block.py
@@ -488,7 +492,7 @@ def transformer_config(
         batch_p2p_comm=not facts.cpu and not overlap_p2p and not _interleaved(layout),
         deterministic_mode=deterministic,
         attention_backend=_megatron_attention_backend(attention_backend, facts, AttnBackend),
-        **_recompute_kwargs(layout.recompute, layout.recompute_layers),
+        **_recompute_kwargs(layout.recompute, layout.recompute_layers, layout.recompute_modules),
         **pipeline_split_kwargs(execution.pipeline if execution is not None else None),
         **_te_fusions(execution.fusions if execution is not None else None, facts),
         **_cross_entropy_kwargs(execution.fusions if execution is not None else None, facts),
@@ -837,6 +841,9 @@ def _flags(kwargs: Mapping[str, object]) -> list[str]:
         if name in _LM_SKIP or value is None or value is False:
             continue
         flag = _LM_FLAG.get(name, "--" + name.replace("_", "-"))
+        if isinstance(value, (list, tuple)):  # an nargs="*" flag: `--recompute-modules core_attn mlp`
+            out.append(" ".join([flag] + [_shell_word(v) for v in value]))
+            continue
         out.append(flag if value is True else f"{flag} {_shell_word(value)}")
     return out
 
@@ -879,7 +886,7 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
         args += ["--defer-embedding-wgrad-compute", f"--wgrad-deferral-limit {lay.wgrad_deferral_limit}"]
     if lay.distributed_optimizer:
         args.append("--use-distributed-optimizer")
-    args += _flags(_recompute_kwargs(lay.recompute, lay.recompute_layers))
+    args += _flags(_recompute_kwargs(lay.recompute, lay.recompute_layers, lay.recompute_modules))
     args += _flags(pipeline_split_kwargs(stage.execution.pipeline))
     args += _flags({k: v for k, v in _ddp_kwargs(lay, stage.execution.overlaps).items()
                     if k != "use_distributed_optimizer"})

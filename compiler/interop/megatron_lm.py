@@ -44,7 +44,7 @@ _FLAGS = {
     "--num-virtual-stages-per-pipeline-rank", "--context-parallel-size", "--expert-model-parallel-size",
     "--expert-tensor-parallel-size", "--sequence-parallel", "--use-distributed-optimizer",
     "--recompute-activations", "--recompute-granularity", "--recompute-method", "--recompute-num-layers",
-    "--checkpoint-activations", "--micro-batch-size", "--global-batch-size",
+    "--recompute-modules", "--checkpoint-activations", "--micro-batch-size", "--global-batch-size",
     "--bf16", "--fp16", "--fp8-format", "--fp8-recipe", "--attention-backend", "--transformer-impl",
     "--fp4-format", "--fp4-recipe", "--manual-gc", "--manual-gc-interval", "--cuda-graph-impl", "--cuda-graph-scope",
     "--use-megatron-fsdp", "--data-parallel-sharding-strategy",
@@ -238,6 +238,9 @@ def _parallel(f: _Flags, d: Draft) -> None:
         p["recompute_layers"] = layers  # Megatron's block method: the first `layers` layers of each chunk
     elif granularity == "full" and (method != "uniform" or layers != 1):
         d.note(f"recompute method {method} x {layers} layers: nemoc recomputes every layer (uniform, 1)", warn=True)
+    modules = f.flags.get("--recompute-modules")
+    if granularity == "selective" and modules:  # Megatron-LM reads them only with selective granularity
+        p["recompute_modules"] = [Word(m) for m in modules]
     p["micro_batch"] = f.int("--micro-batch-size", 1)
 
 

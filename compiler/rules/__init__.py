@@ -139,6 +139,9 @@ from nemoc.compiler.rules.precision import (  # noqa: F401
     rule_tp_comm_overlap,
     rule_optimizer_state_dtype_te,
 )
+from nemoc.compiler.rules.recompute import (  # noqa: F401
+    rule_recompute_modules_selective, rule_recompute_modules_support, rule_recompute_shared_experts_overlap,
+    rule_recompute_modules_fp8, warn_recompute_modules_unused)
 from nemoc.compiler.rules.registry import (  # noqa: F401
     ERROR_RULES,
     WARNING_RULES,

@@ -36,6 +36,7 @@ class Sizes:
     distributed_optimizer: bool | None = True
     recompute: str | None = None
     recompute_layers: int | None = None
+    recompute_modules: tuple[str, ...] | None = None  # None = not written (Megatron's ["core_attn"])
     seq_length: int = 0
     tp_comm_overlap: bool = False
     defer_embedding_wgrad_compute: bool = False

@@ -33,7 +33,7 @@ def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: in
         etp=parallel.expert_tensor, dp=parallel.data, micro_batch=parallel.micro_batch,
         global_batch=global_batch, sequence_parallel=parallel.sequence_parallel,
         distributed_optimizer=parallel.distributed_optimizer, recompute=parallel.recompute,
-        recompute_layers=parallel.recompute_layers,
+        recompute_layers=parallel.recompute_layers, recompute_modules=parallel.recompute_modules,
         seq_length=seq_length, tp_comm_overlap=parallel.tp_comm_overlap,
         defer_embedding_wgrad_compute=parallel.defer_embedding_wgrad_compute,
         overlap_param_gather=parallel.overlap_param_gather, fp8_param_gather=parallel.fp8_param_gather,
@@ -44,8 +44,8 @@ def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: in
 
 _PARALLEL_FIELDS = (
     "tensor", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor", "data",
-    "sequence_parallel", "distributed_optimizer", "recompute", "recompute_layers", "micro_batch", "tp_comm_overlap",
-    "defer_embedding_wgrad_compute", "wgrad_deferral_limit",
+    "sequence_parallel", "distributed_optimizer", "recompute", "recompute_layers", "recompute_modules",
+    "micro_batch", "tp_comm_overlap", "defer_embedding_wgrad_compute", "wgrad_deferral_limit",
     "grad_reduce_in_fp32", "overlap_param_gather", "fp8_param_gather", "megatron_fsdp", "optimizer_state_dtype",
 )
 

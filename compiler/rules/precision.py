@@ -399,17 +399,19 @@ def warn_selective_recompute_flash(env: Env, s: Sizes) -> Violation | None:
     """transformer_config.py __post_init__ warns that with Transformer Engine's fused / flash core
     attention there is "no need to set 'core_attn' to recompute": it keeps no s x s scores, so
     selective recompute (Megatron's recompute_modules = ["core_attn"]) frees almost nothing and adds an
-    attention forward to every backward (the cost model charges it; memory.py gives the same scores
-    term whichever recompute is set)."""
+    attention forward to every backward (the cost model charges it; memory.py frees only the core's
+    fp32 softmax statistics, 4 B per query row and head)."""
     if s.recompute != "selective" or not uses_te(env) or env.attention_backend not in _FLASH_CLASS:
         return None
+    if s.recompute_modules is not None and "core_attn" not in s.recompute_modules:
+        return None  # the core attention is not among the modules recomputed
     if te_auto_unfused(env):  # `auto` that TE runs (and the plan prices) on its unfused core keeps the scores
         return None
     return Violation(
         "W110", "selective recompute with flash-class attention recomputes almost nothing",
         f"recompute = selective with attention_backend({env.attention_backend}) and kernels te: the core attention "
         "keeps no s x s scores; the plan charges one more attention forward per layer and saves ~0 bytes",
-        "set recompute = none (or auto), or full to save memory",
+        "set recompute = none (or auto), full to save memory, or recompute_modules without core_attn",
         anchors=(_P + "recompute", "attention_backend"), severity=Severity.WARNING,
         source="megatron/core/transformer/transformer_config.py __post_init__ (no need to set 'core_attn' to recompute)",
     )

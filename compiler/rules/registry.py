@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from nemoc.compiler.rules.base import Env, Rule, Sizes, Violation
+from nemoc.compiler.rules.recompute import (rule_recompute_modules_fp8, rule_recompute_modules_selective,
+                                            rule_recompute_modules_support, rule_recompute_shared_experts_overlap,
+                                            warn_recompute_modules_unused)
 from nemoc.compiler.rules.host import (rule_cuda_graph_gpu, rule_cuda_graph_scope, rule_fsdp_distributed_optimizer,
                                        rule_fsdp_pipeline, rule_fsdp_shard_group, rule_fsdp_tensor_parallel_te,
                                        rule_manual_gc_interval)
@@ -112,7 +115,8 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions, rule_tp_comm_overlap,
     rule_defer_wgrad_needs_pp, rule_defer_wgrad_needs_fusion,
     rule_overlap_param_gather, rule_recompute_layers,
-    rule_recompute_layers_chunk,
+    rule_recompute_layers_chunk, rule_recompute_modules_selective, rule_recompute_modules_support,
+    rule_recompute_shared_experts_overlap, rule_recompute_modules_fp8,
     rule_fp8_param_gather_optimizer, rule_optimizer_state_dtype_optimizer, rule_optimizer_state_dtype_te,
     rule_gemma_layer_te, rule_gemma_layer_parts, rule_cross_entropy_needs_te,
 )
@@ -122,6 +126,7 @@ WARNING_RULES: tuple[Rule, ...] = (
     warn_tp_crosses_node, warn_padded_vocab, warn_ep_without_sp, warn_useless_distributed_optimizer,
     warn_fp16_loss_scaling, warn_moe_ffn_default, warn_top1_router, warn_uneven_pipeline, warn_vp_one,
     warn_selective_recompute_flash, warn_auto_attention_unfused, warn_native_cross_entropy_dtype,
+    warn_recompute_modules_unused,
 )
 
 
@@ -153,6 +158,10 @@ CODES: dict[str, Rule] = {
     "E161": rule_overlap_param_gather,
     "E162": rule_recompute_layers,
     "E163": rule_recompute_layers_chunk,
+    "E192": rule_recompute_modules_selective,
+    "E193": rule_recompute_modules_support,
+    "E194": rule_recompute_shared_experts_overlap,
+    "E195": rule_recompute_modules_fp8,
     "E101": rule_world_size,
     "E102": rule_heads_tp,
     "E103": rule_query_groups_tp,
@@ -226,4 +235,5 @@ CODES: dict[str, Rule] = {
     "W110": warn_selective_recompute_flash,
     "W111": warn_auto_attention_unfused,
     "W112": warn_native_cross_entropy_dtype,
+    "W116": warn_recompute_modules_unused,
 }

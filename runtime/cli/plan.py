@@ -31,6 +31,7 @@ from nemoc.runtime.cli.common import EXIT_OK, EXIT_USAGE, common_options, fail, 
     print_diagnostics, write_output
 from nemoc.runtime.cli.plan_json import TERMS, report_json, report_json_total
 from nemoc.runtime.display import GIB, duration
+from nemoc.compiler.search import recompute_text
 
 TERM_STYLE = {"weights": ("W", "blue"), "gradients": ("G", "magenta"), "optimizer": ("O", "yellow"),
               "activations": ("A", "green"), "other": ("x", "cyan")}
@@ -123,7 +124,8 @@ def _layout_table(sp, split):
     yn = lambda b: "on" if b else "off"  # noqa: E731
     t.add_row(*map(str, (lay.tp, lay.pp, lay.vp or "-", lay.cp, lay.ep, lay.etp, lay.dp, lay.micro_batch,
                          lay.global_batch, lay.num_microbatches, yn(lay.sequence_parallel),
-                         "fsdp" if lay.megatron_fsdp else yn(lay.distributed_optimizer), lay.recompute)))
+                         "fsdp" if lay.megatron_fsdp else yn(lay.distributed_optimizer),
+                         recompute_text(lay.recompute, lay.recompute_layers, lay.recompute_modules))))
     return t
 
 

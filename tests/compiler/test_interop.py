@@ -250,6 +250,11 @@ def test_virtual_stages_blends_and_recompute_flags():
     assert "eval_every" not in text  # --eval-iters 0: Megatron-LM does not evaluate
     spec = _spec(text)
     assert spec.cluster.gpu == "B200" and spec.parallel.virtual_pipeline == 4 and len(spec.data) == 2
+    modules = import_text("torchrun --nproc_per_node 8 pretrain_gpt.py --num-layers 32 --hidden-size 1024 "
+                          "--num-attention-heads 16 --seq-length 2048 --vocab-size 32000 --lr 1e-4 --train-iters 10 "
+                          "--global-batch-size 64 --recompute-granularity selective --recompute-modules mlp layernorm "
+                          "--data-path /d/a_text_document\n", "h100_x.sh").text
+    assert _spec(modules).parallel.recompute_modules == ("mlp", "layernorm")
 
 
 def test_bridge_pretraining_dump_with_a_blend():

@@ -148,7 +148,10 @@ def experiments(draw) -> ExperimentSpec:
         expert=maybe(1, 2, 4) if experts or wild else 1, expert_tensor=maybe(1, 2),
         data=maybe(1, 2) if wild else None, sequence_parallel=maybe(True, False),
         distributed_optimizer=maybe(True, False), recompute=maybe("none", "selective", "full"),
-        recompute_layers=maybe(1, 2), fp8_param_gather=draw(st.sampled_from([False, False, True])),
+        recompute_layers=maybe(1, 2),
+        recompute_modules=maybe(("core_attn",), ("mlp", "layernorm"), ("core_attn", "mlp"), ("moe",), ("moe_act",),
+                                ("shared_experts", "layernorm"), ("moe", "moe_act")),
+        fp8_param_gather=draw(st.sampled_from([False, False, True])),
         micro_batch=maybe(1, 2, 3),
     )
     seq = draw(st.sampled_from([None, None, 128, 250, 256, 512, 1000]))

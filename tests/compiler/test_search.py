@@ -62,6 +62,8 @@ def small_problems(draw) -> Problem:
         sequence_parallel=draw(st.sampled_from([None, None, False])),
         distributed_optimizer=draw(st.sampled_from([None, True, False])),
         recompute=draw(st.sampled_from([None, None, "selective"])),
+        # written modules are taken as stated (auto recompute -> selective with them), never searched
+        recompute_modules=draw(st.sampled_from([None, None, None, ("core_attn", "mlp"), ("mlp", "layernorm")])),
         micro_batch=draw(st.sampled_from([None, None, 1])),
         # recipe settings: E160 / E161 paths, the bf16 gradient buffer, and (overlap_param_gather
         # off) an auto distributed optimizer searched over both values
@@ -121,8 +123,10 @@ def test_model_properties_the_pruning_relies_on(p: Problem):
     """Memory monotone in recompute and micro batch, interleaving never saves memory, time monotone
     in recompute, the distributed optimizer never slower nor larger, sequence parallelism never
     slower (search.py docstring)."""
+    # (written recompute_modules make selective the one level: no order between levels to rely on)
     p = replace(p, gpu=replace(p.gpu, hbm_bytes=200 * GIB),
-                fixed=replace(p.fixed, recompute=None, distributed_optimizer=None, sequence_parallel=None))
+                fixed=replace(p.fixed, recompute=None, distributed_optimizer=None, sequence_parallel=None,
+                              recompute_modules=None))
     for layout in _layouts(p):
         mems = [evaluate_memory(p, replace(layout, recompute=r, recompute_layers=None)).total
                 for r in ("full", "selective", "none")]

@@ -32,11 +32,11 @@ TINY = ModelSpec(name="tiny-gpt", layers=4, hidden=64, heads=4, query_groups=2, 
 
 
 def layout(*, tp=1, pp=1, dp=1, vp=None, cp=1, ep=1, micro_batch=2, global_batch=8, sp=False, dist_opt=False,
-           recompute="none", recompute_layers=None) -> Layout:
+           recompute="none", recompute_layers=None, recompute_modules=None) -> Layout:
     return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=1, dp=dp, micro_batch=micro_batch,
                   global_batch=global_batch, num_microbatches=global_batch // (micro_batch * dp),
                   sequence_parallel=sp, distributed_optimizer=dist_opt, recompute=recompute,
-                  recompute_layers=recompute_layers)
+                  recompute_layers=recompute_layers, recompute_modules=recompute_modules)
 
 
 def stage_plan(*, lay: Layout, steps=6, every=None, keep=3, async_save=False, eval_every=None, log_every=1,

@@ -82,6 +82,13 @@ def test_parallel_fields_and_cpu_specifics():
     b = config(layout=lay(pp=2, vp=2, recompute="full", recompute_layers=1))
     assert (b.recompute_granularity, b.recompute_method, b.recompute_num_layers) == ("full", "block", 1)
     assert "--recompute-method block" in " ".join(margs._flags(margs._recompute_kwargs("full", 1)))
+    # selective recompute: the plan's modules, or none written = Megatron's default ["core_attn"] (what
+    # recompute = selective meant before recompute_modules); Megatron-Core 0.16.1 accepts both
+    s = config(layout=lay(recompute="selective", recompute_modules=("mlp", "layernorm")))
+    assert s.recompute_granularity == "selective" and s.recompute_modules == ["mlp", "layernorm"]
+    assert config(layout=lay(recompute="selective")).recompute_modules == ["core_attn"]
+    assert "--recompute-modules mlp layernorm" in " ".join(
+        margs._flags(margs._recompute_kwargs("selective", None, ("mlp", "layernorm"))))
     # gloo: batched p2p is silently wrong for pp=2 + VPP; CPU init makes weights layout-independent
     assert c.batch_p2p_comm is False and c.use_cpu_initialization is True
     g = config(layout=lay(tp=2, sequence_parallel=True, recompute="selective"), facts=GPU_TE)

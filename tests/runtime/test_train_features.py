@@ -32,7 +32,12 @@ def _same(result, baseline, *, rel=REL, steps=range(1, 7)):
     (dict(recompute="full"), 1),
     (dict(recompute="full", recompute_layers=2), 1),  # block: 2 of the 4 layers replay (recompute_method block)
     (dict(recompute="selective"), 1),
-], ids=["pp2-vp2", "tp2-sp", "tp2-pp2", "recompute-full", "recompute-block", "recompute-selective"])
+    # selective recompute of the MLP and both norms (recompute_modules; the norms through Megatron's
+    # CheckpointWithoutOutput, which needs the no-TE fix in runtime/mcore_cpu.py), and all three with TP + SP
+    (dict(recompute="selective", recompute_modules=("mlp", "layernorm")), 1),
+    (dict(tp=2, sp=True, recompute="selective", recompute_modules=("core_attn", "mlp", "layernorm")), 2),
+], ids=["pp2-vp2", "tp2-sp", "tp2-pp2", "recompute-full", "recompute-block", "recompute-selective",
+        "recompute-mlp-layernorm", "recompute-modules-tp2-sp"])
 def test_more_layouts_reproduce_single_process(tmp_path, kit, train_data, reference_weights, baseline, sizes, nproc):
     lay = kit.layout(**sizes)
     result = kit.run_training(tmp_path / "run", kit.make_plan(kit.stage_plan(lay=lay, every=3)), nproc,
