@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -143,3 +144,43 @@ def test_resume_from_a_checkpoint_saved_with_the_overlap_on(tmp_path, kit, train
     again = _curve(resumed)
     assert [r["iteration"] for r in resumed.records if r.get("event") == "resumed"] == [3]
     assert {k: v for k, v in again.items() if v[0] is not None} == {s: curve[s] for s in (4, 5, 6)}
+
+
+@pytest.mark.slow
+def test_nemoc_run_of_the_quickstart_with_the_overlap_equals_it_without(tmp_path):
+    """End to end through the CLI (language, planner, executor, 2 gloo ranks): the quickstart with the
+    distributed optimizer, 12 steps, validation and a checkpoint at 6 and 12, once with the overlap off and
+    once on (each in its own workdir: in one workdir the second run would resume from the first one's
+    checkpoint); the records are equal bit for bit and the second run states the overlap it ran."""
+    import json
+
+    from click.testing import CliRunner
+
+    from nemoc.runtime.cli import cli
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    shutil.copy(examples / "quickstart.nemo", tmp_path / "quickstart.nemo")
+    (tmp_path / "data" / "quickstart").mkdir(parents=True)
+    shutil.copy(examples / "data" / "quickstart" / "corpus.jsonl", tmp_path / "data" / "quickstart" / "corpus.jsonl")
+
+    def run(overlap: bool) -> list[dict]:
+        workdir = tmp_path / ("on" if overlap else "off")
+        args = ["run", str(tmp_path / "quickstart.nemo"), "--workdir", str(workdir),
+                "--set", "stage.pretrain.steps=12", "--set", "stage.pretrain.log_every=1",
+                "--set", "stage.pretrain.eval_every=6", "--set", "stage.pretrain.checkpoint.every=6",
+                "--set", "parallel.distributed_optimizer=true",
+                "--set", f"parallel.overlap_param_gather={'true' if overlap else 'false'}"]
+        result = CliRunner().invoke(cli, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        metrics = workdir / "tasks" / "train_pretrain" / "metrics.jsonl"
+        return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+    def curve(records):
+        return [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("val_loss")) for r in records
+                if "event" not in r and "step" in r]
+
+    off, on = run(False), run(True)
+    assert len([c for c in curve(on) if c[1] is not None]) == 12 and curve(on)[-1][3] is not None
+    assert curve(on) == curve(off)
+    assert [r["aligned"] for r in on if r.get("event") == "param_gather_overlap"] == [False]
+    assert not [r for r in off if r.get("event") == "param_gather_overlap"]
