@@ -147,7 +147,7 @@ RUNTIME_OVERLAPS_TP = False
 RUNTIME_OVERLAPS_P2P = True
 # The runtime's DDP overlaps the gradient reduce-scatter with the backward (`overlap_grad_reduce`);
 # the distributed optimizer's parameter all-gather only where the plan says `parallel.overlap_param_gather`
-# (default false: it runs after the optimizer step; runtime/core/param_gather.py runs true).
+# (default false: it runs after the optimizer step).
 RUNTIME_OVERLAPS_PARAM_GATHER = False
 
 # ------------------------------------------------------------------ memory-bound kernel traffic
