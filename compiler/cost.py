@@ -146,9 +146,9 @@ DEFAULT_PARAMS = EfficiencyParams()
 # defaults; the calibration passes what each published run used.
 RUNTIME_OVERLAPS_TP = False
 RUNTIME_OVERLAPS_P2P = True
-# The runtime's DDP overlaps the gradient reduce-scatter with the backward (`overlap_grad_reduce`)
-# but not the distributed optimizer's parameter all-gather (`overlap_param_gather` unset: it runs
-# after the optimizer step); a plan states the latter in `parallel.overlap_param_gather`.
+# The runtime's DDP overlaps the gradient reduce-scatter with the backward (`overlap_grad_reduce`);
+# the distributed optimizer's parameter all-gather only where the plan says `parallel.overlap_param_gather`
+# (default false: it runs after the optimizer step).
 RUNTIME_OVERLAPS_PARAM_GATHER = False
 
 # ------------------------------------------------------------------ memory-bound kernel traffic

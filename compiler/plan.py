@@ -111,6 +111,12 @@ class Overlaps:
     param_gather: bool  # the distributed optimizer's parameter all-gather with the forward pass
     p2p: bool  # the interleaved schedule's steady-state pipeline transfers (overlap_p2p_comm)
     tp_comm: bool  # Transformer Engine's tensor-parallel communication overlap (userbuffers)
+    # The interleaved schedule starts every chunk's parameter all-gather itself (`param_sync_func`: chunks 0
+    # and 1 when the step begins, chunk c + 1 at chunk c's first micro batch), on every pipeline stage at
+    # once, instead of each first forward pre-hook (DDP `align_param_gather`; Megatron-LM turns it off
+    # without interleaving, Megatron-Bridge's comm_overlap.py turns it on with VP > 1): set with
+    # `param_gather` and VP > 1, as the recipes do.
+    align_param_gather: bool = False
 
 
 @dataclass(frozen=True, slots=True)

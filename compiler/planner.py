@@ -411,13 +411,19 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
         parallel = replace(parallel, megatron_fsdp=False)
         fsdp_note = (f"megatron_fsdp = false for this {stage.kind} stage: {target.name} wraps its models in "
                      f"Megatron-Core DDP ({caps.source or caps.runs})")
+    gather_note = None
+    if trains and parallel.overlap_param_gather and not caps.overlap_param_gather:
+        # the target gathers this kind's parameters after the optimizer step: plan (cost) that, and say so
+        parallel = replace(parallel, overlap_param_gather=False)
+        gather_note = (f"overlap_param_gather = false for this {stage.kind} stage: {target.name} gathers the "
+                       f"distributed optimizer's parameters after each step ({caps.source or caps.runs})")
     seq = stage_seq_length(spec, stage)
     probe = _problem(spec, stage, gpu, backend, headroom, parallel, steps=1, target=target)
     result = search(probe, top=top) if trains else _inference_search(probe, top)
     if result.best is None:
         raise DiagnosticError([not_fit_diagnostic(spec, stage, probe, search(probe) if not trains else result)])
     chosen = result.best
-    notes: list[str] = [fsdp_note] if fsdp_note else []
+    notes: list[str] = [note for note in (fsdp_note, gather_note) if note]
     if not caps.cuda_graphs and host_requested(spec)[0] not in (None, "none"):
         notes.append(f"cuda_graph_impl = none for this {stage.kind} stage: {target.name} runs it without CUDA "
                      f"graphs ({caps.source or caps.runs})")

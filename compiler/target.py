@@ -41,6 +41,9 @@ class StageCaps:
     # captures CUDA graphs where the plan says so (cuda_graph_impl; else the stage runs eagerly and its plan
     # prices no graphs)
     cuda_graphs: bool = True
+    # overlaps the distributed optimizer's parameter all-gather with the next forward where the plan says so
+    # (`overlap_param_gather`; else the gather runs after the optimizer step and the plan prices it there)
+    overlap_param_gather: bool = True
     runs: str = "the target runs every Megatron-Core schedule"  # how it runs the kind, for messages
     source: str = ""  # where the target enforces its limits, cited by the diagnostics
 

@@ -318,8 +318,9 @@ PARALLEL_FIELDS = (
        "the 16-bit parameter dtype (false: half the DDP traffic and gradient buffer; the optimizer keeps an "
        "fp32 copy of its shard)."),
     _f("overlap_param_gather", BOOL, False, "Overlap the distributed optimizer's parameter all-gather with the "
-       "next step's forward (Megatron DDP `overlap_param_gather`, on in NeMo's recipes); false: the all-gather "
-       "runs after the optimizer step, exposed. Needs distributed_optimizer."),
+       "next step's forward (Megatron DDP `overlap_param_gather`, on in NeMo's recipes; with virtual pipeline "
+       "stages the interleaved schedule starts each chunk's gather, `align_param_gather`, as the recipes do); "
+       "false: the all-gather runs after the optimizer step, exposed. Needs distributed_optimizer."),
     _f("fp8_param_gather", BOOL, False, "Keep the linear layers' weights in FP8 (Megatron-Core `fp8_param`, "
        "DDP `fp8_param_gather`): no 16-bit weight copy beside Transformer Engine's FP8 one, and the "
        "distributed optimizer all-gathers 1 byte per parameter instead of 2. Needs an fp8 precision (E165) "

@@ -283,11 +283,7 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
         # `nemoc check` refuses it without TE, TP or SP (E160); runtime/userbuffers.py initialises TE's
         # userbuffers from the plan (`Execution.userbuffers`) before the model is built
         check_tp_comm_overlap(facts)
-    if layout.overlap_param_gather:
-        # Megatron-LM wires it through `config.param_sync_func` (each model chunk's start_param_sync
-        # in the forward pre-hooks); the nemoc training loop does not yet: refused, not ignored.
-        raise UnsupportedPlan("overlap_param_gather = true: the nemoc runtime does not yet start the parameter "
-                              "all-gathers in the forward; run with overlap_param_gather = false")
+    _check_param_gather(layout)
     _check_fsdp(layout)
     if model.is_moe and model.add_bias_linear:
         # `nemoc check` refuses this spec (E140): the MoE build below has no linear biases.
@@ -354,6 +350,19 @@ def _defer_wgrad_kwargs(layout: Layout, *, fused_wgrad: bool) -> dict:
                               "fused_weight_gradient_mlp_cuda), which this machine does not have (the CPU, the local "
                               "spec, or no apex): set defer_embedding_wgrad_compute = false")
     return dict(defer_embedding_wgrad_compute=True, wgrad_deferral_limit=layout.wgrad_deferral_limit)
+def _check_param_gather(layout: Layout) -> None:
+    """`overlap_param_gather = true` runs where Megatron-LM runs it (arguments.py: the distributed optimizer,
+    with `overlap_grad_reduce`; `nemoc check` E161 refuses it without the distributed optimizer). On
+    Megatron-FSDP the all-gathers are FSDP's own prefetch, which this runtime has not tried: refused."""
+    if not layout.overlap_param_gather:
+        return
+    if layout.megatron_fsdp:
+        raise UnsupportedPlan("overlap_param_gather = true with megatron_fsdp = true: the nemoc runtime overlaps the "
+                              "distributed optimizer's all-gather (DDP forward pre-hooks), not Megatron-FSDP's "
+                              "prefetch; run with overlap_param_gather = false")
+    if not layout.distributed_optimizer:
+        raise UnsupportedPlan("overlap_param_gather = true needs distributed_optimizer = true (Megatron-Core's DDP "
+                              "overlaps that optimizer's parameter all-gather; E161)")
 
 
 def have_einops() -> bool:
@@ -449,6 +458,12 @@ def transformer_config(
     _check_nvfp4(precision, facts)
     host = execution.host if execution is not None else None
     _check_cuda_graphs(host, facts)
+    if host is not None and host.cuda_graph_impl != "none" and layout.overlap_param_gather:
+        # Megatron-LM switches the DDP forward pre-hooks off and on around the warm-up and capture
+        # (training.py train(): cuda_graph_warmup_steps); the nemoc loop does not do that dance yet.
+        raise UnsupportedPlan(f"cuda_graph_impl = {host.cuda_graph_impl} with overlap_param_gather = true: the nemoc "
+                              "runtime does not switch the parameter all-gather's forward pre-hooks around graph "
+                              "capture yet; run one of them off")
     _check_cross_entropy(execution.fusions if execution is not None else None, facts, host)
     overlap_p2p = execution.overlaps.p2p if execution is not None else False
     activation, glu = _activation(model)
@@ -731,8 +746,12 @@ def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None, cpu: bool = 
 
 
 def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None) -> dict:
+    # Megatron-LM overlaps the parameter all-gather only together with the gradient reduce (arguments.py:
+    # "Must use --overlap-param-gather with --overlap-grad-reduce"); the plan overlaps the reduce with DP > 1,
+    # and with one data-parallel rank there is nothing to gather.
+    gather = bool(overlaps and overlaps.param_gather and overlaps.grad_reduce)
     kw = dict(grad_reduce_in_fp32=layout.grad_reduce_in_fp32, overlap_grad_reduce=bool(overlaps and overlaps.grad_reduce),
-              overlap_param_gather=bool(overlaps and overlaps.param_gather),
+              overlap_param_gather=gather, align_param_gather=gather and overlaps.align_param_gather,
               use_distributed_optimizer=layout.distributed_optimizer, fp8_param_gather=layout.fp8_param_gather)
     if layout.megatron_fsdp:  # ZeRO-3: weights, gradients and optimizer state sharded (Megatron-Bridge's FSDP recipes)
         kw.update(use_megatron_fsdp=True, data_parallel_sharding_strategy="optim_grads_params")
@@ -772,6 +791,9 @@ def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout
         loss_scale=None,  # dynamic
         **LOSS_SCALING,
         use_distributed_optimizer=layout.distributed_optimizer,
+        # the DDP config's value (Megatron-LM copies one flag into both); the optimizer reads it only for
+        # MXFP8 parameters gathered through the gradient buffer
+        overlap_param_gather=layout.distributed_optimizer and layout.overlap_param_gather and layout.dp > 1,
         **precision_aware_optimizer_kwargs(layout),
     )
 
@@ -830,8 +852,9 @@ _LM_FLAG = {
     "fp4": "--fp4-format",
 }
 # Settings Megatron-LM has no flag for, or that are its default; left out of the command line.
-_LM_SKIP = {"moe_router_dtype", "add_bias_linear", "overlap_param_gather",
-            "use_distributed_optimizer"}
+# `align_param_gather`: Megatron-LM's default (`--no-align-param-gather` turns it off), which its
+# arguments.py turns off itself without interleaving, as the plan does.
+_LM_SKIP = {"moe_router_dtype", "add_bias_linear", "align_param_gather", "use_distributed_optimizer"}
 
 
 def _flags(kwargs: Mapping[str, object]) -> list[str]:

@@ -408,6 +408,12 @@ def wrap_ddp(*, chunks: list[torch.nn.Module], config, ddp_config) -> list[torch
         one = len(wrapped) == 1
         config.no_sync_func = wrapped[0].no_sync if one else [m.no_sync for m in wrapped]
         config.grad_sync_func = wrapped[0].start_grad_sync if one else [m.start_grad_sync for m in wrapped]
+    if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
+        # The interleaved schedule starts each chunk's all-gather (schedules.py: chunks 0 and 1 at the start,
+        # chunk c + 1 at chunk c's first micro batch); without it each chunk's first forward pre-hook does.
+        # The training loop holds it back until its first step has run (core/loop.py ParamGather).
+        config.param_sync_func = wrapped[0].start_param_sync if len(wrapped) == 1 else [
+            m.start_param_sync for m in wrapped]
     return wrapped
 
 

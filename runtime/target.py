@@ -74,7 +74,9 @@ _ALIGN = StageCaps(
            "on_this_cp_rank (context-parallel shards; packed rows refused)")
 # PPO and GRPO step through `Trainer.step` (their own iteration, not the core loop's StepGraphs) and eval runs
 # forward-only passes and KV-cached decoding: no CUDA graphs for them (`cuda_graphs=False`; the plan drops
-# cuda_graph_impl for these stages and says so).
+# cuda_graph_impl for these stages and says so). Nor the overlapped parameter all-gather for PPO and GRPO
+# (`overlap_param_gather=False`): the training loop gathers the distributed optimizer's shards before anything
+# reads the weights outside a step (runtime/core/param_gather.py), their rollouts between steps would not.
 # PPO and GRPO at cp > 1: the rollout is not split over the CP group (runtime/generation.py: every CP rank
 # decodes the whole rows under runtime/model.py `whole_sequences`, the attention core's CP path and RoPE's
 # CP slicing off, and keeps the first CP rank's tokens); the experience passes (reward scores, reference /
@@ -86,7 +88,7 @@ _ALIGN = StageCaps(
 # (tests/runtime/align/test_align_rl_pipeline.py: TP=2 with SP = one process).
 _PPO = StageCaps(
     pipeline=True, virtual_pipeline=True, context_parallel=True, te=True, moe=True, kv_cache_rollout=True,
-    hf_init=True, megatron_fsdp=False, cuda_graphs=False,
+    hf_init=True, megatron_fsdp=False, cuda_graphs=False, overlap_param_gather=False,
     runs="the nemoc runtime's ppo and grpo stages (runtime/align) run TP/PP/VP/CP/EP/DP, dense or MoE models, "
          "their rollouts decoded across the pipeline stages (around the ring vp times per token), whole rows on "
          "every context-parallel rank",

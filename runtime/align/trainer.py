@@ -74,6 +74,13 @@ class Trainer:
         optimizer moves: it is run again from the same state (same parameters, micro-batches and RNG
         state). Finite the second time: a transient fault, warned through `self.warn`; non-finite
         again: LossDiverged ("loss became NaN at step N ... lower the learning rate")."""
+        if any(getattr(chunk, "use_forward_hook", False) for chunk in self.chunks):
+            # the overlapped gather leaves other ranks' shards stale after the optimizer step until the next
+            # forward's pre-hooks; the training loop (core/param_gather.py) gathers before anything else reads
+            # them, this step-by-step path (GRPO's, with rollouts between steps) does not
+            raise AlignError("overlap_param_gather = true: this stage kind steps outside the training loop, which "
+                             "does not gather the distributed optimizer's parameters for its rollouts; run it with "
+                             "overlap_param_gather = false")
         start = time.perf_counter()
         for chunk in self.chunks:
             chunk.train()

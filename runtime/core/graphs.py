@@ -16,8 +16,9 @@ captures Transformer Engine's graphs once the warm-up steps have run.
   * `transformer_engine`: Megatron-Core's TECudaGraphHelper collects every graphable TransformerLayer and,
     after `cuda_graph_warmup_steps` steps of this run, captures each layer x micro-batch with TE's
     make_graphed_callables (Megatron-LM training.py: `iteration - start_iteration ==
-    args.cuda_graph_warmup_steps` -> `cuda_graph_helper.create_cudagraphs()`). The runtime never disables
-    the DDP forward pre-hooks (overlap_param_gather is refused), so no manual hooks are set up.
+    args.cuda_graph_warmup_steps` -> `cuda_graph_helper.create_cudagraphs()`). megatron_args refuses graphs
+    with `overlap_param_gather` (Megatron-LM switches the DDP forward pre-hooks around the capture), so the
+    pre-hooks are never on here and no manual hooks are set up.
 Invariants: without graphs (`cuda_graph_impl = none`) the step runs `get_forward_backward_func()` exactly
 as before; validation always runs eagerly.
 """

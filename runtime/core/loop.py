@@ -24,6 +24,7 @@ import torch
 from nemoc.runtime import mcore_cpu
 from nemoc.runtime.core.dist import StopSignal, device, set_phase
 from nemoc.runtime.core.graphs import StepGraphs
+from nemoc.runtime.core.param_gather import ParamGather
 
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
@@ -469,29 +470,39 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
         return make_valid_iterators is not None and bool(stage.eval_every) and (
             state.iteration % stage.eval_every == 0 or last)
 
+    gather = ParamGather(model, getattr(model[0], "config", None))
+
     def validate() -> float:
         set_phase(f"validation at step {state.iteration}")
-        state.last_val_loss = evaluate(forward_step=forward_step, make_iterators=make_valid_iterators, model=model,
-                                       layout=layout, seq_length=seq_length, iters=eval_iters(stage),
-                                       reports=reports, micro_batch=micro_batch)
+        with gather.synced():  # the forward-only schedule reads whole parameters, hooks off (Megatron-LM)
+            state.last_val_loss = evaluate(forward_step=forward_step, make_iterators=make_valid_iterators, model=model,
+                                           layout=layout, seq_length=seq_length, iters=eval_iters(stage),
+                                           reports=reports, micro_batch=micro_batch)
         return state.last_val_loss
 
     host = stage.execution.host if stage.execution is not None else None
     graphs = StepGraphs(model=model, optimizer=optimizer, host=host, seq_length=seq_length,
                         micro_batch=micro_batch or layout.micro_batch)
-    with GarbageCollection(host) as collector:
-        return _train_steps(model=model, optimizer=optimizer, scheduler=scheduler, stage=stage,
-                            forward_step=forward_step, train_iterators=train_iterators, state=state,
-                            end_iteration=end_iteration, checkpointer=checkpointer,
-                            make_checkpoint_state=make_checkpoint_state, metrics=metrics, validate_now=validate_now,
-                            validate=validate, throughput=throughput, stop=stop, reports=reports,
-                            seq_length=seq_length, micro_batch=micro_batch, collector=collector, graphs=graphs)
+    if gather.active:  # the run's record of what it overlaps (the plan's Execution.overlaps, as built)
+        metrics.event("param_gather_overlap", aligned=gather.aligned, step=state.iteration)
+    gather.hold()
+    try:
+        with GarbageCollection(host) as collector:
+            return _train_steps(model=model, optimizer=optimizer, scheduler=scheduler, stage=stage,
+                                forward_step=forward_step, train_iterators=train_iterators, state=state,
+                                end_iteration=end_iteration, checkpointer=checkpointer,
+                                make_checkpoint_state=make_checkpoint_state, metrics=metrics,
+                                validate_now=validate_now, validate=validate, throughput=throughput, stop=stop,
+                                reports=reports, seq_length=seq_length, micro_batch=micro_batch,
+                                collector=collector, graphs=graphs, gather=gather)
+    finally:
+        gather.release()  # the caller's final save and whatever follows read whole parameters, no hooks
 
 
 def _train_steps(*, model, optimizer, scheduler, stage: StagePlan, forward_step, train_iterators, state: LoopState,
                  end_iteration: int, checkpointer, make_checkpoint_state, metrics, validate_now, validate,
                  throughput, stop, reports, seq_length, micro_batch, collector: GarbageCollection,
-                 graphs: StepGraphs) -> LoopState:
+                 graphs: StepGraphs, gather: ParamGather) -> LoopState:
     """The steps of `train_loop`, under its garbage-collection policy."""
     layout = stage.layout
     interval_sums = [[0.0, 0.0] for _ in reports]  # per report, [sum, count] over the job, since the last log
@@ -511,6 +522,7 @@ def _train_steps(*, model, optimizer, scheduler, stage: StagePlan, forward_step,
                                          reports=reports, micro_batch=micro_batch, stop=stop,
                                          forward_backward=graphs.forward_backward)
         graphs.after_step()
+        gather.after_step(ok)
         state.iteration += 1
         state.consumed_samples += layout.global_batch
         for total, step_sums in zip(interval_sums, sums):
@@ -554,7 +566,8 @@ def _train_steps(*, model, optimizer, scheduler, stage: StagePlan, forward_step,
         if checkpointer is not None and every and state.iteration % every == 0 and not last:
             set_phase(f"checkpoint save at step {state.iteration}")
             started = time.perf_counter()
-            checkpointer.save(make_checkpoint_state(state), iteration=state.iteration)
+            with gather.synced():  # one DP rank writes each weight: every shard gathered first
+                checkpointer.save(make_checkpoint_state(state), iteration=state.iteration)
             interval_start += time.perf_counter() - started  # do not bill the save to the next interval
     return state
 

@@ -152,6 +152,7 @@ def experiments(draw) -> ExperimentSpec:
         recompute_modules=maybe(("core_attn",), ("mlp", "layernorm"), ("core_attn", "mlp"), ("moe",), ("moe_act",),
                                 ("shared_experts", "layernorm"), ("moe", "moe_act")),
         fp8_param_gather=draw(st.sampled_from([False, False, True])),
+        overlap_param_gather=draw(st.sampled_from([False, False, True])),
         micro_batch=maybe(1, 2, 3),
     )
     seq = draw(st.sampled_from([None, None, 128, 250, 256, 512, 1000]))
@@ -307,6 +308,20 @@ def _te_present():
     return stack
 
 
+def megatron_lm_param_gather(ddp, optimizer, layout) -> None:
+    """Megatron-LM's checks of the overlapped parameter all-gather (megatron/training/arguments.py
+    validate_args), which Megatron-Core's configs do not repeat: `--overlap-param-gather` needs the
+    distributed optimizer (or Megatron-FSDP) and `--overlap-grad-reduce`; `align_param_gather` is turned
+    off without the interleaved schedule; the optimizer's copy of the flag equals the DDP config's."""
+    if ddp.overlap_param_gather:
+        assert ddp.use_distributed_optimizer or ddp.use_megatron_fsdp, ddp
+        assert ddp.overlap_grad_reduce, ddp
+    if ddp.align_param_gather:
+        assert ddp.overlap_param_gather and layout.pp > 1 and (layout.vp or 1) > 1, (ddp, layout)
+    assert optimizer.overlap_param_gather == ddp.overlap_param_gather, (optimizer, ddp)
+    assert not optimizer.overlap_param_gather_with_optimizer_step  # needs a non-dist checkpoint (see docs)
+
+
 def check_layout(spec: ExperimentSpec, stage: StageSpec, kernels: str, seq: int, layout, execution) -> None:
     """Build what the runtime builds for `layout` and run Megatron-Core's checks on it."""
     model = spec.model
@@ -326,8 +341,10 @@ def check_layout(spec: ExperimentSpec, stage: StageSpec, kernels: str, seq: int,
         # the CP group's keys and values); Megatron's DotProductAttention (unfused) asserts cp == 1 (E113)
         assert execution.attention != "unfused", execution
         assert not model.sliding_window, model  # the SDPA core's window is not split over CP (E113)
-    margs.ddp_config(layout=layout)
-    margs.optimizer_config(optimizer=stage.optimizer, schedule=stage.schedule, layout=layout, precision=spec.precision)
+    ddp = margs.ddp_config(layout=layout, overlaps=execution.overlaps, cpu=cpu)
+    optimizer = margs.optimizer_config(optimizer=stage.optimizer, schedule=stage.schedule, layout=layout,
+                                       precision=spec.precision)
+    megatron_lm_param_gather(ddp, optimizer, layout)
     margs.scheduler_kwargs(optimizer=stage.optimizer, schedule=stage.schedule, steps=10)
 
     megatron_parallel_state(world, layout)

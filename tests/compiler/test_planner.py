@@ -419,3 +419,17 @@ def test_stage_dropout_is_costed_and_sized():
         assert on.layout == off.layout
         assert on.memory.activations > off.memory.activations
         assert on.estimate.step_time_s > off.estimate.step_time_s
+
+
+def test_overlap_param_gather_is_dropped_for_the_kinds_that_step_outside_the_training_loop():
+    """GRPO and PPO step through their own iteration with rollouts between steps, which the runtime's
+    parameter gather (core/param_gather.py) does not cover: their plans gather after the optimizer step and
+    say so; the kinds trained on the core loop (sft, dpo, ...) keep the overlap."""
+    spec, _ = load_spec("examples/alignment_kinds.nemo")
+    spec = replace(spec, parallel=replace(spec.parallel, distributed_optimizer=True, overlap_param_gather=True))
+    result = plan_experiment(spec, target=NEMOC_RUNTIME)
+    assert not result.plan.stage("grpo").layout.overlap_param_gather
+    assert not result.plan.stage("grpo").execution.overlaps.param_gather
+    [grpo] = [r for r in result.stages if r.name == "grpo"]
+    assert any("overlap_param_gather = false for this grpo stage" in n for n in grpo.notes), grpo.notes
+    assert result.plan.stage("sft").layout.overlap_param_gather

@@ -182,3 +182,19 @@ def test_published_input_round_trips_through_export(path, tmp_path):
                                         params=spec.stages[0].params),))
     again = plan_experiment(spec2, target=NEMOC_RUNTIME).plan
     assert again.stages[0].layout == stage.layout and again.stages[0].steps == stage.steps
+
+
+@pytest.mark.parametrize("vp, aligned", [(None, False), (2, True)])
+def test_export_says_overlap_param_gather_and_leaves_align_to_megatron_lms_default(vp, aligned):
+    """`--overlap-param-gather` when the plan overlaps the gather; `align_param_gather` is Megatron-LM's
+    default (on, turned off by its validate_args without interleaving: the plan's own rule), so no flag."""
+    from plan_factory import with_executions
+
+    plan = _plan(REPO / "examples" / "quickstart.nemo")
+    stage = plan.stages[-1]
+    layout = replace(stage.layout, distributed_optimizer=True, overlap_param_gather=True, dp=2,
+                     pp=2 if vp else 1, vp=vp, num_microbatches=2)
+    plan = with_executions(replace(plan, stages=plan.stages[:-1] + (replace(stage, layout=layout),)))
+    assert plan.stages[-1].execution.overlaps.align_param_gather == aligned
+    command = megatron_lm_command(plan, stage.name)
+    assert "--overlap-param-gather" in command and "align-param-gather" not in command

@@ -297,9 +297,39 @@ def test_tp_comm_overlap_is_refused_on_the_cpu_not_ignored():
         config(layout=lay(tp=2, sequence_parallel=True, tp_comm_overlap=True), facts=CPU)
 
 
-def test_overlap_param_gather_is_refused_not_ignored():
-    with pytest.raises(margs.UnsupportedPlan, match="overlap_param_gather"):
-        config(layout=lay(dp=2, distributed_optimizer=True, overlap_param_gather=True))
+@pytest.mark.parametrize("sizes, aligned", [(dict(dp=2), False), (dict(dp=2, pp=2, vp=2), True),
+                                            (dict(dp=2, pp=2), False)])
+def test_overlap_param_gather_reaches_ddp_and_the_optimizer(sizes, aligned):
+    """The plan's overlap becomes DDP's and the optimizer's `overlap_param_gather`; with the interleaved
+    schedule the plan aligns the gathers (`align_param_gather`, Megatron-Bridge's comm_overlap.py with VP),
+    which Megatron-LM turns off without it."""
+    layout = lay(distributed_optimizer=True, overlap_param_gather=True, **sizes)
+    ex = make_execution(LLAMA_ISH, layout, precision="bf16", attention="unfused")
+    assert ex.overlaps.param_gather and ex.overlaps.align_param_gather == aligned
+    config(layout=layout)  # runs: no refusal
+    ddp = margs.ddp_config(layout=layout, overlaps=ex.overlaps)
+    assert ddp.overlap_param_gather and ddp.overlap_grad_reduce and ddp.align_param_gather == aligned
+    opt = margs.optimizer_config(optimizer=OptimizerSpec(), schedule=ScheduleSpec(), layout=layout, precision="bf16")
+    assert opt.overlap_param_gather and not opt.overlap_param_gather_with_optimizer_step
+    off = margs.ddp_config(layout=layout, overlaps=dataclasses.replace(ex.overlaps, param_gather=False))
+    assert not off.overlap_param_gather and not off.align_param_gather
+
+
+def test_overlap_param_gather_without_data_parallel_ranks_gathers_nothing():
+    """Megatron-LM needs `--overlap-grad-reduce` with the overlapped gather; with DP 1 the plan overlaps
+    no reduce and there is no other rank to gather from: DDP gets neither."""
+    layout = lay(distributed_optimizer=True, overlap_param_gather=True)
+    ex = make_execution(LLAMA_ISH, layout, precision="bf16", attention="unfused")
+    assert not margs.ddp_config(layout=layout, overlaps=ex.overlaps).overlap_param_gather
+    assert not margs.optimizer_config(optimizer=OptimizerSpec(), schedule=ScheduleSpec(), layout=layout,
+                                      precision="bf16").overlap_param_gather
+
+
+@pytest.mark.parametrize("extra, match", [(dict(distributed_optimizer=False), "distributed_optimizer"),
+                                          (dict(megatron_fsdp=True), "megatron_fsdp")])
+def test_overlap_param_gather_is_refused_where_it_is_not_wired(extra, match):
+    with pytest.raises(margs.UnsupportedPlan, match=match):
+        margs._check_param_gather(lay(dp=2, overlap_param_gather=True, **{"distributed_optimizer": True, **extra}))
 
 
 def test_fp8_recipes_reach_megatron_cores_transformer_config():
