@@ -403,6 +403,13 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
         parallel = replace(parallel, megatron_fsdp=False)
         fsdp_note = (f"megatron_fsdp = false for this {stage.kind} stage: {target.name} wraps its models in "
                      f"Megatron-Core DDP ({caps.source or caps.runs})")
+    elif trains and parallel.megatron_fsdp and stage.peft is not None:
+        # LoRA trains adapters on a frozen base: FSDP would shard an optimizer state of a few adapters while
+        # the base, the bulk of the memory, stays whole; the runtime wraps adapters in DDP
+        # (runtime/align/trainer.py `_wrap`) and the memory model prices FSDP for fully trained models only
+        parallel = replace(parallel, megatron_fsdp=False)
+        fsdp_note = (f"megatron_fsdp = false for this {stage.kind} stage: its LoRA adapters train on a frozen "
+                     f"base, which {target.name} wraps in Megatron-Core DDP")
     seq = stage_seq_length(spec, stage)
     probe = _problem(spec, stage, gpu, backend, headroom, parallel, steps=1, target=target)
     result = search(probe, top=top) if trains else _inference_search(probe, top)
