@@ -22,6 +22,7 @@ from nemoc.runtime.align.data import read_preferences, read_prompts, read_sft, t
 from nemoc.runtime.align.stage import StageTask
 from nemoc.runtime.core import dist
 from nemoc.runtime.core import loop as core_loop
+from nemoc.runtime.target import NEMOC_RUNTIME
 
 
 def resident_models(kind: str, params, peft) -> list[str]:
@@ -119,6 +120,10 @@ def _trainer(task: StageTask, chunk, steps: int | None = None):
         # a kind whose passes call the whole model directly cannot run on one pipeline stage's layers
         raise AlignError(f"stage {s.name} ({s.kind}): {s.kind} runs with pipeline parallelism 1 "
                          f"(got pp={s.layout.pp}); use tp/dp")
+    if s.layout.megatron_fsdp and not NEMOC_RUNTIME.caps(s.kind).megatron_fsdp:
+        # the planner plans these kinds without FSDP (runtime/target.py): a plan that says otherwise was not its
+        raise AlignError(f"stage {s.name} ({s.kind}): megatron_fsdp = true, but the nemoc runtime wraps {s.kind} "
+                         f"models in Megatron-Core DDP ({NEMOC_RUNTIME.caps(s.kind).source}); re-plan with nemoc plan")
     return trainer.Trainer(chunk, layout=s.layout, optimizer=s.optimizer, schedule=s.schedule,
                            steps=steps or s.steps, precision=s.execution.precision, overlaps=s.execution.overlaps)
 

@@ -124,12 +124,12 @@ def _wrap(built: list, *, config, layout, overlaps, frozen: bool) -> list:
     chunks were built (runtime/megatron_args.py `_check_fsdp`)."""
     from nemoc.runtime import mcore_cpu
 
+    if layout.megatron_fsdp and frozen:
+        raise AlignError("megatron_fsdp = true with frozen parameters (LoRA adapters on a frozen base): nemoc wraps "
+                         "only fully trained models in Megatron-FSDP; re-plan (nemoc plans LoRA stages without it)")
     ddp_config = margs.ddp_config(layout=layout, overlaps=overlaps, cpu=mcore_cpu.is_applied())
     if not layout.megatron_fsdp:
         return mmodel.wrap_ddp(chunks=built, config=config, ddp_config=ddp_config)
-    if frozen:
-        raise AlignError("megatron_fsdp = true with frozen parameters (LoRA adapters on a frozen base): nemoc wraps "
-                         "only fully trained models in Megatron-FSDP; re-plan (nemoc plans LoRA stages without it)")
     return mmodel.wrap_fsdp(chunks=built, config=config, ddp_config=ddp_config)
 
 
