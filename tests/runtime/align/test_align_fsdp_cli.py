@@ -1,5 +1,6 @@
 """Megatron-FSDP in the alignment stages, end to end through `nemoc run` on the CPU box's two processes (gloo):
-a tiny pretraining feeds a DPO stage and a reward-model stage twice each, once with `megatron_fsdp = true`
+a tiny pretraining feeds a DPO stage and a reward-model stage twice each (and an sft and an orpo stage once,
+with FSDP: they train, score their held-out records and save in fsdp_dtensor), once with `megatron_fsdp = true`
 (ZeRO-3 over data(2): runtime/align/trainer.py `_wrap`) and once with Megatron DDP and the distributed optimizer
 (the same data, seed and initial weights). Per step, loss, grad norm and the stage's reports agree to fp32
 reduction-order noise (`REL`); DPO's frozen reference is a plain model in both. The FSDP stages save their
@@ -72,6 +73,11 @@ experiment fsdp_align {
     format = preference
   }
 
+  data chat {
+    path = "DATA/pipeline/sft.jsonl"
+    format = chat
+  }
+
   stage pretrain {
     data = [corpus]
     steps = 4
@@ -111,6 +117,9 @@ def _chain() -> str:
         for name, parallel in (("fsdp", "megatron_fsdp = true"), ("ddp", "distributed_optimizer = true")):
             stages += (ALIGN.replace("KIND_NAME", f"{kind}_{name}").replace("KIND", kind)
                        .replace("STEPS", str(steps)).replace("PARALLEL", parallel))
+    for kind in ("sft", "orpo"):  # the other kinds the runtime wraps in FSDP: they run, save and report
+        stages += (ALIGN.replace("KIND_NAME", f"{kind}_fsdp").replace("KIND", kind).replace("STEPS", "2")
+                   .replace("PARALLEL", "megatron_fsdp = true").replace("[prefs]", "[chat]" if kind == "sft" else "[prefs]"))
     stages += "\n  stage export_fsdp after dpo_fsdp {\n    kind = export\n  }\n"
     stages += "\n  stage export_ddp after dpo_ddp {\n    kind = export\n  }\n"
     return CHAIN.replace("DATA", str(REPO / "examples" / "data")).replace("STAGES", stages)
@@ -173,6 +182,11 @@ def test_dpo_and_reward_stages_train_under_megatron_fsdp_as_under_ddp_resume_and
     for kind in ("dpo", "reward"):
         final = _done(tasks / f"train_{kind}_fsdp")["checkpoint"]
         assert _manifest(final)["format"] == "fsdp_dtensor" and _manifest(final)["layout"]["dp"] == 2
+    for kind, metric in (("sft", "val_response_loss"), ("orpo", "val")):
+        done = _done(tasks / f"train_{kind}_fsdp")
+        assert plan.stage(f"{kind}_fsdp").layout.megatron_fsdp and done["steps"] == 2
+        assert math.isfinite(done["final_loss"]) and done[metric], done  # held-out scores through the wrapper
+        assert _manifest(done["checkpoint"])["format"] == "fsdp_dtensor"
     periodic = tasks / "train_dpo_fsdp" / "checkpoints"
     assert _manifest(periodic / "iter_0000002")["format"] == "fsdp_dtensor"
 
