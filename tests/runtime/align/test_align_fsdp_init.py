@@ -449,3 +449,25 @@ def test_fsdp_around_a_model_with_frozen_parameters_is_refused(mcore):
 
     with pytest.raises(AlignError, match="frozen parameters"):
         trainer._wrap([], config=None, layout=SimpleNamespace(megatron_fsdp=True), overlaps=None, frozen=True)
+
+
+def test_a_reward_stages_fsdp_checkpoint_loads_its_scalar_head_whole(mcore, tmp_path):
+    """A reward stage trained under Megatron-FSDP feeds ppo (critic and reward model) and eval through its
+    fsdp_dtensor checkpoint: the scalar head ([1, h] weight, [1] bias) is taken as it is, not fitted to the
+    vocabulary's rows as a language-model head would be (runtime/hf/convert.py `rank_slices`)."""
+    from nemoc.runtime.model import unwrap
+
+    spec = llama_spec()
+    torch.manual_seed(0)
+    saved = mcore.build_gpt(spec, mcore.single_layout(), scalar_head=True)
+    with torch.no_grad():
+        unwrap(saved).output_layer.weight.normal_()
+        unwrap(saved).output_layer.bias.fill_(0.25)
+    _save_like_fsdp(saved, tmp_path / "rm")
+    torch.manual_seed(1)
+    model = mcore.build_gpt(spec, mcore.single_layout(), scalar_head=True)
+    mcore.load_model(model, tmp_path / "rm")
+    theirs = dict(unwrap(saved).named_parameters())
+    for name, p in unwrap(model).named_parameters():
+        assert torch.equal(p, theirs[name]), name
+    assert unwrap(model).output_layer.weight.shape == (1, spec.hidden)
