@@ -866,12 +866,23 @@ def load_full_weights(path: str, *, chunks, skip_output: bool = False) -> None:
 
 
 def save_weights(path: str, *, chunks) -> None:
-    """Model-only dist checkpoint (no optimizer), e.g. reference weights for tests or export."""
+    """Model-only dist checkpoint (no optimizer), e.g. reference weights for tests or export; a Megatron-FSDP
+    model's in its fsdp_dtensor format (runtime/fsdp_checkpoint.py: each rank its DTensor shards), which later
+    stages and export read as full tensors (`load_full_weights`, `FullTensorReader`)."""
     if _rank() == 0:
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)
     _barrier()
-    dist_checkpointing.save(model_sharded_state_dict(chunks), path)
+    extra = {}
+    if _is_fsdp(chunks):
+        from nemoc.runtime import fsdp_checkpoint
+
+        state = fsdp_checkpoint.training_state(chunks=chunks, optimizer=None, scheduler=None, iteration=0,
+                                               consumed_samples=0, rng=rng_state(), layout=layout_key())
+        extra = dict(format=fsdp_checkpoint.FORMAT, dtype=state[fsdp_checkpoint.DTYPE_KEY])
+        fsdp_checkpoint.save(state, path)
+    else:
+        dist_checkpointing.save(model_sharded_state_dict(chunks), path)
     _barrier()
-    write_manifest(path, iteration=None, layout=layout_key())
+    write_manifest(path, iteration=None, layout=layout_key(), **extra)
     _barrier()

@@ -188,6 +188,8 @@ class ScalarHead(MegatronModule):
     Used for the reward model (score of the last token) and the PPO critic (a value per token).
     """
 
+    scalar_head = True  # runtime/hf/load.py `load_full`: take a checkpoint's output_layer whole, no vocabulary
+
     def __init__(self, config: TransformerConfig):
         super().__init__(config=config)
         self.weight = torch.nn.Parameter(torch.zeros(1, config.hidden_size, device=device(), dtype=config.params_dtype))

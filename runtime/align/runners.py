@@ -22,6 +22,7 @@ from nemoc.runtime.align.data import read_preferences, read_prompts, read_sft, t
 from nemoc.runtime.align.stage import StageTask
 from nemoc.runtime.core import dist
 from nemoc.runtime.core import loop as core_loop
+from nemoc.runtime.target import NEMOC_RUNTIME
 
 
 def resident_models(kind: str, params, peft) -> list[str]:
@@ -119,6 +120,10 @@ def _trainer(task: StageTask, chunk, steps: int | None = None):
         # a kind whose passes call the whole model directly cannot run on one pipeline stage's layers
         raise AlignError(f"stage {s.name} ({s.kind}): {s.kind} runs with pipeline parallelism 1 "
                          f"(got pp={s.layout.pp}); use tp/dp")
+    if s.layout.megatron_fsdp and not NEMOC_RUNTIME.caps(s.kind).megatron_fsdp:
+        # the planner plans these kinds without FSDP (runtime/target.py): a plan that says otherwise was not its
+        raise AlignError(f"stage {s.name} ({s.kind}): megatron_fsdp = true, but the nemoc runtime wraps {s.kind} "
+                         f"models in Megatron-Core DDP ({NEMOC_RUNTIME.caps(s.kind).source}); re-plan with nemoc plan")
     return trainer.Trainer(chunk, layout=s.layout, optimizer=s.optimizer, schedule=s.schedule,
                            steps=steps or s.steps, precision=s.execution.precision, overlaps=s.execution.overlaps)
 
@@ -219,14 +224,14 @@ def run_sft(task: StageTask) -> dict:
                               to_microbatches=lambda share: sft.rows_to_batches(share, seq, s.layout.micro_batch, tok.pad,
                                                                                   varlen=varlen),
                               tokens_per_step=s.layout.global_batch * seq)
-        after = sft.response_loss(chunk, val_batches) if val_batches else None
+        after = sft.response_loss(tr.trained, val_batches) if val_batches else None
         if after is not None:
             metrics.log({"step": total, "val_loss": after})
     payload = {"final_loss": _last(state, "loss"), "steps": total, "resumed_from": start or None,
                "val_response_loss_before": before,  # the parent model, even when resumed
                "val_response_loss": after, "packing": packing, "rows": len(rows), "train_samples": len(train),
                "resident_models": resident_models("sft", task.params, s.peft)}
-    return _finish_policy(task, chunk, payload)
+    return _finish_policy(task, tr.trained, payload)
 
 
 def run_dpo(task: StageTask) -> dict:
@@ -264,7 +269,7 @@ def run_dpo(task: StageTask) -> dict:
         forward = dpo.make_forward(beta=beta, loss=loss, label_smoothing=params.label_smoothing)
         state, start = _fit(task, tr, metrics, items=list(enumerate(train)), to_microbatches=to_mb,
                               forward=forward, tokens_per_step=2 * s.layout.global_batch * seq)
-        after = dpo.preference_accuracy(chunk, val, seq_length=seq, reference=reference if table is None else None,
+        after = dpo.preference_accuracy(tr.trained, val, seq_length=seq, reference=reference if table is None else None,
                                         table=val_table, loss=loss, pad_id=tok.pad, varlen=varlen) if val else {}
         if after:
             metrics.log({"step": total, **{f"val_{k}": v for k, v in after.items()}})
@@ -272,7 +277,7 @@ def run_dpo(task: StageTask) -> dict:
                "reward_accuracy": _last(state, "reward_accuracy"), "reward_margin": _last(state, "reward_margin"),
                "resumed_from": start or None, "val_before": before, "val": after, "reference": reference_mode,
                "resident_models": resident}
-    return _finish_policy(task, chunk, payload)
+    return _finish_policy(task, tr.trained, payload)
 
 
 def run_reward(task: StageTask) -> dict:
@@ -289,13 +294,13 @@ def run_reward(task: StageTask) -> dict:
 
         state, start = _fit(task, tr, metrics, items=train, to_microbatches=to_mb, forward=reward.forward,
                               tokens_per_step=2 * s.layout.global_batch * seq)
-        after = reward.accuracy(chunk, val, seq_length=seq, pad_id=tok.pad) if val else {}
+        after = reward.accuracy(tr.trained, val, seq_length=seq, pad_id=tok.pad) if val else {}
         if after:
             metrics.log({"step": total, "val_accuracy": after["accuracy"]})
     payload = {"final_loss": _last(state, "loss"), "steps": total, "train_accuracy": _last(state, "accuracy"),
                "resumed_from": start or None, "val_before": before, "val": after, "scalar_head": True,
                "resident_models": resident_models("reward", task.params, None)}
-    payload["checkpoint"] = stage.save_final(task, chunk, extra={"scalar_head": True})
+    payload["checkpoint"] = stage.save_final(task, tr.trained, extra={"scalar_head": True})
     return payload
 
 
@@ -518,9 +523,10 @@ def run_orpo(task: StageTask) -> dict:
     beta = float(s.params.beta)
     varlen = stage.varlen_attention(task)
     chunk = _policy(task, stage.policy_start(task))
-    score = (lambda: orpo.preference_accuracy(chunk, val, seq_length=seq, beta=beta, pad_id=tok.pad, varlen=varlen,
-                                              micro_batch=s.layout.micro_batch)) if val else dict
-    before = score()
+    score = (lambda model: orpo.preference_accuracy(model, val, seq_length=seq, beta=beta, pad_id=tok.pad,
+                                                    varlen=varlen, micro_batch=s.layout.micro_batch)) if val else (
+        lambda model: {})
+    before = score(chunk)
     tr = _trainer(task, chunk)
     with stage.open_stage_metrics(task, task.steps) as metrics:
         state, start = _fit(
@@ -528,7 +534,7 @@ def run_orpo(task: StageTask) -> dict:
             tokens_per_step=2 * s.layout.global_batch * seq,
             to_microbatches=lambda share: orpo.microbatches(share, seq_length=seq, micro_batch=s.layout.micro_batch,
                                                             pad_id=tok.pad, varlen=varlen))
-        after = score()
+        after = score(tr.trained)
         if after:
             metrics.log({"step": task.steps, **{f"val_{k}": v for k, v in after.items()}})
     payload = {"final_loss": _last(state, "loss"), "steps": task.steps, "beta": beta,
@@ -536,7 +542,7 @@ def run_orpo(task: StageTask) -> dict:
                "reward_accuracy": _last(state, "reward_accuracy"), "reward_margin": _last(state, "reward_margin"),
                "resumed_from": start or None, "val_before": before, "val": after, "val_pairs": len(val),
                "train_pairs": len(train), "resident_models": orpo.resident_models(task.params, s.peft)}
-    return _finish_policy(task, chunk, payload)
+    return _finish_policy(task, tr.trained, payload)
 
 
 def run_grpo(task: StageTask) -> dict:

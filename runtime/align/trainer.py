@@ -38,9 +38,11 @@ from nemoc.runtime.core.dist import StopSignal
 
 
 class Trainer:
-    """A model (one chunk, or a rank's virtual-pipeline `Chunks`) wrapped in Megatron DDP, with its
-    optimizer and scheduler. `chunks`: the DDP-wrapped chunks the schedules take (and checkpoints save);
-    `model`: the first (the only one without virtual pipeline stages)."""
+    """A model (one chunk, or a rank's virtual-pipeline `Chunks`) wrapped in Megatron DDP -- or in
+    Megatron-FSDP where the plan says `megatron_fsdp` -- with its optimizer and scheduler. `chunks`: the
+    wrapped chunks the schedules take (and checkpoints save); `model`: the first (the only one without
+    virtual pipeline stages). Under FSDP the bare chunk's parameters are this rank's shards: evaluate and
+    save the trained model through `model` / `chunks` (`trained`)."""
 
     def __init__(self, chunk, *, layout, optimizer, schedule, steps: int, precision: str = "fp32", overlaps=None):
         built = chunk_list(chunk)
@@ -48,12 +50,10 @@ class Trainer:
         trainable = [p for p in chunk.parameters() if p.requires_grad]
         if not trainable:
             raise AlignError("no trainable parameters")
-        if layout.megatron_fsdp:  # runtime/target.py: the planner plans alignment kinds without it
-            raise AlignError("megatron_fsdp = true: the alignment stages wrap their models in Megatron-Core DDP; "
-                             "Megatron-FSDP runs pretraining stages (re-plan: nemoc plans these stages without it)")
-        self.chunks = mmodel.wrap_ddp(chunks=built, config=config,
-                                      ddp_config=margs.ddp_config(layout=layout, overlaps=overlaps))
+        frozen = len(trainable) < sum(1 for _ in chunk.parameters())
+        self.chunks = _wrap(built, config=config, layout=layout, overlaps=overlaps, frozen=frozen)
         self.model = self.chunks[0]
+        self._bare = chunk
         try:
             self.optimizer, self.scheduler = core_build.optimizer_for(
                 model=self.chunks, optimizer=optimizer, schedule=schedule, layout=layout, precision=precision,
@@ -62,6 +62,14 @@ class Trainer:
             raise AlignError(str(exc)) from None
         self.step_count = 0
         self.warn: Callable[[str], None] = print  # a transient NaN/Inf loss (see `step`)
+
+    @property
+    def trained(self):
+        """The trained model for whatever runs outside the schedules' training steps (held-out scores, the
+        final save): the bare chunk(s) under DDP, which share the wrapper's parameters; under Megatron-FSDP
+        the wrapper, whose forward all-gathers each layer's shards (the bare chunk holds only this rank's)
+        and whose state dict the final save writes in fsdp_dtensor format."""
+        return self.model if mmodel.is_fsdp(self.chunks) else self._bare
 
     @property
     def lr(self) -> float:
@@ -112,6 +120,24 @@ class Trainer:
             seq_length=seq_length, micro_batch_size=_rows(microbatches[0]), forward_only=False,
         )
         return average_reports(reports)
+
+
+def _wrap(built: list, *, config, layout, overlaps, frozen: bool) -> list:
+    """The trained model's chunks in Megatron DDP, or in Megatron-FSDP's FullyShardedDataParallel where the
+    plan says `megatron_fsdp` (ZeRO-3 over the DP x CP group, as pretraining: runtime/core/build.py `wrap`).
+    A model with frozen parameters (LoRA's base) is refused under FSDP: the planner plans those stages
+    without it (compiler/planner.py), and its memory model prices FSDP for fully trained models only. The
+    layout's FSDP limits (one chunk, a shard group of more than one rank: E177, E181) were checked when the
+    chunks were built (runtime/megatron_args.py `_check_fsdp`)."""
+    from nemoc.runtime import mcore_cpu
+
+    if layout.megatron_fsdp and frozen:
+        raise AlignError("megatron_fsdp = true with frozen parameters (LoRA adapters on a frozen base): nemoc wraps "
+                         "only fully trained models in Megatron-FSDP; re-plan (nemoc plans LoRA stages without it)")
+    ddp_config = margs.ddp_config(layout=layout, overlaps=overlaps, cpu=mcore_cpu.is_applied())
+    if not layout.megatron_fsdp:
+        return mmodel.wrap_ddp(chunks=built, config=config, ddp_config=ddp_config)
+    return mmodel.wrap_fsdp(chunks=built, config=config, ddp_config=ddp_config)
 
 
 def _rows(mb) -> int:

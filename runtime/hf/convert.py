@@ -227,11 +227,13 @@ def rank_state_dict(converted: str | Path, *, tp: int = 1, tp_rank: int = 0, pp:
 def rank_slices(reader, *, swiglu: bool, total_layers: int, experts: int, tie: bool, tp: int = 1, tp_rank: int = 0,
                 pp: int = 1, pp_rank: int = 0, ep: int = 1, ep_rank: int = 0, etp: int = 1, etp_rank: int = 0,
                 padded_vocab: int, pre_process: bool = True, post_process: bool = True,
-                layers: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+                layers: tuple[int, int] | None = None, scalar_head: bool = False) -> dict[str, torch.Tensor]:
     """`rank_state_dict` over any source of full (TP=1, PP=1) Megatron-Core tensors by GPTModel state-dict
     name: `reader.names()`, `reader.get(name)` (a converted directory, or an fsdp_dtensor checkpoint:
     runtime/fsdp_checkpoint.py `FullTensorReader`). `swiglu`: fc1 is [gate; up] (each TP rank holds
-    [gate_r; up_r]); `tie`: the output layer is the word embedding."""
+    [gate_r; up_r]); `tie`: the output layer is the word embedding; `scalar_head`: the output layer is a reward
+    model's / critic's scalar head (runtime/align/common.py `ScalarHead`: [1, h] weight and [1] bias, whole on
+    every TP rank), taken as it is (a reward stage's fsdp_dtensor checkpoint feeding ppo or eval)."""
     first, count = layers if layers is not None else mapping.layer_offset(total_layers, pp, pp_rank)
     first_expert, local_experts = mapping.expert_slice(experts, ep, ep_rank)
     state: dict[str, torch.Tensor] = {}
@@ -253,6 +255,9 @@ def rank_slices(reader, *, swiglu: bool, total_layers: int, experts: int, tie: b
         elif name.startswith("embedding.") and not pre_process:
             continue
         elif name.startswith(("decoder.final_layernorm", "output_layer")) and not post_process:
+            continue
+        elif scalar_head and name.startswith("output_layer."):
+            state[key] = reader.get(name)  # replicated over TP, no vocabulary rows
             continue
         t = reader.get(name)
         if name.endswith(("word_embeddings.weight", "output_layer.weight")):

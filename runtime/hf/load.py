@@ -97,7 +97,8 @@ def load_full(chunk, reader, *, where: str, skip_output: bool = False) -> None:
         state = convert.rank_slices(reader, swiglu=bool(config.gated_linear_unit), total_layers=config.num_layers,
                                     experts=config.num_moe_experts or 1,
                                     tie=bool(gpt.share_embeddings_and_output_weights),
-                                    padded_vocab=int(gpt.vocab_size), **_rank(gpt))
+                                    padded_vocab=int(gpt.vocab_size), **_rank(gpt),
+                                    scalar_head=bool(getattr(getattr(gpt, "output_layer", None), "scalar_head", False)))
     except MappingError as exc:
         raise LoadError(f"{where}: {exc}") from None
     _load_rank_state(gpt, state, where=where, skip_output=skip_output,

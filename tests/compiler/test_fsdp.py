@@ -145,32 +145,100 @@ def test_fsdp_plans_on_the_cpu(tmp_path):
     assert stage.layout.dp == 2
 
 
-def test_stages_the_target_wraps_in_ddp_plan_without_fsdp_and_say_so(tmp_path):
-    """megatron_fsdp = true for the experiment: pretraining runs it; an sft stage, which the nemoc runtime wraps
-    in DDP (runtime/target.py `megatron_fsdp=False` for the alignment kinds), is planned and costed without it,
-    with a note naming why (plan and runtime agree)."""
-    from nemoc.runtime.target import NEMOC_RUNTIME
-
-    text = SRC.format(gpu="H100", nodes=8, parallel="").replace("""  stage pretrain {{""".replace("{{", "{"), """  data chat {
+_ALIGN_STAGES = """  data chat {
     path = "x/*.jsonl"
     format = chat
+  }
+  data prefs {
+    path = "x/*.jsonl"
+    format = preference
+  }
+  data feedback {
+    path = "x/*.jsonl"
+    format = unpaired
   }
   stage sft after pretrain {
     data = [chat]
     samples = 10K
     global_batch = 128
+    parallel {
+      tensor = 1
+    }
   }
-  stage pretrain {""")
+  stage dpo after sft {
+    data = [prefs]
+    samples = 10K
+    global_batch = 128
+    parallel {
+      tensor = 1
+    }
+  }
+  stage reward after sft {
+    data = [prefs]
+    samples = 10K
+    global_batch = 128
+  }
+  stage kto after sft {
+    data = [feedback]
+    samples = 10K
+    global_batch = 128
+  }
+  stage lora_sft after pretrain {
+    kind = sft
+    data = [chat]
+    samples = 10K
+    global_batch = 128
+    peft = lora(rank = 8)
+  }
+  stage pretrain {"""
+
+
+def _aligned(tmp_path):
+    from nemoc.runtime.target import NEMOC_RUNTIME
+
+    text = SRC.format(gpu="H100", nodes=8, parallel="").replace("  stage pretrain {", _ALIGN_STAGES)
     path = tmp_path / "f.nemo"
     path.write_text(text)
     spec, diags, _ = compile_file(str(path))
     assert [d for d in diags if d.severity == Severity.ERROR] == []
     planned = plan_experiment(spec, target=NEMOC_RUNTIME)
+    return planned, {r.name: r.notes for r in planned.stages}
+
+
+def test_the_alignment_stages_the_runtime_shards_plan_fsdp_with_a_full_reference(tmp_path):
+    """megatron_fsdp = true for the experiment: the nemoc runtime wraps the trained model of sft, dpo and reward
+    stages in Megatron-FSDP (runtime/align/trainer.py `_wrap`), so they are planned and sized with it: the
+    policy's weights and gradients sharded over DP (ZeRO-3), its gathered layers in `fsdp_buffers`, FSDP's
+    per-layer all-gathers in the exposed DP communication. DPO's frozen reference is a plain model: its
+    weights count in full, so DPO's weights exceed SFT's by exactly one unsharded copy (same layout)."""
+    from nemoc.compiler.flops import param_counts
+    from nemoc.compiler.memory import weight_bytes
+
+    planned, notes = _aligned(tmp_path)
+    plan = planned.plan
+    for name in ("sft", "dpo", "reward"):
+        stage = plan.stage(name)
+        assert stage.layout.megatron_fsdp, name
+        assert stage.memory.parts["fsdp_buffers"] > 0 and stage.estimate.parts["dp_comm_exposed"] > 0, name
+        assert not any("megatron_fsdp" in n for n in notes[name]), notes[name]
+    sft, dpo = plan.stage("sft"), plan.stage("dpo")
+    assert plan.stage("dpo").resident_models == ("policy", "reference")
+    assert (sft.layout.tp, sft.layout.cp, sft.layout.dp) == (dpo.layout.tp, dpo.layout.cp, dpo.layout.dp) == (1, 1, 64)
+    full = param_counts(plan.model).total * weight_bytes(dpo.execution.precision)  # padded vocabulary: ~0.1 %
+    assert dpo.memory.weights - sft.memory.weights == pytest.approx(full, rel=0.01)
+    assert sft.memory.weights == pytest.approx(full / 64, rel=0.01)
+
+
+def test_stages_the_target_wraps_in_ddp_plan_without_fsdp_and_say_so(tmp_path):
+    """KTO (its KL baseline runs the bare policy outside the schedules: runtime/target.py `_KTO`) and a LoRA
+    stage (adapters on a frozen base) run in DDP: planned and costed without FSDP, with a note naming why."""
+    planned, notes = _aligned(tmp_path)
     assert planned.plan.stage("pretrain").layout.megatron_fsdp
-    sft = planned.plan.stage("sft")
-    assert not sft.layout.megatron_fsdp and "fsdp_buffers" not in sft.memory.parts
-    [result] = [r for r in planned.stages if r.name == "sft"]
-    assert any("megatron_fsdp = false for this sft stage" in n for n in result.notes), result.notes
+    for name, why in (("kto", "wraps its models in Megatron-Core DDP"), ("lora_sft", "LoRA adapters")):
+        stage = planned.plan.stage(name)
+        assert not stage.layout.megatron_fsdp and "fsdp_buffers" not in stage.memory.parts, name
+        assert any(f"megatron_fsdp = false for this {stage.kind} stage" in n and why in n for n in notes[name]), \
+            notes[name]
 
 
 def _quickstart(tmp_path, **replace) -> tuple:

@@ -414,3 +414,60 @@ def test_the_training_dtype_is_the_chunks_precision(mcore):
     spec = llama_spec()
     assert fsdp_checkpoint.training_dtype(mcore.build_gpt(spec, mcore.single_layout())) == "float32"
     assert fsdp_checkpoint.training_dtype(mcore.build_gpt(spec, mcore.single_layout(), precision="bf16")) == "bfloat16"
+
+
+@pytest.mark.parametrize("kind", ["kto", "ppo", "grpo"])
+def test_a_plan_with_fsdp_for_a_kind_the_runtime_runs_in_ddp_is_one_error_naming_why(mcore, kind):
+    """The planner plans kto, ppo and grpo without Megatron-FSDP (runtime/target.py: their bare models run
+    outside the schedules); a plan that says otherwise is refused before any model is wrapped."""
+    from types import SimpleNamespace
+
+    from nemoc.runtime.align import runners
+    from nemoc.runtime.align.common import AlignError
+
+    layout = SimpleNamespace(megatron_fsdp=True, pp=1)
+    task = SimpleNamespace(stage=SimpleNamespace(name="s", kind=kind, layout=layout))
+    with pytest.raises(AlignError, match=f"megatron_fsdp = true, but the nemoc runtime wraps {kind} models in "
+                                         "Megatron-Core DDP"):
+        runners._trainer(task, chunk=None)
+
+
+def test_the_runtime_wraps_sft_dpo_orpo_and_reward_in_fsdp_where_planned():
+    from nemoc.runtime.target import NEMOC_RUNTIME
+
+    assert {k for k in ("sft", "dpo", "orpo", "reward", "kto", "ppo", "grpo")
+            if NEMOC_RUNTIME.caps(k).megatron_fsdp} == {"sft", "dpo", "orpo", "reward"}
+
+
+def test_fsdp_around_a_model_with_frozen_parameters_is_refused(mcore):
+    """LoRA's frozen base: the planner plans such stages without FSDP (compiler/planner.py); the trainer refuses
+    a plan that says otherwise instead of sharding a model whose bulk takes no gradient."""
+    from types import SimpleNamespace
+
+    from nemoc.runtime.align import trainer
+    from nemoc.runtime.align.common import AlignError
+
+    with pytest.raises(AlignError, match="frozen parameters"):
+        trainer._wrap([], config=None, layout=SimpleNamespace(megatron_fsdp=True), overlaps=None, frozen=True)
+
+
+def test_a_reward_stages_fsdp_checkpoint_loads_its_scalar_head_whole(mcore, tmp_path):
+    """A reward stage trained under Megatron-FSDP feeds ppo (critic and reward model) and eval through its
+    fsdp_dtensor checkpoint: the scalar head ([1, h] weight, [1] bias) is taken as it is, not fitted to the
+    vocabulary's rows as a language-model head would be (runtime/hf/convert.py `rank_slices`)."""
+    from nemoc.runtime.model import unwrap
+
+    spec = llama_spec()
+    torch.manual_seed(0)
+    saved = mcore.build_gpt(spec, mcore.single_layout(), scalar_head=True)
+    with torch.no_grad():
+        unwrap(saved).output_layer.weight.normal_()
+        unwrap(saved).output_layer.bias.fill_(0.25)
+    _save_like_fsdp(saved, tmp_path / "rm")
+    torch.manual_seed(1)
+    model = mcore.build_gpt(spec, mcore.single_layout(), scalar_head=True)
+    mcore.load_model(model, tmp_path / "rm")
+    theirs = dict(unwrap(saved).named_parameters())
+    for name, p in unwrap(model).named_parameters():
+        assert torch.equal(p, theirs[name]), name
+    assert unwrap(model).output_layer.weight.shape == (1, spec.hidden)
