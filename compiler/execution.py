@@ -139,8 +139,12 @@ CROSS_ENTROPY_FUSIONS = ("te", "native", "none")
 # `compute_language_model_loss`: "CUDA graph compatible cross entropy requires TransformerEngine >= 2.7.0", an
 # AssertionError at the first step). The plan does not know the target's TE version, so auto takes
 # Megatron-Core's native fused loss there (no host synchronisation, so capturable on any TE); a written `te`
-# stays, and the nemoc runtime refuses it on an older TE before the first step.
+# stays, and the nemoc runtime refuses it on an older TE before the first step. With precision fp32 or fp16 the
+# native loss would round the logits' gradient to bf16 (rules W112), so auto takes Megatron-Core's unfused
+# vocab-parallel loss there (`tensor_parallel.vocab_parallel_cross_entropy`: plain torch ops with no host
+# synchronisation, capturable too): the run keeps its precision's gradient for 20 + 4 more bytes per logit.
 AUTO_CROSS_ENTROPY_FULL_ITERATION = "native"
+NATIVE_ROUNDS_TO_BF16 = ("fp32", "fp16")  # precisions whose logit gradient the native loss rounds (W112)
 
 
 def full_iteration_graph(host: HostExecution | None) -> bool:
@@ -148,27 +152,30 @@ def full_iteration_graph(host: HostExecution | None) -> bool:
     return host is not None and host.cuda_graph_impl == "local" and "full_iteration" in host.cuda_graph_scope
 
 
-def cross_entropy_of(kernels: str, requested: str | None, host: HostExecution | None = None) -> str:
-    """The cross entropy a stage on `kernels` (te | local) with the host settings `host` runs: the experiment's
-    `cross_entropy_fusion`, or the default above (native under a whole-iteration CUDA graph). `te` on the local
-    spec is refused for training stages (rules E183); eval and export stages always run the local spec, and
-    run Megatron-Core's unfused loss there."""
+def cross_entropy_of(kernels: str, requested: str | None, host: HostExecution | None = None,
+                     precision: str | None = None) -> str:
+    """The cross entropy a stage on `kernels` (te | local) with the host settings `host` and the stage's
+    `precision` runs: the experiment's `cross_entropy_fusion`, or the default above (native under a
+    whole-iteration CUDA graph, unfused there with fp32 / fp16). `te` on the local spec is refused for training
+    stages (rules E183); eval and export stages always run the local spec, and run Megatron-Core's unfused
+    loss there."""
     if requested == "te" and kernels != "te":
         return "none"
     if requested is None and kernels == "te" and full_iteration_graph(host):
-        return AUTO_CROSS_ENTROPY_FULL_ITERATION
+        return "none" if precision in NATIVE_ROUNDS_TO_BF16 else AUTO_CROSS_ENTROPY_FULL_ITERATION
     return requested or AUTO_CROSS_ENTROPY[kernels]
 
 
 def fusions(model: ModelSpec, kernels: str, cross_entropy: str | None = None,
-            host: HostExecution | None = None) -> Fusions:
+            host: HostExecution | None = None, precision: str | None = None) -> Fusions:
     """The fused kernels NeMo / Megatron-LM switch on with Transformer Engine, which the `te` cost and
     memory models price: TE's fused RoPE, the fused bias-SwiGLU / bias-GELU (TransformerConfig allows
     it for SwiGLU, GeGLU, and GELU with biases), the fused bias-dropout-add and the weight-gradient
     accumulation into main_grad inside the GEMM; none of them on the local spec (its unfused kernels are
     what `kernels = local` prices). The cross entropy is the experiment's `cross_entropy_fusion`
-    (`cross_entropy_of`: te | native | none, which reads `host`'s CUDA graphs), on either spec."""
-    ce = cross_entropy_of(kernels, cross_entropy, host)
+    (`cross_entropy_of`: te | native | none, which reads `host`'s CUDA graphs and the `precision`), on either
+    spec."""
+    ce = cross_entropy_of(kernels, cross_entropy, host, precision)
     if kernels != "te":
         return Fusions(rope=False, bias_activation=False, bias_dropout_add=False, grad_accumulation=False,
                        cross_entropy=ce)
@@ -202,7 +209,7 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
         padded_vocab=padded_vocab(model.vocab, layout.tp),
         overlaps=Overlaps(grad_reduce=layout.dp > 1, param_gather=layout.overlap_param_gather,
                           p2p=interleaved and target.overlap_p2p, tp_comm=layout.tp_comm_overlap),
-        fusions=fusions(model, stage_kernels, cross_entropy, host),
+        fusions=fusions(model, stage_kernels, cross_entropy, host, stage_precision),
         model_flops_per_step=stage_model_flops_per_step(model, seq_length, layout.global_batch, stage_kind=stage_kind,
                                                         peft=peft, params=params, causal_discount=True),
         peak_flops_per_gpu=peak,

@@ -454,7 +454,9 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
             notes.append(f"loss default taken: cross_entropy_fusion = {probe.cross_entropy}, not te: under a whole-iteration "
                          "CUDA graph (cuda_graph_scope full_iteration) Megatron-Core runs TE's CUDA-graph-capturable cross "
                          "entropy, which needs Transformer Engine >= 2.7, and the plan does not know the target's TE "
-                         "version (write cross_entropy_fusion = te where it is >= 2.7)")
+                         "version (write cross_entropy_fusion = te where it is >= 2.7)"
+                         + ("; not native either: it rounds the logits' gradient to bf16 (W112) and this stage runs "
+                            "fp32 / fp16" if probe.cross_entropy == "none" else ""))
         elif spec.cross_entropy_fusion is None:
             notes.append(f"loss default taken ({'Transformer Engine, as Megatron-Bridge recipes' if probe.stage_kernels == 'te' else 'the local spec'}): "
                          f"cross_entropy_fusion = {probe.cross_entropy}")

@@ -201,7 +201,8 @@ class Problem:
     @property
     def cross_entropy(self) -> str:
         """The loss the memory and cost models price (te | native | none)."""
-        return cross_entropy_of(self.stage_kernels, self.cross_entropy_requested, self.host)
+        return cross_entropy_of(self.stage_kernels, self.cross_entropy_requested, self.host,
+                                self.target.stage_precision(self.stage_kind, self.precision))
 
     @property
     def stage_kernels(self) -> str:

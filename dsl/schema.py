@@ -595,7 +595,8 @@ EXPERIMENT_FIELDS = (
        "cross entropy). The plan prices each (docs/cost-model.md). Default `auto`: `te` with Transformer "
        "Engine (Megatron-Bridge's performance recipes), except `native` under `cuda_graph_scope = [full_iteration]` "
        "(Megatron-Core runs TE's CUDA-graph-capturable loss there, which needs TE >= 2.7, a version the plan "
-       "cannot know; the runtime refuses a written `te` there on an older TE), `none` on the local spec. "
+       "cannot know; the runtime refuses a written `te` there on an older TE; `none` there with precision fp32 / "
+       "fp16, which native would round), `none` on the local spec. "
        "`te` needs kernels te (E183).",
        auto=True),
     _f("kernels", enum("auto", "te", "local"), "auto",
