@@ -801,22 +801,24 @@ def _ep_comm(model, layout, hw, tokens, passes, params, dispatcher: str = "allto
 def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backward, params,
                  scalar_head: bool = False, split: tuple[int, int, int] | None = None,
                  kernels: str = "te", cross_entropy: str | None = None,
-                 loss: bool = True) -> tuple[float, float, float]:
+                 loss: bool = True, last_logits: bool = False) -> tuple[float, float, float]:
     """(slowest, mean, output) micro-batch times over pipeline stages: layers plus, on the last
     stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`: the
     `cross_entropy` fusion, CROSS_ENTROPY_BYTES_OF; None: TE's fused kernels with `kernels = te`,
     Megatron-Core's unfused one on the local spec; none at all with `loss = False`); a scalar (reward /
-    value) head costs nothing next to a layer."""
+    value) head costs nothing next to a layer. `last_logits`: the output GEMM runs on one position per row
+    (`_head_tokens`: a KV-cached prefill)."""
     vocab = 0 if scalar_head else padded_vocab(model.vocab, layout.tp)
     tokens = micro_batch * seq / layout.cp
+    head = _head_tokens(tokens, micro_batch, last_logits)
     # the output layer stays in 16-bit in FP8 recipes (Transformer Engine / NeMo keep the first and
     # last layers out of FP8)
     rate = hw.peak("bf16" if hw.supports("bf16") else "fp32") * params.gemm_eff(hw.generation, "bf16")
-    logits = (1.0 + backward) * gemm_time(tokens, vocab / layout.tp, model.hidden, flops_per_s=rate,
+    logits = (1.0 + backward) * gemm_time(head, vocab / layout.tp, model.hidden, flops_per_s=rate,
                                           bytes_per_s=hw.hbm_bw, in_bytes=2.0) if vocab else 0.0
     ce_fwd, ce_bwd = CROSS_ENTROPY_BYTES_OF[cross_entropy or ("te" if kernels == "te" else "none")]
     ce = (ce_fwd + (ce_bwd if backward else 0.0)) if loss else 0.0
-    logits += ce * tokens * vocab / layout.tp / hw.hbm_bw
+    logits += ce * head * vocab / layout.tp / hw.hbm_bw
     per_layer = lt.total
     if layout.pp == 1:
         t = model.layers * per_layer + logits
@@ -826,6 +828,14 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     middle = layers_on_stage(model.layers, layout.pp, 1, split) * per_layer if layout.pp > 2 else 0.0
     mean = (model.layers * per_layer + logits) / layout.pp
     return max(first, last, middle, mean), mean, logits
+
+
+def _head_tokens(tokens: float, micro_batch: float, last_logits: bool) -> float:
+    """The positions the output layer runs on in one micro batch: every token, or with `last_logits` one per
+    row: a prefill with Megatron-Core's StaticInferenceContext (the nemoc runtime's generator) materialises
+    only the last position's logits (gpt_model.py `_postprocess`: `materialize_only_last_token_logits`,
+    True for the static context; tested: tests/runtime/learning/test_generation.py)."""
+    return float(micro_batch) if last_logits else tokens
 
 
 def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, params, trainable_params: float,
@@ -1213,19 +1223,19 @@ def p2p_transfers(pp: int, vp: int, m: int, overlap: bool = RUNTIME_OVERLAPS_P2P
 
 def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micro_batch, params,
                split=None, overlap_tp: bool = False, kernels: str = "te", moe: MoeExecution | None = None,
-               cross_entropy: str | None = None, loss: bool = True) -> float:
+               cross_entropy: str | None = None, loss: bool = True, last_logits: bool = False) -> float:
     """One pipelined pass of a secondary model over the step's micro batches (1F1B or forward-only
     schedule): m micro batches on the slowest stage plus the bubble, TP/CP/EP communication
     included. A secondary model shares the policy's layout (the nemoc runtime builds it so) and the
     experiment's loss (`cross_entropy`: the DPO reference and PPO's experience forwards call the model with
     `labels=`, so its cross entropy runs); `loss = False`: a pass that only takes the logits (the rollout's
-    prefill: generation passes no labels)."""
+    prefill: generation passes no labels); `last_logits`: only the last position's (`_head_tokens`)."""
     lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
                      micro_batch=micro_batch, backward=p.backward, params=params, overlap_tp=overlap_tp,
                      kernels=kernels, moe=moe)
     slow, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=p.backward,
                                  params=params, scalar_head=p.scalar_head, split=split, kernels=kernels,
-                                 cross_entropy=cross_entropy, loss=loss)
+                                 cross_entropy=cross_entropy, loss=loss, last_logits=last_logits)
     bubble = (layout.pp - 1) / (layout.vp or 1) * mean if layout.pp > 1 else 0.0
     return layout.num_microbatches * slow + bubble
 
@@ -1248,19 +1258,21 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     rollout (the nemoc runtime's generator runs the whole rows on every CP rank, which wait for none of
     each other): the prefill, the KV cache reads and the transfers are those of cp = 1. Nor does sequence
     parallelism (the generator switches it off: a decode step's one token per row cannot be split over the
-    TP group), so the prefill's TP traffic is all-reduces and every rank computes its whole window."""
+    TP group), so the prefill's TP traffic is all-reduces and every rank computes its whole window. The
+    prefill's output GEMM runs on the last position of each row only (`_head_tokens`: what the cached
+    generator computes)."""
     batch = layout.num_microbatches * micro_batch
     whole = replace(layout, cp=1, sequence_parallel=False)  # every CP and TP rank decodes the whole rows
     if layout.pp == 1:
         prefill = _pass_time(model, whole, hw, ModelPass("prefill", 1.0, FORWARD), seq=seq, precision=precision,
                              backend=backend, micro_batch=micro_batch, params=params, overlap_tp=overlap_tp,
-                             kernels=kernels, loss=False)
+                             kernels=kernels, loss=False, last_logits=True)
     else:
         lt = layer_times(model, whole, hw, seq=seq, precision=precision, attention_backend=backend,
                          micro_batch=micro_batch, backward=FORWARD, params=params, overlap_tp=overlap_tp,
                          kernels=kernels)
         _, mean, _ = _stage_times(model, whole, hw, lt, seq=seq, micro_batch=micro_batch, backward=FORWARD,
-                                  params=params, kernels=kernels, loss=False)
+                                  params=params, kernels=kernels, loss=False, last_logits=True)
         prefill = layout.num_microbatches * layout.pp * mean + _rollout_p2p(model, layout, hw, batch * seq, params)
     counts = param_counts(model)
     gemm_params = model.layers * (counts.attention + counts.mlp_active) + model.hidden * model.vocab

@@ -522,3 +522,28 @@ def test_an_expert_parallel_rollout_pays_each_layers_token_exchange_per_decoded_
     assert per_step >= moe.layers * 2 * DEFAULT_PARAMS.ring_step_latency
     assert _rollout_ep(moe, dataclasses.replace(lay, ep=1), hw, 8.0, DEFAULT_PARAMS) == 0.0
     assert _rollout_ep(dense, lay, hw, 8.0, DEFAULT_PARAMS) == 0.0
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_the_rollout_prefill_prices_the_output_gemm_on_the_last_position_only(pp) -> None:
+    """The cached prefill computes only the last position's logits (tests/runtime/learning/test_generation.py),
+    so the rollout's prefill prices the h x V GEMM on one position per row: the rollout equals the one priced
+    with the whole sequence's logits GEMM less m x (the micro batch's full-sequence GEMM - its last-position
+    GEMM) (pp = 1), or m x pp x that / pp (the stage-after-stage prefill's mean stage, pp = 2)."""
+    from nemoc.compiler import cost
+
+    m, seq = PRESETS["llama3_8b"], 4096
+    lay = layout(tp=2, pp=pp, dp=4 // pp, global_batch=64, num_microbatches=16 * pp, sequence_parallel=True)
+    hw = get_gpu("H100")
+    now = estimate(m, lay, gpu="H100", seq_length=seq, stage_kind="ppo").parts["rollout"]
+    original = cost._head_tokens
+    try:
+        cost._head_tokens = lambda tokens, micro_batch, last_logits: tokens  # every position, as before the fix
+        before = estimate(m, lay, gpu="H100", seq_length=seq, stage_kind="ppo").parts["rollout"]
+    finally:
+        cost._head_tokens = original
+    rate = hw.peak("bf16") * DEFAULT_PARAMS.gemm_eff(hw.generation, "bf16")
+    vocab = cost.padded_vocab(m.vocab, lay.tp) / lay.tp
+    gemm = [gemm_time(t, vocab, m.hidden, flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=2.0) for t in (seq, 1)]
+    assert before - now == pytest.approx(lay.num_microbatches * (gemm[0] - gemm[1]), rel=1e-6)
+    assert now < before
