@@ -123,7 +123,8 @@ def weight_bytes(precision: str) -> int:
 
 
 def state_bytes_per_param(precision: str, *, distributed_optimizer: bool, shard: int,
-                          grad_bytes: int = 4, moment_bytes: int = 4, master_bytes: int = 4) -> StateBytes:
+                          grad_bytes: int = 4, moment_bytes: int = 4, master_bytes: int = 4,
+                          grad_copy: bool = True) -> StateBytes:
     """Mixed-precision Adam (Megatron dist_optimizer.md table): 2 + 4 + 12 = 18 B/param, or with the
     distributed optimizer 6 + 12/shard; fp32: 4 + 4 + 8 = 16, or 8 + 8/shard. `shard` is the size of
     the group the optimizer state is sharded over (DP x CP for dense, expert-DP for experts).
@@ -134,28 +135,35 @@ def state_bytes_per_param(precision: str, *, distributed_optimizer: bool, shard:
     (distrib_optimizer.py `shard_main_param.grad = shard_model_grad.float()`) and frees it in
     `zero_grad(set_to_none=True)` before the next forward-backward, so it never meets the activations.
     `moment_bytes` / `master_bytes`: bytes of each Adam moment and of the master weight (`optimizer_bytes`:
-    2 / 2 with 16-bit moments and the master kept as a 16-bit remainder)."""
+    2 / 2 with 16-bit moments and the master kept as a 16-bit remainder). `grad_copy = False`: Transformer
+    Engine's FusedAdam owns the master weight and reads the 16-bit gradient shard in place (`optimizer_bytes`),
+    so the step makes no fp32 copy of it."""
     w = weight_bytes(precision)
     moments = 2 * moment_bytes
     if precision == "fp32":
         return StateBytes(w, 4, moments / shard if distributed_optimizer else moments)  # m + v, no master copy
     div = shard if distributed_optimizer else 1
     return StateBytes(w, grad_bytes, (master_bytes + moments) / div,
-                      (4.0 if grad_bytes == 2 else 0.0) / div)  # master + m + v
+                      (4.0 if grad_bytes == 2 and grad_copy else 0.0) / div)  # master + m + v
 
 
-def optimizer_bytes(layout: Layout, precision: str, fp8_recipe: str | None) -> tuple[int, int]:
-    """(bytes per Adam moment, bytes per master weight) of the distributed optimizer. 4 / 4 by default.
-    `optimizer_state_dtype = bf16` (Megatron-Core's precision-aware optimizer over Transformer Engine's
-    FusedAdam): 2-byte moments (`exp_avg_dtype`, `exp_avg_sq_dtype`), and with bf16 weights the fp32 master
-    is stored as its low 16 bits beside the bf16 weight (`store_param_remainders`, on by default; TE >= 2.1)
+def optimizer_bytes(layout: Layout, precision: str, fp8_recipe: str | None) -> tuple[int, int, bool]:
+    """(bytes per Adam moment, bytes per master weight, whether the step copies a 16-bit gradient shard to
+    fp32) of the distributed optimizer. 4 / 4 / copy by default (Megatron-Core's own Adam:
+    distrib_optimizer.py `shard_main_param.grad = shard_model_grad.float()`). The precision-aware optimizer
+    (`layout.precision_aware_optimizer`, Transformer Engine's FusedAdam): moments of `optimizer_state_dtype`
+    (`exp_avg_dtype`, `exp_avg_sq_dtype`: 2 bytes with bf16, 4 with fp32, as the recipes' bf16 Adam), and
     where Megatron-Core lets FusedAdam own the master weight (`use_precision_aware_optimizer_no_fp8_or_ds_fp8`:
-    no FP8, or FP8 with delayed scaling), else a 4-byte fp32 master kept by Megatron-Core
-    (optimizer/optimizer_config.py, distrib_optimizer.py `master_param` as int16)."""
-    if layout.optimizer_state_dtype == "fp32":
-        return 4, 4
-    remainders = precision == "bf16" or (precision in ("fp8", "mxfp8") and fp8_recipe == "delayed")
-    return 2, (2 if remainders else 4)
+    no FP8, or FP8 with delayed scaling) with bf16 weights, the fp32 master stored as its low 16 bits beside the
+    bf16 weight (`store_param_remainders`, on by default; TE >= 2.1; distrib_optimizer.py `master_param` as
+    int16) and the gradient shard handed over in place (`decoupled_grad = shard_model_grad`: no fp32 copy);
+    else a 4-byte fp32 master kept by Megatron-Core, and its fp32 gradient copy."""
+    if not layout.precision_aware_optimizer:
+        return 4, 4, True
+    moment = 2 if layout.optimizer_state_dtype == "bf16" else 4
+    owned = precision in ("bf16", "fp16") or (precision in ("fp8", "mxfp8") and fp8_recipe == "delayed")
+    remainders = owned and precision != "fp16"  # the remainder completes a bf16 weight, not an fp16 one
+    return moment, (2 if remainders else 4), not owned
 
 
 # ----------------------------------------------------------------------------------- activations
@@ -415,7 +423,7 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
 def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, vocab, scalar_head, split, precision,
                   peft, trainable, frozen, grad_bytes, fsdp=False,
-                  opt_bytes=(4, 4)) -> tuple[_Stage, float, float, float, float]:
+                  opt_bytes=(4, 4, True)) -> tuple[_Stage, float, float, float, float]:
     """(the stage's local parameters, weights, gradients, optimizer bytes, optimizer-step transient
     bytes): trainable models get full states, frozen ones weights only; LoRA trains the adapters only.
     `fsdp` (Megatron-FSDP, optim_grads_params): the trained model's 16-bit weights and its gradient
@@ -433,7 +441,7 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
             adapter = st.layers * lora_params_per_layer(model, peft) / tp
             a_state = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=dense_shard,
                                             grad_bytes=grad_bytes, moment_bytes=opt_bytes[0],
-                                            master_bytes=opt_bytes[1])
+                                            master_bytes=opt_bytes[1], grad_copy=opt_bytes[2])
             weights += adapter * a_state.weights
             gradients += adapter * a_state.gradients
             optimizer += adapter * a_state.optimizer
@@ -441,7 +449,8 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
         else:
             for count, shard in ((st.dense, dense_shard), (st.expert, expert_shard)):
                 s = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=shard,
-                                          grad_bytes=grad_bytes, moment_bytes=opt_bytes[0], master_bytes=opt_bytes[1])
+                                          grad_bytes=grad_bytes, moment_bytes=opt_bytes[0], master_bytes=opt_bytes[1],
+                                          grad_copy=opt_bytes[2])
                 if fsdp:  # the weights counted above in full are held as this shard
                     weights -= count * wb * (1.0 - 1.0 / shard)
                 gradients += count * s.gradients / (shard if fsdp else 1)

@@ -196,6 +196,9 @@ class Layout:
     megatron_fsdp: bool = False  # DDP `use_megatron_fsdp`, sharding optim_grads_params (ZeRO-3)
     # `OptimizerConfig.exp_avg_dtype` / `exp_avg_sq_dtype` (bf16: `use_precision_aware_optimizer`)
     optimizer_state_dtype: str = "fp32"
+    # `OptimizerConfig.use_precision_aware_optimizer` (Transformer Engine's FusedAdam), with moments of
+    # `optimizer_state_dtype`: on with bf16 moments, and with fp32 ones where the experiment says so
+    precision_aware_optimizer: bool = False
 
     @property
     def world_size(self) -> int:

@@ -221,7 +221,8 @@ def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> Pa
     return replace(parallel, context=parallel.context if parallel.context is not None else 1, sequence_parallel=sp,
                    distributed_optimizer=False, recompute="none", recompute_layers=None, virtual_pipeline=1, pipeline=pipeline,
                    micro_batch=parallel.micro_batch or 1, tp_comm_overlap=False, overlap_param_gather=False, fp8_param_gather=False,
-                   grad_reduce_in_fp32=True, megatron_fsdp=False, optimizer_state_dtype="fp32")
+                   grad_reduce_in_fp32=True, megatron_fsdp=False, optimizer_state_dtype="fp32",
+                   precision_aware_optimizer=False)
 
 
 # ------------------------------------------------------------------------------- not fitting: why

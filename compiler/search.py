@@ -416,7 +416,8 @@ def _make_layout(p: Problem, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[
                   recompute=rc[0], recompute_layers=rc[1], tp_comm_overlap=p.fixed.tp_comm_overlap,
                   grad_reduce_in_fp32=p.fixed.grad_reduce_in_fp32,
                   overlap_param_gather=p.fixed.overlap_param_gather, fp8_param_gather=p.fixed.fp8_param_gather,
-                  megatron_fsdp=p.fixed.megatron_fsdp, optimizer_state_dtype=p.fixed.optimizer_state_dtype)
+                  megatron_fsdp=p.fixed.megatron_fsdp, optimizer_state_dtype=p.fixed.optimizer_state_dtype,
+                  precision_aware_optimizer=p.fixed.precision_aware)
 
 
 def _sizes(p: Problem, layout: Layout) -> Sizes:
@@ -426,7 +427,8 @@ def _sizes(p: Problem, layout: Layout) -> Sizes:
                  recompute=layout.recompute, recompute_layers=layout.recompute_layers, seq_length=p.seq_length,
                  tp_comm_overlap=layout.tp_comm_overlap,
                  overlap_param_gather=layout.overlap_param_gather, fp8_param_gather=layout.fp8_param_gather,
-                 megatron_fsdp=layout.megatron_fsdp, optimizer_state_dtype=layout.optimizer_state_dtype)
+                 megatron_fsdp=layout.megatron_fsdp, optimizer_state_dtype=layout.optimizer_state_dtype,
+                 precision_aware_optimizer=layout.precision_aware_optimizer)
 
 
 # ------------------------------------------------------------------------------------ the domains
@@ -645,10 +647,12 @@ class _Context:
         # Layout and Sizes fields every candidate takes from the problem
         self.fixed_layout = dict(tp_comm_overlap=f.tp_comm_overlap, grad_reduce_in_fp32=f.grad_reduce_in_fp32,
                                  overlap_param_gather=f.overlap_param_gather, fp8_param_gather=f.fp8_param_gather,
-                                 megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype)
+                                 megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype,
+                                 precision_aware_optimizer=f.precision_aware)
         self.fixed_sizes = dict(seq_length=p.seq_length, tp_comm_overlap=f.tp_comm_overlap,
                                 overlap_param_gather=f.overlap_param_gather, fp8_param_gather=f.fp8_param_gather,
-                                megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype)
+                                megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype,
+                                precision_aware_optimizer=f.precision_aware)
         self.grad_bytes = 4 if f.grad_reduce_in_fp32 else 2  # `_grad_bytes` of every candidate
         self.memory_kw = dict(precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
                               stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, kernels=kernels,
@@ -1138,7 +1142,8 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
                           seq_length=p.seq_length,
                           tp_comm_overlap=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather,
                           fp8_param_gather=f.fp8_param_gather, megatron_fsdp=f.megatron_fsdp,
-                          optimizer_state_dtype=f.optimizer_state_dtype)
+                          optimizer_state_dtype=f.optimizer_state_dtype,
+                          precision_aware_optimizer=f.precision_aware)
             v = layout_violations(env, sizes)
             layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp or 1, mb, sp, do, rc)
             if v is not None:

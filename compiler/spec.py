@@ -177,6 +177,15 @@ class ParallelSpec:
     fp8_param_gather: bool = False  # linear weights kept (and all-gathered) in FP8
     megatron_fsdp: bool = False  # Megatron-FSDP, optim_grads_params (ZeRO-3)
     optimizer_state_dtype: str = "fp32"  # Adam moments: fp32 | bf16 (precision-aware optimizer)
+    precision_aware_optimizer: bool | None = None  # None = auto: on exactly with bf16 moments
+
+    @property
+    def precision_aware(self) -> bool:
+        """Whether the stage runs Megatron-Core's precision-aware optimizer: as written, or (auto) exactly
+        when the Adam moments are 16-bit (the meaning `optimizer_state_dtype = bf16` always had)."""
+        if self.precision_aware_optimizer is not None:
+            return self.precision_aware_optimizer
+        return self.optimizer_state_dtype != "fp32"
 
 
 @dataclass(frozen=True, slots=True)

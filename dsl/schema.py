@@ -318,6 +318,15 @@ PARALLEL_FIELDS = (
        "master weights of 16-bit training kept as the 16-bit remainder beside the bf16 weight "
        "(`store_param_remainders`): 6 bytes of optimizer state per parameter instead of 12, before sharding. "
        "Needs distributed_optimizer (E190) and Transformer Engine (E191)."),
+    _f("precision_aware_optimizer", BOOL, None, "Megatron-Core's precision-aware optimizer "
+       "(`use_precision_aware_optimizer`: Transformer Engine's FusedAdam updates the distributed optimizer's "
+       "shard), with Adam moments of `optimizer_state_dtype`. With fp32 moments (Megatron-Bridge's bf16 Adam "
+       "recipes) the update is the same; FusedAdam owns the fp32 master weight of 16-bit training as its 16-bit "
+       "remainder beside the bf16 weight (`store_param_remainders`) and reads the gradient shard where it lies "
+       "(no fp32 copy of a 16-bit gradient in the step): 4 + 4 + 2 = 10 bytes of optimizer state per parameter "
+       "instead of 12, before sharding. Default `auto`: on exactly when optimizer_state_dtype = bf16 (16-bit "
+       "moments need it: E192 refuses false there), so files without this field keep their meaning. Needs "
+       "distributed_optimizer (E190) and Transformer Engine (E191).", auto=True),
 )
 
 DATA_FIELDS = (

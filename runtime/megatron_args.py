@@ -269,10 +269,13 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
             f"context parallelism (cp={layout.cp}) needs Transformer Engine's attention (TEDotProductAttention) "
             "or the local spec's flash (SDPA) core; Megatron-Core's unfused DotProductAttention supports cp=1 only"
         )
-    if layout.optimizer_state_dtype != "fp32" and not facts.have_te:
+    if layout.precision_aware_optimizer and not facts.have_te:
         # `nemoc check` refuses it on the local spec (E191); Megatron-Core's OptimizerConfig raises without TE
-        raise UnsupportedPlan(f"optimizer_state_dtype = {layout.optimizer_state_dtype} needs Transformer Engine's "
-                              "FusedAdam (Megatron-Core's precision-aware optimizer), which is not installed here")
+        what = (f"optimizer_state_dtype = {layout.optimizer_state_dtype}" if layout.optimizer_state_dtype != "fp32"
+                else "precision_aware_optimizer = true (fp32 moments)")
+        raise UnsupportedPlan(f"{what} needs Transformer Engine's FusedAdam (Megatron-Core's precision-aware "
+                              "optimizer), which is not installed here; plan precision_aware_optimizer = false for "
+                              "Megatron-Core's own Adam (the same update with fp32 moments)")
     if layout.sequence_parallel and layout.tp == 1:
         raise UnsupportedPlan("sequence_parallel needs tp > 1")
     if layout.tp_comm_overlap:
@@ -712,14 +715,15 @@ def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout
 
 
 def precision_aware_optimizer_kwargs(layout: Layout) -> dict:
-    """The plan's `optimizer_state_dtype` as OptimizerConfig fields: bf16 Adam moments through Megatron-Core's
+    """The plan's `precision_aware_optimizer` and `optimizer_state_dtype` as OptimizerConfig fields: Megatron-Core's
     precision-aware optimizer (Transformer Engine's FusedAdam; `store_param_remainders` stays at its default,
-    on). Nothing for fp32 (Megatron-Core's defaults)."""
-    if layout.optimizer_state_dtype == "fp32":
+    on) with bf16 or fp32 Adam moments (main params and main grads at their fp32 defaults, as Megatron-Bridge's
+    recipes). Nothing without it (Megatron-Core's defaults)."""
+    if not layout.precision_aware_optimizer:
         return {}
     import torch
 
-    dtype = {"bf16": torch.bfloat16}[layout.optimizer_state_dtype]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[layout.optimizer_state_dtype]
     return dict(use_precision_aware_optimizer=True, exp_avg_dtype=dtype, exp_avg_sq_dtype=dtype)
 
 
@@ -902,7 +906,7 @@ def _lm_optimizer(stage) -> list[str]:
         out += [f"--adam-beta1 {_shell_word(opt.betas[0])}", f"--adam-beta2 {_shell_word(opt.betas[1])}",
                 f"--adam-eps {_shell_word(opt.eps)}"]
     out += [f"--weight-decay {_shell_word(opt.weight_decay)}", f"--clip-grad {_shell_word(opt.grad_clip)}"]
-    if stage.layout.optimizer_state_dtype != "fp32":
+    if stage.layout.precision_aware_optimizer:
         dtype = stage.layout.optimizer_state_dtype
         out += ["--use-precision-aware-optimizer", f"--exp-avg-dtype {dtype}", f"--exp-avg-sq-dtype {dtype}"]
     kw = scheduler_kwargs(optimizer=opt, schedule=sched, steps=stage.steps)

@@ -136,6 +136,7 @@ from nemoc.compiler.rules.precision import (  # noqa: F401
     warn_selective_recompute_flash,
     rule_tp_comm_overlap,
     rule_optimizer_state_dtype_te,
+    rule_precision_aware_bf16_moments,
 )
 from nemoc.compiler.rules.registry import (  # noqa: F401
     ERROR_RULES,

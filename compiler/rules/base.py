@@ -42,6 +42,7 @@ class Sizes:
     fp8_param_gather: bool = False
     megatron_fsdp: bool = False
     optimizer_state_dtype: str = "fp32"
+    precision_aware_optimizer: bool = False  # resolved (ParallelSpec.precision_aware)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: in
         overlap_param_gather=parallel.overlap_param_gather, fp8_param_gather=parallel.fp8_param_gather,
         megatron_fsdp=parallel.megatron_fsdp,
         optimizer_state_dtype=parallel.optimizer_state_dtype,
+        precision_aware_optimizer=parallel.precision_aware,
     )
 
 
@@ -45,6 +46,7 @@ _PARALLEL_FIELDS = (
     "tensor", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor", "data",
     "sequence_parallel", "distributed_optimizer", "recompute", "recompute_layers", "micro_batch", "tp_comm_overlap",
     "grad_reduce_in_fp32", "overlap_param_gather", "fp8_param_gather", "megatron_fsdp", "optimizer_state_dtype",
+    "precision_aware_optimizer",
 )
 
 

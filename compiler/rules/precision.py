@@ -437,18 +437,37 @@ def rule_tp_comm_overlap(env: Env, s: Sizes) -> Violation | None:
 
 
 def rule_optimizer_state_dtype_te(env: Env, s: Sizes) -> Violation | None:
-    """16-bit Adam moments are Transformer Engine's FusedAdam (`exp_avg_dtype`, `master_weight_dtype`);
-    Megatron-Core's OptimizerConfig raises "--use-precision-aware-optimizer requires FusedAdam from
-    TransformerEngine" without it, so the local spec cannot run them."""
-    if s.optimizer_state_dtype == "fp32":
+    """The precision-aware optimizer (16-bit Adam moments, or `precision_aware_optimizer = true` with fp32 ones)
+    is Transformer Engine's FusedAdam (`exp_avg_dtype`, `master_weight_dtype`); Megatron-Core's OptimizerConfig
+    raises "--use-precision-aware-optimizer requires FusedAdam from TransformerEngine" without it, so the local
+    spec cannot run it."""
+    if not s.precision_aware_optimizer:
         return None
     local = _local_why(env)
     if not local:
         return None
-    return Violation("E191", f"optimizer_state_dtype = {s.optimizer_state_dtype} needs Transformer Engine",
-                     f"optimizer_state_dtype({s.optimizer_state_dtype}) but {local}",
-                     "set optimizer_state_dtype = fp32" + (", or kernels = te where Transformer Engine is installed"
-                                                           if env.kernels == "local" else ""),
-                     anchors=(_P + "optimizer_state_dtype", "kernels"),
+    if s.optimizer_state_dtype != "fp32":
+        what, field, hint = (f"optimizer_state_dtype = {s.optimizer_state_dtype}", "optimizer_state_dtype",
+                             "set optimizer_state_dtype = fp32")
+    else:
+        what, field, hint = ("precision_aware_optimizer = true", "precision_aware_optimizer",
+                             "set precision_aware_optimizer = false (or auto): Megatron-Core's own Adam, same numerics")
+    return Violation("E191", f"{what} needs Transformer Engine",
+                     f"{what.replace(' = ', '(')}) but {local}",
+                     hint + (", or kernels = te where Transformer Engine is installed" if env.kernels == "local" else ""),
+                     anchors=(_P + field, "kernels"),
                      source="megatron/core/optimizer/optimizer_config.py __post_init__ (precision-aware optimizer "
                             "requires FusedAdam from TransformerEngine)")
+
+
+def rule_precision_aware_bf16_moments(env: Env, s: Sizes) -> Violation | None:
+    """16-bit Adam moments exist only in the precision-aware optimizer: Megatron-Core's OptimizerConfig asserts
+    "exp_avg_dtype can only be fp32 when not using precision-aware optimizer"."""
+    if s.optimizer_state_dtype == "fp32" or s.precision_aware_optimizer:
+        return None
+    return Violation("E192", f"optimizer_state_dtype = {s.optimizer_state_dtype} needs the precision-aware optimizer",
+                     f"optimizer_state_dtype({s.optimizer_state_dtype}) with precision_aware_optimizer = false",
+                     "remove precision_aware_optimizer = false (auto turns it on), or set optimizer_state_dtype = fp32",
+                     anchors=(_P + "precision_aware_optimizer", _P + "optimizer_state_dtype"),
+                     source="megatron/core/optimizer/optimizer_config.py __post_init__ (exp_avg_dtype can only be fp32 "
+                            "when not using precision-aware optimizer)")

@@ -83,6 +83,7 @@ from nemoc.compiler.rules.precision import (
     rule_gemma_layer_parts,
     rule_gemma_layer_te,
     rule_optimizer_state_dtype_te,
+    rule_precision_aware_bf16_moments,
     rule_precision_hardware,
     rule_te_needs_gpu,
     warn_auto_attention_unfused,
@@ -111,7 +112,7 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_overlap_param_gather, rule_recompute_layers,
     rule_recompute_layers_chunk,
     rule_fp8_param_gather_optimizer, rule_optimizer_state_dtype_optimizer, rule_optimizer_state_dtype_te,
-    rule_gemma_layer_te, rule_gemma_layer_parts, rule_cross_entropy_needs_te,
+    rule_precision_aware_bf16_moments, rule_gemma_layer_te, rule_gemma_layer_parts, rule_cross_entropy_needs_te,
 )
 
 
@@ -178,6 +179,7 @@ CODES: dict[str, Rule] = {
     "E166": rule_fp8_param_gather_optimizer,
     "E190": rule_optimizer_state_dtype_optimizer,
     "E191": rule_optimizer_state_dtype_te,
+    "E192": rule_precision_aware_bf16_moments,
     "E171": rule_moe_settings_dense,
     "E172": rule_moe_settings_kernels,
     "E173": rule_cuda_graph_gpu,

@@ -573,7 +573,7 @@ def test_bf16_optimizer_state_reaches_megatron_cores_optimizer_config():
     from megatron.core.optimizer import OptimizerConfig
 
     sched, opt = ScheduleSpec(), OptimizerSpec()
-    layout = lay(dp=2, distributed_optimizer=True, optimizer_state_dtype="bf16")
+    layout = lay(dp=2, distributed_optimizer=True, optimizer_state_dtype="bf16", precision_aware_optimizer=True)
     assert margs.precision_aware_optimizer_kwargs(lay(dp=2, distributed_optimizer=True)) == {}
     te_version = "megatron.core.optimizer.optimizer_config.is_te_min_version"
     with mock.patch(te_version, lambda *a, **k: False), \
@@ -600,14 +600,59 @@ def test_bf16_optimizer_state_reaches_megatron_cores_optimizer_config():
     assert oc.main_params_dtype is torch.float32 and oc.store_param_remainders
 
 
+def test_fp32_moment_precision_aware_optimizer_reaches_megatron_cores_optimizer_config():
+    """precision_aware_optimizer = true with fp32 moments (Megatron-Bridge's bf16 Adam recipes): Megatron-Core
+    0.16.1's OptimizerConfig with use_precision_aware_optimizer and fp32 exp_avg / exp_avg_sq, main params and
+    grads fp32, accepted with Transformer Engine's FusedAdam (a class with TE's signature stands in) and refused
+    without it, where the runtime refuses first with a message naming the fix."""
+    import sys
+    import types
+
+    from megatron.core.optimizer import OptimizerConfig
+
+    sched, opt = ScheduleSpec(), OptimizerSpec()
+    layout = lay(dp=2, distributed_optimizer=True, precision_aware_optimizer=True)
+    assert margs.precision_aware_optimizer_kwargs(layout) == dict(
+        use_precision_aware_optimizer=True, exp_avg_dtype=torch.float32, exp_avg_sq_dtype=torch.float32)
+    te_version = "megatron.core.optimizer.optimizer_config.is_te_min_version"
+    with mock.patch(te_version, lambda *a, **k: False), \
+            pytest.raises(RuntimeError, match="requires FusedAdam from TransformerEngine"):
+        margs.optimizer_config(optimizer=opt, schedule=sched, layout=layout, precision="bf16")
+    with pytest.raises(margs.UnsupportedPlan, match=r"precision_aware_optimizer = true \(fp32 moments\) needs "
+                                                    r"Transformer Engine's FusedAdam.*precision_aware_optimizer = false"):
+        margs._check_supported(model=LLAMA_ISH, layout=layout, precision="bf16", facts=CPU)
+
+    class FusedAdam:  # Transformer Engine's signature (transformer_engine/pytorch/optimizers/fused_adam.py)
+        def __init__(self, params, master_weight_dtype=None, exp_avg_dtype=None, exp_avg_sq_dtype=None,
+                     use_decoupled_grad=False):
+            pass
+
+    te = types.ModuleType("transformer_engine")
+    te.pytorch = types.ModuleType("transformer_engine.pytorch")
+    te.pytorch.optimizers = types.ModuleType("transformer_engine.pytorch.optimizers")
+    te.pytorch.optimizers.FusedAdam = FusedAdam
+    fake = {"transformer_engine": te, "transformer_engine.pytorch": te.pytorch,
+            "transformer_engine.pytorch.optimizers": te.pytorch.optimizers}
+    with mock.patch.dict(sys.modules, fake), mock.patch(te_version, lambda *a, **k: True):
+        oc = margs.optimizer_config(optimizer=opt, schedule=sched, layout=layout, precision="bf16")
+    assert isinstance(oc, OptimizerConfig) and oc.use_precision_aware_optimizer
+    assert oc.exp_avg_dtype is torch.float32 and oc.exp_avg_sq_dtype is torch.float32
+    assert oc.main_params_dtype is torch.float32 and oc.main_grads_dtype is torch.float32
+    assert oc.use_precision_aware_optimizer_no_fp8_or_ds_fp8 and oc.store_param_remainders
+
+
 def test_bf16_optimizer_state_in_the_megatron_lm_command_line():
     """`nemoc export --megatron-args`: the same setting as Megatron-LM's flags."""
     import types
 
     stage = types.SimpleNamespace(optimizer=OptimizerSpec(), schedule=ScheduleSpec(), steps=10,
-                                  layout=lay(dp=2, distributed_optimizer=True, optimizer_state_dtype="bf16"))
+                                  layout=lay(dp=2, distributed_optimizer=True, optimizer_state_dtype="bf16",
+                                             precision_aware_optimizer=True))
     flags = margs._lm_optimizer(stage)
     assert {"--use-precision-aware-optimizer", "--exp-avg-dtype bf16", "--exp-avg-sq-dtype bf16"} <= set(flags)
+    stage.layout = lay(dp=2, distributed_optimizer=True, precision_aware_optimizer=True)
+    assert {"--use-precision-aware-optimizer", "--exp-avg-dtype fp32", "--exp-avg-sq-dtype fp32"} <= set(
+        margs._lm_optimizer(stage))
     stage.layout = lay(dp=2, distributed_optimizer=True)
     assert not any("precision-aware" in f for f in margs._lm_optimizer(stage))
 
