@@ -184,6 +184,22 @@ def fusions(model: ModelSpec, kernels: str, cross_entropy: str | None = None,
                    cross_entropy=ce)
 
 
+def reuses_grad_buffer(precision: str, layout: Layout) -> bool:
+    """Whether the stage's MXFP8 parameter all-gather reuses the gradient buffer (Megatron-Core 0.16.1 DDP /
+    OptimizerConfig `reuse_grad_buf_for_mxfp8_param_ag`; Megatron-Bridge's MXFP8 recipes switch it on with
+    `fp8_param_gather`: training/mixed_precision.py `bf16_with_mxfp8_mixed`). With MXFP8 parameters the
+    distributed optimizer's 16-bit all-gather buffer *is* the gradient buffer (param_and_grad_buffer.py: one
+    `shared_buffer` of the gradient dtype, bf16 parameters in its first half under fp32 gradients), whatever the
+    flag; the flag keeps the model's MXFP8 parameters out of it (all-gather, `param.data.copy_`, then zero the
+    buffer for the next gradients; the optimizer step writes the main parameters into it:
+    `_copy_main_params_to_param_buffer`). Without it Megatron-Core maps the parameters' storage into that shared
+    buffer, where the gradients accumulate over them, so the plan sets it exactly where MXFP8 parameters are
+    all-gathered: precision mxfp8 with fp8_param_gather (which needs the distributed optimizer: rules E166),
+    and Megatron-Core's own check holds (DistributedDataParallelConfig: "Reuse grad buffer only when keeping
+    params in MXFP8", i.e. fp8_param_gather). No field: no other value runs."""
+    return precision == "mxfp8" and layout.fp8_param_gather and layout.distributed_optimizer
+
+
 def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: PipelineSplit | None, stage_kind: str,
                     precision: str, attention_backend: str, kernels: str, seq_length: int,
                     peft: LoraSpec | None = None, params: object = None,
@@ -215,4 +231,5 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
         peak_flops_per_gpu=peak,
         moe=moe if moe is not None else moe_execution(model, stage_kernels, layout.ep),
         host=host,
+        reuse_grad_buf_for_mxfp8_param_ag=reuses_grad_buffer(stage_precision, layout),
     )

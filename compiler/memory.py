@@ -512,7 +512,12 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         if layout.fp8_param_gather and trainable:
             # FP8 parameters (Megatron-Core `fp8_param`): the linear weights are TE Float8Tensors, 1 byte
             # (the FP8 copy itself) plus the cached transpose, instead of a 16-bit weight plus both FP8
-            # copies; the optimizer's fp32 master shard is unchanged.
+            # copies; the optimizer's fp32 master shard is unchanged. The distributed optimizer's 16-bit
+            # all-gather buffer is no term of its own: FP8 tensors are gathered in their 1-byte buffer (the
+            # weights), MXFP8 ones through the gradient buffer (`reuse_grad_buf_for_mxfp8_param_ag`, which the
+            # plan sets: execution.reuses_grad_buffer; bf16 parameters fill half of an fp32 gradient buffer,
+            # all of a bf16 one), so the bf16 buffer the distributed optimizer otherwise keeps beside the
+            # weights is never allocated.
             weights -= trainable * linear * (weight_bytes(precision) - 1)
             parts["fp8_weight_cache"] = 1.0 * linear
 

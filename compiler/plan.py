@@ -169,6 +169,9 @@ class Execution:
     peak_flops_per_gpu: float | None  # the planned GPU's dense peak at `precision` (None: unknown)
     moe: MoeExecution | None = None  # the MoE layer's dispatcher and kernels; None for a dense model
     host: HostExecution | None = None  # CUDA graphs and manual GC; None: a model built outside a stage plan
+    # DDP / OptimizerConfig `reuse_grad_buf_for_mxfp8_param_ag`: the distributed optimizer's all-gather of MXFP8
+    # parameters lands in the gradient buffer (execution.reuses_grad_buffer)
+    reuse_grad_buf_for_mxfp8_param_ag: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from nemoc.compiler import chattemplate
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.execution import (fp8_recipe_of, full_iteration_graph, host_defaults_taken, moe_defaults_taken,
-                                     stage_execution, stage_host)
+                                      reuses_grad_buffer, stage_execution, stage_host)
 from nemoc.compiler.flops import param_counts
 from nemoc.compiler.memory import resident_models, weight_bytes
 from nemoc.compiler.plan import Estimate, Plan, StagePlan
@@ -451,6 +451,10 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
                                     manual_gc_interval=spec.manual_gc_interval)
         if taken:
             notes.append("host defaults taken (Megatron-Bridge recipes): " + ", ".join(taken))
+        if reuses_grad_buffer(target.stage_precision(stage.kind, spec.precision), chosen.layout):
+            notes.append("MXFP8 parameters all-gathered through the gradient buffer (reuse_grad_buf_for_mxfp8_param_ag, "
+                         "as Megatron-Bridge's MXFP8 recipes; Megatron-Core 0.16.1 shares the buffer with MXFP8 "
+                         "parameters, so the plan counts no separate all-gather buffer)")
         if spec.cross_entropy_fusion is None and full_iteration_graph(probe.host) and probe.stage_kernels == "te":
             notes.append(f"loss default taken: cross_entropy_fusion = {probe.cross_entropy}, not te: under a whole-iteration "
                          "CUDA graph (cuda_graph_scope full_iteration) Megatron-Core runs TE's CUDA-graph-capturable cross "

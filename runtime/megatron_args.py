@@ -656,22 +656,27 @@ def _interleaved(layout: Layout) -> bool:
     return layout.pp > 1 and (layout.vp or 1) > 1
 
 
-def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None, cpu: bool = False):
+def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None, cpu: bool = False,
+               reuse_grad_buf: bool = False):
     """Megatron DDP: gradient reduction in fp32 main grads or the 16-bit parameter dtype, as planned
     (`grad_reduce_in_fp32`); the plan's overlaps of the gradient reduce and the parameter gather
     (`Execution.overlaps`; none for a model built outside a stage plan). Megatron-FSDP on gloo (`cpu`)
     scales the gradients before a plain sum: its default folds the 1/DP into NCCL's PREMUL_SUM
-    reduction (fsdp param_and_grad_buffer.py `gradient_reduce_preprocessing`), which gloo lacks."""
+    reduction (fsdp param_and_grad_buffer.py `gradient_reduce_preprocessing`), which gloo lacks.
+    `reuse_grad_buf`: the plan's `Execution.reuse_grad_buf_for_mxfp8_param_ag`."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
     extra = dict(gradient_reduce_div_fusion=False) if cpu and layout.megatron_fsdp else {}
-    return DistributedDataParallelConfig(**_ddp_kwargs(layout, overlaps), check_for_nan_in_grad=False, **extra)
+    return DistributedDataParallelConfig(**_ddp_kwargs(layout, overlaps, reuse_grad_buf), check_for_nan_in_grad=False,
+                                         **extra)
 
 
-def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None) -> dict:
+def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None, reuse_grad_buf: bool = False) -> dict:
     kw = dict(grad_reduce_in_fp32=layout.grad_reduce_in_fp32, overlap_grad_reduce=bool(overlaps and overlaps.grad_reduce),
               overlap_param_gather=bool(overlaps and overlaps.param_gather),
               use_distributed_optimizer=layout.distributed_optimizer, fp8_param_gather=layout.fp8_param_gather)
+    if reuse_grad_buf:  # MXFP8 parameters all-gathered through the gradient buffer (execution.reuses_grad_buffer)
+        kw.update(reuse_grad_buf_for_mxfp8_param_ag=True)
     if layout.megatron_fsdp:  # ZeRO-3: weights, gradients and optimizer state sharded (Megatron-Bridge's FSDP recipes)
         kw.update(use_megatron_fsdp=True, data_parallel_sharding_strategy="optim_grads_params")
     return kw
@@ -682,9 +687,12 @@ def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None) -> dict:
 LOSS_SCALING = dict(initial_loss_scale=2.0**16, min_loss_scale=1.0, loss_scale_window=1000, hysteresis=2)
 
 
-def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout: Layout, precision: str):
+def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout: Layout, precision: str,
+                     reuse_grad_buf: bool = False):
     """Adam(W) or SGD with grad clipping; bf16/fp16 keep fp32 main params; fp16 uses dynamic loss
-    scaling (Micikevicius et al. 2018): start 2^16, halve on overflow, double after 1000 clean steps."""
+    scaling (Micikevicius et al. 2018): start 2^16, halve on overflow, double after 1000 clean steps.
+    `reuse_grad_buf` (the plan's `Execution.reuse_grad_buf_for_mxfp8_param_ag`): the step writes the main
+    parameters into the shared parameter / gradient buffer for the next all-gather."""
     import torch
     from megatron.core.optimizer import OptimizerConfig
 
@@ -711,6 +719,7 @@ def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout
         **LOSS_SCALING,
         use_distributed_optimizer=layout.distributed_optimizer,
         **precision_aware_optimizer_kwargs(layout),
+        **(dict(reuse_grad_buf_for_mxfp8_param_ag=True) if reuse_grad_buf else {}),
     )
 
 
@@ -821,8 +830,8 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
         args.append("--use-distributed-optimizer")
     args += _flags(_recompute_kwargs(lay.recompute, lay.recompute_layers))
     args += _flags(pipeline_split_kwargs(stage.execution.pipeline))
-    args += _flags({k: v for k, v in _ddp_kwargs(lay, stage.execution.overlaps).items()
-                    if k != "use_distributed_optimizer"})
+    ddp = _ddp_kwargs(lay, stage.execution.overlaps, stage.execution.reuse_grad_buf_for_mxfp8_param_ag)
+    args += _flags({k: v for k, v in ddp.items() if k != "use_distributed_optimizer"})
     if model.is_moe:
         args += _flags(_moe_kwargs(model, lay, stage.execution.moe))
     args += [f"--micro-batch-size {lay.micro_batch}", f"--global-batch-size {lay.global_batch}",

@@ -331,3 +331,33 @@ def test_precision_aware_optimizer_through_the_language(tmp_path) -> None:
             bf16.layout.precision_aware_optimizer) == (False, True, True)
     assert aware.memory.optimizer == pytest.approx(auto.memory.optimizer * 10 / 12, rel=1e-6)
     assert bf16.memory.optimizer == pytest.approx(auto.memory.optimizer * 6 / 12, rel=1e-6)
+
+
+def test_mxfp8_parameters_are_all_gathered_through_the_gradient_buffer(tmp_path) -> None:
+    """precision = mxfp8 with fp8_param_gather on a B200: the plan sets reuse_grad_buf_for_mxfp8_param_ag (as
+    Megatron-Bridge's MXFP8 recipes; Megatron-Core 0.16.1 shares one buffer between the MXFP8 all-gather and
+    the gradients) and says so; the memory counts no all-gather buffer beside the gradients: FP8 parameters
+    save the same 2 bytes per linear weight as with fp8, and gradients and optimizer state do not move."""
+    from nemoc.compiler.lower import compile_file
+    from nemoc.compiler.planner import plan_experiment
+
+    def plan(precision: str, gather: bool):
+        path = tmp_path / "m.nemo"
+        path.write_text("experiment m {\n  cluster { gpu = B200  nodes = 1  gpus_per_node = 8 }\n"
+                        "  model llama3_8b { seq_length = 4096 }\n"
+                        "  parallel { tensor = 2  pipeline = 1  data = 4  micro_batch = 1  recompute = none  "
+                        f"fp8_param_gather = {str(gather).lower()} }}\n  precision = {precision}\n"
+                        "  stage pretrain { steps = 10  global_batch = 64 }\n}\n")
+        spec, diags, _ = compile_file(str(path))
+        assert not [d for d in diags if d.is_error]
+        result = plan_experiment(spec)
+        return result.plan.stages[0], result.stages[0].notes
+
+    (mx, notes), (mx_plain, plain_notes) = plan("mxfp8", True), plan("mxfp8", False)
+    assert mx.execution.reuse_grad_buf_for_mxfp8_param_ag and not mx_plain.execution.reuse_grad_buf_for_mxfp8_param_ag
+    assert any("reuse_grad_buf_for_mxfp8_param_ag" in n for n in notes)
+    assert not any("reuse_grad_buf_for_mxfp8_param_ag" in n for n in plain_notes)
+    assert not plan("fp8", True)[0].execution.reuse_grad_buf_for_mxfp8_param_ag
+    linear = mx_plain.memory.parts["fp8_weight_cache"] / 2
+    assert mx_plain.memory.total - mx.memory.total == pytest.approx(2 * linear, rel=1e-6, abs=8)
+    assert (mx.memory.gradients, mx.memory.optimizer) == (mx_plain.memory.gradients, mx_plain.memory.optimizer)

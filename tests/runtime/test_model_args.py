@@ -678,3 +678,26 @@ def test_te_cross_entropy_under_a_whole_iteration_graph_needs_te_2_7():
             else:
                 margs._check_cross_entropy(fusions, GPU_TE, whole)
             margs._check_cross_entropy(fusions, GPU_TE, layers)  # no whole-iteration graph: any TE with the loss
+
+
+def test_mxfp8_parameters_reuse_the_gradient_buffer_in_megatron_cores_configs():
+    """The plan's `reuse_grad_buf_for_mxfp8_param_ag` (precision mxfp8 with fp8_param_gather:
+    compiler/execution.py `reuses_grad_buffer`) reaches Megatron-Core 0.16.1's DistributedDataParallelConfig
+    and OptimizerConfig, which accept it with fp8_param_gather and refuse it without (the DDP config's own
+    check); `nemoc export --megatron-args` writes the flag."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from nemoc.compiler.execution import reuses_grad_buffer
+
+    fp8p = lay(dp=2, distributed_optimizer=True, fp8_param_gather=True)
+    assert reuses_grad_buffer("mxfp8", fp8p)
+    assert not reuses_grad_buffer("fp8", fp8p) and not reuses_grad_buffer("mxfp8", lay(dp=2, distributed_optimizer=True))
+    ddp = margs.ddp_config(layout=fp8p, reuse_grad_buf=True)
+    assert isinstance(ddp, DistributedDataParallelConfig) and ddp.reuse_grad_buf_for_mxfp8_param_ag
+    assert not margs.ddp_config(layout=fp8p).reuse_grad_buf_for_mxfp8_param_ag
+    with pytest.raises(AssertionError, match="Reuse grad buffer only when keeping params in MXFP8"):
+        DistributedDataParallelConfig(**margs._ddp_kwargs(lay(dp=2, distributed_optimizer=True), None, True))
+    oc = margs.optimizer_config(optimizer=OptimizerSpec(), schedule=ScheduleSpec(), layout=fp8p, precision="mxfp8",
+                                reuse_grad_buf=True)
+    assert oc.reuse_grad_buf_for_mxfp8_param_ag
+    assert "--reuse-grad-buf-for-mxfp8-param-ag" in margs._flags(margs._ddp_kwargs(fp8p, None, True))
