@@ -36,7 +36,9 @@ from types import MappingProxyType
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.flops import (
     FORWARD,
+    LOW_PRECISIONS,
     ModelPass,
+    bf16_layers_per_stage,
     is_gated,
     layers_on_stage,
     lora_params_per_layer,
@@ -801,13 +803,15 @@ def _ep_comm(model, layout, hw, tokens, passes, params, dispatcher: str = "allto
 def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backward, params,
                  scalar_head: bool = False, split: tuple[int, int, int] | None = None,
                  kernels: str = "te", cross_entropy: str | None = None,
-                 loss: bool = True, last_logits: bool = False) -> tuple[float, float, float]:
+                 loss: bool = True, last_logits: bool = False,
+                 bf16: tuple[tuple[int, ...], float] | None = None) -> tuple[float, float, float]:
     """(slowest, mean, output) micro-batch times over pipeline stages: layers plus, on the last
     stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`: the
     `cross_entropy` fusion, CROSS_ENTROPY_BYTES_OF; None: TE's fused kernels with `kernels = te`,
     Megatron-Core's unfused one on the local spec; none at all with `loss = False`); a scalar (reward /
     value) head costs nothing next to a layer. `last_logits`: the output GEMM runs on one position per row
-    (`_head_tokens`: a KV-cached prefill)."""
+    (`_head_tokens`: a KV-cached prefill). `bf16`: (bf16 layers per stage, extra seconds per such layer and
+    micro batch) where the first / last layers stay in bf16 (`_bf16_layers`): each stage is costed with its own."""
     vocab = 0 if scalar_head else padded_vocab(model.vocab, layout.tp)
     tokens = micro_batch * seq / layout.cp
     head = _head_tokens(tokens, micro_batch, last_logits)
@@ -820,6 +824,8 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     ce = (ce_fwd + (ce_bwd if backward else 0.0)) if loss else 0.0
     logits += ce * head * vocab / layout.tp / hw.hbm_bw
     per_layer = lt.total
+    if bf16 is not None:
+        return _stage_times_bf16(model.layers, layout.pp, per_layer, logits, split, *bf16)
     if layout.pp == 1:
         t = model.layers * per_layer + logits
         return t, t, logits
@@ -828,6 +834,33 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     middle = layers_on_stage(model.layers, layout.pp, 1, split) * per_layer if layout.pp > 2 else 0.0
     mean = (model.layers * per_layer + logits) / layout.pp
     return max(first, last, middle, mean), mean, logits
+
+
+def _stage_times_bf16(layers: int, pp: int, per_layer: float, logits: float, split, counts: tuple[int, ...],
+                      extra: float) -> tuple[float, float, float]:
+    """`_stage_times` where stage s also runs counts[s] layers in bf16, each `extra` seconds slower than a
+    low-precision one: the busiest stage is whichever holds most work (the first / last stages hold the
+    bf16 layers: `flops.bf16_layers_per_stage`), the mean spreads the extra over the stages."""
+    times = [layers_on_stage(layers, pp, s, split) * per_layer + counts[s] * extra + (logits if s == pp - 1 else 0.0)
+             for s in range(pp)]
+    mean = (layers * per_layer + sum(counts) * extra + logits) / pp
+    return max(max(times), mean), mean, logits
+
+
+def _bf16_layers(model, layout, hw, lt: LayerTimes, bf16_layers: tuple[int, int], split, precision: str,
+                 graph: tuple[float, float] | None = None, **layer_kw) -> tuple[tuple[int, ...], float] | None:
+    """(bf16 layers per pipeline stage, extra seconds per such layer and micro batch) where the experiment
+    keeps its first / last layers in bf16 under a precision below 16 bits (Megatron-Core
+    `first_last_layers_bf16`: those layers run outside the fp8 / fp4 context, so their GEMMs take bf16's rate
+    and no quantisation passes); None otherwise. `layer_kw`: `layer_times`' other arguments, as the stage's;
+    `graph`: (captured share, passes) where CUDA graphs shorten `lt` (`graphed`), applied to the bf16 layer too."""
+    if precision not in LOW_PRECISIONS or not any(bf16_layers):
+        return None
+    counts = bf16_layers_per_stage(model.layers, layout.pp, layout.vp, split, *bf16_layers)
+    slow = layer_times(model, layout, hw, precision="bf16", fp8_recipe=None, **layer_kw)
+    if graph is not None:
+        slow = graphed(slow, layer_kw["params"], *graph)
+    return counts, max(0.0, slow.total - lt.total)
 
 
 def _head_tokens(tokens: float, micro_batch: float, last_logits: bool) -> float:
@@ -1000,7 +1033,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              overlap_grad_reduce: bool = True, dropout: bool = False,
              overlap_param_gather: bool = RUNTIME_OVERLAPS_PARAM_GATHER, fp8_recipe: str | None = None,
              moe: MoeExecution | None = None, host: HostExecution | None = None,
-             cross_entropy: str | None = None) -> Estimate:
+             cross_entropy: str | None = None, bf16_layers: tuple[int, int] = (0, 0)) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
@@ -1022,7 +1055,9 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     graphs (`cuda_graph_launch_saving`: the captured kernels' host launch gaps removed) and garbage
     collection (`gc_pause`: part `gc_pause`); None: no graphs, Python's automatic collector.
     `cross_entropy`: the loss of the trained model (te | native | none: CROSS_ENTROPY_BYTES_OF; None: the
-    default of `kernels`, execution.AUTO_CROSS_ENTROPY).
+    default of `kernels`, execution.AUTO_CROSS_ENTROPY). `bf16_layers`: the first / last layers kept in bf16
+    under fp8 / mxfp8 / nvfp4 (`_bf16_layers`: part `bf16_layers`, their extra time on a mean stage; the
+    stages holding them are slower, `pp_imbalance`).
 
     The stage's model passes come from `flops.stage_work`: the first (the model the optimizer
     updates) is costed term by term; the others (DPO reference, PPO critic, experience forwards)
@@ -1045,9 +1080,14 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                      overlap_tp=overlap_tp, kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe, moe=moe)
     if host is not None and host.cuda_graph_impl != "none" and train:  # as in step_time_lower_bound
         lt = graphed(lt, params, cuda_graph_share(host, model), 1.0 + main.backward)
+    bf16 = _bf16_layers(model, layout, hw, lt, bf16_layers, split, precision, seq=seq,
+                        attention_backend=attention_backend, micro_batch=mb, backward=main.backward, params=params,
+                        attention_span=attention_span, overlap_tp=overlap_tp, kernels=kernels, dropout=dropout,
+                        moe=moe, graph=(cuda_graph_share(host, model), 1.0 + main.backward)
+                        if host is not None and host.cuda_graph_impl != "none" and train else None)
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                       params=params, scalar_head=main.scalar_head, split=split, kernels=kernels,
-                                      cross_entropy=cross_entropy)
+                                      cross_entropy=cross_entropy, bf16=bf16)
     m = layout.num_microbatches
     vp = layout.vp or 1
     per_stage = main.count * m * model.layers / layout.pp  # layer passes per step on a mean stage
@@ -1060,6 +1100,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     }
     if lt.host_wait > 0.0:  # the GPU waits for the host (eager kernels shorter than their issue time)
         parts["host_bound"] = per_stage * lt.host_wait
+    if bf16 is not None:  # the bf16 layers' extra time, spread over the stages as `mean` spreads it
+        parts["bf16_layers"] = main.count * m * sum(bf16[0]) * bf16[1] / layout.pp
     parts["pp_imbalance"] = main.count * m * (slow - mean)
     parts["pp_bubble"] = main.count * (layout.pp - 1) / vp * mean if layout.pp > 1 else 0.0
     parts["pp_p2p"] = main.count * _pp_p2p(model, layout, hw, seq, mb, m, vp, params, overlap_p2p,

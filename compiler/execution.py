@@ -11,7 +11,7 @@ Invariants: pure; the same facts the search costed the stage with (`Target.stage
 from __future__ import annotations
 
 from nemoc.compiler.catalog.hardware import get_gpu
-from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR, padded_vocab, stage_model_flops_per_step
+from nemoc.compiler.flops import LOW_PRECISIONS, MEGATRON_VOCAB_DIVISOR, padded_vocab, stage_model_flops_per_step
 from nemoc.compiler.plan import Execution, Fusions, HostExecution, Layout, MoeExecution, Overlaps, PipelineSplit
 from nemoc.compiler.spec import LoraSpec, ModelSpec
 from nemoc.compiler.target import MEGATRON_CORE, Target
@@ -205,9 +205,10 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
                     peft: LoraSpec | None = None, params: object = None,
                     target: Target = MEGATRON_CORE, fp8_recipe: str | None = None,
                     moe: MoeExecution | None = None, host: HostExecution | None = None,
-                    cross_entropy: str | None = None) -> Execution:
+                    cross_entropy: str | None = None, bf16_layers: tuple[int, int] = (0, 0)) -> Execution:
     """The `Execution` of a stage planned with `layout` (precision, attention and kernels are the
-    experiment's; the target decides what the stage kind runs)."""
+    experiment's; the target decides what the stage kind runs). `bf16_layers`: the experiment's first / last
+    layers kept in bf16, recorded where the stage runs below 16 bits."""
     stage_kernels = target.stage_kernels(stage_kind, kernels)
     stage_precision = target.stage_precision(stage_kind, precision)
     interleaved = layout.pp > 1 and (layout.vp or 1) > 1
@@ -232,4 +233,12 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
         moe=moe if moe is not None else moe_execution(model, stage_kernels, layout.ep),
         host=host,
         reuse_grad_buf_for_mxfp8_param_ag=reuses_grad_buffer(stage_precision, layout),
+        **_bf16_layers(stage_precision, bf16_layers),
     )
+
+
+def _bf16_layers(precision: str, bf16_layers: tuple[int, int]) -> dict:
+    """`Execution.bf16_first_layers` / `bf16_last_layers`: as written under fp8 / mxfp8 / nvfp4, where
+    Megatron-Core reads them; 0 otherwise (rules W113)."""
+    first, last = bf16_layers if precision in LOW_PRECISIONS else (0, 0)
+    return dict(bf16_first_layers=first, bf16_last_layers=last)

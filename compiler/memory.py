@@ -29,7 +29,7 @@ from functools import lru_cache
 from types import MappingProxyType
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
-from nemoc.compiler.flops import recomputed_fraction
+from nemoc.compiler.flops import LOW_PRECISIONS, bf16_layers_per_stage, recomputed_fraction
 from nemoc.compiler.flops import (  # noqa: F401 - lora_params_per_layer is re-exported
     is_gated,
     layers_on_stage,
@@ -374,18 +374,21 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
              kernels: str = "te", grad_bytes: int = 4, split: tuple[int, int, int] | None = None,
              moe_dispatcher: str = "alltoall", parents: tuple[str, ...] = (),
              cuda_graph_share: float = 0.0, fp8_recipe: str | None = None,
-             cross_entropy: str | None = None) -> MemoryBreakdown:
+             cross_entropy: str | None = None, bf16_layers: tuple[int, int] = (0, 0)) -> MemoryBreakdown:
     """Per-GPU memory of the most-loaded pipeline stage (the max total over first and last stage;
     middle stages hold fewer micro batches than the first and no embedding or logits; with an
     uneven `split` = (first, middle, last) layer counts, the second stage too, which may hold more
     layers than the first). `kernels`: see `layer_activations` ("te" unless the runtime has no
     Transformer Engine). `fp8_recipe`: the stage's FP8 recipe (`optimizer_bytes`). `cross_entropy`: the
-    loss (`cross_entropy_bytes`; None: the default of `kernels`, execution.AUTO_CROSS_ENTROPY)."""
+    loss (`cross_entropy_bytes`; None: the default of `kernels`, execution.AUTO_CROSS_ENTROPY). `bf16_layers`:
+    the first / last layers kept in bf16 under fp8 / mxfp8 / nvfp4 (`_bf16_layer_bytes`), which sit on the
+    first and last stages (with virtual stages, on the stages' first / last chunks: middle stages hold fewer
+    in-flight micro batches and are not compared)."""
     stages = {0, layout.pp - 1} | ({1} if split is not None and layout.pp > 2 and split[1] > split[0] else set())
     best = None
     for m in _breakdowns(sorted(stages), model, layout, precision, attention_backend, seq_length, stage_kind, peft,
                          gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,
-                         cuda_graph_share, fp8_recipe, cross_entropy):
+                         cuda_graph_share, fp8_recipe, cross_entropy, bf16_layers):
         if best is None or m.total > best.total:
             best = m
     return best  # type: ignore[return-value]
@@ -398,26 +401,30 @@ def pipeline_stages(model: ModelSpec, layout: Layout, *, precision: str = "bf16"
                     split: tuple[int, int, int] | None = None,
                     moe_dispatcher: str = "alltoall", parents: tuple[str, ...] = (),
                     cuda_graph_share: float = 0.0, fp8_recipe: str | None = None,
-                    cross_entropy: str | None = None) -> tuple[MemoryBreakdown, ...]:
+                    cross_entropy: str | None = None,
+                    bf16_layers: tuple[int, int] = (0, 0)) -> tuple[MemoryBreakdown, ...]:
     """Per-GPU memory of every pipeline stage 0 .. pp - 1 (`estimate` is the largest of them)."""
     return tuple(_breakdowns(range(layout.pp), model, layout, precision, attention_backend, seq_length, stage_kind,
                              peft, gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,
-                             cuda_graph_share, fp8_recipe, cross_entropy))
+                             cuda_graph_share, fp8_recipe, cross_entropy, bf16_layers))
 
 
 def _breakdowns(stages, model, layout, precision, attention_backend, seq_length, stage_kind, peft, gpu, params,
                 dropout, kernels, grad_bytes, split, moe_dispatcher="alltoall", parents=(), cuda_graph_share=0.0,
-                fp8_recipe=None, cross_entropy=None):
+                fp8_recipe=None, cross_entropy=None, bf16_layers=(0, 0)):
     hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
     capacity = hw.hbm_bytes if hw else 0
     seq = seq_length or model.seq_length
     resident = len(resident_models(stage_kind, params, peft=peft, parents=parents))
     work = stage_work(stage_kind, params, peft)
     rows = work.rows  # preference pairs: chosen + rejected
+    bf16 = (bf16_layers_per_stage(model.layers, layout.pp, layout.vp, split, *bf16_layers)
+            if precision in LOW_PRECISIONS and any(bf16_layers) else None)
     for stage in stages:
         yield _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
                             capacity, kernels, grad_bytes, split, resident, rows, moe_dispatcher, cuda_graph_share,
-                            fp8_recipe, generates=bool(work.generated), cross_entropy=cross_entropy)
+                            fp8_recipe, generates=bool(work.generated), cross_entropy=cross_entropy,
+                            bf16_here=bf16[stage] if bf16 is not None else 0)
 
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
@@ -472,15 +479,39 @@ class _StatesLayout:
     etp: int
 
 
+def _bf16_layer_params(model: ModelSpec, layout: Layout, bf16_here: int) -> float:
+    """Parameters one GPU holds of `bf16_here` transformer layers kept in bf16 (dense by TP, experts by EP x
+    ETP): their weights get no FP8 / FP4 copies."""
+    if not bf16_here:
+        return 0.0
+    counts = param_counts(model)
+    return bf16_here * ((counts.per_layer - counts.expert) / layout.tp + counts.expert / (layout.ep * layout.etp))
+
+
+def _bf16_activation_extra(model, *, replayed: float, recompute: str, **kw) -> float:
+    """Bytes one bf16 layer keeps for backward beyond an FP8 one (its saved GEMM inputs are 16-bit, not the
+    1-byte FP8 copies `layer_activations(fp8=True)` counts), for one micro batch; under block recompute the
+    `replayed` share of layers keeps only its input (the same at either precision)."""
+    def extra(rc: str) -> float:
+        return (layer_activations(model, recompute=rc, fp8=False, **kw).total
+                - layer_activations(model, recompute=rc, fp8=True, **kw).total)
+    if recompute == "full" and replayed < 1.0:
+        return replayed * extra("full") + (1.0 - replayed) * extra("none")
+    return extra(recompute)
+
+
 def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
                   kernels, grad_bytes, split, resident: int, rows: int,
                   moe_dispatcher: str = "alltoall", cuda_graph_share: float = 0.0,
                   fp8_recipe: str | None = None, generates: bool = False,
-                  cross_entropy: str | None = None) -> MemoryBreakdown:
+                  cross_entropy: str | None = None, bf16_here: int = 0) -> MemoryBreakdown:
     """One pipeline stage's breakdown; `resident`: how many models the stage keeps (`resident_models`),
     `rows`: sequences per micro-batch sample (`flops.stage_work`); `cuda_graph_share`: the share of
     each layer captured as CUDA graphs (`cost.cuda_graph_share`; 0 without graphs); `generates`: the
-    stage decodes rollouts (ppo, grpo: `rollout_kv_cache`)."""
+    stage decodes rollouts (ppo, grpo: `rollout_kv_cache`); `bf16_here`: how many of the stage's layers stay in
+    bf16 under fp8 / mxfp8 / nvfp4 (`flops.bf16_layers_per_stage`): no FP8 / FP4 weight copies and (fp8 /
+    mxfp8) 16-bit saved GEMM inputs for them, and 16-bit weights where fp8_param_gather keeps the others in FP8
+    (Megatron-Core builds them outside the fp8 / fp4 context: fp8_utils.py `get_fp8_context(is_init=True)`)."""
     scalar_head = kind == "reward"
     vocab = padded_vocab(model.vocab, layout.tp)
     trains = kind in TRAINING_KINDS
@@ -504,10 +535,11 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         # Transformer Engine caches the NVFP4 weight and its transpose across micro batches: 4-bit
         # values plus one FP8 (E4M3) scale per 16-element block, 0.5 + 1/16 B each.
         linear = params_local - (vocab * model.hidden / layout.tp if st.first else 0)
-        parts["fp4_weight_cache"] = 2.0 * NVFP4_BYTES * linear
+        parts["fp4_weight_cache"] = 2.0 * NVFP4_BYTES * (linear - _bf16_layer_params(model, layout, bf16_here))
     if precision in ("fp8", "mxfp8"):
         # Transformer Engine caches the quantised weight and its transpose across micro batches.
         linear = params_local - (vocab * model.hidden / layout.tp if st.first else 0)
+        linear -= _bf16_layer_params(model, layout, bf16_here)  # those layers hold no FP8 copies
         parts["fp8_weight_cache"] = 2.0 * linear
         if layout.fp8_param_gather and trainable:
             # FP8 parameters (Megatron-Core `fp8_param`): the linear weights are TE Float8Tensors, 1 byte
@@ -544,6 +576,11 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
                 activations = (per_layer * replayed + kept * (st.layers - replayed)) * held
             else:
                 activations = per_layer * st.layers * held
+            if bf16_here and precision in ("fp8", "mxfp8"):  # those layers save 16-bit GEMM inputs
+                activations += bf16_here * held * _bf16_activation_extra(
+                    model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
+                    etp=layout.etp, recompute=layout.recompute, attention_backend=backend, dropout=dropout,
+                    kernels=kernels, replayed=replayed / max(st.layers, 1))
             # Backward works on one layer at a time: it rematerialises that layer (full recompute) or
             # allocates gradients of its activations (otherwise), about one layer's activations
             # without the s x s scores, plus (unfused attention) the scores of the layer whose core
@@ -552,7 +589,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
             working = layer_activations(
                 model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
                 etp=layout.etp, recompute="none", attention_backend=backend, dropout=dropout, kernels=kernels,
-                fp8=precision in ("fp8", "mxfp8"))
+                fp8=precision in ("fp8", "mxfp8") and not bf16_here)  # a bf16 layer's, the larger, where held
             parts["backward_working"] = working.total - (working.scores if backend != "unfused" else 0.0)
             if st.last:  # final norm input + output-layer input (Korthikanti: 4 sbh / t)
                 activations += 4.0 * s_local * b * model.hidden / rep

@@ -172,6 +172,10 @@ class Execution:
     # DDP / OptimizerConfig `reuse_grad_buf_for_mxfp8_param_ag`: the distributed optimizer's all-gather of MXFP8
     # parameters lands in the gradient buffer (execution.reuses_grad_buffer)
     reuse_grad_buf_for_mxfp8_param_ag: bool = False
+    # TransformerConfig `num_layers_at_start_in_bf16` / `num_layers_at_end_in_bf16` (with `first_last_layers_bf16`):
+    # the first / last layers kept in bf16; nonzero only under fp8 / mxfp8 / nvfp4
+    bf16_first_layers: int = 0
+    bf16_last_layers: int = 0
 
 
 @dataclass(frozen=True, slots=True)

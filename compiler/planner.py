@@ -203,6 +203,7 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
         hf_conversion=is_hf_conversion(spec, stage),
         moe_requested=(spec.moe_dispatcher, spec.moe_grouped_gemm, spec.moe_permute_fusion),
         host_requested=host_requested(spec), cross_entropy_requested=spec.cross_entropy_fusion,
+        bf16_layers=(spec.bf16_first_layers, spec.bf16_last_layers),
         host=stage_host(host_requested(spec), target.stage_kernels(stage.kind, resolve_kernels(spec.kernels,
                                                                                               spec.cluster.gpu)),
                         target.caps(stage.kind).cuda_graphs),
@@ -362,7 +363,8 @@ def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps
         model=spec.model, gpu=spec.cluster.gpu, layout=chosen.layout, split=chosen.split, stage_kind=stage.kind,
         precision=spec.precision, attention_backend=problem.attention_backend, kernels=problem.kernels,
         seq_length=seq, peft=stage.peft, params=stage.params, target=problem.target, fp8_recipe=spec.fp8_recipe,
-        moe=problem.moe_of(chosen.layout), host=problem.host, cross_entropy=spec.cross_entropy_fusion)
+        moe=problem.moe_of(chosen.layout), host=problem.host, cross_entropy=spec.cross_entropy_fusion,
+        bf16_layers=(spec.bf16_first_layers, spec.bf16_last_layers))
     return StagePlan(
         name=stage.name, kind=stage.kind, after=stage.after, data=stage.data, layout=chosen.layout,
         memory=chosen.memory, estimate=estimate, seq_length=seq, steps=steps, optimizer=stage.optimizer,

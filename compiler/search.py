@@ -57,7 +57,7 @@ from functools import lru_cache
 
 from nemoc.compiler import cost, memory
 from nemoc.compiler.catalog.hardware import TRAINING_PRECISIONS, HardwareSpec
-from nemoc.compiler.flops import chunk_layers
+from nemoc.compiler.flops import LOW_PRECISIONS, chunk_layers
 from nemoc.compiler.execution import cross_entropy_of, host_execution, moe_execution
 from nemoc.compiler.params import packs_sequences
 from nemoc.compiler.plan import Estimate, HostExecution, Layout, MemoryBreakdown, MoeExecution
@@ -130,6 +130,8 @@ class Problem:
     # the experiment's `cross_entropy_fusion` (te | native | none; None = auto); `cross_entropy` is what
     # the stage runs (execution.cross_entropy_of of its kernels)
     cross_entropy_requested: str | None = None
+    # layers kept in bf16 at the start and the end (the experiment's bf16_first_layers / bf16_last_layers)
+    bf16_layers: tuple[int, int] = (0, 0)
     costed_backend: str = field(init=False, repr=False, compare=False, default="")  # see __post_init__
     # what the cost and memory models read of the stage's params, once per problem (see __post_init__)
     attention_span: float | None = field(init=False, repr=False, compare=False, default=None)
@@ -156,7 +158,7 @@ class Problem:
         return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind,
                    self.kernels, self.optimizer, self.target, self.fp8_recipe, self.hf_conversion, self.moe_requested,
                    self.host_requested, packs_sequences(self.stage_kind, self.params),
-                   cross_entropy_fusion=self.cross_entropy_requested)
+                   cross_entropy_fusion=self.cross_entropy_requested, bf16_layers=self.bf16_layers)
 
     @property
     def splits_sequences(self) -> bool:
@@ -197,6 +199,12 @@ class Problem:
             return None
         tokens = params.sample_tokens
         return float(min(tokens, self.seq_length)) if tokens and params.pack else None
+
+    @property
+    def costed_bf16_layers(self) -> tuple[int, int]:
+        """The bf16 layers the cost and memory models price: those written, where the stage runs a precision
+        below 16 bits (fp8 / mxfp8 / nvfp4); none otherwise (Megatron-Core reads them only in those contexts)."""
+        return self.bf16_layers if self.precision in LOW_PRECISIONS else (0, 0)
 
     @property
     def cross_entropy(self) -> str:
@@ -314,6 +322,7 @@ def pipeline_memory(p: Problem, layout: Layout) -> tuple[MemoryBreakdown, ...]:
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
         cuda_graph_share=_graph_share(p),
         parents=p.parents, fp8_recipe=p.fp8_recipe, dropout=p.dropout, cross_entropy=p.cross_entropy,
+        bf16_layers=p.costed_bf16_layers,
     )
 
 
@@ -339,6 +348,7 @@ def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
         cuda_graph_share=_graph_share(p),
         parents=p.parents, fp8_recipe=p.fp8_recipe, dropout=p.dropout, cross_entropy=p.cross_entropy,
+        bf16_layers=p.costed_bf16_layers,
     )
 
 
@@ -351,6 +361,7 @@ def evaluate_time(p: Problem, layout: Layout, params: cost.EfficiencyParams = co
         overlap_tp=layout.tp_comm_overlap, overlap_param_gather=layout.overlap_param_gather, params=params,
         overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, moe=p.moe_of(layout), host=p.host,
         attention_span=p.attention_span, dropout=p.dropout, cross_entropy=p.cross_entropy,
+        bf16_layers=p.costed_bf16_layers,
     )
 
 
@@ -657,13 +668,15 @@ class _Context:
         self.memory_kw = dict(precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
                               stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, kernels=kernels,
                               grad_bytes=self.grad_bytes, cuda_graph_share=_graph_share(p), parents=p.parents,
-                              fp8_recipe=p.fp8_recipe, dropout=p.dropout, cross_entropy=p.cross_entropy)
+                              fp8_recipe=p.fp8_recipe, dropout=p.dropout, cross_entropy=p.cross_entropy,
+                              bf16_layers=p.costed_bf16_layers)
         self.time_kw = dict(cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.costed_backend,
                             seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft,
                             stage_params=p.params, kernels=kernels, grad_bytes=self.grad_bytes,
                             overlap_tp=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather,
                             overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, host=p.host,
-                            attention_span=p.attention_span, dropout=p.dropout, cross_entropy=p.cross_entropy)
+                            attention_span=p.attention_span, dropout=p.dropout, cross_entropy=p.cross_entropy,
+                            bf16_layers=p.costed_bf16_layers)
         self.bound_kw = dict(cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.costed_backend,
                              seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
                              kernels=kernels, overlap_tp=f.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p,

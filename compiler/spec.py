@@ -291,6 +291,8 @@ class ExperimentSpec:
     manual_gc: bool | None = None  # None = auto
     manual_gc_interval: int | None = None  # None = auto
     cross_entropy_fusion: str | None = None  # te | native | none; None = auto (execution.cross_entropy_of)
+    bf16_first_layers: int = 0  # layers at the start kept in bf16 under fp8 / mxfp8 / nvfp4
+    bf16_last_layers: int = 0  # ... at the end
     attention_backend: str = "auto"  # auto | flash | fused | unfused
     kernels: str = "auto"  # auto | te | local (resolve_kernels)
     data: tuple[DataSpec, ...] = ()

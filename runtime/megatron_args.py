@@ -440,10 +440,20 @@ def transformer_config(
     if model.is_moe:
         kwargs.update(_moe_kwargs(model, layout, moe))
     kwargs.update(_fp8_kwargs(precision, execution.fp8_recipe if execution is not None else None))
+    kwargs.update(bf16_layer_kwargs(execution))
     kwargs.update(_cuda_graph_kwargs(host))
     if layout.fp8_param_gather and precision in ("fp8", "mxfp8"):
         kwargs["fp8_param"] = True  # the linear weights are TE FP8 tensors (plan: fp8_param_gather)
     return TransformerConfig(**kwargs)
+
+
+def bf16_layer_kwargs(execution: Execution | None) -> dict:
+    """The plan's first / last layers kept in bf16 (`Execution.bf16_first_layers`, `bf16_last_layers`; nonzero
+    only under fp8 / mxfp8 / nvfp4) as TransformerConfig's `first_last_layers_bf16` and its two counts."""
+    if execution is None or not (execution.bf16_first_layers or execution.bf16_last_layers):
+        return {}
+    return dict(first_last_layers_bf16=True, num_layers_at_start_in_bf16=execution.bf16_first_layers,
+                num_layers_at_end_in_bf16=execution.bf16_last_layers)
 
 
 def _moe_kwargs(model: ModelSpec, layout: Layout, moe: MoeExecution | None = None) -> dict:
@@ -898,6 +908,7 @@ def _lm_precision(plan, stage) -> list[str]:
              "nvfp4": "--bf16"}[precision]
     out = [dtype] if dtype else []
     out += _flags(_fp8_kwargs(precision, stage.execution.fp8_recipe))
+    out += _flags(bf16_layer_kwargs(stage.execution))
     out += _lm_host(stage.execution.host)
     if precision == "fp16":
         out += _flags(LOSS_SCALING)

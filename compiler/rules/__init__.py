@@ -137,6 +137,9 @@ from nemoc.compiler.rules.precision import (  # noqa: F401
     rule_tp_comm_overlap,
     rule_optimizer_state_dtype_te,
     rule_precision_aware_bf16_moments,
+    rule_bf16_layers_delayed,
+    rule_bf16_layers_per_stage,
+    warn_bf16_layers_without_low_precision,
 )
 from nemoc.compiler.rules.registry import (  # noqa: F401
     ERROR_RULES,

@@ -70,6 +70,7 @@ class Env:
     host_requested: tuple = (None, (), None, None)
     packed: bool = False  # the stage packs several samples per row (sft `pack = true`)
     cross_entropy_fusion: str | None = None  # the loss the user wrote: te | native | none (None = auto)
+    bf16_layers: tuple[int, int] = (0, 0)  # layers kept in bf16 at the start and the end (as written)
 
     @property
     def stage_kernels(self) -> str:

@@ -77,6 +77,7 @@ def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend
         fp8_recipe=spec.fp8_recipe, hf_conversion=hf_conversion,
         moe_requested=(spec.moe_dispatcher, spec.moe_grouped_gemm, spec.moe_permute_fusion), packed=packed,
         host_requested=host_requested(spec), cross_entropy_fusion=spec.cross_entropy_fusion,
+        bf16_layers=(spec.bf16_first_layers, spec.bf16_last_layers),
     )
 
 

@@ -84,6 +84,9 @@ from nemoc.compiler.rules.precision import (
     rule_gemma_layer_te,
     rule_optimizer_state_dtype_te,
     rule_precision_aware_bf16_moments,
+    rule_bf16_layers_delayed,
+    rule_bf16_layers_per_stage,
+    warn_bf16_layers_without_low_precision,
     rule_precision_hardware,
     rule_te_needs_gpu,
     warn_auto_attention_unfused,
@@ -112,7 +115,8 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_overlap_param_gather, rule_recompute_layers,
     rule_recompute_layers_chunk,
     rule_fp8_param_gather_optimizer, rule_optimizer_state_dtype_optimizer, rule_optimizer_state_dtype_te,
-    rule_precision_aware_bf16_moments, rule_gemma_layer_te, rule_gemma_layer_parts, rule_cross_entropy_needs_te,
+    rule_precision_aware_bf16_moments, rule_bf16_layers_delayed, rule_bf16_layers_per_stage,
+    rule_gemma_layer_te, rule_gemma_layer_parts, rule_cross_entropy_needs_te,
 )
 
 
@@ -120,6 +124,7 @@ WARNING_RULES: tuple[Rule, ...] = (
     warn_tp_crosses_node, warn_padded_vocab, warn_ep_without_sp, warn_useless_distributed_optimizer,
     warn_fp16_loss_scaling, warn_moe_ffn_default, warn_top1_router, warn_uneven_pipeline, warn_vp_one,
     warn_selective_recompute_flash, warn_auto_attention_unfused, warn_native_cross_entropy_dtype,
+    warn_bf16_layers_without_low_precision,
 )
 
 
@@ -180,6 +185,8 @@ CODES: dict[str, Rule] = {
     "E190": rule_optimizer_state_dtype_optimizer,
     "E191": rule_optimizer_state_dtype_te,
     "E192": rule_precision_aware_bf16_moments,
+    "E193": rule_bf16_layers_delayed,
+    "E194": rule_bf16_layers_per_stage,
     "E171": rule_moe_settings_dense,
     "E172": rule_moe_settings_kernels,
     "E173": rule_cuda_graph_gpu,
@@ -223,4 +230,5 @@ CODES: dict[str, Rule] = {
     "W110": warn_selective_recompute_flash,
     "W111": warn_auto_attention_unfused,
     "W112": warn_native_cross_entropy_dtype,
+    "W113": warn_bf16_layers_without_low_precision,
 }

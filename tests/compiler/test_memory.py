@@ -361,3 +361,32 @@ def test_mxfp8_parameters_are_all_gathered_through_the_gradient_buffer(tmp_path)
     linear = mx_plain.memory.parts["fp8_weight_cache"] / 2
     assert mx_plain.memory.total - mx.memory.total == pytest.approx(2 * linear, rel=1e-6, abs=8)
     assert (mx.memory.gradients, mx.memory.optimizer) == (mx_plain.memory.gradients, mx_plain.memory.optimizer)
+
+
+def test_layers_kept_in_bf16_hold_no_low_precision_copies_and_save_16_bit_inputs() -> None:
+    """The first / last layers kept in bf16 (first_last_layers_bf16): no NVFP4 / FP8 weight copies for them
+    (the caches shrink by their share of the stage's layers), 16-bit weights where fp8_param_gather keeps the
+    others in FP8, and (fp8 / mxfp8) their saved GEMM inputs in 16 bits instead of FP8's one byte. They sit on
+    the stages that hold them: at PP 2 the last 4 layers are all on the last stage, none on the first."""
+    model = PRESETS["llama3_8b"]
+    lay = Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=8, micro_batch=1, global_batch=8, num_microbatches=1,
+                 sequence_parallel=False, distributed_optimizer=True, recompute="none")
+    fp4 = estimate(model, lay, precision="nvfp4", gpu="B200")
+    fp4_kept = estimate(model, lay, precision="nvfp4", gpu="B200", bf16_layers=(0, 4))
+    per_layer = param_counts(model).per_layer
+    assert fp4.parts["fp4_weight_cache"] - fp4_kept.parts["fp4_weight_cache"] == pytest.approx(
+        4 * per_layer * 2 * memory.NVFP4_BYTES, rel=1e-6)
+    assert (fp4_kept.weights, fp4_kept.activations) == (fp4.weights, fp4.activations)
+    gather = dataclasses.replace(lay, fp8_param_gather=True)
+    fp8 = estimate(model, gather, precision="fp8")
+    fp8_kept = estimate(model, gather, precision="fp8", bf16_layers=(1, 1))
+    linear_per_layer = param_counts(model).per_layer
+    assert fp8.parts["fp8_weight_cache"] - fp8_kept.parts["fp8_weight_cache"] == pytest.approx(
+        2 * linear_per_layer, rel=1e-6)
+    assert fp8_kept.weights - fp8.weights == pytest.approx(2 * linear_per_layer, rel=1e-6, abs=2)
+    assert fp8_kept.activations > fp8.activations
+    piped = [dataclasses.replace(lay, pp=2, dp=4)]
+    first, last = memory.pipeline_stages(model, piped[0], precision="nvfp4", gpu="B200", bf16_layers=(0, 4))
+    first0, last0 = memory.pipeline_stages(model, piped[0], precision="nvfp4", gpu="B200")
+    assert first.parts["fp4_weight_cache"] == first0.parts["fp4_weight_cache"]
+    assert last.parts["fp4_weight_cache"] < last0.parts["fp4_weight_cache"]

@@ -701,3 +701,30 @@ def test_mxfp8_parameters_reuse_the_gradient_buffer_in_megatron_cores_configs():
                                 reuse_grad_buf=True)
     assert oc.reuse_grad_buf_for_mxfp8_param_ag
     assert "--reuse-grad-buf-for-mxfp8-param-ag" in margs._flags(margs._ddp_kwargs(fp8p, None, True))
+
+
+def test_bf16_layers_reach_megatron_cores_transformer_config():
+    """The plan's bf16 first / last layers (`Execution.bf16_first_layers`, `bf16_last_layers`) become
+    TransformerConfig's first_last_layers_bf16 and counts, which Megatron-Core 0.16.1 accepts under fp8
+    (tensorwise) and refuses as the rules do: with delayed scaling (E193) and beyond layers // pp (E194);
+    `nemoc export --megatron-args` writes the flags. Nothing without them."""
+    import types
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    execution = types.SimpleNamespace(bf16_first_layers=1, bf16_last_layers=2)
+    kw = margs.bf16_layer_kwargs(execution)
+    assert kw == dict(first_last_layers_bf16=True, num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=2)
+    assert margs.bf16_layer_kwargs(types.SimpleNamespace(bf16_first_layers=0, bf16_last_layers=0)) == {}
+    base = dict(num_layers=4, hidden_size=64, num_attention_heads=4)
+    c = TransformerConfig(**base, **kw, **margs._fp8_kwargs("fp8", "tensorwise"))
+    assert c.first_last_layers_bf16 and (c.num_layers_at_start_in_bf16, c.num_layers_at_end_in_bf16) == (1, 2)
+    with pytest.raises(ValueError, match="Delayed scaling does not support first / last layer in BF16"):
+        TransformerConfig(**base, **kw, **margs._fp8_kwargs("fp8", "delayed"))
+    with pytest.raises(ValueError, match="num_layers_at_end_in_bf16 \\(3\\) must be between 0 and"):
+        TransformerConfig(**base, **margs.bf16_layer_kwargs(types.SimpleNamespace(bf16_first_layers=0,
+                                                                                   bf16_last_layers=3)),
+                          pipeline_model_parallel_size=2, pipeline_dtype=torch.bfloat16,
+                          **margs._fp8_kwargs("fp8", "tensorwise"))
+    assert {"--first-last-layers-bf16", "--num-layers-at-start-in-bf16 1", "--num-layers-at-end-in-bf16 2"} <= set(
+        margs._flags(kw))
