@@ -867,7 +867,7 @@ def _head_tokens(tokens: float, micro_batch: float, last_logits: bool) -> float:
     """The positions the output layer runs on in one micro batch: every token, or with `last_logits` one per
     row: a prefill with Megatron-Core's StaticInferenceContext (the nemoc runtime's generator) materialises
     only the last position's logits (gpt_model.py `_postprocess`: `materialize_only_last_token_logits`,
-    True for the static context; tested: tests/runtime/learning/test_generation.py)."""
+    True for the static context; tested in the runtime's generation tests)."""
     return float(micro_batch) if last_logits else tokens
 
 

@@ -554,13 +554,13 @@ EXPERIMENT_FIELDS = (
        "recipe of precision = mxfp8). Default `auto`: `tensorwise` for precision = fp8 (Megatron-Bridge's "
        "FP8-CS performance recipes), `mxfp8` for precision = mxfp8. Only with an fp8 precision (E164).",
        auto=True),
-    _f("bf16_first_layers", COUNT, 0,
+    _f("bf16_first_layers", INT, 0,
        "Transformer layers at the start of the model kept in bf16 under precision fp8 / mxfp8 / nvfp4 (Megatron-Core "
        "`first_last_layers_bf16`, `num_layers_at_start_in_bf16`): their GEMMs run and are priced at bf16 speed, "
        "their weights hold no FP8 / FP4 copies and their activations stay 16-bit; the pipeline stage holding them "
        "is slower. With fp8 / mxfp8 at most layers / pipeline per side (E194) and not with fp8_recipe = delayed "
        "(E193); no effect in a 16-bit precision (W113)."),
-    _f("bf16_last_layers", COUNT, 0,
+    _f("bf16_last_layers", INT, 0,
        "Transformer layers at the end of the model kept in bf16 (`num_layers_at_end_in_bf16`; Megatron-Bridge's "
        "NVFP4 Llama 3 8B recipe keeps the last 4). As `bf16_first_layers`."),
     _f("moe_dispatcher", enum("alltoall", "allgather", "flex"), None,
