@@ -698,11 +698,14 @@ LOSS_SCALING = dict(initial_loss_scale=2.0**16, min_loss_scale=1.0, loss_scale_w
 
 
 def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout: Layout, precision: str,
-                     reuse_grad_buf: bool = False):
+                     reuse_grad_buf: bool = False, fp8_recipe: str | None = None):
     """Adam(W) or SGD with grad clipping; bf16/fp16 keep fp32 main params; fp16 uses dynamic loss
     scaling (Micikevicius et al. 2018): start 2^16, halve on overflow, double after 1000 clean steps.
     `reuse_grad_buf` (the plan's `Execution.reuse_grad_buf_for_mxfp8_param_ag`): the step writes the main
-    parameters into the shared parameter / gradient buffer for the next all-gather."""
+    parameters into the shared parameter / gradient buffer for the next all-gather. `fp8_recipe` (the plan's
+    `Execution.fp8_recipe`, under fp8 / mxfp8): OptimizerConfig's, as Megatron-LM copies it from its arguments;
+    the distributed optimizer reads it (`use_precision_aware_optimizer_no_fp8_or_ds_fp8`: FusedAdam owns the
+    master weights only without FP8 or with delayed scaling, what `memory.optimizer_bytes` sizes)."""
     import torch
     from megatron.core.optimizer import OptimizerConfig
 
@@ -730,6 +733,7 @@ def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout
         use_distributed_optimizer=layout.distributed_optimizer,
         **precision_aware_optimizer_kwargs(layout),
         **(dict(reuse_grad_buf_for_mxfp8_param_ag=True) if reuse_grad_buf else {}),
+        **(dict(fp8_recipe=fp8_recipe) if fp8_recipe is not None and precision in ("fp8", "mxfp8") else {}),
     )
 
 

@@ -639,6 +639,13 @@ def test_fp32_moment_precision_aware_optimizer_reaches_megatron_cores_optimizer_
     assert oc.exp_avg_dtype is torch.float32 and oc.exp_avg_sq_dtype is torch.float32
     assert oc.main_params_dtype is torch.float32 and oc.main_grads_dtype is torch.float32
     assert oc.use_precision_aware_optimizer_no_fp8_or_ds_fp8 and oc.store_param_remainders
+    # the plan's FP8 recipe reaches OptimizerConfig (as Megatron-LM copies it): FusedAdam owns the master weight
+    # with delayed scaling, Megatron-Core keeps it with current scaling, as memory.optimizer_bytes sizes them
+    with mock.patch.dict(sys.modules, fake), mock.patch(te_version, lambda *a, **k: True):
+        owned = {recipe: margs.optimizer_config(optimizer=opt, schedule=sched, layout=layout, precision="fp8",
+                                                fp8_recipe=recipe).use_precision_aware_optimizer_no_fp8_or_ds_fp8
+                 for recipe in ("delayed", "tensorwise")}
+    assert owned == {"delayed": True, "tensorwise": False}
 
 
 def test_bf16_optimizer_state_in_the_megatron_lm_command_line():
