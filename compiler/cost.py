@@ -1108,7 +1108,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                                            p2p_scatter_gather)
     other = sum(p.count * _pass_time(model, layout, hw, p, seq=seq, precision=precision, backend=attention_backend,
                                      micro_batch=mb, params=params, split=split, overlap_tp=overlap_tp,
-                                     kernels=kernels, moe=moe, cross_entropy=cross_entropy)
+                                     kernels=kernels, moe=moe, cross_entropy=cross_entropy, bf16_layers=bf16_layers)
                 for p in work.passes[1:])
     if other:
         parts["other_passes"] = other
@@ -1265,19 +1265,22 @@ def p2p_transfers(pp: int, vp: int, m: int, overlap: bool = RUNTIME_OVERLAPS_P2P
 
 def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micro_batch, params,
                split=None, overlap_tp: bool = False, kernels: str = "te", moe: MoeExecution | None = None,
-               cross_entropy: str | None = None, loss: bool = True, last_logits: bool = False) -> float:
+               cross_entropy: str | None = None, loss: bool = True, last_logits: bool = False,
+               bf16_layers: tuple[int, int] = (0, 0)) -> float:
     """One pipelined pass of a secondary model over the step's micro batches (1F1B or forward-only
     schedule): m micro batches on the slowest stage plus the bubble, TP/CP/EP communication
     included. A secondary model shares the policy's layout (the nemoc runtime builds it so) and the
     experiment's loss (`cross_entropy`: the DPO reference and PPO's experience forwards call the model with
     `labels=`, so its cross entropy runs); `loss = False`: a pass that only takes the logits (the rollout's
-    prefill: generation passes no labels); `last_logits`: only the last position's (`_head_tokens`)."""
-    lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
-                     micro_batch=micro_batch, backward=p.backward, params=params, overlap_tp=overlap_tp,
-                     kernels=kernels, moe=moe)
+    prefill: generation passes no labels); `last_logits`: only the last position's (`_head_tokens`);
+    `bf16_layers`: the first / last layers kept in bf16 (`_bf16_layers`), as in the trained model's pass."""
+    layer_kw = dict(seq=seq, attention_backend=backend, micro_batch=micro_batch, backward=p.backward, params=params,
+                    overlap_tp=overlap_tp, kernels=kernels, moe=moe)
+    lt = layer_times(model, layout, hw, precision=precision, **layer_kw)
+    bf16 = _bf16_layers(model, layout, hw, lt, bf16_layers, split, precision, **layer_kw)
     slow, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=p.backward,
                                  params=params, scalar_head=p.scalar_head, split=split, kernels=kernels,
-                                 cross_entropy=cross_entropy, loss=loss, last_logits=last_logits)
+                                 cross_entropy=cross_entropy, loss=loss, last_logits=last_logits, bf16=bf16)
     bubble = (layout.pp - 1) / (layout.vp or 1) * mean if layout.pp > 1 else 0.0
     return layout.num_microbatches * slow + bubble
 

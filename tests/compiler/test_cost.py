@@ -599,3 +599,12 @@ def test_bf16_layers_through_the_language(tmp_path) -> None:
     assert (base.execution.bf16_first_layers, base.execution.bf16_last_layers) == (0, 0)
     assert kept.estimate.step_time_s > base.estimate.step_time_s
     assert kept.estimate.parts["bf16_layers"] > 0
+
+
+def test_a_dpo_reference_pass_runs_the_bf16_layers_too() -> None:
+    """The DPO reference forward is the same model: its bf16 layers cost bf16 time there as well."""
+    m = PRESETS["llama3_8b"]
+    lay = layout(tp=2, dp=4, global_batch=64, num_microbatches=16, sequence_parallel=True)
+    kw = dict(gpu="H100", seq_length=4096, precision="fp8", stage_kind="dpo")
+    base, kept = estimate(m, lay, **kw), estimate(m, lay, bf16_layers=(0, 2), **kw)
+    assert kept.parts["other_passes"] > base.parts["other_passes"] and kept.parts["bf16_layers"] > 0
