@@ -682,7 +682,8 @@ def planned(rows: list[dict]) -> list[dict]:
             pred = st.estimate.tokens_per_s_per_gpu
             chosen = dataclasses.replace(st.layout, etp=case.layout.etp, recompute=case.layout.recompute,
                                          tp_comm_overlap=False, grad_reduce_in_fp32=True, overlap_param_gather=False,
-                                         optimizer_state_dtype="fp32", fp8_param_gather=False)
+                                         optimizer_state_dtype="fp32", fp8_param_gather=False,
+                                         precision_aware_optimizer=False)
             same = chosen == case.layout  # (ETP is moot for dense models; recompute may be auto)
             out.append({**base, "predicted": pred, "error": pred / case.measured - 1.0, "layout_kept": same,
                         "recompute": recompute_text(st.layout.recompute, st.layout.recompute_layers),

@@ -37,7 +37,9 @@ from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.flops import (
     FORWARD,
     FULL,
+    LOW_PRECISIONS,
     ModelPass,
+    bf16_layers_per_stage,
     is_gated,
     layers_on_stage,
     lora_params_per_layer,
@@ -844,17 +846,19 @@ def _ep_comm(model, layout, hw, tokens, passes, params, dispatcher: str = "allto
 # ----------------------------------------------------------------------------------- the estimate
 
 
-def _output_gemm_time(model, layout, hw, *, seq, micro_batch, params, scalar_head: bool = False) -> float:
+def _output_gemm_time(model, layout, hw, *, seq, micro_batch, params, scalar_head: bool = False,
+                      last_logits: bool = False) -> float:
     """One GEMM of the output layer for a micro batch (forward, dgrad and wgrad are each one): tokens x
-    (V / TP) x h; 0 for a scalar head."""
+    (V / TP) x h (`last_logits`: one position per row, `_head_tokens`); 0 for a scalar head."""
     vocab = 0 if scalar_head else padded_vocab(model.vocab, layout.tp)
     if not vocab:
         return 0.0
     tokens = micro_batch * seq / layout.cp
+    head = _head_tokens(tokens, micro_batch, last_logits)
     # the output layer stays in 16-bit in FP8 recipes (Transformer Engine / NeMo keep the first and
     # last layers out of FP8)
     rate = hw.peak("bf16" if hw.supports("bf16") else "fp32") * params.gemm_eff(hw.generation, "bf16")
-    return gemm_time(tokens, vocab / layout.tp, model.hidden, flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=2.0)
+    return gemm_time(head, vocab / layout.tp, model.hidden, flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=2.0)
 
 
 def _defers_wgrad(layout: Layout, backward: float, scalar_head: bool = False) -> bool:
@@ -866,36 +870,44 @@ def _defers_wgrad(layout: Layout, backward: float, scalar_head: bool = False) ->
 def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backward, params,
                  scalar_head: bool = False, split: tuple[int, int, int] | None = None,
                  kernels: str = "te", cross_entropy: str | None = None,
-                 loss: bool = True, deferred_wgrad: bool = False) -> tuple[float, float, float]:
+                 loss: bool = True, last_logits: bool = False,
+                 bf16: tuple[tuple[int, ...], float] | None = None,
+                 deferred_wgrad: bool = False) -> tuple[float, float, float]:
     """(slowest, mean, output) micro-batch times over pipeline stages: layers plus, on the last
     stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`: the
     `cross_entropy` fusion, CROSS_ENTROPY_BYTES_OF; None: TE's fused kernels with `kernels = te`,
     Megatron-Core's unfused one on the local spec; none at all with `loss = False`); a scalar (reward /
-    value) head costs nothing next to a layer. `deferred_wgrad`: the slowest stage with the last stage's
-    output-layer wgrad GEMM taken out of its micro batch (`defer_embedding_wgrad_compute`, `_deferred_wgrad`)."""
+    value) head costs nothing next to a layer. `last_logits`: the output GEMM runs on one position per row
+    (`_head_tokens`: a KV-cached prefill). `bf16`: (bf16 layers per stage, extra seconds per such layer and
+    micro batch) where the first / last layers stay in bf16 (`_bf16_layers`): each stage is costed with its own.
+    `deferred_wgrad`: the slowest stage with the last stage's output-layer wgrad GEMM taken out of its micro
+    batch (`defer_embedding_wgrad_compute`, `_deferred_wgrad`)."""
     vocab = 0 if scalar_head else padded_vocab(model.vocab, layout.tp)
     tokens = micro_batch * seq / layout.cp
+    head = _head_tokens(tokens, micro_batch, last_logits)
     gemm = _output_gemm_time(model, layout, hw, seq=seq, micro_batch=micro_batch, params=params,
-                             scalar_head=scalar_head)
+                             scalar_head=scalar_head, last_logits=last_logits)
     logits = (1.0 + backward) * gemm
     ce_fwd, ce_bwd = CROSS_ENTROPY_BYTES_OF[cross_entropy or ("te" if kernels == "te" else "none")]
     ce = (ce_fwd + (ce_bwd if backward else 0.0)) if loss else 0.0
-    logits += ce * tokens * vocab / layout.tp / hw.hbm_bw
+    logits += ce * head * vocab / layout.tp / hw.hbm_bw
     per_layer = lt.total
+    deferred = gemm if deferred_wgrad and _defers_wgrad(layout, backward, scalar_head) else 0.0
+    if bf16 is not None:
+        return _stage_times_bf16(model.layers, layout.pp, per_layer, logits, split, *bf16, last_less=deferred)
     if layout.pp == 1:
         t = model.layers * per_layer + logits
         return t, t, logits
     first = layers_on_stage(model.layers, layout.pp, 0, split) * per_layer
-    last = layers_on_stage(model.layers, layout.pp, layout.pp - 1, split) * per_layer + logits
-    if deferred_wgrad and _defers_wgrad(layout, backward, scalar_head):
-        last -= gemm
+    last = layers_on_stage(model.layers, layout.pp, layout.pp - 1, split) * per_layer + logits - deferred
     middle = layers_on_stage(model.layers, layout.pp, 1, split) * per_layer if layout.pp > 2 else 0.0
     mean = (model.layers * per_layer + logits) / layout.pp
     return max(first, last, middle, mean), mean, logits
 
 
 def _deferred_wgrad(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backward, params, slow, mean,
-                    scalar_head=False, split=None, kernels="te", cross_entropy=None) -> tuple[float, float]:
+                    scalar_head=False, split=None, kernels="te", cross_entropy=None,
+                    bf16: tuple[tuple[int, ...], float] | None = None) -> tuple[float, float]:
     """(saved, drained): what `defer_embedding_wgrad_compute` takes off the step and what it adds after the
     pipeline's drain. Megatron-Core's last stage keeps the output layer's input and logits gradient of the
     first d micro batches (d = `wgrad_deferral_limit`, 0: all m; tensor_parallel/layers.py) and runs their
@@ -912,10 +924,44 @@ def _deferred_wgrad(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, back
     w = _output_gemm_time(model, layout, hw, seq=seq, micro_batch=micro_batch, params=params)
     slow_deferred, _, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=backward,
                                        params=params, scalar_head=scalar_head, split=split, kernels=kernels,
-                                       cross_entropy=cross_entropy, deferred_wgrad=True)
+                                       cross_entropy=cross_entropy, bf16=bf16, deferred_wgrad=True)
     saved = min(d * w, m * (slow - slow_deferred))
     wait = (layout.pp - 1) / (layout.vp or 1) * mean * backward / (1.0 + backward)
     return saved, max(0.0, d * w - wait)
+def _stage_times_bf16(layers: int, pp: int, per_layer: float, logits: float, split, counts: tuple[int, ...],
+                      extra: float, last_less: float = 0.0) -> tuple[float, float, float]:
+    """`_stage_times` where stage s also runs counts[s] layers in bf16, each `extra` seconds slower than a
+    low-precision one: the busiest stage is whichever holds most work (the first / last stages hold the
+    bf16 layers: `flops.bf16_layers_per_stage`), the mean spreads the extra over the stages. `last_less`:
+    the deferred output-layer wgrad GEMM taken out of the last stage's micro batch (`_stage_times`)."""
+    times = [layers_on_stage(layers, pp, s, split) * per_layer + counts[s] * extra
+             + (logits - last_less if s == pp - 1 else 0.0) for s in range(pp)]
+    mean = (layers * per_layer + sum(counts) * extra + logits) / pp
+    return max(max(times), mean), mean, logits
+
+
+def _bf16_layers(model, layout, hw, lt: LayerTimes, bf16_layers: tuple[int, int], split, precision: str,
+                 graph: tuple[float, float] | None = None, **layer_kw) -> tuple[tuple[int, ...], float] | None:
+    """(bf16 layers per pipeline stage, extra seconds per such layer and micro batch) where the experiment
+    keeps its first / last layers in bf16 under a precision below 16 bits (Megatron-Core
+    `first_last_layers_bf16`: those layers run outside the fp8 / fp4 context, so their GEMMs take bf16's rate
+    and no quantisation passes); None otherwise. `layer_kw`: `layer_times`' other arguments, as the stage's;
+    `graph`: (captured share, passes) where CUDA graphs shorten `lt` (`graphed`), applied to the bf16 layer too."""
+    if precision not in LOW_PRECISIONS or not any(bf16_layers):
+        return None
+    counts = bf16_layers_per_stage(model.layers, layout.pp, layout.vp, split, *bf16_layers)
+    slow = layer_times(model, layout, hw, precision="bf16", fp8_recipe=None, **layer_kw)
+    if graph is not None:
+        slow = graphed(slow, layer_kw["params"], *graph)
+    return counts, max(0.0, slow.total - lt.total)
+
+
+def _head_tokens(tokens: float, micro_batch: float, last_logits: bool) -> float:
+    """The positions the output layer runs on in one micro batch: every token, or with `last_logits` one per
+    row: a prefill with Megatron-Core's StaticInferenceContext (the nemoc runtime's generator) materialises
+    only the last position's logits (gpt_model.py `_postprocess`: `materialize_only_last_token_logits`,
+    True for the static context; tested in the runtime's generation tests)."""
+    return float(micro_batch) if last_logits else tokens
 
 
 def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, params, trainable_params: float,
@@ -1127,7 +1173,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              overlap_grad_reduce: bool = True, dropout: bool = False,
              overlap_param_gather: bool = RUNTIME_OVERLAPS_PARAM_GATHER, fp8_recipe: str | None = None,
              moe: MoeExecution | None = None, host: HostExecution | None = None,
-             cross_entropy: str | None = None) -> Estimate:
+             cross_entropy: str | None = None, bf16_layers: tuple[int, int] = (0, 0)) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
@@ -1149,7 +1195,9 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     graphs (`cuda_graph_launch_saving`: the captured kernels' host launch gaps removed) and garbage
     collection (`gc_pause`: part `gc_pause`); None: no graphs, Python's automatic collector.
     `cross_entropy`: the loss of the trained model (te | native | none: CROSS_ENTROPY_BYTES_OF; None: the
-    default of `kernels`, execution.AUTO_CROSS_ENTROPY).
+    default of `kernels`, execution.AUTO_CROSS_ENTROPY). `bf16_layers`: the first / last layers kept in bf16
+    under fp8 / mxfp8 / nvfp4 (`_bf16_layers`: part `bf16_layers`, their extra time on a mean stage; the
+    stages holding them are slower, `pp_imbalance`).
 
     The stage's model passes come from `flops.stage_work`: the first (the model the optimizer
     updates) is costed term by term; the others (DPO reference, PPO critic, experience forwards)
@@ -1172,9 +1220,14 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                      overlap_tp=overlap_tp, kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe, moe=moe)
     if host is not None and host.cuda_graph_impl != "none" and train:  # as in step_time_lower_bound
         lt = graphed(lt, params, cuda_graph_share(host, model), 1.0 + main.backward)
+    bf16 = _bf16_layers(model, layout, hw, lt, bf16_layers, split, precision, seq=seq,
+                        attention_backend=attention_backend, micro_batch=mb, backward=main.backward, params=params,
+                        attention_span=attention_span, overlap_tp=overlap_tp, kernels=kernels, dropout=dropout,
+                        moe=moe, graph=(cuda_graph_share(host, model), 1.0 + main.backward)
+                        if host is not None and host.cuda_graph_impl != "none" and train else None)
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                       params=params, scalar_head=main.scalar_head, split=split, kernels=kernels,
-                                      cross_entropy=cross_entropy)
+                                      cross_entropy=cross_entropy, bf16=bf16)
     m = layout.num_microbatches
     vp = layout.vp or 1
     per_stage = main.count * m * model.layers / layout.pp  # layer passes per step on a mean stage
@@ -1187,10 +1240,12 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     }
     if lt.host_wait > 0.0:  # the GPU waits for the host (eager kernels shorter than their issue time)
         parts["host_bound"] = per_stage * lt.host_wait
+    if bf16 is not None:  # the bf16 layers' extra time, spread over the stages as `mean` spreads it
+        parts["bf16_layers"] = main.count * m * sum(bf16[0]) * bf16[1] / layout.pp
     parts["pp_imbalance"] = main.count * m * (slow - mean)
     saved, drained = _deferred_wgrad(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                      params=params, slow=slow, mean=mean, scalar_head=main.scalar_head, split=split,
-                                     kernels=kernels, cross_entropy=cross_entropy)
+                                     kernels=kernels, cross_entropy=cross_entropy, bf16=bf16)
     if saved or drained:  # defer_embedding_wgrad_compute: the last stage's output wgrad GEMMs in the drain
         parts["pp_imbalance"] -= main.count * saved
         parts["embedding_wgrad_drain"] = main.count * drained
@@ -1199,7 +1254,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                                            p2p_scatter_gather)
     other = sum(p.count * _pass_time(model, layout, hw, p, seq=seq, precision=precision, backend=attention_backend,
                                      micro_batch=mb, params=params, split=split, overlap_tp=overlap_tp,
-                                     kernels=kernels, moe=moe, cross_entropy=cross_entropy)
+                                     kernels=kernels, moe=moe, cross_entropy=cross_entropy, bf16_layers=bf16_layers)
                 for p in work.passes[1:])
     if other:
         parts["other_passes"] = other
@@ -1359,19 +1414,22 @@ def p2p_transfers(pp: int, vp: int, m: int, overlap: bool = RUNTIME_OVERLAPS_P2P
 
 def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micro_batch, params,
                split=None, overlap_tp: bool = False, kernels: str = "te", moe: MoeExecution | None = None,
-               cross_entropy: str | None = None, loss: bool = True) -> float:
+               cross_entropy: str | None = None, loss: bool = True, last_logits: bool = False,
+               bf16_layers: tuple[int, int] = (0, 0)) -> float:
     """One pipelined pass of a secondary model over the step's micro batches (1F1B or forward-only
     schedule): m micro batches on the slowest stage plus the bubble, TP/CP/EP communication
     included. A secondary model shares the policy's layout (the nemoc runtime builds it so) and the
     experiment's loss (`cross_entropy`: the DPO reference and PPO's experience forwards call the model with
     `labels=`, so its cross entropy runs); `loss = False`: a pass that only takes the logits (the rollout's
-    prefill: generation passes no labels)."""
-    lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=backend,
-                     micro_batch=micro_batch, backward=p.backward, params=params, overlap_tp=overlap_tp,
-                     kernels=kernels, moe=moe)
+    prefill: generation passes no labels); `last_logits`: only the last position's (`_head_tokens`);
+    `bf16_layers`: the first / last layers kept in bf16 (`_bf16_layers`), as in the trained model's pass."""
+    layer_kw = dict(seq=seq, attention_backend=backend, micro_batch=micro_batch, backward=p.backward, params=params,
+                    overlap_tp=overlap_tp, kernels=kernels, moe=moe)
+    lt = layer_times(model, layout, hw, precision=precision, **layer_kw)
+    bf16 = _bf16_layers(model, layout, hw, lt, bf16_layers, split, precision, **layer_kw)
     slow, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=p.backward,
                                  params=params, scalar_head=p.scalar_head, split=split, kernels=kernels,
-                                 cross_entropy=cross_entropy, loss=loss)
+                                 cross_entropy=cross_entropy, loss=loss, last_logits=last_logits, bf16=bf16)
     bubble = (layout.pp - 1) / (layout.vp or 1) * mean if layout.pp > 1 else 0.0
     return layout.num_microbatches * slow + bubble
 
@@ -1394,19 +1452,21 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     rollout (the nemoc runtime's generator runs the whole rows on every CP rank, which wait for none of
     each other): the prefill, the KV cache reads and the transfers are those of cp = 1. Nor does sequence
     parallelism (the generator switches it off: a decode step's one token per row cannot be split over the
-    TP group), so the prefill's TP traffic is all-reduces and every rank computes its whole window."""
+    TP group), so the prefill's TP traffic is all-reduces and every rank computes its whole window. The
+    prefill's output GEMM runs on the last position of each row only (`_head_tokens`: what the cached
+    generator computes)."""
     batch = layout.num_microbatches * micro_batch
     whole = replace(layout, cp=1, sequence_parallel=False)  # every CP and TP rank decodes the whole rows
     if layout.pp == 1:
         prefill = _pass_time(model, whole, hw, ModelPass("prefill", 1.0, FORWARD), seq=seq, precision=precision,
                              backend=backend, micro_batch=micro_batch, params=params, overlap_tp=overlap_tp,
-                             kernels=kernels, loss=False)
+                             kernels=kernels, loss=False, last_logits=True)
     else:
         lt = layer_times(model, whole, hw, seq=seq, precision=precision, attention_backend=backend,
                          micro_batch=micro_batch, backward=FORWARD, params=params, overlap_tp=overlap_tp,
                          kernels=kernels)
         _, mean, _ = _stage_times(model, whole, hw, lt, seq=seq, micro_batch=micro_batch, backward=FORWARD,
-                                  params=params, kernels=kernels, loss=False)
+                                  params=params, kernels=kernels, loss=False, last_logits=True)
         prefill = layout.num_microbatches * layout.pp * mean + _rollout_p2p(model, layout, hw, batch * seq, params)
     counts = param_counts(model)
     gemm_params = model.layers * (counts.attention + counts.mlp_active) + model.hidden * model.vocab

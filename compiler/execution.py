@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from nemoc.compiler.catalog.hardware import get_gpu
 from nemoc.compiler.catalog.userbuffers import userbuffers_of
-from nemoc.compiler.flops import MEGATRON_VOCAB_DIVISOR, padded_vocab, stage_model_flops_per_step, stage_work
+from nemoc.compiler.flops import (LOW_PRECISIONS, MEGATRON_VOCAB_DIVISOR, padded_vocab, stage_model_flops_per_step,
+                                  stage_work)
 from nemoc.compiler.plan import Execution, Fusions, HostExecution, Layout, MoeExecution, Overlaps, PipelineSplit
 from nemoc.compiler.spec import LoraSpec, ModelSpec
 from nemoc.compiler.target import MEGATRON_CORE, Target
@@ -140,8 +141,12 @@ CROSS_ENTROPY_FUSIONS = ("te", "native", "none")
 # `compute_language_model_loss`: "CUDA graph compatible cross entropy requires TransformerEngine >= 2.7.0", an
 # AssertionError at the first step). The plan does not know the target's TE version, so auto takes
 # Megatron-Core's native fused loss there (no host synchronisation, so capturable on any TE); a written `te`
-# stays, and the nemoc runtime refuses it on an older TE before the first step.
+# stays, and the nemoc runtime refuses it on an older TE before the first step. With precision fp32 or fp16 the
+# native loss would round the logits' gradient to bf16 (rules W112), so auto takes Megatron-Core's unfused
+# vocab-parallel loss there (`tensor_parallel.vocab_parallel_cross_entropy`: plain torch ops with no host
+# synchronisation, capturable too): the run keeps its precision's gradient for 20 + 4 more bytes per logit.
 AUTO_CROSS_ENTROPY_FULL_ITERATION = "native"
+NATIVE_ROUNDS_TO_BF16 = ("fp32", "fp16")  # precisions whose logit gradient the native loss rounds (W112)
 
 
 def full_iteration_graph(host: HostExecution | None) -> bool:
@@ -149,27 +154,30 @@ def full_iteration_graph(host: HostExecution | None) -> bool:
     return host is not None and host.cuda_graph_impl == "local" and "full_iteration" in host.cuda_graph_scope
 
 
-def cross_entropy_of(kernels: str, requested: str | None, host: HostExecution | None = None) -> str:
-    """The cross entropy a stage on `kernels` (te | local) with the host settings `host` runs: the experiment's
-    `cross_entropy_fusion`, or the default above (native under a whole-iteration CUDA graph). `te` on the local
-    spec is refused for training stages (rules E183); eval and export stages always run the local spec, and
-    run Megatron-Core's unfused loss there."""
+def cross_entropy_of(kernels: str, requested: str | None, host: HostExecution | None = None,
+                     precision: str | None = None) -> str:
+    """The cross entropy a stage on `kernels` (te | local) with the host settings `host` and the stage's
+    `precision` runs: the experiment's `cross_entropy_fusion`, or the default above (native under a
+    whole-iteration CUDA graph, unfused there with fp32 / fp16). `te` on the local spec is refused for training
+    stages (rules E183); eval and export stages always run the local spec, and run Megatron-Core's unfused
+    loss there."""
     if requested == "te" and kernels != "te":
         return "none"
     if requested is None and kernels == "te" and full_iteration_graph(host):
-        return AUTO_CROSS_ENTROPY_FULL_ITERATION
+        return "none" if precision in NATIVE_ROUNDS_TO_BF16 else AUTO_CROSS_ENTROPY_FULL_ITERATION
     return requested or AUTO_CROSS_ENTROPY[kernels]
 
 
 def fusions(model: ModelSpec, kernels: str, cross_entropy: str | None = None,
-            host: HostExecution | None = None) -> Fusions:
+            host: HostExecution | None = None, precision: str | None = None) -> Fusions:
     """The fused kernels NeMo / Megatron-LM switch on with Transformer Engine, which the `te` cost and
     memory models price: TE's fused RoPE, the fused bias-SwiGLU / bias-GELU (TransformerConfig allows
     it for SwiGLU, GeGLU, and GELU with biases), the fused bias-dropout-add and the weight-gradient
     accumulation into main_grad inside the GEMM; none of them on the local spec (its unfused kernels are
     what `kernels = local` prices). The cross entropy is the experiment's `cross_entropy_fusion`
-    (`cross_entropy_of`: te | native | none, which reads `host`'s CUDA graphs), on either spec."""
-    ce = cross_entropy_of(kernels, cross_entropy, host)
+    (`cross_entropy_of`: te | native | none, which reads `host`'s CUDA graphs and the `precision`), on either
+    spec."""
+    ce = cross_entropy_of(kernels, cross_entropy, host, precision)
     if kernels != "te":
         return Fusions(rope=False, bias_activation=False, bias_dropout_add=False, grad_accumulation=False,
                        cross_entropy=ce)
@@ -178,14 +186,31 @@ def fusions(model: ModelSpec, kernels: str, cross_entropy: str | None = None,
                    cross_entropy=ce)
 
 
+def reuses_grad_buffer(precision: str, layout: Layout) -> bool:
+    """Whether the stage's MXFP8 parameter all-gather reuses the gradient buffer (Megatron-Core 0.16.1 DDP /
+    OptimizerConfig `reuse_grad_buf_for_mxfp8_param_ag`; Megatron-Bridge's MXFP8 recipes switch it on with
+    `fp8_param_gather`: training/mixed_precision.py `bf16_with_mxfp8_mixed`). With MXFP8 parameters the
+    distributed optimizer's 16-bit all-gather buffer *is* the gradient buffer (param_and_grad_buffer.py: one
+    `shared_buffer` of the gradient dtype, bf16 parameters in its first half under fp32 gradients), whatever the
+    flag; the flag keeps the model's MXFP8 parameters out of it (all-gather, `param.data.copy_`, then zero the
+    buffer for the next gradients; the optimizer step writes the main parameters into it:
+    `_copy_main_params_to_param_buffer`). Without it Megatron-Core maps the parameters' storage into that shared
+    buffer, where the gradients accumulate over them, so the plan sets it exactly where MXFP8 parameters are
+    all-gathered: precision mxfp8 with fp8_param_gather (which needs the distributed optimizer: rules E166),
+    and Megatron-Core's own check holds (DistributedDataParallelConfig: "Reuse grad buffer only when keeping
+    params in MXFP8", i.e. fp8_param_gather). No field: no other value runs."""
+    return precision == "mxfp8" and layout.fp8_param_gather and layout.distributed_optimizer
+
+
 def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: PipelineSplit | None, stage_kind: str,
                     precision: str, attention_backend: str, kernels: str, seq_length: int,
                     peft: LoraSpec | None = None, params: object = None,
                     target: Target = MEGATRON_CORE, fp8_recipe: str | None = None,
                     moe: MoeExecution | None = None, host: HostExecution | None = None,
-                    cross_entropy: str | None = None) -> Execution:
+                    cross_entropy: str | None = None, bf16_layers: tuple[int, int] = (0, 0)) -> Execution:
     """The `Execution` of a stage planned with `layout` (precision, attention and kernels are the
-    experiment's; the target decides what the stage kind runs)."""
+    experiment's; the target decides what the stage kind runs). `bf16_layers`: the experiment's first / last
+    layers kept in bf16, recorded where the stage runs below 16 bits."""
     stage_kernels = target.stage_kernels(stage_kind, kernels)
     stage_precision = target.stage_precision(stage_kind, precision)
     interleaved = layout.pp > 1 and (layout.vp or 1) > 1
@@ -209,11 +234,20 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
         overlaps=Overlaps(grad_reduce=layout.dp > 1, param_gather=layout.overlap_param_gather,
                           p2p=interleaved and target.overlap_p2p, tp_comm=layout.tp_comm_overlap,
                           align_param_gather=layout.overlap_param_gather and interleaved),
-        fusions=fusions(model, stage_kernels, cross_entropy, host),
+        fusions=fusions(model, stage_kernels, cross_entropy, host, stage_precision),
         model_flops_per_step=stage_model_flops_per_step(model, seq_length, layout.global_batch, stage_kind=stage_kind,
                                                         peft=peft, params=params, causal_discount=True),
         peak_flops_per_gpu=peak,
         moe=moe if moe is not None else moe_execution(model, stage_kernels, layout.ep),
         host=host,
         userbuffers=userbuffers,
+        reuse_grad_buf_for_mxfp8_param_ag=reuses_grad_buffer(stage_precision, layout),
+        **_bf16_layers(stage_precision, bf16_layers),
     )
+
+
+def _bf16_layers(precision: str, bf16_layers: tuple[int, int]) -> dict:
+    """`Execution.bf16_first_layers` / `bf16_last_layers`: as written under fp8 / mxfp8 / nvfp4, where
+    Megatron-Core reads them; 0 otherwise (rules W113)."""
+    first, last = bf16_layers if precision in LOW_PRECISIONS else (0, 0)
+    return dict(bf16_first_layers=first, bf16_last_layers=last)

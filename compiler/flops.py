@@ -167,6 +167,32 @@ def layers_on_stage(layers: int, pp: int, stage: int, split: tuple[int, int, int
     return base + (1 if stage < extra else 0)
 
 
+# Precisions whose GEMMs run below 16 bits, where Megatron-Core can keep the first / last layers in bf16
+# (`first_last_layers_bf16`: fp8_utils.py `get_fp8_context`, fp4_utils.py `get_fp4_context`)
+LOW_PRECISIONS = ("fp8", "mxfp8", "nvfp4")
+
+
+def bf16_layers_per_stage(layers: int, pp: int, vp: int | None, split: tuple[int, int, int] | None,
+                          first: int, last: int) -> tuple[int, ...]:
+    """How many of the model's first `first` and last `last` transformer layers (kept in bf16) each pipeline
+    stage holds. Megatron-Core numbers layers globally (fp8_utils.py `is_first_last_bf16_layer`: layer_no <
+    start or >= num_layers - end) and orders model chunks chunk by chunk over the stages: chunk c of stage s
+    holds the (c x pp + s)-th run of layers, each stage's `layers_on_stage` split evenly over its vp chunks
+    (transformer_block.py `get_transformer_layer_offset`). Without virtual stages the first layers sit on
+    stage 0 and the last on the last stage; with them they spread over the stages' first / last chunks."""
+    chunks = vp or 1
+    counts = [0] * pp
+    offset = 0
+    tail = layers - last
+    for _ in range(chunks):
+        for s in range(pp):
+            n = layers_on_stage(layers, pp, s, split) // chunks
+            lo, hi = offset, offset + n
+            counts[s] += max(0, min(hi, first) - lo) + max(0, hi - max(lo, tail))
+            offset = hi
+    return tuple(counts)
+
+
 def chunk_layers(layers: int, pp: int, vp: int | None) -> int:
     """Transformer layers of the most-loaded model chunk (one pipeline stage, or one of its `vp`
     virtual stages): Megatron's block recompute (`recompute_method = "block"`) counts

@@ -47,7 +47,8 @@ _DEFAULT_PRECISION = next(f.default for f in dataclasses.fields(ExperimentSpec) 
 EXPORT_DTYPES = next(f.type.choices for f in STAGE_PARAMS["export"] if f.name == "dtype")
 EXPERIMENT_KEYS = ("precision", "fp8_recipe", "attention_backend", "kernels", "moe_dispatcher", "moe_grouped_gemm",
                    "moe_permute_fusion", "cuda_graph_impl", "cuda_graph_scope", "manual_gc",
-                   "manual_gc_interval", "cross_entropy_fusion")  # the experiment's own fields
+                   "manual_gc_interval", "cross_entropy_fusion", "bf16_first_layers",
+                   "bf16_last_layers")  # the experiment's own fields
 from nemoc.dsl.typecheck import CallValue, Checked, check_block, did_you_mean, missing_required, suggest
 
 if TYPE_CHECKING:  # a Hugging Face config is read only for `init = hf(...)`: imported there (`_hf_init`)

@@ -30,7 +30,7 @@ from types import MappingProxyType
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.catalog.userbuffers import buffer_bytes, userbuffers_of
-from nemoc.compiler.flops import recomputed_fraction
+from nemoc.compiler.flops import LOW_PRECISIONS, bf16_layers_per_stage, recomputed_fraction
 from nemoc.compiler.flops import (  # noqa: F401 - lora_params_per_layer is re-exported
     is_gated,
     layers_on_stage,
@@ -124,7 +124,8 @@ def weight_bytes(precision: str) -> int:
 
 
 def state_bytes_per_param(precision: str, *, distributed_optimizer: bool, shard: int,
-                          grad_bytes: int = 4, moment_bytes: int = 4, master_bytes: int = 4) -> StateBytes:
+                          grad_bytes: int = 4, moment_bytes: int = 4, master_bytes: int = 4,
+                          grad_copy: bool = True) -> StateBytes:
     """Mixed-precision Adam (Megatron dist_optimizer.md table): 2 + 4 + 12 = 18 B/param, or with the
     distributed optimizer 6 + 12/shard; fp32: 4 + 4 + 8 = 16, or 8 + 8/shard. `shard` is the size of
     the group the optimizer state is sharded over (DP x CP for dense, expert-DP for experts).
@@ -135,28 +136,35 @@ def state_bytes_per_param(precision: str, *, distributed_optimizer: bool, shard:
     (distrib_optimizer.py `shard_main_param.grad = shard_model_grad.float()`) and frees it in
     `zero_grad(set_to_none=True)` before the next forward-backward, so it never meets the activations.
     `moment_bytes` / `master_bytes`: bytes of each Adam moment and of the master weight (`optimizer_bytes`:
-    2 / 2 with 16-bit moments and the master kept as a 16-bit remainder)."""
+    2 / 2 with 16-bit moments and the master kept as a 16-bit remainder). `grad_copy = False`: Transformer
+    Engine's FusedAdam owns the master weight and reads the 16-bit gradient shard in place (`optimizer_bytes`),
+    so the step makes no fp32 copy of it."""
     w = weight_bytes(precision)
     moments = 2 * moment_bytes
     if precision == "fp32":
         return StateBytes(w, 4, moments / shard if distributed_optimizer else moments)  # m + v, no master copy
     div = shard if distributed_optimizer else 1
     return StateBytes(w, grad_bytes, (master_bytes + moments) / div,
-                      (4.0 if grad_bytes == 2 else 0.0) / div)  # master + m + v
+                      (4.0 if grad_bytes == 2 and grad_copy else 0.0) / div)  # master + m + v
 
 
-def optimizer_bytes(layout: Layout, precision: str, fp8_recipe: str | None) -> tuple[int, int]:
-    """(bytes per Adam moment, bytes per master weight) of the distributed optimizer. 4 / 4 by default.
-    `optimizer_state_dtype = bf16` (Megatron-Core's precision-aware optimizer over Transformer Engine's
-    FusedAdam): 2-byte moments (`exp_avg_dtype`, `exp_avg_sq_dtype`), and with bf16 weights the fp32 master
-    is stored as its low 16 bits beside the bf16 weight (`store_param_remainders`, on by default; TE >= 2.1)
+def optimizer_bytes(layout: Layout, precision: str, fp8_recipe: str | None) -> tuple[int, int, bool]:
+    """(bytes per Adam moment, bytes per master weight, whether the step copies a 16-bit gradient shard to
+    fp32) of the distributed optimizer. 4 / 4 / copy by default (Megatron-Core's own Adam:
+    distrib_optimizer.py `shard_main_param.grad = shard_model_grad.float()`). The precision-aware optimizer
+    (`layout.precision_aware_optimizer`, Transformer Engine's FusedAdam): moments of `optimizer_state_dtype`
+    (`exp_avg_dtype`, `exp_avg_sq_dtype`: 2 bytes with bf16, 4 with fp32, as the recipes' bf16 Adam), and
     where Megatron-Core lets FusedAdam own the master weight (`use_precision_aware_optimizer_no_fp8_or_ds_fp8`:
-    no FP8, or FP8 with delayed scaling), else a 4-byte fp32 master kept by Megatron-Core
-    (optimizer/optimizer_config.py, distrib_optimizer.py `master_param` as int16)."""
-    if layout.optimizer_state_dtype == "fp32":
-        return 4, 4
-    remainders = precision == "bf16" or (precision in ("fp8", "mxfp8") and fp8_recipe == "delayed")
-    return 2, (2 if remainders else 4)
+    no FP8, or FP8 with delayed scaling) with bf16 weights, the fp32 master stored as its low 16 bits beside the
+    bf16 weight (`store_param_remainders`, on by default; TE >= 2.1; distrib_optimizer.py `master_param` as
+    int16) and the gradient shard handed over in place (`decoupled_grad = shard_model_grad`: no fp32 copy);
+    else a 4-byte fp32 master kept by Megatron-Core, and its fp32 gradient copy."""
+    if not layout.precision_aware_optimizer:
+        return 4, 4, True
+    moment = 2 if layout.optimizer_state_dtype == "bf16" else 4
+    owned = precision in ("bf16", "fp16") or (precision in ("fp8", "mxfp8") and fp8_recipe == "delayed")
+    remainders = owned and precision != "fp16"  # the remainder completes a bf16 weight, not an fp16 one
+    return moment, (2 if remainders else 4), not owned
 
 
 # ----------------------------------------------------------------------------------- activations
@@ -425,18 +433,21 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
              kernels: str = "te", grad_bytes: int = 4, split: tuple[int, int, int] | None = None,
              moe_dispatcher: str = "alltoall", parents: tuple[str, ...] = (),
              cuda_graph_share: float = 0.0, fp8_recipe: str | None = None,
-             cross_entropy: str | None = None) -> MemoryBreakdown:
+             cross_entropy: str | None = None, bf16_layers: tuple[int, int] = (0, 0)) -> MemoryBreakdown:
     """Per-GPU memory of the most-loaded pipeline stage (the max total over first and last stage;
     middle stages hold fewer micro batches than the first and no embedding or logits; with an
     uneven `split` = (first, middle, last) layer counts, the second stage too, which may hold more
     layers than the first). `kernels`: see `layer_activations` ("te" unless the runtime has no
     Transformer Engine). `fp8_recipe`: the stage's FP8 recipe (`optimizer_bytes`). `cross_entropy`: the
-    loss (`cross_entropy_bytes`; None: the default of `kernels`, execution.AUTO_CROSS_ENTROPY)."""
+    loss (`cross_entropy_bytes`; None: the default of `kernels`, execution.AUTO_CROSS_ENTROPY). `bf16_layers`:
+    the first / last layers kept in bf16 under fp8 / mxfp8 / nvfp4 (`_bf16_layer_bytes`), which sit on the
+    first and last stages (with virtual stages, on the stages' first / last chunks: middle stages hold fewer
+    in-flight micro batches and are not compared)."""
     stages = {0, layout.pp - 1} | ({1} if split is not None and layout.pp > 2 and split[1] > split[0] else set())
     best = None
     for m in _breakdowns(sorted(stages), model, layout, precision, attention_backend, seq_length, stage_kind, peft,
                          gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,
-                         cuda_graph_share, fp8_recipe, cross_entropy):
+                         cuda_graph_share, fp8_recipe, cross_entropy, bf16_layers):
         if best is None or m.total > best.total:
             best = m
     return best  # type: ignore[return-value]
@@ -449,16 +460,17 @@ def pipeline_stages(model: ModelSpec, layout: Layout, *, precision: str = "bf16"
                     split: tuple[int, int, int] | None = None,
                     moe_dispatcher: str = "alltoall", parents: tuple[str, ...] = (),
                     cuda_graph_share: float = 0.0, fp8_recipe: str | None = None,
-                    cross_entropy: str | None = None) -> tuple[MemoryBreakdown, ...]:
+                    cross_entropy: str | None = None,
+                    bf16_layers: tuple[int, int] = (0, 0)) -> tuple[MemoryBreakdown, ...]:
     """Per-GPU memory of every pipeline stage 0 .. pp - 1 (`estimate` is the largest of them)."""
     return tuple(_breakdowns(range(layout.pp), model, layout, precision, attention_backend, seq_length, stage_kind,
                              peft, gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,
-                             cuda_graph_share, fp8_recipe, cross_entropy))
+                             cuda_graph_share, fp8_recipe, cross_entropy, bf16_layers))
 
 
 def _breakdowns(stages, model, layout, precision, attention_backend, seq_length, stage_kind, peft, gpu, params,
                 dropout, kernels, grad_bytes, split, moe_dispatcher="alltoall", parents=(), cuda_graph_share=0.0,
-                fp8_recipe=None, cross_entropy=None):
+                fp8_recipe=None, cross_entropy=None, bf16_layers=(0, 0)):
     hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
     capacity = hw.hbm_bytes if hw else 0
     seq = seq_length or model.seq_length
@@ -471,16 +483,19 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
             generation=hw.generation if hw else None, precision=precision,
             params_dtype=precision if precision in ("fp16", "fp32") else "bf16", hidden=model.hidden, tp=layout.tp,
             cp=layout.cp, seq_length=seq, micro_batch=layout.micro_batch * rows))
+    bf16 = (bf16_layers_per_stage(model.layers, layout.pp, layout.vp, split, *bf16_layers)
+            if precision in LOW_PRECISIONS and any(bf16_layers) else None)
     for stage in stages:
         yield _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
                             capacity, kernels, grad_bytes, split, resident, rows, moe_dispatcher, cuda_graph_share,
-                            fp8_recipe, generates=bool(work.generated), cross_entropy=cross_entropy, userbuffers=ub)
+                            fp8_recipe, generates=bool(work.generated), cross_entropy=cross_entropy, userbuffers=ub,
+                            bf16_here=bf16[stage] if bf16 is not None else 0)
 
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
 def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, vocab, scalar_head, split, precision,
                   peft, trainable, frozen, grad_bytes, fsdp=False,
-                  opt_bytes=(4, 4)) -> tuple[_Stage, float, float, float, float]:
+                  opt_bytes=(4, 4, True)) -> tuple[_Stage, float, float, float, float]:
     """(the stage's local parameters, weights, gradients, optimizer bytes, optimizer-step transient
     bytes): trainable models get full states, frozen ones weights only; LoRA trains the adapters only.
     `fsdp` (Megatron-FSDP, optim_grads_params): the trained model's 16-bit weights and its gradient
@@ -498,7 +513,7 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
             adapter = st.layers * lora_params_per_layer(model, peft) / tp
             a_state = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=dense_shard,
                                             grad_bytes=grad_bytes, moment_bytes=opt_bytes[0],
-                                            master_bytes=opt_bytes[1])
+                                            master_bytes=opt_bytes[1], grad_copy=opt_bytes[2])
             weights += adapter * a_state.weights
             gradients += adapter * a_state.gradients
             optimizer += adapter * a_state.optimizer
@@ -506,7 +521,8 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
         else:
             for count, shard in ((st.dense, dense_shard), (st.expert, expert_shard)):
                 s = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=shard,
-                                          grad_bytes=grad_bytes, moment_bytes=opt_bytes[0], master_bytes=opt_bytes[1])
+                                          grad_bytes=grad_bytes, moment_bytes=opt_bytes[0], master_bytes=opt_bytes[1],
+                                          grad_copy=opt_bytes[2])
                 if fsdp:  # the weights counted above in full are held as this shard
                     weights -= count * wb * (1.0 - 1.0 / shard)
                 gradients += count * s.gradients / (shard if fsdp else 1)
@@ -528,15 +544,39 @@ class _StatesLayout:
     etp: int
 
 
+def _bf16_layer_params(model: ModelSpec, layout: Layout, bf16_here: int) -> float:
+    """Parameters one GPU holds of `bf16_here` transformer layers kept in bf16 (dense by TP, experts by EP x
+    ETP): their weights get no FP8 / FP4 copies."""
+    if not bf16_here:
+        return 0.0
+    counts = param_counts(model)
+    return bf16_here * ((counts.per_layer - counts.expert) / layout.tp + counts.expert / (layout.ep * layout.etp))
+
+
+def _bf16_activation_extra(model, *, replayed: float, recompute: str, **kw) -> float:
+    """Bytes one bf16 layer keeps for backward beyond an FP8 one (its saved GEMM inputs are 16-bit, not the
+    1-byte FP8 copies `layer_activations(fp8=True)` counts), for one micro batch; under block recompute the
+    `replayed` share of layers keeps only its input (the same at either precision)."""
+    def extra(rc: str) -> float:
+        return (layer_activations(model, recompute=rc, fp8=False, **kw).total
+                - layer_activations(model, recompute=rc, fp8=True, **kw).total)
+    if recompute == "full" and replayed < 1.0:
+        return replayed * extra("full") + (1.0 - replayed) * extra("none")
+    return extra(recompute)
+
+
 def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
                   kernels, grad_bytes, split, resident: int, rows: int,
                   moe_dispatcher: str = "alltoall", cuda_graph_share: float = 0.0,
                   fp8_recipe: str | None = None, generates: bool = False,
-                  cross_entropy: str | None = None, userbuffers: float = 0.0) -> MemoryBreakdown:
+                  cross_entropy: str | None = None, userbuffers: float = 0.0, bf16_here: int = 0) -> MemoryBreakdown:
     """One pipeline stage's breakdown; `resident`: how many models the stage keeps (`resident_models`),
     `rows`: sequences per micro-batch sample (`flops.stage_work`); `cuda_graph_share`: the share of
     each layer captured as CUDA graphs (`cost.cuda_graph_share`; 0 without graphs); `generates`: the
-    stage decodes rollouts (ppo, grpo: `rollout_kv_cache`)."""
+    stage decodes rollouts (ppo, grpo: `rollout_kv_cache`); `bf16_here`: how many of the stage's layers stay in
+    bf16 under fp8 / mxfp8 / nvfp4 (`flops.bf16_layers_per_stage`): no FP8 / FP4 weight copies and (fp8 /
+    mxfp8) 16-bit saved GEMM inputs for them, and 16-bit weights where fp8_param_gather keeps the others in FP8
+    (Megatron-Core builds them outside the fp8 / fp4 context: fp8_utils.py `get_fp8_context(is_init=True)`)."""
     scalar_head = kind == "reward"
     vocab = padded_vocab(model.vocab, layout.tp)
     trains = kind in TRAINING_KINDS
@@ -560,15 +600,21 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         # Transformer Engine caches the NVFP4 weight and its transpose across micro batches: 4-bit
         # values plus one FP8 (E4M3) scale per 16-element block, 0.5 + 1/16 B each.
         linear = params_local - (vocab * model.hidden / layout.tp if st.first else 0)
-        parts["fp4_weight_cache"] = 2.0 * NVFP4_BYTES * linear
+        parts["fp4_weight_cache"] = 2.0 * NVFP4_BYTES * (linear - _bf16_layer_params(model, layout, bf16_here))
     if precision in ("fp8", "mxfp8"):
         # Transformer Engine caches the quantised weight and its transpose across micro batches.
         linear = params_local - (vocab * model.hidden / layout.tp if st.first else 0)
+        linear -= _bf16_layer_params(model, layout, bf16_here)  # those layers hold no FP8 copies
         parts["fp8_weight_cache"] = 2.0 * linear
         if layout.fp8_param_gather and trainable:
             # FP8 parameters (Megatron-Core `fp8_param`): the linear weights are TE Float8Tensors, 1 byte
             # (the FP8 copy itself) plus the cached transpose, instead of a 16-bit weight plus both FP8
-            # copies; the optimizer's fp32 master shard is unchanged.
+            # copies; the optimizer's fp32 master shard is unchanged. The distributed optimizer's 16-bit
+            # all-gather buffer is no term of its own: FP8 tensors are gathered in their 1-byte buffer (the
+            # weights), MXFP8 ones through the gradient buffer (`reuse_grad_buf_for_mxfp8_param_ag`, which the
+            # plan sets: execution.reuses_grad_buffer; bf16 parameters fill half of an fp32 gradient buffer,
+            # all of a bf16 one), so the bf16 buffer the distributed optimizer otherwise keeps beside the
+            # weights is never allocated.
             weights -= trainable * linear * (weight_bytes(precision) - 1)
             parts["fp8_weight_cache"] = 1.0 * linear
 
@@ -596,6 +642,11 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
                 activations = (per_layer * replayed + kept * (st.layers - replayed)) * held
             else:
                 activations = per_layer * st.layers * held
+            if bf16_here and precision in ("fp8", "mxfp8"):  # those layers save 16-bit GEMM inputs
+                activations += bf16_here * held * _bf16_activation_extra(
+                    model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
+                    etp=layout.etp, recompute=layout.recompute, attention_backend=backend, dropout=dropout,
+                    kernels=kernels, replayed=replayed / max(st.layers, 1))
             # Backward works on one layer at a time: it rematerialises that layer (full recompute) or
             # allocates gradients of its activations (otherwise), about one layer's activations
             # without the s x s scores, plus (unfused attention) the scores of the layer whose core
@@ -604,7 +655,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
             working = layer_activations(
                 model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
                 etp=layout.etp, recompute="none", attention_backend=backend, dropout=dropout, kernels=kernels,
-                fp8=precision in ("fp8", "mxfp8"))
+                fp8=precision in ("fp8", "mxfp8") and not bf16_here)  # a bf16 layer's, the larger, where held
             parts["backward_working"] = working.total - (working.scores if backend != "unfused" else 0.0)
             if st.last:  # final norm input + output-layer input (Korthikanti: 4 sbh / t)
                 activations += 4.0 * s_local * b * model.hidden / rep

@@ -214,6 +214,13 @@ class Execution:
     moe: MoeExecution | None = None  # the MoE layer's dispatcher and kernels; None for a dense model
     host: HostExecution | None = None  # CUDA graphs and manual GC; None: a model built outside a stage plan
     userbuffers: Userbuffers | None = None  # TE userbuffers where the layout has tp_comm_overlap; else None
+    # DDP / OptimizerConfig `reuse_grad_buf_for_mxfp8_param_ag`: the distributed optimizer's all-gather of MXFP8
+    # parameters lands in the gradient buffer (execution.reuses_grad_buffer)
+    reuse_grad_buf_for_mxfp8_param_ag: bool = False
+    # TransformerConfig `num_layers_at_start_in_bf16` / `num_layers_at_end_in_bf16` (with `first_last_layers_bf16`):
+    # the first / last layers kept in bf16; nonzero only under fp8 / mxfp8 / nvfp4
+    bf16_first_layers: int = 0
+    bf16_last_layers: int = 0
 
 
 DEFAULT_RECOMPUTE_MODULES = ("core_attn",)  # Megatron-Core's `recompute_modules` when None
@@ -257,6 +264,9 @@ class Layout:
     megatron_fsdp: bool = False  # DDP `use_megatron_fsdp`, sharding optim_grads_params (ZeRO-3)
     # `OptimizerConfig.exp_avg_dtype` / `exp_avg_sq_dtype` (bf16: `use_precision_aware_optimizer`)
     optimizer_state_dtype: str = "fp32"
+    # `OptimizerConfig.use_precision_aware_optimizer` (Transformer Engine's FusedAdam), with moments of
+    # `optimizer_state_dtype`: on with bf16 moments, and with fp32 ones where the experiment says so
+    precision_aware_optimizer: bool = False
 
     @property
     def world_size(self) -> int:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from nemoc.compiler import chattemplate
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.execution import (fp8_recipe_of, full_iteration_graph, host_defaults_taken, moe_defaults_taken,
-                                     stage_execution, stage_host)
+                                      reuses_grad_buffer, stage_execution, stage_host)
 from nemoc.compiler.flops import param_counts
 from nemoc.compiler.memory import resident_models, weight_bytes
 from nemoc.compiler.plan import Estimate, Plan, StagePlan
@@ -203,6 +203,7 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
         hf_conversion=is_hf_conversion(spec, stage),
         moe_requested=(spec.moe_dispatcher, spec.moe_grouped_gemm, spec.moe_permute_fusion),
         host_requested=host_requested(spec), cross_entropy_requested=spec.cross_entropy_fusion,
+        bf16_layers=(spec.bf16_first_layers, spec.bf16_last_layers),
         host=stage_host(host_requested(spec), target.stage_kernels(stage.kind, resolve_kernels(spec.kernels,
                                                                                               spec.cluster.gpu)),
                         target.caps(stage.kind).cuda_graphs),
@@ -222,7 +223,7 @@ def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> Pa
                    distributed_optimizer=False, recompute="none", recompute_layers=None, virtual_pipeline=1, pipeline=pipeline,
                    micro_batch=parallel.micro_batch or 1, tp_comm_overlap=False, overlap_param_gather=False, fp8_param_gather=False,
                    grad_reduce_in_fp32=True, megatron_fsdp=False, optimizer_state_dtype="fp32",
-                   defer_embedding_wgrad_compute=False, wgrad_deferral_limit=0)
+                   defer_embedding_wgrad_compute=False, wgrad_deferral_limit=0, precision_aware_optimizer=False)
 
 
 # ------------------------------------------------------------------------------- not fitting: why
@@ -369,7 +370,8 @@ def _stage_plan(spec: ExperimentSpec, stage: StageSpec, chosen: Candidate, steps
         model=spec.model, gpu=spec.cluster.gpu, layout=chosen.layout, split=chosen.split, stage_kind=stage.kind,
         precision=spec.precision, attention_backend=problem.attention_backend, kernels=problem.kernels,
         seq_length=seq, peft=stage.peft, params=stage.params, target=problem.target, fp8_recipe=spec.fp8_recipe,
-        moe=problem.moe_of(chosen.layout), host=problem.host, cross_entropy=spec.cross_entropy_fusion)
+        moe=problem.moe_of(chosen.layout), host=problem.host, cross_entropy=spec.cross_entropy_fusion,
+        bf16_layers=(spec.bf16_first_layers, spec.bf16_last_layers))
     return StagePlan(
         name=stage.name, kind=stage.kind, after=stage.after, data=stage.data, layout=chosen.layout,
         memory=chosen.memory, estimate=estimate, seq_length=seq, steps=steps, optimizer=stage.optimizer,
@@ -471,11 +473,17 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
                                     manual_gc_interval=spec.manual_gc_interval)
         if taken:
             notes.append("host defaults taken (Megatron-Bridge recipes): " + ", ".join(taken))
+        if reuses_grad_buffer(target.stage_precision(stage.kind, spec.precision), chosen.layout):
+            notes.append("MXFP8 parameters all-gathered through the gradient buffer (reuse_grad_buf_for_mxfp8_param_ag, "
+                         "as Megatron-Bridge's MXFP8 recipes; Megatron-Core 0.16.1 shares the buffer with MXFP8 "
+                         "parameters, so the plan counts no separate all-gather buffer)")
         if spec.cross_entropy_fusion is None and full_iteration_graph(probe.host) and probe.stage_kernels == "te":
             notes.append(f"loss default taken: cross_entropy_fusion = {probe.cross_entropy}, not te: under a whole-iteration "
                          "CUDA graph (cuda_graph_scope full_iteration) Megatron-Core runs TE's CUDA-graph-capturable cross "
                          "entropy, which needs Transformer Engine >= 2.7, and the plan does not know the target's TE "
-                         "version (write cross_entropy_fusion = te where it is >= 2.7)")
+                         "version (write cross_entropy_fusion = te where it is >= 2.7)"
+                         + ("; not native either: it rounds the logits' gradient to bf16 (W112) and this stage runs "
+                            "fp32 / fp16" if probe.cross_entropy == "none" else ""))
         elif spec.cross_entropy_fusion is None:
             notes.append(f"loss default taken ({'Transformer Engine, as Megatron-Bridge recipes' if probe.stage_kernels == 'te' else 'the local spec'}): "
                          f"cross_entropy_fusion = {probe.cross_entropy}")

@@ -57,7 +57,7 @@ from functools import lru_cache
 
 from nemoc.compiler import cost, memory
 from nemoc.compiler.catalog.hardware import TRAINING_PRECISIONS, HardwareSpec
-from nemoc.compiler.flops import chunk_layers
+from nemoc.compiler.flops import LOW_PRECISIONS, chunk_layers
 from nemoc.compiler.execution import cross_entropy_of, host_execution, moe_execution
 from nemoc.compiler.params import packs_sequences
 from nemoc.compiler.plan import Estimate, HostExecution, Layout, MemoryBreakdown, MoeExecution
@@ -130,6 +130,8 @@ class Problem:
     # the experiment's `cross_entropy_fusion` (te | native | none; None = auto); `cross_entropy` is what
     # the stage runs (execution.cross_entropy_of of its kernels)
     cross_entropy_requested: str | None = None
+    # layers kept in bf16 at the start and the end (the experiment's bf16_first_layers / bf16_last_layers)
+    bf16_layers: tuple[int, int] = (0, 0)
     costed_backend: str = field(init=False, repr=False, compare=False, default="")  # see __post_init__
     # what the cost and memory models read of the stage's params, once per problem (see __post_init__)
     attention_span: float | None = field(init=False, repr=False, compare=False, default=None)
@@ -156,7 +158,7 @@ class Problem:
         return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind,
                    self.kernels, self.optimizer, self.target, self.fp8_recipe, self.hf_conversion, self.moe_requested,
                    self.host_requested, packs_sequences(self.stage_kind, self.params),
-                   cross_entropy_fusion=self.cross_entropy_requested)
+                   cross_entropy_fusion=self.cross_entropy_requested, bf16_layers=self.bf16_layers)
 
     @property
     def splits_sequences(self) -> bool:
@@ -199,9 +201,16 @@ class Problem:
         return float(min(tokens, self.seq_length)) if tokens and params.pack else None
 
     @property
+    def costed_bf16_layers(self) -> tuple[int, int]:
+        """The bf16 layers the cost and memory models price: those written, where the stage runs a precision
+        below 16 bits (fp8 / mxfp8 / nvfp4); none otherwise (Megatron-Core reads them only in those contexts)."""
+        return self.bf16_layers if self.precision in LOW_PRECISIONS else (0, 0)
+
+    @property
     def cross_entropy(self) -> str:
         """The loss the memory and cost models price (te | native | none)."""
-        return cross_entropy_of(self.stage_kernels, self.cross_entropy_requested, self.host)
+        return cross_entropy_of(self.stage_kernels, self.cross_entropy_requested, self.host,
+                                self.target.stage_precision(self.stage_kind, self.precision))
 
     @property
     def stage_kernels(self) -> str:
@@ -317,6 +326,7 @@ def pipeline_memory(p: Problem, layout: Layout) -> tuple[MemoryBreakdown, ...]:
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
         cuda_graph_share=_graph_share(p),
         parents=p.parents, fp8_recipe=p.fp8_recipe, dropout=p.dropout, cross_entropy=p.cross_entropy,
+        bf16_layers=p.costed_bf16_layers,
     )
 
 
@@ -342,6 +352,7 @@ def evaluate_memory(p: Problem, layout: Layout) -> MemoryBreakdown:
         kernels=p.stage_kernels, grad_bytes=_grad_bytes(layout), moe_dispatcher=_dispatcher(p, layout),
         cuda_graph_share=_graph_share(p),
         parents=p.parents, fp8_recipe=p.fp8_recipe, dropout=p.dropout, cross_entropy=p.cross_entropy,
+        bf16_layers=p.costed_bf16_layers,
     )
 
 
@@ -354,6 +365,7 @@ def evaluate_time(p: Problem, layout: Layout, params: cost.EfficiencyParams = co
         overlap_tp=layout.tp_comm_overlap, overlap_param_gather=layout.overlap_param_gather, params=params,
         overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, moe=p.moe_of(layout), host=p.host,
         attention_span=p.attention_span, dropout=p.dropout, cross_entropy=p.cross_entropy,
+        bf16_layers=p.costed_bf16_layers,
     )
 
 
@@ -422,7 +434,8 @@ def _make_layout(p: Problem, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[
                   wgrad_deferral_limit=p.fixed.wgrad_deferral_limit,
                   grad_reduce_in_fp32=p.fixed.grad_reduce_in_fp32,
                   overlap_param_gather=p.fixed.overlap_param_gather, fp8_param_gather=p.fixed.fp8_param_gather,
-                  megatron_fsdp=p.fixed.megatron_fsdp, optimizer_state_dtype=p.fixed.optimizer_state_dtype)
+                  megatron_fsdp=p.fixed.megatron_fsdp, optimizer_state_dtype=p.fixed.optimizer_state_dtype,
+                  precision_aware_optimizer=p.fixed.precision_aware)
 
 
 def _sizes(p: Problem, layout: Layout) -> Sizes:
@@ -434,7 +447,8 @@ def _sizes(p: Problem, layout: Layout) -> Sizes:
                  tp_comm_overlap=layout.tp_comm_overlap,
                  defer_embedding_wgrad_compute=layout.defer_embedding_wgrad_compute,
                  overlap_param_gather=layout.overlap_param_gather, fp8_param_gather=layout.fp8_param_gather,
-                 megatron_fsdp=layout.megatron_fsdp, optimizer_state_dtype=layout.optimizer_state_dtype)
+                 megatron_fsdp=layout.megatron_fsdp, optimizer_state_dtype=layout.optimizer_state_dtype,
+                 precision_aware_optimizer=layout.precision_aware_optimizer)
 
 
 # ------------------------------------------------------------------------------------ the domains
@@ -660,23 +674,27 @@ class _Context:
                                  defer_embedding_wgrad_compute=f.defer_embedding_wgrad_compute,
                                  wgrad_deferral_limit=f.wgrad_deferral_limit,
                                  overlap_param_gather=f.overlap_param_gather, fp8_param_gather=f.fp8_param_gather,
-                                 megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype)
+                                 megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype,
+                                 precision_aware_optimizer=f.precision_aware)
         self.fixed_sizes = dict(seq_length=p.seq_length, recompute_modules=f.recompute_modules,
                                 tp_comm_overlap=f.tp_comm_overlap,
                                 defer_embedding_wgrad_compute=f.defer_embedding_wgrad_compute,
                                 overlap_param_gather=f.overlap_param_gather, fp8_param_gather=f.fp8_param_gather,
-                                megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype)
+                                megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype,
+                                precision_aware_optimizer=f.precision_aware)
         self.grad_bytes = 4 if f.grad_reduce_in_fp32 else 2  # `_grad_bytes` of every candidate
         self.memory_kw = dict(precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
                               stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, kernels=kernels,
                               grad_bytes=self.grad_bytes, cuda_graph_share=_graph_share(p), parents=p.parents,
-                              fp8_recipe=p.fp8_recipe, dropout=p.dropout, cross_entropy=p.cross_entropy)
+                              fp8_recipe=p.fp8_recipe, dropout=p.dropout, cross_entropy=p.cross_entropy,
+                              bf16_layers=p.costed_bf16_layers)
         self.time_kw = dict(cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.costed_backend,
                             seq_length=p.seq_length, steps=p.steps, stage_kind=p.stage_kind, peft=p.peft,
                             stage_params=p.params, kernels=kernels, grad_bytes=self.grad_bytes,
                             overlap_tp=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather,
                             overlap_p2p=p.target.overlap_p2p, fp8_recipe=p.fp8_recipe, host=p.host,
-                            attention_span=p.attention_span, dropout=p.dropout, cross_entropy=p.cross_entropy)
+                            attention_span=p.attention_span, dropout=p.dropout, cross_entropy=p.cross_entropy,
+                            bf16_layers=p.costed_bf16_layers)
         self.bound_kw = dict(cluster=p.cluster, gpu=p.gpu, precision=p.precision, attention_backend=p.costed_backend,
                              seq_length=p.seq_length, stage_kind=p.stage_kind, peft=p.peft, stage_params=p.params,
                              kernels=kernels, overlap_tp=f.tp_comm_overlap, overlap_p2p=p.target.overlap_p2p,
@@ -1156,7 +1174,8 @@ def enumerate_all(p: Problem, *, top: int = 10**9, max_vp: int | None = None,
                           tp_comm_overlap=f.tp_comm_overlap, overlap_param_gather=f.overlap_param_gather,
                           defer_embedding_wgrad_compute=f.defer_embedding_wgrad_compute,
                           fp8_param_gather=f.fp8_param_gather, megatron_fsdp=f.megatron_fsdp,
-                          optimizer_state_dtype=f.optimizer_state_dtype)
+                          optimizer_state_dtype=f.optimizer_state_dtype,
+                          precision_aware_optimizer=f.precision_aware)
             v = layout_violations(env, sizes)
             layout = _make_layout(p, tp, pp, vp, cp, ep, etp, dp or 1, mb, sp, do, rc)
             if v is not None:

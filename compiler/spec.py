@@ -184,6 +184,15 @@ class ParallelSpec:
     fp8_param_gather: bool = False  # linear weights kept (and all-gathered) in FP8
     megatron_fsdp: bool = False  # Megatron-FSDP, optim_grads_params (ZeRO-3)
     optimizer_state_dtype: str = "fp32"  # Adam moments: fp32 | bf16 (precision-aware optimizer)
+    precision_aware_optimizer: bool | None = None  # None = auto: on exactly with bf16 moments
+
+    @property
+    def precision_aware(self) -> bool:
+        """Whether the stage runs Megatron-Core's precision-aware optimizer: as written, or (auto) exactly
+        when the Adam moments are 16-bit (the meaning `optimizer_state_dtype = bf16` always had)."""
+        if self.precision_aware_optimizer is not None:
+            return self.precision_aware_optimizer
+        return self.optimizer_state_dtype != "fp32"
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +298,8 @@ class ExperimentSpec:
     manual_gc: bool | None = None  # None = auto
     manual_gc_interval: int | None = None  # None = auto
     cross_entropy_fusion: str | None = None  # te | native | none; None = auto (execution.cross_entropy_of)
+    bf16_first_layers: int = 0  # layers at the start kept in bf16 under fp8 / mxfp8 / nvfp4
+    bf16_last_layers: int = 0  # ... at the end
     attention_backend: str = "auto"  # auto | flash | fused | unfused
     kernels: str = "auto"  # auto | te | local (resolve_kernels)
     data: tuple[DataSpec, ...] = ()

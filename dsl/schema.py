@@ -340,6 +340,15 @@ PARALLEL_FIELDS = (
        "master weights of 16-bit training kept as the 16-bit remainder beside the bf16 weight "
        "(`store_param_remainders`): 6 bytes of optimizer state per parameter instead of 12, before sharding. "
        "Needs distributed_optimizer (E190) and Transformer Engine (E191)."),
+    _f("precision_aware_optimizer", BOOL, None, "Megatron-Core's precision-aware optimizer "
+       "(`use_precision_aware_optimizer`: Transformer Engine's FusedAdam updates the distributed optimizer's "
+       "shard), with Adam moments of `optimizer_state_dtype`. With fp32 moments (Megatron-Bridge's bf16 Adam "
+       "recipes) the update is the same; FusedAdam owns the fp32 master weight of 16-bit training as its 16-bit "
+       "remainder beside the bf16 weight (`store_param_remainders`) and reads the gradient shard where it lies "
+       "(no fp32 copy of a 16-bit gradient in the step): 4 + 4 + 2 = 10 bytes of optimizer state per parameter "
+       "instead of 12, before sharding. Default `auto`: on exactly when optimizer_state_dtype = bf16 (16-bit "
+       "moments need it: E184 refuses false there), so files without this field keep their meaning. Needs "
+       "distributed_optimizer (E190) and Transformer Engine (E191).", auto=True),
 )
 
 DATA_FIELDS = (
@@ -567,6 +576,15 @@ EXPERIMENT_FIELDS = (
        "recipe of precision = mxfp8). Default `auto`: `tensorwise` for precision = fp8 (Megatron-Bridge's "
        "FP8-CS performance recipes), `mxfp8` for precision = mxfp8. Only with an fp8 precision (E164).",
        auto=True),
+    _f("bf16_first_layers", INT, 0,
+       "Transformer layers at the start of the model kept in bf16 under precision fp8 / mxfp8 / nvfp4 (Megatron-Core "
+       "`first_last_layers_bf16`, `num_layers_at_start_in_bf16`): their GEMMs run and are priced at bf16 speed, "
+       "their weights hold no FP8 / FP4 copies and their activations stay 16-bit; the pipeline stage holding them "
+       "is slower. With fp8 / mxfp8 at most layers / pipeline per side (E186) and not with fp8_recipe = delayed "
+       "(E185); no effect in a 16-bit precision (W113)."),
+    _f("bf16_last_layers", INT, 0,
+       "Transformer layers at the end of the model kept in bf16 (`num_layers_at_end_in_bf16`; Megatron-Bridge's "
+       "NVFP4 Llama 3 8B recipe keeps the last 4). As `bf16_first_layers`."),
     _f("moe_dispatcher", enum("alltoall", "allgather", "flex"), None,
        "How a mixture-of-experts layer moves tokens to their experts (Megatron-Core "
        "`moe_token_dispatcher_type`): `alltoall` (each token's top-k copies to the expert-parallel ranks "
@@ -617,7 +635,8 @@ EXPERIMENT_FIELDS = (
        "cross entropy). The plan prices each (docs/cost-model.md). Default `auto`: `te` with Transformer "
        "Engine (Megatron-Bridge's performance recipes), except `native` under `cuda_graph_scope = [full_iteration]` "
        "(Megatron-Core runs TE's CUDA-graph-capturable loss there, which needs TE >= 2.7, a version the plan "
-       "cannot know; the runtime refuses a written `te` there on an older TE), `none` on the local spec. "
+       "cannot know; the runtime refuses a written `te` there on an older TE; `none` there with precision fp32 / "
+       "fp16, which native would round), `none` on the local spec. "
        "`te` needs kernels te (E183).",
        auto=True),
     _f("kernels", enum("auto", "te", "local"), "auto",

@@ -273,10 +273,13 @@ def _check_supported(*, model: ModelSpec, layout: Layout, precision: str, facts:
             f"context parallelism (cp={layout.cp}) needs Transformer Engine's attention (TEDotProductAttention) "
             "or the local spec's flash (SDPA) core; Megatron-Core's unfused DotProductAttention supports cp=1 only"
         )
-    if layout.optimizer_state_dtype != "fp32" and not facts.have_te:
+    if layout.precision_aware_optimizer and not facts.have_te:
         # `nemoc check` refuses it on the local spec (E191); Megatron-Core's OptimizerConfig raises without TE
-        raise UnsupportedPlan(f"optimizer_state_dtype = {layout.optimizer_state_dtype} needs Transformer Engine's "
-                              "FusedAdam (Megatron-Core's precision-aware optimizer), which is not installed here")
+        what = (f"optimizer_state_dtype = {layout.optimizer_state_dtype}" if layout.optimizer_state_dtype != "fp32"
+                else "precision_aware_optimizer = true (fp32 moments)")
+        raise UnsupportedPlan(f"{what} needs Transformer Engine's FusedAdam (Megatron-Core's precision-aware "
+                              "optimizer), which is not installed here; plan precision_aware_optimizer = false for "
+                              "Megatron-Core's own Adam (the same update with fp32 moments)")
     if layout.sequence_parallel and layout.tp == 1:
         raise UnsupportedPlan("sequence_parallel needs tp > 1")
     if layout.tp_comm_overlap:
@@ -515,12 +518,22 @@ def transformer_config(
     if model.is_moe:
         kwargs.update(_moe_kwargs(model, layout, moe))
     kwargs.update(_fp8_kwargs(precision, execution.fp8_recipe if execution is not None else None))
+    kwargs.update(bf16_layer_kwargs(execution))
     kwargs.update(_cuda_graph_kwargs(host))
     kwargs.update(_tp_comm_kwargs(layout, execution))
     kwargs.update(_defer_wgrad_kwargs(layout, fused_wgrad=bool(kwargs.get("gradient_accumulation_fusion"))))
     if layout.fp8_param_gather and precision in ("fp8", "mxfp8"):
         kwargs["fp8_param"] = True  # the linear weights are TE FP8 tensors (plan: fp8_param_gather)
     return TransformerConfig(**kwargs)
+
+
+def bf16_layer_kwargs(execution: Execution | None) -> dict:
+    """The plan's first / last layers kept in bf16 (`Execution.bf16_first_layers`, `bf16_last_layers`; nonzero
+    only under fp8 / mxfp8 / nvfp4) as TransformerConfig's `first_last_layers_bf16` and its two counts."""
+    if execution is None or not (execution.bf16_first_layers or execution.bf16_last_layers):
+        return {}
+    return dict(first_last_layers_bf16=True, num_layers_at_start_in_bf16=execution.bf16_first_layers,
+                num_layers_at_end_in_bf16=execution.bf16_last_layers)
 
 
 def _moe_kwargs(model: ModelSpec, layout: Layout, moe: MoeExecution | None = None) -> dict:
@@ -733,19 +746,22 @@ def _interleaved(layout: Layout) -> bool:
     return layout.pp > 1 and (layout.vp or 1) > 1
 
 
-def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None, cpu: bool = False):
+def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None, cpu: bool = False,
+               reuse_grad_buf: bool = False):
     """Megatron DDP: gradient reduction in fp32 main grads or the 16-bit parameter dtype, as planned
     (`grad_reduce_in_fp32`); the plan's overlaps of the gradient reduce and the parameter gather
     (`Execution.overlaps`; none for a model built outside a stage plan). Megatron-FSDP on gloo (`cpu`)
     scales the gradients before a plain sum: its default folds the 1/DP into NCCL's PREMUL_SUM
-    reduction (fsdp param_and_grad_buffer.py `gradient_reduce_preprocessing`), which gloo lacks."""
+    reduction (fsdp param_and_grad_buffer.py `gradient_reduce_preprocessing`), which gloo lacks.
+    `reuse_grad_buf`: the plan's `Execution.reuse_grad_buf_for_mxfp8_param_ag`."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
     extra = dict(gradient_reduce_div_fusion=False) if cpu and layout.megatron_fsdp else {}
-    return DistributedDataParallelConfig(**_ddp_kwargs(layout, overlaps), check_for_nan_in_grad=False, **extra)
+    return DistributedDataParallelConfig(**_ddp_kwargs(layout, overlaps, reuse_grad_buf), check_for_nan_in_grad=False,
+                                         **extra)
 
 
-def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None) -> dict:
+def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None, reuse_grad_buf: bool = False) -> dict:
     # Megatron-LM overlaps the parameter all-gather only together with the gradient reduce (arguments.py:
     # "Must use --overlap-param-gather with --overlap-grad-reduce"); the plan overlaps the reduce with DP > 1,
     # and with one data-parallel rank there is nothing to gather.
@@ -753,6 +769,8 @@ def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None) -> dict:
     kw = dict(grad_reduce_in_fp32=layout.grad_reduce_in_fp32, overlap_grad_reduce=bool(overlaps and overlaps.grad_reduce),
               overlap_param_gather=gather, align_param_gather=gather and overlaps.align_param_gather,
               use_distributed_optimizer=layout.distributed_optimizer, fp8_param_gather=layout.fp8_param_gather)
+    if reuse_grad_buf:  # MXFP8 parameters all-gathered through the gradient buffer (execution.reuses_grad_buffer)
+        kw.update(reuse_grad_buf_for_mxfp8_param_ag=True)
     if layout.megatron_fsdp:  # ZeRO-3: weights, gradients and optimizer state sharded (Megatron-Bridge's FSDP recipes)
         kw.update(use_megatron_fsdp=True, data_parallel_sharding_strategy="optim_grads_params")
     return kw
@@ -763,9 +781,15 @@ def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None) -> dict:
 LOSS_SCALING = dict(initial_loss_scale=2.0**16, min_loss_scale=1.0, loss_scale_window=1000, hysteresis=2)
 
 
-def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout: Layout, precision: str):
+def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout: Layout, precision: str,
+                     reuse_grad_buf: bool = False, fp8_recipe: str | None = None):
     """Adam(W) or SGD with grad clipping; bf16/fp16 keep fp32 main params; fp16 uses dynamic loss
-    scaling (Micikevicius et al. 2018): start 2^16, halve on overflow, double after 1000 clean steps."""
+    scaling (Micikevicius et al. 2018): start 2^16, halve on overflow, double after 1000 clean steps.
+    `reuse_grad_buf` (the plan's `Execution.reuse_grad_buf_for_mxfp8_param_ag`): the step writes the main
+    parameters into the shared parameter / gradient buffer for the next all-gather. `fp8_recipe` (the plan's
+    `Execution.fp8_recipe`, under fp8 / mxfp8): OptimizerConfig's, as Megatron-LM copies it from its arguments;
+    the distributed optimizer reads it (`use_precision_aware_optimizer_no_fp8_or_ds_fp8`: FusedAdam owns the
+    master weights only without FP8 or with delayed scaling, what `memory.optimizer_bytes` sizes)."""
     import torch
     from megatron.core.optimizer import OptimizerConfig
 
@@ -795,18 +819,21 @@ def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout
         # MXFP8 parameters gathered through the gradient buffer
         overlap_param_gather=layout.distributed_optimizer and layout.overlap_param_gather and layout.dp > 1,
         **precision_aware_optimizer_kwargs(layout),
+        **(dict(reuse_grad_buf_for_mxfp8_param_ag=True) if reuse_grad_buf else {}),
+        **(dict(fp8_recipe=fp8_recipe) if fp8_recipe is not None and precision in ("fp8", "mxfp8") else {}),
     )
 
 
 def precision_aware_optimizer_kwargs(layout: Layout) -> dict:
-    """The plan's `optimizer_state_dtype` as OptimizerConfig fields: bf16 Adam moments through Megatron-Core's
+    """The plan's `precision_aware_optimizer` and `optimizer_state_dtype` as OptimizerConfig fields: Megatron-Core's
     precision-aware optimizer (Transformer Engine's FusedAdam; `store_param_remainders` stays at its default,
-    on). Nothing for fp32 (Megatron-Core's defaults)."""
-    if layout.optimizer_state_dtype == "fp32":
+    on) with bf16 or fp32 Adam moments (main params and main grads at their fp32 defaults, as Megatron-Bridge's
+    recipes). Nothing without it (Megatron-Core's defaults)."""
+    if not layout.precision_aware_optimizer:
         return {}
     import torch
 
-    dtype = {"bf16": torch.bfloat16}[layout.optimizer_state_dtype]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[layout.optimizer_state_dtype]
     return dict(use_precision_aware_optimizer=True, exp_avg_dtype=dtype, exp_avg_sq_dtype=dtype)
 
 
@@ -911,8 +938,8 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
         args.append("--use-distributed-optimizer")
     args += _flags(_recompute_kwargs(lay.recompute, lay.recompute_layers, lay.recompute_modules))
     args += _flags(pipeline_split_kwargs(stage.execution.pipeline))
-    args += _flags({k: v for k, v in _ddp_kwargs(lay, stage.execution.overlaps).items()
-                    if k != "use_distributed_optimizer"})
+    ddp = _ddp_kwargs(lay, stage.execution.overlaps, stage.execution.reuse_grad_buf_for_mxfp8_param_ag)
+    args += _flags({k: v for k, v in ddp.items() if k != "use_distributed_optimizer"})
     if model.is_moe:
         args += _flags(_moe_kwargs(model, lay, stage.execution.moe))
     args += [f"--micro-batch-size {lay.micro_batch}", f"--global-batch-size {lay.global_batch}",
@@ -992,6 +1019,7 @@ def _lm_precision(plan, stage) -> list[str]:
              "nvfp4": "--bf16"}[precision]
     out = [dtype] if dtype else []
     out += _flags(_fp8_kwargs(precision, stage.execution.fp8_recipe))
+    out += _flags(bf16_layer_kwargs(stage.execution))
     out += _lm_host(stage.execution.host)
     if precision == "fp16":
         out += _flags(LOSS_SCALING)
@@ -1009,7 +1037,7 @@ def _lm_optimizer(stage) -> list[str]:
         out += [f"--adam-beta1 {_shell_word(opt.betas[0])}", f"--adam-beta2 {_shell_word(opt.betas[1])}",
                 f"--adam-eps {_shell_word(opt.eps)}"]
     out += [f"--weight-decay {_shell_word(opt.weight_decay)}", f"--clip-grad {_shell_word(opt.grad_clip)}"]
-    if stage.layout.optimizer_state_dtype != "fp32":
+    if stage.layout.precision_aware_optimizer:
         dtype = stage.layout.optimizer_state_dtype
         out += ["--use-precision-aware-optimizer", f"--exp-avg-dtype {dtype}", f"--exp-avg-sq-dtype {dtype}"]
     kw = scheduler_kwargs(optimizer=opt, schedule=sched, steps=stage.steps)

@@ -138,6 +138,10 @@ from nemoc.compiler.rules.precision import (  # noqa: F401
     warn_selective_recompute_flash,
     rule_tp_comm_overlap,
     rule_optimizer_state_dtype_te,
+    rule_precision_aware_bf16_moments,
+    rule_bf16_layers_delayed,
+    rule_bf16_layers_per_stage,
+    warn_bf16_layers_without_low_precision,
 )
 from nemoc.compiler.rules.recompute import (  # noqa: F401
     rule_recompute_modules_selective, rule_recompute_modules_support, rule_recompute_shared_experts_overlap,

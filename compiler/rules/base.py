@@ -44,6 +44,7 @@ class Sizes:
     fp8_param_gather: bool = False
     megatron_fsdp: bool = False
     optimizer_state_dtype: str = "fp32"
+    precision_aware_optimizer: bool = False  # resolved (ParallelSpec.precision_aware)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,7 @@ class Env:
     host_requested: tuple = (None, (), None, None)
     packed: bool = False  # the stage packs several samples per row (sft `pack = true`)
     cross_entropy_fusion: str | None = None  # the loss the user wrote: te | native | none (None = auto)
+    bf16_layers: tuple[int, int] = (0, 0)  # layers kept in bf16 at the start and the end (as written)
 
     @property
     def stage_kernels(self) -> str:

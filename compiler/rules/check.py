@@ -39,6 +39,7 @@ def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: in
         overlap_param_gather=parallel.overlap_param_gather, fp8_param_gather=parallel.fp8_param_gather,
         megatron_fsdp=parallel.megatron_fsdp,
         optimizer_state_dtype=parallel.optimizer_state_dtype,
+        precision_aware_optimizer=parallel.precision_aware,
     )
 
 
@@ -47,6 +48,7 @@ _PARALLEL_FIELDS = (
     "sequence_parallel", "distributed_optimizer", "recompute", "recompute_layers", "recompute_modules",
     "micro_batch", "tp_comm_overlap", "defer_embedding_wgrad_compute", "wgrad_deferral_limit",
     "grad_reduce_in_fp32", "overlap_param_gather", "fp8_param_gather", "megatron_fsdp", "optimizer_state_dtype",
+    "precision_aware_optimizer",
 )
 
 
@@ -77,6 +79,7 @@ def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend
         fp8_recipe=spec.fp8_recipe, hf_conversion=hf_conversion,
         moe_requested=(spec.moe_dispatcher, spec.moe_grouped_gemm, spec.moe_permute_fusion), packed=packed,
         host_requested=host_requested(spec), cross_entropy_fusion=spec.cross_entropy_fusion,
+        bf16_layers=(spec.bf16_first_layers, spec.bf16_last_layers),
     )
 
 

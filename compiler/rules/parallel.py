@@ -443,13 +443,19 @@ def rule_overlap_param_gather(env: Env, s: Sizes) -> Violation | None:
 
 
 def rule_optimizer_state_dtype_optimizer(env: Env, s: Sizes) -> Violation | None:
-    """16-bit Adam moments are the distributed optimizer's (Megatron-Core OptimizerConfig
-    `__post_init__`: "--use-precision-aware-optimizer only supported with distributed optimizer")."""
-    if s.optimizer_state_dtype == "fp32" or s.distributed_optimizer is not False:
+    """The precision-aware optimizer (16-bit Adam moments, or `precision_aware_optimizer = true`) is the
+    distributed optimizer's (Megatron-Core OptimizerConfig `__post_init__`: "--use-precision-aware-optimizer
+    only supported with distributed optimizer")."""
+    if not s.precision_aware_optimizer or s.distributed_optimizer is not False:
         return None
-    return Violation("E190", "optimizer_state_dtype = bf16 needs the distributed optimizer",
-                     f"optimizer_state_dtype({s.optimizer_state_dtype}) with distributed_optimizer = false",
-                     "set distributed_optimizer = true (or auto), or optimizer_state_dtype = fp32",
-                     anchors=(_P + "optimizer_state_dtype", _P + "distributed_optimizer"),
+    what = ("optimizer_state_dtype = bf16" if s.optimizer_state_dtype != "fp32"
+            else "precision_aware_optimizer = true")
+    field = "optimizer_state_dtype" if s.optimizer_state_dtype != "fp32" else "precision_aware_optimizer"
+    return Violation("E190", f"{what} needs the distributed optimizer",
+                     f"{what.replace(' = ', '(')}) with distributed_optimizer = false",
+                     "set distributed_optimizer = true (or auto), or " + (
+                         "optimizer_state_dtype = fp32" if field == "optimizer_state_dtype"
+                         else "precision_aware_optimizer = false"),
+                     anchors=(_P + field, _P + "distributed_optimizer"),
                      source="megatron/core/optimizer/optimizer_config.py __post_init__ (precision-aware optimizer "
                             "only with the distributed optimizer)")

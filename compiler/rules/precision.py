@@ -439,18 +439,91 @@ def rule_tp_comm_overlap(env: Env, s: Sizes) -> Violation | None:
 
 
 def rule_optimizer_state_dtype_te(env: Env, s: Sizes) -> Violation | None:
-    """16-bit Adam moments are Transformer Engine's FusedAdam (`exp_avg_dtype`, `master_weight_dtype`);
-    Megatron-Core's OptimizerConfig raises "--use-precision-aware-optimizer requires FusedAdam from
-    TransformerEngine" without it, so the local spec cannot run them."""
-    if s.optimizer_state_dtype == "fp32":
+    """The precision-aware optimizer (16-bit Adam moments, or `precision_aware_optimizer = true` with fp32 ones)
+    is Transformer Engine's FusedAdam (`exp_avg_dtype`, `master_weight_dtype`); Megatron-Core's OptimizerConfig
+    raises "--use-precision-aware-optimizer requires FusedAdam from TransformerEngine" without it, so the local
+    spec cannot run it."""
+    if not s.precision_aware_optimizer:
         return None
     local = _local_why(env)
     if not local:
         return None
-    return Violation("E191", f"optimizer_state_dtype = {s.optimizer_state_dtype} needs Transformer Engine",
-                     f"optimizer_state_dtype({s.optimizer_state_dtype}) but {local}",
-                     "set optimizer_state_dtype = fp32" + (", or kernels = te where Transformer Engine is installed"
-                                                           if env.kernels == "local" else ""),
-                     anchors=(_P + "optimizer_state_dtype", "kernels"),
+    if s.optimizer_state_dtype != "fp32":
+        what, field, hint = (f"optimizer_state_dtype = {s.optimizer_state_dtype}", "optimizer_state_dtype",
+                             "set optimizer_state_dtype = fp32")
+    else:
+        what, field, hint = ("precision_aware_optimizer = true", "precision_aware_optimizer",
+                             "set precision_aware_optimizer = false (or auto): Megatron-Core's own Adam, same numerics")
+    return Violation("E191", f"{what} needs Transformer Engine",
+                     f"{what.replace(' = ', '(')}) but {local}",
+                     hint + (", or kernels = te where Transformer Engine is installed" if env.kernels == "local" else ""),
+                     anchors=(_P + field, "kernels"),
                      source="megatron/core/optimizer/optimizer_config.py __post_init__ (precision-aware optimizer "
                             "requires FusedAdam from TransformerEngine)")
+
+
+def rule_precision_aware_bf16_moments(env: Env, s: Sizes) -> Violation | None:
+    """16-bit Adam moments exist only in the precision-aware optimizer: Megatron-Core's OptimizerConfig asserts
+    "exp_avg_dtype can only be fp32 when not using precision-aware optimizer"."""
+    if s.optimizer_state_dtype == "fp32" or s.precision_aware_optimizer:
+        return None
+    return Violation("E184", f"optimizer_state_dtype = {s.optimizer_state_dtype} needs the precision-aware optimizer",
+                     f"optimizer_state_dtype({s.optimizer_state_dtype}) with precision_aware_optimizer = false",
+                     "remove precision_aware_optimizer = false (auto turns it on), or set optimizer_state_dtype = fp32",
+                     anchors=(_P + "precision_aware_optimizer", _P + "optimizer_state_dtype"),
+                     source="megatron/core/optimizer/optimizer_config.py __post_init__ (exp_avg_dtype can only be fp32 "
+                            "when not using precision-aware optimizer)")
+
+
+def _bf16_written(env: Env) -> tuple[tuple[str, int], ...]:
+    """The bf16 layer counts the experiment wrote, as (field, count), nonzero only."""
+    return tuple((f, n) for f, n in zip(("bf16_first_layers", "bf16_last_layers"), env.bf16_layers) if n)
+
+
+def rule_bf16_layers_delayed(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-Core TransformerConfig `__post_init__` (fp8): "Delayed scaling does not support first / last layer
+    in BF16." (one amax history per recipe cannot skip layers)."""
+    written = _bf16_written(env)
+    if not written or env.precision not in ("fp8", "mxfp8") or env.fp8_recipe != "delayed":
+        return None
+    field, n = written[0]
+    return Violation("E185", "layers kept in bf16 need a recipe other than fp8_recipe = delayed",
+                     f"{field}({n}) with fp8_recipe(delayed)",
+                     "use fp8_recipe = tensorwise (or leave it auto), or drop the bf16 layers",
+                     anchors=(field, "fp8_recipe"),
+                     source="megatron/core/transformer/transformer_config.py __post_init__ (Delayed scaling does not "
+                            "support first / last layer in BF16)")
+
+
+def rule_bf16_layers_per_stage(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-Core TransformerConfig `__post_init__` (fp8): num_layers_at_start_in_bf16 and
+    num_layers_at_end_in_bf16 "must be between 0 and number of layers per pipeline stage" (num_layers //
+    pipeline_model_parallel_size). Megatron-Core checks only under fp8 (mxfp8 included), not nvfp4."""
+    if env.precision not in ("fp8", "mxfp8") or s.pp is None:
+        return None
+    most = env.model.layers // s.pp
+    over = [(f, n) for f, n in _bf16_written(env) if n > most]
+    if not over:
+        return None
+    field, n = over[0]
+    return Violation("E186", "more layers kept in bf16 than a pipeline stage holds",
+                     f"{field}({n}) > layers({env.model.layers}) // pp({s.pp}) = {most}",
+                     f"set {field} <= {most}, or use fewer pipeline stages",
+                     anchors=(field, _P + "pipeline"),
+                     source="megatron/core/transformer/transformer_config.py __post_init__ (num_layers_at_start_in_bf16 / "
+                            "num_layers_at_end_in_bf16 between 0 and the layers per pipeline stage)")
+
+
+def warn_bf16_layers_without_low_precision(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-Core reads `first_last_layers_bf16` only inside its fp8 / fp4 contexts (fp8_utils.py
+    `get_fp8_context`, fp4_utils.py `get_fp4_context`): in a 16-bit or fp32 run every layer already runs
+    at the run's precision, so the setting does nothing."""
+    written = _bf16_written(env)
+    if not written or env.precision in ("fp8", "mxfp8", "nvfp4"):
+        return None
+    field, n = written[0]
+    return Violation("W113", f"{field} has no effect with precision = {env.precision}",
+                     f"{field}({n}) with precision({env.precision}): no layer runs below 16 bits",
+                     f"remove {field}, or use precision = fp8, mxfp8 or nvfp4",
+                     anchors=(field, "precision"), severity=Severity.WARNING,
+                     source="megatron/core/fp8_utils.py get_fp8_context; megatron/core/fp4_utils.py get_fp4_context")

@@ -88,6 +88,10 @@ from nemoc.compiler.rules.precision import (
     rule_gemma_layer_parts,
     rule_gemma_layer_te,
     rule_optimizer_state_dtype_te,
+    rule_precision_aware_bf16_moments,
+    rule_bf16_layers_delayed,
+    rule_bf16_layers_per_stage,
+    warn_bf16_layers_without_low_precision,
     rule_precision_hardware,
     rule_te_needs_gpu,
     warn_auto_attention_unfused,
@@ -118,6 +122,7 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_recompute_layers_chunk, rule_recompute_modules_selective, rule_recompute_modules_support,
     rule_recompute_shared_experts_overlap, rule_recompute_modules_fp8,
     rule_fp8_param_gather_optimizer, rule_optimizer_state_dtype_optimizer, rule_optimizer_state_dtype_te,
+    rule_precision_aware_bf16_moments, rule_bf16_layers_delayed, rule_bf16_layers_per_stage,
     rule_gemma_layer_te, rule_gemma_layer_parts, rule_cross_entropy_needs_te,
 )
 
@@ -127,6 +132,7 @@ WARNING_RULES: tuple[Rule, ...] = (
     warn_fp16_loss_scaling, warn_moe_ffn_default, warn_top1_router, warn_uneven_pipeline, warn_vp_one,
     warn_selective_recompute_flash, warn_auto_attention_unfused, warn_native_cross_entropy_dtype,
     warn_recompute_modules_unused,
+    warn_bf16_layers_without_low_precision,
 )
 
 
@@ -192,6 +198,9 @@ CODES: dict[str, Rule] = {
     "E166": rule_fp8_param_gather_optimizer,
     "E190": rule_optimizer_state_dtype_optimizer,
     "E191": rule_optimizer_state_dtype_te,
+    "E184": rule_precision_aware_bf16_moments,
+    "E185": rule_bf16_layers_delayed,
+    "E186": rule_bf16_layers_per_stage,
     "E171": rule_moe_settings_dense,
     "E172": rule_moe_settings_kernels,
     "E173": rule_cuda_graph_gpu,
@@ -236,4 +245,5 @@ CODES: dict[str, Rule] = {
     "W111": warn_auto_attention_unfused,
     "W112": warn_native_cross_entropy_dtype,
     "W116": warn_recompute_modules_unused,
+    "W113": warn_bf16_layers_without_low_precision,
 }

@@ -39,7 +39,8 @@ def wrap(chunks: list, *, config, stage: StagePlan) -> list:
     Megatron-FSDP's FullyShardedDataParallel where the plan says `megatron_fsdp`."""
     from nemoc.runtime import mcore_cpu
 
-    ddp_config = margs.ddp_config(layout=stage.layout, overlaps=stage.execution.overlaps, cpu=mcore_cpu.is_applied())
+    ddp_config = margs.ddp_config(layout=stage.layout, overlaps=stage.execution.overlaps, cpu=mcore_cpu.is_applied(),
+                                  reuse_grad_buf=stage.execution.reuse_grad_buf_for_mxfp8_param_ag)
     if stage.layout.megatron_fsdp:
         return mdl.wrap_fsdp(chunks=chunks, config=config, ddp_config=ddp_config)
     return mdl.wrap_ddp(chunks=chunks, config=config, ddp_config=ddp_config)
@@ -78,16 +79,20 @@ def build_optimizer(*, model, stage: StagePlan, precision: str, steps: int | Non
     """(Megatron optimizer, OptimizerParamScheduler) for a stage's model chunks; `steps` sizes the LR
     schedule (default: the stage's steps)."""
     return optimizer_for(model=model, optimizer=stage.optimizer, schedule=stage.schedule, layout=stage.layout,
+                         reuse_grad_buf=stage.execution.reuse_grad_buf_for_mxfp8_param_ag,
+                         fp8_recipe=stage.execution.fp8_recipe,
                          precision=precision, steps=stage.steps if steps is None else steps)
 
 
-def optimizer_for(*, model, optimizer, schedule, layout, precision: str, steps: int):
+def optimizer_for(*, model, optimizer, schedule, layout, precision: str, steps: int, reuse_grad_buf: bool = False,
+                  fp8_recipe: str | None = None):
     """(Megatron optimizer, OptimizerParamScheduler) from a stage plan's optimizer, schedule and layout
     (frozen parameters, requires_grad False, get no gradient buffer and are not optimised)."""
     set_phase("build optimizer")
     margs.check_trainable(moe=bool(mdl.unwrap(model[0]).config.num_moe_experts), layout=layout)
     megatron_optimizer = get_megatron_optimizer(
-        margs.optimizer_config(optimizer=optimizer, schedule=schedule, layout=layout, precision=precision), model)
+        margs.optimizer_config(optimizer=optimizer, schedule=schedule, layout=layout, precision=precision,
+                               reuse_grad_buf=reuse_grad_buf, fp8_recipe=fp8_recipe), model)
     scheduler = OptimizerParamScheduler(
         megatron_optimizer, **margs.scheduler_kwargs(optimizer=optimizer, schedule=schedule, steps=max(steps, 1)))
     return megatron_optimizer, scheduler

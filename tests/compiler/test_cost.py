@@ -522,3 +522,89 @@ def test_an_expert_parallel_rollout_pays_each_layers_token_exchange_per_decoded_
     assert per_step >= moe.layers * 2 * DEFAULT_PARAMS.ring_step_latency
     assert _rollout_ep(moe, dataclasses.replace(lay, ep=1), hw, 8.0, DEFAULT_PARAMS) == 0.0
     assert _rollout_ep(dense, lay, hw, 8.0, DEFAULT_PARAMS) == 0.0
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_the_rollout_prefill_prices_the_output_gemm_on_the_last_position_only(pp) -> None:
+    """The cached prefill computes only the last position's logits (tests/runtime/learning/test_generation.py),
+    so the rollout's prefill prices the h x V GEMM on one position per row: the rollout equals the one priced
+    with the whole sequence's logits GEMM less m x (the micro batch's full-sequence GEMM - its last-position
+    GEMM) (pp = 1), or m x pp x that / pp (the stage-after-stage prefill's mean stage, pp = 2)."""
+    from nemoc.compiler import cost
+
+    m, seq = PRESETS["llama3_8b"], 4096
+    lay = layout(tp=2, pp=pp, dp=4 // pp, global_batch=64, num_microbatches=16 * pp, sequence_parallel=True)
+    hw = get_gpu("H100")
+    now = estimate(m, lay, gpu="H100", seq_length=seq, stage_kind="ppo").parts["rollout"]
+    original = cost._head_tokens
+    try:
+        cost._head_tokens = lambda tokens, micro_batch, last_logits: tokens  # every position, as before the fix
+        before = estimate(m, lay, gpu="H100", seq_length=seq, stage_kind="ppo").parts["rollout"]
+    finally:
+        cost._head_tokens = original
+    rate = hw.peak("bf16") * DEFAULT_PARAMS.gemm_eff(hw.generation, "bf16")
+    vocab = cost.padded_vocab(m.vocab, lay.tp) / lay.tp
+    gemm = [gemm_time(t, vocab, m.hidden, flops_per_s=rate, bytes_per_s=hw.hbm_bw, in_bytes=2.0) for t in (seq, 1)]
+    assert before - now == pytest.approx(lay.num_microbatches * (gemm[0] - gemm[1]), rel=1e-6)
+    assert now < before
+
+
+def test_layers_kept_in_bf16_run_at_bf16_speed_on_the_stage_that_holds_them() -> None:
+    """Megatron-Bridge's NVFP4 Llama 3 8B keeps the last 4 layers in bf16 (first_last_layers_bf16): each of them
+    costs a bf16 layer's time instead of an NVFP4 one's. Without a pipeline the step grows by m x 4 x the
+    difference (part `bf16_layers`); at PP 2 the last stage holds them all, so the busiest stage is that much
+    slower while the mean (and the bubble) grow by half of it (`pp_imbalance` takes the rest)."""
+    from nemoc.compiler import cost
+
+    m, hw, seq = PRESETS["llama3_8b"], get_gpu("B200"), 8192
+    kw = dict(gpu="B200", seq_length=seq, precision="nvfp4")
+    for pp in (1, 2):
+        lay = layout(tp=1, pp=pp, dp=8 // pp, global_batch=128, num_microbatches=16 * pp, sequence_parallel=False)
+        base = estimate(m, lay, **kw)
+        kept = estimate(m, lay, bf16_layers=(0, 4), **kw)
+        lt_kw = dict(seq=seq, attention_backend="flash", micro_batch=1, backward=2.0, params=DEFAULT_PARAMS)
+        extra = (layer_times(m, lay, hw, precision="bf16", **lt_kw).total
+                 - layer_times(m, lay, hw, precision="nvfp4", **lt_kw).total)
+        assert extra > 0
+        n = lay.num_microbatches
+        assert kept.parts["bf16_layers"] == pytest.approx(n * 4 * extra / pp, rel=1e-9)
+        assert kept.parts["pp_imbalance"] - base.parts["pp_imbalance"] == pytest.approx(
+            n * 4 * extra * (1 - 1 / pp), rel=1e-6, abs=1e-9)
+        assert "bf16_layers" not in base.parts
+    # a 16-bit run prices nothing for them (Megatron-Core reads them only under fp8 / fp4: W113)
+    bf16 = layout(tp=1, pp=1, dp=8, global_batch=128, num_microbatches=16, sequence_parallel=False)
+    assert estimate(m, bf16, gpu="B200", seq_length=seq, bf16_layers=(2, 2)) == estimate(
+        m, bf16, gpu="B200", seq_length=seq)
+
+
+def test_bf16_layers_through_the_language(tmp_path) -> None:
+    """`bf16_last_layers = 4` with precision = nvfp4 on B200 (Megatron-Bridge's NVFP4 Llama 3 8B recipe) plans
+    the runtime's TransformerConfig counts into the stage's execution and a slower step than all-NVFP4 (the rules:
+    tests/diagnostics/layout/bf16_layers*.nemo)."""
+    from nemoc.compiler.lower import compile_file
+    from nemoc.compiler.planner import plan_experiment
+
+    def plan(precision: str, setting: str, parallel: str = "tensor = 1  pipeline = 1  data = 8"):
+        path = tmp_path / "b.nemo"
+        path.write_text("experiment b {\n  cluster { gpu = B200  nodes = 1  gpus_per_node = 8 }\n"
+                        "  model llama3_8b { seq_length = 8192 }\n"
+                        f"  parallel {{ {parallel}  micro_batch = 1 }}\n  precision = {precision}\n  {setting}\n"
+                        "  stage pretrain { steps = 10  global_batch = 128 }\n}\n")
+        spec, diags, _ = compile_file(str(path))
+        assert not [d for d in diags if d.is_error]
+        return plan_experiment(spec).plan.stages[0]
+
+    base, kept = plan("nvfp4", ""), plan("nvfp4", "bf16_last_layers = 4")
+    assert (kept.execution.bf16_first_layers, kept.execution.bf16_last_layers) == (0, 4)
+    assert (base.execution.bf16_first_layers, base.execution.bf16_last_layers) == (0, 0)
+    assert kept.estimate.step_time_s > base.estimate.step_time_s
+    assert kept.estimate.parts["bf16_layers"] > 0
+
+
+def test_a_dpo_reference_pass_runs_the_bf16_layers_too() -> None:
+    """The DPO reference forward is the same model: its bf16 layers cost bf16 time there as well."""
+    m = PRESETS["llama3_8b"]
+    lay = layout(tp=2, dp=4, global_batch=64, num_microbatches=16, sequence_parallel=True)
+    kw = dict(gpu="H100", seq_length=4096, precision="fp8", stage_kind="dpo")
+    base, kept = estimate(m, lay, **kw), estimate(m, lay, bf16_layers=(0, 2), **kw)
+    assert kept.parts["other_passes"] > base.parts["other_passes"] and kept.parts["bf16_layers"] > 0

@@ -156,3 +156,19 @@ def test_auto_takes_native_under_a_whole_iteration_cuda_graph_and_says_why(tmp_p
     assert plan_experiment(spec).plan.stages[0].execution.fusions.cross_entropy == "te"
     spec, _, _ = _compile(tmp_path, "cuda_graph_impl = transformer_engine\n  cuda_graph_scope = [attn]")
     assert plan_experiment(spec).plan.stages[0].execution.fusions.cross_entropy == "te"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_auto_under_a_whole_iteration_graph_keeps_an_fp32_or_fp16_gradient(tmp_path, precision):
+    """Megatron-Core's native loss rounds the logits' gradient to bf16 (W112), so auto under a whole-iteration
+    CUDA graph takes the unfused loss (capturable, exact) with fp32 / fp16, says why, and nothing warns; a
+    written native still warns."""
+    graphs = f"precision = {precision}\n  cuda_graph_impl = local\n  cuda_graph_scope = [full_iteration]"
+    spec, diags, _ = _compile(tmp_path, graphs)
+    result = plan_experiment(spec)
+    assert result.plan.stages[0].execution.fusions.cross_entropy == "none"
+    assert any("not native either" in n and "W112" in n for n in result.stages[0].notes)
+    assert "W112" not in [d.code for d in (*diags, *result.warnings)]
+    spec, diags, _ = _compile(tmp_path, graphs + "\n  cross_entropy_fusion = native")
+    result = plan_experiment(spec)
+    assert "W112" in [d.code for d in (*diags, *result.warnings)]

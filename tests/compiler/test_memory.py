@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nemoc.compiler import memory
 from nemoc.compiler.catalog import PRESETS
 from nemoc.compiler.flops import padded_vocab, param_counts
 from nemoc.compiler.memory import (
@@ -276,7 +277,7 @@ def test_bf16_optimizer_state_holds_two_byte_moments_and_a_master_remainder() ->
     model = PRESETS["llama3_8b"]
     lay = Layout(tp=2, pp=1, vp=None, cp=1, ep=1, etp=2, dp=4, micro_batch=1, global_batch=8, num_microbatches=2,
                  sequence_parallel=True, distributed_optimizer=True, recompute="none")
-    half = dataclasses.replace(lay, optimizer_state_dtype="bf16")
+    half = dataclasses.replace(lay, optimizer_state_dtype="bf16", precision_aware_optimizer=True)
     for precision, recipe, state in (("bf16", None, 6), ("fp8", "delayed", 6), ("fp8", "tensorwise", 8)):
         base = estimate(model, lay, precision=precision, fp8_recipe=recipe)
         low = estimate(model, half, precision=precision, fp8_recipe=recipe)
@@ -284,3 +285,109 @@ def test_bf16_optimizer_state_holds_two_byte_moments_and_a_master_remainder() ->
         assert (low.weights, low.gradients, low.activations) == (base.weights, base.gradients, base.activations)
     fp32 = estimate(model, lay, precision="fp32")
     assert estimate(model, half, precision="fp32").optimizer == pytest.approx(fp32.optimizer / 2, rel=1e-9)
+
+
+def test_fp32_moment_precision_aware_optimizer_keeps_a_master_remainder_and_no_fp32_gradient_copy() -> None:
+    """precision_aware_optimizer with fp32 moments (Megatron-Bridge's bf16 Adam): FusedAdam owns the master weight
+    where Megatron-Core lets it (bf16, or fp8 with delayed scaling), stored as the 16-bit remainder beside the bf16
+    weight: 4 + 4 + 2 = 10 B of sharded state per parameter instead of 12; and it reads the 16-bit gradient shard
+    in place (`decoupled_grad`), so the step's fp32 gradient copy of a bf16-reduced gradient is gone. With FP8
+    current scaling Megatron-Core keeps its own fp32 master and copy: nothing moves."""
+    model = PRESETS["llama3_8b"]
+    lay = Layout(tp=2, pp=1, vp=None, cp=1, ep=1, etp=2, dp=4, micro_batch=1, global_batch=8, num_microbatches=2,
+                 sequence_parallel=True, distributed_optimizer=True, recompute="none", grad_reduce_in_fp32=False)
+    aware = dataclasses.replace(lay, precision_aware_optimizer=True)
+    for precision, recipe, state, copy_gone in (("bf16", None, 10, True), ("fp8", "delayed", 10, True),
+                                                ("fp8", "tensorwise", 12, False)):
+        # a short sequence, so that the step's fp32 gradient copy outgrows the freed activations
+        base = estimate(model, lay, precision=precision, fp8_recipe=recipe, grad_bytes=2, seq_length=512)
+        new = estimate(model, aware, precision=precision, fp8_recipe=recipe, grad_bytes=2, seq_length=512)
+        assert new.optimizer == pytest.approx(base.optimizer * state / 12, rel=1e-9), precision
+        assert (new.weights, new.gradients, new.activations) == (base.weights, base.gradients, base.activations)
+        step = base.parts["optimizer_step_fp32_grads"]
+        assert step > 0 and new.parts.get("optimizer_step_fp32_grads", 0) == (0 if copy_gone else step)
+    assert memory.optimizer_bytes(lay, "bf16", None) == (4, 4, True)
+    assert memory.optimizer_bytes(aware, "bf16", None) == (4, 2, False)
+
+
+def test_precision_aware_optimizer_through_the_language(tmp_path) -> None:
+    """`parallel.precision_aware_optimizer = true` plans the layout with it (the runtime's OptimizerConfig reads
+    it: tests/runtime/test_model_args.py) and 10 B of optimizer state per parameter instead of 12; auto keeps
+    the meaning files had: off with fp32 moments, on with bf16 ones."""
+    from nemoc.compiler.lower import compile_file
+    from nemoc.compiler.planner import plan_experiment
+
+    def plan(setting: str):
+        path = tmp_path / "p.nemo"
+        path.write_text("experiment p {\n  cluster { gpu = H100  nodes = 1  gpus_per_node = 8 }\n"
+                        "  model llama3_8b { seq_length = 4096 }\n"
+                        "  parallel { tensor = 2  pipeline = 1  data = 4  micro_batch = 1  recompute = none  "
+                        f"{setting} }}\n  stage pretrain {{ steps = 10  global_batch = 64 }}\n}}\n")
+        spec, diags, _ = compile_file(str(path))
+        assert not [d for d in diags if d.is_error]
+        return plan_experiment(spec).plan.stages[0]
+
+    auto, aware, bf16 = (plan(s) for s in ("", "precision_aware_optimizer = true", "optimizer_state_dtype = bf16"))
+    assert (auto.layout.precision_aware_optimizer, aware.layout.precision_aware_optimizer,
+            bf16.layout.precision_aware_optimizer) == (False, True, True)
+    assert aware.memory.optimizer == pytest.approx(auto.memory.optimizer * 10 / 12, rel=1e-6)
+    assert bf16.memory.optimizer == pytest.approx(auto.memory.optimizer * 6 / 12, rel=1e-6)
+
+
+def test_mxfp8_parameters_are_all_gathered_through_the_gradient_buffer(tmp_path) -> None:
+    """precision = mxfp8 with fp8_param_gather on a B200: the plan sets reuse_grad_buf_for_mxfp8_param_ag (as
+    Megatron-Bridge's MXFP8 recipes; Megatron-Core 0.16.1 shares one buffer between the MXFP8 all-gather and
+    the gradients) and says so; the memory counts no all-gather buffer beside the gradients: FP8 parameters
+    save the same 2 bytes per linear weight as with fp8, and gradients and optimizer state do not move."""
+    from nemoc.compiler.lower import compile_file
+    from nemoc.compiler.planner import plan_experiment
+
+    def plan(precision: str, gather: bool):
+        path = tmp_path / "m.nemo"
+        path.write_text("experiment m {\n  cluster { gpu = B200  nodes = 1  gpus_per_node = 8 }\n"
+                        "  model llama3_8b { seq_length = 4096 }\n"
+                        "  parallel { tensor = 2  pipeline = 1  data = 4  micro_batch = 1  recompute = none  "
+                        f"fp8_param_gather = {str(gather).lower()} }}\n  precision = {precision}\n"
+                        "  stage pretrain { steps = 10  global_batch = 64 }\n}\n")
+        spec, diags, _ = compile_file(str(path))
+        assert not [d for d in diags if d.is_error]
+        result = plan_experiment(spec)
+        return result.plan.stages[0], result.stages[0].notes
+
+    (mx, notes), (mx_plain, plain_notes) = plan("mxfp8", True), plan("mxfp8", False)
+    assert mx.execution.reuse_grad_buf_for_mxfp8_param_ag and not mx_plain.execution.reuse_grad_buf_for_mxfp8_param_ag
+    assert any("reuse_grad_buf_for_mxfp8_param_ag" in n for n in notes)
+    assert not any("reuse_grad_buf_for_mxfp8_param_ag" in n for n in plain_notes)
+    assert not plan("fp8", True)[0].execution.reuse_grad_buf_for_mxfp8_param_ag
+    linear = mx_plain.memory.parts["fp8_weight_cache"] / 2
+    assert mx_plain.memory.total - mx.memory.total == pytest.approx(2 * linear, rel=1e-6, abs=8)
+    assert (mx.memory.gradients, mx.memory.optimizer) == (mx_plain.memory.gradients, mx_plain.memory.optimizer)
+
+
+def test_layers_kept_in_bf16_hold_no_low_precision_copies_and_save_16_bit_inputs() -> None:
+    """The first / last layers kept in bf16 (first_last_layers_bf16): no NVFP4 / FP8 weight copies for them
+    (the caches shrink by their share of the stage's layers), 16-bit weights where fp8_param_gather keeps the
+    others in FP8, and (fp8 / mxfp8) their saved GEMM inputs in 16 bits instead of FP8's one byte. They sit on
+    the stages that hold them: at PP 2 the last 4 layers are all on the last stage, none on the first."""
+    model = PRESETS["llama3_8b"]
+    lay = Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=8, micro_batch=1, global_batch=8, num_microbatches=1,
+                 sequence_parallel=False, distributed_optimizer=True, recompute="none")
+    fp4 = estimate(model, lay, precision="nvfp4", gpu="B200")
+    fp4_kept = estimate(model, lay, precision="nvfp4", gpu="B200", bf16_layers=(0, 4))
+    per_layer = param_counts(model).per_layer
+    assert fp4.parts["fp4_weight_cache"] - fp4_kept.parts["fp4_weight_cache"] == pytest.approx(
+        4 * per_layer * 2 * memory.NVFP4_BYTES, rel=1e-6)
+    assert (fp4_kept.weights, fp4_kept.activations) == (fp4.weights, fp4.activations)
+    gather = dataclasses.replace(lay, fp8_param_gather=True)
+    fp8 = estimate(model, gather, precision="fp8")
+    fp8_kept = estimate(model, gather, precision="fp8", bf16_layers=(1, 1))
+    linear_per_layer = param_counts(model).per_layer
+    assert fp8.parts["fp8_weight_cache"] - fp8_kept.parts["fp8_weight_cache"] == pytest.approx(
+        2 * linear_per_layer, rel=1e-6)
+    assert fp8_kept.weights - fp8.weights == pytest.approx(2 * linear_per_layer, rel=1e-6, abs=2)
+    assert fp8_kept.activations > fp8.activations
+    piped = [dataclasses.replace(lay, pp=2, dp=4)]
+    first, last = memory.pipeline_stages(model, piped[0], precision="nvfp4", gpu="B200", bf16_layers=(0, 4))
+    first0, last0 = memory.pipeline_stages(model, piped[0], precision="nvfp4", gpu="B200")
+    assert first.parts["fp4_weight_cache"] == first0.parts["fp4_weight_cache"]
+    assert last.parts["fp4_weight_cache"] < last0.parts["fp4_weight_cache"]

@@ -610,7 +610,7 @@ def test_bf16_optimizer_state_reaches_megatron_cores_optimizer_config():
     from megatron.core.optimizer import OptimizerConfig
 
     sched, opt = ScheduleSpec(), OptimizerSpec()
-    layout = lay(dp=2, distributed_optimizer=True, optimizer_state_dtype="bf16")
+    layout = lay(dp=2, distributed_optimizer=True, optimizer_state_dtype="bf16", precision_aware_optimizer=True)
     assert margs.precision_aware_optimizer_kwargs(lay(dp=2, distributed_optimizer=True)) == {}
     te_version = "megatron.core.optimizer.optimizer_config.is_te_min_version"
     with mock.patch(te_version, lambda *a, **k: False), \
@@ -637,14 +637,66 @@ def test_bf16_optimizer_state_reaches_megatron_cores_optimizer_config():
     assert oc.main_params_dtype is torch.float32 and oc.store_param_remainders
 
 
+def test_fp32_moment_precision_aware_optimizer_reaches_megatron_cores_optimizer_config():
+    """precision_aware_optimizer = true with fp32 moments (Megatron-Bridge's bf16 Adam recipes): Megatron-Core
+    0.16.1's OptimizerConfig with use_precision_aware_optimizer and fp32 exp_avg / exp_avg_sq, main params and
+    grads fp32, accepted with Transformer Engine's FusedAdam (a class with TE's signature stands in) and refused
+    without it, where the runtime refuses first with a message naming the fix."""
+    import sys
+    import types
+
+    from megatron.core.optimizer import OptimizerConfig
+
+    sched, opt = ScheduleSpec(), OptimizerSpec()
+    layout = lay(dp=2, distributed_optimizer=True, precision_aware_optimizer=True)
+    assert margs.precision_aware_optimizer_kwargs(layout) == dict(
+        use_precision_aware_optimizer=True, exp_avg_dtype=torch.float32, exp_avg_sq_dtype=torch.float32)
+    te_version = "megatron.core.optimizer.optimizer_config.is_te_min_version"
+    with mock.patch(te_version, lambda *a, **k: False), \
+            pytest.raises(RuntimeError, match="requires FusedAdam from TransformerEngine"):
+        margs.optimizer_config(optimizer=opt, schedule=sched, layout=layout, precision="bf16")
+    with pytest.raises(margs.UnsupportedPlan, match=r"precision_aware_optimizer = true \(fp32 moments\) needs "
+                                                    r"Transformer Engine's FusedAdam.*precision_aware_optimizer = false"):
+        margs._check_supported(model=LLAMA_ISH, layout=layout, precision="bf16", facts=CPU)
+
+    class FusedAdam:  # Transformer Engine's signature (transformer_engine/pytorch/optimizers/fused_adam.py)
+        def __init__(self, params, master_weight_dtype=None, exp_avg_dtype=None, exp_avg_sq_dtype=None,
+                     use_decoupled_grad=False):
+            pass
+
+    te = types.ModuleType("transformer_engine")
+    te.pytorch = types.ModuleType("transformer_engine.pytorch")
+    te.pytorch.optimizers = types.ModuleType("transformer_engine.pytorch.optimizers")
+    te.pytorch.optimizers.FusedAdam = FusedAdam
+    fake = {"transformer_engine": te, "transformer_engine.pytorch": te.pytorch,
+            "transformer_engine.pytorch.optimizers": te.pytorch.optimizers}
+    with mock.patch.dict(sys.modules, fake), mock.patch(te_version, lambda *a, **k: True):
+        oc = margs.optimizer_config(optimizer=opt, schedule=sched, layout=layout, precision="bf16")
+    assert isinstance(oc, OptimizerConfig) and oc.use_precision_aware_optimizer
+    assert oc.exp_avg_dtype is torch.float32 and oc.exp_avg_sq_dtype is torch.float32
+    assert oc.main_params_dtype is torch.float32 and oc.main_grads_dtype is torch.float32
+    assert oc.use_precision_aware_optimizer_no_fp8_or_ds_fp8 and oc.store_param_remainders
+    # the plan's FP8 recipe reaches OptimizerConfig (as Megatron-LM copies it): FusedAdam owns the master weight
+    # with delayed scaling, Megatron-Core keeps it with current scaling, as memory.optimizer_bytes sizes them
+    with mock.patch.dict(sys.modules, fake), mock.patch(te_version, lambda *a, **k: True):
+        owned = {recipe: margs.optimizer_config(optimizer=opt, schedule=sched, layout=layout, precision="fp8",
+                                                fp8_recipe=recipe).use_precision_aware_optimizer_no_fp8_or_ds_fp8
+                 for recipe in ("delayed", "tensorwise")}
+    assert owned == {"delayed": True, "tensorwise": False}
+
+
 def test_bf16_optimizer_state_in_the_megatron_lm_command_line():
     """`nemoc export --megatron-args`: the same setting as Megatron-LM's flags."""
     import types
 
     stage = types.SimpleNamespace(optimizer=OptimizerSpec(), schedule=ScheduleSpec(), steps=10,
-                                  layout=lay(dp=2, distributed_optimizer=True, optimizer_state_dtype="bf16"))
+                                  layout=lay(dp=2, distributed_optimizer=True, optimizer_state_dtype="bf16",
+                                             precision_aware_optimizer=True))
     flags = margs._lm_optimizer(stage)
     assert {"--use-precision-aware-optimizer", "--exp-avg-dtype bf16", "--exp-avg-sq-dtype bf16"} <= set(flags)
+    stage.layout = lay(dp=2, distributed_optimizer=True, precision_aware_optimizer=True)
+    assert {"--use-precision-aware-optimizer", "--exp-avg-dtype fp32", "--exp-avg-sq-dtype fp32"} <= set(
+        margs._lm_optimizer(stage))
     stage.layout = lay(dp=2, distributed_optimizer=True)
     assert not any("precision-aware" in f for f in margs._lm_optimizer(stage))
 
@@ -670,3 +722,53 @@ def test_te_cross_entropy_under_a_whole_iteration_graph_needs_te_2_7():
             else:
                 margs._check_cross_entropy(fusions, GPU_TE, whole)
             margs._check_cross_entropy(fusions, GPU_TE, layers)  # no whole-iteration graph: any TE with the loss
+
+
+def test_mxfp8_parameters_reuse_the_gradient_buffer_in_megatron_cores_configs():
+    """The plan's `reuse_grad_buf_for_mxfp8_param_ag` (precision mxfp8 with fp8_param_gather:
+    compiler/execution.py `reuses_grad_buffer`) reaches Megatron-Core 0.16.1's DistributedDataParallelConfig
+    and OptimizerConfig, which accept it with fp8_param_gather and refuse it without (the DDP config's own
+    check); `nemoc export --megatron-args` writes the flag."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from nemoc.compiler.execution import reuses_grad_buffer
+
+    fp8p = lay(dp=2, distributed_optimizer=True, fp8_param_gather=True)
+    assert reuses_grad_buffer("mxfp8", fp8p)
+    assert not reuses_grad_buffer("fp8", fp8p) and not reuses_grad_buffer("mxfp8", lay(dp=2, distributed_optimizer=True))
+    ddp = margs.ddp_config(layout=fp8p, reuse_grad_buf=True)
+    assert isinstance(ddp, DistributedDataParallelConfig) and ddp.reuse_grad_buf_for_mxfp8_param_ag
+    assert not margs.ddp_config(layout=fp8p).reuse_grad_buf_for_mxfp8_param_ag
+    with pytest.raises(AssertionError, match="Reuse grad buffer only when keeping params in MXFP8"):
+        DistributedDataParallelConfig(**margs._ddp_kwargs(lay(dp=2, distributed_optimizer=True), None, True))
+    oc = margs.optimizer_config(optimizer=OptimizerSpec(), schedule=ScheduleSpec(), layout=fp8p, precision="mxfp8",
+                                reuse_grad_buf=True)
+    assert oc.reuse_grad_buf_for_mxfp8_param_ag
+    assert "--reuse-grad-buf-for-mxfp8-param-ag" in margs._flags(margs._ddp_kwargs(fp8p, None, True))
+
+
+def test_bf16_layers_reach_megatron_cores_transformer_config():
+    """The plan's bf16 first / last layers (`Execution.bf16_first_layers`, `bf16_last_layers`) become
+    TransformerConfig's first_last_layers_bf16 and counts, which Megatron-Core 0.16.1 accepts under fp8
+    (tensorwise) and refuses as the rules do: with delayed scaling (E185) and beyond layers // pp (E186);
+    `nemoc export --megatron-args` writes the flags. Nothing without them."""
+    import types
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    execution = types.SimpleNamespace(bf16_first_layers=1, bf16_last_layers=2)
+    kw = margs.bf16_layer_kwargs(execution)
+    assert kw == dict(first_last_layers_bf16=True, num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=2)
+    assert margs.bf16_layer_kwargs(types.SimpleNamespace(bf16_first_layers=0, bf16_last_layers=0)) == {}
+    base = dict(num_layers=4, hidden_size=64, num_attention_heads=4)
+    c = TransformerConfig(**base, **kw, **margs._fp8_kwargs("fp8", "tensorwise"))
+    assert c.first_last_layers_bf16 and (c.num_layers_at_start_in_bf16, c.num_layers_at_end_in_bf16) == (1, 2)
+    with pytest.raises(ValueError, match="Delayed scaling does not support first / last layer in BF16"):
+        TransformerConfig(**base, **kw, **margs._fp8_kwargs("fp8", "delayed"))
+    with pytest.raises(ValueError, match="num_layers_at_end_in_bf16 \\(3\\) must be between 0 and"):
+        TransformerConfig(**base, **margs.bf16_layer_kwargs(types.SimpleNamespace(bf16_first_layers=0,
+                                                                                   bf16_last_layers=3)),
+                          pipeline_model_parallel_size=2, pipeline_dtype=torch.bfloat16,
+                          **margs._fp8_kwargs("fp8", "tensorwise"))
+    assert {"--first-last-layers-bf16", "--num-layers-at-start-in-bf16 1", "--num-layers-at-end-in-bf16 2"} <= set(
+        margs._flags(kw))

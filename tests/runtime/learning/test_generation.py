@@ -72,3 +72,24 @@ def test_bad_prompts_are_refused_with_a_message(mcore):
         generation.generate(chunk, [[1], []], vocab=50, seq_length=32, max_new_tokens=2, eod=0)
     with pytest.raises(ValueError, match="no room within seq_length=32"):
         generation.generate(chunk, [list(range(32))], vocab=50, seq_length=32, max_new_tokens=2, eod=0)
+
+
+def test_the_cached_prefill_computes_only_the_last_positions_logits(mcore):
+    """What the plan prices for the rollout's prefill (compiler/cost.py `_rollout_time`: the output GEMM on one
+    position per row): with the KV cache, Megatron-Core's StaticInferenceContext materialises only the last
+    position's logits (`materialize_only_last_token_logits`), so the output layer sees one token per row;
+    the recomputing path (no cache) computes every position's."""
+    chunk = _model(mcore, llama_spec())
+    seen = []
+    layer = mcore.unwrap(chunk).output_layer
+    handle = layer.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        generation.generate(chunk, PROMPTS, vocab=50, seq_length=32, max_new_tokens=2, eod=-1, greedy=True)
+        cached, seen[:] = list(seen), []
+        generation.generate(chunk, PROMPTS, vocab=50, seq_length=32, max_new_tokens=2, eod=-1, greedy=True,
+                            use_cache=False)
+    finally:
+        handle.remove()
+    shortest = min(len(p) for p in PROMPTS)
+    assert cached[0][0] == 1 and all(s[0] == 1 for s in cached)  # [s, b, h]: one position, prefill included
+    assert seen[0][0] == shortest  # without the cache the prefill's output layer sees every position
