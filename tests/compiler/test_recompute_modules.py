@@ -1,6 +1,6 @@
 """Selective recompute of `parallel.recompute_modules`: the memory terms each module frees, the time and
 FLOPs of exactly those modules' replayed forward, and what the language / search do with the field.
-(The freed bytes against a real Megatron-Core layer: tests/runtime/test_recompute_modules.py.)"""
+(The freed bytes against a real Megatron-Core layer: tests/runtime/test_train_recompute_modules.py.)"""
 
 from __future__ import annotations
 
