@@ -421,8 +421,10 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
         fsdp_note = (f"megatron_fsdp = false for this {stage.kind} stage: its LoRA adapters train on a frozen "
                      f"base, which {target.name} wraps in Megatron-Core DDP")
     gather_note = None
-    if trains and parallel.overlap_param_gather and not caps.overlap_param_gather:
-        # the target gathers this kind's parameters after the optimizer step: plan (cost) that, and say so
+    if trains and parallel.overlap_param_gather and not caps.overlap_param_gather and not parallel.megatron_fsdp:
+        # the target gathers this kind's parameters after the optimizer step: plan (cost) that, and say so. Under
+        # Megatron-FSDP the gathers are FSDP's own, per layer before each forward (rollouts included), prefetched
+        # whatever the flag says (`cost.fsdp_exposed` prices them so): nothing to change
         parallel = replace(parallel, overlap_param_gather=False)
         gather_note = (f"overlap_param_gather = false for this {stage.kind} stage: {target.name} gathers the "
                        f"distributed optimizer's parameters after each step ({caps.source or caps.runs})")
