@@ -1123,7 +1123,7 @@ def fsdp_forward_gathers(model: ModelSpec, layout: Layout, hw: HardwareSpec, par
     passes of a trained model (`work.passes` after the first, named after a trained model: KTO's KL pairs,
     GRPO's and PPO's old log-probs, the critic's values), one forward per micro batch, each layer's gather
     hidden behind the previous layer's forward as in `fsdp_exposed`; and the rollout (GRPO, PPO): one prefill
-    and one forward per decoded token over the whole rank's batch (runtime/generation.py), each gathering
+    and one forward per decoded token over the whole rank's batch (the runtime's KV-cached generator), each gathering
     every layer, hidden behind that forward's per-layer time (a decode step is short: mostly exposed).
     Frozen models (references, the reward model) are not sharded: they gather nothing."""
     shard = layout.dp * layout.cp

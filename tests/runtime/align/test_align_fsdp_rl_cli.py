@@ -118,7 +118,7 @@ STAGE = """
     global_batch = 4
     log_every = 1
     PARAMS
-    optimizer = adam(lr = 1e-3, weight_decay = 0.0)
+    optimizer = adam(lr = LR, weight_decay = 0.0)
     schedule = constant(warmup = 0)
     checkpoint {
       every = 2
@@ -132,13 +132,14 @@ STAGE = """
 """
 
 KINDS = {  # kind: (data, parents, params)
-    "kto": ("feedback", "pretrain", "beta = 0.1"),
+    "kto": ("feedback", "pretrain", "beta = 0.1"),  # lr 1e-2 (LRS): at 1e-3 the KL baseline z0 stays clamped at 0
     # the reward model's scores (a verifier's would be 0 for every sample of a 4-step model: no advantage, no
     # gradient, nothing to compare)
     "grpo": ("sums", "pretrain, reward", "num_generations = 2\n    max_new_tokens = 6\n    beta = 0.04"),
     "ppo": ("sums", "pretrain, reward", "max_new_tokens = 6"),
 }
 FSDP = {"kto": "megatron_fsdp = true\n      overlap_param_gather = true"}
+LRS = {"kto": "1e-2"}
 
 
 def _chain() -> str:
@@ -146,7 +147,8 @@ def _chain() -> str:
     for kind, (data, parents, params) in KINDS.items():
         for name, parallel in (("fsdp", FSDP.get(kind, "megatron_fsdp = true")), ("ddp", "distributed_optimizer = true")):
             stages += (STAGE.replace("KIND_NAME", f"{kind}_{name}").replace("KIND", kind).replace("DATA", data)
-                       .replace("PARENTS", parents).replace("PARAMS", params).replace("PARALLEL", parallel))
+                       .replace("PARENTS", parents).replace("PARAMS", params).replace("PARALLEL", parallel)
+                       .replace("LR", LRS.get(kind, "1e-3")))
     stages += "\n  stage export_fsdp after kto_fsdp {\n    kind = export\n  }\n"
     stages += "\n  stage export_ddp after kto_ddp {\n    kind = export\n  }\n"
     return CHAIN.replace("DATA", str(REPO / "examples" / "data")).replace("STAGES", stages)
@@ -172,7 +174,8 @@ def test_kto_grpo_and_ppo_stages_train_under_megatron_fsdp_as_under_ddp_resume_a
 
     kto_fsdp, kto_ddp = _steps(tasks / "train_kto_fsdp"), _steps(tasks / "train_kto_ddp")
     assert [r["step"] for r in kto_fsdp] == [1, 2, 3, 4]
-    _same(kto_fsdp, kto_ddp, ("loss", "grad_norm", "kl", "reward_margin"))
+    # (reward_margin: NaN in a step whose micro-batches hold one class only; the held-out one below)
+    _same(kto_fsdp, kto_ddp, ("loss", "grad_norm", "kl"))
     assert abs(kto_fsdp[-1]["loss"] - kto_fsdp[0]["loss"]) > 1e-3  # the policy moved: the comparison can fail
     assert any(abs(r["kl"]) > 0 for r in kto_fsdp[1:])  # z0 from the policy through the wrapper, not 0 by clamp alone
     done, ref = _done(tasks / "train_kto_fsdp"), _done(tasks / "train_kto_ddp")
