@@ -15,8 +15,8 @@ relative per element, carried through Adam). The rollouts sample from softmax(lo
 generator: the first iteration's weights are bit-identical under both wrappers, so are its samples; after it a
 logit moved by ~1e-7 could pick another token only if a uniform draw fell within that of a cumulative-probability
 boundary (about 1e-7 per token, a few hundred tokens here), so the samples, rewards and token counts are the
-same. The GRPO stage, rerun after losing its final checkpoint and DONE.json, resumes from step 2 (fsdp_dtensor)
-and logs the steps the uninterrupted run logged, bit for bit; the KTO stage's final checkpoint exports to Hugging
+same. The GRPO and PPO stages (PPO: actor and critic), rerun after losing their final checkpoints and DONE.json,
+resume from step 2 (fsdp_dtensor) and log the steps the uninterrupted run logged, bit for bit; the KTO stage's final checkpoint exports to Hugging
 Face with logits equal to the DDP stage's export.
 
 Megatron-Core's FSDP adapter needs einops (an optional dependency of megatron-core): without it these skip."""
@@ -199,8 +199,6 @@ def test_kto_grpo_and_ppo_stages_train_under_megatron_fsdp_as_under_ddp_resume_a
         final = _done(tasks / f"train_{kind}_fsdp")["checkpoint"]
         assert _manifest(final)["format"] == "fsdp_dtensor" and _manifest(final)["layout"]["dp"] == 2, kind
         assert math.isfinite(_done(tasks / f"train_{kind}_fsdp")["final_loss"]), kind
-    for part in ("actor", "critic"):  # PPO's two trained models, each in its own directory
-        assert _manifest(tasks / "train_ppo_fsdp" / "checkpoints" / part / "iter_0000002")["format"] == "fsdp_dtensor"
 
     # the export of the FSDP KTO stage's checkpoint computes what the DDP stage's export computes
     tokens = torch.randint(0, 700, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -212,23 +210,28 @@ def test_kto_grpo_and_ppo_stages_train_under_megatron_fsdp_as_under_ddp_resume_a
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
     assert logits[0].std() > 0.1
 
-    # GRPO killed after step 4 before it finished: its final checkpoint and DONE.json lost, `latest` the periodic
-    # one of step 2 (fsdp_dtensor); the rerun resumes (model, optimizer, scheduler, the sampling generator is a
-    # function of the iteration) and logs steps 3 and 4 as the uninterrupted run did, bit for bit
-    periodic = tasks / "train_grpo_fsdp" / "checkpoints"
-    assert (periodic / "latest").read_text().strip() == "iter_0000002"
-    assert _manifest(periodic / "iter_0000002")["format"] == "fsdp_dtensor"
-    first = {r["step"]: r for r in grpo_fsdp}
-    shutil.rmtree(periodic / "final")
-    (tasks / "train_grpo_fsdp" / "DONE.json").unlink()
+    # GRPO and PPO killed after step 4 before they finished: their final checkpoints and DONE.json lost, `latest`
+    # the periodic one of step 2 (fsdp_dtensor; PPO's actor and critic each); the rerun resumes (model, optimizer,
+    # scheduler; the sampling generator is a function of the iteration) and logs steps 3 and 4 as the
+    # uninterrupted run did, bit for bit
+    first = {"grpo": {r["step"]: r for r in grpo_fsdp}, "ppo": {r["step"]: r for r in ppo_fsdp}}
+    for kind in ("grpo", "ppo"):
+        periodic = tasks / f"train_{kind}_fsdp" / "checkpoints"
+        for part in ("",) if kind == "grpo" else ("actor", "critic"):
+            assert (periodic / part / "latest").read_text().strip() == "iter_0000002"
+            assert _manifest(periodic / part / "iter_0000002")["format"] == "fsdp_dtensor"
+        shutil.rmtree(periodic / "final")
+        (tasks / f"train_{kind}_fsdp" / "DONE.json").unlink()
     out = _run(source, workdir)
-    assert "train:grpo_fsdp" in out
-    assert _done(tasks / "train_grpo_fsdp")["resumed_from"] == 2
-    resumed = {r["step"]: r for r in _steps(tasks / "train_grpo_fsdp")}
-    assert sorted(resumed) == [1, 2, 3, 4]
-    for step in (3, 4):
-        for key in ("loss", "grad_norm", "reward", "kl"):
-            assert resumed[step][key] == first[step][key], (step, key)
+    keys = {"grpo": ("loss", "grad_norm", "reward", "kl"), "ppo": ("policy_loss", "value_loss", "reward", "kl")}
+    for kind, steps in (("grpo", _steps), ("ppo", _steps_ppo)):
+        assert f"train:{kind}_fsdp" in out
+        assert _done(tasks / f"train_{kind}_fsdp")["resumed_from"] == 2
+        resumed = {r["step"]: r for r in steps(tasks / f"train_{kind}_fsdp")}
+        assert sorted(resumed) == [1, 2, 3, 4]
+        for step in (3, 4):
+            for key in keys[kind]:
+                assert resumed[step][key] == first[kind][step][key], (kind, step, key)
 
 
 def _steps_ppo(task) -> list[dict]:
