@@ -1114,6 +1114,36 @@ def fsdp_exposed(model: ModelSpec, layout: Layout, hw: HardwareSpec, lt: LayerTi
     return micro_batches * model.layers * per_layer + gather
 
 
+def fsdp_forward_gathers(model: ModelSpec, layout: Layout, hw: HardwareSpec, params: EfficiencyParams,
+                         trainable_params: float, work, *, lt: LayerTimes, micro_batches: int,
+                         rollout: tuple[float, float] | None = None) -> float:
+    """Exposed all-gathers of the trained models' forwards outside their updates under Megatron-FSDP: the
+    runtime runs them through the FSDP wrapper, whose forward pre-hooks gather each layer's 16-bit weights
+    (freed after the layer), so every such forward gathers the whole model once. They are the no-gradient
+    passes of a trained model (`work.passes` after the first, named after a trained model: KTO's KL pairs,
+    GRPO's and PPO's old log-probs, the critic's values), one forward per micro batch, each layer's gather
+    hidden behind the previous layer's forward as in `fsdp_exposed`; and the rollout (GRPO, PPO): one prefill
+    and one forward per decoded token over the whole rank's batch (the runtime's KV-cached generator), each gathering
+    every layer, hidden behind that forward's per-layer time (a decode step is short: mostly exposed).
+    Frozen models (references, the reward model) are not sharded: they gather nothing."""
+    shard = layout.dp * layout.cp
+    if shard == 1 or trainable_params == 0:
+        return 0.0
+    bw = _link_bw(hw, shard, layout.tp, params)
+    gather = trainable_params / model.layers * (1.0 if layout.fp8_param_gather else 2.0) * (shard - 1) / shard / bw
+
+    def exposed(forward_per_layer: float) -> float:  # one forward over every layer
+        return model.layers * max(0.0, gather - forward_per_layer) + gather
+
+    trained = {p.model for p in work.passes if p.backward != FORWARD}
+    forwards = sum(p.count for p in work.passes[1:] if p.backward == FORWARD and p.model.split(" ")[0] in trained)
+    total = forwards * micro_batches * exposed(lt.total * lt.forward_fraction)
+    if rollout is not None:
+        prefill, step = rollout
+        total += exposed(prefill / model.layers) + work.generated * exposed(step / model.layers)
+    return total
+
+
 def _busiest_stage_layers(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None) -> int:
     """Layers on the most-loaded pipeline stage (the first or a middle one; the last has as many or fewer)."""
     return max(layers_on_stage(model.layers, layout.pp, i, split) for i in {0, min(1, layout.pp - 1)})
@@ -1258,16 +1288,23 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                 for p in work.passes[1:])
     if other:
         parts["other_passes"] = other
+    rollout = None
     if work.generated:
-        parts["rollout"] = _rollout_time(model, layout, hw, seq=seq, precision=precision, backend=attention_backend,
-                                         micro_batch=mb, new_tokens=work.generated, params=params,
-                                         overlap_tp=overlap_tp, kernels=kernels)
+        rollout = _rollout_phases(model, layout, hw, seq=seq, precision=precision, backend=attention_backend,
+                                  micro_batch=mb, new_tokens=work.generated, params=params, overlap_tp=overlap_tp,
+                                  kernels=kernels)
+        parts["rollout"] = rollout[0] + work.generated * rollout[1]
     if train:
         trainable = _trainable_params(model, layout, split, peft)
         updates = work.trained * main.count  # PPO: actor and critic, ppo_epochs times
         if layout.megatron_fsdp:
-            parts["dp_comm_exposed"] = main.count * fsdp_exposed(model, layout, hw, lt, m, params, trainable,
-                                                                 grad_bytes)
+            # every trained model's updates (PPO: the critic's too) gather and reduce-scatter per layer
+            parts["dp_comm_exposed"] = updates * fsdp_exposed(model, layout, hw, lt, m, params, trainable,
+                                                              grad_bytes)
+            gathers = fsdp_forward_gathers(model, layout, hw, params, trainable, work, lt=lt, micro_batches=m,
+                                           rollout=rollout)
+            if gathers:
+                parts["fsdp_gathers_outside_updates"] = gathers
         else:
             experts = _expert_params(model, layout, split) if peft is None else 0.0
             embedding = _embedding_params(model, layout) if peft is None else 0.0  # LoRA: frozen
@@ -1436,7 +1473,16 @@ def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micr
 
 def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, new_tokens, params,
                   overlap_tp: bool = False, kernels: str = "te") -> float:
-    """PPO rollout with a KV cache: a prefill of the prompts (a forward pass, compute bound) and
+    """The rollout's time: its prefill and `new_tokens` decode steps (`_rollout_phases`)."""
+    prefill, step = _rollout_phases(model, layout, hw, seq=seq, precision=precision, backend=backend,
+                                    micro_batch=micro_batch, new_tokens=new_tokens, params=params,
+                                    overlap_tp=overlap_tp, kernels=kernels)
+    return prefill + new_tokens * step
+
+
+def _rollout_phases(model, layout, hw, *, seq, precision, backend, micro_batch, new_tokens, params,
+                    overlap_tp: bool = False, kernels: str = "te") -> tuple[float, float]:
+    """(prefill, one decode step) of the PPO rollout with a KV cache: a prefill of the prompts (a forward pass, compute bound) and
     `new_tokens` decode steps. A decode step generates one token for every sequence of the DP rank
     (m x micro batch of them) and is memory-bandwidth bound: each GPU reads its weights and the KV
     cache of its heads once (Pope et al. 2022, "Efficiently Scaling Transformer Inference", Sec. 2);
@@ -1484,7 +1530,7 @@ def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, ne
     device = max(flops / rate, (weight_bytes + kv_bytes) / hw.hbm_bw)
     step = max(device, host_issue_time(launches / 3.0, hw)) + model.layers * params.layer_overhead / 3.0
     step += _rollout_p2p(model, layout, hw, batch, params) + _rollout_ep(model, whole, hw, batch, params)
-    return prefill + new_tokens * step
+    return prefill, step
 
 
 def _rollout_p2p(model, layout, hw, tokens: float, params) -> float:

@@ -415,14 +415,16 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
                      f"Megatron-Core DDP ({caps.source or caps.runs})")
     elif trains and parallel.megatron_fsdp and stage.peft is not None:
         # LoRA trains adapters on a frozen base: FSDP would shard an optimizer state of a few adapters while
-        # the base, the bulk of the memory, stays whole; the runtime wraps adapters in DDP
-        # (its alignment trainer) and the memory model prices FSDP for fully trained models only
+        # the base, the bulk of the memory, stays whole; the nemoc runtime wraps adapters in DDP and the memory
+        # model prices FSDP for fully trained models only
         parallel = replace(parallel, megatron_fsdp=False)
         fsdp_note = (f"megatron_fsdp = false for this {stage.kind} stage: its LoRA adapters train on a frozen "
                      f"base, which {target.name} wraps in Megatron-Core DDP")
     gather_note = None
-    if trains and parallel.overlap_param_gather and not caps.overlap_param_gather:
-        # the target gathers this kind's parameters after the optimizer step: plan (cost) that, and say so
+    if trains and parallel.overlap_param_gather and not caps.overlap_param_gather and not parallel.megatron_fsdp:
+        # the target gathers this kind's parameters after the optimizer step: plan (cost) that, and say so. Under
+        # Megatron-FSDP the gathers are FSDP's own, per layer before each forward (rollouts included), prefetched
+        # whatever the flag says (`cost.fsdp_exposed` prices them so): nothing to change
         parallel = replace(parallel, overlap_param_gather=False)
         gather_note = (f"overlap_param_gather = false for this {stage.kind} stage: {target.name} gathers the "
                        f"distributed optimizer's parameters after each step ({caps.source or caps.runs})")

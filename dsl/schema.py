@@ -332,8 +332,9 @@ PARALLEL_FIELDS = (
        "micro batch, overlapped with the neighbouring layers' compute. Needs distributed_optimizer (E176), "
        "pipeline = 1 (E177), more than one rank to shard over (data x context > 1, E181) and, with tensor > 1, "
        "Transformer Engine's layers (E182); runs on GPUs and on the CPU (gloo), and needs the einops package at "
-       "run time. The nemoc runtime wraps pretrain, sft, dpo, orpo and reward stages in it (DPO's frozen "
-       "reference stays unsharded); kto, ppo, grpo and LoRA stages are planned without it, with a note."),
+       "run time. The nemoc runtime wraps the trained models of every training kind in it (PPO: actor and critic; "
+       "rollouts and other passes outside the training steps run through the wrapper, gathering each layer); frozen "
+       "models (references, reward models) stay unsharded; LoRA stages are planned without it, with a note."),
     _f("optimizer_state_dtype", enum("fp32", "bf16"), "fp32", "dtype of the distributed optimizer's Adam moments "
        "(Megatron-Core's precision-aware optimizer, Transformer Engine's FusedAdam: `use_precision_aware_optimizer`, "
        "`exp_avg_dtype`, `exp_avg_sq_dtype`). `bf16`: 2 + 2 bytes per parameter instead of 4 + 4, and the fp32 "

@@ -355,14 +355,13 @@ def _defer_wgrad_kwargs(layout: Layout, *, fused_wgrad: bool) -> dict:
     return dict(defer_embedding_wgrad_compute=True, wgrad_deferral_limit=layout.wgrad_deferral_limit)
 def _check_param_gather(layout: Layout) -> None:
     """`overlap_param_gather = true` runs where Megatron-LM runs it (arguments.py: the distributed optimizer,
-    with `overlap_grad_reduce`; `nemoc check` E161 refuses it without the distributed optimizer). On
-    Megatron-FSDP the all-gathers are FSDP's own prefetch, which this runtime has not tried: refused."""
-    if not layout.overlap_param_gather:
+    with `overlap_grad_reduce`; `nemoc check` E161 refuses it without the distributed optimizer). Under
+    Megatron-FSDP it is what FSDP does anyway: with `optim_grads_params` Megatron-FSDP sets its config's
+    `overlap_param_gather = True` itself (megatron_fsdp.py `MegatronFSDP.__init__`) and prefetches the next
+    layer's all-gather from its forward pre-hooks; the DDP forward pre-hooks this runtime switches
+    (runtime/core/param_gather.py) do not exist on the FSDP wrapper, so nothing else changes."""
+    if not layout.overlap_param_gather or layout.megatron_fsdp:
         return
-    if layout.megatron_fsdp:
-        raise UnsupportedPlan("overlap_param_gather = true with megatron_fsdp = true: the nemoc runtime overlaps the "
-                              "distributed optimizer's all-gather (DDP forward pre-hooks), not Megatron-FSDP's "
-                              "prefetch; run with overlap_param_gather = false")
     if not layout.distributed_optimizer:
         raise UnsupportedPlan("overlap_param_gather = true needs distributed_optimizer = true (Megatron-Core's DDP "
                               "overlaps that optimizer's parameter all-gather; E161)")

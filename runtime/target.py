@@ -11,7 +11,6 @@ Invariants: each `StageCaps` states what the code named in its `source` enforces
 
 from __future__ import annotations
 
-from dataclasses import replace
 from types import MappingProxyType
 
 from nemoc.compiler.target import AttentionCore, StageCaps, Target, attention_cores
@@ -64,13 +63,16 @@ SDPA_CORE = AttentionCore(
 # (runtime/orchestrate/tasks/hf.py) and loaded where a parent's checkpoint would be (runtime/align/stage.py
 # `policy_start`, runtime/core/build.py `restore_or_initialize`).
 # Megatron-FSDP (`parallel.megatron_fsdp`) wraps pretraining stages (runtime/core/build.py `wrap`) and the
-# trained model of sft, dpo, orpo and reward stages (runtime/align/trainer.py `_wrap`: ZeRO-3 over the DP x CP
-# group, fsdp_dtensor checkpoints: runtime/fsdp_checkpoint.py; the final model-only checkpoint too,
-# runtime/checkpoint.py `save_weights`, read as full tensors by later stages and export). DPO's frozen
-# reference stays a plain (unsharded) model, as the memory model prices it (compiler/memory.py: frozen models
-# hold their full weights). KTO computes its KL baseline with the bare policy outside the schedules, PPO and
-# GRPO decode rollouts with the bare actor/policy: they wrap in DDP, and the planner plans them with
-# megatron_fsdp = false and says so; so for LoRA stages (a frozen base: compiler/planner.py).
+# trained models of every alignment kind (runtime/align/trainer.py `_wrap`: ZeRO-3 over the DP x CP group,
+# fsdp_dtensor checkpoints: runtime/fsdp_checkpoint.py; the final model-only checkpoint too,
+# runtime/checkpoint.py `save_weights`, read as full tensors by later stages and export). Whatever runs a
+# trained model outside the training schedules -- held-out scores, KTO's KL baseline, PPO's and GRPO's
+# rollouts and experience passes (old log-probs, the critic's values) -- runs it through the wrapper
+# (`Trainer.trained`), whose forward hooks all-gather each layer's shards (megatron_fsdp.py
+# `_pre_forward_param_unshard`) and free them after it (`_post_forward`), decode steps included. Frozen models
+# (DPO's / KTO's / PPO's / GRPO's reference, the reward model) stay plain (unsharded) models, as the memory
+# model prices them (compiler/memory.py: frozen models hold their full weights). LoRA stages (a frozen base)
+# wrap in DDP and the planner plans them without FSDP (compiler/planner.py).
 _ALIGN = StageCaps(
     pipeline=True, virtual_pipeline=True, context_parallel=True, packed_context_parallel=False, te=True, moe=True,
     hf_init=True, megatron_fsdp=True,
@@ -78,8 +80,6 @@ _ALIGN = StageCaps(
          "parallelism on rows of one sample (packed rows need Transformer Engine's THD attention with CP)",
     source="nemoc runtime/align/trainer.py fit (interleaved schedule over a rank's chunks), runtime/align/common.py "
            "on_this_cp_rank (context-parallel shards; packed rows refused)")
-_KTO = replace(_ALIGN, megatron_fsdp=False,
-               source=_ALIGN.source + "; runtime/align/kto.py microbatches (KL baseline with the bare policy: DDP)")
 # PPO and GRPO step through `Trainer.step` (their own iteration, not the core loop's StepGraphs) and eval runs
 # forward-only passes and KV-cached decoding: no CUDA graphs for them (`cuda_graphs=False`; the plan drops
 # cuda_graph_impl for these stages and says so). Nor the overlapped parameter all-gather for PPO and GRPO
@@ -96,7 +96,7 @@ _KTO = replace(_ALIGN, megatron_fsdp=False,
 # (tests/runtime/align/test_align_rl_pipeline.py: TP=2 with SP = one process).
 _PPO = StageCaps(
     pipeline=True, virtual_pipeline=True, context_parallel=True, te=True, moe=True, kv_cache_rollout=True,
-    hf_init=True, megatron_fsdp=False, cuda_graphs=False, overlap_param_gather=False,
+    hf_init=True, megatron_fsdp=True, cuda_graphs=False, overlap_param_gather=False,
     runs="the nemoc runtime's ppo and grpo stages (runtime/align) run TP/PP/VP/CP/EP/DP, dense or MoE models, "
          "their rollouts decoded across the pipeline stages (around the ring vp times per token), whole rows on "
          "every context-parallel rank",
@@ -136,7 +136,7 @@ NEMOC_RUNTIME = Target(
     name="nemoc-runtime",
     stages=MappingProxyType({
         "pretrain": StageCaps(runs="runtime/train.py runs every Megatron-Core schedule"),
-        "sft": _ALIGN, "dpo": _ALIGN, "kto": _KTO, "orpo": _ALIGN, "reward": _ALIGN, "ppo": _PPO, "grpo": _PPO,
+        "sft": _ALIGN, "dpo": _ALIGN, "kto": _ALIGN, "orpo": _ALIGN, "reward": _ALIGN, "ppo": _PPO, "grpo": _PPO,
         "eval": _EVAL, "export": _EXPORT,
     }),
     # runtime/megatron_args.py: the interleaved schedule overlaps its pipeline transfers

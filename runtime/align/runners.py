@@ -336,6 +336,9 @@ def run_ppo(task: StageTask) -> dict:
     total = task.steps
     actor_tr = _trainer(task, actor, steps=total * cfg.ppo_epochs)
     critic_tr = _trainer(task, critic, steps=total * cfg.ppo_epochs)
+    # the rollout and the experience passes run the trained models: under Megatron-FSDP their wrappers, whose
+    # forward hooks all-gather each layer's shards (the bare chunks hold this rank's only)
+    actor, critic = actor_tr.trained, critic_tr.trained
     dp_rank, _ = stage.dp_info()
     history = []
     with stage.open_stage_metrics(task, total) as metrics:
@@ -488,9 +491,10 @@ def run_kto(task: StageTask) -> dict:
         reference = kto.Reference(policy=chunk)
     else:
         reference = kto.Reference(model=stage.freeze(stage.build(task, checkpoint=start_from)))
-    score = (lambda: kto.held_out_metrics(chunk, reference, val, seq_length=seq, beta=beta, varlen=varlen,
-                                          micro_batch=s.layout.micro_batch, pad_id=tok.pad)) if val else dict
-    before = score()
+    score = (lambda model: kto.held_out_metrics(model, reference, val, seq_length=seq, beta=beta, varlen=varlen,
+                                                micro_batch=s.layout.micro_batch, pad_id=tok.pad)) if val else (
+        lambda model: {})
+    before = score(chunk)
     tr = _trainer(task, chunk)
     n_good = sum(e.desirable for e in train)
     advice = kto.weight_advice(n_good, len(train) - n_good, **weights)
@@ -498,21 +502,21 @@ def run_kto(task: StageTask) -> dict:
         if advice:
             metrics.event("warning", message=f"kto stage {s.name}: {advice}")
 
-        def to_mb(share):
-            return kto.microbatches(share, policy=chunk, reference=reference, seq_length=seq, varlen=varlen,
+        def to_mb(share):  # the KL pairs through the trained model (under FSDP its wrapper gathers the shards)
+            return kto.microbatches(share, policy=tr.trained, reference=reference, seq_length=seq, varlen=varlen,
                                     micro_batch=s.layout.micro_batch, loss=loss, pad_id=tok.pad)
 
         state, start = _fit(task, tr, metrics, items=train, to_microbatches=to_mb,
                             forward=kto.make_forward(beta=beta, loss=loss, **weights),
                             tokens_per_step=s.layout.global_batch * seq)
-        after = score()
+        after = score(tr.trained)
         if after:
             metrics.log({"step": task.steps, **{f"val_{k}": v for k, v in after.items()}})
     payload = {"final_loss": _last(state, "loss"), "steps": task.steps, "loss_type": loss, "beta": beta, **weights,
                "kl": _last(state, "kl"), "reward_margin": _last(state, "reward_margin"), "resumed_from": start or None,
                "val_before": before, "val": after, "train_examples": len(train), "val_examples": len(val),
                "desirable_share": n_good / len(train), "resident_models": kto.resident_models(params, s.peft)}
-    return _finish_policy(task, chunk, payload)
+    return _finish_policy(task, tr.trained, payload)
 
 
 def run_orpo(task: StageTask) -> dict:
@@ -572,10 +576,14 @@ def run_grpo(task: StageTask) -> dict:
     if cfg.beta != 0.0:
         reference = "lora" if s.peft is not None else stage.freeze(stage.build(task, checkpoint=policy_ckpt))
     common_args = dict(vocab=task.vocab_size, eod=stop, seq_length=seq)
-    evaluate = (lambda: grpo.held_out_reward(policy, val, score, cfg, **common_args)) if val else dict
-    before = evaluate()
+    evaluate = (lambda model: grpo.held_out_reward(model, val, score, cfg, **common_args)) if val else (
+        lambda model: {})
+    before = evaluate(policy)
     total = task.steps
     tr = _trainer(task, policy, steps=total * cfg.iterations)
+    # from here on the rollouts and the experience passes run the trained model: under Megatron-FSDP its
+    # wrapper, whose forward hooks all-gather each layer's shards (the bare chunk holds this rank's only)
+    policy = tr.trained
     dp_rank, _ = stage.dp_info()
     history = []
     with stage.open_stage_metrics(task, total) as metrics:
@@ -616,7 +624,7 @@ def run_grpo(task: StageTask) -> dict:
                     raise trainer.Preempted(it + 1, signum)
         finally:
             saver.close()
-        after = evaluate()
+        after = evaluate(policy)
         if after:
             metrics.log({"step": total, **{f"val_{k}": v for k, v in after.items()}})
     first, last = (history[0], history[-1]) if history else ({}, {})

@@ -183,6 +183,31 @@ _ALIGN_STAGES = """  data chat {
     samples = 10K
     global_batch = 128
   }
+  data sums {
+    path = "x/*.jsonl"
+    format = prompt_response
+  }
+  stage grpo after sft {
+    data = [sums]
+    samples = 1K
+    global_batch = 64
+    num_generations = 4
+    max_new_tokens = 256
+    reward = contains
+    beta = 0.04
+    parallel {
+      tensor = 1
+    }
+  }
+  stage ppo after sft, reward {
+    data = [sums]
+    samples = 1K
+    global_batch = 64
+    max_new_tokens = 256
+    parallel {
+      tensor = 1
+    }
+  }
   stage lora_sft after pretrain {
     kind = sft
     data = [chat]
@@ -193,10 +218,10 @@ _ALIGN_STAGES = """  data chat {
   stage pretrain {"""
 
 
-def _aligned(tmp_path):
+def _aligned(tmp_path, parallel=""):
     from nemoc.runtime.target import NEMOC_RUNTIME
 
-    text = SRC.format(gpu="H100", nodes=8, parallel="").replace("  stage pretrain {", _ALIGN_STAGES)
+    text = SRC.format(gpu="H100", nodes=8, parallel=parallel).replace("  stage pretrain {", _ALIGN_STAGES)
     path = tmp_path / "f.nemo"
     path.write_text(text)
     spec, diags, _ = compile_file(str(path))
@@ -229,16 +254,91 @@ def test_the_alignment_stages_the_runtime_shards_plan_fsdp_with_a_full_reference
     assert sft.memory.weights == pytest.approx(full / 64, rel=0.01)
 
 
-def test_stages_the_target_wraps_in_ddp_plan_without_fsdp_and_say_so(tmp_path):
-    """KTO (its KL baseline runs the bare policy outside the schedules: runtime/target.py `_KTO`) and a LoRA
-    stage (adapters on a frozen base) run in DDP: planned and costed without FSDP, with a note naming why."""
+def test_a_lora_stage_plans_without_fsdp_and_says_so(tmp_path):
+    """A LoRA stage (adapters on a frozen base) runs in DDP: planned and costed without FSDP, with a note naming
+    why."""
     planned, notes = _aligned(tmp_path)
     assert planned.plan.stage("pretrain").layout.megatron_fsdp
-    for name, why in (("kto", "wraps its models in Megatron-Core DDP"), ("lora_sft", "LoRA adapters")):
+    stage = planned.plan.stage("lora_sft")
+    assert not stage.layout.megatron_fsdp and "fsdp_buffers" not in stage.memory.parts
+    assert any("megatron_fsdp = false for this sft stage" in n and "LoRA adapters" in n for n in notes["lora_sft"])
+
+
+def test_kto_grpo_and_ppo_plan_fsdp_trained_models_sharded_frozen_ones_whole(tmp_path):
+    """The nemoc runtime wraps the trained models of kto, grpo and ppo in Megatron-FSDP too (their passes
+    outside the schedules run through the wrapper: runtime/target.py), so the plan sizes them so: per GPU each
+    trained model holds 1/DP of its weights (PPO: actor and critic), each frozen one all of them (KTO's and
+    GRPO's reference; PPO's reference and reward model). Same layout as SFT, whose one trained model is the
+    unit: KTO = SFT + one full copy, GRPO (a verifier reward, beta > 0) = SFT + one full copy, PPO = 2 x SFT +
+    two full copies (the critic's scalar head priced as the actor's output layer: memory.py `scalar_head` is the
+    reward kind's)."""
+    from nemoc.compiler.memory import weight_bytes
+
+    planned, notes = _aligned(tmp_path)
+    plan = planned.plan
+    sft = plan.stage("sft")
+    full = param_counts(plan.model).total * weight_bytes(sft.execution.precision)
+    for name, frozen, trained in (("kto", 1, 1), ("grpo", 1, 1), ("ppo", 2, 2)):
+        stage = plan.stage(name)
+        assert stage.layout.megatron_fsdp and stage.memory.parts["fsdp_buffers"] > 0, name
+        assert not any("megatron_fsdp" in n for n in notes[name]), notes[name]
+        assert (stage.layout.tp, stage.layout.cp, stage.layout.dp) == (1, 1, 64), name
+        assert stage.memory.weights == pytest.approx(trained * sft.memory.weights + frozen * full, rel=0.01), name
+        assert stage.memory.gradients == pytest.approx(trained * sft.memory.gradients, rel=0.01), name
+        assert stage.estimate.parts["fsdp_gathers_outside_updates"] > 0, name
+    assert sorted(plan.stage("ppo").resident_models) == ["actor", "critic", "reference", "reward"]
+
+
+def test_overlap_param_gather_under_fsdp_is_kept_for_every_training_kind(tmp_path):
+    """overlap_param_gather = true with megatron_fsdp = true: `nemoc check` accepts it and so does the runtime
+    (Megatron-FSDP prefetches its all-gathers whatever the flag says: runtime/megatron_args.py
+    `_check_param_gather`), so the planner keeps it, ppo and grpo too (without FSDP their rollouts between steps
+    would read the distributed optimizer's stale shards, and the planner turns it off with a note), and the cost
+    is FSDP's per-layer gathers either way (`cost.fsdp_exposed`: the flag does not enter it)."""
+    planned, notes = _aligned(tmp_path, parallel="\n    overlap_param_gather = true")
+    for name in ("pretrain", "sft", "dpo", "kto", "grpo", "ppo"):
         stage = planned.plan.stage(name)
-        assert not stage.layout.megatron_fsdp and "fsdp_buffers" not in stage.memory.parts, name
-        assert any(f"megatron_fsdp = false for this {stage.kind} stage" in n and why in n for n in notes[name]), \
-            notes[name]
+        assert stage.layout.megatron_fsdp and stage.layout.overlap_param_gather, name
+        assert not any("overlap_param_gather" in n for n in notes[name]), notes[name]
+    off, _ = _aligned(tmp_path)
+    for name in ("sft", "ppo"):
+        assert off.plan.stage(name).estimate.parts["dp_comm_exposed"] == pytest.approx(
+            planned.plan.stage(name).estimate.parts["dp_comm_exposed"], rel=1e-12)
+
+
+def test_fsdp_gathers_of_the_updates_of_every_trained_model_and_of_its_forwards_outside_them(model8b):
+    """PPO under FSDP: the actor's and the critic's updates (ppo_epochs each) gather and reduce-scatter per
+    layer; the trained models' forwards outside the updates (old log-probs, values: one per micro batch each) and
+    the rollout's (a prefill and one per decoded token, over the whole batch) gather every layer once more. When
+    the communication dominates (weights x 1e4), each forward exposes its layers' gathers less the layer compute
+    that hides the next one (< 0.1 %): (forwards x m + 1 + new_tokens) x (layers + 1) x one layer's gather."""
+    from nemoc.compiler.flops import stage_work
+
+    layout = lay(megatron_fsdp=True)
+    p = cost.DEFAULT_PARAMS
+    lt = cost.layer_times(model8b, layout, H100, seq=8192, precision="bf16", attention_backend="flash", micro_batch=1)
+    work = stage_work("ppo", {"max_new_tokens": 64})
+    trainable = cost._trainable_params(model8b, layout, None, None) * 1e4
+    gather = trainable / model8b.layers * 2.0 * 63 / 64 / cost._link_bw(H100, 64, 1, p)
+    rollout = (1e-9, 1e-9)
+    got = cost.fsdp_forward_gathers(model8b, layout, H100, p, trainable, work, lt=lt, micro_batches=8, rollout=rollout)
+    fwd = lt.total * lt.forward_fraction  # what one layer's forward hides of the next gather
+    hidden = 2 * 8 * model8b.layers * fwd + (1 + 64) * 1e-9
+    assert got == pytest.approx((2 * 8 + 1 + 64) * (model8b.layers + 1) * gather - hidden, rel=1e-9)
+    assert hidden < 1e-3 * got
+    # frozen models gather nothing, a rank with nothing to gather from neither
+    kto = stage_work("kto")
+    assert cost.fsdp_forward_gathers(model8b, layout, H100, p, trainable, kto, lt=lt, micro_batches=8) == \
+        pytest.approx(8 * ((model8b.layers + 1) * gather - model8b.layers * fwd), rel=1e-9)
+    assert cost.fsdp_forward_gathers(model8b, layout, H100, p, trainable, stage_work("dpo"), lt=lt, micro_batches=8) == 0
+    assert cost.fsdp_forward_gathers(model8b, lay(dp=1, global_batch=8, megatron_fsdp=True), H100, p, trainable, work,
+                                     lt=lt, micro_batches=8, rollout=rollout) == 0
+    # both trained models' updates in PPO's exposed DP communication
+    est = cost.estimate(model8b, layout, gpu=H100, seq_length=8192, stage_kind="ppo",
+                        stage_params={"max_new_tokens": 64, "ppo_epochs": 2})
+    one = cost.fsdp_exposed(model8b, layout, H100, lt, 8, p, cost._trainable_params(model8b, layout, None, None), 4)
+    assert est.parts["dp_comm_exposed"] == pytest.approx(2 * 2 * one, rel=1e-9)
+    assert est.parts["fsdp_gathers_outside_updates"] > 0
 
 
 def _quickstart(tmp_path, **replace) -> tuple:

@@ -325,11 +325,28 @@ def test_overlap_param_gather_without_data_parallel_ranks_gathers_nothing():
                                       precision="bf16").overlap_param_gather
 
 
-@pytest.mark.parametrize("extra, match", [(dict(distributed_optimizer=False), "distributed_optimizer"),
-                                          (dict(megatron_fsdp=True), "megatron_fsdp")])
-def test_overlap_param_gather_is_refused_where_it_is_not_wired(extra, match):
-    with pytest.raises(margs.UnsupportedPlan, match=match):
-        margs._check_param_gather(lay(dp=2, overlap_param_gather=True, **{"distributed_optimizer": True, **extra}))
+def test_overlap_param_gather_is_refused_without_the_distributed_optimizer():
+    with pytest.raises(margs.UnsupportedPlan, match="distributed_optimizer"):
+        margs._check_param_gather(lay(dp=2, overlap_param_gather=True, distributed_optimizer=False))
+
+
+def test_overlap_param_gather_under_megatron_fsdp_runs_as_fsdp_runs_it():
+    """`nemoc check` and the planner accept overlap_param_gather = true with megatron_fsdp = true; so does the
+    runtime: Megatron-FSDP with optim_grads_params overlaps its all-gathers (prefetch from its forward pre-hooks)
+    whatever the flag says (megatron_fsdp.py `MegatronFSDP.__init__` sets `overlap_param_gather = True`), and
+    the DDP hooks the runtime switches (core/param_gather.py) are not on its wrapper. The config reaches
+    Megatron-Core as planned, sharding strategy optim_grads_params."""
+    from nemoc.runtime.core.param_gather import ParamGather
+
+    for gather in (True, False):
+        layout = lay(dp=2, megatron_fsdp=True, distributed_optimizer=True, overlap_param_gather=gather)
+        margs._check_param_gather(layout)  # no UnsupportedPlan
+        ex = make_execution(LLAMA_ISH, layout, precision="bf16", attention="unfused")
+        cfg = margs.ddp_config(layout=layout, overlaps=ex.overlaps)
+        assert (cfg.use_megatron_fsdp, cfg.data_parallel_sharding_strategy) == (True, "optim_grads_params")
+        assert cfg.overlap_param_gather is gather and not cfg.align_param_gather
+    fsdp_wrapper = torch.nn.Module()  # FullyShardedDataParallel has no `use_forward_hook` (DDP's attribute)
+    assert not ParamGather([fsdp_wrapper]).active
 
 
 def test_fp8_recipes_reach_megatron_cores_transformer_config():

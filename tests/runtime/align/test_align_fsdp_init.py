@@ -416,27 +416,13 @@ def test_the_training_dtype_is_the_chunks_precision(mcore):
     assert fsdp_checkpoint.training_dtype(mcore.build_gpt(spec, mcore.single_layout(), precision="bf16")) == "bfloat16"
 
 
-@pytest.mark.parametrize("kind", ["kto", "ppo", "grpo"])
-def test_a_plan_with_fsdp_for_a_kind_the_runtime_runs_in_ddp_is_one_error_naming_why(mcore, kind):
-    """The planner plans kto, ppo and grpo without Megatron-FSDP (runtime/target.py: their bare models run
-    outside the schedules); a plan that says otherwise is refused before any model is wrapped."""
-    from types import SimpleNamespace
-
-    from nemoc.runtime.align import runners
-    from nemoc.runtime.align.common import AlignError
-
-    layout = SimpleNamespace(megatron_fsdp=True, pp=1)
-    task = SimpleNamespace(stage=SimpleNamespace(name="s", kind=kind, layout=layout))
-    with pytest.raises(AlignError, match=f"megatron_fsdp = true, but the nemoc runtime wraps {kind} models in "
-                                         "Megatron-Core DDP"):
-        runners._trainer(task, chunk=None)
-
-
-def test_the_runtime_wraps_sft_dpo_orpo_and_reward_in_fsdp_where_planned():
+def test_the_runtime_wraps_every_training_kind_in_fsdp_where_planned():
+    """Every alignment kind that trains wraps its trained models in Megatron-FSDP where the plan says so (kto's KL
+    baseline, ppo's and grpo's rollouts and experience passes through the wrapper: runtime/align/runners.py);
+    the planner keeps megatron_fsdp for them (compiler/planner.py drops it where the caps say no)."""
     from nemoc.runtime.target import NEMOC_RUNTIME
 
-    assert {k for k in ("sft", "dpo", "orpo", "reward", "kto", "ppo", "grpo")
-            if NEMOC_RUNTIME.caps(k).megatron_fsdp} == {"sft", "dpo", "orpo", "reward"}
+    assert all(NEMOC_RUNTIME.caps(k).megatron_fsdp for k in ("sft", "dpo", "orpo", "reward", "kto", "ppo", "grpo"))
 
 
 def test_fsdp_around_a_model_with_frozen_parameters_is_refused(mcore):
