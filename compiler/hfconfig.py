@@ -154,15 +154,36 @@ def _moe(config: dict, family: str) -> dict[str, Any]:
         if not config.get("norm_topk_prob", False):
             raise HfConfigError("norm_topk_prob = false weights experts by their softmax over all experts; nemoc "
                                 "builds Megatron-Core's router with the softmax over the top-k (norm_topk_prob = true)")
-        if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1:
-            raise HfConfigError("mlp_only_layers / decoder_sparse_step != 1 mix dense and expert layers; nemoc's "
-                                "model makes every layer an expert layer")
+        _qwen3_moe_every_layer_sparse(config)
         moe_ffn = int(config.get("moe_intermediate_size", 768))
+        # the checkpoint's own auxiliary-loss weight (Qwen3MoeConfig.router_aux_loss_coef, 1e-3, which
+        # Megatron-Bridge's Qwen3-MoE bridge also sets with aux_loss balancing); a training choice, so a
+        # written value wins (TRAINING_FIELDS)
+        balance = {"moe_load_balancing": "aux_loss",
+                   "moe_aux_loss_coeff": float(config.get("router_aux_loss_coef", 1e-3))}
     else:
         if float(config.get("router_jitter_noise") or 0.0):
             raise HfConfigError("router_jitter_noise != 0: Megatron-Core's router has no multiplicative jitter")
         moe_ffn = int(config["intermediate_size"])
-    return {"experts": experts, "top_k": top_k, "moe_ffn_hidden": moe_ffn, "shared_expert_ffn_hidden": 0}
+        balance = {}
+    return {"experts": experts, "top_k": top_k, "moe_ffn_hidden": moe_ffn, "shared_expert_ffn_hidden": 0} | balance
+
+
+def _qwen3_moe_every_layer_sparse(config: dict) -> None:
+    """Qwen3MoeDecoderLayer makes layer i an expert layer when i is not in mlp_only_layers, num_experts > 0 and
+    (i + 1) % decoder_sparse_step == 0, else a dense MLP of intermediate_size. nemoc builds Megatron-Core's
+    GPTModel with every layer an expert layer (moe_layer_freq = 1): any dense layer is refused, the key named."""
+    if "num_experts" in config and not int(config["num_experts"] or 0):
+        raise HfConfigError("num_experts = 0 makes every layer a dense MLP (a dense Qwen3 under model_type "
+                            "qwen3_moe); nemoc maps qwen3_moe with expert layers only (use model_type qwen3)")
+    dense = sorted(int(i) for i in config.get("mlp_only_layers") or [])
+    if dense:
+        raise HfConfigError(f"mlp_only_layers = {dense}: those layers are dense MLPs between expert layers; nemoc "
+                            "builds every layer as an expert layer (Megatron-Core moe_layer_freq = 1)")
+    step = int(config.get("decoder_sparse_step", 1) or 1)
+    if step != 1:
+        raise HfConfigError(f"decoder_sparse_step = {step}: only every {step}-th layer is an expert layer, the others "
+                            "dense MLPs; nemoc builds every layer as an expert layer (Megatron-Core moe_layer_freq = 1)")
 
 
 # transformers' ACT2FN names -> nemoc's activation: `gelu` is torch's exact erf GELU; gelu_new (GPT-2's
@@ -303,15 +324,21 @@ def load_architecture(directory: str | Path) -> HfArchitecture:
     return architecture(read_config(directory))
 
 
+# Fields config.json suggests but the architecture does not fix: how the router is trained. A value written in
+# the model block (or a preset's) replaces the checkpoint's rather than contradicting it.
+TRAINING_FIELDS = ("moe_load_balancing", "moe_aux_loss_coeff")
+
+
 def mismatches(arch: HfArchitecture, written: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(field, value written in the .nemo file, value from config.json) for every disagreement.
 
     `seq_length` is exempt for RoPE models: training on sequences shorter than max_position_embeddings
-    is normal; a learned position table (GPT-2) must have the checkpoint's length.
+    is normal; a learned position table (GPT-2) must have the checkpoint's length. TRAINING_FIELDS are exempt.
     """
     out = []
     for name, value in written.items():
-        if name not in arch.fields or (name == "seq_length" and arch.fields["position"] != "learned"):
+        if name not in arch.fields or name in TRAINING_FIELDS or (
+                name == "seq_length" and arch.fields["position"] != "learned"):
             continue
         theirs = arch.fields[name]
         if theirs is None and name == "kv_channels":
