@@ -154,3 +154,36 @@ def test_grouped_gemm_experts_take_the_sequential_names_slices():
     assert set(renamed) == set(ours)
     assert all(float(renamed[f"decoder.layers.0.mlp.experts.linear_fc{n}.weight{j}"][0, 0]) == 10.0 * j + n
                for j in range(4) for n in (1, 2))
+
+
+def test_a_trained_qwen3_moe_without_a_source_config_exports_as_qwen3_moe(mcore, tmp_path):
+    """No config.json to copy (a model written out in the .nemo file, or a preset): the export builds
+    Qwen3MoeConfig from the spec (runtime/hf/trained.py spec_config), the router's aux-loss weight included."""
+    from align_helpers import llama_spec
+    from transformers import AutoModelForCausalLM
+
+    from nemoc.runtime.hf import trained
+
+    spec = llama_spec(seq_length=16, experts=4, top_k=2, moe_ffn_hidden=48, qk_layernorm=True, kv_channels=32,
+                      moe_aux_loss_coeff=1e-3, norm_epsilon=1e-6)
+    torch.manual_seed(0)
+    model = mcore.build_gpt(spec, mcore.single_layout(), attention_backend="flash")
+    with torch.no_grad():  # q_layernorm / k_layernorm start at 1: perturb so a dropped one shows
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    mcore.save_model(model, tmp_path / "ckpt")
+    tokens = torch.randint(0, spec.vocab, (2, 9))
+    batch = mcore.make_batch([(t, [1] * len(t)) for t in tokens.tolist()], tokens.shape[1] - 1)
+    model.eval()
+    with torch.no_grad():
+        ours = mcore.gather_logits(model, batch)[..., : spec.vocab]
+    out, _ = trained.export_trained(tmp_path / "ckpt", spec, tmp_path / "hf", vocab=spec.vocab, source=None,
+                                    tokenizer_dir=None)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["router_aux_loss_coef"], config["norm_topk_prob"]) == ("qwen3_moe", 1e-3, True)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
+    with torch.no_grad():
+        theirs = hf(tokens[:, :-1]).logits
+    torch.testing.assert_close(theirs, ours.float().cpu(), atol=1e-4, rtol=1e-4)
