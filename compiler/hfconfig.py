@@ -20,8 +20,8 @@ Families and what each needs of Megatron-Core's GPT model (local or TE layer spe
                    windows with a second RoPE base, query_pre_attn_scalar (Gemma3ForCausalLM; see _gemma3)
 Llama 3.1/3.2 `rope_scaling` (rope_type llama3) maps to `rope_scaling_factor` when its other three keys
 have the values Megatron-Core fixes (LLAMA3_FIXED). Not expressible (an error says so): other RoPE
-scaling types, Mistral's sliding window shorter than the sequence, top-1 routing and Qwen3-MoE without norm_topk_prob
-(see _moe), Gemma 3's linear RoPE scaling (4B and larger), and Gemma 1 / 2 (see _UNSUPPORTED).
+scaling types, Mistral's sliding window shorter than the sequence, top-1 routing, Qwen3-MoE without norm_topk_prob
+(see _moe) and with dense layers among the expert layers (_qwen3_moe_every_layer_sparse), Gemma 3's linear RoPE scaling (4B and larger), and Gemma 1 / 2 (see _UNSUPPORTED).
 """
 
 from __future__ import annotations
@@ -113,7 +113,9 @@ def _llama_like(config: dict, family: str) -> dict[str, Any]:
     attention_bias = bool(config.get("attention_bias", family == "qwen2"))
     if family != "qwen2" and attention_bias:
         raise HfConfigError("attention_bias = true puts a bias on o_proj too; nemoc's add_qkv_bias covers q/k/v only")
-    window = config.get("sliding_window") if family != "qwen2" or config.get("use_sliding_window") else None
+    # Qwen2 / Qwen3 / Qwen3-MoE configs drop sliding_window unless use_sliding_window (their __post_init__)
+    gated_window = family in ("qwen2", "qwen3", "qwen3_moe")
+    window = config.get("sliding_window") if not gated_window or config.get("use_sliding_window") else None
     if window is not None and int(window) < int(config.get("max_position_embeddings", 0)):
         raise HfConfigError(f"sliding_window {window} < max_position_embeddings: sliding-window attention "
                             "is not supported")
@@ -173,9 +175,10 @@ def _qwen3_moe_every_layer_sparse(config: dict) -> None:
     """Qwen3MoeDecoderLayer makes layer i an expert layer when i is not in mlp_only_layers, num_experts > 0 and
     (i + 1) % decoder_sparse_step == 0, else a dense MLP of intermediate_size. nemoc builds Megatron-Core's
     GPTModel with every layer an expert layer (moe_layer_freq = 1): any dense layer is refused, the key named."""
-    if "num_experts" in config and not int(config["num_experts"] or 0):
-        raise HfConfigError("num_experts = 0 makes every layer a dense MLP (a dense Qwen3 under model_type "
-                            "qwen3_moe); nemoc maps qwen3_moe with expert layers only (use model_type qwen3)")
+    for key in ("num_experts", "num_local_experts"):  # transformers 5 writes num_experts as num_local_experts
+        if key in config and not int(config[key] or 0):
+            raise HfConfigError(f"{key} = 0 makes every layer a dense MLP (a dense Qwen3 under model_type "
+                                "qwen3_moe); nemoc maps qwen3_moe with expert layers only (use model_type qwen3)")
     dense = sorted(int(i) for i in config.get("mlp_only_layers") or [])
     if dense:
         raise HfConfigError(f"mlp_only_layers = {dense}: those layers are dense MLPs between expert layers; nemoc "

@@ -60,6 +60,18 @@ def test_the_preset_is_what_init_hf_of_the_published_config_json_builds(name):
     assert not preset.moe_router_pre_softmax  # norm_topk_prob: softmax over the chosen 8
 
 
+def test_transformers_5_spelling_num_local_experts_is_read():
+    config = {k: v for k, v in CONFIGS["qwen3_30b_a3b"].items() if k != "num_experts"} | {"num_local_experts": 64}
+    assert hfconfig.architecture(config).fields["experts"] == 64
+
+
+def test_a_sliding_window_without_use_sliding_window_is_full_attention_as_in_transformers():
+    # Qwen3MoeConfig.__post_init__: sliding_window = sliding_window if use_sliding_window else None
+    assert hfconfig.architecture(CONFIGS["qwen3_30b_a3b"] | {"sliding_window": 4096})
+    with pytest.raises(hfconfig.HfConfigError, match="sliding_window 4096"):
+        hfconfig.architecture(CONFIGS["qwen3_30b_a3b"] | {"sliding_window": 4096, "use_sliding_window": True})
+
+
 def test_router_aux_loss_coef_is_read_and_a_written_weight_wins():
     arch = hfconfig.architecture(CONFIGS["qwen3_30b_a3b"] | {"router_aux_loss_coef": 0.01})
     assert arch.fields["moe_aux_loss_coeff"] == 0.01
@@ -73,6 +85,7 @@ def test_router_aux_loss_coef_is_read_and_a_written_weight_wins():
     ({"decoder_sparse_step": 2}, "decoder_sparse_step = 2"),
     ({"mlp_only_layers": [3, 0]}, "mlp_only_layers = [0, 3]"),
     ({"num_experts": 0}, "num_experts = 0"),
+    ({"num_local_experts": 0}, "num_local_experts = 0"),  # transformers 5's spelling of num_experts
     ({"norm_topk_prob": False}, "norm_topk_prob = false"),
     ({"num_experts_per_tok": 1}, "num_experts_per_tok = 1"),
 ])
