@@ -21,7 +21,8 @@ Families and what each needs of Megatron-Core's GPT model (local or TE layer spe
 Llama 3.1/3.2 `rope_scaling` (rope_type llama3) maps to `rope_scaling_factor` when its other three keys
 have the values Megatron-Core fixes (LLAMA3_FIXED). Not expressible (an error says so): other RoPE
 scaling types, Mistral's sliding window shorter than the sequence, top-1 routing, Qwen3-MoE without norm_topk_prob
-(see _moe) and with dense layers among the expert layers (_qwen3_moe_every_layer_sparse), Gemma 3's linear RoPE scaling (4B and larger), and Gemma 1 / 2 (see _UNSUPPORTED).
+(see _moe) and with dense layers among the expert layers (_qwen3_moe_every_layer_sparse), Gemma 3's linear
+RoPE scaling (4B and larger), and Gemma 1 / 2 (see _UNSUPPORTED).
 """
 
 from __future__ import annotations
@@ -185,8 +186,9 @@ def _qwen3_moe_every_layer_sparse(config: dict) -> None:
                             "builds every layer as an expert layer (Megatron-Core moe_layer_freq = 1)")
     step = int(config.get("decoder_sparse_step", 1) or 1)
     if step != 1:
-        raise HfConfigError(f"decoder_sparse_step = {step}: only every {step}-th layer is an expert layer, the others "
-                            "dense MLPs; nemoc builds every layer as an expert layer (Megatron-Core moe_layer_freq = 1)")
+        raise HfConfigError(f"decoder_sparse_step = {step}: only every {step}-th layer is an expert layer, the "
+                            "others dense MLPs; nemoc builds every layer as an expert layer (Megatron-Core "
+                            "moe_layer_freq = 1)")
 
 
 # transformers' ACT2FN names -> nemoc's activation: `gelu` is torch's exact erf GELU; gelu_new (GPT-2's
