@@ -840,7 +840,24 @@ def _ep_comm(model, layout, hw, tokens, passes, params, dispatcher: str = "allto
     # capacity): the exchange ends when its receive (dispatch) and send (combine) end
     size = tokens * model.top_k / rep * model.hidden * 2.0 * moe_rows_factor(model, layout, tokens / rep)
     volume = 2.0 * (passes / 1.5) * size * (layout.ep - 1) / layout.ep
-    return volume / _link_bw(hw, layout.ep, layout.etp, params)
+    return volume / _alltoall_bw(hw, layout.ep, layout.etp, params)
+
+
+def _alltoall_bw(hw: HardwareSpec, size: int, stride: int, params: EfficiencyParams) -> float:
+    """Per-GPU bandwidth of an all-to-all over `size` ranks spaced `stride` apart, per byte of the (size - 1) /
+    size of its buffer a rank sends. Inside one NVLink domain: NVLink (as `_link_bw`). Across domains it is not
+    a ring: every rank sends each peer its own share point to point (NCCL's all-to-all; DeepEP's RDMA
+    kernels alike), the `members - 1` peers of its domain over NVLink and the `size - members` others through
+    its own NIC (rail-optimised HGX / NVL72: one NIC per GPU, so the NICs of a domain carry their own GPUs'
+    traffic and do not add up as a ring's parallel rings do), both at once: the slower of the two ends it.
+    EP 128 on HGX H100 (8 per node): 127 / max(7 / NVLink, 120 / NIC) = 53 GB/s, where a ring over the same
+    ranks gets min(NVLink, 8 NICs) = 400 GB/s. Pessimistic for DeepEP's internode kernels (flex), which send
+    a token once per destination node and forward it over NVLink: not modelled."""
+    if size * stride <= hw.nvlink_domain or size == 1:
+        return hw.nvlink_bw * params.link
+    members = max(1, min(size, hw.nvlink_domain // stride))
+    seconds_per_byte = max((members - 1) / hw.nvlink_bw, (size - members) / hw.net_bw)
+    return (size - 1) / seconds_per_byte * params.link
 
 
 # ----------------------------------------------------------------------------------- the estimate

@@ -20,8 +20,9 @@ Families and what each needs of Megatron-Core's GPT model (local or TE layer spe
                    windows with a second RoPE base, query_pre_attn_scalar (Gemma3ForCausalLM; see _gemma3)
 Llama 3.1/3.2 `rope_scaling` (rope_type llama3) maps to `rope_scaling_factor` when its other three keys
 have the values Megatron-Core fixes (LLAMA3_FIXED). Not expressible (an error says so): other RoPE
-scaling types, Mistral's sliding window shorter than the sequence, top-1 routing and Qwen3-MoE without norm_topk_prob
-(see _moe), Gemma 3's linear RoPE scaling (4B and larger), and Gemma 1 / 2 (see _UNSUPPORTED).
+scaling types, Mistral's sliding window shorter than the sequence, top-1 routing, Qwen3-MoE without norm_topk_prob
+(see _moe) and with dense layers among the expert layers (_qwen3_moe_every_layer_sparse), Gemma 3's linear
+RoPE scaling (4B and larger), and Gemma 1 / 2 (see _UNSUPPORTED).
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ def _llama_like(config: dict, family: str) -> dict[str, Any]:
     attention_bias = bool(config.get("attention_bias", family == "qwen2"))
     if family != "qwen2" and attention_bias:
         raise HfConfigError("attention_bias = true puts a bias on o_proj too; nemoc's add_qkv_bias covers q/k/v only")
-    window = config.get("sliding_window") if family != "qwen2" or config.get("use_sliding_window") else None
+    # Qwen2 / Qwen3 / Qwen3-MoE configs drop sliding_window unless use_sliding_window (their __post_init__)
+    gated_window = family in ("qwen2", "qwen3", "qwen3_moe")
+    window = config.get("sliding_window") if not gated_window or config.get("use_sliding_window") else None
     if window is not None and int(window) < int(config.get("max_position_embeddings", 0)):
         raise HfConfigError(f"sliding_window {window} < max_position_embeddings: sliding-window attention "
                             "is not supported")
@@ -154,15 +157,38 @@ def _moe(config: dict, family: str) -> dict[str, Any]:
         if not config.get("norm_topk_prob", False):
             raise HfConfigError("norm_topk_prob = false weights experts by their softmax over all experts; nemoc "
                                 "builds Megatron-Core's router with the softmax over the top-k (norm_topk_prob = true)")
-        if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1:
-            raise HfConfigError("mlp_only_layers / decoder_sparse_step != 1 mix dense and expert layers; nemoc's "
-                                "model makes every layer an expert layer")
+        _qwen3_moe_every_layer_sparse(config)
         moe_ffn = int(config.get("moe_intermediate_size", 768))
+        # the checkpoint's own auxiliary-loss weight (Qwen3MoeConfig.router_aux_loss_coef, 1e-3, which
+        # Megatron-Bridge's Qwen3-MoE bridge also sets with aux_loss balancing); a training choice, so a
+        # written value wins (TRAINING_FIELDS)
+        balance = {"moe_load_balancing": "aux_loss",
+                   "moe_aux_loss_coeff": float(config.get("router_aux_loss_coef", 1e-3))}
     else:
         if float(config.get("router_jitter_noise") or 0.0):
             raise HfConfigError("router_jitter_noise != 0: Megatron-Core's router has no multiplicative jitter")
         moe_ffn = int(config["intermediate_size"])
-    return {"experts": experts, "top_k": top_k, "moe_ffn_hidden": moe_ffn, "shared_expert_ffn_hidden": 0}
+        balance = {}
+    return {"experts": experts, "top_k": top_k, "moe_ffn_hidden": moe_ffn, "shared_expert_ffn_hidden": 0} | balance
+
+
+def _qwen3_moe_every_layer_sparse(config: dict) -> None:
+    """Qwen3MoeDecoderLayer makes layer i an expert layer when i is not in mlp_only_layers, num_experts > 0 and
+    (i + 1) % decoder_sparse_step == 0, else a dense MLP of intermediate_size. nemoc builds Megatron-Core's
+    GPTModel with every layer an expert layer (moe_layer_freq = 1): any dense layer is refused, the key named."""
+    for key in ("num_experts", "num_local_experts"):  # transformers 5 writes num_experts as num_local_experts
+        if key in config and not int(config[key] or 0):
+            raise HfConfigError(f"{key} = 0 makes every layer a dense MLP (a dense Qwen3 under model_type "
+                                "qwen3_moe); nemoc maps qwen3_moe with expert layers only (use model_type qwen3)")
+    dense = sorted(int(i) for i in config.get("mlp_only_layers") or [])
+    if dense:
+        raise HfConfigError(f"mlp_only_layers = {dense}: those layers are dense MLPs between expert layers; nemoc "
+                            "builds every layer as an expert layer (Megatron-Core moe_layer_freq = 1)")
+    step = int(config.get("decoder_sparse_step", 1) or 1)
+    if step != 1:
+        raise HfConfigError(f"decoder_sparse_step = {step}: only every {step}-th layer is an expert layer, the "
+                            "others dense MLPs; nemoc builds every layer as an expert layer (Megatron-Core "
+                            "moe_layer_freq = 1)")
 
 
 # transformers' ACT2FN names -> nemoc's activation: `gelu` is torch's exact erf GELU; gelu_new (GPT-2's
@@ -303,15 +329,21 @@ def load_architecture(directory: str | Path) -> HfArchitecture:
     return architecture(read_config(directory))
 
 
+# Fields config.json suggests but the architecture does not fix: how the router is trained. A value written in
+# the model block (or a preset's) replaces the checkpoint's rather than contradicting it.
+TRAINING_FIELDS = ("moe_load_balancing", "moe_aux_loss_coeff")
+
+
 def mismatches(arch: HfArchitecture, written: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(field, value written in the .nemo file, value from config.json) for every disagreement.
 
     `seq_length` is exempt for RoPE models: training on sequences shorter than max_position_embeddings
-    is normal; a learned position table (GPT-2) must have the checkpoint's length.
+    is normal; a learned position table (GPT-2) must have the checkpoint's length. TRAINING_FIELDS are exempt.
     """
     out = []
     for name, value in written.items():
-        if name not in arch.fields or (name == "seq_length" and arch.fields["position"] != "learned"):
+        if name not in arch.fields or name in TRAINING_FIELDS or (
+                name == "seq_length" and arch.fields["position"] != "learned"):
             continue
         theirs = arch.fields[name]
         if theirs is None and name == "kv_channels":

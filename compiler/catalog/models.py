@@ -81,6 +81,34 @@ def _qwen3(name: str, layers: int, hidden: int, heads: int, ffn: int, tie: bool,
     )
 
 
+# Qwen3-MoE (Qwen Team 2025, arXiv:2505.09388 Table 2; HF Qwen/Qwen3-30B-A3B and Qwen/Qwen3-235B-A22B
+# config.json): Qwen3's attention (head_dim 128, QK-RMSNorm, 4 KV heads, no QKV bias, RoPE base 1e6, RMSNorm
+# eps 1e-6) with every layer's MLP a mixture of 128 SwiGLU experts of moe_intermediate_size, top-8 routing,
+# no shared expert (decoder_sparse_step 1, mlp_only_layers []); untied embeddings. norm_topk_prob = true:
+# the chosen experts weighted by their softmax over the top 8, which is Megatron-Core's TopKRouter with
+# moe_router_pre_softmax = false (the language's default). `ffn_hidden` is config.json's intermediate_size,
+# which no layer uses (every MLP is an expert layer; Megatron-Bridge's provider copies it all the same).
+# The router's auxiliary loss as Megatron-Bridge's Qwen3-MoE bridge sets it (models/qwen/qwen3_moe_bridge.py:
+# moe_router_load_balancing_type "aux_loss", moe_aux_loss_coeff 1e-3 = config.json's router_aux_loss_coef).
+# Stage-1 pretraining at 4096 tokens (the report; Bridge's pretraining recipes' seq_length).
+_QWEN3_MOE = "Qwen3 Technical Report (arXiv:2505.09388) Table 2; HF Qwen/Qwen3-{} config.json"
+
+
+def _qwen3_moe(name: str, layers: int, hidden: int, heads: int, ffn: int, moe_ffn: int, size: str) -> ModelSpec:
+    return ModelSpec(
+        name=name, layers=layers, hidden=hidden, heads=heads, query_groups=4, ffn_hidden=ffn,
+        vocab=151936, seq_length=4096, kv_channels=128, rotary_base=1_000_000.0, tie_embeddings=False,
+        qk_layernorm=True, norm_epsilon=1e-6, experts=128, top_k=8, moe_ffn_hidden=moe_ffn,
+        moe_load_balancing="aux_loss", moe_aux_loss_coeff=1e-3, source=_QWEN3_MOE.format(size),
+    )
+
+
+_QWEN3_MOE_PRESETS = (
+    _qwen3_moe("qwen3_30b_a3b", 48, 2048, 32, 6144, 768, "30B-A3B"),
+    _qwen3_moe("qwen3_235b_a22b", 94, 4096, 64, 12288, 1536, "235B-A22B"),
+)
+
+
 def _nemotron4(name: str, layers: int, hidden: int, heads: int, ffn: int, source: str) -> ModelSpec:
     # Nemotron-4: squared-ReLU MLP (no gating), LayerNorm, RoPE, no biases, untied embeddings,
     # GQA with 8 KV heads, 256k SentencePiece vocabulary, 4096-token pretraining sequences.
@@ -145,6 +173,7 @@ _ALL: tuple[ModelSpec, ...] = (
     _qwen3("qwen3_14b", 40, 5120, 40, 17408, False, "14B"),
     _qwen3("qwen3_32b", 64, 5120, 64, 25600, False, "32B"),
 )
+_ALL += _QWEN3_MOE_PRESETS
 
 PRESETS: Mapping[str, ModelSpec] = MappingProxyType({m.name: m for m in _ALL})
 

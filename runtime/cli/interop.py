@@ -133,6 +133,7 @@ def preset_rows() -> list[dict]:
         rows.append({"name": name, "layers": m.layers, "hidden": m.hidden, "heads": m.heads,
                      "query_groups": m.query_groups, "ffn_hidden": m.ffn_hidden, "vocab": m.vocab,
                      "seq_length": m.seq_length, "experts": m.experts, "top_k": m.top_k,
+                     "moe_ffn_hidden": (m.moe_ffn_hidden or m.ffn_hidden) if m.experts else None,
                      "parameters": counts.total, "active_parameters": counts.active, "source": m.source})
     return rows
 
@@ -152,7 +153,9 @@ def presets(as_json: bool) -> None:
     for c in ("preset", "params", "layers", "hidden", "heads", "kv", "ffn", "vocab", "seq", "experts", "source"):
         t.add_column(c, justify="left" if c in ("preset", "source") else "right", overflow="fold")
     for r in rows:
-        experts = f"{r['experts']} top-{r['top_k']}" if r["experts"] else "-"
+        # an MoE preset: the experts' FFN width (the dense `ffn` of Qwen3-MoE builds no layer) and the active size
+        experts = (f"{r['experts']} top-{r['top_k']} x{r['moe_ffn_hidden']}, "
+                   f"{r['active_parameters'] / 1e9:.2f}B active") if r["experts"] else "-"
         t.add_row(r["name"], f"{r['parameters'] / 1e9:.2f}B", str(r["layers"]), str(r["hidden"]), str(r["heads"]),
                   str(r["query_groups"]), str(r["ffn_hidden"]), str(r["vocab"]), str(r["seq_length"]), experts,
                   r["source"])

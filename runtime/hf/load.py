@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nemoc.runtime.hf import convert
-from nemoc.runtime.hf.mapping import TE_NORMS, te_alias  # noqa: F401  (TE_NORMS: re-exported)
+from nemoc.runtime.hf.mapping import TE_NORMS, grouped_expert_name, te_alias  # noqa: F401  (TE_NORMS: re-exported)
 
 
 class LoadError(RuntimeError):
@@ -29,12 +29,12 @@ def converted_vocab(converted: str | Path) -> int:
 def _te_names(state: dict, ours: dict) -> dict:
     """The source's pre-norm names renamed to the chunk's, in either direction: a converted directory or a
     local-spec checkpoint (`input_layernorm`) into a chunk built with TE's spec (fused `layer_norm_weight`),
-    and an FSDP checkpoint saved under TE's spec into a local-spec chunk (eval stages build local)."""
+    and an FSDP checkpoint saved under TE's spec into a local-spec chunk (eval stages build local); and the
+    experts' SequentialMLP names into a chunk built with grouped GEMM (TEGroupedMLP's `weight{j}`)."""
     out = {}
     for name, tensor in state.items():
-        alias = te_alias(name)
-        if name not in ours and alias is not None and alias in ours:
-            name = alias
+        if name not in ours:
+            name = next((a for a in (te_alias(name), grouped_expert_name(name)) if a is not None and a in ours), name)
         out[name] = tensor
     return out
 

@@ -22,7 +22,8 @@ Megatron-Core GPTModel (local and TE specs alike, TE's fused norm names are acce
   decoder.layers.i.mlp.experts.local_experts.j.linear_fc1.weight <- [w1; w3] (Mixtral) / [gate_proj; up_proj]
   decoder.layers.i.mlp.experts.local_experts.j.linear_fc2.weight <- w2 / down_proj
        (j global here; a rank of expert-parallel size EP holds experts [r E/EP, (r+1) E/EP) renumbered
-       from 0, each split by the expert tensor-parallel size)
+       from 0, each split by the expert tensor-parallel size); with grouped GEMM (TE's TEGroupedMLP) local
+       expert j is `mlp.experts.linear_fc1.weight{j}` / `linear_fc2.weight{j}` (`grouped_expert_name`)
   decoder.final_layernorm.weight                     <- model.norm.weight
   output_layer.weight                                <- lm_head.weight (absent when tied)
 GPT-2 stores Conv1D weights as [in, out] (transposed) and c_attn as [q; k; v] with heads contiguous.
@@ -318,6 +319,19 @@ def expert_slice(experts: int, ep: int, ep_rank: int) -> tuple[int, int]:
         raise MappingError(f"experts({experts}) is not divisible by ep({ep})")
     per = experts // ep
     return ep_rank * per, per
+
+
+def grouped_expert_name(name: str) -> str | None:
+    """Expert j's name in Transformer Engine's grouped-GEMM experts (TEGroupedMLP, `moe_grouped_gemm = true`:
+    one GroupedLinear per projection holding `weight0` .. `weight{E-1}`) for the SequentialMLP name this module
+    writes: `...mlp.experts.local_experts.j.linear_fc1.weight` -> `...mlp.experts.linear_fc1.weightj` (the same
+    tensor: TEGroupedMLP's sharded_state_dict maps onto SequentialMLP's, experts.py). None for any other name."""
+    if EXPERT not in name:
+        return None
+    head, rest = name.split(EXPERT, 1)
+    j, tail = rest.split(".", 1)
+    linear, _, param = tail.rpartition(".")
+    return f"{head}.mlp.experts.{linear}.{param}{j}" if linear in ("linear_fc1", "linear_fc2") else None
 
 
 def layer_offset(layers: int, pp: int, pp_rank: int) -> tuple[int, int]:

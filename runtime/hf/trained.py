@@ -257,7 +257,9 @@ def spec_config(spec, vocab: int) -> dict[str, Any]:
                 raise TrainedExportError("export: Qwen3-MoE has no shared expert")
             config |= {"num_experts": spec.experts, "num_experts_per_tok": spec.top_k, "norm_topk_prob": True,
                        "moe_intermediate_size": spec.moe_ffn_hidden or spec.ffn_hidden, "decoder_sparse_step": 1,
-                       "mlp_only_layers": []}
+                       "mlp_only_layers": [], "output_router_logits": False,
+                       # the weight the stage trained with (transformers adds the aux loss only with router logits)
+                       "router_aux_loss_coef": spec.moe_aux_loss_coeff}
     else:
         raise TrainedExportError(
             f"export: no Hugging Face architecture for norm={spec.norm}, activation={spec.activation}, "

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from nemoc.compiler.catalog import get_gpu
-from nemoc.compiler.cost import (DEFAULT_PARAMS, _dp_exposed, _ep_comm, _expert_params, _link_bw,
+from nemoc.compiler.cost import (DEFAULT_PARAMS, _alltoall_bw, _dp_exposed, _ep_comm, _expert_params, _link_bw,
                                  expected_max_normal, layer_times, moe_max_load)
 from nemoc.compiler.plan import Layout, MoeExecution
 from nemoc.compiler.spec import ModelSpec
@@ -36,13 +36,14 @@ def ep_comm(layout: Layout, dispatcher: str = "alltoall") -> float:
 
 def test_the_ep_group_is_etp_apart_not_tp_apart():
     """TP 2 x CP 8 with EP 8, ETP 1: the EP group is eight consecutive ranks, one HGX B200 node (NVLink);
-    with ETP 2 it is every second rank of two nodes (InfiniBand, 4 NICs per node side)."""
+    with ETP 2 it is every second rank of two nodes: each rank sends 3 of its 7 shares over NVLink and 4 through
+    its own NIC (an all-to-all, not a ring: the node's NICs do not add up, `_alltoall_bw`)."""
     inside = lay()
     tokens = 65536 / 8 / 2  # SP-sharded tokens each rank dispatches
     volume = 2.0 * 2.0 * tokens * 2 * 6144 * 2.0 * 7 / 8 * moe_max_load(MIXTRAL_22B, inside, tokens)
     assert ep_comm(inside) == pytest.approx(volume / (B200.nvlink_bw * DEFAULT_PARAMS.link), rel=1e-12)
     across = lay(etp=2, dp=2)  # etp x ep = 16 ranks
-    ratio = B200.nvlink_bw / min(B200.nvlink_bw, 4 * B200.net_bw)
+    ratio = B200.nvlink_bw / (7 / max(3 / B200.nvlink_bw, 4 / B200.net_bw))
     # (ETP 2 routes the tokens of 16 ranks: a smaller relative imbalance, divided out here)
     balanced = lambda layout: ep_comm(layout) / moe_max_load(MIXTRAL_22B, layout, tokens)
     assert balanced(across) == pytest.approx(balanced(inside) * ratio, rel=1e-12)
@@ -76,6 +77,10 @@ def test_the_ep_group_placement_is_megatron_cores():
                     per_node = max(sum(1 for r in g if r // node == g[0] // node) for g in groups)
                     want = nvlink if in_node else min(hw.nvlink_bw, per_node * hw.net_bw) * DEFAULT_PARAMS.link
                     assert _link_bw(hw, size, stride, DEFAULT_PARAMS) == want, (tp, etp, ep, kind)
+                    if kind == "ep":  # the all-to-all: the NVLink share and the own-NIC share at once
+                        slowest = max((per_node - 1) / hw.nvlink_bw, (size - per_node) / hw.net_bw)
+                        a2a = nvlink if in_node else (size - 1) / slowest * DEFAULT_PARAMS.link
+                        assert _alltoall_bw(hw, size, stride, DEFAULT_PARAMS) == pytest.approx(a2a, rel=1e-12)
                     checked += 1
     assert checked >= 20
 

@@ -31,7 +31,7 @@ EXPERIMENT = """experiment roundtrip {
 
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mixtral", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2", "mixtral", "qwen3_moe", "gemma3"])
 def test_export_only_experiment_round_trips_bit_identically(tmp_path, family):
     make_hf_model(family, tmp_path / "ckpt", dtype=torch.bfloat16)
     (tmp_path / "ckpt" / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
