@@ -220,7 +220,8 @@ def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> Pa
     pipeline = parallel.pipeline if caps.pipeline else 1
     sp = parallel.sequence_parallel if caps.sequence_parallel else False
     return replace(parallel, context=parallel.context if parallel.context is not None else 1, sequence_parallel=sp,
-                   distributed_optimizer=False, recompute="none", recompute_layers=None, virtual_pipeline=1, pipeline=pipeline,
+                   distributed_optimizer=False, recompute="none", recompute_layers=None, recompute_modules=None,
+                   virtual_pipeline=1, pipeline=pipeline,
                    micro_batch=parallel.micro_batch or 1, tp_comm_overlap=False, overlap_param_gather=False, fp8_param_gather=False,
                    grad_reduce_in_fp32=True, megatron_fsdp=False, optimizer_state_dtype="fp32",
                    defer_embedding_wgrad_compute=False, wgrad_deferral_limit=0, precision_aware_optimizer=False)

@@ -134,6 +134,19 @@ def test_inference_stages_use_the_least_model_parallelism():
     assert result.plan.stage("eval").estimate.step_time_s > 0
 
 
+def test_written_recompute_modules_do_not_reach_eval_and_export():
+    """Eval / export run no recompute (`_inference_parallel`): the experiment's `recompute_modules` is
+    dropped with it, else E192 (modules without recompute = selective) refuses every inference layout.
+    The shipped pipeline with `recompute = selective, recompute_modules = [core_attn, mlp]`."""
+    spec, _ = load_spec("examples/pipeline.nemo")
+    spec = replace(spec, parallel=replace(spec.parallel, recompute="selective", recompute_modules=("core_attn", "mlp")))
+    plan = plan_experiment(spec, target=NEMOC_RUNTIME).plan
+    assert plan.stage("pretrain").layout.recompute_modules == ("core_attn", "mlp")
+    for name in ("eval", "export"):
+        lay = plan.stage(name).layout
+        assert (lay.recompute, lay.recompute_modules) == ("none", None)
+
+
 def test_uneven_pipeline_split_is_recorded_for_the_runtime():
     spec = _spec(model="llama31_405b", nodes=16, tensor=8, pipeline=16, context=1, virtual_pipeline=1)
     spec = replace(spec, stages=(StageSpec(name="pretrain", kind="pretrain", global_batch=64, steps=10),))
