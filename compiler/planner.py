@@ -427,13 +427,21 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
         parallel = replace(parallel, overlap_param_gather=False)
         gather_note = (f"overlap_param_gather = false for this {stage.kind} stage: {target.name} gathers the "
                        f"distributed optimizer's parameters after each step ({caps.source or caps.runs})")
+    defer_note = None
+    if trains and parallel.defer_embedding_wgrad_compute and stage.peft is not None:
+        # LoRA freezes the output layer: Megatron-Core 0.16.1's ColumnParallelLinear hands a frozen weight's
+        # linear_with_frozen_weight the deferral's grad_output_buffer, which it asserts is None
+        # (tensor_parallel/layers.py); there is no weight gradient to defer, so plan (cost, size) without it
+        parallel = replace(parallel, defer_embedding_wgrad_compute=False, wgrad_deferral_limit=0)
+        defer_note = (f"defer_embedding_wgrad_compute = false for this {stage.kind} stage: its LoRA adapters train "
+                      "on a frozen base, whose output layer has no weight gradient to defer")
     seq = stage_seq_length(spec, stage)
     probe = _problem(spec, stage, gpu, backend, headroom, parallel, steps=1, target=target)
     result = search(probe, top=top) if trains else _inference_search(probe, top)
     if result.best is None:
         raise DiagnosticError([not_fit_diagnostic(spec, stage, probe, search(probe) if not trains else result)])
     chosen = result.best
-    notes: list[str] = [note for note in (fsdp_note, gather_note) if note]
+    notes: list[str] = [note for note in (fsdp_note, gather_note, defer_note) if note]
     if not caps.cuda_graphs and host_requested(spec)[0] not in (None, "none"):
         notes.append(f"cuda_graph_impl = none for this {stage.kind} stage: {target.name} runs it without CUDA "
                      f"graphs ({caps.source or caps.runs})")
