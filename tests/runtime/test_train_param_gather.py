@@ -73,6 +73,37 @@ def test_hooks_follow_megatron_lms_train_loop(align):
     assert len(log) == 10
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_loop_gathers_at_its_normal_end_and_never_on_an_error(monkeypatch, fails):
+    """train_loop's end: on a normal return the hooks go off with the all-gather (the final save reads whole
+    parameters); when a step raises they go off without it. The gather is a collective: a rank that raised
+    alone would hang in it waiting for ranks that never join, instead of failing (Megatron-LM never gathers
+    on an exception)."""
+    from nemoc.runtime.core import loop
+
+    log: list = []
+    chunks = [_Chunk(log, align=False), _Chunk(log, align=False)]
+
+    def steps(*, gather, state, **unused):
+        gather.after_step(True)  # one step moved the optimizer: the hooks are on
+        if fails:
+            raise RuntimeError("a rank's step failed")
+        return state
+
+    monkeypatch.setattr(loop, "_train_steps", steps)
+    monkeypatch.setattr(loop, "StepGraphs", lambda **unused: None)
+    stage = SimpleNamespace(layout=SimpleNamespace(micro_batch=1), seq_length=8, eval_every=0, execution=None)
+    state = SimpleNamespace(iteration=0)
+    kw = dict(model=chunks, optimizer=None, scheduler=None, stage=stage, forward_step=None, train_iterators=None,
+              state=state, end_iteration=1, checkpointer=None, make_checkpoint_state=None)
+    if fails:
+        with pytest.raises(RuntimeError, match="a rank's step failed"):
+            loop.train_loop(**kw)
+    else:
+        assert loop.train_loop(**kw) is state
+    assert log == ["off", "off", "on", "on"] + (["off", "off"] if fails else ["off+gather", "off+gather"])
+
+
 def test_no_overlap_is_a_no_op():
     chunk = SimpleNamespace(use_forward_hook=False)
     config = SimpleNamespace(param_sync_func=None)
