@@ -523,7 +523,7 @@ def _recomputes(p: Problem, pp: int = 1, vp: int | None = None) -> list[tuple[st
     recompute of 3/4, 1/2, 1/4 of a model chunk's layers (`BLOCK_RECOMPUTE_SHARES`, only with
     recompute auto and a flash-class core), selective, none. A fixed `recompute_layers` is the
     one level (E162 refuses it with another recompute); so are written `recompute_modules`, which
-    only selective recompute reads (E175 refuses them with none or full): the modules are taken as
+    only selective recompute reads (E192 refuses them with none or full): the modules are taken as
     the user states them, never searched."""
     f = p.fixed
     if f.recompute_modules is not None and f.recompute is None:

@@ -40,6 +40,7 @@ class Sizes:
     seq_length: int = 0
     tp_comm_overlap: bool = False
     defer_embedding_wgrad_compute: bool = False
+    wgrad_deferral_limit: int = 0
     overlap_param_gather: bool = False
     fp8_param_gather: bool = False
     megatron_fsdp: bool = False

@@ -36,6 +36,7 @@ def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: in
         recompute_layers=parallel.recompute_layers, recompute_modules=parallel.recompute_modules,
         seq_length=seq_length, tp_comm_overlap=parallel.tp_comm_overlap,
         defer_embedding_wgrad_compute=parallel.defer_embedding_wgrad_compute,
+        wgrad_deferral_limit=parallel.wgrad_deferral_limit,
         overlap_param_gather=parallel.overlap_param_gather, fp8_param_gather=parallel.fp8_param_gather,
         megatron_fsdp=parallel.megatron_fsdp,
         optimizer_state_dtype=parallel.optimizer_state_dtype,

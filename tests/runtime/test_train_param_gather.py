@@ -141,12 +141,13 @@ def _overlap_events(result) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sizes", [dict(dp=2), dict(dp=2, pp=2, vp=2)], ids=["dp2", "dp2-pp2-vp2"])
+@pytest.mark.parametrize("sizes", [dict(dp=2), dict(dp=2, pp=2, vp=2), dict(cp=2)], ids=["dp2", "dp2-pp2-vp2", "cp2"])
 def test_overlapped_gather_equals_the_synchronous_one_bit_for_bit(tmp_path, kit, train_data, reference_weights,
                                                                     sizes):
-    """DP 2 with the distributed optimizer (1F1B hooks), and PP 2 x VP 2 x DP 2 (the interleaved schedule
-    starts the gathers: `align_param_gather`): 6 steps, validation and a checkpoint every 3, losses,
-    gradient norms and validation losses equal to the overlap-off run's, bit for bit."""
+    """DP 2 with the distributed optimizer (1F1B hooks), PP 2 x VP 2 x DP 2 (the interleaved schedule
+    starts the gathers: `align_param_gather`), and DP 1 x CP 2 (DDP reduces and the optimizer shards over the
+    DP x CP group): 6 steps, validation and a checkpoint every 3, losses, gradient norms and validation losses
+    equal to the overlap-off run's, bit for bit."""
     off = _run(kit, tmp_path / "off", train_data, reference_weights, _layout(kit, overlap=False, **sizes))
     on = _run(kit, tmp_path / "on", train_data, reference_weights, _layout(kit, overlap=True, **sizes))
     curve_off, curve_on = _curve(off), _curve(on)
