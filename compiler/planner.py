@@ -361,7 +361,7 @@ def not_fit_diagnostic(spec: ExperimentSpec, stage: StageSpec, problem: Problem,
 
 def _stage_warnings(spec: ExperimentSpec, stage: StageSpec, problem: Problem, chosen: Candidate) -> list[Diagnostic]:
     env = env_of(spec, stage.kind, problem.attention_backend, problem.optimizer, problem.target, problem.hf_conversion,
-                 packs_sequences(stage.kind, stage.params))
+                 packs_sequences(stage.kind, stage.params), problem.dropout)
     return [to_diagnostic(v, spec, stage) for v in violations(env, _sizes(problem, chosen.layout), WARNING_RULES)]
 
 

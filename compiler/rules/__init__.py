@@ -176,5 +176,6 @@ from nemoc.compiler.rules.check import (  # noqa: F401
     _PARALLEL_FIELDS,
     stage_parallel,
     env_of,
+    stage_dropout,
     check_spec,
 )

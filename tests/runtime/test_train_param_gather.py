@@ -126,7 +126,8 @@ def _layout(kit, *, overlap: bool, **sizes):
 
 def _run(kit, out, train_data, reference_weights, lay, *, every=3, eval_every=3, **task):
     stage = kit.stage_plan(lay=lay, every=every, eval_every=eval_every)
-    return kit.run_training(out, kit.make_plan(stage), lay.world_size, data_prefix=train_data,
+    plan = kit.make_plan(stage, attention="flash" if lay.cp > 1 else "unfused")  # CP: the local spec's SDPA core
+    return kit.run_training(out, plan, lay.world_size, data_prefix=train_data,
                             init_checkpoint=reference_weights, **task)
 
 
