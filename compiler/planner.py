@@ -210,6 +210,12 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
     )
 
 
+def _graphs(spec: ExperimentSpec, stage: StageSpec, target: Target) -> bool:
+    """Whether the stage runs CUDA graphs (its host settings as `_problem` resolves them)."""
+    kernels = target.stage_kernels(stage.kind, resolve_kernels(spec.kernels, spec.cluster.gpu))
+    return stage_host(host_requested(spec), kernels, target.caps(stage.kind).cuda_graphs).cuda_graph_impl != "none"
+
+
 def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> ParallelSpec:
     """Eval/export: no optimizer (so no gradient or parameter-gather settings), no recompute, no
     context split, no TP overlap; the user's TP/EP stay fixed. Where the target runs them without a
@@ -427,6 +433,13 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
         parallel = replace(parallel, overlap_param_gather=False)
         gather_note = (f"overlap_param_gather = false for this {stage.kind} stage: {target.name} gathers the "
                        f"distributed optimizer's parameters after each step ({caps.source or caps.runs})")
+    elif trains and parallel.overlap_param_gather and not caps.graphed_param_gather and _graphs(spec, stage, target):
+        # the target does not overlap the gather while it captures CUDA graphs: plan (cost) the gather after
+        # the optimizer step, which it runs, and say so
+        parallel = replace(parallel, overlap_param_gather=False)
+        gather_note = (f"overlap_param_gather = false for this {stage.kind} stage: {target.name} does not overlap "
+                       f"the parameter all-gather with cuda_graph_impl = {spec.cuda_graph_impl}; it gathers after "
+                       f"each optimizer step ({caps.source or caps.runs})")
     defer_note = None
     if trains and parallel.defer_embedding_wgrad_compute and stage.peft is not None:
         # LoRA freezes the output layer: Megatron-Core 0.16.1's ColumnParallelLinear hands a frozen weight's

@@ -431,3 +431,25 @@ def test_graphed_recompute_outside_the_graph_or_without_dropout_plans(tmp_path):
         spec, errors, _ = _compile(tmp_path, settings=settings, parallel=parallel, dropout=dropout)
         assert errors == []
         assert plan_experiment(spec).plan.stages[0].layout.recompute == "selective"
+
+
+def test_the_overlapped_gather_under_cuda_graphs_is_planned_as_the_target_runs_it(tmp_path):
+    """The nemoc runtime does not switch the gather's forward pre-hooks around graph capture (it refuses the
+    pair when it builds the model), so its plan gathers after the optimizer step, prices that and says so;
+    Megatron-Core's own target (Megatron-LM does the switching) keeps the overlap. Without graphs it stays."""
+    from nemoc.runtime.target import NEMOC_RUNTIME
+
+    graphs = "  cuda_graph_impl = transformer_engine\n  cuda_graph_scope = [attn]"
+    spec, errors, _ = _compile(tmp_path, settings=graphs, parallel="\n    overlap_param_gather = true")
+    assert errors == []
+    ours = plan_experiment(spec, target=NEMOC_RUNTIME)
+    stage = ours.plan.stages[0]
+    assert not stage.layout.overlap_param_gather and not stage.execution.overlaps.param_gather
+    assert any(n.startswith("overlap_param_gather = false for this pretrain stage") and "cuda_graph_impl" in n
+               for n in ours.stages[0].notes)
+    off = plan_experiment(dataclasses.replace(spec, parallel=dataclasses.replace(spec.parallel, overlap_param_gather=False)),
+                          target=NEMOC_RUNTIME).plan.stages[0]
+    assert stage.estimate == off.estimate
+    assert plan_experiment(spec).plan.stages[0].layout.overlap_param_gather  # Megatron-Core's target
+    eager, errors, _ = _compile(tmp_path, parallel="\n    overlap_param_gather = true")
+    assert plan_experiment(eager, target=NEMOC_RUNTIME).plan.stages[0].layout.overlap_param_gather
