@@ -422,8 +422,8 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
                      f"Megatron-Core DDP ({caps.source or caps.runs})")
     elif trains and parallel.megatron_fsdp and stage.peft is not None:
         # LoRA trains adapters on a frozen base: FSDP would shard an optimizer state of a few adapters while
-        # the base, the bulk of the memory, stays whole; the runtime wraps adapters in DDP
-        # (runtime/align/trainer.py `_wrap`) and the memory model prices FSDP for fully trained models only
+        # the base, the bulk of the memory, stays whole; the nemoc runtime wraps adapters in DDP and the
+        # memory model prices FSDP for fully trained models only
         parallel = replace(parallel, megatron_fsdp=False)
         fsdp_note = (f"megatron_fsdp = false for this {stage.kind} stage: its LoRA adapters train on a frozen "
                      f"base, which {target.name} wraps in Megatron-Core DDP")
