@@ -1055,8 +1055,8 @@ def _embedding_bucket(bucket: float, grad_bytes: int, gathered: float, frac: flo
                       overlap_gather: bool) -> tuple[float, float]:
     """(last gradient bucket's reduction, exposed parameter all-gather) of the 1F1B stage that holds the
     input embedding (its last bucket: `bucket` parameters on one GPU, `embedding_bucket_params`), as
-    Megatron-Core 0.16.1's DDP buckets and schedules them. Buckets are filled in reverse registration order (param_and_grad_buffer.py `for
-    param in params[::-1]`; a bucket closes once it holds `ddp_bucket_params`), so the input
+    Megatron-Core 0.16.1's DDP buckets and schedules them. Buckets are filled in reverse registration
+    order (param_and_grad_buffer.py `for param in params[::-1]`; a bucket closes once it holds `ddp_bucket_params`), so the input
     embedding, registered first, lands in the LAST bucket. Its gradient is complete only when the
     backward ends (the embedding's backward is the step's last kernel), so that bucket's reduction
     cannot overlap: at least the embedding's reduce-scatter (an all-reduce, twice the bytes, without

@@ -89,7 +89,8 @@ def _graphed_recompute_problem(env: Env, s: Sizes, impl: str, scope: tuple, show
                if m in modules and (full or part in scope)]
     if not graphed:
         return None
-    what = "attention" if graphed == ["core_attn"] else "hidden" if "core_attn" not in graphed else "attention and hidden"
+    what = ("attention" if graphed == ["core_attn"] else "hidden" if "core_attn" not in graphed
+            else "attention and hidden")
     return (f"recompute_modules = {shown_modules} with cuda_graph_scope = {shown}"
             f"{' (the whole layer)' if not scope else ''} and dropout > 0: the graphed recompute of "
             f"{', '.join(graphed)} would replay its {what} dropout masks",
