@@ -1040,7 +1040,9 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
     gather = max(0.0, ag - fwd_window) if overlap_gather else ag
     if embedding and groups[0][0] > 1:  # the dense group reduces: the embedding is in its last bucket
         size, stride, _ = groups[0]
-        bucket, gather = _embedding_bucket(size, embedding, grad_bytes, gathered, (size - 1) / size,
+        last = embedding_bucket_params(embedding, dp=layout.dp, shared=model.tie_embeddings and layout.pp > 1,
+                                       distributed=layout.distributed_optimizer)
+        bucket, gather = _embedding_bucket(last, grad_bytes, gathered, (size - 1) / size,
                                            _link_bw(hw, size, stride, params), rs, ag, fwd_window,
                                            layout.distributed_optimizer, overlap_gather)
     return max(0.0, rs - bwd_window) + gather + bucket
@@ -1048,17 +1050,30 @@ def _dp_exposed(model, layout, hw, t_mb_stage: float, fwd_fraction: float, param
 
 def ddp_bucket_params(dp_size: int) -> float:
     """Megatron-Core DDP's default bucket size in parameters (distributed_data_parallel.py:
-    `bucket_size = max(40000000, 1000000 * dp_group.size())`; NeMo and Megatron-Bridge leave it unset)."""
+    `bucket_size = max(40000000, 1000000 * dp_group.size())`, the data-parallel group without the
+    context-parallel ranks, though the buffers reduce over DP x CP; NeMo and Megatron-Bridge leave it unset)."""
     return max(40e6, 1e6 * dp_size)
 
 
-def _embedding_bucket(size: int, embedding: float, grad_bytes: int, gathered: float, frac: float, bw: float,
+def embedding_bucket_params(embedding: float, *, dp: int, shared: bool, distributed: bool) -> float:
+    """Parameters in the last gradient bucket of the stage that holds the input embedding (`embedding`
+    parameters on one GPU). With tied embeddings split over a pipeline (`shared`: Megatron-Core marks the first
+    stage's word embeddings `shared_embedding`, language_module.py) and the distributed optimizer, the embedding
+    gets a bucket of exactly its size (param_and_grad_buffer.py `_does_param_require_new_bucket` closes the
+    bucket before it and the one it is in). Otherwise it joins the last default-sized bucket (`ddp_bucket_params`
+    of the DP size): at least that bucket, at least the embedding."""
+    if shared and distributed:
+        return embedding
+    return max(ddp_bucket_params(dp), embedding)
+
+
+def _embedding_bucket(bucket: float, grad_bytes: int, gathered: float, frac: float, bw: float,
                       rs: float, ag: float, fwd_window: float, distributed: bool,
                       overlap_gather: bool) -> tuple[float, float]:
     """(last gradient bucket's reduction, exposed parameter all-gather) of the 1F1B stage that holds the
-    input embedding (`embedding` parameters on one GPU), as Megatron-Core 0.16.1's DDP buckets and
-    schedules them. Buckets are filled in reverse registration order (param_and_grad_buffer.py `for
-    param in params[::-1]`; a bucket closes once it holds `ddp_bucket_params`), so the input
+    input embedding (its last bucket: `bucket` parameters on one GPU, `embedding_bucket_params`), as
+    Megatron-Core 0.16.1's DDP buckets and schedules them. Buckets are filled in reverse registration
+    order (param_and_grad_buffer.py `for param in params[::-1]`; a bucket closes once it holds `ddp_bucket_params`), so the input
     embedding, registered first, lands in the LAST bucket. Its gradient is complete only when the
     backward ends (the embedding's backward is the step's last kernel), so that bucket's reduction
     cannot overlap: at least the embedding's reduce-scatter (an all-reduce, twice the bytes, without
@@ -1072,7 +1087,6 @@ def _embedding_bucket(size: int, embedding: float, grad_bytes: int, gathered: fl
     forward (~10 ms exposed on Nemotron-4 15B on 64 B200, 0.5 points of C05); plain DDP has no such
     gather, so it would break the search's dominance of the overlapped distributed optimizer over
     plain DDP (`search._do_domain`)."""
-    bucket = max(ddp_bucket_params(size), embedding)
     last = min(rs, (1.0 if distributed else 2.0) * bucket * grad_bytes * frac / bw)
     if not (distributed and overlap_gather):
         return last, ag  # plain DDP gathers nothing (ag = 0); an unoverlapped gather is exposed whole

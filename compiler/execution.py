@@ -202,6 +202,16 @@ def reuses_grad_buffer(precision: str, layout: Layout) -> bool:
     return precision == "mxfp8" and layout.fp8_param_gather and layout.distributed_optimizer
 
 
+def reduces_gradients(layout: Layout) -> bool:
+    """Whether the stage's DDP reduces gradients over other ranks, which it overlaps with the backward (DDP
+    `overlap_grad_reduce`), and so whether the distributed optimizer's parameter all-gather can overlap the
+    forward. Megatron-Core 0.16.1's DDP builds its gradient buffers over the DP x CP group
+    (distributed_data_parallel.py: `intra_dp_cp_group`; context-parallel ranks see different tokens of the same
+    sequences), and the distributed optimizer shards over that group: dp(1) x cp(2) reduces and gathers over
+    two ranks, as `cost._dp_exposed` prices it (shard = dp x cp)."""
+    return layout.dp * layout.cp > 1
+
+
 def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: PipelineSplit | None, stage_kind: str,
                     precision: str, attention_backend: str, kernels: str, seq_length: int,
                     peft: LoraSpec | None = None, params: object = None,
@@ -231,7 +241,7 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
         pipeline=split if split is not None else even_split(model.layers, layout.pp),
         vocab_multiple=MEGATRON_VOCAB_DIVISOR * layout.tp,
         padded_vocab=padded_vocab(model.vocab, layout.tp),
-        overlaps=Overlaps(grad_reduce=layout.dp > 1, param_gather=layout.overlap_param_gather,
+        overlaps=Overlaps(grad_reduce=reduces_gradients(layout), param_gather=layout.overlap_param_gather,
                           p2p=interleaved and target.overlap_p2p, tp_comm=layout.tp_comm_overlap,
                           align_param_gather=layout.overlap_param_gather and interleaved),
         fusions=fusions(model, stage_kernels, cross_entropy, host, stage_precision),

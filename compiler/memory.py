@@ -269,8 +269,10 @@ def _selective_freed(model: ModelSpec, modules: tuple[str, ...], *, s: float, b:
       fp32 copy) go; the norm's input stays (the checkpoint's input, the residual). Only norms that are
       modules of their own (not IdentityOp): both with the local spec, only a MoE layer's pre-MLP norm
       with Transformer Engine, which fuses the others into the next linear.
-    - `mlp` (dense layers; `tensor_parallel.checkpoint(self.mlp, ...)`): keeps only its input, the
-      16-bit norm output (itself freed with `layernorm` where that norm is a module).
+    - `mlp` (dense layers; `tensor_parallel.checkpoint(self.mlp, ...)`): keeps only its input: the local
+      spec's 16-bit norm output (itself freed with `layernorm`); with Transformer Engine the pre-MLP norm is
+      fused into fc1 (TELayerNormColumnParallelLinear), so the input is the residual stream, which `norms`
+      counts as that norm's input: nothing more is kept.
     - `moe` (moe_layer.py `tensor_parallel.checkpoint` of the whole MoELayer): keeps only its input.
     - `moe_act` (experts.py `CheckpointWithoutOutput` around the activation): the experts' activation
       output (fc2 input), routed rows x f / etp.
@@ -289,7 +291,10 @@ def _selective_freed(model: ModelSpec, modules: tuple[str, ...], *, s: float, b:
         if own_pre_norm:
             mlp_freed += gemm_in * sbh / rep
             norms += 4.0 * sbh / rep if local and model.norm == "rmsnorm" else 0.0
-    kept_input = 0.0 if ("layernorm" in modules and own_pre_norm) else act_bytes * sbh / rep
+    # what the MLP / MoE checkpoint keeps: its input, the pre-MLP norm's output where that norm is a module of
+    # its own (unless `layernorm` frees it); with TE a dense layer's norm is fused into fc1, so the checkpoint's
+    # input is the residual stream, the fused norm's input that `norms` counts already
+    kept_input = 0.0 if ("layernorm" in modules or not own_pre_norm) else act_bytes * sbh / rep
     whole = ("mlp" in modules and not model.is_moe) or ("moe" in modules and model.is_moe)
     if whole:
         return norms, attention, mlp - kept_input

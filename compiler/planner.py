@@ -210,6 +210,12 @@ def _problem(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend:
     )
 
 
+def _graphs(spec: ExperimentSpec, stage: StageSpec, target: Target) -> bool:
+    """Whether the stage runs CUDA graphs (its host settings as `_problem` resolves them)."""
+    kernels = target.stage_kernels(stage.kind, resolve_kernels(spec.kernels, spec.cluster.gpu))
+    return stage_host(host_requested(spec), kernels, target.caps(stage.kind).cuda_graphs).cuda_graph_impl != "none"
+
+
 def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> ParallelSpec:
     """Eval/export: no optimizer (so no gradient or parameter-gather settings), no recompute, no
     context split, no TP overlap; the user's TP/EP stay fixed. Where the target runs them without a
@@ -220,7 +226,8 @@ def _inference_parallel(parallel: ParallelSpec, kind: str, target: Target) -> Pa
     pipeline = parallel.pipeline if caps.pipeline else 1
     sp = parallel.sequence_parallel if caps.sequence_parallel else False
     return replace(parallel, context=parallel.context if parallel.context is not None else 1, sequence_parallel=sp,
-                   distributed_optimizer=False, recompute="none", recompute_layers=None, virtual_pipeline=1, pipeline=pipeline,
+                   distributed_optimizer=False, recompute="none", recompute_layers=None, recompute_modules=None,
+                   virtual_pipeline=1, pipeline=pipeline,
                    micro_batch=parallel.micro_batch or 1, tp_comm_overlap=False, overlap_param_gather=False, fp8_param_gather=False,
                    grad_reduce_in_fp32=True, megatron_fsdp=False, optimizer_state_dtype="fp32",
                    defer_embedding_wgrad_compute=False, wgrad_deferral_limit=0, precision_aware_optimizer=False)
@@ -360,7 +367,7 @@ def not_fit_diagnostic(spec: ExperimentSpec, stage: StageSpec, problem: Problem,
 
 def _stage_warnings(spec: ExperimentSpec, stage: StageSpec, problem: Problem, chosen: Candidate) -> list[Diagnostic]:
     env = env_of(spec, stage.kind, problem.attention_backend, problem.optimizer, problem.target, problem.hf_conversion,
-                 packs_sequences(stage.kind, stage.params))
+                 packs_sequences(stage.kind, stage.params), problem.dropout)
     return [to_diagnostic(v, spec, stage) for v in violations(env, _sizes(problem, chosen.layout), WARNING_RULES)]
 
 
@@ -415,8 +422,8 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
                      f"Megatron-Core DDP ({caps.source or caps.runs})")
     elif trains and parallel.megatron_fsdp and stage.peft is not None:
         # LoRA trains adapters on a frozen base: FSDP would shard an optimizer state of a few adapters while
-        # the base, the bulk of the memory, stays whole; the nemoc runtime wraps adapters in DDP and the memory
-        # model prices FSDP for fully trained models only
+        # the base, the bulk of the memory, stays whole; the nemoc runtime wraps adapters in DDP and the
+        # memory model prices FSDP for fully trained models only
         parallel = replace(parallel, megatron_fsdp=False)
         fsdp_note = (f"megatron_fsdp = false for this {stage.kind} stage: its LoRA adapters train on a frozen "
                      f"base, which {target.name} wraps in Megatron-Core DDP")
@@ -428,13 +435,28 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
         parallel = replace(parallel, overlap_param_gather=False)
         gather_note = (f"overlap_param_gather = false for this {stage.kind} stage: {target.name} gathers the "
                        f"distributed optimizer's parameters after each step ({caps.source or caps.runs})")
+    elif trains and parallel.overlap_param_gather and not caps.graphed_param_gather and _graphs(spec, stage, target):
+        # the target does not overlap the gather while it captures CUDA graphs: plan (cost) the gather after
+        # the optimizer step, which it runs, and say so
+        parallel = replace(parallel, overlap_param_gather=False)
+        gather_note = (f"overlap_param_gather = false for this {stage.kind} stage: {target.name} does not overlap "
+                       f"the parameter all-gather with cuda_graph_impl = {spec.cuda_graph_impl}; it gathers after "
+                       f"each optimizer step ({caps.source or caps.runs})")
+    defer_note = None
+    if trains and parallel.defer_embedding_wgrad_compute and stage.peft is not None:
+        # LoRA freezes the output layer: Megatron-Core 0.16.1's ColumnParallelLinear hands a frozen weight's
+        # linear_with_frozen_weight the deferral's grad_output_buffer, which it asserts is None
+        # (tensor_parallel/layers.py); there is no weight gradient to defer, so plan (cost, size) without it
+        parallel = replace(parallel, defer_embedding_wgrad_compute=False, wgrad_deferral_limit=0)
+        defer_note = (f"defer_embedding_wgrad_compute = false for this {stage.kind} stage: its LoRA adapters train "
+                      "on a frozen base, whose output layer has no weight gradient to defer")
     seq = stage_seq_length(spec, stage)
     probe = _problem(spec, stage, gpu, backend, headroom, parallel, steps=1, target=target)
     result = search(probe, top=top) if trains else _inference_search(probe, top)
     if result.best is None:
         raise DiagnosticError([not_fit_diagnostic(spec, stage, probe, search(probe) if not trains else result)])
     chosen = result.best
-    notes: list[str] = [note for note in (fsdp_note, gather_note) if note]
+    notes: list[str] = [note for note in (fsdp_note, gather_note, defer_note) if note]
     if not caps.cuda_graphs and host_requested(spec)[0] not in (None, "none"):
         notes.append(f"cuda_graph_impl = none for this {stage.kind} stage: {target.name} runs it without CUDA "
                      f"graphs ({caps.source or caps.runs})")

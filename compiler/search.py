@@ -77,6 +77,7 @@ from nemoc.compiler.rules import (
     rule_query_groups_tp,
     rule_sgd_distributed_optimizer,
     te_auto_unfused,
+    stage_dropout,
 )
 from nemoc.compiler.spec import ClusterSpec, LoraSpec, ModelSpec, ParallelSpec
 from nemoc.compiler.target import MEGATRON_CORE, Target
@@ -158,7 +159,8 @@ class Problem:
         return Env(self.model, self.cluster, self.precision, self.attention_backend, arch, precisions, self.stage_kind,
                    self.kernels, self.optimizer, self.target, self.fp8_recipe, self.hf_conversion, self.moe_requested,
                    self.host_requested, packs_sequences(self.stage_kind, self.params),
-                   cross_entropy_fusion=self.cross_entropy_requested, bf16_layers=self.bf16_layers)
+                   cross_entropy_fusion=self.cross_entropy_requested, bf16_layers=self.bf16_layers,
+                   dropout=self.dropout)
 
     @property
     def splits_sequences(self) -> bool:
@@ -185,8 +187,7 @@ class Problem:
         """`dropout`: hidden and attention dropout on (the stage's `dropout` > 0, which the runtime sets as
         TransformerConfig `hidden_dropout` / `attention_dropout`): their masks join the stored
         activations and the unfused core drops out every score (`cost.layer_times`, `memory`)."""
-        params = self.params
-        return bool(params is not None and "dropout" in params and params.dropout)
+        return stage_dropout(self.params)
 
     def _attention_span(self) -> float | None:
         """`attention_span`: the mean sample length each token attends over, when the stage packs samples of a stated
@@ -523,7 +524,7 @@ def _recomputes(p: Problem, pp: int = 1, vp: int | None = None) -> list[tuple[st
     recompute of 3/4, 1/2, 1/4 of a model chunk's layers (`BLOCK_RECOMPUTE_SHARES`, only with
     recompute auto and a flash-class core), selective, none. A fixed `recompute_layers` is the
     one level (E162 refuses it with another recompute); so are written `recompute_modules`, which
-    only selective recompute reads (E175 refuses them with none or full): the modules are taken as
+    only selective recompute reads (E192 refuses them with none or full): the modules are taken as
     the user states them, never searched."""
     f = p.fixed
     if f.recompute_modules is not None and f.recompute is None:

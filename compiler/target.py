@@ -44,6 +44,10 @@ class StageCaps:
     # overlaps the distributed optimizer's parameter all-gather with the next forward where the plan says so
     # (`overlap_param_gather`; else the gather runs after the optimizer step and the plan prices it there)
     overlap_param_gather: bool = True
+    # ... and does so while it captures CUDA graphs (Megatron-LM switches the gather's forward pre-hooks off
+    # around graph warm-up and capture: training.py train(), cuda_graph_warmup_steps); else a stage with
+    # graphs gathers after the optimizer step and the plan prices it there
+    graphed_param_gather: bool = True
     runs: str = "the target runs every Megatron-Core schedule"  # how it runs the kind, for messages
     source: str = ""  # where the target enforces its limits, cited by the diagnostics
 

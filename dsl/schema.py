@@ -313,7 +313,7 @@ PARALLEL_FIELDS = (
        "deferred micro batches keep their output-layer input and logits gradient until the drain."),
     _f("wgrad_deferral_limit", INT, 0, "With defer_embedding_wgrad_compute: how many micro batches' output-layer "
        "weight gradients wait for the drain (Megatron-Core `wgrad_deferral_limit`; the later ones run at once); "
-       "0 = all of them."),
+       "0 = all of them; without defer_embedding_wgrad_compute it is refused (E198)."),
     _f("grad_reduce_in_fp32", BOOL, True, "Reduce data-parallel gradients in fp32 main grads (true) or in "
        "the 16-bit parameter dtype (false: half the DDP traffic and gradient buffer; the optimizer keeps an "
        "fp32 copy of its shard)."),

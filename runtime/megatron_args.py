@@ -353,6 +353,8 @@ def _defer_wgrad_kwargs(layout: Layout, *, fused_wgrad: bool) -> dict:
                               "fused_weight_gradient_mlp_cuda), which this machine does not have (the CPU, the local "
                               "spec, or no apex): set defer_embedding_wgrad_compute = false")
     return dict(defer_embedding_wgrad_compute=True, wgrad_deferral_limit=layout.wgrad_deferral_limit)
+
+
 def _check_param_gather(layout: Layout) -> None:
     """`overlap_param_gather = true` runs where Megatron-LM runs it (arguments.py: the distributed optimizer,
     with `overlap_grad_reduce`; `nemoc check` E161 refuses it without the distributed optimizer). Under
@@ -762,8 +764,9 @@ def ddp_config(*, layout: Layout, overlaps: Overlaps | None = None, cpu: bool = 
 
 def _ddp_kwargs(layout: Layout, overlaps: Overlaps | None, reuse_grad_buf: bool = False) -> dict:
     # Megatron-LM overlaps the parameter all-gather only together with the gradient reduce (arguments.py:
-    # "Must use --overlap-param-gather with --overlap-grad-reduce"); the plan overlaps the reduce with DP > 1,
-    # and with one data-parallel rank there is nothing to gather.
+    # "Must use --overlap-param-gather with --overlap-grad-reduce"); the plan overlaps the reduce where the
+    # DP x CP group DDP reduces over has more than one rank (execution.reduces_gradients), and with one rank
+    # there is nothing to gather.
     gather = bool(overlaps and overlaps.param_gather and overlaps.grad_reduce)
     kw = dict(grad_reduce_in_fp32=layout.grad_reduce_in_fp32, overlap_grad_reduce=bool(overlaps and overlaps.grad_reduce),
               overlap_param_gather=gather, align_param_gather=gather and overlaps.align_param_gather,
@@ -781,14 +784,16 @@ LOSS_SCALING = dict(initial_loss_scale=2.0**16, min_loss_scale=1.0, loss_scale_w
 
 
 def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout: Layout, precision: str,
-                     reuse_grad_buf: bool = False, fp8_recipe: str | None = None):
+                     reuse_grad_buf: bool = False, fp8_recipe: str | None = None, overlap_param_gather: bool = False):
     """Adam(W) or SGD with grad clipping; bf16/fp16 keep fp32 main params; fp16 uses dynamic loss
     scaling (Micikevicius et al. 2018): start 2^16, halve on overflow, double after 1000 clean steps.
     `reuse_grad_buf` (the plan's `Execution.reuse_grad_buf_for_mxfp8_param_ag`): the step writes the main
     parameters into the shared parameter / gradient buffer for the next all-gather. `fp8_recipe` (the plan's
     `Execution.fp8_recipe`, under fp8 / mxfp8): OptimizerConfig's, as Megatron-LM copies it from its arguments;
     the distributed optimizer reads it (`use_precision_aware_optimizer_no_fp8_or_ds_fp8`: FusedAdam owns the
-    master weights only without FP8 or with delayed scaling, what `memory.optimizer_bytes` sizes)."""
+    master weights only without FP8 or with delayed scaling, what `memory.optimizer_bytes` sizes).
+    `overlap_param_gather`: the model's DDP config's (`ddp_config`: the plan's overlapped gather, where its DP x CP
+    group reduces), which the optimizer must agree with."""
     import torch
     from megatron.core.optimizer import OptimizerConfig
 
@@ -816,7 +821,7 @@ def optimizer_config(*, optimizer: OptimizerSpec, schedule: ScheduleSpec, layout
         use_distributed_optimizer=layout.distributed_optimizer,
         # the DDP config's value (Megatron-LM copies one flag into both); the optimizer reads it only for
         # MXFP8 parameters gathered through the gradient buffer
-        overlap_param_gather=layout.distributed_optimizer and layout.overlap_param_gather and layout.dp > 1,
+        overlap_param_gather=layout.distributed_optimizer and overlap_param_gather,
         **precision_aware_optimizer_kwargs(layout),
         **(dict(reuse_grad_buf_for_mxfp8_param_ag=True) if reuse_grad_buf else {}),
         **(dict(fp8_recipe=fp8_recipe) if fp8_recipe is not None and precision in ("fp8", "mxfp8") else {}),

@@ -75,7 +75,7 @@ SDPA_CORE = AttentionCore(
 # wrap in DDP and the planner plans them without FSDP (compiler/planner.py).
 _ALIGN = StageCaps(
     pipeline=True, virtual_pipeline=True, context_parallel=True, packed_context_parallel=False, te=True, moe=True,
-    hf_init=True, megatron_fsdp=True,
+    hf_init=True, megatron_fsdp=True, graphed_param_gather=False,
     runs="the nemoc runtime's sft, dpo, kto, orpo and reward stages (runtime/align) run TP/PP/VP/CP/DP, context "
          "parallelism on rows of one sample (packed rows need Transformer Engine's THD attention with CP)",
     source="nemoc runtime/align/trainer.py fit (interleaved schedule over a rank's chunks), runtime/align/common.py "
@@ -135,7 +135,10 @@ _EXPORT = StageCaps(
 NEMOC_RUNTIME = Target(
     name="nemoc-runtime",
     stages=MappingProxyType({
-        "pretrain": StageCaps(runs="runtime/train.py runs every Megatron-Core schedule"),
+        "pretrain": StageCaps(graphed_param_gather=False, runs="runtime/train.py runs every Megatron-Core schedule",
+                              source="nemoc runtime/megatron_args.py transformer_config (CUDA graphs with the "
+                                     "overlapped parameter all-gather refused: the loop does not switch its hooks "
+                                     "around graph capture)"),
         "sft": _ALIGN, "dpo": _ALIGN, "kto": _ALIGN, "orpo": _ALIGN, "reward": _ALIGN, "ppo": _PPO, "grpo": _PPO,
         "eval": _EVAL, "export": _EXPORT,
     }),

@@ -48,6 +48,8 @@ _FLAGS = {
     "--bf16", "--fp16", "--fp8-format", "--fp8-recipe", "--attention-backend", "--transformer-impl",
     "--fp4-format", "--fp4-recipe", "--manual-gc", "--manual-gc-interval", "--cuda-graph-impl", "--cuda-graph-scope",
     "--use-megatron-fsdp", "--data-parallel-sharding-strategy",
+    "--overlap-param-gather", "--overlap-grad-reduce", "--fp8-param-gather", "--tp-comm-overlap",
+    "--tp-comm-bootstrap-backend", "--defer-embedding-wgrad-compute", "--wgrad-deferral-limit",
     "--optimizer", "--lr", "--min-lr", "--adam-beta1", "--adam-beta2", "--adam-eps", "--weight-decay",
     "--clip-grad", "--lr-decay-style", "--lr-warmup-iters", "--lr-warmup-fraction", "--lr-warmup-samples",
     "--lr-decay-iters", "--lr-decay-samples", "--train-iters", "--train-samples",
@@ -242,6 +244,31 @@ def _parallel(f: _Flags, d: Draft) -> None:
     if granularity == "selective" and modules:  # Megatron-LM reads them only with selective granularity
         p["recompute_modules"] = [Word(m) for m in modules]
     p["micro_batch"] = f.int("--micro-batch-size", 1)
+    _overlaps(f, d)
+
+
+def _overlaps(f: _Flags, d: Draft) -> None:
+    """The communication overlaps and deferrals of the command line. `--overlap-grad-reduce` has no field: the
+    plan overlaps the gradient reduce wherever its DP x CP group has more than one rank; the TP overlap's
+    userbuffer bootstrap backend is the plan's choice (`Execution.userbuffers`), named in a note when written."""
+    p = d.parallel
+    if f.has("--overlap-param-gather"):
+        p["overlap_param_gather"] = True
+    if f.has("--fp8-param-gather"):
+        p["fp8_param_gather"] = True
+    if f.has("--tp-comm-overlap"):
+        p["tp_comm_overlap"] = True
+        if f.has("--tp-comm-bootstrap-backend"):
+            d.note(f"--tp-comm-bootstrap-backend {f.str('--tp-comm-bootstrap-backend')}: the plan picks the "
+                   "userbuffers' bootstrap backend itself (nemoc plan shows it)")
+    if f.has("--defer-embedding-wgrad-compute"):
+        p["defer_embedding_wgrad_compute"] = True
+        limit = f.int("--wgrad-deferral-limit", 0)
+        if limit:
+            p["wgrad_deferral_limit"] = limit
+    elif f.has("--wgrad-deferral-limit"):  # Megatron-LM reads it only with the deferral (E198)
+        d.note(f"--wgrad-deferral-limit {f.str('--wgrad-deferral-limit')} without --defer-embedding-wgrad-compute: "
+               "Megatron-LM ignores it, so does this import", warn=True)
 
 
 def _precision(f: _Flags, d: Draft) -> None:

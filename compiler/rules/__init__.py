@@ -51,6 +51,7 @@ from nemoc.compiler.rules.pipeline import (  # noqa: F401
     rule_interleave_needs_pp,
     rule_defer_wgrad_needs_pp,
     rule_defer_wgrad_needs_fusion,
+    rule_wgrad_deferral_limit,
     rule_runtime_pipeline,
     rule_interleave_microbatches,
     warn_uneven_pipeline,
@@ -175,5 +176,6 @@ from nemoc.compiler.rules.check import (  # noqa: F401
     _PARALLEL_FIELDS,
     stage_parallel,
     env_of,
+    stage_dropout,
     check_spec,
 )

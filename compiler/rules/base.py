@@ -40,6 +40,7 @@ class Sizes:
     seq_length: int = 0
     tp_comm_overlap: bool = False
     defer_embedding_wgrad_compute: bool = False
+    wgrad_deferral_limit: int = 0
     overlap_param_gather: bool = False
     fp8_param_gather: bool = False
     megatron_fsdp: bool = False
@@ -73,6 +74,7 @@ class Env:
     packed: bool = False  # the stage packs several samples per row (sft `pack = true`)
     cross_entropy_fusion: str | None = None  # the loss the user wrote: te | native | none (None = auto)
     bf16_layers: tuple[int, int] = (0, 0)  # layers kept in bf16 at the start and the end (as written)
+    dropout: bool = False  # the stage's hidden / attention dropout is on (its `dropout` > 0)
 
     @property
     def stage_kernels(self) -> str:

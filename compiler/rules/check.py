@@ -36,6 +36,7 @@ def sizes_of(parallel: ParallelSpec, *, global_batch: int | None, seq_length: in
         recompute_layers=parallel.recompute_layers, recompute_modules=parallel.recompute_modules,
         seq_length=seq_length, tp_comm_overlap=parallel.tp_comm_overlap,
         defer_embedding_wgrad_compute=parallel.defer_embedding_wgrad_compute,
+        wgrad_deferral_limit=parallel.wgrad_deferral_limit,
         overlap_param_gather=parallel.overlap_param_gather, fp8_param_gather=parallel.fp8_param_gather,
         megatron_fsdp=parallel.megatron_fsdp,
         optimizer_state_dtype=parallel.optimizer_state_dtype,
@@ -69,7 +70,7 @@ def stage_parallel(spec: ExperimentSpec, stage: StageSpec) -> ParallelSpec:
 
 def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend: str | None = None,
            optimizer: str = "adam", target: Target = MEGATRON_CORE, hf_conversion: bool = False,
-           packed: bool = False) -> Env:
+           packed: bool = False, dropout: bool = False) -> Env:
     arch, precisions = gpu_facts(spec.cluster.gpu)
     return Env(
         model=spec.model, cluster=spec.cluster, precision=spec.precision,
@@ -79,8 +80,14 @@ def env_of(spec: ExperimentSpec, stage_kind: str = "pretrain", attention_backend
         fp8_recipe=spec.fp8_recipe, hf_conversion=hf_conversion,
         moe_requested=(spec.moe_dispatcher, spec.moe_grouped_gemm, spec.moe_permute_fusion), packed=packed,
         host_requested=host_requested(spec), cross_entropy_fusion=spec.cross_entropy_fusion,
-        bf16_layers=(spec.bf16_first_layers, spec.bf16_last_layers),
+        bf16_layers=(spec.bf16_first_layers, spec.bf16_last_layers), dropout=dropout,
     )
+
+
+def stage_dropout(params: object) -> bool:
+    """Whether a stage trains with dropout (its `dropout` > 0: TransformerConfig hidden_dropout and
+    attention_dropout, as the runtime sets them)."""
+    return bool(params is not None and "dropout" in params and params.dropout)
 
 
 def host_requested(spec: ExperimentSpec) -> tuple:
@@ -106,7 +113,8 @@ def check_spec(spec: ExperimentSpec, target: Target = MEGATRON_CORE) -> tuple[Di
         gb = None if stage is None else stage.global_batch
         env = env_of(spec, stage.kind if stage else "pretrain", optimizer=stage.optimizer.name if stage else "adam",
                      target=target, hf_conversion=stage is not None and is_hf_conversion(spec, stage),
-                     packed=stage is not None and packs_sequences(stage.kind, stage.params))
+                     packed=stage is not None and packs_sequences(stage.kind, stage.params),
+                     dropout=stage is not None and stage_dropout(stage.params))
         own = stage is not None and stage.parallel is not None
         sizes = sizes_of(parallel, global_batch=gb, seq_length=seq)
         if stage is not None and stage.kind not in TRAINING_KINDS:

@@ -66,14 +66,44 @@ def _scope_problem(env: Env, s: Sizes) -> tuple[str, str] | None:
         return (f"cuda_graph_scope = {shown} with recompute = full",
                 "full recompute is graphed only with cuda_graph_scope = [full_iteration] (cuda_graph_impl = "
                 "local); or use recompute = selective / none")
-    return None
+    return _graphed_recompute_problem(env, s, impl, scope, shown)
+
+
+def _graphed_recompute_problem(env: Env, s: Sizes, impl: str, scope: tuple, shown: str) -> tuple[str, str] | None:
+    """Selective recompute under CUDA graphs (transformer_config.py 0.16.1, l. 1790-1828): a recomputed module
+    must lie wholly inside or outside the graph, and a graphed recomputation replays no fresh random numbers.
+    An empty scope graphs the whole layer, and counts as a full graph there, like full_iteration."""
+    selective = s.recompute == "selective" or (s.recompute is None and s.recompute_modules is not None)
+    if not selective:
+        return None
+    modules = s.recompute_modules if s.recompute_modules is not None else ("core_attn",)  # Megatron's default
+    shown_modules = "[" + ", ".join(modules) + "]"
+    if impl == "transformer_engine" and "moe" in modules and "moe_router" in scope:
+        return (f"cuda_graph_scope = {shown} with recompute_modules = {shown_modules} (cuda_graph_impl = "
+                "transformer_engine): the moe recompute would cover the graphed router",
+                "remove moe from recompute_modules (use moe_act), or moe_router from cuda_graph_scope")
+    if not env.dropout:
+        return None
+    full = not scope or "full_iteration" in scope
+    graphed = [m for m, part in (("core_attn", "attn"), ("mlp", "mlp"), ("moe", "moe"))
+               if m in modules and (full or part in scope)]
+    if not graphed:
+        return None
+    what = ("attention" if graphed == ["core_attn"] else "hidden" if "core_attn" not in graphed
+            else "attention and hidden")
+    return (f"recompute_modules = {shown_modules} with cuda_graph_scope = {shown}"
+            f"{' (the whole layer)' if not scope else ''} and dropout > 0: the graphed recompute of "
+            f"{', '.join(graphed)} would replay its {what} dropout masks",
+            f"remove {', '.join(graphed)} from recompute_modules, leave {'them' if len(graphed) > 1 else 'it'} "
+            "out of cuda_graph_scope, or set the stage's dropout = 0")
 
 
 def rule_cuda_graph_scope(env: Env, s: Sizes) -> Violation | None:
     """Megatron-Core 0.16.1's scope checks (transformer_config.py __post_init__): full_iteration only
     with the local implementation; moe / moe_router only on MoE models, mlp only on dense layers,
     not moe and moe_router together, moe_preprocess only with moe_router, moe only with drop-and-pad
-    experts; full recompute only under a whole-iteration graph."""
+    experts; full recompute only under a whole-iteration graph; selective recompute neither covering a
+    graphed router (moe with TE graphs) nor graphed under dropout (`_graphed_recompute_problem`)."""
     if env.host_requested[0] in (None, "none") or env.stage_kernels != "te":
         return None  # no graphs, or a stage on the local spec, which runs none (execution.stage_host)
     problem = _scope_problem(env, s)
@@ -81,7 +111,9 @@ def rule_cuda_graph_scope(env: Env, s: Sizes) -> Violation | None:
         return None
     equation, hint = problem
     anchors = ("cuda_graph_scope", "cuda_graph_impl")
-    if "recompute" in equation:
+    if "recompute_modules" in equation:
+        anchors = ("cuda_graph_scope", "parallel.recompute_modules", "parallel.recompute", "cuda_graph_impl")
+    elif "recompute" in equation:
         anchors = ("cuda_graph_scope", "parallel.recompute", "cuda_graph_impl")
     return Violation("E174", "the CUDA graph scope is not one Megatron-Core can capture", equation, hint,
                      anchors=anchors, source=_CONFIG)

@@ -159,6 +159,23 @@ def rule_defer_wgrad_needs_fusion(env: Env, s: Sizes) -> Violation | None:
     )
 
 
+def rule_wgrad_deferral_limit(env: Env, s: Sizes) -> Violation | None:
+    """`wgrad_deferral_limit` says how many micro batches' output-layer weight gradients wait for the drain:
+    without `defer_embedding_wgrad_compute` nothing waits (model_parallel_config.py: "this argument is invalid
+    if `defer_embedding_wgrad_compute` is False"), so a written limit would be ignored silently."""
+    if s.defer_embedding_wgrad_compute or not s.wgrad_deferral_limit:
+        return None
+    return Violation(
+        "E198", "wgrad_deferral_limit without defer_embedding_wgrad_compute",
+        f"wgrad_deferral_limit({s.wgrad_deferral_limit}) with defer_embedding_wgrad_compute = false: no output-layer "
+        "weight gradient is deferred",
+        "remove wgrad_deferral_limit, or set defer_embedding_wgrad_compute = true",
+        anchors=(_P + "wgrad_deferral_limit", _P + "defer_embedding_wgrad_compute"),
+        source="megatron/core/model_parallel_config.py (wgrad_deferral_limit is read only with "
+               "defer_embedding_wgrad_compute)",
+    )
+
+
 def rule_runtime_pipeline(env: Env, s: Sizes) -> Violation | None:
     """The target, not Megatron: a stage kind it runs without a pipeline refuses pp > 1 and vp."""
     caps = env.target.caps(env.stage_kind)

@@ -136,7 +136,7 @@ def _reference(task):
     names = [n for n in task.stage.after if n in task.parents]
     if len(names) < 2 or "reward" in (task.plan.stage(names[0]).kind, task.plan.stage(names[1]).kind):
         return None
-    model = stage.freeze(stage.build(task, checkpoint=task.parents[names[1]]))  # at the stage's layout
+    model = stage.build_frozen(task, checkpoint=task.parents[names[1]])  # at the stage's layout
     return names[1], model
 
 

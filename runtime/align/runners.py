@@ -251,7 +251,7 @@ def run_dpo(task: StageTask) -> dict:
     elif s.peft is not None:
         reference = dpo.ReferenceScores(policy=chunk, lora_disabled=True, loss=loss)
     else:
-        reference = dpo.ReferenceScores(model=stage.freeze(stage.build(task, checkpoint=parent)), loss=loss)
+        reference = dpo.ReferenceScores(model=stage.build_frozen(task, checkpoint=parent), loss=loss)
     table = val_table = None
     if reference_mode == "precomputed":
         table = dpo.precompute(reference, train, seq, s.layout.micro_batch, tok.pad, varlen=varlen)
@@ -326,11 +326,11 @@ def run_ppo(task: StageTask) -> dict:
         raise AlignError(f"ppo stage {s.name} needs a policy parent (e.g. an sft stage) besides the reward stage")
     actor = _policy(task, actor_ckpt)
     critic = stage.build(task, checkpoint=reward_ckpt, scalar_head=True)  # critic starts from the reward model
-    reward_model = stage.freeze(stage.build(task, checkpoint=reward_ckpt, scalar_head=True))
+    reward_model = stage.build_frozen(task, checkpoint=reward_ckpt, scalar_head=True)
     if s.peft is not None:
         reference = ppo.reference_logprobs(actor=actor, lora_disabled=True)
     else:
-        reference = ppo.reference_logprobs(stage.freeze(stage.build(task, checkpoint=actor_ckpt)))
+        reference = ppo.reference_logprobs(stage.build_frozen(task, checkpoint=actor_ckpt))
     scorer = ppo.ModelScorer(reward_model, seq)
     stop = data.stop_ids(template, tok)  # EOD and the template's end-of-turn token
     total = task.steps
@@ -490,7 +490,7 @@ def run_kto(task: StageTask) -> dict:
     if s.peft is not None:
         reference = kto.Reference(policy=chunk)
     else:
-        reference = kto.Reference(model=stage.freeze(stage.build(task, checkpoint=start_from)))
+        reference = kto.Reference(model=stage.build_frozen(task, checkpoint=start_from))
     score = (lambda model: kto.held_out_metrics(model, reference, val, seq_length=seq, beta=beta, varlen=varlen,
                                                 micro_batch=s.layout.micro_batch, pad_id=tok.pad)) if val else (
         lambda model: {})
@@ -565,8 +565,8 @@ def run_grpo(task: StageTask) -> dict:
         score = grpo.VerifierReward(cfg.reward, tok, _template(task).end, stop)
         policy_ckpt = stage.policy_start(task)  # a parent's checkpoint or `init = hf(DIR)`
     else:
-        score = grpo.ModelReward(stage.freeze(stage.build(task, checkpoint=stage.parent_checkpoint(task, kind="reward"),
-                                                     scalar_head=True)), seq, tok.pad)
+        score = grpo.ModelReward(stage.build_frozen(task, checkpoint=stage.parent_checkpoint(task, kind="reward"),
+                                                    scalar_head=True), seq, tok.pad)
         policy_ckpt = stage.Start(task.hf_init, hf=True) if task.hf_init else next(
             (task.parents[n] for n in s.after if task.plan.stage(n).kind != "reward" and n in task.parents), None)
         if policy_ckpt is None:
@@ -574,7 +574,7 @@ def run_grpo(task: StageTask) -> dict:
     policy = _policy(task, policy_ckpt)
     reference = None
     if cfg.beta != 0.0:
-        reference = "lora" if s.peft is not None else stage.freeze(stage.build(task, checkpoint=policy_ckpt))
+        reference = "lora" if s.peft is not None else stage.build_frozen(task, checkpoint=policy_ckpt)
     common_args = dict(vocab=task.vocab_size, eod=stop, seq_length=seq)
     evaluate = (lambda model: grpo.held_out_reward(model, val, score, cfg, **common_args)) if val else (
         lambda model: {})

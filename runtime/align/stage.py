@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -163,16 +163,20 @@ class Start:
 
 
 def build(task: StageTask, *, checkpoint: str | Start | None, scalar_head: bool = False, skip_output: bool = False,
-          single: bool = False, precision: str | None = None):
+          single: bool = False, precision: str | None = None, frozen: bool = False):
     """A chunk for this stage's layout (or TP=1 for single-process kinds), loaded from `checkpoint` (a
-    parent's checkpoint directory, or a `Start`: a converted Hugging Face checkpoint)."""
+    parent's checkpoint directory, or a `Start`: a converted Hugging Face checkpoint). `frozen`: a model that
+    never trains (`build_frozen`), built without the layout's embedding weight-gradient deferral."""
     ex = task.stage.execution
+    layout = task.stage.layout
+    if frozen:  # Megatron-Core 0.16.1 asserts a frozen weight gets no deferral buffer (tensor_parallel/layers.py)
+        layout = replace(layout, defer_embedding_wgrad_compute=False, wgrad_deferral_limit=0)
     if single or precision is not None:  # one process (export, eval today): TP=1, the same attention core
         chunk = common.build_gpt(task.plan.model, common.single_layout(), precision=precision or ex.precision,
                                  vocab=task.vocab_size, seq_length=task.stage.seq_length, scalar_head=scalar_head,
                                  attention_backend=ex.attention)
     else:  # the stage's execution as planned: the construction pretraining uses (runtime/core/build.py)
-        chunk = common.build_gpt(task.plan.model, task.stage.layout, execution=ex, vocab=task.vocab_size,
+        chunk = common.build_gpt(task.plan.model, layout, execution=ex, vocab=task.vocab_size,
                                  seq_length=task.stage.seq_length, scalar_head=scalar_head,
                                  facts=dist.machine_facts(task.stage.kernels))
     if isinstance(checkpoint, Start) and checkpoint.hf:
@@ -216,6 +220,15 @@ def parent_checkpoint(task: StageTask, *, kind: str | None = None) -> str:
                 return path
     what = f"a parent stage of kind {kind}" if kind else "a parent stage (`after`)"
     raise AlignError(f"stage {task.stage.name} ({task.stage.kind}) needs {what} with a checkpoint")
+
+
+def build_frozen(task: StageTask, *, checkpoint: str | Start | None, scalar_head: bool = False):
+    """A model the stage only runs forward (a DPO / KTO / PPO / GRPO reference, a reward model, eval's model):
+    `build(frozen=True)`, then `freeze`. Its output layer has no weight gradient, so the stage layout's
+    `defer_embedding_wgrad_compute` (the policy's) is not passed to it: Megatron-Core 0.16.1's
+    ColumnParallelLinear hands a frozen weight's `linear_with_frozen_weight` the deferral's `grad_output_buffer`
+    (an empty list), which that function asserts is None (tensor_parallel/layers.py)."""
+    return freeze(build(task, checkpoint=checkpoint, scalar_head=scalar_head, frozen=True))
 
 
 def freeze(chunk):

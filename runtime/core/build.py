@@ -84,6 +84,13 @@ def build_optimizer(*, model, stage: StagePlan, precision: str, steps: int | Non
                          precision=precision, steps=stage.steps if steps is None else steps)
 
 
+def _ddp_overlaps_gather(model) -> bool:
+    """The wrapped chunks' DDP `overlap_param_gather` (built from the plan's `Execution.overlaps`: ddp_config),
+    which Megatron-LM copies into the OptimizerConfig too."""
+    ddp = getattr(model[0], "ddp_config", None) if model else None
+    return bool(ddp is not None and ddp.overlap_param_gather)
+
+
 def optimizer_for(*, model, optimizer, schedule, layout, precision: str, steps: int, reuse_grad_buf: bool = False,
                   fp8_recipe: str | None = None):
     """(Megatron optimizer, OptimizerParamScheduler) from a stage plan's optimizer, schedule and layout
@@ -92,7 +99,8 @@ def optimizer_for(*, model, optimizer, schedule, layout, precision: str, steps: 
     margs.check_trainable(moe=bool(mdl.unwrap(model[0]).config.num_moe_experts), layout=layout)
     megatron_optimizer = get_megatron_optimizer(
         margs.optimizer_config(optimizer=optimizer, schedule=schedule, layout=layout, precision=precision,
-                               reuse_grad_buf=reuse_grad_buf, fp8_recipe=fp8_recipe), model)
+                               reuse_grad_buf=reuse_grad_buf, fp8_recipe=fp8_recipe,
+                               overlap_param_gather=_ddp_overlaps_gather(model)), model)
     scheduler = OptimizerParamScheduler(
         megatron_optimizer, **margs.scheduler_kwargs(optimizer=optimizer, schedule=schedule, steps=max(steps, 1)))
     return megatron_optimizer, scheduler

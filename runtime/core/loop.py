@@ -488,15 +488,18 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
     gather.hold()
     try:
         with GarbageCollection(host) as collector:
-            return _train_steps(model=model, optimizer=optimizer, scheduler=scheduler, stage=stage,
+            done = _train_steps(model=model, optimizer=optimizer, scheduler=scheduler, stage=stage,
                                 forward_step=forward_step, train_iterators=train_iterators, state=state,
                                 end_iteration=end_iteration, checkpointer=checkpointer,
                                 make_checkpoint_state=make_checkpoint_state, metrics=metrics,
                                 validate_now=validate_now, validate=validate, throughput=throughput, stop=stop,
                                 reports=reports, seq_length=seq_length, micro_batch=micro_batch,
                                 collector=collector, graphs=graphs, gather=gather)
-    finally:
-        gather.release()  # the caller's final save and whatever follows read whole parameters, no hooks
+    except BaseException:
+        gather.abandon()  # fail fast: no all-gather that the ranks which did not raise would never join
+        raise
+    gather.release()  # the caller's final save and whatever follows read whole parameters, no hooks
+    return done
 
 
 def _train_steps(*, model, optimizer, scheduler, stage: StagePlan, forward_step, train_iterators, state: LoopState,

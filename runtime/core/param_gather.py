@@ -17,8 +17,9 @@ checkpoint save, the caller after the loop -- must first gather them: `synced()`
     on and `param_sync_func` back.
   * `synced()`: a context in which the parameters are whole on every rank (hooks off with a synchronous
     all-gather, on again after): validation, checkpoint saves.
-  * `release()`: the loop's end: hooks off with a gather, so the model leaves the loop whole and hook-free
-    (the final save, export and generation read it as plain modules).
+  * `release()`: the loop's normal end: hooks off with a gather, so the model leaves the loop whole and
+    hook-free (the final save, export and generation read it as plain modules).
+  * `abandon()`: the loop raised: hooks off with no gather (a collective a failed rank must not enter).
 Every method is a no-op when the chunks do not overlap the gather (`use_forward_hook` unset: no
 distributed optimizer, `overlap_param_gather = false`, Megatron-FSDP).
 """
@@ -96,3 +97,10 @@ class ParamGather:
         """The loop is done: gather what the last step updated, and leave the hooks off."""
         if self.enabled:
             self._disable(gather=True)
+
+    def abandon(self) -> None:
+        """The loop failed: hooks off without the gather. The gather is a collective over the data-parallel
+        ranks; a rank that raised alone would wait in it for ranks that never join, where it must fail at
+        once (Megatron-LM gathers only before a save and at the normal end of training, never on an error)."""
+        if self.enabled:
+            self._disable(gather=False)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import pytest
 
 from nemoc.compiler.catalog import PRESETS, get_gpu
+import dataclasses
+
 from nemoc.compiler.cost import (DEFAULT_PARAMS, _dp_exposed, _embedding_params, _link_bw, ddp_bucket_params,
-                                 estimate)
+                                 embedding_bucket_params, estimate)
 from nemoc.compiler.flops import padded_vocab
 from nemoc.compiler.plan import Layout
 from nemoc.compiler.spec import LoraSpec
@@ -80,3 +82,36 @@ def test_the_step_charges_the_embedding_bucket_and_lora_does_not():
     lora = estimate(NEMOTRON_15B, lay(), grad_bytes=2, overlap_param_gather=True, peft=LoraSpec(rank=16),
                     stage_kind="sft", **kw)
     assert lora.parts["dp_comm_exposed"] < 1e-3
+
+
+def test_the_bucket_size_counts_the_data_parallel_ranks_without_context_parallel_ones():
+    """DDP sizes its buckets with `dp_group.size()` (distributed_data_parallel.py), the data-parallel group
+    without CP, though its buffers reduce over DP x CP: at dp 2 x cp 32 the last bucket is 40M parameters,
+    not the 64M of dp 64. With a 10M-parameter embedding (joining that bucket) and a long micro batch that hides
+    every other bucket, the exposed time scales with exactly that bucket."""
+    assert embedding_bucket_params(10e6, dp=2, shared=False, distributed=True) == 40e6
+    assert embedding_bucket_params(10e6, dp=64, shared=False, distributed=True) == 64e6
+    kw = dict(trainable_params=1e9, grad_bytes=2, embedding=10e6)
+    cp = _dp_exposed(NEMOTRON_15B, lay(dp=2, cp=32), B200, 10.0, 1 / 3, DEFAULT_PARAMS, **kw)
+    dp = _dp_exposed(NEMOTRON_15B, lay(dp=64), B200, 10.0, 1 / 3, DEFAULT_PARAMS, **kw)
+    bw = _link_bw(B200, 64, 1, DEFAULT_PARAMS)
+    assert cp == pytest.approx(2 * 40e6 * 2 * 63 / 64 / bw, rel=1e-12)  # the last bucket's reduce + first gather
+    assert dp == pytest.approx(cp * 64 / 40, rel=1e-12)
+
+
+def test_a_tied_embedding_split_over_a_pipeline_gets_its_own_bucket():
+    """With tied embeddings and pp > 1 Megatron-Core marks the first stage's word embeddings `shared_embedding`,
+    and with the distributed optimizer param_and_grad_buffer.py gives them a bucket of exactly their size: the
+    last bucket is the embedding, however small; untied, without a pipeline or with plain DDP it joins the
+    last default bucket."""
+    assert embedding_bucket_params(10e6, dp=8, shared=True, distributed=True) == 10e6
+    assert embedding_bucket_params(10e6, dp=8, shared=True, distributed=False) == 40e6
+    assert embedding_bucket_params(2e9, dp=8, shared=False, distributed=True) == 2e9
+    tied = dataclasses.replace(NEMOTRON_15B, tie_embeddings=True)
+    kw = dict(trainable_params=1e9, grad_bytes=2, embedding=10e6)
+    bw = _link_bw(B200, 64, 2, DEFAULT_PARAMS)
+    layout = lay(tp=2, dp=64, pp=2, num_microbatches=4, global_batch=512)
+    own = _dp_exposed(tied, layout, B200, 10.0, 1 / 3, DEFAULT_PARAMS, **kw)
+    assert own == pytest.approx(2 * 10e6 * 2 * 63 / 64 / bw, rel=1e-12)
+    assert _dp_exposed(NEMOTRON_15B, layout, B200, 10.0, 1 / 3, DEFAULT_PARAMS, **kw) == pytest.approx(
+        own * 64e6 / 10e6, rel=1e-12)

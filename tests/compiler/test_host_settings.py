@@ -16,7 +16,7 @@ from nemoc.compiler.execution import host_defaults_taken, host_execution, stage_
 from nemoc.compiler.lower import compile_file
 from nemoc.compiler.plan import HostExecution, Layout, from_json, to_json
 from nemoc.compiler.planner import plan_experiment
-from nemoc.compiler.spec import ModelSpec
+from nemoc.compiler.spec import ClusterSpec, ModelSpec
 from nemoc.dsl.diagnostics import DiagnosticError, Severity
 
 DENSE = ModelSpec(name="d", layers=8, hidden=2048, heads=16, query_groups=4, ffn_hidden=5632, vocab=32000,
@@ -250,15 +250,16 @@ SRC = """experiment m {{
     data = [corpus]
     steps = 10
     global_batch = 64
+    dropout = {dropout}
   }}
 }}
 """
 EXPERTS = "\n    experts = 8\n    top_k = 2\n    moe_ffn_hidden = 512"
 
 
-def _compile(tmp_path, gpu="H100", settings="", moe="", parallel=""):
+def _compile(tmp_path, gpu="H100", settings="", moe="", parallel="", dropout="0.0"):
     path = tmp_path / "m.nemo"
-    text = SRC.format(gpu=gpu, settings=settings, moe=moe, parallel=parallel)
+    text = SRC.format(gpu=gpu, settings=settings, moe=moe, parallel=parallel, dropout=dropout)
     path.write_text(text)
     spec, diags, _ = compile_file(str(path))
     return spec, [d for d in diags if d.severity == Severity.ERROR], text.splitlines()
@@ -355,3 +356,100 @@ def test_the_nemoc_runtime_plans_eval_without_the_graphs_it_does_not_capture(tmp
     assert result.plan.stage("ev").memory.parts.get("cuda_graph_buffers", 0.0) == 0.0
     notes = next(s.notes for s in result.stages if s.name == "ev")
     assert any("cuda_graph_impl = none for this eval stage" in n for n in notes), notes
+
+
+# ------------------------------------------------------------------ selective recompute under CUDA graphs
+
+
+_GRAPH_SCOPES = [(), ("attn",), ("mlp",), ("attn", "mlp"), ("full_iteration",), ("moe_router",),
+                 ("attn", "moe_router", "moe_preprocess"), ("moe",)]
+_MODULES = [None, ("core_attn",), ("mlp",), ("moe",), ("moe_act",), ("core_attn", "mlp"), ("layernorm",)]
+
+
+def _megatron_refuses(**kw) -> bool:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    try:
+        TransformerConfig(**kw)
+    except (AssertionError, ValueError):
+        return True
+    return False
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_graphed_selective_recompute_agrees_with_megatron_cores_transformer_config(moe):
+    """A differential test of E174's selective-recompute checks against Megatron-Core 0.16.1's TransformerConfig
+    (transformer_config.py l. 1790-1828): `moe` recomputed over a TE-graphed router; attention / hidden dropout
+    with a graphed core_attn / mlp / moe recompute, where an empty scope graphs the whole layer. Every
+    implementation x scope x modules x dropout whose graph-free config Megatron-Core accepts: E174 fires
+    exactly where Megatron-Core refuses the graphed one."""
+    from nemoc.compiler.rules import Env, Sizes, gpu_facts, rule_cuda_graph_scope
+
+    model = dataclasses.replace(DENSE, experts=4, top_k=2, moe_ffn_hidden=1024, moe_capacity_factor=1.0,
+                                moe_pad_to_capacity=True) if moe else DENSE
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, recompute_granularity="selective")
+    if moe:
+        base.update(num_moe_experts=4, moe_router_topk=2, add_bias_linear=False, moe_expert_capacity_factor=1.0,
+                    moe_pad_expert_input_to_capacity=True, moe_token_dispatcher_type="alltoall")
+    arch, precisions = gpu_facts("H100")
+    checked = refused = 0
+    for impl in ("local", "transformer_engine"):
+        for scope in _GRAPH_SCOPES:
+            for modules in _MODULES:
+                for dropout in (0.0, 0.1):
+                    kw = dict(base, hidden_dropout=dropout, attention_dropout=dropout,
+                              **({} if modules is None else dict(recompute_modules=list(modules))))
+                    if _megatron_refuses(**kw):
+                        continue  # refused without graphs: another rule's business
+                    env = Env(model=model, cluster=ClusterSpec(gpu="H100"), gpu_arch=arch, gpu_precisions=precisions,
+                              host_requested=(impl, scope, None, None), dropout=dropout > 0)
+                    ours = rule_cuda_graph_scope(env, Sizes(recompute="selective", recompute_modules=modules))
+                    theirs = _megatron_refuses(**kw, cuda_graph_impl=impl, cuda_graph_scope=list(scope))
+                    assert (ours is not None) == theirs, (impl, scope, modules, dropout, ours)
+                    checked += 1
+                    refused += theirs
+    assert checked > 100 and 0 < refused < checked
+
+
+@pytest.mark.parametrize("settings, moe, parallel, dropout, needle", [
+    ("  cuda_graph_impl = transformer_engine", "", "\n    recompute = selective", "0.1", "whole layer"),
+    ("  cuda_graph_impl = local\n  cuda_graph_scope = [mlp]", "",
+     "\n    recompute = selective\n    recompute_modules = [mlp]", "0.1", "hidden dropout"),
+    ("  cuda_graph_impl = transformer_engine\n  cuda_graph_scope = [attn, moe_router]", EXPERTS,
+     "\n    recompute = selective\n    recompute_modules = [moe]", "0.0", "moe_act"),
+])
+def test_graphed_recompute_is_e174_at_the_scope(tmp_path, settings, moe, parallel, dropout, needle):
+    d, line = _error(tmp_path, settings=settings, moe=moe, parallel=parallel, dropout=dropout)
+    assert d.code == "E174" and ("cuda_graph_scope" in line or "recompute" in line)  # the first written of them
+    assert needle in (d.equation or "") + (d.hint or "")
+
+
+def test_graphed_recompute_outside_the_graph_or_without_dropout_plans(tmp_path):
+    for settings, parallel, dropout in (
+            ("  cuda_graph_impl = transformer_engine\n  cuda_graph_scope = [mlp]", "\n    recompute = selective", "0.1"),
+            ("  cuda_graph_impl = transformer_engine", "\n    recompute = selective", "0.0")):
+        spec, errors, _ = _compile(tmp_path, settings=settings, parallel=parallel, dropout=dropout)
+        assert errors == []
+        assert plan_experiment(spec).plan.stages[0].layout.recompute == "selective"
+
+
+def test_the_overlapped_gather_under_cuda_graphs_is_planned_as_the_target_runs_it(tmp_path):
+    """The nemoc runtime does not switch the gather's forward pre-hooks around graph capture (it refuses the
+    pair when it builds the model), so its plan gathers after the optimizer step, prices that and says so;
+    Megatron-Core's own target (Megatron-LM does the switching) keeps the overlap. Without graphs it stays."""
+    from nemoc.runtime.target import NEMOC_RUNTIME
+
+    graphs = "  cuda_graph_impl = transformer_engine\n  cuda_graph_scope = [attn]"
+    spec, errors, _ = _compile(tmp_path, settings=graphs, parallel="\n    overlap_param_gather = true")
+    assert errors == []
+    ours = plan_experiment(spec, target=NEMOC_RUNTIME)
+    stage = ours.plan.stages[0]
+    assert not stage.layout.overlap_param_gather and not stage.execution.overlaps.param_gather
+    assert any(n.startswith("overlap_param_gather = false for this pretrain stage") and "cuda_graph_impl" in n
+               for n in ours.stages[0].notes)
+    off = plan_experiment(dataclasses.replace(spec, parallel=dataclasses.replace(spec.parallel, overlap_param_gather=False)),
+                          target=NEMOC_RUNTIME).plan.stages[0]
+    assert stage.estimate == off.estimate
+    assert plan_experiment(spec).plan.stages[0].layout.overlap_param_gather  # Megatron-Core's target
+    eager, errors, _ = _compile(tmp_path, parallel="\n    overlap_param_gather = true")
+    assert plan_experiment(eager, target=NEMOC_RUNTIME).plan.stages[0].layout.overlap_param_gather

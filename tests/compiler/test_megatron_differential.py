@@ -343,7 +343,7 @@ def check_layout(spec: ExperimentSpec, stage: StageSpec, kernels: str, seq: int,
         assert not model.sliding_window, model  # the SDPA core's window is not split over CP (E113)
     ddp = margs.ddp_config(layout=layout, overlaps=execution.overlaps, cpu=cpu)
     optimizer = margs.optimizer_config(optimizer=stage.optimizer, schedule=stage.schedule, layout=layout,
-                                       precision=spec.precision)
+                                       precision=spec.precision, overlap_param_gather=ddp.overlap_param_gather)
     megatron_lm_param_gather(ddp, optimizer, layout)
     margs.scheduler_kwargs(optimizer=stage.optimizer, schedule=stage.schedule, steps=10)
 

@@ -134,6 +134,37 @@ def test_inference_stages_use_the_least_model_parallelism():
     assert result.plan.stage("eval").estimate.step_time_s > 0
 
 
+def test_written_recompute_modules_do_not_reach_eval_and_export():
+    """Eval / export run no recompute (`_inference_parallel`): the experiment's `recompute_modules` is
+    dropped with it, else E192 (modules without recompute = selective) refuses every inference layout.
+    The shipped pipeline with `recompute = selective, recompute_modules = [core_attn, mlp]`."""
+    spec, _ = load_spec("examples/pipeline.nemo")
+    spec = replace(spec, parallel=replace(spec.parallel, recompute="selective", recompute_modules=("core_attn", "mlp")))
+    plan = plan_experiment(spec, target=NEMOC_RUNTIME).plan
+    assert plan.stage("pretrain").layout.recompute_modules == ("core_attn", "mlp")
+    for name in ("eval", "export"):
+        lay = plan.stage(name).layout
+        assert (lay.recompute, lay.recompute_modules) == ("none", None)
+
+
+def test_a_lora_stage_plans_without_the_embedding_wgrad_deferral():
+    """LoRA freezes the output layer, whose frozen-weight GEMM Megatron-Core 0.16.1 refuses with the deferral's
+    buffer (tensor_parallel/layers.py `linear_with_frozen_weight` asserts grad_output_buffer is None): the
+    planner drops the setting for a peft stage, says so, and costs and sizes the stage exactly as without it."""
+    stages = (StageSpec(name="pretrain", kind="pretrain", global_batch=128, steps=10),
+              StageSpec(name="sft", kind="sft", after=("pretrain",), global_batch=128, steps=10, peft=LoraSpec()))
+    kw = dict(tensor=4, pipeline=2, data=1, context=1, micro_batch=1, sequence_parallel=True)
+    deferred = plan_experiment(_spec(stages=stages, defer_embedding_wgrad_compute=True, wgrad_deferral_limit=4,
+                                     **kw), target=NEMOC_RUNTIME)
+    plain = plan_experiment(_spec(stages=stages, **kw), target=NEMOC_RUNTIME)
+    assert deferred.plan.stage("pretrain").layout.defer_embedding_wgrad_compute
+    sft = deferred.plan.stage("sft")
+    assert (sft.layout.defer_embedding_wgrad_compute, sft.layout.wgrad_deferral_limit) == (False, 0)
+    assert any(n.startswith("defer_embedding_wgrad_compute = false for this sft stage") for n in deferred.stage("sft").notes)
+    assert (sft.memory, sft.estimate) == (plain.plan.stage("sft").memory, plain.plan.stage("sft").estimate)
+    assert not any("defer_embedding" in n for n in deferred.stage("pretrain").notes)
+
+
 def test_uneven_pipeline_split_is_recorded_for_the_runtime():
     spec = _spec(model="llama31_405b", nodes=16, tensor=8, pipeline=16, context=1, virtual_pipeline=1)
     spec = replace(spec, stages=(StageSpec(name="pretrain", kind="pretrain", global_batch=64, steps=10),))

@@ -44,14 +44,28 @@ def test_old_files_mean_the_same():
 
 
 def test_the_dense_mlp_keeps_only_its_input():
-    """tensor_parallel.checkpoint(self.mlp, ...): the 16-bit MLP input (the pre-MLP norm output) is kept,
-    fc1 output and activation output are recomputed."""
+    """tensor_parallel.checkpoint(self.mlp, ...): the MLP input is kept, fc1 output and activation output are
+    recomputed. On the local spec that input is the pre-MLP norm's 16-bit output; with Transformer Engine the
+    norm is fused into fc1, so it is the residual stream, already counted once as the fused norm's input
+    (`norms`): the MLP term goes to zero, the norms stay."""
     sbh = S * B * LLAMA.hidden
     none, mlp = acts(LLAMA, recompute="none"), acts(LLAMA, ("mlp",))
-    assert mlp.mlp == pytest.approx(2 * sbh / T)
-    assert none.mlp - mlp.mlp == pytest.approx(2 * S * B * LLAMA.ffn_hidden * 3 / T)  # swiglu: 2f + f per token
+    assert mlp.mlp == 0.0
+    assert none.mlp - mlp.mlp == pytest.approx(2 * sbh / T + 2 * S * B * LLAMA.ffn_hidden * 3 / T)  # fc1 in, 2f + f
     assert (mlp.norms, mlp.attention, mlp.scores) == (none.norms, none.attention, none.scores)
+    assert none.norms == pytest.approx(2 * 2 * sbh / T)  # both norms' inputs, the pre-MLP one the MLP's input
+    local_none, local = acts(LLAMA, recompute="none", kernels="local"), acts(LLAMA, ("mlp",), kernels="local")
+    assert local.mlp == pytest.approx(2 * sbh / T) and local.norms == local_none.norms
     assert acts(MIXTRAL, ("mlp",)) == acts(MIXTRAL, recompute="none")  # no dense MLP in a MoE layer
+
+
+def test_the_te_mlp_input_is_counted_once_at_llama3_8b_scale():
+    """Llama 3 8B, 8,192 tokens, tp 2 with SP, 32 layers: the residual the TE MLP checkpoint keeps was counted a
+    second time (2 B x s x h / tp per layer = 32 MiB, 1 GiB over the layers)."""
+    kw = dict(seq=8192, micro_batch=1, tp=2, sp=True, recompute="selective", kernels="te")
+    mlp = layer_activations(LLAMA, recompute_modules=("core_attn", "mlp"), **kw)
+    assert mlp.mlp == 0.0
+    assert LLAMA.layers * 2 * 8192 * LLAMA.hidden / 2 == 2**30
 
 
 def test_layernorm_frees_only_norms_that_are_modules():

@@ -198,3 +198,51 @@ def test_export_says_overlap_param_gather_and_leaves_align_to_megatron_lms_defau
     assert plan.stages[-1].execution.overlaps.align_param_gather == aligned
     command = megatron_lm_command(plan, stage.name)
     assert "--overlap-param-gather" in command and "align-param-gather" not in command
+
+
+_OVERLAPS = """
+experiment d {
+  cluster { gpu = H100  nodes = 8  gpus_per_node = 8 }
+  model llama3_70b { seq_length = 8192 }
+  parallel { tensor = 4  pipeline = 4  context = 2  data = auto  micro_batch = 1  sequence_parallel = true
+             distributed_optimizer = true  overlap_param_gather = true  tp_comm_overlap = true
+             defer_embedding_wgrad_compute = true  wgrad_deferral_limit = 22
+             recompute = selective  recompute_modules = [core_attn, mlp] }
+  precision = bf16
+  data web { path = "data/web/*.jsonl"  tokenizer = "tokenizer.json" }
+  stage pretrain { data = [web]  steps = 100  global_batch = 128  optimizer = adam(lr = 3e-4) }
+}
+"""
+
+
+def test_the_overlap_and_deferral_flags_round_trip(tmp_path):
+    """import(export(plan)) carries `--overlap-param-gather --tp-comm-overlap --defer-embedding-wgrad-compute
+    --wgrad-deferral-limit N --recompute-modules ...` back into their fields (the bootstrap backend and
+    `--overlap-grad-reduce` are the plan's own choices), and the re-imported file plans the same layout."""
+    path = tmp_path / "d.nemo"
+    path.write_text(_OVERLAPS)
+    spec, _ = load_experiment(str(path))
+    plan = plan_experiment(spec, target=NEMOC_RUNTIME).plan
+    stage = plan.stages[0]
+    lay = stage.layout
+    assert lay.overlap_param_gather and lay.tp_comm_overlap and lay.defer_embedding_wgrad_compute
+    command = megatron_lm_command(plan, "pretrain")
+    for flag in ("--overlap-param-gather", "--overlap-grad-reduce", "--tp-comm-overlap", "--tp-comm-bootstrap-backend",
+                 "--defer-embedding-wgrad-compute", "--wgrad-deferral-limit 22", "--recompute-modules core_attn mlp"):
+        assert flag in command
+    imported = import_text(command, "x.sh", gpu=plan.cluster.gpu)
+    assert not any(w.split()[0] in ("--overlap-param-gather", "--overlap-grad-reduce", "--tp-comm-overlap",
+                                    "--tp-comm-bootstrap-backend", "--defer-embedding-wgrad-compute",
+                                    "--wgrad-deferral-limit", "--recompute-modules") for w in imported.dropped)
+    again_path = tmp_path / "again.nemo"
+    again_path.write_text(imported.text)
+    again, _ = load_experiment(str(again_path))
+    assert plan_experiment(again, target=NEMOC_RUNTIME).plan.stages[0].layout == lay, imported.text
+
+
+def test_a_deferral_limit_without_the_deferral_is_named_not_imported():
+    imported = import_text("torchrun pretrain_gpt.py --num-layers 2 --hidden-size 64 --num-attention-heads 4 "
+                           "--seq-length 128 --vocab-size 1000 --micro-batch-size 1 --global-batch-size 8 "
+                           "--lr 1e-4 --train-iters 10 --mock-data --wgrad-deferral-limit 4", "x.sh", gpu="H100")
+    assert "wgrad_deferral_limit" not in imported.text
+    assert any("--wgrad-deferral-limit 4 without --defer-embedding-wgrad-compute" in w for w in imported.warnings)

@@ -75,5 +75,5 @@ def test_the_plan_and_the_megatron_lm_command_line_carry_it(tmp_path):
     args, _ = margs.megatron_lm_arguments(plan, "pretrain")
     assert "--defer-embedding-wgrad-compute" in args and "--wgrad-deferral-limit 22" in args
     plain = plan_experiment(dataclasses.replace(spec, parallel=dataclasses.replace(
-        spec.parallel, defer_embedding_wgrad_compute=False))).plan
+        spec.parallel, defer_embedding_wgrad_compute=False, wgrad_deferral_limit=0))).plan  # a limit alone: E198
     assert not any("defer" in a for a in margs.megatron_lm_arguments(plain, "pretrain")[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -309,20 +310,34 @@ def test_overlap_param_gather_reaches_ddp_and_the_optimizer(sizes, aligned):
     config(layout=layout)  # runs: no refusal
     ddp = margs.ddp_config(layout=layout, overlaps=ex.overlaps)
     assert ddp.overlap_param_gather and ddp.overlap_grad_reduce and ddp.align_param_gather == aligned
-    opt = margs.optimizer_config(optimizer=OptimizerSpec(), schedule=ScheduleSpec(), layout=layout, precision="bf16")
+    opt = margs.optimizer_config(optimizer=OptimizerSpec(), schedule=ScheduleSpec(), layout=layout, precision="bf16",
+                                 overlap_param_gather=ddp.overlap_param_gather)
     assert opt.overlap_param_gather and not opt.overlap_param_gather_with_optimizer_step
     off = margs.ddp_config(layout=layout, overlaps=dataclasses.replace(ex.overlaps, param_gather=False))
     assert not off.overlap_param_gather and not off.align_param_gather
 
 
 def test_overlap_param_gather_without_data_parallel_ranks_gathers_nothing():
-    """Megatron-LM needs `--overlap-grad-reduce` with the overlapped gather; with DP 1 the plan overlaps
+    """Megatron-LM needs `--overlap-grad-reduce` with the overlapped gather; with DP x CP 1 the plan overlaps
     no reduce and there is no other rank to gather from: DDP gets neither."""
     layout = lay(distributed_optimizer=True, overlap_param_gather=True)
     ex = make_execution(LLAMA_ISH, layout, precision="bf16", attention="unfused")
+    assert not ex.overlaps.grad_reduce
     assert not margs.ddp_config(layout=layout, overlaps=ex.overlaps).overlap_param_gather
-    assert not margs.optimizer_config(optimizer=OptimizerSpec(), schedule=ScheduleSpec(), layout=layout,
-                                      precision="bf16").overlap_param_gather
+
+
+def test_context_parallel_ranks_reduce_and_gather_overlapped_at_dp_1():
+    """Megatron-Core 0.16.1's DDP reduces over the DP x CP group (`intra_dp_cp_group`) and the distributed
+    optimizer shards over it: at dp 1 x cp 2 the plan overlaps both, as the cost model prices them (shard
+    dp x cp), and DDP and the optimizer get the same overlap (Megatron-LM copies one flag into both)."""
+    from nemoc.runtime.core.build import _ddp_overlaps_gather
+
+    layout = lay(distributed_optimizer=True, overlap_param_gather=True, cp=2)
+    ex = make_execution(LLAMA_ISH, layout, precision="bf16", attention="unfused")
+    assert ex.overlaps.grad_reduce and ex.overlaps.param_gather
+    ddp = margs.ddp_config(layout=layout, overlaps=ex.overlaps)
+    assert ddp.overlap_grad_reduce and ddp.overlap_param_gather
+    assert _ddp_overlaps_gather([SimpleNamespace(ddp_config=ddp)]) and not _ddp_overlaps_gather([object()])
 
 
 def test_overlap_param_gather_is_refused_without_the_distributed_optimizer():

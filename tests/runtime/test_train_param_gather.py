@@ -73,6 +73,37 @@ def test_hooks_follow_megatron_lms_train_loop(align):
     assert len(log) == 10
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_loop_gathers_at_its_normal_end_and_never_on_an_error(monkeypatch, fails):
+    """train_loop's end: on a normal return the hooks go off with the all-gather (the final save reads whole
+    parameters); when a step raises they go off without it. The gather is a collective: a rank that raised
+    alone would hang in it waiting for ranks that never join, instead of failing (Megatron-LM never gathers
+    on an exception)."""
+    from nemoc.runtime.core import loop
+
+    log: list = []
+    chunks = [_Chunk(log, align=False), _Chunk(log, align=False)]
+
+    def steps(*, gather, state, **unused):
+        gather.after_step(True)  # one step moved the optimizer: the hooks are on
+        if fails:
+            raise RuntimeError("a rank's step failed")
+        return state
+
+    monkeypatch.setattr(loop, "_train_steps", steps)
+    monkeypatch.setattr(loop, "StepGraphs", lambda **unused: None)
+    stage = SimpleNamespace(layout=SimpleNamespace(micro_batch=1), seq_length=8, eval_every=0, execution=None)
+    state = SimpleNamespace(iteration=0)
+    kw = dict(model=chunks, optimizer=None, scheduler=None, stage=stage, forward_step=None, train_iterators=None,
+              state=state, end_iteration=1, checkpointer=None, make_checkpoint_state=None)
+    if fails:
+        with pytest.raises(RuntimeError, match="a rank's step failed"):
+            loop.train_loop(**kw)
+    else:
+        assert loop.train_loop(**kw) is state
+    assert log == ["off", "off", "on", "on"] + (["off", "off"] if fails else ["off+gather", "off+gather"])
+
+
 def test_no_overlap_is_a_no_op():
     chunk = SimpleNamespace(use_forward_hook=False)
     config = SimpleNamespace(param_sync_func=None)
@@ -95,7 +126,8 @@ def _layout(kit, *, overlap: bool, **sizes):
 
 def _run(kit, out, train_data, reference_weights, lay, *, every=3, eval_every=3, **task):
     stage = kit.stage_plan(lay=lay, every=every, eval_every=eval_every)
-    return kit.run_training(out, kit.make_plan(stage), lay.world_size, data_prefix=train_data,
+    plan = kit.make_plan(stage, attention="flash" if lay.cp > 1 else "unfused")  # CP: the local spec's SDPA core
+    return kit.run_training(out, plan, lay.world_size, data_prefix=train_data,
                             init_checkpoint=reference_weights, **task)
 
 
@@ -110,12 +142,13 @@ def _overlap_events(result) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sizes", [dict(dp=2), dict(dp=2, pp=2, vp=2)], ids=["dp2", "dp2-pp2-vp2"])
+@pytest.mark.parametrize("sizes", [dict(dp=2), dict(dp=2, pp=2, vp=2), dict(cp=2)], ids=["dp2", "dp2-pp2-vp2", "cp2"])
 def test_overlapped_gather_equals_the_synchronous_one_bit_for_bit(tmp_path, kit, train_data, reference_weights,
                                                                     sizes):
-    """DP 2 with the distributed optimizer (1F1B hooks), and PP 2 x VP 2 x DP 2 (the interleaved schedule
-    starts the gathers: `align_param_gather`): 6 steps, validation and a checkpoint every 3, losses,
-    gradient norms and validation losses equal to the overlap-off run's, bit for bit."""
+    """DP 2 with the distributed optimizer (1F1B hooks), PP 2 x VP 2 x DP 2 (the interleaved schedule
+    starts the gathers: `align_param_gather`), and DP 1 x CP 2 (DDP reduces and the optimizer shards over the
+    DP x CP group): 6 steps, validation and a checkpoint every 3, losses, gradient norms and validation losses
+    equal to the overlap-off run's, bit for bit."""
     off = _run(kit, tmp_path / "off", train_data, reference_weights, _layout(kit, overlap=False, **sizes))
     on = _run(kit, tmp_path / "on", train_data, reference_weights, _layout(kit, overlap=True, **sizes))
     curve_off, curve_on = _curve(off), _curve(on)
