@@ -642,14 +642,16 @@ def planned(rows: list[dict]) -> list[dict]:
     """The calibration path: every usable row written as `.nemo` (`row_nemo`: its architecture,
     published layout, precision and recipe settings), loaded by the language front end and planned
     by `nemoc.compiler.planner` exactly as `nemoc plan` does, with no headroom (the published run
-    fitted). Each result: the plan's tokens/s per GPU against the measured, or the planner's
+    fitted), for the stack that ran it: Megatron-Core (`compiler.target.MEGATRON_CORE`; the nemoc runtime's
+    target differs only where the runtime lacks a Megatron-LM feature, today the overlapped parameter
+    all-gather under CUDA graphs, which `nemoc plan` then prices as the runtime runs it). Each result: the plan's tokens/s per GPU against the measured, or the planner's
     diagnostics when it refuses the published layout; `problem` and `layout` let `fit_parameters`
     re-cost the chosen plan."""
     import tempfile
 
     from nemoc.compiler.planner import plan_experiment
     from nemoc.compiler.search import recompute_text
-    from nemoc.runtime.target import NEMOC_RUNTIME
+    from nemoc.compiler.target import MEGATRON_CORE
     from nemoc.dsl.diagnostics import DiagnosticError
     from nemoc.runtime.cli.common import load_spec
 
@@ -671,7 +673,7 @@ def planned(rows: list[dict]) -> list[dict]:
                     "task": case.kind, "peft": case.peft is not None, "unstated": unstated(case)}
             try:
                 spec, _ = load_spec(str(path))
-                result = plan_experiment(spec, headroom=0.0, target=NEMOC_RUNTIME)
+                result = plan_experiment(spec, headroom=0.0, target=MEGATRON_CORE)
             except DiagnosticError as err:
                 errs = [d for d in err.diagnostics if d.is_error]
                 out.append({**base, "rejected": "; ".join(
