@@ -308,6 +308,8 @@ def test_fp32_moment_precision_aware_optimizer_keeps_a_master_remainder_and_no_f
         assert step > 0 and new.parts.get("optimizer_step_fp32_grads", 0) == (0 if copy_gone else step)
     assert memory.optimizer_bytes(lay, "bf16", None) == (4, 4, True)
     assert memory.optimizer_bytes(aware, "bf16", None) == (4, 2, False)
+    # nvfp4 has no fp8_recipe (its FP4 recipe is TransformerConfig's): FusedAdam owns the master, 10 B not 12 B
+    assert memory.optimizer_bytes(aware, "nvfp4", None) == (4, 2, False)
 
 
 def test_precision_aware_optimizer_through_the_language(tmp_path) -> None:
