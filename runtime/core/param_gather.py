@@ -28,8 +28,8 @@ step writes the updated main parameters nowhere (optimizer.py `step_with_ready_g
 in the training loop"). So, as Megatron-LM does:
   * `before_forward()`, each step after `zero_grad_buffer` while the hooks are on: every distributed
     optimizer's `_copy_main_params_to_param_buffer()` (training.py train_step; not while the hooks are held
-    back: the first step's parameters are already in param.data, and no pre-hook would zero the buffer
-    before the gradients accumulate in it);
+    back, nor right after a forced gather: the parameters are already in param.data, and no pre-hook would
+    gather and zero the buffer before the gradients accumulate in it);
   * a forced gather (`synced()`, `release()`): the gradient buffer zeroed and the main parameters staged into
     it first (newer Megatron-Core's `prepare_model_params_for_param_sync`), and after the synchronous
     all-gather each parameter copied from the buffer into param.data, the buffer zeroed again (what 0.16.1's
@@ -108,11 +108,19 @@ class ParamGather:
                         param.data.copy_(bucket.param_data.view(-1)[start:end].view(param.data.shape))
                     bucket.param_data.zero_()
 
+    def _gather_pending(self) -> bool:
+        """Whether this step's pre-hooks will all-gather: not after a forced gather (a save, validation), which
+        leaves every bucket group `param_gather_dispatched` until the next backward's `finish_grad_sync`, so
+        that the next forward's pre-hooks neither gather nor copy nor zero the buffer."""
+        return any(not group.param_gather_dispatched for chunk in self.chunks
+                   for group in chunk.bucket_groups + chunk.expert_parallel_bucket_groups)
+
     def before_forward(self) -> None:
         """A training step, after `zero_grad_buffer`: with the hooks on and the gather through the gradient
         buffer, the main parameters the last step updated go into it for the pre-hooks to gather (Megatron-LM
-        train_step)."""
-        if self.through_grad_buffer and self.enabled:
+        train_step). Not when a forced gather already put them into param.data: no pre-hook would gather and
+        zero them, and MXFP8's gradients would accumulate on top of them in the shared buffer."""
+        if self.through_grad_buffer and self.enabled and self._gather_pending():
             self._stage_main_params()
 
     def _disable(self, *, gather: bool) -> None:

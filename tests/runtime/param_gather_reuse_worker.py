@@ -3,7 +3,8 @@ trained 4 steps by the training core's `train_step` with the distributed optimiz
 parameter all-gather, once with `reuse_grad_buf_for_mxfp8_param_ag` off and once on (the gather lands in the
 gradient buffer, as the plan sets it for MXFP8 parameters; the gather path is the same for bf16 ones). A
 checkpoint-style read (`ParamGather.synced()`) after step 2 and the loop's end (`release()`) record the
-whole parameters; rank 0 saves them to ARGV[1] (torch.save: {mode: {"steps": [...], "saved": ..., "final": ...}}).
+whole parameters, and after each step whether the parameter buffer still holds anything; rank 0 saves them to
+ARGV[1] (torch.save: {mode: {"steps": [...], "left_in_buffer": [...], "saved": ..., "final": ...}}).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def train(reuse: bool) -> dict:
         return out, lambda o: (o.float().mean(), {"lm loss": torch.stack([o.float().sum().detach(),
                                                                           torch.tensor(float(o.numel()))])})
 
-    record = {"steps": []}
+    record = {"steps": [], "left_in_buffer": []}
     for step in range(1, 5):
         batch = torch.randint(0, 128, (2, 33), generator=generator)
         _, grad_norm, ok, _ = loop.train_step(forward_step=forward_step, iterators=iter([batch]), model=chunks,
@@ -70,6 +71,10 @@ def train(reuse: bool) -> dict:
                                               seq_length=32, step=step, gather=gather)
         gather.after_step(ok)
         record["steps"].append(grad_norm)
+        # the parameter buffer is the MXFP8 gradients' (shared_buffer): nothing may be left in it after a step's
+        # forward (the pre-hooks zero what they gathered; on this bf16 CPU model it is a buffer of its own)
+        record["left_in_buffer"].append(any(bool(b.param_data.count_nonzero()) for c in chunks
+                                            for g in c.bucket_groups for b in g.buckets) if reuse else False)
         if step == 2:
             with gather.synced():  # what a checkpoint save reads
                 record["saved"] = whole(chunks)
