@@ -1323,7 +1323,7 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     if work.generated:
         rollout = _rollout_phases(model, layout, hw, seq=seq, precision=precision, backend=attention_backend,
                                   micro_batch=mb, new_tokens=work.generated, params=params, overlap_tp=overlap_tp,
-                                  kernels=kernels)
+                                  kernels=kernels, split=split, bf16_layers=bf16_layers)
         parts["rollout"] = rollout[0] + work.generated * rollout[1]
     if train:
         trainable = _trainable_params(model, layout, split, peft)
@@ -1503,16 +1503,18 @@ def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micr
 
 
 def _rollout_time(model, layout, hw, *, seq, precision, backend, micro_batch, new_tokens, params,
-                  overlap_tp: bool = False, kernels: str = "te") -> float:
+                  overlap_tp: bool = False, kernels: str = "te", split=None,
+                  bf16_layers: tuple[int, int] = (0, 0)) -> float:
     """The rollout's time: its prefill and `new_tokens` decode steps (`_rollout_phases`)."""
     prefill, step = _rollout_phases(model, layout, hw, seq=seq, precision=precision, backend=backend,
                                     micro_batch=micro_batch, new_tokens=new_tokens, params=params,
-                                    overlap_tp=overlap_tp, kernels=kernels)
+                                    overlap_tp=overlap_tp, kernels=kernels, split=split, bf16_layers=bf16_layers)
     return prefill + new_tokens * step
 
 
 def _rollout_phases(model, layout, hw, *, seq, precision, backend, micro_batch, new_tokens, params,
-                    overlap_tp: bool = False, kernels: str = "te") -> tuple[float, float]:
+                    overlap_tp: bool = False, kernels: str = "te", split=None,
+                    bf16_layers: tuple[int, int] = (0, 0)) -> tuple[float, float]:
     """(prefill, one decode step) of the PPO rollout with a KV cache: a prefill of the prompts (a forward pass, compute bound) and
     `new_tokens` decode steps. A decode step generates one token for every sequence of the DP rank
     (m x micro batch of them) and is memory-bandwidth bound: each GPU reads its weights and the KV
@@ -1531,19 +1533,22 @@ def _rollout_phases(model, layout, hw, *, seq, precision, backend, micro_batch, 
     parallelism (the generator switches it off: a decode step's one token per row cannot be split over the
     TP group), so the prefill's TP traffic is all-reduces and every rank computes its whole window. The
     prefill's output GEMM runs on the last position of each row only (`_head_tokens`: what the cached
-    generator computes)."""
+    generator computes). The prefill runs the trained model's layers on their stages (`split`), the first /
+    last `bf16_layers` at bf16's rate (`_bf16_layers`), as the training passes do."""
     batch = layout.num_microbatches * micro_batch
     whole = replace(layout, cp=1, sequence_parallel=False)  # every CP and TP rank decodes the whole rows
     if layout.pp == 1:
         prefill = _pass_time(model, whole, hw, ModelPass("prefill", 1.0, FORWARD), seq=seq, precision=precision,
                              backend=backend, micro_batch=micro_batch, params=params, overlap_tp=overlap_tp,
-                             kernels=kernels, loss=False, last_logits=True)
+                             kernels=kernels, loss=False, last_logits=True, split=split, bf16_layers=bf16_layers)
     else:
-        lt = layer_times(model, whole, hw, seq=seq, precision=precision, attention_backend=backend,
-                         micro_batch=micro_batch, backward=FORWARD, params=params, overlap_tp=overlap_tp,
-                         kernels=kernels)
+        layer_kw = dict(seq=seq, attention_backend=backend, micro_batch=micro_batch, backward=FORWARD, params=params,
+                        overlap_tp=overlap_tp, kernels=kernels)
+        lt = layer_times(model, whole, hw, precision=precision, **layer_kw)
+        bf16 = _bf16_layers(model, whole, hw, lt, bf16_layers, split, precision, **layer_kw)
         _, mean, _ = _stage_times(model, whole, hw, lt, seq=seq, micro_batch=micro_batch, backward=FORWARD,
-                                  params=params, kernels=kernels, loss=False, last_logits=True)
+                                  params=params, split=split, kernels=kernels, loss=False, last_logits=True,
+                                  bf16=bf16)
         prefill = layout.num_microbatches * layout.pp * mean + _rollout_p2p(model, layout, hw, batch * seq, params)
     counts = param_counts(model)
     gemm_params = model.layers * (counts.attention + counts.mlp_active) + model.hidden * model.vocab

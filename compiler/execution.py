@@ -198,8 +198,12 @@ def reuses_grad_buffer(precision: str, layout: Layout) -> bool:
     buffer, where the gradients accumulate over them, so the plan sets it exactly where MXFP8 parameters are
     all-gathered: precision mxfp8 with fp8_param_gather (which needs the distributed optimizer: rules E166),
     and Megatron-Core's own check holds (DistributedDataParallelConfig: "Reuse grad buffer only when keeping
-    params in MXFP8", i.e. fp8_param_gather). No field: no other value runs."""
-    return precision == "mxfp8" and layout.fp8_param_gather and layout.distributed_optimizer
+    params in MXFP8", i.e. fp8_param_gather). Never under Megatron-FSDP: its distributed optimizer keeps no DDP
+    buffers (distrib_optimizer.py `__init__` returns before `self.buffers` when `use_megatron_fsdp`, so the step's
+    `_copy_main_params_to_param_buffer` would fail), and Megatron-FSDP all-gathers MXFP8 parameters through its
+    own buffers. No field: no other value runs."""
+    return (precision == "mxfp8" and layout.fp8_param_gather and layout.distributed_optimizer
+            and not layout.megatron_fsdp)
 
 
 def reduces_gradients(layout: Layout) -> bool:

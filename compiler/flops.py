@@ -172,24 +172,47 @@ def layers_on_stage(layers: int, pp: int, stage: int, split: tuple[int, int, int
 LOW_PRECISIONS = ("fp8", "mxfp8", "nvfp4")
 
 
+def chunk_runs(layers: int, pp: int, vp: int | None, split: tuple[int, int, int] | None) -> list[tuple[int, int, int]]:
+    """(pipeline stage, first global layer, layer count) of every model chunk, in Megatron-Core's global
+    layer order: chunk c of every stage before chunk c + 1 of any (transformer_layer.py
+    `get_transformer_layer_offset`, transformer_block.py `get_num_layers_to_build`). A stage's layers are
+    split evenly over its `vp` chunks, except where the split counts the embedding / the loss as a layer:
+    there the first chunk of the first stage / the last chunk of the last stage builds one layer fewer than
+    its `stage / vp` share. `split` = (first, middle, last) stage counts (`PipelineSplit.stage_layers`) tells
+    which: Megatron asserts every count of an uneven first / last split a multiple of vp (as the middle's), so
+    with vp > 1 a first / last count that is not one is the embedding's / the loss's."""
+    chunks = vp or 1
+    stage_counts = [layers_on_stage(layers, pp, s, split) for s in range(pp)]
+    embedding = chunks > 1 and split is not None and stage_counts[0] % chunks != 0
+    loss = chunks > 1 and split is not None and stage_counts[-1] % chunks != 0
+    shares = [n + (1 if s == 0 and embedding else 0) + (1 if s == pp - 1 and loss else 0)
+              for s, n in enumerate(stage_counts)]
+    runs, offset = [], 0
+    for c in range(chunks):
+        for s in range(pp):
+            n = shares[s] // chunks
+            n -= (1 if embedding and (s, c) == (0, 0) else 0) + (1 if loss and (s, c) == (pp - 1, chunks - 1) else 0)
+            runs.append((s, offset, n))
+            offset += n
+    return runs
+
+
 def bf16_layers_per_stage(layers: int, pp: int, vp: int | None, split: tuple[int, int, int] | None,
                           first: int, last: int) -> tuple[int, ...]:
     """How many of the model's first `first` and last `last` transformer layers (kept in bf16) each pipeline
-    stage holds. Megatron-Core numbers layers globally (fp8_utils.py `is_first_last_bf16_layer`: layer_no <
-    start or >= num_layers - end) and orders model chunks chunk by chunk over the stages: chunk c of stage s
-    holds the (c x pp + s)-th run of layers, each stage's `layers_on_stage` split evenly over its vp chunks
-    (transformer_block.py `get_transformer_layer_offset`). Without virtual stages the first layers sit on
-    stage 0 and the last on the last stage; with them they spread over the stages' first / last chunks."""
-    chunks = vp or 1
+    stage holds. Megatron-Core numbers layers globally and keeps a layer in bf16 when it is among the first OR
+    the last (fp8_utils.py `is_first_last_bf16_layer`: layer_no < start or >= num_layers - end), so a layer in
+    both ranges counts once; the layers sit on the stages as `chunk_runs` places them. Without virtual stages
+    the first layers sit on stage 0 and the last on the last stage; with them they spread over the stages'
+    first / last chunks."""
     counts = [0] * pp
-    offset = 0
     tail = layers - last
-    for _ in range(chunks):
-        for s in range(pp):
-            n = layers_on_stage(layers, pp, s, split) // chunks
-            lo, hi = offset, offset + n
-            counts[s] += max(0, min(hi, first) - lo) + max(0, hi - max(lo, tail))
-            offset = hi
+    for stage, lo, n in chunk_runs(layers, pp, vp, split):
+        hi = lo + n
+        in_first = max(0, min(hi, first) - lo)
+        in_last = max(0, hi - max(lo, tail))
+        in_both = max(0, min(hi, first) - max(lo, tail))
+        counts[stage] += in_first + in_last - in_both
     return tuple(counts)
 
 

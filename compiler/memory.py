@@ -155,14 +155,18 @@ def optimizer_bytes(layout: Layout, precision: str, fp8_recipe: str | None) -> t
     (`layout.precision_aware_optimizer`, Transformer Engine's FusedAdam): moments of `optimizer_state_dtype`
     (`exp_avg_dtype`, `exp_avg_sq_dtype`: 2 bytes with bf16, 4 with fp32, as the recipes' bf16 Adam), and
     where Megatron-Core lets FusedAdam own the master weight (`use_precision_aware_optimizer_no_fp8_or_ds_fp8`:
-    no FP8, or FP8 with delayed scaling) with bf16 weights, the fp32 master stored as its low 16 bits beside the
+    no FP8 recipe -- bf16, fp16, and nvfp4, whose recipe is TransformerConfig's fp4_recipe -- or FP8 with
+    delayed scaling) with bf16 weights, the fp32 master stored as its low 16 bits beside the
     bf16 weight (`store_param_remainders`, on by default; TE >= 2.1; distrib_optimizer.py `master_param` as
     int16) and the gradient shard handed over in place (`decoupled_grad = shard_model_grad`: no fp32 copy);
     else a 4-byte fp32 master kept by Megatron-Core, and its fp32 gradient copy."""
     if not layout.precision_aware_optimizer:
         return 4, 4, True
     moment = 2 if layout.optimizer_state_dtype == "bf16" else 4
-    owned = precision in ("bf16", "fp16") or (precision in ("fp8", "mxfp8") and fp8_recipe == "delayed")
+    # nvfp4 sets no fp8_recipe (Megatron-Core's FP4 recipe lives in TransformerConfig.fp4_recipe, and the
+    # runtime passes OptimizerConfig.fp8_recipe = None), so Megatron-Core lets FusedAdam own its master weights
+    owned = (precision in ("bf16", "fp16", "nvfp4")
+             or (precision in ("fp8", "mxfp8") and fp8_recipe == "delayed"))
     remainders = owned and precision != "fp16"  # the remainder completes a bf16 weight, not an fp16 one
     return moment, (2 if remainders else 4), not owned
 

@@ -497,10 +497,14 @@ def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backen
                                     manual_gc_interval=spec.manual_gc_interval)
         if taken:
             notes.append("host defaults taken (Megatron-Bridge recipes): " + ", ".join(taken))
-        if reuses_grad_buffer(target.stage_precision(stage.kind, spec.precision), chosen.layout):
+        stage_precision = target.stage_precision(stage.kind, spec.precision)
+        if reuses_grad_buffer(stage_precision, chosen.layout):
             notes.append("MXFP8 parameters all-gathered through the gradient buffer (reuse_grad_buf_for_mxfp8_param_ag, "
                          "as Megatron-Bridge's MXFP8 recipes; Megatron-Core 0.16.1 shares the buffer with MXFP8 "
                          "parameters, so the plan counts no separate all-gather buffer)")
+        elif stage_precision == "mxfp8" and chosen.layout.fp8_param_gather and chosen.layout.megatron_fsdp:
+            notes.append("MXFP8 parameters all-gathered by Megatron-FSDP's own buffers (reuse_grad_buf_for_mxfp8_param_ag "
+                         "off: the distributed optimizer under Megatron-FSDP keeps no DDP gradient buffer to reuse)")
         if spec.cross_entropy_fusion is None and full_iteration_graph(probe.host) and probe.stage_kernels == "te":
             notes.append(f"loss default taken: cross_entropy_fusion = {probe.cross_entropy}, not te: under a whole-iteration "
                          "CUDA graph (cuda_graph_scope full_iteration) Megatron-Core runs TE's CUDA-graph-capturable cross "

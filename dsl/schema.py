@@ -349,7 +349,7 @@ PARALLEL_FIELDS = (
        "(no fp32 copy of a 16-bit gradient in the step): 4 + 4 + 2 = 10 bytes of optimizer state per parameter "
        "instead of 12, before sharding. Default `auto`: on exactly when optimizer_state_dtype = bf16 (16-bit "
        "moments need it: E184 refuses false there), so files without this field keep their meaning. Needs "
-       "distributed_optimizer (E190) and Transformer Engine (E191).", auto=True),
+       "distributed_optimizer (E190), Transformer Engine (E191) and Adam (E201: not with sgd).", auto=True),
 )
 
 DATA_FIELDS = (
@@ -582,7 +582,8 @@ EXPERIMENT_FIELDS = (
        "`first_last_layers_bf16`, `num_layers_at_start_in_bf16`): their GEMMs run and are priced at bf16 speed, "
        "their weights hold no FP8 / FP4 copies and their activations stay 16-bit; the pipeline stage holding them "
        "is slower. With fp8 / mxfp8 at most layers / pipeline per side (E186) and not with fp8_recipe = delayed "
-       "(E185); no effect in a 16-bit precision (W113)."),
+       "(E185); with nvfp4 at most the model's layers (E200); a layer among both the first and the last is one "
+       "bf16 layer (W120 where the two ranges overlap); no effect in a 16-bit precision (W113)."),
     _f("bf16_last_layers", INT, 0,
        "Transformer layers at the end of the model kept in bf16 (`num_layers_at_end_in_bf16`; Megatron-Bridge's "
        "NVFP4 Llama 3 8B recipe keeps the last 4). As `bf16_first_layers`."),

@@ -77,6 +77,7 @@ from nemoc.compiler.rules.parallel import (  # noqa: F401
     rule_heads_query_groups,
     rule_qkv_split,
     rule_sgd_distributed_optimizer,
+    rule_precision_aware_optimizer_adam,
     warn_tp_crosses_node,
     warn_padded_vocab,
     warn_useless_distributed_optimizer,
@@ -142,6 +143,8 @@ from nemoc.compiler.rules.precision import (  # noqa: F401
     rule_precision_aware_bf16_moments,
     rule_bf16_layers_delayed,
     rule_bf16_layers_per_stage,
+    rule_bf16_layers_beyond_model,
+    warn_bf16_layers_overlap,
     warn_bf16_layers_without_low_precision,
 )
 from nemoc.compiler.rules.recompute import (  # noqa: F401

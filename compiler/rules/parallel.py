@@ -342,6 +342,25 @@ def rule_sgd_distributed_optimizer(env: Env, s: Sizes) -> Violation | None:
     )
 
 
+def rule_precision_aware_optimizer_adam(env: Env, s: Sizes) -> Violation | None:
+    """Megatron-Core OptimizerConfig `__post_init__`: "--use-precision-aware-optimizer only supported with
+    adam" (it is Transformer Engine's FusedAdam with 16-bit or fp32 moments and an owned master weight)."""
+    if env.optimizer != "sgd" or not s.precision_aware_optimizer or env.stage_kind not in TRAINING_KINDS:
+        return None
+    field = "optimizer_state_dtype" if s.optimizer_state_dtype != "fp32" else "precision_aware_optimizer"
+    what = f"optimizer_state_dtype = {s.optimizer_state_dtype}" if field == "optimizer_state_dtype" \
+        else "precision_aware_optimizer = true"
+    return Violation(
+        "E201", "the precision-aware optimizer supports Adam only",
+        f"optimizer = sgd with {what}",
+        "use optimizer = adam(...), or " + ("optimizer_state_dtype = fp32" if field == "optimizer_state_dtype"
+                                            else "set precision_aware_optimizer = false (or auto)"),
+        anchors=(_P + field, "stage.optimizer", "stage"),
+        source="megatron/core/optimizer/optimizer_config.py __post_init__ (--use-precision-aware-optimizer only "
+               "supported with adam)",
+    )
+
+
 def warn_tp_crosses_node(env: Env, s: Sizes) -> Violation | None:
     """Topology: TP all-reduces every layer; across nodes they leave NVLink for the network."""
     g = env.cluster.gpus_per_node

@@ -514,6 +514,47 @@ def rule_bf16_layers_per_stage(env: Env, s: Sizes) -> Violation | None:
                             "num_layers_at_end_in_bf16 between 0 and the layers per pipeline stage)")
 
 
+def rule_bf16_layers_beyond_model(env: Env, s: Sizes) -> Violation | None:
+    """A bf16 layer count above the model's layers. Megatron-Core bounds the counts only under fp8 (E186, per
+    pipeline stage); under nvfp4 it checks nothing (fp4_utils.py `get_fp4_context` reads
+    `is_first_last_bf16_layer`: layer_no < start or >= num_layers - end), so such a count would silently keep
+    every layer in bf16 and no GEMM in nvfp4. Also where the pipeline size is still auto (E186 then prunes
+    every layout, and the planner would report only that none fits)."""
+    if env.precision not in ("fp8", "mxfp8", "nvfp4") or (env.precision != "nvfp4" and s.pp is not None):
+        return None
+    layers = env.model.layers
+    over = [(f, n) for f, n in _bf16_written(env) if n > layers]
+    if not over:
+        return None
+    field, n = over[0]
+    return Violation("E200", "more layers kept in bf16 than the model has",
+                     f"{field}({n}) > layers({layers})",
+                     f"set {field} <= {layers} (and below it for any layer to run in {env.precision})",
+                     anchors=(field, "model"),
+                     source="megatron/core/fp8_utils.py is_first_last_bf16_layer (layer_no < start or >= "
+                            "num_layers - end); megatron/core/fp4_utils.py get_fp4_context (no bound under nvfp4)")
+
+
+def warn_bf16_layers_overlap(env: Env, s: Sizes) -> Violation | None:
+    """The first and last bf16 ranges overlap (bf16_first_layers + bf16_last_layers > layers): Megatron-Core keeps
+    a layer in bf16 when it is among the first OR the last (fp8_utils.py `is_first_last_bf16_layer`), so a
+    layer in both counts once and fewer layers are in bf16 than the two counts add up to."""
+    first, last = env.bf16_layers
+    layers = env.model.layers
+    if env.precision not in ("fp8", "mxfp8", "nvfp4") or not first or not last or first + last <= layers:
+        return None
+    if max(first, last) > layers:
+        return None  # E200 / E186 name the count itself
+    both = first + last - layers
+    return Violation("W120", "the bf16 first and last layer ranges overlap",
+                     f"bf16_first_layers({first}) + bf16_last_layers({last}) = {first + last} > layers({layers}): "
+                     f"{both} layer{'s' if both > 1 else ''} in both ranges, counted once (every layer runs in bf16)",
+                     f"lower bf16_first_layers or bf16_last_layers so that they add up to at most {layers}, or use "
+                     "precision = bf16",
+                     anchors=("bf16_last_layers", "bf16_first_layers"), severity=Severity.WARNING,
+                     source="megatron/core/fp8_utils.py is_first_last_bf16_layer (first OR last)")
+
+
 def warn_bf16_layers_without_low_precision(env: Env, s: Sizes) -> Violation | None:
     """Megatron-Core reads `first_last_layers_bf16` only inside its fp8 / fp4 contexts (fp8_utils.py
     `get_fp8_context`, fp4_utils.py `get_fp4_context`): in a 16-bit or fp32 run every layer already runs

@@ -59,6 +59,7 @@ from nemoc.compiler.rules.parallel import (
     rule_sequence_parallel,
     rule_sequence_parallel_split,
     rule_sgd_distributed_optimizer,
+    rule_precision_aware_optimizer_adam,
     rule_world_size,
     warn_padded_vocab,
     warn_tp_crosses_node,
@@ -92,6 +93,8 @@ from nemoc.compiler.rules.precision import (
     rule_precision_aware_bf16_moments,
     rule_bf16_layers_delayed,
     rule_bf16_layers_per_stage,
+    rule_bf16_layers_beyond_model,
+    warn_bf16_layers_overlap,
     warn_bf16_layers_without_low_precision,
     rule_precision_hardware,
     rule_te_needs_gpu,
@@ -115,7 +118,7 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_moe_expert_bias_sigmoid, rule_moe_router_groups,
     rule_cuda_graph_gpu, rule_cuda_graph_scope, rule_manual_gc_interval, rule_fsdp_distributed_optimizer,
     rule_fsdp_pipeline, rule_fsdp_shard_group, rule_fsdp_tensor_parallel_te,
-    rule_sgd_distributed_optimizer,
+    rule_sgd_distributed_optimizer, rule_precision_aware_optimizer_adam,
     rule_precision_hardware, rule_fp8_needs_te, rule_fp8_recipe, rule_fp8_param_gather, rule_te_needs_gpu, rule_fp32_attention, rule_attention_head_dim,
     rule_fp8_dims, rule_fp8_tokens, rule_seq_length_positions, rule_tp_comm_overlap,
     rule_defer_wgrad_needs_pp, rule_defer_wgrad_needs_fusion, rule_wgrad_deferral_limit,
@@ -124,6 +127,7 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_recompute_shared_experts_overlap, rule_recompute_modules_fp8,
     rule_fp8_param_gather_optimizer, rule_optimizer_state_dtype_optimizer, rule_optimizer_state_dtype_te,
     rule_precision_aware_bf16_moments, rule_bf16_layers_delayed, rule_bf16_layers_per_stage,
+    rule_bf16_layers_beyond_model,
     rule_gemma_layer_te, rule_gemma_layer_parts, rule_cross_entropy_needs_te,
 )
 
@@ -133,7 +137,7 @@ WARNING_RULES: tuple[Rule, ...] = (
     warn_fp16_loss_scaling, warn_moe_ffn_default, warn_top1_router, warn_uneven_pipeline, warn_vp_one,
     warn_selective_recompute_flash, warn_auto_attention_unfused, warn_native_cross_entropy_dtype,
     warn_recompute_modules_unused,
-    warn_bf16_layers_without_low_precision,
+    warn_bf16_layers_without_low_precision, warn_bf16_layers_overlap,
 )
 
 
@@ -203,6 +207,8 @@ CODES: dict[str, Rule] = {
     "E184": rule_precision_aware_bf16_moments,
     "E185": rule_bf16_layers_delayed,
     "E186": rule_bf16_layers_per_stage,
+    "E200": rule_bf16_layers_beyond_model,
+    "E201": rule_precision_aware_optimizer_adam,
     "E171": rule_moe_settings_dense,
     "E172": rule_moe_settings_kernels,
     "E173": rule_cuda_graph_gpu,
@@ -248,4 +254,5 @@ CODES: dict[str, Rule] = {
     "W112": warn_native_cross_entropy_dtype,
     "W116": warn_recompute_modules_unused,
     "W113": warn_bf16_layers_without_low_precision,
+    "W120": warn_bf16_layers_overlap,
 }

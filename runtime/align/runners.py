@@ -125,7 +125,7 @@ def _trainer(task: StageTask, chunk, steps: int | None = None):
         raise AlignError(f"stage {s.name} ({s.kind}): megatron_fsdp = true, but the nemoc runtime wraps {s.kind} "
                          f"models in Megatron-Core DDP ({NEMOC_RUNTIME.caps(s.kind).source}); re-plan with nemoc plan")
     return trainer.Trainer(chunk, layout=s.layout, optimizer=s.optimizer, schedule=s.schedule,
-                           steps=steps or s.steps, precision=s.execution.precision, overlaps=s.execution.overlaps)
+                           steps=steps or s.steps, execution=s.execution)
 
 
 def _finish_policy(task: StageTask, chunk, payload: dict) -> dict:

@@ -42,22 +42,31 @@ class Trainer:
     Megatron-FSDP where the plan says `megatron_fsdp` -- with its optimizer and scheduler. `chunks`: the
     wrapped chunks the schedules take (and checkpoints save); `model`: the first (the only one without
     virtual pipeline stages). Under FSDP the bare chunk's parameters are this rank's shards: evaluate and
-    save the trained model through `model` / `chunks` (`trained`)."""
+    save the trained model through `model` / `chunks` (`trained`). `execution`: the stage plan's
+    `Execution`, whose precision, overlaps, FP8 recipe and MXFP8 gradient-buffer reuse reach the DDP and
+    optimizer configs as pretraining's (runtime/core/build.py `wrap`, `build_optimizer`); without it (tests,
+    tools) `precision` and `overlaps`."""
 
-    def __init__(self, chunk, *, layout, optimizer, schedule, steps: int, precision: str = "fp32", overlaps=None):
+    def __init__(self, chunk, *, layout, optimizer, schedule, steps: int, precision: str = "fp32", overlaps=None,
+                 execution=None):
         built = chunk_list(chunk)
         config = unwrap(built[0]).config
         trainable = [p for p in chunk.parameters() if p.requires_grad]
         if not trainable:
             raise AlignError("no trainable parameters")
         frozen = len(trainable) < sum(1 for _ in chunk.parameters())
-        self.chunks = _wrap(built, config=config, layout=layout, overlaps=overlaps, frozen=frozen)
+        if execution is not None:
+            precision, overlaps = execution.precision, execution.overlaps
+        reuse_grad_buf = bool(execution is not None and execution.reuse_grad_buf_for_mxfp8_param_ag)
+        self.chunks = _wrap(built, config=config, layout=layout, overlaps=overlaps, frozen=frozen,
+                            reuse_grad_buf=reuse_grad_buf)
         self.model = self.chunks[0]
         self._bare = chunk
         try:
             self.optimizer, self.scheduler = core_build.optimizer_for(
                 model=self.chunks, optimizer=optimizer, schedule=schedule, layout=layout, precision=precision,
-                steps=steps)
+                steps=steps, reuse_grad_buf=reuse_grad_buf,
+                fp8_recipe=execution.fp8_recipe if execution is not None else None)
         except margs.UnsupportedPlan as exc:
             raise AlignError(str(exc)) from None
         self.step_count = 0
@@ -122,7 +131,7 @@ class Trainer:
         return average_reports(reports)
 
 
-def _wrap(built: list, *, config, layout, overlaps, frozen: bool) -> list:
+def _wrap(built: list, *, config, layout, overlaps, frozen: bool, reuse_grad_buf: bool = False) -> list:
     """The trained model's chunks in Megatron DDP, or in Megatron-FSDP's FullyShardedDataParallel where the
     plan says `megatron_fsdp` (ZeRO-3 over the DP x CP group, as pretraining: runtime/core/build.py `wrap`).
     A model with frozen parameters (LoRA's base) is refused under FSDP: the planner plans those stages
@@ -134,7 +143,8 @@ def _wrap(built: list, *, config, layout, overlaps, frozen: bool) -> list:
     if layout.megatron_fsdp and frozen:
         raise AlignError("megatron_fsdp = true with frozen parameters (LoRA adapters on a frozen base): nemoc wraps "
                          "only fully trained models in Megatron-FSDP; re-plan (nemoc plans LoRA stages without it)")
-    ddp_config = margs.ddp_config(layout=layout, overlaps=overlaps, cpu=mcore_cpu.is_applied())
+    ddp_config = margs.ddp_config(layout=layout, overlaps=overlaps, cpu=mcore_cpu.is_applied(),
+                                  reuse_grad_buf=reuse_grad_buf)
     if not layout.megatron_fsdp:
         return mmodel.wrap_ddp(chunks=built, config=config, ddp_config=ddp_config)
     return mmodel.wrap_fsdp(chunks=built, config=config, ddp_config=ddp_config)

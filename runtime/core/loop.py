@@ -269,7 +269,7 @@ def rerun_nonfinite(attempt: Callable[[], tuple], *, step: int, lr: Callable[[],
 def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, seq_length: int,
                step: int = 0, warn: Callable[[str], None] = print, reports: tuple[str, ...] = ("lm loss",),
                micro_batch: int | None = None, stop: StopSignal | None = None,
-               forward_backward: Callable | None = None):
+               forward_backward: Callable | None = None, gather: ParamGather | None = None):
     """One optimizer step over num_microbatches micro-batches. Returns (per report, the loss first, its
     [sum, count] over the step's micro-batches of the whole job as host floats, grad_norm, ok, the stop
     signal agreed over the ranks: 0, or the signal any rank had seen by the loss check of this step).
@@ -279,7 +279,8 @@ def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, 
     parameters, micro-batches and RNG state). A finite rerun is a transient fault (warned, training
     goes on); a second non-finite loss raises LossDiverged. Wrap `iterators` in ReplayableIterator for
     the rerun to see the same micro-batches. `forward_backward`: the schedule to run (default
-    `get_forward_backward_func()`; StepGraphs' whole-step CUDA graph wraps it)."""
+    `get_forward_backward_func()`; StepGraphs' whole-step CUDA graph wraps it). `gather`: the loop's
+    ParamGather, which stages the main parameters for an MXFP8 gather through the gradient buffer."""
     replayable = [it for it in _each_iterator(iterators) if isinstance(it, ReplayableIterator)]
     for it in replayable:
         it.begin_step()
@@ -287,7 +288,7 @@ def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, 
     def attempt():
         losses = _forward_backward(forward_step=forward_step, iterators=iterators, model=model, optimizer=optimizer,
                                    layout=layout, seq_length=seq_length, micro_batch=micro_batch,
-                                   forward_backward=forward_backward)
+                                   forward_backward=forward_backward, gather=gather)
         sums, signum = _step_sums_and_stop(losses, reports, stop)
         return (sums, signum), "loss", _means(sums[:1])[0]
 
@@ -304,10 +305,13 @@ def train_step(*, forward_step, iterators, model, optimizer, scheduler, layout, 
 
 
 def _forward_backward(*, forward_step, iterators, model, optimizer, layout, seq_length: int,
-                      micro_batch: int | None = None, forward_backward: Callable | None = None) -> list[dict]:
+                      micro_batch: int | None = None, forward_backward: Callable | None = None,
+                      gather: ParamGather | None = None) -> list[dict]:
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    if gather is not None:  # MXFP8 through the gradient buffer: the main parameters into it (Megatron-LM train_step)
+        gather.before_forward()
     losses = (forward_backward or get_forward_backward_func())(
         forward_step_func=forward_step, data_iterator=iterators, model=model,
         num_microbatches=layout.num_microbatches, seq_length=seq_length,
@@ -470,7 +474,7 @@ def train_loop(*, model, optimizer, scheduler, stage: StagePlan, forward_step, t
         return make_valid_iterators is not None and bool(stage.eval_every) and (
             state.iteration % stage.eval_every == 0 or last)
 
-    gather = ParamGather(model, getattr(model[0], "config", None))
+    gather = ParamGather(model, getattr(model[0], "config", None), optimizer)
 
     def validate() -> float:
         set_phase(f"validation at step {state.iteration}")
@@ -523,7 +527,7 @@ def _train_steps(*, model, optimizer, scheduler, stage: StagePlan, forward_step,
                                          seq_length=seq_length, step=state.iteration + 1,
                                          warn=lambda text: metrics.event("transient_fault", message=text),
                                          reports=reports, micro_batch=micro_batch, stop=stop,
-                                         forward_backward=graphs.forward_backward)
+                                         forward_backward=graphs.forward_backward, gather=gather)
         graphs.after_step()
         gather.after_step(ok)
         state.iteration += 1

@@ -608,3 +608,18 @@ def test_a_dpo_reference_pass_runs_the_bf16_layers_too() -> None:
     kw = dict(gpu="H100", seq_length=4096, precision="fp8", stage_kind="dpo")
     base, kept = estimate(m, lay, **kw), estimate(m, lay, bf16_layers=(0, 2), **kw)
     assert kept.parts["other_passes"] > base.parts["other_passes"] and kept.parts["bf16_layers"] > 0
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_the_rollout_prefill_runs_the_bf16_layers_too(pp) -> None:
+    """PPO / GRPO rollouts prefill the prompts through the trained model, whose first / last layers stay in
+    bf16 under fp8: the prefill pays bf16's rate for them, one stage (pp 1: `_pass_time`) or stage by stage
+    (pp 2: `_stage_times` of the whole batch), and so the rollout part grows with them. Before, neither
+    branch received the bf16 layers."""
+    m = PRESETS["llama3_8b"]
+    lay = layout(tp=2, pp=pp, dp=4 // pp, global_batch=64, num_microbatches=16 * pp, sequence_parallel=True)
+    kw = dict(gpu="H100", seq_length=4096, precision="fp8", stage_kind="grpo")
+    base, kept = estimate(m, lay, **kw), estimate(m, lay, bf16_layers=(2, 2), **kw)
+    assert base.parts["rollout"] > 0
+    assert kept.parts["rollout"] > base.parts["rollout"]
+    assert estimate(m, lay, bf16_layers=(0, 0), **kw).parts["rollout"] == base.parts["rollout"]

@@ -683,3 +683,54 @@ def test_e144_refuses_sinkhorn_with_an_aux_loss_exactly_where_megatron_cores_rou
         assert "moe_aux_loss_coeff" in refused.equation
         with pytest.raises(AssertionError, match="Sinkhorn routing does not support aux loss"):
             _route(spec)
+
+
+def _megatron_layer_runs(layers: int, pp: int, vp, split):
+    """(stage, first layer, count) of every model chunk by Megatron-Core's own functions (transformer_layer.py
+    `get_transformer_layer_offset`, transformer_block.py `get_num_layers_to_build`) on the split's config."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    settings = dict(num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
+                    account_for_embedding_in_pipeline_split=False, account_for_loss_in_pipeline_split=False)
+    settings.update(split.params())
+    config = SimpleNamespace(num_layers=layers, pipeline_model_parallel_size=pp, pipeline_model_parallel_layout=None,
+                             virtual_pipeline_model_parallel_size=vp, mtp_num_layers=None, **settings)
+    return [(s, get_transformer_layer_offset(config, c if vp else None, s),
+             get_num_layers_to_build(config, c if vp else None, s)) for c in range(vp or 1) for s in range(pp)]
+
+
+def test_bf16_layers_sit_on_the_stages_where_megatron_core_builds_them():
+    """`flops.chunk_runs` / `bf16_layers_per_stage` against Megatron-Core 0.16.1's own layer offsets and
+    counts, for every split nemoc gives Megatron (even, uneven first / last, the embedding and / or the loss
+    counted as layers) with and without virtual stages, and first / last bf16 ranges that overlap (a layer
+    among both is one bf16 layer: fp8_utils.py `is_first_last_bf16_layer` is `first OR last`). Before, with
+    virtual stages and an accounted split each chunk got floor(stage / vp) layers (layers lost), and an
+    overlapping layer counted twice."""
+    from nemoc.compiler.flops import bf16_layers_per_stage, chunk_runs
+    from nemoc.compiler.rules.pipeline import pipeline_split
+
+    checked = accounted = 0
+    for layers in (8, 12, 16, 24, 30, 32, 62, 126):
+        for pp in (2, 3, 4, 8):
+            for vp in (None, 2, 4, 8):
+                split = pipeline_split(layers, pp, vp)
+                if split is None:
+                    continue
+                stages = None if split.even else split.stage_layers(pp)
+                try:
+                    truth_runs = sorted(_megatron_layer_runs(layers, pp, vp, split))
+                except ZeroDivisionError:  # Megatron's own offset arithmetic divides by zero middle stages
+                    continue
+                assert sorted(chunk_runs(layers, pp, vp, stages)) == truth_runs, (layers, pp, vp, split)
+                accounted += bool(vp and (split.embedding or split.loss))
+                for first, last in ((1, 0), (0, 1), (2, 2), (3, 1), (layers - 1, 2), (layers, layers)):
+                    truth = [0] * pp
+                    for stage, lo, n in truth_runs:
+                        truth[stage] += sum(1 for i in range(lo, lo + n) if i < first or i >= layers - last)
+                    assert bf16_layers_per_stage(layers, pp, vp, stages, first, last) == tuple(truth), \
+                        (layers, pp, vp, split, first, last)
+                    checked += 1
+    assert checked > 300 and accounted >= 5  # the cases the old code got wrong are among them

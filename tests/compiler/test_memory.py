@@ -308,6 +308,8 @@ def test_fp32_moment_precision_aware_optimizer_keeps_a_master_remainder_and_no_f
         assert step > 0 and new.parts.get("optimizer_step_fp32_grads", 0) == (0 if copy_gone else step)
     assert memory.optimizer_bytes(lay, "bf16", None) == (4, 4, True)
     assert memory.optimizer_bytes(aware, "bf16", None) == (4, 2, False)
+    # nvfp4 has no fp8_recipe (its FP4 recipe is TransformerConfig's): FusedAdam owns the master, 10 B not 12 B
+    assert memory.optimizer_bytes(aware, "nvfp4", None) == (4, 2, False)
 
 
 def test_precision_aware_optimizer_through_the_language(tmp_path) -> None:
@@ -391,3 +393,33 @@ def test_layers_kept_in_bf16_hold_no_low_precision_copies_and_save_16_bit_inputs
     first0, last0 = memory.pipeline_stages(model, piped[0], precision="nvfp4", gpu="B200")
     assert first.parts["fp4_weight_cache"] == first0.parts["fp4_weight_cache"]
     assert last.parts["fp4_weight_cache"] < last0.parts["fp4_weight_cache"]
+
+
+def test_megatron_fsdp_never_reuses_the_gradient_buffer_for_mxfp8(tmp_path) -> None:
+    """Under Megatron-FSDP the distributed optimizer keeps no DDP buffers (Megatron-Core 0.16.1
+    distrib_optimizer.py returns from `__init__` before `self.buffers` with `use_megatron_fsdp`): a plan with
+    reuse_grad_buf_for_mxfp8_param_ag failed at the first step with AttributeError. Megatron-FSDP gathers MXFP8
+    parameters itself: the flag stays off and the note says who gathers."""
+    from nemoc.compiler.execution import reuses_grad_buffer
+    from nemoc.compiler.lower import compile_file
+    from nemoc.compiler.planner import plan_experiment
+
+    lay = Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=8, micro_batch=1, global_batch=8, num_microbatches=1,
+                 sequence_parallel=False, distributed_optimizer=True, recompute="none", fp8_param_gather=True)
+    assert reuses_grad_buffer("mxfp8", lay)
+    assert not reuses_grad_buffer("mxfp8", dataclasses.replace(lay, megatron_fsdp=True))
+
+    path = tmp_path / "m.nemo"
+    path.write_text("experiment m {\n  cluster { gpu = B200  nodes = 1  gpus_per_node = 8 }\n"
+                    "  model llama3_8b { seq_length = 4096 }\n"
+                    "  parallel { tensor = 1  pipeline = 1  data = 8  micro_batch = 1  recompute = none  "
+                    "fp8_param_gather = true  megatron_fsdp = true }\n  precision = mxfp8\n"
+                    "  stage pretrain { steps = 10  global_batch = 64 }\n}\n")
+    spec, diags, _ = compile_file(str(path))
+    assert not [d for d in diags if d.is_error], diags
+    result = plan_experiment(spec)
+    stage, notes = result.plan.stages[0], result.stages[0].notes
+    assert stage.layout.megatron_fsdp and stage.layout.fp8_param_gather
+    assert not stage.execution.reuse_grad_buf_for_mxfp8_param_ag
+    assert any("Megatron-FSDP's own buffers" in n for n in notes)
+    assert not any("through the gradient buffer" in n for n in notes)

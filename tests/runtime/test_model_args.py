@@ -715,6 +715,21 @@ def test_fp32_moment_precision_aware_optimizer_reaches_megatron_cores_optimizer_
                                                 fp8_recipe=recipe).use_precision_aware_optimizer_no_fp8_or_ds_fp8
                  for recipe in ("delayed", "tensorwise")}
     assert owned == {"delayed": True, "tensorwise": False}
+    # memory.optimizer_bytes sizes every precision as the runtime's OptimizerConfig runs it: FusedAdam owns the
+    # master weight (2-byte remainder, no fp32 gradient copy) exactly where Megatron-Core says so -- nvfp4
+    # included, whose recipe is no fp8_recipe (10 B per parameter with fp32 moments, not 12)
+    from nemoc.compiler.memory import optimizer_bytes
+
+    for precision, recipe in (("bf16", None), ("fp8", "delayed"), ("fp8", "tensorwise"), ("mxfp8", "mxfp8"),
+                              ("nvfp4", None)):
+        with mock.patch.dict(sys.modules, fake), mock.patch(te_version, lambda *a, **k: True):
+            oc = margs.optimizer_config(optimizer=opt, schedule=sched, layout=layout, precision=precision,
+                                        fp8_recipe=recipe)
+        moment, master, copy = optimizer_bytes(layout, precision, recipe)
+        runtime_owns = oc.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+        assert (not copy, master == 2) == (runtime_owns, runtime_owns and oc.store_param_remainders and oc.bf16), \
+            precision
+    assert sum(optimizer_bytes(layout, "nvfp4", None)[:2]) + optimizer_bytes(layout, "nvfp4", None)[0] == 10
 
 
 def test_bf16_optimizer_state_in_the_megatron_lm_command_line():
