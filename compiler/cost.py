@@ -609,7 +609,8 @@ def selective_replay(model: ModelSpec, layout: Layout, hw: HardwareSpec, modules
     the backward: `tensor_parallel.checkpoint` for mlp / moe / shared_experts, `CheckpointWithoutOutput`
     for layernorm / moe_act).
     GEMMs: the forward GEMMs of the module (`layer_times`' own forward times, indices of
-    `_layer_gemm_shapes`: 2, 3 the MLP or the routed experts, 4, 5 the shared experts).
+    `_layer_gemm_shapes`: 2, 3 the MLP or the routed experts, 4, 5 the shared experts; `mla_up_proj`: MLA's
+    up projections, 0 and the one before the key/value down projection).
     Element-wise: the activations the module frees are what its forward writes (memory.layer_activations
     with and without it), streamed at the same `kappa` per byte as every forward (`elementwise`
     is kappa x activations x passes / 3).
@@ -620,6 +621,10 @@ def selective_replay(model: ModelSpec, layout: Layout, hw: HardwareSpec, modules
     gemm = forward_gemm[2] + forward_gemm[3] if whole_mlp else 0.0
     if model.is_moe and ("moe" in modules or "shared_experts" in modules):
         gemm += sum(forward_gemm[4:6])
+    if "mla_up_proj" in modules and model.multi_latent_attention:
+        # the key/value up projection (index 0) and the query's up projection (or its direct projection
+        # without a query latent), the GEMM just before the key/value down projection (`_mla_gemm_shapes`)
+        gemm += forward_gemm[0] + forward_gemm[-2]
     kw = dict(seq=seq, micro_batch=micro_batch, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
               etp=layout.etp, attention_backend=attention_backend, dropout=dropout, kernels=kernels)
     others = tuple(m for m in modules if m != "core_attn")
