@@ -64,7 +64,7 @@ def rule_mla_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | 
         f"multi_latent_attention = true with stage kind {stage.kind}: the nemoc runtime runs MLA in pretrain "
         "stages only (no DeepSeek Hugging Face mapping, LoRA targets or rollout KV cache for MLA)",
         "train the MLA model with `pretrain` stages",
-        anchors=("stage", "model.multi_latent_attention", "model")), spec, stage)
+        anchors=("stage.kind",)), spec, stage)
 
 
 def rule_export_after(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
