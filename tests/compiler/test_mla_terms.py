@@ -95,3 +95,26 @@ def test_mla_layer_time_counts_the_extra_gemms_and_wider_core():
     recomputed = cost.layer_times(V3_ATTN, replace(lay, recompute="selective", recompute_modules=("mla_up_proj",)),
                                   hw, seq=4096, precision="bf16", attention_backend="flash", micro_batch=1)
     assert recomputed.gemm > mla.gemm  # the up projections' forward runs again
+
+
+@pytest.mark.parametrize("name, dense_layers, published, published_active", [
+    # DeepSeek-V3 without its MTP module: 671B total, 37B active (arXiv:2412.19437 Sec. 1); HF's safetensors
+    # add the routers' e_score_correction_bias (256 x 58 = 14,848), which Megatron-Core keeps as a buffer
+    ("deepseek_v3", 3, 671_026_404_352, 37_552_282_624),
+    # DeepSeek-V2-Lite: 15.7B total (arXiv:2405.04434 Appendix B; HF deepseek-ai/DeepSeek-V2-Lite)
+    ("deepseek_v2_lite", 1, 15_706_484_224, 2_661_150_208),
+])
+def test_deepseek_presets_differ_from_the_published_models_by_their_dense_first_layers(name, dense_layers, published,
+                                                                                        published_active):
+    """nemoc has no dense-layer prefix (first_k_dense_replace / moe_layer_freq): the presets make every layer
+    MoE. The published architecture's count is the preset's less, per dense layer, the MoE layer's MLP
+    (experts + shared expert + router) plus the dense MLP (SwiGLU of ffn_hidden)."""
+    from nemoc.compiler.catalog.models import get_preset
+    from nemoc.compiler.flops import _mlp_params
+
+    m = get_preset(name)
+    counts, dense = param_counts(m), _mlp_params(m, m.ffn_hidden)
+    assert counts.total - dense_layers * (counts.mlp - dense) == published
+    assert counts.active - dense_layers * (counts.mlp_active - dense) == published_active
+    assert counts.active == pytest.approx(published_active, rel=1e-3)  # a token's work: within 0.1 %
+    assert round(published / 1e9) == {"deepseek_v3": 671, "deepseek_v2_lite": 16}[name]
