@@ -998,6 +998,21 @@ def _lm_tp_comm(stage, notes: list[str]) -> list[str]:
     return ["--tp-comm-overlap", f"--tp-comm-bootstrap-backend {ub.bootstrap_backend}"]
 
 
+def _lm_mla(model: ModelSpec, notes: list[str]) -> list[str]:
+    """Multi-latent attention as Megatron-LM's MLA flags (`--multi-latent-attention` and the
+    MLATransformerConfig fields of the same names; `mla_kwargs` is what the nemoc runtime sets)."""
+    kw = mla_kwargs(model)
+    out = ["--multi-latent-attention"]
+    out += _flags({k: kw[k] for k in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim",
+                                      "v_head_dim", "rope_type")})
+    if model.rope_type == "yarn":
+        out += _flags({k: kw[k] for k in ("rotary_scaling_factor", "mscale", "mscale_all_dim")})
+        notes.append(f"YaRN original_max_position_embeddings {model.original_max_position_embeddings}, beta_fast "
+                     f"{model.beta_fast:g}, beta_slow {model.beta_slow:g}: MLATransformerConfig fields, not written as "
+                     "flags here (check that your Megatron-LM's defaults or flags match)")
+    return out
+
+
 def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:
     out = {"swiglu": ["--swiglu"], "squared_relu": ["--squared-relu"], "gelu": [],
            "gelu_tanh": ["--openai-gelu"]}.get(model.activation)
@@ -1010,8 +1025,10 @@ def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:
     out.append(f"--position-embedding-type {position}")
     if model.position == "rope":
         out.append(f"--rotary-base {_shell_word(model.rotary_base)}")
-        if model.rope_scaling_factor != 1.0:
+        if model.rope_scaling_factor != 1.0 and not model.multi_latent_attention:
             out += ["--use-rope-scaling", f"--rope-scaling-factor {_shell_word(model.rope_scaling_factor)}"]
+    if model.multi_latent_attention:
+        out += _lm_mla(model, notes)
     if not model.tie_embeddings:
         out.append("--untie-embeddings-and-output-weights")
     if not model.add_bias_linear or model.is_moe:
