@@ -582,6 +582,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     replays = passes + (1.0 if layout.recompute == "full" and backward else 0.0)  # recompute replays the forward
     host = host_issue_time(launches * replays / 3.0, hw)
     tp_comm = _tp_comm(model, layout, hw, tokens, passes, params, overlap_tp)
+    tp_comm = max(0.0, tp_comm + _mla_tp_comm(model, layout, hw, tokens, passes, params, overlap_tp, kernels))
     cp_comm = _cp_comm(model, layout, hw, tokens, passes, attn_fwd, attention, params)
     ep_comm = _ep_comm(model, layout, hw, tokens, passes, params, moe.dispatcher)
     if backward and set(modules) - {"core_attn"}:
@@ -682,6 +683,44 @@ def _tp_comm(model, layout, hw, tokens, passes, params, overlap: bool = False) -
     # Transformer Engine's userbuffer overlap needs the TP group inside one NVLink domain (CUDA IPC /
     # NVLink SHARP); a TP group that spans domains runs NCCL collectives on the critical path.
     # Without `tp_comm_overlap` (the nemoc runtime today) every collective is on the critical path.
+    exposure = params.tp_exposure(hw.generation) if overlap and layout.tp <= hw.nvlink_domain else 1.0
+    return volume / _link_bw(hw, layout.tp, 1, params) * exposure
+
+
+def _mla_tp_widths(model: ModelSpec, sp: bool, kernels: str) -> tuple[float, float]:
+    """(forward, backward) element widths per token that multi-latent attention's TP collectives move
+    beyond standard attention's (an all-gather of h before QKV forward, its reduce-scatter / all-reduce
+    backward), from multi_latent_attention.py `get_query_key_value_tensors`:
+
+    - local spec (every MLA linear column-parallel, gpt_layer_specs.py): the query's and the key/value's
+      down projections each gather the hidden state (h more than one QKV) and reduce its gradient; their
+      outputs are all-gathered (`gather_from_tensor_model_parallel_region`: q_lora_rank and kv_lora_rank +
+      qk_pos_emb_head_dim forward, a split backward); the up projections gather their latents with SP
+      (q_lora_rank + kv_lora_rank) and reduce their input gradients either way (q_lora_rank + kv_lora_rank).
+      Without a query latent the query projection reads the hidden state (the same h more).
+    - Transformer Engine's spec (down projections duplicated, TELinear): no collective at the down
+      projections; the up projections gather the latents (SP) instead of the hidden state and the key's
+      RoPE part is gathered from the SP region (q_lora_rank + kv_lora_rank + qk_pos_emb_head_dim - h, usually
+      negative: cheaper than standard attention); backward the mirror (without SP only the up projections'
+      input gradients are reduced: q_lora_rank + kv_lora_rank - h)."""
+    h, rq, rkv, pe = model.hidden, model.q_lora_rank, model.kv_lora_rank, model.qk_pos_emb_head_dim
+    if kernels == "local":
+        forward = h + rq + rkv + pe + ((rq + rkv) if sp else 0.0)
+        backward = h + rq + rkv
+        return forward, backward
+    if sp:
+        return rq + rkv + pe - h, rq + rkv + pe - h
+    return 0.0, rq + rkv - h
+
+
+def _mla_tp_comm(model, layout, hw, tokens, passes, params, overlap: bool, kernels: str) -> float:
+    """Seconds of MLA's TP collectives beyond standard attention's (`_mla_tp_widths`), priced as `_tp_comm`
+    prices the standard ones (16-bit, (tp - 1) / tp of the tensor per GPU on a ring)."""
+    if layout.tp == 1 or not model.multi_latent_attention:
+        return 0.0
+    forward, backward = _mla_tp_widths(model, layout.sequence_parallel, kernels)
+    width = forward + (backward if passes > 1 else 0.0)  # forward-only passes (eval, rollouts) gather only
+    volume = tokens * 2.0 * width * (layout.tp - 1) / layout.tp
     exposure = params.tp_exposure(hw.generation) if overlap and layout.tp <= hw.nvlink_domain else 1.0
     return volume / _link_bw(hw, layout.tp, 1, params) * exposure
 

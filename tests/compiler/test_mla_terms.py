@@ -118,3 +118,24 @@ def test_deepseek_presets_differ_from_the_published_models_by_their_dense_first_
     assert counts.active - dense_layers * (counts.mlp_active - dense) == published_active
     assert counts.active == pytest.approx(published_active, rel=1e-3)  # a token's work: within 0.1 %
     assert round(published / 1e9) == {"deepseek_v3": 671, "deepseek_v2_lite": 16}[name]
+
+
+def test_mla_tp_collectives():
+    """The local spec's MLA gathers the hidden state twice (query and key/value down projections) and the
+    latents; Transformer Engine's gathers the latents instead of the hidden state (cheaper for DeepSeek-V3:
+    1536 + 512 + 64 < 7168)."""
+    assert cost._mla_tp_widths(V3_ATTN, True, "local") == (7168 + 1536 + 576 + 1536 + 512, 7168 + 1536 + 512)
+    assert cost._mla_tp_widths(V3_ATTN, False, "local") == (7168 + 1536 + 576, 7168 + 1536 + 512)
+    assert cost._mla_tp_widths(V3_ATTN, True, "te") == (1536 + 576 - 7168, 1536 + 576 - 7168)
+    hw = get_gpu("H100")
+    lay = Layout(tp=8, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=1, global_batch=8, num_microbatches=8,
+                 sequence_parallel=True, distributed_optimizer=True, recompute="none")
+    std = ModelSpec(name="std", layers=1, hidden=7168, heads=128, query_groups=128, ffn_hidden=18432, vocab=129280,
+                    seq_length=4096)
+    kw = dict(seq=4096, precision="bf16", attention_backend="flash", micro_batch=1)
+    base = cost.layer_times(std, lay, hw, **kw).tp_comm
+    te = cost.layer_times(V3_ATTN, lay, hw, **kw).tp_comm
+    local = cost.layer_times(V3_ATTN, lay, hw, kernels="local", **kw).tp_comm
+    # standard: 8 transfers of h per layer (4 forward, 4 backward); MLA adds its widths on top
+    assert te == pytest.approx(base * (8 * 7168 + 2 * (1536 + 576 - 7168)) / (8 * 7168))
+    assert local == pytest.approx(base * (8 * 7168 + 7168 * 2 + 1536 * 3 + 576 + 512 * 2) / (8 * 7168))
