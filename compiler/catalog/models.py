@@ -165,8 +165,10 @@ _ALL: tuple[ModelSpec, ...] = (
 # 15,706,484,224); the parameters a token touches stay within 0.1 % (37,557,787,648 vs 37,552,282,624;
 # 2,663,247,360 vs 2,661,150,208). Memory (weights, gradients, optimizer states) is overestimated by about as
 # much; tests/compiler/test_mla_terms.py checks these numbers.
-_DEEPSEEK_V2 = "DeepSeek-V2 (arXiv:2405.04434) Sec. 2; HF deepseek-ai/DeepSeek-V2-Lite config.json"
-_DEEPSEEK_V3 = "DeepSeek-V3 (arXiv:2412.19437) Sec. 2, Table of hyper-parameters Sec. 4.2; HF deepseek-ai/DeepSeek-V3 config.json"
+_DEEPSEEK_V2 = ("DeepSeek-V2 (arXiv:2405.04434) Sec. 2; HF deepseek-ai/DeepSeek-V2-Lite config.json; every layer MoE "
+                "here (published: first layer dense, 15.71B)")
+_DEEPSEEK_V3 = ("DeepSeek-V3 (arXiv:2412.19437) Sec. 2, 4.2; HF deepseek-ai/DeepSeek-V3 config.json; every layer MoE "
+                "here (published: first 3 layers dense, 671.03B)")
 
 
 def _deepseek(name: str, layers: int, hidden: int, heads: int, ffn: int, vocab: int, q_lora: int, experts: int,
