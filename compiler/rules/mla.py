@@ -10,6 +10,7 @@ each rule names the field that breaks it and the Megatron source it mirrors.
 from __future__ import annotations
 
 from nemoc.compiler.rules.base import _P, Env, Sizes, Violation
+from nemoc.compiler.spec import ModelSpec
 from nemoc.dsl.diagnostics import Severity
 
 _MLA = "megatron/core/transformer/multi_latent_attention.py"
@@ -18,7 +19,7 @@ MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim
               "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 
 
-def _standard_attention_conflicts(m) -> list[tuple[str, str, str]]:
+def _standard_attention_conflicts(m: ModelSpec) -> list[tuple[str, str, str]]:
     """(field, equation, why) for each standard-attention setting an MLA model cannot take."""
     out = []
     if m.query_groups != m.heads:
@@ -136,8 +137,6 @@ def rule_mla_rope(env: Env, s: Sizes) -> Violation | None:
 def warn_mla_fields_unused(env: Env, s: Sizes) -> Violation | None:
     """MLA fields on a model without `multi_latent_attention`: Megatron never reads them (TransformerConfig
     has none of them); the model is standard attention."""
-    from nemoc.compiler.spec import ModelSpec
-
     m = env.model
     if m.multi_latent_attention:
         return None
