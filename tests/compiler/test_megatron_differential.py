@@ -113,8 +113,9 @@ def experiments(draw) -> ExperimentSpec:
     if draw(st.integers(0, 5)) == 0:  # multi-latent attention (MLATransformerConfig): its own head dimensions
         mla = dict(multi_latent_attention=True, q_lora_rank=draw(st.sampled_from([0, 16, 24, 33])),
                    kv_lora_rank=draw(st.sampled_from([16, 32, 31])), qk_head_dim=draw(st.sampled_from([8, 16])),
-                   qk_pos_emb_head_dim=draw(st.sampled_from([4, 8, 8, 7])), v_head_dim=draw(st.sampled_from([8, 12, 16])),
-                   rope_type=draw(st.sampled_from(["rope", "yarn"])), rope_scaling_factor=draw(st.sampled_from([1.0, 4.0])))
+                   qk_pos_emb_head_dim=draw(st.sampled_from([4, 8, 8, 7])),
+                   v_head_dim=draw(st.sampled_from([8, 12, 16])), rope_type=draw(st.sampled_from(["rope", "yarn"])),
+                   rope_scaling_factor=draw(st.sampled_from([1.0, 4.0])))
         if not wild:
             groups, kv_channels = heads, None
     model = ModelSpec(

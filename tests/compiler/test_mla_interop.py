@@ -38,7 +38,8 @@ def test_a_deepseek_preset_round_trips_as_itself(tmp_path, name):
     imported, model = _round_trip(tmp_path, get_preset(name))
     assert f"model {name} {{" in imported.text and f"exactly the {name} preset" in imported.text, imported.text
     assert {f: getattr(model, f) for f in MLA_FIELDS} == {f: getattr(get_preset(name), f) for f in MLA_FIELDS}
-    assert not any(d.split()[0] in ("--multi-latent-attention", "--kv-lora-rank", "--rope-type") for d in imported.dropped)
+    mla_flags = ("--multi-latent-attention", "--kv-lora-rank", "--rope-type")
+    assert not any(d.split()[0] in mla_flags for d in imported.dropped)
 
 
 def test_an_explicit_mla_model_round_trips_its_mla_fields(tmp_path):

@@ -44,7 +44,8 @@ def _experiment(tmp_path: Path, tensor: int) -> Path:
     text = (EXAMPLES / "quickstart.nemo").read_text()
     start, end = text.index("  model tiny_gpt {"), text.index("  parallel {")
     text = text[:start] + MLA_MODEL + "\n" + text[end:]
-    text = text.replace("vocab_size = 4096", "vocab_size = 1024").replace("    tensor = 1\n", f"    tensor = {tensor}\n")
+    text = text.replace("vocab_size = 4096", "vocab_size = 1024")
+    text = text.replace("    tensor = 1\n", f"    tensor = {tensor}\n")
     text = text.replace("micro_batch = auto", "micro_batch = 2").replace("warmup = 30", "warmup = 2")
     data = tmp_path / "data" / "quickstart"
     data.mkdir(parents=True, exist_ok=True)
