@@ -174,8 +174,7 @@ def fusions(model: ModelSpec, kernels: str, cross_entropy: str | None = None,
     memory models price: TE's fused RoPE, the fused bias-SwiGLU / bias-GELU (TransformerConfig allows
     it for SwiGLU, GeGLU, and GELU with biases), the fused bias-dropout-add and the weight-gradient
     accumulation into main_grad inside the GEMM (MLA: RoPE fused with YaRN only); none of them on the local spec
-    (its unfused kernels are
-    what `kernels = local` prices). The cross entropy is the experiment's `cross_entropy_fusion`
+    (its unfused kernels are what `kernels = local` prices). The cross entropy is the experiment's `cross_entropy_fusion`
     (`cross_entropy_of`: te | native | none, which reads `host`'s CUDA graphs and the `precision`), on either
     spec."""
     ce = cross_entropy_of(kernels, cross_entropy, host, precision)
