@@ -53,12 +53,19 @@ def rule_data_format(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | Non
 
 
 def rule_mla_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
-    """The nemoc runtime, not Megatron: multi-latent attention models train in `pretrain` stages (the
-    path tested end to end on Megatron-Core's MLASelfAttention). The other kinds need what nemoc has
+    """The nemoc runtime, not Megatron: multi-latent attention models train in `pretrain` stages from scratch
+    (the path tested end to end on Megatron-Core's MLASelfAttention). The other kinds need what nemoc has
     only for standard attention: a Hugging Face mapping (export, hf init), LoRA targets (`qkv` is no MLA
     projection), the generator's KV cache (rollouts)."""
-    if not spec.model.multi_latent_attention or stage.kind == "pretrain":
+    if not spec.model.multi_latent_attention or (stage.kind == "pretrain" and not spec.model.init):
         return None
+    if stage.kind == "pretrain":  # from a Hugging Face checkpoint: runtime/hf maps standard attention only
+        return _stage_diagnostic(Violation(
+            "E170", "a multi-latent attention model cannot start from a Hugging Face checkpoint yet",
+            f"multi_latent_attention = true with init = hf({spec.model.init!r}): nemoc has no DeepSeek Hugging Face "
+            "mapping (runtime/hf/ maps standard attention only)",
+            "pretrain the MLA model from scratch (remove `init`), or remove multi_latent_attention",
+            anchors=("model.init", "model.multi_latent_attention", "model")), spec, stage)
     return _stage_diagnostic(Violation(
         "E170", f"`{stage.kind}` stages cannot run multi-latent attention models yet",
         f"multi_latent_attention = true with stage kind {stage.kind}: the nemoc runtime runs MLA in pretrain "
