@@ -43,6 +43,7 @@ from nemoc.compiler.flops import (
     is_gated,
     layers_on_stage,
     lora_params_per_layer,
+    mla_projection_shapes,
     padded_vocab,
     param_counts,
     recomputed_fraction,
@@ -281,7 +282,9 @@ def _local_extra_kernels(model: ModelSpec) -> float:
     n += 2 * (7 + 12 - 4) if model.norm == "rmsnorm" else 0.0
     n += 2 * (7 + 6 - 4) if model.position == "rope" else 0.0
     n += (3 + 5 - 2) if is_gated(model) else 0.0
-    n += 4.0 if model.query_groups < model.heads else 0.0
+    n += 4.0 if model.query_groups < model.heads and not model.multi_latent_attention else 0.0
+    if model.multi_latent_attention and model.qk_layernorm and model.norm == "rmsnorm":
+        n += (2 if model.q_lora_rank else 1) * (7 + 12 - 4)  # the latents' composite RMSNorms
     return n
 
 
@@ -296,6 +299,16 @@ def _local_traffic(model: ModelSpec, tokens: float, tp: int, rep: int) -> tuple[
     if is_gated(model) and not model.is_moe:
         fwd += LOCAL_GLU_BYTES[0] * tokens * model.ffn_hidden / tp
         bwd += LOCAL_GLU_BYTES[1] * tokens * model.ffn_hidden / tp
+    if model.multi_latent_attention:
+        # torch RoPE on every head's query PE part and the one shared key PE part; no GQA expansion; the
+        # latents' RMSNorms (local spec: composite) like the layer's own
+        pe = (a + 1) * model.qk_pos_emb_head_dim
+        fwd += LOCAL_ROPE_BYTES[0] * tokens * pe / tp
+        bwd += LOCAL_ROPE_BYTES[1] * tokens * pe / tp
+        if model.qk_layernorm and model.norm == "rmsnorm":
+            fwd += LOCAL_NORM_BYTES[0] * tokens * (model.q_lora_rank + model.kv_lora_rank) / rep
+            bwd += LOCAL_NORM_BYTES[1] * tokens * (model.q_lora_rank + model.kv_lora_rank) / rep
+        return fwd, bwd
     if model.position == "rope":
         fwd += LOCAL_ROPE_BYTES[0] * tokens * (a + g) * d / tp
         bwd += LOCAL_ROPE_BYTES[1] * tokens * (a + g) * d / tp
@@ -385,7 +398,10 @@ def _layer_gemm_shapes(model: ModelSpec, tp: int, ep: int, etp: int) -> tuple[tu
     """(n, k, m_multiplier) of every forward GEMM of one layer on one GPU, per token of the micro
     batch: QKV, output projection, MLP fc1/fc2 (MoE: grouped GEMMs over the local experts)."""
     h, d = model.hidden, model.head_dim
-    attn = ((((model.heads + 2 * model.query_groups) * d) / tp, h, 1.0), (h, model.heads * d / tp, 1.0))
+    if model.multi_latent_attention:
+        attn = _mla_gemm_shapes(model, tp)
+    else:
+        attn = ((((model.heads + 2 * model.query_groups) * d) / tp, h, 1.0), (h, model.heads * d / tp, 1.0))
     gate = 2 if is_gated(model) else 1
     if model.is_moe:
         f = (model.moe_ffn_hidden or model.ffn_hidden) / etp
@@ -398,8 +414,22 @@ def _layer_gemm_shapes(model: ModelSpec, tp: int, ep: int, etp: int) -> tuple[tu
     else:
         f = model.ffn_hidden / tp
         mlp = ((gate * f, h, 1.0), (h, f, 1.0))
-    return attn + mlp
+    return attn[:2] + mlp + attn[2:]
 
+
+def _mla_gemm_shapes(model: ModelSpec, tp: int) -> tuple[tuple[float, float, float], ...]:
+    """Multi-latent attention's GEMMs (`flops.mla_projection_shapes`), ordered so indices 0 and 1 stay the
+    GEMMs on either side of the core as for standard attention (0: the key/value up projection, which
+    produces the core's K and V; 1: the output projection) and the down projections and the query's own
+    projection follow the MLP's (`_layer_gemm_shapes` appends them), leaving the MLP / expert indices 2-5
+    of `layer_times` and `selective_replay` as they are. Every one is column-parallel in the local spec
+    (divided by TP); Transformer Engine's spec runs the down projections duplicated on the
+    sequence-parallel shard of the tokens instead (the same FLOPs per GPU with sequence parallelism)."""
+    shapes = {name: (n_out, n_in) for name, n_in, n_out in mla_projection_shapes(model)}
+    first = (shapes["kv_up"][0] / tp, shapes["kv_up"][1], 1.0)
+    proj = (shapes["proj"][0], shapes["proj"][1] / tp, 1.0)
+    rest = tuple((n / tp, k, 1.0) for name, (n, k) in shapes.items() if name not in ("kv_up", "proj"))
+    return (first, proj) + rest
 
 def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int, precision: str,
                 attention_backend: str, micro_batch: int, backward: float = 2.0,
@@ -439,6 +469,9 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     passes = 1.0 + backward
     gemm = 0.0
     shapes = _layer_gemm_shapes(model, layout.tp, layout.ep, layout.etp)
+    # MLA's down projections and query projection come after the MLP's GEMMs (`_mla_gemm_shapes`): no
+    # userbuffer split (they have no TP collective of their own), never a shared expert
+    n_standard = len(shapes) - (len(mla_projection_shapes(model)) - 2 if model.multi_latent_attention else 0)
     # the userbuffer overlap splits GEMMs only where it runs (TP group inside one NVLink domain, as _tp_comm)
     ub_overlap = overlap_tp and layout.tp > 1 and layout.tp <= hw.nvlink_domain and gen not in ("ampere", "cpu")
     moe = moe or DEFAULT_MOE
@@ -467,7 +500,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         experts_read = local_experts if grouped else 1  # grouped: every local expert's weights
         m = tokens * share
         per_expert = m / experts_read  # a grouped GEMM tiles each expert's rows separately
-        split_f, split_d = gemm_rows_split(i, layout.tp, ub_overlap and not grouped, gen)
+        split_f, split_d = gemm_rows_split(i, layout.tp, ub_overlap and not grouped and i < n_standard, gen)
         # `gemm_time` of the forward, input-gradient and weight-gradient GEMMs (the weight gradient's
         # token rows are its reduction dimension, never split), their FLOPs and bytes computed once
         flop_t = 2.0 * m * n * k / rate
@@ -479,10 +512,11 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
             gemm += min(backward, 1.0) * max(flop_t * (1.0 + n_half / min(nk, per_expert / split_d)), byte_t)
         if backward > 1.0:
             gemm += (backward - 1.0) * max(flop_t * (1.0 + n_half / min(nk, per_expert)), byte_t)
-        if model.is_moe and i >= 4:
+        if model.is_moe and 4 <= i < n_standard:
             shared_gemm += gemm - before
     span = min(seq, attention_span) if attention_span else seq
-    attn_flops = 4.0 * tokens * span * model.heads * model.head_dim / layout.tp
+    # QK^T over qk_dim and attention x V over v_dim channels per head (both head_dim but for MLA)
+    attn_flops = 2.0 * tokens * span * model.heads * (model.qk_dim + model.v_dim) / layout.tp
     modules = layout.selective_modules
     # the core's forward runs again (full recompute, or selective with core_attn)
     recomputed = bool(backward) and (layout.recompute == "full" or "core_attn" in modules)
@@ -495,7 +529,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         # tile-quantisation penalty as every GEMM), plus the score matrix's memory-bound traffic
         # (SCORE_BYTES, which includes these GEMMs' reads and writes of the scores).
         rate16 = hw.peak("bf16" if hw.supports("bf16") else precision) * params.gemm_eff(gen, "bf16")
-        rate16 /= 1.0 + params.gemm_n_half / model.head_dim
+        rate16 /= 1.0 + params.gemm_n_half / min(model.qk_dim, model.v_dim)
         scores = tokens * span * model.heads / layout.tp
         fwd_b, bwd_b = SCORE_BYTES[kernels]
         if dropout:  # torch dropout on the 16-bit probabilities: mask and output written, read back
@@ -548,6 +582,7 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
     replays = passes + (1.0 if layout.recompute == "full" and backward else 0.0)  # recompute replays the forward
     host = host_issue_time(launches * replays / 3.0, hw)
     tp_comm = _tp_comm(model, layout, hw, tokens, passes, params, overlap_tp)
+    tp_comm = max(0.0, tp_comm + _mla_tp_comm(model, layout, hw, tokens, passes, params, overlap_tp, kernels))
     cp_comm = _cp_comm(model, layout, hw, tokens, passes, attn_fwd, attention, params)
     ep_comm = _ep_comm(model, layout, hw, tokens, passes, params, moe.dispatcher)
     if backward and set(modules) - {"core_attn"}:
@@ -575,7 +610,8 @@ def selective_replay(model: ModelSpec, layout: Layout, hw: HardwareSpec, modules
     the backward: `tensor_parallel.checkpoint` for mlp / moe / shared_experts, `CheckpointWithoutOutput`
     for layernorm / moe_act).
     GEMMs: the forward GEMMs of the module (`layer_times`' own forward times, indices of
-    `_layer_gemm_shapes`: 2, 3 the MLP or the routed experts, 4, 5 the shared experts).
+    `_layer_gemm_shapes`: 2, 3 the MLP or the routed experts, 4, 5 the shared experts; `mla_up_proj`: MLA's
+    up projections, 0 and the one before the key/value down projection).
     Element-wise: the activations the module frees are what its forward writes (memory.layer_activations
     with and without it), streamed at the same `kappa` per byte as every forward (`elementwise`
     is kappa x activations x passes / 3).
@@ -586,6 +622,10 @@ def selective_replay(model: ModelSpec, layout: Layout, hw: HardwareSpec, modules
     gemm = forward_gemm[2] + forward_gemm[3] if whole_mlp else 0.0
     if model.is_moe and ("moe" in modules or "shared_experts" in modules):
         gemm += sum(forward_gemm[4:6])
+    if "mla_up_proj" in modules and model.multi_latent_attention:
+        # the key/value up projection (index 0) and the query's up projection (or its direct projection
+        # without a query latent), the GEMM just before the key/value down projection (`_mla_gemm_shapes`)
+        gemm += forward_gemm[0] + forward_gemm[-2]
     kw = dict(seq=seq, micro_batch=micro_batch, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
               etp=layout.etp, attention_backend=attention_backend, dropout=dropout, kernels=kernels)
     others = tuple(m for m in modules if m != "core_attn")
@@ -643,6 +683,44 @@ def _tp_comm(model, layout, hw, tokens, passes, params, overlap: bool = False) -
     # Transformer Engine's userbuffer overlap needs the TP group inside one NVLink domain (CUDA IPC /
     # NVLink SHARP); a TP group that spans domains runs NCCL collectives on the critical path.
     # Without `tp_comm_overlap` (the nemoc runtime today) every collective is on the critical path.
+    exposure = params.tp_exposure(hw.generation) if overlap and layout.tp <= hw.nvlink_domain else 1.0
+    return volume / _link_bw(hw, layout.tp, 1, params) * exposure
+
+
+def _mla_tp_widths(model: ModelSpec, sp: bool, kernels: str) -> tuple[float, float]:
+    """(forward, backward) element widths per token that multi-latent attention's TP collectives move
+    beyond standard attention's (an all-gather of h before QKV forward, its reduce-scatter / all-reduce
+    backward), from multi_latent_attention.py `get_query_key_value_tensors`:
+
+    - local spec (every MLA linear column-parallel, gpt_layer_specs.py): the query's and the key/value's
+      down projections each gather the hidden state (h more than one QKV) and reduce its gradient; their
+      outputs are all-gathered (`gather_from_tensor_model_parallel_region`: q_lora_rank and kv_lora_rank +
+      qk_pos_emb_head_dim forward, a split backward); the up projections gather their latents with SP
+      (q_lora_rank + kv_lora_rank) and reduce their input gradients either way (q_lora_rank + kv_lora_rank).
+      Without a query latent the query projection reads the hidden state (the same h more).
+    - Transformer Engine's spec (down projections duplicated, TELinear): no collective at the down
+      projections; the up projections gather the latents (SP) instead of the hidden state and the key's
+      RoPE part is gathered from the SP region (q_lora_rank + kv_lora_rank + qk_pos_emb_head_dim - h, usually
+      negative: cheaper than standard attention); backward the mirror (without SP only the up projections'
+      input gradients are reduced: q_lora_rank + kv_lora_rank - h)."""
+    h, rq, rkv, pe = model.hidden, model.q_lora_rank, model.kv_lora_rank, model.qk_pos_emb_head_dim
+    if kernels == "local":
+        forward = h + rq + rkv + pe + ((rq + rkv) if sp else 0.0)
+        backward = h + rq + rkv
+        return forward, backward
+    if sp:
+        return rq + rkv + pe - h, rq + rkv + pe - h
+    return 0.0, rq + rkv - h
+
+
+def _mla_tp_comm(model, layout, hw, tokens, passes, params, overlap: bool, kernels: str) -> float:
+    """Seconds of MLA's TP collectives beyond standard attention's (`_mla_tp_widths`), priced as `_tp_comm`
+    prices the standard ones (16-bit, (tp - 1) / tp of the tensor per GPU on a ring)."""
+    if layout.tp == 1 or not model.multi_latent_attention:
+        return 0.0
+    forward, backward = _mla_tp_widths(model, layout.sequence_parallel, kernels)
+    width = forward + (backward if passes > 1 else 0.0)  # forward-only passes (eval, rollouts) gather only
+    volume = tokens * 2.0 * width * (layout.tp - 1) / layout.tp
     exposure = params.tp_exposure(hw.generation) if overlap and layout.tp <= hw.nvlink_domain else 1.0
     return volume / _link_bw(hw, layout.tp, 1, params) * exposure
 
@@ -728,7 +806,7 @@ def _cp_comm(model, layout, hw, tokens, passes, attn_fwd, attention, params) -> 
     if layout.cp == 1:
         return 0.0
     cp = layout.cp
-    kv_elems = 2.0 * tokens * model.query_groups * model.head_dim / layout.tp
+    kv_elems = tokens * model.kv_heads * (model.qk_dim + model.v_dim) / layout.tp
     crosses = cp * layout.tp > hw.nvlink_domain
     bw = (hw.net_bw if crosses else hw.nvlink_bw) * params.link
     step = kv_elems * 2.0 / bw  # one ring step's K, V (or dK, dV) transfer, 16-bit
@@ -740,7 +818,7 @@ def _cp_comm(model, layout, hw, tokens, passes, attn_fwd, attention, params) -> 
         attn_bwd = (attention - forwards * attn_fwd) / cp
         exposed += 2.0 * max(0.0, step - attn_bwd) + (cp - 2) * max(0.0, 2.0 * step - attn_bwd)
         steps += cp
-    q_elems = tokens * model.heads * model.head_dim / layout.tp
+    q_elems = tokens * model.heads * model.qk_dim / layout.tp
     back = 1.0 if passes > 1 else 0.0
     # the slowest rank: the ring's steps are dependent, so every rank waits for it at the next layer's ring
     merge = max(forwards * (fq * q_elems + fkv * kv_elems) + back * (bq * q_elems + bkv * kv_elems)
@@ -1555,8 +1633,8 @@ def _rollout_phases(model, layout, hw, *, seq, precision, backend, micro_batch, 
     weight_bytes = (model.layers * (counts.per_layer - counts.expert) + model.hidden * model.vocab) / layout.tp * 2.0
     weight_bytes += model.layers * counts.expert / (layout.ep * layout.etp) * 2.0
     context = seq - new_tokens / 2.0  # mean context length while decoding (prompt fills the rest)
-    kv_heads = max(1.0, model.query_groups / layout.tp)
-    kv_bytes = batch * context * model.layers * 2.0 * kv_heads * model.head_dim * 2.0  # whole rows at any cp
+    kv_heads = max(1.0, model.kv_heads / layout.tp)
+    kv_bytes = batch * context * model.layers * kv_heads * (model.qk_dim + model.v_dim) * 2.0  # whole rows at any cp
     rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.gemm_eff(hw.generation, "bf16")
     flops = 2.0 * batch * gemm_params / layout.tp
     # each decode step waits for its sampled token (the host checks every row for its end), so the host

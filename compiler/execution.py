@@ -173,8 +173,8 @@ def fusions(model: ModelSpec, kernels: str, cross_entropy: str | None = None,
     """The fused kernels NeMo / Megatron-LM switch on with Transformer Engine, which the `te` cost and
     memory models price: TE's fused RoPE, the fused bias-SwiGLU / bias-GELU (TransformerConfig allows
     it for SwiGLU, GeGLU, and GELU with biases), the fused bias-dropout-add and the weight-gradient
-    accumulation into main_grad inside the GEMM; none of them on the local spec (its unfused kernels are
-    what `kernels = local` prices). The cross entropy is the experiment's `cross_entropy_fusion`
+    accumulation into main_grad inside the GEMM (MLA: RoPE fused with YaRN only); none of them on the local spec
+    (its unfused kernels are what `kernels = local` prices). The cross entropy is the experiment's `cross_entropy_fusion`
     (`cross_entropy_of`: te | native | none, which reads `host`'s CUDA graphs and the `precision`), on either
     spec."""
     ce = cross_entropy_of(kernels, cross_entropy, host, precision)
@@ -182,7 +182,10 @@ def fusions(model: ModelSpec, kernels: str, cross_entropy: str | None = None,
         return Fusions(rope=False, bias_activation=False, bias_dropout_add=False, grad_accumulation=False,
                        cross_entropy=ce)
     act = model.activation == "swiglu" or (model.activation == "gelu" and model.add_bias_linear)
-    return Fusions(rope=model.position == "rope", bias_activation=act, bias_dropout_add=True, grad_accumulation=True,
+    # MLA fuses only its YaRN RoPE (MLATransformerConfig.__post_init__: "apply_rope_fusion for MLA only works
+    # with YARN RoPE"; found by tests/compiler/test_megatron_differential.py)
+    rope = model.position == "rope" and (not model.multi_latent_attention or model.rope_type == "yarn")
+    return Fusions(rope=rope, bias_activation=act, bias_dropout_add=True, grad_accumulation=True,
                    cross_entropy=ce)
 
 

@@ -10,6 +10,7 @@ a multiply-add is 2 FLOPs; backward = 2 x forward (input and weight gradients), 
 is 3 x forward. Per token, forward:
     2 x (matmul parameters touched by the token)                  [dense GEMMs, MoE: top_k experts]
   + 2 x 2 x s x (heads x kv_channels) x c                         [QK^T and attention x V]
+    (multi-latent attention: 2 x s x heads x (qk_head_dim + qk_pos_emb_head_dim + v_head_dim) x c)
   + 2 x h x V                                                     [logits]
 with c = 1 (undiscounted, NeMo <= 25.07 `flops_formulas.py`, Narayanan et al. 2021 eq. (2)) or
 c = 1/2 (causal discount: only the lower triangle of the s x s scores is computed by flash
@@ -118,7 +119,37 @@ def _mlp_params(model: ModelSpec, ffn: int) -> int:
     return weights + ((fc1_out + model.hidden) if model.add_bias_linear else 0)
 
 
+def mla_projection_shapes(model: ModelSpec) -> tuple[tuple[str, int, int], ...]:
+    """(name, in, out) of every linear of one multi-latent attention layer, as Megatron-Core 0.16.1's
+    MLASelfAttention builds them (multi_latent_attention.py `__init__`): the query down / up projections
+    through the q_lora_rank latent (or `linear_q_proj`, h -> heads x (qk + pe), when q_lora_rank is None),
+    the key/value down projection h -> kv_lora_rank + qk_pos_emb_head_dim (the latent and the key's RoPE
+    part, shared by every head), its up projection kv_lora_rank -> heads x (qk + v), and the output
+    projection heads x v -> h. No biases but the output projection's (add_bias_linear)."""
+    h, a, r = model.hidden, model.heads, model.q_lora_rank
+    q_out = a * (model.qk_head_dim + model.qk_pos_emb_head_dim)
+    q = (("q_down", h, r), ("q_up", r, q_out)) if r else (("q", h, q_out),)
+    return q + (("kv_down", h, model.kv_lora_rank + model.qk_pos_emb_head_dim),
+                ("kv_up", model.kv_lora_rank, a * (model.qk_head_dim + model.v_head_dim)),
+                ("proj", a * model.v_head_dim, h))
+
+
+def _mla_params(model: ModelSpec) -> int:
+    """MLA weights (`mla_projection_shapes`), the output projection's bias, and with qk_layernorm the norms
+    of the query latent (q_lora_rank wide, only with a query latent) and of the key/value latent
+    (kv_lora_rank), which the local spec builds as its QK norm and the TE spec fuses into the up projections."""
+    params = sum(n_in * n_out for _, n_in, n_out in mla_projection_shapes(model))
+    if model.add_bias_linear:
+        params += model.hidden
+    if model.qk_layernorm:
+        params += _norm_params(model, model.kv_lora_rank) + (_norm_params(model, model.q_lora_rank)
+                                                              if model.q_lora_rank else 0)
+    return params
+
+
 def _attention_params(model: ModelSpec) -> int:
+    if model.multi_latent_attention:
+        return _mla_params(model)
     d, a, g, h = model.head_dim, model.heads, model.query_groups, model.hidden
     qkv_out = (a + 2 * g) * d
     params = h * qkv_out + a * d * h
@@ -292,7 +323,9 @@ def flops_per_token(model: ModelSpec, seq_length: int, causal_discount: bool) ->
     """Forward FLOPs per token (see module docstring for the formula and its sources)."""
     counts = param_counts(model)
     gemm_params = counts.attention + counts.mlp_active  # biases/norms are a rounding error (<0.01 %)
-    attn_width = model.heads * model.head_dim
+    # QK^T over qk_dim channels and attention x V over v_dim channels per head (both head_dim but for MLA,
+    # whose queries and keys carry qk_head_dim + qk_pos_emb_head_dim channels and values v_head_dim)
+    attn_width = model.heads * (model.qk_dim + model.v_dim) / 2.0
     core = 4.0 * seq_length * attn_width * (0.5 if causal_discount else 1.0)
     sliding = model.sliding_layers
     if sliding and causal_discount and model.sliding_window < seq_length:

@@ -229,12 +229,16 @@ def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, 
     sbh = s * b * h
     n_norms = 4 if model.post_block_norms else 2  # Gemma 3's sandwich norms keep their inputs too
     norms = n_norms * act_bytes * sbh / rep
-    attention = gemm_in * sbh / rep + act_bytes * s * b * d * (2 * a + 2 * g) / tp
+    if model.multi_latent_attention:
+        attention = gemm_in * sbh / rep + mla_activations(model, s=s, b=b, tp=tp, rep=rep, act_bytes=act_bytes,
+                                                          local=local)
+    else:
+        attention = gemm_in * sbh / rep + act_bytes * s * b * d * (2 * a + 2 * g) / tp
     if fp8:
-        attention += s * b * a * d / tp  # the projection's FP8 copy of the attention output
+        attention += s * b * a * model.v_dim / tp  # the projection's FP8 copy of the attention output
     if local or model.norm_zero_centered:  # the runtime's (1 + w) RMSNorm computes in fp32 too
         norms += n_norms * 4.0 * sbh / rep if model.norm == "rmsnorm" else 0.0
-        attention += act_bytes * s * b * d * 2 * (a - g) / tp
+        attention += act_bytes * s * b * d * 2 * (a - g) / tp if not model.multi_latent_attention else 0.0
     modules = selective_modules(recompute, recompute_modules)
     if attention_backend == "unfused" and "core_attn" not in modules:
         softmax = 3 * act_bytes if local else act_bytes
@@ -256,6 +260,40 @@ def layer_activations(model: ModelSpec, *, seq: int, micro_batch: int, tp: int, 
                                  mlp=mlp)
         norms, attention, mlp = norms - freed[0], attention - freed[1], mlp - freed[2]
     return LayerActivations(norms, attention, scores, mlp, drop)
+
+
+def mla_activations(model: ModelSpec, *, s: float, b: int, tp: int, rep: int, act_bytes: int,
+                    local: bool) -> float:
+    """Bytes one multi-latent attention layer keeps beyond its input (the down projections' shared input,
+    counted by the caller), from Megatron-Core 0.16.1's MLASelfAttention.get_query_key_value_tensors and
+    forward (no recompute, no RoPE fusion):
+
+    - the query latent (q_lora_rank wide) twice, the input of q_layernorm and of linear_q_up_proj (the
+      norm's output), and the key/value latent (kv_lora_rank) twice, the input of kv_layernorm and of
+      linear_kv_up_proj; both gathered over TP and scattered back to the sequence-parallel region, so
+      divided by `rep` (no query latent: linear_q_proj reads the layer input, already counted). Without
+      `qk_layernorm` the norms are IdentityOp: one copy each. The local spec's torch RMSNorm keeps an
+      fp32 copy of each latent too.
+    - query and key, heads x (qk_head_dim + qk_pos_emb_head_dim) each (`torch.cat` of the no-PE part and
+      the rotated part, the key's RoPE part expanded to every head: real copies), and the value,
+      heads x v_head_dim (`.contiguous()`), all saved by the core attention, / TP;
+    - the core's output, heads x v_head_dim / TP (linear_proj's input).
+    The RoPE multiplications save only the cos / sin tables (constants)."""
+    copies = 2 if model.qk_layernorm else 1
+    latents = (model.q_lora_rank + model.kv_lora_rank) * s * b / rep
+    kept = copies * act_bytes * latents
+    if local and model.qk_layernorm and model.norm == "rmsnorm":
+        kept += 4.0 * latents
+    heads = act_bytes * s * b * model.heads * (2 * model.qk_dim + 2 * model.v_dim) / tp
+    return kept + heads
+
+
+def mla_up_proj_freed(model: ModelSpec, *, s: float, b: int, tp: int, act_bytes: int) -> float:
+    """What `recompute_modules = [mla_up_proj]` frees (multi_latent_attention.py: the up projections and
+    RoPE run inside `CheckpointWithoutOutput`, whose outputs query, key and value are discarded once the
+    core attention has run, `discard_output_and_register_recompute`); the latents stay (the checkpoint's
+    inputs)."""
+    return act_bytes * s * b * model.heads * (2 * model.qk_dim + model.v_dim) / tp
 
 
 def _selective_freed(model: ModelSpec, modules: tuple[str, ...], *, s: float, b: int, tp: int, rep: int,
@@ -285,8 +323,10 @@ def _selective_freed(model: ModelSpec, modules: tuple[str, ...], *, s: float, b:
     a, g, d, h = model.heads, model.query_groups, model.head_dim, model.hidden
     sbh = s * b * h
     norms = attention = mlp_freed = 0.0
-    if "core_attn" in modules and local and unfused:
+    if "core_attn" in modules and local and unfused and not model.multi_latent_attention:
         attention += act_bytes * s * b * d * 2 * (a - g) / tp
+    if "mla_up_proj" in modules and model.multi_latent_attention:
+        attention += mla_up_proj_freed(model, s=s, b=b, tp=tp, act_bytes=act_bytes)
     own_pre_norm = local or model.is_moe  # the pre-MLP norm is a module of its own
     if "layernorm" in modules:
         if local:  # the input norm: QKV's saved input and the fp32 copy of torch's RMSNorm
@@ -403,14 +443,15 @@ class _Stage:
 def rollout_kv_cache(model: ModelSpec, layout: Layout, *, seq: int, rows: int, layers: float) -> float:
     """Bytes of the KV cache a pipeline stage holds while decoding a rollout (the nemoc runtime's
     generator on Megatron-Core's StaticInferenceContext, one key and one value tensor per layer of this stage, each
-    [sequence, batch, query groups / tp, head dim] in 16-bit): the DP rank's whole batch at once
+    [sequence, batch, query groups / tp, head dim] in 16-bit; MLA: every head's key of qk + pe and value of
+    v_head_dim channels, as Megatron-Core caches them without `cache_mla_latents`): the DP rank's whole batch at once
     (m micro batches x micro batch x rows sequences, no micro-batching), up to `seq` positions. Under
     pipeline parallelism each stage caches only its own `layers`. Not divided by context parallelism:
     every CP rank decodes the whole rows (the sequence is split only for the training passes), so each
     holds the whole sequence's cache."""
     batch = layout.num_microbatches * layout.micro_batch * rows
-    groups = max(1.0, model.query_groups / layout.tp)
-    return 2.0 * seq * batch * groups * model.head_dim * 2.0 * layers
+    groups = max(1.0, model.kv_heads / layout.tp)  # MLA (no latent cache in training): keys and values per head
+    return seq * batch * groups * (model.qk_dim + model.v_dim) * 2.0 * layers
 
 
 def _local_stage(model: ModelSpec, layout: Layout, stage: int, vocab: int, scalar_head: bool,

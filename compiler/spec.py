@@ -90,6 +90,23 @@ class ModelSpec:
     sliding_window: int = 0
     full_attention_every: int = 0
     local_rotary_base: float | None = None
+    # Multi-latent attention (DeepSeek-V2/V3; Megatron-Core 0.16.1 MLATransformerConfig, same names): the
+    # query through a q_lora_rank latent (0 = projected directly, Megatron's None), keys and values through
+    # one kv_lora_rank latent; per head qk_head_dim + qk_pos_emb_head_dim query/key channels (the RoPE part
+    # of the key shared by every head) and v_head_dim value channels. rope_type yarn reads
+    # rope_scaling_factor as YaRN's factor and the four YaRN fields below.
+    multi_latent_attention: bool = False
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 512
+    qk_head_dim: int = 128
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_type: str = "rope"  # rope | yarn
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
     source: str = ""  # citation for a preset (paper / model card)
     init: str | None = None  # a Hugging Face checkpoint directory every stage starts from (absolute path)
 
@@ -102,6 +119,21 @@ class ModelSpec:
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden // self.heads
+
+    @property
+    def qk_dim(self) -> int:
+        """Channels per head of a query and a key in the attention core (MLA: qk_head_dim + qk_pos_emb_head_dim)."""
+        return self.qk_head_dim + self.qk_pos_emb_head_dim if self.multi_latent_attention else self.head_dim
+
+    @property
+    def v_dim(self) -> int:
+        """Channels per head of a value (and of the core's output) in the attention core."""
+        return self.v_head_dim if self.multi_latent_attention else self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads the core attends with: query_groups, every head under MLA (keys are per head)."""
+        return self.heads if self.multi_latent_attention else self.query_groups
 
     @property
     def is_moe(self) -> bool:

@@ -187,11 +187,13 @@ MODEL_FIELDS = (
     _f("rotary_base", POSITIVE_FLOAT, 10000.0, "RoPE base frequency."),
     _f("rope_scaling_factor", Type("float", minimum=1), 1.0, "Llama 3.1/3.2 RoPE scaling (`rope_type` llama3): "
        "low frequencies divided by this factor (low/high frequency factors 1 and 4, original context 8192, as "
-       "Megatron-Core fixes them); 1 = unscaled."),
+       "Megatron-Core fixes them); 1 = unscaled. With `rope_type = yarn` (MLA): YaRN's scaling factor "
+       "(Megatron-Core `rotary_scaling_factor`; DeepSeek-V3: 40)."),
     _f("tie_embeddings", BOOL, False, "Share input embedding and output projection weights."),
     _f("add_bias_linear", BOOL, False, "Bias on every linear layer (GPT-3 style)."),
     _f("add_qkv_bias", BOOL, False, "Bias on the QKV projection only (Qwen2/2.5)."),
-    _f("qk_layernorm", BOOL, False, "Normalize queries and keys (Qwen3)."),
+    _f("qk_layernorm", BOOL, False, "Normalize queries and keys (Qwen3). With `multi_latent_attention`: "
+       "normalise the query and key/value latents (DeepSeek-V2/V3's q_a_layernorm, kv_a_layernorm)."),
     _f("experts", INT, 0, "MoE experts per layer; 0 = dense."),
     _f("top_k", INT, 0, "Experts routed per token."),
     _f("moe_ffn_hidden", POSITIVE, None, "Expert MLP intermediate size. Default: ffn_hidden."),
@@ -256,6 +258,35 @@ MODEL_FIELDS = (
        "sequence (Gemma 3: 6); 0 = every layer slides."),
     _f("local_rotary_base", POSITIVE_FLOAT, None, "RoPE base of the sliding-window layers (Gemma 3's "
        "rope_local_base_freq). Default: rotary_base."),
+    # Multi-latent attention (DeepSeek-V2/V3; Megatron-Core 0.16.1 MLATransformerConfig, the names its fields have)
+    _f("multi_latent_attention", BOOL, False,
+       "Multi-latent attention (DeepSeek-V2/V3, Megatron-Core `multi_latent_attention`): queries and keys/values "
+       "are projected down to low-rank latents (`q_lora_rank`, `kv_lora_rank`), normalised (with `qk_layernorm`) "
+       "and projected up per head; RoPE acts on `qk_pos_emb_head_dim` extra channels (the key's shared by every "
+       "head). Replaces `query_groups` / `kv_channels` (E167)."),
+    _f("q_lora_rank", INT, 0,
+       "MLA: rank of the query's latent (Megatron-Core `q_lora_rank`; DeepSeek-V3: 1536); 0 = the query is "
+       "projected directly from the hidden state (Megatron-Core `q_lora_rank = None`, DeepSeek-V2-Lite)."),
+    _f("kv_lora_rank", POSITIVE, 512,
+       "MLA: rank of the shared key/value latent (Megatron-Core `kv_lora_rank`; DeepSeek-V2/V3: 512)."),
+    _f("qk_head_dim", POSITIVE, 128,
+       "MLA: per-head query/key channels without position embedding (Megatron-Core `qk_head_dim`; "
+       "DeepSeek's qk_nope_head_dim: 128)."),
+    _f("qk_pos_emb_head_dim", POSITIVE, 64,
+       "MLA: per-head query/key channels that carry RoPE (Megatron-Core `qk_pos_emb_head_dim`; DeepSeek's "
+       "qk_rope_head_dim: 64). Even (E169)."),
+    _f("v_head_dim", POSITIVE, 128, "MLA: per-head value channels (Megatron-Core `v_head_dim`; DeepSeek: 128)."),
+    _f("rope_type", enum("rope", "yarn"), "rope",
+       "MLA's rotary embedding (Megatron-Core `rope_type`): `rope`, or `yarn` (YaRN, Peng et al. 2023, "
+       "arXiv:2309.00071; DeepSeek-V2/V3) scaled by `rope_scaling_factor` from an original context of "
+       "`original_max_position_embeddings`. `yarn` only with `multi_latent_attention` (E169)."),
+    _f("original_max_position_embeddings", POSITIVE, 4096,
+       "YaRN: the context the model was pretrained with (Megatron-Core `original_max_position_embeddings`)."),
+    _f("beta_fast", POSITIVE_FLOAT, 32.0, "YaRN: the fast boundary of the frequency ramp (Megatron-Core `beta_fast`)."),
+    _f("beta_slow", POSITIVE_FLOAT, 1.0, "YaRN: the slow boundary of the frequency ramp (Megatron-Core `beta_slow`)."),
+    _f("mscale", POSITIVE_FLOAT, 1.0, "YaRN: attention temperature coefficient (Megatron-Core `mscale`)."),
+    _f("mscale_all_dim", NONNEG_FLOAT, 0.0,
+       "YaRN: the temperature coefficient of the softmax scale (Megatron-Core `mscale_all_dim`; DeepSeek-V3: 1)."),
     _f("init", call("hf"), None, "Start every stage from a Hugging Face checkpoint: `hf(\"DIR\")` (config.json + "
        "safetensors). A model block holding only `init` takes its whole architecture from config.json; fields "
        "written beside it must agree with it (docs/huggingface.md)."),

@@ -10,9 +10,10 @@ tensor-parallel RNG in the CUDA generator, and asserts `grad.type() == "torch.cu
 Call it at module top level, before any Megatron object is built: the first torch_dist save spawns a
 multiprocessing Manager that re-imports `__main__`, and that child must be patched too.
 
-`apply_no_te_fixes()` holds the two workarounds that are about a missing Transformer Engine rather
+`apply_no_te_fixes()` holds the workarounds that are about a missing Transformer Engine rather
 than a missing GPU (also needed on a GPU machine without TE): the MoE router's undefined
-`te_general_gemm`, and sequence parallelism with the torch LayerNorm/RMSNorm fallback.
+`te_general_gemm`, sequence parallelism with the torch LayerNorm/RMSNorm fallback, and multi-latent
+attention's TELinear check (`_mla_without_te`).
 """
 
 from __future__ import annotations
@@ -291,6 +292,19 @@ def apply_no_te_fixes() -> None:
         moe_utils.te_general_gemm = None
     _allow_sequence_parallel_with_torch_norm()
     _checkpoint_without_output_without_te()
+    _mla_without_te()
+
+
+def _mla_without_te() -> None:
+    """multi_latent_attention.py sets HAVE_TE from `import megatron.core.extensions.transformer_engine`,
+    which succeeds without Transformer Engine (that module stubs `te` with a MagicMock), so TELinear is a
+    MagicMock and `MultiLatentAttention.__init__`'s `isinstance(self.linear_proj, TELinear)` raises
+    TypeError: no MLA model builds without TE. The check only decides whether a TELinear output projection
+    saves its original input under FP8 / FP4, which needs TE; HAVE_TE = False there is exact."""
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if mla.HAVE_TE and not isinstance(mla.TELinear, type):
+        mla.HAVE_TE = False
 
 
 def _checkpoint_without_output_without_te() -> None:

@@ -518,6 +518,12 @@ def transformer_config(
     )
     if model.is_moe:
         kwargs.update(_moe_kwargs(model, layout, moe))
+    config_type = TransformerConfig
+    if model.multi_latent_attention:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        kwargs.update(mla_kwargs(model))
+        config_type = MLATransformerConfig
     kwargs.update(_fp8_kwargs(precision, execution.fp8_recipe if execution is not None else None))
     kwargs.update(bf16_layer_kwargs(execution))
     kwargs.update(_cuda_graph_kwargs(host))
@@ -525,7 +531,23 @@ def transformer_config(
     kwargs.update(_defer_wgrad_kwargs(layout, fused_wgrad=bool(kwargs.get("gradient_accumulation_fusion"))))
     if layout.fp8_param_gather and precision in ("fp8", "mxfp8"):
         kwargs["fp8_param"] = True  # the linear weights are TE FP8 tensors (plan: fp8_param_gather)
-    return TransformerConfig(**kwargs)
+    return config_type(**kwargs)
+
+
+def mla_kwargs(model: ModelSpec) -> dict:
+    """The MLATransformerConfig fields of a multi-latent attention model (Megatron-Core 0.16.1
+    transformer_config.py `MLATransformerConfig`, same names; q_lora_rank 0 is Megatron's None). MLA has
+    no query groups (every head has its own key and value: num_query_groups = heads) and sizes its core's
+    output by v_head_dim: kv_channels = v_head_dim, which the local attention cores read
+    (`model._drop_mla_channels`); MLA computes its own softmax scale (YaRN's mscale^2 / sqrt(qk + pe))."""
+    return dict(
+        multi_latent_attention=True, q_lora_rank=model.q_lora_rank or None, kv_lora_rank=model.kv_lora_rank,
+        qk_head_dim=model.qk_head_dim, qk_pos_emb_head_dim=model.qk_pos_emb_head_dim, v_head_dim=model.v_head_dim,
+        num_query_groups=model.heads, kv_channels=model.v_head_dim, softmax_scale=None,
+        rope_type=model.rope_type, rotary_base=model.rotary_base, rotary_scaling_factor=model.rope_scaling_factor,
+        original_max_position_embeddings=model.original_max_position_embeddings, beta_fast=model.beta_fast,
+        beta_slow=model.beta_slow, mscale=model.mscale, mscale_all_dim=model.mscale_all_dim,
+    )
 
 
 def bf16_layer_kwargs(execution: Execution | None) -> dict:
@@ -980,6 +1002,21 @@ def _lm_tp_comm(stage, notes: list[str]) -> list[str]:
     return ["--tp-comm-overlap", f"--tp-comm-bootstrap-backend {ub.bootstrap_backend}"]
 
 
+def _lm_mla(model: ModelSpec, notes: list[str]) -> list[str]:
+    """Multi-latent attention as Megatron-LM's MLA flags (`--multi-latent-attention` and the
+    MLATransformerConfig fields of the same names; `mla_kwargs` is what the nemoc runtime sets)."""
+    kw = mla_kwargs(model)
+    out = ["--multi-latent-attention"]
+    out += _flags({k: kw[k] for k in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim",
+                                      "v_head_dim", "rope_type")})
+    if model.rope_type == "yarn":
+        out += _flags({k: kw[k] for k in ("rotary_scaling_factor", "mscale", "mscale_all_dim")})
+        notes.append(f"YaRN original_max_position_embeddings {model.original_max_position_embeddings}, beta_fast "
+                     f"{model.beta_fast:g}, beta_slow {model.beta_slow:g}: MLATransformerConfig fields, not written as "
+                     "flags here (check that your Megatron-LM's defaults or flags match)")
+    return out
+
+
 def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:
     out = {"swiglu": ["--swiglu"], "squared_relu": ["--squared-relu"], "gelu": [],
            "gelu_tanh": ["--openai-gelu"]}.get(model.activation)
@@ -992,8 +1029,10 @@ def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:
     out.append(f"--position-embedding-type {position}")
     if model.position == "rope":
         out.append(f"--rotary-base {_shell_word(model.rotary_base)}")
-        if model.rope_scaling_factor != 1.0:
+        if model.rope_scaling_factor != 1.0 and not model.multi_latent_attention:
             out += ["--use-rope-scaling", f"--rope-scaling-factor {_shell_word(model.rope_scaling_factor)}"]
+    if model.multi_latent_attention:
+        out += _lm_mla(model, notes)
     if not model.tie_embeddings:
         out.append("--untie-embeddings-and-output-weights")
     if not model.add_bias_linear or model.is_moe:

@@ -56,6 +56,28 @@ def have_transformer_engine() -> bool:
     return True
 
 
+def _drop_mla_channels(config, kwargs: dict) -> None:
+    """Megatron-Core 0.16.1's MLASelfAttention builds its core with `k_channels` and `v_channels` (the
+    query/key channels qk_head_dim + qk_pos_emb_head_dim and the value channels v_head_dim), which only
+    TEDotProductAttention takes; the local DotProductAttention's __init__ has no such arguments (a
+    TypeError). Both local cores read the query/key width from the tensors and size their output from
+    `kv_channels`, which `megatron_args.transformer_config` sets to v_head_dim for MLA, so the two
+    arguments carry nothing these cores need: check that and drop them."""
+    v = kwargs.pop("v_channels", None)
+    kwargs.pop("k_channels", None)
+    if v is not None and v != config.kv_channels:
+        raise ValueError(f"MLA core: v_channels({v}) != kv_channels({config.kv_channels}); the local attention "
+                         "cores size their output by kv_channels")
+
+
+class MLADotProductAttention(DotProductAttention):
+    """Megatron's unfused DotProductAttention under multi-latent attention (`_drop_mla_channels`)."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, **kwargs):
+        _drop_mla_channels(config, kwargs)
+        super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
+
+
 class SDPAttention(DotProductAttention):
     """DotProductAttention with the core replaced by torch.nn.functional.scaled_dot_product_attention.
 
@@ -65,6 +87,7 @@ class SDPAttention(DotProductAttention):
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, **kwargs):
+        _drop_mla_channels(config, kwargs)
         # DotProductAttention asserts context_parallel_size == 1 (its core sees one sequence shard); this
         # core gathers the keys and values of the context-parallel group itself (`_context_parallel`).
         cp, config.context_parallel_size = config.context_parallel_size, 1
@@ -336,16 +359,19 @@ def layer_spec(*, config, model: ModelSpec, attention_backend: str, have_te: boo
         # the plan's moe_grouped_gemm (Execution.moe, set on the config by megatron_args): TEGroupedMLP
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=experts, moe_grouped_gemm=bool(getattr(config, "moe_grouped_gemm", False)),
-            qk_layernorm=model.qk_layernorm,
+            qk_layernorm=model.qk_layernorm, multi_latent_attention=model.multi_latent_attention,
         )
     spec = get_gpt_layer_local_spec(
         num_experts=experts,
         moe_grouped_gemm=False,
         qk_layernorm=model.qk_layernorm,
+        multi_latent_attention=model.multi_latent_attention,
         normalization=config.normalization,
     )
     if attention_backend != "unfused":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    elif model.multi_latent_attention:
+        spec.submodules.self_attention.submodules.core_attention = MLADotProductAttention
     return spec
 
 

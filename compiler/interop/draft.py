@@ -92,7 +92,11 @@ def number_text(x: float) -> str:
 
 _ARCH = ("layers", "hidden", "heads", "query_groups", "ffn_hidden", "vocab", "activation", "norm", "position",
          "rotary_base", "rope_scaling_factor", "tie_embeddings", "add_bias_linear", "add_qkv_bias", "qk_layernorm", "experts", "top_k",
-         "moe_ffn_hidden", "shared_expert_ffn_hidden", "norm_epsilon")
+         "moe_ffn_hidden", "shared_expert_ffn_hidden", "norm_epsilon",
+         # multi-latent attention (None for standard attention, so a standard model never matches an MLA preset)
+         "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+         "rope_type")
+_MLA_ARCH = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type")
 
 
 def _arch(values: dict) -> dict:
@@ -114,6 +118,14 @@ def _arch(values: dict) -> dict:
         out[k] = float(out[k]) if out[k] is not None else None
     if out["position"] != "rope":
         out["rotary_base"] = out["rope_scaling_factor"] = None
+    out["multi_latent_attention"] = bool(values.get("multi_latent_attention"))
+    if out["multi_latent_attention"]:
+        defaults = {k: ModelSpec.__dataclass_fields__[k].default for k in _MLA_ARCH}
+        out.update({k: values.get(k) if values.get(k) is not None else defaults[k] for k in _MLA_ARCH})
+        out["q_lora_rank"] = out["q_lora_rank"] or 0
+        out["head_dim"] = None  # MLA's head dimensions are its own fields
+    else:
+        out.update({k: None for k in _MLA_ARCH})
     return out
 
 

@@ -55,6 +55,9 @@ _FLAGS = {
     "--lr-decay-iters", "--lr-decay-samples", "--train-iters", "--train-samples",
     "--data-path", "--mock-data", "--tokenizer-type", "--tokenizer-model", "--split",
     "--log-interval", "--eval-interval", "--eval-iters", "--save-interval", "--seed",
+    *(_MLA_FLAGS := ("--multi-latent-attention", "--q-lora-rank", "--kv-lora-rank", "--qk-head-dim",
+                     "--qk-pos-emb-head-dim", "--v-head-dim", "--rope-type")),
+    *(_YARN_FLAGS := ("--rotary-scaling-factor", "--mscale", "--mscale-all-dim")),
 }
 # Tokenizer types whose vocabulary size is a fact of the tokenizer (Megatron-LM builds them itself).
 _TOKENIZER_VOCAB = {"GPT2BPETokenizer": 50257, "Llama2Tokenizer": 32000}
@@ -178,6 +181,10 @@ def _model(f: _Flags, d: Draft) -> None:
         shared_expert_ffn_hidden=f.int("--moe-shared-expert-intermediate-size", 0) or 0,
         norm_epsilon=f.float("--norm-epsilon", f.float("--layernorm-epsilon", 1e-5)),
     )
+    if f.has("--multi-latent-attention"):
+        _mla(f, d)
+    else:  # read only with MLA (Megatron-LM's MLATransformerConfig): named as not carried over
+        d.dropped += [f"{k} {' '.join(f.flags[k])}".rstrip() for k in (*_MLA_FLAGS, *_YARN_FLAGS) if f.has(k)]
     if experts:  # the routing flags given (the rest stay the language's defaults, which are Megatron's)
         for flag, field, kind in _MOE_ROUTING:
             if f.has(flag):
@@ -187,6 +194,31 @@ def _model(f: _Flags, d: Draft) -> None:
             # transformer_config.py __post_init__: a negative capacity factor is none (dropless), the language's default
             del d.model["moe_capacity_factor"]
         sinkhorn_defaults(d)
+
+
+def _mla(f: _Flags, d: Draft) -> None:
+    """Multi-latent attention (Megatron-LM's `_add_mla_args`, MLATransformerConfig's fields of the same names):
+    the flags given, the rest the language's defaults (Megatron-Core's). MLA has no query groups or head
+    dimension of its own (`--kv-channels` is what MLA scripts set for the value width, E167 in nemoc)."""
+    d.model.update(multi_latent_attention=True, query_groups=d.model["heads"])
+    if d.model.get("kv_channels") is not None:
+        d.dropped.append(f"--kv-channels {d.model.pop('kv_channels')}")
+        d.note("--kv-channels with --multi-latent-attention: MLA's head dimensions are qk_head_dim + "
+               "qk_pos_emb_head_dim and v_head_dim (dropped)")
+    for flag, field in (("--q-lora-rank", "q_lora_rank"), ("--kv-lora-rank", "kv_lora_rank"),
+                        ("--qk-head-dim", "qk_head_dim"), ("--qk-pos-emb-head-dim", "qk_pos_emb_head_dim"),
+                        ("--v-head-dim", "v_head_dim")):
+        if f.has(flag):
+            d.model[field] = f.int(flag)
+    if f.has("--rope-type"):
+        d.model["rope_type"] = Word(f.str("--rope-type"))
+    yarn = d.model.get("rope_type") == "yarn"
+    for flag, field in (("--rotary-scaling-factor", "rope_scaling_factor"), ("--mscale", "mscale"),
+                        ("--mscale-all-dim", "mscale_all_dim")):
+        if f.has(flag) and yarn:
+            d.model[field] = f.float(flag)
+        elif f.has(flag):  # MLA reads them only with YaRN
+            d.dropped.append(f"{flag} {f.str(flag)}")
 
 
 def sinkhorn_defaults(d: Draft) -> None:

@@ -138,7 +138,7 @@ def rule_ffn_tp(env: Env, s: Sizes) -> Violation | None:
 def rule_head_dim(env: Env, s: Sizes) -> Violation | None:
     """Megatron-LM arguments.py validate_args: without kv_channels, hidden % heads == 0."""
     m = env.model
-    if m.kv_channels is not None or m.hidden % m.heads == 0:
+    if m.kv_channels is not None or m.hidden % m.heads == 0 or m.multi_latent_attention:
         return None
     return Violation(
         "E125", "the hidden size is not divisible by the attention heads (and kv_channels is not set)",
@@ -155,7 +155,7 @@ def rule_rope_head_dim(env: Env, s: Sizes) -> Violation | None:
     fails in the first forward pass (rope_utils.py _apply_rotary_pos_emb_bshd: t * cos with
     t[..., :rot_dim] of head_dim channels against rot_dim = head_dim + 1)."""
     m = env.model
-    if m.position != "rope" or m.head_dim % 2 == 0:
+    if m.position != "rope" or m.head_dim % 2 == 0 or m.multi_latent_attention:  # MLA's rotary channels: E169
         return None
     d = m.head_dim
     return Violation(
@@ -311,7 +311,7 @@ def rule_qkv_split(env: Env, s: Sizes) -> Violation | None:
     tp), with the fused QKV projection's output head_dim * (heads + 2 * query_groups). E102/E103 do not
     imply it when tp exceeds the query groups (MQA with an odd head dim)."""
     m = env.model
-    if s.tp is None or s.tp == 1:
+    if s.tp is None or s.tp == 1 or m.multi_latent_attention:  # MLA has no fused QKV (its splits: E168)
         return None
     out = m.head_dim * (m.heads + 2 * m.query_groups)
     if out % s.tp == 0:

@@ -224,7 +224,7 @@ def rule_attention_head_dim(env: Env, s: Sizes) -> Violation | None:
     b = env.attention_backend
     if not uses_te(env) or b not in _FLASH_CLASS:
         return None
-    d = env.model.head_dim
+    d = max(env.model.qk_dim, env.model.v_dim)  # MLA: the wider of its query/key and value heads
     cp = s.cp if s.cp is not None else 1
     if b == "auto":
         # cp > 1 where TE falls back to its unfused core (`te_auto_unfused`), which has no context

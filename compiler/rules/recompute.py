@@ -54,10 +54,10 @@ def _written(s: Sizes) -> tuple[str, ...]:
 def rule_recompute_modules_support(env: Env, s: Sizes) -> Violation | None:
     """What Megatron-Core raises for a module the stage cannot recompute: `moe_act` "is only supported
     with moe_grouped_gemm" (and the local spec has no grouped GEMM, E172); `mla_up_proj` "is only
-    supported with multi_latent_attention" (nemoc's models have standard attention). Megatron checks
+    supported with multi_latent_attention" (a model without `multi_latent_attention`). Megatron checks
     moe_act before it looks at the model, so a dense model (moe_grouped_gemm False) is refused too."""
     mods, m = _written(s), env.model
-    if "mla_up_proj" in mods:
+    if "mla_up_proj" in mods and not m.multi_latent_attention:
         return Violation("E193", "recompute module mla_up_proj needs multi-latent attention",
                          "mla_up_proj in recompute_modules with standard (multi-head / grouped-query) attention",
                          "remove mla_up_proj from recompute_modules", anchors=(_MODULES, "model"),

@@ -14,6 +14,7 @@ from nemoc.compiler.rules.recompute import (rule_recompute_modules_fp8, rule_rec
 from nemoc.compiler.rules.host import (rule_cuda_graph_gpu, rule_cuda_graph_scope, rule_fsdp_distributed_optimizer,
                                        rule_fsdp_pipeline, rule_fsdp_shard_group, rule_fsdp_tensor_parallel_te,
                                        rule_manual_gc_interval)
+from nemoc.compiler.rules.mla import rule_mla_rope, rule_mla_standard_fields, rule_mla_tp_split, warn_mla_fields_unused
 from nemoc.compiler.rules.moe import (
     rule_dense_expert,
     rule_ep_fp16,
@@ -107,7 +108,8 @@ from nemoc.compiler.rules.precision import (
 # Ordered: cheapest and most decisive first (layout_violations stops at the first error).
 ERROR_RULES: tuple[Rule, ...] = (
     rule_world_size, rule_heads_tp, rule_query_groups_tp, rule_heads_query_groups, rule_ffn_tp, rule_qkv_split,
-    rule_head_dim, rule_rope_head_dim, rule_layers_pipeline,
+    rule_head_dim, rule_rope_head_dim, rule_mla_standard_fields, rule_mla_tp_split, rule_mla_rope,
+    rule_layers_pipeline,
     rule_runtime_pipeline, rule_runtime_moe, rule_interleave_needs_pp, rule_sequence_parallel, rule_global_batch,
     rule_interleave_microbatches,
     rule_context_seq, rule_context_backend, rule_sequence_parallel_split, rule_dense_expert,
@@ -137,7 +139,7 @@ WARNING_RULES: tuple[Rule, ...] = (
     warn_fp16_loss_scaling, warn_moe_ffn_default, warn_top1_router, warn_uneven_pipeline, warn_vp_one,
     warn_selective_recompute_flash, warn_auto_attention_unfused, warn_native_cross_entropy_dtype,
     warn_recompute_modules_unused,
-    warn_bf16_layers_without_low_precision, warn_bf16_layers_overlap,
+    warn_bf16_layers_without_low_precision, warn_bf16_layers_overlap, warn_mla_fields_unused,
 )
 
 
@@ -229,6 +231,10 @@ CODES: dict[str, Rule] = {
     "E137": rule_fp8_dims,
     "E138": rule_fp8_tokens,
     "E139": rule_qkv_split,
+    "E167": rule_mla_standard_fields,
+    "E168": rule_mla_tp_split,
+    "E169": rule_mla_rope,
+    "W117": warn_mla_fields_unused,
     "E140": rule_moe_bias_runtime,
     "E141": rule_runtime_moe,
     "E142": rule_rope_head_dim,

@@ -52,6 +52,28 @@ def rule_data_format(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | Non
         anchors=("stage.data", "stage")), spec, stage)
 
 
+def rule_mla_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """The nemoc runtime, not Megatron: multi-latent attention models train in `pretrain` stages from scratch
+    (the path tested end to end on Megatron-Core's MLASelfAttention). The other kinds need what nemoc has
+    only for standard attention: a Hugging Face mapping (export, hf init), LoRA targets (`qkv` is no MLA
+    projection), the generator's KV cache (rollouts)."""
+    if not spec.model.multi_latent_attention or (stage.kind == "pretrain" and not spec.model.init):
+        return None
+    if stage.kind == "pretrain":  # from a Hugging Face checkpoint: runtime/hf maps standard attention only
+        return _stage_diagnostic(Violation(
+            "E170", "a multi-latent attention model cannot start from a Hugging Face checkpoint yet",
+            f"multi_latent_attention = true with init = hf({spec.model.init!r}): nemoc has no DeepSeek Hugging Face "
+            "mapping (runtime/hf/ maps standard attention only)",
+            "pretrain the MLA model from scratch (remove `init`), or remove multi_latent_attention",
+            anchors=("model.init", "model.multi_latent_attention", "model")), spec, stage)
+    return _stage_diagnostic(Violation(
+        "E170", f"`{stage.kind}` stages cannot run multi-latent attention models yet",
+        f"multi_latent_attention = true with stage kind {stage.kind}: the nemoc runtime runs MLA in pretrain "
+        "stages only (no DeepSeek Hugging Face mapping, LoRA targets or rollout KV cache for MLA)",
+        "train the MLA model with `pretrain` stages",
+        anchors=("stage.kind",)), spec, stage)
+
+
 def rule_export_after(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
     """An export writes the checkpoint of the stage it follows (the runtime's parent checkpoint lookup),
     or, with `init = hf(DIR)`, converts that checkpoint (docs/huggingface.md)."""
@@ -188,8 +210,8 @@ def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
     return None
 
 
-STAGE_RULES = (rule_min_lr, rule_data_format, rule_export_after, rule_starting_checkpoint, rule_parent_saves,
-               rule_parent_seq_length, warn_warmup_longer_than_stage, warn_sample_tokens_unpacked)
+STAGE_RULES = (rule_min_lr, rule_mla_stage_kind, rule_data_format, rule_export_after, rule_starting_checkpoint,
+               rule_parent_saves, rule_parent_seq_length, warn_warmup_longer_than_stage, warn_sample_tokens_unpacked)
 
 
 MAX_STAGES = 100  # real chains have a handful; the planner searches each stage (~5 ms), so 2,500 would take 15 s
@@ -223,6 +245,7 @@ STAGE_CODES = {
     "E153": rule_parent_saves,
     "E155": rule_starting_checkpoint,
     "E157": rule_parent_seq_length,
+    "E170": rule_mla_stage_kind,
     "W150": warn_warmup_longer_than_stage,
     "W157": warn_sample_tokens_unpacked,
 }

@@ -109,9 +109,18 @@ def experiments(draw) -> ExperimentSpec:
                    moe_router_groups=draw(st.sampled_from([0] * 6 + [2, 3])))
         if moe["moe_router_groups"] or draw(st.sampled_from(rarely)):
             moe["moe_router_group_topk"] = draw(st.sampled_from([1, 1, 2, 4, 0]))
+    mla = {}
+    if draw(st.integers(0, 5)) == 0:  # multi-latent attention (MLATransformerConfig): its own head dimensions
+        mla = dict(multi_latent_attention=True, q_lora_rank=draw(st.sampled_from([0, 16, 24, 33])),
+                   kv_lora_rank=draw(st.sampled_from([16, 32, 31])), qk_head_dim=draw(st.sampled_from([8, 16])),
+                   qk_pos_emb_head_dim=draw(st.sampled_from([4, 8, 8, 7])),
+                   v_head_dim=draw(st.sampled_from([8, 12, 16])), rope_type=draw(st.sampled_from(["rope", "yarn"])),
+                   rope_scaling_factor=draw(st.sampled_from([1.0, 4.0])))
+        if not wild:
+            groups, kv_channels = heads, None
     model = ModelSpec(
         name="rand", layers=draw(st.integers(1, 16)), hidden=hidden, heads=heads, query_groups=groups,
-        kv_channels=kv_channels,
+        kv_channels=kv_channels, **mla,
         ffn_hidden=draw(st.sampled_from([hidden * 4, hidden * 2, hidden * 3, 96, 100, 344, 512])),
         vocab=draw(st.sampled_from([1000, 32000, 50257])),
         seq_length=draw(st.sampled_from([256, 512, 1024, 2048])),
