@@ -59,11 +59,11 @@ def rule_mla_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | 
     projection), the generator's KV cache (rollouts)."""
     if not spec.model.multi_latent_attention or (stage.kind == "pretrain" and not spec.model.init):
         return None
-    if stage.kind == "pretrain":  # from a Hugging Face checkpoint: runtime/hf maps standard attention only
+    if stage.kind == "pretrain":  # from a Hugging Face checkpoint: its mapping covers standard attention only
         return _stage_diagnostic(Violation(
             "E170", "a multi-latent attention model cannot start from a Hugging Face checkpoint yet",
             f"multi_latent_attention = true with init = hf({spec.model.init!r}): nemoc has no DeepSeek Hugging Face "
-            "mapping (runtime/hf/ maps standard attention only)",
+            "mapping (its weight mapping covers standard attention only)",
             "pretrain the MLA model from scratch (remove `init`), or remove multi_latent_attention",
             anchors=("model.init", "model.multi_latent_attention", "model")), spec, stage)
     return _stage_diagnostic(Violation(
