@@ -26,7 +26,7 @@ import pytest
 
 from nemoc.runtime import megatron_args as margs
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.long,
               pytest.mark.skipif(not margs.have_einops(), reason="Megatron-Core's FSDP adapter needs einops")]
 
 REPO = Path(__file__).resolve().parents[3]

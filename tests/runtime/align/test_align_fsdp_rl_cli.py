@@ -32,7 +32,7 @@ from test_align_fsdp_cli import REPO, _done, _manifest, _run, _same, _steps
 
 from nemoc.runtime import megatron_args as margs
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.long,
               pytest.mark.skipif(not margs.have_einops(), reason="Megatron-Core's FSDP adapter needs einops")]
 
 # as test_align_fsdp_cli.py: fp32 reduction-order noise through Adam over a few steps; a wrong gradient scale
