@@ -631,13 +631,30 @@ def test_megatron_fsdp_reaches_megatron_cores_ddp_config():
             config(layout=layout)
 
 
+def _fake_te_fused_adam() -> dict:
+    """sys.modules entries for a `transformer_engine` whose only content is a FusedAdam with TE's signature
+    (transformer_engine/pytorch/optimizers/fused_adam.py): what Megatron-Core's OptimizerConfig checks for."""
+    import types
+
+    class FusedAdam:
+        def __init__(self, params, master_weight_dtype=None, exp_avg_dtype=None, exp_avg_sq_dtype=None,
+                     use_decoupled_grad=False):
+            pass
+
+    te = types.ModuleType("transformer_engine")
+    te.pytorch = types.ModuleType("transformer_engine.pytorch")
+    te.pytorch.optimizers = types.ModuleType("transformer_engine.pytorch.optimizers")
+    te.pytorch.optimizers.FusedAdam = FusedAdam
+    return {"transformer_engine": te, "transformer_engine.pytorch": te.pytorch,
+            "transformer_engine.pytorch.optimizers": te.pytorch.optimizers}
+
+
 def test_bf16_optimizer_state_reaches_megatron_cores_optimizer_config():
     """The plan's optimizer_state_dtype = bf16 sets Megatron-Core 0.16.1's precision-aware optimizer
     (bf16 exp_avg / exp_avg_sq, store_param_remainders at its default, on), which its OptimizerConfig
     accepts with Transformer Engine's FusedAdam (stood in here by a class with TE's signature) and refuses
     without it, as E191 and the runtime's own check do; fp32 sets nothing."""
     import sys
-    import types
 
     from megatron.core.optimizer import OptimizerConfig
 
@@ -651,18 +668,7 @@ def test_bf16_optimizer_state_reaches_megatron_cores_optimizer_config():
     with pytest.raises(margs.UnsupportedPlan, match="needs Transformer Engine's FusedAdam"):
         margs._check_supported(model=LLAMA_ISH, layout=layout, precision="bf16", facts=CPU)
 
-    class FusedAdam:  # Transformer Engine's signature (transformer_engine/pytorch/optimizers/fused_adam.py)
-        def __init__(self, params, master_weight_dtype=None, exp_avg_dtype=None, exp_avg_sq_dtype=None,
-                     use_decoupled_grad=False):
-            pass
-
-    te = types.ModuleType("transformer_engine")
-    te.pytorch = types.ModuleType("transformer_engine.pytorch")
-    te.pytorch.optimizers = types.ModuleType("transformer_engine.pytorch.optimizers")
-    te.pytorch.optimizers.FusedAdam = FusedAdam
-    fake = {"transformer_engine": te, "transformer_engine.pytorch": te.pytorch,
-            "transformer_engine.pytorch.optimizers": te.pytorch.optimizers}
-    with mock.patch.dict(sys.modules, fake), mock.patch(te_version, lambda *a, **k: True):
+    with mock.patch.dict(sys.modules, _fake_te_fused_adam()), mock.patch(te_version, lambda *a, **k: True):
         oc = margs.optimizer_config(optimizer=opt, schedule=sched, layout=layout, precision="bf16")
     assert isinstance(oc, OptimizerConfig) and oc.use_precision_aware_optimizer
     assert oc.exp_avg_dtype is torch.bfloat16 and oc.exp_avg_sq_dtype is torch.bfloat16
@@ -675,7 +681,6 @@ def test_fp32_moment_precision_aware_optimizer_reaches_megatron_cores_optimizer_
     grads fp32, accepted with Transformer Engine's FusedAdam (a class with TE's signature stands in) and refused
     without it, where the runtime refuses first with a message naming the fix."""
     import sys
-    import types
 
     from megatron.core.optimizer import OptimizerConfig
 
@@ -691,18 +696,7 @@ def test_fp32_moment_precision_aware_optimizer_reaches_megatron_cores_optimizer_
                                                     r"Transformer Engine's FusedAdam.*precision_aware_optimizer = false"):
         margs._check_supported(model=LLAMA_ISH, layout=layout, precision="bf16", facts=CPU)
 
-    class FusedAdam:  # Transformer Engine's signature (transformer_engine/pytorch/optimizers/fused_adam.py)
-        def __init__(self, params, master_weight_dtype=None, exp_avg_dtype=None, exp_avg_sq_dtype=None,
-                     use_decoupled_grad=False):
-            pass
-
-    te = types.ModuleType("transformer_engine")
-    te.pytorch = types.ModuleType("transformer_engine.pytorch")
-    te.pytorch.optimizers = types.ModuleType("transformer_engine.pytorch.optimizers")
-    te.pytorch.optimizers.FusedAdam = FusedAdam
-    fake = {"transformer_engine": te, "transformer_engine.pytorch": te.pytorch,
-            "transformer_engine.pytorch.optimizers": te.pytorch.optimizers}
-    with mock.patch.dict(sys.modules, fake), mock.patch(te_version, lambda *a, **k: True):
+    with mock.patch.dict(sys.modules, _fake_te_fused_adam()), mock.patch(te_version, lambda *a, **k: True):
         oc = margs.optimizer_config(optimizer=opt, schedule=sched, layout=layout, precision="bf16")
     assert isinstance(oc, OptimizerConfig) and oc.use_precision_aware_optimizer
     assert oc.exp_avg_dtype is torch.float32 and oc.exp_avg_sq_dtype is torch.float32
@@ -710,7 +704,7 @@ def test_fp32_moment_precision_aware_optimizer_reaches_megatron_cores_optimizer_
     assert oc.use_precision_aware_optimizer_no_fp8_or_ds_fp8 and oc.store_param_remainders
     # the plan's FP8 recipe reaches OptimizerConfig (as Megatron-LM copies it): FusedAdam owns the master weight
     # with delayed scaling, Megatron-Core keeps it with current scaling, as memory.optimizer_bytes sizes them
-    with mock.patch.dict(sys.modules, fake), mock.patch(te_version, lambda *a, **k: True):
+    with mock.patch.dict(sys.modules, _fake_te_fused_adam()), mock.patch(te_version, lambda *a, **k: True):
         owned = {recipe: margs.optimizer_config(optimizer=opt, schedule=sched, layout=layout, precision="fp8",
                                                 fp8_recipe=recipe).use_precision_aware_optimizer_no_fp8_or_ds_fp8
                  for recipe in ("delayed", "tensorwise")}
@@ -722,7 +716,7 @@ def test_fp32_moment_precision_aware_optimizer_reaches_megatron_cores_optimizer_
 
     for precision, recipe in (("bf16", None), ("fp8", "delayed"), ("fp8", "tensorwise"), ("mxfp8", "mxfp8"),
                               ("nvfp4", None)):
-        with mock.patch.dict(sys.modules, fake), mock.patch(te_version, lambda *a, **k: True):
+        with mock.patch.dict(sys.modules, _fake_te_fused_adam()), mock.patch(te_version, lambda *a, **k: True):
             oc = margs.optimizer_config(optimizer=opt, schedule=sched, layout=layout, precision=precision,
                                         fp8_recipe=recipe)
         moment, master, copy = optimizer_bytes(layout, precision, recipe)
