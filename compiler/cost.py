@@ -40,6 +40,7 @@ from nemoc.compiler.flops import (
     LOW_PRECISIONS,
     ModelPass,
     bf16_layers_per_stage,
+    dense_layers_per_stage,
     is_gated,
     layers_on_stage,
     lora_params_per_layer,
@@ -967,7 +968,8 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
                  kernels: str = "te", cross_entropy: str | None = None,
                  loss: bool = True, last_logits: bool = False,
                  bf16: tuple[tuple[int, ...], float] | None = None,
-                 deferred_wgrad: bool = False) -> tuple[float, float, float]:
+                 deferred_wgrad: bool = False,
+                 dense: tuple[tuple[int, ...], float] | None = None) -> tuple[float, float, float]:
     """(slowest, mean, output) micro-batch times over pipeline stages: layers plus, on the last
     stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`: the
     `cross_entropy` fusion, CROSS_ENTROPY_BYTES_OF; None: TE's fused kernels with `kernels = te`,
@@ -976,7 +978,9 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     (`_head_tokens`: a KV-cached prefill). `bf16`: (bf16 layers per stage, extra seconds per such layer and
     micro batch) where the first / last layers stay in bf16 (`_bf16_layers`): each stage is costed with its own.
     `deferred_wgrad`: the slowest stage with the last stage's output-layer wgrad GEMM taken out of its micro
-    batch (`defer_embedding_wgrad_compute`, `_deferred_wgrad`)."""
+    batch (`defer_embedding_wgrad_compute`, `_deferred_wgrad`). `dense`: (dense layers per stage, seconds a dense
+    layer takes more than an expert layer, usually negative) for a MoE model with dense layers (`_dense_layers`),
+    priced per stage as the bf16 layers are."""
     vocab = 0 if scalar_head else padded_vocab(model.vocab, layout.tp)
     tokens = micro_batch * seq / layout.cp
     head = _head_tokens(tokens, micro_batch, last_logits)
@@ -988,8 +992,9 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     logits += ce * head * vocab / layout.tp / hw.hbm_bw
     per_layer = lt.total
     deferred = gemm if deferred_wgrad and _defers_wgrad(layout, backward, scalar_head) else 0.0
-    if bf16 is not None:
-        return _stage_times_bf16(model.layers, layout.pp, per_layer, logits, split, *bf16, last_less=deferred)
+    if bf16 is not None or dense is not None:
+        extras = tuple(x for x in (bf16, dense) if x is not None)
+        return _stage_times_mixed(model.layers, layout.pp, per_layer, logits, split, extras, last_less=deferred)
     if layout.pp == 1:
         t = model.layers * per_layer + logits
         return t, t, logits
@@ -1002,7 +1007,8 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
 
 def _deferred_wgrad(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backward, params, slow, mean,
                     scalar_head=False, split=None, kernels="te", cross_entropy=None,
-                    bf16: tuple[tuple[int, ...], float] | None = None) -> tuple[float, float]:
+                    bf16: tuple[tuple[int, ...], float] | None = None,
+                    dense: tuple[tuple[int, ...], float] | None = None) -> tuple[float, float]:
     """(saved, drained): what `defer_embedding_wgrad_compute` takes off the step and what it adds after the
     pipeline's drain. Megatron-Core's last stage keeps the output layer's input and logits gradient of the
     first d micro batches (d = `wgrad_deferral_limit`, 0: all m; tensor_parallel/layers.py) and runs their
@@ -1019,20 +1025,40 @@ def _deferred_wgrad(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, back
     w = _output_gemm_time(model, layout, hw, seq=seq, micro_batch=micro_batch, params=params)
     slow_deferred, _, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=backward,
                                        params=params, scalar_head=scalar_head, split=split, kernels=kernels,
-                                       cross_entropy=cross_entropy, bf16=bf16, deferred_wgrad=True)
+                                       cross_entropy=cross_entropy, bf16=bf16, deferred_wgrad=True, dense=dense)
     saved = min(d * w, m * (slow - slow_deferred))
     wait = (layout.pp - 1) / (layout.vp or 1) * mean * backward / (1.0 + backward)
     return saved, max(0.0, d * w - wait)
-def _stage_times_bf16(layers: int, pp: int, per_layer: float, logits: float, split, counts: tuple[int, ...],
-                      extra: float, last_less: float = 0.0) -> tuple[float, float, float]:
-    """`_stage_times` where stage s also runs counts[s] layers in bf16, each `extra` seconds slower than a
-    low-precision one: the busiest stage is whichever holds most work (the first / last stages hold the
-    bf16 layers: `flops.bf16_layers_per_stage`), the mean spreads the extra over the stages. `last_less`:
-    the deferred output-layer wgrad GEMM taken out of the last stage's micro batch (`_stage_times`)."""
-    times = [layers_on_stage(layers, pp, s, split) * per_layer + counts[s] * extra
+def _stage_times_mixed(layers: int, pp: int, per_layer: float, logits: float, split,
+                       extras: tuple[tuple[tuple[int, ...], float], ...],
+                       last_less: float = 0.0) -> tuple[float, float, float]:
+    """`_stage_times` where, for each (counts, extra) of `extras`, stage s runs counts[s] of its layers `extra`
+    seconds slower than `per_layer` (the bf16 layers under a low precision: `flops.bf16_layers_per_stage`; a
+    MoE model's dense layers, extra usually negative: `flops.dense_layers_per_stage`): the busiest stage is
+    whichever holds most work, the mean spreads the extras over the stages. `last_less`: the deferred
+    output-layer wgrad GEMM taken out of the last stage's micro batch (`_stage_times`)."""
+    times = [layers_on_stage(layers, pp, s, split) * per_layer + sum(c[s] * x for c, x in extras)
              + (logits - last_less if s == pp - 1 else 0.0) for s in range(pp)]
-    mean = (layers * per_layer + sum(counts) * extra + logits) / pp
+    mean = (layers * per_layer + sum(sum(c) * x for c, x in extras) + logits) / pp
     return max(max(times), mean), mean, logits
+
+
+def _dense_layers(model, layout, hw, lt: LayerTimes, split, precision: str,
+                  graph: tuple[float, float] | None = None,
+                  **layer_kw) -> tuple[tuple[tuple[int, ...], float], LayerTimes] | None:
+    """((dense layers per pipeline stage, seconds a dense layer takes more than an expert layer), the dense
+    layer's times) for a MoE model with dense layers (`moe_layer_freq`, `moe_first_dense_layers`): a dense
+    layer is a layer of `ModelSpec.dense_layer_model` (its MLP of ffn_hidden, no router, no token dispatch:
+    no expert-parallel all-to-all), on the stages Megatron-Core builds it (`flops.dense_layers_per_stage`);
+    None otherwise. `graph` as for `_bf16_layers`."""
+    if not model.has_dense_layers:
+        return None
+    counts = dense_layers_per_stage(model, layout.pp, layout.vp, split)
+    kw = {k: v for k, v in layer_kw.items() if k != "moe"}  # a dense layer dispatches nothing
+    dense = layer_times(model.dense_layer_model, layout, hw, precision=precision, **kw)
+    if graph is not None:
+        dense = graphed(dense, layer_kw["params"], *graph)
+    return (counts, dense.total - lt.total), dense
 
 
 def _bf16_layers(model, layout, hw, lt: LayerTimes, bf16_layers: tuple[int, int], split, precision: str,
@@ -1258,11 +1284,22 @@ def _busiest_stage_layers(model: ModelSpec, layout: Layout, split: tuple[int, in
     return max(layers_on_stage(model.layers, layout.pp, i, split) for i in {0, min(1, layout.pp - 1)})
 
 
+def _busiest_stage_mix(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None) -> tuple[int, int]:
+    """(expert layers, dense layers) of the stage holding the most parameters: for a MoE model with dense layers
+    (`flops.dense_layers_per_stage`) the stage with the most expert layers, fewest dense ones at a tie;
+    otherwise `_busiest_stage_layers` (every layer alike)."""
+    if not model.has_dense_layers:
+        return _busiest_stage_layers(model, layout, split), 0
+    dense = dense_layers_per_stage(model, layout.pp, layout.vp, split)
+    mixes = [(layers_on_stage(model.layers, layout.pp, s, split) - d, d) for s, d in enumerate(dense)]
+    return max(mixes, key=lambda mix: (mix[0], mix[1]))
+
+
 def _local_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None = None) -> float:
     """Parameters on one GPU of the most-loaded stage (after TP, EP x ETP sharding)."""
     counts = param_counts(model)
-    n = _busiest_stage_layers(model, layout, split)
-    dense = n * (counts.per_layer - counts.expert) / layout.tp
+    n, d = _busiest_stage_mix(model, layout, split)
+    dense = (counts.layer_params(n, d) - n * counts.expert) / layout.tp
     experts = n * counts.expert / (layout.ep * layout.etp)
     embed = padded_vocab(model.vocab, layout.tp) * model.hidden / layout.tp
     return dense + experts + embed * (2 if layout.pp == 1 and not model.tie_embeddings else 1)
@@ -1277,7 +1314,7 @@ def _expert_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int]
     """Routed-expert parameters on one GPU of the most-loaded stage (`_local_params`' expert part)."""
     if not model.is_moe:
         return 0.0
-    n = _busiest_stage_layers(model, layout, split)
+    n, _ = _busiest_stage_mix(model, layout, split)
     return n * param_counts(model).expert / (layout.ep * layout.etp)
 
 
@@ -1364,27 +1401,39 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                         attention_span=attention_span, overlap_tp=overlap_tp, kernels=kernels, dropout=dropout,
                         moe=moe, graph=(cuda_graph_share(host, model), 1.0 + main.backward)
                         if host is not None and host.cuda_graph_impl != "none" and train else None)
+    mixed = _dense_layers(model, layout, hw, lt, split, precision, seq=seq, attention_backend=attention_backend,
+                          micro_batch=mb, backward=main.backward, params=params, attention_span=attention_span,
+                          overlap_tp=overlap_tp, kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe,
+                          graph=(cuda_graph_share(host, model), 1.0 + main.backward)
+                          if host is not None and host.cuda_graph_impl != "none" and train else None)
+    dense, lt_dense = mixed if mixed is not None else (None, lt)
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                       params=params, scalar_head=main.scalar_head, split=split, kernels=kernels,
-                                      cross_entropy=cross_entropy, bf16=bf16)
+                                      cross_entropy=cross_entropy, bf16=bf16, dense=dense)
     m = layout.num_microbatches
     vp = layout.vp or 1
-    per_stage = main.count * m * model.layers / layout.pp  # layer passes per step on a mean stage
+    # layer passes per step on a mean stage: expert layers (every layer of a dense model) and dense layers
+    n_dense = model.layers - model.moe_layer_count if mixed is not None else 0
+    per_stage = main.count * m * (model.layers - n_dense) / layout.pp
+    per_dense = main.count * m * n_dense / layout.pp
+
+    def both(term) -> float:
+        return per_stage * term(lt) + per_dense * term(lt_dense)
     parts: dict[str, float] = {
-        "compute": per_stage * (lt.gemm + lt.attention) + main.count * m * output / layout.pp,
-        "elementwise": per_stage * lt.elementwise,
-        "tp_comm": per_stage * lt.tp_comm,
-        "cp_comm": per_stage * lt.cp_comm,
-        "ep_comm": per_stage * lt.ep_comm,
+        "compute": both(lambda t: t.gemm + t.attention) + main.count * m * output / layout.pp,
+        "elementwise": both(lambda t: t.elementwise),
+        "tp_comm": both(lambda t: t.tp_comm),
+        "cp_comm": both(lambda t: t.cp_comm),
+        "ep_comm": both(lambda t: t.ep_comm),
     }
-    if lt.host_wait > 0.0:  # the GPU waits for the host (eager kernels shorter than their issue time)
-        parts["host_bound"] = per_stage * lt.host_wait
+    if lt.host_wait > 0.0 or lt_dense.host_wait > 0.0:  # the GPU waits for the host (eager kernels shorter than their issue time)
+        parts["host_bound"] = both(lambda t: t.host_wait)
     if bf16 is not None:  # the bf16 layers' extra time, spread over the stages as `mean` spreads it
         parts["bf16_layers"] = main.count * m * sum(bf16[0]) * bf16[1] / layout.pp
     parts["pp_imbalance"] = main.count * m * (slow - mean)
     saved, drained = _deferred_wgrad(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                      params=params, slow=slow, mean=mean, scalar_head=main.scalar_head, split=split,
-                                     kernels=kernels, cross_entropy=cross_entropy, bf16=bf16)
+                                     kernels=kernels, cross_entropy=cross_entropy, bf16=bf16, dense=dense)
     if saved or drained:  # defer_embedding_wgrad_compute: the last stage's output wgrad GEMMs in the drain
         parts["pp_imbalance"] -= main.count * saved
         parts["embedding_wgrad_drain"] = main.count * drained
@@ -1499,11 +1548,21 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
 
     key = (layout.tp, layout.cp, layout.ep, layout.etp, layout.sequence_parallel, largest)
     lt = _kept(memo, key, layers)
+
+    def dense() -> tuple[tuple[int, ...], float] | None:  # a MoE model's dense layers, on their stages
+        graph = ((cuda_graph_share(host, model), 1.0 + main.backward)
+                 if host is not None and host.cuda_graph_impl != "none" and main.backward != FORWARD else None)
+        mixed = _dense_layers(model, layout, hw, lt, split, precision, graph=graph, seq=seq,
+                              attention_backend=attention_backend, micro_batch=largest * work.rows,
+                              backward=main.backward, params=params, overlap_tp=overlap_tp, kernels=kernels,
+                              attention_span=attention_span)
+        return mixed[0] if mixed is not None else None
     # with the output wgrad deferred the steady state can be the last stage without that GEMM (`_deferred_wgrad`)
-    slow, mean, _ = _kept(memo, key + (layout.pp, split, layout.defer_embedding_wgrad_compute), lambda: _stage_times(
+    slow, mean, _ = _kept(memo, key + (layout.pp, layout.vp, split, layout.defer_embedding_wgrad_compute),
+                          lambda: _stage_times(
         model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows, backward=main.backward, params=params,
         scalar_head=main.scalar_head, split=split, kernels=kernels, cross_entropy=cross_entropy,
-        deferred_wgrad=True))
+        deferred_wgrad=True, dense=dense()))
     per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest
     vp = layout.vp or 1
     t = main.count * rows * slow / largest + params.step_overhead  # the slowest stage's, at its lowest
@@ -1573,9 +1632,11 @@ def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micr
                     overlap_tp=overlap_tp, kernels=kernels, moe=moe)
     lt = layer_times(model, layout, hw, precision=precision, **layer_kw)
     bf16 = _bf16_layers(model, layout, hw, lt, bf16_layers, split, precision, **layer_kw)
+    mixed = _dense_layers(model, layout, hw, lt, split, precision, **layer_kw)
     slow, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=p.backward,
                                  params=params, scalar_head=p.scalar_head, split=split, kernels=kernels,
-                                 cross_entropy=cross_entropy, loss=loss, last_logits=last_logits, bf16=bf16)
+                                 cross_entropy=cross_entropy, loss=loss, last_logits=last_logits, bf16=bf16,
+                                 dense=mixed[0] if mixed is not None else None)
     bubble = (layout.pp - 1) / (layout.vp or 1) * mean if layout.pp > 1 else 0.0
     return layout.num_microbatches * slow + bubble
 
@@ -1624,14 +1685,17 @@ def _rollout_phases(model, layout, hw, *, seq, precision, backend, micro_batch, 
                         overlap_tp=overlap_tp, kernels=kernels)
         lt = layer_times(model, whole, hw, precision=precision, **layer_kw)
         bf16 = _bf16_layers(model, whole, hw, lt, bf16_layers, split, precision, **layer_kw)
+        mixed = _dense_layers(model, whole, hw, lt, split, precision, **layer_kw)
         _, mean, _ = _stage_times(model, whole, hw, lt, seq=seq, micro_batch=micro_batch, backward=FORWARD,
                                   params=params, split=split, kernels=kernels, loss=False, last_logits=True,
-                                  bf16=bf16)
+                                  bf16=bf16, dense=mixed[0] if mixed is not None else None)
         prefill = layout.num_microbatches * layout.pp * mean + _rollout_p2p(model, layout, hw, batch * seq, params)
     counts = param_counts(model)
-    gemm_params = model.layers * (counts.attention + counts.mlp_active) + model.hidden * model.vocab
-    weight_bytes = (model.layers * (counts.per_layer - counts.expert) + model.hidden * model.vocab) / layout.tp * 2.0
-    weight_bytes += model.layers * counts.expert / (layout.ep * layout.etp) * 2.0
+    gemm_params = counts.gemm_per_token + model.hidden * model.vocab
+    experts = (model.layers - counts.dense_layers) * counts.expert  # the expert layers' routed experts
+    weight_bytes = (counts.layer_params(model.layers - counts.dense_layers, counts.dense_layers) - experts
+                    + model.hidden * model.vocab) / layout.tp * 2.0
+    weight_bytes += experts / (layout.ep * layout.etp) * 2.0
     context = seq - new_tokens / 2.0  # mean context length while decoding (prompt fills the rest)
     kv_heads = max(1.0, model.kv_heads / layout.tp)
     kv_bytes = batch * context * model.layers * kv_heads * (model.qk_dim + model.v_dim) * 2.0  # whole rows at any cp
@@ -1669,7 +1733,7 @@ def _rollout_ep(model, layout, hw, tokens: float, params) -> float:
     if not model.is_moe or layout.ep == 1:
         return 0.0
     per_layer = _ep_comm(model, layout, hw, tokens, 1.5, params) + 2.0 * params.ring_step_latency
-    return model.layers * per_layer  # every layer of every stage, one after another
+    return model.moe_layer_count * per_layer  # every expert layer of every stage, one after another
 
 
 # ------------------------------------------------------------------ host: CUDA graphs, garbage collection

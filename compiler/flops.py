@@ -92,20 +92,43 @@ class ParamCounts:
     norms: int  # per layer: the two pre-norms (+ the two post-block norms of Gemma 3)
     final_norm: int
     layers: int
+    # a MoE model's dense layers (`ModelSpec.moe_layer_pattern` 0s): how many, and one's MLP (ffn_hidden);
+    # `mlp`, `mlp_active` and `expert` above are an expert layer's
+    dense_layers: int = 0
+    dense_mlp: int = 0
 
     @property
     def per_layer(self) -> int:
+        """One expert layer of a MoE model (a layer of a dense one)."""
         return self.attention + self.mlp + self.norms
 
     @property
+    def dense_per_layer(self) -> int:
+        """One dense layer of a MoE model (attention, MLP of ffn_hidden, norms)."""
+        return self.attention + self.dense_mlp + self.norms
+
+    def layer_params(self, moe_layers: int, dense_layers: int = 0) -> int:
+        """Parameters of `moe_layers` expert layers and `dense_layers` dense layers (a stage's share)."""
+        return moe_layers * self.per_layer + dense_layers * self.dense_per_layer
+
+    @property
     def total(self) -> int:
-        return self.embedding + self.output + self.layers * self.per_layer + self.final_norm
+        moe = self.layers - self.dense_layers
+        return self.embedding + self.output + self.layer_params(moe, self.dense_layers) + self.final_norm
 
     @property
     def active(self) -> int:
-        """Parameters a token touches (MoE: top_k experts); = total for a dense model."""
-        per_layer = self.attention + self.mlp_active + self.norms
-        return self.embedding + self.output + self.layers * per_layer + self.final_norm
+        """Parameters a token touches (MoE: top_k experts in the expert layers); = total for a dense model."""
+        moe = self.layers - self.dense_layers
+        layers = moe * (self.attention + self.mlp_active + self.norms) + self.dense_layers * self.dense_per_layer
+        return self.embedding + self.output + layers + self.final_norm
+
+    @property
+    def gemm_per_token(self) -> int:
+        """Weights one token multiplies through in the transformer layers (attention + active MLP of every
+        layer: the expert layers' top_k experts, router and shared experts, the dense layers' MLP)."""
+        moe = self.layers - self.dense_layers
+        return self.layers * self.attention + moe * self.mlp_active + self.dense_layers * self.dense_mlp
 
 
 def _norm_params(model: ModelSpec, width: int) -> int:
@@ -179,10 +202,12 @@ def param_counts(model: ModelSpec) -> ParamCounts:
     else:
         mlp = mlp_active = _mlp_params(model, model.ffn_hidden)
         experts_total = 0
+    dense_layers = model.layers - model.moe_layer_count if model.is_moe else 0
     return ParamCounts(
         embedding=embedding, output=output, attention=_attention_params(model), mlp=mlp,
         mlp_active=mlp_active, expert=experts_total, norms=(4 if model.post_block_norms else 2) * _norm_params(model, h),
         final_norm=_norm_params(model, h), layers=model.layers,
+        dense_layers=dense_layers, dense_mlp=_mlp_params(model, model.ffn_hidden) if dense_layers else 0,
     )
 
 
@@ -247,6 +272,22 @@ def bf16_layers_per_stage(layers: int, pp: int, vp: int | None, split: tuple[int
     return tuple(counts)
 
 
+@lru_cache(maxsize=4096)
+def dense_layers_per_stage(model: ModelSpec, pp: int, vp: int | None,
+                           split: tuple[int, int, int] | None) -> tuple[int, ...]:
+    """How many dense layers of a MoE model (`ModelSpec.moe_layer_pattern` 0s) each pipeline stage builds:
+    Megatron-Core slices the per-layer specs at each chunk's global offset (gpt_layer_specs.py
+    `get_gpt_decoder_block_spec`: `layer_specs[offset : offset + num_layers_to_build]`), which `chunk_runs`
+    reproduces. All 0 for a dense model or a MoE model with every layer sparse."""
+    counts = [0] * pp
+    if not model.has_dense_layers:
+        return tuple(counts)
+    pattern = model.moe_layer_pattern
+    for stage, lo, n in chunk_runs(model.layers, pp, vp, split):
+        counts[stage] += n - sum(pattern[lo:lo + n])
+    return tuple(counts)
+
+
 def chunk_layers(layers: int, pp: int, vp: int | None) -> int:
     """Transformer layers of the most-loaded model chunk (one pipeline stage, or one of its `vp`
     virtual stages): Megatron's block recompute (`recompute_method = "block"`) counts
@@ -285,8 +326,9 @@ def stage_params(model: ModelSpec, pp: int, stage: int) -> StageParams:
     own copy of the word embedding, which Megatron all-reduces with the first stage's)."""
     counts = param_counts(model)
     n = layers_on_stage(model.layers, pp, stage)
-    expert = n * counts.expert
-    dense = n * counts.per_layer - expert
+    d = dense_layers_per_stage(model, pp, None, None)[stage]
+    expert = (n - d) * counts.expert
+    dense = counts.layer_params(n - d, d) - expert
     embedding = 0
     if stage == 0:
         embedding += counts.embedding
@@ -322,7 +364,7 @@ def window_keys_per_token(seq_length: int, window: int) -> float:
 def flops_per_token(model: ModelSpec, seq_length: int, causal_discount: bool) -> FlopsPerToken:
     """Forward FLOPs per token (see module docstring for the formula and its sources)."""
     counts = param_counts(model)
-    gemm_params = counts.attention + counts.mlp_active  # biases/norms are a rounding error (<0.01 %)
+    gemm_params = counts.gemm_per_token  # every layer's; biases/norms are a rounding error (<0.01 %)
     # QK^T over qk_dim channels and attention x V over v_dim channels per head (both head_dim but for MLA,
     # whose queries and keys carry qk_head_dim + qk_pos_emb_head_dim channels and values v_head_dim)
     attn_width = model.heads * (model.qk_dim + model.v_dim) / 2.0
@@ -334,7 +376,7 @@ def flops_per_token(model: ModelSpec, seq_length: int, causal_discount: bool) ->
     else:
         attention = model.layers * core
     return FlopsPerToken(
-        dense_gemm=2 * model.layers * gemm_params,
+        dense_gemm=2 * gemm_params,
         attention_core=attention,
         logits=2 * model.hidden * model.vocab,
     )
@@ -373,12 +415,13 @@ def selective_recompute_flops_per_token(model: ModelSpec, seq_length: int, causa
     counts = param_counts(model)
     shared = _mlp_params(model, model.shared_expert_ffn_hidden) if model.shared_expert_ffn_hidden else 0
     extra = f.attention_core if "core_attn" in modules else 0.0
-    if "mlp" in modules and not model.is_moe:
-        extra += 2.0 * model.layers * counts.mlp_active
+    moe_layers = model.layers - counts.dense_layers if model.is_moe else 0
+    if "mlp" in modules:  # the dense layers' MLPs (every layer of a dense model)
+        extra += 2.0 * (model.layers - moe_layers) * (counts.dense_mlp if model.is_moe else counts.mlp_active)
     if "moe" in modules and model.is_moe:
-        extra += 2.0 * model.layers * counts.mlp_active  # router + top_k experts + shared experts
+        extra += 2.0 * moe_layers * counts.mlp_active  # router + top_k experts + shared experts
     elif "shared_experts" in modules and model.is_moe:
-        extra += 2.0 * model.layers * shared
+        extra += 2.0 * moe_layers * shared
     return extra
 
 

@@ -30,7 +30,7 @@ from types import MappingProxyType
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.catalog.userbuffers import buffer_bytes, userbuffers_of
-from nemoc.compiler.flops import LOW_PRECISIONS, bf16_layers_per_stage, recomputed_fraction
+from nemoc.compiler.flops import LOW_PRECISIONS, bf16_layers_per_stage, dense_layers_per_stage, recomputed_fraction
 from nemoc.compiler.flops import (  # noqa: F401 - lora_params_per_layer is re-exported
     is_gated,
     layers_on_stage,
@@ -438,6 +438,7 @@ class _Stage:
     layers: int
     first: bool
     last: bool
+    dense_layers: int = 0  # of `layers`, a MoE model's dense ones (flops.dense_layers_per_stage)
 
 
 def rollout_kv_cache(model: ModelSpec, layout: Layout, *, seq: int, rows: int, layers: float) -> float:
@@ -458,9 +459,10 @@ def _local_stage(model: ModelSpec, layout: Layout, stage: int, vocab: int, scala
                  split: tuple[int, int, int] | None = None) -> _Stage:
     counts = param_counts(model)
     n = layers_on_stage(model.layers, layout.pp, stage, split)
+    d = dense_layers_per_stage(model, layout.pp, layout.vp, split)[stage]
     first, last = stage == 0, stage == layout.pp - 1
-    expert = n * counts.expert / (layout.ep * layout.etp)
-    dense = n * (counts.per_layer - counts.expert) / layout.tp
+    expert = (n - d) * counts.expert / (layout.ep * layout.etp)
+    dense = (counts.layer_params(n - d, d) - (n - d) * counts.expert) / layout.tp
     if first:
         dense += vocab * model.hidden / layout.tp + (model.seq_length * model.hidden if model.position == "learned" else 0)
     if last:
@@ -469,7 +471,7 @@ def _local_stage(model: ModelSpec, layout: Layout, stage: int, vocab: int, scala
             dense += model.hidden
         elif not model.tie_embeddings or layout.pp > 1:
             dense += vocab * model.hidden / layout.tp
-    return _Stage(dense, expert, n, first, last)
+    return _Stage(dense, expert, n, first, last, d)
 
 
 def _shards(layout: Layout) -> tuple[int, int]:
@@ -545,13 +547,13 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
 def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, vocab, scalar_head, split, precision,
                   peft, trainable, frozen, grad_bytes, fsdp=False,
-                  opt_bytes=(4, 4, True)) -> tuple[_Stage, float, float, float, float]:
+                  opt_bytes=(4, 4, True), vp=None) -> tuple[_Stage, float, float, float, float]:
     """(the stage's local parameters, weights, gradients, optimizer bytes, optimizer-step transient
     bytes): trainable models get full states, frozen ones weights only; LoRA trains the adapters only.
     `fsdp` (Megatron-FSDP, optim_grads_params): the trained model's 16-bit weights and its gradient
     buffer are sharded over the same group as the optimizer state (ZeRO-3); the layers being computed
     are gathered into `fsdp_buffers` (`_stage_memory`)."""
-    layout = _StatesLayout(tp, pp, cp, dp, ep, etp)
+    layout = _StatesLayout(tp, pp, cp, dp, ep, etp, vp)  # vp: which layers a stage holds (dense ones of a MoE model)
     st = _local_stage(model, layout, stage, vocab, scalar_head, split)
     dense_shard, expert_shard = _shards(layout)
     wb = weight_bytes(precision)
@@ -592,6 +594,7 @@ class _StatesLayout:
     dp: int
     ep: int
     etp: int
+    vp: int | None = None
 
 
 def _bf16_layer_params(model: ModelSpec, layout: Layout, bf16_here: int) -> float:
@@ -615,6 +618,14 @@ def _bf16_activation_extra(model, *, replayed: float, recompute: str, **kw) -> f
     return extra(recompute)
 
 
+def _dense_layer_activations(model: ModelSpec, *, recompute_modules: tuple[str, ...] | None, **kw) -> float:
+    """One dense layer's saved tensors in a MoE model: a layer of `ModelSpec.dense_layer_model`, whose
+    selective recompute replays the modules a dense layer has (`mlp` for its MLP, the MoE ones do nothing)."""
+    mods = None if recompute_modules is None else tuple(m for m in recompute_modules
+                                                        if m not in ("moe", "moe_act", "shared_experts"))
+    return layer_activations(model.dense_layer_model, recompute_modules=mods, **kw).total
+
+
 def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
                   kernels, grad_bytes, split, resident: int, rows: int,
                   moe_dispatcher: str = "alltoall", cuda_graph_share: float = 0.0,
@@ -635,7 +646,8 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
     st, weights, gradients, optimizer, step_transient = _model_states(
         model, layout.tp, layout.pp, layout.cp, layout.dp, layout.ep, layout.etp, layout.distributed_optimizer,
         stage, vocab, scalar_head, split, precision, peft, trainable, frozen, grad_bytes,
-        bool(layout.megatron_fsdp and trainable and peft is None), optimizer_bytes(layout, precision, fp8_recipe))
+        bool(layout.megatron_fsdp and trainable and peft is None), optimizer_bytes(layout, precision, fp8_recipe),
+        vp=layout.vp if model.has_dense_layers else None)
     params_local = st.dense + st.expert
 
     parts: dict[str, float] = {"cuda_context": CUDA_CONTEXT_BYTES}
@@ -690,8 +702,23 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
                     etp=layout.etp, recompute="none", attention_backend=backend, dropout=dropout, kernels=kernels,
                     fp8=precision in ("fp8", "mxfp8")).total
                 activations = (per_layer * replayed + kept * (st.layers - replayed)) * held
+                if st.dense_layers:  # a dense layer's tensors in place of an expert layer's, in the same shares
+                    share = replayed / st.layers
+                    dense_kw = dict(seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
+                                    etp=layout.etp, attention_backend=backend, dropout=dropout, kernels=kernels,
+                                    fp8=precision in ("fp8", "mxfp8"))
+                    dm = model.dense_layer_model
+                    dense_per = (share * layer_activations(dm, recompute="full", **dense_kw).total
+                                 + (1 - share) * layer_activations(dm, recompute="none", **dense_kw).total)
+                    activations += st.dense_layers * held * (dense_per - (share * per_layer + (1 - share) * kept))
             else:
                 activations = per_layer * st.layers * held
+                if st.dense_layers:  # a dense layer's tensors in place of an expert layer's
+                    activations += st.dense_layers * held * (_dense_layer_activations(
+                        model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
+                        etp=layout.etp, recompute=layout.recompute, attention_backend=backend, dropout=dropout,
+                        recompute_modules=layout.recompute_modules, kernels=kernels,
+                        fp8=precision in ("fp8", "mxfp8")) - per_layer)
             if bf16_here and precision in ("fp8", "mxfp8"):  # those layers save 16-bit GEMM inputs
                 activations += bf16_here * held * _bf16_activation_extra(
                     model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
@@ -733,7 +760,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
             parts["tp_comm_buffers"] = 2.0 * 2 * s_local * b * model.hidden  # all-gathered GEMM input (+ its grad)
         if layout.pp > 1:
             parts["pp_p2p_buffers"] = 2.0 * 2 * s_local * b * model.hidden / rep  # send + recv
-        if model.is_moe:
+        if model.is_moe and st.layers > st.dense_layers:  # a stage of dense layers only dispatches nothing
             # padded to a capacity factor c the buffers hold c x the routed rows (`_capacity_rows`)
             routed = s_local * b * model.top_k / rep * layout.etp * _capacity_rows(model)
             parts["moe_dispatch"] = 2.0 * 2 * routed * model.hidden  # all-to-all send + receive

@@ -13,7 +13,8 @@ that came from a preset or a default has no entry (anchor at the enclosing block
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from types import MappingProxyType
 
 from nemoc.compiler.params import SchedulerOptions, StageParams
@@ -24,6 +25,25 @@ EMPTY: Mapping = MappingProxyType({})
 
 def _empty() -> Mapping:
     return EMPTY
+
+
+@lru_cache(maxsize=256)
+def moe_layer_pattern(layers: int, experts: int, freq: int | tuple[int, ...], first_dense: int) -> tuple[int, ...]:
+    """`ModelSpec.moe_layer_pattern` (cached: the cost and memory models read it for every candidate layout)."""
+    if experts <= 0:
+        return (0,) * layers
+    if isinstance(freq, int):
+        pattern = [1 if i % max(freq, 1) == 0 else 0 for i in range(layers)]
+    else:
+        pattern = [int(v) for v in freq][:layers] + [1] * max(0, layers - len(freq))  # E202 reports a bad length
+    return tuple(0 if i < first_dense else v for i, v in enumerate(pattern))
+
+
+@lru_cache(maxsize=256)
+def _dense_layer_model(model: ModelSpec) -> ModelSpec:
+    return replace(model, name=model.name + "/dense", experts=0, top_k=0, moe_ffn_hidden=None,
+                   shared_expert_ffn_hidden=0, moe_layer_freq=1, moe_first_dense_layers=0,
+                   moe_shared_expert_overlap=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +77,12 @@ class ModelSpec:
     top_k: int = 0
     moe_ffn_hidden: int | None = None
     shared_expert_ffn_hidden: int = 0
+    # Which layers are expert layers (Megatron-Core TransformerConfig `moe_layer_freq`, same semantics: an int N
+    # makes layers 0, N, 2N, ... expert layers, a tuple gives 0 / 1 per layer) after the first
+    # `moe_first_dense_layers` dense ones (HF `first_k_dense_replace`); the rest are dense MLPs of ffn_hidden.
+    # `moe_layer_pattern` is the per-layer result the compiler and the runtime read.
+    moe_layer_freq: int | tuple[int, ...] = 1
+    moe_first_dense_layers: int = 0
     # token dropping and the router (Megatron-Core TransformerConfig `moe_expert_capacity_factor`,
     # `moe_pad_expert_input_to_capacity`, `moe_token_drop_policy`, `moe_router_load_balancing_type`,
     # `moe_aux_loss_coeff`, `moe_shared_expert_overlap`); None capacity = dropless
@@ -138,6 +164,38 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.experts > 0
+
+    @property
+    def moe_layer_pattern(self) -> tuple[int, ...]:
+        """1 (expert layer) or 0 (dense MLP) per layer, in Megatron-Core's global layer order
+        (gpt_layer_specs.py `get_gpt_decoder_layer_specs`: `1 if i % moe_layer_freq == 0` for an int, the list as
+        given), with the first `moe_first_dense_layers` dense. All 0 for a dense model."""
+        return moe_layer_pattern(self.layers, self.experts, self.moe_layer_freq, self.moe_first_dense_layers)
+
+    @property
+    def moe_layer_count(self) -> int:
+        """Expert layers of the model (= layers for a MoE model with every layer sparse, 0 for a dense one)."""
+        return sum(self.moe_layer_pattern)
+
+    @property
+    def has_dense_layers(self) -> bool:
+        """A MoE model some of whose layers are dense MLPs (Megatron-Core builds them from the dense layer spec)."""
+        return self.is_moe and self.moe_layer_count < self.layers
+
+    @property
+    def megatron_moe_layer_freq(self) -> int | list[int]:
+        """TransformerConfig's `moe_layer_freq` for this model: the int as written when no dense prefix is added,
+        else the per-layer list (Megatron-Bridge's DeepSeek-V3 recipe: `[0] * 3 + [1] * 58`)."""
+        if isinstance(self.moe_layer_freq, int) and not self.moe_first_dense_layers:
+            return self.moe_layer_freq
+        return list(self.moe_layer_pattern)
+
+    @property
+    def dense_layer_model(self) -> ModelSpec:
+        """The same model with every layer dense (experts 0, MLPs of ffn_hidden): one of its layers is what a
+        dense layer of this MoE model computes, holds and stores, so the FLOPs, memory and cost models price a
+        dense layer as a layer of it."""
+        return _dense_layer_model(self)
 
     @property
     def drop_and_pad(self) -> bool:

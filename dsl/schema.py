@@ -52,6 +52,8 @@ class Type:
             return f"a list of {n}{_plural(self.item.describe())}"
         if self.name == "id":
             return "a catalog id (a name or a string)"
+        if self.name == "int_or_list":
+            return f"an integer or a list of {_plural(self.item.describe())}"
         if self.name == "call":
             return " or ".join(f"`{c}(...)`" for c in self.choices)
         return {"bool": "`true` or `false`", "str": "a string"}[self.name]
@@ -102,6 +104,11 @@ def ref(target: str) -> Type:
 
 def list_of(item: Type, length: int | None = None) -> Type:
     return Type("list", item=item, length=length)
+
+
+def int_or_list(number: Type, item: Type) -> Type:
+    """A number, or a list of `item`s (Megatron-Core's `Union[int, List[int]]` fields, e.g. `moe_layer_freq`)."""
+    return Type("int_or_list", minimum=number.minimum, maximum=number.maximum, item=item)
 
 
 def call(*functions: str) -> Type:
@@ -198,6 +205,16 @@ MODEL_FIELDS = (
     _f("top_k", INT, 0, "Experts routed per token."),
     _f("moe_ffn_hidden", POSITIVE, None, "Expert MLP intermediate size. Default: ffn_hidden."),
     _f("shared_expert_ffn_hidden", INT, 0, "Shared-expert MLP size; 0 = none."),
+    _f("moe_layer_freq", int_or_list(POSITIVE, Type("int", minimum=0, maximum=1,
+                                                      range_hint="0 (a dense layer) or 1 (an expert layer)")), 1,
+       "Which layers of a MoE model are expert layers (Megatron-Core `moe_layer_freq`): an integer N makes layers "
+       "0, N, 2N, ... expert layers and the others dense MLPs of `ffn_hidden`; a list of 0 / 1 gives each layer, "
+       "one entry per layer (E202), at least one 1 (E203). Only on a MoE model (E204)."),
+    _f("moe_first_dense_layers", INT, 0,
+       "The first this-many layers of a MoE model are dense MLPs of `ffn_hidden` (Hugging Face "
+       "`first_k_dense_replace`: DeepSeek-V3 3, V2-Lite 1), the rest follow `moe_layer_freq`; what Megatron-Bridge "
+       "writes as `moe_layer_freq = [0]*3 + [1]*58`. With a `moe_layer_freq` list, its first this-many entries "
+       "must be 0 (E205)."),
     _f("moe_capacity_factor", POSITIVE_FLOAT, None,
        "Token dropping: each expert takes at most this factor x its mean load of routed tokens per micro batch "
        "(Megatron-Core `moe_expert_capacity_factor`); the rest are dropped (see `moe_token_drop_policy`). "

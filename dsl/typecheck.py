@@ -290,6 +290,15 @@ def _check_list(expr, t, key, diags):
     return INVALID if any(i is INVALID for i in items) else tuple(items)
 
 
+def _check_int_or_list(expr, t, key, diags):
+    if isinstance(expr, ast.ListValue):
+        return _check_list(expr, Type("list", item=t.item), key, diags)
+    if isinstance(expr, (ast.Number, ast.BinOp, ast.Neg)):
+        return _check_number(expr, Type("int", minimum=t.minimum, maximum=t.maximum), key, diags)
+    diags.append(_wrong_type(expr, t, key))
+    return INVALID
+
+
 def _check_call(expr, t, key, diags):
     if isinstance(expr, ast.Name):
         expr = ast.Call(expr, (), expr.span)
@@ -498,5 +507,5 @@ def _binop_unchecked(expr: ast.BinOp, left, right) -> tuple[Fraction, str]:
 
 _CHECKERS = {
     "bool": _check_bool, "str": _check_str, "id": _check_id, "enum": _check_enum, "ref": _check_ref,
-    "list": _check_list, "call": _check_call, "int": _check_number, "float": _check_number,
+    "list": _check_list, "int_or_list": _check_int_or_list, "call": _check_call, "int": _check_number, "float": _check_number,
 }

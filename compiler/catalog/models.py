@@ -185,19 +185,16 @@ _ALL += _QWEN3_MOE_PRESETS
 # Megatron-Bridge's DeepSeek providers set it: sequence-level auxiliary loss; V3's sigmoid scores with the
 # aux-loss-free expert bias, group-limited routing (8 groups, the best 4) and scaling factor 2.5.
 #
-# NOT EXPRESSIBLE: first_k_dense_replace (Megatron-Core `moe_layer_freq`): V2-Lite's first layer and V3's
-# first three are dense MLPs (intermediate_size 10944 / 18432) in the published models; nemoc's model has
-# one MLP kind for every layer, so these presets make every layer MoE. That adds, per replaced layer,
-# (experts x expert MLP + shared MLP + router) - dense MLP parameters: V3 3 x (11,320,164,352 - 396,361,728)
-# = 32,771,407,872 (+4.9 % over the published architecture's 671,026,404,352 without the MTP module and
-# the routers' expert-bias buffers), V2-Lite 1 x (571,080,704 - 67,239,936) = 503,840,768 (+3.2 % over
-# 15,706,484,224); the parameters a token touches stay within 0.1 % (37,557,787,648 vs 37,552,282,624;
-# 2,663,247,360 vs 2,661,150,208). Memory (weights, gradients, optimizer states) is overestimated by about as
-# much; tests/compiler/test_mla_terms.py checks these numbers.
-_DEEPSEEK_V2 = ("DeepSeek-V2 (arXiv:2405.04434) Sec. 2; HF deepseek-ai/DeepSeek-V2-Lite config.json; every layer MoE "
-                "here (published: first layer dense, 15.71B)")
-_DEEPSEEK_V3 = ("DeepSeek-V3 (arXiv:2412.19437) Sec. 2, 4.2; HF deepseek-ai/DeepSeek-V3 config.json; every layer MoE "
-                "here (published: first 3 layers dense, 671.03B)")
+# Dense layers: HF first_k_dense_replace (V2-Lite 1, V3 3) makes the first layers dense MLPs of
+# intermediate_size (10944 / 18432): `moe_first_dense_layers`, Megatron-Core `moe_layer_freq = [0] * k + [1] * ...`
+# as Megatron-Bridge's DeepSeek recipes set it. Parameters then match the published architectures: V3
+# 671,026,404,352 (671B "total parameters" of the paper's Sec. 1 / model card, without the MTP module; 37.55B
+# activated: "37B") and V2-Lite 15,706,484,224 ("15.7B", 2.66B activated: "2.4B" in its card counts no embedding
+# ... see tests/compiler/test_mla_terms.py and test_dense_moe_layers.py, which check these numbers).
+_DEEPSEEK_V2 = ("DeepSeek-V2 (arXiv:2405.04434) Sec. 2; HF deepseek-ai/DeepSeek-V2-Lite config.json (first layer dense: "
+                "first_k_dense_replace 1; 15.71B)")
+_DEEPSEEK_V3 = ("DeepSeek-V3 (arXiv:2412.19437) Sec. 2, 4.2; HF deepseek-ai/DeepSeek-V3 config.json (first 3 layers "
+                "dense: first_k_dense_replace 3; 671.03B without the MTP module)")
 
 
 def _deepseek(name: str, layers: int, hidden: int, heads: int, ffn: int, vocab: int, q_lora: int, experts: int,
@@ -216,11 +213,11 @@ def _deepseek(name: str, layers: int, hidden: int, heads: int, ffn: int, vocab: 
 _ALL = _ALL + (
     # 27 layers, 16 heads, no query latent, 64 routed experts (top 6) of 1408 and 2 shared (2 x 1408)
     _deepseek("deepseek_v2_lite", 27, 2048, 16, 10944, 102400, 0, 64, 6, 1408, 2816, 0.707, _DEEPSEEK_V2,
-              moe_aux_loss_coeff=1e-3),
+              moe_aux_loss_coeff=1e-3, moe_first_dense_layers=1),
     # 61 layers, 128 heads, query latent 1536, 256 routed experts (top 8) of 2048 and 1 shared
     _deepseek("deepseek_v3", 61, 7168, 128, 18432, 129280, 1536, 256, 8, 2048, 2048, 1.0, _DEEPSEEK_V3,
               moe_aux_loss_coeff=1e-4, moe_router_score="sigmoid", moe_expert_bias=True, moe_router_groups=8,
-              moe_router_group_topk=4, moe_topk_scaling_factor=2.5),
+              moe_router_group_topk=4, moe_topk_scaling_factor=2.5, moe_first_dense_layers=3),
 )
 
 PRESETS: Mapping[str, ModelSpec] = MappingProxyType({m.name: m for m in _ALL})

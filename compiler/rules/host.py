@@ -43,7 +43,7 @@ def _scope_problem(env: Env, s: Sizes) -> tuple[str, str] | None:
                 "a whole-iteration graph needs cuda_graph_impl = local")
     if not moe and ("moe" in scope or "moe_router" in scope):
         return (f"cuda_graph_scope = {shown} with model.experts = 0", "MoE scopes need a MoE model; use attn / mlp")
-    if moe and "mlp" in scope:
+    if moe and "mlp" in scope and not env.model.has_dense_layers:
         return (f"cuda_graph_scope = {shown} with model.experts = {env.model.experts} (every layer MoE)",
                 "mlp graphs dense MLPs only; use moe_router")
     if "moe" in scope and "moe_router" in scope:

@@ -233,7 +233,8 @@ _MODEL_MOE_DEFAULTS = (("moe_capacity_factor", None), ("moe_pad_to_capacity", Fa
                        ("moe_aux_loss_coeff", 1e-2), ("moe_shared_expert_overlap", False),
                        ("moe_router_score", "softmax"), ("moe_router_pre_softmax", False),
                        ("moe_topk_scaling_factor", None), ("moe_expert_bias", False),
-                       ("moe_expert_bias_update_rate", 1e-3), ("moe_router_groups", 0), ("moe_router_group_topk", 0))
+                       ("moe_expert_bias_update_rate", 1e-3), ("moe_router_groups", 0), ("moe_router_group_topk", 0),
+                       ("moe_layer_freq", 1), ("moe_first_dense_layers", 0))
 
 
 def _written_model_moe(m) -> list[tuple[str, object]]:

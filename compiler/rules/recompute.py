@@ -110,7 +110,8 @@ def warn_recompute_modules_unused(env: Env, s: Sizes) -> Violation | None:
     if s.recompute not in (None, "selective") or not mods:
         return None
     m, te = env.model, env.stage_kernels == "te" and env.gpu_arch != "cpu"
-    why = {"mlp": "the model's MLPs are MoE layers (recompute them with moe)" if m.is_moe else None,
+    why = {"mlp": "the model's MLPs are MoE layers (recompute them with moe)"
+           if m.is_moe and not m.has_dense_layers else None,
            "moe": None if m.is_moe else "the model is dense (recompute its MLP with mlp)",
            "shared_experts": None if m.is_moe and m.shared_expert_ffn_hidden else "the model has no shared experts",
            "layernorm": ("Transformer Engine fuses both norms of a dense layer into the next linear layer"

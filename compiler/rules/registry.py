@@ -14,6 +14,8 @@ from nemoc.compiler.rules.recompute import (rule_recompute_modules_fp8, rule_rec
 from nemoc.compiler.rules.host import (rule_cuda_graph_gpu, rule_cuda_graph_scope, rule_fsdp_distributed_optimizer,
                                        rule_fsdp_pipeline, rule_fsdp_shard_group, rule_fsdp_tensor_parallel_te,
                                        rule_manual_gc_interval)
+from nemoc.compiler.rules.moe_layers import (rule_moe_first_dense_contradicts, rule_moe_layer_freq_length,
+                                             rule_moe_layer_some_expert, warn_moe_layer_freq_beyond_layers)
 from nemoc.compiler.rules.mla import rule_mla_rope, rule_mla_standard_fields, rule_mla_tp_split, warn_mla_fields_unused
 from nemoc.compiler.rules.moe import (
     rule_dense_expert,
@@ -116,7 +118,8 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_experts_ep, rule_expert_grid, rule_top_k, rule_moe_ffn_etp, rule_ep_fp16, rule_moe_bias_etp,
     rule_moe_bias_runtime, rule_moe_tp_needs_sp, rule_moe_settings_dense, rule_moe_settings_kernels,
     rule_moe_pad_needs_capacity, rule_moe_capacity_balancing, rule_moe_shared_expert_overlap, rule_moe_pad_flex,
-    rule_moe_shared_overlap_needs_shared, rule_moe_shared_overlap_gpu,
+    rule_moe_shared_overlap_needs_shared, rule_moe_shared_overlap_gpu, rule_moe_layer_freq_length,
+    rule_moe_layer_some_expert, rule_moe_first_dense_contradicts,
     rule_moe_expert_bias_sigmoid, rule_moe_router_groups,
     rule_cuda_graph_gpu, rule_cuda_graph_scope, rule_manual_gc_interval, rule_fsdp_distributed_optimizer,
     rule_fsdp_pipeline, rule_fsdp_shard_group, rule_fsdp_tensor_parallel_te,
@@ -140,6 +143,7 @@ WARNING_RULES: tuple[Rule, ...] = (
     warn_selective_recompute_flash, warn_auto_attention_unfused, warn_native_cross_entropy_dtype,
     warn_recompute_modules_unused,
     warn_bf16_layers_without_low_precision, warn_bf16_layers_overlap, warn_mla_fields_unused,
+    warn_moe_layer_freq_beyond_layers,
 )
 
 
@@ -165,6 +169,10 @@ def layout_violations(env: Env, sizes: Sizes) -> Violation | None:
 # Every diagnostic code of the layout rules with the rule that emits it (docs/planning.md lists each
 # with the Megatron-Core source it mirrors). The stage rules' codes are `stages.STAGE_CODES`.
 CODES: dict[str, Rule] = {
+    "E202": rule_moe_layer_freq_length,
+    "E203": rule_moe_layer_some_expert,
+    "E205": rule_moe_first_dense_contradicts,
+    "W121": warn_moe_layer_freq_beyond_layers,
     "E160": rule_tp_comm_overlap,
     "E196": rule_defer_wgrad_needs_pp,
     "E197": rule_defer_wgrad_needs_fusion,

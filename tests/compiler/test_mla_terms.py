@@ -104,19 +104,17 @@ def test_mla_layer_time_counts_the_extra_gemms_and_wider_core():
     # DeepSeek-V2-Lite: 15.7B total (arXiv:2405.04434 Appendix B; HF deepseek-ai/DeepSeek-V2-Lite)
     ("deepseek_v2_lite", 1, 15_706_484_224, 2_661_150_208),
 ])
-def test_deepseek_presets_differ_from_the_published_models_by_their_dense_first_layers(name, dense_layers, published,
-                                                                                        published_active):
-    """nemoc has no dense-layer prefix (first_k_dense_replace / moe_layer_freq): the presets make every layer
-    MoE. The published architecture's count is the preset's less, per dense layer, the MoE layer's MLP
-    (experts + shared expert + router) plus the dense MLP (SwiGLU of ffn_hidden)."""
+def test_deepseek_presets_equal_the_published_models(name, dense_layers, published, published_active):
+    """The presets build the published architectures: the first layers dense (`moe_first_dense_layers`, HF
+    first_k_dense_replace), so the totals and the parameters a token touches equal the published counts."""
     from nemoc.compiler.catalog.models import get_preset
-    from nemoc.compiler.flops import _mlp_params
 
     m = get_preset(name)
-    counts, dense = param_counts(m), _mlp_params(m, m.ffn_hidden)
-    assert counts.total - dense_layers * (counts.mlp - dense) == published
-    assert counts.active - dense_layers * (counts.mlp_active - dense) == published_active
-    assert counts.active == pytest.approx(published_active, rel=1e-3)  # a token's work: within 0.1 %
+    counts = param_counts(m)
+    assert m.moe_first_dense_layers == dense_layers and m.moe_layer_pattern[:dense_layers + 1] == (0,) * dense_layers + (1,)
+    assert counts.dense_layers == dense_layers
+    assert counts.total == published
+    assert counts.active == published_active
     assert round(published / 1e9) == {"deepseek_v3": 671, "deepseek_v2_lite": 16}[name]
 
 
