@@ -580,6 +580,9 @@ def _moe_kwargs(model: ModelSpec, layout: Layout, moe: MoeExecution | None = Non
         moe_router_topk=model.top_k,
         moe_ffn_hidden_size=model.moe_ffn_hidden or model.ffn_hidden,
         moe_shared_expert_intermediate_size=model.shared_expert_ffn_hidden or None,
+        # which layers are expert layers (an int, or 0 / 1 per layer with a dense prefix): read by the layer specs
+        # (runtime/model.py moe_dense_block_spec builds them) and by dist_checkpointing (non-homogeneous layers)
+        moe_layer_freq=model.megatron_moe_layer_freq,
         moe_token_dispatcher_type=moe.dispatcher,
         **extra,
         moe_router_load_balancing_type=model.moe_load_balancing,
@@ -917,11 +920,27 @@ def _flags(kwargs: Mapping[str, object]) -> list[str]:
         if name in _LM_SKIP or value is None or value is False:
             continue
         flag = _LM_FLAG.get(name, "--" + name.replace("_", "-"))
+        if name == "moe_layer_freq":  # Megatron-LM's moe_freq_type: an int, or a Python list expression
+            if value != 1:
+                out.append(f"{flag} {_shell_word(value if isinstance(value, int) else _list_expression(value))}")
+            continue
         if isinstance(value, (list, tuple)):  # an nargs="*" flag: `--recompute-modules core_attn mlp`
             out.append(" ".join([flag] + [_shell_word(v) for v in value]))
             continue
         out.append(flag if value is True else f"{flag} {_shell_word(value)}")
     return out
+
+
+def _list_expression(values) -> str:
+    """A 0 / 1 list as the run-length Python expression Megatron-LM's `--moe-layer-freq` evaluates
+    (arguments.py `moe_freq_type`): [0, 0, 0, 1, 1] -> `[0]*3+[1]*2`."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and runs[-1][0] == v:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    return "+".join(f"[{v}]*{n}" for v, n in runs)
 
 
 def _shell_word(value: object) -> str:

@@ -375,6 +375,23 @@ def layer_spec(*, config, model: ModelSpec, attention_backend: str, have_te: boo
     return spec
 
 
+def moe_dense_block_spec(moe_spec, dense_spec, *, config, model: ModelSpec, vp_stage: int | None):
+    """The block of a MoE model with dense layers (`ModelSpec.moe_layer_pattern`, TransformerConfig
+    `moe_layer_freq`): the expert-layer spec where the pattern says 1, the dense one where it says 0, for the
+    layers this pipeline (virtual) stage builds, sliced at Megatron's own layer offset as
+    gpt_layer_specs.py `get_gpt_decoder_block_spec` slices its per-layer specs; the final norm as Megatron-Core
+    builds it from a single layer spec (transformer_block.py `_get_block_submodules`: LayerNormImpl)."""
+    from megatron.core.transformer.transformer_block import (LayerNormImpl, TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    pattern = model.moe_layer_pattern
+    specs = [moe_spec if pattern[offset + i] else dense_spec for i in range(count)]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LayerNormImpl)
+
+
 def attention_core_name(*, attention_backend: str, have_te: bool, model: ModelSpec | None = None) -> str:
     """What actually computes attention, for logs and bench results."""
     if have_te and not (model is not None and model.local_layer_only):
@@ -386,12 +403,16 @@ def build_model_chunks(*, config, model: ModelSpec, vocab_size: int, seq_length:
                        have_te: bool) -> list[torch.nn.Module]:
     """One GPTModel per virtual pipeline stage held by this rank (Megatron-LM's get_model)."""
     spec = layer_spec(config=config, model=model, attention_backend=attention_backend, have_te=have_te)
+    dense_spec = (layer_spec(config=config, model=model.dense_layer_model, attention_backend=attention_backend,
+                             have_te=have_te) if model.has_dense_layers else None)
     vp = config.virtual_pipeline_model_parallel_size
     chunks = []
     for i in range(vp or 1):
         vp_stage = i if vp else None
         block = (gemma.gemma_block_spec(spec, config=config, model=model, vp_stage=vp_stage)
                  if model.local_layer_only else spec)
+        if dense_spec is not None:
+            block = moe_dense_block_spec(spec, dense_spec, config=config, model=model, vp_stage=vp_stage)
         chunk = GPTModel(
             config=config,
             transformer_layer_spec=block,
