@@ -53,6 +53,8 @@ class Type:
         if self.name == "id":
             return "a catalog id (a name or a string)"
         if self.name == "int_or_list":
+            if self.item.minimum == 0 and self.item.maximum == 1:
+                return "an integer or a list of 0 / 1 entries"
             return f"an integer or a list of {_plural(self.item.describe())}"
         if self.name == "call":
             return " or ".join(f"`{c}(...)`" for c in self.choices)

@@ -42,11 +42,14 @@ def small_problems(draw) -> Problem:
     heads = draw(st.sampled_from([2, 4, 6, 8]))
     groups = draw(st.sampled_from([g for g in (1, 2, heads) if heads % g == 0]))
     experts = draw(st.sampled_from([0, 0, 0, 2, 4]))
+    layers = draw(st.integers(1, 4))
+    # a MoE model's dense layers (moe_layer_freq, moe_first_dense_layers): priced per pipeline stage
+    dense = draw(st.sampled_from([(1, 0), (1, 0), (2, 0), (1, 1)])) if experts and layers > 1 else (1, 0)
     model = ModelSpec(
-        name="rand", layers=draw(st.integers(1, 4)), hidden=heads * 64, heads=heads, query_groups=groups,
+        name="rand", layers=layers, hidden=heads * 64, heads=heads, query_groups=groups,
         ffn_hidden=draw(st.sampled_from([256, 384, 512, 768])), vocab=draw(st.sampled_from([1000, 8000, 32000])),
         seq_length=2048, experts=experts, top_k=min(2, experts) if experts else 0,
-        moe_ffn_hidden=256 if experts else None,
+        moe_ffn_hidden=256 if experts else None, moe_layer_freq=dense[0], moe_first_dense_layers=dense[1],
     )
     gpn = draw(st.sampled_from([1, 2, 4, 6, 8]))
     cluster = ClusterSpec(gpu="H100", nodes=1 if gpn > 4 else draw(st.integers(1, 2)), gpus_per_node=gpn)
@@ -186,7 +189,7 @@ def test_the_step_time_lower_bound_holds_for_every_member_of_a_group(p: Problem)
 def large_layouts(draw):
     """A valid layout of a production-size model on a large cluster (the pruning runs at this scale)."""
     name, nodes = draw(st.sampled_from([("llama31_405b", 2048), ("llama31_70b", 64), ("mixtral_8x7b", 32),
-                                        ("nemotron4_340b", 768), ("qwen25_72b", 16)]))
+                                        ("nemotron4_340b", 768), ("qwen25_72b", 16), ("deepseek_v2_lite", 16)]))
     p = Problem(model=get_preset(name), cluster=ClusterSpec(gpu="H100", nodes=nodes), gpu=replace(H100, hbm_bytes=10**15),
                 fixed=ParallelSpec(), global_batch=draw(st.sampled_from([512, 1024, 2048])), seq_length=4096,
                 kernels=draw(st.sampled_from(["te", "local"])), target=NEMOC_RUNTIME)
