@@ -496,6 +496,11 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
     first and last stages (with virtual stages, on the stages' first / last chunks: middle stages hold fewer
     in-flight micro batches and are not compared)."""
     stages = {0, layout.pp - 1} | ({1} if split is not None and layout.pp > 2 and split[1] > split[0] else set())
+    if model.has_dense_layers and layout.pp > 2:
+        # a MoE model's dense layers make the stages holding them lighter (DeepSeek's first layers on stage 0):
+        # the earliest stage with the fewest dense layers holds the most in-flight micro batches of the heaviest
+        dense = dense_layers_per_stage(model, layout.pp, layout.vp, split)
+        stages.add(min(range(layout.pp - 1), key=lambda s: (dense[s], s)))
     best = None
     for m in _breakdowns(sorted(stages), model, layout, precision, attention_backend, seq_length, stage_kind, peft,
                          gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,

@@ -104,3 +104,12 @@ def test_the_runtime_builds_the_plans_pattern(measured):
     for name, model in MODELS.items():
         assert tuple(measured[name]["layers"]) == model.moe_layer_pattern, name
         assert measured[name]["loss"] > 0
+
+
+def test_megatron_lm_flag_is_a_list_expression():
+    """Megatron-LM's --moe-layer-freq (arguments.py moe_freq_type) takes an int or a Python list expression."""
+    from nemoc.runtime.megatron_args import _flags
+
+    assert _flags({"moe_layer_freq": [0, 0, 0] + [1] * 58}) == ["--moe-layer-freq '[0]*3+[1]*58'"]
+    assert _flags({"moe_layer_freq": 2}) == ["--moe-layer-freq 2"]
+    assert _flags({"moe_layer_freq": 1}) == []

@@ -1,0 +1,136 @@
+"""Dense layers inside a MoE model (`moe_layer_freq`, `moe_first_dense_layers`): the per-layer pattern with
+Megatron-Core's semantics, the layers each pipeline stage builds at Megatron's offsets, and the parameter, FLOP,
+memory and step-time terms priced per stage (a dense layer holds an MLP of ffn_hidden, dispatches no tokens).
+The parameter counts against a real Megatron-Core model: tests/runtime/test_moe_dense_layers_mcore.py; the
+DeepSeek presets against their published counts: tests/compiler/test_mla_terms.py."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from nemoc.compiler import cost, memory
+from nemoc.compiler.catalog.models import get_preset
+from nemoc.compiler.flops import (_mlp_params, dense_layers_per_stage, flops_per_token, param_counts,
+                                  selective_recompute_flops_per_token)
+from nemoc.compiler.plan import Layout, from_json, to_json
+from nemoc.compiler.spec import ModelSpec
+
+MOE = ModelSpec(name="m", layers=8, hidden=1024, heads=8, query_groups=8, ffn_hidden=4096, vocab=32000,
+                seq_length=2048, experts=8, top_k=2, moe_ffn_hidden=1024, shared_expert_ffn_hidden=1024)
+
+
+def _layout(**kw) -> Layout:
+    base = dict(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=8, micro_batch=1, global_batch=64, num_microbatches=8,
+                sequence_parallel=False, distributed_optimizer=True, recompute="none")
+    return Layout(**(base | kw))
+
+
+def test_the_pattern_has_megatrons_semantics():
+    """gpt_layer_specs.py get_gpt_decoder_layer_specs: `1 if i % N == 0` for an int, the list as it is; the dense
+    prefix zeroes the first entries; TransformerConfig gets the int back when no prefix is added."""
+    assert MOE.moe_layer_pattern == (1,) * 8 and not MOE.has_dense_layers and MOE.megatron_moe_layer_freq == 1
+    every2 = replace(MOE, moe_layer_freq=2)
+    assert every2.moe_layer_pattern == (1, 0, 1, 0, 1, 0, 1, 0) and every2.megatron_moe_layer_freq == 2
+    assert replace(MOE, moe_layer_freq=3).moe_layer_pattern == (1, 0, 0, 1, 0, 0, 1, 0)
+    listed = replace(MOE, moe_layer_freq=(0, 1, 1, 0, 1, 1, 1, 1))
+    assert listed.moe_layer_pattern == (0, 1, 1, 0, 1, 1, 1, 1) and listed.megatron_moe_layer_freq == list(
+        listed.moe_layer_pattern)
+    prefix = replace(MOE, moe_first_dense_layers=3)
+    assert prefix.moe_layer_pattern == (0, 0, 0, 1, 1, 1, 1, 1) and prefix.megatron_moe_layer_freq == [0, 0, 0, 1, 1, 1,
+                                                                                                        1, 1]
+    assert replace(every2, moe_first_dense_layers=1).moe_layer_pattern == (0, 0, 1, 0, 1, 0, 1, 0)
+    dense = replace(MOE, experts=0, top_k=0)
+    assert dense.moe_layer_pattern == (0,) * 8 and dense.moe_layer_count == 0 and not dense.has_dense_layers
+    assert prefix.dense_layer_model.experts == 0 and prefix.dense_layer_model.ffn_hidden == 4096
+
+
+def test_the_pattern_survives_the_plan_json():
+    from nemoc.compiler.plan import _build
+
+    for m in (replace(MOE, moe_layer_freq=(0, 1) * 4), replace(MOE, moe_first_dense_layers=2), MOE):
+        again = _build(ModelSpec, __import__("json").loads(__import__("json").dumps(_as_dict(m))))
+        assert again == m and again.moe_layer_pattern == m.moe_layer_pattern
+
+
+def _as_dict(m: ModelSpec) -> dict:
+    import dataclasses
+
+    return {f.name: (list(v) if isinstance(v := getattr(m, f.name), tuple) else v) for f in dataclasses.fields(m)}
+
+
+def test_parameters_price_each_layer_by_its_kind():
+    counts, prefix = param_counts(MOE), param_counts(replace(MOE, moe_first_dense_layers=3))
+    dense_mlp = _mlp_params(MOE, MOE.ffn_hidden)
+    assert prefix.dense_layers == 3 and prefix.dense_mlp == dense_mlp
+    assert counts.total - prefix.total == 3 * (counts.mlp - dense_mlp)  # experts + shared + router -> dense MLP
+    assert counts.active - prefix.active == 3 * (counts.mlp_active - dense_mlp)
+    assert prefix.layer_params(5, 3) == 5 * counts.per_layer + 3 * (counts.attention + dense_mlp + counts.norms)
+
+
+def test_flops_follow_the_pattern():
+    """Forward GEMM FLOPs: 2 x (every layer's attention + the expert layers' active MLP + the dense layers' MLP);
+    selective recompute of `moe` replays the expert layers only, of `mlp` the dense layers' MLPs."""
+    prefix = replace(MOE, moe_first_dense_layers=3)
+    c = param_counts(prefix)
+    f = flops_per_token(prefix, 2048, True)
+    assert f.dense_gemm == 2 * (8 * c.attention + 5 * c.mlp_active + 3 * c.dense_mlp)
+    assert selective_recompute_flops_per_token(prefix, 2048, True, ("moe",)) == 2.0 * 5 * c.mlp_active
+    assert selective_recompute_flops_per_token(prefix, 2048, True, ("mlp",)) == 2.0 * 3 * c.dense_mlp
+    assert selective_recompute_flops_per_token(MOE, 2048, True, ("mlp",)) == 0.0
+
+
+def test_stages_hold_the_dense_layers_at_megatrons_offsets():
+    """transformer_layer.py get_transformer_layer_offset: chunk c of every stage before chunk c + 1 of any, so with
+    virtual stages the dense prefix spreads over the stages' first chunks."""
+    prefix = replace(MOE, moe_first_dense_layers=3)
+    assert dense_layers_per_stage(prefix, 4, None, None) == (2, 1, 0, 0)  # layers 0-1 | 2-3 | 4-5 | 6-7
+    assert dense_layers_per_stage(prefix, 2, 2, None) == (2, 1)  # chunks: s0 0-1, s1 2-3, s0 4-5, s1 6-7
+    assert dense_layers_per_stage(prefix, 2, None, (3, 0, 5)) == (3, 0)  # an uneven split: 3 + 5
+    assert dense_layers_per_stage(replace(MOE, moe_layer_freq=2), 2, None, None) == (2, 2)
+    assert dense_layers_per_stage(MOE, 4, None, None) == (0, 0, 0, 0)
+
+
+def test_stage_weights_add_up_to_the_model():
+    """Each stage holds its own layers' parameters: over the stages, exactly the model (unpadded vocabulary)."""
+    prefix = replace(MOE, moe_first_dense_layers=3)
+    lay = _layout(pp=4, dp=2)
+    stages = [memory._local_stage(prefix, lay, s, prefix.vocab, False) for s in range(4)]
+    assert sum(st.dense + st.expert for st in stages) == param_counts(prefix).total
+    assert [st.dense_layers for st in stages] == [2, 1, 0, 0]
+    assert stages[0].expert < stages[2].expert  # two dense layers hold no experts
+
+
+def test_dense_layers_dispatch_no_tokens():
+    """The expert-parallel all-to-all runs in the expert layers only: ep_comm scales with their number; each dense
+    layer keeps a dense layer's activations (`memory.layer_activations` of `dense_layer_model`) in place of an
+    expert layer's."""
+    lay = _layout(ep=8)
+    prefix = replace(MOE, moe_first_dense_layers=2)
+    full = cost.estimate(MOE, lay, gpu="H100", seq_length=2048)
+    mixed = cost.estimate(prefix, lay, gpu="H100", seq_length=2048)
+    assert mixed.parts["ep_comm"] == pytest.approx(full.parts["ep_comm"] * 6 / 8)
+    assert mixed.step_time_s != full.step_time_s
+    kw = dict(seq=2048, micro_batch=1, tp=1, sp=False, etp=1)
+    dense_layer = memory.layer_activations(prefix.dense_layer_model, **kw).total
+    moe_layer = memory.layer_activations(MOE, **kw).total
+    m_full = memory.estimate(MOE, lay, gpu="H100", seq_length=2048)
+    m_mixed = memory.estimate(prefix, lay, gpu="H100", seq_length=2048)
+    held = memory.in_flight_microbatches(1, None, 8, 0)
+    assert m_mixed.activations - m_full.activations == pytest.approx(2 * held * (dense_layer - moe_layer), abs=2)
+
+
+def test_the_slowest_stage_sets_the_pipeline():
+    """DeepSeek-V3 at PP 4 (14 + 16 + 16 + 15 layers): the three dense layers make stage 0 lighter, but the pipeline
+    runs at its slowest stage, 16 expert layers in both models, so the step barely moves while the mean stage
+    (and the all-to-all of three fewer layers) does: the difference becomes pipeline imbalance."""
+    v3 = get_preset("deepseek_v3")
+    lay = _layout(tp=4, pp=4, ep=64, dp=128, sequence_parallel=True, global_batch=15360, num_microbatches=120)
+    split = (14, 16, 15)
+    mixed = cost.estimate(v3, lay, gpu="H100", split=split)
+    every = cost.estimate(replace(v3, moe_first_dense_layers=0), lay, gpu="H100", split=split)
+    assert mixed.parts["ep_comm"] == pytest.approx(every.parts["ep_comm"] * 58 / 61)
+    # the slowest stage (16 expert layers) is the same in both, so only the mean-stage terms move
+    assert mixed.step_time_s == pytest.approx(every.step_time_s, rel=0.01)
+    assert mixed.parts["pp_imbalance"] > every.parts["pp_imbalance"]
