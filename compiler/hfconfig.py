@@ -14,14 +14,15 @@ Families and what each needs of Megatron-Core's GPT model (local or TE layer spe
   qwen2            as llama, plus a bias on the QKV projection only  (Qwen2ForCausalLM; also Qwen2.5)
   qwen3            as llama, plus RMSNorm on queries and keys per head (Qwen3ForCausalLM)
   mixtral          as mistral, every MLP a mixture of SwiGLU experts, top-k router (MixtralForCausalLM)
-  qwen3_moe        as qwen3, every MLP a mixture of experts (Qwen3MoeForCausalLM)
+  qwen3_moe        as qwen3, the MLPs mixtures of experts but in mlp_only_layers / off decoder_sparse_step,
+                   which are dense (Qwen3MoeForCausalLM; Megatron-Core `moe_layer_freq` as a list)
   gpt2             layernorm + GELU + learned positions, biases everywhere, MHA (GPT2LMHeadModel)
   gemma3_text      (1 + w) RMSNorm, sandwich norms, QK norm, GeGLU (tanh), embedding x sqrt(hidden), sliding
                    windows with a second RoPE base, query_pre_attn_scalar (Gemma3ForCausalLM; see _gemma3)
 Llama 3.1/3.2 `rope_scaling` (rope_type llama3) maps to `rope_scaling_factor` when its other three keys
 have the values Megatron-Core fixes (LLAMA3_FIXED). Not expressible (an error says so): other RoPE
 scaling types, Mistral's sliding window shorter than the sequence, top-1 routing, Qwen3-MoE without norm_topk_prob
-(see _moe) and with dense layers among the expert layers (_qwen3_moe_every_layer_sparse), Gemma 3's linear
+(see _moe) or without any expert layer (_qwen3_moe_layer_pattern), Gemma 3's linear
 RoPE scaling (4B and larger), and Gemma 1 / 2 (see _UNSUPPORTED).
 """
 
@@ -142,7 +143,8 @@ def _moe(config: dict, family: str) -> dict[str, Any]:
     k (Mixtral always; Qwen3-MoE with norm_topk_prob), which is Megatron-Core's TopKRouter with
     moe_router_pre_softmax = false. Megatron-Core routes top-1 only with the softmax first (an unnormalised
     weight), and Qwen3-MoE's norm_topk_prob = false keeps the softmax over all experts: nemoc builds
-    neither, so both are refused. Every layer must be sparse (Megatron's moe_layer_freq = 1 here).
+    neither, so both are refused. Mixtral's every layer is sparse; Qwen3-MoE's dense layers are
+    `_qwen3_moe_layer_pattern`'s.
     """
     if family not in MOE:
         return {}
@@ -157,13 +159,13 @@ def _moe(config: dict, family: str) -> dict[str, Any]:
         if not config.get("norm_topk_prob", False):
             raise HfConfigError("norm_topk_prob = false weights experts by their softmax over all experts; nemoc "
                                 "builds Megatron-Core's router with the softmax over the top-k (norm_topk_prob = true)")
-        _qwen3_moe_every_layer_sparse(config)
+        layers = _qwen3_moe_layer_pattern(config)
         moe_ffn = int(config.get("moe_intermediate_size", 768))
         # the checkpoint's own auxiliary-loss weight (Qwen3MoeConfig.router_aux_loss_coef, 1e-3, which
         # Megatron-Bridge's Qwen3-MoE bridge also sets with aux_loss balancing); a training choice, so a
         # written value wins (TRAINING_FIELDS)
         balance = {"moe_load_balancing": "aux_loss",
-                   "moe_aux_loss_coeff": float(config.get("router_aux_loss_coef", 1e-3))}
+                   "moe_aux_loss_coeff": float(config.get("router_aux_loss_coef", 1e-3))} | layers
     else:
         if float(config.get("router_jitter_noise") or 0.0):
             raise HfConfigError("router_jitter_noise != 0: Megatron-Core's router has no multiplicative jitter")
@@ -172,23 +174,28 @@ def _moe(config: dict, family: str) -> dict[str, Any]:
     return {"experts": experts, "top_k": top_k, "moe_ffn_hidden": moe_ffn, "shared_expert_ffn_hidden": 0} | balance
 
 
-def _qwen3_moe_every_layer_sparse(config: dict) -> None:
-    """Qwen3MoeDecoderLayer makes layer i an expert layer when i is not in mlp_only_layers, num_experts > 0 and
-    (i + 1) % decoder_sparse_step == 0, else a dense MLP of intermediate_size. nemoc builds Megatron-Core's
-    GPTModel with every layer an expert layer (moe_layer_freq = 1): any dense layer is refused, the key named."""
+def _qwen3_moe_layer_pattern(config: dict) -> dict[str, Any]:
+    """Which Qwen3-MoE layers are expert layers: Qwen3MoeDecoderLayer makes layer i an expert layer when i is not
+    in mlp_only_layers, num_experts > 0 and (i + 1) % decoder_sparse_step == 0, else a dense MLP of
+    intermediate_size (transformers models/qwen3_moe/modeling_qwen3_moe.py). Megatron-Core builds the same with
+    `moe_layer_freq` as a 0 / 1 list (its integer form, `i % N == 0`, marks layers 0, N, ... where
+    decoder_sparse_step marks N - 1, 2N - 1, ...): {} when every layer is sparse, else {"moe_layer_freq": list}.
+    Refused, the key named: num_experts = 0 (a dense Qwen3) and a pattern without any expert layer."""
     for key in ("num_experts", "num_local_experts"):  # transformers 5 writes num_experts as num_local_experts
         if key in config and not int(config[key] or 0):
             raise HfConfigError(f"{key} = 0 makes every layer a dense MLP (a dense Qwen3 under model_type "
                                 "qwen3_moe); nemoc maps qwen3_moe with expert layers only (use model_type qwen3)")
+    layers = int(config["num_hidden_layers"])
     dense = sorted(int(i) for i in config.get("mlp_only_layers") or [])
-    if dense:
-        raise HfConfigError(f"mlp_only_layers = {dense}: those layers are dense MLPs between expert layers; nemoc "
-                            "builds every layer as an expert layer (Megatron-Core moe_layer_freq = 1)")
+    outside = [i for i in dense if not 0 <= i < layers]
+    if outside:
+        raise HfConfigError(f"mlp_only_layers = {dense}: layer(s) {outside} outside 0 .. {layers - 1}")
     step = int(config.get("decoder_sparse_step", 1) or 1)
-    if step != 1:
-        raise HfConfigError(f"decoder_sparse_step = {step}: only every {step}-th layer is an expert layer, the "
-                            "others dense MLPs; nemoc builds every layer as an expert layer (Megatron-Core "
-                            "moe_layer_freq = 1)")
+    pattern = tuple(0 if i in dense or (i + 1) % step else 1 for i in range(layers))
+    if not any(pattern):
+        raise HfConfigError(f"mlp_only_layers = {dense}, decoder_sparse_step = {step}: no layer of the "
+                            f"{layers} is an expert layer (a dense Qwen3: use model_type qwen3)")
+    return {} if all(pattern) else {"moe_layer_freq": pattern}
 
 
 # transformers' ACT2FN names -> nemoc's activation: `gelu` is torch's exact erf GELU; gelu_new (GPT-2's

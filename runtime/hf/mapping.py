@@ -23,7 +23,9 @@ Megatron-Core GPTModel (local and TE specs alike, TE's fused norm names are acce
   decoder.layers.i.mlp.experts.local_experts.j.linear_fc2.weight <- w2 / down_proj
        (j global here; a rank of expert-parallel size EP holds experts [r E/EP, (r+1) E/EP) renumbered
        from 0, each split by the expert tensor-parallel size); with grouped GEMM (TE's TEGroupedMLP) local
-       expert j is `mlp.experts.linear_fc1.weight{j}` / `linear_fc2.weight{j}` (`grouped_expert_name`)
+       expert j is `mlp.experts.linear_fc1.weight{j}` / `linear_fc2.weight{j}` (`grouped_expert_name`);
+       a MoE model's dense layers (Qwen3-MoE's mlp_only_layers / decoder_sparse_step: `is_expert_layer`) map as
+       the dense MLP above
   decoder.final_layernorm.weight                     <- model.norm.weight
   output_layer.weight                                <- lm_head.weight (absent when tied)
 GPT-2 stores Conv1D weights as [in, out] (transposed) and c_attn as [q; k; v] with heads contiguous.
@@ -41,6 +43,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+from nemoc.compiler.spec import moe_layer_pattern
 
 Getter = Callable[[str], torch.Tensor]
 L = "decoder.layers"
@@ -103,12 +107,24 @@ def _llama_layer(family: str, i: int, arch: dict, get: Getter) -> Iterator[tuple
     yield f"{dst}.self_attention.linear_proj.weight", get(f"{a}.o_proj.weight")
     if family != "gemma3_text":
         yield f"{dst}.pre_mlp_layernorm.weight", get(f"{src}.post_attention_layernorm.weight")
-    if arch.get("experts"):
+    if is_expert_layer(arch, i):
         yield from _moe_layer(family, src, dst, arch, get)
         return
     yield f"{dst}.mlp.linear_fc1.weight", torch.cat([get(f"{src}.mlp.gate_proj.weight"),
                                                      get(f"{src}.mlp.up_proj.weight")], 0)
     yield f"{dst}.mlp.linear_fc2.weight", get(f"{src}.mlp.down_proj.weight")
+
+
+def is_expert_layer(arch: dict, i: int) -> bool:
+    """Whether layer i of the architecture (ModelSpec fields, as the manifest keeps them) is an expert layer:
+    a MoE model's layers are, but where `moe_layer_freq` / `moe_first_dense_layers` make it a dense MLP (Qwen3-MoE's
+    mlp_only_layers / decoder_sparse_step, DeepSeek's first_k_dense_replace), whose weights map as a dense
+    model's (mlp.gate_proj / up_proj / down_proj <-> mlp.linear_fc1 / linear_fc2)."""
+    if not arch.get("experts"):
+        return False
+    freq = arch.get("moe_layer_freq", 1)
+    freq = freq if isinstance(freq, int) else tuple(freq)
+    return bool(moe_layer_pattern(arch["layers"], arch["experts"], freq, arch.get("moe_first_dense_layers", 0))[i])
 
 
 # Hugging Face names of an MoE block: (block prefix, expert (gate, up, down) names). Mixtral's w1/w3/w2 are
@@ -201,7 +217,7 @@ def _llama_layer_out(family: str, i: int, arch: dict, get: Getter) -> Iterator[t
     if family != "gemma3_text":
         yield f"{dst}.post_attention_layernorm.weight", _pick(get, f"{src}.pre_mlp_layernorm.weight",
                                                               f"{m}.linear_fc1.layer_norm_weight")
-    if arch.get("experts"):
+    if is_expert_layer(arch, i):
         yield from _moe_layer_out(family, src, dst, arch, get)
         return
     gate, up = torch.chunk(get(f"{m}.linear_fc1.weight"), 2, 0)

@@ -28,6 +28,10 @@ FAMILIES = {
     # QK norm + experts; Qwen3-30B-A3B's routing (norm_topk_prob) and expert size below the dense one
     "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                       head_dim=32, norm_topk_prob=True, tie_word_embeddings=False),
+    # Qwen3-MoE with a dense layer among the expert layers (mlp_only_layers: layer 0 a dense MLP of
+    # intermediate_size; Megatron-Core moe_layer_freq = [0, 1]); layer 1 routed
+    "qwen3_moe_dense": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                            head_dim=32, norm_topk_prob=True, tie_word_embeddings=False, mlp_only_layers=[0]),
     # Gemma 3 text: layer 1 slides over 4 tokens with the local RoPE base, layer 2 attends fully with the global
     # one; query_pre_attn_scalar != head_dim, so a wrong softmax scale shows; tied embeddings (as every Gemma 3)
     "gemma3": dict(model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=24, sliding_window=4,

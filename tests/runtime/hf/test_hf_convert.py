@@ -137,7 +137,7 @@ def test_missing_tensor_names_the_checkpoint_and_tensor(tmp_path):
 # GQA + QKV bias (the interleaving TP splits); llama3 RoPE scaling; experts (EP=2 splits them); Gemma 3 (GeGLU
 # halves, post-block norms and QK norms replicated, the sliding layer on the first pipeline stage and the full one
 # on the last, tied embeddings)
-PARALLEL_FAMILIES = ("qwen2", "llama31", "mixtral", "qwen3_moe", "gemma3")
+PARALLEL_FAMILIES = ("qwen2", "llama31", "mixtral", "qwen3_moe", "qwen3_moe_dense", "gemma3")
 
 
 @pytest.fixture(scope="module")
