@@ -212,7 +212,7 @@ def test_moe_families_take_their_experts_from_config_json(tmp_path):
 @pytest.mark.parametrize("config,key", [
     (dict(MIXTRAL, num_experts_per_tok=1), "num_experts_per_tok"),
     (dict(MIXTRAL, model_type="qwen3_moe", norm_topk_prob=False), "norm_topk_prob"),
-    (dict(MIXTRAL, model_type="qwen3_moe", norm_topk_prob=True, mlp_only_layers=[0]), "mlp_only_layers"),
+    (dict(MIXTRAL, model_type="qwen3_moe", norm_topk_prob=True, mlp_only_layers=[0, 1]), "mlp_only_layers"),
     (dict(MIXTRAL, router_jitter_noise=0.1), "router_jitter_noise"),
 ])
 def test_moe_routing_megatron_core_does_not_build_is_refused_naming_the_key(tmp_path, config, key):

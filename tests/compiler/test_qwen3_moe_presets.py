@@ -81,9 +81,23 @@ def test_router_aux_loss_coef_is_read_and_a_written_weight_wins():
     assert hfconfig.mismatches(arch, {"top_k": 4}) == [("top_k", 4, 8)]
 
 
+def test_dense_layers_among_the_expert_layers_become_a_moe_layer_freq_list():
+    """Qwen3MoeDecoderLayer: layer i sparse when i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0;
+    Megatron-Core's list form of moe_layer_freq says the same per layer (its int form counts from layer 0)."""
+    base = CONFIGS["qwen3_30b_a3b"]
+    assert "moe_layer_freq" not in hfconfig.architecture(base).fields  # every layer sparse: Megatron's default 1
+    step2 = hfconfig.architecture(base | {"decoder_sparse_step": 2}).fields["moe_layer_freq"]
+    assert step2 == (0, 1) * 24
+    only = hfconfig.architecture(base | {"mlp_only_layers": [3, 0]}).fields["moe_layer_freq"]
+    assert only == (0, 1, 1, 0) + (1,) * 44
+    both = hfconfig.architecture(base | {"mlp_only_layers": [1], "decoder_sparse_step": 2}).fields["moe_layer_freq"]
+    assert both == (0, 0) + (0, 1) * 23
+
+
 @pytest.mark.parametrize("change,named", [
-    ({"decoder_sparse_step": 2}, "decoder_sparse_step = 2"),
-    ({"mlp_only_layers": [3, 0]}, "mlp_only_layers = [0, 3]"),
+    ({"decoder_sparse_step": 49}, "decoder_sparse_step = 49: no layer"),
+    ({"mlp_only_layers": list(range(48))}, "no layer of the 48 is an expert layer"),
+    ({"mlp_only_layers": [48]}, "[48] outside 0 .. 47"),
     ({"num_experts": 0}, "num_experts = 0"),
     ({"num_local_experts": 0}, "num_local_experts = 0"),  # transformers 5's spelling of num_experts
     ({"norm_topk_prob": False}, "norm_topk_prob = false"),
