@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from nemoc.compiler.catalog.hardware import get_gpu
 from nemoc.compiler.catalog.models import PRESETS
-from nemoc.compiler.spec import ModelSpec
+from nemoc.compiler.spec import ModelSpec, moe_layer_pattern
 from nemoc.dsl.format import format_module, quote
 from nemoc.dsl.parser import parse
 
@@ -88,6 +88,57 @@ def number_text(x: float) -> str:
     return repr(x)
 
 
+# ------------------------------------------------------------------------- dense layers of a MoE model
+
+
+def moe_layer_freq_value(raw: object) -> int | tuple[int, ...]:
+    """Megatron's `moe_layer_freq` as a script or config writes it: an int, a list, or (Megatron-LM's
+    `--moe-layer-freq`, arguments.py `moe_freq_type`) a string of an int or of a Python list expression such as
+    `([0]*3+[1]*58)`, read here without evaluating code: only list literals of ints, `+` and `* int`."""
+    import ast
+
+    if isinstance(raw, bool):
+        raise ValueError(f"moe_layer_freq {raw!r}: not an int or a 0 / 1 list")
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, (list, tuple)):
+        return tuple(int(v) for v in raw)
+    text = str(raw).strip().strip("'\"")
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+
+    def value(node):
+        if isinstance(node, ast.List) and all(isinstance(e, ast.Constant) and type(e.value) is int for e in node.elts):
+            return [e.value for e in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            return value(node.left) + value(node.right)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+            left, right = node.left, node.right
+            if isinstance(right, ast.Constant) and type(right.value) is int:
+                return value(left) * right.value
+            if isinstance(left, ast.Constant) and type(left.value) is int:
+                return value(right) * left.value
+        raise ValueError(f"moe_layer_freq {text!r}: not an int or a list expression of 0 / 1")
+    try:
+        return tuple(value(ast.parse(text, mode="eval").body))
+    except SyntaxError:
+        raise ValueError(f"moe_layer_freq {text!r}: not an int or a list expression of 0 / 1") from None
+
+
+def set_moe_layers(model: dict, freq: int | tuple[int, ...]) -> None:
+    """The pattern as the language writes it most readably: a dense prefix `[0]*k + [1]*rest` as
+    `moe_first_dense_layers = k` (DeepSeek's first_k_dense_replace), any other list or int as `moe_layer_freq`."""
+    if isinstance(freq, int):
+        if freq != 1:
+            model["moe_layer_freq"] = freq
+        return
+    k = next((i for i, v in enumerate(freq) if v), len(freq))
+    if 0 < k < len(freq) and all(freq[k:]):
+        model["moe_first_dense_layers"] = k
+    elif not all(freq):
+        model["moe_layer_freq"] = list(freq)
+
+
 # ------------------------------------------------------------------------------------- presets
 
 _ARCH = ("layers", "hidden", "heads", "query_groups", "ffn_hidden", "vocab", "activation", "norm", "position",
@@ -118,6 +169,10 @@ def _arch(values: dict) -> dict:
         out[k] = float(out[k]) if out[k] is not None else None
     if out["position"] != "rope":
         out["rotary_base"] = out["rope_scaling_factor"] = None
+    # which layers are expert layers (a preset's dense prefix is architecture: DeepSeek's first dense layers)
+    freq = values.get("moe_layer_freq") or 1
+    out["moe_layer_pattern"] = moe_layer_pattern(values["layers"], out["experts"], freq if isinstance(freq, int)
+                                                 else tuple(freq), values.get("moe_first_dense_layers") or 0)
     out["multi_latent_attention"] = bool(values.get("multi_latent_attention"))
     if out["multi_latent_attention"]:
         defaults = {k: ModelSpec.__dataclass_fields__[k].default for k in _MLA_ARCH}
@@ -137,7 +192,7 @@ def matching_preset(model: dict, ignore_vocab: bool = False) -> str | None:
     want = _arch(model)
     hits = []
     for name, spec in PRESETS.items():
-        have = _arch({k: getattr(spec, k) for k in (*_ARCH, "kv_channels")})
+        have = _arch({k: getattr(spec, k) for k in (*_ARCH, "kv_channels", "moe_layer_freq", "moe_first_dense_layers")})
         if ignore_vocab:
             have["vocab"] = want["vocab"]
         if have == want:

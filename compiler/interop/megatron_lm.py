@@ -11,7 +11,7 @@ Invariants: every argument is either mapped or listed in `Draft.dropped` with it
 
 from __future__ import annotations
 
-from nemoc.compiler.interop.draft import Call, Draft, Word
+from nemoc.compiler.interop.draft import Call, Draft, Word, moe_layer_freq_value, set_moe_layers
 from nemoc.compiler.interop.shell import Launch
 
 # Megatron-LM flag, model field, kind (float | bool | word | int): MoE token dropping and the router.
@@ -38,6 +38,7 @@ _FLAGS = {
     "--use-rotary-position-embeddings", "--no-position-embedding", "--rotary-base",
     "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--add-qkv-bias", "--qk-layernorm",
     "--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size", "--moe-shared-expert-intermediate-size",
+    "--moe-layer-freq",
     *(flag for flag, _, _ in _MOE_ROUTING),
     "--hidden-dropout", "--attention-dropout",
     "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layers-per-virtual-pipeline-stage",
@@ -190,6 +191,8 @@ def _model(f: _Flags, d: Draft) -> None:
             if f.has(flag):
                 d.model[field] = (True if kind == "bool" else f.float(flag) if kind == "float"
                                   else f.int(flag) if kind == "int" else Word(f.str(flag)))
+        if f.has("--moe-layer-freq"):  # dense layers among the expert layers (an int or a list expression)
+            set_moe_layers(d.model, moe_layer_freq_value(f.str("--moe-layer-freq")))
         if d.model.get("moe_capacity_factor") is not None and d.model["moe_capacity_factor"] < 0:
             # transformer_config.py __post_init__: a negative capacity factor is none (dropless), the language's default
             del d.model["moe_capacity_factor"]
