@@ -39,6 +39,7 @@ from nemoc.compiler.flops import (
     FULL,
     LOW_PRECISIONS,
     ModelPass,
+    bf16_dense_layers_per_stage,
     bf16_layers_per_stage,
     dense_layers_per_stage,
     is_gated,
@@ -969,7 +970,7 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
                  loss: bool = True, last_logits: bool = False,
                  bf16: tuple[tuple[int, ...], float] | None = None,
                  deferred_wgrad: bool = False,
-                 dense: tuple[tuple[int, ...], float] | None = None) -> tuple[float, float, float]:
+                 dense: tuple[tuple[tuple[int, ...], float], ...] | None = None) -> tuple[float, float, float]:
     """(slowest, mean, output) micro-batch times over pipeline stages: layers plus, on the last
     stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`: the
     `cross_entropy` fusion, CROSS_ENTROPY_BYTES_OF; None: TE's fused kernels with `kernels = te`,
@@ -978,9 +979,9 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     (`_head_tokens`: a KV-cached prefill). `bf16`: (bf16 layers per stage, extra seconds per such layer and
     micro batch) where the first / last layers stay in bf16 (`_bf16_layers`): each stage is costed with its own.
     `deferred_wgrad`: the slowest stage with the last stage's output-layer wgrad GEMM taken out of its micro
-    batch (`defer_embedding_wgrad_compute`, `_deferred_wgrad`). `dense`: (dense layers per stage, seconds a dense
-    layer takes more than an expert layer, usually negative) for a MoE model with dense layers (`_dense_layers`),
-    priced per stage as the bf16 layers are."""
+    batch (`defer_embedding_wgrad_compute`, `_deferred_wgrad`). `dense`: for a MoE model with dense layers
+    (`_dense_layers`), (dense layers per stage, seconds a dense layer takes more than an expert layer, usually
+    negative) and (bf16 dense layers per stage, their extra seconds), priced per stage as the bf16 layers are."""
     vocab = 0 if scalar_head else padded_vocab(model.vocab, layout.tp)
     tokens = micro_batch * seq / layout.cp
     head = _head_tokens(tokens, micro_batch, last_logits)
@@ -993,7 +994,7 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     per_layer = lt.total
     deferred = gemm if deferred_wgrad and _defers_wgrad(layout, backward, scalar_head) else 0.0
     if bf16 is not None or dense is not None:
-        extras = tuple(x for x in (bf16, dense) if x is not None)
+        extras = ((bf16,) if bf16 is not None else ()) + (dense or ())
         return _stage_times_mixed(model.layers, layout.pp, per_layer, logits, split, extras, last_less=deferred)
     if layout.pp == 1:
         t = model.layers * per_layer + logits
@@ -1008,7 +1009,7 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
 def _deferred_wgrad(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backward, params, slow, mean,
                     scalar_head=False, split=None, kernels="te", cross_entropy=None,
                     bf16: tuple[tuple[int, ...], float] | None = None,
-                    dense: tuple[tuple[int, ...], float] | None = None) -> tuple[float, float]:
+                    dense: tuple[tuple[tuple[int, ...], float], ...] | None = None) -> tuple[float, float]:
     """(saved, drained): what `defer_embedding_wgrad_compute` takes off the step and what it adds after the
     pipeline's drain. Megatron-Core's last stage keeps the output layer's input and logits gradient of the
     first d micro batches (d = `wgrad_deferral_limit`, 0: all m; tensor_parallel/layers.py) and runs their
@@ -1044,21 +1045,34 @@ def _stage_times_mixed(layers: int, pp: int, per_layer: float, logits: float, sp
 
 
 def _dense_layers(model, layout, hw, lt: LayerTimes, split, precision: str,
-                  graph: tuple[float, float] | None = None,
-                  **layer_kw) -> tuple[tuple[tuple[int, ...], float], LayerTimes] | None:
-    """((dense layers per pipeline stage, seconds a dense layer takes more than an expert layer), the dense
-    layer's times) for a MoE model with dense layers (`moe_layer_freq`, `moe_first_dense_layers`): a dense
-    layer is a layer of `ModelSpec.dense_layer_model` (its MLP of ffn_hidden, no router, no token dispatch:
-    no expert-parallel all-to-all), on the stages Megatron-Core builds it (`flops.dense_layers_per_stage`);
-    None otherwise. `graph` as for `_bf16_layers`."""
+                  graph: tuple[float, float] | None = None, bf16_layers: tuple[int, int] = (0, 0),
+                  **layer_kw) -> tuple[tuple[tuple[tuple[int, ...], float], ...], LayerTimes, float] | None:
+    """(per-stage extras for `_stage_times`' `dense`, the dense layer's times, the bf16 dense layers' extra
+    seconds per micro batch summed over the stages) for a MoE model with dense layers (`moe_layer_freq`,
+    `moe_first_dense_layers`); None otherwise. A dense layer is a layer of `ModelSpec.dense_layer_model` (its
+    MLP of ffn_hidden, no router, no token dispatch: no expert-parallel all-to-all), on the stages Megatron-Core
+    builds it (`flops.dense_layers_per_stage`): (dense layers per stage, seconds a dense layer takes more than an
+    expert layer); where `bf16_layers` keeps some of them in bf16 under a low precision, also (those per stage,
+    the dense layer's extra seconds in bf16), as `_bf16_layers` prices the expert layers. `graph` as there."""
     if not model.has_dense_layers:
         return None
     counts = dense_layers_per_stage(model, layout.pp, layout.vp, split)
-    kw = {k: v for k, v in layer_kw.items() if k != "moe"}  # a dense layer dispatches nothing
-    dense = layer_times(model.dense_layer_model, layout, hw, precision=precision, **kw)
+    kw = {k: v for k, v in layer_kw.items() if k not in ("moe", "fp8_recipe")}  # a dense layer dispatches nothing
+    recipe = layer_kw.get("fp8_recipe")
+    dense = layer_times(model.dense_layer_model, layout, hw, precision=precision, fp8_recipe=recipe, **kw)
     if graph is not None:
         dense = graphed(dense, layer_kw["params"], *graph)
-    return (counts, dense.total - lt.total), dense
+    extras = ((counts, dense.total - lt.total),)
+    bf16_total = 0.0
+    if precision in LOW_PRECISIONS and any(bf16_layers):
+        in_bf16 = bf16_dense_layers_per_stage(model, layout.pp, layout.vp, split, *bf16_layers)
+        slow = layer_times(model.dense_layer_model, layout, hw, precision="bf16", fp8_recipe=None, **kw)
+        if graph is not None:
+            slow = graphed(slow, layer_kw["params"], *graph)
+        extra = max(0.0, slow.total - dense.total)
+        extras += ((in_bf16, extra),)
+        bf16_total = sum(in_bf16) * extra
+    return extras, dense, bf16_total
 
 
 def _bf16_layers(model, layout, hw, lt: LayerTimes, bf16_layers: tuple[int, int], split, precision: str,
@@ -1071,6 +1085,9 @@ def _bf16_layers(model, layout, hw, lt: LayerTimes, bf16_layers: tuple[int, int]
     if precision not in LOW_PRECISIONS or not any(bf16_layers):
         return None
     counts = bf16_layers_per_stage(model.layers, layout.pp, layout.vp, split, *bf16_layers)
+    if model.has_dense_layers:  # the dense ones among them are priced as dense layers (`_dense_layers`)
+        dense = bf16_dense_layers_per_stage(model, layout.pp, layout.vp, split, *bf16_layers)
+        counts = tuple(c - d for c, d in zip(counts, dense))
     slow = layer_times(model, layout, hw, precision="bf16", fp8_recipe=None, **layer_kw)
     if graph is not None:
         slow = graphed(slow, layer_kw["params"], *graph)
@@ -1404,9 +1421,10 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     mixed = _dense_layers(model, layout, hw, lt, split, precision, seq=seq, attention_backend=attention_backend,
                           micro_batch=mb, backward=main.backward, params=params, attention_span=attention_span,
                           overlap_tp=overlap_tp, kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe,
+                          moe=moe, bf16_layers=bf16_layers,
                           graph=(cuda_graph_share(host, model), 1.0 + main.backward)
                           if host is not None and host.cuda_graph_impl != "none" and train else None)
-    dense, lt_dense = mixed if mixed is not None else (None, lt)
+    dense, lt_dense, bf16_dense = mixed if mixed is not None else (None, lt, 0.0)
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                       params=params, scalar_head=main.scalar_head, split=split, kernels=kernels,
                                       cross_entropy=cross_entropy, bf16=bf16, dense=dense)
@@ -1429,7 +1447,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     if lt.host_wait > 0.0 or lt_dense.host_wait > 0.0:  # the GPU waits for the host (eager kernels shorter than their issue time)
         parts["host_bound"] = both(lambda t: t.host_wait)
     if bf16 is not None:  # the bf16 layers' extra time, spread over the stages as `mean` spreads it
-        parts["bf16_layers"] = main.count * m * sum(bf16[0]) * bf16[1] / layout.pp
+        # (the dense ones among them, a MoE model's, at a dense layer's extra: `_dense_layers`)
+        parts["bf16_layers"] = main.count * m * (sum(bf16[0]) * bf16[1] + bf16_dense) / layout.pp
     parts["pp_imbalance"] = main.count * m * (slow - mean)
     saved, drained = _deferred_wgrad(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                      params=params, slow=slow, mean=mean, scalar_head=main.scalar_head, split=split,
@@ -1632,7 +1651,7 @@ def _pass_time(model, layout, hw, p: ModelPass, *, seq, precision, backend, micr
                     overlap_tp=overlap_tp, kernels=kernels, moe=moe)
     lt = layer_times(model, layout, hw, precision=precision, **layer_kw)
     bf16 = _bf16_layers(model, layout, hw, lt, bf16_layers, split, precision, **layer_kw)
-    mixed = _dense_layers(model, layout, hw, lt, split, precision, **layer_kw)
+    mixed = _dense_layers(model, layout, hw, lt, split, precision, bf16_layers=bf16_layers, **layer_kw)
     slow, mean, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=p.backward,
                                  params=params, scalar_head=p.scalar_head, split=split, kernels=kernels,
                                  cross_entropy=cross_entropy, loss=loss, last_logits=last_logits, bf16=bf16,
@@ -1685,7 +1704,7 @@ def _rollout_phases(model, layout, hw, *, seq, precision, backend, micro_batch, 
                         overlap_tp=overlap_tp, kernels=kernels)
         lt = layer_times(model, whole, hw, precision=precision, **layer_kw)
         bf16 = _bf16_layers(model, whole, hw, lt, bf16_layers, split, precision, **layer_kw)
-        mixed = _dense_layers(model, whole, hw, lt, split, precision, **layer_kw)
+        mixed = _dense_layers(model, whole, hw, lt, split, precision, bf16_layers=bf16_layers, **layer_kw)
         _, mean, _ = _stage_times(model, whole, hw, lt, seq=seq, micro_batch=micro_batch, backward=FORWARD,
                                   params=params, split=split, kernels=kernels, loss=False, last_logits=True,
                                   bf16=bf16, dense=mixed[0] if mixed is not None else None)

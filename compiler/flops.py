@@ -288,6 +288,19 @@ def dense_layers_per_stage(model: ModelSpec, pp: int, vp: int | None,
     return tuple(counts)
 
 
+def bf16_dense_layers_per_stage(model: ModelSpec, pp: int, vp: int | None, split: tuple[int, int, int] | None,
+                                first: int, last: int) -> tuple[int, ...]:
+    """Of `bf16_layers_per_stage`'s bf16 layers, how many are dense layers of a MoE model on each stage (DeepSeek's
+    first layers are both: dense, and the first layers an FP8 recipe keeps in bf16). All 0 without dense layers."""
+    counts = [0] * pp
+    if not model.has_dense_layers or not (first or last):
+        return tuple(counts)
+    pattern, tail = model.moe_layer_pattern, model.layers - last
+    for stage, lo, n in chunk_runs(model.layers, pp, vp, split):
+        counts[stage] += sum(1 for i in range(lo, lo + n) if (i < first or i >= tail) and not pattern[i])
+    return tuple(counts)
+
+
 def chunk_layers(layers: int, pp: int, vp: int | None) -> int:
     """Transformer layers of the most-loaded model chunk (one pipeline stage, or one of its `vp`
     virtual stages): Megatron's block recompute (`recompute_method = "block"`) counts

@@ -30,7 +30,8 @@ from types import MappingProxyType
 
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.catalog.userbuffers import buffer_bytes, userbuffers_of
-from nemoc.compiler.flops import LOW_PRECISIONS, bf16_layers_per_stage, dense_layers_per_stage, recomputed_fraction
+from nemoc.compiler.flops import (LOW_PRECISIONS, bf16_dense_layers_per_stage, bf16_layers_per_stage,
+                                  dense_layers_per_stage, recomputed_fraction)
 from nemoc.compiler.flops import (  # noqa: F401 - lora_params_per_layer is re-exported
     is_gated,
     layers_on_stage,
@@ -542,11 +543,14 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
             cp=layout.cp, seq_length=seq, micro_batch=layout.micro_batch * rows))
     bf16 = (bf16_layers_per_stage(model.layers, layout.pp, layout.vp, split, *bf16_layers)
             if precision in LOW_PRECISIONS and any(bf16_layers) else None)
+    bf16_dense = (bf16_dense_layers_per_stage(model, layout.pp, layout.vp, split, *bf16_layers)
+                  if bf16 is not None else None)
     for stage in stages:
         yield _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
                             capacity, kernels, grad_bytes, split, resident, rows, moe_dispatcher, cuda_graph_share,
                             fp8_recipe, generates=bool(work.generated), cross_entropy=cross_entropy, userbuffers=ub,
-                            bf16_here=bf16[stage] if bf16 is not None else 0)
+                            bf16_here=bf16[stage] if bf16 is not None else 0,
+                            bf16_dense_here=bf16_dense[stage] if bf16_dense is not None else 0)
 
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
@@ -602,13 +606,15 @@ class _StatesLayout:
     vp: int | None = None
 
 
-def _bf16_layer_params(model: ModelSpec, layout: Layout, bf16_here: int) -> float:
+def _bf16_layer_params(model: ModelSpec, layout: Layout, bf16_here: int, dense_here: int = 0) -> float:
     """Parameters one GPU holds of `bf16_here` transformer layers kept in bf16 (dense by TP, experts by EP x
-    ETP): their weights get no FP8 / FP4 copies."""
+    ETP), `dense_here` of them dense layers of a MoE model (no experts): their weights get no FP8 / FP4 copies."""
     if not bf16_here:
         return 0.0
     counts = param_counts(model)
-    return bf16_here * ((counts.per_layer - counts.expert) / layout.tp + counts.expert / (layout.ep * layout.etp))
+    moe = bf16_here - dense_here
+    return (moe * ((counts.per_layer - counts.expert) / layout.tp + counts.expert / (layout.ep * layout.etp))
+            + dense_here * counts.dense_per_layer / layout.tp)
 
 
 def _bf16_activation_extra(model, *, replayed: float, recompute: str, **kw) -> float:
@@ -635,14 +641,16 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
                   kernels, grad_bytes, split, resident: int, rows: int,
                   moe_dispatcher: str = "alltoall", cuda_graph_share: float = 0.0,
                   fp8_recipe: str | None = None, generates: bool = False,
-                  cross_entropy: str | None = None, userbuffers: float = 0.0, bf16_here: int = 0) -> MemoryBreakdown:
+                  cross_entropy: str | None = None, userbuffers: float = 0.0, bf16_here: int = 0,
+                  bf16_dense_here: int = 0) -> MemoryBreakdown:
     """One pipeline stage's breakdown; `resident`: how many models the stage keeps (`resident_models`),
     `rows`: sequences per micro-batch sample (`flops.stage_work`); `cuda_graph_share`: the share of
     each layer captured as CUDA graphs (`cost.cuda_graph_share`; 0 without graphs); `generates`: the
     stage decodes rollouts (ppo, grpo: `rollout_kv_cache`); `bf16_here`: how many of the stage's layers stay in
     bf16 under fp8 / mxfp8 / nvfp4 (`flops.bf16_layers_per_stage`): no FP8 / FP4 weight copies and (fp8 /
     mxfp8) 16-bit saved GEMM inputs for them, and 16-bit weights where fp8_param_gather keeps the others in FP8
-    (Megatron-Core builds them outside the fp8 / fp4 context: fp8_utils.py `get_fp8_context(is_init=True)`)."""
+    (Megatron-Core builds them outside the fp8 / fp4 context: fp8_utils.py `get_fp8_context(is_init=True)`);
+    `bf16_dense_here`: how many of those are dense layers of a MoE model (`flops.bf16_dense_layers_per_stage`)."""
     scalar_head = kind == "reward"
     vocab = padded_vocab(model.vocab, layout.tp)
     trains = kind in TRAINING_KINDS
@@ -667,11 +675,12 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         # Transformer Engine caches the NVFP4 weight and its transpose across micro batches: 4-bit
         # values plus one FP8 (E4M3) scale per 16-element block, 0.5 + 1/16 B each.
         linear = params_local - (vocab * model.hidden / layout.tp if st.first else 0)
-        parts["fp4_weight_cache"] = 2.0 * NVFP4_BYTES * (linear - _bf16_layer_params(model, layout, bf16_here))
+        parts["fp4_weight_cache"] = 2.0 * NVFP4_BYTES * (
+            linear - _bf16_layer_params(model, layout, bf16_here, bf16_dense_here))
     if precision in ("fp8", "mxfp8"):
         # Transformer Engine caches the quantised weight and its transpose across micro batches.
         linear = params_local - (vocab * model.hidden / layout.tp if st.first else 0)
-        linear -= _bf16_layer_params(model, layout, bf16_here)  # those layers hold no FP8 copies
+        linear -= _bf16_layer_params(model, layout, bf16_here, bf16_dense_here)  # those layers hold no FP8 copies
         parts["fp8_weight_cache"] = 2.0 * linear
         if layout.fp8_param_gather and trainable:
             # FP8 parameters (Megatron-Core `fp8_param`): the linear weights are TE Float8Tensors, 1 byte
@@ -725,10 +734,13 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
                         recompute_modules=layout.recompute_modules, kernels=kernels,
                         fp8=precision in ("fp8", "mxfp8")) - per_layer)
             if bf16_here and precision in ("fp8", "mxfp8"):  # those layers save 16-bit GEMM inputs
-                activations += bf16_here * held * _bf16_activation_extra(
-                    model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
-                    etp=layout.etp, recompute=layout.recompute, attention_backend=backend, dropout=dropout,
-                    kernels=kernels, replayed=replayed / max(st.layers, 1))
+                extra_kw = dict(seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
+                                etp=layout.etp, recompute=layout.recompute, attention_backend=backend,
+                                dropout=dropout, kernels=kernels, replayed=replayed / max(st.layers, 1))
+                activations += (bf16_here - bf16_dense_here) * held * _bf16_activation_extra(model, **extra_kw)
+                if bf16_dense_here:  # a dense layer's GEMM inputs (a MoE model's dense layers kept in bf16)
+                    activations += bf16_dense_here * held * _bf16_activation_extra(model.dense_layer_model,
+                                                                                   **extra_kw)
             # Backward works on one layer at a time: it rematerialises that layer (full recompute) or
             # allocates gradients of its activations (otherwise), about one layer's activations
             # without the s x s scores, plus (unfused attention) the scores of the layer whose core

@@ -134,3 +134,26 @@ def test_the_slowest_stage_sets_the_pipeline():
     # the slowest stage (16 expert layers) is the same in both, so only the mean-stage terms move
     assert mixed.step_time_s == pytest.approx(every.step_time_s, rel=0.01)
     assert mixed.parts["pp_imbalance"] > every.parts["pp_imbalance"]
+
+
+def test_bf16_first_layers_that_are_dense_are_priced_as_dense_layers():
+    """Under FP8 with the first layers kept in bf16 (Megatron-Core `first_last_layers_bf16`), DeepSeek's first
+    layers are bf16 and dense at once: no FP8 copies of a dense layer's weights (not an expert layer's), and a
+    dense layer's extra bf16 time."""
+    from nemoc.compiler.flops import bf16_dense_layers_per_stage, bf16_layers_per_stage
+
+    prefix = replace(MOE, moe_first_dense_layers=2)
+    assert bf16_layers_per_stage(8, 2, None, None, 3, 1) == (3, 1)
+    assert bf16_dense_layers_per_stage(prefix, 2, None, None, 3, 1) == (2, 0)  # layers 0, 1 dense; 2 and 7 MoE
+    assert bf16_dense_layers_per_stage(MOE, 2, None, None, 3, 1) == (0, 0)
+    lay = _layout(pp=2, dp=4, ep=4)
+    c = param_counts(prefix)
+    moe_layer = (c.per_layer - c.expert) + c.expert / 4
+    assert memory._bf16_layer_params(prefix, lay, 3, 2) == pytest.approx(moe_layer + 2 * c.dense_per_layer)
+    kw = dict(gpu="H100", seq_length=2048, precision="fp8", split=None)
+    with_bf16 = cost.estimate(prefix, lay, bf16_layers=(3, 1), **kw)
+    without = cost.estimate(prefix, lay, **kw)
+    assert with_bf16.parts["bf16_layers"] > 0 and with_bf16.step_time_s > without.step_time_s
+    m_bf16 = memory.estimate(prefix, lay, bf16_layers=(3, 1), **kw)
+    m_fp8 = memory.estimate(prefix, lay, **kw)
+    assert m_bf16.parts["fp8_weight_cache"] < m_fp8.parts["fp8_weight_cache"]
