@@ -108,6 +108,9 @@ class ModelShape:
     top_k: int = 0
     moe_ffn_hidden: int | None = None
     shared_expert_ffn_hidden: int = 0
+    # a MoE model's dense layers (`ModelSpec.moe_layer_pattern` 0s), "0,1,2" ("" for none): a string, so the JSON
+    # of a checkpoint compares equal, and one saved before the field existed is not refused
+    dense_layers: str = ""
 
     @classmethod
     def of(cls, spec, vocab: int | None = None, seq_length: int | None = None) -> "ModelShape":
@@ -119,6 +122,8 @@ class ModelShape:
             add_qkv_bias=spec.add_qkv_bias, qk_layernorm=spec.qk_layernorm, norm_epsilon=spec.norm_epsilon,
             experts=spec.experts, top_k=spec.top_k, moe_ffn_hidden=spec.moe_ffn_hidden,
             shared_expert_ffn_hidden=spec.shared_expert_ffn_hidden,
+            dense_layers=",".join(str(i) for i, v in enumerate(spec.moe_layer_pattern) if not v)
+            if spec.has_dense_layers else "",
         )
 
 

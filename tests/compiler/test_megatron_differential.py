@@ -106,7 +106,10 @@ def experiments(draw) -> ExperimentSpec:
                                                                   else rarely)),
                    moe_router_score=draw(st.sampled_from(["softmax", "softmax", "sigmoid"])),
                    moe_expert_bias=draw(st.sampled_from(rarely)),
-                   moe_router_groups=draw(st.sampled_from([0] * 6 + [2, 3])))
+                   moe_router_groups=draw(st.sampled_from([0] * 6 + [2, 3])),
+                   # dense layers among the expert layers (TransformerConfig moe_layer_freq: int or 0 / 1 list)
+                   moe_layer_freq=draw(st.sampled_from([1, 1, 1, 2])),
+                   moe_first_dense_layers=draw(st.sampled_from([0, 0, 0, 1])))
         if moe["moe_router_groups"] or draw(st.sampled_from(rarely)):
             moe["moe_router_group_topk"] = draw(st.sampled_from([1, 1, 2, 4, 0]))
     mla = {}
@@ -370,6 +373,11 @@ def check_layout(spec: ExperimentSpec, stage: StageSpec, kernels: str, seq: int,
     megatron_rope(model, config)
     megatron_layer_splits(config, layout, seq, margs.padded_vocab_size(model.vocab, layout.tp),
                           local_attention=not facts.have_te)
+    if model.is_moe:  # Megatron's per-layer specs from moe_layer_freq (its length and 0 / 1 checks) = the plan's
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
+
+        specs = get_gpt_decoder_layer_specs(config, use_transformer_engine=False)
+        assert tuple(int(sp.submodules.mlp.module.__name__ == "MoELayer") for sp in specs) == model.moe_layer_pattern
 
 
 # ------------------------------------------------------------------------------- converse checks
