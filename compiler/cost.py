@@ -1444,7 +1444,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
         "cp_comm": both(lambda t: t.cp_comm),
         "ep_comm": both(lambda t: t.ep_comm),
     }
-    if lt.host_wait > 0.0 or lt_dense.host_wait > 0.0:  # the GPU waits for the host (eager kernels shorter than their issue time)
+    if lt.host_wait > 0.0 or lt_dense.host_wait > 0.0:
+        # the GPU waits for the host (eager kernels shorter than their issue time)
         parts["host_bound"] = both(lambda t: t.host_wait)
     if bf16 is not None:  # the bf16 layers' extra time, spread over the stages as `mean` spreads it
         # (the dense ones among them, a MoE model's, at a dense layer's extra: `_dense_layers`)

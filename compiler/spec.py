@@ -170,7 +170,8 @@ class ModelSpec:
         """1 (expert layer) or 0 (dense MLP) per layer, in Megatron-Core's global layer order
         (gpt_layer_specs.py `get_gpt_decoder_layer_specs`: `1 if i % moe_layer_freq == 0` for an int, the list as
         given), with the first `moe_first_dense_layers` dense. All 0 for a dense model."""
-        freq = self.moe_layer_freq if isinstance(self.moe_layer_freq, int) else tuple(self.moe_layer_freq)  # (JSON lists)
+        freq = self.moe_layer_freq  # a list where the fields came from JSON (a Hugging Face manifest)
+        freq = freq if isinstance(freq, int) else tuple(freq)
         return moe_layer_pattern(self.layers, self.experts, freq, self.moe_first_dense_layers)
 
     @property

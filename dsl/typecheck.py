@@ -507,5 +507,6 @@ def _binop_unchecked(expr: ast.BinOp, left, right) -> tuple[Fraction, str]:
 
 _CHECKERS = {
     "bool": _check_bool, "str": _check_str, "id": _check_id, "enum": _check_enum, "ref": _check_ref,
-    "list": _check_list, "int_or_list": _check_int_or_list, "call": _check_call, "int": _check_number, "float": _check_number,
+    "list": _check_list, "int_or_list": _check_int_or_list, "call": _check_call, "int": _check_number,
+    "float": _check_number,
 }

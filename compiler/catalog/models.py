@@ -186,11 +186,11 @@ _ALL += _QWEN3_MOE_PRESETS
 # aux-loss-free expert bias, group-limited routing (8 groups, the best 4) and scaling factor 2.5.
 #
 # Dense layers: HF first_k_dense_replace (V2-Lite 1, V3 3) makes the first layers dense MLPs of
-# intermediate_size (10944 / 18432): `moe_first_dense_layers`, Megatron-Core `moe_layer_freq = [0] * k + [1] * ...`
-# as Megatron-Bridge's DeepSeek recipes set it. Parameters then match the published architectures: V3
-# 671,026,404,352 (671B "total parameters" of the paper's Sec. 1 / model card, without the MTP module; 37.55B
-# activated: "37B") and V2-Lite 15,706,484,224 ("15.7B", 2.66B activated: "2.4B" in its card counts no embedding
-# ... see tests/compiler/test_mla_terms.py and test_dense_moe_layers.py, which check these numbers).
+# intermediate_size (10944 / 18432): `moe_first_dense_layers`, i.e. Megatron-Core `moe_layer_freq = [0] * k + [1] * ...`
+# as Megatron-Bridge's DeepSeek recipes set it. The parameter counts then equal the published architectures: V3
+# 671,026,404,352 total and 37,552,282,624 activated (the paper's 671B / 37B, Sec. 1, without the MTP module; HF's
+# safetensors add the routers' e_score_correction_bias buffers), V2-Lite 15,706,484,224 (15.7B, arXiv:2405.04434
+# Appendix B); tests/compiler/test_mla_terms.py checks them.
 _DEEPSEEK_V2 = ("DeepSeek-V2 (arXiv:2405.04434) Sec. 2; HF deepseek-ai/DeepSeek-V2-Lite config.json (first layer dense: "
                 "first_k_dense_replace 1; 15.71B)")
 _DEEPSEEK_V3 = ("DeepSeek-V3 (arXiv:2412.19437) Sec. 2, 4.2; HF deepseek-ai/DeepSeek-V3 config.json (first 3 layers "

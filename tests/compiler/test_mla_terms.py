@@ -111,7 +111,8 @@ def test_deepseek_presets_equal_the_published_models(name, dense_layers, publish
 
     m = get_preset(name)
     counts = param_counts(m)
-    assert m.moe_first_dense_layers == dense_layers and m.moe_layer_pattern[:dense_layers + 1] == (0,) * dense_layers + (1,)
+    assert m.moe_first_dense_layers == dense_layers
+    assert m.moe_layer_pattern[:dense_layers + 1] == (0,) * dense_layers + (1,)
     assert counts.dense_layers == dense_layers
     assert counts.total == published
     assert counts.active == published_active

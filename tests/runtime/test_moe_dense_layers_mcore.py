@@ -58,7 +58,8 @@ SCRIPT = textwrap.dedent('''
                                        facts=facts)
         (ours,) = mdl.build_model_chunks(config=cfg, model=spec, vocab_size=spec.vocab, seq_length=spec.seq_length,
                                          attention_backend="unfused", have_te=False)
-        theirs = GPTModel(config=cfg, transformer_layer_spec=get_gpt_decoder_block_spec(cfg, use_transformer_engine=False),
+        block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
+        theirs = GPTModel(config=cfg, transformer_layer_spec=block,
                           vocab_size=spec.vocab, max_sequence_length=spec.seq_length,
                           position_embedding_type="rope")
         out[name] = dict(
