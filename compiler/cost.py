@@ -44,7 +44,7 @@ from nemoc.compiler.flops import (
     dense_layers_per_stage,
     is_gated,
     layers_on_stage,
-    lora_params_per_layer,
+    lora_params_of_layers,
     mla_projection_shapes,
     padded_vocab,
     param_counts,
@@ -1339,8 +1339,8 @@ def _trainable_params(model: ModelSpec, layout: Layout, split, peft: LoraSpec | 
     """Parameters the optimizer updates on one GPU of the most-loaded stage (LoRA: the adapters)."""
     if peft is None:
         return _local_params(model, layout, split)
-    n = _busiest_stage_layers(model, layout, split)
-    return n * lora_params_per_layer(model, peft) / layout.tp
+    n, d = _busiest_stage_mix(model, layout, split)
+    return lora_params_of_layers(model, peft, n + d, d) / layout.tp
 
 
 def _optimizer_time(layout: Layout, hw: HardwareSpec, trainable: float, updates: float, micro_batches: float,

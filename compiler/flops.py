@@ -79,6 +79,15 @@ def lora_params_per_layer(model: ModelSpec, lora: LoraSpec) -> int:
     return total
 
 
+def lora_params_of_layers(model: ModelSpec, lora: LoraSpec, layers: int, dense_layers: int = 0) -> int:
+    """LoRA parameters of `layers` transformer layers, `dense_layers` of them dense layers of a MoE model (whose
+    MLP adapters wrap one MLP of ffn_hidden, not every expert's)."""
+    own = lora_params_per_layer(model, lora)
+    if not dense_layers:
+        return layers * own
+    return (layers - dense_layers) * own + dense_layers * lora_params_per_layer(model.dense_layer_model, lora)
+
+
 @dataclass(frozen=True, slots=True)
 class ParamCounts:
     """Parameters by component (exact, for the unpadded vocabulary)."""
@@ -542,7 +551,8 @@ def pass_flops_per_token(model: ModelSpec, seq_length: int, p: ModelPass, peft: 
         return f.dense_gemm + f.attention_core + head
     if p.backward == FULL:
         return 3.0 * (f.dense_gemm + f.attention_core + head)
-    adapters = 2.0 * model.layers * lora_params_per_layer(model, peft) if peft is not None else 0.0
+    dense = model.layers - model.moe_layer_count if model.has_dense_layers else 0
+    adapters = 2.0 * lora_params_of_layers(model, peft, model.layers, dense) if peft is not None else 0.0
     return 2.0 * (f.dense_gemm + head) + 3.0 * f.attention_core + 3.0 * adapters
 
 

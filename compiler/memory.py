@@ -35,6 +35,7 @@ from nemoc.compiler.flops import (LOW_PRECISIONS, bf16_dense_layers_per_stage, b
 from nemoc.compiler.flops import (  # noqa: F401 - lora_params_per_layer is re-exported
     is_gated,
     layers_on_stage,
+    lora_params_of_layers,
     lora_params_per_layer,
     padded_vocab,
     param_counts,
@@ -571,7 +572,7 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
     for _ in range(trainable):
         weights += params_local * wb
         if peft is not None:
-            adapter = st.layers * lora_params_per_layer(model, peft) / tp
+            adapter = lora_params_of_layers(model, peft, st.layers, st.dense_layers) / tp
             a_state = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=dense_shard,
                                             grad_bytes=grad_bytes, moment_bytes=opt_bytes[0],
                                             master_bytes=opt_bytes[1], grad_copy=opt_bytes[2])

@@ -157,3 +157,24 @@ def test_bf16_first_layers_that_are_dense_are_priced_as_dense_layers():
     m_bf16 = memory.estimate(prefix, lay, bf16_layers=(3, 1), **kw)
     m_fp8 = memory.estimate(prefix, lay, **kw)
     assert m_bf16.parts["fp8_weight_cache"] < m_fp8.parts["fp8_weight_cache"]
+
+
+def test_lora_adapters_of_a_dense_layer_wrap_one_mlp():
+    """LoRA on fc1 / fc2: an expert layer's adapters wrap every expert's MLP (experts x (h + moe_ffn) r), a dense
+    layer's the one MLP of ffn_hidden."""
+    from nemoc.compiler.flops import lora_params_of_layers, lora_params_per_layer
+    from nemoc.compiler.spec import LoraSpec
+
+    lora = LoraSpec(rank=8, targets=("fc1", "fc2"))
+    prefix = replace(MOE, moe_first_dense_layers=3)
+    expert_layer = lora_params_per_layer(MOE, lora)
+    dense_layer = lora_params_per_layer(prefix.dense_layer_model, lora)
+    assert expert_layer == 8 * MOE.experts * ((1024 + 2 * 1024) + (1024 + 1024))  # fc1 gated: 2 x moe_ffn out
+    assert dense_layer == 8 * ((1024 + 2 * 4096) + (4096 + 1024))
+    assert lora_params_of_layers(prefix, lora, 8, 3) == 5 * expert_layer + 3 * dense_layer
+    lay = _layout(pp=2, dp=4)
+    st = memory._local_stage(prefix, lay, 0, prefix.vocab, False)
+    assert st.dense_layers == 3  # layers 0-3 on stage 0, three of them dense
+    mem = memory.estimate(prefix, lay, gpu="H100", seq_length=2048, stage_kind="sft", peft=lora)
+    every = memory.estimate(MOE, lay, gpu="H100", seq_length=2048, stage_kind="sft", peft=lora)
+    assert mem.optimizer < every.optimizer  # fewer adapter parameters to update
