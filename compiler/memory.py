@@ -394,6 +394,11 @@ def in_flight_microbatches(pp: int, vp: int | None, num_microbatches: int, stage
 # ------------------------------------------------------------------------------------ resident models
 
 
+# Models that end in a scalar head (h -> 1, `runtime/align/common.py` `ScalarHead`) instead of the vocabulary
+# output layer: the reward model (its score at the last token) and the PPO critic (a value per token).
+SCALAR_HEAD_MODELS = frozenset({"reward", "critic"})
+
+
 def resident_models(stage_kind: str, params: object = None, *, peft: LoraSpec | None = None,
                     parents: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Which models a stage keeps in GPU memory. DPO (Rafailov et al. 2023) needs a frozen reference
@@ -524,7 +529,7 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
     hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
     capacity = hw.hbm_bytes if hw else 0
     seq = seq_length or model.seq_length
-    resident = len(resident_models(stage_kind, params, peft=peft, parents=parents))
+    resident = resident_models(stage_kind, params, peft=peft, parents=parents)
     work = stage_work(stage_kind, params, peft)
     rows = work.rows  # preference pairs: chosen + rejected
     ub = 0.0
@@ -543,21 +548,27 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
 
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
-def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, vocab, scalar_head, split, precision,
+def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, vocab, scalar, split, precision,
                   peft, trainable, frozen, grad_bytes, fsdp=False,
                   opt_bytes=(4, 4, True)) -> tuple[_Stage, float, float, float, float]:
     """(the stage's local parameters, weights, gradients, optimizer bytes, optimizer-step transient
     bytes): trainable models get full states, frozen ones weights only; LoRA trains the adapters only.
+    `scalar` = (trainable, frozen) models of those that end in a scalar head (h -> 1: the PPO critic, the
+    reward model; `runtime/align/common.py` `ScalarHead`) instead of the vocabulary output layer; the
+    returned stage is a vocabulary-headed model's unless every model has a scalar head.
     `fsdp` (Megatron-FSDP, optim_grads_params): the trained model's 16-bit weights and its gradient
     buffer are sharded over the same group as the optimizer state (ZeRO-3); the layers being computed
     are gathered into `fsdp_buffers` (`_stage_memory`)."""
     layout = _StatesLayout(tp, pp, cp, dp, ep, etp)
-    st = _local_stage(model, layout, stage, vocab, scalar_head, split)
+    lm = _local_stage(model, layout, stage, vocab, False, split)
+    head = _local_stage(model, layout, stage, vocab, True, split)
+    st = head if sum(scalar) == trainable + frozen else lm
     dense_shard, expert_shard = _shards(layout)
     wb = weight_bytes(precision)
-    params_local = st.dense + st.expert
     weights = gradients = optimizer = step = 0.0
-    for _ in range(trainable):
+    for i in range(trainable):
+        st_i = head if i < scalar[0] else lm
+        params_local = st_i.dense + st_i.expert
         weights += params_local * wb
         if peft is not None:
             adapter = st.layers * lora_params_per_layer(model, peft) / tp
@@ -569,7 +580,7 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
             optimizer += adapter * a_state.optimizer
             step += adapter * a_state.step
         else:
-            for count, shard in ((st.dense, dense_shard), (st.expert, expert_shard)):
+            for count, shard in ((st_i.dense, dense_shard), (st_i.expert, expert_shard)):
                 s = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=shard,
                                           grad_bytes=grad_bytes, moment_bytes=opt_bytes[0], master_bytes=opt_bytes[1],
                                           grad_copy=opt_bytes[2])
@@ -578,7 +589,7 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
                 gradients += count * s.gradients / (shard if fsdp else 1)
                 optimizer += count * s.optimizer
                 step += count * s.step
-    weights += frozen * params_local * wb
+    weights += (scalar[1] * (head.dense + head.expert) + (frozen - scalar[1]) * (lm.dense + lm.expert)) * wb
     return st, weights, gradients, optimizer, step
 
 
@@ -616,25 +627,30 @@ def _bf16_activation_extra(model, *, replayed: float, recompute: str, **kw) -> f
 
 
 def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
-                  kernels, grad_bytes, split, resident: int, rows: int,
+                  kernels, grad_bytes, split, resident: tuple[str, ...], rows: int,
                   moe_dispatcher: str = "alltoall", cuda_graph_share: float = 0.0,
                   fp8_recipe: str | None = None, generates: bool = False,
                   cross_entropy: str | None = None, userbuffers: float = 0.0, bf16_here: int = 0) -> MemoryBreakdown:
-    """One pipeline stage's breakdown; `resident`: how many models the stage keeps (`resident_models`),
+    """One pipeline stage's breakdown; `resident`: the models the stage keeps (`resident_models`; the critic
+    and the reward model end in a scalar head, `SCALAR_HEAD_MODELS`),
     `rows`: sequences per micro-batch sample (`flops.stage_work`); `cuda_graph_share`: the share of
     each layer captured as CUDA graphs (`cost.cuda_graph_share`; 0 without graphs); `generates`: the
     stage decodes rollouts (ppo, grpo: `rollout_kv_cache`); `bf16_here`: how many of the stage's layers stay in
     bf16 under fp8 / mxfp8 / nvfp4 (`flops.bf16_layers_per_stage`): no FP8 / FP4 weight copies and (fp8 /
     mxfp8) 16-bit saved GEMM inputs for them, and 16-bit weights where fp8_param_gather keeps the others in FP8
     (Megatron-Core builds them outside the fp8 / fp4 context: fp8_utils.py `get_fp8_context(is_init=True)`)."""
-    scalar_head = kind == "reward"
     vocab = padded_vocab(model.vocab, layout.tp)
     trains = kind in TRAINING_KINDS
     trainable = (2 if kind == "ppo" else 1) if trains else 0  # PPO trains actor and critic
-    frozen = resident - trainable if trains else resident  # references / reward model; eval's models, export
+    frozen = len(resident) - trainable  # references / reward model; eval's models, export
+    # which of them end in a scalar head (h -> 1) instead of the vocabulary output layer: the trained ones
+    # come first in `resident_models` (ppo: actor, critic; reward: reward), the frozen ones after them
+    heads = tuple(name in SCALAR_HEAD_MODELS for name in resident)
+    scalar = (sum(heads[:trainable]), sum(heads[trainable:]))
+    scalar_head = all(heads)  # no model of the stage computes logits
     st, weights, gradients, optimizer, step_transient = _model_states(
         model, layout.tp, layout.pp, layout.cp, layout.dp, layout.ep, layout.etp, layout.distributed_optimizer,
-        stage, vocab, scalar_head, split, precision, peft, trainable, frozen, grad_bytes,
+        stage, vocab, scalar, split, precision, peft, trainable, frozen, grad_bytes,
         bool(layout.megatron_fsdp and trainable and peft is None), optimizer_bytes(layout, precision, fp8_recipe))
     params_local = st.dense + st.expert
 

@@ -126,10 +126,19 @@ def test_lora_dpo_ppo_states() -> None:
     dpo = estimate(model, lay, gpu="H100", stage_kind="dpo")
     assert dpo.weights == pytest.approx(2 * full.weights, rel=1e-6)  # + frozen reference
     assert dpo.activations > full.activations  # chosen + rejected
+    # PPO: the actor and the reference end in the vocabulary output layer, the critic and the reward model in
+    # a scalar head (runtime/align/common.py ScalarHead: h weights + 1 bias), as the reward stage's model
     ppo = estimate(model, lay, gpu="H100", stage_kind="ppo")
-    assert ppo.weights == pytest.approx(4 * full.weights, rel=1e-6)
-    assert ppo.gradients == pytest.approx(2 * full.gradients, rel=1e-6)
-    assert "logits" not in estimate(model, lay, gpu="H100", stage_kind="reward").parts
+    reward = estimate(model, lay, gpu="H100", stage_kind="reward")
+    assert ppo.weights == pytest.approx(2 * full.weights + 2 * reward.weights, rel=1e-6)
+    assert ppo.gradients == pytest.approx(full.gradients + reward.gradients, rel=1e-6)
+    assert ppo.optimizer == pytest.approx(full.optimizer + reward.optimizer, rel=1e-6)
+    head = padded_vocab(model.vocab, 2) * model.hidden / 2 - model.hidden  # per GPU at TP 2, untied
+    assert full.weights - reward.weights == pytest.approx(2.0 * head, rel=1e-6)  # bf16 weights
+    assert "logits" not in reward.parts
+    # an eval of the reward model holds the scalar-headed model and takes no logits either
+    ev = estimate(model, lay, gpu="H100", stage_kind="eval", parents=("reward",))
+    assert ev.weights == pytest.approx(reward.weights, rel=1e-6) and "logits" not in ev.parts
 
 
 def test_breakdown_names_its_parts() -> None:
