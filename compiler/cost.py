@@ -351,6 +351,33 @@ class LayerTimes:
         return max(self.device, self.host_issue)
 
 
+# The query x key tile of the flash-class attention kernels at head dim 128 on Hopper / Blackwell: 128 x 128
+# for causal masks (FlashAttention-3 `hopper/tile_size.h` `tile_size_fwd_sm90`: head dim <= 128 -> kBlockM 128,
+# kBlockN 128 when causal; cuDNN's fused flash attention, what Transformer Engine runs, tiles 128 x 128 too).
+ATTN_TILE = 128
+
+
+def causal_tiles(length: float, tile: float = ATTN_TILE) -> tuple[float, float]:
+    """(score elements a causal flash kernel computes over one sequence of `length` tokens, mean keys each query
+    tile sweeps). The kernel runs whole tile x tile blocks: query tile i (of n = ceil(length / tile)) sweeps key
+    blocks 0 .. i, the diagonal one masked inside, rows and keys past the end of the sequence masked too, so it
+    computes n (n + 1) / 2 blocks where the causal triangle has length^2 / 2 elements."""
+    n = math.ceil(length / tile)
+    blocks = n * (n + 1) / 2.0
+    return blocks * tile * tile, blocks * tile / n
+
+
+def packed_attention_tiles(span: float, seq: float, tile: float = ATTN_TILE) -> tuple[float, float]:
+    """(computed score elements over the causal ones, relative to an unpacked sequence of `seq` tokens; mean keys
+    per query tile) for samples of `span` tokens packed into `seq` (THD, `cu_seqlens`: every sample its own causal
+    kernel problem, tiled from its first token). A ~200-token sample is 2 query tiles and 3 blocks: 2.46x its
+    20,100 causal elements, against 1.03x for a whole 4,096-token sequence (which `attn` includes, as it was fitted
+    on whole sequences); each query tile sweeps 192 keys, not 100."""
+    computed, kv = causal_tiles(span, tile)
+    whole, _ = causal_tiles(seq, tile)
+    return (computed / (span * span / 2.0)) / (whole / (seq * seq / 2.0)), kv
+
+
 def gemm_time(m: float, n: float, k: float, *, flops_per_s: float, bytes_per_s: float, in_bytes: float,
               n_half: float = 0.0, weights: float = 1.0, rows: float | None = None) -> float:
     """Roofline time of an (m x k) @ (k x n) GEMM: the larger of its FLOPs at the achievable rate and
@@ -548,8 +575,14 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         # ring step's kernel covers one load-balanced chunk of s / 2cp keys (Megatron-Core / TE
         # `cp_comm_type="p2p"` splits the sequence into 2cp chunks): short kernels, lower efficiency.
         kv = span / 2.0 if layout.cp == 1 else min(span, seq / (2.0 * layout.cp))
+        computed = 1.0
+        if span < seq and layout.cp == 1:
+            # packed samples (THD): each sample's causal triangle is tiled on its own, whole tiles
+            # (`packed_attention_tiles`); `attn` was fitted on whole sequences, whose own diagonal tiles
+            # it includes, so only the excess over the sequence's is charged
+            computed, kv = packed_attention_tiles(span, seq)
         attn_rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.attn_kernel_eff(gen, kv)
-        attn_fwd = 0.5 * attn_flops / attn_rate
+        attn_fwd = 0.5 * attn_flops * computed / attn_rate
         attention = attn_fwd * (1.0 + (2.5 if backward else 0.0) + (1.0 if recomputed else 0.0))
     elementwise = params.kappa * act * (passes / 3.0) / hw.hbm_bw
     if layout.recompute == "full":

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nemoc.compiler.catalog import PRESETS, get_gpu
-from nemoc.compiler.cost import DEFAULT_PARAMS, _cp_comm, estimate, gemm_time, layer_times
+from nemoc.compiler.cost import (DEFAULT_PARAMS, _cp_comm, causal_tiles, estimate, gemm_time, layer_times,
+                                 packed_attention_tiles)
 from nemoc.compiler.flops import (
     flops_per_token,
     hardware_flops_per_step,
@@ -292,6 +293,29 @@ def test_short_context_parallel_chunks_slow_the_attention_kernel() -> None:
     expected = (4096 / (4096 + 512)) / (512 / (512 + 512))
     assert per_token == pytest.approx(expected, rel=1e-9)
     assert DEFAULT_PARAMS.attn_kernel_eff("hopper", 512) == pytest.approx(DEFAULT_PARAMS.attn / 2)
+
+
+def test_packed_samples_pay_the_flash_kernels_whole_tiles() -> None:
+    """Packed samples (THD) are each their own causal kernel problem, tiled 128 x 128 from their first token: a
+    200-token sample is 2 query tiles and 3 blocks (49,152 score elements for 20,100 causal ones, 2.46x, against
+    1.03x for a whole 4,096-token sequence, which `attn` was fitted on), each query tile sweeping 192 keys. A
+    sample as long as the sequence costs what an unpacked sequence does."""
+    assert causal_tiles(200) == (3 * 128 * 128, 192.0)
+    assert causal_tiles(4096) == (528 * 128 * 128, 2112.0)
+    ratio, kv = packed_attention_tiles(200, 4096)
+    assert ratio == pytest.approx((3 * 128 * 128 / (200 * 200 / 2)) / (528 * 128 * 128 / (4096 * 4096 / 2)))
+    assert kv == 192.0 and ratio == pytest.approx(2.384, abs=1e-3)
+    m, hw = PRESETS["llama2_7b"], get_gpu("H100")
+    lay = layout(tp=1, global_batch=8)
+    kw = dict(seq=4096, precision="fp8", attention_backend="flash", micro_batch=1)
+    whole = layer_times(m, lay, hw, **kw)
+    assert layer_times(m, lay, hw, attention_span=4096, **kw).attention == whole.attention
+    packed = layer_times(m, lay, hw, attention_span=200, **kw)
+    # the causal FLOPs of 200-token samples (200 / 4096 of the whole sequence's) times the tiles' excess, at the
+    # kernel's rate for 192 keys per query tile instead of 2,048
+    eff = DEFAULT_PARAMS.attn_kernel_eff
+    expected = 200 / 4096 * ratio * eff("hopper", 2048) / eff("hopper", 192)
+    assert packed.attention / whole.attention == pytest.approx(expected, rel=1e-9)
 
 
 def test_a_context_parallel_ring_across_nodes_sends_over_one_nic() -> None:
