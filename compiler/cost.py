@@ -351,9 +351,10 @@ class LayerTimes:
         return max(self.device, self.host_issue)
 
 
-# The query x key tile of the flash-class attention kernels at head dim 128 on Hopper / Blackwell: 128 x 128
-# for causal masks (FlashAttention-3 `hopper/tile_size.h` `tile_size_fwd_sm90`: head dim <= 128 -> kBlockM 128,
-# kBlockN 128 when causal; cuDNN's fused flash attention, what Transformer Engine runs, tiles 128 x 128 too).
+# The query x key tile of the flash-class attention kernels at head dim 128: 128 x 128 for causal masks
+# (FlashAttention-3 `hopper/tile_size.h` `tile_size_fwd_sm90`, 16-bit, head dim <= 128: kBlockM 128, kBlockN 128
+# when causal, 176 otherwise). cuDNN's fused attention, which Transformer Engine runs on Hopper, is closed source:
+# the same tile is a stated assumption for it.
 ATTN_TILE = 128
 
 
