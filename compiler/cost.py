@@ -36,9 +36,11 @@ from types import MappingProxyType
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.flops import (
     FORWARD,
+    FROZEN,
     FULL,
     LOW_PRECISIONS,
     ModelPass,
+    StageWork,
     bf16_layers_per_stage,
     is_gated,
     layers_on_stage,
@@ -1323,6 +1325,18 @@ def _trainable_params(model: ModelSpec, layout: Layout, split, peft: LoraSpec | 
     return n * lora_params_per_layer(model, peft) / layout.tp
 
 
+def _trained_groups(work: StageWork, peft: LoraSpec | None) -> list[tuple[float, LoraSpec | None]]:
+    """(updates per step, the LoRA spec or None) of the stage's trained models, those alike together: a pass
+    with the FROZEN backward trains LoRA adapters (`peft`), a FULL one every weight. PPO with LoRA trains the
+    actor's adapters and the whole critic (`runtime/align/runners.py` `run_ppo` applies no adapters to it)."""
+    groups: dict[bool, float] = {}
+    for p in work.passes:
+        if p.backward != FORWARD:
+            lora = p.backward == FROZEN and peft is not None
+            groups[lora] = groups.get(lora, 0.0) + p.count
+    return [(n, peft if lora else None) for lora, n in groups.items()]
+
+
 def _optimizer_time(layout: Layout, hw: HardwareSpec, trainable: float, updates: float, micro_batches: float,
                     kernels: str) -> float:
     """Adam over the sharded parameters (ADAM_BYTES) + the gradient-norm pass over the local ones,
@@ -1438,23 +1452,24 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                                   kernels=kernels, split=split, bf16_layers=bf16_layers)
         parts["rollout"] = rollout[0] + work.generated * rollout[1]
     if train:
-        trainable = _trainable_params(model, layout, split, peft)
-        updates = work.trained * main.count  # PPO: actor and critic, ppo_epochs times
-        if layout.megatron_fsdp:
-            # every trained model's updates (PPO: the critic's too) gather and reduce-scatter per layer
-            parts["dp_comm_exposed"] = updates * fsdp_exposed(model, layout, hw, lt, m, params, trainable,
-                                                              grad_bytes)
-            gathers = fsdp_forward_gathers(model, layout, hw, params, trainable, work, lt=lt, micro_batches=m,
-                                           rollout=rollout)
-            if gathers:
-                parts["fsdp_gathers_outside_updates"] = gathers
-        else:
-            experts = _expert_params(model, layout, split) if peft is None else 0.0
-            embedding = _embedding_params(model, layout) if peft is None else 0.0  # LoRA: frozen
-            parts["dp_comm_exposed"] = updates * _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params,
-                                                             trainable, grad_bytes, overlap_grad_reduce,
-                                                             overlap_param_gather, experts, embedding)
-        parts["optimizer"] = _optimizer_time(layout, hw, trainable, updates, main.count * m, kernels)
+        parts["dp_comm_exposed"] = parts["optimizer"] = 0.0
+        for updates, adapters in _trained_groups(work, peft):  # PPO: actor and critic, ppo_epochs times each
+            trainable = _trainable_params(model, layout, split, adapters)
+            if layout.megatron_fsdp:
+                # every trained model's updates (PPO: the critic's too) gather and reduce-scatter per layer
+                parts["dp_comm_exposed"] += updates * fsdp_exposed(model, layout, hw, lt, m, params, trainable,
+                                                                   grad_bytes)
+                gathers = fsdp_forward_gathers(model, layout, hw, params, trainable, work, lt=lt, micro_batches=m,
+                                               rollout=rollout)
+                if gathers:
+                    parts["fsdp_gathers_outside_updates"] = gathers
+            else:
+                experts = _expert_params(model, layout, split) if adapters is None else 0.0
+                embedding = _embedding_params(model, layout) if adapters is None else 0.0  # LoRA: frozen
+                parts["dp_comm_exposed"] += updates * _dp_exposed(
+                    model, layout, hw, slow, lt.forward_fraction, params, trainable, grad_bytes, overlap_grad_reduce,
+                    overlap_param_gather, experts, embedding)
+            parts["optimizer"] += _optimizer_time(layout, hw, trainable, updates, main.count * m, kernels)
     parts["step_overhead"] = params.step_overhead
     if train and hw.generation != "cpu":
         parts["gc_pause"] = gc_pause(host, world)
@@ -1545,9 +1560,10 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
         t += main.count * ((layout.pp - 1) / vp * smallest * per_row
                            + _pp_p2p(model, layout, hw, seq, smallest * work.rows, 1, vp, params, overlap_p2p))
     if main.backward != FORWARD:
-        trainable = _kept(memo, ("params", layout.tp, layout.pp, layout.ep, layout.etp, split),
-                          lambda: _trainable_params(model, layout, split, peft))
-        t += _optimizer_time(layout, hw, trainable, work.trained * main.count, main.count * rows / largest, kernels)
+        for updates, adapters in _trained_groups(work, peft):
+            trainable = _kept(memo, ("params", layout.tp, layout.pp, layout.ep, layout.etp, split, adapters is None),
+                              lambda: _trainable_params(model, layout, split, adapters))
+            t += _optimizer_time(layout, hw, trainable, updates, main.count * rows / largest, kernels)
     return t
 
 

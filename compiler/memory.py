@@ -404,7 +404,8 @@ def resident_models(stage_kind: str, params: object = None, *, peft: LoraSpec | 
     """Which models a stage keeps in GPU memory. DPO (Rafailov et al. 2023) needs a frozen reference
     policy unless its log-probabilities are precomputed (`reference = precomputed`); with LoRA the reference is the base model with adapters
     disabled (NeMo/Megatron-Bridge), so it costs nothing extra. PPO (Ouyang et al. 2022) keeps the
-    actor and critic (trained) and the reward and reference models (frozen), all resident. KTO needs a
+    actor and critic (trained) and the reward and reference models (frozen), all resident; with LoRA
+    no reference (the actor with its adapters off), and the critic is still trained whole. KTO needs a
     reference as DPO does; ORPO (Hong et al. 2024) none; GRPO a reference (beta > 0, no LoRA) and a
     reward model unless a verifier scores the completions. An eval stage (`parents`: the kinds of the
     stages it runs after, in order) holds the first parent's model, and for `eval after POLICY, REFERENCE`
@@ -424,8 +425,8 @@ def resident_models(stage_kind: str, params: object = None, *, peft: LoraSpec | 
         # rewards come from a verifier (no model) or the reward model of the stage's `reward` parent.
         reference = () if peft is not None or params.beta == 0 else ("reference",)
         return ("policy",) + reference + (() if params.reward else ("reward",))
-    if stage_kind == "ppo":
-        return ("actor", "critic", "reward", "reference")
+    if stage_kind == "ppo":  # with LoRA the reference is the actor with its adapters off (`runners.run_ppo`)
+        return ("actor", "critic", "reward") + (() if peft is not None else ("reference",))
     if stage_kind == "reward":
         return ("reward",)
     return ("policy",)
@@ -570,7 +571,7 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
         st_i = head if i < scalar[0] else lm
         params_local = st_i.dense + st_i.expert
         weights += params_local * wb
-        if peft is not None:
+        if peft is not None and i >= scalar[0]:  # LoRA adapts the vocabulary-headed model (PPO: the actor only)
             adapter = st.layers * lora_params_per_layer(model, peft) / tp
             a_state = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=dense_shard,
                                             grad_bytes=grad_bytes, moment_bytes=opt_bytes[0],

@@ -98,6 +98,7 @@ def test_resident_models() -> None:
     assert resident_models("dpo", {"reference_free": True}) == ("policy",)
     assert resident_models("dpo", peft=LoraSpec()) == ("policy",)
     assert resident_models("ppo") == ("actor", "critic", "reward", "reference")
+    assert resident_models("ppo", peft=LoraSpec()) == ("actor", "critic", "reward")  # reference: adapters off
     # eval holds its first parent's model; `eval after POLICY, REFERENCE` the reference's too
     assert resident_models("eval", parents=("dpo",)) == ("policy",)
     assert resident_models("eval", parents=("orpo", "sft")) == ("policy", "reference")
@@ -136,6 +137,12 @@ def test_lora_dpo_ppo_states() -> None:
     head = padded_vocab(model.vocab, 2) * model.hidden / 2 - model.hidden  # per GPU at TP 2, untied
     assert full.weights - reward.weights == pytest.approx(2.0 * head, rel=1e-6)  # bf16 weights
     assert "logits" not in reward.parts
+    # PPO with LoRA holds what `runners.run_ppo` builds: the actor with adapters (a LoRA SFT model), the critic
+    # trained whole (a reward stage's model: no adapters on it), the frozen reward model, and no reference
+    lora_ppo = estimate(model, lay, gpu="H100", stage_kind="ppo", peft=LoraSpec(rank=16))
+    assert lora_ppo.weights == pytest.approx(lora.weights + 2 * reward.weights, rel=1e-6)
+    assert lora_ppo.gradients == pytest.approx(lora.gradients + reward.gradients, rel=1e-6)
+    assert lora_ppo.optimizer == pytest.approx(lora.optimizer + reward.optimizer, rel=1e-6)
     # an eval of the reward model holds the scalar-headed model and takes no logits either
     ev = estimate(model, lay, gpu="H100", stage_kind="eval", parents=("reward",))
     assert ev.weights == pytest.approx(reward.weights, rel=1e-6) and "logits" not in ev.parts
