@@ -478,6 +478,13 @@ def _local_stage(model: ModelSpec, layout: Layout, stage: int, vocab: int, scala
     return _Stage(dense, expert, n, first, last)
 
 
+def _layer_params(model: ModelSpec, layout: Layout, layers: int) -> float:
+    """Local parameters of `layers` transformer layers (after TP / EP x ETP sharding): a stage's less its
+    embedding, output layer or scalar head, and final norm."""
+    counts = param_counts(model)
+    return layers * ((counts.per_layer - counts.expert) / layout.tp + counts.expert / (layout.ep * layout.etp))
+
+
 def _shards(layout: Layout) -> tuple[int, int]:
     """(dense, expert) optimizer shard sizes: DP x CP, and expert-DP = TP x CP x DP / (EP x ETP)."""
     return layout.dp * layout.cp, max(1, layout.tp * layout.cp * layout.dp // (layout.ep * layout.etp))
@@ -609,10 +616,7 @@ class _StatesLayout:
 def _bf16_layer_params(model: ModelSpec, layout: Layout, bf16_here: int) -> float:
     """Parameters one GPU holds of `bf16_here` transformer layers kept in bf16 (dense by TP, experts by EP x
     ETP): their weights get no FP8 / FP4 copies."""
-    if not bf16_here:
-        return 0.0
-    counts = param_counts(model)
-    return bf16_here * ((counts.per_layer - counts.expert) / layout.tp + counts.expert / (layout.ep * layout.etp))
+    return _layer_params(model, layout, bf16_here) if bf16_here else 0.0
 
 
 def _bf16_activation_extra(model, *, replayed: float, recompute: str, **kw) -> float:
@@ -663,14 +667,17 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         units = (1 if st.first else 0) + (1 if st.last and not model.tie_embeddings and not scalar_head else 0)
         per_layer = (params_local - units * embedding) / max(st.layers, 1)
         parts["fsdp_buffers"] = fsdp_buffers(max(per_layer, embedding), weight_bytes(precision), grad_bytes)
+    # the weights of Transformer Engine's FP8 / FP4 linear layers: the transformer layers' alone. The input
+    # embedding is no GEMM, and the output layer is a plain `tensor_parallel.ColumnParallelLinear`
+    # (Megatron-Core models/gpt/gpt_model.py), not a TE module, so it is neither quantised nor held in FP8
+    # (nor is a scalar head): every resident model has the same FP8 linear weights on this stage
+    linear = _layer_params(model, layout, st.layers)
     if precision == "nvfp4":
         # Transformer Engine caches the NVFP4 weight and its transpose across micro batches: 4-bit
         # values plus one FP8 (E4M3) scale per 16-element block, 0.5 + 1/16 B each.
-        linear = params_local - (vocab * model.hidden / layout.tp if st.first else 0)
         parts["fp4_weight_cache"] = 2.0 * NVFP4_BYTES * (linear - _bf16_layer_params(model, layout, bf16_here))
     if precision in ("fp8", "mxfp8"):
         # Transformer Engine caches the quantised weight and its transpose across micro batches.
-        linear = params_local - (vocab * model.hidden / layout.tp if st.first else 0)
         linear -= _bf16_layer_params(model, layout, bf16_here)  # those layers hold no FP8 copies
         parts["fp8_weight_cache"] = 2.0 * linear
         if layout.fp8_param_gather and trainable:

@@ -245,6 +245,15 @@ def test_fp8_parameters_hold_one_byte_per_linear_weight_and_one_fp8_copy() -> No
     assert fp8p.parts["fp8_weight_cache"] == pytest.approx(linear, abs=2)
     assert (fp8p.gradients, fp8p.optimizer, fp8p.activations) == (base.gradients, base.optimizer, base.activations)
     assert base.total - fp8p.total == pytest.approx(2 * linear, rel=1e-6, abs=8)
+    # the FP8 linear weights are the transformer layers' only: Megatron-Core's output layer is a plain
+    # ColumnParallelLinear (gpt_model.py), no TE module, so it has no FP8 copies and stays 16-bit
+    counts = param_counts(model)
+    assert linear == pytest.approx(model.layers * (counts.per_layer - counts.expert) / 2, rel=1e-9)
+    # and every PPO model has the same FP8 linear weights (the critic's scalar head is no FP8 GEMM either): the
+    # trained actor and critic each save 1 byte per linear weight, whatever their head
+    ppo, ppo8 = (estimate(model, lay_, precision="fp8", stage_kind="ppo")
+                 for lay_ in (lay, dataclasses.replace(lay, fp8_param_gather=True)))
+    assert ppo.weights - ppo8.weights == pytest.approx(2 * linear, abs=4)
 
 
 def test_a_rollout_holds_its_stages_kv_cache_for_the_whole_batch() -> None:
