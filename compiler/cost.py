@@ -574,15 +574,17 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         act -= acts.scores  # charged explicitly above
     else:
         # flash / fused: the kernel skips the masked upper triangle (causal), 2.5x forward for backward;
-        # each query tile sweeps span / 2 keys on average (causal), and with context parallelism each
-        # ring step's kernel covers one load-balanced chunk of s / 2cp keys (Megatron-Core / TE
-        # `cp_comm_type="p2p"` splits the sequence into 2cp chunks): short kernels, lower efficiency.
-        kv = span / 2.0 if layout.cp == 1 else min(span, seq / (2.0 * layout.cp))
+        # each query tile sweeps the key blocks up to its diagonal, whole tiles (`causal_tiles`: (n + 1) / 2
+        # blocks of 128 keys on average, a whole sequence and a packed sample counted alike), and with context
+        # parallelism each ring step's kernel covers one load-balanced chunk of s / 2cp keys (Megatron-Core /
+        # TE `cp_comm_type="p2p"` splits the sequence into 2cp chunks): short kernels, lower efficiency.
+        kv = causal_tiles(span)[1] if layout.cp == 1 else min(span, seq / (2.0 * layout.cp))
         computed = 1.0
         if span < seq and layout.cp == 1:
             # packed samples (THD): each sample's causal triangle is tiled on its own, whole tiles
             # (`packed_attention_tiles`); `attn` was fitted on whole sequences, whose own diagonal tiles
-            # it includes, so only the excess over the sequence's is charged
+            # it includes, so only the excess over the sequence's is charged (1 when the sample spans the
+            # sequence's tiles: a 511-token sample in a 512-token row costs what the whole row does)
             computed, kv = packed_attention_tiles(span, seq)
         attn_rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.attn_kernel_eff(gen, kv)
         attn_fwd = 0.5 * attn_flops * computed / attn_rate

@@ -312,10 +312,29 @@ def test_packed_samples_pay_the_flash_kernels_whole_tiles() -> None:
     assert layer_times(m, lay, hw, attention_span=4096, **kw).attention == whole.attention
     packed = layer_times(m, lay, hw, attention_span=200, **kw)
     # the causal FLOPs of 200-token samples (200 / 4096 of the whole sequence's) times the tiles' excess, at the
-    # kernel's rate for 192 keys per query tile instead of 2,048
+    # kernel's rate for 192 keys per query tile instead of the whole sequence's 2,112 (33 blocks: 32.5 x 128 /
+    # 2, as tiled, not 4,096 / 2)
     eff = DEFAULT_PARAMS.attn_kernel_eff
-    expected = 200 / 4096 * ratio * eff("hopper", 2048) / eff("hopper", 192)
+    expected = 200 / 4096 * ratio * eff("hopper", 2112) / eff("hopper", 192)
     assert packed.attention / whole.attention == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("seq", [512, 1024, 4096])
+def test_a_packed_sample_and_a_whole_sequence_of_the_same_tiles_cost_the_same(seq) -> None:
+    """One tile count for whole sequences and packed samples (`causal_tiles`: the key blocks each query tile
+    sweeps): a (seq - 1)-token sample in a seq-token row runs the whole sequence's tiles and costs what it does
+    (up to the seq / span samples per row the rows are priced at: 512 / 511), and the cost never drops as the
+    sample grows toward the sequence (it did: 511 in 512 was 13 % cheaper than the whole row, 257 dearer)."""
+    m, hw = PRESETS["llama2_7b"], get_gpu("H100")
+    lay = layout(tp=1, global_batch=8)
+    kw = dict(seq=seq, precision="bf16", attention_backend="flash", micro_batch=1)
+    whole = layer_times(m, lay, hw, **kw).attention
+    assert layer_times(m, lay, hw, attention_span=seq - 1, **kw).attention == pytest.approx(
+        whole * seq / (seq - 1), rel=1e-9)
+    # at whole tiles (samples of 128 k tokens) a row's attention grows with the sample length
+    spans = [s for s in range(128, seq + 1, 128) if seq % s == 0]
+    times = [layer_times(m, lay, hw, attention_span=s, **kw).attention for s in spans]
+    assert times == sorted(times) and times[-1] == whole
 
 
 def test_a_context_parallel_ring_across_nodes_sends_over_one_nic() -> None:
