@@ -372,13 +372,17 @@ def causal_tiles(length: float, tile: float = ATTN_TILE) -> tuple[float, float]:
 
 def packed_attention_tiles(span: float, seq: float, tile: float = ATTN_TILE) -> tuple[float, float]:
     """(computed score elements over the causal ones, relative to an unpacked sequence of `seq` tokens; mean keys
-    per query tile) for samples of `span` tokens packed into `seq` (THD, `cu_seqlens`: every sample its own causal
-    kernel problem, tiled from its first token). A ~200-token sample is 2 query tiles and 3 blocks: 2.46x its
-    20,100 causal elements, against 1.03x for a whole 4,096-token sequence (which `attn` includes, as it was fitted
-    on whole sequences); each query tile sweeps 192 keys, not 100."""
+    per query tile, in the unit of a whole sequence's seq / 2) for samples of `span` tokens packed into `seq` (THD,
+    `cu_seqlens`: every sample its own causal kernel problem, tiled from its first token). Both are counted in
+    whole tiles for the sample and for the sequence and taken relative to the sequence's, which `attn` and
+    `attn_kernel_eff` were fitted on (a whole sequence is priced at its causal elements and seq / 2 keys): so a
+    sample with the sequence's tiles (511 tokens of 512) costs what the sequence does, and one count serves both.
+    A ~200-token sample is 2 query tiles and 3 blocks: 2.46x its 20,100 causal elements, against 1.03x for a whole
+    4,096-token sequence; each query tile sweeps 192 keys, against 2,112 for the sequence's (2,048 in that unit:
+    186 keys)."""
     computed, kv = causal_tiles(span, tile)
-    whole, _ = causal_tiles(seq, tile)
-    return (computed / (span * span / 2.0)) / (whole / (seq * seq / 2.0)), kv
+    whole, whole_kv = causal_tiles(seq, tile)
+    return (computed / (span * span / 2.0)) / (whole / (seq * seq / 2.0)), kv * (seq / 2.0) / whole_kv
 
 
 def gemm_time(m: float, n: float, k: float, *, flops_per_s: float, bytes_per_s: float, in_bytes: float,
@@ -574,17 +578,16 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         act -= acts.scores  # charged explicitly above
     else:
         # flash / fused: the kernel skips the masked upper triangle (causal), 2.5x forward for backward;
-        # each query tile sweeps the key blocks up to its diagonal, whole tiles (`causal_tiles`: (n + 1) / 2
-        # blocks of 128 keys on average, a whole sequence and a packed sample counted alike), and with context
-        # parallelism each ring step's kernel covers one load-balanced chunk of s / 2cp keys (Megatron-Core /
-        # TE `cp_comm_type="p2p"` splits the sequence into 2cp chunks): short kernels, lower efficiency.
-        kv = causal_tiles(span)[1] if layout.cp == 1 else min(span, seq / (2.0 * layout.cp))
+        # each query tile sweeps span / 2 keys on average (causal), and with context parallelism each
+        # ring step's kernel covers one load-balanced chunk of s / 2cp keys (Megatron-Core / TE
+        # `cp_comm_type="p2p"` splits the sequence into 2cp chunks): short kernels, lower efficiency.
+        kv = span / 2.0 if layout.cp == 1 else min(span, seq / (2.0 * layout.cp))
         computed = 1.0
         if span < seq and layout.cp == 1:
             # packed samples (THD): each sample's causal triangle is tiled on its own, whole tiles
-            # (`packed_attention_tiles`); `attn` was fitted on whole sequences, whose own diagonal tiles
-            # it includes, so only the excess over the sequence's is charged (1 when the sample spans the
-            # sequence's tiles: a 511-token sample in a 512-token row costs what the whole row does)
+            # (`packed_attention_tiles`, the elements and the keys each query tile sweeps both relative to the
+            # whole sequence's tiles, which `attn` and `attn_kernel_eff` were fitted on): a sample that spans
+            # the sequence's tiles costs what the whole sequence does (511 tokens in a 512-token row)
             computed, kv = packed_attention_tiles(span, seq)
         attn_rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.attn_kernel_eff(gen, kv)
         attn_fwd = 0.5 * attn_flops * computed / attn_rate

@@ -304,7 +304,8 @@ def test_packed_samples_pay_the_flash_kernels_whole_tiles() -> None:
     assert causal_tiles(4096) == (528 * 128 * 128, 2112.0)
     ratio, kv = packed_attention_tiles(200, 4096)
     assert ratio == pytest.approx((3 * 128 * 128 / (200 * 200 / 2)) / (528 * 128 * 128 / (4096 * 4096 / 2)))
-    assert kv == 192.0 and ratio == pytest.approx(2.384, abs=1e-3)
+    # keys per query tile in the whole sequence's unit (it is priced at 4,096 / 2 keys; its tiles sweep 2,112)
+    assert kv == pytest.approx(192.0 * 2048 / 2112) and ratio == pytest.approx(2.384, abs=1e-3)
     m, hw = PRESETS["llama2_7b"], get_gpu("H100")
     lay = layout(tp=1, global_batch=8)
     kw = dict(seq=4096, precision="fp8", attention_backend="flash", micro_batch=1)
@@ -312,10 +313,10 @@ def test_packed_samples_pay_the_flash_kernels_whole_tiles() -> None:
     assert layer_times(m, lay, hw, attention_span=4096, **kw).attention == whole.attention
     packed = layer_times(m, lay, hw, attention_span=200, **kw)
     # the causal FLOPs of 200-token samples (200 / 4096 of the whole sequence's) times the tiles' excess, at the
-    # kernel's rate for 192 keys per query tile instead of the whole sequence's 2,112 (33 blocks: 32.5 x 128 /
-    # 2, as tiled, not 4,096 / 2)
+    # kernel's rate for 192 keys per query tile against the whole sequence's 2,112 (33 blocks: 32.5 x 128 / 2),
+    # which its 2,048 (4,096 / 2) stand for
     eff = DEFAULT_PARAMS.attn_kernel_eff
-    expected = 200 / 4096 * ratio * eff("hopper", 2112) / eff("hopper", 192)
+    expected = 200 / 4096 * ratio * eff("hopper", 2048) / eff("hopper", 192 * 2048 / 2112)
     assert packed.attention / whole.attention == pytest.approx(expected, rel=1e-9)
 
 
