@@ -444,7 +444,8 @@ def stage_work(stage_kind: str, params: object = None, peft: LoraSpec | None = N
             passes += (ModelPass("reference", 1.0, FORWARD),)
         return StageWork(2, passes)
     if stage_kind == "reward":
-        return StageWork(2, (ModelPass("reward", 1.0, train, scalar_head=True),))
+        # trained whole even with `peft` (`runners.run_reward` applies no adapters), as PPO's critic
+        return StageWork(2, (ModelPass("reward", 1.0, FULL, scalar_head=True),))
     if stage_kind == "orpo":  # chosen and rejected rows through the policy, no reference (Hong et al. 2024)
         return StageWork(2, (ModelPass("policy", 1.0, train),))
     if stage_kind == "kto":

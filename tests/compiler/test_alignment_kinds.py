@@ -57,6 +57,10 @@ def test_ppo_with_lora_trains_the_actors_adapters_and_the_whole_critic():
     assert lora.parts["optimizer"] == pytest.approx(full.parts["optimizer"] / 2 + 2 * sft_lora.parts["optimizer"],
                                                     rel=1e-6)
     assert lora.parts["dp_comm_exposed"] >= full.parts["dp_comm_exposed"] / 2
+    # a reward stage with `peft` is trained whole too (`runners.run_reward` applies no adapters): priced so
+    assert [p.backward for p in stage_work("reward", {}, LoraSpec()).passes] == [FULL]
+    rw = dict(gpu="H100", seq_length=4096, stage_kind="reward")
+    assert estimate(m, lay, peft=LoraSpec(), **rw).step_time_s == estimate(m, lay, **rw).step_time_s
 
 
 @pytest.mark.parametrize("kind, params, lora, expected", [

@@ -143,6 +143,9 @@ def test_lora_dpo_ppo_states() -> None:
     assert lora_ppo.weights == pytest.approx(lora.weights + 2 * reward.weights, rel=1e-6)
     assert lora_ppo.gradients == pytest.approx(lora.gradients + reward.gradients, rel=1e-6)
     assert lora_ppo.optimizer == pytest.approx(lora.optimizer + reward.optimizer, rel=1e-6)
+    # a reward stage with `peft` trains its whole model too (`runners.run_reward` applies no adapters)
+    lora_rw = estimate(model, lay, gpu="H100", stage_kind="reward", peft=LoraSpec(rank=16))
+    assert (lora_rw.gradients, lora_rw.optimizer) == (reward.gradients, reward.optimizer)
     # an eval of the reward model holds the scalar-headed model and takes no logits either
     ev = estimate(model, lay, gpu="H100", stage_kind="eval", parents=("reward",))
     assert ev.weights == pytest.approx(reward.weights, rel=1e-6) and "logits" not in ev.parts
