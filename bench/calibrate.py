@@ -39,9 +39,14 @@ from nemoc.compiler.rules import pipeline_split
 from nemoc.compiler.spec import LoraSpec, ModelSpec
 
 ROOT = Path(__file__).resolve().parent.parent
-# Mean length of a SQuAD v1.1 training sample in Llama-2 tokens, prompt template included: contexts
-# average ~120 words, questions ~10, answers ~3 (Rajpurkar et al. 2016, Sec. 4), ~1.3 tokens a word,
-# plus a ~20-token template -> ~200 tokens. A source-level fact of NeMo's fine-tuning benchmark.
+# Mean length of a packed SQuAD v1.1 training sample in Llama-2 tokens: an ASSUMPTION, not a measurement
+# (docs/calibration.md "Issue 17, sixth revision": its sources and the calibration's sensitivity to it). Sourced:
+# the template adds a few tokens (NeMo-Framework-Launcher conf/fine_tuning/llama/squad.yaml `prompt_template:
+# "{input} {output}"`, add_bos / add_eos; NeMo 2's SquadDataModule "Context: ... Question: ... Answer:"), not
+# ~20. Unsourced: ~120 words of context, ~10 of question, ~3 of answer, ~1.3 Llama-2 tokens a word (no length
+# statistics of SQuAD or tokens-per-word figure of the Llama 2 tokenizer found to cite; no SQuAD copy or Llama 2
+# tokenizer on this machine to measure). Charged at the mean: per-sample whole tiles over a spread of lengths
+# would cost more (Jensen), so the mean understates the packed attention if anything.
 SQUAD_PACKED_SPAN = 200
 DATA = ROOT / "compiler" / "data" / "published_runs.json"
 GIB = 1 << 30

@@ -36,9 +36,11 @@ from types import MappingProxyType
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.flops import (
     FORWARD,
+    FROZEN,
     FULL,
     LOW_PRECISIONS,
     ModelPass,
+    StageWork,
     bf16_dense_layers_per_stage,
     bf16_layers_per_stage,
     dense_layers_per_stage,
@@ -353,6 +355,38 @@ class LayerTimes:
         return max(self.device, self.host_issue)
 
 
+# The query x key tile of the flash-class attention kernels at head dim 128: 128 x 128 for causal masks
+# (FlashAttention-3 `hopper/tile_size.h` `tile_size_fwd_sm90`, 16-bit, head dim <= 128: kBlockM 128, kBlockN 128
+# when causal, 176 otherwise). cuDNN's fused attention, which Transformer Engine runs on Hopper, is closed source:
+# the same tile is a stated assumption for it.
+ATTN_TILE = 128
+
+
+def causal_tiles(length: float, tile: float = ATTN_TILE) -> tuple[float, float]:
+    """(score elements a causal flash kernel computes over one sequence of `length` tokens, mean keys each query
+    tile sweeps). The kernel runs whole tile x tile blocks: query tile i (of n = ceil(length / tile)) sweeps key
+    blocks 0 .. i, the diagonal one masked inside, rows and keys past the end of the sequence masked too, so it
+    computes n (n + 1) / 2 blocks where the causal triangle has length^2 / 2 elements."""
+    n = math.ceil(length / tile)
+    blocks = n * (n + 1) / 2.0
+    return blocks * tile * tile, blocks * tile / n
+
+
+def packed_attention_tiles(span: float, seq: float, tile: float = ATTN_TILE) -> tuple[float, float]:
+    """(computed score elements over the causal ones, relative to an unpacked sequence of `seq` tokens; mean keys
+    per query tile, in the unit of a whole sequence's seq / 2) for samples of `span` tokens packed into `seq` (THD,
+    `cu_seqlens`: every sample its own causal kernel problem, tiled from its first token). Both are counted in
+    whole tiles for the sample and for the sequence and taken relative to the sequence's, which `attn` and
+    `attn_kernel_eff` were fitted on (a whole sequence is priced at its causal elements and seq / 2 keys): so a
+    sample with the sequence's tiles (511 tokens of 512) costs what the sequence does, and one count serves both.
+    A ~200-token sample is 2 query tiles and 3 blocks: 2.46x its 20,100 causal elements, against 1.03x for a whole
+    4,096-token sequence; each query tile sweeps 192 keys, against 2,112 for the sequence's (2,048 in that unit:
+    186 keys)."""
+    computed, kv = causal_tiles(span, tile)
+    whole, whole_kv = causal_tiles(seq, tile)
+    return (computed / (span * span / 2.0)) / (whole / (seq * seq / 2.0)), kv * (seq / 2.0) / whole_kv
+
+
 def gemm_time(m: float, n: float, k: float, *, flops_per_s: float, bytes_per_s: float, in_bytes: float,
               n_half: float = 0.0, weights: float = 1.0, rows: float | None = None) -> float:
     """Roofline time of an (m x k) @ (k x n) GEMM: the larger of its FLOPs at the achievable rate and
@@ -550,8 +584,15 @@ def layer_times(model: ModelSpec, layout: Layout, hw: HardwareSpec, *, seq: int,
         # ring step's kernel covers one load-balanced chunk of s / 2cp keys (Megatron-Core / TE
         # `cp_comm_type="p2p"` splits the sequence into 2cp chunks): short kernels, lower efficiency.
         kv = span / 2.0 if layout.cp == 1 else min(span, seq / (2.0 * layout.cp))
+        computed = 1.0
+        if span < seq and layout.cp == 1:
+            # packed samples (THD): each sample's causal triangle is tiled on its own, whole tiles
+            # (`packed_attention_tiles`, the elements and the keys each query tile sweeps both relative to the
+            # whole sequence's tiles, which `attn` and `attn_kernel_eff` were fitted on): a sample that spans
+            # the sequence's tiles costs what the whole sequence does (511 tokens in a 512-token row)
+            computed, kv = packed_attention_tiles(span, seq)
         attn_rate = hw.peak("bf16" if hw.supports("bf16") else precision) * params.attn_kernel_eff(gen, kv)
-        attn_fwd = 0.5 * attn_flops / attn_rate
+        attn_fwd = 0.5 * attn_flops * computed / attn_rate
         attention = attn_fwd * (1.0 + (2.5 if backward else 0.0) + (1.0 if recomputed else 0.0))
     elementwise = params.kappa * act * (passes / 3.0) / hw.hbm_bw
     if layout.recompute == "full":
@@ -1343,6 +1384,18 @@ def _trainable_params(model: ModelSpec, layout: Layout, split, peft: LoraSpec | 
     return lora_params_of_layers(model, peft, n + d, d) / layout.tp
 
 
+def _trained_groups(work: StageWork, peft: LoraSpec | None) -> list[tuple[float, LoraSpec | None]]:
+    """(updates per step, the LoRA spec or None) of the stage's trained models, those alike together: a pass
+    with the FROZEN backward trains LoRA adapters (`peft`), a FULL one every weight. PPO with LoRA trains the
+    actor's adapters and the whole critic (`runtime/align/runners.py` `run_ppo` applies no adapters to it)."""
+    groups: dict[bool, float] = {}
+    for p in work.passes:
+        if p.backward != FORWARD:
+            lora = p.backward == FROZEN and peft is not None
+            groups[lora] = groups.get(lora, 0.0) + p.count
+    return [(n, peft if lora else None) for lora, n in groups.items()]
+
+
 def _optimizer_time(layout: Layout, hw: HardwareSpec, trainable: float, updates: float, micro_batches: float,
                     kernels: str) -> float:
     """Adam over the sharded parameters (ADAM_BYTES) + the gradient-norm pass over the local ones,
@@ -1473,23 +1526,24 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                                   kernels=kernels, split=split, bf16_layers=bf16_layers)
         parts["rollout"] = rollout[0] + work.generated * rollout[1]
     if train:
-        trainable = _trainable_params(model, layout, split, peft)
-        updates = work.trained * main.count  # PPO: actor and critic, ppo_epochs times
-        if layout.megatron_fsdp:
-            # every trained model's updates (PPO: the critic's too) gather and reduce-scatter per layer
-            parts["dp_comm_exposed"] = updates * fsdp_exposed(model, layout, hw, lt, m, params, trainable,
-                                                              grad_bytes)
-            gathers = fsdp_forward_gathers(model, layout, hw, params, trainable, work, lt=lt, micro_batches=m,
-                                           rollout=rollout)
-            if gathers:
-                parts["fsdp_gathers_outside_updates"] = gathers
-        else:
-            experts = _expert_params(model, layout, split) if peft is None else 0.0
-            embedding = _embedding_params(model, layout) if peft is None else 0.0  # LoRA: frozen
-            parts["dp_comm_exposed"] = updates * _dp_exposed(model, layout, hw, slow, lt.forward_fraction, params,
-                                                             trainable, grad_bytes, overlap_grad_reduce,
-                                                             overlap_param_gather, experts, embedding)
-        parts["optimizer"] = _optimizer_time(layout, hw, trainable, updates, main.count * m, kernels)
+        parts["dp_comm_exposed"] = parts["optimizer"] = 0.0
+        for updates, adapters in _trained_groups(work, peft):  # PPO: actor and critic, ppo_epochs times each
+            trainable = _trainable_params(model, layout, split, adapters)
+            if layout.megatron_fsdp:
+                # every trained model's updates (PPO: the critic's too) gather and reduce-scatter per layer
+                parts["dp_comm_exposed"] += updates * fsdp_exposed(model, layout, hw, lt, m, params, trainable,
+                                                                   grad_bytes)
+                gathers = fsdp_forward_gathers(model, layout, hw, params, trainable, work, lt=lt, micro_batches=m,
+                                               rollout=rollout)
+                if gathers:
+                    parts["fsdp_gathers_outside_updates"] = gathers
+            else:
+                experts = _expert_params(model, layout, split) if adapters is None else 0.0
+                embedding = _embedding_params(model, layout) if adapters is None else 0.0  # LoRA: frozen
+                parts["dp_comm_exposed"] += updates * _dp_exposed(
+                    model, layout, hw, slow, lt.forward_fraction, params, trainable, grad_bytes, overlap_grad_reduce,
+                    overlap_param_gather, experts, embedding)
+            parts["optimizer"] += _optimizer_time(layout, hw, trainable, updates, main.count * m, kernels)
     parts["step_overhead"] = params.step_overhead
     if train and hw.generation != "cpu":
         parts["gc_pause"] = gc_pause(host, world)
@@ -1590,9 +1644,10 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
         t += main.count * ((layout.pp - 1) / vp * smallest * per_row
                            + _pp_p2p(model, layout, hw, seq, smallest * work.rows, 1, vp, params, overlap_p2p))
     if main.backward != FORWARD:
-        trainable = _kept(memo, ("params", layout.tp, layout.pp, layout.ep, layout.etp, split),
-                          lambda: _trainable_params(model, layout, split, peft))
-        t += _optimizer_time(layout, hw, trainable, work.trained * main.count, main.count * rows / largest, kernels)
+        for updates, adapters in _trained_groups(work, peft):
+            trainable = _kept(memo, ("params", layout.tp, layout.pp, layout.ep, layout.etp, split, adapters is None),
+                              lambda: _trainable_params(model, layout, split, adapters))
+            t += _optimizer_time(layout, hw, trainable, updates, main.count * rows / largest, kernels)
     return t
 
 

@@ -488,7 +488,8 @@ def stage_work(stage_kind: str, params: object = None, peft: LoraSpec | None = N
           amortised over one epoch's steps; `reference_free` has none;
       reward (Ouyang et al. 2022, eq. 1): pairs as 2 rows through a scalar-head model;
       ppo: rollout of `max_new_tokens` per prompt, experience forwards of actor, reference,
-          critic and reward model, then `ppo_epochs` updates of actor and critic;
+          critic and reward model, then `ppo_epochs` updates of actor and critic (with LoRA the actor's
+          adapters and the whole critic; the reference is the actor with its adapters off);
       kto (Ethayarajh et al. 2024): one row per example; policy forward + backward, and for the KL
           baseline z0 one policy forward (no grad) of the mismatched rows; the reference scores both;
       orpo (Hong et al. 2024): pairs as 2 rows through the policy, no reference;
@@ -508,7 +509,8 @@ def stage_work(stage_kind: str, params: object = None, peft: LoraSpec | None = N
             passes += (ModelPass("reference", 1.0, FORWARD),)
         return StageWork(2, passes)
     if stage_kind == "reward":
-        return StageWork(2, (ModelPass("reward", 1.0, train, scalar_head=True),))
+        # trained whole even with `peft` (`runners.run_reward` applies no adapters), as PPO's critic
+        return StageWork(2, (ModelPass("reward", 1.0, FULL, scalar_head=True),))
     if stage_kind == "orpo":  # chosen and rejected rows through the policy, no reference (Hong et al. 2024)
         return StageWork(2, (ModelPass("policy", 1.0, train),))
     if stage_kind == "kto":
@@ -531,7 +533,8 @@ def stage_work(stage_kind: str, params: object = None, peft: LoraSpec | None = N
     if stage_kind == "ppo":
         epochs, new = float(params.ppo_epochs), params.max_new_tokens
         return StageWork(1, (
-            ModelPass("actor", epochs, train), ModelPass("critic", epochs, train, scalar_head=True),
+            # the critic is trained whole even under LoRA (`runners.run_ppo` applies no adapters to it)
+            ModelPass("actor", epochs, train), ModelPass("critic", epochs, FULL, scalar_head=True),
             ModelPass("actor (old log-probs)", 1.0, FORWARD), ModelPass("reference", 1.0, FORWARD),
             ModelPass("critic (values)", 1.0, FORWARD, scalar_head=True),
             ModelPass("reward", 1.0, FORWARD, scalar_head=True),

@@ -396,12 +396,18 @@ def in_flight_microbatches(pp: int, vp: int | None, num_microbatches: int, stage
 # ------------------------------------------------------------------------------------ resident models
 
 
+# Models that end in a scalar head (h -> 1, `runtime/align/common.py` `ScalarHead`) instead of the vocabulary
+# output layer: the reward model (its score at the last token) and the PPO critic (a value per token).
+SCALAR_HEAD_MODELS = frozenset({"reward", "critic"})
+
+
 def resident_models(stage_kind: str, params: object = None, *, peft: LoraSpec | None = None,
                     parents: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Which models a stage keeps in GPU memory. DPO (Rafailov et al. 2023) needs a frozen reference
     policy unless its log-probabilities are precomputed (`reference = precomputed`); with LoRA the reference is the base model with adapters
     disabled (NeMo/Megatron-Bridge), so it costs nothing extra. PPO (Ouyang et al. 2022) keeps the
-    actor and critic (trained) and the reward and reference models (frozen), all resident. KTO needs a
+    actor and critic (trained) and the reward and reference models (frozen), all resident; with LoRA
+    no reference (the actor with its adapters off), and the critic is still trained whole. KTO needs a
     reference as DPO does; ORPO (Hong et al. 2024) none; GRPO a reference (beta > 0, no LoRA) and a
     reward model unless a verifier scores the completions. An eval stage (`parents`: the kinds of the
     stages it runs after, in order) holds the first parent's model, and for `eval after POLICY, REFERENCE`
@@ -421,8 +427,8 @@ def resident_models(stage_kind: str, params: object = None, *, peft: LoraSpec | 
         # rewards come from a verifier (no model) or the reward model of the stage's `reward` parent.
         reference = () if peft is not None or params.beta == 0 else ("reference",)
         return ("policy",) + reference + (() if params.reward else ("reward",))
-    if stage_kind == "ppo":
-        return ("actor", "critic", "reward", "reference")
+    if stage_kind == "ppo":  # with LoRA the reference is the actor with its adapters off (`runners.run_ppo`)
+        return ("actor", "critic", "reward") + (() if peft is not None else ("reference",))
     if stage_kind == "reward":
         return ("reward",)
     return ("policy",)
@@ -474,6 +480,16 @@ def _local_stage(model: ModelSpec, layout: Layout, stage: int, vocab: int, scala
         elif not model.tie_embeddings or layout.pp > 1:
             dense += vocab * model.hidden / layout.tp
     return _Stage(dense, expert, n, first, last, d)
+
+
+def _layer_params(model: ModelSpec, layout: Layout, layers: int, dense_layers: int = 0) -> float:
+    """Local parameters of `layers` transformer layers (after TP / EP x ETP sharding), `dense_layers` of them
+    dense layers of a MoE model (no experts): a stage's less its embedding, output layer or scalar head, and
+    final norm."""
+    counts = param_counts(model)
+    moe = layers - dense_layers
+    return ((counts.layer_params(moe, dense_layers) - moe * counts.expert) / layout.tp
+            + moe * counts.expert / (layout.ep * layout.etp))
 
 
 def _shards(layout: Layout) -> tuple[int, int]:
@@ -533,7 +549,7 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
     hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
     capacity = hw.hbm_bytes if hw else 0
     seq = seq_length or model.seq_length
-    resident = len(resident_models(stage_kind, params, peft=peft, parents=parents))
+    resident = resident_models(stage_kind, params, peft=peft, parents=parents)
     work = stage_work(stage_kind, params, peft)
     rows = work.rows  # preference pairs: chosen + rejected
     ub = 0.0
@@ -555,23 +571,29 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
 
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
-def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, vocab, scalar_head, split, precision,
+def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, vocab, scalar, split, precision,
                   peft, trainable, frozen, grad_bytes, fsdp=False,
                   opt_bytes=(4, 4, True), vp=None) -> tuple[_Stage, float, float, float, float]:
     """(the stage's local parameters, weights, gradients, optimizer bytes, optimizer-step transient
     bytes): trainable models get full states, frozen ones weights only; LoRA trains the adapters only.
+    `scalar` = (trainable, frozen) models of those that end in a scalar head (h -> 1: the PPO critic, the
+    reward model; `runtime/align/common.py` `ScalarHead`) instead of the vocabulary output layer; the
+    returned stage is a vocabulary-headed model's unless every model has a scalar head.
     `fsdp` (Megatron-FSDP, optim_grads_params): the trained model's 16-bit weights and its gradient
     buffer are sharded over the same group as the optimizer state (ZeRO-3); the layers being computed
     are gathered into `fsdp_buffers` (`_stage_memory`)."""
     layout = _StatesLayout(tp, pp, cp, dp, ep, etp, vp)  # vp: which layers a stage holds (dense ones of a MoE model)
-    st = _local_stage(model, layout, stage, vocab, scalar_head, split)
+    lm = _local_stage(model, layout, stage, vocab, False, split)
+    head = _local_stage(model, layout, stage, vocab, True, split)
+    st = head if sum(scalar) == trainable + frozen else lm
     dense_shard, expert_shard = _shards(layout)
     wb = weight_bytes(precision)
-    params_local = st.dense + st.expert
     weights = gradients = optimizer = step = 0.0
-    for _ in range(trainable):
+    for i in range(trainable):
+        st_i = head if i < scalar[0] else lm
+        params_local = st_i.dense + st_i.expert
         weights += params_local * wb
-        if peft is not None:
+        if peft is not None and i >= scalar[0]:  # LoRA adapts the vocabulary-headed model (PPO: the actor only)
             adapter = lora_params_of_layers(model, peft, st.layers, st.dense_layers) / tp
             a_state = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=dense_shard,
                                             grad_bytes=grad_bytes, moment_bytes=opt_bytes[0],
@@ -581,7 +603,7 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
             optimizer += adapter * a_state.optimizer
             step += adapter * a_state.step
         else:
-            for count, shard in ((st.dense, dense_shard), (st.expert, expert_shard)):
+            for count, shard in ((st_i.dense, dense_shard), (st_i.expert, expert_shard)):
                 s = state_bytes_per_param(precision, distributed_optimizer=distributed_optimizer, shard=shard,
                                           grad_bytes=grad_bytes, moment_bytes=opt_bytes[0], master_bytes=opt_bytes[1],
                                           grad_copy=opt_bytes[2])
@@ -590,7 +612,7 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
                 gradients += count * s.gradients / (shard if fsdp else 1)
                 optimizer += count * s.optimizer
                 step += count * s.step
-    weights += frozen * params_local * wb
+    weights += (scalar[1] * (head.dense + head.expert) + (frozen - scalar[1]) * (lm.dense + lm.expert)) * wb
     return st, weights, gradients, optimizer, step
 
 
@@ -610,12 +632,7 @@ class _StatesLayout:
 def _bf16_layer_params(model: ModelSpec, layout: Layout, bf16_here: int, dense_here: int = 0) -> float:
     """Parameters one GPU holds of `bf16_here` transformer layers kept in bf16 (dense by TP, experts by EP x
     ETP), `dense_here` of them dense layers of a MoE model (no experts): their weights get no FP8 / FP4 copies."""
-    if not bf16_here:
-        return 0.0
-    counts = param_counts(model)
-    moe = bf16_here - dense_here
-    return (moe * ((counts.per_layer - counts.expert) / layout.tp + counts.expert / (layout.ep * layout.etp))
-            + dense_here * counts.dense_per_layer / layout.tp)
+    return _layer_params(model, layout, bf16_here, dense_here) if bf16_here else 0.0
 
 
 def _bf16_activation_extra(model, *, replayed: float, recompute: str, **kw) -> float:
@@ -639,12 +656,13 @@ def _dense_layer_activations(model: ModelSpec, *, recompute_modules: tuple[str, 
 
 
 def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
-                  kernels, grad_bytes, split, resident: int, rows: int,
+                  kernels, grad_bytes, split, resident: tuple[str, ...], rows: int,
                   moe_dispatcher: str = "alltoall", cuda_graph_share: float = 0.0,
                   fp8_recipe: str | None = None, generates: bool = False,
                   cross_entropy: str | None = None, userbuffers: float = 0.0, bf16_here: int = 0,
                   bf16_dense_here: int = 0) -> MemoryBreakdown:
-    """One pipeline stage's breakdown; `resident`: how many models the stage keeps (`resident_models`),
+    """One pipeline stage's breakdown; `resident`: the models the stage keeps (`resident_models`; the critic
+    and the reward model end in a scalar head, `SCALAR_HEAD_MODELS`),
     `rows`: sequences per micro-batch sample (`flops.stage_work`); `cuda_graph_share`: the share of
     each layer captured as CUDA graphs (`cost.cuda_graph_share`; 0 without graphs); `generates`: the
     stage decodes rollouts (ppo, grpo: `rollout_kv_cache`); `bf16_here`: how many of the stage's layers stay in
@@ -652,14 +670,18 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
     mxfp8) 16-bit saved GEMM inputs for them, and 16-bit weights where fp8_param_gather keeps the others in FP8
     (Megatron-Core builds them outside the fp8 / fp4 context: fp8_utils.py `get_fp8_context(is_init=True)`);
     `bf16_dense_here`: how many of those are dense layers of a MoE model (`flops.bf16_dense_layers_per_stage`)."""
-    scalar_head = kind == "reward"
     vocab = padded_vocab(model.vocab, layout.tp)
     trains = kind in TRAINING_KINDS
     trainable = (2 if kind == "ppo" else 1) if trains else 0  # PPO trains actor and critic
-    frozen = resident - trainable if trains else resident  # references / reward model; eval's models, export
+    frozen = len(resident) - trainable  # references / reward model; eval's models, export
+    # which of them end in a scalar head (h -> 1) instead of the vocabulary output layer: the trained ones
+    # come first in `resident_models` (ppo: actor, critic; reward: reward), the frozen ones after them
+    heads = tuple(name in SCALAR_HEAD_MODELS for name in resident)
+    scalar = (sum(heads[:trainable]), sum(heads[trainable:]))
+    scalar_head = all(heads)  # no model of the stage computes logits
     st, weights, gradients, optimizer, step_transient = _model_states(
         model, layout.tp, layout.pp, layout.cp, layout.dp, layout.ep, layout.etp, layout.distributed_optimizer,
-        stage, vocab, scalar_head, split, precision, peft, trainable, frozen, grad_bytes,
+        stage, vocab, scalar, split, precision, peft, trainable, frozen, grad_bytes,
         bool(layout.megatron_fsdp and trainable and peft is None), optimizer_bytes(layout, precision, fp8_recipe),
         vp=layout.vp if model.has_dense_layers else None)
     params_local = st.dense + st.expert
@@ -672,15 +694,18 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
         units = (1 if st.first else 0) + (1 if st.last and not model.tie_embeddings and not scalar_head else 0)
         per_layer = (params_local - units * embedding) / max(st.layers, 1)
         parts["fsdp_buffers"] = fsdp_buffers(max(per_layer, embedding), weight_bytes(precision), grad_bytes)
+    # the weights of Transformer Engine's FP8 / FP4 linear layers: the transformer layers' alone. The input
+    # embedding is no GEMM, and the output layer is a plain `tensor_parallel.ColumnParallelLinear`
+    # (Megatron-Core models/gpt/gpt_model.py), not a TE module, so it is neither quantised nor held in FP8
+    # (nor is a scalar head): every resident model has the same FP8 linear weights on this stage
+    linear = _layer_params(model, layout, st.layers, st.dense_layers)
     if precision == "nvfp4":
         # Transformer Engine caches the NVFP4 weight and its transpose across micro batches: 4-bit
         # values plus one FP8 (E4M3) scale per 16-element block, 0.5 + 1/16 B each.
-        linear = params_local - (vocab * model.hidden / layout.tp if st.first else 0)
         parts["fp4_weight_cache"] = 2.0 * NVFP4_BYTES * (
             linear - _bf16_layer_params(model, layout, bf16_here, bf16_dense_here))
     if precision in ("fp8", "mxfp8"):
         # Transformer Engine caches the quantised weight and its transpose across micro batches.
-        linear = params_local - (vocab * model.hidden / layout.tp if st.first else 0)
         linear -= _bf16_layer_params(model, layout, bf16_here, bf16_dense_here)  # those layers hold no FP8 copies
         parts["fp8_weight_cache"] = 2.0 * linear
         if layout.fp8_param_gather and trainable:

@@ -28,9 +28,9 @@ from nemoc.runtime.target import NEMOC_RUNTIME
 def resident_models(kind: str, params, peft) -> list[str]:
     """The models a stage keeps in memory while it trains, as the runners below build them.
 
-    Agrees with `nemoc.compiler.memory.resident_models` (tested) except in two cases where the runtime
-    holds less: DPO with `reference = "precomputed"` frees the reference after one scoring pass, and PPO
-    with LoRA takes the reference policy from the actor with its adapters off.
+    Agrees with `nemoc.compiler.memory.resident_models` (tested): DPO with `reference = "precomputed"` frees
+    the reference after one scoring pass, and PPO with LoRA takes the reference policy from the actor with its
+    adapters off (the critic is trained whole: no adapters on it).
     """
     if kind == "dpo":
         p = StageParams.of("dpo", params)  # a record, or a mapping of some of its fields (defaults filled)

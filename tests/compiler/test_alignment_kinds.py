@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nemoc.compiler.flops import FORWARD, FULL, stage_work
+from nemoc.compiler.flops import FORWARD, FROZEN, FULL, stage_work
 from nemoc.compiler.lower import load_experiment
 from nemoc.compiler.memory import resident_models
 from nemoc.compiler.planner import plan_experiment
@@ -32,6 +32,35 @@ def test_model_passes_per_step():
     assert [m for m, _, _ in passes] == ["policy", "reference", "reward"]
     assert _passes("grpo", {"reward": "exact_match", "beta": 0.0, "iterations": 2})[1] == [
         ("policy", 2.0, FULL), ("policy (old log-probs)", 1.0, FORWARD)]
+
+
+def test_ppo_with_lora_trains_the_actors_adapters_and_the_whole_critic():
+    """`runners.run_ppo` applies LoRA to the actor only: the critic (built from the reward model) trains every
+    weight, so its update pass has the full backward, and its optimizer step and gradient reduction are a whole
+    model's (the step time prices them); the reference is the actor with its adapters off."""
+    from nemoc.compiler.catalog import PRESETS
+    from nemoc.compiler.cost import estimate
+    from nemoc.compiler.plan import Layout
+    from nemoc.compiler.spec import LoraSpec
+
+    work = stage_work("ppo", {"ppo_epochs": 2}, LoraSpec())
+    assert [(p.model, p.backward) for p in work.passes if p.backward != FORWARD] == [("actor", FROZEN),
+                                                                                     ("critic", FULL)]
+    lay = Layout(tp=2, pp=1, vp=None, cp=1, ep=1, etp=1, dp=4, micro_batch=1, global_batch=32, num_microbatches=8,
+                 sequence_parallel=False, distributed_optimizer=True, recompute="none")
+    m = PRESETS["llama3_8b"]
+    kw = dict(gpu="H100", seq_length=4096, stage_kind="ppo", stage_params={"max_new_tokens": 256, "ppo_epochs": 2})
+    lora, full = estimate(m, lay, peft=LoraSpec(rank=16), **kw), estimate(m, lay, **kw)
+    sft_lora = estimate(m, lay, gpu="H100", seq_length=4096, peft=LoraSpec(rank=16))
+    # the critic's optimizer step is a whole model's: half of full PPO's (actor + critic), plus the adapters'
+    # (2 epochs of each)
+    assert lora.parts["optimizer"] == pytest.approx(full.parts["optimizer"] / 2 + 2 * sft_lora.parts["optimizer"],
+                                                    rel=1e-6)
+    assert lora.parts["dp_comm_exposed"] >= full.parts["dp_comm_exposed"] / 2
+    # a reward stage with `peft` is trained whole too (`runners.run_reward` applies no adapters): priced so
+    assert [p.backward for p in stage_work("reward", {}, LoraSpec()).passes] == [FULL]
+    rw = dict(gpu="H100", seq_length=4096, stage_kind="reward")
+    assert estimate(m, lay, peft=LoraSpec(), **rw).step_time_s == estimate(m, lay, **rw).step_time_s
 
 
 @pytest.mark.parametrize("kind, params, lora, expected", [

@@ -66,8 +66,10 @@ def test_throughput_error_bounds(results) -> None:
     assert sum(e <= 0.15 for e in pre) >= 78
     errors = [abs(r["error"]) for r in used]
     assert len(errors) >= 101  # the three Llama 2 70B SFT rows plan now (the launcher's recipe stated)
-    # 3.2 % -> 3.8 %: TE's fused cross entropy (above); 3.3 % with each release's loss stated
-    assert statistics.median(errors) <= 0.0331
+    # 3.2 % -> 3.8 %: TE's fused cross entropy (above); 3.3 % with each release's loss stated; 3.30 -> 3.16 % with
+    # packed samples' whole attention tiles (the fine-tuning rows' median 5.0 -> 3.3 %: docs/calibration.md,
+    # "Issue 17, sixth revision"); 3.07 % with their keys per tile counted in the whole sequence's unit
+    assert statistics.median(errors) <= 0.032
     assert max(errors) <= 0.292
     assert sum(e <= 0.15 for e in errors) >= 96
 
@@ -84,7 +86,12 @@ def test_reliable_rows_error_bounds(calibrate, results) -> None:
     # 24.07's Llama 3 / Nemotron rows and NeMo 25.02 / 25.04's, te on 25.07's, none on the rest): still above 2.97 % because
     # Megatron-Core's native fused loss (22 + 10 B per logit) is cheaper than the unfused one the rows were
     # priced with before (38 + 14), which moves the over-predicted Nemotron 8B / 22B rows up (+6.6 -> +8.9 %)
-    assert statistics.median(errors) <= 0.032
+    # 3.18 % -> 2.96 % (the issue's 3 % target) with the flash kernel's whole 128 x 128 tiles over packed
+    # ~200-token samples (2 query tiles, 3 blocks each: the 7B / 13B / 70B SFT and LoRA rows 1-3 points slower,
+    # A15 / A17 / A18 / A31 inside the median; no pretraining row moves: docs/calibration.md "Issue 17, sixth
+    # revision"); 2.91 % with the keys per tile in the whole sequence's unit. It rests on the assumed ~200-token
+    # SQuAD sample: 2.55 / 2.91 / 3.18 / 3.18 % at 160 / 200 / 240 / 256 tokens (the same section)
+    assert statistics.median(errors) <= 0.030
     # Mixtral 8x22B at 64K on 256 B200 (C08): +16.1 % -> +22.8 % since its EP group sits in one node
     # (Megatron-Core's expert rank grid, ETP 1: NVLink, not two nodes over InfiniBand), which removed
     # 0.41 s of all-to-all that hid part of its miss; every other reliable row within 15 %
@@ -166,7 +173,9 @@ def test_fine_tuning_rows_plan_from_a_checkpoint_with_prompt_response_data(calib
     assert len(ft) == 18
     used = [r for r in ft if "error" in r]
     assert len(used) == 18 and all(r["layout_kept"] for r in used)
-    # within 10 % (Llama 2 7B SFT / LoRA, TP 1, +8 to +9.5 % since the refit's FP8 efficiency: calibration.md)
+    # within 10 % (Llama 2 7B SFT / LoRA, TP 1, +8 to +9.5 % since the refit's FP8 efficiency: calibration.md;
+    # +4.5 to +7.4 % with the packed samples' whole attention tiles, the 13B SFT rows A32 / A50 -8.2 -> -9.7 %,
+    # -9.8 % with the keys per tile in the whole sequence's unit)
     # (A49 / A52 +10.6 / +10.5 % with TE's fused cross entropy priced; back to +9.7 % once the rows state NeMo
     # 24.07's Llama 2 loss, Megatron-Core's unfused one: docs/calibration.md "Issue 17, fused cross entropy")
     assert all(abs(r["error"]) <= 0.10 for r in used)

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nemoc.compiler.catalog import PRESETS, get_gpu
-from nemoc.compiler.cost import DEFAULT_PARAMS, _cp_comm, estimate, gemm_time, layer_times
+from nemoc.compiler.cost import (DEFAULT_PARAMS, _cp_comm, causal_tiles, estimate, gemm_time, layer_times,
+                                 packed_attention_tiles)
 from nemoc.compiler.flops import (
     flops_per_token,
     hardware_flops_per_step,
@@ -292,6 +293,49 @@ def test_short_context_parallel_chunks_slow_the_attention_kernel() -> None:
     expected = (4096 / (4096 + 512)) / (512 / (512 + 512))
     assert per_token == pytest.approx(expected, rel=1e-9)
     assert DEFAULT_PARAMS.attn_kernel_eff("hopper", 512) == pytest.approx(DEFAULT_PARAMS.attn / 2)
+
+
+def test_packed_samples_pay_the_flash_kernels_whole_tiles() -> None:
+    """Packed samples (THD) are each their own causal kernel problem, tiled 128 x 128 from their first token: a
+    200-token sample is 2 query tiles and 3 blocks (49,152 score elements for 20,100 causal ones, 2.46x, against
+    1.03x for a whole 4,096-token sequence, which `attn` was fitted on), each query tile sweeping 192 keys. A
+    sample as long as the sequence costs what an unpacked sequence does."""
+    assert causal_tiles(200) == (3 * 128 * 128, 192.0)
+    assert causal_tiles(4096) == (528 * 128 * 128, 2112.0)
+    ratio, kv = packed_attention_tiles(200, 4096)
+    assert ratio == pytest.approx((3 * 128 * 128 / (200 * 200 / 2)) / (528 * 128 * 128 / (4096 * 4096 / 2)))
+    # keys per query tile in the whole sequence's unit (it is priced at 4,096 / 2 keys; its tiles sweep 2,112)
+    assert kv == pytest.approx(192.0 * 2048 / 2112) and ratio == pytest.approx(2.384, abs=1e-3)
+    m, hw = PRESETS["llama2_7b"], get_gpu("H100")
+    lay = layout(tp=1, global_batch=8)
+    kw = dict(seq=4096, precision="fp8", attention_backend="flash", micro_batch=1)
+    whole = layer_times(m, lay, hw, **kw)
+    assert layer_times(m, lay, hw, attention_span=4096, **kw).attention == whole.attention
+    packed = layer_times(m, lay, hw, attention_span=200, **kw)
+    # the causal FLOPs of 200-token samples (200 / 4096 of the whole sequence's) times the tiles' excess, at the
+    # kernel's rate for 192 keys per query tile against the whole sequence's 2,112 (33 blocks: 32.5 x 128 / 2),
+    # which its 2,048 (4,096 / 2) stand for
+    eff = DEFAULT_PARAMS.attn_kernel_eff
+    expected = 200 / 4096 * ratio * eff("hopper", 2048) / eff("hopper", 192 * 2048 / 2112)
+    assert packed.attention / whole.attention == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("seq", [512, 1024, 4096])
+def test_a_packed_sample_and_a_whole_sequence_of_the_same_tiles_cost_the_same(seq) -> None:
+    """One tile count for whole sequences and packed samples (`causal_tiles`: the key blocks each query tile
+    sweeps): a (seq - 1)-token sample in a seq-token row runs the whole sequence's tiles and costs what it does
+    (up to the seq / span samples per row the rows are priced at: 512 / 511), and the cost never drops as the
+    sample grows toward the sequence (it did: 511 in 512 was 13 % cheaper than the whole row, 257 dearer)."""
+    m, hw = PRESETS["llama2_7b"], get_gpu("H100")
+    lay = layout(tp=1, global_batch=8)
+    kw = dict(seq=seq, precision="bf16", attention_backend="flash", micro_batch=1)
+    whole = layer_times(m, lay, hw, **kw).attention
+    assert layer_times(m, lay, hw, attention_span=seq - 1, **kw).attention == pytest.approx(
+        whole * seq / (seq - 1), rel=1e-9)
+    # at whole tiles (samples of 128 k tokens) a row's attention grows with the sample length
+    spans = [s for s in range(128, seq + 1, 128) if seq % s == 0]
+    times = [layer_times(m, lay, hw, attention_span=s, **kw).attention for s in spans]
+    assert times == sorted(times) and times[-1] == whole
 
 
 def test_a_context_parallel_ring_across_nodes_sends_over_one_nic() -> None:

@@ -270,21 +270,29 @@ def test_kto_grpo_and_ppo_plan_fsdp_trained_models_sharded_frozen_ones_whole(tmp
     trained model holds 1/DP of its weights (PPO: actor and critic), each frozen one all of them (KTO's and
     GRPO's reference; PPO's reference and reward model). Same layout as SFT, whose one trained model is the
     unit: KTO = SFT + one full copy, GRPO (a verifier reward, beta > 0) = SFT + one full copy, PPO = 2 x SFT +
-    two full copies (the critic's scalar head priced as the actor's output layer: memory.py `scalar_head` is the
-    reward kind's)."""
+    two full copies less the vocabulary output layer of the critic (its shard) and of the reward model (whole):
+    both end in a scalar head (memory.SCALAR_HEAD_MODELS)."""
+    from nemoc.compiler.flops import padded_vocab
     from nemoc.compiler.memory import weight_bytes
 
     planned, notes = _aligned(tmp_path)
     plan = planned.plan
     sft = plan.stage("sft")
-    full = param_counts(plan.model).total * weight_bytes(sft.execution.precision)
-    for name, frozen, trained in (("kto", 1, 1), ("grpo", 1, 1), ("ppo", 2, 2)):
+    wb = weight_bytes(sft.execution.precision)
+    total = param_counts(plan.model).total
+    full = total * wb
+    assert not plan.model.tie_embeddings
+    head = padded_vocab(plan.model.vocab, 1) * plan.model.hidden - plan.model.hidden  # output layer -> scalar head
+    for name, frozen, trained, scalar in (("kto", 1, 1, (0, 0)), ("grpo", 1, 1, (0, 0)), ("ppo", 2, 2, (1, 1))):
         stage = plan.stage(name)
         assert stage.layout.megatron_fsdp and stage.memory.parts["fsdp_buffers"] > 0, name
         assert not any("megatron_fsdp" in n for n in notes[name]), notes[name]
         assert (stage.layout.tp, stage.layout.cp, stage.layout.dp) == (1, 1, 64), name
-        assert stage.memory.weights == pytest.approx(trained * sft.memory.weights + frozen * full, rel=0.01), name
-        assert stage.memory.gradients == pytest.approx(trained * sft.memory.gradients, rel=0.01), name
+        less = scalar[0] * head * wb / 64 + scalar[1] * head * wb  # the critic's shard, the reward model whole
+        assert stage.memory.weights == pytest.approx(trained * sft.memory.weights + frozen * full - less,
+                                                     rel=0.01), name
+        assert stage.memory.gradients == pytest.approx(
+            sft.memory.gradients * (trained - scalar[0] * head / total), rel=0.01), name
         assert stage.estimate.parts["fsdp_gathers_outside_updates"] > 0, name
     assert sorted(plan.stage("ppo").resident_models) == ["actor", "critic", "reference", "reward"]
 

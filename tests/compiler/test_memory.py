@@ -98,6 +98,7 @@ def test_resident_models() -> None:
     assert resident_models("dpo", {"reference_free": True}) == ("policy",)
     assert resident_models("dpo", peft=LoraSpec()) == ("policy",)
     assert resident_models("ppo") == ("actor", "critic", "reward", "reference")
+    assert resident_models("ppo", peft=LoraSpec()) == ("actor", "critic", "reward")  # reference: adapters off
     # eval holds its first parent's model; `eval after POLICY, REFERENCE` the reference's too
     assert resident_models("eval", parents=("dpo",)) == ("policy",)
     assert resident_models("eval", parents=("orpo", "sft")) == ("policy", "reference")
@@ -126,10 +127,28 @@ def test_lora_dpo_ppo_states() -> None:
     dpo = estimate(model, lay, gpu="H100", stage_kind="dpo")
     assert dpo.weights == pytest.approx(2 * full.weights, rel=1e-6)  # + frozen reference
     assert dpo.activations > full.activations  # chosen + rejected
+    # PPO: the actor and the reference end in the vocabulary output layer, the critic and the reward model in
+    # a scalar head (runtime/align/common.py ScalarHead: h weights + 1 bias), as the reward stage's model
     ppo = estimate(model, lay, gpu="H100", stage_kind="ppo")
-    assert ppo.weights == pytest.approx(4 * full.weights, rel=1e-6)
-    assert ppo.gradients == pytest.approx(2 * full.gradients, rel=1e-6)
-    assert "logits" not in estimate(model, lay, gpu="H100", stage_kind="reward").parts
+    reward = estimate(model, lay, gpu="H100", stage_kind="reward")
+    assert ppo.weights == pytest.approx(2 * full.weights + 2 * reward.weights, rel=1e-6)
+    assert ppo.gradients == pytest.approx(full.gradients + reward.gradients, rel=1e-6)
+    assert ppo.optimizer == pytest.approx(full.optimizer + reward.optimizer, rel=1e-6)
+    head = padded_vocab(model.vocab, 2) * model.hidden / 2 - model.hidden  # per GPU at TP 2, untied
+    assert full.weights - reward.weights == pytest.approx(2.0 * head, rel=1e-6)  # bf16 weights
+    assert "logits" not in reward.parts
+    # PPO with LoRA holds what `runners.run_ppo` builds: the actor with adapters (a LoRA SFT model), the critic
+    # trained whole (a reward stage's model: no adapters on it), the frozen reward model, and no reference
+    lora_ppo = estimate(model, lay, gpu="H100", stage_kind="ppo", peft=LoraSpec(rank=16))
+    assert lora_ppo.weights == pytest.approx(lora.weights + 2 * reward.weights, rel=1e-6)
+    assert lora_ppo.gradients == pytest.approx(lora.gradients + reward.gradients, rel=1e-6)
+    assert lora_ppo.optimizer == pytest.approx(lora.optimizer + reward.optimizer, rel=1e-6)
+    # a reward stage with `peft` trains its whole model too (`runners.run_reward` applies no adapters)
+    lora_rw = estimate(model, lay, gpu="H100", stage_kind="reward", peft=LoraSpec(rank=16))
+    assert (lora_rw.gradients, lora_rw.optimizer) == (reward.gradients, reward.optimizer)
+    # an eval of the reward model holds the scalar-headed model and takes no logits either
+    ev = estimate(model, lay, gpu="H100", stage_kind="eval", parents=("reward",))
+    assert ev.weights == pytest.approx(reward.weights, rel=1e-6) and "logits" not in ev.parts
 
 
 def test_breakdown_names_its_parts() -> None:
@@ -229,6 +248,15 @@ def test_fp8_parameters_hold_one_byte_per_linear_weight_and_one_fp8_copy() -> No
     assert fp8p.parts["fp8_weight_cache"] == pytest.approx(linear, abs=2)
     assert (fp8p.gradients, fp8p.optimizer, fp8p.activations) == (base.gradients, base.optimizer, base.activations)
     assert base.total - fp8p.total == pytest.approx(2 * linear, rel=1e-6, abs=8)
+    # the FP8 linear weights are the transformer layers' only: Megatron-Core's output layer is a plain
+    # ColumnParallelLinear (gpt_model.py), no TE module, so it has no FP8 copies and stays 16-bit
+    counts = param_counts(model)
+    assert linear == pytest.approx(model.layers * (counts.per_layer - counts.expert) / 2, rel=1e-9)
+    # and every PPO model has the same FP8 linear weights (the critic's scalar head is no FP8 GEMM either): the
+    # trained actor and critic each save 1 byte per linear weight, whatever their head
+    ppo, ppo8 = (estimate(model, lay_, precision="fp8", stage_kind="ppo")
+                 for lay_ in (lay, dataclasses.replace(lay, fp8_param_gather=True)))
+    assert ppo.weights - ppo8.weights == pytest.approx(2 * linear, abs=4)
 
 
 def test_a_rollout_holds_its_stages_kv_cache_for_the_whole_batch() -> None:

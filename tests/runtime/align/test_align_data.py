@@ -89,7 +89,7 @@ def test_chat_template_masks_everything_but_the_assistant():
 
 @pytest.mark.parametrize("kind, params, lora", [
     ("sft", {}, False), ("sft", {}, True), ("reward", {}, False), ("dpo", {}, False), ("dpo", {}, True),
-    ("dpo", {"reference_free": True}, False), ("ppo", {}, False),
+    ("dpo", {"reference_free": True}, False), ("ppo", {}, False), ("ppo", {}, True),
 ])
 def test_runtime_and_memory_model_agree_on_resident_models(kind, params, lora):
     from nemoc.compiler.memory import resident_models as planned
