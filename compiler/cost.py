@@ -1645,7 +1645,9 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
                            + _pp_p2p(model, layout, hw, seq, smallest * work.rows, 1, vp, params, overlap_p2p))
     if main.backward != FORWARD:
         for updates, adapters in _trained_groups(work, peft):
-            trainable = _kept(memo, ("params", layout.tp, layout.pp, layout.ep, layout.etp, split, adapters is None),
+            # vp: which layers a stage holds decides its dense layers (a MoE model's `_busiest_stage_mix`)
+            trainable = _kept(memo, ("params", layout.tp, layout.pp, layout.vp if model.has_dense_layers else None,
+                                     layout.ep, layout.etp, split, adapters is None),
                               lambda: _trainable_params(model, layout, split, adapters))
             t += _optimizer_time(layout, hw, trainable, updates, main.count * rows / largest, kernels)
     return t
