@@ -39,7 +39,11 @@ properties of the memory and cost models that tests/compiler/test_search.py asse
       the search without it made ~16,000: bench/bench_plan.py). The bound's parts that depend on a
       few sizes only (the layer times by TP, CP, EP, ETP, SP and the largest micro batch; the stage
       times; the trainable parameters) are kept in one memo per search (`_Context`), so two problems
-      never share them; a test checks every bound with the memo against the bound without it.
+      never share them; a test checks every bound with the memo against the bound without it. The
+      exact bounds are computed lazily (`_lazy_bounds`): a group waits in a heap under a coarse bound
+      (`_Context.coarse_bound`, never above its exact one, with layer times by (TP, CP, EP, ETP, SP)
+      only) and gets its exact bound when that comes first; the groups come out in the order of their
+      exact bounds, so the search and its rejections are those of sorting every exact bound (tested).
 The rules are pure functions of the env and the sizes they read: each is asked through a per-search
 decision tree of the fields it read (`_Decisions`), so a rule that reads neither VP nor SP answers once
 per (TP, PP, CP, EP, ETP). Only candidates that fit reach the cost model. `enumerate_all` is the brute-force oracle: the raw

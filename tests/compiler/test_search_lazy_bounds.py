@@ -51,7 +51,8 @@ def _eager(p: Problem, top: int = 5):
 
 
 def _deepseek_v3(nodes: int = 128) -> Problem:
-    """DeepSeek-V3 (MLA, 256 experts) on nodes x 8 H100, every parallel setting auto (bench/cases/deepseek_v3_all_auto.nemo)."""
+    """DeepSeek-V3 (MLA, 256 experts) on nodes x 8 H100, every parallel setting auto
+    (bench/cases/deepseek_v3_all_auto.nemo)."""
     return Problem(model=get_preset("deepseek_v3"), cluster=ClusterSpec(gpu="H100", nodes=nodes, gpus_per_node=8),
                    gpu=H100, fixed=ALL_AUTO, global_batch=15360, seq_length=4096, target=NEMOC_RUNTIME)
 
@@ -79,7 +80,8 @@ def test_the_lazy_search_of_an_all_auto_deepseek_v3_changes_nothing_and_skips_mo
     eager = _eager(p)
     exact = []
     group_bound = _Context.group_bound
-    monkeypatch.setattr(_Context, "group_bound", lambda self, args, sps: exact.append(args) or group_bound(self, args, sps))
+    monkeypatch.setattr(_Context, "group_bound",
+                        lambda self, args, sps: exact.append(args) or group_bound(self, args, sps))
     lazy = search(p)
     assert lazy == eager
     assert lazy.best.layout.ep > 1  # the expert-parallel size was searched, not left at 1
