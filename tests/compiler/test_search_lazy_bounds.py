@@ -109,3 +109,18 @@ def test_an_all_auto_moe_search_agrees_with_the_oracle():
         assert fast.best.layout == brute.best.layout, hbm
         assert fast.best.estimate.step_time_s == brute.best.estimate.step_time_s
     assert found == 2
+
+
+def test_the_bench_case_files_check():
+    """bench/bench_plan.py plans every file of bench/cases as a whole process: each parses and checks, and the
+    all-auto MoE files leave the expert size to the planner."""
+    from pathlib import Path
+
+    from nemoc.runtime.cli.common import load_spec
+
+    cases = sorted((Path(__file__).resolve().parents[2] / "bench" / "cases").glob("*.nemo"))
+    assert len(cases) >= 5
+    for path in cases:
+        spec, _ = load_spec(str(path))
+        if "all_auto" in path.name and spec.model.is_moe:
+            assert spec.parallel.expert is None and spec.parallel.tensor is None, path.name
