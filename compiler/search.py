@@ -39,7 +39,11 @@ properties of the memory and cost models that tests/compiler/test_search.py asse
       the search without it made ~16,000: bench/bench_plan.py). The bound's parts that depend on a
       few sizes only (the layer times by TP, CP, EP, ETP, SP and the largest micro batch; the stage
       times; the trainable parameters) are kept in one memo per search (`_Context`), so two problems
-      never share them; a test checks every bound with the memo against the bound without it.
+      never share them; a test checks every bound with the memo against the bound without it. The
+      exact bounds are computed lazily (`_lazy_bounds`): a group waits in a heap under a coarse bound
+      (`_Context.coarse_bound`, never above its exact one, with layer times by (TP, CP, EP, ETP, SP)
+      only) and gets its exact bound when that comes first; the groups come out in the order of their
+      exact bounds, so the search and its rejections are those of sorting every exact bound (tested).
 The rules are pure functions of the env and the sizes they read: each is asked through a per-search
 decision tree of the fields it read (`_Decisions`), so a rule that reads neither VP nor SP answers once
 per (TP, PP, CP, EP, ETP). Only candidates that fit reach the cost model. `enumerate_all` is the brute-force oracle: the raw
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import bisect
 import gc
+import heapq
 import itertools
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
@@ -612,16 +617,40 @@ def _search(p: Problem, top: int) -> SearchResult:
     ctx = _Context(p)
     rec = _Recorder(ctx.budget)
     best = _Top(max(1, top))
-    groups = sorted(_groups(ctx, rec), key=lambda g: g[0])
-    for i, (bound, _, args, sps) in enumerate(groups):
+    # (bound, order, exact, sizes, SP values): a group enters with its coarse bound and is popped in the
+    # order of its exact bound (`_lazy_bounds`)
+    heap = [(coarse, order, False, args, sps) for coarse, order, args, sps in _coarse_groups(ctx, rec)]
+    heapq.heapify(heap)
+    for bound, _, args, sps in _lazy_bounds(ctx, heap):
         threshold = best.threshold()
         if threshold is not None and bound > threshold[0] * (1 + REL_TOL):
             # the bounds ascend and only a searched group joins the top list, so every later group is
             # slower too: all are recorded at once, with this one as the example
-            _record_slower(ctx, rec, best.n, threshold[0], groups[i:])
+            _record_slower(ctx, rec, best.n, threshold[0], [(bound, 0, args, sps)] + [g[:2] + g[3:] for g in heap])
             break
         _search_group(ctx, rec, best, *args, sps)
     return rec.result(best)
+
+
+def _lazy_bounds(ctx: _Context, heap: list):
+    """The groups of `heap` in the order of their exact bound (`_Context.group_bound`; ties: in `_groups`'
+    order), as (bound, order, sizes, SP values), computing an exact bound only when its group's coarse one
+    (`_Context.coarse_bound`, never above it) comes first. The order is `sorted` by exact bound: when an
+    entry with its exact bound b comes first, every other has a key >= b, and its exact bound >= its key.
+    A group the search ends before (bound (5)) never has its exact bound computed."""
+    while heap:
+        bound, order, exact, args, sps = heapq.heappop(heap)
+        if exact:
+            yield bound, order, args, sps
+        else:
+            heapq.heappush(heap, (ctx.group_bound(args, sps), order, True, args, sps))
+
+
+def _coarse_groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
+    """`_groups` with each group's coarse bound (`_Context.coarse_bound`) in place of its exact one."""
+    groups = _groups(ctx, rec, bounds=False)
+    ctx.coarsest = max((ctx.micro_batches(args[6])[-1] for _, _, args, _ in groups), default=1)
+    return [(ctx.coarse_bound(args, sps), order, args, sps) for _, order, args, sps in groups]
 
 
 def _record_slower(ctx: _Context, rec: _Recorder, n: int, threshold: float, groups: list[tuple]) -> None:
@@ -659,6 +688,8 @@ class _Context:
         # `cost.step_time_lower_bound`'s memo (the bound's layer times, stage times and trainable parameters,
         # by the few sizes each depends on): one per search, so two problems never share one
         self._bound_memo: dict = {}
+        self._group_bounds: dict[tuple, float] = {}  # `group_bound` / `coarse_bound` by the sizes they read
+        self.coarsest = 1  # the largest micro batch of any group (`coarse_bound`; set by `_coarse_groups`)
         # (tp, pp, vp, cp, ep, etp, sp) groups whose distributed-optimizer member overflows at its
         # smallest micro batch and strongest recompute (`_group_fits`)
         self.dopt_overflows: set[tuple] = set()
@@ -778,6 +809,38 @@ class _Context:
         return cost.estimate(self.p.model, layout, split=self.stage_layers(layout.pp, layout.vp),
                              moe=self.moe(layout), **self.time_kw)
 
+    def group_bound(self, args: tuple, sps: list[bool]) -> float:
+        """The step-time bound of the group `args` = (tp, pp, vp, cp, ep, etp, dp, do) over its micro batches
+        and recompute levels (`bound_time` of its layout at its largest micro batch, with recompute none).
+        One bound serves every DO and SP value of the group: the distributed optimizer's sharded step is
+        the smaller optimizer term (the bound leaves DP traffic out), and sequence parallelism, preferred
+        first (`sps[0]`), is never slower."""
+        key = args[:7] + (sps[0],)
+        bound = self._group_bounds.get(key)
+        if bound is None:
+            tp, pp, vp, cp, ep, etp, dp, _ = args
+            mbs = self.micro_batches(dp)
+            bound = self._group_bounds[key] = self.bound(
+                self.layout(tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, ("none", None)), (mbs[0], mbs[-1]))
+        return bound
+
+    def coarse_bound(self, args: tuple, sps: list[bool]) -> float:
+        """A lower bound of `group_bound(args, sps)` that is cheap to compute for every group: the same bound
+        over the micro batches from the group's smallest to `coarsest` (the largest micro batch of any
+        group), a superset of its own. Its layer times (the bound's costly part) then depend on (tp, cp,
+        ep, etp, SP) only, not on dp, and the bound's memo answers for every pp, vp and dp; it is no
+        larger than the group's own bound because every term's time per row never grows with the micro
+        batch (`cost.step_time_lower_bound`), so a larger 'largest' only lowers it."""
+        key = ("coarse",) + args[:7] + (sps[0],)
+        bound = self._group_bounds.get(key)
+        if bound is None:
+            tp, pp, vp, cp, ep, etp, dp, _ = args
+            mbs = self.micro_batches(dp)
+            bound = self._group_bounds[key] = self.bound(
+                self.layout(tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, ("none", None)),
+                (mbs[0], max(self.coarsest, mbs[-1])))
+        return bound
+
     def bound(self, layout: Layout, micro_batches: tuple[int, int]) -> float:
         """`bound_time(p, layout, micro_batches)`."""
         return cost.step_time_lower_bound(self.p.model, layout, micro_batches=micro_batches,
@@ -785,10 +848,11 @@ class _Context:
                                           memo=self._bound_memo, **self.bound_kw)
 
 
-def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
+def _groups(ctx: _Context, rec: _Recorder, bounds: bool = True) -> list[tuple]:
     """Every (tp, pp, vp, cp, ep, etp, dp, do) group whose micro-batch-independent rules hold for
-    some sequence-parallel value and that bound (2) leaves, as (lower bound, order, sizes, SP values);
-    the groups that break the world size, a rule or bound (2) are recorded in `rec`."""
+    some sequence-parallel value and that bound (2) leaves, as (lower bound (`_Context.group_bound`;
+    None without `bounds`), order, sizes, SP values); the groups that break the world size, a rule or
+    bound (2) are recorded in `rec`."""
     p = ctx.p
     world = p.cluster.world_size
     out = []
@@ -815,6 +879,7 @@ def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
                              "E101 world size", f"tp={tp} pp={pp} cp={cp}")
                     continue
                 mbs = ctx.micro_batches(dp)
+                expert_rules = None  # the same for this (tp, pp, cp), every expert layout (MoE: EP x ETP)
                 for ep, etp in _expert_domain(p, tp, pp, dp, rec):
                     vps = ctx.vps(pp)
                     if not mbs:
@@ -829,7 +894,9 @@ def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
                     args = (tp, pp, vps[0], cp, ep, etp, dp, mbs[0], sp_domain[0], dos[0], rcs[0])
                     if tp_rules is None:
                         tp_rules = _GroupRules(ctx, args, _WITHIN_TP)
-                    rules = _GroupRules(ctx, args, parent=tp_rules)
+                    if expert_rules is None:
+                        expert_rules = _GroupRules(ctx, args, _WITHIN_EXPERT, parent=tp_rules)
+                    rules = _GroupRules(ctx, args, parent=expert_rules)
                     failed: set[bool] = set()  # DO values whose non-interleaved group has no member that fits
                     for vp in vps:
                         count = len(mbs) * len(ctx.recomputes(pp, vp)) * len(dos)  # candidates per SP value
@@ -854,11 +921,8 @@ def _groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
                         live = [do for do in dos if not same_split or do not in failed]
                         if not live:
                             continue
-                        # One bound serves every DO and SP value of the group: the distributed optimizer's
-                        # sharded step is the smaller optimizer term (the bound leaves DP traffic out), and
-                        # sequence parallelism, preferred first, is never slower.
-                        bound = ctx.bound(ctx.layout(tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, ("none", None)),
-                                          (mbs[0], mbs[-1]))
+                        # one bound serves every DO value (`_Context.group_bound`)
+                        bound = ctx.group_bound((tp, pp, vp, cp, ep, etp, dp, True), sps) if bounds else None
                         for do in live:
                             out.append((bound, len(out), (tp, pp, vp, cp, ep, etp, dp, do), sps))
     return out
@@ -896,7 +960,8 @@ class _GroupRules:
     rule is asked through its `_Decisions` (the search's memo of its results by the sizes it reads):
     one that reads no field of `stop` answers for every value of those fields at once, and only the
     others are asked per value, in the same order. `parent`: the same rules asked at an outer loop
-    (one TP, every other size varying): only the rules that varied there are asked again."""
+    (one TP, every other size varying; then one (tp, pp, cp), the expert sizes varying: a MoE search
+    asks each of those for up to 2 x 9 (EP, ETP) pairs): only the rules that varied there are asked again."""
 
     def __init__(self, ctx: _Context, args: tuple, stop: frozenset = frozenset({"vp", "sequence_parallel"}),
                  parent: "_GroupRules | None" = None):
@@ -937,6 +1002,8 @@ class _GroupRules:
 _SIZES_FIELDS = tuple(f.name for f in fields(Sizes))
 # the sizes `_groups` varies inside one TP (the micro batch and global batch follow dp)
 _WITHIN_TP = frozenset({"pp", "vp", "cp", "ep", "etp", "dp", "micro_batch", "global_batch", "sequence_parallel"})
+# the sizes `_groups` varies inside one (tp, pp, cp) (and so dp)
+_WITHIN_EXPERT = frozenset({"vp", "ep", "etp", "sequence_parallel"})
 _VARIES = object()
 _MISSING = object()
 
