@@ -53,25 +53,56 @@ def rule_data_format(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | Non
 
 
 def rule_mla_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
-    """The nemoc runtime, not Megatron: multi-latent attention models train in `pretrain` stages from scratch
-    (the path tested end to end on Megatron-Core's MLASelfAttention). The other kinds need what nemoc has
-    only for standard attention: a Hugging Face mapping (export, hf init), LoRA targets (`qkv` is no MLA
-    projection), the generator's KV cache (rollouts)."""
-    if not spec.model.multi_latent_attention or (stage.kind == "pretrain" and not spec.model.init):
+    """The nemoc runtime, not Megatron: multi-latent attention models run in every training kind (pretrain,
+    sft, dpo, kto, orpo, reward, ppo, grpo, with or without LoRA: tests/runtime/align/test_align_mla_chain.py)
+    and in `eval`; what needs a Hugging Face DeepSeek mapping does not run yet: starting from `init = hf(...)`,
+    an `export` stage, and an eval's lm-eval-harness tasks (which score the model exported to Hugging Face)."""
+    if not spec.model.multi_latent_attention:
         return None
-    if stage.kind == "pretrain":  # from a Hugging Face checkpoint: its mapping covers standard attention only
+    init = _initial_checkpoint(spec, stage)
+    if init:  # from a Hugging Face checkpoint: its mapping covers standard attention only
+        own = "init" in stage.params and stage.params.init
         return _stage_diagnostic(Violation(
             "E170", "a multi-latent attention model cannot start from a Hugging Face checkpoint yet",
-            f"multi_latent_attention = true with init = hf({spec.model.init!r}): nemoc has no DeepSeek Hugging Face "
+            f"multi_latent_attention = true with init = hf({init!r}): nemoc has no DeepSeek Hugging Face "
             "mapping (its weight mapping covers standard attention only)",
-            "pretrain the MLA model from scratch (remove `init`), or remove multi_latent_attention",
-            anchors=("model.init", "model.multi_latent_attention", "model")), spec, stage)
+            "pretrain the MLA model with nemoc (remove `init`), or remove multi_latent_attention",
+            anchors=(("stage.init",) if own else ()) + ("model.init", "model.multi_latent_attention", "model")),
+            spec, stage)
+    lm_eval = stage.kind == "eval" and "lm_eval_tasks" in stage.params and stage.params.lm_eval_tasks
+    if stage.kind != "export" and not lm_eval:
+        return None
+    what = "`export` stages" if stage.kind == "export" else "lm-eval-harness tasks"
     return _stage_diagnostic(Violation(
-        "E170", f"`{stage.kind}` stages cannot run multi-latent attention models yet",
-        f"multi_latent_attention = true with stage kind {stage.kind}: the nemoc runtime runs MLA in pretrain "
-        "stages only (no DeepSeek Hugging Face mapping, LoRA targets or rollout KV cache for MLA)",
-        "train the MLA model with `pretrain` stages",
-        anchors=("stage.kind",)), spec, stage)
+        "E170", f"{what} cannot run multi-latent attention models yet",
+        f"multi_latent_attention = true with stage kind {stage.kind}"
+        + (f" and lm_eval_tasks = [{', '.join(stage.params.lm_eval_tasks)}]" if lm_eval else "")
+        + ": both write a Hugging Face checkpoint, and nemoc has no DeepSeek Hugging Face mapping yet",
+        "keep the Megatron-Core checkpoint of the training stage (its `checkpoints/`), or score the model with "
+        "`prompts` and `data` in an eval stage",
+        anchors=("stage.lm_eval_tasks", "stage.kind", "stage") if lm_eval else ("stage.kind", "stage")), spec, stage)
+
+
+def rule_mla_lora_targets(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """peft's `q`, `k`, `v` adapt standard attention's separate query, key and value projections (inside
+    Megatron's fused linear_qkv); a multi-latent attention layer has none: its keys and values both come from
+    one latent (multi_latent_attention.py MLASelfAttention: linear_kv_down_proj, then linear_kv_up_proj to
+    heads x (qk_head_dim + v_head_dim)). `qkv` adapts each MLA projection (runtime/align/lora.py MLA_QKV)."""
+    if not spec.model.multi_latent_attention or stage.peft is None:
+        return None
+    split = [t for t in ("q", "k", "v") if t in stage.peft.targets]
+    if not split:
+        return None
+    kept = [t for t in stage.peft.targets if t not in split]
+    fixed = ["qkv"] + [t for t in kept if t != "qkv"]
+    return _stage_diagnostic(Violation(
+        "E207", f"LoRA targets {', '.join(f'`{t}`' for t in split)} do not exist in a multi-latent attention model",
+        f"multi_latent_attention = true with targets = [{', '.join(stage.peft.targets)}]: MLA has no separate q, k "
+        "and v projections (keys and values share the latent of linear_kv_down_proj / linear_kv_up_proj)",
+        f"write `targets = [{', '.join(fixed)}]`: `qkv` puts one adapter on each MLA projection (linear_q_down_proj, "
+        "linear_q_up_proj or linear_q_proj, linear_kv_down_proj, linear_kv_up_proj)",
+        anchors=("stage.peft", "stage"),
+        source="megatron/core/transformer/multi_latent_attention.py MLASelfAttention.__init__"), spec, stage)
 
 
 def rule_export_after(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
@@ -210,7 +241,7 @@ def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
     return None
 
 
-STAGE_RULES = (rule_min_lr, rule_mla_stage_kind, rule_data_format, rule_export_after, rule_starting_checkpoint,
+STAGE_RULES = (rule_min_lr, rule_mla_stage_kind, rule_mla_lora_targets, rule_data_format, rule_export_after, rule_starting_checkpoint,
                rule_parent_saves, rule_parent_seq_length, warn_warmup_longer_than_stage, warn_sample_tokens_unpacked)
 
 
@@ -246,6 +277,7 @@ STAGE_CODES = {
     "E155": rule_starting_checkpoint,
     "E157": rule_parent_seq_length,
     "E170": rule_mla_stage_kind,
+    "E207": rule_mla_lora_targets,
     "W150": warn_warmup_longer_than_stage,
     "W157": warn_sample_tokens_unpacked,
 }
