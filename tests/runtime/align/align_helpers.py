@@ -25,6 +25,20 @@ def llama_spec(**overrides):
     return ModelSpec(**base)
 
 
+def mla_spec(**overrides):
+    """A tiny DeepSeek-style multi-latent attention model: query and key/value latents with their RMSNorms,
+    YaRN RoPE, q/k (16 + 8) and v (12) head widths that differ from each other and from hidden / heads."""
+    from nemoc.compiler.spec import ModelSpec
+
+    base = dict(name="tiny-mla", layers=2, hidden=64, heads=4, query_groups=4, ffn_hidden=96, vocab=50,
+                seq_length=32, activation="swiglu", norm="rmsnorm", position="rope", multi_latent_attention=True,
+                q_lora_rank=24, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=12,
+                qk_layernorm=True, rope_type="yarn", rope_scaling_factor=4.0, original_max_position_embeddings=8,
+                mscale_all_dim=1.0)
+    base.update(overrides)
+    return ModelSpec(**base)
+
+
 def gpt2_spec(**overrides):
     from nemoc.compiler.spec import ModelSpec
 

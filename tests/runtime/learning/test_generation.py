@@ -1,11 +1,13 @@
 """KV-cached generation (Megatron-Core's StaticInferenceContext) gives the tokens that recomputing the
-whole sequence for every new token gives: greedy and sampled, prompts of different lengths, stop at eod."""
+whole sequence for every new token gives: greedy and sampled, prompts of different lengths, stop at eod;
+standard attention and multi-latent attention (MLASelfAttention appends its keys and values to the same
+context: the rollouts of PPO and GRPO on an MLA model)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from align_helpers import gpt2_spec, llama_spec
+from align_helpers import gpt2_spec, llama_spec, mla_spec
 
 from nemoc.runtime import generation
 
@@ -30,7 +32,9 @@ def _both(chunk, **kw):
     return runs
 
 
-@pytest.mark.parametrize("spec", [llama_spec, gpt2_spec], ids=["llama-rope", "gpt2-learned"])
+@pytest.mark.parametrize("spec", [llama_spec, gpt2_spec, mla_spec, lambda: mla_spec(q_lora_rank=0, rope_type="rope",
+                                                                                     rope_scaling_factor=1.0)],
+                         ids=["llama-rope", "gpt2-learned", "mla-yarn", "mla-no-q-latent"])
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
 def test_cached_generation_equals_recomputation(mcore, spec, greedy):
     chunk = _model(mcore, spec())
