@@ -148,9 +148,10 @@ def write_task(tmp_path, plan, stage, *, datasets, tokenizer, vocab_size, parent
     return out / "task.json"
 
 
-def arithmetic_world(root, mcore, *, seed: int):
+def arithmetic_world(root, mcore, *, seed: int, model=None):
     """A tiny chat world under `root`: chat.jsonl ("What is a plus b?"), a byte-level BPE tokenizer trained
-    on it, and a random-init base checkpoint (`root/base`). Returns (root, spec, tokenizer, qa pairs)."""
+    on it, and a random-init base checkpoint (`root/base`) of `model` (a spec function like `llama_spec`, the
+    default). Returns (root, spec, tokenizer, qa pairs)."""
     import json
 
     from nemoc.runtime.tokenizer import train_byte_level_bpe
@@ -159,7 +160,7 @@ def arithmetic_world(root, mcore, *, seed: int):
     chat = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r}]} for q, r in qa]
     (root / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chat) + "\n")
     tok = train_byte_level_bpe([q + " " + r for q, r in qa] * 4, 300, root / "tokenizer.json")
-    spec = llama_spec(vocab=tok.vocab_size, seq_length=48)
+    spec = (model or llama_spec)(vocab=tok.vocab_size, seq_length=48)
     mcore.seed_all(seed)
     mcore.save_model(mcore.build_gpt(spec, mcore.single_layout(), vocab=tok.vocab_size, seq_length=48), root / "base")
     return root, spec, tok, qa
