@@ -1,5 +1,5 @@
 """Multi-latent attention (DeepSeek-V2/V3): what Megatron-Core 0.16.1's MLATransformerConfig,
-MLASelfAttention and its layer specs accept (E167-E169), what the nemoc runtime runs (E170, a stage rule
+MLASelfAttention and its layer specs accept (E167-E169), what the nemoc runtime runs (E170, E207: stage rules
 in `stages`), and MLA fields written for a model without it (W117).
 
 MLA replaces the standard attention's query groups, head dimension and RoPE with its own fields

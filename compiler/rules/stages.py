@@ -1,7 +1,8 @@
-"""Stage rules (E150-E155, E157, W150): the stage settings that would otherwise fail only at run time (`min_lr`
-above `lr`, an alignment stage without data in a format its records need, an export with no `after`,
+"""Stage rules (E150-E155, E157, E170, E207, W150): the stage settings that would otherwise fail only at run time
+(`min_lr` above `lr`, an alignment stage without data in a format its records need, an export with no `after`,
 a parent that never saves, a child at another sequence length than a parent with learned positions, a
-warm-up longer than the stage).
+multi-latent attention model where a DeepSeek Hugging Face mapping is needed or with peft's q / k / v LoRA
+targets, a warm-up longer than the stage).
 """
 
 from __future__ import annotations
