@@ -64,7 +64,16 @@ def test_logits_equal_transformers_at_tp1(mcore, tmp_path, family):
             theirs = rotary.full_attention_inv_freq
             sliding = unwrap(model).decoder.layers[0].self_attention.local_rotary
             torch.testing.assert_close(sliding.inv_freq, rotary.sliding_attention_inv_freq, atol=0, rtol=1e-6)
-        torch.testing.assert_close(unwrap(model).rotary_pos_emb.inv_freq, theirs, atol=0, rtol=1e-6)
+        gpt = unwrap(model)
+        if manifest["architecture"].get("rope_type") == "yarn":
+            # MLA's YaRN (each layer's own YarnRotaryEmbedding) blends its frequencies in get_emb: position 1's
+            # angles are the frequencies; its concentration factor scales cos and sin as transformers'
+            # attention_scaling does
+            emb, mscale = gpt.decoder.layers[0].self_attention.rotary_pos_emb.get_emb(2)
+            torch.testing.assert_close(emb[1, 0, 0, :theirs.numel()], theirs, atol=0, rtol=1e-6)
+            assert mscale == pytest.approx(rotary.attention_scaling, rel=1e-6)
+        else:
+            torch.testing.assert_close(gpt.rotary_pos_emb.inv_freq, theirs, atol=0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
