@@ -272,12 +272,13 @@ def _deepseek_v3(config: dict) -> dict[str, Any]:
         raise HfConfigError(f"num_key_value_heads = {kv_heads} != num_attention_heads = {heads}: MLA has a key and "
                             "value per head")
     dense = deepseek_dense_layers(config)
-    if 0 in dense:  # with moe_layer_freq in the ModelSpec, `dense` is its value (deepseek_dense_layers)
+    if 0 in dense and 1 in dense:  # with moe_layer_freq in the ModelSpec, `dense` is its value
         raise HfConfigError(f"first_k_dense_replace = {dense.count(0)}: the first {dense.count(0)} layers are dense "
                             "MLPs before the expert layers; nemoc builds every layer of a MoE model as an expert "
                             "layer until it has Megatron-Core's moe_layer_freq")
     q_lora = config.get("q_lora_rank", 1536)
-    return _deepseek_rope(config) | _deepseek_router(config) | {
+    experts = _deepseek_router(config) if 1 in dense else {}  # every layer dense: a dense MLA model
+    return _deepseek_rope(config) | experts | {
         "layers": int(config["num_hidden_layers"]), "hidden": hidden, "heads": heads, "query_groups": heads,
         "ffn_hidden": int(config.get("intermediate_size", 18432)), "vocab": int(config["vocab_size"]),
         "seq_length": int(config.get("max_position_embeddings", 4096)),
@@ -441,7 +442,7 @@ def mismatches(arch: HfArchitecture, written: dict[str, Any]) -> list[tuple[str,
     `seq_length` is exempt for RoPE models: training on sequences shorter than max_position_embeddings
     is normal; a learned position table (GPT-2) must have the checkpoint's length. TRAINING_FIELDS are exempt.
     """
-    out = []
+    out = _attention_kind_mismatch(arch, written)
     for name, value in written.items():
         if name not in arch.fields or name in TRAINING_FIELDS or (
                 name == "seq_length" and arch.fields["position"] != "learned"):
@@ -455,3 +456,11 @@ def mismatches(arch: HfArchitecture, written: dict[str, Any]) -> list[tuple[str,
         elif value != theirs:
             out.append((name, value, theirs))
     return out
+
+
+def _attention_kind_mismatch(arch: HfArchitecture, written: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """`multi_latent_attention` written against a checkpoint of the other kind: only deepseek_v3 has MLA (its
+    fields say so); every other family's config.json implies standard attention without naming the field."""
+    if "multi_latent_attention" not in written or "multi_latent_attention" in arch.fields:
+        return []
+    return [("multi_latent_attention", written["multi_latent_attention"], False)] if written["multi_latent_attention"] else []

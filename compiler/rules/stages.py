@@ -1,8 +1,7 @@
 """Stage rules (E150-E155, E157, E170, E207, W150): the stage settings that would otherwise fail only at run time
 (`min_lr` above `lr`, an alignment stage without data in a format its records need, an export with no `after`,
 a parent that never saves, a child at another sequence length than a parent with learned positions, a
-multi-latent attention model where a DeepSeek Hugging Face mapping is needed or with peft's q / k / v LoRA
-targets, a warm-up longer than the stage).
+multi-latent attention model exported without a DeepseekV3 equivalent or with peft's q / k / v LoRA targets, a warm-up longer than the stage).
 """
 
 from __future__ import annotations
@@ -54,34 +53,35 @@ def rule_data_format(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | Non
 
 
 def rule_mla_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
-    """The nemoc runtime, not Megatron: multi-latent attention models run in every training kind (pretrain,
-    sft, dpo, kto, orpo, reward, ppo, grpo, with or without LoRA: tests/runtime/align/test_align_mla_chain.py)
-    and in `eval`; what needs a Hugging Face DeepSeek mapping does not run yet: starting from `init = hf(...)`,
-    an `export` stage, and an eval's lm-eval-harness tasks (which score the model exported to Hugging Face)."""
-    if not spec.model.multi_latent_attention:
+    """The nemoc runtime, not Megatron: multi-latent attention models run in every stage kind (pretrain, sft,
+    dpo, kto, orpo, reward, ppo, grpo, with or without LoRA: tests/runtime/align/test_align_mla_chain.py;
+    eval; `init = hf(...)` of a DeepseekV3 checkpoint and export to one: tests/runtime/hf/test_hf_deepseek_run.py)
+    except an export of a model whose DeepseekV3ForCausalLM would compute something else: transformers'
+    DeepseekV3 always has the latents' RMSNorms (qk_layernorm = false has none) and routes its experts with
+    sigmoid scores plus a correction bias (a softmax router, or one without the expert bias, has no
+    DeepseekV3Config)."""
+    m = spec.model
+    if not m.multi_latent_attention or m.init:  # a DeepSeek source: its own config.json is exported
         return None
-    init = _initial_checkpoint(spec, stage)
-    if init:  # from a Hugging Face checkpoint: its mapping covers standard attention only
-        own = "init" in stage.params and stage.params.init
-        return _stage_diagnostic(Violation(
-            "E170", "a multi-latent attention model cannot start from a Hugging Face checkpoint yet",
-            f"multi_latent_attention = true with init = hf({init!r}): nemoc has no DeepSeek Hugging Face "
-            "mapping (its weight mapping covers standard attention only)",
-            "pretrain the MLA model with nemoc (remove `init`), or remove multi_latent_attention",
-            anchors=(("stage.init",) if own else ()) + ("model.init", "model.multi_latent_attention", "model")),
-            spec, stage)
-    lm_eval = stage.kind == "eval" and "lm_eval_tasks" in stage.params and stage.params.lm_eval_tasks
-    if stage.kind != "export" and not lm_eval:
+    exports = stage.kind == "export" or (stage.kind == "eval" and "lm_eval_tasks" in stage.params
+                                         and stage.params.lm_eval_tasks)
+    if not exports:
         return None
-    what = "`export` stages" if stage.kind == "export" else "lm-eval-harness tasks"
+    why = []
+    if not m.qk_layernorm:
+        why.append(("model.qk_layernorm", "qk_layernorm = false (DeepseekV3 always normalises the latents)"))
+    if m.is_moe and (m.moe_router_score != "sigmoid" or not m.moe_expert_bias):
+        why.append(("model.moe_router_score", f"moe_router_score = {m.moe_router_score}, moe_expert_bias = "
+                    f"{str(m.moe_expert_bias).lower()} (DeepseekV3 routes by sigmoid scores plus an expert bias)"))
+    if not why:
+        return None
+    what = "`export` stages" if stage.kind == "export" else "lm-eval-harness tasks (which export the model)"
     return _stage_diagnostic(Violation(
-        "E170", f"{what} cannot run multi-latent attention models yet",
-        f"multi_latent_attention = true with stage kind {stage.kind}"
-        + (f" and lm_eval_tasks = [{', '.join(stage.params.lm_eval_tasks)}]" if lm_eval else "")
-        + ": both write a Hugging Face checkpoint, and nemoc has no DeepSeek Hugging Face mapping yet",
-        "keep the Megatron-Core checkpoint of the training stage (its `checkpoints/`), or score the model with "
-        "`prompts` and `data` in an eval stage",
-        anchors=("stage.lm_eval_tasks", "stage.kind", "stage") if lm_eval else ("stage.kind", "stage")), spec, stage)
+        "E170", f"{what} cannot write this multi-latent attention model as DeepseekV3",
+        "; ".join(w for _, w in why),
+        "set qk_layernorm = true and, with experts, moe_router_score = sigmoid with moe_expert_bias = true (what "
+        "DeepseekV3ForCausalLM computes), or keep the Megatron-Core checkpoint",
+        anchors=tuple(a for a, _ in why) + ("stage.kind", "stage")), spec, stage)
 
 
 def rule_mla_lora_targets(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:

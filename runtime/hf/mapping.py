@@ -142,6 +142,8 @@ DEEPSEEK_ATTENTION = {"q_proj": "linear_q_proj", "q_a_proj": "linear_q_down_proj
 def deepseek_expert_layer(arch: dict, i: int) -> bool:
     """Layer i of a DeepSeek model is an expert layer: everywhere unless the architecture carries Megatron's
     moe_layer_freq as a list (DeepseekV3's first_k_dense_replace dense layers: hfconfig.deepseek_dense_layers)."""
+    if not arch.get("experts"):
+        return False
     freq = arch.get("moe_layer_freq")
     return not isinstance(freq, (list, tuple)) or bool(freq[i])
 

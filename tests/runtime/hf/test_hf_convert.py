@@ -145,8 +145,9 @@ def test_missing_tensor_names_the_checkpoint_and_tensor(tmp_path):
 
 # GQA + QKV bias (the interleaving TP splits); llama3 RoPE scaling; experts (EP=2 splits them); Gemma 3 (GeGLU
 # halves, post-block norms and QK norms replicated, the sliding layer on the first pipeline stage and the full one
-# on the last, tied embeddings)
-PARALLEL_FAMILIES = ("qwen2", "llama31", "mixtral", "qwen3_moe", "gemma3")
+# on the last, tied embeddings); DeepSeek-V3 (MLA's column-parallel projections split over TP, its experts,
+# expert bias and shared expert over EP)
+PARALLEL_FAMILIES = ("qwen2", "llama31", "mixtral", "qwen3_moe", "gemma3", "deepseek_v3")
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def parallel_cases(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["tp", "pp", "ep", "tpsp"])
 @pytest.mark.parametrize("family", PARALLEL_FAMILIES)
 def test_logits_equal_transformers_at_tp2_pp2_and_ep2(parallel_cases, family, mode):
-    if mode == "ep" and not {"num_experts", "num_local_experts"} & set(FAMILIES[family]):
+    if mode == "ep" and not {"num_experts", "num_local_experts", "n_routed_experts"} & set(FAMILIES[family]):
         pytest.skip("expert parallelism needs an MoE model")
     if mode == "tpsp" and family != "gemma3":
         # the MoE families' "tp" runs with sequence parallelism already; Gemma 3's own norms sit in the
