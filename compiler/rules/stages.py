@@ -81,7 +81,8 @@ def rule_mla_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | 
         "; ".join(w for _, w in why),
         "set qk_layernorm = true and, with experts, moe_router_score = sigmoid with moe_expert_bias = true (what "
         "DeepseekV3ForCausalLM computes), or keep the Megatron-Core checkpoint",
-        anchors=tuple(a for a, _ in why) + ("stage.kind", "stage")), spec, stage)
+        anchors=(("stage.lm_eval_tasks",) if stage.kind == "eval" else ("stage.kind",)) + ("stage",)
+        + tuple(a for a, _ in why)), spec, stage)
 
 
 def rule_mla_lora_targets(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
