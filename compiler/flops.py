@@ -68,7 +68,7 @@ def lora_params_per_layer(model: ModelSpec, lora: LoraSpec) -> int:
               "o": (model.heads * d, h), "up": (h, ffn), "down": (ffn, h)}
     shapes["gate"] = (h, ffn)
     if model.multi_latent_attention:
-        # `qkv` on MLA: one adapter on each query/key/value projection (runtime/align/lora.py MLA_QKV), the
+        # `qkv` on MLA: one adapter on each query/key/value projection (as the LoRA runtime installs them), the
         # output projection reads heads x v_head_dim (multi_latent_attention.py MLASelfAttention)
         shapes["qkv"] = _mla_qkv_adapters(model)
         shapes["proj"] = shapes["o"] = (model.heads * model.v_head_dim, h)

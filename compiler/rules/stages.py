@@ -54,9 +54,8 @@ def rule_data_format(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | Non
 
 def rule_mla_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
     """The nemoc runtime, not Megatron: multi-latent attention models run in every stage kind (pretrain, sft,
-    dpo, kto, orpo, reward, ppo, grpo, with or without LoRA: tests/runtime/align/test_align_mla_chain.py;
-    eval; `init = hf(...)` of a DeepseekV3 checkpoint and export to one: tests/runtime/hf/test_hf_deepseek_run.py)
-    except an export of a model whose DeepseekV3ForCausalLM would compute something else: transformers'
+    dpo, kto, orpo, reward, ppo, grpo, with or without LoRA; eval; `init = hf(...)` of a DeepseekV3 checkpoint
+    and export to one: docs/alignment.md, docs/huggingface.md) except an export of a model whose DeepseekV3ForCausalLM would compute something else: transformers'
     DeepseekV3 always has the latents' RMSNorms (qk_layernorm = false has none) and routes its experts with
     sigmoid scores plus a correction bias (a softmax router, or one without the expert bias, has no
     DeepseekV3Config)."""
@@ -89,7 +88,7 @@ def rule_mla_lora_targets(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic 
     """peft's `q`, `k`, `v` adapt standard attention's separate query, key and value projections (inside
     Megatron's fused linear_qkv); a multi-latent attention layer has none: its keys and values both come from
     one latent (multi_latent_attention.py MLASelfAttention: linear_kv_down_proj, then linear_kv_up_proj to
-    heads x (qk_head_dim + v_head_dim)). `qkv` adapts each MLA projection (runtime/align/lora.py MLA_QKV)."""
+    heads x (qk_head_dim + v_head_dim)). `qkv` adapts each MLA projection (docs/alignment.md, LoRA)."""
     if not spec.model.multi_latent_attention or stage.peft is None:
         return None
     split = [t for t in ("q", "k", "v") if t in stage.peft.targets]
