@@ -57,6 +57,16 @@ def stage_settings(steps=100, lr=3e-3, **kw):
                 schedule=ScheduleSpec(name="constant", warmup=0), steps=steps, **kw)
 
 
+def mla_tp_settings():
+    """Three plain SGD steps (no clipping, no Adam normalisation): an adapter gradient that differs between TP
+    sizes moves the loss in proportion, where Adam's per-parameter normalisation would hide a constant factor
+    and amplify last-bit differences near zero gradients instead."""
+    from nemoc.compiler.spec import OptimizerSpec, ScheduleSpec
+
+    return dict(optimizer=OptimizerSpec(name="sgd", lr=0.5, weight_decay=0.0, grad_clip=0.0),
+                schedule=ScheduleSpec(name="constant", warmup=0), steps=3)
+
+
 # A synthetic instruction task over token ids: prompt = [INSTR, a, b, SEP], response = [f(a), f(b), EOD]
 # with f a fixed permutation of 16 "letters". A model that ignores the prompt cannot beat the
 # response unigram entropy (~ln 16 on two of three tokens); learning the mapping drives it towards 0.
