@@ -67,6 +67,11 @@ def lora_params_per_layer(model: ModelSpec, lora: LoraSpec) -> int:
               "q": (h, model.heads * d), "k": (h, model.query_groups * d), "v": (h, model.query_groups * d),
               "o": (model.heads * d, h), "up": (h, ffn), "down": (ffn, h)}
     shapes["gate"] = (h, ffn)
+    if model.multi_latent_attention:
+        # `qkv` on MLA: one adapter on each query/key/value projection (as the LoRA runtime installs them), the
+        # output projection reads heads x v_head_dim (multi_latent_attention.py MLASelfAttention)
+        shapes["qkv"] = _mla_qkv_adapters(model)
+        shapes["proj"] = shapes["o"] = (model.heads * model.v_head_dim, h)
     same = {"o": "proj", "down": "fc2"}  # one layer, one adapter, two names
     if not is_gated(model):
         same["gate"] = "up"  # a non-gated fc1 has one projection: gate and up name its one adapter
@@ -86,6 +91,17 @@ def lora_params_of_layers(model: ModelSpec, lora: LoraSpec, layers: int, dense_l
     if not dense_layers:
         return layers * own
     return (layers - dense_layers) * own + dense_layers * lora_params_per_layer(model.dense_layer_model, lora)
+def _mla_qkv_adapters(model: ModelSpec) -> tuple[int, int]:
+    """(summed fan-in, summed fan-out) of the MLA projections `qkv` adapts, so rank x (in + out) is their
+    adapters' parameters: linear_q_proj h -> heads x (qk + pe) without a query latent, else linear_q_down_proj
+    h -> q_lora_rank and linear_q_up_proj q_lora_rank -> heads x (qk + pe); linear_kv_down_proj
+    h -> kv_lora_rank + pe; linear_kv_up_proj kv_lora_rank -> heads x (qk + v)."""
+    h, n = model.hidden, model.heads
+    q_out = n * (model.qk_head_dim + model.qk_pos_emb_head_dim)
+    q = [(h, model.q_lora_rank), (model.q_lora_rank, q_out)] if model.q_lora_rank else [(h, q_out)]
+    kv = [(h, model.kv_lora_rank + model.qk_pos_emb_head_dim),
+          (model.kv_lora_rank, n * (model.qk_head_dim + model.v_head_dim))]
+    return sum(i for i, _ in q + kv), sum(o for _, o in q + kv)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,9 @@ Families and what each needs of Megatron-Core's GPT model (local or TE layer spe
   gpt2             layernorm + GELU + learned positions, biases everywhere, MHA (GPT2LMHeadModel)
   gemma3_text      (1 + w) RMSNorm, sandwich norms, QK norm, GeGLU (tanh), embedding x sqrt(hidden), sliding
                    windows with a second RoPE base, query_pre_attn_scalar (Gemma3ForCausalLM; see _gemma3)
+  deepseek_v3      multi-latent attention (YaRN or plain RoPE), sigmoid-routed experts with an expert bias,
+                   group-limited top-k, routed scaling and shared experts (DeepseekV3ForCausalLM; see
+                   _deepseek_v3; dense first layers are refused until nemoc has moe_layer_freq)
 Llama 3.1/3.2 `rope_scaling` (rope_type llama3) maps to `rope_scaling_factor` when its other three keys
 have the values Megatron-Core fixes (LLAMA3_FIXED). Not expressible (an error says so): other RoPE
 scaling types, Mistral's sliding window shorter than the sequence, top-1 routing, Qwen3-MoE without norm_topk_prob
@@ -36,7 +39,7 @@ from typing import Any
 CONFIG_FILE = "config.json"
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 MOE = ("mixtral", "qwen3_moe")
-FAMILIES = LLAMA_LIKE + ("gpt2", "gemma3_text")
+FAMILIES = LLAMA_LIKE + ("gpt2", "gemma3_text", "deepseek_v3")
 
 
 class HfConfigError(ValueError):
@@ -198,6 +201,103 @@ def _qwen3_moe_layer_pattern(config: dict) -> dict[str, Any]:
     return {} if all(pattern) else {"moe_layer_freq": pattern}
 
 
+def _deepseek_rope(config: dict) -> dict[str, Any]:
+    """DeepseekV3Config's RoPE -> MLA's: `yarn` (rope_scaling / rope_parameters with factor,
+    original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim: Megatron-Core's
+    YarnRotaryEmbedding takes the same six) or plain RoPE. transformers applies DeepSeek's rotation to
+    interleaved channel pairs (rope_interleave = true, DeepseekV3Config's default and every published
+    checkpoint), which is what Megatron-Core's MLA does (rope_utils._apply_rotary_pos_emb_bshd de-interleaves
+    x[0::2], x[1::2] under multi_latent_attention), so the weights map unpermuted."""
+    if config.get("rope_interleave") is False:
+        raise HfConfigError("rope_interleave = false rotates the two contiguous halves of the RoPE channels; "
+                            "Megatron-Core's MLA rotates interleaved pairs (DeepSeek's layout, rope_interleave = true)")
+    kind = _rope_type(config)
+    out = {"rotary_base": _rope_theta(config, 10000.0)}
+    if kind == "default":
+        return out | {"rope_type": "rope", "rope_scaling_factor": 1.0}
+    key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+    if kind != "yarn":
+        raise HfConfigError(f"{key}.rope_type {kind!r} is not supported for deepseek_v3: MLA takes yarn or no "
+                            "scaling (Megatron-Core MultiLatentAttention builds RotaryEmbedding or YarnRotaryEmbedding)")
+    p = config[key]
+    # transformers' yarn defaults (modeling_rope_utils._compute_yarn_parameters): beta_fast 32, beta_slow 1,
+    # mscale / mscale_all_dim absent = 1 / 0 (DeepSeek writes both), original context = max_position_embeddings
+    return out | {"rope_type": "yarn", "rope_scaling_factor": float(p["factor"]),
+                  "original_max_position_embeddings": int(p.get("original_max_position_embeddings")
+                                                          or config.get("max_position_embeddings", 4096)),
+                  "beta_fast": float(p.get("beta_fast") or 32.0), "beta_slow": float(p.get("beta_slow") or 1.0),
+                  "mscale": float(p.get("mscale") or 1.0), "mscale_all_dim": float(p.get("mscale_all_dim") or 0.0)}
+
+
+def _deepseek_router(config: dict) -> dict[str, Any]:
+    """DeepseekV3TopkRouter -> Megatron-Core's TopKRouter: sigmoid scores, the expert choice on scores +
+    e_score_correction_bias (Megatron's expert bias, moe_router_enable_expert_bias), the chosen experts
+    weighted by their scores renormalised over the top-k (norm_topk_prob; Megatron's sigmoid router always
+    renormalises for top-k > 1, moe_utils.topk_routing_with_score_function) times routed_scaling_factor
+    (moe_router_topk_scaling_factor), group-limited over n_group groups of which topk_group are kept
+    (moe_router_num_groups / moe_router_group_topk). transformers ranks a group by the sum of its top-2
+    scores, Megatron by its top (top_k // topk_group): equal only when that is 2 (DeepSeek-V3: 8 // 4)."""
+    experts, top_k = int(config.get("n_routed_experts", 256)), int(config.get("num_experts_per_tok", 8))
+    if top_k < 2:
+        raise HfConfigError(f"num_experts_per_tok = {top_k}: Megatron-Core's sigmoid router does not renormalise "
+                            "a single expert's score, transformers' norm_topk_prob does")
+    if not config.get("norm_topk_prob", True):
+        raise HfConfigError("norm_topk_prob = false weights experts by their raw sigmoid scores; Megatron-Core's "
+                            "sigmoid router renormalises them over the top-k")
+    groups, group_topk = int(config.get("n_group") or 1), int(config.get("topk_group") or 1)
+    if groups > 1 and top_k // group_topk != 2:
+        raise HfConfigError(f"n_group = {groups} with num_experts_per_tok = {top_k}, topk_group = {group_topk}: "
+                            f"transformers ranks a group by its top-2 scores, Megatron-Core by its top "
+                            f"num_experts_per_tok // topk_group = {top_k // group_topk}")
+    shared = int(config.get("n_shared_experts") or 0)
+    moe_ffn = int(config.get("moe_intermediate_size", 2048))
+    return {"experts": experts, "top_k": top_k, "moe_ffn_hidden": moe_ffn, "shared_expert_ffn_hidden": shared * moe_ffn,
+            "moe_router_score": "sigmoid", "moe_expert_bias": True,
+            "moe_topk_scaling_factor": float(config.get("routed_scaling_factor", 2.5)),
+            "moe_router_groups": groups if groups > 1 else 0, "moe_router_group_topk": group_topk if groups > 1 else 0,
+            # how the router is trained (TRAINING_FIELDS; DeepSeek-V3's sequence-wise balance loss, alpha 1e-4)
+            "moe_load_balancing": "seq_aux_loss", "moe_aux_loss_coeff": 1e-4}
+
+
+def deepseek_dense_layers(config: dict) -> list[int]:
+    """The dense-MLP layers of a DeepseekV3 checkpoint: DeepseekV3DecoderLayer builds an MoE block when
+    layer_idx >= first_k_dense_replace, else a dense MLP of intermediate_size. As Megatron-Core's moe_layer_freq
+    list (1 = expert layer): [0] * first_k_dense_replace + [1] * (layers - first_k_dense_replace)."""
+    layers, dense = int(config["num_hidden_layers"]), int(config.get("first_k_dense_replace", 3) or 0)
+    return [0] * min(dense, layers) + [1] * max(0, layers - dense)
+
+
+def _deepseek_v3(config: dict) -> dict[str, Any]:
+    """DeepseekV3Config (transformers 5.x; absent keys take its defaults) -> ModelSpec fields."""
+    hidden, heads = int(config.get("hidden_size", 7168)), int(config.get("num_attention_heads", 128))
+    if config.get("hidden_act", "silu") != "silu":
+        raise HfConfigError(f"hidden_act {config['hidden_act']!r}: nemoc maps deepseek_v3 only with silu (SwiGLU)")
+    if config.get("attention_bias"):
+        raise HfConfigError("attention_bias = true: MLA's projections have no bias in Megatron-Core (MLASelfAttention)")
+    kv_heads = config.get("num_key_value_heads")
+    if kv_heads is not None and int(kv_heads) != heads:
+        raise HfConfigError(f"num_key_value_heads = {kv_heads} != num_attention_heads = {heads}: MLA has a key and "
+                            "value per head")
+    dense = deepseek_dense_layers(config)
+    # the dense first layers (DeepSeek-V3's 3, V2-Lite's 1) are Megatron-Core's moe_layer_freq
+    # [0] * k + [1] * (layers - k), which the model states as moe_first_dense_layers = k (the presets' form)
+    first_dense = {"moe_first_dense_layers": dense.count(0)} if 0 in dense and 1 in dense else {}
+    q_lora = config.get("q_lora_rank", 1536)
+    experts = _deepseek_router(config) if 1 in dense else {}  # every layer dense: a dense MLA model
+    return _deepseek_rope(config) | experts | first_dense | {
+        "layers": int(config["num_hidden_layers"]), "hidden": hidden, "heads": heads, "query_groups": heads,
+        "ffn_hidden": int(config.get("intermediate_size", 18432)), "vocab": int(config["vocab_size"]),
+        "seq_length": int(config.get("max_position_embeddings", 4096)),
+        "activation": "swiglu", "norm": "rmsnorm", "position": "rope",
+        "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "add_bias_linear": False, "add_qkv_bias": False, "qk_layernorm": True,  # q_a_layernorm, kv_a_layernorm
+        "norm_epsilon": float(config.get("rms_norm_eps", 1e-6)),
+        "multi_latent_attention": True, "q_lora_rank": int(q_lora) if q_lora else 0,
+        "kv_lora_rank": int(config.get("kv_lora_rank", 512)), "qk_head_dim": int(config.get("qk_nope_head_dim", 128)),
+        "qk_pos_emb_head_dim": int(config.get("qk_rope_head_dim", 64)), "v_head_dim": int(config.get("v_head_dim", 128)),
+    }
+
+
 # transformers' ACT2FN names -> nemoc's activation: `gelu` is torch's exact erf GELU; gelu_new (GPT-2's
 # default), gelu_pytorch_tanh and gelu_fast are the tanh approximation (transformers/activations.py).
 GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -324,7 +424,8 @@ def architecture(config: dict) -> HfArchitecture:
     if family not in FAMILIES:
         raise HfConfigError(f"model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
     try:
-        fields = {"gpt2": _gpt2, "gemma3_text": _gemma3}.get(family, lambda c: _llama_like(c, family))(config)
+        fields = {"gpt2": _gpt2, "gemma3_text": _gemma3, "deepseek_v3": _deepseek_v3}.get(
+            family, lambda c: _llama_like(c, family))(config)
     except KeyError as exc:
         raise HfConfigError(f"config.json has no {exc.args[0]!r}") from None
     special = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
@@ -347,7 +448,7 @@ def mismatches(arch: HfArchitecture, written: dict[str, Any]) -> list[tuple[str,
     `seq_length` is exempt for RoPE models: training on sequences shorter than max_position_embeddings
     is normal; a learned position table (GPT-2) must have the checkpoint's length. TRAINING_FIELDS are exempt.
     """
-    out = []
+    out = _attention_kind_mismatch(arch, written)
     for name, value in written.items():
         if name not in arch.fields or name in TRAINING_FIELDS or (
                 name == "seq_length" and arch.fields["position"] != "learned"):
@@ -361,3 +462,11 @@ def mismatches(arch: HfArchitecture, written: dict[str, Any]) -> list[tuple[str,
         elif value != theirs:
             out.append((name, value, theirs))
     return out
+
+
+def _attention_kind_mismatch(arch: HfArchitecture, written: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """`multi_latent_attention` written against a checkpoint of the other kind: only deepseek_v3 has MLA (its
+    fields say so); every other family's config.json implies standard attention without naming the field."""
+    if "multi_latent_attention" not in written or "multi_latent_attention" in arch.fields:
+        return []
+    return [("multi_latent_attention", written["multi_latent_attention"], False)] if written["multi_latent_attention"] else []

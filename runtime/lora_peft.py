@@ -121,6 +121,11 @@ def apply_lora(model, *, rank: int, alpha: float, targets=PEFT_TARGETS, rslora: 
     for p in gpt.parameters():
         p.requires_grad_(False)
     scale, gated = scaling(alpha, rank, rslora), bool(gpt.config.gated_linear_unit)
+    split_qkv = [t for t in QKV if t in targets]
+    if split_qkv and any(lora.is_mla(layer.self_attention) for layer in gpt.decoder.layers):
+        raise lora.AlignError(f"LoRA targets {split_qkv}: a multi-latent attention layer has no separate q, k and v "
+                              "projections (its keys and values come from one latent); use `qkv` (an adapter on each "
+                              "MLA projection)")
     wrapped = []
     for layer in gpt.decoder.layers:
         prefix = f"decoder.layers.{layer.layer_number - 1}"
@@ -182,13 +187,12 @@ def apply_peft(model, peft, *, seed: int = 1234) -> list[str]:
                 p.requires_grad_(False)
         for layer in gpt.decoder.layers:
             for t in fused:
-                parent = layer.self_attention if t == "qkv" else layer.mlp
-                attr = lora.TARGETS[t]
-                base = getattr(parent, attr)
-                name = f"decoder.layers.{layer.layer_number - 1}.{'self_attention' if t == 'qkv' else 'mlp'}.{attr}"
-                module = lora.LoraLinear(base, name=name, rank=peft.rank, alpha=peft.alpha, dropout=peft.dropout,
-                                         seed=seed, gated=bool(gpt.config.gated_linear_unit))
-                module.scale = scaling(peft.alpha, peft.rank, rslora)
-                setattr(parent, attr, module)
-                wrapped.append(name)
+                for parent, attr in lora.target_linears(layer, t):  # MLA: `qkv` is each MLA q/kv projection
+                    base = getattr(parent, attr)
+                    name = f"decoder.layers.{layer.layer_number - 1}.{'self_attention' if t == 'qkv' else 'mlp'}.{attr}"
+                    module = lora.LoraLinear(base, name=name, rank=peft.rank, alpha=peft.alpha, dropout=peft.dropout,
+                                             seed=seed, gated=bool(gpt.config.gated_linear_unit))
+                    module.scale = scaling(peft.alpha, peft.rank, rslora)
+                    setattr(parent, attr, module)
+                    wrapped.append(name)
     return wrapped

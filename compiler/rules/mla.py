@@ -1,5 +1,5 @@
 """Multi-latent attention (DeepSeek-V2/V3): what Megatron-Core 0.16.1's MLATransformerConfig,
-MLASelfAttention and its layer specs accept (E167-E169), what the nemoc runtime runs (E170, a stage rule
+MLASelfAttention and its layer specs accept (E167-E169), what the nemoc runtime runs (E170, E207: stage rules
 in `stages`), and MLA fields written for a model without it (W117).
 
 MLA replaces the standard attention's query groups, head dimension and RoPE with its own fields
@@ -149,3 +149,25 @@ def warn_mla_fields_unused(env: Env, s: Sizes) -> Violation | None:
         "set multi_latent_attention = true, or remove " + ", ".join(changed),
         anchors=tuple(f"model.{f}" for f in changed) + ("model",), severity=Severity.WARNING,
         source="megatron/core/transformer/transformer_config.py (MLATransformerConfig holds these fields)")
+
+
+def warn_mla_tp_rope_gradient(env: Env, s: Sizes) -> Violation | None:
+    """Training an MLA model on the local spec at TP > 1: linear_kv_down_proj is column-parallel there, and
+    MLASelfAttention gathers its output with gather_from_tensor_model_parallel_region, whose backward only
+    splits. The latent part's gradient is complete (linear_kv_up_proj, column-parallel, all-reduces its input
+    gradient), but the shared RoPE key (k_pos_emb) feeds each rank's own heads only, so its gradient keeps the
+XX
+    rows of that key in a LoRA adapter's B differ from TP 1 while every other adapter and the loss agree).
+    Transformer Engine's spec duplicates the down projections and has no such gather."""
+    m = env.model
+    if (not m.multi_latent_attention or s.tp is None or s.tp == 1 or env.stage_kernels != "local"
+            or env.stage_kind in ("eval", "export")):
+        return None
+    return Violation(
+        "W123", "MLA at tensor > 1 on the local spec trains the RoPE key with part of its gradient",
+        f"tp({s.tp}) > 1, kernels local: the key's qk_pos_emb_head_dim({m.qk_pos_emb_head_dim}) rows of "
+        "linear_kv_down_proj get the gradient of this rank's heads only (Megatron-Core 0.16.1 gathers the "
+        "column-parallel output without reducing its gradient)",
+        "use tensor = 1 for MLA on the local spec, or kernels = te (duplicated down projections)",
+        anchors=(_P + "tensor", "model.multi_latent_attention", "model"), severity=Severity.WARNING,
+        source=f"{_MLA} MLASelfAttention.get_query_key_value_tensors (gather_from_tensor_model_parallel_region)")

@@ -16,7 +16,8 @@ from nemoc.compiler.rules.host import (rule_cuda_graph_gpu, rule_cuda_graph_scop
                                        rule_manual_gc_interval)
 from nemoc.compiler.rules.moe_layers import (rule_moe_first_dense_contradicts, rule_moe_layer_freq_length,
                                              rule_moe_layer_some_expert, warn_moe_layer_freq_beyond_layers)
-from nemoc.compiler.rules.mla import rule_mla_rope, rule_mla_standard_fields, rule_mla_tp_split, warn_mla_fields_unused
+from nemoc.compiler.rules.mla import (rule_mla_rope, rule_mla_standard_fields, rule_mla_tp_split, warn_mla_fields_unused,
+                                      warn_mla_tp_rope_gradient)
 from nemoc.compiler.rules.moe import (
     rule_dense_expert,
     rule_ep_fp16,
@@ -141,7 +142,7 @@ WARNING_RULES: tuple[Rule, ...] = (
     warn_tp_crosses_node, warn_padded_vocab, warn_ep_without_sp, warn_useless_distributed_optimizer,
     warn_fp16_loss_scaling, warn_moe_ffn_default, warn_top1_router, warn_uneven_pipeline, warn_vp_one,
     warn_selective_recompute_flash, warn_auto_attention_unfused, warn_native_cross_entropy_dtype,
-    warn_recompute_modules_unused,
+    warn_recompute_modules_unused, warn_mla_tp_rope_gradient,
     warn_bf16_layers_without_low_precision, warn_bf16_layers_overlap, warn_mla_fields_unused,
     warn_moe_layer_freq_beyond_layers,
 )
@@ -243,6 +244,7 @@ CODES: dict[str, Rule] = {
     "E168": rule_mla_tp_split,
     "E169": rule_mla_rope,
     "W117": warn_mla_fields_unused,
+    "W123": warn_mla_tp_rope_gradient,
     "E140": rule_moe_bias_runtime,
     "E141": rule_runtime_moe,
     "E142": rule_rope_head_dim,

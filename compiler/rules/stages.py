@@ -1,7 +1,7 @@
-"""Stage rules (E150-E155, E157, W150): the stage settings that would otherwise fail only at run time (`min_lr`
-above `lr`, an alignment stage without data in a format its records need, an export with no `after`,
+"""Stage rules (E150-E155, E157, E170, E207, W150): the stage settings that would otherwise fail only at run time
+(`min_lr` above `lr`, an alignment stage without data in a format its records need, an export with no `after`,
 a parent that never saves, a child at another sequence length than a parent with learned positions, a
-warm-up longer than the stage).
+multi-latent attention model exported without a DeepseekV3 equivalent or with peft's q / k / v LoRA targets, a warm-up longer than the stage).
 """
 
 from __future__ import annotations
@@ -53,25 +53,63 @@ def rule_data_format(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | Non
 
 
 def rule_mla_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
-    """The nemoc runtime, not Megatron: multi-latent attention models train in `pretrain` stages from scratch
-    (the path tested end to end on Megatron-Core's MLASelfAttention). The other kinds need what nemoc has
-    only for standard attention: a Hugging Face mapping (export, hf init), LoRA targets (`qkv` is no MLA
-    projection), the generator's KV cache (rollouts)."""
-    if not spec.model.multi_latent_attention or (stage.kind == "pretrain" and not spec.model.init):
+    """The nemoc runtime, not Megatron: multi-latent attention models run in every stage kind (pretrain, sft,
+    dpo, kto, orpo, reward, ppo, grpo, with or without LoRA; eval; `init = hf(...)` of a DeepseekV3 checkpoint
+    and export to one: docs/alignment.md, docs/huggingface.md) except an export of a model whose DeepseekV3ForCausalLM would compute something else: transformers'
+    DeepseekV3 always has the latents' RMSNorms (qk_layernorm = false has none) and routes its experts with
+    sigmoid scores plus a correction bias (a softmax router, or one without the expert bias, has no
+    DeepseekV3Config)."""
+    m = spec.model
+    if not m.multi_latent_attention or m.init:  # a DeepSeek source: its own config.json is exported
         return None
-    if stage.kind == "pretrain":  # from a Hugging Face checkpoint: its mapping covers standard attention only
-        return _stage_diagnostic(Violation(
-            "E170", "a multi-latent attention model cannot start from a Hugging Face checkpoint yet",
-            f"multi_latent_attention = true with init = hf({spec.model.init!r}): nemoc has no DeepSeek Hugging Face "
-            "mapping (its weight mapping covers standard attention only)",
-            "pretrain the MLA model from scratch (remove `init`), or remove multi_latent_attention",
-            anchors=("model.init", "model.multi_latent_attention", "model")), spec, stage)
+    exports = stage.kind == "export" or (stage.kind == "eval" and "lm_eval_tasks" in stage.params
+                                         and stage.params.lm_eval_tasks)
+    if not exports:
+        return None
+    why = []
+    if not m.qk_layernorm:
+        why.append(("model.qk_layernorm", "qk_layernorm = false (DeepseekV3 always normalises the latents)"))
+    if m.is_moe and (m.moe_router_score != "sigmoid" or not m.moe_expert_bias):
+        why.append(("model.moe_router_score", f"moe_router_score = {m.moe_router_score}, moe_expert_bias = "
+                    f"{str(m.moe_expert_bias).lower()} (DeepseekV3 routes by sigmoid scores plus an expert bias)"))
+    pattern = m.moe_layer_pattern if m.is_moe else ()
+    if 1 in pattern and 0 in pattern[pattern.index(1):]:
+        why.append(("model.moe_layer_freq", "dense layers after an expert layer (DeepseekV3's dense layers are its "
+                    "first first_k_dense_replace layers)"))
+    if not why:
+        return None
+    what = "`export` stages" if stage.kind == "export" else "lm-eval-harness tasks (which export the model)"
     return _stage_diagnostic(Violation(
-        "E170", f"`{stage.kind}` stages cannot run multi-latent attention models yet",
-        f"multi_latent_attention = true with stage kind {stage.kind}: the nemoc runtime runs MLA in pretrain "
-        "stages only (no DeepSeek Hugging Face mapping, LoRA targets or rollout KV cache for MLA)",
-        "train the MLA model with `pretrain` stages",
-        anchors=("stage.kind",)), spec, stage)
+        "E170", f"{what} cannot write this multi-latent attention model as DeepseekV3",
+        "; ".join(w for _, w in why),
+        ("set qk_layernorm = true and, with experts, moe_router_score = sigmoid with moe_expert_bias = true (what "
+         "DeepseekV3ForCausalLM computes)" if any(a != "model.moe_layer_freq" for a, _ in why) else
+         "make the dense layers a prefix (moe_first_dense_layers = k: DeepseekV3's first_k_dense_replace)")
+        + ", or keep the Megatron-Core checkpoint",
+        anchors=(("stage.lm_eval_tasks",) if stage.kind == "eval" else ("stage.kind",)) + ("stage",)
+        + tuple(a for a, _ in why)), spec, stage)
+
+
+def rule_mla_lora_targets(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """peft's `q`, `k`, `v` adapt standard attention's separate query, key and value projections (inside
+    Megatron's fused linear_qkv); a multi-latent attention layer has none: its keys and values both come from
+    one latent (multi_latent_attention.py MLASelfAttention: linear_kv_down_proj, then linear_kv_up_proj to
+    heads x (qk_head_dim + v_head_dim)). `qkv` adapts each MLA projection (docs/alignment.md, LoRA)."""
+    if not spec.model.multi_latent_attention or stage.peft is None:
+        return None
+    split = [t for t in ("q", "k", "v") if t in stage.peft.targets]
+    if not split:
+        return None
+    kept = [t for t in stage.peft.targets if t not in split]
+    fixed = ["qkv"] + [t for t in kept if t != "qkv"]
+    return _stage_diagnostic(Violation(
+        "E207", f"LoRA targets {', '.join(f'`{t}`' for t in split)} do not exist in a multi-latent attention model",
+        f"multi_latent_attention = true with targets = [{', '.join(stage.peft.targets)}]: MLA has no separate q, k "
+        "and v projections (keys and values share the latent of linear_kv_down_proj / linear_kv_up_proj)",
+        f"write `targets = [{', '.join(fixed)}]`: `qkv` puts one adapter on each MLA projection (linear_q_down_proj, "
+        "linear_q_up_proj or linear_q_proj, linear_kv_down_proj, linear_kv_up_proj)",
+        anchors=("stage.peft", "stage"),
+        source="megatron/core/transformer/multi_latent_attention.py MLASelfAttention.__init__"), spec, stage)
 
 
 def rule_export_after(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
@@ -210,7 +248,7 @@ def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
     return None
 
 
-STAGE_RULES = (rule_min_lr, rule_mla_stage_kind, rule_data_format, rule_export_after, rule_starting_checkpoint,
+STAGE_RULES = (rule_min_lr, rule_mla_stage_kind, rule_mla_lora_targets, rule_data_format, rule_export_after, rule_starting_checkpoint,
                rule_parent_saves, rule_parent_seq_length, warn_warmup_longer_than_stage, warn_sample_tokens_unpacked)
 
 
@@ -246,6 +284,7 @@ STAGE_CODES = {
     "E155": rule_starting_checkpoint,
     "E157": rule_parent_seq_length,
     "E170": rule_mla_stage_kind,
+    "E207": rule_mla_lora_targets,
     "W150": warn_warmup_longer_than_stage,
     "W157": warn_sample_tokens_unpacked,
 }

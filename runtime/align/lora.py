@@ -19,6 +19,15 @@ How the adapter matrices follow tensor parallelism (y = base(x) + B A dropout(x)
     under sequence parallelism the result is scattered along the sequence like the base output.
   * SwiGLU fc1 rows are [gate; up] per rank, so B's rows are too; its checkpoint uses Megatron's
     swiglu sharded factory, exactly like the base weight, so adapter checkpoints reshard across TP.
+Multi-latent attention (DeepSeek-V2/V3, Megatron-Core's MLASelfAttention) has no fused linear_qkv: the target
+`qkv` adapts each of its query/key/value projections, one adapter each (`MLA_QKV`: linear_q_proj without a
+query latent, else linear_q_down_proj and linear_q_up_proj; linear_kv_down_proj, linear_kv_up_proj), the
+way peft adapts a DeepSeek model's q_a_proj, q_b_proj, kv_a_proj_with_mqa and kv_b_proj; `proj` adapts
+linear_proj as for standard attention. The local spec builds all four (six) as ColumnParallelLinear with
+gather_output=False (the down projections' shards are gathered by MLA itself after the GEMM), so the
+column rule above holds for each. Transformer Engine's spec runs the down projections duplicated on every
+tensor-parallel rank (TELinear parallel_mode='duplicated'): no column rule fits them, so LoRA refuses them
+at TP > 1 (at TP 1 they are plain linears).
 On TE's layer spec linear_qkv / linear_fc1 fuse the pre-norm (LayerNormColumnParallelLinear): the adapter
 normalises its input with the base's norm parameters itself (`LoraLinear._adapter_input`), so it adds
 B A norm(x) as on the local spec (tests/runtime/align/test_align_lora_te.py, GPU with TE only).
@@ -41,7 +50,10 @@ from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_tp_shar
 from nemoc.runtime.align.common import AlignError, Chunks, unwrap
 
 TARGETS = {"qkv": "linear_qkv", "proj": "linear_proj", "fc1": "linear_fc1", "fc2": "linear_fc2"}
-COLUMN = {"linear_qkv", "linear_fc1"}
+# Megatron-Core 0.16.1 multi_latent_attention.py MLASelfAttention's query/key/value projections (what `qkv` adapts
+# on an MLA layer; linear_q_proj exists without a query latent, linear_q_down/up_proj with one)
+MLA_QKV = ("linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj")
+COLUMN = {"linear_qkv", "linear_fc1", *MLA_QKV}
 ROW = {"linear_proj", "linear_fc2"}
 ADAPTER_MARK = ".lora_"
 
@@ -61,6 +73,9 @@ class LoraLinear(torch.nn.Module):
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
         self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
         tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+        if tp > 1 and getattr(base, "parallel_mode", None) == "duplicated":
+            raise AlignError(f"LoRA: {name} is duplicated on every tensor-parallel rank (Transformer Engine's MLA down "
+                             f"projection): no adapter rule at tp={tp}; use kernels = local or tensor = 1")
         weight = base.weight
         out_local, in_local = weight.shape
         in_full = in_local if self.column else in_local * tp
@@ -167,6 +182,23 @@ def _layers(model):
     return gpt.decoder.layers
 
 
+def is_mla(attention) -> bool:
+    """A multi-latent attention layer (MLASelfAttention: a key/value latent instead of linear_qkv)."""
+    return getattr(attention, "linear_kv_down_proj", None) is not None
+
+
+def target_linears(layer, target: str) -> list[tuple[object, str]]:
+    """(parent module, attribute) of each linear layer a fused-name target adapts in `layer`: one, or on a
+    multi-latent attention layer every MLA query/key/value projection for `qkv`."""
+    attr = TARGETS[target]
+    if attr in ("linear_qkv", "linear_proj"):
+        attn = layer.self_attention
+        if attr == "linear_qkv" and is_mla(attn):
+            return [(attn, a) for a in MLA_QKV if getattr(attn, a, None) is not None]
+        return [(attn, attr)]
+    return [(layer.mlp, attr)]
+
+
 def apply_lora(model, peft, *, seed: int = 1234) -> list[str]:
     """Wrap the target projections of every layer, freeze everything else. Returns the wrapped names
     (virtual-pipeline chunks: each chunk's layers; names and seeds use global layer numbers)."""
@@ -184,17 +216,16 @@ def apply_lora(model, peft, *, seed: int = 1234) -> list[str]:
     wrapped = []
     for layer in _layers(model):
         for target in peft.targets:
-            attr = TARGETS[target]
-            parent = layer.self_attention if attr in ("linear_qkv", "linear_proj") else layer.mlp
-            base = getattr(parent, attr, None)
-            if base is None or isinstance(base, LoraLinear):
-                continue
-            if not hasattr(base, "weight") or base.weight is None or base.weight.dim() != 2:
-                raise AlignError(f"LoRA: layer {layer.layer_number} {attr} is not a plain linear layer (MoE?)")
-            name = f"decoder.layers.{layer.layer_number - 1}.{'self_attention' if parent is layer.self_attention else 'mlp'}.{attr}"
-            setattr(parent, attr, LoraLinear(base, name=name, rank=peft.rank, alpha=peft.alpha,
-                                             dropout=peft.dropout, seed=seed, gated=gated))
-            wrapped.append(name)
+            for parent, attr in target_linears(layer, target):
+                base = getattr(parent, attr, None)
+                if base is None or isinstance(base, LoraLinear):
+                    continue
+                if not hasattr(base, "weight") or base.weight is None or base.weight.dim() != 2:
+                    raise AlignError(f"LoRA: layer {layer.layer_number} {attr} is not a plain linear layer (MoE?)")
+                name = f"decoder.layers.{layer.layer_number - 1}.{'self_attention' if parent is layer.self_attention else 'mlp'}.{attr}"
+                setattr(parent, attr, LoraLinear(base, name=name, rank=peft.rank, alpha=peft.alpha,
+                                                 dropout=peft.dropout, seed=seed, gated=gated))
+                wrapped.append(name)
     if not wrapped:
         raise AlignError("LoRA: no layer was wrapped")
     return wrapped
@@ -264,7 +295,7 @@ def merge(model) -> int:
     merged = 0
     for layer in _layers(model):
         for parent in (layer.self_attention, layer.mlp):
-            for attr in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"):
+            for attr in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", *MLA_QKV):
                 module = getattr(parent, attr, None)
                 if isinstance(module, LoraLinear):
                     module.base.weight.copy_(module.merged_weight())

@@ -35,6 +35,11 @@ Gemma 3 (runtime/gemma.py) as llama with the QK norms, except its four norms per
   decoder.layers.i.pre_mlp_layernorm.weight                        <- pre_feedforward_layernorm.weight
   decoder.layers.i.mlp.linear_fc2.post_layernorm.weight            <- post_feedforward_layernorm.weight
   (every norm weight zero-centred on both sides: copied unchanged), fc1 = [gate_proj; up_proj] (GeGLU).
+DeepSeek-V3 (DeepseekV3ForCausalLM; Megatron-Core's MLASelfAttention and MoE layer, local spec): see
+  `_deepseek_layer`. Every MLA tensor maps unpermuted: q_b_proj's rows are [nope; rope] per head and kv_b_proj's
+  [k_nope; v] per head in both (MLASelfAttention views them as [heads, qk + pe] / [heads, qk + v] and splits),
+  kv_a_proj_with_mqa's rows [kv latent; shared rope key] in both, and transformers rotates DeepSeek's
+  interleaved rope channels as Megatron's MLA does (compiler/hfconfig.py `_deepseek_rope`).
 """
 
 from __future__ import annotations
@@ -144,6 +149,75 @@ def _moe_layer(family: str, src: str, dst: str, arch: dict, get: Getter) -> Iter
         yield f"{ours}.linear_fc2.weight", get(f"{e}.{down}.weight")
 
 
+# DeepSeek-V3: Hugging Face name under model.layers.i.self_attn. -> Megatron name under decoder.layers.i.self_attention.
+DEEPSEEK_ATTENTION = {"q_proj": "linear_q_proj", "q_a_proj": "linear_q_down_proj", "q_a_layernorm": "q_layernorm",
+                      "q_b_proj": "linear_q_up_proj", "kv_a_proj_with_mqa": "linear_kv_down_proj",
+                      "kv_a_layernorm": "kv_layernorm", "kv_b_proj": "linear_kv_up_proj", "o_proj": "linear_proj"}
+
+
+def _deepseek_attention_names(arch: dict) -> list[tuple[str, str]]:
+    """(Hugging Face, Megatron) module names of an MLA layer: q_proj without a query latent, else q_a_proj,
+    q_a_layernorm, q_b_proj."""
+    q = ("q_a_proj", "q_a_layernorm", "q_b_proj") if arch["q_lora_rank"] else ("q_proj",)
+    return [(h, DEEPSEEK_ATTENTION[h]) for h in (*q, "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")]
+
+
+def _deepseek_layer(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    """A DeepseekV3DecoderLayer -> Megatron-Core's MLA transformer layer:
+      input_layernorm -> input_layernorm; self_attn.{q_a_proj, q_a_layernorm, q_b_proj | q_proj,
+      kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj} -> self_attention.{linear_q_down_proj, q_layernorm,
+      linear_q_up_proj | linear_q_proj, linear_kv_down_proj, kv_layernorm, linear_kv_up_proj, linear_proj};
+      post_attention_layernorm -> pre_mlp_layernorm; an expert layer's mlp.gate.weight -> mlp.router.weight,
+      mlp.gate.e_score_correction_bias -> mlp.router.expert_bias (Megatron's aux-loss-free expert bias),
+      experts.j.{gate,up,down}_proj -> experts.local_experts.j.linear_fc1 = [gate; up] / linear_fc2,
+      shared_experts.{gate,up,down}_proj -> mlp.shared_experts.linear_fc1 = [gate; up] / linear_fc2; a dense
+      layer's mlp.{gate,up,down}_proj -> mlp.linear_fc1 = [gate; up] / linear_fc2."""
+    src, dst = f"model.layers.{i}", f"{L}.{i}"
+    yield f"{dst}.input_layernorm.weight", get(f"{src}.input_layernorm.weight")
+    for theirs, ours in _deepseek_attention_names(arch):
+        yield f"{dst}.self_attention.{ours}.weight", get(f"{src}.self_attn.{theirs}.weight")
+    yield f"{dst}.pre_mlp_layernorm.weight", get(f"{src}.post_attention_layernorm.weight")
+    m = f"{src}.mlp"
+    if not is_expert_layer(arch, i):
+        yield f"{dst}.mlp.linear_fc1.weight", torch.cat([get(f"{m}.gate_proj.weight"), get(f"{m}.up_proj.weight")], 0)
+        yield f"{dst}.mlp.linear_fc2.weight", get(f"{m}.down_proj.weight")
+        return
+    yield f"{dst}.mlp.router.weight", get(f"{m}.gate.weight")
+    yield f"{dst}.mlp.router.expert_bias", get(f"{m}.gate.e_score_correction_bias")
+    experts = [(f"{m}.experts.{j}", f"{dst}.mlp.experts.local_experts.{j}") for j in range(arch["experts"])]
+    if arch.get("shared_expert_ffn_hidden"):
+        experts.append((f"{m}.shared_experts", f"{dst}.mlp.shared_experts"))
+    for theirs, ours in experts:
+        yield f"{ours}.linear_fc1.weight", torch.cat([get(f"{theirs}.gate_proj.weight"), get(f"{theirs}.up_proj.weight")], 0)
+        yield f"{ours}.linear_fc2.weight", get(f"{theirs}.down_proj.weight")
+
+
+def _deepseek_layer_out(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    """The inverse of `_deepseek_layer` (Megatron names in, Hugging Face names out)."""
+    src, dst = f"{L}.{i}", f"model.layers.{i}"
+    yield f"{dst}.input_layernorm.weight", get(f"{src}.input_layernorm.weight")
+    for theirs, ours in _deepseek_attention_names(arch):
+        yield f"{dst}.self_attn.{theirs}.weight", get(f"{src}.self_attention.{ours}.weight")
+    yield f"{dst}.post_attention_layernorm.weight", get(f"{src}.pre_mlp_layernorm.weight")
+    m = f"{dst}.mlp"
+    if not is_expert_layer(arch, i):
+        gate, up = torch.chunk(get(f"{src}.mlp.linear_fc1.weight"), 2, 0)
+        yield f"{m}.gate_proj.weight", gate
+        yield f"{m}.up_proj.weight", up
+        yield f"{m}.down_proj.weight", get(f"{src}.mlp.linear_fc2.weight")
+        return
+    yield f"{m}.gate.weight", get(f"{src}.mlp.router.weight")
+    yield f"{m}.gate.e_score_correction_bias", get(f"{src}.mlp.router.expert_bias")
+    experts = [(f"{m}.experts.{j}", f"{src}.mlp.experts.local_experts.{j}") for j in range(arch["experts"])]
+    if arch.get("shared_expert_ffn_hidden"):
+        experts.append((f"{m}.shared_experts", f"{src}.mlp.shared_experts"))
+    for theirs, ours in experts:
+        gate, up = torch.chunk(get(f"{ours}.linear_fc1.weight"), 2, 0)
+        yield f"{theirs}.gate_proj.weight", gate
+        yield f"{theirs}.up_proj.weight", up
+        yield f"{theirs}.down_proj.weight", get(f"{ours}.linear_fc2.weight")
+
+
 def _gpt2_layer(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
     src, dst = f"transformer.h.{i}", f"{L}.{i}"
     for ln, ours in (("ln_1", "input_layernorm"), ("ln_2", "pre_mlp_layernorm")):
@@ -162,6 +236,8 @@ def _gpt2_layer(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Te
 
 
 def hf_to_mcore_layer(family: str, i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    if family == "deepseek_v3":
+        return _deepseek_layer(i, arch, get)
     return _gpt2_layer(i, arch, get) if family == "gpt2" else _llama_layer(family, i, arch, get)
 
 
@@ -255,6 +331,8 @@ def _gpt2_layer_out(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torc
 
 
 def mcore_to_hf_layer(family: str, i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    if family == "deepseek_v3":
+        return _deepseek_layer_out(i, arch, get)
     return _gpt2_layer_out(i, arch, get) if family == "gpt2" else _llama_layer_out(family, i, arch, get)
 
 
@@ -277,7 +355,11 @@ def mcore_to_hf_edges(family: str, arch: dict, get: Getter) -> Iterator[tuple[st
 
 # Column-parallel (split dim 0) and row-parallel (split dim 1) Megatron linear layers.
 _COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias",
-           "word_embeddings.weight", "output_layer.weight")
+           "word_embeddings.weight", "output_layer.weight",
+           # MLA's projections: every one column-parallel in the local spec (gather_output = False; the down
+           # projections' shards are gathered inside MLASelfAttention)
+           "linear_q_proj.weight", "linear_q_down_proj.weight", "linear_q_up_proj.weight",
+           "linear_kv_down_proj.weight", "linear_kv_up_proj.weight")
 _ROW = ("linear_proj.weight", "linear_fc2.weight")
 
 

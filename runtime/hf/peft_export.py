@@ -7,7 +7,9 @@ Output: peft's files for the Hugging Face model of that family, so
         `PeftModel.from_pretrained(base, DIR)` applies the same update (tests/runtime/hf/test_hf_peft.py).
 Exactness: a fused Megatron projection shares one A across its parts, so each Hugging Face projection
         gets that A and its own rows of B: linear_qkv -> q/k/v_proj (B split per query group like the
-        weight), linear_fc1 -> gate/up_proj (B halves), linear_proj -> o_proj, linear_fc2 -> down_proj.
+        weight), linear_fc1 -> gate/up_proj (B halves), linear_proj -> o_proj, linear_fc2 -> down_proj;
+        DeepSeek-V3's MLA projections one to one (linear_q_down_proj -> q_a_proj, linear_q_up_proj -> q_b_proj,
+        linear_q_proj -> q_proj, linear_kv_down_proj -> kv_a_proj_with_mqa, linear_kv_up_proj -> kv_b_proj).
         B_q A, B_k A, B_v A are exactly the rows of B A, so nothing is approximated.
 Limits: Llama-like families only (GPT-2's fused Conv1D c_attn would need fan_in_fan_out adapters).
 """
@@ -31,7 +33,15 @@ class AdapterError(ValueError):
     pass
 
 
+# DeepSeek-V3: each multi-latent attention projection is one Hugging Face module, its weight unpermuted
+# (runtime/hf/mapping.py DEEPSEEK_ATTENTION), so its adapter is that module's adapter as it is
+_MLA_MODULES = {f"self_attention.{ours}": f"self_attn.{theirs}" for theirs, ours in mapping.DEEPSEEK_ATTENTION.items()
+                if "layernorm" not in ours}
+
+
 def _parts(linear: str, a: torch.Tensor, b: torch.Tensor, arch: dict) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    if linear in _MLA_MODULES and arch.get("multi_latent_attention"):
+        return [(_MLA_MODULES[linear], a, b)]
     if linear == "self_attention.linear_qkv":
         return [(f"self_attn.{n}_proj", a, part) for n, part in zip("qkv", mapping.split_qkv(b, arch))]
     if linear == "self_attention.linear_proj":

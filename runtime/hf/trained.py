@@ -212,6 +212,8 @@ def spec_config(spec, vocab: int) -> dict[str, Any]:
         raise TrainedExportError(f"export: {', '.join(gemma)} written without a Hugging Face source: nemoc writes "
                                  "Gemma 3's config.json only for a model that started from one (init = hf(...))")
     base = {"vocab_size": vocab, "tie_word_embeddings": spec.tie_embeddings, "initializer_range": 0.02}
+    if spec.multi_latent_attention:
+        return deepseek_v3_config(spec, base)
     if spec.norm == "layernorm" and spec.position == "learned" and spec.activation in ("gelu", "gelu_tanh"):
         family = "gpt2"
         config = base | {
@@ -280,6 +282,56 @@ def spec_config(spec, vocab: int) -> dict[str, Any]:
     return config
 
 
+def deepseek_v3_config(spec, base: dict[str, Any]) -> dict[str, Any]:
+    """DeepseekV3Config of a multi-latent attention model trained without a Hugging Face source (compiler
+    E170 refuses the models it cannot express before anything runs). A dense model is DeepseekV3 with every
+    layer below first_k_dense_replace (dense MLPs of intermediate_size); a MoE model has its dense first layers (moe_first_dense_layers) below it and
+    every other layer sparse:
+    sigmoid scores plus e_score_correction_bias (Megatron's expert bias), renormalised over the top-k
+    (norm_topk_prob), times routed_scaling_factor, n_group / topk_group, n_shared_experts of
+    moe_intermediate_size each. transformers' latent norms use DeepseekV3RMSNorm's default epsilon (1e-6)."""
+    problems = []
+    if spec.norm != "rmsnorm" or spec.activation != "swiglu" or spec.add_bias_linear or not spec.qk_layernorm:
+        problems.append("DeepseekV3 has RMSNorm, SwiGLU, no biases and RMSNorms on both latents")
+    if spec.is_moe and (spec.moe_router_score != "sigmoid" or not spec.moe_expert_bias):
+        problems.append("DeepseekV3 routes by sigmoid scores plus an expert bias")
+    moe_ffn = spec.moe_ffn_hidden or spec.ffn_hidden
+    pattern = tuple(spec.moe_layer_pattern) if spec.is_moe else ()
+    first_dense = pattern.index(1) if 1 in pattern else 0
+    if spec.is_moe and any(v == 0 for v in pattern[first_dense:]):
+        problems.append("DeepseekV3's dense layers are its first first_k_dense_replace layers; this model has dense "
+                        "layers after an expert layer (moe_layer_freq)")
+    if spec.shared_expert_ffn_hidden % moe_ffn:
+        problems.append(f"shared_expert_ffn_hidden {spec.shared_expert_ffn_hidden} is not a whole number of "
+                        f"experts of {moe_ffn}")
+    if problems:
+        raise TrainedExportError("export: " + "; ".join(problems))
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": spec.rotary_base}
+    if spec.rope_type == "yarn":
+        rope = {"rope_type": "yarn", "rope_theta": spec.rotary_base, "factor": spec.rope_scaling_factor,
+                "original_max_position_embeddings": spec.original_max_position_embeddings,
+                "beta_fast": spec.beta_fast, "beta_slow": spec.beta_slow, "mscale": spec.mscale,
+                "mscale_all_dim": spec.mscale_all_dim}
+    config = base | {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": spec.hidden,
+        "intermediate_size": spec.ffn_hidden, "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.heads, "hidden_act": "silu", "max_position_embeddings": spec.seq_length,
+        "rms_norm_eps": spec.norm_epsilon, "rope_parameters": rope, "rope_interleave": True, "attention_bias": False,
+        "attention_dropout": 0.0, "q_lora_rank": spec.q_lora_rank or None, "kv_lora_rank": spec.kv_lora_rank,
+        "qk_nope_head_dim": spec.qk_head_dim, "qk_rope_head_dim": spec.qk_pos_emb_head_dim,
+        "v_head_dim": spec.v_head_dim, "num_nextn_predict_layers": 0,
+    }
+    if not spec.is_moe:
+        return config | {"first_k_dense_replace": spec.layers, "n_routed_experts": 1, "num_experts_per_tok": 1,
+                         "n_shared_experts": 0, "n_group": 1, "topk_group": 1, "moe_intermediate_size": spec.ffn_hidden}
+    return config | {
+        "first_k_dense_replace": first_dense, "n_routed_experts": spec.experts, "num_experts_per_tok": spec.top_k,
+        "moe_intermediate_size": moe_ffn, "n_shared_experts": spec.shared_expert_ffn_hidden // moe_ffn,
+        "norm_topk_prob": True, "routed_scaling_factor": spec.moe_topk_scaling_factor or 1.0,
+        "n_group": spec.moe_router_groups or 1, "topk_group": spec.moe_router_group_topk or 1,
+    }
+
+
 _COMPARED = ("layers", "hidden", "heads", "query_groups", "ffn_hidden", "activation", "norm", "position",
              "rotary_base", "rope_scaling_factor", "tie_embeddings", "add_bias_linear", "add_qkv_bias",
              "qk_layernorm", "experts", "top_k")
@@ -301,7 +353,7 @@ def manifest_for(spec, *, vocab: int, source: str | Path | None, dtype: str,
     if spec.experts:  # every layer is an expert layer: the dense width is unused, the experts' is compared
         del ours["ffn_hidden"]
         ours["moe_ffn_hidden"] = spec.moe_ffn_hidden or spec.ffn_hidden
-    if arch.fields.get("position") == "rope":
+    if arch.fields.get("position") == "rope" and not spec.multi_latent_attention:  # MLA: no head_dim
         ours["head_dim"] = spec.head_dim
     theirs = dict(arch.fields, head_dim=arch.fields.get("kv_channels"))
     bad = [f"{k}: model {v!r}, config.json {theirs.get(k)!r}" for k, v in ours.items()

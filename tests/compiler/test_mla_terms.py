@@ -138,3 +138,21 @@ def test_mla_tp_collectives():
     # standard: 8 transfers of h per layer (4 forward, 4 backward); MLA adds its widths on top
     assert te == pytest.approx(base * (8 * 7168 + 2 * (1536 + 576 - 7168)) / (8 * 7168))
     assert local == pytest.approx(base * (8 * 7168 + 7168 * 2 + 1536 * 3 + 576 + 512 * 2) / (8 * 7168))
+
+
+def test_lora_adapters_on_mla_projections_by_hand():
+    """`qkv` on MLA adapts each query/key/value projection (runtime/align/lora.py MLA_QKV), `proj` reads
+    heads x v_head_dim: rank x (in + out) each (the runtime's count: tests/runtime/align/test_align_mla_lora.py)."""
+    from nemoc.compiler.flops import lora_params_per_layer
+    from nemoc.compiler.spec import LoraSpec
+
+    r = 16
+    # q_down 7168 -> 1536, q_up 1536 -> 128 x 192, kv_down 7168 -> 576, kv_up 512 -> 128 x 256
+    qkv = r * ((7168 + 1536) + (1536 + 24_576) + (7168 + 576) + (512 + 32_768))
+    proj = r * (128 * 128 + 7168)
+    assert lora_params_per_layer(V3_ATTN, LoraSpec(rank=r, targets=("qkv",))) == qkv == 1_213_440
+    assert lora_params_per_layer(V3_ATTN, LoraSpec(rank=r, targets=("proj",))) == proj
+    assert lora_params_per_layer(V3_ATTN, LoraSpec(rank=r, targets=("o",))) == proj  # peft's name, one adapter
+    # V2-Lite, no query latent: q 2048 -> 16 x 192 directly
+    lite = r * ((2048 + 3072) + (2048 + 576) + (512 + 4096))
+    assert lora_params_per_layer(LITE_ATTN, LoraSpec(rank=r, targets=("qkv",))) == lite

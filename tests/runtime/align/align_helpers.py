@@ -25,6 +25,20 @@ def llama_spec(**overrides):
     return ModelSpec(**base)
 
 
+def mla_spec(**overrides):
+    """A tiny DeepSeek-style multi-latent attention model: query and key/value latents with their RMSNorms,
+    YaRN RoPE, q/k (16 + 8) and v (12) head widths that differ from each other and from hidden / heads."""
+    from nemoc.compiler.spec import ModelSpec
+
+    base = dict(name="tiny-mla", layers=2, hidden=64, heads=4, query_groups=4, ffn_hidden=96, vocab=50,
+                seq_length=32, activation="swiglu", norm="rmsnorm", position="rope", multi_latent_attention=True,
+                q_lora_rank=24, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=12,
+                qk_layernorm=True, rope_type="yarn", rope_scaling_factor=4.0, original_max_position_embeddings=8,
+                mscale_all_dim=1.0)
+    base.update(overrides)
+    return ModelSpec(**base)
+
+
 def gpt2_spec(**overrides):
     from nemoc.compiler.spec import ModelSpec
 
@@ -41,6 +55,16 @@ def stage_settings(steps=100, lr=3e-3, **kw):
 
     return dict(optimizer=OptimizerSpec(lr=lr, weight_decay=0.0, grad_clip=1.0),
                 schedule=ScheduleSpec(name="constant", warmup=0), steps=steps, **kw)
+
+
+def mla_tp_settings():
+    """Three plain SGD steps (no clipping, no Adam normalisation): an adapter gradient that differs between TP
+    sizes moves the loss in proportion, where Adam's per-parameter normalisation would hide a constant factor
+    and amplify last-bit differences near zero gradients instead."""
+    from nemoc.compiler.spec import OptimizerSpec, ScheduleSpec
+
+    return dict(optimizer=OptimizerSpec(name="sgd", lr=0.5, weight_decay=0.0, grad_clip=0.0),
+                schedule=ScheduleSpec(name="constant", warmup=0), steps=3)
 
 
 # A synthetic instruction task over token ids: prompt = [INSTR, a, b, SEP], response = [f(a), f(b), EOD]
@@ -134,9 +158,10 @@ def write_task(tmp_path, plan, stage, *, datasets, tokenizer, vocab_size, parent
     return out / "task.json"
 
 
-def arithmetic_world(root, mcore, *, seed: int):
+def arithmetic_world(root, mcore, *, seed: int, model=None):
     """A tiny chat world under `root`: chat.jsonl ("What is a plus b?"), a byte-level BPE tokenizer trained
-    on it, and a random-init base checkpoint (`root/base`). Returns (root, spec, tokenizer, qa pairs)."""
+    on it, and a random-init base checkpoint (`root/base`) of `model` (a spec function like `llama_spec`, the
+    default). Returns (root, spec, tokenizer, qa pairs)."""
     import json
 
     from nemoc.runtime.tokenizer import train_byte_level_bpe
@@ -145,7 +170,7 @@ def arithmetic_world(root, mcore, *, seed: int):
     chat = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r}]} for q, r in qa]
     (root / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chat) + "\n")
     tok = train_byte_level_bpe([q + " " + r for q, r in qa] * 4, 300, root / "tokenizer.json")
-    spec = llama_spec(vocab=tok.vocab_size, seq_length=48)
+    spec = (model or llama_spec)(vocab=tok.vocab_size, seq_length=48)
     mcore.seed_all(seed)
     mcore.save_model(mcore.build_gpt(spec, mcore.single_layout(), vocab=tok.vocab_size, seq_length=48), root / "base")
     return root, spec, tok, qa

@@ -1,5 +1,7 @@
 """Run under `torchrun --nproc-per-node 2`: a TP=2 model's logits + checkpoint (for export), and two LoRA
-SFT steps under TP=2 (losses, adapters, merged checkpoint), compared at TP=1 by test_align_tp2.py."""
+SFT steps under TP=2 (losses, adapters, merged checkpoint), compared at TP=1 by test_align_tp2.py (a Llama-style
+model) and test_align_mla_tp2.py (argument `mla`: multi-latent attention, its column-parallel projections'
+adapters)."""
 
 from __future__ import annotations
 
@@ -11,17 +13,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from align_helpers import instruction_samples, llama_spec, mapping, stage_settings  # noqa: E402
+from align_helpers import instruction_samples, llama_spec, mapping, mla_spec, mla_tp_settings, stage_settings  # noqa: E402
 
 from nemoc.compiler.spec import LoraSpec  # noqa: E402
 from nemoc.runtime.align import common, lora, sft, trainer  # noqa: E402
 
 
-def main(out: Path) -> None:
+def main(out: Path, model_kind: str = "llama") -> None:
     torch.set_num_threads(1)
     common.init_distributed(tp=2, pp=1, seed=0)
     rank = torch.distributed.get_rank()
-    spec = llama_spec(seq_length=16, vocab=256)  # no vocabulary padding at tp=1 or tp=2: same softmax
+    # no vocabulary padding at tp=1 or tp=2: same softmax
+    spec = (mla_spec if model_kind == "mla" else llama_spec)(seq_length=16, vocab=256)
+    settings = mla_tp_settings() if model_kind == "mla" else stage_settings(steps=3, lr=1e-2)
     layout = common.single_layout(tp=2)
     common.seed_all(21)
     model = common.build_gpt(spec, layout)
@@ -41,7 +45,7 @@ def main(out: Path) -> None:
     lora.apply_lora(model, LoraSpec(rank=4, alpha=8.0, dropout=0.0), seed=7)
     samples = instruction_samples(16, seed=1, f=mapping(0))
     tr = trainer.Trainer(model, layout=common.single_layout(tp=2, global_batch=8, micro_batch=4),
-                         **stage_settings(steps=3, lr=1e-2))
+                         **settings)
     history = trainer.run_steps(tr, items=[[s] for s in samples], steps=3, global_batch=8,
                                 to_microbatches=lambda share: sft.rows_to_batches(share, 16, 4),
                                 forward=sft.forward, seq_length=16)
@@ -56,7 +60,7 @@ def main(out: Path) -> None:
     sp_model = common.build_gpt(spec, sp_layout)
     common.load_model(sp_model, out / "base")
     lora.apply_lora(sp_model, LoraSpec(rank=4, alpha=8.0, dropout=0.0), seed=7)
-    tr = trainer.Trainer(sp_model, layout=sp_layout, **stage_settings(steps=3, lr=1e-2))
+    tr = trainer.Trainer(sp_model, layout=sp_layout, **settings)
     history = trainer.run_steps(tr, items=[[s] for s in samples], steps=3, global_batch=8,
                                 to_microbatches=lambda share: sft.rows_to_batches(share, 16, 4),
                                 forward=sft.forward, seq_length=16)
@@ -66,4 +70,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:3])

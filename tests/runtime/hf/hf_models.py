@@ -38,6 +38,26 @@ FAMILIES = {
                    layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
                    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}),
+    # DeepSeek-V3: MLA with a query latent (q/k 16 + 8 and v 12 head widths all different), YaRN RoPE on the
+    # interleaved channels, 4 routed experts in 2 groups (top-2 of the best group: n_group, topk_group), sigmoid
+    # scores with an expert bias (perturbed below), routed scaling 2.5, one shared expert; every layer sparse
+    "deepseek_v3": dict(model_type="deepseek_v3", num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                        n_group=2, topk_group=1, n_shared_experts=1, moe_intermediate_size=32, routed_scaling_factor=2.5,
+                        first_k_dense_replace=0, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16,
+                        qk_rope_head_dim=8, v_head_dim=12, tie_word_embeddings=False,
+                        rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16,
+                                             beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                             rope_theta=10000.0)),
+    # DeepSeek-V3 with its dense first layer (first_k_dense_replace = 1: layer 0 a dense MLP of intermediate_size,
+    # Megatron-Core moe_layer_freq [0, 1], nemoc moe_first_dense_layers = 1); layer 1 routed as above
+    "deepseek_v3_dense": dict(model_type="deepseek_v3", num_key_value_heads=4, n_routed_experts=4,
+                              num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                              moe_intermediate_size=32, routed_scaling_factor=2.5, first_k_dense_replace=1,
+                              q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                              tie_word_embeddings=False,
+                              rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16,
+                                                   beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                                   rope_theta=10000.0)),
     "gpt2": dict(model_type="gpt2", vocab_size=200, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                  activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                  bos_token_id=1, eos_token_id=2),
@@ -65,6 +85,9 @@ def make_hf_model(family: str, directory, *, seed: int = 0, max_shard_size: str 
         for name, p in model.named_parameters():
             if "norm" in name or "ln_" in name or name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+        for name, b in model.named_buffers():  # DeepSeek's expert bias (a buffer, zero at init) picks experts
+            if name.endswith("e_score_correction_bias"):
+                b.add_(torch.randn_like(b) * 0.1)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
     return model

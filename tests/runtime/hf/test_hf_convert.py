@@ -64,7 +64,16 @@ def test_logits_equal_transformers_at_tp1(mcore, tmp_path, family):
             theirs = rotary.full_attention_inv_freq
             sliding = unwrap(model).decoder.layers[0].self_attention.local_rotary
             torch.testing.assert_close(sliding.inv_freq, rotary.sliding_attention_inv_freq, atol=0, rtol=1e-6)
-        torch.testing.assert_close(unwrap(model).rotary_pos_emb.inv_freq, theirs, atol=0, rtol=1e-6)
+        gpt = unwrap(model)
+        if manifest["architecture"].get("rope_type") == "yarn":
+            # MLA's YaRN (each layer's own YarnRotaryEmbedding) blends its frequencies in get_emb: position 1's
+            # angles are the frequencies; its concentration factor scales cos and sin as transformers'
+            # attention_scaling does
+            emb, mscale = gpt.decoder.layers[0].self_attention.rotary_pos_emb.get_emb(2)
+            torch.testing.assert_close(emb[1, 0, 0, :theirs.numel()], theirs, atol=0, rtol=1e-6)
+            assert mscale == pytest.approx(rotary.attention_scaling, rel=1e-6)
+        else:
+            torch.testing.assert_close(gpt.rotary_pos_emb.inv_freq, theirs, atol=0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -136,8 +145,9 @@ def test_missing_tensor_names_the_checkpoint_and_tensor(tmp_path):
 
 # GQA + QKV bias (the interleaving TP splits); llama3 RoPE scaling; experts (EP=2 splits them); Gemma 3 (GeGLU
 # halves, post-block norms and QK norms replicated, the sliding layer on the first pipeline stage and the full one
-# on the last, tied embeddings)
-PARALLEL_FAMILIES = ("qwen2", "llama31", "mixtral", "qwen3_moe", "qwen3_moe_dense", "gemma3")
+# on the last, tied embeddings); DeepSeek-V3 (MLA's column-parallel projections split over TP, its experts,
+# expert bias and shared expert over EP)
+PARALLEL_FAMILIES = ("qwen2", "llama31", "mixtral", "qwen3_moe", "qwen3_moe_dense", "gemma3", "deepseek_v3")
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +173,7 @@ def parallel_cases(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["tp", "pp", "ep", "tpsp"])
 @pytest.mark.parametrize("family", PARALLEL_FAMILIES)
 def test_logits_equal_transformers_at_tp2_pp2_and_ep2(parallel_cases, family, mode):
-    if mode == "ep" and not {"num_experts", "num_local_experts"} & set(FAMILIES[family]):
+    if mode == "ep" and not {"num_experts", "num_local_experts", "n_routed_experts"} & set(FAMILIES[family]):
         pytest.skip("expert parallelism needs an MoE model")
     if mode == "tpsp" and family != "gemma3":
         # the MoE families' "tp" runs with sequence parallelism already; Gemma 3's own norms sit in the

@@ -1,5 +1,6 @@
 """A LoRA stage's adapter exported in peft's format loads onto the base model and gives the merged
-model's logits (and nemoc's own)."""
+model's logits (and nemoc's own). DeepSeek-V3: `qkv` and `proj` put one adapter on each MLA projection, which
+peft applies to q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj and o_proj (the experts have none)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from hf_models import make_hf_model
 VOCAB = 200
 
 
-@pytest.mark.parametrize("family, saved", [("llama", False), ("qwen2", False), ("llama", True), ("gemma3", False)])
+@pytest.mark.parametrize("family, saved", [("llama", False), ("qwen2", False), ("llama", True), ("gemma3", False),
+                                           ("deepseek_v3", False), ("deepseek_v3", True)])
 def test_peft_adapter_equals_the_merged_model(mcore, tmp_path, family, saved):
     """`saved`: the adapters go through the LoRA stage's adapter checkpoint and are read back as the export
     stage reads them (runtime/hf/trained.py adapter_state), not from the live model."""
@@ -44,6 +46,11 @@ def test_peft_adapter_equals_the_merged_model(mcore, tmp_path, family, saved):
         assert set(read) == set(live) and all(torch.equal(read[k], live[k]) for k in live)
         state = read
     peft_export.write_adapter(state, manifest, tmp_path / "adapter", rank=spec.rank, alpha=spec.alpha)
+    if family == "deepseek_v3":
+        import json
+
+        targets = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+        assert targets == ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "q_a_proj", "q_b_proj"]
 
     tokens = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(5))
     batch = mcore.make_batch([(t, [1] * len(t)) for t in tokens.tolist()], tokens.shape[1] - 1)

@@ -1,11 +1,13 @@
 """KV-cached generation (Megatron-Core's StaticInferenceContext) gives the tokens that recomputing the
-whole sequence for every new token gives: greedy and sampled, prompts of different lengths, stop at eod."""
+whole sequence for every new token gives: greedy and sampled, prompts of different lengths, stop at eod;
+standard attention and multi-latent attention (MLASelfAttention appends its keys and values to the same
+context: the rollouts of PPO and GRPO on an MLA model)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from align_helpers import gpt2_spec, llama_spec
+from align_helpers import gpt2_spec, llama_spec, mla_spec
 
 from nemoc.runtime import generation
 
@@ -30,7 +32,9 @@ def _both(chunk, **kw):
     return runs
 
 
-@pytest.mark.parametrize("spec", [llama_spec, gpt2_spec], ids=["llama-rope", "gpt2-learned"])
+@pytest.mark.parametrize("spec", [llama_spec, gpt2_spec, mla_spec, lambda: mla_spec(q_lora_rank=0, rope_type="rope",
+                                                                                     rope_scaling_factor=1.0)],
+                         ids=["llama-rope", "gpt2-learned", "mla-yarn", "mla-no-q-latent"])
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
 def test_cached_generation_equals_recomputation(mcore, spec, greedy):
     chunk = _model(mcore, spec())
@@ -93,3 +97,26 @@ def test_the_cached_prefill_computes_only_the_last_positions_logits(mcore):
     shortest = min(len(p) for p in PROMPTS)
     assert cached[0][0] == 1 and all(s[0] == 1 for s in cached)  # [s, b, h]: one position, prefill included
     assert seen[0][0] == shortest  # without the cache the prefill's output layer sees every position
+
+
+@pytest.mark.parametrize("q_lora_rank", [24, 0], ids=["q-latent", "no-q-latent"])
+def test_the_mla_rollout_cache_is_what_the_memory_model_plans(mcore, q_lora_rank):
+    """compiler/memory.py `rollout_kv_cache` for a multi-latent attention model: every head's key of qk + pe
+    channels and value of v_head_dim, as Megatron-Core's StaticInferenceContext holds them (no latent cache):
+    the elements the context allocates over every layer, at 16-bit, equal the planned bytes."""
+    from nemoc.compiler.memory import rollout_kv_cache
+
+    spec = mla_spec(q_lora_rank=q_lora_rank)
+    chunk = _model(mcore, spec)
+    rows, length = 3, 20
+    context = generation._context(rows, length)
+    tokens = torch.randint(0, 50, (rows, 5))
+    positions = torch.arange(5).expand(rows, 5)
+    chunk.eval()
+    with torch.no_grad():
+        generation._forward(chunk, tokens, positions, context)
+    cached = [t for kv in context.key_value_memory_dict.values() for t in kv if isinstance(t, torch.Tensor)]
+    assert len(cached) == 2 * spec.layers  # one key and one value per layer
+    planned = rollout_kv_cache(spec, mcore.single_layout(), seq=length, rows=rows, layers=spec.layers)
+    assert sum(t.numel() for t in cached) * 2 == planned  # 16-bit in the plan; the test model is fp32
+    assert {tuple(t.shape[-2:]) for t in cached} == {(4, 24), (4, 12)}  # heads x (16 + 8), heads x 12
