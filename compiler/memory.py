@@ -514,7 +514,7 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
     first and last stages (with virtual stages, on the stages' first / last chunks: middle stages hold fewer
     in-flight micro batches and are not compared)."""
     stages = {0, layout.pp - 1} | ({1} if split is not None and layout.pp > 2 and split[1] > split[0] else set())
-    if model.has_dense_layers and layout.pp > 2:
+    if layout.pp > 2 and _has_dense_layers(model):
         # a MoE model's dense layers make the stages holding them lighter (DeepSeek's first layers on stage 0):
         # the earliest stage with the fewest dense layers holds the most in-flight micro batches of the heaviest
         dense = dense_layers_per_stage(model, layout.pp, layout.vp, split)
@@ -562,12 +562,51 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
             if precision in LOW_PRECISIONS and any(bf16_layers) else None)
     bf16_dense = (bf16_dense_layers_per_stage(model, layout.pp, layout.vp, split, *bf16_layers)
                   if bf16 is not None else None)
+    common = _StageCommon.of(model, layout, stage_kind, resident, precision, fp8_recipe)
     for stage in stages:
         yield _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
                             capacity, kernels, grad_bytes, split, resident, rows, moe_dispatcher, cuda_graph_share,
                             fp8_recipe, generates=bool(work.generated), cross_entropy=cross_entropy, userbuffers=ub,
                             bf16_here=bf16[stage] if bf16 is not None else 0,
-                            bf16_dense_here=bf16_dense[stage] if bf16_dense is not None else 0)
+                            bf16_dense_here=bf16_dense[stage] if bf16_dense is not None else 0, common=common)
+
+
+class _StageCommon:
+    """What `_stage_memory` computes alike for every pipeline stage of one layout (`estimate` sizes two to four
+    of them): the padded vocabulary, which resident models train and which end in a scalar head, the
+    optimizer's bytes, the NCCL groups, and (filled by the first stage that needs them) one layer's
+    activations and the backward's working set. Pure caching: each value is the expression `_stage_memory`
+    would evaluate, for the same layout."""
+
+    __slots__ = ("vocab", "trains", "trainable", "frozen", "scalar", "scalar_head", "opt_bytes", "states_vp",
+                 "nccl", "per_layer", "working")
+
+    @classmethod
+    def of(cls, model: ModelSpec, layout: Layout, kind: str, resident: tuple[str, ...], precision: str,
+           fp8_recipe: str | None) -> _StageCommon:
+        c = cls()
+        c.vocab = padded_vocab(model.vocab, layout.tp)
+        c.trains = kind in TRAINING_KINDS
+        c.trainable = (2 if kind == "ppo" else 1) if c.trains else 0  # PPO trains actor and critic
+        c.frozen = len(resident) - c.trainable  # references / reward model; eval's models, export
+        # which of them end in a scalar head (h -> 1) instead of the vocabulary output layer: the trained ones
+        # come first in `resident_models` (ppo: actor, critic; reward: reward), the frozen ones after them
+        heads = tuple(name in SCALAR_HEAD_MODELS for name in resident)
+        c.scalar = (sum(heads[:c.trainable]), sum(heads[c.trainable:]))
+        c.scalar_head = all(heads)  # no model of the stage computes logits
+        c.opt_bytes = optimizer_bytes(layout, precision, fp8_recipe)
+        c.states_vp = layout.vp if _has_dense_layers(model) else None  # which layers a stage holds
+        c.nccl = NCCL_BYTES_PER_GROUP * ((layout.tp > 1) + (layout.pp > 1) + (layout.cp > 1) + (layout.dp > 1)
+                                         + (layout.ep > 1))
+        c.per_layer = None  # one layer's activations (`_stage_memory`)
+        c.working = {}  # the backward's working set, by whether it is an FP8 layer's
+        return c
+
+
+@lru_cache(maxsize=256)
+def _has_dense_layers(model: ModelSpec) -> bool:
+    """`model.has_dense_layers`, cached (the property sums the layer pattern; `estimate` asks for every layout)."""
+    return model.has_dense_layers
 
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
@@ -660,7 +699,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
                   moe_dispatcher: str = "alltoall", cuda_graph_share: float = 0.0,
                   fp8_recipe: str | None = None, generates: bool = False,
                   cross_entropy: str | None = None, userbuffers: float = 0.0, bf16_here: int = 0,
-                  bf16_dense_here: int = 0) -> MemoryBreakdown:
+                  bf16_dense_here: int = 0, common: _StageCommon | None = None) -> MemoryBreakdown:
     """One pipeline stage's breakdown; `resident`: the models the stage keeps (`resident_models`; the critic
     and the reward model end in a scalar head, `SCALAR_HEAD_MODELS`),
     `rows`: sequences per micro-batch sample (`flops.stage_work`); `cuda_graph_share`: the share of
@@ -669,26 +708,19 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
     bf16 under fp8 / mxfp8 / nvfp4 (`flops.bf16_layers_per_stage`): no FP8 / FP4 weight copies and (fp8 /
     mxfp8) 16-bit saved GEMM inputs for them, and 16-bit weights where fp8_param_gather keeps the others in FP8
     (Megatron-Core builds them outside the fp8 / fp4 context: fp8_utils.py `get_fp8_context(is_init=True)`);
-    `bf16_dense_here`: how many of those are dense layers of a MoE model (`flops.bf16_dense_layers_per_stage`)."""
-    vocab = padded_vocab(model.vocab, layout.tp)
-    trains = kind in TRAINING_KINDS
-    trainable = (2 if kind == "ppo" else 1) if trains else 0  # PPO trains actor and critic
-    frozen = len(resident) - trainable  # references / reward model; eval's models, export
-    # which of them end in a scalar head (h -> 1) instead of the vocabulary output layer: the trained ones
-    # come first in `resident_models` (ppo: actor, critic; reward: reward), the frozen ones after them
-    heads = tuple(name in SCALAR_HEAD_MODELS for name in resident)
-    scalar = (sum(heads[:trainable]), sum(heads[trainable:]))
-    scalar_head = all(heads)  # no model of the stage computes logits
+    `bf16_dense_here`: how many of those are dense layers of a MoE model (`flops.bf16_dense_layers_per_stage`);
+    `common`: what every stage of the layout shares (`_StageCommon`; computed here when None)."""
+    if common is None:
+        common = _StageCommon.of(model, layout, kind, resident, precision, fp8_recipe)
+    vocab, trains, trainable, frozen, scalar, scalar_head = (
+        common.vocab, common.trains, common.trainable, common.frozen, common.scalar, common.scalar_head)
     st, weights, gradients, optimizer, step_transient = _model_states(
         model, layout.tp, layout.pp, layout.cp, layout.dp, layout.ep, layout.etp, layout.distributed_optimizer,
         stage, vocab, scalar, split, precision, peft, trainable, frozen, grad_bytes,
-        bool(layout.megatron_fsdp and trainable and peft is None), optimizer_bytes(layout, precision, fp8_recipe),
-        vp=layout.vp if model.has_dense_layers else None)
+        bool(layout.megatron_fsdp and trainable and peft is None), common.opt_bytes, vp=common.states_vp)
     params_local = st.dense + st.expert
 
-    parts: dict[str, float] = {"cuda_context": CUDA_CONTEXT_BYTES}
-    groups = sum(1 for n in (layout.tp, layout.pp, layout.cp, layout.dp, layout.ep) if n > 1)
-    parts["nccl"] = NCCL_BYTES_PER_GROUP * groups
+    parts: dict[str, float] = {"cuda_context": CUDA_CONTEXT_BYTES, "nccl": common.nccl}
     if layout.megatron_fsdp and trainable and peft is None:
         embedding = vocab * model.hidden / layout.tp  # the input embedding or the output layer, one unit each
         units = (1 if st.first else 0) + (1 if st.last and not model.tie_embeddings and not scalar_head else 0)
@@ -723,11 +755,13 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
     activations = 0.0
     if kind != "export":
         b = layout.micro_batch * rows
-        per_layer = layer_activations(
-            model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
-            etp=layout.etp, recompute=layout.recompute if trains else "none", attention_backend=backend,
-            recompute_modules=layout.recompute_modules,
-            dropout=dropout, kernels=kernels, fp8=precision in ("fp8", "mxfp8")).total
+        per_layer = common.per_layer
+        if per_layer is None:  # the same for every stage of the layout: computed by its first
+            per_layer = common.per_layer = layer_activations(
+                model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
+                etp=layout.etp, recompute=layout.recompute if trains else "none", attention_backend=backend,
+                recompute_modules=layout.recompute_modules,
+                dropout=dropout, kernels=kernels, fp8=precision in ("fp8", "mxfp8")).total
         rep = layout.tp if layout.sequence_parallel else 1
         s_local = seq / layout.cp
         if trains:
@@ -772,11 +806,16 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
             # without the s x s scores, plus (unfused attention) the scores of the layer whose core
             # attention is being recomputed or differentiated; the same for every recompute mode,
             # so memory stays monotone in it.
-            working = layer_activations(
-                model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
-                etp=layout.etp, recompute="none", attention_backend=backend, dropout=dropout, kernels=kernels,
-                fp8=precision in ("fp8", "mxfp8") and not bf16_here)  # a bf16 layer's, the larger, where held
-            parts["backward_working"] = working.total - (working.scores if backend != "unfused" else 0.0)
+            fp8_working = precision in ("fp8", "mxfp8") and not bf16_here  # a bf16 layer's, the larger, where held
+            working_bytes = common.working.get(fp8_working)
+            if working_bytes is None:
+                working = layer_activations(
+                    model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
+                    etp=layout.etp, recompute="none", attention_backend=backend, dropout=dropout, kernels=kernels,
+                    fp8=fp8_working)
+                working_bytes = common.working[fp8_working] = (
+                    working.total - (working.scores if backend != "unfused" else 0.0))
+            parts["backward_working"] = working_bytes
             if st.last:  # final norm input + output-layer input (Korthikanti: 4 sbh / t)
                 activations += 4.0 * s_local * b * model.hidden / rep
         else:  # forward only: one layer's tensors live at a time
