@@ -622,8 +622,8 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
     buffer are sharded over the same group as the optimizer state (ZeRO-3); the layers being computed
     are gathered into `fsdp_buffers` (`_stage_memory`)."""
     layout = _StatesLayout(tp, pp, cp, dp, ep, etp, vp)  # vp: which layers a stage holds (dense ones of a MoE model)
-    lm = _local_stage(model, layout, stage, vocab, False, split)
-    head = _local_stage(model, layout, stage, vocab, True, split)
+    lm = _local_stage_of(model, tp, pp, ep, etp, vp, stage, vocab, False, split)
+    head = _local_stage_of(model, tp, pp, ep, etp, vp, stage, vocab, True, split)
     st = head if sum(scalar) == trainable + frozen else lm
     dense_shard, expert_shard = _shards(layout)
     wb = weight_bytes(precision)
@@ -653,6 +653,12 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
                 step += count * s.step
     weights += (scalar[1] * (head.dense + head.expert) + (frozen - scalar[1]) * (lm.dense + lm.expert)) * wb
     return st, weights, gradients, optimizer, step
+
+
+@lru_cache(maxsize=4096)  # pure; `_model_states` asks again for every dp, cp and distributed-optimizer value
+def _local_stage_of(model, tp, pp, ep, etp, vp, stage, vocab, scalar_head, split) -> _Stage:
+    """`_local_stage` of a layout with these sizes (the only ones it reads)."""
+    return _local_stage(model, _StatesLayout(tp, pp, 1, 1, ep, etp, vp), stage, vocab, scalar_head, split)
 
 
 @dataclass(frozen=True, slots=True)
@@ -730,7 +736,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
     # embedding is no GEMM, and the output layer is a plain `tensor_parallel.ColumnParallelLinear`
     # (Megatron-Core models/gpt/gpt_model.py), not a TE module, so it is neither quantised nor held in FP8
     # (nor is a scalar head): every resident model has the same FP8 linear weights on this stage
-    linear = _layer_params(model, layout, st.layers, st.dense_layers)
+    linear = _layer_params(model, layout, st.layers, st.dense_layers) if precision in LOW_PRECISIONS else 0.0
     if precision == "nvfp4":
         # Transformer Engine caches the NVFP4 weight and its transpose across micro batches: 4-bit
         # values plus one FP8 (E4M3) scale per 16-element block, 0.5 + 1/16 B each.
