@@ -1636,7 +1636,11 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     key = (layout.tp, layout.cp, layout.ep, layout.etp, layout.sequence_parallel, largest)
     lt = _kept(memo, key, layers)
 
+    has_dense = _kept(memo, "has_dense", lambda: model.has_dense_layers)  # the property sums the layer pattern
+
     def dense() -> tuple[tuple[int, ...], float] | None:  # a MoE model's dense layers, on their stages
+        if not has_dense:
+            return None
         graph = ((cuda_graph_share(host, model), 1.0 + main.backward)
                  if host is not None and host.cuda_graph_impl != "none" and main.backward != FORWARD else None)
         layer_kw = dict(seq=seq, attention_backend=attention_backend, micro_batch=largest * work.rows,
@@ -1663,7 +1667,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     if main.backward != FORWARD:
         for updates, adapters in _trained_groups(work, peft):
             # vp: which layers a stage holds decides its dense layers (a MoE model's `_busiest_stage_mix`)
-            trainable = _kept(memo, ("params", layout.tp, layout.pp, layout.vp if model.has_dense_layers else None,
+            trainable = _kept(memo, ("params", layout.tp, layout.pp, layout.vp if has_dense else None,
                                      layout.ep, layout.etp, split, adapters is None),
                               lambda: _trainable_params(model, layout, split, adapters))
             t += _optimizer_time(layout, hw, trainable, updates, main.count * rows / largest, kernels)
