@@ -519,13 +519,13 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
         # the earliest stage with the fewest dense layers holds the most in-flight micro batches of the heaviest
         dense = dense_layers_per_stage(model, layout.pp, layout.vp, split)
         stages.add(min(range(layout.pp - 1), key=lambda s: (dense[s], s)))
-    best = None
-    for m in _breakdowns(sorted(stages), model, layout, precision, attention_backend, seq_length, stage_kind, peft,
-                         gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,
-                         cuda_graph_share, fp8_recipe, cross_entropy, bf16_layers):
-        if best is None or m.total > best.total:
-            best = m
-    return best  # type: ignore[return-value]
+    best = None  # the first stage of the largest total, as `MemoryBreakdown.total` sums it (one breakdown built)
+    for terms in _breakdowns(sorted(stages), model, layout, precision, attention_backend, seq_length, stage_kind,
+                             peft, gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,
+                             cuda_graph_share, fp8_recipe, cross_entropy, bf16_layers, raw=True):
+        if best is None or terms[0] > best[0]:
+            best = terms
+    return _breakdown_of(best)  # type: ignore[arg-type]
 
 
 def pipeline_stages(model: ModelSpec, layout: Layout, *, precision: str = "bf16", attention_backend: str = "flash",
@@ -545,12 +545,13 @@ def pipeline_stages(model: ModelSpec, layout: Layout, *, precision: str = "bf16"
 
 def _breakdowns(stages, model, layout, precision, attention_backend, seq_length, stage_kind, peft, gpu, params,
                 dropout, kernels, grad_bytes, split, moe_dispatcher="alltoall", parents=(), cuda_graph_share=0.0,
-                fp8_recipe=None, cross_entropy=None, bf16_layers=(0, 0)):
+                fp8_recipe=None, cross_entropy=None, bf16_layers=(0, 0), raw: bool = False):
+    """Each of `stages`' `_stage_memory`; `raw`: its `_stage_terms` instead (`estimate` builds one breakdown)."""
     hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
     capacity = hw.hbm_bytes if hw else 0
     seq = seq_length or model.seq_length
-    resident = resident_models(stage_kind, params, peft=peft, parents=parents)
-    work = stage_work(stage_kind, params, peft)
+    resident, work = _resident_and_work(stage_kind, params, peft, parents)
+    stage_memory = _stage_terms if raw else _stage_memory
     rows = work.rows  # preference pairs: chosen + rejected
     ub = 0.0
     if layout.tp_comm_overlap and layout.tp > 1:  # TE's userbuffers, the shapes and preset the plan records
@@ -564,7 +565,7 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
                   if bf16 is not None else None)
     common = _StageCommon.of(model, layout, stage_kind, resident, precision, fp8_recipe)
     for stage in stages:
-        yield _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
+        yield stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
                             capacity, kernels, grad_bytes, split, resident, rows, moe_dispatcher, cuda_graph_share,
                             fp8_recipe, generates=bool(work.generated), cross_entropy=cross_entropy, userbuffers=ub,
                             bf16_here=bf16[stage] if bf16 is not None else 0,
@@ -601,6 +602,20 @@ class _StageCommon:
         c.per_layer = None  # one layer's activations (`_stage_memory`)
         c.working = {}  # the backward's working set, by whether it is an FP8 layer's
         return c
+
+
+def _resident_and_work(stage_kind: str, params: object, peft: LoraSpec | None, parents: tuple[str, ...]):
+    """(`resident_models`, `flops.stage_work`) of the stage, cached where its arguments hash (a search asks for
+    every layout it sizes)."""
+    try:
+        return _resident_and_work_cached(stage_kind, params, peft, parents)
+    except TypeError:  # unhashable stage parameters
+        return resident_models(stage_kind, params, peft=peft, parents=parents), stage_work(stage_kind, params, peft)
+
+
+@lru_cache(maxsize=256)
+def _resident_and_work_cached(stage_kind, params, peft, parents):
+    return resident_models(stage_kind, params, peft=peft, parents=parents), stage_work(stage_kind, params, peft)
 
 
 @lru_cache(maxsize=256)
@@ -700,13 +715,25 @@ def _dense_layer_activations(model: ModelSpec, *, recompute_modules: tuple[str, 
     return layer_activations(model.dense_layer_model, recompute_modules=mods, **kw).total
 
 
-def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
-                  kernels, grad_bytes, split, resident: tuple[str, ...], rows: int,
+def _stage_memory(*args, **kw) -> MemoryBreakdown:
+    """One pipeline stage's breakdown (`_stage_terms`' arguments)."""
+    return _breakdown_of(_stage_terms(*args, **kw))
+
+
+def _breakdown_of(terms: tuple) -> MemoryBreakdown:
+    _, weights, gradients, optimizer, activations, other, capacity, ints = terms
+    return MemoryBreakdown(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
+                           other=other, capacity=capacity, parts=MappingProxyType(ints))
+
+
+def _stage_terms(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
+                 kernels, grad_bytes, split, resident: tuple[str, ...], rows: int,
                   moe_dispatcher: str = "alltoall", cuda_graph_share: float = 0.0,
                   fp8_recipe: str | None = None, generates: bool = False,
                   cross_entropy: str | None = None, userbuffers: float = 0.0, bf16_here: int = 0,
-                  bf16_dense_here: int = 0, common: _StageCommon | None = None) -> MemoryBreakdown:
-    """One pipeline stage's breakdown; `resident`: the models the stage keeps (`resident_models`; the critic
+                 bf16_dense_here: int = 0, common: _StageCommon | None = None) -> tuple:
+    """One pipeline stage's breakdown as (total, weights, gradients, optimizer, activations, other, capacity,
+    parts), in the integers of `MemoryBreakdown` (`_breakdown_of`); `resident`: the models the stage keeps (`resident_models`; the critic
     and the reward model end in a scalar head, `SCALAR_HEAD_MODELS`),
     `rows`: sequences per micro-batch sample (`flops.stage_work`); `cuda_graph_share`: the share of
     each layer captured as CUDA graphs (`cost.cuda_graph_share`; 0 without graphs); `generates`: the
@@ -875,7 +902,6 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
                 parts["rollout_kv_cache"] = rollout - dynamic
 
     ints = {k: int(v) for k, v in parts.items()}
-    return MemoryBreakdown(
-        weights=int(weights), gradients=int(gradients), optimizer=int(optimizer), activations=int(activations),
-        other=sum(ints.values()), capacity=int(capacity), parts=MappingProxyType(ints),
-    )
+    other = sum(ints.values())
+    w, g, o, a = int(weights), int(gradients), int(optimizer), int(activations)
+    return w + g + o + a + other, w, g, o, a, other, int(capacity), ints  # total as `MemoryBreakdown.total`
