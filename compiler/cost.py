@@ -1097,20 +1097,23 @@ def _stage_times_mixed(layers: int, pp: int, per_layer: float, logits: float, sp
 
 def _dense_layers(model, layout, hw, lt: LayerTimes, split, precision: str,
                   graph: tuple[float, float] | None = None, bf16_layers: tuple[int, int] = (0, 0),
-                  **layer_kw) -> tuple[tuple[tuple[tuple[int, ...], float], ...], LayerTimes, float] | None:
+                  dense_times=None, **layer_kw) -> tuple[tuple[tuple[tuple[int, ...], float], ...], LayerTimes, float] | None:
     """(per-stage extras for `_stage_times`' `dense`, the dense layer's times, the bf16 dense layers' extra
     seconds per micro batch summed over the stages) for a MoE model with dense layers (`moe_layer_freq`,
     `moe_first_dense_layers`); None otherwise. A dense layer is a layer of `ModelSpec.dense_layer_model` (its
     MLP of ffn_hidden, no router, no token dispatch: no expert-parallel all-to-all), on the stages Megatron-Core
     builds it (`flops.dense_layers_per_stage`): (dense layers per stage, seconds a dense layer takes more than an
     expert layer); where `bf16_layers` keeps some of them in bf16 under a low precision, also (those per stage,
-    the dense layer's extra seconds in bf16), as `_bf16_layers` prices the expert layers. `graph` as there."""
+    the dense layer's extra seconds in bf16), as `_bf16_layers` prices the expert layers. `graph` as there.
+    `dense_times`: a callable giving the dense layer's `layer_times` (before `graph`) where the caller keeps
+    them (`step_time_lower_bound`'s memo); computed here otherwise."""
     if not model.has_dense_layers:
         return None
     counts = dense_layers_per_stage(model, layout.pp, layout.vp, split)
     kw = {k: v for k, v in layer_kw.items() if k not in ("moe", "fp8_recipe")}  # a dense layer dispatches nothing
     recipe = layer_kw.get("fp8_recipe")
-    dense = layer_times(model.dense_layer_model, layout, hw, precision=precision, fp8_recipe=recipe, **kw)
+    dense = (dense_times() if dense_times is not None else
+             layer_times(model.dense_layer_model, layout, hw, precision=precision, fp8_recipe=recipe, **kw))
     if graph is not None:
         dense = graphed(dense, layer_kw["params"], *graph)
     extras = ((counts, dense.total - lt.total),)
@@ -1603,8 +1606,8 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
 
     `memo`: a dict the caller keeps for one problem (every argument fixed but `layout` and
     `micro_batches`; the plan search keeps one per search): what depends on a few sizes only is kept
-    in it by those sizes: the stage's passes (on none), the layer times by (tp, cp, ep, etp, sequence
-    parallelism, largest micro batch) (at recompute = none `layer_times` reads no other size of the
+    in it by those sizes: the stage's passes (on none), the layer times (and a MoE model's dense layer's) by
+    (tp, cp, ep, etp, sequence parallelism, largest micro batch) (at recompute = none `layer_times` reads no other size of the
     layout: pp and vp only for block recompute; `moe` follows ep), the stage times by those and (pp,
     split), the trainable parameters by (tp, pp, ep, etp, split). tests/compiler/test_search.py checks
     that every bound with the memo equals the bound without it."""
@@ -1633,13 +1636,21 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     key = (layout.tp, layout.cp, layout.ep, layout.etp, layout.sequence_parallel, largest)
     lt = _kept(memo, key, layers)
 
+    has_dense = _kept(memo, "has_dense", lambda: model.has_dense_layers)  # the property sums the layer pattern
+
     def dense() -> tuple[tuple[int, ...], float] | None:  # a MoE model's dense layers, on their stages
+        if not has_dense:
+            return None
         graph = ((cuda_graph_share(host, model), 1.0 + main.backward)
                  if host is not None and host.cuda_graph_impl != "none" and main.backward != FORWARD else None)
-        mixed = _dense_layers(model, layout, hw, lt, split, precision, graph=graph, seq=seq,
-                              attention_backend=attention_backend, micro_batch=largest * work.rows,
-                              backward=main.backward, params=params, overlap_tp=overlap_tp, kernels=kernels,
-                              attention_span=attention_span)
+        layer_kw = dict(seq=seq, attention_backend=attention_backend, micro_batch=largest * work.rows,
+                        backward=main.backward, params=params, overlap_tp=overlap_tp, kernels=kernels,
+                        attention_span=attention_span)
+        # the dense layer's times read the sizes of `key` only, as the expert layer's do (recompute = none)
+        mixed = _dense_layers(model, layout, hw, lt, split, precision, graph=graph, **layer_kw,
+                              dense_times=lambda: _kept(memo, key + ("dense",), lambda: layer_times(
+                                  model.dense_layer_model, layout, hw, precision=precision, fp8_recipe=None,
+                                  **layer_kw)))
         return mixed[0] if mixed is not None else None
     # with the output wgrad deferred the steady state can be the last stage without that GEMM (`_deferred_wgrad`)
     slow, mean, _ = _kept(memo, key + (layout.pp, layout.vp, split, layout.defer_embedding_wgrad_compute),
@@ -1656,7 +1667,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     if main.backward != FORWARD:
         for updates, adapters in _trained_groups(work, peft):
             # vp: which layers a stage holds decides its dense layers (a MoE model's `_busiest_stage_mix`)
-            trainable = _kept(memo, ("params", layout.tp, layout.pp, layout.vp if model.has_dense_layers else None,
+            trainable = _kept(memo, ("params", layout.tp, layout.pp, layout.vp if has_dense else None,
                                      layout.ep, layout.etp, split, adapters is None),
                               lambda: _trainable_params(model, layout, split, adapters))
             t += _optimizer_time(layout, hw, trainable, updates, main.count * rows / largest, kernels)

@@ -514,18 +514,18 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
     first and last stages (with virtual stages, on the stages' first / last chunks: middle stages hold fewer
     in-flight micro batches and are not compared)."""
     stages = {0, layout.pp - 1} | ({1} if split is not None and layout.pp > 2 and split[1] > split[0] else set())
-    if model.has_dense_layers and layout.pp > 2:
+    if layout.pp > 2 and _has_dense_layers(model):
         # a MoE model's dense layers make the stages holding them lighter (DeepSeek's first layers on stage 0):
         # the earliest stage with the fewest dense layers holds the most in-flight micro batches of the heaviest
         dense = dense_layers_per_stage(model, layout.pp, layout.vp, split)
         stages.add(min(range(layout.pp - 1), key=lambda s: (dense[s], s)))
-    best = None
-    for m in _breakdowns(sorted(stages), model, layout, precision, attention_backend, seq_length, stage_kind, peft,
-                         gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,
-                         cuda_graph_share, fp8_recipe, cross_entropy, bf16_layers):
-        if best is None or m.total > best.total:
-            best = m
-    return best  # type: ignore[return-value]
+    best = None  # the first stage of the largest total, as `MemoryBreakdown.total` sums it (one breakdown built)
+    for terms in _breakdowns(sorted(stages), model, layout, precision, attention_backend, seq_length, stage_kind,
+                             peft, gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,
+                             cuda_graph_share, fp8_recipe, cross_entropy, bf16_layers, raw=True):
+        if best is None or terms[0] > best[0]:
+            best = terms
+    return _breakdown_of(best)  # type: ignore[arg-type]
 
 
 def pipeline_stages(model: ModelSpec, layout: Layout, *, precision: str = "bf16", attention_backend: str = "flash",
@@ -545,12 +545,13 @@ def pipeline_stages(model: ModelSpec, layout: Layout, *, precision: str = "bf16"
 
 def _breakdowns(stages, model, layout, precision, attention_backend, seq_length, stage_kind, peft, gpu, params,
                 dropout, kernels, grad_bytes, split, moe_dispatcher="alltoall", parents=(), cuda_graph_share=0.0,
-                fp8_recipe=None, cross_entropy=None, bf16_layers=(0, 0)):
+                fp8_recipe=None, cross_entropy=None, bf16_layers=(0, 0), raw: bool = False):
+    """Each of `stages`' `_stage_memory`; `raw`: its `_stage_terms` instead (`estimate` builds one breakdown)."""
     hw = get_gpu(gpu) if isinstance(gpu, str) else gpu
     capacity = hw.hbm_bytes if hw else 0
     seq = seq_length or model.seq_length
-    resident = resident_models(stage_kind, params, peft=peft, parents=parents)
-    work = stage_work(stage_kind, params, peft)
+    resident, work = _resident_and_work(stage_kind, params, peft, parents)
+    stage_memory = _stage_terms if raw else _stage_memory
     rows = work.rows  # preference pairs: chosen + rejected
     ub = 0.0
     if layout.tp_comm_overlap and layout.tp > 1:  # TE's userbuffers, the shapes and preset the plan records
@@ -562,12 +563,65 @@ def _breakdowns(stages, model, layout, precision, attention_backend, seq_length,
             if precision in LOW_PRECISIONS and any(bf16_layers) else None)
     bf16_dense = (bf16_dense_layers_per_stage(model, layout.pp, layout.vp, split, *bf16_layers)
                   if bf16 is not None else None)
+    common = _StageCommon.of(model, layout, stage_kind, resident, precision, fp8_recipe)
     for stage in stages:
-        yield _stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
+        yield stage_memory(model, layout, stage, precision, attention_backend, seq, stage_kind, peft, params, dropout,
                             capacity, kernels, grad_bytes, split, resident, rows, moe_dispatcher, cuda_graph_share,
                             fp8_recipe, generates=bool(work.generated), cross_entropy=cross_entropy, userbuffers=ub,
                             bf16_here=bf16[stage] if bf16 is not None else 0,
-                            bf16_dense_here=bf16_dense[stage] if bf16_dense is not None else 0)
+                            bf16_dense_here=bf16_dense[stage] if bf16_dense is not None else 0, common=common)
+
+
+class _StageCommon:
+    """What `_stage_memory` computes alike for every pipeline stage of one layout (`estimate` sizes two to four
+    of them): the padded vocabulary, which resident models train and which end in a scalar head, the
+    optimizer's bytes, the NCCL groups, and (filled by the first stage that needs them) one layer's
+    activations and the backward's working set. Pure caching: each value is the expression `_stage_memory`
+    would evaluate, for the same layout."""
+
+    __slots__ = ("vocab", "trains", "trainable", "frozen", "scalar", "scalar_head", "opt_bytes", "states_vp",
+                 "nccl", "per_layer", "working")
+
+    @classmethod
+    def of(cls, model: ModelSpec, layout: Layout, kind: str, resident: tuple[str, ...], precision: str,
+           fp8_recipe: str | None) -> _StageCommon:
+        c = cls()
+        c.vocab = padded_vocab(model.vocab, layout.tp)
+        c.trains = kind in TRAINING_KINDS
+        c.trainable = (2 if kind == "ppo" else 1) if c.trains else 0  # PPO trains actor and critic
+        c.frozen = len(resident) - c.trainable  # references / reward model; eval's models, export
+        # which of them end in a scalar head (h -> 1) instead of the vocabulary output layer: the trained ones
+        # come first in `resident_models` (ppo: actor, critic; reward: reward), the frozen ones after them
+        heads = tuple(name in SCALAR_HEAD_MODELS for name in resident)
+        c.scalar = (sum(heads[:c.trainable]), sum(heads[c.trainable:]))
+        c.scalar_head = all(heads)  # no model of the stage computes logits
+        c.opt_bytes = optimizer_bytes(layout, precision, fp8_recipe)
+        c.states_vp = layout.vp if _has_dense_layers(model) else None  # which layers a stage holds
+        c.nccl = NCCL_BYTES_PER_GROUP * ((layout.tp > 1) + (layout.pp > 1) + (layout.cp > 1) + (layout.dp > 1)
+                                         + (layout.ep > 1))
+        c.per_layer = None  # one layer's activations (`_stage_memory`)
+        c.working = {}  # the backward's working set, by whether it is an FP8 layer's
+        return c
+
+
+def _resident_and_work(stage_kind: str, params: object, peft: LoraSpec | None, parents: tuple[str, ...]):
+    """(`resident_models`, `flops.stage_work`) of the stage, cached where its arguments hash (a search asks for
+    every layout it sizes)."""
+    try:
+        return _resident_and_work_cached(stage_kind, params, peft, parents)
+    except TypeError:  # unhashable stage parameters
+        return resident_models(stage_kind, params, peft=peft, parents=parents), stage_work(stage_kind, params, peft)
+
+
+@lru_cache(maxsize=256)
+def _resident_and_work_cached(stage_kind, params, peft, parents):
+    return resident_models(stage_kind, params, peft=peft, parents=parents), stage_work(stage_kind, params, peft)
+
+
+@lru_cache(maxsize=256)
+def _has_dense_layers(model: ModelSpec) -> bool:
+    """`model.has_dense_layers`, cached (the property sums the layer pattern; `estimate` asks for every layout)."""
+    return model.has_dense_layers
 
 
 @lru_cache(maxsize=4096)  # pure; independent of micro batch, recompute and SP, which the search varies most
@@ -583,8 +637,8 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
     buffer are sharded over the same group as the optimizer state (ZeRO-3); the layers being computed
     are gathered into `fsdp_buffers` (`_stage_memory`)."""
     layout = _StatesLayout(tp, pp, cp, dp, ep, etp, vp)  # vp: which layers a stage holds (dense ones of a MoE model)
-    lm = _local_stage(model, layout, stage, vocab, False, split)
-    head = _local_stage(model, layout, stage, vocab, True, split)
+    lm = _local_stage_of(model, tp, pp, ep, etp, vp, stage, vocab, False, split)
+    head = _local_stage_of(model, tp, pp, ep, etp, vp, stage, vocab, True, split)
     st = head if sum(scalar) == trainable + frozen else lm
     dense_shard, expert_shard = _shards(layout)
     wb = weight_bytes(precision)
@@ -614,6 +668,12 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
                 step += count * s.step
     weights += (scalar[1] * (head.dense + head.expert) + (frozen - scalar[1]) * (lm.dense + lm.expert)) * wb
     return st, weights, gradients, optimizer, step
+
+
+@lru_cache(maxsize=4096)  # pure; `_model_states` asks again for every dp, cp and distributed-optimizer value
+def _local_stage_of(model, tp, pp, ep, etp, vp, stage, vocab, scalar_head, split) -> _Stage:
+    """`_local_stage` of a layout with these sizes (the only ones it reads)."""
+    return _local_stage(model, _StatesLayout(tp, pp, 1, 1, ep, etp, vp), stage, vocab, scalar_head, split)
 
 
 @dataclass(frozen=True, slots=True)
@@ -655,13 +715,25 @@ def _dense_layer_activations(model: ModelSpec, *, recompute_modules: tuple[str, 
     return layer_activations(model.dense_layer_model, recompute_modules=mods, **kw).total
 
 
-def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
-                  kernels, grad_bytes, split, resident: tuple[str, ...], rows: int,
+def _stage_memory(*args, **kw) -> MemoryBreakdown:
+    """One pipeline stage's breakdown (`_stage_terms`' arguments)."""
+    return _breakdown_of(_stage_terms(*args, **kw))
+
+
+def _breakdown_of(terms: tuple) -> MemoryBreakdown:
+    _, weights, gradients, optimizer, activations, other, capacity, ints = terms
+    return MemoryBreakdown(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
+                           other=other, capacity=capacity, parts=MappingProxyType(ints))
+
+
+def _stage_terms(model, layout, stage, precision, backend, seq, kind, peft, params, dropout, capacity,
+                 kernels, grad_bytes, split, resident: tuple[str, ...], rows: int,
                   moe_dispatcher: str = "alltoall", cuda_graph_share: float = 0.0,
                   fp8_recipe: str | None = None, generates: bool = False,
                   cross_entropy: str | None = None, userbuffers: float = 0.0, bf16_here: int = 0,
-                  bf16_dense_here: int = 0) -> MemoryBreakdown:
-    """One pipeline stage's breakdown; `resident`: the models the stage keeps (`resident_models`; the critic
+                 bf16_dense_here: int = 0, common: _StageCommon | None = None) -> tuple:
+    """One pipeline stage's breakdown as (total, weights, gradients, optimizer, activations, other, capacity,
+    parts), in the integers of `MemoryBreakdown` (`_breakdown_of`); `resident`: the models the stage keeps (`resident_models`; the critic
     and the reward model end in a scalar head, `SCALAR_HEAD_MODELS`),
     `rows`: sequences per micro-batch sample (`flops.stage_work`); `cuda_graph_share`: the share of
     each layer captured as CUDA graphs (`cost.cuda_graph_share`; 0 without graphs); `generates`: the
@@ -669,26 +741,19 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
     bf16 under fp8 / mxfp8 / nvfp4 (`flops.bf16_layers_per_stage`): no FP8 / FP4 weight copies and (fp8 /
     mxfp8) 16-bit saved GEMM inputs for them, and 16-bit weights where fp8_param_gather keeps the others in FP8
     (Megatron-Core builds them outside the fp8 / fp4 context: fp8_utils.py `get_fp8_context(is_init=True)`);
-    `bf16_dense_here`: how many of those are dense layers of a MoE model (`flops.bf16_dense_layers_per_stage`)."""
-    vocab = padded_vocab(model.vocab, layout.tp)
-    trains = kind in TRAINING_KINDS
-    trainable = (2 if kind == "ppo" else 1) if trains else 0  # PPO trains actor and critic
-    frozen = len(resident) - trainable  # references / reward model; eval's models, export
-    # which of them end in a scalar head (h -> 1) instead of the vocabulary output layer: the trained ones
-    # come first in `resident_models` (ppo: actor, critic; reward: reward), the frozen ones after them
-    heads = tuple(name in SCALAR_HEAD_MODELS for name in resident)
-    scalar = (sum(heads[:trainable]), sum(heads[trainable:]))
-    scalar_head = all(heads)  # no model of the stage computes logits
+    `bf16_dense_here`: how many of those are dense layers of a MoE model (`flops.bf16_dense_layers_per_stage`);
+    `common`: what every stage of the layout shares (`_StageCommon`; computed here when None)."""
+    if common is None:
+        common = _StageCommon.of(model, layout, kind, resident, precision, fp8_recipe)
+    vocab, trains, trainable, frozen, scalar, scalar_head = (
+        common.vocab, common.trains, common.trainable, common.frozen, common.scalar, common.scalar_head)
     st, weights, gradients, optimizer, step_transient = _model_states(
         model, layout.tp, layout.pp, layout.cp, layout.dp, layout.ep, layout.etp, layout.distributed_optimizer,
         stage, vocab, scalar, split, precision, peft, trainable, frozen, grad_bytes,
-        bool(layout.megatron_fsdp and trainable and peft is None), optimizer_bytes(layout, precision, fp8_recipe),
-        vp=layout.vp if model.has_dense_layers else None)
+        bool(layout.megatron_fsdp and trainable and peft is None), common.opt_bytes, vp=common.states_vp)
     params_local = st.dense + st.expert
 
-    parts: dict[str, float] = {"cuda_context": CUDA_CONTEXT_BYTES}
-    groups = sum(1 for n in (layout.tp, layout.pp, layout.cp, layout.dp, layout.ep) if n > 1)
-    parts["nccl"] = NCCL_BYTES_PER_GROUP * groups
+    parts: dict[str, float] = {"cuda_context": CUDA_CONTEXT_BYTES, "nccl": common.nccl}
     if layout.megatron_fsdp and trainable and peft is None:
         embedding = vocab * model.hidden / layout.tp  # the input embedding or the output layer, one unit each
         units = (1 if st.first else 0) + (1 if st.last and not model.tie_embeddings and not scalar_head else 0)
@@ -698,7 +763,7 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
     # embedding is no GEMM, and the output layer is a plain `tensor_parallel.ColumnParallelLinear`
     # (Megatron-Core models/gpt/gpt_model.py), not a TE module, so it is neither quantised nor held in FP8
     # (nor is a scalar head): every resident model has the same FP8 linear weights on this stage
-    linear = _layer_params(model, layout, st.layers, st.dense_layers)
+    linear = _layer_params(model, layout, st.layers, st.dense_layers) if precision in LOW_PRECISIONS else 0.0
     if precision == "nvfp4":
         # Transformer Engine caches the NVFP4 weight and its transpose across micro batches: 4-bit
         # values plus one FP8 (E4M3) scale per 16-element block, 0.5 + 1/16 B each.
@@ -723,11 +788,13 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
     activations = 0.0
     if kind != "export":
         b = layout.micro_batch * rows
-        per_layer = layer_activations(
-            model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
-            etp=layout.etp, recompute=layout.recompute if trains else "none", attention_backend=backend,
-            recompute_modules=layout.recompute_modules,
-            dropout=dropout, kernels=kernels, fp8=precision in ("fp8", "mxfp8")).total
+        per_layer = common.per_layer
+        if per_layer is None:  # the same for every stage of the layout: computed by its first
+            per_layer = common.per_layer = layer_activations(
+                model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
+                etp=layout.etp, recompute=layout.recompute if trains else "none", attention_backend=backend,
+                recompute_modules=layout.recompute_modules,
+                dropout=dropout, kernels=kernels, fp8=precision in ("fp8", "mxfp8")).total
         rep = layout.tp if layout.sequence_parallel else 1
         s_local = seq / layout.cp
         if trains:
@@ -772,11 +839,16 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
             # without the s x s scores, plus (unfused attention) the scores of the layer whose core
             # attention is being recomputed or differentiated; the same for every recompute mode,
             # so memory stays monotone in it.
-            working = layer_activations(
-                model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
-                etp=layout.etp, recompute="none", attention_backend=backend, dropout=dropout, kernels=kernels,
-                fp8=precision in ("fp8", "mxfp8") and not bf16_here)  # a bf16 layer's, the larger, where held
-            parts["backward_working"] = working.total - (working.scores if backend != "unfused" else 0.0)
+            fp8_working = precision in ("fp8", "mxfp8") and not bf16_here  # a bf16 layer's, the larger, where held
+            working_bytes = common.working.get(fp8_working)
+            if working_bytes is None:
+                working = layer_activations(
+                    model, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
+                    etp=layout.etp, recompute="none", attention_backend=backend, dropout=dropout, kernels=kernels,
+                    fp8=fp8_working)
+                working_bytes = common.working[fp8_working] = (
+                    working.total - (working.scores if backend != "unfused" else 0.0))
+            parts["backward_working"] = working_bytes
             if st.last:  # final norm input + output-layer input (Korthikanti: 4 sbh / t)
                 activations += 4.0 * s_local * b * model.hidden / rep
         else:  # forward only: one layer's tensors live at a time
@@ -830,7 +902,6 @@ def _stage_memory(model, layout, stage, precision, backend, seq, kind, peft, par
                 parts["rollout_kv_cache"] = rollout - dynamic
 
     ints = {k: int(v) for k, v in parts.items()}
-    return MemoryBreakdown(
-        weights=int(weights), gradients=int(gradients), optimizer=int(optimizer), activations=int(activations),
-        other=sum(ints.values()), capacity=int(capacity), parts=MappingProxyType(ints),
-    )
+    other = sum(ints.values())
+    w, g, o, a = int(weights), int(gradients), int(optimizer), int(activations)
+    return w + g + o + a + other, w, g, o, a, other, int(capacity), ints  # total as `MemoryBreakdown.total`

@@ -685,6 +685,7 @@ class _Context:
         self._splits: dict[tuple, tuple[int, int, int] | None] = {}
         self._same_split: dict[tuple, bool] = {}
         self._moe: dict[int, MoeExecution | None] = {}
+        self._layouts: dict[tuple, Layout] = {}  # `layout` by its sizes
         # `cost.step_time_lower_bound`'s memo (the bound's layer times, stage times and trainable parameters,
         # by the few sizes each depends on): one per search, so two problems never share one
         self._bound_memo: dict = {}
@@ -772,7 +773,15 @@ class _Context:
         return self._moe[layout.ep]
 
     def layout(self, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[str, int | None]) -> Layout:
-        """`_make_layout(p, ...)`."""
+        """`_make_layout(p, ...)`, kept by its sizes (the search builds one layout up to three times: a group's
+        bound, its memory bound (1) and its first candidate; a frozen dataclass of ~30 fields is slow to build)."""
+        key = (tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = self._make_layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc)
+        return layout
+
+    def _make_layout(self, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc: tuple[str, int | None]) -> Layout:
         gb = self.p.global_batch if self.p.global_batch is not None else mb * dp
         return Layout(tp=tp, pp=pp, vp=vp, cp=cp, ep=ep, etp=etp, dp=dp, micro_batch=mb, global_batch=gb,
                       num_microbatches=max(1, gb // (mb * dp)), sequence_parallel=sp, distributed_optimizer=do,
