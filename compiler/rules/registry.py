@@ -14,7 +14,8 @@ from nemoc.compiler.rules.recompute import (rule_recompute_modules_fp8, rule_rec
 from nemoc.compiler.rules.host import (rule_cuda_graph_gpu, rule_cuda_graph_scope, rule_fsdp_distributed_optimizer,
                                        rule_fsdp_pipeline, rule_fsdp_shard_group, rule_fsdp_tensor_parallel_te,
                                        rule_manual_gc_interval)
-from nemoc.compiler.rules.mla import rule_mla_rope, rule_mla_standard_fields, rule_mla_tp_split, warn_mla_fields_unused
+from nemoc.compiler.rules.mla import rule_mla_rope, rule_mla_standard_fields, rule_mla_tp_split, warn_mla_fields_unused, \
+    warn_yarn_fields_without_yarn
 from nemoc.compiler.rules.moe import (
     rule_dense_expert,
     rule_ep_fp16,
@@ -140,6 +141,7 @@ WARNING_RULES: tuple[Rule, ...] = (
     warn_selective_recompute_flash, warn_auto_attention_unfused, warn_native_cross_entropy_dtype,
     warn_recompute_modules_unused,
     warn_bf16_layers_without_low_precision, warn_bf16_layers_overlap, warn_mla_fields_unused,
+    warn_yarn_fields_without_yarn,
 )
 
 
@@ -235,6 +237,7 @@ CODES: dict[str, Rule] = {
     "E168": rule_mla_tp_split,
     "E169": rule_mla_rope,
     "W117": warn_mla_fields_unused,
+    "W124": warn_yarn_fields_without_yarn,
     "E140": rule_moe_bias_runtime,
     "E141": rule_runtime_moe,
     "E142": rule_rope_head_dim,
