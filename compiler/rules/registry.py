@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from nemoc.compiler.rules.base import Env, Rule, Sizes, Violation
 from nemoc.compiler.rules.recompute import (rule_recompute_modules_fp8, rule_recompute_modules_selective,
                                             rule_recompute_modules_support, rule_recompute_shared_experts_overlap,
-                                            warn_recompute_modules_unused)
+                                            warn_recompute_modules_unused, warn_duplicate_list_entries)
 from nemoc.compiler.rules.host import (rule_cuda_graph_gpu, rule_cuda_graph_scope, rule_fsdp_distributed_optimizer,
                                        rule_fsdp_pipeline, rule_fsdp_shard_group, rule_fsdp_tensor_parallel_te,
                                        rule_manual_gc_interval)
@@ -139,7 +139,7 @@ WARNING_RULES: tuple[Rule, ...] = (
     warn_tp_crosses_node, warn_padded_vocab, warn_ep_without_sp, warn_useless_distributed_optimizer,
     warn_fp16_loss_scaling, warn_moe_ffn_default, warn_top1_router, warn_uneven_pipeline, warn_vp_one,
     warn_selective_recompute_flash, warn_auto_attention_unfused, warn_native_cross_entropy_dtype,
-    warn_recompute_modules_unused,
+    warn_recompute_modules_unused, warn_duplicate_list_entries,
     warn_bf16_layers_without_low_precision, warn_bf16_layers_overlap, warn_mla_fields_unused,
     warn_yarn_fields_without_yarn,
 )
@@ -262,6 +262,7 @@ CODES: dict[str, Rule] = {
     "W111": warn_auto_attention_unfused,
     "W112": warn_native_cross_entropy_dtype,
     "W116": warn_recompute_modules_unused,
+    "W125": warn_duplicate_list_entries,
     "W113": warn_bf16_layers_without_low_precision,
     "W120": warn_bf16_layers_overlap,
 }
