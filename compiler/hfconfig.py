@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nemoc.dsl.schema import LAYERS
+
 CONFIG_FILE = "config.json"
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 MOE = ("mixtral", "qwen3_moe")
@@ -62,9 +64,78 @@ def read_config(directory: str | Path) -> dict:
     if not path.is_file():
         raise HfConfigError(f"{str(directory)!r} has no {CONFIG_FILE} (not a Hugging Face checkpoint directory)")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise HfConfigError(f"{path}: unreadable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise HfConfigError(f"{path}: a JSON {type(config).__name__}, not an object of configuration keys")
+    return config
+
+
+# The JSON type of every config.json key the mapping reads, as transformers' configuration classes annotate
+# it (LlamaConfig, Qwen3MoeConfig, GPT2Config, Gemma3TextConfig, ...): key -> smallest value. A value of
+# another type, or below the minimum, is an HfConfigError naming the key (never a Python exception from
+# int() / float(), never a silently negative width). `null` is accepted where the class takes None
+# (NULLABLE_KEYS: "use the default"); elsewhere it is refused like any other wrong type.
+INT_KEYS = {"hidden_size": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 1,
+            "intermediate_size": 1, "moe_intermediate_size": 1, "num_hidden_layers": 1, "vocab_size": 1,
+            "max_position_embeddings": 1, "num_experts": 0, "num_local_experts": 0, "num_experts_per_tok": 1,
+            "decoder_sparse_step": 1, "sliding_window": 0, "sliding_window_pattern": 1,
+            "n_embd": 1, "n_layer": 1, "n_head": 1, "n_inner": 1, "n_positions": 1}
+FLOAT_KEYS = {"rms_norm_eps": 0.0, "layer_norm_epsilon": 0.0, "rope_theta": 0.0, "rope_local_base_freq": 0.0,
+              "router_aux_loss_coef": 0.0, "router_jitter_noise": 0.0, "query_pre_attn_scalar": 0.0}
+LAYER_KEYS = ("num_hidden_layers", "n_layer")
+POSITIVE_FLOAT_KEYS = ("rope_theta", "rope_local_base_freq", "query_pre_attn_scalar")
+BOOL_KEYS = ("norm_topk_prob", "tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
+             "use_bidirectional_attention")
+DICT_KEYS = ("rope_scaling", "rope_parameters")
+LIST_KEYS = ("mlp_only_layers", "layer_types")
+NULLABLE_KEYS = ("num_key_value_heads", "head_dim", "n_inner", "sliding_window", "num_experts", "num_local_experts",
+                 "decoder_sparse_step", "router_jitter_noise", "mlp_only_layers", "layer_types", "rope_scaling",
+                 "rope_parameters", "mlp_bias", "attention_bias", "use_sliding_window", "use_bidirectional_attention")
+
+
+def _number(where: str, value: Any, *, integer: bool = False, minimum: float = 0.0, exclusive: bool = False) -> float:
+    """`value` as a JSON number of the right kind, or HfConfigError naming `where`."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (integer and isinstance(value, float) and not value.is_integer()):
+        raise HfConfigError(f"{where} = {json.dumps(value)}: expected {kind}")
+    if value < minimum or (exclusive and value == minimum):
+        bound = f"> {minimum:g}" if exclusive else f">= {minimum:g}"
+        raise HfConfigError(f"{where} = {json.dumps(value)}: expected {kind} {bound}")
+    return int(value) if integer else float(value)
+
+
+def check_types(config: dict) -> None:
+    """HfConfigError for the first key whose value has the wrong JSON type or range (see INT_KEYS)."""
+    for key, value in config.items():
+        if value is None:
+            if key in NULLABLE_KEYS or key not in (*INT_KEYS, *FLOAT_KEYS, *BOOL_KEYS, *DICT_KEYS, *LIST_KEYS):
+                continue
+            raise HfConfigError(f"{key} = null: expected "
+                                + ("an integer" if key in INT_KEYS else "a number" if key in FLOAT_KEYS else
+                                   "true or false" if key in BOOL_KEYS else "a JSON object"))
+        if key in INT_KEYS:
+            layers = _number(key, value, integer=True, minimum=INT_KEYS[key])
+            if key in LAYER_KEYS and layers > LAYERS.maximum:  # Gemma 3's layer_types default is built per layer
+                raise HfConfigError(f"{key} = {layers:g}: nemoc builds at most {LAYERS.maximum:,} layers")
+        elif key in FLOAT_KEYS:
+            _number(key, value, minimum=FLOAT_KEYS[key], exclusive=key in POSITIVE_FLOAT_KEYS)
+        elif key in BOOL_KEYS and not isinstance(value, bool):
+            raise HfConfigError(f"{key} = {json.dumps(value)}: expected true or false")
+        elif key in DICT_KEYS and not isinstance(value, dict):
+            raise HfConfigError(f"{key} = {json.dumps(value)}: expected a JSON object")
+        elif key in LIST_KEYS and not isinstance(value, list):
+            raise HfConfigError(f"{key} = {json.dumps(value)}: expected a list")
+    for i, layer in enumerate(config.get("mlp_only_layers") or []):
+        _number(f"mlp_only_layers[{i}]", layer, integer=True)
+    for key in DICT_KEYS:  # nested RoPE parameters (transformers 5: rope_parameters[layer_type] for Gemma 3)
+        params = config.get(key) or {}
+        for inner in [params, *(v for v in params.values() if isinstance(v, dict))]:
+            for name in ("rope_theta", "factor", *LLAMA3_FIXED):
+                if name in inner:
+                    _number(f"{key}.{name}", inner[name], exclusive=True)
 
 
 def _rope_theta(config: dict, default: float) -> float:
@@ -153,8 +224,16 @@ def _moe(config: dict, family: str) -> dict[str, Any]:
         return {}
     # absent keys take the class defaults: MixtralConfig 8 experts, top 2; Qwen3MoeConfig 128, top 8
     default_experts, default_top_k = (8, 2) if family == "mixtral" else (128, 8)
+    both = {k: config[k] for k in ("num_local_experts", "num_experts") if config.get(k)}
+    if len(set(both.values())) > 1:
+        raise HfConfigError(f"num_local_experts = {both['num_local_experts']} but num_experts = {both['num_experts']}: "
+                            "two different expert counts (transformers 5 writes one of them); keep the one the "
+                            "checkpoint's tensors have")
     experts = int(config.get("num_local_experts") or config.get("num_experts") or default_experts)
     top_k = int(config.get("num_experts_per_tok", default_top_k))
+    if top_k > experts:
+        raise HfConfigError(f"num_experts_per_tok = {top_k} > {experts} experts: a token cannot be routed to more "
+                            "experts than there are")
     if top_k < 2:
         raise HfConfigError(f"num_experts_per_tok = {top_k}: Megatron-Core routes top-1 with the softmax before "
                             "the top-k (a weight below 1), transformers renormalises it to 1")
@@ -418,11 +497,16 @@ _UNSUPPORTED = {
 
 def architecture(config: dict) -> HfArchitecture:
     """The family and ModelSpec fields of a parsed config.json (HfConfigError when not expressible)."""
+    if not isinstance(config, dict):
+        raise HfConfigError(f"config.json is a JSON {type(config).__name__}, not an object of configuration keys")
     family = config.get("model_type")
+    if not isinstance(family, (str, type(None))):
+        raise HfConfigError(f"model_type = {json.dumps(family)}: expected a string")
     if family in _UNSUPPORTED:
         raise HfConfigError(f"model_type {family!r} is not supported: {_UNSUPPORTED[family]}")
     if family not in FAMILIES:
         raise HfConfigError(f"model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
+    check_types(config)
     try:
         fields = {"gpt2": _gpt2, "gemma3_text": _gemma3, "deepseek_v3": _deepseek_v3}.get(
             family, lambda c: _llama_like(c, family))(config)

@@ -348,6 +348,9 @@ class _Lowering:
             path = Path(span.path).resolve().parent / path
         try:
             arch = hfconfig.load_architecture(path)
+            problem = _outside_schema(arch.fields)
+            if problem:
+                raise hfconfig.HfConfigError(problem)
             # relative to the experiment's root (as data paths are), so plans and graphs do not depend on
             # where the project is checked out; absolute when the directory lies outside it
             root = Path(self.program.root_dir).resolve()
@@ -707,3 +710,23 @@ class _Lowering:
 
 
 __all__ = ["load_experiment", "compile_file", "lower_program"]
+
+
+def _outside_schema(fields: dict) -> str | None:
+    """The first model field config.json sets outside the range `nemoc check` allows when it is written
+    (`layers <= 10,000`, widths >= 1, |x| <= 10**18): config.json bypasses the typechecker, and an absurd
+    value would otherwise reach the planner (a layer count of 10**30 made its pipeline search run forever)."""
+    from nemoc.dsl.typecheck import MAX_MAGNITUDE
+
+    types = {f.name: f.type for f in MODEL_FIELDS}
+    for name, value in fields.items():
+        t = types.get(name)
+        if t is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        low = t.minimum is not None and (value < t.minimum or (t.exclusive_min and value == t.minimum))
+        high = (t.maximum is not None and value > t.maximum) or abs(value) > MAX_MAGNITUDE
+        if low or high:
+            bound = (f"> {t.minimum:g}" if t.exclusive_min else f">= {t.minimum:g}") if low else \
+                f"<= {min(t.maximum or MAX_MAGNITUDE, MAX_MAGNITUDE):,}"
+            return f"config.json makes model.{name} = {value:g}, but model.{name} must be {bound}"
+    return None

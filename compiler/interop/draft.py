@@ -12,6 +12,8 @@ whose architecture equals a preset exactly is written as that preset.
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -163,7 +165,8 @@ def _arch(values: dict) -> dict:
         out["moe_ffn_hidden"] = values.get("moe_ffn_hidden") or values.get("ffn_hidden")
     else:
         out["moe_ffn_hidden"] = out["top_k"] = None
-    out["head_dim"] = values.get("kv_channels") or (values["hidden"] // values["heads"])
+    # heads = 0 matches no preset; `nemoc check` of the imported file refuses it at its line
+    out["head_dim"] = values.get("kv_channels") or (values["hidden"] // values["heads"] if values["heads"] else None)
     out["rope_scaling_factor"] = float(values.get("rope_scaling_factor") or 1.0)
     for k in ("rotary_base", "norm_epsilon"):
         out[k] = float(out[k]) if out[k] is not None else None
@@ -317,16 +320,26 @@ def _reconcile(draft: Draft) -> None:
     for multinode config") gets the fewest nodes that hold one; `virtual_pipeline = 1` is left out at
     pipeline size 1 (nothing to interleave); fp8 in a stage nemoc runs on the local spec becomes bf16."""
     p, c = draft.parallel, draft.cluster
-    replica = p.get("tensor", 1) * p.get("pipeline", 1) * p.get("context", 1)
-    gpn, nodes = c.get("gpus_per_node", 8), c.get("nodes", 1)
+    sizes = [p.get("tensor", 1), p.get("pipeline", 1), p.get("context", 1), c.get("gpus_per_node", 8), c.get("nodes", 1)]
+    # a size of 0 or -1 (or one no cluster has) is left as written, for `nemoc check` to refuse at its line
+    if all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 10**9 for x in sizes):
+        _whole_replicas(draft, sizes[0] * sizes[1] * sizes[2], gpn=sizes[3], nodes=sizes[4])
+    if p.get("pipeline", 1) == 1 and p.get("virtual_pipeline") == 1:
+        del p["virtual_pipeline"]
+    _reconcile_precision(draft)
+
+
+def _whole_replicas(draft: Draft, replica: int, *, gpn: int, nodes: int) -> None:
     if (nodes * gpn) % replica:
-        fixed = next(n for n in range(nodes, nodes + replica + 1) if (n * gpn) % replica == 0)
-        c["nodes"] = fixed
+        step = replica // math.gcd(gpn, replica)  # the node counts whose GPUs hold whole replicas
+        fixed = -(-nodes // step) * step
+        draft.cluster["nodes"] = fixed
         draft.comments[("cluster", "nodes")] = f"the source launches {nodes}; tp x pp x cp = {replica} GPUs need {fixed}"
         draft.warnings.append(f"the source launches {nodes} node(s) x {gpn} GPUs, fewer than one model replica "
                               f"(tp x pp x cp = {replica} GPUs): set nodes = {fixed}")
-    if p.get("pipeline", 1) == 1 and p.get("virtual_pipeline") == 1:
-        del p["virtual_pipeline"]
+
+
+def _reconcile_precision(draft: Draft) -> None:
     if draft.stage_name != "pretrain" and str(draft.top.get("precision")) in ("fp8", "mxfp8"):
         was = draft.top["precision"]
         draft.top["precision"] = Word("bf16")

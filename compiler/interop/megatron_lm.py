@@ -11,6 +11,8 @@ Invariants: every argument is either mapped or listed in `Draft.dropped` with it
 
 from __future__ import annotations
 
+import math
+
 from nemoc.compiler.interop.draft import Call, Draft, Word, moe_layer_freq_value, set_moe_layers
 from nemoc.compiler.interop.shell import Launch
 
@@ -111,14 +113,21 @@ class _Flags:
 
     def int(self, name: str, default=None):
         v = self.float(name)
+        if v is not None and not v.is_integer():  # Megatron's argparse type=int refuses it too
+            raise ValueError(f"{name} {self.str(name)}: not a whole number")
         return default if v is None else int(v)
 
     def float(self, name: str, default=None):
         v = self.str(name)
+        if v is None and self.has(name):  # `--lr-decay-samples` followed by another flag or nothing
+            raise ValueError(f"{name} has no value (Megatron-LM's argparse expects a number after it)")
         try:
-            return default if v is None else float(v)
+            x = None if v is None else float(v)
         except ValueError:
             raise ValueError(f"{name} {v}: not a number") from None
+        if x is not None and not math.isfinite(x):
+            raise ValueError(f"{name} {v}: not a finite number")
+        return default if x is None else x
 
 
 def import_launch(launch: Launch, path: str) -> Draft:
@@ -405,6 +414,8 @@ def _stage(f: _Flags, d: Draft) -> None:
     world = d.cluster.get("nodes", 1) * d.cluster.get("gpus_per_node", 8)
     dp = max(1, world // max(1, d.parallel["tensor"] * d.parallel["pipeline"] * d.parallel["context"]))
     gbs = f.int("--global-batch-size")
+    if gbs is not None and gbs < 1:  # the sample counts below are divided by it
+        raise ValueError(f"--global-batch-size {f.str('--global-batch-size')}: must be at least 1")
     if gbs is None:
         gbs = d.parallel["micro_batch"] * dp
         c[("stage", "global_batch")] = f"Megatron-LM's default: micro batch x data-parallel size ({dp})"

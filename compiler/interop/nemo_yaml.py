@@ -13,6 +13,8 @@ positions, tied embeddings, biases) where it decides the architecture.
 
 from __future__ import annotations
 
+import math
+
 import re
 
 import yaml
@@ -50,12 +52,17 @@ class _Reader:
         if v is None or isinstance(v, bool):
             return default
         try:
-            return float(v) if not isinstance(v, int) else v
+            x = float(v) if not isinstance(v, int) else v
         except (TypeError, ValueError):
             raise ValueError(f"{path} = {v!r} is not a number") from None
+        if not math.isfinite(x):
+            raise ValueError(f"{path} = {v!r} is not a finite number")
+        return x
 
     def int(self, path: str, default=None):
         v = self.num(path)
+        if v is not None and v != int(v):
+            raise ValueError(f"{path} = {v!r} is not a whole number")
         return default if v is None else int(v)
 
     def leftovers(self) -> list[str]:

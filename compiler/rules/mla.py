@@ -171,3 +171,26 @@ XX
         "use tensor = 1 for MLA on the local spec, or kernels = te (duplicated down projections)",
         anchors=(_P + "tensor", "model.multi_latent_attention", "model"), severity=Severity.WARNING,
         source=f"{_MLA} MLASelfAttention.get_query_key_value_tensors (gather_from_tensor_model_parallel_region)")
+
+
+YARN_FIELDS = ("original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
+def warn_yarn_fields_without_yarn(env: Env, s: Sizes) -> Violation | None:
+    """YaRN's settings on an MLA model with rope_type = rope: MultiLatentAttention then builds a plain
+    RotaryEmbedding, which reads none of them (they reach only YarnRotaryEmbedding), so a value the user
+    (or the preset, e.g. DeepSeek's mscale) set does nothing."""
+    m = env.model
+    if not m.multi_latent_attention or m.rope_type != "rope":
+        return None
+    changed = [f for f in YARN_FIELDS if getattr(m, f) != ModelSpec.__dataclass_fields__[f].default]
+    if not changed:
+        return None
+    return Violation(
+        "W124", "YaRN settings with rope_type = rope are ignored",
+        f"{', '.join(f'{f}({getattr(m, f):g})' for f in changed)} set with rope_type(rope): MLA builds "
+        "RotaryEmbedding, which takes none of them",
+        "set rope_type = yarn to use them, or remove " + ", ".join(changed),
+        anchors=tuple(f"model.{f}" for f in changed) + ("model.rope_type", "model"), severity=Severity.WARNING,
+        source=f"{_MLA} MultiLatentAttention.__init__ (rope_type 'rope': RotaryEmbedding; 'yarn': "
+               "YarnRotaryEmbedding(original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim))")

@@ -125,3 +125,21 @@ def warn_recompute_modules_unused(env: Env, s: Sizes) -> Violation | None:
                      f"remove {name} from recompute_modules", anchors=(_MODULES,), severity=Severity.WARNING,
                      source="megatron/core/transformer/transformer_layer.py TransformerLayer.__init__ (recompute_* "
                             "flags), moe/moe_layer.py")
+
+
+def warn_duplicate_list_entries(env: Env, s: Sizes) -> Violation | None:
+    """A name written twice in `recompute_modules` or `cuda_graph_scope`: Megatron-Core treats both lists as
+    sets (transformer_config.py tests membership, `"mlp" in recompute_modules`, `attn in cuda_graph_scope`),
+    so the second one does nothing; usually a typo for another module or scope."""
+    for field, anchor, values in (("recompute_modules", _MODULES, s.recompute_modules or ()),
+                                  ("cuda_graph_scope", "cuda_graph_scope", env.host_requested[1] or ())):
+        twice = sorted({v for v in values if list(values).count(v) > 1})
+        if twice:
+            shown = "[" + ", ".join(values) + "]"
+            return Violation("W125", f"{field} names {', '.join(twice)} twice",
+                             f"{field} = {shown}: Megatron-Core reads it as a set, the repeat does nothing",
+                             f"remove the repeated {', '.join(twice)} (or name the module you meant)",
+                             anchors=(anchor,), severity=Severity.WARNING,
+                             source="megatron/core/transformer/transformer_config.py __post_init__ "
+                                    "(recompute_modules / cuda_graph_scope membership tests)")
+    return None

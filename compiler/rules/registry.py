@@ -10,14 +10,14 @@ from collections.abc import Iterable, Iterator
 from nemoc.compiler.rules.base import Env, Rule, Sizes, Violation
 from nemoc.compiler.rules.recompute import (rule_recompute_modules_fp8, rule_recompute_modules_selective,
                                             rule_recompute_modules_support, rule_recompute_shared_experts_overlap,
-                                            warn_recompute_modules_unused)
+                                            warn_recompute_modules_unused, warn_duplicate_list_entries)
 from nemoc.compiler.rules.host import (rule_cuda_graph_gpu, rule_cuda_graph_scope, rule_fsdp_distributed_optimizer,
                                        rule_fsdp_pipeline, rule_fsdp_shard_group, rule_fsdp_tensor_parallel_te,
                                        rule_manual_gc_interval)
 from nemoc.compiler.rules.moe_layers import (rule_moe_first_dense_contradicts, rule_moe_layer_freq_length,
                                              rule_moe_layer_some_expert, warn_moe_layer_freq_beyond_layers)
 from nemoc.compiler.rules.mla import (rule_mla_rope, rule_mla_standard_fields, rule_mla_tp_split, warn_mla_fields_unused,
-                                      warn_mla_tp_rope_gradient)
+                                      warn_mla_tp_rope_gradient, warn_yarn_fields_without_yarn)
 from nemoc.compiler.rules.moe import (
     rule_dense_expert,
     rule_ep_fp16,
@@ -142,9 +142,9 @@ WARNING_RULES: tuple[Rule, ...] = (
     warn_tp_crosses_node, warn_padded_vocab, warn_ep_without_sp, warn_useless_distributed_optimizer,
     warn_fp16_loss_scaling, warn_moe_ffn_default, warn_top1_router, warn_uneven_pipeline, warn_vp_one,
     warn_selective_recompute_flash, warn_auto_attention_unfused, warn_native_cross_entropy_dtype,
-    warn_recompute_modules_unused, warn_mla_tp_rope_gradient,
+    warn_recompute_modules_unused, warn_mla_tp_rope_gradient, warn_duplicate_list_entries,
     warn_bf16_layers_without_low_precision, warn_bf16_layers_overlap, warn_mla_fields_unused,
-    warn_moe_layer_freq_beyond_layers,
+    warn_moe_layer_freq_beyond_layers, warn_yarn_fields_without_yarn,
 )
 
 
@@ -245,6 +245,7 @@ CODES: dict[str, Rule] = {
     "E169": rule_mla_rope,
     "W117": warn_mla_fields_unused,
     "W123": warn_mla_tp_rope_gradient,
+    "W124": warn_yarn_fields_without_yarn,
     "E140": rule_moe_bias_runtime,
     "E141": rule_runtime_moe,
     "E142": rule_rope_head_dim,
@@ -269,6 +270,7 @@ CODES: dict[str, Rule] = {
     "W111": warn_auto_attention_unfused,
     "W112": warn_native_cross_entropy_dtype,
     "W116": warn_recompute_modules_unused,
+    "W125": warn_duplicate_list_entries,
     "W113": warn_bf16_layers_without_low_precision,
     "W120": warn_bf16_layers_overlap,
 }

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from nemoc.compiler.hfconfig import HfArchitecture, architecture, read_config
+from nemoc.compiler.hfconfig import LLAMA_LIKE, HfArchitecture, architecture, read_config
 from nemoc.runtime.atomic import atomic_write_bytes, atomic_write_json, replace_durably
 from nemoc.runtime.hf import mapping
 
@@ -55,9 +55,15 @@ class SafetensorsReader:
         self.directory = Path(directory)
         index = self.directory / INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                raise ConversionError(f"{index}: not a safetensors index (a JSON object with a `weight_map` "
+                                      "of tensor name -> file)") from None
         elif (self.directory / "model.safetensors").is_file():
-            with safe_open(self.directory / "model.safetensors", framework="pt") as f:
+            with _open_safetensors(self.directory / "model.safetensors") as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
             raise ConversionError(f"{self.directory}: no model.safetensors and no {INDEX}")
@@ -75,8 +81,20 @@ class SafetensorsReader:
             path = self.directory / file
             if not path.is_file():
                 raise ConversionError(f"{path}: listed in {INDEX} but missing")
-            self._open[file] = safe_open(path, framework="pt")
-        return self._open[file].get_tensor(name)
+            self._open[file] = _open_safetensors(path)
+        try:
+            return self._open[file].get_tensor(name)
+        except SafetensorError as exc:  # a header that lists bytes the file does not hold
+            raise ConversionError(f"{self.directory / file}: tensor {name!r} cannot be read ({exc})") from None
+
+
+def _open_safetensors(path: Path):
+    """safe_open, or ConversionError naming the file when it is truncated or not safetensors at all (before,
+    safetensors' own SafetensorError escaped `nemoc run` as a traceback)."""
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as exc:
+        raise ConversionError(f"{path}: not a readable safetensors file, truncated or corrupt ({exc})") from None
 
 
 class MissingTensor(ConversionError, KeyError):
@@ -86,13 +104,55 @@ class MissingTensor(ConversionError, KeyError):
     __str__ = ConversionError.__str__
 
 
-def _strict(get: Callable[[str], torch.Tensor], where: str) -> Callable[[str], torch.Tensor]:
+def _strict(get: Callable[[str], torch.Tensor], where: str, arch: Mapping[str, Any] | None = None,
+            family: str | None = None) -> Callable[[str], torch.Tensor]:
     def checked(name: str) -> torch.Tensor:
         try:
-            return get(name)
+            tensor = get(name)
         except KeyError:
             raise MissingTensor(f"{where}: checkpoint has no tensor {name!r}") from None
+        if arch is not None:
+            _check_tensor(name, tensor, arch, family, where)
+        return tensor
     return checked
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, arch: Mapping[str, Any], family: str | None, where: str) -> None:
+    """A source tensor of the wrong dtype class or shape for config.json is a ConversionError naming both (before,
+    a transposed or narrower expert matrix was converted silently and failed, or worse, loaded, later)."""
+    if not tensor.is_floating_point():
+        raise ConversionError(f"{where}: tensor {name!r} has dtype {tensor.dtype}, not a floating-point type")
+    want = expected_shape(name, arch, family)
+    if want is not None and tuple(tensor.shape) != want:
+        raise ConversionError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, but config.json "
+                              f"({family}) makes it {want}")
+
+
+def expected_shape(name: str, arch: Mapping[str, Any], family: str | None) -> tuple[int, ...] | None:
+    """The shape transformers' modules give `name` in a llama-like checkpoint (LlamaForCausalLM and the
+    families built like it, Mixtral's and Qwen3-MoE's experts included); None for names not checked."""
+    if family not in LLAMA_LIKE:
+        return None
+    h, heads, groups = arch["hidden"], arch["heads"], arch["query_groups"]
+    hd = arch.get("kv_channels") or h // heads
+    ffn, moe_ffn = arch["ffn_hidden"], arch.get("moe_ffn_hidden") or arch["ffn_hidden"]
+    tail = name.split(".self_attn.")[-1] if ".self_attn." in name else None
+    shapes = {"q_proj.weight": (heads * hd, h), "k_proj.weight": (groups * hd, h), "v_proj.weight": (groups * hd, h),
+              "o_proj.weight": (h, heads * hd), "q_proj.bias": (heads * hd,), "k_proj.bias": (groups * hd,),
+              "v_proj.bias": (groups * hd,), "q_norm.weight": (hd,), "k_norm.weight": (hd,)}
+    if tail is not None:
+        return shapes.get(tail)
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (arch["vocab"], h)
+    if name == "model.norm.weight" or name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+        return (h,)
+    if ".experts." in name:  # Qwen3-MoE gate/up/down_proj, Mixtral w1/w3 (in) and w2 (out)
+        return (h, moe_ffn) if name.endswith(("down_proj.weight", ".w2.weight")) else (moe_ffn, h)
+    if name.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight")):
+        return (arch["experts"], h)
+    if ".mlp." in name:
+        return (h, ffn) if name.endswith("down_proj.weight") else (ffn, h)
+    return None
 
 
 def _write_shard(path: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, int]:
@@ -155,7 +215,7 @@ def _convert_layers(src: str, family: str, arch: dict, layers: list[int], out: s
     """A worker: each layer of `layers` -> its own shard `layer-NNNNN.safetensors` under `out`, so one
     layer's tensors are resident at a time (returns file -> tensor name -> bytes)."""
     torch.set_num_threads(1)
-    get = _strict(SafetensorsReader(src).get, src)
+    get = _strict(SafetensorsReader(src).get, src, arch, family)
     return {f"layer-{i:05d}.safetensors": _write_shard(Path(out) / f"layer-{i:05d}.safetensors",
                                                        mapping.hf_to_mcore_layer(family, i, arch, get))
             for i in layers}
@@ -187,7 +247,7 @@ def import_checkpoint(src: str | Path, out: str | Path, *, workers: int = 1) -> 
     else:
         for layers in layer_sets:
             results.update(_convert_layers(str(src), arch.family, arch.fields, layers, str(out)))
-    get = _strict(SafetensorsReader(src).get, str(src))
+    get = _strict(SafetensorsReader(src).get, str(src), arch.fields, arch.family)
     results["edges.safetensors"] = _write_shard(out / "edges.safetensors",
                                                 mapping.hf_to_mcore_edges(arch.family, arch.fields, get))
     for file, names in results.items():
