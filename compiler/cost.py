@@ -1400,7 +1400,7 @@ def _trainable_params(model: ModelSpec, layout: Layout, split, peft: LoraSpec | 
 def _trained_groups(work: StageWork, peft: LoraSpec | None) -> list[tuple[float, LoraSpec | None]]:
     """(updates per step, the LoRA spec or None) of the stage's trained models, those alike together: a pass
     with the FROZEN backward trains LoRA adapters (`peft`), a FULL one every weight. PPO with LoRA trains the
-    actor's adapters and the whole critic (`runtime/align/runners.py` `run_ppo` applies no adapters to it)."""
+    actor's adapters and the whole critic (the nemoc runtime applies no adapters to the critic)."""
     groups: dict[bool, float] = {}
     for p in work.passes:
         if p.backward != FORWARD:

@@ -396,7 +396,7 @@ def in_flight_microbatches(pp: int, vp: int | None, num_microbatches: int, stage
 # ------------------------------------------------------------------------------------ resident models
 
 
-# Models that end in a scalar head (h -> 1, `runtime/align/common.py` `ScalarHead`) instead of the vocabulary
+# Models that end in a scalar head (h -> 1, the nemoc runtime's `ScalarHead`) instead of the vocabulary
 # output layer: the reward model (its score at the last token) and the PPO critic (a value per token).
 SCALAR_HEAD_MODELS = frozenset({"reward", "critic"})
 
@@ -631,7 +631,7 @@ def _model_states(model, tp, pp, cp, dp, ep, etp, distributed_optimizer, stage, 
     """(the stage's local parameters, weights, gradients, optimizer bytes, optimizer-step transient
     bytes): trainable models get full states, frozen ones weights only; LoRA trains the adapters only.
     `scalar` = (trainable, frozen) models of those that end in a scalar head (h -> 1: the PPO critic, the
-    reward model; `runtime/align/common.py` `ScalarHead`) instead of the vocabulary output layer; the
+    reward model; the nemoc runtime's `ScalarHead`) instead of the vocabulary output layer; the
     returned stage is a vocabulary-headed model's unless every model has a scalar head.
     `fsdp` (Megatron-FSDP, optim_grads_params): the trained model's 16-bit weights and its gradient
     buffer are sharded over the same group as the optimizer state (ZeRO-3); the layers being computed
