@@ -1,7 +1,7 @@
 """Run under `torchrun --nproc-per-node 2`: a TP=2 model's logits + checkpoint (for export), and two LoRA
 SFT steps under TP=2 (losses, adapters, merged checkpoint), compared at TP=1 by test_align_tp2.py (a Llama-style
 model) and test_align_mla_tp2.py (argument `mla`: multi-latent attention, its column-parallel projections'
-adapters)."""
+adapters with and without sequence parallelism, and one SGD step on every base weight, with and without it)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,8 @@ def main(out: Path, model_kind: str = "llama") -> None:
     history = trainer.run_steps(tr, items=[[s] for s in samples], steps=3, global_batch=8,
                                 to_microbatches=lambda share: sft.rows_to_batches(share, 16, 4),
                                 forward=sft.forward, seq_length=16)
+    if model_kind == "mla":
+        lora.save_adapters(sp_model, out / "adapters_sp", info={})
     if rank == 0:
         (out / "lora_tp2_sp.json").write_text(json.dumps([h["loss"] for h in history]))
     if model_kind == "mla":
