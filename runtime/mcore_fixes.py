@@ -47,6 +47,7 @@ import torch
 
 PATCHED_VERSIONS = ("0.16.1",)
 _state = {"applied": False}
+_original: dict = {}  # Megatron-Core's functions the patches wrap (tests read their source)
 # (linear_kv_down_proj's output tensor, qk_pos_emb_head_dim, tp group) while an MLA layer derives its q/k/v
 _KV_DOWN_OUTPUT: contextvars.ContextVar = contextvars.ContextVar("nemoc_mla_kv_down_output", default=None)
 
@@ -97,8 +98,8 @@ class _GatherSummingSharedKey(torch.autograd.Function):
 def _sum_shared_rope_key_gradient() -> None:
     from megatron.core.transformer import multi_latent_attention as mla
 
-    original_gather = mla.gather_from_tensor_model_parallel_region
-    original_qkv = mla.MLASelfAttention.get_query_key_value_tensors
+    original_gather = _original["gather"] = mla.gather_from_tensor_model_parallel_region
+    original_qkv = _original["qkv"] = mla.MLASelfAttention.get_query_key_value_tensors
 
     def gather_from_tensor_model_parallel_region(input_, *args, **kwargs):
         marked = _KV_DOWN_OUTPUT.get()
