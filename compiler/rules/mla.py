@@ -159,8 +159,8 @@ def warn_mla_tp_rope_gradient(env: Env, s: Sizes) -> Violation | None:
     gather_from_sequence_parallel_region's backward reduce-scatters it): the key's rows get this rank's heads'
     part (NVIDIA/Megatron-LM issue #1699, fix proposed in PR #6839; read from Megatron-Core 0.16.1's source, not
     measured: Transformer Engine does not run on the CPU machines that test nemoc). The local spec's version of
-    the same bug (the column-parallel gather) is fixed by the runtime (runtime/mcore_fixes.py, measured by
-    tests/runtime/align/test_align_mla_tp2.py), so no warning there."""
+    the same bug (the column-parallel gather) is fixed by the nemoc runtime and measured there (docs/runtime.md,
+    "Megatron-Core's MLA gradient at TP > 1"), so no warning there."""
     m = env.model
     if (not m.multi_latent_attention or s.tp is None or s.tp == 1 or env.stage_kernels != "te"
             or s.sequence_parallel is not False or env.stage_kind in ("eval", "export")):
