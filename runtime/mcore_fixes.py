@@ -42,6 +42,7 @@ Output: two patches of `megatron.core.transformer.multi_latent_attention`, each 
 from __future__ import annotations
 
 import contextvars
+import functools
 
 import torch
 
@@ -101,15 +102,18 @@ def _sum_shared_rope_key_gradient() -> None:
     original_gather = _original["gather"] = mla.gather_from_tensor_model_parallel_region
     original_qkv = _original["qkv"] = mla.MLASelfAttention.get_query_key_value_tensors
 
+    @functools.wraps(original_gather)
     def gather_from_tensor_model_parallel_region(input_, *args, **kwargs):
         marked = _KV_DOWN_OUTPUT.get()
         if marked is not None and input_ is marked[0]:
             return _GatherSummingSharedKey.apply(input_, marked[1], marked[2])
         return original_gather(input_, *args, **kwargs)
 
+    @functools.wraps(original_qkv)
     def get_query_key_value_tensors(self, *args, **kwargs):
         def mark(_module, _inputs, output):
-            _KV_DOWN_OUTPUT.set((output[0], self.config.qk_pos_emb_head_dim, self.tp_group))
+            out = output[0] if isinstance(output, tuple) else output  # Megatron's linears return (out, bias)
+            _KV_DOWN_OUTPUT.set((out, self.config.qk_pos_emb_head_dim, self.tp_group))
 
         handle = self.linear_kv_down_proj.register_forward_hook(mark)
         token = _KV_DOWN_OUTPUT.set(None)
@@ -129,6 +133,7 @@ def _average_q_layernorm_gradient() -> None:
 
     original_init = mla.MLASelfAttention.__init__
 
+    @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         norm = getattr(self, "q_layernorm", None)
