@@ -42,7 +42,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.utils import is_layer_window_attention
 
 from nemoc.compiler.spec import ModelSpec
-from nemoc.runtime import gemma
+from nemoc.runtime import gemma, mcore_fixes
 
 _POSITION = {"rope": "rope", "learned": "learned_absolute", "none": "none"}
 
@@ -401,7 +401,10 @@ def attention_core_name(*, attention_backend: str, have_te: bool, model: ModelSp
 
 def build_model_chunks(*, config, model: ModelSpec, vocab_size: int, seq_length: int, attention_backend: str,
                        have_te: bool) -> list[torch.nn.Module]:
-    """One GPTModel per virtual pipeline stage held by this rank (Megatron-LM's get_model)."""
+    """One GPTModel per virtual pipeline stage held by this rank (Megatron-LM's get_model). Multi-latent attention
+    is built with the runtime's gradient fixes for Megatron-Core 0.16.1 (runtime/mcore_fixes.py)."""
+    if model.multi_latent_attention:
+        mcore_fixes.apply()  # idempotent; before MLASelfAttention.__init__ runs
     spec = layer_spec(config=config, model=model, attention_backend=attention_backend, have_te=have_te)
     dense_spec = (layer_spec(config=config, model=model.dense_layer_model, attention_backend=attention_backend,
                              have_te=have_te) if model.has_dense_layers else None)

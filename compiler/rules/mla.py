@@ -152,25 +152,30 @@ def warn_mla_fields_unused(env: Env, s: Sizes) -> Violation | None:
 
 
 def warn_mla_tp_rope_gradient(env: Env, s: Sizes) -> Violation | None:
-    """Training an MLA model on the local spec at TP > 1: linear_kv_down_proj is column-parallel there, and
-    MLASelfAttention gathers its output with gather_from_tensor_model_parallel_region, whose backward only
-    splits. The latent part's gradient is complete (linear_kv_up_proj, column-parallel, all-reduces its input
-    gradient), but the shared RoPE key (k_pos_emb) feeds each rank's own heads only, so its gradient keeps the
-XX
-    rows of that key in a LoRA adapter's B differ from TP 1 while every other adapter and the loss agree).
-    Transformer Engine's spec duplicates the down projections and has no such gather."""
+    """Training an MLA model at TP > 1 on Transformer Engine's spec without sequence parallelism: the spec runs
+    linear_kv_down_proj duplicated (TELinear parallel_mode='duplicated'), so the shared RoPE key k_pos_emb is
+    replicated on every rank but expanded over this rank's heads only, and MLASelfAttention
+    .get_query_key_value_tensors reduces its gradient only under sequence parallelism (there
+    gather_from_sequence_parallel_region's backward reduce-scatters it): the key's rows get this rank's heads'
+    part (NVIDIA/Megatron-LM issue #1699, fix proposed in PR #6839; read from Megatron-Core 0.16.1's source, not
+    measured: Transformer Engine does not run on the CPU machines that test nemoc). The local spec's version of
+    the same bug (the column-parallel gather) is fixed by the nemoc runtime and measured there (docs/runtime.md,
+    "Megatron-Core's MLA gradient at TP > 1"), so no warning there."""
     m = env.model
-    if (not m.multi_latent_attention or s.tp is None or s.tp == 1 or env.stage_kernels != "local"
-            or env.stage_kind in ("eval", "export")):
+    if (not m.multi_latent_attention or s.tp is None or s.tp == 1 or env.stage_kernels != "te"
+            or s.sequence_parallel is not False or env.stage_kind in ("eval", "export")):
         return None
     return Violation(
-        "W123", "MLA at tensor > 1 on the local spec trains the RoPE key with part of its gradient",
-        f"tp({s.tp}) > 1, kernels local: the key's qk_pos_emb_head_dim({m.qk_pos_emb_head_dim}) rows of "
-        "linear_kv_down_proj get the gradient of this rank's heads only (Megatron-Core 0.16.1 gathers the "
-        "column-parallel output without reducing its gradient)",
-        "use tensor = 1 for MLA on the local spec, or kernels = te (duplicated down projections)",
-        anchors=(_P + "tensor", "model.multi_latent_attention", "model"), severity=Severity.WARNING,
-        source=f"{_MLA} MLASelfAttention.get_query_key_value_tensors (gather_from_tensor_model_parallel_region)")
+        "W123", "MLA at tensor > 1 on Transformer Engine's spec without sequence parallelism trains the RoPE key "
+        "with part of its gradient",
+        f"tp({s.tp}) > 1, kernels te, sequence_parallel false: the key's qk_pos_emb_head_dim({m.qk_pos_emb_head_dim}) "
+        "rows of the duplicated linear_kv_down_proj get the gradient of this rank's heads only (Megatron-Core "
+        "0.16.1 reduces it only under sequence parallelism; Megatron-LM issue #1699)",
+        "set sequence_parallel = true, or kernels = local (the runtime fixes the local spec's gradient)",
+        anchors=(_P + "sequence_parallel", _P + "tensor", "model.multi_latent_attention", "model"),
+        severity=Severity.WARNING,
+        source=f"{_MLA} MLASelfAttention.get_query_key_value_tensors (k_pos_emb of a duplicated "
+               "linear_kv_down_proj: gather_from_sequence_parallel_region only under sequence_parallel)")
 
 
 YARN_FIELDS = ("original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")

@@ -1,7 +1,7 @@
 """Run under `torchrun --nproc-per-node 2`: a TP=2 model's logits + checkpoint (for export), and two LoRA
 SFT steps under TP=2 (losses, adapters, merged checkpoint), compared at TP=1 by test_align_tp2.py (a Llama-style
 model) and test_align_mla_tp2.py (argument `mla`: multi-latent attention, its column-parallel projections'
-adapters)."""
+adapters with and without sequence parallelism, and one SGD step on every base weight, with and without it)."""
 
 from __future__ import annotations
 
@@ -64,9 +64,29 @@ def main(out: Path, model_kind: str = "llama") -> None:
     history = trainer.run_steps(tr, items=[[s] for s in samples], steps=3, global_batch=8,
                                 to_microbatches=lambda share: sft.rows_to_batches(share, 16, 4),
                                 forward=sft.forward, seq_length=16)
+    if model_kind == "mla":
+        lora.save_adapters(sp_model, out / "adapters_sp", info={})
     if rank == 0:
         (out / "lora_tp2_sp.json").write_text(json.dumps([h["loss"] for h in history]))
+    if model_kind == "mla":
+        for sp in (False, True):
+            base_sgd_step(spec, common.single_layout(tp=2, global_batch=8, micro_batch=4, sequence_parallel=sp),
+                          base=out / "base", samples=samples, out=out / f"sgd_tp2{'_sp' if sp else ''}")
     common.teardown_distributed()
+
+
+def base_sgd_step(spec, layout, *, base: Path, samples, out: Path) -> None:
+    """One plain SGD step (mla_tp_settings: lr 0.5, no clipping) on every base weight from `base`, saved to
+    `out`: W - lr * grad, so the test reads the gradient back at any TP size through the checkpoint's
+    resharding (test_align_mla_tp2.py: the base-weight gradients at TP=2, with and without sequence
+    parallelism, against TP=1's)."""
+    model = common.build_gpt(spec, layout)
+    common.load_model(model, base)
+    tr = trainer.Trainer(model, layout=layout, **mla_tp_settings())
+    trainer.run_steps(tr, items=[[s] for s in samples], steps=1, global_batch=8,
+                      to_microbatches=lambda share: sft.rows_to_batches(share, 16, 4),
+                      forward=sft.forward, seq_length=16)
+    common.save_model(model, out)
 
 
 if __name__ == "__main__":
