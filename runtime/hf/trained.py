@@ -32,6 +32,7 @@ from nemoc.runtime.atomic import atomic_write_json
 from nemoc.runtime.hf import convert
 
 _INDEX = re.compile(r"\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)\.")
 
 
 class TrainedExportError(RuntimeError):
@@ -78,6 +79,14 @@ class DistCheckpointReader:
         for key in (stacked, stacked.replace(".experts.local_experts.", ".experts.experts.")):
             if key in self.meta and len(self.meta[key].size) > len(indices):
                 return key, indices
+        # A model with dense layers among its MoE ones (moe_layer_freq) is not homogeneous: Megatron saves each
+        # layer under its global index (transformer_block.py sharded_state_dict), so only the expert axis is
+        # prepended: `decoder.layers.i.mlp.experts.experts.*` of shape [experts, ...].
+        expert = _LOCAL_EXPERT.search(name)
+        if expert is not None:
+            key = _LOCAL_EXPERT.sub(".experts.experts.", name, count=1)
+            if key in self.meta and len(self.meta[key].size) >= 2:
+                return key, (int(expert.group(1)),)
         raise KeyError(name)
 
     def _load(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -110,7 +119,10 @@ class DistCheckpointReader:
         """Every full-model tensor name of decoder layer `layer` (an index string) the checkpoint holds."""
         out = []
         for key, md in self.meta.items():
-            if key.startswith(f"decoder.layers.{layer}."):
+            if key.startswith(f"decoder.layers.{layer}.") and ".experts.experts." in key and len(md.size) >= 2:
+                head, rest = key.split(".experts.experts.")  # a layer saved under its index: [experts, ...]
+                out += [f"{head}.experts.local_experts.{j}.{rest}" for j in range(md.size[0])]
+            elif key.startswith(f"decoder.layers.{layer}."):
                 out.append(key)
             elif key.startswith("decoder.layers.") and not _INDEX.search(key):
                 tail = key[len("decoder.layers."):]
