@@ -1352,25 +1352,35 @@ def _busiest_stage_layers(model: ModelSpec, layout: Layout, split: tuple[int, in
     return max(layers_on_stage(model.layers, layout.pp, i, split) for i in {0, min(1, layout.pp - 1)})
 
 
+def _stage_mixes(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None) -> list[tuple[int, int]]:
+    """(expert layers, dense layers) of each pipeline stage of a MoE model with dense layers
+    (`flops.dense_layers_per_stage`, at Megatron's offsets)."""
+    dense = dense_layers_per_stage(model, layout.pp, layout.vp, split)
+    return [(layers_on_stage(model.layers, layout.pp, s, split) - d, d) for s, d in enumerate(dense)]
+
+
 def _busiest_stage_mix(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None) -> tuple[int, int]:
-    """(expert layers, dense layers) of the stage holding the most parameters: for a MoE model with dense layers
-    (`flops.dense_layers_per_stage`) the stage with the most expert layers, fewest dense ones at a tie;
-    otherwise `_busiest_stage_layers` (every layer alike)."""
+    """(expert layers, dense layers) of the stage with the most expert layers (fewest dense ones at a tie): the
+    one holding the most expert parameters (`_expert_params`); otherwise `_busiest_stage_layers` (every layer
+    alike). The stage with the most parameters in all is `_local_params`' (dense layers may outweigh)."""
     if not model.has_dense_layers:
         return _busiest_stage_layers(model, layout, split), 0
-    dense = dense_layers_per_stage(model, layout.pp, layout.vp, split)
-    mixes = [(layers_on_stage(model.layers, layout.pp, s, split) - d, d) for s, d in enumerate(dense)]
-    return max(mixes, key=lambda mix: (mix[0], mix[1]))
+    return max(_stage_mixes(model, layout, split), key=lambda mix: (mix[0], mix[1]))
 
 
 def _local_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None = None) -> float:
-    """Parameters on one GPU of the most-loaded stage (after TP, EP x ETP sharding)."""
+    """Parameters on one GPU of the most-loaded stage (after TP, EP x ETP sharding). With dense layers in a MoE
+    model, the stage whose layers hold the most on one GPU (memory's `_local_stage` count): a dense layer's MLP,
+    sharded by TP only, can outweigh an expert layer's EP x ETP share (DeepSeek-V3 at TP 1 / EP 64: 583M vs 409M
+    per GPU), so the stage with the most expert layers is not always the busiest."""
     counts = param_counts(model)
-    n, d = _busiest_stage_mix(model, layout, split)
-    dense = (counts.layer_params(n, d) - n * counts.expert) / layout.tp
-    experts = n * counts.expert / (layout.ep * layout.etp)
+
+    def on_gpu(n: int, d: int) -> float:  # n expert layers, d dense layers
+        return (counts.layer_params(n, d) - n * counts.expert) / layout.tp + n * counts.expert / (layout.ep * layout.etp)
+    mixes = _stage_mixes(model, layout, split) if model.has_dense_layers else [
+        (_busiest_stage_layers(model, layout, split), 0)]
     embed = padded_vocab(model.vocab, layout.tp) * model.hidden / layout.tp
-    return dense + experts + embed * (2 if layout.pp == 1 and not model.tie_embeddings else 1)
+    return max(on_gpu(n, d) for n, d in mixes) + embed * (2 if layout.pp == 1 and not model.tie_embeddings else 1)
 
 
 def _embedding_params(model: ModelSpec, layout: Layout) -> float:
@@ -1390,8 +1400,10 @@ def _trainable_params(model: ModelSpec, layout: Layout, split, peft: LoraSpec | 
     """Parameters the optimizer updates on one GPU of the most-loaded stage (LoRA: the adapters)."""
     if peft is None:
         return _local_params(model, layout, split)
-    n, d = _busiest_stage_mix(model, layout, split)
-    return lora_params_of_layers(model, peft, n + d, d) / layout.tp
+    if not model.has_dense_layers:
+        return lora_params_of_layers(model, peft, _busiest_stage_layers(model, layout, split)) / layout.tp
+    # the stage with the most adapters: a dense layer's MLP adapters wrap one MLP, an expert layer's every expert's
+    return max(lora_params_of_layers(model, peft, n + d, d) for n, d in _stage_mixes(model, layout, split)) / layout.tp
 
 
 def _trained_groups(work: StageWork, peft: LoraSpec | None) -> list[tuple[float, LoraSpec | None]]:
