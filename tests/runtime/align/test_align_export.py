@@ -181,3 +181,20 @@ def test_the_reader_finds_the_experts_of_a_model_saved_layer_by_layer(mcore, tmp
     for i in moe_layers:  # one load reads a layer's experts with the rest of it
         assert {f"decoder.layers.{i}.mlp.experts.local_experts.{j}.linear_fc1.weight"
                 for j in range(4)} <= set(reader._layer_names(str(i)))
+
+
+def test_a_checkpoint_saved_before_dense_layers_were_recorded_is_an_every_layer_moe(mcore, tmp_path):
+    """nemoc_model.json without `dense_layers` (written before the field existed, when every layer of a MoE model
+    was an expert layer, e.g. the DeepSeek presets before their dense first layers) is refused by a model with
+    dense layers as an incompatible architecture, before dist_checkpointing meets missing keys."""
+    spec = llama_spec(layers=2, seq_length=16, experts=4, top_k=2, moe_ffn_hidden=24, moe_first_dense_layers=1)
+    model = _saved(mcore, spec, tmp_path)
+    info_path = tmp_path / "ckpt" / "nemoc_model.json"
+    info = json.loads(info_path.read_text())
+    assert info["shape"].pop("dense_layers") == "0"
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(mcore.AlignError, match=r"incompatible architecture \(dense_layers: checkpoint '' != model '0'\)"):
+        mcore.load_model(model, tmp_path / "ckpt")
+    every = mcore.build_gpt(llama_spec(layers=2, seq_length=16, experts=4, top_k=2, moe_ffn_hidden=24),
+                            mcore.single_layout())
+    mcore._check_shape(every, tmp_path / "ckpt")  # the architecture it was saved with still loads
