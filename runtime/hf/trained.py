@@ -32,7 +32,6 @@ from nemoc.runtime.atomic import atomic_write_json
 from nemoc.runtime.hf import convert
 
 _INDEX = re.compile(r"\.(\d+)\.")
-_LOCAL_EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)\.")
 
 
 class TrainedExportError(RuntimeError):
@@ -75,18 +74,17 @@ class DistCheckpointReader:
         stacked = _INDEX.sub(".", name)
         while _INDEX.search(stacked):  # overlapping matches (".3.5.") need a second pass
             stacked = _INDEX.sub(".", stacked)
+        # a MoE model with dense layers stores each layer under its own index (the layers differ), the experts of
+        # an expert layer still stacked: `decoder.layers.3.mlp.experts.experts.*` [experts, ...]
+        m = re.match(r"decoder\.layers\.(\d+)\.", name)
+        own = (f"decoder.layers.{m.group(1)}." + stacked[len("decoder.layers."):], indices[1:]) if m else None
         # Megatron's SequentialMLP stores expert j of `mlp.experts.local_experts.j.*` as `mlp.experts.experts.*`
-        for key in (stacked, stacked.replace(".experts.local_experts.", ".experts.experts.")):
-            if key in self.meta and len(self.meta[key].size) > len(indices):
-                return key, indices
-        # A model with dense layers among its MoE ones (moe_layer_freq) is not homogeneous: Megatron saves each
-        # layer under its global index (transformer_block.py sharded_state_dict), so only the expert axis is
-        # prepended: `decoder.layers.i.mlp.experts.experts.*` of shape [experts, ...].
-        expert = _LOCAL_EXPERT.search(name)
-        if expert is not None:
-            key = _LOCAL_EXPERT.sub(".experts.experts.", name, count=1)
-            if key in self.meta and len(self.meta[key].size) >= 2:
-                return key, (int(expert.group(1)),)
+        for key, idx in ((stacked, indices), own):
+            if key is None:
+                continue
+            for k in (key, key.replace(".experts.local_experts.", ".experts.experts.")):
+                if k in self.meta and len(self.meta[k].size) > len(idx):
+                    return k, idx
         raise KeyError(name)
 
     def _load(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -119,8 +117,8 @@ class DistCheckpointReader:
         """Every full-model tensor name of decoder layer `layer` (an index string) the checkpoint holds."""
         out = []
         for key, md in self.meta.items():
-            if key.startswith(f"decoder.layers.{layer}.") and ".experts.experts." in key and len(md.size) >= 2:
-                head, rest = key.split(".experts.experts.")  # a layer saved under its index: [experts, ...]
+            if key.startswith(f"decoder.layers.{layer}.") and ".experts.experts." in key and len(md.size) >= 3:
+                head, rest = key.split(".experts.experts.")
                 out += [f"{head}.experts.local_experts.{j}.{rest}" for j in range(md.size[0])]
             elif key.startswith(f"decoder.layers.{layer}."):
                 out.append(key)
