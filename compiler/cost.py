@@ -1297,7 +1297,8 @@ def _interleaved_dp_exposed(rs: float, ag: float, vp: int, pp: int, t_mb_stage: 
 
 
 def fsdp_exposed(model: ModelSpec, layout: Layout, hw: HardwareSpec, lt: LayerTimes, micro_batches: int,
-                 params: EfficiencyParams, trainable_params: float, grad_bytes: int = 4) -> float:
+                 params: EfficiencyParams, trainable_params: float, grad_bytes: int = 4,
+                 dense: tuple[LayerTimes, int] | None = None) -> float:
     """Exposed data-parallel communication of one step under Megatron-FSDP (optim_grads_params,
     ZeRO-3; pipeline = 1, E177). Every micro batch all-gathers each layer's 16-bit weights (1 byte
     with FP8 parameters) before its forward and again before its backward (they are freed after use)
@@ -1305,7 +1306,8 @@ def fsdp_exposed(model: ModelSpec, layout: Layout, hw: HardwareSpec, lt: LayerTi
     prefetches the next layer's gather while a layer computes, so per layer the forward hides one
     all-gather and the backward one all-gather plus one reduce-scatter; what exceeds them is exposed,
     plus the first layer's gather, which nothing precedes. The embedding and output layers are units
-    too; they are counted as layers' share of `trainable_params` here (a stated simplification)."""
+    too; they are counted as layers' share of `trainable_params` here (a stated simplification). `dense`: a MoE
+    model's dense layers (their `LayerTimes`, how many): each hides its gathers behind its own compute."""
     shard = layout.dp * layout.cp
     if shard == 1 or trainable_params == 0:
         return 0.0
@@ -1314,15 +1316,18 @@ def fsdp_exposed(model: ModelSpec, layout: Layout, hw: HardwareSpec, lt: LayerTi
     unit = trainable_params / model.layers
     gather = unit * (1.0 if layout.fp8_param_gather else 2.0) * frac / bw
     reduce = unit * grad_bytes * frac / bw
-    fwd = lt.total * lt.forward_fraction
-    bwd = lt.total - fwd
-    per_layer = max(0.0, gather - fwd) + max(0.0, gather + reduce - bwd)
-    return micro_batches * model.layers * per_layer + gather
+
+    def per_layer(t: LayerTimes) -> float:
+        fwd = t.total * t.forward_fraction
+        return max(0.0, gather - fwd) + max(0.0, gather + reduce - (t.total - fwd))
+    lt_dense, n_dense = dense or (lt, 0)
+    return micro_batches * ((model.layers - n_dense) * per_layer(lt) + n_dense * per_layer(lt_dense)) + gather
 
 
 def fsdp_forward_gathers(model: ModelSpec, layout: Layout, hw: HardwareSpec, params: EfficiencyParams,
                          trainable_params: float, work, *, lt: LayerTimes, micro_batches: int,
-                         rollout: tuple[float, float] | None = None) -> float:
+                         rollout: tuple[float, float] | None = None,
+                         dense: tuple[LayerTimes, int] | None = None) -> float:
     """Exposed all-gathers of the trained models' forwards outside their updates under Megatron-FSDP: the
     runtime runs them through the FSDP wrapper, whose forward pre-hooks gather each layer's 16-bit weights
     (freed after the layer), so every such forward gathers the whole model once. They are the no-gradient
@@ -1331,7 +1336,8 @@ def fsdp_forward_gathers(model: ModelSpec, layout: Layout, hw: HardwareSpec, par
     hidden behind the previous layer's forward as in `fsdp_exposed`; and the rollout (GRPO, PPO): one prefill
     and one forward per decoded token over the whole rank's batch (the runtime's KV-cached generator), each gathering
     every layer, hidden behind that forward's per-layer time (a decode step is short: mostly exposed).
-    Frozen models (references, the reward model) are not sharded: they gather nothing."""
+    Frozen models (references, the reward model) are not sharded: they gather nothing. `dense` as in
+    `fsdp_exposed` (a dense layer's gather hides behind a dense layer's forward)."""
     shard = layout.dp * layout.cp
     if shard == 1 or trainable_params == 0:
         return 0.0
@@ -1343,7 +1349,10 @@ def fsdp_forward_gathers(model: ModelSpec, layout: Layout, hw: HardwareSpec, par
 
     trained = {p.model for p in work.passes if p.backward != FORWARD}
     forwards = sum(p.count for p in work.passes[1:] if p.backward == FORWARD and p.model.split(" ")[0] in trained)
-    total = forwards * micro_batches * exposed(lt.total * lt.forward_fraction)
+    lt_dense, n_dense = dense or (lt, 0)
+    hidden_behind = ((model.layers - n_dense) * max(0.0, gather - lt.total * lt.forward_fraction)
+                     + n_dense * max(0.0, gather - lt_dense.total * lt_dense.forward_fraction))
+    total = forwards * micro_batches * (hidden_behind + gather)
     if rollout is not None:
         prefill, step = rollout
         total += exposed(prefill / model.layers) + work.generated * exposed(step / model.layers)
@@ -1355,25 +1364,35 @@ def _busiest_stage_layers(model: ModelSpec, layout: Layout, split: tuple[int, in
     return max(layers_on_stage(model.layers, layout.pp, i, split) for i in {0, min(1, layout.pp - 1)})
 
 
+def _stage_mixes(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None) -> list[tuple[int, int]]:
+    """(expert layers, dense layers) of each pipeline stage of a MoE model with dense layers
+    (`flops.dense_layers_per_stage`, at Megatron's offsets)."""
+    dense = dense_layers_per_stage(model, layout.pp, layout.vp, split)
+    return [(layers_on_stage(model.layers, layout.pp, s, split) - d, d) for s, d in enumerate(dense)]
+
+
 def _busiest_stage_mix(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None) -> tuple[int, int]:
-    """(expert layers, dense layers) of the stage holding the most parameters: for a MoE model with dense layers
-    (`flops.dense_layers_per_stage`) the stage with the most expert layers, fewest dense ones at a tie;
-    otherwise `_busiest_stage_layers` (every layer alike)."""
+    """(expert layers, dense layers) of the stage with the most expert layers (fewest dense ones at a tie): the
+    one holding the most expert parameters (`_expert_params`); otherwise `_busiest_stage_layers` (every layer
+    alike). The stage with the most parameters in all is `_local_params`' (dense layers may outweigh)."""
     if not model.has_dense_layers:
         return _busiest_stage_layers(model, layout, split), 0
-    dense = dense_layers_per_stage(model, layout.pp, layout.vp, split)
-    mixes = [(layers_on_stage(model.layers, layout.pp, s, split) - d, d) for s, d in enumerate(dense)]
-    return max(mixes, key=lambda mix: (mix[0], mix[1]))
+    return max(_stage_mixes(model, layout, split), key=lambda mix: (mix[0], mix[1]))
 
 
 def _local_params(model: ModelSpec, layout: Layout, split: tuple[int, int, int] | None = None) -> float:
-    """Parameters on one GPU of the most-loaded stage (after TP, EP x ETP sharding)."""
+    """Parameters on one GPU of the most-loaded stage (after TP, EP x ETP sharding). With dense layers in a MoE
+    model, the stage whose layers hold the most on one GPU (memory's `_local_stage` count): a dense layer's MLP,
+    sharded by TP only, can outweigh an expert layer's EP x ETP share (DeepSeek-V3 at TP 1 / EP 64: 583M vs 409M
+    per GPU), so the stage with the most expert layers is not always the busiest."""
     counts = param_counts(model)
-    n, d = _busiest_stage_mix(model, layout, split)
-    dense = (counts.layer_params(n, d) - n * counts.expert) / layout.tp
-    experts = n * counts.expert / (layout.ep * layout.etp)
+
+    def on_gpu(n: int, d: int) -> float:  # n expert layers, d dense layers
+        return (counts.layer_params(n, d) - n * counts.expert) / layout.tp + n * counts.expert / (layout.ep * layout.etp)
+    mixes = _stage_mixes(model, layout, split) if model.has_dense_layers else [
+        (_busiest_stage_layers(model, layout, split), 0)]
     embed = padded_vocab(model.vocab, layout.tp) * model.hidden / layout.tp
-    return dense + experts + embed * (2 if layout.pp == 1 and not model.tie_embeddings else 1)
+    return max(on_gpu(n, d) for n, d in mixes) + embed * (2 if layout.pp == 1 and not model.tie_embeddings else 1)
 
 
 def _embedding_params(model: ModelSpec, layout: Layout) -> float:
@@ -1393,8 +1412,10 @@ def _trainable_params(model: ModelSpec, layout: Layout, split, peft: LoraSpec | 
     """Parameters the optimizer updates on one GPU of the most-loaded stage (LoRA: the adapters)."""
     if peft is None:
         return _local_params(model, layout, split)
-    n, d = _busiest_stage_mix(model, layout, split)
-    return lora_params_of_layers(model, peft, n + d, d) / layout.tp
+    if not model.has_dense_layers:
+        return lora_params_of_layers(model, peft, _busiest_stage_layers(model, layout, split)) / layout.tp
+    # the stage with the most adapters: a dense layer's MLP adapters wrap one MLP, an expert layer's every expert's
+    return max(lora_params_of_layers(model, peft, n + d, d) for n, d in _stage_mixes(model, layout, split)) / layout.tp
 
 
 def _trained_groups(work: StageWork, peft: LoraSpec | None) -> list[tuple[float, LoraSpec | None]]:
@@ -1544,10 +1565,11 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
             trainable = _trainable_params(model, layout, split, adapters)
             if layout.megatron_fsdp:
                 # every trained model's updates (PPO: the critic's too) gather and reduce-scatter per layer
+                dense_kind = (lt_dense, n_dense) if n_dense else None  # dense layers hide gathers behind their own time
                 parts["dp_comm_exposed"] += updates * fsdp_exposed(model, layout, hw, lt, m, params, trainable,
-                                                                   grad_bytes)
+                                                                   grad_bytes, dense=dense_kind)
                 gathers = fsdp_forward_gathers(model, layout, hw, params, trainable, work, lt=lt, micro_batches=m,
-                                               rollout=rollout)
+                                               rollout=rollout, dense=dense_kind)
                 if gathers:
                     parts["fsdp_gathers_outside_updates"] = gathers
             else:

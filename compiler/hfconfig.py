@@ -262,17 +262,20 @@ def _qwen3_moe_layer_pattern(config: dict) -> dict[str, Any]:
     intermediate_size (transformers models/qwen3_moe/modeling_qwen3_moe.py). Megatron-Core builds the same with
     `moe_layer_freq` as a 0 / 1 list (its integer form, `i % N == 0`, marks layers 0, N, ... where
     decoder_sparse_step marks N - 1, 2N - 1, ...): {} when every layer is sparse, else {"moe_layer_freq": list}.
-    Refused, the key named: num_experts = 0 (a dense Qwen3) and a pattern without any expert layer."""
+    Refused, the key named: num_experts = 0 (a dense Qwen3), decoder_sparse_step = 0 (transformers fails on it)
+    and a pattern without any expert layer. mlp_only_layers entries outside the model are ignored, as there."""
     for key in ("num_experts", "num_local_experts"):  # transformers 5 writes num_experts as num_local_experts
         if key in config and not int(config[key] or 0):
             raise HfConfigError(f"{key} = 0 makes every layer a dense MLP (a dense Qwen3 under model_type "
                                 "qwen3_moe); nemoc maps qwen3_moe with expert layers only (use model_type qwen3)")
     layers = int(config["num_hidden_layers"])
-    dense = sorted(int(i) for i in config.get("mlp_only_layers") or [])
-    outside = [i for i in dense if not 0 <= i < layers]
-    if outside:
-        raise HfConfigError(f"mlp_only_layers = {dense}: layer(s) {outside} outside 0 .. {layers - 1}")
-    step = int(config.get("decoder_sparse_step", 1) or 1)
+    # an entry outside 0 .. layers - 1 marks no layer (`layer_idx not in mlp_only_layers`): ignored, as there
+    dense = sorted(i for i in {int(i) for i in config.get("mlp_only_layers") or []} if 0 <= i < layers)
+    step = config.get("decoder_sparse_step")
+    step = 1 if step is None else int(step)  # absent or null: Qwen3MoeConfig's default
+    if step == 0:  # transformers divides by it: `(layer_idx + 1) % config.decoder_sparse_step`
+        raise HfConfigError("decoder_sparse_step = 0: transformers' Qwen3MoeDecoderLayer fails on it (a modulo by "
+                            "zero); 1 makes every layer not in mlp_only_layers an expert layer")
     pattern = tuple(0 if i in dense or (i + 1) % step else 1 for i in range(layers))
     if not any(pattern):
         raise HfConfigError(f"mlp_only_layers = {dense}, decoder_sparse_step = {step}: no layer of the "
@@ -532,9 +535,9 @@ def mismatches(arch: HfArchitecture, written: dict[str, Any]) -> list[tuple[str,
     `seq_length` is exempt for RoPE models: training on sequences shorter than max_position_embeddings
     is normal; a learned position table (GPT-2) must have the checkpoint's length. TRAINING_FIELDS are exempt.
     """
-    out = _attention_kind_mismatch(arch, written)
+    out = _attention_kind_mismatch(arch, written) + _moe_layer_mismatch(arch, written)
     for name, value in written.items():
-        if name not in arch.fields or name in TRAINING_FIELDS or (
+        if name not in arch.fields or name in TRAINING_FIELDS or name in _PATTERN_FIELDS or (
                 name == "seq_length" and arch.fields["position"] != "learned"):
             continue
         theirs = arch.fields[name]
@@ -546,6 +549,45 @@ def mismatches(arch: HfArchitecture, written: dict[str, Any]) -> list[tuple[str,
         elif value != theirs:
             out.append((name, value, theirs))
     return out
+
+
+_PATTERN_FIELDS = ("moe_layer_freq", "moe_first_dense_layers")  # compared as the layer pattern they make
+
+
+def _moe_layer_mismatch(arch: HfArchitecture, written: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Which layers are expert layers: the pattern `moe_layer_freq` and `moe_first_dense_layers` make as written
+    (a field not written takes config.json's, as the model then does) against config.json's own (Mixtral: every
+    layer; Qwen3-MoE: mlp_only_layers / decoder_sparse_step; DeepSeek-V3: first_k_dense_replace). Compared as
+    patterns, so `moe_layer_freq = 2` equals a checkpoint's [1, 0, 1, 0]. One entry, on the field that differs
+    from config.json's (moe_layer_freq when both are written and the dense prefix agrees)."""
+    from nemoc.compiler.spec import moe_layer_pattern
+
+    f = arch.fields
+    if not f.get("experts") or not any(k in written for k in _PATTERN_FIELDS):
+        return []
+
+    def pattern(fields: dict) -> tuple[int, ...]:
+        freq = fields.get("moe_layer_freq", 1)
+        return moe_layer_pattern(int(f["layers"]), int(f["experts"]), freq if isinstance(freq, int) else tuple(freq),
+                                 int(fields.get("moe_first_dense_layers", 0) or 0))
+
+    theirs = pattern(f)
+    if pattern({**f, **{k: written[k] for k in _PATTERN_FIELDS if k in written}}) == theirs:
+        return []
+    name = ("moe_first_dense_layers" if "moe_first_dense_layers" in written and (
+        written["moe_first_dense_layers"] != f.get("moe_first_dense_layers", 0) or "moe_layer_freq" not in written)
+        else "moe_layer_freq")
+    return [(name, written[name], f"expert layers {_pattern_text(theirs)}")]
+
+
+def _pattern_text(pattern: tuple[int, ...]) -> str:
+    """A layer pattern as config.json's fields say it, briefly: `every layer`, `all but the first K`, or the
+    0 / 1 list (shortened after 16 entries)."""
+    k = next((i for i, v in enumerate(pattern) if v), len(pattern))
+    if all(pattern[k:]):
+        return "= every layer" if k == 0 else f"= all but the first {k} (moe_first_dense_layers = {k})"
+    shown = ", ".join(str(v) for v in pattern[:16]) + (", ..." if len(pattern) > 16 else "")
+    return f"(moe_layer_freq) = [{shown}]"
 
 
 def _attention_kind_mismatch(arch: HfArchitecture, written: dict[str, Any]) -> list[tuple[str, Any, Any]]:

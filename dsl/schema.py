@@ -211,7 +211,7 @@ MODEL_FIELDS = (
                                                       range_hint="0 (a dense layer) or 1 (an expert layer)")), 1,
        "Which layers of a MoE model are expert layers (Megatron-Core `moe_layer_freq`): an integer N makes layers "
        "0, N, 2N, ... expert layers and the others dense MLPs of `ffn_hidden`; a list of 0 / 1 gives each layer, "
-       "one entry per layer (E202), at least one 1 (E203). Only on a MoE model (E204)."),
+       "one entry per layer (E202), at least one 1 (E203). Only on a MoE model (E171)."),
     _f("moe_first_dense_layers", INT, 0,
        "The first this-many layers of a MoE model are dense MLPs of `ffn_hidden` (Hugging Face "
        "`first_k_dense_replace`: DeepSeek-V3 3, V2-Lite 1), the rest follow `moe_layer_freq`; what Megatron-Bridge "

@@ -93,46 +93,74 @@ def number_text(x: float) -> str:
 # ------------------------------------------------------------------------- dense layers of a MoE model
 
 
-def moe_layer_freq_value(raw: object) -> int | tuple[int, ...]:
+MAX_FREQ_TEXT = 4096  # characters of a `--moe-layer-freq` expression (DeepSeek-V3's is 15)
+MAX_FREQ_ENTRIES = 1_000_000  # entries of a pattern: a layer count is at most 10,000 (the language's bound)
+
+
+def moe_layer_freq_value(raw: object, flag: str = "moe_layer_freq") -> int | tuple[int, ...]:
     """Megatron's `moe_layer_freq` as a script or config writes it: an int, a list, or (Megatron-LM's
     `--moe-layer-freq`, arguments.py `moe_freq_type`) a string of an int or of a Python list expression such as
-    `([0]*3+[1]*58)`, read here without evaluating code: only list literals of ints, `+` and `* int`."""
+    `([0]*3+[1]*58)`, read here without evaluating code: only list literals of ints, `+` and `* int`. Hostile
+    input is a ValueError naming `flag`: text over MAX_FREQ_TEXT characters, a result over MAX_FREQ_ENTRIES
+    entries (checked before each multiplication, so no huge list is built), nesting deep enough for
+    RecursionError / MemoryError in Python's parser."""
     import ast
 
+    def bad(why: str = "not an int or a list expression of 0 / 1") -> ValueError:
+        shown = repr(raw) if len(repr(raw)) <= 60 else repr(raw)[:57] + "..."
+        return ValueError(f"{flag} {shown}: {why}")
+
     if isinstance(raw, bool):
-        raise ValueError(f"moe_layer_freq {raw!r}: not an int or a 0 / 1 list")
+        raise bad("not an int or a 0 / 1 list")
     if isinstance(raw, int):
         return raw
     if isinstance(raw, (list, tuple)):
-        return tuple(int(v) for v in raw)
+        if len(raw) > MAX_FREQ_ENTRIES:
+            raise bad(f"more than {MAX_FREQ_ENTRIES:,} entries")
+        try:
+            return tuple(int(v) for v in raw)
+        except (TypeError, ValueError, OverflowError):
+            raise bad("not an int or a 0 / 1 list") from None
     text = str(raw).strip().strip("'\"")
-    if re.fullmatch(r"\d+", text):
+    if len(text) > MAX_FREQ_TEXT:
+        raise bad(f"longer than {MAX_FREQ_TEXT:,} characters")
+    if re.fullmatch(r"\d{1,18}", text):
         return int(text)
 
-    def value(node):
+    def value(node) -> list[int]:
         if isinstance(node, ast.List) and all(isinstance(e, ast.Constant) and type(e.value) is int for e in node.elts):
             return [e.value for e in node.elts]
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-            return value(node.left) + value(node.right)
+            left, right = value(node.left), value(node.right)
+            if len(left) + len(right) > MAX_FREQ_ENTRIES:
+                raise bad(f"more than {MAX_FREQ_ENTRIES:,} entries")
+            return left + right
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
-            left, right = node.left, node.right
-            if isinstance(right, ast.Constant) and type(right.value) is int:
-                return value(left) * right.value
-            if isinstance(left, ast.Constant) and type(left.value) is int:
-                return value(right) * left.value
-        raise ValueError(f"moe_layer_freq {text!r}: not an int or a list expression of 0 / 1")
+            for items, times in ((node.left, node.right), (node.right, node.left)):
+                if isinstance(times, ast.Constant) and type(times.value) is int:
+                    listed = value(items)
+                    if len(listed) * max(times.value, 0) > MAX_FREQ_ENTRIES:  # before building it
+                        raise bad(f"more than {MAX_FREQ_ENTRIES:,} entries")
+                    return listed * times.value
+        raise bad()
     try:
         return tuple(value(ast.parse(text, mode="eval").body))
-    except SyntaxError:
-        raise ValueError(f"moe_layer_freq {text!r}: not an int or a list expression of 0 / 1") from None
+    except (SyntaxError, RecursionError, MemoryError):  # MemoryError: CPython's parser on deep nesting
+        raise bad() from None
 
 
 def set_moe_layers(model: dict, freq: int | tuple[int, ...]) -> None:
     """The pattern as the language writes it most readably: a dense prefix `[0]*k + [1]*rest` as
-    `moe_first_dense_layers = k` (DeepSeek's first_k_dense_replace), any other list or int as `moe_layer_freq`."""
+    `moe_first_dense_layers = k` (DeepSeek's first_k_dense_replace), every layer MoE as nothing (the default),
+    any other int or list as `moe_layer_freq`. A list is shortened only when it is valid for `model`'s layers
+    (one 0 / 1 entry per layer): any other is written as given, for `nemoc check` to refuse at its line (E202
+    length, E032 an entry not 0 / 1, E203 no expert layer), as Megatron-Core refuses it."""
     if isinstance(freq, int):
         if freq != 1:
             model["moe_layer_freq"] = freq
+        return
+    if len(freq) != model.get("layers") or not set(freq) <= {0, 1}:
+        model["moe_layer_freq"] = list(freq)
         return
     k = next((i for i, v in enumerate(freq) if v), len(freq))
     if 0 < k < len(freq) and all(freq[k:]):

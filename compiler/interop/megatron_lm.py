@@ -201,7 +201,7 @@ def _model(f: _Flags, d: Draft) -> None:
                 d.model[field] = (True if kind == "bool" else f.float(flag) if kind == "float"
                                   else f.int(flag) if kind == "int" else Word(f.str(flag)))
         if f.has("--moe-layer-freq"):  # dense layers among the expert layers (an int or a list expression)
-            set_moe_layers(d.model, moe_layer_freq_value(f.str("--moe-layer-freq")))
+            set_moe_layers(d.model, moe_layer_freq_value(f.str("--moe-layer-freq"), "--moe-layer-freq"))
         if d.model.get("moe_capacity_factor") is not None and d.model["moe_capacity_factor"] < 0:
             # transformer_config.py __post_init__: a negative capacity factor is none (dropless), the language's default
             del d.model["moe_capacity_factor"]

@@ -311,7 +311,7 @@ def _bridge(r: _Reader, d: Draft) -> None:
     else:
         _moe_routing(r, m, d)
         if r.get(m + "moe_layer_freq") is not None:  # dense layers among the expert layers (int or 0 / 1 list)
-            set_moe_layers(d.model, moe_layer_freq_value(r.get(m + "moe_layer_freq")))
+            set_moe_layers(d.model, moe_layer_freq_value(r.get(m + "moe_layer_freq"), m + "moe_layer_freq"))
     tp = r.int(m + "tensor_model_parallel_size", 1)
     _parallel(d, tp=tp, pp=r.int(m + "pipeline_model_parallel_size", 1),
               vp=r.int(m + "virtual_pipeline_model_parallel_size"), cp=r.int(m + "context_parallel_size", 1),

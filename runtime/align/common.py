@@ -109,7 +109,7 @@ class ModelShape:
     moe_ffn_hidden: int | None = None
     shared_expert_ffn_hidden: int = 0
     # a MoE model's dense layers (`ModelSpec.moe_layer_pattern` 0s), "0,1,2" ("" for none): a string, so the JSON
-    # of a checkpoint compares equal, and one saved before the field existed is not refused
+    # of a checkpoint compares equal; one saved before the field existed compares as "" (`_check_shape`)
     dense_layers: str = ""
 
     @classmethod
@@ -289,6 +289,10 @@ def _check_shape(model, path: Path) -> None:
     if shape is None or not info_path.exists():
         return
     saved = json.loads(info_path.read_text()).get("shape", {})
+    # a checkpoint saved before `dense_layers` was recorded had every layer of a MoE model an expert layer (the
+    # DeepSeek presets too, before their dense first layers): compared as "" rather than skipped, so a model
+    # with dense layers refuses it here, not inside dist_checkpointing with missing keys
+    saved.setdefault("dense_layers", "")
     # the sequence length sizes a weight only as learned absolute position embeddings ([seq, hidden]);
     # with RoPE or no positions a child stage may train longer or shorter sequences than its parent
     free = () if shape.position == "learned" else ("seq_length",)

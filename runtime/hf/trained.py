@@ -74,10 +74,17 @@ class DistCheckpointReader:
         stacked = _INDEX.sub(".", name)
         while _INDEX.search(stacked):  # overlapping matches (".3.5.") need a second pass
             stacked = _INDEX.sub(".", stacked)
+        # a MoE model with dense layers stores each layer under its own index (the layers differ), the experts of
+        # an expert layer still stacked: `decoder.layers.3.mlp.experts.experts.*` [experts, ...]
+        m = re.match(r"decoder\.layers\.(\d+)\.", name)
+        own = (f"decoder.layers.{m.group(1)}." + stacked[len("decoder.layers."):], indices[1:]) if m else None
         # Megatron's SequentialMLP stores expert j of `mlp.experts.local_experts.j.*` as `mlp.experts.experts.*`
-        for key in (stacked, stacked.replace(".experts.local_experts.", ".experts.experts.")):
-            if key in self.meta and len(self.meta[key].size) > len(indices):
-                return key, indices
+        for key, idx in ((stacked, indices), own):
+            if key is None:
+                continue
+            for k in (key, key.replace(".experts.local_experts.", ".experts.experts.")):
+                if k in self.meta and len(self.meta[k].size) > len(idx):
+                    return k, idx
         raise KeyError(name)
 
     def _load(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -110,7 +117,10 @@ class DistCheckpointReader:
         """Every full-model tensor name of decoder layer `layer` (an index string) the checkpoint holds."""
         out = []
         for key, md in self.meta.items():
-            if key.startswith(f"decoder.layers.{layer}."):
+            if key.startswith(f"decoder.layers.{layer}.") and ".experts.experts." in key and len(md.size) >= 3:
+                head, rest = key.split(".experts.experts.")
+                out += [f"{head}.experts.local_experts.{j}.{rest}" for j in range(md.size[0])]
+            elif key.startswith(f"decoder.layers.{layer}."):
                 out.append(key)
             elif key.startswith("decoder.layers.") and not _INDEX.search(key):
                 tail = key[len("decoder.layers."):]

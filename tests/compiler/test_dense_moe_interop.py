@@ -57,10 +57,10 @@ def test_values_are_read_without_evaluating_code():
     for bad in ("__import__('os').system('true')", "[0.5]*2", "[0]*x"):
         with pytest.raises(ValueError, match="moe_layer_freq"):
             moe_layer_freq_value(bad)
-    model: dict = {}
+    model: dict = {"layers": 4}
     set_moe_layers(model, (0, 0, 1, 1))
-    assert model == {"moe_first_dense_layers": 2}
-    set_moe_layers(model := {}, (1, 0, 1, 0))
-    assert model == {"moe_layer_freq": [1, 0, 1, 0]}
-    set_moe_layers(model := {}, 1)
-    assert model == {}
+    assert model == {"layers": 4, "moe_first_dense_layers": 2}
+    set_moe_layers(model := {"layers": 4}, (1, 0, 1, 0))
+    assert model == {"layers": 4, "moe_layer_freq": [1, 0, 1, 0]}
+    set_moe_layers(model := {"layers": 4}, 1)
+    assert model == {"layers": 4}

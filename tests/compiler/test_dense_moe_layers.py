@@ -178,3 +178,31 @@ def test_lora_adapters_of_a_dense_layer_wrap_one_mlp():
     mem = memory.estimate(prefix, lay, gpu="H100", seq_length=2048, stage_kind="sft", peft=lora)
     every = memory.estimate(MOE, lay, gpu="H100", seq_length=2048, stage_kind="sft", peft=lora)
     assert mem.optimizer < every.optimizer  # fewer adapter parameters to update
+
+
+@pytest.mark.parametrize("preset,pp,tp,split", [
+    ("deepseek_v3", 4, 1, (16, 15, 15)),  # stage 0 (3 dense + 13 expert layers) holds the most per GPU at EP 64
+    ("deepseek_v3", 8, 2, (10, 7, 9)),
+    ("deepseek_v2_lite", 3, 1, None),
+    ("deepseek_v3", 4, 8, (14, 16, 15)),  # at TP 8 the 16-expert-layer stage is the busiest
+])
+def test_the_busiest_stage_holds_the_most_parameters_per_gpu(preset, pp, tp, split):
+    """`_local_params` (DP reduce-scatter / all-gather, optimizer time, the search bound) is the stage with the most
+    parameters on one GPU, memory's per-stage count: a dense layer's MLP, sharded by TP only, can outweigh an expert
+    layer's EP share (DeepSeek-V3 at TP 1 / EP 64: 583M vs 409M per GPU). LoRA alike: the stage with most adapters."""
+    from nemoc.compiler.flops import layers_on_stage, lora_params_of_layers
+    from nemoc.compiler.spec import LoraSpec
+
+    model = get_preset(preset)
+    lay = _layout(tp=tp, pp=pp, ep=64, dp=64, sequence_parallel=tp > 1)
+    dense = dense_layers_per_stage(model, pp, None, split)
+    stages = [(layers_on_stage(model.layers, pp, s, split), d) for s, d in enumerate(dense)]
+    per_stage = [memory._layer_params(model, lay, n, d) for n, d in stages]
+    embed = cost._embedding_params(model, lay)
+    assert cost._local_params(model, lay, split) == pytest.approx(max(per_stage) + embed)
+    lora = LoraSpec(rank=8, targets=("qkv", "proj", "fc1", "fc2"))
+    assert cost._trainable_params(model, lay, split, lora) == pytest.approx(
+        max(lora_params_of_layers(model, lora, n, d) for n, d in stages) / tp)
+    most_experts = max(n - d for n, d in stages)  # the expert part alone: the stage with most expert layers
+    assert cost._expert_params(model, lay, split) == pytest.approx(
+        most_experts * param_counts(model).expert / 64)

@@ -430,3 +430,26 @@ def test_the_search_never_picks_tensor_parallelism_for_fsdp_without_transformer_
                                                  "hidden = 128": "hidden = 1024"})
     assert errors == []
     assert (layout.tp, layout.pp, layout.dp, layout.megatron_fsdp) == (1, 1, 4, True)
+
+
+def test_a_dense_layer_of_a_moe_model_hides_its_gathers_behind_its_own_time():
+    """DeepSeek-V2-Lite's first layer is dense (no all-to-all, an MLP of ffn_hidden): under Megatron-FSDP its
+    per-layer gather and reduce-scatter hide behind that layer's compute, not an expert layer's."""
+    v2 = get_preset("deepseek_v2_lite")
+    layout = lay(ep=8, megatron_fsdp=True)
+    kw = dict(seq=1024, precision="bf16", attention_backend="flash", micro_batch=1)  # short: gathers show
+    lt = cost.layer_times(v2, layout, H100, **kw)
+    lt_dense = cost.layer_times(v2.dense_layer_model, layout, H100, **kw)
+    assert lt_dense.total < lt.total  # no all-to-all
+    p, trainable = cost.DEFAULT_PARAMS, cost._trainable_params(v2, layout, None, None)
+    bw = cost._link_bw(H100, 64, 1, p)
+    gather, reduce = trainable / v2.layers * 2 * 63 / 64 / bw, trainable / v2.layers * 4 * 63 / 64 / bw
+
+    def per_layer(t):
+        fwd = t.total * t.forward_fraction
+        return max(0.0, gather - fwd) + max(0.0, gather + reduce - (t.total - fwd))
+    want = 8 * (26 * per_layer(lt) + per_layer(lt_dense)) + gather
+    assert cost.fsdp_exposed(v2, layout, H100, lt, 8, p, trainable, 4, dense=(lt_dense, 1)) == pytest.approx(want)
+    est = cost.estimate(v2, layout, gpu=H100, seq_length=1024, attention_backend="flash")
+    assert est.parts["dp_comm_exposed"] == pytest.approx(want, rel=1e-9)
+    assert want > cost.fsdp_exposed(v2, layout, H100, lt, 8, p, trainable, 4) * 1.005  # priced as an expert layer

@@ -145,3 +145,14 @@ def test_a_stage_kind_is_one_entry_of_the_schema_and_every_per_kind_table_derive
     assert {k: d.params for k, d in table.items()} == dict(schema.STAGE_PARAMS)
     assert schema.STAGE_DATA_FORMATS["dpo"] == table["dpo"].data_formats and "pretrain" not in schema.STAGE_DATA_FORMATS
     assert schema.PARENT_CHECKPOINT_KINDS == tuple(k for k, d in table.items() if d.parent_checkpoint)
+
+
+def test_every_code_the_reference_names_exists():
+    """A code cited in a field's doc (`(E202)`) is a front-end code or a compiler rule's, never a made-up one."""
+    import re
+
+    from nemoc.compiler.rules.registry import CODES as RULE_CODES
+    from nemoc.dsl.codes import CODES
+
+    named = set(re.findall(r"\b([EW]\d{3})\b", render()))
+    assert named and not named - set(CODES) - set(RULE_CODES), sorted(named - set(CODES) - set(RULE_CODES))

@@ -155,3 +155,46 @@ def test_a_bare_tokenizer_gets_a_config_transformers_loads_with_its_eos(tmp_path
     assert trained.write_tokenizer_config(tmp_path, eod=0) is None  # an existing config is kept
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded.eos_token == "<eod>" and loaded.eos_token_id == 0 and loaded.encode("a b") == [1, 2]
+
+
+@pytest.mark.parametrize("pattern", [dict(moe_first_dense_layers=1), dict(moe_layer_freq=2)])
+def test_the_reader_finds_the_experts_of_a_model_saved_layer_by_layer(mcore, tmp_path, pattern):
+    """With dense layers in a MoE model Megatron saves every layer under its own index (no stacked layer axis):
+    expert j of layer i is `decoder.layers.i.mlp.experts.experts.*[j]`. The reader and the Megatron-FSDP init's
+    torch_dist getter return each layer's tensors, dense and expert, equal to the model's own."""
+    from nemoc.runtime import checkpoint
+    from nemoc.runtime.hf import trained
+
+    spec = llama_spec(layers=3, seq_length=16, experts=4, top_k=2, moe_ffn_hidden=24, **pattern)
+    model = _saved(mcore, spec, tmp_path)
+    assert any(k.startswith("decoder.layers.2.mlp.experts.experts.")
+               for k in trained.DistCheckpointReader(tmp_path / "ckpt").meta)  # saved per index, not stacked
+    want = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    reader = trained.DistCheckpointReader(tmp_path / "ckpt")
+    getter = checkpoint.torch_dist_getter(str(tmp_path / "ckpt"))
+    moe_layers = [i for i, moe in enumerate(spec.moe_layer_pattern) if moe]
+    assert moe_layers == ([1, 2] if "moe_first_dense_layers" in pattern else [0, 2])
+    for name, value in want.items():  # the getter also finds a norm under its TE-fused stored name
+        torch.testing.assert_close(getter(name), value, atol=0, rtol=0, msg=name)
+        if ".mlp." in name:
+            torch.testing.assert_close(reader.get(name), value, atol=0, rtol=0, msg=name)
+    for i in moe_layers:  # one load reads a layer's experts with the rest of it
+        assert {f"decoder.layers.{i}.mlp.experts.local_experts.{j}.linear_fc1.weight"
+                for j in range(4)} <= set(reader._layer_names(str(i)))
+
+
+def test_a_checkpoint_saved_before_dense_layers_were_recorded_is_an_every_layer_moe(mcore, tmp_path):
+    """nemoc_model.json without `dense_layers` (written before the field existed, when every layer of a MoE model
+    was an expert layer, e.g. the DeepSeek presets before their dense first layers) is refused by a model with
+    dense layers as an incompatible architecture, before dist_checkpointing meets missing keys."""
+    spec = llama_spec(layers=2, seq_length=16, experts=4, top_k=2, moe_ffn_hidden=24, moe_first_dense_layers=1)
+    model = _saved(mcore, spec, tmp_path)
+    info_path = tmp_path / "ckpt" / "nemoc_model.json"
+    info = json.loads(info_path.read_text())
+    assert info["shape"].pop("dense_layers") == "0"
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(mcore.AlignError, match=r"incompatible architecture \(dense_layers: checkpoint '' != model '0'\)"):
+        mcore.load_model(model, tmp_path / "ckpt")
+    every = mcore.build_gpt(llama_spec(layers=2, seq_length=16, experts=4, top_k=2, moe_ffn_hidden=24),
+                            mcore.single_layout())
+    mcore._check_shape(every, tmp_path / "ckpt")  # the architecture it was saved with still loads
