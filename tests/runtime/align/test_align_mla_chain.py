@@ -78,6 +78,7 @@ def _losses(workdir, kind):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # every stage kind on MLA through `nemoc run` (~2 min): out of CI, `pytest -m long`
 def test_mla_runs_every_training_kind_end_to_end(tmp_path):
     """About 3 minutes of CPU (5 minutes on the shared 2-core box; 12 tasks)."""
     from nemoc.compiler.flops import lora_params_per_layer
