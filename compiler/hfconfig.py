@@ -32,6 +32,7 @@ RoPE scaling (4B and larger), and Gemma 1 / 2 (see _UNSUPPORTED).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,8 @@ def check_types(config: dict) -> None:
             raise HfConfigError(f"{key} = {json.dumps(value)}: expected a JSON object")
         elif key in LIST_KEYS and not isinstance(value, list):
             raise HfConfigError(f"{key} = {json.dumps(value)}: expected a list")
-    for i, layer in enumerate(config.get("mlp_only_layers") or []):
-        _number(f"mlp_only_layers[{i}]", layer, integer=True)
+    for i, layer in enumerate(config.get("mlp_only_layers") or []):  # any integer: transformers ignores one
+        _number(f"mlp_only_layers[{i}]", layer, integer=True, minimum=-math.inf)  # outside the layers
     for key in DICT_KEYS:  # nested RoPE parameters (transformers 5: rope_parameters[layer_type] for Gemma 3)
         params = config.get(key) or {}
         for inner in [params, *(v for v in params.values() if isinstance(v, dict))]:

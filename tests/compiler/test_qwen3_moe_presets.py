@@ -97,7 +97,7 @@ def test_dense_layers_among_the_expert_layers_become_a_moe_layer_freq_list():
 @pytest.mark.parametrize("change,named", [
     ({"decoder_sparse_step": 49}, "decoder_sparse_step = 49: no layer"),
     ({"mlp_only_layers": list(range(48))}, "no layer of the 48 is an expert layer"),
-    ({"decoder_sparse_step": 0}, "decoder_sparse_step = 0: transformers"),
+    ({"decoder_sparse_step": 0}, "decoder_sparse_step = 0"),
     ({"num_experts": 0}, "num_experts = 0"),
     ({"num_local_experts": 0}, "num_local_experts = 0"),  # transformers 5's spelling of num_experts
     ({"norm_topk_prob": False}, "norm_topk_prob = false"),
