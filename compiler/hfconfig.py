@@ -21,7 +21,7 @@ Families and what each needs of Megatron-Core's GPT model (local or TE layer spe
                    windows with a second RoPE base, query_pre_attn_scalar (Gemma3ForCausalLM; see _gemma3)
   deepseek_v3      multi-latent attention (YaRN or plain RoPE), sigmoid-routed experts with an expert bias,
                    group-limited top-k, routed scaling and shared experts (DeepseekV3ForCausalLM; see
-                   _deepseek_v3; dense first layers are refused until nemoc has moe_layer_freq)
+                   _deepseek_v3; the dense first layers, first_k_dense_replace, map to moe_first_dense_layers)
 Llama 3.1/3.2 `rope_scaling` (rope_type llama3) maps to `rope_scaling_factor` when its other three keys
 have the values Megatron-Core fixes (LLAMA3_FIXED). Not expressible (an error says so): other RoPE
 scaling types, Mistral's sliding window shorter than the sequence, top-1 routing, Qwen3-MoE without norm_topk_prob

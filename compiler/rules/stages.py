@@ -52,13 +52,27 @@ def rule_data_format(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | Non
         anchors=("stage.data", "stage")), spec, stage)
 
 
+# the fix of each E170 reason, by its anchor
+_E170_FIX = {
+    "model.qk_layernorm": "set qk_layernorm = true (DeepseekV3 normalises both latents)",
+    "model.moe_router_score": "use moe_router_score = sigmoid with moe_expert_bias = true (DeepseekV3's router)",
+    "model.moe_layer_freq": "make the dense layers a prefix (moe_first_dense_layers = k: DeepseekV3's "
+                            "first_k_dense_replace)",
+    "model.top_k": "use top_k >= 2",
+    "model.moe_router_groups": "choose moe_router_group_topk = top_k / 2, or remove moe_router_groups",
+}
+
+
 def rule_mla_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
     """The nemoc runtime, not Megatron: multi-latent attention models run in every stage kind (pretrain, sft,
     dpo, kto, orpo, reward, ppo, grpo, with or without LoRA; eval; `init = hf(...)` of a DeepseekV3 checkpoint
     and export to one: docs/alignment.md, docs/huggingface.md) except an export of a model whose DeepseekV3ForCausalLM would compute something else: transformers'
     DeepseekV3 always has the latents' RMSNorms (qk_layernorm = false has none) and routes its experts with
     sigmoid scores plus a correction bias (a softmax router, or one without the expert bias, has no
-    DeepseekV3Config)."""
+    DeepseekV3Config); its dense layers are a prefix (first_k_dense_replace); its norm_topk_prob renormalises a
+    single expert's score to 1 where Megatron's sigmoid router keeps it (top_k = 1); and it ranks a router group
+    by its top-2 scores where Megatron takes the top top_k // moe_router_group_topk (hfconfig._deepseek_router:
+    the export's config.json is read back through it)."""
     m = spec.model
     if not m.multi_latent_attention or m.init:  # a DeepSeek source: its own config.json is exported
         return None
@@ -76,15 +90,21 @@ def rule_mla_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | 
     if 1 in pattern and 0 in pattern[pattern.index(1):]:
         why.append(("model.moe_layer_freq", "dense layers after an expert layer (DeepseekV3's dense layers are its "
                     "first first_k_dense_replace layers)"))
+    if m.is_moe and m.top_k == 1:
+        why.append(("model.top_k", "top_k = 1 (transformers' norm_topk_prob renormalises a single expert's score to "
+                    "1, Megatron-Core's sigmoid router keeps the raw score)"))
+    if m.is_moe and m.moe_router_groups > 1 and m.top_k // (m.moe_router_group_topk or 1) != 2:
+        why.append(("model.moe_router_groups", f"moe_router_groups = {m.moe_router_groups} with top_k({m.top_k}) // "
+                    f"moe_router_group_topk({m.moe_router_group_topk}) = {m.top_k // (m.moe_router_group_topk or 1)} "
+                    "!= 2 (transformers ranks a group by its top-2 scores, Megatron-Core by its top "
+                    "top_k // moe_router_group_topk)"))
     if not why:
         return None
     what = "`export` stages" if stage.kind == "export" else "lm-eval-harness tasks (which export the model)"
     return _stage_diagnostic(Violation(
         "E170", f"{what} cannot write this multi-latent attention model as DeepseekV3",
         "; ".join(w for _, w in why),
-        ("set qk_layernorm = true and, with experts, moe_router_score = sigmoid with moe_expert_bias = true (what "
-         "DeepseekV3ForCausalLM computes)" if any(a != "model.moe_layer_freq" for a, _ in why) else
-         "make the dense layers a prefix (moe_first_dense_layers = k: DeepseekV3's first_k_dense_replace)")
+        "; ".join(_E170_FIX[a] for a in dict.fromkeys(a for a, _ in why))
         + ", or keep the Megatron-Core checkpoint",
         anchors=(("stage.lm_eval_tasks",) if stage.kind == "eval" else ("stage.kind",)) + ("stage",)
         + tuple(a for a, _ in why)), spec, stage)

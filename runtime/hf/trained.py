@@ -283,8 +283,11 @@ def spec_config(spec, vocab: int) -> dict[str, Any]:
 
 
 def deepseek_v3_config(spec, base: dict[str, Any]) -> dict[str, Any]:
-    """DeepseekV3Config of a multi-latent attention model trained without a Hugging Face source (compiler
-    E170 refuses the models it cannot express before anything runs). A dense model is DeepseekV3 with every
+    """DeepseekV3Config of a multi-latent attention model trained without a Hugging Face source. Compiler E170
+    (compiler/rules/stages.py rule_mla_stage_kind) refuses at check time every model this export refuses: no
+    latent norms, a router other than sigmoid plus expert bias, dense layers after an expert layer, and what
+    the config's read-back (hfconfig._deepseek_router) refuses, top_k = 1 and group-limited routing with
+    top_k // moe_router_group_topk != 2. A dense model is DeepseekV3 with every
     layer below first_k_dense_replace (dense MLPs of intermediate_size); a MoE model has its dense first layers (moe_first_dense_layers) below it and
     every other layer sparse:
     sigmoid scores plus e_score_correction_bias (Megatron's expert bias), renormalised over the top-k
