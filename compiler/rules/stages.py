@@ -1,4 +1,4 @@
-"""Stage rules (E150-E155, E157, E170, E207, W150): the stage settings that would otherwise fail only at run time
+"""Stage rules (E150-E155, E157, E170, E207, E208, W150): the stage settings that would otherwise fail only at run time
 (`min_lr` above `lr`, an alignment stage without data in a format its records need, an export with no `after`,
 a parent that never saves, a child at another sequence length than a parent with learned positions, a
 multi-latent attention model exported without a DeepseekV3 equivalent or with peft's q / k / v LoRA targets, a warm-up longer than the stage).
@@ -108,6 +108,34 @@ def rule_mla_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | 
         + ", or keep the Megatron-Core checkpoint",
         anchors=(("stage.lm_eval_tasks",) if stage.kind == "eval" else ("stage.kind",)) + ("stage",)
         + tuple(a for a, _ in why)), spec, stage)
+
+
+def _exports(stage: StageSpec) -> bool:
+    """Whether the stage writes a Hugging Face checkpoint: an export stage, or lm-eval-harness tasks."""
+    return stage.kind == "export" or (stage.kind == "eval" and "lm_eval_tasks" in stage.params
+                                      and bool(stage.params.lm_eval_tasks))
+
+
+def rule_mixtral_export_dense_layers(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """An MoE model trained without a Hugging Face source exports as Qwen3-MoE with the QK norms (whose
+    mlp_only_layers holds dense layers) and as Mixtral without them (runtime/hf/trained.py spec_config).
+    MixtralForCausalLM makes every layer a sparse MoE block (MixtralDecoderLayer: no dense-layer option), so a
+    model with dense layers (moe_first_dense_layers, moe_layer_freq) has no MixtralConfig."""
+    m = spec.model
+    if (m.init or m.multi_latent_attention or not m.is_moe or m.qk_layernorm or 0 not in m.moe_layer_pattern
+            or not _exports(stage)):
+        return None
+    dense = [i for i, p in enumerate(m.moe_layer_pattern) if not p]
+    what = "`export` stages" if stage.kind == "export" else "lm-eval-harness tasks (which export the model)"
+    return _stage_diagnostic(Violation(
+        "E208", f"{what} cannot write this MoE model as Mixtral: it has dense layers",
+        f"experts({m.experts}) without qk_layernorm exports as MixtralForCausalLM, every layer sparse; "
+        f"moe_first_dense_layers / moe_layer_freq make layer(s) {dense} dense MLPs",
+        "set qk_layernorm = true (exports as Qwen3-MoE, whose mlp_only_layers holds dense layers), make every "
+        "layer an expert layer, or keep the Megatron-Core checkpoint",
+        anchors=(("stage.lm_eval_tasks",) if stage.kind == "eval" else ("stage.kind",)) + ("stage",),
+        source="transformers models/mixtral/modeling_mixtral.py MixtralDecoderLayer (every layer a "
+               "MixtralSparseMoeBlock)"), spec, stage)
 
 
 def rule_mla_lora_targets(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
@@ -268,7 +296,8 @@ def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
     return None
 
 
-STAGE_RULES = (rule_min_lr, rule_mla_stage_kind, rule_mla_lora_targets, rule_data_format, rule_export_after, rule_starting_checkpoint,
+STAGE_RULES = (rule_min_lr, rule_mla_stage_kind, rule_mixtral_export_dense_layers, rule_mla_lora_targets,
+               rule_data_format, rule_export_after, rule_starting_checkpoint,
                rule_parent_saves, rule_parent_seq_length, warn_warmup_longer_than_stage, warn_sample_tokens_unpacked)
 
 
@@ -304,6 +333,7 @@ STAGE_CODES = {
     "E155": rule_starting_checkpoint,
     "E157": rule_parent_seq_length,
     "E170": rule_mla_stage_kind,
+    "E208": rule_mixtral_export_dense_layers,
     "E207": rule_mla_lora_targets,
     "W150": warn_warmup_longer_than_stage,
     "W157": warn_sample_tokens_unpacked,

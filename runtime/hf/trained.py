@@ -74,10 +74,17 @@ class DistCheckpointReader:
         stacked = _INDEX.sub(".", name)
         while _INDEX.search(stacked):  # overlapping matches (".3.5.") need a second pass
             stacked = _INDEX.sub(".", stacked)
+        # a MoE model with dense layers stores each layer under its own index (the layers differ), the experts of
+        # an expert layer still stacked: `decoder.layers.3.mlp.experts.experts.*` [experts, ...]
+        m = re.match(r"decoder\.layers\.(\d+)\.", name)
+        own = (f"decoder.layers.{m.group(1)}." + stacked[len("decoder.layers."):], indices[1:]) if m else None
         # Megatron's SequentialMLP stores expert j of `mlp.experts.local_experts.j.*` as `mlp.experts.experts.*`
-        for key in (stacked, stacked.replace(".experts.local_experts.", ".experts.experts.")):
-            if key in self.meta and len(self.meta[key].size) > len(indices):
-                return key, indices
+        for key, idx in ((stacked, indices), own):
+            if key is None:
+                continue
+            for k in (key, key.replace(".experts.local_experts.", ".experts.experts.")):
+                if k in self.meta and len(self.meta[k].size) > len(idx):
+                    return k, idx
         raise KeyError(name)
 
     def _load(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -110,7 +117,10 @@ class DistCheckpointReader:
         """Every full-model tensor name of decoder layer `layer` (an index string) the checkpoint holds."""
         out = []
         for key, md in self.meta.items():
-            if key.startswith(f"decoder.layers.{layer}."):
+            if key.startswith(f"decoder.layers.{layer}.") and ".experts.experts." in key and len(md.size) >= 3:
+                head, rest = key.split(".experts.experts.")
+                out += [f"{head}.experts.local_experts.{j}.{rest}" for j in range(md.size[0])]
+            elif key.startswith(f"decoder.layers.{layer}."):
                 out.append(key)
             elif key.startswith("decoder.layers.") and not _INDEX.search(key):
                 tail = key[len("decoder.layers."):]
@@ -250,6 +260,9 @@ def spec_config(spec, vocab: int) -> dict[str, Any]:
         if family == "mixtral":
             if spec.shared_expert_ffn_hidden:
                 raise TrainedExportError("export: Mixtral has no shared expert")
+            if 0 in spec.moe_layer_pattern:  # compiler E208 refuses it at check time
+                raise TrainedExportError("export: Mixtral makes every layer an expert layer; this model has dense "
+                                         "layers (moe_first_dense_layers / moe_layer_freq)")
             # every layer is an expert layer: Mixtral's intermediate_size is the expert's FFN width
             config |= {"intermediate_size": spec.moe_ffn_hidden or spec.ffn_hidden,
                        "num_local_experts": spec.experts, "num_experts_per_tok": spec.top_k,
@@ -259,7 +272,9 @@ def spec_config(spec, vocab: int) -> dict[str, Any]:
                 raise TrainedExportError("export: Qwen3-MoE has no shared expert")
             config |= {"num_experts": spec.experts, "num_experts_per_tok": spec.top_k, "norm_topk_prob": True,
                        "moe_intermediate_size": spec.moe_ffn_hidden or spec.ffn_hidden, "decoder_sparse_step": 1,
-                       "mlp_only_layers": [], "output_router_logits": False,
+                       # the dense layers (moe_first_dense_layers / moe_layer_freq), dense MLPs of intermediate_size
+                       "mlp_only_layers": [i for i, p in enumerate(spec.moe_layer_pattern) if not p],
+                       "output_router_logits": False,
                        # the weight the stage trained with (transformers adds the aux loss only with router logits)
                        "router_aux_loss_coef": spec.moe_aux_loss_coeff}
     else:
@@ -353,8 +368,9 @@ def manifest_for(spec, *, vocab: int, source: str | Path | None, dtype: str,
     except hfconfig.HfConfigError as exc:
         raise TrainedExportError(f"export: {exc}") from None
     ours = {k: getattr(spec, k) for k in _COMPARED}
-    if spec.experts:  # every layer is an expert layer: the dense width is unused, the experts' is compared
-        del ours["ffn_hidden"]
+    if spec.experts:  # the experts' width is compared, the dense one only where the model has dense layers
+        if all(spec.moe_layer_pattern):
+            del ours["ffn_hidden"]
         ours["moe_ffn_hidden"] = spec.moe_ffn_hidden or spec.ffn_hidden
     if arch.fields.get("position") == "rope" and not spec.multi_latent_attention:  # MLA: no head_dim
         ours["head_dim"] = spec.head_dim
