@@ -1,4 +1,4 @@
-"""Stage rules (E150-E155, E157, E170, E207, E208, W150): the stage settings that would otherwise fail only at run time
+"""Stage rules (E150-E155, E157, E170, E207, E208, W126, W150): the stage settings that would otherwise fail only at run time
 (`min_lr` above `lr`, an alignment stage without data in a format its records need, an export with no `after`,
 a parent that never saves, a child at another sequence length than a parent with learned positions, a
 multi-latent attention model exported without a DeepseekV3 equivalent or with peft's q / k / v LoRA targets, a warm-up longer than the stage).
@@ -76,9 +76,7 @@ def rule_mla_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | 
     m = spec.model
     if not m.multi_latent_attention or m.init:  # a DeepSeek source: its own config.json is exported
         return None
-    exports = stage.kind == "export" or (stage.kind == "eval" and "lm_eval_tasks" in stage.params
-                                         and stage.params.lm_eval_tasks)
-    if not exports:
+    if not _exports(stage):
         return None
     why = []
     if not m.qk_layernorm:
@@ -136,6 +134,40 @@ def rule_mixtral_export_dense_layers(spec: ExperimentSpec, stage: StageSpec) -> 
         anchors=(("stage.lm_eval_tasks",) if stage.kind == "eval" else ("stage.kind",)) + ("stage",),
         source="transformers models/mixtral/modeling_mixtral.py MixtralDecoderLayer (every layer a "
                "MixtralSparseMoeBlock)"), spec, stage)
+
+
+DEEPSEEK_LATENT_EPS = 1e-6  # transformers' DeepseekV3RMSNorm default, which q_a_layernorm / kv_a_layernorm keep
+
+
+def warn_mla_latent_norm_epsilon(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """transformers builds DeepseekV3's latent norms (q_a_layernorm, kv_a_layernorm) with DeepseekV3RMSNorm's
+    default epsilon, 1e-6, whatever rms_norm_eps says; Megatron-Core builds q_layernorm / kv_layernorm with the
+    model's layernorm_epsilon (multi_latent_attention.py MLASelfAttention.__init__). An MLA model whose
+    norm_epsilon is not 1e-6 therefore computes its latent norms slightly differently from transformers, when it
+    starts from a DeepseekV3 checkpoint (rms_norm_eps != 1e-6; said at the first stage) and when it is exported
+    as one. nemoc has no separate latent-norm epsilon, so this is a warning, not a refusal: the difference is
+    eps inside a square root next to the latent's mean square."""
+    m = spec.model
+    if not m.multi_latent_attention or not m.qk_layernorm or m.norm_epsilon == DEEPSEEK_LATENT_EPS:
+        return None
+    imports = bool(m.init) and stage is spec.stages[0]
+    exports = _exports(stage) and not m.init and rule_mla_stage_kind(spec, stage) is None  # E170: no export at all
+    if not (imports or exports):
+        return None
+    what = ("starts from a DeepseekV3 checkpoint" if imports else
+            "is exported as DeepseekV3" if stage.kind == "export" else "is exported as DeepseekV3 for lm-eval-harness")
+    return _stage_diagnostic(Violation(
+        "W126", f"this multi-latent attention model {what}, whose latent norms use epsilon 1e-6",
+        f"norm_epsilon({m.norm_epsilon:g}) != 1e-6: Megatron-Core normalises the query and key-value latents with "
+        f"eps {m.norm_epsilon:g}, transformers' q_a_layernorm / kv_a_layernorm with 1e-6 (DeepseekV3RMSNorm's "
+        "default; rms_norm_eps sets only the other norms)",
+        "nothing to do if a small difference in the latent norms is acceptable; norm_epsilon = 1e-6 makes them equal",
+        anchors=(("model.norm_epsilon", "model.init", "model") if imports else
+                 (("stage.lm_eval_tasks",) if stage.kind == "eval" else ("stage.kind",)) + ("stage",)),
+        severity=Severity.WARNING,
+        source="transformers models/deepseek_v3/modeling_deepseek_v3.py DeepseekV3Attention (DeepseekV3RMSNorm(q_lora_rank)); "
+               "megatron/core/transformer/multi_latent_attention.py MLASelfAttention.__init__ (eps=layernorm_epsilon)"),
+        spec, stage)
 
 
 def rule_mla_lora_targets(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
@@ -296,7 +328,8 @@ def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
     return None
 
 
-STAGE_RULES = (rule_min_lr, rule_mla_stage_kind, rule_mixtral_export_dense_layers, rule_mla_lora_targets,
+STAGE_RULES = (rule_min_lr, rule_mla_stage_kind, rule_mixtral_export_dense_layers, warn_mla_latent_norm_epsilon,
+               rule_mla_lora_targets,
                rule_data_format, rule_export_after, rule_starting_checkpoint,
                rule_parent_saves, rule_parent_seq_length, warn_warmup_longer_than_stage, warn_sample_tokens_unpacked)
 
@@ -334,6 +367,7 @@ STAGE_CODES = {
     "E157": rule_parent_seq_length,
     "E170": rule_mla_stage_kind,
     "E208": rule_mixtral_export_dense_layers,
+    "W126": warn_mla_latent_norm_epsilon,
     "E207": rule_mla_lora_targets,
     "W150": warn_warmup_longer_than_stage,
     "W157": warn_sample_tokens_unpacked,

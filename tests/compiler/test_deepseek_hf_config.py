@@ -125,3 +125,21 @@ def test_yarn_cos_sin_and_softmax_scale_equal_transformers(extra):
     if extra.get("factor", 1) is not None:  # transformers' softmax scale reads the written factor
         softmax = _yarn_get_mscale(f["rope_scaling_factor"], f["mscale_all_dim"]) ** 2
         assert softmax == pytest.approx(yarn_apply_mscale(theirs.rope_parameters, 1.0), rel=1e-12)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
+def test_a_deepseek_checkpoint_whose_rms_norm_eps_is_not_1e_6_warns_at_the_init_line(tmp_path, eps):
+    """transformers' latent norms keep DeepseekV3RMSNorm's 1e-6 whatever rms_norm_eps says; Megatron uses
+    norm_epsilon for them: W126 at the init line (once, at the first stage) when they differ."""
+    from nemoc.dsl.diagnostics import Severity
+    from nemoc.runtime.cli.lang import check_file
+
+    _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), dict(TINY, rms_norm_eps=eps))
+    diags, _ = check_file(str(tmp_path / "ft.nemo"))
+    warned = [d for d in diags if d.code == "W126"]
+    assert [d.severity for d in diags if d.severity == Severity.ERROR] == []
+    if eps == 1e-6:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and "starts from a DeepseekV3 checkpoint" in warned[0].message
+        assert "init = hf" in (tmp_path / "ft.nemo").read_text().splitlines()[warned[0].span.line - 1]
