@@ -238,7 +238,8 @@ def _deepseek_yarn_factor(key: str, p: dict, config: dict, original: int) -> flo
     correction range: _yarn_find_correction_range round_to_int)."""
     if p.get("attention_factor") is not None:
         raise HfConfigError(f"{key}.attention_factor = {p['attention_factor']}: Megatron-Core's YarnRotaryEmbedding "
-                            "computes the cos/sin factor from factor, mscale and mscale_all_dim; it takes no written one")
+                            "computes the cos/sin factor from factor, mscale and mscale_all_dim; it takes no "
+                            "written one")
     if p.get("truncate") is False:
         raise HfConfigError(f"{key}.truncate = false: Megatron-Core's YarnRotaryEmbedding always rounds the "
                             "correction range to whole dimensions (truncate = true)")

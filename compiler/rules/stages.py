@@ -116,12 +116,13 @@ def _exports(stage: StageSpec) -> bool:
 
 def rule_mixtral_export_dense_layers(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
     """An MoE model trained without a Hugging Face source exports as Qwen3-MoE with the QK norms (whose
-    mlp_only_layers holds dense layers) and as Mixtral without them (runtime/hf/trained.py spec_config).
-    MixtralForCausalLM makes every layer a sparse MoE block (MixtralDecoderLayer: no dense-layer option), so a
-    model with dense layers (moe_first_dense_layers, moe_layer_freq) has no MixtralConfig."""
+    mlp_only_layers holds dense layers) and as Mixtral without them (the export builds its config.json from the
+    model block). MixtralForCausalLM makes every layer a sparse MoE block (MixtralDecoderLayer: no dense-layer
+    option), so a model with dense layers (moe_first_dense_layers, moe_layer_freq) has no MixtralConfig."""
     m = spec.model
-    if (m.init or m.multi_latent_attention or not m.is_moe or m.qk_layernorm or 0 not in m.moe_layer_pattern
-            or not _exports(stage)):
+    mixtral = m.norm == "rmsnorm" and m.position == "rope" and m.activation == "swiglu" and not m.qk_layernorm
+    if m.init or m.multi_latent_attention or not m.is_moe or not mixtral or 0 not in m.moe_layer_pattern or not (
+            _exports(stage)):
         return None
     dense = [i for i, p in enumerate(m.moe_layer_pattern) if not p]
     what = "`export` stages" if stage.kind == "export" else "lm-eval-harness tasks (which export the model)"
@@ -165,8 +166,8 @@ def warn_mla_latent_norm_epsilon(spec: ExperimentSpec, stage: StageSpec) -> Diag
         anchors=(("model.norm_epsilon", "model.init", "model") if imports else
                  (("stage.lm_eval_tasks",) if stage.kind == "eval" else ("stage.kind",)) + ("stage",)),
         severity=Severity.WARNING,
-        source="transformers models/deepseek_v3/modeling_deepseek_v3.py DeepseekV3Attention (DeepseekV3RMSNorm(q_lora_rank)); "
-               "megatron/core/transformer/multi_latent_attention.py MLASelfAttention.__init__ (eps=layernorm_epsilon)"),
+        source="transformers models/deepseek_v3/modeling_deepseek_v3.py DeepseekV3Attention "
+               "(DeepseekV3RMSNorm(q_lora_rank)); megatron/core/transformer/multi_latent_attention.py MLASelfAttention.__init__ (eps=layernorm_epsilon)"),
         spec, stage)
 
 
