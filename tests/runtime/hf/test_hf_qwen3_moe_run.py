@@ -156,7 +156,8 @@ def test_grouped_gemm_experts_take_the_sequential_names_slices():
                for j in range(4) for n in (1, 2))
 
 
-@pytest.mark.parametrize("dense", [{}, {"moe_first_dense_layers": 1}], ids=["all_sparse", "dense_first"])
+@pytest.mark.parametrize("dense", [{}, {"moe_first_dense_layers": 1}, {"moe_layer_freq": 2}],
+                         ids=["all_sparse", "dense_first", "dense_after_expert"])
 def test_a_trained_qwen3_moe_without_a_source_config_exports_as_qwen3_moe(mcore, tmp_path, dense):
     """No config.json to copy (a model written out in the .nemo file, or a preset): the export builds
     Qwen3MoeConfig from the spec (runtime/hf/trained.py spec_config), the router's aux-loss weight included, and
@@ -185,7 +186,7 @@ def test_a_trained_qwen3_moe_without_a_source_config_exports_as_qwen3_moe(mcore,
     config = json.loads((out / "config.json").read_text())
     assert (config["model_type"], config["router_aux_loss_coef"], config["norm_topk_prob"]) == ("qwen3_moe", 1e-3, True)
     assert config["mlp_only_layers"] == [i for i, p in enumerate(spec.moe_layer_pattern) if not p]
-    assert config["mlp_only_layers"] == ([0] if dense else [])
+    assert config["mlp_only_layers"] == {"moe_first_dense_layers": [0], "moe_layer_freq": [1]}.get(next(iter(dense), ""), [])
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(hf).__name__ == "Qwen3MoeForCausalLM"
     with torch.no_grad():
