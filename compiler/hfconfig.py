@@ -21,7 +21,7 @@ Families and what each needs of Megatron-Core's GPT model (local or TE layer spe
                    windows with a second RoPE base, query_pre_attn_scalar (Gemma3ForCausalLM; see _gemma3)
   deepseek_v3      multi-latent attention (YaRN or plain RoPE), sigmoid-routed experts with an expert bias,
                    group-limited top-k, routed scaling and shared experts (DeepseekV3ForCausalLM; see
-                   _deepseek_v3; dense first layers are refused until nemoc has moe_layer_freq)
+                   _deepseek_v3; the dense first layers, first_k_dense_replace, map to moe_first_dense_layers)
 Llama 3.1/3.2 `rope_scaling` (rope_type llama3) maps to `rope_scaling_factor` when its other three keys
 have the values Megatron-Core fixes (LLAMA3_FIXED). Not expressible (an error says so): other RoPE
 scaling types, Mistral's sliding window shorter than the sequence, top-1 routing, Qwen3-MoE without norm_topk_prob
@@ -304,12 +304,54 @@ def _deepseek_rope(config: dict) -> dict[str, Any]:
                             "scaling (Megatron-Core MultiLatentAttention builds RotaryEmbedding or YarnRotaryEmbedding)")
     p = config[key]
     # transformers' yarn defaults (modeling_rope_utils._compute_yarn_parameters): beta_fast 32, beta_slow 1,
-    # mscale / mscale_all_dim absent = 1 / 0 (DeepSeek writes both), original context = max_position_embeddings
-    return out | {"rope_type": "yarn", "rope_scaling_factor": float(p["factor"]),
-                  "original_max_position_embeddings": int(p.get("original_max_position_embeddings")
-                                                          or config.get("max_position_embeddings", 4096)),
+    # original context = max_position_embeddings
+    original = int(p.get("original_max_position_embeddings") or config.get("max_position_embeddings", 4096))
+    mscale, mscale_all_dim = _deepseek_yarn_mscale(key, p)
+    return out | {"rope_type": "yarn", "rope_scaling_factor": _deepseek_yarn_factor(key, p, config, original),
+                  "original_max_position_embeddings": original,
                   "beta_fast": float(p.get("beta_fast") or 32.0), "beta_slow": float(p.get("beta_slow") or 1.0),
-                  "mscale": float(p.get("mscale") or 1.0), "mscale_all_dim": float(p.get("mscale_all_dim") or 0.0)}
+                  "mscale": mscale, "mscale_all_dim": mscale_all_dim}
+
+
+def _deepseek_yarn_factor(key: str, p: dict, config: dict, original: int) -> float:
+    """YaRN's `factor`; transformers derives an absent one (null) as max_position_embeddings / original context
+    (_compute_yarn_parameters), but DeepseekV3Attention's softmax scale reads `factor` itself when mscale_all_dim
+    is set (yarn_apply_mscale), which a null one breaks. `attention_factor` and `truncate = false` are YaRN
+    variants Megatron-Core's YarnRotaryEmbedding does not compute (it always takes the mscale ratio and rounds the
+    correction range: _yarn_find_correction_range round_to_int)."""
+    if p.get("attention_factor") is not None:
+        raise HfConfigError(f"{key}.attention_factor = {p['attention_factor']}: Megatron-Core's YarnRotaryEmbedding "
+                            "computes the cos/sin factor from factor, mscale and mscale_all_dim; it takes no "
+                            "written one")
+    if p.get("truncate") is False:
+        raise HfConfigError(f"{key}.truncate = false: Megatron-Core's YarnRotaryEmbedding always rounds the "
+                            "correction range to whole dimensions (truncate = true)")
+    factor = p.get("factor")
+    if factor is not None:
+        return float(factor)
+    if p.get("mscale_all_dim"):
+        raise HfConfigError(f"{key}.factor = null with mscale_all_dim: transformers' DeepseekV3Attention computes its "
+                            "softmax scale from the written factor (yarn_apply_mscale); write factor")
+    return float(config.get("max_position_embeddings", 4096)) / original
+
+
+def _deepseek_yarn_mscale(key: str, p: dict) -> tuple[float, float]:
+    """(mscale, mscale_all_dim) for Megatron-Core's YarnRotaryEmbedding, which scales cos/sin by
+    get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) (_yarn_get_concentration_factor) and MLA's
+    softmax by get_mscale(factor, mscale_all_dim)^2. transformers takes that ratio only `if mscale and
+    mscale_all_dim`, else get_mscale(factor) (_compute_yarn_parameters), and scales the softmax only when
+    mscale_all_dim is set (yarn_apply_mscale). So: both set -> both; mscale_all_dim absent or 0 -> 1 / 0 (the
+    same cos/sin factor and softmax; transformers ignores a lone mscale); mscale_all_dim without mscale ->
+    refused (transformers' cos/sin get get_mscale(factor), Megatron's the ratio)."""
+    mscale, mscale_all_dim = p.get("mscale"), p.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return float(mscale), float(mscale_all_dim)
+    if not mscale_all_dim:
+        return 1.0, 0.0
+    given = "absent" if mscale is None else f"= {mscale}"
+    raise HfConfigError(f"{key}.mscale {given} with mscale_all_dim = {mscale_all_dim}: transformers then scales "
+                        "cos/sin by 0.1 ln(factor) + 1, Megatron-Core's YarnRotaryEmbedding by get_mscale(factor, "
+                        "mscale) / get_mscale(factor, mscale_all_dim); write mscale too (DeepSeek-V3 writes both)")
 
 
 def _deepseek_router(config: dict) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The annotated-source harness shared by the language and layout error tests.
 
 A line that must carry a diagnostic has a marker comment `# error: E021 <regex of the message>` (or
-`# warning: W001 ...`; several markers may share a line). `mismatches` lists every missing, extra or
+`# warning: W001 ...`, `# note: W107 ...`; several markers may share a line). `mismatches` lists every missing, extra or
 misplaced diagnostic; an empty list means the file's diagnostics are exactly its markers.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-MARKER = re.compile(r"#\s*(error|warning):\s*([EW]\d{3})\s*(.*?)\s*(?=#\s*(?:error|warning):|$)")
+MARKER = re.compile(r"#\s*(error|warning|note):\s*([EW]\d{3})\s*(.*?)\s*(?=#\s*(?:error|warning|note):|$)")
 
 
 def markers(sources: Mapping[str, str]) -> list[tuple[str, int, str, str, str]]:

@@ -1,4 +1,4 @@
-"""Stage rules (E150-E155, E157, E170, E207, W150): the stage settings that would otherwise fail only at run time
+"""Stage rules (E150-E155, E157, E170, E207, E208, W126, W150): the stage settings that would otherwise fail only at run time
 (`min_lr` above `lr`, an alignment stage without data in a format its records need, an export with no `after`,
 a parent that never saves, a child at another sequence length than a parent with learned positions, a
 multi-latent attention model exported without a DeepseekV3 equivalent or with peft's q / k / v LoRA targets, a warm-up longer than the stage).
@@ -52,19 +52,31 @@ def rule_data_format(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | Non
         anchors=("stage.data", "stage")), spec, stage)
 
 
+# the fix of each E170 reason, by its anchor
+_E170_FIX = {
+    "model.qk_layernorm": "set qk_layernorm = true (DeepseekV3 normalises both latents)",
+    "model.moe_router_score": "use moe_router_score = sigmoid with moe_expert_bias = true (DeepseekV3's router)",
+    "model.moe_layer_freq": "make the dense layers a prefix (moe_first_dense_layers = k: DeepseekV3's "
+                            "first_k_dense_replace)",
+    "model.top_k": "use top_k >= 2",
+    "model.moe_router_groups": "choose moe_router_group_topk = top_k / 2, or remove moe_router_groups",
+}
+
+
 def rule_mla_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
     """The nemoc runtime, not Megatron: multi-latent attention models run in every stage kind (pretrain, sft,
     dpo, kto, orpo, reward, ppo, grpo, with or without LoRA; eval; `init = hf(...)` of a DeepseekV3 checkpoint
     and export to one: docs/alignment.md, docs/huggingface.md) except an export of a model whose DeepseekV3ForCausalLM would compute something else: transformers'
     DeepseekV3 always has the latents' RMSNorms (qk_layernorm = false has none) and routes its experts with
     sigmoid scores plus a correction bias (a softmax router, or one without the expert bias, has no
-    DeepseekV3Config)."""
+    DeepseekV3Config); its dense layers are a prefix (first_k_dense_replace); its norm_topk_prob renormalises a
+    single expert's score to 1 where Megatron's sigmoid router keeps it (top_k = 1); and it ranks a router group
+    by its top-2 scores where Megatron takes the top top_k // moe_router_group_topk (hfconfig._deepseek_router:
+    the export's config.json is read back through it)."""
     m = spec.model
     if not m.multi_latent_attention or m.init:  # a DeepSeek source: its own config.json is exported
         return None
-    exports = stage.kind == "export" or (stage.kind == "eval" and "lm_eval_tasks" in stage.params
-                                         and stage.params.lm_eval_tasks)
-    if not exports:
+    if not _exports(stage):
         return None
     why = []
     if not m.qk_layernorm:
@@ -76,18 +88,87 @@ def rule_mla_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | 
     if 1 in pattern and 0 in pattern[pattern.index(1):]:
         why.append(("model.moe_layer_freq", "dense layers after an expert layer (DeepseekV3's dense layers are its "
                     "first first_k_dense_replace layers)"))
+    if m.is_moe and m.top_k == 1:
+        why.append(("model.top_k", "top_k = 1 (transformers' norm_topk_prob renormalises a single expert's score to "
+                    "1, Megatron-Core's sigmoid router keeps the raw score)"))
+    if m.is_moe and m.moe_router_groups > 1 and m.top_k // (m.moe_router_group_topk or 1) != 2:
+        why.append(("model.moe_router_groups", f"moe_router_groups = {m.moe_router_groups} with top_k({m.top_k}) // "
+                    f"moe_router_group_topk({m.moe_router_group_topk}) = {m.top_k // (m.moe_router_group_topk or 1)} "
+                    "!= 2 (transformers ranks a group by its top-2 scores, Megatron-Core by its top "
+                    "top_k // moe_router_group_topk)"))
     if not why:
         return None
     what = "`export` stages" if stage.kind == "export" else "lm-eval-harness tasks (which export the model)"
     return _stage_diagnostic(Violation(
         "E170", f"{what} cannot write this multi-latent attention model as DeepseekV3",
         "; ".join(w for _, w in why),
-        ("set qk_layernorm = true and, with experts, moe_router_score = sigmoid with moe_expert_bias = true (what "
-         "DeepseekV3ForCausalLM computes)" if any(a != "model.moe_layer_freq" for a, _ in why) else
-         "make the dense layers a prefix (moe_first_dense_layers = k: DeepseekV3's first_k_dense_replace)")
+        "; ".join(_E170_FIX[a] for a in dict.fromkeys(a for a, _ in why))
         + ", or keep the Megatron-Core checkpoint",
         anchors=(("stage.lm_eval_tasks",) if stage.kind == "eval" else ("stage.kind",)) + ("stage",)
         + tuple(a for a, _ in why)), spec, stage)
+
+
+def _exports(stage: StageSpec) -> bool:
+    """Whether the stage writes a Hugging Face checkpoint: an export stage, or lm-eval-harness tasks."""
+    return stage.kind == "export" or (stage.kind == "eval" and "lm_eval_tasks" in stage.params
+                                      and bool(stage.params.lm_eval_tasks))
+
+
+def rule_mixtral_export_dense_layers(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """An MoE model trained without a Hugging Face source exports as Qwen3-MoE with the QK norms (whose
+    mlp_only_layers holds dense layers) and as Mixtral without them (the export builds its config.json from the
+    model block). MixtralForCausalLM makes every layer a sparse MoE block (MixtralDecoderLayer: no dense-layer
+    option), so a model with dense layers (moe_first_dense_layers, moe_layer_freq) has no MixtralConfig."""
+    m = spec.model
+    mixtral = m.norm == "rmsnorm" and m.position == "rope" and m.activation == "swiglu" and not m.qk_layernorm
+    if m.init or m.multi_latent_attention or not m.is_moe or not mixtral or 0 not in m.moe_layer_pattern or not (
+            _exports(stage)):
+        return None
+    dense = [i for i, p in enumerate(m.moe_layer_pattern) if not p]
+    what = "`export` stages" if stage.kind == "export" else "lm-eval-harness tasks (which export the model)"
+    return _stage_diagnostic(Violation(
+        "E208", f"{what} cannot write this MoE model as Mixtral: it has dense layers",
+        f"experts({m.experts}) without qk_layernorm exports as MixtralForCausalLM, every layer sparse; "
+        f"moe_first_dense_layers / moe_layer_freq make layer(s) {dense} dense MLPs",
+        "set qk_layernorm = true (exports as Qwen3-MoE, whose mlp_only_layers holds dense layers), make every "
+        "layer an expert layer, or keep the Megatron-Core checkpoint",
+        anchors=(("stage.lm_eval_tasks",) if stage.kind == "eval" else ("stage.kind",)) + ("stage",),
+        source="transformers models/mixtral/modeling_mixtral.py MixtralDecoderLayer (every layer a "
+               "MixtralSparseMoeBlock)"), spec, stage)
+
+
+DEEPSEEK_LATENT_EPS = 1e-6  # transformers' DeepseekV3RMSNorm default, which q_a_layernorm / kv_a_layernorm keep
+
+
+def warn_mla_latent_norm_epsilon(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """transformers builds DeepseekV3's latent norms (q_a_layernorm, kv_a_layernorm) with DeepseekV3RMSNorm's
+    default epsilon, 1e-6, whatever rms_norm_eps says; Megatron-Core builds q_layernorm / kv_layernorm with the
+    model's layernorm_epsilon (multi_latent_attention.py MLASelfAttention.__init__). An MLA model whose
+    norm_epsilon is not 1e-6 therefore computes its latent norms slightly differently from transformers, when it
+    starts from a DeepseekV3 checkpoint (rms_norm_eps != 1e-6; said at the first stage) and when it is exported
+    as one. nemoc has no separate latent-norm epsilon, so this is a warning, not a refusal: the difference is
+    eps inside a square root next to the latent's mean square."""
+    m = spec.model
+    if not m.multi_latent_attention or not m.qk_layernorm or m.norm_epsilon == DEEPSEEK_LATENT_EPS:
+        return None
+    imports = bool(m.init) and stage is spec.stages[0]
+    exports = _exports(stage) and not m.init and rule_mla_stage_kind(spec, stage) is None  # E170: no export at all
+    if not (imports or exports):
+        return None
+    what = ("starts from a DeepseekV3 checkpoint" if imports else
+            "is exported as DeepseekV3" if stage.kind == "export" else "is exported as DeepseekV3 for lm-eval-harness")
+    return _stage_diagnostic(Violation(
+        "W126", f"this multi-latent attention model {what}, whose latent norms use epsilon 1e-6",
+        f"norm_epsilon({m.norm_epsilon:g}) != 1e-6: Megatron-Core normalises the query and key-value latents with "
+        f"eps {m.norm_epsilon:g}, transformers' q_a_layernorm / kv_a_layernorm with 1e-6 (DeepseekV3RMSNorm's "
+        "default; rms_norm_eps sets only the other norms)",
+        "nothing to do if a small difference in the latent norms is acceptable; norm_epsilon = 1e-6 makes them equal",
+        anchors=(("model.norm_epsilon", "model.init", "model") if imports else
+                 (("stage.lm_eval_tasks",) if stage.kind == "eval" else ("stage.kind",)) + ("stage",)),
+        severity=Severity.WARNING,
+        source="transformers models/deepseek_v3/modeling_deepseek_v3.py DeepseekV3Attention "
+               "(DeepseekV3RMSNorm(q_lora_rank)); megatron/core/transformer/multi_latent_attention.py MLASelfAttention.__init__ (eps=layernorm_epsilon)"),
+        spec, stage)
 
 
 def rule_mla_lora_targets(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
@@ -248,7 +329,9 @@ def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
     return None
 
 
-STAGE_RULES = (rule_min_lr, rule_mla_stage_kind, rule_mla_lora_targets, rule_data_format, rule_export_after, rule_starting_checkpoint,
+STAGE_RULES = (rule_min_lr, rule_mla_stage_kind, rule_mixtral_export_dense_layers, warn_mla_latent_norm_epsilon,
+               rule_mla_lora_targets,
+               rule_data_format, rule_export_after, rule_starting_checkpoint,
                rule_parent_saves, rule_parent_seq_length, warn_warmup_longer_than_stage, warn_sample_tokens_unpacked)
 
 
@@ -284,6 +367,8 @@ STAGE_CODES = {
     "E155": rule_starting_checkpoint,
     "E157": rule_parent_seq_length,
     "E170": rule_mla_stage_kind,
+    "E208": rule_mixtral_export_dense_layers,
+    "W126": warn_mla_latent_norm_epsilon,
     "E207": rule_mla_lora_targets,
     "W150": warn_warmup_longer_than_stage,
     "W157": warn_sample_tokens_unpacked,

@@ -271,7 +271,7 @@ def read_manifest(converted: str | Path) -> dict[str, Any]:
 def rank_state_dict(converted: str | Path, *, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0,
                     ep: int = 1, ep_rank: int = 0, etp: int = 1, etp_rank: int = 0,
                     padded_vocab: int, pre_process: bool = True, post_process: bool = True,
-                    layers: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+                    layers: tuple[int, int] | None = None, whole: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The state dict of the GPTModel chunk held by (tp_rank, pp_rank; ep_rank, etp_rank for the experts of
     an MoE model), read slice by slice. `layers` (first global layer, count) names the chunk's layers when
     the split is not Megatron's even one (an uneven pipeline split, a virtual-pipeline chunk): the loader
@@ -281,19 +281,21 @@ def rank_state_dict(converted: str | Path, *, tp: int = 1, tp_rank: int = 0, pp:
                        total_layers=arch["layers"], experts=arch.get("experts") or 1, tie=arch["tie_embeddings"],
                        tp=tp, tp_rank=tp_rank, pp=pp, pp_rank=pp_rank, ep=ep, ep_rank=ep_rank, etp=etp,
                        etp_rank=etp_rank, padded_vocab=padded_vocab, pre_process=pre_process,
-                       post_process=post_process, layers=layers)
+                       post_process=post_process, layers=layers, whole=whole)
 
 
 def rank_slices(reader, *, swiglu: bool, total_layers: int, experts: int, tie: bool, tp: int = 1, tp_rank: int = 0,
                 pp: int = 1, pp_rank: int = 0, ep: int = 1, ep_rank: int = 0, etp: int = 1, etp_rank: int = 0,
                 padded_vocab: int, pre_process: bool = True, post_process: bool = True,
-                layers: tuple[int, int] | None = None, scalar_head: bool = False) -> dict[str, torch.Tensor]:
+                layers: tuple[int, int] | None = None, scalar_head: bool = False,
+                whole: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """`rank_state_dict` over any source of full (TP=1, PP=1) Megatron-Core tensors by GPTModel state-dict
     name: `reader.names()`, `reader.get(name)` (a converted directory, or an fsdp_dtensor checkpoint:
     runtime/fsdp_checkpoint.py `FullTensorReader`). `swiglu`: fc1 is [gate; up] (each TP rank holds
     [gate_r; up_r]); `tie`: the output layer is the word embedding; `scalar_head`: the output layer is a reward
     model's / critic's scalar head (runtime/align/common.py `ScalarHead`: [1, h] weight and [1] bias, whole on
-    every TP rank), taken as it is (a reward stage's fsdp_dtensor checkpoint feeding ppo or eval)."""
+    every TP rank), taken as it is (a reward stage's fsdp_dtensor checkpoint feeding ppo or eval); `whole`: name
+    endings the chunk holds whole on every TP rank (TE's duplicated MLA down projections, mapping.TE_WHOLE)."""
     first, count = layers if layers is not None else mapping.layer_offset(total_layers, pp, pp_rank)
     first_expert, local_experts = mapping.expert_slice(experts, ep, ep_rank)
     state: dict[str, torch.Tensor] = {}
@@ -322,7 +324,7 @@ def rank_slices(reader, *, swiglu: bool, total_layers: int, experts: int, tie: b
         t = reader.get(name)
         if name.endswith(("word_embeddings.weight", "output_layer.weight")):
             t = mapping.fit_vocab(t, padded_vocab)
-        state[key] = mapping.shard_for_rank(name, t, tp=tp, rank=tp_rank, swiglu=swiglu)
+        state[key] = mapping.shard_for_rank(name, t, tp=tp, rank=tp_rank, swiglu=swiglu, whole=whole)
     if tie and post_process and not pre_process:
         # Megatron's last pipeline stage holds its own copy of the tied embedding as output_layer
         emb = mapping.fit_vocab(reader.get("embedding.word_embeddings.weight"), padded_vocab)

@@ -119,7 +119,22 @@ def _rank(gpt) -> dict:
                 pp=ps.get_pipeline_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
                 ep=ps.get_expert_model_parallel_world_size(), ep_rank=ps.get_expert_model_parallel_rank(),
                 etp=ps.get_expert_tensor_parallel_world_size(), etp_rank=ps.get_expert_tensor_parallel_rank(),
-                pre_process=gpt.pre_process, post_process=gpt.post_process, layers=_chunk_layers(gpt))
+                pre_process=gpt.pre_process, post_process=gpt.post_process, layers=_chunk_layers(gpt),
+                whole=whole_projections(gpt.config, gpt.state_dict()))
+
+
+def whole_projections(config, ours: dict) -> tuple[str, ...]:
+    """The MLA down projections this chunk holds whole on every tensor-parallel rank (mapping.TE_WHOLE: Transformer
+    Engine's spec builds them as TELinear(parallel_mode='duplicated'); the local spec's are column-parallel): read
+    off the built chunk, a down projection whose rows are the full latent (q_lora_rank, kv_lora_rank +
+    qk_pos_emb_head_dim) where TP > 1."""
+    from nemoc.runtime.hf.mapping import TE_WHOLE
+
+    if not getattr(config, "multi_latent_attention", False) or getattr(config, "tensor_model_parallel_size", 1) == 1:
+        return ()
+    rows = {TE_WHOLE[0]: config.q_lora_rank, TE_WHOLE[1]: config.kv_lora_rank + config.qk_pos_emb_head_dim}
+    return tuple(end for end, full in rows.items()
+                 if full and any(n.endswith(end) and tuple(t.shape)[0] == full for n, t in ours.items()))
 
 
 def _load_rank_state(gpt, state: dict, *, where: str, skip_output: bool, hint: str) -> None:

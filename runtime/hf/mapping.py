@@ -7,7 +7,8 @@ Output: generators of (name, tensor) pairs, one layer at a time, in the *full* M
         Hugging Face naming. The transforms are exact permutations and concatenations, so
         HF -> Megatron -> HF is bit-identical.
 
-Megatron-Core GPTModel (local and TE specs alike, TE's fused norm names are accepted on the way out):
+Megatron-Core GPTModel (local and TE specs alike: TE's fused norm names, `TE_NORMS`, are renamed on the way in
+when the chunk has them and accepted on the way out):
   embedding.word_embeddings.weight                   <- model.embed_tokens.weight (rows padded per TP)
   decoder.layers.i.input_layernorm.weight            <- model.layers.i.input_layernorm.weight
   decoder.layers.i.self_attention.linear_qkv.weight  <- q_proj, k_proj, v_proj interleaved per query
@@ -35,8 +36,11 @@ Gemma 3 (runtime/gemma.py) as llama with the QK norms, except its four norms per
   decoder.layers.i.pre_mlp_layernorm.weight                        <- pre_feedforward_layernorm.weight
   decoder.layers.i.mlp.linear_fc2.post_layernorm.weight            <- post_feedforward_layernorm.weight
   (every norm weight zero-centred on both sides: copied unchanged), fc1 = [gate_proj; up_proj] (GeGLU).
-DeepSeek-V3 (DeepseekV3ForCausalLM; Megatron-Core's MLASelfAttention and MoE layer, local spec): see
-  `_deepseek_layer`. Every MLA tensor maps unpermuted: q_b_proj's rows are [nope; rope] per head and kv_b_proj's
+DeepSeek-V3 (DeepseekV3ForCausalLM; Megatron-Core's MLASelfAttention and MoE layer): see `_deepseek_layer`
+  (local names). Transformer Engine's MLA spec (gpt_layer_specs.py get_gpt_layer_with_transformer_engine_spec,
+  qk_layernorm) fuses the latent norms into the up projections (`linear_q_up_proj.layer_norm_weight`,
+  `linear_kv_up_proj.layer_norm_weight`: `TE_NORMS`) and builds both down projections as
+  TELinear(parallel_mode='duplicated'), whole on every tensor-parallel rank (`shard_for_rank`'s `whole`). Every MLA tensor maps unpermuted: q_b_proj's rows are [nope; rope] per head and kv_b_proj's
   [k_nope; v] per head in both (MLASelfAttention views them as [heads, qk + pe] / [heads, qk + v] and splits),
   kv_a_proj_with_mqa's rows [kv latent; shared rope key] in both, and transformers rotates DeepSeek's
   interleaved rope channels as Megatron's MLA does (compiler/hfconfig.py `_deepseek_rope`).
@@ -196,9 +200,11 @@ def _deepseek_layer_out(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, 
     """The inverse of `_deepseek_layer` (Megatron names in, Hugging Face names out)."""
     src, dst = f"{L}.{i}", f"model.layers.{i}"
     yield f"{dst}.input_layernorm.weight", get(f"{src}.input_layernorm.weight")
-    for theirs, ours in _deepseek_attention_names(arch):
-        yield f"{dst}.self_attn.{theirs}.weight", get(f"{src}.self_attention.{ours}.weight")
-    yield f"{dst}.post_attention_layernorm.weight", get(f"{src}.pre_mlp_layernorm.weight")
+    for theirs, ours in _deepseek_attention_names(arch):  # a TE checkpoint: the latent norms under TE_NORMS' names
+        yield f"{dst}.self_attn.{theirs}.weight", _pick(get, f"{src}.self_attention.{ours}.weight",
+                                                        *_te_fused(f"{src}.self_attention.{ours}.weight"))
+    yield f"{dst}.post_attention_layernorm.weight", _pick(get, f"{src}.pre_mlp_layernorm.weight",
+                                                          f"{src}.mlp.linear_fc1.layer_norm_weight")
     m = f"{dst}.mlp"
     if not is_expert_layer(arch, i):
         gate, up = torch.chunk(get(f"{src}.mlp.linear_fc1.weight"), 2, 0)
@@ -313,6 +319,12 @@ def _moe_layer_out(family: str, src: str, dst: str, arch: dict, get: Getter) -> 
         yield f"{e}.{down}.weight", get(f"{ours}.linear_fc2.weight")
 
 
+def _te_fused(name: str) -> tuple[str, ...]:
+    """TE's fused name of a latent norm (`te_alias`), none for any other tensor."""
+    alias = te_alias(name)
+    return (alias,) if alias is not None else ()
+
+
 def _gpt2_layer_out(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
     src, dst = f"{L}.{i}", f"transformer.h.{i}"
     a, m = f"{src}.self_attention", f"{src}.mlp"
@@ -390,13 +402,20 @@ def fit_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
     return t[:padded]
 
 
-def shard_for_rank(name: str, full: torch.Tensor, *, tp: int, rank: int, swiglu: bool) -> torch.Tensor:
+# Transformer Engine's MLA spec builds the down projections as TELinear(parallel_mode='duplicated'): every
+# tensor-parallel rank holds them whole (the local spec's are column-parallel)
+TE_WHOLE = ("self_attention.linear_q_down_proj.weight", "self_attention.linear_kv_down_proj.weight")
+
+
+def shard_for_rank(name: str, full: torch.Tensor, *, tp: int, rank: int, swiglu: bool,
+                   whole: tuple[str, ...] = ()) -> torch.Tensor:
     """The slice of a full Megatron tensor that tensor-parallel rank `rank` of `tp` holds.
 
     SwiGLU's fc1 is [gate; up]; each rank holds [gate_r; up_r] (Megatron's ColumnParallelLinear over
-    the two halves separately), not the r-th contiguous chunk.
+    the two halves separately), not the r-th contiguous chunk. Names ending in one of `whole` are held whole
+    (the chunk's layer spec duplicates them: `TE_WHOLE`).
     """
-    if tp == 1:
+    if tp == 1 or (whole and name.endswith(whole)):
         return full
     if name.endswith(("linear_fc1.weight", "linear_fc1.bias")) and swiglu:
         gate, up = torch.chunk(full, 2, 0)
@@ -443,12 +462,16 @@ def layer_offset(layers: int, pp: int, pp_rank: int) -> tuple[int, int]:
 # The pre-norm weights' names in Megatron-Core's local spec and in Transformer Engine's fused
 # layernorm-linear modules (one tensor, two names: a checkpoint of either spec loads into the other).
 TE_NORMS = ((".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
-             (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"))
+             (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"),
+             # MLA's latent norms, fused into the up projections (TE's MLA spec: q_layernorm = kv_layernorm = IdentityOp)
+             (".self_attention.q_layernorm.", ".self_attention.linear_q_up_proj.layer_norm_"),
+             (".self_attention.kv_layernorm.", ".self_attention.linear_kv_up_proj.layer_norm_"))
 
 
 def te_alias(name: str) -> str | None:
     """The other spec's name of a pre-norm tensor (local `...input_layernorm.weight` <-> TE's fused
-    `...self_attention.linear_qkv.layer_norm_weight`, the same for the MLP's pre-norm), None for any other."""
+    `...self_attention.linear_qkv.layer_norm_weight`, the same for the MLP's pre-norm and MLA's latent norms),
+    None for any other. (Qwen3's `q_layernorm` also gets MLA's alias: a name the chunk lacks, never used.)"""
     for local, te in TE_NORMS:
         if local in name:
             return name.replace(local, te, 1)

@@ -260,6 +260,9 @@ def spec_config(spec, vocab: int) -> dict[str, Any]:
         if family == "mixtral":
             if spec.shared_expert_ffn_hidden:
                 raise TrainedExportError("export: Mixtral has no shared expert")
+            if 0 in spec.moe_layer_pattern:  # compiler E208 refuses it at check time
+                raise TrainedExportError("export: Mixtral makes every layer an expert layer; this model has dense "
+                                         "layers (moe_first_dense_layers / moe_layer_freq)")
             # every layer is an expert layer: Mixtral's intermediate_size is the expert's FFN width
             config |= {"intermediate_size": spec.moe_ffn_hidden or spec.ffn_hidden,
                        "num_local_experts": spec.experts, "num_experts_per_tok": spec.top_k,
@@ -269,7 +272,9 @@ def spec_config(spec, vocab: int) -> dict[str, Any]:
                 raise TrainedExportError("export: Qwen3-MoE has no shared expert")
             config |= {"num_experts": spec.experts, "num_experts_per_tok": spec.top_k, "norm_topk_prob": True,
                        "moe_intermediate_size": spec.moe_ffn_hidden or spec.ffn_hidden, "decoder_sparse_step": 1,
-                       "mlp_only_layers": [], "output_router_logits": False,
+                       # the dense layers (moe_first_dense_layers / moe_layer_freq), dense MLPs of intermediate_size
+                       "mlp_only_layers": [i for i, p in enumerate(spec.moe_layer_pattern) if not p],
+                       "output_router_logits": False,
                        # the weight the stage trained with (transformers adds the aux loss only with router logits)
                        "router_aux_loss_coef": spec.moe_aux_loss_coeff}
     else:
@@ -293,8 +298,11 @@ def spec_config(spec, vocab: int) -> dict[str, Any]:
 
 
 def deepseek_v3_config(spec, base: dict[str, Any]) -> dict[str, Any]:
-    """DeepseekV3Config of a multi-latent attention model trained without a Hugging Face source (compiler
-    E170 refuses the models it cannot express before anything runs). A dense model is DeepseekV3 with every
+    """DeepseekV3Config of a multi-latent attention model trained without a Hugging Face source. Compiler E170
+    (compiler/rules/stages.py rule_mla_stage_kind) refuses at check time every model this export refuses: no
+    latent norms, a router other than sigmoid plus expert bias, dense layers after an expert layer, and what
+    the config's read-back (hfconfig._deepseek_router) refuses, top_k = 1 and group-limited routing with
+    top_k // moe_router_group_topk != 2. A dense model is DeepseekV3 with every
     layer below first_k_dense_replace (dense MLPs of intermediate_size); a MoE model has its dense first layers (moe_first_dense_layers) below it and
     every other layer sparse:
     sigmoid scores plus e_score_correction_bias (Megatron's expert bias), renormalised over the top-k
@@ -360,8 +368,9 @@ def manifest_for(spec, *, vocab: int, source: str | Path | None, dtype: str,
     except hfconfig.HfConfigError as exc:
         raise TrainedExportError(f"export: {exc}") from None
     ours = {k: getattr(spec, k) for k in _COMPARED}
-    if spec.experts:  # every layer is an expert layer: the dense width is unused, the experts' is compared
-        del ours["ffn_hidden"]
+    if spec.experts:  # the experts' width is compared, the dense one only where the model has dense layers
+        if all(spec.moe_layer_pattern):
+            del ours["ffn_hidden"]
         ours["moe_ffn_hidden"] = spec.moe_ffn_hidden or spec.ffn_hidden
     if arch.fields.get("position") == "rope" and not spec.multi_latent_attention:  # MLA: no head_dim
         ours["head_dim"] = spec.head_dim

@@ -83,6 +83,10 @@ def test_the_published_config_maps_its_dense_first_layers_as_the_preset():
     (dict(TINY, rope_interleave=False), "rope_interleave"),
     (dict(TINY, attention_bias=True), "attention_bias"),
     (dict(TINY, rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling.rope_type"),
+    (dict(TINY, rope_scaling={**TINY["rope_scaling"], "mscale": None}), "rope_scaling.mscale"),
+    (dict(TINY, rope_scaling={**TINY["rope_scaling"], "attention_factor": 1.2}), "rope_scaling.attention_factor"),
+    (dict(TINY, rope_scaling={**TINY["rope_scaling"], "truncate": False}), "rope_scaling.truncate"),
+    (dict(TINY, rope_scaling={**TINY["rope_scaling"], "factor": None}), "rope_scaling.factor"),
 ])
 def test_what_megatron_core_does_not_build_is_refused_at_the_init_line_naming_the_key(tmp_path, config, key):
     _, errors, lines = _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), config)
@@ -96,3 +100,46 @@ def test_a_tiny_deepseek_checkpoint_checks_and_mla_against_llama_is_e046(tmp_pat
     _, errors, lines = _compile(tmp_path, _experiment('    init = hf("ckpt")\n    multi_latent_attention = true', SFT),
                                 dict(LLAMA, num_key_value_heads=4))
     assert [e.code for e in errors] == ["E046"] and "multi_latent_attention" in lines[errors[0].span.line - 1]
+
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("extra", [{}, {"mscale": 1.0, "mscale_all_dim": 1.0}, {"mscale": 0.7, "mscale_all_dim": 0.5},
+                                   {"mscale": 0.7}, {"mscale_all_dim": 0.0, "mscale": 2.0}, {"factor": None}])
+def test_yarn_cos_sin_and_softmax_scale_equal_transformers(extra):
+    """The cos/sin factor Megatron-Core computes from the mapped fields (_yarn_get_concentration_factor) and MLA's
+    softmax mscale equal transformers' (_compute_yarn_parameters' attention_factor, yarn_apply_mscale), also when
+    a config gives one of mscale / mscale_all_dim or no factor (transformers: max_position_embeddings / original)."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (_yarn_get_concentration_factor,
+                                                                                  _yarn_get_mscale)
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, yarn_apply_mscale
+
+    config = dict(TINY, rope_scaling={**YARN, **extra})
+    f = hfconfig.architecture(config).fields
+    theirs = AutoConfig.for_model(**config)
+    _, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](theirs, "cpu")
+    ours = _yarn_get_concentration_factor(f["rope_scaling_factor"], f["mscale"], f["mscale_all_dim"])
+    assert ours == pytest.approx(attention_factor, rel=1e-12)
+    if extra.get("factor", 1) is not None:  # transformers' softmax scale reads the written factor
+        softmax = _yarn_get_mscale(f["rope_scaling_factor"], f["mscale_all_dim"]) ** 2
+        assert softmax == pytest.approx(yarn_apply_mscale(theirs.rope_parameters, 1.0), rel=1e-12)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
+def test_a_deepseek_checkpoint_whose_rms_norm_eps_is_not_1e_6_warns_at_the_init_line(tmp_path, eps):
+    """transformers' latent norms keep DeepseekV3RMSNorm's 1e-6 whatever rms_norm_eps says; Megatron uses
+    norm_epsilon for them: W126 at the init line (once, at the first stage) when they differ."""
+    from nemoc.dsl.diagnostics import Severity
+    from nemoc.runtime.cli.lang import check_file
+
+    _compile(tmp_path, _experiment('    init = hf("ckpt")', SFT), dict(TINY, rms_norm_eps=eps))
+    diags, _ = check_file(str(tmp_path / "ft.nemo"))
+    warned = [d for d in diags if d.code == "W126"]
+    assert [d.severity for d in diags if d.severity == Severity.ERROR] == []
+    if eps == 1e-6:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and "starts from a DeepseekV3 checkpoint" in warned[0].message
+        assert "init = hf" in (tmp_path / "ft.nemo").read_text().splitlines()[warned[0].span.line - 1]

@@ -156,16 +156,19 @@ def test_grouped_gemm_experts_take_the_sequential_names_slices():
                for j in range(4) for n in (1, 2))
 
 
-def test_a_trained_qwen3_moe_without_a_source_config_exports_as_qwen3_moe(mcore, tmp_path):
+@pytest.mark.parametrize("dense", [{}, {"moe_first_dense_layers": 1}, {"moe_layer_freq": 2}],
+                         ids=["all_sparse", "dense_first", "dense_after_expert"])
+def test_a_trained_qwen3_moe_without_a_source_config_exports_as_qwen3_moe(mcore, tmp_path, dense):
     """No config.json to copy (a model written out in the .nemo file, or a preset): the export builds
-    Qwen3MoeConfig from the spec (runtime/hf/trained.py spec_config), the router's aux-loss weight included."""
+    Qwen3MoeConfig from the spec (runtime/hf/trained.py spec_config), the router's aux-loss weight included, and
+    the model's dense layers (moe_first_dense_layers) as mlp_only_layers."""
     from align_helpers import llama_spec
     from transformers import AutoModelForCausalLM
 
     from nemoc.runtime.hf import trained
 
     spec = llama_spec(seq_length=16, experts=4, top_k=2, moe_ffn_hidden=48, qk_layernorm=True, kv_channels=32,
-                      moe_aux_loss_coeff=1e-3, norm_epsilon=1e-6)
+                      moe_aux_loss_coeff=1e-3, norm_epsilon=1e-6, **dense)
     torch.manual_seed(0)
     model = mcore.build_gpt(spec, mcore.single_layout(), attention_backend="flash")
     with torch.no_grad():  # q_layernorm / k_layernorm start at 1: perturb so a dropped one shows
@@ -182,6 +185,9 @@ def test_a_trained_qwen3_moe_without_a_source_config_exports_as_qwen3_moe(mcore,
                                     tokenizer_dir=None)
     config = json.loads((out / "config.json").read_text())
     assert (config["model_type"], config["router_aux_loss_coef"], config["norm_topk_prob"]) == ("qwen3_moe", 1e-3, True)
+    assert config["mlp_only_layers"] == [i for i, p in enumerate(spec.moe_layer_pattern) if not p]
+    expected = {"moe_first_dense_layers": [0], "moe_layer_freq": [1]}  # 2 layers: [0, 1] / [1, 0]
+    assert config["mlp_only_layers"] == expected.get(next(iter(dense), ""), [])
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(hf).__name__ == "Qwen3MoeForCausalLM"
     with torch.no_grad():
