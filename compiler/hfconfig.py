@@ -135,7 +135,9 @@ def check_types(config: dict) -> None:
         params = config.get(key) or {}
         for inner in [params, *(v for v in params.values() if isinstance(v, dict))]:
             for name in ("rope_theta", "factor", *LLAMA3_FIXED):
-                if name in inner:
+                # YaRN's factor may be null: transformers derives it (max_position_embeddings / original)
+                yarn = (inner.get("rope_type") or inner.get("type")) == "yarn"
+                if name in inner and not (name == "factor" and inner[name] is None and yarn):
                     _number(f"{key}.{name}", inner[name], exclusive=True)
 
 
