@@ -511,14 +511,19 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
     Transformer Engine). `fp8_recipe`: the stage's FP8 recipe (`optimizer_bytes`). `cross_entropy`: the
     loss (`cross_entropy_bytes`; None: the default of `kernels`, execution.AUTO_CROSS_ENTROPY). `bf16_layers`:
     the first / last layers kept in bf16 under fp8 / mxfp8 / nvfp4 (`_bf16_layer_bytes`), which sit on the
-    first and last stages (with virtual stages, on the stages' first / last chunks: middle stages hold fewer
-    in-flight micro batches and are not compared)."""
+    first and last stages (with virtual stages, on the stages' first / last chunks); with them, or with a MoE
+    model's dense layers, the earliest stage holding the fewest of them is compared too (it may be heavier)."""
     stages = {0, layout.pp - 1} | ({1} if split is not None and layout.pp > 2 and split[1] > split[0] else set())
     if layout.pp > 2 and _has_dense_layers(model):
         # a MoE model's dense layers make the stages holding them lighter (DeepSeek's first layers on stage 0):
         # the earliest stage with the fewest dense layers holds the most in-flight micro batches of the heaviest
         dense = dense_layers_per_stage(model, layout.pp, layout.vp, split)
         stages.add(min(range(layout.pp - 1), key=lambda s: (dense[s], s)))
+    if layout.pp > 2 and precision in LOW_PRECISIONS and any(bf16_layers):
+        # the bf16 first / last layers hold no FP8 / FP4 weight caches (and keep 16-bit GEMM inputs), so the stages
+        # holding them can be lighter than a middle one: the earliest stage with the fewest bf16 layers, likewise
+        bf16 = bf16_layers_per_stage(model.layers, layout.pp, layout.vp, split, *bf16_layers)
+        stages.add(min(range(layout.pp - 1), key=lambda s: (bf16[s], s)))
     best = None  # the first stage of the largest total, as `MemoryBreakdown.total` sums it (one breakdown built)
     for terms in _breakdowns(sorted(stages), model, layout, precision, attention_backend, seq_length, stage_kind,
                              peft, gpu, params, dropout, kernels, grad_bytes, split, moe_dispatcher, parents,

@@ -184,11 +184,15 @@ YARN_FIELDS = ("original_max_position_embeddings", "beta_fast", "beta_slow", "ms
 def warn_yarn_fields_without_yarn(env: Env, s: Sizes) -> Violation | None:
     """YaRN's settings on an MLA model with rope_type = rope: MultiLatentAttention then builds a plain
     RotaryEmbedding, which reads none of them (they reach only YarnRotaryEmbedding), so a value the user
-    (or the preset, e.g. DeepSeek's mscale) set does nothing."""
+    (or the preset, e.g. DeepSeek's mscale) set does nothing; except mscale_all_dim with rope_scaling_factor > 1,
+    which still sets the softmax scale (MLASelfAttention.__init__ `_yarn_get_mscale`)."""
     m = env.model
     if not m.multi_latent_attention or m.rope_type != "rope":
         return None
-    changed = [f for f in YARN_FIELDS if getattr(m, f) != ModelSpec.__dataclass_fields__[f].default]
+    changed = [f for f in YARN_FIELDS if getattr(m, f) != ModelSpec.__dataclass_fields__[f].default
+               # MLASelfAttention's softmax scale reads mscale_all_dim whatever the rope type, once the scaling
+               # factor is above 1 (`_yarn_get_mscale(rotary_scaling_factor, mscale_all_dim)`)
+               and not (f == "mscale_all_dim" and m.rope_scaling_factor > 1)]
     if not changed:
         return None
     return Violation(

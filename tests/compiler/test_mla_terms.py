@@ -156,3 +156,24 @@ def test_lora_adapters_on_mla_projections_by_hand():
     # V2-Lite, no query latent: q 2048 -> 16 x 192 directly
     lite = r * ((2048 + 3072) + (2048 + 576) + (512 + 4096))
     assert lora_params_per_layer(LITE_ATTN, LoraSpec(rank=r, targets=("qkv",))) == lite
+
+
+def test_w124_keeps_mscale_all_dim_which_sets_the_softmax_scale_with_plain_rope():
+    """MLASelfAttention's softmax scale is `_yarn_get_mscale(rotary_scaling_factor, mscale_all_dim)^2 / sqrt(d)`
+    whatever the rope type: with rope_scaling_factor > 1, mscale_all_dim is not an unused YaRN field (review
+    finding: the hint said to remove it, which changes every attention layer by x1.59 on DeepSeek-V2-Lite)."""
+    from dataclasses import replace
+
+    from nemoc.compiler.catalog.models import get_preset
+    from nemoc.compiler.rules.base import Env, Sizes
+    from nemoc.compiler.rules.mla import warn_yarn_fields_without_yarn
+    from nemoc.compiler.spec import ClusterSpec
+
+    m = replace(get_preset("deepseek_v2_lite"), rope_type="rope")
+    assert m.rope_scaling_factor > 1 and m.mscale_all_dim != 0
+    v = warn_yarn_fields_without_yarn(Env(model=m, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=8)), Sizes())
+    assert v is not None and "mscale_all_dim" not in v.hint and "mscale_all_dim" not in v.equation
+    flat = replace(m, rope_scaling_factor=1.0)  # no scaling: mscale_all_dim does nothing either
+    v = warn_yarn_fields_without_yarn(Env(model=flat, cluster=ClusterSpec(gpu="H100", nodes=1, gpus_per_node=8)),
+                                      Sizes())
+    assert v is not None and "mscale_all_dim" in v.hint
