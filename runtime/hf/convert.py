@@ -57,7 +57,8 @@ class SafetensorsReader:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-                if not isinstance(weight_map, dict):
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
                     raise TypeError
             except (ValueError, KeyError, TypeError):
                 raise ConversionError(f"{index}: not a safetensors index (a JSON object with a `weight_map` "

@@ -54,6 +54,9 @@ CASES = {
                   "not a readable safetensors file, truncated or corrupt"),
     "empty": (lambda d: (d / "model.safetensors").write_bytes(b""), "not a readable safetensors file"),
     "corrupt_index": (lambda d: (d / convert.INDEX).write_text("{not json"), "not a safetensors index"),
+    # a weight_map whose values are not file names (review finding: a TypeError traceback from `directory / 5`)
+    "non_string_file": (lambda d: (d / convert.INDEX).write_text(
+        '{"weight_map": {"model.embed_tokens.weight": 5}}'), "not a safetensors index"),
 }
 
 
