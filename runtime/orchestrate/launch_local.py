@@ -249,12 +249,32 @@ def failing_rank(ranks_dir: Path, combined_tail: list[str]) -> tuple[int | None,
                     if Path(p).parent.name.isdigit()}
     if not ranks:  # no summary: the first rank whose stderr shows an error
         ranks = [r for r, p in sorted(stderr_files.items()) if _has_error(p)]
+    if ranks and ranks[0] in stderr_files and _peer_failure(stderr_files[ranks[0]]):
+        # torchrun's root cause is the first error *file* written: a rank whose collective broke because
+        # another rank died can write its file first (the dying rank is still tearing down). Name a rank
+        # with an error of its own instead, when one has.
+        own = [r for r, p in sorted(stderr_files.items()) if _has_error(p) and not _peer_failure(p)]
+        if own:
+            ranks = own
     rank = ranks[0] if ranks else None
     if rank is not None and rank in stderr_files:
         lines = Path(stderr_files[rank]).read_text(errors="replace").splitlines()
         return rank, "\n".join(lines[-TAIL_LINES:])
     lines = [ln for ln in combined_tail if rank is None or ln.startswith(f"[default{rank}]") or not _RANK_PREFIX.match(ln)]
     return rank, "\n".join(lines[-TAIL_LINES:])
+
+
+# How a rank's collective fails when a peer process died (gloo / NCCL / torch.distributed), not an error of its own
+_PEER_FAILURE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|ECONNRESET|"
+                           r"DistBackendError|NCCL communicator was aborted|Watchdog caught collective operation "
+                           r"timeout|ProcessGroupGloo|gloo/transport|remote process exited or there was a network error")
+
+
+def _peer_failure(path: str) -> bool:
+    """The rank's last traceback is a collective that broke because another rank went away."""
+    text = Path(path).read_text(errors="replace")
+    last = text[text.rfind("Traceback"):] if "Traceback" in text else text
+    return bool(_PEER_FAILURE.search(last))
 
 
 def _has_error(path: str) -> bool:

@@ -71,6 +71,24 @@ def test_failure_summary_names_the_root_cause_rank_and_its_stderr(tmp_path):
     assert rank == 1 and tail.endswith("RuntimeError: boom on rank 1") and len(tail.splitlines()) == 25
 
 
+def test_a_rank_whose_collective_broke_is_not_named_when_another_rank_has_its_own_error(tmp_path):
+    """torchrun's root cause is the first error file written; under load the surviving rank's broken collective
+    can be written before the dying rank's own error (seen in test_executor's failing-rank test): the rank with
+    an error of its own is named."""
+    attempt = tmp_path / "ranks" / "none_abc" / "attempt_0"
+    for rank, text in ((0, "Traceback (most recent call last):\n  File \"x.py\"\nRuntimeError: [../third_party/gloo/"
+                           "gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5000\n"),
+                       (1, "Traceback (most recent call last):\n  File \"y.py\"\nRuntimeError: boom on rank 1\n")):
+        (attempt / str(rank)).mkdir(parents=True)
+        (attempt / str(rank) / "stderr.log").write_text(text)
+    root_is_rank0 = SUMMARY.format(code=1).replace("rank      : 1 (local_rank: 1)", "rank      : 0 (local_rank: 0)")
+    rank, tail = failing_rank(tmp_path / "ranks" / "none_abc", root_is_rank0.splitlines())
+    assert rank == 1 and tail.endswith("RuntimeError: boom on rank 1")
+    # with no rank of its own error (every rank's collective broke), torchrun's root cause stays
+    (attempt / "1" / "stderr.log").write_text("Traceback (most recent call last):\nRuntimeError: Connection reset by peer\n")
+    assert failing_rank(tmp_path / "ranks" / "none_abc", root_is_rank0.splitlines())[0] == 0
+
+
 def test_console_echo_shows_rank0_without_warnings(capsys):
     echo = Rank0Echo()
     for line in ["[default0]:/x/y.py:3: UserWarning: Apex is not installed\n", "[default0]:  warnings.warn(\n",
