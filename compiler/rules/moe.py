@@ -207,9 +207,10 @@ def warn_moe_ffn_default(env: Env, s: Sizes) -> Violation | None:
 
 
 def warn_top1_router(env: Env, s: Sizes) -> Violation | None:
-    """transformer_config.py __post_init__ raises for top-1 softmax routing unless pre-softmax is on."""
+    """transformer_config.py __post_init__ raises for top-1 softmax routing unless pre-softmax is on. Sigmoid
+    scores read no pre-softmax switch (moe_utils.topk_routing_with_score_function): nothing to say there."""
     m = env.model
-    if not m.is_moe or m.top_k != 1:
+    if not m.is_moe or m.top_k != 1 or m.moe_router_score != "softmax":
         return None
     return Violation(
         "W107", "top-1 routing: nemoc enables moe_router_pre_softmax (Megatron raises without it)",
