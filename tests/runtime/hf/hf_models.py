@@ -102,3 +102,18 @@ def read_tensors(directory) -> dict:
         with safe_open(path, framework="pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
+
+def response_loss(model, samples, seq: int) -> float:
+    """A transformers model's token-weighted mean of -log p(token) over the response tokens of (ids, weights)
+    samples cut to `seq` + 1 tokens, as nemoc's SFT stage counts its held-out loss."""
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for ids, weights in samples:
+            ids, weights = ids[: seq + 1], weights[: seq + 1]
+            logits = model(torch.tensor([ids[:-1]])).logits[0].float()
+            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+            mask = torch.tensor(weights[1:], dtype=torch.float)
+            total += float((nll * mask).sum())
+            count += float(mask.sum())
+    return total / count

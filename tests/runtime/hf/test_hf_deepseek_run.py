@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent.parent / "align"))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hf_models import read_tensors  # noqa: E402
+from hf_models import read_tensors, response_loss  # noqa: E402
 
 NEMOC = str(Path(sys.executable).parent / "nemoc")
 SEQ = 48
@@ -91,17 +91,6 @@ def _world(root: Path):
     return ckpt, model
 
 
-def _response_loss(model, samples) -> float:
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        for ids, weights in samples:
-            ids, weights = ids[: SEQ + 1], weights[: SEQ + 1]
-            logits = model(torch.tensor([ids[:-1]])).logits[0].float()
-            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
-            mask = torch.tensor(weights[1:], dtype=torch.float)
-            total += float((nll * mask).sum())
-            count += float(mask.sum())
-    return total / count
 
 
 @pytest.mark.slow
@@ -127,7 +116,7 @@ def test_nemoc_run_sft_at_ep2_from_a_deepseek_v3_checkpoint_and_export(tmp_path)
     # the held-out loss before training is transformers' own on the same rows: MLA, the experts split 2 + 2 over
     # the two expert-parallel ranks, the sigmoid router with its expert bias and the shared expert all loaded
     _, val = runners._sft_samples(task, stage.tokenizer_of(task))
-    assert done["val_response_loss_before"] == pytest.approx(_response_loss(hf_model, val), rel=1e-4)
+    assert done["val_response_loss_before"] == pytest.approx(response_loss(hf_model, val, SEQ), rel=1e-4)
     out = tasks / "export_export" / "hf"
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["DeepseekV3ForCausalLM"]
@@ -138,7 +127,7 @@ def test_nemoc_run_sft_at_ep2_from_a_deepseek_v3_checkpoint_and_export(tmp_path)
                  "mlp.gate.weight"):
         assert any(part in k for k in moved), part
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert _response_loss(exported, val) == pytest.approx(done["val_response_loss"], rel=1e-3)
+    assert response_loss(exported, val, SEQ) == pytest.approx(done["val_response_loss"], rel=1e-3)
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])

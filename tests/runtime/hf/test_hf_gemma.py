@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent.parent / "align"))
 
 from align_helpers import make_plan, write_task  # noqa: E402
-from hf_models import make_hf_model, read_tensors  # noqa: E402
+from hf_models import make_hf_model, read_tensors, response_loss  # noqa: E402
 
 NEMOC = str(Path(sys.executable).parent / "nemoc")
 SEQ = 48
@@ -51,18 +51,6 @@ def _gemma_world(root: Path):
     return ckpt, tok, model
 
 
-def _transformers_response_loss(model, samples) -> float:
-    """Token-weighted mean of -log p(token) over the response tokens, as the SFT stage counts them."""
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        for ids, weights in samples:
-            ids, weights = ids[: SEQ + 1], weights[: SEQ + 1]
-            logits = model(torch.tensor([ids[:-1]])).logits[0].float()
-            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
-            mask = torch.tensor(weights[1:], dtype=torch.float)
-            total += float((nll * mask).sum())
-            count += float(mask.sum())
-    return total / count
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -89,7 +77,7 @@ def test_an_sft_stage_from_gemma3_starts_at_its_loss_and_trains(mcore, tmp_path,
     task = stage.load_task(str(path))
     payload = runners.run_sft(task)
     _, val = runners._sft_samples(task, stage.tokenizer_of(task))
-    expected = _transformers_response_loss(hf_model, val)
+    expected = response_loss(hf_model, val, SEQ)
     assert payload["val_response_loss_before"] == pytest.approx(expected, rel=1e-4)
     assert payload["steps"] == 3 and payload["packing"] == pack
     assert payload["val_response_loss"] < payload["val_response_loss_before"]  # lr 3e-3 on the task's own data

@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent.parent / "align"))
 
 from align_helpers import make_plan, write_task  # noqa: E402
+from hf_models import response_loss  # noqa: E402
 
 NEMOC = str(Path(sys.executable).parent / "nemoc")
 SEQ = 48
@@ -46,18 +47,6 @@ def _hf_world(root: Path):
     return ckpt, tok, model
 
 
-def _transformers_response_loss(model, samples) -> float:
-    """Token-weighted mean of -log p(token) over the response tokens, as the SFT stage counts them."""
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        for ids, weights in samples:
-            ids, weights = ids[: SEQ + 1], weights[: SEQ + 1]
-            logits = model(torch.tensor([ids[:-1]])).logits[0].float()
-            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
-            mask = torch.tensor(weights[1:], dtype=torch.float)
-            total += float((nll * mask).sum())
-            count += float(mask.sum())
-    return total / count
 
 
 def test_an_sft_stage_with_init_hf_starts_at_the_hf_models_loss(mcore, tmp_path):
@@ -79,7 +68,7 @@ def test_an_sft_stage_with_init_hf_starts_at_the_hf_models_loss(mcore, tmp_path)
     task = stage.load_task(str(path))
     payload = runners.run_sft(task)
     _, val = runners._sft_samples(task, stage.tokenizer_of(task))
-    expected = _transformers_response_loss(hf_model, val)
+    expected = response_loss(hf_model, val, SEQ)
     assert payload["val_response_loss_before"] == pytest.approx(expected, rel=1e-4)
     assert expected < 7.0  # a random 384-token model: about ln(384) = 5.95, not a trained one's
 

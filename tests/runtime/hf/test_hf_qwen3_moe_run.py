@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent.parent / "align"))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hf_models import read_tensors  # noqa: E402
+from hf_models import read_tensors, response_loss  # noqa: E402
 
 NEMOC = str(Path(sys.executable).parent / "nemoc")
 SEQ = 48
@@ -83,17 +83,6 @@ def _world(root: Path):
     return ckpt, model
 
 
-def _response_loss(model, samples) -> float:
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        for ids, weights in samples:
-            ids, weights = ids[: SEQ + 1], weights[: SEQ + 1]
-            logits = model(torch.tensor([ids[:-1]])).logits[0].float()
-            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
-            mask = torch.tensor(weights[1:], dtype=torch.float)
-            total += float((nll * mask).sum())
-            count += float(mask.sum())
-    return total / count
 
 
 @pytest.mark.slow
@@ -115,7 +104,7 @@ def test_nemoc_run_sft_at_ep2_from_a_qwen3_moe_checkpoint_and_export(tmp_path):
     # the held-out loss before training is transformers' own on the same rows: the 8 experts split 4 + 4 over
     # the two expert-parallel ranks, the router, q_norm and k_norm all loaded where Megatron-Core reads them
     _, val = runners._sft_samples(task, stage.tokenizer_of(task))
-    assert done["val_response_loss_before"] == pytest.approx(_response_loss(hf_model, val), rel=1e-4)
+    assert done["val_response_loss_before"] == pytest.approx(response_loss(hf_model, val, SEQ), rel=1e-4)
     out = tasks / "export_export" / "hf"
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen3MoeForCausalLM"]
@@ -128,7 +117,7 @@ def test_nemoc_run_sft_at_ep2_from_a_qwen3_moe_checkpoint_and_export(tmp_path):
     assert any(".mlp.experts.7." in k for k in moved) and any(k.endswith("mlp.gate.weight") for k in moved)
     assert any("q_norm" in k for k in moved)
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert _response_loss(exported, val) == pytest.approx(done["val_response_loss"], rel=1e-3)
+    assert response_loss(exported, val, SEQ) == pytest.approx(done["val_response_loss"], rel=1e-3)
 
 
 def test_grouped_gemm_experts_take_the_sequential_names_slices():
