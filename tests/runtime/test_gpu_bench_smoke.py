@@ -39,6 +39,7 @@ def test_summary_is_the_median_and_rates_follow_it():
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~1.5 min: run with `pytest -m long` before taking bench/gpu_1b.py to a GPU
 def test_cpu_smoke_runs_all_four_variants_on_identical_settings(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_1b.py"), "--cpu-smoke", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=900, cwd=str(REPO))
