@@ -191,6 +191,42 @@ def _digest_on_all_ranks(directory: str) -> dict:
     return {**known, **{name: entry for part in parts for name, entry in part.items()}}
 
 
+def _rank_bytes(directory: str, rank: int) -> int:
+    """Bytes this rank's writer has put into `directory` so far (torch_dist names its files `__{rank}_*`)."""
+    prefix, total = f"__{rank}_", 0
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefix):
+                    try:
+                        total += entry.stat().st_size
+                    except OSError:
+                        pass
+    except OSError:
+        return -1
+    return total
+
+
+def _gather_flags(flags: list[int]) -> list[tuple[int, ...]]:
+    """Every rank's `flags` (small ints), in rank order: one all-gather on the default group."""
+    on_gpu = torch.cuda.is_available() and torch.distributed.get_backend() == "nccl"
+    mine = torch.tensor(flags, dtype=torch.int32, device="cuda" if on_gpu else "cpu")
+    parts = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, mine)
+    return [tuple(int(v) for v in p.tolist()) for p in parts]
+
+
+def _dump_stack(pid: int) -> None:
+    """Ask a helper process to print its Python stack (faulthandler on SIGUSR2) and give it a moment."""
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGUSR2)
+        time.sleep(1.0)
+    except (OSError, AttributeError):
+        pass
+
+
 def write_then_digest(write, directory: str, rank: int, *args, **kwargs) -> None:
     """The async writer's work: `write(*args, **kwargs)` (this rank's shards), then the digests of the
     files it wrote (`__{rank}_*`, torch_dist's naming) into a sidecar the finalize step reads, so the
@@ -540,11 +576,16 @@ class Checkpointer:
     after removing its temporary directory. Creating one removes the `.tmp` debris of killed saves.
     """
 
-    def __init__(self, *, root: str, keep: int, async_save: bool, on_saved=None):
+    POLL_S = 0.05  # between the checks of a blocking wait for the async writers (one tiny all-gather each)
+    NOTE_EVERY_S = 60.0  # a blocking wait says what it waits for this often
+    EXIT_GRACE_S = 10.0  # a writer that has finished its files and digests gets this long to exit
+
+    def __init__(self, *, root: str, keep: int, async_save: bool, on_saved=None, stall_s: float = 300.0):
         self.root = root
         self.keep = keep
         self.async_save = async_save
         self.on_saved = on_saved
+        self.stall_s = stall_s  # an async writer that writes nothing for this long fails the save
         self.last_saved: SaveRecord | None = None
         self._in_flight: SaveRecord | None = None
         self._queue = None
@@ -631,7 +672,73 @@ class Checkpointer:
     def maybe_finalize(self, blocking: bool = False) -> None:
         if self._queue is not None and self._in_flight is not None:
             with self._cleanup_on_failure(self._in_flight):
+                if blocking:
+                    self._await_writers(self._in_flight)
                 self._queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def _local_writer(self):
+        """This rank's forked writer process of the save in flight (Megatron's TemporalAsyncCaller), or None."""
+        calls = getattr(self._queue, "async_calls", None)
+        return getattr(calls[0].async_caller, "process", None) if calls else None
+
+    def _await_writers(self, record: SaveRecord) -> None:
+        """Wait until every rank's async writer has exited, polling rather than joining.
+
+        Megatron's blocking finalize joins this rank's writer and then enters collectives: a rank whose
+        writer finished early waits in one for the slowest writer, and a write slower than the process
+        group's timeout (a busy disk, not a failure) ended the job with a collective timeout. Here the
+        ranks check all writers together (one all-gather of two flags per poll, like Megatron's per-step
+        non-blocking check) until none is alive, say every minute whom they wait for, and fail the save
+        on every rank when a writer has written nothing for `stall_s` (its Python stack is dumped to the
+        log first: the writers register faulthandler on SIGUSR2, runtime.faults.become_helper_process).
+        A writer whose files and digests are complete (its sidecar written, so its results are in the
+        results queue: the queue's put is a synchronous call to the Manager) but which does not exit is
+        stopped after a grace period instead of holding up every rank."""
+        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return
+        tmp = record.path + ".tmp"
+        rank = _rank()
+        started = last_change = time.monotonic()
+        next_note, written, done_since = started + self.NOTE_EVERY_S, -1, None
+        while True:
+            writer = self._local_writer()
+            alive = writer is not None and writer.is_alive()
+            now = time.monotonic()
+            if alive:
+                size = _rank_bytes(tmp, rank)
+                if size != written:
+                    written, last_change = size, now
+                if os.path.exists(os.path.join(tmp, _SIDECAR.format(rank=rank))):
+                    done_since = done_since or now
+                    if now - done_since > self.EXIT_GRACE_S:  # finished its work but hangs on its way out
+                        print(f"[nemoc rank {rank}] the checkpoint writer of step {record.iteration} wrote every "
+                              f"file and its digests but did not exit for {self.EXIT_GRACE_S:.0f} s: stopping it "
+                              f"(pid {writer.pid})", flush=True)
+                        writer.kill()
+                        writer.join(5)
+                        alive = writer.is_alive()
+            stalled = alive and now - last_change > self.stall_s
+            flags = _gather_flags([int(alive), int(stalled)])
+            waiting = [r for r, (a, _) in enumerate(flags) if a]
+            if not waiting:
+                return
+            stuck = [r for r, (_, s) in enumerate(flags) if s]
+            if stuck:
+                if stalled:
+                    _dump_stack(writer.pid)
+                raise CheckpointSaveError(
+                    f"checkpoint save failed at step {record.iteration}: the async checkpoint writer of rank"
+                    f"{'s' if len(stuck) > 1 else ''} {', '.join(map(str, stuck))} wrote nothing to {tmp} for "
+                    f"{self.stall_s:.0f} s (its Python stack is in the log of that rank; the process-group timeout "
+                    "timeout_s sets this limit)")
+            if now >= next_note:
+                next_note += self.NOTE_EVERY_S
+                if rank == 0:
+                    print(f"[nemoc] waiting for the checkpoint writer{'s' if len(waiting) > 1 else ''} of step "
+                          f"{record.iteration} on rank{'s' if len(waiting) > 1 else ''} "
+                          f"{', '.join(map(str, waiting[:8]))}{' ...' if len(waiting) > 8 else ''}: "
+                          f"{now - started:.0f} s", flush=True)
+            time.sleep(self.POLL_S)
 
     def close(self) -> None:
         if self._queue is not None:

@@ -43,6 +43,10 @@ def become_helper_process(parent_pid: int) -> None:
     """Run first in a helper process of a rank: deaf to the group's stop signals, dead with its rank."""
     for sig in HELPER_IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "SIGUSR2"):  # the rank asks a stalled helper for its stack (checkpoint._dump_stack)
+        import faulthandler
+
+        faulthandler.register(signal.SIGUSR2, all_threads=True)
     die_with_parent(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the rank died before prctl took effect
         os._exit(1)

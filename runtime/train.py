@@ -318,7 +318,8 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
         # params.save_checkpoints = false: benchmarks only (no periodic or final checkpoint, DONE has none)
         saving = stage.params.save_checkpoints
         checkpointer = ckpt.Checkpointer(root=task.checkpoint_dir, keep=stage.checkpoint.keep,
-                                         async_save=stage.checkpoint.async_save, on_saved=on_saved) if saving else None
+                                         async_save=stage.checkpoint.async_save, on_saved=on_saved,
+                                         stall_s=task.timeout_s) if saving else None
 
         def checkpoint_state(loop_state: LoopState) -> dict:
             return ckpt.training_state(chunks=model, optimizer=optimizer, scheduler=scheduler,
