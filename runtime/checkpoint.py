@@ -191,20 +191,41 @@ def _digest_on_all_ranks(directory: str) -> dict:
     return {**known, **{name: entry for part in parts for name, entry in part.items()}}
 
 
-def _rank_bytes(directory: str, rank: int) -> int:
-    """Bytes this rank's writer has put into `directory` so far (torch_dist names its files `__{rank}_*`)."""
-    prefix, total = f"__{rank}_", 0
+def _tree_io_chars(pid: int) -> int:
+    """Characters read + written so far by process `pid` and its descendants (Linux /proc via psutil; other
+    systems: their read / write counts), without touching the files they write."""
+    import psutil
+
+    total = 0
     try:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.name.startswith(prefix):
-                    try:
-                        total += entry.stat().st_size
-                    except OSError:
-                        pass
-    except OSError:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
         return -1
+    for proc in procs:
+        try:
+            io = proc.io_counters()
+        except (psutil.Error, AttributeError, NotImplementedError):
+            continue
+        total += getattr(io, "read_chars", io.read_count) + getattr(io, "write_chars", io.write_count)
     return total
+
+
+def _kill_tree(process) -> None:
+    """SIGKILL a multiprocessing writer and the write workers it forked; reap the writer."""
+    import psutil
+
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    for proc in children:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    process.kill()
+    process.join(5)
 
 
 def _gather_flags(flags: list[int]) -> list[tuple[int, ...]]:
@@ -216,15 +237,24 @@ def _gather_flags(flags: list[int]) -> list[tuple[int, ...]]:
     return [tuple(int(v) for v in p.tolist()) for p in parts]
 
 
-def _dump_stack(pid: int) -> None:
-    """Ask a helper process to print its Python stack (faulthandler on SIGUSR2) and give it a moment."""
+def _dump_stacks(pid: int) -> None:
+    """Ask a helper process and its descendants (which inherit its faulthandler registration through
+    fork) to print their Python stacks (SIGUSR2), and give them a moment."""
     import signal
 
+    import psutil
+
     try:
-        os.kill(pid, signal.SIGUSR2)
-        time.sleep(1.0)
-    except (OSError, AttributeError):
-        pass
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGUSR2)
+        except (psutil.Error, AttributeError, ValueError):
+            pass
+    time.sleep(1.0)
 
 
 def write_then_digest(write, directory: str, rank: int, *args, **kwargs) -> None:
@@ -579,6 +609,7 @@ class Checkpointer:
     POLL_S = 0.05  # between the checks of a blocking wait for the async writers (one tiny all-gather each)
     NOTE_EVERY_S = 60.0  # a blocking wait says what it waits for this often
     EXIT_GRACE_S = 10.0  # a writer that has finished its files and digests gets this long to exit
+    STALL_FAIL = 4  # a writer with no I/O for this many times `stall_s` fails the save
 
     def __init__(self, *, root: str, keep: int, async_save: bool, on_saved=None, stall_s: float = 300.0):
         self.root = root
@@ -687,50 +718,56 @@ class Checkpointer:
         Megatron's blocking finalize joins this rank's writer and then enters collectives: a rank whose
         writer finished early waits in one for the slowest writer, and a write slower than the process
         group's timeout (a busy disk, not a failure) ended the job with a collective timeout. Here the
-        ranks check all writers together (one all-gather of two flags per poll, like Megatron's per-step
-        non-blocking check) until none is alive, say every minute whom they wait for, and fail the save
-        on every rank when a writer has written nothing for `stall_s` (its Python stack is dumped to the
-        log first: the writers register faulthandler on SIGUSR2, runtime.faults.become_helper_process).
-        A writer whose files and digests are complete (its sidecar written, so its results are in the
-        results queue: the queue's put is a synchronous call to the Manager) but which does not exit is
-        stopped after a grace period instead of holding up every rank."""
+        ranks check all writers together (one all-gather of three flags per poll, like Megatron's
+        per-step non-blocking check) until none is alive, and rank 0 says every minute whom they wait
+        for. Progress is the I/O a writer and its write workers do (/proc's read + write characters:
+        writing, nemoc's digest pass reading the shards back), read without touching the checkpoint's
+        filesystem. A writer with no I/O for `stall_s` prints its stack and its workers' (faulthandler on
+        SIGUSR2, runtime.faults.become_helper_process) once; with none for STALL_FAIL x `stall_s` (an
+        fsync shows no I/O, hence the margin) every rank stops its writer and fails the save naming the
+        rank. A writer that wrote its files and digests (its sidecar exists, so its results are in the
+        results queue: that queue's put is a synchronous call to the Manager) but does not exit is
+        stopped after EXIT_GRACE_S. One rank alone joins as Megatron does (no peer can time out)."""
         if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
             return
-        tmp = record.path + ".tmp"
+        sidecar = os.path.join(record.path + ".tmp", _SIDECAR.format(rank=_rank()))
         rank = _rank()
         started = last_change = time.monotonic()
-        next_note, written, done_since = started + self.NOTE_EVERY_S, -1, None
+        next_note, last_io, done_since, dumped = started + self.NOTE_EVERY_S, None, None, False
         while True:
             writer = self._local_writer()
             alive = writer is not None and writer.is_alive()
             now = time.monotonic()
             if alive:
-                size = _rank_bytes(tmp, rank)
-                if size != written:
-                    written, last_change = size, now
-                if os.path.exists(os.path.join(tmp, _SIDECAR.format(rank=rank))):
+                io = _tree_io_chars(writer.pid)
+                if io != last_io:
+                    last_io, last_change = io, now
+                if now - last_change >= 1.0 and os.path.exists(sidecar):  # quiet: has it finished its work?
                     done_since = done_since or now
-                    if now - done_since > self.EXIT_GRACE_S:  # finished its work but hangs on its way out
+                    if now - done_since > self.EXIT_GRACE_S:
                         print(f"[nemoc rank {rank}] the checkpoint writer of step {record.iteration} wrote every "
                               f"file and its digests but did not exit for {self.EXIT_GRACE_S:.0f} s: stopping it "
                               f"(pid {writer.pid})", flush=True)
-                        writer.kill()
-                        writer.join(5)
+                        _kill_tree(writer)
                         alive = writer.is_alive()
-            stalled = alive and now - last_change > self.stall_s
-            flags = _gather_flags([int(alive), int(stalled)])
-            waiting = [r for r, (a, _) in enumerate(flags) if a]
+            idle = now - last_change if alive else 0.0
+            flags = _gather_flags([int(alive), int(idle > self.stall_s), int(idle > self.STALL_FAIL * self.stall_s)])
+            waiting = [r for r, f in enumerate(flags) if f[0]]
             if not waiting:
                 return
-            stuck = [r for r, (_, s) in enumerate(flags) if s]
-            if stuck:
-                if stalled:
-                    _dump_stack(writer.pid)
+            if idle > self.stall_s and not dumped:
+                dumped = True
+                print(f"[nemoc rank {rank}] the checkpoint writer of step {record.iteration} (pid {writer.pid}) has "
+                      f"done no I/O for {idle:.0f} s; its Python stack and its write workers' follow", flush=True)
+                _dump_stacks(writer.pid)
+            failed = [r for r, f in enumerate(flags) if f[2]]
+            if failed:
+                self._abort_in_flight(record)
                 raise CheckpointSaveError(
                     f"checkpoint save failed at step {record.iteration}: the async checkpoint writer of rank"
-                    f"{'s' if len(stuck) > 1 else ''} {', '.join(map(str, stuck))} wrote nothing to {tmp} for "
-                    f"{self.stall_s:.0f} s (its Python stack is in the log of that rank; the process-group timeout "
-                    "timeout_s sets this limit)")
+                    f"{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} did no I/O for "
+                    f"{self.STALL_FAIL * self.stall_s:.0f} s ({self.STALL_FAIL} x the process-group timeout_s; "
+                    "its Python stack is in that rank's log)")
             if now >= next_note:
                 next_note += self.NOTE_EVERY_S
                 if rank == 0:
@@ -739,6 +776,19 @@ class Checkpointer:
                           f"{', '.join(map(str, waiting[:8]))}{' ...' if len(waiting) > 8 else ''}: "
                           f"{now - started:.0f} s", flush=True)
             time.sleep(self.POLL_S)
+
+    def _abort_in_flight(self, record: SaveRecord) -> None:
+        """Every rank, after a failed wait: stop this rank's writer and its workers, drop the request from
+        Megatron's queue (its close() would join the writer), remove the save's `.tmp` (rank 0)."""
+        writer = self._local_writer()
+        if writer is not None:
+            _kill_tree(writer)
+        for call in list(getattr(self._queue, "async_calls", ())):
+            call.async_caller.close(abort=True)
+        getattr(self._queue, "async_calls", []).clear()
+        self._in_flight = None
+        if _rank() == 0:
+            shutil.rmtree(record.path + ".tmp", ignore_errors=True)
 
     def close(self) -> None:
         if self._queue is not None:
