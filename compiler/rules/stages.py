@@ -212,6 +212,41 @@ def _initial_checkpoint(spec: ExperimentSpec, stage: StageSpec) -> str | None:
     return own or (spec.model.init if not stage.after else None)
 
 
+def stage_mtp_layers(spec: ExperimentSpec, stage: StageSpec, _seen: frozenset[str] = frozenset()) -> int:
+    """The multi-token prediction depths a stage builds: the model's in a `pretrain` stage (what DeepSeek-V3 and
+    Megatron-Bridge's recipe train with them), and in an export of a checkpoint that has them (a parent that trained
+    them, or the hf_import -> hf_export conversion of a checkpoint with `num_nextn_predict_layers`); 0 elsewhere.
+    Fine-tuning, preference, RL and eval stages run the model without them, as Megatron-Bridge's fine-tuning
+    recipes switch MTP off (and the nemoc runtime's alignment losses read the main head's logits only): W128 says
+    so, and their checkpoints hold no MTP weights."""
+    n = spec.model.mtp_num_layers
+    if not n or stage.kind == "pretrain":
+        return n
+    if stage.kind != "export":
+        return 0
+    if is_hf_conversion(spec, stage):
+        return n
+    parents = [spec.stage(name) for name in stage.after if name not in _seen]
+    return n if any(stage_mtp_layers(spec, p, _seen | {stage.name}) for p in parents) else 0
+
+
+def warn_mtp_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """A stage that runs the model without its multi-token prediction depths (`stage_mtp_layers`), said at the stage."""
+    n = spec.model.mtp_num_layers
+    if not n or stage_mtp_layers(spec, stage):
+        return None
+    why = ("its parent checkpoint has no MTP weights" if stage.kind == "export"
+           else "only pretrain stages train multi-token prediction")
+    return _stage_diagnostic(Violation(
+        "W128", f"this {stage.kind} stage runs the model without its multi-token prediction layers",
+        f"model.mtp_num_layers = {n}, stage kind {stage.kind}: {why}",
+        "nothing to do if intended (Megatron-Bridge's fine-tuning recipes switch MTP off); its plan, memory and time "
+        "are the model's without the MTP depths",
+        anchors=("stage", "model.mtp_num_layers", "model"), severity=Severity.WARNING,
+        source="megatron/core/models/gpt/gpt_model.py _postprocess (the MTP loss needs the pretraining labels)"),
+        spec, stage)
+
+
 def is_hf_conversion(spec: ExperimentSpec, stage: StageSpec) -> bool:
     """An export stage with an initial checkpoint and no parent converts that checkpoint (HF -> Megatron-Core
     -> HF: the graph's hf_import -> hf_export, compiler.graph) and builds no model."""
@@ -329,7 +364,7 @@ def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
     return None
 
 
-STAGE_RULES = (rule_min_lr, rule_mla_stage_kind, rule_mixtral_export_dense_layers, warn_mla_latent_norm_epsilon,
+STAGE_RULES = (rule_min_lr, rule_mla_stage_kind, warn_mtp_stage_kind, rule_mixtral_export_dense_layers, warn_mla_latent_norm_epsilon,
                rule_mla_lora_targets,
                rule_data_format, rule_export_after, rule_starting_checkpoint,
                rule_parent_saves, rule_parent_seq_length, warn_warmup_longer_than_stage, warn_sample_tokens_unpacked)
@@ -372,4 +407,5 @@ STAGE_CODES = {
     "E207": rule_mla_lora_targets,
     "W150": warn_warmup_longer_than_stage,
     "W157": warn_sample_tokens_unpacked,
+    "W128": warn_mtp_stage_kind,
 }
