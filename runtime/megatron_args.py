@@ -526,6 +526,7 @@ def transformer_config(
         config_type = MLATransformerConfig
     kwargs.update(_fp8_kwargs(precision, execution.fp8_recipe if execution is not None else None))
     kwargs.update(bf16_layer_kwargs(execution))
+    kwargs.update(mtp_kwargs(model, execution))
     kwargs.update(_cuda_graph_kwargs(host))
     kwargs.update(_tp_comm_kwargs(layout, execution))
     kwargs.update(_defer_wgrad_kwargs(layout, fused_wgrad=bool(kwargs.get("gradient_accumulation_fusion"))))
@@ -548,6 +549,15 @@ def mla_kwargs(model: ModelSpec) -> dict:
         original_max_position_embeddings=model.original_max_position_embeddings, beta_fast=model.beta_fast,
         beta_slow=model.beta_slow, mscale=model.mscale, mscale_all_dim=model.mscale_all_dim,
     )
+
+
+def mtp_kwargs(model: ModelSpec, execution: Execution | None) -> dict:
+    """The stage's multi-token prediction (`Execution.mtp_num_layers`: the model's depth where the stage kind
+    trains it, else 0) as TransformerConfig's `mtp_num_layers` (None for none, Megatron's default) and
+    `mtp_loss_scaling_factor`. Models built outside a stage plan build none."""
+    if execution is None or not execution.mtp_num_layers:
+        return {}
+    return dict(mtp_num_layers=execution.mtp_num_layers, mtp_loss_scaling_factor=model.mtp_loss_scaling_factor)
 
 
 def bf16_layer_kwargs(execution: Execution | None) -> dict:
@@ -1052,6 +1062,9 @@ def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:
             out += ["--use-rope-scaling", f"--rope-scaling-factor {_shell_word(model.rope_scaling_factor)}"]
     if model.multi_latent_attention:
         out += _lm_mla(model, notes)
+    if model.mtp_num_layers:  # the model's; a stage that does not train MTP is named in a note (W128)
+        out += _flags({"mtp_num_layers": model.mtp_num_layers,
+                       "mtp_loss_scaling_factor": model.mtp_loss_scaling_factor})
     if not model.tie_embeddings:
         out.append("--untie-embeddings-and-output-weights")
     if not model.add_bias_linear or model.is_moe:
