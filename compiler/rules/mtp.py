@@ -41,6 +41,24 @@ def rule_mtp_local_layer_parts(env: Env, s: Sizes) -> Violation | None:
     )
 
 
+def rule_mtp_hf_init(env: Env, s: Sizes) -> Violation | None:
+    """The Hugging Face import (`init = hf(DIR)`) converts the main model only: DeepSeek-V3's MTP weights
+    (`model.layers.{num_hidden_layers}.*`: enorm, hnorm, eh_proj, the layer, shared_head.norm) are not carried,
+    so a model started from a checkpoint would build MTP depths with no weights to load."""
+    m = env.model
+    if not m.mtp_num_layers or not m.init:
+        return None
+    return Violation(
+        "E204", "multi-token prediction layers cannot start from a Hugging Face checkpoint yet",
+        f"mtp_num_layers({m.mtp_num_layers}) with init = hf(\"{m.init}\"): the import converts the main model, not "
+        "the checkpoint's num_nextn_predict_layers weights",
+        "set model.mtp_num_layers = 0 (the preset's DeepSeek-V3 depth 1 included) to train from the checkpoint "
+        "without MTP",
+        anchors=("model.mtp_num_layers", "model.init", "model"),
+        source="nemoc runtime/hf (docs/huggingface.md)",
+    )
+
+
 def warn_mtp_scale_unused(env: Env, s: Sizes) -> Violation | None:
     """`mtp_loss_scaling_factor` weights the MTP loss; without MTP depths Megatron never reads it."""
     m = env.model
