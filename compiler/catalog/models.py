@@ -194,8 +194,8 @@ _ALL += _QWEN3_MOE_PRESETS
 # Multi-token prediction: V3 trains with one MTP depth (Sec. 2.2; config.json `num_nextn_predict_layers` 1;
 # Megatron-Bridge's DeepSeek-V3 recipe `mtp_num_layers = 1`, `mtp_loss_scaling_factor = 0.1`): 11,610,067,968 more
 # parameters (an expert layer, enorm, hnorm, eh_proj 2h x h, final norm; with the shared embedding and output
-# layer that HF's checkpoint stores again at model.layers.61, the paper's "14B of MTP module weights", 685B in
-# all). V2-Lite has none (num_nextn_predict_layers absent).
+# layer that HF's checkpoint stores again at model.layers.61, 13.46B: the model card's "14B of MTP module weights",
+# 684.5B in all, its "685B"). V2-Lite has none (num_nextn_predict_layers absent).
 _DEEPSEEK_V2 = ("DeepSeek-V2 (arXiv:2405.04434) Sec. 2; HF deepseek-ai/DeepSeek-V2-Lite config.json (first layer dense: "
                 "first_k_dense_replace 1; 15.71B)")
 _DEEPSEEK_V3 = ("DeepSeek-V3 (arXiv:2412.19437) Sec. 2, 4.2; HF deepseek-ai/DeepSeek-V3 config.json (first 3 layers "
