@@ -242,9 +242,9 @@ def warn_mtp_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | 
         f"model.mtp_num_layers = {n}, stage kind {stage.kind}: {why}",
         "nothing to do if intended (Megatron-Bridge's fine-tuning recipes switch MTP off); its plan, memory and time "
         "are the model's without the MTP depths",
-        anchors=("stage", "model.mtp_num_layers", "model"), severity=Severity.WARNING,
+        anchors=("stage.kind",), severity=Severity.WARNING,
         source="megatron/core/models/gpt/gpt_model.py _postprocess (the MTP loss needs the pretraining labels)"),
-        spec, stage)
+        spec, stage, notes=[Note(f"mtp_num_layers = {n} here", spec.span("model.mtp_num_layers", "model"))])
 
 
 def is_hf_conversion(spec: ExperimentSpec, stage: StageSpec) -> bool:

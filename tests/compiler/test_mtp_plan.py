@@ -124,3 +124,53 @@ def test_megatron_lm_flags_round_trip(tmp_path):
     path.write_text(import_text(command, "run.sh", gpu="H100").text)
     spec, _ = load_experiment(str(path))
     assert (spec.model.mtp_num_layers, spec.model.mtp_loss_scaling_factor) == (2, 0.3)
+
+
+CHAIN = """
+experiment e {
+  cluster { gpu = H100
+    nodes = 1 }
+  model m { layers = 2
+    hidden = 64
+    heads = 4
+    ffn_hidden = 128
+    vocab = 256
+    seq_length = 64
+    mtp_num_layers = 1 }
+  data d { path = "x.jsonl"
+    tokenizer = "t.json" }
+  data chat { path = "x/*.jsonl"
+    format = chat }
+  stage pretrain { data = [d]
+    steps = 10
+    global_batch = 8 }
+  stage sft after pretrain { data = [chat]
+    steps = 10
+    global_batch = 8 }
+  stage export_base after pretrain { kind = export }
+  stage export_sft after sft { kind = export }
+}
+"""
+
+
+def test_only_pretrain_and_its_exports_build_the_depths(tmp_path):
+    """W128 at each stage that runs the model without MTP (sft; an export of the sft checkpoint), anchored at the
+    stage's line; those stages' plans (Execution, FLOPs) are the model's without the depths."""
+    from nemoc.compiler.lower import compile_file
+    from nemoc.compiler.planner import plan_experiment
+    from nemoc.compiler.rules import check_spec
+
+    path = tmp_path / "chain.nemo"
+    path.write_text(CHAIN)
+    spec, _, _ = compile_file(str(path))
+    w128 = [d for d in check_spec(spec) if d.code == "W128"]
+    lines = CHAIN.splitlines()
+    assert sorted(lines[d.span.line - 1].split("{")[0].strip() for d in w128) == [
+        "stage export_sft after sft", "stage sft after pretrain"], [str(d) for d in w128]
+    plan = plan_experiment(spec).plan
+    mtp = {s.name: s.execution.mtp_num_layers for s in plan.stages}
+    assert mtp == {"pretrain": 1, "sft": 0, "export_base": 1, "export_sft": 0}
+    assert plan.model.mtp_num_layers == 1
+    pretrain, sft = plan.stage("pretrain"), plan.stage("sft")
+    # the same model, layout and batch: the pretraining step counts the depth's FLOPs, the SFT step none
+    assert pretrain.execution.model_flops_per_step > sft.execution.model_flops_per_step
