@@ -334,10 +334,28 @@ def rank_slices(reader, *, swiglu: bool, total_layers: int, experts: int, tie: b
     return state
 
 
-def _hf_tensors(family: str, arch: dict, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(family: str, arch: dict, get: Callable[[str], torch.Tensor],
+                mtp: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     for i in range(arch["layers"]):
         yield from mapping.mcore_to_hf_layer(family, i, arch, get)
     yield from mapping.mcore_to_hf_edges(family, arch, get)
+    for depth in range(mtp):
+        yield from mapping.mcore_to_hf_mtp(depth, arch, get)
+
+
+def mtp_depths(get: Callable[[str], torch.Tensor], family: str) -> int:
+    """The multi-token prediction depths a Megatron-Core checkpoint holds (`mtp.layers.{i}.eh_proj.weight`) that the
+    export writes: DeepSeek-V3's layout has a place for them (`mapping.mcore_to_hf_mtp`); a checkpoint of a stage
+    that ran without them (compiler W128) has none."""
+    if family != "deepseek_v3":
+        return 0
+    n = 0
+    while True:
+        try:
+            get(f"mtp.layers.{n}.eh_proj.weight")
+        except Exception:  # the readers raise KeyError / ConversionError for a name they do not hold
+            return n
+        n += 1
 
 
 def hf_config(manifest: Mapping[str, Any], dtype: str) -> dict[str, Any]:
@@ -381,12 +399,13 @@ def export_checkpoint(get: Callable[[str], torch.Tensor], manifest: Mapping[str,
     dtype = dtype or manifest.get("dtype", "float32")
     torch_dtype = getattr(torch, dtype)
     family, arch = manifest["family"], manifest["architecture"]
+    mtp = mtp_depths(get, family)
     get = _strict(get, "export")
     weight_map: dict[str, str] = {}
     total = 0
     tmp_names: list[str] = []
     shard: ShardWriter | None = None
-    for name, t in _hf_tensors(family, arch, get):
+    for name, t in _hf_tensors(family, arch, get, mtp):
         t = t.to(torch_dtype)
         size = t.numel() * t.element_size()
         if shard is not None and shard.size and shard.size + size > max_shard_bytes:
@@ -404,7 +423,10 @@ def export_checkpoint(get: Callable[[str], torch.Tensor], manifest: Mapping[str,
     final = _final_names(out, tmp_names, weight_map)
     atomic_write_json(out / INDEX, {"metadata": {"total_size": total},
                                     "weight_map": dict(sorted((k, final[v]) for k, v in weight_map.items()))})
-    atomic_write_json(out / "config.json", hf_config(manifest, dtype))
+    config = hf_config(manifest, dtype)
+    if mtp:  # the depths written above (DeepSeek-V3's own checkpoint: 1); without any, the source's value stays
+        config["num_nextn_predict_layers"] = mtp  # (transformers writes its default 1 with no MTP weights)
+    atomic_write_json(out / "config.json", config)
     atomic_write_json(out / "generation_config.json", generation_config(manifest, manifest.get("source"), stop_ids))
     copy_tokenizer_files(tokenizer_dir or manifest.get("source"), out)
     return out

@@ -196,9 +196,11 @@ def _deepseek_layer(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torc
         yield f"{ours}.linear_fc2.weight", get(f"{theirs}.down_proj.weight")
 
 
-def _deepseek_layer_out(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
-    """The inverse of `_deepseek_layer` (Megatron names in, Hugging Face names out)."""
-    src, dst = f"{L}.{i}", f"model.layers.{i}"
+def _deepseek_layer_out(i: int, arch: dict, get: Getter, expert: bool | None = None,
+                        src: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The inverse of `_deepseek_layer` (Megatron names in, Hugging Face names out). `expert` / `src`: an MTP
+    depth's layer (`mcore_to_hf_mtp`), which is no decoder layer of the pattern."""
+    src, dst = src or f"{L}.{i}", f"model.layers.{i}"
     yield f"{dst}.input_layernorm.weight", get(f"{src}.input_layernorm.weight")
     for theirs, ours in _deepseek_attention_names(arch):  # a TE checkpoint: the latent norms under TE_NORMS' names
         yield f"{dst}.self_attn.{theirs}.weight", _pick(get, f"{src}.self_attention.{ours}.weight",
@@ -206,7 +208,7 @@ def _deepseek_layer_out(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, 
     yield f"{dst}.post_attention_layernorm.weight", _pick(get, f"{src}.pre_mlp_layernorm.weight",
                                                           f"{src}.mlp.linear_fc1.layer_norm_weight")
     m = f"{dst}.mlp"
-    if not is_expert_layer(arch, i):
+    if not (is_expert_layer(arch, i) if expert is None else expert):
         gate, up = torch.chunk(get(f"{src}.mlp.linear_fc1.weight"), 2, 0)
         yield f"{m}.gate_proj.weight", gate
         yield f"{m}.up_proj.weight", up
@@ -346,6 +348,27 @@ def mcore_to_hf_layer(family: str, i: int, arch: dict, get: Getter) -> Iterator[
     if family == "deepseek_v3":
         return _deepseek_layer_out(i, arch, get)
     return _gpt2_layer_out(i, arch, get) if family == "gpt2" else _llama_layer_out(family, i, arch, get)
+
+
+def mcore_to_hf_mtp(depth: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    """Multi-token prediction depth `depth` (Megatron-Core `mtp.layers.{depth}`) -> DeepSeek-V3's
+    `model.layers.{num_hidden_layers + depth}` (the layout of deepseek-ai/DeepSeek-V3's safetensors, which
+    transformers' DeepseekV3ForCausalLM does not load): enorm, hnorm, eh_proj (the same [2h -> h] matrix: both
+    concatenate the next token's normalised embedding before the normalised hidden state), the transformer layer
+    (`transformer_layer.*` as a decoder layer of the last layer's kind), `final_layernorm` -> `shared_head.norm`,
+    and the copies DeepSeek's checkpoint keeps of the shared embedding (`embed_tokens`) and output layer
+    (`shared_head.head`, the embedding when tied)."""
+    src, n = f"mtp.layers.{depth}", arch["layers"] + depth
+    dst = f"model.layers.{n}"
+    pattern_last = is_expert_layer(arch, arch["layers"] - 1)
+    yield from _deepseek_layer_out(n, arch, get, expert=pattern_last, src=f"{src}.transformer_layer")
+    for ours, theirs in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
+                         ("final_layernorm", "shared_head.norm")):
+        yield f"{dst}.{theirs}.weight", get(f"{src}.{ours}.weight")
+    vocab = arch["vocab"]
+    emb = get("embedding.word_embeddings.weight")[:vocab]
+    yield f"{dst}.embed_tokens.weight", emb
+    yield f"{dst}.shared_head.head.weight", emb if arch["tie_embeddings"] else get("output_layer.weight")[:vocab]
 
 
 def mcore_to_hf_edges(family: str, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
