@@ -56,6 +56,40 @@ def checkpoint_bytes(directory: str) -> int | None:
     return sum(os.path.getsize(os.path.join(directory, f)) for f in files) or None
 
 
+def checkpoint_tensor_names(directory: str) -> set[str]:
+    """The tensor names of a checkpoint directory without reading a tensor: its index's weight_map, else each
+    .safetensors file's JSON header (8-byte little-endian length, then the header); empty when unreadable."""
+    try:
+        with open(os.path.join(directory, "model.safetensors.index.json"), encoding="utf-8") as f:
+            return set(json.load(f).get("weight_map", {}))
+    except (OSError, ValueError, AttributeError):
+        pass
+    names: set[str] = set()
+    try:
+        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if 0 < size < (100 << 20):
+                    names |= {k for k in json.loads(f.read(size)) if k != "__metadata__"}
+    except (OSError, ValueError):
+        return names
+    return names
+
+
+def mtp_depths_in(directory: str, config: dict, family: str, layers: int) -> int:
+    """The multi-token prediction depths a DeepSeek-V3 checkpoint holds: `num_nextn_predict_layers` whose weights
+    are there (`model.layers.{layers + i}.eh_proj.weight`; runtime/hf/convert.py `hf_mtp_depths` converts the same).
+    A checkpoint transformers saved holds none, though its config.json keeps DeepseekV3Config's default 1."""
+    if family != "deepseek_v3":
+        return 0
+    names = checkpoint_tensor_names(directory)
+    n = 0
+    while n < int(config.get("num_nextn_predict_layers") or 0) and f"model.layers.{layers + n}.eh_proj.weight" in names:
+        n += 1
+    return n
+
+
 def estimate_import(model: ModelSpec, directory: str, *, shown_as: str | None = None,
                     workers: int = DEFAULT_IMPORT_WORKERS) -> ImportEstimate:
     counts = param_counts(model)

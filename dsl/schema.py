@@ -315,7 +315,9 @@ MODEL_FIELDS = (
        "layer of the last layer's kind, a final norm; embedding and output layer shared). Built on the last "
        "pipeline stage (its last virtual chunk); its loss, averaged over the depths and weighted by "
        "`mtp_loss_scaling_factor`, joins the language-model loss. Trained by `pretrain` stages only: other stage "
-       "kinds run the model without it (W128); an export keeps it when its parent trained it. 0 = none."),
+       "kinds run the model without it (a warning at the stage says so); an export keeps it when its parent trained "
+       "it. With `init = hf(DIR)`: the checkpoint's depth (DeepSeek-V3: 1) by default, at most that many (E204). "
+       "0 = none."),
     _f("mtp_loss_scaling_factor", NONNEG_FLOAT, 0.1,
        "Weight of the multi-token prediction loss (Megatron-Core `mtp_loss_scaling_factor`, default 0.1; DeepSeek-V3 "
        "trains with 0.3 for its first 10T tokens, then 0.1). Read only with `mtp_num_layers` > 0 (W127)."),

@@ -1,6 +1,7 @@
 """Multi-token prediction (DeepSeek-V3 Sec. 2.2; Megatron-Core 0.16.1 transformer/multi_token_prediction.py):
 what the nemoc runtime cannot build with it (E209) and a loss weight that does nothing (W127). Which stage kinds
-train it is a stage rule (`stages.stage_mtp_layers`, W128).
+train it is a stage rule (`stages.stage_mtp_layers`, W128); more depths than an `init` checkpoint holds is E204 at
+lowering (compiler/lower.py, `hfimport.mtp_depths_in`).
 
 Megatron-Core 0.16.1 itself refuses little: TransformerConfig.__post_init__ checks MTP only against a custom
 `pipeline_model_parallel_layout` (which nemoc does not write: the MTP depths always sit on the last pipeline stage,
@@ -38,24 +39,6 @@ def rule_mtp_local_layer_parts(env: Env, s: Sizes) -> Violation | None:
         "set model.mtp_num_layers = 0",
         anchors=("model.mtp_num_layers", "model"),
         source=f"{_MTP} get_mtp_layer_spec_for_backend, MultiTokenPredictionLayer._get_embeddings",
-    )
-
-
-def rule_mtp_hf_init(env: Env, s: Sizes) -> Violation | None:
-    """The Hugging Face import (`init = hf(DIR)`) converts the main model only: DeepSeek-V3's MTP weights
-    (`model.layers.{num_hidden_layers}.*`: enorm, hnorm, eh_proj, the layer, shared_head.norm) are not carried,
-    so a model started from a checkpoint would build MTP depths with no weights to load."""
-    m = env.model
-    if not m.mtp_num_layers or not m.init:
-        return None
-    return Violation(
-        "E204", "multi-token prediction layers cannot start from a Hugging Face checkpoint yet",
-        f"mtp_num_layers({m.mtp_num_layers}) with init = hf(\"{m.init}\"): the import converts the main model, not "
-        "the checkpoint's num_nextn_predict_layers weights",
-        "set model.mtp_num_layers = 0 (the preset's DeepSeek-V3 depth 1 included) to train from the checkpoint "
-        "without MTP",
-        anchors=("model.mtp_num_layers", "model.init", "model"),
-        source="nemoc runtime/hf (docs/huggingface.md)",
     )
 
 
