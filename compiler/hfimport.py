@@ -79,7 +79,7 @@ def checkpoint_tensor_names(directory: str) -> set[str]:
 
 def mtp_depths_in(directory: str, config: dict, family: str, layers: int) -> int:
     """The multi-token prediction depths a DeepSeek-V3 checkpoint holds: `num_nextn_predict_layers` whose weights
-    are there (`model.layers.{layers + i}.eh_proj.weight`; runtime/hf/convert.py `hf_mtp_depths` converts the same).
+    are there (`model.layers.{layers + i}.eh_proj.weight`: the depths the Hugging Face import converts).
     A checkpoint transformers saved holds none, though its config.json keeps DeepseekV3Config's default 1."""
     if family != "deepseek_v3":
         return 0
