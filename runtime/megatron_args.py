@@ -978,6 +978,10 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
     args += [f"--seq-length {stage.seq_length}", f"--max-position-embeddings {stage.seq_length}",
              f"--vocab-size {model.vocab}", f"--make-vocab-size-divisible-by {VOCAB_DIVISIBLE_BY}"]
     args += _lm_architecture(model, notes)
+    args += _flags(mtp_kwargs(model, stage.execution))  # the stage's MTP depth (none where it runs without: W128)
+    if model.mtp_num_layers and not stage.execution.mtp_num_layers:
+        notes.append(f"mtp_num_layers = {model.mtp_num_layers} is not set for this {stage.kind} stage, which runs the "
+                     "model without its multi-token prediction layers (W128)")
     dropout = float(stage.params.dropout) if "dropout" in stage.params else 0.0  # a kind that trains has it
     args += [f"--hidden-dropout {_shell_word(dropout)}", f"--attention-dropout {_shell_word(dropout)}"]
     sizes = _parallel_sizes(lay)
@@ -1062,9 +1066,6 @@ def _lm_architecture(model: ModelSpec, notes: list[str]) -> list[str]:
             out += ["--use-rope-scaling", f"--rope-scaling-factor {_shell_word(model.rope_scaling_factor)}"]
     if model.multi_latent_attention:
         out += _lm_mla(model, notes)
-    if model.mtp_num_layers:  # the model's; a stage that does not train MTP is named in a note (W128)
-        out += _flags({"mtp_num_layers": model.mtp_num_layers,
-                       "mtp_loss_scaling_factor": model.mtp_loss_scaling_factor})
     if not model.tie_embeddings:
         out.append("--untie-embeddings-and-output-weights")
     if not model.add_bias_linear or model.is_moe:
