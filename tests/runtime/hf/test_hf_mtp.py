@@ -158,3 +158,66 @@ def test_init_takes_the_checkpoints_depth_and_refuses_more(tmp_path):
     assert spec.model.mtp_num_layers == 1 and not e204
     spec, e204, _ = _lowered(tmp_path, "    mtp_num_layers = 0\n")  # written: trains without the depth
     assert spec.model.mtp_num_layers == 0 and not e204
+
+
+PRETRAIN = """experiment deepseek_mtp {
+  cluster {
+    gpu = CPU
+    gpus_per_node = 2
+  }
+  model tiny_deepseek {
+    init = hf("ckpt")
+  }
+  parallel {
+    tensor = 1
+    pipeline = 2
+  }
+  precision = fp32
+  data web {
+    path = "text.jsonl"
+    format = jsonl
+    text_field = "text"
+    tokenizer = "ckpt/tokenizer.json"
+  }
+  stage pretrain {
+    data = [web]
+    steps = 4
+    global_batch = 4
+    seq_length = 48
+    log_every = 1
+    optimizer = adam(lr = 1e-3, weight_decay = 0.0)
+  }
+  stage export after pretrain {
+  }
+}
+"""
+
+
+@pytest.mark.slow  # about a minute on the 2-core box
+def test_pretrain_at_pp2_from_a_checkpoint_with_a_depth_and_export(tmp_path):
+    """`init = hf(...)` of a DeepSeek-V3 checkpoint holding its MTP depth: the plan takes the depth, the import
+    converts it, the pretraining stage at PP 2 loads it on the last stage (with its copy of the embedding) and
+    trains it (the `mtp_1 loss` metric), and the export writes the trained depth back under DeepSeek's names."""
+    import test_hf_deepseek_run as ds
+
+    ckpt, _ = ds._world(tmp_path)
+    before = _with_mtp(ckpt)
+    texts = [q + " " + r for q, r in ds.QA] * 4
+    (tmp_path / "text.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    (tmp_path / "mtp.nemo").write_text(PRETRAIN)
+    proc = subprocess.run([ds.NEMOC, "run", "mtp.nemo", "--workdir", "runs", "--workers", "1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tasks = tmp_path / "runs" / "tasks"
+    task = json.loads((tasks / "train_pretrain" / "task.json").read_text())
+    plan = json.loads(open(task["plan"]).read())
+    assert plan["model"]["mtp_num_layers"] == 1 and plan["stages"][0]["layout"]["pp"] == 2
+    records = [json.loads(line) for line in (tasks / "train_pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "mtp_1 loss" in r] == [1, 2, 3, 4]
+    out = tasks / "export_export" / "hf"
+    after = read_tensors(out)
+    assert sorted(before) == sorted(after)
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    for part in ("model.layers.2.eh_proj.weight", "model.layers.2.enorm.weight",
+                 "model.layers.2.self_attn.kv_b_proj.weight", "model.layers.2.mlp.shared_experts.up_proj.weight"):
+        assert not torch.equal(before[part], after[part]), part  # trained
