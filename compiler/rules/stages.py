@@ -222,8 +222,8 @@ def stage_mtp_layers(spec: ExperimentSpec, stage: StageSpec, _seen: frozenset[st
     n = spec.model.mtp_num_layers
     if not n or stage.kind == "pretrain":
         return n
-    if stage.kind != "export":
-        return 0
+    if stage.kind != "export" or not spec.model.multi_latent_attention:
+        return 0  # only DeepSeek-V3's Hugging Face layout (what an MLA model exports as) has a place for MTP weights
     if is_hf_conversion(spec, stage):
         return n
     parents = [spec.stage(name) for name in stage.after if name not in _seen]
@@ -235,8 +235,10 @@ def warn_mtp_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | 
     n = spec.model.mtp_num_layers
     if not n or stage_mtp_layers(spec, stage):
         return None
-    why = ("its parent checkpoint has no MTP weights" if stage.kind == "export"
-           else "only pretrain stages train multi-token prediction")
+    why = ("only pretrain stages train multi-token prediction" if stage.kind != "export" else
+           "its parent checkpoint has no MTP weights" if spec.model.multi_latent_attention else
+           "the Hugging Face layout it writes (a Llama-like family) has no MTP weights; DeepSeek-V3's (an MLA "
+           "model's) has")
     return _stage_diagnostic(Violation(
         "W128", f"this {stage.kind} stage runs the model without its multi-token prediction layers",
         f"model.mtp_num_layers = {n}, stage kind {stage.kind}: {why}",

@@ -166,11 +166,43 @@ def test_only_pretrain_and_its_exports_build_the_depths(tmp_path):
     w128 = [d for d in check_spec(spec) if d.code == "W128"]
     lines = CHAIN.splitlines()
     assert sorted(lines[d.span.line - 1].split("{")[0].strip() for d in w128) == [
-        "stage export_sft after sft", "stage sft after pretrain"], [str(d) for d in w128]
+        "stage export_base after pretrain", "stage export_sft after sft", "stage sft after pretrain"], \
+        [str(d) for d in w128]
     plan = plan_experiment(spec).plan
     mtp = {s.name: s.execution.mtp_num_layers for s in plan.stages}
-    assert mtp == {"pretrain": 1, "sft": 0, "export_base": 1, "export_sft": 0}
+    assert mtp == {"pretrain": 1, "sft": 0, "export_base": 0, "export_sft": 0}  # a standard-attention model
     assert plan.model.mtp_num_layers == 1
     pretrain, sft = plan.stage("pretrain"), plan.stage("sft")
     # the same model, layout and batch: the pretraining step counts the depth's FLOPs, the SFT step none
     assert pretrain.execution.model_flops_per_step > sft.execution.model_flops_per_step
+
+
+def test_an_export_without_a_place_for_the_depth_warns(tmp_path):
+    """A standard-attention model exports in a Llama-like layout, which has no MTP weights: W128 at the export."""
+    from nemoc.compiler.lower import compile_file
+    from nemoc.compiler.rules import check_spec
+
+    path = tmp_path / "chain.nemo"
+    path.write_text(CHAIN)
+    spec, _, _ = compile_file(str(path))
+    w128 = [d for d in check_spec(spec) if d.code == "W128"]
+    assert any("export_base" in d.message and "Llama-like" in (d.equation or "") for d in w128), [str(d) for d in w128]
+
+
+def test_an_mla_models_export_after_pretrain_keeps_the_depth(tmp_path):
+    """An MLA model exports as DeepSeek-V3, whose layout holds the depth: the export after pretrain builds it, the one
+    after sft (whose checkpoint has none) does not."""
+    from nemoc.compiler.lower import compile_file
+    from nemoc.compiler.planner import plan_experiment
+    from nemoc.compiler.rules import check_spec
+
+    path = tmp_path / "chain.nemo"
+    path.write_text(CHAIN.replace("    mtp_num_layers = 1 }", "    mtp_num_layers = 1\n    multi_latent_attention = true\n"
+                                  "    qk_layernorm = true\n    kv_lora_rank = 32 }"))
+    spec, _, _ = compile_file(str(path))
+    diags = check_spec(spec)
+    assert not [d for d in diags if d.is_error], [str(d) for d in diags]
+    assert sorted(d.message.split("`")[-2] for d in diags if d.code == "W128") == ["export_sft", "sft"]
+    plan = plan_experiment(spec).plan
+    assert {s.name: s.execution.mtp_num_layers for s in plan.stages} == {
+        "pretrain": 1, "sft": 0, "export_base": 1, "export_sft": 0}
