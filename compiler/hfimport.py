@@ -94,17 +94,22 @@ def estimate_import(model: ModelSpec, directory: str, *, shown_as: str | None = 
                     workers: int = DEFAULT_IMPORT_WORKERS) -> ImportEstimate:
     counts = param_counts(model)
     measured = checkpoint_bytes(directory)
-    total = measured if measured is not None else counts.total * ASSUMED_BYTES_PER_PARAM
-    per_param = total / max(1, counts.total)
+    # DeepSeek-V3 stores each MTP depth with copies of the embedding and the output layer (model.layers.61.*)
+    stored = counts.total + (counts.mtp + model.mtp_num_layers * (counts.embedding + (counts.output or counts.embedding))
+                             if model.mtp_num_layers else 0)
+    total = measured if measured is not None else stored * ASSUMED_BYTES_PER_PARAM
+    per_param = total / max(1, stored)
     layer = int(counts.per_layer * per_param)
     edges = int((counts.embedding + counts.output + counts.final_norm) * per_param)
+    # the MTP depths: one shard each, converted after the edges in the parent process (the import)
+    mtp = int(counts.mtp / max(1, model.mtp_num_layers) * per_param)
     workers = max(1, min(workers, model.layers))
     # layers spread over the workers (ceil: the slowest worker has the most), then the edges in the parent
     layer_s = -(-model.layers // workers) * layer / CONVERT_BYTES_PER_S_PER_WORKER
     return ImportEstimate(
         directory=shown_as or directory, checkpoint_bytes=int(total), measured=measured is not None,
         layer_bytes=layer, edge_bytes=edges, workers=workers,
-        host_memory_bytes=max(workers * 2 * layer, 2 * edges),
+        host_memory_bytes=max(workers * 2 * layer, 2 * edges, 2 * mtp),
         hash_s=total / HASH_BYTES_PER_S, start_s=WORKER_START_S if workers > 1 else 0.0,
-        convert_s=layer_s + edges / CONVERT_BYTES_PER_S_PER_WORKER,
+        convert_s=layer_s + (edges + model.mtp_num_layers * mtp) / CONVERT_BYTES_PER_S_PER_WORKER,
     )
