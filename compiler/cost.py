@@ -1021,7 +1021,8 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
                  loss: bool = True, last_logits: bool = False,
                  bf16: tuple[tuple[int, ...], float] | None = None,
                  deferred_wgrad: bool = False,
-                 dense: tuple[tuple[tuple[int, ...], float], ...] | None = None) -> tuple[float, float, float]:
+                 dense: tuple[tuple[tuple[int, ...], float], ...] | None = None,
+                 mtp_layer: float | None = None) -> tuple[float, float, float]:
     """(slowest, mean, output) micro-batch times over pipeline stages: layers plus, on the last
     stage, the output GEMM (h x V / TP, never recomputed) and its cross entropy (`output`: the
     `cross_entropy` fusion, CROSS_ENTROPY_BYTES_OF; None: TE's fused kernels with `kernels = te`,
@@ -1032,7 +1033,9 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     `deferred_wgrad`: the slowest stage with the last stage's output-layer wgrad GEMM taken out of its micro
     batch (`defer_embedding_wgrad_compute`, `_deferred_wgrad`). `dense`: for a MoE model with dense layers
     (`_dense_layers`), (dense layers per stage, seconds a dense layer takes more than an expert layer, usually
-    negative) and (bf16 dense layers per stage, their extra seconds), priced per stage as the bf16 layers are."""
+    negative) and (bf16 dense layers per stage, their extra seconds), priced per stage as the bf16 layers are.
+    The last stage also runs the multi-token prediction depths (`_mtp_time`; `mtp_layer`: one MTP layer's seconds
+    where they differ from the decoder's, else from `lt` and `dense`)."""
     vocab = 0 if scalar_head else padded_vocab(model.vocab, layout.tp)
     tokens = micro_batch * seq / layout.cp
     head = _head_tokens(tokens, micro_batch, last_logits)
@@ -1044,23 +1047,51 @@ def _stage_times(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backwar
     logits += ce * head * vocab / layout.tp / hw.hbm_bw
     per_layer = lt.total
     deferred = gemm if deferred_wgrad and _defers_wgrad(layout, backward, scalar_head) else 0.0
+    mtp = _mtp_time(model, layout, hw, lt, logits, seq=seq, micro_batch=micro_batch, backward=backward,
+                    params=params, scalar_head=scalar_head, dense=dense, mtp_layer=mtp_layer)
     if bf16 is not None or dense is not None:
         extras = ((bf16,) if bf16 is not None else ()) + (dense or ())
-        return _stage_times_mixed(model.layers, layout.pp, per_layer, logits, split, extras, last_less=deferred)
+        slow, mean, _ = _stage_times_mixed(model.layers, layout.pp, per_layer, logits + mtp, split, extras,
+                                           last_less=deferred)
+        return slow, mean, logits
     if layout.pp == 1:
-        t = model.layers * per_layer + logits
+        t = model.layers * per_layer + logits + mtp
         return t, t, logits
     first = layers_on_stage(model.layers, layout.pp, 0, split) * per_layer
-    last = layers_on_stage(model.layers, layout.pp, layout.pp - 1, split) * per_layer + logits - deferred
+    last = layers_on_stage(model.layers, layout.pp, layout.pp - 1, split) * per_layer + logits + mtp - deferred
     middle = layers_on_stage(model.layers, layout.pp, 1, split) * per_layer if layout.pp > 2 else 0.0
-    mean = (model.layers * per_layer + logits) / layout.pp
+    mean = (model.layers * per_layer + logits + mtp) / layout.pp
     return max(first, last, middle, mean), mean, logits
+
+
+def _mtp_time(model, layout, hw, lt: LayerTimes, logits: float, *, seq, micro_batch, backward, params,
+              scalar_head: bool = False, dense=None, mtp_layer: float | None = None) -> float:
+    """Seconds the multi-token prediction depths add to the last pipeline stage per micro batch (Megatron-Core
+    0.16.1 builds them there: multi_token_prediction.py `get_mtp_num_layers_to_build`). Each depth
+    (`MultiTokenPredictionLayer`) runs one layer of the last layer's kind (`mtp_layer`, else the expert layer's `lt`,
+    or a dense one's: `lt` plus `dense`'s extra), eh_proj (tokens x 2h x h / TP, forward and backward like any GEMM,
+    at the 16-bit rate as the output layer: its 0.3 % of a DeepSeek-V3 layer's FLOPs make the precision moot) and
+    the shared output layer with its loss again (`logits`: GEMM and cross entropy, as the main head). The
+    norms and eh_proj's TP all-gather of an h-wide output are left out (elementwise, one layer's input each)."""
+    n = model.mtp_num_layers
+    if not n or scalar_head:
+        return 0.0
+    if mtp_layer is None:
+        mtp_layer = lt.total
+        if model.is_moe and not model.mtp_layer_is_moe and dense:
+            mtp_layer += dense[0][1]  # a dense layer's extra seconds (`_dense_layers`)
+    tokens = micro_batch * seq / layout.cp
+    rate = hw.peak("bf16" if hw.supports("bf16") else "fp32") * params.gemm_eff(hw.generation, "bf16")
+    eh_proj = gemm_time(tokens, model.hidden / layout.tp, 2 * model.hidden, flops_per_s=rate, bytes_per_s=hw.hbm_bw,
+                        in_bytes=2.0)
+    return n * (mtp_layer + (1.0 + backward) * eh_proj + logits)
 
 
 def _deferred_wgrad(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, backward, params, slow, mean,
                     scalar_head=False, split=None, kernels="te", cross_entropy=None,
                     bf16: tuple[tuple[int, ...], float] | None = None,
-                    dense: tuple[tuple[tuple[int, ...], float], ...] | None = None) -> tuple[float, float]:
+                    dense: tuple[tuple[tuple[int, ...], float], ...] | None = None,
+                    mtp_layer: float | None = None) -> tuple[float, float]:
     """(saved, drained): what `defer_embedding_wgrad_compute` takes off the step and what it adds after the
     pipeline's drain. Megatron-Core's last stage keeps the output layer's input and logits gradient of the
     first d micro batches (d = `wgrad_deferral_limit`, 0: all m; tensor_parallel/layers.py) and runs their
@@ -1077,7 +1108,8 @@ def _deferred_wgrad(model, layout, hw, lt: LayerTimes, *, seq, micro_batch, back
     w = _output_gemm_time(model, layout, hw, seq=seq, micro_batch=micro_batch, params=params)
     slow_deferred, _, _ = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=micro_batch, backward=backward,
                                        params=params, scalar_head=scalar_head, split=split, kernels=kernels,
-                                       cross_entropy=cross_entropy, bf16=bf16, deferred_wgrad=True, dense=dense)
+                                       cross_entropy=cross_entropy, bf16=bf16, deferred_wgrad=True, dense=dense,
+                                       mtp_layer=mtp_layer)
     saved = min(d * w, m * (slow - slow_deferred))
     wait = (layout.pp - 1) / (layout.vp or 1) * mean * backward / (1.0 + backward)
     return saved, max(0.0, d * w - wait)
@@ -1512,9 +1544,19 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
                           graph=(cuda_graph_share(host, model), 1.0 + main.backward)
                           if host is not None and host.cuda_graph_impl != "none" and train else None)
     dense, lt_dense, bf16_dense = mixed if mixed is not None else (None, lt, 0.0)
+    mtp_layer = None
+    if model.mtp_num_layers and layout.recompute == "full" and layout.recompute_layers is not None:
+        # block recompute skips the MTP depths (MultiTokenPredictionLayer._checkpointed_forward: "recompute_method
+        # == 'block' is not supported for MTP yet"): their layer runs without a replay
+        kind = model if model.mtp_layer_is_moe or not model.is_moe else model.dense_layer_model
+        mtp_layer = layer_times(kind, replace(layout, recompute="none", recompute_layers=None), hw, seq=seq,
+                                precision=precision, attention_backend=attention_backend, micro_batch=mb,
+                                backward=main.backward, params=params, attention_span=attention_span,
+                                overlap_tp=overlap_tp, kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe,
+                                moe=moe if kind is model else None).total
     slow, mean, output = _stage_times(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                       params=params, scalar_head=main.scalar_head, split=split, kernels=kernels,
-                                      cross_entropy=cross_entropy, bf16=bf16, dense=dense)
+                                      cross_entropy=cross_entropy, bf16=bf16, dense=dense, mtp_layer=mtp_layer)
     m = layout.num_microbatches
     vp = layout.vp or 1
     # layer passes per step on a mean stage: expert layers (every layer of a dense model) and dense layers
@@ -1531,6 +1573,10 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
         "cp_comm": both(lambda t: t.cp_comm),
         "ep_comm": both(lambda t: t.ep_comm),
     }
+    if model.mtp_num_layers and not main.scalar_head:  # the MTP depths on the last stage, spread as `mean` spreads them
+        parts["mtp"] = main.count * m * _mtp_time(model, layout, hw, lt, output, seq=seq, micro_batch=mb,
+                                                  backward=main.backward, params=params, dense=dense,
+                                                  mtp_layer=mtp_layer) / layout.pp
     if lt.host_wait > 0.0 or lt_dense.host_wait > 0.0:
         # the GPU waits for the host (eager kernels shorter than their issue time)
         parts["host_bound"] = both(lambda t: t.host_wait)
@@ -1540,7 +1586,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     parts["pp_imbalance"] = main.count * m * (slow - mean)
     saved, drained = _deferred_wgrad(model, layout, hw, lt, seq=seq, micro_batch=mb, backward=main.backward,
                                      params=params, slow=slow, mean=mean, scalar_head=main.scalar_head, split=split,
-                                     kernels=kernels, cross_entropy=cross_entropy, bf16=bf16, dense=dense)
+                                     kernels=kernels, cross_entropy=cross_entropy, bf16=bf16, dense=dense,
+                                     mtp_layer=mtp_layer)
     if saved or drained:  # defer_embedding_wgrad_compute: the last stage's output wgrad GEMMs in the drain
         parts["pp_imbalance"] -= main.count * saved
         parts["embedding_wgrad_drain"] = main.count * drained

@@ -259,6 +259,7 @@ def stage_execution(*, model: ModelSpec, gpu: str, layout: Layout, split: Pipeli
         host=host,
         userbuffers=userbuffers,
         reuse_grad_buf_for_mxfp8_param_ag=reuses_grad_buffer(stage_precision, layout),
+        mtp_num_layers=model.mtp_num_layers,
         **_bf16_layers(stage_precision, bf16_layers),
     )
 

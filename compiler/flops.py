@@ -12,6 +12,10 @@ is 3 x forward. Per token, forward:
   + 2 x 2 x s x (heads x kv_channels) x c                         [QK^T and attention x V]
     (multi-latent attention: 2 x s x heads x (qk_head_dim + qk_pos_emb_head_dim + v_head_dim) x c)
   + 2 x h x V                                                     [logits]
+  + D x (2 x (one layer's matmul parameters + 2h x h) + one layer's attention core + 2 x h x V)
+                                                                  [multi-token prediction, depth D]
+(the MTP terms as Megatron-LM's training.py `num_floating_point_operations` counts them: each depth is one more
+layer of the last layer's kind, eh_proj 2h -> h and another pass through the shared output layer)
 with c = 1 (undiscounted, NeMo <= 25.07 `flops_formulas.py`, Narayanan et al. 2021 eq. (2)) or
 c = 1/2 (causal discount: only the lower triangle of the s x s scores is computed by flash
 attention; Megatron-Core / Megatron-Bridge and NeMo >= 25.09); under the causal discount a sliding-window
@@ -33,7 +37,7 @@ one forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from nemoc.compiler.params import StageParams as KindParams  # (StageParams below: a pipeline stage's counts)
@@ -121,6 +125,15 @@ class ParamCounts:
     # `mlp`, `mlp_active` and `expert` above are an expert layer's
     dense_layers: int = 0
     dense_mlp: int = 0
+    # multi-token prediction (`ModelSpec.mtp_num_layers`): the MTP modules' own parameters, outside `total` (the
+    # paper's 671B counts the main model; the MTP module is stated separately, DeepSeek-V3 Sec. 2.2 / HF README);
+    # embedding and output layer are shared with the main model
+    mtp: int = 0
+
+    @property
+    def total_with_mtp(self) -> int:
+        """Every parameter Megatron-Core builds: the main model and the MTP modules."""
+        return self.total + self.mtp
 
     @property
     def per_layer(self) -> int:
@@ -228,12 +241,31 @@ def param_counts(model: ModelSpec) -> ParamCounts:
         mlp = mlp_active = _mlp_params(model, model.ffn_hidden)
         experts_total = 0
     dense_layers = model.layers - model.moe_layer_count if model.is_moe else 0
-    return ParamCounts(
+    counts = ParamCounts(
         embedding=embedding, output=output, attention=_attention_params(model), mlp=mlp,
         mlp_active=mlp_active, expert=experts_total, norms=(4 if model.post_block_norms else 2) * _norm_params(model, h),
         final_norm=_norm_params(model, h), layers=model.layers,
         dense_layers=dense_layers, dense_mlp=_mlp_params(model, model.ffn_hidden) if dense_layers else 0,
     )
+    return replace(counts, mtp=model.mtp_num_layers * mtp_layer_params(model, counts)) if model.mtp_num_layers else counts
+
+
+def mtp_layer_params(model: ModelSpec, counts: ParamCounts) -> int:
+    """One multi-token prediction depth (Megatron-Core 0.16.1 transformer/multi_token_prediction.py
+    `MultiTokenPredictionLayer.__init__`): `enorm` and `hnorm` (norms of the next token's embedding and of the
+    previous depth's hidden state), `eh_proj` (a column-parallel linear 2h -> h, bias=False), `transformer_layer`
+    (the decoder block's last layer spec: an expert layer when the last layer is one, `ModelSpec.mtp_layer_is_moe`)
+    and `final_layernorm`; the embedding and the output layer are the main model's."""
+    h = model.hidden
+    layer = counts.per_layer if model.mtp_layer_is_moe or not model.is_moe else counts.dense_per_layer
+    return layer + 3 * _norm_params(model, h) + 2 * h * h
+
+
+def mtp_layer_gemm_params(model: ModelSpec, counts: ParamCounts) -> int:
+    """Weights one token multiplies through in one MTP depth: its layer's attention and active MLP (`mtp_layer_is_moe`)
+    and eh_proj's 2h x h."""
+    mlp = counts.mlp_active if model.mtp_layer_is_moe or not model.is_moe else counts.dense_mlp
+    return counts.attention + mlp + 2 * model.hidden * model.hidden
 
 
 def layers_on_stage(layers: int, pp: int, stage: int, split: tuple[int, int, int] | None = None) -> int:
@@ -373,7 +405,38 @@ def stage_params(model: ModelSpec, pp: int, stage: int) -> StageParams:
     if stage == pp - 1:
         dense += counts.final_norm
         embedding += model.vocab * model.hidden if (model.tie_embeddings and pp > 1) else counts.output
+        if model.mtp_num_layers:  # the MTP depths (`mtp_stage_params`) and, past stage 0, their embedding copy
+            mtp_dense, mtp_expert, mtp_embedding = mtp_stage_params(model, counts, pp)
+            dense, expert, embedding = dense + mtp_dense, expert + mtp_expert, embedding + mtp_embedding
     return StageParams(dense=dense, expert=expert, embedding=embedding)
+
+
+def mtp_layer_equivalents(model: ModelSpec) -> int:
+    """The multi-token prediction depths' work on the last pipeline stage in decoder layers (forward FLOPs per token
+    at the model's sequence length, rounded; at least 1 with MTP, 0 without): each depth is one more layer, eh_proj
+    and another pass through the output layer (DeepSeek-V3: 3.39 GFLOP against 1.34 per mean layer, so 3). The
+    pipeline split balances the last stage with it (`rules.pipeline.pipeline_split`'s `last_load`), as
+    Megatron-Bridge's DeepSeek-V3 layouts give the MTP stage fewer decoder layers (PP 16: 4 x 15 + 1, then mtp,
+    loss)."""
+    n = model.mtp_num_layers
+    if not n:
+        return 0
+    f = flops_per_token(model, model.seq_length, True)
+    per_layer = (f.dense_gemm + f.attention_core) / model.layers
+    return max(1, round((f.mtp + f.logits * n / (1 + n)) / per_layer))
+
+
+def mtp_stage_params(model: ModelSpec, counts: ParamCounts, pp: int) -> tuple[int, int, int]:
+    """(dense, expert, embedding) parameters the multi-token prediction depths add to the last pipeline stage, where
+    Megatron-Core 0.16.1 builds them without a pipeline layout (multi_token_prediction.py `mtp_on_this_rank`,
+    `get_mtp_num_layers_to_build`: the last stage, its last virtual chunk). The MTP stage needs the word embedding
+    (the next tokens' embeddings): past stage 0 it builds its own copy, tied to stage 0's (gpt_model.py: `if
+    self.pre_process or self.mtp_process` builds the embedding; `sharded_state_dict` ties it), unless the output
+    layer already keeps that copy (tied embeddings, pp > 1)."""
+    expert = model.mtp_num_layers * counts.expert if model.mtp_layer_is_moe else 0
+    dense = counts.mtp - expert
+    embedding = model.vocab * model.hidden if pp > 1 and not model.tie_embeddings else 0
+    return dense, expert, embedding
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,11 +445,14 @@ class FlopsPerToken:
 
     dense_gemm: int  # attention projections + MLP (active experts) + router
     attention_core: float  # QK^T and attention x V (causally discounted or not)
-    logits: int
+    logits: int  # the output layer's (x (1 + mtp_num_layers): each MTP depth runs the shared output layer again)
+    # multi-token prediction depths: their layers' GEMMs and attention core and eh_proj (2h -> h), as Megatron-LM's
+    # training.py `num_floating_point_operations` counts them (an MTP layer is a layer of the last layer's kind)
+    mtp: float = 0.0
 
     @property
     def forward(self) -> float:
-        return self.dense_gemm + self.attention_core + self.logits
+        return self.dense_gemm + self.attention_core + self.logits + self.mtp
 
 
 def window_keys_per_token(seq_length: int, window: int) -> float:
@@ -413,10 +479,17 @@ def flops_per_token(model: ModelSpec, seq_length: int, causal_discount: bool) ->
         attention = (model.layers - sliding) * core + sliding * core_window
     else:
         attention = model.layers * core
+    n_mtp = model.mtp_num_layers
+    mtp = 0.0
+    if n_mtp:  # each depth: one more layer (core as the layer after the last one attends) and eh_proj
+        mtp_core = (4.0 * attn_width * window_keys_per_token(seq_length, model.sliding_window)
+                    if model.is_sliding_layer(model.layers + 1) and causal_discount else core)
+        mtp = n_mtp * (2.0 * mtp_layer_gemm_params(model, counts) + mtp_core)
     return FlopsPerToken(
         dense_gemm=2 * gemm_params,
         attention_core=attention,
-        logits=2 * model.hidden * model.vocab,
+        logits=2 * model.hidden * model.vocab * (1 + n_mtp),
+        mtp=mtp,
     )
 
 
@@ -436,7 +509,9 @@ def hardware_flops_per_step(model: ModelSpec, seq_length: int, global_batch: int
     tokens = seq_length * global_batch
     if not train:
         return f.forward * tokens
-    extra = f.dense_gemm + f.attention_core if recompute == "full" else 0.0
+    # full recompute replays the MTP depths too (Megatron's uniform method, recompute_num_layers 1:
+    # MultiTokenPredictionLayer._checkpointed_forward), never the logits
+    extra = f.dense_gemm + f.attention_core + f.mtp if recompute == "full" else 0.0
     if recompute == "selective":
         extra = selective_recompute_flops_per_token(model, seq_length, causal_discount,
                                                     recompute_modules or ("core_attn",))
@@ -567,9 +642,9 @@ def pass_flops_per_token(model: ModelSpec, seq_length: int, p: ModelPass, peft: 
     f = flops_per_token(model, seq_length, causal_discount)
     head = 2.0 * model.hidden if p.scalar_head else f.logits
     if p.backward == FORWARD:
-        return f.dense_gemm + f.attention_core + head
+        return f.dense_gemm + f.attention_core + head + f.mtp
     if p.backward == FULL:
-        return 3.0 * (f.dense_gemm + f.attention_core + head)
+        return 3.0 * (f.dense_gemm + f.attention_core + head + f.mtp)
     dense = model.layers - model.moe_layer_count if model.has_dense_layers else 0
     adapters = 2.0 * lora_params_of_layers(model, peft, model.layers, dense) if peft is not None else 0.0
     return 2.0 * (f.dense_gemm + head) + 3.0 * f.attention_core + 3.0 * adapters

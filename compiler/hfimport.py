@@ -56,21 +56,60 @@ def checkpoint_bytes(directory: str) -> int | None:
     return sum(os.path.getsize(os.path.join(directory, f)) for f in files) or None
 
 
+def checkpoint_tensor_names(directory: str) -> set[str]:
+    """The tensor names of a checkpoint directory without reading a tensor: its index's weight_map, else each
+    .safetensors file's JSON header (8-byte little-endian length, then the header); empty when unreadable."""
+    try:
+        with open(os.path.join(directory, "model.safetensors.index.json"), encoding="utf-8") as f:
+            return set(json.load(f).get("weight_map", {}))
+    except (OSError, ValueError, AttributeError):
+        pass
+    names: set[str] = set()
+    try:
+        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if 0 < size < (100 << 20):
+                    names |= {k for k in json.loads(f.read(size)) if k != "__metadata__"}
+    except (OSError, ValueError):
+        return names
+    return names
+
+
+def mtp_depths_in(directory: str, config: dict, family: str, layers: int) -> int:
+    """The multi-token prediction depths a DeepSeek-V3 checkpoint holds: `num_nextn_predict_layers` whose weights
+    are there (`model.layers.{layers + i}.eh_proj.weight`: the depths the Hugging Face import converts).
+    A checkpoint transformers saved holds none, though its config.json keeps DeepseekV3Config's default 1."""
+    if family != "deepseek_v3":
+        return 0
+    names = checkpoint_tensor_names(directory)
+    n = 0
+    while n < int(config.get("num_nextn_predict_layers") or 0) and f"model.layers.{layers + n}.eh_proj.weight" in names:
+        n += 1
+    return n
+
+
 def estimate_import(model: ModelSpec, directory: str, *, shown_as: str | None = None,
                     workers: int = DEFAULT_IMPORT_WORKERS) -> ImportEstimate:
     counts = param_counts(model)
     measured = checkpoint_bytes(directory)
-    total = measured if measured is not None else counts.total * ASSUMED_BYTES_PER_PARAM
-    per_param = total / max(1, counts.total)
+    # DeepSeek-V3 stores each MTP depth with copies of the embedding and the output layer (model.layers.61.*)
+    stored = counts.total + (counts.mtp + model.mtp_num_layers * (counts.embedding + (counts.output or counts.embedding))
+                             if model.mtp_num_layers else 0)
+    total = measured if measured is not None else stored * ASSUMED_BYTES_PER_PARAM
+    per_param = total / max(1, stored)
     layer = int(counts.per_layer * per_param)
     edges = int((counts.embedding + counts.output + counts.final_norm) * per_param)
+    # the MTP depths: one shard each, converted after the edges in the parent process (the import)
+    mtp = int(counts.mtp / max(1, model.mtp_num_layers) * per_param)
     workers = max(1, min(workers, model.layers))
     # layers spread over the workers (ceil: the slowest worker has the most), then the edges in the parent
     layer_s = -(-model.layers // workers) * layer / CONVERT_BYTES_PER_S_PER_WORKER
     return ImportEstimate(
         directory=shown_as or directory, checkpoint_bytes=int(total), measured=measured is not None,
         layer_bytes=layer, edge_bytes=edges, workers=workers,
-        host_memory_bytes=max(workers * 2 * layer, 2 * edges),
+        host_memory_bytes=max(workers * 2 * layer, 2 * edges, 2 * mtp),
         hash_s=total / HASH_BYTES_PER_S, start_s=WORKER_START_S if workers > 1 else 0.0,
-        convert_s=layer_s + edges / CONVERT_BYTES_PER_S_PER_WORKER,
+        convert_s=layer_s + (edges + model.mtp_num_layers * mtp) / CONVERT_BYTES_PER_S_PER_WORKER,
     )

@@ -381,12 +381,38 @@ class _Lowering:
                                          hint=f"remove `{field_name}` (the checkpoint decides it) or fix it"))
         if bad:
             return None
+        available = self._hf_mtp_depths(path, arch)
         if preset is not None:  # equal to config.json where it matters (checked above)
-            return dataclasses.replace(preset, init=path, **overrides)
-        values = {**fields, **overrides}
-        if values.get("kv_channels") is None:
-            values.pop("kv_channels", None)
-        return ModelSpec(name=name, init=path, **values)
+            model = dataclasses.replace(preset, init=path, **overrides)
+        else:
+            values = {"mtp_num_layers": available, **fields, **overrides}
+            if values.get("kv_channels") is None:
+                values.pop("kv_channels", None)
+            model = ModelSpec(name=name, init=path, **values)
+        if model.mtp_num_layers > available:
+            origin = "written" if "mtp_num_layers" in overrides else f"preset `{name}`"
+            self.diags.append(Diagnostic(
+                "E204", f"model.mtp_num_layers = {model.mtp_num_layers} ({origin}) but {path} holds "
+                f"{available} multi-token prediction layer{'s' if available != 1 else ''}",
+                block.spans.get("mtp_num_layers", block.head),
+                equation=f"mtp_num_layers({model.mtp_num_layers}) > the checkpoint's MTP weights({available}): "
+                         "num_nextn_predict_layers with model.layers.{num_hidden_layers + i}.eh_proj.weight present "
+                         "(transformers saves none)",
+                hint=f"write mtp_num_layers = {available} (train from the checkpoint with the MTP layers it has)"))
+            return None
+        return model
+
+    def _hf_mtp_depths(self, path: str, arch) -> int:
+        """The MTP depths the checkpoint at `path` (relative to the root, or absolute) holds (hfimport.mtp_depths_in)."""
+        from nemoc.compiler import hfconfig
+        from nemoc.compiler.hfimport import mtp_depths_in
+
+        directory = Path(self.program.root_dir).resolve() / path
+        try:
+            config = hfconfig.read_config(directory)
+        except hfconfig.HfConfigError:
+            return 0
+        return mtp_depths_in(str(directory), config, arch.family, int(arch.fields["layers"]))
 
     def _unknown_model(self, block: Checked, name: str, missing: list[str]) -> None:
         close = suggest(name, PRESETS)

@@ -31,7 +31,7 @@ from types import MappingProxyType
 from nemoc.compiler.catalog.hardware import HardwareSpec, get_gpu
 from nemoc.compiler.catalog.userbuffers import buffer_bytes, userbuffers_of
 from nemoc.compiler.flops import (LOW_PRECISIONS, bf16_dense_layers_per_stage, bf16_layers_per_stage,
-                                  dense_layers_per_stage, recomputed_fraction)
+                                  dense_layers_per_stage, mtp_stage_params, recomputed_fraction)
 from nemoc.compiler.flops import (  # noqa: F401 - lora_params_per_layer is re-exported
     is_gated,
     layers_on_stage,
@@ -447,6 +447,7 @@ class _Stage:
     first: bool
     last: bool
     dense_layers: int = 0  # of `layers`, a MoE model's dense ones (flops.dense_layers_per_stage)
+    mtp: int = 0  # multi-token prediction depths built here (the last stage: flops.mtp_stage_params)
 
 
 def rollout_kv_cache(model: ModelSpec, layout: Layout, *, seq: int, rows: int, layers: float) -> float:
@@ -479,7 +480,36 @@ def _local_stage(model: ModelSpec, layout: Layout, stage: int, vocab: int, scala
             dense += model.hidden
         elif not model.tie_embeddings or layout.pp > 1:
             dense += vocab * model.hidden / layout.tp
-    return _Stage(dense, expert, n, first, last, d)
+    mtp = model.mtp_num_layers if last and not scalar_head else 0
+    if mtp:  # the MTP depths: their layers sharded as the decoder's, eh_proj column-parallel; + the embedding copy
+        mtp_dense, mtp_expert, mtp_embedding = mtp_stage_params(model, counts, layout.pp)
+        expert += mtp_expert / (layout.ep * layout.etp)
+        dense += mtp_dense / layout.tp + (vocab * model.hidden / layout.tp if mtp_embedding else 0.0)
+    return _Stage(dense, expert, n, first, last, d, mtp)
+
+
+def mtp_depth_activations(model: ModelSpec, layout: Layout, *, seq: int, micro_batch: int, backend: str,
+                          dropout: bool, kernels: str, fp8: bool) -> float:
+    """Bytes one multi-token prediction depth keeps for backward per micro batch (Megatron-Core 0.16.1
+    transformer/multi_token_prediction.py `MultiTokenPredictionLayer`): its transformer layer (the last layer's kind:
+    `layer_activations`) plus the inputs of enorm and hnorm, eh_proj's 2h input, the final norm's input and the
+    shared output layer's input (2 + 2 + 4 + 2 + 2 = 12 sbh bytes in 16 bits, / t under sequence parallelism; the
+    local spec's torch RMSNorm keeps an fp32 copy of each of its three norms' inputs). Full recompute: Megatron's
+    uniform method checkpoints the depth (`_checkpointed_forward`), keeping its two inputs (4 sbh) and the output
+    layer's; the block method (`recompute_layers`) skips it ("not supported for MTP yet"), so the depth keeps
+    everything. Selective recompute acts inside its layer as in any other."""
+    s, b, h = seq / layout.cp, micro_batch, model.hidden
+    rep = layout.tp if layout.sequence_parallel else 1
+    sbh = s * b * h / rep
+    kind = model if model.mtp_layer_is_moe or not model.is_moe else model.dense_layer_model
+    if layout.recompute == "full" and layout.recompute_layers is None:
+        return 4.0 * sbh + 2.0 * sbh
+    recompute = "none" if layout.recompute == "full" else layout.recompute
+    layer = layer_activations(kind, seq=seq, micro_batch=b, tp=layout.tp, sp=layout.sequence_parallel, cp=layout.cp,
+                              etp=layout.etp, recompute=recompute, attention_backend=backend, dropout=dropout,
+                              kernels=kernels, fp8=fp8, recompute_modules=layout.recompute_modules).total
+    fp32_norms = 3 * 4.0 * sbh if kernels == "local" and model.norm == "rmsnorm" else 0.0
+    return layer + 12.0 * sbh + fp32_norms
 
 
 def _layer_params(model: ModelSpec, layout: Layout, layers: int, dense_layers: int = 0) -> float:
@@ -769,6 +799,8 @@ def _stage_terms(model, layout, stage, precision, backend, seq, kind, peft, para
     # (Megatron-Core models/gpt/gpt_model.py), not a TE module, so it is neither quantised nor held in FP8
     # (nor is a scalar head): every resident model has the same FP8 linear weights on this stage
     linear = _layer_params(model, layout, st.layers, st.dense_layers) if precision in LOW_PRECISIONS else 0.0
+    if linear and st.mtp:  # the MTP layers run in the global FP8 context too (MultiTokenPredictionLayer)
+        linear += _layer_params(model, layout, st.mtp, 0 if model.mtp_layer_is_moe or not model.is_moe else st.mtp)
     if precision == "nvfp4":
         # Transformer Engine caches the NVFP4 weight and its transpose across micro batches: 4-bit
         # values plus one FP8 (E4M3) scale per 16-element block, 0.5 + 1/16 B each.
@@ -856,11 +888,17 @@ def _stage_terms(model, layout, stage, precision, backend, seq, kind, peft, para
             parts["backward_working"] = working_bytes
             if st.last:  # final norm input + output-layer input (Korthikanti: 4 sbh / t)
                 activations += 4.0 * s_local * b * model.hidden / rep
+            if st.mtp:
+                activations += st.mtp * held * mtp_depth_activations(
+                    model, layout, seq=seq, micro_batch=b, backend=backend, dropout=dropout, kernels=kernels,
+                    fp8=precision in ("fp8", "mxfp8"))
         else:  # forward only: one layer's tensors live at a time
             activations = per_layer
         if st.last and not scalar_head:
             ce = cross_entropy or ("te" if kernels == "te" else "none")
-            parts["logits"] = s_local * b * vocab / layout.tp * cross_entropy_bytes(ce)
+            # each MTP depth computes its own logits and loss through the shared output layer, and keeps what its
+            # cross entropy saves until the backward (gpt_model.py `_postprocess`)
+            parts["logits"] = s_local * b * vocab / layout.tp * cross_entropy_bytes(ce) * (1 + st.mtp)
         if st.last and not scalar_head and trains and peft is None and layout.defer_embedding_wgrad_compute \
                 and layout.pp > 1:
             # defer_embedding_wgrad_compute: the last stage keeps, for each deferred micro batch, the output layer's

@@ -221,6 +221,10 @@ class Execution:
     # the first / last layers kept in bf16; nonzero only under fp8 / mxfp8 / nvfp4
     bf16_first_layers: int = 0
     bf16_last_layers: int = 0
+    # TransformerConfig `mtp_num_layers` for this stage (None there when 0) and the MTP block spec on its last
+    # pipeline stage: the model's multi-token prediction depth where the stage kind trains it (pretrain, or an export
+    # of a checkpoint that has it: rules.stages.stage_mtp_layers), else 0 (W128)
+    mtp_num_layers: int = 0
 
 
 DEFAULT_RECOMPUTE_MODULES = ("core_attn",)  # Megatron-Core's `recompute_modules` when None

@@ -44,7 +44,7 @@ from nemoc.compiler.rules import (
 )
 from nemoc.compiler.hfimport import ImportEstimate, estimate_import
 from nemoc.compiler.rules.check import host_requested
-from nemoc.compiler.rules.stages import _initial_checkpoint, is_hf_conversion
+from nemoc.compiler.rules.stages import _initial_checkpoint, is_hf_conversion, stage_mtp_layers
 from nemoc.compiler.search import (
     DEFAULT_HEADROOM,
     DEFAULT_TOP,
@@ -409,6 +409,9 @@ def _inference_search(probe: Problem, top: int = DEFAULT_TOP) -> SearchResult:
 def plan_stage(spec: ExperimentSpec, stage: StageSpec, gpu: HardwareSpec, backend: str, headroom: float,
                top: int = DEFAULT_TOP, target: Target = MEGATRON_CORE):
     """(StageResult, StagePlan, warnings) for one stage, or raises DiagnosticError."""
+    if spec.model.mtp_num_layers and not stage_mtp_layers(spec, stage):
+        # a stage kind that does not train multi-token prediction builds, sizes and costs the model without it (W128)
+        spec = replace(spec, model=spec.model.without_mtp())
     parallel = stage_parallel(spec, stage)
     trains = stage.kind in TRAINING_KINDS
     caps = target.caps(stage.kind)

@@ -74,6 +74,7 @@ from nemoc.compiler.rules import (
     Violation,
     layout_violations,
     pipeline_split,
+    model_split,
     rule_ffn_tp,
     rule_fp8_tokens,
     rule_global_batch,
@@ -320,7 +321,7 @@ def _stage_layers(p: Problem, layout: Layout) -> tuple[int, int, int] | None:
     """(first, middle, last) transformer layers of the split nemoc gives Megatron for this layout
     (None when even): the memory model then sizes each stage by its own layers (and embedding or
     loss), the cost model the slowest stage."""
-    split = pipeline_split(p.model.layers, layout.pp, layout.vp)
+    split = model_split(p.model, layout.pp, layout.vp)
     return None if split is None or split.even else split.stage_layers(layout.pp)
 
 
@@ -491,7 +492,7 @@ def _vp_domain(p: Problem, pp: int) -> list[int | None]:
     caps = p.target.caps(p.stage_kind)
     if pp == 1 or not caps.pipeline or not caps.virtual_pipeline:
         return [None]
-    return [None] + [v for v in range(2, p.model.layers // pp + 1) if pipeline_split(p.model.layers, pp, v)]
+    return [None] + [v for v in range(2, p.model.layers // pp + 1) if model_split(p.model, pp, v)]
 
 
 def _expert_domain(p: Problem, tp: int, pp: int, rest: int, rec: _Recorder | None = None) -> list[tuple[int, int]]:
@@ -754,7 +755,7 @@ class _Context:
     def stage_layers(self, pp: int, vp: int | None) -> tuple[int, int, int] | None:
         key = (pp, vp)
         if key not in self._splits:
-            split = pipeline_split(self.p.model.layers, pp, vp)
+            split = model_split(self.p.model, pp, vp)
             self._splits[key] = None if split is None or split.even else split.stage_layers(pp)
         return self._splits[key]
 
@@ -1203,7 +1204,7 @@ def _record_weaker(rec: _Recorder, layout: Layout, rcs: list, weakest: int) -> N
 
 
 def _split(p: Problem, pp: int, vp: int | None) -> PipelineSplit:
-    split = pipeline_split(p.model.layers, pp, vp)
+    split = model_split(p.model, pp, vp)
     assert split is not None  # the rules guarantee it
     return split
 

@@ -43,7 +43,7 @@ def moe_layer_pattern(layers: int, experts: int, freq: int | tuple[int, ...], fi
 def _dense_layer_model(model: ModelSpec) -> ModelSpec:
     return replace(model, name=model.name + "/dense", experts=0, top_k=0, moe_ffn_hidden=None,
                    shared_expert_ffn_hidden=0, moe_layer_freq=1, moe_first_dense_layers=0,
-                   moe_shared_expert_overlap=False)
+                   moe_shared_expert_overlap=False, mtp_num_layers=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +133,11 @@ class ModelSpec:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    # Multi-token prediction (DeepSeek-V3 Sec. 2.2; Megatron-Core TransformerConfig `mtp_num_layers` (0 here for
+    # Megatron's None), `mtp_loss_scaling_factor`): depth and loss weight. Each depth is one transformer layer of
+    # the last layer's kind plus enorm, hnorm, eh_proj (2h -> h) and a final norm, on the last pipeline stage.
+    mtp_num_layers: int = 0
+    mtp_loss_scaling_factor: float = 0.1
     source: str = ""  # citation for a preset (paper / model card)
     init: str | None = None  # a Hugging Face checkpoint directory every stage starts from (absolute path)
 
@@ -198,6 +203,16 @@ class ModelSpec:
         dense layer of this MoE model computes, holds and stores, so the FLOPs, memory and cost models price a
         dense layer as a layer of it."""
         return _dense_layer_model(self)
+
+    @property
+    def mtp_layer_is_moe(self) -> bool:
+        """Whether a multi-token prediction layer is an expert layer: Megatron-Core builds it from the decoder
+        block's last layer spec (gpt_layer_specs.py `get_gpt_mtp_block_spec_for_backend`: `spec.layer_specs[-1]`)."""
+        return self.is_moe and bool(self.moe_layer_pattern[-1])
+
+    def without_mtp(self) -> ModelSpec:
+        """The same model without multi-token prediction (what a stage kind that does not train it builds)."""
+        return replace(self, mtp_num_layers=0) if self.mtp_num_layers else self
 
     @property
     def drop_and_pad(self) -> bool:

@@ -47,6 +47,8 @@ CODES: Mapping[str, str] = MappingProxyType({
     "E045": "`init = hf(DIR)`: the directory does not exist, has no readable config.json, or its architecture "
             "has no exact Megatron-Core equivalent",
     "E046": "a model field disagrees with the `init` checkpoint's config.json (both values shown)",
+    "E204": "`mtp_num_layers` above the multi-token prediction layers the `init` checkpoint holds (its "
+            "num_nextn_predict_layers with their weights present; a checkpoint transformers saved holds none)",
     "E047": "a scheduler option its scheduler cannot take: a control character, an `extra` entry that is not an "
             "sbatch option, a fraction of a second, a Kubernetes name that is not a DNS-1123 label",
     "E048": "a Hugging Face dataset: unknown split, a column the format needs is missing, or a malformed "

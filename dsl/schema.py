@@ -306,6 +306,21 @@ MODEL_FIELDS = (
     _f("mscale", POSITIVE_FLOAT, 1.0, "YaRN: attention temperature coefficient (Megatron-Core `mscale`)."),
     _f("mscale_all_dim", NONNEG_FLOAT, 0.0,
        "YaRN: the temperature coefficient of the softmax scale (Megatron-Core `mscale_all_dim`; DeepSeek-V3: 1)."),
+    # Multi-token prediction (DeepSeek-V3 Sec. 2.2; Megatron-Core 0.16.1 TransformerConfig `mtp_num_layers`,
+    # `mtp_loss_scaling_factor`, transformer/multi_token_prediction.py)
+    _f("mtp_num_layers", INT, 0,
+       "Multi-token prediction depth (Megatron-Core `mtp_num_layers`; DeepSeek-V3 and Megatron-Bridge's recipe: 1): "
+       "this many extra modules after the last layer, the k-th predicting the token k + 1 ahead from the previous "
+       "depth's hidden state and the next token's embedding (two RMSNorms, a 2h -> h projection, one transformer "
+       "layer of the last layer's kind, a final norm; embedding and output layer shared). Built on the last "
+       "pipeline stage (its last virtual chunk); its loss, averaged over the depths and weighted by "
+       "`mtp_loss_scaling_factor`, joins the language-model loss. Trained by `pretrain` stages only: other stage "
+       "kinds run the model without it (a warning at the stage says so); an export keeps it when its parent trained "
+       "it. With `init = hf(DIR)`: the checkpoint's depth (DeepSeek-V3: 1) by default, at most that many (E204). "
+       "0 = none."),
+    _f("mtp_loss_scaling_factor", NONNEG_FLOAT, 0.1,
+       "Weight of the multi-token prediction loss (Megatron-Core `mtp_loss_scaling_factor`, default 0.1; DeepSeek-V3 "
+       "trains with 0.3 for its first 10T tokens, then 0.1). Read only with `mtp_num_layers` > 0 (W127)."),
     _f("init", call("hf"), None, "Start every stage from a Hugging Face checkpoint: `hf(\"DIR\")` (config.json + "
        "safetensors). A model block holding only `init` takes its whole architecture from config.json; fields "
        "written beside it must agree with it (docs/huggingface.md)."),

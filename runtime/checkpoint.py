@@ -336,8 +336,21 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     from nemoc.runtime.model import unwrap
 
     if len(chunks) == 1:
-        return {"model": unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+        return {"model": _chunk_sharded_state_dict(unwrap(chunks[0]))}
+    return {f"model{i}": _chunk_sharded_state_dict(unwrap(c)) for i, c in enumerate(chunks)}
+
+
+def _chunk_sharded_state_dict(chunk) -> dict:
+    """A GPTModel chunk's sharded state dict. A chunk that builds multi-token prediction depths without the first
+    stage's embedding keeps its own copy of the word embedding, tied to the first stage's
+    (gpt_model.py `sharded_state_dict`: `tie_word_embeddings_state_dict(..., dp_cp_group=metadata['dp_cp_group'])`),
+    which needs the metadata Megatron-LM's checkpointing passes; other chunks get none, as before."""
+    if getattr(chunk, "mtp_process", False) and not getattr(chunk, "pre_process", True):
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        return chunk.sharded_state_dict(metadata={"dp_cp_group": group})
+    return chunk.sharded_state_dict()
 
 
 def rng_state() -> dict:

@@ -526,6 +526,7 @@ def transformer_config(
         config_type = MLATransformerConfig
     kwargs.update(_fp8_kwargs(precision, execution.fp8_recipe if execution is not None else None))
     kwargs.update(bf16_layer_kwargs(execution))
+    kwargs.update(mtp_kwargs(model, execution))
     kwargs.update(_cuda_graph_kwargs(host))
     kwargs.update(_tp_comm_kwargs(layout, execution))
     kwargs.update(_defer_wgrad_kwargs(layout, fused_wgrad=bool(kwargs.get("gradient_accumulation_fusion"))))
@@ -548,6 +549,15 @@ def mla_kwargs(model: ModelSpec) -> dict:
         original_max_position_embeddings=model.original_max_position_embeddings, beta_fast=model.beta_fast,
         beta_slow=model.beta_slow, mscale=model.mscale, mscale_all_dim=model.mscale_all_dim,
     )
+
+
+def mtp_kwargs(model: ModelSpec, execution: Execution | None) -> dict:
+    """The stage's multi-token prediction (`Execution.mtp_num_layers`: the model's depth where the stage kind
+    trains it, else 0) as TransformerConfig's `mtp_num_layers` (None for none, Megatron's default) and
+    `mtp_loss_scaling_factor`. Models built outside a stage plan build none."""
+    if execution is None or not execution.mtp_num_layers:
+        return {}
+    return dict(mtp_num_layers=execution.mtp_num_layers, mtp_loss_scaling_factor=model.mtp_loss_scaling_factor)
 
 
 def bf16_layer_kwargs(execution: Execution | None) -> dict:
@@ -968,6 +978,10 @@ def megatron_lm_arguments(plan, stage_name: str) -> tuple[list[str], list[str]]:
     args += [f"--seq-length {stage.seq_length}", f"--max-position-embeddings {stage.seq_length}",
              f"--vocab-size {model.vocab}", f"--make-vocab-size-divisible-by {VOCAB_DIVISIBLE_BY}"]
     args += _lm_architecture(model, notes)
+    args += _flags(mtp_kwargs(model, stage.execution))  # the stage's MTP depth (none where it runs without: W128)
+    if model.mtp_num_layers and not stage.execution.mtp_num_layers:
+        notes.append(f"mtp_num_layers = {model.mtp_num_layers} is not set for this {stage.kind} stage, which runs the "
+                     "model without its multi-token prediction layers (W128)")
     dropout = float(stage.params.dropout) if "dropout" in stage.params else 0.0  # a kind that trains has it
     args += [f"--hidden-dropout {_shell_word(dropout)}", f"--attention-dropout {_shell_word(dropout)}"]
     sizes = _parallel_sizes(lay)

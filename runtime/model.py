@@ -392,6 +392,20 @@ def moe_dense_block_spec(moe_spec, dense_spec, *, config, model: ModelSpec, vp_s
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LayerNormImpl)
 
 
+def mtp_block_spec(config, block, *, have_te: bool, vp_stage: int | None):
+    """The multi-token prediction block of this (virtual) pipeline stage, as Megatron-Core 0.16.1 builds it
+    (gpt_layer_specs.py `get_gpt_mtp_block_spec`: its layer of the decoder's last layer spec, Transformer Engine's
+    or the local backend's norms and eh_proj; None on every stage but the last, its last virtual chunk), or None
+    without MTP (`TransformerConfig.mtp_num_layers`: the plan's `Execution.mtp_num_layers`). A decoder built from
+    one layer spec passes that spec; one of expert and dense layers its block, whose last layer spec is the
+    model's last layer (`moe_dense_block_spec` slices the whole pattern's specs, so the last stage's last one)."""
+    if not getattr(config, "mtp_num_layers", None):
+        return None
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    return get_gpt_mtp_block_spec(config, block, use_transformer_engine=have_te, vp_stage=vp_stage)
+
+
 def attention_core_name(*, attention_backend: str, have_te: bool, model: ModelSpec | None = None) -> str:
     """What actually computes attention, for logs and bench results."""
     if have_te and not (model is not None and model.local_layer_only):
@@ -417,6 +431,8 @@ def build_model_chunks(*, config, model: ModelSpec, vocab_size: int, seq_length:
         if dense_spec is not None:
             block = moe_dense_block_spec(spec, dense_spec, config=config, model=model, vp_stage=vp_stage)
         chunk = GPTModel(
+            mtp_block_spec=mtp_block_spec(config, block, have_te=have_te and not model.local_layer_only,
+                                          vp_stage=vp_stage),
             config=config,
             transformer_layer_spec=block,
             vocab_size=vocab_size,

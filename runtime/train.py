@@ -254,13 +254,40 @@ def micro_batches(dataset, *, start_sample: int, micro_batch: int, dp_rank: int,
 # ------------------------------------------------------------------------------- forward and loss
 
 
-def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """(sum of token losses, token count, report) -- the schedule divides by the token count."""
+def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor, mtp_layers: int = 0):
+    """(sum of token losses, token count, report) -- the schedule divides by the token count. `mtp_layers`: the
+    multi-token prediction depths this training forward ran (`mtp_reports`)."""
     losses = output_tensor.float().view(-1)
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * mask)
     tokens = mask.sum()
-    return loss, tokens.to(torch.int), {"lm loss": torch.stack([loss.detach(), tokens.detach()])}
+    return loss, tokens.to(torch.int), {"lm loss": torch.stack([loss.detach(), tokens.detach()]),
+                                        **mtp_reports(mtp_layers)}
+
+
+def mtp_report_names(layers: int) -> tuple[str, ...]:
+    """The metrics of the multi-token prediction losses, named as Megatron-LM logs them
+    (MTPLossLoggingHelper.track_mtp_metrics: "mtp_1 loss", ...)."""
+    return tuple(f"mtp_{i + 1} loss" for i in range(layers))
+
+
+def mtp_reports(layers: int) -> dict[str, torch.Tensor]:
+    """This micro batch's MTP losses, taken from Megatron-Core's tracker: GPTModel._postprocess adds each depth's
+    token-mean loss (the rolled loss mask's tokens, before `mtp_loss_scaling_factor`) to
+    `MTPLossLoggingHelper.tracker["values"]` during a training forward, and the schedule calls this loss function
+    right after that forward, so the tracker holds exactly this micro batch's; it is zeroed for the next. Each is
+    a per-micro-batch scalar, which the loop averages over micro batches and data-parallel (x context-parallel)
+    ranks: what Megatron-LM logs (track_mtp_metrics: the DP x CP average, x 1 / num_microbatches)."""
+    if not layers:
+        return {}
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    values = MTPLossLoggingHelper.tracker.get("values")
+    if values is None:
+        return {}
+    out = {name: values[i].detach().clone() for i, name in enumerate(mtp_report_names(layers))}
+    values.zero_()
+    return out
 
 
 def gpt_forward_step(data_iterator, model):
@@ -271,7 +298,8 @@ def gpt_forward_step(data_iterator, model):
 
         batch = get_batch_on_this_cp_rank(batch)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(masked_lm_loss, batch["loss_mask"])
+    mtp = (getattr(mdl.unwrap(model).config, "mtp_num_layers", None) or 0) if model.training else 0
+    return output, partial(masked_lm_loss, batch["loss_mask"], mtp_layers=mtp)
 
 
 # ------------------------------------------------------------------------------------ the stage
@@ -339,7 +367,8 @@ def run_task(task: Task, *, stop: StopSignal | None = None) -> int:
                            forward_step=gpt_forward_step, train_iterators=train_iterators, state=state,
                            end_iteration=task.steps, checkpointer=checkpointer, make_checkpoint_state=checkpoint_state,
                            metrics=metrics, make_valid_iterators=make_valid,
-                           throughput=throughput_for(plan=plan, stage=stage), stop=stop)
+                           throughput=throughput_for(plan=plan, stage=stage), stop=stop,
+                           reports=("lm loss",) + mtp_report_names(stage.execution.mtp_num_layers))
         final = save_final(checkpointer, checkpoint_state, state, restored) if checkpointer is not None else None
         set_phase("finish")
         if rank == 0:

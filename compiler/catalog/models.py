@@ -191,10 +191,15 @@ _ALL += _QWEN3_MOE_PRESETS
 # 671,026,404,352 total and 37,552,282,624 activated (the paper's 671B / 37B, Sec. 1, without the MTP module; HF's
 # safetensors add the routers' e_score_correction_bias buffers), V2-Lite 15,706,484,224 (15.7B, arXiv:2405.04434
 # Appendix B); tests/compiler/test_mla_terms.py checks them.
+# Multi-token prediction: V3 trains with one MTP depth (Sec. 2.2; config.json `num_nextn_predict_layers` 1;
+# Megatron-Bridge's DeepSeek-V3 recipe `mtp_num_layers = 1`, `mtp_loss_scaling_factor = 0.1`): 11,610,067,968 more
+# parameters (an expert layer, enorm, hnorm, eh_proj 2h x h, final norm; with the shared embedding and output
+# layer that HF's checkpoint stores again at model.layers.61, 13.46B: the model card's "14B of MTP module weights",
+# 684.5B in all, its "685B"). V2-Lite has none (num_nextn_predict_layers absent).
 _DEEPSEEK_V2 = ("DeepSeek-V2 (arXiv:2405.04434) Sec. 2; HF deepseek-ai/DeepSeek-V2-Lite config.json (first layer dense: "
                 "first_k_dense_replace 1; 15.71B)")
 _DEEPSEEK_V3 = ("DeepSeek-V3 (arXiv:2412.19437) Sec. 2, 4.2; HF deepseek-ai/DeepSeek-V3 config.json (first 3 layers "
-                "dense: first_k_dense_replace 3; 671.03B without the MTP module)")
+                "dense: first_k_dense_replace 3; 671.03B without the MTP module, which adds 11.61B: mtp_num_layers 1)")
 
 
 def _deepseek(name: str, layers: int, hidden: int, heads: int, ffn: int, vocab: int, q_lora: int, experts: int,
@@ -217,7 +222,8 @@ _ALL = _ALL + (
     # 61 layers, 128 heads, query latent 1536, 256 routed experts (top 8) of 2048 and 1 shared
     _deepseek("deepseek_v3", 61, 7168, 128, 18432, 129280, 1536, 256, 8, 2048, 2048, 1.0, _DEEPSEEK_V3,
               moe_aux_loss_coeff=1e-4, moe_router_score="sigmoid", moe_expert_bias=True, moe_router_groups=8,
-              moe_router_group_topk=4, moe_topk_scaling_factor=2.5, moe_first_dense_layers=3),
+              moe_router_group_topk=4, moe_topk_scaling_factor=2.5, moe_first_dense_layers=3,
+              mtp_num_layers=1),
 )
 
 PRESETS: Mapping[str, ModelSpec] = MappingProxyType({m.name: m for m in _ALL})

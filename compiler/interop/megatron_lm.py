@@ -42,6 +42,7 @@ _FLAGS = {
     "--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size", "--moe-shared-expert-intermediate-size",
     "--moe-layer-freq",
     *(flag for flag, _, _ in _MOE_ROUTING),
+    "--mtp-num-layers", "--mtp-loss-scaling-factor",
     "--hidden-dropout", "--attention-dropout",
     "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-layers-per-virtual-pipeline-stage",
     "--num-virtual-stages-per-pipeline-rank", "--context-parallel-size", "--expert-model-parallel-size",
@@ -195,6 +196,12 @@ def _model(f: _Flags, d: Draft) -> None:
         _mla(f, d)
     else:  # read only with MLA (Megatron-LM's MLATransformerConfig): named as not carried over
         d.dropped += [f"{k} {' '.join(f.flags[k])}".rstrip() for k in (*_MLA_FLAGS, *_YARN_FLAGS) if f.has(k)]
+    if f.has("--mtp-num-layers"):  # multi-token prediction (TransformerConfig `mtp_num_layers`, `mtp_loss_scaling_factor`)
+        d.model["mtp_num_layers"] = f.int("--mtp-num-layers")
+        if f.has("--mtp-loss-scaling-factor"):
+            d.model["mtp_loss_scaling_factor"] = f.float("--mtp-loss-scaling-factor")
+    elif f.has("--mtp-loss-scaling-factor"):  # read only with --mtp-num-layers
+        d.dropped.append(f"--mtp-loss-scaling-factor {f.str('--mtp-loss-scaling-factor')}")
     if experts:  # the routing flags given (the rest stay the language's defaults, which are Megatron's)
         for flag, field, kind in _MOE_ROUTING:
             if f.has(flag):

@@ -45,6 +45,7 @@ from nemoc.compiler.rules.base import (  # noqa: F401
 )
 from nemoc.compiler.rules.pipeline import (  # noqa: F401
     pipeline_split,
+    model_split,
     _accounted_split,
     _empty_chunk_split,
     rule_layers_pipeline,

@@ -7,14 +7,22 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from nemoc.compiler.flops import mtp_layer_equivalents
 from nemoc.compiler.plan import PipelineSplit
+from nemoc.compiler.spec import ModelSpec
 from nemoc.dsl.diagnostics import Severity
 from nemoc.compiler.rules.base import TRAINING_KINDS, Env, Sizes, Violation, _P
 from nemoc.compiler.rules.precision import _local_why
 
 
 @lru_cache(maxsize=4096)
-def pipeline_split(layers: int, pp: int, vp: int | None = None) -> PipelineSplit | None:
+def model_split(model: ModelSpec, pp: int, vp: int | None = None) -> PipelineSplit | None:
+    """`pipeline_split` of `model`'s layers, the last stage weighted by its multi-token prediction depths
+    (`flops.mtp_layer_equivalents`)."""
+    return pipeline_split(model.layers, pp, vp, last_load=mtp_layer_equivalents(model))
+
+
+def pipeline_split(layers: int, pp: int, vp: int | None = None, last_load: int = 0) -> PipelineSplit | None:
     """The split nemoc gives Megatron for `layers` over `pp` stages, or None when none is valid.
 
     Even when `layers % pp == 0` (and the per-stage count divides by `vp`); otherwise the uneven
@@ -23,7 +31,11 @@ def pipeline_split(layers: int, pp: int, vp: int | None = None) -> PipelineSplit
     check of transformer_config.py __post_init__ ("Uneven PP"); or, where that is worse or
     impossible, the embedding and/or the loss counted as pipeline layers (`_accounted_split`).
     Ties: the larger middle count, then first/last counts over accounting.
+    `last_load`: decoder layers' worth of other work on the last stage (multi-token prediction:
+    `model_split`); with it the split minimises the heaviest stage counting that work (`_loaded_split`).
     """
+    if last_load and pp > 1:
+        return _loaded_split(layers, pp, vp, last_load)
     v = vp or 1
     if pp < 1 or layers < pp * v or layers % v:
         return _accounted_split(layers, pp, vp) if pp > 1 else None
@@ -45,6 +57,36 @@ def pipeline_split(layers: int, pp: int, vp: int | None = None) -> PipelineSplit
     accounted = _accounted_split(layers, pp, vp)
     if accounted is not None and (best is None or accounted.max_layers < best.max_layers):
         return accounted
+    return best
+
+
+def _loaded_split(layers: int, pp: int, vp: int | None, last_load: int) -> PipelineSplit | None:
+    """`pipeline_split` with `last_load` layers' worth of work on the last stage: of the even split, every uneven
+    one (first and last stage counts multiples of vp, every middle stage the same multiple, Megatron's "Uneven PP"
+    checks) and the accounted ones, the one whose heaviest stage, counting the last stage's load, is lightest; ties:
+    the lighter last stage, then the larger middle count."""
+    v = vp or 1
+    unloaded = pipeline_split(layers, pp, vp)
+    if unloaded is None:
+        return None
+    candidates = [unloaded]
+    if layers >= pp * v and layers % v == 0:
+        middle_stages = pp - 2
+        for m in (range(v, layers // middle_stages + 1, v) if middle_stages else (0,)):
+            rest = layers - middle_stages * m
+            for first in range(v, rest - v + 1, v):
+                candidates.append(PipelineSplit(first, rest - first, m if middle_stages else rest - first))
+    accounted = _accounted_split(layers, pp, vp)
+    if accounted is not None:
+        candidates.append(accounted)
+
+    def key(split: PipelineSplit) -> tuple[int, int, int]:
+        first, middle, last = split.stage_layers(pp)
+        heaviest = max(first, last + last_load, middle if pp > 2 else 0)
+        return heaviest, last + last_load, -middle
+    best = min(candidates, key=key)
+    if best.first is not None and best.first == best.per_stage == best.last and not best.embedding:
+        return PipelineSplit(None, None, best.per_stage)  # an uneven candidate that is the even split
     return best
 
 
@@ -85,7 +127,7 @@ def rule_layers_pipeline(env: Env, s: Sizes) -> Violation | None:
     if s.pp is None:
         return None
     vp = s.vp if (s.vp or 1) > 1 else None
-    if pipeline_split(L, s.pp, vp) is not None:
+    if model_split(env.model, s.pp, vp) is not None:
         return None
     v = vp or 1
     eq = f"layers({L}) < pp({s.pp}) * vp({v}) = {s.pp * v}" if L < s.pp * v else (
@@ -251,7 +293,7 @@ def warn_uneven_pipeline(env: Env, s: Sizes) -> Violation | None:
     if s.pp is None:
         return None
     vp = s.vp if (s.vp or 1) > 1 else None
-    split = pipeline_split(env.model.layers, s.pp, vp)
+    split = model_split(env.model, s.pp, vp)
     if split is None or split.even:
         return None
     settings = ", ".join(f"{k}={v}" for k, v in split.params().items())

@@ -16,6 +16,7 @@ from nemoc.compiler.rules.host import (rule_cuda_graph_gpu, rule_cuda_graph_scop
                                        rule_manual_gc_interval)
 from nemoc.compiler.rules.moe_layers import (rule_moe_first_dense_contradicts, rule_moe_layer_freq_length,
                                              rule_moe_layer_some_expert, warn_moe_layer_freq_beyond_layers)
+from nemoc.compiler.rules.mtp import rule_mtp_local_layer_parts, warn_mtp_scale_unused
 from nemoc.compiler.rules.mla import (rule_mla_rope, rule_mla_standard_fields, rule_mla_tp_split, warn_mla_fields_unused,
                                       warn_mla_tp_rope_gradient, warn_yarn_fields_without_yarn)
 from nemoc.compiler.rules.moe import (
@@ -134,7 +135,7 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_fp8_param_gather_optimizer, rule_optimizer_state_dtype_optimizer, rule_optimizer_state_dtype_te,
     rule_precision_aware_bf16_moments, rule_bf16_layers_delayed, rule_bf16_layers_per_stage,
     rule_bf16_layers_beyond_model,
-    rule_gemma_layer_te, rule_gemma_layer_parts, rule_cross_entropy_needs_te,
+    rule_gemma_layer_te, rule_gemma_layer_parts, rule_cross_entropy_needs_te, rule_mtp_local_layer_parts,
 )
 
 
@@ -144,7 +145,7 @@ WARNING_RULES: tuple[Rule, ...] = (
     warn_selective_recompute_flash, warn_auto_attention_unfused, warn_native_cross_entropy_dtype,
     warn_recompute_modules_unused, warn_mla_tp_rope_gradient, warn_duplicate_list_entries,
     warn_bf16_layers_without_low_precision, warn_bf16_layers_overlap, warn_mla_fields_unused,
-    warn_moe_layer_freq_beyond_layers, warn_yarn_fields_without_yarn,
+    warn_moe_layer_freq_beyond_layers, warn_yarn_fields_without_yarn, warn_mtp_scale_unused,
 )
 
 
@@ -273,4 +274,6 @@ CODES: dict[str, Rule] = {
     "W125": warn_duplicate_list_entries,
     "W113": warn_bf16_layers_without_low_precision,
     "W120": warn_bf16_layers_overlap,
+    "E209": rule_mtp_local_layer_parts,
+    "W127": warn_mtp_scale_unused,
 }

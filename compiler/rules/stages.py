@@ -212,6 +212,43 @@ def _initial_checkpoint(spec: ExperimentSpec, stage: StageSpec) -> str | None:
     return own or (spec.model.init if not stage.after else None)
 
 
+def stage_mtp_layers(spec: ExperimentSpec, stage: StageSpec, _seen: frozenset[str] = frozenset()) -> int:
+    """The multi-token prediction depths a stage builds: the model's in a `pretrain` stage (what DeepSeek-V3 and
+    Megatron-Bridge's recipe train with them), and in an export of a checkpoint that has them (a parent that trained
+    them, or the hf_import -> hf_export conversion of a checkpoint with `num_nextn_predict_layers`); 0 elsewhere.
+    Fine-tuning, preference, RL and eval stages run the model without them, as Megatron-Bridge's fine-tuning
+    recipes switch MTP off (and the nemoc runtime's alignment losses read the main head's logits only): W128 says
+    so, and their checkpoints hold no MTP weights."""
+    n = spec.model.mtp_num_layers
+    if not n or stage.kind == "pretrain":
+        return n
+    if stage.kind != "export" or not spec.model.multi_latent_attention:
+        return 0  # only DeepSeek-V3's Hugging Face layout (what an MLA model exports as) has a place for MTP weights
+    if is_hf_conversion(spec, stage):
+        return n
+    parents = [spec.stage(name) for name in stage.after if name not in _seen]
+    return n if any(stage_mtp_layers(spec, p, _seen | {stage.name}) for p in parents) else 0
+
+
+def warn_mtp_stage_kind(spec: ExperimentSpec, stage: StageSpec) -> Diagnostic | None:
+    """A stage that runs the model without its multi-token prediction depths (`stage_mtp_layers`), said at the stage."""
+    n = spec.model.mtp_num_layers
+    if not n or stage_mtp_layers(spec, stage):
+        return None
+    why = ("only pretrain stages train multi-token prediction" if stage.kind != "export" else
+           "its parent checkpoint has no MTP weights" if spec.model.multi_latent_attention else
+           "the Hugging Face layout it writes (a Llama-like family) has no MTP weights; DeepSeek-V3's (an MLA "
+           "model's) has")
+    return _stage_diagnostic(Violation(
+        "W128", f"this {stage.kind} stage runs the model without its multi-token prediction layers",
+        f"model.mtp_num_layers = {n}, stage kind {stage.kind}: {why}",
+        "nothing to do if intended (Megatron-Bridge's fine-tuning recipes switch MTP off); its plan, memory and time "
+        "are the model's without the MTP depths",
+        anchors=("stage.kind",), severity=Severity.WARNING,
+        source="megatron/core/models/gpt/gpt_model.py _postprocess (the MTP loss needs the pretraining labels)"),
+        spec, stage, notes=[Note(f"mtp_num_layers = {n} here", spec.span("model.mtp_num_layers", "model"))])
+
+
 def is_hf_conversion(spec: ExperimentSpec, stage: StageSpec) -> bool:
     """An export stage with an initial checkpoint and no parent converts that checkpoint (HF -> Megatron-Core
     -> HF: the graph's hf_import -> hf_export, compiler.graph) and builds no model."""
@@ -329,7 +366,7 @@ def _stage_steps(spec: ExperimentSpec, stage: StageSpec) -> int | None:
     return None
 
 
-STAGE_RULES = (rule_min_lr, rule_mla_stage_kind, rule_mixtral_export_dense_layers, warn_mla_latent_norm_epsilon,
+STAGE_RULES = (rule_min_lr, rule_mla_stage_kind, warn_mtp_stage_kind, rule_mixtral_export_dense_layers, warn_mla_latent_norm_epsilon,
                rule_mla_lora_targets,
                rule_data_format, rule_export_after, rule_starting_checkpoint,
                rule_parent_saves, rule_parent_seq_length, warn_warmup_longer_than_stage, warn_sample_tokens_unpacked)
@@ -372,4 +409,5 @@ STAGE_CODES = {
     "E207": rule_mla_lora_targets,
     "W150": warn_warmup_longer_than_stage,
     "W157": warn_sample_tokens_unpacked,
+    "W128": warn_mtp_stage_kind,
 }

@@ -134,7 +134,8 @@ def preset_rows() -> list[dict]:
                      "query_groups": m.query_groups, "ffn_hidden": m.ffn_hidden, "vocab": m.vocab,
                      "seq_length": m.seq_length, "experts": m.experts, "top_k": m.top_k,
                      "moe_ffn_hidden": (m.moe_ffn_hidden or m.ffn_hidden) if m.experts else None,
-                     "parameters": counts.total, "active_parameters": counts.active, "source": m.source})
+                     "parameters": counts.total, "active_parameters": counts.active,
+                     "mtp_num_layers": m.mtp_num_layers, "mtp_parameters": counts.mtp, "source": m.source})
     return rows
 
 
@@ -156,7 +157,9 @@ def presets(as_json: bool) -> None:
         # an MoE preset: the experts' FFN width (the dense `ffn` of Qwen3-MoE builds no layer) and the active size
         experts = (f"{r['experts']} top-{r['top_k']} x{r['moe_ffn_hidden']}, "
                    f"{r['active_parameters'] / 1e9:.2f}B active") if r["experts"] else "-"
-        t.add_row(r["name"], f"{r['parameters'] / 1e9:.2f}B", str(r["layers"]), str(r["hidden"]), str(r["heads"]),
+        # the main model's count (the published one), multi-token prediction modules stated beside it
+        params = f"{r['parameters'] / 1e9:.2f}B" + (f" + {r['mtp_parameters'] / 1e9:.2f}B MTP" if r["mtp_parameters"] else "")
+        t.add_row(r["name"], params, str(r["layers"]), str(r["hidden"]), str(r["heads"]),
                   str(r["query_groups"]), str(r["ffn_hidden"]), str(r["vocab"]), str(r["seq_length"]), experts,
                   r["source"])
     Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(t)

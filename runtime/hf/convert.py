@@ -251,15 +251,33 @@ def import_checkpoint(src: str | Path, out: str | Path, *, workers: int = 1) -> 
     get = _strict(SafetensorsReader(src).get, str(src), arch.fields, arch.family)
     results["edges.safetensors"] = _write_shard(out / "edges.safetensors",
                                                 mapping.hf_to_mcore_edges(arch.family, arch.fields, get))
+    mtp = hf_mtp_depths(SafetensorsReader(src), arch.family, config, arch.fields["layers"])
+    for depth in range(mtp):
+        results[f"mtp-{depth:05d}.safetensors"] = _write_shard(out / f"mtp-{depth:05d}.safetensors",
+                                                              mapping.hf_to_mcore_mtp(depth, arch.fields, get))
     for file, names in results.items():
         for name, size in names.items():
             sizes[name] = (file, size)
     atomic_write_json(out / INDEX, {"metadata": {"total_size": sum(s for _, s in sizes.values())},
                                     "weight_map": {k: f for k, (f, _) in sorted(sizes.items())}})
     manifest = {"family": arch.family, "architecture": arch.fields, "special_ids": arch.special_ids,
-                "dtype": arch.dtype, "source": str(src), "config": config}
+                "dtype": arch.dtype, "source": str(src), "config": config, "mtp_num_layers": mtp}
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def hf_mtp_depths(reader, family: str, config: Mapping[str, Any], layers: int) -> int:
+    """The multi-token prediction depths a DeepSeek-V3 checkpoint holds: config.json's `num_nextn_predict_layers`
+    whose weights are there (`model.layers.{num_hidden_layers + i}.eh_proj.weight`). deepseek-ai/DeepSeek-V3 has
+    its one; a checkpoint transformers saved has none, though its config keeps the default 1 (DeepseekV3ForCausalLM
+    builds no MTP module)."""
+    if family != "deepseek_v3":
+        return 0
+    n = 0
+    while n < int(config.get("num_nextn_predict_layers") or 0) and f"model.layers.{layers + n}.eh_proj.weight" in \
+            set(reader.names()):
+        n += 1
+    return n
 
 
 def read_manifest(converted: str | Path) -> dict[str, Any]:
@@ -272,7 +290,8 @@ def read_manifest(converted: str | Path) -> dict[str, Any]:
 def rank_state_dict(converted: str | Path, *, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0,
                     ep: int = 1, ep_rank: int = 0, etp: int = 1, etp_rank: int = 0,
                     padded_vocab: int, pre_process: bool = True, post_process: bool = True,
-                    layers: tuple[int, int] | None = None, whole: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+                    layers: tuple[int, int] | None = None, whole: tuple[str, ...] = (),
+                    mtp: bool = False) -> dict[str, torch.Tensor]:
     """The state dict of the GPTModel chunk held by (tp_rank, pp_rank; ep_rank, etp_rank for the experts of
     an MoE model), read slice by slice. `layers` (first global layer, count) names the chunk's layers when
     the split is not Megatron's even one (an uneven pipeline split, a virtual-pipeline chunk): the loader
@@ -282,26 +301,30 @@ def rank_state_dict(converted: str | Path, *, tp: int = 1, tp_rank: int = 0, pp:
                        total_layers=arch["layers"], experts=arch.get("experts") or 1, tie=arch["tie_embeddings"],
                        tp=tp, tp_rank=tp_rank, pp=pp, pp_rank=pp_rank, ep=ep, ep_rank=ep_rank, etp=etp,
                        etp_rank=etp_rank, padded_vocab=padded_vocab, pre_process=pre_process,
-                       post_process=post_process, layers=layers, whole=whole)
+                       post_process=post_process, layers=layers, whole=whole, mtp=mtp)
 
 
 def rank_slices(reader, *, swiglu: bool, total_layers: int, experts: int, tie: bool, tp: int = 1, tp_rank: int = 0,
                 pp: int = 1, pp_rank: int = 0, ep: int = 1, ep_rank: int = 0, etp: int = 1, etp_rank: int = 0,
                 padded_vocab: int, pre_process: bool = True, post_process: bool = True,
                 layers: tuple[int, int] | None = None, scalar_head: bool = False,
-                whole: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+                whole: tuple[str, ...] = (), mtp: bool = False) -> dict[str, torch.Tensor]:
     """`rank_state_dict` over any source of full (TP=1, PP=1) Megatron-Core tensors by GPTModel state-dict
     name: `reader.names()`, `reader.get(name)` (a converted directory, or an fsdp_dtensor checkpoint:
     runtime/fsdp_checkpoint.py `FullTensorReader`). `swiglu`: fc1 is [gate; up] (each TP rank holds
     [gate_r; up_r]); `tie`: the output layer is the word embedding; `scalar_head`: the output layer is a reward
     model's / critic's scalar head (runtime/align/common.py `ScalarHead`: [1, h] weight and [1] bias, whole on
     every TP rank), taken as it is (a reward stage's fsdp_dtensor checkpoint feeding ppo or eval); `whole`: name
-    endings the chunk holds whole on every TP rank (TE's duplicated MLA down projections, mapping.TE_WHOLE)."""
+    endings the chunk holds whole on every TP rank (TE's duplicated MLA down projections, mapping.TE_WHOLE); `mtp`:
+    the chunk builds the multi-token prediction depths (`mtp.*`, sliced as any layer, and the word embedding they
+    embed the next tokens with, a copy past the first stage); a chunk without them skips a source's."""
     first, count = layers if layers is not None else mapping.layer_offset(total_layers, pp, pp_rank)
     first_expert, local_experts = mapping.expert_slice(experts, ep, ep_rank)
     state: dict[str, torch.Tensor] = {}
     for name in reader.names():
         key = name
+        if name.startswith("mtp.") and not mtp:
+            continue
         if name.startswith(mapping.L + "."):
             i = int(name.split(".")[2])
             if not first <= i < first + count:
@@ -315,7 +338,7 @@ def rank_slices(reader, *, swiglu: bool, total_layers: int, experts: int, tie: b
             key = f"{head}{mapping.EXPERT}{int(j) - first_expert}.{tail}"
             state[key] = mapping.shard_for_rank(name, reader.get(name), tp=etp, rank=etp_rank, swiglu=swiglu)
             continue
-        elif name.startswith("embedding.") and not pre_process:
+        elif name.startswith("embedding.") and not (pre_process or mtp):
             continue
         elif name.startswith(("decoder.final_layernorm", "output_layer")) and not post_process:
             continue
@@ -334,10 +357,28 @@ def rank_slices(reader, *, swiglu: bool, total_layers: int, experts: int, tie: b
     return state
 
 
-def _hf_tensors(family: str, arch: dict, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(family: str, arch: dict, get: Callable[[str], torch.Tensor],
+                mtp: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     for i in range(arch["layers"]):
         yield from mapping.mcore_to_hf_layer(family, i, arch, get)
     yield from mapping.mcore_to_hf_edges(family, arch, get)
+    for depth in range(mtp):
+        yield from mapping.mcore_to_hf_mtp(depth, arch, get)
+
+
+def mtp_depths(get: Callable[[str], torch.Tensor], family: str) -> int:
+    """The multi-token prediction depths a Megatron-Core checkpoint holds (`mtp.layers.{i}.eh_proj.weight`) that the
+    export writes: DeepSeek-V3's layout has a place for them (`mapping.mcore_to_hf_mtp`); a checkpoint of a stage
+    that ran without them (compiler W128) has none."""
+    if family != "deepseek_v3":
+        return 0
+    n = 0
+    while True:
+        try:
+            get(f"mtp.layers.{n}.eh_proj.weight")
+        except Exception:  # the readers raise KeyError / ConversionError for a name they do not hold
+            return n
+        n += 1
 
 
 def hf_config(manifest: Mapping[str, Any], dtype: str) -> dict[str, Any]:
@@ -381,12 +422,13 @@ def export_checkpoint(get: Callable[[str], torch.Tensor], manifest: Mapping[str,
     dtype = dtype or manifest.get("dtype", "float32")
     torch_dtype = getattr(torch, dtype)
     family, arch = manifest["family"], manifest["architecture"]
+    mtp = mtp_depths(get, family)
     get = _strict(get, "export")
     weight_map: dict[str, str] = {}
     total = 0
     tmp_names: list[str] = []
     shard: ShardWriter | None = None
-    for name, t in _hf_tensors(family, arch, get):
+    for name, t in _hf_tensors(family, arch, get, mtp):
         t = t.to(torch_dtype)
         size = t.numel() * t.element_size()
         if shard is not None and shard.size and shard.size + size > max_shard_bytes:
@@ -404,7 +446,10 @@ def export_checkpoint(get: Callable[[str], torch.Tensor], manifest: Mapping[str,
     final = _final_names(out, tmp_names, weight_map)
     atomic_write_json(out / INDEX, {"metadata": {"total_size": total},
                                     "weight_map": dict(sorted((k, final[v]) for k, v in weight_map.items()))})
-    atomic_write_json(out / "config.json", hf_config(manifest, dtype))
+    config = hf_config(manifest, dtype)
+    if mtp:  # the depths written above (DeepSeek-V3's own checkpoint: 1); without any, the source's value stays
+        config["num_nextn_predict_layers"] = mtp  # (transformers writes its default 1 with no MTP weights)
+    atomic_write_json(out / "config.json", config)
     atomic_write_json(out / "generation_config.json", generation_config(manifest, manifest.get("source"), stop_ids))
     copy_tokenizer_files(tokenizer_dir or manifest.get("source"), out)
     return out

@@ -120,6 +120,7 @@ def _rank(gpt) -> dict:
                 ep=ps.get_expert_model_parallel_world_size(), ep_rank=ps.get_expert_model_parallel_rank(),
                 etp=ps.get_expert_tensor_parallel_world_size(), etp_rank=ps.get_expert_tensor_parallel_rank(),
                 pre_process=gpt.pre_process, post_process=gpt.post_process, layers=_chunk_layers(gpt),
+                mtp=bool(getattr(gpt, "mtp_process", False)),
                 whole=whole_projections(gpt.config, gpt.state_dict()))
 
 

@@ -166,7 +166,20 @@ def _deepseek_attention_names(arch: dict) -> list[tuple[str, str]]:
     return [(h, DEEPSEEK_ATTENTION[h]) for h in (*q, "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")]
 
 
-def _deepseek_layer(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_to_mcore_mtp(depth: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    """The inverse of `mcore_to_hf_mtp`: DeepSeek-V3's `model.layers.{num_hidden_layers + depth}` -> Megatron-Core's
+    `mtp.layers.{depth}` (the copies of the embedding and output layer there are the shared ones: not read)."""
+    n, dst = arch["layers"] + depth, f"mtp.layers.{depth}"
+    prefix = f"{L}.{n}."
+    for name, t in _deepseek_layer(n, arch, get, expert=is_expert_layer(arch, arch["layers"] - 1)):
+        yield f"{dst}.transformer_layer." + name[len(prefix):], t
+    src = f"model.layers.{n}"
+    for ours, theirs in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
+                         ("final_layernorm", "shared_head.norm")):
+        yield f"{dst}.{ours}.weight", get(f"{src}.{theirs}.weight")
+
+
+def _deepseek_layer(i: int, arch: dict, get: Getter, expert: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """A DeepseekV3DecoderLayer -> Megatron-Core's MLA transformer layer:
       input_layernorm -> input_layernorm; self_attn.{q_a_proj, q_a_layernorm, q_b_proj | q_proj,
       kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj} -> self_attention.{linear_q_down_proj, q_layernorm,
@@ -182,7 +195,7 @@ def _deepseek_layer(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torc
         yield f"{dst}.self_attention.{ours}.weight", get(f"{src}.self_attn.{theirs}.weight")
     yield f"{dst}.pre_mlp_layernorm.weight", get(f"{src}.post_attention_layernorm.weight")
     m = f"{src}.mlp"
-    if not is_expert_layer(arch, i):
+    if not (is_expert_layer(arch, i) if expert is None else expert):
         yield f"{dst}.mlp.linear_fc1.weight", torch.cat([get(f"{m}.gate_proj.weight"), get(f"{m}.up_proj.weight")], 0)
         yield f"{dst}.mlp.linear_fc2.weight", get(f"{m}.down_proj.weight")
         return
@@ -196,9 +209,11 @@ def _deepseek_layer(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torc
         yield f"{ours}.linear_fc2.weight", get(f"{theirs}.down_proj.weight")
 
 
-def _deepseek_layer_out(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
-    """The inverse of `_deepseek_layer` (Megatron names in, Hugging Face names out)."""
-    src, dst = f"{L}.{i}", f"model.layers.{i}"
+def _deepseek_layer_out(i: int, arch: dict, get: Getter, expert: bool | None = None,
+                        src: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The inverse of `_deepseek_layer` (Megatron names in, Hugging Face names out). `expert` / `src`: an MTP
+    depth's layer (`mcore_to_hf_mtp`), which is no decoder layer of the pattern."""
+    src, dst = src or f"{L}.{i}", f"model.layers.{i}"
     yield f"{dst}.input_layernorm.weight", get(f"{src}.input_layernorm.weight")
     for theirs, ours in _deepseek_attention_names(arch):  # a TE checkpoint: the latent norms under TE_NORMS' names
         yield f"{dst}.self_attn.{theirs}.weight", _pick(get, f"{src}.self_attention.{ours}.weight",
@@ -206,7 +221,7 @@ def _deepseek_layer_out(i: int, arch: dict, get: Getter) -> Iterator[tuple[str, 
     yield f"{dst}.post_attention_layernorm.weight", _pick(get, f"{src}.pre_mlp_layernorm.weight",
                                                           f"{src}.mlp.linear_fc1.layer_norm_weight")
     m = f"{dst}.mlp"
-    if not is_expert_layer(arch, i):
+    if not (is_expert_layer(arch, i) if expert is None else expert):
         gate, up = torch.chunk(get(f"{src}.mlp.linear_fc1.weight"), 2, 0)
         yield f"{m}.gate_proj.weight", gate
         yield f"{m}.up_proj.weight", up
@@ -348,6 +363,27 @@ def mcore_to_hf_layer(family: str, i: int, arch: dict, get: Getter) -> Iterator[
     return _gpt2_layer_out(i, arch, get) if family == "gpt2" else _llama_layer_out(family, i, arch, get)
 
 
+def mcore_to_hf_mtp(depth: int, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
+    """Multi-token prediction depth `depth` (Megatron-Core `mtp.layers.{depth}`) -> DeepSeek-V3's
+    `model.layers.{num_hidden_layers + depth}` (the layout of deepseek-ai/DeepSeek-V3's safetensors, which
+    transformers' DeepseekV3ForCausalLM does not load): enorm, hnorm, eh_proj (the same [2h -> h] matrix: both
+    concatenate the next token's normalised embedding before the normalised hidden state), the transformer layer
+    (`transformer_layer.*` as a decoder layer of the last layer's kind), `final_layernorm` -> `shared_head.norm`,
+    and the copies DeepSeek's checkpoint keeps of the shared embedding (`embed_tokens`) and output layer
+    (`shared_head.head`, the embedding when tied)."""
+    src, n = f"mtp.layers.{depth}", arch["layers"] + depth
+    dst = f"model.layers.{n}"
+    pattern_last = is_expert_layer(arch, arch["layers"] - 1)
+    yield from _deepseek_layer_out(n, arch, get, expert=pattern_last, src=f"{src}.transformer_layer")
+    for ours, theirs in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
+                         ("final_layernorm", "shared_head.norm")):
+        yield f"{dst}.{theirs}.weight", get(f"{src}.{ours}.weight")
+    vocab = arch["vocab"]
+    emb = get("embedding.word_embeddings.weight")[:vocab]
+    yield f"{dst}.embed_tokens.weight", emb
+    yield f"{dst}.shared_head.head.weight", emb if arch["tie_embeddings"] else get("output_layer.weight")[:vocab]
+
+
 def mcore_to_hf_edges(family: str, arch: dict, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
     vocab = arch["vocab"]
     emb = get("embedding.word_embeddings.weight")[:vocab]
@@ -368,6 +404,7 @@ def mcore_to_hf_edges(family: str, arch: dict, get: Getter) -> Iterator[tuple[st
 # Column-parallel (split dim 0) and row-parallel (split dim 1) Megatron linear layers.
 _COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias",
            "word_embeddings.weight", "output_layer.weight",
+           "eh_proj.weight",  # an MTP depth's 2h -> h projection (ColumnParallelLinear, gather_output = False)
            # MLA's projections: every one column-parallel in the local spec (gather_output = False; the down
            # projections' shards are gathered inside MLASelfAttention)
            "linear_q_proj.weight", "linear_q_down_proj.weight", "linear_q_up_proj.weight",

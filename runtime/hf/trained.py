@@ -76,12 +76,12 @@ class DistCheckpointReader:
             stacked = _INDEX.sub(".", stacked)
         # a MoE model with dense layers stores each layer under its own index (the layers differ), the experts of
         # an expert layer still stacked: `decoder.layers.3.mlp.experts.experts.*` [experts, ...]
-        m = re.match(r"decoder\.layers\.(\d+)\.", name)
-        own = (f"decoder.layers.{m.group(1)}." + stacked[len("decoder.layers."):], indices[1:]) if m else None
+        # (and a multi-token prediction depth's layer likewise: `mtp.layers.0.transformer_layer.mlp.experts.experts.*`)
+        m = re.match(r"(decoder|mtp)\.layers\.(\d+)\.", name)
+        own = ((f"{m.group(1)}.layers.{m.group(2)}." + stacked[len(f"{m.group(1)}.layers."):], indices[1:]) if m
+               else None)
         # Megatron's SequentialMLP stores expert j of `mlp.experts.local_experts.j.*` as `mlp.experts.experts.*`
-        for key, idx in ((stacked, indices), own):
-            if key is None:
-                continue
+        for key, idx in [c for c in ((stacked, indices), own) if c is not None]:
             for k in (key, key.replace(".experts.local_experts.", ".experts.experts.")):
                 if k in self.meta and len(self.meta[k].size) > len(idx):
                     return k, idx

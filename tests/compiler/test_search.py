@@ -189,7 +189,8 @@ def test_the_step_time_lower_bound_holds_for_every_member_of_a_group(p: Problem)
 def large_layouts(draw):
     """A valid layout of a production-size model on a large cluster (the pruning runs at this scale)."""
     name, nodes = draw(st.sampled_from([("llama31_405b", 2048), ("llama31_70b", 64), ("mixtral_8x7b", 32),
-                                        ("nemotron4_340b", 768), ("qwen25_72b", 16), ("deepseek_v2_lite", 16)]))
+                                        ("nemotron4_340b", 768), ("qwen25_72b", 16), ("deepseek_v2_lite", 16),
+                                        ("deepseek_v3", 128)]))  # deepseek_v3: with its MTP depth
     p = Problem(model=get_preset(name), cluster=ClusterSpec(gpu="H100", nodes=nodes), gpu=replace(H100, hbm_bytes=10**15),
                 fixed=ParallelSpec(), global_batch=draw(st.sampled_from([512, 1024, 2048])), seq_length=4096,
                 kernels=draw(st.sampled_from(["te", "local"])), target=NEMOC_RUNTIME)

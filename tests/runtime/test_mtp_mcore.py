@@ -1,0 +1,132 @@
+"""Multi-token prediction against Megatron-Core 0.16.1 on the CPU: the GPTModel the runtime builds
+(`model.build_model_chunks` with `megatron_args.transformer_config` and the plan's MTP depth, `mtp_kwargs`) has
+the parameter names and count of the GPTModel Megatron-Core builds itself from the same TransformerConfig
+(gpt_layer_specs.py `get_gpt_decoder_block_spec` + `get_gpt_mtp_block_spec`), which `flops.param_counts` states
+as the main model plus `mtp`; with the same seed both compute the same main loss, the same MTP loss (Megatron's
+MTPLossLoggingHelper tracker, what the runtime logs as "mtp_1 loss") and the same gradients (the MTP loss enters
+the backward through MTPLossAutoScaler).
+
+Run in a subprocess: building Megatron models needs the CPU adaptation and a process group, which must not
+leak into the pytest process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from nemoc.compiler.flops import param_counts
+from nemoc.compiler.spec import ModelSpec
+
+# a MoE model with a dense first layer (DeepSeek's first_k_dense_replace): the MTP layer is an expert layer, the
+# last layer's kind; and a dense model whose MTP layer is a dense one
+MODELS = {
+    "moe": ModelSpec(name="t", layers=3, hidden=32, heads=4, query_groups=2, ffn_hidden=96, vocab=128, seq_length=16,
+                     experts=4, top_k=2, moe_ffn_hidden=24, shared_expert_ffn_hidden=40, moe_first_dense_layers=1,
+                     mtp_num_layers=1, mtp_loss_scaling_factor=0.3),
+    "dense_two_depths": ModelSpec(name="d", layers=2, hidden=32, heads=4, query_groups=4, ffn_hidden=64, vocab=128,
+                                  seq_length=16, mtp_num_layers=2),
+}
+
+SCRIPT = textwrap.dedent('''
+    import dataclasses, json, sys, types, torch
+    from nemoc.runtime import mcore_cpu
+    mcore_cpu.apply()
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+    from nemoc.compiler.plan import Layout
+    from nemoc.compiler.spec import ModelSpec
+    from nemoc.runtime import megatron_args as margs, model as mdl, train
+
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    facts = margs.MachineFacts(cpu=True, have_te=False)
+    layout = Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=1, global_batch=1, num_microbatches=1,
+                    sequence_parallel=False, distributed_optimizer=False, recompute="none")
+
+    def run(model, spec):
+        torch.manual_seed(7)
+        tokens = torch.randint(0, spec.vocab, (2, spec.seq_length))
+        position = torch.arange(spec.seq_length)[None].expand(2, -1)
+        MTPLossLoggingHelper.tracker.clear()
+        loss = model(tokens, position, None, labels=tokens).float().mean()
+        loss.backward()
+        mtp = train.mtp_reports(spec.mtp_num_layers)
+        grad = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
+        return float(loss), {k: float(v) for k, v in mtp.items()}, float(grad)
+
+    out = {}
+    for name, fields in json.loads(sys.argv[1]).items():
+        spec = ModelSpec(**fields)
+        cfg = margs.transformer_config(model=spec, layout=layout, precision="fp32", attention_backend="unfused",
+                                       facts=facts)
+        no_mtp = cfg.mtp_num_layers
+        execution = types.SimpleNamespace(mtp_num_layers=spec.mtp_num_layers)  # the plan's Execution field
+        cfg = dataclasses.replace(cfg, **margs.mtp_kwargs(spec, execution))
+        tensor_parallel.model_parallel_cuda_manual_seed(1)
+        torch.manual_seed(1)
+        (ours,) = mdl.build_model_chunks(config=cfg, model=spec, vocab_size=spec.vocab, seq_length=spec.seq_length,
+                                         attention_backend="unfused", have_te=False)
+        tensor_parallel.model_parallel_cuda_manual_seed(1)
+        torch.manual_seed(1)
+        block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
+        theirs = GPTModel(config=cfg, transformer_layer_spec=block, vocab_size=spec.vocab,
+                          max_sequence_length=spec.seq_length, position_embedding_type="rope",
+                          mtp_block_spec=get_gpt_mtp_block_spec(cfg, block, use_transformer_engine=False))
+        names = lambda m: sorted((n, tuple(p.shape)) for n, p in m.named_parameters())
+        out[name] = dict(no_mtp=no_mtp, config=[cfg.mtp_num_layers, cfg.mtp_loss_scaling_factor],
+                         names_equal=names(ours) == names(theirs),
+                         mtp_names=[n for n, _ in names(ours) if n.startswith("mtp.")],
+                         ours=sum(p.numel() for p in ours.parameters()),
+                         mtp=sum(p.numel() for n, p in ours.named_parameters() if n.startswith("mtp.")),
+                         theirs=sum(p.numel() for p in theirs.parameters()),
+                         run_ours=run(ours, spec), run_theirs=run(theirs, spec))
+    print("RESULT " + json.dumps(out))
+''')
+
+
+@pytest.fixture(scope="module")
+def measured():
+    fields = {name: {f.name: getattr(m, f.name) for f in dataclasses.fields(m)} for name, m in MODELS.items()}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(fields)], capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    return json.loads(lines[0][len("RESULT "):])
+
+
+@pytest.mark.slow  # one Megatron subprocess, ~20 s
+def test_parameters_equal_megatron_cores_mtp_model(measured):
+    for name, model in MODELS.items():
+        m = measured[name]
+        counts = param_counts(model)
+        assert m["names_equal"], name
+        assert m["ours"] == m["theirs"] == counts.total_with_mtp, (name, m["ours"], m["theirs"], counts)
+        assert m["mtp"] == counts.mtp > 0, (name, m["mtp"], counts.mtp)
+        assert m["no_mtp"] is None and m["config"] == [model.mtp_num_layers, model.mtp_loss_scaling_factor]
+    # every depth: enorm, hnorm, eh_proj, its layer, a final norm (the MoE model's layer has experts and a router)
+    moe = measured["moe"]["mtp_names"]
+    for part in ("mtp.layers.0.enorm.weight", "mtp.layers.0.hnorm.weight", "mtp.layers.0.eh_proj.weight",
+                 "mtp.layers.0.final_layernorm.weight", "mtp.layers.0.transformer_layer.mlp.router.weight"):
+        assert part in moe, (part, moe)
+    assert any(n.startswith("mtp.layers.1.") for n in measured["dense_two_depths"]["mtp_names"])
+
+
+@pytest.mark.slow
+def test_losses_and_gradients_equal_megatron_cores(measured):
+    """The same seed gives the same weights, the same main loss, the same per-depth MTP losses (from Megatron's
+    tracker, as the runtime reports them) and the same gradient norm (main loss + 0.3 x MTP loss in backward)."""
+    for name, model in MODELS.items():
+        ours, theirs = measured[name]["run_ours"], measured[name]["run_theirs"]
+        assert ours[0] == pytest.approx(theirs[0], rel=1e-6), name
+        assert sorted(ours[1]) == [f"mtp_{i + 1} loss" for i in range(model.mtp_num_layers)]
+        for key, value in ours[1].items():
+            assert value > 0 and value == pytest.approx(theirs[1][key], rel=1e-6), (name, key)
+        assert ours[2] == pytest.approx(theirs[2], rel=1e-6), name
