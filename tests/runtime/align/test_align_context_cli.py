@@ -123,8 +123,9 @@ LAYOUTS = {"cp2": ((), (1, 1, 2, 1)),
 
 
 @pytest.mark.slow
-# cp 2 alone is also run by the two layouts that add TP or PP to it: `long`, out of CI
-@pytest.mark.parametrize("layout_id", [pytest.param(k, marks=pytest.mark.long) if k == "cp2" else k for k in LAYOUTS])
+# CI runs pp2-cp2; cp 2 alone is in it, and TP 2 + SP with CP 2 is in test_align_parallel.py's
+# dpo-tp2sp-cp2 case (two processes equal one): the other two are `long`, out of CI
+@pytest.mark.parametrize("layout_id", [pytest.param(k, marks=pytest.mark.long) if k != "pp2-cp2" else k for k in LAYOUTS])
 def test_pretrain_sft_dpo_run_context_parallel_end_to_end(tmp_path, layout_id):
     from nemoc.compiler.plan import from_json
 
