@@ -92,6 +92,8 @@ REL_TOL = 1e-9  # time monotonicity is exact in the model up to float rounding
 DEFAULT_TOP = 5  # candidates kept (the best and its runner-ups)
 DEFAULT_HEADROOM = 0.10  # 10 % of HBM kept free for allocator spikes and what no model sees
 MEMORY_TERMS = ("weights", "gradients", "optimizer", "activations", "other")
+# the rejections of pruning (6) (`_states_overflow`)
+STATES_REASON = "out of memory (weights, gradients and optimizer states alone, before activations)"
 # Strongest memory saving first: the pruning relies on this order.
 RECOMPUTE_ORDER = ("full", "selective", "none")
 # Block recompute (`parallel.recompute_layers`) the search tries when `recompute` is auto, as shares of
@@ -406,6 +408,22 @@ class _Recorder:
             entry = self.by_reason[reason] = [0, short() if callable(short) else short, text, 0, hint]
         entry[0] += count
 
+    def states(self, layout: Layout, states: tuple[int, int, int, int], count: int) -> None:
+        """Count `count` candidates whose model states alone overflow (`memory.states_lower_bound`: (bound,
+        weights, gradients, optimizer)); the example is the smallest such overflow."""
+        self.space += count
+        bound, weights, gradients, optimizer = states
+        over = bound - self.budget
+        entry = self.by_reason.get(STATES_REASON)
+        if entry is None:
+            entry = self.by_reason[STATES_REASON] = [0, "", "", None, None]
+        entry[0] += count
+        if entry[3] is None or over < entry[3]:
+            example = (f"at least {gib(bound)} > budget {gib(self.budget)} by {gib(over)}: weights {gib(weights)} + "
+                       f"gradients {gib(gradients)} + optimizer {gib(optimizer)} + CUDA context and NCCL "
+                       f"{gib(bound - weights - gradients - optimizer)}")
+            entry[1:4] = [example, describe(layout), over]
+
     def memory(self, layout: Layout, mem: MemoryBreakdown, count: int = 1) -> None:
         self.space += count
         total = mem.total
@@ -590,7 +608,7 @@ class _Top:
         del self.items[self.n:]
 
 
-def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
+def search(p: Problem, *, top: int = DEFAULT_TOP, prune: bool = True) -> SearchResult:
     """The `top` fastest fitting candidates, with pruning (see module docstring).
 
     Exact with respect to `enumerate_all` for the best candidate, given three properties of the
@@ -607,14 +625,14 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _search(p, top)
+        return _search(p, top, prune)
     finally:
         if enabled:
             gc.enable()
 
 
-def _search(p: Problem, top: int) -> SearchResult:
-    ctx = _Context(p)
+def _search(p: Problem, top: int, prune: bool = True) -> SearchResult:
+    ctx = _Context(p, prune)
     rec = _Recorder(ctx.budget)
     best = _Top(max(1, top))
     # (bound, order, exact, sizes, SP values): a group enters with its coarse bound and is popped in the
@@ -622,14 +640,48 @@ def _search(p: Problem, top: int) -> SearchResult:
     heap = [(coarse, order, False, args, sps) for coarse, order, args, sps in _coarse_groups(ctx, rec)]
     heapq.heapify(heap)
     for bound, _, args, sps in _lazy_bounds(ctx, heap):
+        if ctx.base_pending and _base_failed(ctx, rec, args, sps, checked_only=True):
+            continue  # a non-interleaved group whose deferred bound (2) failed: recorded by `_base_fits`
         threshold = best.threshold()
         if threshold is not None and bound > threshold[0] * (1 + REL_TOL):
             # the bounds ascend and only a searched group joins the top list, so every later group is
             # slower too: all are recorded at once, with this one as the example
             _record_slower(ctx, rec, best.n, threshold[0], [(bound, 0, args, sps)] + [g[:2] + g[3:] for g in heap])
             break
+        if ctx.base_pending and _base_failed(ctx, rec, args, sps):
+            continue
         _search_group(ctx, rec, best, *args, sps)
     return rec.result(best)
+
+
+def _base_failed(ctx: _Context, rec: _Recorder, args: tuple, sps: list[bool], checked_only: bool = False) -> bool:
+    """Pruning (8), bound (2) deferred: whether the group `args` is out because its family's non-interleaved
+    group (same tp, pp, cp, ep, etp and DO) has no member that fits, checked (`_base_fits`, which records its
+    rejections) the first time a group of the family comes out of the heap, so a family whose every group's
+    step-time bound loses is never sized. The non-interleaved group itself is then out (already recorded); an
+    interleaved one with the same per-stage layers is recorded as bound (2) rejects it; one with another split
+    stays. The DO values are checked in `_do_domain`'s order (on first) up to the group's, as `_groups`
+    checks them without the deferral (dominance (4) then answers for off). `checked_only`: answer for a
+    non-interleaved group from the checks made so far (False where none was), checking nothing."""
+    tp, pp, vp, cp, ep, etp, dp, do = args
+    family = ctx.base_pending.get((tp, pp, cp, ep, etp))
+    if family is None or (vp is not None and not ctx.same_split(pp, vp)):
+        return False
+    _, dos, base_sps = family
+    if checked_only:
+        if (tp, pp, cp, ep, etp, do) not in ctx.base_checked or vp is not None:
+            return False
+    else:
+        for d in dos[:dos.index(do) + 1]:
+            if (tp, pp, cp, ep, etp, d) not in ctx.base_checked:
+                ctx.base_checked[(tp, pp, cp, ep, etp, d)] = _base_fits(ctx, rec, tp, pp, cp, ep, etp, dp, d, base_sps)
+    if ctx.base_checked[(tp, pp, cp, ep, etp, do)]:
+        return False
+    if vp is not None:
+        rec.rule("interleaving only adds activation memory (and the failed rules do not depend on it)",
+                 "rejected: interleaved variant of a layout that fails memory or rules without interleaving",
+                 f"tp={tp} pp={pp} cp={cp} vp>1", len(ctx.micro_batches(dp)) * len(ctx.recomputes(pp, vp)) * len(sps))
+    return True
 
 
 def _lazy_bounds(ctx: _Context, heap: list):
@@ -658,6 +710,8 @@ def _record_slower(ctx: _Context, rec: _Recorder, n: int, threshold: float, grou
     counted by their candidates; the first (the lowest bound) is the example."""
     count = 0
     for _, _, (tp, pp, vp, cp, ep, etp, dp, do), sps in groups:
+        if vp is None and ctx.base_checked.get((tp, pp, cp, ep, etp, do)) is False:
+            continue  # pruning (8): a non-interleaved group whose deferred bound (2) failed, recorded by `_base_fits`
         if vp is None and (tp, pp, cp, ep, etp, do) in ctx.base_fits:  # SP values `_base_fits` rejected are counted
             sps = sum(ctx.base_fits[(tp, pp, cp, ep, etp, do)], [])
         count += len(ctx.micro_batches(dp)) * len(ctx.recomputes(pp, vp)) * len(sps)
@@ -675,8 +729,9 @@ class _Context:
     function (`_micro_batches`, `_recomputes`, `evaluate_memory`, `evaluate_time`, `bound_time`)
     returns for the same arguments; the oracle (`enumerate_all`) calls those functions directly."""
 
-    def __init__(self, p: Problem):
+    def __init__(self, p: Problem, prune: bool = True):
         self.p = p
+        self.prune = prune  # prunings (6) to (9) (`search`'s `prune`)
         self.env = p.env
         self.budget = p.budget
         self._mbs: dict[int, list[int]] = {}
@@ -699,6 +754,10 @@ class _Context:
         # (tp, pp, cp, ep, etp, do) -> (the SP values whose non-interleaved group passed bound (1), those
         # not checked yet) (`_base_fits`)
         self.base_fits: dict[tuple, tuple[list[bool], list[bool]]] = {}
+        # pruning (8): (tp, pp, cp, ep, etp) -> (dp, DO values, SP values) of the families whose bound (2) check
+        # waits (`_base_failed`), and (tp, pp, cp, ep, etp, do) -> whether `_base_fits` passed, once checked
+        self.base_pending: dict[tuple, tuple[int, list[bool], list[bool]]] = {}
+        self.base_checked: dict[tuple, bool] = {}
         f = p.fixed
         kernels = p.stage_kernels
         # Layout and Sizes fields every candidate takes from the problem
@@ -716,6 +775,9 @@ class _Context:
                                 megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype,
                                 precision_aware_optimizer=f.precision_aware)
         self.grad_bytes = 4 if f.grad_reduce_in_fp32 else 2  # `_grad_bytes` of every candidate
+        self.states_kw = dict(precision=p.precision, stage_kind=p.stage_kind, peft=p.peft, params=p.params,
+                              grad_bytes=self.grad_bytes, parents=p.parents, fp8_recipe=p.fp8_recipe)
+        self._states: dict[tuple, tuple[int, int, int, int]] = {}  # `states_bound` by the sizes it reads
         self.memory_kw = dict(precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
                               stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, kernels=kernels,
                               grad_bytes=self.grad_bytes, cuda_graph_share=_graph_share(p), parents=p.parents,
@@ -812,6 +874,16 @@ class _Context:
         moe = self.moe(layout)
         return memory.estimate(self.p.model, layout, split=self.stage_layers(layout.pp, layout.vp),
                                moe_dispatcher=moe.dispatcher if moe is not None else "alltoall", **self.memory_kw)
+
+    def states_bound(self, layout: Layout) -> tuple[int, int, int, int]:
+        """`memory.states_lower_bound` of `layout`, kept by the sizes it reads (not micro batch, recompute or SP)."""
+        key = (layout.tp, layout.pp, layout.vp, layout.cp, layout.ep, layout.etp, layout.dp,
+               layout.distributed_optimizer)
+        states = self._states.get(key)
+        if states is None:
+            states = self._states[key] = memory.states_lower_bound(
+                self.p.model, layout, split=self.stage_layers(layout.pp, layout.vp), **self.states_kw)
+        return states
 
     def time(self, layout: Layout) -> Estimate:
         """`evaluate_time(p, layout)`."""
@@ -914,11 +986,17 @@ def _groups(ctx: _Context, rec: _Recorder, bounds: bool = True) -> list[tuple]:
                         if not sps:
                             continue
                         if vp is None and len(vps) > 1:
-                            # Bound (2), decided before any bound is computed: the non-interleaved group
-                            # is checked first, and when none of it fits, its interleaved variants are
-                            # rejected whole (interleaving only adds memory), the group too (its
-                            # memory rejections are recorded by `_group_fits`).
-                            failed = {do for do in dos if not _base_fits(ctx, rec, tp, pp, cp, ep, etp, dp, do, sps)}
+                            if ctx.prune:
+                                # Pruning (8): bound (2)'s check waits until a group of the family comes out
+                                # of the heap (`_base_failed`); most never do (their step-time bound loses)
+                                ctx.base_pending[(tp, pp, cp, ep, etp)] = (dp, dos, sps)
+                            else:
+                                # Bound (2), decided before any bound is computed: the non-interleaved group
+                                # is checked first, and when none of it fits, its interleaved variants are
+                                # rejected whole (interleaving only adds memory), the group too (its
+                                # memory rejections are recorded by `_group_fits`).
+                                failed = {do for do in dos
+                                          if not _base_fits(ctx, rec, tp, pp, cp, ep, etp, dp, do, sps)}
                         same_split = vp is not None and ctx.same_split(pp, vp)
                         if failed and same_split:
                             rec.rule("interleaving only adds activation memory (and the failed rules do not depend "
@@ -927,7 +1005,8 @@ def _groups(ctx: _Context, rec: _Recorder, bounds: bool = True) -> list[tuple]:
                                      len(mbs) * len(ctx.recomputes(pp, vp)) * len(sps) * len(failed))
                         # an interleaved split other than the non-interleaved one (uneven: fewer layers on the
                         # first stage, which holds the most micro-batches) can fit where that one does not
-                        live = [do for do in dos if not same_split or do not in failed]
+                        # (the non-interleaved group of a failed DO value is out too: `_base_fits` recorded it)
+                        live = [do for do in dos if not (same_split or vp is None) or do not in failed]
                         if not live:
                             continue
                         # one bound serves every DO value (`_Context.group_bound`)
@@ -1151,6 +1230,10 @@ def _group_fits(ctx: _Context, rec: _Recorder, bound: Layout, count: int) -> boo
         rec.rule("distributed_optimizer = on needs no more memory and already overflows", "out of memory (the "
                  "distributed optimizer, never larger, already overflows)", bound, count)
         return False
+    if ctx.prune and _states_overflow(ctx, rec, bound, count):
+        if bound.distributed_optimizer and ctx.p.fixed.distributed_optimizer is None:
+            ctx.dopt_overflows.add(key)
+        return False
     rec.evaluated += 1
     mem = ctx.memory(bound)
     if mem.total > ctx.budget:
@@ -1158,6 +1241,20 @@ def _group_fits(ctx: _Context, rec: _Recorder, bound: Layout, count: int) -> boo
         if bound.distributed_optimizer and ctx.p.fixed.distributed_optimizer is None:
             ctx.dopt_overflows.add(key)
         return False
+    return True
+
+
+def _states_overflow(ctx: _Context, rec: _Recorder, bound: Layout, count: int) -> bool:
+    """Pruning (6): the group of `bound` (its `count` candidates) is rejected without the exact estimate
+    when its model states alone (`memory.states_lower_bound`: never above the exact total of any micro
+    batch, recompute or SP value) overflow, and by more than the closest overflow seen so far: the exact
+    estimate overflows by at least as much, so it could not have become `SearchResult.closest` (the
+    "nothing fits" diagnostic's layout), which stays the unpruned search's."""
+    states = ctx.states_bound(bound)
+    over = states[0] - ctx.budget
+    if over <= 0 or rec.closest is None or over <= rec.closest.over_bytes:
+        return False
+    rec.states(bound, states, count)
     return True
 
 
@@ -1176,12 +1273,19 @@ def _search_recompute(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp,
             rec.memory(layout, mem)
             continue
         split = _split(ctx.p, pp, vp)
-        first = Candidate(layout, split, mem, ctx.time(layout))
-        best.push(first)
+        if _loses(ctx, best, layout):
+            # Pruning (7): it fits, but its step time is already above the top list's last entry: counted as a
+            # fitting candidate that did not enter the list, its time estimated only if a message shows it
+            best.seen += 1
+            first_time = lambda: ctx.time(layout).step_time_s  # noqa: E731
+        else:
+            first = Candidate(layout, split, mem, ctx.time(layout))
+            best.push(first)
+            first_time = lambda: first.estimate.step_time_s  # noqa: E731
         for j in range(k - 1, -1, -1):
             threshold = best.threshold()
-            if threshold is not None and first.estimate.step_time_s > threshold[0] * (1 + REL_TOL):
-                rec.rule(lambda: f"{first.estimate.step_time_s:.3g} s with recompute = {recompute_text(*rcs[k])} is "
+            if threshold is not None and first_time() > threshold[0] * (1 + REL_TOL):
+                rec.rule(lambda: f"{first_time():.3g} s with recompute = {recompute_text(*rcs[k])} is "
                          f"already slower than the top {best.n}", "slower: more recompute of a layout already outside "
                          "the top list", lambda: describe(_with_recompute(layout, rcs[j])), j + 1)
                 break
@@ -1192,6 +1296,20 @@ def _search_recompute(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp,
         return k
     _record_weaker(rec, layout, rcs, weakest)
     return -1
+
+
+def _loses(ctx: _Context, best: _Top, layout: Layout) -> bool:
+    """Pruning (7): `layout`'s step time is provably above the top list's last entry, so it cannot enter the
+    list: `cost.step_time_lower_bound` over the micro batches from its own to its group's largest (a range
+    that holds it, so a lower bound of its exact `estimate`; the group's layer times are already in the
+    bound's memo) is above the threshold by more than twice the float tolerance (REL_TOL), so the exact
+    time is above it by more than REL_TOL too, which is also what `_search_recompute`'s stronger-recompute
+    test asks. Off without `ctx.prune`."""
+    threshold = best.threshold() if ctx.prune else None
+    if threshold is None:
+        return False
+    largest = ctx.micro_batches(layout.dp)[-1]
+    return ctx.bound(layout, (layout.micro_batch, largest)) > threshold[0] * (1 + REL_TOL) ** 2
 
 
 def _record_weaker(rec: _Recorder, layout: Layout, rcs: list, weakest: int) -> None:
