@@ -1608,7 +1608,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
                           overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
                           moe: MoeExecution | None = None, host: HostExecution | None = None,
                           attention_span: float | None = None, memo: dict | None = None,
-                          cross_entropy: str | None = None) -> float:
+                          cross_entropy: str | None = None, any_vp: bool = False) -> float:
     """A lower bound of `estimate(...).step_time_s` over every micro batch in the range
     `micro_batches` = (smallest, largest) and every recompute level, for the other sizes of `layout`
     (its micro batch and recompute are ignored; `layout.num_microbatches x layout.micro_batch` is the
@@ -1632,7 +1632,13 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     (tp, cp, ep, etp, sequence parallelism, largest micro batch) (at recompute = none `layer_times` reads no other size of the
     layout: pp and vp only for block recompute; `moe` follows ep), the stage times by those and (pp,
     split), the trainable parameters by (tp, pp, ep, etp, split). tests/compiler/test_search.py checks
-    that every bound with the memo equals the bound without it."""
+    that every bound with the memo equals the bound without it.
+
+    `any_vp`: a lower bound of the same for every virtual-pipeline size (and so every pipeline split) of
+    `layout`'s other sizes: the steady state at the mean stage alone. The mean stage's time is the same
+    float for every split (`_stage_times`: all layers, their extras summed over the stages, and the output
+    layer, over pp), the slowest stage is never below it (max(..., mean)), and the terms left out (bubble,
+    transfers, optimizer) are >= 0; rounding is monotone, so the float bound holds too."""
     hw = gpu if isinstance(gpu, HardwareSpec) else get_gpu(gpu or (cluster.gpu if cluster else "H100"))
     hw = _node_domain(hw, cluster.gpus_per_node if cluster is not None else None)
     seq = seq_length or model.seq_length
@@ -1680,6 +1686,8 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
         model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows, backward=main.backward, params=params,
         scalar_head=main.scalar_head, split=split, kernels=kernels, cross_entropy=cross_entropy,
         deferred_wgrad=True, dense=dense()))
+    if any_vp:
+        return main.count * rows * mean / largest + params.step_overhead
     per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest
     vp = layout.vp or 1
     t = main.count * rows * slow / largest + params.step_overhead  # the slowest stage's, at its lowest

@@ -635,9 +635,10 @@ def _search(p: Problem, top: int, prune: bool = True) -> SearchResult:
     ctx = _Context(p, prune)
     rec = _Recorder(ctx.budget)
     best = _Top(max(1, top))
-    # (bound, order, exact, sizes, SP values): a group enters with its coarse bound and is popped in the
-    # order of its exact bound (`_lazy_bounds`)
-    heap = [(coarse, order, False, args, sps) for coarse, order, args, sps in _coarse_groups(ctx, rec)]
+    # (bound, order, level, sizes, SP values): a group enters with its coarse bound (or, pruning (9), in a
+    # family with the family's bound) and is popped in the order of its exact bound (`_lazy_bounds`)
+    heap = (_families(ctx, rec) if prune else
+            [(coarse, order, _COARSE, args, sps) for coarse, order, args, sps in _coarse_groups(ctx, rec)])
     heapq.heapify(heap)
     for bound, _, args, sps in _lazy_bounds(ctx, heap):
         if ctx.base_pending and _base_failed(ctx, rec, args, sps, checked_only=True):
@@ -646,7 +647,7 @@ def _search(p: Problem, top: int, prune: bool = True) -> SearchResult:
         if threshold is not None and bound > threshold[0] * (1 + REL_TOL):
             # the bounds ascend and only a searched group joins the top list, so every later group is
             # slower too: all are recorded at once, with this one as the example
-            _record_slower(ctx, rec, best.n, threshold[0], [(bound, 0, args, sps)] + [g[:2] + g[3:] for g in heap])
+            _record_slower(ctx, rec, best.n, threshold[0], [(bound, 0, args, sps)] + _waiting(heap))
             break
         if ctx.base_pending and _base_failed(ctx, rec, args, sps):
             continue
@@ -691,11 +692,47 @@ def _lazy_bounds(ctx: _Context, heap: list):
     entry with its exact bound b comes first, every other has a key >= b, and its exact bound >= its key.
     A group the search ends before (bound (5)) never has its exact bound computed."""
     while heap:
-        bound, order, exact, args, sps = heapq.heappop(heap)
-        if exact:
+        bound, order, level, args, sps = heapq.heappop(heap)
+        if level == _EXACT:
             yield bound, order, args, sps
+        elif level == _COARSE:
+            heapq.heappush(heap, (ctx.group_bound(args, sps), order, _EXACT, args, sps))
+        else:  # a family (`_families`): its groups, each under its exact bound
+            for order, args, sps in args:
+                heapq.heappush(heap, (ctx.group_bound(args, sps), order, _EXACT, args, sps))
+
+
+# the levels of the heap's entries (`_lazy_bounds`): a family of groups under the family's bound, a group under
+# its coarse bound, a group under its exact bound
+_FAMILY, _COARSE, _EXACT = 0, 1, 2
+
+
+def _families(ctx: _Context, rec: _Recorder) -> list[tuple]:
+    """Pruning (9): `_groups` as heap entries of `_lazy_bounds`, one per family of groups that differ only in VP
+    and DO (the same tp, pp, cp, ep, etp, so dp and the micro batches, and the same preferred SP value) under
+    the family's bound (`_Context.family_bound`: never above a member's exact bound) and its members' first
+    order; a family whose bound loses is never expanded, so its members' bounds are never computed. The
+    order of the yielded groups is that of sorting every exact bound, as with coarse bounds: a family's key
+    (bound, order) is at or below each member's (exact bound, order)."""
+    families: dict[tuple, list] = {}
+    groups = _groups(ctx, rec, bounds=False)
+    ctx.coarsest = max((ctx.micro_batches(args[6])[-1] for _, _, args, _ in groups), default=1)
+    for _, order, args, sps in groups:
+        tp, pp, vp, cp, ep, etp, dp, do = args
+        families.setdefault((tp, pp, cp, ep, etp, sps[0]), []).append((order, args, sps))
+    return [(ctx.family_bound(members[0][1], members[0][2]), members[0][0], _FAMILY, tuple(members), None)
+            for members in families.values()]
+
+
+def _waiting(heap: list) -> list[tuple]:
+    """The groups still in the heap, as (bound, order, sizes, SP values), a family's groups under its bound."""
+    out = []
+    for bound, order, level, args, sps in heap:
+        if level == _FAMILY:
+            out.extend((bound, order, a, s) for order, a, s in args)
         else:
-            heapq.heappush(heap, (ctx.group_bound(args, sps), order, True, args, sps))
+            out.append((bound, order, args, sps))
+    return out
 
 
 def _coarse_groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
@@ -729,7 +766,7 @@ class _Context:
     function (`_micro_batches`, `_recomputes`, `evaluate_memory`, `evaluate_time`, `bound_time`)
     returns for the same arguments; the oracle (`enumerate_all`) calls those functions directly."""
 
-    def __init__(self, p: Problem, prune: bool = True):
+    def __init__(self, p: Problem, prune: bool = False):
         self.p = p
         self.prune = prune  # prunings (6) to (9) (`search`'s `prune`)
         self.env = p.env
@@ -921,6 +958,18 @@ class _Context:
                 self.layout(tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, ("none", None)),
                 (mbs[0], max(self.coarsest, mbs[-1])))
         return bound
+
+    def family_bound(self, args: tuple, sps: list[bool]) -> float:
+        """A lower bound of `group_bound` for every group that differs from `args` only in VP and DO (pruning
+        (9)): `cost.step_time_lower_bound(any_vp=True)` of its layout without VP, over the micro batches from
+        its smallest to `coarsest` (a superset of its own, as `coarse_bound`: the layer times then depend on
+        (tp, cp, ep, etp, SP) only and one memo entry serves every pp and dp)."""
+        tp, pp, _, cp, ep, etp, dp, _ = args
+        mbs = self.micro_batches(dp)
+        layout = self.layout(tp, pp, None, cp, ep, etp, dp, mbs[-1], sps[0], True, ("none", None))
+        return cost.step_time_lower_bound(self.p.model, layout, micro_batches=(mbs[0], max(self.coarsest, mbs[-1])),
+                                          split=self.stage_layers(pp, None), moe=self.moe(layout),
+                                          memo=self._bound_memo, any_vp=True, **self.bound_kw)
 
     def bound(self, layout: Layout, micro_batches: tuple[int, int]) -> float:
         """`bound_time(p, layout, micro_batches)`."""
