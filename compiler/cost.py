@@ -1674,9 +1674,13 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
         layer_kw = dict(seq=seq, attention_backend=attention_backend, micro_batch=largest * work.rows,
                         backward=main.backward, params=params, overlap_tp=overlap_tp, kernels=kernels,
                         attention_span=attention_span)
-        # the dense layer's times read the sizes of `key` only, as the expert layer's do (recompute = none)
+        # the dense layer's times read the sizes of `key` but EP and ETP (recompute = none): a dense layer has
+        # no experts (`layer_times` reads ep / etp only where `model.is_moe`: the expert GEMM shapes, local
+        # experts, the busiest rank's load, the token dispatch, and `layer_activations`' expert tensors), so
+        # one entry serves every expert layout
+        dense_key = ("dense", layout.tp, layout.cp, layout.sequence_parallel, largest)
         mixed = _dense_layers(model, layout, hw, lt, split, precision, graph=graph, **layer_kw,
-                              dense_times=lambda: _kept(memo, key + ("dense",), lambda: layer_times(
+                              dense_times=lambda: _kept(memo, dense_key, lambda: layer_times(
                                   model.dense_layer_model, layout, hw, precision=precision, fp8_recipe=None,
                                   **layer_kw)))
         return mixed[0] if mixed is not None else None
