@@ -92,6 +92,8 @@ REL_TOL = 1e-9  # time monotonicity is exact in the model up to float rounding
 DEFAULT_TOP = 5  # candidates kept (the best and its runner-ups)
 DEFAULT_HEADROOM = 0.10  # 10 % of HBM kept free for allocator spikes and what no model sees
 MEMORY_TERMS = ("weights", "gradients", "optimizer", "activations", "other")
+# the rejections of pruning (10) (`_micro_batch_loses`)
+MB_SLOWER_REASON = "slower: a lower bound of the step time at this micro batch is already above the top list"
 # the rejections of pruning (6) (`_states_overflow`)
 STATES_REASON = "out of memory (weights, gradients and optimizer states alone, before activations)"
 # Strongest memory saving first: the pruning relies on this order.
@@ -1228,6 +1230,8 @@ def _search_group(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep,
         return False
     weakest = {sp: len(rcs) - 1 for sp in sps}  # per SP: the weakest recompute that can still fit
     for i, mb in enumerate(mbs):
+        if i and _micro_batch_loses(ctx, rec, best, (tp, pp, vp, cp, ep, etp, dp, mb, sps[0], do), len(rcs) * len(sps)):
+            continue  # a larger micro batch may be faster per row: the loop goes on
         any_fit = False
         for sp in sps:
             layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[0])
@@ -1359,6 +1363,23 @@ def _loses(ctx: _Context, best: _Top, layout: Layout) -> bool:
         return False
     largest = ctx.micro_batches(layout.dp)[-1]
     return ctx.bound(layout, (layout.micro_batch, largest)) > threshold[0] * (1 + REL_TOL) ** 2
+
+
+def _micro_batch_loses(ctx: _Context, rec: _Recorder, best: _Top, sizes: tuple, count: int) -> bool:
+    """Pruning (10): the `count` candidates of one group and micro batch (every recompute level and SP value)
+    are out, unsized, when `cost.step_time_lower_bound` of that micro batch alone (at the preferred SP value,
+    never slower) is above the top list's last entry: none could enter the list. Off without `ctx.prune`."""
+    threshold = best.threshold() if ctx.prune else None
+    if threshold is None:
+        return False
+    tp, pp, vp, cp, ep, etp, dp, mb, sp, do = sizes
+    layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, ("none", None))
+    bound = ctx.bound(layout, (mb, mb))
+    if bound <= threshold[0] * (1 + REL_TOL):
+        return False
+    rec.rule(lambda: f"its step time is at least {bound:.3g} s, slower than the top {best.n} ({threshold[0]:.3g} s "
+             "and faster)", MB_SLOWER_REASON, lambda: describe(layout), count)
+    return True
 
 
 def _record_weaker(rec: _Recorder, layout: Layout, rcs: list, weakest: int) -> None:
