@@ -92,8 +92,9 @@ REL_TOL = 1e-9  # time monotonicity is exact in the model up to float rounding
 DEFAULT_TOP = 5  # candidates kept (the best and its runner-ups)
 DEFAULT_HEADROOM = 0.10  # 10 % of HBM kept free for allocator spikes and what no model sees
 MEMORY_TERMS = ("weights", "gradients", "optimizer", "activations", "other")
-# the rejections of pruning (10) (`_micro_batch_loses`)
-MB_SLOWER_REASON = "slower: a lower bound of the step time at this micro batch is already above the top list"
+# the rejections of prunings (10) and (7) (`_micro_batch_loses`, `_loses`)
+MB_SLOWER_REASON = ("slower: a lower bound of the step time at this micro batch (and recompute) is already above "
+                    "the top list")
 # the rejections of pruning (6) (`_states_overflow`)
 STATES_REASON = "out of memory (weights, gradients and optimizer states alone, before activations)"
 # Strongest memory saving first: the pruning relies on this order.
@@ -1240,11 +1241,15 @@ def _search_group(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep,
                 rec.rule(v.short, f"{v.code} {v.message}", layout, len(rcs), v.hint)
                 any_fit = True  # a rule, not memory, stopped this micro batch: larger ones may pass
                 continue  # the fp8 token rule (E138) depends on sequence parallelism: try the other value
-            k = _search_recompute(ctx, rec, best, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs, weakest[sp])
+            k, unsized = _search_recompute(ctx, rec, best, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs, weakest[sp])
             fitted = k >= 0
-            if fitted:
+            # the weakest level that may fit a larger micro batch: the weakest that fitted this one, or a weaker
+            # one pruning (7) left unsized (whether it fits is unknown; the levels weaker than both overflowed)
+            if unsized is not None:
+                weakest[sp] = unsized
+            elif fitted:
                 weakest[sp] = k
-            any_fit = any_fit or fitted
+            any_fit = any_fit or fitted or unsized is not None
             if fitted and ctx.p.fixed.sequence_parallel is None and sp and len(sps) > 1:
                 rec.rule("sequence_parallel = on fits and is never slower", "dominated: sequence_parallel = off "
                          "(on fits and is never slower)", lambda: describe(replace(layout, sequence_parallel=False)), len(rcs))
@@ -1317,28 +1322,32 @@ def _search_recompute(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp,
     (levels weaker than the weakest that fitted a smaller micro batch cannot fit: memory is
     monotone in the micro batch). The first that fits is the fastest (time is monotone in
     recompute) and every stronger one fits too; a stronger one is costed only while it could still
-    enter the top list. Returns the index of the weakest level that fits, or -1."""
+    enter the top list. Returns (the index of the weakest level that fits, or -1; the weakest level that
+    pruning (7) left unsized, or None)."""
+    unsized = None  # the weakest level pruning (7) left unsized
     for k in range(weakest, -1, -1):
         layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[k])
+        if rcs[k][1] is None and _loses(ctx, best, layout):
+            # Pruning (7): this level cannot enter the top list: out, unsized. Only this one: a block
+            # recompute level may be faster than selective recompute, so the stronger ones are still tried
+            # (block levels are not asked: their bound is a memo entry per pp and vp)
+            rec.rule(lambda: f"its step time is at least {_bound_of(ctx, layout):.3g} s with recompute = "
+                     f"{recompute_text(*rcs[k])}, slower than the top {best.n}", MB_SLOWER_REASON,
+                     lambda: describe(layout), 1)
+            unsized = k if unsized is None else unsized
+            continue
         rec.evaluated += 1
         mem = ctx.memory(layout)
         if mem.total > ctx.budget:
             rec.memory(layout, mem)
             continue
         split = _split(ctx.p, pp, vp)
-        if _loses(ctx, best, layout):
-            # Pruning (7): it fits, but its step time is already above the top list's last entry: counted as a
-            # fitting candidate that did not enter the list, its time estimated only if a message shows it
-            best.seen += 1
-            first_time = lambda: ctx.time(layout).step_time_s  # noqa: E731
-        else:
-            first = Candidate(layout, split, mem, ctx.time(layout))
-            best.push(first)
-            first_time = lambda: first.estimate.step_time_s  # noqa: E731
+        first = Candidate(layout, split, mem, ctx.time(layout))
+        best.push(first)
         for j in range(k - 1, -1, -1):
             threshold = best.threshold()
-            if threshold is not None and first_time() > threshold[0] * (1 + REL_TOL):
-                rec.rule(lambda: f"{first_time():.3g} s with recompute = {recompute_text(*rcs[k])} is "
+            if threshold is not None and first.estimate.step_time_s > threshold[0] * (1 + REL_TOL):
+                rec.rule(lambda: f"{first.estimate.step_time_s:.3g} s with recompute = {recompute_text(*rcs[k])} is "
                          f"already slower than the top {best.n}", "slower: more recompute of a layout already outside "
                          "the top list", lambda: describe(_with_recompute(layout, rcs[j])), j + 1)
                 break
@@ -1346,23 +1355,29 @@ def _search_recompute(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp,
             rec.evaluated += 1
             best.push(Candidate(stronger, split, ctx.memory(stronger), ctx.time(stronger)))
         _record_weaker(rec, layout, rcs, weakest)
-        return k
+        return k, unsized
     _record_weaker(rec, layout, rcs, weakest)
-    return -1
+    return -1, unsized
+
+
+def _bound_of(ctx: _Context, layout: Layout) -> float:
+    """The bound `_loses` compares (for a message)."""
+    return cost.step_time_lower_bound(ctx.p.model, layout, micro_batches=(layout.micro_batch, layout.micro_batch),
+                                      split=ctx.stage_layers(layout.pp, layout.vp), moe=ctx.moe(layout),
+                                      memo=ctx._bound_memo, keep_recompute=True, **ctx.bound_kw)
 
 
 def _loses(ctx: _Context, best: _Top, layout: Layout) -> bool:
-    """Pruning (7): `layout`'s step time is provably above the top list's last entry, so it cannot enter the
-    list: `cost.step_time_lower_bound` over the micro batches from its own to its group's largest (a range
-    that holds it, so a lower bound of its exact `estimate`; the group's layer times are already in the
-    bound's memo) is above the threshold by more than twice the float tolerance (REL_TOL), so the exact
-    time is above it by more than REL_TOL too, which is also what `_search_recompute`'s stronger-recompute
-    test asks. Off without `ctx.prune`."""
+    """Prunings (7) and (11): `layout`'s step time, and so (time is monotone in recompute) that of every
+    stronger recompute level, is provably above the top list's last entry, so none can enter the list:
+    `cost.step_time_lower_bound` of its own micro batch and recompute level (`keep_recompute`; a lower bound
+    of its exact `estimate`, tested) is above the threshold by more than twice the float tolerance
+    (REL_TOL), so the exact time is above it by more than REL_TOL too, which is also what
+    `_search_recompute`'s stronger-recompute test asks. Off without `ctx.prune`."""
     threshold = best.threshold() if ctx.prune else None
     if threshold is None:
         return False
-    largest = ctx.micro_batches(layout.dp)[-1]
-    return ctx.bound(layout, (layout.micro_batch, largest)) > threshold[0] * (1 + REL_TOL) ** 2
+    return _bound_of(ctx, layout) > threshold[0] * (1 + REL_TOL) ** 2
 
 
 def _micro_batch_loses(ctx: _Context, rec: _Recorder, best: _Top, sizes: tuple, count: int) -> bool:
