@@ -1608,8 +1608,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
                           overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
                           moe: MoeExecution | None = None, host: HostExecution | None = None,
                           attention_span: float | None = None, memo: dict | None = None,
-                          cross_entropy: str | None = None, any_vp: bool = False,
-                          keep_recompute: bool = False) -> float:
+                          cross_entropy: str | None = None, any_vp: bool = False) -> float:
     """A lower bound of `estimate(...).step_time_s` over every micro batch in the range
     `micro_batches` = (smallest, largest) and every recompute level, for the other sizes of `layout`
     (its micro batch and recompute are ignored; `layout.num_microbatches x layout.micro_batch` is the
@@ -1639,12 +1638,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     `layout`'s other sizes: the steady state at the mean stage alone. The mean stage's time is the same
     float for every split (`_stage_times`: all layers, their extras summed over the stages, and the output
     layer, over pp), the slowest stage is never below it (max(..., mean)), and the terms left out (bubble,
-    transfers, optimizer) are >= 0; rounding is monotone, so the float bound holds too.
-
-    `keep_recompute`: a lower bound for `layout`'s own recompute level (and, time being monotone in recompute,
-    every stronger one) only: the layer times at that level, the same argument with its replays in every
-    per-micro-batch term; the memo keys then add the fields `layer_times` reads for it (the level, its
-    layers and modules, and pp and vp for block recompute)."""
+    transfers, optimizer) are >= 0; rounding is monotone, so the float bound holds too."""
     hw = gpu if isinstance(gpu, HardwareSpec) else get_gpu(gpu or (cluster.gpu if cluster else "H100"))
     hw = _node_domain(hw, cluster.gpus_per_node if cluster is not None else None)
     seq = seq_length or model.seq_length
@@ -1654,7 +1648,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     main = work.passes[0]
     smallest, largest = micro_batches
     rows = layout.num_microbatches * layout.micro_batch
-    if layout.recompute != "none" and not keep_recompute:
+    if layout.recompute != "none":
         layout = replace(layout, recompute="none")
 
     def layers() -> LayerTimes:
@@ -1668,9 +1662,6 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
         return lt
 
     key = (layout.tp, layout.cp, layout.ep, layout.etp, layout.sequence_parallel, largest)
-    if layout.recompute != "none":  # keep_recompute: block recompute's replayed share reads pp and vp
-        key += (layout.recompute, layout.recompute_layers, layout.recompute_modules) + (
-            (layout.pp, layout.vp) if layout.recompute_layers is not None else ())
     lt = _kept(memo, key, layers)
 
     has_dense = _kept(memo, "has_dense", lambda: model.has_dense_layers)  # the property sums the layer pattern
@@ -1683,11 +1674,11 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
         layer_kw = dict(seq=seq, attention_backend=attention_backend, micro_batch=largest * work.rows,
                         backward=main.backward, params=params, overlap_tp=overlap_tp, kernels=kernels,
                         attention_span=attention_span)
-        # the dense layer's times read the sizes of `key` but EP and ETP: a dense layer has
+        # the dense layer's times read the sizes of `key` but EP and ETP (recompute = none): a dense layer has
         # no experts (`layer_times` reads ep / etp only where `model.is_moe`: the expert GEMM shapes, local
         # experts, the busiest rank's load, the token dispatch, and `layer_activations`' expert tensors), so
         # one entry serves every expert layout
-        dense_key = ("dense", layout.tp, layout.cp, layout.sequence_parallel, largest) + key[6:]
+        dense_key = ("dense", layout.tp, layout.cp, layout.sequence_parallel, largest)
         mixed = _dense_layers(model, layout, hw, lt, split, precision, graph=graph, **layer_kw,
                               dense_times=lambda: _kept(memo, dense_key, lambda: layer_times(
                                   model.dense_layer_model, layout, hw, precision=precision, fp8_recipe=None,

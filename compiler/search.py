@@ -44,6 +44,22 @@ properties of the memory and cost models that tests/compiler/test_search.py asse
       (`_Context.coarse_bound`, never above its exact one, with layer times by (TP, CP, EP, ETP, SP)
       only) and gets its exact bound when that comes first; the groups come out in the order of their
       exact bounds, so the search and its rejections are those of sorting every exact bound (tested).
+Prunings (6) to (9) (`search(prune=True)`, the default; `prune=False` is the search without them, which
+tests/compiler/test_search_pruning.py compares with it: the same ranked candidates and candidate count on 300
+random problems) skip work that cannot change the top list; a candidate they skip is counted under the reason
+that let it go, so `space` is unchanged and the count moves between reasons (which reason a rejected candidate
+is counted under depends on what the search asked first):
+  (6) a group whose model states alone overflow (`memory.states_lower_bound`: weights, gradients and
+      optimizer of the first or last stage with the CUDA context and NCCL buffers, which no micro batch,
+      recompute or SP value lowers) is rejected without the exact estimate, unless its overflow could be the
+      smallest seen (`SearchResult.closest` stays exact);
+  (7) bound (2)'s memory check of a non-interleaved group waits until a group of its family comes out of
+      the heap (`_base_failed`): a family whose step-time bounds all lose is never sized;
+  (8) the groups of one (TP, PP, CP, EP, ETP, preferred SP) enter the heap as one family under a bound of
+      all its VP and DO values (`cost.step_time_lower_bound(any_vp=True)`: the mean stage's steady state,
+      never above a member's bound) and get their own bounds only when the family comes first;
+  (9) inside a searched group, a micro batch whose own step-time bound (`micro_batches=(mb, mb)`) is above
+      the top list's last entry is skipped unsized (`_micro_batch_loses`; larger ones are still tried).
 The rules are pure functions of the env and the sizes they read: each is asked through a per-search
 decision tree of the fields it read (`_Decisions`), so a rule that reads neither VP nor SP answers once
 per (TP, PP, CP, EP, ETP). Only candidates that fit reach the cost model. `enumerate_all` is the brute-force oracle: the raw
@@ -92,9 +108,8 @@ REL_TOL = 1e-9  # time monotonicity is exact in the model up to float rounding
 DEFAULT_TOP = 5  # candidates kept (the best and its runner-ups)
 DEFAULT_HEADROOM = 0.10  # 10 % of HBM kept free for allocator spikes and what no model sees
 MEMORY_TERMS = ("weights", "gradients", "optimizer", "activations", "other")
-# the rejections of prunings (10) and (7) (`_micro_batch_loses`, `_loses`)
-MB_SLOWER_REASON = ("slower: a lower bound of the step time at this micro batch (and recompute) is already above "
-                    "the top list")
+# the rejections of pruning (9) (`_micro_batch_loses`)
+MB_SLOWER_REASON = "slower: a lower bound of the step time at this micro batch is already above the top list"
 # the rejections of pruning (6) (`_states_overflow`)
 STATES_REASON = "out of memory (weights, gradients and optimizer states alone, before activations)"
 # Strongest memory saving first: the pruning relies on this order.
@@ -638,7 +653,7 @@ def _search(p: Problem, top: int, prune: bool = True) -> SearchResult:
     ctx = _Context(p, prune)
     rec = _Recorder(ctx.budget)
     best = _Top(max(1, top))
-    # (bound, order, level, sizes, SP values): a group enters with its coarse bound (or, pruning (9), in a
+    # (bound, order, level, sizes, SP values): a group enters with its coarse bound (or, pruning (8), in a
     # family with the family's bound) and is popped in the order of its exact bound (`_lazy_bounds`)
     heap = (_families(ctx, rec) if prune else
             [(coarse, order, _COARSE, args, sps) for coarse, order, args, sps in _coarse_groups(ctx, rec)])
@@ -659,7 +674,7 @@ def _search(p: Problem, top: int, prune: bool = True) -> SearchResult:
 
 
 def _base_failed(ctx: _Context, rec: _Recorder, args: tuple, sps: list[bool], checked_only: bool = False) -> bool:
-    """Pruning (8), bound (2) deferred: whether the group `args` is out because its family's non-interleaved
+    """Pruning (7), bound (2) deferred: whether the group `args` is out because its family's non-interleaved
     group (same tp, pp, cp, ep, etp and DO) has no member that fits, checked (`_base_fits`, which records its
     rejections) the first time a group of the family comes out of the heap, so a family whose every group's
     step-time bound loses is never sized. The non-interleaved group itself is then out (already recorded); an
@@ -711,7 +726,7 @@ _FAMILY, _COARSE, _EXACT = 0, 1, 2
 
 
 def _families(ctx: _Context, rec: _Recorder) -> list[tuple]:
-    """Pruning (9): `_groups` as heap entries of `_lazy_bounds`, one per family of groups that differ only in VP
+    """Pruning (8): `_groups` as heap entries of `_lazy_bounds`, one per family of groups that differ only in VP
     and DO (the same tp, pp, cp, ep, etp, so dp and the micro batches, and the same preferred SP value) under
     the family's bound (`_Context.family_bound`: never above a member's exact bound) and its members' first
     order; a family whose bound loses is never expanded, so its members' bounds are never computed. The
@@ -751,7 +766,7 @@ def _record_slower(ctx: _Context, rec: _Recorder, n: int, threshold: float, grou
     count = 0
     for _, _, (tp, pp, vp, cp, ep, etp, dp, do), sps in groups:
         if vp is None and ctx.base_checked.get((tp, pp, cp, ep, etp, do)) is False:
-            continue  # pruning (8): a non-interleaved group whose deferred bound (2) failed, recorded by `_base_fits`
+            continue  # pruning (7): a non-interleaved group whose deferred bound (2) failed, recorded by `_base_fits`
         if vp is None and (tp, pp, cp, ep, etp, do) in ctx.base_fits:  # SP values `_base_fits` rejected are counted
             sps = sum(ctx.base_fits[(tp, pp, cp, ep, etp, do)], [])
         count += len(ctx.micro_batches(dp)) * len(ctx.recomputes(pp, vp)) * len(sps)
@@ -794,7 +809,7 @@ class _Context:
         # (tp, pp, cp, ep, etp, do) -> (the SP values whose non-interleaved group passed bound (1), those
         # not checked yet) (`_base_fits`)
         self.base_fits: dict[tuple, tuple[list[bool], list[bool]]] = {}
-        # pruning (8): (tp, pp, cp, ep, etp) -> (dp, DO values, SP values) of the families whose bound (2) check
+        # pruning (7): (tp, pp, cp, ep, etp) -> (dp, DO values, SP values) of the families whose bound (2) check
         # waits (`_base_failed`), and (tp, pp, cp, ep, etp, do) -> whether `_base_fits` passed, once checked
         self.base_pending: dict[tuple, tuple[int, list[bool], list[bool]]] = {}
         self.base_checked: dict[tuple, bool] = {}
@@ -964,7 +979,7 @@ class _Context:
 
     def family_bound(self, args: tuple, sps: list[bool]) -> float:
         """A lower bound of `group_bound` for every group that differs from `args` only in VP and DO (pruning
-        (9)): `cost.step_time_lower_bound(any_vp=True)` of its layout without VP, over the micro batches from
+        (8)): `cost.step_time_lower_bound(any_vp=True)` of its layout without VP, over the micro batches from
         its smallest to `coarsest` (a superset of its own, as `coarse_bound`: the layer times then depend on
         (tp, cp, ep, etp, SP) only and one memo entry serves every pp and dp)."""
         tp, pp, _, cp, ep, etp, dp, _ = args
@@ -1039,7 +1054,7 @@ def _groups(ctx: _Context, rec: _Recorder, bounds: bool = True) -> list[tuple]:
                             continue
                         if vp is None and len(vps) > 1:
                             if ctx.prune:
-                                # Pruning (8): bound (2)'s check waits until a group of the family comes out
+                                # Pruning (7): bound (2)'s check waits until a group of the family comes out
                                 # of the heap (`_base_failed`); most never do (their step-time bound loses)
                                 ctx.base_pending[(tp, pp, cp, ep, etp)] = (dp, dos, sps)
                             else:
@@ -1241,15 +1256,11 @@ def _search_group(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep,
                 rec.rule(v.short, f"{v.code} {v.message}", layout, len(rcs), v.hint)
                 any_fit = True  # a rule, not memory, stopped this micro batch: larger ones may pass
                 continue  # the fp8 token rule (E138) depends on sequence parallelism: try the other value
-            k, unsized = _search_recompute(ctx, rec, best, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs, weakest[sp])
+            k = _search_recompute(ctx, rec, best, tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs, weakest[sp])
             fitted = k >= 0
-            # the weakest level that may fit a larger micro batch: the weakest that fitted this one, or a weaker
-            # one pruning (7) left unsized (whether it fits is unknown; the levels weaker than both overflowed)
-            if unsized is not None:
-                weakest[sp] = unsized
-            elif fitted:
+            if fitted:
                 weakest[sp] = k
-            any_fit = any_fit or fitted or unsized is not None
+            any_fit = any_fit or fitted
             if fitted and ctx.p.fixed.sequence_parallel is None and sp and len(sps) > 1:
                 rec.rule("sequence_parallel = on fits and is never slower", "dominated: sequence_parallel = off "
                          "(on fits and is never slower)", lambda: describe(replace(layout, sequence_parallel=False)), len(rcs))
@@ -1322,20 +1333,9 @@ def _search_recompute(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp,
     (levels weaker than the weakest that fitted a smaller micro batch cannot fit: memory is
     monotone in the micro batch). The first that fits is the fastest (time is monotone in
     recompute) and every stronger one fits too; a stronger one is costed only while it could still
-    enter the top list. Returns (the index of the weakest level that fits, or -1; the weakest level that
-    pruning (7) left unsized, or None)."""
-    unsized = None  # the weakest level pruning (7) left unsized
+    enter the top list. Returns the index of the weakest level that fits, or -1."""
     for k in range(weakest, -1, -1):
         layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[k])
-        if rcs[k][1] is None and _loses(ctx, best, layout):
-            # Pruning (7): this level cannot enter the top list: out, unsized. Only this one: a block
-            # recompute level may be faster than selective recompute, so the stronger ones are still tried
-            # (block levels are not asked: their bound is a memo entry per pp and vp)
-            rec.rule(lambda: f"its step time is at least {_bound_of(ctx, layout):.3g} s with recompute = "
-                     f"{recompute_text(*rcs[k])}, slower than the top {best.n}", MB_SLOWER_REASON,
-                     lambda: describe(layout), 1)
-            unsized = k if unsized is None else unsized
-            continue
         rec.evaluated += 1
         mem = ctx.memory(layout)
         if mem.total > ctx.budget:
@@ -1355,33 +1355,13 @@ def _search_recompute(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp,
             rec.evaluated += 1
             best.push(Candidate(stronger, split, ctx.memory(stronger), ctx.time(stronger)))
         _record_weaker(rec, layout, rcs, weakest)
-        return k, unsized
+        return k
     _record_weaker(rec, layout, rcs, weakest)
-    return -1, unsized
-
-
-def _bound_of(ctx: _Context, layout: Layout) -> float:
-    """The bound `_loses` compares (for a message)."""
-    return cost.step_time_lower_bound(ctx.p.model, layout, micro_batches=(layout.micro_batch, layout.micro_batch),
-                                      split=ctx.stage_layers(layout.pp, layout.vp), moe=ctx.moe(layout),
-                                      memo=ctx._bound_memo, keep_recompute=True, **ctx.bound_kw)
-
-
-def _loses(ctx: _Context, best: _Top, layout: Layout) -> bool:
-    """Prunings (7) and (11): `layout`'s step time, and so (time is monotone in recompute) that of every
-    stronger recompute level, is provably above the top list's last entry, so none can enter the list:
-    `cost.step_time_lower_bound` of its own micro batch and recompute level (`keep_recompute`; a lower bound
-    of its exact `estimate`, tested) is above the threshold by more than twice the float tolerance
-    (REL_TOL), so the exact time is above it by more than REL_TOL too, which is also what
-    `_search_recompute`'s stronger-recompute test asks. Off without `ctx.prune`."""
-    threshold = best.threshold() if ctx.prune else None
-    if threshold is None:
-        return False
-    return _bound_of(ctx, layout) > threshold[0] * (1 + REL_TOL) ** 2
+    return -1
 
 
 def _micro_batch_loses(ctx: _Context, rec: _Recorder, best: _Top, sizes: tuple, count: int) -> bool:
-    """Pruning (10): the `count` candidates of one group and micro batch (every recompute level and SP value)
+    """Pruning (9): the `count` candidates of one group and micro batch (every recompute level and SP value)
     are out, unsized, when `cost.step_time_lower_bound` of that micro batch alone (at the preferred SP value,
     never slower) is above the top list's last entry: none could enter the list. Off without `ctx.prune`."""
     threshold = best.threshold() if ctx.prune else None
