@@ -538,9 +538,9 @@ def states_lower_bound(model: ModelSpec, layout: Layout, *, precision: str = "bf
                        split: tuple[int, int, int] | None = None, parents: tuple[str, ...] = (),
                        fp8_recipe: str | None = None) -> tuple[int, int, int, int]:
     """(a lower bound of `estimate(...).total` for `layout` and every micro batch, recompute level and
-    sequence-parallel value; the weights, gradients and optimizer bytes it counts): the model states (weights, gradients, optimizer)
-    of the first or the last pipeline stage, whichever is larger, plus the CUDA context and the NCCL
-    buffers. The plan search rejects a layout group with it before the exact estimate.
+    sequence-parallel value; the weights, gradients and optimizer bytes it counts): the model states
+    (weights, gradients, optimizer) of the first or the last pipeline stage, whichever is larger, plus the
+    CUDA context and the NCCL buffers. The plan search rejects a layout group with it before the exact estimate.
 
     Why it bounds: `estimate` is the largest total of a set of stages that always holds the first and the
     last (0 and pp - 1), and one stage's total is int(weights) + int(gradients) + int(optimizer) +

@@ -636,6 +636,8 @@ def search(p: Problem, *, top: int = DEFAULT_TOP, prune: bool = True) -> SearchR
     Branch and bound (5): groups are searched in the order of `cost.step_time_lower_bound`, and a
     group whose bound is slower than the top list's last entry is skipped whole; the bound holds
     for every micro batch and recompute of the group (tested), so the top list is exact.
+    `prune`: prunings (6) to (9) as well (module docstring); False searches without them (the same ranked
+    candidates and candidate count, tests/compiler/test_search_pruning.py; the rejections split otherwise).
     """
     # The search allocates ~1M short-lived objects and makes no reference cycles (the 405B search: 43
     # collections, nothing collected): the cyclic collector's passes over the process's objects only
