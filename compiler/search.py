@@ -1375,7 +1375,8 @@ def _micro_batch_loses(ctx: _Context, rec: _Recorder, best: _Top, sizes: tuple, 
     if bound <= threshold[0] * (1 + REL_TOL):
         return False
     rec.rule(lambda: f"its step time is at least {bound:.3g} s, slower than the top {best.n} ({threshold[0]:.3g} s "
-             "and faster)", MB_SLOWER_REASON, lambda: describe(layout), count)
+             "and faster)", MB_SLOWER_REASON,
+             lambda: describe(layout).rsplit(" recompute=", 1)[0] + " (every recompute level)", count)
     return True
 
 
