@@ -172,3 +172,25 @@ def test_states_bound_counts_the_first_or_last_stage():
         states = stage.weights + stage.gradients + stage.optimizer
         assert bound[0] >= states + stage.parts["cuda_context"] + stage.parts["nccl"] - 2
     assert bound[0] <= max(s.total for s in stages)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_the_micro_batch_bound_is_below_every_recompute_level_and_sp_value(seed: int):
+    """Pruning (9) skips one micro batch of a group with `cost.step_time_lower_bound` over (mb, mb) at the
+    group's preferred SP value: never above the exact step time of any recompute level or SP value of that
+    micro batch (the range bound's argument with the range one micro batch wide; recompute only adds time,
+    sequence parallelism never does)."""
+    rng = random.Random(400 + seed)
+    checked = 0
+    for i in range(40):
+        p = random_problem(rng, medium=i % 2 == 0)
+        ctx = _Context(p)
+        for _, _, (tp, pp, vp, cp, ep, etp, dp, do), sps in _groups(ctx, _Recorder(ctx.budget), bounds=False)[:30]:
+            for mb in ctx.micro_batches(dp)[:3]:
+                bound = ctx.bound(ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sps[0], do, ("none", None)), (mb, mb))
+                for sp in sps:
+                    for rc in ctx.recomputes(pp, vp):
+                        exact = evaluate_time(p, ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc)).step_time_s
+                        assert bound <= exact * (1 + 1e-12), (tp, pp, vp, cp, ep, etp, dp, mb, sp, rc, bound, exact)
+                        checked += 1
+    assert checked > 300
