@@ -1453,7 +1453,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              overlap_grad_reduce: bool = True, dropout: bool = False,
              overlap_param_gather: bool = RUNTIME_OVERLAPS_PARAM_GATHER, fp8_recipe: str | None = None,
              moe: MoeExecution | None = None, host: HostExecution | None = None,
-             cross_entropy: str | None = None, bf16_layers: tuple[int, int] = (0, 0)) -> Estimate:
+             cross_entropy: str | None = None, bf16_layers: tuple[int, int] = (0, 0),
+             memo: dict | None = None) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
@@ -1495,9 +1496,17 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     main = work.passes[0]
     train = main.backward != FORWARD
     mb = layout.micro_batch * work.rows  # preference pairs: chosen + rejected rows
-    lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
-                     micro_batch=mb, backward=main.backward, params=params, attention_span=attention_span,
-                     overlap_tp=overlap_tp, kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe, moe=moe)
+    # `memo`: a dict the caller keeps for one problem (every argument fixed but `layout` and `split`; the plan
+    # search keeps one per search), holding the layer times by the sizes `layer_times` reads of the layout (TP,
+    # CP, EP, ETP, SP, the recompute level, its layers and modules, and PP and VP for block recompute; `moe`
+    # follows EP) and the micro batch
+    lt = _kept(memo, (layout.tp, layout.cp, layout.ep, layout.etp, layout.sequence_parallel, mb, layout.recompute,
+                      layout.recompute_layers, layout.recompute_modules)
+               + ((layout.pp, layout.vp) if layout.recompute_layers is not None else ()),
+               lambda: layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
+                                   micro_batch=mb, backward=main.backward, params=params,
+                                   attention_span=attention_span, overlap_tp=overlap_tp, kernels=kernels,
+                                   dropout=dropout, fp8_recipe=fp8_recipe, moe=moe))
     if host is not None and host.cuda_graph_impl != "none" and train:  # as in step_time_lower_bound
         lt = graphed(lt, params, cuda_graph_share(host, model), 1.0 + main.backward)
     bf16 = _bf16_layers(model, layout, hw, lt, bf16_layers, split, precision, seq=seq,

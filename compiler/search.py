@@ -801,7 +801,8 @@ class _Context:
         # `cost.step_time_lower_bound`'s memo (the bound's layer times, stage times and trainable parameters,
         # by the few sizes each depends on): one per search, so two problems never share one
         self._bound_memo: dict = {}
-        self._group_bounds: dict[tuple, float] = {}  # `group_bound` / `coarse_bound` by the sizes they read
+        self._group_bounds: dict[tuple, float] = {}
+        self._time_memo: dict = {}  # `cost.estimate`'s memo of the layer times (one per search, as the bound's)  # `group_bound` / `coarse_bound` by the sizes they read
         self.coarsest = 1  # the largest micro batch of any group (`coarse_bound`; set by `_coarse_groups`)
         # (tp, pp, vp, cp, ep, etp, sp) groups whose distributed-optimizer member overflows at its
         # smallest micro batch and strongest recompute (`_group_fits`)
@@ -945,7 +946,7 @@ class _Context:
     def time(self, layout: Layout) -> Estimate:
         """`evaluate_time(p, layout)`."""
         return cost.estimate(self.p.model, layout, split=self.stage_layers(layout.pp, layout.vp),
-                             moe=self.moe(layout), **self.time_kw)
+                             moe=self.moe(layout), memo=self._time_memo, **self.time_kw)
 
     def group_bound(self, args: tuple, sps: list[bool]) -> float:
         """The step-time bound of the group `args` = (tp, pp, vp, cp, ep, etp, dp, do) over its micro batches

@@ -72,11 +72,13 @@ def random_problem(rng: random.Random, medium: bool) -> Problem:
 
 
 def assert_same_choice(p: Problem) -> tuple:
-    """The search with and without its prunings: the same top list and candidate count; where nothing fits,
-    the same closest overflow. Returns both results."""
+    """The search with and without its prunings: the same top list and candidate count, each candidate's
+    figures those of the exact models; where nothing fits, the same closest overflow. Returns both results."""
     pruned, plain = search(p), search(p, prune=False)
     assert pruned.ranked == plain.ranked, p
     assert pruned.space == plain.space, p
+    for c in pruned.ranked:  # the search's memos (layer times of the estimates and bounds) change no figure
+        assert c.estimate == evaluate_time(p, c.layout) and c.memory == evaluate_memory(p, c.layout)
     if not plain.ranked:
         assert pruned.closest == plain.closest, p
     return pruned, plain
