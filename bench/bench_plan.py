@@ -14,9 +14,9 @@ size (TP, PP, VP, CP, EP, micro batch, recompute, distributed optimizer, sequenc
 auto) at global batch 2048 x 8192 tokens (Llama 3 paper, Table 4). With `--oracle` it also runs
 the brute-force enumerator on a small case and reports both times.
 
-With `--phases` it also splits one whole process into its phases (median of N fresh interpreters, CPU
-time): interpreter start, imports (click and the CLI; then the parser, compiler and rich), parse + check
-+ lower, the plan (the search), rendering.
+With `--phases` it also splits one whole process of each WHOLE_PROCESS_CASES file into its phases (median of
+N fresh interpreters, CPU time): interpreter start, imports (click and the CLI; then the parser, compiler and
+rich), parse + check + lower, the plan (the search), rendering.
 
 The 405B search has a speed target of TARGET_405B_CPU_S of CPU (best of N); the table says whether it
 is met. This was a timed assertion in tests/compiler/test_search.py until a loaded CI machine failed
@@ -120,9 +120,9 @@ print(json.dumps({b[0]: b[1] - a[1] for a, b in zip(marks, marks[1:])}))
 """
 
 
-def bench_phases(repeat: int) -> dict:
-    """Where one whole process spends its CPU time: the phases of `nemoc plan` of the 405B file (median
-    of `repeat` fresh interpreters in this environment); "interpreter start" is the child's CPU time
+def bench_phases(repeat: int, case: Path = CASE_405B) -> dict:
+    """Where one whole process spends its CPU time: the phases of `nemoc plan` of `case` (median of
+    `repeat` fresh interpreters in this environment); "interpreter start" is the child's CPU time
     before its first line (the process total minus the phases)."""
     import os
     import subprocess
@@ -131,13 +131,12 @@ def bench_phases(repeat: int) -> dict:
     load = os.getloadavg()[0]
     for _ in range(repeat):
         before = os.times()
-        proc = subprocess.run([sys.executable, "-c", _PHASES, str(CASE_405B)], capture_output=True, text=True,
-                              check=True)
+        proc = subprocess.run([sys.executable, "-c", _PHASES, str(case)], capture_output=True, text=True, check=True)
         after = os.times()
         phases = json.loads(proc.stdout)
         total = (after.children_user - before.children_user) + (after.children_system - before.children_system)
         runs.append({"interpreter start": max(0.0, total - sum(phases.values())), **phases, "total": total})
-    return {"case": f"phases of nemoc plan {CASE_405B.name} (CPU s, median of {repeat})",
+    return {"case": f"phases of nemoc plan {case.name} (CPU s, median of {repeat})",
             "load_average_1min": load, **{k: statistics.median(r[k] for r in runs) for k in runs[0]}}
 
 
@@ -220,10 +219,10 @@ def main() -> None:
             print(f"  chosen: TP PP VP CP EP ETP DP micro global microbatches SP dist-opt recompute = "
                   f"{process['layout_row']}")
     print()
-    phases = bench_phases(args.repeat) if args.phases else None
-    if phases:
-        print(f"{phases['case']}, load {phases['load_average_1min']:.1f}:")
-        for name, value in phases.items():
+    phases = [bench_phases(args.repeat, case) for case in WHOLE_PROCESS_CASES] if args.phases else None
+    for split in phases or ():
+        print(f"{split['case']}, load {split['load_average_1min']:.1f}:")
+        for name, value in split.items():
             if name not in ("case", "load_average_1min"):
                 print(f"  {name:34} {value:.3f}")
         print()

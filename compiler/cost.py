@@ -1485,7 +1485,8 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
              overlap_grad_reduce: bool = True, dropout: bool = False,
              overlap_param_gather: bool = RUNTIME_OVERLAPS_PARAM_GATHER, fp8_recipe: str | None = None,
              moe: MoeExecution | None = None, host: HostExecution | None = None,
-             cross_entropy: str | None = None, bf16_layers: tuple[int, int] = (0, 0)) -> Estimate:
+             cross_entropy: str | None = None, bf16_layers: tuple[int, int] = (0, 0),
+             memo: dict | None = None) -> Estimate:
     """Step time and derived figures of one stage (see module docstring). `split`: (first, middle,
     last) transformer layers per pipeline stage when uneven (`rules.PipelineSplit.stage_layers`).
     `overlap_tp`: Transformer Engine's userbuffer TP overlap (`tp_comm_overlap`, NeMo's recipes);
@@ -1527,9 +1528,17 @@ def estimate(model: ModelSpec, layout: Layout, *, cluster: ClusterSpec | None = 
     main = work.passes[0]
     train = main.backward != FORWARD
     mb = layout.micro_batch * work.rows  # preference pairs: chosen + rejected rows
-    lt = layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
-                     micro_batch=mb, backward=main.backward, params=params, attention_span=attention_span,
-                     overlap_tp=overlap_tp, kernels=kernels, dropout=dropout, fp8_recipe=fp8_recipe, moe=moe)
+    # `memo`: a dict the caller keeps for one problem (every argument fixed but `layout` and `split`; the plan
+    # search keeps one per search), holding the layer times by the sizes `layer_times` reads of the layout (TP,
+    # CP, EP, ETP, SP, the recompute level, its layers and modules, and PP and VP for block recompute; `moe`
+    # follows EP) and the micro batch
+    lt = _kept(memo, (layout.tp, layout.cp, layout.ep, layout.etp, layout.sequence_parallel, mb, layout.recompute,
+                      layout.recompute_layers, layout.recompute_modules)
+               + ((layout.pp, layout.vp) if layout.recompute_layers is not None else ()),
+               lambda: layer_times(model, layout, hw, seq=seq, precision=precision, attention_backend=attention_backend,
+                                   micro_batch=mb, backward=main.backward, params=params,
+                                   attention_span=attention_span, overlap_tp=overlap_tp, kernels=kernels,
+                                   dropout=dropout, fp8_recipe=fp8_recipe, moe=moe))
     if host is not None and host.cuda_graph_impl != "none" and train:  # as in step_time_lower_bound
         lt = graphed(lt, params, cuda_graph_share(host, model), 1.0 + main.backward)
     bf16 = _bf16_layers(model, layout, hw, lt, bf16_layers, split, precision, seq=seq,
@@ -1655,7 +1664,7 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
                           overlap_tp: bool = RUNTIME_OVERLAPS_TP, kernels: str = "te",
                           moe: MoeExecution | None = None, host: HostExecution | None = None,
                           attention_span: float | None = None, memo: dict | None = None,
-                          cross_entropy: str | None = None) -> float:
+                          cross_entropy: str | None = None, any_vp: bool = False) -> float:
     """A lower bound of `estimate(...).step_time_s` over every micro batch in the range
     `micro_batches` = (smallest, largest) and every recompute level, for the other sizes of `layout`
     (its micro batch and recompute are ignored; `layout.num_microbatches x layout.micro_batch` is the
@@ -1679,7 +1688,13 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
     (tp, cp, ep, etp, sequence parallelism, largest micro batch) (at recompute = none `layer_times` reads no other size of the
     layout: pp and vp only for block recompute; `moe` follows ep), the stage times by those and (pp,
     split), the trainable parameters by (tp, pp, ep, etp, split). tests/compiler/test_search.py checks
-    that every bound with the memo equals the bound without it."""
+    that every bound with the memo equals the bound without it.
+
+    `any_vp`: a lower bound of the same for every virtual-pipeline size (and so every pipeline split) of
+    `layout`'s other sizes: the steady state at the mean stage alone. The mean stage's time is the same
+    float for every split (`_stage_times`: all layers, their extras summed over the stages, and the output
+    layer, over pp), the slowest stage is never below it (max(..., mean)), and the terms left out (bubble,
+    transfers, optimizer) are >= 0; rounding is monotone, so the float bound holds too."""
     hw = gpu if isinstance(gpu, HardwareSpec) else get_gpu(gpu or (cluster.gpu if cluster else "H100"))
     hw = _node_domain(hw, cluster.gpus_per_node if cluster is not None else None)
     seq = seq_length or model.seq_length
@@ -1715,9 +1730,13 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
         layer_kw = dict(seq=seq, attention_backend=attention_backend, micro_batch=largest * work.rows,
                         backward=main.backward, params=params, overlap_tp=overlap_tp, kernels=kernels,
                         attention_span=attention_span)
-        # the dense layer's times read the sizes of `key` only, as the expert layer's do (recompute = none)
+        # the dense layer's times read the sizes of `key` but EP and ETP (recompute = none): a dense layer has
+        # no experts (`layer_times` reads ep / etp only where `model.is_moe`: the expert GEMM shapes, local
+        # experts, the busiest rank's load, the token dispatch, and `layer_activations`' expert tensors), so
+        # one entry serves every expert layout
+        dense_key = ("dense", layout.tp, layout.cp, layout.sequence_parallel, largest)
         mixed = _dense_layers(model, layout, hw, lt, split, precision, graph=graph, **layer_kw,
-                              dense_times=lambda: _kept(memo, key + ("dense",), lambda: layer_times(
+                              dense_times=lambda: _kept(memo, dense_key, lambda: layer_times(
                                   model.dense_layer_model, layout, hw, precision=precision, fp8_recipe=None,
                                   **layer_kw)))
         return mixed[0] if mixed is not None else None
@@ -1727,6 +1746,8 @@ def step_time_lower_bound(model: ModelSpec, layout: Layout, *, micro_batches: tu
         model, layout, hw, lt, seq=seq, micro_batch=largest * work.rows, backward=main.backward, params=params,
         scalar_head=main.scalar_head, split=split, kernels=kernels, cross_entropy=cross_entropy,
         deferred_wgrad=True, dense=dense()))
+    if any_vp:
+        return main.count * rows * mean / largest + params.step_overhead
     per_row = mean / largest  # a mean stage's time per row of a micro batch, at its lowest
     vp = layout.vp or 1
     t = main.count * rows * slow / largest + params.step_overhead  # the slowest stage's, at its lowest

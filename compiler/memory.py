@@ -563,6 +563,38 @@ def estimate(model: ModelSpec, layout: Layout, *, precision: str = "bf16", atten
     return _breakdown_of(best)  # type: ignore[arg-type]
 
 
+def states_lower_bound(model: ModelSpec, layout: Layout, *, precision: str = "bf16", stage_kind: str = "pretrain",
+                       peft: LoraSpec | None = None, params: object = None, grad_bytes: int = 4,
+                       split: tuple[int, int, int] | None = None, parents: tuple[str, ...] = (),
+                       fp8_recipe: str | None = None) -> tuple[int, int, int, int]:
+    """(a lower bound of `estimate(...).total` for `layout` and every micro batch, recompute level and
+    sequence-parallel value; the weights, gradients and optimizer bytes it counts): the model states
+    (weights, gradients, optimizer) of the first or the last pipeline stage, whichever is larger, plus the
+    CUDA context and the NCCL buffers. The plan search rejects a layout group with it before the exact estimate.
+
+    Why it bounds: `estimate` is the largest total of a set of stages that always holds the first and the
+    last (0 and pp - 1), and one stage's total is int(weights) + int(gradients) + int(optimizer) +
+    int(activations) + the int of each part (`_stage_terms`); activations and every part are >= 0, the
+    parts include `cuda_context` and `nccl`, and the three states are `_model_states`' (the same cached
+    call `_stage_terms` makes) except the weights under fp8_param_gather, which `_stage_terms` lowers:
+    there the weights are left out (they stay >= 0). None of it reads the micro batch, the recompute or
+    sequence parallelism. tests/compiler/test_search_pruning.py checks bound <= exact on random layouts."""
+    resident, _ = _resident_and_work(stage_kind, params, peft, parents)
+    common = _StageCommon.of(model, layout, stage_kind, resident, precision, fp8_recipe)
+    fsdp = bool(layout.megatron_fsdp and common.trainable and peft is None)
+    lowers_weights = precision in ("fp8", "mxfp8") and layout.fp8_param_gather and common.trainable
+    best = (-1, 0, 0, 0)
+    for stage in sorted({0, layout.pp - 1}):
+        _, weights, gradients, optimizer, _ = _model_states(
+            model, layout.tp, layout.pp, layout.cp, layout.dp, layout.ep, layout.etp, layout.distributed_optimizer,
+            stage, common.vocab, common.scalar, split, precision, peft, common.trainable, common.frozen, grad_bytes,
+            fsdp, common.opt_bytes, vp=common.states_vp)
+        w = 0 if lowers_weights else int(weights)
+        if w + int(gradients) + int(optimizer) > best[0]:
+            best = (w + int(gradients) + int(optimizer), w, int(gradients), int(optimizer))
+    return (best[0] + int(CUDA_CONTEXT_BYTES) + int(common.nccl),) + best[1:]
+
+
 def pipeline_stages(model: ModelSpec, layout: Layout, *, precision: str = "bf16", attention_backend: str = "flash",
                     seq_length: int | None = None, stage_kind: str = "pretrain", peft: LoraSpec | None = None,
                     gpu: HardwareSpec | str | None = None, params: object = None, dropout: bool = False,

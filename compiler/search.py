@@ -44,6 +44,22 @@ properties of the memory and cost models that tests/compiler/test_search.py asse
       (`_Context.coarse_bound`, never above its exact one, with layer times by (TP, CP, EP, ETP, SP)
       only) and gets its exact bound when that comes first; the groups come out in the order of their
       exact bounds, so the search and its rejections are those of sorting every exact bound (tested).
+Prunings (6) to (9) (`search(prune=True)`, the default; `prune=False` is the search without them, which
+tests/compiler/test_search_pruning.py compares with it: the same ranked candidates and candidate count on 300
+random problems) skip work that cannot change the top list; a candidate they skip is counted under the reason
+that let it go, so `space` is unchanged and the count moves between reasons (which reason a rejected candidate
+is counted under depends on what the search asked first):
+  (6) a group whose model states alone overflow (`memory.states_lower_bound`: weights, gradients and
+      optimizer of the first or last stage with the CUDA context and NCCL buffers, which no micro batch,
+      recompute or SP value lowers) is rejected without the exact estimate, unless its overflow could be the
+      smallest seen (`SearchResult.closest` stays exact);
+  (7) bound (2)'s memory check of a non-interleaved group waits until a group of its family comes out of
+      the heap (`_base_failed`): a family whose step-time bounds all lose is never sized;
+  (8) the groups of one (TP, PP, CP, EP, ETP, preferred SP) enter the heap as one family under a bound of
+      all its VP and DO values (`cost.step_time_lower_bound(any_vp=True)`: the mean stage's steady state,
+      never above a member's bound) and get their own bounds only when the family comes first;
+  (9) inside a searched group, a micro batch whose own step-time bound (`micro_batches=(mb, mb)`) is above
+      the top list's last entry is skipped unsized (`_micro_batch_loses`; larger ones are still tried).
 The rules are pure functions of the env and the sizes they read: each is asked through a per-search
 decision tree of the fields it read (`_Decisions`), so a rule that reads neither VP nor SP answers once
 per (TP, PP, CP, EP, ETP). Only candidates that fit reach the cost model. `enumerate_all` is the brute-force oracle: the raw
@@ -93,6 +109,10 @@ REL_TOL = 1e-9  # time monotonicity is exact in the model up to float rounding
 DEFAULT_TOP = 5  # candidates kept (the best and its runner-ups)
 DEFAULT_HEADROOM = 0.10  # 10 % of HBM kept free for allocator spikes and what no model sees
 MEMORY_TERMS = ("weights", "gradients", "optimizer", "activations", "other")
+# the rejections of pruning (9) (`_micro_batch_loses`)
+MB_SLOWER_REASON = "slower: a lower bound of the step time at this micro batch is already above the top list"
+# the rejections of pruning (6) (`_states_overflow`)
+STATES_REASON = "out of memory (weights, gradients and optimizer states alone, before activations)"
 # Strongest memory saving first: the pruning relies on this order.
 RECOMPUTE_ORDER = ("full", "selective", "none")
 # Block recompute (`parallel.recompute_layers`) the search tries when `recompute` is auto, as shares of
@@ -407,6 +427,22 @@ class _Recorder:
             entry = self.by_reason[reason] = [0, short() if callable(short) else short, text, 0, hint]
         entry[0] += count
 
+    def states(self, layout: Layout, states: tuple[int, int, int, int], count: int) -> None:
+        """Count `count` candidates whose model states alone overflow (`memory.states_lower_bound`: (bound,
+        weights, gradients, optimizer)); the example is the smallest such overflow."""
+        self.space += count
+        bound, weights, gradients, optimizer = states
+        over = bound - self.budget
+        entry = self.by_reason.get(STATES_REASON)
+        if entry is None:
+            entry = self.by_reason[STATES_REASON] = [0, "", "", None, None]
+        entry[0] += count
+        if entry[3] is None or over < entry[3]:
+            example = (f"at least {gib(bound)} > budget {gib(self.budget)} by {gib(over)}: weights {gib(weights)} + "
+                       f"gradients {gib(gradients)} + optimizer {gib(optimizer)} + CUDA context and NCCL "
+                       f"{gib(bound - weights - gradients - optimizer)}")
+            entry[1:4] = [example, describe(layout), over]
+
     def memory(self, layout: Layout, mem: MemoryBreakdown, count: int = 1) -> None:
         self.space += count
         total = mem.total
@@ -591,7 +627,7 @@ class _Top:
         del self.items[self.n:]
 
 
-def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
+def search(p: Problem, *, top: int = DEFAULT_TOP, prune: bool = True) -> SearchResult:
     """The `top` fastest fitting candidates, with pruning (see module docstring).
 
     Exact with respect to `enumerate_all` for the best candidate, given three properties of the
@@ -601,6 +637,8 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
     Branch and bound (5): groups are searched in the order of `cost.step_time_lower_bound`, and a
     group whose bound is slower than the top list's last entry is skipped whole; the bound holds
     for every micro batch and recompute of the group (tested), so the top list is exact.
+    `prune`: prunings (6) to (9) as well (module docstring); False searches without them (the same ranked
+    candidates and candidate count, tests/compiler/test_search_pruning.py; the rejections split otherwise).
     """
     # The search allocates ~1M short-lived objects and makes no reference cycles (the 405B search: 43
     # collections, nothing collected): the cyclic collector's passes over the process's objects only
@@ -608,29 +646,64 @@ def search(p: Problem, *, top: int = DEFAULT_TOP) -> SearchResult:
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _search(p, top)
+        return _search(p, top, prune)
     finally:
         if enabled:
             gc.enable()
 
 
-def _search(p: Problem, top: int) -> SearchResult:
-    ctx = _Context(p)
+def _search(p: Problem, top: int, prune: bool = True) -> SearchResult:
+    ctx = _Context(p, prune)
     rec = _Recorder(ctx.budget)
     best = _Top(max(1, top))
-    # (bound, order, exact, sizes, SP values): a group enters with its coarse bound and is popped in the
-    # order of its exact bound (`_lazy_bounds`)
-    heap = [(coarse, order, False, args, sps) for coarse, order, args, sps in _coarse_groups(ctx, rec)]
+    # (bound, order, level, sizes, SP values): a group enters with its coarse bound (or, pruning (8), in a
+    # family with the family's bound) and is popped in the order of its exact bound (`_lazy_bounds`)
+    heap = (_families(ctx, rec) if prune else
+            [(coarse, order, _COARSE, args, sps) for coarse, order, args, sps in _coarse_groups(ctx, rec)])
     heapq.heapify(heap)
     for bound, _, args, sps in _lazy_bounds(ctx, heap):
+        if ctx.base_pending and _base_failed(ctx, rec, args, sps, checked_only=True):
+            continue  # a non-interleaved group whose deferred bound (2) failed: recorded by `_base_fits`
         threshold = best.threshold()
         if threshold is not None and bound > threshold[0] * (1 + REL_TOL):
             # the bounds ascend and only a searched group joins the top list, so every later group is
             # slower too: all are recorded at once, with this one as the example
-            _record_slower(ctx, rec, best.n, threshold[0], [(bound, 0, args, sps)] + [g[:2] + g[3:] for g in heap])
+            _record_slower(ctx, rec, best.n, threshold[0], [(bound, 0, args, sps)] + _waiting(heap))
             break
+        if ctx.base_pending and _base_failed(ctx, rec, args, sps):
+            continue
         _search_group(ctx, rec, best, *args, sps)
     return rec.result(best)
+
+
+def _base_failed(ctx: _Context, rec: _Recorder, args: tuple, sps: list[bool], checked_only: bool = False) -> bool:
+    """Pruning (7), bound (2) deferred: whether the group `args` is out because its family's non-interleaved
+    group (same tp, pp, cp, ep, etp and DO) has no member that fits, checked (`_base_fits`, which records its
+    rejections) the first time a group of the family comes out of the heap, so a family whose every group's
+    step-time bound loses is never sized. The non-interleaved group itself is then out (already recorded); an
+    interleaved one with the same per-stage layers is recorded as bound (2) rejects it; one with another split
+    stays. The DO values are checked in `_do_domain`'s order (on first) up to the group's, as `_groups`
+    checks them without the deferral (dominance (4) then answers for off). `checked_only`: answer for a
+    non-interleaved group from the checks made so far (False where none was), checking nothing."""
+    tp, pp, vp, cp, ep, etp, dp, do = args
+    family = ctx.base_pending.get((tp, pp, cp, ep, etp))
+    if family is None or (vp is not None and not ctx.same_split(pp, vp)):
+        return False
+    _, dos, base_sps = family
+    if checked_only:
+        if (tp, pp, cp, ep, etp, do) not in ctx.base_checked or vp is not None:
+            return False
+    else:
+        for d in dos[:dos.index(do) + 1]:
+            if (tp, pp, cp, ep, etp, d) not in ctx.base_checked:
+                ctx.base_checked[(tp, pp, cp, ep, etp, d)] = _base_fits(ctx, rec, tp, pp, cp, ep, etp, dp, d, base_sps)
+    if ctx.base_checked[(tp, pp, cp, ep, etp, do)]:
+        return False
+    if vp is not None:
+        rec.rule("interleaving only adds activation memory (and the failed rules do not depend on it)",
+                 "rejected: interleaved variant of a layout that fails memory or rules without interleaving",
+                 f"tp={tp} pp={pp} cp={cp} vp>1", len(ctx.micro_batches(dp)) * len(ctx.recomputes(pp, vp)) * len(sps))
+    return True
 
 
 def _lazy_bounds(ctx: _Context, heap: list):
@@ -640,11 +713,47 @@ def _lazy_bounds(ctx: _Context, heap: list):
     entry with its exact bound b comes first, every other has a key >= b, and its exact bound >= its key.
     A group the search ends before (bound (5)) never has its exact bound computed."""
     while heap:
-        bound, order, exact, args, sps = heapq.heappop(heap)
-        if exact:
+        bound, order, level, args, sps = heapq.heappop(heap)
+        if level == _EXACT:
             yield bound, order, args, sps
+        elif level == _COARSE:
+            heapq.heappush(heap, (ctx.group_bound(args, sps), order, _EXACT, args, sps))
+        else:  # a family (`_families`): its groups, each under its exact bound
+            for order, args, sps in args:
+                heapq.heappush(heap, (ctx.group_bound(args, sps), order, _EXACT, args, sps))
+
+
+# the levels of the heap's entries (`_lazy_bounds`): a family of groups under the family's bound, a group under
+# its coarse bound, a group under its exact bound
+_FAMILY, _COARSE, _EXACT = 0, 1, 2
+
+
+def _families(ctx: _Context, rec: _Recorder) -> list[tuple]:
+    """Pruning (8): `_groups` as heap entries of `_lazy_bounds`, one per family of groups that differ only in VP
+    and DO (the same tp, pp, cp, ep, etp, so dp and the micro batches, and the same preferred SP value) under
+    the family's bound (`_Context.family_bound`: never above a member's exact bound) and its members' first
+    order; a family whose bound loses is never expanded, so its members' bounds are never computed. The
+    order of the yielded groups is that of sorting every exact bound, as with coarse bounds: a family's key
+    (bound, order) is at or below each member's (exact bound, order)."""
+    families: dict[tuple, list] = {}
+    groups = _groups(ctx, rec, bounds=False)
+    ctx.coarsest = max((ctx.micro_batches(args[6])[-1] for _, _, args, _ in groups), default=1)
+    for _, order, args, sps in groups:
+        tp, pp, vp, cp, ep, etp, dp, do = args
+        families.setdefault((tp, pp, cp, ep, etp, sps[0]), []).append((order, args, sps))
+    return [(ctx.family_bound(members[0][1], members[0][2]), members[0][0], _FAMILY, tuple(members), None)
+            for members in families.values()]
+
+
+def _waiting(heap: list) -> list[tuple]:
+    """The groups still in the heap, as (bound, order, sizes, SP values), a family's groups under its bound."""
+    out = []
+    for bound, order, level, args, sps in heap:
+        if level == _FAMILY:
+            out.extend((bound, order, a, s) for order, a, s in args)
         else:
-            heapq.heappush(heap, (ctx.group_bound(args, sps), order, True, args, sps))
+            out.append((bound, order, args, sps))
+    return out
 
 
 def _coarse_groups(ctx: _Context, rec: _Recorder) -> list[tuple]:
@@ -659,6 +768,8 @@ def _record_slower(ctx: _Context, rec: _Recorder, n: int, threshold: float, grou
     counted by their candidates; the first (the lowest bound) is the example."""
     count = 0
     for _, _, (tp, pp, vp, cp, ep, etp, dp, do), sps in groups:
+        if vp is None and ctx.base_checked.get((tp, pp, cp, ep, etp, do)) is False:
+            continue  # pruning (7): a non-interleaved group whose deferred bound (2) failed, recorded by `_base_fits`
         if vp is None and (tp, pp, cp, ep, etp, do) in ctx.base_fits:  # SP values `_base_fits` rejected are counted
             sps = sum(ctx.base_fits[(tp, pp, cp, ep, etp, do)], [])
         count += len(ctx.micro_batches(dp)) * len(ctx.recomputes(pp, vp)) * len(sps)
@@ -676,8 +787,9 @@ class _Context:
     function (`_micro_batches`, `_recomputes`, `evaluate_memory`, `evaluate_time`, `bound_time`)
     returns for the same arguments; the oracle (`enumerate_all`) calls those functions directly."""
 
-    def __init__(self, p: Problem):
+    def __init__(self, p: Problem, prune: bool = False):
         self.p = p
+        self.prune = prune  # prunings (6) to (9) (`search`'s `prune`)
         self.env = p.env
         self.budget = p.budget
         self._mbs: dict[int, list[int]] = {}
@@ -690,7 +802,8 @@ class _Context:
         # `cost.step_time_lower_bound`'s memo (the bound's layer times, stage times and trainable parameters,
         # by the few sizes each depends on): one per search, so two problems never share one
         self._bound_memo: dict = {}
-        self._group_bounds: dict[tuple, float] = {}  # `group_bound` / `coarse_bound` by the sizes they read
+        self._group_bounds: dict[tuple, float] = {}
+        self._time_memo: dict = {}  # `cost.estimate`'s memo of the layer times (one per search, as the bound's)  # `group_bound` / `coarse_bound` by the sizes they read
         self.coarsest = 1  # the largest micro batch of any group (`coarse_bound`; set by `_coarse_groups`)
         # (tp, pp, vp, cp, ep, etp, sp) groups whose distributed-optimizer member overflows at its
         # smallest micro batch and strongest recompute (`_group_fits`)
@@ -700,6 +813,10 @@ class _Context:
         # (tp, pp, cp, ep, etp, do) -> (the SP values whose non-interleaved group passed bound (1), those
         # not checked yet) (`_base_fits`)
         self.base_fits: dict[tuple, tuple[list[bool], list[bool]]] = {}
+        # pruning (7): (tp, pp, cp, ep, etp) -> (dp, DO values, SP values) of the families whose bound (2) check
+        # waits (`_base_failed`), and (tp, pp, cp, ep, etp, do) -> whether `_base_fits` passed, once checked
+        self.base_pending: dict[tuple, tuple[int, list[bool], list[bool]]] = {}
+        self.base_checked: dict[tuple, bool] = {}
         f = p.fixed
         kernels = p.stage_kernels
         # Layout and Sizes fields every candidate takes from the problem
@@ -717,6 +834,9 @@ class _Context:
                                 megatron_fsdp=f.megatron_fsdp, optimizer_state_dtype=f.optimizer_state_dtype,
                                 precision_aware_optimizer=f.precision_aware)
         self.grad_bytes = 4 if f.grad_reduce_in_fp32 else 2  # `_grad_bytes` of every candidate
+        self.states_kw = dict(precision=p.precision, stage_kind=p.stage_kind, peft=p.peft, params=p.params,
+                              grad_bytes=self.grad_bytes, parents=p.parents, fp8_recipe=p.fp8_recipe)
+        self._states: dict[tuple, tuple[int, int, int, int]] = {}  # `states_bound` by the sizes it reads
         self.memory_kw = dict(precision=p.precision, attention_backend=p.costed_backend, seq_length=p.seq_length,
                               stage_kind=p.stage_kind, peft=p.peft, gpu=p.gpu, params=p.params, kernels=kernels,
                               grad_bytes=self.grad_bytes, cuda_graph_share=_graph_share(p), parents=p.parents,
@@ -814,10 +934,20 @@ class _Context:
         return memory.estimate(self.p.model, layout, split=self.stage_layers(layout.pp, layout.vp),
                                moe_dispatcher=moe.dispatcher if moe is not None else "alltoall", **self.memory_kw)
 
+    def states_bound(self, layout: Layout) -> tuple[int, int, int, int]:
+        """`memory.states_lower_bound` of `layout`, kept by the sizes it reads (not micro batch, recompute or SP)."""
+        key = (layout.tp, layout.pp, layout.vp, layout.cp, layout.ep, layout.etp, layout.dp,
+               layout.distributed_optimizer)
+        states = self._states.get(key)
+        if states is None:
+            states = self._states[key] = memory.states_lower_bound(
+                self.p.model, layout, split=self.stage_layers(layout.pp, layout.vp), **self.states_kw)
+        return states
+
     def time(self, layout: Layout) -> Estimate:
         """`evaluate_time(p, layout)`."""
         return cost.estimate(self.p.model, layout, split=self.stage_layers(layout.pp, layout.vp),
-                             moe=self.moe(layout), **self.time_kw)
+                             moe=self.moe(layout), memo=self._time_memo, **self.time_kw)
 
     def group_bound(self, args: tuple, sps: list[bool]) -> float:
         """The step-time bound of the group `args` = (tp, pp, vp, cp, ep, etp, dp, do) over its micro batches
@@ -850,6 +980,18 @@ class _Context:
                 self.layout(tp, pp, vp, cp, ep, etp, dp, mbs[-1], sps[0], True, ("none", None)),
                 (mbs[0], max(self.coarsest, mbs[-1])))
         return bound
+
+    def family_bound(self, args: tuple, sps: list[bool]) -> float:
+        """A lower bound of `group_bound` for every group that differs from `args` only in VP and DO (pruning
+        (8)): `cost.step_time_lower_bound(any_vp=True)` of its layout without VP, over the micro batches from
+        its smallest to `coarsest` (a superset of its own, as `coarse_bound`: the layer times then depend on
+        (tp, cp, ep, etp, SP) only and one memo entry serves every pp and dp)."""
+        tp, pp, _, cp, ep, etp, dp, _ = args
+        mbs = self.micro_batches(dp)
+        layout = self.layout(tp, pp, None, cp, ep, etp, dp, mbs[-1], sps[0], True, ("none", None))
+        return cost.step_time_lower_bound(self.p.model, layout, micro_batches=(mbs[0], max(self.coarsest, mbs[-1])),
+                                          split=self.stage_layers(pp, None), moe=self.moe(layout),
+                                          memo=self._bound_memo, any_vp=True, **self.bound_kw)
 
     def bound(self, layout: Layout, micro_batches: tuple[int, int]) -> float:
         """`bound_time(p, layout, micro_batches)`."""
@@ -915,11 +1057,17 @@ def _groups(ctx: _Context, rec: _Recorder, bounds: bool = True) -> list[tuple]:
                         if not sps:
                             continue
                         if vp is None and len(vps) > 1:
-                            # Bound (2), decided before any bound is computed: the non-interleaved group
-                            # is checked first, and when none of it fits, its interleaved variants are
-                            # rejected whole (interleaving only adds memory), the group too (its
-                            # memory rejections are recorded by `_group_fits`).
-                            failed = {do for do in dos if not _base_fits(ctx, rec, tp, pp, cp, ep, etp, dp, do, sps)}
+                            if ctx.prune:
+                                # Pruning (7): bound (2)'s check waits until a group of the family comes out
+                                # of the heap (`_base_failed`); most never do (their step-time bound loses)
+                                ctx.base_pending[(tp, pp, cp, ep, etp)] = (dp, dos, sps)
+                            else:
+                                # Bound (2), decided before any bound is computed: the non-interleaved group
+                                # is checked first, and when none of it fits, its interleaved variants are
+                                # rejected whole (interleaving only adds memory), the group too (its
+                                # memory rejections are recorded by `_group_fits`).
+                                failed = {do for do in dos
+                                          if not _base_fits(ctx, rec, tp, pp, cp, ep, etp, dp, do, sps)}
                         same_split = vp is not None and ctx.same_split(pp, vp)
                         if failed and same_split:
                             rec.rule("interleaving only adds activation memory (and the failed rules do not depend "
@@ -928,7 +1076,8 @@ def _groups(ctx: _Context, rec: _Recorder, bounds: bool = True) -> list[tuple]:
                                      len(mbs) * len(ctx.recomputes(pp, vp)) * len(sps) * len(failed))
                         # an interleaved split other than the non-interleaved one (uneven: fewer layers on the
                         # first stage, which holds the most micro-batches) can fit where that one does not
-                        live = [do for do in dos if not same_split or do not in failed]
+                        # (the non-interleaved group of a failed DO value is out too: `_base_fits` recorded it)
+                        live = [do for do in dos if not (same_split or vp is None) or do not in failed]
                         if not live:
                             continue
                         # one bound serves every DO value (`_Context.group_bound`)
@@ -1101,6 +1250,8 @@ def _search_group(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp, ep,
         return False
     weakest = {sp: len(rcs) - 1 for sp in sps}  # per SP: the weakest recompute that can still fit
     for i, mb in enumerate(mbs):
+        if i and _micro_batch_loses(ctx, rec, best, (tp, pp, vp, cp, ep, etp, dp, mb, sps[0], do), len(rcs) * len(sps)):
+            continue  # a larger micro batch may be faster per row: the loop goes on
         any_fit = False
         for sp in sps:
             layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rcs[0])
@@ -1152,6 +1303,10 @@ def _group_fits(ctx: _Context, rec: _Recorder, bound: Layout, count: int) -> boo
         rec.rule("distributed_optimizer = on needs no more memory and already overflows", "out of memory (the "
                  "distributed optimizer, never larger, already overflows)", bound, count)
         return False
+    if ctx.prune and _states_overflow(ctx, rec, bound, count):
+        if bound.distributed_optimizer and ctx.p.fixed.distributed_optimizer is None:
+            ctx.dopt_overflows.add(key)
+        return False
     rec.evaluated += 1
     mem = ctx.memory(bound)
     if mem.total > ctx.budget:
@@ -1159,6 +1314,20 @@ def _group_fits(ctx: _Context, rec: _Recorder, bound: Layout, count: int) -> boo
         if bound.distributed_optimizer and ctx.p.fixed.distributed_optimizer is None:
             ctx.dopt_overflows.add(key)
         return False
+    return True
+
+
+def _states_overflow(ctx: _Context, rec: _Recorder, bound: Layout, count: int) -> bool:
+    """Pruning (6): the group of `bound` (its `count` candidates) is rejected without the exact estimate
+    when its model states alone (`memory.states_lower_bound`: never above the exact total of any micro
+    batch, recompute or SP value) overflow, and by more than the closest overflow seen so far: the exact
+    estimate overflows by at least as much, so it could not have become `SearchResult.closest` (the
+    "nothing fits" diagnostic's layout), which stays the unpruned search's."""
+    states = ctx.states_bound(bound)
+    over = states[0] - ctx.budget
+    if over <= 0 or rec.closest is None or over <= rec.closest.over_bytes:
+        return False
+    rec.states(bound, states, count)
     return True
 
 
@@ -1193,6 +1362,24 @@ def _search_recompute(ctx: _Context, rec: _Recorder, best: _Top, tp, pp, vp, cp,
         return k
     _record_weaker(rec, layout, rcs, weakest)
     return -1
+
+
+def _micro_batch_loses(ctx: _Context, rec: _Recorder, best: _Top, sizes: tuple, count: int) -> bool:
+    """Pruning (9): the `count` candidates of one group and micro batch (every recompute level and SP value)
+    are out, unsized, when `cost.step_time_lower_bound` of that micro batch alone (at the preferred SP value,
+    never slower) is above the top list's last entry: none could enter the list. Off without `ctx.prune`."""
+    threshold = best.threshold() if ctx.prune else None
+    if threshold is None:
+        return False
+    tp, pp, vp, cp, ep, etp, dp, mb, sp, do = sizes
+    layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, ("none", None))
+    bound = ctx.bound(layout, (mb, mb))
+    if bound <= threshold[0] * (1 + REL_TOL):
+        return False
+    rec.rule(lambda: f"its step time is at least {bound:.3g} s, slower than the top {best.n} ({threshold[0]:.3g} s "
+             "and faster)", MB_SLOWER_REASON,
+             lambda: describe(layout).rsplit(" recompute=", 1)[0] + " (every recompute level)", count)
+    return True
 
 
 def _record_weaker(rec: _Recorder, layout: Layout, rcs: list, weakest: int) -> None:
