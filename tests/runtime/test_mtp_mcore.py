@@ -2,9 +2,11 @@
 (`model.build_model_chunks` with `megatron_args.transformer_config` and the plan's MTP depth, `mtp_kwargs`) has
 the parameter names and count of the GPTModel Megatron-Core builds itself from the same TransformerConfig
 (gpt_layer_specs.py `get_gpt_decoder_block_spec` + `get_gpt_mtp_block_spec`), which `flops.param_counts` states
-as the main model plus `mtp`; with the same seed both compute the same main loss, the same MTP loss (Megatron's
-MTPLossLoggingHelper tracker, what the runtime logs as "mtp_1 loss") and the same gradients (the MTP loss enters
-the backward through MTPLossAutoScaler).
+as the main model plus `mtp`; with the same seed, on a batch whose last positions are masked (a short final
+sample's pad), the runtime's forward step and loss function compute what Megatron-LM's pretrain_gpt.py computes
+with the bare model: the same main loss, the same MTP loss (Megatron's MTPLossLoggingHelper tracker, what the
+runtime logs as "mtp_1 loss"; masked by the batch's loss mask) and the same gradients (the MTP loss enters the
+backward through MTPLossAutoScaler).
 
 Run in a subprocess: building Megatron models needs the CPU adaptation and a process group, which must not
 leak into the pytest process.
