@@ -431,11 +431,12 @@ def mtp_stage_params(model: ModelSpec, counts: ParamCounts, pp: int) -> tuple[in
     Megatron-Core 0.16.1 builds them without a pipeline layout (multi_token_prediction.py `mtp_on_this_rank`,
     `get_mtp_num_layers_to_build`: the last stage, its last virtual chunk). The MTP stage needs the word embedding
     (the next tokens' embeddings): past stage 0 it builds its own copy, tied to stage 0's (gpt_model.py: `if
-    self.pre_process or self.mtp_process` builds the embedding; `sharded_state_dict` ties it), unless the output
-    layer already keeps that copy (tied embeddings, pp > 1)."""
+    self.pre_process or self.mtp_process` builds the embedding; `sharded_state_dict` ties it). With tied embeddings
+    the output layer there still allocates its own weight (`skip_weight_param_allocation=self.pre_process and ...`),
+    so the copy is added either way (a tied pipeline with MTP is E210: Megatron-Core cannot checkpoint it)."""
     expert = model.mtp_num_layers * counts.expert if model.mtp_layer_is_moe else 0
     dense = counts.mtp - expert
-    embedding = model.vocab * model.hidden if pp > 1 and not model.tie_embeddings else 0
+    embedding = model.vocab * model.hidden if pp > 1 else 0
     return dense, expert, embedding
 
 

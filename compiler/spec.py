@@ -211,8 +211,12 @@ class ModelSpec:
         return self.is_moe and bool(self.moe_layer_pattern[-1])
 
     def without_mtp(self) -> ModelSpec:
-        """The same model without multi-token prediction (what a stage kind that does not train it builds)."""
-        return replace(self, mtp_num_layers=0) if self.mtp_num_layers else self
+        """The same model without multi-token prediction (what a stage kind that does not train it builds); the MTP
+        loss weight back at its default, since nothing reads it there (W127 is about what the user wrote)."""
+        if not self.mtp_num_layers:
+            return self
+        default = ModelSpec.__dataclass_fields__["mtp_loss_scaling_factor"].default
+        return replace(self, mtp_num_layers=0, mtp_loss_scaling_factor=default)
 
     @property
     def drop_and_pad(self) -> bool:

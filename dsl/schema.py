@@ -317,7 +317,8 @@ MODEL_FIELDS = (
        "`mtp_loss_scaling_factor`, joins the language-model loss. Trained by `pretrain` stages only: other stage "
        "kinds run the model without it (a warning at the stage says so); an export keeps it when its parent trained "
        "it. With `init = hf(DIR)`: the checkpoint's depth (DeepSeek-V3: 1) by default, at most that many (E204). "
-       "0 = none."),
+       "Needs `position` rope or none (E211), and untied embeddings when the pipeline has more than one stage "
+       "(E210). 0 = none."),
     _f("mtp_loss_scaling_factor", NONNEG_FLOAT, 0.1,
        "Weight of the multi-token prediction loss (Megatron-Core `mtp_loss_scaling_factor`, default 0.1; DeepSeek-V3 "
        "trains with 0.3 for its first 10T tokens, then 0.1). Read only with `mtp_num_layers` > 0 (W127)."),

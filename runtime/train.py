@@ -297,7 +297,10 @@ def gpt_forward_step(data_iterator, model):
         from megatron.core.utils import get_batch_on_this_cp_rank
 
         batch = get_batch_on_this_cp_rank(batch)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    # the loss mask reaches the model as Megatron-LM's pretrain_gpt.py `forward_step` passes it: GPTModel._postprocess
+    # masks (and counts) each multi-token prediction depth's loss with it, rolled; without it every position counts,
+    # pad tokens and the positions GPTDataset masks included
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"])
     mtp = (getattr(mdl.unwrap(model).config, "mtp_num_layers", None) or 0) if model.training else 0
     return output, partial(masked_lm_loss, batch["loss_mask"], mtp_layers=mtp)
 

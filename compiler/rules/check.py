@@ -13,7 +13,9 @@ from nemoc.compiler.target import MEGATRON_CORE, Target
 from nemoc.dsl.diagnostics import Diagnostic
 from nemoc.compiler.rules.base import Env, Sizes, TRAINING_KINDS, stage_seq_length, to_diagnostic
 from nemoc.compiler.rules.registry import violations
-from nemoc.compiler.rules.stages import MAX_STAGES, hf_init_not_loaded, is_hf_conversion, stage_diagnostics
+from nemoc.compiler.rules.stages import (
+    MAX_STAGES, hf_init_not_loaded, is_hf_conversion, stage_diagnostics, stage_mtp_layers,
+)
 
 
 def gpu_facts(gpu_name: str) -> tuple[str | None, tuple[str, ...] | None]:
@@ -111,7 +113,9 @@ def check_spec(spec: ExperimentSpec, target: Target = MEGATRON_CORE) -> tuple[Di
         parallel = spec.parallel if stage is None else stage_parallel(spec, stage)
         seq = spec.model.seq_length if stage is None else stage_seq_length(spec, stage)
         gb = None if stage is None else stage.global_batch
-        env = env_of(spec, stage.kind if stage else "pretrain", optimizer=stage.optimizer.name if stage else "adam",
+        # a stage that runs without the MTP depths is checked as the planner builds it (`plan_stage`: W128)
+        runs = spec if stage is None or stage_mtp_layers(spec, stage) else replace(spec, model=spec.model.without_mtp())
+        env = env_of(runs, stage.kind if stage else "pretrain", optimizer=stage.optimizer.name if stage else "adam",
                      target=target, hf_conversion=stage is not None and is_hf_conversion(spec, stage),
                      packed=stage is not None and packs_sequences(stage.kind, stage.params),
                      dropout=stage is not None and stage_dropout(stage.params))

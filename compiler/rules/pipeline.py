@@ -22,6 +22,7 @@ def model_split(model: ModelSpec, pp: int, vp: int | None = None) -> PipelineSpl
     return pipeline_split(model.layers, pp, vp, last_load=mtp_layer_equivalents(model))
 
 
+@lru_cache(maxsize=4096)
 def pipeline_split(layers: int, pp: int, vp: int | None = None, last_load: int = 0) -> PipelineSplit | None:
     """The split nemoc gives Megatron for `layers` over `pp` stages, or None when none is valid.
 

@@ -16,7 +16,9 @@ from nemoc.compiler.rules.host import (rule_cuda_graph_gpu, rule_cuda_graph_scop
                                        rule_manual_gc_interval)
 from nemoc.compiler.rules.moe_layers import (rule_moe_first_dense_contradicts, rule_moe_layer_freq_length,
                                              rule_moe_layer_some_expert, warn_moe_layer_freq_beyond_layers)
-from nemoc.compiler.rules.mtp import rule_mtp_local_layer_parts, warn_mtp_scale_unused
+from nemoc.compiler.rules.mtp import (
+    rule_mtp_local_layer_parts, rule_mtp_position, rule_mtp_tied_pipeline, warn_mtp_scale_unused,
+)
 from nemoc.compiler.rules.mla import (rule_mla_rope, rule_mla_standard_fields, rule_mla_tp_split, warn_mla_fields_unused,
                                       warn_mla_tp_rope_gradient, warn_yarn_fields_without_yarn)
 from nemoc.compiler.rules.moe import (
@@ -136,6 +138,7 @@ ERROR_RULES: tuple[Rule, ...] = (
     rule_precision_aware_bf16_moments, rule_bf16_layers_delayed, rule_bf16_layers_per_stage,
     rule_bf16_layers_beyond_model,
     rule_gemma_layer_te, rule_gemma_layer_parts, rule_cross_entropy_needs_te, rule_mtp_local_layer_parts,
+    rule_mtp_tied_pipeline, rule_mtp_position,
 )
 
 
@@ -275,5 +278,7 @@ CODES: dict[str, Rule] = {
     "W113": warn_bf16_layers_without_low_precision,
     "W120": warn_bf16_layers_overlap,
     "E209": rule_mtp_local_layer_parts,
+    "E210": rule_mtp_tied_pipeline,
+    "E211": rule_mtp_position,
     "W127": warn_mtp_scale_unused,
 }

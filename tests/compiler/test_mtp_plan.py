@@ -1,6 +1,6 @@
 """Multi-token prediction in the plan: the preset's depth, the parameter count stated apart from the main model,
 FLOPs as Megatron-LM counts them, the last stage's memory and time, the MTP-weighted pipeline split, the rules
-(E204, E209, W127, W128) and Megatron-LM's flags."""
+(E204, E209, E210, E211, W127, W128) and Megatron-LM's flags."""
 
 from __future__ import annotations
 
@@ -56,17 +56,21 @@ def _layout(pp: int, **kw) -> Layout:
     return Layout(**{**base, **kw})
 
 
-def test_last_stage_holds_the_depth():
+@pytest.mark.parametrize("tied", [False, True])
+def test_last_stage_holds_the_depth(tied):
+    """The depth's embedding copy is counted with tied embeddings too: the last stage's output layer then allocates
+    its own (unused) weight beside it (gpt_model.py skip_weight_param_allocation is False past stage 0)."""
     layout = _layout(16)
+    model = dataclasses.replace(V3, tie_embeddings=True) if tied else V3
     split = model_split(V3, 16).stage_layers(16)
     kw = dict(precision="bf16", gpu="H100", split=split)
-    with_mtp = memory.pipeline_stages(V3, layout, **kw)
-    without = memory.pipeline_stages(V3.without_mtp(), layout, **kw)
+    with_mtp = memory.pipeline_stages(model, layout, **kw)
+    without = memory.pipeline_stages(model.without_mtp(), layout, **kw)
     assert [a.total for a in with_mtp[:-1]] == [b.total for b in without[:-1]]  # only the last stage changes
     last, last0 = with_mtp[-1], without[-1]
     assert last.weights > last0.weights and last.activations > last0.activations
     assert last.parts["logits"] == pytest.approx(2 * last0.parts["logits"], abs=1)
-    # the depth's weights: its expert layer's experts over EP, the rest over TP, and the embedding copy (untied)
+    # the depth's weights: its expert layer's experts over EP, the rest over TP, and the embedding copy
     counts = param_counts(V3)
     local = (counts.expert / layout.ep + (counts.mtp - counts.expert) / layout.tp
              + 129536 * V3.hidden / layout.tp)
@@ -108,6 +112,38 @@ def test_rules(tmp_path):
     assert "E209" in _codes(tmp_path, "    mtp_num_layers = 1\n    norm_zero_centered = true\n")
     assert "E209" not in _codes(tmp_path, "    mtp_num_layers = 1\n")
     assert "W128" not in _codes(tmp_path, "    mtp_num_layers = 1\n")
+
+
+def _diagnostics(tmp_path, model: str = "", more: str = ""):
+    from nemoc.runtime.cli.lang import check_file
+
+    path = tmp_path / "e.nemo"
+    text = CHECK.format(model=model, more=more)
+    path.write_text(text)
+    diagnostics, _ = check_file(str(path))
+    return diagnostics, text.splitlines()
+
+
+def test_tied_embeddings_with_mtp_need_one_pipeline_stage(tmp_path):
+    """Megatron-Core 0.16.1 cannot checkpoint a tied model's MTP stage past stage 0 (language_module.py
+    tie_embeddings_and_output_weights_state_dict asserts): an error at the user's tie_embeddings line."""
+    tied = "    mtp_num_layers = 1\n    tie_embeddings = true\n"
+    diagnostics, lines = _diagnostics(tmp_path, tied, "  parallel { pipeline = 2 }\n")
+    (e210,) = [d for d in diagnostics if d.code == "E210"]
+    assert lines[e210.span.line - 1].strip() == "tie_embeddings = true" and "pipeline = 1" in e210.hint
+    assert "E210" not in _codes(tmp_path, tied, "  parallel { pipeline = 1 }\n")
+    assert "E210" not in _codes(tmp_path, "    mtp_num_layers = 1\n", "  parallel { pipeline = 2 }\n")
+    assert "E210" not in _codes(tmp_path, "    tie_embeddings = true\n", "  parallel { pipeline = 2 }\n")
+
+
+def test_mtp_needs_rotary_or_no_position_embeddings(tmp_path):
+    """Megatron-LM arguments.py refuses MTP with learned absolute positions: an error at the user's position line."""
+    diagnostics, lines = _diagnostics(tmp_path, "    mtp_num_layers = 1\n    position = learned\n")
+    (e211,) = [d for d in diagnostics if d.code == "E211"]
+    assert lines[e211.span.line - 1].strip() == "position = learned"
+    for position in ("rope", "none"):
+        assert "E211" not in _codes(tmp_path, f"    mtp_num_layers = 1\n    position = {position}\n")
+    assert "E211" not in _codes(tmp_path, "    position = learned\n")
 
 
 def test_megatron_lm_flags_round_trip(tmp_path):
@@ -206,3 +242,44 @@ def test_an_mla_models_export_after_pretrain_keeps_the_depth(tmp_path):
     plan = plan_experiment(spec).plan
     assert {s.name: s.execution.mtp_num_layers for s in plan.stages} == {
         "pretrain": 1, "sft": 0, "export_base": 1, "export_sft": 0}
+
+
+SFT_ONLY = """
+experiment e {{
+  cluster {{ gpu = H100
+    nodes = 1 }}
+  model m {{ layers = 8
+    hidden = 1024
+    heads = 8
+    ffn_hidden = 4096
+    vocab = 128000
+    seq_length = 256
+    mtp_num_layers = 1
+    mtp_loss_scaling_factor = 0.3 }}
+  data chat {{ path = "x/*.jsonl"
+    format = chat }}
+  parallel {{ pipeline = 4 }}
+  stage s {{ data = [chat]
+    kind = {kind}
+    steps = 10
+    global_batch = 8 }}
+}}
+"""
+
+
+def test_a_stage_without_the_depths_is_checked_with_the_plain_split(tmp_path):
+    """The large vocabulary makes the MTP head weigh several layers, so a pretrain stage gets an uneven split (W108);
+    an sft stage runs without the depth (W128) and is checked with the even 2/2/2/2 split its plan uses, without
+    W108 and without W127 about the loss weight it does not read."""
+    from nemoc.compiler.lower import compile_file
+    from nemoc.compiler.rules import check_spec
+
+    def codes(kind):
+        path = tmp_path / f"{kind}.nemo"
+        path.write_text(SFT_ONLY.format(kind=kind))
+        spec, _, _ = compile_file(str(path))
+        return [d.code for d in check_spec(spec)]
+
+    assert "W108" in codes("pretrain") and "W128" not in codes("pretrain")
+    sft = codes("sft")
+    assert "W128" in sft and "W108" not in sft and "W127" not in sft, sft

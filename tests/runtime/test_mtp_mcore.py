@@ -2,9 +2,11 @@
 (`model.build_model_chunks` with `megatron_args.transformer_config` and the plan's MTP depth, `mtp_kwargs`) has
 the parameter names and count of the GPTModel Megatron-Core builds itself from the same TransformerConfig
 (gpt_layer_specs.py `get_gpt_decoder_block_spec` + `get_gpt_mtp_block_spec`), which `flops.param_counts` states
-as the main model plus `mtp`; with the same seed both compute the same main loss, the same MTP loss (Megatron's
-MTPLossLoggingHelper tracker, what the runtime logs as "mtp_1 loss") and the same gradients (the MTP loss enters
-the backward through MTPLossAutoScaler).
+as the main model plus `mtp`; with the same seed, on a batch whose last positions are masked (a short final
+sample's pad), the runtime's forward step and loss function compute what Megatron-LM's pretrain_gpt.py computes
+with the bare model: the same main loss, the same MTP loss (Megatron's MTPLossLoggingHelper tracker, what the
+runtime logs as "mtp_1 loss"; masked by the batch's loss mask) and the same gradients (the MTP loss enters the
+backward through MTPLossAutoScaler).
 
 Run in a subprocess: building Megatron models needs the CPU adaptation and a process group, which must not
 leak into the pytest process.
@@ -51,16 +53,40 @@ SCRIPT = textwrap.dedent('''
     layout = Layout(tp=1, pp=1, vp=None, cp=1, ep=1, etp=1, dp=1, micro_batch=1, global_batch=1, num_microbatches=1,
                     sequence_parallel=False, distributed_optimizer=False, recompute="none")
 
-    def run(model, spec):
+    def batch_of(spec):
+        """Two samples, the second ending in 5 positions GPTDataset masks (a short final sample's pad: label 0,
+        loss mask 0)."""
         torch.manual_seed(7)
-        tokens = torch.randint(0, spec.vocab, (2, spec.seq_length))
-        position = torch.arange(spec.seq_length)[None].expand(2, -1)
+        tokens = torch.randint(1, spec.vocab, (2, spec.seq_length))
+        labels, mask = tokens.clone(), torch.ones(2, spec.seq_length)
+        labels[1, -5:], mask[1, -5:] = 0, 0.0
+        return dict(tokens=tokens, labels=labels, loss_mask=mask,
+                    position_ids=torch.arange(spec.seq_length)[None].expand(2, -1))
+
+    def grad_norm(model):
+        return float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None)))
+
+    def run_ours(model, spec):
+        """The runtime's forward step and loss function (what the training loop calls)."""
         MTPLossLoggingHelper.tracker.clear()
-        loss = model(tokens, position, None, labels=tokens).float().mean()
+        output, loss_func = train.gpt_forward_step(iter([batch_of(spec)]), model)
+        total, tokens, report = loss_func(output)
+        (total / tokens).backward()
+        mtp = {k: float(v) for k, v in report.items() if k.startswith("mtp_")}
+        return float(total / tokens), mtp, grad_norm(model)
+
+    def run_theirs(model, spec, masked=True):
+        """Megatron-LM pretrain_gpt.py: forward_step passes the loss mask to the model, loss_func masks the main loss."""
+        b = batch_of(spec)
+        MTPLossLoggingHelper.tracker.clear()
+        output = model(b["tokens"], b["position_ids"], None, labels=b["labels"],
+                       loss_mask=b["loss_mask"] if masked else None)
+        loss = (output.float() * b["loss_mask"]).sum() / b["loss_mask"].sum()
+        mtp = {k: float(v) for k, v in train.mtp_reports(spec.mtp_num_layers).items()}
+        if not masked:
+            return mtp
         loss.backward()
-        mtp = train.mtp_reports(spec.mtp_num_layers)
-        grad = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
-        return float(loss), {k: float(v) for k, v in mtp.items()}, float(grad)
+        return float(loss), mtp, grad_norm(model)
 
     out = {}
     for name, fields in json.loads(sys.argv[1]).items():
@@ -87,7 +113,8 @@ SCRIPT = textwrap.dedent('''
                          ours=sum(p.numel() for p in ours.parameters()),
                          mtp=sum(p.numel() for n, p in ours.named_parameters() if n.startswith("mtp.")),
                          theirs=sum(p.numel() for p in theirs.parameters()),
-                         run_ours=run(ours, spec), run_theirs=run(theirs, spec))
+                         run_ours=run_ours(ours, spec), run_theirs=run_theirs(theirs, spec),
+                         unmasked_mtp=run_theirs(theirs, spec, masked=False))
     print("RESULT " + json.dumps(out))
 ''')
 
@@ -121,8 +148,9 @@ def test_parameters_equal_megatron_cores_mtp_model(measured):
 
 @pytest.mark.slow
 def test_losses_and_gradients_equal_megatron_cores(measured):
-    """The same seed gives the same weights, the same main loss, the same per-depth MTP losses (from Megatron's
-    tracker, as the runtime reports them) and the same gradient norm (main loss + 0.3 x MTP loss in backward)."""
+    """The same seed gives the same weights; the runtime's forward step and loss function on a batch with masked
+    positions give Megatron-LM's main loss, per-depth MTP losses (from Megatron's tracker, as the runtime reports
+    them; masked as pretrain_gpt.py masks them) and gradient norm (main loss + 0.3 x MTP loss in backward)."""
     for name, model in MODELS.items():
         ours, theirs = measured[name]["run_ours"], measured[name]["run_theirs"]
         assert ours[0] == pytest.approx(theirs[0], rel=1e-6), name
@@ -130,3 +158,6 @@ def test_losses_and_gradients_equal_megatron_cores(measured):
         for key, value in ours[1].items():
             assert value > 0 and value == pytest.approx(theirs[1][key], rel=1e-6), (name, key)
         assert ours[2] == pytest.approx(theirs[2], rel=1e-6), name
+        # the batch's masked positions change the MTP loss: a forward that drops the mask would not match
+        unmasked = measured[name]["unmasked_mtp"]
+        assert all(abs(unmasked[k] - ours[1][k]) > 1e-4 * ours[1][k] for k in ours[1]), (name, unmasked, ours[1])
