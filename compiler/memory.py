@@ -576,8 +576,9 @@ def states_lower_bound(model: ModelSpec, layout: Layout, *, precision: str = "bf
     last (0 and pp - 1), and one stage's total is int(weights) + int(gradients) + int(optimizer) +
     int(activations) + the int of each part (`_stage_terms`); activations and every part are >= 0, the
     parts include `cuda_context` and `nccl`, and the three states are `_model_states`' (the same cached
-    call `_stage_terms` makes) except the weights under fp8_param_gather, which `_stage_terms` lowers:
-    there the weights are left out (they stay >= 0). None of it reads the micro batch, the recompute or
+    call `_stage_terms` makes) except the weights under fp8_param_gather, which `_stage_terms` lowers by
+    the trainable linear weights' extra bytes of the stage's FP8 layers: here by those of all its layers
+    (the bf16 first / last layers, which keep 16-bit weights, are not known here), which is no less. None of it reads the micro batch, the recompute or
     sequence parallelism. tests/compiler/test_search_pruning.py checks bound <= exact on random layouts."""
     resident, _ = _resident_and_work(stage_kind, params, peft, parents)
     common = _StageCommon.of(model, layout, stage_kind, resident, precision, fp8_recipe)
@@ -585,11 +586,14 @@ def states_lower_bound(model: ModelSpec, layout: Layout, *, precision: str = "bf
     lowers_weights = precision in ("fp8", "mxfp8") and layout.fp8_param_gather and common.trainable
     best = (-1, 0, 0, 0)
     for stage in sorted({0, layout.pp - 1}):
-        _, weights, gradients, optimizer, _ = _model_states(
+        st, weights, gradients, optimizer, _ = _model_states(
             model, layout.tp, layout.pp, layout.cp, layout.dp, layout.ep, layout.etp, layout.distributed_optimizer,
             stage, common.vocab, common.scalar, split, precision, peft, common.trainable, common.frozen, grad_bytes,
             fsdp, common.opt_bytes, vp=common.states_vp)
-        w = 0 if lowers_weights else int(weights)
+        if lowers_weights:  # at most what `_stage_terms` takes off: every layer's linear weights (no bf16 layer)
+            weights -= common.trainable * _layer_params(model, layout, st.layers, st.dense_layers) * (
+                weight_bytes(precision) - 1)
+        w = int(weights)
         if w + int(gradients) + int(optimizer) > best[0]:
             best = (w + int(gradients) + int(optimizer), w, int(gradients), int(optimizer))
     return (best[0] + int(CUDA_CONTEXT_BYTES) + int(common.nccl),) + best[1:]

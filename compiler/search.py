@@ -48,7 +48,8 @@ Prunings (6) to (9) (`search(prune=True)`, the default; `prune=False` is the sea
 tests/compiler/test_search_pruning.py compares with it: the same ranked candidates and candidate count on 300
 random problems) skip work that cannot change the top list; a candidate they skip is counted under the reason
 that let it go, so `space` is unchanged and the count moves between reasons (which reason a rejected candidate
-is counted under depends on what the search asked first):
+is counted under depends on what the search asked first; so the "does not fit" notes, the four largest
+reasons and their example layouts, may differ, while its closest layout does not):
   (6) a group whose model states alone overflow (`memory.states_lower_bound`: weights, gradients and
       optimizer of the first or last stage with the CUDA context and NCCL buffers, which no micro batch,
       recompute or SP value lowers) is rejected without the exact estimate, unless its overflow could be the

@@ -139,6 +139,27 @@ def test_the_model_states_bound_is_below_the_exact_memory(seed: int):
     assert checked > 300
 
 
+def test_the_states_bound_keeps_the_fp8_weights_of_fp8_parameters():
+    """Under fp8_param_gather the exact model takes only the trainable linear weights' second byte off the
+    weights (frozen models, embedding and output layer keep theirs): the bound may take off no more, so it
+    stays within the exact total and its weights stay well above zero (a PPO stage keeps three frozen
+    models beside the policy)."""
+    from nemoc.compiler.catalog.models import get_preset
+
+    fixed = ParallelSpec(tensor=1, pipeline=1, virtual_pipeline=None, context=1, expert=1, data=None,
+                         sequence_parallel=False, distributed_optimizer=True, recompute="full", micro_batch=1,
+                         fp8_param_gather=True)
+    for kind in ("pretrain", "ppo"):
+        p = Problem(model=get_preset("llama31_8b"), cluster=ClusterSpec(gpu="H100", nodes=8, gpus_per_node=8),
+                    gpu=H100, fixed=fixed, global_batch=64, seq_length=4096, precision="fp8",
+                    fp8_recipe="tensorwise", stage_kind=kind)
+        ctx = _Context(p)
+        layout = ctx.layout(1, 1, None, 1, 1, 1, 64, 1, False, True, ("full", None))
+        bound, exact = ctx.states_bound(layout), evaluate_memory(p, layout)
+        assert bound[0] <= exact.total, (kind, bound, exact)
+        assert bound[1] >= 0.75 * exact.weights, (kind, bound[1] / GIB, exact.weights / GIB)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_the_family_bound_is_below_every_member_bound(seed: int):
     """`cost.step_time_lower_bound(any_vp=True)` (a family of groups that differ only in VP and DO) never
