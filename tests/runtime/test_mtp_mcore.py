@@ -14,16 +14,14 @@ leak into the pytest process.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from nemoc.compiler.flops import param_counts
 from nemoc.compiler.spec import ModelSpec
+
+from mcore_models_script import run_models_script
 
 # a MoE model with a dense first layer (DeepSeek's first_k_dense_replace): the MTP layer is an expert layer, the
 # last layer's kind; and a dense model whose MTP layer is a dense one
@@ -121,12 +119,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def measured():
-    fields = {name: {f.name: getattr(m, f.name) for f in dataclasses.fields(m)} for name, m in MODELS.items()}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(fields)], capture_output=True, text=True,
-                          timeout=300)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[0][len("RESULT "):])
+    return run_models_script(SCRIPT, MODELS)
 
 
 @pytest.mark.slow  # one Megatron subprocess, ~20 s
