@@ -71,6 +71,17 @@ def random_problem(rng: random.Random, medium: bool) -> Problem:
                    attention_backend=rng.choice(["auto", "flash"]), target=NEMOC_RUNTIME)
 
 
+def _sampled_groups(seed: int, *, problems: int, groups: int):
+    """(problem, its search context, group sizes (tp, pp, vp, cp, ep, etp, dp, do), SP values) of the first
+    `groups` layout groups of `problems` random problems, small and medium alternately."""
+    rng = random.Random(seed)
+    for i in range(problems):
+        p = random_problem(rng, medium=i % 2 == 0)
+        ctx = _Context(p)
+        for _, _, sizes, sps in _groups(ctx, _Recorder(ctx.budget), bounds=False)[:groups]:
+            yield p, ctx, sizes, sps
+
+
 def assert_same_choice(p: Problem) -> tuple:
     """The search with and without its prunings: the same top list and candidate count, each candidate's
     figures those of the exact models; where nothing fits, the same closest overflow. Returns both results."""
@@ -118,24 +129,20 @@ def test_the_model_states_bound_is_below_the_exact_memory(seed: int):
     """`memory.states_lower_bound` <= `memory.estimate` for every micro batch, recompute and SP value of
     random layouts (each problem's groups at their smallest and largest micro batch, every recompute level):
     the bound leaves out only terms that are >= 0, so it may never exceed the exact total."""
-    rng = random.Random(100 + seed)
     checked = 0
-    for i in range(80):
-        p = random_problem(rng, medium=i % 2 == 0)
-        ctx = _Context(p)
-        for _, _, (tp, pp, vp, cp, ep, etp, dp, do), sps in _groups(ctx, _Recorder(ctx.budget), bounds=False)[:40]:
-            mbs = ctx.micro_batches(dp)
-            for mb in {mbs[0], mbs[-1]}:
-                for sp in sps:
-                    for rc in ctx.recomputes(pp, vp):
-                        layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc)
-                        bound = ctx.states_bound(layout)
-                        exact = evaluate_memory(p, layout)
-                        assert bound[0] <= exact.total, (layout, bound, exact)
-                        # the weights, gradients and optimizer it counts are the exact breakdown's stage's own
-                        # where that stage is the one it took (never more than the exact total of any stage)
-                        assert bound[1] + bound[2] + bound[3] <= exact.total
-                        checked += 1
+    for p, ctx, (tp, pp, vp, cp, ep, etp, dp, do), sps in _sampled_groups(100 + seed, problems=80, groups=40):
+        mbs = ctx.micro_batches(dp)
+        for mb in {mbs[0], mbs[-1]}:
+            for sp in sps:
+                for rc in ctx.recomputes(pp, vp):
+                    layout = ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc)
+                    bound = ctx.states_bound(layout)
+                    exact = evaluate_memory(p, layout)
+                    assert bound[0] <= exact.total, (layout, bound, exact)
+                    # the weights, gradients and optimizer it counts are the exact breakdown's stage's own
+                    # where that stage is the one it took (never more than the exact total of any stage)
+                    assert bound[1] + bound[2] + bound[3] <= exact.total
+                    checked += 1
     assert checked > 300
 
 
@@ -203,17 +210,13 @@ def test_the_micro_batch_bound_is_below_every_recompute_level_and_sp_value(seed:
     group's preferred SP value: never above the exact step time of any recompute level or SP value of that
     micro batch (the range bound's argument with the range one micro batch wide; recompute only adds time,
     sequence parallelism never does)."""
-    rng = random.Random(400 + seed)
     checked = 0
-    for i in range(40):
-        p = random_problem(rng, medium=i % 2 == 0)
-        ctx = _Context(p)
-        for _, _, (tp, pp, vp, cp, ep, etp, dp, do), sps in _groups(ctx, _Recorder(ctx.budget), bounds=False)[:30]:
-            for mb in ctx.micro_batches(dp)[:3]:
-                bound = ctx.bound(ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sps[0], do, ("none", None)), (mb, mb))
-                for sp in sps:
-                    for rc in ctx.recomputes(pp, vp):
-                        exact = evaluate_time(p, ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc)).step_time_s
-                        assert bound <= exact * (1 + 1e-12), (tp, pp, vp, cp, ep, etp, dp, mb, sp, rc, bound, exact)
-                        checked += 1
+    for p, ctx, (tp, pp, vp, cp, ep, etp, dp, do), sps in _sampled_groups(400 + seed, problems=40, groups=30):
+        for mb in ctx.micro_batches(dp)[:3]:
+            bound = ctx.bound(ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sps[0], do, ("none", None)), (mb, mb))
+            for sp in sps:
+                for rc in ctx.recomputes(pp, vp):
+                    exact = evaluate_time(p, ctx.layout(tp, pp, vp, cp, ep, etp, dp, mb, sp, do, rc)).step_time_s
+                    assert bound <= exact * (1 + 1e-12), (tp, pp, vp, cp, ep, etp, dp, mb, sp, rc, bound, exact)
+                    checked += 1
     assert checked > 300
