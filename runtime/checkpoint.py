@@ -191,17 +191,26 @@ def _digest_on_all_ranks(directory: str) -> dict:
     return {**known, **{name: entry for part in parts for name, entry in part.items()}}
 
 
+def _process_tree(pid: int) -> list:
+    """psutil.Process of `pid` followed by its descendants; [] when it is gone."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
 def _tree_io_chars(pid: int) -> int:
     """Characters read + written so far by process `pid` and its descendants (Linux /proc via psutil; other
     systems: their read / write counts), without touching the files they write."""
     import psutil
 
-    total = 0
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
+    procs = _process_tree(pid)
+    if not procs:
         return -1
+    total = 0
     for proc in procs:
         try:
             io = proc.io_counters()
@@ -215,11 +224,7 @@ def _kill_tree(process) -> None:
     """SIGKILL a multiprocessing writer and the write workers it forked; reap the writer."""
     import psutil
 
-    try:
-        children = psutil.Process(process.pid).children(recursive=True)
-    except psutil.Error:
-        children = []
-    for proc in children:
+    for proc in _process_tree(process.pid)[1:]:
         try:
             proc.kill()
         except psutil.Error:
@@ -244,10 +249,8 @@ def _dump_stacks(pid: int) -> None:
 
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
+    procs = _process_tree(pid)
+    if not procs:
         return
     for proc in procs:
         try:
